@@ -1,0 +1,1 @@
+"""Data layer: schema, Parquet preparation and streaming, the Batch type."""

@@ -1,0 +1,49 @@
+"""Start-up check that torch, fbgemm-gpu and torchrec match each other.
+
+A mismatch shows up as an undefined-symbol ``ImportError`` deep inside fbgemm; this
+module turns it into a message that names the installed versions and the fix.
+"""
+
+from importlib import metadata
+from typing import Dict
+
+# torchrec release -> (fbgemm-gpu release, torch minor versions known to work with it).
+KNOWN_GOOD: Dict[str, tuple] = {
+    "1.8.0": ("1.8.0", ("2.13",)),
+}
+
+
+def installed_versions() -> Dict[str, str]:
+    """Returns the installed versions of torch, fbgemm-gpu(-cpu) and torchrec ('' if absent)."""
+    versions = {}
+    for name in ("torch", "fbgemm-gpu", "fbgemm-gpu-cpu", "torchrec"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = ""
+    return versions
+
+
+def check_versions(verbose: bool = False) -> Dict[str, str]:
+    """Imports fbgemm and torchrec and raises a clear ``RuntimeError`` when they do not match torch.
+
+    Returns:
+        Dict[str, str]: the installed versions.
+    """
+    versions = installed_versions()
+    fbgemm = versions["fbgemm-gpu"] or versions["fbgemm-gpu-cpu"]
+    summary = f"torch {versions['torch']}, fbgemm-gpu {fbgemm or 'missing'}, torchrec {versions['torchrec'] or 'missing'}"
+    try:
+        import fbgemm_gpu  # noqa: F401
+        import torchrec  # noqa: F401
+    except (ImportError, OSError) as error:
+        raise RuntimeError(
+            f"torch/fbgemm-gpu/torchrec do not import together ({summary}): {error}. "
+            "Reinstall with scripts/install.sh, which picks matching CPU or CUDA builds."
+        ) from error
+    known = KNOWN_GOOD.get(versions["torchrec"])
+    torch_minor = ".".join(versions["torch"].split("+")[0].split(".")[:2])
+    if verbose:
+        status = "known good" if known and fbgemm == known[0] and torch_minor in known[1] else "not verified"
+        print(f"[recsys_llm] {summary} ({status})")
+    return versions

@@ -1,0 +1,1 @@
+"""CTR backbones on EmbeddingBagCollection (FM, FwFM, DeepFM, DCNv2, FinalMLP, DLRM)."""

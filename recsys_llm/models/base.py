@@ -1,0 +1,123 @@
+"""The backbone contract every CTR model of the project follows.
+
+A backbone maps ``(dense (B, Dd), sparse KeyedJaggedTensor)`` to a ``CTROutput``:
+logits, the last hidden representation before the head (for representation-level
+distillation and injection) and the pooled embeddings of its EmbeddingBagCollection
+(for field-level regularizers such as FRE and FIE). Optional ``extra_fields``
+(B, E, D) are additional field embeddings (e.g. a projected LLM vector) that take
+part in the feature interactions exactly like EBC fields.
+"""
+
+import abc
+from typing import List, NamedTuple, Optional
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+
+class CTROutput(NamedTuple):
+    """What a backbone returns.
+
+    Args:
+        logits (torch.Tensor): (B,) click logits.
+        representation (torch.Tensor): (B, H) last hidden vector before the head.
+        embeddings (KeyedTensor): pooled EBC output, one key per sparse feature, each (B, D).
+    """
+
+    logits: torch.Tensor
+    representation: torch.Tensor
+    embeddings: KeyedTensor
+
+
+class CTRBackbone(nn.Module, abc.ABC):
+    """Base of all backbones: owns an EBC, embeds, then interacts.
+
+    Subclasses implement :meth:`interact`; :meth:`forward` calls the EBC once so that
+    ``TrainPipelineSparseDist`` can find it by fx tracing.
+
+    Args:
+        embedding_bag_collection (EmbeddingBagCollection): one table per field (same dim D).
+        num_dense_features (int): Dd, width of the dense input.
+        num_extra_fields (int): E, extra field embeddings the caller will pass to ``forward``.
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        num_dense_features: int,
+        num_extra_fields: int = 0,
+    ) -> None:
+        super().__init__()
+        self.embedding_bag_collection = embedding_bag_collection
+        configs = embedding_bag_collection.embedding_bag_configs()
+        dims = {c.embedding_dim for c in configs}
+        if len(dims) != 1:
+            raise ValueError(f"all tables of a backbone need one embedding dim, got {sorted(dims)}")
+        self._embedding_dim: int = dims.pop()
+        self._feature_names: List[str] = [n for c in configs for n in c.feature_names]
+        self._num_dense_features = num_dense_features
+        self._num_extra_fields = num_extra_fields
+
+    @property
+    def embedding_dim(self) -> int:
+        return self._embedding_dim
+
+    @property
+    def feature_names(self) -> List[str]:
+        """Sparse feature names in the order of the pooled embeddings."""
+        return self._feature_names
+
+    @property
+    def num_fields(self) -> int:
+        """Sparse fields + extra fields (dense features are handled by each backbone)."""
+        return len(self._feature_names) + self._num_extra_fields
+
+    def forward(
+        self,
+        dense_features: torch.Tensor,
+        sparse_features: KeyedJaggedTensor,
+        extra_fields: Optional[torch.Tensor] = None,
+    ) -> CTROutput:
+        """
+        Args:
+            dense_features (torch.Tensor): (B, Dd).
+            sparse_features (KeyedJaggedTensor): keys ⊇ ``feature_names``.
+            extra_fields (Optional[torch.Tensor]): (B, E, D) or None.
+
+        Returns:
+            CTROutput: logits (B,), representation (B, H), pooled embeddings.
+        """
+        embeddings = self.embedding_bag_collection(sparse_features)
+        logits, representation = self.interact(dense_features, embeddings, extra_fields)
+        return CTROutput(logits, representation, embeddings)
+
+    @abc.abstractmethod
+    def interact(
+        self,
+        dense_features: torch.Tensor,
+        embeddings: KeyedTensor,
+        extra_fields: Optional[torch.Tensor],
+    ) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Returns ``(logits (B,), representation (B, H))``."""
+
+
+def stack_fields(
+    embeddings: KeyedTensor, num_features: int, extra_fields: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Pooled embeddings as one tensor (fx-traceable: sizes are static).
+
+    Args:
+        embeddings (KeyedTensor): ``num_features`` keys of one dim D, each (B, D).
+        num_features (int): F.
+        extra_fields (Optional[torch.Tensor]): (B, E, D).
+
+    Returns:
+        torch.Tensor: (B, F + E, D).
+    """
+    values = embeddings.values()  # (B, F * D)
+    fields = values.view(values.size(0), num_features, -1)  # (B, F, D)
+    if extra_fields is not None:
+        fields = torch.cat([fields, extra_fields], dim=1)  # (B, F + E, D)
+    return fields

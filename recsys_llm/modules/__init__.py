@@ -1,0 +1,1 @@
+"""Plug-ins for any TorchRec model: FRE, FIE, injection, semantic tables, distillation."""

@@ -1,0 +1,1 @@
+"""Offline LLM work: text templates, encoders, SSFT, CTR-adapted LLM, vector stores."""

