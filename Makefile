@@ -1,0 +1,25 @@
+# Two commands do all set-up on a fresh machine with Python 3:
+#   make demo   -> installs (.venv, CPU or CUDA build picked automatically) and runs the main job
+#   make test   -> installs and runs the whole test suite
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+DATA_DIR ?= data
+RUNS_DIR ?= runs
+
+.PHONY: install demo test bench clean
+
+install:
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
+
+demo: install
+	$(PY) -m recsys_llm.cli demo --data-dir $(DATA_DIR) --runs-dir $(RUNS_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/run_all.py --quick
+
+clean:
+	rm -rf $(RUNS_DIR) benchmarks/results/*.tmp .pytest_cache
