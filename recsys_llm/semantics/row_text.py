@@ -1,0 +1,176 @@
+"""Rows and entities rendered as text for the CTR-adapted LLM (ELEC, METHODS.md section 2).
+
+A row becomes one sentence per field, ``"{description} is {value}."``, where the value of a
+sparse or sequence field comes from the field's value-text file (id -> text) and a dense
+value is a rounded number. Everything is vectorised with pyarrow compute kernels: the id
+column is mapped to text with ``index_in`` + ``take`` (a hash join), sentences are built with
+``binary_join_element_wise``; no Python loop over rows.
+
+Example::
+
+    renderer = RowTextRenderer(schema, RowTextConfig(fields=["user_id", "item_id", "genres"]))
+    texts = renderer.render(pq.read_table(schema.split_path("train")))   # pa.StringArray (N,)
+    items = renderer.entity_text(train_table, "item_id", ["item_id", "genres"])  # id, text
+"""
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError
+
+
+@dataclasses.dataclass
+class RowTextConfig:
+    """How a row is written.
+
+    Args:
+        template (str): one sentence per field; ``{description}`` is the field description
+            (the field name when empty) and ``{value}`` its value text.
+        separator (str): between sentences.
+        fields (Optional[List[str]]): fields to render, in order; None renders all fields.
+        dense_decimals (int): dense values are rounded to this many decimals.
+        list_separator (str): between the value texts of a sequence field.
+        missing_value (Optional[str]): text of an id without value text; None writes the id.
+        templates (Dict[str, str]): per-field template overrides (field name -> template).
+    """
+
+    template: str = "{description} is {value}."
+    separator: str = " "
+    fields: Optional[List[str]] = None
+    dense_decimals: int = 3
+    list_separator: str = ", "
+    missing_value: Optional[str] = None
+    templates: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def template_for(self, field_name: str) -> str:
+        template = self.templates.get(field_name, self.template)
+        if template.count("{value}") != 1:
+            raise SchemaError(f"row-text template for field {field_name!r} needs exactly one '{{value}}': {template!r}")
+        return template
+
+    def fingerprint(self) -> str:
+        """A stable string of the settings (part of a vector file's provenance)."""
+        return repr(sorted(dataclasses.asdict(self).items()))
+
+
+class RowTextRenderer:
+    """Renders Parquet rows (or entities) of a schema as text.
+
+    Args:
+        schema (DatasetSchema): fields, descriptions and value-text files.
+        config (RowTextConfig): templates and the fields to render.
+    """
+
+    def __init__(self, schema: DatasetSchema, config: Optional[RowTextConfig] = None) -> None:
+        self._schema = schema
+        self._config = config or RowTextConfig()
+        names = self._config.fields if self._config.fields is not None else [f.name for f in schema.fields]
+        self._fields: List[FieldSpec] = [schema.field(n) for n in names]
+        self._value_text: Dict[str, pa.Table] = {}
+        for spec in self._fields:
+            table = schema.load_value_text(spec.name) if spec.is_categorical else None
+            if table is not None:
+                ids = table.column("id")
+                if not pa.types.is_integer(ids.type):
+                    raise SchemaError(f"{schema.value_text_path(spec.name)}: column 'id' must be int64, got {ids.type}")
+                self._value_text[spec.name] = pa.table(
+                    {"id": pc.cast(ids, pa.int64()), "text": pc.cast(table.column("text"), pa.string())}
+                )
+
+    @property
+    def config(self) -> RowTextConfig:
+        return self._config
+
+    @property
+    def field_names(self) -> List[str]:
+        return [f.name for f in self._fields]
+
+    def value_text(self, spec: FieldSpec, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        """The value text of one column: (N,) strings.
+
+        Sparse ids are mapped through the value-text file (or written as numbers when the
+        field has none); sequences join the texts of their ids; dense values are rounded.
+        """
+        if spec.kind == FieldKind.DENSE:
+            rounded = pc.round(pc.cast(column, pa.float64()), ndigits=self._config.dense_decimals)
+            return pc.fill_null(pc.cast(rounded, pa.string()), "unknown")
+        if spec.kind == FieldKind.SPARSE:
+            return pa.chunked_array([self._id_text(spec, chunk) for chunk in column.chunks], type=pa.string())
+        chunks = []
+        for chunk in column.chunks:  # list<int64>
+            lengths = pc.fill_null(pc.list_value_length(chunk), 0).to_numpy(zero_copy_only=False)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            texts = self._id_text(spec, pc.list_flatten(chunk))
+            lists = pa.ListArray.from_arrays(pa.array(offsets), texts)
+            joined = pc.binary_join(lists, self._config.list_separator)
+            chunks.append(pc.if_else(pc.equal(joined, ""), "none", joined))
+        return pa.chunked_array(chunks, type=pa.string())
+
+    def _id_text(self, spec: FieldSpec, ids: pa.Array) -> pa.Array:
+        ids = pc.cast(ids, pa.int64())
+        as_number = pc.cast(ids, pa.string())
+        table = self._value_text.get(spec.name)
+        if table is None:
+            return as_number
+        index = pc.index_in(ids, value_set=table.column("id"))  # (N,) row of each id, null if absent
+        text = pc.take(table.column("text"), index)
+        fallback = as_number if self._config.missing_value is None else pa.scalar(self._config.missing_value)
+        return pc.coalesce(text, fallback).combine_chunks() if isinstance(text, pa.ChunkedArray) else pc.coalesce(text, fallback)
+
+    def sentence(self, spec: FieldSpec, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        """``template`` applied to every value of the column: (N,) strings."""
+        template = self._config.template_for(spec.name)
+        description = spec.description or spec.name
+        prefix, suffix = template.split("{value}")
+        prefix = prefix.replace("{description}", description)
+        suffix = suffix.replace("{description}", description)
+        return pc.binary_join_element_wise(prefix, self.value_text(spec, column), suffix, "")
+
+    def render(self, table: pa.Table) -> pa.ChunkedArray:
+        """One text per row of ``table``: the sentences of the configured fields.
+
+        Args:
+            table (pa.Table): rows with a column per configured field.
+
+        Returns:
+            pa.ChunkedArray: (N,) strings.
+        """
+        missing = [n for n in self.field_names if n not in table.column_names]
+        if missing:
+            raise SchemaError(f"rows to render lack columns {missing}; they have {table.column_names}")
+        if not self._fields:
+            raise SchemaError("row-text config selects no fields")
+        sentences = [self.sentence(spec, table.column(spec.name)) for spec in self._fields]
+        return pc.binary_join_element_wise(*sentences, self._config.separator)
+
+    def entity_text(self, table: pa.Table, key_field: str, fields: Optional[List[str]] = None) -> pa.Table:
+        """One text per distinct id of ``key_field`` (a user or an item).
+
+        The attributes of an entity (e.g. an item's genres) are taken from its first row
+        in ``table``; with ``fields=None`` the text is the key's own sentence.
+
+        Args:
+            table (pa.Table): rows holding ``key_field`` and ``fields``.
+            key_field (str): a sparse field whose ids are the entities.
+            fields (Optional[List[str]]): fields written for each entity (default ``[key_field]``).
+
+        Returns:
+            pa.Table: columns ``id`` (int64, sorted) and ``text`` (string).
+        """
+        key_spec = self._schema.field(key_field)
+        if key_spec.kind != FieldKind.SPARSE:
+            raise SchemaError(f"entity key {key_field!r} must be a sparse field, it is {key_spec.kind.value}")
+        fields = fields or [key_field]
+        specs = [self._schema.field(n) for n in fields]
+        others = [n for n in fields if n != key_field]
+        rows = table.select([key_field]).append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        first = rows.group_by(key_field, use_threads=False).aggregate([("__row", "min")])  # first row of each id
+        grouped = table.select([key_field, *others]).take(first.column("__row_min"))
+        grouped = grouped.sort_by(key_field)
+        sentences = [self.sentence(spec, grouped.column(spec.name)) for spec in specs]
+        text = pc.binary_join_element_wise(*sentences, self._config.separator)
+        return pa.table({"id": pc.cast(grouped.column(key_field), pa.int64()), "text": text})
