@@ -1,0 +1,81 @@
+"""torchx component: run one of the project's benchmarks (``benchmarks/<name>.py``).
+
+Built on :func:`torchx.components.dist.ddp`, so multi-rank benchmarks (e.g. table
+growth sharded over 2 ranks) get torchrun's environment. Each script writes a JSON
+(with machine and version info) and a PNG under ``results_dir``. Launch::
+
+    torchx run -s local_cwd torchx_components/bench.py:bench \\
+        --name train_throughput -- --quick
+
+This file is loaded by torchx with ``exec`` (not imported), so it depends on torchx only.
+"""
+
+import re
+from typing import Dict, List, Optional
+
+import torchx
+from torchx import specs
+from torchx.components.dist import ddp
+
+
+def bench(
+    name: str,
+    *script_args: str,
+    results_dir: str = "benchmarks/results",
+    nnodes: int = 1,
+    nproc_per_node: int = 1,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 16384,
+    named_resource: Optional[str] = None,
+    image: str = torchx.IMAGE,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    job_name: str = "",
+) -> specs.AppDef:
+    """
+    Runs ``python benchmarks/NAME.py --json RESULTS_DIR/NAME.json --plot RESULTS_DIR/NAME.png
+    [script_args ...]`` on nnodes x nproc_per_node torchrun workers (torchx dist.ddp).
+    Benchmarks compare side by side within one run, so figures are ratios on the same host.
+
+    Args:
+        name: benchmark script name without .py (e.g. train_throughput)
+        script_args: extra script arguments, after -- (e.g. -- --quick --device cuda)
+        results_dir: directory for the JSON and PNG results
+        nnodes: number of hosts (replicas of the role)
+        nproc_per_node: worker processes per host
+        cpu: CPUs per host
+        gpu: GPUs per host
+        memMB: host memory in MB per host
+        named_resource: a torchx named resource; takes precedence over cpu, gpu and memMB
+        image: container image with the project installed (ignored by local_cwd)
+        env: extra environment variables
+        mounts: mounts in the container, e.g. type=bind,src=/data,dst=/data
+        job_name: job name as {experiment}/{run}; defaults to recsys_llm/bench-NAME
+    """
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"name must be a benchmark script name without .py (e.g. train_throughput), got {name!r}")
+    if nnodes < 1 or nproc_per_node < 1:
+        raise ValueError(
+            f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
+        )
+    results = results_dir.rstrip("/") or "."
+    app = ddp(
+        "--json",
+        f"{results}/{name}.json",
+        "--plot",
+        f"{results}/{name}.png",
+        *script_args,
+        script=f"benchmarks/{name}.py",
+        image=image,
+        name=job_name or f"recsys_llm/bench-{name}",
+        h=named_resource,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=f"{nnodes}x{nproc_per_node}",
+        env=dict(env or {}),
+        mounts=mounts,
+    )
+    app.roles[0].name = f"bench-{name.replace('_', '-')}"
+    return app

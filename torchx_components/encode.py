@@ -1,0 +1,89 @@
+"""torchx component: the offline LLM jobs (``recsys-llm semantics tune|encode|export``).
+
+Built on :func:`torchx.components.dist.ddp`. ``tune`` adapts an LLM (LLaCTR's SSFT or
+ELEC's CTR adaptation), ``encode`` writes field/feature or entity vectors, ``export``
+writes instance-level vectors for every row; the sub-commands read torchrun's
+``RANK``/``WORLD_SIZE`` to split their chunks over workers, so more workers means more
+rows encoded at once. Launch::
+
+    torchx run -s local_cwd torchx_components/encode.py:encode \\
+        --job export --nproc_per_node 2 -- --config configs/synthetic_elec.yaml
+
+This file is loaded by torchx with ``exec`` (not imported), so it depends on torchx only.
+"""
+
+from typing import Dict, List, Optional
+
+import torchx
+from torchx import specs
+from torchx.components.dist import ddp
+
+SEMANTICS_JOBS = ("tune", "encode", "export")
+
+
+def encode(
+    job: str,
+    *job_args: str,
+    nnodes: int = 1,
+    nproc_per_node: int = 1,
+    cpu: int = 4,
+    gpu: int = 0,
+    memMB: int = 16384,
+    named_resource: Optional[str] = None,
+    image: str = torchx.IMAGE,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    job_name: str = "",
+) -> specs.AppDef:
+    """
+    Runs an offline LLM job, ``python -m recsys_llm.cli semantics JOB [job_args ...]``, on
+    nnodes x nproc_per_node torchrun workers (torchx dist.ddp). The job splits its texts or
+    rows over the workers by RANK/WORLD_SIZE; vectors are cached by (model, revision,
+    template, text), so a retried job skips finished chunks.
+
+    Args:
+        job: which semantics sub-command to run: tune, encode or export
+        job_args: arguments of the sub-command, after -- (e.g. -- --config configs/x.yaml)
+        nnodes: number of hosts (replicas of the role)
+        nproc_per_node: worker processes per host (one per GPU on GPU hosts)
+        cpu: CPUs per host
+        gpu: GPUs per host
+        memMB: host memory in MB per host
+        named_resource: a torchx named resource; takes precedence over cpu, gpu and memMB
+        image: container image with the project and the LLM weights (ignored by local_cwd)
+        env: extra environment variables (e.g. HF_HOME=/models,HF_HUB_OFFLINE=1)
+        max_retries: scheduler retries of the whole job
+        rdzv_backend: torchrun rendezvous backend (c10d or static)
+        rdzv_port: port on rank 0's host for the c10d store (multi-host only)
+        mounts: mounts in the container, e.g. type=bind,src=/models,dst=/models,readonly
+        job_name: job name as {experiment}/{run}; defaults to recsys_llm/semantics-JOB
+    """
+    if job not in SEMANTICS_JOBS:
+        raise ValueError(f"job must be one of {list(SEMANTICS_JOBS)}, got {job!r}")
+    if nnodes < 1 or nproc_per_node < 1:
+        raise ValueError(
+            f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
+        )
+    app = ddp(
+        "semantics",
+        job,
+        *job_args,
+        m="recsys_llm.cli",
+        image=image,
+        name=job_name or f"recsys_llm/semantics-{job}",
+        h=named_resource,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=f"{nnodes}x{nproc_per_node}",
+        env=dict(env or {}),
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+        rdzv_backend=rdzv_backend,
+        mounts=mounts,
+    )
+    app.roles[0].name = f"semantics-{job}"
+    return app
