@@ -1,0 +1,350 @@
+"""The CTR-adapted LLM of ELEC (Dong, Ouyang, Liu, SIGIR 2025, arXiv 2509.07594).
+
+Any Hugging Face ``AutoModel`` reads the row text; its last hidden states are
+average-pooled over the attention mask, a transformation MLP gives the high-level
+representation vector r, and a prediction layer gives the click logit:
+
+.. math::
+
+    h = \\frac{\\sum_t m_t H_t}{\\sum_t m_t}, \\qquad r = \\mathrm{MLP}(h), \\qquad
+    \\hat y = \\sigma(w^\\top r + b)
+
+The LLM (LoRA adapters via peft, or its last k transformer layers) and both heads are
+fine-tuned with BCE on clicks. Only r is used afterwards (``vector_export``).
+
+Example::
+
+    config = CTRLLMConfig(model_path=path, representation_dim=64)
+    llm = CTRAdaptedLLM.from_config(config)
+    losses = tune_ctr_llm(llm, texts, labels, config)
+    save_ctr_llm(llm, "runs/ctr_llm")
+    r = load_ctr_llm("runs/ctr_llm").encode(["user id is 3. item id is 7."])  # (1, 64)
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+TUNING_MODES = ("lora", "last_k", "heads")
+
+
+@dataclasses.dataclass
+class CTRLLMConfig:
+    """Model and tuning settings of the CTR-adapted LLM.
+
+    Args:
+        model_path (str): any Hugging Face model directory (loaded offline, no remote code).
+        representation_dim (int): size of r.
+        hidden_dim (int): hidden width of the transformation MLP.
+        dropout (float): dropout in the MLP.
+        tuning (str): ``lora`` (peft adapters), ``last_k`` (unfreeze the last k layers)
+            or ``heads`` (LLM frozen, only the MLP and prediction layer train).
+        lora_r (int): LoRA rank.
+        lora_alpha (int): LoRA scaling numerator.
+        lora_dropout (float): dropout on the LoRA path.
+        lora_target_modules (Optional[List[str]]): module names to adapt; None lets peft
+            choose its default for the architecture.
+        last_k_layers (int): layers unfrozen in ``last_k`` mode.
+        max_length (int): tokens per text.
+        batch_size (int): texts per step.
+        learning_rate (float): AdamW learning rate of the LLM part.
+        head_learning_rate (float): AdamW learning rate of the heads.
+        epochs (int): passes over the sample.
+        sample_rows (Optional[int]): tune on a random sample of this many rows (None: all).
+        seed (int): sampling, initialisation and shuffling seed.
+    """
+
+    model_path: str
+    representation_dim: int = 128
+    hidden_dim: int = 256
+    dropout: float = 0.0
+    tuning: str = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: Optional[List[str]] = None
+    last_k_layers: int = 1
+    max_length: int = 128
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    head_learning_rate: float = 1e-3
+    epochs: int = 1
+    sample_rows: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tuning not in TUNING_MODES:
+            raise ValueError(f"CTRLLMConfig.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the hidden states over real tokens.
+
+    Args:
+        hidden (torch.Tensor): (B, T, H).
+        attention_mask (torch.Tensor): (B, T), 1 for real tokens.
+
+    Returns:
+        torch.Tensor: (B, H).
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, H)
+
+
+def _transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks of a Hugging Face model (the longest one)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"{type(model).__name__}: no transformer layer list found for last_k tuning")
+    return max(lists, key=len)
+
+
+class CTRAdaptedLLM(nn.Module):
+    """LLM + average pooling + transformation MLP + prediction layer.
+
+    Args:
+        llm (nn.Module): a Hugging Face base model returning ``last_hidden_state``.
+        tokenizer: its tokenizer.
+        config (CTRLLMConfig): sizes and tuning mode.
+
+    Example::
+
+        llm = CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=path))
+        logits, r = llm(**llm.tokenize(["user id is 3."]))  # (1,), (1, 128)
+    """
+
+    def __init__(self, llm: nn.Module, tokenizer: Any, config: CTRLLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._tokenizer = tokenizer
+        hidden = int(llm.config.hidden_size)
+        self.transform = nn.Sequential(
+            nn.Linear(hidden, config.hidden_dim),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden_dim, config.representation_dim),
+        )
+        self.predict = nn.Linear(config.representation_dim, 1)
+        self.llm = self._prepare_llm(llm)
+
+    @classmethod
+    def from_config(cls, config: CTRLLMConfig) -> "CTRAdaptedLLM":
+        """Loads the base model and tokenizer from ``config.model_path`` (offline, no remote code)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        torch.manual_seed(config.seed)
+        tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        llm = AutoModel.from_pretrained(config.model_path, trust_remote_code=False)
+        return cls(llm, tokenizer, config)
+
+    def _prepare_llm(self, llm: nn.Module) -> nn.Module:
+        for param in llm.parameters():
+            param.requires_grad_(False)
+        if self.config.tuning == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=self.config.lora_r,
+                lora_alpha=self.config.lora_alpha,
+                lora_dropout=self.config.lora_dropout,
+                target_modules=self.config.lora_target_modules,
+            )
+            return get_peft_model(llm, lora)
+        if self.config.tuning == "last_k":
+            layers = _transformer_layers(llm)
+            for layer in list(layers)[-self.config.last_k_layers :]:
+                for param in layer.parameters():
+                    param.requires_grad_(True)
+        return llm
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        encoded = self._tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
+        )
+        device = next(self.parameters()).device
+        return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            input_ids (torch.Tensor): (B, T).
+            attention_mask (torch.Tensor): (B, T).
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: click logits (B,) and representations r (B, R).
+        """
+        hidden = self.llm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        pooled = masked_mean(hidden, attention_mask)  # (B, H)
+        representation = self.transform(pooled)  # (B, R)
+        logits = self.predict(representation).squeeze(-1)  # (B,)
+        return logits, representation
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Representation vectors r of ``texts`` in eval mode: (N, R) float32 on CPU."""
+        was_training = self.training
+        self.eval()
+        _, representation = self(**self.tokenize(texts))
+        self.train(was_training)
+        return representation.float().cpu()
+
+    def trainable_llm_state(self) -> Dict[str, torch.Tensor]:
+        """The tuned LLM tensors (LoRA adapters or the unfrozen last layers)."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.llm.named_parameters() if p.requires_grad}
+
+    def provenance(self) -> Dict[str, str]:
+        """What made the vectors: base model, revision, pooling, tuning and a hash of the tuned weights."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted({**self.trainable_llm_state(), **_heads_state(self)}.items()):
+            digest.update(name.encode())
+            digest.update(tensor.float().numpy().tobytes())
+        llm_config = getattr(self.llm, "config", None)
+        return {
+            "model": os.path.basename(os.path.normpath(self.config.model_path)),
+            "revision": str(getattr(llm_config, "_commit_hash", None) or "local"),
+            "pooling": "mean",
+            "method": f"elec-ctr-llm/{self.config.tuning}",
+            "weights_sha256": digest.hexdigest()[:16],
+            "dim": str(self.config.representation_dim),
+        }
+
+
+def _heads_state(model: CTRAdaptedLLM) -> Dict[str, torch.Tensor]:
+    return {
+        **{f"transform.{k}": v.detach().cpu().contiguous() for k, v in model.transform.state_dict().items()},
+        **{f"predict.{k}": v.detach().cpu().contiguous() for k, v in model.predict.state_dict().items()},
+    }
+
+
+def sample_indices(num_rows: int, config: CTRLLMConfig) -> np.ndarray:
+    """Row indices of the tuning sample (all rows when ``sample_rows`` is None), sorted."""
+    if config.sample_rows is None or config.sample_rows >= num_rows:
+        return np.arange(num_rows)
+    rng = np.random.default_rng(config.seed)
+    return np.sort(rng.choice(num_rows, size=config.sample_rows, replace=False))
+
+
+def tune_ctr_llm(
+    model: CTRAdaptedLLM,
+    texts: Sequence[str],
+    labels: Sequence[float],
+    config: CTRLLMConfig,
+    progress: bool = True,
+) -> List[float]:
+    """Fine-tunes the LLM part and both heads with BCE on clicks.
+
+    Args:
+        model (CTRAdaptedLLM): the model to tune (in place).
+        texts (Sequence[str]): row texts (N,).
+        labels (Sequence[float]): clicks (N,) in {0, 1}.
+        config (CTRLLMConfig): sample size, batch size, learning rates, epochs.
+        progress (bool): show a tqdm bar.
+
+    Returns:
+        List[float]: the loss of every step.
+    """
+    if len(texts) != len(labels):
+        raise ValueError(f"tune_ctr_llm: {len(texts)} texts but {len(labels)} labels")
+    index = sample_indices(len(texts), config)
+    llm_params = [p for p in model.llm.parameters() if p.requires_grad]
+    head_params = list(model.transform.parameters()) + list(model.predict.parameters())
+    groups = [{"params": head_params, "lr": config.head_learning_rate}]
+    if llm_params:
+        groups.append({"params": llm_params, "lr": config.learning_rate})
+    optimizer = torch.optim.AdamW(groups)
+    loss_fn = nn.BCEWithLogitsLoss()
+    generator = torch.Generator().manual_seed(config.seed)
+    label_tensor = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+    steps = config.epochs * ((len(index) + config.batch_size - 1) // config.batch_size)
+    losses: List[float] = []
+    model.train()
+    with tqdm(total=steps, desc="tune CTR-LLM", disable=not progress) as bar:
+        for _ in range(config.epochs):
+            order = index[torch.randperm(len(index), generator=generator).numpy()]
+            for start in range(0, len(order), config.batch_size):
+                rows = order[start : start + config.batch_size]
+                logits, _ = model(**model.tokenize([texts[i] for i in rows]))
+                target = label_tensor[torch.as_tensor(rows)].to(logits.device)
+                loss = loss_fn(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.update(1)
+    model.eval()
+    return losses
+
+
+def save_ctr_llm(model: CTRAdaptedLLM, directory: str) -> None:
+    """Saves config, heads and tuned LLM tensors atomically (temp dir renamed into place).
+
+    Files: ``config.json``, ``heads.safetensors``, ``llm_tuned.safetensors`` (LoRA adapters
+    or the unfrozen layers, by parameter name), ``provenance.json``.
+    """
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".ctr_llm.", dir=parent)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(dataclasses.asdict(model.config), handle, indent=2)
+        save_file(_heads_state(model), os.path.join(tmp, "heads.safetensors"))
+        save_file(model.trainable_llm_state(), os.path.join(tmp, "llm_tuned.safetensors"))
+        with open(os.path.join(tmp, "provenance.json"), "w", encoding="utf-8") as handle:
+            json.dump(model.provenance(), handle, indent=2)
+        if os.path.exists(directory):
+            old = f"{directory}.old"
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_ctr_llm(directory: str, model_path: Optional[str] = None) -> CTRAdaptedLLM:
+    """Rebuilds a saved CTR-adapted LLM (weights only, nothing executed).
+
+    Args:
+        directory (str): written by :func:`save_ctr_llm`.
+        model_path (Optional[str]): override of the base model location (e.g. another machine).
+    """
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{directory}: not a saved CTR-adapted LLM (no config.json)")
+    with open(config_path, encoding="utf-8") as handle:
+        config = CTRLLMConfig(**json.load(handle))
+    if model_path is not None:
+        config.model_path = model_path
+    model = CTRAdaptedLLM.from_config(config)
+    tuned = load_file(os.path.join(directory, "llm_tuned.safetensors"))
+    named = dict(model.llm.named_parameters())
+    unknown = sorted(set(tuned) - set(named))
+    if unknown:
+        raise ValueError(f"{directory}: tuned tensors {unknown[:5]} do not exist in {config.model_path}")
+    with torch.no_grad():
+        for name, tensor in tuned.items():
+            named[name].copy_(tensor)
+    heads = load_file(os.path.join(directory, "heads.safetensors"))
+    model.transform.load_state_dict({k[len("transform.") :]: v for k, v in heads.items() if k.startswith("transform.")})
+    model.predict.load_state_dict({k[len("predict.") :]: v for k, v in heads.items() if k.startswith("predict.")})
+    model.eval()
+    return model
