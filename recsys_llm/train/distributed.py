@@ -1,0 +1,117 @@
+"""Process-group set-up from ``torchrun`` environment variables: gloo on CPU, nccl on CUDA.
+
+``torchrun`` (and ``torchx dist.ddp``, and ``tests/multiprocess.py``) export ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. A plain
+``python -m recsys_llm.cli train ...`` has none of them and runs as a world of one
+(a gloo group on a free local port, so DMP, the planner and DCP take the same code path).
+
+Example::
+
+    ctx = init_distributed()          # DistContext(rank=0, world_size=2, device=cpu, ...)
+    if ctx.is_main:
+        print("only rank 0 prints")
+    teardown_distributed()
+"""
+
+import dataclasses
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job.
+
+    Args:
+        rank (int): global rank.
+        world_size (int): number of processes.
+        local_rank (int): rank on this host (selects the GPU).
+        device (torch.device): ``cuda:{local_rank}`` or ``cpu``.
+        backend (str): ``nccl`` or ``gloo``.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the process that prints, shows progress and writes run files."""
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def select_device(local_rank: int, device: str = "auto") -> torch.device:
+    """``auto`` picks ``cuda:{local_rank}`` when CUDA is available, else ``cpu``.
+
+    Raises:
+        RuntimeError: ``cuda`` was asked for and no GPU (or not enough GPUs) is visible.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"device 'cuda' requested for local rank {local_rank} but "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s) are visible"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
+    """Initialises the default process group (idempotent) and returns this rank's context.
+
+    Args:
+        device (str): ``auto`` | ``cpu`` | ``cuda``.
+        backend (Optional[str]): override; default ``nccl`` for CUDA, ``gloo`` for CPU.
+
+    Returns:
+        DistContext: rank, world size, device and backend.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    torch_device = select_device(local_rank, device)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    chosen_backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
+        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size)
+    else:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        chosen_backend = str(dist.get_backend())
+    return DistContext(rank, world_size, local_rank, torch_device, chosen_backend)
+
+
+def teardown_distributed() -> None:
+    """Destroys the default process group if one exists."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when a group exists, else nothing."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_main_process() -> bool:
+    """True on rank 0 or outside a process group."""
+    return not dist.is_initialized() or dist.get_rank() == 0

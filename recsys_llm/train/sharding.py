@@ -1,0 +1,346 @@
+"""Planner + DistributedModelParallel + fused table optimizers + dense optimizer.
+
+The recipe torchrec's own DLRM example follows, packaged so every task of the
+project (plain backbones, LLaCTR, ELEC teacher-student pairs) is sharded the same way:
+
+1. fused table optimizers are attached to every trainable EBC table with
+   ``_apply_optimizer_in_backward`` *before* sharding, so the sharder builds FBGEMM
+   TBEs that update the rows inside the backward pass (no gradient tensors for tables);
+2. ``EmbeddingShardingPlanner(Topology(world_size, compute_device))`` proposes a plan,
+   optionally constrained per table (sharding types, compute kernels);
+3. ``DistributedModelParallel`` shards the EBCs and materialises any table that was
+   created on the ``meta`` device shard by shard (no rank ever holds a whole table),
+   then wraps the remaining dense part in DDP;
+4. the dense parameters get a ``KeyedOptimizerWrapper`` (Adam, Adagrad, SGD), combined
+   with ``model.fused_optimizer`` into one ``CombinedOptimizer`` the pipeline steps.
+
+**Frozen tables** (pretrained or LLM-derived vectors that must not train) are the tables
+named in ``ShardingConfig.frozen_tables`` plus every table of an EBC module carrying the
+attribute ``frozen = True``. In torchrec 1.8 a sharded (non-replicated) table always uses a
+fused FBGEMM kernel (the ``dense`` kernel exists only for ``data_parallel``), and FBGEMM's
+optimizer-free mode (``OptimType.NONE``) is CUDA-only. So a frozen table gets the fused
+kernel with plain SGD at ``lr = 0`` -- SGD keeps **no optimizer state**, and the different
+fused parameters make the sharder put frozen tables in their own TBE -- and after sharding
+each all-frozen TBE's autograd placeholder gets ``requires_grad=False``, so autograd never
+calls its backward: **no gradient, no update, no backward time**. Replication
+(``data_parallel``) is refused for frozen tables (DDP would need their gradients). Keep
+frozen tables in their own EmbeddingBagCollection (DESIGN.md); each rank holds only its
+shards, which a loader can fill from ``model.state_dict()`` shard by shard.
+
+Example::
+
+    model, plan = shard_model(task, torch.device("cpu"), world_size=2,
+                              sharding=ShardingConfig(), optim=OptimizerConfig())
+    optimizer = build_optimizer(model, OptimizerConfig())
+    print(describe_plan(plan))   # which ranks hold which table shards
+"""
+
+import dataclasses
+import json
+from typing import Any, Dict, List, Optional, Set, Tuple, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec import optim as trec_optim
+from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingBag
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "row_wise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": trec_optim.Adagrad,
+    "adam": trec_optim.Adam,
+    "sgd": trec_optim.SGD,
+}
+DENSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise", "table_column_wise")
+COMPUTE_KERNELS = ("dense", "fused")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """Table (fused, in-backward) and dense optimizers.
+
+    Args:
+        sparse (str): ``row_wise_adagrad`` | ``adagrad`` | ``adam`` | ``sgd`` for EBC tables.
+        sparse_lr (float): learning rate of the table optimizer.
+        dense (str): ``adam`` | ``adagrad`` | ``sgd`` for everything else.
+        dense_lr (float): learning rate of the dense optimizer.
+        eps (float): epsilon of Adagrad/Adam (tables and dense).
+        weight_decay (float): L2 weight decay (tables and dense).
+    """
+
+    sparse: str = "row_wise_adagrad"
+    sparse_lr: float = 0.05
+    dense: str = "adam"
+    dense_lr: float = 1e-3
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.sparse not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"optim.sparse must be one of {sorted(SPARSE_OPTIMIZERS)}, got {self.sparse!r}")
+        if self.dense not in DENSE_OPTIMIZERS:
+            raise ValueError(f"optim.dense must be one of {sorted(DENSE_OPTIMIZERS)}, got {self.dense!r}")
+
+
+@dataclasses.dataclass
+class ShardingConfig:
+    """How the planner may place tables.
+
+    Args:
+        sharding_types (List[str]): sharding types allowed for every table (empty: planner's
+            choice). E.g. ``["table_wise", "row_wise"]`` forbids replication.
+        compute_kernels (List[str]): compute kernels allowed for trained tables (empty: any).
+        table_constraints (Dict[str, Dict[str, List[str]]]): per table name, overrides of
+            ``sharding_types`` / ``compute_kernels``.
+        frozen_tables (List[str]): table names that never train (see module docstring).
+        compute_device (str): ``auto`` | ``cpu`` | ``cuda`` for the planner's topology.
+    """
+
+    sharding_types: List[str] = dataclasses.field(default_factory=list)
+    compute_kernels: List[str] = dataclasses.field(default_factory=list)
+    table_constraints: Dict[str, Dict[str, List[str]]] = dataclasses.field(default_factory=dict)
+    frozen_tables: List[str] = dataclasses.field(default_factory=list)
+    compute_device: str = "auto"
+
+    def __post_init__(self) -> None:
+        lists = [("sharding.sharding_types", self.sharding_types, SHARDING_TYPES)]
+        lists.append(("sharding.compute_kernels", self.compute_kernels, COMPUTE_KERNELS))
+        for table, overrides in self.table_constraints.items():
+            unknown = set(overrides) - {"sharding_types", "compute_kernels"}
+            if unknown:
+                raise ValueError(
+                    f"sharding.table_constraints.{table}: unknown keys {sorted(unknown)}; "
+                    "allowed: ['compute_kernels', 'sharding_types']"
+                )
+            lists.append((f"sharding.table_constraints.{table}.sharding_types", overrides.get("sharding_types", []), SHARDING_TYPES))
+            lists.append((f"sharding.table_constraints.{table}.compute_kernels", overrides.get("compute_kernels", []), COMPUTE_KERNELS))
+        for name, values, allowed in lists:
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise ValueError(f"{name}: unknown values {bad}; allowed: {list(allowed)}")
+
+
+def find_tables(model: nn.Module) -> Dict[str, Tuple[str, EmbeddingBagCollection]]:
+    """Every EBC table of an unsharded model: table name -> (module path, EBC).
+
+    Raises:
+        ValueError: two EBCs define a table of the same name (the planner keys constraints by name).
+    """
+    tables: Dict[str, Tuple[str, EmbeddingBagCollection]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, EmbeddingBagCollection):
+            for config in module.embedding_bag_configs():
+                if config.name in tables:
+                    raise ValueError(
+                        f"table name {config.name!r} is used by both {tables[config.name][0]!r} and {path!r}; "
+                        "table names must be unique across the model"
+                    )
+                tables[config.name] = (path, module)
+    return tables
+
+
+def frozen_table_names(model: nn.Module, config: ShardingConfig) -> Set[str]:
+    """Tables listed in ``config.frozen_tables`` plus all tables of EBCs with ``frozen = True``.
+
+    Raises:
+        ValueError: a listed frozen table does not exist.
+    """
+    tables = find_tables(model)
+    missing = sorted(set(config.frozen_tables) - set(tables))
+    if missing:
+        raise ValueError(f"sharding.frozen_tables names unknown tables {missing}; tables: {sorted(tables)}")
+    frozen = set(config.frozen_tables)
+    frozen |= {name for name, (_, ebc) in tables.items() if getattr(ebc, "frozen", False)}
+    return frozen
+
+
+def build_constraints(model: nn.Module, config: ShardingConfig) -> Dict[str, ParameterConstraints]:
+    """Planner constraints per table from the config (frozen tables: fused kernel, never replicated)."""
+    tables = find_tables(model)
+    unknown = sorted(set(config.table_constraints) - set(tables))
+    if unknown:
+        raise ValueError(f"sharding.table_constraints names unknown tables {unknown}; tables: {sorted(tables)}")
+    frozen = frozen_table_names(model, config)
+    constraints: Dict[str, ParameterConstraints] = {}
+    for name in tables:
+        override = config.table_constraints.get(name, {})
+        sharding_types = list(override.get("sharding_types", config.sharding_types)) or None
+        kernels = list(override.get("compute_kernels", config.compute_kernels)) or None
+        if name in frozen:
+            if kernels is not None and "fused" not in kernels:
+                raise ValueError(f"frozen table {name!r} needs the 'fused' compute kernel, config allows only {kernels}")
+            kernels = ["fused"]
+            # Replicated (data_parallel) tables are trained through DDP, which needs gradients.
+            sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t != "data_parallel"]
+            if not sharding_types:
+                raise ValueError(f"frozen table {name!r} cannot be data_parallel; allow a sharded type")
+        if sharding_types is None and kernels is None:
+            continue
+        constraints[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
+    return constraints
+
+
+def _apply_fused_optimizers(model: nn.Module, frozen: Set[str], optim: OptimizerConfig) -> None:
+    """Attaches the table optimizer to every trainable table (must run before DMP)."""
+    optimizer_class = SPARSE_OPTIMIZERS[optim.sparse]
+    kwargs: Dict[str, Any] = {"lr": optim.sparse_lr}
+    if optim.sparse != "sgd":
+        kwargs["eps"] = optim.eps
+    if optim.weight_decay:
+        kwargs["weight_decay"] = optim.weight_decay
+    for ebc in {id(m): m for _, m in find_tables(model).values()}.values():
+        for table_name, bag in ebc.embedding_bags.items():
+            if table_name in frozen:
+                # SGD holds no state; lr 0 makes even a stray backward a no-op.
+                _apply_optimizer_in_backward(trec_optim.SGD, bag.parameters(), {"lr": 0.0})
+            else:
+                _apply_optimizer_in_backward(optimizer_class, bag.parameters(), kwargs)
+
+
+def _freeze_sharded(model: DistributedModelParallel, frozen: Set[str]) -> List[str]:
+    """Turns off the backward of every TBE that holds only frozen tables; returns those tables.
+
+    Raises:
+        RuntimeError: a TBE mixes frozen and trained tables.
+    """
+    done: List[str] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, BatchedFusedEmbeddingBag):
+            continue
+        names = [config.name for config in module.config.embedding_tables]
+        frozen_here = [n for n in names if n in frozen]
+        if not frozen_here:
+            continue
+        if len(frozen_here) != len(names):
+            raise RuntimeError(
+                f"{path}: frozen tables {frozen_here} share one fused kernel with trained tables "
+                f"{sorted(set(names) - frozen)}; put frozen tables in their own EmbeddingBagCollection"
+            )
+        module.emb_module.placeholder_autograd_tensor.requires_grad_(False)
+        done.extend(names)
+    return sorted(set(done))
+
+
+def shard_model(
+    task: nn.Module,
+    device: torch.device,
+    world_size: int,
+    sharding: ShardingConfig,
+    optim: OptimizerConfig,
+    batch_size: Optional[int] = None,
+) -> Tuple[DistributedModelParallel, ShardingPlan]:
+    """Plans and shards ``task``; the default process group must exist.
+
+    Args:
+        task (nn.Module): unsharded model; its EBCs may live on ``meta`` (recommended: DMP then
+            allocates and initialises only this rank's shards), dense parts on ``device``.
+        device (torch.device): this rank's compute device.
+        world_size (int): number of ranks in the topology.
+        sharding (ShardingConfig): planner constraints and frozen tables.
+        optim (OptimizerConfig): the fused table optimizer to attach.
+        batch_size (Optional[int]): per-rank batch size for the planner's cost model.
+
+    Returns:
+        Tuple[DistributedModelParallel, ShardingPlan]: the sharded model and its plan.
+    """
+    if not find_tables(task):
+        raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")
+    frozen = frozen_table_names(task, sharding)
+    _apply_fused_optimizers(task, frozen, optim)
+    compute_device = sharding.compute_device if sharding.compute_device != "auto" else device.type
+    topology = Topology(world_size=world_size, compute_device=compute_device, local_world_size=world_size)
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=build_constraints(task, sharding),
+        debug=False,
+    )
+    plan = planner.collective_plan(task, None, dist.GroupMember.WORLD)
+    model = DistributedModelParallel(task, device=device, plan=plan, init_data_parallel=True, init_parameters=True)
+    placements = table_placements(plan)
+    not_fused = sorted(t for t in frozen if placements[t]["compute_kernel"] != "fused")
+    if not_fused:
+        raise RuntimeError(f"the plan puts frozen tables {not_fused} on a non-fused kernel; they need 'fused'")
+    _freeze_sharded(model, frozen)
+    left_on_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if left_on_meta:
+        raise RuntimeError(
+            f"parameters still on the meta device after sharding: {left_on_meta[:5]}; only EBC tables may be "
+            "created on meta (DMP materialises them); build dense modules on the real device"
+        )
+    return model, plan
+
+
+def build_optimizer(model: DistributedModelParallel, optim: OptimizerConfig) -> CombinedOptimizer:
+    """``CombinedOptimizer([fused table optimizer, dense KeyedOptimizerWrapper])``.
+
+    The dense optimizer covers every trainable parameter without an in-backward optimizer
+    (frozen tables have ``requires_grad=False`` and are skipped).
+    """
+    dense_params = {
+        name: param
+        for name, param in in_backward_optimizer_filter(model.named_parameters())
+        if param.requires_grad
+    }
+    optimizer_class = DENSE_OPTIMIZERS[optim.dense]
+    kwargs: Dict[str, Any] = {"lr": optim.dense_lr, "weight_decay": optim.weight_decay}
+    if optim.dense != "sgd":
+        kwargs["eps"] = optim.eps
+    dense = KeyedOptimizerWrapper(dense_params, lambda params: optimizer_class(params, **kwargs))
+    return CombinedOptimizer([model.fused_optimizer, dense])
+
+
+def table_placements(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
+    """Per table: module path, sharding type, compute kernel, ranks holding shards and shard sizes.
+
+    Returns:
+        Dict[str, Dict[str, Any]]: ``{table: {"module", "sharding_type", "compute_kernel",
+        "ranks", "shards": [{"rank", "offsets", "sizes"}]}}``. For ``data_parallel`` tables
+        ``ranks`` is every rank (replicated).
+    """
+    out: Dict[str, Dict[str, Any]] = {}
+    for module_path, module_plan in plan.plan.items():
+        for table, sharding in module_plan.items():  # type: ignore[union-attr]
+            shards = []
+            if sharding.sharding_spec is not None:
+                for shard in sharding.sharding_spec.shards:  # type: ignore[attr-defined]
+                    placement = shard.placement
+                    rank = placement.rank() if placement is not None else None
+                    shards.append({"rank": rank, "offsets": list(shard.shard_offsets), "sizes": list(shard.shard_sizes)})
+            ranks = sorted({s["rank"] for s in shards if s["rank"] is not None}) or list(sharding.ranks or [])
+            out[table] = {
+                "module": module_path,
+                "sharding_type": sharding.sharding_type,
+                "compute_kernel": sharding.compute_kernel,
+                "ranks": ranks,
+                "shards": shards,
+            }
+    return out
+
+
+def ranks_holding_tables(plan: ShardingPlan, world_size: int) -> Dict[int, List[str]]:
+    """Rank -> tables with at least one shard on it (replicated tables count on every rank)."""
+    holding: Dict[int, List[str]] = {rank: [] for rank in range(world_size)}
+    for table, info in table_placements(plan).items():
+        ranks = range(world_size) if info["sharding_type"] == "data_parallel" else info["ranks"]
+        for rank in ranks:
+            holding[rank].append(table)
+    return holding
+
+
+def describe_plan(plan: ShardingPlan) -> str:
+    """The plan as indented JSON (written to the run directory as ``sharding_plan.json``)."""
+    return json.dumps(table_placements(plan), indent=2, sort_keys=True)
