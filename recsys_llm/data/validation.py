@@ -1,0 +1,232 @@
+"""Checks that Parquet data matches its :class:`~recsys_llm.data.schema.DatasetSchema`.
+
+Two levels, both cheap:
+
+* **metadata** (:func:`check_file_schema`): run once per file on the Parquet footer:
+  missing columns, wrong Arrow types, empty files, and a schema/data mismatch when the
+  file was written for a different schema (``prepare`` stores the field specs it wrote
+  with in the file's key-value metadata under :data:`FIELDS_METADATA_KEY`).
+* **values** (``check_*`` on numpy arrays): run per row group on the arrays the reader
+  converts anyway, fully vectorised: NaN/inf/null in dense features, negative ids, ids
+  beyond the cardinality (folded with a modulo for ``hashed`` fields instead), labels
+  outside {0, 1}.
+
+Every error is a :class:`DataError` whose message names the file, the column/field and
+what was expected, e.g.::
+
+    DataError: /data/train.parquet: column 'item_id' (sparse field): id 2000 at row 17
+    is >= cardinality 1683; expected ids in [0, 1683) (set "hashed": true to fold them)
+"""
+
+import json
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+
+#: Parquet key-value metadata key holding the JSON field specs a file was written with.
+FIELDS_METADATA_KEY = b"recsys_llm.fields"
+
+
+class DataError(ValueError):
+    """Data (a Parquet or raw input file) that is unreadable or does not match its schema."""
+
+
+# ---- opening files ------------------------------------------------------------------------------
+def open_parquet(path: str) -> pq.ParquetFile:
+    """Opens a Parquet file, turning pyarrow's errors into a :class:`DataError` naming the file."""
+    try:
+        return pq.ParquetFile(path)
+    except FileNotFoundError as error:
+        raise DataError(f"{path}: Parquet file not found") from error
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file (corrupt or truncated?): {error}") from error
+
+
+def read_row_group(handle: pq.ParquetFile, path: str, index: int, columns: Sequence[str]) -> pa.Table:
+    """Reads one row group; a decoding failure becomes a :class:`DataError` naming file and row group."""
+    try:
+        return handle.read_row_group(index, columns=list(columns))
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: row group {index} cannot be decoded (corrupt Parquet?): {error}") from error
+
+
+# ---- metadata checks ----------------------------------------------------------------------------
+def _is_integer(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype)
+
+
+def _is_list(dtype: pa.DataType) -> bool:
+    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+
+
+def _expected_type(spec: FieldSpec) -> str:
+    return {
+        FieldKind.SPARSE: "an integer column (int64)",
+        FieldKind.SEQUENCE: "a list of integers (list<int64>)",
+        FieldKind.DENSE: "a numeric column (float32)",
+    }[spec.kind]
+
+
+def _type_ok(spec: FieldSpec, dtype: pa.DataType) -> bool:
+    if spec.kind == FieldKind.SPARSE:
+        return _is_integer(dtype)
+    if spec.kind == FieldKind.SEQUENCE:
+        return _is_list(dtype) and _is_integer(dtype.value_type)
+    return pa.types.is_floating(dtype) or _is_integer(dtype)
+
+
+def _check_spec_vs_written(path: str, schema: DatasetSchema, metadata: Optional[Dict[bytes, bytes]]) -> None:
+    """Compares the schema's field specs with those the file was written with (if recorded)."""
+    if not metadata or FIELDS_METADATA_KEY not in metadata:
+        return
+    try:
+        written = {f["name"]: f for f in json.loads(metadata[FIELDS_METADATA_KEY])}
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path}: unreadable {FIELDS_METADATA_KEY.decode()} metadata: {error}") from error
+    for spec in schema.fields:
+        if spec.name not in written:
+            continue
+        other = written[spec.name]
+        for key in ("kind", "cardinality", "hashed", "max_length"):
+            mine = spec.kind.value if key == "kind" else getattr(spec, key)
+            theirs = other.get(key, {"kind": "sparse", "hashed": False}.get(key, 0))
+            if mine != theirs:
+                raise DataError(
+                    f"{path}: schema/data mismatch for field {spec.name!r}: the schema says {key}={mine!r} "
+                    f"but the file was written with {key}={theirs!r}; use the schema.json written with this data"
+                )
+
+
+def check_file_schema(
+    path: str,
+    schema: DatasetSchema,
+    arrow_schema: pa.Schema,
+    num_rows: int,
+    extras: Sequence[str] = (),
+) -> None:
+    """Checks a file's footer against the schema: columns, Arrow types, emptiness, written specs.
+
+    Args:
+        path (str): file name, used in messages.
+        schema (DatasetSchema): what the data should look like.
+        arrow_schema (pa.Schema): the file's Arrow schema (``ParquetFile.schema_arrow``).
+        num_rows (int): rows in the file (``ParquetFile.metadata.num_rows``).
+        extras (Sequence[str]): extra columns the caller will read; they must exist.
+
+    Raises:
+        DataError: naming the file, the column and what was expected.
+    """
+    columns = set(arrow_schema.names)
+    wanted = [f.name for f in schema.fields] + [schema.label] + list(extras)
+    missing = [name for name in wanted if name not in columns]
+    if missing:
+        known = set(wanted) | {schema.row_key} | set(schema.extra_columns)
+        unknown = sorted(columns - known)
+        hint = f"; the file has columns not in the schema: {unknown} (schema/data mismatch?)" if unknown else ""
+        raise DataError(
+            f"{path}: missing column(s) {missing} required by schema {schema.name!r}; "
+            f"file columns: {sorted(columns)}{hint}"
+        )
+    for spec in schema.fields:
+        dtype = arrow_schema.field(spec.name).type
+        if not _type_ok(spec, dtype):
+            other = [k.value for k in FieldKind if _type_ok(FieldSpec(spec.name, k, cardinality=1), dtype)]
+            hint = f" (it looks like a {other[0]} field: schema/data mismatch?)" if other else ""
+            raise DataError(
+                f"{path}: column {spec.name!r} ({spec.kind.value} field) has Arrow type {dtype}; "
+                f"expected {_expected_type(spec)}{hint}"
+            )
+    label_type = arrow_schema.field(schema.label).type
+    if not (_is_integer(label_type) or pa.types.is_floating(label_type) or pa.types.is_boolean(label_type)):
+        raise DataError(f"{path}: label column {schema.label!r} has Arrow type {label_type}; expected 0/1 integers")
+    if schema.row_key and schema.row_key in columns and not _is_integer(arrow_schema.field(schema.row_key).type):
+        raise DataError(
+            f"{path}: row key column {schema.row_key!r} has Arrow type "
+            f"{arrow_schema.field(schema.row_key).type}; expected int64"
+        )
+    if num_rows == 0:
+        raise DataError(f"{path}: the file is empty (0 rows); expected at least one row")
+    _check_spec_vs_written(path, schema, arrow_schema.metadata)
+
+
+# ---- value checks (numpy, vectorised) -----------------------------------------------------------
+def _where(path: str, column: str, row_offset: int, index: int) -> str:
+    return f"{path}: column {column!r}, row {row_offset + index}"
+
+
+def check_no_nulls(path: str, column: str, array: pa.Array, row_offset: int, what: str) -> None:
+    """Raises if an Arrow array holds nulls (``what`` says what was expected instead)."""
+    if array.null_count:
+        first = int(np.argmax(~np.asarray(array.is_valid())))
+        raise DataError(f"{_where(path, column, row_offset, first)}: null value; expected {what}")
+
+
+def check_dense(path: str, column: str, values: np.ndarray, row_offset: int) -> None:
+    """Raises on NaN or +-inf in a dense feature. ``values``: (N,) float."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise DataError(
+            f"{_where(path, column, row_offset, first)}: dense feature is {values[first]}; "
+            "expected a finite float (fill or drop NaN/inf when preparing the data)"
+        )
+
+
+def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, row_of: Optional[np.ndarray], row_offset: int) -> np.ndarray:
+    """Checks ids of a sparse/sequence field; returns them, folded modulo cardinality if hashed.
+
+    Args:
+        path (str): file name for messages.
+        spec (FieldSpec): the categorical field.
+        ids (np.ndarray): (N,) int64 ids (flattened values for sequences).
+        row_of (Optional[np.ndarray]): (N,) row index of each id within the chunk (sequences),
+            None when id ``i`` belongs to row ``i``.
+        row_offset (int): row index of the chunk's first row in the file.
+    """
+    if ids.size == 0:
+        return ids
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        if spec.hashed:
+            return np.mod(ids, spec.cardinality)
+        first = int(np.argmax(ids < 0))
+        row = first if row_of is None else int(row_of[first])
+        raise DataError(
+            f"{_where(path, spec.name, row_offset, row)}: negative id {ids[first]} in {spec.kind.value} field "
+            f"{spec.name!r}; expected ids in [0, {spec.cardinality})"
+        )
+    if high >= spec.cardinality:
+        if spec.hashed:
+            return np.mod(ids, spec.cardinality)
+        first = int(np.argmax(ids >= spec.cardinality))
+        row = first if row_of is None else int(row_of[first])
+        raise DataError(
+            f"{_where(path, spec.name, row_offset, row)}: id {ids[first]} in {spec.kind.value} field "
+            f"{spec.name!r} is >= cardinality {spec.cardinality}; expected ids in [0, {spec.cardinality}) "
+            '(set "hashed": true in the schema to fold larger ids with a modulo)'
+        )
+    return ids
+
+
+def check_labels(path: str, column: str, labels: np.ndarray, row_offset: int) -> None:
+    """Raises if a label is not 0 or 1. ``labels``: (N,) numeric."""
+    ok = (labels == 0) | (labels == 1)
+    if not ok.all():
+        first = int(np.argmin(ok))
+        raise DataError(
+            f"{_where(path, column, row_offset, first)}: label {labels[first]!r} is not a click label; "
+            "expected 0 or 1 (binarise ratings when preparing the data)"
+        )
+
+
+def field_specs_metadata(fields: Iterable[FieldSpec]) -> Dict[bytes, bytes]:
+    """Key-value metadata recording the field specs a file is written with (see module docstring)."""
+    payload: List[dict] = [
+        {"name": f.name, "kind": f.kind.value, "cardinality": f.cardinality, "hashed": f.hashed, "max_length": f.max_length}
+        for f in fields
+    ]
+    return {FIELDS_METADATA_KEY: json.dumps(payload).encode()}
