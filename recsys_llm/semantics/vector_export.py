@@ -1,0 +1,475 @@
+"""Resumable, rank-split export of LLM vectors to chunked Parquet (``recsys-llm semantics export``).
+
+Layout of an export directory::
+
+    manifest.json          provenance, chunk size, number of rows/chunks, dim, dtype
+    chunk-00000.parquet    columns: key (int64), vector (fixed_size_list<float32|float16, d>)
+    chunk-00001.parquet    ... each with the provenance in the Parquet schema metadata
+
+Chunk ``i`` holds source rows ``[i * chunk_rows, (i + 1) * chunk_rows)``. A chunk file is
+written to a temporary name and renamed into place, so a file that exists is complete:
+a re-run (after a crash, a kill, a preemption) skips it and never recomputes it. Under
+``torchrun`` rank ``r`` of ``w`` takes the chunks ``i`` with ``i % w == r``.
+
+Two granularities: ``row`` (one vector per row, keyed by the schema's row key, as in the
+ELEC paper) and ``entity`` (one vector per user or item id, keyed by the id; every row
+with that id reuses it, and :mod:`recsys_llm.modules.semantic_table` loads them into a
+frozen sharded table).
+
+Provenance (model, revision, pooling, template, weights hash, projection, dtype) is stored
+with the vectors; readers compare it with what they expect and refuse a mismatch with a
+:class:`ProvenanceError` naming the differing keys.
+
+Example::
+
+    export = VectorExport(out_dir, provenance, VectorExportConfig(chunk_rows=4096))
+    export.run(keys, texts, encode_fn=llm.encode)          # resumable
+    keys, vectors = read_vectors(out_dir, expected=provenance)
+    attach_vectors(split_path, out_dir, key_column="row_id", output_path=copy_path, expected=provenance)
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.semantics.row_text import RowTextRenderer
+
+PROVENANCE_KEY = b"recsys_llm.provenance"
+MANIFEST = "manifest.json"
+DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+
+
+class ProvenanceError(ValueError):
+    """Vectors made by another model, template, pooling or projection than expected."""
+
+
+@dataclasses.dataclass
+class VectorExportConfig:
+    """How vectors are written.
+
+    Args:
+        chunk_rows (int): source rows per chunk file (the unit of resumption).
+        batch_size (int): texts per encoder call.
+        dtype (str): ``float32`` or ``float16`` storage.
+        projection (Optional[str]): a PCA projection file (:func:`save_projection`) applied
+            before storage, shrinking d to its number of components.
+        key_column (str): name of the key column in the chunk files.
+        vector_column (str): name of the vector column in the chunk files.
+    """
+
+    chunk_rows: int = 4096
+    batch_size: int = 64
+    dtype: str = "float32"
+    projection: Optional[str] = None
+    key_column: str = "key"
+    vector_column: str = "vector"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"VectorExportConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.chunk_rows <= 0 or self.batch_size <= 0:
+            raise ValueError("VectorExportConfig.chunk_rows and batch_size must be positive")
+
+
+def check_provenance(found: Dict[str, str], expected: Dict[str, str], source: str) -> None:
+    """Raises :class:`ProvenanceError` when an expected key is absent or differs.
+
+    Args:
+        found (Dict[str, str]): provenance stored with the vectors.
+        expected (Dict[str, str]): what the caller needs (a subset of keys is allowed).
+        source (str): file or directory named in the error.
+    """
+    diffs = [f"{k}: stored {found.get(k)!r}, expected {v!r}" for k, v in expected.items() if str(found.get(k)) != str(v)]
+    if diffs:
+        raise ProvenanceError(f"{source}: vectors do not match the expected provenance ({'; '.join(diffs)})")
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` from the torchrun environment, ``(0, 1)`` outside it."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# ---- projection (PCA) ------------------------------------------------------------------
+def fit_projection(sample: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fits a PCA projection on a sample of vectors.
+
+    Args:
+        sample (torch.Tensor): (N, d) vectors, N >= dim.
+        dim (int): k, the number of components kept.
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: mean (d,) and components (d, k); project with
+        ``(x - mean) @ components``.
+    """
+    if sample.dim() != 2 or sample.size(0) < dim or sample.size(1) < dim:
+        raise ValueError(f"fit_projection: need a (N >= {dim}, d >= {dim}) sample, got {tuple(sample.shape)}")
+    sample = sample.double()
+    mean = sample.mean(0)  # (d,)
+    _, _, vh = torch.linalg.svd(sample - mean, full_matrices=False)  # vh: (min(N, d), d)
+    components = vh[:dim].T.contiguous()  # (d, k)
+    signs = torch.sign(components[components.abs().argmax(0), torch.arange(dim)])  # deterministic signs
+    return mean.float(), (components * signs).float()
+
+
+def save_projection(path: str, mean: torch.Tensor, components: torch.Tensor) -> None:
+    """Writes a projection as safetensors (atomically)."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp"
+    save_file({"mean": mean.contiguous(), "components": components.contiguous()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_projection(path: str) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """Returns ``(mean (d,), components (d, k), sha256 of the file)``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    if set(tensors) != {"mean", "components"}:
+        raise ValueError(f"{path}: a projection file holds 'mean' and 'components', found {sorted(tensors)}")
+    with open(path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()[:16]
+    return tensors["mean"], tensors["components"], digest
+
+
+# ---- export ----------------------------------------------------------------------------
+def chunk_path(directory: str, index: int) -> str:
+    return os.path.join(directory, f"chunk-{index:05d}.parquet")
+
+
+class VectorExport:
+    """Writes ``encode_fn(texts)`` for every key in resumable chunks.
+
+    Args:
+        directory (str): output directory (created).
+        provenance (Dict[str, str]): what made the vectors (model, revision, pooling,
+            template, granularity, ...); ``dtype`` and ``projection`` are added.
+        config (VectorExportConfig): chunking, dtype, projection.
+    """
+
+    def __init__(self, directory: str, provenance: Dict[str, str], config: VectorExportConfig) -> None:
+        self._directory = directory
+        self._config = config
+        self._projection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        provenance = {k: str(v) for k, v in provenance.items()}
+        provenance["dtype"] = config.dtype
+        provenance["projection"] = "none"
+        if config.projection is not None:
+            mean, components, digest = load_projection(config.projection)
+            self._projection = (mean, components)
+            provenance["projection"] = f"pca{components.size(1)}-{digest}"
+        self._provenance = provenance
+
+    @property
+    def provenance(self) -> Dict[str, str]:
+        return dict(self._provenance)
+
+    def _write_manifest(self, num_rows: int) -> Dict[str, object]:
+        manifest = {
+            "provenance": self._provenance,
+            "chunk_rows": self._config.chunk_rows,
+            "num_rows": num_rows,
+            "num_chunks": (num_rows + self._config.chunk_rows - 1) // self._config.chunk_rows,
+            "key_column": self._config.key_column,
+            "vector_column": self._config.vector_column,
+        }
+        path = os.path.join(self._directory, MANIFEST)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                existing = json.load(handle)
+            check_provenance(existing["provenance"], self._provenance, path)
+            for key in ("chunk_rows", "num_rows", "key_column", "vector_column"):
+                if existing[key] != manifest[key]:
+                    raise ValueError(
+                        f"{path}: an unfinished export with {key}={existing[key]!r} is here; this run has "
+                        f"{manifest[key]!r}. Use another directory or delete this one."
+                    )
+            return existing
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
+        os.replace(tmp, path)  # identical content from every rank: last rename wins
+        return manifest
+
+    def pending_chunks(self, num_rows: int, rank: int = 0, world_size: int = 1) -> List[int]:
+        """Chunks of this rank whose file does not exist yet."""
+        num_chunks = (num_rows + self._config.chunk_rows - 1) // self._config.chunk_rows
+        return [i for i in range(rank, num_chunks, world_size) if not os.path.exists(chunk_path(self._directory, i))]
+
+    def _encode(self, texts: Sequence[str], encode_fn: Callable[[List[str]], torch.Tensor]) -> np.ndarray:
+        parts = []
+        for start in range(0, len(texts), self._config.batch_size):
+            vectors = encode_fn(list(texts[start : start + self._config.batch_size]))  # (b, d)
+            vectors = torch.as_tensor(vectors).float().cpu()
+            if self._projection is not None:
+                mean, components = self._projection
+                vectors = (vectors - mean) @ components  # (b, k)
+            parts.append(vectors.numpy())
+        return np.concatenate(parts).astype(DTYPES[self._config.dtype][0])
+
+    def run(
+        self,
+        keys: pa.Array,
+        texts: Callable[[int, int], Sequence[str]],
+        encode_fn: Callable[[List[str]], torch.Tensor],
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        progress: bool = True,
+    ) -> List[int]:
+        """Encodes and writes this rank's missing chunks.
+
+        Args:
+            keys (pa.Array): (N,) int64 keys (row ids or entity ids), in source order.
+            texts (Callable[[int, int], Sequence[str]]): ``texts(start, stop)`` gives the texts
+                of source rows ``[start, stop)`` (rendered lazily, one chunk at a time).
+            encode_fn (Callable[[List[str]], torch.Tensor]): texts -> (n, d) vectors.
+            rank (Optional[int]): this rank (default: torchrun's ``RANK``).
+            world_size (Optional[int]): number of ranks (default: torchrun's ``WORLD_SIZE``).
+            progress (bool): show a tqdm bar.
+
+        Returns:
+            List[int]: the chunks written by this call.
+        """
+        env_rank, env_world = rank_and_world()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
+        keys = pc.cast(keys, pa.int64())
+        if isinstance(keys, pa.ChunkedArray):
+            keys = keys.combine_chunks()
+        os.makedirs(self._directory, exist_ok=True)
+        self._write_manifest(len(keys))
+        pending = self.pending_chunks(len(keys), rank, world_size)
+        metadata = {PROVENANCE_KEY: json.dumps(self._provenance, sort_keys=True).encode()}
+        written = []
+        for index in tqdm(pending, desc=f"export vectors (rank {rank}/{world_size})", disable=not progress):
+            start = index * self._config.chunk_rows
+            stop = min(start + self._config.chunk_rows, len(keys))
+            chunk_texts = texts(start, stop)
+            if len(chunk_texts) != stop - start:
+                raise ValueError(f"texts({start}, {stop}) returned {len(chunk_texts)} texts, expected {stop - start}")
+            vectors = self._encode(chunk_texts, encode_fn)  # (n, d)
+            column = pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), type=DTYPES[self._config.dtype][1]), vectors.shape[1]
+            )
+            table = pa.table({self._config.key_column: keys.slice(start, stop - start), self._config.vector_column: column})
+            table = table.replace_schema_metadata(metadata)
+            path = chunk_path(self._directory, index)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)  # a chunk file that exists is complete
+            written.append(index)
+        return written
+
+
+# ---- reading ---------------------------------------------------------------------------
+def read_manifest(directory: str, expected: Optional[Dict[str, str]] = None) -> Dict[str, object]:
+    """The manifest of a finished export, checked for completeness and provenance.
+
+    Raises:
+        FileNotFoundError: no manifest (not an export directory).
+        ValueError: chunks are missing (the export has not finished).
+        ProvenanceError: provenance differs from ``expected``.
+    """
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a vector export directory")
+    with open(path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    if expected is not None:
+        check_provenance(manifest["provenance"], expected, path)
+    missing = [i for i in range(int(manifest["num_chunks"])) if not os.path.exists(chunk_path(directory, i))]
+    if missing:
+        raise ValueError(
+            f"{directory}: export unfinished, {len(missing)} of {manifest['num_chunks']} chunks missing "
+            f"(first: {missing[:5]}); re-run the export to complete it"
+        )
+    return manifest
+
+
+def iter_chunks(directory: str, expected: Optional[Dict[str, str]] = None):
+    """Yields ``(keys (n,) int64 ndarray, vectors (n, d) ndarray)`` per chunk, provenance-checked."""
+    manifest = read_manifest(directory, expected)
+    for index in range(int(manifest["num_chunks"])):
+        path = chunk_path(directory, index)
+        table = pq.read_table(path)
+        stored = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
+        check_provenance(stored, manifest["provenance"], path)
+        yield _columns(table, manifest, path)
+
+
+def _columns(table: pa.Table, manifest: Dict[str, object], path: str) -> Tuple[np.ndarray, np.ndarray]:
+    key_column, vector_column = str(manifest["key_column"]), str(manifest["vector_column"])
+    vectors = table.column(vector_column).combine_chunks()
+    if not pa.types.is_fixed_size_list(vectors.type):
+        raise ValueError(f"{path}: column {vector_column!r} must be fixed_size_list<float>, got {vectors.type}")
+    dim = vectors.type.list_size
+    values = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return table.column(key_column).to_numpy(), values
+
+
+def read_vectors(directory: str, expected: Optional[Dict[str, str]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """All keys (N,) and vectors (N, d) of a finished export (for small exports and tests)."""
+    parts = list(iter_chunks(directory, expected))
+    return np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts])
+
+
+def read_vector_rows(
+    directory: str, start: int, stop: int, dim: int, expected: Optional[Dict[str, str]] = None
+) -> np.ndarray:
+    """Vectors of keys ``[start, stop)`` as a dense (stop - start, d) float32 block.
+
+    Only the rows in range are materialised (chunks are filtered on their key column), so
+    a rank loading its shard of an entity table never holds the whole table. Keys without
+    a vector stay zero.
+    """
+    out = np.zeros((stop - start, dim), dtype=np.float32)
+    manifest = read_manifest(directory, expected)
+    for index in range(int(manifest["num_chunks"])):
+        path = chunk_path(directory, index)
+        key_column = str(manifest["key_column"])
+        keys = pq.read_table(path, columns=[key_column]).column(key_column)
+        mask = pc.and_(pc.greater_equal(keys, start), pc.less(keys, stop))
+        if not pc.any(mask).as_py():
+            continue
+        table = pq.read_table(path).filter(mask)
+        chunk_keys, vectors = _columns(table, manifest, path)
+        if vectors.shape[1] != dim:
+            raise ValueError(f"{path}: vectors have dim {vectors.shape[1]}, the table expects {dim}")
+        out[chunk_keys - start] = vectors
+    return out
+
+
+def vector_dim(directory: str) -> int:
+    """d of an export (read from its first chunk)."""
+    manifest = read_manifest(directory)
+    schema = pq.read_schema(chunk_path(directory, 0))
+    return schema.field(str(manifest["vector_column"])).type.list_size
+
+
+def attach_vectors(
+    split_path: str,
+    vector_dir: str,
+    key_column: str,
+    output_path: str,
+    column: str = "llm_vector",
+    expected: Optional[Dict[str, str]] = None,
+) -> int:
+    """Writes a copy of a split with the vectors as one more ``fixed_size_list<float>`` column.
+
+    The Parquet reader then yields them as ``batch.extras[column]``. ``key_column`` is the
+    row key for per-row vectors, or the entity field (e.g. ``item_id``) for per-entity ones.
+
+    Args:
+        split_path (str): the split's Parquet file.
+        vector_dir (str): a finished export.
+        key_column (str): column of the split matched against the export's keys.
+        output_path (str): the copy (written atomically).
+        column (str): name of the new column.
+        expected (Optional[Dict[str, str]]): provenance the vectors must have.
+
+    Returns:
+        int: number of rows written.
+
+    Raises:
+        ValueError: a key of the split has no vector.
+    """
+    keys, vectors = read_vectors(vector_dir, expected)
+    table = pq.read_table(split_path)
+    if key_column not in table.column_names:
+        raise ValueError(f"{split_path}: no column {key_column!r} to join vectors on; columns {table.column_names}")
+    if column in table.column_names:
+        raise ValueError(f"{split_path}: already has a column {column!r}")
+    index = pc.index_in(table.column(key_column), value_set=pa.array(keys))  # (N,) position of each key
+    missing = index.null_count
+    if missing:
+        raise ValueError(f"{split_path}: {missing} rows have a {key_column!r} with no vector in {vector_dir}")
+    positions = index.to_numpy(zero_copy_only=False).astype(np.int64)
+    picked = vectors[positions]  # (N, d)
+    values = pa.array(picked.reshape(-1), type=pa.from_numpy_dtype(picked.dtype))
+    table = table.append_column(column, pa.FixedSizeListArray.from_arrays(values, picked.shape[1]))
+    tmp = f"{output_path}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, output_path)
+    return table.num_rows
+
+
+GRANULARITIES = ("row", "entity")
+
+
+def export_schema_vectors(
+    schema: DatasetSchema,
+    splits: Sequence[str],
+    renderer: RowTextRenderer,
+    encode_fn: Callable[[List[str]], torch.Tensor],
+    directory: str,
+    provenance: Dict[str, str],
+    config: VectorExportConfig,
+    granularity: str = "row",
+    entity_field: Optional[str] = None,
+    entity_fields: Optional[List[str]] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    progress: bool = True,
+) -> List[int]:
+    """Exports row or entity vectors of a data set's splits (what the CLI runs).
+
+    Args:
+        schema (DatasetSchema): the data set.
+        splits (Sequence[str]): splits to cover (entity export: all splits an id may appear in).
+        renderer (RowTextRenderer): row/entity text.
+        encode_fn (Callable[[List[str]], torch.Tensor]): texts -> (n, d), e.g. ``CTRAdaptedLLM.encode``.
+        directory (str): output directory.
+        provenance (Dict[str, str]): from the encoder; granularity, template and schema
+            fingerprint are added.
+        config (VectorExportConfig): chunking, dtype, projection.
+        granularity (str): ``row`` (keyed by the schema's row key) or ``entity`` (keyed by
+            ``entity_field`` ids).
+        entity_field (Optional[str]): the user or item field for ``entity``.
+        entity_fields (Optional[List[str]]): fields written into an entity's text.
+        rank (Optional[int]): this rank (default torchrun's).
+        world_size (Optional[int]): ranks (default torchrun's).
+        progress (bool): tqdm bar.
+
+    Returns:
+        List[int]: chunks written by this rank.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    provenance = dict(provenance, granularity=granularity, template=renderer.config.fingerprint(),
+                      schema=schema.fingerprint())
+    if granularity == "row":
+        if schema.row_key is None:
+            raise ValueError(f"schema {schema.name!r} has no row_key; per-row vectors need one")
+        columns = [schema.row_key, *renderer.field_names]
+        table = pa.concat_tables([pq.read_table(schema.split_path(s), columns=columns, memory_map=True) for s in splits])
+        keys = table.column(schema.row_key)
+
+        def texts(start: int, stop: int) -> List[str]:
+            return renderer.render(table.slice(start, stop - start)).to_pylist()
+
+    else:
+        if entity_field is None:
+            raise ValueError("entity granularity needs entity_field (e.g. 'item_id')")
+        provenance["entity_field"] = entity_field
+        provenance["entity_fields"] = ",".join(entity_fields or [entity_field])
+        columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))
+        table = pa.concat_tables([pq.read_table(schema.split_path(s), columns=columns, memory_map=True) for s in splits])
+        entities = renderer.entity_text(table, entity_field, entity_fields)
+        keys = entities.column("id")
+        text_column = entities.column("text")
+
+        def texts(start: int, stop: int) -> List[str]:
+            return text_column.slice(start, stop - start).to_pylist()
+
+    export = VectorExport(directory, provenance, config)
+    return export.run(keys, texts, encode_fn, rank=rank, world_size=world_size, progress=progress)

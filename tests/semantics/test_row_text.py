@@ -1,0 +1,64 @@
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys_llm.data.schema import DatasetSchema, FieldSpec, SchemaError
+from recsys_llm.semantics.row_text import RowTextConfig, RowTextRenderer
+
+
+def make_schema(root: str) -> DatasetSchema:
+    os.makedirs(os.path.join(root, "text"), exist_ok=True)
+    pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Alice", "Bob", "Carl"]}),
+                   os.path.join(root, "text", "user.parquet"))
+    pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Drama", "Comedy", "Horror"]}),
+                   os.path.join(root, "text", "genre.parquet"))
+    return DatasetSchema("t", [
+        FieldSpec("user_id", "sparse", 3, description="user name", value_text="text/user.parquet"),
+        FieldSpec("item_id", "sparse", 5, description="item id"),
+        FieldSpec("genres", "sequence", 3, description="genres", value_text="text/genre.parquet", max_length=3),
+        FieldSpec("age", "dense", description="age"),
+    ], root=root)
+
+
+def rows() -> pa.Table:
+    return pa.table({
+        "user_id": pa.array([0, 2, 1, 5], pa.int64()),
+        "item_id": pa.array([3, 3, 1, 0], pa.int64()),
+        "genres": pa.array([[0, 1], [], [2], None], pa.list_(pa.int64())),
+        "age": pa.array([1.23456, 2.0, None, 4.5], pa.float32()),
+    })
+
+
+class TestRowTextRenderer:
+    def test_one_sentence_per_field(self, tmp_path):
+        texts = RowTextRenderer(make_schema(str(tmp_path))).render(rows()).to_pylist()
+        assert texts[0] == "user name is Alice. item id is 3. genres is Drama, Comedy. age is 1.235."
+        assert texts[1] == "user name is Carl. item id is 3. genres is none. age is 2."
+        assert texts[2] == "user name is Bob. item id is 1. genres is Horror. age is unknown."
+        assert texts[3].startswith("user name is 5.")  # id without value text: the number
+
+    def test_sliced_input_and_templates(self, tmp_path):
+        config = RowTextConfig(fields=["genres", "user_id"], separator=" | ", missing_value="?",
+                               templates={"user_id": "the user is called {value}"})
+        texts = RowTextRenderer(make_schema(str(tmp_path)), config).render(rows().slice(2)).to_pylist()
+        assert texts == ["genres is Horror. | the user is called Bob", "genres is none. | the user is called ?"]
+
+    def test_bad_template_and_columns(self, tmp_path):
+        schema = make_schema(str(tmp_path))
+        with pytest.raises(SchemaError, match="exactly one"):
+            RowTextRenderer(schema, RowTextConfig(template="{description}")).render(rows())
+        with pytest.raises(SchemaError, match="lack columns"):
+            RowTextRenderer(schema).render(rows().drop_columns(["age"]))
+
+    def test_entity_text_first_row_per_id(self, tmp_path):
+        renderer = RowTextRenderer(make_schema(str(tmp_path)))
+        items = renderer.entity_text(rows(), "item_id", ["item_id", "genres"]).to_pylist()
+        assert items == [
+            {"id": 0, "text": "item id is 0. genres is none."},
+            {"id": 1, "text": "item id is 1. genres is Horror."},
+            {"id": 3, "text": "item id is 3. genres is Drama, Comedy."},
+        ]
+        users = renderer.entity_text(rows(), "user_id").column("text").to_pylist()
+        assert users == ["user name is Alice.", "user name is Bob.", "user name is Carl.", "user name is 5."]

@@ -1,0 +1,187 @@
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.semantics.row_text import RowTextRenderer
+from recsys_llm.semantics.vector_export import (
+    ProvenanceError,
+    VectorExport,
+    VectorExportConfig,
+    attach_vectors,
+    chunk_path,
+    export_schema_vectors,
+    fit_projection,
+    read_vector_rows,
+    read_vectors,
+    save_projection,
+)
+
+
+
+def make_schema(root: str) -> DatasetSchema:
+    os.makedirs(os.path.join(root, "text"), exist_ok=True)
+    pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Drama", "Comedy", "Horror"]}),
+                   os.path.join(root, "text", "genre.parquet"))
+    return DatasetSchema("t", [
+        FieldSpec("user_id", "sparse", 3, description="user id"),
+        FieldSpec("item_id", "sparse", 5, description="item id"),
+        FieldSpec("genres", "sequence", 3, description="genres", value_text="text/genre.parquet", max_length=3),
+        FieldSpec("age", "dense", description="age"),
+    ], root=root)
+
+
+PROVENANCE = {"model": "tiny", "revision": "r1", "pooling": "mean"}
+
+
+class CountingEncoder:
+    """A deterministic text -> vector function that counts its calls and can crash."""
+
+    def __init__(self, dim: int = 6, crash_after: int = -1) -> None:
+        self.calls = 0
+        self.texts = 0
+        self._dim = dim
+        self._crash_after = crash_after
+
+    def __call__(self, texts):
+        if self.calls == self._crash_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        self.texts += len(texts)
+        seeds = torch.tensor([sum(map(ord, t)) for t in texts], dtype=torch.float32)
+        return torch.sin(seeds[:, None] * torch.arange(1, self._dim + 1))  # (n, dim)
+
+
+def _keys_texts(n: int):
+    keys = pa.array(np.arange(100, 100 + n), pa.int64())
+    texts = [f"row {i}" for i in range(n)]
+    return keys, lambda a, b: texts[a:b]
+
+
+class TestVectorExport:
+    def test_crash_resumes_without_recomputing(self, tmp_path):
+        out = str(tmp_path / "vec")
+        keys, texts = _keys_texts(50)
+        config = VectorExportConfig(chunk_rows=10, batch_size=5)  # 5 chunks, 2 encoder calls each
+        crashing = CountingEncoder(crash_after=5)  # dies in the middle of chunk 2
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            VectorExport(out, PROVENANCE, config).run(keys, texts, crashing, progress=False)
+        done = sorted(f for f in os.listdir(out) if f.startswith("chunk-"))
+        assert done == ["chunk-00000.parquet", "chunk-00001.parquet"]  # no partial chunk left as a chunk file
+        mtimes = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in done}
+        resumed = CountingEncoder()
+        written = VectorExport(out, PROVENANCE, config).run(keys, texts, resumed, progress=False)
+        assert written == [2, 3, 4]
+        assert resumed.calls == 6 and resumed.texts == 30  # only the 3 unfinished chunks
+        assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in done} == mtimes
+        again = CountingEncoder()
+        assert VectorExport(out, PROVENANCE, config).run(keys, texts, again, progress=False) == []
+        assert again.calls == 0
+        got_keys, vectors = read_vectors(out, expected=PROVENANCE)
+        np.testing.assert_array_equal(got_keys, np.arange(100, 150))
+        np.testing.assert_allclose(vectors, CountingEncoder()(texts(0, 50)).numpy(), rtol=1e-6)
+
+    def test_ranks_split_chunks(self, tmp_path):
+        out = str(tmp_path / "vec")
+        keys, texts = _keys_texts(35)
+        config = VectorExportConfig(chunk_rows=10, batch_size=10)
+        assert VectorExport(out, PROVENANCE, config).run(keys, texts, CountingEncoder(), rank=1, world_size=2,
+                                                         progress=False) == [1, 3]
+        with pytest.raises(ValueError, match="unfinished"):
+            read_vectors(out)
+        assert VectorExport(out, PROVENANCE, config).run(keys, texts, CountingEncoder(), rank=0, world_size=2,
+                                                         progress=False) == [0, 2]
+        assert len(read_vectors(out)[0]) == 35
+
+    def test_wrong_provenance_rejected(self, tmp_path):
+        out = str(tmp_path / "vec")
+        keys, texts = _keys_texts(12)
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(keys, texts, CountingEncoder(), progress=False)
+        with pytest.raises(ProvenanceError, match="model: stored 'tiny', expected 'other'"):
+            read_vectors(out, expected={"model": "other"})
+        with pytest.raises(ProvenanceError, match="revision"):
+            VectorExport(out, dict(PROVENANCE, revision="r2"), VectorExportConfig(chunk_rows=5)).run(
+                keys, texts, CountingEncoder(), progress=False)
+        # a chunk whose own metadata was tampered with is caught too
+        path = chunk_path(out, 1)
+        table = pq.read_table(path)
+        meta = {b"recsys_llm.provenance": json.dumps(dict(PROVENANCE, model="x")).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+        with pytest.raises(ProvenanceError, match="chunk-00001"):
+            read_vectors(out)
+
+    def test_fp16_and_projection(self, tmp_path):
+        keys, texts = _keys_texts(40)
+        sample = CountingEncoder()(texts(0, 40))
+        mean, components = fit_projection(sample, 3)
+        proj = str(tmp_path / "pca.safetensors")
+        save_projection(proj, mean, components)
+        out = str(tmp_path / "vec")
+        export = VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=16, dtype="float16", projection=proj))
+        export.run(keys, texts, CountingEncoder(), progress=False)
+        assert export.provenance["projection"].startswith("pca3-")
+        schema = pq.read_schema(chunk_path(out, 0))
+        assert schema.field("vector").type == pa.list_(pa.float16(), 3)
+        _, vectors = read_vectors(out, expected={"dtype": "float16"})
+        expected = ((sample - mean) @ components).numpy()
+        np.testing.assert_allclose(vectors.astype(np.float32), expected, atol=2e-3)
+        # PCA keeps the top variance direction: projected variances are sorted
+        var = expected.var(0)
+        assert var[0] >= var[1] >= var[2]
+
+    def test_read_rows_and_attach(self, tmp_path):
+        out = str(tmp_path / "vec")
+        keys = pa.array([4, 0, 2], pa.int64())  # entity ids, not contiguous
+        texts = ["a", "b", "c"]
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+            keys, lambda a, b: texts[a:b], CountingEncoder(dim=4), progress=False)
+        block = read_vector_rows(out, 1, 5, dim=4)  # rows for ids 1..4
+        expected = CountingEncoder(dim=4)(texts).numpy()
+        np.testing.assert_allclose(block[[3, 1]], expected[[0, 2]], rtol=1e-6)
+        assert not block[[0, 2]].any()  # ids 1 and 3 have no vector
+        split = str(tmp_path / "split.parquet")
+        pq.write_table(pa.table({"item_id": pa.array([2, 4, 4, 0], pa.int64()), "label": [1, 0, 1, 0]}), split)
+        copy = str(tmp_path / "split_vec.parquet")
+        assert attach_vectors(split, out, "item_id", copy) == 4
+        table = pq.read_table(copy)
+        assert table.schema.field("llm_vector").type == pa.list_(pa.float32(), 4)
+        got = np.array(table.column("llm_vector").to_pylist(), dtype=np.float32)
+        np.testing.assert_allclose(got, expected[[2, 0, 0, 1]], rtol=1e-6)
+        pq.write_table(pa.table({"item_id": pa.array([7], pa.int64())}), split)
+        with pytest.raises(ValueError, match="1 rows have a 'item_id' with no vector"):
+            attach_vectors(split, out, "item_id", copy)
+
+
+class TestExportSchemaVectors:
+    def test_row_and_entity_granularity(self, tmp_path):
+        schema = make_schema(str(tmp_path))
+        train = pa.table({
+            "row_id": pa.array([10, 11, 12, 13], pa.int64()),
+            "user_id": pa.array([0, 2, 1, 2], pa.int64()),
+            "item_id": pa.array([3, 3, 1, 0], pa.int64()),
+            "genres": pa.array([[0, 1], [0, 1], [2], []], pa.list_(pa.int64())),
+            "age": pa.array([1.0, 2.0, 3.0, 4.0], pa.float32()),
+            "label": pa.array([1, 0, 1, 0], pa.int64()),
+        })
+        pq.write_table(train, str(tmp_path / "train.parquet"))
+        schema.splits = {"train": "train.parquet"}
+        renderer = RowTextRenderer(schema)
+        config = VectorExportConfig(chunk_rows=3)
+        encoder = CountingEncoder()
+        export_schema_vectors(schema, ["train"], renderer, encoder, str(tmp_path / "rows"), PROVENANCE, config,
+                              progress=False)
+        keys, vectors = read_vectors(str(tmp_path / "rows"), expected={"granularity": "row"})
+        np.testing.assert_array_equal(keys, [10, 11, 12, 13])
+        np.testing.assert_allclose(vectors, CountingEncoder()(renderer.render(train).to_pylist()).numpy(), rtol=1e-6)
+        export_schema_vectors(schema, ["train"], renderer, encoder, str(tmp_path / "items"), PROVENANCE, config,
+                              granularity="entity", entity_field="item_id", entity_fields=["item_id", "genres"],
+                              progress=False)
+        keys, _ = read_vectors(str(tmp_path / "items"), expected={"entity_field": "item_id"})
+        np.testing.assert_array_equal(keys, [0, 1, 3])  # one vector per item, reused by both rows of item 3
+        with pytest.raises(ProvenanceError, match="granularity"):
+            read_vectors(str(tmp_path / "items"), expected={"granularity": "row"})
