@@ -1,0 +1,117 @@
+"""DCN-V2 on an EmbeddingBagCollection, with torchrec's cross networks."""
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.crossnet import CrossNet, LowRankCrossNet
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from recsys_llm.models.base import CTRBackbone, stack_fields
+from recsys_llm.models.fields import resolve_extra_fields
+from recsys_llm.models.mlp import build_mlp
+
+STRUCTURES = ("stacked", "parallel")
+
+
+@dataclasses.dataclass(frozen=True)
+class DCNv2Config:
+    """
+    Args:
+        cross_layers (int): number of cross layers L (>= 1).
+        low_rank (int): 0 for full-rank ``CrossNet``, r > 0 for ``LowRankCrossNet`` with
+            rank r (the paper's low-rank cross layer, section 5).
+        structure (str): ``"stacked"`` (MLP on the cross output) or ``"parallel"`` (cross
+            and MLP side by side on x0, outputs concatenated).
+        mlp_layer_sizes (Tuple[int, ...]): hidden sizes of the deep part.
+        dropout (float): dropout after each hidden layer.
+    """
+
+    cross_layers: int = 3
+    low_rank: int = 0
+    structure: str = "stacked"
+    mlp_layer_sizes: Tuple[int, ...] = (256, 128)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"DCNv2Config.structure must be one of {STRUCTURES}, got {self.structure!r}")
+        if self.cross_layers < 1:
+            raise ValueError(f"DCNv2Config.cross_layers must be >= 1, got {self.cross_layers}")
+        if self.low_rank < 0:
+            raise ValueError(f"DCNv2Config.low_rank must be >= 0 (0 = full rank), got {self.low_rank}")
+
+
+class DCNv2(CTRBackbone):
+    r"""DCN-V2 (Wang et al., "DCN V2: Improved Deep & Cross Network and Practical Lessons
+    for Web-scale Learning to Rank Systems", WWW 2021).
+
+    The input :math:`x_0 = [e_1; \dots; e_{F+E}; x]` concatenates the F + E field
+    embeddings and the raw dense features (K = (F + E) D + Dd). Cross layers (torchrec
+    :class:`CrossNet`, or :class:`LowRankCrossNet` with :math:`W_l = U_l V_l^\top`):
+
+    .. math::
+
+        x_{l+1} = x_0 \odot (W_l x_l + b_l) + x_l
+
+    stacked: :math:`h = \mathrm{MLP}(x_L)`; parallel: :math:`h = [x_L; \mathrm{MLP}(x_0)]`;
+    :math:`\hat y = w^\top h + b`. Representation: ``h`` (B, H) with H = last MLP size
+    (stacked) or K + last MLP size (parallel).
+
+    Args:
+        embedding_bag_collection (EmbeddingBagCollection): one table per field, dim D.
+        num_dense_features (int): Dd.
+        config (Optional[DCNv2Config]): model options (defaults if None).
+        num_extra_fields (int): E extra fields passed to ``forward`` as (B, E, D).
+        device (Optional[torch.device]): where the dense weights live.
+
+    Example::
+
+        model = DCNv2(ebc, num_dense_features=2, config=DCNv2Config(cross_layers=2, low_rank=8))
+        out = model(dense, kjt)  # logits (B,), representation (B, 128)
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        num_dense_features: int,
+        config: Optional[DCNv2Config] = None,
+        num_extra_fields: int = 0,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__(embedding_bag_collection, num_dense_features, num_extra_fields)
+        self._config = config if config is not None else DCNv2Config()
+        self._num_sparse = len(self.feature_names)
+        cfg = self._config
+        in_features = self.num_fields * self.embedding_dim + num_dense_features  # K
+        if cfg.low_rank > 0:
+            crossnet: nn.Module = LowRankCrossNet(in_features, cfg.cross_layers, low_rank=cfg.low_rank)
+        else:
+            crossnet = CrossNet(in_features, cfg.cross_layers)
+        self.crossnet = crossnet.to(device) if device is not None else crossnet
+        self.mlp = build_mlp(in_features, cfg.mlp_layer_sizes, cfg.dropout, device)
+        self._parallel = cfg.structure == "parallel"
+        self._representation_dim = cfg.mlp_layer_sizes[-1] + (in_features if self._parallel else 0)
+        self.head = nn.Linear(self._representation_dim, 1, device=device)
+
+    @property
+    def representation_dim(self) -> int:
+        return self._representation_dim
+
+    def interact(
+        self,
+        dense_features: torch.Tensor,
+        embeddings: KeyedTensor,
+        extra_fields: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        extra_fields = resolve_extra_fields(extra_fields, self._num_extra_fields, "DCNv2")
+        fields = stack_fields(embeddings, self._num_sparse, extra_fields)  # (B, F + E, D)
+        x0 = torch.cat([fields.flatten(1), dense_features], dim=1)  # (B, K)
+        crossed = self.crossnet(x0)  # (B, K)
+        if self._parallel:
+            hidden = torch.cat([crossed, self.mlp(x0)], dim=1)  # (B, K + H)
+        else:
+            hidden = self.mlp(crossed)  # (B, H)
+        return self.head(hidden).squeeze(-1), hidden

@@ -1,0 +1,83 @@
+"""Builds the EmbeddingBagCollection of a data set: one table per categorical field."""
+
+from typing import List, Optional
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from recsys_llm.data.schema import DatasetSchema, FieldKind
+
+# FBGEMM's table-batched kernels (used for every table under DistributedModelParallel)
+# need the local column count to be a multiple of 4.
+EMBEDDING_DIM_MULTIPLE = 4
+
+
+def embedding_bag_configs(
+    schema: DatasetSchema, embedding_dim: int, table_prefix: str = "t_"
+) -> List[EmbeddingBagConfig]:
+    """One ``EmbeddingBagConfig`` per categorical field of ``schema``, in schema order.
+
+    Sparse fields pool with SUM (one id per row, so SUM is the id's vector), multi-hot
+    sequence fields with MEAN (so a long history does not dominate by its length).
+    A field's ``embedding_dim`` in the schema overrides ``embedding_dim``.
+
+    Args:
+        schema (DatasetSchema): the data set.
+        embedding_dim (int): D, a multiple of 4.
+        table_prefix (str): table name = prefix + field name.
+
+    Returns:
+        List[EmbeddingBagConfig]: ``feature_names == [field.name]`` for each table.
+    """
+    fields = schema.categorical_fields
+    if not fields:
+        raise ValueError(f"schema {schema.name!r} has no sparse or sequence field to embed")
+    configs = []
+    for spec in fields:
+        dim = spec.embedding_dim if spec.embedding_dim is not None else embedding_dim
+        if dim <= 0 or dim % EMBEDDING_DIM_MULTIPLE != 0:
+            raise ValueError(
+                f"schema {schema.name!r}, field {spec.name!r}: embedding_dim must be a positive "
+                f"multiple of {EMBEDDING_DIM_MULTIPLE} (FBGEMM kernels under DistributedModelParallel "
+                f"need it), got {dim}"
+            )
+        pooling = PoolingType.MEAN if spec.kind == FieldKind.SEQUENCE else PoolingType.SUM
+        configs.append(
+            EmbeddingBagConfig(
+                name=f"{table_prefix}{spec.name}",
+                embedding_dim=dim,
+                num_embeddings=spec.cardinality,
+                feature_names=[spec.name],
+                pooling=pooling,
+            )
+        )
+    return configs
+
+
+def build_embedding_bag_collection(
+    schema: DatasetSchema,
+    embedding_dim: int,
+    device: Optional[torch.device] = torch.device("meta"),
+    table_prefix: str = "t_",
+) -> EmbeddingBagCollection:
+    """The EBC of a backbone; on ``meta`` by default so the planner allocates shards only.
+
+    Args:
+        schema (DatasetSchema): the data set; every categorical field gets a table.
+        embedding_dim (int): D, a multiple of 4.
+        device (Optional[torch.device]): ``meta`` for DistributedModelParallel, ``cpu`` (or
+            None) for an unsharded model.
+        table_prefix (str): table name = prefix + field name (distinct prefixes keep a
+            teacher's and a student's tables apart).
+
+    Returns:
+        EmbeddingBagCollection: pooled output keys = ``schema.sparse_feature_names``.
+
+    Example::
+
+        ebc = build_embedding_bag_collection(schema, embedding_dim=16, device=torch.device("cpu"))
+        pooled = ebc(kjt)  # KeyedTensor, each key (B, 16)
+    """
+    configs = embedding_bag_configs(schema, embedding_dim, table_prefix)
+    return EmbeddingBagCollection(tables=configs, device=device)

@@ -1,0 +1,110 @@
+"""Factorization Machine on an EmbeddingBagCollection."""
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from recsys_llm.models.base import CTRBackbone, stack_fields
+from recsys_llm.models.fields import DenseFieldEmbedding, resolve_extra_fields
+from recsys_llm.models.first_order import FirstOrder
+
+
+def fm_interaction(fields: torch.Tensor) -> torch.Tensor:
+    r"""Second-order FM interaction vector by the sum-square trick (Rendle 2010, eq. 5).
+
+    .. math::
+
+        v = \sum_{i<j} e_i \odot e_j
+          = \tfrac{1}{2}\Big[\big(\sum_i e_i\big)^{2} - \sum_i e_i^{2}\Big]
+
+    Summing ``v`` over its D entries gives :math:`\sum_{i<j}\langle e_i, e_j\rangle`.
+
+    Args:
+        fields (torch.Tensor): (B, N, D).
+
+    Returns:
+        torch.Tensor: (B, D).
+    """
+    square_of_sum = fields.sum(dim=1).pow(2)  # (B, D)
+    sum_of_square = fields.pow(2).sum(dim=1)  # (B, D)
+    return 0.5 * (square_of_sum - sum_of_square)  # (B, D)
+
+
+@dataclasses.dataclass(frozen=True)
+class FMConfig:
+    """
+    Args:
+        dense_as_fields (bool): dense features also join the second order as fields
+            :math:`x_j v_j` (see :class:`DenseFieldEmbedding`); they always have a linear term.
+    """
+
+    dense_as_fields: bool = True
+
+
+class FM(CTRBackbone):
+    r"""Factorization Machine (Rendle, "Factorization Machines", ICDM 2010).
+
+    Fields are the F pooled EBC embeddings, the E extra fields and (with
+    ``dense_as_fields``) one field :math:`x_j v_j` per dense feature, N in all.
+
+    .. math::
+
+        \hat y = b + \sum_{f \le F+E} \langle w_f, e_f \rangle + \sum_j u_j x_j
+                 + \sum_{i<j \le N} \langle e_i, e_j \rangle
+
+    First order: no dim-1 table (FBGEMM under DMP needs dims divisible by 4); an id's
+    weight is :math:`\langle w_f, e_f \rangle` with a learned vector per field (see
+    :class:`FirstOrder`). Dense features enter the linear term with scalar weights
+    :math:`u_j`. Representation: the (B, D) second-order vector
+    :math:`\sum_{i<j} e_i \odot e_j`, whose sum is the second-order logit.
+
+    Args:
+        embedding_bag_collection (EmbeddingBagCollection): one table per field, dim D.
+        num_dense_features (int): Dd.
+        config (Optional[FMConfig]): model options (defaults if None).
+        num_extra_fields (int): E extra fields passed to ``forward`` as (B, E, D).
+        device (Optional[torch.device]): where the dense weights live.
+
+    Example::
+
+        ebc = build_embedding_bag_collection(schema, 16, device=torch.device("cpu"))
+        model = FM(ebc, num_dense_features=2)
+        out = model(dense, kjt)  # out.logits (B,), out.representation (B, 16)
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        num_dense_features: int,
+        config: Optional[FMConfig] = None,
+        num_extra_fields: int = 0,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__(embedding_bag_collection, num_dense_features, num_extra_fields)
+        self._config = config if config is not None else FMConfig()
+        self._num_sparse = len(self.feature_names)
+        self.first_order = FirstOrder(self.num_fields, self.embedding_dim, num_dense_features, device)
+        self.dense_fields: Optional[DenseFieldEmbedding] = None
+        if self._config.dense_as_fields and num_dense_features > 0:
+            self.dense_fields = DenseFieldEmbedding(num_dense_features, self.embedding_dim, device)
+
+    @property
+    def representation_dim(self) -> int:
+        return self.embedding_dim
+
+    def interact(
+        self,
+        dense_features: torch.Tensor,
+        embeddings: KeyedTensor,
+        extra_fields: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        extra_fields = resolve_extra_fields(extra_fields, self._num_extra_fields, "FM")
+        fields = stack_fields(embeddings, self._num_sparse, extra_fields)  # (B, F + E, D)
+        linear = self.first_order(fields, dense_features)  # (B,)
+        if self.dense_fields is not None:
+            fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # (B, N, D)
+        representation = fm_interaction(fields)  # (B, D)
+        return linear + representation.sum(dim=-1), representation

@@ -1,0 +1,193 @@
+"""One config for every backbone, a builder by name, and a tiny smoke config per model."""
+
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.base import CTRBackbone
+from recsys_llm.models.dcnv2 import DCNv2, DCNv2Config
+from recsys_llm.models.deepfm import DeepFM, DeepFMConfig
+from recsys_llm.models.dlrm import DLRMBackbone, build_dlrm
+from recsys_llm.models.embedding import build_embedding_bag_collection
+from recsys_llm.models.finalmlp import FinalMLP, FinalMLPConfig
+from recsys_llm.models.fm import FM, FMConfig
+from recsys_llm.models.fwfm import FwFM, FwFMConfig
+
+MODEL_NAMES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm", "dlrm_dcn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Settings of any backbone; each model reads the fields it uses.
+
+    Args:
+        name (str): one of ``MODEL_NAMES``.
+        embedding_dim (int): D, a multiple of 4.
+        mlp_layer_sizes (Tuple[int, ...]): deep part (DeepFM, DCNv2), stream 1 (FinalMLP),
+            over arch without its final 1 (DLRM).
+        mlp2_layer_sizes (Tuple[int, ...]): FinalMLP stream 2.
+        dropout (float): dropout after hidden layers (DeepFM, DCNv2, FinalMLP).
+        dense_as_fields (bool): FM family: dense features also as fields :math:`x_j v_j`.
+        cross_layers (int): DCNv2 / DLRM_DCN cross layers.
+        low_rank (int): DCNv2: 0 full-rank CrossNet, r > 0 LowRankCrossNet; DLRM_DCN rank
+            (0 means 16 there, as DLRM_DCN is always low-rank).
+        dcn_structure (str): DCNv2 ``"stacked"`` or ``"parallel"``.
+        finalmlp_heads (int): FinalMLP bilinear fusion heads.
+        finalmlp_gate_hidden (Tuple[int, ...]): FinalMLP gate MLP hidden sizes.
+        finalmlp_context1 (Tuple[str, ...]): FinalMLP stream-1 gate context fields.
+        finalmlp_context2 (Tuple[str, ...]): FinalMLP stream-2 gate context fields.
+        dense_arch_hidden (Tuple[int, ...]): DLRM dense arch sizes before the final D.
+
+    Example::
+
+        config = ModelConfig.from_dict({"name": "deepfm", "embedding_dim": 16})
+        model = build_backbone(config, schema, device=torch.device("cpu"))
+    """
+
+    name: str
+    embedding_dim: int = 16
+    mlp_layer_sizes: Tuple[int, ...] = (256, 128)
+    mlp2_layer_sizes: Tuple[int, ...] = (256, 128)
+    dropout: float = 0.0
+    dense_as_fields: bool = True
+    cross_layers: int = 3
+    low_rank: int = 0
+    dcn_structure: str = "stacked"
+    finalmlp_heads: int = 1
+    finalmlp_gate_hidden: Tuple[int, ...] = (64,)
+    finalmlp_context1: Tuple[str, ...] = ()
+    finalmlp_context2: Tuple[str, ...] = ()
+    dense_arch_hidden: Tuple[int, ...] = (64,)
+
+    def __post_init__(self) -> None:
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.name!r}; choose one of {list(MODEL_NAMES)}")
+        for key in ("mlp_layer_sizes", "mlp2_layer_sizes", "finalmlp_gate_hidden", "dense_arch_hidden",
+                    "finalmlp_context1", "finalmlp_context2"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "ModelConfig":
+        """From a config-file mapping; unknown keys are an error naming them."""
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - allowed
+        if unknown:
+            raise ValueError(f"{source}: unknown model config keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if "name" not in raw:
+            raise ValueError(f"{source}: model config needs a 'name' ({list(MODEL_NAMES)})")
+        return cls(**dict(raw))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _build_fm_family(
+    config: ModelConfig,
+    schema: DatasetSchema,
+    num_extra_fields: int,
+    device: Optional[torch.device],
+    dense_device: Optional[torch.device],
+    table_prefix: str,
+) -> CTRBackbone:
+    ebc = build_embedding_bag_collection(schema, config.embedding_dim, device=device, table_prefix=table_prefix)
+    num_dense = len(schema.dense_fields)
+    if config.name == "fm":
+        return FM(ebc, num_dense, FMConfig(config.dense_as_fields), num_extra_fields, dense_device)
+    if config.name == "fwfm":
+        return FwFM(ebc, num_dense, FwFMConfig(config.dense_as_fields), num_extra_fields, dense_device)
+    if config.name == "deepfm":
+        deepfm = DeepFMConfig(config.mlp_layer_sizes, config.dropout, config.dense_as_fields)
+        return DeepFM(ebc, num_dense, deepfm, num_extra_fields, dense_device)
+    if config.name == "dcnv2":
+        dcn = DCNv2Config(config.cross_layers, config.low_rank, config.dcn_structure, config.mlp_layer_sizes,
+                          config.dropout)
+        return DCNv2(ebc, num_dense, dcn, num_extra_fields, dense_device)
+    final = FinalMLPConfig(
+        mlp1_layer_sizes=config.mlp_layer_sizes,
+        mlp2_layer_sizes=config.mlp2_layer_sizes,
+        dropout=config.dropout,
+        num_heads=config.finalmlp_heads,
+        gate_hidden_sizes=config.finalmlp_gate_hidden,
+        context1=config.finalmlp_context1,
+        context2=config.finalmlp_context2,
+    )
+    return FinalMLP(ebc, num_dense, final, num_extra_fields, dense_device)
+
+
+def _build_dlrm(
+    config: ModelConfig,
+    schema: DatasetSchema,
+    num_extra_fields: int,
+    device: Optional[torch.device],
+    dense_device: Optional[torch.device],
+    table_prefix: str,
+) -> CTRBackbone:
+    dlrm = build_dlrm(
+        schema,
+        config.embedding_dim,
+        dense_arch_layer_sizes=list(config.dense_arch_hidden) + [config.embedding_dim],
+        over_arch_layer_sizes=list(config.mlp_layer_sizes) + [1],
+        dcn=config.name == "dlrm_dcn",
+        dcn_num_layers=config.cross_layers,
+        dcn_low_rank_dim=config.low_rank if config.low_rank > 0 else 16,
+        num_extra_fields=num_extra_fields,
+        device=device,
+        dense_device=dense_device,
+        table_prefix=table_prefix,
+    )
+    return DLRMBackbone(dlrm, len(schema.dense_fields), num_extra_fields)
+
+
+_BUILDERS: Dict[str, Callable[..., CTRBackbone]] = {
+    "fm": _build_fm_family,
+    "fwfm": _build_fm_family,
+    "deepfm": _build_fm_family,
+    "dcnv2": _build_fm_family,
+    "finalmlp": _build_fm_family,
+    "dlrm": _build_dlrm,
+    "dlrm_dcn": _build_dlrm,
+}
+
+
+def build_backbone(
+    config: ModelConfig,
+    schema: DatasetSchema,
+    num_extra_fields: int = 0,
+    device: Optional[torch.device] = torch.device("meta"),
+    dense_device: Optional[torch.device] = None,
+    table_prefix: str = "t_",
+) -> CTRBackbone:
+    """Builds the backbone ``config.name`` for ``schema``.
+
+    Args:
+        config (ModelConfig): model settings.
+        schema (DatasetSchema): the data set.
+        num_extra_fields (int): E extra field embeddings the caller passes to ``forward``.
+        device (Optional[torch.device]): EBC device: ``meta`` (default) for
+            DistributedModelParallel to materialise shards, ``cpu`` for a plain model.
+        dense_device (Optional[torch.device]): device of the dense weights (None: default).
+        table_prefix (str): table name prefix (keeps teacher and student tables apart).
+
+    Returns:
+        CTRBackbone: the model; ``model.embedding_bag_collection`` is its EBC.
+    """
+    return _BUILDERS[config.name](config, schema, num_extra_fields, device, dense_device, table_prefix)
+
+
+SMOKE_CONFIGS: Dict[str, ModelConfig] = {
+    "fm": ModelConfig(name="fm", embedding_dim=8),
+    "fwfm": ModelConfig(name="fwfm", embedding_dim=8),
+    "deepfm": ModelConfig(name="deepfm", embedding_dim=8, mlp_layer_sizes=(16, 8)),
+    "dcnv2": ModelConfig(name="dcnv2", embedding_dim=8, mlp_layer_sizes=(16, 8), cross_layers=2, low_rank=4),
+    "finalmlp": ModelConfig(
+        name="finalmlp", embedding_dim=8, mlp_layer_sizes=(16, 8), mlp2_layer_sizes=(16, 8), finalmlp_heads=2,
+        finalmlp_gate_hidden=(8,),
+    ),
+    "dlrm": ModelConfig(name="dlrm", embedding_dim=8, mlp_layer_sizes=(16, 8), dense_arch_hidden=(8,)),
+    "dlrm_dcn": ModelConfig(
+        name="dlrm_dcn", embedding_dim=8, mlp_layer_sizes=(16, 8), dense_arch_hidden=(8,), cross_layers=2, low_rank=4
+    ),
+}
+"""Tiny configs per model (FuxiCTR's ``*_test`` configs): seconds to build and train in tests."""
