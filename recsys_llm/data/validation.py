@@ -171,7 +171,7 @@ def check_dense(path: str, column: str, values: np.ndarray, row_offset: int) -> 
     if not finite.all():
         first = int(np.argmin(finite))
         raise DataError(
-            f"{_where(path, column, row_offset, first)}: dense feature is {values[first]}; "
+            f"{_where(path, column, row_offset, first)}: dense feature is {values[first].item()}; "
             "expected a finite float (fill or drop NaN/inf when preparing the data)"
         )
 
@@ -196,7 +196,7 @@ def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, row_of: Optional[np.n
         first = int(np.argmax(ids < 0))
         row = first if row_of is None else int(row_of[first])
         raise DataError(
-            f"{_where(path, spec.name, row_offset, row)}: negative id {ids[first]} in {spec.kind.value} field "
+            f"{_where(path, spec.name, row_offset, row)}: negative id {ids[first].item()} in {spec.kind.value} field "
             f"{spec.name!r}; expected ids in [0, {spec.cardinality})"
         )
     if high >= spec.cardinality:
@@ -205,7 +205,7 @@ def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, row_of: Optional[np.n
         first = int(np.argmax(ids >= spec.cardinality))
         row = first if row_of is None else int(row_of[first])
         raise DataError(
-            f"{_where(path, spec.name, row_offset, row)}: id {ids[first]} in {spec.kind.value} field "
+            f"{_where(path, spec.name, row_offset, row)}: id {ids[first].item()} in {spec.kind.value} field "
             f"{spec.name!r} is >= cardinality {spec.cardinality}; expected ids in [0, {spec.cardinality}) "
             '(set "hashed": true in the schema to fold larger ids with a modulo)'
         )
@@ -218,7 +218,7 @@ def check_labels(path: str, column: str, labels: np.ndarray, row_offset: int) ->
     if not ok.all():
         first = int(np.argmin(ok))
         raise DataError(
-            f"{_where(path, column, row_offset, first)}: label {labels[first]!r} is not a click label; "
+            f"{_where(path, column, row_offset, first)}: label {labels[first].item()!r} is not a click label; "
             "expected 0 or 1 (binarise ratings when preparing the data)"
         )
 

@@ -1,0 +1,141 @@
+"""ParquetBatchReader: tensors equal pyarrow's ground truth; rank sharding; shuffle; extras."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.data.parquet import ParquetBatchReader, SplitWriter, arrow_schema_for, list_array
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.synthetic import generate_synthetic
+from recsys_llm.data.validation import DataError
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> DatasetSchema:
+    return generate_synthetic(str(tmp_path_factory.mktemp("syn")), 4000, seed=3, rows_per_group=700)
+
+
+def _concat(batches):
+    keys = batches[0].sparse_features.keys()
+    per_key = {k: [b.sparse_features[k] for b in batches] for k in keys}
+    return (
+        torch.cat([b.dense_features for b in batches]),
+        {k: (torch.cat([j.values() for j in v]), torch.cat([j.lengths() for j in v])) for k, v in per_key.items()},
+        torch.cat([b.labels for b in batches]),
+        {k: torch.cat([b.extras[k] for b in batches]) for k in batches[0].extras},
+    )
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_tensors_match_pyarrow(synthetic, prefetch):
+    reader = ParquetBatchReader(synthetic, "train", batch_size=333, extras=["is_cold_item"], prefetch=prefetch)
+    batches = list(reader)
+    assert len(batches) == len(reader) == -(-3200 // 333)
+    assert all(isinstance(b, Batch) for b in batches)
+    assert [b.batch_size for b in batches[:-1]] == [333] * (len(batches) - 1)  # independent of row-group size 700
+    dense, sparse, labels, extras = _concat(batches)
+    table = pq.read_table(synthetic.split_path("train"))
+    expected_dense = np.stack([table[n].to_numpy() for n in synthetic.dense_feature_names], axis=1)
+    assert dense.dtype == torch.float32 and dense.shape == (3200, 3)
+    np.testing.assert_array_equal(dense.numpy(), expected_dense)
+    np.testing.assert_array_equal(labels.numpy(), table["label"].to_numpy().astype(np.float32))
+    np.testing.assert_array_equal(extras["row_id"].numpy(), table["row_id"].to_numpy())
+    np.testing.assert_array_equal(extras["is_cold_item"].numpy(), table["is_cold_item"].to_numpy())
+    assert list(sparse) == synthetic.sparse_feature_names
+    for spec in synthetic.categorical_fields:
+        values, lengths = sparse[spec.name]
+        if spec.kind == FieldKind.SPARSE:
+            np.testing.assert_array_equal(values.numpy(), table[spec.name].to_numpy())
+            assert bool((lengths == 1).all())
+        else:
+            rows = table[spec.name].to_pylist()
+            np.testing.assert_array_equal(lengths.numpy(), [min(len(r), spec.max_length) for r in rows])
+            np.testing.assert_array_equal(values.numpy(), [i for r in rows for i in r[: spec.max_length]])
+
+
+def test_sequences_truncated_and_vector_extras(tmp_path):
+    schema = DatasetSchema("seq", [FieldSpec("hist", FieldKind.SEQUENCE, cardinality=100, max_length=3),
+                                   FieldSpec("x", FieldKind.DENSE)])
+    n = 50
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 7, size=n)
+    values = rng.integers(0, 100, size=int(lengths.sum()))
+    vectors = rng.normal(size=(n, 4)).astype(np.float32)
+    path = str(tmp_path / "s.parquet")
+    arrow = arrow_schema_for(schema, {"llm_vector": pa.list_(pa.float32(), 4)})
+    with SplitWriter(path, arrow, row_group_size=16) as writer:
+        writer.write({
+            "row_id": np.arange(n), "hist": list_array(lengths, values), "x": np.zeros(n, np.float32),
+            "label": np.zeros(n, np.int8),
+            "llm_vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 4),
+        })
+    assert pq.ParquetFile(path).metadata.num_row_groups == 4
+    batches = list(ParquetBatchReader(schema, path, batch_size=7, extras=["llm_vector"]))
+    _, sparse, _, extras = _concat(batches)
+    got_values, got_lengths = sparse["hist"]
+    np.testing.assert_array_equal(got_lengths.numpy(), np.minimum(lengths, 3))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    np.testing.assert_array_equal(got_values.numpy(), np.concatenate([values[o : o + min(l, 3)] for o, l in zip(offsets, lengths)]))
+    assert extras["llm_vector"].shape == (n, 4) and extras["llm_vector"].dtype == torch.float32
+    np.testing.assert_allclose(extras["llm_vector"].numpy(), vectors)
+
+
+@pytest.mark.parametrize("world_size,batch_size,drop_last", [(2, 128, False), (3, 100, False), (3, 100, True), (4, 64, False)])
+def test_rank_sharding_equal_batches_and_disjoint_rows(synthetic, world_size, batch_size, drop_last):
+    readers = [ParquetBatchReader(synthetic, "train", batch_size, rank=r, world_size=world_size, drop_last=drop_last)
+               for r in range(world_size)]
+    counts = [len(list(r)) for r in readers]
+    assert len(set(counts)) == 1 and counts[0] == len(readers[0]) > 0
+    seen = np.concatenate([_concat(list(r))[3]["row_id"].numpy() for r in readers])
+    assert len(np.unique(seen)) == len(seen)  # every row at most once
+    dropped = sum(r.dropped_rows for r in readers)
+    assert len(seen) + dropped == 3200  # every row either read once or counted as dropped by the cap
+    assert sum(readers[0].rows_per_rank) == 3200
+    assert dropped < world_size * 700  # at most ~ one row group per rank
+
+
+def test_fewer_row_groups_than_ranks_uses_row_ranges(tmp_path, synthetic):
+    table = pq.read_table(synthetic.split_path("valid"))  # 400 rows
+    path = str(tmp_path / "one_group.parquet")
+    pq.write_table(table, path, row_group_size=1000)
+    readers = [ParquetBatchReader(synthetic, path, 64, rank=r, world_size=3) for r in range(3)]
+    ids = [_concat(list(r))[3]["row_id"].numpy() for r in readers]
+    assert [len(list(r)) for r in readers] == [len(readers[0])] * 3
+    seen = np.concatenate(ids)
+    assert len(np.unique(seen)) == len(seen) and np.isin(seen, table["row_id"].to_numpy()).all()
+    assert sum(map(len, ids)) + sum(r.dropped_rows for r in readers) == 400
+    assert all(np.all(np.diff(i) == 1) for i in ids)  # contiguous row ranges
+
+
+def test_shuffle_is_seeded_per_epoch(synthetic):
+    reader = ParquetBatchReader(synthetic, "train", 256, shuffle=True, seed=1, shuffle_buffer_rows=1000)
+    def order(epoch):
+        reader.set_epoch(epoch)
+        return _concat(list(reader))[3]["row_id"].numpy()
+    first, again, second = order(0), order(0), order(1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(np.sort(first), np.arange(3200))
+    assert not np.array_equal(first, np.arange(3200))
+
+
+def test_errors_in_later_row_groups_surface_through_prefetch(tmp_path, synthetic):
+    table = pq.read_table(synthetic.split_path("valid"))
+    labels = table["label"].to_numpy().copy()
+    labels[350] = 5
+    bad = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels))
+    path = str(tmp_path / "late_error.parquet")
+    pq.write_table(bad, path, row_group_size=100)
+    reader = ParquetBatchReader(synthetic, path, 64, prefetch=2)
+    with pytest.raises(DataError, match=r"late_error\.parquet: column 'label', row 350"):
+        list(reader)
+
+
+def test_bad_arguments(synthetic):
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        ParquetBatchReader(synthetic, "train", 16, rank=2, world_size=2)
+    with pytest.raises(DataError, match="no such Parquet file or directory"):
+        ParquetBatchReader(synthetic, "nope", 16)

@@ -1,0 +1,193 @@
+"""One test per bad-input case: every error names the file, the column and what was expected."""
+
+import math
+import os
+from typing import Dict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys_llm.data.parquet import ParquetBatchReader, arrow_schema_for, list_array, read_schema_and_check
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.validation import DataError
+
+
+def _schema(hashed: bool = False) -> DatasetSchema:
+    return DatasetSchema(
+        name="tiny",
+        fields=[
+            FieldSpec("user_id", FieldKind.SPARSE, cardinality=10, hashed=hashed),
+            FieldSpec("tags", FieldKind.SEQUENCE, cardinality=5, max_length=2),
+            FieldSpec("price", FieldKind.DENSE),
+        ],
+    )
+
+
+def _columns(n: int = 6) -> Dict[str, object]:
+    return {
+        "row_id": np.arange(n, dtype=np.int64),
+        "user_id": np.arange(n, dtype=np.int64) % 10,
+        "tags": list_array(np.full(n, 2), np.arange(2 * n) % 5),
+        "price": np.linspace(0, 1, n).astype(np.float32),
+        "label": (np.arange(n) % 2).astype(np.int8),
+    }
+
+
+def _write(path: str, schema: DatasetSchema, **overrides: object) -> str:
+    columns = _columns()
+    columns.update(overrides)
+    arrays = {k: v for k, v in columns.items() if v is not None}
+    table = pa.table(arrays)
+    if all(k in arrays for k in ("row_id", "user_id", "tags", "price", "label")) and not overrides:
+        table = table.cast(arrow_schema_for(schema))
+    pq.write_table(table, path, row_group_size=3)
+    return path
+
+
+def _read_all(schema: DatasetSchema, path: str) -> list:
+    return list(ParquetBatchReader(schema, path, batch_size=4, prefetch=0))
+
+
+def test_valid_file_reads(tmp_path):
+    schema = _schema()
+    path = _write(str(tmp_path / "ok.parquet"), schema)
+    assert sum(b.batch_size for b in _read_all(schema, path)) == 6
+    assert read_schema_and_check(schema, path) == 6
+
+
+def test_missing_column(tmp_path):
+    schema = _schema()
+    path = _write(str(tmp_path / "f.parquet"), schema, price=None)
+    with pytest.raises(DataError, match=r"f\.parquet.*missing column.*'price'"):
+        _read_all(schema, path)
+
+
+def test_wrong_dtype(tmp_path):
+    schema = _schema()
+    path = _write(str(tmp_path / "f.parquet"), schema, user_id=pa.array([str(i) for i in range(6)]))
+    with pytest.raises(DataError, match=r"f\.parquet.*column 'user_id'.*type string.*expected an integer column"):
+        _read_all(schema, path)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_or_inf_in_dense(tmp_path, bad):
+    schema = _schema()
+    price = np.linspace(0, 1, 6).astype(np.float32)
+    price[4] = bad
+    path = _write(str(tmp_path / "f.parquet"), schema, price=price)
+    with pytest.raises(DataError, match=r"f\.parquet: column 'price', row 4: dense feature is .*expected a finite float"):
+        _read_all(schema, path)
+
+
+def test_null_in_dense(tmp_path):
+    schema = _schema()
+    path = _write(str(tmp_path / "f.parquet"), schema, price=pa.array([0.1, None, 0.2, 0.3, 0.4, 0.5], pa.float32()))
+    with pytest.raises(DataError, match=r"f\.parquet: column 'price', row 1: null value; expected a finite float"):
+        _read_all(schema, path)
+
+
+def test_negative_ids(tmp_path):
+    schema = _schema()
+    path = _write(str(tmp_path / "f.parquet"), schema, user_id=np.array([0, 1, 2, 3, -7, 5], dtype=np.int64))
+    with pytest.raises(DataError, match=r"f\.parquet: column 'user_id', row 4: negative id -7.*expected ids in \[0, 10\)"):
+        _read_all(schema, path)
+
+
+def test_negative_ids_in_sequence(tmp_path):
+    schema = _schema()
+    tags = list_array(np.array([1, 1, 1, 1, 2, 1]), np.array([0, 1, 2, 3, 4, -1, 0]))
+    path = _write(str(tmp_path / "f.parquet"), schema, tags=tags)
+    with pytest.raises(DataError, match=r"f\.parquet: column 'tags', row 4: negative id -1"):
+        _read_all(schema, path)
+
+
+def test_ids_beyond_cardinality(tmp_path):
+    schema = _schema()
+    path = _write(str(tmp_path / "f.parquet"), schema, user_id=np.array([0, 1, 2, 3, 4, 12], dtype=np.int64))
+    with pytest.raises(DataError, match=r"f\.parquet: column 'user_id', row 5: id 12 .* >= cardinality 10.*hashed"):
+        _read_all(schema, path)
+
+
+def test_ids_beyond_cardinality_fold_when_hashed(tmp_path):
+    schema = _schema(hashed=True)
+    path = _write(str(tmp_path / "f.parquet"), schema, user_id=np.array([0, 1, 2, 3, -3, 12], dtype=np.int64))
+    batches = _read_all(schema, path)
+    ids = np.concatenate([b.sparse_features["user_id"].values().numpy() for b in batches])
+    np.testing.assert_array_equal(ids, [0, 1, 2, 3, 7, 2])
+
+
+def test_empty_file(tmp_path):
+    schema = _schema()
+    path = str(tmp_path / "empty.parquet")
+    pq.write_table(arrow_schema_for(schema).empty_table(), path)
+    with pytest.raises(DataError, match=r"empty\.parquet: the file is empty \(0 rows\)"):
+        _read_all(schema, path)
+
+
+def test_corrupt_parquet(tmp_path):
+    schema = _schema()
+    path = _write(str(tmp_path / "corrupt.parquet"), schema)
+    data = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])  # truncated: footer gone
+    with pytest.raises(DataError, match=r"corrupt\.parquet: not a readable Parquet file"):
+        _read_all(schema, path)
+
+
+def test_corrupt_parquet_not_parquet_at_all(tmp_path):
+    path = str(tmp_path / "notes.parquet")
+    with open(path, "w") as handle:
+        handle.write("this is a CSV,really\n1,2\n")
+    with pytest.raises(DataError, match=r"notes\.parquet: not a readable Parquet file"):
+        read_schema_and_check(_schema(), path)
+
+
+@pytest.mark.parametrize("bad", [2, -1])
+def test_labels_outside_0_1(tmp_path, bad):
+    schema = _schema()
+    path = _write(str(tmp_path / "f.parquet"), schema, label=np.array([0, 1, 0, bad, 1, 0], dtype=np.int8))
+    with pytest.raises(DataError, match=rf"f\.parquet: column 'label', row 3: label {bad} .*expected 0 or 1"):
+        _read_all(schema, path)
+
+
+def test_schema_data_mismatch_written_specs(tmp_path):
+    """The file records the field specs it was written with; a different schema.json is rejected."""
+    written = _schema()
+    path = _write(str(tmp_path / "f.parquet"), written)
+    edited = DatasetSchema(
+        name="tiny",
+        fields=[
+            FieldSpec("user_id", FieldKind.SPARSE, cardinality=50),
+            FieldSpec("tags", FieldKind.SEQUENCE, cardinality=5, max_length=2),
+            FieldSpec("price", FieldKind.DENSE),
+        ],
+    )
+    with pytest.raises(DataError, match=r"f\.parquet: schema/data mismatch for field 'user_id'.*cardinality=50.*cardinality=10"):
+        read_schema_and_check(edited, path)
+
+
+def test_schema_data_mismatch_kind(tmp_path):
+    """A sequence column where the schema says sparse: named as a likely schema/data mismatch."""
+    schema = _schema()
+    path = _write(str(tmp_path / "f.parquet"), schema, user_id=list_array(np.ones(6, int), np.arange(6)))
+    with pytest.raises(DataError, match=r"f\.parquet: column 'user_id' \(sparse field\).*list<.*sequence field: schema/data mismatch"):
+        _read_all(schema, path)
+
+
+def test_schema_data_mismatch_other_data_set(tmp_path):
+    """A file of another data set: the missing columns and the unknown ones are both listed."""
+    path = str(tmp_path / "other.parquet")
+    pq.write_table(pa.table({"movie": [1, 2], "rating": [3.0, 4.0], "label": [0, 1]}), path)
+    with pytest.raises(DataError, match=r"other\.parquet: missing column.*not in the schema: \['movie', 'rating'\]"):
+        read_schema_and_check(_schema(), path)
+
+
+def test_row_key_present_in_some_files_only(tmp_path):
+    schema = _schema()
+    os.makedirs(tmp_path / "split")
+    _write(str(tmp_path / "split" / "a.parquet"), schema)
+    _write(str(tmp_path / "split" / "b.parquet"), schema, row_id=None)
+    with pytest.raises(DataError, match=r"b\.parquet: schema/data mismatch: row key column 'row_id'"):
+        ParquetBatchReader(schema, str(tmp_path / "split"), batch_size=4)
