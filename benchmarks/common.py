@@ -1,0 +1,354 @@
+"""What every benchmark script shares: arguments, machine info, timing, JSON, plots, summary.
+
+Each script ``benchmarks/<name>.py`` defines ``main(argv: Optional[List[str]] = None) -> dict``
+and follows the same shape::
+
+    args = parse_args("train_throughput", __doc__, argv)       # --quick/--smoke/--json/--plot/--device
+    ...measure side by side, interleaved (see ``interleaved_repeats``)...
+    payload = result_payload(args, {"ratio_vs_torchrec_loop": 0.97}, details={...}, table=[...])
+    write_json(args.json, payload)
+    bar_chart(args.plot, {"project": 27_000.0, "torchrec loop": 27_800.0}, ylabel="samples/s")
+    print_summary("train_throughput", payload)
+
+The JSON always holds the top-level figures, ``details``, an optional ``table`` (a list of
+row dicts that ``run_all.py`` renders into ``benchmarks/README.md``), the mode and ``machine``
+(CPU model, cores, threads, GPU, library versions). Only rank 0 writes files, so the same
+script runs unchanged under ``torchrun`` / ``torchx dist.ddp``.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+VERSION_PACKAGES = (
+    "torch",
+    "fbgemm-gpu",
+    "fbgemm-gpu-cpu",
+    "torchrec",
+    "transformers",
+    "torchx",
+    "pyarrow",
+    "numpy",
+    "peft",
+)
+MODES = ("full", "quick", "smoke")
+
+
+def ensure_repo_on_path() -> None:
+    """Lets ``python benchmarks/x.py`` import ``recsys_llm`` from this checkout."""
+    root = str(REPO_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def build_parser(name: str, description: Optional[str]) -> argparse.ArgumentParser:
+    """The arguments every benchmark accepts; scripts may add their own before parsing.
+
+    ``--quick`` is the ``make bench`` size (the whole suite under 20 minutes on 2 cores);
+    ``--smoke`` is the smallest run that exercises every code path (unit tests use it);
+    neither means full size. ``--json``/``--plot`` default to ``benchmarks/results/<name>.*``.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"benchmarks/{name}.py",
+        description=(description or name).strip().splitlines()[0],
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer steps/sizes (the make bench suite)")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, checks that the code runs (unit tests)")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / f"{name}.json", help="where to write the JSON result")
+    parser.add_argument("--plot", type=Path, default=RESULTS_DIR / f"{name}.png", help="where to write the PNG plot")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the models")
+    return parser
+
+
+def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[str]] = None,
+               parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """Parses ``argv`` with ``build_parser`` (or a parser built from it) and adds ``args.mode``."""
+    parser = parser or build_parser(name, description)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    args.name = name
+    return args
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``.
+
+    Raises:
+        RuntimeError: ``cuda`` asked for and no GPU visible.
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no GPU is visible (torch.cuda.is_available() is False)")
+    return device
+
+
+def is_rank_zero() -> bool:
+    """True unless this process is a non-zero rank of a torchrun/torchx job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info() -> Dict[str, Any]:
+    """Host, CPU model, cores usable by this process, torch threads, GPU and library versions."""
+    import torch
+
+    versions = {}
+    for package in VERSION_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = {
+            "name": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+        }
+    try:
+        usable_cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable_cores = os.cpu_count() or 1
+    try:
+        load_average = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load_average = []
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": load_average,
+        "gpu": gpu,
+        "versions": versions,
+        "git_commit": _git_commit(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def result_payload(
+    args: argparse.Namespace,
+    figures: Mapping[str, float],
+    details: Optional[Mapping[str, Any]] = None,
+    table: Optional[List[Mapping[str, Any]]] = None,
+) -> Dict[str, Any]:
+    """The JSON body: top-level figures first, then ``details``, ``table``, mode, device, machine."""
+    payload: Dict[str, Any] = {key: float(value) for key, value in figures.items()}
+    payload["benchmark"] = args.name
+    payload["mode"] = args.mode
+    payload["device"] = getattr(args, "resolved_device", args.device)
+    payload["details"] = dict(details or {})
+    if table is not None:
+        payload["table"] = [dict(row) for row in table]
+    payload["machine"] = machine_info()
+    return payload
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """Writes ``payload`` atomically (temp file + rename) on rank 0; creates the directory."""
+    if not is_rank_zero():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False, default=_json_default)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def bar_chart(
+    path: Path,
+    values: Mapping[str, float],
+    ylabel: str,
+    title: str = "",
+    errors: Optional[Mapping[str, Tuple[float, float]]] = None,
+) -> None:
+    """One bar per entry (e.g. samples/s per contender); ``errors`` gives (low, high) per bar."""
+    if not is_rank_zero():
+        return
+    plt = _pyplot()
+    labels = list(values)
+    heights = [float(values[k]) for k in labels]
+    fig, axis = plt.subplots(figsize=(max(4.0, 1.4 * len(labels) + 1.5), 3.6))
+    yerr = None
+    if errors:
+        yerr = [
+            [max(0.0, h - errors[k][0]) if k in errors else 0.0 for k, h in zip(labels, heights)],
+            [max(0.0, errors[k][1] - h) if k in errors else 0.0 for k, h in zip(labels, heights)],
+        ]
+    bars = axis.bar(range(len(labels)), heights, yerr=yerr, capsize=4, color="#4C72B0")
+    axis.set_xticks(range(len(labels)))
+    axis.set_xticklabels(labels, rotation=15, ha="right")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    for bar, height in zip(bars, heights):
+        axis.annotate(f"{height:,.0f}" if height >= 100 else f"{height:.3g}",
+                      (bar.get_x() + bar.get_width() / 2, height), ha="center", va="bottom", fontsize=8)
+    _save(fig, path)
+
+
+def line_chart(
+    path: Path,
+    series: Mapping[str, Tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    log_x: bool = False,
+) -> None:
+    """One line per entry: ``{label: (xs, ys)}`` (e.g. samples/s against batch size)."""
+    if not is_rank_zero():
+        return
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(5.5, 3.6))
+    for label, (xs, ys) in series.items():
+        axis.plot(list(xs), list(ys), marker="o", label=label)
+    if log_x:
+        axis.set_xscale("log")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    _save(fig, path)
+
+
+def print_summary(name: str, payload: Mapping[str, Any]) -> str:
+    """Prints (rank 0) and returns one line: the benchmark, its top-level figures and the mode."""
+    figures = [
+        f"{key}={value:.4g}"
+        for key, value in payload.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    line = f"[{name}] {' '.join(figures)} (mode={payload.get('mode')}, device={payload.get('device')})"
+    if is_rank_zero():
+        print(line, flush=True)
+    return line
+
+
+def timed_steps(step: Callable[[], Any], warmup_steps: int, measured_steps: int,
+                synchronize: Optional[Callable[[], None]] = None) -> float:
+    """Runs ``warmup_steps`` untimed then ``measured_steps`` timed calls of ``step``.
+
+    Args:
+        step: one training (or inference) step.
+        warmup_steps: untimed calls first (allocator, caches, pipeline fill).
+        measured_steps: timed calls.
+        synchronize: called before reading the clock (e.g. ``torch.cuda.synchronize``).
+
+    Returns:
+        float: seconds per measured step.
+    """
+    if measured_steps < 1:
+        raise ValueError(f"measured_steps must be >= 1, got {measured_steps}")
+    for _ in range(warmup_steps):
+        step()
+    if synchronize is not None:
+        synchronize()
+    start = time.perf_counter()
+    for _ in range(measured_steps):
+        step()
+    if synchronize is not None:
+        synchronize()
+    return (time.perf_counter() - start) / measured_steps
+
+
+def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: int) -> Dict[str, List[float]]:
+    """Measures every contender ``repeats`` times, interleaved, so drift hits all alike.
+
+    Round ``r`` runs the contenders in order, or reversed on odd rounds (A B C, C B A, ...).
+
+    Args:
+        contenders: name -> a callable that runs one measurement and returns its figure.
+        repeats: number of rounds.
+
+    Returns:
+        Dict[str, List[float]]: name -> the figures of all rounds.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    names = list(contenders)
+    results: Dict[str, List[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        order = names if round_index % 2 == 0 else list(reversed(names))
+        for name in order:
+            results[name].append(float(contenders[name]()))
+    return results
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of a non-empty sequence."""
+    if not values:
+        raise ValueError("median of an empty sequence")
+    return float(statistics.median(values))
+
+
+def all_finite(payload: Mapping[str, Any], keys: Sequence[str]) -> bool:
+    """True when every ``payload[key]`` is a finite number."""
+    return all(isinstance(payload.get(k), (int, float)) and math.isfinite(payload[k]) for k in keys)

@@ -1,0 +1,389 @@
+"""Training samples/s: the project's pipeline vs a minimal hand-written TorchRec loop.
+
+Three contenders train the same model, torchrec's ``DLRM_DCN`` (26 tables x 100k rows x 16,
+13 dense features, batch 4096, fused RowWiseAdagrad for tables, Adam for the dense part,
+``TrainPipelineSparseDist``, ``DistributedModelParallel`` over 1 rank), side by side in one
+process, measured in interleaved rounds (A B C, C B A, ...):
+
+* ``torchrec_loop``: what a TorchRec user writes by hand (torchrec's ``dlrm_main`` recipe):
+  ``DLRMTrain(DLRM_DCN)``, ``_apply_optimizer_in_backward``, planner, DMP,
+  ``CombinedOptimizer``, ``TrainPipelineSparseDist.progress`` over prebuilt batches;
+* ``project_memory``: the project's stack on the same prebuilt batches: ``build_backbone``
+  (``DLRMBackbone`` around an unmodified ``DLRM_DCN``) in a ``CTRTask``, sharded by
+  ``recsys_llm.train.sharding`` and trained by the project's loop
+  (``recsys_llm.train.pipeline.train_epoch``, built on ``TrainPipelineSparseDist``);
+* ``project_parquet``: the same project stack fed by ``ParquetBatchReader`` streaming a
+  Parquet file holding the same rows (end to end: decode, validation, KJT building).
+
+Figures (top level of the JSON):
+
+* ``ratio_vs_torchrec_loop`` = project_memory / torchrec_loop samples/s (goal >= 0.95);
+* ``ratio_parquet_vs_memory`` = project_parquet / project_memory samples/s.
+
+Each ratio is the median over rounds of the per-round ratio (the contenders of one round
+ran back to back, so the pair shares the machine's load); medians of samples/s are in
+``details``.
+
+Usage::
+
+    python benchmarks/train_throughput.py [--quick|--smoke] [--json PATH] [--plot PATH]
+"""
+
+import dataclasses
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    bar_chart,
+    interleaved_repeats,
+    median,
+    parse_args,
+    print_summary,
+    resolve_device,
+    result_payload,
+    timed_steps,
+    write_json,
+)
+
+NAME = "train_throughput"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Problem and measurement sizes of one mode.
+
+    Args:
+        num_tables (int): sparse fields, one table each.
+        rows_per_table (int): rows of every table.
+        embedding_dim (int): D.
+        num_dense (int): dense features.
+        batch_size (int): rows per batch.
+        memory_batches (int): distinct prebuilt batches (cycled).
+        parquet_batches (int): batches of rows in the Parquet file (cycled by epochs).
+        warmup_steps (int): untimed steps before each measurement.
+        measured_steps (int): timed steps per measurement.
+        repeats (int): interleaved rounds.
+        dense_arch (Sequence[int]): DLRM dense arch (ends in D).
+        over_arch (Sequence[int]): DLRM over arch (ends in 1).
+        dcn_num_layers (int): low-rank cross layers.
+        dcn_low_rank_dim (int): rank of the cross layers.
+    """
+
+    num_tables: int = 26
+    rows_per_table: int = 100_000
+    embedding_dim: int = 16
+    num_dense: int = 13
+    batch_size: int = 4096
+    memory_batches: int = 8
+    parquet_batches: int = 32
+    warmup_steps: int = 8
+    measured_steps: int = 40
+    repeats: int = 5
+    dense_arch: Sequence[int] = (512, 256, 16)
+    over_arch: Sequence[int] = (512, 256, 1)
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 16
+
+
+SIZES: Dict[str, Sizes] = {
+    "full": Sizes(),
+    "quick": Sizes(memory_batches=8, parquet_batches=16, warmup_steps=4, measured_steps=16, repeats=3),
+    "smoke": Sizes(
+        num_tables=4, rows_per_table=1000, embedding_dim=8, num_dense=3, batch_size=128, memory_batches=2,
+        parquet_batches=3, warmup_steps=2, measured_steps=2, repeats=1, dense_arch=(16, 8), over_arch=(16, 1),
+        dcn_num_layers=1, dcn_low_rank_dim=4,
+    ),
+}
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def make_schema(sizes: Sizes):
+    """The Criteo-like schema: ``dense_{i}`` float fields then ``cat_{i}`` sparse fields, no row key."""
+    from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+
+    fields = [FieldSpec(f"dense_{i}", FieldKind.DENSE) for i in range(sizes.num_dense)]
+    fields += [FieldSpec(f"cat_{i}", FieldKind.SPARSE, cardinality=sizes.rows_per_table) for i in range(sizes.num_tables)]
+    return DatasetSchema(name="dlrm_dcn_bench", fields=fields, label="label", row_key=None)
+
+
+def make_batches(schema, sizes: Sizes, seed: int) -> List:
+    """``sizes.memory_batches`` random batches: dense U(0,1), one uniform id per field, 0/1 labels."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_llm.data.batch import Batch
+
+    generator = torch.Generator().manual_seed(seed)
+    keys = schema.sparse_feature_names
+    batch_size, num_keys = sizes.batch_size, len(keys)
+    batches = []
+    for _ in range(sizes.memory_batches):
+        dense = torch.rand(batch_size, sizes.num_dense, generator=generator)  # (B, Dd)
+        ids = torch.randint(0, sizes.rows_per_table, (num_keys, batch_size), generator=generator)  # (F, B)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=ids.reshape(-1), lengths=torch.ones(num_keys * batch_size, dtype=torch.int32)
+        )
+        labels = torch.randint(0, 2, (batch_size,), generator=generator).float()  # (B,)
+        batches.append(Batch(dense, kjt, labels))
+    return batches
+
+
+def write_parquet(schema, batches: List, num_batches: int, path: str) -> str:
+    """Writes ``num_batches`` batches' rows (cycling ``batches``) to one Parquet file."""
+    import numpy as np
+
+    from recsys_llm.data.parquet import SplitWriter, arrow_schema_for
+
+    batch_size = batches[0].labels.numel()
+    with SplitWriter(path, arrow_schema_for(schema), row_group_size=8 * batch_size) as writer:
+        for index in range(num_batches):
+            batch = batches[index % len(batches)]
+            columns: Dict[str, np.ndarray] = {}
+            dense = batch.dense_features.numpy()
+            for j, name in enumerate(schema.dense_feature_names):
+                columns[name] = dense[:, j]
+            by_key = batch.sparse_features.to_dict()
+            for name in schema.sparse_feature_names:
+                columns[name] = by_key[name].values().numpy()
+            columns[schema.label] = batch.labels.numpy().astype(np.int8)
+            writer.write(columns)
+    return path
+
+
+def parquet_stream(reader) -> Iterator:
+    """Endless batches from ``reader``, one epoch after the other."""
+    for epoch in itertools.count():
+        reader.set_epoch(epoch)
+        yield from reader
+
+
+# ---- contenders ---------------------------------------------------------------------------------
+def build_torchrec_loop(schema, sizes: Sizes, device, lr: Dict[str, float], batches: List) -> Callable[[], None]:
+    """The hand-written TorchRec loop; returns its ``step()``."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec import optim as trec_optim
+    from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.models.dlrm import DLRM_DCN, DLRMTrain
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    tables = [
+        EmbeddingBagConfig(name=f"t_{name}", embedding_dim=sizes.embedding_dim,
+                           num_embeddings=sizes.rows_per_table, feature_names=[name])
+        for name in schema.sparse_feature_names
+    ]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    model = DLRMTrain(DLRM_DCN(
+        embedding_bag_collection=ebc,
+        dense_in_features=sizes.num_dense,
+        dense_arch_layer_sizes=list(sizes.dense_arch),
+        over_arch_layer_sizes=list(sizes.over_arch),
+        dcn_num_layers=sizes.dcn_num_layers,
+        dcn_low_rank_dim=sizes.dcn_low_rank_dim,
+        dense_device=device,
+    ))
+    _apply_optimizer_in_backward(
+        trec_optim.RowWiseAdagrad, model.model.sparse_arch.parameters(), {"lr": lr["sparse"], "eps": 1e-8}
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=1, compute_device=device.type, local_world_size=1),
+        batch_size=sizes.batch_size,
+    )
+    plan = planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=device, plan=plan)
+    dense_optimizer = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=lr["dense"], eps=1e-8),
+    )
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer])
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, device)
+    iterator = itertools.cycle(batches)
+    return lambda: pipeline.progress(iterator)
+
+
+def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float]):
+    """The project's stack: ``build_backbone("dlrm_dcn")`` in a ``CTRTask``, sharded and optimised
+    by ``recsys_llm.train.sharding``. Returns ``(model, optimizer)``."""
+    import torch
+
+    from recsys_llm.models.registry import ModelConfig, build_backbone
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+    from recsys_llm.train.task import CTRTask
+
+    config = ModelConfig(
+        name="dlrm_dcn",
+        embedding_dim=sizes.embedding_dim,
+        mlp_layer_sizes=tuple(sizes.over_arch[:-1]),
+        dense_arch_hidden=tuple(sizes.dense_arch[:-1]),
+        cross_layers=sizes.dcn_num_layers,
+        low_rank=sizes.dcn_low_rank_dim,
+    )
+    task = CTRTask(build_backbone(config, schema, device=torch.device("meta"), dense_device=device))
+    optim = OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=lr["sparse"], dense="adam", dense_lr=lr["dense"])
+    model, _plan = shard_model(task, device, world_size=1, sharding=ShardingConfig(), optim=optim,
+                               batch_size=sizes.batch_size)
+    return model, build_optimizer(model, optim)
+
+
+class ProjectLoop:
+    """Measures the project's training loop, ``recsys_llm.train.pipeline.train_epoch``, as is.
+
+    Each measurement is one ``train_epoch`` call (a fresh ``TrainPipelineSparseDist``, as
+    every epoch of the trainer gets) whose ``on_step`` callback starts the clock after
+    ``warmup_steps`` steps and stops the epoch after ``measured_steps`` more: the figure is
+    the loop's steady state, with its per-step work (loss read-back, progress bar, sample
+    counting) included. The pipeline set-up (fx tracing) is recorded apart.
+
+    Args:
+        model: the DMP-wrapped ``CTRTask``.
+        optimizer: its combined optimizer.
+        device: compute device.
+        batches: endless batch iterator.
+        sizes (Sizes): steps and batch size.
+        synchronize: called before reading the clock (CUDA), or None.
+    """
+
+    def __init__(self, model, optimizer, device, batches: Iterator, sizes: Sizes,
+                 synchronize: Optional[Callable[[], None]]) -> None:
+        self._model = model
+        self._optimizer = optimizer
+        self._device = device
+        self._batches = batches
+        self._sizes = sizes
+        self._synchronize = synchronize or (lambda: None)
+        self.setup_seconds: List[float] = []
+        self.pipelined_modules: List[str] = []
+        self.sharded_modules: List[str] = []
+
+    def __call__(self) -> float:
+        """One measurement; returns samples/s."""
+        from recsys_llm.train.pipeline import train_epoch
+
+        warmup, measured = self._sizes.warmup_steps, self._sizes.measured_steps
+        clock: Dict[str, float] = {}
+
+        def on_step(step: int, loss: float) -> bool:
+            if step == 1:
+                clock["first_step"] = time.perf_counter()
+            if step == warmup:
+                self._synchronize()
+                clock["start"] = time.perf_counter()
+            if step == warmup + measured:
+                self._synchronize()
+                clock["stop"] = time.perf_counter()
+                return True
+            return False
+
+        called = time.perf_counter()
+        stats = train_epoch(self._model, self._optimizer, self._batches, self._device, on_step=on_step,
+                            description="project loop")
+        if "stop" not in clock:
+            raise RuntimeError(f"train_epoch stopped after {stats.steps} steps, before {warmup + measured}")
+        self.setup_seconds.append(clock["first_step"] - called)
+        self.pipelined_modules = stats.pipelined_modules
+        self.sharded_modules = stats.sharded_modules
+        return self._sizes.batch_size * measured / (clock["stop"] - clock["start"])
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(NAME, __doc__, argv)
+    sizes = SIZES[args.mode]
+
+    import torch
+
+    from recsys_llm.data.parquet import ParquetBatchReader
+    from recsys_llm.train.distributed import init_distributed, teardown_distributed
+
+    args.resolved_device = resolve_device(args.device)
+    context = init_distributed(args.resolved_device)
+    device = context.device
+    if context.world_size != 1:
+        raise RuntimeError(f"{NAME} compares single-rank loops; run it without torchrun (world size {context.world_size})")
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
+    lr = {"sparse": 0.05, "dense": 1e-3}
+
+    schema = make_schema(sizes)
+    batches = make_batches(schema, sizes, args.seed)
+    if device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
+        parquet_path = write_parquet(schema, batches, sizes.parquet_batches, os.path.join(tmp, "train.parquet"))
+        reader = ParquetBatchReader(schema, parquet_path, sizes.batch_size)
+
+        torch.manual_seed(args.seed)
+        loop_step = build_torchrec_loop(schema, sizes, device, lr, batches)
+        torch.manual_seed(args.seed)
+        memory_model, memory_optimizer = build_project_model(schema, sizes, device, lr)
+        memory_loop = ProjectLoop(memory_model, memory_optimizer, device, itertools.cycle(batches), sizes, synchronize)
+        torch.manual_seed(args.seed)
+        parquet_model, parquet_optimizer = build_project_model(schema, sizes, device, lr)
+        parquet_loop = ProjectLoop(parquet_model, parquet_optimizer, device, parquet_stream(reader), sizes, synchronize)
+
+        def samples_per_second(step: Callable[[], None]) -> Callable[[], float]:
+            return lambda: sizes.batch_size / timed_steps(step, sizes.warmup_steps, sizes.measured_steps, synchronize)
+
+        rounds = interleaved_repeats(
+            {
+                "torchrec_loop": samples_per_second(loop_step),
+                "project_memory": memory_loop,
+                "project_parquet": parquet_loop,
+            },
+            sizes.repeats,
+        )
+
+    vs_loop = [p / t for p, t in zip(rounds["project_memory"], rounds["torchrec_loop"])]
+    parquet_vs_memory = [q / p for q, p in zip(rounds["project_parquet"], rounds["project_memory"])]
+    medians = {name: median(values) for name, values in rounds.items()}
+    details = {
+        "samples_per_second_median": medians,
+        "samples_per_second_rounds": rounds,
+        "ratio_vs_torchrec_loop_rounds": vs_loop,
+        "ratio_parquet_vs_memory_rounds": parquet_vs_memory,
+        "ratio_method": "median over interleaved rounds of the per-round ratio",
+        "sizes": dataclasses.asdict(sizes),
+        "model": "torchrec DLRM_DCN, fused RowWiseAdagrad (tables) + Adam (dense), TrainPipelineSparseDist, DMP 1 rank",
+        "world_size": context.world_size,
+        "project_pipeline_setup_seconds": {"memory": memory_loop.setup_seconds, "parquet": parquet_loop.setup_seconds},
+        "project_sharded_modules": memory_loop.sharded_modules,
+        "project_pipelined_modules": memory_loop.pipelined_modules,
+    }
+    table = [
+        {"contender": name, "samples/s (median)": round(value, 1),
+         "vs torchrec_loop": round(value / medians["torchrec_loop"], 3)}
+        for name, value in medians.items()
+    ]
+    payload = result_payload(
+        args,
+        {"ratio_vs_torchrec_loop": median(vs_loop), "ratio_parquet_vs_memory": median(parquet_vs_memory)},
+        details=details,
+        table=table,
+    )
+    write_json(args.json, payload)
+    bar_chart(
+        args.plot,
+        medians,
+        ylabel="samples/s",
+        title=f"DLRM_DCN {sizes.num_tables}x{sizes.rows_per_table}x{sizes.embedding_dim}, batch {sizes.batch_size}",
+        errors={name: (min(values), max(values)) for name, values in rounds.items()},
+    )
+    print_summary(NAME, payload)
+    teardown_distributed()
+    return payload
+
+
+if __name__ == "__main__":
+    main()
