@@ -1,0 +1,39 @@
+import torch
+
+from recsys_llm.models.deepfm import DeepFM, DeepFMConfig
+from recsys_llm.models.embedding import build_embedding_bag_collection
+from tests.models.backbone_inputs import (
+    TINY_IDS,
+    explicit_fields,
+    explicit_first_order,
+    explicit_mlp,
+    explicit_pairwise,
+    randomize,
+)
+
+
+class TestDeepFM:
+    def test_logits_are_fm_plus_mlp(self, schema, kjt, dense) -> None:
+        torch.manual_seed(0)
+        ebc = build_embedding_bag_collection(schema, 4, device=torch.device("cpu"))
+        model = DeepFM(ebc, 2, DeepFMConfig(mlp_layer_sizes=(8, 6)), num_extra_fields=1)
+        randomize(model)
+        extra = torch.randn(4, 1, 4)
+        out = model(dense, kjt, extra)
+
+        fields = torch.cat([explicit_fields(ebc, TINY_IDS), extra], dim=1)  # (B, 4, D)
+        pair_fields = torch.cat([fields, dense.unsqueeze(-1) * model.dense_fields.weight], dim=1)
+        hidden = explicit_mlp(model.mlp, torch.cat([fields.flatten(1), dense], dim=1))
+        head = hidden @ model.head.weight[0] + model.head.bias[0]
+        expected = explicit_first_order(model, fields, dense) + explicit_pairwise(pair_fields, torch.ones(6, 6)) + head
+        torch.testing.assert_close(out.logits, expected)
+        torch.testing.assert_close(out.representation, hidden)
+        assert model.representation_dim == 6
+
+    def test_dropout_only_in_training(self, schema, kjt, dense) -> None:
+        torch.manual_seed(0)
+        ebc = build_embedding_bag_collection(schema, 4, device=torch.device("cpu"))
+        model = DeepFM(ebc, 2, DeepFMConfig(mlp_layer_sizes=(32,), dropout=0.5)).eval()
+        torch.testing.assert_close(model(dense, kjt).logits, model(dense, kjt).logits)
+        model.train()
+        assert not torch.equal(model(dense, kjt).representation, model(dense, kjt).representation)

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.embedding import build_embedding_bag_collection
+from recsys_llm.models.fm import FM, FMConfig, fm_interaction
+from tests.models.backbone_inputs import (
+    TINY_IDS,
+    explicit_fields,
+    explicit_first_order,
+    explicit_pairwise,
+    randomize,
+)
+
+
+class TestFMInteraction:
+    def test_sum_square_equals_pairwise_sum(self) -> None:
+        fields = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+        vector = fm_interaction(fields)
+        assert vector.shape == (3, 4)
+        expected = sum(fields[:, i] * fields[:, j] for i in range(5) for j in range(i + 1, 5))
+        torch.testing.assert_close(vector, expected)
+        torch.testing.assert_close(vector.sum(-1), explicit_pairwise(fields, torch.ones(5, 5)))
+
+
+class TestFM:
+    def _model(self, schema: DatasetSchema, config: FMConfig = FMConfig(), extra: int = 0) -> FM:
+        torch.manual_seed(0)
+        ebc = build_embedding_bag_collection(schema, 4, device=torch.device("cpu"))
+        model = FM(ebc, num_dense_features=2, config=config, num_extra_fields=extra)
+        randomize(model)
+        return model
+
+    @pytest.mark.parametrize("dense_as_fields", [True, False])
+    def test_logits_match_explicit_fm(self, schema, kjt, dense, dense_as_fields: bool) -> None:
+        model = self._model(schema, FMConfig(dense_as_fields=dense_as_fields), extra=1)
+        extra = torch.randn(4, 1, 4, generator=torch.Generator().manual_seed(2))
+        out = model(dense, kjt, extra)
+
+        fields = torch.cat([explicit_fields(model.embedding_bag_collection, TINY_IDS), extra], dim=1)
+        expected = explicit_first_order(model, fields, dense)
+        pair_fields = fields
+        if dense_as_fields:
+            dense_fields = dense.unsqueeze(-1) * model.dense_fields.weight  # x_j v_j
+            pair_fields = torch.cat([fields, dense_fields], dim=1)
+        else:
+            assert model.dense_fields is None
+        expected = expected + explicit_pairwise(pair_fields, torch.ones(6, 6))
+        torch.testing.assert_close(out.logits, expected)
+        assert out.representation.shape == (4, model.representation_dim) == (4, 4)
+        torch.testing.assert_close(out.representation, fm_interaction(pair_fields))
+
+    def test_extra_fields_change_the_logits(self, schema, kjt, dense) -> None:
+        model = self._model(schema, extra=2)
+        extra = torch.randn(4, 2, 4)
+        assert not torch.allclose(model(dense, kjt, extra).logits, model(dense, kjt, extra * 2).logits)

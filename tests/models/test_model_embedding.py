@@ -1,0 +1,45 @@
+import dataclasses
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import PoolingType
+
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.models.embedding import build_embedding_bag_collection
+from tests.models.backbone_inputs import TINY_IDS, explicit_fields
+
+
+class TestBuildEmbeddingBagCollection:
+    def test_one_table_per_categorical_field(self, schema: DatasetSchema) -> None:
+        ebc = build_embedding_bag_collection(schema, 8, table_prefix="s_")
+        configs = ebc.embedding_bag_configs()
+        assert [c.name for c in configs] == ["s_user_id", "s_item_id", "s_genres"]
+        assert [c.feature_names for c in configs] == [["user_id"], ["item_id"], ["genres"]]
+        assert [c.num_embeddings for c in configs] == [10, 12, 5]
+        assert [c.pooling for c in configs] == [PoolingType.SUM, PoolingType.SUM, PoolingType.MEAN]
+        assert {c.embedding_dim for c in configs} == {8}
+
+    def test_meta_by_default_cpu_on_request(self, schema: DatasetSchema) -> None:
+        assert build_embedding_bag_collection(schema, 8).embedding_bags["t_user_id"].weight.is_meta
+        cpu = build_embedding_bag_collection(schema, 8, device=torch.device("cpu"))
+        assert cpu.embedding_bags["t_user_id"].weight.device.type == "cpu"
+
+    def test_pooling_matches_explicit_lookup(self, schema: DatasetSchema, kjt) -> None:
+        torch.manual_seed(0)
+        ebc = build_embedding_bag_collection(schema, 4, device=torch.device("cpu"))
+        pooled = ebc(kjt).values().view(4, 3, 4)
+        torch.testing.assert_close(pooled, explicit_fields(ebc, TINY_IDS))
+
+    @pytest.mark.parametrize("dim", [6, 0, -4])
+    def test_dim_not_multiple_of_four_is_rejected(self, schema: DatasetSchema, dim: int) -> None:
+        with pytest.raises(ValueError, match="field 'user_id'.*multiple of 4"):
+            build_embedding_bag_collection(schema, dim)
+
+    def test_field_override_is_validated(self, schema: DatasetSchema) -> None:
+        fields = [dataclasses.replace(schema.fields[0], embedding_dim=10)] + schema.fields[1:]
+        with pytest.raises(ValueError, match="field 'user_id'.*got 10"):
+            build_embedding_bag_collection(DatasetSchema("tiny", fields), 8)
+
+    def test_schema_without_categorical_field(self) -> None:
+        with pytest.raises(ValueError, match="no sparse or sequence field"):
+            build_embedding_bag_collection(DatasetSchema("dense_only", [FieldSpec("x", "dense")]), 8)
