@@ -1,0 +1,324 @@
+"""MovieLens in RecBole's atomic format -> Parquet splits + schema with user and item text.
+
+Input: a directory with ``<name>.inter`` (``user_id:token item_id:token rating:float
+timestamp:float``), ``<name>.item`` (``item_id:token movie_title:token_seq
+release_year:token genre|class:token_seq``) and ``<name>.user`` (``user_id:token
+age:token gender:token occupation:token zip_code:token``), tab separated with typed
+headers, as in RecBole's ``ml-100k`` / ``ml-1m`` downloads.
+
+Output (the usual CTR protocol for MovieLens):
+
+* label = rating > 3, rows with rating == 3 dropped;
+* rows sorted by timestamp (ties keep file order) and split 8:1:1 into
+  train/valid/test, so validation and test lie in the future of training;
+* every token remapped to a contiguous id starting at 1 (0 = padding/unknown);
+* fields: ``user_id``, ``item_id``, ``age``, ``gender``, ``occupation``, ``zip_prefix``,
+  ``release_year`` (sparse), ``genres`` (sequence), ``user_age`` and ``movie_year``
+  (dense, scaled to about [0, 1]); extra column ``timestamp``;
+* value-text files: item = title + year + genres, user = age, gender, occupation and zip code.
+
+The raw files are only read, never copied into the output directory.
+"""
+
+import dataclasses
+import os
+import re
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from tqdm import tqdm
+
+from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.synthetic import write_value_text
+from recsys_llm.data.validation import DataError
+
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+GENDER_WORDS = {"M": "man", "F": "woman"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MovieLensConfig:
+    """Options of the MovieLens conversion.
+
+    Args:
+        split_fractions (Tuple[float, float, float]): train/valid/test shares of the time-ordered rows.
+        zip_prefix_length (int): leading characters of the zip code kept as ``zip_prefix``.
+        rows_per_group (int): Parquet row group size.
+    """
+
+    split_fractions: Tuple[float, float, float] = (0.8, 0.1, 0.1)
+    zip_prefix_length: int = 2
+    rows_per_group: int = 8192
+
+
+# ---- RecBole atomic files ----------------------------------------------------------------------------
+def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Table:
+    """Reads a RecBole atomic file; every column comes back as strings named without ``:type``.
+
+    Args:
+        path (str): the ``.inter`` / ``.item`` / ``.user`` file.
+        required (Dict[str, Tuple[str, ...]]): column name -> accepted RecBole types; a name
+            ``a|b`` accepts either column (the first one present is renamed to ``a``).
+
+    Raises:
+        DataError: a missing file, a bad header, a line with the wrong number of columns
+            (naming the line), or a missing required column.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        header = handle.readline().rstrip("\n\r").split("\t")
+    names, types = [], {}
+    for position, cell in enumerate(header):
+        if ":" not in cell:
+            raise DataError(f"{path}, line 1: header column {position + 1} {cell!r} is not 'name:type' (RecBole atomic format)")
+        name, kind = cell.rsplit(":", 1)
+        names.append(name)
+        types[name] = kind
+    bad_lines: List[str] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        bad_lines.append(
+            f"{path}, line {row.number}: {row.actual_columns} tab-separated columns, expected "
+            f"{row.expected_columns} ({header}): {row.text[:80]!r}"
+        )
+        return "error"
+
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as error:
+        raise DataError(bad_lines[0] if bad_lines else f"{path}: cannot parse as a tab-separated RecBole file: {error}") from error
+    for wanted, accepted in required.items():
+        options = wanted.split("|")
+        present = [o for o in options if o in types]
+        if not present:
+            raise DataError(f"{path}: missing column {' or '.join(repr(o) for o in options)}; header: {header}")
+        if types[present[0]] not in accepted:
+            raise DataError(f"{path}: column {present[0]!r} has type {types[present[0]]!r}; expected one of {list(accepted)}")
+        if present[0] != options[0]:
+            table = table.rename_columns([options[0] if n == present[0] else n for n in table.column_names])
+    return table
+
+
+def _numbers(table: pa.Table, column: str, path: str) -> np.ndarray:
+    """Parses a string column as float64; the first non-number is reported with its line."""
+    strings = table[column]
+    ok = pc.match_substring_regex(strings, _NUMBER).to_numpy(zero_copy_only=False)
+    if not ok.all():
+        first = int(np.argmin(ok))
+        raise DataError(f"{path}, line {first + 2}: column {column!r} is {strings[first].as_py()!r}; expected a number")
+    return pc.cast(pc.utf8_trim_whitespace(strings), pa.float64()).to_numpy()
+
+
+def _vocabulary(*columns: pa.Array) -> pa.Array:
+    """Distinct tokens, in numeric order when all are integers, else lexicographic."""
+    chunks = [chunk for column in columns for chunk in pa.chunked_array(column).chunks]
+    values = pc.unique(pa.chunked_array(chunks, pa.string())).to_pylist()
+    if all(re.fullmatch(r"-?\d+", v) for v in values):
+        values.sort(key=int)
+    else:
+        values.sort()
+    return pa.array(values, pa.string())
+
+
+def _encode(column: pa.Array, vocabulary: pa.Array) -> np.ndarray:
+    """Token -> 1-based id in ``vocabulary`` (0 when absent)."""
+    index = pc.index_in(column, value_set=vocabulary)
+    return pc.fill_null(pc.add(index, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _lookup(table_ids: np.ndarray, keys: np.ndarray, values: np.ndarray, default: object) -> np.ndarray:
+    """values[k] for the row whose key is k, for every id in ``table_ids`` (default when missing)."""
+    out = np.full(len(table_ids), default, dtype=values.dtype)
+    out[keys] = values
+    return out[table_ids]
+
+
+# ---- conversion ----------------------------------------------------------------------------------------
+def _find(raw_dir: str, suffix: str) -> str:
+    candidates = sorted(f for f in os.listdir(raw_dir) if f.endswith(suffix))
+    if not candidates:
+        raise DataError(f"{raw_dir}: no *{suffix} file (expected RecBole atomic files .inter/.item/.user)")
+    return os.path.join(raw_dir, candidates[0])
+
+
+def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConfig] = None, progress: bool = False) -> DatasetSchema:
+    """Converts RecBole-format MovieLens in ``raw_dir`` into Parquet splits + schema in ``out_dir``.
+
+    Args:
+        raw_dir (str): directory with ``*.inter``, ``*.item`` and ``*.user``.
+        out_dir (str): output directory (``train/valid/test.parquet``, ``text/``, ``schema.json``).
+        config (Optional[MovieLensConfig]): conversion options.
+        progress (bool): show a tqdm bar over the steps.
+
+    Returns:
+        DatasetSchema: the written schema (``root`` = ``out_dir``).
+
+    Example::
+
+        schema = prepare_movielens("../shared/data/ml-100k", "data/ml-100k")
+    """
+    config = config or MovieLensConfig()
+    steps = tqdm(total=4, desc="movielens", disable=not progress)
+    inter_path, item_path, user_path = (_find(raw_dir, s) for s in (".inter", ".item", ".user"))
+    inter = read_atomic_file(inter_path, {"user_id": ("token",), "item_id": ("token",), "rating": ("float",), "timestamp": ("float",)})
+    items = read_atomic_file(item_path, {"item_id": ("token",), "movie_title": ("token_seq", "token"),
+                                         "release_year": ("token", "float"), "genre|class": ("token_seq", "token")})
+    users = read_atomic_file(user_path, {"user_id": ("token",), "age": ("token", "float"), "gender": ("token",),
+                                         "occupation": ("token",), "zip_code": ("token",)})
+    steps.update()
+
+    rating = _numbers(inter, "rating", inter_path)
+    timestamp = _numbers(inter, "timestamp", inter_path)
+    keep = rating != 3
+    order = np.argsort(timestamp[keep], kind="stable")
+    kept = inter.filter(pa.array(keep)).take(pa.array(order))
+    rating, timestamp = rating[keep][order], timestamp[keep][order]
+    if kept.num_rows < 10:
+        raise DataError(f"{inter_path}: only {kept.num_rows} ratings other than 3; expected at least 10 to split 8:1:1")
+
+    user_vocab = _vocabulary(users["user_id"], inter["user_id"])
+    item_vocab = _vocabulary(items["item_id"], inter["item_id"])
+    num_users, num_items = len(user_vocab), len(item_vocab)
+    user_key = _encode(users["user_id"], user_vocab)
+    item_key = _encode(items["item_id"], item_vocab)
+
+    # user attributes, indexed by the new user id (0 = unknown)
+    zip_prefix = pc.utf8_slice_codeunits(users["zip_code"], 0, config.zip_prefix_length)
+    attribute_vocab = {
+        "age": _vocabulary(users["age"]),
+        "gender": _vocabulary(users["gender"]),
+        "occupation": _vocabulary(users["occupation"]),
+        "zip_prefix": _vocabulary(zip_prefix),
+        "release_year": _vocabulary(items["release_year"]),
+    }
+    user_attr = {
+        name: _lookup(np.arange(num_users + 1), user_key, _encode(column, attribute_vocab[name]), 0)
+        for name, column in (("age", users["age"]), ("gender", users["gender"]), ("occupation", users["occupation"]),
+                             ("zip_prefix", zip_prefix))
+    }
+    age_numeric = pc.match_substring_regex(users["age"], _NUMBER).to_numpy(zero_copy_only=False)
+    age_values = np.where(age_numeric, pc.cast(pc.if_else(pa.array(age_numeric), users["age"], "0"), pa.float64()).to_numpy(), 0.0)
+    user_age = _lookup(np.arange(num_users + 1), user_key, age_values / 100.0, 0.0).astype(np.float32)
+
+    # item attributes
+    item_year_id = _lookup(np.arange(num_items + 1), item_key, _encode(items["release_year"], attribute_vocab["release_year"]), 0)
+    year_numeric = pc.match_substring_regex(items["release_year"], r"^\d{4}$").to_numpy(zero_copy_only=False)
+    year_values = np.where(
+        year_numeric, pc.cast(pc.if_else(pa.array(year_numeric), items["release_year"], "1900"), pa.float64()).to_numpy(), 1900.0
+    )
+    movie_year = _lookup(np.arange(num_items + 1), item_key, (year_values - 1900.0) / 100.0, 0.0).astype(np.float32)
+    genre_rows = [g.split() for g in items["genre"].to_pylist()]  # one list of genre tokens per .item row
+    genre_vocab = _vocabulary(pa.array([g for row in genre_rows for g in row], pa.string()))
+    genre_index = {g: i + 1 for i, g in enumerate(genre_vocab.to_pylist())}
+    genres_of = [[] for _ in range(num_items + 1)]  # new item id -> genre ids
+    for row, new_id in enumerate(item_key):
+        genres_of[new_id] = [genre_index[g] for g in genre_rows[row]]
+    genre_len = np.array([len(g) for g in genres_of], dtype=np.int64)
+    genre_flat_new = np.array([g for row in genres_of for g in row], dtype=np.int64)
+    genre_off = np.zeros(num_items + 2, dtype=np.int64)
+    np.cumsum(genre_len, out=genre_off[1:])
+    max_genres = int(max(genre_len.max(), 1))
+    steps.update()
+
+    # ---- text ----
+    item_text = ["unknown movie"] * (num_items + 1)
+    titles = items["movie_title"].to_pylist()
+    years = items["release_year"].to_pylist()
+    for row, new_id in enumerate(item_key):
+        year = f" ({years[row]})" if re.fullmatch(r"\d{4}", years[row] or "") else ""
+        genres = ", ".join(genre_rows[row]) or "unknown"
+        item_text[new_id] = f"{titles[row]}{year}. Genres: {genres}."
+    user_text = ["unknown user"] * (num_users + 1)
+    for row, (new_id, age, gender, job, zipc) in enumerate(
+        zip(user_key, *(users[c].to_pylist() for c in ("age", "gender", "occupation", "zip_code")))
+    ):
+        user_text[new_id] = f"A {age} year old {GENDER_WORDS.get(gender, gender)}, occupation: {job}, zip code {zipc}."
+    attribute_text = {
+        "age": [f"{a} years old" for a in attribute_vocab["age"].to_pylist()],
+        "gender": [GENDER_WORDS.get(g, g) for g in attribute_vocab["gender"].to_pylist()],
+        "occupation": attribute_vocab["occupation"].to_pylist(),
+        "zip_prefix": [f"zip code starting with {z}" for z in attribute_vocab["zip_prefix"].to_pylist()],
+        "release_year": [f"released in {y}" if re.fullmatch(r"\d{4}", y) else "unknown release year"
+                         for y in attribute_vocab["release_year"].to_pylist()],
+        "genres": genre_vocab.to_pylist(),
+    }
+
+    schema = DatasetSchema(
+        name=os.path.basename(os.path.normpath(raw_dir)),
+        fields=[
+            FieldSpec("user_id", FieldKind.SPARSE, num_users + 1, description="id of the user who rated the movie",
+                      value_text="text/user_id.parquet"),
+            FieldSpec("item_id", FieldKind.SPARSE, num_items + 1, description="id of the rated movie; its text is title, year and genres",
+                      value_text="text/item_id.parquet"),
+            FieldSpec("age", FieldKind.SPARSE, len(attribute_vocab["age"]) + 1, description="age of the user in years",
+                      value_text="text/age.parquet"),
+            FieldSpec("gender", FieldKind.SPARSE, len(attribute_vocab["gender"]) + 1, description="gender of the user",
+                      value_text="text/gender.parquet"),
+            FieldSpec("occupation", FieldKind.SPARSE, len(attribute_vocab["occupation"]) + 1, description="occupation of the user",
+                      value_text="text/occupation.parquet"),
+            FieldSpec("zip_prefix", FieldKind.SPARSE, len(attribute_vocab["zip_prefix"]) + 1,
+                      description="leading digits of the user's zip code (region)", value_text="text/zip_prefix.parquet"),
+            FieldSpec("release_year", FieldKind.SPARSE, len(attribute_vocab["release_year"]) + 1,
+                      description="year the movie was released", value_text="text/release_year.parquet"),
+            FieldSpec("genres", FieldKind.SEQUENCE, len(genre_vocab) + 1, max_length=max_genres,
+                      description="genres of the movie", value_text="text/genres.parquet"),
+            FieldSpec("user_age", FieldKind.DENSE, description="age of the user in years divided by 100"),
+            FieldSpec("movie_year", FieldKind.DENSE, description="release year of the movie minus 1900, divided by 100"),
+        ],
+        label="label",
+        row_key="row_id",
+        splits={"train": "train.parquet", "valid": "valid.parquet", "test": "test.parquet"},
+        extra_columns=["timestamp"],
+        root=os.path.abspath(out_dir),
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    write_value_text(os.path.join(out_dir, "text", "user_id.parquet"), user_text)
+    write_value_text(os.path.join(out_dir, "text", "item_id.parquet"), item_text)
+    for name, texts in attribute_text.items():
+        write_value_text(os.path.join(out_dir, "text", f"{name}.parquet"), ["unknown"] + texts)
+    steps.update()
+
+    # ---- rows ----
+    user = _encode(kept["user_id"], user_vocab)
+    item = _encode(kept["item_id"], item_vocab)
+    n = kept.num_rows
+    seq_len = genre_len[item]
+    seq_off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(seq_len, out=seq_off[1:])
+    gather = np.arange(seq_off[-1]) - np.repeat(seq_off[:-1] - genre_off[item], seq_len)
+    columns = {
+        "row_id": np.arange(n, dtype=np.int64),
+        "user_id": user,
+        "item_id": item,
+        "age": user_attr["age"][user],
+        "gender": user_attr["gender"][user],
+        "occupation": user_attr["occupation"][user],
+        "zip_prefix": user_attr["zip_prefix"][user],
+        "release_year": item_year_id[item],
+        "genres": list_array(seq_len, genre_flat_new[gather]),
+        "user_age": user_age[user],
+        "movie_year": movie_year[item],
+        "label": (rating > 3).astype(np.int8),
+        "timestamp": timestamp.astype(np.int64),
+    }
+    bounds = np.floor(np.cumsum((0.0,) + tuple(config.split_fractions)) / sum(config.split_fractions) * n).astype(int)
+    bounds[-1] = n
+    arrow_schema = arrow_schema_for(schema, {"timestamp": pa.int64()})
+    for (split, file_name), start, stop in zip(schema.splits.items(), bounds[:-1], bounds[1:]):
+        table = pa.Table.from_pydict(columns, schema=arrow_schema).slice(start, stop - start)
+        with SplitWriter(os.path.join(out_dir, file_name), arrow_schema, config.rows_per_group) as writer:
+            writer.write({name: table[name].combine_chunks() for name in arrow_schema.names})
+    steps.update()
+    steps.close()
+    schema.save(os.path.join(out_dir, "schema.json"))
+    return schema
