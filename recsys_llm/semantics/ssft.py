@@ -1,0 +1,443 @@
+"""SSFT: self-supervised field-feature tuning of an LLM (LLaCTR, Cui et al. "Field Matters").
+
+For every field, up to S distinct values are sampled (S_train for training and a
+disjoint S_valid for held-out evaluation). Each value becomes an Alpaca-style prompt
+asking which field it belongs to. The LLM, with LoRA adapters on its attention
+query/value projections, is tuned with InfoNCE:
+
+    q_b = h(prompt_b)[last prompt token],  k_f = h(field text_f)[last token]
+    loss = -1/B Σ_b log( exp(cos(q_b, k_{y_b}) / τ) / Σ_f exp(cos(q_b, k_f) / τ) )
+
+keys are re-encoded by the same model in every step, with gradients (τ = 0.02).
+Encoders (e.g. MiniLM) use mean pooling instead of the last token **(ours)**. Held-out
+field-retrieval accuracy (argmax_f cos(q, k_f) == true field) is reported before and
+after tuning.
+
+Output directory::
+
+    adapter/        peft adapter (adapter_config.json, adapter_model.safetensors) + ssft.json
+    checkpoint/     adapter + optimizer + state.json, replaced atomically after each epoch
+    metrics.json    before/after accuracy and loss, per-epoch history
+
+Example::
+
+    config = SSFTConfig(model_path="/models/llama", epochs=2)
+    metrics = SSFTTrainer(config, DatasetSchema.load("data/ml-100k"), "runs/ssft").run()
+    metrics["after"]["accuracy"]
+"""
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.semantics.encoder import (
+    TextEncoder,
+    default_model_path,
+    load_model,
+    load_tokenizer,
+    model_dir_fingerprint,
+    module_fingerprint,
+    resolve_device,
+    resolve_dtype,
+)
+from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
+
+SSFT_INFO_FILE = "ssft.json"
+
+
+@dataclasses.dataclass
+class SSFTConfig:
+    """Settings of one SSFT run (defaults follow the paper's public code).
+
+    Args:
+        model_path (Optional[str]): local HF model directory; None -> offline MiniLM.
+        samples_train (int): S_train, distinct values per field for training.
+        samples_valid (int): S_valid, held-out values per field (disjoint from training).
+        epochs (int): passes over the training prompts (the paper finds 1-3 best).
+        batch_size (int): prompts per step.
+        learning_rate (float): AdamW learning rate of the LoRA weights.
+        weight_decay (float): AdamW weight decay.
+        temperature (float): InfoNCE temperature τ.
+        lora_r (int): LoRA rank.
+        lora_alpha (int): LoRA scaling numerator.
+        lora_dropout (float): dropout on the LoRA input.
+        lora_target_modules (Optional[List[str]]): None -> ``q_proj``/``v_proj`` (Llama-like),
+            ``query``/``value`` (BERT-like) or ``c_attn`` (GPT-2), found in the model.
+        pooling (str): ``auto`` (last token for decoders, mean for encoders) or explicit.
+        max_length (int): tokens per prompt.
+        include_fields_without_description (bool): also tune on fields the schema does not
+            describe (their field text is the bare name).
+        seed (int): sampling, shuffling and LoRA initialisation.
+        device (Optional[str]): None -> CUDA if available.
+        dtype (str): ``auto`` -> bf16 base weights on CUDA, fp32 on CPU.
+        trust_remote_code (bool): allow model code from the model directory.
+        eval_batch_size (int): prompts per forward pass in evaluation.
+        resume (bool): continue from ``output_dir/checkpoint`` when it exists.
+        templates (PromptTemplates): field and SSFT prompt templates.
+    """
+
+    model_path: Optional[str] = None
+    samples_train: int = 1000
+    samples_valid: int = 100
+    epochs: int = 2
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    temperature: float = 0.02
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: Optional[List[str]] = None
+    pooling: str = "auto"
+    max_length: int = 256
+    include_fields_without_description: bool = False
+    seed: int = 0
+    device: Optional[str] = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    eval_batch_size: int = 64
+    resume: bool = True
+    templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SSFTExample(NamedTuple):
+    """One prompt: ``prompt`` text, ``label`` (index of the true field), raw ``value``."""
+
+    prompt: str
+    label: int
+    value: str
+
+
+def build_examples(
+    schema: DatasetSchema,
+    fields: Sequence[FieldSpec],
+    config: SSFTConfig,
+) -> Tuple[List[SSFTExample], List[SSFTExample]]:
+    """Samples disjoint training and held-out values per field and makes their prompts.
+
+    A field with n distinct values gives ``min(S_valid, max(1, n // 5))`` held-out values
+    (none when n < 2) and up to ``S_train`` of the rest for training. A value text that
+    occurs in several fields is kept only for the first (its answer would be ambiguous).
+
+    Returns:
+        Tuple[List[SSFTExample], List[SSFTExample]]: training and held-out examples.
+    """
+    rng = random.Random(config.seed)
+    names = [f.name for f in fields]
+    train, valid = [], []
+    seen: set = set()
+    for label, spec in enumerate(fields):
+        values = distinct_values(schema, spec.name, config.samples_train + config.samples_valid, rng, config.templates)
+        values = [v for v in values if v not in seen]
+        seen.update(values)
+        n_valid = 0 if len(values) < 2 else min(config.samples_valid, max(1, len(values) // 5))
+        for i, value in enumerate(values[: n_valid + config.samples_train]):
+            example = SSFTExample(ssft_prompt(value, names, config.templates), label, value)
+            (valid if i < n_valid else train).append(example)
+    if not train:
+        raise ValueError(f"schema {schema.name!r}: no field values to tune on (fields {names})")
+    return train, valid
+
+
+def default_target_modules(model: nn.Module) -> List[str]:
+    """LoRA targets: the attention query/value projections, by the model's naming."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for candidates in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"], ["query_key_value"], ["Wqkv"]):
+        if all(c in names for c in candidates):
+            return candidates
+    raise ValueError(
+        f"cannot find attention query/value projections in {type(model).__name__}; "
+        "set lora_target_modules (e.g. ['q_proj', 'v_proj'])"
+    )
+
+
+def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE over all fields: the true field is the positive, every field is in the denominator.
+
+    Args:
+        queries (torch.Tensor): (B, H) prompt vectors.
+        keys (torch.Tensor): (F, H) field vectors.
+        labels (torch.Tensor): (B,) index of the true field.
+        temperature (float): τ.
+
+    Returns:
+        torch.Tensor: scalar mean loss.
+    """
+    logits = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).t() / temperature  # (B, F)
+    return F.cross_entropy(logits, labels)
+
+
+def retrieval_metrics(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> Dict[str, float]:
+    """Field-retrieval accuracy (nearest field by cosine) and InfoNCE loss."""
+    if queries.numel() == 0:
+        return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
+    sims = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).t()  # (N, F)
+    accuracy = (sims.argmax(dim=1) == labels).float().mean().item()
+    loss = F.cross_entropy(sims / temperature, labels).item()
+    return {"accuracy": accuracy, "loss": loss, "count": int(labels.numel())}
+
+
+def _atomic_replace_dir(tmp: str, final: str) -> None:
+    """Moves ``tmp`` to ``final``; the old ``final`` survives as ``final.old`` until then."""
+    old = f"{final}.old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+class SSFTTrainer:
+    """Runs SSFT for one schema and writes the adapter, checkpoints and metrics.
+
+    Args:
+        config (SSFTConfig): settings.
+        schema (DatasetSchema): fields, descriptions and value texts.
+        output_dir (str): where ``adapter/``, ``checkpoint/`` and ``metrics.json`` go.
+
+    Example::
+
+        metrics = SSFTTrainer(SSFTConfig(epochs=1), schema, "runs/ssft").run()
+    """
+
+    def __init__(self, config: SSFTConfig, schema: DatasetSchema, output_dir: str) -> None:
+        self._config = config
+        self._schema = schema
+        self._output_dir = output_dir
+        self._fields = select_fields(schema, config.include_fields_without_description)
+        if len(self._fields) < 2:
+            raise ValueError(
+                f"schema {schema.name!r}: SSFT needs >= 2 fields with text, got {[f.name for f in self._fields]} "
+                "(describe the fields in the schema or set include_fields_without_description)"
+            )
+        self._field_texts = [field_text(f, config.templates) for f in self._fields]
+        self._train, self._valid = build_examples(schema, self._fields, config)
+        self._model_path = config.model_path or default_model_path()
+        self._base_hash = model_dir_fingerprint(self._model_path)
+        self._encoder = self._build_encoder()
+        self._optimizer = torch.optim.AdamW(
+            [p for p in self._encoder.model.parameters() if p.requires_grad],
+            lr=config.learning_rate, weight_decay=config.weight_decay,
+        )
+
+    def _build_encoder(self) -> TextEncoder:
+        from peft import LoraConfig, get_peft_model
+
+        config = self._config
+        torch.manual_seed(config.seed)
+        device = resolve_device(config.device)
+        tokenizer = load_tokenizer(self._model_path, config.trust_remote_code)
+        base = load_model(self._model_path, device, resolve_dtype(config.dtype, device), config.trust_remote_code)
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules or default_target_modules(base), bias="none",
+        )
+        model = get_peft_model(base, lora)
+        return TextEncoder.from_model(
+            model, tokenizer, pooling=config.pooling, batch_size=config.eval_batch_size,
+            max_length=config.max_length, model_id=os.path.abspath(self._model_path), model_hash=self._base_hash,
+        )
+
+    # ---- properties ------------------------------------------------------------------
+    @property
+    def fields(self) -> List[str]:
+        return [f.name for f in self._fields]
+
+    @property
+    def examples(self) -> Tuple[List[SSFTExample], List[SSFTExample]]:
+        return self._train, self._valid
+
+    @property
+    def encoder(self) -> TextEncoder:
+        return self._encoder
+
+    # ---- evaluation ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, examples: Optional[Sequence[SSFTExample]] = None) -> Dict[str, float]:
+        """Field-retrieval accuracy and InfoNCE loss on held-out (default) examples."""
+        examples = self._valid if examples is None else examples
+        keys = self._encoder.encode(self._field_texts, progress=False)  # (F, H)
+        queries = self._encoder.encode([e.prompt for e in examples], progress=False)  # (N, H)
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return retrieval_metrics(queries, keys, labels, self._config.temperature)
+
+    # ---- training --------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over the shuffled training prompts; returns the mean InfoNCE loss."""
+        config = self._config
+        model = self._encoder.model
+        model.train()
+        order = list(range(len(self._train)))
+        random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
+        total, steps = 0.0, 0
+        device = next(model.parameters()).device
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"ssft epoch {epoch + 1}", unit="step")
+        for start in bar:
+            batch = [self._train[i] for i in order[start : start + config.batch_size]]
+            labels = torch.tensor([e.label for e in batch], dtype=torch.long, device=device)
+            queries = self._encoder.embed([e.prompt for e in batch])  # (B, H)
+            keys = self._encoder.embed(self._field_texts)  # (F, H), with gradients
+            loss = infonce_loss(queries, keys, labels, config.temperature)
+            self._optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._optimizer.step()
+            total += loss.item()
+            steps += 1
+            bar.set_postfix(loss=f"{total / steps:.4f}")
+        model.eval()
+        return total / max(steps, 1)
+
+    def _adapter_state(self) -> Dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self._encoder.model).items()}
+
+    def _resume_signature(self) -> Dict[str, Any]:
+        config = self._config.to_dict()
+        for key in ("epochs", "resume", "device", "eval_batch_size"):
+            config.pop(key)
+        return {"config": config, "base_hash": self._base_hash, "fields": self.fields}
+
+    def save_checkpoint(self, state: Dict[str, Any]) -> None:
+        """Adapter + optimizer + state, written to a temp dir then renamed into place."""
+        final = os.path.join(self._output_dir, "checkpoint")
+        tmp = f"{final}.tmp"
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        save_file(self._adapter_state(), os.path.join(tmp, "adapter.safetensors"))
+        torch.save(self._optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as handle:
+            json.dump({**state, "signature": self._resume_signature()}, handle, indent=2)
+        _atomic_replace_dir(tmp, final)
+
+    def load_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """Restores adapter and optimizer from ``checkpoint/`` (or ``checkpoint.old``); None if absent."""
+        from peft import set_peft_model_state_dict
+
+        for name in ("checkpoint", "checkpoint.old"):
+            path = os.path.join(self._output_dir, name)
+            if os.path.exists(os.path.join(path, "state.json")):
+                break
+        else:
+            return None
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as handle:
+            state = json.load(handle)
+        signature = state.pop("signature")
+        if signature != self._resume_signature():
+            differing = [k for k in signature if signature[k] != self._resume_signature()[k]]
+            raise ValueError(
+                f"{path}: checkpoint was made with a different {differing} (model, fields or settings); "
+                "use another output directory or --no-resume"
+            )
+        device = next(self._encoder.model.parameters()).device
+        set_peft_model_state_dict(self._encoder.model, load_file(os.path.join(path, "adapter.safetensors"), device=str(device)))
+        self._optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location=device))
+        return state
+
+    def save_adapter(self) -> str:
+        """Writes the final adapter and ``ssft.json`` (base model, fields, templates, pooling)."""
+        final = os.path.join(self._output_dir, "adapter")
+        tmp = f"{final}.tmp"
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        self._encoder.model.save_pretrained(tmp)
+        info = {
+            "base_model_path": os.path.abspath(self._model_path),
+            "base_model_hash": self._base_hash,
+            "adapter_hash": module_fingerprint(self._encoder.model, trainable_only=True),
+            "pooling": self._encoder.pooling,
+            "max_length": self._config.max_length,
+            "fields": self.fields,
+            "field_texts": self._field_texts,
+            "schema_fingerprint": self._schema.fingerprint(),
+            "templates": dataclasses.asdict(self._config.templates),
+        }
+        with open(os.path.join(tmp, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
+            json.dump(info, handle, indent=2)
+        _atomic_replace_dir(tmp, final)
+        return final
+
+    def run(self) -> Dict[str, Any]:
+        """Evaluates, tunes for the remaining epochs (resuming if possible), saves; returns metrics."""
+        os.makedirs(self._output_dir, exist_ok=True)
+        state = self.load_checkpoint() if self._config.resume else None
+        if state is None:
+            state = {"epoch": 0, "before": self.evaluate(), "history": []}
+        for epoch in range(state["epoch"], self._config.epochs):
+            train_loss = self.train_epoch(epoch)
+            valid = self.evaluate()
+            state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, **{f"valid_{k}": v for k, v in valid.items()}})
+            state["epoch"] = epoch + 1
+            self.save_checkpoint(state)
+        after = self.evaluate()
+        adapter_dir = self.save_adapter()
+        metrics = {
+            "before": state["before"],
+            "after": after,
+            "history": state["history"],
+            "epochs": state["epoch"],
+            "fields": self.fields,
+            "num_train": len(self._train),
+            "num_valid": len(self._valid),
+            "adapter_dir": adapter_dir,
+            "config": self._config.to_dict(),
+        }
+        tmp = os.path.join(self._output_dir, "metrics.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(metrics, handle, indent=2)
+        os.replace(tmp, os.path.join(self._output_dir, "metrics.json"))
+        return metrics
+
+
+def load_tuned_encoder(
+    adapter_dir: str,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> Tuple[TextEncoder, Dict[str, Any]]:
+    """Loads base model + SSFT adapter (merged) as a :class:`TextEncoder`.
+
+    Returns:
+        Tuple[TextEncoder, Dict[str, Any]]: the encoder (pooling and max length as tuned;
+        model hash = base hash + adapter hash) and the adapter's ``ssft.json``.
+    """
+    from peft import PeftModel
+
+    info_path = os.path.join(adapter_dir, SSFT_INFO_FILE)
+    if not os.path.exists(info_path):
+        raise FileNotFoundError(f"{info_path}: not an SSFT adapter directory (run `recsys-llm semantics tune`)")
+    with open(info_path, encoding="utf-8") as handle:
+        info = json.load(handle)
+    base_path = info["base_model_path"]
+    base_hash = model_dir_fingerprint(base_path)
+    if base_hash != info["base_model_hash"]:
+        raise ValueError(
+            f"{adapter_dir}: adapter was tuned on {base_path} with hash {info['base_model_hash']}, "
+            f"but the model there now has hash {base_hash}"
+        )
+    torch_device = resolve_device(device)
+    tokenizer = load_tokenizer(base_path, trust_remote_code)
+    base = load_model(base_path, torch_device, resolve_dtype(dtype, torch_device), trust_remote_code)
+    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    encoder = TextEncoder.from_model(
+        model, tokenizer, pooling=info["pooling"], batch_size=batch_size, max_length=info["max_length"],
+        model_id=f"{base_path}+ssft:{info['adapter_hash']}", model_hash=f"{base_hash}+{info['adapter_hash']}",
+    )
+    return encoder, info

@@ -1,0 +1,257 @@
+"""Vector files with provenance, and an on-disk cache of encoded texts.
+
+A vector file is one safetensors file: the tensor ``vectors`` (N, d) plus metadata
+``keys`` (the N row names, e.g. field names) and ``provenance`` (JSON: model id and
+weights hash, pooling, template, schema name, fingerprint and fields, the command that
+made it). Loading checks the provenance against what the caller expects and raises
+:class:`VectorProvenanceError` naming the item that differs: vectors made for another
+schema, model or template are never reused silently.
+
+Example::
+
+    save_vectors("fields.safetensors", vectors, ["user_id", "age"],
+                 VectorProvenance(model_id="minilm", model_hash="ab12", pooling="mean",
+                                  template="{name}: {description}").for_schema(schema))
+    stored = load_vectors("fields.safetensors", schema=schema)
+    stored.vectors  # (2, 384)
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import sys
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from recsys_llm.data.schema import DatasetSchema
+
+FORMAT_VERSION = "1"
+
+
+class VectorProvenanceError(ValueError):
+    """A vector file does not match the schema, model or template it is used with."""
+
+
+@dataclasses.dataclass
+class VectorProvenance:
+    """What made a set of vectors.
+
+    Args:
+        model_id (str): model name or path.
+        model_hash (str): fingerprint of the model's weights and config (+ adapter).
+        pooling (str): ``mean``, ``last_token`` or ``cls``.
+        template (str): the text template (or its id) the texts were made with.
+        schema_name (str): data set name, '' when not tied to a schema.
+        schema_fingerprint (str): ``DatasetSchema.fingerprint()``, '' when not tied to one.
+        schema_fields (List[str]): all field names of that schema, in order.
+        left_out (List[str]): keys that were asked for but have no vector (e.g. fields
+            without text).
+        created_by (str): the command line that made the file.
+        created_at (str): UTC time stamp.
+        extra (Dict[str, Any]): anything else (JSON-serialisable), e.g. SSFT metrics.
+    """
+
+    model_id: str
+    model_hash: str
+    pooling: str
+    template: str
+    schema_name: str = ""
+    schema_fingerprint: str = ""
+    schema_fields: List[str] = dataclasses.field(default_factory=list)
+    left_out: List[str] = dataclasses.field(default_factory=list)
+    created_by: str = dataclasses.field(default_factory=lambda: " ".join(sys.argv))
+    created_at: str = dataclasses.field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def for_schema(self, schema: DatasetSchema) -> "VectorProvenance":
+        """A copy tied to ``schema`` (name, fingerprint, field list)."""
+        return dataclasses.replace(
+            self, schema_name=schema.name, schema_fingerprint=schema.fingerprint(),
+            schema_fields=[f.name for f in schema.fields],
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "VectorProvenance":
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - allowed
+        if unknown:
+            raise VectorProvenanceError(f"{source}: provenance has unknown keys {sorted(unknown)}")
+        missing = {"model_id", "model_hash", "pooling", "template"} - set(raw)
+        if missing:
+            raise VectorProvenanceError(f"{source}: provenance lacks {sorted(missing)}")
+        return cls(**dict(raw))
+
+
+class StoredVectors(NamedTuple):
+    """A loaded vector file: ``vectors`` (N, d) float32, ``keys`` (N names), provenance."""
+
+    vectors: torch.Tensor
+    keys: List[str]
+    provenance: VectorProvenance
+
+
+def save_vectors(path: str, vectors: torch.Tensor, keys: Sequence[str], provenance: VectorProvenance) -> None:
+    """Writes vectors and their provenance atomically (temp file renamed into place).
+
+    Args:
+        path (str): target ``.safetensors`` file.
+        vectors (torch.Tensor): (N, d).
+        keys (Sequence[str]): N distinct row names.
+        provenance (VectorProvenance): what made them.
+    """
+    keys = [str(k) for k in keys]
+    if vectors.dim() != 2 or vectors.size(0) != len(keys):
+        raise ValueError(f"{path}: need vectors of shape (len(keys)={len(keys)}, d), got {tuple(vectors.shape)}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{path}: keys must be distinct, got duplicates {sorted({k for k in keys if keys.count(k) > 1})}")
+    metadata = {
+        "format": FORMAT_VERSION,
+        "keys": json.dumps(keys),
+        "provenance": json.dumps(provenance.to_dict(), sort_keys=True),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({"vectors": vectors.detach().to("cpu").contiguous()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _check_schema(path: str, provenance: VectorProvenance, schema: DatasetSchema) -> None:
+    current = schema.fingerprint()
+    if provenance.schema_fingerprint != current:
+        made_for = (
+            f"schema {provenance.schema_name!r} (fingerprint {provenance.schema_fingerprint or 'none'}) "
+            f"with fields {provenance.schema_fields}"
+        )
+        raise VectorProvenanceError(
+            f"vectors in {path} were made for {made_for}; the current schema {schema.name!r} has fingerprint "
+            f"{current} with fields {[f.name for f in schema.fields]}. Re-encode them for this schema "
+            "(`recsys-llm semantics encode`)."
+        )
+
+
+def load_vectors(
+    path: str,
+    schema: Optional[DatasetSchema] = None,
+    expected: Optional[Mapping[str, Any]] = None,
+) -> StoredVectors:
+    """Reads a vector file and checks its provenance.
+
+    Args:
+        path (str): a file written by :func:`save_vectors`.
+        schema (Optional[DatasetSchema]): when given, the file must have been made for a
+            schema with the same fingerprint, and every key must be one of its fields.
+        expected (Optional[Mapping[str, Any]]): provenance items that must match exactly,
+            e.g. ``{"pooling": "last_token", "model_hash": "ab12"}``.
+
+    Returns:
+        StoredVectors: vectors (N, d) float32, keys, provenance.
+
+    Raises:
+        VectorProvenanceError: naming the file and the first item that does not match.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: vector file not found")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if "vectors" not in handle.keys():
+                raise VectorProvenanceError(f"{path}: no tensor 'vectors' (tensors: {list(handle.keys())})")
+            vectors = handle.get_tensor("vectors")
+    except VectorProvenanceError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise VectorProvenanceError(f"{path}: not a readable safetensors vector file: {error}") from error
+    for item in ("keys", "provenance"):
+        if item not in metadata:
+            raise VectorProvenanceError(f"{path}: metadata lacks {item!r}: not written by save_vectors")
+    keys = json.loads(metadata["keys"])
+    provenance = VectorProvenance.from_dict(json.loads(metadata["provenance"]), source=path)
+    if vectors.dim() != 2 or vectors.size(0) != len(keys):
+        raise VectorProvenanceError(f"{path}: {len(keys)} keys but vectors of shape {tuple(vectors.shape)}")
+    if schema is not None:
+        _check_schema(path, provenance, schema)
+        unknown = [k for k in keys if k not in {f.name for f in schema.fields}]
+        if unknown:
+            raise VectorProvenanceError(f"{path}: keys {unknown} are not fields of schema {schema.name!r}")
+    for item, want in (expected or {}).items():
+        if item == "keys":
+            have: Any = keys
+        elif hasattr(provenance, item):
+            have = getattr(provenance, item)
+        else:
+            have = provenance.extra.get(item)
+        if have != want:
+            raise VectorProvenanceError(f"vectors in {path} have {item}={have!r}, expected {want!r}")
+    return StoredVectors(vectors.float(), keys, provenance)
+
+
+def texts_hash(texts: Sequence[str]) -> str:
+    """sha256 over the texts (length-prefixed, so ``["ab"]`` and ``["a", "b"]`` differ)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        raw = text.encode("utf-8")
+        digest.update(f"{len(raw)}:".encode())
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def cache_key(model_hash: str, pooling: str, max_length: int, template_id: str, texts: Sequence[str]) -> str:
+    """Cache file stem: hash of (model, pooling, max length, template, texts)."""
+    payload = json.dumps([FORMAT_VERSION, model_hash, pooling, max_length, template_id, texts_hash(texts)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def cached_encode(
+    encoder: Any,
+    texts: Sequence[str],
+    template_id: str,
+    cache_dir: Optional[str],
+    progress: bool = True,
+) -> torch.Tensor:
+    """``encoder.encode(texts)`` memoised on disk under ``cache_dir``.
+
+    The key is a hash of the encoder's model hash, pooling and max length, the template
+    id and the texts, so any change of model, template or text misses the cache.
+
+    Args:
+        encoder (TextEncoder): anything with ``encode``, ``model_hash``, ``model_id``,
+            ``pooling`` and ``max_length``.
+        texts (Sequence[str]): N texts.
+        template_id (str): the template (or its hash) the texts were made with.
+        cache_dir (Optional[str]): None disables the cache.
+
+    Returns:
+        torch.Tensor: (N, d) float32.
+    """
+    texts = list(texts)
+    if cache_dir is None:
+        return encoder.encode(texts, progress=progress)
+    key = cache_key(encoder.model_hash, encoder.pooling, encoder.max_length, template_id, texts)
+    path = os.path.join(cache_dir, f"{key}.safetensors")
+    expected = {"model_hash": encoder.model_hash, "pooling": encoder.pooling, "template": template_id}
+    if os.path.exists(path):
+        stored = load_vectors(path, expected=expected)
+        if stored.vectors.size(0) == len(texts):
+            return stored.vectors
+    vectors = encoder.encode(texts, progress=progress)
+    provenance = VectorProvenance(
+        model_id=encoder.model_id, model_hash=encoder.model_hash, pooling=encoder.pooling, template=template_id,
+        extra={"texts_sha256": texts_hash(texts), "max_length": encoder.max_length},
+    )
+    save_vectors(path, vectors, [str(i) for i in range(len(texts))], provenance)
+    return vectors

@@ -1,0 +1,76 @@
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig
+
+from recsys_llm.semantics.encoder import TextEncoder, default_model_path, pool, resolve_dtype, resolve_pooling
+
+TEXTS = ["shade 3", "town 17 of the user", "price", "user id 250 shade 9 town 4", "12 . 5"]
+
+
+class TestPool:
+    def test_mean_and_last_token_with_right_and_left_padding(self) -> None:
+        torch.manual_seed(0)
+        hidden = torch.randn(2, 4, 3)
+        right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+        left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+        torch.testing.assert_close(pool(hidden, right, "last_token"), torch.stack([hidden[0, 1], hidden[1, 3]]))
+        torch.testing.assert_close(pool(hidden, left, "last_token"), torch.stack([hidden[0, 3], hidden[1, 3]]))
+        torch.testing.assert_close(pool(hidden, left, "cls"), torch.stack([hidden[0, 2], hidden[1, 0]]))
+        torch.testing.assert_close(pool(hidden, right, "mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
+
+    def test_resolve_pooling(self) -> None:
+        assert resolve_pooling("auto", LlamaConfig()) == "last_token"
+        assert resolve_pooling("auto", BertConfig()) == "mean"
+        assert resolve_pooling("cls", LlamaConfig()) == "cls"
+        with pytest.raises(ValueError, match="pooling must be one of"):
+            resolve_pooling("max", BertConfig())
+
+    def test_dtype(self) -> None:
+        assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+        with pytest.raises(ValueError, match="dtype must be"):
+            resolve_dtype("int8", torch.device("cpu"))
+
+
+class TestTextEncoder:
+    def test_decoder_last_token_matches_single_text_forward(self, tiny_llama_dir: str) -> None:
+        encoder = TextEncoder(tiny_llama_dir, batch_size=2)
+        assert encoder.pooling == "last_token"
+        vectors = encoder.encode(TEXTS)  # (5, 64), batched by length
+        assert vectors.shape == (5, 64) and vectors.dtype == torch.float32
+        model = AutoModel.from_pretrained(tiny_llama_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        for i, text in enumerate(TEXTS):
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                expected = model(input_ids=ids).last_hidden_state[0, -1]
+            torch.testing.assert_close(vectors[i], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(encoder.encode(TEXTS), vectors, atol=0, rtol=0)  # deterministic
+
+    def test_encoder_model_mean_pooling(self, tiny_bert_dir: str) -> None:
+        encoder = TextEncoder(tiny_bert_dir, batch_size=3)
+        assert encoder.pooling == "mean"
+        vectors = encoder.encode(TEXTS)
+        model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+        ids = tokenizer(TEXTS[1], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = model(input_ids=ids).last_hidden_state[0].mean(0)
+        torch.testing.assert_close(vectors[1], expected, atol=1e-5, rtol=1e-4)
+
+    def test_from_loaded_model(self, tiny_llama_dir: str) -> None:
+        model = AutoModel.from_pretrained(tiny_llama_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        wrapped = TextEncoder.from_model(model, tokenizer, batch_size=4)
+        torch.testing.assert_close(wrapped.encode(TEXTS), TextEncoder(tiny_llama_dir).encode(TEXTS), atol=1e-5, rtol=1e-4)
+        assert len(wrapped.model_hash) == 16
+
+    def test_default_minilm_matches_sentence_transformers(self) -> None:
+        texts = ["a movie about space travel", "user age in years", "the genre of the film"]
+        encoder = TextEncoder(batch_size=2)
+        assert encoder.pooling == "mean" and encoder.dim == 384
+        vectors = encoder.encode(texts)
+        from sentence_transformers import SentenceTransformer
+
+        reference = SentenceTransformer(default_model_path(), device="cpu").encode(texts, convert_to_tensor=True)
+        cosine = torch.nn.functional.cosine_similarity(vectors, reference.cpu(), dim=-1)
+        assert bool((cosine > 0.9999).all()), cosine

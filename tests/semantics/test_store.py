@@ -1,0 +1,71 @@
+import os
+from typing import List
+
+import pytest
+import torch
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.semantics.encoder import TextEncoder
+from recsys_llm.semantics.store import VectorProvenance, VectorProvenanceError, cached_encode, load_vectors, save_vectors
+from tests.semantics.conftest import make_schema
+
+
+class CountingEncoder(TextEncoder):
+    """A real TextEncoder that counts how often it runs the model."""
+
+    calls: int = 0
+
+    def encode(self, texts: List[str], progress: bool = True) -> torch.Tensor:
+        type(self).calls += 1
+        return super().encode(texts, progress)
+
+
+def _provenance() -> VectorProvenance:
+    return VectorProvenance(model_id="m", model_hash="h1", pooling="mean", template="{name}")
+
+
+class TestVectorStore:
+    def test_round_trip(self, tmp_path, tiny_schema: DatasetSchema) -> None:
+        path = str(tmp_path / "v.safetensors")
+        vectors = torch.randn(2, 8)
+        save_vectors(path, vectors, ["color", "city"], _provenance().for_schema(tiny_schema))
+        stored = load_vectors(path, schema=tiny_schema, expected={"pooling": "mean"})
+        torch.testing.assert_close(stored.vectors, vectors)
+        assert stored.keys == ["color", "city"]
+        assert stored.provenance.schema_fingerprint == tiny_schema.fingerprint()
+        assert stored.provenance.schema_fields == ["color", "city", "user_id", "C1", "price"]
+        assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]  # atomic write left no temp file
+
+    def test_other_schema_is_rejected_with_clear_message(self, tmp_path, tiny_schema: DatasetSchema) -> None:
+        path = str(tmp_path / "v.safetensors")
+        save_vectors(path, torch.randn(2, 8), ["color", "city"], _provenance().for_schema(tiny_schema))
+        other = make_schema(str(tmp_path / "other"), name="other", descriptions=False)
+        with pytest.raises(VectorProvenanceError) as error:
+            load_vectors(path, schema=other)
+        message = str(error.value)
+        assert path in message and tiny_schema.fingerprint() in message and other.fingerprint() in message
+        assert "'tiny'" in message and "'other'" in message and "re-encode" in message.lower()
+
+    def test_expected_mismatch_and_bad_shapes(self, tmp_path) -> None:
+        path = str(tmp_path / "v.safetensors")
+        save_vectors(path, torch.randn(2, 8), ["a", "b"], _provenance())
+        with pytest.raises(VectorProvenanceError, match="pooling='mean', expected 'last_token'"):
+            load_vectors(path, expected={"pooling": "last_token"})
+        with pytest.raises(ValueError, match="shape"):
+            save_vectors(path, torch.randn(3, 8), ["a", "b"], _provenance())
+        with pytest.raises(ValueError, match="distinct"):
+            save_vectors(path, torch.randn(2, 8), ["a", "a"], _provenance())
+
+
+class TestCachedEncode:
+    def test_second_call_hits_cache(self, tmp_path, tiny_llama_dir: str) -> None:
+        encoder = CountingEncoder(tiny_llama_dir)
+        CountingEncoder.calls = 0
+        texts = ["shade 1", "town 2", "price"]
+        first = cached_encode(encoder, texts, "t1", str(tmp_path), progress=False)
+        second = cached_encode(encoder, texts, "t1", str(tmp_path), progress=False)
+        assert CountingEncoder.calls == 1
+        torch.testing.assert_close(first, second, atol=0, rtol=0)
+        cached_encode(encoder, texts, "t2", str(tmp_path), progress=False)  # other template: miss
+        cached_encode(encoder, texts[:2], "t1", str(tmp_path), progress=False)  # other texts: miss
+        assert CountingEncoder.calls == 3

@@ -1,0 +1,34 @@
+import random
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
+
+
+class TestTemplates:
+    def test_ssft_prompt_is_alpaca_with_method_wording(self) -> None:
+        prompt = ssft_prompt("shade 3", ["color", "city"], PromptTemplates())
+        assert prompt.startswith("Below is an instruction that describes a task")
+        assert "### Instruction:\nGiven a feature, answer which field it belongs to, choosing from the candidate set\n" in prompt
+        assert "### Input:\nThe feature is: shade 3. The candidate set is: [color, city]\n" in prompt
+        assert prompt.endswith("### Response:\n")
+
+    def test_field_text_uses_description_or_name(self, tiny_schema: DatasetSchema) -> None:
+        templates = PromptTemplates()
+        assert field_text(tiny_schema.field("city"), templates) == "city: city of the user"
+        assert field_text(tiny_schema.field("C1"), templates) == "C1"
+        custom = PromptTemplates(field="Field {name} ({kind}) means {description}")
+        assert field_text(tiny_schema.field("price"), custom) == "Field price (dense) means price paid in dollars"
+        assert custom.template_id() != templates.template_id()
+
+    def test_select_fields(self, tiny_schema: DatasetSchema) -> None:
+        assert [f.name for f in select_fields(tiny_schema)] == ["color", "city", "user_id", "price"]
+        assert len(select_fields(tiny_schema, include_without_description=True)) == 5
+
+    def test_values_per_kind(self, tiny_schema: DatasetSchema) -> None:
+        colors = distinct_values(tiny_schema, "color", 10, random.Random(0))
+        assert len(colors) == 10 and len(set(colors)) == 10 and all(c.startswith("shade ") for c in colors)
+        prices = distinct_values(tiny_schema, "price", 500, random.Random(0))
+        assert len(prices) == 100 and "12.5" in prices  # distinct values of the train split, formatted
+        ids = distinct_values(tiny_schema, "user_id", 20, random.Random(0))
+        assert len(set(ids)) == 20 and all(0 <= int(i) < 300 for i in ids)  # raw id tokens
+        assert distinct_values(tiny_schema, "color", 10, random.Random(0)) == colors  # seeded
