@@ -1,0 +1,110 @@
+"""LLM vectors into a CTR model's input: as extra fields, or as DLRM dense features.
+
+ELEC's gain network (Dong, Ouyang, Liu, SIGIR 2025) reads the CTR-adapted LLM's
+representation r next to the tabular input. Two plug-ins:
+
+* :class:`VectorFieldInjection` projects r to ``E`` extra field embeddings that take part
+  in the backbone's feature interactions like any EBC field
+  (``CTRTask(field_injection=...)``):  :math:`e_j = W_j r + b_j,\\ j = 1..E`.
+* :class:`DLRMDenseInjection` feeds an unmodified ``torchrec.models.dlrm.DLRM``: the
+  (optionally projected) vector is concatenated to DLRM's dense input,
+  :math:`x' = [x; P r]`, so its bottom MLP sees it.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+class VectorFieldInjection(nn.Module):
+    """Projects a vector to ``num_fields`` extra field embeddings.
+
+    Args:
+        in_dim (int): d, width of the LLM vector.
+        embedding_dim (int): D, the backbone's embedding dim.
+        num_fields (int): E, how many extra fields the vector becomes.
+
+    Example::
+
+        injection = VectorFieldInjection(in_dim=384, embedding_dim=16)
+        task = CTRTask(DeepFM(ebc, 4, num_extra_fields=1), field_injection=injection)
+        extra = injection(torch.randn(32, 384))  # (32, 1, 16)
+    """
+
+    def __init__(self, in_dim: int, embedding_dim: int, num_fields: int = 1) -> None:
+        super().__init__()
+        self._num_fields = num_fields
+        self._embedding_dim = embedding_dim
+        self.projection = nn.Linear(in_dim, num_fields * embedding_dim)
+
+    @property
+    def num_fields(self) -> int:
+        return self._num_fields
+
+    def forward(self, vector: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            vector (torch.Tensor): (B, d); float16 vectors are cast to the weights' dtype.
+
+        Returns:
+            torch.Tensor: (B, E, D).
+        """
+        projected = self.projection(vector.to(self.projection.weight.dtype))  # (B, E * D)
+        return projected.view(-1, self._num_fields, self._embedding_dim)  # (B, E, D)
+
+
+class DLRMDenseInjection(nn.Module):
+    """Wraps an unmodified torchrec ``DLRM`` so it also reads an LLM vector.
+
+    Build the DLRM with ``dense_in_features = num_dense + projected_dim`` (or
+    ``num_dense + in_dim`` with ``projected_dim=None``, no projection).
+
+    Args:
+        dlrm (DLRM): torchrec's DLRM (or DLRM_DCN / DLRM_Projection).
+        in_dim (int): d, width of the LLM vector.
+        projected_dim (Optional[int]): width after a linear projection; None concatenates r as is.
+
+    Example::
+
+        dlrm = DLRM(ebc, dense_in_features=13 + 16, dense_arch_layer_sizes=[64, 16],
+                    over_arch_layer_sizes=[64, 1])
+        model = DLRMDenseInjection(dlrm, in_dim=384, projected_dim=16)
+        logits = model(dense, kjt, llm_vector)  # (B,)
+    """
+
+    def __init__(self, dlrm: DLRM, in_dim: int, projected_dim: Optional[int] = None) -> None:
+        super().__init__()
+        self.dlrm = dlrm
+        self.projection = nn.Linear(in_dim, projected_dim) if projected_dim is not None else None
+        first = next(m for m in dlrm.dense_arch.modules() if isinstance(m, nn.Linear))
+        self._num_dense = first.in_features - (projected_dim if projected_dim is not None else in_dim)
+        if self._num_dense < 0:
+            raise ValueError(
+                f"DLRM dense input has {first.in_features} features, fewer than the injected "
+                f"{projected_dim if projected_dim is not None else in_dim}; build it with "
+                "dense_in_features = num_dense + injected width"
+            )
+
+    @property
+    def num_dense_features(self) -> int:
+        """Width of the original dense input the caller passes."""
+        return self._num_dense
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor, vector: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            dense_features (torch.Tensor): (B, Dd).
+            sparse_features (KeyedJaggedTensor): the DLRM's features.
+            vector (torch.Tensor): (B, d).
+
+        Returns:
+            torch.Tensor: logits (B,).
+        """
+        vector = vector.to(dense_features.dtype)
+        if self.projection is not None:
+            vector = self.projection(vector)  # (B, P)
+        dense = torch.cat([dense_features, vector], dim=1)  # (B, Dd + P)
+        return self.dlrm(dense, sparse_features).squeeze(-1)  # (B,)

@@ -1,0 +1,111 @@
+"""Score-level and representation-level knowledge distillation (ELEC, SIGIR 2025).
+
+The student (vanilla network) learns the teacher's (gain network's) click probability
+and its last hidden representation. Teacher inputs are always detached: distillation
+never sends gradients into the teacher.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCORE_KD_KINDS = ("bce", "kl")
+REPR_KD_KINDS = ("mse", "cosine")
+
+
+class ScoreDistillation(nn.Module):
+    """Distils the teacher's click probability with temperature T.
+
+    With :math:`p = \\sigma(z_t / T)` and :math:`q = \\sigma(z_s / T)`:
+
+    .. math::
+
+        \\mathcal{L}_{bce} = T^2 \\cdot \\overline{-[p \\log q + (1 - p) \\log(1 - q)]}, \\qquad
+        \\mathcal{L}_{kl} = T^2 \\cdot \\overline{p \\log\\frac{p}{q} + (1-p)\\log\\frac{1-p}{1-q}}
+
+    (mean over the batch; the :math:`T^2` keeps gradient sizes comparable across T, as in
+    Hinton et al. 2015). KL is BCE minus the teacher's entropy: same gradient, zero at
+    :math:`q = p`.
+
+    Args:
+        temperature (float): T > 0.
+        kind (str): ``bce`` or ``kl``.
+
+    Example::
+
+        kd = ScoreDistillation(temperature=2.0)
+        loss = kd(student_logits, teacher_logits)  # scalar; (B,) inputs
+    """
+
+    def __init__(self, temperature: float = 1.0, kind: str = "bce") -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"ScoreDistillation: temperature must be > 0, got {temperature}")
+        if kind not in SCORE_KD_KINDS:
+            raise ValueError(f"ScoreDistillation: kind must be one of {SCORE_KD_KINDS}, got {kind!r}")
+        self._temperature = temperature
+        self._kind = kind
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            student_logits (torch.Tensor): (B,).
+            teacher_logits (torch.Tensor): (B,), detached here.
+
+        Returns:
+            torch.Tensor: scalar loss.
+        """
+        t = self._temperature
+        student = student_logits / t  # (B,)
+        teacher = teacher_logits.detach().to(student.dtype) / t  # (B,)
+        target = torch.sigmoid(teacher)  # (B,) p
+        loss = F.binary_cross_entropy_with_logits(student, target, reduction="none")  # (B,)
+        if self._kind == "kl":
+            entropy = F.binary_cross_entropy_with_logits(teacher, target, reduction="none")  # (B,) H(p)
+            loss = loss - entropy
+        return loss.mean() * (t * t)
+
+
+class RepresentationDistillation(nn.Module):
+    """Pulls the student's representation towards the teacher's.
+
+    .. math::
+
+        \\mathcal{L}_{mse} = \\overline{\\lVert P h_s - h_t \\rVert^2} / H_t, \\qquad
+        \\mathcal{L}_{cos} = \\overline{1 - \\cos(P h_s, h_t)}
+
+    :math:`P` is a learned linear projection when the sizes differ (it is part of the
+    training graph only, never of the served student), the identity otherwise.
+
+    Args:
+        student_dim (int): H_s.
+        teacher_dim (int): H_t.
+        kind (str): ``mse`` or ``cosine``.
+
+    Example::
+
+        kd = RepresentationDistillation(student_dim=64, teacher_dim=128, kind="cosine")
+        loss = kd(student_repr, teacher_repr)  # scalar; (B, 64), (B, 128) inputs
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, kind: str = "mse") -> None:
+        super().__init__()
+        if kind not in REPR_KD_KINDS:
+            raise ValueError(f"RepresentationDistillation: kind must be one of {REPR_KD_KINDS}, got {kind!r}")
+        self._kind = kind
+        self.projection: nn.Module = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            student (torch.Tensor): (B, H_s).
+            teacher (torch.Tensor): (B, H_t), detached here.
+
+        Returns:
+            torch.Tensor: scalar loss.
+        """
+        projected = self.projection(student)  # (B, H_t)
+        teacher = teacher.detach().to(projected.dtype)
+        if self._kind == "mse":
+            return F.mse_loss(projected, teacher)
+        return (1.0 - F.cosine_similarity(projected, teacher, dim=-1)).mean()

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from recsys_llm.modules.distillation import RepresentationDistillation, ScoreDistillation
+
+
+class TestScoreDistillation:
+    def test_bce_matches_formula(self):
+        torch.manual_seed(0)
+        zs, zt = torch.randn(8), torch.randn(8)
+        t = 2.0
+        p, q = torch.sigmoid(zt / t), torch.sigmoid(zs / t)
+        expected = -(p * torch.log(q) + (1 - p) * torch.log(1 - q)).mean() * t * t
+        torch.testing.assert_close(ScoreDistillation(t, "bce")(zs, zt), expected)
+
+    def test_kl_matches_formula_and_is_zero_at_teacher(self):
+        torch.manual_seed(1)
+        zs, zt = torch.randn(8), torch.randn(8)
+        p, q = torch.sigmoid(zt / 3.0), torch.sigmoid(zs / 3.0)
+        expected = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).mean() * 9.0
+        kd = ScoreDistillation(3.0, "kl")
+        torch.testing.assert_close(kd(zs, zt), expected)
+        assert abs(float(kd(zt.clone(), zt))) < 1e-6
+
+    def test_gradient_only_reaches_student(self):
+        zs = torch.tensor([0.3, -1.0], requires_grad=True)
+        zt = torch.tensor([1.0, 2.0], requires_grad=True)
+        ScoreDistillation(1.0)(zs, zt).backward()
+        assert zt.grad is None
+        # d/dzs of mean BCE = (sigmoid(zs) - sigmoid(zt)) / B
+        torch.testing.assert_close(zs.grad, (torch.sigmoid(zs) - torch.sigmoid(zt)).detach() / 2)
+
+    def test_bad_settings(self):
+        with pytest.raises(ValueError, match="temperature"):
+            ScoreDistillation(0.0)
+        with pytest.raises(ValueError, match="kind"):
+            ScoreDistillation(1.0, "mse")
+
+
+class TestRepresentationDistillation:
+    def test_mse_identity_when_sizes_match(self):
+        torch.manual_seed(2)
+        hs, ht = torch.randn(4, 6), torch.randn(4, 6)
+        kd = RepresentationDistillation(6, 6, "mse")
+        assert isinstance(kd.projection, torch.nn.Identity)
+        torch.testing.assert_close(kd(hs, ht), ((hs - ht) ** 2).mean())
+
+    def test_cosine_with_projection(self):
+        torch.manual_seed(3)
+        kd = RepresentationDistillation(4, 6, "cosine")
+        hs, ht = torch.randn(5, 4), torch.randn(5, 6)
+        projected = kd.projection(hs)
+        expected = (1 - torch.nn.functional.cosine_similarity(projected, ht, dim=-1)).mean()
+        torch.testing.assert_close(kd(hs, ht), expected)
+        assert float(kd(hs, 3.0 * kd.projection(hs).detach())) == pytest.approx(0.0, abs=1e-6)
+
+    def test_training_the_projection_lowers_the_loss(self):
+        torch.manual_seed(4)
+        hs = torch.randn(64, 4)
+        ht = hs @ torch.randn(4, 8)  # a linear map exists
+        kd = RepresentationDistillation(4, 8, "mse")
+        optimizer = torch.optim.Adam(kd.parameters(), lr=0.05)
+        first = float(kd(hs, ht))
+        for _ in range(200):
+            optimizer.zero_grad()
+            loss = kd(hs, ht)
+            loss.backward()
+            optimizer.step()
+        assert float(loss) < 0.05 * first and not math.isnan(float(loss))
