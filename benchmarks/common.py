@@ -248,9 +248,10 @@ def bar_chart(
     axis.set_xticklabels(labels, rotation=15, ha="right")
     axis.set_ylabel(ylabel)
     axis.set_title(title)
-    for bar, height in zip(bars, heights):
+    for label, bar, height in zip(labels, bars, heights):
+        top = max(height, errors[label][1]) if errors and label in errors else height
         axis.annotate(f"{height:,.0f}" if height >= 100 else f"{height:.3g}",
-                      (bar.get_x() + bar.get_width() / 2, height), ha="center", va="bottom", fontsize=8)
+                      (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom", fontsize=8)
     _save(fig, path)
 
 
