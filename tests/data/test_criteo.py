@@ -1,0 +1,82 @@
+"""Criteo TSV/CSV conversion on a small file the test writes itself."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from recsys_llm.data.criteo import DENSE_NAMES, SPARSE_NAMES, CriteoConfig, prepare_criteo
+from recsys_llm.data.hashing import hash_strings
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.validation import DataError
+
+
+def _lines(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        label = str(int(rng.random() < 0.3))
+        dense = ["" if rng.random() < 0.2 else str(int(rng.integers(-2, 1000))) for _ in DENSE_NAMES]
+        sparse = ["" if rng.random() < 0.1 else f"{int(rng.integers(0, 50)):08x}" for _ in SPARSE_NAMES]
+        rows.append([label] + dense + sparse)
+    return rows
+
+
+def _write(path, rows, delimiter="\t", header=None):
+    with open(path, "w") as handle:
+        if header:
+            handle.write(delimiter.join(header) + "\n")
+        handle.writelines(delimiter.join(r) + "\n" for r in rows)
+    return str(path)
+
+
+def test_tsv_conversion_matches_raw(tmp_path):
+    rows = _lines(1000)
+    raw = _write(tmp_path / "day_0", rows)
+    schema = prepare_criteo(raw, str(tmp_path / "out"), CriteoConfig(hash_size=1000, rows_per_group=128, block_bytes=4096))
+    tables = [pq.read_table(schema.split_path(s)) for s in ("train", "valid", "test")]
+    assert [t.num_rows for t in tables] == [800, 100, 100]
+    table = tables[0]
+    np.testing.assert_array_equal(table["row_id"].to_numpy(), np.arange(800))
+    np.testing.assert_array_equal(table["label"].to_numpy(), [int(r[0]) for r in rows[:800]])
+    i3 = np.array([float(r[3]) if r[3] else 0.0 for r in rows[:800]])
+    np.testing.assert_allclose(table["I3"].to_numpy(), np.log1p(np.maximum(i3, 0)), rtol=1e-6)
+    c5 = [r[1 + 13 + 4] for r in rows[:800]]
+    expected = hash_strings(__import__("pyarrow").array([c or None for c in c5]), 1000, salt=4)
+    np.testing.assert_array_equal(table["C5"].to_numpy(), expected)
+    assert (table["C5"].to_numpy() == 0).sum() == sum(1 for c in c5 if not c)
+    same = [i for i in range(800) if c5[i] == c5[0]]
+    assert len(set(table["C5"].to_numpy()[same])) == 1  # equal tokens, equal ids
+    assert all(schema.field(n).hashed and schema.field(n).cardinality == 1000 for n in SPARSE_NAMES)
+    batch = next(iter(ParquetBatchReader(schema, "train", 256)))
+    assert batch.dense_features.shape == (256, 13) and len(batch.sparse_features.keys()) == 26
+
+
+def test_kaggle_csv_with_header_and_id(tmp_path):
+    rows = [[str(i)] + r for i, r in enumerate(_lines(50, seed=1))]
+    raw = _write(tmp_path / "train.csv", rows, ",", ["Id", "Label"] + DENSE_NAMES + SPARSE_NAMES)
+    schema = prepare_criteo(raw, str(tmp_path / "out"), CriteoConfig(hash_size=64, split_fractions=(0.6, 0.2, 0.2)))
+    assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == [30, 10, 10]
+
+
+def test_wrong_column_count_names_line(tmp_path):
+    rows = _lines(20)
+    rows[6] = rows[6][:30]
+    raw = _write(tmp_path / "bad.tsv", rows)
+    with pytest.raises(DataError, match=r"bad\.tsv, line 7: 30 columns, expected 40"):
+        prepare_criteo(raw, str(tmp_path / "out"))
+
+
+def test_bad_label_names_line(tmp_path):
+    rows = _lines(20)
+    rows[9][0] = "3"
+    raw = _write(tmp_path / "bad.tsv", rows)
+    with pytest.raises(DataError, match=r"bad\.tsv: column 'label', line 10: label 3\.0 .*expected 0 or 1"):
+        prepare_criteo(raw, str(tmp_path / "out"))
+
+
+def test_non_numeric_dense(tmp_path):
+    rows = _lines(20)
+    rows[3][2] = "abc"
+    raw = _write(tmp_path / "bad.tsv", rows)
+    with pytest.raises(DataError, match=r"bad\.tsv: cannot parse as Criteo.*abc"):
+        prepare_criteo(raw, str(tmp_path / "out"))
