@@ -1,0 +1,172 @@
+"""ELEC tasks for the runner: the gain network alone, or a teacher-student pair.
+
+* ``task="gain"``: backbone + the LLM vector as ``num_injected_fields`` extra fields
+  (:class:`VectorFieldInjection`). The vector comes from ``batch.extras[vector_key]``
+  (per-row export attached to the split) or, with ``vector_source="entity_table"``, from a
+  frozen sharded :class:`SemanticTable` looked up by ``entity_field``.
+* ``task="distill"``: :class:`TeacherStudentTask` of that gain network (teacher, tables
+  prefixed ``teacher_``) and a vanilla network of the same backbone kind (student, tables
+  prefixed ``student_``, tabular input only). In ``offline`` mode there is no teacher.
+
+After sharding, :func:`load_elec_state` fills the entity table and (frozen mode) the
+teacher, each rank writing only its own shards.
+
+Example::
+
+    config = ELECConfig(task="distill", vector_dim=64, distill=TeacherStudentConfig(mode="joint"))
+    task = build_elec_task(config, schema, ModelConfig(name="deepfm"))
+    model, plan = shard_model(task, device, world_size, sharding, optim)
+    load_elec_state(model, config)
+"""
+
+import dataclasses
+import os
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.registry import ModelConfig, build_backbone
+from recsys_llm.modules.dense_injection import VectorFieldInjection
+from recsys_llm.modules.semantic_table import SemanticTable, SemanticTableTask, load_semantic_vectors
+from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask, load_full_state
+from recsys_llm.train.task import CTRTask
+
+TASKS = ("gain", "distill")
+VECTOR_SOURCES = ("extras", "entity_table")
+TEACHER_PREFIX = "teacher_"
+STUDENT_PREFIX = "student_"
+
+
+@dataclasses.dataclass
+class ELECConfig:
+    """What to build.
+
+    Args:
+        task (str): ``gain`` (teacher alone) or ``distill`` (teacher + student).
+        vector_dim (int): d of the LLM vectors.
+        num_injected_fields (int): E extra fields the vector becomes.
+        vector_source (str): ``extras`` (``batch.extras[vector_key]``) or ``entity_table``.
+        vector_key (str): extras key of per-row vectors.
+        entity_field (Optional[str]): sparse field whose ids key the entity vectors.
+        entity_vectors (Optional[str]): export directory of the entity vectors.
+        expected_provenance (Dict[str, str]): provenance the vectors must have.
+        teacher_checkpoint (Optional[str]): frozen mode: a gain-network export directory
+            (``recsys-llm export``) or ``.safetensors`` state dict.
+        distill (TeacherStudentConfig): KD mode and weights.
+    """
+
+    task: str = "distill"
+    vector_dim: int = 64
+    num_injected_fields: int = 1
+    vector_source: str = "extras"
+    vector_key: str = "llm_vector"
+    entity_field: Optional[str] = None
+    entity_vectors: Optional[str] = None
+    expected_provenance: Dict[str, str] = dataclasses.field(default_factory=dict)
+    teacher_checkpoint: Optional[str] = None
+    distill: TeacherStudentConfig = dataclasses.field(default_factory=TeacherStudentConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.distill, Mapping):
+            self.distill = TeacherStudentConfig(**self.distill)
+        if self.task not in TASKS:
+            raise ValueError(f"elec.task must be one of {TASKS}, got {self.task!r}")
+        if self.vector_source not in VECTOR_SOURCES:
+            raise ValueError(f"elec.vector_source must be one of {VECTOR_SOURCES}, got {self.vector_source!r}")
+        if self.vector_source == "entity_table" and not self.entity_field:
+            raise ValueError("elec.vector_source 'entity_table' needs elec.entity_field (e.g. 'item_id')")
+        if self.task == "distill" and self.distill.mode == "frozen" and not self.teacher_checkpoint:
+            raise ValueError("elec.distill.mode 'frozen' needs elec.teacher_checkpoint")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "ELECConfig":
+        """From a config-file mapping; unknown keys are an error naming them."""
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - allowed
+        if unknown:
+            raise ValueError(f"{source}: unknown elec keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raw = dict(raw)
+        if "distill" in raw:
+            distill_allowed = {f.name for f in dataclasses.fields(TeacherStudentConfig)}
+            bad = set(raw["distill"]) - distill_allowed
+            if bad:
+                raise ValueError(f"{source}: unknown elec.distill keys {sorted(bad)}; allowed: {sorted(distill_allowed)}")
+            raw["distill"] = TeacherStudentConfig(**raw["distill"])
+        return cls(**raw)
+
+
+def build_gain_network(
+    config: ELECConfig,
+    schema: DatasetSchema,
+    model_config: ModelConfig,
+    table_prefix: str = TEACHER_PREFIX,
+    device: Optional[torch.device] = torch.device("meta"),
+) -> CTRTask:
+    """The gain network: backbone + injected LLM vector (from extras or an entity table)."""
+    backbone = build_backbone(model_config, schema, config.num_injected_fields, device=device, table_prefix=table_prefix)
+    injection = VectorFieldInjection(config.vector_dim, model_config.embedding_dim, config.num_injected_fields)
+    if config.vector_source == "extras":
+        return CTRTask(backbone, field_injection=injection, injection_key=config.vector_key)
+    spec = schema.field(config.entity_field)
+    table = SemanticTable(spec.name, spec.cardinality, config.vector_dim, device=device)
+    return SemanticTableTask(backbone, table, injection)
+
+
+def build_student(
+    schema: DatasetSchema,
+    model_config: ModelConfig,
+    table_prefix: str = STUDENT_PREFIX,
+    device: Optional[torch.device] = torch.device("meta"),
+) -> CTRTask:
+    """The vanilla network: the same backbone kind, own parameters, tabular input only."""
+    return CTRTask(build_backbone(model_config, schema, 0, device=device, table_prefix=table_prefix))
+
+
+def build_elec_task(
+    config: ELECConfig,
+    schema: DatasetSchema,
+    model_config: ModelConfig,
+    device: Optional[torch.device] = torch.device("meta"),
+) -> nn.Module:
+    """The module the runner shards and trains (``forward(batch) -> (loss, (loss, logits, labels))``).
+
+    Args:
+        config (ELECConfig): gain network alone or teacher-student pair.
+        schema (DatasetSchema): the data set.
+        model_config (ModelConfig): backbone of both networks.
+        device (Optional[torch.device]): EBC device (``meta`` for DMP, ``cpu`` for a plain model).
+    """
+    if config.task == "gain":
+        return build_gain_network(config, schema, model_config, table_prefix=TEACHER_PREFIX, device=device)
+    teacher = None
+    if config.distill.mode != "offline":
+        teacher = build_gain_network(config, schema, model_config, table_prefix=TEACHER_PREFIX, device=device)
+    student = build_student(schema, model_config, table_prefix=STUDENT_PREFIX, device=device)
+    return TeacherStudentTask(teacher, student, config.distill)
+
+
+def load_elec_state(model: nn.Module, config: ELECConfig) -> Dict[str, int]:
+    """Fills what training does not: entity vectors and (frozen mode) the teacher's weights.
+
+    Call after sharding (each rank writes only its own shards) or on a plain model.
+
+    Returns:
+        Dict[str, int]: rows filled in the entity table, tensors copied into the teacher.
+    """
+    from recsys_llm.serving import load_state_file
+
+    report = {"entity_rows": 0, "teacher_tensors": 0}
+    is_distill = config.task == "distill"
+    if config.task == "distill" and config.distill.mode == "frozen":
+        state = load_state_file(config.teacher_checkpoint)
+        report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.")
+    elif config.vector_source == "entity_table" and (not is_distill or config.distill.mode == "joint"):
+        if not config.entity_vectors or not os.path.isdir(config.entity_vectors):
+            raise FileNotFoundError(f"elec.entity_vectors: export directory {config.entity_vectors!r} not found")
+        table_name = f"semantic_{config.entity_field}"
+        report["entity_rows"] = load_semantic_vectors(
+            model, table_name, config.entity_vectors, expected=config.expected_provenance or None
+        )
+    return report

@@ -1,0 +1,308 @@
+"""Gain network (teacher) + vanilla network (student) in one module (ELEC, SIGIR 2025).
+
+One ``TeacherStudentTask`` goes under one ``DistributedModelParallel`` and one
+``TrainPipelineSparseDist``: the planner shards the teacher's and the student's tables
+(distinct table prefixes) and the pipeline prefetches both lookups from the same batch.
+
+.. math::
+
+    \\mathcal{L} = \\mathrm{BCE}(z_s, y) + \\alpha\\, \\mathcal{L}_{score}(z_s, z_t)
+                 + \\beta\\, \\mathcal{L}_{repr}(h_s, h_t)
+                 \\; [+\\, \\gamma\\, \\mathrm{BCE}(z_t, y) \\text{ in joint mode}]
+
+Modes:
+
+* ``joint``: the teacher trains in the same step on its own BCE; its logits and
+  representation enter the KD terms detached (no KD gradient reaches the teacher).
+* ``frozen``: a trained teacher (loaded with :func:`load_full_state`) runs in eval mode
+  under ``no_grad`` and has no trainable parameter (its EBCs are marked ``frozen`` so the
+  sharder gives them no optimizer; DDP only sees the student's parameters).
+* ``offline``: no teacher module; logits and representations come from
+  ``batch.extras["teacher_logits"]`` (B,) and ``["teacher_representation"]`` (B, H_t),
+  written beforehand by :func:`write_teacher_outputs` + :func:`attach_columns`.
+
+``forward`` is torch.fx traceable (the mode is a Python constant, no data-dependent
+control flow), as ``TrainPipelineSparseDist`` requires.
+"""
+
+import dataclasses
+import os
+from typing import Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from tqdm import tqdm
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.modules.distillation import RepresentationDistillation, ScoreDistillation
+
+MODES = ("joint", "frozen", "offline")
+
+
+@dataclasses.dataclass
+class TeacherStudentConfig:
+    """Distillation settings.
+
+    Args:
+        mode (str): ``joint``, ``frozen`` or ``offline``.
+        alpha (float): weight of score-level KD.
+        beta (float): weight of representation-level KD (0 disables it).
+        temperature (float): score KD temperature T.
+        score_kd (str): ``bce`` or ``kl``.
+        repr_kd (str): ``mse`` or ``cosine``.
+        teacher_loss_weight (float): gamma, weight of the teacher's BCE in joint mode.
+        teacher_representation_dim (int): H_t for offline mode (read from the teacher otherwise).
+        teacher_logits_key (str): extras key of offline teacher logits.
+        teacher_representation_key (str): extras key of offline teacher representations.
+    """
+
+    mode: str = "joint"
+    alpha: float = 1.0
+    beta: float = 0.1
+    temperature: float = 1.0
+    score_kd: str = "bce"
+    repr_kd: str = "mse"
+    teacher_loss_weight: float = 1.0
+    teacher_representation_dim: int = 0
+    teacher_logits_key: str = "teacher_logits"
+    teacher_representation_key: str = "teacher_representation"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"TeacherStudentConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"TeacherStudentConfig: alpha and beta must be >= 0, got {self.alpha}, {self.beta}")
+
+
+def freeze_teacher(teacher: nn.Module) -> None:
+    """No trainable parameter left; EBCs marked ``frozen`` for the sharder (dense kernel, no optimizer)."""
+    for module in teacher.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            module.frozen = True
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    teacher.eval()
+
+
+class TeacherStudentTask(nn.Module):
+    """Trains the student (and in joint mode the teacher) with score + representation KD.
+
+    Args:
+        teacher (Optional[nn.Module]): a ``CTRTask``-like module with ``predict(batch) ->
+            CTROutput`` and ``model.representation_dim`` (None in offline mode).
+        student (nn.Module): the vanilla network's ``CTRTask`` (the only served part).
+        config (TeacherStudentConfig): mode and loss weights.
+
+    Example::
+
+        task = TeacherStudentTask(gain_task, vanilla_task, TeacherStudentConfig(mode="joint"))
+        loss, (loss_detached, student_logits, labels) = task(batch)
+    """
+
+    def __init__(self, teacher: Optional[nn.Module], student: nn.Module, config: TeacherStudentConfig) -> None:
+        super().__init__()
+        self._config = config
+        if config.mode == "offline":
+            if teacher is not None:
+                raise ValueError("offline distillation reads teacher outputs from the batch; pass teacher=None")
+            teacher_dim = config.teacher_representation_dim
+        else:
+            if teacher is None:
+                raise ValueError(f"{config.mode} distillation needs a teacher module")
+            teacher_dim = int(teacher.model.representation_dim)
+        if config.mode == "frozen":
+            freeze_teacher(teacher)
+        self.teacher = teacher
+        self.student = student
+        self.score_kd = ScoreDistillation(config.temperature, config.score_kd)
+        self.repr_kd: Optional[RepresentationDistillation] = None
+        if config.beta > 0:
+            if teacher_dim <= 0:
+                raise ValueError("representation KD in offline mode needs config.teacher_representation_dim > 0")
+            self.repr_kd = RepresentationDistillation(int(student.model.representation_dim), teacher_dim, config.repr_kd)
+
+    @property
+    def config(self) -> TeacherStudentConfig:
+        return self._config
+
+    def train(self, mode: bool = True) -> "TeacherStudentTask":
+        super().train(mode)
+        if self._config.mode == "frozen" and self.teacher is not None:
+            self.teacher.eval()  # a frozen teacher never leaves eval mode (dropout off)
+        return self
+
+    def _teacher_outputs(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher logits (B,), representation (B, H_t) and its own loss (scalar, joint only)."""
+        if self._config.mode == "offline":
+            logits = batch.extras[self._config.teacher_logits_key]
+            representation = logits
+            if self.repr_kd is not None:
+                representation = batch.extras[self._config.teacher_representation_key]
+            return logits, representation, torch.zeros((), device=logits.device)
+        if self._config.mode == "frozen":
+            with torch.no_grad():
+                output = self.teacher.predict(batch)
+            return output.logits, output.representation, torch.zeros((), device=output.logits.device)
+        output = self.teacher.predict(batch)
+        loss = self.teacher.loss_fn(output.logits, batch.labels)
+        for term in self.teacher.loss_terms.values():
+            loss = loss + term(output, batch)
+        return output.logits, output.representation, loss
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            batch (Batch): tabular input (+ teacher outputs in ``extras`` in offline mode).
+
+        Returns:
+            Tuple: ``(loss, (loss_detached, student_logits (B,), labels (B,)))``.
+        """
+        teacher_logits, teacher_representation, teacher_loss = self._teacher_outputs(batch)
+        output = self.student.predict(batch)
+        loss = self.student.loss_fn(output.logits, batch.labels)
+        for term in self.student.loss_terms.values():
+            loss = loss + term(output, batch)
+        if self._config.alpha > 0:
+            loss = loss + self._config.alpha * self.score_kd(output.logits, teacher_logits.detach())
+        if self.repr_kd is not None:
+            loss = loss + self._config.beta * self.repr_kd(output.representation, teacher_representation.detach())
+        if self._config.mode == "joint":
+            loss = loss + self._config.teacher_loss_weight * teacher_loss
+        return loss, (loss.detach(), output.logits.detach(), batch.labels)
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, state: Dict[str, torch.Tensor], prefix: str = "") -> int:
+    """Copies a full (unsharded) state dict into a possibly sharded model, shard by shard.
+
+    Each ``ShardedTensor`` of ``model.state_dict()`` receives only its local shards'
+    slices of the full tensor; plain tensors are copied whole. Used to load a trained
+    teacher into a ``TeacherStudentTask`` under DMP (``prefix="teacher."``).
+
+    Args:
+        model (nn.Module): the destination (DMP or plain).
+        state (Dict[str, torch.Tensor]): full tensors, keys relative to ``prefix``.
+        prefix (str): prefix of the destination keys.
+
+    Returns:
+        int: number of tensors copied.
+
+    Raises:
+        KeyError: a destination key under ``prefix`` has no source tensor.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    copied = 0
+    for key, dest in model.state_dict().items():
+        name = _strip_wrappers(key)
+        if not name.startswith(prefix):
+            continue
+        source_key = name[len(prefix) :]
+        if source_key not in state:
+            raise KeyError(f"load_full_state: no tensor {source_key!r} for {key!r}; source has {sorted(state)[:8]}...")
+        source = state[source_key]
+        if isinstance(dest, ShardedTensor):
+            for shard in dest.local_shards():
+                index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                shard.tensor.copy_(source[index])
+        else:
+            dest.copy_(source)
+        copied += 1
+    return copied
+
+
+def _strip_wrappers(key: str) -> str:
+    for wrapper in ("_dmp_wrapped_module.", "module."):
+        if key.startswith(wrapper):
+            key = key[len(wrapper) :]
+    return key
+
+
+@torch.no_grad()
+def write_teacher_outputs(
+    teacher: nn.Module,
+    batches: Iterable[Batch],
+    output_path: str,
+    row_key: str = "row_id",
+    with_representation: bool = True,
+    progress: bool = True,
+) -> int:
+    """Runs a trained teacher over batches and writes its outputs by row key (offline mode).
+
+    Columns: ``row_key`` (int64), ``teacher_logits`` (float32) and, if asked,
+    ``teacher_representation`` (fixed_size_list<float32, H_t>). Join them into a copy of
+    the split with :func:`attach_columns` so the reader yields them as extras.
+
+    Args:
+        teacher (nn.Module): ``predict(batch) -> CTROutput``.
+        batches (Iterable[Batch]): the split, with ``extras[row_key]``.
+        output_path (str): Parquet file (written atomically).
+        row_key (str): extras key and column name of the row ids.
+        with_representation (bool): also write the representations.
+        progress (bool): tqdm bar.
+
+    Returns:
+        int: rows written.
+    """
+    teacher.eval()
+    tmp = f"{output_path}.tmp"
+    writer: Optional[pq.ParquetWriter] = None
+    rows = 0
+    try:
+        for batch in tqdm(batches, desc="teacher outputs", disable=not progress):
+            if row_key not in batch.extras:
+                raise KeyError(f"write_teacher_outputs: batch has no extras[{row_key!r}] (row ids); extras: {sorted(batch.extras)}")
+            output = teacher.predict(batch)
+            columns = {
+                row_key: pa.array(batch.extras[row_key].cpu().numpy().astype(np.int64)),
+                "teacher_logits": pa.array(output.logits.float().cpu().numpy()),
+            }
+            if with_representation:
+                rep = output.representation.float().cpu().numpy()  # (B, H_t)
+                columns["teacher_representation"] = pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)), rep.shape[1])
+            table = pa.table(columns)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ValueError("write_teacher_outputs: no batches")
+    os.replace(tmp, output_path)
+    return rows
+
+
+def attach_columns(split_path: str, columns_path: str, key_column: str, output_path: str) -> int:
+    """Writes a copy of a split with the columns of ``columns_path`` joined on ``key_column``.
+
+    Raises:
+        ValueError: a row of the split has no match, or a column already exists.
+
+    Returns:
+        int: rows written.
+    """
+    split = pq.read_table(split_path)
+    extra = pq.read_table(columns_path)
+    for path, table in ((split_path, split), (columns_path, extra)):
+        if key_column not in table.column_names:
+            raise ValueError(f"{path}: no key column {key_column!r}; columns {table.column_names}")
+    index = pc.index_in(split.column(key_column), value_set=extra.column(key_column))  # (N,)
+    if index.null_count:
+        raise ValueError(f"{split_path}: {index.null_count} rows have no {key_column!r} in {columns_path}")
+    for name in extra.column_names:
+        if name == key_column:
+            continue
+        if name in split.column_names:
+            raise ValueError(f"{split_path}: already has a column {name!r}")
+        split = split.append_column(name, pc.take(extra.column(name), index))
+    tmp = f"{output_path}.tmp"
+    pq.write_table(split, tmp)
+    os.replace(tmp, output_path)
+    return split.num_rows

@@ -1,0 +1,315 @@
+"""Serving artifact of a trained CTR task: the ELEC student alone (or any ``CTRTask``).
+
+``export_task`` writes a directory::
+
+    model.safetensors     full (unsharded) state dict of the task: weights only
+    tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling)
+    dense_program.pt2     torch.export program of everything after the EBC lookup:
+                          (dense (B, Dd), pooled (B, F * D)) -> logits (B,)
+    config.json           format version, feature names, model config, program status
+    INFERENCE.md          how to call it
+
+The EBC lookup stays eager (``ServedModel`` rebuilds the EBC from ``tables.json``; on a
+serving host with torchrec's inference sharding it would be a TBE lookup) because
+``torch.export`` does not capture KeyedJaggedTensor inputs; the dense part is one
+exported program, no Python model code needed. When ``torch.export`` cannot capture a
+backbone, ``dense_program`` is ``null`` in ``config.json`` (with the reason) and the
+state dict serves through the model code.
+
+Only the student of a ``TeacherStudentTask`` is exported (keys ``student.*``): the
+artifact holds no teacher, LLM, injection or semantic-table parameter, and
+:func:`export_task` refuses a task that reads LLM vectors.
+
+Example (inference)::
+
+    served = ServedModel.load("runs/elec/export")
+    probabilities = served.predict(dense_features, sparse_kjt)  # (B,)
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recsys_llm.models.base import CTROutput
+
+FORMAT_VERSION = 1
+STATE_FILE = "model.safetensors"
+FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")
+
+INFERENCE_EXAMPLE = """# Inference with an exported model
+
+```python
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from recsys_llm.serving import ServedModel
+
+served = ServedModel.load("{path}")
+kjt = KeyedJaggedTensor.from_lengths_sync(
+    keys=served.feature_names,                       # {features}
+    values=torch.tensor([...], dtype=torch.int64),   # ids, feature-major
+    lengths=torch.tensor([...], dtype=torch.int32),  # one length per (feature, row)
+)
+dense = torch.zeros(batch_size, {num_dense})         # dense features in schema order
+probabilities = served.predict(dense, kjt)           # (batch_size,)
+```
+
+The EBC lookup runs eagerly; everything after it is `dense_program.pt2`
+(`torch.export.load`), inputs `(dense (B, {num_dense}), pooled (B, {pooled}))`.
+"""
+
+
+# ---- state dicts -----------------------------------------------------------------------
+def _strip_wrappers(key: str) -> str:
+    for wrapper in ("_dmp_wrapped_module.", "module."):
+        if key.startswith(wrapper):
+            key = key[len(wrapper) :]
+    return key
+
+
+def unsharded_state_dict(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
+    """The full state dict of a (possibly DMP-sharded) model, gathered on rank ``dst``.
+
+    Every rank must call it (``ShardedTensor.gather`` is a collective). Plain tensors are
+    cloned; wrapper prefixes (``_dmp_wrapped_module.``, DDP's ``module.``) are removed.
+
+    Returns:
+        Dict[str, torch.Tensor]: full CPU tensors on ``dst``; an empty dict on other ranks.
+    """
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        name = _strip_wrappers(key)
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
+            value.gather(dst=dst, out=full)
+            if rank == dst:
+                out[name] = full
+        elif hasattr(value, "full_tensor"):  # DTensor
+            full = value.full_tensor()
+            if rank == dst:
+                out[name] = full.detach().cpu().clone()
+        elif rank == dst:
+            out[name] = value.detach().cpu().clone()
+    return out
+
+
+def sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """Keys under ``prefix`` with the prefix removed (e.g. ``student.`` of a TeacherStudentTask)."""
+    picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not picked:
+        raise KeyError(f"no state under prefix {prefix!r}; prefixes present: {sorted({k.split('.')[0] for k in state})}")
+    return picked
+
+
+def load_state_file(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from an export directory or a ``.safetensors`` file (weights only, no code)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, STATE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: state file not found")
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---- the dense program -----------------------------------------------------------------
+class DenseHead(nn.Module):
+    """Everything of a ``CTRTask`` after the EBC: ``(dense, pooled) -> logits``.
+
+    Args:
+        task (nn.Module): a ``CTRTask`` without field injection.
+    """
+
+    def __init__(self, task: nn.Module) -> None:
+        super().__init__()
+        self.task = task
+        configs = task.model.embedding_bag_collection.embedding_bag_configs()
+        self._keys: List[str] = [f for c in configs for f in c.feature_names]
+        self._lengths: List[int] = [c.embedding_dim for c in configs for _ in c.feature_names]
+
+    def forward(self, dense_features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            dense_features (torch.Tensor): (B, Dd).
+            pooled (torch.Tensor): (B, sum of table dims), the EBC output values.
+
+        Returns:
+            torch.Tensor: logits (B,).
+        """
+        embeddings = KeyedTensor(keys=self._keys, length_per_key=self._lengths, values=pooled)
+        logits, representation = self.task.model.interact(dense_features, embeddings, None)
+        output = CTROutput(logits, representation, embeddings)
+        for term in self.task.logit_terms.values():
+            logits = logits + term(output)
+        return logits
+
+
+def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
+    return [
+        {
+            "name": c.name,
+            "num_embeddings": c.num_embeddings,
+            "embedding_dim": c.embedding_dim,
+            "feature_names": list(c.feature_names),
+            "pooling": c.pooling.name,
+        }
+        for c in ebc.embedding_bag_configs()
+    ]
+
+
+def check_servable(task: nn.Module) -> None:
+    """Raises when the task would need LLM vectors or a teacher at inference."""
+    if getattr(task, "field_injection", None) is not None:
+        raise ValueError("export: the task injects LLM vectors (a gain network); export the student instead")
+    bad = sorted({n.split(".")[0] for n, _ in task.named_parameters() if any(p in n.split(".") for p in FORBIDDEN_PARTS)})
+    if bad:
+        raise ValueError(f"export: the task holds teacher/LLM parts {bad}; export the student only")
+
+
+def export_task(
+    task: nn.Module,
+    directory: str,
+    example_dense: torch.Tensor,
+    example_sparse: KeyedJaggedTensor,
+    metadata: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Writes the serving artifact of an unsharded ``CTRTask`` (atomically).
+
+    Args:
+        task (nn.Module): the student ``CTRTask`` with trained weights, on CPU.
+        directory (str): output directory (replaced if it exists).
+        example_dense (torch.Tensor): (B, Dd) example input for ``torch.export`` (B >= 2).
+        example_sparse (KeyedJaggedTensor): example ids of the same batch.
+        metadata (Optional[Dict[str, Any]]): stored in ``config.json`` (model config, schema name...).
+
+    Returns:
+        Dict[str, Any]: the written ``config.json``.
+    """
+    check_servable(task)
+    task = task.eval()
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
+    ebc = task.model.embedding_bag_collection
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export.", dir=parent)
+    try:
+        save_file(state, os.path.join(tmp, STATE_FILE))
+        tables = _table_dicts(ebc)
+        with open(os.path.join(tmp, "tables.json"), "w", encoding="utf-8") as handle:
+            json.dump(tables, handle, indent=2)
+        program_status: Optional[str] = "dense_program.pt2"
+        reason = ""
+        head = DenseHead(task).eval()
+        with torch.no_grad():
+            pooled = ebc(example_sparse).values()  # (B, sum dims)
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.export.export(
+                head, (example_dense, pooled), dynamic_shapes=({0: batch}, {0: batch}), strict=False
+            )
+            torch.export.save(program, os.path.join(tmp, "dense_program.pt2"))
+        except Exception as error:  # torch.export could not capture this backbone
+            program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
+        feature_names = [f for t in tables for f in t["feature_names"]]
+        config = {
+            "format_version": FORMAT_VERSION,
+            "feature_names": feature_names,
+            "num_dense_features": int(example_dense.size(1)),
+            "pooled_dim": int(pooled.size(1)),
+            "state": STATE_FILE,
+            "tables": "tables.json",
+            "dense_program": program_status,
+            "dense_program_error": reason,
+            "num_parameters": int(sum(p.numel() for p in task.parameters())),
+            "num_state_tensors": len(state),
+            "metadata": metadata or {},
+        }
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
+        with open(os.path.join(tmp, "INFERENCE.md"), "w", encoding="utf-8") as handle:
+            handle.write(INFERENCE_EXAMPLE.format(path=os.path.abspath(directory), features=feature_names,
+                                                  num_dense=config["num_dense_features"], pooled=config["pooled_dim"]))
+        if os.path.exists(directory):
+            old = f"{directory}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return config
+
+
+class ServedModel(nn.Module):
+    """An exported model for inference: eager EBC lookup + the exported dense program.
+
+    Args:
+        ebc (EmbeddingBagCollection): the tables with trained weights.
+        dense_program (nn.Module): ``(dense, pooled) -> logits`` (``torch.export`` module).
+        config (Dict[str, Any]): the artifact's ``config.json``.
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, dense_program: nn.Module, config: Dict[str, Any]) -> None:
+        super().__init__()
+        self.embedding_bag_collection = ebc
+        self.dense_program = dense_program
+        self._config = config
+
+    @property
+    def feature_names(self) -> List[str]:
+        return list(self._config["feature_names"])
+
+    @classmethod
+    def load(cls, directory: str) -> "ServedModel":
+        """Loads an artifact (weights and an exported program; no pickled code)."""
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: export format {config.get('format_version')}, this code reads {FORMAT_VERSION}")
+        if config["dense_program"] is None:
+            raise ValueError(
+                f"{directory}: no dense program was exported ({config['dense_program_error']}); "
+                "load model.safetensors into the model code instead"
+            )
+        with open(os.path.join(directory, config["tables"]), encoding="utf-8") as handle:
+            tables = json.load(handle)
+        ebc = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
+                                   feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]])
+                for t in tables
+            ],
+            device=torch.device("cpu"),
+        )
+        state = load_file(os.path.join(directory, config["state"]))
+        ebc_state = {k[len("model.embedding_bag_collection.") :]: v for k, v in state.items()
+                     if k.startswith("model.embedding_bag_collection.")}
+        ebc.load_state_dict(ebc_state)
+        program = torch.export.load(os.path.join(directory, config["dense_program"])).module()
+        return cls(ebc.eval(), program, config)
+
+    @torch.no_grad()
+    def logits(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """(B, Dd), KJT -> logits (B,)."""
+        pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
+        return self.dense_program(dense_features, pooled)
+
+    def predict(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Click probabilities (B,)."""
+        return torch.sigmoid(self.logits(dense_features, sparse_features))

@@ -1,0 +1,76 @@
+import torch
+import torchrec
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+from recsys_llm.modules.dense_injection import DLRMDenseInjection, VectorFieldInjection
+from recsys_llm.train.task import CTRTask
+
+
+def _kjt(batch_size: int, seed: int = 0) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id"],
+        values=torch.cat([torch.randint(0, 10, (batch_size,), generator=g), torch.randint(0, 12, (batch_size,), generator=g)]),
+        lengths=torch.ones(2 * batch_size, dtype=torch.int32),
+    )
+
+
+class TestVectorFieldInjection:
+    def test_shape_and_formula(self):
+        torch.manual_seed(0)
+        injection = VectorFieldInjection(in_dim=6, embedding_dim=4, num_fields=2)
+        vector = torch.randn(3, 6)
+        out = injection(vector)
+        assert out.shape == (3, 2, 4)
+        expected = (vector @ injection.projection.weight.T + injection.projection.bias).view(3, 2, 4)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(injection(vector.half()), injection(vector.half().float()))
+
+    def test_gain_network_uses_the_vector_and_traces(self):
+        schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("item_id", "sparse", 12),
+                                     FieldSpec("age", "dense")])
+        torch.manual_seed(0)
+        backbone = build_backbone(SMOKE_CONFIGS["deepfm"], schema, num_extra_fields=1, device=torch.device("cpu"))
+        task = CTRTask(backbone, field_injection=VectorFieldInjection(6, 8), injection_key="llm_vector")
+        batch = Batch(torch.randn(4, 1), _kjt(4), torch.tensor([0.0, 1.0, 1.0, 0.0]), {"llm_vector": torch.randn(4, 6)})
+        other = Batch(batch.dense_features, batch.sparse_features, batch.labels, {"llm_vector": torch.randn(4, 6)})
+        logits = task.predict(batch).logits
+        assert not torch.allclose(logits, task.predict(other).logits)  # the vector changes the prediction
+        graph = torchrec.fx.symbolic_trace(task)
+        assert "field_injection" in str(graph.graph)
+
+
+class TestDLRMDenseInjection:
+    def test_matches_dlrm_on_concatenated_input(self):
+        torch.manual_seed(0)
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name="t_user", embedding_dim=8, num_embeddings=10, feature_names=["user_id"]),
+            EmbeddingBagConfig(name="t_item", embedding_dim=8, num_embeddings=12, feature_names=["item_id"]),
+        ])
+        dlrm = DLRM(ebc, dense_in_features=3 + 5, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
+        model = DLRMDenseInjection(dlrm, in_dim=6, projected_dim=5)
+        assert model.num_dense_features == 3
+        dense, vector, kjt = torch.randn(4, 3), torch.randn(4, 6), _kjt(4)
+        logits = model(dense, kjt, vector)
+        assert logits.shape == (4,)
+        expected = dlrm(torch.cat([dense, model.projection(vector)], 1), kjt).squeeze(-1)
+        torch.testing.assert_close(logits, expected)
+        unprojected = DLRMDenseInjection(DLRM(ebc, 3 + 6, [16, 8], [8, 1]), in_dim=6)
+        assert unprojected(dense, kjt, vector).shape == (4,)
+
+    def test_too_narrow_dlrm_rejected(self):
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=4,
+                                                                feature_names=["user_id"])])
+        dlrm = DLRM(ebc, dense_in_features=3, dense_arch_layer_sizes=[8], over_arch_layer_sizes=[4, 1])
+        try:
+            DLRMDenseInjection(dlrm, in_dim=6, projected_dim=5)
+        except ValueError as error:
+            assert "dense_in_features" in str(error)
+        else:
+            raise AssertionError("a DLRM without room for the vector must be rejected")

@@ -1,0 +1,192 @@
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchrec
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.models.registry import SMOKE_CONFIGS
+from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, load_elec_state
+from recsys_llm.modules.teacher_student import (
+    TeacherStudentConfig,
+    TeacherStudentTask,
+    attach_columns,
+    load_full_state,
+    write_teacher_outputs,
+)
+from recsys_llm.serving import export_task
+
+CPU = torch.device("cpu")
+SCHEMA = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("item_id", "sparse", 12),
+                             FieldSpec("age", "dense")])
+MODEL = SMOKE_CONFIGS["deepfm"]
+
+
+def make_batch(batch_size: int = 16, seed: int = 0, vector_dim: int = 8) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    users = torch.randint(0, 10, (batch_size,), generator=g)
+    items = torch.randint(0, 12, (batch_size,), generator=g)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "item_id"], values=torch.cat([users, items]),
+                                              lengths=torch.ones(2 * batch_size, dtype=torch.int32))
+    vector = torch.randn(batch_size, vector_dim, generator=g)
+    labels = (vector[:, 0] > 0).float()  # clicks follow the LLM vector
+    return Batch(torch.randn(batch_size, 1, generator=g), kjt, labels,
+                 {"llm_vector": vector, "row_id": torch.arange(batch_size) + 1000 * seed})
+
+
+def _elec(mode: str, **kwargs) -> TeacherStudentTask:
+    torch.manual_seed(0)
+    distill = TeacherStudentConfig(mode=mode, alpha=1.0, beta=0.5, temperature=2.0, **kwargs)
+    checkpoint = kwargs.pop("checkpoint", None)
+    return build_elec_task(ELECConfig(task="distill", vector_dim=8, distill=distill, teacher_checkpoint=checkpoint),
+                           SCHEMA, MODEL, device=CPU)
+
+
+def _train(task, steps: int = 5):
+    params = [p for p in task.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=0.01)
+    for step in range(steps):
+        loss, (detached, logits, labels) = task(make_batch(seed=step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss, detached, logits, labels
+
+
+class TestTeacherStudentTask:
+    def test_joint_trains_both_and_kd_does_not_touch_teacher(self):
+        task = _elec("joint")
+        batch = make_batch()
+        loss, (detached, logits, labels) = task(batch)
+        assert logits.shape == (16,) and torch.equal(labels, batch.labels) and not detached.requires_grad
+        loss.backward()
+        assert all(p.grad is not None for p in task.teacher.parameters() if p.requires_grad)
+        assert all(p.grad is not None for p in task.student.parameters())
+        # the KD terms alone send no gradient into the teacher
+        task.zero_grad()
+        t_out = task.teacher.predict(batch)
+        s_out = task.student.predict(batch)
+        (task.score_kd(s_out.logits, t_out.logits) + task.repr_kd(s_out.representation, t_out.representation)).backward()
+        assert all(p.grad is None or not p.grad.any() for p in task.teacher.parameters())
+
+    def test_loss_is_sum_of_terms(self):
+        task = _elec("joint")
+        batch = make_batch()
+        loss, _ = task(batch)
+        t_out, s_out = task.teacher.predict(batch), task.student.predict(batch)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        expected = (bce(s_out.logits, batch.labels) + 1.0 * task.score_kd(s_out.logits, t_out.logits)
+                    + 0.5 * task.repr_kd(s_out.representation, t_out.representation) + bce(t_out.logits, batch.labels))
+        torch.testing.assert_close(loss, expected)
+
+    def test_frozen_teacher_unchanged_and_has_no_trainable_params(self, tmp_path):
+        gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, MODEL, device=CPU)
+        export = str(tmp_path / "gain_state.safetensors")
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, export)
+        task = build_elec_task(ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=export,
+                                          distill=TeacherStudentConfig(mode="frozen", beta=0.5)), SCHEMA, MODEL, device=CPU)
+        assert load_elec_state(task, ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=export,
+                                                distill=TeacherStudentConfig(mode="frozen")))["teacher_tensors"] > 0
+        assert not any(p.requires_grad for p in task.teacher.parameters())
+        assert all(getattr(m, "frozen", False) for m in task.teacher.modules()
+                   if isinstance(m, torchrec.EmbeddingBagCollection))
+        before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+        for k, v in gain.state_dict().items():
+            torch.testing.assert_close(before[k], v)
+        task.train()
+        assert not task.teacher.training
+        _train(task)
+        for k, v in task.teacher.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+    def test_offline_reads_extras_and_matches_frozen(self):
+        frozen = _elec("joint")
+        batch = make_batch()
+        with torch.no_grad():
+            t_out = frozen.teacher.predict(batch)
+        offline = TeacherStudentTask(None, frozen.student, TeacherStudentConfig(
+            mode="offline", alpha=1.0, beta=0.5, temperature=2.0,
+            teacher_representation_dim=int(frozen.teacher.model.representation_dim)))
+        offline.repr_kd.load_state_dict(frozen.repr_kd.state_dict())
+        extras = dict(batch.extras, teacher_logits=t_out.logits, teacher_representation=t_out.representation)
+        loss_offline, _ = offline(Batch(batch.dense_features, batch.sparse_features, batch.labels, extras))
+        frozen_cfg = TeacherStudentConfig(mode="frozen", alpha=1.0, beta=0.5, temperature=2.0)
+        as_frozen = TeacherStudentTask(frozen.teacher, frozen.student, frozen_cfg)
+        as_frozen.repr_kd.load_state_dict(frozen.repr_kd.state_dict())
+        loss_frozen, _ = as_frozen(batch)
+        torch.testing.assert_close(loss_offline, loss_frozen)
+        with pytest.raises(ValueError, match="teacher=None"):
+            TeacherStudentTask(frozen.teacher, frozen.student, TeacherStudentConfig(mode="offline"))
+        with pytest.raises(ValueError, match="teacher_representation_dim"):
+            TeacherStudentTask(None, frozen.student, TeacherStudentConfig(mode="offline", beta=1.0))
+
+    def test_score_kd_moves_student_towards_teacher(self):
+        user_score = torch.linspace(-3, 3, 10)  # an offline teacher's logits: a function of the user
+
+        def with_teacher(batch):
+            users = batch.sparse_features["user_id"].values()
+            extras = dict(batch.extras, teacher_logits=user_score[users])
+            return Batch(batch.dense_features, batch.sparse_features, batch.labels, extras)
+
+        gaps = {}
+        for alpha in (0.0, 5.0):
+            torch.manual_seed(0)
+            task = build_elec_task(ELECConfig(task="distill", vector_dim=8, distill=TeacherStudentConfig(
+                mode="offline", alpha=alpha, beta=0.0)), SCHEMA, MODEL, device=CPU)
+            optimizer = torch.optim.Adam(task.parameters(), lr=0.02)
+            for step in range(40):
+                loss, _ = task(with_teacher(make_batch(seed=step)))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            batch = with_teacher(make_batch(64, seed=999))
+            with torch.no_grad():
+                gaps[alpha] = float((task.student.predict(batch).logits - batch.extras["teacher_logits"]).abs().mean())
+        assert gaps[5.0] < 0.7 * gaps[0.0], gaps
+
+    @pytest.mark.parametrize("mode", ["joint", "frozen", "offline"])
+    def test_fx_traceable(self, mode, tmp_path):
+        if mode == "offline":
+            task = build_elec_task(ELECConfig(task="distill", vector_dim=8, distill=TeacherStudentConfig(
+                mode="offline", teacher_representation_dim=8)), SCHEMA, MODEL, device=CPU)
+        else:
+            task = build_elec_task(ELECConfig(task="distill", vector_dim=8, teacher_checkpoint="unused",
+                                              distill=TeacherStudentConfig(mode=mode)), SCHEMA, MODEL, device=CPU)
+        graph = torchrec.fx.symbolic_trace(task)
+        code = graph.code
+        assert "student" in code and ("teacher_logits" in code) == (mode == "offline")
+
+
+class TestOfflineOutputs:
+    def test_write_and_attach(self, tmp_path):
+        task = _elec("joint")
+        batches = [make_batch(8, seed=s) for s in range(3)]
+        out = str(tmp_path / "teacher.parquet")
+        assert write_teacher_outputs(task.teacher, batches, out, progress=False) == 24
+        table = pq.read_table(out)
+        assert table.schema.field("teacher_representation").type.list_size == task.teacher.model.representation_dim
+        split = str(tmp_path / "split.parquet")
+        row_ids = np.concatenate([b.extras["row_id"].numpy() for b in batches])[::-1].copy()
+        pq.write_table(pa.table({"row_id": row_ids, "label": np.zeros(24)}), split)
+        copy = str(tmp_path / "split_teacher.parquet")
+        attach_columns(split, out, "row_id", copy)
+        joined = pq.read_table(copy)
+        with torch.no_grad():
+            expected = torch.cat([task.teacher.predict(b).logits for b in batches]).numpy()[::-1]
+        np.testing.assert_allclose(joined.column("teacher_logits").to_numpy(), expected, rtol=1e-6)
+        pq.write_table(pa.table({"row_id": np.array([123456])}), split)
+        with pytest.raises(ValueError, match="1 rows have no 'row_id'"):
+            attach_columns(split, out, "row_id", copy)
+
+
+class TestLoadFullState:
+    def test_unknown_key_rejected(self):
+        task = _elec("joint")
+        with pytest.raises(KeyError, match="no tensor"):
+            load_full_state(task, {}, prefix="teacher.")
