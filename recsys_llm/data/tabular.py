@@ -1,0 +1,417 @@
+"""Bring your own data: any CSV/Parquet file + a schema file -> validated Parquet splits.
+
+The user writes a schema file (JSON or YAML, the format of
+:class:`~recsys_llm.data.schema.DatasetSchema`) naming the fields to use::
+
+    name: shop-clicks
+    label: clicked
+    row_key: impression_id            # optional; generated as row_id when the column is absent
+    extra_columns: [timestamp]
+    fields:
+      - {name: user, kind: sparse, cardinality: 50000, description: "shopper id"}
+      - {name: city, kind: sparse, cardinality: 400, description: "city of the shopper"}
+      - {name: query, kind: sparse, cardinality: 1000000, hashed: true, description: "search query"}
+      - {name: categories, kind: sequence, cardinality: 300, max_length: 5, description: "product categories"}
+      - {name: price, kind: dense, description: "price in euros, log scaled"}
+
+Columns are converted per field kind:
+
+* **sparse**: integer columns are ids (checked against ``cardinality``; folded with a
+  modulo when ``hashed``). String columns holding only integers are parsed as ids;
+  other strings are hashed (``hashed: true``) or mapped through a vocabulary built from
+  the data (ids ``1..V`` in sorted order, ``cardinality`` must be at least ``V + 1``),
+  and the vocabulary is written as the field's value text: the strings become what the
+  LLM methods read. Missing values get id 0.
+* **sequence**: list columns (Parquet) or strings joined by ``sequence_separator``
+  (CSV), tokens handled as for sparse fields.
+* **dense**: numbers; NaN/inf/missing are errors unless ``fill_missing_dense`` is set.
+* **label**: 0/1 (or ``value > label_threshold`` when a threshold is set, e.g. ratings).
+
+Splits are random (seeded, stable per row) or time-ordered by ``split_by`` (rows
+ranked by that column, ties in file order; rows keep file order inside a split).
+Reading is streamed in blocks; only the split column and the vocabularies are held
+in memory.
+"""
+
+import dataclasses
+import os
+import shutil
+from typing import Dict, Iterator, List, Optional, Set, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from recsys_llm.data.hashing import hash_strings
+from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.synthetic import write_value_text
+from recsys_llm.data.validation import DataError, check_dense, check_ids, check_labels, check_no_nulls, open_parquet
+
+_INTEGER = r"^\s*-?\d+\s*$"
+
+
+@dataclasses.dataclass(frozen=True)
+class TabularConfig:
+    """Options of the tabular conversion.
+
+    Args:
+        split_by (Optional[str]): column for a time-ordered split; None: random split.
+        split_fractions (Tuple[float, float, float]): train/valid/test shares.
+        seed (int): seed of the random split.
+        label_threshold (Optional[float]): label = (value > threshold) instead of requiring 0/1.
+        fill_missing_dense (Optional[float]): value for missing/NaN dense features (None: error).
+        sequence_separator (str): separator of sequence tokens in CSV strings.
+        delimiter (str): CSV delimiter.
+        rows_per_group (int): Parquet row group size.
+        block_bytes (int): CSV bytes parsed per block.
+    """
+
+    split_by: Optional[str] = None
+    split_fractions: Tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    label_threshold: Optional[float] = None
+    fill_missing_dense: Optional[float] = None
+    sequence_separator: str = "|"
+    delimiter: str = ","
+    rows_per_group: int = 65536
+    block_bytes: int = 16 << 20
+
+
+# ---- streaming the source ---------------------------------------------------------------------------
+def _is_parquet(path: str) -> bool:
+    return path.endswith((".parquet", ".pq")) or os.path.isdir(path)
+
+
+def _csv_columns(path: str, delimiter: str) -> List[str]:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.readline().rstrip("\r\n").split(delimiter)
+
+
+def _blocks(path: str, schema: DatasetSchema, columns: List[str], config: TabularConfig) -> Iterator[pa.RecordBatch]:
+    """Record batches of the wanted columns, from a Parquet file/directory or a CSV with a header."""
+    if _is_parquet(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet")) if os.path.isdir(path) else [path]
+        for file_path in files:
+            handle = open_parquet(file_path)
+            try:
+                yield from handle.iter_batches(batch_size=65536, columns=columns)
+            except (pa.ArrowException, OSError) as error:
+                raise DataError(f"{file_path}: cannot be decoded (corrupt Parquet?): {error}") from error
+        return
+    types: Dict[str, pa.DataType] = {}
+    for spec in schema.fields:
+        types[spec.name] = pa.float64() if spec.kind == FieldKind.DENSE else pa.string()
+    types[schema.label] = pa.float64()
+    bad: List[str] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        bad.append(f"{path}, line {row.number}: {row.actual_columns} columns, expected {row.expected_columns}: {row.text[:80]!r}")
+        return "error"
+
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=config.delimiter, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={k: v for k, v in types.items() if k in columns},
+                                                 include_columns=columns, strings_can_be_null=True),
+        )
+        yield from reader
+    except pa.ArrowInvalid as error:
+        raise DataError(bad[0] if bad else f"{path}: cannot parse as CSV with the schema's column types: {error}") from error
+
+
+def _source_columns(path: str, config: TabularConfig) -> List[str]:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: data file not found")
+    if _is_parquet(path):
+        first = path if not os.path.isdir(path) else next(
+            (os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".parquet")), None)
+        if first is None:
+            raise DataError(f"{path}: directory holds no *.parquet files")
+        return list(open_parquet(first).schema_arrow.names)
+    return _csv_columns(path, config.delimiter)
+
+
+# ---- tokens -------------------------------------------------------------------------------------------
+def _tokens(array: pa.Array, spec: FieldSpec, separator: str) -> Tuple[pa.Array, Optional[np.ndarray]]:
+    """(flat token array, per-row lengths or None for sparse fields). Empty tokens dropped from sequences."""
+    if spec.kind == FieldKind.SPARSE:
+        return array, None
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        array = pc.split_pattern(pc.fill_null(array, ""), separator)
+    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy().astype(np.int64)
+    flat = pc.list_flatten(array)
+    if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
+        flat = pc.utf8_trim_whitespace(flat)
+        keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        lengths = np.bincount(rows[keep], minlength=len(lengths)).astype(np.int64)
+        flat = flat.filter(pa.array(keep))
+    return flat, lengths
+
+
+def _integer_typed(dtype: pa.DataType) -> bool:
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_integer(dtype)
+
+
+@dataclasses.dataclass
+class _FieldPlan:
+    mode: str  # "ids" (integers), "hash" or "vocab"
+    vocabulary: Optional[pa.Array] = None
+
+
+def _plan(path: str, schema: DatasetSchema, config: TabularConfig, columns: List[str]) -> Tuple[Dict[str, _FieldPlan], Optional[pa.Array]]:
+    """First pass: token kinds and vocabularies of string fields, and the split column.
+
+    Skipped (integer ids everywhere, random split) for Parquet sources whose categorical
+    columns are all integer typed.
+    """
+    if _is_parquet(path) and not config.split_by:
+        first = path if not os.path.isdir(path) else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))[0]
+        types = open_parquet(first).schema_arrow
+        if all(_integer_typed(types.field(s.name).type) for s in schema.categorical_fields):
+            return {spec.name: _FieldPlan("ids") for spec in schema.categorical_fields}, None
+    string_fields = {}
+    split_values: List[pa.Array] = []
+    seen: Dict[str, Set[str]] = {}
+    all_integer: Dict[str, bool] = {}
+    for block in _blocks(path, schema, columns, config):
+        for spec in schema.categorical_fields:
+            flat, _ = _tokens(block.column(spec.name), spec, config.sequence_separator)
+            if pa.types.is_integer(flat.type):
+                continue
+            if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
+                raise DataError(f"{path}: column {spec.name!r} ({spec.kind.value} field) has type {flat.type}; "
+                                "expected integer ids or string tokens")
+            string_fields[spec.name] = spec
+            flat = flat.drop_null()
+            integers = pc.all(pc.match_substring_regex(flat, _INTEGER)).as_py()  # None when no tokens
+            all_integer[spec.name] = all_integer.get(spec.name, True) and integers is not False
+            seen.setdefault(spec.name, set()).update(pc.unique(flat).to_pylist())
+        if config.split_by:
+            split_values.append(block.column(config.split_by))
+    plans = {spec.name: _FieldPlan("ids") for spec in schema.categorical_fields}
+    for name, spec in string_fields.items():
+        if all_integer[name]:
+            plans[name] = _FieldPlan("ids")
+        elif spec.hashed:
+            plans[name] = _FieldPlan("hash")
+        else:
+            vocab = sorted(seen[name])
+            if len(vocab) + 1 > spec.cardinality:
+                raise DataError(
+                    f"{path}: column {name!r} has {len(vocab)} distinct values; field {name!r} needs cardinality >= "
+                    f"{len(vocab) + 1} (id 0 is reserved for missing) or \"hashed\": true, got {spec.cardinality}"
+                )
+            plans[name] = _FieldPlan("vocab", pa.array(vocab, pa.string()))
+    split = pa.chunked_array(split_values) if config.split_by and split_values else None
+    return plans, split
+
+
+def _ids(flat: pa.Array, plan: _FieldPlan, spec: FieldSpec, salt: int) -> np.ndarray:
+    if plan.mode == "hash":
+        return hash_strings(flat, spec.cardinality, salt=salt)
+    if plan.mode == "vocab":
+        return pc.fill_null(pc.add(pc.index_in(flat, value_set=plan.vocabulary), 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if not pa.types.is_integer(flat.type):
+        flat = pc.cast(pc.utf8_trim_whitespace(flat), pa.int64())
+    return pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+# ---- splits ---------------------------------------------------------------------------------------------
+def _uniform(rows: np.ndarray, seed: int) -> np.ndarray:
+    """Stable uniform numbers in [0, 1) per row index (splitmix64), independent of block sizes."""
+    with np.errstate(over="ignore"):
+        z = rows.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _split_of_rows(total: int, split_values: Optional[pa.ChunkedArray], config: TabularConfig, path: str) -> Optional[np.ndarray]:
+    """(total,) int8 split index per row for a time-ordered split (None for a random split)."""
+    if split_values is None:
+        return None
+    if split_values.null_count:
+        raise DataError(f"{path}: split column {config.split_by!r} has {split_values.null_count} missing values; expected a value per row")
+    order = pc.sort_indices(split_values).to_numpy()  # stable: ties keep file order
+    bounds = np.cumsum(config.split_fractions) / sum(config.split_fractions) * total
+    split = np.zeros(total, dtype=np.int8)
+    split[order] = np.searchsorted(np.floor(bounds[:-1]).astype(np.int64), np.arange(total), side="right").astype(np.int8)
+    return split
+
+
+# ---- conversion -----------------------------------------------------------------------------------------
+def prepare_tabular(
+    data_path: str,
+    schema_path: str,
+    out_dir: str,
+    config: Optional[TabularConfig] = None,
+    progress: bool = False,
+) -> DatasetSchema:
+    """Converts a user's CSV/Parquet data with a user-written schema into validated splits.
+
+    Args:
+        data_path (str): CSV file with a header line, Parquet file, or directory of Parquet files.
+        schema_path (str): JSON/YAML schema (fields, label, optional row key and extra columns).
+        out_dir (str): output directory (``train/valid/test.parquet``, ``text/``, ``schema.json``).
+        config (Optional[TabularConfig]): split and parsing options.
+        progress (bool): show a tqdm bar over rows.
+
+    Returns:
+        DatasetSchema: the written schema.
+
+    Raises:
+        SchemaError: a bad schema file. DataError: data that does not fit the schema, naming
+            the file, the column and what was expected.
+
+    Example::
+
+        schema = prepare_tabular("clicks.csv", "clicks.yaml", "data/clicks", TabularConfig(split_by="ts"))
+    """
+    config = config or TabularConfig()
+    user_schema = DatasetSchema.load(schema_path)
+    available = _source_columns(data_path, config)
+    row_key = user_schema.row_key if user_schema.row_key in available else None
+    wanted = [f.name for f in user_schema.fields] + [user_schema.label] + list(user_schema.extra_columns)
+    if config.split_by:
+        wanted.append(config.split_by)
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; the file has columns {available}")
+    columns = list(dict.fromkeys(wanted + ([row_key] if row_key else [])))
+
+    plans, split_values = _plan(data_path, user_schema, config, columns)
+    total = len(split_values) if split_values is not None else None
+    split_rows = _split_of_rows(total, split_values, config, data_path) if split_values is not None else None
+
+    # output schema: vocabularies become value text, user value-text files are copied
+    os.makedirs(out_dir, exist_ok=True)
+    fields = []
+    source_root = os.path.dirname(os.path.abspath(schema_path))
+    for spec in user_schema.fields:
+        value_text = spec.value_text
+        plan = plans.get(spec.name)
+        if plan is not None and plan.mode == "vocab":
+            value_text = f"text/{spec.name}.parquet"
+            write_value_text(os.path.join(out_dir, value_text), ["unknown"] + plan.vocabulary.to_pylist())
+        elif value_text:
+            source = os.path.join(source_root, value_text)
+            user_schema.load_value_text(spec.name)  # validates its columns
+            value_text = f"text/{spec.name}.parquet"
+            os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
+            shutil.copyfile(source, os.path.join(out_dir, value_text))
+        fields.append(dataclasses.replace(spec, value_text=value_text))
+    schema = DatasetSchema(
+        name=user_schema.name,
+        fields=fields,
+        label=user_schema.label,
+        row_key=user_schema.row_key or "row_id",
+        splits={"train": "train.parquet", "valid": "valid.parquet", "test": "test.parquet"},
+        extra_columns=list(user_schema.extra_columns),
+        root=os.path.abspath(out_dir),
+    )
+
+    extra_types: Dict[str, pa.DataType] = {}
+    writers: List[SplitWriter] = []
+    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress)
+    row = 0
+    try:
+        for block in _blocks(data_path, user_schema, columns, config):
+            out = _convert_block(block, schema, plans, config, data_path, row, row_key)
+            if not writers:
+                extra_types = {name: block.column(name).type for name in schema.extra_columns}
+                arrow_schema = arrow_schema_for(schema, extra_types)
+                writers = [SplitWriter(os.path.join(out_dir, schema.splits[s]), arrow_schema, config.rows_per_group)
+                           for s in schema.splits]
+            n = block.num_rows
+            indices = np.arange(row, row + n)
+            if split_rows is not None:
+                split = split_rows[row : row + n]
+            else:
+                bounds = np.cumsum(config.split_fractions) / sum(config.split_fractions)
+                split = np.searchsorted(bounds[:-1], _uniform(indices, config.seed), side="right")
+            table = pa.table(out)
+            for index, writer in enumerate(writers):
+                selected = np.nonzero(split == index)[0]
+                if selected.size:
+                    part = table.take(pa.array(selected))
+                    writer.write({name: part.column(name).combine_chunks() for name in part.column_names})
+            row += n
+            bar.update(n)
+        if not writers:
+            raise DataError(f"{data_path}: the file is empty (0 rows); expected at least one row")
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.__exit__(RuntimeError, None, None)
+        raise
+    finally:
+        bar.close()
+    for split_name in schema.splits:
+        if pq.read_metadata(schema.split_path(split_name)).num_rows == 0:
+            raise DataError(f"{data_path}: split {split_name!r} received no rows of {row}; use more data or other split_fractions")
+    schema.save(os.path.join(out_dir, "schema.json"))
+    return schema
+
+
+def _convert_block(
+    block: pa.RecordBatch,
+    schema: DatasetSchema,
+    plans: Dict[str, _FieldPlan],
+    config: TabularConfig,
+    path: str,
+    row: int,
+    row_key: Optional[str],
+) -> Dict[str, object]:
+    """One block of source rows -> output columns, validated (row numbers count data rows from 0)."""
+    out: Dict[str, object] = {}
+    n = block.num_rows
+    out[schema.row_key] = (
+        pc.cast(block.column(row_key), pa.int64()) if row_key else np.arange(row, row + n, dtype=np.int64)
+    )
+    for salt, spec in enumerate(schema.fields):
+        array = block.column(spec.name)
+        if spec.kind == FieldKind.DENSE:
+            if not (pa.types.is_floating(array.type) or pa.types.is_integer(array.type)):
+                raise DataError(f"{path}: column {spec.name!r} (dense field) has type {array.type}; expected numbers")
+            values = pc.cast(array, pa.float64())
+            if config.fill_missing_dense is not None:
+                values = pc.fill_null(values, config.fill_missing_dense).to_numpy(zero_copy_only=False)
+                values = np.where(np.isfinite(values), values, config.fill_missing_dense)
+            else:
+                check_no_nulls(path, spec.name, values, row, "a finite float (or set fill_missing_dense)")
+                values = values.to_numpy(zero_copy_only=False)
+            check_dense(path, spec.name, values, row)
+            out[spec.name] = values.astype(np.float32)
+            continue
+        flat, lengths = _tokens(array, spec, config.sequence_separator)
+        try:
+            ids = _ids(flat, plans[spec.name], spec, salt)
+        except pa.ArrowInvalid as error:
+            raise DataError(f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
+        row_of = None if lengths is None else np.repeat(np.arange(n), lengths)
+        ids = check_ids(path, spec, ids, row_of, row)
+        out[spec.name] = ids if lengths is None else list_array(lengths, ids)
+    labels = block.column(schema.label)
+    check_no_nulls(path, schema.label, labels, row, "0 or 1")
+    if not (pa.types.is_integer(labels.type) or pa.types.is_floating(labels.type) or pa.types.is_boolean(labels.type)):
+        raise DataError(f"{path}: label column {schema.label!r} has type {labels.type}; expected 0/1 numbers")
+    values = pc.cast(labels, pa.float64()).to_numpy(zero_copy_only=False)
+    if config.label_threshold is not None:
+        values = (values > config.label_threshold).astype(np.float64)
+    check_labels(path, schema.label, values, row)
+    out[schema.label] = values.astype(np.int8)
+    for name in schema.extra_columns:
+        out[name] = block.column(name)
+    return out

@@ -1,0 +1,133 @@
+"""Bring-your-own data: CSV/Parquet + user schema file -> validated Parquet splits."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.tabular import TabularConfig, prepare_tabular
+from recsys_llm.data.validation import DataError
+
+SCHEMA = {
+    "name": "shop",
+    "label": "clicked",
+    "row_key": "impression",
+    "extra_columns": ["ts"],
+    "fields": [
+        {"name": "user", "kind": "sparse", "cardinality": 100, "description": "shopper id"},
+        {"name": "city", "kind": "sparse", "cardinality": 10, "description": "city of the shopper"},
+        {"name": "query", "kind": "sparse", "cardinality": 50, "hashed": True, "description": "search query"},
+        {"name": "cats", "kind": "sequence", "cardinality": 6, "max_length": 2, "description": "product categories"},
+        {"name": "price", "kind": "dense", "description": "price"},
+    ],
+}
+CITIES = ["Paris", "Lyon", "Nice", "Lille"]
+CATS = ["shoes", "bags", "hats", "coats", "socks"]
+
+
+def _rows(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "impression": np.arange(1000, 1000 + n),
+        "user": rng.integers(0, 100, n),
+        "city": [CITIES[i] for i in rng.integers(0, 4, n)],
+        "query": [f"q{i}" for i in rng.integers(0, 500, n)],
+        "cats": ["|".join(CATS[j] for j in rng.choice(5, size=k, replace=False)) for k in rng.integers(0, 4, n)],
+        "price": rng.random(n).round(3),
+        "clicked": rng.integers(0, 2, n),
+        "ts": rng.permutation(n),
+    }
+
+
+def _csv(path, rows):
+    names = list(rows)
+    with open(path, "w") as handle:
+        handle.write(",".join(names) + "\n")
+        for i in range(len(rows["user"])):
+            handle.write(",".join(str(rows[k][i]) for k in names) + "\n")
+    return str(path)
+
+
+def _schema_file(tmp_path, raw=None, yaml_format=False):
+    path = tmp_path / ("schema.yaml" if yaml_format else "schema.json")
+    path.write_text(yaml.safe_dump(raw or SCHEMA) if yaml_format else json.dumps(raw or SCHEMA))
+    return str(path)
+
+
+def test_csv_time_split_vocab_and_text(tmp_path):
+    rows = _rows()
+    schema = prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path, yaml_format=True),
+                             str(tmp_path / "out"), TabularConfig(split_by="ts"))
+    tables = {s: pq.read_table(schema.split_path(s)) for s in schema.splits}
+    assert [t.num_rows for t in tables.values()] == [160, 20, 20]
+    assert tables["train"]["ts"].to_numpy().max() < tables["valid"]["ts"].to_numpy().min()
+    assert tables["valid"]["ts"].to_numpy().max() < tables["test"]["ts"].to_numpy().min()
+    train = tables["train"].to_pydict()
+    by_key = {k: i for i, k in enumerate(rows["impression"])}
+    city_text = schema.load_value_text("city")["text"].to_pylist()
+    cat_text = schema.load_value_text("cats")["text"].to_pylist()
+    assert city_text == ["unknown"] + sorted(CITIES)
+    for j in range(0, 160, 17):
+        i = by_key[train["impression"][j]]
+        assert city_text[train["city"][j]] == rows["city"][i]
+        assert [cat_text[c] for c in train["cats"][j]] == [c for c in rows["cats"][i].split("|") if c]
+        assert train["user"][j] == rows["user"][i] and train["clicked"][j] == rows["clicked"][i]
+        assert 1 <= train["query"][j] < 50
+    assert schema.field("city").value_text == "text/city.parquet"
+    batches = list(ParquetBatchReader(schema, "train", 64, extras=["ts"]))
+    assert sum(b.batch_size for b in batches) == 160
+    assert set(batches[0].extras) == {"row_id", "ts"}
+
+
+def test_parquet_random_split_is_seeded(tmp_path):
+    rows = _rows(300)
+    table = pa.table({**rows, "cats": pa.array([[CATS.index(c) + 1 for c in r.split("|") if c] for r in rows["cats"]])})
+    pq.write_table(table, tmp_path / "d.parquet")
+    schema_path = _schema_file(tmp_path)
+    a = prepare_tabular(str(tmp_path / "d.parquet"), schema_path, str(tmp_path / "a"), TabularConfig(seed=1))
+    b = prepare_tabular(str(tmp_path / "d.parquet"), schema_path, str(tmp_path / "b"), TabularConfig(seed=1))
+    ids_a = pq.read_table(a.split_path("test"))["impression"].to_numpy()
+    np.testing.assert_array_equal(ids_a, pq.read_table(b.split_path("test"))["impression"].to_numpy())
+    sizes = [pq.read_metadata(a.split_path(s)).num_rows for s in a.splits]
+    assert sum(sizes) == 300 and 200 < sizes[0] < 280
+    np.testing.assert_array_equal(np.sort(np.concatenate([pq.read_table(a.split_path(s))["impression"].to_numpy()
+                                                          for s in a.splits])), rows["impression"])
+
+
+def test_too_many_distinct_values_for_cardinality(tmp_path):
+    raw = json.loads(json.dumps(SCHEMA))
+    raw["fields"][1]["cardinality"] = 3
+    with pytest.raises(DataError, match=r"d\.csv: column 'city' has 4 distinct values.*cardinality >= 5"):
+        prepare_tabular(_csv(tmp_path / "d.csv", _rows()), _schema_file(tmp_path, raw), str(tmp_path / "out"))
+
+
+def test_missing_column_names_schema_and_file(tmp_path):
+    rows = _rows()
+    del rows["price"]
+    with pytest.raises(DataError, match=r"d\.csv: missing column\(s\) \['price'\] named in .*schema\.json"):
+        prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"))
+
+
+def test_label_rule_and_bad_labels(tmp_path):
+    rows = _rows()
+    rows["clicked"] = np.arange(200) % 5 + 1  # ratings
+    with pytest.raises(DataError, match=r"d\.csv: column 'clicked', row 1: label 2\.0 .*expected 0 or 1"):
+        prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"))
+    schema = prepare_tabular(str(tmp_path / "d.csv"), _schema_file(tmp_path), str(tmp_path / "out"),
+                             TabularConfig(label_threshold=3))
+    labels = np.concatenate([pq.read_table(schema.split_path(s))["clicked"].to_numpy() for s in schema.splits])
+    assert labels.mean() == pytest.approx(0.4)
+
+
+def test_missing_dense_is_error_unless_filled(tmp_path):
+    rows = _rows()
+    rows["price"] = ["" if i == 7 else "1.5" for i in range(200)]
+    with pytest.raises(DataError, match=r"d\.csv: column 'price', row 7: null value"):
+        prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"))
+    schema = prepare_tabular(str(tmp_path / "d.csv"), _schema_file(tmp_path), str(tmp_path / "out"),
+                             TabularConfig(fill_missing_dense=0.0))
+    assert sum(pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits) == 200
