@@ -1,0 +1,324 @@
+"""Atomic, resumable checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout of a checkpoint directory::
+
+    checkpoints/
+      ckpt-00000120/          a finished checkpoint (global step 120)
+        .metadata, __0_0.distcp, __1_0.distcp   DCP: model + optimizer state, every rank's shards
+        rank00000.pt, rank00001.pt               per-rank RNG states (tensors only)
+        train_state.json                         epoch, step in epoch, best AUC, ... (written last)
+      ckpt-00000160.tmp/      a checkpoint being written: ignored, removed by the next save
+      latest                  "ckpt-00000120", replaced atomically (write + os.replace)
+
+What is saved: the DMP model ``state_dict()`` (sharded tables as ShardedTensors, dense
+weights), the **fused table optimizer state** (e.g. RowWiseAdagrad's ``momentum1`` shards,
+from ``model.fused_optimizer``) and the dense optimizer state -- both through the
+``CombinedOptimizer``'s keyed ``state`` -- plus epoch / step / reader position (batches
+consumed in the epoch), early-stopping state and every rank's torch, numpy and Python
+RNG states. Every rank writes its own shards; rank 0 writes ``train_state.json`` and then
+renames ``ckpt-N.tmp`` to ``ckpt-N`` and replaces ``latest``. A crash at any moment leaves
+either the previous checkpoint or the new one, never a half one: loaders take ``latest``
+and fall back to the newest complete ``ckpt-*`` (one with ``train_state.json``).
+
+Loading never executes code: DCP's non-tensor payloads are read with a load planner that
+calls ``torch.load(weights_only=True)``, the per-rank files likewise, and the train state
+is JSON. Only tensors go into the DCP state (optimizer hyper-parameters come from the config).
+
+**Resharding.** DCP stores every shard with its global offsets, so a checkpoint loads into
+a different plan or a different world size: tables and row-wise optimizer state are
+re-cut to the new shards (tested: 2 ranks -> 1 rank). Exact continuation (bit-identical to
+an uninterrupted run) needs the same world size: with another one the per-rank RNG
+states are not restored (ranks reseed from ``seed + global_step + rank``) and the reader
+position is converted in samples (``step * batch * old_world / (batch * new_world)``),
+which is approximate because the reader shards row groups by rank.
+
+Example::
+
+    manager = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=2)
+    manager.save(model, optimizer, TrainState(epoch=0, step_in_epoch=40, global_step=40))
+    path = manager.latest()
+    state = load_checkpoint(path, model, optimizer)
+"""
+
+import dataclasses
+import io
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint._traverse import set_element
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+from recsys_llm.train.distributed import barrier
+
+_CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
+TRAIN_STATE_FILE = "train_state.json"
+LATEST_FILE = "latest"
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands; stored as JSON next to the tensors.
+
+    Args:
+        epoch (int): current epoch (0-based).
+        step_in_epoch (int): batches this rank has consumed (and trained on) in ``epoch``.
+        global_step (int): optimizer steps since the start.
+        best_metric (float): best validation AUC so far (``-inf`` before the first eval).
+        best_step (int): global step of the best evaluation.
+        bad_evals (int): evaluations since the best one (early-stopping patience counter).
+        world_size (int): ranks that wrote the checkpoint.
+        batch_size (int): per-rank batch size when it was written.
+        finished (bool): training ended (early stop or last epoch).
+    """
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float = float("-inf")
+    best_step: int = -1
+    bad_evals: int = 0
+    world_size: int = 1
+    batch_size: int = 0
+    finished: bool = False
+
+    def to_json(self) -> str:
+        raw = dataclasses.asdict(self)
+        raw["best_metric"] = None if raw["best_metric"] == float("-inf") else raw["best_metric"]
+        return json.dumps(raw, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "TrainState":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source}: not valid JSON: {error}") from error
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - allowed
+        if unknown:
+            raise ValueError(f"{source}: unknown train-state keys {sorted(unknown)}")
+        if raw.get("best_metric") is None:
+            raw["best_metric"] = float("-inf")
+        return cls(**raw)
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP load planner that reads non-tensor items with ``torch.load(weights_only=True)``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rng_state() -> Dict[str, torch.Tensor]:
+    """Torch (CPU, CUDA), numpy and Python RNG states, all as tensors."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_meta": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_meta": torch.tensor([py_version], dtype=torch.int64),
+    }
+    if py_gauss is not None:
+        state["python_gauss"] = torch.tensor([py_gauss], dtype=torch.float64)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    meta = state["numpy_meta"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), meta[0], meta[1], float(state["numpy_gauss"][0])))
+    gauss = float(state["python_gauss"][0]) if "python_gauss" in state else None
+    random.setstate((int(state["python_meta"][0]), tuple(int(v) for v in state["python"].tolist()), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _dcp_state(model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]:
+    """The tensors DCP saves/loads in place: model state and optimizer ``state``."""
+    return {"model": model.state_dict(), "optim": optimizer.state_dict()["state"]}
+
+
+def _materialise_dense_optimizer_state(optimizer: CombinedOptimizer) -> None:
+    """Creates lazy dense optimizer state (Adam moments) so DCP can load into it in place.
+
+    Runs one zero-gradient step on the dense ``KeyedOptimizerWrapper`` parts only; whatever
+    it changes is overwritten by the load that follows.
+    """
+    for _, part in optimizer.optimizers:
+        if isinstance(part, KeyedOptimizerWrapper) and not part.state:
+            part.init_state()
+            part.zero_grad(set_to_none=True)
+
+
+def _checkpoint_name(global_step: int) -> str:
+    return f"ckpt-{global_step:08d}"
+
+
+def is_complete(path: str) -> bool:
+    """A finished checkpoint: named ``ckpt-N`` (not ``.tmp``) and holding ``train_state.json``."""
+    return bool(_CKPT_RE.match(os.path.basename(os.path.normpath(path)))) and os.path.isfile(
+        os.path.join(path, TRAIN_STATE_FILE)
+    )
+
+
+class CheckpointManager:
+    """Writes checkpoints atomically into ``directory`` and finds the latest complete one.
+
+    Args:
+        directory (str): the run's checkpoint directory (created if missing).
+        keep (int): complete checkpoints to keep (older ones are deleted; 0 keeps all).
+    """
+
+    def __init__(self, directory: str, keep: int = 2) -> None:
+        self._directory = directory
+        self._keep = keep
+
+    @property
+    def directory(self) -> str:
+        return self._directory
+
+    def list_complete(self) -> List[str]:
+        """Complete checkpoints, oldest first (``.tmp`` and half-written directories ignored)."""
+        if not os.path.isdir(self._directory):
+            return []
+        names = sorted(n for n in os.listdir(self._directory) if _CKPT_RE.match(n))
+        return [os.path.join(self._directory, n) for n in names if is_complete(os.path.join(self._directory, n))]
+
+    def latest(self) -> Optional[str]:
+        """The checkpoint named by ``latest`` if complete, else the newest complete one, else None."""
+        pointer = os.path.join(self._directory, LATEST_FILE)
+        if os.path.isfile(pointer):
+            with open(pointer, encoding="utf-8") as handle:
+                name = handle.read().strip()
+            path = os.path.join(self._directory, name)
+            if _CKPT_RE.match(name) and is_complete(path):
+                return path
+        complete = self.list_complete()
+        return complete[-1] if complete else None
+
+    def save(self, model: nn.Module, optimizer: CombinedOptimizer, state: TrainState) -> str:
+        """Saves a checkpoint (collective: every rank calls it at the same step).
+
+        Returns:
+            str: the final checkpoint directory.
+        """
+        name = _checkpoint_name(state.global_step)
+        final = os.path.join(self._directory, name)
+        tmp = final + ".tmp"
+        if _rank() == 0:
+            os.makedirs(self._directory, exist_ok=True)
+            for stale in os.listdir(self._directory):
+                if stale.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(self._directory, stale), ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp)
+        torch.save(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
+        barrier()
+        if _rank() == 0:
+            _write_atomic(os.path.join(tmp, TRAIN_STATE_FILE), state.to_json())
+            _fsync_dir(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _write_atomic(os.path.join(self._directory, LATEST_FILE), name + "\n")
+            _fsync_dir(self._directory)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self._keep <= 0:
+            return
+        for old in self.list_complete()[: -self._keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_train_state(path: str) -> TrainState:
+    """The ``TrainState`` of a complete checkpoint."""
+    state_file = os.path.join(path, TRAIN_STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {TRAIN_STATE_FILE})")
+    with open(state_file, encoding="utf-8") as handle:
+        return TrainState.from_json(handle.read(), state_file)
+
+
+def load_checkpoint(
+    path: str,
+    model: nn.Module,
+    optimizer: Optional[CombinedOptimizer] = None,
+    restore_rng: bool = True,
+) -> TrainState:
+    """Loads a checkpoint into a sharded model (and optimizer) in place (collective).
+
+    Args:
+        path (str): a complete checkpoint directory.
+        model (nn.Module): the DMP model (any plan / world size: shards are re-cut).
+        optimizer (Optional[CombinedOptimizer]): also restores fused + dense optimizer state.
+        restore_rng (bool): restore this rank's RNG states (only when the world size matches).
+
+    Returns:
+        TrainState: the saved training position.
+    """
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {TRAIN_STATE_FILE} or a .tmp directory)")
+    state = read_train_state(path)
+    if optimizer is not None:
+        _materialise_dense_optimizer_state(optimizer)
+        target = _dcp_state(model, optimizer)
+    else:
+        target = {"model": model.state_dict()}
+    dcp.load(target, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner(allow_partial_load=optimizer is None))
+    model.load_state_dict(target["model"])
+    if optimizer is not None:
+        full = optimizer.state_dict()
+        full["state"] = target["optim"]
+        optimizer.load_state_dict(full)
+    rng_file = os.path.join(path, f"rank{_rank():05d}.pt")
+    if restore_rng and state.world_size == _world_size() and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state

@@ -1,0 +1,279 @@
+"""Experiment configuration: typed dataclasses loaded from YAML plus ``key.sub=value`` overrides.
+
+A config file has the sections of :class:`ExperimentConfig`::
+
+    data:     {schema: data/synthetic/schema.json, batch_size: 1024, synthetic_rows: 200000}
+    model:    {name: deepfm, embedding_dim: 16, mlp_layer_sizes: [256, 128]}
+    optim:    {sparse: row_wise_adagrad, sparse_lr: 0.05, dense: adam, dense_lr: 0.001}
+    sharding: {sharding_types: [table_wise, row_wise]}
+    train:    {epochs: 3, patience: 1, checkpoint_every: 200, run_dir: runs/synthetic_deepfm}
+    llactr:   {...}   # free-form, parsed by the LLaCTR plug-ins
+    elec:     {...}   # free-form, parsed by the ELEC plug-ins
+
+Overrides on the command line are ``section.key=value`` (nested: ``llactr.fre.weight=0.1``);
+the value is parsed as YAML (``3``, ``0.5``, ``true``, ``[64, 32]``) and then converted to the
+field's declared type, so ``train.epochs=3`` is an int and ``model.mlp_layer_sizes=[64,32]``
+a tuple. Unknown sections or keys are errors that list the allowed ones.
+
+Example::
+
+    config = load_config("configs/synthetic_deepfm.yaml", ["train.epochs=1", "data.batch_size=512"])
+    print(config.train.epochs, config.model.name)
+"""
+
+import dataclasses
+import os
+import typing
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
+
+import yaml
+
+from recsys_llm.models.registry import ModelConfig
+from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config dataclasses."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the data is and how it is batched.
+
+    Args:
+        schema (str): schema file (or its directory).
+        batch_size (int): per-rank training batch size.
+        eval_batch_size (int): per-rank eval batch size (0: ``batch_size``).
+        extras (List[str]): extra Parquet columns carried in ``Batch.extras`` (LLM vectors, ...).
+        shuffle (bool): shuffle training data each epoch (seeded by ``train.seed`` and epoch).
+        train_split (str): split names in the schema.
+        valid_split (str): used for early stopping.
+        test_split (str): reported at the end.
+        cold_item_column (str): 0/1 extra column marking cold items; when the data has it,
+            test metrics are also reported for the cold subset (``cold/auc``, ...).
+        validate (bool): the reader's per-row-group value checks.
+        synthetic_rows (int): if > 0 and the schema file is missing, generate the embedded
+            synthetic data set with this many rows into the schema's directory first.
+        synthetic_seed (int): seed of that generation.
+    """
+
+    schema: str = ""
+    batch_size: int = 1024
+    eval_batch_size: int = 0
+    extras: List[str] = dataclasses.field(default_factory=list)
+    shuffle: bool = True
+    train_split: str = "train"
+    valid_split: str = "valid"
+    test_split: str = "test"
+    cold_item_column: str = "is_cold_item"
+    validate: bool = True
+    synthetic_rows: int = 0
+    synthetic_seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        epochs (int): passes over the training split.
+        max_steps (int): stop after this many optimizer steps (0: no limit).
+        eval_every (int): validate every this many epochs (and after the last).
+        patience (int): early stopping: evaluations without a better validation AUC before
+            stopping (0: never stop early).
+        checkpoint_every (int): also checkpoint every this many steps mid-epoch (0: epoch ends only).
+        keep_checkpoints (int): complete checkpoints kept (the best model is kept apart).
+        seed (int): seeds torch, numpy, Python and the data shuffle.
+        run_dir (str): output directory (relative to the working directory).
+        resume (bool): continue from the run directory's latest checkpoint when one exists.
+        device (str): ``auto`` | ``cpu`` | ``cuda``.
+        progress (bool): tqdm bars on rank 0.
+    """
+
+    epochs: int = 1
+    max_steps: int = 0
+    eval_every: int = 1
+    patience: int = 2
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    seed: int = 0
+    run_dir: str = "runs/default"
+    resume: bool = True
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """Everything one training run needs.
+
+    Args:
+        data (DataConfig): data set and batching.
+        model (ModelConfig): backbone.
+        optim (OptimizerConfig): table and dense optimizers.
+        sharding (ShardingConfig): planner constraints, frozen tables.
+        train (TrainConfig): loop, early stopping, checkpoints, run directory.
+        llactr (Dict[str, Any]): free-form settings of the LLaCTR plug-ins.
+        elec (Dict[str, Any]): free-form settings of the ELEC plug-ins.
+    """
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name="deepfm"))
+    optim: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    llactr: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    elec: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain YAML-able mapping (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Converts a YAML value to ``annotation`` (int, float, bool, str, Optional, List, Tuple, Dict, Any)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin in (list, List, tuple) or annotation in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or annotation is tuple else items
+    if origin in (dict, Dict) or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        value_type = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.lstrip("-").isdigit()):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if dataclasses.is_dataclass(annotation):
+        return build_dataclass(annotation, value, where)
+    return value
+
+
+def build_dataclass(cls: Type[T], raw: Any, where: str) -> T:
+    """Builds dataclass ``cls`` from a mapping, converting every field to its declared type.
+
+    Raises:
+        ConfigError: ``raw`` is not a mapping, has unknown keys, or a value has the wrong type.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(fields)}")
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from error
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping in place.
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        key, text = override.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {override!r}: empty key component")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {override!r}: value is not valid YAML: {error}") from error
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """Validates and types a raw mapping (see :func:`build_dataclass`)."""
+    return build_dataclass(ExperimentConfig, raw, source)
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Reads a YAML config (or none: defaults), applies overrides, returns the typed config.
+
+    Relative paths in the config (``data.schema``, ``train.run_dir``) are relative to the
+    working directory (the repository root for the configs in ``configs/``).
+
+    Raises:
+        ConfigError: missing file, invalid YAML, unknown keys or wrongly typed values.
+    """
+    raw: Dict[str, Any] = {}
+    source = path or "<defaults>"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        with open(path, encoding="utf-8") as handle:
+            try:
+                raw = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    apply_overrides(raw, overrides)
+    return config_from_dict(raw, source)
+
+
+def save_config(config: ExperimentConfig, path: str) -> None:
+    """Writes the config as YAML (atomically)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
+    os.replace(tmp, path)

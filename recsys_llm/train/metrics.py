@@ -1,0 +1,120 @@
+"""CTR metrics over all ranks: exact AUC, LogLoss, NE, also per subset (e.g. cold items).
+
+Each rank keeps its own predictions and labels; ``compute()`` all-gathers them (sizes may
+differ per rank) and every rank then computes the same numbers from the full set:
+
+* AUC: ``torchmetrics.functional.binary_auroc`` over all samples (exact, ties counted half);
+* LogLoss: mean binary cross-entropy in nats, ``-mean(y log p + (1 - y) log(1 - p))``;
+* NE (normalized entropy, He et al. 2014): cross-entropy divided by the entropy of the
+  mean label, computed with ``torchrec.metrics.ne`` (the same definition as torchrec's NE).
+
+A windowed ``torchrec.metrics.RecMetricModule`` would approximate AUC over a window of
+recent batches; a held-out AUC must be exact, so the full set is gathered (8 bytes per
+sample and rank: 10^7 validation rows take 80 MB).
+
+Example::
+
+    metrics = CTRMetrics(subsets={"cold": "is_cold_item"})
+    for batch in loader:
+        _, (_, logits, labels) = model(batch)
+        metrics.update(logits, labels, batch.extras)
+    metrics.compute()   # {"auc": ..., "logloss": ..., "ne": ..., "cold/auc": ..., ...}
+"""
+
+import math
+from typing import Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torchmetrics.functional.classification import binary_auroc
+from torchrec.metrics.ne import compute_cross_entropy, compute_ne
+
+_ETA = 1e-12
+
+
+def _all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates a 1-d tensor of any length from every rank, in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    size = torch.tensor([tensor.numel()], dtype=torch.long, device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.numel()] = tensor
+    gathered = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+
+
+def binary_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """AUC, LogLoss, NE, sample count and mean label of one set.
+
+    Args:
+        probabilities (torch.Tensor): (N,) click probabilities.
+        labels (torch.Tensor): (N,) 0/1 labels.
+
+    Returns:
+        Dict[str, float]: ``auc`` (NaN when only one class is present), ``logloss``, ``ne``,
+        ``num_samples``, ``ctr``.
+    """
+    n = labels.numel()
+    if n == 0:
+        return {"auc": math.nan, "logloss": math.nan, "ne": math.nan, "num_samples": 0.0, "ctr": math.nan}
+    probabilities = probabilities.double()
+    labels = labels.double()
+    positives = labels.sum()
+    one_class = positives.item() in (0.0, float(n))
+    auc = math.nan if one_class else float(binary_auroc(probabilities, labels.long()))
+    p = probabilities.clamp(_ETA, 1.0 - _ETA)
+    logloss = float(-(labels * p.log() + (1.0 - labels) * (1.0 - p).log()).mean())
+    weights = torch.ones_like(labels)
+    ce_sum = compute_cross_entropy(labels, probabilities, weights, _ETA).sum()
+    ne = float(compute_ne(ce_sum, weights.sum(), positives, n - positives, _ETA))
+    return {"auc": auc, "logloss": logloss, "ne": ne, "num_samples": float(n), "ctr": float(positives / n)}
+
+
+class CTRMetrics:
+    """Accumulates (logit, label) pairs on each rank; ``compute`` reduces over all ranks.
+
+    Args:
+        subsets (Optional[Mapping[str, str]]): subset name -> ``Batch.extras`` key of a (B,)
+            0/1 mask; metrics of the masked samples are reported as ``"{name}/{metric}"``.
+            A mask missing from a batch is an error (the data lacks that column).
+    """
+
+    def __init__(self, subsets: Optional[Mapping[str, str]] = None) -> None:
+        self._subsets: Dict[str, str] = dict(subsets or {})
+        self.reset()
+
+    def reset(self) -> None:
+        self._logits: List[torch.Tensor] = []
+        self._labels: List[torch.Tensor] = []
+        self._masks: Dict[str, List[torch.Tensor]] = {name: [] for name in self._subsets}
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, extras: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """
+        Args:
+            logits (torch.Tensor): (B,) logits.
+            labels (torch.Tensor): (B,) 0/1 labels.
+            extras (Optional[Mapping[str, torch.Tensor]]): the batch extras holding subset masks.
+        """
+        self._logits.append(logits.detach().reshape(-1).float().cpu())
+        self._labels.append(labels.detach().reshape(-1).float().cpu())
+        for name, key in self._subsets.items():
+            if extras is None or key not in extras:
+                raise KeyError(f"metric subset {name!r} needs batch extra {key!r}; extras present: {sorted(extras or {})}")
+            self._masks[name].append(extras[key].detach().reshape(-1).bool().cpu())
+
+    def compute(self) -> Dict[str, float]:
+        """Metrics over every sample seen by every rank (a collective: call on all ranks)."""
+        logits = _all_gather_variable(torch.cat(self._logits) if self._logits else torch.zeros(0))
+        labels = _all_gather_variable(torch.cat(self._labels) if self._labels else torch.zeros(0))
+        probabilities = torch.sigmoid(logits.double())
+        out = binary_metrics(probabilities, labels)
+        for name in self._subsets:
+            local = torch.cat(self._masks[name]) if self._masks[name] else torch.zeros(0, dtype=torch.bool)
+            mask = _all_gather_variable(local.to(torch.uint8)).bool()
+            for metric, value in binary_metrics(probabilities[mask], labels[mask]).items():
+                out[f"{name}/{metric}"] = value
+        return out

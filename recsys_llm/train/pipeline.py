@@ -1,0 +1,204 @@
+"""Train and eval loops: ``TrainPipelineSparseDist`` for training, a plain loop for eval.
+
+Training runs on torchrec's ``TrainPipelineSparseDist``: while batch *i* runs forward and
+backward, the sparse all-to-all of batch *i+1* is already in flight. Each call of
+:func:`train_epoch` builds a fresh pipeline over a fresh iterator and detaches it at the
+end, restoring the model's original forwards. That avoids the known desync of one pipeline
+switched between train and eval (its prefetched batches belong to the old iterator), and
+lets evaluation run as a plain ``torch.no_grad()`` loop on the same DMP model.
+
+The pipeline finds the sharded modules by fx-tracing the model; a module whose KJT input is
+modified on the way is silently run unpipelined (torchrec logs "will NOT be pipelined").
+:func:`train_epoch` reports which sharded modules were pipelined so tests can assert all were.
+
+Example::
+
+    stats = train_epoch(model, optimizer, reader, device, on_step=save_every_100)
+    print(stats.samples_per_second)
+    results = evaluate(model, valid_reader, device, CTRMetrics())
+"""
+
+import dataclasses
+import itertools
+import time
+from typing import Callable, Iterable, Iterator, List, Optional
+
+import torch
+from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardedModule
+from tqdm import tqdm
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.train.distributed import is_main_process
+from recsys_llm.train.metrics import CTRMetrics
+
+# on_step(step_in_epoch, loss) -> True to stop the epoch now (max_steps reached, ...).
+StepCallback = Callable[[int, float], bool]
+
+
+@dataclasses.dataclass
+class EpochStats:
+    """What one :func:`train_epoch` call did (this rank's view).
+
+    Args:
+        steps (int): optimizer steps taken in this call.
+        samples (int): samples trained on by this rank.
+        seconds (float): wall time of the loop.
+        mean_loss (float): mean training loss over the steps.
+        pipelined_modules (List[str]): sharded modules the pipeline overlaps.
+        sharded_modules (List[str]): all sharded modules of the model.
+        stopped_early (bool): ``on_step`` asked to stop before the data ended.
+    """
+
+    steps: int
+    samples: int
+    seconds: float
+    mean_loss: float
+    pipelined_modules: List[str]
+    sharded_modules: List[str]
+    stopped_early: bool
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def sharded_module_names(model: nn.Module) -> List[str]:
+    """Paths of the torchrec sharded modules (sharded EBCs) inside a DMP model."""
+    return [name for name, module in model.named_modules() if isinstance(module, ShardedModule)]
+
+
+class _Counting(Iterator[Batch]):
+    """Wraps an iterator and counts the samples it hands to the pipeline."""
+
+    def __init__(self, batches: Iterator[Batch]) -> None:
+        self._batches = batches
+        self.samples_seen: List[int] = []
+
+    def __next__(self) -> Batch:
+        batch = next(self._batches)
+        self.samples_seen.append(batch.batch_size)
+        return batch
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    device: torch.device,
+    skip_batches: int = 0,
+    on_step: Optional[StepCallback] = None,
+    total: Optional[int] = None,
+    description: str = "train",
+    progress: bool = True,
+) -> EpochStats:
+    """Trains over ``batches`` with a fresh ``TrainPipelineSparseDist``.
+
+    Every rank must see the same number of batches (the sharded forward is collective).
+
+    Args:
+        model (nn.Module): the DMP-wrapped task; ``model(batch) -> (loss, (loss, logits, labels))``.
+        optimizer (torch.optim.Optimizer): the combined optimizer (fused tables + dense).
+        batches (Iterable[Batch]): this rank's batches for the epoch.
+        device (torch.device): where batches are copied.
+        skip_batches (int): batches to pass over first (resuming mid-epoch); not trained on.
+        on_step (Optional[StepCallback]): called after each step with the step index within
+            the epoch (1-based, counting skipped batches) and the loss; returns True to stop.
+        total (Optional[int]): batches in the epoch, for the progress bar.
+        description (str): progress bar label.
+        progress (bool): show a tqdm bar (rank 0 only).
+
+    Returns:
+        EpochStats: steps, samples, throughput, mean loss, pipelined modules.
+    """
+    model.train()
+    iterator = iter(batches)
+    if skip_batches:
+        # Consume (and drop) batches already trained on before the interruption.
+        iterator = itertools.islice(iterator, skip_batches, None)
+    counting = _Counting(iterator)
+    pipeline = TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+    bar = tqdm(
+        total=None if total is None else max(0, total - skip_batches),
+        desc=description,
+        disable=not (progress and is_main_process()),
+        dynamic_ncols=True,
+        leave=False,
+    )
+    step = skip_batches
+    losses: List[float] = []
+    stopped = False
+    start = time.perf_counter()
+    try:
+        while True:
+            try:
+                loss, _, _ = pipeline.progress(counting)
+            except StopIteration:
+                break
+            step += 1
+            loss_value = float(loss.detach().mean())
+            losses.append(loss_value)
+            bar.update(1)
+            if len(losses) % 20 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}")
+            if on_step is not None and on_step(step, loss_value):
+                stopped = True
+                break
+    finally:
+        seconds = time.perf_counter() - start
+        bar.close()
+        pipelined_ids = {id(m) for m in pipeline._pipelined_modules}  # noqa: SLF001 (no public accessor)
+        pipelined = [name for name, m in model.named_modules() if id(m) in pipelined_ids]
+        pipeline.detach()
+    trained_samples = sum(counting.samples_seen[: len(losses)])
+    return EpochStats(
+        steps=len(losses),
+        samples=trained_samples,
+        seconds=seconds,
+        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+        pipelined_modules=pipelined,
+        sharded_modules=sharded_module_names(model),
+        stopped_early=stopped,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    device: torch.device,
+    metrics: CTRMetrics,
+    total: Optional[int] = None,
+    description: str = "eval",
+    progress: bool = True,
+) -> dict:
+    """Plain (non-pipelined) evaluation loop; returns ``metrics.compute()`` over all ranks.
+
+    Args:
+        model (nn.Module): the DMP-wrapped task (not attached to a pipeline).
+        batches (Iterable[Batch]): this rank's batches (same count on every rank).
+        device (torch.device): where batches are copied.
+        metrics (CTRMetrics): reset, filled and computed here.
+        total (Optional[int]): batches, for the progress bar.
+        description (str): progress bar label.
+        progress (bool): show a tqdm bar (rank 0 only).
+
+    Returns:
+        dict: AUC, LogLoss, NE, ... (see :class:`CTRMetrics`) plus ``loss`` (mean BCE + terms).
+    """
+    was_training = model.training
+    model.eval()
+    metrics.reset()
+    loss_sum, steps = 0.0, 0
+    for batch in tqdm(batches, total=total, desc=description, disable=not (progress and is_main_process()), dynamic_ncols=True,
+                      leave=False):
+        batch = batch.to(device, non_blocking=True)
+        _, (loss, logits, labels) = model(batch)
+        metrics.update(logits, labels, batch.extras)
+        loss_sum += float(loss)
+        steps += 1
+    results = metrics.compute()
+    results["loss"] = loss_sum / steps if steps else float("nan")
+    model.train(was_training)
+    return results

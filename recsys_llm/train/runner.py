@@ -1,0 +1,316 @@
+"""One training run end to end: data, task, sharding, pipelined training, checkpoints, metrics.
+
+:func:`run_training` is what ``recsys-llm train`` (under ``torchrun`` or alone) and the
+tests call on every rank. It
+
+1. initialises the process group (gloo on CPU, nccl on CUDA) and seeds every RNG;
+2. opens rank-sharded Parquet readers for train / valid / test (generating the embedded
+   synthetic data first when the config asks for it and it is missing);
+3. builds the task with :func:`build_task` (the extension point for LLaCTR / ELEC plug-ins),
+   shards it (planner + DMP + fused table optimizers) and builds the combined optimizer;
+4. resumes from the run directory's latest complete checkpoint when there is one;
+5. trains on ``TrainPipelineSparseDist``, checkpointing every ``checkpoint_every`` steps and
+   at every epoch end, validating every ``eval_every`` epochs with early stopping on
+   validation AUC (the best model is kept in ``best/``);
+6. evaluates the best model on the test split (overall, and on cold items when the data
+   marks them) and writes the run directory::
+
+       run_dir/config.yaml  sharding_plan.json  metrics.jsonl  results.json
+       run_dir/checkpoints/ckpt-N/ ...   run_dir/best/ckpt-N/ ...
+
+Example::
+
+    config = load_config("configs/synthetic_deepfm.yaml", ["train.epochs=1"])
+    results = run_training(config)      # on every rank
+    print(results["test"]["auc"])
+"""
+
+import json
+import math
+import os
+import random
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.registry import build_backbone
+from recsys_llm.train.checkpoint import CheckpointManager, TrainState, load_checkpoint
+from recsys_llm.train.config import ExperimentConfig, save_config
+from recsys_llm.train.distributed import DistContext, barrier, init_distributed
+from recsys_llm.train.metrics import CTRMetrics
+from recsys_llm.train.pipeline import evaluate, train_epoch
+from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_model
+from recsys_llm.train.task import CTRTask
+
+# Called on every rank after each optimizer step (and after a checkpoint of that step).
+StepHook = Callable[[TrainState], None]
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch, numpy and Python ``random`` (the same seed on every rank)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext) -> DatasetSchema:
+    """Loads ``data.schema``; rank 0 first generates the synthetic data if asked and missing.
+
+    Raises:
+        FileNotFoundError: the schema is missing and ``data.synthetic_rows`` is 0.
+    """
+    path = config.data.schema
+    if not path:
+        raise ValueError("data.schema is empty: set it in the config or with data.schema=PATH")
+    schema_file = os.path.join(path, "schema.json") if not path.endswith((".json", ".yaml", ".yml")) else path
+    if not os.path.exists(schema_file):
+        if config.data.synthetic_rows <= 0:
+            raise FileNotFoundError(
+                f"{schema_file}: schema not found; run `recsys-llm prepare` or set data.synthetic_rows>0 "
+                "to generate the embedded synthetic data there"
+            )
+        if ctx.is_main:
+            from recsys_llm.data.synthetic import generate_synthetic
+
+            generate_synthetic(
+                os.path.dirname(schema_file), config.data.synthetic_rows, seed=config.data.synthetic_seed, progress=True
+            )
+        barrier()
+    return DatasetSchema.load(schema_file)
+
+
+def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.device) -> nn.Module:
+    """The model to shard: today ``CTRTask(backbone)``; LLaCTR / ELEC extend it from their config sections.
+
+    Tables are created on ``meta`` (DMP materialises each rank's shards), dense weights on
+    ``device``.
+
+    Args:
+        config (ExperimentConfig): uses ``config.model`` (plug-ins read ``llactr`` / ``elec``).
+        schema (DatasetSchema): the data set.
+        device (torch.device): dense weights' device.
+
+    Returns:
+        nn.Module: ``forward(batch) -> (loss, (loss, logits, labels))``.
+    """
+    backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
+    return CTRTask(backbone)
+
+
+def _readers(config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext) -> Dict[str, ParquetBatchReader]:
+    data = config.data
+    eval_batch = data.eval_batch_size or data.batch_size
+    eval_extras = list(data.extras)
+    if data.cold_item_column and data.cold_item_column in schema.extra_columns and data.cold_item_column not in eval_extras:
+        eval_extras.append(data.cold_item_column)
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, validate=data.validate)
+    readers = {
+        "train": ParquetBatchReader(
+            schema, data.train_split, data.batch_size, extras=data.extras, shuffle=data.shuffle,
+            seed=config.train.seed, **common,
+        ),
+    }
+    for name, split in (("valid", data.valid_split), ("test", data.test_split)):
+        if split in schema.splits:
+            readers[name] = ParquetBatchReader(schema, split, eval_batch, extras=eval_extras, **common)
+    return readers
+
+
+def _subsets(config: ExperimentConfig, schema: DatasetSchema) -> Dict[str, str]:
+    column = config.data.cold_item_column
+    return {"cold": column} if column and column in schema.extra_columns else {}
+
+
+class _RunLog:
+    """Rank 0 appends JSON lines to ``metrics.jsonl``; other ranks write nothing."""
+
+    def __init__(self, path: str, enabled: bool) -> None:
+        self._path = path
+        self._enabled = enabled
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self._enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self._path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True, default=float) + "\n")
+            handle.flush()
+
+
+def _state_for_world(state: TrainState, ctx: DistContext, batch_size: int) -> TrainState:
+    """Converts the reader position of a checkpoint written with another world size / batch size."""
+    if state.world_size == ctx.world_size and state.batch_size == batch_size:
+        return state
+    samples = state.step_in_epoch * state.batch_size * state.world_size
+    state.step_in_epoch = samples // (batch_size * ctx.world_size)
+    state.world_size, state.batch_size = ctx.world_size, batch_size
+    seed_everything(state.global_step + ctx.rank)
+    return state
+
+
+def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -> Dict[str, Any]:
+    """Trains, validates with early stopping, tests; returns (and writes) the results (every rank).
+
+    Args:
+        config (ExperimentConfig): the experiment.
+        on_step (Optional[StepHook]): called after every optimizer step with the train state.
+
+    Returns:
+        Dict[str, Any]: ``{"valid": best validation metrics, "test": test metrics (with
+        ``cold/*``), "best_step", "global_step", "epochs", "samples_per_second", "world_size",
+        "stopped_early", "run_dir"}``.
+    """
+    ctx = init_distributed(config.train.device)
+    seed_everything(config.train.seed)
+    train_cfg = config.train
+    run_dir = train_cfg.run_dir
+    if ctx.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    barrier()
+    schema = load_or_generate_schema(config, ctx)
+    readers = _readers(config, schema, ctx)
+    if len(readers["train"]) == 0:
+        raise ValueError(f"training split {config.data.train_split!r} gives 0 batches per rank at batch size {config.data.batch_size}")
+
+    task = build_task(config, schema, ctx.device)
+    model, plan = shard_model(task, ctx.device, ctx.world_size, config.sharding, config.optim, config.data.batch_size)
+    optimizer = build_optimizer(model, config.optim)
+    if ctx.is_main:
+        save_config(config, os.path.join(run_dir, "config.yaml"))
+        with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
+            handle.write(describe_plan(plan))
+    log = _RunLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
+    checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=train_cfg.keep_checkpoints)
+    best = CheckpointManager(os.path.join(run_dir, "best"), keep=1)
+
+    state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
+    latest = checkpoints.latest() if train_cfg.resume else None
+    if latest is not None:
+        state = _state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size)
+        log.write({"event": "resumed", "checkpoint": latest, "global_step": state.global_step, "epoch": state.epoch})
+
+    subsets = _subsets(config, schema)
+    train_reader = readers["train"]
+    throughput: List[float] = []
+    stop = {"max_steps": False}
+
+    def step_callback(step_in_epoch: int, loss: float) -> bool:
+        state.step_in_epoch = step_in_epoch
+        state.global_step += 1
+        if state.global_step % 50 == 0:
+            log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": loss})
+        if train_cfg.checkpoint_every and state.global_step % train_cfg.checkpoint_every == 0:
+            checkpoints.save(model, optimizer, state)
+        if on_step is not None:
+            on_step(state)
+        if train_cfg.max_steps and state.global_step >= train_cfg.max_steps:
+            stop["max_steps"] = True
+            return True
+        return False
+
+    while not state.finished and state.epoch < train_cfg.epochs:
+        train_reader.set_epoch(state.epoch)
+        stats = train_epoch(
+            model, optimizer, train_reader, ctx.device,
+            skip_batches=state.step_in_epoch,
+            on_step=step_callback,
+            total=len(train_reader),
+            description=f"epoch {state.epoch}",
+            progress=train_cfg.progress,
+        )
+        throughput.append(stats.samples_per_second * ctx.world_size)
+        log.write({
+            "event": "epoch", "epoch": state.epoch, "global_step": state.global_step, "steps": stats.steps,
+            "mean_loss": stats.mean_loss, "samples_per_second": stats.samples_per_second * ctx.world_size,
+        })
+        epoch_done = not stats.stopped_early
+        last = stop["max_steps"] or state.epoch + 1 >= train_cfg.epochs
+        if epoch_done:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        if "valid" in readers and (last or (epoch_done and state.epoch % max(1, train_cfg.eval_every) == 0)):
+            valid = evaluate(model, readers["valid"], ctx.device, CTRMetrics(), total=len(readers["valid"]),
+                             description="valid", progress=train_cfg.progress)
+            log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
+            auc = valid["auc"]
+            if not math.isnan(auc) and auc > state.best_metric:
+                state.best_metric, state.best_step, state.bad_evals = auc, state.global_step, 0
+                best.save(model, optimizer, state)
+            else:
+                state.bad_evals += 1
+            if train_cfg.patience and state.bad_evals >= train_cfg.patience:
+                log.write({"event": "early_stop", "global_step": state.global_step, "best_step": state.best_step})
+                state.finished = True
+        if last:
+            state.finished = True
+        checkpoints.save(model, optimizer, state)
+
+    best_path = best.latest()
+    if best_path is not None:
+        load_checkpoint(best_path, model, None, restore_rng=False)
+    results: Dict[str, Any] = {
+        "run_dir": run_dir,
+        "world_size": ctx.world_size,
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "best_step": state.best_step,
+        "stopped_early": bool(train_cfg.patience) and state.bad_evals >= train_cfg.patience,
+        "samples_per_second": float(np.mean(throughput)) if throughput else None,
+        "valid": {"auc": None if state.best_metric == float("-inf") else state.best_metric},
+    }
+    if "test" in readers:
+        results["test"] = evaluate(
+            model, readers["test"], ctx.device, CTRMetrics(subsets), total=len(readers["test"]), description="test",
+            progress=train_cfg.progress,
+        )
+        log.write({"event": "test", "global_step": state.global_step, **results["test"]})
+    if ctx.is_main:
+        with open(os.path.join(run_dir, "results.json.tmp"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, sort_keys=True, default=float)
+        os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+    barrier()
+    return results
+
+
+def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[str] = None) -> Dict[str, Any]:
+    """Loads ``checkpoint`` (any world size: shards are re-cut) and evaluates one split (every rank).
+
+    Args:
+        config (ExperimentConfig): the experiment the checkpoint came from.
+        checkpoint (str): a complete checkpoint directory, or a run directory (its best model,
+            else its latest checkpoint).
+        split (Optional[str]): split to evaluate (default ``data.test_split``).
+
+    Returns:
+        Dict[str, Any]: metrics (with ``cold/*`` when the data marks cold items).
+    """
+    ctx = init_distributed(config.train.device)
+    seed_everything(config.train.seed)
+    if os.path.isdir(os.path.join(checkpoint, "best")) or os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+        found = CheckpointManager(os.path.join(checkpoint, "best")).latest() or CheckpointManager(
+            os.path.join(checkpoint, "checkpoints")
+        ).latest()
+        if found is None:
+            raise FileNotFoundError(f"{checkpoint}: run directory holds no complete checkpoint")
+        checkpoint = found
+    schema = load_or_generate_schema(config, ctx)
+    split = split or config.data.test_split
+    data = config.data
+    extras = list(data.extras) + list(_subsets(config, schema).values())
+    reader = ParquetBatchReader(
+        schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+        extras=sorted(set(extras)), validate=data.validate,
+    )
+    task = build_task(config, schema, ctx.device)
+    model, _ = shard_model(task, ctx.device, ctx.world_size, config.sharding, config.optim, data.batch_size)
+    load_checkpoint(checkpoint, model, None, restore_rng=False)
+    results = evaluate(model, reader, ctx.device, CTRMetrics(_subsets(config, schema)), total=len(reader), description=split,
+                       progress=config.train.progress)
+    results["checkpoint"] = checkpoint
+    results["split"] = split
+    return results
