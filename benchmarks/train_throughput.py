@@ -8,12 +8,13 @@ process, measured in interleaved rounds (A B C, C B A, ...):
 * ``torchrec_loop``: what a TorchRec user writes by hand (torchrec's ``dlrm_main`` recipe):
   ``DLRMTrain(DLRM_DCN)``, ``_apply_optimizer_in_backward``, planner, DMP,
   ``CombinedOptimizer``, ``TrainPipelineSparseDist.progress`` over prebuilt batches;
-* ``project_memory``: the project's stack on the same prebuilt batches: ``build_backbone``
-  (``DLRMBackbone`` around an unmodified ``DLRM_DCN``) in a ``CTRTask``, sharded by
-  ``recsys_llm.train.sharding`` and trained by the project's loop
-  (``recsys_llm.train.pipeline.train_epoch``, built on ``TrainPipelineSparseDist``);
+* ``project_memory``: the project's stack on the same prebuilt batches, built as the
+  trainer builds it (``runner.build_task``: ``DLRMBackbone`` around an unmodified
+  ``DLRM_DCN`` in a ``CTRTask``; ``sharding.shard_model`` / ``build_optimizer``) and trained
+  by the project's loop (``recsys_llm.train.pipeline.train_epoch`` on ``TrainPipelineSparseDist``);
 * ``project_parquet``: the same project stack fed by ``ParquetBatchReader`` streaming a
-  Parquet file holding the same rows (end to end: decode, validation, KJT building).
+  Parquet file holding the same rows, read as the trainer reads its train split (shuffled,
+  validated, background prefetch): end to end with decode, checks and KJT building.
 
 Figures (top level of the JSON):
 
@@ -215,27 +216,29 @@ def build_torchrec_loop(schema, sizes: Sizes, device, lr: Dict[str, float], batc
 
 
 def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float]):
-    """The project's stack: ``build_backbone("dlrm_dcn")`` in a ``CTRTask``, sharded and optimised
-    by ``recsys_llm.train.sharding``. Returns ``(model, optimizer)``."""
-    import torch
+    """The project's stack exactly as ``recsys_llm.train.runner.run_training`` builds it:
+    ``build_task`` (``CTRTask`` around ``DLRMBackbone(DLRM_DCN)``), ``shard_model``,
+    ``build_optimizer``. Returns ``(model, optimizer)``."""
+    from recsys_llm.models.registry import ModelConfig
+    from recsys_llm.train.config import DataConfig, ExperimentConfig
+    from recsys_llm.train.runner import build_task
+    from recsys_llm.train.sharding import OptimizerConfig, build_optimizer, shard_model
 
-    from recsys_llm.models.registry import ModelConfig, build_backbone
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
-    from recsys_llm.train.task import CTRTask
-
-    config = ModelConfig(
-        name="dlrm_dcn",
-        embedding_dim=sizes.embedding_dim,
-        mlp_layer_sizes=tuple(sizes.over_arch[:-1]),
-        dense_arch_hidden=tuple(sizes.dense_arch[:-1]),
-        cross_layers=sizes.dcn_num_layers,
-        low_rank=sizes.dcn_low_rank_dim,
+    config = ExperimentConfig(
+        data=DataConfig(batch_size=sizes.batch_size),
+        model=ModelConfig(
+            name="dlrm_dcn",
+            embedding_dim=sizes.embedding_dim,
+            mlp_layer_sizes=tuple(sizes.over_arch[:-1]),
+            dense_arch_hidden=tuple(sizes.dense_arch[:-1]),
+            cross_layers=sizes.dcn_num_layers,
+            low_rank=sizes.dcn_low_rank_dim,
+        ),
+        optim=OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=lr["sparse"], dense="adam", dense_lr=lr["dense"]),
     )
-    task = CTRTask(build_backbone(config, schema, device=torch.device("meta"), dense_device=device))
-    optim = OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=lr["sparse"], dense="adam", dense_lr=lr["dense"])
-    model, _plan = shard_model(task, device, world_size=1, sharding=ShardingConfig(), optim=optim,
-                               batch_size=sizes.batch_size)
-    return model, build_optimizer(model, optim)
+    task = build_task(config, schema, device)
+    model, _plan = shard_model(task, device, 1, config.sharding, config.optim, config.data.batch_size)
+    return model, build_optimizer(model, config.optim)
 
 
 class ProjectLoop:
@@ -270,6 +273,7 @@ class ProjectLoop:
 
     def __call__(self) -> float:
         """One measurement; returns samples/s."""
+        from recsys_llm.train.config import TrainConfig
         from recsys_llm.train.pipeline import train_epoch
 
         warmup, measured = self._sizes.warmup_steps, self._sizes.measured_steps
@@ -289,7 +293,7 @@ class ProjectLoop:
 
         called = time.perf_counter()
         stats = train_epoch(self._model, self._optimizer, self._batches, self._device, on_step=on_step,
-                            description="project loop")
+                            description="project loop", progress=TrainConfig().progress)
         if "stop" not in clock:
             raise RuntimeError(f"train_epoch stopped after {stats.steps} steps, before {warmup + measured}")
         self.setup_seconds.append(clock["first_step"] - called)
@@ -306,6 +310,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     import torch
 
     from recsys_llm.data.parquet import ParquetBatchReader
+    from recsys_llm.train.config import DataConfig
     from recsys_llm.train.distributed import init_distributed, teardown_distributed
 
     args.resolved_device = resolve_device(args.device)
@@ -322,7 +327,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         batches = [b.pin_memory() for b in batches]
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
         parquet_path = write_parquet(schema, batches, sizes.parquet_batches, os.path.join(tmp, "train.parquet"))
-        reader = ParquetBatchReader(schema, parquet_path, sizes.batch_size)
+        # Read the way the trainer reads its train split (DataConfig defaults: shuffled, validated).
+        data_defaults = DataConfig()
+        reader = ParquetBatchReader(schema, parquet_path, sizes.batch_size, shuffle=data_defaults.shuffle,
+                                    seed=args.seed, validate=data_defaults.validate)
 
         torch.manual_seed(args.seed)
         loop_step = build_torchrec_loop(schema, sizes, device, lr, batches)
@@ -357,6 +365,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "sizes": dataclasses.asdict(sizes),
         "model": "torchrec DLRM_DCN, fused RowWiseAdagrad (tables) + Adam (dense), TrainPipelineSparseDist, DMP 1 rank",
         "world_size": context.world_size,
+        "parquet_reader": {"shuffle": data_defaults.shuffle, "validate": data_defaults.validate,
+                           "rows": sizes.parquet_batches * sizes.batch_size},
         "project_pipeline_setup_seconds": {"memory": memory_loop.setup_seconds, "parquet": parquet_loop.setup_seconds},
         "project_sharded_modules": memory_loop.sharded_modules,
         "project_pipelined_modules": memory_loop.pipelined_modules,
