@@ -1,0 +1,99 @@
+"""``recsys-llm prepare {synthetic|movielens|criteo|tabular}``: raw data -> Parquet splits + schema.
+
+Examples::
+
+    recsys-llm prepare synthetic --out data/synthetic --rows 1000000
+    recsys-llm prepare movielens --input ../shared/data/ml-100k --out data/ml-100k
+    recsys-llm prepare criteo --input train.txt --out data/criteo --hash-size 1000000
+    recsys-llm prepare tabular --input clicks.csv --schema clicks.yaml --out data/clicks --split-by ts
+"""
+
+import argparse
+
+from recsys_llm.data.criteo import CriteoConfig
+from recsys_llm.data.movielens import MovieLensConfig
+from recsys_llm.data.prepare import prepare_dataset
+from recsys_llm.data.schema import SchemaError
+from recsys_llm.data.synthetic import SyntheticConfig
+from recsys_llm.data.tabular import TabularConfig
+from recsys_llm.data.validation import DataError
+
+
+def _fractions(text: str) -> tuple:
+    parts = tuple(float(p) for p in text.split(","))
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three non-negative shares like 0.8,0.1,0.1, got {text!r}")
+    return parts
+
+
+def _config(args: argparse.Namespace):
+    if args.source == "synthetic":
+        return SyntheticConfig(num_rows=args.rows, seed=args.seed, num_users=args.users, num_items=args.items,
+                               rows_per_group=args.rows_per_group, cold_item_fraction=args.cold_item_fraction)
+    if args.source == "movielens":
+        return MovieLensConfig(split_fractions=args.split, zip_prefix_length=args.zip_prefix_length,
+                               rows_per_group=args.rows_per_group)
+    if args.source == "criteo":
+        return CriteoConfig(hash_size=args.hash_size, delimiter=args.delimiter, split_fractions=args.split,
+                            rows_per_group=args.rows_per_group, max_rows=args.max_rows)
+    return TabularConfig(split_by=args.split_by, split_fractions=args.split, seed=args.seed,
+                         label_threshold=args.label_threshold, fill_missing_dense=args.fill_missing_dense,
+                         sequence_separator=args.sequence_separator, delimiter=args.delimiter,
+                         rows_per_group=args.rows_per_group)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    try:
+        report = prepare_dataset(args.source, args.out, getattr(args, "input", None), getattr(args, "schema", None),
+                                 _config(args), progress=not args.quiet)
+    except (DataError, SchemaError, FileNotFoundError) as error:
+        print(f"prepare {args.source}: error: {error}")
+        return 2
+    print(report.summary())
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``prepare`` with one sub-command per source."""
+    prepare = subparsers.add_parser("prepare", help="raw data -> Parquet row groups + schema.json")
+    sources = prepare.add_subparsers(dest="source", required=True)
+
+    def common(parser: argparse.ArgumentParser, rows_per_group: int) -> None:
+        parser.add_argument("--out", required=True, help="output directory")
+        parser.add_argument("--rows-per-group", type=int, default=rows_per_group, help="Parquet row group size")
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+        parser.set_defaults(func=_prepare)
+
+    synthetic = sources.add_parser("synthetic", help="generate the embedded synthetic data set (text-driven clicks)")
+    common(synthetic, 65536)
+    synthetic.add_argument("--rows", type=int, default=200_000, help="impressions over all splits")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--users", type=int, default=None, help="number of users (default from --rows)")
+    synthetic.add_argument("--items", type=int, default=None, help="number of items (default from --rows)")
+    synthetic.add_argument("--cold-item-fraction", type=float, default=0.1, help="items seen only in valid/test")
+
+    movielens = sources.add_parser("movielens", help="MovieLens in RecBole atomic format (.inter/.item/.user)")
+    common(movielens, 8192)
+    movielens.add_argument("--input", required=True, help="directory with the RecBole atomic files")
+    movielens.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="time-ordered train,valid,test shares")
+    movielens.add_argument("--zip-prefix-length", type=int, default=2, help="zip code characters kept")
+
+    criteo = sources.add_parser("criteo", help="Criteo TSV/CSV (label, I1..I13, C1..C26)")
+    common(criteo, 65536)
+    criteo.add_argument("--input", required=True, help="the raw Criteo file")
+    criteo.add_argument("--hash-size", type=int, default=1_000_000, help="rows per categorical table")
+    criteo.add_argument("--delimiter", default=None, help="column separator (default: ',' for .csv, else tab)")
+    criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="train,valid,test shares in file order")
+    criteo.add_argument("--max-rows", type=int, default=None, help="convert only the first rows")
+
+    tabular = sources.add_parser("tabular", help="your CSV/Parquet + a JSON/YAML schema file")
+    common(tabular, 65536)
+    tabular.add_argument("--input", required=True, help="CSV with header, Parquet file or directory")
+    tabular.add_argument("--schema", required=True, help="schema file naming fields, label, row key, extras")
+    tabular.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="train,valid,test shares")
+    tabular.add_argument("--split-by", default=None, help="column for a time-ordered split (default: random)")
+    tabular.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    tabular.add_argument("--label-threshold", type=float, default=None, help="label = value > threshold")
+    tabular.add_argument("--fill-missing-dense", type=float, default=None, help="value for missing dense features")
+    tabular.add_argument("--sequence-separator", default="|", help="separator of sequence tokens in CSV cells")
+    tabular.add_argument("--delimiter", default=",", help="CSV delimiter")
