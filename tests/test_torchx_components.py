@@ -1,0 +1,189 @@
+"""torchx components: AppDef construction, torchx's own loading/validation, and one real launch.
+
+The components are loaded the way ``torchx run`` loads them (``torchx.specs.finder``), and
+their CLI arguments are parsed by torchx's own parser (``materialize_appdef``), so these
+tests break when a component stops being a valid torchx component.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import yaml
+from torchx.specs import AppDef, macros
+from torchx.specs.builders import _create_args_parser, materialize_appdef
+from torchx.specs.file_linter import validate
+from torchx.specs.finder import get_component
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPONENTS = {
+    "train": REPO_ROOT / "torchx_components" / "train.py",
+    "encode": REPO_ROOT / "torchx_components" / "encode.py",
+    "bench": REPO_ROOT / "torchx_components" / "bench.py",
+}
+
+
+def load(name: str):
+    """The component function as ``torchx run`` finds it; fails on torchx validation errors."""
+    component = get_component(f"{COMPONENTS[name]}:{name}")
+    assert not component.validation_errors, component.validation_errors
+    return component.fn
+
+
+def from_cli(name: str, args: List[str]) -> AppDef:
+    """The AppDef ``torchx run ... <component> ARGS`` would build."""
+    return materialize_appdef(load(name), args)
+
+
+def command_of(app: AppDef) -> List[str]:
+    """The shell command of the single role (``bash -c CMD``), split into words."""
+    role = app.roles[0]
+    assert role.entrypoint == "bash" and role.args[0] == "-c"
+    return shlex.split(role.args[1])
+
+
+class TestTrainComponent:
+    def test_torchx_linter_accepts_every_component(self) -> None:
+        for name, path in COMPONENTS.items():
+            assert validate(str(path), name) == [], name
+
+    def test_single_host_two_processes(self) -> None:
+        app = from_cli("train", ["--config", "configs/x.yaml", "--nproc_per_node", "2", "train.epochs=1", "data.batch_size=64"])
+        assert len(app.roles) == 1
+        role = app.roles[0]
+        assert role.name == "trainer" and role.num_replicas == 1 and role.min_replicas == 1
+        words = command_of(app)
+        assert words[0] == "torchrun"
+        assert words[words.index("--nnodes") + 1] == "1" and words[words.index("--nproc_per_node") + 1] == "2"
+        assert words[words.index("--rdzv_endpoint") + 1] == "localhost:0"  # single host: free port
+        tail = words[words.index("-m"):]
+        assert tail == ["-m", "recsys_llm.cli", "train", "--config", "configs/x.yaml", "train.epochs=1", "data.batch_size=64"]
+        assert role.resource.cpu == 2 and role.resource.gpu == 0 and role.resource.memMB == 8192
+        assert app.name == "train"
+
+    def test_multi_host_gpu_resources_env_retries(self) -> None:
+        app = from_cli("train", [
+            "--config", "c.yaml", "--nnodes", "4", "--nproc_per_node", "8", "--gpu", "8", "--cpu", "64",
+            "--memMB", "480000", "--env", "NCCL_DEBUG=INFO,OMP_NUM_THREADS=4", "--max_retries", "3",
+            "--image", "registry.example.com/recsys:cuda", "--mounts", "type=bind,src=/data,dst=/data,readonly",
+            "--job_name", "ctr/dlrm-big",
+        ])
+        role = app.roles[0]
+        assert role.num_replicas == 4 and role.max_retries == 3 and role.image == "registry.example.com/recsys:cuda"
+        assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (64, 8, 480000)
+        assert role.env["NCCL_DEBUG"] == "INFO" and role.env["OMP_NUM_THREADS"] == "4"
+        assert role.env["TORCHX_TRACKING_EXPERIMENT_NAME"] == "ctr" and app.name == "dlrm-big"
+        assert role.port_map == {"c10d": 29500}
+        assert len(role.mounts) == 1 and role.mounts[0].dst_path == "/data" and role.mounts[0].read_only
+        words = command_of(app)
+        assert words[words.index("--nnodes") + 1] == "4" and words[words.index("--nproc_per_node") + 1] == "8"
+        # multi-host rendezvous on rank 0's host: the scheduler fills the rank0_env macro
+        values = macros.Values(img_root="", app_id="app-1", replica_id="2", rank0_env="TORCHX_RANK0_HOST")
+        assert "${TORCHX_RANK0_HOST:=localhost}:29500" in values.apply(role).args[1]
+
+    def test_named_resource_takes_precedence(self) -> None:
+        app = from_cli("train", ["--config", "c.yaml", "--named_resource", "aws_p4d.24xlarge", "--cpu", "1"])
+        assert app.roles[0].resource.gpu == 8 and app.roles[0].resource.cpu == 96
+
+    def test_env_is_not_mutated(self) -> None:
+        env = {"A": "1"}
+        load("train")("c.yaml", env=env)
+        assert env == {"A": "1"}
+
+    def test_static_rendezvous_passes_node_rank(self) -> None:
+        words = command_of(from_cli("train", ["--config", "c.yaml", "--nnodes", "2", "--rdzv_backend", "static"]))
+        assert words[words.index("--rdzv_backend") + 1] == "static" and "--node_rank" in words
+
+    def test_bad_arguments_raise_clear_errors(self) -> None:
+        train = load("train")
+        with pytest.raises(ValueError, match="key=value"):
+            train("c.yaml", "epochs")
+        with pytest.raises(ValueError, match="nproc_per_node"):
+            train("c.yaml", nproc_per_node=0)
+
+    def test_help_lists_documented_parameters(self) -> None:
+        for name in COMPONENTS:
+            text = _create_args_parser(load(name)).format_help()
+            for parameter in ("--nnodes", "--nproc_per_node", "--gpu", "--memMB", "--image", "--env"):
+                assert parameter in text, (name, parameter)
+            assert "(required)" in text and "number of hosts" in text
+
+
+class TestEncodeComponent:
+    def test_export_over_ranks(self) -> None:
+        app = from_cli("encode", ["--job", "export", "--nproc_per_node", "2", "--gpu", "1", "--",
+                                  "--schema", "data/s/schema.json", "--output", "v"])
+        role = app.roles[0]
+        assert role.name == "semantics-export" and role.resource.gpu == 1
+        words = command_of(app)
+        assert words[words.index("-m"):] == [
+            "-m", "recsys_llm.cli", "semantics", "export", "--schema", "data/s/schema.json", "--output", "v"
+        ]
+        assert words[words.index("--nproc_per_node") + 1] == "2"
+        assert app.name == "semantics-export"
+
+    def test_unknown_job_is_rejected(self) -> None:
+        with pytest.raises(ValueError, match="tune, encode|'tune', 'encode'"):
+            load("encode")("distill")
+
+
+class TestBenchComponent:
+    def test_script_and_result_paths(self) -> None:
+        app = from_cli("bench", ["--name", "train_throughput", "--results_dir", "out/", "--", "--quick"])
+        words = command_of(app)
+        script_at = words.index("benchmarks/train_throughput.py")
+        assert words[script_at + 1:] == ["--json", "out/train_throughput.json", "--plot", "out/train_throughput.png", "--quick"]
+        assert app.roles[0].name == "bench-train-throughput"
+
+    def test_name_must_be_a_script_name(self) -> None:
+        with pytest.raises(ValueError, match="without .py"):
+            load("bench")("../etc/passwd")
+
+
+def tiny_config(tmp_path: Path) -> Path:
+    """Generates a tiny synthetic data set and a config training a small DeepFM on it."""
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    data_dir = tmp_path / "data"
+    generate_synthetic(str(data_dir), 4000, seed=0, rows_per_group=500)
+    config = {
+        "data": {"schema": str(data_dir / "schema.json"), "batch_size": 128, "eval_batch_size": 512},
+        "model": {"name": "deepfm", "embedding_dim": 8, "mlp_layer_sizes": [16, 8]},
+        "sharding": {"sharding_types": ["table_wise", "row_wise"]},
+        "train": {"epochs": 1, "run_dir": str(tmp_path / "run"), "progress": False, "patience": 0},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.multiprocess
+def test_train_end_to_end_local_cwd_two_processes(tmp_path: Path) -> None:
+    """``torchx run -s local_cwd torchx_components/train.py:train --nproc_per_node 2``: 2 gloo ranks."""
+    config = tiny_config(tmp_path)
+    bin_dir = Path(sys.executable).parent  # the workers start torchrun from PATH
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO_ROOT))
+    command = [
+        str(bin_dir / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx_logs'}",
+        "torchx_components/train.py:train", "--config", str(config), "--nproc_per_node", "2",
+        "--env", "OMP_NUM_THREADS=1", "train.seed=1",
+    ]
+    process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in (tmp_path / "torchx_logs").rglob("*.log"))
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:] + logs
+
+    run_dir = tmp_path / "run"
+    for name in ("config.yaml", "sharding_plan.json", "metrics.jsonl", "results.json"):
+        assert (run_dir / name).is_file(), f"{name} missing in {sorted(p.name for p in run_dir.iterdir())}"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["global_step"] > 0
+    assert 0.0 <= results["test"]["auc"] <= 1.0
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"] == 1  # the override arrived
+    plan = json.loads((run_dir / "sharding_plan.json").read_text())
+    ranks = {rank for table in plan.values() for rank in table["ranks"]}
+    assert ranks == {0, 1}, plan  # tables sharded over both torchx-launched ranks
