@@ -1,4 +1,24 @@
-"""CTR backbones on EmbeddingBagCollection (FM, FwFM, DeepFM, DCNv2, FinalMLP, DLRM)."""
+"""CTR backbones on EmbeddingBagCollection (FM, FwFM, DeepFM, DCNv2, FinalMLP, DLRM).
+
+Every backbone is a :class:`CTRBackbone`: ``forward(dense (B, Dd), kjt, extra_fields
+(B, E, D) | None) -> CTROutput(logits (B,), representation (B, H), pooled embeddings)``.
+Build one by name with :func:`build_backbone` (``SMOKE_CONFIGS`` holds tiny ones).
+
+=========  ==========================================  ==============================
+model      dense features enter as                      representation (H)
+=========  ==========================================  ==============================
+fm         linear term + fields x_j v_j (optional)      second-order vector (D)
+fwfm       linear term + fields x_j v_j (optional)      weighted pair vector (D)
+deepfm     FM as above + raw values into the MLP         last MLP hidden
+dcnv2      raw values concatenated to x0                 MLP out (stacked) / [x_L; MLP]
+finalmlp   raw values concatenated to both streams       [o_1; o_2]
+dlrm(_dcn) torchrec's dense arch (an MLP to D)          over-arch MLP before last Linear
+=========  ==========================================  ==============================
+
+Extra fields join the F sparse fields everywhere (pairs, cross input, streams, DLRM
+interaction). First-order terms use a learned vector per field instead of dim-1
+tables (FBGEMM under DistributedModelParallel needs dims divisible by 4).
+"""
 
 from recsys_llm.models.base import CTRBackbone, CTROutput, stack_fields
 from recsys_llm.models.dcnv2 import DCNv2, DCNv2Config
