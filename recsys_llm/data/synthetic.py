@@ -246,8 +246,11 @@ class _Generator:
         all_ids = np.arange(len(items.topic))
         self._warm = [all_ids[(items.topic == k) & ~items.cold & (all_ids > 0)] for k in range(t)]
         self._cold = [all_ids[(items.topic == k) & items.cold & (all_ids > 0)] for k in range(t)]
-        self._cold = [c if c.size else w for c, w in zip(self._cold, self._warm)]
-        self._warm = [w if w.size else c for w, c in zip(self._warm, self._cold)]
+        # tiny worlds: a topic without (warm/cold) items borrows from the topic's other list, then from all items
+        any_warm = all_ids[~items.cold & (all_ids > 0)]
+        fallback = any_warm if any_warm.size else all_ids[1:]
+        self._cold = [c if c.size else w if w.size else fallback for c, w in zip(self._cold, self._warm)]
+        self._warm = [w if w.size else fallback for w in self._warm]
         self._warm_cum = [np.cumsum(items.popularity[w]) for w in self._warm]
         self._cold_cum = [np.cumsum(items.popularity[c]) for c in self._cold]
 
