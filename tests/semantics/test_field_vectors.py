@@ -1,0 +1,49 @@
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+from recsys_llm.cli import semantics as semantics_cli
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
+from recsys_llm.semantics.store import VectorProvenanceError, load_vectors
+from tests.semantics.conftest import make_schema
+
+
+def _run_cli(argv) -> int:
+    parser = argparse.ArgumentParser()
+    semantics_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+class TestFieldVectors:
+    def test_untuned_vectors_with_provenance(self, tmp_path, tiny_llama_dir, tiny_schema) -> None:
+        output = str(tmp_path / "fields.safetensors")
+        stored = encode_field_vectors(FieldVectorConfig(model_path=tiny_llama_dir), tiny_schema, output)
+        assert stored.keys == ["color", "city", "user_id", "price"]  # C1 has no description
+        assert stored.vectors.shape == (4, 64)
+        provenance = stored.provenance
+        assert provenance.left_out == ["C1"] and provenance.pooling == "last_token"
+        assert provenance.schema_fingerprint == tiny_schema.fingerprint()
+        assert provenance.extra["texts"][0] == "color: colour of the item"
+        again = encode_field_vectors(FieldVectorConfig(model_path=tiny_llama_dir), tiny_schema, output)
+        torch.testing.assert_close(again.vectors, stored.vectors, atol=0, rtol=0)
+        with pytest.raises(VectorProvenanceError, match="were made for schema 'tiny'"):
+            load_vectors(output, schema=make_schema(str(tmp_path / "other"), name="other", descriptions=False))
+
+    def test_cli_tune_then_encode(self, tmp_path, tiny_llama_dir, tiny_schema, capsys) -> None:
+        schema_path = os.path.join(tiny_schema.root, "schema.json")
+        out_dir, output = str(tmp_path / "ssft"), str(tmp_path / "tuned.safetensors")
+        assert _run_cli(["semantics", "tune", "--schema", schema_path, "--model", tiny_llama_dir, "--output-dir", out_dir,
+                         "--samples-train", "8", "--samples-valid", "2", "--epochs", "1", "--lr", "3e-3"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["epochs"] == 1 and summary["num_valid"] == 8
+        assert _run_cli(["semantics", "encode", "--schema", schema_path, "--adapter", os.path.join(out_dir, "adapter"),
+                         "--output", output]) == 0
+        tuned = load_vectors(output, schema=tiny_schema)
+        untuned = encode_field_vectors(FieldVectorConfig(model_path=tiny_llama_dir), tiny_schema, str(tmp_path / "u.st"))
+        assert "+ssft:" in tuned.provenance.model_id and tuned.provenance.model_hash != untuned.provenance.model_hash
+        assert tuned.keys == untuned.keys and not torch.allclose(tuned.vectors, untuned.vectors)

@@ -1,0 +1,72 @@
+import json
+import os
+
+import pytest
+import torch
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer, build_examples, infonce_loss
+from recsys_llm.semantics.templates import PromptTemplates, select_fields
+
+# A 2-layer random model routes the value token to the last position within a few dozen
+# steps only in a short prompt; the full Alpaca prompt is checked in test_templates.py.
+SHORT = PromptTemplates(prompt="### Input:\n{input}\n\n### Response:\n")
+
+
+def _config(model_dir: str, **overrides) -> SSFTConfig:
+    settings = dict(model_path=model_dir, samples_train=40, samples_valid=10, epochs=4, batch_size=16,
+                    learning_rate=3e-3, templates=SHORT, seed=0)
+    settings.update(overrides)
+    return SSFTConfig(**settings)
+
+
+class TestExamples:
+    def test_disjoint_train_and_held_out_values(self, tiny_schema: DatasetSchema) -> None:
+        fields = select_fields(tiny_schema)
+        train, valid = build_examples(tiny_schema, fields, SSFTConfig(samples_train=30, samples_valid=5))
+        assert len(train) == 4 * 30 and len(valid) == 4 * 5
+        for label in range(4):
+            train_values = {e.value for e in train if e.label == label}
+            valid_values = {e.value for e in valid if e.label == label}
+            assert len(train_values) == 30 and len(valid_values) == 5 and not train_values & valid_values
+        assert "The feature is: shade" in train[0].prompt and "[color, city, user_id, price]" in train[0].prompt
+
+    def test_infonce_matches_formula(self) -> None:
+        torch.manual_seed(0)
+        q, k, y = torch.randn(3, 5), torch.randn(4, 5), torch.tensor([0, 3, 1])
+        qn, kn = q / q.norm(dim=1, keepdim=True), k / k.norm(dim=1, keepdim=True)
+        sims = torch.exp(qn @ kn.t() / 0.02)
+        expected = -torch.log(sims[torch.arange(3), y] / sims.sum(dim=1)).mean()
+        torch.testing.assert_close(infonce_loss(q, k, y, 0.02), expected)
+
+
+class TestSSFT:
+    def test_tiny_decoder_lowers_loss_and_raises_held_out_accuracy(self, tmp_path, tiny_llama_dir, tiny_schema) -> None:
+        out = str(tmp_path / "ssft")
+        metrics = SSFTTrainer(_config(tiny_llama_dir), tiny_schema, out).run()
+        before, after = metrics["before"], metrics["after"]
+        assert after["loss"] < 0.5 * before["loss"], metrics["history"]
+        assert after["accuracy"] >= before["accuracy"] + 0.3 and after["accuracy"] >= 0.7, metrics["history"]
+        assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+        assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))
+        with open(os.path.join(out, "metrics.json")) as handle:
+            assert json.load(handle)["after"] == after
+
+    def test_resume_continues_where_it_stopped(self, tmp_path, tiny_llama_dir, tiny_schema) -> None:
+        small = dict(samples_train=8, samples_valid=2, lora_dropout=0.0)
+        resumed_dir, straight_dir = str(tmp_path / "resumed"), str(tmp_path / "straight")
+        first = SSFTTrainer(_config(tiny_llama_dir, epochs=1, **small), tiny_schema, resumed_dir).run()
+        resumed = SSFTTrainer(_config(tiny_llama_dir, epochs=2, **small), tiny_schema, resumed_dir).run()
+        straight = SSFTTrainer(_config(tiny_llama_dir, epochs=2, **small), tiny_schema, straight_dir).run()
+        assert resumed["epochs"] == 2 and resumed["history"][0] == first["history"][0]
+        assert resumed["after"]["loss"] == pytest.approx(straight["after"]["loss"], rel=1e-4)
+        with pytest.raises(ValueError, match="different"):
+            SSFTTrainer(_config(tiny_llama_dir, epochs=3, learning_rate=1e-4, **small), tiny_schema, resumed_dir).run()
+
+    def test_bert_style_encoder(self, tmp_path, tiny_bert_dir, tiny_schema) -> None:
+        config = _config(tiny_bert_dir, epochs=2, samples_train=24, samples_valid=6)
+        trainer = SSFTTrainer(config, tiny_schema, str(tmp_path / "bert"))
+        assert trainer.encoder.pooling == "mean"
+        assert any(".query.lora_A" in n for n, _ in trainer.encoder.model.named_parameters())
+        metrics = trainer.run()
+        assert metrics["after"]["loss"] < metrics["before"]["loss"]
