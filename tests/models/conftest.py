@@ -5,7 +5,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.schema import DatasetSchema
-from tests.models.backbone_inputs import TINY_IDS, make_kjt, tiny_schema
+from backbone_inputs import TINY_IDS, make_kjt, tiny_schema
 
 
 @pytest.fixture

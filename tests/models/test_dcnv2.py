@@ -3,7 +3,7 @@ import torch
 
 from recsys_llm.models.dcnv2 import DCNv2, DCNv2Config
 from recsys_llm.models.embedding import build_embedding_bag_collection
-from tests.models.backbone_inputs import TINY_IDS, explicit_fields, explicit_mlp, randomize
+from backbone_inputs import TINY_IDS, explicit_fields, explicit_mlp, randomize
 
 
 def explicit_cross(model: DCNv2, x0: torch.Tensor, low_rank: bool) -> torch.Tensor:

@@ -2,7 +2,7 @@ import torch
 
 from recsys_llm.models.deepfm import DeepFM, DeepFMConfig
 from recsys_llm.models.embedding import build_embedding_bag_collection
-from tests.models.backbone_inputs import (
+from backbone_inputs import (
     TINY_IDS,
     explicit_fields,
     explicit_first_order,

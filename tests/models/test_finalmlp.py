@@ -3,7 +3,7 @@ import torch
 
 from recsys_llm.models.embedding import build_embedding_bag_collection
 from recsys_llm.models.finalmlp import BilinearFusion, FeatureGate, FinalMLP, FinalMLPConfig
-from tests.models.backbone_inputs import TINY_IDS, explicit_fields, explicit_mlp, randomize
+from backbone_inputs import TINY_IDS, explicit_fields, explicit_mlp, randomize
 
 
 def explicit_gate(gate: FeatureGate, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

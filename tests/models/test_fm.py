@@ -4,7 +4,7 @@ import torch
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.embedding import build_embedding_bag_collection
 from recsys_llm.models.fm import FM, FMConfig, fm_interaction
-from tests.models.backbone_inputs import (
+from backbone_inputs import (
     TINY_IDS,
     explicit_fields,
     explicit_first_order,

@@ -3,7 +3,7 @@ import torch
 from recsys_llm.models.embedding import build_embedding_bag_collection
 from recsys_llm.models.fm import FM, fm_interaction
 from recsys_llm.models.fwfm import FwFM, FwFMConfig, fwfm_interaction
-from tests.models.backbone_inputs import TINY_IDS, explicit_fields, explicit_first_order, explicit_pairwise, randomize
+from backbone_inputs import TINY_IDS, explicit_fields, explicit_first_order, explicit_pairwise, randomize
 
 
 class TestFwFMInteraction:

@@ -6,7 +6,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.embedding import build_embedding_bag_collection
-from tests.models.backbone_inputs import TINY_IDS, explicit_fields
+from backbone_inputs import TINY_IDS, explicit_fields
 
 
 class TestBuildEmbeddingBagCollection:
