@@ -84,6 +84,8 @@ class SplitWriter:
         path (str): output file (written to ``path + ".tmp"`` and renamed on ``close``).
         arrow_schema (pa.Schema): see :func:`arrow_schema_for`.
         row_group_size (int): rows per row group.
+        compression (str): Parquet codec; lz4 decodes about twice as fast as zstd for
+            id columns, which matters when training is fed from Parquet.
 
     Example::
 
@@ -91,13 +93,13 @@ class SplitWriter:
             writer.write({"row_id": ids, "user_id": users, ..., "label": labels})
     """
 
-    def __init__(self, path: str, arrow_schema: pa.Schema, row_group_size: int = 65536) -> None:
+    def __init__(self, path: str, arrow_schema: pa.Schema, row_group_size: int = 65536, compression: str = "lz4") -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._path = path
         self._tmp = f"{path}.tmp"
         self._schema = arrow_schema
         self._row_group_size = row_group_size
-        self._writer = pq.ParquetWriter(self._tmp, arrow_schema, compression="zstd")
+        self._writer = pq.ParquetWriter(self._tmp, arrow_schema, compression=compression)
         self._pending: List[pa.Table] = []
         self._pending_rows = 0
         self.num_rows = 0
