@@ -1,0 +1,76 @@
+"""Config loading: YAML sections, typed ``key.sub=value`` overrides, clear errors."""
+
+import glob
+import os
+
+import pytest
+
+from recsys_llm.train.config import ConfigError, ExperimentConfig, load_config, save_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class TestLoadConfig:
+    def test_overrides_are_typed_by_the_dataclass(self) -> None:
+        config = load_config(
+            os.path.join(REPO, "configs", "synthetic_deepfm.yaml"),
+            [
+                "train.epochs=7",
+                "optim.dense_lr=1e-2",
+                "model.mlp_layer_sizes=[64, 32]",
+                "data.extras=llm_vector",
+                "train.resume=false",
+                "data.schema=123",
+                "sharding.frozen_tables=[t_item_id]",
+                "llactr.fre.weight=0.5",
+            ],
+        )
+        assert config.train.epochs == 7 and isinstance(config.train.epochs, int)
+        assert config.optim.dense_lr == pytest.approx(0.01) and isinstance(config.optim.dense_lr, float)
+        assert config.model.mlp_layer_sizes == (64, 32)
+        assert config.data.extras == ["llm_vector"]
+        assert config.train.resume is False
+        assert config.data.schema == "123"
+        assert config.sharding.frozen_tables == ["t_item_id"]
+        assert config.llactr == {"fre": {"weight": 0.5}}
+        # untouched values come from the file
+        assert config.model.name == "deepfm" and config.sharding.sharding_types == ["table_wise", "row_wise"]
+
+    @pytest.mark.parametrize(
+        "override, message",
+        [
+            ("train.epoch=3", "train: unknown keys ['epoch']"),
+            ("trian.epochs=3", "unknown keys ['trian']"),
+            ("train.epochs=three", "train.epochs: expected an integer, got 'three'"),
+            ("optim.dense_lr=[1]", "optim.dense_lr: expected a number"),
+            ("train.resume=maybe", "train.resume: expected true/false"),
+            ("optim.sparse=lion", "optim.sparse must be one of"),
+            ("sharding.sharding_types=[diagonal]", "sharding.sharding_types: unknown values ['diagonal']"),
+            ("model.name=gpt", "unknown model 'gpt'"),
+            ("train.epochs", "must look like section.key=value"),
+        ],
+    )
+    def test_bad_overrides_name_the_key(self, override: str, message: str) -> None:
+        with pytest.raises(ConfigError, match=None) as info:
+            load_config(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), [override])
+        assert message in str(info.value)
+
+    def test_missing_file_and_bad_yaml(self, tmp_path) -> None:
+        with pytest.raises(ConfigError, match="config file not found"):
+            load_config(str(tmp_path / "absent.yaml"))
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("train: [unclosed\n")
+        with pytest.raises(ConfigError, match="not valid YAML"):
+            load_config(str(bad))
+
+    def test_round_trip_through_yaml(self, tmp_path) -> None:
+        config = load_config(None, ["model.name=dcnv2", "model.cross_layers=2", "elec.alpha=0.3", "data.schema=x"])
+        path = str(tmp_path / "config.yaml")
+        save_config(config, path)
+        assert load_config(path) == config
+        assert isinstance(load_config(path), ExperimentConfig)
+
+    @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
+    def test_repository_configs_parse(self, path: str) -> None:
+        config = load_config(path)
+        assert config.data.schema and config.train.run_dir

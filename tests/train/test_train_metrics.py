@@ -1,0 +1,82 @@
+"""CTR metrics: exact AUC/LogLoss/NE, per-subset metrics, and exact reduction over ranks."""
+
+import math
+
+import pytest
+import torch
+
+from recsys_llm.train.distributed import init_distributed
+from recsys_llm.train.metrics import CTRMetrics, binary_metrics
+from tests.multiprocess import run_multiprocess
+
+
+def _pairwise_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUC by its definition: P(score_pos > score_neg) + 0.5 P(tie)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def _data(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, generator=g) < 0.3).float()
+    logits = torch.randn(n, generator=g) + labels  # informative
+    logits = torch.round(logits * 4) / 4  # many ties
+    cold = torch.rand(n, generator=g) < 0.25
+    return logits, labels, cold
+
+
+class TestBinaryMetrics:
+    def test_matches_definitions(self) -> None:
+        logits, labels, _ = _data(500, 0)
+        p = torch.sigmoid(logits.double())
+        out = binary_metrics(p, labels)
+        assert out["auc"] == pytest.approx(_pairwise_auc(p, labels), abs=1e-6)  # torchmetrics returns float32
+        logloss = float(torch.nn.functional.binary_cross_entropy(p, labels.double()))
+        assert out["logloss"] == pytest.approx(logloss, rel=1e-9)
+        ctr = float(labels.mean())
+        entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
+        assert out["ne"] == pytest.approx(logloss / entropy, rel=1e-6)
+        assert out["num_samples"] == 500 and out["ctr"] == pytest.approx(ctr)
+
+    def test_one_class_gives_nan_auc(self) -> None:
+        out = binary_metrics(torch.full((4,), 0.3), torch.ones(4))
+        assert math.isnan(out["auc"]) and out["logloss"] > 0
+
+    def test_subset_and_missing_mask(self) -> None:
+        logits, labels, cold = _data(400, 1)
+        metrics = CTRMetrics({"cold": "is_cold_item"})
+        metrics.update(logits[:150], labels[:150], {"is_cold_item": cold[:150]})
+        metrics.update(logits[150:], labels[150:], {"is_cold_item": cold[150:]})
+        out = metrics.compute()
+        p = torch.sigmoid(logits.double())
+        assert out["cold/auc"] == pytest.approx(_pairwise_auc(p[cold], labels[cold]), abs=1e-6)  # torchmetrics returns float32
+        assert out["cold/num_samples"] == float(cold.sum())
+        with pytest.raises(KeyError, match="needs batch extra 'is_cold_item'"):
+            metrics.update(logits, labels, {})
+
+
+def _ranked_metrics(sizes):
+    ctx = init_distributed("cpu")
+    logits, labels, cold = _data(sum(sizes), 2)
+    start = sum(sizes[: ctx.rank])
+    part = slice(start, start + sizes[ctx.rank])
+    metrics = CTRMetrics({"cold": "is_cold_item"})
+    # Uneven sizes per rank and per batch.
+    for chunk in torch.arange(part.start, part.stop).split(37):
+        metrics.update(logits[chunk], labels[chunk], {"is_cold_item": cold[chunk]})
+    return metrics.compute()
+
+
+@pytest.mark.multiprocess
+def test_metrics_over_two_ranks_equal_single_process() -> None:
+    sizes = [230, 170]
+    per_rank = run_multiprocess(_ranked_metrics, world_size=2, sizes=sizes)
+    logits, labels, cold = _data(sum(sizes), 2)
+    single = CTRMetrics({"cold": "is_cold_item"})
+    single.update(logits, labels, {"is_cold_item": cold})
+    expected = single.compute()
+    for result in per_rank:
+        assert result.keys() == expected.keys()
+        for key, value in expected.items():
+            assert result[key] == pytest.approx(value, rel=1e-12), key

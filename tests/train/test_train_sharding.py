@@ -1,0 +1,175 @@
+"""Planner + DMP sharding on 2 gloo ranks: placement, fused optimizers, frozen tables, pipelining."""
+
+import logging
+from typing import Any, Dict, List
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+from recsys_llm.train.distributed import init_distributed
+from recsys_llm.train.pipeline import train_epoch
+from recsys_llm.train.sharding import (
+    OptimizerConfig,
+    ShardingConfig,
+    build_constraints,
+    build_optimizer,
+    ranks_holding_tables,
+    shard_model,
+    table_placements,
+)
+from recsys_llm.train.task import CTRTask
+from tests.multiprocess import run_multiprocess
+
+NOT_PIPELINED = "will NOT be pipelined"
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _local_table(model: torch.nn.Module, table: str) -> torch.Tensor:
+    """This rank's shard of ``table`` (empty tensor when it holds none)."""
+    for key, value in model.state_dict().items():
+        if key.endswith(f"embedding_bags.{table}.weight"):
+            shards = value.local_shards()
+            return shards[0].tensor.detach().clone() if shards else torch.empty(0)
+    raise KeyError(table)
+
+
+def _shard_and_train(schema_path: str, model_name: str, frozen: List[str], steps: int) -> Dict[str, Any]:
+    ctx = init_distributed("cpu")
+    collect = _Collect()
+    logging.getLogger("torchrec").addHandler(collect)
+    torch.manual_seed(0)
+    schema = DatasetSchema.load(schema_path)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS[model_name], schema, device=torch.device("meta")))
+    sharding = ShardingConfig(sharding_types=["table_wise", "row_wise"], frozen_tables=frozen)
+    optim = OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=0.1, dense="adam", dense_lr=0.01)
+    model, plan = shard_model(task, ctx.device, ctx.world_size, sharding, optim, batch_size=64)
+    optimizer = build_optimizer(model, optim)
+    tables = list(table_placements(plan))
+    before = {t: _local_table(model, t) for t in tables}
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size)
+    stats = train_epoch(model, optimizer, reader, ctx.device, on_step=lambda step, loss: step >= steps, progress=False)
+    after = {t: _local_table(model, t) for t in tables}
+    state = optimizer.state_dict()["state"]
+    return {
+        "holding": ranks_holding_tables(plan, ctx.world_size),
+        "placements": {t: (p["sharding_type"], p["compute_kernel"]) for t, p in table_placements(plan).items()},
+        "changed": {t: bool(before[t].numel()) and not torch.equal(before[t], after[t]) for t in tables},
+        "local": {t: before[t].numel() > 0 for t in tables},
+        "optimizer_state": {
+            t: sorted(v) for k, v in state.items() for t in tables if k.endswith(f"embedding_bags.{t}.weight")
+        },
+        "pipelined": stats.pipelined_modules,
+        "sharded": stats.sharded_modules,
+        "steps": stats.steps,
+        "not_pipelined_logs": [m for m in collect.messages if NOT_PIPELINED in m],
+    }
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_shard_train_and_freeze(synthetic_dir: str) -> None:
+    frozen = "t_item_category"
+    results = run_multiprocess(
+        _shard_and_train, world_size=2, schema_path=synthetic_dir, model_name="deepfm", frozen=[frozen], steps=4
+    )
+    holding = results[0]["holding"]
+    assert holding == results[1]["holding"]
+    # Tables are sharded across both ranks (no replication was allowed).
+    assert holding[0] and holding[1], holding
+    assert all(t != "data_parallel" for t, _ in results[0]["placements"].values())
+    assert results[0]["placements"][frozen][1] == "fused"
+    for result in results:
+        assert result["steps"] == 4
+        # Every sharded EBC is overlapped by the pipeline; torchrec never logged a fallback.
+        assert result["pipelined"] == result["sharded"] and result["sharded"]
+        assert result["not_pipelined_logs"] == []
+        for table, local in result["local"].items():
+            if not local:
+                continue
+            if table == frozen:
+                assert not result["changed"][table], "the frozen table was updated"
+                assert result["optimizer_state"][table] == [], "the frozen table holds optimizer state"
+            else:
+                assert result["optimizer_state"][table], f"no fused optimizer state for {table}"
+    # Trained tables that received ids changed on the rank holding them.
+    changed = {t for r in results for t, c in r["changed"].items() if c}
+    assert {"t_user_id", "t_item_id"} <= changed
+
+
+class _ModifiesKJT(torch.nn.Module):
+    """Negative control: changes the KJT before the EBC, which torchrec cannot pipeline."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, batch):  # noqa: ANN001
+        kjt = batch.sparse_features
+        shifted = KeyedJaggedTensor(kjt.keys(), kjt.values() * 1, lengths=kjt.lengths())
+        output = self.backbone(batch.dense_features, shifted)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(output.logits, batch.labels)
+        return loss, (loss.detach(), output.logits.detach(), batch.labels)
+
+
+def _all_backbones_pipelined(schema_path: str) -> Dict[str, Any]:
+    results = {name: _shard_and_train(schema_path, name, [], steps=2) for name in SMOKE_CONFIGS}
+    # The control: same harness, a model that modifies its KJT input.
+    collect = _Collect()
+    logging.getLogger("torchrec").addHandler(collect)
+    schema = DatasetSchema.load(schema_path)
+    task = _ModifiesKJT(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("meta")))
+    model, _ = shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(), batch_size=64)
+    reader = ParquetBatchReader(schema, "train", 64)
+    stats = train_epoch(model, build_optimizer(model, OptimizerConfig()), reader, torch.device("cpu"),
+                        on_step=lambda step, loss: step >= 2, progress=False)
+    results["control"] = {
+        "pipelined": stats.pipelined_modules,
+        "sharded": stats.sharded_modules,
+        "not_pipelined_logs": [m for m in collect.messages if NOT_PIPELINED in m],
+    }
+    return results
+
+
+@pytest.mark.multiprocess
+def test_every_backbone_is_fully_pipelined(synthetic_dir: str) -> None:
+    (results,) = run_multiprocess(_all_backbones_pipelined, world_size=1, schema_path=synthetic_dir)
+    control = results.pop("control")
+    assert control["not_pipelined_logs"] and control["pipelined"] != control["sharded"], control
+    assert set(results) == set(SMOKE_CONFIGS)
+    for name, result in results.items():
+        assert result["not_pipelined_logs"] == [], name
+        assert result["pipelined"] == result["sharded"] and result["sharded"], name
+
+
+class TestConstraints:
+    def test_frozen_and_table_overrides(self, synthetic_schema: DatasetSchema) -> None:
+        task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+        config = ShardingConfig(
+            sharding_types=["table_wise"],
+            table_constraints={"t_user_id": {"sharding_types": ["row_wise"]}},
+            frozen_tables=["t_item_id"],
+        )
+        constraints = build_constraints(task, config)
+        assert constraints["t_user_id"].sharding_types == ["row_wise"]
+        assert constraints["t_device"].sharding_types == ["table_wise"]
+        assert constraints["t_item_id"].compute_kernels == ["fused"]
+
+    def test_errors_name_the_table(self, synthetic_schema: DatasetSchema) -> None:
+        task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+        with pytest.raises(ValueError, match=r"frozen_tables names unknown tables \['t_nope'\]"):
+            build_constraints(task, ShardingConfig(frozen_tables=["t_nope"]))
+        with pytest.raises(ValueError, match="frozen table 't_item_id' cannot be data_parallel"):
+            build_constraints(task, ShardingConfig(sharding_types=["data_parallel"], frozen_tables=["t_item_id"]))
+        with pytest.raises(ValueError, match="table_constraints.t_x: unknown keys"):
+            ShardingConfig(table_constraints={"t_x": {"kernel": ["fused"]}})
