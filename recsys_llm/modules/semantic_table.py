@@ -77,9 +77,10 @@ class SemanticTable(nn.Module):
             pooling=pooling,
         )
         self.embedding_bag_collection = EmbeddingBagCollection(tables=[config], device=device)
-        self.embedding_bag_collection.frozen = True  # read by recsys_llm.train.sharding
-        for param in self.embedding_bag_collection.parameters():
-            param.requires_grad_(False)
+        # Read by recsys_llm.train.sharding: no optimizer state, own TBE, no autograd after
+        # sharding. The weights keep requires_grad until then (the sharder attaches its
+        # optimizer-free in-backward hook to them); ``forward`` detaches in any case.
+        self.embedding_bag_collection.frozen = True
 
     @property
     def table_name(self) -> str:

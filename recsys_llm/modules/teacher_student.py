@@ -15,8 +15,8 @@ Modes:
 * ``joint``: the teacher trains in the same step on its own BCE; its logits and
   representation enter the KD terms detached (no KD gradient reaches the teacher).
 * ``frozen``: a trained teacher (loaded with :func:`load_full_state`) runs in eval mode
-  under ``no_grad`` and has no trainable parameter (its EBCs are marked ``frozen`` so the
-  sharder gives them no optimizer; DDP only sees the student's parameters).
+  under ``no_grad`` and has no trainable dense parameter (its EBCs are marked ``frozen`` so
+  the sharder gives them no optimizer state; DDP only sees the student's parameters).
 * ``offline``: no teacher module; logits and representations come from
   ``batch.extras["teacher_logits"]`` (B,) and ``["teacher_representation"]`` (B, H_t),
   written beforehand by :func:`write_teacher_outputs` + :func:`attach_columns`.
@@ -80,12 +80,21 @@ class TeacherStudentConfig:
 
 
 def freeze_teacher(teacher: nn.Module) -> None:
-    """No trainable parameter left; EBCs marked ``frozen`` for the sharder (dense kernel, no optimizer)."""
+    """Freezes a trained teacher: eval mode, no trainable dense parameter, frozen EBCs.
+
+    Dense parameters get ``requires_grad=False`` (DDP then ignores them). EBC tables are
+    marked ``frozen = True`` instead: ``recsys_llm.train.sharding`` gives them no optimizer
+    state and no autograd after sharding (it needs their ``requires_grad`` until then).
+    The teacher also runs under ``no_grad``, so nothing of it is ever updated.
+    """
+    table_params = set()
     for module in teacher.modules():
         if isinstance(module, EmbeddingBagCollection):
             module.frozen = True
+            table_params |= {id(p) for p in module.parameters()}
     for param in teacher.parameters():
-        param.requires_grad_(False)
+        if id(param) not in table_params:
+            param.requires_grad_(False)
     teacher.eval()
 
 

@@ -1,0 +1,151 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.modules.semantic_table import SemanticTable, load_semantic_vectors
+from recsys_llm.semantics.vector_export import ProvenanceError, VectorExport, VectorExportConfig, read_vectors
+
+NUM_ITEMS = 12
+DIM = 256  # torchrec cuts column-wise shards of 128 columns: two ranks hold half each
+PROVENANCE = {"model": "tiny", "granularity": "entity"}
+
+
+def write_item_vectors(directory: str) -> np.ndarray:
+    """Entity vectors for items 0..11 (ids exported in shuffled order, chunks of 5)."""
+    ids = np.random.default_rng(0).permutation(NUM_ITEMS)
+    table = np.random.default_rng(1).normal(size=(NUM_ITEMS, DIM)).astype(np.float32)
+
+    def encode(texts):
+        return torch.from_numpy(table[[int(t) for t in texts]])
+
+    VectorExport(directory, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(
+        pa.array(ids, pa.int64()), lambda a, b: [str(i) for i in ids[a:b]], encode, progress=False)
+    return table
+
+
+def item_kjt(items: torch.Tensor) -> KeyedJaggedTensor:
+    n = items.numel()
+    return KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "item_id"], values=torch.cat([items % 3, items]),
+                                               lengths=torch.ones(2 * n, dtype=torch.int32))
+
+
+class TestSemanticTable:
+    def test_lookup_after_loading(self, tmp_path):
+        table = write_item_vectors(str(tmp_path / "items"))
+        module = SemanticTable("item_id", NUM_ITEMS, DIM, device=torch.device("cpu"))
+        assert module.embedding_bag_collection.frozen
+        assert load_semantic_vectors(module, module.table_name, str(tmp_path / "items"), expected=PROVENANCE) == NUM_ITEMS
+        items = torch.tensor([3, 0, 11, 3])
+        out = module(item_kjt(items))
+        assert out.shape == (4, DIM) and not out.requires_grad  # detached: never trained
+        torch.testing.assert_close(out, torch.from_numpy(table[items.numpy()]))
+
+    def test_errors(self, tmp_path):
+        write_item_vectors(str(tmp_path / "items"))
+        with pytest.raises(ValueError, match="multiple of 4"):
+            SemanticTable("item_id", NUM_ITEMS, 6)
+        module = SemanticTable("item_id", NUM_ITEMS, DIM, device=torch.device("cpu"))
+        with pytest.raises(ProvenanceError, match="model"):
+            load_semantic_vectors(module, module.table_name, str(tmp_path / "items"), expected={"model": "big"})
+        with pytest.raises(KeyError, match="no embedding table"):
+            load_semantic_vectors(module, "semantic_user_id", str(tmp_path / "items"))
+
+
+def _sharded_joint_kd(vector_dir: str):
+    """One rank: joint KD with a column-wise sharded frozen entity table, trained by the pipeline.
+
+    (torchrec 1.8 offers row-wise sharding on CUDA only; column-wise exercises the same
+    shard-offset loading on CPU.)
+    """
+    from recsys_llm.data.batch import Batch
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+    from recsys_llm.models.registry import SMOKE_CONFIGS
+    from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
+    from recsys_llm.modules.teacher_student import TeacherStudentConfig
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.pipeline import train_epoch
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model, table_placements
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    ctx = init_distributed("cpu")
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
+                                 FieldSpec("age", "dense")])
+    config = ELECConfig(task="distill", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
+                        entity_vectors=vector_dir, expected_provenance=PROVENANCE,
+                        distill=TeacherStudentConfig(mode="joint", beta=0.5))
+    torch.manual_seed(0)
+    task = build_elec_task(config, schema, SMOKE_CONFIGS["deepfm"])
+    sharding = ShardingConfig(sharding_types=["table_wise", "column_wise"],
+                              table_constraints={"semantic_item_id": {"sharding_types": ["column_wise"]}})
+    model, plan = shard_model(task, ctx.device, ctx.world_size, sharding, OptimizerConfig(sparse_lr=0.5), batch_size=8)
+    filled = load_elec_state(model, config)["entity_rows"]
+    optimizer = build_optimizer(model, OptimizerConfig(sparse_lr=0.5))
+
+    def weights(table: str):
+        return {k: [s.tensor.clone() for s in v.local_shards()] if isinstance(v, ShardedTensor) else [v.clone()]
+                for k, v in model.state_dict().items() if k.endswith(f"embedding_bags.{table}.weight")}
+
+    semantic_before = weights("semantic_item_id")
+    student_before = weights("student_item_id")
+    g = torch.Generator().manual_seed(ctx.rank)
+    batches = []
+    for _ in range(6):
+        items = torch.randint(0, NUM_ITEMS, (8,), generator=g)
+        batches.append(Batch(torch.randn(8, 1, generator=g), item_kjt(items), (items % 2).float(), {}))
+    stats = train_epoch(model, optimizer, batches, ctx.device, progress=False)
+    semantic_after = weights("semantic_item_id")
+    student_after = weights("student_item_id")
+    unchanged = all(torch.equal(a, b) for k in semantic_before for a, b in zip(semantic_before[k], semantic_after[k]))
+    student_changed = any(not torch.equal(a, b) for k in student_before for a, b in zip(student_before[k], student_after[k]))
+    (key, shards), = semantic_after.items()
+    local = []
+    for tensor, shard in zip(shards, model.state_dict()[key].local_shards()):
+        row, col = shard.metadata.shard_offsets
+        local.append((row, col, tensor.numpy().tolist()))
+    fused_state = model.fused_optimizer.state_dict()["state"]
+    semantic_state = {str(k): {n: (tuple(v.shape) if hasattr(v, "shape") else v) for n, v in st.items()}
+                      for k, st in fused_state.items() if "semantic" in str(k)}
+    return {
+        "filled": filled,
+        "local": local,
+        "unchanged": unchanged,
+        "student_changed": student_changed,
+        "steps": stats.steps,
+        "pipelined": stats.pipelined_modules,
+        "placement": table_placements(plan)["semantic_item_id"],
+        "semantic_optimizer_state": semantic_state,
+        "dense_optimizer_semantic": [k for _, opt in optimizer.optimizers if opt is not model.fused_optimizer
+                                     for k in opt.params if "semantic" in k],
+        "dense_optimizer_size": sum(len(opt.params) for _, opt in optimizer.optimizers if opt is not model.fused_optimizer),
+    }
+
+
+@pytest.mark.multiprocess
+class TestShardedSemanticTable:
+    def test_two_ranks_load_own_rows_and_stay_frozen_under_joint_kd(self, tmp_path):
+        from tests.multiprocess import run_multiprocess
+
+        table = write_item_vectors(str(tmp_path / "items"))
+        results = run_multiprocess(_sharded_joint_kd, world_size=2, vector_dir=str(tmp_path / "items"))
+        covered = np.zeros((NUM_ITEMS, DIM), dtype=int)
+        for rank, result in enumerate(results):
+            assert result["steps"] == 6
+            assert result["placement"]["sharding_type"] == "column_wise"
+            assert len(result["placement"]["shards"]) == 2
+            assert result["unchanged"], f"rank {rank}: frozen table changed"
+            # the table's optimizer holds no state, and the dense optimizer does not see it
+            assert result["semantic_optimizer_state"] and not any(result["semantic_optimizer_state"].values())
+            assert not result["dense_optimizer_semantic"] and result["dense_optimizer_size"] > 0
+            assert any("semantic_table" in m for m in result["pipelined"]), result["pipelined"]
+            held = 0
+            for row, col, values in result["local"]:
+                values = np.array(values)
+                np.testing.assert_allclose(values, table[row : row + values.shape[0], col : col + values.shape[1]],
+                                           rtol=1e-6)
+                covered[row : row + values.shape[0], col : col + values.shape[1]] += 1
+                held += values.size
+            assert held < NUM_ITEMS * DIM  # no rank holds (or loaded) the whole table
+        assert (covered == 1).all()
+        assert any(r["student_changed"] for r in results)  # the student's table (on some rank) trained
