@@ -5,8 +5,10 @@ import torch
 from torchrec.distributed.train_pipeline.tracing import Tracer
 from torchrec.fx import symbolic_trace
 
+from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.base import CTRBackbone, CTROutput
 from recsys_llm.models.registry import MODEL_NAMES, SMOKE_CONFIGS, ModelConfig, build_backbone
+from backbone_inputs import tiny_schema
 
 
 def _build(schema, name: str, extra: int) -> CTRBackbone:
@@ -100,3 +102,11 @@ class TestModelConfig:
             ModelConfig.from_dict({"name": "fm", "layers": 3}, source="cfg.yaml")
         with pytest.raises(ValueError, match="needs a 'name'"):
             ModelConfig.from_dict({"embedding_dim": 8})
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_schema_without_dense_features(name: str, kjt) -> None:
+    fields = [f for f in tiny_schema().fields if f.is_categorical]
+    model = build_backbone(SMOKE_CONFIGS[name], DatasetSchema("sparse_only", fields), device=torch.device("cpu"))
+    out = model(torch.empty(4, 0), kjt)
+    assert out.logits.shape == (4,) and torch.isfinite(out.logits).all()
