@@ -1,0 +1,72 @@
+import pytest
+import torch
+import torch.nn.functional as F
+import torchrec.fx
+from torch import nn
+from torchrec.models.dlrm import DLRM
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+from tests.modules.llactr_helpers import FEATURES, make_ebc, make_kjt
+
+
+class TestFieldInteractionEnhancement:
+    def test_matches_explicit_pair_sum(self) -> None:
+        torch.manual_seed(0)
+        kt = make_ebc(dim=5)(make_kjt(batch_size=3))
+        vectors = torch.randn(3, 7)
+        fie = FieldInteractionEnhancement(vectors, ["item_id", "genre", "user_id"], weight=0.4)
+        names = ["item_id", "genre", "user_id"]
+        pairs = [(0, 1), (0, 2), (1, 2)]
+        similarity = torch.stack([F.cosine_similarity(vectors[i], vectors[j], dim=0) for i, j in pairs])
+        weights = fie.pair_weight.weight @ similarity + fie.pair_weight.bias  # (P,)
+        expected = torch.stack([
+            sum(weights[p] * torch.dot(kt[names[i]][b], kt[names[j]][b]) for p, (i, j) in enumerate(pairs))
+            for b in range(3)
+        ])
+        torch.testing.assert_close(fie.logit(kt), 0.4 * expected, rtol=1e-5, atol=1e-6)
+
+    def test_freeze_keeps_weights_constant(self) -> None:
+        torch.manual_seed(0)
+        kt = make_ebc()(make_kjt())
+        fie = FieldInteractionEnhancement(torch.randn(3, 7), FEATURES, weight=0.1)
+        before = fie.logit(kt).detach()
+        fie.freeze()
+        with torch.no_grad():
+            fie.pair_weight.weight.add_(1.0)
+        torch.testing.assert_close(fie.logit(kt), before)
+        assert fie.frozen and "frozen_pair_weights" in fie.state_dict()
+        fie.unfreeze()
+        assert not torch.allclose(fie.logit(kt), before)
+
+    def test_fx_traceable(self) -> None:
+        torch.manual_seed(0)
+
+        class EmbedThenFIE(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.ebc = make_ebc()
+                self.fie = FieldInteractionEnhancement(torch.randn(3, 10), FEATURES, 0.1)
+
+            def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+                return self.fie.logit(self.ebc(kjt))
+
+        model = EmbedThenFIE()
+        traced = torchrec.fx.symbolic_trace(model)
+        kjt = make_kjt()
+        torch.testing.assert_close(traced(kjt), model(kjt))
+
+    def test_on_unmodified_torchrec_dlrm(self) -> None:
+        torch.manual_seed(0)
+        dlrm = DLRM(make_ebc(dim=8), dense_in_features=4, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
+        fie = FieldInteractionEnhancement(torch.randn(3, 10), FEATURES, 0.1)
+        dense, kjt, labels = torch.randn(4, 4), make_kjt(), torch.tensor([0.0, 1.0, 1.0, 0.0])
+        kt = dlrm.sparse_arch.embedding_bag_collection(kjt)
+        logits = dlrm(dense, kjt).squeeze(-1) + fie.logit(kt)  # (B,)
+        F.binary_cross_entropy_with_logits(logits, labels).backward()
+        assert fie.pair_weight.weight.grad is not None and fie.pair_weight.weight.grad.abs().sum() > 0
+        assert dlrm.sparse_arch.embedding_bag_collection.embedding_bags["t_genre"].weight.grad is not None
+
+    def test_needs_two_fields(self) -> None:
+        with pytest.raises(ValueError, match=">= 2 fields"):
+            FieldInteractionEnhancement(torch.randn(1, 4), ["a"])

@@ -1,0 +1,69 @@
+import pytest
+import torch
+import torch.nn.functional as F
+import torchrec.fx
+from torch import nn
+from torchrec.models.dlrm import DLRM
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
+from tests.modules.llactr_helpers import FEATURES, make_ebc, make_kjt
+
+
+class TestFieldRepresentationEnhancement:
+    def test_matches_explicit_kl_and_skips_fields_without_vectors(self) -> None:
+        torch.manual_seed(0)
+        ebc, kjt = make_ebc(dim=6), make_kjt(batch_size=5)
+        kt = ebc(kjt)
+        vectors = torch.randn(2, 12)
+        fre = FieldRepresentationEnhancement(vectors, ["genre", "user_id"], embedding_dim=6, weight=0.3)
+        loss = fre.loss(kt)
+        total = torch.zeros(())
+        for row, name in enumerate(["genre", "user_id"]):
+            target = torch.softmax(fre.projection(vectors[row]), dim=-1)  # (D,)
+            for b in range(5):
+                log_q = torch.log_softmax(kt[name][b], dim=-1)
+                total = total + F.kl_div(log_q, target, reduction="sum")
+        torch.testing.assert_close(loss, 0.3 * total / (5 * 2))
+        loss.backward()
+        assert fre.projection.weight.grad is not None and ebc.embedding_bags["t_genre"].weight.grad is not None
+        skipped = ebc.embedding_bags["t_item_id"].weight.grad  # item_id has no vector: no gradient from FRE
+        assert skipped is None or not skipped.any()
+
+    def test_fx_traceable(self) -> None:
+        torch.manual_seed(0)
+
+        class EmbedThenFRE(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.ebc = make_ebc()
+                self.fre = FieldRepresentationEnhancement(torch.randn(3, 10), FEATURES, 8, 0.1)
+
+            def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+                return self.fre.loss(self.ebc(kjt))
+
+        model = EmbedThenFRE()
+        traced = torchrec.fx.symbolic_trace(model)
+        kjt = make_kjt()
+        torch.testing.assert_close(traced(kjt), model(kjt))
+
+    def test_on_unmodified_torchrec_dlrm(self) -> None:
+        torch.manual_seed(0)
+        dlrm = DLRM(make_ebc(dim=8), dense_in_features=4, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
+        fre = FieldRepresentationEnhancement(torch.randn(3, 10), FEATURES, 8, 0.2)
+        optimizer = torch.optim.Adam(list(dlrm.parameters()) + list(fre.parameters()), lr=0.05)
+        dense, kjt, labels = torch.randn(4, 4), make_kjt(), torch.tensor([0.0, 1.0, 1.0, 0.0])
+        losses = []
+        for _ in range(5):
+            kt = dlrm.sparse_arch.embedding_bag_collection(kjt)
+            regularizer = fre.loss(kt)
+            loss = F.binary_cross_entropy_with_logits(dlrm(dense, kjt).squeeze(-1), labels) + regularizer
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(regularizer.item())
+        assert losses[-1] < losses[0]
+
+    def test_rejects_bad_shapes(self) -> None:
+        with pytest.raises(ValueError, match="len\\(feature_names\\)=2"):
+            FieldRepresentationEnhancement(torch.randn(3, 4), ["a", "b"], 8)
