@@ -11,11 +11,13 @@ runs the same collectives per batch, so a rank that runs out of data early makes
 others hang. The reader therefore computes every rank's row count from the Parquet
 footers (no data read) and gives *all* ranks ``min_r(batches_r)`` batches, where
 ``batches_r = ceil(rows_r / B)`` (``floor`` with ``drop_last``). Rows past that cap on
-the larger shards are skipped in that epoch: at most about one row group per rank, and
-with ``shuffle=True`` a different subset each epoch. ``reader.dropped_rows`` says how
-many. Row groups are assigned to ranks by a greedy "largest first" balance; when a
-split has fewer row groups than ranks, every row group is cut into ``world_size``
-contiguous row ranges instead.
+the larger shards are skipped in that epoch. Because the split's rows (files, then row
+groups, in order) are cut into ``world_size`` contiguous ranges whose sizes differ by at
+most one row, that is at most one row per rank (plus the partial last batch with
+``drop_last``). A rank reads its row groups whole except the (at most two) groups at
+the ends of its range, of which it keeps a slice; a split with fewer row groups than
+ranks is thus still spread evenly. ``reader.dropped_rows`` says how many rows a rank
+skips per epoch.
 """
 
 import bisect
@@ -395,16 +397,28 @@ def read_schema_and_check(schema: DatasetSchema, path: str, extras: Sequence[str
     return total
 
 
-def _assign(units: List[_Unit], world_size: int) -> List[List[_Unit]]:
-    """Largest-first greedy balance of units over ranks; each rank keeps file order."""
-    order = sorted(range(len(units)), key=lambda i: (-units[i].rows, i))
-    loads = [(0, r) for r in range(world_size)]  # (rows, rank), kept sorted
-    owned: List[List[int]] = [[] for _ in range(world_size)]
-    for i in order:
-        rows, rank = loads.pop(0)
-        owned[rank].append(i)
-        bisect.insort(loads, (rows + units[i].rows, rank))
-    return [[units[i] for i in sorted(idx)] for idx in owned]
+def _balanced_ranges(units: List[_Unit], world_size: int) -> List[List[_Unit]]:
+    """Cuts the split's rows (files and row groups in order) into ``world_size`` contiguous
+    ranges of ``N // world_size`` or ``N // world_size + 1`` rows; returns each rank's pieces.
+
+    A rank reads whole row groups except at most two at its range's ends, which it
+    shares with its neighbours (each decodes that group and keeps its own slice).
+    """
+    total = sum(u.rows for u in units)
+    bounds = [total * r // world_size for r in range(world_size + 1)]
+    shards: List[List[_Unit]] = [[] for _ in range(world_size)]
+    start = 0  # global index of the unit's first row
+    for unit in units:
+        stop = start + unit.rows
+        first = bisect.bisect_right(bounds, start) - 1
+        for rank in range(max(first, 0), world_size):
+            lo, hi = max(start, bounds[rank]), min(stop, bounds[rank + 1])
+            if lo >= stop:
+                break
+            if lo < hi:
+                shards[rank].append(_Unit(unit.file, unit.row_group, unit.start + lo - start, unit.start + hi - start))
+        start = stop
+    return shards
 
 
 # =================================================================================================
@@ -501,16 +515,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             meta = handle.metadata
             self._group_starts.append(_offsets(np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])))
             units += [_Unit(index, g, 0, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-        units = [u for u in units if u.rows]
-        if len(units) < world_size:
-            units = [
-                _Unit(u.file, u.row_group, u.rows * r // world_size, u.rows * (r + 1) // world_size)
-                for u in units
-                for r in range(world_size)
-            ]
-            shards = [[u for i, u in enumerate(units) if i % world_size == r] for r in range(world_size)]
-        else:
-            shards = _assign(units, world_size)
+        shards = _balanced_ranges([u for u in units if u.rows], world_size)
         self._units = shards[rank]
         self._rank_rows = [sum(u.rows for u in shard) for shard in shards]
         per_rank = [(rows // batch_size if drop_last else -(-rows // batch_size)) for rows in self._rank_rows]
