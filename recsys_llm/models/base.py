@@ -70,6 +70,11 @@ class CTRBackbone(nn.Module, abc.ABC):
         return self._feature_names
 
     @property
+    @abc.abstractmethod
+    def representation_dim(self) -> int:
+        """H, the width of ``CTROutput.representation``."""
+
+    @property
     def num_fields(self) -> int:
         """Sparse fields + extra fields (dense features are handled by each backbone)."""
         return len(self._feature_names) + self._num_extra_fields
