@@ -1,0 +1,85 @@
+import json
+import os
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.models.registry import SMOKE_CONFIGS
+from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, build_student
+from recsys_llm.modules.teacher_student import TeacherStudentConfig
+from recsys_llm.serving import ServedModel, export_task, load_state_file, sub_state, unsharded_state_dict
+
+CPU = torch.device("cpu")
+SCHEMA = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("item_id", "sparse", 12),
+                             FieldSpec("genres", "sequence", 5, max_length=3), FieldSpec("age", "dense")])
+
+
+def make_batch(batch_size: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    genre_lengths = torch.randint(0, 4, (batch_size,), generator=g)
+    values = torch.cat([torch.randint(0, 10, (batch_size,), generator=g), torch.randint(0, 12, (batch_size,), generator=g),
+                        torch.randint(0, 5, (int(genre_lengths.sum()),), generator=g)])
+    lengths = torch.cat([torch.ones(2 * batch_size, dtype=torch.int64), genre_lengths]).int()
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "item_id", "genres"], values=values, lengths=lengths)
+    vector = torch.randn(batch_size, 8, generator=g)
+    return Batch(torch.randn(batch_size, 1, generator=g), kjt, (vector[:, 0] > 0).float(), {"llm_vector": vector})
+
+
+def _trained_pair(model_name: str):
+    torch.manual_seed(0)
+    task = build_elec_task(ELECConfig(task="distill", vector_dim=8, distill=TeacherStudentConfig(mode="joint", beta=0.5)),
+                           SCHEMA, SMOKE_CONFIGS[model_name], device=CPU)
+    optimizer = torch.optim.Adam(task.parameters(), lr=0.01)
+    for step in range(3):
+        loss, _ = task(make_batch(16, step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return task.eval()
+
+
+@pytest.mark.parametrize("model_name", ["deepfm", "dcnv2", "dlrm"])
+def test_exported_student_reproduces_predictions_and_holds_no_teacher(tmp_path, model_name):
+    task = _trained_pair(model_name)
+    full = unsharded_state_dict(task)
+    student = build_student(SCHEMA, SMOKE_CONFIGS[model_name], device=CPU)
+    student.load_state_dict(sub_state(full, "student."))
+    out = str(tmp_path / "export")
+    example = make_batch(4, 100)
+    config = export_task(student, out, example.dense_features, example.sparse_features,
+                         metadata={"model": SMOKE_CONFIGS[model_name].to_dict()})
+    assert config["dense_program"] == "dense_program.pt2", config["dense_program_error"]
+    assert sorted(os.listdir(out)) == ["INFERENCE.md", "config.json", "dense_program.pt2", "model.safetensors", "tables.json"]
+
+    exported = load_state_file(out)
+    assert set(exported) == set(task.student.state_dict())
+    assert not any(part in key for key in exported for part in ("teacher", "semantic", "injection", "llm", "kd"))
+    student_params = sum(p.numel() for p in task.student.parameters())
+    assert config["num_parameters"] == student_params < sum(p.numel() for p in task.parameters())
+    assert sum(v.numel() for v in exported.values()) == sum(v.numel() for v in task.student.state_dict().values())
+    program = torch.export.load(os.path.join(out, "dense_program.pt2"))
+    program_names = set(program.state_dict) | set(getattr(program, "constants", {}))
+    assert not any("teacher" in n or "injection" in n for n in program_names)
+
+    served = ServedModel.load(out)
+    for seed, size in ((7, 1), (8, 5), (9, 33)):  # batch sizes other than the example's
+        batch = make_batch(size, seed)
+        with torch.no_grad():
+            expected = task.student.predict(batch).logits
+        assert torch.equal(served.logits(batch.dense_features, batch.sparse_features), expected)
+        torch.testing.assert_close(served.predict(batch.dense_features, batch.sparse_features), torch.sigmoid(expected))
+    with open(os.path.join(out, "config.json")) as handle:
+        assert json.load(handle)["metadata"]["model"]["name"] == model_name
+
+
+def test_gain_network_and_pairs_are_refused(tmp_path):
+    gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
+    example = make_batch(4, 0)
+    with pytest.raises(ValueError, match="export the student"):
+        export_task(gain, str(tmp_path / "x"), example.dense_features, example.sparse_features)
+    with pytest.raises(KeyError, match="no state under prefix"):
+        sub_state(unsharded_state_dict(gain), "student.")
+    assert not os.path.exists(str(tmp_path / "x"))
