@@ -73,3 +73,65 @@ class TestBuildLLaCTRTerms:
             LLaCTRConfig.from_dict({"vectors_path": "x", "lambda": 0.1})
         with pytest.raises(ValueError, match="'vectors_path'"):
             LLaCTRConfig.from_dict({})
+
+
+def _sharded_llactr(schema_path: str, vectors_path: str, steps: int):
+    import logging
+
+    from recsys_llm.data.parquet import ParquetBatchReader
+    from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.pipeline import train_epoch
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logging.getLogger("torchrec").addHandler(Collect(logging.DEBUG))
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    schema = DatasetSchema.load(schema_path)
+    backbone = build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("meta"))
+    config = LLaCTRConfig(vectors_path, lambda_fre=0.5, lambda_fie=0.1)
+    logit_terms, loss_terms, _ = build_llactr_terms(config, schema, backbone)
+    fre_before = loss_terms["fre"].projection.weight.detach().clone()
+    task = CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms)
+    sharding = ShardingConfig(sharding_types=["table_wise", "row_wise"])
+    optim = OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=0.1, dense="adam", dense_lr=0.01)
+    model, _ = shard_model(task, ctx.device, ctx.world_size, sharding, optim, batch_size=64)
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size)
+    stats = train_epoch(model, build_optimizer(model, optim), reader, ctx.device,
+                        on_step=lambda step, loss: step >= steps, progress=False)
+    params = {k: v.detach().tolist() for k, v in model.named_parameters() if "loss_terms." in k or "logit_terms." in k}
+    return {
+        "steps": stats.steps, "pipelined": stats.pipelined_modules, "sharded": stats.sharded_modules,
+        "not_pipelined": [m for m in messages if "will NOT be pipelined" in m],
+        "params": params, "fre_before": fre_before.tolist(),
+    }
+
+
+@pytest.mark.multiprocess
+def test_fre_and_fie_train_on_two_ranks_with_sharded_tables(tmp_path) -> None:
+    from recsys_llm.data.synthetic import generate_synthetic
+    from tests.multiprocess import run_multiprocess
+
+    data = str(tmp_path / "synthetic")
+    generate_synthetic(data, 2_000, seed=0, rows_per_group=512)
+    schema = DatasetSchema.load(data)
+    names = [f.name for f in schema.categorical_fields]
+    provenance = VectorProvenance(model_id="random", model_hash="r", pooling="mean", template="{name}")
+    vectors_path = str(tmp_path / "fields.safetensors")
+    save_vectors(vectors_path, torch.randn(len(names), 16), names, provenance.for_schema(schema))
+    results = run_multiprocess(_sharded_llactr, world_size=2, schema_path=data, vectors_path=vectors_path, steps=3)
+    for result in results:
+        assert result["steps"] == 3 and result["not_pipelined"] == []
+        assert result["pipelined"] == result["sharded"] and result["sharded"]
+    fre_keys = [k for k in results[0]["params"] if k.endswith("fre.projection.weight")]
+    fie_keys = [k for k in results[0]["params"] if k.endswith("fie.pair_weight.weight")]
+    assert fre_keys and fie_keys
+    for key in results[0]["params"]:  # dense plug-in weights are data-parallel: equal on both ranks
+        torch.testing.assert_close(torch.tensor(results[0]["params"][key]), torch.tensor(results[1]["params"][key]))
+    assert results[0]["params"][fre_keys[0]] != results[0]["fre_before"]
