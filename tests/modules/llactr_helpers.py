@@ -31,7 +31,12 @@ class LinearBackbone(CTRBackbone):
 
     def __init__(self, ebc: EmbeddingBagCollection, num_dense_features: int) -> None:
         super().__init__(ebc, num_dense_features)
-        self.head = nn.Linear(len(self.feature_names) * self.embedding_dim + num_dense_features, 1)
+        self._representation_dim = len(self.feature_names) * self.embedding_dim + num_dense_features
+        self.head = nn.Linear(self._representation_dim, 1)
+
+    @property
+    def representation_dim(self) -> int:
+        return self._representation_dim
 
     def interact(self, dense_features: torch.Tensor, embeddings: KeyedTensor,
                  extra_fields: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
