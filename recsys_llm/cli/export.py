@@ -1,0 +1,110 @@
+"""``recsys-llm export``: the servable artifact of a trained run (the ELEC student alone).
+
+Loads the checkpoint into the sharded task exactly as training built it (any world size),
+gathers the full state dict on rank 0 (``ShardedTensor.gather``), keeps the student's
+tensors (``student.*`` of a teacher-student task; the whole task for a plain backbone),
+and writes them with a ``torch.export`` program of the dense part
+(:mod:`recsys_llm.serving`). A gain network (which needs LLM vectors at inference) is
+refused: export its student.
+
+Example::
+
+    recsys-llm export --config configs/ml100k_elec_deepfm.yaml --checkpoint runs/elec_deepfm --output exports/student
+    torchrun --nproc_per_node 2 -m recsys_llm.cli export --config ... --checkpoint ... --output ...
+"""
+
+import argparse
+import json
+import os
+from typing import Any, Dict
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a run directory's best (else latest) checkpoint."""
+    from recsys_llm.train.checkpoint import CheckpointManager
+
+    if os.path.isdir(os.path.join(path, "best")) or os.path.isdir(os.path.join(path, "checkpoints")):
+        found = CheckpointManager(os.path.join(path, "best")).latest() or CheckpointManager(
+            os.path.join(path, "checkpoints")
+        ).latest()
+        if found is None:
+            raise FileNotFoundError(f"{path}: run directory holds no complete checkpoint")
+        return found
+    return path
+
+
+def export_run(config: Any, checkpoint: str, output: str) -> Dict[str, Any]:
+    """Exports the served part of a trained run (collective: call on every rank).
+
+    Args:
+        config (ExperimentConfig): the run's config.
+        checkpoint (str): checkpoint or run directory.
+        output (str): export directory (written by rank 0).
+
+    Returns:
+        Dict[str, Any]: the artifact's ``config.json`` on rank 0, ``{}`` elsewhere.
+    """
+    import torch
+
+    from recsys_llm.data.parquet import ParquetBatchReader
+    from recsys_llm.modules.teacher_student import TeacherStudentTask
+    from recsys_llm.serving import export_task, sub_state, unsharded_state_dict
+    from recsys_llm.train.checkpoint import load_checkpoint
+    from recsys_llm.train.distributed import barrier, init_distributed
+    from recsys_llm.train.runner import build_task, load_or_generate_schema
+    from recsys_llm.train.sharding import shard_model
+
+    ctx = init_distributed(config.train.device)
+    checkpoint = resolve_checkpoint(checkpoint)
+    schema = load_or_generate_schema(config, ctx)
+    model, _ = shard_model(build_task(config, schema, ctx.device), ctx.device, ctx.world_size, config.sharding,
+                           config.optim, config.data.batch_size)
+    load_checkpoint(checkpoint, model, None, restore_rng=False)
+    full = unsharded_state_dict(model)  # collective
+    written: Dict[str, Any] = {}
+    if ctx.is_main:
+        fresh = build_task(config, schema, torch.device("cpu"))  # tables on meta, filled below
+        if isinstance(fresh, TeacherStudentTask):
+            served, state = fresh.student, sub_state(full, "student.")
+        else:
+            served, state = fresh, full
+        served = served.to_empty(device=torch.device("cpu"))
+        served.load_state_dict(state)
+        reader = ParquetBatchReader(schema, config.data.train_split, 8, rank=0, world_size=1)
+        example = next(iter(reader))
+        metadata = {
+            "schema": schema.name,
+            "schema_fingerprint": schema.fingerprint(),
+            "model": config.model.to_dict(),
+            "checkpoint": os.path.abspath(checkpoint),
+            "world_size_at_export": ctx.world_size,
+        }
+        written = export_task(served, output, example.dense_features, example.sparse_features, metadata)
+    barrier()
+    return written
+
+
+def _export(args: argparse.Namespace) -> int:
+    from recsys_llm.env import check_versions
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.distributed import is_main_process, teardown_distributed
+
+    check_versions()
+    config = load_config(args.config, args.overrides)
+    written = export_run(config, args.checkpoint, args.output)
+    if is_main_process():
+        summary = {k: written[k] for k in ("dense_program", "num_parameters", "num_state_tensors", "feature_names")}
+        print(json.dumps({"output": args.output, **summary}, indent=2))
+        print(f"inference example: {os.path.join(args.output, 'INFERENCE.md')}")
+    teardown_distributed()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``export``."""
+    export = subparsers.add_parser("export", help="export the served model (ELEC student alone) of a trained run")
+    export.add_argument("--config", required=True, help="the YAML config of the run")
+    export.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    export.add_argument("--output", required=True, help="export directory")
+    export.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    export.set_defaults(func=_export)

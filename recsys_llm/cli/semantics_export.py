@@ -1,0 +1,163 @@
+"""``recsys-llm semantics adapt | export``: ELEC's CTR-adapted LLM and its vectors.
+
+* ``adapt``: renders a sample of a split's rows as text ("{description} is {value}."),
+  fine-tunes any Hugging Face model with a pooling + MLP + prediction head on the clicks
+  (LoRA, last-k layers, or heads only) and saves it with its row-text settings.
+* ``export``: the representation vector r of every row (``--granularity row``) or of
+  every user/item (``--granularity entity --entity-field item_id``), in resumable Parquet
+  chunks with provenance; split over ranks under ``torchrun``. ``--attach-dir`` then
+  writes copies of the splits with an ``llm_vector`` column (row vectors, or entity vectors
+  joined on the entity field) and a schema that lists them as an extra column.
+
+Example::
+
+    recsys-llm semantics adapt --schema data/ml-100k --output-dir runs/ctr_llm --model /models/qwen --sample-rows 20000
+    torchrun --nproc_per_node 2 -m recsys_llm.cli semantics export --schema data/ml-100k \\
+        --llm runs/ctr_llm --output-dir runs/vectors --granularity row
+    recsys-llm semantics export --schema data/ml-100k --llm runs/ctr_llm --output-dir runs/vectors \\
+        --granularity row --attach-dir data/ml-100k-vec
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import List
+
+ROW_TEXT_FILE = "row_text.json"
+
+
+def _row_text_config(args: argparse.Namespace):
+    from recsys_llm.semantics.row_text import RowTextConfig
+
+    saved = os.path.join(args.llm, ROW_TEXT_FILE) if getattr(args, "llm", None) else None
+    if saved and os.path.exists(saved) and args.fields is None and args.template is None:
+        with open(saved, encoding="utf-8") as handle:
+            return RowTextConfig(**json.load(handle))
+    config = RowTextConfig(fields=args.fields)
+    if args.template is not None:
+        config.template = args.template
+    return config
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig, sample_indices, save_ctr_llm, tune_ctr_llm
+    from recsys_llm.semantics.encoder import default_model_path
+    from recsys_llm.semantics.row_text import RowTextRenderer
+
+    schema = DatasetSchema.load(args.schema)
+    text_config = _row_text_config(args)
+    config = CTRLLMConfig(
+        model_path=args.model or default_model_path(), representation_dim=args.representation_dim,
+        hidden_dim=args.hidden_dim, tuning=args.tuning, lora_r=args.lora_r, lora_target_modules=args.target_modules,
+        last_k_layers=args.last_k, max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.lr,
+        head_learning_rate=args.head_lr, epochs=args.epochs, sample_rows=args.sample_rows, seed=args.seed,
+    )
+    renderer = RowTextRenderer(schema, text_config)
+    table = pq.read_table(schema.split_path(args.split), columns=[*renderer.field_names, schema.label], memory_map=True)
+    rows = table.take(sample_indices(table.num_rows, config))  # render only the sample
+    texts = renderer.render(rows).to_pylist()
+    labels = np.asarray(rows.column(schema.label).to_numpy(zero_copy_only=False), dtype=np.float32)
+    model = CTRAdaptedLLM.from_config(config)
+    losses = tune_ctr_llm(model, texts, labels, dataclasses.replace(config, sample_rows=None))
+    save_ctr_llm(model, args.output_dir)
+    with open(os.path.join(args.output_dir, ROW_TEXT_FILE), "w", encoding="utf-8") as handle:
+        json.dump(dataclasses.asdict(text_config), handle, indent=2)
+    window = max(1, len(losses) // 10)
+    print(json.dumps({"output_dir": args.output_dir, "rows": len(texts), "steps": len(losses),
+                      "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),
+                      "provenance": model.provenance()}, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.semantics.ctr_llm import load_ctr_llm
+    from recsys_llm.semantics.row_text import RowTextRenderer
+    from recsys_llm.semantics.vector_export import VectorExportConfig, export_schema_vectors, rank_and_world
+
+    schema = DatasetSchema.load(args.schema)
+    splits: List[str] = args.splits or sorted(schema.splits)
+    rank, world = rank_and_world()
+    model = load_ctr_llm(args.llm)
+    if args.device:
+        model.to(args.device)
+    config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
+                                projection=args.projection)
+    written = export_schema_vectors(
+        schema, splits, RowTextRenderer(schema, _row_text_config(args)), model.encode, args.output_dir,
+        model.provenance(), config, granularity=args.granularity, entity_field=args.entity_field,
+        entity_fields=args.entity_fields, rank=rank, world_size=world,
+    )
+    print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
+    if args.attach_dir and rank == 0:
+        _attach(schema, splits, args)
+    return 0
+
+
+def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
+    """Copies of the splits with an ``llm_vector`` column, and a schema listing it."""
+    from recsys_llm.semantics.vector_export import attach_vectors
+
+    os.makedirs(args.attach_dir, exist_ok=True)
+    key = schema.row_key if args.granularity == "row" else args.entity_field
+    for split in splits:
+        name = f"{split}.parquet"
+        attach_vectors(schema.split_path(split), args.output_dir, key, os.path.join(args.attach_dir, name),
+                       column=args.column)
+        schema.splits[split] = name
+    for spec in schema.fields:
+        if spec.value_text:
+            object.__setattr__(spec, "value_text", os.path.relpath(os.path.join(schema.root, spec.value_text), args.attach_dir))
+    if args.column not in schema.extra_columns:
+        schema.extra_columns.append(args.column)
+    schema.save(os.path.join(args.attach_dir, "schema.json"))
+    print(json.dumps({"attached": splits, "schema": os.path.join(args.attach_dir, "schema.json")}))
+
+
+def register(group_subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``semantics adapt`` and ``semantics export`` to the ``semantics`` group."""
+    adapt = group_subparsers.add_parser("adapt", help="fine-tune a CTR-adapted LLM on row texts (ELEC)")
+    adapt.add_argument("--schema", required=True, help="schema.json (or its directory)")
+    adapt.add_argument("--split", default="train", help="split to tune on")
+    adapt.add_argument("--output-dir", required=True, help="where the adapter, heads and settings go")
+    adapt.add_argument("--model", default=None, help="local Hugging Face model directory (default: offline MiniLM)")
+    adapt.add_argument("--tuning", default="lora", choices=["lora", "last_k", "heads"])
+    adapt.add_argument("--target-modules", nargs="*", default=None, help="LoRA target modules (default: peft's)")
+    adapt.add_argument("--lora-r", type=int, default=8)
+    adapt.add_argument("--last-k", type=int, default=1, help="layers unfrozen with --tuning last_k")
+    adapt.add_argument("--representation-dim", type=int, default=128, help="size of r (multiple of 4 for tables)")
+    adapt.add_argument("--hidden-dim", type=int, default=256)
+    adapt.add_argument("--sample-rows", type=int, default=None, help="tune on a random sample of rows")
+    adapt.add_argument("--epochs", type=int, default=1)
+    adapt.add_argument("--batch-size", type=int, default=32)
+    adapt.add_argument("--lr", type=float, default=1e-4)
+    adapt.add_argument("--head-lr", type=float, default=1e-3)
+    adapt.add_argument("--max-length", type=int, default=128)
+    adapt.add_argument("--seed", type=int, default=0)
+    adapt.add_argument("--fields", nargs="*", default=None, help="fields written into the row text (default: all)")
+    adapt.add_argument("--template", default=None, help="sentence template, default '{description} is {value}.'")
+    adapt.set_defaults(func=_adapt, llm=None)
+
+    export = group_subparsers.add_parser("export", help="export CTR-adapted LLM vectors per row or entity (ELEC)")
+    export.add_argument("--schema", required=True, help="schema.json (or its directory)")
+    export.add_argument("--llm", required=True, help="directory written by 'semantics adapt'")
+    export.add_argument("--output-dir", required=True, help="chunked Parquet vectors + manifest (resumable)")
+    export.add_argument("--splits", nargs="*", default=None, help="splits to cover (default: all)")
+    export.add_argument("--granularity", default="row", choices=["row", "entity"])
+    export.add_argument("--entity-field", default=None, help="entity granularity: the id field, e.g. item_id")
+    export.add_argument("--entity-fields", nargs="*", default=None, help="fields written into an entity's text")
+    export.add_argument("--chunk-rows", type=int, default=4096, help="rows per chunk (unit of resumption)")
+    export.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    export.add_argument("--projection", default=None, help="PCA projection file (fit_projection + save_projection)")
+    export.add_argument("--device", default=None, help="e.g. cuda:0")
+    export.add_argument("--fields", nargs="*", default=None, help="override the row-text fields saved by adapt")
+    export.add_argument("--template", default=None, help="override the row-text template saved by adapt")
+    export.add_argument("--attach-dir", default=None, help="write split copies with the vectors + a schema here")
+    export.add_argument("--column", default="llm_vector", help="name of the attached vector column")
+    export.set_defaults(func=_export)
