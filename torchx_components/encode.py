@@ -1,13 +1,13 @@
-"""torchx component: the offline LLM jobs (``recsys-llm semantics tune|encode|export``).
+"""torchx component: the offline LLM jobs (``recsys-llm semantics tune|encode|adapt|export``).
 
-Built on :func:`torchx.components.dist.ddp`. ``tune`` adapts an LLM (LLaCTR's SSFT or
-ELEC's CTR adaptation), ``encode`` writes field/feature or entity vectors, ``export``
-writes instance-level vectors for every row; the sub-commands read torchrun's
-``RANK``/``WORLD_SIZE`` to split their chunks over workers, so more workers means more
-rows encoded at once. Launch::
+Built on :func:`torchx.components.dist.ddp`. ``tune`` is LLaCTR's SSFT, ``encode`` writes
+LLaCTR's field/feature vectors, ``adapt`` fine-tunes ELEC's CTR-adapted LLM and ``export``
+writes ELEC's vectors for every row (or entity) in resumable chunks, split over the
+workers by torchrun's ``RANK``/``WORLD_SIZE``: more workers encode more rows at once.
+Launch::
 
-    torchx run -s local_cwd torchx_components/encode.py:encode \\
-        --job export --nproc_per_node 2 -- --config configs/synthetic_elec.yaml
+    torchx run -s local_cwd torchx_components/encode.py:encode --job export --nproc_per_node 2 \\
+        -- --schema data/synthetic/schema.json --llm runs/elec_llm --output-dir runs/elec_vectors
 
 This file is loaded by torchx with ``exec`` (not imported), so it depends on torchx only.
 """
@@ -18,7 +18,7 @@ import torchx
 from torchx import specs
 from torchx.components.dist import ddp
 
-SEMANTICS_JOBS = ("tune", "encode", "export")
+SEMANTICS_JOBS = ("tune", "encode", "adapt", "export")
 
 
 def encode(
@@ -40,13 +40,12 @@ def encode(
 ) -> specs.AppDef:
     """
     Runs an offline LLM job, ``python -m recsys_llm.cli semantics JOB [job_args ...]``, on
-    nnodes x nproc_per_node torchrun workers (torchx dist.ddp). The job splits its texts or
-    rows over the workers by RANK/WORLD_SIZE; vectors are cached by (model, revision,
-    template, text), so a retried job skips finished chunks.
+    nnodes x nproc_per_node torchrun workers (torchx dist.ddp). export splits its row chunks
+    over the workers by RANK/WORLD_SIZE and skips finished chunks, so a retried job resumes.
 
     Args:
-        job: which semantics sub-command to run: tune, encode or export
-        job_args: arguments of the sub-command, after -- (e.g. -- --config configs/x.yaml)
+        job: which semantics sub-command to run: tune (SSFT), encode (field vectors), adapt (CTR-adapted LLM) or export (row/entity vectors)
+        job_args: arguments of the sub-command, after -- (e.g. -- --schema data/x/schema.json --llm runs/llm --output-dir runs/vectors)
         nnodes: number of hosts (replicas of the role)
         nproc_per_node: worker processes per host (one per GPU on GPU hosts)
         cpu: CPUs per host
