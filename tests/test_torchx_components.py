@@ -202,3 +202,17 @@ def test_train_end_to_end_local_cwd_two_processes(tmp_path: Path) -> None:
     plan = json.loads((run_dir / "sharding_plan.json").read_text())
     ranks = {rank for table in plan.values() for rank in table["ranks"]}
     assert ranks == {0, 1}, plan  # tables sharded over both torchx-launched ranks
+
+
+def test_launch_docs_show_every_component_argument() -> None:
+    """docs/launch.md carries the generated ``--help`` of each component, kept in sync."""
+    import inspect
+
+    docs = (REPO_ROOT / "docs" / "launch.md").read_text()
+    for name in COMPONENTS:
+        assert f"torchx run -s local_cwd torchx_components/{name}.py:{name} --help" in docs
+        for parameter in inspect.signature(load(name)).parameters.values():
+            if parameter.kind != inspect.Parameter.VAR_POSITIONAL:
+                assert f"--{parameter.name} " in docs, (name, parameter.name)
+    for scheduler in ("-s local_cwd", "-s kubernetes", "-s slurm"):
+        assert scheduler in docs
