@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Creates the separate venv that benchmarks/peers.py runs DeepCTR-Torch in (default .venv-peers).
+#
+# DeepCTR-Torch is a peer to compare against, not a dependency: it never enters the project's
+# .venv. The peer venv is a plain venv (no system site-packages) with the same torch version as
+# .venv (so both sides run the same kernels), numpy, `deepctr-torch` installed with --no-deps
+# (its metadata would pull whatever torch it likes) and the light packages it imports
+# (scikit-learn, tqdm, requests). A second run skips what is already installed (stamp file keyed
+# by this script and the versions). A `.gitignore` inside the venv keeps it out of git.
+#
+# Usage: bash scripts/peer_venv.sh            # or PEER_VENV=/tmp/peers bash scripts/peer_venv.sh
+# Env:   PYTHON (python3), PEER_VENV (.venv-peers), TORCH_VERSION (that of .venv, else 2.13.0),
+#        DEEPCTR_VERSION (0.3.0)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+PEER_VENV=${PEER_VENV:-.venv-peers}
+DEEPCTR_VERSION=${DEEPCTR_VERSION:-0.3.0}
+if [ -z "${TORCH_VERSION:-}" ]; then
+  TORCH_VERSION=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || echo 2.13.0)
+fi
+
+stamp_key=$( (cat scripts/peer_venv.sh; echo "$TORCH_VERSION $DEEPCTR_VERSION") | sha256sum | cut -c1-16)
+stamp="$PEER_VENV/.peers_installed"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ] && [ -x "$PEER_VENV/bin/python" ]; then
+  echo "[peer_venv] $PEER_VENV is up to date (torch $TORCH_VERSION, deepctr-torch $DEEPCTR_VERSION); skipping."
+  exit 0
+fi
+
+[ -x "$PEER_VENV/bin/python" ] || "$PYTHON" -m venv "$PEER_VENV"
+printf '*\n' > "$PEER_VENV/.gitignore"
+PIP="$PEER_VENV/bin/python -m pip"
+echo "[peer_venv] installing torch $TORCH_VERSION, deepctr-torch $DEEPCTR_VERSION into $PEER_VENV"
+$PIP install --quiet "torch==$TORCH_VERSION" numpy
+$PIP install --quiet --no-deps "deepctr-torch==$DEEPCTR_VERSION"
+$PIP install --quiet scikit-learn tqdm requests
+# deepctr_torch asks PyPI for a newer version in a thread at import; point that at a closed
+# local port so the check fails at once, here and in the benchmark.
+HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
+  "$PEER_VENV/bin/python" -c "
+import torch, numpy, sklearn, deepctr_torch
+from deepctr_torch.models import DeepFM
+print('[peer_venv] torch', torch.__version__, 'numpy', numpy.__version__, 'deepctr-torch', deepctr_torch.__version__)
+"
+echo "$stamp_key" > "$stamp"
+echo "[peer_venv] done."
