@@ -83,3 +83,32 @@ def test_gain_network_and_pairs_are_refused(tmp_path):
     with pytest.raises(KeyError, match="no state under prefix"):
         sub_state(unsharded_state_dict(gain), "student.")
     assert not os.path.exists(str(tmp_path / "x"))
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_trained_run(tmp_path):
+    """``recsys-llm train`` then ``recsys-llm export`` on tiny synthetic data; the artifact serves."""
+    import subprocess
+    import sys
+
+    from recsys_llm.data.parquet import ParquetBatchReader
+    from recsys_llm.data.schema import DatasetSchema
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = os.path.join(root, "configs", "synthetic_deepfm.yaml")
+    overrides = [f"data.schema={tmp_path}/data/schema.json", "data.synthetic_rows=2000", f"train.run_dir={tmp_path}/run",
+                 "train.epochs=1", "train.progress=false", "data.batch_size=256"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "recsys_llm.cli", *args], cwd=root, env=env,
+                                       capture_output=True, text=True, timeout=300)
+    trained = run("train", "--config", config, *overrides)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = run("export", "--config", config, "--checkpoint", f"{tmp_path}/run", "--output", f"{tmp_path}/export",
+                   *overrides)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    served = ServedModel.load(f"{tmp_path}/export")
+    schema = DatasetSchema.load(f"{tmp_path}/data/schema.json")
+    batch = next(iter(ParquetBatchReader(schema, "test", 64)))
+    probabilities = served.predict(batch.dense_features, batch.sparse_features)
+    assert probabilities.shape == (64,) and ((probabilities > 0) & (probabilities < 1)).all()
+    assert served.feature_names == schema.sparse_feature_names

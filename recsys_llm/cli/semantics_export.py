@@ -105,11 +105,13 @@ def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
 
     os.makedirs(args.attach_dir, exist_ok=True)
     key = schema.row_key if args.granularity == "row" else args.entity_field
+    new_splits = {s: os.path.relpath(schema.split_path(s), args.attach_dir) for s in schema.splits}
     for split in splits:
         name = f"{split}.parquet"
         attach_vectors(schema.split_path(split), args.output_dir, key, os.path.join(args.attach_dir, name),
                        column=args.column)
-        schema.splits[split] = name
+        new_splits[split] = name
+    schema.splits = new_splits
     for spec in schema.fields:
         if spec.value_text:
             object.__setattr__(spec, "value_text", os.path.relpath(os.path.join(schema.root, spec.value_text), args.attach_dir))

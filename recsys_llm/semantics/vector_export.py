@@ -29,6 +29,7 @@ Example::
 """
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -264,6 +265,8 @@ class VectorExport:
             table = pa.table({self._config.key_column: keys.slice(start, stop - start), self._config.vector_column: column})
             table = table.replace_schema_metadata(metadata)
             path = chunk_path(self._directory, index)
+            for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
+                os.remove(stale)
             tmp = f"{path}.{os.getpid()}.tmp"
             pq.write_table(table, tmp)
             os.replace(tmp, path)  # a chunk file that exists is complete

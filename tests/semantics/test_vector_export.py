@@ -86,6 +86,40 @@ class TestVectorExport:
         np.testing.assert_array_equal(got_keys, np.arange(100, 150))
         np.testing.assert_allclose(vectors, CountingEncoder()(texts(0, 50)).numpy(), rtol=1e-6)
 
+    def test_sigkill_mid_export_resumes(self, tmp_path):
+        """A process killed by SIGKILL (no cleanup at all) loses only its unfinished chunk."""
+        import subprocess
+        import sys
+
+        out = str(tmp_path / "vec")
+        child = f"""
+import os, signal, sys
+import numpy as np, pyarrow as pa, torch
+from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
+calls = [0]
+def encode(texts):
+    calls[0] += 1
+    if calls[0] == 4:  # first batch of chunk 3: die without any cleanup
+        os.kill(os.getpid(), signal.SIGKILL)
+    return torch.ones(len(texts), 6)
+keys = pa.array(np.arange(50), pa.int64())
+VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_size=10)).run(
+    keys, lambda a, b: [str(i) for i in range(a, b)], encode, progress=False)
+"""
+        result = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=120)
+        assert result.returncode == -9, result.stderr.decode()[-2000:]
+        assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == [
+            "chunk-00000.parquet", "chunk-00001.parquet", "chunk-00002.parquet"]
+        with open(os.path.join(out, "chunk-00003.parquet.99999.tmp"), "wb") as handle:
+            handle.write(b"half a parquet file")  # what a kill during the write would leave
+        resumed = CountingEncoder()
+        keys = pa.array(np.arange(50), pa.int64())
+        written = VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10, batch_size=10)).run(
+            keys, lambda a, b: [str(i) for i in range(a, b)], resumed, progress=False)
+        assert written == [3, 4] and resumed.calls == 2
+        assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+        assert len(read_vectors(out, expected=PROVENANCE)[0]) == 50
+
     def test_ranks_split_chunks(self, tmp_path):
         out = str(tmp_path / "vec")
         keys, texts = _keys_texts(35)
