@@ -19,6 +19,7 @@ Example::
 """
 
 import os
+import pickle
 import queue as queue_module
 import socket
 import traceback
@@ -54,7 +55,8 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, True, fn(**kwargs)))
+        # Plain pickle: tensors travel as bytes, not as shared-memory handles that die with the child.
+        queue.put((rank, True, pickle.dumps(fn(**kwargs))))
     except BaseException:  # report any failure, including SystemExit from argparse
         queue.put((rank, False, traceback.format_exc()))
         raise
@@ -103,7 +105,7 @@ def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any)
                 break
             continue
         if ok:
-            results[rank] = value
+            results[rank] = pickle.loads(value)
         else:
             errors.append(f"rank {rank} failed:\n{value}")
             break

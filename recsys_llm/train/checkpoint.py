@@ -312,7 +312,7 @@ def load_checkpoint(
         target = _dcp_state(model, optimizer)
     else:
         target = {"model": model.state_dict()}
-    dcp.load(target, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner(allow_partial_load=optimizer is None))
+    dcp.load(target, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner())
     model.load_state_dict(target["model"])
     if optimizer is not None:
         full = optimizer.state_dict()

@@ -1,0 +1,143 @@
+"""DCP checkpoints: atomic directory protocol, exact continuation, resharding 2 -> 1 rank."""
+
+import os
+from typing import Any, Dict, List
+
+import pytest
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.embedding import embedding_bag_configs
+from recsys_llm.train.checkpoint import CheckpointManager, TrainState, load_checkpoint, read_train_state
+from recsys_llm.train.distributed import init_distributed
+from recsys_llm.train.metrics import CTRMetrics
+from recsys_llm.train.pipeline import evaluate, train_epoch
+from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+from tests.multiprocess import run_multiprocess
+
+OPTIM = OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=0.1, dense="adam", dense_lr=0.01)
+SHARDING = ShardingConfig(sharding_types=["table_wise", "row_wise"])
+
+
+class _DLRMTask(nn.Module):
+    """torchrec's own DLRM, unmodified, in the (loss, (loss, logits, labels)) training shape.
+
+    Dropout on the dense input makes the RNG part of the state a resume must restore.
+    """
+
+    def __init__(self, schema: DatasetSchema) -> None:
+        super().__init__()
+        ebc = EmbeddingBagCollection(embedding_bag_configs(schema, 8), device=torch.device("meta"))
+        self.dropout = nn.Dropout(0.2)
+        self.dlrm = DLRM(ebc, len(schema.dense_fields), [16, 8], [16, 1])
+
+    def forward(self, batch: Batch):  # noqa: ANN201
+        logits = self.dlrm(self.dropout(batch.dense_features), batch.sparse_features).squeeze(-1)  # (B,)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+def _fresh(schema: DatasetSchema, seed: int):
+    ctx = init_distributed("cpu")
+    torch.manual_seed(seed)
+    task = _DLRMTask(schema)
+    model, _ = shard_model(task, ctx.device, ctx.world_size, SHARDING, OPTIM, batch_size=64)
+    return ctx, model, build_optimizer(model, OPTIM)
+
+
+def _losses(model, optimizer, reader, skip: int, stop: int) -> List[float]:
+    losses: List[float] = []
+
+    def on_step(step: int, loss: float) -> bool:
+        losses.append(loss)
+        return step >= stop
+
+    train_epoch(model, optimizer, reader, torch.device("cpu"), skip_batches=skip, on_step=on_step, progress=False)
+    return losses
+
+
+def _save_continue_resume(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _fresh(schema, seed=0)
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
+    _losses(model, optimizer, reader, skip=0, stop=5)
+    manager = CheckpointManager(ckpt_dir, keep=1)
+    manager.save(model, optimizer, TrainState(epoch=0, step_in_epoch=5, global_step=5, world_size=ctx.world_size, batch_size=64))
+    valid = ParquetBatchReader(schema, "valid", 256, rank=ctx.rank, world_size=ctx.world_size)
+    at_save = evaluate(model, valid, ctx.device, CTRMetrics(), progress=False)
+    continued = _losses(model, optimizer, reader, skip=5, stop=12)
+
+    # A new model with other initial weights and a perturbed RNG, then the checkpoint.
+    _, model2, optimizer2 = _fresh(schema, seed=123)
+    torch.rand(7)
+    state = load_checkpoint(manager.latest(), model2, optimizer2)
+    resumed = _losses(model2, optimizer2, reader, skip=state.step_in_epoch, stop=12)
+    return {"continued": continued, "resumed": resumed, "at_save": at_save, "state": state}
+
+
+def _load_on_one_rank(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, _ = _fresh(schema, seed=99)
+    load_checkpoint(CheckpointManager(ckpt_dir).latest(), model, None)
+    valid = ParquetBatchReader(schema, "valid", 256, rank=ctx.rank, world_size=ctx.world_size)
+    return evaluate(model, valid, ctx.device, CTRMetrics(), progress=False)
+
+
+@pytest.mark.multiprocess
+def test_resume_is_exact_and_reshards_to_one_rank(synthetic_dir: str, tmp_path) -> None:
+    ckpt_dir = str(tmp_path / "checkpoints")
+    results = run_multiprocess(_save_continue_resume, world_size=2, schema_path=synthetic_dir, ckpt_dir=ckpt_dir)
+    for result in results:
+        assert len(result["continued"]) == 7
+        # Same model, fused + dense optimizer state, RNG (dropout) and data position: same losses.
+        assert result["resumed"] == result["continued"]
+        assert result["state"].global_step == 5 and result["state"].step_in_epoch == 5
+    # Resharding: the 2-rank checkpoint loads on 1 rank and gives the same validation metrics.
+    (single,) = run_multiprocess(_load_on_one_rank, world_size=1, schema_path=synthetic_dir, ckpt_dir=ckpt_dir)
+    at_save = results[0]["at_save"]
+    for key in ("auc", "logloss", "ne", "num_samples"):
+        assert single[key] == pytest.approx(at_save[key], abs=1e-6), key
+
+
+def _write_fake(directory: str, name: str, complete: bool) -> str:
+    path = os.path.join(directory, name)
+    os.makedirs(path)
+    with open(os.path.join(path, ".metadata"), "wb") as handle:
+        handle.write(b"partial")
+    if complete:
+        with open(os.path.join(path, "train_state.json"), "w", encoding="utf-8") as handle:
+            handle.write(TrainState(global_step=int(name.split("-")[1].split(".")[0])).to_json())
+    return path
+
+
+class TestCheckpointDirectory:
+    def test_half_written_checkpoints_are_ignored(self, tmp_path) -> None:
+        directory = str(tmp_path)
+        good = _write_fake(directory, "ckpt-00000010", complete=True)
+        _write_fake(directory, "ckpt-00000020.tmp", complete=True)  # killed before the rename
+        _write_fake(directory, "ckpt-00000030", complete=False)  # no train_state.json
+        manager = CheckpointManager(directory)
+        assert manager.latest() == good
+        # A pointer to something incomplete falls back to the newest complete checkpoint.
+        with open(os.path.join(directory, "latest"), "w", encoding="utf-8") as handle:
+            handle.write("ckpt-00000030\n")
+        assert manager.latest() == good
+        assert [os.path.basename(p) for p in manager.list_complete()] == ["ckpt-00000010"]
+        assert read_train_state(good).global_step == 10
+        with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+            read_train_state(os.path.join(directory, "ckpt-00000030"))
+
+    def test_empty_directory(self, tmp_path) -> None:
+        assert CheckpointManager(str(tmp_path / "none")).latest() is None
+
+    def test_train_state_json_round_trip_and_errors(self) -> None:
+        state = TrainState(epoch=2, step_in_epoch=3, global_step=40, best_metric=0.7, bad_evals=1)
+        assert TrainState.from_json(state.to_json(), "x") == state
+        assert TrainState.from_json(TrainState().to_json(), "x").best_metric == float("-inf")
+        with pytest.raises(ValueError, match="unknown train-state keys"):
+            TrainState.from_json('{"epochs": 1}', "state.json")
