@@ -1,0 +1,1 @@
+"""Accuracy experiments behind the README tables (speed lives in ``benchmarks/``)."""

@@ -1,0 +1,151 @@
+"""Shared driver for the accuracy tables: run variants x seeds, aggregate, write JSON, Markdown, PNG.
+
+Every variant is a list of config overrides on one base config; every run is a full
+``run_training`` (sharded DMP, TrainPipelineSparseDist, early stopping on validation AUC),
+in this process, one after the other. Runs already finished (``results.json`` in their run
+directory) are reused, so an interrupted table resumes where it stopped.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+from typing import Callable, Dict, List, Optional, Sequence
+
+from recsys_llm.train.config import load_config
+from recsys_llm.train.runner import run_training
+
+ML100K_RAW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k"))
+
+
+def experiment_args(description: str, default_out: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", choices=("ml100k", "synthetic"), default="ml100k")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--backbones", nargs="+", default=None)
+    parser.add_argument("--out", default=default_out, help="results directory (JSON, Markdown, PNG, run dirs)")
+    parser.add_argument("--raw", default=ML100K_RAW, help="raw ML-100K (RecBole atomic files)")
+    parser.add_argument("--data-dir", default="data", help="where prepared data sets live")
+    parser.add_argument("--quick", action="store_true", help="fewer epochs, for a smoke run")
+    return parser
+
+
+def prepared_schema(data: str, data_dir: str, raw: str) -> str:
+    """Prepares ML-100K (or the embedded synthetic data) once; returns the schema path."""
+    if data == "ml100k":
+        out = os.path.join(data_dir, "ml-100k")
+        if not os.path.exists(os.path.join(out, "schema.json")):
+            from recsys_llm.data.movielens import prepare_movielens
+
+            if not os.path.exists(os.path.join(raw, "ml-100k.inter")):
+                raise SystemExit(f"ML-100K raw files not found in {raw} (RecBole atomic format expected)")
+            prepare_movielens(raw, out, progress=True)
+        return os.path.join(out, "schema.json")
+    out = os.path.join(data_dir, "synthetic")
+    if not os.path.exists(os.path.join(out, "schema.json")):
+        from recsys_llm.data.synthetic import generate_synthetic
+
+        generate_synthetic(out, 200_000, seed=0, progress=True)
+    return os.path.join(out, "schema.json")
+
+
+def base_config_path(data: str, backbone: str) -> str:
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    name = f"ml100k_{backbone}.yaml" if data == "ml100k" else "synthetic_deepfm.yaml"
+    return os.path.abspath(os.path.join(root, name))
+
+
+def run_variant(
+    config_path: str,
+    overrides: Sequence[str],
+    run_dir: str,
+    prepare: Optional[Callable[[], None]] = None,
+) -> Dict:
+    """One training run (or its saved results when ``run_dir/results.json`` exists)."""
+    results_file = os.path.join(run_dir, "results.json")
+    if os.path.exists(results_file):
+        with open(results_file, encoding="utf-8") as handle:
+            return json.load(handle)
+    if prepare is not None:
+        prepare()
+    config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}", "train.progress=false"])
+    return run_training(config)
+
+
+def mean_std(values: List[float]) -> Dict[str, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def summarize(runs: Dict[str, List[Dict]], metrics: Sequence[str] = ("auc", "logloss")) -> Dict[str, Dict]:
+    """``{variant: [results per seed]}`` -> ``{variant: {metric: {mean, std, n}}}`` over test metrics."""
+    table = {}
+    for variant, seeds in runs.items():
+        row = {}
+        for metric in metrics:
+            row[metric] = mean_std([r["test"].get(metric) for r in seeds])
+            cold = [r["test"].get(f"cold/{metric}") for r in seeds if f"cold/{metric}" in r["test"]]
+            if cold:
+                row[f"cold/{metric}"] = mean_std(cold)
+        row["valid_auc"] = mean_std([r["valid"]["auc"] for r in seeds])
+        table[variant] = row
+    return table
+
+
+def markdown_table(table: Dict[str, Dict], columns: Sequence[str], baseline: Optional[str] = None) -> str:
+    """Rows = variants; cells = mean ± std; ``Δ AUC`` relative to ``baseline`` when given."""
+    header = ["variant"] + list(columns) + (["Δ AUC vs " + baseline] if baseline else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, row in table.items():
+        cells = [variant]
+        for column in columns:
+            cell = row.get(column)
+            cells.append("–" if cell is None else f"{cell['mean']:.4f} ± {cell['std']:.4f}")
+        if baseline:
+            base = table.get(baseline, {}).get("auc", {}).get("mean")
+            mine = row["auc"]["mean"]
+            cells.append(f"{100 * (mine - base) / base:+.2f}%" if base else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: str, name: str, payload: Dict, markdown: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f"{name}.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=float)
+    os.replace(tmp, os.path.join(out_dir, f"{name}.json"))
+    with open(os.path.join(out_dir, f"{name}.md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown + "\n")
+    print(markdown)
+
+
+def plot_auc(out_path: str, tables: Dict[str, Dict[str, Dict]], title: str) -> None:
+    """Grouped bars: one group per backbone, one bar per variant, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = list(tables)
+    variants = list(next(iter(tables.values())))
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(backbones)), 4))
+    for i, variant in enumerate(variants):
+        means = [tables[b][variant]["auc"]["mean"] for b in backbones]
+        stds = [tables[b][variant]["auc"]["std"] for b in backbones]
+        ax.bar([x + i * width for x in range(len(backbones))], means, width, yerr=stds, label=variant, capsize=2)
+    lows = [tables[b][v]["auc"]["mean"] for b in backbones for v in variants]
+    ax.set_ylim(min(lows) - 0.01, max(lows) + 0.01)
+    ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(backbones))])
+    ax.set_xticklabels(backbones)
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,46 @@
+"""Test AUC / LogLoss of every backbone on ML-100K: same split, 3 seeds, mean ± std.
+
+Run: ``.venv/bin/python -m experiments.ml100k_backbones`` (prepares ``data/ml-100k`` from
+``../shared/data/ml-100k`` first). Writes ``results/ml100k_backbones.{json,md,png}``.
+"""
+
+import os
+import sys
+from typing import List, Optional
+
+from experiments.common import (
+    base_config_path,
+    experiment_args,
+    markdown_table,
+    plot_auc,
+    prepared_schema,
+    run_variant,
+    summarize,
+    write_outputs,
+)
+
+BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = experiment_args(__doc__.splitlines()[0], "results").parse_args(argv)
+    schema = prepared_schema("ml100k", args.data_dir, args.raw)
+    backbones = args.backbones or list(BACKBONES)
+    tables = {}
+    for backbone in backbones:
+        runs = []
+        for seed in args.seeds:
+            overrides = [f"data.schema={schema}", f"train.seed={seed}"] + (["train.epochs=2"] if args.quick else [])
+            run_dir = os.path.join(args.out, "runs", "ml100k_backbones", backbone, f"seed{seed}")
+            runs.append(run_variant(base_config_path("ml100k", backbone), overrides, run_dir))
+        tables[backbone] = summarize({backbone: runs})[backbone]
+        print(f"[ml100k] {backbone}: AUC {tables[backbone]['auc']['mean']:.4f} ± {tables[backbone]['auc']['std']:.4f}", flush=True)
+    markdown = markdown_table(tables, ["auc", "logloss"])
+    write_outputs(args.out, "ml100k_backbones", {"seeds": args.seeds, "table": tables}, markdown)
+    plot_auc(os.path.join(args.out, "ml100k_backbones.png"), {b: {"test": t} for b, t in tables.items()},
+             "ML-100K: backbones")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
