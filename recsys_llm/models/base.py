@@ -109,20 +109,24 @@ class CTRBackbone(nn.Module, abc.ABC):
 
 
 def stack_fields(
-    embeddings: KeyedTensor, num_features: int, extra_fields: Optional[torch.Tensor] = None
+    embeddings: KeyedTensor, feature_names: List[str], extra_fields: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Pooled embeddings as one tensor (fx-traceable: sizes are static).
+    """Pooled embeddings as one tensor, fields in the order of ``feature_names``.
+
+    A sharded EBC returns its keys grouped by sharding type, so the key order of
+    ``embeddings`` depends on the plan; fields are therefore looked up by name (one
+    split, as torchrec's ``SparseArch`` does), never by position.
 
     Args:
-        embeddings (KeyedTensor): ``num_features`` keys of one dim D, each (B, D).
-        num_features (int): F.
+        embeddings (KeyedTensor): keys ⊇ ``feature_names``, each (B, D).
+        feature_names (List[str]): F keys, in the order the model was built with.
         extra_fields (Optional[torch.Tensor]): (B, E, D).
 
     Returns:
         torch.Tensor: (B, F + E, D).
     """
-    values = embeddings.values()  # (B, F * D)
-    fields = values.view(values.size(0), num_features, -1)  # (B, F, D)
+    by_name = embeddings.to_dict()
+    fields = torch.stack([by_name[name] for name in feature_names], dim=1)  # (B, F, D)
     if extra_fields is not None:
         fields = torch.cat([fields, extra_fields], dim=1)  # (B, F + E, D)
     return fields

@@ -83,7 +83,6 @@ class DCNv2(CTRBackbone):
     ) -> None:
         super().__init__(embedding_bag_collection, num_dense_features, num_extra_fields)
         self._config = config if config is not None else DCNv2Config()
-        self._num_sparse = len(self.feature_names)
         cfg = self._config
         in_features = self.num_fields * self.embedding_dim + num_dense_features  # K
         if cfg.low_rank > 0:
@@ -107,7 +106,7 @@ class DCNv2(CTRBackbone):
         extra_fields: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         extra_fields = resolve_extra_fields(extra_fields, self._num_extra_fields, "DCNv2")
-        fields = stack_fields(embeddings, self._num_sparse, extra_fields)  # (B, F + E, D)
+        fields = stack_fields(embeddings, self.feature_names, extra_fields)  # (B, F + E, D)
         x0 = torch.cat([fields.flatten(1), dense_features], dim=1)  # (B, K)
         crossed = self.crossnet(x0)  # (B, K)
         if self._parallel:

@@ -68,7 +68,6 @@ class DeepFM(CTRBackbone):
     ) -> None:
         super().__init__(embedding_bag_collection, num_dense_features, num_extra_fields)
         self._config = config if config is not None else DeepFMConfig()
-        self._num_sparse = len(self.feature_names)
         dim = self.embedding_dim
         self.first_order = FirstOrder(self.num_fields, dim, num_dense_features, device)
         self.dense_fields: Optional[DenseFieldEmbedding] = None
@@ -89,7 +88,7 @@ class DeepFM(CTRBackbone):
         extra_fields: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         extra_fields = resolve_extra_fields(extra_fields, self._num_extra_fields, "DeepFM")
-        fields = stack_fields(embeddings, self._num_sparse, extra_fields)  # (B, F + E, D)
+        fields = stack_fields(embeddings, self.feature_names, extra_fields)  # (B, F + E, D)
         linear = self.first_order(fields, dense_features)  # (B,)
         mlp_input = torch.cat([fields.flatten(1), dense_features], dim=1)  # (B, (F + E) * D + Dd)
         hidden = self.mlp(mlp_input)  # (B, H)

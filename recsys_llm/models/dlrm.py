@@ -61,7 +61,6 @@ class DLRMBackbone(CTRBackbone):
             raise ValueError(
                 f"DLRMBackbone needs one logit per row; over_arch ends in {dlrm.over_arch.model[1].out_features}"
             )
-        self._num_sparse = len(self.feature_names)
         self.dense_arch = dlrm.dense_arch
         self.inter_arch = dlrm.inter_arch
         self.over_arch = dlrm.over_arch
@@ -80,7 +79,7 @@ class DLRMBackbone(CTRBackbone):
         extra_fields = resolve_extra_fields(extra_fields, self._num_extra_fields, "DLRMBackbone")
         embedded_dense = self.dense_arch(dense_features)  # (B, D)
         # SparseArch's (B, F, D) view of the pooled embeddings: same order, same values.
-        fields = stack_fields(embeddings, self._num_sparse, extra_fields)  # (B, F + E, D)
+        fields = stack_fields(embeddings, self.feature_names, extra_fields)  # (B, F + E, D)
         interactions = self.inter_arch(dense_features=embedded_dense, sparse_features=fields)  # (B, I)
         hidden = self.over_arch.model[0](interactions)  # (B, H)
         logits = self.over_arch.model[1](hidden)  # (B, 1)

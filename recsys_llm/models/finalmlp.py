@@ -185,7 +185,6 @@ class FinalMLP(CTRBackbone):
     ) -> None:
         super().__init__(embedding_bag_collection, num_dense_features, num_extra_fields)
         self._config = config if config is not None else FinalMLPConfig()
-        self._num_sparse = len(self.feature_names)
         cfg = self._config
         dim = self.embedding_dim
         in_features = self.num_fields * dim + num_dense_features  # K
@@ -212,7 +211,7 @@ class FinalMLP(CTRBackbone):
         extra_fields: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         extra_fields = resolve_extra_fields(extra_fields, self._num_extra_fields, "FinalMLP")
-        fields = stack_fields(embeddings, self._num_sparse, extra_fields)  # (B, F + E, D)
+        fields = stack_fields(embeddings, self.feature_names, extra_fields)  # (B, F + E, D)
         x = torch.cat([fields.flatten(1), dense_features], dim=1)  # (B, K)
         stream1 = self.mlp1(self.gate1(x, fields))  # (B, H1)
         stream2 = self.mlp2(self.gate2(x, fields))  # (B, H2)

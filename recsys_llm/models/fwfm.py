@@ -87,7 +87,6 @@ class FwFM(CTRBackbone):
     ) -> None:
         super().__init__(embedding_bag_collection, num_dense_features, num_extra_fields)
         self._config = config if config is not None else FwFMConfig()
-        self._num_sparse = len(self.feature_names)
         self.first_order = FirstOrder(self.num_fields, self.embedding_dim, num_dense_features, device)
         self.dense_fields: Optional[DenseFieldEmbedding] = None
         num_pair_fields = self.num_fields
@@ -111,7 +110,7 @@ class FwFM(CTRBackbone):
         extra_fields: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         extra_fields = resolve_extra_fields(extra_fields, self._num_extra_fields, "FwFM")
-        fields = stack_fields(embeddings, self._num_sparse, extra_fields)  # (B, F + E, D)
+        fields = stack_fields(embeddings, self.feature_names, extra_fields)  # (B, F + E, D)
         linear = self.first_order(fields, dense_features)  # (B,)
         if self.dense_fields is not None:
             fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # (B, N, D)

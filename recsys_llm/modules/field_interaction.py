@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys_llm.models.base import CTROutput
-from recsys_llm.modules.field_semantics import stack_keys
+from recsys_llm.models.base import CTROutput, stack_fields
 
 
 class FieldInteractionEnhancement(nn.Module):
@@ -93,7 +92,7 @@ class FieldInteractionEnhancement(nn.Module):
         Returns:
             torch.Tensor: (B,) weighted logit term.
         """
-        fields = stack_keys(embeddings, self._feature_names)  # (B, N, D)
+        fields = stack_fields(embeddings, self._feature_names)  # (B, N, D)
         gram = torch.bmm(fields, fields.transpose(1, 2))  # (B, N, N)
         pairs = gram[:, self.pair_rows, self.pair_cols]  # (B, P)
         return self._weight * (pairs * self.pair_weights()).sum(dim=-1)  # (B,)

@@ -13,7 +13,7 @@ data sets with different field counts **(ours)**). A training-only regularizer: 
 serving cost. Fields without a vector are skipped.
 """
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +21,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.models.base import CTROutput
-
-
-def stack_keys(embeddings: KeyedTensor, keys: Sequence[str]) -> torch.Tensor:
-    """Pooled embeddings of ``keys`` as one tensor (fx-traceable: one getitem per key).
-
-    Args:
-        embeddings (KeyedTensor): pooled EBC output; each key (B, D).
-        keys (Sequence[str]): F keys, in the order wanted.
-
-    Returns:
-        torch.Tensor: (B, F, D).
-    """
-    return torch.stack([embeddings[key] for key in keys], dim=1)  # (B, F, D)
+from recsys_llm.models.base import CTROutput, stack_fields
 
 
 class FieldRepresentationEnhancement(nn.Module):
@@ -93,7 +80,7 @@ class FieldRepresentationEnhancement(nn.Module):
         Returns:
             torch.Tensor: weighted scalar loss.
         """
-        fields = stack_keys(embeddings, self._feature_names)  # (B, F, D)
+        fields = stack_fields(embeddings, self._feature_names)  # (B, F, D)
         log_p = self.target_log_probs().unsqueeze(0)  # (1, F, D)
         log_q = F.log_softmax(fields, dim=-1)  # (B, F, D)
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (B, F)

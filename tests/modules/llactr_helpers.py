@@ -40,6 +40,6 @@ class LinearBackbone(CTRBackbone):
 
     def interact(self, dense_features: torch.Tensor, embeddings: KeyedTensor,
                  extra_fields: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        fields = stack_fields(embeddings, len(self.feature_names), extra_fields)  # (B, F, D)
+        fields = stack_fields(embeddings, self.feature_names, extra_fields)  # (B, F, D)
         representation = torch.cat([fields.flatten(1), dense_features], dim=1)  # (B, F*D + Dd)
         return self.head(representation).squeeze(-1), representation
