@@ -237,7 +237,7 @@ def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float]):
         ),
         optim=OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=lr["sparse"], dense="adam", dense_lr=lr["dense"]),
     )
-    task = build_task(config, schema, device)
+    task = build_task(config, schema, device).task
     model, _plan = shard_model(task, device, 1, config.sharding, config.optim, config.data.batch_size)
     return model, build_optimizer(model, config.optim)
 

@@ -57,13 +57,13 @@ def export_run(config: Any, checkpoint: str, output: str) -> Dict[str, Any]:
     ctx = init_distributed(config.train.device)
     checkpoint = resolve_checkpoint(checkpoint)
     schema = load_or_generate_schema(config, ctx)
-    model, _ = shard_model(build_task(config, schema, ctx.device), ctx.device, ctx.world_size, config.sharding,
+    model, _ = shard_model(build_task(config, schema, ctx.device).task, ctx.device, ctx.world_size, config.sharding,
                            config.optim, config.data.batch_size)
     load_checkpoint(checkpoint, model, None, restore_rng=False)
     full = unsharded_state_dict(model)  # collective
     written: Dict[str, Any] = {}
     if ctx.is_main:
-        fresh = build_task(config, schema, torch.device("cpu"))  # tables on meta, filled below
+        fresh = build_task(config, schema, torch.device("cpu")).task  # tables on meta, filled below
         if isinstance(fresh, TeacherStudentTask):
             served, state = fresh.student, sub_state(full, "student.")
         else:

@@ -6,7 +6,7 @@ tests call on every rank. It
 1. initialises the process group (gloo on CPU, nccl on CUDA) and seeds every RNG;
 2. opens rank-sharded Parquet readers for train / valid / test (generating the embedded
    synthetic data first when the config asks for it and it is missing);
-3. builds the task with :func:`build_task` (the extension point for LLaCTR / ELEC plug-ins),
+3. builds the task with :func:`build_task` (plain, LLaCTR or ELEC, from the config sections),
    shards it (planner + DMP + fused table optimizers) and builds the combined optimizer;
 4. resumes from the run directory's latest complete checkpoint when there is one;
 5. trains on ``TrainPipelineSparseDist``, checkpointing every ``checkpoint_every`` steps and
@@ -15,7 +15,7 @@ tests call on every rank. It
 6. evaluates the best model on the test split (overall, and on cold items when the data
    marks them) and writes the run directory::
 
-       run_dir/config.yaml  sharding_plan.json  metrics.jsonl  results.json
+       run_dir/config.yaml  plugins.json  sharding_plan.json  metrics.jsonl  results.json
        run_dir/checkpoints/ckpt-N/ ...   run_dir/best/ckpt-N/ ...
 
 Example::
@@ -25,12 +25,13 @@ Example::
     print(results["test"]["auc"])
 """
 
+import dataclasses
 import json
 import math
 import os
 import random
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from torch import nn
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import build_backbone
+from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
+from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
 from recsys_llm.train.checkpoint import CheckpointManager, TrainState, load_checkpoint
 from recsys_llm.train.config import ExperimentConfig, save_config
 from recsys_llm.train.distributed import DistContext, barrier, init_distributed
@@ -84,34 +87,78 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext) -> Datas
     return DatasetSchema.load(schema_file)
 
 
-def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.device) -> nn.Module:
-    """The model to shard: today ``CTRTask(backbone)``; LLaCTR / ELEC extend it from their config sections.
+class BuiltTask(NamedTuple):
+    """What :func:`build_task` returns.
+
+    Args:
+        task (nn.Module): ``forward(batch) -> (loss, (loss, logits, labels))``.
+        plugins (Dict[str, Any]): per plug-in (``llactr`` / ``elec``), what it was built
+            from (vector provenance, resolved settings); written to ``run_dir/plugins.json``.
+        elec (Optional[ELECConfig]): the parsed ``elec`` section, for :func:`load_plugin_state`.
+    """
+
+    task: nn.Module
+    plugins: Dict[str, Any]
+    elec: Optional[ELECConfig] = None
+
+
+def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.device) -> BuiltTask:
+    """The model to shard, from ``config.model`` and the optional ``llactr`` / ``elec`` sections.
+
+    * neither section: ``CTRTask(backbone)``;
+    * ``llactr``: ``CTRTask(backbone, logit_terms={"fie"}, loss_terms={"fre"})`` from the field
+      vectors (their provenance must match ``schema``);
+    * ``elec``: the gain network, or the teacher-student pair (see ``recsys_llm.modules.elec``).
 
     Tables are created on ``meta`` (DMP materialises each rank's shards), dense weights on
     ``device``.
 
-    Args:
-        config (ExperimentConfig): uses ``config.model`` (plug-ins read ``llactr`` / ``elec``).
-        schema (DatasetSchema): the data set.
-        device (torch.device): dense weights' device.
-
-    Returns:
-        nn.Module: ``forward(batch) -> (loss, (loss, logits, labels))``.
+    Raises:
+        ValueError: both sections are set, or a section has unknown keys.
     """
+    if config.llactr and config.elec:
+        raise ValueError("config: 'llactr' and 'elec' sections are both set; train one method per run")
+    if config.elec:
+        elec = ELECConfig.from_dict(config.elec, source="elec")
+        task = build_elec_task(elec, schema, config.model, device=torch.device("meta"), dense_device=device)
+        return BuiltTask(task, {"elec": dataclasses.asdict(elec)}, elec)
     backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
-    return CTRTask(backbone)
+    if not config.llactr:
+        return BuiltTask(CTRTask(backbone), {})
+    llactr = LLaCTRConfig.from_dict(config.llactr, source="llactr")
+    logit_terms, loss_terms, provenance = build_llactr_terms(llactr, schema, backbone)
+    logit_terms = {name: term.to(device) for name, term in logit_terms.items()}
+    loss_terms = {name: term.to(device) for name, term in loss_terms.items()}
+    return BuiltTask(CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms), {"llactr": provenance})
+
+
+def plugin_extras(config: ExperimentConfig) -> List[str]:
+    """Parquet columns the plug-ins read from ``batch.extras`` (added to ``data.extras``)."""
+    if not config.elec:
+        return []
+    elec = ELECConfig.from_dict(config.elec, source="elec")
+    if elec.task == "distill" and elec.distill.mode == "offline":
+        keys = [elec.distill.teacher_logits_key]
+        return keys + [elec.distill.teacher_representation_key] if elec.distill.beta > 0 else keys
+    return [elec.vector_key] if elec.vector_source == "extras" else []
+
+
+def load_plugin_state(model: nn.Module, built: BuiltTask) -> Dict[str, int]:
+    """After sharding: fills what training does not (ELEC entity vectors, frozen teacher)."""
+    return load_elec_state(model, built.elec) if built.elec is not None else {}
 
 
 def _readers(config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext) -> Dict[str, ParquetBatchReader]:
     data = config.data
     eval_batch = data.eval_batch_size or data.batch_size
-    eval_extras = list(data.extras)
+    train_extras = list(dict.fromkeys(list(data.extras) + plugin_extras(config)))
+    eval_extras = list(train_extras)
     if data.cold_item_column and data.cold_item_column in schema.extra_columns and data.cold_item_column not in eval_extras:
         eval_extras.append(data.cold_item_column)
     common = dict(rank=ctx.rank, world_size=ctx.world_size, validate=data.validate)
     readers = {
         "train": ParquetBatchReader(
-            schema, data.train_split, data.batch_size, extras=data.extras, shuffle=data.shuffle,
+            schema, data.train_split, data.batch_size, extras=train_extras, shuffle=data.shuffle,
             seed=config.train.seed, **common,
         ),
     }
@@ -177,11 +224,14 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     if len(readers["train"]) == 0:
         raise ValueError(f"training split {config.data.train_split!r} gives 0 batches per rank at batch size {config.data.batch_size}")
 
-    task = build_task(config, schema, ctx.device)
-    model, plan = shard_model(task, ctx.device, ctx.world_size, config.sharding, config.optim, config.data.batch_size)
+    built = build_task(config, schema, ctx.device)
+    model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, config.data.batch_size)
+    load_plugin_state(model, built)
     optimizer = build_optimizer(model, config.optim)
     if ctx.is_main:
         save_config(config, os.path.join(run_dir, "config.yaml"))
+        with open(os.path.join(run_dir, "plugins.json"), "w", encoding="utf-8") as handle:
+            json.dump(built.plugins, handle, indent=2, sort_keys=True, default=str)
         with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
             handle.write(describe_plan(plan))
     log = _RunLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
@@ -301,13 +351,14 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     schema = load_or_generate_schema(config, ctx)
     split = split or config.data.test_split
     data = config.data
-    extras = list(data.extras) + list(_subsets(config, schema).values())
+    extras = list(data.extras) + plugin_extras(config) + list(_subsets(config, schema).values())
     reader = ParquetBatchReader(
         schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
         extras=sorted(set(extras)), validate=data.validate,
     )
-    task = build_task(config, schema, ctx.device)
-    model, _ = shard_model(task, ctx.device, ctx.world_size, config.sharding, config.optim, data.batch_size)
+    built = build_task(config, schema, ctx.device)
+    model, _ = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, data.batch_size)
+    load_plugin_state(model, built)
     load_checkpoint(checkpoint, model, None, restore_rng=False)
     results = evaluate(model, reader, ctx.device, CTRMetrics(_subsets(config, schema)), total=len(reader), description=split,
                        progress=config.train.progress)
