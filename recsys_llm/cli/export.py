@@ -19,20 +19,6 @@ import os
 from typing import Any, Dict
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a run directory's best (else latest) checkpoint."""
-    from recsys_llm.train.checkpoint import CheckpointManager
-
-    if os.path.isdir(os.path.join(path, "best")) or os.path.isdir(os.path.join(path, "checkpoints")):
-        found = CheckpointManager(os.path.join(path, "best")).latest() or CheckpointManager(
-            os.path.join(path, "checkpoints")
-        ).latest()
-        if found is None:
-            raise FileNotFoundError(f"{path}: run directory holds no complete checkpoint")
-        return found
-    return path
-
-
 def export_run(config: Any, checkpoint: str, output: str) -> Dict[str, Any]:
     """Exports the served part of a trained run (collective: call on every rank).
 
@@ -49,7 +35,7 @@ def export_run(config: Any, checkpoint: str, output: str) -> Dict[str, Any]:
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.modules.teacher_student import TeacherStudentTask
     from recsys_llm.serving import export_task, sub_state, unsharded_state_dict
-    from recsys_llm.train.checkpoint import load_checkpoint
+    from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint
     from recsys_llm.train.distributed import barrier, init_distributed
     from recsys_llm.train.runner import build_task, load_or_generate_schema
     from recsys_llm.train.sharding import shard_model
@@ -100,11 +86,38 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_outputs(args: argparse.Namespace) -> int:
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.distributed import is_main_process, teardown_distributed
+    from recsys_llm.train.teacher_outputs import write_teacher_outputs
+
+    config = load_config(args.config, args.overrides)
+    report = write_teacher_outputs(config, args.checkpoint, args.output_dir, splits=args.splits,
+                                   batch_size=args.batch_size, progress=config.train.progress)
+    if is_main_process():
+        print(json.dumps(report, indent=2))
+        print(f"offline student: data.schema={report['schema']} elec.task=distill elec.distill.mode=offline")
+    teardown_distributed()
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``export``."""
+    """Adds ``export`` and ``teacher-outputs``."""
     export = subparsers.add_parser("export", help="export the served model (ELEC student alone) of a trained run")
     export.add_argument("--config", required=True, help="the YAML config of the run")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     export.add_argument("--output", required=True, help="export directory")
     export.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     export.set_defaults(func=_export)
+
+    outputs = subparsers.add_parser(
+        "teacher-outputs",
+        help="write split copies with a trained teacher's logits and representations (ELEC offline distillation)",
+    )
+    outputs.add_argument("--config", required=True, help="the YAML config of the teacher's run")
+    outputs.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    outputs.add_argument("--output-dir", required=True, help="where the split copies and schema.json go")
+    outputs.add_argument("--splits", nargs="*", default=None, help="splits to cover (default: all)")
+    outputs.add_argument("--batch-size", type=int, default=4096, help="rows per teacher call")
+    outputs.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    outputs.set_defaults(func=_teacher_outputs)

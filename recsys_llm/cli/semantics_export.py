@@ -105,19 +105,13 @@ def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
 
     os.makedirs(args.attach_dir, exist_ok=True)
     key = schema.row_key if args.granularity == "row" else args.entity_field
-    new_splits = {s: os.path.relpath(schema.split_path(s), args.attach_dir) for s in schema.splits}
+    new_splits = {}
     for split in splits:
         name = f"{split}.parquet"
         attach_vectors(schema.split_path(split), args.output_dir, key, os.path.join(args.attach_dir, name),
                        column=args.column)
         new_splits[split] = name
-    schema.splits = new_splits
-    for spec in schema.fields:
-        if spec.value_text:
-            object.__setattr__(spec, "value_text", os.path.relpath(os.path.join(schema.root, spec.value_text), args.attach_dir))
-    if args.column not in schema.extra_columns:
-        schema.extra_columns.append(args.column)
-    schema.save(os.path.join(args.attach_dir, "schema.json"))
+    schema.relocated(args.attach_dir, new_splits, [args.column]).save(os.path.join(args.attach_dir, "schema.json"))
     print(json.dumps({"attached": splits, "schema": os.path.join(args.attach_dir, "schema.json")}))
 
 

@@ -177,6 +177,23 @@ class DatasetSchema:
             "fields": [f.to_dict() for f in self.fields],
         }
 
+    def relocated(self, root: str, splits: Dict[str, str], extra_columns: Sequence[str] = ()) -> "DatasetSchema":
+        """The schema of split copies written under ``root`` (e.g. with vectors attached).
+
+        Args:
+            root (str): directory of the new schema file.
+            splits (Dict[str, str]): the copied splits, relative to ``root``; splits not
+                named keep pointing at their original files.
+            extra_columns (Sequence[str]): columns the copies add.
+        """
+        out = DatasetSchema.from_dict(self.to_dict(), root=root, source=f"{self.name} (relocated)")
+        out.splits = {name: splits.get(name, os.path.relpath(self.split_path(name), root)) for name in self.splits}
+        for spec in out.fields:
+            if spec.value_text:
+                object.__setattr__(spec, "value_text", os.path.relpath(os.path.join(self.root, spec.value_text), root))
+        out.extra_columns += [c for c in extra_columns if c not in out.extra_columns]
+        return out
+
     def save(self, path: str) -> None:
         """Writes the schema as JSON (atomically: a temp file renamed into place)."""
         tmp = f"{path}.tmp"
@@ -229,7 +246,3 @@ class DatasetSchema:
         except Exception as error:  # json.JSONDecodeError / yaml.YAMLError
             raise SchemaError(f"{path}: not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: {error}") from error
         return cls.from_dict(raw, root=os.path.dirname(os.path.abspath(path)), source=path)
-
-
-def field_names(fields: Sequence[FieldSpec]) -> List[str]:
-    return [f.name for f in fields]

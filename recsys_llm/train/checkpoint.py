@@ -322,3 +322,19 @@ def load_checkpoint(
     if restore_rng and state.world_size == _world_size() and os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return state
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a run directory's best (else latest) complete checkpoint.
+
+    Raises:
+        FileNotFoundError: ``path`` is a run directory without a complete checkpoint.
+    """
+    if os.path.isdir(os.path.join(path, "best")) or os.path.isdir(os.path.join(path, "checkpoints")):
+        found = CheckpointManager(os.path.join(path, "best")).latest() or CheckpointManager(
+            os.path.join(path, "checkpoints")
+        ).latest()
+        if found is None:
+            raise FileNotFoundError(f"{path}: run directory holds no complete checkpoint")
+        return found
+    return path

@@ -34,15 +34,17 @@ import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import build_backbone
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
-from recsys_llm.train.checkpoint import CheckpointManager, TrainState, load_checkpoint
+from recsys_llm.train.checkpoint import CheckpointManager, TrainState, load_checkpoint, resolve_checkpoint
 from recsys_llm.train.config import ExperimentConfig, save_config
 from recsys_llm.train.distributed import DistContext, barrier, init_distributed
 from recsys_llm.train.metrics import CTRMetrics
@@ -120,6 +122,10 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
         raise ValueError("config: 'llactr' and 'elec' sections are both set; train one method per run")
     if config.elec:
         elec = ELECConfig.from_dict(config.elec, source="elec")
+        distill = elec.distill
+        if elec.task == "distill" and distill.mode == "offline" and distill.beta > 0 and distill.teacher_representation_dim <= 0:
+            distill.teacher_representation_dim = extra_column_width(schema, config.data.train_split,
+                                                                    distill.teacher_representation_key)
         task = build_elec_task(elec, schema, config.model, device=torch.device("meta"), dense_device=device)
         return BuiltTask(task, {"elec": dataclasses.asdict(elec)}, elec)
     backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
@@ -130,6 +136,23 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
     logit_terms = {name: term.to(device) for name, term in logit_terms.items()}
     loss_terms = {name: term.to(device) for name, term in loss_terms.items()}
     return BuiltTask(CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms), {"llactr": provenance})
+
+
+def extra_column_width(schema: DatasetSchema, split: str, column: str) -> int:
+    """d of a ``fixed_size_list<float>[d]`` extra column, read from the split's first file footer.
+
+    Raises:
+        ValueError: the column is missing or not a fixed-size list.
+    """
+    path = resolve_paths(schema, split)[0]
+    arrow = pq.ParquetFile(path).schema_arrow
+    if column not in arrow.names:
+        raise ValueError(f"{path}: no column {column!r} (expected a fixed_size_list<float> of teacher outputs; "
+                         "write it with `recsys-llm teacher-outputs`)")
+    kind = arrow.field(column).type
+    if not pa.types.is_fixed_size_list(kind):
+        raise ValueError(f"{path}: column {column!r} is {kind}, expected fixed_size_list<float>[d]")
+    return int(kind.list_size)
 
 
 def plugin_extras(config: ExperimentConfig) -> List[str]:
@@ -341,13 +364,7 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     """
     ctx = init_distributed(config.train.device)
     seed_everything(config.train.seed)
-    if os.path.isdir(os.path.join(checkpoint, "best")) or os.path.isdir(os.path.join(checkpoint, "checkpoints")):
-        found = CheckpointManager(os.path.join(checkpoint, "best")).latest() or CheckpointManager(
-            os.path.join(checkpoint, "checkpoints")
-        ).latest()
-        if found is None:
-            raise FileNotFoundError(f"{checkpoint}: run directory holds no complete checkpoint")
-        checkpoint = found
+    checkpoint = resolve_checkpoint(checkpoint)
     schema = load_or_generate_schema(config, ctx)
     split = split or config.data.test_split
     data = config.data

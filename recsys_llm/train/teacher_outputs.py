@@ -1,0 +1,172 @@
+"""Teacher outputs precomputed into Parquet columns, for ELEC's offline distillation.
+
+In offline mode the student reads ``teacher_logits`` (B,) and ``teacher_representation``
+(B, H) from ``batch.extras``, so the teacher (and the LLM behind its vectors) never runs
+while the student trains. :func:`write_teacher_outputs` runs a trained model (an ELEC gain
+network, the teacher of a teacher-student run, or any ``CTRTask``) once over every split and
+writes copies of the split files with those two columns plus a schema that lists them::
+
+    recsys-llm teacher-outputs --config gain.yaml --checkpoint runs/gain --output-dir data/ml-100k-teacher
+    recsys-llm train --config student.yaml data.schema=data/ml-100k-teacher/schema.json \\
+        elec.task=distill elec.distill.mode=offline
+
+The trained weights are gathered from the sharded checkpoint (a collective over all ranks);
+rank 0 then runs the unsharded teacher over the files one at a time, in file order, and
+checks the row count (and the row keys when the schema has one) before a file is written
+atomically. Existing finished files are never rewritten.
+"""
+
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from recsys_llm.data.parquet import ROW_ID_EXTRA, ParquetBatchReader, resolve_paths
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.modules.teacher_student import TeacherStudentTask
+from recsys_llm.serving import sub_state, unsharded_state_dict
+from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint
+from recsys_llm.train.config import ExperimentConfig
+from recsys_llm.train.distributed import barrier, init_distributed
+from recsys_llm.train.runner import build_task, load_or_generate_schema, load_plugin_state, plugin_extras
+from recsys_llm.train.sharding import shard_model
+
+LOGITS_COLUMN = "teacher_logits"
+REPRESENTATION_COLUMN = "teacher_representation"
+
+
+def teacher_of(task: nn.Module, state: Dict[str, torch.Tensor]) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:
+    """The module whose outputs are distilled, and its part of the full state dict.
+
+    Args:
+        task (nn.Module): what ``build_task`` built for the run (a ``CTRTask``-like module
+            with ``predict(batch) -> CTROutput``, or a ``TeacherStudentTask`` with a teacher).
+        state (Dict[str, torch.Tensor]): the run's full, unsharded state dict.
+
+    Raises:
+        ValueError: the task has no teacher (an offline teacher-student run).
+    """
+    if isinstance(task, TeacherStudentTask):
+        if task.teacher is None:
+            raise ValueError("the run is an offline teacher-student run: it holds no teacher to run")
+        return task.teacher, sub_state(state, "teacher.")
+    if not hasattr(task, "predict"):
+        raise ValueError(f"{type(task).__name__}: expected a CTRTask-like module with predict(batch)")
+    return task, state
+
+
+@torch.no_grad()
+def predict_file(
+    teacher: nn.Module, schema: DatasetSchema, path: str, extras: Sequence[str], batch_size: int, progress: bool
+) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Teacher logits (N,), representations (N, H) and row keys (N,) or None, in file order."""
+    reader = ParquetBatchReader(schema, path, batch_size, extras=extras, shuffle=False, prefetch=2)
+    logits: List[np.ndarray] = []
+    representations: List[np.ndarray] = []
+    keys: List[np.ndarray] = []
+    for batch in tqdm(reader, total=len(reader), desc=os.path.basename(path), disable=not progress):
+        output = teacher.predict(batch)
+        logits.append(output.logits.float().numpy())  # (B,)
+        representations.append(output.representation.float().numpy())  # (B, H)
+        if ROW_ID_EXTRA in batch.extras:
+            keys.append(batch.extras[ROW_ID_EXTRA].numpy())
+    return np.concatenate(logits), np.concatenate(representations), np.concatenate(keys) if keys else None
+
+
+def write_with_columns(
+    source: str, target: str, logits: np.ndarray, representations: np.ndarray, row_key: Optional[str],
+    keys: Optional[np.ndarray],
+) -> None:
+    """Copies ``source`` row group by row group with the two teacher columns appended (atomic)."""
+    handle = pq.ParquetFile(source)
+    rows = handle.metadata.num_rows
+    if rows != len(logits):
+        raise ValueError(f"{source}: {rows} rows, but the teacher produced {len(logits)} outputs")
+    width = representations.shape[1]
+    tmp = f"{target}.tmp"
+    writer: Optional[pq.ParquetWriter] = None
+    start = 0
+    try:
+        for group in range(handle.num_row_groups):
+            table = handle.read_row_group(group)
+            stop = start + table.num_rows
+            if keys is not None and row_key is not None:
+                expected = table.column(row_key).to_numpy(zero_copy_only=False)
+                if not np.array_equal(expected, keys[start:stop]):
+                    raise ValueError(f"{source}: row group {group}: row keys {row_key!r} differ from the reader's order")
+            flat = pa.array(np.ascontiguousarray(representations[start:stop], dtype=np.float32).reshape(-1))
+            table = table.append_column(LOGITS_COLUMN, pa.array(logits[start:stop].astype(np.float32)))
+            table = table.append_column(REPRESENTATION_COLUMN, pa.FixedSizeListArray.from_arrays(flat, width))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="lz4")
+            writer.write_table(table)
+            start = stop
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, target)
+
+
+def write_teacher_outputs(
+    config: ExperimentConfig,
+    checkpoint: str,
+    output_dir: str,
+    splits: Optional[Sequence[str]] = None,
+    batch_size: int = 4096,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Runs the trained teacher over ``splits`` and writes split copies with its outputs.
+
+    Collective: call on every rank (``torchrun`` or alone); rank 0 writes.
+
+    Args:
+        config (ExperimentConfig): the teacher's training config.
+        checkpoint (str): checkpoint directory or run directory (its best model).
+        output_dir (str): where the copies and ``schema.json`` go.
+        splits (Optional[Sequence[str]]): default: every split of the schema.
+        batch_size (int): rows per teacher call.
+        progress (bool): tqdm per file.
+
+    Returns:
+        Dict[str, Any]: ``{"schema": path, "representation_dim": H, "files": [...]}``.
+    """
+    ctx = init_distributed(config.train.device)
+    schema = load_or_generate_schema(config, ctx)
+    built = build_task(config, schema, ctx.device)
+    model, _ = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim,
+                           config.data.batch_size)
+    load_plugin_state(model, built)
+    load_checkpoint(resolve_checkpoint(checkpoint), model, None, restore_rng=False)
+    full = unsharded_state_dict(model)  # collective
+    report: Dict[str, Any] = {"schema": os.path.join(output_dir, "schema.json"), "files": []}
+    if ctx.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        fresh = build_task(config, schema, torch.device("cpu")).task
+        teacher, state = teacher_of(fresh, full)
+        teacher = teacher.to_empty(device=torch.device("cpu"))
+        teacher.load_state_dict(state)
+        teacher.eval()
+        extras = plugin_extras(config)
+        new_splits: Dict[str, str] = {}
+        for split in splits or sorted(schema.splits):
+            sources = resolve_paths(schema, split)
+            single = len(sources) == 1 and not os.path.isdir(schema.split_path(split))
+            split_dir = output_dir if single else os.path.join(output_dir, split)
+            os.makedirs(split_dir, exist_ok=True)
+            for source in sources:
+                target = os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))
+                if not os.path.exists(target):
+                    logits, reps, keys = predict_file(teacher, schema, source, extras, batch_size, progress)
+                    write_with_columns(source, target, logits, reps, schema.row_key, keys)
+                report["files"].append(target)
+            new_splits[split] = f"{split}.parquet" if single else split
+        width = pq.ParquetFile(report["files"][0]).schema_arrow.field(REPRESENTATION_COLUMN).type.list_size
+        report["representation_dim"] = int(width)
+        schema.relocated(output_dir, new_splits, [LOGITS_COLUMN, REPRESENTATION_COLUMN]).save(report["schema"])
+    barrier()
+    return report

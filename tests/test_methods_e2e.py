@@ -1,0 +1,126 @@
+"""The LLM methods through the user's entry points: config sections of ``recsys-llm train``.
+
+* LLaCTR: a field-vector file + an ``llactr:`` section -> FRE/FIE inside the trained task,
+  provenance in ``plugins.json``.
+* ELEC, the whole offline-LLM workflow on the embedded data with a tiny random BERT:
+  ``semantics adapt`` -> ``semantics export --attach-dir`` -> train the gain network ->
+  ``teacher-outputs`` -> train the offline student (no teacher, no LLM vector read) and the
+  joint student -> ``export`` the student -> ``ServedModel`` reproduces its test logits.
+"""
+
+import json
+import os
+from typing import Any, Dict, List
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys_llm.cli import main as cli_main
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.synthetic import generate_synthetic
+from recsys_llm.semantics.store import VectorProvenance, save_vectors
+from recsys_llm.serving import ServedModel, load_state_file
+from recsys_llm.train.config import load_config
+from recsys_llm.train.runner import run_training
+from tests.multiprocess import run_multiprocess
+from tests.tiny_models import save_tiny_bert
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
+
+
+@pytest.fixture(scope="module")
+def small_synthetic(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("synthetic_small"))
+    generate_synthetic(out, 4_000, seed=1, rows_per_group=1024)
+    return os.path.join(out, "schema.json")
+
+
+def _common(schema: str, run_dir: str) -> List[str]:
+    return [
+        f"data.schema={schema}", "data.batch_size=128", "data.eval_batch_size=512", "data.synthetic_rows=0",
+        "train.epochs=2", "train.patience=0", "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}",
+        "model.mlp_layer_sizes=[32,16]", "model.embedding_dim=8",
+    ]
+
+
+def _train_llactr(schema_path: str, run_dir: str, vectors: str) -> Dict[str, Any]:
+    overrides = _common(schema_path, run_dir) + [
+        f"llactr.vectors_path={vectors}", "llactr.lambda_fre=0.1", "llactr.lambda_fie=0.1",
+    ]
+    return run_training(load_config(CONFIG, overrides))
+
+
+@pytest.mark.multiprocess
+def test_llactr_section_trains_fre_and_fie_and_records_provenance(small_synthetic: str, tmp_path) -> None:
+    schema = DatasetSchema.load(small_synthetic)
+    names = schema.sparse_feature_names
+    vectors = str(tmp_path / "fields.safetensors")
+    provenance = VectorProvenance(model_id="test", model_hash="h", pooling="mean", template="{name}: {description}")
+    save_vectors(vectors, torch.randn(len(names), 24), names, provenance.for_schema(schema))
+    run_dir = str(tmp_path / "run")
+    (result,) = run_multiprocess(_train_llactr, world_size=1, schema_path=small_synthetic, run_dir=run_dir,
+                                 vectors=vectors)
+    assert result["test"]["auc"] > 0.5
+    with open(os.path.join(run_dir, "plugins.json"), encoding="utf-8") as handle:
+        plugins = json.load(handle)
+    assert plugins["llactr"]["fields_used"] == names
+    assert plugins["llactr"]["schema_fingerprint"] == schema.fingerprint()
+    events = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
+    assert any(e["event"] == "valid" for e in events)
+
+
+def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
+    adapted, vectors, attached = (os.path.join(work, n) for n in ("adapted", "vectors", "attached"))
+    assert cli_main(["semantics", "adapt", "--schema", schema_path, "--output-dir", adapted, "--model", llm,
+                     "--representation-dim", "16", "--hidden-dim", "32", "--sample-rows", "256",
+                     "--batch-size", "32", "--max-length", "64"]) == 0
+    assert cli_main(["semantics", "export", "--schema", schema_path, "--llm", adapted, "--output-dir", vectors,
+                     "--chunk-rows", "1024", "--batch-size", "128", "--attach-dir", attached]) == 0
+    attached_schema = os.path.join(attached, "schema.json")
+    gain_dir = os.path.join(work, "gain")
+    gain_overrides = _common(attached_schema, gain_dir) + ["elec.task=gain", "elec.vector_dim=16"]
+    gain = run_training(load_config(CONFIG, gain_overrides))
+
+    teacher_data = os.path.join(work, "teacher")
+    assert cli_main(["teacher-outputs", "--config", CONFIG, "--checkpoint", gain_dir, "--output-dir", teacher_data,
+                     *gain_overrides]) == 0
+    teacher_schema = os.path.join(teacher_data, "schema.json")
+    offline_dir = os.path.join(work, "offline")
+    offline_overrides = _common(teacher_schema, offline_dir) + [
+        "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=offline", "elec.distill.beta=0.1",
+    ]
+    offline = run_training(load_config(CONFIG, offline_overrides))
+    joint_dir = os.path.join(work, "joint")
+    joint = run_training(load_config(CONFIG, _common(attached_schema, joint_dir) + [
+        "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=joint",
+    ]))
+    served = os.path.join(work, "served")
+    assert cli_main(["export", "--config", CONFIG, "--checkpoint", offline_dir, "--output", served,
+                     *offline_overrides]) == 0
+    return {"gain": gain, "offline": offline, "joint": joint, "teacher_schema": teacher_schema, "served": served}
+
+
+@pytest.mark.multiprocess
+def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path) -> None:
+    llm = save_tiny_bert(str(tmp_path / "tiny_bert"))
+    work = str(tmp_path / "work")
+    (out,) = run_multiprocess(_elec_workflow, world_size=1, schema_path=small_synthetic, work=work, llm=llm)
+
+    teacher_schema = DatasetSchema.load(out["teacher_schema"])
+    assert {"llm_vector", "teacher_logits", "teacher_representation"} <= set(teacher_schema.extra_columns)
+    test_file = teacher_schema.split_path("test")
+    columns = pq.read_table(test_file, columns=["teacher_logits", "teacher_representation"])
+    assert columns.num_rows == pq.ParquetFile(DatasetSchema.load(small_synthetic).split_path("test")).metadata.num_rows
+    assert columns.schema.field("teacher_representation").type.list_size > 0
+
+    for name in ("gain", "offline", "joint"):
+        assert out[name]["test"]["auc"] > 0.5, (name, out[name]["test"])
+    state = load_state_file(out["served"])
+    assert state and not any(("teacher" in k) or ("injection" in k) or ("semantic" in k) for k in state), sorted(state)
+    served = ServedModel.load(out["served"])
+    batch = next(iter(ParquetBatchReader(DatasetSchema.load(small_synthetic), "test", 64)))
+    logits = served.logits(batch.dense_features, batch.sparse_features)
+    assert logits.shape == (64,) and torch.isfinite(logits).all()

@@ -1,0 +1,66 @@
+"""Tiny, randomly initialised Hugging Face models and their word-level tokenizer (no download).
+
+Shared by the semantics tests and the end-to-end method tests. The vocabulary covers the
+prompt templates, a few field words and the numbers 0-299; anything else is ``[UNK]``.
+"""
+
+from typing import List
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+from recsys_llm.semantics.templates import ALPACA_PROMPT, SSFT_INPUT, SSFT_INSTRUCTION
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
+EXTRA_WORDS = "shade town price user id color city of the a in dollars item paid colour name".split()
+
+
+def _vocab() -> List[str]:
+    words = list(SPECIALS)
+    splitter = pre_tokenizers.Whitespace()
+    corpus = " ".join([ALPACA_PROMPT, SSFT_INSTRUCTION, SSFT_INPUT, " ".join(EXTRA_WORDS), "color city user_id C1 price"])
+    for token, _ in splitter.pre_tokenize_str(corpus):
+        if token not in words:
+            words.append(token)
+    for i in range(300):
+        if str(i) not in words:
+            words.append(str(i))
+    return words
+
+
+def make_tokenizer(with_mask: bool) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(_vocab())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = dict(unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+    if with_mask:
+        specials.update(mask_token="[MASK]", cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
+def save_tiny_llama(path: str) -> str:
+    """A 2-layer Llama-style decoder (hidden 64) and its tokenizer, saved to ``path``."""
+    tokenizer = make_tokenizer(with_mask=False)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_bert(path: str) -> str:
+    """A 2-layer BERT-style encoder (hidden 32) and its tokenizer, saved to ``path``."""
+    tokenizer = make_tokenizer(with_mask=True)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+    )
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
