@@ -353,3 +353,232 @@ def median(values: Sequence[float]) -> float:
 def all_finite(payload: Mapping[str, Any], keys: Sequence[str]) -> bool:
     """True when every ``payload[key]`` is a finite number."""
     return all(isinstance(payload.get(k), (int, float)) and math.isfinite(payload[k]) for k in keys)
+
+
+# ---- shared by the method benchmarks (llactr, elec, peers) ----------------------------------
+def per_round_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> List[float]:
+    """Ratios of figures measured in the same round (back to back, sharing the machine's load)."""
+    if len(numerator) != len(denominator):
+        raise ValueError(f"rounds differ: {len(numerator)} vs {len(denominator)}")
+    return [a / b for a, b in zip(numerator, denominator)]
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    """Geometric mean of positive numbers (the average of ratios)."""
+    if not values or min(values) <= 0:
+        raise ValueError(f"geometric mean needs positive values, got {list(values)}")
+    return float(math.exp(sum(math.log(v) for v in values) / len(values)))
+
+
+class Stopwatch:
+    """Accumulates wall seconds per named phase: ``with watch("tune"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+        self._name = ""
+        self._start = 0.0
+
+    def __call__(self, name: str) -> "Stopwatch":
+        self._name = name
+        return self
+
+    def __enter__(self) -> "Stopwatch":
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.seconds.values()))
+
+
+def shard_for_training(task: Any, device: Any, batch_size: int) -> Tuple[Any, Any]:
+    """Planner + DMP (1 rank) + fused RowWiseAdagrad + Adam, as ``run_training`` does.
+
+    Args:
+        task: a ``CTRTask`` (or ``TeacherStudentTask``) with tables on ``meta``.
+        device (torch.device): compute device.
+        batch_size (int): the planner's batch size.
+
+    Returns:
+        Tuple: ``(DMP model, combined optimizer)``.
+    """
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+
+    optim = OptimizerConfig()
+    model, _ = shard_model(task, device, 1, ShardingConfig(), optim, batch_size)
+    return model, build_optimizer(model, optim)
+
+
+class TrainEpochLoop:
+    """Measures the project's training loop, ``recsys_llm.train.pipeline.train_epoch``, as is.
+
+    One measurement = one ``train_epoch`` call (a fresh ``TrainPipelineSparseDist``, as every
+    trainer epoch gets) whose ``on_step`` callback starts the clock after ``warmup_steps``
+    steps and stops the epoch after ``measured_steps`` more, so the figure is the loop's
+    steady state with its per-step work (loss read-back, counting) included.
+
+    Args:
+        model: the DMP-wrapped task.
+        optimizer: its combined optimizer.
+        device (torch.device): compute device.
+        batches (Iterator): endless batch iterator.
+        batch_size (int): rows per batch.
+        warmup_steps (int): untimed steps first.
+        measured_steps (int): timed steps.
+        description (str): progress-bar label.
+    """
+
+    def __init__(self, model: Any, optimizer: Any, device: Any, batches: Any, batch_size: int,
+                 warmup_steps: int, measured_steps: int, description: str = "bench") -> None:
+        if warmup_steps < 1 or measured_steps < 1:
+            raise ValueError(f"warmup_steps and measured_steps must be >= 1, got {warmup_steps}, {measured_steps}")
+        self._model = model
+        self._optimizer = optimizer
+        self._device = device
+        self._batches = batches
+        self._batch_size = batch_size
+        self._warmup = warmup_steps
+        self._measured = measured_steps
+        self._description = description
+        self.pipelined_modules: List[str] = []
+        self.sharded_modules: List[str] = []
+
+    def __call__(self) -> float:
+        """One measurement; returns samples/s."""
+        from recsys_llm.train.pipeline import train_epoch
+
+        clock: Dict[str, float] = {}
+        warmup, measured = self._warmup, self._measured
+
+        def on_step(step: int, loss: float) -> bool:
+            if step == warmup:
+                clock["start"] = time.perf_counter()
+            if step == warmup + measured:
+                clock["stop"] = time.perf_counter()
+                return True
+            return False
+
+        stats = train_epoch(self._model, self._optimizer, self._batches, self._device, on_step=on_step,
+                            description=self._description, progress=False)
+        if "stop" not in clock:
+            raise RuntimeError(f"train_epoch stopped after {stats.steps} steps, before {warmup + measured}")
+        self.pipelined_modules = list(stats.pipelined_modules)
+        self.sharded_modules = list(stats.sharded_modules)
+        return self._batch_size * measured / (clock["stop"] - clock["start"])
+
+    @property
+    def pipelined_all_sharded_modules(self) -> bool:
+        """True when the pipeline overlapped every sharded module's input dist."""
+        return sorted(self.pipelined_modules) == sorted(self.sharded_modules)
+
+
+def train_split_batches(schema: Any, batch_size: int, num_batches: int, extras: Sequence[str] = ()) -> List[Any]:
+    """The first ``num_batches`` full batches of the train split, in file order, read as the trainer reads.
+
+    Raises:
+        RuntimeError: the split has fewer full batches.
+    """
+    import itertools
+
+    from recsys_llm.data.parquet import ParquetBatchReader
+
+    reader = ParquetBatchReader(schema, "train", batch_size, drop_last=True, prefetch=0, extras=list(extras))
+    batches = list(itertools.islice(iter(reader), num_batches))
+    if len(batches) < num_batches:
+        raise RuntimeError(f"train split gives {len(batches)} batches of {batch_size}, need {num_batches}")
+    return batches
+
+
+def samples_per_second(step: Callable[[], Any], batch_size: int, warmup_steps: int, measured_steps: int,
+                       synchronize: Optional[Callable[[], None]] = None) -> Callable[[], float]:
+    """A contender for :func:`interleaved_repeats`: one ``timed_steps`` run, as samples/s."""
+    return lambda: batch_size / timed_steps(step, warmup_steps, measured_steps, synchronize)
+
+
+def tiny_llm_dir(directory: str, seed: int) -> str:
+    """A tiny randomly initialised BERT with MiniLM's (offline) tokenizer, saved to ``directory``.
+
+    ``--smoke`` runs use it instead of the real LLM: same code paths, seconds instead of minutes.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from recsys_llm.semantics.encoder import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def ratio_bars(axis: Any, ratios: Mapping[str, float], goals: Mapping[str, float], title: str) -> None:
+    """Draws one bar per ratio on ``axis`` (log scale) with its goal as a dashed line."""
+    labels = list(ratios)
+    bars = axis.bar(range(len(labels)), [ratios[k] for k in labels], color="#4C72B0")
+    for index, label in enumerate(labels):
+        if label in goals:
+            axis.hlines(goals[label], index - 0.4, index + 0.4, colors="#C44E52", linestyles="--")
+    for bar, label in zip(bars, labels):
+        axis.annotate(f"{ratios[label]:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                      ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(range(len(labels)))
+    axis.set_xticklabels(labels, fontsize=8)
+    axis.set_yscale("log")
+    axis.set_ylabel("ratio (dashed: goal)")
+    axis.set_title(title, fontsize=9)
+
+
+def two_panel_figure(path: Path, draw_left: Callable[[Any], None], draw_right: Callable[[Any], None]) -> None:
+    """Saves a 1x2 figure whose panels are drawn by the two callables (rank 0 only)."""
+    if not is_rank_zero():
+        return
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    draw_left(left)
+    draw_right(right)
+    _save(fig, path)
+
+
+def served_logits(task: Any, directory: str, example: Any) -> Tuple[Callable[[Any], Any], str]:
+    """The project's serving artifact of an unsharded CPU task and a ``batch -> logits`` function.
+
+    Exports ``task`` with ``recsys_llm.serving.export_task`` (eager EBC + ``torch.export`` dense
+    program) and loads it back as ``ServedModel``. When ``torch.export`` could not capture the
+    backbone, the returned function runs the task's eager ``predict`` under ``no_grad`` instead.
+
+    Args:
+        task: an unsharded ``CTRTask`` on CPU in eval mode (no LLM input).
+        directory (str): where the artifact goes.
+        example: a ``Batch`` for tracing (B >= 2).
+
+    Returns:
+        Tuple: ``(logits_fn(batch) -> (B,) logits, "export" | "eager")``.
+    """
+    import torch
+
+    from recsys_llm.serving import ServedModel, export_task
+
+    config = export_task(task, directory, example.dense_features, example.sparse_features)
+    if config["dense_program"] is not None:
+        served = ServedModel.load(directory)
+        return (lambda batch: served.logits(batch.dense_features, batch.sparse_features)), "export"
+
+    def eager(batch: Any) -> Any:
+        with torch.no_grad():
+            return task.predict(batch).logits
+
+    return eager, "eager"
+
+
+def cycling_step(function: Callable[[Any], Any], items: Sequence[Any]) -> Callable[[], Any]:
+    """A zero-argument step that calls ``function`` on the next of ``items`` (cycled)."""
+    import itertools
+
+    iterator = itertools.cycle(items)
+    return lambda: function(next(iterator))
