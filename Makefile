@@ -13,7 +13,7 @@ install:
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
 
 demo: install
-	$(PY) -m recsys_llm.cli demo --data-dir $(DATA_DIR) --runs-dir $(RUNS_DIR)
+	$(PY) -m recsys_llm.cli demo --data-dir $(DATA_DIR)/synthetic --run-dir $(RUNS_DIR)/demo
 
 test: install
 	$(PY) -m pytest -q tests

@@ -4,8 +4,8 @@
   ``torchrun --nproc_per_node N -m recsys_llm.cli train ...``); resumes from the run
   directory's latest checkpoint; prints the results on rank 0.
 * ``evaluate --config X --checkpoint C``: metrics of a checkpoint (or run directory) on a split.
-* ``demo``: generates the embedded synthetic data if missing, trains DeepFM on it with
-  ``configs/synthetic_deepfm.yaml`` and prints a results table.
+* ``demo``: generates the embedded synthetic data if missing and trains DeepFM on it plain,
+  with LLaCTR and with ELEC (``recsys_llm.demo``), then prints the comparison.
 
 Example::
 
@@ -78,24 +78,20 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from recsys_llm.demo import comparison_table, run_demo, write_outputs
     from recsys_llm.env import check_versions
-    from recsys_llm.train.config import load_config
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
-    from recsys_llm.train.runner import run_training
 
     check_versions(verbose=True)
     if not os.path.isfile(args.config):
         raise FileNotFoundError(f"{args.config}: demo config not found (pass --config)")
-    overrides = [
-        f"data.schema={os.path.join(args.data_dir, 'schema.json')}",
-        f"data.synthetic_rows={args.rows}",
-        f"train.run_dir={args.run_dir}",
-    ] + list(args.overrides)
-    config = load_config(args.config, overrides)
-    results = run_training(config)
+    results = run_demo(args.config, args.data_dir, args.run_dir, args.rows, args.overrides, llm=args.llm,
+                       with_llm=not args.no_llm)
     if is_main_process():
-        print("\nDeepFM on the embedded synthetic data (cold items never occur in training):")
-        print(results_table(results))
+        written = write_outputs(results, args.run_dir)
+        print("\nThe embedded synthetic data (cold items never occur in training):")
+        print(comparison_table(results))
+        print("results: " + ", ".join(written))
     teardown_distributed()
     return 0
 
@@ -116,10 +112,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("overrides", nargs="*", help=overrides_help)
     evaluate.set_defaults(func=_evaluate)
 
-    demo = subparsers.add_parser("demo", help="generate the synthetic data if missing and train DeepFM on it")
+    demo = subparsers.add_parser(
+        "demo", help="generate the synthetic data if missing; train DeepFM plain, with LLaCTR and with ELEC; compare"
+    )
     demo.add_argument("--config", default=DEMO_CONFIG, help="demo config (default: configs/synthetic_deepfm.yaml)")
     demo.add_argument("--data-dir", default="data/synthetic", help="where the synthetic data lives / is generated")
     demo.add_argument("--rows", type=int, default=200_000, help="rows to generate when the data is missing")
-    demo.add_argument("--run-dir", default="runs/demo_synthetic_deepfm", help="run directory")
+    demo.add_argument("--run-dir", default="runs/demo", help="one run directory per variant goes here")
+    demo.add_argument("--llm", default=None, help="local Hugging Face model directory (default: offline MiniLM)")
+    demo.add_argument("--no-llm", action="store_true", help="train the plain DeepFM only")
     demo.add_argument("overrides", nargs="*", help=overrides_help)
     demo.set_defaults(func=_demo)
