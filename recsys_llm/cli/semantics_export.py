@@ -95,8 +95,26 @@ def _export(args: argparse.Namespace) -> int:
     )
     print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
     if args.attach_dir and rank == 0:
+        _wait_for_other_ranks(args.output_dir, world, args.attach_timeout)
         _attach(schema, splits, args)
     return 0
+
+
+def _wait_for_other_ranks(output_dir: str, world_size: int, timeout_s: float) -> None:
+    """Under ``torchrun`` each rank writes its own chunks; rank 0 attaches once all exist."""
+    import time
+
+    from recsys_llm.semantics.vector_export import read_manifest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            read_manifest(output_dir)
+            return
+        except (ValueError, FileNotFoundError):
+            if world_size == 1 or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
@@ -156,4 +174,6 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--template", default=None, help="override the row-text template saved by adapt")
     export.add_argument("--attach-dir", default=None, help="write split copies with the vectors + a schema here")
     export.add_argument("--column", default="llm_vector", help="name of the attached vector column")
+    export.add_argument("--attach-timeout", type=float, default=3600.0,
+                        help="seconds rank 0 waits for the other ranks' chunks before attaching")
     export.set_defaults(func=_export)
