@@ -9,6 +9,10 @@ representation r next to the tabular input. Two plug-ins:
 * :class:`DLRMDenseInjection` feeds an unmodified ``torchrec.models.dlrm.DLRM``: the
   (optionally projected) vector is concatenated to DLRM's dense input,
   :math:`x' = [x; P r]`, so its bottom MLP sees it.
+* :class:`DLRMDenseInjectionBackbone` does the same behind the backbone contract
+  (``CTROutput`` with representation and pooled embeddings), so an unmodified DLRM fed an
+  LLM vector through its dense input works with ``CTRTask``, FRE / FIE and
+  ``TeacherStudentTask`` (ELEC's gain network as a teacher).
 """
 
 from typing import Optional
@@ -16,7 +20,9 @@ from typing import Optional
 import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recsys_llm.models.dlrm import DLRMBackbone
 
 
 class VectorFieldInjection(nn.Module):
@@ -108,3 +114,65 @@ class DLRMDenseInjection(nn.Module):
             vector = self.projection(vector)  # (B, P)
         dense = torch.cat([dense_features, vector], dim=1)  # (B, Dd + P)
         return self.dlrm(dense, sparse_features).squeeze(-1)  # (B,)
+
+
+class DLRMDenseInjectionBackbone(DLRMBackbone):
+    r"""An unmodified torchrec ``DLRM`` as a backbone whose injected vector joins the dense input.
+
+    ``CTRTask(field_injection=...)`` turns ``batch.extras[injection_key]`` (B, d) into
+    (B, E, P) (e.g. :class:`VectorFieldInjection` with ``embedding_dim=P``); here those E
+    vectors are flattened and concatenated to the dense features instead of being interacted
+    as fields, :math:`x' = [x; \mathrm{flatten}(P r)]`, so DLRM's bottom MLP reads them (the
+    gain-network input of ELEC for a DLRM the user already has). The DLRM only has to be built
+    with ``dense_in_features = Dd + E * P``; its arches are called as in ``DLRM.forward``
+    (through :class:`~recsys_llm.models.dlrm.DLRMBackbone`), so with the same input the logits
+    equal ``dlrm(cat([dense, flatten(P r)]), kjt)``.
+
+    Args:
+        dlrm (DLRM): torchrec's ``DLRM`` (or ``DLRM_DCN``), built for F sparse fields.
+        num_dense_features (int): Dd, the dense features of the data (without the vector).
+
+    Example::
+
+        dlrm = DLRM(ebc, dense_in_features=3 + 16, dense_arch_layer_sizes=[32, 16],
+                    over_arch_layer_sizes=[32, 16, 1])
+        backbone = DLRMDenseInjectionBackbone(dlrm, num_dense_features=3)  # injected_width 16
+        task = CTRTask(backbone, field_injection=VectorFieldInjection(384, backbone.injected_width))
+        out = task.predict(batch)  # logits (B,), representation (B, 16); reads batch.extras["llm_vector"]
+    """
+
+    def __init__(self, dlrm: DLRM, num_dense_features: int) -> None:
+        super().__init__(dlrm, num_dense_features)
+        first = next(m for m in dlrm.dense_arch.modules() if isinstance(m, nn.Linear))
+        self._injected_width: int = first.in_features - num_dense_features
+        if self._injected_width <= 0:
+            raise ValueError(
+                f"DLRMDenseInjectionBackbone: the DLRM's dense input has {first.in_features} features, no room "
+                f"beyond the data's {num_dense_features}; build it with dense_in_features = num_dense + injected width"
+            )
+
+    @property
+    def injected_width(self) -> int:
+        """E * P, the width the injected vectors take in the dense input."""
+        return self._injected_width
+
+    def interact(
+        self,
+        dense_features: torch.Tensor,
+        embeddings: KeyedTensor,
+        extra_fields: Optional[torch.Tensor],
+    ) -> "tuple[torch.Tensor, torch.Tensor]":
+        """
+        Args:
+            dense_features (torch.Tensor): (B, Dd).
+            embeddings (KeyedTensor): pooled EBC output.
+            extra_fields (Optional[torch.Tensor]): (B, E, P) with E * P = ``injected_width``.
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: logits (B,), representation (B, H).
+        """
+        if extra_fields is None:
+            raise ValueError("DLRMDenseInjectionBackbone needs the injected vector: give CTRTask a field_injection")
+        injected = extra_fields.flatten(1).to(dense_features.dtype)  # (B, E * P)
+        dense = torch.cat([dense_features, injected], dim=1)  # (B, Dd + E * P)
+        return super().interact(dense, embeddings, None)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+import torchrec
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.models.dlrm import DLRMBackbone
+from recsys_llm.modules.dense_injection import DLRMDenseInjectionBackbone, VectorFieldInjection
+from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
+from recsys_llm.train.task import CTRTask
+
+
+def _dlrm(dense_in: int, prefix: str = "t_") -> DLRM:
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"{prefix}user", embedding_dim=8, num_embeddings=10, feature_names=["user_id"]),
+        EmbeddingBagConfig(name=f"{prefix}item", embedding_dim=8, num_embeddings=12, feature_names=["item_id"]),
+    ])
+    return DLRM(ebc, dense_in_features=dense_in, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 4, 1])
+
+
+def _batch(batch_size: int = 4, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id"],
+        values=torch.cat([torch.randint(0, 10, (batch_size,), generator=g), torch.randint(0, 12, (batch_size,), generator=g)]),
+        lengths=torch.ones(2 * batch_size, dtype=torch.int32),
+    )
+    labels = torch.randint(0, 2, (batch_size,), generator=g).float()
+    return Batch(torch.randn(batch_size, 3, generator=g), kjt, labels, {"llm_vector": torch.randn(batch_size, 6, generator=g)})
+
+
+class TestDLRMDenseInjectionBackbone:
+    def test_equals_the_unmodified_dlrm_on_the_concatenated_input(self) -> None:
+        torch.manual_seed(0)
+        dlrm = _dlrm(3 + 5)
+        backbone = DLRMDenseInjectionBackbone(dlrm, num_dense_features=3)
+        assert backbone.injected_width == 5 and backbone.representation_dim == 4
+        task = CTRTask(backbone, field_injection=VectorFieldInjection(6, backbone.injected_width))
+        batch = _batch()
+        output = task.predict(batch)
+        projected = task.field_injection(batch.extras["llm_vector"]).flatten(1)  # (B, 5)
+        expected = dlrm(torch.cat([batch.dense_features, projected], dim=1), batch.sparse_features).squeeze(-1)
+        torch.testing.assert_close(output.logits, expected)
+        assert output.representation.shape == (4, 4)
+        other = Batch(batch.dense_features, batch.sparse_features, batch.labels, {"llm_vector": torch.randn(4, 6)})
+        assert not torch.allclose(task.predict(other).logits, output.logits)  # the vector matters
+
+    def test_traces_and_teaches_a_plain_dlrm(self) -> None:
+        torch.manual_seed(0)
+        gain = DLRMDenseInjectionBackbone(_dlrm(3 + 8, "teacher_"), num_dense_features=3)
+        teacher = CTRTask(gain, field_injection=VectorFieldInjection(6, 8))
+        student = CTRTask(DLRMBackbone(_dlrm(3, "student_"), num_dense_features=3))
+        task = TeacherStudentTask(teacher, student, TeacherStudentConfig(mode="joint", alpha=0.5, beta=0.1))
+        graph = torchrec.fx.symbolic_trace(task)  # what TrainPipelineSparseDist does
+        assert "field_injection" in str(graph.graph)
+        loss, (_, logits, _) = task(_batch())
+        loss.backward()
+        assert logits.shape == (4,)
+        assert teacher.field_injection.projection.weight.grad is not None
+        assert isinstance(task.repr_kd.projection, torch.nn.Identity)  # both representations are (B, 4)
+
+    def test_errors(self) -> None:
+        with pytest.raises(ValueError, match="dense_in_features = num_dense"):
+            DLRMDenseInjectionBackbone(_dlrm(3), num_dense_features=3)
+        backbone = DLRMDenseInjectionBackbone(_dlrm(3 + 5), num_dense_features=3)
+        with pytest.raises(ValueError, match="field_injection"):
+            CTRTask(backbone).predict(_batch())
