@@ -19,6 +19,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
+	-bash scripts/peer_venv.sh  # the DeepCTR-Torch venv of benchmarks/peers.py; peers.py says so if it is missing
 	$(PY) benchmarks/run_all.py --quick
 
 clean:

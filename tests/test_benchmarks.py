@@ -15,17 +15,31 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import common, run_all  # noqa: E402
+from benchmarks import common, peers, run_all  # noqa: E402
 
 # Top-level keys that the issues require of a benchmark's JSON (others: at least one figure).
 REQUIRED_KEYS = {
     "train_throughput": ["ratio_vs_torchrec_loop", "ratio_parquet_vs_memory"],
+    "llactr": ["train_ratio_vs_backbone", "serve_ratio_vs_backbone", "llm_cost_ratio_instance_vs_field"],
+    "elec": ["student_serve_ratio_vs_backbone", "student_speedup_vs_gain_online_llm", "kd_train_ratio_vs_backbone"],
     "peers": ["train_speedup_vs_deepctr_torch", "auc_diff_vs_deepctr_torch"],
 }
 MACHINE_KEYS = ["cpu_model", "usable_cores", "torch_threads", "gpu", "versions"]
 
 
 _SMOKE_RUNS = {}
+
+
+def require_peer_venv() -> None:
+    """Skips (naming the fix) when the DeepCTR-Torch venv of ``benchmarks/peers.py`` is absent.
+
+    The same lookup as the script (``$PEER_VENV`` or ``.venv-peers``): once
+    ``bash scripts/peer_venv.sh`` has made it, the peer tests run.
+    """
+    try:
+        peers.peer_python(None)
+    except peers.PeerMissing as error:
+        pytest.skip(str(error))
 
 
 def run_smoke(name: str, tmp_path_factory: pytest.TempPathFactory):
@@ -46,6 +60,8 @@ def run_smoke(name: str, tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", run_all.discover())
 def test_benchmark_smoke_writes_finite_json_and_png(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    if name == "peers":
+        require_peer_venv()
     process, json_path, plot_path = run_smoke(name, tmp_path_factory)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     payload = json.loads(json_path.read_text())
@@ -73,6 +89,96 @@ def test_train_throughput_json_details_describe_both_loops(tmp_path_factory: pyt
     assert payload["ratio_vs_torchrec_loop"] == pytest.approx(common.median(expected))
     # the project's loop pipelined every sharded module (otherwise it silently runs slower)
     assert payload["details"]["project_pipelined_modules"] == payload["details"]["project_sharded_modules"]
+
+
+def _smoke_payload(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    process, json_path, _ = run_smoke(name, tmp_path_factory)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    return json.loads(json_path.read_text())
+
+
+@pytest.mark.slow
+def test_llactr_ratios_come_from_rounds_and_scaled_costs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    payload = _smoke_payload("llactr", tmp_path_factory)
+    details = payload["details"]
+    for name, result in details["per_backbone"].items():
+        rounds = result["train_samples_per_second_rounds"]
+        expected = [a / b for a, b in zip(rounds["llactr"], rounds["plain"])]
+        assert result["train_ratio"] == pytest.approx(common.median(expected)), name
+        assert result["pipelined_all_sharded_modules"], name
+        assert set(result["serve_path"].values()) <= {"export", "eager"}
+    field, instance = details["field"], details["instance"]
+    assert field["ssft_run_scale_to_default_s"] >= 1.0
+    assert field["seconds_at_default_s"] >= field["seconds"] > 0
+    scaled = instance["setup_seconds"] + instance["per_row_seconds"] * details["instance_scaled_to_rows"]
+    assert payload["llm_cost_ratio_instance_vs_field"] == pytest.approx(scaled / field["seconds_at_default_s"])
+
+
+@pytest.mark.slow
+def test_elec_student_is_served_exported_and_ratios_come_from_rounds(tmp_path_factory: pytest.TempPathFactory) -> None:
+    payload = _smoke_payload("elec", tmp_path_factory)
+    for name, result in payload["details"]["per_backbone"].items():
+        serve = result["serve_samples_per_second_rounds"]
+        assert set(serve) == {"student", "plain", "student_request", "gain_online_llm"}
+        expected = [s / p for s, p in zip(serve["student"], serve["plain"])]
+        assert result["student_serve_ratio"] == pytest.approx(common.median(expected)), name
+        online = [s / g for s, g in zip(serve["student_request"], serve["gain_online_llm"])]
+        assert result["student_speedup_vs_gain_online_llm"] == pytest.approx(common.median(online)), name
+        train = result["train_samples_per_second_rounds"]
+        kd = [k / p for k, p in zip(train["joint_kd"], train["plain"])]
+        assert result["kd_train_ratio"] == pytest.approx(common.median(kd)), name
+        assert result["serve_path"]["student"] == "export" and result["serve_path"]["plain"] == "export"
+        assert all(result["pipelined_all_sharded_modules"].values()), name
+        # the student is the plain architecture; the gain network adds the vector injection
+        assert result["parameters"]["student"] == result["parameters"]["plain"] < result["parameters"]["gain"]
+
+
+@pytest.mark.slow
+def test_peers_speedup_is_the_median_epoch_ratio(tmp_path_factory: pytest.TempPathFactory) -> None:
+    require_peer_venv()
+    payload = _smoke_payload("peers", tmp_path_factory)
+    details = payload["details"]
+    rounds = details["samples_per_second_rounds"]
+    expected = [p / f for p, f in zip(rounds["project"], rounds["deepctr_fit"])]
+    assert payload["train_speedup_vs_deepctr_torch"] == pytest.approx(common.median(expected))
+    aucs = {name: m["auc"] for name, m in details["test_metrics"].items()}
+    assert all(0.0 <= auc <= 1.0 for auc in aucs.values())
+    assert payload["auc_diff_vs_deepctr_torch"] == pytest.approx(aucs["project"] - aucs["deepctr_fit"])
+    assert details["peer"]["deepctr_torch"] and details["project_pipelined_all_sharded_modules"]
+    assert details["rows"]["train"] == details["peer"]["train_rows"]
+
+
+def test_peers_without_peer_venv_stops_and_says_how_to_make_it(tmp_path: Path) -> None:
+    process = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "peers.py"), "--smoke", "--peer-python",
+         str(tmp_path / "missing" / "python"), "--json", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == peers.MISSING_PEER_EXIT
+    assert "scripts/peer_venv.sh" in process.stderr and str(tmp_path / "missing" / "python") in process.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_peers_export_split_pads_sequences_and_keeps_row_order(tmp_path: Path) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    schema = generate_synthetic(str(tmp_path / "data"), 200, seed=3)
+    fields = peers.field_specs(schema)
+    rows = peers.export_split(schema, "train", fields, str(tmp_path / "train.npz"))
+    table = pq.read_table(schema.split_path("train"))
+    assert rows == table.num_rows
+    with np.load(tmp_path / "train.npz", allow_pickle=False) as data:
+        for field in fields:
+            got, column = data[field["name"]], table.column(field["name"]).to_pylist()
+            if field["kind"] == "sequence":
+                assert got.shape == (rows, field["max_length"])
+                assert [list(r[r > 0]) for r in got] == [list(v or []) for v in column]
+            else:
+                np.testing.assert_allclose(got, np.asarray(column, dtype=got.dtype))
+        np.testing.assert_array_equal(data["label"], table.column(schema.label).to_numpy().astype(np.float32))
 
 
 class TestCommon:
@@ -110,6 +216,24 @@ class TestCommon:
         info = common.machine_info()
         assert info["usable_cores"] >= 1 and info["cpu_model"]
         assert info["versions"]["torch"] and info["versions"]["torchrec"]
+
+    def test_ratio_helpers(self) -> None:
+        assert common.per_round_ratios([2.0, 9.0], [1.0, 3.0]) == [2.0, 3.0]
+        with pytest.raises(ValueError, match="rounds differ"):
+            common.per_round_ratios([1.0], [1.0, 2.0])
+        assert common.geometric_mean([1.0, 4.0]) == pytest.approx(2.0)
+        with pytest.raises(ValueError):
+            common.geometric_mean([1.0, 0.0])
+
+    def test_cycling_step_and_stopwatch(self) -> None:
+        step = common.cycling_step(lambda x: x * 10, [1, 2])
+        assert [step() for _ in range(3)] == [10, 20, 10]
+        watch = common.Stopwatch()
+        with watch("a"):
+            pass
+        with watch("a"):
+            pass
+        assert set(watch.seconds) == {"a"} and watch.total >= 0.0
 
     def test_all_finite(self) -> None:
         assert common.all_finite({"a": 1.0, "b": 2}, ["a", "b"])

@@ -1,0 +1,477 @@
+"""Peer comparison: the same DeepFM on the same data and batch, this project vs DeepCTR-Torch.
+
+Both sides train DeepFM (embedding dim D, MLP ``mlp_layer_sizes``, no dropout, no weight decay;
+Adagrad for the embedding tables, Adam for the rest, same learning rates) on the train split of
+the embedded synthetic data (``recsys_llm.data.synthetic``) with the same batch size for the
+same number of epochs, then predict its test split:
+
+* ``project``: built as the trainer builds it (``runner.build_task`` with ``model.name:
+  deepfm``, ``shard_model``: planner + DMP on 1 rank + fused Adagrad tables,
+  ``build_optimizer``) and trained by the project's loop
+  (``recsys_llm.train.pipeline.train_epoch`` on ``TrainPipelineSparseDist``) reading the train
+  split from Parquet with ``ParquetBatchReader`` as the trainer does (shuffled, validated,
+  background prefetch): end to end, decode included;
+* ``deepctr_fit``: ``deepctr_torch.models.DeepFM`` trained by DeepCTR-Torch's own
+  ``model.fit`` (its ``DataLoader`` over in-memory arrays), as its users train it;
+* ``deepctr_loop``: the same DeepCTR-Torch model driven by a hand loop over one prebuilt
+  tensor (the fastest way we found to drive it), for reference.
+
+DeepCTR-Torch runs in its own venv (``.venv-peers``, made by ``bash scripts/peer_venv.sh``:
+the same torch version, ``deepctr-torch`` installed with ``--no-deps``), as a child process
+(``benchmarks/peer_deepctr.py``) answering JSON requests over a pipe; both sides use the same
+number of torch threads and never run at the same time. Epochs are interleaved (project, fit,
+loop; then the reverse order), and each epoch's samples/s is its steady state (clock started
+after ``warmup_steps`` steps).
+
+Figures (top level of the JSON):
+
+* ``train_speedup_vs_deepctr_torch`` = project / deepctr_fit training samples/s, the median
+  over epochs of the per-epoch ratio (goal >= 3); the ratio against ``deepctr_loop`` is in
+  ``details``;
+* ``auc_diff_vs_deepctr_torch`` = test AUC of the project's model minus that of DeepCTR-Torch's
+  ``fit`` model after the last epoch (goal: about 0, i.e. equal AUC), both computed by the same
+  function (``recsys_llm.train.metrics.binary_metrics``).
+
+Known differences of the two DeepFMs (recorded in ``details``): the project's FM part also takes
+the dense features as fields (``dense_as_fields``), DeepCTR-Torch's FM only the sparse ones
+(both feed dense features to the linear part and the MLP); embeddings are initialised
+differently (torchrec's default vs DeepCTR's N(0, 1e-4)); the project averages the BCE over the
+batch, DeepCTR-Torch sums it (Adagrad and Adam are invariant to that scale, up to epsilon).
+
+Without the peer venv the script stops with exit status 2 and says how to create it (no JSON
+is written: a missing peer is not a result). Pass ``--peer-python`` to use another interpreter.
+
+Usage::
+
+    bash scripts/peer_venv.sh        # once: .venv-peers with DeepCTR-Torch
+    python benchmarks/peers.py [--quick|--smoke] [--json PATH] [--plot PATH] [--peer-python PATH]
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    BENCH_DIR,
+    REPO_ROOT,
+    build_parser,
+    median,
+    parse_args,
+    per_round_ratios,
+    print_summary,
+    resolve_device,
+    result_payload,
+    two_panel_figure,
+    write_json,
+)
+
+NAME = "peers"
+GOAL_SPEEDUP = 3.0
+PEER_SCRIPT = BENCH_DIR / "peer_deepctr.py"
+DEFAULT_PEER_VENV = REPO_ROOT / ".venv-peers"
+CONTENDERS = ("project", "deepctr_fit", "deepctr_loop")
+MISSING_PEER_EXIT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Problem and measurement sizes of one mode.
+
+    Args:
+        data_rows (int): synthetic rows generated (80% train, 10% test).
+        batch_size (int): rows per training batch (both sides).
+        epochs (int): training epochs (both sides); each is one interleaved round.
+        warmup_steps (int): untimed steps at the start of every epoch.
+        embedding_dim (int): D.
+        mlp_layer_sizes (Tuple[int, ...]): DeepFM's deep part.
+        sparse_lr (float): Adagrad learning rate of the tables.
+        dense_lr (float): Adam learning rate of the rest.
+        eval_batch_size (int): rows per prediction batch.
+    """
+
+    data_rows: int = 1_250_000
+    batch_size: int = 1024
+    epochs: int = 3
+    warmup_steps: int = 10
+    embedding_dim: int = 16
+    mlp_layer_sizes: Tuple[int, ...] = (256, 128)
+    sparse_lr: float = 0.05
+    dense_lr: float = 1e-3
+    eval_batch_size: int = 8192
+
+
+SIZES: Dict[str, Sizes] = {
+    "full": Sizes(),
+    "quick": Sizes(data_rows=250_000, epochs=2, warmup_steps=5),
+    "smoke": Sizes(data_rows=4_000, batch_size=256, epochs=1, warmup_steps=2, embedding_dim=8,
+                   mlp_layer_sizes=(16, 8), eval_batch_size=512),
+}
+
+
+class PeerMissing(RuntimeError):
+    """The peer venv (DeepCTR-Torch) is not there."""
+
+
+def peer_python(override: Optional[str]) -> Path:
+    """The interpreter of the peer venv: ``--peer-python``, ``$PEER_VENV/bin/python`` or ``.venv-peers``.
+
+    Raises:
+        PeerMissing: it does not exist, with the command that creates it.
+    """
+    if override:
+        path = Path(override)
+    else:
+        path = Path(os.environ.get("PEER_VENV", str(DEFAULT_PEER_VENV))) / "bin" / "python"
+    if not path.exists():
+        raise PeerMissing(
+            f"{NAME}: no DeepCTR-Torch peer interpreter at {path}. Create the peer venv with "
+            "`bash scripts/peer_venv.sh` (needs access to the package registry; see scripts/peer_venv.sh) "
+            "or pass --peer-python PATH to a Python that has torch, numpy and deepctr-torch."
+        )
+    return path
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def field_specs(schema) -> List[Dict[str, Any]]:
+    """The fields as the peer sees them: name, kind, cardinality, max length."""
+    from recsys_llm.data.schema import FieldKind
+
+    kinds = {FieldKind.SPARSE: "sparse", FieldKind.SEQUENCE: "sequence", FieldKind.DENSE: "dense"}
+    return [{"name": f.name, "kind": kinds[f.kind], "cardinality": f.cardinality, "max_length": f.max_length}
+            for f in schema.fields]
+
+
+def export_split(schema, split: str, fields: Sequence[Dict[str, Any]], path: str) -> int:
+    """Writes a split as ``.npz`` (one array per field, ``label``), file order; returns its rows.
+
+    Sparse ids (N,) int64, sequences (N, max_length) int64 right-padded with 0, dense (N,) float32.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(schema.split_path(split), columns=[f["name"] for f in fields] + [schema.label])
+    arrays: Dict[str, np.ndarray] = {}
+    for field in fields:
+        column = table.column(field["name"]).combine_chunks()
+        if field["kind"] == "sequence":
+            width = int(field["max_length"])
+            lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+            if lengths.size and lengths.max() > width:
+                raise ValueError(f"{schema.split_path(split)}: field {field['name']!r} has a list of {lengths.max()} ids, "
+                                 f"more than its max_length {width}")
+            values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
+            if values.size and values.min() == 0:
+                raise ValueError(f"{schema.split_path(split)}: field {field['name']!r} holds id 0, which DeepCTR-Torch's "
+                                 "sequence pooling treats as padding")
+            padded = np.zeros((len(lengths), width), dtype=np.int64)
+            rows = np.repeat(np.arange(len(lengths)), lengths)
+            positions = np.arange(values.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            padded[rows, positions] = values
+            arrays[field["name"]] = padded
+        elif field["kind"] == "sparse":
+            arrays[field["name"]] = column.to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            arrays[field["name"]] = column.to_numpy(zero_copy_only=False).astype(np.float32)
+    arrays["label"] = table.column(schema.label).to_numpy().astype(np.float32)
+    np.savez(path, **arrays)
+    return int(table.num_rows)
+
+
+# ---- the peer process ---------------------------------------------------------------------------
+class PeerProcess:
+    """``peer_deepctr.py`` in the peer venv, spoken to in JSON lines.
+
+    Args:
+        python (Path): the peer venv's interpreter.
+        log_path (str): where the peer's stderr (and DeepCTR's prints) go.
+    """
+
+    def __init__(self, python: Path, log_path: str) -> None:
+        # No project path and no proxy: deepctr_torch's PyPI version check fails at once.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""})
+        self._log_path = log_path
+        self._log = open(log_path, "w", encoding="utf-8")
+        self._process = subprocess.Popen(
+            [str(python), str(PEER_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            text=True, env=env, cwd=str(REPO_ROOT),
+        )
+
+    def request(self, command: str, **fields: Any) -> Dict[str, Any]:
+        """Sends one request and returns its answer; raises with the peer's traceback on failure."""
+        self._process.stdin.write(json.dumps({"cmd": command, **fields}) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            self._log.flush()
+            tail = Path(self._log_path).read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise RuntimeError(f"{NAME}: the DeepCTR-Torch peer exited during {command!r}; its stderr:\n{tail}")
+        answer = json.loads(line)
+        if not answer.pop("ok"):
+            raise RuntimeError(f"{NAME}: the DeepCTR-Torch peer failed {command!r}:\n{answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        """Asks the peer to quit and waits for it."""
+        if self._process.poll() is None:
+            try:
+                self.request("quit")
+            except (RuntimeError, OSError, ValueError):
+                pass
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._log.close()
+
+
+# ---- the project side ---------------------------------------------------------------------------
+def project_config(sizes: Sizes):
+    """The experiment config of the project's DeepFM (what ``recsys-llm train`` would read)."""
+    from recsys_llm.models.registry import ModelConfig
+    from recsys_llm.train.config import DataConfig, ExperimentConfig
+    from recsys_llm.train.sharding import OptimizerConfig
+
+    return ExperimentConfig(
+        data=DataConfig(batch_size=sizes.batch_size),
+        model=ModelConfig(name="deepfm", embedding_dim=sizes.embedding_dim, mlp_layer_sizes=sizes.mlp_layer_sizes,
+                          dropout=0.0),
+        optim=OptimizerConfig(sparse="adagrad", sparse_lr=sizes.sparse_lr, dense="adam", dense_lr=sizes.dense_lr),
+    )
+
+
+class ProjectSide:
+    """The project's DeepFM, sharded and pipelined, trained epoch by epoch from Parquet."""
+
+    def __init__(self, schema, sizes: Sizes, device, seed: int) -> None:
+        import torch
+
+        from recsys_llm.data.parquet import ParquetBatchReader
+        from recsys_llm.train.runner import build_task
+        from recsys_llm.train.sharding import build_optimizer, shard_model
+
+        config = project_config(sizes)
+        torch.manual_seed(seed)
+        task = build_task(config, schema, device).task
+        self.model, _ = shard_model(task, device, 1, config.sharding, config.optim, sizes.batch_size)
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self._schema, self._sizes, self._device = schema, sizes, device
+        self._synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._reader = ParquetBatchReader(schema, "train", sizes.batch_size, shuffle=config.data.shuffle, seed=seed,
+                                          validate=config.data.validate)
+        self.pipelined_all_sharded_modules = False
+
+    def epoch(self, epoch: int) -> Dict[str, Any]:
+        """One epoch of ``train_epoch``; samples/s from the end of step ``warmup_steps`` to the end."""
+        from recsys_llm.train.pipeline import train_epoch
+
+        warmup, batch_size = self._sizes.warmup_steps, self._sizes.batch_size
+        clock: Dict[str, float] = {}
+
+        def on_step(step: int, loss: float) -> bool:
+            if step == warmup:
+                self._synchronize()
+                clock["start"] = time.perf_counter()
+            return False
+
+        self._reader.set_epoch(epoch)
+        begin = time.perf_counter()
+        stats = train_epoch(self.model, self.optimizer, iter(self._reader), self._device, on_step=on_step,
+                            description="project deepfm", progress=False)
+        self._synchronize()
+        end = time.perf_counter()
+        if "start" not in clock or stats.steps <= warmup:
+            raise RuntimeError(f"epoch of {stats.steps} steps is too short for {warmup} warm-up steps")
+        measured = stats.samples - warmup * batch_size
+        self.pipelined_all_sharded_modules = sorted(stats.pipelined_modules) == sorted(stats.sharded_modules)
+        return {"samples_per_second": measured / (end - clock["start"]), "measured_samples": measured,
+                "measured_seconds": end - clock["start"], "steps": stats.steps, "epoch_seconds": end - begin,
+                "mean_loss": stats.mean_loss}
+
+    def test_metrics(self) -> Dict[str, float]:
+        """AUC/LogLoss on the test split through the trainer's ``evaluate``."""
+        from recsys_llm.data.parquet import ParquetBatchReader
+        from recsys_llm.train.metrics import CTRMetrics
+        from recsys_llm.train.pipeline import evaluate
+
+        reader = ParquetBatchReader(self._schema, "test", self._sizes.eval_batch_size, prefetch=0)
+        return evaluate(self.model, reader, self._device, CTRMetrics(), total=len(reader), progress=False)
+
+
+def peer_metrics(peer: PeerProcess, driver: str, labels, work_dir: str) -> Dict[str, float]:
+    """AUC/LogLoss of a peer model's test predictions, by the project's ``binary_metrics``."""
+    import numpy as np
+    import torch
+
+    from recsys_llm.train.metrics import binary_metrics
+
+    out = os.path.join(work_dir, f"pred_{driver}.npy")
+    answer = peer.request("predict", driver=driver, split="test", out=out)
+    probabilities = np.load(out, allow_pickle=False)
+    if probabilities.shape != labels.shape:
+        raise RuntimeError(f"{driver}: {probabilities.shape[0]} predictions for {labels.shape[0]} test rows")
+    metrics = binary_metrics(torch.from_numpy(probabilities), torch.from_numpy(labels))
+    metrics["predict_seconds"] = answer["seconds"]
+    return metrics
+
+
+# ---- plot ---------------------------------------------------------------------------------------
+def plot(path: Path, rounds: Dict[str, List[float]], aucs: Dict[str, float], title: str) -> None:
+    """Left: training samples/s per epoch and contender. Right: test AUC per contender."""
+
+    def throughput(axis: Any) -> None:
+        for name in CONTENDERS:
+            axis.plot(range(1, len(rounds[name]) + 1), rounds[name], marker="o", label=name)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("training samples/s")
+        axis.set_yscale("log")
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=8)
+
+    def auc(axis: Any) -> None:
+        names = list(aucs)
+        values = [aucs[n] for n in names]
+        bars = axis.bar(range(len(names)), values, color="#4C72B0")
+        for bar, value in zip(bars, values):
+            axis.annotate(f"{value:.4f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
+        low = min(values)
+        axis.set_ylim(max(0.0, low - 0.05), min(1.0, max(values) + 0.02))
+        axis.set_xticks(range(len(names)))
+        axis.set_xticklabels(names, fontsize=8)
+        axis.set_ylabel("test AUC")
+        axis.set_title("test AUC after the last epoch", fontsize=9)
+
+    two_panel_figure(path, throughput, auc)
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> dict:
+    parser = build_parser(NAME, __doc__)
+    parser.add_argument("--peer-python", default=None,
+                        help="Python of the DeepCTR-Torch venv (default: $PEER_VENV/bin/python or .venv-peers/bin/python)")
+    args = parse_args(NAME, __doc__, argv, parser=parser)
+    sizes = SIZES[args.mode]
+    try:
+        python = peer_python(args.peer_python)
+    except PeerMissing as error:
+        print(str(error), file=sys.stderr)
+        raise SystemExit(MISSING_PEER_EXIT) from None
+
+    import numpy as np
+    import torch
+
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.train.distributed import init_distributed, teardown_distributed
+
+    args.resolved_device = resolve_device(args.device)
+    context = init_distributed(args.resolved_device)
+    if context.world_size != 1:
+        raise RuntimeError(f"{NAME} compares single-process training; run it without torchrun")
+    device = context.device
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="peers_bench_") as work_dir:
+        data_dir = os.path.join(work_dir, "data")
+        generate_synthetic(data_dir, sizes.data_rows, seed=args.seed)
+        schema = DatasetSchema.load(data_dir)
+        fields = field_specs(schema)
+        splits = {split: os.path.join(work_dir, f"{split}.npz") for split in ("train", "test")}
+        rows = {split: export_split(schema, split, fields, path) for split, path in splits.items()}
+        with np.load(splits["test"], allow_pickle=False) as data:
+            test_labels = data["label"]
+
+        peer = PeerProcess(python, os.path.join(work_dir, "peer_stderr.log"))
+        try:
+            peer_info = peer.request("setup", spec={
+                "fields": fields, "splits": splits, "embedding_dim": sizes.embedding_dim,
+                "mlp_layer_sizes": list(sizes.mlp_layer_sizes), "dropout": 0.0, "seed": args.seed,
+                "device": str(device), "threads": torch.get_num_threads(), "batch_size": sizes.batch_size,
+                "warmup_steps": sizes.warmup_steps, "eval_batch_size": sizes.eval_batch_size,
+                "sparse_lr": sizes.sparse_lr, "dense_lr": sizes.dense_lr, "eps": 1e-8,
+            })
+            project = ProjectSide(schema, sizes, device, args.seed)
+            runs = {
+                "project": project.epoch,
+                "deepctr_fit": lambda e: peer.request("epoch", driver="fit", epoch=e),
+                "deepctr_loop": lambda e: peer.request("epoch", driver="loop", epoch=e),
+            }
+            epochs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in CONTENDERS}
+            for epoch in range(sizes.epochs):
+                order = CONTENDERS if epoch % 2 == 0 else tuple(reversed(CONTENDERS))
+                for name in order:
+                    epochs[name].append(runs[name](epoch))
+                print(f"[{NAME}] epoch {epoch + 1}/{sizes.epochs}: " + ", ".join(
+                    f"{n} {epochs[n][-1]['samples_per_second']:,.0f} samples/s" for n in CONTENDERS), flush=True)
+            metrics = {
+                "project": project.test_metrics(),
+                "deepctr_fit": peer_metrics(peer, "fit", test_labels, work_dir),
+                "deepctr_loop": peer_metrics(peer, "loop", test_labels, work_dir),
+            }
+        finally:
+            peer.close()
+
+    rounds = {name: [e["samples_per_second"] for e in epochs[name]] for name in CONTENDERS}
+    vs_fit = per_round_ratios(rounds["project"], rounds["deepctr_fit"])
+    vs_loop = per_round_ratios(rounds["project"], rounds["deepctr_loop"])
+    aucs = {name: float(metrics[name]["auc"]) for name in CONTENDERS}
+    figures = {
+        "train_speedup_vs_deepctr_torch": median(vs_fit),
+        "auc_diff_vs_deepctr_torch": aucs["project"] - aucs["deepctr_fit"],
+    }
+    details = {
+        "goal_train_speedup_vs_deepctr_torch": GOAL_SPEEDUP,
+        "goal_auc_diff": "about 0 (equal AUC)",
+        "speedup_vs_deepctr_loop": median(vs_loop),
+        "speedup_vs_deepctr_fit_rounds": vs_fit,
+        "speedup_vs_deepctr_loop_rounds": vs_loop,
+        "ratio_method": "median over epochs of the per-epoch ratio; epochs interleaved (project, fit, loop / reversed)",
+        "samples_per_second_median": {name: median(values) for name, values in rounds.items()},
+        "samples_per_second_rounds": rounds,
+        "epochs": epochs,
+        "test_metrics": {name: {k: float(v) for k, v in m.items()} for name, m in metrics.items()},
+        "rows": rows,
+        "peer": peer_info,
+        "project_pipelined_all_sharded_modules": project.pipelined_all_sharded_modules,
+        "sizes": dataclasses.asdict(sizes),
+        "project_setup": "runner.build_task (deepfm) + shard_model (planner, DMP 1 rank, fused Adagrad tables) + "
+                         "Adam; train_epoch on TrainPipelineSparseDist; ParquetBatchReader (shuffled, validated, "
+                         "prefetch) over the train split",
+        "peer_setup": "deepctr_torch.models.DeepFM (l2 0, dropout 0), Adagrad tables + Adam rest; 'fit' = "
+                      "model.fit(shuffle=True); 'loop' = hand loop over one prebuilt float32 tensor",
+        "model_differences": "the project's FM also takes the dense features as fields (DeepCTR's FM only the "
+                             "sparse ones); embedding init torchrec default vs DeepCTR N(0, 1e-4); BCE mean "
+                             "(project) vs sum (DeepCTR)",
+        "total_seconds": time.perf_counter() - started,
+    }
+    table = [
+        {"contender": name, "train samples/s (median)": round(median(rounds[name]), 1),
+         "project speedup": round(median(per_round_ratios(rounds["project"], rounds[name])), 3),
+         "test AUC": round(aucs[name], 4), "test LogLoss": round(float(metrics[name]["logloss"]), 4)}
+        for name in CONTENDERS
+    ]
+    payload = result_payload(args, figures, details=details, table=table)
+    write_json(args.json, payload)
+    plot(args.plot, rounds, aucs,
+         f"DeepFM D={sizes.embedding_dim} MLP {list(sizes.mlp_layer_sizes)}, batch {sizes.batch_size}, "
+         f"{rows['train']:,} train rows")
+    print_summary(NAME, payload)
+    if args.mode != "smoke" and figures["train_speedup_vs_deepctr_torch"] < GOAL_SPEEDUP:
+        print(f"[{NAME}] train_speedup_vs_deepctr_torch={figures['train_speedup_vs_deepctr_torch']:.3g} below the "
+              f"goal {GOAL_SPEEDUP}; load average {payload['machine']['load_average_at_end']}", file=sys.stderr)
+    teardown_distributed()
+    return payload
+
+
+if __name__ == "__main__":
+    main()
