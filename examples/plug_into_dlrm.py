@@ -20,6 +20,9 @@ tuned on a sample of rows) and its item vectors joined to every split as the col
 ``llm_vector`` (``semantics export --attach-dir``), and LLaCTR's field vectors
 (``semantics encode``).
 The default LLM is the offline all-MiniLM-L6-v2; ``--llm`` takes any local Hugging Face model.
+Cost measured on 2 shared, busy CPU cores (load average about 9) with MiniLM and
+``torchrun --nproc_per_node 2``: 80 s in all, of which the offline jobs take about 65 s;
+a second run reuses the work directory and only trains. Validation AUC of the student: 0.67.
 
 User code: 45 lines (every line that is not blank, a comment, a docstring or an import;
 ``tests/test_examples.py`` counts them so the claim cannot rot), argument parsing, the offline
@@ -30,7 +33,7 @@ Run::
 
     python examples/plug_into_dlrm.py                                  # 1 rank (gloo; NCCL on a GPU)
     torchrun --nproc_per_node 2 examples/plug_into_dlrm.py             # tables sharded over 2 ranks
-    python examples/plug_into_dlrm.py --work-dir /tmp/plug --llm /models/my-encoder --epochs 3
+    python examples/plug_into_dlrm.py --work-dir /tmp/plug --llm /models/my-encoder --rows 20000
 
 It prints (rank 0) one JSON line: the student's validation AUC / LogLoss, the training loss
 per epoch and which sharded modules the pipeline overlapped.
