@@ -13,7 +13,9 @@ import os
 import statistics
 from typing import Callable, Dict, List, Optional, Sequence
 
-from recsys_llm.train.config import load_config
+import yaml
+
+from recsys_llm.train.config import ExperimentConfig, load_config
 from recsys_llm.train.runner import run_training
 
 ML100K_RAW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k"))
@@ -56,21 +58,97 @@ def base_config_path(data: str, backbone: str) -> str:
     return os.path.abspath(os.path.join(root, name))
 
 
+def model_overrides(data: str, backbone: str) -> List[str]:
+    """Overrides that make ``base_config_path(data, backbone)`` train ``backbone``.
+
+    ML-100K has one config per backbone (no overrides). The synthetic data has one DeepFM
+    config: there the ``model`` section of ``configs/ml100k_{backbone}.yaml`` is applied to it,
+    so every backbone has the same architecture on both data sets.
+    """
+    if data == "ml100k":
+        return []
+    with open(base_config_path("ml100k", backbone), encoding="utf-8") as handle:
+        model = yaml.safe_load(handle)["model"]
+    return [f"model.{key}={json.dumps(value)}" for key, value in model.items()]
+
+
+def run_cli_step(argv: Sequence[str], done_file: str) -> None:
+    """Runs ``recsys-llm ARGV`` in this process unless ``done_file`` exists (resumable steps).
+
+    Raises:
+        SystemExit: the command returned a non-zero status.
+    """
+    if os.path.exists(done_file):
+        print(f"[skip] {' '.join(argv[:2])}: {done_file} exists", flush=True)
+        return
+    from recsys_llm.cli import main as cli_main
+
+    print(f"[run] recsys-llm {' '.join(argv)}", flush=True)
+    status = cli_main(list(argv))
+    if status != 0:
+        raise SystemExit(f"recsys-llm {' '.join(argv[:2])} failed with status {status}")
+
+
+def pick_on_validation(candidates: Dict[str, Dict]) -> str:
+    """The key of the candidate run with the highest best validation AUC (ties: first key)."""
+    if not candidates:
+        raise ValueError("pick_on_validation: no candidate runs")
+    return max(candidates, key=lambda key: (candidates[key]["valid"]["auc"] or float("-inf")))
+
+
+def relative_gain(table: Dict[str, Dict], variant: str, baseline: str, metric: str = "auc") -> float:
+    """``(mean(variant) - mean(baseline)) / mean(baseline)`` of one summarized metric."""
+    base = table[baseline][metric]["mean"]
+    return (table[variant][metric]["mean"] - base) / base
+
+
 def run_variant(
     config_path: str,
     overrides: Sequence[str],
     run_dir: str,
     prepare: Optional[Callable[[], None]] = None,
+    reuse: Sequence[str] = (),
 ) -> Dict:
-    """One training run (or its saved results when ``run_dir/results.json`` exists)."""
+    """One training run (or its saved results when ``run_dir/results.json`` exists).
+
+    Args:
+        config_path (str): base config file.
+        overrides (Sequence[str]): ``section.key=value`` overrides.
+        run_dir (str): the run's directory.
+        prepare (Optional[Callable[[], None]]): called before training (not when skipped).
+        reuse (Sequence[str]): finished run directories of other tables; one whose saved
+            ``config.yaml`` equals this run's config (run dir and progress bar aside) is
+            reused instead of training again.
+    """
     results_file = os.path.join(run_dir, "results.json")
     if os.path.exists(results_file):
         with open(results_file, encoding="utf-8") as handle:
             return json.load(handle)
+    config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}", "train.progress=false"])
+    for other in reuse:
+        if _same_experiment(config, other):
+            print(f"[reuse] {run_dir}: identical finished run {other}", flush=True)
+            with open(os.path.join(other, "results.json"), encoding="utf-8") as handle:
+                return json.load(handle)
     if prepare is not None:
         prepare()
-    config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}", "train.progress=false"])
     return run_training(config)
+
+
+def _same_experiment(config: ExperimentConfig, other_run_dir: str) -> bool:
+    """Whether ``other_run_dir`` finished a run of the same config (run dir and progress bar aside)."""
+    if not os.path.exists(os.path.join(other_run_dir, "results.json")):
+        return False
+    other = load_config(os.path.join(other_run_dir, "config.yaml"))
+
+    def key(c: ExperimentConfig) -> Dict:
+        raw = c.to_dict()
+        raw["train"].pop("run_dir")
+        raw["train"].pop("progress")
+        raw["data"]["schema"] = os.path.abspath(raw["data"]["schema"])
+        return raw
+
+    return key(config) == key(other)
 
 
 def mean_std(values: List[float]) -> Dict[str, float]:
