@@ -1,0 +1,225 @@
+"""ELEC on >= 3 backbones: plain vs gain network vs student (joint KD) vs student (offline KD).
+
+Run: ``.venv/bin/python -m experiments.elec [--data ml100k|synthetic] [--quick]``. Writes
+``results/elec_{data}.{json,md,png}``; run directories, the CTR-adapted LLM, its vectors and
+the split copies go to ``results/runs/elec_{data}/`` and a rerun skips every finished step.
+
+Steps:
+
+1. ``recsys-llm semantics adapt``: the offline MiniLM with LoRA, mean pooling, a
+   transformation MLP giving r (``VECTOR_DIM``) and a prediction layer, tuned with BCE on a
+   random sample of training rows (``--sample-rows``; the LLM sees only training labels).
+2. ``recsys-llm semantics export --attach-dir``: r for every row (``--granularity row``: text
+   of the user and the item, as in the paper) or for every item (``--granularity entity``, the
+   default here: one text per item, reused by each of its rows, **(ours)**, so the export
+   encodes 1.7k texts instead of 73k rows on a 2-core CPU); copies of the splits get the vectors
+   as column ``llm_vector``.
+3. Per backbone, same split and training budget as ``experiments.ml100k_backbones``:
+
+   * ``plain``: the backbone alone (tabular input);
+   * ``gain``: the backbone with r projected to the embedding size as one more field;
+   * ``student (joint)``: teacher (gain network) and student trained in the same step, the
+     student with BCE + alpha * score KD + beta * representation KD; only the student is
+     evaluated (it is what would be served);
+   * ``student (offline)``: the same student loss, with teacher logits / representations
+     read from Parquet columns written by the trained ``gain`` run of the same seed
+     (``recsys_llm.train.teacher_outputs.write_teacher_outputs``).
+
+   (alpha, beta) are picked from ``ALPHAS x BETAS`` by the best validation AUC of the first
+   seed, separately for joint and offline; that run is reused as the first seed's result and
+   the other seeds run the picked setting. Test metrics never take part in a choice.
+"""
+
+import argparse
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from experiments.common import (
+    base_config_path,
+    experiment_args,
+    markdown_table,
+    model_overrides,
+    pick_on_validation,
+    plot_auc,
+    prepared_schema,
+    relative_gain,
+    run_cli_step,
+    run_variant,
+    summarize,
+    write_outputs,
+)
+
+BACKBONES = ("deepfm", "dcnv2", "dlrm")
+VECTOR_DIM = 32
+ALPHAS = (0.5, 1.0)
+BETAS = (0.0, 0.1)
+SELECTION = (
+    "(alpha, beta) of the student from {0.5, 1.0} x {0.0, 0.1}, picked separately for joint and offline KD by the "
+    "best validation AUC (early-stopping AUC on the valid split) of the first seed; that run is reused as the first "
+    "seed's result and the other seeds run the picked setting; score KD = BCE on teacher probabilities (T = 1), "
+    "representation KD = MSE after a learned projection; test metrics are never used to choose"
+)
+
+
+def llm_steps(schema: str, work: str, granularity: str, sample_rows: int, quick: bool) -> str:
+    """CTR-adapted LLM, its vectors and the split copies (each skipped when done); returns the new schema."""
+    llm_dir = os.path.join(work, "ctr_llm")
+    attach_dir = os.path.join(work, "attached")
+    fields = ["user_id", "item_id"] if granularity == "row" else ["item_id"]
+    run_cli_step(
+        ["semantics", "adapt", "--schema", schema, "--output-dir", llm_dir, "--fields", *fields,
+         "--representation-dim", str(VECTOR_DIM), "--hidden-dim", "128", "--sample-rows", str(sample_rows),
+         "--epochs", "1", "--batch-size", "32", "--max-length", "64" if granularity == "row" else "48"],
+        os.path.join(llm_dir, "row_text.json"),
+    )
+    entity = ["--entity-field", "item_id", "--entity-fields", "item_id"] if granularity == "entity" else []
+    run_cli_step(
+        ["semantics", "export", "--schema", schema, "--llm", llm_dir, "--output-dir", os.path.join(work, "vectors"),
+         "--granularity", granularity, *entity, "--batch-size", "64", "--attach-dir", attach_dir],
+        os.path.join(attach_dir, "schema.json"),
+    )
+    return os.path.join(attach_dir, "schema.json")
+
+
+def offline_tool_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("recsys_llm.train.teacher_outputs") is not None
+
+
+def run_backbone(
+    data: str, backbone: str, schema: str, base_schema: str, seeds: Sequence[int], work: str, quick: bool
+) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
+    """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``."""
+    config = base_config_path(data, backbone)
+    common = model_overrides(data, backbone) + [f"data.schema={schema}"] + (["train.epochs=2"] if quick else [])
+    gain = ["elec.task=gain", f"elec.vector_dim={VECTOR_DIM}"]
+
+    def run(name: str, seed: int, extra: List[str], reuse: Sequence[str] = ()) -> Dict:
+        run_dir = os.path.join(work, backbone, name, f"seed{seed}")
+        return run_variant(config, common + [f"train.seed={seed}"] + extra, run_dir, reuse=reuse)
+
+    # plain reads only the tabular columns: it trains on the original splits, so the runs of
+    # experiments.ml100k_backbones with an identical config are reused
+    backbone_runs = os.path.join(os.path.dirname(work), f"{data}_backbones", backbone)
+    runs: Dict[str, List[Dict]] = {
+        "plain": [run("plain", seed, [f"data.schema={base_schema}"], [os.path.join(backbone_runs, f"seed{seed}")])
+                  for seed in seeds],
+        "gain": [run("gain", seed, gain) for seed in seeds],
+    }
+    choices: Dict[str, Dict] = {}
+
+    def student(mode: str, per_seed_extra) -> None:
+        grid = {f"{mode}_a{a:g}_b{b:g}": (a, b) for a in ALPHAS for b in BETAS}
+
+        def overrides(seed: int, alpha: float, beta: float) -> List[str]:
+            return ["elec.task=distill", f"elec.vector_dim={VECTOR_DIM}", f"elec.distill.mode={mode}",
+                    f"elec.distill.alpha={alpha}", f"elec.distill.beta={beta}"] + per_seed_extra(seed)
+
+        tune_seed = seeds[0]
+        candidates = {name: run(name, tune_seed, overrides(tune_seed, a, b)) for name, (a, b) in grid.items()}
+        best = pick_on_validation(candidates)
+        alpha, beta = grid[best]
+        runs[f"student ({mode})"] = [candidates[best]] + [run(best, s, overrides(s, alpha, beta)) for s in seeds[1:]]
+        choices[f"student ({mode})"] = {
+            "setting": best, "alpha": alpha, "beta": beta,
+            "valid_auc_by_setting": {name: result["valid"]["auc"] for name, result in candidates.items()},
+        }
+        print(f"[elec] {backbone} student ({mode}): picked {best} on validation", flush=True)
+
+    student("joint", lambda seed: [])
+    if not offline_tool_available():
+        print("[elec] recsys_llm.train.teacher_outputs is not available: student (offline) skipped", flush=True)
+        return runs, choices
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.teacher_outputs import write_teacher_outputs
+
+    def offline_extra(seed: int) -> List[str]:
+        gain_dir = os.path.join(work, backbone, "gain", f"seed{seed}")
+        out_dir = os.path.join(work, backbone, "teacher_outputs", f"seed{seed}")
+        schema_path = os.path.join(out_dir, "schema.json")
+        if not os.path.exists(schema_path):
+            gain_config = load_config(config, common + [f"train.seed={seed}", f"train.run_dir={gain_dir}",
+                                                        "train.progress=false"] + gain)
+            schema_path = write_teacher_outputs(gain_config, gain_dir, out_dir, progress=False)["schema"]
+        # the runner reads the representation width from the teacher_representation column
+        return [f"data.schema={schema_path}"]
+
+    student("offline", offline_extra)
+    return runs, choices
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = experiment_args(__doc__.splitlines()[0], "results")
+    parser.add_argument("--granularity", choices=("row", "entity"), default="entity",
+                        help="LLM vector per row (user + item text) or per item (default, 1.7k texts on ML-100K)")
+    parser.add_argument("--sample-rows", type=int, default=None,
+                        help="training rows the LLM is tuned on (default 1000; --quick 256)")
+    args = parser.parse_args(argv)
+    started = time.time()
+    name = f"elec_{args.data}"
+    work = os.path.abspath(os.path.join(args.out, "runs", name))
+    sample_rows = args.sample_rows or (256 if args.quick else 1000)
+    base_schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
+    schema = llm_steps(base_schema, work, args.granularity, sample_rows, args.quick)
+    backbones = args.backbones or list(BACKBONES)
+    tables: Dict[str, Dict] = {}
+    choices: Dict[str, Dict] = {}
+    for backbone in backbones:
+        runs, choices[backbone] = run_backbone(args.data, backbone, schema, base_schema, args.seeds, work, args.quick)
+        tables[backbone] = summarize(runs)
+        report(args, name, tables, choices, schema, sample_rows, started, argv)  # partial tables as they come
+    return 0
+
+
+def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices: Dict[str, Dict], schema: str,
+           sample_rows: int, started: float, argv: Optional[List[str]]) -> None:
+    """Writes ``{name}.{json,md,png}`` for the backbones finished so far."""
+    backbones = list(tables)
+    variants = [v for v in next(iter(tables.values())) if v != "plain"]
+    gains = {v: {b: relative_gain(tables[b], v, "plain") for b in backbones} for v in variants}
+    vs_gain = {v: {b: relative_gain(tables[b], v, "gain") for b in backbones} for v in variants if v != "gain"}
+    cold = all("cold/auc" in row for table in tables.values() for row in table.values())
+    columns = ["auc", "logloss"] + (["cold/auc", "cold/logloss"] if cold else [])
+    sections = [f"## ELEC on {args.data} (test metrics, mean ± std over seeds {args.seeds}; LLM vectors per "
+                f"{'row' if args.granularity == 'row' else 'item'}, LLM tuned on {sample_rows} training rows)", ""]
+    for backbone in backbones:
+        sections += [f"### {backbone}", "", markdown_table(tables[backbone], columns, baseline="plain"), ""]
+        picks = ", ".join(f"{v}: {c['setting']}" for v, c in choices[backbone].items())
+        sections += [f"Picked on validation (seed {args.seeds[0]}): {picks}", ""]
+    sections += ["### Relative test AUC: vs plain and vs the gain network", "",
+                 "| variant | " + " | ".join(f"{b} vs plain" for b in backbones) + " | mean vs plain | mean vs gain |",
+                 "|" + "---|" * (len(backbones) + 3)]
+    for v in variants:
+        mean_plain = sum(gains[v].values()) / len(backbones)
+        mean_gain = f"{100 * sum(vs_gain[v].values()) / len(backbones):+.2f}%" if v in vs_gain else "–"
+        sections.append(f"| {v} | " + " | ".join(f"{100 * gains[v][b]:+.2f}%" for b in backbones)
+                        + f" | {100 * mean_plain:+.2f}% | {mean_gain} |")
+    if not offline_tool_available():
+        sections += ["", "student (offline) not run: `recsys_llm.train.teacher_outputs` is not installed."]
+    sections += ["", f"KD weight selection: {SELECTION}"]
+    payload = {
+        "data": args.data,
+        "seeds": args.seeds,
+        "backbones_done": backbones,
+        "quick": args.quick,
+        "granularity": args.granularity,
+        "llm_sample_rows": sample_rows,
+        "vector_dim": VECTOR_DIM,
+        "selection": SELECTION,
+        "choices": choices,
+        "table": tables,
+        "relative_auc_gain_vs_plain": gains,
+        "relative_auc_vs_gain": vs_gain,
+        "attached_schema": schema,
+        "runtime_s": time.time() - started,
+        "command": "python -m experiments.elec " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    write_outputs(args.out, name, payload, "\n".join(sections))
+    plot_auc(os.path.join(args.out, f"{name}.png"), tables, f"ELEC on {args.data}: test AUC")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
