@@ -160,10 +160,14 @@ class DatasetSchema:
         return table
 
     def fingerprint(self) -> str:
-        """Hash of everything a model or vector file depends on: field names, kinds, sizes, text."""
-        payload = json.dumps(
-            {"fields": [f.to_dict() for f in self.fields], "label": self.label}, sort_keys=True
-        )
+        """Hash of everything a model or vector file depends on: field names, kinds, sizes, descriptions.
+
+        Where files live is left out (``value_text`` paths, splits), so copies of the data
+        written elsewhere (``semantics export --attach-dir``, ``teacher-outputs``) keep the
+        fingerprint and the vectors made for the original stay valid.
+        """
+        fields = [{k: v for k, v in f.to_dict().items() if k != "value_text"} for f in self.fields]
+        payload = json.dumps({"fields": fields, "label": self.label}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     # ---- io ----------------------------------------------------------------------------

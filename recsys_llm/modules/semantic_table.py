@@ -4,8 +4,8 @@ With per-entity vectors (``recsys-llm semantics export --granularity entity``) t
 vector of a row is a lookup by id, so 10^7 items are a table the planner shards like any
 other instead of a dense column on every rank. The table lives in its **own**
 ``EmbeddingBagCollection`` marked ``frozen = True``: ``recsys_llm.train.sharding`` then
-gives it no fused optimizer, the non-fused ``dense`` kernel (never grouped with trained
-tables, no optimizer state) and ``requires_grad=False`` after sharding.
+gives it a fused kernel with stateless SGD at learning rate 0 in a TBE of its own (never
+grouped with trained tables) and ``requires_grad=False`` after sharding (see that module).
 
 :func:`load_semantic_vectors` fills the table **after** sharding: each rank walks the
 local shards of the table's ``ShardedTensor`` in the model's state dict and reads only
