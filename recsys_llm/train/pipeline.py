@@ -33,8 +33,12 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.train.distributed import is_main_process
 from recsys_llm.train.metrics import CTRMetrics
 
-# on_step(step_in_epoch, loss) -> True to stop the epoch now (max_steps reached, ...).
-StepCallback = Callable[[int, float], bool]
+# on_step(step_in_epoch, loss) -> True to stop the epoch now (max_steps reached, ...). ``loss`` is
+# the step's detached 0-dim loss tensor, still on the device: reading it (``float(loss)``) waits
+# for the step to finish, so callbacks read it only when they log.
+StepCallback = Callable[[int, torch.Tensor], bool]
+# Steps between two reads of the loss for the progress bar (each read is a device sync on GPU).
+LOSS_READ_EVERY = 20
 
 
 @dataclasses.dataclass
@@ -127,7 +131,9 @@ def train_epoch(
         leave=False,
     )
     step = skip_batches
-    losses: List[float] = []
+    steps = 0
+    loss_sum = torch.zeros((), device=device)
+    window: List[torch.Tensor] = []
     stopped = False
     start = time.perf_counter()
     try:
@@ -137,11 +143,14 @@ def train_epoch(
             except StopIteration:
                 break
             step += 1
-            loss_value = float(loss.detach().mean())
-            losses.append(loss_value)
+            steps += 1
+            loss_value = loss.detach().mean()
+            loss_sum += loss_value
+            window.append(loss_value)
             bar.update(1)
-            if len(losses) % 20 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}")
+            if len(window) == LOSS_READ_EVERY:
+                bar.set_postfix(loss=f"{float(torch.stack(window).mean()):.4f}")
+                window.clear()
             if on_step is not None and on_step(step, loss_value):
                 stopped = True
                 break
@@ -151,12 +160,12 @@ def train_epoch(
         pipelined_ids = {id(m) for m in pipeline._pipelined_modules}  # noqa: SLF001 (no public accessor)
         pipelined = [name for name, m in model.named_modules() if id(m) in pipelined_ids]
         pipeline.detach()
-    trained_samples = sum(counting.samples_seen[: len(losses)])
+    trained_samples = sum(counting.samples_seen[:steps])
     return EpochStats(
-        steps=len(losses),
+        steps=steps,
         samples=trained_samples,
         seconds=seconds,
-        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+        mean_loss=float(loss_sum) / steps if steps else float("nan"),
         pipelined_modules=pipelined,
         sharded_modules=sharded_module_names(model),
         stopped_early=stopped,

@@ -272,11 +272,11 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     throughput: List[float] = []
     stop = {"max_steps": False}
 
-    def step_callback(step_in_epoch: int, loss: float) -> bool:
+    def step_callback(step_in_epoch: int, loss: torch.Tensor) -> bool:
         state.step_in_epoch = step_in_epoch
         state.global_step += 1
         if state.global_step % 50 == 0:
-            log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": loss})
+            log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": float(loss)})
         if train_cfg.checkpoint_every and state.global_step % train_cfg.checkpoint_every == 0:
             checkpoints.save(model, optimizer, state)
         if on_step is not None:
