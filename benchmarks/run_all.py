@@ -81,7 +81,8 @@ def run_one(name: str, mode: str, device: str, results_dir: Path, timeout_s: int
         status = f"timed out after {timeout_s} s"
         output = (error.stdout or b"").decode(errors="replace") if isinstance(error.stdout, bytes) else str(error.stdout or "")
     seconds = time.perf_counter() - start
-    summary = [line for line in output.splitlines() if line.startswith(f"[{name}]")]
+    # the one-line summary ends with "(mode=..., device=...)"; other "[name]" lines are progress or warnings
+    summary = [line for line in output.splitlines() if line.startswith(f"[{name}]") and "(mode=" in line]
     print(summary[-1] if summary else f"[run_all] {name}: {status}", flush=True)
     if status != "ok":
         print("\n".join(output.splitlines()[-30:]), file=sys.stderr, flush=True)
