@@ -453,7 +453,7 @@ class TrainEpochLoop:
         clock: Dict[str, float] = {}
         warmup, measured = self._warmup, self._measured
 
-        def on_step(step: int, loss: float) -> bool:
+        def on_step(step: int, loss: "torch.Tensor") -> bool:
             if step == warmup:
                 clock["start"] = time.perf_counter()
             if step == warmup + measured:

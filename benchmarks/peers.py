@@ -278,7 +278,7 @@ class ProjectSide:
         warmup, batch_size = self._sizes.warmup_steps, self._sizes.batch_size
         clock: Dict[str, float] = {}
 
-        def on_step(step: int, loss: float) -> bool:
+        def on_step(step: int, loss: "torch.Tensor") -> bool:
             if step == warmup:
                 self._synchronize()
                 clock["start"] = time.perf_counter()

@@ -280,7 +280,7 @@ class ProjectLoop:
         warmup, measured = self._sizes.warmup_steps, self._sizes.measured_steps
         clock: Dict[str, float] = {}
 
-        def on_step(step: int, loss: float) -> bool:
+        def on_step(step: int, loss: "torch.Tensor") -> bool:
             if step == 1:
                 clock["first_step"] = time.perf_counter()
             if step == warmup:
