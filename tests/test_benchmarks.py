@@ -272,3 +272,68 @@ class TestRunAll:
         (tmp_path / "bad.json").write_text("{not json")
         with pytest.raises(ValueError, match="bad.json"):
             run_all.render_results(tmp_path, tmp_path)
+
+
+# ---- benchmarks/scaling.py ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_scaling_reports_three_curves_with_flat_shards(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from benchmarks import scaling
+
+    payload = _smoke_payload("scaling", tmp_path_factory)
+    sizes, details = scaling.SIZES["smoke"], payload["details"]
+    rows = details["rows"]
+    speeds = {int(k): v for k, v in rows["samples_per_second"].items()}
+    rss = {int(k): v for k, v in rows["peak_rss_mb"].items()}
+    assert sorted(speeds) == list(sizes.rows) and min(speeds.values()) > 0
+    assert payload["rows_throughput_ratio_largest_vs_smallest"] == pytest.approx(
+        speeds[sizes.rows[-1]] / speeds[sizes.rows[0]])
+    assert payload["rows_rss_ratio_largest_vs_smallest"] == pytest.approx(rss[sizes.rows[-1]] / rss[sizes.rows[0]])
+    # the largest data set is several part files of the smallest size, read by one streaming reader
+    assert {int(k): v for k, v in rows["files"].items()} == {n: n // sizes.rows[0] for n in sizes.rows}
+    tables = details["tables"]
+    keys = [str(n) for n in sizes.table_rows]
+    assert list(payload["tables_rss_per_rank_mb"]) == keys and min(payload["tables_rss_per_rank_mb"].values()) > 0
+    for rank in tables["ranks"]:
+        for key in keys:
+            share = rank["sizes"][key]
+            assert share["rows_total"] == sizes.num_tables * int(key)
+            assert share["sharding_types"] == [sizes.table_sharding]
+            assert share["samples_per_second"] > 0
+    # each of the 2 ranks holds half of the table rows, and together they hold all of them
+    assert all(f == pytest.approx(0.5, abs=0.1) for f in payload["tables_shard_fraction_per_rank"].values())
+    for key in keys:
+        assert sum(r["sizes"][key]["rows_on_rank"] for r in tables["ranks"]) == sizes.num_tables * int(key)
+    batch = payload["batch_samples_per_second"]
+    assert set(batch) == {"train", "inference"}
+    for curve in batch.values():
+        assert [int(k) for k in curve] == list(sizes.batch_sizes) and min(curve.values()) > 0
+    assert details["batch"]["inference_path"] in {"export", "eager"}
+    assert {row["curve"].split(" ")[0] for row in payload["table"]} == {"rows", "tables", "batch"}
+
+
+def test_scaling_parts_are_prefixes_and_peak_rss_resets(tmp_path: Path) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from benchmarks import scaling
+
+    source = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"row_id": pa.array(np.arange(1000), pa.int64())}), source, row_group_size=128)
+    paths = scaling.split_into_parts(str(source), str(tmp_path / "parts"), 300, 3)
+    ids = [pq.read_table(p).column("row_id").to_numpy() for p in paths]
+    assert [len(part) for part in ids] == [300, 300, 300]
+    assert np.array_equal(np.concatenate(ids), np.arange(900))
+    with pytest.raises(RuntimeError, match="train.parquet: 1000 rows, need 1200"):
+        scaling.split_into_parts(str(source), str(tmp_path / "more"), 400, 3)
+
+    meter = scaling.PeakRss()
+    if not meter.resettable:
+        pytest.skip("this kernel does not allow resetting the peak RSS (/proc/self/clear_refs)")
+    meter.reset()
+    before = meter.peak_mb()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    assert meter.peak_mb() >= before + 48
+    del block
+    meter.reset()
+    assert meter.peak_mb() < before + 48
