@@ -21,7 +21,8 @@ Three curves, each measured in one run on the same machine:
   each rank holds about half of the table rows (half of the tables). Per
   size and rank: the table bytes the plan puts on the rank, the fraction of all table rows it
   holds (``tables_shard_fraction_per_rank``, ~0.5), peak RSS (``tables_rss_per_rank_mb``: the
-  largest over the ranks, per size) and training samples/s over prebuilt random batches. Sizes
+  largest over the ranks, per size) and training samples/s over prebuilt random batches (the
+  ranks run on CPU whatever ``--device`` says). Sizes
   run in ascending order, one model at a time (the previous one freed first).
 * **batch sizes**: DeepFM training samples/s (the same project loop, prebuilt batches of the
   train split) and inference samples/s (the project's serving artifact, ``export_task`` ->
