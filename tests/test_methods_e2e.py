@@ -4,8 +4,9 @@
   provenance in ``plugins.json``.
 * ELEC, the whole offline-LLM workflow on the embedded data with a tiny random BERT:
   ``semantics adapt`` -> ``semantics export --attach-dir`` -> train the gain network ->
-  ``teacher-outputs`` -> train the offline student (no teacher, no LLM vector read) and the
-  joint student -> ``export`` the student -> ``ServedModel`` reproduces its test logits.
+  ``teacher-outputs`` -> train the offline student (no teacher, no LLM vector read), the
+  joint student and the student of the frozen gain network (``export --state-only``) ->
+  ``export`` the student -> ``ServedModel`` reproduces its test logits.
 """
 
 import json
@@ -97,10 +98,16 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     joint = run_training(load_config(CONFIG, _common(attached_schema, joint_dir) + [
         "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=joint",
     ]))
+    teacher_state = os.path.join(work, "teacher_state")
+    assert cli_main(["export", "--state-only", "--config", CONFIG, "--checkpoint", gain_dir, "--output", teacher_state,
+                     *gain_overrides]) == 0
+    frozen = run_training(load_config(CONFIG, _common(attached_schema, os.path.join(work, "frozen")) + [
+        "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher_state}",
+    ]))
     served = os.path.join(work, "served")
     assert cli_main(["export", "--config", CONFIG, "--checkpoint", offline_dir, "--output", served,
                      *offline_overrides]) == 0
-    return {"gain": gain, "offline": offline, "joint": joint, "teacher_schema": teacher_schema, "served": served}
+    return {"gain": gain, "offline": offline, "joint": joint, "frozen": frozen, "teacher_schema": teacher_schema, "served": served}
 
 
 @pytest.mark.multiprocess
@@ -116,7 +123,7 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     assert columns.num_rows == pq.ParquetFile(DatasetSchema.load(small_synthetic).split_path("test")).metadata.num_rows
     assert columns.schema.field("teacher_representation").type.list_size > 0
 
-    for name in ("gain", "offline", "joint"):
+    for name in ("gain", "offline", "joint", "frozen"):
         assert out[name]["test"]["auc"] > 0.5, (name, out[name]["test"])
     state = load_state_file(out["served"])
     assert state and not any(("teacher" in k) or ("injection" in k) or ("semantic" in k) for k in state), sorted(state)

@@ -19,13 +19,16 @@ import os
 from typing import Any, Dict
 
 
-def export_run(config: Any, checkpoint: str, output: str) -> Dict[str, Any]:
+def export_run(config: Any, checkpoint: str, output: str, state_only: bool = False) -> Dict[str, Any]:
     """Exports the served part of a trained run (collective: call on every rank).
 
     Args:
         config (ExperimentConfig): the run's config.
         checkpoint (str): checkpoint or run directory.
         output (str): export directory (written by rank 0).
+        state_only (bool): write the whole trained task's full state dict only
+            (``model.safetensors``), e.g. a gain network to load as a frozen teacher
+            (``elec.teacher_checkpoint``); no serving program.
 
     Returns:
         Dict[str, Any]: the artifact's ``config.json`` on rank 0, ``{}`` elsewhere.
@@ -48,7 +51,10 @@ def export_run(config: Any, checkpoint: str, output: str) -> Dict[str, Any]:
     load_checkpoint(checkpoint, model, None, restore_rng=False)
     full = unsharded_state_dict(model)  # collective
     written: Dict[str, Any] = {}
-    if ctx.is_main:
+    if ctx.is_main and state_only:
+        written = _write_state(full, output, {"checkpoint": os.path.abspath(checkpoint), "model": config.model.to_dict(),
+                                              "schema_fingerprint": schema.fingerprint()})
+    elif ctx.is_main:
         fresh = build_task(config, schema, torch.device("cpu")).task  # tables on meta, filled below
         if isinstance(fresh, TeacherStudentTask):
             served, state = fresh.student, sub_state(full, "student.")
@@ -70,6 +76,28 @@ def export_run(config: Any, checkpoint: str, output: str) -> Dict[str, Any]:
     return written
 
 
+def _write_state(state: Dict[str, Any], output: str, metadata: Dict[str, Any]) -> Dict[str, Any]:
+    """``output/model.safetensors`` + ``config.json``, written into a temp directory renamed into place."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from recsys_llm.serving import STATE_FILE
+
+    tmp = f"{output.rstrip(os.sep)}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, STATE_FILE))
+    config = {"state": STATE_FILE, "num_state_tensors": len(state), "dense_program": "none (state only)",
+              "num_parameters": int(sum(v.numel() for v in state.values())), "feature_names": [], "metadata": metadata}
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    return config
+
+
 def _export(args: argparse.Namespace) -> int:
     from recsys_llm.env import check_versions
     from recsys_llm.train.config import load_config
@@ -77,7 +105,7 @@ def _export(args: argparse.Namespace) -> int:
 
     check_versions()
     config = load_config(args.config, args.overrides)
-    written = export_run(config, args.checkpoint, args.output)
+    written = export_run(config, args.checkpoint, args.output, state_only=args.state_only)
     if is_main_process():
         summary = {k: written[k] for k in ("dense_program", "num_parameters", "num_state_tensors", "feature_names")}
         print(json.dumps({"output": args.output, **summary}, indent=2))
@@ -107,6 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--config", required=True, help="the YAML config of the run")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     export.add_argument("--output", required=True, help="export directory")
+    export.add_argument("--state-only", action="store_true",
+                        help="write the whole task's state dict only (e.g. a gain network for elec.teacher_checkpoint)")
     export.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     export.set_defaults(func=_export)
 
