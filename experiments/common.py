@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import yaml
 
 from recsys_llm.train.config import ExperimentConfig, load_config
-from recsys_llm.train.runner import run_training
+from recsys_llm.train.runner import RESULTS_FILE, finished_results, run_training
 
 ML100K_RAW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k"))
 
@@ -120,16 +120,14 @@ def run_variant(
             ``config.yaml`` equals this run's config (run dir and progress bar aside) is
             reused instead of training again.
     """
-    results_file = os.path.join(run_dir, "results.json")
-    if os.path.exists(results_file):
-        with open(results_file, encoding="utf-8") as handle:
-            return json.load(handle)
+    finished = finished_results(run_dir)
+    if finished is not None:
+        return finished
     config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}", "train.progress=false"])
     for other in reuse:
         if _same_experiment(config, other):
             print(f"[reuse] {run_dir}: identical finished run {other}", flush=True)
-            with open(os.path.join(other, "results.json"), encoding="utf-8") as handle:
-                return json.load(handle)
+            return finished_results(other)
     if prepare is not None:
         prepare()
     return run_training(config)
@@ -137,7 +135,7 @@ def run_variant(
 
 def _same_experiment(config: ExperimentConfig, other_run_dir: str) -> bool:
     """Whether ``other_run_dir`` finished a run of the same config (run dir and progress bar aside)."""
-    if not os.path.exists(os.path.join(other_run_dir, "results.json")):
+    if not os.path.exists(os.path.join(other_run_dir, RESULTS_FILE)):
         return False
     other = load_config(os.path.join(other_run_dir, "config.yaml"))
 

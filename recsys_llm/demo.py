@@ -19,7 +19,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from recsys_llm.train.config import load_config
-from recsys_llm.train.runner import run_training
+from recsys_llm.train.runner import finished_results, run_training
 
 PLAIN = "DeepFM"
 LLACTR = "DeepFM + LLaCTR (FRE + FIE)"
@@ -36,10 +36,9 @@ def _cli(argv: List[str]) -> None:
 
 
 def _train(config_path: str, overrides: Sequence[str], run_dir: str) -> Dict[str, Any]:
-    results_file = os.path.join(run_dir, "results.json")
-    if os.path.exists(results_file):
-        with open(results_file, encoding="utf-8") as handle:
-            return json.load(handle)
+    finished = finished_results(run_dir)
+    if finished is not None:
+        return finished
     return run_training(load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}"]))
 
 

@@ -52,6 +52,8 @@ from recsys_llm.train.pipeline import evaluate, train_epoch
 from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_model
 from recsys_llm.train.task import CTRTask
 
+RESULTS_FILE = "results.json"
+
 # Called on every rank after each optimizer step (and after a checkpoint of that step).
 StepHook = Callable[[TrainState], None]
 
@@ -223,6 +225,15 @@ def _state_for_world(state: TrainState, ctx: DistContext, batch_size: int) -> Tr
     return state
 
 
+def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
+    """The ``results.json`` :func:`run_training` wrote last in ``run_dir``, or None if it never finished."""
+    path = os.path.join(run_dir, RESULTS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -> Dict[str, Any]:
     """Trains, validates with early stopping, tests; returns (and writes) the results (every rank).
 
@@ -343,9 +354,10 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         )
         log.write({"event": "test", "global_step": state.global_step, **results["test"]})
     if ctx.is_main:
-        with open(os.path.join(run_dir, "results.json.tmp"), "w", encoding="utf-8") as handle:
+        tmp = os.path.join(run_dir, f"{RESULTS_FILE}.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2, sort_keys=True, default=float)
-        os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+        os.replace(tmp, os.path.join(run_dir, RESULTS_FILE))
     barrier()
     return results
 
