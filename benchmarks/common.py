@@ -363,6 +363,25 @@ def per_round_ratios(numerator: Sequence[float], denominator: Sequence[float]) -
     return [a / b for a, b in zip(numerator, denominator)]
 
 
+def best_of_rounds_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Ratio of the best (highest) samples/s of two contenders over interleaved rounds.
+
+    On a shared machine other work only ever slows a measurement down, so each contender's
+    least disturbed round is its best one (the estimator ``timeit`` recommends); the ratio
+    of the two bests is far steadier under background load than the per-round ratios, which
+    swing with whatever ran beside each round (those stay in ``details``).
+    """
+    if not numerator or not denominator:
+        raise ValueError("best_of_rounds_ratio needs at least one round per contender")
+    return max(numerator) / max(denominator)
+
+
+RATIO_METHOD = (
+    "best of interleaved rounds: max samples/s of each contender over the rounds, then their ratio "
+    "(background load only slows a round down); per-round ratios and medians are in details"
+)
+
+
 def geometric_mean(values: Sequence[float]) -> float:
     """Geometric mean of positive numbers (the average of ratios)."""
     if not values or min(values) <= 0:

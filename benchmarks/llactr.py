@@ -9,8 +9,9 @@ data (``recsys_llm.data.synthetic``):
   the field vectors made below, ``CTRTask``, ``shard_model`` = planner + DMP + fused
   RowWiseAdagrad, ``build_optimizer``) and trained by the project's loop
   (``recsys_llm.train.pipeline.train_epoch`` on ``TrainPipelineSparseDist``) over the same
-  prebuilt batches, in interleaved rounds (A B, B A, ...). Per backbone the ratio is the median
-  over rounds of the per-round ratio; the headline is the geometric mean over backbones.
+  prebuilt batches, in interleaved rounds (A B, B A, ...). Per backbone the ratio is taken
+  between each contender's best round (``best_of_rounds_ratio``: background load only slows a
+  round down); the headline is the geometric mean over backbones.
 * ``serve_ratio_vs_backbone``: inference samples/s with FIE (eval mode, no grad, pair weights
   frozen by ``fie.freeze()``) divided by the plain backbone (goal >= 0.97), on the serving
   artifact the project ships: both trained tasks are gathered (``serving.unsharded_state_dict``),
@@ -55,7 +56,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    RATIO_METHOD,
     Stopwatch,
+    best_of_rounds_ratio,
     TrainEpochLoop,
     build_parser,
     cycling_step,
@@ -380,9 +383,11 @@ def compare_backbone(name: str, sizes: Sizes, schema, vectors_path: str, batches
     dmp_ratios = per_round_ratios(dmp_rounds["llactr"], dmp_rounds["plain"])
     loop = loops["llactr"]
     return {
-        "train_ratio": median(train_ratios),
-        "serve_ratio": median(serve_ratios),
-        "serve_ratio_dmp_eval": median(dmp_ratios),
+        "train_ratio": best_of_rounds_ratio(train_rounds["llactr"], train_rounds["plain"]),
+        "serve_ratio": best_of_rounds_ratio(serve_rounds["llactr"], serve_rounds["plain"]),
+        "serve_ratio_dmp_eval": best_of_rounds_ratio(dmp_rounds["llactr"], dmp_rounds["plain"]),
+        "train_ratio_median_of_rounds": median(train_ratios),
+        "serve_ratio_median_of_rounds": median(serve_ratios),
         "train_samples_per_second_rounds": train_rounds,
         "serve_samples_per_second_rounds": serve_rounds,
         "serve_dmp_eval_samples_per_second_rounds": dmp_rounds,
@@ -468,8 +473,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     details = {
         "goals": {"train_ratio_vs_backbone": GOAL_TRAIN, "serve_ratio_vs_backbone": GOAL_SERVE,
                   "llm_cost_ratio_instance_vs_field": GOAL_LLM_COST},
-        "headline_method": "geometric mean over backbones of the per-backbone median (over interleaved rounds) "
-                           "of the per-round ratio",
+        "headline_method": "geometric mean over backbones of the per-backbone ratio; " + RATIO_METHOD,
         "train_ratio_per_backbone": {k: v["train_ratio"] for k, v in per_backbone.items()},
         "serve_ratio_per_backbone": {k: v["serve_ratio"] for k, v in per_backbone.items()},
         "serve_ratio_dmp_eval_per_backbone": {k: v["serve_ratio_dmp_eval"] for k, v in per_backbone.items()},

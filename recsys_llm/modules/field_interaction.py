@@ -93,9 +93,14 @@ class FieldInteractionEnhancement(nn.Module):
             torch.Tensor: (B,) weighted logit term.
         """
         fields = stack_fields(embeddings, self._feature_names)  # (B, N, D)
+        batch_size, num_fields, _ = fields.shape
         gram = torch.bmm(fields, fields.transpose(1, 2))  # (B, N, N)
-        pairs = gram[:, self.pair_rows, self.pair_cols]  # (B, P)
-        return self._weight * (pairs * self.pair_weights()).sum(dim=-1)  # (B,)
+        # pair weights scattered into a strictly upper-triangular (N, N) matrix: one
+        # matrix-vector product instead of gathering (B, P) pairs (a scatter in backward)
+        upper = fields.new_zeros(num_fields, num_fields).index_put(
+            (self.pair_rows, self.pair_cols), self.pair_weights()
+        )  # (N, N)
+        return self._weight * (gram.reshape(batch_size, -1) @ upper.reshape(-1))  # (B,)
 
     def forward(self, output: CTROutput) -> torch.Tensor:
         """CTRTask logit term: ``logit(output.embeddings)``."""
