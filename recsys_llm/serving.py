@@ -106,6 +106,29 @@ def unsharded_state_dict(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tens
     return out
 
 
+def materialize_meta(module: nn.Module, device: torch.device) -> nn.Module:
+    """Gives every parameter and buffer still on ``meta`` uninitialised storage on ``device``.
+
+    Tensors already on a real device are left as they are. ``nn.Module.to_empty`` would
+    empty them too, including non-persistent buffers that no state dict restores (torchrec
+    DLRM's ``triu_indices``), so a model whose tables were built on ``meta`` is made
+    loadable with this, then filled by ``load_state_dict``.
+
+    Returns:
+        nn.Module: ``module``, changed in place.
+    """
+    for submodule in module.modules():
+        for name, param in list(submodule._parameters.items()):
+            if param is not None and param.is_meta:
+                submodule._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device=device), requires_grad=param.requires_grad
+                )
+        for name, buffer in list(submodule._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                submodule._buffers[name] = torch.empty_like(buffer, device=device)
+    return module
+
+
 def sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     """Keys under ``prefix`` with the prefix removed (e.g. ``student.`` of a TeacherStudentTask)."""
     picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -112,3 +112,25 @@ def test_cli_export_of_a_trained_run(tmp_path):
     probabilities = served.predict(batch.dense_features, batch.sparse_features)
     assert probabilities.shape == (64,) and ((probabilities > 0) & (probabilities < 1)).all()
     assert served.feature_names == schema.sparse_feature_names
+
+
+def test_materialize_meta_keeps_real_tensors_and_non_persistent_buffers():
+    """Tables built on meta get storage; DLRM's non-persistent ``triu_indices`` survives (``to_empty`` would empty it)."""
+    from recsys_llm.models.registry import build_backbone
+    from recsys_llm.serving import materialize_meta
+    from recsys_llm.train.task import CTRTask
+
+    torch.manual_seed(0)
+    trained = CTRTask(build_backbone(SMOKE_CONFIGS["dlrm"], SCHEMA, device=CPU, dense_device=CPU)).eval()
+    fresh = CTRTask(build_backbone(SMOKE_CONFIGS["dlrm"], SCHEMA, device=torch.device("meta"), dense_device=CPU))
+    buffers = {name: b.clone() for name, b in fresh.named_buffers() if b.device.type == "cpu"}
+    assert any(name.endswith("triu_indices") for name in buffers)
+    materialize_meta(fresh, CPU)
+    assert not [name for name, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    for name, buffer in fresh.named_buffers():
+        if name in buffers:
+            assert torch.equal(buffer, buffers[name]), name
+    fresh.load_state_dict(trained.state_dict())
+    batch = make_batch(16, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval().predict(batch).logits, trained.predict(batch).logits)

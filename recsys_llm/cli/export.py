@@ -37,7 +37,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
 
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.modules.teacher_student import TeacherStudentTask
-    from recsys_llm.serving import export_task, sub_state, unsharded_state_dict
+    from recsys_llm.serving import export_task, materialize_meta, sub_state, unsharded_state_dict
     from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint
     from recsys_llm.train.distributed import barrier, init_distributed
     from recsys_llm.train.runner import build_task, load_or_generate_schema
@@ -60,7 +60,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
             served, state = fresh.student, sub_state(full, "student.")
         else:
             served, state = fresh, full
-        served = served.to_empty(device=torch.device("cpu"))
+        served = materialize_meta(served, torch.device("cpu"))
         served.load_state_dict(state)
         reader = ParquetBatchReader(schema, config.data.train_split, 8, rank=0, world_size=1)
         example = next(iter(reader))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from recsys_llm.data.parquet import ROW_ID_EXTRA, ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
-from recsys_llm.serving import sub_state, unsharded_state_dict
+from recsys_llm.serving import materialize_meta, sub_state, unsharded_state_dict
 from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint
 from recsys_llm.train.config import ExperimentConfig
 from recsys_llm.train.distributed import barrier, init_distributed
@@ -148,7 +148,7 @@ def write_teacher_outputs(
         os.makedirs(output_dir, exist_ok=True)
         fresh = build_task(config, schema, torch.device("cpu")).task
         teacher, state = teacher_of(fresh, full)
-        teacher = teacher.to_empty(device=torch.device("cpu"))
+        teacher = materialize_meta(teacher, torch.device("cpu"))
         teacher.load_state_dict(state)
         teacher.eval()
         extras = plugin_extras(config)
