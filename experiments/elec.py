@@ -9,11 +9,13 @@ Steps:
 1. ``recsys-llm semantics adapt``: the offline MiniLM with LoRA, mean pooling, a
    transformation MLP giving r (``VECTOR_DIM``) and a prediction layer, tuned with BCE on a
    random sample of training rows (``--sample-rows``; the LLM sees only training labels).
-2. ``recsys-llm semantics export --attach-dir``: r for every row (``--granularity row``: text
-   of the user and the item, as in the paper) or for every item (``--granularity entity``, the
-   default here: one text per item, reused by each of its rows, **(ours)**, so the export
-   encodes 1.7k texts instead of 73k rows on a 2-core CPU); copies of the splits get the vectors
-   as column ``llm_vector``.
+2. ``recsys-llm semantics export``: r for every row (``--granularity row``: text of the user
+   and the item, as in the paper) or for every entity (``--granularity entity``, the default
+   here: one text per id, reused by each of its rows, **(ours)**, so the export encodes 1.7k
+   item texts instead of 73k rows on a 2-core CPU). One entity (``--entities item_id``, the
+   ML-100K default) is attached to copies of the splits as column ``llm_vector``; several
+   (``user_id item_id``, the synthetic default) go into frozen sharded tables
+   (``elec.entity_tables``), each projected to its own field of the gain network.
 3. Per backbone, same split and training budget as ``experiments.ml100k_backbones``:
 
    * ``plain``: the backbone alone (tabular input);
@@ -63,24 +65,43 @@ SELECTION = (
 )
 
 
-def llm_steps(schema: str, work: str, granularity: str, sample_rows: int, quick: bool) -> str:
-    """CTR-adapted LLM, its vectors and the split copies (each skipped when done); returns the new schema."""
+def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str], sample_rows: int,
+              quick: bool) -> Tuple[str, List[str]]:
+    """CTR-adapted LLM and its vectors (each step skipped when done).
+
+    Returns:
+        Tuple: ``(schema the ELEC runs read, elec overrides that point them at the vectors)``.
+        Row vectors and a single entity are attached to copies of the splits (column
+        ``llm_vector``, ``vector_source=extras``); several entities (e.g. user and item) are
+        each exported once and looked up from frozen sharded tables (``elec.entity_tables``).
+    """
     llm_dir = os.path.join(work, "ctr_llm")
     attach_dir = os.path.join(work, "attached")
-    fields = ["user_id", "item_id"] if granularity == "row" else ["item_id"]
+    fields = ["user_id", "item_id"] if granularity == "row" else list(entities)
+    long_text = granularity == "row" or len(entities) > 1
     run_cli_step(
         ["semantics", "adapt", "--schema", schema, "--output-dir", llm_dir, "--fields", *fields,
          "--representation-dim", str(VECTOR_DIM), "--hidden-dim", "128", "--sample-rows", str(sample_rows),
-         "--epochs", "1", "--batch-size", "32", "--max-length", "64" if granularity == "row" else "48"],
+         "--epochs", "1", "--batch-size", "32", "--max-length", "64" if long_text else "48"],
         os.path.join(llm_dir, "row_text.json"),
     )
-    entity = ["--entity-field", "item_id", "--entity-fields", "item_id"] if granularity == "entity" else []
+    export = ["semantics", "export", "--schema", schema, "--llm", llm_dir, "--granularity", granularity,
+              "--batch-size", "64"]
+    if granularity == "entity" and len(entities) > 1:
+        overrides = ["elec.vector_source=entity_table"]
+        for entity in entities:
+            vectors = os.path.join(work, f"vectors_{entity}")
+            done = os.path.join(vectors, "finished")  # the export resumes by itself; this skips its set-up
+            run_cli_step(export + ["--output-dir", vectors, "--entity-field", entity, "--entity-fields", entity], done)
+            open(done, "w", encoding="utf-8").close()
+            overrides.append(f"elec.entity_tables.{entity}={vectors}")
+        return schema, overrides
+    entity = ["--entity-field", entities[0], "--entity-fields", entities[0]] if granularity == "entity" else []
     run_cli_step(
-        ["semantics", "export", "--schema", schema, "--llm", llm_dir, "--output-dir", os.path.join(work, "vectors"),
-         "--granularity", granularity, *entity, "--batch-size", "64", "--attach-dir", attach_dir],
+        export + ["--output-dir", os.path.join(work, "vectors"), *entity, "--attach-dir", attach_dir],
         os.path.join(attach_dir, "schema.json"),
     )
-    return os.path.join(attach_dir, "schema.json")
+    return os.path.join(attach_dir, "schema.json"), []
 
 
 def offline_tool_available() -> bool:
@@ -90,12 +111,13 @@ def offline_tool_available() -> bool:
 
 
 def run_backbone(
-    data: str, backbone: str, schema: str, base_schema: str, seeds: Sequence[int], work: str, quick: bool
+    data: str, backbone: str, schema: str, base_schema: str, seeds: Sequence[int], work: str, quick: bool,
+    vector_overrides: Sequence[str] = (),
 ) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
     """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``."""
     config = base_config_path(data, backbone)
     common = model_overrides(data, backbone) + [f"data.schema={schema}"] + (["train.epochs=2"] if quick else [])
-    gain = ["elec.task=gain", f"elec.vector_dim={VECTOR_DIM}"]
+    gain = ["elec.task=gain", f"elec.vector_dim={VECTOR_DIM}", *vector_overrides]
 
     def run(name: str, seed: int, extra: List[str], reuse: Sequence[str] = ()) -> Dict:
         run_dir = os.path.join(work, backbone, name, f"seed{seed}")
@@ -115,8 +137,9 @@ def run_backbone(
         grid = {f"{mode}_a{a:g}_b{b:g}": (a, b) for a in ALPHAS for b in BETAS}
 
         def overrides(seed: int, alpha: float, beta: float) -> List[str]:
+            vectors = list(vector_overrides) if mode == "joint" else []  # offline: no teacher, no vectors
             return ["elec.task=distill", f"elec.vector_dim={VECTOR_DIM}", f"elec.distill.mode={mode}",
-                    f"elec.distill.alpha={alpha}", f"elec.distill.beta={beta}"] + per_seed_extra(seed)
+                    f"elec.distill.alpha={alpha}", f"elec.distill.beta={beta}", *vectors] + per_seed_extra(seed)
 
         tune_seed = seeds[0]
         candidates = {name: run(name, tune_seed, overrides(tune_seed, a, b)) for name, (a, b) in grid.items()}
@@ -155,6 +178,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = experiment_args(__doc__.splitlines()[0], "results")
     parser.add_argument("--granularity", choices=("row", "entity"), default="entity",
                         help="LLM vector per row (user + item text) or per item (default, 1.7k texts on ML-100K)")
+    parser.add_argument("--entities", nargs="+", default=None,
+                        help="entity granularity: id fields with a vector each (default: item_id on ML-100K, "
+                             "user_id item_id on the synthetic data, whose clicks follow user-interest and item-topic "
+                             "texts)")
     parser.add_argument("--sample-rows", type=int, default=None,
                         help="training rows the LLM is tuned on (default 1000; --quick 256)")
     args = parser.parse_args(argv)
@@ -163,19 +190,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     work = os.path.abspath(os.path.join(args.out, "runs", name))
     sample_rows = args.sample_rows or (256 if args.quick else 1000)
     base_schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
-    schema = llm_steps(base_schema, work, args.granularity, sample_rows, args.quick)
+    entities = args.entities or (["item_id"] if args.data == "ml100k" else ["user_id", "item_id"])
+    schema, vector_overrides = llm_steps(base_schema, work, args.granularity, entities, sample_rows, args.quick)
     backbones = args.backbones or list(BACKBONES)
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
     for backbone in backbones:
-        runs, choices[backbone] = run_backbone(args.data, backbone, schema, base_schema, args.seeds, work, args.quick)
+        runs, choices[backbone] = run_backbone(args.data, backbone, schema, base_schema, args.seeds, work, args.quick,
+                                               vector_overrides)
         tables[backbone] = summarize(runs)
-        report(args, name, tables, choices, schema, sample_rows, started, argv)  # partial tables as they come
+        report(args, name, tables, choices, schema, entities, sample_rows, started, argv)  # partial tables as they come
     return 0
 
 
 def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices: Dict[str, Dict], schema: str,
-           sample_rows: int, started: float, argv: Optional[List[str]]) -> None:
+           entities: Sequence[str], sample_rows: int, started: float, argv: Optional[List[str]]) -> None:
     """Writes ``{name}.{json,md,png}`` for the backbones finished so far."""
     backbones = list(tables)
     variants = [v for v in next(iter(tables.values())) if v != "plain"]
@@ -184,7 +213,8 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     cold = all("cold/auc" in row for table in tables.values() for row in table.values())
     columns = ["auc", "logloss"] + (["cold/auc", "cold/logloss"] if cold else [])
     sections = [f"## ELEC on {args.data} (test metrics, mean ± std over seeds {args.seeds}; LLM vectors per "
-                f"{'row' if args.granularity == 'row' else 'item'}, LLM tuned on {sample_rows} training rows)", ""]
+                f"{'row' if args.granularity == 'row' else ' and '.join(entities)}, LLM tuned on {sample_rows} "
+                f"training rows)", ""]
     for backbone in backbones:
         sections += [f"### {backbone}", "", markdown_table(tables[backbone], columns, baseline="plain"), ""]
         picks = ", ".join(f"{v}: {c['setting']}" for v, c in choices[backbone].items())
@@ -206,6 +236,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "backbones_done": backbones,
         "quick": args.quick,
         "granularity": args.granularity,
+        "entities": list(entities) if args.granularity == "entity" else None,
         "llm_sample_rows": sample_rows,
         "vector_dim": VECTOR_DIM,
         "selection": SELECTION,

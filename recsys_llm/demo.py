@@ -6,8 +6,9 @@
 3. LLaCTR: encodes one vector per field with the offline LLM (``semantics encode``) and
    trains DeepFM + FRE + FIE (an ``llactr:`` config section);
 4. ELEC: adapts the LLM to clicks on a sample of rows (``semantics adapt``), exports one
-   vector per item from its text (``semantics export --granularity entity``) and trains the
-   gain network that reads them from a frozen, sharded table (an ``elec:`` config section);
+   vector per user (profile text) and per item (title and description) with
+   ``semantics export --granularity entity`` and trains the gain network that reads them
+   from frozen, sharded tables (an ``elec:`` config section with ``entity_tables``);
 5. prints AUC / LogLoss overall and on cold items, and writes ``demo_results.{json,png}``.
 
 Every step is skipped when its output already exists, so a second ``make demo`` only
@@ -23,7 +24,7 @@ from recsys_llm.train.runner import finished_results, run_training
 
 PLAIN = "DeepFM"
 LLACTR = "DeepFM + LLaCTR (FRE + FIE)"
-ELEC = "DeepFM + ELEC gain (item LLM vectors)"
+ELEC = "DeepFM + ELEC gain (user + item LLM vectors)"
 
 
 def _cli(argv: List[str]) -> None:
@@ -81,12 +82,14 @@ def run_demo(
     if not os.path.exists(os.path.join(adapted, "provenance.json")):
         _cli(["semantics", "adapt", "--schema", schema, "--output-dir", adapted, "--sample-rows", "2000",
               "--representation-dim", "64", "--max-length", "96", *model_args])
-    item_vectors = os.path.join(llm_dir, "item_vectors")
-    _cli(["semantics", "export", "--schema", schema, "--llm", adapted, "--output-dir", item_vectors,
-          "--granularity", "entity", "--entity-field", "item_id", "--entity-fields", "item_id", "item_category"])
+    entity_overrides = []
+    for entity, text_fields in (("user_id", ["user_id"]), ("item_id", ["item_id", "item_category"])):
+        vectors = os.path.join(llm_dir, f"{entity.split('_')[0]}_vectors")  # resumes; finished chunks are kept
+        _cli(["semantics", "export", "--schema", schema, "--llm", adapted, "--output-dir", vectors,
+              "--granularity", "entity", "--entity-field", entity, "--entity-fields", *text_fields])
+        entity_overrides.append(f"elec.entity_tables.{entity}={vectors}")
     results[ELEC] = _train(config_path, base + [
-        "elec.task=gain", "elec.vector_source=entity_table", "elec.entity_field=item_id",
-        f"elec.entity_vectors={item_vectors}", "elec.vector_dim=64",
+        "elec.task=gain", "elec.vector_source=entity_table", "elec.vector_dim=64", *entity_overrides,
     ], os.path.join(run_root, "elec_gain"))
     return results
 

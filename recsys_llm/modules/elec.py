@@ -3,7 +3,7 @@
 * ``task="gain"``: backbone + the LLM vector as ``num_injected_fields`` extra fields
   (:class:`VectorFieldInjection`). The vector comes from ``batch.extras[vector_key]``
   (per-row export attached to the split) or, with ``vector_source="entity_table"``, from a
-  frozen sharded :class:`SemanticTable` looked up by ``entity_field``.
+  frozen sharded :class:`SemanticTable` looked up by ``entity_field`` (or several, ``entity_tables``).
 * ``task="distill"``: :class:`TeacherStudentTask` of that gain network (teacher, tables
   prefixed ``teacher_``) and a vanilla network of the same backbone kind (student, tables
   prefixed ``student_``, tabular input only). In ``offline`` mode there is no teacher.
@@ -29,7 +29,12 @@ from torch import nn
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import ModelConfig, build_backbone
 from recsys_llm.modules.dense_injection import VectorFieldInjection
-from recsys_llm.modules.semantic_table import SemanticTable, SemanticTableTask, load_semantic_vectors
+from recsys_llm.modules.semantic_table import (
+    SemanticTable,
+    SemanticTableTask,
+    load_semantic_vectors,
+    semantic_table_name,
+)
 from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask, load_full_state
 from recsys_llm.train.task import CTRTask
 
@@ -51,6 +56,11 @@ class ELECConfig:
         vector_key (str): extras key of per-row vectors.
         entity_field (Optional[str]): sparse field whose ids key the entity vectors.
         entity_vectors (Optional[str]): export directory of the entity vectors.
+        entity_tables (Dict[str, str]): several entities at once, entity field -> export
+            directory (e.g. ``{user_id: vectors/users, item_id: vectors/items}``); merged with
+            ``entity_field`` / ``entity_vectors``. The K vectors, concatenated, are projected
+            to ``K * num_injected_fields`` fields, so the backbone can interact user and item
+            vectors with each other (FM / cross terms) as well as with the ID embeddings.
         expected_provenance (Dict[str, str]): provenance the vectors must have.
         teacher_checkpoint (Optional[str]): frozen mode: a gain-network export directory
             (``recsys-llm export``) or ``.safetensors`` state dict.
@@ -64,6 +74,7 @@ class ELECConfig:
     vector_key: str = "llm_vector"
     entity_field: Optional[str] = None
     entity_vectors: Optional[str] = None
+    entity_tables: Dict[str, str] = dataclasses.field(default_factory=dict)
     expected_provenance: Dict[str, str] = dataclasses.field(default_factory=dict)
     teacher_checkpoint: Optional[str] = None
     distill: TeacherStudentConfig = dataclasses.field(default_factory=TeacherStudentConfig)
@@ -75,8 +86,20 @@ class ELECConfig:
             raise ValueError(f"elec.task must be one of {TASKS}, got {self.task!r}")
         if self.vector_source not in VECTOR_SOURCES:
             raise ValueError(f"elec.vector_source must be one of {VECTOR_SOURCES}, got {self.vector_source!r}")
-        if self.vector_source == "entity_table" and not self.entity_field:
-            raise ValueError("elec.vector_source 'entity_table' needs elec.entity_field (e.g. 'item_id')")
+        self.entity_tables = dict(self.entity_tables)
+        if self.entity_field:
+            previous = self.entity_tables.get(self.entity_field, self.entity_vectors)
+            if previous != self.entity_vectors:
+                raise ValueError(
+                    f"elec: entity {self.entity_field!r} has two vector directories, entity_vectors="
+                    f"{self.entity_vectors!r} and entity_tables[{self.entity_field!r}]={previous!r}"
+                )
+            self.entity_tables = {self.entity_field: self.entity_vectors, **self.entity_tables}
+        if self.vector_source == "entity_table" and not self.entity_tables:
+            raise ValueError(
+                "elec.vector_source 'entity_table' needs elec.entity_field (e.g. 'item_id') or "
+                "elec.entity_tables ({field: vector directory})"
+            )
         if self.task == "distill" and self.distill.mode == "frozen" and not self.teacher_checkpoint:
             raise ValueError("elec.distill.mode 'frozen' needs elec.teacher_checkpoint")
 
@@ -105,13 +128,16 @@ def build_gain_network(
     device: Optional[torch.device] = torch.device("meta"),
 ) -> CTRTask:
     """The gain network: backbone + injected LLM vector (from extras or an entity table)."""
-    backbone = build_backbone(model_config, schema, config.num_injected_fields, device=device, table_prefix=table_prefix)
-    injection = VectorFieldInjection(config.vector_dim, model_config.embedding_dim, config.num_injected_fields)
     if config.vector_source == "extras":
+        backbone = build_backbone(model_config, schema, config.num_injected_fields, device=device,
+                                  table_prefix=table_prefix)
+        injection = VectorFieldInjection(config.vector_dim, model_config.embedding_dim, config.num_injected_fields)
         return CTRTask(backbone, field_injection=injection, injection_key=config.vector_key)
-    spec = schema.field(config.entity_field)
-    table = SemanticTable(spec.name, spec.cardinality, config.vector_dim, device=device)
-    return SemanticTableTask(backbone, table, injection)
+    entities = {name: schema.field(name).cardinality for name in config.entity_tables}
+    num_fields = config.num_injected_fields * len(entities)
+    backbone = build_backbone(model_config, schema, num_fields, device=device, table_prefix=table_prefix)
+    table = SemanticTable(entities, config.vector_dim, device=device)
+    return SemanticTableTask(backbone, table, VectorFieldInjection(table.output_dim, model_config.embedding_dim, num_fields))
 
 
 def build_student(
@@ -162,16 +188,16 @@ def load_elec_state(model: nn.Module, config: ELECConfig) -> Dict[str, int]:
     """
     from recsys_llm.serving import load_state_file
 
-    report = {"entity_rows": 0, "teacher_tensors": 0}
+    report: Dict[str, int] = {"entity_rows": 0, "teacher_tensors": 0}
     is_distill = config.task == "distill"
     if config.task == "distill" and config.distill.mode == "frozen":
         state = load_state_file(config.teacher_checkpoint)
         report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.")
     elif config.vector_source == "entity_table" and (not is_distill or config.distill.mode == "joint"):
-        if not config.entity_vectors or not os.path.isdir(config.entity_vectors):
-            raise FileNotFoundError(f"elec.entity_vectors: export directory {config.entity_vectors!r} not found")
-        table_name = f"semantic_{config.entity_field}"
-        report["entity_rows"] = load_semantic_vectors(
-            model, table_name, config.entity_vectors, expected=config.expected_provenance or None
-        )
+        for field, directory in config.entity_tables.items():
+            if not directory or not os.path.isdir(directory):
+                raise FileNotFoundError(f"elec entity vectors of {field!r}: export directory {directory!r} not found")
+            report["entity_rows"] += load_semantic_vectors(
+                model, semantic_table_name(field), directory, expected=config.expected_provenance or None
+            )
     return report

@@ -1,7 +1,7 @@
 """Entity LLM vectors (one per user or item id) as a frozen, sharded embedding table.
 
 With per-entity vectors (``recsys-llm semantics export --granularity entity``) the
-vector of a row is a lookup by id, so 10^7 items are a table the planner shards like any
+vector of a row is a lookup by id (several entities, e.g. user and item, are concatenated), so 10^7 items are a table the planner shards like any
 other instead of a dense column on every rank. The table lives in its **own**
 ``EmbeddingBagCollection`` marked ``frozen = True``: ``recsys_llm.train.sharding`` then
 gives it a fused kernel with stateless SGD at learning rate 0 in a TBE of its own (never
@@ -14,13 +14,14 @@ ever materialises the whole table.
 
 Example::
 
-    table = SemanticTable("item_id", num_embeddings=1682, dim=64)        # meta device
-    task = SemanticTableTask(backbone, table, VectorFieldInjection(64, 16))
+    table = SemanticTable({"user_id": 944, "item_id": 1683}, dim=64)   # meta device
+    task = SemanticTableTask(backbone, table, VectorFieldInjection(2 * 64, 16, num_fields=2))
     model, plan = shard_model(task, device, world_size, ShardingConfig(), OptimizerConfig())
-    load_semantic_vectors(model, table.table_name, "vectors/items", expected=provenance)
+    load_semantic_vectors(model, "semantic_item_id", "vectors/items", expected=provenance)
+    load_semantic_vectors(model, "semantic_user_id", "vectors/users", expected=provenance)
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,69 +37,93 @@ from recsys_llm.train.task import CTRTask
 TABLE_PREFIX = "semantic_"
 
 
+def semantic_table_name(feature_name: str) -> str:
+    """Name of the frozen table holding the entity vectors of ``feature_name``."""
+    return f"{TABLE_PREFIX}{feature_name}"
+
+
 class SemanticTable(nn.Module):
-    """Looks up a frozen LLM vector per entity id.
+    """Looks up frozen LLM vectors per entity id, for one or several entity fields.
+
+    Each entity field (e.g. ``user_id`` and ``item_id``) gets its own table
+    ``semantic_{field}`` in one frozen EBC; a row's vectors are concatenated in the order
+    the entities were given.
 
     Args:
-        feature_name (str): the KJT key holding the entity ids (e.g. ``item_id``).
-        num_embeddings (int): number of ids (the field's cardinality).
-        dim (int): d, vector width (a multiple of 4 for FBGEMM kernels).
+        entities (Mapping[str, int]): entity field (the KJT key holding its ids) -> number
+            of ids (the field's cardinality).
+        dim (int): d, vector width of every entity (a multiple of 4 for FBGEMM kernels).
         pooling (PoolingType): SUM for one id per row; MEAN averages a sequence field's vectors.
         device (Optional[torch.device]): ``meta`` (default) lets DMP allocate shards only.
 
     Example::
 
-        table = SemanticTable("item_id", 1682, 64, device=torch.device("cpu"))
-        vectors = table(kjt)  # (B, 64)
+        table = SemanticTable({"user_id": 944, "item_id": 1683}, 64, device=torch.device("cpu"))
+        vectors = table(kjt)  # (B, 2 * 64): user vector, then item vector
     """
 
     def __init__(
         self,
-        feature_name: str,
-        num_embeddings: int,
+        entities: Mapping[str, int],
         dim: int,
         pooling: PoolingType = PoolingType.SUM,
         device: Optional[torch.device] = torch.device("meta"),
     ) -> None:
         super().__init__()
+        if not entities:
+            raise ValueError("SemanticTable needs at least one entity field")
         if dim % 4 != 0:
             raise ValueError(
-                f"SemanticTable {feature_name!r}: dim {dim} must be a multiple of 4 (FBGEMM kernels); "
+                f"SemanticTable {sorted(entities)}: dim {dim} must be a multiple of 4 (FBGEMM kernels); "
                 "export the vectors with a projection of a multiple-of-4 size"
             )
-        self._feature_name = feature_name
-        self._table_name = f"{TABLE_PREFIX}{feature_name}"
+        self._feature_names: List[str] = list(entities)
         self._dim = dim
-        config = EmbeddingBagConfig(
-            name=self._table_name,
-            embedding_dim=dim,
-            num_embeddings=num_embeddings,
-            feature_names=[feature_name],
-            pooling=pooling,
-        )
-        self.embedding_bag_collection = EmbeddingBagCollection(tables=[config], device=device)
+        configs = [
+            EmbeddingBagConfig(
+                name=semantic_table_name(name),
+                embedding_dim=dim,
+                num_embeddings=num_embeddings,
+                feature_names=[name],
+                pooling=pooling,
+            )
+            for name, num_embeddings in entities.items()
+        ]
+        self.embedding_bag_collection = EmbeddingBagCollection(tables=configs, device=device)
         # Read by recsys_llm.train.sharding: no optimizer state, own TBE, no autograd after
         # sharding. The weights keep requires_grad until then (the sharder attaches its
         # optimizer-free in-backward hook to them); ``forward`` detaches in any case.
         self.embedding_bag_collection.frozen = True
 
     @property
-    def table_name(self) -> str:
-        return self._table_name
+    def feature_names(self) -> List[str]:
+        return list(self._feature_names)
+
+    @property
+    def table_names(self) -> List[str]:
+        return [semantic_table_name(name) for name in self._feature_names]
 
     @property
     def dim(self) -> int:
+        """d of one entity's vector."""
         return self._dim
+
+    @property
+    def output_dim(self) -> int:
+        """K * d: width of the concatenated vectors."""
+        return self._dim * len(self._feature_names)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """
         Args:
-            features (KeyedJaggedTensor): keys include ``feature_name``.
+            features (KeyedJaggedTensor): keys include every entity field.
 
         Returns:
-            torch.Tensor: (B, d) vectors, detached (the table never trains).
+            torch.Tensor: (B, K * d) vectors, detached (the table never trains).
         """
-        return self.embedding_bag_collection(features)[self._feature_name].detach()  # (B, d)
+        pooled = self.embedding_bag_collection(features).to_dict()
+        vectors = [pooled[name] for name in self._feature_names]  # K x (B, d)
+        return torch.cat(vectors, dim=1).detach() if len(vectors) > 1 else vectors[0].detach()
 
 
 class SemanticTableTask(CTRTask):
@@ -111,7 +136,7 @@ class SemanticTableTask(CTRTask):
     Args:
         model (CTRBackbone): backbone built with ``num_extra_fields = field_injection.num_fields``.
         semantic_table (SemanticTable): the frozen entity vectors.
-        field_injection (nn.Module): (B, d) -> (B, E, D), e.g. ``VectorFieldInjection``.
+        field_injection (nn.Module): (B, K * d) -> (B, E, D), e.g. ``VectorFieldInjection``.
         logit_terms (Optional[Dict[str, nn.Module]]): as in ``CTRTask``.
         loss_terms (Optional[Dict[str, nn.Module]]): as in ``CTRTask``.
     """
@@ -128,7 +153,7 @@ class SemanticTableTask(CTRTask):
         self.semantic_table = semantic_table
 
     def predict(self, batch: Batch) -> CTROutput:
-        vectors = self.semantic_table(batch.sparse_features)  # (B, d)
+        vectors = self.semantic_table(batch.sparse_features)  # (B, K * d)
         extra_fields = self.field_injection(vectors)  # (B, E, D)
         output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
         logits = output.logits

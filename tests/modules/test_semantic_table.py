@@ -34,9 +34,9 @@ def item_kjt(items: torch.Tensor) -> KeyedJaggedTensor:
 class TestSemanticTable:
     def test_lookup_after_loading(self, tmp_path):
         table = write_item_vectors(str(tmp_path / "items"))
-        module = SemanticTable("item_id", NUM_ITEMS, DIM, device=torch.device("cpu"))
+        module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
         assert module.embedding_bag_collection.frozen
-        assert load_semantic_vectors(module, module.table_name, str(tmp_path / "items"), expected=PROVENANCE) == NUM_ITEMS
+        assert load_semantic_vectors(module, "semantic_item_id", str(tmp_path / "items"), expected=PROVENANCE) == NUM_ITEMS
         items = torch.tensor([3, 0, 11, 3])
         out = module(item_kjt(items))
         assert out.shape == (4, DIM) and not out.requires_grad  # detached: never trained
@@ -45,10 +45,10 @@ class TestSemanticTable:
     def test_errors(self, tmp_path):
         write_item_vectors(str(tmp_path / "items"))
         with pytest.raises(ValueError, match="multiple of 4"):
-            SemanticTable("item_id", NUM_ITEMS, 6)
-        module = SemanticTable("item_id", NUM_ITEMS, DIM, device=torch.device("cpu"))
+            SemanticTable({"item_id": NUM_ITEMS}, 6)
+        module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
         with pytest.raises(ProvenanceError, match="model"):
-            load_semantic_vectors(module, module.table_name, str(tmp_path / "items"), expected={"model": "big"})
+            load_semantic_vectors(module, "semantic_item_id", str(tmp_path / "items"), expected={"model": "big"})
         with pytest.raises(KeyError, match="no embedding table"):
             load_semantic_vectors(module, "semantic_user_id", str(tmp_path / "items"))
 
@@ -167,3 +167,35 @@ class TestShardedSemanticTable:
             assert held < NUM_ITEMS * DIM  # no rank holds (or loaded) the whole table
         assert (covered == 1).all()
         assert any(r["student_changed"] for r in results)  # the student's table (on some rank) trained
+
+
+def test_user_and_item_vectors_are_concatenated_and_become_one_field_each(tmp_path):
+    """Two entity tables: each filled from its own export, vectors concatenated user-first, K fields injected."""
+    from recsys_llm.data.batch import Batch
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+    from recsys_llm.models.registry import SMOKE_CONFIGS
+    from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
+
+    items = write_item_vectors(str(tmp_path / "items"))
+    users = np.random.default_rng(2).normal(size=(3, DIM)).astype(np.float32)
+    VectorExport(str(tmp_path / "users"), PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+        pa.array(np.arange(3), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+        lambda texts: torch.from_numpy(users[[int(t) for t in texts]]), progress=False)
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
+                                 FieldSpec("age", "dense")])
+    config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
+                        entity_vectors=str(tmp_path / "items"), entity_tables={"user_id": str(tmp_path / "users")},
+                        expected_provenance=PROVENANCE)
+    assert list(config.entity_tables) == ["item_id", "user_id"]
+    task = build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
+    assert load_elec_state(task, config)["entity_rows"] == NUM_ITEMS + 3
+    ids = torch.tensor([3, 0, 11, 5])
+    kjt = item_kjt(ids)
+    vectors = task.semantic_table(kjt)
+    torch.testing.assert_close(vectors, torch.from_numpy(np.concatenate([items[ids.numpy()], users[ids.numpy() % 3]], 1)))
+    assert task.field_injection(vectors).shape == (4, 2, SMOKE_CONFIGS["deepfm"].embedding_dim)
+    logits = task.predict(Batch(torch.randn(4, 1), kjt, torch.ones(4), {})).logits
+    assert logits.shape == (4,) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="two vector directories"):
+        ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
+                   entity_vectors="a", entity_tables={"item_id": "b"})
