@@ -7,7 +7,7 @@
    trains DeepFM + FRE + FIE (an ``llactr:`` config section);
 4. ELEC: adapts the LLM to clicks on a sample of rows (``semantics adapt``), exports one
    vector per user (profile text) and per item (title and description) with
-   ``semantics export --granularity entity`` and trains the gain network that reads them
+   ``semantics export --granularity entity --output pooled`` and trains the gain network that reads them
    from frozen, sharded tables (an ``elec:`` config section with ``entity_tables``);
 5. prints AUC / LogLoss overall and on cold items, and writes ``demo_results.{json,png}``.
 
@@ -82,14 +82,18 @@ def run_demo(
     if not os.path.exists(os.path.join(adapted, "provenance.json")):
         _cli(["semantics", "adapt", "--schema", schema, "--output-dir", adapted, "--sample-rows", "2000",
               "--representation-dim", "64", "--max-length", "96", *model_args])
+    from recsys_llm.semantics.vector_export import vector_dim
+
     entity_overrides = []
     for entity, text_fields in (("user_id", ["user_id"]), ("item_id", ["item_id", "item_category"])):
         vectors = os.path.join(llm_dir, f"{entity.split('_')[0]}_vectors")  # resumes; finished chunks are kept
+        # pooled states of the tuned LLM: r of an LLM tuned on 2,000 rows has lost most of the text's meaning
         _cli(["semantics", "export", "--schema", schema, "--llm", adapted, "--output-dir", vectors,
-              "--granularity", "entity", "--entity-field", entity, "--entity-fields", *text_fields])
+              "--granularity", "entity", "--entity-field", entity, "--entity-fields", *text_fields, "--output", "pooled"])
         entity_overrides.append(f"elec.entity_tables.{entity}={vectors}")
     results[ELEC] = _train(config_path, base + [
-        "elec.task=gain", "elec.vector_source=entity_table", "elec.vector_dim=64", *entity_overrides,
+        "elec.task=gain", "elec.vector_source=entity_table", f"elec.vector_dim={vector_dim(vectors)}",
+        *entity_overrides,
     ], os.path.join(run_root, "elec_gain"))
     return results
 

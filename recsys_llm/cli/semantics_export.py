@@ -20,6 +20,7 @@ Example::
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 from typing import List
@@ -89,8 +90,8 @@ def _export(args: argparse.Namespace) -> int:
     config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
                                 projection=args.projection)
     written = export_schema_vectors(
-        schema, splits, RowTextRenderer(schema, _row_text_config(args)), model.encode, args.output_dir,
-        model.provenance(), config, granularity=args.granularity, entity_field=args.entity_field,
+        schema, splits, RowTextRenderer(schema, _row_text_config(args)),
+        functools.partial(model.encode, output=args.output), args.output_dir, model.provenance(args.output), config, granularity=args.granularity, entity_field=args.entity_field,
         entity_fields=args.entity_fields, rank=rank, world_size=world,
     )
     print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
@@ -163,6 +164,9 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--output-dir", required=True, help="chunked Parquet vectors + manifest (resumable)")
     export.add_argument("--splits", nargs="*", default=None, help="splits to cover (default: all)")
     export.add_argument("--granularity", default="row", choices=["row", "entity"])
+    export.add_argument("--output", default="representation", choices=["representation", "pooled"],
+                        help="r of the transformation MLP (the paper), or the tuned LLM's pooled hidden state, which "
+                             "keeps the text's semantics when the LLM was tuned on few rows")
     export.add_argument("--entity-field", default=None, help="entity granularity: the id field, e.g. item_id")
     export.add_argument("--entity-fields", nargs="*", default=None, help="fields written into an entity's text")
     export.add_argument("--chunk-rows", type=int, default=4096, help="rows per chunk (unit of resumption)")

@@ -101,6 +101,9 @@ def _transformer_layers(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
+ENCODE_OUTPUTS = ("representation", "pooled")
+
+
 class CTRAdaptedLLM(nn.Module):
     """LLM + average pooling + transformation MLP + prediction layer.
 
@@ -188,20 +191,36 @@ class CTRAdaptedLLM(nn.Module):
         return logits, representation
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Representation vectors r of ``texts`` in eval mode: (N, R) float32 on CPU."""
+    def encode(self, texts: Sequence[str], output: str = "representation") -> torch.Tensor:
+        """Vectors of ``texts`` in eval mode, float32 on CPU.
+
+        Args:
+            texts (Sequence[str]): N texts.
+            output (str): ``representation``: r, (N, R), as in the paper; ``pooled``: the tuned
+                LLM's pooled last hidden state, (N, H), before the transformation MLP. With a
+                small tuning sample r collapses onto the few directions that predict clicks,
+                while the pooled state keeps the text's semantics.
+        """
+        if output not in ENCODE_OUTPUTS:
+            raise ValueError(f"encode output must be one of {ENCODE_OUTPUTS}, got {output!r}")
         was_training = self.training
         self.eval()
-        _, representation = self(**self.tokenize(texts))
+        encoded = self.tokenize(texts)
+        if output == "pooled":
+            hidden = hidden_states(self.llm, encoded["input_ids"], encoded["attention_mask"])  # (N, T, H)
+            vectors = pool(hidden, encoded["attention_mask"], self.config.pooling)  # (N, H)
+        else:
+            _, vectors = self(**encoded)  # (N, R)
         self.train(was_training)
-        return representation.float().cpu()
+        return vectors.float().cpu()
 
     def trainable_llm_state(self) -> Dict[str, torch.Tensor]:
         """The tuned LLM tensors (LoRA adapters or the unfrozen last layers)."""
         return {n: p.detach().cpu().contiguous() for n, p in self.llm.named_parameters() if p.requires_grad}
 
-    def provenance(self) -> Dict[str, str]:
-        """What made the vectors: base model, revision, pooling, tuning and a hash of the tuned weights."""
+    def provenance(self, output: str = "representation") -> Dict[str, str]:
+        """What made the vectors: base model, revision, pooling, tuning, a hash of the tuned weights
+        and, for ``encode(output="pooled")``, that output and its width."""
         digest = hashlib.sha256()
         for name, tensor in sorted({**self.trainable_llm_state(), **_heads_state(self)}.items()):
             digest.update(name.encode())
@@ -214,6 +233,7 @@ class CTRAdaptedLLM(nn.Module):
             "method": f"elec-ctr-llm/{self.config.tuning}",
             "weights_sha256": digest.hexdigest()[:16],
             "dim": str(self.config.representation_dim),
+            **({"output": "pooled", "dim": str(self.llm.config.hidden_size)} if output == "pooled" else {}),
         }
 
 

@@ -85,3 +85,26 @@ class TestCTRAdaptedLLM:
         loaded = load_ctr_llm(out)
         torch.testing.assert_close(loaded.encode(texts[:5]), model.encode(texts[:5]))
         assert loaded.provenance() == model.provenance()
+
+    def test_pooled_output_is_the_tuned_llms_pooled_state(self, tmp_path):
+        """``encode(output="pooled")``: (N, H) mean-pooled hidden states of the tuned LLM, named in the provenance."""
+        from recsys_llm.semantics.encoder import hidden_states, pool
+
+        path = _tiny_model_dir(tmp_path, "bert")
+        config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16,
+                              lora_target_modules=["query", "value"], epochs=1, batch_size=32, max_length=32)
+        model = CTRAdaptedLLM.from_config(config)
+        texts, _ = _data()
+        pooled = model.encode(texts[:5], output="pooled")
+        hidden_size = model.llm.config.hidden_size
+        assert pooled.shape == (5, hidden_size) and model.encode(texts[:5]).shape == (5, 8)
+        with torch.no_grad():
+            model.eval()
+            encoded = model.tokenize(texts[:5])
+            expected = pool(hidden_states(model.llm, encoded["input_ids"], encoded["attention_mask"]),
+                            encoded["attention_mask"], "mean")
+        torch.testing.assert_close(pooled, expected)
+        assert model.provenance("pooled")["output"] == "pooled"
+        assert model.provenance("pooled")["dim"] == str(hidden_size) != model.provenance()["dim"]
+        with pytest.raises(ValueError, match="encode output"):
+            model.encode(texts[:1], output="logits")
