@@ -73,6 +73,7 @@ def _shard_and_train(schema_path: str, model_name: str, frozen: List[str], steps
         "pipelined": stats.pipelined_modules,
         "sharded": stats.sharded_modules,
         "steps": stats.steps,
+        "dense_fused": [group.get("fused") for group in optimizer.optimizers[-1][1].param_groups],  # dense is last
         "not_pipelined_logs": [m for m in collect.messages if NOT_PIPELINED in m],
     }
 
@@ -91,6 +92,7 @@ def test_two_ranks_shard_train_and_freeze(synthetic_dir: str) -> None:
     assert results[0]["placements"][frozen][1] == "fused"
     for result in results:
         assert result["steps"] == 4
+        assert result["dense_fused"] == [True]  # the dense Adam runs torch's fused kernel
         # Every sharded EBC is overlapped by the pipeline; torchrec never logged a fallback.
         assert result["pipelined"] == result["sharded"] and result["sharded"]
         assert result["not_pipelined_logs"] == []
