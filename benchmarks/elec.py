@@ -130,8 +130,8 @@ class Sizes:
 SIZES: Dict[str, Sizes] = {
     "full": Sizes(),
     "quick": Sizes(
-        data_rows=40_000, backbones=("deepfm", "dcnv2"), memory_batches=6, warmup_steps=3, measured_steps=10,
-        repeats=3, serve_steps=10, request_batch_size=32, request_batches=2, online_steps=1, vector_pool_rows=32,
+        data_rows=40_000, backbones=("deepfm", "dcnv2"), memory_batches=6, warmup_steps=3, measured_steps=30,
+        repeats=5, serve_steps=60, request_batch_size=32, request_batches=2, online_steps=1, vector_pool_rows=32,
     ),
     "smoke": Sizes(
         data_rows=3_000, backbones=("deepfm",), smoke_models=True, batch_size=128, memory_batches=2, warmup_steps=2,

@@ -137,8 +137,8 @@ class Sizes:
 SIZES: Dict[str, Sizes] = {
     "full": Sizes(),
     "quick": Sizes(
-        data_rows=60_000, backbones=("deepfm", "fm", "dcnv2"), memory_batches=6, warmup_steps=3, measured_steps=10,
-        repeats=3, serve_steps=10, ssft_samples_train=8, ssft_samples_valid=2, ssft_epochs=1, instance_rows=64,
+        data_rows=60_000, backbones=("deepfm", "fm", "dcnv2"), memory_batches=6, warmup_steps=3, measured_steps=30,
+        repeats=5, serve_steps=60, ssft_samples_train=8, ssft_samples_valid=2, ssft_epochs=1, instance_rows=64,
     ),
     "smoke": Sizes(
         data_rows=3_000, backbones=("deepfm",), smoke_models=True, batch_size=128, memory_batches=2, warmup_steps=2,

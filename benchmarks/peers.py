@@ -112,7 +112,7 @@ class Sizes:
 
 SIZES: Dict[str, Sizes] = {
     "full": Sizes(),
-    "quick": Sizes(data_rows=250_000, epochs=2, warmup_steps=5),
+    "quick": Sizes(data_rows=250_000, epochs=3, warmup_steps=5),
     "smoke": Sizes(data_rows=4_000, batch_size=256, epochs=1, warmup_steps=2, embedding_dim=8,
                    mlp_layer_sizes=(16, 8), eval_batch_size=512),
 }
