@@ -98,6 +98,7 @@ def build_dlrm(
     device: Optional[torch.device] = torch.device("meta"),
     dense_device: Optional[torch.device] = None,
     table_prefix: str = "t_",
+    embedding_init_scale: Optional[float] = None,
 ) -> DLRM:
     """Builds torchrec's ``DLRM`` (or ``DLRM_DCN``) for a data set, sized for E extra fields.
 
@@ -118,6 +119,7 @@ def build_dlrm(
         device (Optional[torch.device]): device of the EBC (``meta`` for sharding).
         dense_device (Optional[torch.device]): device of the dense arches.
         table_prefix (str): table name prefix.
+        embedding_init_scale (Optional[float]): uniform init bound of the tables (None: torchrec's default).
 
     Returns:
         DLRM: a torchrec ``DLRM`` or ``DLRM_DCN``.
@@ -128,7 +130,8 @@ def build_dlrm(
         raise ValueError(f"build_dlrm: dense_arch_layer_sizes {dense_sizes} must end in embedding_dim={embedding_dim}")
     if len(over_sizes) < 2 or over_sizes[-1] != 1:
         raise ValueError(f"build_dlrm: over_arch_layer_sizes {over_sizes} needs >= 2 sizes ending in 1")
-    ebc = build_embedding_bag_collection(schema, embedding_dim, device=device, table_prefix=table_prefix)
+    ebc = build_embedding_bag_collection(schema, embedding_dim, device=device, table_prefix=table_prefix,
+                                         init_scale=embedding_init_scale)
     dense_in = len(schema.dense_fields)
     if dcn:
         dlrm: DLRM = DLRM_DCN(

@@ -14,7 +14,7 @@ EMBEDDING_DIM_MULTIPLE = 4
 
 
 def embedding_bag_configs(
-    schema: DatasetSchema, embedding_dim: int, table_prefix: str = "t_"
+    schema: DatasetSchema, embedding_dim: int, table_prefix: str = "t_", init_scale: Optional[float] = None
 ) -> List[EmbeddingBagConfig]:
     """One ``EmbeddingBagConfig`` per categorical field of ``schema``, in schema order.
 
@@ -26,6 +26,9 @@ def embedding_bag_configs(
         schema (DatasetSchema): the data set.
         embedding_dim (int): D, a multiple of 4.
         table_prefix (str): table name = prefix + field name.
+        init_scale (Optional[float]): initialise every table uniform in [-s, s] (torchrec's
+            ``weight_init_min/max``, honoured by sharded FBGEMM tables too); None keeps
+            torchrec's default of ±sqrt(1 / rows), which is large for small tables.
 
     Returns:
         List[EmbeddingBagConfig]: ``feature_names == [field.name]`` for each table.
@@ -33,6 +36,9 @@ def embedding_bag_configs(
     fields = schema.categorical_fields
     if not fields:
         raise ValueError(f"schema {schema.name!r} has no sparse or sequence field to embed")
+    if init_scale is not None and init_scale <= 0:
+        raise ValueError(f"embedding init_scale must be > 0 (or None for torchrec's default), got {init_scale}")
+    bounds = {} if init_scale is None else {"weight_init_min": -init_scale, "weight_init_max": init_scale}
     configs = []
     for spec in fields:
         dim = spec.embedding_dim if spec.embedding_dim is not None else embedding_dim
@@ -50,6 +56,7 @@ def embedding_bag_configs(
                 num_embeddings=spec.cardinality,
                 feature_names=[spec.name],
                 pooling=pooling,
+                **bounds,
             )
         )
     return configs
@@ -60,6 +67,7 @@ def build_embedding_bag_collection(
     embedding_dim: int,
     device: Optional[torch.device] = torch.device("meta"),
     table_prefix: str = "t_",
+    init_scale: Optional[float] = None,
 ) -> EmbeddingBagCollection:
     """The EBC of a backbone; on ``meta`` by default so the planner allocates shards only.
 
@@ -70,6 +78,7 @@ def build_embedding_bag_collection(
             None) for an unsharded model.
         table_prefix (str): table name = prefix + field name (distinct prefixes keep a
             teacher's and a student's tables apart).
+        init_scale (Optional[float]): uniform init bound of every table (None: torchrec's default).
 
     Returns:
         EmbeddingBagCollection: pooled output keys = ``schema.sparse_feature_names``.
@@ -79,5 +88,5 @@ def build_embedding_bag_collection(
         ebc = build_embedding_bag_collection(schema, embedding_dim=16, device=torch.device("cpu"))
         pooled = ebc(kjt)  # KeyedTensor, each key (B, 16)
     """
-    configs = embedding_bag_configs(schema, embedding_dim, table_prefix)
+    configs = embedding_bag_configs(schema, embedding_dim, table_prefix, init_scale)
     return EmbeddingBagCollection(tables=configs, device=device)

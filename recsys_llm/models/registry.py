@@ -39,6 +39,9 @@ class ModelConfig:
         finalmlp_context1 (Tuple[str, ...]): FinalMLP stream-1 gate context fields.
         finalmlp_context2 (Tuple[str, ...]): FinalMLP stream-2 gate context fields.
         dense_arch_hidden (Tuple[int, ...]): DLRM dense arch sizes before the final D.
+        embedding_init_scale (Optional[float]): tables initialised uniform in [-s, s]
+            (e.g. 1.7e-4 for the std 1e-4 of DeepCTR / FuxiCTR); None: torchrec's default
+            ±sqrt(1 / rows).
 
     Example::
 
@@ -60,6 +63,7 @@ class ModelConfig:
     finalmlp_context1: Tuple[str, ...] = ()
     finalmlp_context2: Tuple[str, ...] = ()
     dense_arch_hidden: Tuple[int, ...] = (64,)
+    embedding_init_scale: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
@@ -91,7 +95,8 @@ def _build_fm_family(
     dense_device: Optional[torch.device],
     table_prefix: str,
 ) -> CTRBackbone:
-    ebc = build_embedding_bag_collection(schema, config.embedding_dim, device=device, table_prefix=table_prefix)
+    ebc = build_embedding_bag_collection(schema, config.embedding_dim, device=device, table_prefix=table_prefix,
+                                         init_scale=config.embedding_init_scale)
     num_dense = len(schema.dense_fields)
     if config.name == "fm":
         return FM(ebc, num_dense, FMConfig(config.dense_as_fields), num_extra_fields, dense_device)
@@ -136,6 +141,7 @@ def _build_dlrm(
         device=device,
         dense_device=dense_device,
         table_prefix=table_prefix,
+        embedding_init_scale=config.embedding_init_scale,
     )
     return DLRMBackbone(dlrm, len(schema.dense_fields), num_extra_fields)
 

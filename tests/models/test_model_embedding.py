@@ -30,6 +30,23 @@ class TestBuildEmbeddingBagCollection:
         pooled = ebc(kjt).values().view(4, 3, 4)
         torch.testing.assert_close(pooled, explicit_fields(ebc, TINY_IDS))
 
+    def test_init_scale_bounds_every_table_also_when_sharded(self, schema: DatasetSchema) -> None:
+        from recsys_llm.train.distributed import init_distributed
+        from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+
+        torch.manual_seed(0)
+        plain = build_embedding_bag_collection(schema, 8, device=torch.device("cpu"))
+        assert plain.embedding_bags["t_item_id"].weight.abs().max() > 0.05  # torchrec's ±sqrt(1 / rows)
+        small = build_embedding_bag_collection(schema, 8, device=torch.device("cpu"), init_scale=1e-3)
+        assert all(0 < bag.weight.abs().max() <= 1e-3 for bag in small.embedding_bags.values())
+        ctx = init_distributed("cpu")
+        sharded, _ = shard_model(build_embedding_bag_collection(schema, 8, init_scale=1e-3), ctx.device, 1,
+                                 ShardingConfig(sharding_types=["table_wise"]), OptimizerConfig(), batch_size=8)
+        weights = [v for k, v in sharded.state_dict().items() if k.endswith(".weight")]
+        assert weights and all(0 < w.local_shards()[0].tensor.abs().max() <= 1e-3 for w in weights)
+        with pytest.raises(ValueError, match="init_scale must be > 0"):
+            build_embedding_bag_collection(schema, 8, init_scale=0.0)
+
     @pytest.mark.parametrize("dim", [6, 0, -4])
     def test_dim_not_multiple_of_four_is_rejected(self, schema: DatasetSchema, dim: int) -> None:
         with pytest.raises(ValueError, match="field 'user_id'.*multiple of 4"):
