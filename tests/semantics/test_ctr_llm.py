@@ -46,6 +46,13 @@ def _bce(model, texts, labels):
         return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(labels)))
 
 
+def _tiny_bert_ctr_llm(tmp_path):
+    """A CTR-adapted tiny random BERT (LoRA on query/value) and its config."""
+    config = CTRLLMConfig(model_path=_tiny_model_dir(tmp_path, "bert"), representation_dim=8, hidden_dim=16,
+                          lora_target_modules=["query", "value"], epochs=1, batch_size=32, max_length=32)
+    return CTRAdaptedLLM.from_config(config), config
+
+
 class TestCTRAdaptedLLM:
     @pytest.mark.parametrize("kind,tuning", [("bert", "lora"), ("llama", "lora"), ("bert", "last_k")])
     def test_tuning_lowers_bce(self, tmp_path, kind, tuning):
@@ -72,10 +79,7 @@ class TestCTRAdaptedLLM:
             assert trainable and all(".1." in n for n in trainable)  # only the last of 2 layers
 
     def test_save_load_roundtrip(self, tmp_path):
-        path = _tiny_model_dir(tmp_path, "bert")
-        config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16,
-                              lora_target_modules=["query", "value"], epochs=1, batch_size=32, max_length=32)
-        model = CTRAdaptedLLM.from_config(config)
+        model, config = _tiny_bert_ctr_llm(tmp_path)
         texts, labels = _data()
         tune_ctr_llm(model, texts, labels, config, progress=False)
         out = os.path.join(str(tmp_path), "saved")
@@ -90,10 +94,7 @@ class TestCTRAdaptedLLM:
         """``encode(output="pooled")``: (N, H) mean-pooled hidden states of the tuned LLM, named in the provenance."""
         from recsys_llm.semantics.encoder import hidden_states, pool
 
-        path = _tiny_model_dir(tmp_path, "bert")
-        config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16,
-                              lora_target_modules=["query", "value"], epochs=1, batch_size=32, max_length=32)
-        model = CTRAdaptedLLM.from_config(config)
+        model, _ = _tiny_bert_ctr_llm(tmp_path)
         texts, _ = _data()
         pooled = model.encode(texts[:5], output="pooled")
         hidden_size = model.llm.config.hidden_size
