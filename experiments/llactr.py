@@ -196,9 +196,10 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
 
 
 SELECTION = (
-    "lambda_fre / lambda_fie from {0.01, 0.1, 0.5} (the range the paper tunes; for +both the 3x3 grid) picked by the best validation AUC "
-    "(early-stopping AUC on the valid split) of the first seed; that run is reused as the first seed's result "
-    "and the other seeds run the picked setting; test metrics are never used to choose"
+    "lambda_fre / lambda_fie from {0.01, 0.1, 0.5} (the range the paper tunes; for +both the 3x3 grid) "
+    "picked by the best validation AUC (early-stopping AUC on the valid split) of the first seed; that run is "
+    "reused as the first seed's result and the other seeds run the picked setting; test metrics are never "
+    "used to choose"
 )
 
 
