@@ -89,7 +89,8 @@ def run_demo(
         vectors = os.path.join(llm_dir, f"{entity.split('_')[0]}_vectors")  # resumes; finished chunks are kept
         # pooled states of the tuned LLM: r of an LLM tuned on 2,000 rows has lost most of the text's meaning
         _cli(["semantics", "export", "--schema", schema, "--llm", adapted, "--output-dir", vectors,
-              "--granularity", "entity", "--entity-field", entity, "--entity-fields", *text_fields, "--output", "pooled"])
+              "--granularity", "entity", "--entity-field", entity, "--entity-fields", *text_fields,
+              "--output", "pooled"])
         entity_overrides.append(f"elec.entity_tables.{entity}={vectors}")
     results[ELEC] = _train(config_path, base + [
         "elec.task=gain", "elec.vector_source=entity_table", f"elec.vector_dim={vector_dim(vectors)}",

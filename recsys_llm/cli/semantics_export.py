@@ -91,8 +91,9 @@ def _export(args: argparse.Namespace) -> int:
                                 projection=args.projection)
     written = export_schema_vectors(
         schema, splits, RowTextRenderer(schema, _row_text_config(args)),
-        functools.partial(model.encode, output=args.output), args.output_dir, model.provenance(args.output), config, granularity=args.granularity, entity_field=args.entity_field,
-        entity_fields=args.entity_fields, rank=rank, world_size=world,
+        functools.partial(model.encode, output=args.output), args.output_dir, model.provenance(args.output), config,
+        granularity=args.granularity, entity_field=args.entity_field, entity_fields=args.entity_fields, rank=rank,
+        world_size=world,
     )
     print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
     if args.attach_dir and rank == 0:

@@ -137,7 +137,8 @@ def build_gain_network(
     num_fields = config.num_injected_fields * len(entities)
     backbone = build_backbone(model_config, schema, num_fields, device=device, table_prefix=table_prefix)
     table = SemanticTable(entities, config.vector_dim, device=device)
-    return SemanticTableTask(backbone, table, VectorFieldInjection(table.output_dim, model_config.embedding_dim, num_fields))
+    injection = VectorFieldInjection(table.output_dim, model_config.embedding_dim, num_fields)
+    return SemanticTableTask(backbone, table, injection)
 
 
 def build_student(

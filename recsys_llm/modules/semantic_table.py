@@ -1,7 +1,8 @@
 """Entity LLM vectors (one per user or item id) as a frozen, sharded embedding table.
 
 With per-entity vectors (``recsys-llm semantics export --granularity entity``) the
-vector of a row is a lookup by id (several entities, e.g. user and item, are concatenated), so 10^7 items are a table the planner shards like any
+vector of a row is a lookup by id (several entities, e.g. user and item, are concatenated),
+so 10^7 items are a table the planner shards like any
 other instead of a dense column on every rank. The table lives in its **own**
 ``EmbeddingBagCollection`` marked ``frozen = True``: ``recsys_llm.train.sharding`` then
 gives it a fused kernel with stateless SGD at learning rate 0 in a TBE of its own (never
