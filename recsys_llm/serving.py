@@ -44,6 +44,7 @@ from recsys_llm.models.base import CTROutput
 
 FORMAT_VERSION = 1
 STATE_FILE = "model.safetensors"
+SEMANTIC_TABLES_FILE = "semantic_tables.json"  # frozen entity-vector tables of a gain network
 FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")
 
 INFERENCE_EXAMPLE = """# Inference with an exported model
@@ -65,6 +66,13 @@ probabilities = served.predict(dense, kjt)           # (batch_size,)
 
 The EBC lookup runs eagerly; everything after it is `dense_program.pt2`
 (`torch.export.load`), inputs `(dense (B, {num_dense}), pooled (B, {pooled}))`.
+"""
+
+
+SEMANTIC_INFERENCE_NOTE = """
+This is a gain network: its LLM vectors sit in frozen entity tables {tables}
+(`semantic_tables.json`), looked up from the same KeyedJaggedTensor; their values are the
+program's third input. No LLM runs at inference.
 """
 
 
@@ -150,10 +158,13 @@ def load_state_file(path: str) -> Dict[str, torch.Tensor]:
 
 # ---- the dense program -----------------------------------------------------------------
 class DenseHead(nn.Module):
-    """Everything of a ``CTRTask`` after the EBC: ``(dense, pooled) -> logits``.
+    """Everything of a ``CTRTask`` after the EBC lookups: ``(dense, pooled[, vectors]) -> logits``.
 
     Args:
-        task (nn.Module): a ``CTRTask`` without field injection.
+        task (nn.Module): a ``CTRTask`` without field injection, or a gain network whose
+            vectors come from frozen entity tables (``SemanticTableTask``): then ``vectors``
+            is that table's EBC output and the projection to extra fields is part of the
+            program.
     """
 
     def __init__(self, task: nn.Module) -> None:
@@ -163,17 +174,22 @@ class DenseHead(nn.Module):
         self._keys: List[str] = [f for c in configs for f in c.feature_names]
         self._lengths: List[int] = [c.embedding_dim for c in configs for _ in c.feature_names]
 
-    def forward(self, dense_features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, dense_features: torch.Tensor, pooled: torch.Tensor, vectors: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """
         Args:
             dense_features (torch.Tensor): (B, Dd).
             pooled (torch.Tensor): (B, sum of table dims), the EBC output values.
+            vectors (Optional[torch.Tensor]): (B, K * d), the entity tables' EBC output values
+                (gain network only).
 
         Returns:
             torch.Tensor: logits (B,).
         """
         embeddings = KeyedTensor(keys=self._keys, length_per_key=self._lengths, values=pooled)
-        logits, representation = self.task.model.interact(dense_features, embeddings, None)
+        extra_fields = self.task.field_injection(vectors) if vectors is not None else None  # (B, E, D)
+        logits, representation = self.task.model.interact(dense_features, embeddings, extra_fields)
         output = CTROutput(logits, representation, embeddings)
         for term in self.task.logit_terms.values():
             logits = logits + term(output)
@@ -193,11 +209,29 @@ def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
     ]
 
 
+def _semantic_ebc(task: nn.Module) -> Optional[EmbeddingBagCollection]:
+    """The frozen entity-vector EBC of an entity-table gain network, else None."""
+    table = getattr(task, "semantic_table", None)
+    return table.embedding_bag_collection if table is not None else None
+
+
 def check_servable(task: nn.Module) -> None:
-    """Raises when the task would need LLM vectors or a teacher at inference."""
-    if getattr(task, "field_injection", None) is not None:
-        raise ValueError("export: the task injects LLM vectors (a gain network); export the student instead")
-    bad = sorted({n.split(".")[0] for n, _ in task.named_parameters() if any(p in n.split(".") for p in FORBIDDEN_PARTS)})
+    """Raises when the task would need an LLM or a teacher at inference.
+
+    A gain network whose vectors are per-row inputs (``extras``) needs the LLM for every
+    request and is refused; one that looks its vectors up in frozen entity tables serves
+    like any model (the LLM ran offline, once per entity).
+    """
+    semantic = _semantic_ebc(task) is not None
+    if getattr(task, "field_injection", None) is not None and not semantic:
+        raise ValueError(
+            "export: the task injects per-row LLM vectors (a gain network reading extras); export the student, "
+            "or train the gain network on entity tables (elec.vector_source=entity_table)"
+        )
+    allowed = ("field_injection", "semantic_table") if semantic else ()
+    forbidden = [part for part in FORBIDDEN_PARTS if part not in allowed]
+    names = [n for n, _ in task.named_parameters()] + [n for n, _ in task.named_buffers()]
+    bad = sorted({n.split(".")[0] for n in names if any(p in n.split(".") for p in forbidden)})
     if bad:
         raise ValueError(f"export: the task holds teacher/LLM parts {bad}; export the student only")
 
@@ -212,7 +246,8 @@ def export_task(
     """Writes the serving artifact of an unsharded ``CTRTask`` (atomically).
 
     Args:
-        task (nn.Module): the student ``CTRTask`` with trained weights, on CPU.
+        task (nn.Module): the student ``CTRTask`` (or an entity-table gain network) with trained
+            weights, on CPU.
         directory (str): output directory (replaced if it exists).
         example_dense (torch.Tensor): (B, Dd) example input for ``torch.export`` (B >= 2).
         example_sparse (KeyedJaggedTensor): example ids of the same batch.
@@ -225,6 +260,7 @@ def export_task(
     task = task.eval()
     state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
     ebc = task.model.embedding_bag_collection
+    semantic = _semantic_ebc(task)
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export.", dir=parent)
@@ -233,15 +269,22 @@ def export_task(
         tables = _table_dicts(ebc)
         with open(os.path.join(tmp, "tables.json"), "w", encoding="utf-8") as handle:
             json.dump(tables, handle, indent=2)
+        semantic_tables = _table_dicts(semantic) if semantic is not None else []
+        if semantic_tables:
+            with open(os.path.join(tmp, SEMANTIC_TABLES_FILE), "w", encoding="utf-8") as handle:
+                json.dump(semantic_tables, handle, indent=2)
         program_status: Optional[str] = "dense_program.pt2"
         reason = ""
         head = DenseHead(task).eval()
         with torch.no_grad():
             pooled = ebc(example_sparse).values()  # (B, sum dims)
+            inputs = (example_dense, pooled)
+            if semantic is not None:
+                inputs = inputs + (semantic(example_sparse).values(),)  # (B, K * d)
         try:
             batch = torch.export.Dim("batch", min=1)
             program = torch.export.export(
-                head, (example_dense, pooled), dynamic_shapes=({0: batch}, {0: batch}), strict=False
+                head, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
             )
             torch.export.save(program, os.path.join(tmp, "dense_program.pt2"))
         except Exception as error:  # torch.export could not capture this backbone
@@ -254,6 +297,7 @@ def export_task(
             "pooled_dim": int(pooled.size(1)),
             "state": STATE_FILE,
             "tables": "tables.json",
+            "semantic_tables": SEMANTIC_TABLES_FILE if semantic_tables else None,
             "dense_program": program_status,
             "dense_program_error": reason,
             "num_parameters": int(sum(p.numel() for p in task.parameters())),
@@ -265,6 +309,8 @@ def export_task(
         with open(os.path.join(tmp, "INFERENCE.md"), "w", encoding="utf-8") as handle:
             handle.write(INFERENCE_EXAMPLE.format(path=os.path.abspath(directory), features=feature_names,
                                                   num_dense=config["num_dense_features"], pooled=config["pooled_dim"]))
+            if semantic_tables:
+                handle.write(SEMANTIC_INFERENCE_NOTE.format(tables=[t["name"] for t in semantic_tables]))
         if os.path.exists(directory):
             old = f"{directory}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -279,18 +325,43 @@ def export_task(
     return config
 
 
+def _load_ebc(directory: str, tables_file: str, state: Dict[str, torch.Tensor], prefix: str) -> EmbeddingBagCollection:
+    """An EBC from an artifact's table list, its weights taken from ``state`` under ``prefix``."""
+    with open(os.path.join(directory, tables_file), encoding="utf-8") as handle:
+        tables = json.load(handle)
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
+                               feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]])
+            for t in tables
+        ],
+        device=torch.device("cpu"),
+    )
+    ebc.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return ebc.eval()
+
+
 class ServedModel(nn.Module):
-    """An exported model for inference: eager EBC lookup + the exported dense program.
+    """An exported model for inference: eager EBC lookups + the exported dense program.
 
     Args:
         ebc (EmbeddingBagCollection): the tables with trained weights.
-        dense_program (nn.Module): ``(dense, pooled) -> logits`` (``torch.export`` module).
+        dense_program (nn.Module): ``(dense, pooled[, vectors]) -> logits`` (``torch.export`` module).
         config (Dict[str, Any]): the artifact's ``config.json``.
+        semantic_ebc (Optional[EmbeddingBagCollection]): a gain network's frozen entity-vector
+            tables (their LLM vectors were computed offline, once per entity).
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, dense_program: nn.Module, config: Dict[str, Any]) -> None:
+    def __init__(
+        self,
+        ebc: EmbeddingBagCollection,
+        dense_program: nn.Module,
+        config: Dict[str, Any],
+        semantic_ebc: Optional[EmbeddingBagCollection] = None,
+    ) -> None:
         super().__init__()
         self.embedding_bag_collection = ebc
+        self.semantic_embedding_bag_collection = semantic_ebc
         self.dense_program = dense_program
         self._config = config
 
@@ -310,28 +381,22 @@ class ServedModel(nn.Module):
                 f"{directory}: no dense program was exported ({config['dense_program_error']}); "
                 "load model.safetensors into the model code instead"
             )
-        with open(os.path.join(directory, config["tables"]), encoding="utf-8") as handle:
-            tables = json.load(handle)
-        ebc = EmbeddingBagCollection(
-            tables=[
-                EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
-                                   feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]])
-                for t in tables
-            ],
-            device=torch.device("cpu"),
-        )
         state = load_file(os.path.join(directory, config["state"]))
-        ebc_state = {k[len("model.embedding_bag_collection.") :]: v for k, v in state.items()
-                     if k.startswith("model.embedding_bag_collection.")}
-        ebc.load_state_dict(ebc_state)
+        ebc = _load_ebc(directory, config["tables"], state, "model.embedding_bag_collection.")
+        semantic = None
+        if config.get("semantic_tables"):
+            semantic = _load_ebc(directory, config["semantic_tables"], state, "semantic_table.embedding_bag_collection.")
         program = torch.export.load(os.path.join(directory, config["dense_program"])).module()
-        return cls(ebc.eval(), program, config)
+        return cls(ebc, program, config, semantic)
 
     @torch.no_grad()
     def logits(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """(B, Dd), KJT -> logits (B,)."""
         pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
-        return self.dense_program(dense_features, pooled)
+        if self.semantic_embedding_bag_collection is None:
+            return self.dense_program(dense_features, pooled)
+        vectors = self.semantic_embedding_bag_collection(sparse_features).values()  # (B, K * d)
+        return self.dense_program(dense_features, pooled, vectors)
 
     def predict(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Click probabilities (B,)."""

@@ -1,11 +1,12 @@
-"""``recsys-llm export``: the servable artifact of a trained run (the ELEC student alone).
+"""``recsys-llm export``: the servable artifact of a trained run (e.g. the ELEC student alone).
 
 Loads the checkpoint into the sharded task exactly as training built it (any world size),
 gathers the full state dict on rank 0 (``ShardedTensor.gather``), keeps the student's
-tensors (``student.*`` of a teacher-student task; the whole task for a plain backbone),
-and writes them with a ``torch.export`` program of the dense part
-(:mod:`recsys_llm.serving`). A gain network (which needs LLM vectors at inference) is
-refused: export its student.
+tensors (``student.*`` of a teacher-student task; the whole task for a plain backbone or an
+entity-table gain network), and writes them with a ``torch.export`` program of the dense part
+(:mod:`recsys_llm.serving`). A gain network reading per-row vectors (which needs the LLM at
+inference) is refused: export its student. One reading frozen entity tables is exported with
+those tables (the LLM ran offline, once per entity).
 
 Example::
 
@@ -131,7 +132,7 @@ def _teacher_outputs(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``export`` and ``teacher-outputs``."""
-    export = subparsers.add_parser("export", help="export the served model (ELEC student alone) of a trained run")
+    export = subparsers.add_parser("export", help="export the served model of a trained run (ELEC: the student, or an entity-table gain network)")
     export.add_argument("--config", required=True, help="the YAML config of the run")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     export.add_argument("--output", required=True, help="export directory")
