@@ -21,6 +21,9 @@ load only slows a round down), the headline is the geometric mean over backbones
   with (default: the offline MiniLM, ``max_length`` 128); it runs with ``tuning="heads"`` (no
   LoRA layers), which costs what a LoRA-tuned model costs after merging its adapters, so the gain
   network is not slowed by unmerged adapters.
+* ``gain_entity_tables_serve_ratio_vs_backbone`` (no goal): inference samples/s of an exported
+  gain network whose user and item vectors sit in frozen entity tables (the deployable form of
+  the gain network: the LLM ran offline, once per entity) divided by the plain backbone.
 * ``kd_train_ratio_vs_backbone``: training samples/s of the joint KD task
   (``build_elec_task(ELECConfig(task="distill", distill=TeacherStudentConfig(mode="joint")))``:
   gain network + vanilla network, score and representation KD) divided by the plain backbone,
@@ -81,7 +84,7 @@ GOAL_SERVE = 0.97
 GOAL_ONLINE = 50.0
 GOAL_KD_TRAIN = 0.45
 ALL_BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
-SERVE_CONTENDERS = ("student", "plain", "student_request", "gain_online_llm")
+SERVE_CONTENDERS = ("student", "plain", "gain_entity_tables", "student_request", "gain_online_llm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +247,13 @@ def served_tasks(name: str, sizes: Sizes, schema, plain_dmp, kd_dmp) -> Dict[str
     student.load_state_dict(sub_state(full, "student."))
     gain = build_gain_network(config, schema, model, device=cpu)
     gain.load_state_dict(sub_state(full, "teacher."))
-    return {"plain": plain.eval(), "student": student.eval(), "gain": gain.eval()}
+    # the deployable gain network: user and item vectors from frozen entity tables (random here:
+    # serving cost does not depend on the values), exported like the student
+    entity_config = dataclasses.replace(config, vector_source="entity_table",
+                                        entity_tables={"user_id": "unused", "item_id": "unused"})
+    gain_entity = build_gain_network(entity_config, schema, model, device=cpu)
+    return {"plain": plain.eval(), "student": student.eval(), "gain": gain.eval(),
+            "gain_entity_tables": gain_entity.eval()}
 
 
 def online_gain_step(gain, llm, renderer, requests: List[Tuple[Any, Any]], key: str) -> Callable[[], Any]:
@@ -289,6 +298,8 @@ def compare_backbone(name: str, sizes: Sizes, schema, train_batches: List, reque
                                                  serve_batches[0])
     plain_logits, plain_path = served_logits(tasks["plain"], os.path.join(work_dir, f"export_{name}_plain"),
                                              serve_batches[0])
+    entity_logits, entity_path = served_logits(tasks["gain_entity_tables"],
+                                               os.path.join(work_dir, f"export_{name}_gain_entity"), serve_batches[0])
     request_batches = [batch for batch, _ in requests]
     key = elec_config(sizes).vector_key
     online = online_gain_step(tasks["gain"], llm, renderer, requests, key)
@@ -298,6 +309,8 @@ def compare_backbone(name: str, sizes: Sizes, schema, train_batches: List, reque
                                       sizes.serve_warmup, sizes.serve_steps),
         "plain": samples_per_second(cycling_step(plain_logits, serve_batches), sizes.batch_size,
                                     sizes.serve_warmup, sizes.serve_steps),
+        "gain_entity_tables": samples_per_second(cycling_step(entity_logits, serve_batches), sizes.batch_size,
+                                                 sizes.serve_warmup, sizes.serve_steps),
         "student_request": samples_per_second(cycling_step(student_logits, request_batches), sizes.request_batch_size,
                                               sizes.serve_warmup, sizes.serve_steps),
         "gain_online_llm": samples_per_second(online, sizes.request_batch_size, 0, sizes.online_steps),
@@ -312,6 +325,8 @@ def compare_backbone(name: str, sizes: Sizes, schema, train_batches: List, reque
         "student_serve_ratio": best_of_rounds_ratio(serve_rounds["student"], serve_rounds["plain"]),
         "student_speedup_vs_gain_online_llm": best_of_rounds_ratio(serve_rounds["student_request"],
                                                                    serve_rounds["gain_online_llm"]),
+        "gain_entity_tables_serve_ratio": best_of_rounds_ratio(serve_rounds["gain_entity_tables"],
+                                                               serve_rounds["plain"]),
         "median_of_round_ratios": {"kd_train": median(kd_ratios), "student_serve": median(serve_ratios),
                                    "student_speedup": median(online_ratios)},
         "kd_train_ratio_rounds": kd_ratios,
@@ -319,7 +334,8 @@ def compare_backbone(name: str, sizes: Sizes, schema, train_batches: List, reque
         "student_speedup_rounds": online_ratios,
         "train_samples_per_second_rounds": train_rounds,
         "serve_samples_per_second_rounds": serve_rounds,
-        "serve_path": {"student": student_path, "plain": plain_path, "gain": "eager CTRTask.predict (LLM input)"},
+        "serve_path": {"student": student_path, "plain": plain_path, "gain_entity_tables": entity_path,
+                       "gain": "eager CTRTask.predict (LLM input)"},
         "pipelined_all_sharded_modules": {label: loop.pipelined_all_sharded_modules for label, loop in loops.items()},
         "parameters": {label: int(sum(p.numel() for p in task.parameters())) for label, task in tasks.items()},
     }
@@ -414,9 +430,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "student_speedup_vs_gain_online_llm": geometric_mean(
             [r["student_speedup_vs_gain_online_llm"] for r in per_backbone.values()]),
         "kd_train_ratio_vs_backbone": geometric_mean([r["kd_train_ratio"] for r in per_backbone.values()]),
+        "gain_entity_tables_serve_ratio_vs_backbone": geometric_mean(
+            [r["gain_entity_tables_serve_ratio"] for r in per_backbone.values()]),
     }
     goals = {"student_serve_ratio_vs_backbone": GOAL_SERVE, "student_speedup_vs_gain_online_llm": GOAL_ONLINE,
-             "kd_train_ratio_vs_backbone": GOAL_KD_TRAIN}
+             "kd_train_ratio_vs_backbone": GOAL_KD_TRAIN}  # the entity-table gain figure has no goal
     details = {
         "goals": goals,
         "headline_method": "geometric mean over backbones of the per-backbone ratio; " + RATIO_METHOD,
@@ -438,7 +456,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "serve_setup": "student: unsharded_state_dict -> sub_state('student.') -> build_student -> export_task -> "
                        "ServedModel.logits; plain: the same export of the plain task; gain_online_llm: per request "
                        "RowTextRenderer.render -> CTRAdaptedLLM.encode -> gain CTRTask.predict (eager, no_grad); "
-                       "student_request: the exported student on the same requests",
+                       "student_request: the exported student on the same requests; gain_entity_tables: a gain "
+                       "network with user_id and item_id vectors in frozen entity tables, exported with them "
+                       "(export_task -> ServedModel.logits), no LLM at request time",
         "sizes": dataclasses.asdict(sizes),
         "total_seconds": time.perf_counter() - started,
     }
@@ -447,6 +467,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
          "student serve ratio": round(r["student_serve_ratio"], 4),
          "speedup vs online gain": round(r["student_speedup_vs_gain_online_llm"], 1),
          "KD train ratio": round(r["kd_train_ratio"], 4),
+         "entity-table gain serve ratio": round(r["gain_entity_tables_serve_ratio"], 4),
          "plain serve samples/s": round(median(r["serve_samples_per_second_rounds"]["plain"]), 1),
          "online gain samples/s": round(median(r["serve_samples_per_second_rounds"]["gain_online_llm"]), 2),
          "plain train samples/s": round(median(r["train_samples_per_second_rounds"]["plain"]), 1)}
@@ -463,7 +484,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print_summary(NAME, payload)
     if args.mode != "smoke":
         for key, value in figures.items():
-            if value < goals[key]:
+            if key in goals and value < goals[key]:
                 print(f"[{NAME}] {key}={value:.4g} below the goal {goals[key]}; load average "
                       f"{payload['machine']['load_average_at_end']}", file=sys.stderr)
     teardown_distributed()

@@ -21,7 +21,8 @@ from benchmarks import common, peers, run_all  # noqa: E402
 REQUIRED_KEYS = {
     "train_throughput": ["ratio_vs_torchrec_loop", "ratio_parquet_vs_memory"],
     "llactr": ["train_ratio_vs_backbone", "serve_ratio_vs_backbone", "llm_cost_ratio_instance_vs_field"],
-    "elec": ["student_serve_ratio_vs_backbone", "student_speedup_vs_gain_online_llm", "kd_train_ratio_vs_backbone"],
+    "elec": ["student_serve_ratio_vs_backbone", "student_speedup_vs_gain_online_llm", "kd_train_ratio_vs_backbone",
+             "gain_entity_tables_serve_ratio_vs_backbone"],
     "peers": ["train_speedup_vs_deepctr_torch", "auc_diff_vs_deepctr_torch"],
 }
 MACHINE_KEYS = ["cpu_model", "usable_cores", "torch_threads", "gpu", "versions"]
@@ -120,7 +121,10 @@ def test_elec_student_is_served_exported_and_ratios_come_from_rounds(tmp_path_fa
     payload = _smoke_payload("elec", tmp_path_factory)
     for name, result in payload["details"]["per_backbone"].items():
         serve = result["serve_samples_per_second_rounds"]
-        assert set(serve) == {"student", "plain", "student_request", "gain_online_llm"}
+        assert set(serve) == {"student", "plain", "gain_entity_tables", "student_request", "gain_online_llm"}
+        entity = max(serve["gain_entity_tables"]) / max(serve["plain"])
+        assert result["gain_entity_tables_serve_ratio"] == pytest.approx(entity), name
+        assert result["serve_path"]["gain_entity_tables"] == "export"
         assert result["student_serve_ratio"] == pytest.approx(max(serve["student"]) / max(serve["plain"])), name
         online = max(serve["student_request"]) / max(serve["gain_online_llm"])
         assert result["student_speedup_vs_gain_online_llm"] == pytest.approx(online), name
