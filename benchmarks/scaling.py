@@ -24,11 +24,14 @@ Three curves, each measured in one run on the same machine:
   largest over the ranks, per size) and training samples/s over prebuilt random batches (the
   ranks run on CPU whatever ``--device`` says). Sizes
   run in ascending order, one model at a time (the previous one freed first).
-* **batch sizes**: DeepFM training samples/s (the same project loop, prebuilt batches of the
-  train split) and inference samples/s (the project's serving artifact, ``export_task`` ->
+* **batch sizes**: training samples/s (the same project loop, prebuilt batches of the train
+  split) and inference samples/s (the project's serving artifact, ``export_task`` ->
   ``ServedModel``, whose dense program has a dynamic batch dimension) at each batch size, in
-  interleaved rounds; ``batch_samples_per_second`` = ``{"train": {B: sps}, "inference": {B: sps}}``
-  (medians over rounds).
+  interleaved rounds, for plain DeepFM and each LLM method on it (``method_task``): LLaCTR
+  (FRE + FIE; served with FIE frozen), the ELEC gain network with user and item vectors in
+  frozen entity tables, and ELEC joint KD (training only: the student serves as plain DeepFM);
+  ``batch_samples_per_second`` = ``{"train": {B: sps}, "inference": {B: sps}}`` of plain DeepFM
+  and ``batch_samples_per_second_by_method`` the same per method (medians over rounds).
 
 The PNG shows, left, samples/s and peak RSS of the rows and tables curves relative to their
 smallest size (flat = constant cost per sample), right, samples/s against the batch size.
@@ -466,33 +469,85 @@ def tables_curve(sizes: Sizes, work_dir: str, seed: int) -> Dict[str, Any]:
 
 
 # ---- curve 3: batch sizes ---------------------------------------------------------------------------
-def batch_curve(sizes: Sizes, schema, device, seed: int, work_dir: str) -> Dict[str, Any]:
-    """Training and inference samples/s of DeepFM per batch size (interleaved rounds)."""
+BATCH_METHODS = ("plain", "llactr", "elec_gain", "elec_joint_kd")
+SERVED_METHODS = ("plain", "llactr", "elec_gain")  # the ELEC student serves as the plain architecture
+ENTITY_TABLES = {"user_id": "unused", "item_id": "unused"}  # frozen tables keep their random init here
+
+
+def method_task(method: str, sizes: Sizes, schema, tables_device, dense_device=None):
+    """DeepFM plain, with LLaCTR's FRE + FIE, as an ELEC gain network, or as ELEC joint KD.
+
+    The LLM-derived inputs are random (field vectors; entity tables left at their random
+    init): the step's cost does not depend on their values.
+    """
     import torch
 
+    from recsys_llm.models.registry import build_backbone
+    from recsys_llm.modules.elec import ELECConfig, build_elec_task
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+    from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
+    from recsys_llm.modules.llactr import embedded_features
+    from recsys_llm.modules.teacher_student import TeacherStudentConfig
+    from recsys_llm.train.task import CTRTask
+
+    config = deepfm_config(sizes)
+    if method == "plain":
+        return deepfm_task(sizes, schema, tables_device, dense_device)
+    if method == "llactr":
+        backbone = build_backbone(config, schema, device=tables_device, dense_device=dense_device)
+        names = list(embedded_features(backbone))
+        vectors = torch.randn(len(names), 384, generator=torch.Generator().manual_seed(0))
+        with torch.device(dense_device or "cpu"):
+            fre = FieldRepresentationEnhancement(vectors, names, config.embedding_dim)
+            fie = FieldInteractionEnhancement(vectors, names)
+        return CTRTask(backbone, logit_terms={"fie": fie}, loss_terms={"fre": fre})
+    task = "gain" if method == "elec_gain" else "distill"
+    elec = ELECConfig(task=task, vector_dim=32, vector_source="entity_table", entity_tables=dict(ENTITY_TABLES),
+                      distill=TeacherStudentConfig(mode="joint"))
+    return build_elec_task(elec, schema, config, device=tables_device, dense_device=dense_device)
+
+
+def batch_curve(sizes: Sizes, schema, device, seed: int, work_dir: str) -> Dict[str, Any]:
+    """Training and inference samples/s of DeepFM and each LLM method per batch size (interleaved rounds)."""
+    import torch
+
+    cpu = torch.device("cpu")
     train_contenders, serve_contenders = {}, {}
-    serve_path = ""
-    cpu_task = deepfm_task(sizes, schema, torch.device("cpu")).eval()
+    served: Dict[str, Any] = {}
+    paths: Dict[str, str] = {}
     for batch_size in sizes.batch_sizes:
         batches = train_split_batches(schema, batch_size, sizes.batch_memory_batches)
-        torch.manual_seed(seed)
-        model, optimizer = shard_for_training(deepfm_task(sizes, schema, torch.device("meta"), device), device,
-                                              batch_size)
-        train_contenders[str(batch_size)] = TrainEpochLoop(
-            model, optimizer, device, itertools.cycle(batches), batch_size, sizes.batch_warmup, sizes.batch_measured,
-            description=f"scaling batch {batch_size}")
-        if not serve_contenders:
-            logits, serve_path = served_logits(cpu_task, os.path.join(work_dir, "export_deepfm"), batches[0])
-        serve_contenders[str(batch_size)] = samples_per_second(cycling_step(logits, batches), batch_size,
-                                                               sizes.batch_warmup, sizes.batch_measured)
+        for method in BATCH_METHODS:
+            torch.manual_seed(seed)
+            model, optimizer = shard_for_training(method_task(method, sizes, schema, torch.device("meta"), device),
+                                                  device, batch_size)
+            train_contenders[f"{method}@{batch_size}"] = TrainEpochLoop(
+                model, optimizer, device, itertools.cycle(batches), batch_size, sizes.batch_warmup,
+                sizes.batch_measured, description=f"scaling batch {method} {batch_size}")
+        for method in SERVED_METHODS:
+            if method not in served:
+                task = method_task(method, sizes, schema, cpu).eval()
+                for term in getattr(task, "logit_terms", {}).values():
+                    term.freeze()  # FIE's pair weights are constants when served
+                served[method], paths[method] = served_logits(task, os.path.join(work_dir, f"export_{method}"),
+                                                              batches[0])
+            serve_contenders[f"{method}@{batch_size}"] = samples_per_second(
+                cycling_step(served[method], batches), batch_size, sizes.batch_warmup, sizes.batch_measured)
     train_rounds = interleaved_repeats(train_contenders, sizes.batch_repeats)
     serve_rounds = interleaved_repeats(serve_contenders, sizes.batch_repeats)
+    by_method = {
+        "train": {m: {str(b): median(train_rounds[f"{m}@{b}"]) for b in sizes.batch_sizes} for m in BATCH_METHODS},
+        "inference": {m: {str(b): median(serve_rounds[f"{m}@{b}"]) for b in sizes.batch_sizes}
+                      for m in SERVED_METHODS},
+    }
     return {
-        "train": {k: median(v) for k, v in train_rounds.items()},
-        "inference": {k: median(v) for k, v in serve_rounds.items()},
+        "train": by_method["train"]["plain"],
+        "inference": by_method["inference"]["plain"],
+        "by_method": by_method,
         "train_rounds": train_rounds,
         "inference_rounds": serve_rounds,
-        "inference_path": serve_path,
+        "inference_path": paths["plain"],
+        "inference_paths": paths,
     }
 
 
@@ -523,14 +578,14 @@ def plot(path: Path, rows: Dict[str, Any], tables: Dict[str, Any], batch: Dict[s
         axis.legend(fontsize=7)
 
     def batches(axis: Any) -> None:
-        for label in ("train", "inference"):
-            xs = [int(k) for k in batch[label]]
-            axis.plot(xs, list(batch[label].values()), "o-", label=label)
+        for label, style in (("train", "o-"), ("inference", "s--")):
+            for method, curve in batch["by_method"][label].items():
+                axis.plot([int(k) for k in curve], list(curve.values()), style, label=f"{label}: {method}")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("batch size")
         axis.set_ylabel("samples/s")
-        axis.set_title("DeepFM samples/s by batch size", fontsize=9)
+        axis.set_title("DeepFM and the LLM methods: samples/s by batch size", fontsize=9)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
 
@@ -584,8 +639,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         for k in tables["rss_per_rank_mb"]
     ]
     table += [
-        {"curve": f"batch ({label})", "size": int(k), "samples/s": round(v, 1)}
-        for label in ("train", "inference") for k, v in batch[label].items()
+        {"curve": f"batch ({label}, {method})", "size": int(k), "samples/s": round(v, 1),
+         "vs plain": round(v / batch["by_method"][label]["plain"][k], 3)}
+        for label in ("train", "inference") for method, curve in batch["by_method"][label].items()
+        for k, v in curve.items()
     ]
     details = {
         "rows": {**rows, "batch_size": sizes.rows_batch_size, "generate_seconds": generate_seconds,
@@ -602,6 +659,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     payload["tables_rss_per_rank_mb"] = tables["rss_per_rank_mb"]
     payload["tables_shard_fraction_per_rank"] = tables["shard_fraction_per_rank"]
     payload["batch_samples_per_second"] = {"train": batch["train"], "inference": batch["inference"]}
+    payload["batch_samples_per_second_by_method"] = batch["by_method"]
     write_json(args.json, payload)
     plot(args.plot, rows, tables, batch)
     print_summary(NAME, payload)

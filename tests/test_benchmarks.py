@@ -317,6 +317,12 @@ def test_scaling_reports_three_curves_with_flat_shards(tmp_path_factory: pytest.
     for curve in batch.values():
         assert [int(k) for k in curve] == list(sizes.batch_sizes) and min(curve.values()) > 0
     assert details["batch"]["inference_path"] in {"export", "eager"}
+    by_method = payload["batch_samples_per_second_by_method"]
+    assert set(by_method["train"]) == set(scaling.BATCH_METHODS)
+    assert set(by_method["inference"]) == set(scaling.SERVED_METHODS)
+    assert by_method["train"]["plain"] == batch["train"]
+    assert all(min(curve.values()) > 0 for part in by_method.values() for curve in part.values())
+    assert set(details["batch"]["inference_paths"].values()) <= {"export", "eager"}
     assert {row["curve"].split(" ")[0] for row in payload["table"]} == {"rows", "tables", "batch"}
 
 
