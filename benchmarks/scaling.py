@@ -102,6 +102,8 @@ class Sizes:
         batch_warmup (int): untimed steps per training / inference measurement.
         batch_measured (int): timed steps per training / inference measurement.
         batch_repeats (int): interleaved rounds of the batch curve.
+        batch_backbones (Tuple[str, ...]): registry backbones of the batch curve (each with
+            every LLM method); the first one is also ``batch_samples_per_second``.
         smoke_models (bool): the registry's tiny DeepFM (``SMOKE_CONFIGS``) instead of its defaults.
     """
 
@@ -123,6 +125,7 @@ class Sizes:
     batch_warmup: int = 2
     batch_measured: int = 10
     batch_repeats: int = 3
+    batch_backbones: Tuple[str, ...] = ("deepfm", "dcnv2", "dlrm")
     smoke_models: bool = False
 
 
@@ -132,12 +135,13 @@ SIZES: Dict[str, Sizes] = {
         rows=(250_000, 500_000, 1_000_000), rows_batch_size=2048, rows_warmup=3, rows_measured=12, rows_repeats=2,
         table_rows=(100_000, 1_000_000), table_batch_size=2048, table_batches=3, table_warmup=2, table_measured=6,
         batch_sizes=(1024, 4096), batch_memory_batches=2, batch_warmup=1, batch_measured=5, batch_repeats=2,
+        batch_backbones=("deepfm",),
     ),
     "smoke": Sizes(
         rows=(4_000, 8_000, 16_000), rows_batch_size=256, rows_warmup=2, rows_measured=3, rows_repeats=1,
         table_rows=(1_000, 10_000), num_tables=2, table_dim=8, table_batch_size=128, table_batches=2,
         table_warmup=2, table_measured=2, batch_sizes=(128, 512), batch_memory_batches=2, batch_warmup=1,
-        batch_measured=2, batch_repeats=1, smoke_models=True,
+        batch_measured=2, batch_repeats=1, batch_backbones=("deepfm", "dlrm"), smoke_models=True,
     ),
 }
 
@@ -188,11 +192,11 @@ class PeakRss:
 
 
 # ---- shared model bits ----------------------------------------------------------------------------
-def deepfm_config(sizes: Sizes, embedding_dim: Optional[int] = None):
-    """The registry's DeepFM: its defaults, or its tiny smoke config."""
+def deepfm_config(sizes: Sizes, embedding_dim: Optional[int] = None, name: str = "deepfm"):
+    """The registry's backbone ``name`` (DeepFM by default): its defaults, or its tiny smoke config."""
     from recsys_llm.models.registry import SMOKE_CONFIGS, ModelConfig
 
-    config = SMOKE_CONFIGS["deepfm"] if sizes.smoke_models else ModelConfig(name="deepfm")
+    config = SMOKE_CONFIGS[name] if sizes.smoke_models else ModelConfig(name=name)
     return dataclasses.replace(config, embedding_dim=embedding_dim) if embedding_dim else config
 
 
@@ -474,8 +478,8 @@ SERVED_METHODS = ("plain", "llactr", "elec_gain")  # the ELEC student serves as 
 ENTITY_TABLES = {"user_id": "unused", "item_id": "unused"}  # frozen tables keep their random init here
 
 
-def method_task(method: str, sizes: Sizes, schema, tables_device, dense_device=None):
-    """DeepFM plain, with LLaCTR's FRE + FIE, as an ELEC gain network, or as ELEC joint KD.
+def method_task(method: str, sizes: Sizes, schema, tables_device, dense_device=None, backbone_name: str = "deepfm"):
+    """A backbone plain, with LLaCTR's FRE + FIE, as an ELEC gain network, or as ELEC joint KD.
 
     The LLM-derived inputs are random (field vectors; entity tables left at their random
     init): the step's cost does not depend on their values.
@@ -490,9 +494,9 @@ def method_task(method: str, sizes: Sizes, schema, tables_device, dense_device=N
     from recsys_llm.modules.teacher_student import TeacherStudentConfig
     from recsys_llm.train.task import CTRTask
 
-    config = deepfm_config(sizes)
+    config = deepfm_config(sizes, name=backbone_name)
     if method == "plain":
-        return deepfm_task(sizes, schema, tables_device, dense_device)
+        return CTRTask(build_backbone(config, schema, device=tables_device, dense_device=dense_device))
     if method == "llactr":
         backbone = build_backbone(config, schema, device=tables_device, dense_device=dense_device)
         names = list(embedded_features(backbone))
@@ -508,7 +512,7 @@ def method_task(method: str, sizes: Sizes, schema, tables_device, dense_device=N
 
 
 def batch_curve(sizes: Sizes, schema, device, seed: int, work_dir: str) -> Dict[str, Any]:
-    """Training and inference samples/s of DeepFM and each LLM method per batch size (interleaved rounds)."""
+    """Training and inference samples/s of each backbone and LLM method per batch size (interleaved rounds)."""
     import torch
 
     cpu = torch.device("cpu")
@@ -517,36 +521,44 @@ def batch_curve(sizes: Sizes, schema, device, seed: int, work_dir: str) -> Dict[
     paths: Dict[str, str] = {}
     for batch_size in sizes.batch_sizes:
         batches = train_split_batches(schema, batch_size, sizes.batch_memory_batches)
-        for method in BATCH_METHODS:
+        for name, method in itertools.product(sizes.batch_backbones, BATCH_METHODS):
             torch.manual_seed(seed)
-            model, optimizer = shard_for_training(method_task(method, sizes, schema, torch.device("meta"), device),
-                                                  device, batch_size)
-            train_contenders[f"{method}@{batch_size}"] = TrainEpochLoop(
+            task = method_task(method, sizes, schema, torch.device("meta"), device, name)
+            model, optimizer = shard_for_training(task, device, batch_size)
+            train_contenders[f"{name}/{method}@{batch_size}"] = TrainEpochLoop(
                 model, optimizer, device, itertools.cycle(batches), batch_size, sizes.batch_warmup,
-                sizes.batch_measured, description=f"scaling batch {method} {batch_size}")
-        for method in SERVED_METHODS:
-            if method not in served:
-                task = method_task(method, sizes, schema, cpu).eval()
+                sizes.batch_measured, description=f"scaling batch {name} {method} {batch_size}")
+        for name, method in itertools.product(sizes.batch_backbones, SERVED_METHODS):
+            key = f"{name}/{method}"
+            if key not in served:
+                task = method_task(method, sizes, schema, cpu, backbone_name=name).eval()
                 for term in getattr(task, "logit_terms", {}).values():
                     term.freeze()  # FIE's pair weights are constants when served
-                served[method], paths[method] = served_logits(task, os.path.join(work_dir, f"export_{method}"),
-                                                              batches[0])
-            serve_contenders[f"{method}@{batch_size}"] = samples_per_second(
-                cycling_step(served[method], batches), batch_size, sizes.batch_warmup, sizes.batch_measured)
+                served[key], paths[key] = served_logits(task, os.path.join(work_dir, f"export_{name}_{method}"),
+                                                        batches[0])
+            serve_contenders[f"{key}@{batch_size}"] = samples_per_second(
+                cycling_step(served[key], batches), batch_size, sizes.batch_warmup, sizes.batch_measured)
     train_rounds = interleaved_repeats(train_contenders, sizes.batch_repeats)
     serve_rounds = interleaved_repeats(serve_contenders, sizes.batch_repeats)
-    by_method = {
-        "train": {m: {str(b): median(train_rounds[f"{m}@{b}"]) for b in sizes.batch_sizes} for m in BATCH_METHODS},
-        "inference": {m: {str(b): median(serve_rounds[f"{m}@{b}"]) for b in sizes.batch_sizes}
-                      for m in SERVED_METHODS},
+
+    def curves(rounds: Dict[str, List[float]], name: str, methods: Tuple[str, ...]) -> Dict[str, Dict[str, float]]:
+        return {m: {str(b): median(rounds[f"{name}/{m}@{b}"]) for b in sizes.batch_sizes} for m in methods}
+
+    by_backbone = {
+        name: {"train": curves(train_rounds, name, BATCH_METHODS),
+               "inference": curves(serve_rounds, name, SERVED_METHODS)}
+        for name in sizes.batch_backbones
     }
+    by_method = by_backbone[sizes.batch_backbones[0]]
     return {
+        "backbone": sizes.batch_backbones[0],
         "train": by_method["train"]["plain"],
         "inference": by_method["inference"]["plain"],
         "by_method": by_method,
+        "by_backbone": by_backbone,
         "train_rounds": train_rounds,
         "inference_rounds": serve_rounds,
-        "inference_path": paths["plain"],
+        "inference_path": paths[f"{sizes.batch_backbones[0]}/plain"],
         "inference_paths": paths,
     }
 
@@ -585,7 +597,7 @@ def plot(path: Path, rows: Dict[str, Any], tables: Dict[str, Any], batch: Dict[s
         axis.set_yscale("log")
         axis.set_xlabel("batch size")
         axis.set_ylabel("samples/s")
-        axis.set_title("DeepFM and the LLM methods: samples/s by batch size", fontsize=9)
+        axis.set_title(f"{batch['backbone']} and the LLM methods: samples/s by batch size", fontsize=9)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
 
@@ -639,10 +651,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         for k in tables["rss_per_rank_mb"]
     ]
     table += [
-        {"curve": f"batch ({label}, {method})", "size": int(k), "samples/s": round(v, 1),
-         "vs plain": round(v / batch["by_method"][label]["plain"][k], 3)}
-        for label in ("train", "inference") for method, curve in batch["by_method"][label].items()
-        for k, v in curve.items()
+        {"curve": f"batch ({label}, {name} {method})", "size": int(k), "samples/s": round(v, 1),
+         "vs plain": round(v / parts[label]["plain"][k], 3)}
+        for name, parts in batch["by_backbone"].items() for label in ("train", "inference")
+        for method, curve in parts[label].items() for k, v in curve.items()
     ]
     details = {
         "rows": {**rows, "batch_size": sizes.rows_batch_size, "generate_seconds": generate_seconds,
@@ -660,6 +672,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     payload["tables_shard_fraction_per_rank"] = tables["shard_fraction_per_rank"]
     payload["batch_samples_per_second"] = {"train": batch["train"], "inference": batch["inference"]}
     payload["batch_samples_per_second_by_method"] = batch["by_method"]
+    payload["batch_samples_per_second_by_backbone"] = batch["by_backbone"]
     write_json(args.json, payload)
     plot(args.plot, rows, tables, batch)
     print_summary(NAME, payload)

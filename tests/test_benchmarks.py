@@ -323,6 +323,7 @@ def test_scaling_reports_three_curves_with_flat_shards(tmp_path_factory: pytest.
     assert by_method["train"]["plain"] == batch["train"]
     assert all(min(curve.values()) > 0 for part in by_method.values() for curve in part.values())
     assert set(details["batch"]["inference_paths"].values()) <= {"export", "eager"}
+    assert set(payload["batch_samples_per_second_by_backbone"]) == set(sizes.batch_backbones)
     assert {row["curve"].split(" ")[0] for row in payload["table"]} == {"rows", "tables", "batch"}
 
 
