@@ -61,7 +61,8 @@ class ELECConfig:
             ``entity_field`` / ``entity_vectors``. The K vectors, concatenated, are projected
             to ``K * num_injected_fields`` fields, so the backbone can interact user and item
             vectors with each other (FM / cross terms) as well as with the ID embeddings.
-        expected_provenance (Dict[str, str]): provenance the vectors must have.
+        expected_provenance (Dict[str, str]): provenance the vectors must have (every entity
+            table's; keys that differ per entity, such as ``entity_field``, do not belong here).
         teacher_checkpoint (Optional[str]): frozen mode: a gain-network export directory
             (``recsys-llm export``) or ``.safetensors`` state dict.
         distill (TeacherStudentConfig): KD mode and weights.
