@@ -29,8 +29,6 @@ Example (inference)::
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -40,6 +38,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.models.base import CTROutput
 
 FORMAT_VERSION = 1
@@ -261,10 +260,7 @@ def export_task(
     state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
     ebc = task.model.embedding_bag_collection
     semantic = _semantic_ebc(task)
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export.", dir=parent)
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(state, os.path.join(tmp, STATE_FILE))
         tables = _table_dicts(ebc)
         with open(os.path.join(tmp, "tables.json"), "w", encoding="utf-8") as handle:
@@ -311,17 +307,6 @@ def export_task(
                                                   num_dense=config["num_dense_features"], pooled=config["pooled_dim"]))
             if semantic_tables:
                 handle.write(SEMANTIC_INFERENCE_NOTE.format(tables=[t["name"] for t in semantic_tables]))
-        if os.path.exists(directory):
-            old = f"{directory}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config
 
 

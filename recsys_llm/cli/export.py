@@ -78,24 +78,18 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
 
 
 def _write_state(state: Dict[str, Any], output: str, metadata: Dict[str, Any]) -> Dict[str, Any]:
-    """``output/model.safetensors`` + ``config.json``, written into a temp directory renamed into place."""
-    import shutil
-
+    """``output/model.safetensors`` + ``config.json``, written into a temp directory swapped into place."""
     from safetensors.torch import save_file
 
+    from recsys_llm.atomic_dir import atomic_directory
     from recsys_llm.serving import STATE_FILE
 
-    tmp = f"{output.rstrip(os.sep)}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, STATE_FILE))
     config = {"state": STATE_FILE, "num_state_tensors": len(state), "dense_program": "none (state only)",
               "num_parameters": int(sum(v.numel() for v in state.values())), "feature_names": [], "metadata": metadata}
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2)
-    if os.path.exists(output):
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    with atomic_directory(output) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, STATE_FILE))
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
     return config
 
 

@@ -25,8 +25,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.semantics.encoder import hidden_states, model_dir_fingerprint, pool
 
 TUNING_MODES = ("lora", "last_k", "heads")
@@ -310,26 +309,13 @@ def save_ctr_llm(model: CTRAdaptedLLM, directory: str) -> None:
     Files: ``config.json``, ``heads.safetensors``, ``llm_tuned.safetensors`` (LoRA adapters
     or the unfrozen layers, by parameter name), ``provenance.json``.
     """
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".ctr_llm.", dir=parent)
-    try:
+    with atomic_directory(directory) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(dataclasses.asdict(model.config), handle, indent=2)
         save_file(_heads_state(model), os.path.join(tmp, "heads.safetensors"))
         save_file(model.trainable_llm_state(), os.path.join(tmp, "llm_tuned.safetensors"))
         with open(os.path.join(tmp, "provenance.json"), "w", encoding="utf-8") as handle:
             json.dump(model.provenance(), handle, indent=2)
-        if os.path.exists(directory):
-            old = f"{directory}.old"
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_ctr_llm(directory: str, model_path: Optional[str] = None) -> CTRAdaptedLLM:

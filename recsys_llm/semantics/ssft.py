@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from recsys_llm.atomic_dir import replace_directory
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.encoder import (
     TextEncoder,
@@ -190,18 +191,6 @@ def retrieval_metrics(queries: torch.Tensor, keys: torch.Tensor, labels: torch.T
     return {"accuracy": accuracy, "loss": loss, "count": int(labels.numel())}
 
 
-def _atomic_replace_dir(tmp: str, final: str) -> None:
-    """Moves ``tmp`` to ``final``; the old ``final`` survives as ``final.old`` until then."""
-    old = f"{final}.old"
-    if os.path.exists(old):
-        shutil.rmtree(old)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-
 class SSFTTrainer:
     """Runs SSFT for one schema and writes the adapter, checkpoints and metrics.
 
@@ -324,7 +313,7 @@ class SSFTTrainer:
         torch.save(self._optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as handle:
             json.dump({**state, "signature": self._resume_signature()}, handle, indent=2)
-        _atomic_replace_dir(tmp, final)
+        replace_directory(tmp, final)
 
     def load_checkpoint(self) -> Optional[Dict[str, Any]]:
         """Restores adapter and optimizer from ``checkpoint/`` (or ``checkpoint.old``); None if absent."""
@@ -370,7 +359,7 @@ class SSFTTrainer:
         }
         with open(os.path.join(tmp, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
             json.dump(info, handle, indent=2)
-        _atomic_replace_dir(tmp, final)
+        replace_directory(tmp, final)
         return final
 
     def run(self) -> Dict[str, Any]:
