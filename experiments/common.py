@@ -72,13 +72,16 @@ def model_overrides(data: str, backbone: str) -> List[str]:
     return [f"model.{key}={json.dumps(value)}" for key, value in model.items()]
 
 
-def run_cli_step(argv: Sequence[str], done_file: str) -> None:
+def run_cli_step(argv: Sequence[str], done_file: Optional[str]) -> None:
     """Runs ``recsys-llm ARGV`` in this process unless ``done_file`` exists (resumable steps).
+
+    ``done_file=None`` always runs the command: for steps that resume by themselves and skip
+    finished work (``semantics export``).
 
     Raises:
         SystemExit: the command returned a non-zero status.
     """
-    if os.path.exists(done_file):
+    if done_file is not None and os.path.exists(done_file):
         print(f"[skip] {' '.join(argv[:2])}: {done_file} exists", flush=True)
         return
     from recsys_llm.cli import main as cli_main

@@ -96,10 +96,9 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
         overrides = ["elec.vector_source=entity_table"]
         for entity in entities:
             vectors = os.path.join(work, f"vectors_{entity}")
-            done = os.path.join(vectors, "finished")  # the export resumes by itself; this skips its set-up
+            # no done file: the export skips its finished chunks itself
             run_cli_step(export + ["--output-dir", vectors, "--entity-field", entity, "--entity-fields", entity,
-                                   "--output", "pooled"], done)
-            open(done, "w", encoding="utf-8").close()
+                                   "--output", "pooled"], None)
             overrides.append(f"elec.entity_tables.{entity}={vectors}")
         overrides.append(f"elec.vector_dim={vector_dim(vectors)}")  # H of the LLM
         return schema, overrides

@@ -101,10 +101,6 @@ class SemanticTable(nn.Module):
         return list(self._feature_names)
 
     @property
-    def table_names(self) -> List[str]:
-        return [semantic_table_name(name) for name in self._feature_names]
-
-    @property
     def dim(self) -> int:
         """d of one entity's vector."""
         return self._dim
