@@ -192,7 +192,7 @@ class PeakRss:
 
 
 # ---- shared model bits ----------------------------------------------------------------------------
-def deepfm_config(sizes: Sizes, embedding_dim: Optional[int] = None, name: str = "deepfm"):
+def backbone_config(sizes: Sizes, embedding_dim: Optional[int] = None, name: str = "deepfm"):
     """The registry's backbone ``name`` (DeepFM by default): its defaults, or its tiny smoke config."""
     from recsys_llm.models.registry import SMOKE_CONFIGS, ModelConfig
 
@@ -200,12 +200,13 @@ def deepfm_config(sizes: Sizes, embedding_dim: Optional[int] = None, name: str =
     return dataclasses.replace(config, embedding_dim=embedding_dim) if embedding_dim else config
 
 
-def deepfm_task(sizes: Sizes, schema, tables_device, dense_device=None, embedding_dim: Optional[int] = None):
-    """A plain DeepFM ``CTRTask`` (tables on ``meta`` for DMP, or a real device for serving)."""
+def backbone_task(sizes: Sizes, schema, tables_device, dense_device=None, embedding_dim: Optional[int] = None,
+                  name: str = "deepfm"):
+    """A plain ``CTRTask`` of backbone ``name`` (tables on ``meta`` for DMP, or a real device for serving)."""
     from recsys_llm.models.registry import build_backbone
     from recsys_llm.train.task import CTRTask
 
-    backbone = build_backbone(deepfm_config(sizes, embedding_dim), schema, device=tables_device,
+    backbone = build_backbone(backbone_config(sizes, embedding_dim, name), schema, device=tables_device,
                               dense_device=dense_device)
     return CTRTask(backbone)
 
@@ -330,7 +331,7 @@ def rows_curve(sizes: Sizes, schema, parts: Dict[int, List[str]], device, seed: 
     import torch
 
     torch.manual_seed(seed)
-    model, optimizer = shard_for_training(deepfm_task(sizes, schema, torch.device("meta"), device), device,
+    model, optimizer = shard_for_training(backbone_task(sizes, schema, torch.device("meta"), device), device,
                                           sizes.rows_batch_size)
     contenders = {n: RowsMeasurement(schema, paths, model, optimizer, device, sizes, seed, rss)
                   for n, paths in parts.items()}
@@ -400,7 +401,7 @@ def tables_rank(rank: int, sizes: Sizes, port: int, out_dir: str, seed: int) -> 
         baseline = rss.current_mb()
         rss.reset()
         torch.manual_seed(seed)
-        task = deepfm_task(sizes, schema, torch.device("meta"), context.device, embedding_dim=sizes.table_dim)
+        task = backbone_task(sizes, schema, torch.device("meta"), context.device, embedding_dim=sizes.table_dim)
         optim = OptimizerConfig()
         model, plan = shard_model(task, context.device, context.world_size,
                                   ShardingConfig(sharding_types=[sizes.table_sharding]), optim, sizes.table_batch_size)
@@ -494,9 +495,9 @@ def method_task(method: str, sizes: Sizes, schema, tables_device, dense_device=N
     from recsys_llm.modules.teacher_student import TeacherStudentConfig
     from recsys_llm.train.task import CTRTask
 
-    config = deepfm_config(sizes, name=backbone_name)
     if method == "plain":
-        return CTRTask(build_backbone(config, schema, device=tables_device, dense_device=dense_device))
+        return backbone_task(sizes, schema, tables_device, dense_device, name=backbone_name)
+    config = backbone_config(sizes, name=backbone_name)
     if method == "llactr":
         backbone = build_backbone(config, schema, device=tables_device, dense_device=dense_device)
         names = list(embedded_features(backbone))
