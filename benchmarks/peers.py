@@ -23,11 +23,22 @@ number of torch threads and never run at the same time. Epochs are interleaved (
 loop; then the reverse order), and each epoch's samples/s is its steady state (clock started
 after ``warmup_steps`` steps).
 
-Figures (top level of the JSON):
+Both comparisons run in one invocation, each on its own synthetic data of the same row count:
+
+* ``small`` tables: the generator's default vocabularies (``rows // 40`` users, ``rows // 100``
+  items: 6,250 and 2,500 in quick mode);
+* ``large`` tables: 10^6 users and 2.5 * 10^5 items, production-sized id tables. DeepCTR-Torch's
+  ``nn.Embedding`` tables get dense gradients, and its optimizer steps over every row of every
+  table each batch; the project's fused FBGEMM optimizer updates only the rows in the batch.
+  With 0.2 training rows per user both models overfit after the first epoch (test LogLoss above
+  1), so this scale compares the implementations, not the quality of the data.
+
+Figures (top level of the JSON, from the ``large`` tables; the ``small`` ones are in
+``details.by_tables``, and the ``*_by_tables`` entries hold both):
 
 * ``train_speedup_vs_deepctr_torch`` = project / deepctr_fit training samples/s, the ratio of
-  the two contenders' best epochs (``best_of_rounds_ratio``; goal >= 3); the ratio against ``deepctr_loop`` is in
-  ``details``;
+  the two contenders' best epochs (``best_of_rounds_ratio``; goal >= 3); the ratio against
+  ``deepctr_loop`` is in ``details``;
 * ``auc_diff_vs_deepctr_torch`` = test AUC of the project's model minus that of DeepCTR-Torch's
   ``fit`` model after the last epoch (goal: about 0, i.e. equal AUC), both computed by the same
   function (``recsys_llm.train.metrics.binary_metrics``).
@@ -57,7 +68,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -87,6 +98,30 @@ MISSING_PEER_EXIT = 2
 
 
 @dataclasses.dataclass(frozen=True)
+class TableScale:
+    """The id tables of one comparison: user and item vocabulary sizes of the synthetic data.
+
+    Args:
+        name (str): ``small`` or ``large``.
+        num_users (Optional[int]): users (the ``user_id`` table's rows); None: the generator's
+            default for the row count (``rows // 40``).
+        num_items (Optional[int]): items; None: the default (``rows // 100``).
+    """
+
+    name: str
+    num_users: Optional[int] = None
+    num_items: Optional[int] = None
+
+
+SMALL_TABLES = TableScale("small")
+# Production-sized id tables: 10^6 users, 2.5 * 10^5 items. DeepCTR-Torch's nn.Embedding
+# tables get dense gradients and a dense optimizer step over every row each batch; the
+# project's fused TBE optimizer touches only the rows in the batch.
+LARGE_TABLES = TableScale("large", num_users=1_000_000, num_items=250_000)
+HEADLINE_SCALE = LARGE_TABLES.name
+
+
+@dataclasses.dataclass(frozen=True)
 class Sizes:
     """Problem and measurement sizes of one mode.
 
@@ -100,6 +135,7 @@ class Sizes:
         sparse_lr (float): Adagrad learning rate of the tables.
         dense_lr (float): Adam learning rate of the rest.
         eval_batch_size (int): rows per prediction batch.
+        tables (Tuple[TableScale, ...]): the table sizes compared, each on its own data.
     """
 
     data_rows: int = 1_250_000
@@ -111,13 +147,15 @@ class Sizes:
     sparse_lr: float = 0.05
     dense_lr: float = 1e-3
     eval_batch_size: int = 8192
+    tables: Tuple[TableScale, ...] = (SMALL_TABLES, LARGE_TABLES)
 
 
 SIZES: Dict[str, Sizes] = {
     "full": Sizes(),
     "quick": Sizes(data_rows=250_000, epochs=3, warmup_steps=5),
     "smoke": Sizes(data_rows=4_000, batch_size=256, epochs=1, warmup_steps=2, embedding_dim=8,
-                   mlp_layer_sizes=(16, 8), eval_batch_size=512),
+                   mlp_layer_sizes=(16, 8), eval_batch_size=512,
+                   tables=(SMALL_TABLES, TableScale(HEADLINE_SCALE, num_users=20_000, num_items=5_000))),
 }
 
 
@@ -330,31 +368,109 @@ def peer_metrics(peer: PeerProcess, driver: str, labels, work_dir: str) -> Dict[
     return metrics
 
 
+def run_scale(scale: TableScale, sizes: Sizes, python: Path, device, seed: int) -> Dict[str, Any]:
+    """Both sides on the synthetic data of one table scale: interleaved epochs, then test metrics.
+
+    Returns:
+        Dict: ``train_speedup_vs_deepctr_fit`` / ``speedup_vs_deepctr_loop`` (best-of-rounds
+        ratios), ``auc_diff_vs_deepctr_fit``, the per-epoch figures, test metrics and sizes.
+    """
+    import numpy as np
+    import torch
+
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    with tempfile.TemporaryDirectory(prefix=f"peers_bench_{scale.name}_") as work_dir:
+        data_dir = os.path.join(work_dir, "data")
+        generate_synthetic(data_dir, sizes.data_rows, seed=seed, num_users=scale.num_users, num_items=scale.num_items)
+        schema = DatasetSchema.load(data_dir)
+        fields = field_specs(schema)
+        splits = {split: os.path.join(work_dir, f"{split}.npz") for split in ("train", "test")}
+        rows = {split: export_split(schema, split, fields, path) for split, path in splits.items()}
+        with np.load(splits["test"], allow_pickle=False) as data:
+            test_labels = data["label"]
+
+        peer = PeerProcess(python, os.path.join(work_dir, "peer_stderr.log"))
+        try:
+            peer_info = peer.request("setup", spec={
+                "fields": fields, "splits": splits, "embedding_dim": sizes.embedding_dim,
+                "mlp_layer_sizes": list(sizes.mlp_layer_sizes), "dropout": 0.0, "seed": seed,
+                "device": str(device), "threads": torch.get_num_threads(), "batch_size": sizes.batch_size,
+                "warmup_steps": sizes.warmup_steps, "eval_batch_size": sizes.eval_batch_size,
+                "sparse_lr": sizes.sparse_lr, "dense_lr": sizes.dense_lr, "eps": 1e-8,
+            })
+            project = ProjectSide(schema, sizes, device, seed)
+            runs = {
+                "project": project.epoch,
+                "deepctr_fit": lambda e: peer.request("epoch", driver="fit", epoch=e),
+                "deepctr_loop": lambda e: peer.request("epoch", driver="loop", epoch=e),
+            }
+            epochs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in CONTENDERS}
+            for epoch in range(sizes.epochs):
+                order = CONTENDERS if epoch % 2 == 0 else tuple(reversed(CONTENDERS))
+                for name in order:
+                    epochs[name].append(runs[name](epoch))
+                print(f"[{NAME}] {scale.name} tables, epoch {epoch + 1}/{sizes.epochs}: " + ", ".join(
+                    f"{n} {epochs[n][-1]['samples_per_second']:,.0f} samples/s" for n in CONTENDERS), flush=True)
+            metrics = {
+                "project": project.test_metrics(),
+                "deepctr_fit": peer_metrics(peer, "fit", test_labels, work_dir),
+                "deepctr_loop": peer_metrics(peer, "loop", test_labels, work_dir),
+            }
+        finally:
+            peer.close()
+
+    rounds = {name: [e["samples_per_second"] for e in epochs[name]] for name in CONTENDERS}
+    vs_fit = per_round_ratios(rounds["project"], rounds["deepctr_fit"])
+    vs_loop = per_round_ratios(rounds["project"], rounds["deepctr_loop"])
+    aucs = {name: float(metrics[name]["auc"]) for name in CONTENDERS}
+    return {
+        "train_speedup_vs_deepctr_fit": best_of_rounds_ratio(rounds["project"], rounds["deepctr_fit"]),
+        "auc_diff_vs_deepctr_fit": aucs["project"] - aucs["deepctr_fit"],
+        "speedup_vs_deepctr_loop": best_of_rounds_ratio(rounds["project"], rounds["deepctr_loop"]),
+        "median_of_epoch_ratios": {"vs_fit": median(vs_fit), "vs_loop": median(vs_loop)},
+        "speedup_vs_deepctr_fit_rounds": vs_fit,
+        "speedup_vs_deepctr_loop_rounds": vs_loop,
+        "samples_per_second_median": {name: median(values) for name, values in rounds.items()},
+        "samples_per_second_rounds": rounds,
+        "epochs": epochs,
+        "test_metrics": {name: {k: float(v) for k, v in m.items()} for name, m in metrics.items()},
+        "rows": rows,
+        "table_rows": {f["name"]: f["cardinality"] for f in fields if f["kind"] != "dense"},
+        "peer": peer_info,
+        "project_pipelined_all_sharded_modules": project.pipelined_all_sharded_modules,
+    }
+
+
 # ---- plot ---------------------------------------------------------------------------------------
-def plot(path: Path, rounds: Dict[str, List[float]], aucs: Dict[str, float], title: str) -> None:
-    """Left: training samples/s per epoch and contender. Right: test AUC per contender."""
+def plot(path: Path, results: Dict[str, Dict[str, Any]], title: str) -> None:
+    """Left: best training samples/s per contender and table scale. Right: test AUC, same bars."""
+    names = list(results)
+
+    def bars(axis: Any, value: Callable[[Dict[str, Any], str], float], label: str, fmt: str) -> None:
+        width = 0.8 / len(CONTENDERS)
+        for index, contender in enumerate(CONTENDERS):
+            values = [value(results[name], contender) for name in names]
+            positions = [i + (index - (len(CONTENDERS) - 1) / 2) * width for i in range(len(names))]
+            drawn = axis.bar(positions, values, width, label=contender)
+            for bar, v in zip(drawn, values):
+                axis.annotate(format(v, fmt), (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                              fontsize=7)
+        axis.set_xticks(range(len(names)))
+        axis.set_xticklabels([f"{n} tables\n({max(results[n]['table_rows'].values()):,} rows max)" for n in names],
+                             fontsize=8)
+        axis.set_ylabel(label)
+        axis.legend(fontsize=7)
 
     def throughput(axis: Any) -> None:
-        for name in CONTENDERS:
-            axis.plot(range(1, len(rounds[name]) + 1), rounds[name], marker="o", label=name)
-        axis.set_xlabel("epoch")
-        axis.set_ylabel("training samples/s")
-        axis.set_yscale("log")
+        bars(axis, lambda r, c: max(r["samples_per_second_rounds"][c]), "training samples/s (best epoch)", ",.0f")
         axis.set_title(title, fontsize=9)
-        axis.grid(alpha=0.3, which="both")
-        axis.legend(fontsize=8)
 
     def auc(axis: Any) -> None:
-        names = list(aucs)
-        values = [aucs[n] for n in names]
-        bars = axis.bar(range(len(names)), values, color="#4C72B0")
-        for bar, value in zip(bars, values):
-            axis.annotate(f"{value:.4f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
-        low = min(values)
-        axis.set_ylim(max(0.0, low - 0.05), min(1.0, max(values) + 0.02))
-        axis.set_xticks(range(len(names)))
-        axis.set_xticklabels(names, fontsize=8)
-        axis.set_ylabel("test AUC")
+        bars(axis, lambda r, c: r["test_metrics"][c]["auc"], "test AUC", ".4f")
+        low = min(r["test_metrics"][c]["auc"] for r in results.values() for c in CONTENDERS)
+        axis.set_ylim(max(0.0, low - 0.05), 1.0)
         axis.set_title("test AUC after the last epoch", fontsize=9)
 
     two_panel_figure(path, throughput, auc)
@@ -373,82 +489,32 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(str(error), file=sys.stderr)
         raise SystemExit(MISSING_PEER_EXIT) from None
 
-    import numpy as np
-    import torch
-
-    from recsys_llm.data.schema import DatasetSchema
-    from recsys_llm.data.synthetic import generate_synthetic
     from recsys_llm.train.distributed import init_distributed, teardown_distributed
 
     args.resolved_device = resolve_device(args.device)
     context = init_distributed(args.resolved_device)
     if context.world_size != 1:
         raise RuntimeError(f"{NAME} compares single-process training; run it without torchrun")
-    device = context.device
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="peers_bench_") as work_dir:
-        data_dir = os.path.join(work_dir, "data")
-        generate_synthetic(data_dir, sizes.data_rows, seed=args.seed)
-        schema = DatasetSchema.load(data_dir)
-        fields = field_specs(schema)
-        splits = {split: os.path.join(work_dir, f"{split}.npz") for split in ("train", "test")}
-        rows = {split: export_split(schema, split, fields, path) for split, path in splits.items()}
-        with np.load(splits["test"], allow_pickle=False) as data:
-            test_labels = data["label"]
-
-        peer = PeerProcess(python, os.path.join(work_dir, "peer_stderr.log"))
-        try:
-            peer_info = peer.request("setup", spec={
-                "fields": fields, "splits": splits, "embedding_dim": sizes.embedding_dim,
-                "mlp_layer_sizes": list(sizes.mlp_layer_sizes), "dropout": 0.0, "seed": args.seed,
-                "device": str(device), "threads": torch.get_num_threads(), "batch_size": sizes.batch_size,
-                "warmup_steps": sizes.warmup_steps, "eval_batch_size": sizes.eval_batch_size,
-                "sparse_lr": sizes.sparse_lr, "dense_lr": sizes.dense_lr, "eps": 1e-8,
-            })
-            project = ProjectSide(schema, sizes, device, args.seed)
-            runs = {
-                "project": project.epoch,
-                "deepctr_fit": lambda e: peer.request("epoch", driver="fit", epoch=e),
-                "deepctr_loop": lambda e: peer.request("epoch", driver="loop", epoch=e),
-            }
-            epochs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in CONTENDERS}
-            for epoch in range(sizes.epochs):
-                order = CONTENDERS if epoch % 2 == 0 else tuple(reversed(CONTENDERS))
-                for name in order:
-                    epochs[name].append(runs[name](epoch))
-                print(f"[{NAME}] epoch {epoch + 1}/{sizes.epochs}: " + ", ".join(
-                    f"{n} {epochs[n][-1]['samples_per_second']:,.0f} samples/s" for n in CONTENDERS), flush=True)
-            metrics = {
-                "project": project.test_metrics(),
-                "deepctr_fit": peer_metrics(peer, "fit", test_labels, work_dir),
-                "deepctr_loop": peer_metrics(peer, "loop", test_labels, work_dir),
-            }
-        finally:
-            peer.close()
-
-    rounds = {name: [e["samples_per_second"] for e in epochs[name]] for name in CONTENDERS}
-    vs_fit = per_round_ratios(rounds["project"], rounds["deepctr_fit"])
-    vs_loop = per_round_ratios(rounds["project"], rounds["deepctr_loop"])
-    aucs = {name: float(metrics[name]["auc"]) for name in CONTENDERS}
+    results = {scale.name: run_scale(scale, sizes, python, context.device, args.seed) for scale in sizes.tables}
+    headline = results[HEADLINE_SCALE]
     figures = {
-        "train_speedup_vs_deepctr_torch": best_of_rounds_ratio(rounds["project"], rounds["deepctr_fit"]),
-        "auc_diff_vs_deepctr_torch": aucs["project"] - aucs["deepctr_fit"],
+        "train_speedup_vs_deepctr_torch": headline["train_speedup_vs_deepctr_fit"],
+        "auc_diff_vs_deepctr_torch": headline["auc_diff_vs_deepctr_fit"],
     }
     details = {
         "goal_train_speedup_vs_deepctr_torch": GOAL_SPEEDUP,
         "goal_auc_diff": "about 0 (equal AUC)",
-        "speedup_vs_deepctr_loop": best_of_rounds_ratio(rounds["project"], rounds["deepctr_loop"]),
-        "median_of_epoch_ratios": {"vs_fit": median(vs_fit), "vs_loop": median(vs_loop)},
-        "speedup_vs_deepctr_fit_rounds": vs_fit,
-        "speedup_vs_deepctr_loop_rounds": vs_loop,
+        "headline_tables": HEADLINE_SCALE,
+        "train_speedup_vs_deepctr_torch_by_tables": {
+            name: result["train_speedup_vs_deepctr_fit"] for name, result in results.items()},
+        "auc_diff_vs_deepctr_torch_by_tables": {
+            name: result["auc_diff_vs_deepctr_fit"] for name, result in results.items()},
+        "speedup_vs_deepctr_loop_by_tables": {
+            name: result["speedup_vs_deepctr_loop"] for name, result in results.items()},
+        "tables": {scale.name: dataclasses.asdict(scale) for scale in sizes.tables},
         "ratio_method": RATIO_METHOD + "; epochs interleaved (project, fit, loop / reversed)",
-        "samples_per_second_median": {name: median(values) for name, values in rounds.items()},
-        "samples_per_second_rounds": rounds,
-        "epochs": epochs,
-        "test_metrics": {name: {k: float(v) for k, v in m.items()} for name, m in metrics.items()},
-        "rows": rows,
-        "peer": peer_info,
-        "project_pipelined_all_sharded_modules": project.pipelined_all_sharded_modules,
+        "by_tables": results,
         "sizes": dataclasses.asdict(sizes),
         "project_setup": "runner.build_task (deepfm) + shard_model (planner, DMP 1 rank, fused Adagrad tables) + "
                          "Adam; train_epoch on TrainPipelineSparseDist; ParquetBatchReader (shuffled, validated, "
@@ -460,16 +526,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "total_seconds": time.perf_counter() - started,
     }
     table = [
-        {"contender": name, "train samples/s (median)": round(median(rounds[name]), 1),
-         "project speedup": round(median(per_round_ratios(rounds["project"], rounds[name])), 3),
-         "test AUC": round(aucs[name], 4), "test LogLoss": round(float(metrics[name]["logloss"]), 4)}
-        for name in CONTENDERS
+        {"tables": name, "contender": contender,
+         "train samples/s (best)": round(max(result["samples_per_second_rounds"][contender]), 1),
+         "project speedup (best/best)": round(best_of_rounds_ratio(result["samples_per_second_rounds"]["project"],
+                                                                   result["samples_per_second_rounds"][contender]), 3),
+         "test AUC": round(result["test_metrics"][contender]["auc"], 4),
+         "test LogLoss": round(result["test_metrics"][contender]["logloss"], 4)}
+        for name, result in results.items() for contender in CONTENDERS
     ]
     payload = result_payload(args, figures, details=details, table=table)
     write_json(args.json, payload)
-    plot(args.plot, rounds, aucs,
-         f"DeepFM D={sizes.embedding_dim} MLP {list(sizes.mlp_layer_sizes)}, batch {sizes.batch_size}, "
-         f"{rows['train']:,} train rows")
+    plot(args.plot, results, f"DeepFM D={sizes.embedding_dim} MLP {list(sizes.mlp_layer_sizes)}, batch {sizes.batch_size}")
     print_summary(NAME, payload)
     if args.mode != "smoke" and figures["train_speedup_vs_deepctr_torch"] < GOAL_SPEEDUP:
         print(f"[{NAME}] train_speedup_vs_deepctr_torch={figures['train_speedup_vs_deepctr_torch']:.3g} below the "

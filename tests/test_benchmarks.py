@@ -143,14 +143,21 @@ def test_peers_speedup_is_the_ratio_of_best_epochs(tmp_path_factory: pytest.Temp
     require_peer_venv()
     payload = _smoke_payload("peers", tmp_path_factory)
     details = payload["details"]
-    rounds = details["samples_per_second_rounds"]
-    expected = max(rounds["project"]) / max(rounds["deepctr_fit"])
-    assert payload["train_speedup_vs_deepctr_torch"] == pytest.approx(expected)
-    aucs = {name: m["auc"] for name, m in details["test_metrics"].items()}
-    assert all(0.0 <= auc <= 1.0 for auc in aucs.values())
-    assert payload["auc_diff_vs_deepctr_torch"] == pytest.approx(aucs["project"] - aucs["deepctr_fit"])
-    assert details["peer"]["deepctr_torch"] and details["project_pipelined_all_sharded_modules"]
-    assert details["rows"]["train"] == details["peer"]["train_rows"]
+    assert set(details["by_tables"]) == {"small", "large"} and details["headline_tables"] == peers.HEADLINE_SCALE
+    for name, result in details["by_tables"].items():
+        rounds = result["samples_per_second_rounds"]
+        assert result["train_speedup_vs_deepctr_fit"] == pytest.approx(max(rounds["project"]) / max(rounds["deepctr_fit"]))
+        aucs = {contender: m["auc"] for contender, m in result["test_metrics"].items()}
+        assert all(0.0 <= auc <= 1.0 for auc in aucs.values())
+        assert result["auc_diff_vs_deepctr_fit"] == pytest.approx(aucs["project"] - aucs["deepctr_fit"])
+        assert result["peer"]["deepctr_torch"] and result["project_pipelined_all_sharded_modules"]
+        assert result["rows"]["train"] == result["peer"]["train_rows"]
+        assert details["train_speedup_vs_deepctr_torch_by_tables"][name] == result["train_speedup_vs_deepctr_fit"]
+    small, large = (details["by_tables"][n]["table_rows"]["user_id"] for n in ("small", "large"))
+    assert large == peers.SIZES["smoke"].tables[1].num_users + 1 > small
+    headline = details["by_tables"][peers.HEADLINE_SCALE]
+    assert payload["train_speedup_vs_deepctr_torch"] == headline["train_speedup_vs_deepctr_fit"]
+    assert payload["auc_diff_vs_deepctr_torch"] == headline["auc_diff_vs_deepctr_fit"]
 
 
 def test_peers_without_peer_venv_stops_and_says_how_to_make_it(tmp_path: Path) -> None:
