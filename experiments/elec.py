@@ -23,13 +23,19 @@ Steps:
    * ``student (joint)``: teacher (gain network) and student trained in the same step, the
      student with BCE + alpha * score KD + beta * representation KD; only the student is
      evaluated (it is what would be served);
+   * ``student (frozen, swapped pairs)`` **(ours)**, with entity tables only: the trained
+     ``gain`` run of the same seed (``recsys-llm export --state-only``) is the frozen teacher,
+     and every training batch also carries B label-free rows whose item fields come from
+     other rows (``elec.distill.swap_fields`` = ``ITEM_FIELDS``): the student learns the
+     teacher's scores on (user, item) pairs nobody labeled;
    * ``student (offline)``: the same student loss, with teacher logits / representations
      read from Parquet columns written by the trained ``gain`` run of the same seed
      (``recsys_llm.train.teacher_outputs.write_teacher_outputs``).
 
-   (alpha, beta) are picked from ``ALPHAS x BETAS`` by the best validation AUC of the first
-   seed, separately for joint and offline; that run is reused as the first seed's result and
-   the other seeds run the picked setting. Test metrics never take part in a choice.
+   (alpha, beta) are picked from ``ALPHAS x BETAS`` (swapped pairs: ``SWAP_ALPHAS x
+   SWAP_BETAS``) by the best validation AUC of the first seed, separately per student; that
+   run is reused as the first seed's result and the other seeds run the picked setting. Test
+   metrics never take part in a choice.
 """
 
 import argparse
@@ -54,11 +60,20 @@ from experiments.common import (
 )
 
 BACKBONES = ("deepfm", "dcnv2", "dlrm")
+# the item side of a (user, item) pair, re-paired by ``elec.distill.swap_fields``
+ITEM_FIELDS = {
+    "ml100k": ("item_id", "release_year", "genres", "movie_year"),
+    "synthetic": ("item_id", "item_category", "item_tags", "item_price_log", "item_freshness"),
+}
 VECTOR_DIM = 32
 ALPHAS = (0.5, 1.0)
 BETAS = (0.0, 0.1)
+# swapped pairs carry no label: KD is their only signal, so larger weights are tried
+SWAP_ALPHAS = (1.0, 5.0, 20.0)
+SWAP_BETAS = (0.0,)
 SELECTION = (
-    "(alpha, beta) of the student from {0.5, 1.0} x {0.0, 0.1}, picked separately for joint and offline KD by the "
+    "(alpha, beta) of the student from {0.5, 1.0} x {0.0, 0.1} (swapped pairs: {1, 5, 20} x {0}), picked separately "
+    "per student by the "
     "best validation AUC (early-stopping AUC on the valid split) of the first seed; that run is reused as the first "
     "seed's result and the other seeds run the picked setting; score KD = BCE on teacher probabilities (T = 1), "
     "representation KD = MSE after a learned projection; test metrics are never used to choose"
@@ -110,17 +125,15 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
     return os.path.join(attach_dir, "schema.json"), []
 
 
-def offline_tool_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("recsys_llm.train.teacher_outputs") is not None
-
-
 def run_backbone(
     data: str, backbone: str, schema: str, base_schema: str, seeds: Sequence[int], work: str, quick: bool,
-    vector_overrides: Sequence[str] = (),
+    vector_overrides: Sequence[str] = (), swap_fields: Sequence[str] = (),
 ) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
-    """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``."""
+    """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``.
+
+    With ``swap_fields`` (entity-table vectors only), a third student is trained in joint mode
+    with swapped pairs (``elec.distill.swap_fields``).
+    """
     config = base_config_path(data, backbone)
     common = model_overrides(data, backbone) + [f"data.schema={schema}"] + (["train.epochs=2"] if quick else [])
     gain = ["elec.task=gain", f"elec.vector_dim={VECTOR_DIM}", *vector_overrides]
@@ -139,29 +152,44 @@ def run_backbone(
     }
     choices: Dict[str, Dict] = {}
 
-    def student(mode: str, per_seed_extra) -> None:
-        grid = {f"{mode}_a{a:g}_b{b:g}": (a, b) for a in ALPHAS for b in BETAS}
+    def frozen_teacher(seed: int) -> List[str]:
+        """The gain network of the same seed, exported as the frozen teacher (with its entity tables)."""
+        gain_dir = os.path.join(work, backbone, "gain", f"seed{seed}")
+        state_dir = os.path.join(work, backbone, "gain_state", f"seed{seed}")
+        run_cli_step(["export", "--config", os.path.join(gain_dir, "config.yaml"), "--checkpoint", gain_dir,
+                      "--output", state_dir, "--state-only"], os.path.join(state_dir, "config.json"))
+        return [f"elec.teacher_checkpoint={state_dir}"]
+
+    def student(mode: str, per_seed_extra, variant: str = "", swap: Sequence[str] = (),
+                alphas: Sequence[float] = ALPHAS, betas: Sequence[float] = BETAS) -> None:
+        tag = f"{mode}_swap" if swap else mode
+        grid = {f"{tag}_a{a:g}_b{b:g}": (a, b) for a in alphas for b in betas}
+        swap_override = [f"elec.distill.swap_fields=[{','.join(swap)}]"] if swap else []
 
         def overrides(seed: int, alpha: float, beta: float) -> List[str]:
-            vectors = list(vector_overrides) if mode == "joint" else []  # offline: no teacher, no vectors
+            # offline: no teacher, no vectors; frozen: the teacher is built from them, its state
+            # (entity tables included) comes from the checkpoint
+            vectors = list(vector_overrides) if mode != "offline" else []
             return ["elec.task=distill", f"elec.vector_dim={VECTOR_DIM}", f"elec.distill.mode={mode}",
-                    f"elec.distill.alpha={alpha}", f"elec.distill.beta={beta}", *vectors] + per_seed_extra(seed)
+                    f"elec.distill.alpha={alpha}", f"elec.distill.beta={beta}", *vectors, *swap_override] + \
+                per_seed_extra(seed)
 
+        variant = variant or f"student ({mode})"
         tune_seed = seeds[0]
         candidates = {name: run(name, tune_seed, overrides(tune_seed, a, b)) for name, (a, b) in grid.items()}
         best = pick_on_validation(candidates)
         alpha, beta = grid[best]
-        runs[f"student ({mode})"] = [candidates[best]] + [run(best, s, overrides(s, alpha, beta)) for s in seeds[1:]]
-        choices[f"student ({mode})"] = {
+        runs[variant] = [candidates[best]] + [run(best, s, overrides(s, alpha, beta)) for s in seeds[1:]]
+        choices[variant] = {
             "setting": best, "alpha": alpha, "beta": beta,
             "valid_auc_by_setting": {name: result["valid"]["auc"] for name, result in candidates.items()},
         }
-        print(f"[elec] {backbone} student ({mode}): picked {best} on validation", flush=True)
+        print(f"[elec] {backbone} {variant}: picked {best} on validation", flush=True)
 
     student("joint", lambda seed: [])
-    if not offline_tool_available():
-        print("[elec] recsys_llm.train.teacher_outputs is not available: student (offline) skipped", flush=True)
-        return runs, choices
+    if swap_fields:
+        student("frozen", lambda seed: frozen_teacher(seed), variant="student (frozen, swapped pairs)",
+                swap=swap_fields, alphas=SWAP_ALPHAS, betas=SWAP_BETAS)
     from recsys_llm.train.config import load_config
     from recsys_llm.train.teacher_outputs import write_teacher_outputs
 
@@ -199,11 +227,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     entities = args.entities or (["item_id"] if args.data == "ml100k" else ["user_id", "item_id"])
     schema, vector_overrides = llm_steps(base_schema, work, args.granularity, entities, sample_rows, args.quick)
     backbones = args.backbones or list(BACKBONES)
+    # swapped pairs need vectors that follow the swapped ids: entity tables (several entities), one of them the item's
+    swap_fields = ITEM_FIELDS.get(args.data, ()) if args.granularity == "entity" and len(entities) > 1 \
+        and "item_id" in entities else ()
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
     for backbone in backbones:
         runs, choices[backbone] = run_backbone(args.data, backbone, schema, base_schema, args.seeds, work, args.quick,
-                                               vector_overrides)
+                                               vector_overrides, swap_fields)
         tables[backbone] = summarize(runs)
         report(args, name, tables, choices, schema, entities, sample_rows, started, argv)  # partial tables as they come
     return 0
@@ -233,8 +264,6 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         mean_gain = f"{100 * sum(vs_gain[v].values()) / len(backbones):+.2f}%" if v in vs_gain else "–"
         sections.append(f"| {v} | " + " | ".join(f"{100 * gains[v][b]:+.2f}%" for b in backbones)
                         + f" | {100 * mean_plain:+.2f}% | {mean_gain} |")
-    if not offline_tool_available():
-        sections += ["", "student (offline) not run: `recsys_llm.train.teacher_outputs` is not installed."]
     sections += ["", f"KD weight selection: {SELECTION}"]
     payload = {
         "data": args.data,

@@ -131,3 +131,46 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     batch = next(iter(ParquetBatchReader(DatasetSchema.load(small_synthetic), "test", 64)))
     logits = served.logits(batch.dense_features, batch.sparse_features)
     assert logits.shape == (64,) and torch.isfinite(logits).all()
+
+
+ITEM_FIELDS = ["item_id", "item_category", "item_tags", "item_price_log", "item_freshness"]
+
+
+def _swapped_pairs_student(schema_path: str, run_dir: str, vectors: str) -> Dict[str, Any]:
+    from recsys_llm.train.runner import build_task, swapped_pairs
+
+    overrides = _common(schema_path, run_dir) + [
+        "elec.task=distill", "elec.vector_dim=16", "elec.vector_source=entity_table", "elec.entity_field=item_id",
+        f"elec.entity_vectors={vectors}", "elec.distill.mode=joint", "elec.distill.alpha=5",
+        f"elec.distill.swap_fields=[{','.join(ITEM_FIELDS)}]",
+    ]
+    config = load_config(CONFIG, overrides)
+    schema = DatasetSchema.load(schema_path)
+    swap = swapped_pairs(build_task(config, schema, torch.device("cpu")), schema, config.train.seed)
+    result = run_training(config)
+    result["swap_sparse_fields"] = swap.sparse_fields
+    return result
+
+
+@pytest.mark.multiprocess
+def test_elec_student_learns_on_swapped_pairs_with_two_ranks(small_synthetic: str, tmp_path) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
+
+    schema = DatasetSchema.load(small_synthetic)
+    items = schema.field("item_id").cardinality
+    table = np.random.default_rng(0).normal(size=(items, 16)).astype(np.float32)
+    vectors = str(tmp_path / "items")
+    VectorExport(vectors, {"model": "random", "granularity": "entity"}, VectorExportConfig(chunk_rows=512)).run(
+        pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+        lambda texts: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+    run_dir = str(tmp_path / "run")
+    results = run_multiprocess(_swapped_pairs_student, world_size=2, schema_path=small_synthetic, run_dir=run_dir,
+                               vectors=vectors)
+    for result in results:
+        assert result["world_size"] == 2 and result["test"]["auc"] > 0.5, result["test"]
+        assert result["swap_sparse_fields"] == ["item_id", "item_category", "item_tags"]
+    with open(os.path.join(run_dir, "plugins.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["elec"]["distill"]["swap_fields"] == ITEM_FIELDS

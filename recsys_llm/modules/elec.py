@@ -101,6 +101,11 @@ class ELECConfig:
                 "elec.vector_source 'entity_table' needs elec.entity_field (e.g. 'item_id') or "
                 "elec.entity_tables ({field: vector directory})"
             )
+        if self.task == "distill" and self.distill.swap_fields and self.vector_source != "entity_table":
+            raise ValueError(
+                "elec.distill.swap_fields re-pairs rows, and the teacher's LLM vector must follow the swapped ids: "
+                "use vector_source 'entity_table' (per-row vectors in extras would stay with the original row)"
+            )
         if self.task == "distill" and self.distill.mode == "frozen" and not self.teacher_checkpoint:
             raise ValueError("elec.distill.mode 'frozen' needs elec.teacher_checkpoint")
 

@@ -27,18 +27,20 @@ control flow), as ``TrainPipelineSparseDist`` requires.
 
 import dataclasses
 import os
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch
+from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.modules.distillation import RepresentationDistillation, ScoreDistillation
 
 MODES = ("joint", "frozen", "offline")
@@ -59,6 +61,10 @@ class TeacherStudentConfig:
         teacher_representation_dim (int): H_t for offline mode (read from the teacher otherwise).
         teacher_logits_key (str): extras key of offline teacher logits.
         teacher_representation_key (str): extras key of offline teacher representations.
+        swap_fields (List[str]): **(ours)** fields re-paired across the rows of each training
+            batch to add B label-free rows (:class:`recsys_llm.data.pair_swap.SwappedPairs`):
+            BCE skips them, KD learns the teacher's scores on them. Empty: off. Needs the
+            teacher in the step (``joint`` or ``frozen``).
     """
 
     mode: str = "joint"
@@ -71,12 +77,17 @@ class TeacherStudentConfig:
     teacher_representation_dim: int = 0
     teacher_logits_key: str = "teacher_logits"
     teacher_representation_key: str = "teacher_representation"
+    swap_fields: List[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"TeacherStudentConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"TeacherStudentConfig: alpha and beta must be >= 0, got {self.alpha}, {self.beta}")
+        self.swap_fields = list(self.swap_fields)
+        if self.swap_fields and self.mode == "offline":
+            raise ValueError("TeacherStudentConfig.swap_fields needs the teacher to score the swapped rows during "
+                             "training: use mode 'joint' or 'frozen', not 'offline'")
 
 
 def freeze_teacher(teacher: nn.Module) -> None:
@@ -158,7 +169,7 @@ class TeacherStudentTask(nn.Module):
                 output = self.teacher.predict(batch)
             return output.logits, output.representation, torch.zeros((), device=output.logits.device)
         output = self.teacher.predict(batch)
-        loss = self.teacher.loss_fn(output.logits, batch.labels)
+        loss = labeled_bce(output.logits, batch)
         for term in self.teacher.loss_terms.values():
             loss = loss + term(output, batch)
         return output.logits, output.representation, loss
@@ -166,14 +177,16 @@ class TeacherStudentTask(nn.Module):
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """
         Args:
-            batch (Batch): tabular input (+ teacher outputs in ``extras`` in offline mode).
+            batch (Batch): tabular input (+ teacher outputs in ``extras`` in offline mode; +
+                ``extras["label_weight"]`` (B,) when swapped rows were appended).
 
         Returns:
-            Tuple: ``(loss, (loss_detached, student_logits (B,), labels (B,)))``.
+            Tuple: ``(loss, (loss_detached, student_logits, labels))``; logits and labels of
+            the labeled rows only (``label_weight`` > 0) when the batch has swapped rows.
         """
         teacher_logits, teacher_representation, teacher_loss = self._teacher_outputs(batch)
         output = self.student.predict(batch)
-        loss = self.student.loss_fn(output.logits, batch.labels)
+        loss = labeled_bce(output.logits, batch)
         for term in self.student.loss_terms.values():
             loss = loss + term(output, batch)
         if self._config.alpha > 0:
@@ -182,7 +195,27 @@ class TeacherStudentTask(nn.Module):
             loss = loss + self._config.beta * self.repr_kd(output.representation, teacher_representation.detach())
         if self._config.mode == "joint":
             loss = loss + self._config.teacher_loss_weight * teacher_loss
-        return loss, (loss.detach(), output.logits.detach(), batch.labels)
+        logits, labels = output.logits.detach(), batch.labels
+        weight = batch.extras.get(LABEL_WEIGHT_KEY)
+        if weight is not None:
+            labeled = weight > 0
+            logits, labels = logits[labeled], labels[labeled]
+        return loss, (loss.detach(), logits, labels)
+
+
+def labeled_bce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean BCE with logits over the labeled rows: all rows, or those whose
+    ``extras["label_weight"]`` is > 0 (weighted by it) when the batch carries one.
+
+    Args:
+        logits (torch.Tensor): (B,).
+        batch (Batch): labels (B,) and optionally ``extras["label_weight"]`` (B,).
+    """
+    weight = batch.extras.get(LABEL_WEIGHT_KEY)
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(logits, batch.labels)
+    per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")  # (B,)
+    return (per_row * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from recsys_llm.data.pair_swap import SwappedPairs
 from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import build_backbone
@@ -173,6 +174,17 @@ def load_plugin_state(model: nn.Module, built: BuiltTask) -> Dict[str, int]:
     return load_elec_state(model, built.elec) if built.elec is not None else {}
 
 
+def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int) -> Optional[SwappedPairs]:
+    """The training-batch transform of ELEC's ``distill.swap_fields`` (None when unset).
+
+    With it, every training batch carries B label-free swapped rows after its B rows, and the
+    epoch's ``samples_per_second`` counts both.
+    """
+    if built.elec is None or built.elec.task != "distill" or not built.elec.distill.swap_fields:
+        return None
+    return SwappedPairs(schema, built.elec.distill.swap_fields, seed=seed)
+
+
 def _readers(config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext) -> Dict[str, ParquetBatchReader]:
     data = config.data
     eval_batch = data.eval_batch_size or data.batch_size
@@ -280,6 +292,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
 
     subsets = _subsets(config, schema)
     train_reader = readers["train"]
+    swap = swapped_pairs(built, schema, train_cfg.seed)
     throughput: List[float] = []
     stop = {"max_steps": False}
 
@@ -299,8 +312,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
 
     while not state.finished and state.epoch < train_cfg.epochs:
         train_reader.set_epoch(state.epoch)
+        batches = train_reader if swap is None else (swap(batch) for batch in train_reader)
         stats = train_epoch(
-            model, optimizer, train_reader, ctx.device,
+            model, optimizer, batches, ctx.device,
             skip_batches=state.step_in_epoch,
             on_step=step_callback,
             total=len(train_reader),

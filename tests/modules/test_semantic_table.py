@@ -74,9 +74,12 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
                                  FieldSpec("age", "dense")])
     config = ELECConfig(task="distill", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
                         entity_vectors=vector_dir, expected_provenance=PROVENANCE,
-                        distill=TeacherStudentConfig(mode="joint", beta=0.5))
+                        distill=TeacherStudentConfig(mode="joint", beta=0.5, swap_fields=["item_id"]))
     torch.manual_seed(0)
     task = build_elec_task(config, schema, SMOKE_CONFIGS["deepfm"])
+    from recsys_llm.data.pair_swap import SwappedPairs
+
+    swap = SwappedPairs(schema, config.distill.swap_fields, seed=0)
     sharding = ShardingConfig(sharding_types=["table_wise", "column_wise"],
                               table_constraints={"semantic_item_id": {"sharding_types": ["column_wise"]}})
     model, plan = shard_model(task, ctx.device, ctx.world_size, sharding, OptimizerConfig(sparse_lr=0.5), batch_size=8)
@@ -94,7 +97,8 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
     for _ in range(6):
         items = torch.randint(0, NUM_ITEMS, (8,), generator=g)
         batches.append(Batch(torch.randn(8, 1, generator=g), item_kjt(items), (items % 2).float(), {}))
-    stats = train_epoch(model, optimizer, batches, ctx.device, progress=False)
+    # every batch also carries 8 label-free rows whose items (and so item vectors) are swapped
+    stats = train_epoch(model, optimizer, [swap(batch) for batch in batches], ctx.device, progress=False)
     semantic_after = weights("semantic_item_id")
     student_after = weights("student_item_id")
     unchanged = all(torch.equal(a, b) for k in semantic_before for a, b in zip(semantic_before[k], semantic_after[k]))
@@ -129,6 +133,7 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
         "unchanged": unchanged,
         "student_changed": student_changed,
         "steps": stats.steps,
+        "samples": stats.samples,
         "pipelined": stats.pipelined_modules,
         "placement": table_placements(plan)["semantic_item_id"],
         "semantic_optimizer_state": semantic_state,
@@ -149,7 +154,7 @@ class TestShardedSemanticTable:
         assert results[0]["export_equal"] is True  # gathered student export == DMP student predictions
         covered = np.zeros((NUM_ITEMS, DIM), dtype=int)
         for rank, result in enumerate(results):
-            assert result["steps"] == 6
+            assert result["steps"] == 6 and result["samples"] == 6 * 16  # 8 rows + 8 swapped rows per batch
             assert result["placement"]["sharding_type"] == "column_wise"
             assert len(result["placement"]["shards"]) == 2
             assert result["unchanged"], f"rank {rank}: frozen table changed"

@@ -152,6 +152,36 @@ class TestTeacherStudentTask:
                 gaps[alpha] = float((task.student.predict(batch).logits - batch.extras["teacher_logits"]).abs().mean())
         assert gaps[5.0] < 0.7 * gaps[0.0], gaps
 
+    def test_unlabeled_rows_take_kd_but_no_bce(self):
+        task = _elec("joint")
+        batch = make_batch()
+        weight = (torch.arange(16) < 10).float()  # rows 10.. carry no label
+
+        def loss_with(labels):
+            extras = dict(batch.extras, label_weight=weight)
+            return task(Batch(batch.dense_features, batch.sparse_features, labels, extras))
+
+        loss, (_, logits, labels) = loss_with(batch.labels)
+        flipped = batch.labels.clone()
+        flipped[10:] = 1 - flipped[10:]
+        torch.testing.assert_close(loss_with(flipped)[0], loss)  # labels of unlabeled rows are ignored
+        assert logits.shape == (10,) and torch.equal(labels, batch.labels[:10])  # metrics see labeled rows only
+        t_out, s_out = task.teacher.predict(batch), task.student.predict(batch)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        expected = (bce(s_out.logits[:10], batch.labels[:10]) + bce(t_out.logits[:10], batch.labels[:10])
+                    + 1.0 * task.score_kd(s_out.logits, t_out.logits)  # KD over all 16 rows
+                    + 0.5 * task.repr_kd(s_out.representation, t_out.representation))
+        torch.testing.assert_close(loss, expected)
+
+    def test_swap_fields_need_a_teacher_and_entity_vectors(self):
+        with pytest.raises(ValueError, match="'joint' or 'frozen', not 'offline'"):
+            TeacherStudentConfig(mode="offline", swap_fields=["item_id"])
+        with pytest.raises(ValueError, match="vector_source 'entity_table'"):
+            ELECConfig(task="distill", distill=TeacherStudentConfig(mode="joint", swap_fields=["item_id"]))
+        config = ELECConfig.from_dict({"task": "distill", "vector_source": "entity_table", "entity_field": "item_id",
+                                       "entity_vectors": "v", "distill": {"swap_fields": ["item_id"]}})
+        assert config.distill.swap_fields == ["item_id"]
+
     @pytest.mark.parametrize("mode", ["joint", "frozen", "offline"])
     def test_fx_traceable(self, mode, tmp_path):
         if mode == "offline":

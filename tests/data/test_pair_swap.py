@@ -1,0 +1,74 @@
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY, SwappedPairs
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+
+SCHEMA = DatasetSchema("t", [
+    FieldSpec("user_id", "sparse", 100),
+    FieldSpec("item_id", "sparse", 100),
+    FieldSpec("item_tags", "sequence", 50, max_length=3),
+    FieldSpec("user_age", "dense"),
+    FieldSpec("item_price", "dense"),
+])
+ITEM_FIELDS = ["item_id", "item_tags", "item_price"]
+
+
+def make_batch(batch_size: int = 6) -> Batch:
+    """Row r: user 10 + r, item 50 + r, r % 3 + 1 tags (20 + r, ...), age r, price 100 + r."""
+    tag_lengths = torch.arange(batch_size) % 3 + 1
+    tags = torch.cat([torch.arange(n) + 20 + r for r, n in enumerate(tag_lengths.tolist())])
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id", "item_tags"],
+        values=torch.cat([torch.arange(batch_size) + 10, torch.arange(batch_size) + 50, tags]),
+        lengths=torch.cat([torch.ones(2 * batch_size, dtype=torch.int32), tag_lengths.int()]),
+    )
+    dense = torch.stack([torch.arange(batch_size).float(), torch.arange(batch_size).float() + 100], dim=1)
+    labels = (torch.arange(batch_size) % 2).float()
+    return Batch(dense, kjt, labels, {"row_id": torch.arange(batch_size)})
+
+
+def test_swapped_rows_keep_the_user_side_and_take_the_item_side_of_another_row() -> None:
+    batch = make_batch()
+    swap = SwappedPairs(SCHEMA, ITEM_FIELDS, seed=3)
+    doubled = swap(batch)
+    size = batch.batch_size
+    order = swap.permutation(size)
+    assert sorted(order.tolist()) == list(range(size))
+    features = doubled.sparse_features.to_dict()
+    assert doubled.sparse_features.keys() == batch.sparse_features.keys()
+    assert doubled.batch_size == 2 * size
+    # real rows first, unchanged
+    assert torch.equal(features["user_id"].values()[:size], torch.arange(size) + 10)
+    assert torch.equal(features["item_id"].values()[:size], torch.arange(size) + 50)
+    # swapped rows: own user and age, the item, tags and price of row order[i]
+    assert torch.equal(features["user_id"].values()[size:], torch.arange(size) + 10)
+    assert torch.equal(features["item_id"].values()[size:], order + 50)
+    original_tags = batch.sparse_features["item_tags"].to_dense()
+    swapped_tags = features["item_tags"].to_dense()[size:]
+    for i, source in enumerate(order.tolist()):
+        assert torch.equal(swapped_tags[i], original_tags[source])
+    assert torch.equal(doubled.dense_features[size:, 0], batch.dense_features[:, 0])
+    assert torch.equal(doubled.dense_features[size:, 1], batch.dense_features[order, 1])
+    assert torch.equal(doubled.extras[LABEL_WEIGHT_KEY], torch.cat([torch.ones(size), torch.zeros(size)]))
+    assert torch.equal(doubled.labels[:size], batch.labels) and not doubled.labels[size:].any()
+    assert torch.equal(doubled.extras["row_id"], torch.cat([batch.extras["row_id"]] * 2))
+
+
+def test_the_pairing_is_fixed_per_batch_size_and_seed() -> None:
+    first, again = SwappedPairs(SCHEMA, ITEM_FIELDS, seed=1), SwappedPairs(SCHEMA, ITEM_FIELDS, seed=1)
+    assert torch.equal(first.permutation(64), again.permutation(64))
+    assert not torch.equal(first.permutation(64), SwappedPairs(SCHEMA, ITEM_FIELDS, seed=2).permutation(64))
+    assert not torch.equal(first.permutation(64), torch.arange(64))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ([], "must name fields"),
+    (["item_id", "nope"], "unknown: \\['nope'\\]"),
+    (["user_id", "item_id", "item_tags"], "every sparse field"),
+])
+def test_bad_swap_fields_are_named(fields, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SwappedPairs(SCHEMA, fields)
