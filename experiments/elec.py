@@ -44,6 +44,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from recsys_llm.data.synthetic import ITEM_FIELDS as SYNTHETIC_ITEM_FIELDS
+
 from experiments.common import (
     base_config_path,
     experiment_args,
@@ -63,7 +65,7 @@ BACKBONES = ("deepfm", "dcnv2", "dlrm")
 # the item side of a (user, item) pair, re-paired by ``elec.distill.swap_fields``
 ITEM_FIELDS = {
     "ml100k": ("item_id", "release_year", "genres", "movie_year"),
-    "synthetic": ("item_id", "item_category", "item_tags", "item_price_log", "item_freshness"),
+    "synthetic": SYNTHETIC_ITEM_FIELDS,
 }
 VECTOR_DIM = 32
 ALPHAS = (0.5, 1.0)

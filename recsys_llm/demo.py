@@ -9,7 +9,10 @@
    vector per user (profile text) and per item (title and description) with
    ``semantics export --granularity entity --output pooled`` and trains the gain network that reads them
    from frozen, sharded tables (an ``elec:`` config section with ``entity_tables``);
-5. prints AUC / LogLoss overall and on cold items, and writes ``demo_results.{json,png}``.
+5. ELEC's servable student: plain DeepFM distilled from the trained gain network (frozen,
+   ``export --state-only``) on the training rows and on swapped (user, item) pairs of each
+   batch (``elec.distill.swap_fields``); it serves without any LLM vector;
+6. prints AUC / LogLoss overall and on cold items, and writes ``demo_results.{json,png}``.
 
 Every step is skipped when its output already exists, so a second ``make demo`` only
 retrains what is missing. Each LLM step prints the equivalent command line.
@@ -19,12 +22,14 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from recsys_llm.data.synthetic import ITEM_FIELDS
 from recsys_llm.train.config import load_config
 from recsys_llm.train.runner import finished_results, run_training
 
 PLAIN = "DeepFM"
 LLACTR = "DeepFM + LLaCTR (FRE + FIE)"
 ELEC = "DeepFM + ELEC gain (user + item LLM vectors)"
+STUDENT = "DeepFM ELEC student (no LLM at serving)"
 
 
 def _cli(argv: List[str]) -> None:
@@ -92,10 +97,18 @@ def run_demo(
               "--granularity", "entity", "--entity-field", entity, "--entity-fields", *text_fields,
               "--output", "pooled"])
         entity_overrides.append(f"elec.entity_tables.{entity}={vectors}")
-    results[ELEC] = _train(config_path, base + [
-        "elec.task=gain", "elec.vector_source=entity_table", f"elec.vector_dim={vector_dim(vectors)}",
-        *entity_overrides,
-    ], os.path.join(run_root, "elec_gain"))
+    vector_overrides = ["elec.vector_source=entity_table", f"elec.vector_dim={vector_dim(vectors)}", *entity_overrides]
+    gain_dir = os.path.join(run_root, "elec_gain")
+    results[ELEC] = _train(config_path, base + ["elec.task=gain", *vector_overrides], gain_dir)
+
+    teacher = os.path.join(llm_dir, "gain_state")
+    if not os.path.exists(os.path.join(teacher, "config.json")):
+        _cli(["export", "--state-only", "--config", os.path.join(gain_dir, "config.yaml"), "--checkpoint", gain_dir,
+              "--output", teacher])
+    results[STUDENT] = _train(config_path, base + [
+        "elec.task=distill", *vector_overrides, "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
+        "elec.distill.alpha=20", "elec.distill.beta=0", f"elec.distill.swap_fields=[{','.join(ITEM_FIELDS)}]",
+    ], os.path.join(run_root, "elec_student"))
     return results
 
 

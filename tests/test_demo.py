@@ -6,7 +6,8 @@ from typing import Any, Dict
 
 import pytest
 
-from recsys_llm.demo import ELEC, LLACTR, PLAIN, comparison_table, run_demo, write_outputs
+from recsys_llm.data.synthetic import ITEM_FIELDS
+from recsys_llm.demo import ELEC, LLACTR, PLAIN, STUDENT, comparison_table, run_demo, write_outputs
 from tests.multiprocess import run_multiprocess
 from tests.tiny_models import save_tiny_bert
 
@@ -21,17 +22,20 @@ def _demo(data_dir: str, run_root: str, llm: str) -> Dict[str, Any]:
 
 
 @pytest.mark.multiprocess
-def test_demo_generates_data_trains_three_variants_and_reports_cold_items(tmp_path) -> None:
+def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_path) -> None:
     llm = save_tiny_bert(str(tmp_path / "llm"))
     data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
     (out,) = run_multiprocess(_demo, world_size=1, data_dir=data_dir, run_root=run_root, llm=llm)
     assert os.path.exists(os.path.join(data_dir, "schema.json"))
-    assert list(out["results"]) == [PLAIN, LLACTR, ELEC]
+    assert list(out["results"]) == [PLAIN, LLACTR, ELEC, STUDENT]
     for name, result in out["results"].items():
         assert result["test"]["auc"] > 0.5 and "cold/auc" in result["test"], name
-    assert all(name in out["table"] for name in (PLAIN, LLACTR, ELEC))
+    assert all(name in out["table"] for name in (PLAIN, LLACTR, ELEC, STUDENT))
     with open(os.path.join(run_root, "demo_results.json"), encoding="utf-8") as handle:
-        assert set(json.load(handle)) == {PLAIN, LLACTR, ELEC}
+        assert set(json.load(handle)) == {PLAIN, LLACTR, ELEC, STUDENT}
     assert os.path.exists(os.path.join(run_root, "demo_results.png"))
     plugins = json.load(open(os.path.join(run_root, "elec_gain", "plugins.json"), encoding="utf-8"))
     assert plugins["elec"]["vector_source"] == "entity_table"
+    student = json.load(open(os.path.join(run_root, "elec_student", "plugins.json"), encoding="utf-8"))
+    assert student["elec"]["distill"]["mode"] == "frozen"
+    assert student["elec"]["distill"]["swap_fields"] == list(ITEM_FIELDS)

@@ -5,7 +5,8 @@
   directory's latest checkpoint; prints the results on rank 0.
 * ``evaluate --config X --checkpoint C``: metrics of a checkpoint (or run directory) on a split.
 * ``demo``: generates the embedded synthetic data if missing and trains DeepFM on it plain,
-  with LLaCTR and with ELEC (``recsys_llm.demo``), then prints the comparison.
+  with LLaCTR, with ELEC's gain network and as ELEC's student (``recsys_llm.demo``), then
+  prints the comparison.
 
 Example::
 
@@ -113,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=_evaluate)
 
     demo = subparsers.add_parser(
-        "demo", help="generate the synthetic data if missing; train DeepFM plain, with LLaCTR and with ELEC; compare"
+        "demo", help="generate the synthetic data if missing; train DeepFM plain, with LLaCTR, with ELEC and as ELEC student; compare"
     )
     demo.add_argument("--config", default=DEMO_CONFIG, help="demo config (default: configs/synthetic_deepfm.yaml)")
     demo.add_argument("--data-dir", default="data/synthetic", help="where the synthetic data lives / is generated")

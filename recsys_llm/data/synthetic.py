@@ -83,6 +83,8 @@ TITLE_FORMS: List[str] = ["Guide to", "World of", "Book of", "Story of", "Art of
 
 CHUNK_ROWS = 1 << 18
 SPLIT_FRACTIONS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
+# the item's side of a row (what ``elec.distill.swap_fields`` re-pairs); the rest is user and context
+ITEM_FIELDS = ("item_id", "item_category", "item_tags", "item_price_log", "item_freshness")
 
 
 def topic_similarity() -> np.ndarray:
