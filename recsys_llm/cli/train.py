@@ -114,7 +114,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=_evaluate)
 
     demo = subparsers.add_parser(
-        "demo", help="generate the synthetic data if missing; train DeepFM plain, with LLaCTR, with ELEC and as ELEC student; compare"
+        "demo",
+        help="generate the synthetic data if missing; train DeepFM plain, with LLaCTR, with ELEC and as ELEC student; "
+             "compare",
     )
     demo.add_argument("--config", default=DEMO_CONFIG, help="demo config (default: configs/synthetic_deepfm.yaml)")
     demo.add_argument("--data-dir", default="data/synthetic", help="where the synthetic data lives / is generated")
