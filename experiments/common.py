@@ -44,8 +44,11 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
                 raise SystemExit(f"ML-100K raw files not found in {raw} (RecBole atomic format expected)")
             prepare_movielens(raw, out, progress=True)
         return os.path.join(out, "schema.json")
+    from recsys_llm.data.synthetic import ITEM_CATALOG
+
     out = os.path.join(data_dir, "synthetic")
-    if not os.path.exists(os.path.join(out, "schema.json")):
+    # data written before the item catalogue existed is generated again: the same rows, plus the catalogue
+    if not all(os.path.exists(os.path.join(out, name)) for name in ("schema.json", ITEM_CATALOG)):
         from recsys_llm.data.synthetic import generate_synthetic
 
         generate_synthetic(out, 200_000, seed=0, progress=True)

@@ -28,6 +28,9 @@ Steps:
      and every training batch also carries B label-free rows whose item fields come from
      other rows (``elec.distill.swap_fields`` = ``ITEM_FIELDS``): the student learns the
      teacher's scores on (user, item) pairs nobody labeled;
+   * ``student (frozen, catalogue pairs)`` **(ours)**, synthetic data only: the same, with the
+     swapped items drawn from the data's item catalogue (``item_catalog.parquet``, every item
+     with its fields, cold items included; ``elec.distill.swap_catalog``);
    * ``student (offline)``: the same student loss, with teacher logits / representations
      read from Parquet columns written by the trained ``gain`` run of the same seed
      (``recsys_llm.train.teacher_outputs.write_teacher_outputs``).
@@ -44,6 +47,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from recsys_llm.data.synthetic import ITEM_CATALOG as SYNTHETIC_ITEM_CATALOG
 from recsys_llm.data.synthetic import ITEM_FIELDS as SYNTHETIC_ITEM_FIELDS
 
 from experiments.common import (
@@ -129,12 +133,13 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
 
 def run_backbone(
     data: str, backbone: str, schema: str, base_schema: str, seeds: Sequence[int], work: str, quick: bool,
-    vector_overrides: Sequence[str] = (), swap_fields: Sequence[str] = (),
+    vector_overrides: Sequence[str] = (), swap_fields: Sequence[str] = (), swap_catalog: Optional[str] = None,
 ) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
     """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``.
 
-    With ``swap_fields`` (entity-table vectors only), a third student is trained in joint mode
-    with swapped pairs (``elec.distill.swap_fields``).
+    With ``swap_fields`` (entity-table vectors only), a student is distilled from the frozen
+    gain network on swapped pairs too (``elec.distill.swap_fields``); with ``swap_catalog`` as
+    well, one more whose swapped items are drawn from that item catalogue (cold items included).
     """
     config = base_config_path(data, backbone)
     common = model_overrides(data, backbone) + [f"data.schema={schema}"] + (["train.epochs=2"] if quick else [])
@@ -163,10 +168,11 @@ def run_backbone(
         return [f"elec.teacher_checkpoint={state_dir}"]
 
     def student(mode: str, per_seed_extra, variant: str = "", swap: Sequence[str] = (),
-                alphas: Sequence[float] = ALPHAS, betas: Sequence[float] = BETAS) -> None:
-        tag = f"{mode}_swap" if swap else mode
+                alphas: Sequence[float] = ALPHAS, betas: Sequence[float] = BETAS, catalog: Optional[str] = None) -> None:
+        tag = f"{mode}_swap{'_catalog' if catalog else ''}" if swap else mode
         grid = {f"{tag}_a{a:g}_b{b:g}": (a, b) for a in alphas for b in betas}
         swap_override = [f"elec.distill.swap_fields=[{','.join(swap)}]"] if swap else []
+        swap_override += [f"elec.distill.swap_catalog={catalog}"] if catalog else []
 
         def overrides(seed: int, alpha: float, beta: float) -> List[str]:
             # offline: no teacher, no vectors; frozen: the teacher is built from them, its state
@@ -192,6 +198,9 @@ def run_backbone(
     if swap_fields:
         student("frozen", lambda seed: frozen_teacher(seed), variant="student (frozen, swapped pairs)",
                 swap=swap_fields, alphas=SWAP_ALPHAS, betas=SWAP_BETAS)
+    if swap_fields and swap_catalog:
+        student("frozen", lambda seed: frozen_teacher(seed), variant="student (frozen, catalogue pairs)",
+                swap=swap_fields, alphas=SWAP_ALPHAS, betas=SWAP_BETAS, catalog=swap_catalog)
     from recsys_llm.train.config import load_config
     from recsys_llm.train.teacher_outputs import write_teacher_outputs
 
@@ -232,11 +241,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     # swapped pairs need vectors that follow the swapped ids: entity tables (several entities), one of them the item's
     swap_fields = ITEM_FIELDS.get(args.data, ()) if args.granularity == "entity" and len(entities) > 1 \
         and "item_id" in entities else ()
+    # the synthetic data ships every item's fields (cold items too); ML-100K has no such file
+    swap_catalog = os.path.join(os.path.dirname(base_schema), SYNTHETIC_ITEM_CATALOG) if args.data == "synthetic" else None
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
     for backbone in backbones:
         runs, choices[backbone] = run_backbone(args.data, backbone, schema, base_schema, args.seeds, work, args.quick,
-                                               vector_overrides, swap_fields)
+                                               vector_overrides, swap_fields, swap_catalog)
         tables[backbone] = summarize(runs)
         report(args, name, tables, choices, schema, entities, sample_rows, started, argv)  # partial tables as they come
     return 0

@@ -20,7 +20,8 @@ import torch
 from recsys_llm.cli import main as cli_main
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.data.synthetic import generate_synthetic
+from recsys_llm.data.synthetic import ITEM_CATALOG, generate_synthetic
+from recsys_llm.data.synthetic import ITEM_FIELDS as SYNTHETIC_ITEM_FIELDS
 from recsys_llm.semantics.store import VectorProvenance, save_vectors
 from recsys_llm.serving import ServedModel, load_state_file
 from recsys_llm.train.config import load_config
@@ -133,7 +134,7 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     assert logits.shape == (64,) and torch.isfinite(logits).all()
 
 
-ITEM_FIELDS = ["item_id", "item_category", "item_tags", "item_price_log", "item_freshness"]
+ITEM_FIELDS = list(SYNTHETIC_ITEM_FIELDS)
 
 
 def _swapped_pairs_student(schema_path: str, run_dir: str, vectors: str) -> Dict[str, Any]:
@@ -143,17 +144,19 @@ def _swapped_pairs_student(schema_path: str, run_dir: str, vectors: str) -> Dict
         "elec.task=distill", "elec.vector_dim=16", "elec.vector_source=entity_table", "elec.entity_field=item_id",
         f"elec.entity_vectors={vectors}", "elec.distill.mode=joint", "elec.distill.alpha=5",
         f"elec.distill.swap_fields=[{','.join(ITEM_FIELDS)}]",
+        f"elec.distill.swap_catalog={os.path.join(os.path.dirname(schema_path), ITEM_CATALOG)}",
     ]
     config = load_config(CONFIG, overrides)
     schema = DatasetSchema.load(schema_path)
     swap = swapped_pairs(build_task(config, schema, torch.device("cpu")), schema, config.train.seed)
     result = run_training(config)
     result["swap_sparse_fields"] = swap.sparse_fields
+    result["catalog_rows"] = swap.catalog.num_rows
     return result
 
 
 @pytest.mark.multiprocess
-def test_elec_student_learns_on_swapped_pairs_with_two_ranks(small_synthetic: str, tmp_path) -> None:
+def test_elec_student_learns_on_catalogue_pairs_with_two_ranks(small_synthetic: str, tmp_path) -> None:
     import numpy as np
     import pyarrow as pa
 
@@ -172,5 +175,6 @@ def test_elec_student_learns_on_swapped_pairs_with_two_ranks(small_synthetic: st
     for result in results:
         assert result["world_size"] == 2 and result["test"]["auc"] > 0.5, result["test"]
         assert result["swap_sparse_fields"] == ["item_id", "item_category", "item_tags"]
+        assert result["catalog_rows"] == items - 1  # every item id but 0 (unknown), cold items included
     with open(os.path.join(run_dir, "plugins.json"), encoding="utf-8") as handle:
         assert json.load(handle)["elec"]["distill"]["swap_fields"] == ITEM_FIELDS

@@ -3,49 +3,122 @@
 A student distilled on the training rows alone sees each user with only the few items the
 user was shown. :class:`SwappedPairs` doubles every training batch: the first B rows are the
 batch itself, the next B keep each row's user/context fields and take the *other side*
-(e.g. the item fields) from another row of the same batch. The swapped rows have no label:
+(e.g. the item fields) from elsewhere. The swapped rows have no label:
 ``extras[LABEL_WEIGHT_KEY]`` is 1 for the real rows and 0 for the swapped ones, so the BCE
 terms skip them while the teacher's scores on them (score-level KD) teach the student how
 the teacher ranks items the user never saw. The teacher must run on the swapped rows, so
 this needs a teacher in the step (``joint`` or ``frozen`` mode), and its LLM vectors must
 follow the swapped ids (``entity_table`` vectors; per-row vectors in ``extras`` cannot).
 
-The pairing is one fixed permutation per batch size, drawn once from ``seed``: the reader
-already shuffles rows into batches, so fixed positions still pair random rows, and a resumed
-run builds exactly the batches the uninterrupted one would have.
+Where the other side comes from:
+
+* another row of the same batch (default): one fixed permutation per batch size, drawn once
+  from ``seed``. The reader already shuffles rows into batches, so fixed positions still pair
+  random rows;
+* a catalogue (``catalog``): a Parquet file with one row per entity and a column per swap
+  field, e.g. every item with its category, tags and price. Each batch draws B catalogue rows
+  uniformly, so entities without any impression yet (cold items) are paired with users too.
+  Draws are seeded by ``(seed, epoch, batch index)``.
+
+Either way a resumed run builds exactly the batches the uninterrupted one would have.
 
 Example::
 
     swap = SwappedPairs(schema, ["item_id", "item_category", "item_tags", "item_price_log"])
-    for batch in reader:
-        batch = swap(batch)  # 2B rows; labels and weights of rows B.. are 0
+    for batch in swap.over(reader, epoch):
+        ...  # 2B rows; labels and weights of rows B.. are 0
 """
 
-from typing import Dict, List, Sequence
+import dataclasses
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
+from recsys_llm.data.parquet import sequence_ids
 from recsys_llm.data.schema import DatasetSchema, FieldKind
+from recsys_llm.data.validation import DataError, check_dense, check_ids, check_no_nulls
 
 LABEL_WEIGHT_KEY = "label_weight"
 
 
+@dataclasses.dataclass
+class SwapCatalog:
+    """Entities to pair with, one row each, as tensors.
+
+    Args:
+        path (str): the Parquet file it was read from.
+        num_rows (int): N entities.
+        jagged (Dict[str, Tuple[torch.Tensor, torch.Tensor]]): per sparse / sequence field,
+            ``(lengths (N,) int32, values (sum lengths,) int64)``.
+        dense (torch.Tensor): (N, K) float32, the dense swap fields in their schema order.
+    """
+
+    path: str
+    num_rows: int
+    jagged: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+    dense: torch.Tensor
+
+
+def load_swap_catalog(path: str, schema: DatasetSchema, fields: Sequence[str]) -> SwapCatalog:
+    """Reads and validates a catalogue: every field in ``fields`` must be a column of the
+    field's kind, without nulls, with ids in the field's range (folded if hashed).
+
+    Raises:
+        DataError: a missing or mistyped column, a null, a bad id or a non-finite value,
+            naming the file, column and row.
+    """
+    table = pq.read_table(path)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the swap catalogue has no rows")
+    jagged: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    dense: List[np.ndarray] = []
+    for name in [f.name for f in schema.fields if f.name in fields]:
+        spec = schema.field(name)
+        if name not in table.column_names:
+            raise DataError(f"{path}: no column {name!r}; the swap catalogue needs one column per swap field "
+                            f"{list(fields)} (columns: {table.column_names})")
+        array = table.column(name).combine_chunks()
+        check_no_nulls(path, name, array, 0, "a value in every catalogue row")
+        if spec.kind == FieldKind.SEQUENCE:
+            values, offsets = sequence_ids(array, spec)
+            row_of = np.repeat(np.arange(table.num_rows), np.diff(offsets))
+            values = check_ids(path, spec, values, row_of, 0)
+            lengths = np.diff(offsets)
+        elif spec.kind == FieldKind.SPARSE:
+            values = check_ids(path, spec, array.to_numpy(zero_copy_only=False).astype(np.int64), None, 0)
+            lengths = np.ones(table.num_rows, dtype=np.int64)
+        else:
+            column = array.to_numpy(zero_copy_only=False).astype(np.float32)
+            check_dense(path, name, column, 0)
+            dense.append(column)
+            continue
+        jagged[name] = (torch.from_numpy(lengths.astype(np.int32)), torch.from_numpy(values.astype(np.int64)))
+    stacked = np.stack(dense, axis=1) if dense else np.zeros((table.num_rows, 0), dtype=np.float32)
+    return SwapCatalog(path, table.num_rows, jagged, torch.from_numpy(stacked))
+
+
 class SwappedPairs:
-    """Appends B label-free rows whose ``swap_fields`` come from other rows of the batch.
+    """Appends B label-free rows whose ``swap_fields`` come from other rows or a catalogue.
 
     Args:
         schema (DatasetSchema): the data set; ``swap_fields`` are its field names.
         swap_fields (Sequence[str]): the fields that move together (one side of the pair,
             e.g. every item field); sparse, sequence and dense fields alike.
-        seed (int): seed of the pairing permutation.
+        seed (int): seed of the pairing.
+        catalog (Optional[str]): Parquet file of entities to pair with (see the module
+            docstring); None pairs rows of the same batch.
 
     Raises:
-        ValueError: no field, an unknown field, or every field (nothing would stay put).
+        ValueError: no field, an unknown field, or every sparse field (nothing would stay put).
+        DataError: a bad catalogue.
     """
 
-    def __init__(self, schema: DatasetSchema, swap_fields: Sequence[str], seed: int = 0) -> None:
+    def __init__(self, schema: DatasetSchema, swap_fields: Sequence[str], seed: int = 0,
+                 catalog: Optional[str] = None) -> None:
         names = [field.name for field in schema.fields]
         unknown = [name for name in swap_fields if name not in names]
         if not swap_fields or unknown:
@@ -58,14 +131,19 @@ class SwappedPairs:
                              "other side (e.g. the user fields) out of it")
         self._sparse: List[str] = [n for n in swap_fields if schema.field(n).kind != FieldKind.DENSE]
         dense_names = [f.name for f in schema.fields if f.kind == FieldKind.DENSE]
-        self._dense_columns = torch.tensor([dense_names.index(n) for n in swap_fields if n in dense_names],
+        self._dense_columns = torch.tensor(sorted(dense_names.index(n) for n in swap_fields if n in dense_names),
                                            dtype=torch.long)
         self._seed = int(seed)
         self._permutations: Dict[int, torch.Tensor] = {}
+        self._catalog = load_swap_catalog(catalog, schema, swap_fields) if catalog else None
 
     @property
     def sparse_fields(self) -> List[str]:
         return list(self._sparse)
+
+    @property
+    def catalog(self) -> Optional[SwapCatalog]:
+        return self._catalog
 
     def permutation(self, batch_size: int) -> torch.Tensor:
         """(B,) int64: swapped row i takes its ``swap_fields`` from real row ``permutation[i]``."""
@@ -74,10 +152,25 @@ class SwappedPairs:
             self._permutations[batch_size] = torch.randperm(batch_size, generator=generator)
         return self._permutations[batch_size]
 
-    def __call__(self, batch: Batch) -> Batch:
+    def catalog_rows(self, batch_size: int, epoch: int, index: int) -> torch.Tensor:
+        """(B,) int64: the catalogue rows the swapped rows of batch ``index`` of ``epoch`` take."""
+        if self._catalog is None:
+            raise ValueError("swapped pairs: no catalogue was given")
+        seed = int(np.random.SeedSequence([self._seed, epoch, index]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self._catalog.num_rows, (batch_size,), generator=generator)
+
+    def over(self, batches: Iterable[Batch], epoch: int = 0) -> Iterator[Batch]:
+        """``batches`` with swapped rows appended, batch ``index`` seeded by ``(epoch, index)``."""
+        for index, batch in enumerate(batches):
+            yield self(batch, epoch, index)
+
+    def __call__(self, batch: Batch, epoch: int = 0, index: int = 0) -> Batch:
         """
         Args:
             batch (Batch): B labeled rows.
+            epoch (int): epoch of the batch (catalogue draws only).
+            index (int): position of the batch in its epoch (catalogue draws only).
 
         Returns:
             Batch: 2B rows: ``batch``, then the swapped rows (label 0), with
@@ -85,20 +178,30 @@ class SwappedPairs:
             extras are repeated (they describe the row's untouched side).
         """
         size = batch.batch_size
-        order = self.permutation(size).to(batch.labels.device)
-        dense = batch.dense_features
-        swapped_dense = dense.clone()
+        device = batch.labels.device
+        if self._catalog is None:
+            rows = self.permutation(size).to(device)
+            dense_source = batch.dense_features[:, self._dense_columns.to(device)]
+            features = batch.sparse_features.to_dict()
+            jagged_source = {key: (features[key].lengths(), features[key].values()) for key in self._sparse}
+        else:
+            rows = self.catalog_rows(size, epoch, index).to(device)
+            dense_source = self._catalog.dense.to(device)
+            jagged_source = {key: (lengths.to(device), values.to(device))
+                             for key, (lengths, values) in self._catalog.jagged.items()}
+        swapped_dense = batch.dense_features.clone()
         if self._dense_columns.numel():
-            columns = self._dense_columns.to(dense.device)
-            swapped_dense[:, columns] = dense[order][:, columns]
-        features = batch.sparse_features.to_dict()
+            swapped_dense[:, self._dense_columns.to(device)] = dense_source[rows]
         doubled: Dict[str, JaggedTensor] = {}
-        for key, jagged in features.items():
+        for key, jagged in batch.sparse_features.to_dict().items():
             lengths, values = jagged.lengths(), jagged.values()
-            if key in self._sparse:
+            if key in jagged_source:
+                source_lengths, source_values = jagged_source[key]
                 swapped_lengths, swapped_values, _ = torch.ops.fbgemm.permute_1D_sparse_data(
-                    order.to(lengths.dtype), lengths, values, None, None
+                    rows.to(source_lengths.dtype), source_lengths, source_values, None, None
                 )
+                swapped_lengths = swapped_lengths.to(lengths.dtype)
+                swapped_values = swapped_values.to(values.dtype)
             else:
                 swapped_lengths, swapped_values = lengths, values
             doubled[key] = JaggedTensor(values=torch.cat([values, swapped_values]),
@@ -107,7 +210,7 @@ class SwappedPairs:
         extras = {key: torch.cat([value, value]) for key, value in batch.extras.items()}
         extras[LABEL_WEIGHT_KEY] = weight
         return Batch(
-            dense_features=torch.cat([dense, swapped_dense]),
+            dense_features=torch.cat([batch.dense_features, swapped_dense]),
             sparse_features=KeyedJaggedTensor.from_jt_dict(doubled),
             labels=torch.cat([batch.labels, torch.zeros_like(batch.labels)]),
             extras=extras,

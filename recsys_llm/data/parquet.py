@@ -249,6 +249,19 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 # =================================================================================================
 # reading: conversion of one Arrow table (row group slice) to a chunk
 # =================================================================================================
+def sequence_ids(array: pa.Array, spec: FieldSpec) -> Tuple[np.ndarray, np.ndarray]:
+    """Flat ids and (N + 1,) offsets of a list column, null lists as empty, truncated to max_length."""
+    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy().astype(np.int64)
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    off = _offsets(lengths)
+    if spec.max_length and lengths.size and lengths.max() > spec.max_length:
+        # keep the first max_length ids of every row
+        position = np.arange(values.size) - np.repeat(off[:-1], lengths)
+        values = values[position < spec.max_length]
+        off = _offsets(np.minimum(lengths, spec.max_length))
+    return values, off
+
+
 class _Converter:
     """Converts Arrow tables of one file to :class:`_Chunk` s, validating values on the way."""
 
@@ -287,7 +300,7 @@ class _Converter:
                 ids.append(check_ids(path, spec, values, None, row_offset))
                 offsets.append(None)
             else:
-                values, off = self._sequence(array, spec)
+                values, off = sequence_ids(array, spec)
                 row_of = np.repeat(np.arange(n), np.diff(off)) if self._validate else None
                 ids.append(check_ids(path, spec, values, row_of, row_offset))
                 offsets.append(off)
@@ -305,19 +318,6 @@ class _Converter:
         for name in self._extras:
             extras[name] = self._extra(table, name, path, row_offset)
         return _Chunk(dense, ids, offsets, labels.astype(np.float32, copy=False), extras)
-
-    @staticmethod
-    def _sequence(array: pa.Array, spec: FieldSpec) -> Tuple[np.ndarray, np.ndarray]:
-        """Flat ids and (N + 1,) offsets of a list column, null lists as empty, truncated to max_length."""
-        lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy().astype(np.int64)
-        values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        off = _offsets(lengths)
-        if spec.max_length and lengths.size and lengths.max() > spec.max_length:
-            # keep the first max_length ids of every row
-            position = np.arange(values.size) - np.repeat(off[:-1], lengths)
-            values = values[position < spec.max_length]
-            off = _offsets(np.minimum(lengths, spec.max_length))
-        return values, off
 
     @staticmethod
     def _extra(table: pa.Table, name: str, path: str, row_offset: int) -> np.ndarray:

@@ -85,6 +85,8 @@ CHUNK_ROWS = 1 << 18
 SPLIT_FRACTIONS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
 # the item's side of a row (what ``elec.distill.swap_fields`` re-pairs); the rest is user and context
 ITEM_FIELDS = ("item_id", "item_category", "item_tags", "item_price_log", "item_freshness")
+# every item with its ITEM_FIELDS (and ``is_cold_item``), cold items included: ``elec.distill.swap_catalog``
+ITEM_CATALOG = "item_catalog.parquet"
 
 
 def topic_similarity() -> np.ndarray:
@@ -354,6 +356,24 @@ def write_value_text(path: str, texts: List[str]) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
+def write_item_catalog(path: str, items: "_Items") -> None:
+    """One row per item id 1..I: the ``ITEM_FIELDS`` columns as the splits hold them, plus ``is_cold_item``."""
+    ids = np.arange(1, len(items.topic))
+    tag_lengths = items.tag_lengths[ids]
+    tags = np.concatenate([items.tag_values[items.tag_offsets[i]:items.tag_offsets[i + 1]] for i in ids] or
+                          [np.zeros(0, dtype=np.int64)])
+    table = pa.table({
+        "item_id": pa.array(ids, pa.int64()),
+        "item_category": pa.array(items.format[ids].astype(np.int64)),
+        "item_tags": list_array(tag_lengths, tags),
+        "item_price_log": pa.array(items.price_log[ids]),
+        "item_freshness": pa.array(items.freshness[ids]),
+        "is_cold_item": pa.array(items.cold[ids].astype(np.int8)),
+    })
+    pq.write_table(table, f"{path}.tmp", compression="zstd")
+    os.replace(f"{path}.tmp", path)
+
+
 def _hour_text(hour: int) -> str:
     part = "night" if hour < 6 else "morning" if hour < 12 else "afternoon" if hour < 18 else "evening"
     return f"{hour}:00, in the {part}"
@@ -372,7 +392,8 @@ def generate_synthetic(
     """Generates the synthetic data set into ``out_dir`` and returns its schema.
 
     Writes ``train/valid/test.parquet`` (80/10/10 of ``num_rows``; row ids are global and
-    ordered like time), ``text/<field>.parquet`` value-text files and ``schema.json``.
+    ordered like time), ``text/<field>.parquet`` value-text files, the item catalogue
+    ``ITEM_CATALOG`` (:func:`write_item_catalog`) and ``schema.json``.
     Columns: ``row_id``, the fields of :func:`synthetic_schema`, ``label`` and ``is_cold_item``.
 
     Args:
@@ -413,6 +434,7 @@ def generate_synthetic(
     }
     for name, values in texts.items():
         write_value_text(os.path.join(out_dir, schema.field(name).value_text), values)
+    write_item_catalog(os.path.join(out_dir, ITEM_CATALOG), items)
 
     generator = _Generator(config, users, items)
     arrow_schema = arrow_schema_for(schema, {"is_cold_item": pa.int8()})

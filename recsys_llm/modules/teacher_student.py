@@ -65,6 +65,9 @@ class TeacherStudentConfig:
             batch to add B label-free rows (:class:`recsys_llm.data.pair_swap.SwappedPairs`):
             BCE skips them, KD learns the teacher's scores on them. Empty: off. Needs the
             teacher in the step (``joint`` or ``frozen``).
+        swap_catalog (Optional[str]): **(ours)** Parquet file with one row per entity and a
+            column per swap field: swapped rows draw their ``swap_fields`` from it (cold
+            entities included) instead of from other rows of the batch.
     """
 
     mode: str = "joint"
@@ -78,6 +81,7 @@ class TeacherStudentConfig:
     teacher_logits_key: str = "teacher_logits"
     teacher_representation_key: str = "teacher_representation"
     swap_fields: List[str] = dataclasses.field(default_factory=list)
+    swap_catalog: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -85,6 +89,9 @@ class TeacherStudentConfig:
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"TeacherStudentConfig: alpha and beta must be >= 0, got {self.alpha}, {self.beta}")
         self.swap_fields = list(self.swap_fields)
+        if self.swap_catalog and not self.swap_fields:
+            raise ValueError("TeacherStudentConfig.swap_catalog is set but swap_fields is empty: name the catalogue's "
+                             "fields (e.g. the item fields) in swap_fields")
         if self.swap_fields and self.mode == "offline":
             raise ValueError("TeacherStudentConfig.swap_fields needs the teacher to score the swapped rows during "
                              "training: use mode 'joint' or 'frozen', not 'offline'")

@@ -182,7 +182,8 @@ def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int) -> Optiona
     """
     if built.elec is None or built.elec.task != "distill" or not built.elec.distill.swap_fields:
         return None
-    return SwappedPairs(schema, built.elec.distill.swap_fields, seed=seed)
+    distill = built.elec.distill
+    return SwappedPairs(schema, distill.swap_fields, seed=seed, catalog=distill.swap_catalog)
 
 
 def _readers(config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext) -> Dict[str, ParquetBatchReader]:
@@ -312,7 +313,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
 
     while not state.finished and state.epoch < train_cfg.epochs:
         train_reader.set_epoch(state.epoch)
-        batches = train_reader if swap is None else (swap(batch) for batch in train_reader)
+        batches = train_reader if swap is None else swap.over(train_reader, state.epoch)
         stats = train_epoch(
             model, optimizer, batches, ctx.device,
             skip_batches=state.step_in_epoch,

@@ -1,3 +1,6 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -5,6 +8,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY, SwappedPairs
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.data.validation import DataError
 
 SCHEMA = DatasetSchema("t", [
     FieldSpec("user_id", "sparse", 100),
@@ -72,3 +76,52 @@ def test_the_pairing_is_fixed_per_batch_size_and_seed() -> None:
 def test_bad_swap_fields_are_named(fields, message) -> None:
     with pytest.raises(ValueError, match=message):
         SwappedPairs(SCHEMA, fields)
+
+
+def write_catalog(path: str, num_items: int = 5, **overrides) -> None:
+    """Item i (1..num_items): tags [30 + i] * (i % 3), price 200 + i."""
+    ids = np.arange(1, num_items + 1)
+    columns = {
+        "item_id": pa.array(ids, pa.int64()),
+        "item_tags": pa.array([[30 + int(i)] * (int(i) % 3) for i in ids], pa.list_(pa.int64())),
+        "item_price": pa.array((200 + ids).astype(np.float32)),
+    }
+    columns.update(overrides)
+    pq.write_table(pa.table(columns), path)
+
+
+def test_catalogue_pairs_take_the_item_side_from_catalogue_rows(tmp_path) -> None:
+    path = str(tmp_path / "items.parquet")
+    write_catalog(path)
+    swap = SwappedPairs(SCHEMA, ITEM_FIELDS, seed=0, catalog=path)
+    assert swap.catalog.num_rows == 5
+    batch = make_batch(6)
+    doubled = swap(batch, epoch=2, index=7)
+    rows = swap.catalog_rows(6, epoch=2, index=7)
+    assert torch.equal(rows, swap.catalog_rows(6, epoch=2, index=7))  # a resumed run draws the same rows
+    assert not torch.equal(rows, swap.catalog_rows(6, epoch=2, index=8))
+    items = rows + 1
+    features = doubled.sparse_features.to_dict()
+    assert torch.equal(features["item_id"].values()[6:], items)
+    assert torch.equal(features["user_id"].values()[6:], torch.arange(6) + 10)
+    tags = features["item_tags"]
+    assert torch.equal(tags.lengths()[6:], (items % 3).int())
+    swapped_tags = tags.values()[int(tags.lengths()[:6].sum()):]
+    assert torch.equal(swapped_tags, torch.cat([torch.full((int(i) % 3,), 30 + int(i)) for i in items]))
+    assert torch.equal(doubled.dense_features[6:, 1], (200 + items).float())
+    assert torch.equal(doubled.dense_features[6:, 0], batch.dense_features[:, 0])
+    over = list(swap.over([batch, batch], epoch=2))
+    assert torch.equal(over[1].sparse_features["item_id"].values()[6:], swap.catalog_rows(6, 2, 1) + 1)
+
+
+def test_bad_catalogues_are_named(tmp_path) -> None:
+    path = str(tmp_path / "items.parquet")
+    pq.write_table(pa.table({"item_id": pa.array([1, 2], pa.int64())}), path)
+    with pytest.raises(DataError, match="no column 'item_tags'"):
+        SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)
+    write_catalog(path, item_id=pa.array([1, 2, 3, 4, 100], pa.int64()))
+    with pytest.raises(DataError, match="items.parquet: column 'item_id', row 4: id 100 .* >= cardinality 100"):
+        SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)
+    write_catalog(path, item_price=pa.array([1.0, None, 2.0, 3.0, 4.0], pa.float32()))
+    with pytest.raises(DataError, match="column 'item_price', row 1: null value"):
+        SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)

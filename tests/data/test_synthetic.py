@@ -10,7 +10,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from recsys_llm.data.parquet import read_schema_and_check
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.data.synthetic import TOPIC_NAMES, TOPICS, generate_synthetic, topic_similarity
+from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS, TOPIC_NAMES, TOPICS, generate_synthetic, topic_similarity
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,22 @@ def test_cold_items_never_in_train(data):
         assert 0.2 < cold.mean() < 0.4
         assert not set(items[cold].tolist()) & train_items
         assert set(items[~cold].tolist()) <= train_items
+
+
+def test_item_catalogue_lists_every_item_with_the_fields_its_rows_carry(data):
+    schema, tables = data
+    catalog = pq.read_table(os.path.join(schema.root, ITEM_CATALOG))
+    items = catalog["item_id"].to_numpy()
+    np.testing.assert_array_equal(items, np.arange(1, schema.field("item_id").cardinality))
+    by_item = {name: catalog[name].to_pylist() for name in ITEM_FIELDS}
+    for split, table in tables.items():
+        rows = table.slice(0, 2000)
+        index = rows["item_id"].to_numpy() - 1
+        for name in ITEM_FIELDS:
+            assert rows[name].to_pylist() == [by_item[name][i] for i in index], (split, name)
+    cold = catalog["is_cold_item"].to_numpy().astype(bool)
+    train_items = set(tables["train"]["item_id"].to_numpy().tolist())
+    assert cold.any() and not set(items[cold].tolist()) & train_items  # cold items are listed too
 
 
 def _text_topics(schema):

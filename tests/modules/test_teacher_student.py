@@ -176,6 +176,8 @@ class TestTeacherStudentTask:
     def test_swap_fields_need_a_teacher_and_entity_vectors(self):
         with pytest.raises(ValueError, match="'joint' or 'frozen', not 'offline'"):
             TeacherStudentConfig(mode="offline", swap_fields=["item_id"])
+        with pytest.raises(ValueError, match="swap_catalog is set but swap_fields is empty"):
+            TeacherStudentConfig(mode="frozen", swap_catalog="items.parquet")
         with pytest.raises(ValueError, match="vector_source 'entity_table'"):
             ELECConfig(task="distill", distill=TeacherStudentConfig(mode="joint", swap_fields=["item_id"]))
         config = ELECConfig.from_dict({"task": "distill", "vector_source": "entity_table", "entity_field": "item_id",
