@@ -10,8 +10,9 @@
    ``semantics export --granularity entity --output pooled`` and trains the gain network that reads them
    from frozen, sharded tables (an ``elec:`` config section with ``entity_tables``);
 5. ELEC's servable student: plain DeepFM distilled from the trained gain network (frozen,
-   ``export --state-only``) on the training rows and on swapped (user, item) pairs of each
-   batch (``elec.distill.swap_fields``); it serves without any LLM vector;
+   ``export --state-only``) on the training rows and on as many label-free (user, item)
+   pairs, each batch's users with items drawn from the data's item catalogue, cold items
+   included (``elec.distill.swap_fields`` / ``swap_catalog``); it serves without any LLM vector;
 6. prints AUC / LogLoss overall and on cold items, and writes ``demo_results.{json,png}``.
 
 Every step is skipped when its output already exists, so a second ``make demo`` only
@@ -22,7 +23,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from recsys_llm.data.synthetic import ITEM_FIELDS
+from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
 from recsys_llm.train.config import load_config
 from recsys_llm.train.runner import finished_results, run_training
 
@@ -105,9 +106,11 @@ def run_demo(
     if not os.path.exists(os.path.join(teacher, "config.json")):
         _cli(["export", "--state-only", "--config", os.path.join(gain_dir, "config.yaml"), "--checkpoint", gain_dir,
               "--output", teacher])
+    catalog = os.path.join(data_dir, ITEM_CATALOG)  # data generated before the catalogue existed pairs within batches
     results[STUDENT] = _train(config_path, base + [
         "elec.task=distill", *vector_overrides, "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
         "elec.distill.alpha=20", "elec.distill.beta=0", f"elec.distill.swap_fields=[{','.join(ITEM_FIELDS)}]",
+        *([f"elec.distill.swap_catalog={catalog}"] if os.path.exists(catalog) else []),
     ], os.path.join(run_root, "elec_student"))
     return results
 

@@ -6,7 +6,7 @@ from typing import Any, Dict
 
 import pytest
 
-from recsys_llm.data.synthetic import ITEM_FIELDS
+from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
 from recsys_llm.demo import ELEC, LLACTR, PLAIN, STUDENT, comparison_table, run_demo, write_outputs
 from tests.multiprocess import run_multiprocess
 from tests.tiny_models import save_tiny_bert
@@ -39,3 +39,4 @@ def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_pat
     student = json.load(open(os.path.join(run_root, "elec_student", "plugins.json"), encoding="utf-8"))
     assert student["elec"]["distill"]["mode"] == "frozen"
     assert student["elec"]["distill"]["swap_fields"] == list(ITEM_FIELDS)
+    assert student["elec"]["distill"]["swap_catalog"] == os.path.join(data_dir, ITEM_CATALOG)
