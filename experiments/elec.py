@@ -1,4 +1,4 @@
-"""ELEC on >= 3 backbones: plain vs gain network vs student (joint KD) vs student (offline KD).
+"""ELEC on >= 3 backbones: plain vs gain network vs students (joint, offline, and on label-free pairs).
 
 Run: ``.venv/bin/python -m experiments.elec [--data ml100k|synthetic] [--quick]``. Writes
 ``results/elec_{data}.{json,md,png}``; run directories, the CTR-adapted LLM, its vectors and
@@ -196,10 +196,10 @@ def run_backbone(
 
     student("joint", lambda seed: [])
     if swap_fields:
-        student("frozen", lambda seed: frozen_teacher(seed), variant="student (frozen, swapped pairs)",
+        student("frozen", frozen_teacher, variant="student (frozen, swapped pairs)",
                 swap=swap_fields, alphas=SWAP_ALPHAS, betas=SWAP_BETAS)
     if swap_fields and swap_catalog:
-        student("frozen", lambda seed: frozen_teacher(seed), variant="student (frozen, catalogue pairs)",
+        student("frozen", frozen_teacher, variant="student (frozen, catalogue pairs)",
                 swap=swap_fields, alphas=SWAP_ALPHAS, betas=SWAP_BETAS, catalog=swap_catalog)
     from recsys_llm.train.config import load_config
     from recsys_llm.train.teacher_outputs import write_teacher_outputs
