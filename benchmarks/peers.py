@@ -30,8 +30,9 @@ Both comparisons run in one invocation, each on its own synthetic data of the sa
 * ``large`` tables: 10^6 users and 2.5 * 10^5 items, production-sized id tables. DeepCTR-Torch's
   ``nn.Embedding`` tables get dense gradients, and its optimizer steps over every row of every
   table each batch; the project's fused FBGEMM optimizer updates only the rows in the batch.
-  With 0.2 training rows per user both models overfit by the last epoch (test LogLoss above
-  1), so this scale compares the implementations, not the quality of the data.
+  With 0.2 training rows per user (quick mode; 1 in full mode) both models overfit by the last
+  epoch (test LogLoss above 1 in quick mode), so this scale compares the implementations, not
+  the quality of the data.
 
 Figures (top level of the JSON, from the ``large`` tables; the ``small`` ones are in
 ``details.by_tables``, and the ``*_by_tables`` entries hold both):

@@ -4,6 +4,7 @@ import json
 import os
 from typing import Any, Dict
 
+import pyarrow.parquet as pq
 import pytest
 
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
@@ -40,3 +41,7 @@ def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_pat
     assert student["elec"]["distill"]["mode"] == "frozen"
     assert student["elec"]["distill"]["swap_fields"] == list(ITEM_FIELDS)
     assert student["elec"]["distill"]["swap_catalog"] == os.path.join(data_dir, ITEM_CATALOG)
+    events = [json.loads(line) for line in open(os.path.join(run_root, "elec_student", "metrics.jsonl"), encoding="utf-8")]
+    epoch = next(e for e in events if e["event"] == "epoch")
+    train_rows = pq.ParquetFile(os.path.join(data_dir, "train.parquet")).metadata.num_rows
+    assert epoch["samples"] == 2 * train_rows  # every training row plus one catalogue pair per row

@@ -178,3 +178,8 @@ def test_elec_student_learns_on_catalogue_pairs_with_two_ranks(small_synthetic: 
         assert result["catalog_rows"] == items - 1  # every item id but 0 (unknown), cold items included
     with open(os.path.join(run_dir, "plugins.json"), encoding="utf-8") as handle:
         assert json.load(handle)["elec"]["distill"]["swap_fields"] == ITEM_FIELDS
+    events = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
+    epoch = next(e for e in events if e["event"] == "epoch")
+    # the runner trained on doubled batches: every training row plus one catalogue pair per row
+    train_rows = pq.ParquetFile(schema.split_path("train")).metadata.num_rows
+    assert epoch["samples"] == 2 * train_rows

@@ -18,7 +18,7 @@ Where the other side comes from:
 * a catalogue (``catalog``): a Parquet file with one row per entity and a column per swap
   field, e.g. every item with its category, tags and price. Each batch draws B catalogue rows
   uniformly, so entities without any impression yet (cold items) are paired with users too.
-  Draws are seeded by ``(seed, epoch, batch index)``.
+  Draws are seeded by ``(seed, rank, epoch, batch index)``.
 
 Either way a resumed run builds exactly the batches the uninterrupted one would have.
 
@@ -33,14 +33,20 @@ import dataclasses
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.parquet import sequence_ids
 from recsys_llm.data.schema import DatasetSchema, FieldKind
-from recsys_llm.data.validation import DataError, check_dense, check_ids, check_no_nulls
+from recsys_llm.data.validation import (
+    DataError,
+    check_column_type,
+    check_dense,
+    check_ids,
+    check_no_nulls,
+    open_parquet,
+)
 
 LABEL_WEIGHT_KEY = "label_weight"
 
@@ -65,22 +71,28 @@ class SwapCatalog:
 
 def load_swap_catalog(path: str, schema: DatasetSchema, fields: Sequence[str]) -> SwapCatalog:
     """Reads and validates a catalogue: every field in ``fields`` must be a column of the
-    field's kind, without nulls, with ids in the field's range (folded if hashed).
+    field's kind, without nulls, with ids in the field's range (folded if hashed). Other
+    columns are not read.
 
     Raises:
-        DataError: a missing or mistyped column, a null, a bad id or a non-finite value,
-            naming the file, column and row.
+        DataError: a missing or unreadable file, a missing or mistyped column, a null, a bad id
+            or a non-finite value, naming the file, column and row.
     """
-    table = pq.read_table(path)
+    handle = open_parquet(path)
+    names = [f.name for f in schema.fields if f.name in fields]
+    missing = [name for name in names if name not in handle.schema_arrow.names]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r}; the swap catalogue needs one column per swap field "
+                        f"{list(fields)} (columns: {handle.schema_arrow.names})")
+    for name in names:
+        check_column_type(path, schema.field(name), handle.schema_arrow.field(name).type)
+    table = handle.read(columns=names)
     if table.num_rows == 0:
         raise DataError(f"{path}: the swap catalogue has no rows")
     jagged: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
     dense: List[np.ndarray] = []
-    for name in [f.name for f in schema.fields if f.name in fields]:
+    for name in names:
         spec = schema.field(name)
-        if name not in table.column_names:
-            raise DataError(f"{path}: no column {name!r}; the swap catalogue needs one column per swap field "
-                            f"{list(fields)} (columns: {table.column_names})")
         array = table.column(name).combine_chunks()
         check_no_nulls(path, name, array, 0, "a value in every catalogue row")
         if spec.kind == FieldKind.SEQUENCE:
@@ -111,6 +123,8 @@ class SwappedPairs:
         seed (int): seed of the pairing.
         catalog (Optional[str]): Parquet file of entities to pair with (see the module
             docstring); None pairs rows of the same batch.
+        rank (int): this process's rank: catalogue draws differ per rank, so the ranks of one
+            step pair their users with different entities.
 
     Raises:
         ValueError: no field, an unknown field, or every sparse field (nothing would stay put).
@@ -118,7 +132,7 @@ class SwappedPairs:
     """
 
     def __init__(self, schema: DatasetSchema, swap_fields: Sequence[str], seed: int = 0,
-                 catalog: Optional[str] = None) -> None:
+                 catalog: Optional[str] = None, rank: int = 0) -> None:
         names = [field.name for field in schema.fields]
         unknown = [name for name in swap_fields if name not in names]
         if not swap_fields or unknown:
@@ -134,8 +148,10 @@ class SwappedPairs:
         self._dense_columns = torch.tensor(sorted(dense_names.index(n) for n in swap_fields if n in dense_names),
                                            dtype=torch.long)
         self._seed = int(seed)
+        self._rank = int(rank)
         self._permutations: Dict[int, torch.Tensor] = {}
         self._catalog = load_swap_catalog(catalog, schema, swap_fields) if catalog else None
+        self._catalog_on: Dict[torch.device, SwapCatalog] = {}
 
     @property
     def sparse_fields(self) -> List[str]:
@@ -156,9 +172,19 @@ class SwappedPairs:
         """(B,) int64: the catalogue rows the swapped rows of batch ``index`` of ``epoch`` take."""
         if self._catalog is None:
             raise ValueError("swapped pairs: no catalogue was given")
-        seed = int(np.random.SeedSequence([self._seed, epoch, index]).generate_state(1)[0])
+        seed = int(np.random.SeedSequence([self._seed, self._rank, epoch, index]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(0, self._catalog.num_rows, (batch_size,), generator=generator)
+
+    def _catalog_on_device(self, device: torch.device) -> SwapCatalog:
+        """The catalogue's tensors on ``device``, copied once."""
+        if device not in self._catalog_on:
+            catalog = self._catalog
+            self._catalog_on[device] = dataclasses.replace(
+                catalog, dense=catalog.dense.to(device),
+                jagged={key: (lengths.to(device), values.to(device)) for key, (lengths, values) in catalog.jagged.items()},
+            )
+        return self._catalog_on[device]
 
     def over(self, batches: Iterable[Batch], epoch: int = 0) -> Iterator[Batch]:
         """``batches`` with swapped rows appended, batch ``index`` seeded by ``(epoch, index)``."""
@@ -175,7 +201,8 @@ class SwappedPairs:
         Returns:
             Batch: 2B rows: ``batch``, then the swapped rows (label 0), with
             ``extras[LABEL_WEIGHT_KEY]`` (2B,) = 1 for real and 0 for swapped rows; the other
-            extras are repeated (they describe the row's untouched side).
+            extras are repeated as they are (an extra that describes the swapped side, such as
+            ``is_cold_item``, then no longer fits the swapped rows: training reads none).
         """
         size = batch.batch_size
         device = batch.labels.device
@@ -186,9 +213,8 @@ class SwappedPairs:
             jagged_source = {key: (features[key].lengths(), features[key].values()) for key in self._sparse}
         else:
             rows = self.catalog_rows(size, epoch, index).to(device)
-            dense_source = self._catalog.dense.to(device)
-            jagged_source = {key: (lengths.to(device), values.to(device))
-                             for key, (lengths, values) in self._catalog.jagged.items()}
+            catalog = self._catalog_on_device(device)
+            dense_source, jagged_source = catalog.dense, catalog.jagged
         swapped_dense = batch.dense_features.clone()
         if self._dense_columns.numel():
             swapped_dense[:, self._dense_columns.to(device)] = dense_source[rows]
@@ -198,7 +224,7 @@ class SwappedPairs:
             if key in jagged_source:
                 source_lengths, source_values = jagged_source[key]
                 swapped_lengths, swapped_values, _ = torch.ops.fbgemm.permute_1D_sparse_data(
-                    rows.to(source_lengths.dtype), source_lengths, source_values, None, None
+                    rows.int(), source_lengths, source_values, None, None
                 )
                 swapped_lengths = swapped_lengths.to(lengths.dtype)
                 swapped_values = swapped_values.to(values.dtype)

@@ -101,6 +101,17 @@ def _check_spec_vs_written(path: str, schema: DatasetSchema, metadata: Optional[
                 )
 
 
+def check_column_type(path: str, spec: FieldSpec, dtype: pa.DataType) -> None:
+    """Raises if a column's Arrow type does not fit its field's kind, naming file, column and type."""
+    if not _type_ok(spec, dtype):
+        other = [k.value for k in FieldKind if _type_ok(FieldSpec(spec.name, k, cardinality=1), dtype)]
+        hint = f" (it looks like a {other[0]} field: schema/data mismatch?)" if other else ""
+        raise DataError(
+            f"{path}: column {spec.name!r} ({spec.kind.value} field) has Arrow type {dtype}; "
+            f"expected {_expected_type(spec)}{hint}"
+        )
+
+
 def check_file_schema(
     path: str,
     schema: DatasetSchema,
@@ -132,14 +143,7 @@ def check_file_schema(
             f"file columns: {sorted(columns)}{hint}"
         )
     for spec in schema.fields:
-        dtype = arrow_schema.field(spec.name).type
-        if not _type_ok(spec, dtype):
-            other = [k.value for k in FieldKind if _type_ok(FieldSpec(spec.name, k, cardinality=1), dtype)]
-            hint = f" (it looks like a {other[0]} field: schema/data mismatch?)" if other else ""
-            raise DataError(
-                f"{path}: column {spec.name!r} ({spec.kind.value} field) has Arrow type {dtype}; "
-                f"expected {_expected_type(spec)}{hint}"
-            )
+        check_column_type(path, spec, arrow_schema.field(spec.name).type)
     label_type = arrow_schema.field(schema.label).type
     if not (_is_integer(label_type) or pa.types.is_floating(label_type) or pa.types.is_boolean(label_type)):
         raise DataError(f"{path}: label column {schema.label!r} has Arrow type {label_type}; expected 0/1 integers")

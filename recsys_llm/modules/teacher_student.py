@@ -88,7 +88,7 @@ class TeacherStudentConfig:
             raise ValueError(f"TeacherStudentConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"TeacherStudentConfig: alpha and beta must be >= 0, got {self.alpha}, {self.beta}")
-        self.swap_fields = list(self.swap_fields)
+        self.swap_fields = [self.swap_fields] if isinstance(self.swap_fields, str) else list(self.swap_fields)
         if self.swap_catalog and not self.swap_fields:
             raise ValueError("TeacherStudentConfig.swap_catalog is set but swap_fields is empty: name the catalogue's "
                              "fields (e.g. the item fields) in swap_fields")
@@ -188,8 +188,8 @@ class TeacherStudentTask(nn.Module):
                 ``extras["label_weight"]`` (B,) when swapped rows were appended).
 
         Returns:
-            Tuple: ``(loss, (loss_detached, student_logits, labels))``; logits and labels of
-            the labeled rows only (``label_weight`` > 0) when the batch has swapped rows.
+            Tuple: ``(loss, (loss_detached, student_logits, labels))``; in eval mode, logits and
+            labels of the labeled rows only (``label_weight`` > 0) when the batch has a weight.
         """
         teacher_logits, teacher_representation, teacher_loss = self._teacher_outputs(batch)
         output = self.student.predict(batch)
@@ -204,7 +204,9 @@ class TeacherStudentTask(nn.Module):
             loss = loss + self._config.teacher_loss_weight * teacher_loss
         logits, labels = output.logits.detach(), batch.labels
         weight = batch.extras.get(LABEL_WEIGHT_KEY)
-        if weight is not None:
+        if weight is not None and not self.training:
+            # evaluation metrics must not see label-free rows; training skips the mask (a
+            # boolean index is a host-device sync every step, and the train loop reads no metric)
             labeled = weight > 0
             logits, labels = logits[labeled], labels[labeled]
         return loss, (loss.detach(), logits, labels)
@@ -222,7 +224,7 @@ def labeled_bce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     if weight is None:
         return F.binary_cross_entropy_with_logits(logits, batch.labels)
     per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")  # (B,)
-    return (per_row * weight).sum() / weight.sum().clamp_min(1.0)
+    return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 @torch.no_grad()

@@ -174,7 +174,7 @@ def load_plugin_state(model: nn.Module, built: BuiltTask) -> Dict[str, int]:
     return load_elec_state(model, built.elec) if built.elec is not None else {}
 
 
-def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int) -> Optional[SwappedPairs]:
+def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int, rank: int = 0) -> Optional[SwappedPairs]:
     """The training-batch transform of ELEC's ``distill.swap_fields`` (None when unset).
 
     With it, every training batch carries B label-free swapped rows after its B rows, and the
@@ -183,7 +183,7 @@ def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int) -> Optiona
     if built.elec is None or built.elec.task != "distill" or not built.elec.distill.swap_fields:
         return None
     distill = built.elec.distill
-    return SwappedPairs(schema, distill.swap_fields, seed=seed, catalog=distill.swap_catalog)
+    return SwappedPairs(schema, distill.swap_fields, seed=seed, catalog=distill.swap_catalog, rank=rank)
 
 
 def _readers(config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext) -> Dict[str, ParquetBatchReader]:
@@ -272,7 +272,10 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         raise ValueError(f"training split {config.data.train_split!r} gives 0 batches per rank at batch size {config.data.batch_size}")
 
     built = build_task(config, schema, ctx.device)
-    model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, config.data.batch_size)
+    swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early
+    # swapped pairs double every training batch; the planner sizes for what a step really holds
+    step_rows = config.data.batch_size * (2 if swap is not None else 1)
+    model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, step_rows)
     load_plugin_state(model, built)
     optimizer = build_optimizer(model, config.optim)
     if ctx.is_main:
@@ -293,7 +296,6 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
 
     subsets = _subsets(config, schema)
     train_reader = readers["train"]
-    swap = swapped_pairs(built, schema, train_cfg.seed)
     throughput: List[float] = []
     stop = {"max_steps": False}
 
@@ -325,7 +327,8 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         throughput.append(stats.samples_per_second * ctx.world_size)
         log.write({
             "event": "epoch", "epoch": state.epoch, "global_step": state.global_step, "steps": stats.steps,
-            "mean_loss": stats.mean_loss, "samples_per_second": stats.samples_per_second * ctx.world_size,
+            "samples": stats.samples * ctx.world_size, "mean_loss": stats.mean_loss,
+            "samples_per_second": stats.samples_per_second * ctx.world_size,
         })
         epoch_done = not stats.stopped_early
         last = stop["max_steps"] or state.epoch + 1 >= train_cfg.epochs

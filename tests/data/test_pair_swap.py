@@ -125,3 +125,18 @@ def test_bad_catalogues_are_named(tmp_path) -> None:
     write_catalog(path, item_price=pa.array([1.0, None, 2.0, 3.0, 4.0], pa.float32()))
     with pytest.raises(DataError, match="column 'item_price', row 1: null value"):
         SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)
+    write_catalog(path, item_id=pa.array([1.0, 2.5, 3.0, 4.0, 5.0], pa.float64()))
+    with pytest.raises(DataError, match="column 'item_id' \\(sparse field\\) has Arrow type double; expected an integer"):
+        SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)
+    write_catalog(path, item_tags=pa.array([1, 2, 3, 4, 5], pa.int64()))
+    with pytest.raises(DataError, match="column 'item_tags' \\(sequence field\\) has Arrow type int64"):
+        SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)
+    with pytest.raises(DataError, match="missing.parquet: Parquet file not found"):
+        SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=str(tmp_path / "missing.parquet"))
+
+
+def test_ranks_draw_different_catalogue_rows(tmp_path) -> None:
+    path = str(tmp_path / "items.parquet")
+    write_catalog(path, num_items=15)
+    rank0, rank1 = (SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path, rank=r) for r in (0, 1))
+    assert not torch.equal(rank0.catalog_rows(32, 0, 0), rank1.catalog_rows(32, 0, 0))

@@ -161,11 +161,15 @@ class TestTeacherStudentTask:
             extras = dict(batch.extras, label_weight=weight)
             return task(Batch(batch.dense_features, batch.sparse_features, labels, extras))
 
-        loss, (_, logits, labels) = loss_with(batch.labels)
+        loss, (_, logits, _) = loss_with(batch.labels)
+        assert logits.shape == (16,)  # training: no mask (no host sync)
         flipped = batch.labels.clone()
         flipped[10:] = 1 - flipped[10:]
         torch.testing.assert_close(loss_with(flipped)[0], loss)  # labels of unlabeled rows are ignored
-        assert logits.shape == (10,) and torch.equal(labels, batch.labels[:10])  # metrics see labeled rows only
+        task.eval()
+        _, (_, eval_logits, labels) = loss_with(batch.labels)
+        task.train()
+        assert eval_logits.shape == (10,) and torch.equal(labels, batch.labels[:10])  # metrics: labeled rows only
         t_out, s_out = task.teacher.predict(batch), task.student.predict(batch)
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         expected = (bce(s_out.logits[:10], batch.labels[:10]) + bce(t_out.logits[:10], batch.labels[:10])
@@ -183,6 +187,7 @@ class TestTeacherStudentTask:
         config = ELECConfig.from_dict({"task": "distill", "vector_source": "entity_table", "entity_field": "item_id",
                                        "entity_vectors": "v", "distill": {"swap_fields": ["item_id"]}})
         assert config.distill.swap_fields == ["item_id"]
+        assert TeacherStudentConfig(mode="joint", swap_fields="item_id").swap_fields == ["item_id"]
 
     @pytest.mark.parametrize("mode", ["joint", "frozen", "offline"])
     def test_fx_traceable(self, mode, tmp_path):
