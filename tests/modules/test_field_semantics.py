@@ -30,6 +30,21 @@ class TestFieldRepresentationEnhancement:
         skipped = ebc.embedding_bags["t_item_id"].weight.grad  # item_id has no vector: no gradient from FRE
         assert skipped is None or not skipped.any()
 
+    def test_hand_written_backward_matches_autograd(self) -> None:
+        from recsys_llm.modules.field_semantics import mean_field_kl
+
+        torch.manual_seed(0)
+        fields = torch.randn(5, 3, 4, dtype=torch.double, requires_grad=True)
+        logits = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(mean_field_kl, (fields, F.log_softmax(logits, dim=-1)))
+        log_p = F.log_softmax(logits, dim=-1)
+        reference = (log_p.exp() * (log_p - F.log_softmax(fields, dim=-1))).sum(-1).mean()
+        expected = torch.autograd.grad(reference, (fields, logits))
+        got = torch.autograd.grad(mean_field_kl(fields, F.log_softmax(logits, dim=-1)), (fields, logits))
+        torch.testing.assert_close(mean_field_kl(fields, log_p), reference)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+
     def test_fx_traceable(self) -> None:
         torch.manual_seed(0)
 
