@@ -37,16 +37,9 @@ import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.data.parquet import sequence_ids
+from recsys_llm.data.parquet import categorical_column, dense_column
 from recsys_llm.data.schema import DatasetSchema, FieldKind
-from recsys_llm.data.validation import (
-    DataError,
-    check_column_type,
-    check_dense,
-    check_ids,
-    check_no_nulls,
-    open_parquet,
-)
+from recsys_llm.data.validation import DataError, check_column_type, check_no_nulls, open_parquet
 
 LABEL_WEIGHT_KEY = "label_weight"
 
@@ -94,20 +87,12 @@ def load_swap_catalog(path: str, schema: DatasetSchema, fields: Sequence[str]) -
     for name in names:
         spec = schema.field(name)
         array = table.column(name).combine_chunks()
-        check_no_nulls(path, name, array, 0, "a value in every catalogue row")
-        if spec.kind == FieldKind.SEQUENCE:
-            values, offsets = sequence_ids(array, spec)
-            row_of = np.repeat(np.arange(table.num_rows), np.diff(offsets))
-            values = check_ids(path, spec, values, row_of, 0)
-            lengths = np.diff(offsets)
-        elif spec.kind == FieldKind.SPARSE:
-            values = check_ids(path, spec, array.to_numpy(zero_copy_only=False).astype(np.int64), None, 0)
-            lengths = np.ones(table.num_rows, dtype=np.int64)
-        else:
-            column = array.to_numpy(zero_copy_only=False).astype(np.float32)
-            check_dense(path, name, column, 0)
-            dense.append(column)
+        check_no_nulls(path, name, array, 0, "a value in every catalogue row")  # null tag lists too
+        if spec.kind == FieldKind.DENSE:
+            dense.append(dense_column(path, spec, array, 0))
             continue
+        values, offsets = categorical_column(path, spec, array, 0)
+        lengths = np.ones(table.num_rows, dtype=np.int64) if offsets is None else np.diff(offsets)
         jagged[name] = (torch.from_numpy(lengths.astype(np.int32)), torch.from_numpy(values.astype(np.int64)))
     stacked = np.stack(dense, axis=1) if dense else np.zeros((table.num_rows, 0), dtype=np.float32)
     return SwapCatalog(path, table.num_rows, jagged, torch.from_numpy(stacked))

@@ -262,6 +262,34 @@ def sequence_ids(array: pa.Array, spec: FieldSpec) -> Tuple[np.ndarray, np.ndarr
     return values, off
 
 
+def dense_column(path: str, spec: FieldSpec, array: pa.Array, row_offset: int, validate: bool = True) -> np.ndarray:
+    """(N,) float32 values of a dense column; with ``validate``, a null or non-finite value raises."""
+    if validate:
+        check_no_nulls(path, spec.name, array, row_offset, "a finite float")
+    values = array.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if validate:
+        check_dense(path, spec.name, values, row_offset)
+    return values
+
+
+def categorical_column(
+    path: str, spec: FieldSpec, array: pa.Array, row_offset: int, validate: bool = True
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Ids of a sparse or sequence column, checked (``check_ids``, folded if hashed).
+
+    Returns:
+        Tuple: flat int64 ids and, for a sequence, its (N + 1,) offsets (None for a sparse field).
+    """
+    if spec.kind == FieldKind.SPARSE:
+        if validate:
+            check_no_nulls(path, spec.name, array, row_offset, f"an id in [0, {spec.cardinality})")
+        values = array.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        return check_ids(path, spec, values, None, row_offset), None
+    values, offsets = sequence_ids(array, spec)
+    row_of = np.repeat(np.arange(len(array)), np.diff(offsets)) if validate else None
+    return check_ids(path, spec, values, row_of, row_offset), offsets
+
+
 class _Converter:
     """Converts Arrow tables of one file to :class:`_Chunk` s, validating values on the way."""
 
@@ -281,29 +309,16 @@ class _Converter:
         n = table.num_rows
         dense_cols = []
         for spec in self._schema.dense_fields:
-            array = table.column(spec.name).combine_chunks()
-            if self._validate:
-                check_no_nulls(path, spec.name, array, row_offset, "a finite float")
-            values = array.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            if self._validate:
-                check_dense(path, spec.name, values, row_offset)
-            dense_cols.append(values)
+            dense_cols.append(dense_column(path, spec, table.column(spec.name).combine_chunks(), row_offset,
+                                           self._validate))
         dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), dtype=np.float32)
 
         ids, offsets = [], []
         for spec in self._schema.categorical_fields:
-            array = table.column(spec.name).combine_chunks()
-            if spec.kind == FieldKind.SPARSE:
-                if self._validate:
-                    check_no_nulls(path, spec.name, array, row_offset, f"an id in [0, {spec.cardinality})")
-                values = array.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-                ids.append(check_ids(path, spec, values, None, row_offset))
-                offsets.append(None)
-            else:
-                values, off = sequence_ids(array, spec)
-                row_of = np.repeat(np.arange(n), np.diff(off)) if self._validate else None
-                ids.append(check_ids(path, spec, values, row_of, row_offset))
-                offsets.append(off)
+            values, off = categorical_column(path, spec, table.column(spec.name).combine_chunks(), row_offset,
+                                             self._validate)
+            ids.append(values)
+            offsets.append(off)
 
         label_array = table.column(self._schema.label).combine_chunks()
         if self._validate:
