@@ -191,10 +191,10 @@ class SwappedPairs:
         """
         size = batch.batch_size
         device = batch.labels.device
+        features = batch.sparse_features.to_dict()
         if self._catalog is None:
             rows = self.permutation(size).to(device)
             dense_source = batch.dense_features[:, self._dense_columns.to(device)]
-            features = batch.sparse_features.to_dict()
             jagged_source = {key: (features[key].lengths(), features[key].values()) for key in self._sparse}
         else:
             rows = self.catalog_rows(size, epoch, index).to(device)
@@ -204,7 +204,7 @@ class SwappedPairs:
         if self._dense_columns.numel():
             swapped_dense[:, self._dense_columns.to(device)] = dense_source[rows]
         doubled: Dict[str, JaggedTensor] = {}
-        for key, jagged in batch.sparse_features.to_dict().items():
+        for key, jagged in features.items():
             lengths, values = jagged.lengths(), jagged.values()
             if key in jagged_source:
                 source_lengths, source_values = jagged_source[key]
