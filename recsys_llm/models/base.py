@@ -9,7 +9,7 @@ part in the feature interactions exactly like EBC fields.
 """
 
 import abc
-from typing import List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -130,3 +130,50 @@ def stack_fields(
     if extra_fields is not None:
         fields = torch.cat([fields, extra_fields], dim=1)  # (B, F + E, D)
     return fields
+
+
+_KEY_POSITIONS: Dict[Tuple[Tuple[str, ...], Tuple[str, ...], torch.device], torch.Tensor] = {}
+
+
+def _key_positions(keys: Tuple[str, ...], feature_names: Tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """(F,) index of each feature name among ``keys``, cached per key order and device."""
+    cache_key = (keys, feature_names, device)
+    cached = _KEY_POSITIONS.get(cache_key)
+    if cached is not None:
+        return cached
+    position = {key: i for i, key in enumerate(keys)}
+    missing = [name for name in feature_names if name not in position]
+    if missing:
+        raise KeyError(f"the pooled embeddings have no keys {missing}; their keys are {list(keys)}")
+    positions = torch.tensor([position[name] for name in feature_names], dtype=torch.long, device=device)
+    if not torch.compiler.is_compiling():  # a tensor made while torch.export traces is a fake one
+        _KEY_POSITIONS[cache_key] = positions
+    return positions
+
+
+@torch.fx.wrap
+def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All pooled fields as one tensor in the KeyedTensor's own key order, and where ``feature_names`` are.
+
+    For terms that are indifferent to field order (FRE, FIE): when every key has the
+    same dim, the result is a view of ``embeddings.values()`` (no copy forward, no
+    split backward), and the caller permutes its own per-field parameters with
+    ``positions`` instead. Otherwise ``feature_names`` are stacked (K = F). The key
+    order of a sharded EBC's output depends on the plan, so positions are looked up
+    per call (cached per key order).
+
+    Args:
+        embeddings (KeyedTensor): keys ⊇ ``feature_names``, each (B, D).
+        feature_names (List[str]): F keys.
+
+    Returns:
+        Tuple: ``(fields (B, K, D), positions (F,))``, ``fields[:, positions[f]]`` being
+        ``feature_names[f]``'s embeddings; K is the number of keys (or F).
+    """
+    lengths = embeddings.length_per_key()
+    if len(set(lengths)) == 1:
+        values = embeddings.values()
+        fields = values.reshape(values.size(0), len(lengths), lengths[0])  # (B, K, D)
+        return fields, _key_positions(tuple(embeddings.keys()), tuple(feature_names), values.device)
+    fields = stack_fields(embeddings, feature_names)  # (B, F, D)
+    return fields, _key_positions(tuple(feature_names), tuple(feature_names), fields.device)

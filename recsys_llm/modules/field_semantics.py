@@ -21,46 +21,59 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.models.base import CTROutput, stack_fields
+from recsys_llm.models.base import CTROutput, fields_in_key_order
+
+# a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
+torch.fx.wrap("fields_in_key_order")
 
 
 class _MeanFieldKL(torch.autograd.Function):
-    """mean over (b, f) of KL(p_f || softmax(x_{b,f})), p_f = exp(log_p_f), with a hand-written backward.
+    """Weighted mean over (b, f) of KL(p_f || softmax(x_{b,f})), p_f = exp(log_p_f), with a hand-written backward.
 
-    Autograd's version of the same expression builds and walks six (B, F, D) intermediates;
-    this one keeps log softmax(x) and needs three kernels backward (about 45% faster on CPU):
+    Field f counts with weight m_f in {0, 1} (0: a key without a vector), N = sum_f m_f.
+    Autograd's version of the same expression builds and walks six (B, F, D)
+    intermediates; this one keeps log softmax(x) and needs three kernels backward
+    (about 45% faster on CPU):
 
-    * d/dx_{b,f} = (softmax(x_{b,f}) - p_f) / (B F)
-    * d/dlog p_f = p_f (log p_f + 1 - mean_b log softmax(x_{b,f})) / F
+    * d/dx_{b,f} = m_f (softmax(x_{b,f}) - p_f) / (B N)
+    * d/dlog p_f = m_f p_f (log p_f + 1 - mean_b log softmax(x_{b,f})) / N
     """
 
     @staticmethod
-    def forward(ctx, fields: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:  # (B, F, D), (F, D) -> ()
+    def forward(ctx, fields: torch.Tensor, log_p: torch.Tensor, field_weight: torch.Tensor) -> torch.Tensor:
+        # (B, F, D), (F, D), (F,) -> ()
         batch_size, num_fields, dim = fields.shape
         log_q = F.log_softmax(fields, dim=-1)  # (B, F, D)
-        p = log_p.exp()  # (F, D)
-        cross = (log_q.reshape(batch_size, num_fields * dim) @ p.reshape(num_fields * dim)).sum()
-        ctx.save_for_backward(log_q, p, log_p)
-        return (batch_size * (p * log_p).sum() - cross) / (batch_size * num_fields)
+        weighted_p = log_p.exp() * field_weight.unsqueeze(-1)  # (F, D)
+        cross = (log_q.reshape(batch_size, num_fields * dim) @ weighted_p.reshape(num_fields * dim)).sum()
+        ctx.save_for_backward(log_q, weighted_p, log_p, field_weight)
+        return (batch_size * (weighted_p * log_p).sum() - cross) / (batch_size * field_weight.sum())
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
-        log_q, p, log_p = ctx.saved_tensors
-        batch_size, num_fields, _ = log_q.shape
-        grad_fields = (log_q.exp() - p).mul_(grad / (batch_size * num_fields))  # (B, F, D)
-        grad_log_p = p * (log_p + 1 - log_q.mean(dim=0)) * (grad / num_fields)  # (F, D)
-        return grad_fields, grad_log_p
+    def backward(ctx, grad: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor, None]":
+        log_q, weighted_p, log_p, field_weight = ctx.saved_tensors
+        batch_size = log_q.size(0)
+        count = field_weight.sum()
+        # m_f (q - p_f) = m_f q - weighted_p_f
+        grad_fields = (log_q.exp() * field_weight.unsqueeze(-1) - weighted_p).mul_(grad / (batch_size * count))
+        grad_log_p = weighted_p * (log_p + 1 - log_q.mean(dim=0)) * (grad / count)  # (F, D)
+        return grad_fields, grad_log_p, None
 
 
 @torch.fx.wrap
-def mean_field_kl(fields: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+def mean_field_kl(fields: torch.Tensor, log_p: torch.Tensor, field_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Scalar mean over (b, f) of KL(softmax row f of ``log_p`` || softmax(``fields[b, f]``)).
 
     Args:
         fields (torch.Tensor): (B, F, D) pooled field embeddings.
-        log_p (torch.Tensor): (F, D) log target distributions.
+        log_p (torch.Tensor): (F, D) log target distributions (finite; rows of fields
+            with weight 0 are ignored).
+        field_weight (Optional[torch.Tensor]): (F,) 1 for fields that count, 0 for the
+            rest; all count when None.
     """
-    return _MeanFieldKL.apply(fields, log_p)
+    if field_weight is None:
+        field_weight = log_p.new_ones(log_p.size(0))
+    return _MeanFieldKL.apply(fields, log_p, field_weight)
 
 
 class FieldRepresentationEnhancement(nn.Module):
@@ -119,8 +132,14 @@ class FieldRepresentationEnhancement(nn.Module):
         Returns:
             torch.Tensor: weighted scalar loss.
         """
-        fields = stack_fields(embeddings, self._feature_names)  # (B, F, D)
-        return self._weight * mean_field_kl(fields, self.target_log_probs())
+        # fields in the embeddings' own key order (a view, no copy); the targets are put
+        # in that order instead, and keys without a vector get weight 0
+        fields, positions = fields_in_key_order(embeddings, self._feature_names)  # (B, K, D), (F,)
+        target = self.target_log_probs()  # (F, D)
+        num_keys = fields.size(1)
+        target_by_key = target.new_zeros(num_keys, target.size(1)).index_copy(0, positions, target)  # (K, D)
+        key_weight = target.new_zeros(num_keys).index_fill(0, positions, 1.0)  # (K,)
+        return self._weight * mean_field_kl(fields, target_by_key, key_weight)
 
     def forward(self, output: CTROutput, batch: Optional[Batch] = None) -> torch.Tensor:
         """CTRTask loss term: ``loss(output.embeddings)``."""

@@ -39,6 +39,14 @@ class TestFieldInteractionEnhancement:
         fie.unfreeze()
         assert not torch.allclose(fie.logit(kt), before)
 
+    def test_frozen_serving_form_matches_training_form(self) -> None:
+        torch.manual_seed(0)
+        kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
+        fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)  # b left out
+        training = fie.logit(kt)
+        fie.freeze()
+        torch.testing.assert_close(fie.logit(kt), training)
+
     def test_fx_traceable(self) -> None:
         torch.manual_seed(0)
 

@@ -45,6 +45,22 @@ class TestFieldRepresentationEnhancement:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b)
 
+    def test_weighted_mean_counts_only_weighted_fields(self) -> None:
+        from recsys_llm.modules.field_semantics import mean_field_kl
+
+        torch.manual_seed(0)
+        fields = torch.randn(5, 3, 4, dtype=torch.double, requires_grad=True)
+        logits = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
+        weight = torch.tensor([1.0, 0.0, 1.0], dtype=torch.double)
+        assert torch.autograd.gradcheck(
+            lambda x, z: mean_field_kl(x, F.log_softmax(z, dim=-1), weight), (fields, logits)
+        )
+        kept = [0, 2]
+        torch.testing.assert_close(
+            mean_field_kl(fields, F.log_softmax(logits, dim=-1), weight),
+            mean_field_kl(fields[:, kept], F.log_softmax(logits[kept], dim=-1)),
+        )
+
     def test_fx_traceable(self) -> None:
         torch.manual_seed(0)
 
