@@ -34,21 +34,23 @@ def experiment_args(description: str, default_out: str) -> argparse.ArgumentPars
 
 
 def prepared_schema(data: str, data_dir: str, raw: str) -> str:
-    """Prepares ML-100K (or the embedded synthetic data) once; returns the schema path."""
-    if data == "ml100k":
-        out = os.path.join(data_dir, "ml-100k")
-        if not os.path.exists(os.path.join(out, "schema.json")):
-            from recsys_llm.data.movielens import prepare_movielens
+    """Prepares ML-100K (or the embedded synthetic data) once; returns the schema path.
 
-            if not os.path.exists(os.path.join(raw, "ml-100k.inter")):
-                raise SystemExit(f"ML-100K raw files not found in {raw} (RecBole atomic format expected)")
-            prepare_movielens(raw, out, progress=True)
-        return os.path.join(out, "schema.json")
+    Data written before the item catalogue existed is prepared again: the same rows, plus
+    the catalogue.
+    """
     from recsys_llm.data.synthetic import ITEM_CATALOG
 
-    out = os.path.join(data_dir, "synthetic")
-    # data written before the item catalogue existed is generated again: the same rows, plus the catalogue
-    if not all(os.path.exists(os.path.join(out, name)) for name in ("schema.json", ITEM_CATALOG)):
+    out = os.path.join(data_dir, "ml-100k" if data == "ml100k" else "synthetic")
+    if all(os.path.exists(os.path.join(out, name)) for name in ("schema.json", ITEM_CATALOG)):
+        return os.path.join(out, "schema.json")
+    if data == "ml100k":
+        from recsys_llm.data.movielens import prepare_movielens
+
+        if not os.path.exists(os.path.join(raw, "ml-100k.inter")):
+            raise SystemExit(f"ML-100K raw files not found in {raw} (RecBole atomic format expected)")
+        prepare_movielens(raw, out, progress=True)
+    else:
         from recsys_llm.data.synthetic import generate_synthetic
 
         generate_synthetic(out, 200_000, seed=0, progress=True)

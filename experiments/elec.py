@@ -28,9 +28,9 @@ Steps:
      and every training batch also carries B label-free rows whose item fields come from
      other rows (``elec.distill.swap_fields`` = ``ITEM_FIELDS``): the student learns the
      teacher's scores on (user, item) pairs nobody labeled;
-   * ``student (frozen, catalogue pairs)`` **(ours)**, synthetic data only: the same, with the
-     swapped items drawn from the data's item catalogue (``item_catalog.parquet``, every item
-     with its fields, cold items included; ``elec.distill.swap_catalog``);
+   * ``student (frozen, catalogue pairs)`` **(ours)**: the same, with the swapped items drawn
+     from the data's item catalogue (``item_catalog.parquet``, every item with its fields,
+     cold or unrated items included; ``elec.distill.swap_catalog``);
    * ``student (offline)``: the same student loss, with teacher logits / representations
      read from Parquet columns written by the trained ``gain`` run of the same seed
      (``recsys_llm.train.teacher_outputs.write_teacher_outputs``).
@@ -47,7 +47,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from recsys_llm.data.synthetic import ITEM_CATALOG as SYNTHETIC_ITEM_CATALOG
+from recsys_llm.data.movielens import ITEM_FIELDS as ML100K_ITEM_FIELDS
+from recsys_llm.data.synthetic import ITEM_CATALOG
 from recsys_llm.data.synthetic import ITEM_FIELDS as SYNTHETIC_ITEM_FIELDS
 
 from experiments.common import (
@@ -68,7 +69,7 @@ from experiments.common import (
 BACKBONES = ("deepfm", "dcnv2", "dlrm")
 # the item side of a (user, item) pair, re-paired by ``elec.distill.swap_fields``
 ITEM_FIELDS = {
-    "ml100k": ("item_id", "release_year", "genres", "movie_year"),
+    "ml100k": ML100K_ITEM_FIELDS,
     "synthetic": SYNTHETIC_ITEM_FIELDS,
 }
 VECTOR_DIM = 32
@@ -241,8 +242,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # swapped pairs need vectors that follow the swapped ids: entity tables (several entities), one of them the item's
     swap_fields = ITEM_FIELDS.get(args.data, ()) if args.granularity == "entity" and len(entities) > 1 \
         and "item_id" in entities else ()
-    # the synthetic data ships every item's fields (cold items too); ML-100K has no such file
-    swap_catalog = os.path.join(os.path.dirname(base_schema), SYNTHETIC_ITEM_CATALOG) if args.data == "synthetic" else None
+    # both converters write every item with its fields (cold or unrated items too)
+    swap_catalog = os.path.join(os.path.dirname(base_schema), ITEM_CATALOG)
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
     for backbone in backbones:

@@ -15,7 +15,9 @@ Output (the usual CTR protocol for MovieLens):
 * fields: ``user_id``, ``item_id``, ``age``, ``gender``, ``occupation``, ``zip_prefix``,
   ``release_year`` (sparse), ``genres`` (sequence), ``user_age`` and ``movie_year``
   (dense, scaled to about [0, 1]); extra column ``timestamp``;
-* value-text files: item = title + year + genres, user = age, gender, occupation and zip code.
+* value-text files: item = title + year + genres, user = age, gender, occupation and zip code;
+* the item catalogue ``item_catalog.parquet``: every movie of the ``.item`` file (rated or
+  not) with its ``ITEM_FIELDS`` columns, for ``elec.distill.swap_catalog``.
 
 The raw files are only read, never copied into the output directory.
 """
@@ -33,11 +35,13 @@ from tqdm import tqdm
 
 from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
-from recsys_llm.data.synthetic import write_value_text
+from recsys_llm.data.synthetic import ITEM_CATALOG, write_value_text
 from recsys_llm.data.validation import DataError
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 GENDER_WORDS = {"M": "man", "F": "woman"}
+# the movie's side of a row (what ``elec.distill.swap_fields`` re-pairs); the rest is the user's
+ITEM_FIELDS = ("item_id", "release_year", "genres", "movie_year")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +322,17 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
         table = pa.Table.from_pydict(columns, schema=arrow_schema).slice(start, stop - start)
         with SplitWriter(os.path.join(out_dir, file_name), arrow_schema, config.rows_per_group) as writer:
             writer.write({name: table[name].combine_chunks() for name in arrow_schema.names})
+    catalog_ids = np.unique(item_key)  # every movie of the .item file, rated or not
+    catalog = {
+        "item_id": catalog_ids,
+        "release_year": item_year_id[catalog_ids],
+        "genres": list_array(genre_len[catalog_ids], np.concatenate(
+            [genre_flat_new[genre_off[i]:genre_off[i + 1]] for i in catalog_ids] or [np.zeros(0, np.int64)])),
+        "movie_year": movie_year[catalog_ids],
+    }
+    catalog_schema = pa.schema([arrow_schema.field(name) for name in ITEM_FIELDS])
+    with SplitWriter(os.path.join(out_dir, ITEM_CATALOG), catalog_schema, config.rows_per_group) as writer:
+        writer.write(catalog)
     steps.update()
     steps.close()
     schema.save(os.path.join(out_dir, "schema.json"))

@@ -74,7 +74,7 @@ def test_fields_text_and_reader(ml100k):
 def _write_raw(tmp_path, inter_lines):
     (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(inter_lines))
     (tmp_path / "x.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-                                     "1\tA Movie\t1999\tDrama Comedy\n2\tB Movie\t2001\tAction\n")
+                                     "1\tA Movie\t1999\tDrama Comedy\n2\tB Movie\t2001\tAction\n3\tC Movie\t1980\tHorror\n")
     (tmp_path / "x.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
                                      "1\t30\tF\twriter\t12345\n2\t40\tM\tother\t54321\n")
 
@@ -87,6 +87,26 @@ def test_small_raw_files(tmp_path):
     assert total == 30  # the 10 ratings of 3 are dropped
     train = pq.read_table(schema.split_path("train"))
     assert np.all(np.diff(train["timestamp"].to_numpy()) >= 0)
+
+
+def test_item_catalog_lists_every_movie_with_its_fields(tmp_path):
+    from recsys_llm.data.movielens import ITEM_FIELDS
+    from recsys_llm.data.pair_swap import load_swap_catalog
+    from recsys_llm.data.synthetic import ITEM_CATALOG
+
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 2}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+    path = str(tmp_path / "out" / ITEM_CATALOG)
+    catalog = pq.read_table(path).to_pydict()
+    genres = schema.load_value_text("genres")["text"].to_pylist()
+    assert catalog["item_id"] == [1, 2, 3]  # movie 3 was never rated: the catalogue still offers it
+    assert [[genres[g] for g in row] for row in catalog["genres"]] == [["Drama", "Comedy"], ["Action"], ["Horror"]]
+    assert catalog["movie_year"] == pytest.approx([0.99, 1.01, 0.80])
+    # the rows carry the same item fields as the catalogue
+    rows = pq.read_table(schema.split_path("train")).to_pydict()
+    first = rows["item_id"].index(2)
+    assert [rows[f][first] for f in ITEM_FIELDS] == [catalog[f][1] for f in ITEM_FIELDS]
+    assert load_swap_catalog(path, schema, ITEM_FIELDS).num_rows == 3
 
 
 def test_bad_line_names_file_and_line(tmp_path):
