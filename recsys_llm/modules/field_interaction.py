@@ -102,12 +102,6 @@ class FieldInteractionEnhancement(nn.Module):
         pair_matrix = fields.new_zeros(num_keys, num_keys).index_put(
             (positions[self.pair_rows], positions[self.pair_cols]), self.pair_weights()
         )  # (K, K), w_ij at (pos_i, pos_j)
-        if self._frozen:
-            # serving: the quadratic form 1/2 sum_d x_d^T (M + M^T) x_d, one broadcast matmul
-            # (about half the time of the per-sample Gram without autograd)
-            symmetric = pair_matrix + pair_matrix.t()  # (K, K)
-            mixed = torch.matmul(symmetric, fields)  # (B, K, D)
-            return (0.5 * self._weight) * (mixed * fields).sum(dim=(1, 2))  # (B,)
         gram = torch.bmm(fields, fields.transpose(1, 2))  # (B, K, K)
         # one matrix-vector product instead of gathering (B, P) pairs (a scatter in backward)
         return self._weight * (gram.reshape(batch_size, -1) @ pair_matrix.reshape(-1))  # (B,)

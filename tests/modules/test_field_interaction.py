@@ -39,7 +39,7 @@ class TestFieldInteractionEnhancement:
         fie.unfreeze()
         assert not torch.allclose(fie.logit(kt), before)
 
-    def test_frozen_serving_form_matches_training_form(self) -> None:
+    def test_freeze_keeps_logits_with_fields_left_out_and_reordered(self) -> None:
         torch.manual_seed(0)
         kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
         fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)  # b left out
