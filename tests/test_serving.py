@@ -75,6 +75,39 @@ def test_exported_student_reproduces_predictions_and_holds_no_teacher(tmp_path, 
         assert json.load(handle)["metadata"]["model"]["name"] == model_name
 
 
+@pytest.mark.parametrize("model_name", ["fm", "dcnv2"])
+def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name):
+    from recsys_llm.models.registry import build_backbone
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+    from recsys_llm.train.task import CTRTask
+
+    torch.manual_seed(0)
+    backbone = build_backbone(SMOKE_CONFIGS[model_name], SCHEMA, device=CPU)
+    fie = FieldInteractionEnhancement(torch.randn(2, 6), ["item_id", "user_id"], weight=0.5)  # genres left out
+    task = CTRTask(backbone, logit_terms={"fie": fie})
+    optimizer = torch.optim.Adam(task.parameters(), lr=0.05)
+    for step in range(3):
+        loss, _ = task(make_batch(16, step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    task.eval()
+    fie.freeze()
+    example = make_batch(4, 100)
+    out = str(tmp_path / "export")
+    config = export_task(task, out, example.dense_features, example.sparse_features)
+    assert config["dense_program"] == "dense_program.pt2", config["dense_program_error"]
+    assert "logit_terms.fie.frozen_pair_weights" in load_state_file(out)
+    served = ServedModel.load(out)
+    for seed, size in ((7, 1), (8, 33)):
+        batch = make_batch(size, seed)
+        with torch.no_grad():
+            expected = task.predict(batch).logits
+            plain = backbone(batch.dense_features, batch.sparse_features).logits
+        assert not torch.allclose(expected, plain)  # the FIE term is there
+        torch.testing.assert_close(served.logits(batch.dense_features, batch.sparse_features), expected)
+
+
 def test_gain_network_and_pairs_are_refused(tmp_path):
     gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
     example = make_batch(4, 0)

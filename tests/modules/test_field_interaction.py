@@ -47,6 +47,21 @@ class TestFieldInteractionEnhancement:
         fie.freeze()
         torch.testing.assert_close(fie.logit(kt), training)
 
+    def test_hand_written_backward_matches_autograd(self) -> None:
+        from recsys_llm.modules.field_interaction import weighted_pair_sum
+
+        torch.manual_seed(0)
+        fields = torch.randn(5, 4, 3, dtype=torch.double, requires_grad=True)
+        matrix = torch.randn(4, 4, dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(weighted_pair_sum, (fields, matrix))
+        reference = torch.einsum("bid,ij,bjd->b", fields, matrix, fields)
+        torch.testing.assert_close(weighted_pair_sum(fields, matrix), reference)
+        weights = torch.randn(5, dtype=torch.double)
+        got = torch.autograd.grad((weighted_pair_sum(fields, matrix) * weights).sum(), (fields, matrix))
+        expected = torch.autograd.grad((reference * weights).sum(), (fields, matrix))
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+
     def test_fx_traceable(self) -> None:
         torch.manual_seed(0)
 
