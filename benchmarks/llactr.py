@@ -15,7 +15,9 @@ data (``recsys_llm.data.synthetic``):
 * ``serve_ratio_vs_backbone``: inference samples/s with FIE (eval mode, no grad, pair weights
   frozen by ``fie.freeze()``) divided by the plain backbone (goal >= 0.97), on the serving
   artifact the project ships: both trained tasks are gathered (``serving.unsharded_state_dict``),
-  exported (``serving.export_task``: eager EBC + ``torch.export`` dense program, FRE dropped) and
+  exported (``serving.export_task``: eager EBC + ``torch.export`` dense program, FRE dropped;
+  FIE's constant pair weights folded into the backbone's own pairwise term where it has one --
+  FM, FwFM, DeepFM -- else a precomputed matrix; per backbone in ``serve_folded_terms``) and
   run through ``ServedModel.logits``. When ``torch.export`` cannot capture a backbone, its eager
   ``CTRTask.predict`` is timed instead (recorded per backbone). The same ratio on the sharded DMP
   model in eval mode is in ``details``.
@@ -46,6 +48,7 @@ Usage::
 
 import dataclasses
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -306,13 +309,14 @@ def build_task(name: str, sizes: Sizes, schema, vectors_path: Optional[str], dev
 
 
 def served_step(dmp, name: str, sizes: Sizes, schema, vectors_path: Optional[str], batches: List,
-                work_dir: str) -> Tuple[Callable[[], Any], str]:
-    """The serving artifact of a trained task and its inference step; returns ``(step, path)``.
+                work_dir: str) -> Tuple[Callable[[], Any], str, List[str]]:
+    """The serving artifact of a trained task and its inference step; returns ``(step, path, folded)``.
 
     The sharded task is gathered into an unsharded CPU ``CTRTask`` without FRE (training only),
     FIE's pair weights are frozen, and the task is exported with ``serving.export_task``. The
     step runs ``ServedModel.logits``; ``path`` says ``export`` or, when ``torch.export`` failed,
-    ``eager`` (``CTRTask.predict`` under ``no_grad``).
+    ``eager`` (``CTRTask.predict`` under ``no_grad``); ``folded`` names the logit terms the
+    export folded into the backbone's own pairwise term.
     """
     import torch
 
@@ -327,7 +331,11 @@ def served_step(dmp, name: str, sizes: Sizes, schema, vectors_path: Optional[str
         term.freeze()
     directory = os.path.join(work_dir, f"export_{name}_{'llactr' if vectors_path else 'plain'}")
     logits, path = served_logits(task, directory, batches[0])
-    return cycling_step(logits, batches), path
+    folded: List[str] = []
+    if path == "export":
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+            folded = json.load(handle)["folded_logit_terms"]
+    return cycling_step(logits, batches), path, folded
 
 
 def dmp_eval_step(dmp, batches: List, device) -> Callable[[], Any]:
@@ -373,9 +381,10 @@ def compare_backbone(name: str, sizes: Sizes, schema, vectors_path: str, batches
         {label: serve_rate(dmp_eval_step(model, batches, device)) for label, model in models.items()},
         sizes.repeats,
     )
-    served, paths = {}, {}
+    served, paths, folded = {}, {}, {}
     for label, model in models.items():
-        served[label], paths[label] = served_step(model, name, sizes, schema, contenders[label], batches, work_dir)
+        served[label], paths[label], folded[label] = served_step(model, name, sizes, schema, contenders[label],
+                                                                 batches, work_dir)
     serve_rounds = interleaved_repeats({label: serve_rate(s) for label, s in served.items()}, sizes.repeats)
 
     train_ratios = per_round_ratios(train_rounds["llactr"], train_rounds["plain"])
@@ -393,7 +402,9 @@ def compare_backbone(name: str, sizes: Sizes, schema, vectors_path: str, batches
         "serve_dmp_eval_samples_per_second_rounds": dmp_rounds,
         "train_ratio_rounds": train_ratios,
         "serve_ratio_rounds": serve_ratios,
+        "serve_ratio_dmp_eval_rounds": dmp_ratios,
         "serve_path": paths,
+        "serve_folded_terms": folded["llactr"],
         "pipelined_all_sharded_modules": loop.pipelined_all_sharded_modules,
         "fie_fields": list(models["llactr"].module.logit_terms["fie"].feature_names),
     }
@@ -431,8 +442,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.backbones:
         sizes = dataclasses.replace(sizes, backbones=tuple(args.backbones))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    import torch
 
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.data.synthetic import generate_synthetic
@@ -499,7 +508,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "train_setup": "build_backbone(meta) + build_llactr_terms (lambda 0.1/0.1) + CTRTask, shard_model (planner, "
                        "DMP 1 rank, fused RowWiseAdagrad) + Adam, train_epoch on TrainPipelineSparseDist, "
                        "prebuilt batches of the synthetic train split",
-        "serve_setup": "unsharded_state_dict -> CTRTask without FRE, fie.freeze(), export_task -> ServedModel.logits "
+        "serve_setup": "unsharded_state_dict -> CTRTask without FRE, fie.freeze(), export_task (folds FIE into "
+                       "FM / FwFM / DeepFM's pairwise term: serve_folded_terms) -> ServedModel.logits "
                        "(eager EBC + torch.export dense program); eager CTRTask.predict under no_grad if export fails",
         "total_seconds": time.perf_counter() - started,
     }

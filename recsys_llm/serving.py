@@ -26,10 +26,10 @@ Example (inference)::
     probabilities = served.predict(dense_features, sparse_kjt)  # (B,)
 """
 
-import dataclasses
+import contextlib
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -164,11 +164,14 @@ class DenseHead(nn.Module):
             vectors come from frozen entity tables (``SemanticTableTask``): then ``vectors``
             is that table's EBC output and the projection to extra fields is part of the
             program.
+        folded_terms (Sequence[str]): logit terms already folded into the backbone (see
+            :func:`serving_form`); they are not added again.
     """
 
-    def __init__(self, task: nn.Module) -> None:
+    def __init__(self, task: nn.Module, folded_terms: Sequence[str] = ()) -> None:
         super().__init__()
         self.task = task
+        self._terms: List[str] = [name for name in task.logit_terms if name not in folded_terms]
         configs = task.model.embedding_bag_collection.embedding_bag_configs()
         self._keys: List[str] = [f for c in configs for f in c.feature_names]
         self._lengths: List[int] = [c.embedding_dim for c in configs for _ in c.feature_names]
@@ -190,9 +193,46 @@ class DenseHead(nn.Module):
         extra_fields = self.task.field_injection(vectors) if vectors is not None else None  # (B, E, D)
         logits, representation = self.task.model.interact(dense_features, embeddings, extra_fields)
         output = CTROutput(logits, representation, embeddings)
-        for term in self.task.logit_terms.values():
-            logits = logits + term(output)
+        for name in self._terms:
+            logits = logits + self.task.logit_terms[name](output)
         return logits
+
+
+@contextlib.contextmanager
+def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
+    """The task's logit terms in their serving form, for the duration of the block.
+
+    Terms with constant weights at serving (FIE) are frozen, their weight matrix precomputed
+    in the unsharded EBC's key order, and, where the backbone has a pairwise term of its own
+    (FM, FwFM, DeepFM: ``PairWeightFolding``), folded into it, so they cost nothing extra.
+    Afterwards the backbone is unfolded and terms that were not frozen are unfrozen again.
+
+    Args:
+        task (nn.Module): a ``CTRTask`` in eval mode.
+        keys (Sequence[str]): the pooled embeddings' keys, in order.
+
+    Yields:
+        List[str]: names of the folded logit terms (the backbone now computes them).
+    """
+    model = task.model
+    foldable = getattr(model, "folded_pair_weight", "absent") is None  # a PairWeightFolding, not folded yet
+    folded: List[str] = []
+    unfreeze: List[nn.Module] = []
+    try:
+        for name, term in task.logit_terms.items():
+            if not hasattr(term, "freeze"):
+                continue
+            if not term.frozen:
+                unfreeze.append(term)
+            term.freeze(keys)
+            if foldable and term.fold_into(model):
+                folded.append(name)
+        yield folded
+    finally:
+        if folded:
+            model.fold_pair_weights(None)
+        for term in unfreeze:
+            term.unfreeze()
 
 
 def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
@@ -257,21 +297,22 @@ def export_task(
     """
     check_servable(task)
     task = task.eval()
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
     ebc = task.model.embedding_bag_collection
     semantic = _semantic_ebc(task)
-    with atomic_directory(directory) as tmp:
+    tables = _table_dicts(ebc)
+    semantic_tables = _table_dicts(semantic) if semantic is not None else []
+    with atomic_directory(directory) as tmp, serving_form(task, [f for t in tables for f in t["feature_names"]]) as folded:
+        # the state as served: frozen logit-term weights included
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
         save_file(state, os.path.join(tmp, STATE_FILE))
-        tables = _table_dicts(ebc)
         with open(os.path.join(tmp, "tables.json"), "w", encoding="utf-8") as handle:
             json.dump(tables, handle, indent=2)
-        semantic_tables = _table_dicts(semantic) if semantic is not None else []
         if semantic_tables:
             with open(os.path.join(tmp, SEMANTIC_TABLES_FILE), "w", encoding="utf-8") as handle:
                 json.dump(semantic_tables, handle, indent=2)
         program_status: Optional[str] = "dense_program.pt2"
         reason = ""
-        head = DenseHead(task).eval()
+        head = DenseHead(task, folded).eval()
         with torch.no_grad():
             pooled = ebc(example_sparse).values()  # (B, sum dims)
             inputs = (example_dense, pooled)
@@ -279,9 +320,13 @@ def export_task(
                 inputs = inputs + (semantic(example_sparse).values(),)  # (B, K * d)
         try:
             batch = torch.export.Dim("batch", min=1)
-            program = torch.export.export(
-                head, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
-            )
+            with torch.no_grad():  # the inference kernels (e.g. of weighted_pair_sum)
+                program = torch.export.export(
+                    head, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
+                )
+            # drop what the logits do not need (e.g. a folded FM's representation)
+            program.graph_module.graph.eliminate_dead_code()
+            program.graph_module.recompile()
             torch.export.save(program, os.path.join(tmp, "dense_program.pt2"))
         except Exception as error:  # torch.export could not capture this backbone
             program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
@@ -296,6 +341,7 @@ def export_task(
             "semantic_tables": SEMANTIC_TABLES_FILE if semantic_tables else None,
             "dense_program": program_status,
             "dense_program_error": reason,
+            "folded_logit_terms": folded,
             "num_parameters": int(sum(p.numel() for p in task.parameters())),
             "num_state_tensors": len(state),
             "metadata": metadata or {},

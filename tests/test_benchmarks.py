@@ -109,6 +109,8 @@ def test_llactr_ratios_come_from_rounds_and_scaled_costs(tmp_path_factory: pytes
         assert result["train_ratio_median_of_rounds"] == pytest.approx(common.median(expected)), name
         assert result["pipelined_all_sharded_modules"], name
         assert set(result["serve_path"].values()) <= {"export", "eager"}
+        if result["serve_path"]["llactr"] == "export":  # FIE folded into FM-family pairwise terms
+            assert result["serve_folded_terms"] == (["fie"] if name in ("fm", "fwfm", "deepfm") else []), name
     field, instance = details["field"], details["instance"]
     assert field["ssft_run_scale_to_default_s"] >= 1.0
     assert field["seconds_at_default_s"] >= field["seconds"] > 0

@@ -75,8 +75,9 @@ def test_exported_student_reproduces_predictions_and_holds_no_teacher(tmp_path, 
         assert json.load(handle)["metadata"]["model"]["name"] == model_name
 
 
-@pytest.mark.parametrize("model_name", ["fm", "dcnv2"])
-def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name):
+@pytest.mark.parametrize("model_name, folded", [("fm", ["fie"]), ("deepfm", ["fie"]), ("dcnv2", [])])
+def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, folded):
+    """FIE is frozen for the export and, on FM-family backbones, folded into their own pairs."""
     from recsys_llm.models.registry import build_backbone
     from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
     from recsys_llm.train.task import CTRTask
@@ -92,12 +93,15 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name):
         loss.backward()
         optimizer.step()
     task.eval()
-    fie.freeze()
     example = make_batch(4, 100)
     out = str(tmp_path / "export")
     config = export_task(task, out, example.dense_features, example.sparse_features)
     assert config["dense_program"] == "dense_program.pt2", config["dense_program_error"]
-    assert "logit_terms.fie.frozen_pair_weights" in load_state_file(out)
+    assert config["folded_logit_terms"] == folded
+    assert not fie.frozen and getattr(backbone, "folded_pair_weight", None) is None  # the task is as it was
+    with torch.no_grad():
+        served_weights = fie.pair_weight(fie.pair_similarity)
+    torch.testing.assert_close(load_state_file(out)["logit_terms.fie.frozen_pair_weights"], served_weights)
     served = ServedModel.load(out)
     for seed, size in ((7, 1), (8, 33)):
         batch = make_batch(size, seed)

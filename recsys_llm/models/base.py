@@ -151,6 +151,11 @@ def _key_positions(keys: Tuple[str, ...], feature_names: Tuple[str, ...], device
     return positions
 
 
+def is_key_order_view(embeddings: KeyedTensor) -> bool:
+    """True when :func:`fields_in_key_order` gives a view over all keys in key order (one dim)."""
+    return len(set(embeddings.length_per_key())) == 1
+
+
 @torch.fx.wrap
 def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
     """All pooled fields as one tensor in the KeyedTensor's own key order, and where ``feature_names`` are.
@@ -170,8 +175,8 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
         Tuple: ``(fields (B, K, D), positions (F,))``, ``fields[:, positions[f]]`` being
         ``feature_names[f]``'s embeddings; K is the number of keys (or F).
     """
-    lengths = embeddings.length_per_key()
-    if len(set(lengths)) == 1:
+    if is_key_order_view(embeddings):
+        lengths = embeddings.length_per_key()
         values = embeddings.values()
         fields = values.reshape(values.size(0), len(lengths), lengths[0])  # (B, K, D)
         return fields, _key_positions(tuple(embeddings.keys()), tuple(feature_names), values.device)

@@ -13,6 +13,10 @@ from recsys_llm.models.fields import DenseFieldEmbedding, resolve_extra_fields
 from recsys_llm.models.first_order import FirstOrder
 from recsys_llm.models.fm import fm_interaction
 from recsys_llm.models.mlp import build_mlp
+from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
+
+# a leaf of the training pipeline's fx trace (it picks its kernel by whether gradients are needed)
+torch.fx.wrap("weighted_pair_sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +33,7 @@ class DeepFMConfig:
     dense_as_fields: bool = True
 
 
-class DeepFM(CTRBackbone):
+class DeepFM(PairWeightFolding, CTRBackbone):
     r"""DeepFM (Guo et al., "DeepFM: A Factorization-Machine based Neural Network for CTR
     Prediction", IJCAI 2017): an FM and an MLP sharing the field embeddings.
 
@@ -76,6 +80,7 @@ class DeepFM(CTRBackbone):
         mlp_in = self.num_fields * dim + num_dense_features
         self.mlp = build_mlp(mlp_in, self._config.mlp_layer_sizes, self._config.dropout, device)
         self.head = nn.Linear(self._config.mlp_layer_sizes[-1], 1, device=device)
+        self.register_buffer("folded_pair_weight", None, persistent=False)
 
     @property
     def representation_dim(self) -> int:
@@ -94,6 +99,9 @@ class DeepFM(CTRBackbone):
         hidden = self.mlp(mlp_input)  # (B, H)
         if self.dense_fields is not None:
             fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # (B, N, D)
-        second_order = fm_interaction(fields).sum(dim=-1)  # (B,)
+        if self.folded_pair_weight is not None:  # serving with constant pair weights folded in
+            second_order = weighted_pair_sum(fields, self.folded_pair_weight)  # (B,)
+        else:
+            second_order = fm_interaction(fields).sum(dim=-1)  # (B,)
         logits = linear + second_order + self.head(hidden).squeeze(-1)  # (B,)
         return logits, hidden

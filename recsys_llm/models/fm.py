@@ -10,6 +10,10 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 from recsys_llm.models.base import CTRBackbone, stack_fields
 from recsys_llm.models.fields import DenseFieldEmbedding, resolve_extra_fields
 from recsys_llm.models.first_order import FirstOrder
+from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
+
+# a leaf of the training pipeline's fx trace (it picks its kernel by whether gradients are needed)
+torch.fx.wrap("weighted_pair_sum")
 
 
 def fm_interaction(fields: torch.Tensor) -> torch.Tensor:
@@ -44,7 +48,7 @@ class FMConfig:
     dense_as_fields: bool = True
 
 
-class FM(CTRBackbone):
+class FM(PairWeightFolding, CTRBackbone):
     r"""Factorization Machine (Rendle, "Factorization Machines", ICDM 2010).
 
     Fields are the F pooled EBC embeddings, the E extra fields and (with
@@ -89,6 +93,7 @@ class FM(CTRBackbone):
         self.dense_fields: Optional[DenseFieldEmbedding] = None
         if self._config.dense_as_fields and num_dense_features > 0:
             self.dense_fields = DenseFieldEmbedding(num_dense_features, self.embedding_dim, device)
+        self.register_buffer("folded_pair_weight", None, persistent=False)
 
     @property
     def representation_dim(self) -> int:
@@ -106,4 +111,6 @@ class FM(CTRBackbone):
         if self.dense_fields is not None:
             fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # (B, N, D)
         representation = fm_interaction(fields)  # (B, D)
+        if self.folded_pair_weight is not None:  # serving with constant pair weights folded in
+            return linear + weighted_pair_sum(fields, self.folded_pair_weight), representation
         return linear + representation.sum(dim=-1), representation

@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 from recsys_llm.models.base import CTRBackbone, stack_fields
 from recsys_llm.models.fields import DenseFieldEmbedding, resolve_extra_fields
 from recsys_llm.models.first_order import FirstOrder
+from recsys_llm.models.pairwise import PairWeightFolding
 
 
 def fwfm_interaction(fields: torch.Tensor, pair_weight: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ class FwFMConfig:
     dense_as_fields: bool = True
 
 
-class FwFM(CTRBackbone):
+class FwFM(PairWeightFolding, CTRBackbone):
     r"""Field-weighted FM (Pan et al., "Field-weighted Factorization Machines for
     Click-Through Rate Prediction in Display Advertising", WWW 2018).
 
@@ -77,6 +78,8 @@ class FwFM(CTRBackbone):
         model.pair_weights()     # (N, N) strict upper triangle r_ij
     """
 
+    unit_pair_weights = False  # folded weights add to the learned r_ij
+
     def __init__(
         self,
         embedding_bag_collection: EmbeddingBagCollection,
@@ -94,6 +97,7 @@ class FwFM(CTRBackbone):
             self.dense_fields = DenseFieldEmbedding(num_dense_features, self.embedding_dim, device)
             num_pair_fields += num_dense_features
         self.pair_weight = nn.Parameter(torch.ones(num_pair_fields, num_pair_fields, device=device))
+        self.register_buffer("folded_pair_weight", None, persistent=False)
 
     @property
     def representation_dim(self) -> int:
@@ -114,5 +118,8 @@ class FwFM(CTRBackbone):
         linear = self.first_order(fields, dense_features)  # (B,)
         if self.dense_fields is not None:
             fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # (B, N, D)
-        representation = fwfm_interaction(fields, self.pair_weight)  # (B, D)
+        pair_weight = self.pair_weight
+        if self.folded_pair_weight is not None:  # serving with constant pair weights folded in
+            pair_weight = pair_weight + self.folded_pair_weight  # (N, N)
+        representation = fwfm_interaction(fields, pair_weight)  # (B, D)
         return linear + representation.sum(dim=-1), representation

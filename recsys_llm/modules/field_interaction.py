@@ -13,53 +13,20 @@ and :meth:`FieldInteractionEnhancement.freeze` turns them into a constant buffer
 evaluation and serving. Fields without a vector take no part.
 """
 
-from typing import List
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys_llm.models.base import CTROutput, fields_in_key_order
+from recsys_llm.models.base import CTROutput, fields_in_key_order, is_key_order_view
+from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
 
 # a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
 torch.fx.wrap("fields_in_key_order")
-
-
-class _WeightedPairSum(torch.autograd.Function):
-    """sum_ij M_ij <x_{b,i}, x_{b,j}> per sample, with a hand-written backward.
-
-    Autograd's backward of the per-sample Gram takes two batched matmuls; this one takes
-    one (about 40% less time forward + backward on CPU) and reuses the forward's Gram:
-
-    * d/dx_b = g_b (M + M^T) x_b
-    * d/dM = sum_b g_b G_b, G_b = x_b x_b^T
-    """
-
-    @staticmethod
-    def forward(ctx, fields: torch.Tensor, pair_matrix: torch.Tensor) -> torch.Tensor:  # (B, K, D), (K, K) -> (B,)
-        gram = torch.bmm(fields, fields.transpose(1, 2)).reshape(fields.size(0), -1)  # (B, K * K)
-        ctx.save_for_backward(fields, pair_matrix, gram)
-        return gram @ pair_matrix.reshape(-1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
-        fields, pair_matrix, gram = ctx.saved_tensors
-        symmetric = pair_matrix + pair_matrix.t()  # (K, K)
-        grad_fields = torch.matmul(symmetric, fields).mul_(grad.view(-1, 1, 1))  # (B, K, D)
-        grad_matrix = (grad @ gram).view_as(pair_matrix)  # (K, K)
-        return grad_fields, grad_matrix
-
-
-@torch.fx.wrap
-def weighted_pair_sum(fields: torch.Tensor, pair_matrix: torch.Tensor) -> torch.Tensor:
-    """(B,) sum over field pairs of ``pair_matrix[i, j] * <fields[:, i], fields[:, j]>``.
-
-    Args:
-        fields (torch.Tensor): (B, K, D).
-        pair_matrix (torch.Tensor): (K, K), any matrix (FIE: w_ij at one of (i, j), (j, i)).
-    """
-    return _WeightedPairSum.apply(fields, pair_matrix)
+# a leaf too (it picks its kernel by whether gradients are needed)
+torch.fx.wrap("weighted_pair_sum")
 
 
 class FieldInteractionEnhancement(nn.Module):
@@ -76,6 +43,7 @@ class FieldInteractionEnhancement(nn.Module):
         extra_logit = fie.logit(ebc(kjt))  # (B,)
         logits = logits + fie(output)      # as a CTRTask logit term
         fie.freeze()                       # constant pair weights for serving
+        fie.fold_into(fm)                  # ... or folded into FM / FwFM / DeepFM's own pairs
     """
 
     def __init__(self, field_vectors: torch.Tensor, feature_names: List[str], weight: float = 0.1) -> None:
@@ -89,6 +57,7 @@ class FieldInteractionEnhancement(nn.Module):
         self._feature_names: List[str] = list(feature_names)
         self._weight = float(weight)
         self._frozen = False
+        self._serving_keys: Optional[Tuple[str, ...]] = None
         rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)  # (P,), (P,)
         normed = F.normalize(field_vectors.detach().float(), dim=-1)  # (N, d_llm)
         similarity = (normed @ normed.t())[rows, cols]  # (P,)
@@ -98,6 +67,7 @@ class FieldInteractionEnhancement(nn.Module):
         self.register_buffer("pair_similarity", similarity)
         self.register_buffer("frozen_pair_weights", torch.zeros(num_pairs))
         self.pair_weight = nn.Linear(num_pairs, num_pairs)
+        self.register_buffer("serving_pair_matrix", None, persistent=False)
 
     @property
     def feature_names(self) -> List[str]:
@@ -114,14 +84,56 @@ class FieldInteractionEnhancement(nn.Module):
         return self.pair_weight(self.pair_similarity)  # (P,)
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Stores the current pair weights as a constant buffer (eval / serving)."""
+    def weighted_pair_matrix(self, names: Sequence[str]) -> torch.Tensor:
+        """lambda * w_ij at (index of field i, index of field j) in ``names``: (K, K), constant.
+
+        Raises:
+            KeyError: a field of this FIE is not in ``names``.
+        """
+        index = {name: i for i, name in enumerate(names)}
+        missing = [name for name in self._feature_names if name not in index]
+        if missing:
+            raise KeyError(f"FIE fields {missing} are not among {list(names)}")
+        positions = torch.tensor([index[name] for name in self._feature_names], device=self.pair_rows.device)
+        weights = self._weight * self.pair_weights()  # (P,)
+        return weights.new_zeros(len(names), len(names)).index_put(
+            (positions[self.pair_rows], positions[self.pair_cols]), weights
+        )
+
+    @torch.no_grad()
+    def freeze(self, key_order: Optional[Sequence[str]] = None) -> None:
+        """Stores the current pair weights as a constant buffer (eval / serving).
+
+        Args:
+            key_order (Optional[Sequence[str]]): the keys of the pooled embeddings this term
+                will be served (an unsharded EBC's feature order): the weight matrix in that
+                order is precomputed too, so serving skips building it per call.
+        """
         self.frozen_pair_weights.copy_(self.pair_weight(self.pair_similarity))
         self._frozen = True
+        self._serving_keys = tuple(key_order) if key_order is not None else None
+        self.serving_pair_matrix = self.weighted_pair_matrix(key_order) if key_order is not None else None
 
     def unfreeze(self) -> None:
         """Back to computing pair weights from the trainable Linear."""
         self._frozen = False
+        self._serving_keys = None
+        self.serving_pair_matrix = None
+
+    def fold_into(self, backbone: nn.Module) -> bool:
+        """Adds the (frozen) weighted pair weights to ``backbone``'s own pairwise term.
+
+        For serving: afterwards ``backbone`` alone gives the logits of backbone + this term,
+        at the cost of the backbone alone. Undo with ``backbone.fold_pair_weights(None)``.
+
+        Returns:
+            bool: False (nothing done) when the backbone has no pairwise term to fold into
+            (:class:`~recsys_llm.models.pairwise.PairWeightFolding`).
+        """
+        if not isinstance(backbone, PairWeightFolding):
+            return False
+        backbone.fold_pair_weights(self.weighted_pair_matrix(backbone.feature_names))
+        return True
 
     def logit(self, embeddings: KeyedTensor) -> torch.Tensor:
         """
@@ -134,6 +146,12 @@ class FieldInteractionEnhancement(nn.Module):
         # fields in the embeddings' own key order (a view, no copy); the pair weights are
         # permuted into that order instead, and keys without a vector get zero weight
         fields, positions = fields_in_key_order(embeddings, self._feature_names)  # (B, K, D), (N,)
+        if (
+            self.serving_pair_matrix is not None
+            and is_key_order_view(embeddings)
+            and tuple(embeddings.keys()) == self._serving_keys
+        ):
+            return weighted_pair_sum(fields, self.serving_pair_matrix)  # (B,), lambda included
         num_keys = fields.size(1)
         pair_matrix = fields.new_zeros(num_keys, num_keys).index_put(
             (positions[self.pair_rows], positions[self.pair_cols]), self.pair_weights()

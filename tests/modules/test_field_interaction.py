@@ -47,20 +47,22 @@ class TestFieldInteractionEnhancement:
         fie.freeze()
         torch.testing.assert_close(fie.logit(kt), training)
 
-    def test_hand_written_backward_matches_autograd(self) -> None:
-        from recsys_llm.modules.field_interaction import weighted_pair_sum
-
+    def test_freeze_for_a_key_order_precomputes_the_matrix(self) -> None:
         torch.manual_seed(0)
-        fields = torch.randn(5, 4, 3, dtype=torch.double, requires_grad=True)
-        matrix = torch.randn(4, 4, dtype=torch.double, requires_grad=True)
-        assert torch.autograd.gradcheck(weighted_pair_sum, (fields, matrix))
-        reference = torch.einsum("bid,ij,bjd->b", fields, matrix, fields)
-        torch.testing.assert_close(weighted_pair_sum(fields, matrix), reference)
-        weights = torch.randn(5, dtype=torch.double)
-        got = torch.autograd.grad((weighted_pair_sum(fields, matrix) * weights).sum(), (fields, matrix))
-        expected = torch.autograd.grad((reference * weights).sum(), (fields, matrix))
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a, b)
+        kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
+        fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)  # b left out
+        training = fie.logit(kt).detach()
+        fie.freeze(kt.keys())
+        assert fie.serving_pair_matrix.shape == (4, 4) and "serving_pair_matrix" not in fie.state_dict()
+        with torch.no_grad():
+            torch.testing.assert_close(fie.logit(kt), training)
+        reordered = make_ebc(features=["d", "c", "b", "a"])(make_kjt(batch_size=6, features=["d", "c", "b", "a"]))
+        fie.unfreeze()
+        expected = fie.logit(reordered).detach()
+        fie.freeze(kt.keys())  # another key order than served: the general path
+        torch.testing.assert_close(fie.logit(reordered), expected)
+        with pytest.raises(KeyError, match=r"FIE fields \['d'\] are not among"):
+            fie.weighted_pair_matrix(["a", "b", "c"])
 
     def test_fx_traceable(self) -> None:
         torch.manual_seed(0)
