@@ -104,7 +104,9 @@ class Sizes:
         memory_batches (int): distinct prebuilt batches (cycled).
         warmup_steps (int): untimed training steps per measurement.
         measured_steps (int): timed training steps per measurement.
-        repeats (int): interleaved rounds per backbone (train and serve).
+        repeats (int): interleaved training rounds per backbone.
+        serve_repeats (int): interleaved inference rounds per backbone (a round is short, so
+            more of them: the best of few short rounds is at the mercy of one lucky round).
         serve_warmup (int): untimed inference batches per measurement.
         serve_steps (int): timed inference batches per measurement.
         llm (str): ``minilm`` (offline all-MiniLM-L6-v2) or ``tiny`` (random BERT built here).
@@ -125,6 +127,7 @@ class Sizes:
     warmup_steps: int = 5
     measured_steps: int = 30
     repeats: int = 5
+    serve_repeats: int = 15
     serve_warmup: int = 3
     serve_steps: int = 30
     llm: str = "minilm"
@@ -145,7 +148,7 @@ SIZES: Dict[str, Sizes] = {
     ),
     "smoke": Sizes(
         data_rows=3_000, backbones=("deepfm",), smoke_models=True, batch_size=128, memory_batches=2, warmup_steps=2,
-        measured_steps=2, repeats=1, serve_warmup=1, serve_steps=2, llm="tiny", ssft_samples_train=3,
+        measured_steps=2, repeats=1, serve_repeats=1, serve_warmup=1, serve_steps=2, llm="tiny", ssft_samples_train=3,
         ssft_samples_valid=1, ssft_epochs=1, instance_rows=16, instance_batch_size=8, encode_batch_size=8,
         max_length=64,
     ),
@@ -379,13 +382,13 @@ def compare_backbone(name: str, sizes: Sizes, schema, vectors_path: str, batches
 
     dmp_rounds = interleaved_repeats(
         {label: serve_rate(dmp_eval_step(model, batches, device)) for label, model in models.items()},
-        sizes.repeats,
+        sizes.serve_repeats,
     )
     served, paths, folded = {}, {}, {}
     for label, model in models.items():
         served[label], paths[label], folded[label] = served_step(model, name, sizes, schema, contenders[label],
                                                                  batches, work_dir)
-    serve_rounds = interleaved_repeats({label: serve_rate(s) for label, s in served.items()}, sizes.repeats)
+    serve_rounds = interleaved_repeats({label: serve_rate(s) for label, s in served.items()}, sizes.serve_repeats)
 
     train_ratios = per_round_ratios(train_rounds["llactr"], train_rounds["plain"])
     serve_ratios = per_round_ratios(serve_rounds["llactr"], serve_rounds["plain"])

@@ -1,7 +1,8 @@
 """The LLM methods through the user's entry points: config sections of ``recsys-llm train``.
 
 * LLaCTR: a field-vector file + an ``llactr:`` section -> FRE/FIE inside the trained task,
-  provenance in ``plugins.json``.
+  provenance in ``plugins.json``; ``export`` folds FIE into DeepFM's FM part and serves the
+  task's logits.
 * ELEC, the whole offline-LLM workflow on the embedded data with a tiny random BERT:
   ``semantics adapt`` -> ``semantics export --attach-dir`` -> train the gain network ->
   ``teacher-outputs`` -> train the offline student (no teacher, no LLM vector read), the
@@ -48,11 +49,25 @@ def _common(schema: str, run_dir: str) -> List[str]:
     ]
 
 
-def _train_llactr(schema_path: str, run_dir: str, vectors: str) -> Dict[str, Any]:
+def _train_and_export_llactr(schema_path: str, run_dir: str, vectors: str, export_dir: str) -> Dict[str, Any]:
+    """Trains DeepFM + FRE + FIE, exports it, and compares the served logits with the task's."""
+    from recsys_llm.serving import materialize_meta
+    from recsys_llm.train.runner import build_task
+
     overrides = _common(schema_path, run_dir) + [
         f"llactr.vectors_path={vectors}", "llactr.lambda_fre=0.1", "llactr.lambda_fie=0.1",
     ]
-    return run_training(load_config(CONFIG, overrides))
+    result = run_training(load_config(CONFIG, overrides))
+    assert cli_main(["export", "--config", CONFIG, "--checkpoint", run_dir, "--output", export_dir, *overrides]) == 0
+    config, schema = load_config(CONFIG, overrides), DatasetSchema.load(schema_path)
+    task = materialize_meta(build_task(config, schema, torch.device("cpu")).task, torch.device("cpu"))
+    task.load_state_dict(load_state_file(export_dir))  # FIE unfrozen, unfolded: computed from its Linear
+    batch = next(iter(ParquetBatchReader(schema, "test", 64)))
+    with torch.no_grad():
+        result["task_logits"] = task.eval().predict(batch).logits
+        result["plain_logits"] = task.model(batch.dense_features, batch.sparse_features).logits
+    result["served_logits"] = ServedModel.load(export_dir).logits(batch.dense_features, batch.sparse_features)
+    return result
 
 
 @pytest.mark.multiprocess
@@ -62,10 +77,14 @@ def test_llactr_section_trains_fre_and_fie_and_records_provenance(small_syntheti
     vectors = str(tmp_path / "fields.safetensors")
     provenance = VectorProvenance(model_id="test", model_hash="h", pooling="mean", template="{name}: {description}")
     save_vectors(vectors, torch.randn(len(names), 24), names, provenance.for_schema(schema))
-    run_dir = str(tmp_path / "run")
-    (result,) = run_multiprocess(_train_llactr, world_size=1, schema_path=small_synthetic, run_dir=run_dir,
-                                 vectors=vectors)
+    run_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
+    (result,) = run_multiprocess(_train_and_export_llactr, world_size=1, schema_path=small_synthetic, run_dir=run_dir,
+                                 vectors=vectors, export_dir=export_dir)
     assert result["test"]["auc"] > 0.5
+    with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["folded_logit_terms"] == ["fie"]  # DeepFM: FIE inside its FM part
+    torch.testing.assert_close(result["served_logits"], result["task_logits"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(result["task_logits"], result["plain_logits"], atol=1e-4)
     with open(os.path.join(run_dir, "plugins.json"), encoding="utf-8") as handle:
         plugins = json.load(handle)
     assert plugins["llactr"]["fields_used"] == names
