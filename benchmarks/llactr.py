@@ -105,8 +105,9 @@ class Sizes:
         warmup_steps (int): untimed training steps per measurement.
         measured_steps (int): timed training steps per measurement.
         repeats (int): interleaved training rounds per backbone.
-        serve_repeats (int): interleaved inference rounds per backbone (a round is short, so
-            more of them: the best of few short rounds is at the mercy of one lucky round).
+        serve_repeats (int): interleaved inference rounds per backbone (more and longer than the
+            training rounds: an inference batch takes milliseconds, and the best of a few short
+            rounds is at the mercy of one lucky burst of the machine).
         serve_warmup (int): untimed inference batches per measurement.
         serve_steps (int): timed inference batches per measurement.
         llm (str): ``minilm`` (offline all-MiniLM-L6-v2) or ``tiny`` (random BERT built here).
@@ -127,9 +128,9 @@ class Sizes:
     warmup_steps: int = 5
     measured_steps: int = 30
     repeats: int = 5
-    serve_repeats: int = 15
+    serve_repeats: int = 12
     serve_warmup: int = 3
-    serve_steps: int = 30
+    serve_steps: int = 150
     llm: str = "minilm"
     ssft_samples_train: int = 1000
     ssft_samples_valid: int = 100
@@ -144,7 +145,7 @@ SIZES: Dict[str, Sizes] = {
     "full": Sizes(),
     "quick": Sizes(
         data_rows=60_000, backbones=("deepfm", "fm", "dcnv2"), memory_batches=6, warmup_steps=3, measured_steps=30,
-        repeats=5, serve_steps=60, ssft_samples_train=8, ssft_samples_valid=2, ssft_epochs=1, instance_rows=64,
+        repeats=5, ssft_samples_train=8, ssft_samples_valid=2, ssft_epochs=1, instance_rows=64,
     ),
     "smoke": Sizes(
         data_rows=3_000, backbones=("deepfm",), smoke_models=True, batch_size=128, memory_batches=2, warmup_steps=2,
