@@ -40,6 +40,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.models.base import CTROutput
+from recsys_llm.models.pairwise import PairWeightFolding
+from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 
 FORMAT_VERSION = 1
 STATE_FILE = "model.safetensors"
@@ -202,10 +204,11 @@ class DenseHead(nn.Module):
 def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
     """The task's logit terms in their serving form, for the duration of the block.
 
-    Terms with constant weights at serving (FIE) are frozen, their weight matrix precomputed
-    in the unsharded EBC's key order, and, where the backbone has a pairwise term of its own
-    (FM, FwFM, DeepFM: ``PairWeightFolding``), folded into it, so they cost nothing extra.
-    Afterwards the backbone is unfolded and terms that were not frozen are unfrozen again.
+    FIE terms (constant weights at serving) are frozen, their weight matrix precomputed in the
+    unsharded EBC's key order, and, where the backbone has a pairwise term of its own (FM,
+    FwFM, DeepFM: ``PairWeightFolding``) with nothing folded in yet, folded into it, so they
+    cost nothing extra. Afterwards the backbone is unfolded and terms that were not frozen
+    are unfrozen again.
 
     Args:
         task (nn.Module): a ``CTRTask`` in eval mode.
@@ -215,12 +218,12 @@ def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
         List[str]: names of the folded logit terms (the backbone now computes them).
     """
     model = task.model
-    foldable = getattr(model, "folded_pair_weight", "absent") is None  # a PairWeightFolding, not folded yet
+    foldable = isinstance(model, PairWeightFolding) and model.folded_pair_weight is None
     folded: List[str] = []
     unfreeze: List[nn.Module] = []
     try:
         for name, term in task.logit_terms.items():
-            if not hasattr(term, "freeze"):
+            if not isinstance(term, FieldInteractionEnhancement):
                 continue
             if not term.frozen:
                 unfreeze.append(term)
