@@ -374,8 +374,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         sizes = dataclasses.replace(sizes, backbones=tuple(args.backbones))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import torch
-
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.data.synthetic import generate_synthetic

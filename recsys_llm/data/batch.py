@@ -5,7 +5,6 @@ from typing import Dict
 
 import torch
 from torchrec.datasets.utils import Batch as TorchRecBatch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 @dataclasses.dataclass

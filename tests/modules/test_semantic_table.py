@@ -5,7 +5,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.modules.semantic_table import SemanticTable, load_semantic_vectors
-from recsys_llm.semantics.vector_export import ProvenanceError, VectorExport, VectorExportConfig, read_vectors
+from recsys_llm.semantics.vector_export import ProvenanceError, VectorExport, VectorExportConfig
 
 NUM_ITEMS = 12
 DIM = 256  # torchrec cuts column-wise shards of 128 columns: two ranks hold half each

@@ -1,5 +1,3 @@
-import os
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +17,6 @@ from recsys_llm.modules.teacher_student import (
     load_full_state,
     write_teacher_outputs,
 )
-from recsys_llm.serving import export_task
 
 CPU = torch.device("cpu")
 SCHEMA = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("item_id", "sparse", 12),

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from recsys_llm.cli import semantics as semantics_cli
-from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
 from recsys_llm.semantics.store import VectorProvenanceError, load_vectors
 from tests.semantics.conftest import make_schema
