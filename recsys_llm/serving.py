@@ -204,11 +204,14 @@ class DenseHead(nn.Module):
 def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
     """The task's logit terms in their serving form, for the duration of the block.
 
-    FIE terms (constant weights at serving) are frozen, their weight matrix precomputed in the
-    unsharded EBC's key order, and, where the backbone has a pairwise term of its own (FM,
-    FwFM, DeepFM: ``PairWeightFolding``) with nothing folded in yet, folded into it, so they
-    cost nothing extra. Afterwards the backbone is unfolded and terms that were not frozen
-    are unfrozen again.
+    FIE terms (constant weights at serving) are frozen (a term frozen before keeps its
+    weights), their weight matrix precomputed in the unsharded EBC's key order, and, where the
+    backbone has a pairwise term of its own (FM, FwFM, DeepFM: ``PairWeightFolding``), folded
+    into it, so they cost nothing extra. Afterwards the task is as it was: backbone unfolded,
+    terms unfrozen if they were, their frozen-weight buffers restored.
+
+    Raises:
+        ValueError: the backbone already has folded pair weights (its FIE would count twice).
 
     Args:
         task (nn.Module): a ``CTRTask`` in eval mode.
@@ -218,24 +221,31 @@ def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
         List[str]: names of the folded logit terms (the backbone now computes them).
     """
     model = task.model
-    foldable = isinstance(model, PairWeightFolding) and model.folded_pair_weight is None
+    if isinstance(model, PairWeightFolding) and model.folded_pair_weight is not None:
+        raise ValueError(
+            "export: the backbone already has pair weights folded in; export the task with its FIE term "
+            "unfolded (export_task folds it), or the folded backbone without that term"
+        )
+    terms = {name: term for name, term in task.logit_terms.items() if isinstance(term, FieldInteractionEnhancement)}
+    before = {name: (term.frozen, term.frozen_pair_weights.clone()) for name, term in terms.items()}
     folded: List[str] = []
-    unfreeze: List[nn.Module] = []
     try:
-        for name, term in task.logit_terms.items():
-            if not isinstance(term, FieldInteractionEnhancement):
-                continue
+        for name, term in terms.items():
             if not term.frozen:
-                unfreeze.append(term)
-            term.freeze(keys)
-            if foldable and term.fold_into(model):
+                term.freeze()
+            term.set_serving_key_order(keys)
+            if term.fold_into(model):
                 folded.append(name)
         yield folded
     finally:
-        if folded:
+        if isinstance(model, PairWeightFolding):
             model.fold_pair_weights(None)
-        for term in unfreeze:
-            term.unfreeze()
+        for name, term in terms.items():
+            was_frozen, frozen_weights = before[name]
+            term.set_serving_key_order(None)
+            if not was_frozen:
+                term.unfreeze()
+            term.frozen_pair_weights.copy_(frozen_weights)
 
 
 def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
@@ -344,7 +354,7 @@ def export_task(
             "semantic_tables": SEMANTIC_TABLES_FILE if semantic_tables else None,
             "dense_program": program_status,
             "dense_program_error": reason,
-            "folded_logit_terms": folded,
+            "folded_logit_terms": folded if program_status is not None else [],
             "num_parameters": int(sum(p.numel() for p in task.parameters())),
             "num_state_tensors": len(state),
             "metadata": metadata or {},

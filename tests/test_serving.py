@@ -112,6 +112,36 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, f
         torch.testing.assert_close(served.logits(batch.dense_features, batch.sparse_features), expected)
 
 
+def test_export_keeps_a_frozen_fie_as_it_was_and_refuses_a_folded_backbone(tmp_path):
+    import torchrec.fx
+
+    from recsys_llm.models.registry import build_backbone
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+    from recsys_llm.train.task import CTRTask
+
+    torch.manual_seed(0)
+    backbone = build_backbone(SMOKE_CONFIGS["fm"], SCHEMA, device=CPU)
+    fie = FieldInteractionEnhancement(torch.randn(2, 6), ["item_id", "user_id"], weight=0.5)
+    task = CTRTask(backbone, logit_terms={"fie": fie}).eval()
+    fie.freeze()
+    torch.nn.init.normal_(fie.pair_weight.weight)  # the Linear moves on; the frozen weights stay
+    frozen = fie.frozen_pair_weights.clone()
+    example = make_batch(4, 100)
+    export_task(task, str(tmp_path / "a"), example.dense_features, example.sparse_features)
+    assert fie.frozen and fie.serving_pair_matrix is None and backbone.folded_pair_weight is None
+    assert torch.equal(fie.frozen_pair_weights, frozen)
+    batch = make_batch(9, 3)
+    with torch.no_grad():
+        served = ServedModel.load(str(tmp_path / "a")).logits(batch.dense_features, batch.sparse_features)
+        torch.testing.assert_close(served, task.predict(batch).logits)  # served with the frozen weights
+    torchrec.fx.symbolic_trace(fie)  # still traceable for the training pipeline
+
+    fie.fold_into(backbone)
+    with pytest.raises(ValueError, match="already has pair weights folded in"):
+        export_task(task, str(tmp_path / "b"), example.dense_features, example.sparse_features)
+    assert not os.path.exists(str(tmp_path / "b"))
+
+
 def test_gain_network_and_pairs_are_refused(tmp_path):
     gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
     example = make_batch(4, 0)

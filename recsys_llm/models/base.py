@@ -151,8 +151,8 @@ def _key_positions(keys: Tuple[str, ...], feature_names: Tuple[str, ...], device
     return positions
 
 
-def is_key_order_view(embeddings: KeyedTensor) -> bool:
-    """True when :func:`fields_in_key_order` gives a view over all keys in key order (one dim)."""
+def has_one_dim(embeddings: KeyedTensor) -> bool:
+    """True when every key has the same dim: :func:`fields_in_key_order` then gives a view over all keys."""
     return len(set(embeddings.length_per_key())) == 1
 
 
@@ -175,7 +175,7 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
         Tuple: ``(fields (B, K, D), positions (F,))``, ``fields[:, positions[f]]`` being
         ``feature_names[f]``'s embeddings; K is the number of keys (or F).
     """
-    if is_key_order_view(embeddings):
+    if has_one_dim(embeddings):
         lengths = embeddings.length_per_key()
         values = embeddings.values()
         fields = values.reshape(values.size(0), len(lengths), lengths[0])  # (B, K, D)

@@ -100,7 +100,7 @@ class DeepFM(PairWeightFolding, CTRBackbone):
         if self.dense_fields is not None:
             fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # (B, N, D)
         if self.folded_pair_weight is not None:  # serving with constant pair weights folded in
-            second_order = weighted_pair_sum(fields, self.folded_pair_weight)  # (B,)
+            second_order = weighted_pair_sum(fields, self.folded_pair_weights())  # (B,)
         else:
             second_order = fm_interaction(fields).sum(dim=-1)  # (B,)
         logits = linear + second_order + self.head(hidden).squeeze(-1)  # (B,)

@@ -112,5 +112,5 @@ class FM(PairWeightFolding, CTRBackbone):
             fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # (B, N, D)
         representation = fm_interaction(fields)  # (B, D)
         if self.folded_pair_weight is not None:  # serving with constant pair weights folded in
-            return linear + weighted_pair_sum(fields, self.folded_pair_weight), representation
+            return linear + weighted_pair_sum(fields, self.folded_pair_weights()), representation
         return linear + representation.sum(dim=-1), representation

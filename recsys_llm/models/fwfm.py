@@ -78,8 +78,6 @@ class FwFM(PairWeightFolding, CTRBackbone):
         model.pair_weights()     # (N, N) strict upper triangle r_ij
     """
 
-    unit_pair_weights = False  # folded weights add to the learned r_ij
-
     def __init__(
         self,
         embedding_bag_collection: EmbeddingBagCollection,
@@ -103,6 +101,9 @@ class FwFM(PairWeightFolding, CTRBackbone):
     def representation_dim(self) -> int:
         return self.embedding_dim
 
+    def own_pair_weights(self, like: torch.Tensor) -> torch.Tensor:
+        return self.pair_weight
+
     def pair_weights(self) -> torch.Tensor:
         """(N, N) field-pair strengths, zero outside the strict upper triangle."""
         return torch.triu(self.pair_weight, diagonal=1)
@@ -120,6 +121,6 @@ class FwFM(PairWeightFolding, CTRBackbone):
             fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # (B, N, D)
         pair_weight = self.pair_weight
         if self.folded_pair_weight is not None:  # serving with constant pair weights folded in
-            pair_weight = pair_weight + self.folded_pair_weight  # (N, N)
+            pair_weight = self.folded_pair_weights()  # (N, N)
         representation = fwfm_interaction(fields, pair_weight)  # (B, D)
         return linear + representation.sum(dim=-1), representation

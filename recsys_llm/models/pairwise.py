@@ -79,30 +79,38 @@ def upper_pair_weights(pair_weights: torch.Tensor) -> torch.Tensor:
 
 class PairWeightFolding:
     """Mixin of a :class:`~recsys_llm.models.base.CTRBackbone` whose logit holds a pairwise
-    term :math:`\\sum_{i<j} r_{ij} \\langle e_i, e_j\\rangle` over its N interaction fields (the
-    F sparse fields in ``feature_names`` order first).
+    term :math:`\sum_{i<j} r_{ij} \langle e_i, e_j\rangle` over its N interaction fields: the
+    F sparse fields in ``feature_names`` order, the E extra fields, then one field per dense
+    feature when ``dense_fields`` is set.
 
-    :meth:`fold_pair_weights` adds constant weights over the sparse-field pairs to ``r``:
-    the backbone's logits then equal its unfolded logits plus
-    :math:`\\sum_{i<j} c_{ij} \\langle e_i, e_j\\rangle`, computed in the same pass. For
-    inference (a frozen FIE served at no extra cost); training a folded backbone keeps the
-    added weights fixed. The backbone registers the buffer ``folded_pair_weight`` (None until
-    folded, non-persistent: checkpoints are unchanged) and reads it in ``interact``: with
-    ``unit_pair_weights`` it holds the whole (N, N) weight matrix (ones above the diagonal plus
-    the folded weights), else only the weights to add to the backbone's own.
+    :meth:`fold_pair_weights` adds constant weights c over the sparse-field pairs: the
+    backbone's logits then equal its unfolded logits plus
+    :math:`\sum_{i<j} c_{ij} \langle e_i, e_j\rangle`, computed in the same pass. For
+    inference (a frozen FIE served at no extra cost, see ``serving.export_task``); training a
+    folded backbone keeps c fixed. The backbone registers the non-persistent buffer
+    ``folded_pair_weight`` (c as an (N, N) strict upper triangle; None until folded, absent
+    from checkpoints) and, when it is set, weighs its pairs with :meth:`folded_pair_weights`
+    for the logits (its ``representation`` stays the unfolded one).
     """
 
     folded_pair_weight: Optional[torch.Tensor]
+    dense_fields: Optional[torch.nn.Module]
     feature_names: List[str]
     num_fields: int
-    #: the unfolded pairwise term weighs every pair 1 (FM); False: it has its own weights (FwFM)
-    unit_pair_weights: bool = True
 
     @property
     def num_pair_fields(self) -> int:
         """N: the F + E sparse and extra fields, then one per dense feature if they are fields."""
-        dense_fields = getattr(self, "dense_fields", None)
-        return self.num_fields + (dense_fields.weight.size(0) if dense_fields is not None else 0)
+        return self.num_fields + (self.dense_fields.weight.size(0) if self.dense_fields is not None else 0)
+
+    def own_pair_weights(self, like: torch.Tensor) -> torch.Tensor:
+        """(N, N) weights r of the unfolded pairwise term (strict upper triangle used); FM: ones."""
+        return torch.ones_like(like).triu(diagonal=1)
+
+    def folded_pair_weights(self) -> torch.Tensor:
+        """(N, N) r + c: the pair weights of the folded backbone (requires a fold)."""
+        assert self.folded_pair_weight is not None
+        return self.own_pair_weights(self.folded_pair_weight) + self.folded_pair_weight
 
     def fold_pair_weights(self, pair_weights: Optional[torch.Tensor]) -> None:
         """Adds constant pair weights to the pairwise term (on top of any folded before), or
@@ -126,6 +134,4 @@ class PairWeightFolding:
         folded[:num_sparse, :num_sparse] = upper_pair_weights(pair_weights.detach())
         if self.folded_pair_weight is not None:
             folded += self.folded_pair_weight
-        elif self.unit_pair_weights:
-            folded += torch.ones_like(folded).triu(diagonal=1)
         self.folded_pair_weight = folded

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys_llm.models.base import CTROutput, fields_in_key_order, is_key_order_view
+from recsys_llm.models.base import CTROutput, fields_in_key_order, has_one_dim
 from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
 
 # a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
@@ -43,7 +43,8 @@ class FieldInteractionEnhancement(nn.Module):
         extra_logit = fie.logit(ebc(kjt))  # (B,)
         logits = logits + fie(output)      # as a CTRTask logit term
         fie.freeze()                       # constant pair weights for serving
-        fie.fold_into(fm)                  # ... or folded into FM / FwFM / DeepFM's own pairs
+        fie.fold_into(fm)                  # fm(dense, kjt).logits now include FIE: serve fm
+                                           # alone, without fie as a logit term
     """
 
     def __init__(self, field_vectors: torch.Tensor, feature_names: List[str], weight: float = 0.1) -> None:
@@ -101,24 +102,31 @@ class FieldInteractionEnhancement(nn.Module):
         )
 
     @torch.no_grad()
-    def freeze(self, key_order: Optional[Sequence[str]] = None) -> None:
-        """Stores the current pair weights as a constant buffer (eval / serving).
-
-        Args:
-            key_order (Optional[Sequence[str]]): the keys of the pooled embeddings this term
-                will be served (an unsharded EBC's feature order): the weight matrix in that
-                order is precomputed too, so serving skips building it per call.
-        """
+    def freeze(self) -> None:
+        """Stores the current pair weights as a constant buffer (eval / serving)."""
         self.frozen_pair_weights.copy_(self.pair_weight(self.pair_similarity))
         self._frozen = True
-        self._serving_keys = tuple(key_order) if key_order is not None else None
-        self.serving_pair_matrix = self.weighted_pair_matrix(key_order) if key_order is not None else None
 
     def unfreeze(self) -> None:
         """Back to computing pair weights from the trainable Linear."""
         self._frozen = False
-        self._serving_keys = None
-        self.serving_pair_matrix = None
+        self.set_serving_key_order(None)
+
+    def set_serving_key_order(self, key_order: Optional[Sequence[str]]) -> None:
+        """Precomputes the frozen (K, K) weight matrix for pooled embeddings with these keys
+        (an unsharded EBC's feature order), so an exported program builds none per call;
+        None drops it. ``serving.export_task`` sets it for the export only.
+
+        Raises:
+            RuntimeError: the term is not frozen.
+        """
+        if key_order is None:
+            self._serving_keys, self.serving_pair_matrix = None, None
+            return
+        if not self._frozen:
+            raise RuntimeError("FIE: freeze() before setting a serving key order")
+        self._serving_keys = tuple(key_order)
+        self.serving_pair_matrix = self.weighted_pair_matrix(key_order)
 
     def fold_into(self, backbone: nn.Module) -> bool:
         """Adds the (frozen) weighted pair weights to ``backbone``'s own pairwise term.
@@ -148,7 +156,7 @@ class FieldInteractionEnhancement(nn.Module):
         fields, positions = fields_in_key_order(embeddings, self._feature_names)  # (B, K, D), (N,)
         if (
             self.serving_pair_matrix is not None
-            and is_key_order_view(embeddings)
+            and has_one_dim(embeddings)
             and tuple(embeddings.keys()) == self._serving_keys
         ):
             return weighted_pair_sum(fields, self.serving_pair_matrix)  # (B,), lambda included

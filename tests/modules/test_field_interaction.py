@@ -47,19 +47,23 @@ class TestFieldInteractionEnhancement:
         fie.freeze()
         torch.testing.assert_close(fie.logit(kt), training)
 
-    def test_freeze_for_a_key_order_precomputes_the_matrix(self) -> None:
+    def test_serving_key_order_precomputes_the_matrix(self) -> None:
         torch.manual_seed(0)
         kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
         fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)  # b left out
         training = fie.logit(kt).detach()
-        fie.freeze(kt.keys())
+        with pytest.raises(RuntimeError, match="freeze"):
+            fie.set_serving_key_order(kt.keys())
+        fie.freeze()
+        fie.set_serving_key_order(kt.keys())
         assert fie.serving_pair_matrix.shape == (4, 4) and "serving_pair_matrix" not in fie.state_dict()
         with torch.no_grad():
             torch.testing.assert_close(fie.logit(kt), training)
         reordered = make_ebc(features=["d", "c", "b", "a"])(make_kjt(batch_size=6, features=["d", "c", "b", "a"]))
         fie.unfreeze()
         expected = fie.logit(reordered).detach()
-        fie.freeze(kt.keys())  # another key order than served: the general path
+        fie.freeze()
+        fie.set_serving_key_order(kt.keys())  # another key order than served: the general path
         torch.testing.assert_close(fie.logit(reordered), expected)
         with pytest.raises(KeyError, match=r"FIE fields \['d'\] are not among"):
             fie.weighted_pair_matrix(["a", "b", "c"])
