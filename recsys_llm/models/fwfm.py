@@ -90,11 +90,9 @@ class FwFM(PairWeightFolding, CTRBackbone):
         self._config = config if config is not None else FwFMConfig()
         self.first_order = FirstOrder(self.num_fields, self.embedding_dim, num_dense_features, device)
         self.dense_fields: Optional[DenseFieldEmbedding] = None
-        num_pair_fields = self.num_fields
         if self._config.dense_as_fields and num_dense_features > 0:
             self.dense_fields = DenseFieldEmbedding(num_dense_features, self.embedding_dim, device)
-            num_pair_fields += num_dense_features
-        self.pair_weight = nn.Parameter(torch.ones(num_pair_fields, num_pair_fields, device=device))
+        self.pair_weight = nn.Parameter(torch.ones(self.num_pair_fields, self.num_pair_fields, device=device))
         self.register_buffer("folded_pair_weight", None, persistent=False)
 
     @property

@@ -97,7 +97,13 @@ class FieldInteractionEnhancement(nn.Module):
             raise KeyError(f"FIE fields {missing} are not among {list(names)}")
         positions = torch.tensor([index[name] for name in self._feature_names], device=self.pair_rows.device)
         weights = self._weight * self.pair_weights()  # (P,)
-        return weights.new_zeros(len(names), len(names)).index_put(
+        return self._scatter_pairs(weights, positions, len(names), weights)
+
+    def _scatter_pairs(
+        self, like: torch.Tensor, positions: torch.Tensor, num_keys: int, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """(K, K) zeros like ``like`` with ``weights`` (P,) at (positions[i], positions[j]) of each pair i < j."""
+        return like.new_zeros(num_keys, num_keys).index_put(
             (positions[self.pair_rows], positions[self.pair_cols]), weights
         )
 
@@ -160,10 +166,7 @@ class FieldInteractionEnhancement(nn.Module):
             and tuple(embeddings.keys()) == self._serving_keys
         ):
             return weighted_pair_sum(fields, self.serving_pair_matrix)  # (B,), lambda included
-        num_keys = fields.size(1)
-        pair_matrix = fields.new_zeros(num_keys, num_keys).index_put(
-            (positions[self.pair_rows], positions[self.pair_cols]), self.pair_weights()
-        )  # (K, K), w_ij at (pos_i, pos_j)
+        pair_matrix = self._scatter_pairs(fields, positions, fields.size(1), self.pair_weights())  # (K, K)
         # the Gram against a (K, K) weight matrix instead of gathering (B, P) pairs
         return self._weight * weighted_pair_sum(fields, pair_matrix)  # (B,)
 
