@@ -20,9 +20,11 @@ renames ``ckpt-N.tmp`` to ``ckpt-N`` and replaces ``latest``. A crash at any mom
 either the previous checkpoint or the new one, never a half one: loaders take ``latest``
 and fall back to the newest complete ``ckpt-*`` (one with ``train_state.json``).
 
-Loading never executes code: DCP's non-tensor payloads are read with a load planner that
-calls ``torch.load(weights_only=True)``, the per-rank files likewise, and the train state
-is JSON. Only tensors go into the DCP state (optimizer hyper-parameters come from the config).
+Loading never executes code: DCP's ``.metadata`` pickle is read by an unpickler that
+knows only DCP's own metadata classes (plain ``pickle.load`` in DCP's reader would run any
+callable a crafted file names), DCP's non-tensor payloads by a load planner that calls
+``torch.load(weights_only=True)``, the per-rank files likewise, and the train state is JSON.
+Only tensors go into the DCP state (optimizer hyper-parameters come from the config).
 
 **Resharding.** DCP stores every shard with its global offsets, so a checkpoint loads into
 a different plan or a different world size: tables and row-wise optimizer state are
@@ -44,6 +46,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -55,6 +58,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -121,6 +126,61 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+# every global DCP's ``.metadata`` pickle refers to (torch dtypes are allowed by type)
+_METADATA_GLOBALS = frozenset(
+    [("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+    )]
+    + [
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    ]
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` with only the classes DCP itself writes there, so a
+    crafted file cannot call anything else (``pickle.load`` would run any callable)."""
+
+    def __init__(self, file: Any, path: str) -> None:
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(
+            f"{self._path}: refers to {module}.{name}, which is not part of checkpoint metadata; "
+            "refusing to load it (a checkpoint holds only tensors and DCP's metadata classes)"
+        )
+
+
+class _SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the ``.metadata`` read by :class:`_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        path = os.path.join(str(self.path), name)
+        with open(path, "rb") as handle:
+            metadata = _MetadataUnpickler(handle, path).load()
+        if not isinstance(metadata, Metadata):
+            raise ValueError(f"{path}: expected DCP Metadata, got {type(metadata).__name__}")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
 
 
 def _rank() -> int:
@@ -312,7 +372,9 @@ def load_checkpoint(
         target = _dcp_state(model, optimizer)
     else:
         target = {"model": model.state_dict()}
-    dcp.load(target, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner())
+    reader = _SafeFileSystemReader(path)
+    reader.read_metadata()  # a refused .metadata raises here, not wrapped in DCP's per-rank retry
+    dcp.load(target, storage_reader=reader, planner=_WeightsOnlyLoadPlanner())
     model.load_state_dict(target["model"])
     if optimizer is not None:
         full = optimizer.state_dict()

@@ -141,3 +141,27 @@ class TestCheckpointDirectory:
         assert TrainState.from_json(TrainState().to_json(), "x").best_metric == float("-inf")
         with pytest.raises(ValueError, match="unknown train-state keys"):
             TrainState.from_json('{"epochs": 1}', "state.json")
+
+
+class _RunsCodeWhenUnpickled:
+    """What a crafted ``.metadata`` holds: unpickling it would call ``open(marker, "w")``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_metadata_is_refused_without_running_code(tmp_path) -> None:
+    import pickle
+
+    path = tmp_path / "ckpt-00000001"
+    path.mkdir()
+    marker = tmp_path / "code_ran"
+    with open(path / ".metadata", "wb") as handle:
+        pickle.dump(_RunsCodeWhenUnpickled(str(marker)), handle)
+    (path / "train_state.json").write_text(TrainState(global_step=1).to_json(), encoding="utf-8")
+    with pytest.raises(pickle.UnpicklingError, match=r"\.metadata: refers to (builtins|io)\.open"):
+        load_checkpoint(str(path), nn.Linear(2, 2))
+    assert not marker.exists()
