@@ -22,7 +22,7 @@ artifact holds no teacher, LLM, injection or semantic-table parameter, and
 
 Example (inference)::
 
-    served = ServedModel.load("runs/elec/export")
+    served = ServedModel.load("runs/elec/export", trust_program=True)  # an artifact you exported
     probabilities = served.predict(dense_features, sparse_kjt)  # (B,)
 """
 
@@ -55,7 +55,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.serving import ServedModel
 
-served = ServedModel.load("{path}")
+# the dense program is code: trust_program=True only for artifacts you made or trust
+served = ServedModel.load("{path}", trust_program=True)
 kjt = KeyedJaggedTensor.from_lengths_sync(
     keys=served.feature_names,                       # {features}
     values=torch.tensor([...], dtype=torch.int64),   # ids, feature-major
@@ -414,8 +415,19 @@ class ServedModel(nn.Module):
         return list(self._config["feature_names"])
 
     @classmethod
-    def load(cls, directory: str) -> "ServedModel":
-        """Loads an artifact (weights and an exported program; no pickled code)."""
+    def load(cls, directory: str, trust_program: bool = False) -> "ServedModel":
+        """Loads an artifact: the tables from ``model.safetensors``, the dense part from
+        ``dense_program.pt2``.
+
+        The dense program is code: ``torch.export.load`` evaluates expressions and guard
+        code stored in the file (and unpickles some payload kinds), so like Hugging Face's
+        ``trust_remote_code`` it is read only when asked. Pass ``trust_program=True`` for an
+        artifact you exported or trust; without it nothing from the file runs.
+
+        Raises:
+            PermissionError: ``trust_program`` is False.
+            ValueError: another format version, or no program was exported.
+        """
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
             config = json.load(handle)
         if config.get("format_version") != FORMAT_VERSION:
@@ -425,12 +437,20 @@ class ServedModel(nn.Module):
                 f"{directory}: no dense program was exported ({config['dense_program_error']}); "
                 "load model.safetensors into the model code instead"
             )
+        program_path = os.path.join(directory, config["dense_program"])
+        if not trust_program:
+            raise PermissionError(
+                f"{program_path} is a torch.export program, i.e. code (torch.export.load evaluates "
+                "expressions and guards stored in it): load it with ServedModel.load(..., "
+                "trust_program=True) only if you exported it or trust its source; model.safetensors "
+                "alone holds weights only (safetensors.torch.load_file)"
+            )
         state = load_file(os.path.join(directory, config["state"]))
         ebc = _load_ebc(directory, config["tables"], state, "model.embedding_bag_collection.")
         semantic = None
         if config.get("semantic_tables"):
             semantic = _load_ebc(directory, config["semantic_tables"], state, "semantic_table.embedding_bag_collection.")
-        program = torch.export.load(os.path.join(directory, config["dense_program"])).module()
+        program = torch.export.load(program_path).module()
         return cls(ebc, program, config, semantic)
 
     @torch.no_grad()

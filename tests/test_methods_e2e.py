@@ -66,7 +66,7 @@ def _train_and_export_llactr(schema_path: str, run_dir: str, vectors: str, expor
     with torch.no_grad():
         result["task_logits"] = task.eval().predict(batch).logits
         result["plain_logits"] = task.model(batch.dense_features, batch.sparse_features).logits
-    result["served_logits"] = ServedModel.load(export_dir).logits(batch.dense_features, batch.sparse_features)
+    result["served_logits"] = ServedModel.load(export_dir, trust_program=True).logits(batch.dense_features, batch.sparse_features)
     return result
 
 
@@ -147,7 +147,7 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
         assert out[name]["test"]["auc"] > 0.5, (name, out[name]["test"])
     state = load_state_file(out["served"])
     assert state and not any(("teacher" in k) or ("injection" in k) or ("semantic" in k) for k in state), sorted(state)
-    served = ServedModel.load(out["served"])
+    served = ServedModel.load(out["served"], trust_program=True)
     batch = next(iter(ParquetBatchReader(DatasetSchema.load(small_synthetic), "test", 64)))
     logits = served.logits(batch.dense_features, batch.sparse_features)
     assert logits.shape == (64,) and torch.isfinite(logits).all()

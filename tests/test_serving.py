@@ -64,7 +64,7 @@ def test_exported_student_reproduces_predictions_and_holds_no_teacher(tmp_path, 
     program_names = set(program.state_dict) | set(getattr(program, "constants", {}))
     assert not any("teacher" in n or "injection" in n for n in program_names)
 
-    served = ServedModel.load(out)
+    served = ServedModel.load(out, trust_program=True)
     for seed, size in ((7, 1), (8, 5), (9, 33)):  # batch sizes other than the example's
         batch = make_batch(size, seed)
         with torch.no_grad():
@@ -102,7 +102,7 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, f
     with torch.no_grad():
         served_weights = fie.pair_weight(fie.pair_similarity)
     torch.testing.assert_close(load_state_file(out)["logit_terms.fie.frozen_pair_weights"], served_weights)
-    served = ServedModel.load(out)
+    served = ServedModel.load(out, trust_program=True)
     for seed, size in ((7, 1), (8, 33)):
         batch = make_batch(size, seed)
         with torch.no_grad():
@@ -132,7 +132,7 @@ def test_export_keeps_a_frozen_fie_as_it_was_and_refuses_a_folded_backbone(tmp_p
     assert torch.equal(fie.frozen_pair_weights, frozen)
     batch = make_batch(9, 3)
     with torch.no_grad():
-        served = ServedModel.load(str(tmp_path / "a")).logits(batch.dense_features, batch.sparse_features)
+        served = ServedModel.load(str(tmp_path / "a"), trust_program=True).logits(batch.dense_features, batch.sparse_features)
         torch.testing.assert_close(served, task.predict(batch).logits)  # served with the frozen weights
     torchrec.fx.symbolic_trace(fie)  # still traceable for the training pipeline
 
@@ -173,7 +173,7 @@ def test_cli_export_of_a_trained_run(tmp_path):
     exported = run("export", "--config", config, "--checkpoint", f"{tmp_path}/run", "--output", f"{tmp_path}/export",
                    *overrides)
     assert exported.returncode == 0, exported.stderr[-3000:]
-    served = ServedModel.load(f"{tmp_path}/export")
+    served = ServedModel.load(f"{tmp_path}/export", trust_program=True)
     schema = DatasetSchema.load(f"{tmp_path}/data/schema.json")
     batch = next(iter(ParquetBatchReader(schema, "test", 64)))
     probabilities = served.predict(batch.dense_features, batch.sparse_features)
@@ -231,9 +231,41 @@ def test_entity_table_gain_network_serves_without_the_llm(tmp_path):
     example = make_batch(16, 7)
     written = export_task(gain, str(tmp_path / "gain"), example.dense_features, example.sparse_features)
     assert written["semantic_tables"] == "semantic_tables.json" and written["dense_program"]
-    served = ServedModel.load(str(tmp_path / "gain"))
+    served = ServedModel.load(str(tmp_path / "gain"), trust_program=True)
     batch = make_batch(32, 8)
     with torch.no_grad():
         expected = gain.predict(batch).logits
     torch.testing.assert_close(served.logits(batch.dense_features, batch.sparse_features), expected)
     assert "No LLM runs at inference" in (tmp_path / "gain" / "INFERENCE.md").read_text()
+
+
+def _add_guard(program_path: str, guard: str) -> None:
+    """Rewrites a .pt2 archive with one more guard in its program's ``guards_code``."""
+    import zipfile
+
+    with zipfile.ZipFile(program_path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    (name,) = [n for n in entries if n.endswith("models/model.json")]
+    program = json.loads(entries[name])
+    program["guards_code"] = program["guards_code"] + [guard]
+    entries[name] = json.dumps(program).encode()
+    with zipfile.ZipFile(program_path, "w", zipfile.ZIP_STORED) as archive:
+        for entry, data in entries.items():
+            archive.writestr(entry, data)
+
+
+def test_the_dense_program_is_loaded_only_when_trusted(tmp_path):
+    """torch.export programs carry code (here a guard that creates a file): never run unasked."""
+    torch.manual_seed(0)
+    student = build_student(SCHEMA, SMOKE_CONFIGS["fm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    out = str(tmp_path / "export")
+    export_task(student, out, example.dense_features, example.sparse_features)
+    marker = tmp_path / "code_ran"
+    _add_guard(os.path.join(out, "dense_program.pt2"), f"__import__('pathlib').Path({str(marker)!r}).touch() is None")
+    with pytest.raises(PermissionError, match=r"dense_program\.pt2 is a torch\.export program.*trust_program=True"):
+        ServedModel.load(out)
+    assert not marker.exists()
+    served = ServedModel.load(out, trust_program=True)  # asked for: the program's code runs
+    served.logits(example.dense_features, example.sparse_features)
+    assert marker.exists()

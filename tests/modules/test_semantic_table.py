@@ -121,7 +121,7 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
         student = build_student(schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
         student.load_state_dict(sub_state(full, "student."))
         export_task(student, export_dir, batches[0].dense_features, batches[0].sparse_features)
-        served = ServedModel.load(export_dir)
+        served = ServedModel.load(export_dir, trust_program=True)
         export_equal = torch.equal(served.logits(batches[0].dense_features, batches[0].sparse_features), dmp_logits)
     fused_state = model.fused_optimizer.state_dict()["state"]
     semantic_state = {str(k): {n: (tuple(v.shape) if hasattr(v, "shape") else v) for n, v in st.items()}
