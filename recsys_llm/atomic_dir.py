@@ -2,16 +2,19 @@
 
 Example::
 
-    with atomic_directory("exports/student") as tmp:
+    with atomic_directory("exports/student", "export", ("config.json", "model.safetensors")) as tmp:
         save_file(state, os.path.join(tmp, "model.safetensors"))
     # exports/student now holds the new files; a crash inside the block left the old ones
+
+Only an earlier directory of the same kind (one holding all ``marker_files``) is replaced:
+any other non-empty directory at that path is refused before anything is written.
 """
 
 import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 def replace_directory(tmp: str, final: str) -> None:
@@ -31,18 +34,58 @@ def replace_directory(tmp: str, final: str) -> None:
         shutil.rmtree(old)
 
 
+def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) -> None:
+    """Raises unless ``directory`` is absent, empty, or an earlier ``kind`` (holds ``marker_files``).
+
+    Raises:
+        FileExistsError: ``directory`` holds other files, which replacing it would delete.
+    """
+    if not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
+        return
+    entries = os.listdir(directory)
+    if entries and not all(os.path.isfile(os.path.join(directory, name)) for name in marker_files):
+        raise FileExistsError(
+            f"{directory}: not empty and not an earlier {kind} (no {', '.join(marker_files)}): writing the "
+            f"{kind} there would replace its {len(entries)} entries ({', '.join(sorted(entries)[:5])}"
+            f"{', ...' if len(entries) > 5 else ''}); choose another output directory"
+        )
+
+
+def _readable_by_umask(tmp: str) -> None:
+    """``mkdtemp`` makes a 0700 directory: give it (and what is in it) the permissions of a
+    directory created with ``os.makedirs``, so other users may read the result as usual."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for root, dirs, files in os.walk(tmp):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
-def atomic_directory(directory: str) -> Iterator[str]:
+def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> Iterator[str]:
     """Yields a fresh temp directory beside ``directory``, swapped into place on success.
+
+    Args:
+        directory (str): the final directory.
+        kind (str): what is written (for messages), e.g. "export".
+        marker_files (Sequence[str]): files every ``kind`` directory has; an existing
+            non-empty ``directory`` without them is refused (:func:`check_replaceable`).
 
     On an exception inside the block the temp directory is removed and ``directory`` is
     left as it was.
     """
+    check_replaceable(directory, kind, marker_files)
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(directory))}.", dir=parent)
     try:
         yield tmp
+        _readable_by_umask(tmp)
         replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

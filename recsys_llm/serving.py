@@ -45,6 +45,7 @@ from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 
 FORMAT_VERSION = 1
 STATE_FILE = "model.safetensors"
+EXPORT_MARKER_FILES = ("config.json", STATE_FILE)  # every export has them (state-only ones too)
 SEMANTIC_TABLES_FILE = "semantic_tables.json"  # frozen entity-vector tables of a gain network
 FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")
 
@@ -289,6 +290,17 @@ def check_servable(task: nn.Module) -> None:
         raise ValueError(f"export: the task holds teacher/LLM parts {bad}; export the student only")
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def export_task(
     task: nn.Module,
     directory: str,
@@ -301,7 +313,8 @@ def export_task(
     Args:
         task (nn.Module): the student ``CTRTask`` (or an entity-table gain network) with trained
             weights, on CPU.
-        directory (str): output directory (replaced if it exists).
+        directory (str): output directory: an earlier export there is replaced, any other
+            non-empty directory refused (``atomic_dir.check_replaceable``).
         example_dense (torch.Tensor): (B, Dd) example input for ``torch.export`` (B >= 2).
         example_sparse (KeyedJaggedTensor): example ids of the same batch.
         metadata (Optional[Dict[str, Any]]): stored in ``config.json`` (model config, schema name...).
@@ -310,12 +323,13 @@ def export_task(
         Dict[str, Any]: the written ``config.json``.
     """
     check_servable(task)
-    task = task.eval()
     ebc = task.model.embedding_bag_collection
     semantic = _semantic_ebc(task)
     tables = _table_dicts(ebc)
     semantic_tables = _table_dicts(semantic) if semantic is not None else []
-    with atomic_directory(directory) as tmp, serving_form(task, [f for t in tables for f in t["feature_names"]]) as folded:
+    keys = [f for t in tables for f in t["feature_names"]]
+    with _eval_mode(task), atomic_directory(directory, "export", EXPORT_MARKER_FILES) as tmp, \
+            serving_form(task, keys) as folded:
         # the state as served: frozen logit-term weights included
         state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
         save_file(state, os.path.join(tmp, STATE_FILE))

@@ -257,10 +257,11 @@ def _add_guard(program_path: str, guard: str) -> None:
 def test_the_dense_program_is_loaded_only_when_trusted(tmp_path):
     """torch.export programs carry code (here a guard that creates a file): never run unasked."""
     torch.manual_seed(0)
-    student = build_student(SCHEMA, SMOKE_CONFIGS["fm"], device=CPU).eval()
+    student = build_student(SCHEMA, SMOKE_CONFIGS["fm"], device=CPU)
     example = make_batch(4, 100)
     out = str(tmp_path / "export")
     export_task(student, out, example.dense_features, example.sparse_features)
+    assert student.training  # exported in eval mode, then left as it was
     marker = tmp_path / "code_ran"
     _add_guard(os.path.join(out, "dense_program.pt2"), f"__import__('pathlib').Path({str(marker)!r}).touch() is None")
     with pytest.raises(PermissionError, match=r"dense_program\.pt2 is a torch\.export program.*trust_program=True"):

@@ -26,11 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors that describe bad input (a file, column, key or value): shown as one line, not a traceback
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs one sub-command; bad input ends with ``recsys-llm <command>: error: ...`` and exit code 2
+    (``RECSYS_LLM_TRACEBACK=1`` re-raises for the full traceback)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"recsys-llm {args.command}: error: {message}\n(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

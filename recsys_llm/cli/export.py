@@ -36,16 +36,22 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     """
     import torch
 
+    from recsys_llm.atomic_dir import check_replaceable
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.modules.teacher_student import TeacherStudentTask
     from recsys_llm.serving import export_task, materialize_meta, sub_state, unsharded_state_dict
-    from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
+    from recsys_llm.train.config import check_same_model
     from recsys_llm.train.distributed import barrier, init_distributed
     from recsys_llm.train.runner import build_task, load_or_generate_schema
     from recsys_llm.train.sharding import shard_model
 
-    ctx = init_distributed(config.train.device)
+    from recsys_llm.serving import EXPORT_MARKER_FILES
+
+    check_replaceable(output, "export", EXPORT_MARKER_FILES)  # before any work (every rank)
     checkpoint = resolve_checkpoint(checkpoint)
+    check_same_model(config, run_config_of(checkpoint))
+    ctx = init_distributed(config.train.device)
     schema = load_or_generate_schema(config, ctx)
     model, _ = shard_model(build_task(config, schema, ctx.device).task, ctx.device, ctx.world_size, config.sharding,
                            config.optim, config.data.batch_size)
@@ -82,11 +88,11 @@ def _write_state(state: Dict[str, Any], output: str, metadata: Dict[str, Any]) -
     from safetensors.torch import save_file
 
     from recsys_llm.atomic_dir import atomic_directory
-    from recsys_llm.serving import STATE_FILE
+    from recsys_llm.serving import EXPORT_MARKER_FILES, STATE_FILE
 
     config = {"state": STATE_FILE, "num_state_tensors": len(state), "dense_program": "none (state only)",
               "num_parameters": int(sum(v.numel() for v in state.values())), "feature_names": [], "metadata": metadata}
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output, "export", EXPORT_MARKER_FILES) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, STATE_FILE))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
@@ -102,9 +108,10 @@ def _export(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     written = export_run(config, args.checkpoint, args.output, state_only=args.state_only)
     if is_main_process():
-        summary = {k: written[k] for k in ("dense_program", "num_parameters", "num_state_tensors", "feature_names")}
-        print(json.dumps({"output": args.output, **summary}, indent=2))
-        print(f"inference example: {os.path.join(args.output, 'INFERENCE.md')}")
+        keys = ("dense_program", "num_parameters", "num_state_tensors") + (() if args.state_only else ("feature_names",))
+        print(json.dumps({"output": args.output, **{k: written[k] for k in keys}}, indent=2))
+        if not args.state_only:
+            print(f"inference example: {os.path.join(args.output, 'INFERENCE.md')}")
     teardown_distributed()
     return 0
 

@@ -28,7 +28,8 @@ GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", required=True, help="schema.json (or its directory)")
-    parser.add_argument("--model", default=None, help="local Hugging Face model directory (default: offline MiniLM)")
+    parser.add_argument("--model", "--llm", dest="model", default=None,
+                        help="local Hugging Face model directory (default: offline MiniLM)")
     parser.add_argument("--pooling", default="auto", choices=["auto", "mean", "last_token", "cls"])
     parser.add_argument("--max-length", type=int, default=256, help="tokens per text")
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")

@@ -46,14 +46,23 @@ def _adapt(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from recsys_llm.data.schema import DatasetSchema
-    from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig, sample_indices, save_ctr_llm, tune_ctr_llm
+    from recsys_llm.atomic_dir import check_replaceable
+    from recsys_llm.semantics.ctr_llm import (
+        CTR_LLM_FILES,
+        CTRAdaptedLLM,
+        CTRLLMConfig,
+        sample_indices,
+        save_ctr_llm,
+        tune_ctr_llm,
+    )
     from recsys_llm.semantics.encoder import default_model_path
     from recsys_llm.semantics.row_text import RowTextRenderer
 
+    check_replaceable(args.output_dir, "saved CTR-adapted LLM", CTR_LLM_FILES)  # before any work
     schema = DatasetSchema.load(args.schema)
     text_config = _row_text_config(args)
     config = CTRLLMConfig(
-        model_path=args.model or default_model_path(), representation_dim=args.representation_dim,
+        model_path=os.path.abspath(args.model) if args.model else default_model_path(), representation_dim=args.representation_dim,
         hidden_dim=args.hidden_dim, tuning=args.tuning, lora_r=args.lora_r, lora_target_modules=args.target_modules,
         last_k_layers=args.last_k, max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.lr,
         head_learning_rate=args.head_lr, epochs=args.epochs, sample_rows=args.sample_rows, seed=args.seed,
@@ -141,7 +150,8 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--schema", required=True, help="schema.json (or its directory)")
     adapt.add_argument("--split", default="train", help="split to tune on")
     adapt.add_argument("--output-dir", required=True, help="where the adapter, heads and settings go")
-    adapt.add_argument("--model", default=None, help="local Hugging Face model directory (default: offline MiniLM)")
+    adapt.add_argument("--model", "--llm", dest="model", default=None,
+                       help="local Hugging Face model directory (default: offline MiniLM)")
     adapt.add_argument("--tuning", default="lora", choices=["lora", "last_k", "heads"])
     adapt.add_argument("--target-modules", nargs="*", default=None, help="LoRA target modules (default: peft's)")
     adapt.add_argument("--lora-r", type=int, default=8)

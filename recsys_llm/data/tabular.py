@@ -33,6 +33,7 @@ Reading is streamed in blocks; only the split column and the vocabularies are he
 in memory.
 """
 
+import csv
 import dataclasses
 import os
 import shutil
@@ -87,8 +88,9 @@ def _is_parquet(path: str) -> bool:
 
 
 def _csv_columns(path: str, delimiter: str) -> List[str]:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        return handle.readline().rstrip("\r\n").split(delimiter)
+    """The header's column names, quoted ones unquoted (as pyarrow's CSV reader reads them)."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        return next(csv.reader(handle, delimiter=delimiter), [])
 
 
 def _blocks(path: str, schema: DatasetSchema, columns: List[str], config: TabularConfig) -> Iterator[pa.RecordBatch]:

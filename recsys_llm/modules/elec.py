@@ -110,20 +110,12 @@ class ELECConfig:
             raise ValueError("elec.distill.mode 'frozen' needs elec.teacher_checkpoint")
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "ELECConfig":
-        """From a config-file mapping; unknown keys are an error naming them."""
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - allowed
-        if unknown:
-            raise ValueError(f"{source}: unknown elec keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-        raw = dict(raw)
-        if "distill" in raw:
-            distill_allowed = {f.name for f in dataclasses.fields(TeacherStudentConfig)}
-            bad = set(raw["distill"]) - distill_allowed
-            if bad:
-                raise ValueError(f"{source}: unknown elec.distill keys {sorted(bad)}; allowed: {sorted(distill_allowed)}")
-            raw["distill"] = TeacherStudentConfig(**raw["distill"])
-        return cls(**raw)
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "elec") -> "ELECConfig":
+        """From a config-file mapping, typed like the rest of the config (``elec.vector_dim=abc``
+        is an error naming the key); unknown keys are an error naming them."""
+        from recsys_llm.train.config import build_dataclass
+
+        return build_dataclass(cls, raw, source)
 
 
 def build_gain_network(
@@ -185,14 +177,18 @@ def build_elec_task(
     return TeacherStudentTask(teacher, student, config.distill)
 
 
-def load_elec_state(model: nn.Module, config: ELECConfig) -> Dict[str, int]:
+def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Optional[str] = None) -> Dict[str, int]:
     """Fills what training does not: entity vectors and (frozen mode) the teacher's weights.
 
-    Call after sharding (each rank writes only its own shards) or on a plain model.
+    Call after sharding (each rank writes only its own shards) or on a plain model. Entity
+    vectors must match ``config.expected_provenance`` and, where their provenance records
+    them (``semantics export`` does), the entity field and ``schema_fingerprint``: ids of
+    another data set would land on the wrong rows.
 
     Returns:
         Dict[str, int]: rows filled in the entity table, tensors copied into the teacher.
     """
+    from recsys_llm.semantics.vector_export import read_manifest
     from recsys_llm.serving import load_state_file
 
     report: Dict[str, int] = {"entity_rows": 0, "teacher_tensors": 0}
@@ -204,7 +200,11 @@ def load_elec_state(model: nn.Module, config: ELECConfig) -> Dict[str, int]:
         for field, directory in config.entity_tables.items():
             if not directory or not os.path.isdir(directory):
                 raise FileNotFoundError(f"elec entity vectors of {field!r}: export directory {directory!r} not found")
-            report["entity_rows"] += load_semantic_vectors(
-                model, semantic_table_name(field), directory, expected=config.expected_provenance or None
-            )
+            stored = read_manifest(directory)["provenance"]
+            expected = dict(config.expected_provenance)
+            # exports record their entity field and schema; vectors written otherwise may not
+            for key, value in (("entity_field", field), ("schema", schema_fingerprint)):
+                if value is not None and key in stored:
+                    expected[key] = value
+            report["entity_rows"] += load_semantic_vectors(model, semantic_table_name(field), directory, expected)
     return report

@@ -55,6 +55,8 @@ class FieldInteractionEnhancement(nn.Module):
                 f"FIE needs >= 2 fields and field_vectors of shape (len(feature_names)={num_fields}, d_llm), "
                 f"got {tuple(field_vectors.shape)}"
             )
+        if len(set(feature_names)) != num_fields:
+            raise ValueError(f"FIE feature_names must be distinct, got {list(feature_names)}")
         self._feature_names: List[str] = list(feature_names)
         self._weight = float(weight)
         self._frozen = False
@@ -109,7 +111,12 @@ class FieldInteractionEnhancement(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Stores the current pair weights as a constant buffer (eval / serving)."""
+        """Stores the current pair weights as a constant buffer (eval / serving).
+
+        The frozen flag is not part of the state dict. Under DMP training, freeze before
+        ``shard_model`` if the weights should stay fixed: DDP's static graph expects the same
+        parameters to get gradients at every step.
+        """
         self.frozen_pair_weights.copy_(self.pair_weight(self.pair_similarity))
         self._frozen = True
 
@@ -166,7 +173,7 @@ class FieldInteractionEnhancement(nn.Module):
             and tuple(embeddings.keys()) == self._serving_keys
         ):
             return weighted_pair_sum(fields, self.serving_pair_matrix)  # (B,), lambda included
-        pair_matrix = self._scatter_pairs(fields, positions, fields.size(1), self.pair_weights())  # (K, K)
+        pair_matrix = self._scatter_pairs(fields, positions, fields.size(1), self.pair_weights().to(fields.dtype))
         # the Gram against a (K, K) weight matrix instead of gathering (B, P) pairs
         return self._weight * weighted_pair_sum(fields, pair_matrix)  # (B,)
 

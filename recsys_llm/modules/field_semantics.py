@@ -114,6 +114,8 @@ class FieldRepresentationEnhancement(nn.Module):
                 f"FRE needs field_vectors of shape (len(feature_names)={len(feature_names)} > 0, d_llm), "
                 f"got {tuple(field_vectors.shape)}"
             )
+        if len(set(feature_names)) != len(feature_names):
+            raise ValueError(f"FRE feature_names must be distinct, got {list(feature_names)}")
         self._feature_names: List[str] = list(feature_names)
         self._weight = float(weight)
         self.register_buffer("field_vectors", field_vectors.detach().float().clone())  # (F, d_llm)

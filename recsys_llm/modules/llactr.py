@@ -51,14 +51,17 @@ class LLaCTRConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "llactr") -> "LLaCTRConfig":
-        """Builds the config from a mapping; unknown keys are an error naming the allowed ones."""
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - allowed
-        if unknown:
-            raise ValueError(f"{source}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        """From a config-file mapping, typed like the rest of the config; unknown keys, a
+        missing ``vectors_path`` and negative lambdas are errors naming the key."""
+        from recsys_llm.train.config import ConfigError, build_dataclass
+
         if "vectors_path" not in raw:
-            raise ValueError(f"{source}: 'vectors_path' (path of the field-vector file) is required")
-        return cls(**dict(raw))
+            raise ConfigError(f"{source}: 'vectors_path' (path of the field-vector file) is required")
+        config = build_dataclass(cls, raw, source)
+        for name in ("lambda_fre", "lambda_fie"):
+            if getattr(config, name) < 0:
+                raise ConfigError(f"{source}.{name}: expected a number >= 0, got {getattr(config, name)!r}")
+        return config
 
 
 def _find_ebc(model: nn.Module) -> EmbeddingBagCollection:

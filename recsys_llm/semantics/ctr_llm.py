@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import atomic_directory
-from recsys_llm.semantics.encoder import hidden_states, model_dir_fingerprint, pool
+from recsys_llm.semantics.encoder import hidden_states, load_tokenizer, model_dir_fingerprint, pool
 
 TUNING_MODES = ("lora", "last_k", "heads")
 
@@ -134,13 +134,11 @@ class CTRAdaptedLLM(nn.Module):
     @classmethod
     def from_config(cls, config: CTRLLMConfig) -> "CTRAdaptedLLM":
         """Loads the base model and tokenizer from ``config.model_path`` (offline, no remote code)."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         torch.manual_seed(config.seed)
-        tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=False)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        llm = AutoModel.from_pretrained(config.model_path, trust_remote_code=False)
+        tokenizer = load_tokenizer(config.model_path)  # checks the directory, pads decoders
+        llm = AutoModel.from_pretrained(config.model_path, local_files_only=True, trust_remote_code=False)
         return cls(llm, tokenizer, config)
 
     def _prepare_llm(self, llm: nn.Module) -> nn.Module:
@@ -303,13 +301,16 @@ def tune_ctr_llm(
     return losses
 
 
+CTR_LLM_FILES = ("config.json", "heads.safetensors")  # every saved CTR-adapted LLM has them
+
+
 def save_ctr_llm(model: CTRAdaptedLLM, directory: str) -> None:
     """Saves config, heads and tuned LLM tensors atomically (temp dir renamed into place).
 
     Files: ``config.json``, ``heads.safetensors``, ``llm_tuned.safetensors`` (LoRA adapters
     or the unfrozen layers, by parameter name), ``provenance.json``.
     """
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, "saved CTR-adapted LLM", CTR_LLM_FILES) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(dataclasses.asdict(model.config), handle, indent=2)
         save_file(_heads_state(model), os.path.join(tmp, "heads.safetensors"))
@@ -326,8 +327,11 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None) -> CTRAdapted
         model_path (Optional[str]): override of the base model location (e.g. another machine).
     """
     config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{directory}: not a saved CTR-adapted LLM (no config.json)")
+    if not all(os.path.isfile(os.path.join(directory, name)) for name in CTR_LLM_FILES):
+        raise FileNotFoundError(
+            f"{directory}: not a CTR-adapted LLM saved by `recsys-llm semantics adapt` (no config.json and "
+            "heads.safetensors); a plain Hugging Face model directory goes to `semantics adapt --model` first"
+        )
     with open(config_path, encoding="utf-8") as handle:
         config = CTRLLMConfig(**json.load(handle))
     if model_path is not None:

@@ -160,6 +160,12 @@ def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
 _FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken")
 
 
+def require_model_dir(model_path: str) -> None:
+    """Raises FileNotFoundError naming ``model_path`` unless it is a local directory."""
+    if not os.path.isdir(model_path):
+        raise FileNotFoundError(f"{model_path}: model directory not found (models load offline from a local path)")
+
+
 def model_dir_fingerprint(model_path: str) -> str:
     """sha256 over the config, tokenizer and weight files of a model directory.
 
@@ -169,8 +175,7 @@ def model_dir_fingerprint(model_path: str) -> str:
     Returns:
         str: 16 hex digits.
     """
-    if not os.path.isdir(model_path):
-        raise FileNotFoundError(f"{model_path}: model directory not found (models load offline from a local path)")
+    require_model_dir(model_path)
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(model_path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -212,6 +217,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs)."""
     from transformers import AutoTokenizer
 
+    require_model_dir(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
@@ -225,6 +231,7 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
     """Loads a base model (no LM head) offline with ``AutoModel``."""
     from transformers import AutoModel
 
+    require_model_dir(model_path)
     model = AutoModel.from_pretrained(
         model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )

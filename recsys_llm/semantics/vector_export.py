@@ -466,6 +466,14 @@ def export_schema_vectors(
         provenance["entity_field"] = entity_field
         provenance["entity_fields"] = ",".join(entity_fields or [entity_field])
         columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))
+        for split in splits:
+            available = pq.read_schema(schema.split_path(split)).names
+            missing = [c for c in columns if c not in available]
+            if missing:
+                raise ValueError(
+                    f"{schema.split_path(split)}: no column(s) {missing} for the entity field / entity text "
+                    f"fields; its columns are {available}"
+                )
         table = pa.concat_tables([pq.read_table(schema.split_path(s), columns=columns, memory_map=True) for s in splits])
         entities = renderer.entity_text(table, entity_field, entity_fields)
         keys = entities.column("id")

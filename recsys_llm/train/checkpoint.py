@@ -221,8 +221,14 @@ def _set_rng_state(state: Dict[str, torch.Tensor]) -> None:
 
 
 def _dcp_state(model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]:
-    """The tensors DCP saves/loads in place: model state and optimizer ``state``."""
-    return {"model": model.state_dict(), "optim": optimizer.state_dict()["state"]}
+    """The tensors DCP saves/loads in place: model state and optimizer ``state``.
+
+    Empty per-parameter states (a frozen table's stateless optimizer) are left out: DCP
+    saves nothing for them, and asking for them at load fails once ranks hold different
+    tables.
+    """
+    state = optimizer.state_dict()["state"]
+    return {"model": model.state_dict(), "optim": {k: v for k, v in state.items() if not (isinstance(v, dict) and not v)}}
 
 
 def _materialise_dense_optimizer_state(optimizer: CombinedOptimizer) -> None:
@@ -378,7 +384,7 @@ def load_checkpoint(
     model.load_state_dict(target["model"])
     if optimizer is not None:
         full = optimizer.state_dict()
-        full["state"] = target["optim"]
+        full["state"].update(target["optim"])  # the empty states stay as they are
         optimizer.load_state_dict(full)
     rng_file = os.path.join(path, f"rank{_rank():05d}.pt")
     if restore_rng and state.world_size == _world_size() and os.path.isfile(rng_file):
@@ -392,6 +398,8 @@ def resolve_checkpoint(path: str) -> str:
     Raises:
         FileNotFoundError: ``path`` is a run directory without a complete checkpoint.
     """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     if os.path.isdir(os.path.join(path, "best")) or os.path.isdir(os.path.join(path, "checkpoints")):
         found = CheckpointManager(os.path.join(path, "best")).latest() or CheckpointManager(
             os.path.join(path, "checkpoints")
@@ -400,3 +408,9 @@ def resolve_checkpoint(path: str) -> str:
             raise FileNotFoundError(f"{path}: run directory holds no complete checkpoint")
         return found
     return path
+
+
+def run_config_of(checkpoint: str) -> Optional[str]:
+    """The ``config.yaml`` of the run that wrote ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``), if any."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
+    return path if os.path.isfile(path) else None

@@ -104,6 +104,14 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 1, "max_steps": 0, "patience": 0,
+                    "checkpoint_every": 0}
+        wrong = [f"{name}={getattr(self, name)} (must be >= {low})" for name, low in at_least.items()
+                 if getattr(self, name) < low]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}")
+
 
 @dataclasses.dataclass
 class ExperimentConfig:
@@ -277,3 +285,62 @@ def save_config(config: ExperimentConfig, path: str) -> None:
     with open(tmp, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
     os.replace(tmp, path)
+
+
+# settings a resumed run may change: where and how it runs, not what it trains
+RESUME_FREE_KEYS = frozenset({"train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints"})
+
+
+def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(value, dict):
+        flat: Dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def config_differences(saved: ExperimentConfig, current: ExperimentConfig, ignore: Sequence[str] = ()) -> List[str]:
+    """``"key: saved -> current"`` for every setting (dotted key) that differs, ``ignore`` left out."""
+    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    return [
+        f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
+        for key in sorted(set(old) | set(new))
+        if key not in ignore and old.get(key) != new.get(key)
+    ]
+
+
+def check_resumable(config: ExperimentConfig, saved_path: str) -> None:
+    """Raises unless ``config`` trains what the run saved at ``saved_path`` (its config.yaml) trained.
+
+    Raises:
+        ConfigError: naming the settings that differ (only ``RESUME_FREE_KEYS`` may).
+    """
+    saved = load_config(saved_path)
+    differences = config_differences(saved, config, RESUME_FREE_KEYS)
+    if differences:
+        raise ConfigError(
+            f"{saved_path}: this run directory holds checkpoints of a run with other settings "
+            f"({'; '.join(differences)}); resuming would mix them. Use the same settings, or another "
+            "train.run_dir for a new run"
+        )
+
+
+MODEL_SECTIONS = ("model.", "llactr.", "elec.")  # what a checkpoint's tensors depend on
+
+
+def check_same_model(config: ExperimentConfig, saved_path: Optional[str]) -> None:
+    """Raises when ``config`` builds another model than the run saved at ``saved_path`` (for
+    evaluate / export, which load that run's checkpoint); no-op without a saved config.
+
+    Raises:
+        ConfigError: naming the model / llactr / elec settings that differ.
+    """
+    if saved_path is None:
+        return
+    differences = [d for d in config_differences(load_config(saved_path), config) if d.startswith(MODEL_SECTIONS)]
+    if differences:
+        raise ConfigError(
+            f"{saved_path}: the checkpoint's run had other model settings ({'; '.join(differences)}); "
+            f"pass its own config (--config {saved_path}) or the same overrides"
+        )

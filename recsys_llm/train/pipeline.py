@@ -24,6 +24,7 @@ import time
 from typing import Callable, Iterable, Iterator, List, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardedModule
@@ -194,7 +195,8 @@ def evaluate(
         progress (bool): show a tqdm bar (rank 0 only).
 
     Returns:
-        dict: AUC, LogLoss, NE, ... (see :class:`CTRMetrics`) plus ``loss`` (mean BCE + terms).
+        dict: AUC, LogLoss, NE, ... (see :class:`CTRMetrics`) plus ``loss`` (mean BCE + terms
+        over every rank's batches).
     """
     was_training = model.training
     model.eval()
@@ -208,6 +210,9 @@ def evaluate(
         loss_sum += float(loss)
         steps += 1
     results = metrics.compute()
-    results["loss"] = loss_sum / steps if steps else float("nan")
+    totals = torch.tensor([loss_sum, steps], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)  # every rank reports the same loss, like the other metrics
+    results["loss"] = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     model.train(was_training)
     return results

@@ -45,8 +45,14 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import build_backbone
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
-from recsys_llm.train.checkpoint import CheckpointManager, TrainState, load_checkpoint, resolve_checkpoint
-from recsys_llm.train.config import ExperimentConfig, save_config
+from recsys_llm.train.checkpoint import (
+    CheckpointManager,
+    TrainState,
+    load_checkpoint,
+    resolve_checkpoint,
+    run_config_of,
+)
+from recsys_llm.train.config import ExperimentConfig, check_resumable, check_same_model, save_config
 from recsys_llm.train.distributed import DistContext, barrier, init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
@@ -169,9 +175,9 @@ def plugin_extras(config: ExperimentConfig) -> List[str]:
     return [elec.vector_key] if elec.vector_source == "extras" else []
 
 
-def load_plugin_state(model: nn.Module, built: BuiltTask) -> Dict[str, int]:
-    """After sharding: fills what training does not (ELEC entity vectors, frozen teacher)."""
-    return load_elec_state(model, built.elec) if built.elec is not None else {}
+def load_plugin_state(model: nn.Module, built: BuiltTask, schema: DatasetSchema) -> Dict[str, int]:
+    """After sharding: fills what training does not (ELEC entity vectors of ``schema``, frozen teacher)."""
+    return load_elec_state(model, built.elec, schema.fingerprint()) if built.elec is not None else {}
 
 
 def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int, rank: int = 0) -> Optional[SwappedPairs]:
@@ -276,23 +282,28 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     # swapped pairs double every training batch; the planner sizes for what a step really holds
     step_rows = config.data.batch_size * (2 if swap is not None else 1)
     model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, step_rows)
-    load_plugin_state(model, built)
+    load_plugin_state(model, built, schema)
     optimizer = build_optimizer(model, config.optim)
+    checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=train_cfg.keep_checkpoints)
+    latest = checkpoints.latest() if train_cfg.resume else None
+    saved_config = os.path.join(run_dir, "config.yaml")
+    if latest is not None and os.path.isfile(saved_config):
+        check_resumable(config, saved_config)  # every rank, before anything in run_dir changes
     if ctx.is_main:
-        save_config(config, os.path.join(run_dir, "config.yaml"))
+        save_config(config, saved_config)
         with open(os.path.join(run_dir, "plugins.json"), "w", encoding="utf-8") as handle:
             json.dump(built.plugins, handle, indent=2, sort_keys=True, default=str)
         with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
             handle.write(describe_plan(plan))
     log = _RunLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
-    checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=train_cfg.keep_checkpoints)
     best = CheckpointManager(os.path.join(run_dir, "best"), keep=1)
 
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
-    latest = checkpoints.latest() if train_cfg.resume else None
     if latest is not None:
         state = _state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size)
         log.write({"event": "resumed", "checkpoint": latest, "global_step": state.global_step, "epoch": state.epoch})
+        if ctx.is_main:
+            print(f"resuming {run_dir} from {latest}: epoch {state.epoch}, step {state.global_step}", flush=True)
 
     subsets = _subsets(config, schema)
     train_reader = readers["train"]
@@ -392,9 +403,10 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     Returns:
         Dict[str, Any]: metrics (with ``cold/*`` when the data marks cold items).
     """
+    checkpoint = resolve_checkpoint(checkpoint)
+    check_same_model(config, run_config_of(checkpoint))
     ctx = init_distributed(config.train.device)
     seed_everything(config.train.seed)
-    checkpoint = resolve_checkpoint(checkpoint)
     schema = load_or_generate_schema(config, ctx)
     split = split or config.data.test_split
     data = config.data
@@ -405,7 +417,7 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     )
     built = build_task(config, schema, ctx.device)
     model, _ = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, data.batch_size)
-    load_plugin_state(model, built)
+    load_plugin_state(model, built, schema)
     load_checkpoint(checkpoint, model, None, restore_rng=False)
     results = evaluate(model, reader, ctx.device, CTRMetrics(_subsets(config, schema)), total=len(reader), description=split,
                        progress=config.train.progress)

@@ -59,6 +59,8 @@ SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "adam": trec_optim.Adam,
     "sgd": trec_optim.SGD,
 }
+# the fused table optimizers FBGEMM's CPU kernels implement (exact row-wise Adagrad, Adagrad, SGD)
+CPU_SPARSE_OPTIMIZERS = frozenset({"row_wise_adagrad", "adagrad", "sgd"})
 DENSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
@@ -265,8 +267,13 @@ def shard_model(
     if not find_tables(task):
         raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")
     frozen = frozen_table_names(task, sharding)
-    _apply_fused_optimizers(task, frozen, optim)
     compute_device = sharding.compute_device if sharding.compute_device != "auto" else device.type
+    if compute_device == "cpu" and optim.sparse not in CPU_SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"optim.sparse={optim.sparse!r}: FBGEMM's CPU embedding kernels implement only "
+            f"{sorted(CPU_SPARSE_OPTIMIZERS)}; pick one of those, or train on CUDA"
+        )
+    _apply_fused_optimizers(task, frozen, optim)
     topology = Topology(world_size=world_size, compute_device=compute_device, local_world_size=world_size)
     planner = EmbeddingShardingPlanner(
         topology=topology,

@@ -30,8 +30,8 @@ from recsys_llm.data.parquet import ROW_ID_EXTRA, ParquetBatchReader, resolve_pa
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
 from recsys_llm.serving import materialize_meta, sub_state, unsharded_state_dict
-from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint
-from recsys_llm.train.config import ExperimentConfig
+from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
+from recsys_llm.train.config import ExperimentConfig, check_same_model
 from recsys_llm.train.distributed import barrier, init_distributed
 from recsys_llm.train.runner import build_task, load_or_generate_schema, load_plugin_state, plugin_extras
 from recsys_llm.train.sharding import shard_model
@@ -135,13 +135,15 @@ def write_teacher_outputs(
     Returns:
         Dict[str, Any]: ``{"schema": path, "representation_dim": H, "files": [...]}``.
     """
+    checkpoint = resolve_checkpoint(checkpoint)
+    check_same_model(config, run_config_of(checkpoint))
     ctx = init_distributed(config.train.device)
     schema = load_or_generate_schema(config, ctx)
     built = build_task(config, schema, ctx.device)
     model, _ = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim,
                            config.data.batch_size)
-    load_plugin_state(model, built)
-    load_checkpoint(resolve_checkpoint(checkpoint), model, None, restore_rng=False)
+    load_plugin_state(model, built, schema)
+    load_checkpoint(checkpoint, model, None, restore_rng=False)
     full = unsharded_state_dict(model)  # collective
     report: Dict[str, Any] = {"schema": os.path.join(output_dir, "schema.json"), "files": []}
     if ctx.is_main:

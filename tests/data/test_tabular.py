@@ -131,3 +131,15 @@ def test_missing_dense_is_error_unless_filled(tmp_path):
     schema = prepare_tabular(str(tmp_path / "d.csv"), _schema_file(tmp_path), str(tmp_path / "out"),
                              TabularConfig(fill_missing_dense=0.0))
     assert sum(pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits) == 200
+
+
+def test_csv_with_a_quoted_header(tmp_path):
+    """Headers as pyarrow, R's write.csv or csv.QUOTE_ALL write them."""
+    import pyarrow.csv as pacsv
+
+    rows = _rows()
+    path = str(tmp_path / "quoted.csv")
+    pacsv.write_csv(pa.table(rows), path, pacsv.WriteOptions(quoting_style="all_valid"))
+    assert open(path).readline().startswith('"impression","user"')
+    schema = prepare_tabular(path, _schema_file(tmp_path), str(tmp_path / "out"), TabularConfig(split_by="ts"))
+    assert sum(pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits) == 200

@@ -99,3 +99,17 @@ class TestFieldInteractionEnhancement:
     def test_needs_two_fields(self) -> None:
         with pytest.raises(ValueError, match=">= 2 fields"):
             FieldInteractionEnhancement(torch.randn(1, 4), ["a"])
+
+
+def test_float64_fields_and_duplicate_names() -> None:
+    """FIE follows the embeddings' dtype; a field named twice would pair with itself."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    fie = FieldInteractionEnhancement(torch.randn(3, 5), ["a", "b", "c"], 0.3)
+    values = torch.randn(4, 3 * 2, dtype=torch.float64)
+    kt = KeyedTensor(keys=["a", "b", "c"], length_per_key=[2, 2, 2], values=values)
+    out = fie.logit(kt)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), fie.logit(KeyedTensor(["a", "b", "c"], [2, 2, 2], values.float())))
+    with pytest.raises(ValueError, match="must be distinct"):
+        FieldInteractionEnhancement(torch.randn(3, 5), ["a", "b", "a"])

@@ -204,3 +204,28 @@ def test_user_and_item_vectors_are_concatenated_and_become_one_field_each(tmp_pa
     with pytest.raises(ValueError, match="two vector directories"):
         ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
                    entity_vectors="a", entity_tables={"item_id": "b"})
+
+
+def test_entity_vectors_of_another_schema_or_field_are_refused(tmp_path):
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+    from recsys_llm.models.registry import SMOKE_CONFIGS
+    from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
+
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
+                                 FieldSpec("age", "dense")])
+    exported = {**PROVENANCE, "entity_field": "item_id", "schema": schema.fingerprint()}  # as `semantics export` writes
+    ids = np.arange(NUM_ITEMS)
+    VectorExport(str(tmp_path / "items"), exported, VectorExportConfig(chunk_rows=5)).run(
+        pa.array(ids, pa.int64()), lambda a, b: [str(i) for i in ids[a:b]],
+        lambda texts: torch.ones(len(texts), DIM), progress=False)
+    config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
+                        entity_vectors=str(tmp_path / "items"))
+    task = build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
+    assert load_elec_state(task, config, schema.fingerprint())["entity_rows"] == NUM_ITEMS
+    with pytest.raises(ProvenanceError, match=r"items/manifest.json: vectors do not match .*schema: stored '[0-9a-f]+', expected 'other'"):
+        load_elec_state(task, config, "other")
+    as_users = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="user_id",
+                          entity_vectors=str(tmp_path / "items"))
+    users_task = build_gain_network(as_users, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
+    with pytest.raises(ProvenanceError, match="entity_field: stored 'item_id', expected 'user_id'"):
+        load_elec_state(users_task, as_users, schema.fingerprint())

@@ -74,3 +74,31 @@ class TestLoadConfig:
     def test_repository_configs_parse(self, path: str) -> None:
         config = load_config(path)
         assert config.data.schema and config.train.run_dir
+
+
+def test_config_differences_name_every_changed_setting() -> None:
+    from recsys_llm.train.config import RESUME_FREE_KEYS, config_differences
+
+    saved = load_config(None, ["model.name=fm", "model.embedding_dim=16", "train.run_dir=a"])
+    current = load_config(None, ["model.name=fm", "model.embedding_dim=8", "train.run_dir=b", "llactr.lambda_fie=0.1"])
+    assert config_differences(saved, current, RESUME_FREE_KEYS) == [
+        "llactr.lambda_fie: '<unset>' -> 0.1",
+        "model.embedding_dim: 16 -> 8",
+    ]
+    assert config_differences(saved, saved) == []
+
+
+def test_evaluate_and_export_refuse_a_config_of_another_model(tmp_path) -> None:
+    from recsys_llm.train.checkpoint import run_config_of
+    from recsys_llm.train.config import check_same_model, save_config
+
+    trained = load_config(None, ["model.name=deepfm", "llactr.vectors_path=v.safetensors", "train.run_dir=r"])
+    (tmp_path / "best" / "ckpt-00000010").mkdir(parents=True)
+    save_config(trained, str(tmp_path / "config.yaml"))
+    saved = run_config_of(str(tmp_path / "best" / "ckpt-00000010"))
+    assert saved == str(tmp_path / "config.yaml")
+    check_same_model(load_config(saved, ["data.eval_batch_size=7", "train.epochs=9"]), saved)  # not model settings
+    without_llactr = load_config(None, ["model.name=deepfm"])
+    with pytest.raises(ConfigError, match=r"other model settings \(llactr.vectors_path: 'v.safetensors' -> '<unset>'\)"):
+        check_same_model(without_llactr, saved)
+    check_same_model(without_llactr, run_config_of(str(tmp_path / "other_run" / "checkpoints" / "ckpt-1")))  # no run config: no check

@@ -117,3 +117,11 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(synthetic_di
     assert results[0]["global_step"] == results[1]["global_step"] == 2 * steps_per_epoch
     assert results[0]["test"] == results[1]["test"]
     assert results[0]["valid"] == results[1]["valid"]
+
+    # The same run directory with another setting: refused, naming it, before anything changes.
+    saved_config = open(os.path.join(killed_dir, "config.yaml"), encoding="utf-8").read()
+    changed = subprocess.run(_cli(DEEPFM_CONFIG, overrides(killed_dir) + ["model.embedding_dim=8"]), env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert "model.embedding_dim: 16 -> 8" in changed.stderr and "Traceback" not in changed.stderr
+    assert open(os.path.join(killed_dir, "config.yaml"), encoding="utf-8").read() == saved_config

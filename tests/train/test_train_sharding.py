@@ -176,6 +176,11 @@ class TestConstraints:
         with pytest.raises(ValueError, match="table_constraints.t_x: unknown keys"):
             ShardingConfig(table_constraints={"t_x": {"kernel": ["fused"]}})
 
+    def test_a_table_optimizer_the_cpu_kernels_lack_is_refused_before_sharding(self, synthetic_schema) -> None:
+        task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+        with pytest.raises(ValueError, match=r"optim.sparse='adam': FBGEMM's CPU embedding kernels implement only"):
+            shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(sparse="adam"), batch_size=8)
+
 
 def _outputs_under_two_plans(schema_path: str) -> Dict[str, float]:
     """Same weights, two plans (mixed sharding types change the EBC output key order)."""
