@@ -43,7 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"recsys-llm {args.command}: error: {message}\n(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        print(f"recsys-llm {args.command}: error: {message}", file=sys.stderr)
+        print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
 
 

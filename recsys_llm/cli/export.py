@@ -108,7 +108,8 @@ def _export(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     written = export_run(config, args.checkpoint, args.output, state_only=args.state_only)
     if is_main_process():
-        keys = ("dense_program", "num_parameters", "num_state_tensors") + (() if args.state_only else ("feature_names",))
+        keys = ["dense_program", "num_parameters", "num_state_tensors"]
+        keys += [] if args.state_only else ["feature_names"]
         print(json.dumps({"output": args.output, **{k: written[k] for k in keys}}, indent=2))
         if not args.state_only:
             print(f"inference example: {os.path.join(args.output, 'INFERENCE.md')}")

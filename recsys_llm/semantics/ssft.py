@@ -328,11 +328,18 @@ class SSFTTrainer:
         with open(os.path.join(path, "state.json"), encoding="utf-8") as handle:
             state = json.load(handle)
         signature = state.pop("signature")
-        if signature != self._resume_signature():
-            differing = [k for k in signature if signature[k] != self._resume_signature()[k]]
+        current = self._resume_signature()
+        if signature != current:
+            saved_config, config = signature.get("config", {}), current["config"]
+            differing = [
+                f"{k}: {saved_config.get(k)!r} -> {config.get(k)!r}"
+                for k in sorted(set(saved_config) | set(config))
+                if saved_config.get(k) != config.get(k)
+            ]
+            differing += [k for k in ("base_hash", "fields") if signature.get(k) != current[k]]
             raise ValueError(
-                f"{path}: checkpoint was made with a different {differing} (model, fields or settings); "
-                "use another output directory or --no-resume"
+                f"{path}: checkpoint was made with other settings ({'; '.join(differing)}); "
+                "use the same settings, another output directory, or --no-resume"
             )
         device = next(self._encoder.model.parameters()).device
         set_peft_model_state_dict(self._encoder.model, load_file(os.path.join(path, "adapter.safetensors"), device=str(device)))

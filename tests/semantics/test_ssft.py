@@ -60,7 +60,7 @@ class TestSSFT:
         straight = SSFTTrainer(_config(tiny_llama_dir, epochs=2, **small), tiny_schema, straight_dir).run()
         assert resumed["epochs"] == 2 and resumed["history"][0] == first["history"][0]
         assert resumed["after"]["loss"] == pytest.approx(straight["after"]["loss"], rel=1e-4)
-        with pytest.raises(ValueError, match="different"):
+        with pytest.raises(ValueError, match=r"other settings \(learning_rate: 0.003 -> 0.0001\)"):
             SSFTTrainer(_config(tiny_llama_dir, epochs=3, learning_rate=1e-4, **small), tiny_schema, resumed_dir).run()
 
     def test_bert_style_encoder(self, tmp_path, tiny_bert_dir, tiny_schema) -> None:
