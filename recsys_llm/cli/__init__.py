@@ -6,8 +6,11 @@ sub-command(s) and sets ``func`` on the parsed namespace.
 
 import argparse
 import importlib
+import logging
 import os
+import re
 import sys
+import warnings
 from typing import List, Optional
 
 COMMAND_MODULES = (
@@ -26,6 +29,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# upstream deprecation notices a user of the commands cannot act on (the library leaves them on)
+UPSTREAM_NOTICES = (
+    "HeuristicalStorageReservation is known to cause issues",
+    "Please use DTensor instead and we are deprecating ShardedTensor",
+    "`broadcast_buffers` is deprecated",
+    "`is_gradient_checkpointing` is deprecated",
+)
+
+UPSTREAM_ADVISORY_LOGGERS = (
+    "torch.fx._symbolic_trace",  # is_fx_tracing's meaning, once per trace
+    "torchrec.distributed.planner.types",  # "construct Topology via TopologyFactory"
+    "torchrec.distributed.planner.storage_reservations",  # dense size estimate in dry runs
+)
+
+
+def quiet_upstream_notices() -> None:
+    """Hides ``UPSTREAM_NOTICES`` and the planner's and torch.fx's advisory log lines (the
+    planner is built as torchrec's own examples build it) around the progress bars."""
+    for message in UPSTREAM_NOTICES:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(message)}", category=FutureWarning)
+    for logger in UPSTREAM_ADVISORY_LOGGERS:
+        logging.getLogger(logger).setLevel(logging.ERROR)
+
+
 # errors that describe bad input (a file, column, key or value): shown as one line, not a traceback
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
@@ -37,6 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    quiet_upstream_notices()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:

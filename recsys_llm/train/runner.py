@@ -135,6 +135,12 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
         if elec.task == "distill" and distill.mode == "offline" and distill.beta > 0 and distill.teacher_representation_dim <= 0:
             distill.teacher_representation_dim = extra_column_width(schema, config.data.train_split,
                                                                     distill.teacher_representation_key)
+        reads_row_vectors = elec.vector_source == "extras" and (elec.task == "gain" or distill.mode != "offline")
+        if reads_row_vectors:
+            width = extra_column_width(schema, config.data.train_split, elec.vector_key)
+            if width != elec.vector_dim:
+                raise ValueError(f"elec.vector_dim={elec.vector_dim}, but the column {elec.vector_key!r} holds "
+                                 f"{width}-d vectors; set elec.vector_dim={width}")
         task = build_elec_task(elec, schema, config.model, device=torch.device("meta"), dense_device=device)
         return BuiltTask(task, {"elec": dataclasses.asdict(elec)}, elec)
     backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
@@ -156,8 +162,8 @@ def extra_column_width(schema: DatasetSchema, split: str, column: str) -> int:
     path = resolve_paths(schema, split)[0]
     arrow = pq.ParquetFile(path).schema_arrow
     if column not in arrow.names:
-        raise ValueError(f"{path}: no column {column!r} (expected a fixed_size_list<float> of teacher outputs; "
-                         "write it with `recsys-llm teacher-outputs`)")
+        raise ValueError(f"{path}: no column {column!r} (expected a fixed_size_list<float>[d] of vectors: teacher "
+                         "outputs from `recsys-llm teacher-outputs`, LLM vectors from `semantics export --attach-dir`)")
     kind = arrow.field(column).type
     if not pa.types.is_fixed_size_list(kind):
         raise ValueError(f"{path}: column {column!r} is {kind}, expected fixed_size_list<float>[d]")
