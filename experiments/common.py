@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import yaml
 
-from recsys_llm.train.config import ExperimentConfig, load_config
+from recsys_llm.train.config import ExperimentConfig, config_differences, load_config
 from recsys_llm.train.runner import RESULTS_FILE, finished_results, run_training
 
 ML100K_RAW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k"))
@@ -146,15 +146,8 @@ def _same_experiment(config: ExperimentConfig, other_run_dir: str) -> bool:
     if not os.path.exists(os.path.join(other_run_dir, RESULTS_FILE)):
         return False
     other = load_config(os.path.join(other_run_dir, "config.yaml"))
-
-    def key(c: ExperimentConfig) -> Dict:
-        raw = c.to_dict()
-        raw["train"].pop("run_dir")
-        raw["train"].pop("progress")
-        raw["data"]["schema"] = os.path.abspath(raw["data"]["schema"])
-        return raw
-
-    return key(config) == key(other)
+    same_schema = os.path.abspath(config.data.schema) == os.path.abspath(other.data.schema)
+    return same_schema and not config_differences(other, config, ("train.run_dir", "train.progress", "data.schema"))
 
 
 def mean_std(values: List[float]) -> Dict[str, float]:

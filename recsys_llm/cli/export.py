@@ -39,14 +39,12 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     from recsys_llm.atomic_dir import check_replaceable
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.modules.teacher_student import TeacherStudentTask
-    from recsys_llm.serving import export_task, materialize_meta, sub_state, unsharded_state_dict
+    from recsys_llm.serving import EXPORT_MARKER_FILES, export_task, materialize_meta, sub_state, unsharded_state_dict
     from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
     from recsys_llm.train.config import check_same_model
     from recsys_llm.train.distributed import barrier, init_distributed
     from recsys_llm.train.runner import build_task, load_or_generate_schema
     from recsys_llm.train.sharding import shard_model
-
-    from recsys_llm.serving import EXPORT_MARKER_FILES
 
     check_replaceable(output, "export", EXPORT_MARKER_FILES)  # before any work (every rank)
     checkpoint = resolve_checkpoint(checkpoint)

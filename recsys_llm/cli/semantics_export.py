@@ -45,8 +45,8 @@ def _adapt(args: argparse.Namespace) -> int:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.atomic_dir import check_replaceable
+    from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.ctr_llm import (
         CTR_LLM_FILES,
         CTRAdaptedLLM,
@@ -63,7 +63,8 @@ def _adapt(args: argparse.Namespace) -> int:
     text_config = _row_text_config(args)
     config = CTRLLMConfig(
         model_path=os.path.abspath(args.model) if args.model else default_model_path(),
-        representation_dim=args.representation_dim, hidden_dim=args.hidden_dim, tuning=args.tuning, lora_r=args.lora_r, lora_target_modules=args.target_modules,
+        representation_dim=args.representation_dim, hidden_dim=args.hidden_dim, tuning=args.tuning,
+        lora_r=args.lora_r, lora_target_modules=args.target_modules,
         last_k_layers=args.last_k, max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.lr,
         head_learning_rate=args.head_lr, epochs=args.epochs, sample_rows=args.sample_rows, seed=args.seed,
     )

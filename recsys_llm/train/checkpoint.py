@@ -227,8 +227,8 @@ def _dcp_state(model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]
     saves nothing for them, and asking for them at load fails once ranks hold different
     tables.
     """
-    state = optimizer.state_dict()["state"]
-    return {"model": model.state_dict(), "optim": {k: v for k, v in state.items() if not (isinstance(v, dict) and not v)}}
+    state = {k: v for k, v in optimizer.state_dict()["state"].items() if not (isinstance(v, dict) and not v)}
+    return {"model": model.state_dict(), "optim": state}
 
 
 def _materialise_dense_optimizer_state(optimizer: CombinedOptimizer) -> None:

@@ -288,7 +288,9 @@ def save_config(config: ExperimentConfig, path: str) -> None:
 
 
 # settings a resumed run may change: where and how it runs, not what it trains
-RESUME_FREE_KEYS = frozenset({"train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints"})
+RESUME_FREE_KEYS = frozenset(
+    {"train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints"}
+)
 
 
 def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
