@@ -31,10 +31,10 @@ class _MeanFieldKL(torch.autograd.Function):
     """Weighted mean over (b, f) of KL(p_f || softmax(x_{b,f})), p_f = exp(log_p_f), with a hand-written backward.
 
     Field f counts with weight m_f in {0, 1} (0: a key without a vector), N = sum_f m_f.
-    Autograd's version of the same expression builds and walks six (B, F, D)
+    Autograd's version of the same expression builds and walks several (B, F, D)
     intermediates; this one makes two passes over (B, F, D) forward (log softmax, its sum
-    over the batch) and two backward (exp, one fused multiply-add), about 60% less time
-    forward + backward on CPU:
+    over the batch) and two backward (exp, one fused multiply-add): forward + backward
+    about a quarter less time than autograd's on CPU (B 1024, F 9, D 16, 2 threads):
 
     * d/dx_{b,f} = m_f (softmax(x_{b,f}) - p_f) / (B N)
     * d/dlog p_f = m_f p_f (log p_f + 1 - mean_b log softmax(x_{b,f})) / N
