@@ -139,6 +139,9 @@ def write_teacher_outputs(
     check_same_model(config, run_config_of(checkpoint))
     ctx = init_distributed(config.train.device)
     schema = load_or_generate_schema(config, ctx)
+    if os.path.realpath(output_dir) == os.path.realpath(schema.root):
+        raise ValueError(f"teacher outputs: --output-dir {output_dir} is the input data's own directory; "
+                         "the copies with teacher columns need another directory")
     built = build_task(config, schema, ctx.device)
     model, _ = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim,
                            config.data.batch_size)
