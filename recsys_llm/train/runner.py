@@ -333,9 +333,10 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     while not state.finished and state.epoch < train_cfg.epochs:
         train_reader.set_epoch(state.epoch)
         batches = train_reader if swap is None else swap.over(train_reader, state.epoch)
+        resumed_at = state.step_in_epoch  # > 0 only in the epoch a resumed run continues
         stats = train_epoch(
             model, optimizer, batches, ctx.device,
-            skip_batches=state.step_in_epoch,
+            skip_batches=resumed_at,
             on_step=step_callback,
             total=len(train_reader),
             description=f"epoch {state.epoch}",
@@ -346,6 +347,8 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
             "event": "epoch", "epoch": state.epoch, "global_step": state.global_step, "steps": stats.steps,
             "samples": stats.samples * ctx.world_size, "mean_loss": stats.mean_loss,
             "samples_per_second": stats.samples_per_second * ctx.world_size,
+            # steps, samples and mean_loss count only the steps after the resume
+            **({"resumed_at_step_in_epoch": resumed_at} if resumed_at else {}),
         })
         epoch_done = not stats.stopped_early
         last = stop["max_steps"] or state.epoch + 1 >= train_cfg.epochs

@@ -113,6 +113,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(synthetic_di
     events = [json.loads(line) for line in open(os.path.join(killed_dir, "metrics.jsonl"), encoding="utf-8")]
     resumes = [e for e in events if e["event"] == "resumed"]
     assert len(resumes) == 1 and resumes[0]["global_step"] >= 30
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e.get("resumed_at_step_in_epoch") for e in epochs][-2:] == [resumes[0]["global_step"], None]
     results = [json.load(open(os.path.join(d, "results.json"), encoding="utf-8")) for d in (killed_dir, straight_dir)]
     assert results[0]["global_step"] == results[1]["global_step"] == 2 * steps_per_epoch
     assert results[0]["test"] == results[1]["test"]
