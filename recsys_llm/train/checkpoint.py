@@ -27,9 +27,10 @@ callable a crafted file names), DCP's non-tensor payloads by a load planner that
 Only tensors go into the DCP state (optimizer hyper-parameters come from the config).
 
 **Resharding.** DCP stores every shard with its global offsets, so a checkpoint loads into
-a different plan or a different world size: tables and row-wise optimizer state are
-re-cut to the new shards (tested: 2 ranks -> 1 rank). Exact continuation (bit-identical to
-an uninterrupted run) needs the same world size: with another one the per-rank RNG
+a different plan or a different world size: tables and their optimizer state (e.g.
+RowWiseAdagrad's per-row momentum) are re-cut to the new shards (tested on CPU: a 2-rank
+table-wise plan -> 1 rank; row-wise shards exist only on CUDA). Exact continuation
+(bit-identical to an uninterrupted run) needs the same world size: with another one the per-rank RNG
 states are not restored (ranks reseed from ``seed + global_step + rank``) and the reader
 position is converted in samples (``step * batch * old_world / (batch * new_world)``),
 which is approximate because the reader shards row groups by rank.

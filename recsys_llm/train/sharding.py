@@ -109,7 +109,9 @@ class ShardingConfig:
 
     Args:
         sharding_types (List[str]): sharding types allowed for every table (empty: planner's
-            choice). E.g. ``["table_wise", "row_wise"]`` forbids replication.
+            choice). E.g. ``["table_wise", "row_wise"]`` forbids replication. torchrec's CPU
+            sharder offers data_parallel, table_wise, column_wise and table_column_wise only
+            (row-wise types need CUDA), so on CPU that example plans table-wise.
         compute_kernels (List[str]): compute kernels allowed for trained tables (empty: any).
         table_constraints (Dict[str, Dict[str, List[str]]]): per table name, overrides of
             ``sharding_types`` / ``compute_kernels``.
