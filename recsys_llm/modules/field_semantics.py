@@ -74,6 +74,11 @@ def mean_field_kl(fields: torch.Tensor, log_p: torch.Tensor, field_weight: Optio
         field_weight (Optional[torch.Tensor]): (F,) 1 for fields that count, 0 for the
             rest; all count when None.
     """
+    if fields.size(-1) != log_p.size(-1):
+        raise ValueError(
+            f"FRE: the fields have embedding dim {fields.size(-1)}, its projection gives {log_p.size(-1)} "
+            "(FieldRepresentationEnhancement's embedding_dim must be the fields' dim)"
+        )
     if field_weight is None:
         field_weight = log_p.new_ones(log_p.size(0))
     return _MeanFieldKL.apply(fields, log_p, field_weight)

@@ -98,3 +98,16 @@ class TestFieldRepresentationEnhancement:
     def test_rejects_bad_shapes(self) -> None:
         with pytest.raises(ValueError, match="len\\(feature_names\\)=2"):
             FieldRepresentationEnhancement(torch.randn(3, 4), ["a", "b"], 8)
+
+
+def test_dims_that_do_not_fit_are_named() -> None:
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+    kt = KeyedTensor(keys=["a", "b"], length_per_key=[4, 8], values=torch.randn(3, 12))
+    with pytest.raises(ValueError, match=r"must share one embedding dim .*\{'a': 4, 'b': 8\}"):
+        FieldInteractionEnhancement(torch.randn(2, 5), ["a", "b"]).logit(kt)
+    fre = FieldRepresentationEnhancement(torch.randn(1, 5), ["a"], embedding_dim=8)
+    with pytest.raises(ValueError, match="fields have embedding dim 4, its projection gives 8"):
+        fre.loss(kt)
