@@ -302,9 +302,23 @@ def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+def _with_plugin_defaults(config: ExperimentConfig) -> Dict[str, Any]:
+    """``config.to_dict()`` with the free-form ``llactr`` / ``elec`` sections parsed, so a key
+    set to its default equals a key left out."""
+    from recsys_llm.modules.elec import ELECConfig
+    from recsys_llm.modules.llactr import LLaCTRConfig
+
+    raw = config.to_dict()
+    for section, parsed in (("llactr", LLaCTRConfig), ("elec", ELECConfig)):
+        if raw[section]:
+            raw[section] = _plain(dataclasses.asdict(parsed.from_dict(raw[section], section)))
+    return raw
+
+
 def config_differences(saved: ExperimentConfig, current: ExperimentConfig, ignore: Sequence[str] = ()) -> List[str]:
-    """``"key: saved -> current"`` for every setting (dotted key) that differs, ``ignore`` left out."""
-    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    """``"key: saved -> current"`` for every setting (dotted key) that differs, ``ignore`` left out;
+    plug-in settings count with their defaults."""
+    old, new = _flatten(_with_plugin_defaults(saved)), _flatten(_with_plugin_defaults(current))
     return [
         f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
         for key in sorted(set(old) | set(new))
