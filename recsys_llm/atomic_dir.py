@@ -60,10 +60,10 @@ def _readable_by_umask(tmp: str) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     for root, dirs, files in os.walk(tmp):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+        for name, mode in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):  # chmod would change a link's target
+                os.chmod(path, mode & ~umask)
 
 
 @contextlib.contextmanager
@@ -80,6 +80,7 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     left as it was.
     """
     check_replaceable(directory, kind, marker_files)
+    check_replaceable(f"{directory}.old", kind, marker_files)  # the swap removes it too
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(directory))}.", dir=parent)

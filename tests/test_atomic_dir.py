@@ -50,3 +50,12 @@ def test_the_result_has_the_usual_permissions(tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "out" / "sub").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_foreign_dot_old_directory_is_not_swept_away(tmp_path):
+    (tmp_path / "out.old").mkdir()
+    (tmp_path / "out.old" / "backup.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(FileExistsError, match=r"out.old: not empty and not an earlier output"):
+        with atomic_directory(str(tmp_path / "out"), "output", ("a.txt",)):
+            raise AssertionError("the block must not run")
+    assert (tmp_path / "out.old" / "backup.txt").read_text(encoding="utf-8") == "mine"

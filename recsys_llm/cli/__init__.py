@@ -8,6 +8,7 @@ import argparse
 import importlib
 import logging
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -54,7 +55,10 @@ def quiet_upstream_notices() -> None:
 
 
 # errors that describe bad input (a file, column, key or value): shown as one line, not a traceback
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+USER_ERRORS = (
+    ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+    pickle.UnpicklingError,  # a refused checkpoint .metadata
+)
 TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
 
 

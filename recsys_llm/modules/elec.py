@@ -188,7 +188,7 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
     Returns:
         Dict[str, int]: rows filled in the entity table, tensors copied into the teacher.
     """
-    from recsys_llm.semantics.vector_export import read_manifest
+    from recsys_llm.semantics.vector_export import check_provenance, read_manifest
     from recsys_llm.serving import load_state_file
 
     report: Dict[str, int] = {"entity_rows": 0, "teacher_tensors": 0}
@@ -206,5 +206,6 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
             for key, value in (("entity_field", field), ("schema", schema_fingerprint)):
                 if value is not None and key in stored:
                     expected[key] = value
+            check_provenance(stored, expected, directory)  # every rank, not only those holding shards
             report["entity_rows"] += load_semantic_vectors(model, semantic_table_name(field), directory, expected)
     return report

@@ -467,7 +467,7 @@ def export_schema_vectors(
         provenance["entity_fields"] = ",".join(entity_fields or [entity_field])
         columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))
         for split in splits:
-            available = pq.read_schema(schema.split_path(split)).names
+            available = pq.ParquetDataset(schema.split_path(split)).schema.names  # a file or a directory
             missing = [c for c in columns if c not in available]
             if missing:
                 raise ValueError(

@@ -105,7 +105,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 1, "max_steps": 0, "patience": 0,
+        at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 0, "max_steps": 0, "patience": 0,
                     "checkpoint_every": 0}
         wrong = [f"{name}={getattr(self, name)} (must be >= {low})" for name, low in at_least.items()
                  if getattr(self, name) < low]
@@ -287,10 +287,16 @@ def save_config(config: ExperimentConfig, path: str) -> None:
     os.replace(tmp, path)
 
 
-# settings a resumed run may change: where and how it runs, not what it trains
-RESUME_FREE_KEYS = frozenset(
-    {"train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints"}
-)
+# settings a resumed run may change: where and how it runs, its budget and its evaluation, not
+# what it trains (a new batch size is converted: ``runner._state_for_world``)
+RESUME_FREE_KEYS = frozenset({
+    "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
+    "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
+    "data.batch_size", "data.eval_batch_size", "data.validate", "data.synthetic_rows",
+})
+# paths compared as the files they name (relative to the working directory, or absolute)
+PATH_KEYS = ("data.schema", "llactr.vectors_path", "elec.entity_vectors", "elec.teacher_checkpoint",
+             "elec.distill.swap_catalog")
 
 
 def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
@@ -315,14 +321,31 @@ def _with_plugin_defaults(config: ExperimentConfig) -> Dict[str, Any]:
     return raw
 
 
+def _real_path(value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        return value
+    path = os.path.realpath(value)
+    schema_file = os.path.join(path, "schema.json")  # data.schema may name the data directory
+    return schema_file if os.path.isfile(schema_file) else path
+
+
+def _comparable(config: ExperimentConfig) -> Dict[str, Any]:
+    """Dotted key -> value, plug-in defaults filled in and paths resolved."""
+    flat = _flatten(_with_plugin_defaults(config))
+    for key in list(flat):
+        if key in PATH_KEYS or key.startswith("elec.entity_tables."):
+            flat[key] = _real_path(flat[key])
+    return flat
+
+
 def config_differences(saved: ExperimentConfig, current: ExperimentConfig, ignore: Sequence[str] = ()) -> List[str]:
-    """``"key: saved -> current"`` for every setting (dotted key) that differs, ``ignore`` left out;
-    plug-in settings count with their defaults."""
-    old, new = _flatten(_with_plugin_defaults(saved)), _flatten(_with_plugin_defaults(current))
+    """``"key: saved -> current"`` for every setting (dotted key) that differs, ``ignore`` (keys or
+    sections) left out; plug-in settings count with their defaults, paths as the files they name."""
+    old, new = _comparable(saved), _comparable(current)
     return [
         f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
         for key in sorted(set(old) | set(new))
-        if key not in ignore and old.get(key) != new.get(key)
+        if not any(key == skip or key.startswith(f"{skip}.") for skip in ignore) and old.get(key) != new.get(key)
     ]
 
 
@@ -343,6 +366,12 @@ def check_resumable(config: ExperimentConfig, saved_path: str) -> None:
 
 
 MODEL_SECTIONS = ("model.", "llactr.", "elec.")  # what a checkpoint's tensors depend on
+# settings of those sections that shape no tensor (loss weights, regularisation, data pairing)
+TRAINING_ONLY_KEYS = frozenset({
+    "model.dropout", "model.embedding_init_scale", "llactr.lambda_fre", "llactr.lambda_fie",
+    "elec.distill.alpha", "elec.distill.temperature", "elec.distill.score_kd", "elec.distill.teacher_loss_weight",
+    "elec.distill.swap_fields", "elec.distill.swap_catalog", "elec.teacher_checkpoint", "elec.expected_provenance",
+})
 
 
 def check_same_model(config: ExperimentConfig, saved_path: Optional[str]) -> None:
@@ -354,7 +383,8 @@ def check_same_model(config: ExperimentConfig, saved_path: Optional[str]) -> Non
     """
     if saved_path is None:
         return
-    differences = [d for d in config_differences(load_config(saved_path), config) if d.startswith(MODEL_SECTIONS)]
+    differences = config_differences(load_config(saved_path), config, TRAINING_ONLY_KEYS)
+    differences = [d for d in differences if d.startswith(MODEL_SECTIONS)]
     if differences:
         raise ConfigError(
             f"{saved_path}: the checkpoint's run had other model settings ({'; '.join(differences)}); "

@@ -291,10 +291,16 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     load_plugin_state(model, built, schema)
     optimizer = build_optimizer(model, config.optim)
     checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=train_cfg.keep_checkpoints)
+    best = CheckpointManager(os.path.join(run_dir, "best"), keep=1)
+    earlier = checkpoints.latest() or best.latest()
     latest = checkpoints.latest() if train_cfg.resume else None
     saved_config = os.path.join(run_dir, "config.yaml")
+    # every rank, before anything in run_dir changes
+    if earlier is not None and not train_cfg.resume:
+        raise ValueError(f"{run_dir}: holds checkpoints of an earlier run ({earlier}); with train.resume=false "
+                         "its checkpoints and the new run's would mix: use an empty train.run_dir")
     if latest is not None and os.path.isfile(saved_config):
-        check_resumable(config, saved_config)  # every rank, before anything in run_dir changes
+        check_resumable(config, saved_config)
     if ctx.is_main:
         save_config(config, saved_config)
         with open(os.path.join(run_dir, "plugins.json"), "w", encoding="utf-8") as handle:
@@ -302,7 +308,6 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
             handle.write(describe_plan(plan))
     log = _RunLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
-    best = CheckpointManager(os.path.join(run_dir, "best"), keep=1)
 
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
     if latest is not None:

@@ -222,7 +222,7 @@ def test_entity_vectors_of_another_schema_or_field_are_refused(tmp_path):
                         entity_vectors=str(tmp_path / "items"))
     task = build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
     assert load_elec_state(task, config, schema.fingerprint())["entity_rows"] == NUM_ITEMS
-    with pytest.raises(ProvenanceError, match=r"items/manifest.json: vectors do not match .*schema: stored '[0-9a-f]+', expected 'other'"):
+    with pytest.raises(ProvenanceError, match=r"items: vectors do not match .*schema: stored '[0-9a-f]+', expected 'other'"):
         load_elec_state(task, config, "other")
     as_users = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="user_id",
                           entity_vectors=str(tmp_path / "items"))

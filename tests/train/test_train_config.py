@@ -103,7 +103,24 @@ def test_evaluate_and_export_refuse_a_config_of_another_model(tmp_path) -> None:
     assert saved == str(tmp_path / "config.yaml")
     check_same_model(load_config(saved, ["data.eval_batch_size=7", "train.epochs=9"]), saved)  # not model settings
     without_llactr = load_config(None, ["model.name=deepfm"])
-    with pytest.raises(ConfigError, match=r"other model settings \(.*llactr.vectors_path: 'v.safetensors' -> "):
+    with pytest.raises(ConfigError, match=r"other model settings \(.*vectors_path: '\S*v.safetensors' -> '<unset>'"):
         check_same_model(without_llactr, saved)
     unrelated = run_config_of(str(tmp_path / "other_run" / "checkpoints" / "ckpt-1"))
     check_same_model(without_llactr, unrelated)  # no run config there: nothing to compare
+
+
+def test_resume_allows_budget_and_path_spellings_but_not_model_changes(tmp_path, monkeypatch) -> None:
+    from recsys_llm.train.config import check_resumable
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "schema.json").write_text("{}", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    trained = load_config(None, ["model.name=fm", "data.schema=data/schema.json", "train.epochs=2",
+                                 "data.batch_size=64"])
+    save_config(trained, str(tmp_path / "config.yaml"))
+    resumed = load_config(None, ["model.name=fm", f"data.schema={data}", "train.epochs=5", "data.batch_size=128",
+                                 "train.keep_checkpoints=0"])
+    check_resumable(resumed, str(tmp_path / "config.yaml"))  # same data dir, a larger budget and batch
+    with pytest.raises(ConfigError, match=r"other settings \(model.name: 'fm' -> 'fwfm'\)"):
+        check_resumable(load_config(None, ["model.name=fwfm", f"data.schema={data}"]), str(tmp_path / "config.yaml"))

@@ -127,3 +127,6 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(synthetic_di
     assert changed.returncode == 2, changed.stderr[-3000:]
     assert "model.embedding_dim: 16 -> 8" in changed.stderr and "Traceback" not in changed.stderr
     assert open(os.path.join(killed_dir, "config.yaml"), encoding="utf-8").read() == saved_config
+    fresh = subprocess.run(_cli(DEEPFM_CONFIG, overrides(killed_dir) + ["train.resume=false"]), env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 2 and "holds checkpoints of an earlier run" in fresh.stderr, fresh.stderr[-3000:]
