@@ -34,6 +34,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def schema_file(path: str) -> str:
+    """``path`` itself, or ``path/schema.json`` when ``path`` is a data directory."""
+    return os.path.join(path, "schema.json") if os.path.isdir(path) else path
+
+
 class SchemaError(ValueError):
     """A schema file, or data that does not match its schema."""
 
@@ -234,8 +239,7 @@ class DatasetSchema:
     @classmethod
     def load(cls, path: str) -> "DatasetSchema":
         """Reads a schema from JSON or YAML; ``path`` may also be the directory holding ``schema.json``."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "schema.json")
+        path = schema_file(path)
         if not os.path.exists(path):
             raise SchemaError(f"{path}: schema file not found")
         with open(path, encoding="utf-8") as handle:

@@ -135,7 +135,7 @@ def stack_fields(
 _KEY_POSITIONS: Dict[Tuple[Tuple[str, ...], Tuple[str, ...], torch.device], torch.Tensor] = {}
 
 
-def _key_positions(keys: Tuple[str, ...], feature_names: Tuple[str, ...], device: torch.device) -> torch.Tensor:
+def key_positions(keys: Tuple[str, ...], feature_names: Tuple[str, ...], device: torch.device) -> torch.Tensor:
     """(F,) index of each feature name among ``keys``, cached per key order and device."""
     cache_key = (keys, feature_names, device)
     cached = _KEY_POSITIONS.get(cache_key)
@@ -179,10 +179,10 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
         lengths = embeddings.length_per_key()
         values = embeddings.values()
         fields = values.reshape(values.size(0), len(lengths), lengths[0])  # (B, K, D)
-        return fields, _key_positions(tuple(embeddings.keys()), tuple(feature_names), values.device)
+        return fields, key_positions(tuple(embeddings.keys()), tuple(feature_names), values.device)
     dims = dict(zip(embeddings.keys(), embeddings.length_per_key()))
     wanted = {name: dims[name] for name in feature_names if name in dims}
     if len(set(wanted.values())) > 1:
         raise ValueError(f"fields {feature_names} must share one embedding dim to be paired or compared, got {wanted}")
     fields = stack_fields(embeddings, feature_names)  # (B, F, D)
-    return fields, _key_positions(tuple(feature_names), tuple(feature_names), fields.device)
+    return fields, key_positions(tuple(feature_names), tuple(feature_names), fields.device)

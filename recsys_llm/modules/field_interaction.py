@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys_llm.models.base import CTROutput, fields_in_key_order, has_one_dim
+from recsys_llm.models.base import CTROutput, fields_in_key_order, has_one_dim, key_positions
 from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
 
 # a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
@@ -93,11 +93,10 @@ class FieldInteractionEnhancement(nn.Module):
         Raises:
             KeyError: a field of this FIE is not in ``names``.
         """
-        index = {name: i for i, name in enumerate(names)}
-        missing = [name for name in self._feature_names if name not in index]
+        missing = [name for name in self._feature_names if name not in names]
         if missing:
             raise KeyError(f"FIE fields {missing} are not among {list(names)}")
-        positions = torch.tensor([index[name] for name in self._feature_names], device=self.pair_rows.device)
+        positions = key_positions(tuple(names), tuple(self._feature_names), self.pair_rows.device)
         weights = self._weight * self.pair_weights()  # (P,)
         return self._scatter_pairs(weights, positions, len(names), weights)
 

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
 import yaml
 
+from recsys_llm.data.schema import schema_file
 from recsys_llm.models.registry import ModelConfig
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig
 
@@ -321,20 +322,13 @@ def _with_plugin_defaults(config: ExperimentConfig) -> Dict[str, Any]:
     return raw
 
 
-def _real_path(value: Any) -> Any:
-    if not isinstance(value, str) or not value:
-        return value
-    path = os.path.realpath(value)
-    schema_file = os.path.join(path, "schema.json")  # data.schema may name the data directory
-    return schema_file if os.path.isfile(schema_file) else path
-
-
 def _comparable(config: ExperimentConfig) -> Dict[str, Any]:
-    """Dotted key -> value, plug-in defaults filled in and paths resolved."""
+    """Dotted key -> value, plug-in defaults filled in and paths resolved (``data.schema`` may
+    name the data directory)."""
     flat = _flatten(_with_plugin_defaults(config))
-    for key in list(flat):
-        if key in PATH_KEYS or key.startswith("elec.entity_tables."):
-            flat[key] = _real_path(flat[key])
+    for key, value in flat.items():
+        if (key in PATH_KEYS or key.startswith("elec.entity_tables.")) and isinstance(value, str) and value:
+            flat[key] = os.path.realpath(schema_file(value) if key == "data.schema" else value)
     return flat
 
 
