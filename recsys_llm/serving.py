@@ -327,9 +327,9 @@ def export_task(
     semantic = _semantic_ebc(task)
     tables = _table_dicts(ebc)
     semantic_tables = _table_dicts(semantic) if semantic is not None else []
-    keys = [f for t in tables for f in t["feature_names"]]
+    feature_names = [f for t in tables for f in t["feature_names"]]  # the pooled embeddings' keys, in order
     with _eval_mode(task), atomic_directory(directory, "export", EXPORT_MARKER_FILES) as tmp, \
-            serving_form(task, keys) as folded:
+            serving_form(task, feature_names) as folded:
         # the state as served: frozen logit-term weights included
         state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
         save_file(state, os.path.join(tmp, STATE_FILE))
@@ -358,7 +358,6 @@ def export_task(
             torch.export.save(program, os.path.join(tmp, "dense_program.pt2"))
         except Exception as error:  # torch.export could not capture this backbone
             program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
-        feature_names = [f for t in tables for f in t["feature_names"]]
         config = {
             "format_version": FORMAT_VERSION,
             "feature_names": feature_names,

@@ -207,5 +207,5 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
                 if value is not None and key in stored:
                     expected[key] = value
             check_provenance(stored, expected, directory)  # every rank, not only those holding shards
-            report["entity_rows"] += load_semantic_vectors(model, semantic_table_name(field), directory, expected)
+            report["entity_rows"] += load_semantic_vectors(model, semantic_table_name(field), directory)
     return report

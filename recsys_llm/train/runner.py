@@ -292,8 +292,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     optimizer = build_optimizer(model, config.optim)
     checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=train_cfg.keep_checkpoints)
     best = CheckpointManager(os.path.join(run_dir, "best"), keep=1)
-    earlier = checkpoints.latest() or best.latest()
-    latest = checkpoints.latest() if train_cfg.resume else None
+    newest = checkpoints.latest()
+    earlier = newest or best.latest()
+    latest = newest if train_cfg.resume else None
     saved_config = os.path.join(run_dir, "config.yaml")
     # every rank, before anything in run_dir changes
     if earlier is not None and not train_cfg.resume:
