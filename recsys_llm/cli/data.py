@@ -13,10 +13,8 @@ import argparse
 from recsys_llm.data.criteo import CriteoConfig
 from recsys_llm.data.movielens import MovieLensConfig
 from recsys_llm.data.prepare import prepare_dataset
-from recsys_llm.data.schema import SchemaError
 from recsys_llm.data.synthetic import SyntheticConfig
 from recsys_llm.data.tabular import TabularConfig
-from recsys_llm.data.validation import DataError
 
 
 def _fractions(text: str) -> tuple:
@@ -43,12 +41,8 @@ def _config(args: argparse.Namespace):
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    try:
-        report = prepare_dataset(args.source, args.out, getattr(args, "input", None), getattr(args, "schema", None),
-                                 _config(args), progress=not args.quiet)
-    except (DataError, SchemaError, FileNotFoundError) as error:
-        print(f"prepare {args.source}: error: {error}")
-        return 2
+    report = prepare_dataset(args.source, args.out, getattr(args, "input", None), getattr(args, "schema", None),
+                             _config(args), progress=not args.quiet)
     print(report.summary())
     return 0
 

@@ -1,21 +1,17 @@
 """``recsys-llm prepare``: the sub-commands write checked splits and report errors clearly."""
 
-import argparse
 import json
 
 import pyarrow.parquet as pq
 
-from recsys_llm.cli import data as data_cli
+from recsys_llm.cli import main
 from recsys_llm.data.prepare import check_prepared, prepare_dataset
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import SyntheticConfig
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser(prog="recsys-llm")
-    data_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def test_prepare_synthetic_cli(tmp_path, capsys):
@@ -37,7 +33,8 @@ def test_prepare_tabular_cli_error_names_file(tmp_path, capsys):
     code = _run(["prepare", "tabular", "--input", str(tmp_path / "d.csv"), "--schema", str(tmp_path / "s.json"),
                  "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 2
-    assert "d.csv: column 'clicked', row 1: label 7.0" in capsys.readouterr().out
+    error = capsys.readouterr().err
+    assert error.startswith("recsys-llm prepare: error: ") and "d.csv: column 'clicked', row 1: label 7.0" in error
 
 
 def test_prepare_dataset_config_roundtrip(tmp_path):
