@@ -117,11 +117,20 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str:
+    """Short commit of the checkout, with ``+dirty`` when tracked code differs from it (the
+    benchmark results and their README, which a ``make bench`` run rewrites, do not count)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         )
-        return out.stdout.strip() if out.returncode == 0 else ""
+        if out.returncode != 0:
+            return ""
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)benchmarks/results", ":(exclude)benchmarks/README.md"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+        )
+        return out.stdout.strip() + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -287,7 +296,9 @@ def print_summary(name: str, payload: Mapping[str, Any]) -> str:
         for key, value in payload.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     ]
-    line = f"[{name}] {' '.join(figures)} (mode={payload.get('mode')}, device={payload.get('device')})"
+    mode = payload.get("mode")
+    caveat = ": tiny sizes, a smoke test, not a measurement" if mode == "smoke" else ""
+    line = f"[{name}] {' '.join(figures)} (mode={mode}{caveat}, device={payload.get('device')})"
     if is_rank_zero():
         print(line, flush=True)
     return line
@@ -323,7 +334,9 @@ def timed_steps(step: Callable[[], Any], warmup_steps: int, measured_steps: int,
 def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: int) -> Dict[str, List[float]]:
     """Measures every contender ``repeats`` times, interleaved, so drift hits all alike.
 
-    Round ``r`` runs the contenders in order, or reversed on odd rounds (A B C, C B A, ...).
+    The order rotates every round and reverses after each full rotation (A B C, B C A, C A B,
+    C B A, A C B, B A C, ...), so no contender always runs in the same position: a machine that
+    speeds up or slows down within a round does not favour one of them.
 
     Args:
         contenders: name -> a callable that runs one measurement and returns its figure.
@@ -337,7 +350,10 @@ def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: 
     names = list(contenders)
     results: Dict[str, List[float]] = {name: [] for name in names}
     for round_index in range(repeats):
-        order = names if round_index % 2 == 0 else list(reversed(names))
+        shift = round_index % len(names)
+        order = names[shift:] + names[:shift]
+        if (round_index // len(names)) % 2 == 1:
+            order.reverse()
         for name in order:
             results[name].append(float(contenders[name]()))
     return results

@@ -451,6 +451,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                     "network (teacher_ tables + VectorFieldInjection) + vanilla network (student_ tables), score KD "
                     "(BCE, alpha 1) + representation KD (MSE, beta 0.1) + teacher BCE; shard_model (planner, DMP 1 "
                     "rank, fused RowWiseAdagrad) + Adam; train_epoch on TrainPipelineSparseDist",
+        # the exported artifacts (student, plain, entity-table gain) are unsharded and served on CPU,
+        # whatever --device the training used
+        "serve_device": "cpu",
         "serve_setup": "student: unsharded_state_dict -> sub_state('student.') -> build_student -> export_task -> "
                        "ServedModel.logits; plain: the same export of the plain task; gain_online_llm: per request "
                        "RowTextRenderer.render -> CTRAdaptedLLM.encode -> gain CTRTask.predict (eager, no_grad); "

@@ -512,6 +512,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "train_setup": "build_backbone(meta) + build_llactr_terms (lambda 0.1/0.1) + CTRTask, shard_model (planner, "
                        "DMP 1 rank, fused RowWiseAdagrad) + Adam, train_epoch on TrainPipelineSparseDist, "
                        "prebuilt batches of the synthetic train split",
+        # exported artifacts are unsharded and served on CPU, whatever --device the training used
+        "serve_device": "cpu",
         "serve_setup": "unsharded_state_dict -> CTRTask without FRE, fie.freeze(), export_task (folds FIE into "
                        "FM / FwFM / DeepFM's pairwise term: serve_folded_terms) -> ServedModel.logits "
                        "(eager EBC + torch.export dense program); eager CTRTask.predict under no_grad if export fails",

@@ -15,6 +15,7 @@ Usage::
     python benchmarks/run_all.py --only train_throughput
     python benchmarks/run_all.py --readme-only           # tables from existing JSON files
     python benchmarks/run_all.py --quick --device cuda --results-dir benchmarks/results/cuda
+    python benchmarks/run_all.py --smoke --results-dir /tmp/bench   # benchmarks/README.md untouched
 """
 
 import argparse
@@ -165,17 +166,20 @@ def render_results(results_dir: Path, readme_dir: Path) -> str:
         out.append("**No GPU was available for these runs: every figure below was taken on CPU.**\n")
     for (device, line), members in sorted(groups.items()):
         out.append(f"## Device `{device}`: {line}\n")
-        first = members[0][1]
-        out.append(f"Libraries: {_versions(first)}.\n")
+        versions = {_versions(payload) for _, payload in members}
+        shared_versions = len(versions) == 1
+        if shared_versions:
+            out.append(f"Libraries: {versions.pop()}.\n")
         for path, payload in members:
             name = payload.get("benchmark", path.stem)
             machine = payload.get("machine", {})
             out.append(f"### {name}\n")
+            own_versions = "" if shared_versions else f" Libraries: {_versions(payload)}."
             out.append(
                 f"Mode `{payload.get('mode')}`, taken {machine.get('time_utc', '?')} at commit "
                 f"`{machine.get('git_commit', '?')}` on `{machine.get('hostname', '?')}` "
                 f"(load average at the end: {machine.get('load_average_at_end', '?')}). "
-                f"JSON: `{_relative(path, readme_dir)}`.\n"
+                f"JSON: `{_relative(path, readme_dir)}`.{own_versions}\n"
             )
             out.append(markdown_table([{"figure": k, "value": v} for k, v in figures_of(payload).items()]) + "\n")
             if payload.get("table"):
@@ -207,7 +211,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="benchmark names to run (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
-    parser.add_argument("--readme", type=Path, default=BENCH_DIR / "README.md")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="README whose tables to rebuild (default: benchmarks/README.md, and only when the "
+                             "results go under benchmarks/results)")
     parser.add_argument("--readme-only", action="store_true", help="only rebuild the README tables")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per script")
     args = parser.parse_args(argv)
@@ -226,11 +232,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         statuses = [run_one(name, mode, args.device, args.results_dir, args.timeout) for name in names]
         print(f"[run_all] {len(names)} benchmarks in {time.perf_counter() - start:.0f} s: "
               + ", ".join(f"{s['name']} {s['status']} ({s['seconds']} s)" for s in statuses), flush=True)
+    for status in statuses:
+        stale = args.results_dir / f"{status['name']}.json"
+        if status["status"] != "ok" and stale.exists():
+            print(f"[run_all] {status['name']} {status['status']}: {stale} is from an earlier run "
+                  "(its commit and time are in the README section)", file=sys.stderr, flush=True)
     # The README covers every result under benchmarks/results (CPU and, e.g., results/cuda).
     results_root = (BENCH_DIR / "results").resolve()
     chosen = args.results_dir.resolve()
-    update_readme(args.readme, results_root if chosen.is_relative_to(results_root) else chosen)
-    print(f"[run_all] wrote {args.readme}", flush=True)
+    under_root = chosen.is_relative_to(results_root)
+    if args.readme is None and not under_root:
+        print(f"[run_all] results in {args.results_dir}; benchmarks/README.md left as it is "
+              "(pass --readme PATH to write tables for these results)", flush=True)
+    else:
+        readme = args.readme if args.readme is not None else BENCH_DIR / "README.md"
+        update_readme(readme, results_root if under_root else chosen)
+        print(f"[run_all] wrote {readme}", flush=True)
     return 0 if all(s["status"] == "ok" for s in statuses) else 1
 
 

@@ -3,7 +3,7 @@
 Three contenders train the same model, torchrec's ``DLRM_DCN`` (26 tables x 100k rows x 16,
 13 dense features, batch 4096, fused RowWiseAdagrad for tables, Adam for the dense part,
 ``TrainPipelineSparseDist``, ``DistributedModelParallel`` over 1 rank), side by side in one
-process, measured in interleaved rounds (A B C, C B A, ...):
+process, measured in interleaved rounds whose order rotates (A B C, B C A, C A B, C B A, ...):
 
 * ``torchrec_loop``: what a TorchRec user writes by hand (torchrec's ``dlrm_main`` recipe):
   ``DLRMTrain(DLRM_DCN)``, ``_apply_optimizer_in_backward``, planner, DMP,

@@ -203,12 +203,18 @@ class TestCommon:
         with pytest.raises(SystemExit):
             common.parse_args("x", "doc", ["--quick", "--smoke"])
 
-    def test_interleaved_repeats_alternate_order(self) -> None:
+    def test_interleaved_repeats_rotate_order(self) -> None:
         calls = []
         contenders = {name: (lambda n=name: calls.append(n) or float(len(calls))) for name in "abc"}
-        results = common.interleaved_repeats(contenders, repeats=2)
-        assert calls == ["a", "b", "c", "c", "b", "a"]
-        assert results == {"a": [1.0, 6.0], "b": [2.0, 5.0], "c": [3.0, 4.0]}
+        results = common.interleaved_repeats(contenders, repeats=6)
+        rounds = [calls[i:i + 3] for i in range(0, 18, 3)]
+        assert rounds == [list("abc"), list("bca"), list("cab"), list("cba"), list("acb"), list("bac")]
+        for name in "abc":  # every contender runs once in each position per three rounds, both ways
+            assert sorted(r.index(name) for r in rounds) == [0, 0, 1, 1, 2, 2]
+        assert results["a"] == [1.0, 6.0, 8.0, 12.0, 13.0, 17.0]
+        two = []
+        common.interleaved_repeats({n: (lambda n=n: two.append(n) or 0.0) for n in "ab"}, repeats=4)
+        assert two == list("ab" "ba" "ba" "ab")
 
     def test_timed_steps_runs_warmup_then_measured(self) -> None:
         calls = []
@@ -285,6 +291,15 @@ class TestRunAll:
         assert "Test CPU" in text and "No GPU was available" in text
         run_all.update_readme(readme, results)  # idempotent
         assert readme.read_text() == text
+
+    def test_results_elsewhere_leave_the_committed_readme_alone(self, tmp_path: Path) -> None:
+        committed = run_all.BENCH_DIR / "README.md"
+        before = committed.read_bytes()
+        assert run_all.main(["--readme-only", "--results-dir", str(tmp_path / "results")]) == 0
+        assert committed.read_bytes() == before
+        readme = tmp_path / "README.md"
+        assert run_all.main(["--readme-only", "--results-dir", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+        assert "No results yet" in readme.read_text()
 
     def test_unreadable_result_json_names_the_file(self, tmp_path: Path) -> None:
         (tmp_path / "bad.json").write_text("{not json")
