@@ -487,11 +487,14 @@ class TrainEpochLoop:
 
         clock: Dict[str, float] = {}
         warmup, measured = self._warmup, self._measured
+        synchronize = device_synchronize(self._device) or (lambda: None)
 
         def on_step(step: int, loss: "torch.Tensor") -> bool:
             if step == warmup:
+                synchronize()
                 clock["start"] = time.perf_counter()
             if step == warmup + measured:
+                synchronize()
                 clock["stop"] = time.perf_counter()
                 return True
             return False
@@ -525,6 +528,14 @@ def train_split_batches(schema: Any, batch_size: int, num_batches: int, extras: 
     if len(batches) < num_batches:
         raise RuntimeError(f"train split gives {len(batches)} batches of {batch_size}, need {num_batches}")
     return batches
+
+
+def device_synchronize(device: Any) -> Optional[Callable[[], None]]:
+    """What to call before reading the clock on ``device``: ``torch.cuda.synchronize`` on CUDA
+    (the host queues kernels ahead of the GPU), None on CPU."""
+    import torch
+
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
 
 
 def samples_per_second(step: Callable[[], Any], batch_size: int, warmup_steps: int, measured_steps: int,

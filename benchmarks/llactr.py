@@ -65,6 +65,7 @@ from benchmarks.common import (  # noqa: E402
     TrainEpochLoop,
     build_parser,
     cycling_step,
+    device_synchronize,
     geometric_mean,
     interleaved_repeats,
     median,
@@ -308,7 +309,7 @@ def build_task(name: str, sizes: Sizes, schema, vectors_path: Optional[str], dev
     if vectors_path is None:
         return CTRTask(backbone)
     config = LLaCTRConfig(vectors_path=vectors_path, use_fre=with_fre, use_fie=True)
-    logit_terms, loss_terms, _ = build_llactr_terms(config, schema, backbone)
+    logit_terms, loss_terms, _ = build_llactr_terms(config, schema, backbone, device)
     return CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms)
 
 
@@ -378,11 +379,12 @@ def compare_backbone(name: str, sizes: Sizes, schema, vectors_path: str, batches
         for term in model.module.logit_terms.values():
             term.freeze()
 
-    def serve_rate(step: Callable[[], Any]) -> Callable[[], float]:
-        return samples_per_second(step, sizes.batch_size, sizes.serve_warmup, sizes.serve_steps)
+    def serve_rate(step: Callable[[], Any], synchronize: Optional[Callable[[], None]] = None) -> Callable[[], float]:
+        return samples_per_second(step, sizes.batch_size, sizes.serve_warmup, sizes.serve_steps, synchronize)
 
     dmp_rounds = interleaved_repeats(
-        {label: serve_rate(dmp_eval_step(model, batches, device)) for label, model in models.items()},
+        {label: serve_rate(dmp_eval_step(model, batches, device), device_synchronize(device))
+         for label, model in models.items()},
         sizes.serve_repeats,
     )
     served, paths, folded = {}, {}, {}

@@ -45,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     RATIO_METHOD,
     bar_chart,
     best_of_rounds_ratio,
+    device_synchronize,
     interleaved_repeats,
     median,
     parse_args,
@@ -321,7 +322,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     device = context.device
     if context.world_size != 1:
         raise RuntimeError(f"{NAME} compares single-rank loops; run it without torchrun (world size {context.world_size})")
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
+    synchronize = device_synchronize(device)
     lr = {"sparse": 0.05, "dense": 1e-3}
 
     schema = make_schema(sizes)

@@ -24,10 +24,10 @@ Cost measured on 2 shared, busy CPU cores (load average about 9) with MiniLM and
 ``torchrun --nproc_per_node 2``: 80 s in all, of which the offline jobs take about 65 s;
 a second run reuses the work directory and only trains. Validation AUC of the student: 0.67.
 
-User code: 45 lines (every line that is not blank, a comment, a docstring or an import;
+User code: 48 lines (every line that is not blank, a comment, a docstring or an import;
 ``tests/test_examples.py`` counts them so the claim cannot rot), argument parsing, the offline
 jobs and the printing included. The plug-in itself -- from loading the schema to evaluating the
-sharded, pipelined model -- is 15 of them.
+sharded, pipelined model -- is 18 of them.
 
 Run::
 
@@ -43,7 +43,7 @@ import argparse
 import functools
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -94,15 +94,20 @@ def main(work_dir: str = "runs/plug_into_dlrm", llm: Optional[str] = None, rows:
     dist.barrier()
     schema = DatasetSchema.load(f"{work_dir}/data_llm")  # the splits with the llm_vector column
     num_dense = len(schema.dense_fields)
-    # (a) ELEC's gain network, the teacher: the projected r joins the DLRM's dense input.
-    gain = DLRMDenseInjectionBackbone(user_dlrm(schema, num_dense + EMBEDDING_DIM, "teacher_"), num_dense)
-    teacher = CTRTask(gain, field_injection=VectorFieldInjection(LLM_DIM, gain.injected_width))  # reads llm_vector
-    # (b) the served student: a plain DLRM whose embeddings LLaCTR's FRE regularizes.
-    student_dlrm = user_dlrm(schema, num_dense, "student_")
-    _, fre, _ = build_llactr_terms(LLaCTRConfig(f"{work_dir}/fields.safetensors", use_fie=False), schema, student_dlrm)
-    student = CTRTask(DLRMBackbone(student_dlrm, num_dense), loss_terms=fre)
-    # (c) score + representation distillation; the teacher trains on its own BCE in the same step.
-    task = TeacherStudentTask(teacher, student, TeacherStudentConfig(mode="joint", alpha=0.5, beta=0.1))
+    # Dense layers are built on the training device (on one GPU, DMP moves no dense module);
+    # the tables stay on meta, where user_dlrm puts them.
+    with torch.device(ctx.device):
+        # (a) ELEC's gain network, the teacher: the projected r joins the DLRM's dense input.
+        gain = DLRMDenseInjectionBackbone(user_dlrm(schema, num_dense + EMBEDDING_DIM, "teacher_"), num_dense)
+        teacher = CTRTask(gain, field_injection=VectorFieldInjection(LLM_DIM, gain.injected_width))  # reads llm_vector
+        # (b) the served student: a plain DLRM whose embeddings LLaCTR's FRE regularizes.
+        student_dlrm = user_dlrm(schema, num_dense, "student_")
+    _, fre, _ = build_llactr_terms(LLaCTRConfig(f"{work_dir}/fields.safetensors", use_fie=False), schema, student_dlrm,
+                                   ctx.device)
+    with torch.device(ctx.device):
+        student = CTRTask(DLRMBackbone(student_dlrm, num_dense), loss_terms=fre)
+        # (c) score + representation distillation; the teacher trains on its own BCE in the same step.
+        task = TeacherStudentTask(teacher, student, TeacherStudentConfig(mode="joint", alpha=0.5, beta=0.1))
     optim = OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=0.05, dense="adam", dense_lr=3e-3)
     model, _ = shard_model(task, ctx.device, ctx.world_size, ShardingConfig(["table_wise", "row_wise"]), optim)
     optimizer = build_optimizer(model, optim)  # the fused table optimizer + Adam for the dense part

@@ -42,6 +42,7 @@ from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.models.base import CTROutput
 from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+from recsys_llm.train.distributed import collective_device
 
 FORMAT_VERSION = 1
 STATE_FILE = "model.safetensors"
@@ -104,10 +105,11 @@ def unsharded_state_dict(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tens
     for key, value in model.state_dict().items():
         name = _strip_wrappers(key)
         if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
+            # gathered on the process group's device (NCCL takes CUDA tensors only), kept on CPU
+            full = torch.empty(value.size(), dtype=value.dtype, device=collective_device()) if rank == dst else None
             value.gather(dst=dst, out=full)
             if rank == dst:
-                out[name] = full
+                out[name] = full.cpu()
         elif hasattr(value, "full_tensor"):  # DTensor
             full = value.full_tensor()
             if rank == dst:

@@ -55,7 +55,7 @@ def _adapt(args: argparse.Namespace) -> int:
         save_ctr_llm,
         tune_ctr_llm,
     )
-    from recsys_llm.semantics.encoder import default_model_path
+    from recsys_llm.semantics.encoder import default_model_path, resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
 
     check_replaceable(args.output_dir, "saved CTR-adapted LLM", CTR_LLM_FILES)  # before any work
@@ -73,7 +73,7 @@ def _adapt(args: argparse.Namespace) -> int:
     rows = table.take(sample_indices(table.num_rows, config))  # render only the sample
     texts = renderer.render(rows).to_pylist()
     labels = np.asarray(rows.column(schema.label).to_numpy(zero_copy_only=False), dtype=np.float32)
-    model = CTRAdaptedLLM.from_config(config)
+    model = CTRAdaptedLLM.from_config(config).to(resolve_device(args.device))
     losses = tune_ctr_llm(model, texts, labels, dataclasses.replace(config, sample_rows=None))
     save_ctr_llm(model, args.output_dir)
     with open(os.path.join(args.output_dir, ROW_TEXT_FILE), "w", encoding="utf-8") as handle:
@@ -88,15 +88,14 @@ def _adapt(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.ctr_llm import load_ctr_llm
+    from recsys_llm.semantics.encoder import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
     from recsys_llm.semantics.vector_export import VectorExportConfig, export_schema_vectors, rank_and_world
 
     schema = DatasetSchema.load(args.schema)
     splits: List[str] = args.splits or sorted(schema.splits)
     rank, world = rank_and_world()
-    model = load_ctr_llm(args.llm)
-    if args.device:
-        model.to(args.device)
+    model = load_ctr_llm(args.llm).to(resolve_device(args.device))
     config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
                                 projection=args.projection)
     written = export_schema_vectors(
@@ -166,6 +165,7 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--head-lr", type=float, default=1e-3)
     adapt.add_argument("--max-length", type=int, default=128)
     adapt.add_argument("--seed", type=int, default=0)
+    adapt.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available, else CPU)")
     adapt.add_argument("--fields", nargs="*", default=None, help="fields written into the row text (default: all)")
     adapt.add_argument("--template", default=None, help="sentence template, default '{description} is {value}.'")
     adapt.set_defaults(func=_adapt, llm=None)
@@ -185,7 +185,8 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
     export.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     export.add_argument("--projection", default=None, help="PCA projection file (fit_projection + save_projection)")
-    export.add_argument("--device", default=None, help="e.g. cuda:0")
+    export.add_argument("--device", default=None,
+                        help="e.g. cuda:1 (default: this process's GPU if there is one, cuda:LOCAL_RANK under torchrun)")
     export.add_argument("--fields", nargs="*", default=None, help="override the row-text fields saved by adapt")
     export.add_argument("--template", default=None, help="override the row-text template saved by adapt")
     export.add_argument("--attach-dir", default=None, help="write split copies with the vectors + a schema here")

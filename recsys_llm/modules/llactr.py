@@ -15,7 +15,7 @@ Example::
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,7 @@ def build_llactr_terms(
     config: LLaCTRConfig,
     schema: DatasetSchema,
     backbone: nn.Module,
+    device: Optional[torch.device] = None,
 ) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module], Dict[str, Any]]:
     """Loads field vectors and builds FIE (logit term) and FRE (loss term) for ``backbone``.
 
@@ -103,6 +104,8 @@ def build_llactr_terms(
         config (LLaCTRConfig): vectors path, lambdas, switches.
         schema (DatasetSchema): the data's schema; the vectors must have been made for it.
         backbone (nn.Module): a CTRBackbone, a torchrec DLRM, or an EBC.
+        device (Optional[torch.device]): where the terms' weights go: the backbone's dense
+            device (on one rank DMP moves no dense module); CPU when None.
 
     Returns:
         Tuple: ``(logit_terms {"fie": ...}, loss_terms {"fre": ...}, provenance)``; a term
@@ -129,6 +132,9 @@ def build_llactr_terms(
         loss_terms["fre"] = FieldRepresentationEnhancement(fre_vectors, used, used_dims.pop(), config.lambda_fre)
     if config.use_fie:
         logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)
+    if device is not None:
+        logit_terms = {name: term.to(device) for name, term in logit_terms.items()}
+        loss_terms = {name: term.to(device) for name, term in loss_terms.items()}
     provenance = {
         "vectors": os.path.abspath(config.vectors_path),
         "config": dataclasses.asdict(config),

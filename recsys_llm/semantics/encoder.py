@@ -138,9 +138,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` as given (None: CUDA when available, else CPU). A bare ``cuda`` is this
+    process's GPU, ``cuda:{LOCAL_RANK}`` under ``torchrun``, so ranks do not share GPU 0."""
+    resolved = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if resolved.type == "cuda" and resolved.index is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        resolved = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return resolved
 
 
 def _hash_file(path: str, chunk: int = 1 << 22) -> str:
@@ -339,6 +343,12 @@ class TextEncoder:
     @property
     def max_length(self) -> int:
         return self._max_length
+
+    @property
+    def dtype(self) -> str:
+        """The model's compute dtype, e.g. ``float32`` or ``bfloat16`` (part of the cache key:
+        ``dtype=auto`` gives bf16 on CUDA and fp32 on CPU)."""
+        return str(next(self._model.parameters()).dtype).removeprefix("torch.")
 
     @property
     def model(self) -> nn.Module:

@@ -86,7 +86,7 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
     encoder, templates, info = build_field_encoder(config)
     texts = [field_text(f, templates) for f in fields]
     vectors = cached_encode(encoder, texts, templates.template_id(), config.cache_dir)  # (F, d_llm)
-    extra = {"texts": texts, "templates": json.loads(templates.describe())}
+    extra = {"texts": texts, "templates": json.loads(templates.describe()), "dtype": encoder.dtype}
     if info:
         extra["ssft_adapter"] = os.path.abspath(config.adapter_dir)
         extra["ssft_fields"] = info["fields"]

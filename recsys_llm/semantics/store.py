@@ -210,9 +210,10 @@ def texts_hash(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model_hash: str, pooling: str, max_length: int, template_id: str, texts: Sequence[str]) -> str:
-    """Cache file stem: hash of (model, pooling, max length, template, texts)."""
-    payload = json.dumps([FORMAT_VERSION, model_hash, pooling, max_length, template_id, texts_hash(texts)])
+def cache_key(model_hash: str, pooling: str, max_length: int, template_id: str, texts: Sequence[str],
+              dtype: str = "") -> str:
+    """Cache file stem: hash of (model, pooling, max length, template, texts, compute dtype)."""
+    payload = json.dumps([FORMAT_VERSION, model_hash, pooling, max_length, template_id, texts_hash(texts), dtype])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -225,8 +226,9 @@ def cached_encode(
 ) -> torch.Tensor:
     """``encoder.encode(texts)`` memoised on disk under ``cache_dir``.
 
-    The key is a hash of the encoder's model hash, pooling and max length, the template
-    id and the texts, so any change of model, template or text misses the cache.
+    The key is a hash of the encoder's model hash, pooling, max length and compute dtype
+    (when it has one), the template id and the texts, so any change of model, dtype,
+    template or text misses the cache.
 
     Args:
         encoder (TextEncoder): anything with ``encode``, ``model_hash``, ``model_id``,
@@ -241,7 +243,8 @@ def cached_encode(
     texts = list(texts)
     if cache_dir is None:
         return encoder.encode(texts, progress=progress)
-    key = cache_key(encoder.model_hash, encoder.pooling, encoder.max_length, template_id, texts)
+    dtype = getattr(encoder, "dtype", "")
+    key = cache_key(encoder.model_hash, encoder.pooling, encoder.max_length, template_id, texts, dtype)
     path = os.path.join(cache_dir, f"{key}.safetensors")
     expected = {"model_hash": encoder.model_hash, "pooling": encoder.pooling, "template": template_id}
     if os.path.exists(path):
@@ -251,7 +254,7 @@ def cached_encode(
     vectors = encoder.encode(texts, progress=progress)
     provenance = VectorProvenance(
         model_id=encoder.model_id, model_hash=encoder.model_hash, pooling=encoder.pooling, template=template_id,
-        extra={"texts_sha256": texts_hash(texts), "max_length": encoder.max_length},
+        extra={"texts_sha256": texts_hash(texts), "max_length": encoder.max_length, "dtype": dtype},
     )
     save_vectors(path, vectors, [str(i) for i in range(len(texts))], provenance)
     return vectors

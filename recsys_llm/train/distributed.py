@@ -14,6 +14,7 @@ Example::
 """
 
 import dataclasses
+import datetime
 import os
 import socket
 from typing import Optional
@@ -62,12 +63,24 @@ def select_device(local_rank: int, device: str = "auto") -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
-        raise RuntimeError(
-            f"device 'cuda' requested for local rank {local_rank} but "
-            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s) are visible"
-        )
-    return torch.device("cuda", local_rank)
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        raise RuntimeError(f"device 'cuda' requested for local rank {local_rank} but no GPU is visible")
+    # a scheduler that gives each process its own GPU (CUDA_VISIBLE_DEVICES per rank) shows one device
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+# seconds a collective may wait for the slowest rank (NCCL's own default is 10 minutes): rank 0
+# alone writes data, exports and teacher outputs while the others wait at a barrier
+TIMEOUT_ENV = "RECSYS_LLM_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 3600
+
+
+def collective_device() -> torch.device:
+    """The device whose tensors the default process group's collectives take: the current
+    CUDA device under NCCL, else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
@@ -79,6 +92,9 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
 
     Returns:
         DistContext: rank, world size, device and backend.
+
+    A collective waits up to ``RECSYS_LLM_DIST_TIMEOUT_S`` seconds (default 3600) for the
+    slowest rank, on gloo and NCCL alike.
     """
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -92,7 +108,8 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
-        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size)
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size, timeout=timeout)
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         chosen_backend = str(dist.get_backend())

@@ -29,22 +29,26 @@ import torch.distributed as dist
 from torchmetrics.functional.classification import binary_auroc
 from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 
+from recsys_llm.train.distributed import collective_device
+
 _ETA = 1e-12
 
 
 def _all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenates a 1-d tensor of any length from every rank, in rank order."""
+    """Concatenates a 1-d tensor of any length from every rank, in rank order, on ``tensor``'s
+    device (the gather itself runs on the process group's device: CUDA under NCCL)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
-    size = torch.tensor([tensor.numel()], dtype=torch.long, device=tensor.device)
+    device = collective_device()
+    size = torch.tensor([tensor.numel()], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.numel()] = tensor
-    gathered = [torch.zeros_like(padded) for _ in sizes]
+    counts = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(counts), dtype=tensor.dtype, device=device)
+    padded[: tensor.numel()] = tensor.to(device)
+    gathered = [torch.zeros_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+    return torch.cat([g[:count] for g, count in zip(gathered, counts)]).to(tensor.device)
 
 
 def binary_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:

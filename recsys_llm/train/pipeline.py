@@ -147,11 +147,12 @@ def train_epoch(
             steps += 1
             loss_value = loss.detach().mean()
             loss_sum += loss_value
-            window.append(loss_value)
             bar.update(1)
-            if len(window) == LOSS_READ_EVERY:
-                bar.set_postfix(loss=f"{float(torch.stack(window).mean()):.4f}")
-                window.clear()
+            if not bar.disable:  # a hidden bar reads no loss (no device sync)
+                window.append(loss_value)
+                if len(window) == LOSS_READ_EVERY:
+                    bar.set_postfix(loss=f"{float(torch.stack(window).mean()):.4f}")
+                    window.clear()
             if on_step is not None and on_step(step, loss_value):
                 stopped = True
                 break

@@ -147,9 +147,7 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
     if not config.llactr:
         return BuiltTask(CTRTask(backbone), {})
     llactr = LLaCTRConfig.from_dict(config.llactr, source="llactr")
-    logit_terms, loss_terms, provenance = build_llactr_terms(llactr, schema, backbone)
-    logit_terms = {name: term.to(device) for name, term in logit_terms.items()}
-    loss_terms = {name: term.to(device) for name, term in loss_terms.items()}
+    logit_terms, loss_terms, provenance = build_llactr_terms(llactr, schema, backbone, device)
     return BuiltTask(CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms), {"llactr": provenance})
 
 

@@ -37,6 +37,7 @@ Example::
 
 import dataclasses
 import json
+import os
 from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple, Type
 
 import torch
@@ -276,7 +277,11 @@ def shard_model(
             f"{sorted(CPU_SPARSE_OPTIMIZERS)}; pick one of those, or train on CUDA"
         )
     _apply_fused_optimizers(task, frozen, optim)
-    topology = Topology(world_size=world_size, compute_device=compute_device, local_world_size=world_size)
+    # the GPU's own memory, not the planner's 32 GB default; ranks per host from torchrun's
+    # LOCAL_WORLD_SIZE (hierarchical plans such as table_row_wise group the ranks of one host)
+    hbm_cap = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    topology = Topology(world_size=world_size, compute_device=compute_device, hbm_cap=hbm_cap,
+                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,

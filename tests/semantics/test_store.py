@@ -69,3 +69,10 @@ class TestCachedEncode:
         cached_encode(encoder, texts, "t2", str(tmp_path), progress=False)  # other template: miss
         cached_encode(encoder, texts[:2], "t1", str(tmp_path), progress=False)  # other texts: miss
         assert CountingEncoder.calls == 3
+        # the same model in bf16 (what dtype=auto picks on CUDA): another key, and its dtype recorded
+        half = CountingEncoder(tiny_llama_dir, dtype="bfloat16")
+        assert (encoder.dtype, half.dtype) == ("float32", "bfloat16")
+        cached_encode(half, texts, "t1", str(tmp_path), progress=False)
+        assert CountingEncoder.calls == 4
+        dtypes = {load_vectors(str(path)).provenance.extra["dtype"] for path in tmp_path.glob("*.safetensors")}
+        assert dtypes == {"float32", "bfloat16"}
