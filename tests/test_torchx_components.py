@@ -146,6 +146,14 @@ class TestEncodeComponent:
         with pytest.raises(ValueError, match="must be one of"):
             load("encode")("distill")
 
+    def test_single_process_jobs_refuse_extra_workers(self) -> None:
+        for job in ("tune", "encode", "adapt"):
+            with pytest.raises(ValueError, match="runs as one process"):
+                load("encode")(job, nproc_per_node=2)
+            with pytest.raises(ValueError, match="runs as one process"):
+                load("encode")(job, nnodes=2)
+            assert load("encode")(job).roles[0].name == f"semantics-{job}"
+
 
 class TestBenchComponent:
     def test_script_and_result_paths(self) -> None:

@@ -47,7 +47,7 @@ def encode(
         job: which semantics sub-command to run: tune (SSFT), encode (field vectors), adapt (CTR-adapted LLM) or export (row/entity vectors)
         job_args: arguments of the sub-command, after -- (e.g. -- --schema data/x/schema.json --llm runs/llm --output-dir runs/vectors)
         nnodes: number of hosts (replicas of the role)
-        nproc_per_node: worker processes per host (one per GPU on GPU hosts)
+        nproc_per_node: worker processes per host (one per GPU on GPU hosts; tune, encode and adapt take 1)
         cpu: CPUs per host
         gpu: GPUs per host
         memMB: host memory in MB per host
@@ -65,6 +65,11 @@ def encode(
     if nnodes < 1 or nproc_per_node < 1:
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
+        )
+    if job != "export" and nnodes * nproc_per_node > 1:
+        raise ValueError(
+            f"job {job!r} runs as one process (only export splits its work over workers); every extra worker "
+            f"would redo it and write the same output: use nnodes=1 nproc_per_node=1, got {nnodes}x{nproc_per_node}"
         )
     app = ddp(
         "semantics",
