@@ -467,6 +467,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         validate (bool): run the value checks of :mod:`recsys_llm.data.validation` on every
             row group (NaN/inf, id ranges, labels). Footer checks always run.
         prefetch (int): batches prepared ahead by a background thread (0: none).
+        pin_memory (bool): page-locked batches (CUDA only; pinned in the prefetch thread), so
+            the training pipeline's ``non_blocking`` host-to-GPU copies overlap with compute.
         shuffle_buffer_rows (Optional[int]): rows mixed together when shuffling
             (default ``max(8 * batch_size, 65536)``).
 
@@ -494,10 +496,13 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         validate: bool = True,
         prefetch: int = 2,
         shuffle_buffer_rows: Optional[int] = None,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs CUDA (page-locked memory speeds up copies to a GPU); none is visible")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         self._schema = schema
@@ -508,6 +513,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         self._seed = seed
         self._drop_last = drop_last
         self._prefetch = prefetch
+        self._pin_memory = pin_memory
         self._buffer_rows = shuffle_buffer_rows or max(8 * batch_size, 65536)
         self._epoch = 0
         self._keys = schema.sparse_feature_names
@@ -570,6 +576,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
                 "(use num_workers <= 1 and batch_size=None, or its prefetch thread)"
             )
         batches = self._batches()
+        if self._pin_memory:
+            batches = (batch.pin_memory() for batch in batches)
         if self._prefetch > 0:
             return _prefetched(batches, self._prefetch)
         return batches

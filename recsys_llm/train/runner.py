@@ -203,7 +203,8 @@ def _readers(config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext) 
     eval_extras = list(train_extras)
     if data.cold_item_column and data.cold_item_column in schema.extra_columns and data.cold_item_column not in eval_extras:
         eval_extras.append(data.cold_item_column)
-    common = dict(rank=ctx.rank, world_size=ctx.world_size, validate=data.validate)
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, validate=data.validate,
+                  pin_memory=ctx.device.type == "cuda")
     readers = {
         "train": ParquetBatchReader(
             schema, data.train_split, data.batch_size, extras=train_extras, shuffle=data.shuffle,
@@ -426,7 +427,7 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     extras = list(data.extras) + plugin_extras(config) + list(_subsets(config, schema).values())
     reader = ParquetBatchReader(
         schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-        extras=sorted(set(extras)), validate=data.validate,
+        extras=sorted(set(extras)), validate=data.validate, pin_memory=ctx.device.type == "cuda",
     )
     built = build_task(config, schema, ctx.device)
     model, _ = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, data.batch_size)

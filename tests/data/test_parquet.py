@@ -56,6 +56,17 @@ def test_tensors_match_pyarrow(synthetic, prefetch):
             np.testing.assert_array_equal(values.numpy(), [i for r in rows for i in r[: spec.max_length]])
 
 
+def test_pin_memory_pins_on_cuda_and_is_refused_without(synthetic):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+            ParquetBatchReader(synthetic, "train", batch_size=500, pin_memory=True)
+        return
+    reader = ParquetBatchReader(synthetic, "train", batch_size=500, extras=["row_id"], pin_memory=True)
+    batch = next(iter(reader))
+    assert batch.dense_features.is_pinned() and batch.labels.is_pinned() and batch.extras["row_id"].is_pinned()
+    assert batch.sparse_features.values().is_pinned()
+
+
 def test_sequences_truncated_and_vector_extras(tmp_path):
     schema = DatasetSchema("seq", [FieldSpec("hist", FieldKind.SEQUENCE, cardinality=100, max_length=3),
                                    FieldSpec("x", FieldKind.DENSE)])
