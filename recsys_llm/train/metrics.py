@@ -103,22 +103,23 @@ class CTRMetrics:
             labels (torch.Tensor): (B,) 0/1 labels.
             extras (Optional[Mapping[str, torch.Tensor]]): the batch extras holding subset masks.
         """
-        self._logits.append(logits.detach().reshape(-1).float().cpu())
-        self._labels.append(labels.detach().reshape(-1).float().cpu())
+        # kept on their device until compute (a copy to the host here would sync every batch)
+        self._logits.append(logits.detach().reshape(-1).float())
+        self._labels.append(labels.detach().reshape(-1).float())
         for name, key in self._subsets.items():
             if extras is None or key not in extras:
                 raise KeyError(f"metric subset {name!r} needs batch extra {key!r}; extras present: {sorted(extras or {})}")
-            self._masks[name].append(extras[key].detach().reshape(-1).bool().cpu())
+            self._masks[name].append(extras[key].detach().reshape(-1).bool())
 
     def compute(self) -> Dict[str, float]:
         """Metrics over every sample seen by every rank (a collective: call on all ranks)."""
-        logits = _all_gather_variable(torch.cat(self._logits) if self._logits else torch.zeros(0))
-        labels = _all_gather_variable(torch.cat(self._labels) if self._labels else torch.zeros(0))
+        logits = _all_gather_variable(torch.cat(self._logits) if self._logits else torch.zeros(0)).cpu()
+        labels = _all_gather_variable(torch.cat(self._labels) if self._labels else torch.zeros(0)).cpu()
         probabilities = torch.sigmoid(logits.double())
         out = binary_metrics(probabilities, labels)
         for name in self._subsets:
             local = torch.cat(self._masks[name]) if self._masks[name] else torch.zeros(0, dtype=torch.bool)
-            mask = _all_gather_variable(local.to(torch.uint8)).bool()
+            mask = _all_gather_variable(local.to(torch.uint8)).cpu().bool()
             for metric, value in binary_metrics(probabilities[mask], labels[mask]).items():
                 out[f"{name}/{metric}"] = value
         return out

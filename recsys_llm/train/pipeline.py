@@ -202,16 +202,18 @@ def evaluate(
     was_training = model.training
     model.eval()
     metrics.reset()
-    loss_sum, steps = 0.0, 0
+    # summed on the device: no host sync per batch
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
     for batch in tqdm(batches, total=total, desc=description, disable=not (progress and is_main_process()), dynamic_ncols=True,
                       leave=False):
         batch = batch.to(device, non_blocking=True)
         _, (loss, logits, labels) = model(batch)
         metrics.update(logits, labels, batch.extras)
-        loss_sum += float(loss)
+        loss_sum += loss.detach().double()
         steps += 1
     results = metrics.compute()
-    totals = torch.tensor([loss_sum, steps], dtype=torch.float64, device=device)
+    totals = torch.stack([loss_sum, torch.tensor(float(steps), dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)  # every rank reports the same loss, like the other metrics
     results["loss"] = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
