@@ -453,7 +453,7 @@ class TrainEpochLoop:
     One measurement = one ``train_epoch`` call (a fresh ``TrainPipelineSparseDist``, as every
     trainer epoch gets) whose ``on_step`` callback starts the clock after ``warmup_steps``
     steps and stops the epoch after ``measured_steps`` more, so the figure is the loop's
-    steady state with its per-step work (loss read-back, counting) included.
+    steady state with its per-step work (counting; no progress bar, so no loss read-back) included.
 
     Args:
         model: the DMP-wrapped task.

@@ -312,7 +312,7 @@ class ProjectSide:
         self._schema, self._sizes, self._device = schema, sizes, device
         self._synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self._reader = ParquetBatchReader(schema, "train", sizes.batch_size, shuffle=config.data.shuffle, seed=seed,
-                                          validate=config.data.validate)
+                                          validate=config.data.validate, pin_memory=device.type == "cuda")
         self.pipelined_all_sharded_modules = False
 
     def epoch(self, epoch: int) -> Dict[str, Any]:

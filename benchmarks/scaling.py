@@ -313,7 +313,8 @@ class RowsMeasurement:
         defaults = DataConfig()
         opened = time.perf_counter()
         reader = ParquetBatchReader(self._schema, self._paths, self._sizes.rows_batch_size, shuffle=defaults.shuffle,
-                                    seed=self._seed, validate=defaults.validate, drop_last=True)
+                                    seed=self._seed, validate=defaults.validate, drop_last=True,
+                                    pin_memory=self._device.type == "cuda")
         self.setup_seconds.append(time.perf_counter() - opened)
         stream = self._stream(reader)
         try:

@@ -334,7 +334,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         # Read the way the trainer reads its train split (DataConfig defaults: shuffled, validated).
         data_defaults = DataConfig()
         reader = ParquetBatchReader(schema, parquet_path, sizes.batch_size, shuffle=data_defaults.shuffle,
-                                    seed=args.seed, validate=data_defaults.validate)
+                                    seed=args.seed, validate=data_defaults.validate,
+                                    pin_memory=device.type == "cuda")
 
         torch.manual_seed(args.seed)
         loop_step = build_torchrec_loop(schema, sizes, device, lr, batches)

@@ -139,11 +139,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def resolve_device(device: Optional[str]) -> torch.device:
     """``device`` as given (None: CUDA when available, else CPU). A bare ``cuda`` is this
-    process's GPU, ``cuda:{LOCAL_RANK}`` under ``torchrun``, so ranks do not share GPU 0."""
+    process's GPU: ``cuda:{LOCAL_RANK}`` under ``torchrun`` (so ranks do not share GPU 0), or
+    ``cuda:0`` when the process sees a single GPU."""
     resolved = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if resolved.type == "cuda" and resolved.index is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        resolved = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        resolved = torch.device("cuda", 0 if torch.cuda.device_count() <= 1 else local_rank)
     return resolved
 
 

@@ -31,7 +31,7 @@ class DistContext:
         rank (int): global rank.
         world_size (int): number of processes.
         local_rank (int): rank on this host (selects the GPU).
-        device (torch.device): ``cuda:{local_rank}`` or ``cpu``.
+        device (torch.device): ``cuda:{local_rank}`` (``cuda:0`` when the process sees one GPU) or ``cpu``.
         backend (str): ``nccl`` or ``gloo``.
     """
 
@@ -63,16 +63,29 @@ def select_device(local_rank: int, device: str = "auto") -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        raise RuntimeError(f"device 'cuda' requested for local rank {local_rank} but no GPU is visible")
-    # a scheduler that gives each process its own GPU (CUDA_VISIBLE_DEVICES per rank) shows one device
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 1:  # one GPU per process (CUDA_VISIBLE_DEVICES per rank), or a single-GPU host
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise RuntimeError(f"device 'cuda' requested for local rank {local_rank} but {count} GPU(s) are visible")
+    return torch.device("cuda", local_rank)
 
 
 # seconds a collective may wait for the slowest rank (NCCL's own default is 10 minutes): rank 0
 # alone writes data, exports and teacher outputs while the others wait at a barrier
 TIMEOUT_ENV = "RECSYS_LLM_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 3600
+
+
+def _timeout_seconds() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return seconds
 
 
 def collective_device() -> torch.device:
@@ -108,7 +121,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
-        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        timeout = datetime.timedelta(seconds=_timeout_seconds())
         dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size, timeout=timeout)
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()

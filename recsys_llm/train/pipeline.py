@@ -210,7 +210,7 @@ def evaluate(
         batch = batch.to(device, non_blocking=True)
         _, (loss, logits, labels) = model(batch)
         metrics.update(logits, labels, batch.extras)
-        loss_sum += loss.detach().double()
+        loss_sum += loss.detach().double().sum()
         steps += 1
     results = metrics.compute()
     totals = torch.stack([loss_sum, torch.tensor(float(steps), dtype=torch.float64, device=device)])

@@ -280,8 +280,11 @@ def shard_model(
     # the GPU's own memory, not the planner's 32 GB default; ranks per host from torchrun's
     # LOCAL_WORLD_SIZE (hierarchical plans such as table_row_wise group the ranks of one host)
     hbm_cap = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    local_world_size = world_size
+    if os.environ.get("WORLD_SIZE") == str(world_size):  # torchrun's job, not a smaller world asked for here
+        local_world_size = min(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), world_size)
     topology = Topology(world_size=world_size, compute_device=compute_device, hbm_cap=hbm_cap,
-                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+                        local_world_size=local_world_size)
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,

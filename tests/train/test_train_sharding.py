@@ -213,3 +213,16 @@ def test_backbone_output_does_not_depend_on_the_plan(synthetic_dir: str) -> None
     table_wise_keys, mixed_keys = result["key_orders"]
     assert table_wise_keys != mixed_keys and sorted(table_wise_keys) == sorted(mixed_keys)
     assert result["max_abs_diff"] < 1e-5
+
+
+def test_collective_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsys_llm.train.distributed import TIMEOUT_ENV, _timeout_seconds
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert _timeout_seconds() == 3600
+    monkeypatch.setenv(TIMEOUT_ENV, "120")
+    assert _timeout_seconds() == 120
+    for bad in ("1h", "0"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"{TIMEOUT_ENV}='{bad}': expected a number of seconds > 0"):
+            _timeout_seconds()
