@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from recsys_llm.train.distributed import select_device
+
 POOLINGS = ("auto", "mean", "last_token", "cls")
 
 # Model types whose base model is a causal (decoder-only) LM: pooled at the last token.
@@ -139,12 +141,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def resolve_device(device: Optional[str]) -> torch.device:
     """``device`` as given (None: CUDA when available, else CPU). A bare ``cuda`` is this
-    process's GPU: ``cuda:{LOCAL_RANK}`` under ``torchrun`` (so ranks do not share GPU 0), or
-    ``cuda:0`` when the process sees a single GPU."""
+    process's GPU, chosen as the trainer chooses it (``train.distributed.select_device``):
+    ``cuda:{LOCAL_RANK}`` under ``torchrun`` (so ranks do not share GPU 0), or ``cuda:0`` when
+    the process sees a single GPU; too few GPUs is a RuntimeError."""
     resolved = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if resolved.type == "cuda" and resolved.index is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        resolved = torch.device("cuda", 0 if torch.cuda.device_count() <= 1 else local_rank)
+        return select_device(int(os.environ.get("LOCAL_RANK", "0")), "cuda")  # the trainer's choice of GPU
     return resolved
 
 
