@@ -79,6 +79,7 @@ from benchmarks.common import (  # noqa: E402
     REPO_ROOT,
     best_of_rounds_ratio,
     build_parser,
+    device_synchronize,
     median,
     parse_args,
     per_round_ratios,
@@ -310,7 +311,7 @@ class ProjectSide:
         self.model, _ = shard_model(task, device, 1, config.sharding, config.optim, sizes.batch_size)
         self.optimizer = build_optimizer(self.model, config.optim)
         self._schema, self._sizes, self._device = schema, sizes, device
-        self._synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._synchronize = device_synchronize(device) or (lambda: None)
         self._reader = ParquetBatchReader(schema, "train", sizes.batch_size, shuffle=config.data.shuffle, seed=seed,
                                           validate=config.data.validate, pin_memory=device.type == "cuda")
         self.pipelined_all_sharded_modules = False
