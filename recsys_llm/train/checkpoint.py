@@ -168,14 +168,21 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class _SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with the ``.metadata`` read by :class:`_MetadataUnpickler`."""
+    """DCP's file reader with the ``.metadata`` read by :class:`_MetadataUnpickler`, once per
+    file (``load_checkpoint`` reads it before ``dcp.load`` asks for it again)."""
+
+    def __init__(self, path: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(path, *args, **kwargs)
+        self._metadata_by_path: Dict[str, Metadata] = {}
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
         name = ".metadata" if rank is None else f"__{rank}.metadata"
         path = os.path.join(str(self.path), name)
-        with open(path, "rb") as handle:
-            metadata = _MetadataUnpickler(handle, path).load()
+        if path not in self._metadata_by_path:
+            with open(path, "rb") as handle:
+                self._metadata_by_path[path] = _MetadataUnpickler(handle, path).load()
+        metadata = self._metadata_by_path[path]
         if not isinstance(metadata, Metadata):
             raise ValueError(f"{path}: expected DCP Metadata, got {type(metadata).__name__}")
         if getattr(metadata, "storage_meta", None) is None:
@@ -380,7 +387,7 @@ def load_checkpoint(
     else:
         target = {"model": model.state_dict()}
     reader = _SafeFileSystemReader(path)
-    reader.read_metadata()  # a refused .metadata raises here, not wrapped in DCP's per-rank retry
+    reader.read_metadata()  # a refused .metadata raises here, not inside DCP's per-rank retry
     dcp.load(target, storage_reader=reader, planner=_WeightsOnlyLoadPlanner())
     model.load_state_dict(target["model"])
     if optimizer is not None:
