@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -88,28 +89,59 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
+def _gather_shards_to_cpu(value: ShardedTensor, dst: int) -> Optional[torch.Tensor]:
+    """``value`` as one full CPU tensor on global rank ``dst`` (``None`` on the other ranks).
+
+    Shard by shard: each owner sends its shard to ``dst``, which receives it into a buffer
+    of that shard's size on the collective device (NCCL takes CUDA tensors only) and copies
+    it into the CPU result. ``ShardedTensor.gather`` instead holds one buffer per rank plus
+    the full tensor on ``dst``'s device, which does not fit for a table near GPU memory.
+    Every rank of the tensor's process group must call it.
+    """
+    import torch.distributed as dist
+
+    group = value._process_group
+    rank = dist.get_rank()
+    full = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
+    local = {tuple(shard.metadata.shard_offsets): shard.tensor for shard in value.local_shards()}
+    device = collective_device()
+    for meta in value.metadata().shards_metadata:
+        owner = dist.get_global_rank(group, meta.placement.rank())
+        offsets = tuple(meta.shard_offsets)
+        if 0 in meta.shard_sizes or rank not in (owner, dst):
+            continue
+        if rank == owner and rank != dst:
+            dist.send(local[offsets].detach().to(device).contiguous(), dst, group=group)
+            continue
+        if owner == dst:
+            received = local[offsets]
+        else:
+            received = torch.empty(meta.shard_sizes, dtype=value.dtype, device=device)
+            dist.recv(received, owner, group=group)
+        full[tuple(slice(o, o + n) for o, n in zip(offsets, meta.shard_sizes))].copy_(received)
+    return full
+
+
 def unsharded_state_dict(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
     """The full state dict of a (possibly DMP-sharded) model, gathered on rank ``dst``.
 
-    Every rank must call it (``ShardedTensor.gather`` is a collective). Plain tensors are
+    Every rank must call it (the gather is collective). Sharded tables travel one shard at
+    a time into CPU memory on ``dst`` (a table need not fit on one GPU); plain tensors are
     cloned; wrapper prefixes (``_dmp_wrapped_module.``, DDP's ``module.``) are removed.
 
     Returns:
         Dict[str, torch.Tensor]: full CPU tensors on ``dst``; an empty dict on other ranks.
     """
     import torch.distributed as dist
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     out: Dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         name = _strip_wrappers(key)
         if isinstance(value, ShardedTensor):
-            # gathered on the process group's device (NCCL takes CUDA tensors only), kept on CPU
-            full = torch.empty(value.size(), dtype=value.dtype, device=collective_device()) if rank == dst else None
-            value.gather(dst=dst, out=full)
+            full = _gather_shards_to_cpu(value, dst)
             if rank == dst:
-                out[name] = full.cpu()
+                out[name] = full
         elif hasattr(value, "full_tensor"):  # DTensor
             full = value.full_tensor()
             if rank == dst:

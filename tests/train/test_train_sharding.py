@@ -1,5 +1,6 @@
 """Planner + DMP sharding on 2 gloo ranks: placement, fused optimizers, frozen tables, pipelining."""
 
+import dataclasses
 import logging
 from typing import Any, Dict, List
 
@@ -226,3 +227,48 @@ def test_collective_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=f"{TIMEOUT_ENV}='{bad}': expected a number of seconds > 0"):
             _timeout_seconds()
+
+
+def _gathered_shard_by_shard(schema_path: str) -> Dict[str, Any]:
+    """``unsharded_state_dict`` against torch's ``ShardedTensor.gather`` (table- and column-wise;
+    torchrec's CPU sharder has no row-wise)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from recsys_llm.serving import unsharded_state_dict
+
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    schema = DatasetSchema.load(schema_path)
+    wide = dataclasses.replace(SMOKE_CONFIGS["fm"], embedding_dim=256)  # two column shards (torchrec splits by 128)
+    task = CTRTask(build_backbone(wide, schema, device=torch.device("meta")))
+    types = {"t_user_id": "column_wise", "t_item_id": "column_wise"}
+    sharding = ShardingConfig(sharding_types=["table_wise", "column_wise"],
+                              table_constraints={t: {"sharding_types": [kind]} for t, kind in types.items()})
+    model, plan = shard_model(task, ctx.device, ctx.world_size, sharding, OptimizerConfig(), batch_size=64)
+    reference = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if ctx.rank == 1 else None
+            value.gather(dst=1, out=full)
+            reference[key.removeprefix("_dmp_wrapped_module.")] = full
+        else:
+            reference[key.removeprefix("_dmp_wrapped_module.")] = value
+    on_rank_0 = unsharded_state_dict(model)
+    on_rank_1 = unsharded_state_dict(model, dst=1)
+    shards = {t: sorted(s["rank"] for s in p["shards"]) for t, p in table_placements(plan).items() if t in types}
+    if ctx.rank == 0:
+        return {"keys": sorted(on_rank_0), "empty_elsewhere": on_rank_1 == {}, "shards": shards}
+    return {
+        "keys": sorted(reference),
+        "empty_elsewhere": on_rank_0 == {},
+        "equal": all(torch.equal(on_rank_1[k], reference[k]) and on_rank_1[k].device.type == "cpu" for k in reference),
+        "shards": shards,
+    }
+
+
+@pytest.mark.multiprocess
+def test_unsharded_state_dict_gathers_every_sharding_type_shard_by_shard(synthetic_dir: str) -> None:
+    rank_0, rank_1 = run_multiprocess(_gathered_shard_by_shard, world_size=2, schema_path=synthetic_dir)
+    assert rank_1["equal"], "the shard-by-shard gather differs from ShardedTensor.gather"
+    assert rank_0["keys"] == rank_1["keys"] and rank_0["empty_elsewhere"] and rank_1["empty_elsewhere"]
+    assert rank_0["shards"] == {"t_user_id": [0, 1], "t_item_id": [0, 1]}, rank_0["shards"]  # column shards on both ranks
