@@ -29,9 +29,10 @@ Example (inference)::
 import contextlib
 import json
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -82,7 +83,8 @@ program's third input. No LLM runs at inference.
 
 
 # ---- state dicts -----------------------------------------------------------------------
-def _strip_wrappers(key: str) -> str:
+def strip_wrappers(key: str) -> str:
+    """``key`` without DMP's ``_dmp_wrapped_module.`` and DDP's ``module.`` prefixes."""
     for wrapper in ("_dmp_wrapped_module.", "module."):
         if key.startswith(wrapper):
             key = key[len(wrapper) :]
@@ -137,7 +139,7 @@ def unsharded_state_dict(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tens
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     out: Dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        name = _strip_wrappers(key)
+        name = strip_wrappers(key)
         if isinstance(value, ShardedTensor):
             full = _gather_shards_to_cpu(value, dst)
             if rank == dst:
@@ -182,15 +184,51 @@ def sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Te
     return picked
 
 
-def load_state_file(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from an export directory or a ``.safetensors`` file (weights only, no code)."""
+def _state_path(path: str) -> str:
     if os.path.isdir(path):
         path = os.path.join(path, STATE_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: state file not found")
+    return path
+
+
+def load_state_file(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from an export directory or a ``.safetensors`` file (weights only, no code)."""
+    path = _state_path(path)
     if path.endswith(".safetensors"):
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _SafetensorsSlice:
+    """One tensor of an open safetensors file: ``shape``, and ``[index]`` reads only that part."""
+
+    def __init__(self, handle: Any, key: str) -> None:
+        self._slice = handle.get_slice(key)
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self._slice[index]
+
+
+@contextlib.contextmanager
+def open_state_file(path: str) -> Iterator[Mapping[str, Any]]:
+    """A state file's tensors, read when indexed (weights only, no code).
+
+    ``state[key]`` has ``shape``, and ``state[key][index]`` reads only the rows and columns
+    of ``index`` (``[...]`` for all): a rank that copies its shards of a large table out of
+    a full state dict never holds the whole table. Safetensors files are sliced in place;
+    ``torch.save`` files are memory-mapped (``mmap=True``).
+
+    Args:
+        path (str): an export directory or a ``.safetensors`` / ``torch.save`` file.
+    """
+    path = _state_path(path)
+    if not path.endswith(".safetensors"):
+        yield torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        yield {key: _SafetensorsSlice(handle, key) for key in handle.keys()}
 
 
 # ---- the dense program -----------------------------------------------------------------

@@ -189,13 +189,14 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         Dict[str, int]: rows filled in the entity table, tensors copied into the teacher.
     """
     from recsys_llm.semantics.vector_export import check_provenance, read_manifest
-    from recsys_llm.serving import load_state_file
+    from recsys_llm.serving import open_state_file
 
     report: Dict[str, int] = {"entity_rows": 0, "teacher_tensors": 0}
     is_distill = config.task == "distill"
     if config.task == "distill" and config.distill.mode == "frozen":
-        state = load_state_file(config.teacher_checkpoint)
-        report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.")
+        with open_state_file(config.teacher_checkpoint) as state:  # each rank reads only its shards' rows
+            report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.",
+                                                        source=f"elec.teacher_checkpoint {config.teacher_checkpoint}")
     elif config.vector_source == "entity_table" and (not is_distill or config.distill.mode == "joint"):
         for field, directory in config.entity_tables.items():
             if not directory or not os.path.isdir(directory):

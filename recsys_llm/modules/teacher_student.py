@@ -27,7 +27,7 @@ control flow), as ``TrainPipelineSparseDist`` requires.
 
 import dataclasses
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -228,50 +228,53 @@ def labeled_bce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_full_state(model: nn.Module, state: Dict[str, torch.Tensor], prefix: str = "") -> int:
+def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = "", source: str = "state") -> int:
     """Copies a full (unsharded) state dict into a possibly sharded model, shard by shard.
 
     Each ``ShardedTensor`` of ``model.state_dict()`` receives only its local shards'
     slices of the full tensor; plain tensors are copied whole. Used to load a trained
-    teacher into a ``TeacherStudentTask`` under DMP (``prefix="teacher."``).
+    teacher into a ``TeacherStudentTask`` under DMP (``prefix="teacher."``). With
+    ``state`` from :func:`recsys_llm.serving.open_state_file`, a rank reads only its
+    shards' rows of each table.
 
     Args:
         model (nn.Module): the destination (DMP or plain).
-        state (Dict[str, torch.Tensor]): full tensors, keys relative to ``prefix``.
+        state (Mapping[str, Any]): full tensors (or ``open_state_file``'s lazy ones: a
+            ``shape`` and slicing), keys relative to ``prefix``.
         prefix (str): prefix of the destination keys.
+        source (str): where ``state`` comes from, for error messages.
 
     Returns:
         int: number of tensors copied.
 
     Raises:
         KeyError: a destination key under ``prefix`` has no source tensor.
+        ValueError: a source tensor's shape differs from the destination's.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+    from recsys_llm.serving import strip_wrappers
+
     copied = 0
     for key, dest in model.state_dict().items():
-        name = _strip_wrappers(key)
+        name = strip_wrappers(key)
         if not name.startswith(prefix):
             continue
         source_key = name[len(prefix) :]
         if source_key not in state:
-            raise KeyError(f"load_full_state: no tensor {source_key!r} for {key!r}; source has {sorted(state)[:8]}...")
-        source = state[source_key]
+            raise KeyError(f"{source}: no tensor {source_key!r} for {key!r}; it has {sorted(state)[:8]}...")
+        full = state[source_key]
+        if tuple(full.shape) != tuple(dest.size()):
+            raise ValueError(f"{source}: tensor {source_key!r} has shape {tuple(full.shape)}, "
+                             f"the model's {key!r} expects {tuple(dest.size())}")
         if isinstance(dest, ShardedTensor):
             for shard in dest.local_shards():
                 index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
-                shard.tensor.copy_(source[index])
+                shard.tensor.copy_(full[index])
         else:
-            dest.copy_(source)
+            dest.copy_(full[...])
         copied += 1
     return copied
-
-
-def _strip_wrappers(key: str) -> str:
-    for wrapper in ("_dmp_wrapped_module.", "module."):
-        if key.startswith(wrapper):
-            key = key[len(wrapper) :]
-    return key
 
 
 @torch.no_grad()

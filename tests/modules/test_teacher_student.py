@@ -226,3 +226,30 @@ class TestLoadFullState:
         task = _elec("joint")
         with pytest.raises(KeyError, match="no tensor"):
             load_full_state(task, {}, prefix="teacher.")
+
+    def test_a_tensor_of_another_shape_is_named(self):
+        task = _elec("joint")
+        state = {k.removeprefix("teacher."): v.clone() for k, v in task.state_dict().items() if k.startswith("teacher.")}
+        key = next(k for k in state if k.endswith("item_id.weight"))
+        state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+        with pytest.raises(ValueError, match=rf"gain.pt: tensor '{key}' has shape \(13, 8\), .* expects \(12, 8\)"):
+            load_full_state(task, state, prefix="teacher.", source="gain.pt")
+
+    @pytest.mark.parametrize("file_name", ["gain.safetensors", "gain.pt"])
+    def test_state_files_are_read_lazily_and_load_like_the_tensors(self, tmp_path, file_name):
+        from safetensors.torch import save_file
+
+        from recsys_llm.serving import open_state_file
+
+        gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, MODEL, device=CPU)
+        state = {k: v.contiguous() for k, v in gain.state_dict().items()}
+        path = str(tmp_path / file_name)
+        save_file(state, path) if file_name.endswith(".safetensors") else torch.save(state, path)
+        key = next(k for k in state if k.endswith("item_id.weight"))
+        with open_state_file(path) as lazy:
+            assert lazy[key].shape == state[key].shape
+            torch.testing.assert_close(lazy[key][2:5, 1:3], state[key][2:5, 1:3], rtol=0, atol=0)
+            task = _elec("joint")
+            assert load_full_state(task, lazy, prefix="teacher.") == len(state)
+        for k, v in state.items():
+            assert torch.equal(task.state_dict()[f"teacher.{k}"], v), k

@@ -229,12 +229,14 @@ def test_collective_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPatch) 
             _timeout_seconds()
 
 
-def _gathered_shard_by_shard(schema_path: str) -> Dict[str, Any]:
+def _gathered_and_loaded_shard_by_shard(schema_path: str, state_path: str) -> Dict[str, Any]:
     """``unsharded_state_dict`` against torch's ``ShardedTensor.gather`` (table- and column-wise;
-    torchrec's CPU sharder has no row-wise)."""
+    torchrec's CPU sharder has no row-wise), then ``load_full_state`` of a file back into the shards."""
+    from safetensors.torch import save_file
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    from recsys_llm.serving import unsharded_state_dict
+    from recsys_llm.modules.teacher_student import load_full_state
+    from recsys_llm.serving import open_state_file, unsharded_state_dict
 
     ctx = init_distributed("cpu")
     torch.manual_seed(0)
@@ -255,20 +257,35 @@ def _gathered_shard_by_shard(schema_path: str) -> Dict[str, Any]:
             reference[key.removeprefix("_dmp_wrapped_module.")] = value
     on_rank_0 = unsharded_state_dict(model)
     on_rank_1 = unsharded_state_dict(model, dst=1)
-    shards = {t: sorted(s["rank"] for s in p["shards"]) for t, p in table_placements(plan).items() if t in types}
-    if ctx.rank == 0:
-        return {"keys": sorted(on_rank_0), "empty_elsewhere": on_rank_1 == {}, "shards": shards}
-    return {
-        "keys": sorted(reference),
-        "empty_elsewhere": on_rank_0 == {},
-        "equal": all(torch.equal(on_rank_1[k], reference[k]) and on_rank_1[k].device.type == "cpu" for k in reference),
-        "shards": shards,
+    result = {
+        "shards": {t: sorted(s["rank"] for s in p["shards"]) for t, p in table_placements(plan).items() if t in types},
+        "empty_elsewhere": (on_rank_0 if ctx.rank else on_rank_1) == {},
+        "keys": sorted(reference if ctx.rank else on_rank_0),
     }
+    if ctx.rank == 1:
+        result["gathered_equal"] = all(
+            torch.equal(on_rank_1[k], reference[k]) and on_rank_1[k].device.type == "cpu" for k in reference
+        )
+    else:  # another full state, written to a file, to be read back into the shards
+        new_state = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) if v.is_floating_point() else v
+                     for i, (k, v) in enumerate(sorted(on_rank_0.items()))}
+        save_file(new_state, state_path)
+    torch.distributed.barrier()
+    with open_state_file(state_path) as state:
+        result["copied"] = load_full_state(model, state, source=state_path)
+    reloaded = unsharded_state_dict(model)
+    if ctx.rank == 0:
+        result["loaded_equal"] = all(torch.equal(reloaded[k], new_state[k]) for k in new_state)
+    return result
 
 
 @pytest.mark.multiprocess
-def test_unsharded_state_dict_gathers_every_sharding_type_shard_by_shard(synthetic_dir: str) -> None:
-    rank_0, rank_1 = run_multiprocess(_gathered_shard_by_shard, world_size=2, schema_path=synthetic_dir)
-    assert rank_1["equal"], "the shard-by-shard gather differs from ShardedTensor.gather"
+def test_full_state_gathers_and_loads_shard_by_shard(synthetic_dir: str, tmp_path) -> None:
+    state_path = str(tmp_path / "full.safetensors")
+    rank_0, rank_1 = run_multiprocess(_gathered_and_loaded_shard_by_shard, world_size=2, schema_path=synthetic_dir,
+                                      state_path=state_path)
+    assert rank_0["shards"] == {"t_user_id": [0, 1], "t_item_id": [0, 1]}, rank_0["shards"]  # column shards on both
+    assert rank_1["gathered_equal"], "the shard-by-shard gather differs from ShardedTensor.gather"
     assert rank_0["keys"] == rank_1["keys"] and rank_0["empty_elsewhere"] and rank_1["empty_elsewhere"]
-    assert rank_0["shards"] == {"t_user_id": [0, 1], "t_item_id": [0, 1]}, rank_0["shards"]  # column shards on both ranks
+    assert rank_0["loaded_equal"], "load_full_state of the file did not land in the right shards"
+    assert rank_0["copied"] == rank_1["copied"] == len(rank_0["keys"])
