@@ -28,6 +28,7 @@ Example::
     attach_vectors(split_path, out_dir, key_column="row_id", output_path=copy_path, expected=provenance)
 """
 
+import collections
 import dataclasses
 import glob
 import hashlib
@@ -38,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
@@ -359,6 +361,63 @@ def vector_dim(directory: str) -> int:
     return schema.field(str(manifest["vector_column"])).type.list_size
 
 
+class _ExportLookup:
+    """Vectors of an export by key, without holding the whole export.
+
+    Every chunk's keys (8 bytes per vector) are read and sorted once; vectors are read a
+    chunk at a time (provenance-checked) and kept while they fit in ``cache_bytes``
+    (least recently used chunks are dropped first), so rows that come in export order read
+    each chunk once, and a small export (entity vectors) is read once in all.
+    """
+
+    def __init__(self, directory: str, manifest: Dict[str, object], cache_bytes: int) -> None:
+        self._directory = directory
+        self._manifest = manifest
+        self._cache_bytes = cache_bytes
+        self._cache: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
+        key_column = str(manifest["key_column"])
+        keys = [pq.read_table(chunk_path(directory, i), columns=[key_column]).column(key_column).to_numpy()
+                for i in range(int(manifest["num_chunks"]))]
+        self._chunk_starts = np.cumsum([0] + [len(k) for k in keys[:-1]])  # (C,) first position of each chunk
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        self._order = np.argsort(all_keys, kind="stable")
+        self._sorted_keys = all_keys[self._order]
+
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        """Export position (N,) of each key; -1 where the export has no vector for it."""
+        found = np.searchsorted(self._sorted_keys, keys)
+        inside = found < len(self._sorted_keys)
+        found[~inside] = 0
+        hit = inside & (self._sorted_keys[found] == keys) if len(self._sorted_keys) else np.zeros(len(keys), bool)
+        return np.where(hit, self._order[found], -1)
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        """Vectors (N, d) at export ``positions`` (N,), all valid."""
+        chunks = np.searchsorted(self._chunk_starts, positions, side="right") - 1
+        out = None
+        for chunk in np.unique(chunks):
+            rows = chunks == chunk
+            block = self._chunk(int(chunk))
+            if out is None:
+                out = np.empty((len(positions), block.shape[1]), dtype=block.dtype)
+            out[rows] = block[positions[rows] - self._chunk_starts[chunk]]
+        return out
+
+    def _chunk(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        path = chunk_path(self._directory, index)
+        table = pq.read_table(path)
+        check_provenance(json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}")),
+                         self._manifest["provenance"], path)
+        block = _columns(table, self._manifest, path)[1]
+        self._cache[index] = block
+        while len(self._cache) > 1 and sum(b.nbytes for b in self._cache.values()) > self._cache_bytes:
+            self._cache.popitem(last=False)
+        return block
+
+
 def attach_vectors(
     split_path: str,
     vector_dir: str,
@@ -366,19 +425,26 @@ def attach_vectors(
     output_path: str,
     column: str = "llm_vector",
     expected: Optional[Dict[str, str]] = None,
+    batch_rows: int = 65536,
+    cache_bytes: int = 1 << 30,
 ) -> int:
     """Writes a copy of a split with the vectors as one more ``fixed_size_list<float>`` column.
 
     The Parquet reader then yields them as ``batch.extras[column]``. ``key_column`` is the
     row key for per-row vectors, or the entity field (e.g. ``item_id``) for per-entity ones.
+    The split is streamed ``batch_rows`` at a time and the export read a chunk at a time,
+    so neither is held whole.
 
     Args:
-        split_path (str): the split's Parquet file.
+        split_path (str): the split's Parquet file (or directory of files).
         vector_dir (str): a finished export.
         key_column (str): column of the split matched against the export's keys.
-        output_path (str): the copy (written atomically).
+        output_path (str): the copy (written atomically: on an error nothing is left there,
+            and an earlier copy stays as it was).
         column (str): name of the new column.
         expected (Optional[Dict[str, str]]): provenance the vectors must have.
+        batch_rows (int): split rows per read and write.
+        cache_bytes (int): export chunks kept in memory (see ``_ExportLookup``).
 
     Returns:
         int: number of rows written.
@@ -386,24 +452,36 @@ def attach_vectors(
     Raises:
         ValueError: a key of the split has no vector.
     """
-    keys, vectors = read_vectors(vector_dir, expected)
-    table = pq.read_table(split_path)
-    if key_column not in table.column_names:
-        raise ValueError(f"{split_path}: no column {key_column!r} to join vectors on; columns {table.column_names}")
-    if column in table.column_names:
+    manifest = read_manifest(vector_dir, expected)
+    source = pyarrow.dataset.dataset(split_path, format="parquet")
+    if key_column not in source.schema.names:
+        raise ValueError(f"{split_path}: no column {key_column!r} to join vectors on; columns {source.schema.names}")
+    if column in source.schema.names:
         raise ValueError(f"{split_path}: already has a column {column!r}")
-    index = pc.index_in(table.column(key_column), value_set=pa.array(keys))  # (N,) position of each key
-    missing = index.null_count
-    if missing:
-        raise ValueError(f"{split_path}: {missing} rows have a {key_column!r} with no vector in {vector_dir}")
-    positions = index.to_numpy(zero_copy_only=False).astype(np.int64)
-    picked = vectors[positions]  # (N, d)
-    values = pa.array(picked.reshape(-1), type=pa.from_numpy_dtype(picked.dtype))
-    table = table.append_column(column, pa.FixedSizeListArray.from_arrays(values, picked.shape[1]))
+    lookup = _ExportLookup(vector_dir, manifest, cache_bytes)
+    value_type = pq.read_schema(chunk_path(vector_dir, 0)).field(str(manifest["vector_column"])).type
+    schema = source.schema.append(pa.field(column, value_type))
     tmp = f"{output_path}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, output_path)
-    return table.num_rows
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in source.to_batches(batch_size=batch_rows, use_threads=False):
+                positions = lookup.positions(batch.column(key_column).to_numpy(zero_copy_only=False))
+                missing = positions < 0
+                if missing.any():
+                    first = batch.column(key_column)[int(np.argmax(missing))].as_py()
+                    raise ValueError(f"{split_path}: {int(missing.sum())} rows (of rows {rows}-{rows + batch.num_rows - 1}) "
+                                     f"have a {key_column!r} with no vector in {vector_dir}; first: {key_column}={first}")
+                picked = lookup.vectors(positions) if len(positions) else np.zeros((0, value_type.list_size), np.float32)
+                values = pa.array(picked.reshape(-1), type=value_type.value_type)
+                vectors = pa.FixedSizeListArray.from_arrays(values, value_type.list_size)
+                writer.write_batch(pa.RecordBatch.from_arrays(batch.columns + [vectors], schema=schema))
+                rows += batch.num_rows
+        os.replace(tmp, output_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return rows
 
 
 GRANULARITIES = ("row", "entity")

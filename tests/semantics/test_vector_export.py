@@ -187,8 +187,44 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         got = np.array(table.column("llm_vector").to_pylist(), dtype=np.float32)
         np.testing.assert_allclose(got, expected[[2, 0, 0, 1]], rtol=1e-6)
         pq.write_table(pa.table({"item_id": pa.array([7], pa.int64())}), split)
-        with pytest.raises(ValueError, match="1 rows have a 'item_id' with no vector"):
+        with pytest.raises(ValueError, match=r"1 rows \(of rows 0-0\) have a 'item_id' with no vector in .*item_id=7"):
             attach_vectors(split, out, "item_id", copy)
+
+    def test_attach_streams_the_split_and_the_export(self, tmp_path):
+        """Many small chunks and batches, a cache of about one chunk: same column as a join in memory."""
+        out = str(tmp_path / "vec")
+        num_rows = 50
+        keys = pa.array(np.arange(num_rows, dtype=np.int64) * 3 + 100)  # row keys, not positions
+        texts = [f"row {i}" for i in range(num_rows)]
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=8)).run(
+            keys, lambda a, b: texts[a:b], CountingEncoder(dim=4), progress=False)
+        all_keys, all_vectors = read_vectors(out)
+        order = np.random.default_rng(0).permutation(num_rows)
+        split_dir = tmp_path / "split"  # a split written as two files
+        split_dir.mkdir()
+        for part, rows in enumerate(np.array_split(order, 2)):
+            pq.write_table(pa.table({"row_id": all_keys[rows], "label": rows % 2}), str(split_dir / f"part-{part}.parquet"))
+        copy = str(tmp_path / "copy.parquet")
+        assert attach_vectors(str(split_dir), out, "row_id", copy, batch_rows=7, cache_bytes=8 * 4 * 4) == num_rows
+        table = pq.read_table(copy)
+        assert table.column("row_id").to_numpy().tolist() == all_keys[order].tolist()  # split order kept
+        got = np.array(table.column("llm_vector").to_pylist(), dtype=np.float32)
+        np.testing.assert_array_equal(got, all_vectors[order])
+
+    def test_a_failed_attach_leaves_the_earlier_copy(self, tmp_path):
+        out = str(tmp_path / "vec")
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=4)).run(
+            pa.array(np.arange(10, dtype=np.int64)), lambda a, b: ["t"] * (b - a), CountingEncoder(dim=2), progress=False)
+        split = str(tmp_path / "split.parquet")
+        pq.write_table(pa.table({"row_id": pa.array(np.arange(10, dtype=np.int64))}), split)
+        copy = str(tmp_path / "copy.parquet")
+        attach_vectors(split, out, "row_id", copy, batch_rows=4)
+        before = open(copy, "rb").read()
+        pq.write_table(pa.table({"row_id": pa.array([0, 1, 2, 3, 4, 99], pa.int64())}), split)  # 99 in batch 2
+        with pytest.raises(ValueError, match=r"1 rows \(of rows 4-5\) .* first: row_id=99"):
+            attach_vectors(split, out, "row_id", copy, batch_rows=4)
+        assert open(copy, "rb").read() == before
+        assert sorted(os.listdir(tmp_path)) == ["copy.parquet", "split.parquet", "vec"]
 
 
 class TestExportSchemaVectors:
