@@ -202,3 +202,55 @@ def test_elec_student_learns_on_catalogue_pairs_with_two_ranks(small_synthetic: 
     # the runner trained on doubled batches: every training row plus one catalogue pair per row
     train_rows = pq.ParquetFile(schema.split_path("train")).metadata.num_rows
     assert epoch["samples"] == 2 * train_rows
+
+
+def _train_plain(overrides: List[str]) -> Dict[str, Any]:
+    return run_training(load_config(CONFIG, overrides))
+
+
+def _teacher_outputs(overrides: List[str], checkpoint: str, output_dir: str, batch_size: int) -> Dict[str, Any]:
+    from recsys_llm.train.teacher_outputs import write_teacher_outputs
+
+    return write_teacher_outputs(load_config(CONFIG, overrides), checkpoint, output_dir, batch_size=batch_size,
+                                 progress=False)
+
+
+@pytest.mark.multiprocess
+def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
+    """Each rank runs its shards over its rows; rank 0 with one batch fewer pads the collectives."""
+    generate_synthetic(str(tmp_path / "data"), 3_010, seed=2, rows_per_group=256)
+    schema_path = str(tmp_path / "data" / "schema.json")
+    schema = DatasetSchema.load(schema_path)
+    valid_rows = pq.ParquetFile(schema.split_path("valid")).metadata.num_rows
+    assert valid_rows % 2 == 1  # ranks get (N - 1) / 2 and (N + 1) / 2 rows
+    batch_size = valid_rows // 2  # so rank 0 runs 1 batch and rank 1 runs 2 on the valid split
+    overrides = _common(schema_path, str(tmp_path / "run")) + ["train.epochs=1"]
+    run_multiprocess(_train_plain, world_size=1, overrides=overrides)
+    outputs = {}
+    for world_size in (2, 1):
+        out = str(tmp_path / f"teacher_{world_size}")
+        (report, *_) = run_multiprocess(_teacher_outputs, world_size=world_size, overrides=overrides,
+                                        checkpoint=str(tmp_path / "run"), output_dir=out, batch_size=batch_size)
+        outputs[world_size] = report
+    assert len(outputs[2]["files"]) == 3
+    for split, sharded_file, single_file in zip(sorted(schema.splits), outputs[2]["files"], outputs[1]["files"]):
+        sharded, single = pq.read_table(sharded_file), pq.read_table(single_file)
+        assert sharded.num_rows == single.num_rows == pq.ParquetFile(schema.split_path(split)).metadata.num_rows
+        assert sharded.drop_columns(["teacher_logits", "teacher_representation"]).equals(
+            single.drop_columns(["teacher_logits", "teacher_representation"]))
+        for column in ("teacher_logits", "teacher_representation"):
+            got = torch.tensor(sharded.column(column).to_pylist())
+            torch.testing.assert_close(got, torch.tensor(single.column(column).to_pylist()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_rank_without_rows_repeats_the_first_row_of_the_file(tmp_path) -> None:
+    from recsys_llm.train.teacher_outputs import _padded
+
+    generate_synthetic(str(tmp_path), 1_000, seed=0, rows_per_group=256)
+    schema = DatasetSchema.load(str(tmp_path))
+    one_row = str(tmp_path / "one_row.parquet")
+    pq.write_table(pq.read_table(schema.split_path("test")).slice(0, 1), one_row)
+    empty_rank = ParquetBatchReader(schema, one_row, 4, rank=0, world_size=2, equal_batches=False)
+    assert len(empty_rank) == 0 and empty_rank.batches_per_rank == [0, 1]
+    (batch, real), = list(_padded(empty_rank, ParquetBatchReader(schema, one_row, 1)))
+    assert not real and batch.labels.shape == (1,)

@@ -17,7 +17,9 @@ most one row, that is at most one row per rank (plus the partial last batch with
 ``drop_last``). A rank reads its row groups whole except the (at most two) groups at
 the ends of its range, of which it keeps a slice; a split with fewer row groups than
 ranks is thus still spread evenly. ``reader.dropped_rows`` says how many rows a rank
-skips per epoch.
+skips per epoch. An inference pass that must see every row (teacher outputs) passes
+``equal_batches=False`` and pads the ranks with fewer batches itself
+(``reader.batches_per_rank``).
 """
 
 import bisect
@@ -471,6 +473,9 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             the training pipeline's ``non_blocking`` host-to-GPU copies overlap with compute.
         shuffle_buffer_rows (Optional[int]): rows mixed together when shuffling
             (default ``max(8 * batch_size, 65536)``).
+        equal_batches (bool): cap every rank at the smallest rank's batch count (default).
+            ``False``: every row of this rank's range, so batch counts may differ by one
+            across ranks; the caller pads (see ``batches_per_rank``).
 
     Example::
 
@@ -497,6 +502,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         prefetch: int = 2,
         shuffle_buffer_rows: Optional[int] = None,
         pin_memory: bool = False,
+        equal_batches: bool = True,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -539,19 +545,24 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         shards = _balanced_ranges([u for u in units if u.rows], world_size)
         self._units = shards[rank]
         self._rank_rows = [sum(u.rows for u in shard) for shard in shards]
-        per_rank = [(rows // batch_size if drop_last else -(-rows // batch_size)) for rows in self._rank_rows]
-        self._num_batches = min(per_rank)
+        self._batches_per_rank = [(rows // batch_size if drop_last else -(-rows // batch_size)) for rows in self._rank_rows]
+        self._num_batches = min(self._batches_per_rank) if equal_batches else self._batches_per_rank[rank]
         self._converter = _Converter(schema, extras, schema.row_key if row_key_present else None, validate)
 
     # ---- sizes ---------------------------------------------------------------------------------
     def __len__(self) -> int:
-        """Batches per rank (the same on every rank)."""
+        """Batches of this rank (the same on every rank unless ``equal_batches=False``)."""
         return self._num_batches
 
     @property
     def rows_per_rank(self) -> List[int]:
         """Rows assigned to each rank before the equal-batch-count cap."""
         return list(self._rank_rows)
+
+    @property
+    def batches_per_rank(self) -> List[int]:
+        """Batches each rank's rows make before the equal-batch-count cap."""
+        return list(self._batches_per_rank)
 
     @property
     def dropped_rows(self) -> int:

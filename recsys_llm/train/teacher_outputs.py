@@ -10,26 +10,29 @@ writes copies of the split files with those two columns plus a schema that lists
     recsys-llm train --config student.yaml data.schema=data/ml-100k-teacher/schema.json \\
         elec.task=distill elec.distill.mode=offline
 
-The trained weights are gathered from the sharded checkpoint (a collective over all ranks);
-rank 0 then runs the unsharded teacher over the files one at a time, in file order, and
-checks the row count (and the row keys when the schema has one) before a file is written
-atomically. Existing finished files are never rewritten.
+The teacher runs sharded, as it was trained: every rank loads its shards of the checkpoint
+and runs the teacher over its contiguous range of each file's rows (ranks with one batch
+fewer repeat one, so DMP's per-step collectives line up); rank 0 gathers the outputs,
+checks the row count (and the row keys when the schema has one) and writes the file
+atomically. No table is ever gathered whole. Existing finished files are never rewritten.
 """
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
+from recsys_llm.data.batch import Batch
 from recsys_llm.data.parquet import ROW_ID_EXTRA, ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
-from recsys_llm.serving import materialize_meta, sub_state, unsharded_state_dict
 from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
 from recsys_llm.train.config import ExperimentConfig, check_same_model
 from recsys_llm.train.distributed import barrier, init_distributed
@@ -40,41 +43,82 @@ LOGITS_COLUMN = "teacher_logits"
 REPRESENTATION_COLUMN = "teacher_representation"
 
 
-def teacher_of(task: nn.Module, state: Dict[str, torch.Tensor]) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:
-    """The module whose outputs are distilled, and its part of the full state dict.
+def teacher_of(task: nn.Module) -> nn.Module:
+    """The module whose outputs are distilled.
 
     Args:
-        task (nn.Module): what ``build_task`` built for the run (a ``CTRTask``-like module
-            with ``predict(batch) -> CTROutput``, or a ``TeacherStudentTask`` with a teacher).
-        state (Dict[str, torch.Tensor]): the run's full, unsharded state dict.
+        task (nn.Module): what ``build_task`` built for the run, possibly inside DMP: a
+            ``CTRTask``-like module with ``predict(batch) -> CTROutput``, or a
+            ``TeacherStudentTask`` with a teacher.
 
     Raises:
         ValueError: the task has no teacher (an offline teacher-student run).
     """
+    task = get_unwrapped_module(task)
     if isinstance(task, TeacherStudentTask):
         if task.teacher is None:
             raise ValueError("the run is an offline teacher-student run: it holds no teacher to run")
-        return task.teacher, sub_state(state, "teacher.")
+        return task.teacher
     if not hasattr(task, "predict"):
         raise ValueError(f"{type(task).__name__}: expected a CTRTask-like module with predict(batch)")
-    return task, state
+    return task
+
+
+def _padded(reader: ParquetBatchReader, first_of_file: ParquetBatchReader) -> Iterator[Tuple[Batch, bool]]:
+    """``(batch, real)``: this rank's batches, then repeats of one (``real=False``) until it
+    has run as many steps as the rank with the most batches: DMP's collectives run per step
+    on every rank. ``first_of_file`` gives the repeat of a rank whose range is empty."""
+    last: Optional[Batch] = None
+    for last in reader:
+        yield last, True
+    for _ in range(max(reader.batches_per_rank) - len(reader)):
+        last = last if last is not None else next(iter(first_of_file))
+        yield last, False
 
 
 @torch.no_grad()
 def predict_file(
-    teacher: nn.Module, schema: DatasetSchema, path: str, extras: Sequence[str], batch_size: int, progress: bool
-) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Teacher logits (N,), representations (N, H) and row keys (N,) or None, in file order."""
-    reader = ParquetBatchReader(schema, path, batch_size, extras=extras, shuffle=False, prefetch=2)
+    teacher: nn.Module,
+    schema: DatasetSchema,
+    path: str,
+    extras: Sequence[str],
+    batch_size: int,
+    progress: bool,
+    device: torch.device = torch.device("cpu"),
+    rank: int = 0,
+    world_size: int = 1,
+) -> Optional[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    """Teacher logits (N,), representations (N, H) and row keys (N,) or None, in file order.
+
+    Collective when ``world_size > 1``: each rank runs the (sharded) teacher over its
+    contiguous range of the file's rows, and rank 0 receives every rank's outputs.
+
+    Returns:
+        the outputs on rank 0; ``None`` on the other ranks.
+    """
+    reader = ParquetBatchReader(schema, path, batch_size, rank=rank, world_size=world_size, extras=extras,
+                                shuffle=False, prefetch=2, equal_batches=False, pin_memory=device.type == "cuda")
     logits: List[np.ndarray] = []
     representations: List[np.ndarray] = []
     keys: List[np.ndarray] = []
-    for batch in tqdm(reader, total=len(reader), desc=os.path.basename(path), disable=not progress):
-        output = teacher.predict(batch)
-        logits.append(output.logits.float().numpy())  # (B,)
-        representations.append(output.representation.float().numpy())  # (B, H)
-        if ROW_ID_EXTRA in batch.extras:
-            keys.append(batch.extras[ROW_ID_EXTRA].numpy())
+    first_of_file = ParquetBatchReader(schema, path, 1, extras=extras, prefetch=0)
+    for batch, real in tqdm(_padded(reader, first_of_file), total=max(reader.batches_per_rank),
+                            desc=os.path.basename(path), disable=not progress):
+        output = teacher.predict(batch.to(device, non_blocking=True))
+        if real:
+            logits.append(output.logits.float().cpu().numpy())  # (B,)
+            representations.append(output.representation.float().cpu().numpy())  # (B, H)
+            if ROW_ID_EXTRA in batch.extras:
+                keys.append(batch.extras[ROW_ID_EXTRA].numpy())
+    local = (logits, representations, keys)
+    parts = [local]
+    if world_size > 1:
+        parts = [None] * world_size if rank == 0 else None
+        dist.gather_object(local, parts, dst=0)
+    if rank != 0:
+        return None
+    # ranks hold contiguous ranges in rank order, so concatenation restores file order
+    logits, representations, keys = ([array for part in parts for array in part[i]] for i in range(3))
     return np.concatenate(logits), np.concatenate(representations), np.concatenate(keys) if keys else None
 
 
@@ -147,29 +191,31 @@ def write_teacher_outputs(
                            config.data.batch_size)
     load_plugin_state(model, built, schema)
     load_checkpoint(checkpoint, model, None, restore_rng=False)
-    full = unsharded_state_dict(model)  # collective
-    report: Dict[str, Any] = {"schema": os.path.join(output_dir, "schema.json"), "files": []}
+    model.eval()
+    teacher = teacher_of(model)
+    extras = plugin_extras(config)
+    targets: Dict[str, str] = {}  # source file -> its copy
+    new_splits: Dict[str, str] = {}
+    for split in splits or sorted(schema.splits):
+        sources = resolve_paths(schema, split)
+        single = len(sources) == 1 and not os.path.isdir(schema.split_path(split))
+        split_dir = output_dir if single else os.path.join(output_dir, split)
+        for source in sources:
+            targets[source] = os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))
+        new_splits[split] = f"{split}.parquet" if single else split
+    # rank 0 decides which files are finished, so every rank runs the same files
+    pending = [[source for source, target in targets.items() if not os.path.exists(target)]]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(pending, src=0)
+    for source in pending[0]:
+        outputs = predict_file(teacher, schema, source, extras, batch_size, progress and ctx.is_main, ctx.device,
+                               ctx.rank, ctx.world_size)
+        if ctx.is_main:
+            logits, representations, keys = outputs
+            os.makedirs(os.path.dirname(targets[source]), exist_ok=True)
+            write_with_columns(source, targets[source], logits, representations, schema.row_key, keys)
+    report: Dict[str, Any] = {"schema": os.path.join(output_dir, "schema.json"), "files": list(targets.values())}
     if ctx.is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        fresh = build_task(config, schema, torch.device("cpu")).task
-        teacher, state = teacher_of(fresh, full)
-        teacher = materialize_meta(teacher, torch.device("cpu"))
-        teacher.load_state_dict(state)
-        teacher.eval()
-        extras = plugin_extras(config)
-        new_splits: Dict[str, str] = {}
-        for split in splits or sorted(schema.splits):
-            sources = resolve_paths(schema, split)
-            single = len(sources) == 1 and not os.path.isdir(schema.split_path(split))
-            split_dir = output_dir if single else os.path.join(output_dir, split)
-            os.makedirs(split_dir, exist_ok=True)
-            for source in sources:
-                target = os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))
-                if not os.path.exists(target):
-                    logits, reps, keys = predict_file(teacher, schema, source, extras, batch_size, progress)
-                    write_with_columns(source, target, logits, reps, schema.row_key, keys)
-                report["files"].append(target)
-            new_splits[split] = f"{split}.parquet" if single else split
         width = pq.ParquetFile(report["files"][0]).schema_arrow.field(REPRESENTATION_COLUMN).type.list_size
         report["representation_dim"] = int(width)
         schema.relocated(output_dir, new_splits, [LOGITS_COLUMN, REPRESENTATION_COLUMN]).save(report["schema"])
