@@ -350,7 +350,7 @@ class ProjectSide:
         from recsys_llm.train.pipeline import evaluate
 
         reader = ParquetBatchReader(self._schema, "test", self._sizes.eval_batch_size, prefetch=0)
-        return evaluate(self.model, reader, self._device, CTRMetrics(), total=len(reader), progress=False)
+        return evaluate(self.model, reader, self._device, CTRMetrics(), progress=False)
 
 
 def peer_metrics(peer: PeerProcess, driver: str, labels, work_dir: str) -> Dict[str, float]:

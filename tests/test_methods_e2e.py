@@ -217,15 +217,20 @@ def _teacher_outputs(overrides: List[str], checkpoint: str, output_dir: str, bat
 
 @pytest.mark.multiprocess
 def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
-    """Each rank runs its shards over its rows; rank 0 with one batch fewer pads the collectives."""
+    """Each rank runs its shards over its rows; rank 0 with one batch fewer pads the collectives
+    (so does the validation of the 2-rank training run, which still scores every row)."""
     generate_synthetic(str(tmp_path / "data"), 3_010, seed=2, rows_per_group=256)
     schema_path = str(tmp_path / "data" / "schema.json")
     schema = DatasetSchema.load(schema_path)
     valid_rows = pq.ParquetFile(schema.split_path("valid")).metadata.num_rows
     assert valid_rows % 2 == 1  # ranks get (N - 1) / 2 and (N + 1) / 2 rows
     batch_size = valid_rows // 2  # so rank 0 runs 1 batch and rank 1 runs 2 on the valid split
-    overrides = _common(schema_path, str(tmp_path / "run")) + ["train.epochs=1"]
-    run_multiprocess(_train_plain, world_size=1, overrides=overrides)
+    overrides = _common(schema_path, str(tmp_path / "run")) + ["train.epochs=1", f"data.eval_batch_size={batch_size}"]
+    trained = run_multiprocess(_train_plain, world_size=2, overrides=overrides)
+    test_rows = pq.ParquetFile(schema.split_path("test")).metadata.num_rows
+    assert trained[0]["test"]["num_samples"] == trained[1]["test"]["num_samples"] == test_rows
+    events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8")]
+    assert [e["num_samples"] for e in events if e["event"] == "valid"] == [valid_rows]
     outputs = {}
     for world_size in (2, 1):
         out = str(tmp_path / f"teacher_{world_size}")
@@ -242,15 +247,3 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
             got = torch.tensor(sharded.column(column).to_pylist())
             torch.testing.assert_close(got, torch.tensor(single.column(column).to_pylist()), rtol=1e-5, atol=1e-5)
 
-
-def test_a_rank_without_rows_repeats_the_first_row_of_the_file(tmp_path) -> None:
-    from recsys_llm.train.teacher_outputs import _padded
-
-    generate_synthetic(str(tmp_path), 1_000, seed=0, rows_per_group=256)
-    schema = DatasetSchema.load(str(tmp_path))
-    one_row = str(tmp_path / "one_row.parquet")
-    pq.write_table(pq.read_table(schema.split_path("test")).slice(0, 1), one_row)
-    empty_rank = ParquetBatchReader(schema, one_row, 4, rank=0, world_size=2, equal_batches=False)
-    assert len(empty_rank) == 0 and empty_rank.batches_per_rank == [0, 1]
-    (batch, real), = list(_padded(empty_rank, ParquetBatchReader(schema, one_row, 1)))
-    assert not real and batch.labels.shape == (1,)

@@ -17,9 +17,9 @@ most one row, that is at most one row per rank (plus the partial last batch with
 ``drop_last``). A rank reads its row groups whole except the (at most two) groups at
 the ends of its range, of which it keeps a slice; a split with fewer row groups than
 ranks is thus still spread evenly. ``reader.dropped_rows`` says how many rows a rank
-skips per epoch. An inference pass that must see every row (teacher outputs) passes
-``equal_batches=False`` and pads the ranks with fewer batches itself
-(``reader.batches_per_rank``).
+skips per epoch. Passes that must see every row (evaluation, teacher outputs) use
+``equal_batches=False`` and iterate :meth:`ParquetBatchReader.padded`: every row once, and
+ranks with one batch fewer repeat one, marked as padding.
 """
 
 import bisect
@@ -475,7 +475,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             (default ``max(8 * batch_size, 65536)``).
         equal_batches (bool): cap every rank at the smallest rank's batch count (default).
             ``False``: every row of this rank's range, so batch counts may differ by one
-            across ranks; the caller pads (see ``batches_per_rank``).
+            across ranks; iterate :meth:`padded` to keep the ranks in step.
 
     Example::
 
@@ -512,6 +512,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         self._schema = schema
+        self._extras = list(extras)
+        self._equal_batches = equal_batches
         self._batch_size = batch_size
         self._rank = rank
         self._world_size = world_size
@@ -563,6 +565,25 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
     def batches_per_rank(self) -> List[int]:
         """Batches each rank's rows make before the equal-batch-count cap."""
         return list(self._batches_per_rank)
+
+    @property
+    def padded_len(self) -> int:
+        """Steps of :meth:`padded` (the same on every rank)."""
+        return self._num_batches if self._equal_batches else max(self._batches_per_rank)
+
+    def padded(self) -> Iterator[Tuple[Batch, bool]]:
+        """``(batch, real)``: this rank's batches, then repeats of its last one with
+        ``real=False`` until it has run :attr:`padded_len` steps, so that every rank runs
+        DMP's per-step collectives equally often. A rank whose range is empty repeats the
+        split's first row. Skip the outputs of ``real=False`` batches."""
+        last: Optional[Batch] = None
+        for last in self:
+            yield last, True
+        for _ in range(self.padded_len - self._num_batches):
+            if last is None:
+                first = ParquetBatchReader(self._schema, self._paths, 1, extras=self._extras, prefetch=0)
+                last = next(iter(first))
+            yield last, False
 
     @property
     def dropped_rows(self) -> int:

@@ -31,6 +31,7 @@ from torchrec.distributed.types import ShardedModule
 from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch
+from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.train.distributed import is_main_process
 from recsys_llm.train.metrics import CTRMetrics
 
@@ -188,10 +189,12 @@ def evaluate(
 
     Args:
         model (nn.Module): the DMP-wrapped task (not attached to a pipeline).
-        batches (Iterable[Batch]): this rank's batches (same count on every rank).
+        batches (Iterable[Batch]): this rank's batches (same count on every rank), or a
+            ``ParquetBatchReader``: with ``equal_batches=False`` every row is scored once
+            (:meth:`~recsys_llm.data.parquet.ParquetBatchReader.padded`).
         device (torch.device): where batches are copied.
         metrics (CTRMetrics): reset, filled and computed here.
-        total (Optional[int]): batches, for the progress bar.
+        total (Optional[int]): batches, for the progress bar (a reader knows its own).
         description (str): progress bar label.
         progress (bool): show a tqdm bar (rank 0 only).
 
@@ -205,10 +208,16 @@ def evaluate(
     # summed on the device: no host sync per batch
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
-    for batch in tqdm(batches, total=total, desc=description, disable=not (progress and is_main_process()), dynamic_ncols=True,
-                      leave=False):
+    if isinstance(batches, ParquetBatchReader):
+        pairs, total = batches.padded(), batches.padded_len
+    else:
+        pairs = ((batch, True) for batch in batches)
+    for batch, real in tqdm(pairs, total=total, desc=description, disable=not (progress and is_main_process()),
+                            dynamic_ncols=True, leave=False):
         batch = batch.to(device, non_blocking=True)
         _, (loss, logits, labels) = model(batch)
+        if not real:  # a repeat that keeps this rank's collectives in step with the others
+            continue
         metrics.update(logits, labels, batch.extras)
         loss_sum += loss.detach().double().sum()
         steps += 1

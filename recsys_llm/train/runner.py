@@ -213,7 +213,8 @@ def _readers(config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext) 
     }
     for name, split in (("valid", data.valid_split), ("test", data.test_split)):
         if split in schema.splits:
-            readers[name] = ParquetBatchReader(schema, split, eval_batch, extras=eval_extras, **common)
+            readers[name] = ParquetBatchReader(schema, split, eval_batch, extras=eval_extras, equal_batches=False,
+                                               **common)  # evaluate scores every row
     return readers
 
 
@@ -361,7 +362,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
             state.epoch += 1
             state.step_in_epoch = 0
         if "valid" in readers and (last or (epoch_done and state.epoch % max(1, train_cfg.eval_every) == 0)):
-            valid = evaluate(model, readers["valid"], ctx.device, CTRMetrics(), total=len(readers["valid"]),
+            valid = evaluate(model, readers["valid"], ctx.device, CTRMetrics(),
                              description="valid", progress=train_cfg.progress)
             log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
             auc = valid["auc"]
@@ -392,7 +393,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     }
     if "test" in readers:
         results["test"] = evaluate(
-            model, readers["test"], ctx.device, CTRMetrics(subsets), total=len(readers["test"]), description="test",
+            model, readers["test"], ctx.device, CTRMetrics(subsets), description="test",
             progress=train_cfg.progress,
         )
         log.write({"event": "test", "global_step": state.global_step, **results["test"]})
@@ -427,13 +428,13 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     extras = list(data.extras) + plugin_extras(config) + list(_subsets(config, schema).values())
     reader = ParquetBatchReader(
         schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-        extras=sorted(set(extras)), validate=data.validate, pin_memory=ctx.device.type == "cuda",
+        extras=sorted(set(extras)), validate=data.validate, pin_memory=ctx.device.type == "cuda", equal_batches=False,
     )
     built = build_task(config, schema, ctx.device)
     model, _ = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, data.batch_size)
     load_plugin_state(model, built, schema)
     load_checkpoint(checkpoint, model, None, restore_rng=False)
-    results = evaluate(model, reader, ctx.device, CTRMetrics(_subsets(config, schema)), total=len(reader), description=split,
+    results = evaluate(model, reader, ctx.device, CTRMetrics(_subsets(config, schema)), description=split,
                        progress=config.train.progress)
     results["checkpoint"] = checkpoint
     results["split"] = split

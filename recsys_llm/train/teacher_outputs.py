@@ -12,13 +12,13 @@ writes copies of the split files with those two columns plus a schema that lists
 
 The teacher runs sharded, as it was trained: every rank loads its shards of the checkpoint
 and runs the teacher over its contiguous range of each file's rows (ranks with one batch
-fewer repeat one, so DMP's per-step collectives line up); rank 0 gathers the outputs,
+fewer repeat one: ``ParquetBatchReader.padded``); rank 0 gathers the outputs,
 checks the row count (and the row keys when the schema has one) and writes the file
 atomically. No table is ever gathered whole. Existing finished files are never rewritten.
 """
 
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,6 @@ from torch import nn
 from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
-from recsys_llm.data.batch import Batch
 from recsys_llm.data.parquet import ROW_ID_EXTRA, ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
@@ -64,18 +63,6 @@ def teacher_of(task: nn.Module) -> nn.Module:
     return task
 
 
-def _padded(reader: ParquetBatchReader, first_of_file: ParquetBatchReader) -> Iterator[Tuple[Batch, bool]]:
-    """``(batch, real)``: this rank's batches, then repeats of one (``real=False``) until it
-    has run as many steps as the rank with the most batches: DMP's collectives run per step
-    on every rank. ``first_of_file`` gives the repeat of a rank whose range is empty."""
-    last: Optional[Batch] = None
-    for last in reader:
-        yield last, True
-    for _ in range(max(reader.batches_per_rank) - len(reader)):
-        last = last if last is not None else next(iter(first_of_file))
-        yield last, False
-
-
 @torch.no_grad()
 def predict_file(
     teacher: nn.Module,
@@ -101,9 +88,8 @@ def predict_file(
     logits: List[np.ndarray] = []
     representations: List[np.ndarray] = []
     keys: List[np.ndarray] = []
-    first_of_file = ParquetBatchReader(schema, path, 1, extras=extras, prefetch=0)
-    for batch, real in tqdm(_padded(reader, first_of_file), total=max(reader.batches_per_rank),
-                            desc=os.path.basename(path), disable=not progress):
+    for batch, real in tqdm(reader.padded(), total=reader.padded_len, desc=os.path.basename(path),
+                            disable=not progress):
         output = teacher.predict(batch.to(device, non_blocking=True))
         if real:
             logits.append(output.logits.float().cpu().numpy())  # (B,)

@@ -108,6 +108,21 @@ def test_rank_sharding_equal_batches_and_disjoint_rows(synthetic, world_size, ba
     assert dropped <= world_size * (batch_size if drop_last else 1)  # balanced ranges: <= 1 row per rank + drop_last
 
 
+@pytest.mark.parametrize("rows,world_size,batch_size", [(401, 2, 200), (3200, 3, 1066), (1, 2, 4), (5, 4, 1)])
+def test_padded_passes_see_every_row_once_in_equal_steps(tmp_path, synthetic, rows, world_size, batch_size):
+    path = str(tmp_path / "rows.parquet")
+    pq.write_table(pq.read_table(synthetic.split_path("train")).slice(0, rows), path, row_group_size=128)
+    readers = [ParquetBatchReader(synthetic, path, batch_size, rank=r, world_size=world_size, equal_batches=False)
+               for r in range(world_size)]
+    passes = [list(reader.padded()) for reader in readers]
+    assert len({len(p) for p in passes}) == 1 and len(passes[0]) == readers[0].padded_len  # every rank in step
+    real = np.concatenate([_concat([b for b, is_real in p if is_real])[3]["row_id"].numpy() for p in passes if
+                           any(is_real for _, is_real in p)])
+    np.testing.assert_array_equal(real, pq.read_table(path)["row_id"].to_numpy())  # each row once, in file order
+    pads = sum(not is_real for p in passes for _, is_real in p)
+    assert pads == sum(readers[0].padded_len - n for n in readers[0].batches_per_rank) > 0
+
+
 def test_fewer_row_groups_than_ranks_uses_row_ranges(tmp_path, synthetic):
     table = pq.read_table(synthetic.split_path("valid"))  # 400 rows
     path = str(tmp_path / "one_group.parquet")
