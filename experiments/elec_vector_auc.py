@@ -1,0 +1,73 @@
+"""How much ELEC's row vector r says about clicks by itself, per split, and on the rows its
+CTR-adapted LLM was tuned on versus the other training rows.
+
+Run after ``python -m experiments.elec --granularity row ... --out DIR``::
+
+    .venv/bin/python -m experiments.elec_vector_auc --run DIR/runs/elec_ml100k --schema data/ml-100k
+
+It scores every row with the CTR-adapted LLM's own prediction layer applied to its exported r
+(no LLM forward pass: the vectors are read from the export) and writes the AUC per group to
+``DIR/runs/../../vector_auc.json`` (``--json`` to choose). A gap between the tuned rows and
+the others is label leakage: r of a row the LLM was tuned on has seen that row's label.
+"""
+
+import argparse
+import json
+import os
+from typing import Dict
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.semantics.ctr_llm import load_ctr_llm, sample_indices
+from recsys_llm.semantics.vector_export import read_vectors
+
+
+def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, float]]:
+    """AUC of ``predict(r)`` for the tuned training rows, the other training rows and each
+    other split: ``{group: {"auc", "rows"}}``."""
+    model = load_ctr_llm(os.path.join(run, "ctr_llm"))
+    keys, vectors = read_vectors(os.path.join(run, "vectors"))
+    order = np.argsort(keys)
+    keys, vectors = keys[order], vectors[order]
+    out: Dict[str, Dict[str, float]] = {}
+    for split in sorted(schema.splits):
+        table = pq.read_table(schema.split_path(split), columns=[schema.row_key, schema.label])
+        row_keys = table.column(schema.row_key).to_numpy()
+        found = np.searchsorted(keys, row_keys)
+        if not np.array_equal(keys[np.minimum(found, len(keys) - 1)], row_keys):
+            raise ValueError(f"{run}/vectors: some {split} rows have no vector")
+        labels = torch.from_numpy(table.column(schema.label).to_numpy().astype(np.int64))
+        with torch.no_grad():
+            logits = model.predict(torch.from_numpy(vectors[found]).float()).squeeze(-1)
+        groups = {split: np.ones(len(row_keys), dtype=bool)}
+        if split == "train":
+            tuned = np.zeros(len(row_keys), dtype=bool)
+            tuned[sample_indices(len(row_keys), model.config)] = True
+            groups = {"train (tuned on)": tuned, "train (not tuned on)": ~tuned}
+        for name, mask in groups.items():
+            rows = torch.from_numpy(mask)
+            out[name] = {"auc": float(binary_auroc(logits[rows], labels[rows])), "rows": int(mask.sum())}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="the experiment's run directory (holds ctr_llm/ and vectors/)")
+    parser.add_argument("--schema", required=True, help="the data set's schema.json (or its directory)")
+    parser.add_argument("--json", default=None, help="output (default: vector_auc.json two levels above --run)")
+    args = parser.parse_args()
+    result = vector_auc(args.run, DatasetSchema.load(args.schema))
+    path = args.json or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.run))), "vector_auc.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    for name, value in result.items():
+        print(f"{name:>22}: AUC {value['auc']:.4f} over {value['rows']} rows")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
