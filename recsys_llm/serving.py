@@ -218,14 +218,21 @@ def open_state_file(path: str) -> Iterator[Mapping[str, Any]]:
     ``state[key]`` has ``shape``, and ``state[key][index]`` reads only the rows and columns
     of ``index`` (``[...]`` for all): a rank that copies its shards of a large table out of
     a full state dict never holds the whole table. Safetensors files are sliced in place;
-    ``torch.save`` files are memory-mapped (``mmap=True``).
+    ``torch.save`` files are memory-mapped (``mmap=True``; files of the legacy non-zip format
+    are read whole).
 
     Args:
         path (str): an export directory or a ``.safetensors`` / ``torch.save`` file.
     """
     path = _state_path(path)
     if not path.endswith(".safetensors"):
-        yield torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # the legacy (non-zip) torch.save format cannot be mapped
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        yield state
         return
     with safe_open(path, framework="pt", device="cpu") as handle:
         yield {key: _SafetensorsSlice(handle, key) for key in handle.keys()}

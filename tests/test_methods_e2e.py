@@ -215,6 +215,23 @@ def _teacher_outputs(overrides: List[str], checkpoint: str, output_dir: str, bat
                                  progress=False)
 
 
+def _teacher_outputs_failing_on_rank_0(overrides: List[str], checkpoint: str, output_dir: str, batch_size: int) -> str:
+    """The error each rank ends with when rank 0 cannot write a copy (a full disk, simulated)."""
+    os.environ["RECSYS_LLM_DIST_TIMEOUT_S"] = "120"  # a rank left waiting fails the test instead of hanging it
+    from recsys_llm.train import teacher_outputs
+
+    if os.environ["RANK"] == "0":
+        def disk_full(*args: Any, **kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        teacher_outputs.write_with_columns = disk_full
+    try:
+        _teacher_outputs(overrides, checkpoint, output_dir, batch_size)
+    except Exception as error:  # noqa: BLE001 - the message is the result
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
 @pytest.mark.multiprocess
 def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
     """Each rank runs its shards over its rows; rank 0 with one batch fewer pads the collectives
@@ -246,4 +263,9 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
         for column in ("teacher_logits", "teacher_representation"):
             got = torch.tensor(sharded.column(column).to_pylist())
             torch.testing.assert_close(got, torch.tensor(single.column(column).to_pylist()), rtol=1e-5, atol=1e-5)
+    # rank 0 fails to write the first copy: every rank stops there with the reason
+    failed = run_multiprocess(_teacher_outputs_failing_on_rank_0, world_size=2, overrides=overrides,
+                              checkpoint=str(tmp_path / "run"), output_dir=str(tmp_path / "failed"), batch_size=batch_size)
+    assert failed[0] == "OSError: [Errno 28] No space left on device", failed
+    assert failed[1].startswith("RuntimeError: teacher outputs: rank 0 failed to write") and "Errno 28" in failed[1], failed
 

@@ -1,7 +1,7 @@
 """``recsys-llm export``: the servable artifact of a trained run (e.g. the ELEC student alone).
 
 Loads the checkpoint into the sharded task exactly as training built it (any world size),
-gathers the full state dict on rank 0 (``ShardedTensor.gather``), keeps the student's
+gathers the full state dict into rank 0's memory (one shard at a time), keeps the student's
 tensors (``student.*`` of a teacher-student task; the whole task for a plain backbone or an
 entity-table gain network), and writes them with a ``torch.export`` program of the dense part
 (:mod:`recsys_llm.serving`). A gain network reading per-row vectors (which needs the LLM at

@@ -373,6 +373,23 @@ class _Unit:
         return self.stop - self.start
 
 
+def parquet_files(path: str) -> List[str]:
+    """A Parquet file, or the sorted ``*.parquet`` files directly in a directory (what a
+    split directory holds; other files, such as ``*.tmp`` leftovers, are not data).
+
+    Raises:
+        DataError: no such file or directory, or a directory without ``*.parquet`` files.
+    """
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.parquet")))
+        if not found:
+            raise DataError(f"{path}: directory holds no *.parquet files")
+        return found
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such Parquet file or directory")
+    return [path]
+
+
 def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str]]) -> List[str]:
     """Split name, file, directory of ``*.parquet`` or list of those -> sorted list of files."""
     items = [split_or_paths] if isinstance(split_or_paths, str) else list(split_or_paths)
@@ -380,17 +397,11 @@ def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str
     for item in items:
         if isinstance(item, str) and item in schema.splits:
             item = schema.split_path(item)
-        if os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(item, "*.parquet")))
-            if not found:
-                raise DataError(f"{item}: directory holds no *.parquet files")
-            paths += found
-        elif os.path.exists(item):
-            paths.append(item)
-        else:
+        if not os.path.exists(item):
             raise DataError(
                 f"{item}: no such Parquet file or directory (and not a split of schema {schema.name!r}: {sorted(schema.splits)})"
             )
+        paths += parquet_files(item)
     return paths
 
 
@@ -445,7 +456,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
     """Streams :class:`~recsys_llm.data.batch.Batch` es from Parquet, sharded by rank.
 
     Every rank yields exactly ``len(reader)`` batches (see the module docstring for the cap
-    that guarantees it). A batch holds::
+    that guarantees it); with ``equal_batches=False``, every row of its range instead, and
+    :meth:`padded` keeps the ranks in step. A batch holds::
 
         dense_features   (B, Dd) float32, dense fields in schema order
         sparse_features  KeyedJaggedTensor, keys = schema.sparse_feature_names; sparse fields

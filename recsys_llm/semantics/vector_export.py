@@ -33,19 +33,22 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from recsys_llm.data.parquet import parquet_files
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.row_text import RowTextRenderer
+
+logger = logging.getLogger(__name__)
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
 MANIFEST = "manifest.json"
@@ -364,10 +367,12 @@ def vector_dim(directory: str) -> int:
 class _ExportLookup:
     """Vectors of an export by key, without holding the whole export.
 
-    Every chunk's keys (8 bytes per vector) are read and sorted once; vectors are read a
-    chunk at a time (provenance-checked) and kept while they fit in ``cache_bytes``
-    (least recently used chunks are dropped first), so rows that come in export order read
-    each chunk once, and a small export (entity vectors) is read once in all.
+    Every chunk's keys are read and sorted once (about 24 bytes per vector: keys, order,
+    sorted keys); vectors are read a chunk at a time (provenance-checked) and kept while
+    they fit in ``cache_bytes`` (least recently used chunks are dropped first). Rows in
+    export order (row vectors) read each chunk once; an export within ``cache_bytes``
+    (entity vectors) is read once in all. A larger export looked up in random key order is
+    read again for every batch of rows: give it a ``cache_bytes`` above its size.
     """
 
     def __init__(self, directory: str, manifest: Dict[str, object], cache_bytes: int) -> None:
@@ -436,7 +441,8 @@ def attach_vectors(
     so neither is held whole.
 
     Args:
-        split_path (str): the split's Parquet file (or directory of files).
+        split_path (str): the split's Parquet file, or a directory of ``*.parquet`` files
+            (read in name order into one copy).
         vector_dir (str): a finished export.
         key_column (str): column of the split matched against the export's keys.
         output_path (str): the copy (written atomically: on an error nothing is left there,
@@ -453,30 +459,44 @@ def attach_vectors(
         ValueError: a key of the split has no vector.
     """
     manifest = read_manifest(vector_dir, expected)
-    source = pyarrow.dataset.dataset(split_path, format="parquet")
-    if key_column not in source.schema.names:
-        raise ValueError(f"{split_path}: no column {key_column!r} to join vectors on; columns {source.schema.names}")
-    if column in source.schema.names:
-        raise ValueError(f"{split_path}: already has a column {column!r}")
-    lookup = _ExportLookup(vector_dir, manifest, cache_bytes)
+    files = parquet_files(split_path)
+    schema = pq.read_schema(files[0])
+    if key_column not in schema.names:
+        raise ValueError(f"{files[0]}: no column {key_column!r} to join vectors on; columns {schema.names}")
+    if column in schema.names:
+        raise ValueError(f"{files[0]}: already has a column {column!r}")
     value_type = pq.read_schema(chunk_path(vector_dir, 0)).field(str(manifest["vector_column"])).type
-    schema = source.schema.append(pa.field(column, value_type))
+    export_bytes = int(manifest["num_rows"]) * value_type.list_size * value_type.value_type.bit_width // 8
+    if export_bytes > cache_bytes:
+        logger.warning("%s: %.1f GiB of vectors, above attach_vectors' cache_bytes (%.1f GiB): keys in random order "
+                       "re-read chunks for every batch", vector_dir, export_bytes / 2**30, cache_bytes / 2**30)
+    lookup = _ExportLookup(vector_dir, manifest, cache_bytes)
+    out_schema = schema.append(pa.field(column, value_type))
     tmp = f"{output_path}.tmp"
     rows = 0
     try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for batch in source.to_batches(batch_size=batch_rows, use_threads=False):
-                positions = lookup.positions(batch.column(key_column).to_numpy(zero_copy_only=False))
-                missing = positions < 0
-                if missing.any():
-                    first = batch.column(key_column)[int(np.argmax(missing))].as_py()
-                    raise ValueError(f"{split_path}: {int(missing.sum())} rows (of rows {rows}-{rows + batch.num_rows - 1}) "
-                                     f"have a {key_column!r} with no vector in {vector_dir}; first: {key_column}={first}")
-                picked = lookup.vectors(positions) if len(positions) else np.zeros((0, value_type.list_size), np.float32)
-                values = pa.array(picked.reshape(-1), type=value_type.value_type)
-                vectors = pa.FixedSizeListArray.from_arrays(values, value_type.list_size)
-                writer.write_batch(pa.RecordBatch.from_arrays(batch.columns + [vectors], schema=schema))
-                rows += batch.num_rows
+        with pq.ParquetWriter(tmp, out_schema) as writer:
+            for path in files:
+                handle = pq.ParquetFile(path)
+                if not handle.schema_arrow.equals(schema):
+                    raise ValueError(f"{path}: columns {handle.schema_arrow.names} differ from {files[0]}'s {schema.names}")
+                row_in_file = 0
+                for batch in handle.iter_batches(batch_size=batch_rows, use_threads=False):
+                    positions = lookup.positions(batch.column(key_column).to_numpy(zero_copy_only=False))
+                    missing = positions < 0
+                    if missing.any():
+                        first = int(np.argmax(missing))
+                        raise ValueError(
+                            f"{path}: {int(missing.sum())} rows (of rows {row_in_file}-{row_in_file + batch.num_rows - 1}) "
+                            f"have a {key_column!r} with no vector in {vector_dir}; first: row {row_in_file + first}, "
+                            f"{key_column}={batch.column(key_column)[first].as_py()}"
+                        )
+                    picked = lookup.vectors(positions) if len(positions) else np.zeros((0, value_type.list_size), np.float32)
+                    values = pa.array(picked.reshape(-1), type=value_type.value_type)
+                    vectors = pa.FixedSizeListArray.from_arrays(values, value_type.list_size)
+                    writer.write_batch(pa.RecordBatch.from_arrays(batch.columns + [vectors], schema=out_schema))
+                    row_in_file += batch.num_rows
+                rows += row_in_file
         os.replace(tmp, output_path)
     finally:
         if os.path.exists(tmp):

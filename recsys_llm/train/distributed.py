@@ -136,6 +136,26 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+_host_group: "Optional[tuple]" = None  # (the default group it was made for, the gloo group)
+
+
+def host_group() -> Optional[dist.ProcessGroup]:
+    """A group over every rank whose collectives keep objects in host memory.
+
+    ``gather_object`` / ``broadcast_object_list`` on an NCCL group stage the pickled bytes on
+    the GPU (rank 0 holds world size x the largest); on this gloo group they stay on the
+    host. Under gloo it is the default group (``None``). Every rank must make the first call
+    (``new_group`` is collective).
+    """
+    global _host_group
+    if not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    if _host_group is None or _host_group[0] is not dist.group.WORLD:
+        timeout = datetime.timedelta(seconds=_timeout_seconds())
+        _host_group = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout))
+    return _host_group[1]
+
+
 def barrier() -> None:
     """``dist.barrier()`` when a group exists, else nothing."""
     if dist.is_initialized():

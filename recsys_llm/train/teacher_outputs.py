@@ -34,7 +34,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
 from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
 from recsys_llm.train.config import ExperimentConfig, check_same_model
-from recsys_llm.train.distributed import barrier, init_distributed
+from recsys_llm.train.distributed import barrier, host_group, init_distributed
 from recsys_llm.train.runner import build_task, load_or_generate_schema, load_plugin_state, plugin_extras
 from recsys_llm.train.sharding import shard_model
 
@@ -74,11 +74,13 @@ def predict_file(
     device: torch.device = torch.device("cpu"),
     rank: int = 0,
     world_size: int = 1,
+    group: Optional[dist.ProcessGroup] = None,
 ) -> Optional[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
     """Teacher logits (N,), representations (N, H) and row keys (N,) or None, in file order.
 
     Collective when ``world_size > 1``: each rank runs the (sharded) teacher over its
-    contiguous range of the file's rows, and rank 0 receives every rank's outputs.
+    contiguous range of the file's rows, and rank 0 receives every rank's outputs over
+    ``group`` (:func:`~recsys_llm.train.distributed.host_group`: host memory, not the GPU).
 
     Returns:
         the outputs on rank 0; ``None`` on the other ranks.
@@ -100,7 +102,7 @@ def predict_file(
     parts = [local]
     if world_size > 1:
         parts = [None] * world_size if rank == 0 else None
-        dist.gather_object(local, parts, dst=0)
+        dist.gather_object(local, parts, dst=0, group=group)
     if rank != 0:
         return None
     # ranks hold contiguous ranges in rank order, so concatenation restores file order
@@ -190,16 +192,27 @@ def write_teacher_outputs(
             targets[source] = os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))
         new_splits[split] = f"{split}.parquet" if single else split
     # rank 0 decides which files are finished, so every rank runs the same files
+    host = host_group()
     pending = [[source for source, target in targets.items() if not os.path.exists(target)]]
     if ctx.world_size > 1:
-        dist.broadcast_object_list(pending, src=0)
+        dist.broadcast_object_list(pending, src=0, group=host)
     for source in pending[0]:
         outputs = predict_file(teacher, schema, source, extras, batch_size, progress and ctx.is_main, ctx.device,
-                               ctx.rank, ctx.world_size)
+                               ctx.rank, ctx.world_size, host)
+        error: Optional[Exception] = None
         if ctx.is_main:
-            logits, representations, keys = outputs
-            os.makedirs(os.path.dirname(targets[source]), exist_ok=True)
-            write_with_columns(source, targets[source], logits, representations, schema.row_key, keys)
+            try:
+                os.makedirs(os.path.dirname(targets[source]), exist_ok=True)
+                write_with_columns(source, targets[source], *outputs[:2], schema.row_key, outputs[2])
+            except Exception as caught:  # told to every rank, so none waits for the next file
+                error = caught
+        failure = [None if error is None else f"{type(error).__name__}: {error}"]
+        if ctx.world_size > 1:
+            dist.broadcast_object_list(failure, src=0, group=host)
+        if error is not None:
+            raise error
+        if failure[0] is not None:
+            raise RuntimeError(f"teacher outputs: rank 0 failed to write {targets[source]}: {failure[0]}")
     report: Dict[str, Any] = {"schema": os.path.join(output_dir, "schema.json"), "files": list(targets.values())}
     if ctx.is_main:
         width = pq.ParquetFile(report["files"][0]).schema_arrow.field(REPRESENTATION_COLUMN).type.list_size

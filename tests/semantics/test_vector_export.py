@@ -167,6 +167,12 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         # PCA keeps the top variance direction: projected variances are sorted
         var = expected.var(0)
         assert var[0] >= var[1] >= var[2]
+        split, copy = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+        pq.write_table(pa.table({"row_id": keys.to_numpy()[::-1].copy()}), split)
+        assert attach_vectors(split, out, "row_id", copy, batch_rows=16) == 40
+        attached = pq.read_table(copy).column("llm_vector")
+        assert attached.type == pa.list_(pa.float16(), 3)  # the export's dtype, as stored
+        np.testing.assert_array_equal(np.array(attached.to_pylist(), dtype=np.float16), vectors[::-1])
 
     def test_read_rows_and_attach(self, tmp_path):
         out = str(tmp_path / "vec")
@@ -187,7 +193,7 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         got = np.array(table.column("llm_vector").to_pylist(), dtype=np.float32)
         np.testing.assert_allclose(got, expected[[2, 0, 0, 1]], rtol=1e-6)
         pq.write_table(pa.table({"item_id": pa.array([7], pa.int64())}), split)
-        with pytest.raises(ValueError, match=r"1 rows \(of rows 0-0\) have a 'item_id' with no vector in .*item_id=7"):
+        with pytest.raises(ValueError, match=r"1 rows \(of rows 0-0\) have a 'item_id' with no vector in .*row 0, item_id=7"):
             attach_vectors(split, out, "item_id", copy)
 
     def test_attach_streams_the_split_and_the_export(self, tmp_path):
@@ -204,6 +210,7 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         split_dir.mkdir()
         for part, rows in enumerate(np.array_split(order, 2)):
             pq.write_table(pa.table({"row_id": all_keys[rows], "label": rows % 2}), str(split_dir / f"part-{part}.parquet"))
+        pq.write_table(pa.table({"row_id": all_keys[:3], "label": [0, 1, 0]}), str(split_dir / "part-2.parquet.tmp"))  # not data
         copy = str(tmp_path / "copy.parquet")
         assert attach_vectors(str(split_dir), out, "row_id", copy, batch_rows=7, cache_bytes=8 * 4 * 4) == num_rows
         table = pq.read_table(copy)
@@ -221,7 +228,7 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         attach_vectors(split, out, "row_id", copy, batch_rows=4)
         before = open(copy, "rb").read()
         pq.write_table(pa.table({"row_id": pa.array([0, 1, 2, 3, 4, 99], pa.int64())}), split)  # 99 in batch 2
-        with pytest.raises(ValueError, match=r"1 rows \(of rows 4-5\) .* first: row_id=99"):
+        with pytest.raises(ValueError, match=r"split.parquet: 1 rows \(of rows 4-5\) .* first: row 5, row_id=99"):
             attach_vectors(split, out, "row_id", copy, batch_rows=4)
         assert open(copy, "rb").read() == before
         assert sorted(os.listdir(tmp_path)) == ["copy.parquet", "split.parquet", "vec"]
