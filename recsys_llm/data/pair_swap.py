@@ -25,8 +25,10 @@ Either way a resumed run builds exactly the batches the uninterrupted one would 
 Example::
 
     swap = SwappedPairs(schema, ["item_id", "item_category", "item_tags", "item_price_log"])
-    for batch in swap.over(reader, epoch):
+    reader = ParquetBatchReader(schema, "train", 4096, shuffle=True, transform=swap)
+    for batch in reader:  # swapped in the reader's prefetch thread, then pinned on CUDA
         ...  # 2B rows; labels and weights of rows B.. are 0
+    # or over any iterable of batches: swap.over(batches, epoch)
 """
 
 import dataclasses

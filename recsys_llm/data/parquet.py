@@ -28,7 +28,7 @@ import glob
 import os
 import queue
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -485,6 +485,10 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             the training pipeline's ``non_blocking`` host-to-GPU copies overlap with compute.
         shuffle_buffer_rows (Optional[int]): rows mixed together when shuffling
             (default ``max(8 * batch_size, 65536)``).
+        transform (Optional[Callable[[Batch, int, int], Batch]]): ``transform(batch, epoch,
+            index)`` for every batch, run in the prefetch thread before pinning (e.g.
+            :class:`~recsys_llm.data.pair_swap.SwappedPairs`, which appends swapped rows), so
+            the batch the trainer copies is the one that is pinned.
         equal_batches (bool): cap every rank at the smallest rank's batch count (default).
             ``False``: every row of this rank's range, so batch counts may differ by one
             across ranks; iterate :meth:`padded` to keep the ranks in step.
@@ -514,6 +518,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         prefetch: int = 2,
         shuffle_buffer_rows: Optional[int] = None,
         pin_memory: bool = False,
+        transform: Optional[Callable[[Batch, int, int], Batch]] = None,
         equal_batches: bool = True,
     ) -> None:
         super().__init__()
@@ -525,6 +530,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         self._schema = schema
         self._extras = list(extras)
+        self._transform = transform
         self._equal_batches = equal_batches
         self._batch_size = batch_size
         self._rank = rank
@@ -620,6 +626,9 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
                 "(use num_workers <= 1 and batch_size=None, or its prefetch thread)"
             )
         batches = self._batches()
+        if self._transform is not None:
+            transform, epoch = self._transform, self._epoch
+            batches = (transform(batch, epoch, index) for index, batch in enumerate(batches))
         if self._pin_memory:
             batches = (batch.pin_memory() for batch in batches)
         if self._prefetch > 0:

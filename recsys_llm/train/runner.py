@@ -196,7 +196,9 @@ def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int, rank: int 
     return SwappedPairs(schema, distill.swap_fields, seed=seed, catalog=distill.swap_catalog, rank=rank)
 
 
-def _readers(config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext) -> Dict[str, ParquetBatchReader]:
+def _readers(
+    config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext, train_transform: Optional[SwappedPairs] = None
+) -> Dict[str, ParquetBatchReader]:
     data = config.data
     eval_batch = data.eval_batch_size or data.batch_size
     train_extras = list(dict.fromkeys(list(data.extras) + plugin_extras(config)))
@@ -208,7 +210,7 @@ def _readers(config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext) 
     readers = {
         "train": ParquetBatchReader(
             schema, data.train_split, data.batch_size, extras=train_extras, shuffle=data.shuffle,
-            seed=config.train.seed, **common,
+            seed=config.train.seed, transform=train_transform, **common,
         ),
     }
     for name, split in (("valid", data.valid_split), ("test", data.test_split)):
@@ -279,12 +281,12 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         os.makedirs(run_dir, exist_ok=True)
     barrier()
     schema = load_or_generate_schema(config, ctx)
-    readers = _readers(config, schema, ctx)
+    built = build_task(config, schema, ctx.device)
+    swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early
+    readers = _readers(config, schema, ctx, train_transform=swap)
     if len(readers["train"]) == 0:
         raise ValueError(f"training split {config.data.train_split!r} gives 0 batches per rank at batch size {config.data.batch_size}")
 
-    built = build_task(config, schema, ctx.device)
-    swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early
     # swapped pairs double every training batch; the planner sizes for what a step really holds
     step_rows = config.data.batch_size * (2 if swap is not None else 1)
     model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, step_rows)
@@ -338,10 +340,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
 
     while not state.finished and state.epoch < train_cfg.epochs:
         train_reader.set_epoch(state.epoch)
-        batches = train_reader if swap is None else swap.over(train_reader, state.epoch)
         resumed_at = state.step_in_epoch  # > 0 only in the epoch a resumed run continues
         stats = train_epoch(
-            model, optimizer, batches, ctx.device,
+            model, optimizer, train_reader, ctx.device,
             skip_batches=resumed_at,
             on_step=step_callback,
             total=len(train_reader),

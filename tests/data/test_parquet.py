@@ -61,10 +61,16 @@ def test_pin_memory_pins_on_cuda_and_is_refused_without(synthetic):
         with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
             ParquetBatchReader(synthetic, "train", batch_size=500, pin_memory=True)
         return
-    reader = ParquetBatchReader(synthetic, "train", batch_size=500, extras=["row_id"], pin_memory=True)
-    batch = next(iter(reader))
-    assert batch.dense_features.is_pinned() and batch.labels.is_pinned() and batch.extras["row_id"].is_pinned()
-    assert batch.sparse_features.values().is_pinned()
+    from recsys_llm.data.pair_swap import SwappedPairs
+    from recsys_llm.data.synthetic import ITEM_FIELDS
+
+    swap = SwappedPairs(synthetic, ITEM_FIELDS)
+    for transform in (None, swap):  # a transformed batch is the one pinned
+        reader = ParquetBatchReader(synthetic, "train", batch_size=500, extras=["row_id"], pin_memory=True,
+                                    transform=transform)
+        batch = next(iter(reader))
+        assert batch.dense_features.is_pinned() and batch.labels.is_pinned() and batch.extras["row_id"].is_pinned()
+        assert batch.sparse_features.values().is_pinned()
 
 
 def test_sequences_truncated_and_vector_extras(tmp_path):
@@ -165,3 +171,27 @@ def test_bad_arguments(synthetic):
         ParquetBatchReader(synthetic, "train", 16, rank=2, world_size=2)
     with pytest.raises(DataError, match="no such Parquet file or directory"):
         ParquetBatchReader(synthetic, "nope", 16)
+
+
+@pytest.mark.parametrize("catalog", [False, True])
+def test_a_transform_runs_in_the_reader_like_over_the_reader(synthetic, catalog):
+    """Swapped pairs as the reader's transform (prefetch thread, before pinning) give the batches
+    the trainer used to get by wrapping the reader, epoch and batch index included."""
+    import os
+
+    from recsys_llm.data.pair_swap import SwappedPairs
+    from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
+
+    catalog_path = os.path.join(synthetic.root, ITEM_CATALOG) if catalog else None
+    swap = SwappedPairs(synthetic, ITEM_FIELDS, seed=5, catalog=catalog_path)
+    inside = ParquetBatchReader(synthetic, "train", 256, shuffle=True, transform=swap)
+    outside = ParquetBatchReader(synthetic, "train", 256, shuffle=True)
+    inside.set_epoch(1)
+    outside.set_epoch(1)
+    got, expected = list(inside), list(swap.over(outside, epoch=1))
+    assert len(got) == len(expected) == len(outside) and got[0].batch_size == 512
+    for a, b in zip(got, expected):
+        assert torch.equal(a.dense_features, b.dense_features) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
+        assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
+        assert a.extras.keys() == b.extras.keys() and all(torch.equal(a.extras[k], b.extras[k]) for k in a.extras)
