@@ -85,6 +85,22 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     return args
 
 
+def single_rank_context(args: argparse.Namespace) -> Any:
+    """This process's ``DistContext`` on ``--device`` (``args.resolved_device`` is set too),
+    for a benchmark that compares single-rank runs.
+
+    Raises:
+        RuntimeError: started with several ranks (under ``torchrun``).
+    """
+    from recsys_llm.train.distributed import init_distributed
+
+    args.resolved_device = resolve_device(args.device)
+    context = init_distributed(args.resolved_device)
+    if context.world_size != 1:
+        raise RuntimeError(f"{args.name} compares single-rank runs; run it without torchrun (world size {context.world_size})")
+    return context
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``.
 

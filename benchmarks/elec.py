@@ -68,11 +68,11 @@ from benchmarks.common import (  # noqa: E402
     per_round_ratios,
     print_summary,
     ratio_bars,
-    resolve_device,
     result_payload,
     samples_per_second,
     served_logits,
     shard_for_training,
+    single_rank_context,
     tiny_llm_dir,
     train_split_batches,
     two_panel_figure,
@@ -378,12 +378,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.data.synthetic import generate_synthetic
     from recsys_llm.semantics.row_text import RowTextRenderer
-    from recsys_llm.train.distributed import init_distributed, teardown_distributed
+    from recsys_llm.train.distributed import teardown_distributed
 
-    args.resolved_device = resolve_device(args.device)
-    context = init_distributed(args.resolved_device)
-    if context.world_size != 1:
-        raise RuntimeError(f"{NAME} compares single-rank runs; run it without torchrun (world size {context.world_size})")
+    context = single_rank_context(args)
     device = context.device
     started = time.perf_counter()
     watch = Stopwatch()

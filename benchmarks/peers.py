@@ -84,8 +84,8 @@ from benchmarks.common import (  # noqa: E402
     parse_args,
     per_round_ratios,
     print_summary,
-    resolve_device,
     result_payload,
+    single_rank_context,
     two_panel_figure,
     write_json,
 )
@@ -491,12 +491,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(str(error), file=sys.stderr)
         raise SystemExit(MISSING_PEER_EXIT) from None
 
-    from recsys_llm.train.distributed import init_distributed, teardown_distributed
+    from recsys_llm.train.distributed import teardown_distributed
 
-    args.resolved_device = resolve_device(args.device)
-    context = init_distributed(args.resolved_device)
-    if context.world_size != 1:
-        raise RuntimeError(f"{NAME} compares single-process training; run it without torchrun")
+    context = single_rank_context(args)
     started = time.perf_counter()
     results = {scale.name: run_scale(scale, sizes, python, context.device, args.seed) for scale in sizes.tables}
     headline = results[HEADLINE_SCALE]

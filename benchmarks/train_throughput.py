@@ -50,8 +50,8 @@ from benchmarks.common import (  # noqa: E402
     median,
     parse_args,
     print_summary,
-    resolve_device,
     result_payload,
+    single_rank_context,
     timed_steps,
     write_json,
 )
@@ -315,13 +315,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.train.config import DataConfig
-    from recsys_llm.train.distributed import init_distributed, teardown_distributed
+    from recsys_llm.train.distributed import teardown_distributed
 
-    args.resolved_device = resolve_device(args.device)
-    context = init_distributed(args.resolved_device)
+    context = single_rank_context(args)
     device = context.device
-    if context.world_size != 1:
-        raise RuntimeError(f"{NAME} compares single-rank loops; run it without torchrun (world size {context.world_size})")
     synchronize = device_synchronize(device)
     lr = {"sparse": 0.05, "dense": 1e-3}
 
