@@ -114,7 +114,7 @@ def main(work_dir: str = "runs/plug_into_dlrm", llm: Optional[str] = None, rows:
     batches = functools.partial(ParquetBatchReader, schema, batch_size=128, rank=ctx.rank,
                                 world_size=ctx.world_size, extras=["llm_vector"])
     epochs = [train_epoch(model, optimizer, batches("train", shuffle=True, seed=e), ctx.device) for e in range(EPOCHS)]
-    valid = evaluate(model, batches("valid"), ctx.device, CTRMetrics())  # the student's predictions
+    valid = evaluate(model, batches("valid", equal_batches=False), ctx.device, CTRMetrics())  # the student, on every row
     result = {"world_size": ctx.world_size, "valid": valid, "train_loss": [e.mean_loss for e in epochs],
               "pipelined": epochs[-1].pipelined_modules, "sharded": epochs[-1].sharded_modules}
     if ctx.rank == 0:
