@@ -23,6 +23,7 @@ from torchx.specs.finder import get_component
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPONENTS = {
     "train": REPO_ROOT / "torchx_components" / "train.py",
+    "trained": REPO_ROOT / "torchx_components" / "trained.py",
     "encode": REPO_ROOT / "torchx_components" / "encode.py",
     "bench": REPO_ROOT / "torchx_components" / "bench.py",
 }
@@ -114,6 +115,32 @@ class TestTrainComponent:
             assert "(required)" in text and "number of hosts" in text
 
 
+class TestTrainedComponent:
+    def test_teacher_outputs_over_ranks(self) -> None:
+        app = from_cli("trained", ["--job", "teacher-outputs", "--config", "c.yaml", "--checkpoint", "runs/gain",
+                                   "--nproc_per_node", "2", "--", "--output-dir", "data/t", "elec.task=gain"])
+        assert app.roles[0].name == "teacher-outputs" and app.name == "teacher-outputs"
+        words = command_of(app)
+        assert words[words.index("-m"):] == [
+            "-m", "recsys_llm.cli", "teacher-outputs", "--config", "c.yaml", "--checkpoint", "runs/gain",
+            "--output-dir", "data/t", "elec.task=gain",
+        ]
+        assert words[words.index("--nproc_per_node") + 1] == "2"
+
+    def test_jobs_are_sub_commands_that_load_a_checkpoint(self) -> None:
+        from recsys_llm.cli import build_parser
+
+        namespace = {}
+        exec(COMPONENTS["trained"].read_text(), namespace)  # the way torchx loads it
+        required = {"evaluate": [], "export": ["--output", "o"], "teacher-outputs": ["--output-dir", "d"]}
+        assert set(namespace["TRAINED_JOBS"]) == set(required)
+        for job, job_args in required.items():  # each takes the component's --config and --checkpoint
+            args = build_parser().parse_args([job, "--config", "c.yaml", "--checkpoint", "k", *job_args])
+            assert args.config == "c.yaml" and args.checkpoint == "k", job
+        with pytest.raises(ValueError, match="must be one of"):
+            load("trained")("train", "c.yaml", "k")
+
+
 class TestEncodeComponent:
     def test_export_over_ranks(self) -> None:
         app = from_cli("encode", ["--job", "export", "--nproc_per_node", "2", "--gpu", "1", "--",
@@ -187,7 +214,8 @@ def tiny_config(tmp_path: Path) -> Path:
 
 @pytest.mark.multiprocess
 def test_train_end_to_end_local_cwd_two_processes(tmp_path: Path) -> None:
-    """``torchx run -s local_cwd torchx_components/train.py:train --nproc_per_node 2``: 2 gloo ranks."""
+    """``torchx run -s local_cwd torchx_components/train.py:train --nproc_per_node 2``: 2 gloo ranks; then
+    ``trained.py:trained --job evaluate`` on the run."""
     config = tiny_config(tmp_path)
     bin_dir = Path(sys.executable).parent  # the workers start torchrun from PATH
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO_ROOT))
@@ -210,6 +238,18 @@ def test_train_end_to_end_local_cwd_two_processes(tmp_path: Path) -> None:
     plan = json.loads((run_dir / "sharding_plan.json").read_text())
     ranks = {rank for table in plan.values() for rank in table["ranks"]}
     assert ranks == {0, 1}, plan  # tables sharded over both torchx-launched ranks
+
+    # the trained run, evaluated by the `trained` component on 2 ranks (the checkpoint's shards re-cut)
+    log_dir = tmp_path / "torchx_logs_evaluate"
+    command = [
+        str(bin_dir / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}",
+        "torchx_components/trained.py:trained", "--job", "evaluate", "--config", str(config),
+        "--checkpoint", str(run_dir), "--nproc_per_node", "2", "--env", "OMP_NUM_THREADS=1", "--", "train.seed=1",
+    ]
+    process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    logs = "\n".join(p.read_text(errors="replace") for p in log_dir.rglob("*.log"))
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:] + logs[-3000:]
+    assert '"num_samples": 400.0' in logs, logs[-3000:]  # every test row, scored on 2 ranks
 
 
 def test_launch_docs_show_every_component_argument() -> None:

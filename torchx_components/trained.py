@@ -1,0 +1,101 @@
+"""torchx component: the sharded jobs on a trained run (``recsys-llm evaluate|export|teacher-outputs``).
+
+Built on :func:`torchx.components.dist.ddp`, like ``train``: the checkpoint is loaded into the
+tables sharded over every worker (any number of workers: the shards are re-cut), then
+
+* ``evaluate`` scores a split (every row once) and prints its metrics;
+* ``export`` gathers the model shard by shard and writes the servable artifact (rank 0);
+* ``teacher-outputs`` runs the trained teacher sharded, each worker over its share of the
+  rows, and writes the split copies with its logits and representations (rank 0).
+
+Launch::
+
+    torchx run -s local_cwd torchx_components/trained.py:trained --job teacher-outputs \\
+        --config configs/synthetic_deepfm.yaml --checkpoint runs/gain --nproc_per_node 2 \\
+        -- --output-dir data/synthetic-teacher elec.task=gain elec.vector_dim=32
+
+This file is loaded by torchx with ``exec`` (not imported), so it depends on torchx
+only: no project imports, no helper modules.
+"""
+
+from typing import Dict, List, Optional
+
+import torchx
+from torchx import specs
+from torchx.components.dist import ddp
+
+TRAINED_JOBS = ("evaluate", "export", "teacher-outputs")
+
+
+def trained(
+    job: str,
+    config: str,
+    checkpoint: str,
+    *job_args: str,
+    nnodes: int = 1,
+    nproc_per_node: int = 1,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    named_resource: Optional[str] = None,
+    image: str = torchx.IMAGE,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    job_name: str = "",
+) -> specs.AppDef:
+    """
+    Runs ``python -m recsys_llm.cli JOB --config CONFIG --checkpoint CHECKPOINT [job_args ...]``
+    on nnodes x nproc_per_node torchrun workers (torchx dist.ddp), the trained tables sharded
+    over all of them. Finished teacher-output files are skipped, so a retried job resumes.
+
+    Args:
+        job: evaluate (metrics of a split), export (the servable artifact) or teacher-outputs (split copies with the teacher's logits and representations)
+        config: the run's training config (YAML), relative to the working directory / image
+        checkpoint: a checkpoint directory, or a run directory (its best checkpoint)
+        job_args: the job's own arguments and config overrides, after -- (e.g. -- --output-dir data/teacher elec.task=gain)
+        nnodes: number of hosts (replicas of the role)
+        nproc_per_node: worker processes per host (one per GPU on GPU hosts)
+        cpu: CPUs per host
+        gpu: GPUs per host
+        memMB: host memory in MB per host
+        named_resource: a torchx named resource; takes precedence over cpu, gpu and memMB
+        image: container image with the project installed (ignored by local_cwd)
+        env: extra environment variables (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
+        max_retries: scheduler retries of the whole job
+        rdzv_backend: torchrun rendezvous backend (c10d or static)
+        rdzv_port: port on rank 0's host for the c10d store (multi-host only)
+        mounts: mounts in the container, e.g. type=bind,src=/data,dst=/data
+        job_name: job name as {experiment}/{run}; defaults to recsys_llm/JOB
+    """
+    if job not in TRAINED_JOBS:
+        raise ValueError(f"job must be one of {list(TRAINED_JOBS)}, got {job!r}")
+    if nnodes < 1 or nproc_per_node < 1:
+        raise ValueError(
+            f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
+        )
+    app = ddp(
+        job,
+        "--config",
+        config,
+        "--checkpoint",
+        checkpoint,
+        *job_args,
+        m="recsys_llm.cli",
+        image=image,
+        name=job_name or f"recsys_llm/{job}",
+        h=named_resource,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=f"{nnodes}x{nproc_per_node}",
+        env=dict(env or {}),
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+        rdzv_backend=rdzv_backend,
+        mounts=mounts,
+    )
+    app.roles[0].name = job
+    return app
