@@ -208,6 +208,12 @@ def _train_plain(overrides: List[str]) -> Dict[str, Any]:
     return run_training(load_config(CONFIG, overrides))
 
 
+def _evaluate(overrides: List[str], checkpoint: str) -> Dict[str, Any]:
+    from recsys_llm.train.runner import run_evaluation
+
+    return run_evaluation(load_config(CONFIG, overrides), checkpoint)
+
+
 def _teacher_outputs(overrides: List[str], checkpoint: str, output_dir: str, batch_size: int) -> Dict[str, Any]:
     from recsys_llm.train.teacher_outputs import write_teacher_outputs
 
@@ -248,6 +254,12 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
     assert trained[0]["test"]["num_samples"] == trained[1]["test"]["num_samples"] == test_rows
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8")]
     assert [e["num_samples"] for e in events if e["event"] == "valid"] == [valid_rows]
+    # `recsys-llm evaluate` of the run's best checkpoint, on 2 ranks and on 1 (shards re-cut), gives its test metrics
+    for world_size in (2, 1):
+        evaluated = run_multiprocess(_evaluate, world_size=world_size, overrides=overrides, checkpoint=str(tmp_path / "run"))
+        assert evaluated[0]["num_samples"] == test_rows
+        assert evaluated[0]["auc"] == pytest.approx(trained[0]["test"]["auc"], abs=1e-6)
+        assert evaluated[0]["logloss"] == pytest.approx(trained[0]["test"]["logloss"], abs=1e-6)
     outputs = {}
     for world_size in (2, 1):
         out = str(tmp_path / f"teacher_{world_size}")

@@ -40,21 +40,13 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.modules.teacher_student import TeacherStudentTask
     from recsys_llm.serving import EXPORT_MARKER_FILES, export_task, materialize_meta, sub_state, unsharded_state_dict
-    from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
-    from recsys_llm.train.config import check_same_model
-    from recsys_llm.train.distributed import barrier, init_distributed
-    from recsys_llm.train.runner import build_task, load_or_generate_schema
-    from recsys_llm.train.sharding import shard_model
+    from recsys_llm.train.distributed import barrier
+    from recsys_llm.train.runner import build_task, load_trained_model, open_trained_run
 
     check_replaceable(output, "export", EXPORT_MARKER_FILES)  # before any work (every rank)
-    checkpoint = resolve_checkpoint(checkpoint)
-    check_same_model(config, run_config_of(checkpoint))
-    ctx = init_distributed(config.train.device)
-    schema = load_or_generate_schema(config, ctx)
-    model, _ = shard_model(build_task(config, schema, ctx.device).task, ctx.device, ctx.world_size, config.sharding,
-                           config.optim, config.data.batch_size)
-    load_checkpoint(checkpoint, model, None, restore_rng=False)
-    full = unsharded_state_dict(model)  # collective
+    run = open_trained_run(config, checkpoint)
+    ctx, schema, checkpoint = run.ctx, run.schema, run.checkpoint
+    full = unsharded_state_dict(load_trained_model(config, run))  # collective
     written: Dict[str, Any] = {}
     if ctx.is_main and state_only:
         written = _write_state(full, output, {"checkpoint": os.path.abspath(checkpoint), "model": config.model.to_dict(),

@@ -407,6 +407,40 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     return results
 
 
+class TrainedRun(NamedTuple):
+    """A trained run, opened by :func:`open_trained_run` on every rank."""
+
+    checkpoint: str  # the complete checkpoint directory
+    ctx: DistContext
+    schema: DatasetSchema
+
+
+def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
+    """For a job on a trained run (evaluate, export, teacher outputs): resolves ``checkpoint``
+    (a run directory gives its best, else latest, checkpoint), checks that it was trained with
+    ``config``'s model, joins the process group and loads the schema.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint there.
+        ConfigError: the run that wrote it trained another model.
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    check_same_model(config, run_config_of(checkpoint))
+    ctx = init_distributed(config.train.device)
+    return TrainedRun(checkpoint, ctx, load_or_generate_schema(config, ctx))
+
+
+def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
+    """The DMP-sharded task of ``config`` with the run's checkpoint loaded (collective; any
+    world size: the shards are re-cut). Every weight comes from the checkpoint, frozen entity
+    tables and a frozen teacher included, so their source files are not read again."""
+    built = build_task(config, run.schema, run.ctx.device)
+    model, _ = shard_model(built.task, run.ctx.device, run.ctx.world_size, config.sharding, config.optim,
+                           config.data.batch_size)
+    load_checkpoint(run.checkpoint, model, None, restore_rng=False)
+    return model
+
+
 def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[str] = None) -> Dict[str, Any]:
     """Loads ``checkpoint`` (any world size: shards are re-cut) and evaluates one split (every rank).
 
@@ -419,11 +453,9 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     Returns:
         Dict[str, Any]: metrics (with ``cold/*`` when the data marks cold items).
     """
-    checkpoint = resolve_checkpoint(checkpoint)
-    check_same_model(config, run_config_of(checkpoint))
-    ctx = init_distributed(config.train.device)
+    run = open_trained_run(config, checkpoint)
+    ctx, schema = run.ctx, run.schema
     seed_everything(config.train.seed)
-    schema = load_or_generate_schema(config, ctx)
     split = split or config.data.test_split
     data = config.data
     extras = list(data.extras) + plugin_extras(config) + list(_subsets(config, schema).values())
@@ -431,12 +463,9 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
         schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
         extras=sorted(set(extras)), validate=data.validate, pin_memory=ctx.device.type == "cuda", equal_batches=False,
     )
-    built = build_task(config, schema, ctx.device)
-    model, _ = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, data.batch_size)
-    load_plugin_state(model, built, schema)
-    load_checkpoint(checkpoint, model, None, restore_rng=False)
+    model = load_trained_model(config, run)
     results = evaluate(model, reader, ctx.device, CTRMetrics(_subsets(config, schema)), description=split,
                        progress=config.train.progress)
-    results["checkpoint"] = checkpoint
+    results["checkpoint"] = run.checkpoint
     results["split"] = split
     return results

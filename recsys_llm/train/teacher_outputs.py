@@ -32,11 +32,9 @@ from tqdm import tqdm
 from recsys_llm.data.parquet import ROW_ID_EXTRA, ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
-from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
-from recsys_llm.train.config import ExperimentConfig, check_same_model
-from recsys_llm.train.distributed import barrier, host_group, init_distributed
-from recsys_llm.train.runner import build_task, load_or_generate_schema, load_plugin_state, plugin_extras
-from recsys_llm.train.sharding import shard_model
+from recsys_llm.train.config import ExperimentConfig
+from recsys_llm.train.distributed import barrier, host_group
+from recsys_llm.train.runner import load_trained_model, open_trained_run, plugin_extras
 
 LOGITS_COLUMN = "teacher_logits"
 REPRESENTATION_COLUMN = "teacher_representation"
@@ -167,18 +165,12 @@ def write_teacher_outputs(
     Returns:
         Dict[str, Any]: ``{"schema": path, "representation_dim": H, "files": [...]}``.
     """
-    checkpoint = resolve_checkpoint(checkpoint)
-    check_same_model(config, run_config_of(checkpoint))
-    ctx = init_distributed(config.train.device)
-    schema = load_or_generate_schema(config, ctx)
+    run = open_trained_run(config, checkpoint)
+    ctx, schema = run.ctx, run.schema
     if os.path.realpath(output_dir) == os.path.realpath(schema.root):
         raise ValueError(f"teacher outputs: --output-dir {output_dir} is the input data's own directory; "
                          "the copies with teacher columns need another directory")
-    built = build_task(config, schema, ctx.device)
-    model, _ = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim,
-                           config.data.batch_size)
-    load_plugin_state(model, built, schema)
-    load_checkpoint(checkpoint, model, None, restore_rng=False)
+    model = load_trained_model(config, run)
     model.eval()
     teacher = teacher_of(model)
     extras = plugin_extras(config)
