@@ -12,6 +12,7 @@
 
 import json
 import os
+import shutil
 from typing import Any, Dict, List
 
 import pyarrow.parquet as pq
@@ -260,6 +261,15 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
         assert evaluated[0]["num_samples"] == test_rows
         assert evaluated[0]["auc"] == pytest.approx(trained[0]["test"]["auc"], abs=1e-6)
         assert evaluated[0]["logloss"] == pytest.approx(trained[0]["test"]["logloss"], abs=1e-6)
+    # data of another schema (here: a field described otherwise) is refused before any model is built
+    other = tmp_path / "other_data"
+    shutil.copytree(tmp_path / "data", other)
+    raw = json.loads((other / "schema.json").read_text())
+    raw["fields"][0]["description"] = "something else"
+    (other / "schema.json").write_text(json.dumps(raw))
+    other_overrides = [o for o in overrides if not o.startswith("data.schema=")] + [f"data.schema={other / 'schema.json'}"]
+    with pytest.raises(RuntimeError, match="trained on data with schema fingerprint .* use data prepared like"):
+        run_multiprocess(_evaluate, world_size=1, overrides=other_overrides, checkpoint=str(tmp_path / "run"))
     outputs = {}
     for world_size in (2, 1):
         out = str(tmp_path / f"teacher_{world_size}")

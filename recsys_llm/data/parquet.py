@@ -599,7 +599,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             yield last, True
         for _ in range(self.padded_len - self._num_batches):
             if last is None:
-                first = ParquetBatchReader(self._schema, self._paths, 1, extras=self._extras, prefetch=0)
+                first = ParquetBatchReader(self._schema, self._paths, 1, extras=self._extras, prefetch=0,
+                                           transform=self._transform)
                 last = next(iter(first))
             yield last, False
 

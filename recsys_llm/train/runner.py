@@ -52,7 +52,7 @@ from recsys_llm.train.checkpoint import (
     resolve_checkpoint,
     run_config_of,
 )
-from recsys_llm.train.config import ExperimentConfig, check_resumable, check_same_model, save_config
+from recsys_llm.train.config import ConfigError, ExperimentConfig, check_resumable, check_same_model, save_config
 from recsys_llm.train.distributed import DistContext, barrier, init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
@@ -60,6 +60,7 @@ from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_mode
 from recsys_llm.train.task import CTRTask
 
 RESULTS_FILE = "results.json"
+SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in plugins.json: the data set's schema the run trained on
 
 # Called on every rank after each optimizer step (and after a checkpoint of that step).
 StepHook = Callable[[TrainState], None]
@@ -307,7 +308,8 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     if ctx.is_main:
         save_config(config, saved_config)
         with open(os.path.join(run_dir, "plugins.json"), "w", encoding="utf-8") as handle:
-            json.dump(built.plugins, handle, indent=2, sort_keys=True, default=str)
+            json.dump({SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), **built.plugins}, handle, indent=2, sort_keys=True,
+                      default=str)
         with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
             handle.write(describe_plan(plan))
     log = _RunLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
@@ -422,12 +424,24 @@ def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
 
     Raises:
         FileNotFoundError: no complete checkpoint there.
-        ConfigError: the run that wrote it trained another model.
+        ConfigError: the run that wrote it trained another model, or on a data set of
+            another schema (its ``plugins.json`` records the schema fingerprint).
     """
     checkpoint = resolve_checkpoint(checkpoint)
-    check_same_model(config, run_config_of(checkpoint))
+    saved_config = run_config_of(checkpoint)
+    check_same_model(config, saved_config)
     ctx = init_distributed(config.train.device)
-    return TrainedRun(checkpoint, ctx, load_or_generate_schema(config, ctx))
+    schema = load_or_generate_schema(config, ctx)
+    plugins = os.path.join(os.path.dirname(saved_config or ""), "plugins.json")
+    if saved_config is not None and os.path.isfile(plugins):
+        with open(plugins, encoding="utf-8") as handle:
+            trained_on = json.load(handle).get(SCHEMA_FINGERPRINT_KEY)
+        if trained_on is not None and trained_on != schema.fingerprint():
+            raise ConfigError(
+                f"{checkpoint}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
+                f"{schema.fingerprint()} (other fields, sizes or descriptions): use data prepared like the training data"
+            )
+    return TrainedRun(checkpoint, ctx, schema)
 
 
 def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
