@@ -308,11 +308,16 @@ def iter_chunks(directory: str, expected: Optional[Dict[str, str]] = None):
     """Yields ``(keys (n,) int64 ndarray, vectors (n, d) ndarray)`` per chunk, provenance-checked."""
     manifest = read_manifest(directory, expected)
     for index in range(int(manifest["num_chunks"])):
-        path = chunk_path(directory, index)
-        table = pq.read_table(path)
-        stored = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
-        check_provenance(stored, manifest["provenance"], path)
-        yield _columns(table, manifest, path)
+        yield _read_chunk(directory, manifest, index)
+
+
+def _read_chunk(directory: str, manifest: Dict[str, object], index: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Keys (n,) and vectors (n, d) of chunk ``index``, its provenance checked against the manifest's."""
+    path = chunk_path(directory, index)
+    table = pq.read_table(path)
+    stored = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
+    check_provenance(stored, manifest["provenance"], path)
+    return _columns(table, manifest, path)
 
 
 def _columns(table: pa.Table, manifest: Dict[str, object], path: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -412,11 +417,7 @@ class _ExportLookup:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        path = chunk_path(self._directory, index)
-        table = pq.read_table(path)
-        check_provenance(json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}")),
-                         self._manifest["provenance"], path)
-        block = _columns(table, self._manifest, path)[1]
+        block = _read_chunk(self._directory, self._manifest, index)[1]
         self._cache[index] = block
         while len(self._cache) > 1 and sum(b.nbytes for b in self._cache.values()) > self._cache_bytes:
             self._cache.popitem(last=False)
