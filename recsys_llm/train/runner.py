@@ -432,16 +432,23 @@ def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
     check_same_model(config, saved_config)
     ctx = init_distributed(config.train.device)
     schema = load_or_generate_schema(config, ctx)
-    plugins = os.path.join(os.path.dirname(saved_config or ""), "plugins.json")
-    if saved_config is not None and os.path.isfile(plugins):
-        with open(plugins, encoding="utf-8") as handle:
-            trained_on = json.load(handle).get(SCHEMA_FINGERPRINT_KEY)
-        if trained_on is not None and trained_on != schema.fingerprint():
-            raise ConfigError(
-                f"{checkpoint}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
-                f"{schema.fingerprint()} (other fields, sizes or descriptions): use data prepared like the training data"
-            )
+    trained_on = _trained_schema_fingerprint(saved_config)
+    if trained_on is not None and trained_on != schema.fingerprint():
+        raise ConfigError(
+            f"{checkpoint}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
+            f"{schema.fingerprint()} (other fields, sizes or descriptions): use data prepared like the training data"
+        )
     return TrainedRun(checkpoint, ctx, schema)
+
+
+def _trained_schema_fingerprint(saved_config: Optional[str]) -> Optional[str]:
+    """The schema fingerprint in ``plugins.json`` beside a run's ``config.yaml`` (None for a bare
+    checkpoint, or a run written before runs recorded it)."""
+    plugins = os.path.join(os.path.dirname(saved_config), "plugins.json") if saved_config else None
+    if plugins is None or not os.path.isfile(plugins):
+        return None
+    with open(plugins, encoding="utf-8") as handle:
+        return json.load(handle).get(SCHEMA_FINGERPRINT_KEY)
 
 
 def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
