@@ -23,26 +23,25 @@ from torchmetrics.functional.classification import binary_auroc
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.ctr_llm import load_ctr_llm, sample_indices
-from recsys_llm.semantics.vector_export import read_vectors
+from recsys_llm.semantics.vector_export import ExportLookup, read_manifest
 
 
 def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, float]]:
     """AUC of ``predict(r)`` for the tuned training rows, the other training rows and each
     other split: ``{group: {"auc", "rows"}}``."""
     model = load_ctr_llm(os.path.join(run, "ctr_llm"))
-    keys, vectors = read_vectors(os.path.join(run, "vectors"))
-    order = np.argsort(keys)
-    keys, vectors = keys[order], vectors[order]
+    directory = os.path.join(run, "vectors")
+    lookup = ExportLookup(directory, read_manifest(directory), cache_bytes=1 << 30)
     out: Dict[str, Dict[str, float]] = {}
     for split in sorted(schema.splits):
         table = pq.read_table(schema.split_path(split), columns=[schema.row_key, schema.label])
         row_keys = table.column(schema.row_key).to_numpy()
-        found = np.searchsorted(keys, row_keys)
-        if not np.array_equal(keys[np.minimum(found, len(keys) - 1)], row_keys):
-            raise ValueError(f"{run}/vectors: some {split} rows have no vector")
+        positions = lookup.positions(row_keys)
+        if (positions < 0).any():
+            raise ValueError(f"{directory}: some {split} rows have no vector")
         labels = torch.from_numpy(table.column(schema.label).to_numpy().astype(np.int64))
         with torch.no_grad():
-            logits = model.predict(torch.from_numpy(vectors[found]).float()).squeeze(-1)
+            logits = model.predict(torch.from_numpy(lookup.vectors(positions)).float()).squeeze(-1)
         groups = {split: np.ones(len(row_keys), dtype=bool)}
         if split == "train":
             tuned = np.zeros(len(row_keys), dtype=bool)

@@ -369,7 +369,7 @@ def vector_dim(directory: str) -> int:
     return schema.field(str(manifest["vector_column"])).type.list_size
 
 
-class _ExportLookup:
+class ExportLookup:
     """Vectors of an export by key, without holding the whole export.
 
     Every chunk's keys are read and sorted once (about 24 bytes per vector: keys, order,
@@ -451,7 +451,7 @@ def attach_vectors(
         column (str): name of the new column.
         expected (Optional[Dict[str, str]]): provenance the vectors must have.
         batch_rows (int): split rows per read and write.
-        cache_bytes (int): export chunks kept in memory (see ``_ExportLookup``).
+        cache_bytes (int): export chunks kept in memory (see ``ExportLookup``).
 
     Returns:
         int: number of rows written.
@@ -471,7 +471,7 @@ def attach_vectors(
     if export_bytes > cache_bytes:
         logger.warning("%s: %.1f GiB of vectors, above attach_vectors' cache_bytes (%.1f GiB): keys in random order "
                        "re-read chunks for every batch", vector_dir, export_bytes / 2**30, cache_bytes / 2**30)
-    lookup = _ExportLookup(vector_dir, manifest, cache_bytes)
+    lookup = ExportLookup(vector_dir, manifest, cache_bytes)
     out_schema = schema.append(pa.field(column, value_type))
     tmp = f"{output_path}.tmp"
     rows = 0
