@@ -11,7 +11,7 @@ import json
 import math
 import os
 import statistics
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -30,6 +30,11 @@ def experiment_args(description: str, default_out: str) -> argparse.ArgumentPars
     parser.add_argument("--raw", default=ML100K_RAW, help="raw ML-100K (RecBole atomic files)")
     parser.add_argument("--data-dir", default="data", help="where prepared data sets live")
     parser.add_argument("--quick", action="store_true", help="fewer epochs, for a smoke run")
+    parser.add_argument(
+        "--tune-on", choices=TUNE_ON, default="all-seeds",
+        help="weights picked by the mean validation AUC over every seed (all-seeds: each setting runs on "
+             "each seed) or by the first seed's alone (first-seed: the others run only the pick)",
+    )
     return parser
 
 
@@ -97,11 +102,54 @@ def run_cli_step(argv: Sequence[str], done_file: Optional[str]) -> None:
         raise SystemExit(f"recsys-llm {' '.join(argv[:2])} failed with status {status}")
 
 
-def pick_on_validation(candidates: Dict[str, Dict]) -> str:
-    """The key of the candidate run with the highest best validation AUC (ties: first key)."""
-    if not candidates:
-        raise ValueError("pick_on_validation: no candidate runs")
-    return max(candidates, key=lambda key: (candidates[key]["valid"]["auc"] or float("-inf")))
+TUNE_ON = ("all-seeds", "first-seed")
+
+
+def tune_on_validation(
+    settings: Sequence[str], seeds: Sequence[int], run: Callable[[str, int], Dict], tune_on: str
+) -> Tuple[str, List[Dict], Dict[str, float]]:
+    """Picks one of ``settings`` by validation AUC and returns its runs on every seed.
+
+    Args:
+        settings (Sequence[str]): candidate setting names, in grid order (ties: first).
+        seeds (Sequence[int]): the table's seeds.
+        run (Callable[[str, int], Dict]): ``(setting, seed) -> results`` of one training run.
+        tune_on (str): ``all-seeds``: every setting runs on every seed and the pick has the best
+            mean validation AUC; ``first-seed``: every setting runs on the first seed, the pick
+            has its best validation AUC and only the pick runs on the other seeds.
+
+    Returns:
+        Tuple: ``(picked setting, its results per seed, {setting: validation AUC it was picked
+        by})``. Test metrics never take part.
+    """
+    if tune_on not in TUNE_ON:
+        raise ValueError(f"tune_on: expected one of {TUNE_ON}, got {tune_on!r}")
+    if not settings or not seeds:
+        raise ValueError(f"tune_on_validation: no settings ({list(settings)}) or no seeds ({list(seeds)})")
+    tune_seeds = list(seeds) if tune_on == "all-seeds" else list(seeds[:1])
+    tried = {setting: [run(setting, seed) for seed in tune_seeds] for setting in settings}
+    valid_auc = {
+        setting: statistics.fmean(result["valid"]["auc"] or float("-inf") for result in results)
+        for setting, results in tried.items()
+    }
+    best = max(valid_auc, key=valid_auc.__getitem__)
+    return best, tried[best] + [run(best, seed) for seed in seeds[len(tune_seeds):]], valid_auc
+
+
+def selection_text(tune_on: str, what: str) -> str:
+    """How ``tune_on_validation`` picked ``what``, for a table's notes."""
+    if tune_on == "all-seeds":
+        return (f"{what} picked by the best mean validation AUC (early-stopping AUC on the valid split) over "
+                "all seeds, every setting trained on every seed; the picked setting's runs are the result; "
+                "test metrics are never used to choose")
+    return (f"{what} picked by the best validation AUC (early-stopping AUC on the valid split) of the first "
+            "seed; that run is reused as the first seed's result and the other seeds run the picked setting; "
+            "test metrics are never used to choose")
+
+
+def tuned_on(args: argparse.Namespace) -> str:
+    """The seeds the validation pick looked at, for a table's notes."""
+    return f"mean over seeds {args.seeds}" if args.tune_on == "all-seeds" else f"seed {args.seeds[0]}"
 
 
 def relative_gain(table: Dict[str, Dict], variant: str, baseline: str, metric: str = "auc") -> float:

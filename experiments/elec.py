@@ -36,9 +36,9 @@ Steps:
      (``recsys_llm.train.teacher_outputs.write_teacher_outputs``).
 
    (alpha, beta) are picked from ``ALPHAS x BETAS`` (swapped pairs: ``SWAP_ALPHAS x
-   SWAP_BETAS``) by the best validation AUC of the first seed, separately per student; that
-   run is reused as the first seed's result and the other seeds run the picked setting. Test
-   metrics never take part in a choice.
+   SWAP_BETAS``) on validation AUC, separately per student: by default the mean over every
+   seed, each setting trained on each seed (``--tune-on first-seed``: the first seed alone,
+   the others run only the pick). Test metrics never take part in a choice.
 """
 
 import argparse
@@ -56,13 +56,15 @@ from experiments.common import (
     experiment_args,
     markdown_table,
     model_overrides,
-    pick_on_validation,
     plot_auc,
     prepared_schema,
     relative_gain,
     run_cli_step,
     run_variant,
+    selection_text,
     summarize,
+    tune_on_validation,
+    tuned_on,
     write_outputs,
 )
 
@@ -78,12 +80,9 @@ BETAS = (0.0, 0.1)
 # swapped pairs carry no label: KD is their only signal, so larger weights are tried
 SWAP_ALPHAS = (1.0, 5.0, 20.0)
 SWAP_BETAS = (0.0,)
-SELECTION = (
-    "(alpha, beta) of the student from {0.5, 1.0} x {0.0, 0.1} (swapped pairs: {1, 5, 20} x {0}), picked separately "
-    "per student by the "
-    "best validation AUC (early-stopping AUC on the valid split) of the first seed; that run is reused as the first "
-    "seed's result and the other seeds run the picked setting; score KD = BCE on teacher probabilities (T = 1), "
-    "representation KD = MSE after a learned projection; test metrics are never used to choose"
+KD_CHOICE = (
+    "(alpha, beta) of the student from {0.5, 1.0} x {0.0, 0.1} (swapped pairs: {1, 5, 20} x {0}), separately per "
+    "student; score KD = BCE on teacher probabilities (T = 1), representation KD = MSE after a learned projection;"
 )
 
 
@@ -135,6 +134,7 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
 def run_backbone(
     data: str, backbone: str, schema: str, base_schema: str, seeds: Sequence[int], work: str, quick: bool,
     vector_overrides: Sequence[str] = (), swap_fields: Sequence[str] = (), swap_catalog: Optional[str] = None,
+    tune_on: str = "all-seeds",
 ) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
     """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``.
 
@@ -184,15 +184,11 @@ def run_backbone(
                 per_seed_extra(seed)
 
         variant = variant or f"student ({mode})"
-        tune_seed = seeds[0]
-        candidates = {name: run(name, tune_seed, overrides(tune_seed, a, b)) for name, (a, b) in grid.items()}
-        best = pick_on_validation(candidates)
+        best, runs[variant], valid_auc = tune_on_validation(
+            list(grid), seeds, lambda name, seed: run(name, seed, overrides(seed, *grid[name])), tune_on
+        )
         alpha, beta = grid[best]
-        runs[variant] = [candidates[best]] + [run(best, s, overrides(s, alpha, beta)) for s in seeds[1:]]
-        choices[variant] = {
-            "setting": best, "alpha": alpha, "beta": beta,
-            "valid_auc_by_setting": {name: result["valid"]["auc"] for name, result in candidates.items()},
-        }
+        choices[variant] = {"setting": best, "alpha": alpha, "beta": beta, "valid_auc_by_setting": valid_auc}
         print(f"[elec] {backbone} {variant}: picked {best} on validation", flush=True)
 
     student("joint", lambda seed: [])
@@ -248,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     choices: Dict[str, Dict] = {}
     for backbone in backbones:
         runs, choices[backbone] = run_backbone(args.data, backbone, schema, base_schema, args.seeds, work, args.quick,
-                                               vector_overrides, swap_fields, swap_catalog)
+                                               vector_overrides, swap_fields, swap_catalog, args.tune_on)
         tables[backbone] = summarize(runs)
         report(args, name, tables, choices, schema, entities, sample_rows, started, argv)  # partial tables as they come
     return 0
@@ -269,7 +265,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     for backbone in backbones:
         sections += [f"### {backbone}", "", markdown_table(tables[backbone], columns, baseline="plain"), ""]
         picks = ", ".join(f"{v}: {c['setting']}" for v, c in choices[backbone].items())
-        sections += [f"Picked on validation (seed {args.seeds[0]}): {picks}", ""]
+        sections += [f"Picked on validation ({tuned_on(args)}): {picks}", ""]
     sections += ["### Relative test AUC: vs plain and vs the gain network", "",
                  "| variant | " + " | ".join(f"{b} vs plain" for b in backbones) + " | mean vs plain | mean vs gain |",
                  "|" + "---|" * (len(backbones) + 3)]
@@ -278,7 +274,8 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         mean_gain = f"{100 * sum(vs_gain[v].values()) / len(backbones):+.2f}%" if v in vs_gain else "–"
         sections.append(f"| {v} | " + " | ".join(f"{100 * gains[v][b]:+.2f}%" for b in backbones)
                         + f" | {100 * mean_plain:+.2f}% | {mean_gain} |")
-    sections += ["", f"KD weight selection: {SELECTION}"]
+    selection = selection_text(args.tune_on, KD_CHOICE)
+    sections += ["", f"KD weight selection: {selection}"]
     payload = {
         "data": args.data,
         "seeds": args.seeds,
@@ -288,7 +285,8 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "entities": list(entities) if args.granularity == "entity" else None,
         "llm_sample_rows": sample_rows,
         "vector_dim": VECTOR_DIM,
-        "selection": SELECTION,
+        "selection": selection,
+        "tune_on": args.tune_on,
         "choices": choices,
         "table": tables,
         "relative_auc_gain_vs_plain": gains,

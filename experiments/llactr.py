@@ -14,13 +14,13 @@ Steps:
    backbone's config, early stopping on validation AUC):
 
    * ``plain``: the backbone alone;
-   * ``+FRE`` / ``+FIE``: one component, its lambda picked from ``LAMBDAS`` by the best
-     validation AUC of the tuning seed (the first seed);
+   * ``+FRE`` / ``+FIE``: one component, its lambda picked from ``LAMBDAS`` on validation AUC;
    * ``+both``: both components, (lambda_fre, lambda_fie) picked from ``LAMBDAS x LAMBDAS``
      the same way.
 
-   The tuning seed's run of the picked setting is reused as that seed's result; the other
-   seeds run only the picked setting. Test metrics never take part in a choice.
+   ``--tune-on all-seeds`` (default) trains every setting on every seed and picks the best
+   mean validation AUC; ``--tune-on first-seed`` picks on the first seed alone and runs only
+   the pick on the others. Test metrics never take part in a choice.
 """
 
 import argparse
@@ -35,13 +35,15 @@ from experiments.common import (
     experiment_args,
     markdown_table,
     model_overrides,
-    pick_on_validation,
     plot_auc,
     prepared_schema,
     relative_gain,
     run_cli_step,
     run_variant,
+    selection_text,
+    tuned_on,
     summarize,
+    tune_on_validation,
     write_outputs,
 )
 
@@ -88,7 +90,8 @@ def _grid(variant: str) -> List[Tuple[float, float]]:
 
 
 def run_backbone(
-    data: str, backbone: str, schema: str, vectors: str, seeds: Sequence[int], work: str, quick: bool
+    data: str, backbone: str, schema: str, vectors: str, seeds: Sequence[int], work: str, quick: bool,
+    tune_on: str = "all-seeds",
 ) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
     """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``."""
     config = base_config_path(data, backbone)
@@ -104,25 +107,22 @@ def run_backbone(
         "plain": [run("plain", seed, [], [os.path.join(backbone_runs, f"seed{seed}")]) for seed in seeds]
     }
     choices: Dict[str, Dict] = {}
-    tune_seed = seeds[0]
     for variant, (use_fre, use_fie) in VARIANTS.items():
         def overrides(lambda_fre: float, lambda_fie: float) -> List[str]:
             return [f"llactr.vectors_path={vectors}", f"llactr.use_fre={str(use_fre).lower()}",
                     f"llactr.use_fie={str(use_fie).lower()}", f"llactr.lambda_fre={lambda_fre}",
                     f"llactr.lambda_fie={lambda_fie}"]
 
-        candidates = {
-            _setting_name(variant, a, b): (a, b, run(_setting_name(variant, a, b), tune_seed, overrides(a, b)))
-            for a, b in _grid(variant)
-        }
-        best = pick_on_validation({name: result for name, (_, _, result) in candidates.items()})
-        lambda_fre, lambda_fie, best_result = candidates[best]
-        runs[variant] = [best_result] + [run(best, seed, overrides(lambda_fre, lambda_fie)) for seed in seeds[1:]]
+        grid = {_setting_name(variant, a, b): (a, b) for a, b in _grid(variant)}
+        best, runs[variant], valid_auc = tune_on_validation(
+            list(grid), seeds, lambda name, seed: run(name, seed, overrides(*grid[name])), tune_on
+        )
+        lambda_fre, lambda_fie = grid[best]
         choices[variant] = {
             "setting": best,
             "lambda_fre": lambda_fre if use_fre else None,
             "lambda_fie": lambda_fie if use_fie else None,
-            "valid_auc_by_setting": {name: result["valid"]["auc"] for name, (_, _, result) in candidates.items()},
+            "valid_auc_by_setting": valid_auc,
         }
         print(f"[llactr] {backbone} {variant}: picked {best} on validation", flush=True)
     return runs, choices
@@ -139,7 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
     for backbone in backbones:
-        runs, choices[backbone] = run_backbone(args.data, backbone, schema, vectors, args.seeds, work, args.quick)
+        runs, choices[backbone] = run_backbone(args.data, backbone, schema, vectors, args.seeds, work, args.quick,
+                                                   args.tune_on)
         tables[backbone] = summarize(runs)
         report(args, name, tables, choices, vectors, ssft_metrics_path, started, argv)  # partial tables as they come
     return 0
@@ -149,6 +150,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
            ssft_metrics_path: str, started: float, argv: Optional[List[str]]) -> None:
     """Writes ``{name}.{json,md,png}`` for the backbones finished so far."""
     backbones = list(tables)
+    selection = selection_text(args.tune_on, LAMBDA_CHOICE)
     gains = {
         variant: {b: relative_gain(tables[b], variant, "plain") for b in backbones} for variant in VARIANTS
     }
@@ -166,7 +168,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     for backbone in backbones:
         sections += [f"### {backbone}", "", markdown_table(tables[backbone], columns, baseline="plain"), ""]
         picks = ", ".join(f"{v}: {c['setting']}" for v, c in choices[backbone].items())
-        sections += [f"Picked on validation (seed {args.seeds[0]}): {picks}", ""]
+        sections += [f"Picked on validation ({tuned_on(args)}): {picks}", ""]
     sections += ["### Relative test AUC gain vs plain, per backbone and averaged", "",
                  "| variant | " + " | ".join(backbones) + " | mean |", "|" + "---|" * (len(backbones) + 2)]
     for variant, per in gains.items():
@@ -174,13 +176,14 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
                         + f" | {100 * mean_gains[variant]:+.2f}% |")
     sections += ["", f"SSFT (offline MiniLM, LoRA, InfoNCE): held-out field-retrieval accuracy "
                  f"{ssft['before']['accuracy']:.3f} before, {ssft['after']['accuracy']:.3f} after tuning "
-                 f"({ssft['before']['count']} held-out values).", "", f"Lambda selection: {SELECTION}"]
+                 f"({ssft['before']['count']} held-out values).", "", f"Lambda selection: {selection}"]
     payload = {
         "data": args.data,
         "seeds": args.seeds,
         "backbones_done": backbones,
         "quick": args.quick,
-        "selection": SELECTION,
+        "selection": selection,
+        "tune_on": args.tune_on,
         "lambda_grid": list(LAMBDAS),
         "choices": choices,
         "table": tables,
@@ -195,11 +198,8 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     plot_auc(os.path.join(args.out, f"{name}.png"), tables, f"LLaCTR on {args.data}: test AUC")
 
 
-SELECTION = (
-    "lambda_fre / lambda_fie from {0.01, 0.1, 0.5} (the range the paper tunes; for +both the 3x3 grid) "
-    "picked by the best validation AUC (early-stopping AUC on the valid split) of the first seed; that run is "
-    "reused as the first seed's result and the other seeds run the picked setting; test metrics are never "
-    "used to choose"
+LAMBDA_CHOICE = (
+    "lambda_fre / lambda_fie from {0.01, 0.1, 0.5} (the range the paper tunes; for +both the 3x3 grid)"
 )
 
 

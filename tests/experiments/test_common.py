@@ -9,7 +9,7 @@ from experiments.common import (
     _same_experiment,
     base_config_path,
     model_overrides,
-    pick_on_validation,
+    tune_on_validation,
     relative_gain,
     summarize,
 )
@@ -20,11 +20,46 @@ def _result(valid_auc, test_auc):
     return {"valid": {"auc": valid_auc}, "test": {"auc": test_auc, "logloss": 0.5}}
 
 
-def test_pick_on_validation_ignores_test_metrics():
-    candidates = {"a": _result(0.70, 0.90), "b": _result(0.72, 0.60)}
-    assert pick_on_validation(candidates) == "b"
-    with pytest.raises(ValueError, match="no candidate"):
-        pick_on_validation({})
+def _recording_run(valid, test):
+    """``run(setting, seed)`` over fixed validation / test AUCs, logging its calls."""
+    calls = []
+
+    def run(setting, seed):
+        calls.append((setting, seed))
+        return _result(valid[setting][seed], test[setting][seed])
+
+    return run, calls
+
+
+# "a" is best on seed 0's validation, "b" on the mean over seeds; test AUCs point the other way
+VALID = {"a": {0: 0.75, 1: 0.70, 2: 0.70}, "b": {0: 0.74, 1: 0.73, 2: 0.73}}
+TEST = {"a": {0: 0.90, 1: 0.90, 2: 0.90}, "b": {0: 0.60, 1: 0.60, 2: 0.60}}
+
+
+def test_tune_on_all_seeds_picks_the_best_mean_validation_auc():
+    run, calls = _recording_run(VALID, TEST)
+    best, results, valid_auc = tune_on_validation(["a", "b"], [0, 1, 2], run, "all-seeds")
+    assert best == "b"
+    assert [r["valid"]["auc"] for r in results] == [0.74, 0.73, 0.73]
+    assert valid_auc == pytest.approx({"a": 0.7166667, "b": 0.7333333})
+    assert sorted(calls) == [(s, seed) for s in ("a", "b") for seed in (0, 1, 2)]  # each run once
+
+
+def test_tune_on_first_seed_runs_only_the_pick_on_the_other_seeds():
+    run, calls = _recording_run(VALID, TEST)
+    best, results, valid_auc = tune_on_validation(["a", "b"], [0, 1, 2], run, "first-seed")
+    assert best == "a"
+    assert [r["valid"]["auc"] for r in results] == [0.75, 0.70, 0.70]
+    assert valid_auc == {"a": 0.75, "b": 0.74}
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
+
+
+def test_tune_on_validation_rejects_bad_arguments():
+    run, _ = _recording_run(VALID, TEST)
+    with pytest.raises(ValueError, match="tune_on"):
+        tune_on_validation(["a"], [0], run, "test-set")
+    with pytest.raises(ValueError, match="no settings"):
+        tune_on_validation([], [0], run, "all-seeds")
 
 
 def test_relative_gain_of_summarized_means():
