@@ -270,3 +270,39 @@ def test_the_dense_program_is_loaded_only_when_trusted(tmp_path):
     served = ServedModel.load(out, trust_program=True)  # asked for: the program's code runs
     served.logits(example.dense_features, example.sparse_features)
     assert marker.exists()
+
+
+def _sparse_safetensors(path: str, rows: int, cols: int) -> None:
+    """A safetensors file of one float32 (rows, cols) tensor of zeros, written as a sparse file:
+    its data region is a hole, so the file takes no disk and a reader only pays for what it reads."""
+    header = json.dumps({"table": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, rows * cols * 4]}})
+    header = header.encode() + b" " * (-len(header) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(header).to_bytes(8, "little") + header)
+        handle.truncate(8 + len(header) + rows * cols * 4)
+
+
+def test_a_slice_of_a_safetensors_state_file_reads_only_that_slice(tmp_path):
+    """The frozen teacher's loader copies each rank's shards out of a state file: a slice of
+    a 4 GiB table must not bring the table into memory (peak RSS of a fresh process)."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "big.safetensors")
+    rows, cols = 1 << 20, 1024
+    _sparse_safetensors(path, rows, cols)
+    if os.stat(path).st_blocks * 512 > 1 << 20:
+        pytest.skip("this file system does not keep sparse files")
+    script = (
+        "import resource, sys\n"
+        "from recsys_llm.serving import open_state_file\n"
+        "with open_state_file(sys.argv[1]) as state:\n"
+        "    table = state['table']\n"
+        "    part = table[1000:1064, 8:24]\n"
+        "    assert tuple(table.shape) == (1 << 20, 1024) and tuple(part.shape) == (64, 16)\n"
+        "    assert not part.any()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"  # KiB on Linux
+    )
+    done = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, check=True)
+    peak_bytes = int(done.stdout.split()[-1]) * 1024
+    assert peak_bytes < 1 << 30, f"peak RSS {peak_bytes / 2 ** 30:.2f} GiB: the 4 GiB table was read whole"
