@@ -503,7 +503,7 @@ class TrainEpochLoop:
 
         clock: Dict[str, float] = {}
         warmup, measured = self._warmup, self._measured
-        synchronize = device_synchronize(self._device) or (lambda: None)
+        synchronize = device_synchronize(self._device)
 
         def on_step(step: int, loss: "torch.Tensor") -> bool:
             if step == warmup:
@@ -546,12 +546,16 @@ def train_split_batches(schema: Any, batch_size: int, num_batches: int, extras: 
     return batches
 
 
-def device_synchronize(device: Any) -> Optional[Callable[[], None]]:
+def device_synchronize(device: Any) -> Callable[[], None]:
     """What to call before reading the clock on ``device``: ``torch.cuda.synchronize`` on CUDA
-    (the host queues kernels ahead of the GPU), None on CPU."""
+    (the host queues kernels ahead of the GPU), a no-op on CPU."""
     import torch
 
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else _nothing_to_wait_for
+
+
+def _nothing_to_wait_for() -> None:
+    """CPU kernels have finished when they return."""
 
 
 def samples_per_second(step: Callable[[], Any], batch_size: int, warmup_steps: int, measured_steps: int,

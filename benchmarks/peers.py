@@ -311,7 +311,7 @@ class ProjectSide:
         self.model, _ = shard_model(task, device, 1, config.sharding, config.optim, sizes.batch_size)
         self.optimizer = build_optimizer(self.model, config.optim)
         self._schema, self._sizes, self._device = schema, sizes, device
-        self._synchronize = device_synchronize(device) or (lambda: None)
+        self._synchronize = device_synchronize(device)
         self._reader = ParquetBatchReader(schema, "train", sizes.batch_size, shuffle=config.data.shuffle, seed=seed,
                                           validate=config.data.validate, pin_memory=device.type == "cuda")
         self.pipelined_all_sharded_modules = False

@@ -260,17 +260,17 @@ class ProjectLoop:
         device: compute device.
         batches: endless batch iterator.
         sizes (Sizes): steps and batch size.
-        synchronize: called before reading the clock (CUDA), or None.
+        synchronize: called before reading the clock (``device_synchronize(device)``).
     """
 
     def __init__(self, model, optimizer, device, batches: Iterator, sizes: Sizes,
-                 synchronize: Optional[Callable[[], None]]) -> None:
+                 synchronize: Callable[[], None]) -> None:
         self._model = model
         self._optimizer = optimizer
         self._device = device
         self._batches = batches
         self._sizes = sizes
-        self._synchronize = synchronize or (lambda: None)
+        self._synchronize = synchronize
         self.setup_seconds: List[float] = []
         self.pipelined_modules: List[str] = []
         self.sharded_modules: List[str] = []

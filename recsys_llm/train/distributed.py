@@ -77,7 +77,8 @@ TIMEOUT_ENV = "RECSYS_LLM_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 3600
 
 
-def _timeout_seconds() -> float:
+def _collective_timeout() -> datetime.timedelta:
+    """How long a collective waits: ``RECSYS_LLM_DIST_TIMEOUT_S`` seconds (default 1 h)."""
     raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
         seconds = float(raw)
@@ -85,7 +86,7 @@ def _timeout_seconds() -> float:
         seconds = -1.0
     if seconds <= 0:
         raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
-    return seconds
+    return datetime.timedelta(seconds=seconds)
 
 
 def collective_device() -> torch.device:
@@ -121,8 +122,8 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
-        timeout = datetime.timedelta(seconds=_timeout_seconds())
-        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size,
+                                timeout=_collective_timeout())
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         chosen_backend = str(dist.get_backend())
@@ -151,8 +152,7 @@ def host_group() -> Optional[dist.ProcessGroup]:
     if not dist.is_initialized() or dist.get_backend() == "gloo":
         return None
     if _host_group is None or _host_group[0] is not dist.group.WORLD:
-        timeout = datetime.timedelta(seconds=_timeout_seconds())
-        _host_group = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout))
+        _host_group = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=_collective_timeout()))
     return _host_group[1]
 
 

@@ -217,16 +217,16 @@ def test_backbone_output_does_not_depend_on_the_plan(synthetic_dir: str) -> None
 
 
 def test_collective_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from recsys_llm.train.distributed import TIMEOUT_ENV, _timeout_seconds
+    from recsys_llm.train.distributed import TIMEOUT_ENV, _collective_timeout
 
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
-    assert _timeout_seconds() == 3600
+    assert _collective_timeout().total_seconds() == 3600
     monkeypatch.setenv(TIMEOUT_ENV, "120")
-    assert _timeout_seconds() == 120
+    assert _collective_timeout().total_seconds() == 120
     for bad in ("1h", "0"):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=f"{TIMEOUT_ENV}='{bad}': expected a number of seconds > 0"):
-            _timeout_seconds()
+            _collective_timeout()
 
 
 def _gathered_and_loaded_shard_by_shard(schema_path: str, state_path: str) -> Dict[str, Any]:
