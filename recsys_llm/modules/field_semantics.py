@@ -6,11 +6,12 @@ embedding e_{b,f} is compared through softmax-normalised vectors:
 
 .. math::
 
-    L_{FRE} = \\lambda \\cdot \\frac{1}{B F} \\sum_{b,f} KL\\big(softmax(W v_f) \\,\\|\\, softmax(e_{b,f})\\big)
+    L_{FRE} = \\lambda \\cdot \\frac{1}{B} \\sum_{b,f} KL\\big(softmax(W v_f) \\,\\|\\, softmax(e_{b,f})\\big)
 
-(the public code sums over fields; the mean over fields keeps lambda comparable across
-data sets with different field counts **(ours)**). A training-only regularizer: no
-serving cost. Fields without a vector are skipped.
+summed over the F fields as in the public code (``field_reduction="sum"``, so the paper's
+lambda range 0.01-0.5 applies), or averaged over them (``"mean"``, lambda divided by F:
+comparable across data sets with different field counts **(ours)**). A training-only
+regularizer: no serving cost. Fields without a vector are skipped.
 """
 
 from typing import List, Optional
@@ -25,6 +26,8 @@ from recsys_llm.models.base import CTROutput, fields_in_key_order
 
 # a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
 torch.fx.wrap("fields_in_key_order")
+
+FIELD_REDUCTIONS = ("sum", "mean")
 
 
 class _MeanFieldKL(torch.autograd.Function):
@@ -97,6 +100,7 @@ class FieldRepresentationEnhancement(nn.Module):
         feature_names (List[str]): F keys of the pooled embeddings that have a vector.
         embedding_dim (int): D, the embedding dim of those features.
         weight (float): lambda_FRE.
+        field_reduction (str): ``sum`` (public code) or ``mean`` of the per-field KL terms.
 
     Example::
 
@@ -112,8 +116,11 @@ class FieldRepresentationEnhancement(nn.Module):
         feature_names: List[str],
         embedding_dim: int,
         weight: float = 0.1,
+        field_reduction: str = "sum",
     ) -> None:
         super().__init__()
+        if field_reduction not in FIELD_REDUCTIONS:
+            raise ValueError(f"FRE field_reduction: expected one of {FIELD_REDUCTIONS}, got {field_reduction!r}")
         if field_vectors.dim() != 2 or field_vectors.size(0) != len(feature_names) or not feature_names:
             raise ValueError(
                 f"FRE needs field_vectors of shape (len(feature_names)={len(feature_names)} > 0, d_llm), "
@@ -122,7 +129,8 @@ class FieldRepresentationEnhancement(nn.Module):
         if len(set(feature_names)) != len(feature_names):
             raise ValueError(f"FRE feature_names must be distinct, got {list(feature_names)}")
         self._feature_names: List[str] = list(feature_names)
-        self._weight = float(weight)
+        # the kernel averages over fields; summing is the same times F
+        self._weight = float(weight) * (len(feature_names) if field_reduction == "sum" else 1)
         self.register_buffer("field_vectors", field_vectors.detach().float().clone())  # (F, d_llm)
         self.projection = nn.Linear(field_vectors.size(1), embedding_dim)
 

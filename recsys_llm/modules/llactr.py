@@ -24,7 +24,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
-from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
+from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS, FieldRepresentationEnhancement
 from recsys_llm.semantics.store import load_vectors
 
 
@@ -40,6 +40,8 @@ class LLaCTRConfig:
         lambda_fie (float): FIE weight (paper tunes 0.01-0.5).
         normalize_vectors (bool): L2-normalise field vectors before FRE's projection
             **(ours)**; FIE uses cosine similarities either way.
+        fre_field_reduction (str): ``sum`` FRE's per-field KL terms, as the public code does
+            (the paper's lambda range applies), or take their ``mean`` (lambda / F) **(ours)**.
     """
 
     vectors_path: str
@@ -48,6 +50,7 @@ class LLaCTRConfig:
     lambda_fre: float = 0.1
     lambda_fie: float = 0.1
     normalize_vectors: bool = False
+    fre_field_reduction: str = "sum"
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "llactr") -> "LLaCTRConfig":
@@ -61,6 +64,10 @@ class LLaCTRConfig:
         for name in ("lambda_fre", "lambda_fie"):
             if getattr(config, name) < 0:
                 raise ConfigError(f"{source}.{name}: expected a number >= 0, got {getattr(config, name)!r}")
+        if config.fre_field_reduction not in FIELD_REDUCTIONS:
+            raise ConfigError(
+                f"{source}.fre_field_reduction: expected one of {FIELD_REDUCTIONS}, got {config.fre_field_reduction!r}"
+            )
         return config
 
 
@@ -129,7 +136,9 @@ def build_llactr_terms(
         if len(used_dims) != 1:
             raise ValueError(f"FRE needs one embedding dim over fields {used}, got {sorted(used_dims)}")
         fre_vectors = F.normalize(vectors, dim=-1) if config.normalize_vectors else vectors
-        loss_terms["fre"] = FieldRepresentationEnhancement(fre_vectors, used, used_dims.pop(), config.lambda_fre)
+        loss_terms["fre"] = FieldRepresentationEnhancement(
+            fre_vectors, used, used_dims.pop(), config.lambda_fre, config.fre_field_reduction
+        )
     if config.use_fie:
         logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)
     if device is not None:

@@ -363,6 +363,7 @@ MODEL_SECTIONS = ("model.", "llactr.", "elec.")  # what a checkpoint's tensors d
 # settings of those sections that shape no tensor (loss weights, regularisation, data pairing)
 TRAINING_ONLY_KEYS = frozenset({
     "model.dropout", "model.embedding_init_scale", "llactr.lambda_fre", "llactr.lambda_fie",
+    "llactr.fre_field_reduction",
     "elec.distill.alpha", "elec.distill.temperature", "elec.distill.score_kd", "elec.distill.teacher_loss_weight",
     "elec.distill.swap_fields", "elec.distill.swap_catalog", "elec.teacher_checkpoint", "elec.expected_provenance",
 })

@@ -11,12 +11,13 @@ from tests.modules.llactr_helpers import FEATURES, make_ebc, make_kjt
 
 
 class TestFieldRepresentationEnhancement:
-    def test_matches_explicit_kl_and_skips_fields_without_vectors(self) -> None:
+    @pytest.mark.parametrize("field_reduction, fields_divisor", [("sum", 1), ("mean", 2)])
+    def test_matches_explicit_kl_and_skips_fields_without_vectors(self, field_reduction, fields_divisor) -> None:
         torch.manual_seed(0)
         ebc, kjt = make_ebc(dim=6), make_kjt(batch_size=5)
         kt = ebc(kjt)
         vectors = torch.randn(2, 12)
-        fre = FieldRepresentationEnhancement(vectors, ["genre", "user_id"], embedding_dim=6, weight=0.3)
+        fre = FieldRepresentationEnhancement(vectors, ["genre", "user_id"], 6, 0.3, field_reduction)
         loss = fre.loss(kt)
         total = torch.zeros(())
         for row, name in enumerate(["genre", "user_id"]):
@@ -24,7 +25,8 @@ class TestFieldRepresentationEnhancement:
             for b in range(5):
                 log_q = torch.log_softmax(kt[name][b], dim=-1)
                 total = total + F.kl_div(log_q, target, reduction="sum")
-        torch.testing.assert_close(loss, 0.3 * total / (5 * 2))
+        # KL summed over the 2 fields (public code) or averaged, mean over the batch of 5
+        torch.testing.assert_close(loss, 0.3 * total / (5 * fields_divisor))
         loss.backward()
         assert fre.projection.weight.grad is not None and ebc.embedding_bags["t_genre"].weight.grad is not None
         skipped = ebc.embedding_bags["t_item_id"].weight.grad  # item_id has no vector: no gradient from FRE
@@ -98,6 +100,8 @@ class TestFieldRepresentationEnhancement:
     def test_rejects_bad_shapes(self) -> None:
         with pytest.raises(ValueError, match="len\\(feature_names\\)=2"):
             FieldRepresentationEnhancement(torch.randn(3, 4), ["a", "b"], 8)
+        with pytest.raises(ValueError, match="field_reduction: expected one of \\('sum', 'mean'\\), got 'max'"):
+            FieldRepresentationEnhancement(torch.randn(2, 4), ["a", "b"], 8, field_reduction="max")
 
 
 def test_dims_that_do_not_fit_are_named() -> None:

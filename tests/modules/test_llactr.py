@@ -73,6 +73,8 @@ class TestBuildLLaCTRTerms:
             LLaCTRConfig.from_dict({"vectors_path": "x", "lambda": 0.1})
         with pytest.raises(ValueError, match="'vectors_path'"):
             LLaCTRConfig.from_dict({})
+        with pytest.raises(ValueError, match="llactr.fre_field_reduction: expected one of .*got 'avg'"):
+            LLaCTRConfig.from_dict({"vectors_path": "x", "fre_field_reduction": "avg"})
 
 
 def _sharded_llactr(schema_path: str, vectors_path: str, steps: int):
