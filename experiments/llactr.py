@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS
+
 from experiments.common import (
     base_config_path,
     experiment_args,
@@ -91,7 +93,7 @@ def _grid(variant: str) -> List[Tuple[float, float]]:
 
 def run_backbone(
     data: str, backbone: str, schema: str, vectors: str, seeds: Sequence[int], work: str, quick: bool,
-    tune_on: str = "all-seeds",
+    tune_on: str = "all-seeds", fre_field_reduction: str = "sum",
 ) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
     """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``."""
     config = base_config_path(data, backbone)
@@ -111,7 +113,7 @@ def run_backbone(
         def overrides(lambda_fre: float, lambda_fie: float) -> List[str]:
             return [f"llactr.vectors_path={vectors}", f"llactr.use_fre={str(use_fre).lower()}",
                     f"llactr.use_fie={str(use_fie).lower()}", f"llactr.lambda_fre={lambda_fre}",
-                    f"llactr.lambda_fie={lambda_fie}"]
+                    f"llactr.lambda_fie={lambda_fie}", f"llactr.fre_field_reduction={fre_field_reduction}"]
 
         grid = {_setting_name(variant, a, b): (a, b) for a, b in _grid(variant)}
         best, runs[variant], valid_auc = tune_on_validation(
@@ -129,7 +131,10 @@ def run_backbone(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = experiment_args(__doc__.splitlines()[0], "results").parse_args(argv)
+    parser = experiment_args(__doc__.splitlines()[0], "results")
+    parser.add_argument("--fre-field-reduction", choices=FIELD_REDUCTIONS, default="sum",
+                        help="FRE's KL summed over fields (public code) or averaged (lambda / F)")
+    args = parser.parse_args(argv)
     started = time.time()
     name = f"llactr_{args.data}"
     work = os.path.abspath(os.path.join(args.out, "runs", name))
@@ -140,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     choices: Dict[str, Dict] = {}
     for backbone in backbones:
         runs, choices[backbone] = run_backbone(args.data, backbone, schema, vectors, args.seeds, work, args.quick,
-                                                   args.tune_on)
+                                                   args.tune_on, args.fre_field_reduction)
         tables[backbone] = summarize(runs)
         report(args, name, tables, choices, vectors, ssft_metrics_path, started, argv)  # partial tables as they come
     return 0
@@ -184,6 +189,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "quick": args.quick,
         "selection": selection,
         "tune_on": args.tune_on,
+        "fre_field_reduction": args.fre_field_reduction,
         "lambda_grid": list(LAMBDAS),
         "choices": choices,
         "table": tables,
