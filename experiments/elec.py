@@ -80,10 +80,8 @@ BETAS = (0.0, 0.1)
 # swapped pairs carry no label: KD is their only signal, so larger weights are tried
 SWAP_ALPHAS = (1.0, 5.0, 20.0)
 SWAP_BETAS = (0.0,)
-KD_CHOICE = (
-    "(alpha, beta) of the student from {0.5, 1.0} x {0.0, 0.1} (swapped pairs: {1, 5, 20} x {0}), separately per "
-    "student; score KD = BCE on teacher probabilities (T = 1), representation KD = MSE after a learned projection;"
-)
+KD_CHOICE = "(alpha, beta) of the student from {0.5, 1.0} x {0.0, 0.1} (swapped pairs: {1, 5, 20} x {0}), per student,"
+KD_LOSSES = "score KD = BCE on teacher probabilities (T = 1), representation KD = MSE after a learned projection"
 
 
 def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str], sample_rows: int,
@@ -274,7 +272,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         mean_gain = f"{100 * sum(vs_gain[v].values()) / len(backbones):+.2f}%" if v in vs_gain else "–"
         sections.append(f"| {v} | " + " | ".join(f"{100 * gains[v][b]:+.2f}%" for b in backbones)
                         + f" | {100 * mean_plain:+.2f}% | {mean_gain} |")
-    selection = selection_text(args.tune_on, KD_CHOICE)
+    selection = f"{selection_text(args.tune_on, KD_CHOICE)}; {KD_LOSSES}"
     sections += ["", f"KD weight selection: {selection}"]
     payload = {
         "data": args.data,
