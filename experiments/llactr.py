@@ -43,9 +43,9 @@ from experiments.common import (
     run_cli_step,
     run_variant,
     selection_text,
-    tuned_on,
     summarize,
     tune_on_validation,
+    tuned_on,
     write_outputs,
 )
 
@@ -145,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     choices: Dict[str, Dict] = {}
     for backbone in backbones:
         runs, choices[backbone] = run_backbone(args.data, backbone, schema, vectors, args.seeds, work, args.quick,
-                                                   args.tune_on, args.fre_field_reduction)
+                                               args.tune_on, args.fre_field_reduction)
         tables[backbone] = summarize(runs)
         report(args, name, tables, choices, vectors, ssft_metrics_path, started, argv)  # partial tables as they come
     return 0
@@ -204,9 +204,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     plot_auc(os.path.join(args.out, f"{name}.png"), tables, f"LLaCTR on {args.data}: test AUC")
 
 
-LAMBDA_CHOICE = (
-    "lambda_fre / lambda_fie from {0.01, 0.1, 0.5} (the range the paper tunes; for +both the 3x3 grid)"
-)
+LAMBDA_CHOICE = "lambda_fre / lambda_fie from {0.01, 0.1, 0.5} (the range the paper tunes; for +both the 3x3 grid)"
 
 
 if __name__ == "__main__":
