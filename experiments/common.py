@@ -30,12 +30,16 @@ def experiment_args(description: str, default_out: str) -> argparse.ArgumentPars
     parser.add_argument("--raw", default=ML100K_RAW, help="raw ML-100K (RecBole atomic files)")
     parser.add_argument("--data-dir", default="data", help="where prepared data sets live")
     parser.add_argument("--quick", action="store_true", help="fewer epochs, for a smoke run")
+    return parser
+
+
+def add_tune_on_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tune-on``, for the tables that pick weights with :func:`tune_on_validation`."""
     parser.add_argument(
         "--tune-on", choices=TUNE_ON, default="all-seeds",
         help="weights picked by the mean validation AUC over every seed (all-seeds: each setting runs on "
              "each seed) or by the first seed's alone (first-seed: the others run only the pick)",
     )
-    return parser
 
 
 def prepared_schema(data: str, data_dir: str, raw: str) -> str:
@@ -120,7 +124,7 @@ def tune_on_validation(
 
     Returns:
         Tuple: ``(picked setting, its results per seed, {setting: validation AUC it was picked
-        by})``. Test metrics never take part.
+        by, None when a run has none})``. Test metrics never take part.
     """
     if tune_on not in TUNE_ON:
         raise ValueError(f"tune_on: expected one of {TUNE_ON}, got {tune_on!r}")
@@ -128,11 +132,13 @@ def tune_on_validation(
         raise ValueError(f"tune_on_validation: no settings ({list(settings)}) or no seeds ({list(seeds)})")
     tune_seeds = list(seeds) if tune_on == "all-seeds" else list(seeds[:1])
     tried = {setting: [run(setting, seed) for seed in tune_seeds] for setting in settings}
+    # a run without a validation AUC (None) ranks last and is reported as None
     valid_auc = {
-        setting: statistics.fmean(result["valid"]["auc"] or float("-inf") for result in results)
+        setting: None if any(r["valid"]["auc"] is None for r in results)
+        else statistics.fmean(r["valid"]["auc"] for r in results)
         for setting, results in tried.items()
     }
-    best = max(valid_auc, key=valid_auc.__getitem__)
+    best = max(valid_auc, key=lambda setting: float("-inf") if valid_auc[setting] is None else valid_auc[setting])
     return best, tried[best] + [run(best, seed) for seed in seeds[len(tune_seeds):]], valid_auc
 
 
@@ -176,10 +182,16 @@ def run_variant(
             ``config.yaml`` equals this run's config (run dir and progress bar aside) is
             reused instead of training again.
     """
+    config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}", "train.progress=false"])
     finished = finished_results(run_dir)
     if finished is not None:
+        differences = _differences(config, run_dir)
+        if differences:
+            raise SystemExit(
+                f"{run_dir}: holds a finished run of other settings ({'; '.join(differences)}); "
+                "remove it or pass another --out"
+            )
         return finished
-    config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}", "train.progress=false"])
     for other in reuse:
         if _same_experiment(config, other):
             print(f"[reuse] {run_dir}: identical finished run {other}", flush=True)
@@ -189,13 +201,18 @@ def run_variant(
     return run_training(config)
 
 
+def _differences(config: ExperimentConfig, run_dir: str) -> List[str]:
+    """How the config saved in ``run_dir`` differs from ``config`` (run dir and progress bar aside)."""
+    other = load_config(os.path.join(run_dir, "config.yaml"))
+    differences = config_differences(other, config, ("train.run_dir", "train.progress", "data.schema"))
+    if os.path.abspath(config.data.schema) != os.path.abspath(other.data.schema):
+        differences.append(f"data.schema: {other.data.schema} -> {config.data.schema}")
+    return differences
+
+
 def _same_experiment(config: ExperimentConfig, other_run_dir: str) -> bool:
     """Whether ``other_run_dir`` finished a run of the same config (run dir and progress bar aside)."""
-    if not os.path.exists(os.path.join(other_run_dir, RESULTS_FILE)):
-        return False
-    other = load_config(os.path.join(other_run_dir, "config.yaml"))
-    same_schema = os.path.abspath(config.data.schema) == os.path.abspath(other.data.schema)
-    return same_schema and not config_differences(other, config, ("train.run_dir", "train.progress", "data.schema"))
+    return os.path.exists(os.path.join(other_run_dir, RESULTS_FILE)) and not _differences(config, other_run_dir)
 
 
 def mean_std(values: List[float]) -> Dict[str, float]:

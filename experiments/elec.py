@@ -52,6 +52,7 @@ from recsys_llm.data.synthetic import ITEM_CATALOG
 from recsys_llm.data.synthetic import ITEM_FIELDS as SYNTHETIC_ITEM_FIELDS
 
 from experiments.common import (
+    add_tune_on_argument,
     base_config_path,
     experiment_args,
     markdown_table,
@@ -216,6 +217,7 @@ def run_backbone(
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = experiment_args(__doc__.splitlines()[0], "results")
+    add_tune_on_argument(parser)
     parser.add_argument("--granularity", choices=("row", "entity"), default="entity",
                         help="LLM vector per row (user + item text) or per item (default, 1.7k texts on ML-100K)")
     parser.add_argument("--entities", nargs="+", default=None,

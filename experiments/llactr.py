@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS
 
 from experiments.common import (
+    add_tune_on_argument,
     base_config_path,
     experiment_args,
     markdown_table,
@@ -132,6 +133,7 @@ def run_backbone(
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = experiment_args(__doc__.splitlines()[0], "results")
+    add_tune_on_argument(parser)
     parser.add_argument("--fre-field-reduction", choices=FIELD_REDUCTIONS, default="sum",
                         help="FRE's KL summed over fields (public code) or averaged (lambda / F)")
     args = parser.parse_args(argv)

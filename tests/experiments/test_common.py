@@ -11,6 +11,7 @@ from experiments.common import (
     model_overrides,
     tune_on_validation,
     relative_gain,
+    run_variant,
     summarize,
 )
 from recsys_llm.train.config import load_config, save_config
@@ -62,6 +63,12 @@ def test_tune_on_validation_rejects_bad_arguments():
         tune_on_validation([], [0], run, "all-seeds")
 
 
+def test_a_setting_without_validation_auc_ranks_last_and_reports_none():
+    run, _ = _recording_run({"a": {0: None, 1: 0.9}, "b": {0: 0.6, 1: 0.6}}, TEST)
+    best, _, valid_auc = tune_on_validation(["a", "b"], [0, 1], run, "all-seeds")
+    assert best == "b" and valid_auc == {"a": None, "b": 0.6}
+
+
 def test_relative_gain_of_summarized_means():
     table = summarize({"plain": [_result(0.7, 0.80), _result(0.7, 0.80)], "x": [_result(0.7, 0.84)]})
     assert relative_gain(table, "x", "plain") == pytest.approx(0.05)
@@ -84,3 +91,17 @@ def test_identical_finished_run_is_recognised(tmp_path):
     assert _same_experiment(config, str(other))
     changed = load_config(base_config_path("ml100k", "fm"), ["train.seed=1", f"train.run_dir={tmp_path / 'a'}"])
     assert not _same_experiment(changed, str(other))
+
+
+def test_a_finished_run_of_other_settings_is_not_reused(tmp_path):
+    """A table rerun with other settings into the same --out must not take the old results."""
+    run_dir = tmp_path / "fm" / "fre_fre0.5" / "seed0"
+    os.makedirs(run_dir)
+    saved = ["llactr.vectors_path=fields.safetensors", "llactr.fre_field_reduction=sum"]
+    save_config(load_config(base_config_path("ml100k", "fm"), saved + [f"train.run_dir={run_dir}"]),
+                str(run_dir / "config.yaml"))
+    (run_dir / "results.json").write_text(json.dumps(_result(0.7, 0.7)))
+    assert run_variant(base_config_path("ml100k", "fm"), saved, str(run_dir)) == _result(0.7, 0.7)
+    with pytest.raises(SystemExit, match=r"fre_fre0.5/seed0: holds a finished run of other settings "
+                                         r"\(llactr.fre_field_reduction: 'sum' -> 'mean'\)"):
+        run_variant(base_config_path("ml100k", "fm"), saved[:1] + ["llactr.fre_field_reduction=mean"], str(run_dir))
