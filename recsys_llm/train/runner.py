@@ -60,7 +60,8 @@ from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_mode
 from recsys_llm.train.task import CTRTask
 
 RESULTS_FILE = "results.json"
-SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in plugins.json: the data set's schema the run trained on
+PLUGINS_FILE = "plugins.json"  # what the plug-ins were built from, and the schema the run trained on
+SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in PLUGINS_FILE: the data set's schema the run trained on
 
 # Called on every rank after each optimizer step (and after a checkpoint of that step).
 StepHook = Callable[[TrainState], None]
@@ -307,7 +308,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         check_resumable(config, saved_config)
     if ctx.is_main:
         save_config(config, saved_config)
-        with open(os.path.join(run_dir, "plugins.json"), "w", encoding="utf-8") as handle:
+        with open(os.path.join(run_dir, PLUGINS_FILE), "w", encoding="utf-8") as handle:
             json.dump({SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), **built.plugins}, handle, indent=2, sort_keys=True,
                       default=str)
         with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
@@ -444,7 +445,7 @@ def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
 def _trained_schema_fingerprint(saved_config: Optional[str]) -> Optional[str]:
     """The schema fingerprint in ``plugins.json`` beside a run's ``config.yaml`` (None for a bare
     checkpoint, or a run written before runs recorded it)."""
-    plugins = os.path.join(os.path.dirname(saved_config), "plugins.json") if saved_config else None
+    plugins = os.path.join(os.path.dirname(saved_config), PLUGINS_FILE) if saved_config else None
     if plugins is None or not os.path.isfile(plugins):
         return None
     with open(plugins, encoding="utf-8") as handle:
