@@ -111,7 +111,7 @@ TUNE_ON = ("all-seeds", "first-seed")
 
 def tune_on_validation(
     settings: Sequence[str], seeds: Sequence[int], run: Callable[[str, int], Dict], tune_on: str
-) -> Tuple[str, List[Dict], Dict[str, float]]:
+) -> Tuple[str, List[Dict], Dict[str, Optional[float]]]:
     """Picks one of ``settings`` by validation AUC and returns its runs on every seed.
 
     Args:
