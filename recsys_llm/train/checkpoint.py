@@ -8,7 +8,7 @@ Layout of a checkpoint directory::
         rank00000.pt, rank00001.pt               per-rank RNG states (tensors only)
         train_state.json                         epoch, step in epoch, best AUC, ... (written last)
       ckpt-00000160.tmp/      a checkpoint being written: ignored, removed by the next save
-      latest                  "ckpt-00000120", replaced atomically (write + os.replace)
+      latest                  "ckpt-00000120", replaced atomically (write + os.replace), for people
 
 What is saved: the DMP model ``state_dict()`` (sharded tables as ShardedTensors, dense
 weights), the **fused table optimizer state** (e.g. RowWiseAdagrad's ``momentum1`` shards,
@@ -17,8 +17,9 @@ from ``model.fused_optimizer``) and the dense optimizer state -- both through th
 consumed in the epoch), early-stopping state and every rank's torch, numpy and Python
 RNG states. Every rank writes its own shards; rank 0 writes ``train_state.json`` and then
 renames ``ckpt-N.tmp`` to ``ckpt-N`` and replaces ``latest``. A crash at any moment leaves
-either the previous checkpoint or the new one, never a half one: loaders take ``latest``
-and fall back to the newest complete ``ckpt-*`` (one with ``train_state.json``).
+either the previous checkpoint or the new one, never a half one: loaders take the newest
+complete ``ckpt-*`` (one with ``train_state.json``). They do not trust ``latest``, which a
+kill between the rename and its replacement leaves one checkpoint behind.
 
 Loading never executes code: DCP's ``.metadata`` pickle is read by an unpickler that
 knows only DCP's own metadata classes (plain ``pickle.load`` in DCP's reader would run any
@@ -286,14 +287,11 @@ class CheckpointManager:
         return [os.path.join(self._directory, n) for n in names if is_complete(os.path.join(self._directory, n))]
 
     def latest(self) -> Optional[str]:
-        """The checkpoint named by ``latest`` if complete, else the newest complete one, else None."""
-        pointer = os.path.join(self._directory, LATEST_FILE)
-        if os.path.isfile(pointer):
-            with open(pointer, encoding="utf-8") as handle:
-                name = handle.read().strip()
-            path = os.path.join(self._directory, name)
-            if _CKPT_RE.match(name) and is_complete(path):
-                return path
+        """The newest complete checkpoint, else None.
+
+        Not the one the ``latest`` file names: that file is rewritten after the rename, so a
+        process killed in between leaves it one checkpoint behind.
+        """
         complete = self.list_complete()
         return complete[-1] if complete else None
 

@@ -133,6 +133,14 @@ class TestCheckpointDirectory:
         with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
             read_train_state(os.path.join(directory, "ckpt-00000030"))
 
+    def test_a_pointer_left_behind_by_a_kill_does_not_hide_the_newest_checkpoint(self, tmp_path) -> None:
+        directory = str(tmp_path)
+        _write_fake(directory, "ckpt-00000020", complete=True)
+        newest = _write_fake(directory, "ckpt-00000030", complete=True)  # renamed; killed before the pointer
+        with open(os.path.join(directory, "latest"), "w", encoding="utf-8") as handle:
+            handle.write("ckpt-00000020\n")
+        assert CheckpointManager(directory).latest() == newest
+
     def test_empty_directory(self, tmp_path) -> None:
         assert CheckpointManager(str(tmp_path / "none")).latest() is None
 
