@@ -26,7 +26,7 @@ from recsys_llm.data.synthetic import ITEM_CATALOG, generate_synthetic
 from recsys_llm.data.synthetic import ITEM_FIELDS as SYNTHETIC_ITEM_FIELDS
 from recsys_llm.semantics.store import VectorProvenance, save_vectors
 from recsys_llm.serving import ServedModel, load_state_file
-from recsys_llm.train.config import load_config
+from recsys_llm.train.config import ConfigError, load_config
 from recsys_llm.train.runner import run_training
 from tests.multiprocess import run_multiprocess
 from tests.tiny_models import save_tiny_bert
@@ -68,6 +68,17 @@ def _train_and_export_llactr(schema_path: str, run_dir: str, vectors: str, expor
         result["task_logits"] = task.eval().predict(batch).logits
         result["plain_logits"] = task.model(batch.dense_features, batch.sparse_features).logits
     result["served_logits"] = ServedModel.load(export_dir, trust_program=True).logits(batch.dense_features, batch.sparse_features)
+    # the run as one written before llactr.fre_field_reduction existed (FRE then averaged over fields)
+    plugins_path = os.path.join(run_dir, "plugins.json")
+    with open(plugins_path, encoding="utf-8") as handle:
+        plugins = json.load(handle)
+    del plugins["llactr"]["config"]["fre_field_reduction"]
+    with open(plugins_path, "w", encoding="utf-8") as handle:
+        json.dump(plugins, handle)
+    try:
+        run_training(load_config(CONFIG, overrides + ["train.epochs=3"]))
+    except ConfigError as error:
+        result["older_run_resume_error"] = str(error)
     return result
 
 
@@ -92,6 +103,7 @@ def test_llactr_section_trains_fre_and_fie_and_records_provenance(small_syntheti
     assert plugins["llactr"]["schema_fingerprint"] == schema.fingerprint()
     events = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
     assert any(e["event"] == "valid" for e in events)
+    assert "trained before llactr.fre_field_reduction existed" in result["older_run_resume_error"]
 
 
 def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:

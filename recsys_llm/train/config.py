@@ -359,6 +359,37 @@ def check_resumable(config: ExperimentConfig, saved_path: str) -> None:
         )
 
 
+# plug-in settings added after runs had been written without them: (section, key) -> (what such
+# a run did, the switch of its section under which the setting matters). A run that predates a
+# setting must not resume under a new default that trains something else.
+SETTINGS_OLDER_RUNS_HAD = {("llactr", "fre_field_reduction"): ("mean", "use_fre")}
+
+
+def check_plugin_history(saved_plugins: Mapping[str, Any], current_plugins: Mapping[str, Any], source: str) -> None:
+    """Raises when a resumed run's plug-in would train otherwise than it did before a setting existed.
+
+    Args:
+        saved_plugins (Mapping[str, Any]): the run's ``plugins.json`` (section -> ``{"config": resolved
+            settings, ...}``).
+        current_plugins (Mapping[str, Any]): the same for the config that resumes.
+        source (str): the ``plugins.json`` path, for the message.
+
+    Raises:
+        ConfigError: naming the setting, the value the run trained with, and the override to pass.
+    """
+    for (section, key), (older_value, switch) in SETTINGS_OLDER_RUNS_HAD.items():
+        saved = saved_plugins.get(section, {}).get("config", {})
+        current = current_plugins.get(section, {}).get("config", {})
+        if not saved or not current or key in saved or not saved.get(switch):
+            continue
+        if current.get(key) != older_value:
+            raise ConfigError(
+                f"{source}: this run was trained before {section}.{key} existed, i.e. with {section}.{key}="
+                f"{older_value}; resuming it with {current.get(key)!r} would change what it trains. Pass "
+                f"{section}.{key}={older_value} to resume it, or use another train.run_dir for a new run"
+            )
+
+
 MODEL_SECTIONS = ("model.", "llactr.", "elec.")  # what a checkpoint's tensors depend on
 # settings of those sections that shape no tensor (loss weights, regularisation, data pairing)
 TRAINING_ONLY_KEYS = frozenset({

@@ -52,7 +52,14 @@ from recsys_llm.train.checkpoint import (
     resolve_checkpoint,
     run_config_of,
 )
-from recsys_llm.train.config import ConfigError, ExperimentConfig, check_resumable, check_same_model, save_config
+from recsys_llm.train.config import (
+    ConfigError,
+    ExperimentConfig,
+    check_plugin_history,
+    check_resumable,
+    check_same_model,
+    save_config,
+)
 from recsys_llm.train.distributed import DistContext, barrier, init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
@@ -306,6 +313,10 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
                          "its checkpoints and the new run's would mix: use an empty train.run_dir")
     if latest is not None and os.path.isfile(saved_config):
         check_resumable(config, saved_config)
+        saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
+        if os.path.isfile(saved_plugins):
+            with open(saved_plugins, encoding="utf-8") as handle:
+                check_plugin_history(json.load(handle), built.plugins, saved_plugins)
     if ctx.is_main:
         save_config(config, saved_config)
         with open(os.path.join(run_dir, PLUGINS_FILE), "w", encoding="utf-8") as handle:

@@ -2,6 +2,7 @@
 
 import glob
 import os
+from typing import Any, Dict
 
 import pytest
 
@@ -124,3 +125,21 @@ def test_resume_allows_budget_and_path_spellings_but_not_model_changes(tmp_path,
     check_resumable(resumed, str(tmp_path / "config.yaml"))  # same data dir, a larger budget and batch
     with pytest.raises(ConfigError, match=r"other settings \(model.name: 'fm' -> 'fwfm'\)"):
         check_resumable(load_config(None, ["model.name=fwfm", f"data.schema={data}"]), str(tmp_path / "config.yaml"))
+
+
+def test_a_run_from_before_fre_field_reduction_resumes_only_with_the_mean_it_trained_with() -> None:
+    from recsys_llm.train.config import check_plugin_history
+
+    def plugins(**settings: Any) -> Dict[str, Any]:
+        return {"llactr": {"config": {"use_fre": True, "lambda_fre": 0.1, **settings}}}
+
+    older = plugins()  # written before the key existed: FRE averaged over fields
+    with pytest.raises(ConfigError, match=r"runs/a/plugins.json: this run was trained before "
+                                          r"llactr.fre_field_reduction existed, i.e. with "
+                                          r"llactr.fre_field_reduction=mean; resuming it with 'sum'"):
+        check_plugin_history(older, plugins(fre_field_reduction="sum"), "runs/a/plugins.json")
+    check_plugin_history(older, plugins(fre_field_reduction="mean"), "runs/a/plugins.json")
+    check_plugin_history(plugins(fre_field_reduction="sum"), plugins(fre_field_reduction="sum"), "p")  # recorded
+    without_fre = {"llactr": {"config": {"use_fre": False}}}
+    check_plugin_history(without_fre, plugins(fre_field_reduction="sum"), "p")  # the reduction never mattered
+    check_plugin_history({}, plugins(fre_field_reduction="sum"), "p")  # no llactr section saved
