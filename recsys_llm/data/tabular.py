@@ -5,7 +5,7 @@ The user writes a schema file (JSON or YAML, the format of
 
     name: shop-clicks
     label: clicked
-    row_key: impression_id            # optional; generated as row_id when the column is absent
+    row_key: event_id                 # optional, one per row; generated as row_id when the column is absent
     extra_columns: [timestamp]
     fields:
       - {name: user, kind: sparse, cardinality: 50000, description: "shopper id"}

@@ -252,6 +252,7 @@ class VectorExport:
         keys = pc.cast(keys, pa.int64())
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()
+        _require_unique_keys(keys.to_numpy(zero_copy_only=False), f"{self._directory}: the keys to export")
         os.makedirs(self._directory, exist_ok=True)
         self._write_manifest(len(keys))
         pending = self.pending_chunks(len(keys), rank, world_size)
@@ -369,6 +370,21 @@ def vector_dim(directory: str) -> int:
     return schema.field(str(manifest["vector_column"])).type.list_size
 
 
+def _require_unique_keys(keys: np.ndarray, what: str, is_sorted: bool = False) -> None:
+    """Raises when a key repeats: a vector looked up by key would then belong to another row.
+
+    Raises:
+        ValueError: naming ``what``, the first repeated key and how many keys repeat.
+    """
+    ordered = keys if is_sorted else np.sort(keys, kind="stable")
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if len(repeated):
+        raise ValueError(
+            f"{what}: keys must be unique, but {len(np.unique(repeated))} repeat (first: {repeated[0].item()!r}); a "
+            "vector looked up by key would go to the wrong row. Give every row its own key (e.g. a row number)"
+        )
+
+
 class ExportLookup:
     """Vectors of an export by key, without holding the whole export.
 
@@ -392,6 +408,7 @@ class ExportLookup:
         all_keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
         self._order = np.argsort(all_keys, kind="stable")
         self._sorted_keys = all_keys[self._order]
+        _require_unique_keys(self._sorted_keys, f"{directory}: key column {key_column!r}", is_sorted=True)
 
     def positions(self, keys: np.ndarray) -> np.ndarray:
         """Export position (N,) of each key; -1 where the export has no vector for it."""

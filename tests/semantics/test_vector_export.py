@@ -320,3 +320,23 @@ class TestSemanticsCLI:
                      "--granularity", "entity", "--entity-field", "item_id", "--entity-fields", "item_id", "genres"]) == 0
         keys, vectors = read_vectors(items, expected={"entity_field": "item_id"})
         assert vectors.shape == (len(keys), 8) and len(keys) <= 5
+
+
+def test_repeated_keys_are_refused_before_any_work_and_in_an_older_export(tmp_path):
+    """Two rows with one key (an impression id shared by its items) would share a vector."""
+    from recsys_llm.semantics.vector_export import ExportLookup, read_manifest
+
+    out = str(tmp_path / "vec")
+    encoder = CountingEncoder(dim=2)
+    with pytest.raises(ValueError, match=r"vec: the keys to export: keys must be unique, but 1 repeat \(first: 7\)"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+            pa.array([7, 7, 8], pa.int64()), lambda a, b: ["t"] * (b - a), encoder, progress=False)
+    assert encoder.calls == 0 and not os.path.exists(out)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+        pa.array([7, 9, 8], pa.int64()), lambda a, b: ["t"] * (b - a), encoder, progress=False)
+    chunk = chunk_path(out, 1)  # as an export written before keys were checked: key 8 -> 7
+    table = pq.read_table(chunk)
+    table = table.set_column(0, table.schema.field(0), pa.array([7, 8][: table.num_rows], pa.int64()))
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(chunk).metadata), chunk)
+    with pytest.raises(ValueError, match=r"vec: key column 'key': keys must be unique"):
+        ExportLookup(out, read_manifest(out), cache_bytes=1 << 20)
