@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast, T5Config, T5Model
 
 from recsys_llm.semantics.templates import ALPACA_PROMPT, SSFT_INPUT, SSFT_INSTRUCTION
 
@@ -62,5 +62,18 @@ def save_tiny_bert(path: str) -> str:
         num_attention_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
     )
     BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_t5(path: str) -> str:
+    """A 1+1-layer T5-style encoder-decoder (d_model 32) and its tokenizer, saved to ``path``."""
+    tokenizer = make_tokenizer(with_mask=False)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    T5Model(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

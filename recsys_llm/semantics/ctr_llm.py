@@ -34,9 +34,10 @@ from torch import nn
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import atomic_directory
-from recsys_llm.semantics.encoder import hidden_states, load_tokenizer, model_dir_fingerprint, pool
+from recsys_llm.semantics.encoder import encoder_of, hidden_states, load_tokenizer, model_dir_fingerprint, pool
 
 TUNING_MODES = ("lora", "last_k", "heads")
+LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass
@@ -64,6 +65,9 @@ class CTRLLMConfig:
         epochs (int): passes over the sample.
         sample_rows (Optional[int]): tune on a random sample of this many rows (None: all).
         seed (int): sampling, initialisation and shuffling seed.
+        llm_dtype (str): dtype the LLM's weights are loaded in, whatever the checkpoint's own
+            (``float32``, ``bfloat16``, ``float16``; Llama-style checkpoints ship in bf16); the
+            heads and the vectors stay float32.
     """
 
     model_path: str
@@ -84,8 +88,11 @@ class CTRLLMConfig:
     epochs: int = 1
     sample_rows: Optional[int] = None
     seed: int = 0
+    llm_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.llm_dtype not in LLM_DTYPES:
+            raise ValueError(f"CTRLLMConfig.llm_dtype must be one of {sorted(LLM_DTYPES)}, got {self.llm_dtype!r}")
         if self.tuning not in TUNING_MODES:
             raise ValueError(f"CTRLLMConfig.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
         if self.pooling not in ("mean", "last_token", "cls"):
@@ -138,8 +145,10 @@ class CTRAdaptedLLM(nn.Module):
 
         torch.manual_seed(config.seed)
         tokenizer = load_tokenizer(config.model_path)  # checks the directory, pads decoders
-        llm = AutoModel.from_pretrained(config.model_path, local_files_only=True, trust_remote_code=False)
-        return cls(llm, tokenizer, config)
+        llm = AutoModel.from_pretrained(
+            config.model_path, dtype=LLM_DTYPES[config.llm_dtype], local_files_only=True, trust_remote_code=False
+        )
+        return cls(encoder_of(llm), tokenizer, config)
 
     def _prepare_llm(self, llm: nn.Module) -> nn.Module:
         for param in llm.parameters():
@@ -182,8 +191,8 @@ class CTRAdaptedLLM(nn.Module):
             Tuple[torch.Tensor, torch.Tensor]: click logits (B,) and representations r (B, R).
         """
         hidden = hidden_states(self.llm, input_ids, attention_mask)  # (B, T, H)
-        pooled = pool(hidden, attention_mask, self.config.pooling)  # (B, H)
-        representation = self.transform(pooled)  # (B, R)
+        pooled = pool(hidden, attention_mask, self.config.pooling)  # (B, H), the LLM's dtype
+        representation = self.transform(pooled.float())  # (B, R)
         logits = self.predict(representation).squeeze(-1)  # (B,)
         return logits, representation
 
@@ -231,6 +240,8 @@ class CTRAdaptedLLM(nn.Module):
             "weights_sha256": digest.hexdigest()[:16],
             "dim": str(self.config.representation_dim),
             **({"output": "pooled", "dim": str(self.llm.config.hidden_size)} if output == "pooled" else {}),
+            # float32 adds no key, so exports written before the setting existed keep their provenance
+            **({"llm_dtype": self.config.llm_dtype} if self.config.llm_dtype != "float32" else {}),
         }
 
 

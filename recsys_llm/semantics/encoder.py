@@ -234,15 +234,24 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The encoder stack of an encoder-decoder model (T5, BART: the part that reads the text),
+    else ``model`` itself."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return model.get_encoder()
+    return model
+
+
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """Loads a base model (no LM head) offline with ``AutoModel``."""
+    """Loads a base model (no LM head) offline with ``AutoModel``; of an encoder-decoder model
+    (T5, sentence-T5), its encoder."""
     from transformers import AutoModel
 
     require_model_dir(model_path)
     model = AutoModel.from_pretrained(
         model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )
-    return model.to(device)
+    return encoder_of(model).to(device)
 
 
 class TextEncoder:

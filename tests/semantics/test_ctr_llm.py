@@ -109,3 +109,36 @@ class TestCTRAdaptedLLM:
         assert model.provenance("pooled")["dim"] == str(hidden_size) != model.provenance()["dim"]
         with pytest.raises(ValueError, match="encode output"):
             model.encode(texts[:1], output="logits")
+
+
+def test_a_bf16_checkpoint_loads_in_the_configured_dtype_and_gives_float32_vectors(tmp_path):
+    """Llama-style checkpoints ship in bf16; transformers loads them so unless told otherwise."""
+    from transformers import LlamaModel
+
+    path = _tiny_model_dir(tmp_path, "llama")
+    LlamaModel.from_pretrained(path).to(torch.bfloat16).save_pretrained(path)
+    texts, labels = _data()
+    float32 = CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16))
+    assert next(float32.llm.parameters()).dtype == torch.float32
+    assert float32.encode(texts[:4]).dtype == torch.float32
+    config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16, llm_dtype="bfloat16",
+                          lora_target_modules=["q_proj", "v_proj"], batch_size=32, max_length=32)
+    bf16 = CTRAdaptedLLM.from_config(config)
+    assert bf16.llm.get_base_model().embed_tokens.weight.dtype == torch.bfloat16
+    assert len(tune_ctr_llm(bf16, texts, labels, config, progress=False)) == 2
+    assert bf16.encode(texts[:4]).dtype == torch.float32
+    assert bf16.provenance()["llm_dtype"] == "bfloat16" and "llm_dtype" not in float32.provenance()
+    with pytest.raises(ValueError, match=r"llm_dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'int8'"):
+        CTRLLMConfig(model_path=path, llm_dtype="int8")
+
+
+def test_an_encoder_decoder_model_is_adapted_through_its_encoder(tmp_path):
+    from tests.tiny_models import save_tiny_t5
+
+    path = save_tiny_t5(str(tmp_path / "t5"))
+    config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16, lora_target_modules=["q", "v"],
+                          batch_size=8, max_length=16)
+    model = CTRAdaptedLLM.from_config(config)
+    texts = ["user id 3", "price 12", "town 4 of the user"]
+    assert model.encode(texts).shape == (3, 8)
+    assert len(tune_ctr_llm(model, texts, [1.0, 0.0, 1.0], config, progress=False)) == 1

@@ -57,6 +57,21 @@ class TestTextEncoder:
             expected = model(input_ids=ids).last_hidden_state[0].mean(0)
         torch.testing.assert_close(vectors[1], expected, atol=1e-5, rtol=1e-4)
 
+    def test_encoder_decoder_model_reads_with_its_encoder(self, tmp_path) -> None:
+        from transformers import T5EncoderModel
+
+        from tests.tiny_models import save_tiny_t5
+
+        path = save_tiny_t5(str(tmp_path / "t5"))
+        encoder = TextEncoder(path, batch_size=2)
+        assert encoder.pooling == "mean"
+        vectors = encoder.encode(TEXTS)  # (5, 32)
+        model = T5EncoderModel.from_pretrained(path).eval()
+        ids = AutoTokenizer.from_pretrained(path)(TEXTS[3], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = model(input_ids=ids).last_hidden_state[0].mean(0)
+        torch.testing.assert_close(vectors[3], expected, atol=1e-5, rtol=1e-4)
+
     def test_from_loaded_model(self, tiny_llama_dir: str) -> None:
         model = AutoModel.from_pretrained(tiny_llama_dir)
         tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
