@@ -29,15 +29,19 @@ ROW_TEXT_FILE = "row_text.json"
 
 
 def _row_text_config(args: argparse.Namespace):
+    """The row-text settings the CTR LLM was tuned with (``row_text.json`` beside it, for
+    ``export``), or the defaults (``adapt``), with only ``--fields`` / ``--template`` replaced."""
     from recsys_llm.semantics.row_text import RowTextConfig
 
     saved = os.path.join(args.llm, ROW_TEXT_FILE) if getattr(args, "llm", None) else None
-    if saved and os.path.exists(saved) and args.fields is None and args.template is None:
+    config = RowTextConfig()
+    if saved and os.path.exists(saved):
         with open(saved, encoding="utf-8") as handle:
-            return RowTextConfig(**json.load(handle))
-    config = RowTextConfig(fields=args.fields)
+            config = RowTextConfig(**json.load(handle))
+    if args.fields is not None:
+        config = dataclasses.replace(config, fields=args.fields)
     if args.template is not None:
-        config.template = args.template
+        config = dataclasses.replace(config, template=args.template)
     return config
 
 
@@ -75,9 +79,7 @@ def _adapt(args: argparse.Namespace) -> int:
     labels = np.asarray(rows.column(schema.label).to_numpy(zero_copy_only=False), dtype=np.float32)
     model = CTRAdaptedLLM.from_config(config).to(resolve_device(args.device))
     losses = tune_ctr_llm(model, texts, labels, dataclasses.replace(config, sample_rows=None))
-    save_ctr_llm(model, args.output_dir)
-    with open(os.path.join(args.output_dir, ROW_TEXT_FILE), "w", encoding="utf-8") as handle:
-        json.dump(dataclasses.asdict(text_config), handle, indent=2)
+    save_ctr_llm(model, args.output_dir, extra_json={ROW_TEXT_FILE: dataclasses.asdict(text_config)})
     window = max(1, len(losses) // 10)
     print(json.dumps({"output_dir": args.output_dir, "rows": len(texts), "steps": len(losses),
                       "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),

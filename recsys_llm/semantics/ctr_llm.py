@@ -315,13 +315,17 @@ def tune_ctr_llm(
 CTR_LLM_FILES = ("config.json", "heads.safetensors")  # every saved CTR-adapted LLM has them
 
 
-def save_ctr_llm(model: CTRAdaptedLLM, directory: str) -> None:
+def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict[str, Any]] = None) -> None:
     """Saves config, heads and tuned LLM tensors atomically (temp dir renamed into place).
 
     Files: ``config.json``, ``heads.safetensors``, ``llm_tuned.safetensors`` (LoRA adapters
-    or the unfrozen layers, by parameter name), ``provenance.json``.
+    or the unfrozen layers, by parameter name), ``provenance.json``, and one JSON file per
+    ``extra_json`` entry (file name -> content, e.g. the row-text settings), in the same swap.
     """
     with atomic_directory(directory, "saved CTR-adapted LLM", CTR_LLM_FILES) as tmp:
+        for name, content in (extra_json or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as handle:
+                json.dump(content, handle, indent=2)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(dataclasses.asdict(model.config), handle, indent=2)
         save_file(_heads_state(model), os.path.join(tmp, "heads.safetensors"))

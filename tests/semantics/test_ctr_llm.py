@@ -1,3 +1,5 @@
+import argparse
+import json
 import os
 
 import pytest
@@ -84,8 +86,10 @@ class TestCTRAdaptedLLM:
         tune_ctr_llm(model, texts, labels, config, progress=False)
         out = os.path.join(str(tmp_path), "saved")
         save_ctr_llm(model, out)
-        save_ctr_llm(model, out)  # overwrite is atomic too
+        save_ctr_llm(model, out, extra_json={"row_text.json": {"fields": ["a"]}})  # overwrite is atomic too
         assert sorted(os.listdir(str(tmp_path))) == ["bert", "saved"]
+        with open(os.path.join(out, "row_text.json"), encoding="utf-8") as handle:
+            assert json.load(handle) == {"fields": ["a"]}  # swapped in with the model, not written after
         loaded = load_ctr_llm(out)
         torch.testing.assert_close(loaded.encode(texts[:5]), model.encode(texts[:5]))
         assert loaded.provenance() == model.provenance()
@@ -142,3 +146,17 @@ def test_an_encoder_decoder_model_is_adapted_through_its_encoder(tmp_path):
     texts = ["user id 3", "price 12", "town 4 of the user"]
     assert model.encode(texts).shape == (3, 8)
     assert len(tune_ctr_llm(model, texts, [1.0, 0.0, 1.0], config, progress=False)) == 1
+
+
+def test_export_overrides_only_the_row_text_settings_it_is_given(tmp_path):
+    """``export --template`` keeps the fields and per-field templates the LLM was tuned with."""
+    from recsys_llm.cli.semantics_export import ROW_TEXT_FILE, _row_text_config
+
+    tuned = {"fields": ["user_id", "item_id"], "templates": {"item_id": "the item: {value}."}, "dense_decimals": 1}
+    (tmp_path / ROW_TEXT_FILE).write_text(json.dumps(tuned), encoding="utf-8")
+    config = _row_text_config(argparse.Namespace(llm=str(tmp_path), fields=None, template="{description}: {value}."))
+    assert config.fields == ["user_id", "item_id"] and config.templates == tuned["templates"]
+    assert config.dense_decimals == 1 and config.template == "{description}: {value}."
+    config = _row_text_config(argparse.Namespace(llm=str(tmp_path), fields=["user_id"], template=None))
+    assert config.fields == ["user_id"] and config.template == "{description} is {value}."
+    assert _row_text_config(argparse.Namespace(fields=None, template=None)).fields is None  # adapt: the defaults
