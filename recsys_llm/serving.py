@@ -6,7 +6,7 @@
     tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling)
     dense_program.pt2     torch.export program of everything after the EBC lookup:
                           (dense (B, Dd), pooled (B, F * D)) -> logits (B,)
-    config.json           format version, feature names, model config, program status
+    config.json           format version, feature names, id rules, model config, program status
     INFERENCE.md          how to call it
 
 The EBC lookup stays eager (``ServedModel`` rebuilds the EBC from ``tables.json``; on a
@@ -41,6 +41,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_llm.atomic_dir import atomic_directory
+from recsys_llm.id_rules import IdRules, id_rules
 from recsys_llm.models.base import CTROutput
 from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
@@ -50,6 +51,7 @@ FORMAT_VERSION = 1
 STATE_FILE = "model.safetensors"
 EXPORT_MARKER_FILES = ("config.json", STATE_FILE)  # every export has them (state-only ones too)
 SEMANTIC_TABLES_FILE = "semantic_tables.json"  # frozen entity-vector tables of a gain network
+ID_RULES_KEY = "id_rules"  # in config.json: per feature, the reader's hashed / max_length (None: not recorded)
 FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")
 
 INFERENCE_EXAMPLE = """# Inference with an exported model
@@ -70,8 +72,11 @@ dense = torch.zeros(batch_size, {num_dense})         # dense features in schema 
 probabilities = served.predict(dense, kjt)           # (batch_size,)
 ```
 
-The EBC lookup runs eagerly; everything after it is `dense_program.pt2`
-(`torch.export.load`), inputs `(dense (B, {num_dense}), pooled (B, {pooled}))`.
+Ids go through the training reader's rules first (`config.json`, `id_rules`): ids of a
+`hashed` field are folded into its table, sequences keep their first `max_length` ids, and any
+other id outside its table is a ValueError naming the feature and row. The EBC lookup runs
+eagerly; everything after it is `dense_program.pt2` (`torch.export.load`), inputs
+`(dense (B, {num_dense}), pooled (B, {pooled}))`.
 """
 
 
@@ -386,6 +391,7 @@ def export_task(
     example_dense: torch.Tensor,
     example_sparse: KeyedJaggedTensor,
     metadata: Optional[Dict[str, Any]] = None,
+    schema: Optional[Any] = None,
 ) -> Dict[str, Any]:
     """Writes the serving artifact of an unsharded ``CTRTask`` (atomically).
 
@@ -397,6 +403,10 @@ def export_task(
         example_dense (torch.Tensor): (B, Dd) example input for ``torch.export`` (B >= 2).
         example_sparse (KeyedJaggedTensor): example ids of the same batch.
         metadata (Optional[Dict[str, Any]]): stored in ``config.json`` (model config, schema name...).
+        schema (Optional[DatasetSchema]): the training data's schema; its ``hashed`` and
+            ``max_length`` per feature go to ``config.json`` (``id_rules``), so ``ServedModel``
+            treats raw request ids as the reader treated the training ids (without it: bounds
+            checks only).
 
     Returns:
         Dict[str, Any]: the written ``config.json``.
@@ -448,6 +458,7 @@ def export_task(
             "dense_program": program_status,
             "dense_program_error": reason,
             "folded_logit_terms": folded if program_status is not None else [],
+            ID_RULES_KEY: id_rules(schema, _kjt_keys(tables, semantic_tables)) if schema is not None else None,
             "num_parameters": int(sum(p.numel() for p in task.parameters())),
             "num_state_tensors": len(state),
             "metadata": metadata or {},
@@ -460,6 +471,21 @@ def export_task(
             if semantic_tables:
                 handle.write(SEMANTIC_INFERENCE_NOTE.format(tables=[t["name"] for t in semantic_tables]))
     return config
+
+
+def _kjt_keys(*table_lists: List[Dict[str, Any]]) -> List[str]:
+    """Every feature the artifact's tables read from the request, once, in table order."""
+    return list(dict.fromkeys(f for tables in table_lists for t in tables for f in t["feature_names"]))
+
+
+def _rows_per_feature(*ebcs: Optional[EmbeddingBagCollection]) -> Dict[str, int]:
+    """Table rows per feature (the smallest, where a feature feeds several tables)."""
+    rows: Dict[str, int] = {}
+    for ebc in ebcs:
+        for table in ebc.embedding_bag_configs() if ebc is not None else []:
+            for feature in table.feature_names:
+                rows[feature] = min(rows.get(feature, table.num_embeddings), table.num_embeddings)
+    return rows
 
 
 def _load_ebc(directory: str, tables_file: str, state: Dict[str, torch.Tensor], prefix: str) -> EmbeddingBagCollection:
@@ -501,6 +527,7 @@ class ServedModel(nn.Module):
         self.semantic_embedding_bag_collection = semantic_ebc
         self.dense_program = dense_program
         self._config = config
+        self._id_rules = IdRules.from_config(config.get(ID_RULES_KEY), _rows_per_feature(ebc, semantic_ebc))
 
     @property
     def feature_names(self) -> List[str]:
@@ -547,7 +574,13 @@ class ServedModel(nn.Module):
 
     @torch.no_grad()
     def logits(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
-        """(B, Dd), KJT -> logits (B,)."""
+        """(B, Dd), KJT of raw ids -> logits (B,).
+
+        The ids go through the training reader's rules first (:class:`~recsys_llm.id_rules.IdRules`):
+        hashed features folded, sequences cut to ``max_length``, other out-of-table ids refused
+        (ValueError naming the feature and row).
+        """
+        sparse_features = self._id_rules(sparse_features)
         pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
         if self.semantic_embedding_bag_collection is None:
             return self.dense_program(dense_features, pooled)

@@ -315,3 +315,38 @@ def test_a_slice_of_a_safetensors_state_file_reads_only_that_slice(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, check=True)
     peak_bytes = int(done.stdout.split()[-1]) * 1024
     assert peak_bytes < 1 << 30, f"peak RSS {peak_bytes / 2 ** 30:.2f} GiB: the 4 GiB table was read whole"
+
+
+def test_served_model_treats_raw_request_ids_as_the_reader_treated_training_ids(tmp_path):
+    """Hashed ids are folded, sequences cut to max_length, other ids outside a table refused."""
+    from recsys_llm.models.registry import build_backbone
+    from recsys_llm.train.task import CTRTask
+
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10, hashed=True), FieldSpec("item_id", "sparse", 12),
+                                 FieldSpec("genres", "sequence", 5, max_length=3), FieldSpec("age", "dense")])
+    torch.manual_seed(0)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=CPU)).eval()
+    example = make_batch(4, 100)
+    out = str(tmp_path / "export")
+    config = export_task(task, out, example.dense_features, example.sparse_features, schema=schema)
+    assert config["id_rules"] == {"user_id": {"hashed": True, "max_length": 0},
+                                  "item_id": {"hashed": False, "max_length": 0},
+                                  "genres": {"hashed": False, "max_length": 3}}
+    served = ServedModel.load(out, trust_program=True)
+
+    def kjt(users, items, genres):
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=["user_id", "item_id", "genres"],
+            values=torch.tensor(users + items + [g for bag in genres for g in bag]),
+            lengths=torch.tensor([1] * (len(users) + len(items)) + [len(bag) for bag in genres], dtype=torch.int32))
+
+    dense = torch.randn(3, 1)
+    raw = kjt([23, -4, 7], [1, 11, 0], [[1, 2, 3, 4], [], [0, 4, 1, 2, 3]])  # as a caller sends them
+    as_read = kjt([3, 6, 7], [1, 11, 0], [[1, 2, 3], [], [0, 4, 1]])  # as ParquetBatchReader gives them
+    with torch.no_grad():
+        expected = task.model(dense, as_read).logits
+    assert torch.equal(served.logits(dense, raw), expected)
+    with pytest.raises(ValueError, match=r"feature 'item_id', row 2 of the batch: id 12 is outside its table's \[0, 12\)"):
+        served.logits(dense, kjt([1, 2, 3], [1, 11, 12], [[], [], []]))
+    with pytest.raises(ValueError, match=r"feature 'genres', row 1 of the batch: id -1 is outside"):
+        served.logits(dense, kjt([1, 2, 3], [1, 2, 3], [[0], [2, -1], []]))

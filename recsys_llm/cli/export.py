@@ -68,7 +68,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
             "checkpoint": os.path.abspath(checkpoint),
             "world_size_at_export": ctx.world_size,
         }
-        written = export_task(served, output, example.dense_features, example.sparse_features, metadata)
+        written = export_task(served, output, example.dense_features, example.sparse_features, metadata, schema)
     barrier()
     return written
 

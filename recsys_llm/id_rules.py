@@ -1,0 +1,133 @@
+"""The reader's id rules, applied to serving requests.
+
+Training batches come from :class:`~recsys_llm.data.parquet.ParquetBatchReader`, which folds
+the ids of a ``hashed`` field modulo its cardinality, keeps the first ``max_length`` ids of a
+sequence, and refuses any other id outside ``[0, cardinality)``. A served model gets raw ids
+from its caller, so the export records these rules per feature (``config.json``,
+``id_rules``) and :class:`IdRules` applies them to the request's KeyedJaggedTensor before the
+table lookups: the tables see the rows they were trained on, and a bad id is an error naming
+its feature instead of an index error deep in FBGEMM (on CPU) or a silent wrong row (on GPU).
+
+Example::
+
+    rules = IdRules.from_config(id_rules(schema, ["user_id", "genres"]), {"user_id": 944, "genres": 19})
+    kjt = rules(kjt)  # ids as the reader would have given them
+"""
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+def id_rules(schema: Any, feature_names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Per feature of ``schema`` among ``feature_names``: ``{"hashed": bool, "max_length": int}``
+    (0: no limit), for ``config.json``."""
+    names = {f.name for f in schema.fields}
+    return {
+        name: {"hashed": bool(schema.field(name).hashed), "max_length": int(schema.field(name).max_length)}
+        for name in feature_names
+        if name in names
+    }
+
+
+class IdRules:
+    """Applies the reader's id rules to a KeyedJaggedTensor (one pass over its values).
+
+    Args:
+        rows (Mapping[str, int]): table rows per feature (ids must fall in ``[0, rows)``).
+        hashed (Mapping[str, bool]): features whose ids are folded modulo ``rows``.
+        max_length (Mapping[str, int]): ids kept per bag (0 or absent: all).
+    """
+
+    def __init__(self, rows: Mapping[str, int], hashed: Mapping[str, bool], max_length: Mapping[str, int]) -> None:
+        self._rows = dict(rows)
+        self._hashed = {k: bool(v) for k, v in hashed.items()}
+        self._max_length = {k: int(v) for k, v in max_length.items() if v}
+        self._per_keys: Dict[Tuple[str, ...], Tuple[torch.Tensor, torch.Tensor, List[int]]] = {}
+
+    @classmethod
+    def from_config(cls, rules: Optional[Mapping[str, Mapping[str, Any]]], rows: Mapping[str, int]) -> "IdRules":
+        """From an export's ``id_rules`` (None for an artifact written before they were recorded:
+        bounds checks only) and the table rows per feature."""
+        rules = rules or {}
+        return cls(
+            rows,
+            {name: rule.get("hashed", False) for name, rule in rules.items()},
+            {name: rule.get("max_length", 0) for name, rule in rules.items()},
+        )
+
+    def _tensors(self, keys: Tuple[str, ...]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """(K,) rows, (K,) hashed flags and the K max lengths of a key order (cached)."""
+        if keys not in self._per_keys:
+            unknown = [k for k in keys if k not in self._rows]
+            if unknown:
+                raise KeyError(f"features {unknown} have no table in this model; its features are {sorted(self._rows)}")
+            self._per_keys[keys] = (
+                torch.tensor([self._rows[k] for k in keys], dtype=torch.int64),
+                torch.tensor([self._hashed.get(k, False) for k in keys], dtype=torch.bool),
+                [self._max_length.get(k, 0) for k in keys],
+            )
+        return self._per_keys[keys]
+
+    def __call__(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """
+        Args:
+            features (KeyedJaggedTensor): raw ids; any key order, any stride per key.
+
+        Returns:
+            KeyedJaggedTensor: the same keys with the ids the reader would have given.
+
+        Raises:
+            ValueError: an id of a feature that is not hashed lies outside its table, named
+                with the feature, the id, the row in the batch and the table's size.
+        """
+        keys = tuple(features.keys())
+        rows, hashed, max_lengths = self._tensors(keys)
+        values, lengths = features.values(), features.lengths()
+        key_of_value = torch.repeat_interleave(
+            torch.arange(len(keys)), torch.tensor(features.length_per_key(), dtype=torch.int64)
+        )  # (N,)
+        rows_of_value = rows[key_of_value]  # (N,)
+        values = torch.where(hashed[key_of_value], torch.remainder(values, rows_of_value), values)
+        outside = (values < 0) | (values >= rows_of_value)
+        if bool(outside.any()):
+            self._raise_outside(features, keys, values, key_of_value, int(outside.nonzero()[0]))
+        weights = features.weights_or_none()
+        if any(max_lengths):
+            values, lengths, weights = self._truncate(features, values, lengths, weights, max_lengths)
+        return KeyedJaggedTensor(
+            keys=list(keys), values=values, lengths=lengths, weights=weights,
+            stride_per_key_per_rank=features.stride_per_key_per_rank() if features.variable_stride_per_key() else None,
+        )
+
+    @staticmethod
+    def _truncate(
+        features: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
+        max_lengths: List[int],
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Keeps the first max_length ids of every bag: (N',) values, (sum strides,) lengths."""
+        strides = torch.tensor(features.stride_per_key(), dtype=torch.int64)
+        no_limit = torch.iinfo(torch.int64).max
+        limits = torch.repeat_interleave(
+            torch.tensor([m or no_limit for m in max_lengths], dtype=torch.int64), strides
+        )  # (sum strides,)
+        if not bool((lengths > limits).any()):
+            return values, lengths, weights
+        lengths = lengths.to(torch.int64)
+        starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)  # (N,) first id of its bag
+        keep = (torch.arange(values.numel()) - starts) < torch.repeat_interleave(limits, lengths)
+        kept_lengths = torch.minimum(lengths, limits).to(features.lengths().dtype)
+        return values[keep], kept_lengths, None if weights is None else weights[keep]
+
+    def _raise_outside(self, features: KeyedJaggedTensor, keys: Tuple[str, ...], values: torch.Tensor,
+                       key_of_value: torch.Tensor, first: int) -> None:
+        key = keys[int(key_of_value[first])]
+        start = int(features.offset_per_key()[keys.index(key)])
+        offsets = features[key].offsets()
+        row = int(torch.searchsorted(offsets, torch.tensor(first - start), right=True)) - 1
+        raise ValueError(
+            f"feature {key!r}, row {row} of the batch: id {int(values[first])} is outside its table's "
+            f"[0, {self._rows[key]}); the model was trained on ids in that range (ids of a \"hashed\" field "
+            "are folded into it)"
+        )
