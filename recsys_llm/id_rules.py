@@ -6,7 +6,8 @@ sequence, and refuses any other id outside ``[0, cardinality)``. A served model 
 from its caller, so the export records these rules per feature (``config.json``,
 ``id_rules``) and :class:`IdRules` applies them to the request's KeyedJaggedTensor before the
 table lookups: the tables see the rows they were trained on, and a bad id is an error naming
-its feature instead of an index error deep in FBGEMM (on CPU) or a silent wrong row (on GPU).
+its feature instead of an index error deep in FBGEMM (on CPU) or, depending on FBGEMM's
+bounds-check mode, a warning and another row (on GPU).
 
 Example::
 
