@@ -15,12 +15,18 @@ from recsys_llm.data.movielens import MovieLensConfig
 from recsys_llm.data.prepare import prepare_dataset
 from recsys_llm.data.synthetic import SyntheticConfig
 from recsys_llm.data.tabular import TabularConfig
+from recsys_llm.data.validation import check_split_fractions
 
 
 def _fractions(text: str) -> tuple:
-    parts = tuple(float(p) for p in text.split(","))
-    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"expected three non-negative shares like 0.8,0.1,0.1, got {text!r}")
+    """``--split`` value: three positive train,valid,test shares (checked before any work)."""
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+        check_split_fractions(parts, "--split")
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected three positive shares like 0.8,0.1,0.1 (a zero share leaves a split without rows), got {text!r}"
+        ) from None
     return parts
 
 
@@ -37,7 +43,7 @@ def _config(args: argparse.Namespace):
     return TabularConfig(split_by=args.split_by, split_fractions=args.split, seed=args.seed,
                          label_threshold=args.label_threshold, fill_missing_dense=args.fill_missing_dense,
                          sequence_separator=args.sequence_separator, delimiter=args.delimiter,
-                         rows_per_group=args.rows_per_group)
+                         rows_per_group=args.rows_per_group, missing_tokens=("",) + tuple(args.missing_token))
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -91,3 +97,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tabular.add_argument("--fill-missing-dense", type=float, default=None, help="value for missing dense features")
     tabular.add_argument("--sequence-separator", default="|", help="separator of sequence tokens in CSV cells")
     tabular.add_argument("--delimiter", default=",", help="CSV delimiter")
+    tabular.add_argument("--missing-token", action="append", default=[], metavar="TOKEN",
+                         help="a CSV cell of a string column read as missing besides the empty cell, e.g. NA "
+                              "(repeatable; by default NA, null, N/A are values)")

@@ -8,7 +8,8 @@ DLRM's preprocessing:
 * categorical ``C_k`` -> FNV-1a hash of the string into ``[1, hash_size)`` (0 = missing),
   so the schema marks them ``hashed`` with ``cardinality = hash_size``;
 * rows keep file order (the public Criteo files are ordered by time) and are split
-  into train/valid/test by ``split_fractions`` of the line count.
+  into train/valid/test by ``split_fractions`` of the line count;
+* the output is written whole or not at all: a failed run leaves an earlier one untouched.
 
 The file is read with ``pyarrow.csv.open_csv`` block by block, so memory stays bounded
 for the 45M-line Kaggle set or a 4 billion-line Terabyte day. A header line is
@@ -27,9 +28,9 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 from recsys_llm.data.hashing import hash_strings
-from recsys_llm.data.parquet import SplitWriter, arrow_schema_for
+from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
-from recsys_llm.data.validation import DataError, check_labels
+from recsys_llm.data.validation import DataError, check_labels, check_split_fractions
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -57,6 +58,9 @@ class CriteoConfig:
     rows_per_group: int = 65536
     block_bytes: int = 16 << 20
     max_rows: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_split_fractions(self.split_fractions, "CriteoConfig.split_fractions")
 
 
 def criteo_schema(config: CriteoConfig) -> DatasetSchema:
@@ -141,9 +145,13 @@ def _batches(path: str, config: CriteoConfig, delimiter: str) -> Iterator[Tuple[
 def prepare_criteo(path: str, out_dir: str, config: Optional[CriteoConfig] = None, progress: bool = False) -> DatasetSchema:
     """Converts one Criteo TSV/CSV file into Parquet splits + ``schema.json`` in ``out_dir``.
 
+    The output is built in a temp directory and replaces ``out_dir`` only when complete and
+    checked: a failed conversion leaves an earlier output as it was
+    (:func:`~recsys_llm.data.parquet.write_prepared`).
+
     Args:
         path (str): the raw file (e.g. Kaggle ``train.txt`` or a Terabyte ``day_0``).
-        out_dir (str): output directory.
+        out_dir (str): output directory; absent, empty or an earlier prepared data set.
         config (Optional[CriteoConfig]): hashing, delimiter and split options.
         progress (bool): show a tqdm bar over rows.
 
@@ -157,6 +165,11 @@ def prepare_criteo(path: str, out_dir: str, config: Optional[CriteoConfig] = Non
     config = config or CriteoConfig()
     if not os.path.exists(path):
         raise DataError(f"{path}: Criteo file not found")
+    return write_prepared(out_dir, path, [path], lambda tmp: _write(path, tmp, config, progress))
+
+
+def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> DatasetSchema:
+    """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
     delimiter = config.delimiter or ("," if path.endswith(".csv") else "\t")
     header, _ = _layout(path, delimiter)
     total = _count_lines(path) - int(header)
@@ -170,7 +183,7 @@ def prepare_criteo(path: str, out_dir: str, config: Optional[CriteoConfig] = Non
     schema = criteo_schema(config)
     schema.root = os.path.abspath(out_dir)
     arrow_schema = arrow_schema_for(schema)
-    writers = [SplitWriter(os.path.join(out_dir, schema.splits[s]), arrow_schema, config.rows_per_group) for s in schema.splits]
+    writers = [SplitWriter(schema.split_path(s), arrow_schema, config.rows_per_group) for s in schema.splits]
     bar = tqdm(total=total, desc="criteo rows", unit="row", disable=not progress)
     done = 0
     try:
@@ -194,7 +207,6 @@ def prepare_criteo(path: str, out_dir: str, config: Optional[CriteoConfig] = Non
         raise
     finally:
         bar.close()
-    schema.save(os.path.join(out_dir, "schema.json"))
     return schema
 
 

@@ -19,6 +19,9 @@ Output (the usual CTR protocol for MovieLens):
 * the item catalogue ``item_catalog.parquet``: every movie of the ``.item`` file (rated or
   not) with its ``ITEM_FIELDS`` columns, for ``elec.distill.swap_catalog``.
 
+All of it is written into a temp directory that replaces the output directory only once
+complete, so a failed run leaves an earlier output untouched.
+
 The raw files are only read, never copied into the output directory.
 """
 
@@ -33,10 +36,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from tqdm import tqdm
 
-from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array
+from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import ITEM_CATALOG, write_value_text
-from recsys_llm.data.validation import DataError
+from recsys_llm.data.validation import DataError, check_split_fractions
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 GENDER_WORDS = {"M": "man", "F": "woman"}
@@ -57,6 +60,9 @@ class MovieLensConfig:
     split_fractions: Tuple[float, float, float] = (0.8, 0.1, 0.1)
     zip_prefix_length: int = 2
     rows_per_group: int = 8192
+
+    def __post_init__(self) -> None:
+        check_split_fractions(self.split_fractions, "MovieLensConfig.split_fractions")
 
 
 # ---- RecBole atomic files ----------------------------------------------------------------------------
@@ -158,9 +164,14 @@ def _find(raw_dir: str, suffix: str) -> str:
 def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConfig] = None, progress: bool = False) -> DatasetSchema:
     """Converts RecBole-format MovieLens in ``raw_dir`` into Parquet splits + schema in ``out_dir``.
 
+    The output (splits, value text, item catalogue, schema) is built in a temp directory
+    and replaces ``out_dir`` only when complete and checked: a failed conversion leaves an
+    earlier output as it was (:func:`~recsys_llm.data.parquet.write_prepared`).
+
     Args:
         raw_dir (str): directory with ``*.inter``, ``*.item`` and ``*.user``.
-        out_dir (str): output directory (``train/valid/test.parquet``, ``text/``, ``schema.json``).
+        out_dir (str): output directory (``train/valid/test.parquet``, ``text/``, ``item_catalog.parquet``,
+            ``schema.json``); absent, empty or an earlier prepared data set.
         config (Optional[MovieLensConfig]): conversion options.
         progress (bool): show a tqdm bar over the steps.
 
@@ -172,6 +183,11 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
         schema = prepare_movielens("../shared/data/ml-100k", "data/ml-100k")
     """
     config = config or MovieLensConfig()
+    return write_prepared(out_dir, raw_dir, [raw_dir], lambda tmp: _convert(raw_dir, tmp, config, progress))
+
+
+def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool) -> DatasetSchema:
+    """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
     steps = tqdm(total=4, desc="movielens", disable=not progress)
     inter_path, item_path, user_path = (_find(raw_dir, s) for s in (".inter", ".item", ".user"))
     inter = read_atomic_file(inter_path, {"user_id": ("token",), "item_id": ("token",), "rating": ("float",), "timestamp": ("float",)})
@@ -285,7 +301,6 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
         extra_columns=["timestamp"],
         root=os.path.abspath(out_dir),
     )
-    os.makedirs(out_dir, exist_ok=True)
     write_value_text(os.path.join(out_dir, "text", "user_id.parquet"), user_text)
     write_value_text(os.path.join(out_dir, "text", "item_id.parquet"), item_text)
     for name, texts in attribute_text.items():
@@ -335,5 +350,4 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
         writer.write(catalog)
     steps.update()
     steps.close()
-    schema.save(os.path.join(out_dir, "schema.json"))
     return schema

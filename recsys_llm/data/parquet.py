@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.validation import (
@@ -45,6 +46,7 @@ from recsys_llm.data.validation import (
     check_file_schema,
     check_ids,
     check_labels,
+    check_no_null_elements,
     check_no_nulls,
     field_specs_metadata,
     open_parquet,
@@ -148,6 +150,70 @@ class SplitWriter:
             self._writer.close()
             if os.path.exists(self._tmp):
                 os.remove(self._tmp)
+
+
+#: files every directory written by ``prepare`` holds; only such a directory is replaced
+PREPARED_MARKER_FILES = ("schema.json", "train.parquet", "valid.parquet", "test.parquet")
+PREPARED_KIND = "prepared data set"
+
+
+def check_inputs_outside(out_dir: str, inputs: Sequence[str]) -> None:
+    """Raises if an input lies in ``out_dir`` (or its ``.old`` copy), which the swap would delete."""
+    for directory in (out_dir, f"{out_dir}.old"):
+        root = os.path.realpath(directory)
+        for path in inputs:
+            real = os.path.realpath(path)
+            if real == root or real.startswith(root + os.sep):
+                raise ValueError(
+                    f"{out_dir}: the output directory holds the input {path}; writing the data set there would "
+                    "delete it; choose another output directory"
+                )
+
+
+def check_split_rows(schema: DatasetSchema, source: str) -> None:
+    """Raises unless every split of a just-written data set (``schema.root``) has rows and fits ``schema``.
+
+    Raises:
+        DataError: an empty split (naming ``source`` and the split), or a footer mismatch.
+    """
+    rows = {split: sum(open_parquet(path).metadata.num_rows for path in resolve_paths(schema, split))
+            for split in schema.splits}
+    for split, count in rows.items():
+        if count == 0:
+            raise DataError(f"{source}: split {split!r} received no rows of {sum(rows.values())}; "
+                            "use more data or other split_fractions")
+    for split in schema.splits:
+        read_schema_and_check(schema, split)
+
+
+def write_prepared(
+    out_dir: str, source: str, inputs: Sequence[str], write: Callable[[str], DatasetSchema]
+) -> DatasetSchema:
+    """Writes a data set whole or not at all: ``write(tmp)`` fills a temp directory, which
+    replaces ``out_dir`` only after every split has rows and fits the schema.
+
+    A failure (or interrupt) leaves an earlier ``out_dir`` as it was; a non-empty ``out_dir``
+    that is not an earlier data set (no :data:`PREPARED_MARKER_FILES`), or one holding an
+    input, is refused before ``write`` runs.
+
+    Args:
+        out_dir (str): the final directory.
+        source (str): the raw data, named in error messages.
+        inputs (Sequence[str]): files/directories the conversion reads.
+        write (Callable[[str], DatasetSchema]): writes splits, value text etc. into the given
+            directory and returns the schema; ``schema.json`` is saved here, after the checks.
+
+    Returns:
+        DatasetSchema: the schema, rooted at ``out_dir``.
+    """
+    check_inputs_outside(out_dir, inputs)
+    with atomic_directory(out_dir, PREPARED_KIND, PREPARED_MARKER_FILES) as tmp:
+        schema = write(tmp)
+        schema.root = tmp
+        check_split_rows(schema, source)
+        schema.save(os.path.join(tmp, "schema.json"))
+    schema.root = os.path.abspath(out_dir)
+    return schema
 
 
 # =================================================================================================
@@ -279,17 +345,21 @@ def categorical_column(
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Ids of a sparse or sequence column, checked (``check_ids``, folded if hashed).
 
+    A null inside a sequence's list is refused even without ``validate`` (it has no id, and
+    the check reads only the null count).
+
     Returns:
         Tuple: flat int64 ids and, for a sequence, its (N + 1,) offsets (None for a sparse field).
     """
+    what = f"an id in [0, {spec.cardinality})"
     if spec.kind == FieldKind.SPARSE:
         if validate:
-            check_no_nulls(path, spec.name, array, row_offset, f"an id in [0, {spec.cardinality})")
+            check_no_nulls(path, spec.name, array, row_offset, what)
         values = array.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         return check_ids(path, spec, values, None, row_offset), None
+    check_no_null_elements(path, spec.name, array, row_offset, what)
     values, offsets = sequence_ids(array, spec)
-    row_of = np.repeat(np.arange(len(array)), np.diff(offsets)) if validate else None
-    return check_ids(path, spec, values, row_of, row_offset), offsets
+    return check_ids(path, spec, values, offsets, row_offset), offsets
 
 
 class _Converter:

@@ -4,6 +4,10 @@
 which dispatches to the converter of the source, then re-opens every written split
 with :func:`~recsys_llm.data.parquet.read_schema_and_check` (footers only) and
 returns a :class:`PrepareReport` with the rows and click rate per split.
+
+Every source is written whole or not at all (:func:`~recsys_llm.data.parquet.write_prepared`):
+the output directory is replaced only by a complete, checked data set, and only if it is
+absent, empty or an earlier prepared data set.
 """
 
 import dataclasses
@@ -14,7 +18,7 @@ import pyarrow.parquet as pq
 
 from recsys_llm.data.criteo import CriteoConfig, prepare_criteo
 from recsys_llm.data.movielens import MovieLensConfig, prepare_movielens
-from recsys_llm.data.parquet import read_schema_and_check
+from recsys_llm.data.parquet import read_schema_and_check, write_prepared
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import SyntheticConfig, generate_synthetic
 from recsys_llm.data.tabular import TabularConfig, prepare_tabular
@@ -92,8 +96,8 @@ def prepare_dataset(
         raise FileNotFoundError(f"{input_path}: input not found")
     if source == "synthetic":
         c = config or SyntheticConfig()
-        schema = generate_synthetic(out_dir, c.num_rows, c.seed, c.num_users, c.num_items, c.rows_per_group,
-                                    c.cold_item_fraction, progress=progress)
+        schema = write_prepared(out_dir, "synthetic", [], lambda tmp: generate_synthetic(
+            tmp, c.num_rows, c.seed, c.num_users, c.num_items, c.rows_per_group, c.cold_item_fraction, progress=progress))
     elif source == "movielens":
         schema = prepare_movielens(input_path, out_dir, config, progress=progress)
     elif source == "criteo":

@@ -21,7 +21,8 @@ Columns are converted per field kind:
   other strings are hashed (``hashed: true``) or mapped through a vocabulary built from
   the data (ids ``1..V`` in sorted order, ``cardinality`` must be at least ``V + 1``),
   and the vocabulary is written as the field's value text: the strings become what the
-  LLM methods read. Missing values get id 0.
+  LLM methods read. Missing values get id 0; in a CSV, only an empty cell is missing
+  (``TabularConfig.missing_tokens``), so ``NA`` or ``null`` are words like any other.
 * **sequence**: list columns (Parquet) or strings joined by ``sequence_separator``
   (CSV), tokens handled as for sparse fields.
 * **dense**: numbers; NaN/inf/missing are errors unless ``fill_missing_dense`` is set.
@@ -30,7 +31,7 @@ Columns are converted per field kind:
 Splits are random (seeded, stable per row) or time-ordered by ``split_by`` (rows
 ranked by that column, ties in file order; rows keep file order inside a split).
 Reading is streamed in blocks; only the split column and the vocabularies are held
-in memory.
+in memory. The output is written whole or not at all (a failed run keeps an earlier one).
 """
 
 import csv
@@ -43,14 +44,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from recsys_llm.data.hashing import hash_strings
-from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array
+from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import write_value_text
-from recsys_llm.data.validation import DataError, check_dense, check_ids, check_labels, check_no_nulls, open_parquet
+from recsys_llm.data.validation import (
+    DataError,
+    check_dense,
+    check_ids,
+    check_labels,
+    check_no_nulls,
+    check_split_fractions,
+    open_parquet,
+)
 
 _INTEGER = r"^\s*-?\d+\s*$"
 
@@ -69,6 +77,10 @@ class TabularConfig:
         delimiter (str): CSV delimiter.
         rows_per_group (int): Parquet row group size.
         block_bytes (int): CSV bytes parsed per block.
+        missing_tokens (Tuple[str, ...]): CSV cells of string columns (sparse, sequence, extra)
+            read as missing; by default only the empty cell, so words such as ``NA``
+            (Namibia) or ``null`` stay values. Numeric columns (dense, label) read pyarrow's
+            usual missing markers (empty, ``NA``, ``NaN``, ``null``, ``N/A``, ...).
     """
 
     split_by: Optional[str] = None
@@ -80,6 +92,14 @@ class TabularConfig:
     delimiter: str = ","
     rows_per_group: int = 65536
     block_bytes: int = 16 << 20
+    missing_tokens: Tuple[str, ...] = ("",)
+
+    def __post_init__(self) -> None:
+        check_split_fractions(self.split_fractions, "TabularConfig.split_fractions")
+        if isinstance(self.missing_tokens, str) or not all(isinstance(t, str) for t in self.missing_tokens):
+            raise ValueError(
+                f"TabularConfig.missing_tokens={self.missing_tokens!r}: expected a tuple of strings, e.g. ('', 'NA')"
+            )
 
 
 # ---- streaming the source ---------------------------------------------------------------------------
@@ -120,11 +140,25 @@ def _blocks(path: str, schema: DatasetSchema, columns: List[str], config: Tabula
             read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
             parse_options=pacsv.ParseOptions(delimiter=config.delimiter, invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(column_types={k: v for k, v in types.items() if k in columns},
-                                                 include_columns=columns, strings_can_be_null=True),
+                                                 include_columns=columns, strings_can_be_null=False),
         )
-        yield from reader
+        for batch in reader:
+            yield _missing_as_null(batch, config.missing_tokens)
     except pa.ArrowInvalid as error:
         raise DataError(bad[0] if bad else f"{path}: cannot parse as CSV with the schema's column types: {error}") from error
+
+
+def _missing_as_null(batch: pa.RecordBatch, tokens: Tuple[str, ...]) -> pa.RecordBatch:
+    """String cells equal to one of ``tokens`` become null (the CSV reader keeps every string as written)."""
+    if not tokens:
+        return batch
+    arrays = []
+    for column in batch.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            missing = pc.is_in(column, value_set=pa.array(tokens, column.type))
+            column = pc.if_else(missing, pa.scalar(None, column.type), column)
+        arrays.append(column)
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
 def _source_columns(path: str, config: TabularConfig) -> List[str]:
@@ -262,10 +296,15 @@ def prepare_tabular(
 ) -> DatasetSchema:
     """Converts a user's CSV/Parquet data with a user-written schema into validated splits.
 
+    The output is built in a temp directory and replaces ``out_dir`` only when complete and
+    checked (:func:`~recsys_llm.data.parquet.write_prepared`): a failed conversion leaves an
+    earlier output as it was.
+
     Args:
         data_path (str): CSV file with a header line, Parquet file, or directory of Parquet files.
         schema_path (str): JSON/YAML schema (fields, label, optional row key and extra columns).
-        out_dir (str): output directory (``train/valid/test.parquet``, ``text/``, ``schema.json``).
+        out_dir (str): output directory (``train/valid/test.parquet``, ``text/``, ``schema.json``);
+            absent, empty or an earlier prepared data set.
         config (Optional[TabularConfig]): split and parsing options.
         progress (bool): show a tqdm bar over rows.
 
@@ -274,7 +313,8 @@ def prepare_tabular(
 
     Raises:
         SchemaError: a bad schema file. DataError: data that does not fit the schema, naming
-            the file, the column and what was expected.
+            the file, the column and what was expected, or a split left without rows.
+            FileExistsError: ``out_dir`` holds other files. ValueError: ``out_dir`` holds an input.
 
     Example::
 
@@ -282,6 +322,17 @@ def prepare_tabular(
     """
     config = config or TabularConfig()
     user_schema = DatasetSchema.load(schema_path)
+    value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
+    return write_prepared(
+        out_dir, data_path, [data_path, schema_path] + value_texts,
+        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress),
+    )
+
+
+def _convert(
+    data_path: str, user_schema: DatasetSchema, schema_path: str, out_dir: str, config: TabularConfig, progress: bool
+) -> DatasetSchema:
+    """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
     available = _source_columns(data_path, config)
     row_key = user_schema.row_key if user_schema.row_key in available else None
     wanted = [f.name for f in user_schema.fields] + [user_schema.label] + list(user_schema.extra_columns)
@@ -295,11 +346,18 @@ def prepare_tabular(
     plans, split_values = _plan(data_path, user_schema, config, columns)
     total = len(split_values) if split_values is not None else None
     split_rows = _split_of_rows(total, split_values, config, data_path) if split_values is not None else None
+    schema = _output_schema(user_schema, plans, out_dir)
+    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress)
+    try:
+        _write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar)
+    finally:
+        bar.close()
+    return schema
 
-    # output schema: vocabularies become value text, user value-text files are copied
-    os.makedirs(out_dir, exist_ok=True)
+
+def _output_schema(user_schema: DatasetSchema, plans: Dict[str, _FieldPlan], out_dir: str) -> DatasetSchema:
+    """The output schema rooted at ``out_dir``; writes vocabularies and copies user value text into ``out_dir/text``."""
     fields = []
-    source_root = os.path.dirname(os.path.abspath(schema_path))
     for spec in user_schema.fields:
         value_text = spec.value_text
         plan = plans.get(spec.name)
@@ -307,13 +365,13 @@ def prepare_tabular(
             value_text = f"text/{spec.name}.parquet"
             write_value_text(os.path.join(out_dir, value_text), ["unknown"] + plan.vocabulary.to_pylist())
         elif value_text:
-            source = os.path.join(source_root, value_text)
+            source = user_schema.value_text_path(spec.name)
             user_schema.load_value_text(spec.name)  # validates its columns
             value_text = f"text/{spec.name}.parquet"
             os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
             shutil.copyfile(source, os.path.join(out_dir, value_text))
         fields.append(dataclasses.replace(spec, value_text=value_text))
-    schema = DatasetSchema(
+    return DatasetSchema(
         name=user_schema.name,
         fields=fields,
         label=user_schema.label,
@@ -323,9 +381,20 @@ def prepare_tabular(
         root=os.path.abspath(out_dir),
     )
 
-    extra_types: Dict[str, pa.DataType] = {}
+
+def _write_splits(
+    data_path: str,
+    user_schema: DatasetSchema,
+    schema: DatasetSchema,
+    plans: Dict[str, _FieldPlan],
+    columns: List[str],
+    row_key: Optional[str],
+    split_rows: Optional[np.ndarray],
+    config: TabularConfig,
+    bar: tqdm,
+) -> None:
+    """Streams the source block by block into one Parquet file per split under ``schema.root``."""
     writers: List[SplitWriter] = []
-    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress)
     row = 0
     try:
         for block in _blocks(data_path, user_schema, columns, config):
@@ -333,15 +402,9 @@ def prepare_tabular(
             if not writers:
                 extra_types = {name: block.column(name).type for name in schema.extra_columns}
                 arrow_schema = arrow_schema_for(schema, extra_types)
-                writers = [SplitWriter(os.path.join(out_dir, schema.splits[s]), arrow_schema, config.rows_per_group)
-                           for s in schema.splits]
+                writers = [SplitWriter(schema.split_path(s), arrow_schema, config.rows_per_group) for s in schema.splits]
             n = block.num_rows
-            indices = np.arange(row, row + n)
-            if split_rows is not None:
-                split = split_rows[row : row + n]
-            else:
-                bounds = np.cumsum(config.split_fractions) / sum(config.split_fractions)
-                split = np.searchsorted(bounds[:-1], _uniform(indices, config.seed), side="right")
+            split = split_rows[row : row + n] if split_rows is not None else _random_split(np.arange(row, row + n), config)
             table = pa.table(out)
             for index, writer in enumerate(writers):
                 selected = np.nonzero(split == index)[0]
@@ -358,13 +421,12 @@ def prepare_tabular(
         for writer in writers:
             writer.__exit__(RuntimeError, None, None)
         raise
-    finally:
-        bar.close()
-    for split_name in schema.splits:
-        if pq.read_metadata(schema.split_path(split_name)).num_rows == 0:
-            raise DataError(f"{data_path}: split {split_name!r} received no rows of {row}; use more data or other split_fractions")
-    schema.save(os.path.join(out_dir, "schema.json"))
-    return schema
+
+
+def _random_split(rows: np.ndarray, config: TabularConfig) -> np.ndarray:
+    """Split index (0 train, 1 valid, 2 test) of every row index in ``rows`` for a seeded random split."""
+    bounds = np.cumsum(config.split_fractions) / sum(config.split_fractions)
+    return np.searchsorted(bounds[:-1], _uniform(rows, config.seed), side="right")
 
 
 def _convert_block(
@@ -402,8 +464,8 @@ def _convert_block(
             ids = _ids(flat, plans[spec.name], spec, salt)
         except pa.ArrowInvalid as error:
             raise DataError(f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
-        row_of = None if lengths is None else np.repeat(np.arange(n), lengths)
-        ids = check_ids(path, spec, ids, row_of, row)
+        offsets = None if lengths is None else np.concatenate([[0], np.cumsum(lengths)])
+        ids = check_ids(path, spec, ids, offsets, row)
         out[spec.name] = ids if lengths is None else list_array(lengths, ids)
     labels = block.column(schema.label)
     check_no_nulls(path, schema.label, labels, row, "0 or 1")

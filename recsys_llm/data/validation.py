@@ -19,10 +19,12 @@ what was expected, e.g.::
 """
 
 import json
+import math
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
@@ -180,15 +182,44 @@ def check_dense(path: str, column: str, values: np.ndarray, row_offset: int) -> 
         )
 
 
-def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, row_of: Optional[np.ndarray], row_offset: int) -> np.ndarray:
+def row_of_value(offsets: Optional[np.ndarray], index: int) -> int:
+    """The row (within the chunk) holding flat value ``index``: ``index`` itself when ``offsets``
+    is None (one value per row), else the row whose ``offsets[r] <= index < offsets[r + 1]``."""
+    if offsets is None:
+        return index
+    return int(np.searchsorted(offsets, index, side="right")) - 1
+
+
+def check_no_null_elements(path: str, column: str, lists: pa.Array, row_offset: int, what: str) -> None:
+    """Raises if a list column holds a null inside a list (a null list itself is fine: no values).
+
+    Args:
+        lists (pa.Array): list array of one chunk; its rows start at ``row_offset`` in the file.
+        what (str): what was expected instead, for the message.
+    """
+    flat = pc.list_flatten(lists)
+    if not flat.null_count:
+        return
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    first = int(np.argmax(~np.asarray(flat.is_valid())))
+    row = row_of_value(offsets, first)
+    raise DataError(
+        f"{_where(path, column, row_offset, row)}: null value at position {first - int(offsets[row])} of the list; "
+        f"expected {what}"
+    )
+
+
+def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, offsets: Optional[np.ndarray], row_offset: int) -> np.ndarray:
     """Checks ids of a sparse/sequence field; returns them, folded modulo cardinality if hashed.
 
     Args:
         path (str): file name for messages.
         spec (FieldSpec): the categorical field.
         ids (np.ndarray): (N,) int64 ids (flattened values for sequences).
-        row_of (Optional[np.ndarray]): (N,) row index of each id within the chunk (sequences),
-            None when id ``i`` belongs to row ``i``.
+        offsets (Optional[np.ndarray]): (rows + 1,) offsets of each row's ids in ``ids``
+            (sequences), None when id ``i`` belongs to row ``i``; only read to name the row
+            of a bad id.
         row_offset (int): row index of the chunk's first row in the file.
     """
     if ids.size == 0:
@@ -198,19 +229,18 @@ def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, row_of: Optional[np.n
         if spec.hashed:
             return np.mod(ids, spec.cardinality)
         first = int(np.argmax(ids < 0))
-        row = first if row_of is None else int(row_of[first])
         raise DataError(
-            f"{_where(path, spec.name, row_offset, row)}: negative id {ids[first].item()} in {spec.kind.value} field "
-            f"{spec.name!r}; expected ids in [0, {spec.cardinality})"
+            f"{_where(path, spec.name, row_offset, row_of_value(offsets, first))}: negative id {ids[first].item()} in "
+            f"{spec.kind.value} field {spec.name!r}; expected ids in [0, {spec.cardinality})"
         )
     if high >= spec.cardinality:
         if spec.hashed:
             return np.mod(ids, spec.cardinality)
         first = int(np.argmax(ids >= spec.cardinality))
-        row = first if row_of is None else int(row_of[first])
         raise DataError(
-            f"{_where(path, spec.name, row_offset, row)}: id {ids[first].item()} in {spec.kind.value} field "
-            f"{spec.name!r} is >= cardinality {spec.cardinality}; expected ids in [0, {spec.cardinality}) "
+            f"{_where(path, spec.name, row_offset, row_of_value(offsets, first))}: id {ids[first].item()} in "
+            f"{spec.kind.value} field {spec.name!r} is >= cardinality {spec.cardinality}; expected ids in "
+            f"[0, {spec.cardinality}) "
             '(set "hashed": true in the schema to fold larger ids with a modulo)'
         )
     return ids
@@ -224,6 +254,27 @@ def check_labels(path: str, column: str, labels: np.ndarray, row_offset: int) ->
         raise DataError(
             f"{_where(path, column, row_offset, first)}: label {labels[first].item()!r} is not a click label; "
             "expected 0 or 1 (binarise ratings when preparing the data)"
+        )
+
+
+def check_split_fractions(fractions: Sequence[float], option: str) -> None:
+    """Raises unless ``fractions`` are three finite shares > 0 (train, valid, test).
+
+    Args:
+        fractions (Sequence[float]): the shares (any positive scale: they are normalised).
+        option (str): how the caller names the setting, e.g. ``"MovieLensConfig.split_fractions"``.
+
+    Raises:
+        ValueError: naming ``option`` and the value; a zero share would leave a split without rows.
+    """
+    try:
+        values = tuple(float(v) for v in fractions)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(
+            f"{option}={fractions!r}: expected three "
+            "positive train/valid/test shares like (0.8, 0.1, 0.1); a zero share leaves a split without rows"
         )
 
 

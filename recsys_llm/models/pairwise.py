@@ -32,6 +32,7 @@ class _WeightedPairSum(torch.autograd.Function):
         return gram @ pair_matrix.reshape(-1)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         fields, pair_matrix, gram = ctx.saved_tensors
         symmetric = pair_matrix + pair_matrix.t()  # (K, K)

@@ -55,6 +55,7 @@ class _MeanFieldKL(torch.autograd.Function):
         return (batch_size * (weighted_p * log_p).sum() - cross) / (batch_size * field_weight.sum())
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor, None]":
         log_q, log_q_sum, weighted_p, log_p, field_weight = ctx.saved_tensors
         batch_size = log_q.size(0)

@@ -80,3 +80,23 @@ def test_non_numeric_dense(tmp_path):
     raw = _write(tmp_path / "bad.tsv", rows)
     with pytest.raises(DataError, match=r"bad\.tsv: cannot parse as Criteo.*abc"):
         prepare_criteo(raw, str(tmp_path / "out"))
+
+
+def test_zero_split_share_is_refused_before_any_work():
+    with pytest.raises(ValueError, match=r"CriteoConfig\.split_fractions=\(0\.5, 0\.5, 0\): expected three positive"):
+        CriteoConfig(split_fractions=(0.5, 0.5, 0))
+
+
+def test_failed_conversion_leaves_the_earlier_output_byte_identical(tmp_path):
+    out = tmp_path / "out"
+    prepare_criteo(_write(tmp_path / "good.tsv", _lines(50)), str(out), CriteoConfig(hash_size=64))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rows = _lines(50, seed=2)
+    rows[45][0] = "3"  # a bad label after the first splits were written
+    with pytest.raises(DataError, match=r"bad\.tsv: column 'label', line 46"):
+        prepare_criteo(_write(tmp_path / "bad.tsv", rows), str(out), CriteoConfig(hash_size=64))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(DataError, match=r"tiny\.tsv: split 'valid' received no rows of 3"):
+        prepare_criteo(_write(tmp_path / "tiny.tsv", _lines(3)), str(out), CriteoConfig(hash_size=64))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tsv", "good.tsv", "out", "tiny.tsv"]

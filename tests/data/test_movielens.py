@@ -126,3 +126,29 @@ def test_missing_column_in_header(tmp_path):
     (tmp_path / "x.user").write_text("user_id:token\tage:token\n1\t30\n")
     with pytest.raises(DataError, match=r"x\.user: missing column 'gender'"):
         prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_failed_conversion_keeps_the_earlier_output_and_its_item_catalog(tmp_path):
+    from recsys_llm.data.movielens import MovieLensConfig
+    from recsys_llm.data.synthetic import ITEM_CATALOG
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    _write_raw(raw, [f"{1 + i % 2}\t{1 + i % 2}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    prepare_movielens(str(raw), str(out))
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert ITEM_CATALOG in before and "text/item_id.parquet" in before
+    # more movies (other ids and text), then a split left without rows
+    (raw / "x.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                                "7\tZ Movie\t1950\tWar\n8\tY Movie\t1960\tDrama\n")
+    with pytest.raises(DataError, match=r"raw: split 'test' received no rows of 20"):
+        prepare_movielens(str(raw), str(out), MovieLensConfig(split_fractions=(0.5, 0.5, 1e-20)))
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
+
+
+def test_zero_split_share_is_refused_naming_the_option():
+    from recsys_llm.data.movielens import MovieLensConfig
+
+    with pytest.raises(ValueError, match=r"MovieLensConfig\.split_fractions=\(0\.9, 0\.1, 0\.0\): expected three positive"):
+        MovieLensConfig(split_fractions=(0.9, 0.1, 0.0))

@@ -195,3 +195,24 @@ def test_a_transform_runs_in_the_reader_like_over_the_reader(synthetic, catalog)
         assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
         assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
         assert a.extras.keys() == b.extras.keys() and all(torch.equal(a.extras[k], b.extras[k]) for k in a.extras)
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_null_inside_a_sequence_names_file_column_and_row(tmp_path, hashed):
+    schema = DatasetSchema("s", [FieldSpec("g", FieldKind.SEQUENCE, 7, hashed=hashed, max_length=4)], row_key=None)
+    path = str(tmp_path / "n.parquet")
+    pq.write_table(pa.table({"g": pa.array([[1, 2], None, [], [3, None]], pa.list_(pa.int64())),
+                             "label": pa.array([0, 1, 0, 1], pa.int8())}), path, row_group_size=2)
+    for validate in (True, False):
+        with pytest.raises(DataError, match=r"n\.parquet: column 'g', row 3: null value at position 1 of the list"):
+            list(ParquetBatchReader(schema, path, 4, prefetch=0, validate=validate))
+
+
+def test_out_of_range_id_names_its_row_without_validation(tmp_path):
+    schema = DatasetSchema("s", [FieldSpec("g", FieldKind.SEQUENCE, 7)], row_key=None)
+    path = str(tmp_path / "v.parquet")
+    pq.write_table(pa.table({"g": pa.array([[1, 2, 3], [], [4, 5, 6], [1, 99]], pa.list_(pa.int64())),
+                             "label": pa.array([0, 1, 0, 1], pa.int8())}), path, row_group_size=2)
+    for validate in (True, False):
+        with pytest.raises(DataError, match=r"v\.parquet: column 'g', row 3: id 99 in sequence field 'g'"):
+            list(ParquetBatchReader(schema, path, 4, prefetch=0, validate=validate))

@@ -42,3 +42,25 @@ def test_prepare_dataset_config_roundtrip(tmp_path):
                                                                                      num_items=20), progress=False)
     assert report.schema.field("user_id").cardinality == 31 and report.schema.field("item_id").cardinality == 21
     assert sum(report.rows.values()) == 500
+
+
+def test_prepare_refuses_a_zero_split_share_before_any_work(tmp_path, capsys):
+    import pytest
+
+    raw = tmp_path / "day.txt"
+    raw.write_text("\t".join(["1"] + ["0"] * 13 + ["ab"] * 26) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        _run(["prepare", "criteo", "--input", str(raw), "--out", str(tmp_path / "out"), "--split", "0.5,0.5,0", "--quiet"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --split: expected three positive shares" in error and "'0.5,0.5,0'" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["day.txt"]
+
+
+def test_prepare_synthetic_refuses_an_unrelated_directory(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert _run(["prepare", "synthetic", "--out", str(out), "--rows", "200", "--quiet"]) == 2
+    assert "not an earlier prepared data set" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -1,6 +1,7 @@
 """Bring-your-own data: CSV/Parquet + user schema file -> validated Parquet splits."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -143,3 +144,90 @@ def test_csv_with_a_quoted_header(tmp_path):
     assert open(path).readline().startswith('"impression","user"')
     schema = prepare_tabular(path, _schema_file(tmp_path), str(tmp_path / "out"), TabularConfig(split_by="ts"))
     assert sum(pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits) == 200
+
+
+# ---- the output is written whole or not at all ------------------------------------------------------
+def _snapshot(directory):
+    """Relative path -> bytes of every file under ``directory``."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, directory)] = handle.read()
+    return files
+
+
+def _city_data(tmp_path, name, cities, prices, column="city"):
+    rows = [f"{column},price,clicked"] + [f"{c},{prices[i]},{i % 2}" for i, c in enumerate(cities)]
+    (tmp_path / name).write_text("\n".join(rows) + "\n")
+    return str(tmp_path / name)
+
+
+def _city_schema(tmp_path):
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "city", "kind": "sparse", "cardinality": 10},
+                                                       {"name": "price", "kind": "dense"}]}
+    return _schema_file(tmp_path, raw)
+
+
+def test_failed_conversion_leaves_the_earlier_output_byte_identical(tmp_path):
+    schema_path, out = _city_schema(tmp_path), str(tmp_path / "out")
+    first = _city_data(tmp_path, "a.csv", ["rome", "paris"] * 50, [0.5] * 100)
+    prepare_tabular(first, schema_path, out)
+    before = _snapshot(out)
+    assert "text/city.parquet" in before and "schema.json" in before
+    # other words (ids would mean other cities), then a missing price in the last row
+    second = _city_data(tmp_path, "b.csv", ["oslo", "berlin"] * 50, [0.5] * 99 + [""])
+    with pytest.raises(DataError, match=r"b\.csv: column 'price', row 99: null value"):
+        prepare_tabular(second, schema_path, out)
+    assert _snapshot(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["a.csv", "b.csv", "out", "schema.json"]  # no temp directory left
+
+
+def test_empty_split_is_refused_before_replacing_the_earlier_output(tmp_path):
+    schema_path, out = _city_schema(tmp_path), str(tmp_path / "out")
+    prepare_tabular(_city_data(tmp_path, "a.csv", ["rome", "paris"] * 50, [0.5] * 100), schema_path, out)
+    before = _snapshot(out)
+    with pytest.raises(DataError, match=r"c\.csv: split 'test' received no rows of 2"):
+        prepare_tabular(_city_data(tmp_path, "c.csv", ["lyon", "nice"], [1, 2]), schema_path, out)
+    assert _snapshot(out) == before
+
+
+def test_unrelated_directory_and_inputs_inside_the_output_are_refused(tmp_path):
+    schema_path, out = _city_schema(tmp_path), tmp_path / "out"
+    data = _city_data(tmp_path, "a.csv", ["rome", "paris"] * 50, [0.5] * 100)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"out: not empty and not an earlier prepared data set.*notes\.txt"):
+        prepare_tabular(data, schema_path, str(out))
+    assert os.listdir(out) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    prepare_tabular(data, schema_path, str(out))
+    inside = _city_data(out, "again.csv", ["rome", "paris"] * 50, [0.5] * 100)
+    with pytest.raises(ValueError, match=r"out: the output directory holds the input .*again\.csv"):
+        prepare_tabular(inside, schema_path, str(out))
+    assert os.path.exists(inside)
+
+
+def test_zero_split_share_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match=r"TabularConfig\.split_fractions=\(0\.5, 0\.5, 0\): expected three positive"):
+        TabularConfig(split_fractions=(0.5, 0.5, 0))
+
+
+def test_csv_words_like_na_and_null_are_values_only_the_empty_cell_is_missing(tmp_path):
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "country", "kind": "sparse", "cardinality": 10},
+                                                       {"name": "price", "kind": "dense"}]}
+    schema_path = _schema_file(tmp_path, raw)
+    countries = ["NA", "DE", "null", "N/A", ""] * 20
+    prices = ["1.5"] * 99 + ["NA"]  # numeric columns keep the usual missing markers
+    data = _city_data(tmp_path, "d.csv", countries, prices, column="country")
+    with pytest.raises(DataError, match=r"d\.csv: column 'price', row 99: null value"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(fill_missing_dense=0.0))
+    text = schema.load_value_text("country")["text"].to_pylist()
+    assert text == ["unknown", "DE", "N/A", "NA", "null"]
+    ids = np.concatenate([pq.read_table(schema.split_path(s))["country"].to_numpy() for s in schema.splits])
+    assert sorted(np.bincount(ids).tolist()) == [20] * 5  # four words and the missing id 0, 20 rows each
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out2"),
+                             TabularConfig(fill_missing_dense=0.0, missing_tokens=("", "NA", "N/A")))
+    assert schema.load_value_text("country")["text"].to_pylist() == ["unknown", "DE", "null"]
