@@ -8,6 +8,8 @@ Layout of a checkpoint directory::
         rank00000.pt, rank00001.pt               per-rank RNG states (tensors only)
         train_state.json                         epoch, step in epoch, best AUC, ... (written last)
       ckpt-00000160.tmp/      a checkpoint being written: ignored, removed by the next save
+      ckpt-00000120.prev/     a complete checkpoint of step 120 set aside while a new one of the
+                              same step takes its name; loaded only while ``ckpt-00000120`` is missing
       latest                  "ckpt-00000120", replaced atomically (write + os.replace), for people
 
 What is saved: the DMP model ``state_dict()`` (sharded tables as ShardedTensors, dense
@@ -20,6 +22,11 @@ renames ``ckpt-N.tmp`` to ``ckpt-N`` and replaces ``latest``. A crash at any mom
 either the previous checkpoint or the new one, never a half one: loaders take the newest
 complete ``ckpt-*`` (one with ``train_state.json``). They do not trust ``latest``, which a
 kill between the rename and its replacement leaves one checkpoint behind.
+
+A step saved twice (a mid-epoch checkpoint on the epoch's last step, then the epoch-end one)
+never leaves a moment without a complete checkpoint of that step: the old ``ckpt-N`` is
+renamed ``ckpt-N.prev``, the new one renamed into place, and only then is ``.prev`` removed.
+A kill in between leaves ``ckpt-N.prev``, which loaders take as that step's checkpoint.
 
 Loading never executes code: DCP's ``.metadata`` pickle is read by an unpickler that
 knows only DCP's own metadata classes (plain ``pickle.load`` in DCP's reader would run any
@@ -68,9 +75,13 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from recsys_llm.train.distributed import barrier
 
-_CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
+PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
+_CKPT_RE = re.compile(r"^ckpt-(\d{8})(\.prev)?$")
 TRAIN_STATE_FILE = "train_state.json"
 LATEST_FILE = "latest"
+# TrainState.stop_reason: why a finished run stopped
+STOP_PATIENCE = "patience"  # early stopping: final whatever the budget of a resume
+STOP_BUDGET = "budget"  # train.epochs or train.max_steps used up: a resume with more budget goes on
 
 
 @dataclasses.dataclass
@@ -86,7 +97,9 @@ class TrainState:
         bad_evals (int): evaluations since the best one (early-stopping patience counter).
         world_size (int): ranks that wrote the checkpoint.
         batch_size (int): per-rank batch size when it was written.
-        finished (bool): training ended (early stop or last epoch).
+        finished (bool): training ended (early stop, or the budget of epochs / max_steps used up).
+        stop_reason (str): why it finished: ``STOP_PATIENCE``, ``STOP_BUDGET``, or ``""`` (not
+            finished, or a checkpoint written before the reason was recorded).
     """
 
     epoch: int = 0
@@ -98,6 +111,7 @@ class TrainState:
     world_size: int = 1
     batch_size: int = 0
     finished: bool = False
+    stop_reason: str = ""
 
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)
@@ -257,7 +271,8 @@ def _checkpoint_name(global_step: int) -> str:
 
 
 def is_complete(path: str) -> bool:
-    """A finished checkpoint: named ``ckpt-N`` (not ``.tmp``) and holding ``train_state.json``."""
+    """A finished checkpoint: named ``ckpt-N`` or ``ckpt-N.prev`` (not ``.tmp``) and holding
+    ``train_state.json``."""
     return bool(_CKPT_RE.match(os.path.basename(os.path.normpath(path)))) and os.path.isfile(
         os.path.join(path, TRAIN_STATE_FILE)
     )
@@ -280,11 +295,17 @@ class CheckpointManager:
         return self._directory
 
     def list_complete(self) -> List[str]:
-        """Complete checkpoints, oldest first (``.tmp`` and half-written directories ignored)."""
+        """Complete checkpoints, one per step, oldest first (``.tmp`` and half-written directories
+        ignored; a step's ``ckpt-N.prev`` only when its ``ckpt-N`` is not complete)."""
         if not os.path.isdir(self._directory):
             return []
-        names = sorted(n for n in os.listdir(self._directory) if _CKPT_RE.match(n))
-        return [os.path.join(self._directory, n) for n in names if is_complete(os.path.join(self._directory, n))]
+        by_step: Dict[int, str] = {}
+        for name in sorted(os.listdir(self._directory)):  # "ckpt-N" sorts before "ckpt-N.prev"
+            match = _CKPT_RE.match(name)
+            path = os.path.join(self._directory, name)
+            if match and is_complete(path):
+                by_step.setdefault(int(match.group(1)), path)
+        return [by_step[step] for step in sorted(by_step)]
 
     def latest(self) -> Optional[str]:
         """The newest complete checkpoint, else None.
@@ -306,31 +327,62 @@ class CheckpointManager:
         tmp = final + ".tmp"
         if _rank() == 0:
             os.makedirs(self._directory, exist_ok=True)
-            for stale in os.listdir(self._directory):
-                if stale.endswith(".tmp"):
-                    shutil.rmtree(os.path.join(self._directory, stale), ignore_errors=True)
+            self._remove_leftovers()
             os.makedirs(tmp)
         barrier()
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp)
-        torch.save(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
+        _save_synced(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
         barrier()
         if _rank() == 0:
             _write_atomic(os.path.join(tmp, TRAIN_STATE_FILE), state.to_json())
             _fsync_dir(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            _swap_into_place(tmp, final)
             _write_atomic(os.path.join(self._directory, LATEST_FILE), name + "\n")
             _fsync_dir(self._directory)
             self._prune()
         barrier()
         return final
 
+    def _remove_leftovers(self) -> None:
+        """Removes what an interrupted save left: ``.tmp`` directories, and ``ckpt-N.prev`` whose
+        ``ckpt-N`` is complete (a ``.prev`` without one is that step's checkpoint and stays)."""
+        for name in os.listdir(self._directory):
+            path = os.path.join(self._directory, name)
+            superseded = name.endswith(PREVIOUS_SUFFIX) and is_complete(path[: -len(PREVIOUS_SUFFIX)])
+            if name.endswith(".tmp") or superseded:
+                shutil.rmtree(path, ignore_errors=True)
+
     def _prune(self) -> None:
         if self._keep <= 0:
             return
         for old in self.list_complete()[: -self._keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_into_place(tmp: str, final: str) -> None:
+    """Renames the written ``tmp`` to ``final``; an existing ``final`` (the same step saved
+    before) is set aside as ``final.prev`` first and removed last, so at every moment one
+    complete checkpoint of the step is there to load."""
+    previous = final + PREVIOUS_SUFFIX
+    if is_complete(final):
+        if os.path.exists(previous):  # an older copy of the step, superseded by the complete final
+            shutil.rmtree(previous)
+        os.rename(final, previous)
+        _fsync_dir(os.path.dirname(final))
+    elif os.path.exists(final):
+        shutil.rmtree(final)  # not loadable: nothing to keep
+    os.rename(tmp, final)
+    _fsync_dir(os.path.dirname(final))
+    if os.path.exists(previous):
+        shutil.rmtree(previous)
+
+
+def _save_synced(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    """``torch.save`` to ``path``, flushed to disk like the checkpoint's other files."""
+    with open(path, "wb") as handle:
+        torch.save(tensors, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _write_atomic(path: str, text: str) -> None:

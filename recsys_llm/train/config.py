@@ -45,7 +45,7 @@ class DataConfig:
 
     Args:
         schema (str): schema file (or its directory).
-        batch_size (int): per-rank training batch size.
+        batch_size (int): per-rank training batch size (>= 1).
         eval_batch_size (int): per-rank eval batch size (0: ``batch_size``).
         extras (List[str]): extra Parquet columns carried in ``Batch.extras`` (LLM vectors, ...).
         shuffle (bool): shuffle training data each epoch (seeded by ``train.seed`` and epoch).
@@ -72,6 +72,15 @@ class DataConfig:
     validate: bool = True
     synthetic_rows: int = 0
     synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        wrong = []
+        if self.batch_size < 1:
+            wrong.append(f"data.batch_size={self.batch_size} (must be >= 1)")
+        if self.eval_batch_size < 0:
+            wrong.append(f"data.eval_batch_size={self.eval_batch_size} (must be >= 1, or 0 for data.batch_size)")
+        if wrong:
+            raise ConfigError(", ".join(wrong))
 
 
 @dataclasses.dataclass

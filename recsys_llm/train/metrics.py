@@ -6,7 +6,8 @@ differ per rank) and every rank then computes the same numbers from the full set
 * AUC: ``torchmetrics.functional.binary_auroc`` over all samples (exact, ties counted half);
 * LogLoss: mean binary cross-entropy in nats, ``-mean(y log p + (1 - y) log(1 - p))``;
 * NE (normalized entropy, He et al. 2014): cross-entropy divided by the entropy of the
-  mean label, computed with ``torchrec.metrics.ne`` (the same definition as torchrec's NE).
+  mean label, computed with ``torchrec.metrics.ne`` (the same definition as torchrec's NE);
+  NaN when the labels hold one class (that entropy is 0).
 
 A windowed ``torchrec.metrics.RecMetricModule`` would approximate AUC over a window of
 recent batches; a held-out AUC must be exact, so the full set is gathered (8 bytes per
@@ -59,8 +60,8 @@ def binary_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> Dict[st
         labels (torch.Tensor): (N,) 0/1 labels.
 
     Returns:
-        Dict[str, float]: ``auc`` (NaN when only one class is present), ``logloss``, ``ne``,
-        ``num_samples``, ``ctr``.
+        Dict[str, float]: ``auc`` and ``ne`` (both NaN when only one class is present: the
+        entropy NE divides by is 0), ``logloss``, ``num_samples``, ``ctr``.
     """
     n = labels.numel()
     if n == 0:
@@ -72,10 +73,16 @@ def binary_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> Dict[st
     auc = math.nan if one_class else float(binary_auroc(probabilities, labels.long()))
     p = probabilities.clamp(_ETA, 1.0 - _ETA)
     logloss = float(-(labels * p.log() + (1.0 - labels) * (1.0 - p).log()).mean())
-    weights = torch.ones_like(labels)
-    ce_sum = compute_cross_entropy(labels, probabilities, weights, _ETA).sum()
-    ne = float(compute_ne(ce_sum, weights.sum(), positives, n - positives, _ETA))
+    ne = math.nan if one_class else _normalized_entropy(probabilities, labels)
     return {"auc": auc, "logloss": logloss, "ne": ne, "num_samples": float(n), "ctr": float(positives / n)}
+
+
+def _normalized_entropy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
+    """torchrec's NE of a set holding both classes (float64 (N,) probabilities and labels)."""
+    weights = torch.ones_like(labels)
+    positives = labels.sum()
+    ce_sum = compute_cross_entropy(labels, probabilities, weights, _ETA).sum()
+    return float(compute_ne(ce_sum, weights.sum(), positives, labels.numel() - positives, _ETA))
 
 
 class CTRMetrics:

@@ -8,7 +8,9 @@ tests call on every rank. It
    synthetic data first when the config asks for it and it is missing);
 3. builds the task with :func:`build_task` (plain, LLaCTR or ELEC, from the config sections),
    shards it (planner + DMP + fused table optimizers) and builds the combined optimizer;
-4. resumes from the run directory's latest complete checkpoint when there is one;
+4. resumes from the run directory's newest complete checkpoint (``checkpoints/``, else a newer
+   ``best/`` one) when there is one; a run that finished by using up its epochs / max_steps
+   goes on when the resume gives it more, one that stopped early on patience stays finished;
 5. trains on ``TrainPipelineSparseDist``, checkpointing every ``checkpoint_every`` steps and
    at every epoch end, validating every ``eval_every`` epochs with early stopping on
    validation AUC (the best model is kept in ``best/``);
@@ -46,15 +48,19 @@ from recsys_llm.models.registry import build_backbone
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
 from recsys_llm.train.checkpoint import (
+    STOP_BUDGET,
+    STOP_PATIENCE,
     CheckpointManager,
     TrainState,
     load_checkpoint,
+    read_train_state,
     resolve_checkpoint,
     run_config_of,
 )
 from recsys_llm.train.config import (
     ConfigError,
     ExperimentConfig,
+    TrainConfig,
     check_plugin_history,
     check_resumable,
     check_same_model,
@@ -62,7 +68,7 @@ from recsys_llm.train.config import (
 )
 from recsys_llm.train.distributed import DistContext, barrier, init_distributed
 from recsys_llm.train.metrics import CTRMetrics
-from recsys_llm.train.pipeline import evaluate, train_epoch
+from recsys_llm.train.pipeline import EpochStats, evaluate, train_epoch
 from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_model
 from recsys_llm.train.task import CTRTask
 
@@ -244,10 +250,57 @@ class _RunLog:
     def write(self, record: Dict[str, Any]) -> None:
         if not self._enabled:
             return
-        record = {"time": round(time.time(), 3), **record}
+        record = {"time": round(time.time(), 3), **{key: _finite_or_none(value) for key, value in record.items()}}
         with open(self._path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True, default=float) + "\n")
             handle.flush()
+
+
+def _finite_or_none(value: Any) -> Any:
+    """None for a NaN / infinite float (strict JSON has no NaN), else ``value``."""
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _epoch_record(stats: EpochStats, state: TrainState, world_size: int, resumed_at: int) -> Dict[str, Any]:
+    """The ``epoch`` event; an epoch of 0 steps (a resume at its end) has no loss or throughput."""
+    trained = stats.steps > 0
+    return {
+        "event": "epoch", "epoch": state.epoch, "global_step": state.global_step, "steps": stats.steps,
+        "samples": stats.samples * world_size, "mean_loss": stats.mean_loss if trained else None,
+        "samples_per_second": stats.samples_per_second * world_size if trained else None,
+        # steps, samples and mean_loss count only the steps after the resume
+        **({"resumed_at_step_in_epoch": resumed_at} if resumed_at else {}),
+    }
+
+
+def budget_spent(state: TrainState, train_cfg: TrainConfig) -> bool:
+    """Whether ``state`` has used up ``train.epochs`` or ``train.max_steps``."""
+    return state.epoch >= train_cfg.epochs or (train_cfg.max_steps > 0 and state.global_step >= train_cfg.max_steps)
+
+
+def reopen_for_budget(state: TrainState, train_cfg: TrainConfig) -> TrainState:
+    """A run that finished by using up its budget goes on when a resume gives it more.
+
+    One that stopped early on patience stays finished, and so does one whose checkpoint
+    predates ``stop_reason`` (its reason is unknown).
+    """
+    if state.finished and state.stop_reason == STOP_BUDGET and not budget_spent(state, train_cfg):
+        state.finished, state.stop_reason = False, ""
+    return state
+
+
+def resume_point(checkpoints: CheckpointManager, best: CheckpointManager) -> Optional[str]:
+    """The newest complete checkpoint of ``checkpoints/`` and ``best/`` (``checkpoints/`` on a tie).
+
+    A ``best/`` checkpoint is a full snapshot of the run (weights, optimizer, RNG, position,
+    train state equal to the periodic checkpoint that follows it at the same step), so when a
+    kill between the two, or a lost ``checkpoints/``, leaves it the newest, the run resumes
+    from it instead of starting again from scratch beside it.
+    """
+    found = [path for path in (checkpoints.latest(), best.latest()) if path is not None]
+    return max(found, key=lambda path: read_train_state(path).global_step) if found else None
 
 
 def _state_for_world(state: TrainState, ctx: DistContext, batch_size: int) -> TrainState:
@@ -303,9 +356,8 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     optimizer = build_optimizer(model, config.optim)
     checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=train_cfg.keep_checkpoints)
     best = CheckpointManager(os.path.join(run_dir, "best"), keep=1)
-    newest = checkpoints.latest()
-    earlier = newest or best.latest()
-    latest = newest if train_cfg.resume else None
+    earlier = resume_point(checkpoints, best)
+    latest = earlier if train_cfg.resume else None
     saved_config = os.path.join(run_dir, "config.yaml")
     # every rank, before anything in run_dir changes
     if earlier is not None and not train_cfg.resume:
@@ -329,6 +381,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
     if latest is not None:
         state = _state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size)
+        state = reopen_for_budget(state, train_cfg)
         log.write({"event": "resumed", "checkpoint": latest, "global_step": state.global_step, "epoch": state.epoch})
         if ctx.is_main:
             print(f"resuming {run_dir} from {latest}: epoch {state.epoch}, step {state.global_step}", flush=True)
@@ -336,7 +389,6 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     subsets = _subsets(config, schema)
     train_reader = readers["train"]
     throughput: List[float] = []
-    stop = {"max_steps": False}
 
     def step_callback(step_in_epoch: int, loss: torch.Tensor) -> bool:
         state.step_in_epoch = step_in_epoch
@@ -347,50 +399,33 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
             checkpoints.save(model, optimizer, state)
         if on_step is not None:
             on_step(state)
-        if train_cfg.max_steps and state.global_step >= train_cfg.max_steps:
-            stop["max_steps"] = True
-            return True
-        return False
+        return train_cfg.max_steps > 0 and state.global_step >= train_cfg.max_steps
 
-    while not state.finished and state.epoch < train_cfg.epochs:
-        train_reader.set_epoch(state.epoch)
-        resumed_at = state.step_in_epoch  # > 0 only in the epoch a resumed run continues
-        stats = train_epoch(
-            model, optimizer, train_reader, ctx.device,
-            skip_batches=resumed_at,
-            on_step=step_callback,
-            total=len(train_reader),
-            description=f"epoch {state.epoch}",
-            progress=train_cfg.progress,
-        )
-        throughput.append(stats.samples_per_second * ctx.world_size)
-        log.write({
-            "event": "epoch", "epoch": state.epoch, "global_step": state.global_step, "steps": stats.steps,
-            "samples": stats.samples * ctx.world_size, "mean_loss": stats.mean_loss,
-            "samples_per_second": stats.samples_per_second * ctx.world_size,
-            # steps, samples and mean_loss count only the steps after the resume
-            **({"resumed_at_step_in_epoch": resumed_at} if resumed_at else {}),
-        })
-        epoch_done = not stats.stopped_early
-        last = stop["max_steps"] or state.epoch + 1 >= train_cfg.epochs
-        if epoch_done:
-            state.epoch += 1
-            state.step_in_epoch = 0
+    while not state.finished:
+        epoch_done = False
+        if not budget_spent(state, train_cfg):  # a resume at or past max_steps trains no further step
+            train_reader.set_epoch(state.epoch)
+            resumed_at = state.step_in_epoch  # > 0 only in the epoch a resumed run continues
+            stats = train_epoch(
+                model, optimizer, train_reader, ctx.device,
+                skip_batches=resumed_at,
+                on_step=step_callback,
+                total=len(train_reader),
+                description=f"epoch {state.epoch}",
+                progress=train_cfg.progress,
+            )
+            if stats.steps:
+                throughput.append(stats.samples_per_second * ctx.world_size)
+            log.write(_epoch_record(stats, state, ctx.world_size, resumed_at))
+            epoch_done = not stats.stopped_early or state.step_in_epoch >= len(train_reader)
+            if epoch_done:
+                state.epoch += 1
+                state.step_in_epoch = 0
+        last = budget_spent(state, train_cfg)
+        if last:  # set before validating: a best/ checkpoint holds the same state as the one below
+            state.finished, state.stop_reason = True, STOP_BUDGET
         if "valid" in readers and (last or (epoch_done and state.epoch % max(1, train_cfg.eval_every) == 0)):
-            valid = evaluate(model, readers["valid"], ctx.device, CTRMetrics(),
-                             description="valid", progress=train_cfg.progress)
-            log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
-            auc = valid["auc"]
-            if not math.isnan(auc) and auc > state.best_metric:
-                state.best_metric, state.best_step, state.bad_evals = auc, state.global_step, 0
-                best.save(model, optimizer, state)
-            else:
-                state.bad_evals += 1
-            if train_cfg.patience and state.bad_evals >= train_cfg.patience:
-                log.write({"event": "early_stop", "global_step": state.global_step, "best_step": state.best_step})
-                state.finished = True
-        if last:
-            state.finished = True
+            _validate(model, optimizer, readers["valid"], ctx, state, best, log, train_cfg)
         checkpoints.save(model, optimizer, state)
 
     best_path = best.latest()
@@ -402,7 +437,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         "global_step": state.global_step,
         "epochs": state.epoch,
         "best_step": state.best_step,
-        "stopped_early": bool(train_cfg.patience) and state.bad_evals >= train_cfg.patience,
+        "stopped_early": _stopped_early(state, train_cfg),
         "samples_per_second": float(np.mean(throughput)) if throughput else None,
         "valid": {"auc": None if state.best_metric == float("-inf") else state.best_metric},
     }
@@ -419,6 +454,39 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         os.replace(tmp, os.path.join(run_dir, RESULTS_FILE))
     barrier()
     return results
+
+
+def _validate(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    reader: ParquetBatchReader,
+    ctx: DistContext,
+    state: TrainState,
+    best: CheckpointManager,
+    log: _RunLog,
+    train_cfg: TrainConfig,
+) -> None:
+    """Validates; a better AUC saves the model to ``best/``, ``train.patience`` evaluations
+    without one finish the run (``state`` is updated in place)."""
+    valid = evaluate(model, reader, ctx.device, CTRMetrics(), description="valid", progress=train_cfg.progress)
+    log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
+    auc = valid["auc"]
+    if not math.isnan(auc) and auc > state.best_metric:
+        state.best_metric, state.best_step, state.bad_evals = auc, state.global_step, 0
+        best.save(model, optimizer, state)
+    else:
+        state.bad_evals += 1
+    if train_cfg.patience and state.bad_evals >= train_cfg.patience:
+        log.write({"event": "early_stop", "global_step": state.global_step, "best_step": state.best_step})
+        state.finished, state.stop_reason = True, STOP_PATIENCE
+
+
+def _stopped_early(state: TrainState, train_cfg: TrainConfig) -> bool:
+    """Whether the run stopped on patience (inferred from ``bad_evals`` for a checkpoint
+    written before ``stop_reason`` was recorded)."""
+    if state.stop_reason:
+        return state.stop_reason == STOP_PATIENCE
+    return bool(train_cfg.patience) and state.bad_evals >= train_cfg.patience
 
 
 class TrainedRun(NamedTuple):

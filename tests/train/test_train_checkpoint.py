@@ -174,3 +174,81 @@ def test_crafted_metadata_is_refused_without_running_code(tmp_path) -> None:
     with pytest.raises(pickle.UnpicklingError, match=r"\.metadata: refers to (builtins|io)\.open"):
         load_checkpoint(str(path), nn.Linear(2, 2))
     assert not marker.exists()
+
+
+def _state_only_dcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saves and loads a plain module's weights through the real protocol (no optimizer)."""
+    from recsys_llm.train import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_dcp_state", lambda model, optimizer: {"model": model.state_dict()})
+
+
+class _KilledMidSave(BaseException):
+    """Stands in for a SIGKILL inside ``CheckpointManager.save``."""
+
+
+class TestSameStepResave:
+    """A step saved twice (mid-epoch checkpoint on an epoch's last step, then the epoch end)."""
+
+    def test_a_kill_between_the_renames_leaves_the_steps_earlier_checkpoint(self, tmp_path, monkeypatch) -> None:
+        from recsys_llm.train import checkpoint
+
+        _state_only_dcp(monkeypatch)
+        manager = CheckpointManager(str(tmp_path), keep=1)
+        model = nn.Linear(2, 1)
+        manager.save(model, None, TrainState(global_step=10, epoch=0, step_in_epoch=10))
+        rename = os.rename
+
+        def killed_before_the_new_one_is_in_place(src: Any, dst: Any) -> None:
+            if os.fspath(src).endswith(".tmp") and os.path.basename(os.fspath(dst)) == "ckpt-00000010":
+                raise _KilledMidSave(dst)
+            rename(src, dst)
+
+        monkeypatch.setattr(checkpoint.os, "rename", killed_before_the_new_one_is_in_place)
+        with pytest.raises(_KilledMidSave):
+            manager.save(model, None, TrainState(global_step=10, epoch=1, step_in_epoch=0, finished=True))
+        monkeypatch.setattr(checkpoint.os, "rename", rename)
+
+        kept = manager.latest()
+        assert kept == str(tmp_path / "ckpt-00000010.prev")
+        assert load_checkpoint(kept, nn.Linear(2, 1)).epoch == 0  # loadable: what a restart resumes from
+        # the interrupted save again: the new checkpoint takes the name, the set-aside one goes
+        manager.save(model, None, TrainState(global_step=10, epoch=1, step_in_epoch=0, finished=True))
+        assert manager.list_complete() == [str(tmp_path / "ckpt-00000010")]
+        assert read_train_state(manager.latest()).epoch == 1
+        assert sorted(os.listdir(tmp_path)) == ["ckpt-00000010", "latest"]
+
+    def test_a_step_saved_again_replaces_its_checkpoint(self, tmp_path, monkeypatch) -> None:
+        _state_only_dcp(monkeypatch)
+        manager = CheckpointManager(str(tmp_path), keep=1)
+        model = nn.Linear(2, 1)
+        for epoch in (0, 1):
+            manager.save(model, None, TrainState(global_step=10, epoch=epoch))
+        assert sorted(os.listdir(tmp_path)) == ["ckpt-00000010", "latest"]
+        assert read_train_state(manager.latest()).epoch == 1
+
+    def test_a_set_aside_checkpoint_counts_only_without_its_successor(self, tmp_path) -> None:
+        directory = str(tmp_path)
+        _write_fake(directory, "ckpt-00000010.prev", complete=True)
+        assert CheckpointManager(directory).list_complete() == [os.path.join(directory, "ckpt-00000010.prev")]
+        final = _write_fake(directory, "ckpt-00000010", complete=True)  # renamed in; killed before the removal
+        older = _write_fake(directory, "ckpt-00000005.prev", complete=True)
+        assert CheckpointManager(directory).list_complete() == [older, final]
+
+
+def test_rng_files_are_synced_to_disk(tmp_path, monkeypatch) -> None:
+    from recsys_llm.train import checkpoint
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name a synced descriptor")
+    _state_only_dcp(monkeypatch)
+    synced: List[str] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", recording_fsync)
+    CheckpointManager(str(tmp_path)).save(nn.Linear(2, 1), None, TrainState(global_step=3))
+    assert any(path.endswith(os.path.join("ckpt-00000003.tmp", "rank00000.pt")) for path in synced), synced

@@ -49,6 +49,8 @@ class TestLoadConfig:
             ("sharding.sharding_types=[diagonal]", "sharding.sharding_types: unknown values ['diagonal']"),
             ("model.name=gpt", "unknown model 'gpt'"),
             ("train.epochs", "must look like section.key=value"),
+            ("data.batch_size=0", "data.batch_size=0 (must be >= 1)"),
+            ("data.eval_batch_size=-1", "data.eval_batch_size=-1 (must be >= 1, or 0 for data.batch_size)"),
         ],
     )
     def test_bad_overrides_name_the_key(self, override: str, message: str) -> None:

@@ -43,6 +43,12 @@ class TestBinaryMetrics:
         out = binary_metrics(torch.full((4,), 0.3), torch.ones(4))
         assert math.isnan(out["auc"]) and out["logloss"] > 0
 
+    @pytest.mark.parametrize("label", [0.0, 1.0])
+    def test_one_class_gives_nan_ne(self, label: float) -> None:
+        # the entropy of a one-class label set is 0: NE is undefined, not a huge number
+        out = binary_metrics(torch.tensor([0.2, 0.6, 0.9]), torch.full((3,), label))
+        assert math.isnan(out["ne"]) and math.isfinite(out["logloss"])
+
     def test_subset_and_missing_mask(self) -> None:
         logits, labels, cold = _data(400, 1)
         metrics = CTRMetrics({"cold": "is_cold_item"})

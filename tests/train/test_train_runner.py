@@ -9,16 +9,20 @@ its last checkpoint and ends with the metrics of an uninterrupted run.
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 
-from recsys_llm.train.config import load_config
-from recsys_llm.train.runner import run_training
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.train.checkpoint import STOP_BUDGET, STOP_PATIENCE, TrainState
+from recsys_llm.train.config import ConfigError, TrainConfig, load_config
+from recsys_llm.train.runner import StepHook, reopen_for_budget, run_training
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -130,3 +134,146 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(synthetic_di
     fresh = subprocess.run(_cli(DEEPFM_CONFIG, overrides(killed_dir) + ["train.resume=false"]), env=env, cwd=REPO,
                            capture_output=True, text=True, timeout=600)
     assert fresh.returncode == 2 and "holds checkpoints of an earlier run" in fresh.stderr, fresh.stderr[-3000:]
+
+
+# --- resumes at the edges of the budget (one rank, 1024-row batches: a few steps per epoch) ---
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL right after the step's checkpoint was written."""
+
+
+def _kill_at(global_step: int) -> StepHook:
+    def hook(state: TrainState) -> None:
+        if state.global_step == global_step:
+            raise _Killed()
+
+    return hook
+
+
+def _run(schema_dir: str, run_dir: str, extra: List[str], on_step: Optional[StepHook] = None) -> Dict[str, Any]:
+    return run_training(load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 1024, extra)), on_step=on_step)
+
+
+def _run_killed(schema_dir: str, run_dir: str, extra: List[str], global_step: int) -> None:
+    with pytest.raises(_Killed):
+        _run(schema_dir, run_dir, extra, on_step=_kill_at(global_step))
+
+
+def _events(run_dir: str) -> List[Dict[str, Any]]:
+    """``metrics.jsonl`` read as strict JSON (NaN / Infinity refused)."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{run_dir}/metrics.jsonl: {constant} is not JSON")
+
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line, parse_constant=refuse) for line in handle]
+
+
+def _after_last_resume(events: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    starts = [i for i, event in enumerate(events) if event["event"] == "resumed"]
+    assert starts, "the run did not resume"
+    return events[starts[-1] + 1:]
+
+
+def _kill_after_the_max_steps_checkpoint(schema_dir: str, root: str) -> Dict[str, Any]:
+    budget = ["train.epochs=1", "train.checkpoint_every=5"]
+    killed, lower = os.path.join(root, "killed"), os.path.join(root, "lower")
+    out = {"straight": _run(schema_dir, os.path.join(root, "straight"), budget + ["train.max_steps=5"])}
+    _run_killed(schema_dir, killed, budget + ["train.max_steps=5"], global_step=5)
+    shutil.copytree(killed, lower)
+    out["resumed"] = _run(schema_dir, killed, budget + ["train.max_steps=5"])
+    out["resumed_events"] = _after_last_resume(_events(killed))
+    out["lower"] = _run(schema_dir, lower, budget + ["train.max_steps=3"])  # below the checkpoint's step
+    out["lower_events"] = _after_last_resume(_events(lower))
+    return out
+
+
+def test_a_run_killed_after_its_max_steps_checkpoint_resumes_without_another_step(synthetic_dir: str,
+                                                                                 tmp_path) -> None:
+    (out,) = run_multiprocess(_kill_after_the_max_steps_checkpoint, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    straight = out["straight"]
+    assert straight["global_step"] == 5
+    for name in ("resumed", "lower"):
+        assert out[name]["global_step"] == 5, name
+        assert out[name]["test"] == straight["test"] and out[name]["valid"] == straight["valid"], name
+        assert not [e for e in out[f"{name}_events"] if e["event"] in ("train", "epoch")], name
+
+
+def _extend_a_finished_run(schema_dir: str, root: str) -> Dict[str, Any]:
+    extended = os.path.join(root, "extended")
+    out = {"one": _run(schema_dir, extended, ["train.epochs=1"])}
+    out["extended"] = _run(schema_dir, extended, ["train.epochs=2"])
+    out["extended_events"] = _after_last_resume(_events(extended))
+    out["fresh"] = _run(schema_dir, os.path.join(root, "fresh"), ["train.epochs=2"])
+    return out
+
+
+def test_a_finished_run_resumed_with_more_epochs_trains_them(synthetic_dir: str, tmp_path) -> None:
+    (out,) = run_multiprocess(_extend_a_finished_run, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    steps_per_epoch = out["one"]["global_step"]
+    assert out["extended"]["global_step"] == out["fresh"]["global_step"] == 2 * steps_per_epoch
+    assert out["extended"]["epochs"] == 2
+    assert out["extended"]["test"] == out["fresh"]["test"]
+    assert [e["epoch"] for e in out["extended_events"] if e["event"] == "epoch"] == [1]
+
+
+@pytest.mark.parametrize(
+    "state, finished",
+    [
+        (TrainState(epoch=1, finished=True, stop_reason=STOP_BUDGET), False),  # 1 of 2 epochs done
+        (TrainState(epoch=2, finished=True, stop_reason=STOP_BUDGET), True),  # budget still used up
+        (TrainState(epoch=1, finished=True, stop_reason=STOP_PATIENCE), True),  # early stop is final
+        (TrainState(epoch=1, finished=True), True),  # written before the reason was recorded
+    ],
+)
+def test_a_resume_reopens_only_a_run_that_used_up_its_budget(state: TrainState, finished: bool) -> None:
+    reopened = reopen_for_budget(state, TrainConfig(epochs=2))
+    assert reopened.finished is finished
+    assert reopened.stop_reason == ("" if not finished else state.stop_reason)
+
+
+def _lose_the_periodic_checkpoints(schema_dir: str, root: str) -> Dict[str, Any]:
+    run_dir = os.path.join(root, "run")
+    out = {"first": _run(schema_dir, run_dir, ["train.epochs=1"])}
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))  # what a kill in a keep=1 same-step re-save used to do
+    try:
+        _run(schema_dir, run_dir, ["train.epochs=1", "model.embedding_dim=8"])
+    except ConfigError as error:
+        out["changed_error"] = str(error)
+    out["again"] = _run(schema_dir, run_dir, ["train.epochs=1"])
+    out["again_events"] = _after_last_resume(_events(run_dir))
+    return out
+
+
+def test_a_run_with_only_its_best_checkpoint_resumes_from_it(synthetic_dir: str, tmp_path) -> None:
+    (out,) = run_multiprocess(_lose_the_periodic_checkpoints, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    # not a silent fresh start: the run's settings are checked against the resumed checkpoint ...
+    assert "model.embedding_dim: 16 -> 8" in out.get("changed_error", ""), out.get("changed_error")
+    assert os.path.join(str(tmp_path), "run") in out["changed_error"]
+    # ... and it continues from best/ (here: already finished, so it only tests again)
+    assert out["again"]["global_step"] == out["first"]["global_step"]
+    assert out["again"]["test"] == out["first"]["test"]
+    assert not [e for e in out["again_events"] if e["event"] in ("train", "epoch")]
+
+
+def _resume_on_an_epochs_last_step(schema_dir: str, root: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(os.path.join(schema_dir, "schema.json"))
+    steps_per_epoch = len(ParquetBatchReader(schema, "train", 1024))
+    budget = ["train.epochs=2", f"train.checkpoint_every={steps_per_epoch}"]
+    run_dir = os.path.join(root, "run")
+    _run_killed(schema_dir, run_dir, budget, global_step=steps_per_epoch)  # mid-epoch checkpoint, no epoch end
+    out = {"steps_per_epoch": steps_per_epoch, "resumed": _run(schema_dir, run_dir, budget)}
+    out["events"] = _after_last_resume(_events(run_dir))
+    return out
+
+
+def test_an_epoch_resumed_at_its_end_counts_in_no_loss_or_throughput(synthetic_dir: str, tmp_path) -> None:
+    (out,) = run_multiprocess(_resume_on_an_epochs_last_step, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    assert out["resumed"]["global_step"] == 2 * out["steps_per_epoch"]
+    empty, trained = [e for e in out["events"] if e["event"] == "epoch"]
+    assert (empty["steps"], empty["mean_loss"], empty["samples_per_second"]) == (0, None, None)
+    assert trained["steps"] == out["steps_per_epoch"] and trained["mean_loss"] > 0
+    assert out["resumed"]["samples_per_second"] == pytest.approx(trained["samples_per_second"])
