@@ -16,7 +16,8 @@ demo: install
 	$(PY) -m recsys_llm.cli demo --data-dir $(DATA_DIR)/synthetic --run-dir $(RUNS_DIR)/demo
 
 test: install
-	$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q tests; code=$$?; \
+	if [ $$code -eq 5 ]; then echo "pytest collected no test (exit 5): a failure" >&2; fi; exit $$code
 
 bench: install
 	-bash scripts/peer_venv.sh  # the DeepCTR-Torch venv of benchmarks/peers.py; peers.py says so if it is missing

@@ -104,11 +104,16 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext) -> Datas
                 "to generate the embedded synthetic data there"
             )
         if ctx.is_main:
+            from recsys_llm.data.parquet import write_prepared
             from recsys_llm.data.synthetic import generate_synthetic
 
-            generate_synthetic(
-                os.path.dirname(schema_file), config.data.synthetic_rows, seed=config.data.synthetic_seed, progress=True
-            )
+            rows, seed = config.data.synthetic_rows, config.data.synthetic_seed
+            # a mistyped or unmounted data.schema lands here too: say so, and never write into a
+            # directory that holds something else (write_prepared refuses it)
+            print(f"[recsys_llm] {schema_file} not found: generating {rows} rows of the embedded synthetic data "
+                  "there (data.synthetic_rows; set it to 0 to require existing data)", flush=True)
+            write_prepared(os.path.dirname(schema_file), "synthetic", [],
+                           lambda tmp: generate_synthetic(tmp, rows, seed=seed, progress=True))
         barrier()
     return DatasetSchema.load(schema_file)
 

@@ -145,3 +145,25 @@ def test_a_run_from_before_fre_field_reduction_resumes_only_with_the_mean_it_tra
     without_fre = {"llactr": {"config": {"use_fre": False}}}
     check_plugin_history(without_fre, plugins(fre_field_reduction="sum"), "p")  # the reduction never mattered
     check_plugin_history({}, plugins(fre_field_reduction="sum"), "p")  # no llactr section saved
+
+
+def test_a_missing_schema_generates_synthetic_data_only_where_nothing_else_lives(tmp_path, capsys) -> None:
+    """A mistyped or unmounted data.schema with data.synthetic_rows set is reported, and never
+    generated over a directory that holds other files."""
+    import torch
+
+    from recsys_llm.train.distributed import DistContext
+    from recsys_llm.train.runner import load_or_generate_schema
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    other = tmp_path / "mounted"
+    other.mkdir()
+    (other / "clicks.csv").write_text("a,b\n", encoding="utf-8")
+    config = load_config(None, [f"data.schema={other}/schema.json", "data.synthetic_rows=300"])
+    with pytest.raises(FileExistsError, match=r"mounted: not empty and not an earlier prepared data set"):
+        load_or_generate_schema(config, ctx)
+    assert sorted(os.listdir(other)) == ["clicks.csv"]
+    fresh = tmp_path / "fresh"
+    schema = load_or_generate_schema(load_config(None, [f"data.schema={fresh}", "data.synthetic_rows=300"]), ctx)
+    assert schema.root == str(fresh) and os.path.isfile(fresh / "train.parquet")
+    assert f"{fresh}/schema.json not found: generating 300 rows" in capsys.readouterr().out
