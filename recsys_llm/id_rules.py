@@ -15,6 +15,7 @@ Example::
     kjt = rules(kjt)  # ids as the reader would have given them
 """
 
+import itertools
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -58,15 +59,15 @@ class IdRules:
             {name: rule.get("max_length", 0) for name, rule in rules.items()},
         )
 
-    def _tensors(self, keys: Tuple[str, ...]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-        """(K,) rows, (K,) hashed flags and the K max lengths of a key order (cached)."""
+    def _per_key(self, keys: Tuple[str, ...]) -> Tuple[torch.Tensor, List[int], List[int]]:
+        """(K,) table rows, the positions of hashed keys and the K max lengths, of a key order (cached)."""
         if keys not in self._per_keys:
             unknown = [k for k in keys if k not in self._rows]
             if unknown:
                 raise KeyError(f"features {unknown} have no table in this model; its features are {sorted(self._rows)}")
             self._per_keys[keys] = (
                 torch.tensor([self._rows[k] for k in keys], dtype=torch.int64),
-                torch.tensor([self._hashed.get(k, False) for k in keys], dtype=torch.bool),
+                [i for i, k in enumerate(keys) if self._hashed.get(k, False)],
                 [self._max_length.get(k, 0) for k in keys],
             )
         return self._per_keys[keys]
@@ -77,26 +78,31 @@ class IdRules:
             features (KeyedJaggedTensor): raw ids; any key order, any stride per key.
 
         Returns:
-            KeyedJaggedTensor: the same keys with the ids the reader would have given.
+            KeyedJaggedTensor: the same keys with the ids the reader would have given
+            (``features`` itself when no id needs a change).
 
         Raises:
             ValueError: an id of a feature that is not hashed lies outside its table, named
                 with the feature, the id, the row in the batch and the table's size.
         """
         keys = tuple(features.keys())
-        rows, hashed, max_lengths = self._tensors(keys)
-        values, lengths = features.values(), features.lengths()
-        key_of_value = torch.repeat_interleave(
-            torch.arange(len(keys)), torch.tensor(features.length_per_key(), dtype=torch.int64)
-        )  # (N,)
-        rows_of_value = rows[key_of_value]  # (N,)
-        values = torch.where(hashed[key_of_value], torch.remainder(values, rows_of_value), values)
-        outside = (values < 0) | (values >= rows_of_value)
-        if bool(outside.any()):
-            self._raise_outside(features, keys, values, key_of_value, int(outside.nonzero()[0]))
-        weights = features.weights_or_none()
+        rows, hashed_positions, max_lengths = self._per_key(keys)
+        values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
+        per_key = features.length_per_key()
+        if hashed_positions:
+            values = values.clone()
+            offsets = features.offset_per_key()
+            for position in hashed_positions:  # in place on this key's slice of the copy
+                values[offsets[position] : offsets[position + 1]].remainder_(int(rows[position]))
+        if values.numel():
+            bounds = torch.repeat_interleave(rows, torch.tensor(per_key), output_size=values.numel())  # (N,)
+            if bool(values.min() < 0) or bool((values >= bounds).any()):
+                outside = torch.logical_or(values < 0, values >= bounds)
+                self._raise_outside(features, keys, values, per_key, int(outside.nonzero()[0]))
         if any(max_lengths):
             values, lengths, weights = self._truncate(features, values, lengths, weights, max_lengths)
+        if values is features.values() and lengths is features.lengths():
+            return features
         return KeyedJaggedTensor(
             keys=list(keys), values=values, lengths=lengths, weights=weights,
             stride_per_key_per_rank=features.stride_per_key_per_rank() if features.variable_stride_per_key() else None,
@@ -108,13 +114,18 @@ class IdRules:
         max_lengths: List[int],
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Keeps the first max_length ids of every bag: (N',) values, (sum strides,) lengths."""
-        strides = torch.tensor(features.stride_per_key(), dtype=torch.int64)
+        stride_per_key = features.stride_per_key()
+        bag_offsets = [0, *itertools.accumulate(stride_per_key)]
+        if not any(
+            limit and stride and int(lengths[bag_offsets[i] : bag_offsets[i + 1]].max()) > limit
+            for i, (limit, stride) in enumerate(zip(max_lengths, stride_per_key))
+        ):
+            return values, lengths, weights
         no_limit = torch.iinfo(torch.int64).max
         limits = torch.repeat_interleave(
-            torch.tensor([m or no_limit for m in max_lengths], dtype=torch.int64), strides
+            torch.tensor([m or no_limit for m in max_lengths], dtype=torch.int64),
+            torch.tensor(stride_per_key, dtype=torch.int64),
         )  # (sum strides,)
-        if not bool((lengths > limits).any()):
-            return values, lengths, weights
         lengths = lengths.to(torch.int64)
         starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)  # (N,) first id of its bag
         keep = (torch.arange(values.numel()) - starts) < torch.repeat_interleave(limits, lengths)
@@ -122,9 +133,10 @@ class IdRules:
         return values[keep], kept_lengths, None if weights is None else weights[keep]
 
     def _raise_outside(self, features: KeyedJaggedTensor, keys: Tuple[str, ...], values: torch.Tensor,
-                       key_of_value: torch.Tensor, first: int) -> None:
-        key = keys[int(key_of_value[first])]
-        start = int(features.offset_per_key()[keys.index(key)])
+                       per_key: List[int], first: int) -> None:
+        position = int(torch.searchsorted(torch.tensor(per_key).cumsum(0), torch.tensor(first), right=True))
+        key = keys[position]
+        start = int(features.offset_per_key()[position])
         offsets = features[key].offsets()
         row = int(torch.searchsorted(offsets, torch.tensor(first - start), right=True)) - 1
         raise ValueError(
