@@ -611,7 +611,7 @@ def two_panel_figure(path: Path, draw_left: Callable[[Any], None], draw_right: C
     _save(fig, path)
 
 
-def served_logits(task: Any, directory: str, example: Any) -> Tuple[Callable[[Any], Any], str]:
+def served_logits(task: Any, directory: str, example: Any, schema: Any) -> Tuple[Callable[[Any], Any], str]:
     """The project's serving artifact of an unsharded CPU task and a ``batch -> logits`` function.
 
     Exports ``task`` with ``recsys_llm.serving.export_task`` (eager EBC + ``torch.export`` dense
@@ -622,6 +622,8 @@ def served_logits(task: Any, directory: str, example: Any) -> Tuple[Callable[[An
         task: an unsharded ``CTRTask`` on CPU in eval mode (no LLM input).
         directory (str): where the artifact goes.
         example: a ``Batch`` for tracing (B >= 2).
+        schema: the data's ``DatasetSchema``: its id rules go into the artifact, as
+            ``recsys-llm export`` puts them, so ``ServedModel`` applies them per request.
 
     Returns:
         Tuple: ``(logits_fn(batch) -> (B,) logits, "export" | "eager")``.
@@ -630,7 +632,7 @@ def served_logits(task: Any, directory: str, example: Any) -> Tuple[Callable[[An
 
     from recsys_llm.serving import ServedModel, export_task
 
-    config = export_task(task, directory, example.dense_features, example.sparse_features)
+    config = export_task(task, directory, example.dense_features, example.sparse_features, schema=schema)
     if config["dense_program"] is not None:
         served = ServedModel.load(directory, trust_program=True)
         return (lambda batch: served.logits(batch.dense_features, batch.sparse_features)), "export"

@@ -295,11 +295,12 @@ def compare_backbone(name: str, sizes: Sizes, schema, train_batches: List, reque
     tasks = served_tasks(name, sizes, schema, plain_dmp, kd_dmp)
     serve_batches = train_batches
     student_logits, student_path = served_logits(tasks["student"], os.path.join(work_dir, f"export_{name}_student"),
-                                                 serve_batches[0])
+                                                 serve_batches[0], schema)
     plain_logits, plain_path = served_logits(tasks["plain"], os.path.join(work_dir, f"export_{name}_plain"),
-                                             serve_batches[0])
+                                             serve_batches[0], schema)
     entity_logits, entity_path = served_logits(tasks["gain_entity_tables"],
-                                               os.path.join(work_dir, f"export_{name}_gain_entity"), serve_batches[0])
+                                               os.path.join(work_dir, f"export_{name}_gain_entity"), serve_batches[0],
+                                               schema)
     request_batches = [batch for batch, _ in requests]
     key = elec_config(sizes).vector_key
     online = online_gain_step(tasks["gain"], llm, renderer, requests, key)

@@ -335,7 +335,7 @@ def served_step(dmp, name: str, sizes: Sizes, schema, vectors_path: Optional[str
     for term in task.logit_terms.values():
         term.freeze()
     directory = os.path.join(work_dir, f"export_{name}_{'llactr' if vectors_path else 'plain'}")
-    logits, path = served_logits(task, directory, batches[0])
+    logits, path = served_logits(task, directory, batches[0], schema)
     folded: List[str] = []
     if path == "export":
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:

@@ -537,7 +537,7 @@ def batch_curve(sizes: Sizes, schema, device, seed: int, work_dir: str) -> Dict[
                 for term in getattr(task, "logit_terms", {}).values():
                     term.freeze()  # FIE's pair weights are constants when served
                 served[key], paths[key] = served_logits(task, os.path.join(work_dir, f"export_{name}_{method}"),
-                                                        batches[0])
+                                                        batches[0], schema)
             serve_contenders[f"{key}@{batch_size}"] = samples_per_second(
                 cycling_step(served[key], batches), batch_size, sizes.batch_warmup, sizes.batch_measured)
     train_rounds = interleaved_repeats(train_contenders, sizes.batch_repeats)

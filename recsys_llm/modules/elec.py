@@ -131,6 +131,13 @@ def build_gain_network(
                                   table_prefix=table_prefix)
         injection = VectorFieldInjection(config.vector_dim, model_config.embedding_dim, config.num_injected_fields)
         return CTRTask(backbone, field_injection=injection, injection_key=config.vector_key)
+    hashed = [name for name in config.entity_tables if schema.field(name).hashed]
+    if hashed:
+        raise ValueError(
+            f"elec.entity_tables: fields {hashed} are hashed (ids folded modulo their cardinality), so one table "
+            "row stands for several entities and an entity vector table cannot hold one vector per id; use "
+            "per-row vectors (elec.vector_source=extras) for them"
+        )
     entities = {name: schema.field(name).cardinality for name in config.entity_tables}
     num_fields = config.num_injected_fields * len(entities)
     backbone = build_backbone(model_config, schema, num_fields, device=device, table_prefix=table_prefix)

@@ -32,7 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
-from recsys_llm.semantics.vector_export import read_vector_rows
+from recsys_llm.semantics.vector_export import key_range, read_vector_rows
 from recsys_llm.train.task import CTRTask
 
 TABLE_PREFIX = "semantic_"
@@ -191,6 +191,14 @@ def load_semantic_vectors(
     weights = _table_weights(model, table_name)
     if not weights:
         raise KeyError(f"model has no embedding table {table_name!r} in its state dict")
+    num_rows = weights[0][1].size(0)
+    low, high = key_range(vector_dir, expected)
+    if low < 0 or high >= num_rows:
+        raise ValueError(
+            f"{vector_dir}: holds vectors of ids {low}..{high}, but table {table_name!r} has rows 0..{num_rows - 1}; "
+            "a vector outside it would be dropped and ids looked up in the table would find another entity's "
+            "(export the entities of the data the model reads, with ids below the field's cardinality)"
+        )
     filled = 0
     for _, weight in weights:
         if isinstance(weight, ShardedTensor):

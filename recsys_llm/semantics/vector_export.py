@@ -363,6 +363,20 @@ def read_vector_rows(
     return out
 
 
+def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tuple[int, int]:
+    """Smallest and largest key of a finished export ((0, -1) when it holds no vector)."""
+    manifest = read_manifest(directory, expected)
+    key_column = str(manifest["key_column"])
+    low, high = 0, -1
+    for index in range(int(manifest["num_chunks"])):
+        bounds = pc.min_max(pq.read_table(chunk_path(directory, index), columns=[key_column]).column(key_column))
+        if bounds["min"].as_py() is None:
+            continue
+        low = bounds["min"].as_py() if high < low else min(low, bounds["min"].as_py())
+        high = max(high, bounds["max"].as_py())
+    return low, high
+
+
 def vector_dim(directory: str) -> int:
     """d of an export (read from its first chunk)."""
     manifest = read_manifest(directory)

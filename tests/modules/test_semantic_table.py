@@ -51,6 +51,23 @@ class TestSemanticTable:
             load_semantic_vectors(module, "semantic_item_id", str(tmp_path / "items"), expected={"model": "big"})
         with pytest.raises(KeyError, match="no embedding table"):
             load_semantic_vectors(module, "semantic_user_id", str(tmp_path / "items"))
+        smaller = SemanticTable({"item_id": NUM_ITEMS - 2}, DIM, device=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"items: holds vectors of ids 0..11, but table 'semantic_item_id' has rows "
+                                             r"0..9; a vector outside it would be dropped"):
+            load_semantic_vectors(smaller, "semantic_item_id", str(tmp_path / "items"))
+
+    def test_a_hashed_entity_field_gets_no_entity_table(self):
+        """Folded ids share table rows: one vector per row would belong to several entities."""
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+        from recsys_llm.models.registry import SMOKE_CONFIGS
+        from recsys_llm.modules.elec import ELECConfig, build_gain_network
+
+        schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", 8, hashed=True),
+                                     FieldSpec("age", "dense")])
+        config = ELECConfig(task="gain", vector_dim=8, vector_source="entity_table", entity_field="item_id",
+                            entity_vectors="unused")
+        with pytest.raises(ValueError, match=r"elec.entity_tables: fields \['item_id'\] are hashed"):
+            build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"])
 
 
 def _sharded_joint_kd(vector_dir: str, export_dir: str):
