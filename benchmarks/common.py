@@ -23,7 +23,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from importlib import metadata
@@ -133,22 +132,11 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str:
-    """Short commit of the checkout, with ``+dirty`` when tracked code differs from it (the
-    benchmark results and their README, which a ``make bench`` run rewrites, do not count)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-        if out.returncode != 0:
-            return ""
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-             ":(exclude)benchmarks/results", ":(exclude)benchmarks/README.md"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-        )
-        return out.stdout.strip() + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    """The checkout's commit; the benchmark results and their README, which a ``make bench``
+    run rewrites, do not make it dirty."""
+    from recsys_llm.env import source_commit
+
+    return source_commit(ignore=("benchmarks/results", "benchmarks/README.md"))
 
 
 def machine_info() -> Dict[str, Any]:

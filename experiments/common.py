@@ -89,13 +89,25 @@ def model_overrides(data: str, backbone: str) -> List[str]:
 def run_cli_step(argv: Sequence[str], done_file: Optional[str]) -> None:
     """Runs ``recsys-llm ARGV`` in this process unless ``done_file`` exists (resumable steps).
 
+    A finished step records its command beside ``done_file`` (``<done_file>.command.json``);
+    a later call skips it only with the same command, so a rerun with other LLM settings into
+    the same ``--out`` cannot take the old LLM and, through its vector paths, the old runs.
     ``done_file=None`` always runs the command: for steps that resume by themselves and skip
     finished work (``semantics export``).
 
     Raises:
-        SystemExit: the command returned a non-zero status.
+        SystemExit: the command returned a non-zero status, or the step was done with another command.
     """
+    record = f"{done_file}.command.json" if done_file is not None else None
     if done_file is not None and os.path.exists(done_file):
+        if os.path.exists(record):
+            with open(record, encoding="utf-8") as handle:
+                done_with = json.load(handle)
+            if done_with != list(argv):
+                raise SystemExit(
+                    f"{done_file}: done by `recsys-llm {' '.join(done_with)}`, not by `recsys-llm {' '.join(argv)}`; "
+                    "its results would be reported under the new settings. Use another --out for them"
+                )
         print(f"[skip] {' '.join(argv[:2])}: {done_file} exists", flush=True)
         return
     from recsys_llm.cli import main as cli_main
@@ -104,6 +116,9 @@ def run_cli_step(argv: Sequence[str], done_file: Optional[str]) -> None:
     status = cli_main(list(argv))
     if status != 0:
         raise SystemExit(f"recsys-llm {' '.join(argv[:2])} failed with status {status}")
+    if record is not None:
+        with open(record, "w", encoding="utf-8") as handle:
+            json.dump(list(argv), handle, indent=1)
 
 
 TUNE_ON = ("all-seeds", "first-seed")
@@ -256,6 +271,10 @@ def markdown_table(table: Dict[str, Dict], columns: Sequence[str], baseline: Opt
 
 
 def write_outputs(out_dir: str, name: str, payload: Dict, markdown: str) -> None:
+    """``<name>.json`` (with the code's commit, ``git_commit``) and ``<name>.md`` in ``out_dir``."""
+    from recsys_llm.env import source_commit
+
+    payload = {**payload, "git_commit": source_commit(ignore=("results",))}
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f"{name}.json.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:

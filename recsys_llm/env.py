@@ -4,8 +4,10 @@ A mismatch shows up as an undefined-symbol ``ImportError`` deep inside fbgemm; t
 module turns it into a message that names the installed versions and the fix.
 """
 
+import os
+import subprocess
 from importlib import metadata
-from typing import Dict
+from typing import Dict, Sequence
 
 # torchrec release -> (fbgemm-gpu release, torch minor versions known to work with it).
 KNOWN_GOOD: Dict[str, tuple] = {
@@ -47,3 +49,22 @@ def check_versions(verbose: bool = False) -> Dict[str, str]:
         status = "known good" if known and fbgemm == known[0] and torch_minor in known[1] else "not verified"
         print(f"[recsys_llm] {summary} ({status})")
     return versions
+
+
+def source_commit(ignore: Sequence[str] = ()) -> str:
+    """Short git commit of the checkout this package runs from, with ``+dirty`` when tracked
+    files differ from it (paths in ``ignore``, relative to the repository root, do not count);
+    ``""`` outside a git checkout. Recorded next to results so they can be traced to code."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return ""
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in ignore)],
+            cwd=root, capture_output=True, text=True, timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""

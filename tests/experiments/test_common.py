@@ -105,3 +105,17 @@ def test_a_finished_run_of_other_settings_is_not_reused(tmp_path):
     with pytest.raises(SystemExit, match=r"fre_fre0.5/seed0: holds a finished run of other settings "
                                          r"\(llactr.fre_field_reduction: 'sum' -> 'mean'\)"):
         run_variant(base_config_path("ml100k", "fm"), saved[:1] + ["llactr.fre_field_reduction=mean"], str(run_dir))
+
+
+def test_a_done_llm_step_is_skipped_only_for_the_command_that_did_it(tmp_path, capsys):
+    """A rerun with other LLM settings into the same --out must not take the old step's output."""
+    from experiments.common import run_cli_step
+
+    out = str(tmp_path / "data")
+    command = ["prepare", "synthetic", "--out", out, "--rows", "300", "--quiet"]
+    run_cli_step(command, os.path.join(out, "schema.json"))
+    run_cli_step(command, os.path.join(out, "schema.json"))
+    assert "[skip] prepare synthetic" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"schema.json: done by `recsys-llm prepare synthetic .* --rows 300 --quiet`, "
+                                         r"not by `recsys-llm prepare synthetic .* --rows 400 --quiet`"):
+        run_cli_step(command[:-2] + ["400", "--quiet"], os.path.join(out, "schema.json"))
