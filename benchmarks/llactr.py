@@ -89,6 +89,7 @@ GOAL_TRAIN = 0.90
 GOAL_SERVE = 0.97
 GOAL_LLM_COST = 20.0
 INSTANCE_SCALED_TO_ROWS = 1_000_000
+TUNING_SAMPLE_ROWS = 20_000  # an ELEC tuning sample (``semantics adapt --sample-rows``), for the details
 ALL_BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
 
 
@@ -161,6 +162,15 @@ SIZES: Dict[str, Sizes] = {
 def instance_seconds(rows: float, setup_seconds: float, per_row_seconds: float) -> float:
     """Instance-level LLM seconds for ``rows`` rows: a one-off set-up plus linear per-row work."""
     return setup_seconds + per_row_seconds * rows
+
+
+def instance_cost_with_tuning_sample(instance: Dict[str, Any], rows: float, tuning_rows: float) -> float:
+    """Instance-level LLM seconds when the LLM is tuned on ``tuning_rows`` rows and every one of
+    ``rows`` rows is rendered and encoded (from the timed sample's phase seconds)."""
+    phases, timed = instance["phase_seconds"], instance["timed_rows"]
+    tune_per_row = phases["tune"] / timed
+    other_per_row = (phases["render"] + phases["encode"]) / timed
+    return instance["setup_seconds"] + tune_per_row * min(tuning_rows, rows) + other_per_row * rows
 
 
 # ---- the LLM ----------------------------------------------------------------------------------
@@ -482,6 +492,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "llm_cost_ratio_instance_vs_field": llm_ratio,
     }
     crossover = (field["seconds_at_default_s"] - instance["setup_seconds"]) / instance["per_row_seconds"]
+    sampled = instance_cost_with_tuning_sample(instance, INSTANCE_SCALED_TO_ROWS, TUNING_SAMPLE_ROWS)
     details = {
         "goals": {"train_ratio_vs_backbone": GOAL_TRAIN, "serve_ratio_vs_backbone": GOAL_SERVE,
                   "llm_cost_ratio_instance_vs_field": GOAL_LLM_COST},
@@ -506,6 +517,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "field": field,
         "field_level_scaling": "flat: SSFT reads at most S values per field whatever the number of rows",
         "crossover_rows": crossover,
+        # the headline tunes on every row, as the issue defines the instance side; ELEC in practice
+        # tunes on a sample (the CLI example: 20k rows) and encodes every row
+        "instance_with_tuning_sample": {
+            "tuning_rows": TUNING_SAMPLE_ROWS, "seconds": sampled,
+            "llm_cost_ratio_instance_vs_field": sampled / field["seconds_at_default_s"],
+        },
         "llm": llm_path,
         "sizes": dataclasses.asdict(sizes),
         "train_setup": "build_backbone(meta) + build_llactr_terms (lambda 0.1/0.1) + CTRTask, shard_model (planner, "
