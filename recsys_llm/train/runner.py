@@ -357,12 +357,15 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     # swapped pairs double every training batch; the planner sizes for what a step really holds
     step_rows = config.data.batch_size * (2 if swap is not None else 1)
     model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, step_rows)
-    load_plugin_state(model, built, schema)
     optimizer = build_optimizer(model, config.optim)
     checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=train_cfg.keep_checkpoints)
     best = CheckpointManager(os.path.join(run_dir, "best"), keep=1)
     earlier = resume_point(checkpoints, best)
     latest = earlier if train_cfg.resume else None
+    if latest is None:
+        # a resumed run takes these weights from its checkpoint, so their source files (teacher
+        # checkpoint, entity vectors) need not be where they were when it started
+        load_plugin_state(model, built, schema)
     saved_config = os.path.join(run_dir, "config.yaml")
     # every rank, before anything in run_dir changes
     if earlier is not None and not train_cfg.resume:
