@@ -71,6 +71,7 @@ def _adapt(args: argparse.Namespace) -> int:
         lora_r=args.lora_r, lora_target_modules=args.target_modules,
         last_k_layers=args.last_k, max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.lr,
         head_learning_rate=args.head_lr, epochs=args.epochs, sample_rows=args.sample_rows, seed=args.seed,
+        llm_dtype=args.llm_dtype,
     )
     renderer = RowTextRenderer(schema, text_config)
     table = pq.read_table(schema.split_path(args.split), columns=[*renderer.field_names, schema.label], memory_map=True)
@@ -168,6 +169,9 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--max-length", type=int, default=128)
     adapt.add_argument("--seed", type=int, default=0)
     adapt.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available, else CPU)")
+    adapt.add_argument("--llm-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the LLM's weights, whatever the checkpoint's (bfloat16 halves a large "
+                            "LLM's memory on a GPU; heads and vectors stay float32)")
     adapt.add_argument("--fields", nargs="*", default=None, help="fields written into the row text (default: all)")
     adapt.add_argument("--template", default=None, help="sentence template, default '{description} is {value}.'")
     adapt.set_defaults(func=_adapt, llm=None)

@@ -297,13 +297,15 @@ class TestSemanticsCLI:
         llm = str(tmp_path / "llm")
         assert main(["semantics", "adapt", "--schema", str(data), "--output-dir", llm, "--model", model_dir,
                      "--target-modules", "query", "value", "--representation-dim", "8", "--hidden-dim", "16",
-                     "--batch-size", "20", "--fields", "user_id", "genres", "age"]) == 0
+                     "--batch-size", "20", "--fields", "user_id", "genres", "age", "--llm-dtype", "bfloat16"]) == 0
+        assert json.load(open(os.path.join(llm, "config.json")))["llm_dtype"] == "bfloat16"
         vec, attached = str(tmp_path / "vec"), str(tmp_path / "data_vec")
         args = ["semantics", "export", "--schema", str(data), "--llm", llm, "--output-dir", vec, "--chunk-rows", "16",
                 "--attach-dir", attached]
         assert main(args) == 0
         manifest = json.load(open(os.path.join(vec, "manifest.json")))
         assert manifest["num_chunks"] == 4 and manifest["provenance"]["granularity"] == "row"
+        assert manifest["provenance"]["llm_dtype"] == "bfloat16"  # the vectors of a bf16 LLM say so
         mtimes = [os.stat(chunk_path(vec, i)).st_mtime_ns for i in range(4)]
         assert main(args) == 0  # a second run recomputes nothing
         assert [os.stat(chunk_path(vec, i)).st_mtime_ns for i in range(4)] == mtimes
