@@ -87,7 +87,9 @@ class IdRules:
         """
         keys = tuple(features.keys())
         rows, hashed_positions, max_lengths = self._per_key(keys)
-        values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
+        if any(max_lengths):  # first, as the reader cuts a sequence before it checks its ids
+            features = self._rebuilt(features, *self._truncate(features, max_lengths))
+        values = features.values()
         per_key = features.length_per_key()
         if hashed_positions:
             values = values.clone()
@@ -99,21 +101,25 @@ class IdRules:
             if bool(values.min() < 0) or bool((values >= bounds).any()):
                 outside = torch.logical_or(values < 0, values >= bounds)
                 self._raise_outside(features, keys, values, per_key, int(outside.nonzero()[0]))
-        if any(max_lengths):
-            values, lengths, weights = self._truncate(features, values, lengths, weights, max_lengths)
+        return self._rebuilt(features, values, features.lengths(), features.weights_or_none())
+
+    @staticmethod
+    def _rebuilt(features: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor,
+                 weights: Optional[torch.Tensor]) -> KeyedJaggedTensor:
+        """``features`` with other values / lengths / weights (``features`` itself when they are its own)."""
         if values is features.values() and lengths is features.lengths():
             return features
         return KeyedJaggedTensor(
-            keys=list(keys), values=values, lengths=lengths, weights=weights,
+            keys=features.keys(), values=values, lengths=lengths, weights=weights,
             stride_per_key_per_rank=features.stride_per_key_per_rank() if features.variable_stride_per_key() else None,
         )
 
     @staticmethod
     def _truncate(
-        features: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
-        max_lengths: List[int],
+        features: KeyedJaggedTensor, max_lengths: List[int]
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Keeps the first max_length ids of every bag: (N',) values, (sum strides,) lengths."""
+        """Keeps the first max_length ids of every bag: (N',) values, (sum strides,) lengths, weights."""
+        values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
         stride_per_key = features.stride_per_key()
         bag_offsets = [0, *itertools.accumulate(stride_per_key)]
         if not any(

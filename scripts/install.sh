@@ -33,9 +33,10 @@ $PIP install --quiet --upgrade pip wheel setuptools
 torch_cuda() { "$VENV/bin/python" -c "import torch; print(torch.version.cuda)" 2>/dev/null || echo missing; }
 
 echo "[install] variant: $VARIANT (torch $TORCH_VERSION, fbgemm-gpu $FBGEMM_VERSION, torchrec $TORCHREC_VERSION)"
+# fbgemm-gpu and fbgemm-gpu-cpu ship the same package directory: removing one of two installed
+# deletes the other's files too, so both go and the chosen one is installed afresh below
+$PIP uninstall --yes --quiet fbgemm-gpu fbgemm-gpu-cpu 2>/dev/null || true
 if [ "$VARIANT" = cuda ]; then
-  # fbgemm-gpu-cpu and fbgemm-gpu ship the same package directory: only one may be installed
-  $PIP uninstall --yes --quiet fbgemm-gpu-cpu 2>/dev/null || true
   # PyPI's Linux torch wheels are CUDA builds, but pip prefers a visible "+cpu" wheel of the
   # same version (a CPU index or wheel folder in the pip config, or a CPU torch already here)
   $PIP install "torch==$TORCH_VERSION"
@@ -51,7 +52,6 @@ if [ "$VARIANT" = cuda ]; then
   fi
   $PIP install --no-deps "fbgemm-gpu==$FBGEMM_VERSION" "torchrec==$TORCHREC_VERSION"
 else
-  $PIP uninstall --yes --quiet fbgemm-gpu 2>/dev/null || true
   # the CPU build: from the configured sources when they have it, else PyTorch's CPU index;
   # PyPI's plain build (CUDA, several GB) also runs on CPU and is the last resort
   $PIP install "torch==$TORCH_VERSION+cpu" 2>/dev/null \

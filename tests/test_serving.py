@@ -350,3 +350,6 @@ def test_served_model_treats_raw_request_ids_as_the_reader_treated_training_ids(
         served.logits(dense, kjt([1, 2, 3], [1, 11, 12], [[], [], []]))
     with pytest.raises(ValueError, match=r"feature 'genres', row 1 of the batch: id -1 is outside"):
         served.logits(dense, kjt([1, 2, 3], [1, 2, 3], [[0], [2, -1], []]))
+    with torch.no_grad():  # ids past max_length are cut before they are checked, as the reader does
+        expected = task.model(dense, kjt([1, 2, 3], [1, 2, 3], [[0, 1, 2], [], [4]])).logits
+    assert torch.equal(served.logits(dense, kjt([1, 2, 3], [1, 2, 3], [[0, 1, 2, 400], [], [4]])), expected)

@@ -206,13 +206,20 @@ def write_prepared(
     Returns:
         DatasetSchema: the schema, rooted at ``out_dir``.
     """
+    out_dir = os.path.realpath(out_dir)  # "out/", "." and a symlinked output name the real directory
+    if os.path.ismount(out_dir):
+        raise ValueError(
+            f"{out_dir}: is a mount point, and a data set is swapped in whole (a failed run keeps the earlier "
+            "one), which a mount point cannot be; write it into a directory inside the volume, e.g. "
+            f"{os.path.join(out_dir, 'data')}"
+        )
     check_inputs_outside(out_dir, inputs)
     with atomic_directory(out_dir, PREPARED_KIND, PREPARED_MARKER_FILES) as tmp:
         schema = write(tmp)
         schema.root = tmp
         check_split_rows(schema, source)
         schema.save(os.path.join(tmp, "schema.json"))
-    schema.root = os.path.abspath(out_dir)
+    schema.root = out_dir
     return schema
 
 

@@ -22,7 +22,9 @@ Columns are converted per field kind:
   the data (ids ``1..V`` in sorted order, ``cardinality`` must be at least ``V + 1``),
   and the vocabulary is written as the field's value text: the strings become what the
   LLM methods read. Missing values get id 0; in a CSV, only an empty cell is missing
-  (``TabularConfig.missing_tokens``), so ``NA`` or ``null`` are words like any other.
+  (``TabularConfig.missing_tokens``), so ``NA`` or ``null`` are words like any other,
+  except in a column of integer ids, where pyarrow's missing markers (``NA``, ``null``,
+  ``NaN``, ...) are missing (R's ``write.csv`` writes ``NA``).
 * **sequence**: list columns (Parquet) or strings joined by ``sequence_separator``
   (CSV), tokens handled as for sparse fields.
 * **dense**: numbers; NaN/inf/missing are errors unless ``fill_missing_dense`` is set.
@@ -61,6 +63,9 @@ from recsys_llm.data.validation import (
 )
 
 _INTEGER = r"^\s*-?\d+\s*$"
+# pyarrow's CSV missing-value markers: in a column of integer ids they mean missing (id 0)
+NULL_MARKERS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                          "<NA>", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +206,7 @@ def _integer_typed(dtype: pa.DataType) -> bool:
 class _FieldPlan:
     mode: str  # "ids" (integers), "hash" or "vocab"
     vocabulary: Optional[pa.Array] = None
+    missing: Optional[pa.Array] = None  # "ids": missing-value markers among the integers (id 0)
 
 
 def _plan(path: str, schema: DatasetSchema, config: TabularConfig, columns: List[str]) -> Tuple[Dict[str, _FieldPlan], Optional[pa.Array]]:
@@ -218,7 +224,7 @@ def _plan(path: str, schema: DatasetSchema, config: TabularConfig, columns: List
     string_fields = {}
     split_values: List[pa.Array] = []
     seen: Dict[str, Set[str]] = {}
-    all_integer: Dict[str, bool] = {}
+    not_integer: Dict[str, Set[str]] = {}  # the tokens that are no integer, per field
     for block in _blocks(path, schema, columns, config):
         for spec in schema.categorical_fields:
             flat, _ = _tokens(block.column(spec.name), spec, config.sequence_separator)
@@ -229,15 +235,19 @@ def _plan(path: str, schema: DatasetSchema, config: TabularConfig, columns: List
                                 "expected integer ids or string tokens")
             string_fields[spec.name] = spec
             flat = flat.drop_null()
-            integers = pc.all(pc.match_substring_regex(flat, _INTEGER)).as_py()  # None when no tokens
-            all_integer[spec.name] = all_integer.get(spec.name, True) and integers is not False
+            other = flat.filter(pc.invert(pc.match_substring_regex(flat, _INTEGER)))
+            not_integer.setdefault(spec.name, set()).update(pc.unique(other).to_pylist())
             seen.setdefault(spec.name, set()).update(pc.unique(flat).to_pylist())
         if config.split_by:
             split_values.append(block.column(config.split_by))
     plans = {spec.name: _FieldPlan("ids") for spec in schema.categorical_fields}
     for name, spec in string_fields.items():
-        if all_integer[name]:
+        markers = not_integer[name] & NULL_MARKERS
+        if not not_integer[name]:
             plans[name] = _FieldPlan("ids")
+        elif not_integer[name] == markers and len(seen[name]) > len(markers):
+            # integer ids with a missing-value marker (R writes NA): missing, not a vocabulary
+            plans[name] = _FieldPlan("ids", missing=pa.array(sorted(markers), pa.string()))
         elif spec.hashed:
             plans[name] = _FieldPlan("hash")
         else:
@@ -258,6 +268,8 @@ def _ids(flat: pa.Array, plan: _FieldPlan, spec: FieldSpec, salt: int) -> np.nda
     if plan.mode == "vocab":
         return pc.fill_null(pc.add(pc.index_in(flat, value_set=plan.vocabulary), 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     if not pa.types.is_integer(flat.type):
+        if plan.missing is not None:
+            flat = pc.if_else(pc.is_in(flat, value_set=plan.missing), pa.scalar(None, flat.type), flat)
         flat = pc.cast(pc.utf8_trim_whitespace(flat), pa.int64())
     return pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
 

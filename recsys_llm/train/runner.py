@@ -377,11 +377,14 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         if os.path.isfile(saved_plugins):
             with open(saved_plugins, encoding="utf-8") as handle:
                 check_plugin_history(json.load(handle), built.plugins, saved_plugins)
+    barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     if ctx.is_main:
         save_config(config, saved_config)
-        with open(os.path.join(run_dir, PLUGINS_FILE), "w", encoding="utf-8") as handle:
+        plugins_path = os.path.join(run_dir, PLUGINS_FILE)
+        with open(f"{plugins_path}.tmp", "w", encoding="utf-8") as handle:
             json.dump({SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), **built.plugins}, handle, indent=2, sort_keys=True,
                       default=str)
+        os.replace(f"{plugins_path}.tmp", plugins_path)
         with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
             handle.write(describe_plan(plan))
     log = _RunLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)

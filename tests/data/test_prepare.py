@@ -64,3 +64,18 @@ def test_prepare_synthetic_refuses_an_unrelated_directory(tmp_path, capsys):
     assert _run(["prepare", "synthetic", "--out", str(out), "--rows", "200", "--quiet"]) == 2
     assert "not an earlier prepared data set" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_prepare_again_through_a_trailing_slash_or_a_symlink(tmp_path):
+    """The swap works on the real directory: ``out/`` and a symlinked output name it too."""
+    import os
+
+    real = tmp_path / "big" / "syn"
+    real.parent.mkdir()
+    link = tmp_path / "syn"
+    os.symlink(real, link)
+    for out in (f"{real}/", f"{real}/", str(link), str(link)):
+        report = prepare_dataset("synthetic", out, config=SyntheticConfig(num_rows=600, rows_per_group=300),
+                                 progress=False)
+        assert report.schema.root == str(real) and report.rows["train"] == 480
+    assert os.path.islink(link) and sorted(os.listdir(tmp_path / "big")) == ["syn"]  # no .old or temp left

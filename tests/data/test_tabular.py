@@ -231,3 +231,16 @@ def test_csv_words_like_na_and_null_are_values_only_the_empty_cell_is_missing(tm
     schema = prepare_tabular(data, schema_path, str(tmp_path / "out2"),
                              TabularConfig(fill_missing_dense=0.0, missing_tokens=("", "NA", "N/A")))
     assert schema.load_value_text("country")["text"].to_pylist() == ["unknown", "DE", "null"]
+
+
+def test_a_missing_marker_among_integer_ids_is_missing_not_a_vocabulary(tmp_path):
+    """R's write.csv writes NA for a missing id: the ids stay ids, NA becomes id 0."""
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "item", "kind": "sparse", "cardinality": 100},
+                                                       {"name": "price", "kind": "dense"}]}
+    schema_path = _schema_file(tmp_path, raw)
+    items = ["70", "71", "72", "NA"] * 25
+    schema = prepare_tabular(_city_data(tmp_path, "i.csv", items, [0.5] * 100, column="item"), schema_path,
+                             str(tmp_path / "out"))
+    assert schema.field("item").value_text is None  # no vocabulary was built
+    ids = np.concatenate([pq.read_table(schema.split_path(s))["item"].to_numpy() for s in schema.splits])
+    assert sorted(set(ids.tolist())) == [0, 70, 71, 72] and int((ids == 0).sum()) == 25
