@@ -38,7 +38,7 @@ Example::
 import dataclasses
 import json
 import os
-from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple, Type
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -221,6 +221,19 @@ def _apply_fused_optimizers(model: nn.Module, frozen: Set[str], optim: Optimizer
                 _apply_optimizer_in_backward(optimizer_class, bag.parameters(), kwargs)
 
 
+def embedding_kernels(model: nn.Module) -> Iterator[Tuple[str, BatchedFusedEmbeddingBag]]:
+    """Every fused TBE kernel of a sharded model, with a path for messages.
+
+    A sharded EBC keeps its lookups in a plain list (``_lookups``, torchrec 1.8), which
+    ``named_modules`` does not walk, so the lookups are searched explicitly.
+    """
+    for path, module in model.named_modules():
+        for index, lookup in enumerate(getattr(module, "_lookups", None) or []):
+            for inner, kernel in lookup.named_modules():
+                if isinstance(kernel, BatchedFusedEmbeddingBag):
+                    yield f"{path}._lookups.{index}.{inner}", kernel
+
+
 def _freeze_sharded(model: DistributedModelParallel, frozen: Set[str]) -> List[str]:
     """Turns off the backward of every TBE that holds only frozen tables; returns those tables.
 
@@ -228,9 +241,7 @@ def _freeze_sharded(model: DistributedModelParallel, frozen: Set[str]) -> List[s
         RuntimeError: a TBE mixes frozen and trained tables.
     """
     done: List[str] = []
-    for path, module in model.named_modules():
-        if not isinstance(module, BatchedFusedEmbeddingBag):
-            continue
+    for path, module in embedding_kernels(model):
         names = [config.name for config in module.config.embedding_tables]
         frozen_here = [n for n in names if n in frozen]
         if not frozen_here:
@@ -299,7 +310,7 @@ def shard_model(
     not_fused = sorted(t for t in frozen if placements[t]["compute_kernel"] != "fused")
     if not_fused:
         raise RuntimeError(f"the plan puts frozen tables {not_fused} on a non-fused kernel; they need 'fused'")
-    _freeze_sharded(model, frozen)
+    _freeze_sharded(model, frozen)  # this rank's kernels (a table-wise table lives on one rank)
     left_on_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if left_on_meta:
         raise RuntimeError(

@@ -18,6 +18,7 @@ from recsys_llm.train.sharding import (
     ShardingConfig,
     build_constraints,
     build_optimizer,
+    embedding_kernels,
     ranks_holding_tables,
     shard_model,
     table_placements,
@@ -76,6 +77,10 @@ def _shard_and_train(schema_path: str, model_name: str, frozen: List[str], steps
         "steps": stats.steps,
         "dense_fused": [group.get("fused") for group in optimizer.optimizers[-1][1].param_groups],  # dense is last
         "not_pipelined_logs": [m for m in collect.messages if NOT_PIPELINED in m],
+        # tables whose fused kernel runs no backward on this rank
+        "no_backward": sorted(c.name for _, kernel in embedding_kernels(model)
+                              if not kernel.emb_module.placeholder_autograd_tensor.requires_grad
+                              for c in kernel.config.embedding_tables),
     }
 
 
@@ -103,6 +108,7 @@ def test_two_ranks_shard_train_and_freeze(synthetic_dir: str) -> None:
             if table == frozen:
                 assert not result["changed"][table], "the frozen table was updated"
                 assert result["optimizer_state"][table] == [], "the frozen table holds optimizer state"
+                assert result["no_backward"] == [frozen], "the frozen table's kernel still runs its backward"
             else:
                 assert result["optimizer_state"][table], f"no fused optimizer state for {table}"
     # Trained tables that received ids changed on the rank holding them.
@@ -140,6 +146,10 @@ def _all_backbones_pipelined(schema_path: str) -> Dict[str, Any]:
         "pipelined": stats.pipelined_modules,
         "sharded": stats.sharded_modules,
         "not_pipelined_logs": [m for m in collect.messages if NOT_PIPELINED in m],
+        # tables whose fused kernel runs no backward on this rank
+        "no_backward": sorted(c.name for _, kernel in embedding_kernels(model)
+                              if not kernel.emb_module.placeholder_autograd_tensor.requires_grad
+                              for c in kernel.config.embedding_tables),
     }
     return results
 
