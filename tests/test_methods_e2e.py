@@ -68,6 +68,14 @@ def _train_and_export_llactr(schema_path: str, run_dir: str, vectors: str, expor
         result["task_logits"] = task.eval().predict(batch).logits
         result["plain_logits"] = task.model(batch.dense_features, batch.sparse_features).logits
     result["served_logits"] = ServedModel.load(export_dir, trust_program=True).logits(batch.dense_features, batch.sparse_features)
+    # the checkpoint the export read, as the trainer's sharded model predicts with it
+    from recsys_llm.train.runner import load_trained_model, open_trained_run
+
+    trained = load_trained_model(config, open_trained_run(config, run_dir)).eval()
+    with torch.no_grad():
+        result["checkpoint_logits"] = trained.module.predict(batch).logits
+    with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as handle:
+        result["id_rules"] = json.load(handle)["id_rules"]
     # the run as one written before llactr.fre_field_reduction existed (FRE then averaged over fields)
     plugins_path = os.path.join(run_dir, "plugins.json")
     with open(plugins_path, encoding="utf-8") as handle:
@@ -96,6 +104,10 @@ def test_llactr_section_trains_fre_and_fie_and_records_provenance(small_syntheti
     with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as handle:
         assert json.load(handle)["folded_logit_terms"] == ["fie"]  # DeepFM: FIE inside its FM part
     torch.testing.assert_close(result["served_logits"], result["task_logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result["served_logits"], result["checkpoint_logits"], rtol=1e-5, atol=1e-5)
+    schema_fields = {f.name: f for f in schema.fields}
+    assert result["id_rules"] == {name: {"hashed": schema_fields[name].hashed, "max_length": schema_fields[name].max_length}
+                                  for name in names}  # recsys-llm export records the reader's rules
     assert not torch.allclose(result["task_logits"], result["plain_logits"], atol=1e-4)
     with open(os.path.join(run_dir, "plugins.json"), encoding="utf-8") as handle:
         plugins = json.load(handle)

