@@ -342,3 +342,47 @@ def test_repeated_keys_are_refused_before_any_work_and_in_an_older_export(tmp_pa
     pq.write_table(table.replace_schema_metadata(pq.read_schema(chunk).metadata), chunk)
     with pytest.raises(ValueError, match=r"vec: key column 'key': keys must be unique"):
         ExportLookup(out, read_manifest(out), cache_bytes=1 << 20)
+
+
+def test_a_resume_with_another_chunk_size_or_row_count_is_refused(tmp_path):
+    """Chunk i of another chunking would hold other rows: a resume must not mix them."""
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(20)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, CountingEncoder(), progress=False)
+    encoder = CountingEncoder()
+    with pytest.raises(ValueError, match=r"chunk_rows"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(keys, texts, encoder, progress=False)
+    more_keys, more_texts = _keys_texts(25)
+    with pytest.raises(ValueError, match=r"num_rows"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(more_keys, more_texts, encoder,
+                                                                            progress=False)
+    assert encoder.calls == 0
+
+
+def test_a_chunk_killed_while_being_written_is_no_chunk(tmp_path, monkeypatch):
+    """The write fails after part of the file is on disk: no chunk file, and a resume redoes only it."""
+    import recsys_llm.semantics.vector_export as vector_export
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(20)
+    real_write = pq.write_table
+    calls = []
+
+    def dying_write(table, where, *args, **kwargs):
+        calls.append(where)
+        if len(calls) == 2:  # the second chunk: half a file, then the process dies
+            with open(where, "wb") as handle:
+                handle.write(b"PAR1 partial")
+            raise KeyboardInterrupt
+        return real_write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(vector_export.pq, "write_table", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, CountingEncoder(),
+                                                                            progress=False)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == ["chunk-00000.parquet"]
+    monkeypatch.setattr(vector_export.pq, "write_table", real_write)
+    resumed = CountingEncoder()
+    assert VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, resumed,
+                                                                               progress=False) == [1]
+    assert resumed.texts == 10 and len(read_vectors(out)[0]) == 20
