@@ -134,6 +134,15 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     assert cli_main(["teacher-outputs", "--config", CONFIG, "--checkpoint", gain_dir, "--output-dir", teacher_data,
                      *gain_overrides]) == 0
     teacher_schema = os.path.join(teacher_data, "schema.json")
+    # each row's teacher_logits are the gain network's own prediction for that row
+    from recsys_llm.train.runner import load_trained_model, open_trained_run
+
+    gain_config = load_config(CONFIG, gain_overrides)
+    gain_model = load_trained_model(gain_config, open_trained_run(gain_config, gain_dir)).eval()
+    rows = next(iter(ParquetBatchReader(DatasetSchema.load(teacher_schema), "test", 64,
+                                        extras=["llm_vector", "teacher_logits"])))
+    with torch.no_grad():
+        teacher_check = (gain_model.module.predict(rows).logits, rows.extras["teacher_logits"])
     offline_dir = os.path.join(work, "offline")
     offline_overrides = _common(teacher_schema, offline_dir) + [
         "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=offline", "elec.distill.beta=0.1",
@@ -152,7 +161,8 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     served = os.path.join(work, "served")
     assert cli_main(["export", "--config", CONFIG, "--checkpoint", offline_dir, "--output", served,
                      *offline_overrides]) == 0
-    return {"gain": gain, "offline": offline, "joint": joint, "frozen": frozen, "teacher_schema": teacher_schema, "served": served}
+    return {"gain": gain, "offline": offline, "joint": joint, "frozen": frozen, "teacher_schema": teacher_schema,
+            "served": served, "teacher_check": teacher_check}
 
 
 @pytest.mark.multiprocess
@@ -167,6 +177,8 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     columns = pq.read_table(test_file, columns=["teacher_logits", "teacher_representation"])
     assert columns.num_rows == pq.ParquetFile(DatasetSchema.load(small_synthetic).split_path("test")).metadata.num_rows
     assert columns.schema.field("teacher_representation").type.list_size > 0
+    predicted, written = out["teacher_check"]
+    torch.testing.assert_close(written.float(), predicted.float(), rtol=1e-4, atol=1e-4)  # row by row
 
     for name in ("gain", "offline", "joint", "frozen"):
         assert out[name]["test"]["auc"] > 0.5, (name, out[name]["test"])
