@@ -277,3 +277,26 @@ def test_an_epoch_resumed_at_its_end_counts_in_no_loss_or_throughput(synthetic_d
     assert (empty["steps"], empty["mean_loss"], empty["samples_per_second"]) == (0, None, None)
     assert trained["steps"] == out["steps_per_epoch"] and trained["mean_loss"] > 0
     assert out["resumed"]["samples_per_second"] == pytest.approx(trained["samples_per_second"])
+
+
+def _resume_with_another_batch_size(schema_dir: str, root: str) -> Dict[str, Any]:
+    run_dir = os.path.join(root, "run")
+    first = _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=4"])  # stops 4 x 1024 rows into the epoch
+    resumed = _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=0", "data.batch_size=512"])
+    from recsys_llm.data.parquet import ParquetBatchReader
+    from recsys_llm.data.schema import DatasetSchema
+
+    batches_of_512 = len(ParquetBatchReader(DatasetSchema.load(schema_dir), "train", 512))  # as the trainer reads
+    return {"first": first, "resumed": resumed, "events": _after_last_resume(_events(run_dir)),
+            "batches_of_512": batches_of_512}
+
+
+def test_a_resume_with_another_batch_size_goes_on_from_the_same_row(synthetic_dir: str, tmp_path) -> None:
+    """4 steps of 1024 rows are 8 steps of 512: the resumed epoch skips exactly those rows."""
+    (out,) = run_multiprocess(_resume_with_another_batch_size, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    assert out["first"]["global_step"] == 4
+    (epoch,) = [e for e in out["events"] if e["event"] == "epoch"]
+    assert epoch["resumed_at_step_in_epoch"] == 8
+    assert epoch["steps"] == out["batches_of_512"] - 8
+    assert out["resumed"]["global_step"] == 4 + out["batches_of_512"] - 8
