@@ -155,9 +155,14 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     teacher_state = os.path.join(work, "teacher_state")
     assert cli_main(["export", "--state-only", "--config", CONFIG, "--checkpoint", gain_dir, "--output", teacher_state,
                      *gain_overrides]) == 0
-    frozen = run_training(load_config(CONFIG, _common(attached_schema, os.path.join(work, "frozen")) + [
+    frozen_overrides = _common(attached_schema, os.path.join(work, "frozen")) + [
         "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher_state}",
-    ]))
+    ]
+    frozen = run_training(load_config(CONFIG, frozen_overrides))
+    # resumed with one more epoch after the teacher's file moved: the checkpoint holds the teacher
+    os.rename(teacher_state, f"{teacher_state}.moved")
+    frozen["resumed_without_teacher_file"] = run_training(load_config(CONFIG, frozen_overrides + ["train.epochs=3"]))
+    os.rename(f"{teacher_state}.moved", teacher_state)
     served = os.path.join(work, "served")
     assert cli_main(["export", "--config", CONFIG, "--checkpoint", offline_dir, "--output", served,
                      *offline_overrides]) == 0
@@ -182,6 +187,8 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
 
     for name in ("gain", "offline", "joint", "frozen"):
         assert out[name]["test"]["auc"] > 0.5, (name, out[name]["test"])
+    resumed = out["frozen"]["resumed_without_teacher_file"]
+    assert resumed["epochs"] == 3 and resumed["global_step"] > out["frozen"]["global_step"]
     state = load_state_file(out["served"])
     assert state and not any(("teacher" in k) or ("injection" in k) or ("semantic" in k) for k in state), sorted(state)
     served = ServedModel.load(out["served"], trust_program=True)
