@@ -1,4 +1,5 @@
-"""Directories written whole or not at all: fill a temp directory, then swap it into place.
+"""Directories (and small text files) written whole or not at all: fill a temp directory,
+then swap it into place.
 
 Example::
 
@@ -15,6 +16,17 @@ import os
 import shutil
 import tempfile
 from typing import Iterator, Sequence
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Writes ``path`` through a flushed and fsynced temp file renamed over it: a reader sees
+    the old content or the new, never a part."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def replace_directory(tmp: str, final: str) -> None:

@@ -73,6 +73,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
+from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.train.distributed import barrier
 
 PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
@@ -334,10 +335,10 @@ class CheckpointManager:
         _save_synced(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
         barrier()
         if _rank() == 0:
-            _write_atomic(os.path.join(tmp, TRAIN_STATE_FILE), state.to_json())
+            write_text_atomically(os.path.join(tmp, TRAIN_STATE_FILE), state.to_json())
             _fsync_dir(tmp)
             _swap_into_place(tmp, final)
-            _write_atomic(os.path.join(self._directory, LATEST_FILE), name + "\n")
+            write_text_atomically(os.path.join(self._directory, LATEST_FILE), name + "\n")
             _fsync_dir(self._directory)
             self._prune()
         barrier()
@@ -383,15 +384,6 @@ def _save_synced(tensors: Dict[str, torch.Tensor], path: str) -> None:
         torch.save(tensors, handle)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: str) -> None:

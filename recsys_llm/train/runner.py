@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.pair_swap import SwappedPairs
 from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
@@ -380,11 +381,8 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     if ctx.is_main:
         save_config(config, saved_config)
-        plugins_path = os.path.join(run_dir, PLUGINS_FILE)
-        with open(f"{plugins_path}.tmp", "w", encoding="utf-8") as handle:
-            json.dump({SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), **built.plugins}, handle, indent=2, sort_keys=True,
-                      default=str)
-        os.replace(f"{plugins_path}.tmp", plugins_path)
+        write_text_atomically(os.path.join(run_dir, PLUGINS_FILE), json.dumps(
+            {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), **built.plugins}, indent=2, sort_keys=True, default=str))
         with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
             handle.write(describe_plan(plan))
     log = _RunLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
@@ -410,7 +408,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
             checkpoints.save(model, optimizer, state)
         if on_step is not None:
             on_step(state)
-        return train_cfg.max_steps > 0 and state.global_step >= train_cfg.max_steps
+        return budget_spent(state, train_cfg)  # within an epoch, only max_steps can be spent
 
     while not state.finished:
         epoch_done = False
