@@ -153,16 +153,20 @@ def _blocks(path: str, schema: DatasetSchema, columns: List[str], config: Tabula
         raise DataError(bad[0] if bad else f"{path}: cannot parse as CSV with the schema's column types: {error}") from error
 
 
+def _null_where_in(strings: pa.Array, tokens: pa.Array) -> pa.Array:
+    """``strings`` with every cell equal to one of ``tokens`` made null."""
+    return pc.if_else(pc.is_in(strings, value_set=tokens), pa.scalar(None, strings.type), strings)
+
+
 def _missing_as_null(batch: pa.RecordBatch, tokens: Tuple[str, ...]) -> pa.RecordBatch:
     """String cells equal to one of ``tokens`` become null (the CSV reader keeps every string as written)."""
     if not tokens:
         return batch
-    arrays = []
-    for column in batch.columns:
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            missing = pc.is_in(column, value_set=pa.array(tokens, column.type))
-            column = pc.if_else(missing, pa.scalar(None, column.type), column)
-        arrays.append(column)
+    arrays = [
+        _null_where_in(column, pa.array(tokens, column.type))
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) else column
+        for column in batch.columns
+    ]
     return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
@@ -269,7 +273,7 @@ def _ids(flat: pa.Array, plan: _FieldPlan, spec: FieldSpec, salt: int) -> np.nda
         return pc.fill_null(pc.add(pc.index_in(flat, value_set=plan.vocabulary), 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     if not pa.types.is_integer(flat.type):
         if plan.missing is not None:
-            flat = pc.if_else(pc.is_in(flat, value_set=plan.missing), pa.scalar(None, flat.type), flat)
+            flat = _null_where_in(flat, plan.missing)
         flat = pc.cast(pc.utf8_trim_whitespace(flat), pa.int64())
     return pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
 

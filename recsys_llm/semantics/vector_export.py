@@ -367,14 +367,11 @@ def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tupl
     """Smallest and largest key of a finished export ((0, -1) when it holds no vector)."""
     manifest = read_manifest(directory, expected)
     key_column = str(manifest["key_column"])
-    low, high = 0, -1
-    for index in range(int(manifest["num_chunks"])):
-        bounds = pc.min_max(pq.read_table(chunk_path(directory, index), columns=[key_column]).column(key_column))
-        if bounds["min"].as_py() is None:
-            continue
-        low = bounds["min"].as_py() if high < low else min(low, bounds["min"].as_py())
-        high = max(high, bounds["max"].as_py())
-    return low, high
+    bounds = [pc.min_max(pq.read_table(chunk_path(directory, index), columns=[key_column]).column(key_column))
+              for index in range(int(manifest["num_chunks"]))]
+    lows = [b["min"].as_py() for b in bounds if b["min"].as_py() is not None]
+    highs = [b["max"].as_py() for b in bounds if b["max"].as_py() is not None]
+    return (min(lows), max(highs)) if lows else (0, -1)
 
 
 def vector_dim(directory: str) -> int:
