@@ -98,24 +98,27 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext) -> Datas
     if not path:
         raise ValueError("data.schema is empty: set it in the config or with data.schema=PATH")
     schema_file = os.path.join(path, "schema.json") if not path.endswith((".json", ".yaml", ".yml")) else path
-    if not os.path.exists(schema_file):
-        if config.data.synthetic_rows <= 0:
+    if config.data.synthetic_rows <= 0:
+        if not os.path.exists(schema_file):
             raise FileNotFoundError(
                 f"{schema_file}: schema not found; run `recsys-llm prepare` or set data.synthetic_rows>0 "
                 "to generate the embedded synthetic data there"
             )
-        if ctx.is_main:
-            from recsys_llm.data.parquet import write_prepared
-            from recsys_llm.data.synthetic import generate_synthetic
+        return DatasetSchema.load(schema_file)
+    # rank 0 alone decides whether to generate; every rank then meets at the barrier, also one
+    # that already sees the schema (a slower rank, or a node-local path)
+    if ctx.is_main and not os.path.exists(schema_file):
+        from recsys_llm.data.parquet import write_prepared
+        from recsys_llm.data.synthetic import generate_synthetic
 
-            rows, seed = config.data.synthetic_rows, config.data.synthetic_seed
-            # a mistyped or unmounted data.schema lands here too: say so, and never write into a
-            # directory that holds something else (write_prepared refuses it)
-            print(f"[recsys_llm] {schema_file} not found: generating {rows} rows of the embedded synthetic data "
-                  "there (data.synthetic_rows; set it to 0 to require existing data)", flush=True)
-            write_prepared(os.path.dirname(schema_file), "synthetic", [],
-                           lambda tmp: generate_synthetic(tmp, rows, seed=seed, progress=True))
-        barrier()
+        rows, seed = config.data.synthetic_rows, config.data.synthetic_seed
+        # a mistyped or unmounted data.schema lands here too: say so, and never write into a
+        # directory that holds something else (write_prepared refuses it)
+        print(f"[recsys_llm] {schema_file} not found: generating {rows} rows of the embedded synthetic data "
+              "there (data.synthetic_rows; set it to 0 to require existing data)", flush=True)
+        write_prepared(os.path.dirname(schema_file), "synthetic", [],
+                       lambda tmp: generate_synthetic(tmp, rows, seed=seed, progress=True))
+    barrier()
     return DatasetSchema.load(schema_file)
 
 
@@ -374,6 +377,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
                          "its checkpoints and the new run's would mix: use an empty train.run_dir")
     if latest is not None and os.path.isfile(saved_config):
         check_resumable(config, saved_config)
+        _check_trained_on(schema, saved_config, run_dir)
         saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
         if os.path.isfile(saved_plugins):
             with open(saved_plugins, encoding="utf-8") as handle:
@@ -521,13 +525,19 @@ def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
     check_same_model(config, saved_config)
     ctx = init_distributed(config.train.device)
     schema = load_or_generate_schema(config, ctx)
+    _check_trained_on(schema, saved_config, checkpoint)
+    return TrainedRun(checkpoint, ctx, schema)
+
+
+def _check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: str) -> None:
+    """Raises ConfigError when the run of ``saved_config`` trained on data of another schema
+    (e.g. the same directory prepared again with other sizes)."""
     trained_on = _trained_schema_fingerprint(saved_config)
     if trained_on is not None and trained_on != schema.fingerprint():
         raise ConfigError(
-            f"{checkpoint}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
+            f"{what}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
             f"{schema.fingerprint()} (other fields, sizes or descriptions): use data prepared like the training data"
         )
-    return TrainedRun(checkpoint, ctx, schema)
 
 
 def _trained_schema_fingerprint(saved_config: Optional[str]) -> Optional[str]:

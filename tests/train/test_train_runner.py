@@ -300,3 +300,57 @@ def test_a_resume_with_another_batch_size_goes_on_from_the_same_row(synthetic_di
     assert epoch["resumed_at_step_in_epoch"] == 8
     assert epoch["steps"] == out["batches_of_512"] - 8
     assert out["resumed"]["global_step"] == 4 + out["batches_of_512"] - 8
+
+
+def _resume_on_data_prepared_again(root: str) -> Dict[str, Any]:
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    data, run_dir = os.path.join(root, "data"), os.path.join(root, "run")
+    generate_synthetic(data, 2000, seed=0)
+    _run(data, run_dir, ["train.epochs=1", "train.max_steps=1"])
+    run_files = ("config.yaml", "plugins.json", "sharding_plan.json", "metrics.jsonl")
+
+    def contents() -> Dict[str, bytes]:
+        return {name: open(os.path.join(run_dir, name), "rb").read() for name in run_files}
+
+    before = contents()
+    shutil.rmtree(data)
+    generate_synthetic(data, 20_000, seed=0)  # the same directory, now with larger id tables
+    try:
+        _run(data, run_dir, ["train.epochs=2"])
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    return {"error": error, "run_files_unchanged": contents() == before}
+
+
+def test_a_resume_on_data_prepared_again_with_other_sizes_is_refused_before_anything_is_written(tmp_path) -> None:
+    (out,) = run_multiprocess(_resume_on_data_prepared_again, world_size=1, root=str(tmp_path))
+    assert out["error"] is not None and "trained on data with schema fingerprint" in out["error"]
+    assert out["run_files_unchanged"]
+
+
+def _schema_seen_late_by_rank_1(schema_dir: str, run_dir: str) -> float:
+    import torch
+    import torch.distributed as dist
+
+    from recsys_llm.train.distributed import TIMEOUT_ENV, init_distributed
+    from recsys_llm.train.runner import load_or_generate_schema
+
+    os.environ[TIMEOUT_ENV] = "60"
+    config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 256, ["data.synthetic_rows=2000"]))
+    ctx = init_distributed("cpu")
+    if ctx.rank == 1:  # a slow rank: rank 0 has generated the data before this one looks
+        while not os.path.exists(os.path.join(schema_dir, "schema.json")):
+            time.sleep(0.05)
+    load_or_generate_schema(config, ctx)
+    total = torch.tensor([float(ctx.rank + 1)])
+    dist.all_reduce(total)  # pairs with the other rank's all_reduce only if both met at the same barrier
+    return float(total)
+
+
+@pytest.mark.multiprocess
+def test_a_rank_that_finds_the_generated_schema_already_there_still_meets_rank_0(tmp_path) -> None:
+    schema_dir = str(tmp_path / "generated")
+    assert run_multiprocess(_schema_seen_late_by_rank_1, world_size=2, schema_dir=schema_dir,
+                            run_dir=str(tmp_path / "run")) == [3.0, 3.0]
