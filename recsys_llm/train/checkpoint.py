@@ -41,7 +41,8 @@ table-wise plan -> 1 rank; row-wise shards exist only on CUDA). Exact continuati
 (bit-identical to an uninterrupted run) needs the same world size: with another one the per-rank RNG
 states are not restored (ranks reseed from ``seed + global_step + rank``) and the reader
 position is converted in samples (``step * batch * old_world / (batch * new_world)``),
-which is approximate because the reader shards row groups by rank.
+which is exact at an epoch boundary; mid-epoch the ranks' row shares differ, so the runner
+refuses it unless ``train.reshard_mid_epoch`` accepts some rows of that epoch repeating.
 
 Example::
 

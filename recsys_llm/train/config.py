@@ -100,6 +100,9 @@ class TrainConfig:
         resume (bool): continue from the run directory's latest checkpoint when one exists.
         device (str): ``auto`` | ``cpu`` | ``cuda``.
         progress (bool): tqdm bars on rank 0.
+        reshard_mid_epoch (bool): resume a checkpoint taken mid-epoch by another number of
+            ranks after the same number of samples (inexact: the ranks' row shares differ, so
+            some rows of that epoch repeat and others are skipped); refused when False.
     """
 
     epochs: int = 1
@@ -113,6 +116,7 @@ class TrainConfig:
     resume: bool = True
     device: str = "auto"
     progress: bool = True
+    reshard_mid_epoch: bool = False
 
     def __post_init__(self) -> None:
         at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 0, "max_steps": 0, "patience": 0,
@@ -302,6 +306,7 @@ def save_config(config: ExperimentConfig, path: str) -> None:
 RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
+    "train.reshard_mid_epoch",
     "data.batch_size", "data.eval_batch_size", "data.validate", "data.synthetic_rows",
 })
 # paths compared as the files they name (relative to the working directory, or absolute)

@@ -312,14 +312,39 @@ def resume_point(checkpoints: CheckpointManager, best: CheckpointManager) -> Opt
     return max(found, key=lambda path: read_train_state(path).global_step) if found else None
 
 
-def _state_for_world(state: TrainState, ctx: DistContext, batch_size: int) -> TrainState:
-    """Converts the reader position of a checkpoint written with another world size / batch size."""
+def _check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: TrainConfig) -> None:
+    """Each rank reads its own share of the rows, so a checkpoint taken mid-epoch by another
+    number of ranks has no exact position for this job: refused unless ``train.reshard_mid_epoch``
+    accepts going on after the same number of samples.
+
+    Raises:
+        ConfigError: another world size mid-epoch, without ``train.reshard_mid_epoch``.
+    """
+    if state.world_size == ctx.world_size or state.step_in_epoch == 0:
+        return
+    if not train_cfg.reshard_mid_epoch:
+        raise ConfigError(
+            f"{train_cfg.run_dir}: its newest checkpoint was taken {state.step_in_epoch} steps into epoch "
+            f"{state.epoch} by {state.world_size} rank(s); this job has {ctx.world_size}, whose shares of the "
+            f"rows differ, so that epoch cannot go on exactly. Resume with {state.world_size} rank(s), or set "
+            "train.reshard_mid_epoch=true to go on after the same number of samples (some rows of this "
+            "epoch are then seen twice and others not at all; later epochs are exact)"
+        )
+    if ctx.is_main:
+        print(f"[recsys_llm] train.reshard_mid_epoch: epoch {state.epoch} goes on with {ctx.world_size} rank(s) "
+              f"after {state.world_size} rank(s) read part of it; some of its rows repeat, others are skipped",
+              flush=True)
+
+
+def _state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed: int) -> TrainState:
+    """Converts the reader position of a checkpoint written with another world size / batch size
+    (exact for another batch size; see :func:`_check_resumable_position` for another world size)."""
     if state.world_size == ctx.world_size and state.batch_size == batch_size:
         return state
     samples = state.step_in_epoch * state.batch_size * state.world_size
     state.step_in_epoch = samples // (batch_size * ctx.world_size)
     state.world_size, state.batch_size = ctx.world_size, batch_size
-    seed_everything(state.global_step + ctx.rank)
+    seed_everything(seed + state.global_step + ctx.rank)
     return state
 
 
@@ -378,6 +403,8 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     if latest is not None and os.path.isfile(saved_config):
         check_resumable(config, saved_config)
         _check_trained_on(schema, saved_config, run_dir)
+    if latest is not None:
+        _check_resumable_position(read_train_state(latest), ctx, train_cfg)
         saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
         if os.path.isfile(saved_plugins):
             with open(saved_plugins, encoding="utf-8") as handle:
@@ -393,7 +420,8 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
 
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
     if latest is not None:
-        state = _state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size)
+        state = _state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size,
+                                 train_cfg.seed)
         state = reopen_for_budget(state, train_cfg)
         log.write({"event": "resumed", "checkpoint": latest, "global_step": state.global_step, "epoch": state.epoch})
         if ctx.is_main:

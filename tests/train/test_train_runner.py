@@ -354,3 +354,37 @@ def test_a_rank_that_finds_the_generated_schema_already_there_still_meets_rank_0
     schema_dir = str(tmp_path / "generated")
     assert run_multiprocess(_schema_seen_late_by_rank_1, world_size=2, schema_dir=schema_dir,
                             run_dir=str(tmp_path / "run")) == [3.0, 3.0]
+
+
+def _train_two_steps(schema_dir: str, run_dir: str) -> Dict[str, Any]:
+    return _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=2", "data.batch_size=512"])
+
+
+def _resume_on_one_rank(schema_dir: str, run_dir: str, extra: List[str]) -> Dict[str, Any]:
+    run_files = ("config.yaml", "plugins.json", "sharding_plan.json", "metrics.jsonl")
+
+    def contents() -> Dict[str, bytes]:
+        return {name: open(os.path.join(run_dir, name), "rb").read() for name in run_files}
+
+    before = contents()
+    try:
+        result = _run(schema_dir, run_dir, ["train.epochs=1", "data.batch_size=512", *extra])
+        return {"result": result, "events": _after_last_resume(_events(run_dir))}
+    except ConfigError as exc:
+        return {"error": str(exc), "run_files_unchanged": contents() == before}
+
+
+@pytest.mark.multiprocess
+def test_a_mid_epoch_checkpoint_of_two_ranks_resumes_on_one_only_when_told_to(synthetic_dir: str, tmp_path) -> None:
+    """Each rank reads its own rows: 2 ranks' position has no exact place on 1 rank."""
+    run_dir = str(tmp_path / "run")
+    run_multiprocess(_train_two_steps, world_size=2, schema_dir=synthetic_dir, run_dir=run_dir)
+    (refused,) = run_multiprocess(_resume_on_one_rank, world_size=1, schema_dir=synthetic_dir, run_dir=run_dir,
+                                  extra=[])
+    assert "2 steps into epoch 0 by 2 rank(s)" in refused["error"] and "train.reshard_mid_epoch" in refused["error"]
+    assert refused["run_files_unchanged"]
+
+    (resumed,) = run_multiprocess(_resume_on_one_rank, world_size=1, schema_dir=synthetic_dir, run_dir=run_dir,
+                                  extra=["train.reshard_mid_epoch=true"])
+    (epoch,) = [e for e in resumed["events"] if e["event"] == "epoch"]
+    assert epoch["resumed_at_step_in_epoch"] == 4  # 2 steps x 512 rows x 2 ranks = 4 steps of 512 on 1 rank
