@@ -26,6 +26,8 @@ import os
 from typing import List
 
 ROW_TEXT_FILE = "row_text.json"
+ATTACHED_KIND = "data set with attached vectors"
+ATTACHED_MARKER_FILES = ("schema.json",)
 
 
 def _row_text_config(args: argparse.Namespace):
@@ -98,6 +100,11 @@ def _export(args: argparse.Namespace) -> int:
     schema = DatasetSchema.load(args.schema)
     splits: List[str] = args.splits or sorted(schema.splits)
     rank, world = rank_and_world()
+    if args.attach_dir:
+        _check_attach_dir(schema, args)
+    meet = args.attach_dir is not None and world > 1
+    if meet:
+        _join_ranks(rank, world, args.attach_timeout)
     model = load_ctr_llm(args.llm).to(resolve_device(args.device))
     config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
                                 projection=args.projection)
@@ -108,42 +115,71 @@ def _export(args: argparse.Namespace) -> int:
         world_size=world,
     )
     print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
+    if meet:
+        _wait_for_other_ranks(args.attach_timeout)
     if args.attach_dir and rank == 0:
-        _wait_for_other_ranks(args.output_dir, world, args.attach_timeout)
         _attach(schema, splits, args)
     return 0
 
 
-def _wait_for_other_ranks(output_dir: str, world_size: int, timeout_s: float) -> None:
-    """Under ``torchrun`` each rank writes its own chunks; rank 0 attaches once all exist."""
-    import time
+def _check_attach_dir(schema, args: argparse.Namespace) -> None:
+    """Refuses, before any work, an ``--attach-dir`` that holds the data or the vectors it reads."""
+    from recsys_llm.atomic_dir import check_replaceable
+    from recsys_llm.data.parquet import check_inputs_outside
 
-    from recsys_llm.semantics.vector_export import read_manifest
+    attach_dir = os.path.realpath(args.attach_dir)
+    check_inputs_outside(attach_dir, [schema.root, args.output_dir] + [schema.split_path(s) for s in schema.splits])
+    check_replaceable(attach_dir, ATTACHED_KIND, ATTACHED_MARKER_FILES)
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            read_manifest(output_dir)
-            return
-        except (ValueError, FileNotFoundError):
-            if world_size == 1 or time.monotonic() > deadline:
-                raise
-            time.sleep(2.0)
+
+def _join_ranks(rank: int, world_size: int, timeout_s: float) -> None:
+    """A gloo process group (on CPU, whatever the export's device) that only tells rank 0 when
+    every rank has written its chunks, and tells it at once when one has died."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _wait_for_other_ranks(timeout_s: float) -> None:
+    """Every rank waits here for the others' chunks; rank 0 then attaches.
+
+    Raises:
+        RuntimeError: a rank died or did not finish within ``timeout_s``.
+    """
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except Exception as exc:  # gloo: connection closed by a dead peer, or its timeout
+        raise RuntimeError(
+            f"semantics export --attach-dir: another rank failed or did not finish within --attach-timeout "
+            f"{timeout_s:g} s ({str(exc).splitlines()[0]}); its finished chunks are kept: run the export again "
+            "to finish it and attach"
+        ) from exc
+    finally:
+        dist.destroy_process_group()
 
 
 def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
-    """Copies of the splits with an ``llm_vector`` column, and a schema listing it."""
-    from recsys_llm.semantics.vector_export import attach_vectors
+    """Copies of the splits with an ``llm_vector`` column, and a schema listing them, written
+    whole or not at all: a failure on any split leaves an earlier ``--attach-dir`` as it was."""
+    from recsys_llm.atomic_dir import atomic_directory
+    from recsys_llm.semantics.vector_export import attach_vectors, read_manifest
 
-    os.makedirs(args.attach_dir, exist_ok=True)
+    read_manifest(args.output_dir)  # complete: every rank's chunks are there
+    attach_dir = os.path.realpath(args.attach_dir)
     key = schema.row_key if args.granularity == "row" else args.entity_field
-    new_splits = {}
-    for split in splits:
-        name = f"{split}.parquet"
-        attach_vectors(schema.split_path(split), args.output_dir, key, os.path.join(args.attach_dir, name),
-                       column=args.column)
-        new_splits[split] = name
-    schema.relocated(args.attach_dir, new_splits, [args.column]).save(os.path.join(args.attach_dir, "schema.json"))
+    new_splits = {split: f"{split}.parquet" for split in splits}
+    with atomic_directory(attach_dir, ATTACHED_KIND, ATTACHED_MARKER_FILES) as tmp:
+        for split, name in new_splits.items():
+            attach_vectors(schema.split_path(split), args.output_dir, key, os.path.join(tmp, name),
+                           column=args.column)
+        # split paths relative to the final directory (the temp one is its sibling)
+        schema.relocated(attach_dir, new_splits, [args.column]).save(os.path.join(tmp, "schema.json"))
     print(json.dumps({"attached": splits, "schema": os.path.join(args.attach_dir, "schema.json")}))
 
 
@@ -198,5 +234,6 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--attach-dir", default=None, help="write split copies with the vectors + a schema here")
     export.add_argument("--column", default="llm_vector", help="name of the attached vector column")
     export.add_argument("--attach-timeout", type=float, default=3600.0,
-                        help="seconds rank 0 waits for the other ranks' chunks before attaching")
+                        help="with several ranks: seconds every rank waits for the others to finish before rank 0 attaches "
+                             "(a rank that dies ends the wait at once)")
     export.set_defaults(func=_export)

@@ -1,0 +1,125 @@
+"""``semantics export --attach-dir``: split copies with the vectors, written whole or not at all,
+and on several ranks only once every rank has finished."""
+
+import hashlib
+import os
+import time
+from typing import Dict, List
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys_llm.cli import main
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from tests.multiprocess import run_multiprocess
+from tests.tiny_models import save_tiny_bert
+
+
+def _data(root: str) -> str:
+    rng = np.random.default_rng(0)
+    os.makedirs(root)
+    for split, n in (("train", 24), ("test", 8)):
+        pq.write_table(pa.table({
+            "row_id": pa.array(np.arange(n) + (0 if split == "train" else 1000), pa.int64()),
+            "user_id": pa.array(rng.integers(0, 3, n), pa.int64()),
+            "item_id": pa.array(rng.integers(0, 5, n), pa.int64()),
+            "label": pa.array(rng.integers(0, 2, n), pa.int64()),
+        }), os.path.join(root, f"{split}.parquet"))
+    DatasetSchema("t", [FieldSpec("user_id", "sparse", 3, description="user id"),
+                        FieldSpec("item_id", "sparse", 5, description="item id")],
+                  splits={"train": "train.parquet", "test": "test.parquet"}, root=root).save(
+        os.path.join(root, "schema.json"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory) -> Dict[str, str]:
+    """A data set and a CTR-adapted tiny BERT (heads only, a few rows)."""
+    root = tmp_path_factory.mktemp("attach")
+    data, llm = _data(str(root / "data")), str(root / "llm")
+    assert main(["semantics", "adapt", "--schema", data, "--output-dir", llm, "--model",
+                 save_tiny_bert(str(root / "bert")), "--tuning", "heads", "--representation-dim", "4",
+                 "--hidden-dim", "8", "--batch-size", "8"]) == 0
+    return {"data": data, "llm": llm}
+
+
+def _digests(directory: str) -> Dict[str, str]:
+    return {name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(directory))}
+
+
+def _export(adapted: Dict[str, str], vectors: str, *extra: str) -> List[str]:
+    return ["semantics", "export", "--schema", adapted["data"], "--llm", adapted["llm"], "--output-dir", vectors,
+            "--chunk-rows", "8", *extra]
+
+
+def test_a_failed_attach_leaves_the_earlier_attach_dir_as_it_was(adapted, tmp_path) -> None:
+    attached, vectors = str(tmp_path / "attached"), str(tmp_path / "vectors")
+    assert main(_export(adapted, vectors, "--attach-dir", attached)) == 0
+    before = _digests(attached)
+    # the train split's row keys change after the export: "test" attaches first, then "train" fails
+    data = adapted["data"]
+    train = pq.read_table(os.path.join(data, "train.parquet"))
+    shifted = train.set_column(0, "row_id", pa.array(np.arange(train.num_rows) + 500, pa.int64()))
+    moved = os.path.join(str(tmp_path), "train.parquet")
+    os.replace(os.path.join(data, "train.parquet"), moved)
+    try:
+        pq.write_table(shifted, os.path.join(data, "train.parquet"))
+        assert main(_export(adapted, vectors, "--attach-dir", attached, "--column", "other_vector")) == 2
+    finally:
+        os.replace(moved, os.path.join(data, "train.parquet"))
+    assert _digests(attached) == before  # test.parquet was not replaced with the other column
+
+
+def test_an_attach_dir_holding_the_data_is_refused_before_any_work(adapted, tmp_path) -> None:
+    vectors = str(tmp_path / "vectors")
+    before = _digests(adapted["data"])
+    assert main(_export(adapted, vectors, "--attach-dir", adapted["data"])) == 2
+    assert not os.path.exists(vectors)
+    assert _digests(adapted["data"]) == before
+
+
+def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -> Dict[str, object]:
+    import recsys_llm.semantics.vector_export as vector_export
+
+    args = _export(adapted, vectors, "--attach-dir", attached, "--attach-timeout", "300")
+    if os.environ["RANK"] == "1":  # this rank dies in its export
+        def fail(*_args, **_kwargs):
+            raise RuntimeError("rank 1 died")
+
+        vector_export.export_schema_vectors = fail
+        try:
+            main(args)
+        except RuntimeError as exc:
+            return {"error": str(exc)}
+        return {"error": None}
+    start = time.monotonic()
+    try:
+        main(args)
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    return {"error": error, "seconds": time.monotonic() - start}
+
+
+@pytest.mark.multiprocess
+def test_rank_0_does_not_wait_for_a_rank_that_died(adapted, tmp_path) -> None:
+    attached = str(tmp_path / "attached")
+    rank0, rank1 = run_multiprocess(_export_on_two_ranks, world_size=2, adapted=adapted,
+                                    vectors=str(tmp_path / "vectors"), attached=attached)
+    assert rank1["error"] == "rank 1 died"
+    assert rank0["error"] is not None and "another rank failed" in rank0["error"]
+    assert rank0["seconds"] < 120  # not --attach-timeout's 300 s
+    assert not os.path.exists(attached)
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_attach_what_one_rank_attaches(adapted, tmp_path) -> None:
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert main(_export(adapted, str(tmp_path / "v1"), "--attach-dir", one)) == 0
+    run_multiprocess(main, world_size=2, argv=_export(adapted, str(tmp_path / "v2"), "--attach-dir", two))
+    for split in ("train", "test"):
+        assert pq.read_table(os.path.join(one, f"{split}.parquet")).equals(
+            pq.read_table(os.path.join(two, f"{split}.parquet")))
