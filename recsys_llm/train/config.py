@@ -50,8 +50,8 @@ class DataConfig:
         extras (List[str]): extra Parquet columns carried in ``Batch.extras`` (LLM vectors, ...).
         shuffle (bool): shuffle training data each epoch (seeded by ``train.seed`` and epoch).
         train_split (str): split names in the schema.
-        valid_split (str): used for early stopping.
-        test_split (str): reported at the end.
+        valid_split (str): used for early stopping ('': none; another name not in the schema is an error).
+        test_split (str): reported at the end ('': none).
         cold_item_column (str): 0/1 extra column marking cold items; when the data has it,
             test metrics are also reported for the cold subset (``cold/auc``, ...).
         validate (bool): the reader's per-row-group value checks.

@@ -238,9 +238,15 @@ def _readers(
         ),
     }
     for name, split in (("valid", data.valid_split), ("test", data.test_split)):
-        if split in schema.splits:
-            readers[name] = ParquetBatchReader(schema, split, eval_batch, extras=eval_extras, equal_batches=False,
-                                               **common)  # evaluate scores every row
+        if not split:
+            continue
+        if split not in schema.splits:
+            raise ConfigError(
+                f"data.{name}_split={split!r}: {schema.root} has no such split (it has {sorted(schema.splits)}); "
+                f"set data.{name}_split='' to train without a {name} split"
+            )
+        readers[name] = ParquetBatchReader(schema, split, eval_batch, extras=eval_extras, equal_batches=False,
+                                           **common)  # evaluate scores every row
     return readers
 
 
@@ -372,10 +378,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     ctx = init_distributed(config.train.device)
     seed_everything(config.train.seed)
     train_cfg = config.train
-    run_dir = train_cfg.run_dir
-    if ctx.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-    barrier()
+    run_dir = train_cfg.run_dir  # created only once every check has passed: a refused run leaves nothing
     schema = load_or_generate_schema(config, ctx)
     built = build_task(config, schema, ctx.device)
     swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early
@@ -400,10 +403,12 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     if earlier is not None and not train_cfg.resume:
         raise ValueError(f"{run_dir}: holds checkpoints of an earlier run ({earlier}); with train.resume=false "
                          "its checkpoints and the new run's would mix: use an empty train.run_dir")
-    if latest is not None and os.path.isfile(saved_config):
+    if latest is not None and not os.path.isfile(saved_config):
+        raise ConfigError(f"{run_dir}: holds checkpoints ({latest}) but no config.yaml, so a resume cannot check "
+                          "that it trains the same model; restore config.yaml or use another train.run_dir")
+    if latest is not None:
         check_resumable(config, saved_config)
         _check_trained_on(schema, saved_config, run_dir)
-    if latest is not None:
         _check_resumable_position(read_train_state(latest), ctx, train_cfg)
         saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
         if os.path.isfile(saved_plugins):
@@ -411,6 +416,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
                 check_plugin_history(json.load(handle), built.plugins, saved_plugins)
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     if ctx.is_main:
+        os.makedirs(run_dir, exist_ok=True)
         save_config(config, saved_config)
         write_text_atomically(os.path.join(run_dir, PLUGINS_FILE), json.dumps(
             {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), **built.plugins}, indent=2, sort_keys=True, default=str))

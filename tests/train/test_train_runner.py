@@ -388,3 +388,34 @@ def test_a_mid_epoch_checkpoint_of_two_ranks_resumes_on_one_only_when_told_to(sy
                                   extra=["train.reshard_mid_epoch=true"])
     (epoch,) = [e for e in resumed["events"] if e["event"] == "epoch"]
     assert epoch["resumed_at_step_in_epoch"] == 4  # 2 steps x 512 rows x 2 ranks = 4 steps of 512 on 1 rank
+
+
+def _refusals(schema_dir: str, root: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for name, extra in (("valid_typo", ["data.valid_split=vaild"]), ("test_typo", ["data.test_split=tset"])):
+        run_dir = os.path.join(root, name)
+        try:
+            _run(schema_dir, run_dir, ["train.max_steps=1", *extra])
+            out[name] = None
+        except ConfigError as exc:
+            out[name] = str(exc)
+        out[f"{name}_left_a_run_dir"] = os.path.exists(run_dir)
+    no_valid = os.path.join(root, "no_valid")
+    out["no_valid"] = _run(schema_dir, no_valid, ["train.max_steps=2", "data.valid_split=''"])
+    os.remove(os.path.join(no_valid, "config.yaml"))
+    try:
+        _run(schema_dir, no_valid, ["train.max_steps=3"])
+        out["no_config"] = None
+    except ConfigError as exc:
+        out["no_config"] = str(exc)
+    return out
+
+
+def test_a_mistyped_split_and_a_run_dir_without_its_config_are_refused_and_leave_nothing(synthetic_dir: str,
+                                                                                       tmp_path) -> None:
+    (out,) = run_multiprocess(_refusals, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    assert "data.valid_split='vaild'" in out["valid_typo"] and "'valid'" in out["valid_typo"]
+    assert "data.test_split='tset'" in out["test_typo"]
+    assert not out["valid_typo_left_a_run_dir"] and not out["test_typo_left_a_run_dir"]
+    assert out["no_valid"]["global_step"] == 2 and out["no_valid"]["test"]  # '' trains without validation
+    assert "no config.yaml" in out["no_config"]
