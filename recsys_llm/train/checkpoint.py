@@ -72,6 +72,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from recsys_llm.atomic_dir import write_text_atomically
@@ -132,6 +133,12 @@ class TrainState:
             raise ValueError(f"{source}: unknown train-state keys {sorted(unknown)}")
         if raw.get("best_metric") is None:
             raw["best_metric"] = float("-inf")
+        for spec in dataclasses.fields(cls):
+            value = raw.get(spec.name, spec.default)
+            expected = (int, float) if spec.type is float else spec.type
+            if not isinstance(value, expected) or (isinstance(value, bool) and spec.type is not bool):
+                raise ValueError(f"{source}: train-state key {spec.name!r} must be {spec.type.__name__}, got "
+                                 f"{value!r}; the checkpoint is damaged: delete it to resume from the one before")
         return cls(**raw)
 
 
@@ -198,7 +205,14 @@ class _SafeFileSystemReader(FileSystemReader):
         path = os.path.join(str(self.path), name)
         if path not in self._metadata_by_path:
             with open(path, "rb") as handle:
-                self._metadata_by_path[path] = _MetadataUnpickler(handle, path).load()
+                try:
+                    self._metadata_by_path[path] = _MetadataUnpickler(handle, path).load()
+                except pickle.UnpicklingError as error:
+                    if path in str(error):  # refused: it names a callable outside DCP's metadata
+                        raise
+                    raise _damaged(path, error) from error
+                except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+                    raise _damaged(path, error) from error
         metadata = self._metadata_by_path[path]
         if not isinstance(metadata, Metadata):
             raise ValueError(f"{path}: expected DCP Metadata, got {type(metadata).__name__}")
@@ -206,6 +220,13 @@ class _SafeFileSystemReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = getattr(self, "load_id", None)
         return metadata
+
+
+def _damaged(path: str, error: BaseException) -> ValueError:
+    """The error for a checkpoint file that cannot be read back."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"{path}: cannot be read back ({first_line}): a damaged or incomplete checkpoint, or one "
+                      "of another model; delete its checkpoint directory to resume from the one before")
 
 
 def _rank() -> int:
@@ -431,7 +452,12 @@ def load_checkpoint(
         target = {"model": model.state_dict()}
     reader = _SafeFileSystemReader(path)
     reader.read_metadata()  # a refused .metadata raises here, not inside DCP's per-rank retry
-    dcp.load(target, storage_reader=reader, planner=_WeightsOnlyLoadPlanner())
+    try:
+        dcp.load(target, storage_reader=reader, planner=_WeightsOnlyLoadPlanner())
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        if isinstance(error, pickle.UnpicklingError) and path in str(error):
+            raise
+        raise _damaged(path, error) from error
     model.load_state_dict(target["model"])
     if optimizer is not None:
         full = optimizer.state_dict()
@@ -439,7 +465,11 @@ def load_checkpoint(
         optimizer.load_state_dict(full)
     rng_file = os.path.join(path, f"rank{_rank():05d}.pt")
     if restore_rng and state.world_size == _world_size() and os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        try:
+            rng_state = torch.load(rng_file, weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+            raise _damaged(rng_file, error) from error
+        _set_rng_state(rng_state)
     return state
 
 

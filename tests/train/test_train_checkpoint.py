@@ -252,3 +252,31 @@ def test_rng_files_are_synced_to_disk(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(checkpoint.os, "fsync", recording_fsync)
     CheckpointManager(str(tmp_path)).save(nn.Linear(2, 1), None, TrainState(global_step=3))
     assert any(path.endswith(os.path.join("ckpt-00000003.tmp", "rank00000.pt")) for path in synced), synced
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(max(1, os.path.getsize(path) // 2))
+
+
+@pytest.mark.parametrize("damage", ["distcp", "metadata", "rng", "train_state_type"])
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_its_file(tmp_path, monkeypatch, damage: str) -> None:
+    _state_only_dcp(monkeypatch)
+    checkpoint = CheckpointManager(str(tmp_path)).save(nn.Linear(2, 1), None, TrainState(global_step=3))
+    files = {name.split(".")[-1] if "." in name else name: os.path.join(checkpoint, name)
+             for name in os.listdir(checkpoint)}
+    if damage == "distcp":
+        _truncate(files["distcp"])
+    elif damage == "metadata":
+        with open(files["metadata"], "wb") as handle:
+            handle.write(b"\x80\x04garbage")
+    elif damage == "rng":
+        _truncate(files["pt"])
+    else:
+        with open(files["json"], "w", encoding="utf-8") as handle:
+            handle.write(TrainState(global_step=3).to_json().replace('"global_step": 3', '"global_step": "3"'))
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(checkpoint, nn.Linear(2, 1))
+    message = str(error.value)
+    assert checkpoint in message and "\n" not in message
+    assert "delete it" in message or "delete its checkpoint directory" in message
