@@ -21,6 +21,7 @@ Example::
     print(config.train.epochs, config.model.name)
 """
 
+import copy
 import dataclasses
 import os
 import typing
@@ -83,6 +84,9 @@ class DataConfig:
             raise ConfigError(", ".join(wrong))
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """The training loop.
@@ -123,6 +127,8 @@ class TrainConfig:
                     "checkpoint_every": 0}
         wrong = [f"{name}={getattr(self, name)} (must be >= {low})" for name, low in at_least.items()
                  if getattr(self, name) < low]
+        if self.device not in DEVICES:
+            wrong.append(f"device={self.device!r} (must be one of {', '.join(DEVICES)})")
         if wrong:
             raise ValueError(f"{', '.join(wrong)}")
 
@@ -185,7 +191,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         value_type = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, value_type, _key(where, str(k))) for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -226,12 +232,18 @@ def build_dataclass(cls: Type[T], raw: Any, where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(fields)}")
-    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in raw.items()}
+        raise ConfigError(f"{where or 'top level'}: unknown keys {unknown}; allowed: {sorted(fields)}")
+    kwargs = {name: _coerce(value, hints[name], _key(where, name)) for name, value in raw.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: {error}") from error
+        message = str(error)  # already naming the key (e.g. "optim.dense_lr must be ...") or not
+        raise ConfigError(f"{where}: {message}" if where and not message.startswith(f"{where}.") else message) from error
+
+
+def _key(where: str, name: str) -> str:
+    """The dotted key of ``name`` inside ``where`` ('' is the top level)."""
+    return f"{where}.{name}" if where else name
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -264,8 +276,11 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<config>") -> ExperimentConfig:
-    """Validates and types a raw mapping (see :func:`build_dataclass`)."""
-    return build_dataclass(ExperimentConfig, raw, source)
+    """Validates and types a raw mapping (see :func:`build_dataclass`); errors start with ``source``."""
+    try:
+        return build_dataclass(ExperimentConfig, raw, "")
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from error
 
 
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -289,8 +304,15 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
                 raise ConfigError(f"{path}: not valid YAML: {error}") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+    from_file = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
-    return config_from_dict(raw, source)
+    try:
+        return config_from_dict(raw, source)
+    except ConfigError:
+        if not overrides:
+            raise
+    config_from_dict(from_file, source)  # raises if the file alone is wrong: the error names it
+    return config_from_dict(raw, f"command-line override(s) {' '.join(overrides)}")
 
 
 def save_config(config: ExperimentConfig, path: str) -> None:

@@ -36,6 +36,7 @@ Example::
 """
 
 import dataclasses
+import math
 import json
 import os
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Type
@@ -102,6 +103,12 @@ class OptimizerConfig:
             raise ValueError(f"optim.sparse must be one of {sorted(SPARSE_OPTIMIZERS)}, got {self.sparse!r}")
         if self.dense not in DENSE_OPTIMIZERS:
             raise ValueError(f"optim.dense must be one of {sorted(DENSE_OPTIMIZERS)}, got {self.dense!r}")
+        for name, low, inclusive in (("sparse_lr", 0.0, False), ("dense_lr", 0.0, False), ("eps", 0.0, False),
+                                     ("weight_decay", 0.0, True)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+                raise ValueError(f"optim.{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                                 f"got {value!r}")
 
 
 @dataclasses.dataclass
@@ -127,6 +134,8 @@ class ShardingConfig:
     compute_device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.compute_device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"sharding.compute_device must be 'auto', 'cpu' or 'cuda', got {self.compute_device!r}")
         lists = [("sharding.sharding_types", self.sharding_types, SHARDING_TYPES)]
         lists.append(("sharding.compute_kernels", self.compute_kernels, COMPUTE_KERNELS))
         for table, overrides in self.table_constraints.items():

@@ -51,12 +51,26 @@ class TestLoadConfig:
             ("train.epochs", "must look like section.key=value"),
             ("data.batch_size=0", "data.batch_size=0 (must be >= 1)"),
             ("data.eval_batch_size=-1", "data.eval_batch_size=-1 (must be >= 1, or 0 for data.batch_size)"),
+            ("train.device=gpu", "train: device='gpu' (must be one of auto, cpu, cuda)"),
+            ("sharding.compute_device=gpu", "sharding.compute_device must be 'auto', 'cpu' or 'cuda', got 'gpu'"),
+            ("optim.sparse_lr=-1", "optim.sparse_lr must be a finite number > 0, got -1.0"),
+            ("optim.dense_lr=.nan", "optim.dense_lr must be a finite number > 0, got nan"),
+            ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number >= 0"),
         ],
     )
     def test_bad_overrides_name_the_key(self, override: str, message: str) -> None:
         with pytest.raises(ConfigError, match=None) as info:
             load_config(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), [override])
         assert message in str(info.value)
+        # the override is named as the source, not the file
+        assert str(info.value).startswith("command-line override(s)") or "section.key=value" in str(info.value)
+
+    def test_an_error_in_the_file_names_the_file_even_with_overrides(self, tmp_path) -> None:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("train:\n  epoch: 3\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(bad), ["train.seed=1"])
+        assert str(info.value).startswith(f"{bad}: train: unknown keys ['epoch']")
 
     def test_missing_file_and_bad_yaml(self, tmp_path) -> None:
         with pytest.raises(ConfigError, match="config file not found"):
