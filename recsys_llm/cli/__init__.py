@@ -60,6 +60,7 @@ USER_ERRORS = (
     pickle.UnpicklingError,  # a refused checkpoint .metadata
 )
 TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
+PROGRESS_INTERVAL_ENV = "TQDM_MININTERVAL"  # tqdm's own default for mininterval, in seconds
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -67,7 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     (``RECSYS_LLM_TRACEBACK=1`` re-raises for the full traceback)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
+        os.environ.setdefault(PROGRESS_INTERVAL_ENV, "30")
+    args = build_parser().parse_args(argv)  # imports the sub-commands, and tqdm, which reads it once
     quiet_upstream_notices()
     try:
         return int(args.func(args) or 0)
