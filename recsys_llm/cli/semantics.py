@@ -24,19 +24,38 @@ import json
 import sys
 
 GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
+GROUP_COMMANDS_WITH_DEFAULTS = ("tune", "encode", "adapt", "export")  # their --help shows every default
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Appends ``(default: ...)`` to the ``--help`` line of every option that has a default.
+
+    Options without a value of their own (flags, ``None`` defaults whose help says what
+    happens) are left as they are.
+    """
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default is None or default is argparse.SUPPRESS or isinstance(default, bool):
+            continue
+        if action.help is argparse.SUPPRESS or any(text in (action.help or "") for text in ("%(default)", "(default")):
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", required=True, help="schema.json (or its directory)")
     parser.add_argument("--model", "--llm", dest="model", default=None,
                         help="local Hugging Face model directory (default: offline MiniLM)")
-    parser.add_argument("--pooling", default="auto", choices=["auto", "mean", "last_token", "cls"])
+    parser.add_argument("--pooling", default="auto", choices=["auto", "mean", "last_token", "cls"],
+                        help="auto: last token for decoders, mean for encoders")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per text")
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--include-fields-without-description", action="store_true",
                         help="also use fields the schema does not describe (as their bare name)")
-    parser.add_argument("--field-template", default=None, help="str.format template, e.g. '{name}: {description}'")
+    parser.add_argument("--field-template", default=None,
+                        help="str.format template of a field's text with {name}, {description}, {kind} "
+                             "(default: '{name}: {description}', or '{name}' without a description)")
 
 
 def _templates(args: argparse.Namespace):
@@ -91,16 +110,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     tune.add_argument("--output-dir", required=True, help="adapter/, checkpoint/ and metrics.json go here")
     tune.add_argument("--samples-train", type=int, default=1000, help="S_train distinct values per field")
     tune.add_argument("--samples-valid", type=int, default=100, help="S_valid held-out values per field")
-    tune.add_argument("--epochs", type=int, default=2)
-    tune.add_argument("--batch-size", type=int, default=16)
-    tune.add_argument("--lr", type=float, default=1e-4)
-    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--epochs", type=int, default=2, help="passes over the training prompts")
+    tune.add_argument("--batch-size", type=int, default=16, help="prompts per step")
+    tune.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LoRA weights")
+    tune.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     tune.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature")
-    tune.add_argument("--lora-r", type=int, default=8)
-    tune.add_argument("--lora-alpha", type=int, default=16)
-    tune.add_argument("--lora-dropout", type=float, default=0.05)
-    tune.add_argument("--target-modules", nargs="+", default=None, help="default: q_proj v_proj / query value")
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    tune.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling numerator")
+    tune.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    tune.add_argument("--target-modules", nargs="+", default=None,
+                      help="LoRA target modules (default: q_proj v_proj / query value / c_attn, "
+                           "as the model names them)")
+    tune.add_argument("--seed", type=int, default=0, help="sampling, shuffling and LoRA initialisation")
     tune.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     tune.set_defaults(func=_tune)
 
@@ -108,13 +129,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     _common(encode)
     encode.add_argument("--adapter", default=None, help="SSFT adapter directory (<tune output-dir>/adapter)")
     encode.add_argument("--output", required=True, help="field-vector file (.safetensors)")
-    encode.add_argument("--batch-size", type=int, default=64)
-    encode.add_argument("--cache-dir", default=None, help="encoded-text cache directory")
+    encode.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    encode.add_argument("--cache-dir", default=None, help="encoded-text cache directory (default: no cache)")
     encode.set_defaults(func=_encode)
 
     for name in GROUP_EXTENSIONS:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(commands)
+    for name in GROUP_COMMANDS_WITH_DEFAULTS:
+        if name in commands.choices:
+            show_defaults(commands.choices[name])
     return commands
 
 

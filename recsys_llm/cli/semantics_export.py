@@ -191,19 +191,22 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--output-dir", required=True, help="where the adapter, heads and settings go")
     adapt.add_argument("--model", "--llm", dest="model", default=None,
                        help="local Hugging Face model directory (default: offline MiniLM)")
-    adapt.add_argument("--tuning", default="lora", choices=["lora", "last_k", "heads"])
+    adapt.add_argument("--tuning", default="lora", choices=["lora", "last_k", "heads"],
+                       help="lora: LoRA adapters; last_k: unfreeze the last layers; heads: only the MLP and "
+                            "prediction layer")
     adapt.add_argument("--target-modules", nargs="*", default=None, help="LoRA target modules (default: peft's)")
-    adapt.add_argument("--lora-r", type=int, default=8)
+    adapt.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     adapt.add_argument("--last-k", type=int, default=1, help="layers unfrozen with --tuning last_k")
     adapt.add_argument("--representation-dim", type=int, default=128, help="size of r (multiple of 4 for tables)")
-    adapt.add_argument("--hidden-dim", type=int, default=256)
+    adapt.add_argument("--hidden-dim", type=int, default=256, help="hidden width of the transformation MLP")
     adapt.add_argument("--sample-rows", type=int, default=None, help="tune on a random sample of rows")
-    adapt.add_argument("--epochs", type=int, default=1)
-    adapt.add_argument("--batch-size", type=int, default=32)
-    adapt.add_argument("--lr", type=float, default=1e-4)
-    adapt.add_argument("--head-lr", type=float, default=1e-3)
-    adapt.add_argument("--max-length", type=int, default=128)
-    adapt.add_argument("--seed", type=int, default=0)
+    adapt.add_argument("--epochs", type=int, default=1, help="passes over the sampled rows")
+    adapt.add_argument("--batch-size", type=int, default=32, help="row texts per step")
+    adapt.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LLM part")
+    adapt.add_argument("--head-lr", type=float, default=1e-3,
+                       help="AdamW learning rate of the MLP and prediction layer")
+    adapt.add_argument("--max-length", type=int, default=128, help="tokens per row text")
+    adapt.add_argument("--seed", type=int, default=0, help="sampling, initialisation and shuffling seed")
     adapt.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available, else CPU)")
     adapt.add_argument("--llm-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="dtype of the LLM's weights, whatever the checkpoint's (bfloat16 halves a large "

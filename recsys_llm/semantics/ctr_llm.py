@@ -34,10 +34,35 @@ from torch import nn
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import atomic_directory
-from recsys_llm.semantics.encoder import encoder_of, hidden_states, load_tokenizer, model_dir_fingerprint, pool
+from recsys_llm.semantics.encoder import (
+    check_number,
+    hidden_states,
+    load_model,
+    load_tokenizer,
+    model_dir_fingerprint,
+    pool,
+)
 
 TUNING_MODES = ("lora", "last_k", "heads")
 LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# CTRLLMConfig numbers: field -> (integer, minimum, above, below, `semantics adapt` option or "")
+_NUMBER_RULES: Dict[str, Tuple[bool, Optional[float], Optional[float], Optional[float], str]] = {
+    "representation_dim": (True, 1, None, None, "--representation-dim"),
+    "hidden_dim": (True, 1, None, None, "--hidden-dim"),
+    "dropout": (False, 0, None, 1, ""),
+    "lora_r": (True, 1, None, None, "--lora-r"),
+    "lora_alpha": (False, None, 0, None, ""),
+    "lora_dropout": (False, 0, None, 1, ""),
+    "last_k_layers": (True, 1, None, None, "--last-k"),
+    "max_length": (True, 1, None, None, "--max-length"),
+    "batch_size": (True, 1, None, None, "--batch-size"),
+    "learning_rate": (False, None, 0, None, "--lr"),
+    "head_learning_rate": (False, None, 0, None, "--head-lr"),
+    "epochs": (True, 1, None, None, "--epochs"),
+    "sample_rows": (True, 1, None, None, "--sample-rows"),
+    "seed": (True, 0, None, None, "--seed"),
+}
 
 
 @dataclasses.dataclass
@@ -97,6 +122,12 @@ class CTRLLMConfig:
             raise ValueError(f"CTRLLMConfig.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
         if self.pooling not in ("mean", "last_token", "cls"):
             raise ValueError(f"CTRLLMConfig.pooling must be 'mean', 'last_token' or 'cls', got {self.pooling!r}")
+        for name, (integer, minimum, above, below, option) in _NUMBER_RULES.items():
+            value = getattr(self, name)
+            if value is None and name == "sample_rows":
+                continue
+            where = f"CTRLLMConfig.{name}" + (f" (semantics adapt {option})" if option else "")
+            check_number(where, value, integer=integer, minimum=minimum, above=above, below=below)
 
 
 def _transformer_layers(model: nn.Module) -> nn.ModuleList:
@@ -141,14 +172,10 @@ class CTRAdaptedLLM(nn.Module):
     @classmethod
     def from_config(cls, config: CTRLLMConfig) -> "CTRAdaptedLLM":
         """Loads the base model and tokenizer from ``config.model_path`` (offline, no remote code)."""
-        from transformers import AutoModel
-
         torch.manual_seed(config.seed)
-        tokenizer = load_tokenizer(config.model_path)  # checks the directory, pads decoders
-        llm = AutoModel.from_pretrained(
-            config.model_path, dtype=LLM_DTYPES[config.llm_dtype], local_files_only=True, trust_remote_code=False
-        )
-        return cls(encoder_of(llm), tokenizer, config)
+        tokenizer = load_tokenizer(config.model_path)  # checks the directory and its files, pads decoders
+        llm = load_model(config.model_path, torch.device("cpu"), LLM_DTYPES[config.llm_dtype])  # its encoder if enc-dec
+        return cls(llm, tokenizer, config)
 
     def _prepare_llm(self, llm: nn.Module) -> nn.Module:
         for param in llm.parameters():
@@ -334,23 +361,87 @@ def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict
             json.dump(model.provenance(), handle, indent=2)
 
 
+def read_ctr_llm_config(directory: str) -> CTRLLMConfig:
+    """The :class:`CTRLLMConfig` saved in ``directory/config.json``.
+
+    Raises:
+        ValueError: the file is not JSON, has unknown or missing keys, or invalid settings.
+    """
+    config_path = os.path.join(directory, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from error
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_path}: expected a JSON object of CTRLLMConfig settings, got {type(saved).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(CTRLLMConfig)}
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise ValueError(f"{config_path}: unknown keys {unknown}; a CTRLLMConfig has {sorted(fields)}")
+    required = [n for n, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in saved]
+    if missing:
+        raise ValueError(f"{config_path}: missing keys {missing}")
+    try:
+        return CTRLLMConfig(**saved)
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from error
+
+
+def check_base_model(directory: str, model_path: str) -> None:
+    """Refuses a base model other than the one the CTR-adapted LLM in ``directory`` was tuned on.
+
+    The tuned heads and LoRA tensors only mean something on the base model they were tuned with:
+    ``provenance.json`` records its ``revision`` (:func:`model_dir_fingerprint`), which must match
+    the files at ``model_path`` now. Saves without a recorded revision are not checked.
+
+    Raises:
+        ValueError: the fingerprints differ (the base model was replaced, or ``model_path`` names
+            another model).
+    """
+    provenance_path = os.path.join(directory, "provenance.json")
+    if not os.path.isfile(provenance_path):
+        return
+    try:
+        with open(provenance_path, encoding="utf-8") as handle:
+            provenance = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{provenance_path}: not valid JSON ({error})") from error
+    recorded = provenance.get("revision") if isinstance(provenance, dict) else None
+    if not isinstance(recorded, str) or recorded == "unknown":
+        return
+    current = model_dir_fingerprint(model_path)
+    if current != recorded:
+        raise ValueError(
+            f"{directory}: adapted on base model {provenance.get('model', '?')!r} with fingerprint {recorded}, but "
+            f"the base model at {model_path} has fingerprint {current} (replaced, or another model); point model_path "
+            "in config.json at the model it was adapted on, or run `semantics adapt` again"
+        )
+
+
 def load_ctr_llm(directory: str, model_path: Optional[str] = None) -> CTRAdaptedLLM:
     """Rebuilds a saved CTR-adapted LLM (weights only, nothing executed).
 
     Args:
         directory (str): written by :func:`save_ctr_llm`.
-        model_path (Optional[str]): override of the base model location (e.g. another machine).
+        model_path (Optional[str]): override of the base model location (e.g. another machine);
+            its files must be those the LLM was adapted on (same fingerprint).
+
+    Raises:
+        FileNotFoundError: ``directory`` is not a saved CTR-adapted LLM, or the base model is gone.
+        ValueError: a damaged ``config.json`` or a base model other than the one it was adapted on.
     """
-    config_path = os.path.join(directory, "config.json")
     if not all(os.path.isfile(os.path.join(directory, name)) for name in CTR_LLM_FILES):
         raise FileNotFoundError(
             f"{directory}: not a CTR-adapted LLM saved by `recsys-llm semantics adapt` (no config.json and "
             "heads.safetensors); a plain Hugging Face model directory goes to `semantics adapt --model` first"
         )
-    with open(config_path, encoding="utf-8") as handle:
-        config = CTRLLMConfig(**json.load(handle))
+    config = read_ctr_llm_config(directory)
     if model_path is not None:
         config.model_path = model_path
+    check_base_model(directory, config.model_path)
     model = CTRAdaptedLLM.from_config(config)
     tuned = load_file(os.path.join(directory, "llm_tuned.safetensors"))
     named = dict(model.llm.named_parameters())

@@ -16,7 +16,11 @@ Example::
 
 import functools
 import hashlib
+import json
+import math
+import operator
 import os
+import struct
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,6 +45,34 @@ ENCODER_MODEL_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
      "mpnet", "camembert", "ernie", "modernbert", "nomic_bert", "e5", "xlm", "t5"}
 )
+
+
+def check_number(
+    where: str,
+    value: Any,
+    integer: bool = False,
+    minimum: Optional[float] = None,
+    above: Optional[float] = None,
+    below: Optional[float] = None,
+) -> None:
+    """Raises ValueError ``"{where} must be an integer >= 1, got -3"`` unless ``value`` fits.
+
+    Args:
+        where (str): the setting, e.g. ``"CTRLLMConfig.representation_dim (--representation-dim)"``.
+        value (Any): its value (a bool is not a number here).
+        integer (bool): ``value`` must be an int.
+        minimum (Optional[float]): ``value >= minimum``.
+        above (Optional[float]): ``value > above``.
+        below (Optional[float]): ``value < below``.
+    """
+    bounds = [(">=", operator.ge, minimum), (">", operator.gt, above), ("<", operator.lt, below)]
+    bounds = [(sign, compare, limit) for sign, compare, limit in bounds if limit is not None]
+    kinds = (int,) if integer else (int, float)
+    fits = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    if not (fits and all(compare(value, limit) for _, compare, limit in bounds)):
+        rule = " and ".join(f"{sign} {limit}" for sign, _, limit in bounds)
+        expected = " ".join(part for part in ("an integer" if integer else "a number", rule) if part)
+        raise ValueError(f"{where} must be {expected}, got {value!r}")
 
 
 def default_model_path() -> str:
@@ -173,6 +205,125 @@ def require_model_dir(model_path: str) -> None:
         raise FileNotFoundError(f"{model_path}: model directory not found (models load offline from a local path)")
 
 
+# Files that hold a tokenizer's vocabulary: without one, transformers builds an empty tokenizer
+# of the config's class (every text becomes [CLS] [UNK] ... [SEP]) or fails with a misleading hint.
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "spm.model", "sentencepiece.model",
+)
+_TOKENIZER_SUFFIXES = (".model", ".tiktoken")
+# A tokenizer with fewer tokens than this share of config.json's vocab_size is not the model's own.
+MIN_TOKENIZER_VOCAB_SHARE = 0.5
+
+
+def read_model_config(model_path: str) -> dict:
+    """The ``config.json`` of a Hugging Face model directory, checked before transformers reads it.
+
+    Raises:
+        FileNotFoundError: no directory, or no ``config.json`` in it (e.g. an empty or a data directory).
+        ValueError: ``config.json`` is not a JSON object with a ``model_type``.
+    """
+    require_model_dir(model_path)
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{model_path}: not a Hugging Face model directory (no config.json); pass the directory that holds "
+            "config.json, the weights and the tokenizer files"
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); the model directory is damaged") from error
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError(
+            f"{path}: not a Hugging Face model config (expected a JSON object with a 'model_type'; a directory "
+            "saved by `semantics adapt` goes to `semantics export --llm`)"
+        )
+    return config
+
+
+def _config_vocab_size(config: dict) -> Optional[int]:
+    """``vocab_size`` of a model config (or of its ``text_config``), None when it has none."""
+    for source in (config, config.get("text_config") or {}):
+        size = source.get("vocab_size") if isinstance(source, dict) else None
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
+    return None
+
+
+def require_tokenizer_files(model_path: str) -> None:
+    """Raises FileNotFoundError naming ``model_path`` unless it holds a tokenizer vocabulary file."""
+    names = os.listdir(model_path)
+    if not any(name in TOKENIZER_FILES or name.endswith(_TOKENIZER_SUFFIXES) for name in names):
+        raise FileNotFoundError(
+            f"{model_path}: no tokenizer files (tokenizer.json, or tokenizer_config.json with vocab.txt / vocab.json / "
+            "tokenizer.model / ...); save the model's tokenizer next to it (tokenizer.save_pretrained)"
+        )
+
+
+def _safetensors_damage(path: str) -> Optional[str]:
+    """Why a ``.safetensors`` file cannot be read (truncated, bad header), or None when it looks whole.
+
+    Reads only the header: 8 bytes of header length, the JSON header, then the byte ranges it names.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"{size} bytes, too short for a safetensors header"
+        header_size = struct.unpack("<Q", prefix)[0]
+        if 8 + header_size > size:
+            return f"truncated: header of {header_size} bytes, file of {size} bytes"
+        try:
+            header = json.loads(handle.read(header_size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "header is not valid JSON"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    offsets = [entry.get("data_offsets") for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
+    ends = [pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], int)]
+    expected = 8 + header_size + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size} bytes, its header names {expected}"
+    return None
+
+
+def require_weight_files(model_path: str) -> None:
+    """Checks that a model directory holds its weights and that its safetensors files are whole.
+
+    Raises:
+        FileNotFoundError: no weight file, or a shard named by an index file is missing.
+        ValueError: a ``.safetensors`` file is truncated or its header is damaged.
+    """
+    names = set(os.listdir(model_path))
+    shards: List[str] = []
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index_name in names:
+            index_path = os.path.join(model_path, index_name)
+            try:
+                with open(index_path, encoding="utf-8") as handle:
+                    weight_map = json.load(handle)["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"{index_path}: not a weight index (expected JSON with a 'weight_map')") from error
+            missing = [s for s in shards if not os.path.isfile(os.path.join(model_path, s))]
+            if missing:
+                raise FileNotFoundError(f"{model_path}: weight shards {missing[:5]} named by {index_name} are missing")
+            break
+    else:
+        shards = sorted(n for n in names if n.endswith((".safetensors", ".bin")) and not n.startswith("."))
+    if not shards:
+        raise FileNotFoundError(
+            f"{model_path}: no model weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+        )
+    for name in shards:
+        if name.endswith(".safetensors"):
+            damage = _safetensors_damage(os.path.join(model_path, name))
+            if damage is not None:
+                raise ValueError(f"{os.path.join(model_path, name)}: damaged weight file ({damage})")
+
+
 def model_dir_fingerprint(model_path: str) -> str:
     """sha256 over the config, tokenizer and weight files of a model directory.
 
@@ -220,12 +371,38 @@ def module_fingerprint(model: nn.Module, trainable_only: bool = False) -> str:
     return digest.hexdigest()[:16]
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
-    """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs)."""
+    """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs).
+
+    The directory must be a model directory (``config.json``) with tokenizer vocabulary files,
+    and the tokenizer must cover at least half of the config's ``vocab_size``: transformers
+    otherwise builds an empty tokenizer that maps every word to ``[UNK]``.
+
+    Raises:
+        FileNotFoundError: no directory, no ``config.json`` or no tokenizer files.
+        ValueError: a damaged ``config.json``, a tokenizer that does not load, or one far
+            smaller than the model's vocabulary.
+    """
     from transformers import AutoTokenizer
 
-    require_model_dir(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    config = read_model_config(model_path)
+    require_tokenizer_files(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{model_path}: cannot load the tokenizer ({_one_line(error)})") from error
+    vocab_size = _config_vocab_size(config)
+    if vocab_size is not None and len(tokenizer) < MIN_TOKENIZER_VOCAB_SHARE * vocab_size:
+        raise ValueError(
+            f"{model_path}: tokenizer has {len(tokenizer)} tokens but config.json has vocab_size {vocab_size}; "
+            "its tokenizer files are missing or belong to another model"
+        )
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -244,13 +421,23 @@ def encoder_of(model: nn.Module) -> nn.Module:
 
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Loads a base model (no LM head) offline with ``AutoModel``; of an encoder-decoder model
-    (T5, sentence-T5), its encoder."""
+    (T5, sentence-T5), its encoder.
+
+    Raises:
+        FileNotFoundError: no directory, no ``config.json`` or no weight files.
+        ValueError: a damaged ``config.json`` or weight file, or weights transformers cannot read.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModel
 
-    require_model_dir(model_path)
-    model = AutoModel.from_pretrained(
-        model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    read_model_config(model_path)
+    require_weight_files(model_path)
+    try:
+        model = AutoModel.from_pretrained(
+            model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{model_path}: cannot load the model weights ({_one_line(error)})") from error
     return encoder_of(model).to(device)
 
 

@@ -19,7 +19,7 @@ import os
 from typing import Optional
 
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.semantics.encoder import TextEncoder
+from recsys_llm.semantics.encoder import POOLINGS, TextEncoder, check_number
 from recsys_llm.semantics.ssft import load_tuned_encoder
 from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_encode, load_vectors, save_vectors
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
@@ -58,6 +58,16 @@ class FieldVectorConfig:
     device: Optional[str] = None
     dtype: str = "auto"
     cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name, option in (("batch_size", "--batch-size"), ("max_length", "--max-length")):
+            where = f"FieldVectorConfig.{name} (semantics encode {option})"
+            check_number(where, getattr(self, name), integer=True, minimum=1)
+        if self.pooling not in POOLINGS:
+            raise ValueError(
+                f"FieldVectorConfig.pooling (semantics encode --pooling) must be one of {POOLINGS}, "
+                f"got {self.pooling!r}"
+            )
 
 
 def build_field_encoder(config: FieldVectorConfig) -> "tuple[TextEncoder, PromptTemplates, dict]":

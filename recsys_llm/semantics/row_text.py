@@ -14,7 +14,8 @@ Example::
 """
 
 import dataclasses
-from typing import Dict, List, Optional
+import re
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -23,13 +24,36 @@ import pyarrow.compute as pc
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError
 
 
+ROW_TEMPLATE_PLACEHOLDERS = ("description", "value")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def check_row_template(template: Any, what: str) -> None:
+    """Refuses a row-text template with other placeholders than ``{description}`` and ``{value}``,
+    or without exactly one ``{value}`` (templates are filled by plain replacement, not
+    ``str.format``: any other ``{...}`` would reach the LLM literally).
+
+    Raises:
+        SchemaError: naming ``what``, the template and the allowed placeholders.
+    """
+    if not isinstance(template, str):
+        raise SchemaError(f"{what} must be a string, got {type(template).__name__}: {template!r}")
+    unknown = sorted({name for name in _PLACEHOLDER.findall(template) if name not in ROW_TEMPLATE_PLACEHOLDERS})
+    if unknown:
+        names = ", ".join("{" + name + "}" for name in unknown)
+        raise SchemaError(f"{what} {template!r}: unknown placeholder {names}; use {{description}} and {{value}}")
+    if template.count("{value}") != 1:
+        raise SchemaError(f"{what} needs exactly one '{{value}}': {template!r}")
+
+
 @dataclasses.dataclass
 class RowTextConfig:
     """How a row is written.
 
     Args:
         template (str): one sentence per field; ``{description}`` is the field description
-            (the field name when empty) and ``{value}`` its value text.
+            (the field name when empty) and ``{value}`` its value text (exactly once); no other
+            placeholder is allowed.
         separator (str): between sentences.
         fields (Optional[List[str]]): fields to render, in order; None renders all fields.
         dense_decimals (int): dense values are rounded to this many decimals.
@@ -46,10 +70,16 @@ class RowTextConfig:
     missing_value: Optional[str] = None
     templates: Dict[str, str] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_row_template(self.template, "row-text template")
+        if not isinstance(self.templates, dict):
+            raise SchemaError(f"row-text templates must map field names to templates, got {self.templates!r}")
+        for field_name, template in self.templates.items():
+            check_row_template(template, f"row-text template for field {field_name!r}")
+
     def template_for(self, field_name: str) -> str:
         template = self.templates.get(field_name, self.template)
-        if template.count("{value}") != 1:
-            raise SchemaError(f"row-text template for field {field_name!r} needs exactly one '{{value}}': {template!r}")
+        check_row_template(template, f"row-text template for field {field_name!r}")
         return template
 
     def fingerprint(self) -> str:

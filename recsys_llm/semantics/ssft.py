@@ -42,7 +42,9 @@ from tqdm.auto import tqdm
 from recsys_llm.atomic_dir import replace_directory
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.encoder import (
+    POOLINGS,
     TextEncoder,
+    check_number,
     default_model_path,
     load_model,
     load_tokenizer,
@@ -54,6 +56,23 @@ from recsys_llm.semantics.encoder import (
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 
 SSFT_INFO_FILE = "ssft.json"
+
+# SSFTConfig numbers: field -> (integer, minimum, above, below, `semantics tune` option or "")
+_NUMBER_RULES: Dict[str, Tuple[bool, Optional[float], Optional[float], Optional[float], str]] = {
+    "samples_train": (True, 1, None, None, "--samples-train"),
+    "samples_valid": (True, 0, None, None, "--samples-valid"),
+    "epochs": (True, 1, None, None, "--epochs"),
+    "batch_size": (True, 1, None, None, "--batch-size"),
+    "learning_rate": (False, None, 0, None, "--lr"),
+    "weight_decay": (False, 0, None, None, "--weight-decay"),
+    "temperature": (False, None, 0, None, "--temperature"),
+    "lora_r": (True, 1, None, None, "--lora-r"),
+    "lora_alpha": (False, None, 0, None, "--lora-alpha"),
+    "lora_dropout": (False, 0, None, 1, "--lora-dropout"),
+    "max_length": (True, 1, None, None, "--max-length"),
+    "seed": (True, 0, None, None, "--seed"),
+    "eval_batch_size": (True, 1, None, None, ""),
+}
 
 
 @dataclasses.dataclass
@@ -109,6 +128,17 @@ class SSFTConfig:
     eval_batch_size: int = 64
     resume: bool = True
     templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
+
+    def __post_init__(self) -> None:
+        for name, (integer, minimum, above, below, option) in _NUMBER_RULES.items():
+            where = f"SSFTConfig.{name}" + (f" (semantics tune {option})" if option else "")
+            check_number(where, getattr(self, name), integer=integer, minimum=minimum, above=above, below=below)
+        if self.pooling not in POOLINGS:
+            raise ValueError(
+                f"SSFTConfig.pooling (semantics tune --pooling) must be one of {POOLINGS}, got {self.pooling!r}"
+            )
+        if not isinstance(self.templates, PromptTemplates):
+            raise ValueError(f"SSFTConfig.templates must be a PromptTemplates, got {type(self.templates).__name__}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

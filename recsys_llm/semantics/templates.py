@@ -24,7 +24,8 @@ import dataclasses
 import hashlib
 import json
 import random
-from typing import List
+import string
+from typing import Any, List
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,16 +42,68 @@ SSFT_INSTRUCTION = "Given a feature, answer which field it belongs to, choosing 
 SSFT_INPUT = "The feature is: {value}. The candidate set is: [{fields}]"
 
 
+# PromptTemplates attribute -> (placeholders it may use, placeholders it must use)
+TEMPLATE_PLACEHOLDERS = {
+    "field": (("name", "description", "kind"), ()),
+    "field_without_description": (("name", "description", "kind"), ()),
+    "instruction": ((), ()),  # inserted as it is, never formatted: a '{...}' would reach the LLM literally
+    "input": (("value", "fields"), ("value",)),
+    "prompt": (("instruction", "input"), ("input",)),
+}
+_TEMPLATE_OPTIONS = {"field": " (--field-template)"}
+
+
+def _placeholders(template: str) -> List[str]:
+    """Every ``str.format`` field name in ``template``, also those nested in format specs."""
+    names = []
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            names.append(name)
+        if spec:
+            names.extend(_placeholders(spec))
+    return names
+
+
+def check_template(attribute: str, template: Any) -> None:
+    """Refuses a :class:`PromptTemplates` template with unknown or missing placeholders.
+
+    Raises:
+        ValueError: naming the attribute, the template and the placeholders it may use.
+    """
+    allowed, required = TEMPLATE_PLACEHOLDERS[attribute]
+    where = f"PromptTemplates.{attribute}{_TEMPLATE_OPTIONS.get(attribute, '')}"
+    if not isinstance(template, str):
+        raise ValueError(f"{where} must be a string, got {type(template).__name__}: {template!r}")
+    use = ("use " + ", ".join("{" + name + "}" for name in allowed)) if allowed else "it takes no placeholders"
+    try:
+        names = _placeholders(template)
+    except ValueError as error:
+        raise ValueError(f"{where} {template!r}: not a str.format template ({error}); {use}") from error
+    unknown = sorted({n for n in names if n not in allowed})
+    if unknown:
+        listed = ", ".join("{" + n + "}" for n in unknown)
+        raise ValueError(f"{where} {template!r}: unknown placeholder {listed}; {use}")
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise ValueError(f"{where} {template!r}: needs the placeholder {{{missing[0]}}}; {use}")
+    try:
+        template.format(**{name: "x" for name in allowed})
+    except (ValueError, KeyError, IndexError, AttributeError) as error:
+        raise ValueError(f"{where} {template!r}: cannot be filled ({error}); {use}") from error
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptTemplates:
     """The text templates of LLaCTR (all ``str.format`` strings).
 
     Args:
         field (str): field text; placeholders ``{name}``, ``{description}``, ``{kind}``.
-        field_without_description (str): used when the field has no description.
-        instruction (str): SSFT instruction.
-        input (str): SSFT input; placeholders ``{value}``, ``{fields}`` (comma-joined names).
-        prompt (str): wrapper; placeholders ``{instruction}``, ``{input}``.
+        field_without_description (str): used when the field has no description (same placeholders).
+        instruction (str): SSFT instruction, used as it is (no placeholders).
+        input (str): SSFT input; placeholders ``{value}`` (required), ``{fields}`` (comma-joined names).
+        prompt (str): wrapper; placeholders ``{instruction}``, ``{input}`` (required).
+
+    Unknown placeholders are refused here, when the templates are made (ValueError).
         number_format (str): format of dense values, e.g. ``"{:.4g}"``.
     """
 
@@ -60,6 +113,19 @@ class PromptTemplates:
     input: str = SSFT_INPUT
     prompt: str = ALPACA_PROMPT
     number_format: str = "{:.4g}"
+
+    def __post_init__(self) -> None:
+        for attribute in TEMPLATE_PLACEHOLDERS:
+            check_template(attribute, getattr(self, attribute))
+        try:
+            ok = isinstance(self.number_format, str) and isinstance(self.number_format.format(1.5), str)
+        except (ValueError, KeyError, IndexError, AttributeError):
+            ok = False
+        if not ok or "{" not in self.number_format:
+            raise ValueError(
+                f"PromptTemplates.number_format {self.number_format!r}: expected one positional field for a float, "
+                "e.g. '{:.4g}'"
+            )
 
     def template_id(self) -> str:
         """16 hex digits identifying all templates (for caches and provenance)."""

@@ -46,3 +46,78 @@ def test_traceback_on_request(tmp_path, tiny_schema, monkeypatch) -> None:
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         main(["semantics", "adapt", "--schema", tiny_schema.root, "--llm", str(tmp_path / "none"),
               "--output-dir", str(tmp_path / "out")])
+
+
+def test_a_negative_representation_dim_is_named_before_any_work(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
+    code = main(["semantics", "adapt", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
+                 "--output-dir", str(tmp_path / "out"), "--representation-dim", "-3"])
+    assert code == 2
+    assert _error_line(capsys) == ("recsys-llm semantics: error: CTRLLMConfig.representation_dim "
+                                   "(semantics adapt --representation-dim) must be an integer >= 1, got -3")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_bad_tune_option_is_named(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
+    code = main(["semantics", "tune", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
+                 "--output-dir", str(tmp_path / "out"), "--lr", "-1"])
+    assert code == 2
+    assert "SSFTConfig.learning_rate (semantics tune --lr) must be a number > 0, got -1.0" in _error_line(capsys)
+
+
+def test_an_unknown_row_text_placeholder_is_refused(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
+    code = main(["semantics", "adapt", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
+                 "--output-dir", str(tmp_path / "out"), "--template", "{descr} is {value}"])
+    assert code == 2
+    assert _error_line(capsys) == ("recsys-llm semantics: error: row-text template '{descr} is {value}': unknown "
+                                   "placeholder {descr}; use {description} and {value}")
+
+
+def test_an_unknown_field_template_placeholder_is_refused(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
+    code = main(["semantics", "encode", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
+                 "--output", str(tmp_path / "f.safetensors"), "--field-template", "{descr}"])
+    assert code == 2
+    assert "PromptTemplates.field (--field-template) '{descr}': unknown placeholder {descr}" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("case", ["no_tokenizer", "empty", "data"])
+def test_a_model_directory_that_is_not_a_whole_model_is_named(tmp_path, tiny_schema, tiny_bert_dir, case,
+                                                               capsys) -> None:
+    """transformers builds an empty tokenizer without tokenizer files (every word [UNK]): refused."""
+    import shutil
+
+    model = str(tmp_path / "model")
+    if case == "no_tokenizer":
+        shutil.copytree(tiny_bert_dir, model)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            os.remove(os.path.join(model, name))
+        expected = f"{model}: no tokenizer files (tokenizer.json, or tokenizer_config.json with vocab.txt"
+    else:
+        model = tiny_schema.root if case == "data" else model
+        os.makedirs(model, exist_ok=True)
+        expected = f"{model}: not a Hugging Face model directory (no config.json)"
+    code = main(["semantics", "encode", "--schema", tiny_schema.root, "--model", model,
+                 "--output", str(tmp_path / "f.safetensors")])
+    assert code == 2
+    assert _error_line(capsys).startswith(f"recsys-llm semantics: error: {expected}")
+    assert not os.path.exists(tmp_path / "f.safetensors")
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["semantics", command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_the_defaults(capsys) -> None:
+    adapt = _help("adapt", capsys)
+    assert "--representation-dim REPRESENTATION_DIM size of r (multiple of 4 for tables) (default: 128)" in adapt
+    assert "--lora-r LORA_R LoRA rank (default: 8)" in adapt
+    assert "--epochs EPOCHS passes over the sampled rows (default: 1)" in adapt
+    assert "(default: None)" not in adapt and "(default: False)" not in adapt
+    tune = _help("tune", capsys)
+    for text in ("--epochs EPOCHS passes over the training prompts (default: 2)",
+                 "--lr LR AdamW learning rate of the LoRA weights (default: 0.0001)",
+                 "--batch-size BATCH_SIZE prompts per step (default: 16)",
+                 "--max-length MAX_LENGTH tokens per text (default: 256)"):
+        assert text in tune
+    assert "--batch-size BATCH_SIZE texts per forward pass (default: 64)" in _help("encode", capsys)

@@ -159,3 +159,85 @@ def test_export_overrides_only_the_row_text_settings_it_is_given(tmp_path):
     config = _row_text_config(argparse.Namespace(llm=str(tmp_path), fields=["user_id"], template=None))
     assert config.fields == ["user_id"] and config.template == "{description} is {value}."
     assert _row_text_config(argparse.Namespace(fields=None, template=None)).fields is None  # adapt: the defaults
+
+
+def _edit_json(path, **changes) -> None:
+    with open(path, encoding="utf-8") as handle:
+        content = json.load(handle)
+    content.update(changes)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle)
+
+
+class TestLoadChecks:
+    def test_a_base_model_other_than_the_adapted_one_is_refused(self, tmp_path):
+        """Tuned heads on another model's hidden states give vectors that look fine and mean nothing."""
+        import shutil
+
+        from transformers import BertModel
+
+        from recsys_llm.semantics.encoder import model_dir_fingerprint
+
+        model, config = _tiny_bert_ctr_llm(tmp_path)
+        out = str(tmp_path / "saved")
+        save_ctr_llm(model, out)
+        recorded = model.provenance()["revision"]
+        other = str(tmp_path / "other")  # same architecture and tokenizer, other weights
+        shutil.copytree(config.model_path, other)
+        bert = BertModel.from_pretrained(other)
+        with torch.no_grad():
+            bert.embeddings.word_embeddings.weight.add_(1.0)
+        bert.save_pretrained(other)
+        current = model_dir_fingerprint(other)
+        assert current != recorded
+        _edit_json(os.path.join(out, "config.json"), model_path=other)
+        expected = (f"^{out}: adapted on base model '[^']*/bert' with fingerprint {recorded}, but the base model at "
+                    f"{other} has fingerprint {current} \\(replaced, or another model\\)")
+        with pytest.raises(ValueError, match=expected):
+            load_ctr_llm(out)
+        _edit_json(os.path.join(out, "config.json"), model_path=config.model_path)
+        with pytest.raises(ValueError, match=f"fingerprint {recorded}, but the base model at {other}"):
+            load_ctr_llm(out, model_path=other)
+        moved = str(tmp_path / "moved")  # the same files elsewhere are the same model
+        shutil.copytree(config.model_path, moved)
+        torch.testing.assert_close(load_ctr_llm(out, model_path=moved).encode(["a b"]), model.encode(["a b"]))
+        shutil.rmtree(config.model_path)  # replaced in place
+        shutil.copytree(other, config.model_path)
+        with pytest.raises(ValueError, match=f"fingerprint {recorded}, but the base model at {config.model_path}"):
+            load_ctr_llm(out)
+
+    def test_unknown_or_missing_config_keys_are_named(self, tmp_path):
+        model, _ = _tiny_bert_ctr_llm(tmp_path)
+        out = str(tmp_path / "saved")
+        save_ctr_llm(model, out)
+        config_path = os.path.join(out, "config.json")
+        _edit_json(config_path, representation_size=3, head_lr=0.1)
+        with pytest.raises(ValueError, match=rf"^{config_path}: unknown keys \['head_lr', 'representation_size'\]; "
+                                             r"a CTRLLMConfig has \['batch_size', "):
+            load_ctr_llm(out)
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump({"pooling": "mean"}, handle)
+        with pytest.raises(ValueError, match=rf"^{config_path}: missing keys \['model_path'\]"):
+            load_ctr_llm(out)
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump({"model_path": "x", "representation_dim": 0}, handle)
+        with pytest.raises(ValueError, match=rf"^{config_path}: CTRLLMConfig.representation_dim"):
+            load_ctr_llm(out)
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("representation_dim", -3, r"CTRLLMConfig.representation_dim \(semantics adapt --representation-dim\) must be an "
+                               r"integer >= 1, got -3"),
+    ("hidden_dim", 0, r"CTRLLMConfig.hidden_dim \(semantics adapt --hidden-dim\) must be an integer >= 1, got 0"),
+    ("learning_rate", -1e-4, r"CTRLLMConfig.learning_rate \(semantics adapt --lr\) must be a number > 0"),
+    ("head_learning_rate", 0.0, r"CTRLLMConfig.head_learning_rate \(semantics adapt --head-lr\) must be a number > 0"),
+    ("epochs", 0, r"CTRLLMConfig.epochs \(semantics adapt --epochs\) must be an integer >= 1, got 0"),
+    ("batch_size", 2.5, r"CTRLLMConfig.batch_size \(semantics adapt --batch-size\) must be an integer >= 1, got 2.5"),
+    ("sample_rows", 0, r"CTRLLMConfig.sample_rows \(semantics adapt --sample-rows\) must be an integer >= 1, got 0"),
+    ("last_k_layers", 0, r"CTRLLMConfig.last_k_layers \(semantics adapt --last-k\) must be an integer >= 1"),
+    ("dropout", 1.0, r"CTRLLMConfig.dropout must be a number >= 0 and < 1, got 1.0"),
+])
+def test_numeric_settings_are_checked_when_the_config_is_made(setting, value, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        CTRLLMConfig(model_path="unused", **{setting: value})
+    CTRLLMConfig(model_path="unused", sample_rows=None)  # None: all rows

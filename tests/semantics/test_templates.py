@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 
@@ -32,3 +34,30 @@ class TestTemplates:
         ids = distinct_values(tiny_schema, "user_id", 20, random.Random(0))
         assert len(set(ids)) == 20 and all(0 <= int(i) < 300 for i in ids)  # raw id tokens
         assert distinct_values(tiny_schema, "color", 10, random.Random(0)) == colors  # seeded
+
+
+class TestPromptTemplateChecks:
+    """Unknown placeholders are refused when the templates are made, not when a prompt is built."""
+
+    @pytest.mark.parametrize("settings,message", [
+        (dict(field="{descr}: {name}"), r"^PromptTemplates.field \(--field-template\) '\{descr\}: \{name\}': unknown "
+                                        r"placeholder \{descr\}; use \{name\}, \{description\}, \{kind\}$"),
+        (dict(field_without_description="{value}"),
+         r"PromptTemplates.field_without_description .*unknown placeholder \{value\}"),
+        (dict(input="The feature is {val}"),
+         r"PromptTemplates.input .*unknown placeholder \{val\}; use \{value\}, \{fields\}"),
+        (dict(input="Candidates: {fields}"), r"PromptTemplates.input .*needs the placeholder \{value\}"),
+        (dict(prompt="{instruction}\n{inputs}"), r"PromptTemplates.prompt .*unknown placeholder \{inputs\}"),
+        (dict(instruction="Choose from {fields}"), r"PromptTemplates.instruction .*unknown placeholder \{fields\}; "
+                                                  r"it takes no placeholders"),
+        (dict(field="{name"), r"PromptTemplates.field \(--field-template\) '\{name': not a str.format template"),
+        (dict(number_format="{:d}"), r"PromptTemplates.number_format '\{:d\}': expected one positional field"),
+    ])
+    def test_refused(self, settings, message) -> None:
+        with pytest.raises(ValueError, match=message):
+            PromptTemplates(**settings)
+
+    def test_allowed(self) -> None:
+        templates = PromptTemplates(field="{name!r} ({kind:>6}): {description}", input="{value} of [{fields}]",
+                                    prompt="{input}\n", number_format="{:.2f}")
+        assert ssft_prompt("3", ["a", "b"], templates) == "3 of [a, b]\n"
