@@ -65,11 +65,34 @@ def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) ->
         )
 
 
+def current_umask() -> int:
+    """The process umask, read from ``/proc/self/status`` where it is (setting it to read it,
+    the fallback, briefly changes it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def chmod_as_created(path: str) -> None:
+    """Gives ``path`` the mode ``open()`` would have (``0o666 & ~umask``).
+
+    ``safetensors.save_file`` creates its files with mode 0600, so other users (or pods) of
+    a shared cluster could not read them; call this on the temp file before renaming it.
+    """
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def _readable_by_umask(tmp: str) -> None:
     """``mkdtemp`` makes a 0700 directory: give it (and what is in it) the permissions of a
     directory created with ``os.makedirs``, so other users may read the result as usual."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(tmp, 0o777 & ~umask)
     for root, dirs, files in os.walk(tmp):
         for name, mode in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:

@@ -369,6 +369,21 @@ def categorical_column(
     return check_ids(path, spec, values, offsets, row_offset), offsets
 
 
+def _check_finite_extra(path: str, name: str, values: np.ndarray, row_offset: int) -> None:
+    """Raises on NaN or +-inf in an extra float column (e.g. an attached ``llm_vector``),
+    naming the file, column and first such row. ``values``: (N, w) float32."""
+    if np.isfinite(values).all():  # one vectorised pass; the rest runs only on an error
+        return
+    row_finite = np.isfinite(values).all(axis=1)  # (N,)
+    first = int(np.argmin(row_finite))
+    value = values[first][~np.isfinite(values[first])][0].item()
+    raise DataError(
+        f"{path}: column {name!r}, row {row_offset + first}: extra value is {value} ({int((~row_finite).sum())} of "
+        f"the {len(values)} rows read from row {row_offset} on are not finite); expected finite floats (re-export or "
+        "re-attach the vectors, or fill NaN/inf when preparing the data)"
+    )
+
+
 class _Converter:
     """Converts Arrow tables of one file to :class:`_Chunk` s, validating values on the way."""
 
@@ -413,8 +428,9 @@ class _Converter:
             extras[name] = self._extra(table, name, path, row_offset)
         return _Chunk(dense, ids, offsets, labels.astype(np.float32, copy=False), extras)
 
-    @staticmethod
-    def _extra(table: pa.Table, name: str, path: str, row_offset: int) -> np.ndarray:
+    def _extra(self, table: pa.Table, name: str, path: str, row_offset: int) -> np.ndarray:
+        """(N,) int64 / float32 or (N, w) float32 values of an extra column; with ``validate``,
+        float values (e.g. an attached ``llm_vector``) must be finite, like dense features."""
         array = table.column(name).combine_chunks()
         check_no_nulls(path, name, array, row_offset, "a value in every row")
         dtype = array.type
@@ -424,12 +440,18 @@ class _Converter:
             if lengths.size and (lengths != width).any():
                 raise DataError(f"{path}: extra column {name!r}: rows have different vector lengths; expected a fixed size")
             values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            return values.reshape(-1, width)
+            values = values.reshape(-1, width)  # (N, w)
+            if self._validate:
+                _check_finite_extra(path, name, values, row_offset)
+            return values
         values = array.to_numpy(zero_copy_only=False)
         if values.dtype.kind in "iub":
             return values.astype(np.int64, copy=False)
         if values.dtype.kind == "f":
-            return values.astype(np.float32, copy=False)
+            values = values.astype(np.float32, copy=False)
+            if self._validate:
+                _check_finite_extra(path, name, values[:, None], row_offset)
+            return values
         raise DataError(f"{path}: extra column {name!r} has Arrow type {dtype}; expected numbers or fixed-size float lists")
 
 

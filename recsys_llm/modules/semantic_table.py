@@ -185,6 +185,9 @@ def load_semantic_vectors(
 
     Raises:
         KeyError: the model has no such table.
+        ValueError: the export is damaged (a chunk with fewer or more rows than its manifest
+            gives it, a repeated id, a NaN/inf vector) or holds ids outside the table, naming
+            ``vector_dir``.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
@@ -192,6 +195,7 @@ def load_semantic_vectors(
     if not weights:
         raise KeyError(f"model has no embedding table {table_name!r} in its state dict")
     num_rows = weights[0][1].size(0)
+    # checks row counts against the manifest and that no id repeats (two vectors for one row)
     low, high = key_range(vector_dir, expected)
     if low < 0 or high >= num_rows:
         raise ValueError(

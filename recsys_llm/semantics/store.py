@@ -22,12 +22,13 @@ import hashlib
 import json
 import os
 import sys
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from recsys_llm.atomic_dir import chmod_as_created
 from recsys_llm.data.schema import DatasetSchema
 
 FORMAT_VERSION = "1"
@@ -92,6 +93,18 @@ class VectorProvenance:
         return cls(**dict(raw))
 
 
+def first_non_finite_row(vectors: torch.Tensor) -> Optional[Tuple[int, int, float]]:
+    """``(row, number of rows with a NaN/inf, the first such value)`` of (N, d) ``vectors``,
+    None when all are finite."""
+    finite = torch.isfinite(vectors)
+    if bool(finite.all()):
+        return None
+    bad_rows = ~finite.all(dim=1)  # (N,)
+    row = int(bad_rows.nonzero()[0, 0])
+    value = float(vectors[row][~finite[row]][0])
+    return row, int(bad_rows.sum()), value
+
+
 class StoredVectors(NamedTuple):
     """A loaded vector file: ``vectors`` (N, d) float32, ``keys`` (N names), provenance."""
 
@@ -108,12 +121,23 @@ def save_vectors(path: str, vectors: torch.Tensor, keys: Sequence[str], provenan
         vectors (torch.Tensor): (N, d).
         keys (Sequence[str]): N distinct row names.
         provenance (VectorProvenance): what made them.
+
+    Raises:
+        ValueError: wrong shape, repeated keys, or a NaN/inf value (named by its key); nothing
+            is written then.
     """
     keys = [str(k) for k in keys]
     if vectors.dim() != 2 or vectors.size(0) != len(keys):
         raise ValueError(f"{path}: need vectors of shape (len(keys)={len(keys)}, d), got {tuple(vectors.shape)}")
     if len(set(keys)) != len(keys):
         raise ValueError(f"{path}: keys must be distinct, got duplicates {sorted({k for k in keys if keys.count(k) > 1})}")
+    bad = first_non_finite_row(vectors.detach())
+    if bad is not None:
+        row, count, value = bad
+        raise ValueError(
+            f"{path}: not written: the vector of {keys[row]!r} (row {row}) holds {value}, and {count} of {len(keys)} "
+            "vectors hold NaN/inf; expected finite values (check the model, its dtype and the pooling)"
+        )
     metadata = {
         "format": FORMAT_VERSION,
         "keys": json.dumps(keys),
@@ -124,6 +148,7 @@ def save_vectors(path: str, vectors: torch.Tensor, keys: Sequence[str], provenan
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file({"vectors": vectors.detach().to("cpu").contiguous()}, tmp, metadata=metadata)
+        chmod_as_created(tmp)  # save_file makes a 0600 file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -162,7 +187,8 @@ def load_vectors(
         StoredVectors: vectors (N, d) float32, keys, provenance.
 
     Raises:
-        VectorProvenanceError: naming the file and the first item that does not match.
+        VectorProvenanceError: naming the file and the first item that does not match, or
+            the first key whose vector holds NaN/inf.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: vector file not found")
@@ -183,6 +209,13 @@ def load_vectors(
     provenance = VectorProvenance.from_dict(json.loads(metadata["provenance"]), source=path)
     if vectors.dim() != 2 or vectors.size(0) != len(keys):
         raise VectorProvenanceError(f"{path}: {len(keys)} keys but vectors of shape {tuple(vectors.shape)}")
+    bad = first_non_finite_row(vectors)
+    if bad is not None:
+        row, count, value = bad
+        raise VectorProvenanceError(
+            f"{path}: the vector of {keys[row]!r} (row {row}) holds {value}, and {count} of {len(keys)} vectors hold "
+            "NaN/inf; expected finite values: the file is damaged or its model gave NaN/inf, re-encode it"
+        )
     if schema is not None:
         _check_schema(path, provenance, schema)
         unknown = [k for k in keys if k not in {f.name for f in schema.fields}]
@@ -252,6 +285,14 @@ def cached_encode(
         if stored.vectors.size(0) == len(texts):
             return stored.vectors
     vectors = encoder.encode(texts, progress=progress)
+    bad = first_non_finite_row(vectors)
+    if bad is not None:
+        row, count, value = bad
+        raise ValueError(
+            f"{encoder.model_id}: text {row} ({texts[row][:80]!r}) was encoded to a vector holding {value}, and "
+            f"{count} of {len(texts)} texts to NaN/inf; nothing was cached in {cache_dir}. Expected finite vectors "
+            "(check the model, its dtype and the pooling)"
+        )
     provenance = VectorProvenance(
         model_id=encoder.model_id, model_hash=encoder.model_hash, pooling=encoder.pooling, template=template_id,
         extra={"texts_sha256": texts_hash(texts), "max_length": encoder.max_length, "dtype": dtype},

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from recsys_llm.data.parquet import parquet_files
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.row_text import RowTextRenderer
+from recsys_llm.atomic_dir import chmod_as_created
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +129,17 @@ def fit_projection(sample: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.
 
 
 def save_projection(path: str, mean: torch.Tensor, components: torch.Tensor) -> None:
-    """Writes a projection as safetensors (atomically)."""
+    """Writes a projection as safetensors (atomically, readable as the umask allows)."""
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp"
-    save_file({"mean": mean.contiguous(), "components": components.contiguous()}, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file({"mean": mean.contiguous(), "components": components.contiguous()}, tmp)
+        chmod_as_created(tmp)  # save_file makes a 0600 file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_projection(path: str) -> Tuple[torch.Tensor, torch.Tensor, str]:
@@ -191,15 +197,23 @@ class VectorExport:
         }
         path = os.path.join(self._directory, MANIFEST)
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as handle:
-                existing = json.load(handle)
+            existing = _load_manifest(path)
             check_provenance(existing["provenance"], self._provenance, path)
-            for key in ("chunk_rows", "num_rows", "key_column", "vector_column"):
-                if existing[key] != manifest[key]:
+            settings = ("chunk_rows", "num_rows", "key_column", "vector_column")
+            differs = [k for k in settings if existing[k] != manifest[k]]
+            if differs:
+                theirs = ", ".join(f"{k}={existing[k]!r}" for k in differs)
+                ours = ", ".join(f"{k}={manifest[k]!r}" for k in differs)
+                done = all(os.path.exists(chunk_path(self._directory, i)) for i in range(int(existing["num_chunks"])))
+                if done:
                     raise ValueError(
-                        f"{path}: an unfinished export with {key}={existing[key]!r} is here; this run has "
-                        f"{manifest[key]!r}. Use another directory or delete this one."
+                        f"{self._directory}: holds a finished export made with {theirs}; this run has {ours}. "
+                        "Use another --output-dir (or delete this one to replace it)"
                     )
+                raise ValueError(
+                    f"{self._directory}: holds an unfinished export made with {theirs}; this run has {ours}, so "
+                    "it cannot resume it. Re-run with its settings, or use another --output-dir"
+                )
             return existing
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -212,7 +226,15 @@ class VectorExport:
         num_chunks = (num_rows + self._config.chunk_rows - 1) // self._config.chunk_rows
         return [i for i in range(rank, num_chunks, world_size) if not os.path.exists(chunk_path(self._directory, i))]
 
-    def _encode(self, texts: Sequence[str], encode_fn: Callable[[List[str]], torch.Tensor]) -> np.ndarray:
+    def _encode(
+        self, texts: Sequence[str], encode_fn: Callable[[List[str]], torch.Tensor], keys: pa.Array, path: str
+    ) -> np.ndarray:
+        """Vectors (n, d) of one chunk's ``texts`` in the storage dtype.
+
+        Raises:
+            ValueError: a vector holds NaN/inf (before or after the cast to the storage
+                dtype), naming the chunk ``path`` and the first such row's key.
+        """
         parts = []
         for start in range(0, len(texts), self._config.batch_size):
             vectors = encode_fn(list(texts[start : start + self._config.batch_size]))  # (b, d)
@@ -221,7 +243,21 @@ class VectorExport:
                 mean, components = self._projection
                 vectors = (vectors - mean) @ components  # (b, k)
             parts.append(vectors.numpy())
-        return np.concatenate(parts).astype(DTYPES[self._config.dtype][0])
+        encoded = np.concatenate(parts)  # (n, d) float32
+        with np.errstate(over="ignore"):  # a float16 overflow becomes inf, refused below
+            stored = encoded.astype(DTYPES[self._config.dtype][0])
+        bad = _non_finite_rows(stored)
+        if bad is not None:
+            first = int(np.argmax(bad))
+            largest = np.abs(encoded[first]).max()
+            cause = ("the encoder gave NaN/inf" if not np.isfinite(encoded[first]).all() else
+                     f"a value beyond the {self._config.dtype} range (largest |value| {largest:.4g}; store float32)")
+            raise ValueError(
+                f"{path}: not written: the vector of key {keys[first].as_py()} holds "
+                f"{stored[first][~np.isfinite(stored[first])][0]}: {cause}; {int(bad.sum())} of {len(stored)} rows of "
+                "this chunk are not finite. Expected finite vectors (check the model, its dtype and the pooling)"
+            )
+        return stored
 
     def run(
         self,
@@ -264,13 +300,14 @@ class VectorExport:
             chunk_texts = texts(start, stop)
             if len(chunk_texts) != stop - start:
                 raise ValueError(f"texts({start}, {stop}) returned {len(chunk_texts)} texts, expected {stop - start}")
-            vectors = self._encode(chunk_texts, encode_fn)  # (n, d)
+            path = chunk_path(self._directory, index)
+            chunk_keys = keys.slice(start, stop - start)
+            vectors = self._encode(chunk_texts, encode_fn, chunk_keys, path)  # (n, d)
             column = pa.FixedSizeListArray.from_arrays(
                 pa.array(vectors.reshape(-1), type=DTYPES[self._config.dtype][1]), vectors.shape[1]
             )
-            table = pa.table({self._config.key_column: keys.slice(start, stop - start), self._config.vector_column: column})
+            table = pa.table({self._config.key_column: chunk_keys, self._config.vector_column: column})
             table = table.replace_schema_metadata(metadata)
-            path = chunk_path(self._directory, index)
             for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
                 os.remove(stale)
             tmp = f"{path}.{os.getpid()}.tmp"
@@ -292,8 +329,7 @@ def read_manifest(directory: str, expected: Optional[Dict[str, str]] = None) -> 
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a vector export directory")
-    with open(path, encoding="utf-8") as handle:
-        manifest = json.load(handle)
+    manifest = _load_manifest(path)
     if expected is not None:
         check_provenance(manifest["provenance"], expected, path)
     missing = [i for i in range(int(manifest["num_chunks"])) if not os.path.exists(chunk_path(directory, i))]
@@ -301,6 +337,31 @@ def read_manifest(directory: str, expected: Optional[Dict[str, str]] = None) -> 
         raise ValueError(
             f"{directory}: export unfinished, {len(missing)} of {manifest['num_chunks']} chunks missing "
             f"(first: {missing[:5]}); re-run the export to complete it"
+        )
+    return manifest
+
+
+MANIFEST_KEYS = ("provenance", "chunk_rows", "num_rows", "num_chunks", "key_column", "vector_column")
+
+
+def _load_manifest(path: str) -> Dict[str, object]:
+    """The parsed ``manifest.json`` at ``path``.
+
+    Raises:
+        ValueError: it is not a JSON object with the manifest's keys (a damaged file).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path}: damaged export manifest, not valid JSON ({error}); re-run the export into an empty --output-dir"
+        ) from error
+    missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(MANIFEST_KEYS)
+    if missing:
+        raise ValueError(
+            f"{path}: damaged export manifest, expected a JSON object with {list(MANIFEST_KEYS)}, lacks {missing}; "
+            "re-run the export into an empty --output-dir"
         )
     return manifest
 
@@ -321,14 +382,42 @@ def _read_chunk(directory: str, manifest: Dict[str, object], index: int) -> Tupl
     return _columns(table, manifest, path)
 
 
+def _non_finite_rows(values: np.ndarray) -> Optional[np.ndarray]:
+    """(n,) bool mask of the rows of (n, d) ``values`` holding NaN/inf; None when all are finite
+    (one vectorised pass over the values; the mask is built only when one is not)."""
+    if values.dtype == np.float16:
+        # numpy's isfinite has no SIMD loop for float16 (~10x slower): all exponent bits set is NaN/inf
+        if not ((values.view(np.uint16) & 0x7C00) == 0x7C00).any():
+            return None
+    elif np.isfinite(values).all():
+        return None
+    return ~np.isfinite(values).all(axis=1)
+
+
 def _columns(table: pa.Table, manifest: Dict[str, object], path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Keys (n,) and vectors (n, d) of a chunk's table.
+
+    Raises:
+        ValueError: the vector column is no fixed-size list, or a vector holds NaN/inf
+            (naming ``path`` and the first such key).
+    """
     key_column, vector_column = str(manifest["key_column"]), str(manifest["vector_column"])
     vectors = table.column(vector_column).combine_chunks()
     if not pa.types.is_fixed_size_list(vectors.type):
         raise ValueError(f"{path}: column {vector_column!r} must be fixed_size_list<float>, got {vectors.type}")
     dim = vectors.type.list_size
     values = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    return table.column(key_column).to_numpy(), values
+    keys = table.column(key_column).to_numpy()
+    bad = _non_finite_rows(values)
+    if bad is not None:
+        first = int(np.argmax(bad))
+        raise ValueError(
+            f"{path}: column {vector_column!r}, {key_column}={keys[first].item()}: the vector holds "
+            f"{values[first][~np.isfinite(values[first])][0]} ({int(bad.sum())} of {len(values)} vectors of this chunk "
+            "hold NaN/inf); expected finite values: the chunk is damaged or was written without this check, "
+            "delete it and re-run the export"
+        )
+    return keys, values
 
 
 def read_vectors(directory: str, expected: Optional[Dict[str, str]] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -363,15 +452,44 @@ def read_vector_rows(
     return out
 
 
-def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tuple[int, int]:
-    """Smallest and largest key of a finished export ((0, -1) when it holds no vector)."""
-    manifest = read_manifest(directory, expected)
+def _chunk_keys(directory: str, manifest: Dict[str, object]) -> List[np.ndarray]:
+    """The key column (n_i,) of every chunk, each checked to hold the rows the manifest gives it.
+
+    Raises:
+        ValueError: a chunk holds more or fewer rows than ``chunk_rows`` / ``num_rows`` say.
+    """
     key_column = str(manifest["key_column"])
-    bounds = [pc.min_max(pq.read_table(chunk_path(directory, index), columns=[key_column]).column(key_column))
-              for index in range(int(manifest["num_chunks"]))]
-    lows = [b["min"].as_py() for b in bounds if b["min"].as_py() is not None]
-    highs = [b["max"].as_py() for b in bounds if b["max"].as_py() is not None]
-    return (min(lows), max(highs)) if lows else (0, -1)
+    chunk_rows, num_rows = int(manifest["chunk_rows"]), int(manifest["num_rows"])
+    keys = []
+    for index in range(int(manifest["num_chunks"])):
+        path = chunk_path(directory, index)
+        column = pq.read_table(path, columns=[key_column]).column(key_column).to_numpy()
+        want = min(chunk_rows, num_rows - index * chunk_rows)
+        if len(column) != want:
+            raise ValueError(
+                f"{path}: holds {len(column)} rows, but the manifest of {directory} (num_rows={num_rows}, "
+                f"chunk_rows={chunk_rows}) gives chunk {index} {want}; the export is damaged: re-export it into "
+                "an empty --output-dir"
+            )
+        keys.append(column)
+    return keys
+
+
+def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tuple[int, int]:
+    """Smallest and largest key of a finished export ((0, -1) when it holds no vector).
+
+    The export is checked on the way: every chunk holds the rows its manifest gives it,
+    and no key repeats (a table filled by key would silently keep one of two vectors).
+
+    Raises:
+        ValueError: a chunk with another number of rows than the manifest's, or a repeated
+            key, naming the export directory.
+    """
+    manifest = read_manifest(directory, expected)
+    keys = _chunk_keys(directory, manifest)
+    ordered = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    _require_unique_keys(ordered, f"{directory}: key column {manifest['key_column']!r}", is_sorted=True)
+    return (int(ordered[0]), int(ordered[-1])) if len(ordered) else (0, -1)
 
 
 def vector_dim(directory: str) -> int:
@@ -413,8 +531,7 @@ class ExportLookup:
         self._cache_bytes = cache_bytes
         self._cache: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
         key_column = str(manifest["key_column"])
-        keys = [pq.read_table(chunk_path(directory, i), columns=[key_column]).column(key_column).to_numpy()
-                for i in range(int(manifest["num_chunks"]))]
+        keys = _chunk_keys(directory, manifest)
         self._chunk_starts = np.cumsum([0] + [len(k) for k in keys[:-1]])  # (C,) first position of each chunk
         all_keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
         self._order = np.argsort(all_keys, kind="stable")

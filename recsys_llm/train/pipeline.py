@@ -20,6 +20,7 @@ Example::
 
 import dataclasses
 import itertools
+import math
 import time
 from typing import Callable, Iterable, Iterator, List, Optional
 
@@ -39,8 +40,29 @@ from recsys_llm.train.metrics import CTRMetrics
 # the step's detached 0-dim loss tensor, still on the device: reading it (``float(loss)``) waits
 # for the step to finish, so callbacks read it only when they log.
 StepCallback = Callable[[int, torch.Tensor], bool]
-# Steps between two reads of the loss for the progress bar (each read is a device sync on GPU).
+# Steps between two updates of the progress bar's loss (its mean over those steps).
 LOSS_READ_EVERY = 20
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or inf: training stops before a checkpoint keeps the
+    diverged weights."""
+
+
+def check_finite_loss(loss: torch.Tensor, where: str) -> None:
+    """Raises :class:`NonFiniteLossError` unless ``loss`` (a step's loss, or a running sum of
+    them) is finite; reading it waits for the device.
+
+    Args:
+        loss (torch.Tensor): 0-dim.
+        where (str): names the step in the message.
+    """
+    value = float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"{where}: training loss is {value}; stopped before a checkpoint keeps the diverged weights. Try a "
+            "lower learning rate, and check the input vectors and dense features for NaN/inf or huge values"
+        )
 
 
 @dataclasses.dataclass
@@ -117,6 +139,11 @@ def train_epoch(
 
     Returns:
         EpochStats: steps, samples, throughput, mean loss, pipelined modules.
+
+    Raises:
+        NonFiniteLossError: a step's loss is NaN or inf: on CPU before ``on_step`` is called
+            for it; on GPU, where each read waits for the device, within ``LOSS_READ_EVERY``
+            steps and at the epoch's end (``on_step`` checks its step's loss before it saves).
     """
     model.train()
     iterator = iter(batches)
@@ -136,6 +163,10 @@ def train_epoch(
     steps = 0
     loss_sum = torch.zeros((), device=device)
     window: List[torch.Tensor] = []
+    # a NaN loss makes NaN weights, which a checkpoint would keep: on CPU every step is checked
+    # (free); on GPU the running sum every LOSS_READ_EVERY steps and at the end (a sync each),
+    # and the runner checks the step's loss before it saves a checkpoint
+    check_every = 1 if device.type == "cpu" else LOSS_READ_EVERY
     stopped = False
     start = time.perf_counter()
     try:
@@ -148,6 +179,8 @@ def train_epoch(
             steps += 1
             loss_value = loss.detach().mean()
             loss_sum += loss_value
+            if steps % check_every == 0:
+                check_finite_loss(loss_sum, f"{description}: step {step}")
             bar.update(1)
             if not bar.disable:  # a hidden bar reads no loss (no device sync)
                 window.append(loss_value)
@@ -163,6 +196,8 @@ def train_epoch(
         pipelined_ids = {id(m) for m in pipeline._pipelined_modules}  # noqa: SLF001 (no public accessor)
         pipelined = [name for name, m in model.named_modules() if id(m) in pipelined_ids]
         pipeline.detach()
+    if steps:
+        check_finite_loss(loss_sum, f"{description}: by step {step}")
     trained_samples = sum(counting.samples_seen[:steps])
     return EpochStats(
         steps=steps,

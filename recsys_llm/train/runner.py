@@ -69,7 +69,7 @@ from recsys_llm.train.config import (
 )
 from recsys_llm.train.distributed import DistContext, barrier, init_distributed
 from recsys_llm.train.metrics import CTRMetrics
-from recsys_llm.train.pipeline import EpochStats, evaluate, train_epoch
+from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
 from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_model
 from recsys_llm.train.task import CTRTask
 
@@ -443,6 +443,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         if state.global_step % 50 == 0:
             log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": float(loss)})
         if train_cfg.checkpoint_every and state.global_step % train_cfg.checkpoint_every == 0:
+            check_finite_loss(loss, f"step {state.global_step}")  # a NaN step makes every later loss NaN
             checkpoints.save(model, optimizer, state)
         if on_step is not None:
             on_step(state)

@@ -246,3 +246,41 @@ def test_entity_vectors_of_another_schema_or_field_are_refused(tmp_path):
     users_task = build_gain_network(as_users, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
     with pytest.raises(ProvenanceError, match="entity_field: stored 'item_id', expected 'user_id'"):
         load_elec_state(users_task, as_users, schema.fingerprint())
+
+
+def _rewrite_chunk_keys(directory: str, index: int, keys) -> None:
+    """Replaces chunk ``index``'s rows by ``keys`` (vectors of its first rows), keeping its provenance."""
+    import pyarrow.parquet as pq
+
+    from recsys_llm.semantics.vector_export import chunk_path
+
+    path = chunk_path(directory, index)
+    table = pq.read_table(path).slice(0, len(keys))
+    table = table.set_column(0, table.schema.field(0), pa.array(keys, pa.int64()))
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(path).metadata), path)
+
+
+class TestDamagedEntityExport:
+    """Damaged exports used to fill the table silently and train with exit 0."""
+
+    def test_a_repeated_id_is_refused(self, tmp_path):
+        out = str(tmp_path / "items")
+        write_item_vectors(out)
+        ids = np.random.default_rng(0).permutation(NUM_ITEMS)
+        repeated = ids[5:10].copy()
+        repeated[1] = ids[0]  # an id of chunk 0 again in chunk 1: its vector would be one of the two
+        _rewrite_chunk_keys(out, 1, repeated)
+        module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
+        with pytest.raises(ValueError, match=rf"items: key column 'key': keys must be unique, but 1 repeat "
+                                             rf"\(first: {ids[0]}\)"):
+            load_semantic_vectors(module, "semantic_item_id", out)
+
+    def test_a_chunk_with_fewer_rows_than_the_manifest_is_refused(self, tmp_path):
+        out = str(tmp_path / "items")
+        write_item_vectors(out)
+        ids = np.random.default_rng(0).permutation(NUM_ITEMS)
+        _rewrite_chunk_keys(out, 1, ids[5:8])  # 3 of its 5 rows: 2 ids would keep zero vectors
+        module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"items/chunk-00001\.parquet: holds 3 rows, but the manifest of .*items "
+                                             r"\(num_rows=12, chunk_rows=5\) gives chunk 1 5; the export is damaged"):
+            load_semantic_vectors(module, "semantic_item_id", out)

@@ -76,3 +76,58 @@ class TestCachedEncode:
         assert CountingEncoder.calls == 4
         dtypes = {load_vectors(str(path)).provenance.extra["dtype"] for path in tmp_path.glob("*.safetensors")}
         assert dtypes == {"float32", "bfloat16"}
+
+
+class TestNonFiniteVectors:
+    """A NaN vector (e.g. from a model overflowing in float16) must never reach training."""
+
+    def test_save_refuses_nan_and_writes_nothing(self, tmp_path) -> None:
+        path = str(tmp_path / "v.safetensors")
+        vectors = torch.randn(3, 4)
+        vectors[1, 2] = float("nan")
+        with pytest.raises(ValueError, match=r"v\.safetensors: not written: the vector of 'b' \(row 1\) holds nan, "
+                                             r"and 1 of 3 vectors hold NaN/inf"):
+            save_vectors(path, vectors, ["a", "b", "c"], _provenance())
+        assert os.listdir(tmp_path) == []
+        vectors[1, 2] = float("inf")
+        with pytest.raises(ValueError, match=r"'b' \(row 1\) holds inf"):
+            save_vectors(path, vectors, ["a", "b", "c"], _provenance())
+
+    def test_load_refuses_a_file_with_nan(self, tmp_path) -> None:
+        """A file written before the check (or damaged): refused, naming the file and the field."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        path = str(tmp_path / "v.safetensors")
+        save_vectors(path, torch.randn(3, 4), ["a", "b", "c"], _provenance())
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata()
+        vectors = torch.randn(3, 4)
+        vectors[2, 0] = float("-inf")
+        save_file({"vectors": vectors}, path, metadata=metadata)
+        with pytest.raises(VectorProvenanceError, match=r"v\.safetensors: the vector of 'c' \(row 2\) holds -inf"):
+            load_vectors(path)
+
+    def test_cached_encode_refuses_nan_before_caching(self, tmp_path, tiny_llama_dir: str, monkeypatch) -> None:
+        encoder = TextEncoder(tiny_llama_dir)
+
+        def nan_encode(texts: List[str], progress: bool = True) -> torch.Tensor:
+            return torch.full((len(texts), 4), float("nan"))
+
+        monkeypatch.setattr(encoder, "encode", nan_encode)
+        with pytest.raises(ValueError, match=r"text 0 \('shade 1'\) was encoded to a vector holding nan, and 2 of 2 "
+                                             r"texts to NaN/inf; nothing was cached"):
+            cached_encode(encoder, ["shade 1", "town 2"], "t1", str(tmp_path / "cache"), progress=False)
+        assert not os.path.exists(tmp_path / "cache") or os.listdir(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_vector_files_get_the_mode_the_umask_allows(tmp_path, umask: int) -> None:
+    """safetensors writes 0600 files: other users of a shared cluster could not read them."""
+    path = str(tmp_path / "v.safetensors")
+    old = os.umask(umask)
+    try:
+        save_vectors(path, torch.randn(2, 4), ["a", "b"], _provenance())
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

@@ -386,3 +386,120 @@ def test_a_chunk_killed_while_being_written_is_no_chunk(tmp_path, monkeypatch):
     assert VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, resumed,
                                                                                progress=False) == [1]
     assert resumed.texts == 10 and len(read_vectors(out)[0]) == 20
+
+
+def _nan_at(keys_with_nan, dim: int = 4):
+    """An encoder giving NaN for the texts naming one of ``keys_with_nan``."""
+
+    def encode(texts):
+        out = torch.ones(len(texts), dim)
+        for i, text in enumerate(texts):
+            if int(text) in keys_with_nan:
+                out[i, 1] = float("nan")
+        return out
+
+    return encode
+
+
+class TestNonFiniteVectors:
+    def test_export_refuses_nan_before_writing_the_chunk(self, tmp_path):
+        out = str(tmp_path / "vec")
+        keys = pa.array(np.arange(100, 110), pa.int64())
+        texts = lambda a, b: [str(100 + i) for i in range(a, b)]  # noqa: E731
+        with pytest.raises(ValueError, match=r"chunk-00001\.parquet: not written: the vector of key 106 holds nan: the "
+                                             r"encoder gave NaN/inf; 2 of 5 rows of this chunk are not finite"):
+            VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5, batch_size=2)).run(
+                keys, texts, _nan_at({106, 108}), progress=False)
+        assert sorted(f for f in os.listdir(out) if "chunk" in f) == ["chunk-00000.parquet"]  # no chunk 1, no temp
+
+    def test_float16_overflow_is_named(self, tmp_path):
+        out = str(tmp_path / "vec")
+        with pytest.raises(ValueError, match=r"key 101 holds inf: a value beyond the float16 range \(largest \|value\| "
+                                             r"1e\+05; store float32\)"):
+            VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5, dtype="float16")).run(
+                pa.array([100, 101], pa.int64()), lambda a, b: ["t"] * (b - a),
+                lambda texts: torch.tensor([[1.0, 2.0], [1e5, 0.0]])[: len(texts)], progress=False)
+
+    def test_readers_refuse_a_chunk_with_nan(self, tmp_path):
+        """A chunk written before the check (or damaged): every reader names the chunk and the key."""
+        from recsys_llm.semantics.vector_export import ExportLookup, read_manifest
+
+        out = str(tmp_path / "vec")
+        keys, texts = _keys_texts(10)
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(keys, texts, CountingEncoder(dim=3),
+                                                                           progress=False)
+        chunk = chunk_path(out, 1)
+        table = pq.read_table(chunk)
+        values = np.ones((5, 3), np.float32)
+        values[3, 2] = np.inf
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), 3)
+        table = table.set_column(1, table.schema.field(1), column)
+        pq.write_table(table.replace_schema_metadata(pq.read_schema(chunk).metadata), chunk)
+        message = r"chunk-00001\.parquet: column 'vector', key=108: the vector holds inf \(1 of 5 vectors"
+        with pytest.raises(ValueError, match=message):
+            read_vectors(out)
+        with pytest.raises(ValueError, match=message.replace("5 vectors", "1 vectors")):  # only the rows read
+            read_vector_rows(out, 108, 109, 3)
+        assert read_vector_rows(out, 100, 105, 3).shape == (5, 3)  # chunk 0 alone is fine
+        lookup = ExportLookup(out, read_manifest(out), cache_bytes=1 << 20)
+        with pytest.raises(ValueError, match=message):
+            lookup.vectors(lookup.positions(np.array([109])))
+
+
+def test_a_damaged_manifest_is_named(tmp_path):
+    from recsys_llm.semantics.vector_export import read_manifest
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(4)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
+    manifest = os.path.join(out, "manifest.json")
+    with open(manifest, "w", encoding="utf-8") as handle:
+        handle.write("{'provenance': ")  # cut short, and not JSON quoting
+    damaged = r"vec/manifest\.json: damaged export manifest, not valid JSON \(Expecting property name"
+    with pytest.raises(ValueError, match=damaged):
+        read_manifest(out)
+    with pytest.raises(ValueError, match=damaged):  # a resume reads it too
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(),
+                                                                           progress=False)
+    with open(manifest, "w", encoding="utf-8") as handle:
+        json.dump({"provenance": {}}, handle)
+    with pytest.raises(ValueError, match=r"manifest\.json: damaged export manifest, expected a JSON object .* lacks "
+                                         r"\['chunk_rows', 'num_rows'"):
+        read_manifest(out)
+
+
+def test_a_finished_export_with_other_settings_is_not_called_unfinished(tmp_path):
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(20)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, CountingEncoder(), progress=False)
+    with pytest.raises(ValueError, match=r"vec: holds a finished export made with chunk_rows=10; this run has "
+                                         r"chunk_rows=5\. Use another --output-dir"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(keys, texts, CountingEncoder(),
+                                                                           progress=False)
+    os.remove(chunk_path(out, 1))
+    with pytest.raises(ValueError, match=r"vec: holds an unfinished export made with chunk_rows=10; this run has "
+                                         r"chunk_rows=5, so it cannot resume it"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(keys, texts, CountingEncoder(),
+                                                                           progress=False)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_projection_file_gets_the_mode_the_umask_allows(tmp_path, umask):
+    """safetensors writes 0600 files: other users of a shared cluster could not read them."""
+    path = str(tmp_path / "pca.safetensors")
+    old = os.umask(umask)
+    try:
+        save_projection(path, *fit_projection(torch.randn(16, 6), 2))
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    assert os.listdir(tmp_path) == ["pca.safetensors"]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_non_finite_rows_of_both_storage_dtypes(dtype):
+    from recsys_llm.semantics.vector_export import _non_finite_rows
+
+    values = np.array([[65504.0, -65504.0], [0.0, np.nan], [np.inf, 1.0], [-np.inf, 0.0], [6e-8, -0.0]], dtype=dtype)
+    np.testing.assert_array_equal(_non_finite_rows(values), [False, True, True, True, False])
+    assert _non_finite_rows(values[[0, 4]]) is None

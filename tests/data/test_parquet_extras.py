@@ -1,0 +1,49 @@
+"""ParquetBatchReader: extra (vector) columns are checked for NaN/inf like dense features."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.validation import DataError
+
+SCHEMA = DatasetSchema("v", [FieldSpec("item", FieldKind.SPARSE, 5), FieldSpec("x", FieldKind.DENSE)], row_key=None)
+
+
+def _write(path: str, vectors: np.ndarray, weight: np.ndarray) -> None:
+    n = len(vectors)
+    pq.write_table(pa.table({
+        "item": pa.array(np.arange(n) % 5, pa.int64()), "x": pa.array(np.zeros(n, np.float32)),
+        "label": pa.array(np.zeros(n, np.int8)), "weight": pa.array(weight),
+        "llm_vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
+    }), path, row_group_size=4)
+
+
+class TestNonFiniteExtras:
+    def test_a_nan_in_an_attached_vector_names_file_column_and_row(self, tmp_path):
+        vectors = np.ones((10, 3), np.float32)
+        vectors[6, 1] = np.nan  # row group 1 (rows 4-7): row 6 of the file
+        vectors[9, 0] = np.inf
+        path = str(tmp_path / "a.parquet")
+        _write(path, vectors, np.ones(10, np.float32))
+        with pytest.raises(DataError, match=r"a\.parquet: column 'llm_vector', row 6: extra value is nan \(1 of the 4 "
+                                            r"rows read from row 4 on are not finite\); expected finite floats"):
+            list(ParquetBatchReader(SCHEMA, path, 4, extras=["llm_vector"], prefetch=0))
+        assert len(list(ParquetBatchReader(SCHEMA, path, 4, extras=["llm_vector"], prefetch=0, validate=False))) == 3
+
+    def test_an_inf_in_a_float_extra_is_refused(self, tmp_path):
+        weight = np.ones(10, np.float32)
+        weight[2] = -np.inf
+        path = str(tmp_path / "w.parquet")
+        _write(path, np.ones((10, 3), np.float32), weight)
+        with pytest.raises(DataError, match=r"w\.parquet: column 'weight', row 2: extra value is -inf"):
+            list(ParquetBatchReader(SCHEMA, path, 4, extras=["weight"], prefetch=0))
+
+    def test_finite_extras_are_read_as_before(self, tmp_path):
+        path = str(tmp_path / "ok.parquet")
+        vectors = np.arange(30, dtype=np.float32).reshape(10, 3)
+        _write(path, vectors, np.ones(10, np.float32))
+        batches = list(ParquetBatchReader(SCHEMA, path, 4, extras=["llm_vector", "weight"], prefetch=0))
+        np.testing.assert_array_equal(np.concatenate([b.extras["llm_vector"].numpy() for b in batches]), vectors)

@@ -1,0 +1,97 @@
+"""train_epoch: a NaN/inf training loss stops training before a checkpoint keeps the diverged weights."""
+
+import os
+import shutil
+from typing import Any, Dict, List
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+from recsys_llm.train.distributed import init_distributed
+from recsys_llm.train.pipeline import NonFiniteLossError, train_epoch
+from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+from recsys_llm.train.task import CTRTask
+from tests.multiprocess import run_multiprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _model(schema: DatasetSchema):
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("meta")))
+    model, _ = shard_model(task, ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=64)
+    return ctx, model, build_optimizer(model, OptimizerConfig())
+
+
+def _nan_at_step(schema_path: str, bad_step: int, value: float) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    batches = list(ParquetBatchReader(schema, "train", 64))[:8]
+    batches[bad_step - 1].dense_features[5, 0] = value  # as an unvalidated input (or a diverged model) gives
+    seen: List[int] = []
+
+    def on_step(step: int, loss: torch.Tensor) -> bool:  # the runner writes its checkpoints here
+        seen.append(step)
+        return False
+
+    try:
+        train_epoch(model, optimizer, batches, ctx.device, on_step=on_step, progress=False)
+    except NonFiniteLossError as error:
+        return {"error": str(error), "seen": seen}
+    return {"error": None, "seen": seen}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_before_its_step_callback(synthetic_dir: str, value: float) -> None:
+    (result,) = run_multiprocess(_nan_at_step, world_size=1, schema_path=synthetic_dir, bad_step=4, value=value)
+    assert result["seen"] == [1, 2, 3], result  # no on_step (no checkpoint) for step 4 or later
+    assert result["error"] is not None and result["error"].startswith("train: step 4: training loss is nan;"), result
+    assert "learning rate" in result["error"] and "input vectors" in result["error"]
+
+
+def _train_nan_run(schema_dir: str, run_dir: str) -> Dict[str, Any]:
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.runner import run_training
+
+    overrides = [f"data.schema={schema_dir}", "data.batch_size=256", "data.eval_batch_size=1024",
+                 "data.synthetic_rows=0", "data.validate=false", "train.epochs=2", "train.patience=0",
+                 "train.checkpoint_every=5", "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}"]
+    try:
+        run_training(load_config(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), overrides))
+    except NonFiniteLossError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+@pytest.mark.multiprocess
+def test_a_run_with_a_nan_input_ends_with_an_error_and_no_checkpoint_after_it(synthetic_dir: str, tmp_path) -> None:
+    """Unvalidated data with one NaN dense value: the run used to finish (exit 0) with NaN metrics
+    and a best/ checkpoint of NaN weights."""
+    data = str(tmp_path / "data")
+    shutil.copytree(synthetic_dir, data)
+    schema = DatasetSchema.load(os.path.join(data, "schema.json"))
+    path = schema.split_path("train")
+    table = pq.read_table(path)
+    name = schema.dense_feature_names[0]
+    values = table[name].to_numpy().copy()
+    values[7000] = np.nan
+    pq.write_table(table.set_column(table.schema.get_field_index(name), name, pa.array(values)), path,
+                   row_group_size=1024)
+    run_dir = str(tmp_path / "run")
+    (result,) = run_multiprocess(_train_nan_run, world_size=1, schema_dir=data, run_dir=run_dir)
+    assert result["error"] is not None and "training loss is nan" in result["error"], result
+    bad_step = int(result["error"].split("step ")[1].split(":")[0])
+    assert not os.path.exists(os.path.join(run_dir, "best")) or not os.listdir(os.path.join(run_dir, "best"))
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    saved = sorted(int(n.split("-")[1]) for n in os.listdir(checkpoints) if n.startswith("ckpt-") and "." not in n) \
+        if os.path.isdir(checkpoints) else []
+    assert all(step < bad_step for step in saved), (saved, bad_step)
+    assert not os.path.exists(os.path.join(run_dir, "results.json"))
