@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+ID_DTYPES = (torch.int64, torch.int32)  # what embedding_bag takes as ids and offsets
+
 
 def id_rules(schema: Any, feature_names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     """Per feature of ``schema`` among ``feature_names``: ``{"hashed": bool, "max_length": int}``
@@ -60,11 +62,22 @@ class IdRules:
         )
 
     def _per_key(self, keys: Tuple[str, ...]) -> Tuple[torch.Tensor, List[int], List[int]]:
-        """(K,) table rows, the positions of hashed keys and the K max lengths, of a key order (cached)."""
+        """(K,) table rows, the positions of hashed keys and the K max lengths, of a key order (cached).
+
+        Raises:
+            ValueError: ``keys`` are not exactly the model's features (each once, any order).
+        """
         if keys not in self._per_keys:
+            missing = [k for k in self._rows if k not in keys]
             unknown = [k for k in keys if k not in self._rows]
-            if unknown:
-                raise KeyError(f"features {unknown} have no table in this model; its features are {sorted(self._rows)}")
+            repeated = sorted({k for k in keys if keys.count(k) > 1})
+            if missing or unknown or repeated:
+                problems = [f"{what} {names}" for what, names in
+                            (("missing", missing), ("unknown", unknown), ("repeated", repeated)) if names]
+                raise ValueError(
+                    f"sparse features: {', '.join(problems)}; expected each of this model's features once, in any "
+                    f"order: {list(self._rows)}"
+                )
             self._per_keys[keys] = (
                 torch.tensor([self._rows[k] for k in keys], dtype=torch.int64),
                 [i for i, k in enumerate(keys) if self._hashed.get(k, False)],
@@ -82,11 +95,14 @@ class IdRules:
             (``features`` itself when no id needs a change).
 
         Raises:
-            ValueError: an id of a feature that is not hashed lies outside its table, named
-                with the feature, the id, the row in the batch and the table's size.
+            ValueError: the KeyedJaggedTensor is malformed (features missing or unknown, ids
+                not integers, lengths that do not match the ids: :meth:`check_structure`), or
+                an id of a feature that is not hashed lies outside its table, named with the
+                feature, the id, the row in the batch and the table's size.
         """
         keys = tuple(features.keys())
         rows, hashed_positions, max_lengths = self._per_key(keys)
+        self.check_structure(features)
         if any(max_lengths):  # first, as the reader cuts a sequence before it checks its ids
             features = self._rebuilt(features, *self._truncate(features, max_lengths))
         values = features.values()
@@ -102,6 +118,44 @@ class IdRules:
                 outside = torch.logical_or(values < 0, values >= bounds)
                 self._raise_outside(features, keys, values, per_key, int(outside.nonzero()[0]))
         return self._rebuilt(features, values, features.lengths(), features.weights_or_none())
+
+    @staticmethod
+    def check_structure(features: KeyedJaggedTensor) -> None:
+        """Raises unless ``features`` is a well-formed request: integer ids, and lengths that
+        are counts (one per (feature, row), >= 0) summing to the number of ids.
+
+        A few checks on whole tensors, no loop over rows: without them a float id fails deep
+        in ``embedding_bag`` and lengths that do not sum to the ids fail in a reshape.
+
+        Args:
+            features (KeyedJaggedTensor): K keys; values (N,), lengths (sum of strides,),
+                weights (N,) if any.
+
+        Raises:
+            ValueError: names what is wrong and what was expected.
+        """
+        values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
+        if values.dtype not in ID_DTYPES or values.dim() != 1:
+            raise ValueError(f"sparse features: ids (values) are a {values.dtype} tensor of shape {tuple(values.shape)}; "
+                             "expected a 1-D integer tensor (torch.int64 or torch.int32) of raw ids")
+        if lengths.dtype not in ID_DTYPES:
+            raise ValueError(f"sparse features: lengths are {lengths.dtype}; expected torch.int32 or torch.int64 counts")
+        strides = features.stride_per_key()
+        if lengths.numel() != sum(strides):
+            raise ValueError(f"sparse features: {lengths.numel()} lengths for {len(strides)} features; expected one "
+                             "length per (feature, row), feature-major (K features x B rows)")
+        if lengths.numel() and int(lengths.min()) < 0:
+            first = int((lengths < 0).nonzero()[0])
+            position = int(torch.searchsorted(torch.tensor(strides).cumsum(0), torch.tensor(first), right=True))
+            row = first - sum(strides[:position])
+            raise ValueError(f"sparse features: feature {features.keys()[position]!r}, row {row}: length "
+                             f"{int(lengths[first])}; expected a count >= 0")
+        total = sum(features.length_per_key())  # per key from the lengths (from_lengths_sync keeps it)
+        if total != values.numel():
+            raise ValueError(f"sparse features: lengths sum to {total} but there are {values.numel()} ids (values); "
+                             "expected the lengths to count every id, one length per (feature, row)")
+        if weights is not None and weights.numel() != values.numel():
+            raise ValueError(f"sparse features: {weights.numel()} weights for {values.numel()} ids; expected one each")
 
     @staticmethod
     def _rebuilt(features: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor,

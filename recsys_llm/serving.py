@@ -28,11 +28,14 @@ Example (inference)::
 
 import contextlib
 import json
+import math
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+import pickle
+import zipfile
+from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -52,6 +55,7 @@ STATE_FILE = "model.safetensors"
 EXPORT_MARKER_FILES = ("config.json", STATE_FILE)  # every export has them (state-only ones too)
 SEMANTIC_TABLES_FILE = "semantic_tables.json"  # frozen entity-vector tables of a gain network
 ID_RULES_KEY = "id_rules"  # in config.json: per feature, the reader's hashed / max_length (None: not recorded)
+DENSE_DTYPE = torch.float32  # the dense features' dtype in training (ParquetBatchReader) and in the program
 FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")
 
 INFERENCE_EXAMPLE = """# Inference with an exported model
@@ -68,9 +72,15 @@ kjt = KeyedJaggedTensor.from_lengths_sync(
     values=torch.tensor([...], dtype=torch.int64),   # ids, feature-major
     lengths=torch.tensor([...], dtype=torch.int32),  # one length per (feature, row)
 )
-dense = torch.zeros(batch_size, {num_dense})         # dense features in schema order
+dense = torch.zeros(batch_size, {num_dense})         # dense features in schema order, finite
 probabilities = served.predict(dense, kjt)           # (batch_size,)
 ```
+
+A request is checked before the model runs: the KeyedJaggedTensor must hold each feature
+once (any order), integer ids and one length per (feature, row) summing to the number of ids;
+the dense features must be `(batch_size, {num_dense})` and finite (NaN / inf is a ValueError
+naming the row). Dense features of another real dtype (float64, integers) are converted to
+float32.
 
 Ids go through the training reader's rules first (`config.json`, `id_rules`): ids of a
 `hashed` field are folded into its table, sequences keep their first `max_length` ids, and any
@@ -197,23 +207,129 @@ def _state_path(path: str) -> str:
     return path
 
 
+def _first_line(error: BaseException) -> str:
+    """``error`` as ``Type: message``, cut to its most telling line (one-line error messages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # torch.load's weights-only refusal opens with advice; the reason is on a later line
+    reason = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line), None)
+    if reason is not None:  # drop its advice to allowlist the global: the file is refused, not to be trusted
+        reason = reason.split(" Please ")[0]
+    return f"{type(error).__name__}: {reason or (lines[0] if lines else '')}"[:500]
+
+
+def _torch_load(path: str, mmap: bool) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; a refused or unreadable file is named.
+
+    ``mmap``: memory-map the file (the legacy non-zip ``torch.save`` format cannot be mapped
+    and is read whole).
+
+    Raises:
+        pickle.UnpicklingError: the file holds objects other than tensors and containers
+            (nothing from it runs).
+        ValueError: the file is damaged (truncated, not a ``torch.save`` file).
+    """
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as error:
+            if not mmap or "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise pickle.UnpicklingError(
+            f"{path}: refused: the file holds objects other than tensors ({_first_line(error)}); expected a state "
+            "dict of tensors only (torch.load with weights_only=True, no code runs): write it with "
+            "`recsys-llm export --state-only` or safetensors"
+        ) from error
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(
+            f"{path}: damaged or incomplete state file ({_first_line(error)}); expected a complete torch.save or "
+            ".safetensors file of tensors: write it again (`recsys-llm export --state-only`)"
+        ) from error
+
+
+def _damaged_state_file(path: str, error: BaseException) -> ValueError:
+    """The error for a safetensors file that cannot be read."""
+    return ValueError(
+        f"{path}: damaged or incomplete state file ({_first_line(error)}); expected a complete .safetensors file: "
+        "write it again (`recsys-llm export`)"
+    )
+
+
+def _check_finite(path: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself; raises when a floating-point ``tensor`` holds NaN or +-inf.
+
+    Args:
+        path (str): the file ``tensor`` comes from, for the message.
+        key (str): its key in that file.
+        tensor (torch.Tensor): any shape; integer and bool tensors pass unchecked.
+
+    Raises:
+        ValueError: names ``path``, ``key`` and the first non-finite value.
+    """
+    if (tensor.is_floating_point() or tensor.is_complex()) and tensor.numel():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            first = int(torch.argmin(finite.reshape(-1).to(torch.uint8)))
+            raise ValueError(
+                f"{path}: tensor {key!r} holds {int(finite.numel() - finite.sum())} non-finite value(s) (first: "
+                f"{tensor.reshape(-1)[first].item()} at flat index {first}); expected finite weights: the model that "
+                "wrote it diverged or the file is damaged (train it again, or take an earlier checkpoint)"
+            )
+    return tensor
+
+
 def load_state_file(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from an export directory or a ``.safetensors`` file (weights only, no code)."""
+    """A state dict from an export directory or a ``.safetensors`` / ``torch.save`` file (weights only, no code).
+
+    Raises:
+        pickle.UnpicklingError: a ``torch.save`` file holding other objects than tensors (named).
+        ValueError: a damaged file, or a tensor with NaN / inf values (named with its key).
+    """
     path = _state_path(path)
     if path.endswith(".safetensors"):
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = load_file(path)
+        except SafetensorError as error:
+            raise _damaged_state_file(path, error) from error
+    else:
+        state = _torch_load(path, mmap=False)
+    for key, value in state.items() if isinstance(state, dict) else ():
+        if isinstance(value, torch.Tensor):
+            _check_finite(path, key, value)
+    return state
 
 
 class _SafetensorsSlice:
-    """One tensor of an open safetensors file: ``shape``, and ``[index]`` reads only that part."""
+    """One tensor of an open safetensors file: ``shape``, and ``[index]`` reads only that part
+    (refused when it holds NaN / inf: :func:`_check_finite`)."""
 
-    def __init__(self, handle: Any, key: str) -> None:
+    def __init__(self, handle: Any, key: str, path: str) -> None:
         self._slice = handle.get_slice(key)
+        self._key = key
+        self._path = path
         self.shape = torch.Size(self._slice.get_shape())
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        return self._slice[index]
+        try:
+            part = self._slice[index]
+        except SafetensorError as error:
+            raise _damaged_state_file(self._path, error) from error
+        return _check_finite(self._path, self._key, part)
+
+
+class _CheckedTensor:
+    """One tensor of a (memory-mapped) ``torch.save`` file: ``shape``, and ``[index]`` gives that
+    part, refused when it holds NaN / inf (:func:`_check_finite`)."""
+
+    def __init__(self, tensor: torch.Tensor, key: str, path: str) -> None:
+        self._tensor = tensor
+        self._key = key
+        self._path = path
+        self.shape = tensor.shape
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return _check_finite(self._path, self._key, self._tensor[index])
 
 
 @contextlib.contextmanager
@@ -226,21 +342,30 @@ def open_state_file(path: str) -> Iterator[Mapping[str, Any]]:
     ``torch.save`` files are memory-mapped (``mmap=True``; files of the legacy non-zip format
     are read whole).
 
+    Every part read is checked: NaN or inf in it is a ValueError naming the file and the
+    tensor's key (a frozen teacher that diverged would give NaN losses without an error).
+
     Args:
         path (str): an export directory or a ``.safetensors`` / ``torch.save`` file.
+
+    Raises:
+        pickle.UnpicklingError: a ``torch.save`` file holding other objects than tensors (named).
+        ValueError: a damaged file, or a part read that holds NaN / inf values.
     """
     path = _state_path(path)
     if not path.endswith(".safetensors"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:  # the legacy (non-zip) torch.save format cannot be mapped
-            if "mmap" not in str(error):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path, mmap=True)
+        if isinstance(state, dict):
+            state = {key: _CheckedTensor(value, str(key), path) if isinstance(value, torch.Tensor) else value
+                     for key, value in state.items()}
         yield state
         return
-    with safe_open(path, framework="pt", device="cpu") as handle:
-        yield {key: _SafetensorsSlice(handle, key) for key in handle.keys()}
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except SafetensorError as error:
+        raise _damaged_state_file(path, error) from error
+    with handle:
+        yield {key: _SafetensorsSlice(handle, key, path) for key in handle.keys()}
 
 
 # ---- the dense program -----------------------------------------------------------------
@@ -488,19 +613,52 @@ def _rows_per_feature(*ebcs: Optional[EmbeddingBagCollection]) -> Dict[str, int]
     return rows
 
 
+# what reading a damaged artifact file raises (json, safetensors, torch.export's zip reader and
+# deserializer, a table list or state dict that does not fit); OS errors such as EACCES are not in it
+ARTIFACT_READ_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, EOFError,
+                        zipfile.BadZipFile, SafetensorError)
+CONFIG_KEYS = ("feature_names", "num_dense_features", "state", "tables", "dense_program")  # besides format_version
+
+
+def _raise_damaged(path: str, problem: str, error: Optional[BaseException] = None) -> NoReturn:
+    """Raises the one error of a damaged or incomplete artifact: its file, what is wrong, the fix."""
+    cause = f" ({_first_line(error)})" if error is not None else ""
+    raise ValueError(
+        f"{path}: {problem}{cause}; the export artifact is damaged or incomplete: export the model again "
+        "(`recsys-llm export --output DIR`, or export_task) and load the new directory"
+    ) from error
+
+
+def _read_json(path: str) -> Any:
+    """The JSON value of an artifact file (a damaged or missing one is a ValueError naming it)."""
+    if not os.path.isfile(path):
+        _raise_damaged(path, "file missing")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        _raise_damaged(path, "not valid JSON", error)
+
+
 def _load_ebc(directory: str, tables_file: str, state: Dict[str, torch.Tensor], prefix: str) -> EmbeddingBagCollection:
     """An EBC from an artifact's table list, its weights taken from ``state`` under ``prefix``."""
-    with open(os.path.join(directory, tables_file), encoding="utf-8") as handle:
-        tables = json.load(handle)
-    ebc = EmbeddingBagCollection(
-        tables=[
-            EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
-                               feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]])
-            for t in tables
-        ],
-        device=torch.device("cpu"),
-    )
-    ebc.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    path = os.path.join(directory, tables_file)
+    tables = _read_json(path)
+    try:
+        ebc = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
+                                   feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]])
+                for t in tables
+            ],
+            device=torch.device("cpu"),
+        )
+    except ARTIFACT_READ_ERRORS as error:
+        _raise_damaged(path, "not a list of tables (name, embedding_dim, num_embeddings, feature_names, pooling)", error)
+    try:
+        ebc.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    except RuntimeError as error:  # missing / unexpected keys, other shapes
+        _raise_damaged(os.path.join(directory, STATE_FILE), f"its tables do not match {tables_file}", error)
     return ebc.eval()
 
 
@@ -543,17 +701,29 @@ class ServedModel(nn.Module):
         ``trust_remote_code`` it is read only when asked. Pass ``trust_program=True`` for an
         artifact you exported or trust; without it nothing from the file runs.
 
+        A damaged or incomplete artifact (a file truncated, missing, or not what ``export_task``
+        writes; weights with NaN / inf) is one ValueError naming the file: export again.
+
         Raises:
+            FileNotFoundError: ``directory`` is no directory.
             PermissionError: ``trust_program`` is False.
-            ValueError: another format version, or no program was exported.
+            ValueError: another format version, no program was exported, or the artifact is
+                damaged or incomplete.
         """
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
-            config = json.load(handle)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory}: no such directory; expected an export artifact (`recsys-llm export`)")
+        config_path = os.path.join(directory, "config.json")
+        config = _read_json(config_path)
+        if not isinstance(config, dict):
+            _raise_damaged(config_path, f"holds a JSON {type(config).__name__}, expected an object")
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory}: export format {config.get('format_version')}, this code reads {FORMAT_VERSION}")
+        missing = [key for key in CONFIG_KEYS if key not in config]
+        if missing:
+            _raise_damaged(config_path, f"lacks the keys {missing}")
         if config["dense_program"] is None:
             raise ValueError(
-                f"{directory}: no dense program was exported ({config['dense_program_error']}); "
+                f"{directory}: no dense program was exported ({config.get('dense_program_error')}); "
                 "load model.safetensors into the model code instead"
             )
         program_path = os.path.join(directory, config["dense_program"])
@@ -564,23 +734,99 @@ class ServedModel(nn.Module):
                 "trust_program=True) only if you exported it or trust its source; model.safetensors "
                 "alone holds weights only (safetensors.torch.load_file)"
             )
-        state = load_file(os.path.join(directory, config["state"]))
+        state_path = os.path.join(directory, config["state"])
+        if not os.path.isfile(state_path):
+            _raise_damaged(state_path, "file missing")
+        try:
+            state = load_file(state_path)  # weights only
+        except ARTIFACT_READ_ERRORS as error:
+            _raise_damaged(state_path, "cannot be read as the model's weights", error)
+        for key, value in state.items():
+            _check_finite(state_path, key, value)
         ebc = _load_ebc(directory, config["tables"], state, "model.embedding_bag_collection.")
         semantic = None
         if config.get("semantic_tables"):
             semantic = _load_ebc(directory, config["semantic_tables"], state, "semantic_table.embedding_bag_collection.")
-        program = torch.export.load(program_path).module()
+        if not os.path.isfile(program_path):
+            _raise_damaged(program_path, "file missing")
+        try:
+            program = torch.export.load(program_path).module()
+        except ARTIFACT_READ_ERRORS as error:
+            _raise_damaged(program_path, "cannot be read as a torch.export program", error)
         return cls(ebc, program, config, semantic)
+
+    def _checked_dense(self, dense_features: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The request's dense features as the program takes them: (B, Dd) float32, all finite.
+
+        Other real dtypes (float64, float16, integers, bool) are converted to float32, as the
+        training reader gives them; a float64 beyond float32's range becomes inf and is refused.
+
+        Args:
+            dense_features (torch.Tensor): (B, Dd).
+            batch_size (int): B of the sparse features.
+
+        Raises:
+            TypeError: not a tensor.
+            ValueError: another shape, a complex dtype, an empty batch, or a NaN / inf value
+                (named with its row and column).
+        """
+        width = int(self._config["num_dense_features"])
+        if not isinstance(dense_features, torch.Tensor):
+            raise TypeError(f"dense_features: expected a (B, {width}) float32 torch.Tensor, "
+                            f"got {type(dense_features).__name__}")
+        shape = tuple(dense_features.shape)
+        if dense_features.dim() != 2 or shape[1] != width or shape[0] != batch_size:
+            raise ValueError(f"dense_features: expected (B, {width}) with B = {batch_size}, the sparse features' batch "
+                             f"size, got {shape}")
+        if batch_size == 0:
+            raise ValueError("empty batch: dense_features and the sparse features have 0 rows; expected at least one")
+        if dense_features.dtype != DENSE_DTYPE:
+            if dense_features.dtype.is_complex:
+                raise ValueError(f"dense_features: dtype {dense_features.dtype}; expected real numbers (float32)")
+            converted = dense_features.to(DENSE_DTYPE)  # (B, Dd)
+        else:
+            converted = dense_features
+        # one reduction: a NaN or inf anywhere makes the sum one (a sum that only overflows is no error)
+        bad = () if math.isfinite(float(converted.sum())) else (~torch.isfinite(converted)).nonzero()  # (n, 2)
+        if len(bad):
+            row, column = (int(i) for i in bad[0])
+            value = dense_features[row, column].item()
+            as_float32 = converted[row, column].item()
+            shown = f"{value}" if converted is dense_features else f"{value} (as float32: {as_float32})"
+            raise ValueError(f"dense_features row {row}, column {column}: value {shown}; expected finite values, as in "
+                             "training (fill or drop NaN / inf before the request)")
+        return converted
 
     @torch.no_grad()
     def logits(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """(B, Dd), KJT of raw ids -> logits (B,).
 
-        The ids go through the training reader's rules first (:class:`~recsys_llm.id_rules.IdRules`):
+        The request is checked before anything runs, with a few whole-tensor checks (no loop
+        over rows): the KJT holds each of the model's features once, integer ids and lengths
+        that count them (:meth:`~recsys_llm.id_rules.IdRules.check_structure`); the dense
+        features are (B, Dd) with the KJT's B, B > 0, and finite. Dense features of another
+        real dtype (float64, integers) are converted to float32; NaN / inf is refused, as the
+        training reader refuses it. Each problem is a ValueError saying what was expected.
+
+        The ids then go through the training reader's rules (:class:`~recsys_llm.id_rules.IdRules`):
         hashed features folded, sequences cut to ``max_length``, other out-of-table ids refused
         (ValueError naming the feature and row).
+
+        Args:
+            dense_features (torch.Tensor): (B, Dd), in schema order.
+            sparse_features (KeyedJaggedTensor): raw ids of the model's features (any key order).
+
+        Returns:
+            torch.Tensor: logits (B,).
         """
-        sparse_features = self._id_rules(sparse_features)
+        if not isinstance(sparse_features, KeyedJaggedTensor):
+            raise TypeError(f"sparse_features: expected a KeyedJaggedTensor of the features {self.feature_names}, "
+                            f"got {type(sparse_features).__name__}")
+        sparse_features = self._id_rules(sparse_features)  # checks its structure first
+        strides = set(sparse_features.stride_per_key())
+        if len(strides) != 1:
+            raise ValueError(f"sparse features: batch sizes {sorted(strides)} differ per feature; expected one B for all")
+        dense_features = self._checked_dense(dense_features, strides.pop())  # (B, Dd) float32
         pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
         if self.semantic_embedding_bag_collection is None:
             return self.dense_program(dense_features, pooled)

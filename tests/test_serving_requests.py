@@ -1,0 +1,289 @@
+"""ServedModel refuses malformed requests and damaged artifacts with one clear ValueError, and
+state files (a frozen teacher's) with NaN / inf tensors or pickled code, naming the file."""
+
+import json
+import os
+import pickle
+import re
+import shutil
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, load_elec_state
+from recsys_llm.modules.teacher_student import TeacherStudentConfig
+from recsys_llm.serving import ServedModel, export_task, load_state_file, open_state_file
+from recsys_llm.train.task import CTRTask
+
+CPU = torch.device("cpu")
+KEYS = ["user_id", "item_id", "genres"]
+SCHEMA = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("item_id", "sparse", 12),
+                             FieldSpec("genres", "sequence", 5, max_length=3), FieldSpec("age", "dense"),
+                             FieldSpec("price", "dense"), FieldSpec("hour", "dense")])
+
+
+def kjt(users: List[int], items: List[int], genres: List[List[int]],
+        keys: Tuple[str, ...] = tuple(KEYS)) -> KeyedJaggedTensor:
+    """A request's KJT of ``len(users)`` rows, features in ``keys`` order (a subset drops features)."""
+    columns = {"user_id": [[u] for u in users], "item_id": [[i] for i in items], "genres": genres}
+    bags = [bag for key in keys for bag in columns[key]]
+    values = torch.tensor([v for bag in bags for v in bag], dtype=torch.int64)
+    lengths = torch.tensor([len(bag) for bag in bags], dtype=torch.int32)
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(keys), values=values, lengths=lengths)
+
+
+def request(batch_size: int = 4, seed: int = 0) -> Tuple[torch.Tensor, KeyedJaggedTensor]:
+    """A valid request: dense (B, 3) float32 and the KJT of B rows."""
+    g = torch.Generator().manual_seed(seed)
+    users = torch.randint(0, 10, (batch_size,), generator=g).tolist()
+    items = torch.randint(0, 12, (batch_size,), generator=g).tolist()
+    genres = [torch.randint(0, 5, (row % 4,), generator=g).tolist() for row in range(batch_size)]
+    return torch.randn(batch_size, 3, generator=g), kjt(users, items, genres)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Tuple[str, CTRTask]:
+    """An exported DeepFM (3 dense features) and the task it was exported from."""
+    torch.manual_seed(0)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], SCHEMA, device=CPU)).eval()
+    directory = str(tmp_path_factory.mktemp("served") / "export")
+    dense, sparse = request(4, 100)
+    config = export_task(task, directory, dense, sparse, schema=SCHEMA)
+    assert config["dense_program"] == "dense_program.pt2", config["dense_program_error"]
+    return directory, task
+
+
+class _Counting(nn.Module):
+    """Wraps a module and counts its calls (to show a refused request never reached the model)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, *args: object) -> torch.Tensor:
+        self.calls += 1
+        return self.module(*args)
+
+
+def _with(dense: torch.Tensor, row: int, column: int, value: float) -> torch.Tensor:
+    """``dense`` with one value changed."""
+    changed = dense.clone()
+    changed[row, column] = value
+    return changed
+
+
+DENSE, SPARSE = request(4, 1)
+BAD_REQUESTS: Dict[str, Tuple[Callable[[], Tuple[object, object]], str]] = {
+    "missing feature": (lambda: (DENSE, kjt([1, 2, 3, 4], [1, 2, 3, 4], [], keys=("user_id", "item_id"))),
+                        r"sparse features: missing \['genres'\]; expected each of this model's features once, in any "
+                        r"order: \['user_id', 'item_id', 'genres'\]"),
+    "unknown feature": (lambda: (DENSE, KeyedJaggedTensor.from_lengths_sync(
+                            KEYS + ["city"], torch.cat([SPARSE.values(), torch.tensor([1, 2, 3, 4])]),
+                            torch.cat([SPARSE.lengths(), torch.ones(4, dtype=torch.int32)]))),
+                        r"sparse features: unknown \['city'\]; expected"),
+    "float ids": (lambda: (DENSE, KeyedJaggedTensor.from_lengths_sync(KEYS, SPARSE.values().float(), SPARSE.lengths())),
+                  r"sparse features: ids \(values\) are a torch\.float32 tensor .*; expected a 1-D integer tensor"),
+    "lengths not summing to the ids": (
+        lambda: (DENSE, KeyedJaggedTensor(KEYS, SPARSE.values()[:-1], lengths=SPARSE.lengths())),
+        rf"sparse features: lengths sum to {SPARSE.values().numel()} but there are {SPARSE.values().numel() - 1} ids"),
+    "negative length": (lambda: (DENSE, KeyedJaggedTensor.from_lengths_sync(
+                            KEYS, torch.tensor([1, 2, 3, 4, 1, 2, 3, 4, 0, 1]),
+                            torch.tensor([1] * 8 + [3, -1, 0, 0], dtype=torch.int32))),
+                        r"sparse features: feature 'genres', row 1: length -1; expected a count >= 0"),
+    "lengths of another count": (lambda: (DENSE, KeyedJaggedTensor(KEYS, SPARSE.values(), lengths=torch.cat(
+                                     [SPARSE.lengths(), torch.zeros(1, dtype=torch.int32)]))),
+                                 r"sparse features: 13 lengths for 3 features; expected one length per \(feature, row\)"),
+    "dense width": (lambda: (DENSE[:, :2], SPARSE),
+                    r"dense_features: expected \(B, 3\) with B = 4, the sparse features' batch size, got \(4, 2\)"),
+    "dense batch size": (lambda: (torch.zeros(5, 3), SPARSE),
+                         r"dense_features: expected \(B, 3\) with B = 4.*got \(5, 3\)"),
+    "1-D dense": (lambda: (DENSE[:, 0], SPARSE), r"dense_features: expected \(B, 3\) with B = 4.*got \(4,\)"),
+    "empty batch": (lambda: (torch.zeros(0, 3), kjt([], [], [])),
+                    r"empty batch: dense_features and the sparse features have 0 rows; expected at least one"),
+    "NaN dense": (lambda: (_with(DENSE, 2, 1, float("nan")), SPARSE),
+                  r"dense_features row 2, column 1: value nan; expected finite values"),
+    "inf dense": (lambda: (_with(DENSE, 3, 0, -float("inf")), SPARSE),
+                  r"dense_features row 3, column 0: value -inf; expected finite values"),
+    "float64 beyond float32": (lambda: (_with(DENSE.double(), 0, 2, 1e300), SPARSE),
+                               r"dense_features row 0, column 2: value 1e\+300 \(as float32: inf\); expected finite"),
+}
+
+
+class TestServedModelRequests:
+    @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+    def test_a_malformed_request_is_a_value_error_before_the_model_runs(self, artifact, case):
+        served = ServedModel.load(artifact[0], trust_program=True)
+        served.embedding_bag_collection = _Counting(served.embedding_bag_collection)
+        served.dense_program = _Counting(served.dense_program)
+        make, message = BAD_REQUESTS[case]
+        dense, sparse = make()
+        with pytest.raises(ValueError, match=message):
+            served.predict(dense, sparse)
+        assert served.embedding_bag_collection.calls == served.dense_program.calls == 0
+        served.predict(DENSE, SPARSE)  # the wrappers pass a valid request on
+        assert served.embedding_bag_collection.calls == served.dense_program.calls == 1
+
+    def test_float64_and_integer_dense_features_are_served_as_float32(self, artifact):
+        directory, task = artifact
+        served = ServedModel.load(directory, trust_program=True)
+        dense, sparse = request(6, 3)
+        with torch.no_grad():
+            expected = task.model(dense, sparse).logits
+        assert torch.equal(served.logits(dense.double(), sparse), expected)  # float32 values: exact in float64
+        whole = dense.round()
+        with torch.no_grad():
+            expected = task.model(whole, sparse).logits
+        assert torch.equal(served.logits(whole.to(torch.int64), sparse), expected)
+
+    def test_features_in_another_order_and_finite_values_whose_sum_overflows_serve(self, artifact):
+        directory, task = artifact
+        served = ServedModel.load(directory, trust_program=True)
+        dense, sparse = request(4, 5)
+        dense[0] = torch.tensor([3e38, 3e38, 3e38])  # finite, though their float32 sum is inf
+        genres = torch.split(sparse["genres"].values(), sparse["genres"].lengths().tolist())
+        reordered = kjt(sparse["user_id"].values().tolist(), sparse["item_id"].values().tolist(),
+                        [bag.tolist() for bag in genres], keys=("genres", "item_id", "user_id"))
+        with torch.no_grad():
+            expected = task.model(dense, sparse).logits
+        torch.testing.assert_close(served.logits(dense, reordered), expected, equal_nan=True)
+
+
+def _truncate(name: str) -> Callable[[str], None]:
+    def damage(directory: str) -> None:
+        path = os.path.join(directory, name)
+        with open(path, "r+b") as handle:
+            handle.truncate(os.path.getsize(path) // 2)
+    return damage
+
+
+def _without_state_key(directory: str) -> None:
+    path = os.path.join(directory, "config.json")
+    with open(path) as handle:
+        config = json.load(handle)
+    del config["state"]
+    with open(path, "w") as handle:
+        json.dump(config, handle)
+
+
+def _not_json(directory: str) -> None:
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        handle.write('{"format_version": 1, "feature_names": [')
+
+
+DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
+    "truncated model.safetensors": (_truncate("model.safetensors"), "model.safetensors", r"SafetensorError"),
+    "config.json not JSON": (_not_json, "config.json", r"not valid JSON \(JSONDecodeError"),
+    "config.json without its state key": (_without_state_key, "config.json", r"lacks the keys \['state'\]"),
+    "truncated dense_program.pt2": (_truncate("dense_program.pt2"), "dense_program.pt2", r"BadZipFile"),
+    "tables.json missing": (lambda d: os.remove(os.path.join(d, "tables.json")), "tables.json", r"file missing"),
+}
+
+
+class TestDamagedArtifacts:
+    @pytest.mark.parametrize("case", sorted(DAMAGES))
+    def test_a_damaged_artifact_is_one_value_error_naming_its_file(self, artifact, tmp_path, case):
+        directory = str(tmp_path / "copy")
+        shutil.copytree(artifact[0], directory)
+        damage, name, cause = DAMAGES[case]
+        damage(directory)
+        path = re.escape(os.path.join(directory, name))
+        with pytest.raises(ValueError, match=rf"^{path}: .*{cause}.*the export artifact is damaged or incomplete: "
+                                             r"export the model again \(`recsys-llm export"):
+            ServedModel.load(directory, trust_program=True)
+
+    def test_the_program_is_still_not_read_untrusted(self, artifact, tmp_path):
+        directory = str(tmp_path / "copy")
+        shutil.copytree(artifact[0], directory)
+        _truncate("dense_program.pt2")(directory)
+        with pytest.raises(PermissionError, match="trust_program=True"):
+            ServedModel.load(directory)
+
+    def test_weights_with_nan_are_refused(self, artifact, tmp_path):
+        directory = str(tmp_path / "copy")
+        shutil.copytree(artifact[0], directory)
+        path = os.path.join(directory, "model.safetensors")
+        state = load_state_file(path)
+        key = next(k for k in state if k.endswith("item_id.weight"))
+        state[key][3, 1] = float("nan")
+        save_file(state, path)
+        with pytest.raises(ValueError, match=rf"{re.escape(path)}: tensor '{re.escape(key)}' holds 1 non-finite"):
+            ServedModel.load(directory, trust_program=True)
+
+
+def _gain_state(bad_key_suffix: str, value: float) -> Tuple[Dict[str, torch.Tensor], str]:
+    torch.manual_seed(0)
+    gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
+    state = {k: v.detach().clone().contiguous() for k, v in gain.state_dict().items()}
+    key = next(k for k in state if k.endswith(bad_key_suffix) and state[k].is_floating_point())
+    state[key].view(-1)[min(5, state[key].numel() - 1)] = value  # a table's row 0
+    return state, key
+
+
+def _load_frozen_teacher(path: str) -> None:
+    config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=path,
+                        distill=TeacherStudentConfig(mode="frozen", beta=0.5))
+    task = build_elec_task(config, SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
+    load_elec_state(task, config)
+
+
+class _RunsCode:
+    """What a crafted ``.pt`` holds: unpickling it would create ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Tuple[Callable[..., object], Tuple[str, str]]:
+        return (open, (self.marker, "w"))
+
+
+class TestStateFiles:
+    @pytest.mark.parametrize("file_name, suffix, value", [
+        ("gain.safetensors", "item_id.weight", float("nan")),  # a table: read slice by slice
+        ("gain.pt", "item_id.weight", float("inf")),  # memory-mapped torch.save
+        ("gain.safetensors", "bias", -float("inf")),
+    ])
+    def test_a_frozen_teacher_with_non_finite_tensors_is_refused(self, tmp_path, file_name, suffix, value):
+        state, key = _gain_state(suffix, value)
+        path = str(tmp_path / file_name)
+        save_file(state, path) if file_name.endswith(".safetensors") else torch.save(state, path)
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: tensor '{re.escape(key)}' holds 1 non-finite "
+                                             rf"value\(s\) \(first: {value}.*expected finite weights"):
+            _load_frozen_teacher(path)
+        with pytest.raises(ValueError, match=rf"{re.escape(path)}: tensor '{re.escape(key)}'"):
+            load_state_file(path)
+
+    def test_a_lazy_read_checks_only_the_part_it_reads(self, tmp_path):
+        state, key = _gain_state("item_id.weight", float("nan"))  # in row 0
+        path = str(tmp_path / "gain.safetensors")
+        save_file(state, path)
+        with open_state_file(path) as lazy:
+            assert torch.equal(lazy[key][2:5], state[key][2:5])  # rows without the NaN
+            with pytest.raises(ValueError, match="non-finite"):
+                lazy[key][0:2]
+
+    def test_a_crafted_pt_teacher_is_refused_with_its_path_and_runs_nothing(self, tmp_path):
+        marker = tmp_path / "code_ran"
+        path = str(tmp_path / "teacher.pt")
+        with open(path, "wb") as handle:
+            torch.save({"weight": torch.zeros(2), "payload": _RunsCode(str(marker))}, handle)
+        for load in (_load_frozen_teacher, load_state_file):
+            with pytest.raises(pickle.UnpicklingError, match=rf"^{re.escape(path)}: refused: the file holds objects "
+                                                             r"other than tensors \(UnpicklingError: .*open"):
+                load(path)
+        assert not marker.exists()
+
+    def test_a_truncated_teacher_file_is_named(self, tmp_path):
+        state, _ = _gain_state("bias", 0.0)
+        path = str(tmp_path / "gain.safetensors")
+        save_file(state, path)
+        with open(path, "r+b") as handle:
+            handle.truncate(os.path.getsize(path) // 2)
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: damaged or incomplete state file \(SafetensorError"):
+            _load_frozen_teacher(path)
