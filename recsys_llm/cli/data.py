@@ -9,6 +9,8 @@ Examples::
 """
 
 import argparse
+import math
+from typing import Callable, Optional
 
 from recsys_llm.data.criteo import CriteoConfig
 from recsys_llm.data.movielens import MovieLensConfig
@@ -30,6 +32,40 @@ def _fractions(text: str) -> tuple:
     return parts
 
 
+def _integer(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum`` (checked before any work, naming the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _number(minimum: Optional[float] = None, below: Optional[float] = None) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``[minimum, below)`` (bounds that are None unchecked)."""
+    bounds = " and ".join(([f">= {minimum:g}"] if minimum is not None else []) + ([f"< {below:g}"] if below is not None else []))
+    expected = f"a finite number{' ' + bounds if bounds else ''}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (minimum is not None and value < minimum) or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
 def _config(args: argparse.Namespace):
     if args.source == "synthetic":
         return SyntheticConfig(num_rows=args.rows, seed=args.seed, num_users=args.users, num_items=args.items,
@@ -43,7 +79,8 @@ def _config(args: argparse.Namespace):
     return TabularConfig(split_by=args.split_by, split_fractions=args.split, seed=args.seed,
                          label_threshold=args.label_threshold, fill_missing_dense=args.fill_missing_dense,
                          sequence_separator=args.sequence_separator, delimiter=args.delimiter,
-                         rows_per_group=args.rows_per_group, missing_tokens=("",) + tuple(args.missing_token))
+                         rows_per_group=args.rows_per_group, missing_tokens=("",) + tuple(args.missing_token),
+                         vocabulary_fields=tuple(args.vocabulary))
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -60,31 +97,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     def common(parser: argparse.ArgumentParser, rows_per_group: int) -> None:
         parser.add_argument("--out", required=True, help="output directory")
-        parser.add_argument("--rows-per-group", type=int, default=rows_per_group, help="Parquet row group size")
+        parser.add_argument("--rows-per-group", type=_integer(1), default=rows_per_group, help="Parquet row group size")
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
         parser.set_defaults(func=_prepare)
 
     synthetic = sources.add_parser("synthetic", help="generate the embedded synthetic data set (text-driven clicks)")
     common(synthetic, 65536)
-    synthetic.add_argument("--rows", type=int, default=200_000, help="impressions over all splits")
-    synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--users", type=int, default=None, help="number of users (default from --rows)")
-    synthetic.add_argument("--items", type=int, default=None, help="number of items (default from --rows)")
-    synthetic.add_argument("--cold-item-fraction", type=float, default=0.1, help="items seen only in valid/test")
+    synthetic.add_argument("--rows", type=_integer(10), default=200_000, help="impressions over all splits (at least 10)")
+    synthetic.add_argument("--seed", type=_integer(0), default=0,
+                           help="seed of users, items and impressions: the same seed writes the same data")
+    synthetic.add_argument("--users", type=_integer(1), default=None, help="number of users (default from --rows)")
+    synthetic.add_argument("--items", type=_integer(1), default=None, help="number of items (default from --rows)")
+    synthetic.add_argument("--cold-item-fraction", type=_number(0.0, 1.0), default=0.1,
+                           help="share of items seen only in valid/test, in [0, 1)")
 
     movielens = sources.add_parser("movielens", help="MovieLens in RecBole atomic format (.inter/.item/.user)")
     common(movielens, 8192)
     movielens.add_argument("--input", required=True, help="directory with the RecBole atomic files")
     movielens.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="time-ordered train,valid,test shares")
-    movielens.add_argument("--zip-prefix-length", type=int, default=2, help="zip code characters kept")
+    movielens.add_argument("--zip-prefix-length", type=_integer(1), default=2, help="zip code characters kept")
 
     criteo = sources.add_parser("criteo", help="Criteo TSV/CSV (label, I1..I13, C1..C26)")
     common(criteo, 65536)
     criteo.add_argument("--input", required=True, help="the raw Criteo file")
-    criteo.add_argument("--hash-size", type=int, default=1_000_000, help="rows per categorical table")
+    criteo.add_argument("--hash-size", type=_integer(2), default=1_000_000, help="rows per categorical table")
     criteo.add_argument("--delimiter", default=None, help="column separator (default: ',' for .csv, else tab)")
     criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="train,valid,test shares in file order")
-    criteo.add_argument("--max-rows", type=int, default=None, help="convert only the first rows")
+    criteo.add_argument("--max-rows", type=_integer(1), default=None, help="convert only the first rows")
 
     tabular = sources.add_parser("tabular", help="your CSV/Parquet + a JSON/YAML schema file")
     common(tabular, 65536)
@@ -92,11 +131,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tabular.add_argument("--schema", required=True, help="schema file naming fields, label, row key, extras")
     tabular.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="train,valid,test shares")
     tabular.add_argument("--split-by", default=None, help="column for a time-ordered split (default: random)")
-    tabular.add_argument("--seed", type=int, default=0, help="seed of the random split")
-    tabular.add_argument("--label-threshold", type=float, default=None, help="label = value > threshold")
-    tabular.add_argument("--fill-missing-dense", type=float, default=None, help="value for missing dense features")
+    tabular.add_argument("--seed", type=_integer(0), default=0, help="seed of the random split")
+    tabular.add_argument("--label-threshold", type=_number(), default=None, help="label = value > threshold")
+    tabular.add_argument("--fill-missing-dense", type=_number(), default=None,
+                         help="value for missing or NaN/inf dense features (default: they are an error)")
     tabular.add_argument("--sequence-separator", default="|", help="separator of sequence tokens in CSV cells")
     tabular.add_argument("--delimiter", default=",", help="CSV delimiter")
     tabular.add_argument("--missing-token", action="append", default=[], metavar="TOKEN",
                          help="a CSV cell of a string column read as missing besides the empty cell, e.g. NA "
                               "(repeatable; by default NA, null, N/A are values)")
+    tabular.add_argument("--vocabulary", action="append", default=[], metavar="FIELD",
+                         help="map this sparse/sequence field through a vocabulary built from the data even when "
+                              "its values are (mostly) integers, e.g. zip codes (repeatable)")

@@ -24,9 +24,11 @@ methods read. Text maps live in files, not in the schema, so they scale to 10^7 
 """
 
 import dataclasses
+import difflib
 import enum
 import hashlib
 import json
+import numbers
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -47,6 +49,40 @@ class FieldKind(str, enum.Enum):
     SPARSE = "sparse"
     DENSE = "dense"
     SEQUENCE = "sequence"
+
+
+#: the keys a schema file may hold at its top level
+SCHEMA_KEYS = ("name", "label", "row_key", "splits", "extra_columns", "fields")
+
+
+def _a(value: Any) -> str:
+    """``value``'s type with its article, for messages: ``a str``, ``an int``."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _checked_int(value: Any, where: str, key: str, minimum: int, meaning: str = "") -> int:
+    """``value`` as a Python int, refusing strings, floats and bools (``true`` is no count)."""
+    expected = f"expected an integer >= {minimum}{meaning}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        hint = ""
+        if isinstance(value, str):
+            hint = " (write the number without quotes; YAML reads 1e2 as a string: write 100)"
+        raise SchemaError(f"{where}: {key}={value!r}: {expected}, got {_a(value)}{hint}")
+    if value < minimum:
+        raise SchemaError(f"{where}: {key}={value!r}: {expected}")
+    return int(value)
+
+
+def _checked_str(value: Any, where: str, key: str, optional: bool = False, empty: bool = False) -> Optional[str]:
+    """``value`` if it is a string (non-empty unless ``empty``), or None when ``optional``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not (value or empty):
+        expected = "a non-empty string" if not empty else "a string"
+        raise SchemaError(f"{where}: {key}={value!r}: expected {expected}{' or null' if optional else ''}, "
+                          f"got {'an empty string' if value == '' else _a(value)}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +111,26 @@ class FieldSpec:
     embedding_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", FieldKind(self.kind))
-        if self.kind != FieldKind.DENSE and self.cardinality <= 0:
-            raise SchemaError(f"field {self.name!r}: a {self.kind.value} field needs cardinality > 0, got {self.cardinality}")
+        if not isinstance(self.name, str) or not self.name:
+            raise SchemaError(f"field name {self.name!r}: expected a non-empty string, got {_a(self.name)}")
+        where = f"field {self.name!r}"
+        try:
+            kind = FieldKind(self.kind)
+        except (ValueError, TypeError):
+            raise SchemaError(
+                f"{where}: kind={self.kind!r}: expected one of {', '.join(k.value for k in FieldKind)}"
+            ) from None
+        object.__setattr__(self, "kind", kind)
+        minimum = 0 if kind == FieldKind.DENSE else 1  # a categorical field needs at least one id
+        meaning = "" if minimum == 0 else f" (the number of ids of a {kind.value} field)"
+        object.__setattr__(self, "cardinality", _checked_int(self.cardinality, where, "cardinality", minimum, meaning))
+        if not isinstance(self.hashed, bool):
+            raise SchemaError(f"{where}: hashed={self.hashed!r}: expected true or false, got {_a(self.hashed)}")
+        _checked_str(self.description, where, "description", empty=True)
+        _checked_str(self.value_text, where, "value_text", optional=True)
+        object.__setattr__(self, "max_length", _checked_int(self.max_length, where, "max_length", 0))
+        if self.embedding_dim is not None:
+            object.__setattr__(self, "embedding_dim", _checked_int(self.embedding_dim, where, "embedding_dim", 1))
 
     @property
     def is_categorical(self) -> bool:
@@ -212,8 +265,26 @@ class DatasetSchema:
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], root: str = ".", source: str = "<dict>") -> "DatasetSchema":
+        """Builds a schema from its parsed file, checking every key and value type.
+
+        Args:
+            raw (Dict[str, Any]): the parsed JSON/YAML mapping.
+            root (str): directory of the schema file.
+            source (str): how to name the file in messages.
+
+        Raises:
+            SchemaError: an unknown key, a value of the wrong type or range, naming ``source``,
+                the key (and field) and what was expected.
+        """
         if not isinstance(raw, dict) or "fields" not in raw:
             raise SchemaError(f"{source}: a schema must be a mapping with a 'fields' list")
+        unknown = sorted((k for k in raw if k not in SCHEMA_KEYS), key=str)
+        if unknown:
+            hints = [f"{k!r} -> {m[0]!r}" for k in unknown for m in [difflib.get_close_matches(str(k), SCHEMA_KEYS, 1)] if m]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise SchemaError(f"{source}: unknown top-level keys {unknown}{hint}; allowed: {list(SCHEMA_KEYS)}")
+        if not isinstance(raw["fields"], list):
+            raise SchemaError(f"{source}: fields: expected a list of field mappings, got {_a(raw['fields'])}")
         allowed = {f.name for f in dataclasses.fields(FieldSpec)}
         fields = []
         for i, item in enumerate(raw["fields"]):
@@ -221,36 +292,65 @@ class DatasetSchema:
                 raise SchemaError(f"{source}: fields[{i}] must be a mapping with a 'name'")
             unknown = set(item) - allowed
             if unknown:
-                raise SchemaError(f"{source}: field {item['name']!r} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+                raise SchemaError(
+                    f"{source}: field {item['name']!r} has unknown keys {sorted(unknown, key=str)}; allowed: {sorted(allowed)}"
+                )
             try:
                 fields.append(FieldSpec(**item))
-            except ValueError as error:
-                raise SchemaError(f"{source}: field {item['name']!r}: {error}") from error
-        return cls(
-            name=raw.get("name", os.path.basename(root)),
-            fields=fields,
-            label=raw.get("label", "label"),
-            row_key=raw.get("row_key", "row_id"),
-            splits=dict(raw.get("splits", {})),
-            extra_columns=list(raw.get("extra_columns", [])),
-            root=root,
-        )
+            except SchemaError as error:
+                raise SchemaError(f"{source}: {error}") from error
+        splits = raw.get("splits", {})
+        if not isinstance(splits, dict):
+            raise SchemaError(
+                f"{source}: splits={splits!r}: expected a mapping of split name -> file, e.g. "
+                f"{{train: train.parquet, valid: valid.parquet, test: test.parquet}}; got {_a(splits)}"
+            )
+        for split, file in splits.items():
+            _checked_str(split, source, "splits key")
+            _checked_str(file, source, f"splits.{split}")
+        extra_columns = raw.get("extra_columns", [])
+        if not isinstance(extra_columns, list):
+            raise SchemaError(f"{source}: extra_columns={extra_columns!r}: expected a list of column names, "
+                              f"got {_a(extra_columns)}")
+        for i, column in enumerate(extra_columns):
+            _checked_str(column, source, f"extra_columns[{i}]")
+        try:
+            return cls(
+                name=_checked_str(raw.get("name", os.path.basename(root)), source, "name"),
+                fields=fields,
+                label=_checked_str(raw.get("label", "label"), source, "label"),
+                row_key=_checked_str(raw.get("row_key", "row_id"), source, "row_key", optional=True),
+                splits=dict(splits),
+                extra_columns=list(extra_columns),
+                root=root,
+            )
+        except SchemaError as error:
+            if str(error).startswith(source):
+                raise
+            raise SchemaError(f"{source}: {error}") from error
 
     @classmethod
     def load(cls, path: str) -> "DatasetSchema":
         """Reads a schema from JSON or YAML; ``path`` may also be the directory holding ``schema.json``."""
         path = schema_file(path)
-        if not os.path.exists(path):
-            raise SchemaError(f"{path}: schema file not found")
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        try:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
+        return cls.from_dict(load_raw(path), root=os.path.dirname(os.path.abspath(path)), source=path)
 
-                raw = yaml.safe_load(text)
-            else:
-                raw = json.loads(text)
-        except Exception as error:  # json.JSONDecodeError / yaml.YAMLError
-            raise SchemaError(f"{path}: not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: {error}") from error
-        return cls.from_dict(raw, root=os.path.dirname(os.path.abspath(path)), source=path)
+
+def load_raw(path: str) -> Any:
+    """The parsed content of a schema file (JSON, or YAML for ``.yaml``/``.yml``), not yet checked.
+
+    Raises:
+        SchemaError: a missing file or one that does not parse, naming the file.
+    """
+    if not os.path.exists(path):
+        raise SchemaError(f"{path}: schema file not found")
+    with open(path, encoding="utf-8-sig") as handle:
+        text = handle.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as error:  # json.JSONDecodeError / yaml.YAMLError
+        raise SchemaError(f"{path}: not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: {error}") from error

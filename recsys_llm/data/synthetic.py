@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.validation import check_float, check_int
 
 # ---- the world --------------------------------------------------------------------------------------
 TOPICS: Dict[str, List[str]] = {
@@ -121,6 +122,17 @@ class SyntheticConfig:
     cold_item_fraction: float = 0.1
     cold_row_fraction: float = 0.3
     affinity_weight: float = 3.0
+
+    def __post_init__(self) -> None:
+        check_int(self.num_rows, "SyntheticConfig.num_rows", 10)
+        check_int(self.seed, "SyntheticConfig.seed", 0)
+        check_int(self.num_users, "SyntheticConfig.num_users", 1, optional=True)
+        check_int(self.num_items, "SyntheticConfig.num_items", 1, optional=True)
+        check_int(self.rows_per_group, "SyntheticConfig.rows_per_group", 1)
+        # every item cold would leave the training split without its own items
+        check_float(self.cold_item_fraction, "SyntheticConfig.cold_item_fraction", minimum=0.0, below=1.0)
+        check_float(self.cold_row_fraction, "SyntheticConfig.cold_row_fraction", minimum=0.0, maximum=1.0)
+        check_float(self.affinity_weight, "SyntheticConfig.affinity_weight")
 
     @property
     def users(self) -> int:
@@ -411,8 +423,6 @@ def generate_synthetic(
         schema = generate_synthetic("data/synthetic", 100_000, seed=0)
         reader = ParquetBatchReader(schema, "train", batch_size=1024)
     """
-    if num_rows < 10:
-        raise ValueError(f"num_rows must be at least 10, got {num_rows}")
     config = SyntheticConfig(num_rows, seed, num_users, num_items, rows_per_group, cold_item_fraction)
     entity_rng = np.random.default_rng([seed, 0])
     users = _make_users(config, entity_rng)

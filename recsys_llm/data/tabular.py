@@ -5,22 +5,23 @@ The user writes a schema file (JSON or YAML, the format of
 
     name: shop-clicks
     label: clicked
-    row_key: event_id                 # optional, one per row; generated as row_id when the column is absent
+    row_key: event_id                 # optional: a column of unique integers; without it rows are numbered as row_id
     extra_columns: [timestamp]
     fields:
       - {name: user, kind: sparse, cardinality: 50000, description: "shopper id"}
       - {name: city, kind: sparse, cardinality: 400, description: "city of the shopper"}
       - {name: query, kind: sparse, cardinality: 1000000, hashed: true, description: "search query"}
       - {name: categories, kind: sequence, cardinality: 300, max_length: 5, description: "product categories"}
-      - {name: price, kind: dense, description: "price in euros, log scaled"}
+      - {name: price, kind: dense, description: "price in euros"}
 
-Columns are converted per field kind:
+Columns are converted per field kind (values are taken as they are: no scaling):
 
 * **sparse**: integer columns are ids (checked against ``cardinality``; folded with a
-  modulo when ``hashed``). String columns holding only integers are parsed as ids;
-  other strings are hashed (``hashed: true``) or mapped through a vocabulary built from
-  the data (ids ``1..V`` in sorted order, ``cardinality`` must be at least ``V + 1``),
-  and the vocabulary is written as the field's value text: the strings become what the
+  modulo when ``hashed``). String columns holding only integers are parsed as ids (a
+  column of mostly integers with a few other values is an error naming the first one, unless
+  the field is listed in ``vocabulary_fields`` or hashed); other strings are hashed
+  (``hashed: true``) or mapped through a vocabulary built from the data (ids ``1..V`` in
+  sorted order, ``cardinality`` must be at least ``V + 1``), and the vocabulary is written as the field's value text: the strings become what the
   LLM methods read. Missing values get id 0; in a CSV, only an empty cell is missing
   (``TabularConfig.missing_tokens``), so ``NA`` or ``null`` are words like any other,
   except in a column of integer ids, where pyarrow's missing markers (``NA``, ``null``,
@@ -29,11 +30,17 @@ Columns are converted per field kind:
   (CSV), tokens handled as for sparse fields.
 * **dense**: numbers; NaN/inf/missing are errors unless ``fill_missing_dense`` is set.
 * **label**: 0/1 (or ``value > label_threshold`` when a threshold is set, e.g. ratings).
+* **row key**: the column ``row_key`` names must exist and hold a unique integer per row;
+  without ``row_key`` in the schema a ``row_id`` column of the data is used, else the rows
+  are numbered ``0..N-1`` as ``row_id``.
+
+Errors name CSV rows as ``data row R (line L of the file)``: ``R`` counts data rows from 0, ``L``
+counts lines from the header line 1 (a file whose cells span lines shifts ``L``).
 
 Splits are random (seeded, stable per row) or time-ordered by ``split_by`` (rows
 ranked by that column, ties in file order; rows keep file order inside a split).
-Reading is streamed in blocks; only the split column and the vocabularies are held
-in memory. The output is written whole or not at all (a failed run keeps an earlier one).
+Reading is streamed in blocks; only the split column, the row keys (checked for repeats)
+and the vocabularies are held in memory. The output is written whole or not at all (a failed run keeps an earlier one).
 """
 
 import csv
@@ -50,7 +57,7 @@ from tqdm import tqdm
 
 from recsys_llm.data.hashing import hash_strings
 from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, write_prepared
-from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError, load_raw, schema_file
 from recsys_llm.data.synthetic import write_value_text
 from recsys_llm.data.validation import (
     DataError,
@@ -58,11 +65,17 @@ from recsys_llm.data.validation import (
     check_ids,
     check_labels,
     check_no_nulls,
+    check_float,
+    check_int,
     check_split_fractions,
+    describe_row,
     open_parquet,
+    row_of_value,
 )
 
 _INTEGER = r"^\s*-?\d+\s*$"
+# how to accept missing or non-finite dense values, from the command line and from Python
+_FILL_HINT = "or pass --fill-missing-dense VALUE, TabularConfig.fill_missing_dense in Python, to replace missing and NaN/inf"
 # pyarrow's CSV missing-value markers: in a column of integer ids they mean missing (id 0)
 NULL_MARKERS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
                           "<NA>", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"})
@@ -86,6 +99,9 @@ class TabularConfig:
             read as missing; by default only the empty cell, so words such as ``NA``
             (Namibia) or ``null`` stay values. Numeric columns (dense, label) read pyarrow's
             usual missing markers (empty, ``NA``, ``NaN``, ``null``, ``N/A``, ...).
+        vocabulary_fields (Tuple[str, ...]): categorical fields whose values are mapped through
+            a vocabulary built from the data even when they are (mostly) integers, e.g. zip codes.
+            Without it, a column of integer ids with a few other values is an error.
     """
 
     split_by: Optional[str] = None
@@ -98,13 +114,23 @@ class TabularConfig:
     rows_per_group: int = 65536
     block_bytes: int = 16 << 20
     missing_tokens: Tuple[str, ...] = ("",)
+    vocabulary_fields: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_split_fractions(self.split_fractions, "TabularConfig.split_fractions")
-        if isinstance(self.missing_tokens, str) or not all(isinstance(t, str) for t in self.missing_tokens):
-            raise ValueError(
-                f"TabularConfig.missing_tokens={self.missing_tokens!r}: expected a tuple of strings, e.g. ('', 'NA')"
-            )
+        check_int(self.seed, "TabularConfig.seed", 0)
+        check_float(self.label_threshold, "TabularConfig.label_threshold", optional=True)
+        check_float(self.fill_missing_dense, "TabularConfig.fill_missing_dense", optional=True)
+        check_int(self.rows_per_group, "TabularConfig.rows_per_group", 1)
+        check_int(self.block_bytes, "TabularConfig.block_bytes", 1)
+        if not isinstance(self.sequence_separator, str) or not self.sequence_separator:
+            raise ValueError(f"TabularConfig.sequence_separator={self.sequence_separator!r}: expected a non-empty string")
+        if not isinstance(self.delimiter, str) or len(self.delimiter) != 1:
+            raise ValueError(f"TabularConfig.delimiter={self.delimiter!r}: expected one character, e.g. ',' or '\\t'")
+        for option in ("missing_tokens", "vocabulary_fields"):
+            value = getattr(self, option)
+            if isinstance(value, str) or not all(isinstance(t, str) for t in value):
+                raise ValueError(f"TabularConfig.{option}={value!r}: expected a tuple of strings, e.g. ('', 'NA')")
 
 
 # ---- streaming the source ---------------------------------------------------------------------------
@@ -112,14 +138,26 @@ def _is_parquet(path: str) -> bool:
     return path.endswith((".parquet", ".pq")) or os.path.isdir(path)
 
 
+def _first_line(path: str) -> Optional[int]:
+    """Line of data row 0 in a CSV (the header is line 1); None for Parquet (rows have no lines)."""
+    return None if _is_parquet(path) else 2
+
+
 def _csv_columns(path: str, delimiter: str) -> List[str]:
-    """The header's column names, quoted ones unquoted (as pyarrow's CSV reader reads them)."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+    """The header's column names, quoted ones unquoted and a UTF-8 byte order mark dropped
+    (as pyarrow's CSV reader reads them: Excel's "CSV UTF-8" starts with one)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
         return next(csv.reader(handle, delimiter=delimiter), [])
 
 
-def _blocks(path: str, schema: DatasetSchema, columns: List[str], config: TabularConfig) -> Iterator[pa.RecordBatch]:
-    """Record batches of the wanted columns, from a Parquet file/directory or a CSV with a header."""
+def _blocks(
+    path: str, schema: DatasetSchema, columns: List[str], config: TabularConfig, row_key: Optional[str] = None
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of the wanted columns, from a Parquet file/directory or a CSV with a header.
+
+    In a CSV, field columns are read as strings (dense ones as floats) and the row key column
+    ``row_key`` as strings, parsed later with messages naming the row.
+    """
     if _is_parquet(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet")) if os.path.isdir(path) else [path]
         for file_path in files:
@@ -133,6 +171,8 @@ def _blocks(path: str, schema: DatasetSchema, columns: List[str], config: Tabula
     for spec in schema.fields:
         types[spec.name] = pa.float64() if spec.kind == FieldKind.DENSE else pa.string()
     types[schema.label] = pa.float64()
+    if row_key and row_key != config.split_by:  # a split column keeps its inferred (numeric) type to sort by
+        types[row_key] = pa.string()
     bad: List[str] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -213,63 +253,116 @@ class _FieldPlan:
     missing: Optional[pa.Array] = None  # "ids": missing-value markers among the integers (id 0)
 
 
-def _plan(path: str, schema: DatasetSchema, config: TabularConfig, columns: List[str]) -> Tuple[Dict[str, _FieldPlan], Optional[pa.Array]]:
+@dataclasses.dataclass
+class _TokenCounts:
+    """What the first pass saw of a string field's tokens."""
+
+    seen: Set[str] = dataclasses.field(default_factory=set)  # distinct non-null tokens
+    not_integer: Set[str] = dataclasses.field(default_factory=set)  # distinct tokens that are no integer
+    integers: int = 0  # integer tokens
+    others: int = 0  # tokens that are neither an integer nor a missing-value marker
+    first_other: Optional[Tuple[str, int]] = None  # (token, row) of the first such token
+
+
+def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.ndarray], row: int) -> None:
+    """Adds a block's string tokens (``flat``; ``lengths`` per row for sequences) whose first row is ``row``."""
+    flat_valid = flat.drop_null()
+    counts.seen.update(pc.unique(flat_valid).to_pylist())
+    is_integer = pc.fill_null(pc.match_substring_regex(flat, _INTEGER), False)
+    counts.not_integer.update(pc.unique(flat.filter(pc.invert(is_integer)).drop_null()).to_pylist())
+    counts.integers += int(pc.sum(is_integer).as_py() or 0)
+    marker = pc.fill_null(pc.is_in(flat, value_set=pa.array(sorted(NULL_MARKERS), flat.type)), False)
+    other = np.asarray(pc.and_(pc.and_(flat.is_valid(), pc.invert(is_integer)), pc.invert(marker)), dtype=bool)
+    counts.others += int(other.sum())
+    if counts.first_other is None and other.any():
+        index = int(np.argmax(other))
+        offsets = None if lengths is None else np.concatenate([[0], np.cumsum(lengths)])
+        counts.first_other = (flat[index].as_py(), row + row_of_value(offsets, index))
+
+
+def _plan(
+    path: str, schema: DatasetSchema, config: TabularConfig, columns: List[str], row_key: Optional[str] = None
+) -> Tuple[Dict[str, _FieldPlan], Optional[pa.Array]]:
     """First pass: token kinds and vocabularies of string fields, and the split column.
 
     Skipped (integer ids everywhere, random split) for Parquet sources whose categorical
     columns are all integer typed.
+
+    Raises:
+        DataError: a column of integer ids with a few other values (``3.5``, ``bob``), naming the
+            first such cell: read as a vocabulary, every id would be renumbered silently.
     """
-    if _is_parquet(path) and not config.split_by:
+    forced = set(config.vocabulary_fields)
+    if _is_parquet(path) and not config.split_by and not forced:
         first = path if not os.path.isdir(path) else sorted(
             os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))[0]
         types = open_parquet(first).schema_arrow
         if all(_integer_typed(types.field(s.name).type) for s in schema.categorical_fields):
             return {spec.name: _FieldPlan("ids") for spec in schema.categorical_fields}, None
-    string_fields = {}
+    string_fields: Dict[str, FieldSpec] = {}
+    counts: Dict[str, _TokenCounts] = {}
     split_values: List[pa.Array] = []
-    seen: Dict[str, Set[str]] = {}
-    not_integer: Dict[str, Set[str]] = {}  # the tokens that are no integer, per field
-    for block in _blocks(path, schema, columns, config):
+    row = 0
+    for block in _blocks(path, schema, columns, config, row_key):
         for spec in schema.categorical_fields:
-            flat, _ = _tokens(block.column(spec.name), spec, config.sequence_separator)
+            flat, lengths = _tokens(block.column(spec.name), spec, config.sequence_separator)
             if pa.types.is_integer(flat.type):
-                continue
+                if spec.name not in forced:
+                    continue
+                flat = pc.cast(flat, pa.string())
             if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
                 raise DataError(f"{path}: column {spec.name!r} ({spec.kind.value} field) has type {flat.type}; "
                                 "expected integer ids or string tokens")
             string_fields[spec.name] = spec
-            flat = flat.drop_null()
-            other = flat.filter(pc.invert(pc.match_substring_regex(flat, _INTEGER)))
-            not_integer.setdefault(spec.name, set()).update(pc.unique(other).to_pylist())
-            seen.setdefault(spec.name, set()).update(pc.unique(flat).to_pylist())
+            _count_tokens(counts.setdefault(spec.name, _TokenCounts()), flat, lengths, row)
         if config.split_by:
             split_values.append(block.column(config.split_by))
+        row += block.num_rows
     plans = {spec.name: _FieldPlan("ids") for spec in schema.categorical_fields}
     for name, spec in string_fields.items():
-        markers = not_integer[name] & NULL_MARKERS
-        if not not_integer[name]:
+        count = counts[name]
+        markers = count.not_integer & NULL_MARKERS
+        if name in forced:
+            plans[name] = _vocabulary_plan(path, spec, count.seen)
+        elif not count.not_integer:
             plans[name] = _FieldPlan("ids")
-        elif not_integer[name] == markers and len(seen[name]) > len(markers):
+        elif count.not_integer == markers and len(count.seen) > len(markers):
             # integer ids with a missing-value marker (R writes NA): missing, not a vocabulary
             plans[name] = _FieldPlan("ids", missing=pa.array(sorted(markers), pa.string()))
         elif spec.hashed:
             plans[name] = _FieldPlan("hash")
+        elif count.integers > count.others:
+            value, bad_row = count.first_other
+            raise DataError(
+                f"{path}: column {name!r}, {describe_row(bad_row, _first_line(path))}: {value!r} is not an integer, "
+                f"but {count.integers} of the column's {count.integers + count.others} values are integer ids; "
+                f"expected integer ids (fix the cell, or pass --vocabulary {name} / TabularConfig.vocabulary_fields "
+                f"to map every value through a vocabulary, or set \"hashed\": true for field {name!r} in the schema "
+                "to hash the values)"
+            )
         else:
-            vocab = sorted(seen[name])
-            if len(vocab) + 1 > spec.cardinality:
-                raise DataError(
-                    f"{path}: column {name!r} has {len(vocab)} distinct values; field {name!r} needs cardinality >= "
-                    f"{len(vocab) + 1} (id 0 is reserved for missing) or \"hashed\": true, got {spec.cardinality}"
-                )
-            plans[name] = _FieldPlan("vocab", pa.array(vocab, pa.string()))
+            plans[name] = _vocabulary_plan(path, spec, count.seen)
     split = pa.chunked_array(split_values) if config.split_by and split_values else None
     return plans, split
+
+
+def _vocabulary_plan(path: str, spec: FieldSpec, seen: Set[str]) -> _FieldPlan:
+    """The plan mapping the distinct values ``seen`` to ids ``1..V`` in sorted order."""
+    vocab = sorted(seen)
+    if len(vocab) + 1 > spec.cardinality:
+        raise DataError(
+            f"{path}: column {spec.name!r} has {len(vocab)} distinct values; field {spec.name!r} needs cardinality >= "
+            f"{len(vocab) + 1} (id 0 is reserved for missing) or \"hashed\": true, got {spec.cardinality}"
+        )
+    return _FieldPlan("vocab", pa.array(vocab, pa.string()))
 
 
 def _ids(flat: pa.Array, plan: _FieldPlan, spec: FieldSpec, salt: int) -> np.ndarray:
     if plan.mode == "hash":
         return hash_strings(flat, spec.cardinality, salt=salt)
     if plan.mode == "vocab":
+        if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
+            flat = pc.cast(flat, pa.string())  # integer ids mapped through a vocabulary (vocabulary_fields)
         return pc.fill_null(pc.add(pc.index_in(flat, value_set=plan.vocabulary), 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     if not pa.types.is_integer(flat.type):
         if plan.missing is not None:
@@ -337,29 +430,58 @@ def prepare_tabular(
         schema = prepare_tabular("clicks.csv", "clicks.yaml", "data/clicks", TabularConfig(split_by="ts"))
     """
     config = config or TabularConfig()
-    user_schema = DatasetSchema.load(schema_path)
+    path = schema_file(schema_path)
+    raw = load_raw(path)
+    user_schema = DatasetSchema.from_dict(raw, root=os.path.dirname(os.path.abspath(path)), source=path)
+    # a row key the schema names must be in the data; only an unnamed one is generated (as row_id)
+    row_key_named = isinstance(raw, dict) and raw.get("row_key") is not None
+    if user_schema.row_key and user_schema.row_key in [f.name for f in user_schema.fields] + [user_schema.label]:
+        raise SchemaError(f"{path}: row_key {user_schema.row_key!r} is also a field or the label; expected a column "
+                          "of its own holding a unique integer per row")
+    if user_schema.row_key in user_schema.extra_columns:  # written once, as the row key
+        user_schema.extra_columns = [c for c in user_schema.extra_columns if c != user_schema.row_key]
+    for name in config.vocabulary_fields:
+        spec = next((f for f in user_schema.categorical_fields if f.name == name), None)
+        if spec is None:
+            raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): {schema_path} has no sparse or "
+                             f"sequence field {name!r}; its categorical fields: {user_schema.sparse_feature_names}")
+        if spec.hashed:
+            raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): field {name!r} is hashed in "
+                             f"{schema_path}; a field is either hashed or mapped through a vocabulary")
     value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
     return write_prepared(
         out_dir, data_path, [data_path, schema_path] + value_texts,
-        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress),
+        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, row_key_named),
     )
 
 
 def _convert(
-    data_path: str, user_schema: DatasetSchema, schema_path: str, out_dir: str, config: TabularConfig, progress: bool
+    data_path: str,
+    user_schema: DatasetSchema,
+    schema_path: str,
+    out_dir: str,
+    config: TabularConfig,
+    progress: bool,
+    row_key_named: bool = False,
 ) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
     available = _source_columns(data_path, config)
-    row_key = user_schema.row_key if user_schema.row_key in available else None
     wanted = [f.name for f in user_schema.fields] + [user_schema.label] + list(user_schema.extra_columns)
-    if config.split_by:
-        wanted.append(config.split_by)
     missing = [c for c in wanted if c not in available]
     if missing:
         raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; the file has columns {available}")
-    columns = list(dict.fromkeys(wanted + ([row_key] if row_key else [])))
+    if row_key_named and user_schema.row_key not in available:
+        raise DataError(
+            f"{data_path}: missing row key column {user_schema.row_key!r} named by row_key in {schema_path}; "
+            f"the file has columns {available} (drop row_key from the schema to number the rows as row_id)"
+        )
+    if config.split_by and config.split_by not in available:
+        raise DataError(f"{data_path}: missing column {config.split_by!r} named by --split-by "
+                        f"(TabularConfig.split_by); the file has columns {available}")
+    row_key = user_schema.row_key if user_schema.row_key in available else None
+    columns = list(dict.fromkeys(wanted + ([config.split_by] if config.split_by else []) + ([row_key] if row_key else [])))
 
-    plans, split_values = _plan(data_path, user_schema, config, columns)
+    plans, split_values = _plan(data_path, user_schema, config, columns, row_key)
     total = len(split_values) if split_values is not None else None
     split_rows = _split_of_rows(total, split_values, config, data_path) if split_values is not None else None
     schema = _output_schema(user_schema, plans, out_dir)
@@ -411,10 +533,13 @@ def _write_splits(
 ) -> None:
     """Streams the source block by block into one Parquet file per split under ``schema.root``."""
     writers: List[SplitWriter] = []
+    keys: List[np.ndarray] = []  # the row keys read from the data, checked for repeats at the end
     row = 0
     try:
-        for block in _blocks(data_path, user_schema, columns, config):
+        for block in _blocks(data_path, user_schema, columns, config, row_key):
             out = _convert_block(block, schema, plans, config, data_path, row, row_key)
+            if row_key:
+                keys.append(out[schema.row_key])
             if not writers:
                 extra_types = {name: block.column(name).type for name in schema.extra_columns}
                 arrow_schema = arrow_schema_for(schema, extra_types)
@@ -431,12 +556,50 @@ def _write_splits(
             bar.update(n)
         if not writers:
             raise DataError(f"{data_path}: the file is empty (0 rows); expected at least one row")
+        if row_key:
+            _check_unique_keys(data_path, row_key, np.concatenate(keys))
         for writer in writers:
             writer.close()
     except BaseException:
         for writer in writers:
             writer.__exit__(RuntimeError, None, None)
         raise
+
+
+def _check_unique_keys(path: str, column: str, keys: np.ndarray) -> None:
+    """Raises if a row key repeats (LLM row vectors and teacher outputs are looked up by it). ``keys``: (rows,)."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    repeats = np.nonzero(ordered[1:] == ordered[:-1])[0]
+    if repeats.size:
+        first, second = int(order[repeats[0]]), int(order[repeats[0] + 1])
+        line = _first_line(path)
+        raise DataError(
+            f"{path}: row key column {column!r}: key {int(ordered[repeats[0]])} is repeated, in "
+            f"{describe_row(first, line)} and {describe_row(second, line)}; expected a unique key per row "
+            "(LLM row vectors are looked up by it)"
+        )
+
+
+def _row_keys(array: pa.Array, path: str, column: str, row: int) -> np.ndarray:
+    """(N,) int64 row keys of a block whose first row is ``row``; a missing or non-integer key is an error."""
+    line = _first_line(path)
+    what = "an integer row key per row (LLM row vectors are looked up by it)"
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        check_no_nulls(path, column, array, row, what, line)
+        ok = np.asarray(pc.match_substring_regex(array, _INTEGER), dtype=bool)
+        if not ok.all():
+            first = int(np.argmin(ok))
+            raise DataError(f"{path}: column {column!r}, {describe_row(row + first, line)}: row key "
+                            f"{array[first].as_py()!r} is not an integer; expected {what}")
+        try:
+            array = pc.cast(pc.utf8_trim_whitespace(array), pa.int64())
+        except pa.ArrowInvalid as error:
+            raise DataError(f"{path}: row key column {column!r}: {error}; expected int64 keys") from error
+    elif not pa.types.is_integer(array.type):
+        raise DataError(f"{path}: row key column {column!r} has type {array.type}; expected integers")
+    check_no_nulls(path, column, array, row, what, line)
+    return pc.cast(array, pa.int64()).to_numpy(zero_copy_only=False)
 
 
 def _random_split(rows: np.ndarray, config: TabularConfig) -> np.ndarray:
@@ -457,8 +620,9 @@ def _convert_block(
     """One block of source rows -> output columns, validated (row numbers count data rows from 0)."""
     out: Dict[str, object] = {}
     n = block.num_rows
+    line = _first_line(path)
     out[schema.row_key] = (
-        pc.cast(block.column(row_key), pa.int64()) if row_key else np.arange(row, row + n, dtype=np.int64)
+        _row_keys(block.column(row_key), path, row_key, row) if row_key else np.arange(row, row + n, dtype=np.int64)
     )
     for salt, spec in enumerate(schema.fields):
         array = block.column(spec.name)
@@ -470,9 +634,9 @@ def _convert_block(
                 values = pc.fill_null(values, config.fill_missing_dense).to_numpy(zero_copy_only=False)
                 values = np.where(np.isfinite(values), values, config.fill_missing_dense)
             else:
-                check_no_nulls(path, spec.name, values, row, "a finite float (or set fill_missing_dense)")
+                check_no_nulls(path, spec.name, values, row, f"a finite float ({_FILL_HINT})", line)
                 values = values.to_numpy(zero_copy_only=False)
-            check_dense(path, spec.name, values, row)
+            check_dense(path, spec.name, values, row, line, _FILL_HINT)
             out[spec.name] = values.astype(np.float32)
             continue
         flat, lengths = _tokens(array, spec, config.sequence_separator)
@@ -481,16 +645,16 @@ def _convert_block(
         except pa.ArrowInvalid as error:
             raise DataError(f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
         offsets = None if lengths is None else np.concatenate([[0], np.cumsum(lengths)])
-        ids = check_ids(path, spec, ids, offsets, row)
+        ids = check_ids(path, spec, ids, offsets, row, line)
         out[spec.name] = ids if lengths is None else list_array(lengths, ids)
     labels = block.column(schema.label)
-    check_no_nulls(path, schema.label, labels, row, "0 or 1")
+    check_no_nulls(path, schema.label, labels, row, "0 or 1", line)
     if not (pa.types.is_integer(labels.type) or pa.types.is_floating(labels.type) or pa.types.is_boolean(labels.type)):
         raise DataError(f"{path}: label column {schema.label!r} has type {labels.type}; expected 0/1 numbers")
     values = pc.cast(labels, pa.float64()).to_numpy(zero_copy_only=False)
     if config.label_threshold is not None:
         values = (values > config.label_threshold).astype(np.float64)
-    check_labels(path, schema.label, values, row)
+    check_labels(path, schema.label, values, row, line)
     out[schema.label] = values.astype(np.int8)
     for name in schema.extra_columns:
         out[name] = block.column(name)

@@ -20,7 +20,8 @@ what was expected, e.g.::
 
 import json
 import math
-from typing import Dict, Iterable, List, Optional, Sequence
+import numbers
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -160,25 +161,45 @@ def check_file_schema(
 
 
 # ---- value checks (numpy, vectorised) -----------------------------------------------------------
-def _where(path: str, column: str, row_offset: int, index: int) -> str:
-    return f"{path}: column {column!r}, row {row_offset + index}"
+def describe_row(row: int, first_line: Optional[int] = None) -> str:
+    """How messages name a row: ``row 4`` (a Parquet row index), or for a text file whose data row 0
+    is on line ``first_line``: ``data row 4 (line 6 of the file)``."""
+    if first_line is None:
+        return f"row {row}"
+    return f"data row {row} (line {row + first_line} of the file)"
 
 
-def check_no_nulls(path: str, column: str, array: pa.Array, row_offset: int, what: str) -> None:
-    """Raises if an Arrow array holds nulls (``what`` says what was expected instead)."""
+def _where(path: str, column: str, row_offset: int, index: int, first_line: Optional[int] = None) -> str:
+    return f"{path}: column {column!r}, {describe_row(row_offset + index, first_line)}"
+
+
+def check_no_nulls(
+    path: str, column: str, array: pa.Array, row_offset: int, what: str, first_line: Optional[int] = None
+) -> None:
+    """Raises if an Arrow array holds nulls (``what`` says what was expected instead).
+
+    ``first_line``: line of data row 0 in a text source (see :func:`describe_row`), None for Parquet.
+    """
     if array.null_count:
         first = int(np.argmax(~np.asarray(array.is_valid())))
-        raise DataError(f"{_where(path, column, row_offset, first)}: null value; expected {what}")
+        raise DataError(f"{_where(path, column, row_offset, first, first_line)}: null value; expected {what}")
 
 
-def check_dense(path: str, column: str, values: np.ndarray, row_offset: int) -> None:
-    """Raises on NaN or +-inf in a dense feature. ``values``: (N,) float."""
+def check_dense(
+    path: str,
+    column: str,
+    values: np.ndarray,
+    row_offset: int,
+    first_line: Optional[int] = None,
+    remedy: str = "fill or drop NaN/inf when preparing the data",
+) -> None:
+    """Raises on NaN or +-inf in a dense feature. ``values``: (N,) float; ``remedy`` ends the message."""
     finite = np.isfinite(values)
     if not finite.all():
         first = int(np.argmin(finite))
         raise DataError(
-            f"{_where(path, column, row_offset, first)}: dense feature is {values[first].item()}; "
-            "expected a finite float (fill or drop NaN/inf when preparing the data)"
+            f"{_where(path, column, row_offset, first, first_line)}: dense feature is {values[first].item()}; "
+            f"expected a finite float ({remedy})"
         )
 
 
@@ -210,7 +231,14 @@ def check_no_null_elements(path: str, column: str, lists: pa.Array, row_offset: 
     )
 
 
-def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, offsets: Optional[np.ndarray], row_offset: int) -> np.ndarray:
+def check_ids(
+    path: str,
+    spec: FieldSpec,
+    ids: np.ndarray,
+    offsets: Optional[np.ndarray],
+    row_offset: int,
+    first_line: Optional[int] = None,
+) -> np.ndarray:
     """Checks ids of a sparse/sequence field; returns them, folded modulo cardinality if hashed.
 
     Args:
@@ -221,6 +249,7 @@ def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, offsets: Optional[np.
             (sequences), None when id ``i`` belongs to row ``i``; only read to name the row
             of a bad id.
         row_offset (int): row index of the chunk's first row in the file.
+        first_line (Optional[int]): line of data row 0 in a text source, None for Parquet.
     """
     if ids.size == 0:
         return ids
@@ -230,7 +259,7 @@ def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, offsets: Optional[np.
             return np.mod(ids, spec.cardinality)
         first = int(np.argmax(ids < 0))
         raise DataError(
-            f"{_where(path, spec.name, row_offset, row_of_value(offsets, first))}: negative id {ids[first].item()} in "
+            f"{_where(path, spec.name, row_offset, row_of_value(offsets, first), first_line)}: negative id {ids[first].item()} in "
             f"{spec.kind.value} field {spec.name!r}; expected ids in [0, {spec.cardinality})"
         )
     if high >= spec.cardinality:
@@ -238,7 +267,7 @@ def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, offsets: Optional[np.
             return np.mod(ids, spec.cardinality)
         first = int(np.argmax(ids >= spec.cardinality))
         raise DataError(
-            f"{_where(path, spec.name, row_offset, row_of_value(offsets, first))}: id {ids[first].item()} in "
+            f"{_where(path, spec.name, row_offset, row_of_value(offsets, first), first_line)}: id {ids[first].item()} in "
             f"{spec.kind.value} field {spec.name!r} is >= cardinality {spec.cardinality}; expected ids in "
             f"[0, {spec.cardinality}) "
             '(set "hashed": true in the schema to fold larger ids with a modulo)'
@@ -246,13 +275,15 @@ def check_ids(path: str, spec: FieldSpec, ids: np.ndarray, offsets: Optional[np.
     return ids
 
 
-def check_labels(path: str, column: str, labels: np.ndarray, row_offset: int) -> None:
+def check_labels(
+    path: str, column: str, labels: np.ndarray, row_offset: int, first_line: Optional[int] = None
+) -> None:
     """Raises if a label is not 0 or 1. ``labels``: (N,) numeric."""
     ok = (labels == 0) | (labels == 1)
     if not ok.all():
         first = int(np.argmin(ok))
         raise DataError(
-            f"{_where(path, column, row_offset, first)}: label {labels[first].item()!r} is not a click label; "
+            f"{_where(path, column, row_offset, first, first_line)}: label {labels[first].item()!r} is not a click label; "
             "expected 0 or 1 (binarise ratings when preparing the data)"
         )
 
@@ -275,6 +306,50 @@ def check_split_fractions(fractions: Sequence[float], option: str) -> None:
         raise ValueError(
             f"{option}={fractions!r}: expected three "
             "positive train/valid/test shares like (0.8, 0.1, 0.1); a zero share leaves a split without rows"
+        )
+
+
+def check_int(value: Any, option: str, minimum: int, optional: bool = False) -> None:
+    """Raises unless ``value`` is an integer >= ``minimum`` (or None when ``optional``); bools are refused.
+
+    Args:
+        option (str): how the caller names the setting, e.g. ``"SyntheticConfig.num_items"``.
+
+    Raises:
+        ValueError: naming ``option``, the value and the expected range.
+    """
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{option}={value!r}: expected an integer >= {minimum}{' or None' if optional else ''}")
+
+
+def check_float(
+    value: Any,
+    option: str,
+    minimum: Optional[float] = None,
+    maximum: Optional[float] = None,
+    below: Optional[float] = None,
+    optional: bool = False,
+) -> None:
+    """Raises unless ``value`` is a finite number >= ``minimum``, <= ``maximum`` and < ``below``
+    (bounds that are None are not checked), or None when ``optional``.
+
+    Raises:
+        ValueError: naming ``option``, the value and the expected range.
+    """
+    if value is None and optional:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    ok = ok and (below is None or value < below)
+    if not ok:
+        bounds = [f">= {minimum}"] if minimum is not None else []
+        bounds += [f"<= {maximum}"] if maximum is not None else []
+        bounds += [f"< {below}"] if below is not None else []
+        raise ValueError(
+            f"{option}={value!r}: expected a finite number{' ' + ' and '.join(bounds) if bounds else ''}"
+            f"{' or None' if optional else ''}"
         )
 
 

@@ -34,7 +34,7 @@ def test_prepare_tabular_cli_error_names_file(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 2
     error = capsys.readouterr().err
-    assert error.startswith("recsys-llm prepare: error: ") and "d.csv: column 'clicked', row 1: label 7.0" in error
+    assert error.startswith("recsys-llm prepare: error: ") and "d.csv: column 'clicked', data row 1 (line 3 of the file): label 7.0" in error
 
 
 def test_prepare_dataset_config_roundtrip(tmp_path):
@@ -79,3 +79,60 @@ def test_prepare_again_through_a_trailing_slash_or_a_symlink(tmp_path):
                                  progress=False)
         assert report.schema.root == str(real) and report.rows["train"] == 480
     assert os.path.islink(link) and sorted(os.listdir(tmp_path / "big")) == ["syn"]  # no .old or temp left
+
+
+def test_prepare_refuses_bad_numbers_naming_the_flag_before_any_work(tmp_path, capsys):
+    import pytest
+
+    cases = [
+        (["synthetic", "--items", "-1"], "argument --items: expected an integer >= 1, got '-1'"),
+        (["synthetic", "--users", "0"], "argument --users: expected an integer >= 1, got '0'"),
+        (["synthetic", "--rows-per-group", "0"], "argument --rows-per-group: expected an integer >= 1, got '0'"),
+        (["synthetic", "--rows", "5"], "argument --rows: expected an integer >= 10, got '5'"),
+        (["synthetic", "--seed", "-3"], "argument --seed: expected an integer >= 0, got '-3'"),
+        (["synthetic", "--cold-item-fraction", "1.5"], "argument --cold-item-fraction: expected a finite number >= 0 "
+                                                       "and < 1, got '1.5'"),
+        (["criteo", "--input", "x", "--hash-size", "1"], "argument --hash-size: expected an integer >= 2, got '1'"),
+        (["criteo", "--input", "x", "--max-rows", "0"], "argument --max-rows: expected an integer >= 1, got '0'"),
+        (["movielens", "--input", "x", "--zip-prefix-length", "0"], "argument --zip-prefix-length: expected an "
+                                                                    "integer >= 1, got '0'"),
+        (["tabular", "--input", "x", "--schema", "s", "--fill-missing-dense", "nan"],
+         "argument --fill-missing-dense: expected a finite number, got 'nan'"),
+        (["tabular", "--input", "x", "--schema", "s", "--label-threshold", "abc"],
+         "argument --label-threshold: expected a finite number, got 'abc'"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            _run(["prepare", argv[0], "--out", str(tmp_path / "out"), "--quiet"] + argv[1:])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_synthetic_seed_has_help(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _run(["prepare", "synthetic", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED seed of users, items and impressions" in help_text
+
+
+def test_prepare_configs_refuse_bad_numbers_naming_the_setting():
+    import pytest
+
+    from recsys_llm.data.criteo import CriteoConfig
+    from recsys_llm.data.movielens import MovieLensConfig
+
+    with pytest.raises(ValueError, match=r"SyntheticConfig\.num_items=-1: expected an integer >= 1 or None"):
+        SyntheticConfig(num_items=-1)
+    with pytest.raises(ValueError, match=r"SyntheticConfig\.cold_item_fraction=1\.5: expected a finite number >= 0"):
+        SyntheticConfig(cold_item_fraction=1.5)
+    with pytest.raises(ValueError, match=r"SyntheticConfig\.rows_per_group=0: expected an integer >= 1"):
+        SyntheticConfig(rows_per_group=0)
+    with pytest.raises(ValueError, match=r"SyntheticConfig\.num_rows=True: expected an integer >= 10"):
+        SyntheticConfig(num_rows=True)
+    with pytest.raises(ValueError, match=r"CriteoConfig\.hash_size=1: expected an integer >= 2"):
+        CriteoConfig(hash_size=1)
+    with pytest.raises(ValueError, match=r"MovieLensConfig\.rows_per_group=0: expected an integer >= 1"):
+        MovieLensConfig(rows_per_group=0)

@@ -116,7 +116,7 @@ def test_missing_column_names_schema_and_file(tmp_path):
 def test_label_rule_and_bad_labels(tmp_path):
     rows = _rows()
     rows["clicked"] = np.arange(200) % 5 + 1  # ratings
-    with pytest.raises(DataError, match=r"d\.csv: column 'clicked', row 1: label 2\.0 .*expected 0 or 1"):
+    with pytest.raises(DataError, match=r"d\.csv: column 'clicked', data row 1 \(line 3 of the file\): label 2\.0 .*expected 0 or 1"):
         prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"))
     schema = prepare_tabular(str(tmp_path / "d.csv"), _schema_file(tmp_path), str(tmp_path / "out"),
                              TabularConfig(label_threshold=3))
@@ -127,7 +127,7 @@ def test_label_rule_and_bad_labels(tmp_path):
 def test_missing_dense_is_error_unless_filled(tmp_path):
     rows = _rows()
     rows["price"] = ["" if i == 7 else "1.5" for i in range(200)]
-    with pytest.raises(DataError, match=r"d\.csv: column 'price', row 7: null value"):
+    with pytest.raises(DataError, match=r"d\.csv: column 'price', data row 7 \(line 9 of the file\): null value; .*--fill-missing-dense"):
         prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"))
     schema = prepare_tabular(str(tmp_path / "d.csv"), _schema_file(tmp_path), str(tmp_path / "out"),
                              TabularConfig(fill_missing_dense=0.0))
@@ -178,7 +178,7 @@ def test_failed_conversion_leaves_the_earlier_output_byte_identical(tmp_path):
     assert "text/city.parquet" in before and "schema.json" in before
     # other words (ids would mean other cities), then a missing price in the last row
     second = _city_data(tmp_path, "b.csv", ["oslo", "berlin"] * 50, [0.5] * 99 + [""])
-    with pytest.raises(DataError, match=r"b\.csv: column 'price', row 99: null value"):
+    with pytest.raises(DataError, match=r"b\.csv: column 'price', data row 99 \(line 101 of the file\): null value"):
         prepare_tabular(second, schema_path, out)
     assert _snapshot(out) == before
     assert sorted(os.listdir(tmp_path)) == ["a.csv", "b.csv", "out", "schema.json"]  # no temp directory left
@@ -221,7 +221,7 @@ def test_csv_words_like_na_and_null_are_values_only_the_empty_cell_is_missing(tm
     countries = ["NA", "DE", "null", "N/A", ""] * 20
     prices = ["1.5"] * 99 + ["NA"]  # numeric columns keep the usual missing markers
     data = _city_data(tmp_path, "d.csv", countries, prices, column="country")
-    with pytest.raises(DataError, match=r"d\.csv: column 'price', row 99: null value"):
+    with pytest.raises(DataError, match=r"d\.csv: column 'price', data row 99 \(line 101 of the file\): null value"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
     schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(fill_missing_dense=0.0))
     text = schema.load_value_text("country")["text"].to_pylist()
@@ -244,3 +244,135 @@ def test_a_missing_marker_among_integer_ids_is_missing_not_a_vocabulary(tmp_path
     assert schema.field("item").value_text is None  # no vocabulary was built
     ids = np.concatenate([pq.read_table(schema.split_path(s))["item"].to_numpy() for s in schema.splits])
     assert sorted(set(ids.tolist())) == [0, 70, 71, 72] and int((ids == 0).sum()) == 25
+
+
+# ---- row keys, stray cells and messages that name the right source ----------------------------------
+def _keyed(tmp_path, name, keys, users=None, encoding="utf-8", row_key="event_id"):
+    """A CSV ``event_id,user,price,clicked`` and a schema naming ``row_key``; returns (data, schema) paths."""
+    users = users if users is not None else [str(i % 7) for i in range(len(keys))]
+    lines = ["event_id,user,price,clicked"] + [f"{k},{u},0.5,{i % 2}" for i, (k, u) in enumerate(zip(keys, users))]
+    (tmp_path / name).write_text("\n".join(lines) + "\n", encoding=encoding)
+    raw = {"name": "t", "label": "clicked", "row_key": row_key,
+           "fields": [{"name": "user", "kind": "sparse", "cardinality": 10}, {"name": "price", "kind": "dense"}]}
+    return str(tmp_path / name), _schema_file(tmp_path, raw)
+
+
+def _all(schema, column):
+    return np.concatenate([pq.read_table(schema.split_path(s))[column].to_numpy() for s in schema.splits])
+
+
+def test_a_utf8_bom_csv_keeps_the_users_row_key(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte order mark before the first column name."""
+    data, schema_path = _keyed(tmp_path, "bom.csv", [str(k) for k in range(500, 540)], encoding="utf-8-sig")
+    assert open(data, "rb").read(3) == b"\xef\xbb\xbf"
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert schema.row_key == "event_id"
+    assert sorted(_all(schema, "event_id").tolist()) == list(range(500, 540))
+
+
+def test_a_row_key_the_data_lacks_is_refused_not_generated(tmp_path):
+    data, schema_path = _keyed(tmp_path, "d.csv", [str(k) for k in range(40)], row_key="eventid")
+    with pytest.raises(DataError, match=r"d\.csv: missing row key column 'eventid' named by row_key in .*schema\.json"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_without_row_key_the_rows_are_numbered_as_row_id(tmp_path):
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "city", "kind": "sparse", "cardinality": 10},
+                                                       {"name": "price", "kind": "dense"}]}
+    schema = prepare_tabular(_city_data(tmp_path, "a.csv", ["rome", "paris"] * 20, [0.5] * 40),
+                             _schema_file(tmp_path, raw), str(tmp_path / "out"))
+    assert schema.row_key == "row_id" and sorted(_all(schema, "row_id").tolist()) == list(range(40))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("e40", r"d\.csv: column 'event_id', data row 4 \(line 6 of the file\): row key 'e40' is not an integer"),
+    ("", r"d\.csv: column 'event_id', data row 4 \(line 6 of the file\): null value; expected an integer row key"),
+])
+def test_a_bad_row_key_names_the_file_and_row(tmp_path, bad, message):
+    keys = [str(k) for k in range(40)]
+    keys[4] = bad
+    data, schema_path = _keyed(tmp_path, "d.csv", keys)
+    with pytest.raises(DataError, match=message):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+
+
+def test_a_repeated_row_key_is_refused_naming_the_key_and_rows(tmp_path):
+    keys = [str(k) for k in range(100, 140)]
+    keys[6] = "103"
+    data, schema_path = _keyed(tmp_path, "d.csv", keys)
+    with pytest.raises(DataError, match=r"d\.csv: row key column 'event_id': key 103 is repeated, in data row 3 "
+                                        r"\(line 5 of the file\) and data row 6 \(line 8 of the file\)"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    pq.write_table(pa.table({"event_id": [1, 2, 1], "user": [1, 2, 3], "price": [0.5] * 3, "clicked": [0, 1, 0]}),
+                   tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d\.parquet: row key column 'event_id': key 1 is repeated, in row 0 and row 2"):
+        prepare_tabular(str(tmp_path / "d.parquet"), schema_path, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("stray", ["3.5", "bob"])
+def test_a_stray_cell_in_an_integer_id_column_is_an_error_not_a_vocabulary(tmp_path, stray):
+    users = [str(i % 7) for i in range(40)]
+    users[9] = stray
+    data, schema_path = _keyed(tmp_path, "d.csv", [str(k) for k in range(40)], users)
+    with pytest.raises(DataError, match=rf"d\.csv: column 'user', data row 9 \(line 11 of the file\): '{stray}' is "
+                                        r"not an integer.*--vocabulary user.*\"hashed\": true"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    # asked for: a vocabulary of every value (ids 1..V), written as value text
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(vocabulary_fields=("user",)))
+    assert schema.load_value_text("user")["text"].to_pylist() == ["unknown"] + sorted(set(users))
+    assert sorted(set(_all(schema, "user").tolist())) == list(range(1, len(set(users)) + 1))
+
+
+def test_vocabulary_fields_must_name_an_unhashed_categorical_field(tmp_path):
+    data, schema_path = _keyed(tmp_path, "d.csv", [str(k) for k in range(40)])
+    with pytest.raises(ValueError, match=r"--vocabulary price \(TabularConfig\.vocabulary_fields\): .* has no sparse"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(vocabulary_fields=("price",)))
+
+
+def test_a_missing_split_by_column_is_named_as_the_options_not_the_schemas(tmp_path):
+    data, schema_path = _keyed(tmp_path, "d.csv", [str(k) for k in range(40)])
+    with pytest.raises(DataError, match=r"d\.csv: missing column 'time' named by --split-by \(TabularConfig\.split_by\)"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(split_by="time"))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("seed", -1, r"TabularConfig\.seed=-1: expected an integer >= 0"),
+    ("rows_per_group", 0, r"TabularConfig\.rows_per_group=0: expected an integer >= 1"),
+    ("fill_missing_dense", float("nan"), r"TabularConfig\.fill_missing_dense=nan: expected a finite number"),
+    ("delimiter", ",,", r"TabularConfig\.delimiter=',,': expected one character"),
+    ("vocabulary_fields", "user", r"TabularConfig\.vocabulary_fields='user': expected a tuple of strings"),
+])
+def test_bad_numbers_and_options_are_refused_naming_the_option(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        TabularConfig(**{option: value})
+
+
+def test_vocabulary_fields_also_map_an_integer_typed_parquet_column(tmp_path):
+    pq.write_table(pa.table({"zip": [75001, 13001, 75001, 69001] * 10, "price": [0.5] * 40,
+                             "clicked": [0, 1] * 20}), tmp_path / "z.parquet")
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "zip", "kind": "sparse", "cardinality": 4},
+                                                       {"name": "price", "kind": "dense"}]}
+    schema = prepare_tabular(str(tmp_path / "z.parquet"), _schema_file(tmp_path, raw), str(tmp_path / "out"),
+                             TabularConfig(vocabulary_fields=("zip",)))
+    assert schema.load_value_text("zip")["text"].to_pylist() == ["unknown", "13001", "69001", "75001"]
+    assert sorted(set(_all(schema, "zip").tolist())) == [1, 2, 3]
+
+
+def test_a_row_key_that_is_also_a_field_is_refused_and_one_listed_as_extra_is_written_once(tmp_path):
+    from recsys_llm.data.schema import SchemaError
+
+    data, schema_path = _keyed(tmp_path, "d.csv", [str(k) for k in range(40)], row_key="user")
+    with pytest.raises(SchemaError, match=r"schema\.json: row_key 'user' is also a field or the label"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    raw = json.loads(open(schema_path).read())
+    raw.update(row_key="event_id", extra_columns=["event_id"])
+    schema = prepare_tabular(data, _schema_file(tmp_path, raw), str(tmp_path / "out"))
+    assert schema.extra_columns == [] and pq.read_schema(schema.split_path("train")).names.count("event_id") == 1
+
+
+def test_split_by_the_row_key_orders_keys_as_numbers(tmp_path):
+    keys = [str(k) for k in range(1, 41)]  # as strings "10" would sort before "9"
+    data, schema_path = _keyed(tmp_path, "d.csv", keys)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(split_by="event_id"))
+    assert pq.read_table(schema.split_path("test"))["event_id"].to_pylist() == list(range(37, 41))

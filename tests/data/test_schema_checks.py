@@ -1,0 +1,112 @@
+"""Schema files: every key and value type is checked, errors name the file, the key and what was expected."""
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from recsys_llm.data.schema import SCHEMA_KEYS, DatasetSchema, FieldSpec, SchemaError
+
+BASE = {
+    "name": "shop",
+    "label": "clicked",
+    "fields": [
+        {"name": "user", "kind": "sparse", "cardinality": 100},
+        {"name": "cats", "kind": "sequence", "cardinality": 10, "max_length": 3},
+        {"name": "price", "kind": "dense"},
+    ],
+}
+
+
+def _write(tmp_path, raw, name="shop.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw) if name.endswith(".yaml") else json.dumps(raw))
+    return str(path)
+
+
+def _with_field(index, **values):
+    raw = copy.deepcopy(BASE)
+    raw["fields"][index].update(values)
+    return raw
+
+
+class TestFieldValueTypes:
+    @pytest.mark.parametrize(
+        "index, values, message",
+        [
+            (0, {"hashed": "false"}, r"field 'user': hashed='false': expected true or false, got a str"),
+            (1, {"max_length": "3"}, r"field 'cats': max_length='3': expected an integer >= 0, got a str"),
+            (1, {"max_length": -1}, r"field 'cats': max_length=-1: expected an integer >= 0"),
+            (0, {"cardinality": "201"}, r"field 'user': cardinality='201': expected an integer >= 1 .*got a str"),
+            (0, {"cardinality": 201.5}, r"field 'user': cardinality=201\.5: expected an integer >= 1 .*got a float"),
+            (0, {"cardinality": True}, r"field 'user': cardinality=True: expected an integer >= 1 .*got a bool"),
+            (0, {"cardinality": 0}, r"field 'user': cardinality=0: expected an integer >= 1"),
+            (0, {"embedding_dim": "8"}, r"field 'user': embedding_dim='8': expected an integer >= 1, got a str"),
+            (0, {"embedding_dim": 0}, r"field 'user': embedding_dim=0: expected an integer >= 1"),
+            (0, {"description": 7}, r"field 'user': description=7: expected a string, got an int"),
+            (0, {"value_text": ["a"]}, r"field 'user': value_text=\['a'\]: expected a non-empty string or null"),
+            (2, {"kind": "dens"}, r"field 'price': kind='dens': expected one of sparse, dense, sequence"),
+        ],
+    )
+    def test_bad_value_names_file_field_and_expected_type(self, tmp_path, index, values, message):
+        path = _write(tmp_path, _with_field(index, **values))
+        with pytest.raises(SchemaError, match=r"shop\.yaml: " + message):
+            DatasetSchema.load(path)
+
+    def test_yaml_exponent_read_as_a_string_is_refused_with_a_hint(self, tmp_path):
+        path = tmp_path / "shop.yaml"
+        path.write_text("label: clicked\nfields:\n  - {name: user, kind: sparse, cardinality: 1e2}\n")
+        with pytest.raises(SchemaError, match=r"shop\.yaml: field 'user': cardinality='1e2'.*write 100"):
+            DatasetSchema.load(str(path))
+
+    def test_a_name_that_is_no_string_is_refused(self):
+        with pytest.raises(SchemaError, match=r"field name 3: expected a non-empty string"):
+            FieldSpec(3)
+
+    def test_valid_values_load_and_numpy_ints_are_plain_ints(self, tmp_path):
+        import numpy as np
+
+        schema = DatasetSchema.load(_write(tmp_path, _with_field(0, hashed=True, embedding_dim=8), "s.json"))
+        assert schema.field("user").hashed is True and schema.field("cats").max_length == 3
+        spec = FieldSpec("x", "sparse", np.int64(5), max_length=np.int32(2))
+        assert type(spec.cardinality) is int and type(spec.max_length) is int
+
+
+class TestTopLevelKeys:
+    @pytest.mark.parametrize("key, value, meant", [("nmae", "shop", "name"), ("rowkey", "event_id", "row_key"),
+                                                   ("lable", "clicked", "label")])
+    def test_unknown_top_level_key_is_refused_listing_the_allowed_ones(self, tmp_path, key, value, meant):
+        raw = copy.deepcopy(BASE)
+        raw[key] = value
+        with pytest.raises(SchemaError, match=rf"shop\.yaml: unknown top-level keys \['{key}'\] "
+                                              rf"\(did you mean '{key}' -> '{meant}'\?\); allowed: \['name', "):
+            DatasetSchema.load(_write(tmp_path, raw))
+
+    def test_every_key_a_saved_schema_writes_is_allowed(self, tmp_path):
+        schema = DatasetSchema.load(_write(tmp_path, BASE, "s.json"))
+        assert set(schema.to_dict()) <= set(SCHEMA_KEYS)
+
+    @pytest.mark.parametrize(
+        "key, value, message",
+        [
+            ("splits", ["train.parquet", "valid.parquet"],
+             r"splits=\['train\.parquet', 'valid\.parquet'\]: expected a mapping of split name -> file.*got a list"),
+            ("splits", {"train": 3}, r"splits\.train=3: expected a non-empty string"),
+            ("extra_columns", "ts", r"extra_columns='ts': expected a list of column names, got a str"),
+            ("extra_columns", ["ts", 4], r"extra_columns\[1\]=4: expected a non-empty string"),
+            ("label", 1, r"label=1: expected a non-empty string, got an int"),
+            ("row_key", ["a"], r"row_key=\['a'\]: expected a non-empty string or null"),
+            ("name", "", r"name='': expected a non-empty string, got an empty string"),
+            ("fields", {"user": {}}, r"fields: expected a list of field mappings, got a dict"),
+        ],
+    )
+    def test_bad_top_level_value_names_file_key_and_expected_type(self, tmp_path, key, value, message):
+        raw = copy.deepcopy(BASE)
+        raw[key] = value
+        with pytest.raises(SchemaError, match=r"shop\.yaml: " + message):
+            DatasetSchema.load(_write(tmp_path, raw))
+
+    def test_a_null_row_key_means_none(self, tmp_path):
+        raw = dict(copy.deepcopy(BASE), row_key=None)
+        assert DatasetSchema.load(_write(tmp_path, raw)).row_key is None
