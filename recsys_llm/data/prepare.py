@@ -96,8 +96,8 @@ def prepare_dataset(
         raise FileNotFoundError(f"{input_path}: input not found")
     if source == "synthetic":
         c = config or SyntheticConfig()
-        schema = write_prepared(out_dir, "synthetic", [], lambda tmp: generate_synthetic(
-            tmp, c.num_rows, c.seed, c.num_users, c.num_items, c.rows_per_group, c.cold_item_fraction, progress=progress))
+        schema = write_prepared(out_dir, "synthetic", [],
+                                lambda tmp: generate_synthetic(tmp, c.num_rows, progress=progress, config=c))
     elif source == "movielens":
         schema = prepare_movielens(input_path, out_dir, config, progress=progress)
     elif source == "criteo":

@@ -400,6 +400,7 @@ def generate_synthetic(
     rows_per_group: int = 65536,
     cold_item_fraction: float = 0.1,
     progress: bool = False,
+    config: Optional[SyntheticConfig] = None,
 ) -> DatasetSchema:
     """Generates the synthetic data set into ``out_dir`` and returns its schema.
 
@@ -417,13 +418,17 @@ def generate_synthetic(
         rows_per_group (int): Parquet row group size.
         cold_item_fraction (float): share of items that occur only in valid/test.
         progress (bool): show a tqdm bar.
+        config (Optional[SyntheticConfig]): every setting at once (then the arguments from
+            ``num_rows`` to ``cold_item_fraction`` are ignored).
 
     Example::
 
         schema = generate_synthetic("data/synthetic", 100_000, seed=0)
         reader = ParquetBatchReader(schema, "train", batch_size=1024)
     """
-    config = SyntheticConfig(num_rows, seed, num_users, num_items, rows_per_group, cold_item_fraction)
+    if config is None:
+        config = SyntheticConfig(num_rows, seed, num_users, num_items, rows_per_group, cold_item_fraction)
+    seed, num_rows, rows_per_group = config.seed, config.num_rows, config.rows_per_group
     entity_rng = np.random.default_rng([seed, 0])
     users = _make_users(config, entity_rng)
     items = _make_items(config, entity_rng)

@@ -108,3 +108,20 @@ def test_text_semantics_predict_cold_clicks_better_than_ids(data):
     text_auc, id_auc = _auc(text_score, label), _auc(user_ctr[user], label)
     assert text_auc > 0.68, text_auc
     assert text_auc > id_auc + 0.05, (text_auc, id_auc)
+
+
+def test_prepare_dataset_passes_every_synthetic_setting(tmp_path) -> None:
+    """cold_row_fraction and affinity_weight used to be dropped on the way to the generator."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from recsys_llm.data.prepare import prepare_dataset
+    from recsys_llm.data.synthetic import SyntheticConfig
+
+    base = SyntheticConfig(num_rows=4000, seed=1)
+    cold = []
+    for name, config in (("base", base), ("no_cold_rows", dataclasses.replace(base, cold_row_fraction=0.0))):
+        prepare_dataset("synthetic", str(tmp_path / name), config=config)
+        cold.append(sum(pq.read_table(str(tmp_path / name / "test.parquet")).column("is_cold_item").to_pylist()))
+    assert cold[0] > 0 and cold[1] == 0
