@@ -102,9 +102,10 @@ def _export(args: argparse.Namespace) -> int:
     rank, world = rank_and_world()
     if args.attach_dir:
         _check_attach_dir(schema, args)
+    # several ranks attach once all have written their chunks; a process group of the caller's
+    # own (an in-process call from a job that has one) is not ours to use: poll for the chunks
     meet = args.attach_dir is not None and world > 1
-    if meet:
-        _join_ranks(rank, world, args.attach_timeout)
+    own_group = meet and _join_ranks(rank, world, args.attach_timeout)
     model = load_ctr_llm(args.llm).to(resolve_device(args.device))
     config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
                                 projection=args.projection)
@@ -115,8 +116,10 @@ def _export(args: argparse.Namespace) -> int:
         world_size=world,
     )
     print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
-    if meet:
+    if own_group:
         _wait_for_other_ranks(args.attach_timeout)
+    elif meet and rank == 0:
+        _poll_for_chunks(args.output_dir, args.attach_timeout)
     if args.attach_dir and rank == 0:
         _attach(schema, splits, args)
     return 0
@@ -132,16 +135,38 @@ def _check_attach_dir(schema, args: argparse.Namespace) -> None:
     check_replaceable(attach_dir, ATTACHED_KIND, ATTACHED_MARKER_FILES)
 
 
-def _join_ranks(rank: int, world_size: int, timeout_s: float) -> None:
+def _join_ranks(rank: int, world_size: int, timeout_s: float) -> bool:
     """A gloo process group (on CPU, whatever the export's device) that only tells rank 0 when
-    every rank has written its chunks, and tells it at once when one has died."""
+    every rank has written its chunks, and tells it at once when one has died.
+
+    Returns:
+        bool: False (nothing done) when this process already has a process group.
+    """
     import datetime
 
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def _poll_for_chunks(output_dir: str, timeout_s: float) -> None:
+    """Waits until every rank's chunks are there (the manifest reads as complete)."""
+    import time
+
+    from recsys_llm.semantics.vector_export import read_manifest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            read_manifest(output_dir)
+            return
+        except (ValueError, FileNotFoundError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def _wait_for_other_ranks(timeout_s: float) -> None:
