@@ -126,6 +126,8 @@ class FieldSpec:
         object.__setattr__(self, "cardinality", _checked_int(self.cardinality, where, "cardinality", minimum, meaning))
         if not isinstance(self.hashed, bool):
             raise SchemaError(f"{where}: hashed={self.hashed!r}: expected true or false, got {_a(self.hashed)}")
+        if self.description is None:  # YAML's empty `description:`: no description
+            object.__setattr__(self, "description", "")
         _checked_str(self.description, where, "description", empty=True)
         _checked_str(self.value_text, where, "value_text", optional=True)
         object.__setattr__(self, "max_length", _checked_int(self.max_length, where, "max_length", 0))

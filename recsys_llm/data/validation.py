@@ -163,10 +163,11 @@ def check_file_schema(
 # ---- value checks (numpy, vectorised) -----------------------------------------------------------
 def describe_row(row: int, first_line: Optional[int] = None) -> str:
     """How messages name a row: ``row 4`` (a Parquet row index), or for a text file whose data row 0
-    is on line ``first_line``: ``data row 4 (line 6 of the file)``."""
+    is on line ``first_line``: ``data row 4 (line 6 if no blank line or multi-line cell precedes
+    it)``: the CSV reader skips blank lines, and a quoted cell may span lines."""
     if first_line is None:
         return f"row {row}"
-    return f"data row {row} (line {row + first_line} of the file)"
+    return f"data row {row} (line {row + first_line} if no blank line or multi-line cell precedes it)"
 
 
 def _where(path: str, column: str, row_offset: int, index: int, first_line: Optional[int] = None) -> str:

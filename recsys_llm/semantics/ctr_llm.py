@@ -40,11 +40,14 @@ from recsys_llm.semantics.encoder import (
     load_model,
     load_tokenizer,
     model_dir_fingerprint,
+    model_weights_fingerprint,
     pool,
 )
 
 TUNING_MODES = ("lora", "last_k", "heads")
 LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# in provenance.json: the fingerprint of the base model's config and weights (check_base_model)
+BASE_WEIGHTS_KEY = "base_weights"
 
 # CTRLLMConfig numbers: field -> (integer, minimum, above, below, `semantics adapt` option or "")
 _NUMBER_RULES: Dict[str, Tuple[bool, Optional[float], Optional[float], Optional[float], str]] = {
@@ -63,6 +66,9 @@ _NUMBER_RULES: Dict[str, Tuple[bool, Optional[float], Optional[float], Optional[
     "sample_rows": (True, 1, None, None, "--sample-rows"),
     "seed": (True, 0, None, None, "--seed"),
 }
+
+# in provenance.json: the fingerprint of the base model's config and weights (check_base_model)
+BASE_WEIGHTS_KEY = "base_weights"
 
 
 @dataclasses.dataclass
@@ -357,8 +363,10 @@ def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict
             json.dump(dataclasses.asdict(model.config), handle, indent=2)
         save_file(_heads_state(model), os.path.join(tmp, "heads.safetensors"))
         save_file(model.trainable_llm_state(), os.path.join(tmp, "llm_tuned.safetensors"))
+        base = model.config.model_path
+        base_weights = {BASE_WEIGHTS_KEY: model_weights_fingerprint(base)} if os.path.isdir(base) else {}
         with open(os.path.join(tmp, "provenance.json"), "w", encoding="utf-8") as handle:
-            json.dump(model.provenance(), handle, indent=2)
+            json.dump({**model.provenance(), **base_weights}, handle, indent=2)
 
 
 def read_ctr_llm_config(directory: str) -> CTRLLMConfig:
@@ -394,8 +402,9 @@ def check_base_model(directory: str, model_path: str) -> None:
     """Refuses a base model other than the one the CTR-adapted LLM in ``directory`` was tuned on.
 
     The tuned heads and LoRA tensors only mean something on the base model they were tuned with:
-    ``provenance.json`` records its ``revision`` (:func:`model_dir_fingerprint`), which must match
-    the files at ``model_path`` now. Saves without a recorded revision are not checked.
+    ``provenance.json`` records the fingerprint of its config and weights
+    (:func:`~recsys_llm.semantics.encoder.model_weights_fingerprint`), which must match the
+    files at ``model_path`` now. Saves written before it was recorded are not checked.
 
     Raises:
         ValueError: the fingerprints differ (the base model was replaced, or ``model_path`` names
@@ -409,15 +418,15 @@ def check_base_model(directory: str, model_path: str) -> None:
             provenance = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{provenance_path}: not valid JSON ({error})") from error
-    recorded = provenance.get("revision") if isinstance(provenance, dict) else None
-    if not isinstance(recorded, str) or recorded == "unknown":
+    recorded = provenance.get(BASE_WEIGHTS_KEY) if isinstance(provenance, dict) else None
+    if not isinstance(recorded, str):
         return
-    current = model_dir_fingerprint(model_path)
+    current = model_weights_fingerprint(model_path)
     if current != recorded:
         raise ValueError(
-            f"{directory}: adapted on base model {provenance.get('model', '?')!r} with fingerprint {recorded}, but "
-            f"the base model at {model_path} has fingerprint {current} (replaced, or another model); point model_path "
-            "in config.json at the model it was adapted on, or run `semantics adapt` again"
+            f"{directory}: adapted on base model {provenance.get('model', '?')!r} whose config and weights have "
+            f"fingerprint {recorded}, but those at {model_path} have {current} (replaced, or another model); point "
+            "model_path in config.json at the model it was adapted on, or run `semantics adapt` again"
         )
 
 

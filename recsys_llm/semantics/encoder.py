@@ -15,9 +15,11 @@ Example::
 """
 
 import functools
+import fnmatch
 import hashlib
 import json
 import math
+import numbers
 import operator
 import os
 import struct
@@ -67,7 +69,7 @@ def check_number(
     """
     bounds = [(">=", operator.ge, minimum), (">", operator.gt, above), ("<", operator.lt, below)]
     bounds = [(sign, compare, limit) for sign, compare, limit in bounds if limit is not None]
-    kinds = (int,) if integer else (int, float)
+    kinds = numbers.Integral if integer else numbers.Real  # numpy numbers too
     fits = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
     if not (fits and all(compare(value, limit) for _, compare, limit in bounds)):
         rule = " and ".join(f"{sign} {limit}" for sign, _, limit in bounds)
@@ -205,13 +207,6 @@ def require_model_dir(model_path: str) -> None:
         raise FileNotFoundError(f"{model_path}: model directory not found (models load offline from a local path)")
 
 
-# Files that hold a tokenizer's vocabulary: without one, transformers builds an empty tokenizer
-# of the config's class (every text becomes [CLS] [UNK] ... [SEP]) or fails with a misleading hint.
-TOKENIZER_FILES = (
-    "tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-    "sentencepiece.bpe.model", "spm.model", "sentencepiece.model",
-)
-_TOKENIZER_SUFFIXES = (".model", ".tiktoken")
 # A tokenizer with fewer tokens than this share of config.json's vocab_size is not the model's own.
 MIN_TOKENIZER_VOCAB_SHARE = 0.5
 
@@ -250,16 +245,6 @@ def _config_vocab_size(config: dict) -> Optional[int]:
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
             return size
     return None
-
-
-def require_tokenizer_files(model_path: str) -> None:
-    """Raises FileNotFoundError naming ``model_path`` unless it holds a tokenizer vocabulary file."""
-    names = os.listdir(model_path)
-    if not any(name in TOKENIZER_FILES or name.endswith(_TOKENIZER_SUFFIXES) for name in names):
-        raise FileNotFoundError(
-            f"{model_path}: no tokenizer files (tokenizer.json, or tokenizer_config.json with vocab.txt / vocab.json / "
-            "tokenizer.model / ...); save the model's tokenizer next to it (tokenizer.save_pretrained)"
-        )
 
 
 def _safetensors_damage(path: str) -> Optional[str]:
@@ -347,6 +332,30 @@ def model_dir_fingerprint(model_path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+# what transformers loads of a model: its config and weights (not README, licence or the
+# sentence-transformers files beside them)
+_WEIGHT_FILE_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                         "pytorch_model.bin.index.json")
+
+
+def model_weights_fingerprint(model_path: str) -> str:
+    """sha256 over the ``config.json`` and weight files at the top of a model directory: the
+    same for a copy that lacks or adds other files (a licence, a trimmed sentence-transformers
+    export), unlike :func:`model_dir_fingerprint`.
+
+    Returns:
+        str: 16 hex digits.
+    """
+    require_model_dir(model_path)
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_path)):
+        path = os.path.join(model_path, name)
+        if os.path.isfile(path) and any(fnmatch.fnmatch(name, pattern) for pattern in _WEIGHT_FILE_PATTERNS):
+            stat = os.stat(path)
+            digest.update(f"{name}:{_cached_file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def module_fingerprint(model: nn.Module, trainable_only: bool = False) -> str:
     """sha256 over a module's config and parameter values (for models loaded in memory).
 
@@ -378,19 +387,19 @@ def _one_line(error: BaseException) -> str:
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs).
 
-    The directory must be a model directory (``config.json``) with tokenizer vocabulary files,
-    and the tokenizer must cover at least half of the config's ``vocab_size``: transformers
-    otherwise builds an empty tokenizer that maps every word to ``[UNK]``.
+    The directory must be a model directory (``config.json``), and the tokenizer must cover at
+    least half of the config's ``vocab_size``: without its vocabulary files transformers builds
+    an empty tokenizer that maps every word to ``[UNK]`` (byte-level tokenizers such as ByT5's
+    need no file and pass).
 
     Raises:
-        FileNotFoundError: no directory, no ``config.json`` or no tokenizer files.
+        FileNotFoundError: no directory or no ``config.json``.
         ValueError: a damaged ``config.json``, a tokenizer that does not load, or one far
             smaller than the model's vocabulary.
     """
     from transformers import AutoTokenizer
 
     config = read_model_config(model_path)
-    require_tokenizer_files(model_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_path, local_files_only=True, trust_remote_code=trust_remote_code

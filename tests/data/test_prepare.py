@@ -34,7 +34,7 @@ def test_prepare_tabular_cli_error_names_file(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 2
     error = capsys.readouterr().err
-    assert error.startswith("recsys-llm prepare: error: ") and "d.csv: column 'clicked', data row 1 (line 3 of the file): label 7.0" in error
+    assert error.startswith("recsys-llm prepare: error: ") and "d.csv: column 'clicked', data row 1 (line 3 if no blank line or multi-line cell precedes it): label 7.0" in error
 
 
 def test_prepare_dataset_config_roundtrip(tmp_path):

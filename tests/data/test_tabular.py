@@ -116,7 +116,7 @@ def test_missing_column_names_schema_and_file(tmp_path):
 def test_label_rule_and_bad_labels(tmp_path):
     rows = _rows()
     rows["clicked"] = np.arange(200) % 5 + 1  # ratings
-    with pytest.raises(DataError, match=r"d\.csv: column 'clicked', data row 1 \(line 3 of the file\): label 2\.0 .*expected 0 or 1"):
+    with pytest.raises(DataError, match=r"d\.csv: column 'clicked', data row 1 \(line 3 if no blank line or multi-line cell precedes it\): label 2\.0 .*expected 0 or 1"):
         prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"))
     schema = prepare_tabular(str(tmp_path / "d.csv"), _schema_file(tmp_path), str(tmp_path / "out"),
                              TabularConfig(label_threshold=3))
@@ -127,7 +127,7 @@ def test_label_rule_and_bad_labels(tmp_path):
 def test_missing_dense_is_error_unless_filled(tmp_path):
     rows = _rows()
     rows["price"] = ["" if i == 7 else "1.5" for i in range(200)]
-    with pytest.raises(DataError, match=r"d\.csv: column 'price', data row 7 \(line 9 of the file\): null value; .*--fill-missing-dense"):
+    with pytest.raises(DataError, match=r"d\.csv: column 'price', data row 7 \(line 9 if no blank line or multi-line cell precedes it\): null value; .*--fill-missing-dense"):
         prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"))
     schema = prepare_tabular(str(tmp_path / "d.csv"), _schema_file(tmp_path), str(tmp_path / "out"),
                              TabularConfig(fill_missing_dense=0.0))
@@ -178,7 +178,7 @@ def test_failed_conversion_leaves_the_earlier_output_byte_identical(tmp_path):
     assert "text/city.parquet" in before and "schema.json" in before
     # other words (ids would mean other cities), then a missing price in the last row
     second = _city_data(tmp_path, "b.csv", ["oslo", "berlin"] * 50, [0.5] * 99 + [""])
-    with pytest.raises(DataError, match=r"b\.csv: column 'price', data row 99 \(line 101 of the file\): null value"):
+    with pytest.raises(DataError, match=r"b\.csv: column 'price', data row 99 \(line 101 if no blank line or multi-line cell precedes it\): null value"):
         prepare_tabular(second, schema_path, out)
     assert _snapshot(out) == before
     assert sorted(os.listdir(tmp_path)) == ["a.csv", "b.csv", "out", "schema.json"]  # no temp directory left
@@ -221,7 +221,7 @@ def test_csv_words_like_na_and_null_are_values_only_the_empty_cell_is_missing(tm
     countries = ["NA", "DE", "null", "N/A", ""] * 20
     prices = ["1.5"] * 99 + ["NA"]  # numeric columns keep the usual missing markers
     data = _city_data(tmp_path, "d.csv", countries, prices, column="country")
-    with pytest.raises(DataError, match=r"d\.csv: column 'price', data row 99 \(line 101 of the file\): null value"):
+    with pytest.raises(DataError, match=r"d\.csv: column 'price', data row 99 \(line 101 if no blank line or multi-line cell precedes it\): null value"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
     schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(fill_missing_dense=0.0))
     text = schema.load_value_text("country")["text"].to_pylist()
@@ -286,8 +286,8 @@ def test_without_row_key_the_rows_are_numbered_as_row_id(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("e40", r"d\.csv: column 'event_id', data row 4 \(line 6 of the file\): row key 'e40' is not an integer"),
-    ("", r"d\.csv: column 'event_id', data row 4 \(line 6 of the file\): null value; expected an integer row key"),
+    ("e40", r"d\.csv: column 'event_id', data row 4 \(line 6 if no blank line or multi-line cell precedes it\): row key 'e40' is not an integer"),
+    ("", r"d\.csv: column 'event_id', data row 4 \(line 6 if no blank line or multi-line cell precedes it\): null value; expected an integer row key"),
 ])
 def test_a_bad_row_key_names_the_file_and_row(tmp_path, bad, message):
     keys = [str(k) for k in range(40)]
@@ -302,7 +302,7 @@ def test_a_repeated_row_key_is_refused_naming_the_key_and_rows(tmp_path):
     keys[6] = "103"
     data, schema_path = _keyed(tmp_path, "d.csv", keys)
     with pytest.raises(DataError, match=r"d\.csv: row key column 'event_id': key 103 is repeated, in data row 3 "
-                                        r"\(line 5 of the file\) and data row 6 \(line 8 of the file\)"):
+                                        r"\(line 5 if no blank line or multi-line cell precedes it\) and data row 6 \(line 8 if no blank line or multi-line cell precedes it\)"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
     pq.write_table(pa.table({"event_id": [1, 2, 1], "user": [1, 2, 3], "price": [0.5] * 3, "clicked": [0, 1, 0]}),
                    tmp_path / "d.parquet")
@@ -315,7 +315,7 @@ def test_a_stray_cell_in_an_integer_id_column_is_an_error_not_a_vocabulary(tmp_p
     users = [str(i % 7) for i in range(40)]
     users[9] = stray
     data, schema_path = _keyed(tmp_path, "d.csv", [str(k) for k in range(40)], users)
-    with pytest.raises(DataError, match=rf"d\.csv: column 'user', data row 9 \(line 11 of the file\): '{stray}' is "
+    with pytest.raises(DataError, match=rf"d\.csv: column 'user', data row 9 \(line 11 if no blank line or multi-line cell precedes it\): '{stray}' is "
                                         r"not an integer.*--vocabulary user.*\"hashed\": true"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
     # asked for: a vocabulary of every value (ids 1..V), written as value text
@@ -376,3 +376,26 @@ def test_split_by_the_row_key_orders_keys_as_numbers(tmp_path):
     data, schema_path = _keyed(tmp_path, "d.csv", keys)
     schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(split_by="event_id"))
     assert pq.read_table(schema.split_path("test"))["event_id"].to_pylist() == list(range(37, 41))
+
+
+def test_a_float_row_key_of_whole_numbers_is_read_as_integers(tmp_path) -> None:
+    """pandas writes an integer column with a gap as float64: whole numbers are keys, fractions are not."""
+    schema_path = tmp_path / "s.yaml"
+    schema_path.write_text("name: k\nlabel: clicked\nrow_key: event_id\nfields:\n"
+                           "  - {name: user, kind: sparse, cardinality: 10, description: user}\n")
+    for name, keys in (("whole", [float(i) for i in range(40)]), ("fraction", [i + 0.5 for i in range(40)])):
+        pq.write_table(pa.table({"event_id": pa.array(keys, pa.float64()), "user": pa.array([i % 10 for i in range(40)]),
+                                 "clicked": pa.array([i % 2 for i in range(40)])}), str(tmp_path / f"{name}.parquet"))
+    schema = prepare_tabular(str(tmp_path / "whole.parquet"), str(schema_path), str(tmp_path / "out"))
+    keys = sorted(k for split in schema.splits for k in pq.read_table(schema.split_path(split)).column("event_id").to_pylist())
+    assert keys == list(range(40))
+    with pytest.raises(DataError, match="row key column 'event_id' has non-integer values"):
+        prepare_tabular(str(tmp_path / "fraction.parquet"), str(schema_path), str(tmp_path / "out2"))
+
+
+def test_an_empty_description_is_no_description(tmp_path) -> None:
+    from recsys_llm.data.schema import DatasetSchema
+
+    schema = DatasetSchema.from_dict({"fields": [{"name": "user", "kind": "sparse", "cardinality": 3,
+                                                  "description": None}]})
+    assert schema.fields[0].description == ""

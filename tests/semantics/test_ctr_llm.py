@@ -176,34 +176,38 @@ class TestLoadChecks:
 
         from transformers import BertModel
 
-        from recsys_llm.semantics.encoder import model_dir_fingerprint
+        from recsys_llm.semantics.ctr_llm import BASE_WEIGHTS_KEY
+        from recsys_llm.semantics.encoder import model_weights_fingerprint
 
         model, config = _tiny_bert_ctr_llm(tmp_path)
         out = str(tmp_path / "saved")
         save_ctr_llm(model, out)
-        recorded = model.provenance()["revision"]
+        with open(os.path.join(out, "provenance.json"), encoding="utf-8") as handle:
+            recorded = json.load(handle)[BASE_WEIGHTS_KEY]
         other = str(tmp_path / "other")  # same architecture and tokenizer, other weights
         shutil.copytree(config.model_path, other)
         bert = BertModel.from_pretrained(other)
         with torch.no_grad():
             bert.embeddings.word_embeddings.weight.add_(1.0)
         bert.save_pretrained(other)
-        current = model_dir_fingerprint(other)
+        current = model_weights_fingerprint(other)
         assert current != recorded
         _edit_json(os.path.join(out, "config.json"), model_path=other)
-        expected = (f"^{out}: adapted on base model '[^']*/bert' with fingerprint {recorded}, but the base model at "
-                    f"{other} has fingerprint {current} \\(replaced, or another model\\)")
+        expected = (f"^{out}: adapted on base model '[^']*/bert' whose config and weights have fingerprint {recorded}, "
+                    f"but those at {other} have {current} \\(replaced, or another model\\)")
         with pytest.raises(ValueError, match=expected):
             load_ctr_llm(out)
         _edit_json(os.path.join(out, "config.json"), model_path=config.model_path)
-        with pytest.raises(ValueError, match=f"fingerprint {recorded}, but the base model at {other}"):
+        with pytest.raises(ValueError, match=f"fingerprint {recorded}, but those at {other}"):
             load_ctr_llm(out, model_path=other)
-        moved = str(tmp_path / "moved")  # the same files elsewhere are the same model
+        moved = str(tmp_path / "moved")  # the same files elsewhere, with a licence added, are the same model
         shutil.copytree(config.model_path, moved)
+        with open(os.path.join(moved, "LICENSE.txt"), "w", encoding="utf-8") as handle:
+            handle.write("Apache-2.0")
         torch.testing.assert_close(load_ctr_llm(out, model_path=moved).encode(["a b"]), model.encode(["a b"]))
         shutil.rmtree(config.model_path)  # replaced in place
         shutil.copytree(other, config.model_path)
-        with pytest.raises(ValueError, match=f"fingerprint {recorded}, but the base model at {config.model_path}"):
+        with pytest.raises(ValueError, match=f"fingerprint {recorded}, but those at {config.model_path}"):
             load_ctr_llm(out)
 
     def test_unknown_or_missing_config_keys_are_named(self, tmp_path):

