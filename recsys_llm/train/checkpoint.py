@@ -222,11 +222,23 @@ class _SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+# DCP's planner errors for a checkpoint of another model (or code version), not a damaged one
+_OTHER_MODEL_ERRORS = ("Size mismatch", "Missing key in checkpoint", "Unexpected key")
+
+
 def _damaged(path: str, error: BaseException) -> ValueError:
-    """The error for a checkpoint file that cannot be read back."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ValueError(f"{path}: cannot be read back ({first_line}): a damaged or incomplete checkpoint, or one "
-                      "of another model; delete its checkpoint directory to resume from the one before")
+    """The error for a checkpoint file that cannot be read back (DCP's CheckpointException is
+    unwrapped to a failing rank's own error)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        error = next(iter(failures.values()))[0]
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    if any(marker in text for marker in _OTHER_MODEL_ERRORS):
+        return ValueError(f"{path}: holds a checkpoint of another model or code version ({first_line}); load it "
+                          "with the config it was trained with, or train into another run directory")
+    return ValueError(f"{path}: cannot be read back ({first_line}): a damaged or incomplete checkpoint; delete "
+                      "its checkpoint directory to resume from the one before")
 
 
 def _rank() -> int:

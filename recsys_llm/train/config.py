@@ -308,11 +308,21 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
     apply_overrides(raw, overrides)
     try:
         return config_from_dict(raw, source)
-    except ConfigError:
+    except ConfigError as merged:
         if not overrides:
             raise
-    config_from_dict(from_file, source)  # raises if the file alone is wrong: the error names it
-    return config_from_dict(raw, f"command-line override(s) {' '.join(overrides)}")
+        merged_error = str(merged)
+    try:
+        config_from_dict(from_file, source)
+        file_error = None
+    except ConfigError as error:
+        file_error = str(error)
+    if file_error == merged_error:  # the file's own mistake, which no override changes
+        raise ConfigError(file_error)
+    # caused by the overrides, or a file mistake left after an override fixed another one
+    label = f"command-line override(s) {' '.join(overrides)}"
+    raise ConfigError(label + merged_error[len(source):] if file_error is None
+                      else f"{source} with {label}{merged_error[len(source):]}")
 
 
 def save_config(config: ExperimentConfig, path: str) -> None:
@@ -329,7 +339,8 @@ RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
     "train.reshard_mid_epoch",
-    "data.batch_size", "data.eval_batch_size", "data.validate", "data.synthetic_rows",
+    "data.batch_size", "data.eval_batch_size", "data.validate", "data.synthetic_rows", "data.valid_split",
+    "data.test_split",
 })
 # paths compared as the files they name (relative to the working directory, or absolute)
 PATH_KEYS = ("data.schema", "llactr.vectors_path", "elec.entity_vectors", "elec.teacher_checkpoint",

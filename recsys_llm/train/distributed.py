@@ -17,10 +17,12 @@ import dataclasses
 import datetime
 import os
 import socket
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +162,40 @@ def barrier() -> None:
     """``dist.barrier()`` when a group exists, else nothing."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_ranks_true(flag: bool, device: Optional[torch.device] = None) -> bool:
+    """True when ``flag`` is true on every rank (collective: every rank calls it at the same point);
+    ``flag`` itself outside a process group.
+
+    Args:
+        flag (bool): this rank's answer.
+        device (Optional[torch.device]): where the reduced tensor lives (the default group's
+            device: CUDA for NCCL); CPU when None.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    agreed = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed.item())
+
+
+def run_on_every_rank(action: Callable[[], T], what: str, device: Optional[torch.device] = None) -> T:
+    """Runs ``action`` on every rank and fails on every rank if it failed on any: a rank that
+    raised alone would leave the others waiting in their next collective until the timeout.
+
+    Raises:
+        Exception: this rank's own error, or RuntimeError naming ``what`` when another rank failed.
+    """
+    try:
+        result, error = action(), None
+    except Exception as exc:  # re-raised below, after every rank has said whether it failed
+        result, error = None, exc
+    if not all_ranks_true(error is None, device):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"{what} failed on another rank (its error is in that rank's output)")
+    return result  # type: ignore[return-value]
 
 
 def is_main_process() -> bool:

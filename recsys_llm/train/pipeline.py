@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.parquet import ParquetBatchReader
-from recsys_llm.train.distributed import is_main_process
+from recsys_llm.train.distributed import all_ranks_true, is_main_process
 from recsys_llm.train.metrics import CTRMetrics
 
 # on_step(step_in_epoch, loss) -> True to stop the epoch now (max_steps reached, ...). ``loss`` is
@@ -50,17 +50,18 @@ class NonFiniteLossError(ValueError):
 
 
 def check_finite_loss(loss: torch.Tensor, where: str) -> None:
-    """Raises :class:`NonFiniteLossError` unless ``loss`` (a step's loss, or a running sum of
-    them) is finite; reading it waits for the device.
+    """Raises :class:`NonFiniteLossError` on every rank unless ``loss`` (a step's loss, or a
+    running sum of them) is finite on every rank (collective; reading it waits for the device).
 
     Args:
-        loss (torch.Tensor): 0-dim.
+        loss (torch.Tensor): 0-dim, on the process group's device.
         where (str): names the step in the message.
     """
     value = float(loss)
-    if not math.isfinite(value):
+    if not all_ranks_true(math.isfinite(value), loss.device):
+        shown = f"is {value}" if not math.isfinite(value) else "is NaN or inf on another rank"
         raise NonFiniteLossError(
-            f"{where}: training loss is {value}; stopped before a checkpoint keeps the diverged weights. Try a "
+            f"{where}: training loss {shown}; stopped before a checkpoint keeps the diverged weights. Try a "
             "lower learning rate, and check the input vectors and dense features for NaN/inf or huge values"
         )
 
@@ -141,9 +142,10 @@ def train_epoch(
         EpochStats: steps, samples, throughput, mean loss, pipelined modules.
 
     Raises:
-        NonFiniteLossError: a step's loss is NaN or inf: on CPU before ``on_step`` is called
-            for it; on GPU, where each read waits for the device, within ``LOSS_READ_EVERY``
-            steps and at the epoch's end (``on_step`` checks its step's loss before it saves).
+        NonFiniteLossError: on every rank, when a step's loss is NaN or inf on any: in one CPU
+            process before ``on_step`` is called for it; on GPU or several ranks (each check
+            waits for the device and the other ranks) within ``LOSS_READ_EVERY`` steps and at
+            the epoch's end (the runner's ``on_step`` checks its step's loss before it saves).
     """
     model.train()
     iterator = iter(batches)
@@ -163,10 +165,12 @@ def train_epoch(
     steps = 0
     loss_sum = torch.zeros((), device=device)
     window: List[torch.Tensor] = []
-    # a NaN loss makes NaN weights, which a checkpoint would keep: on CPU every step is checked
-    # (free); on GPU the running sum every LOSS_READ_EVERY steps and at the end (a sync each),
-    # and the runner checks the step's loss before it saves a checkpoint
-    check_every = 1 if device.type == "cpu" else LOSS_READ_EVERY
+    # a NaN loss makes NaN weights, which a checkpoint would keep: one CPU process checks every
+    # step (free); on GPU or several ranks, where a check waits for the device or the other
+    # ranks, the running sum every LOSS_READ_EVERY steps and at the end, and the runner checks
+    # the step's loss before it saves a checkpoint
+    single_cpu = device.type == "cpu" and not (dist.is_initialized() and dist.get_world_size() > 1)
+    check_every = 1 if single_cpu else LOSS_READ_EVERY
     stopped = False
     start = time.perf_counter()
     try:

@@ -67,7 +67,7 @@ from recsys_llm.train.config import (
     check_same_model,
     save_config,
 )
-from recsys_llm.train.distributed import DistContext, barrier, init_distributed
+from recsys_llm.train.distributed import DistContext, barrier, init_distributed, run_on_every_rank
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
 from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_model
@@ -327,7 +327,9 @@ def _check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: Tr
         ConfigError: another world size mid-epoch, without ``train.reshard_mid_epoch``.
     """
     if state.world_size == ctx.world_size or state.step_in_epoch == 0:
-        return
+        return  # the same ranks, or an epoch boundary
+    if reopen_for_budget(state, train_cfg).finished or budget_spent(state, train_cfg):
+        return  # a run that trains no further row
     if not train_cfg.reshard_mid_epoch:
         raise ConfigError(
             f"{train_cfg.run_dir}: its newest checkpoint was taken {state.step_in_epoch} steps into epoch "
@@ -397,7 +399,8 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     if latest is None:
         # a resumed run takes these weights from its checkpoint, so their source files (teacher
         # checkpoint, entity vectors) need not be where they were when it started
-        load_plugin_state(model, built, schema)
+        # a bad vector or teacher file can fail on the one rank that reads its rows
+        run_on_every_rank(lambda: load_plugin_state(model, built, schema), "loading the plug-in weights", ctx.device)
     saved_config = os.path.join(run_dir, "config.yaml")
     # every rank, before anything in run_dir changes
     if earlier is not None and not train_cfg.resume:

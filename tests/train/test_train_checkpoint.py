@@ -280,3 +280,15 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_its_file(tmp_path, monk
     message = str(error.value)
     assert checkpoint in message and "\n" not in message
     assert "delete it" in message or "delete its checkpoint directory" in message
+    if damage == "distcp":  # the failing rank's own error, not DCP's "CheckpointException ranks:..."
+        assert "CheckpointException" not in message
+
+
+def test_a_checkpoint_of_another_model_is_named_as_such_not_as_damaged(tmp_path, monkeypatch) -> None:
+    _state_only_dcp(monkeypatch)
+    checkpoint = CheckpointManager(str(tmp_path)).save(nn.Linear(2, 1), None, TrainState(global_step=3))
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(checkpoint, nn.Linear(3, 1))
+    message = str(error.value)
+    assert "another model or code version (Size mismatch between saved torch.Size([1, 2])" in message
+    assert "delete" not in message

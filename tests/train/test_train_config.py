@@ -181,3 +181,12 @@ def test_a_missing_schema_generates_synthetic_data_only_where_nothing_else_lives
     schema = load_or_generate_schema(load_config(None, [f"data.schema={fresh}", "data.synthetic_rows=300"]), ctx)
     assert schema.root == str(fresh) and os.path.isfile(fresh / "train.parquet")
     assert f"{fresh}/schema.json not found: generating 300 rows" in capsys.readouterr().out
+
+
+def test_a_file_mistake_left_after_an_override_fixed_another_is_reported_with_both(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_size: 0\noptim:\n  dense_lr: -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad), ["data.batch_size=64"])
+    assert str(info.value).startswith(f"{bad} with command-line override(s) data.batch_size=64: optim.dense_lr")
+    assert "dense_lr" in str(info.value)

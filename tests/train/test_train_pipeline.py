@@ -95,3 +95,28 @@ def test_a_run_with_a_nan_input_ends_with_an_error_and_no_checkpoint_after_it(sy
         if os.path.isdir(checkpoints) else []
     assert all(step < bad_step for step in saved), (saved, bad_step)
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
+
+
+def _nan_on_rank_0(schema_path: str) -> Dict[str, Any]:
+    from recsys_llm.train.distributed import TIMEOUT_ENV
+
+    os.environ[TIMEOUT_ENV] = "120"  # a rank left waiting fails the test in minutes, not an hour
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    batches = list(ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size))[:8]
+    if ctx.rank == 0:
+        batches[3].dense_features[5, 0] = float("nan")
+    try:
+        train_epoch(model, optimizer, batches, ctx.device, progress=False)
+    except NonFiniteLossError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+@pytest.mark.multiprocess
+def test_a_nan_loss_on_one_rank_stops_every_rank(synthetic_dir: str) -> None:
+    """Only rank 0's batch is bad: rank 1 must not train on and wait in a collective for rank 0."""
+    rank0, rank1 = run_multiprocess(_nan_on_rank_0, world_size=2, schema_path=synthetic_dir)
+    assert rank0["error"] is not None and "training loss is nan" in rank0["error"], rank0
+    # DDP's gradient all-reduce spreads the NaN: rank 1 may see its own NaN loss or rank 0's
+    assert rank1["error"] is not None and "training loss" in rank1["error"], rank1

@@ -419,3 +419,30 @@ def test_a_mistyped_split_and_a_run_dir_without_its_config_are_refused_and_leave
     assert not out["valid_typo_left_a_run_dir"] and not out["test_typo_left_a_run_dir"]
     assert out["no_valid"]["global_step"] == 2 and out["no_valid"]["test"]  # '' trains without validation
     assert "no config.yaml" in out["no_config"]
+
+
+@pytest.mark.multiprocess
+def test_a_finished_mid_epoch_run_of_two_ranks_evaluates_on_one(synthetic_dir: str, tmp_path) -> None:
+    """A run that stopped at max_steps mid-epoch trains no further row: another world size is fine."""
+    run_dir = str(tmp_path / "run")
+    run_multiprocess(_train_two_steps, world_size=2, schema_dir=synthetic_dir, run_dir=run_dir)
+    (again,) = run_multiprocess(_resume_on_one_rank, world_size=1, schema_dir=synthetic_dir, run_dir=run_dir,
+                                extra=["train.max_steps=2"])
+    assert "error" not in again and again["result"]["global_step"] == 2
+
+
+def _resume_without_a_valid_split(schema_dir: str, root: str) -> Dict[str, Any]:
+    data, run_dir = os.path.join(root, "data"), os.path.join(root, "run")
+    shutil.copytree(schema_dir, data)
+    schema = DatasetSchema.load(data)
+    del schema.splits["valid"]
+    schema.save(os.path.join(data, "schema.json"))
+    _run(data, run_dir, ["train.epochs=1", "train.max_steps=1", "data.valid_split="])
+    # the evaluation splits may change on resume (a run of older code named a split the data lacks)
+    return _run(data, run_dir, ["train.epochs=1", "train.max_steps=2", "data.valid_split=", "data.test_split="])
+
+
+def test_a_run_without_a_valid_split_resumes_with_other_evaluation_splits(synthetic_dir: str, tmp_path) -> None:
+    (out,) = run_multiprocess(_resume_without_a_valid_split, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    assert out["global_step"] == 2 and not out.get("test")
