@@ -92,7 +92,8 @@ class PairWeightFolding:
     folded backbone keeps c fixed. The backbone registers the non-persistent buffer
     ``folded_pair_weight`` (c as an (N, N) strict upper triangle; None until folded, absent
     from checkpoints) and, when it is set, weighs its pairs with :meth:`folded_pair_weights`
-    for the logits (its ``representation`` stays the unfolded one).
+    for the logits (its ``representation`` stays the unfolded one, except FwFM's, which is the
+    weighted pair term itself and so includes the folded weights; serving reads only logits).
     """
 
     folded_pair_weight: Optional[torch.Tensor]

@@ -73,8 +73,9 @@ def mean_field_kl(fields: torch.Tensor, log_p: torch.Tensor, field_weight: Optio
 
     Args:
         fields (torch.Tensor): (B, F, D) pooled field embeddings.
-        log_p (torch.Tensor): (F, D) log target distributions (finite; rows of fields
-            with weight 0 are ignored).
+        log_p (torch.Tensor): (F, D) log target distributions, normalised (each counted
+            row's exp sums to 1, as ``log_softmax`` gives; the hand-written gradient assumes
+            it) and finite; rows of fields with weight 0 are ignored.
         field_weight (Optional[torch.Tensor]): (F,) 1 for fields that count, 0 for the
             rest; all count when None.
     """
