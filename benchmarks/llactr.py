@@ -68,6 +68,7 @@ from benchmarks.common import (  # noqa: E402
     device_synchronize,
     geometric_mean,
     interleaved_repeats,
+    llm_name,
     median,
     parse_args,
     per_round_ratios,
@@ -548,7 +549,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         args.plot, field["seconds_at_default_s"], instance["setup_seconds"], instance["per_row_seconds"],
         {"train": train_ratio, "serve": serve_ratio, "LLM cost": llm_ratio},
         {"train": GOAL_TRAIN, "serve": GOAL_SERVE, "LLM cost": GOAL_LLM_COST},
-        f"{Path(llm_path).name}: field at default S (timed at S={sizes.ssft_samples_train}, "
+        f"{llm_name(llm_path)}: field at default S (timed at S={sizes.ssft_samples_train}, "
         f"x{field['ssft_run_scale_to_default_s']:.3g}); instance timed on {instance['timed_rows']} rows",
     )
     print_summary(NAME, payload)
