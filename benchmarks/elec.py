@@ -468,9 +468,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
          "speedup vs online gain": round(r["student_speedup_vs_gain_online_llm"], 1),
          "KD train ratio": round(r["kd_train_ratio"], 4),
          "entity-table gain serve ratio": round(r["gain_entity_tables_serve_ratio"], 4),
-         "plain serve samples/s": round(median(r["serve_samples_per_second_rounds"]["plain"]), 1),
-         "online gain samples/s": round(median(r["serve_samples_per_second_rounds"]["gain_online_llm"]), 2),
-         "plain train samples/s": round(median(r["train_samples_per_second_rounds"]["plain"]), 1)}
+         "plain serve samples/s (median of rounds)": round(median(r["serve_samples_per_second_rounds"]["plain"]), 1),
+         "online gain samples/s (median of rounds)": round(median(r["serve_samples_per_second_rounds"]["gain_online_llm"]), 2),
+         "plain train samples/s (median of rounds)": round(median(r["train_samples_per_second_rounds"]["plain"]), 1)}
         for name, r in per_backbone.items()
     ]
     payload = result_payload(args, figures, details=details, table=table)

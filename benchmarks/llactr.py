@@ -539,8 +539,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     table = [
         {"backbone": name, "train ratio": round(r["train_ratio"], 4), "serve ratio": round(r["serve_ratio"], 4),
          "serve ratio (DMP eval)": round(r["serve_ratio_dmp_eval"], 4),
-         "plain train samples/s": round(median(r["train_samples_per_second_rounds"]["plain"]), 1),
-         "plain serve samples/s": round(median(r["serve_samples_per_second_rounds"]["plain"]), 1)}
+         "plain train samples/s (median of rounds)": round(median(r["train_samples_per_second_rounds"]["plain"]), 1),
+         "plain serve samples/s (median of rounds)": round(median(r["serve_samples_per_second_rounds"]["plain"]), 1)}
         for name, r in per_backbone.items()
     ]
     payload = result_payload(args, figures, details=details, table=table)
