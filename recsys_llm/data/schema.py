@@ -213,7 +213,14 @@ class DatasetSchema:
         path = self.value_text_path(field_name)
         if path is None:
             return None
-        table = pq.read_table(path)
+        if not os.path.isfile(path):
+            raise SchemaError(f"{path}: value-text file of field {field_name!r} not found (schema {self.root}, "
+                              "field value_text); prepare the data again or fix the path")
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise SchemaError(f"{path}: value-text file of field {field_name!r} is not a readable Parquet file "
+                              f"({error})") from error
         missing = {"id", "text"} - set(table.column_names)
         if missing:
             raise SchemaError(f"{path}: value-text file of field {field_name!r} lacks columns {sorted(missing)}")

@@ -110,3 +110,15 @@ class TestTopLevelKeys:
     def test_a_null_row_key_means_none(self, tmp_path):
         raw = dict(copy.deepcopy(BASE), row_key=None)
         assert DatasetSchema.load(_write(tmp_path, raw)).row_key is None
+
+
+def test_a_missing_or_damaged_value_text_file_is_named_with_its_field(tmp_path) -> None:
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec, SchemaError
+
+    schema = DatasetSchema("t", [FieldSpec("genre", "sparse", 3, value_text="text/genre.parquet")], root=str(tmp_path))
+    with pytest.raises(SchemaError, match=r"genre\.parquet: value-text file of field 'genre' not found"):
+        schema.load_value_text("genre")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "genre.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SchemaError, match="value-text file of field 'genre' is not a readable Parquet file"):
+        schema.load_value_text("genre")
