@@ -67,9 +67,6 @@ _NUMBER_RULES: Dict[str, Tuple[bool, Optional[float], Optional[float], Optional[
     "seed": (True, 0, None, None, "--seed"),
 }
 
-# in provenance.json: the fingerprint of the base model's config and weights (check_base_model)
-BASE_WEIGHTS_KEY = "base_weights"
-
 
 @dataclasses.dataclass
 class CTRLLMConfig:

@@ -44,10 +44,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from recsys_llm.atomic_dir import chmod_as_created
 from recsys_llm.data.parquet import parquet_files
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.row_text import RowTextRenderer
-from recsys_llm.atomic_dir import chmod_as_created
 
 logger = logging.getLogger(__name__)
 
