@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.semantics.encoder import (
-    check_number,
+    NumberRule,
+    check_number_fields,
     hidden_states,
     load_model,
     load_tokenizer,
@@ -50,7 +51,7 @@ LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 BASE_WEIGHTS_KEY = "base_weights"
 
 # CTRLLMConfig numbers: field -> (integer, minimum, above, below, `semantics adapt` option or "")
-_NUMBER_RULES: Dict[str, Tuple[bool, Optional[float], Optional[float], Optional[float], str]] = {
+_NUMBER_RULES: Dict[str, NumberRule] = {
     "representation_dim": (True, 1, None, None, "--representation-dim"),
     "hidden_dim": (True, 1, None, None, "--hidden-dim"),
     "dropout": (False, 0, None, 1, ""),
@@ -125,12 +126,7 @@ class CTRLLMConfig:
             raise ValueError(f"CTRLLMConfig.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
         if self.pooling not in ("mean", "last_token", "cls"):
             raise ValueError(f"CTRLLMConfig.pooling must be 'mean', 'last_token' or 'cls', got {self.pooling!r}")
-        for name, (integer, minimum, above, below, option) in _NUMBER_RULES.items():
-            value = getattr(self, name)
-            if value is None and name == "sample_rows":
-                continue
-            where = f"CTRLLMConfig.{name}" + (f" (semantics adapt {option})" if option else "")
-            check_number(where, value, integer=integer, minimum=minimum, above=above, below=below)
+        check_number_fields(self, _NUMBER_RULES, "semantics adapt", optional=("sample_rows",))
 
 
 def _transformer_layers(model: nn.Module) -> nn.ModuleList:

@@ -23,7 +23,7 @@ import numbers
 import operator
 import os
 import struct
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -75,6 +75,25 @@ def check_number(
         rule = " and ".join(f"{sign} {limit}" for sign, _, limit in bounds)
         expected = " ".join(part for part in ("an integer" if integer else "a number", rule) if part)
         raise ValueError(f"{where} must be {expected}, got {value!r}")
+
+
+# a numeric setting's rule: (integer, minimum, above, below, command-line option or "")
+NumberRule = Tuple[bool, Optional[float], Optional[float], Optional[float], str]
+
+
+def check_number_fields(config: Any, rules: Mapping[str, NumberRule], command: str, optional: Sequence[str] = ()) -> None:
+    """:func:`check_number` on every field of ``config`` that ``rules`` names, each named
+    ``"{Class}.{field} ({command} {option})"``; the fields in ``optional`` may also be None.
+
+    Raises:
+        ValueError: the first field that does not fit its rule.
+    """
+    for name, (integer, minimum, above, below, option) in rules.items():
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        where = f"{type(config).__name__}.{name}" + (f" ({command} {option})" if option else "")
+        check_number(where, value, integer=integer, minimum=minimum, above=above, below=below)
 
 
 def default_model_path() -> str:

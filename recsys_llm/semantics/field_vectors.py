@@ -16,13 +16,20 @@ Example::
 import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.semantics.encoder import POOLINGS, TextEncoder, check_number
+from recsys_llm.semantics.encoder import POOLINGS, NumberRule, TextEncoder, check_number_fields
 from recsys_llm.semantics.ssft import load_tuned_encoder
 from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_encode, load_vectors, save_vectors
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
+
+
+# FieldVectorConfig numbers: field -> (integer, minimum, above, below, `semantics encode` option)
+_NUMBER_RULES: Dict[str, NumberRule] = {
+    "batch_size": (True, 1, None, None, "--batch-size"),
+    "max_length": (True, 1, None, None, "--max-length"),
+}
 
 
 @dataclasses.dataclass
@@ -60,9 +67,7 @@ class FieldVectorConfig:
     cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for name, option in (("batch_size", "--batch-size"), ("max_length", "--max-length")):
-            where = f"FieldVectorConfig.{name} (semantics encode {option})"
-            check_number(where, getattr(self, name), integer=True, minimum=1)
+        check_number_fields(self, _NUMBER_RULES, "semantics encode")
         if self.pooling not in POOLINGS:
             raise ValueError(
                 f"FieldVectorConfig.pooling (semantics encode --pooling) must be one of {POOLINGS}, "

@@ -43,8 +43,9 @@ from recsys_llm.atomic_dir import replace_directory
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.encoder import (
     POOLINGS,
+    NumberRule,
     TextEncoder,
-    check_number,
+    check_number_fields,
     default_model_path,
     load_model,
     load_tokenizer,
@@ -58,7 +59,7 @@ from recsys_llm.semantics.templates import PromptTemplates, distinct_values, fie
 SSFT_INFO_FILE = "ssft.json"
 
 # SSFTConfig numbers: field -> (integer, minimum, above, below, `semantics tune` option or "")
-_NUMBER_RULES: Dict[str, Tuple[bool, Optional[float], Optional[float], Optional[float], str]] = {
+_NUMBER_RULES: Dict[str, NumberRule] = {
     "samples_train": (True, 1, None, None, "--samples-train"),
     "samples_valid": (True, 0, None, None, "--samples-valid"),
     "epochs": (True, 1, None, None, "--epochs"),
@@ -130,9 +131,7 @@ class SSFTConfig:
     templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
 
     def __post_init__(self) -> None:
-        for name, (integer, minimum, above, below, option) in _NUMBER_RULES.items():
-            where = f"SSFTConfig.{name}" + (f" (semantics tune {option})" if option else "")
-            check_number(where, getattr(self, name), integer=integer, minimum=minimum, above=above, below=below)
+        check_number_fields(self, _NUMBER_RULES, "semantics tune")
         if self.pooling not in POOLINGS:
             raise ValueError(
                 f"SSFTConfig.pooling (semantics tune --pooling) must be one of {POOLINGS}, got {self.pooling!r}"
