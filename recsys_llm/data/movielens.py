@@ -39,7 +39,7 @@ from tqdm import tqdm
 from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import ITEM_CATALOG, write_value_text
-from recsys_llm.data.validation import DataError, check_int, check_split_fractions
+from recsys_llm.data.validation import DataError, check_int, check_split_fractions, offsets_from_lengths
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 GENDER_WORDS = {"M": "man", "F": "woman"}
@@ -247,8 +247,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
         genres_of[new_id] = [genre_index[g] for g in genre_rows[row]]
     genre_len = np.array([len(g) for g in genres_of], dtype=np.int64)
     genre_flat_new = np.array([g for row in genres_of for g in row], dtype=np.int64)
-    genre_off = np.zeros(num_items + 2, dtype=np.int64)
-    np.cumsum(genre_len, out=genre_off[1:])
+    genre_off = offsets_from_lengths(genre_len)  # (num_items + 2,)
     max_genres = int(max(genre_len.max(), 1))
     steps.update()
 
@@ -314,8 +313,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     item = _encode(kept["item_id"], item_vocab)
     n = kept.num_rows
     seq_len = genre_len[item]
-    seq_off = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(seq_len, out=seq_off[1:])
+    seq_off = offsets_from_lengths(seq_len)  # (n + 1,)
     gather = np.arange(seq_off[-1]) - np.repeat(seq_off[:-1] - genre_off[item], seq_len)
     columns = {
         "row_id": np.arange(n, dtype=np.int64),

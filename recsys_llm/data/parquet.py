@@ -49,6 +49,7 @@ from recsys_llm.data.validation import (
     check_no_null_elements,
     check_no_nulls,
     field_specs_metadata,
+    offsets_from_lengths,
     open_parquet,
     read_row_group,
 )
@@ -266,7 +267,7 @@ class _Chunk:
                 offsets.append(None)
                 continue
             lengths = (off[1:] - off[:-1])[rows]
-            new_off = _offsets(lengths)
+            new_off = offsets_from_lengths(lengths)
             # position of every kept id in the old values: old row start + rank within its row
             gather = np.arange(new_off[-1], dtype=np.int64) - np.repeat(new_off[:-1] - off[rows], lengths)
             ids.append(values[gather])
@@ -283,7 +284,7 @@ class _Chunk:
             if first is None:
                 offsets.append(None)
             else:
-                offsets.append(_offsets(np.concatenate([np.diff(c.offsets[k]) for c in chunks])))
+                offsets.append(offsets_from_lengths(np.concatenate([np.diff(c.offsets[k]) for c in chunks])))
         return _Chunk(
             np.concatenate([c.dense for c in chunks]),
             ids,
@@ -315,12 +316,6 @@ def _writable(array: np.ndarray, dtype: Optional[type] = None) -> np.ndarray:
     return np.require(array, dtype=dtype, requirements=["C", "W"])
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
 # =================================================================================================
 # reading: conversion of one Arrow table (row group slice) to a chunk
 # =================================================================================================
@@ -328,12 +323,12 @@ def sequence_ids(array: pa.Array, spec: FieldSpec) -> Tuple[np.ndarray, np.ndarr
     """Flat ids and (N + 1,) offsets of a list column, null lists as empty, truncated to max_length."""
     lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy().astype(np.int64)
     values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    off = _offsets(lengths)
+    off = offsets_from_lengths(lengths)
     if spec.max_length and lengths.size and lengths.max() > spec.max_length:
         # keep the first max_length ids of every row
         position = np.arange(values.size) - np.repeat(off[:-1], lengths)
         values = values[position < spec.max_length]
-        off = _offsets(np.minimum(lengths, spec.max_length))
+        off = offsets_from_lengths(np.minimum(lengths, spec.max_length))
     return values, off
 
 
@@ -659,7 +654,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
                     f"{'present' if has_key else 'absent'} here but not in {self._paths[0]}"
                 )
             meta = handle.metadata
-            self._group_starts.append(_offsets(np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])))
+            self._group_starts.append(offsets_from_lengths(np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])))
             units += [_Unit(index, g, 0, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
         shards = _balanced_ranges([u for u in units if u.rows], world_size)
         self._units = shards[rank]

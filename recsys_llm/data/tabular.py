@@ -70,6 +70,7 @@ from recsys_llm.data.validation import (
     check_int,
     check_split_fractions,
     describe_row,
+    offsets_from_lengths,
     open_parquet,
     row_of_value,
 )
@@ -277,7 +278,7 @@ def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.nda
     counts.others += int(other.sum())
     if counts.first_other is None and other.any():
         index = int(np.argmax(other))
-        offsets = None if lengths is None else np.concatenate([[0], np.cumsum(lengths)])
+        offsets = None if lengths is None else offsets_from_lengths(lengths)
         counts.first_other = (flat[index].as_py(), row + row_of_value(offsets, index))
 
 
@@ -656,7 +657,7 @@ def _convert_block(
             ids = _ids(flat, plans[spec.name], spec, salt)
         except pa.ArrowInvalid as error:
             raise DataError(f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
-        offsets = None if lengths is None else np.concatenate([[0], np.cumsum(lengths)])
+        offsets = None if lengths is None else offsets_from_lengths(lengths)
         ids = check_ids(path, spec, ids, offsets, row, line)
         out[spec.name] = ids if lengths is None else list_array(lengths, ids)
     labels = block.column(schema.label)

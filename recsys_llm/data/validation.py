@@ -204,6 +204,13 @@ def check_dense(
         )
 
 
+def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
+    """(N + 1,) int64 start of each row's values, then their total, of (N,) per-row ``lengths``."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
 def row_of_value(offsets: Optional[np.ndarray], index: int) -> int:
     """The row (within the chunk) holding flat value ``index``: ``index`` itself when ``offsets``
     is None (one value per row), else the row whose ``offsets[r] <= index < offsets[r + 1]``."""
@@ -223,7 +230,7 @@ def check_no_null_elements(path: str, column: str, lists: pa.Array, row_offset: 
     if not flat.null_count:
         return
     lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = offsets_from_lengths(lengths)
     first = int(np.argmax(~np.asarray(flat.is_valid())))
     row = row_of_value(offsets, first)
     raise DataError(

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError
+from recsys_llm.data.validation import offsets_from_lengths
 
 
 ROW_TEMPLATE_PLACEHOLDERS = ("description", "value")
@@ -133,7 +134,7 @@ class RowTextRenderer:
         chunks = []
         for chunk in column.chunks:  # list<int64>
             lengths = pc.fill_null(pc.list_value_length(chunk), 0).to_numpy(zero_copy_only=False)
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            offsets = offsets_from_lengths(lengths).astype(np.int32)
             texts = self._id_text(spec, pc.list_flatten(chunk))
             lists = pa.ListArray.from_arrays(pa.array(offsets), texts)
             joined = pc.binary_join(lists, self._config.list_separator)
