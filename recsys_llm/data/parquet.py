@@ -44,6 +44,7 @@ from recsys_llm.data.validation import (
     DataError,
     check_dense,
     check_file_schema,
+    check_finite_extra,
     check_ids,
     check_labels,
     check_no_null_elements,
@@ -364,21 +365,6 @@ def categorical_column(
     return check_ids(path, spec, values, offsets, row_offset), offsets
 
 
-def _check_finite_extra(path: str, name: str, values: np.ndarray, row_offset: int) -> None:
-    """Raises on NaN or +-inf in an extra float column (e.g. an attached ``llm_vector``),
-    naming the file, column and first such row. ``values``: (N, w) float32."""
-    if np.isfinite(values).all():  # one vectorised pass; the rest runs only on an error
-        return
-    row_finite = np.isfinite(values).all(axis=1)  # (N,)
-    first = int(np.argmin(row_finite))
-    value = values[first][~np.isfinite(values[first])][0].item()
-    raise DataError(
-        f"{path}: column {name!r}, row {row_offset + first}: extra value is {value} ({int((~row_finite).sum())} of "
-        f"the {len(values)} rows read from row {row_offset} on are not finite); expected finite floats (re-export or "
-        "re-attach the vectors, or fill NaN/inf when preparing the data)"
-    )
-
-
 class _Converter:
     """Converts Arrow tables of one file to :class:`_Chunk` s, validating values on the way."""
 
@@ -437,7 +423,7 @@ class _Converter:
             values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
             values = values.reshape(-1, width)  # (N, w)
             if self._validate:
-                _check_finite_extra(path, name, values, row_offset)
+                check_finite_extra(path, name, values, row_offset)
             return values
         values = array.to_numpy(zero_copy_only=False)
         if values.dtype.kind in "iub":
@@ -445,7 +431,7 @@ class _Converter:
         if values.dtype.kind == "f":
             values = values.astype(np.float32, copy=False)
             if self._validate:
-                _check_finite_extra(path, name, values[:, None], row_offset)
+                check_finite_extra(path, name, values[:, None], row_offset)
             return values
         raise DataError(f"{path}: extra column {name!r} has Arrow type {dtype}; expected numbers or fixed-size float lists")
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from recsys_llm.atomic_dir import chmod_as_created
 from recsys_llm.data.parquet import parquet_files
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.validation import non_finite_rows
 from recsys_llm.semantics.row_text import RowTextRenderer
 
 logger = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class VectorExport:
         encoded = np.concatenate(parts)  # (n, d) float32
         with np.errstate(over="ignore"):  # a float16 overflow becomes inf, refused below
             stored = encoded.astype(DTYPES[self._config.dtype][0])
-        bad = _non_finite_rows(stored)
+        bad = non_finite_rows(stored)
         if bad is not None:
             first = int(np.argmax(bad))
             largest = np.abs(encoded[first]).max()
@@ -382,18 +383,6 @@ def _read_chunk(directory: str, manifest: Dict[str, object], index: int) -> Tupl
     return _columns(table, manifest, path)
 
 
-def _non_finite_rows(values: np.ndarray) -> Optional[np.ndarray]:
-    """(n,) bool mask of the rows of (n, d) ``values`` holding NaN/inf; None when all are finite
-    (one vectorised pass over the values; the mask is built only when one is not)."""
-    if values.dtype == np.float16:
-        # numpy's isfinite has no SIMD loop for float16 (~10x slower): all exponent bits set is NaN/inf
-        if not ((values.view(np.uint16) & 0x7C00) == 0x7C00).any():
-            return None
-    elif np.isfinite(values).all():
-        return None
-    return ~np.isfinite(values).all(axis=1)
-
-
 def _columns(table: pa.Table, manifest: Dict[str, object], path: str) -> Tuple[np.ndarray, np.ndarray]:
     """Keys (n,) and vectors (n, d) of a chunk's table.
 
@@ -408,7 +397,7 @@ def _columns(table: pa.Table, manifest: Dict[str, object], path: str) -> Tuple[n
     dim = vectors.type.list_size
     values = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
     keys = table.column(key_column).to_numpy()
-    bad = _non_finite_rows(values)
+    bad = non_finite_rows(values)
     if bad is not None:
         first = int(np.argmax(bad))
         raise ValueError(

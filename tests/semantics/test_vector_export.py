@@ -498,8 +498,8 @@ def test_a_projection_file_gets_the_mode_the_umask_allows(tmp_path, umask):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_non_finite_rows_of_both_storage_dtypes(dtype):
-    from recsys_llm.semantics.vector_export import _non_finite_rows
+    from recsys_llm.data.validation import non_finite_rows
 
     values = np.array([[65504.0, -65504.0], [0.0, np.nan], [np.inf, 1.0], [-np.inf, 0.0], [6e-8, -0.0]], dtype=dtype)
-    np.testing.assert_array_equal(_non_finite_rows(values), [False, True, True, True, False])
-    assert _non_finite_rows(values[[0, 4]]) is None
+    np.testing.assert_array_equal(non_finite_rows(values), [False, True, True, True, False])
+    assert non_finite_rows(values[[0, 4]]) is None
