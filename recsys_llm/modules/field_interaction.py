@@ -21,12 +21,72 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.models.base import CTROutput, fields_in_key_order, has_one_dim, key_positions
-from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
+from recsys_llm.models.pairwise import PairWeightFolding, pair_sum_backward, pair_sum_forward, weighted_pair_sum
 
 # a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
 torch.fx.wrap("fields_in_key_order")
 # a leaf too (it picks its kernel by whether gradients are needed)
 torch.fx.wrap("weighted_pair_sum")
+
+
+class _SemanticPairSum(torch.autograd.Function):
+    """lambda * sum_{i<j} w_ij <x_{b,i}, x_{b,j}> with w = W S + c, as one autograd node.
+
+    The pair weights are computed inside: Linear(P, P) on the similarities and the scatter
+    into a (K, K) matrix would otherwise be four autograd nodes for a few hundred numbers,
+    each costing more in bookkeeping than in arithmetic on CPU. Backward:
+
+    * d/dx: as :func:`~recsys_llm.models.pairwise.pair_sum_backward`
+    * d/dw_p = lambda * (d/dM)[flat_p]; d/dW = (d/dw) S^T; d/dc = d/dw
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        fields: torch.Tensor,  # (B, K, D)
+        similarity: torch.Tensor,  # (P,)
+        weight: torch.Tensor,  # (P, P)
+        bias: torch.Tensor,  # (P,)
+        flat_pairs: torch.Tensor,  # (P,) index of each pair (i, j) in the flattened (K, K) matrix
+        scale: float,
+    ) -> torch.Tensor:
+        num_keys = fields.size(1)
+        pair_weights = torch.addmv(bias, weight, similarity).mul_(scale).to(fields.dtype)  # (P,)
+        pair_matrix = fields.new_zeros(num_keys * num_keys).index_copy_(0, flat_pairs, pair_weights)
+        pair_matrix = pair_matrix.view(num_keys, num_keys)
+        out, gram = pair_sum_forward(fields, pair_matrix)  # (B,), (B, K * K)
+        ctx.save_for_backward(fields, pair_matrix, gram, similarity, flat_pairs)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
+        fields, pair_matrix, gram, similarity, flat_pairs = ctx.saved_tensors
+        grad_fields, grad_matrix = pair_sum_backward(grad, fields, pair_matrix, gram)
+        grad_pairs = grad_matrix.view(-1).index_select(0, flat_pairs).mul_(ctx.scale).to(similarity.dtype)  # (P,)
+        return grad_fields, None, torch.outer(grad_pairs, similarity), grad_pairs, None, None
+
+
+@torch.fx.wrap
+def semantic_pair_sum(
+    fields: torch.Tensor,
+    similarity: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    flat_pairs: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """(B,) ``scale * sum_p w_p <fields[:, i_p], fields[:, j_p]>``, w = weight @ similarity + bias, one autograd node.
+
+    Args:
+        fields (torch.Tensor): (B, K, D).
+        similarity (torch.Tensor): (P,) constant pair similarities.
+        weight (torch.Tensor): (P, P) and ``bias`` (P,): the Linear(P, P) giving the pair weights.
+        flat_pairs (torch.Tensor): (P,) distinct ``i_p * K + j_p``, the place of pair p in a flattened (K, K) matrix.
+        scale (float): lambda.
+    """
+    return _SemanticPairSum.apply(fields, similarity, weight, bias, flat_pairs, scale)
 
 
 class FieldInteractionEnhancement(nn.Module):
@@ -172,7 +232,12 @@ class FieldInteractionEnhancement(nn.Module):
             and tuple(embeddings.keys()) == self._serving_keys
         ):
             return weighted_pair_sum(fields, self.serving_pair_matrix)  # (B,), lambda included
-        pair_matrix = self._scatter_pairs(fields, positions, fields.size(1), self.pair_weights().to(fields.dtype))
+        num_keys = fields.size(1)
+        if not self._frozen and torch.is_grad_enabled():
+            flat_pairs = positions[self.pair_rows] * num_keys + positions[self.pair_cols]  # (P,)
+            linear = self.pair_weight
+            return semantic_pair_sum(fields, self.pair_similarity, linear.weight, linear.bias, flat_pairs, self._weight)
+        pair_matrix = self._scatter_pairs(fields, positions, num_keys, self.pair_weights().to(fields.dtype))
         # the Gram against a (K, K) weight matrix instead of gathering (B, P) pairs
         return self._weight * weighted_pair_sum(fields, pair_matrix)  # (B,)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from recsys_llm.models.pairwise import weighted_pair_sum
-from recsys_llm.modules.field_semantics import mean_field_kl
+from recsys_llm.modules.field_interaction import semantic_pair_sum
+from recsys_llm.modules.field_semantics import projected_field_kl
 
 
 def _second_order(loss: torch.Tensor, inputs: torch.Tensor) -> None:
@@ -26,8 +27,20 @@ def test_weighted_pair_sum_refuses_double_backward():
         _second_order(loss, fields)
 
 
-def test_mean_field_kl_refuses_double_backward():
+def test_projected_field_kl_refuses_double_backward():
     fields = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    log_p = torch.log_softmax(torch.randn(4, 5, dtype=torch.float64), -1).requires_grad_()
+    weight = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    loss = projected_field_kl(fields, torch.randn(4, 6, dtype=torch.float64), weight, bias)
     with pytest.raises(RuntimeError, match="once_differentiable"):
-        _second_order(mean_field_kl(fields, log_p).pow(2), fields)
+        _second_order(loss.pow(2), fields)
+
+
+def test_semantic_pair_sum_refuses_double_backward():
+    fields = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    linear = torch.nn.Linear(6, 6).double()
+    flat_pairs = torch.tensor([1, 2, 3, 6, 7, 11])  # the 6 pairs i < j of 4 keys
+    logits = semantic_pair_sum(fields, torch.randn(6, dtype=torch.float64), linear.weight, linear.bias, flat_pairs, 0.5)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        _second_order(loss, fields)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 import torchrec.fx
 from torch import nn
 from torchrec.models.dlrm import DLRM
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from tests.modules.llactr_helpers import FEATURES, make_ebc, make_kjt
@@ -25,6 +25,40 @@ class TestFieldInteractionEnhancement:
             for b in range(3)
         ])
         torch.testing.assert_close(fie.logit(kt), 0.4 * expected, rtol=1e-5, atol=1e-6)
+
+    def test_training_gradients_match_autograd_with_keys_left_out_and_reordered(self) -> None:
+        torch.manual_seed(0)
+        keys = ["a", "b", "c", "d"]
+        fields = torch.randn(6, 4, 3, dtype=torch.double, requires_grad=True)
+        kt = KeyedTensor(keys=keys, length_per_key=[3] * 4, values=fields.view(6, 12))
+        names = ["d", "a", "c"]  # b has no vector
+        fie = FieldInteractionEnhancement(torch.randn(3, 7), names, weight=0.3).double()
+        position = {key: i for i, key in enumerate(keys)}
+        pair_weights = fie.pair_weight(fie.pair_similarity)  # (P,) autograd reference
+        expected = sum(
+            pair_weights[p] * (fields[:, position[names[i]]] * fields[:, position[names[j]]]).sum(-1)
+            for p, (i, j) in enumerate(zip(fie.pair_rows.tolist(), fie.pair_cols.tolist()))
+        ) * 0.3
+        parameters = (fields, fie.pair_weight.weight, fie.pair_weight.bias)
+        upstream = torch.randn(6, dtype=torch.double)
+        got = fie.logit(kt)
+        torch.testing.assert_close(got, expected)
+        for a, b in zip(torch.autograd.grad((got * upstream).sum(), parameters),
+                        torch.autograd.grad((expected * upstream).sum(), parameters)):
+            torch.testing.assert_close(a, b)
+
+    def test_semantic_pair_sum_gradcheck(self) -> None:
+        from recsys_llm.modules.field_interaction import semantic_pair_sum
+
+        torch.manual_seed(0)
+        fields = torch.randn(4, 3, 2, dtype=torch.double, requires_grad=True)
+        weight = torch.randn(3, 3, dtype=torch.double, requires_grad=True)
+        bias = torch.randn(3, dtype=torch.double, requires_grad=True)
+        similarity = torch.randn(3, dtype=torch.double)
+        flat_pairs = torch.tensor([5, 1, 2])  # pairs (1, 2), (0, 1), (0, 2) of 3 keys, in any order
+        assert torch.autograd.gradcheck(
+            lambda x, w, c: semantic_pair_sum(x, similarity, w, c, flat_pairs, 0.7), (fields, weight, bias)
+        )
 
     def test_freeze_keeps_weights_constant(self) -> None:
         torch.manual_seed(0)
@@ -106,10 +140,13 @@ def test_float64_fields_and_duplicate_names() -> None:
     from torchrec.sparse.jagged_tensor import KeyedTensor
 
     fie = FieldInteractionEnhancement(torch.randn(3, 5), ["a", "b", "c"], 0.3)
-    values = torch.randn(4, 3 * 2, dtype=torch.float64)
+    values = torch.randn(4, 3 * 2, dtype=torch.float64, requires_grad=True)
     kt = KeyedTensor(keys=["a", "b", "c"], length_per_key=[2, 2, 2], values=values)
     out = fie.logit(kt)
     assert out.dtype == torch.float64
+    out.sum().backward()  # the training kernel: gradients in each input's own dtype
+    assert values.grad.dtype == torch.float64 and fie.pair_weight.weight.grad.dtype == torch.float32
+    values = values.detach()
     torch.testing.assert_close(out.float(), fie.logit(KeyedTensor(["a", "b", "c"], [2, 2, 2], values.float())))
     with pytest.raises(ValueError, match="must be distinct"):
         FieldInteractionEnhancement(torch.randn(3, 5), ["a", "b", "a"])

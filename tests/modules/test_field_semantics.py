@@ -33,35 +33,44 @@ class TestFieldRepresentationEnhancement:
         assert skipped is None or not skipped.any()
 
     def test_hand_written_backward_matches_autograd(self) -> None:
-        from recsys_llm.modules.field_semantics import mean_field_kl
+        from recsys_llm.modules.field_semantics import projected_field_kl
 
         torch.manual_seed(0)
         fields = torch.randn(5, 3, 4, dtype=torch.double, requires_grad=True)
-        logits = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
-        assert torch.autograd.gradcheck(mean_field_kl, (fields, F.log_softmax(logits, dim=-1)))
-        log_p = F.log_softmax(logits, dim=-1)
+        vectors = torch.randn(3, 6, dtype=torch.double)
+        projection = nn.Linear(6, 4).double()
+
+        assert torch.autograd.gradcheck(
+            lambda x, w, c: projected_field_kl(x, vectors, w, c), (fields, projection.weight, projection.bias)
+        )
+        log_p = F.log_softmax(projection(vectors), dim=-1)
         reference = (log_p.exp() * (log_p - F.log_softmax(fields, dim=-1))).sum(-1).mean()
-        expected = torch.autograd.grad(reference, (fields, logits))
-        got = torch.autograd.grad(mean_field_kl(fields, F.log_softmax(logits, dim=-1)), (fields, logits))
-        torch.testing.assert_close(mean_field_kl(fields, log_p), reference)
+        parameters = (fields, projection.weight, projection.bias)
+        expected = torch.autograd.grad(reference, parameters)
+        loss = projected_field_kl(fields, vectors, projection.weight, projection.bias)
+        got = torch.autograd.grad(loss, parameters)
+        torch.testing.assert_close(loss, reference)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b)
 
-    def test_weighted_mean_counts_only_weighted_fields(self) -> None:
-        from recsys_llm.modules.field_semantics import mean_field_kl
+    def test_positions_count_only_their_keys(self) -> None:
+        from recsys_llm.modules.field_semantics import projected_field_kl
 
         torch.manual_seed(0)
-        fields = torch.randn(5, 3, 4, dtype=torch.double, requires_grad=True)
-        logits = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
-        weight = torch.tensor([1.0, 0.0, 1.0], dtype=torch.double)
+        fields = torch.randn(5, 4, 3, dtype=torch.double, requires_grad=True)
+        vectors = torch.randn(2, 6, dtype=torch.double)
+        projection = nn.Linear(6, 3).double()
+        positions = torch.tensor([3, 1])  # vector 0 belongs to key 3, vector 1 to key 1
+        weight, bias = projection.weight, projection.bias
         assert torch.autograd.gradcheck(
-            lambda x, z: mean_field_kl(x, F.log_softmax(z, dim=-1), weight), (fields, logits)
+            lambda x, w, c: projected_field_kl(x, vectors, w, c, positions), (fields, weight, bias)
         )
-        kept = [0, 2]
         torch.testing.assert_close(
-            mean_field_kl(fields, F.log_softmax(logits, dim=-1), weight),
-            mean_field_kl(fields[:, kept], F.log_softmax(logits[kept], dim=-1)),
+            projected_field_kl(fields, vectors, weight, bias, positions),
+            projected_field_kl(fields[:, [3, 1]], vectors, weight, bias),
         )
+        (grad,) = torch.autograd.grad(projected_field_kl(fields, vectors, weight, bias, positions), fields)
+        assert not grad[:, [0, 2]].any()  # keys without a vector get no gradient
 
     def test_fx_traceable(self) -> None:
         torch.manual_seed(0)
@@ -115,3 +124,17 @@ def test_dims_that_do_not_fit_are_named() -> None:
     fre = FieldRepresentationEnhancement(torch.randn(1, 5), ["a"], embedding_dim=8)
     with pytest.raises(ValueError, match="fields have embedding dim 4, its projection gives 8"):
         fre.loss(kt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fields_of_another_dtype_than_the_projection(dtype) -> None:
+    """Gradients come back in each input's own dtype (fields vs the float32 projection)."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    fre = FieldRepresentationEnhancement(torch.randn(2, 8), ["a", "b"], 4, 0.1)
+    values = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+    loss = fre.loss(KeyedTensor(keys=["a", "b"], length_per_key=[4, 4], values=values))
+    reference = fre.loss(KeyedTensor(keys=["a", "b"], length_per_key=[4, 4], values=values.detach().float()))
+    torch.testing.assert_close(loss.float(), reference, rtol=2e-2, atol=1e-3)
+    loss.backward()
+    assert values.grad.dtype == dtype and fre.projection.weight.grad.dtype == torch.float32
