@@ -71,16 +71,25 @@ def build_parser(name: str, description: Optional[str]) -> argparse.ArgumentPars
     parser.add_argument("--plot", type=Path, default=RESULTS_DIR / f"{name}.png", help="where to write the PNG plot")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the models")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="keep subnormal CPU floats (torch's default); without it they are flushed to zero, "
+                             "as recsys-llm train does (train.flush_denormal)")
     return parser
 
 
 def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[str]] = None,
                parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
-    """Parses ``argv`` with ``build_parser`` (or a parser built from it) and adds ``args.mode``."""
+    """Parses ``argv`` with ``build_parser`` (or a parser built from it) and adds ``args.mode``;
+    flushes subnormal CPU floats to zero unless ``--keep-denormals``."""
     parser = parser or build_parser(name, description)
     args = parser.parse_args(list(argv) if argv is not None else None)
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.name = name
+    if not args.keep_denormals:
+        import torch
+
+        # before any multi-threaded op, so torch's worker threads inherit it (see train.flush_denormal)
+        torch.set_flush_denormal(True)
     return args
 
 
@@ -198,6 +207,7 @@ def result_payload(
     payload["benchmark"] = args.name
     payload["mode"] = args.mode
     payload["device"] = getattr(args, "resolved_device", args.device)
+    payload["flush_denormal"] = not getattr(args, "keep_denormals", False)
     payload["details"] = dict(details or {})
     if table is not None:
         payload["table"] = [dict(row) for row in table]

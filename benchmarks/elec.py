@@ -118,10 +118,10 @@ class Sizes:
     batch_size: int = 1024
     memory_batches: int = 8
     warmup_steps: int = 5
-    measured_steps: int = 30
+    measured_steps: int = 100
     repeats: int = 5
-    serve_warmup: int = 3
-    serve_steps: int = 30
+    serve_warmup: int = 10
+    serve_steps: int = 600
     request_batch_size: int = 64
     request_batches: int = 4
     online_steps: int = 2
@@ -134,8 +134,8 @@ class Sizes:
 SIZES: Dict[str, Sizes] = {
     "full": Sizes(),
     "quick": Sizes(
-        data_rows=40_000, backbones=("deepfm", "dcnv2"), memory_batches=6, warmup_steps=3, measured_steps=30,
-        repeats=5, serve_steps=60, request_batch_size=32, request_batches=2, online_steps=1, vector_pool_rows=32,
+        data_rows=40_000, backbones=("deepfm", "dcnv2"), memory_batches=6,
+        repeats=5, request_batch_size=32, request_batches=2, online_steps=1, vector_pool_rows=32,
     ),
     "smoke": Sizes(
         data_rows=3_000, backbones=("deepfm",), smoke_models=True, batch_size=128, memory_batches=2, warmup_steps=2,

@@ -129,11 +129,11 @@ class Sizes:
     batch_size: int = 1024
     memory_batches: int = 8
     warmup_steps: int = 5
-    measured_steps: int = 30
+    measured_steps: int = 100
     repeats: int = 5
-    serve_repeats: int = 12
-    serve_warmup: int = 3
-    serve_steps: int = 150
+    serve_repeats: int = 8
+    serve_warmup: int = 10
+    serve_steps: int = 600
     llm: str = "minilm"
     ssft_samples_train: int = 1000
     ssft_samples_valid: int = 100
@@ -147,7 +147,7 @@ class Sizes:
 SIZES: Dict[str, Sizes] = {
     "full": Sizes(),
     "quick": Sizes(
-        data_rows=60_000, backbones=("deepfm", "fm", "dcnv2"), memory_batches=6, warmup_steps=3, measured_steps=30,
+        data_rows=60_000, backbones=("deepfm", "fm", "dcnv2"), memory_batches=6, warmup_steps=5, measured_steps=100,
         repeats=5, ssft_samples_train=8, ssft_samples_valid=2, ssft_epochs=1, instance_rows=64,
     ),
     "smoke": Sizes(

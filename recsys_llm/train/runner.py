@@ -88,6 +88,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def set_cpu_float_mode(train_cfg: TrainConfig) -> None:
+    """Flushes subnormal CPU floats to zero when ``train.flush_denormal`` is on (process-wide).
+
+    It reaches torch's worker threads only when set before the process's first multi-threaded
+    op, as the ``recsys-llm`` commands do; called later, it covers the calling thread only.
+    """
+    if train_cfg.flush_denormal:
+        torch.set_flush_denormal(True)
+
+
 def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext) -> DatasetSchema:
     """Loads ``data.schema``; rank 0 first generates the synthetic data if asked and missing.
 
@@ -377,6 +387,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         ``cold/*``), "best_step", "global_step", "epochs", "samples_per_second", "world_size",
         "stopped_early", "run_dir"}``.
     """
+    set_cpu_float_mode(config.train)
     ctx = init_distributed(config.train.device)
     seed_everything(config.train.seed)
     train_cfg = config.train
@@ -561,6 +572,7 @@ def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
     checkpoint = resolve_checkpoint(checkpoint)
     saved_config = run_config_of(checkpoint)
     check_same_model(config, saved_config)
+    set_cpu_float_mode(config.train)
     ctx = init_distributed(config.train.device)
     schema = load_or_generate_schema(config, ctx)
     _check_trained_on(schema, saved_config, checkpoint)

@@ -446,3 +446,22 @@ def test_a_run_without_a_valid_split_resumes_with_other_evaluation_splits(synthe
     (out,) = run_multiprocess(_resume_without_a_valid_split, world_size=1, schema_dir=synthetic_dir,
                               root=str(tmp_path))
     assert out["global_step"] == 2 and not out.get("test")
+
+
+def test_flush_denormal_makes_cpu_math_treat_subnormal_floats_as_zero() -> None:
+    import torch
+
+    from recsys_llm.train.runner import set_cpu_float_mode
+
+    torch.set_flush_denormal(False)
+    subnormal = torch.tensor([1e-39])  # below float32's smallest normal number, 1.18e-38
+    try:
+        assert (subnormal * 1.0).item() != 0.0
+        set_cpu_float_mode(TrainConfig(flush_denormal=False))
+        assert (subnormal * 1.0).item() != 0.0
+        set_cpu_float_mode(TrainConfig())  # on by default
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush subnormal floats (torch.set_flush_denormal is unsupported)")
+        assert (subnormal * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
