@@ -30,7 +30,7 @@ from tqdm import tqdm
 from recsys_llm.data.hashing import hash_strings
 from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
-from recsys_llm.data.validation import DataError, check_int, check_labels, check_split_fractions
+from recsys_llm.data.validation import DataError, check_labels, check_number, check_split_fractions
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -61,10 +61,11 @@ class CriteoConfig:
 
     def __post_init__(self) -> None:
         check_split_fractions(self.split_fractions, "CriteoConfig.split_fractions")
-        check_int(self.hash_size, "CriteoConfig.hash_size", 2)  # id 0 is kept for missing values
-        check_int(self.rows_per_group, "CriteoConfig.rows_per_group", 1)
-        check_int(self.block_bytes, "CriteoConfig.block_bytes", 1)
-        check_int(self.max_rows, "CriteoConfig.max_rows", 1, optional=True)
+        # id 0 is kept for missing values
+        check_number("CriteoConfig.hash_size", self.hash_size, integer=True, minimum=2)
+        check_number("CriteoConfig.rows_per_group", self.rows_per_group, integer=True, minimum=1)
+        check_number("CriteoConfig.block_bytes", self.block_bytes, integer=True, minimum=1)
+        check_number("CriteoConfig.max_rows", self.max_rows, integer=True, minimum=1, optional=True)
 
 
 def criteo_schema(config: CriteoConfig) -> DatasetSchema:

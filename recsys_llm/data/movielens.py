@@ -39,7 +39,7 @@ from tqdm import tqdm
 from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import ITEM_CATALOG, write_value_text
-from recsys_llm.data.validation import DataError, check_int, check_split_fractions, offsets_from_lengths
+from recsys_llm.data.validation import DataError, check_number, check_split_fractions, offsets_from_lengths
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 GENDER_WORDS = {"M": "man", "F": "woman"}
@@ -63,8 +63,8 @@ class MovieLensConfig:
 
     def __post_init__(self) -> None:
         check_split_fractions(self.split_fractions, "MovieLensConfig.split_fractions")
-        check_int(self.zip_prefix_length, "MovieLensConfig.zip_prefix_length", 1)
-        check_int(self.rows_per_group, "MovieLensConfig.rows_per_group", 1)
+        check_number("MovieLensConfig.zip_prefix_length", self.zip_prefix_length, integer=True, minimum=1)
+        check_number("MovieLensConfig.rows_per_group", self.rows_per_group, integer=True, minimum=1)
 
 
 # ---- RecBole atomic files ----------------------------------------------------------------------------

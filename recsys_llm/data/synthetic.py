@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
-from recsys_llm.data.validation import check_float, check_int
+from recsys_llm.data.validation import check_number
 
 # ---- the world --------------------------------------------------------------------------------------
 TOPICS: Dict[str, List[str]] = {
@@ -124,15 +124,15 @@ class SyntheticConfig:
     affinity_weight: float = 3.0
 
     def __post_init__(self) -> None:
-        check_int(self.num_rows, "SyntheticConfig.num_rows", 10)
-        check_int(self.seed, "SyntheticConfig.seed", 0)
-        check_int(self.num_users, "SyntheticConfig.num_users", 1, optional=True)
-        check_int(self.num_items, "SyntheticConfig.num_items", 1, optional=True)
-        check_int(self.rows_per_group, "SyntheticConfig.rows_per_group", 1)
+        check_number("SyntheticConfig.num_rows", self.num_rows, integer=True, minimum=10)
+        check_number("SyntheticConfig.seed", self.seed, integer=True, minimum=0)
+        check_number("SyntheticConfig.num_users", self.num_users, integer=True, minimum=1, optional=True)
+        check_number("SyntheticConfig.num_items", self.num_items, integer=True, minimum=1, optional=True)
+        check_number("SyntheticConfig.rows_per_group", self.rows_per_group, integer=True, minimum=1)
         # every item cold would leave the training split without its own items
-        check_float(self.cold_item_fraction, "SyntheticConfig.cold_item_fraction", minimum=0.0, below=1.0)
-        check_float(self.cold_row_fraction, "SyntheticConfig.cold_row_fraction", minimum=0.0, maximum=1.0)
-        check_float(self.affinity_weight, "SyntheticConfig.affinity_weight")
+        check_number("SyntheticConfig.cold_item_fraction", self.cold_item_fraction, minimum=0, below=1)
+        check_number("SyntheticConfig.cold_row_fraction", self.cold_row_fraction, minimum=0, maximum=1)
+        check_number("SyntheticConfig.affinity_weight", self.affinity_weight)
 
     @property
     def users(self) -> int:

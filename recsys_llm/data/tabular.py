@@ -66,8 +66,7 @@ from recsys_llm.data.validation import (
     check_ids,
     check_labels,
     check_no_nulls,
-    check_float,
-    check_int,
+    check_number,
     check_split_fractions,
     describe_row,
     offsets_from_lengths,
@@ -120,11 +119,11 @@ class TabularConfig:
 
     def __post_init__(self) -> None:
         check_split_fractions(self.split_fractions, "TabularConfig.split_fractions")
-        check_int(self.seed, "TabularConfig.seed", 0)
-        check_float(self.label_threshold, "TabularConfig.label_threshold", optional=True)
-        check_float(self.fill_missing_dense, "TabularConfig.fill_missing_dense", optional=True)
-        check_int(self.rows_per_group, "TabularConfig.rows_per_group", 1)
-        check_int(self.block_bytes, "TabularConfig.block_bytes", 1)
+        check_number("TabularConfig.seed", self.seed, integer=True, minimum=0)
+        check_number("TabularConfig.label_threshold", self.label_threshold, optional=True)
+        check_number("TabularConfig.fill_missing_dense", self.fill_missing_dense, optional=True)
+        check_number("TabularConfig.rows_per_group", self.rows_per_group, integer=True, minimum=1)
+        check_number("TabularConfig.block_bytes", self.block_bytes, integer=True, minimum=1)
         if not isinstance(self.sequence_separator, str) or not self.sequence_separator:
             raise ValueError(f"TabularConfig.sequence_separator={self.sequence_separator!r}: expected a non-empty string")
         if not isinstance(self.delimiter, str) or len(self.delimiter) != 1:

@@ -21,6 +21,7 @@ what was expected, e.g.::
 import json
 import math
 import numbers
+import operator
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -345,48 +346,59 @@ def check_split_fractions(fractions: Sequence[float], option: str) -> None:
         )
 
 
-def check_int(value: Any, option: str, minimum: int, optional: bool = False) -> None:
-    """Raises unless ``value`` is an integer >= ``minimum`` (or None when ``optional``); bools are refused.
-
-    Args:
-        option (str): how the caller names the setting, e.g. ``"SyntheticConfig.num_items"``.
-
-    Raises:
-        ValueError: naming ``option``, the value and the expected range.
-    """
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{option}={value!r}: expected an integer >= {minimum}{' or None' if optional else ''}")
-
-
-def check_float(
+def check_number(
+    where: str,
     value: Any,
-    option: str,
+    *,
+    integer: bool = False,
     minimum: Optional[float] = None,
+    above: Optional[float] = None,
     maximum: Optional[float] = None,
     below: Optional[float] = None,
     optional: bool = False,
 ) -> None:
-    """Raises unless ``value`` is a finite number >= ``minimum``, <= ``maximum`` and < ``below``
-    (bounds that are None are not checked), or None when ``optional``.
+    """Raises ValueError ``"{where} must be an integer >= 1, got -3"`` unless ``value`` fits.
+
+    ``value`` fits when it is a finite number (an integer when ``integer``; numpy numbers
+    count, bools do not) within every bound that is not None, or None when ``optional``.
+    The message names ``where``, what was expected (the bounds joined by ``and``, then
+    ``or None`` when ``optional``) and the value, e.g.
+    ``"SyntheticConfig.cold_item_fraction must be a finite number >= 0 and < 1, got 1.5"``.
+
+    Args:
+        where (str): the setting, e.g. ``"CTRLLMConfig.representation_dim (--representation-dim)"``.
+        value (Any): its value.
+        integer (bool): ``value`` must be an integer (``numbers.Integral``), not just a real number.
+        minimum (Optional[float]): ``value >= minimum``.
+        above (Optional[float]): ``value > above``.
+        maximum (Optional[float]): ``value <= maximum``.
+        below (Optional[float]): ``value < below``.
+        optional (bool): None is allowed too.
 
     Raises:
-        ValueError: naming ``option``, the value and the expected range.
+        ValueError: naming ``where``, the expected kind and range, and the value.
     """
     if value is None and optional:
         return
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
-    ok = ok and (below is None or value < below)
-    if not ok:
-        bounds = [f">= {minimum}"] if minimum is not None else []
-        bounds += [f"<= {maximum}"] if maximum is not None else []
-        bounds += [f"< {below}"] if below is not None else []
-        raise ValueError(
-            f"{option}={value!r}: expected a finite number{' ' + ' and '.join(bounds) if bounds else ''}"
-            f"{' or None' if optional else ''}"
-        )
+    bounds = [
+        (">=", operator.ge, minimum), (">", operator.gt, above), ("<=", operator.le, maximum), ("<", operator.lt, below)
+    ]
+    bounds = [(sign, compare, limit) for sign, compare, limit in bounds if limit is not None]
+    kinds = numbers.Integral if integer else numbers.Real  # numpy numbers too
+    # an integer is finite however large; a real one must fit a float (no NaN, inf or overflow)
+    fits = isinstance(value, kinds) and not isinstance(value, bool) and (integer or _finite(value))
+    if not (fits and all(compare(value, limit) for _, compare, limit in bounds)):
+        rule = " and ".join(f"{sign} {limit}" for sign, _, limit in bounds)
+        expected = " ".join(part for part in ("an integer" if integer else "a finite number", rule) if part)
+        raise ValueError(f"{where} must be {expected}{' or None' if optional else ''}, got {value!r}")
+
+
+def _finite(value: numbers.Real) -> bool:
+    """:func:`math.isfinite`, but False (not OverflowError) for a number too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def field_specs_metadata(fields: Iterable[FieldSpec]) -> Dict[bytes, bytes]:

@@ -18,9 +18,6 @@ import functools
 import fnmatch
 import hashlib
 import json
-import math
-import numbers
-import operator
 import os
 import struct
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
@@ -29,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from recsys_llm.data.validation import check_number
 from recsys_llm.train.distributed import select_device
 
 POOLINGS = ("auto", "mean", "last_token", "cls")
@@ -49,51 +47,24 @@ ENCODER_MODEL_TYPES = frozenset(
 )
 
 
-def check_number(
-    where: str,
-    value: Any,
-    integer: bool = False,
-    minimum: Optional[float] = None,
-    above: Optional[float] = None,
-    below: Optional[float] = None,
-) -> None:
-    """Raises ValueError ``"{where} must be an integer >= 1, got -3"`` unless ``value`` fits.
-
-    Args:
-        where (str): the setting, e.g. ``"CTRLLMConfig.representation_dim (--representation-dim)"``.
-        value (Any): its value (a bool is not a number here).
-        integer (bool): ``value`` must be an int.
-        minimum (Optional[float]): ``value >= minimum``.
-        above (Optional[float]): ``value > above``.
-        below (Optional[float]): ``value < below``.
-    """
-    bounds = [(">=", operator.ge, minimum), (">", operator.gt, above), ("<", operator.lt, below)]
-    bounds = [(sign, compare, limit) for sign, compare, limit in bounds if limit is not None]
-    kinds = numbers.Integral if integer else numbers.Real  # numpy numbers too
-    fits = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
-    if not (fits and all(compare(value, limit) for _, compare, limit in bounds)):
-        rule = " and ".join(f"{sign} {limit}" for sign, _, limit in bounds)
-        expected = " ".join(part for part in ("an integer" if integer else "a number", rule) if part)
-        raise ValueError(f"{where} must be {expected}, got {value!r}")
-
-
 # a numeric setting's rule: (integer, minimum, above, below, command-line option or "")
 NumberRule = Tuple[bool, Optional[float], Optional[float], Optional[float], str]
 
 
 def check_number_fields(config: Any, rules: Mapping[str, NumberRule], command: str, optional: Sequence[str] = ()) -> None:
-    """:func:`check_number` on every field of ``config`` that ``rules`` names, each named
-    ``"{Class}.{field} ({command} {option})"``; the fields in ``optional`` may also be None.
+    """:func:`~recsys_llm.data.validation.check_number` on every field of ``config`` that
+    ``rules`` names, each named ``"{Class}.{field} ({command} {option})"``; the fields in
+    ``optional`` may also be None.
 
     Raises:
         ValueError: the first field that does not fit its rule.
     """
     for name, (integer, minimum, above, below, option) in rules.items():
-        value = getattr(config, name)
-        if value is None and name in optional:
-            continue
         where = f"{type(config).__name__}.{name}" + (f" ({command} {option})" if option else "")
-        check_number(where, value, integer=integer, minimum=minimum, above=above, below=below)
+        check_number(
+            where, getattr(config, name), integer=integer, minimum=minimum, above=above, below=below,
+            optional=name in optional,
+        )
 
 
 def default_model_path() -> str:

@@ -36,7 +36,6 @@ Example::
 """
 
 import dataclasses
-import math
 import json
 import os
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Type
@@ -54,6 +53,8 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from recsys_llm.data.validation import check_number
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "row_wise_adagrad": trec_optim.RowWiseAdagrad,
@@ -103,12 +104,9 @@ class OptimizerConfig:
             raise ValueError(f"optim.sparse must be one of {sorted(SPARSE_OPTIMIZERS)}, got {self.sparse!r}")
         if self.dense not in DENSE_OPTIMIZERS:
             raise ValueError(f"optim.dense must be one of {sorted(DENSE_OPTIMIZERS)}, got {self.dense!r}")
-        for name, low, inclusive in (("sparse_lr", 0.0, False), ("dense_lr", 0.0, False), ("eps", 0.0, False),
-                                     ("weight_decay", 0.0, True)):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < low or (value == low and not inclusive):
-                raise ValueError(f"optim.{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                                 f"got {value!r}")
+        for name in ("sparse_lr", "dense_lr", "eps"):
+            check_number(f"optim.{name}", getattr(self, name), above=0)
+        check_number("optim.weight_decay", self.weight_decay, minimum=0)
 
 
 @dataclasses.dataclass

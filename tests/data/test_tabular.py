@@ -337,9 +337,9 @@ def test_a_missing_split_by_column_is_named_as_the_options_not_the_schemas(tmp_p
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("seed", -1, r"TabularConfig\.seed=-1: expected an integer >= 0"),
-    ("rows_per_group", 0, r"TabularConfig\.rows_per_group=0: expected an integer >= 1"),
-    ("fill_missing_dense", float("nan"), r"TabularConfig\.fill_missing_dense=nan: expected a finite number"),
+    ("seed", -1, r"^TabularConfig\.seed must be an integer >= 0, got -1$"),
+    ("rows_per_group", 0, r"^TabularConfig\.rows_per_group must be an integer >= 1, got 0$"),
+    ("fill_missing_dense", float("nan"), r"^TabularConfig\.fill_missing_dense must be a finite number or None, got nan$"),
     ("delimiter", ",,", r"TabularConfig\.delimiter=',,': expected one character"),
     ("vocabulary_fields", "user", r"TabularConfig\.vocabulary_fields='user': expected a tuple of strings"),
 ])

@@ -11,7 +11,7 @@ import pytest
 
 from recsys_llm.data.parquet import ParquetBatchReader, arrow_schema_for, list_array, read_schema_and_check
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
-from recsys_llm.data.validation import DataError
+from recsys_llm.data.validation import DataError, check_number
 
 
 def _schema(hashed: bool = False) -> DatasetSchema:
@@ -191,3 +191,48 @@ def test_row_key_present_in_some_files_only(tmp_path):
     _write(str(tmp_path / "split" / "b.parquet"), schema, row_id=None)
     with pytest.raises(DataError, match=r"b\.parquet: schema/data mismatch: row key column 'row_id'"):
         ParquetBatchReader(schema, str(tmp_path / "split"), batch_size=4)
+
+
+class TestCheckNumber:
+    def test_messages(self) -> None:
+        check_number("x", 3, integer=True, minimum=1)
+        check_number("x", 0.5, minimum=0, below=1)
+        with pytest.raises(ValueError, match=r"^Cfg.dim \(--dim\) must be an integer >= 1, got -3$"):
+            check_number("Cfg.dim (--dim)", -3, integer=True, minimum=1)
+        with pytest.raises(ValueError, match=r"^lr must be a finite number > 0, got nan$"):
+            check_number("lr", float("nan"), above=0)
+        with pytest.raises(ValueError, match=r"must be a finite number >= 0 and < 1, got 1.0"):
+            check_number("p", 1.0, minimum=0, below=1)
+        with pytest.raises(ValueError, match="must be an integer >= 1, got True"):
+            check_number("n", True, integer=True, minimum=1)
+
+    def test_maximum_and_every_bound_in_order(self) -> None:
+        check_number("f", 1.0, minimum=0, maximum=1)
+        with pytest.raises(ValueError, match=r"^f must be a finite number >= 0 and <= 1, got 1\.5$"):
+            check_number("f", 1.5, minimum=0, maximum=1)
+        with pytest.raises(ValueError, match=r"^g must be a finite number >= 0 and > 0 and <= 2 and < 3, got 0$"):
+            check_number("g", 0, minimum=0, above=0, maximum=2, below=3)
+
+    def test_optional(self) -> None:
+        check_number("n", None, integer=True, minimum=1, optional=True)
+        with pytest.raises(ValueError, match=r"^n must be an integer >= 1 or None, got 0$"):
+            check_number("n", 0, integer=True, minimum=1, optional=True)
+        with pytest.raises(ValueError, match=r"^t must be a finite number or None, got inf$"):
+            check_number("t", math.inf, optional=True)
+        with pytest.raises(ValueError, match=r"^n must be an integer >= 1, got None$"):
+            check_number("n", None, integer=True, minimum=1)
+
+    def test_kinds(self) -> None:
+        check_number("n", np.int64(4), integer=True, minimum=1)  # numpy numbers count
+        check_number("x", np.float32(0.25), minimum=0, below=1)
+        check_number("n", 10**400, integer=True, minimum=0)  # an int is finite however large
+        with pytest.raises(ValueError, match=r"^x must be a finite number, got 10{400}$"):
+            check_number("x", 10**400)  # a real setting must fit a float
+        with pytest.raises(ValueError, match=r"^n must be an integer >= 1, got 2\.0$"):
+            check_number("n", 2.0, integer=True, minimum=1)
+        with pytest.raises(ValueError, match=r"^n must be an integer >= 1, got (np\.True_|True)$"):
+            check_number("n", np.bool_(True), integer=True, minimum=1)
+        with pytest.raises(ValueError, match=r"^x must be a finite number, got '1'$"):
+            check_number("x", "1")
+        with pytest.raises(ValueError, match=r"^x must be a finite number, got False$"):
+            check_number("x", False)

@@ -61,7 +61,7 @@ def test_a_bad_tune_option_is_named(tmp_path, tiny_schema, tiny_bert_dir, capsys
     code = main(["semantics", "tune", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
                  "--output-dir", str(tmp_path / "out"), "--lr", "-1"])
     assert code == 2
-    assert "SSFTConfig.learning_rate (semantics tune --lr) must be a number > 0, got -1.0" in _error_line(capsys)
+    assert "SSFTConfig.learning_rate (semantics tune --lr) must be a finite number > 0, got -1.0" in _error_line(capsys)
 
 
 def test_an_unknown_row_text_placeholder_is_refused(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:

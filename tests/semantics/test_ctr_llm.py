@@ -233,13 +233,14 @@ class TestLoadChecks:
     ("representation_dim", -3, r"CTRLLMConfig.representation_dim \(semantics adapt --representation-dim\) must be an "
                                r"integer >= 1, got -3"),
     ("hidden_dim", 0, r"CTRLLMConfig.hidden_dim \(semantics adapt --hidden-dim\) must be an integer >= 1, got 0"),
-    ("learning_rate", -1e-4, r"CTRLLMConfig.learning_rate \(semantics adapt --lr\) must be a number > 0"),
-    ("head_learning_rate", 0.0, r"CTRLLMConfig.head_learning_rate \(semantics adapt --head-lr\) must be a number > 0"),
+    ("learning_rate", -1e-4, r"CTRLLMConfig.learning_rate \(semantics adapt --lr\) must be a finite number > 0"),
+    ("head_learning_rate", 0.0, r"CTRLLMConfig.head_learning_rate \(semantics adapt --head-lr\) must be a finite number > 0"),
     ("epochs", 0, r"CTRLLMConfig.epochs \(semantics adapt --epochs\) must be an integer >= 1, got 0"),
     ("batch_size", 2.5, r"CTRLLMConfig.batch_size \(semantics adapt --batch-size\) must be an integer >= 1, got 2.5"),
-    ("sample_rows", 0, r"CTRLLMConfig.sample_rows \(semantics adapt --sample-rows\) must be an integer >= 1, got 0"),
+    ("sample_rows", 0, r"CTRLLMConfig.sample_rows \(semantics adapt --sample-rows\) must be an integer >= 1 or None, "
+                       r"got 0"),
     ("last_k_layers", 0, r"CTRLLMConfig.last_k_layers \(semantics adapt --last-k\) must be an integer >= 1"),
-    ("dropout", 1.0, r"CTRLLMConfig.dropout must be a number >= 0 and < 1, got 1.0"),
+    ("dropout", 1.0, r"CTRLLMConfig.dropout must be a finite number >= 0 and < 1, got 1.0"),
 ])
 def test_numeric_settings_are_checked_when_the_config_is_made(setting, value, message):
     with pytest.raises(ValueError, match=f"^{message}"):

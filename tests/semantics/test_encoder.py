@@ -7,7 +7,6 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig
 
 from recsys_llm.semantics.encoder import (
     TextEncoder,
-    check_number,
     default_model_path,
     load_model,
     load_tokenizer,
@@ -189,17 +188,3 @@ class TestModelDirectoryChecks:
     def test_whole_models_still_load(self, tiny_llama_dir: str) -> None:
         assert len(load_tokenizer(default_model_path())) == 30522  # the offline MiniLM
         assert len(load_tokenizer(tiny_llama_dir)) > 300  # the tests' word-level tokenizer
-
-
-class TestCheckNumber:
-    def test_messages(self) -> None:
-        check_number("x", 3, integer=True, minimum=1)
-        check_number("x", 0.5, minimum=0, below=1)
-        with pytest.raises(ValueError, match=r"^Cfg.dim \(--dim\) must be an integer >= 1, got -3$"):
-            check_number("Cfg.dim (--dim)", -3, integer=True, minimum=1)
-        with pytest.raises(ValueError, match=r"^lr must be a number > 0, got nan$"):
-            check_number("lr", float("nan"), above=0)
-        with pytest.raises(ValueError, match=r"must be a number >= 0 and < 1, got 1.0"):
-            check_number("p", 1.0, minimum=0, below=1)
-        with pytest.raises(ValueError, match="must be an integer >= 1, got True"):
-            check_number("n", True, integer=True, minimum=1)

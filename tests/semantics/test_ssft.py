@@ -74,11 +74,11 @@ class TestSSFT:
 
 @pytest.mark.parametrize("setting,value,message", [
     ("epochs", 0, r"SSFTConfig.epochs \(semantics tune --epochs\) must be an integer >= 1, got 0"),
-    ("learning_rate", -0.1, r"SSFTConfig.learning_rate \(semantics tune --lr\) must be a number > 0, got -0.1"),
+    ("learning_rate", -0.1, r"SSFTConfig.learning_rate \(semantics tune --lr\) must be a finite number > 0, got -0.1"),
     ("batch_size", 0, r"SSFTConfig.batch_size \(semantics tune --batch-size\) must be an integer >= 1, got 0"),
-    ("temperature", 0.0, r"SSFTConfig.temperature \(semantics tune --temperature\) must be a number > 0"),
+    ("temperature", 0.0, r"SSFTConfig.temperature \(semantics tune --temperature\) must be a finite number > 0"),
     ("samples_train", 0, r"SSFTConfig.samples_train \(semantics tune --samples-train\) must be an integer >= 1"),
-    ("lora_dropout", 1.5, r"SSFTConfig.lora_dropout \(semantics tune --lora-dropout\) must be a number >= 0 and < 1"),
+    ("lora_dropout", 1.5, r"SSFTConfig.lora_dropout \(semantics tune --lora-dropout\) must be a finite number >= 0 and < 1"),
     ("max_length", -1, r"SSFTConfig.max_length \(semantics tune --max-length\) must be an integer >= 1"),
     ("pooling", "max", r"SSFTConfig.pooling \(semantics tune --pooling\) must be one of"),
 ])
