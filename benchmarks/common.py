@@ -85,11 +85,11 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     args = parser.parse_args(list(argv) if argv is not None else None)
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.name = name
-    if not args.keep_denormals:
-        import torch
+    import torch
 
-        # before any multi-threaded op, so torch's worker threads inherit it (see train.flush_denormal)
-        torch.set_flush_denormal(True)
+    # before any multi-threaded op, so torch's worker threads inherit it (see train.flush_denormal);
+    # set_flush_denormal answers whether the CPU has the mode at all
+    args.flush_denormal = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals
     return args
 
 
@@ -207,7 +207,7 @@ def result_payload(
     payload["benchmark"] = args.name
     payload["mode"] = args.mode
     payload["device"] = getattr(args, "resolved_device", args.device)
-    payload["flush_denormal"] = not getattr(args, "keep_denormals", False)
+    payload["flush_denormal"] = getattr(args, "flush_denormal", False)
     payload["details"] = dict(details or {})
     if table is not None:
         payload["table"] = [dict(row) for row in table]

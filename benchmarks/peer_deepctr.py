@@ -127,6 +127,9 @@ class Peer:
     def __init__(self, spec: Dict[str, Any]) -> None:
         from deepctr_torch.models import DeepFM
 
+        # before any multi-threaded op, as the project's side does (its --keep-denormals)
+        flush = bool(spec.get("flush_denormal", False))
+        self.flush_denormal = torch.set_flush_denormal(flush) and flush  # it answers whether the CPU has the mode
         torch.set_num_threads(int(spec["threads"]))
         self._spec = spec
         self._device = spec["device"]
@@ -174,6 +177,7 @@ class Peer:
             "torch": torch.__version__,
             "numpy": np.__version__,
             "threads": torch.get_num_threads(),
+            "flush_denormal": self.flush_denormal,
             "table_params": optimizer.num_table_params,
             "dense_params": optimizer.num_dense_params,
             "train_rows": int(self._y_train.numel()),

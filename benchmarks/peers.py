@@ -370,8 +370,11 @@ def peer_metrics(peer: PeerProcess, driver: str, labels, work_dir: str) -> Dict[
     return metrics
 
 
-def run_scale(scale: TableScale, sizes: Sizes, python: Path, device, seed: int) -> Dict[str, Any]:
+def run_scale(scale: TableScale, sizes: Sizes, python: Path, device, seed: int,
+              flush_denormal: bool) -> Dict[str, Any]:
     """Both sides on the synthetic data of one table scale: interleaved epochs, then test metrics.
+
+    ``flush_denormal``: whether this process flushes subnormal floats; the peer does the same.
 
     Returns:
         Dict: ``train_speedup_vs_deepctr_fit`` / ``speedup_vs_deepctr_loop`` (best-of-rounds
@@ -401,6 +404,7 @@ def run_scale(scale: TableScale, sizes: Sizes, python: Path, device, seed: int) 
                 "device": str(device), "threads": torch.get_num_threads(), "batch_size": sizes.batch_size,
                 "warmup_steps": sizes.warmup_steps, "eval_batch_size": sizes.eval_batch_size,
                 "sparse_lr": sizes.sparse_lr, "dense_lr": sizes.dense_lr, "eps": 1e-8,
+                "flush_denormal": flush_denormal,
             })
             project = ProjectSide(schema, sizes, device, seed)
             runs = {
@@ -495,7 +499,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     context = single_rank_context(args)
     started = time.perf_counter()
-    results = {scale.name: run_scale(scale, sizes, python, context.device, args.seed) for scale in sizes.tables}
+    results = {scale.name: run_scale(scale, sizes, python, context.device, args.seed, args.flush_denormal) for scale in sizes.tables}
     headline = results[HEADLINE_SCALE]
     figures = {
         "train_speedup_vs_deepctr_torch": headline["train_speedup_vs_deepctr_fit"],

@@ -17,3 +17,11 @@ def ml100k_raw_dir() -> str:
     if not os.path.exists(os.path.join(ML100K_DIR, "ml-100k.inter")):
         pytest.skip(f"MovieLens-100K not found at {ML100K_DIR}")
     return ML100K_DIR
+
+
+@pytest.fixture(autouse=True)
+def no_flushed_subnormals_after_a_test():
+    """``run_training`` and the benchmarks' ``parse_args`` flush subnormal floats for the whole
+    process (``train.flush_denormal``); each test starts with torch's default."""
+    yield
+    torch.set_flush_denormal(False)

@@ -29,6 +29,21 @@ torch.fx.wrap("fields_in_key_order")
 torch.fx.wrap("weighted_pair_sum")
 
 
+def _semantic_pair_matrix(
+    fields: torch.Tensor,
+    similarity: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    flat_pairs: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """(K, K) in ``fields``' dtype: ``scale * (weight @ similarity + bias)`` at ``flat_pairs``, zeros elsewhere."""
+    num_keys = fields.size(1)
+    pair_weights = torch.addmv(bias, weight, similarity).mul_(scale).to(fields.dtype)  # (P,)
+    pair_matrix = fields.new_zeros(num_keys * num_keys).index_copy_(0, flat_pairs, pair_weights)
+    return pair_matrix.view(num_keys, num_keys)
+
+
 class _SemanticPairSum(torch.autograd.Function):
     """lambda * sum_{i<j} w_ij <x_{b,i}, x_{b,j}> with w = W S + c, as one autograd node.
 
@@ -50,10 +65,7 @@ class _SemanticPairSum(torch.autograd.Function):
         flat_pairs: torch.Tensor,  # (P,) index of each pair (i, j) in the flattened (K, K) matrix
         scale: float,
     ) -> torch.Tensor:
-        num_keys = fields.size(1)
-        pair_weights = torch.addmv(bias, weight, similarity).mul_(scale).to(fields.dtype)  # (P,)
-        pair_matrix = fields.new_zeros(num_keys * num_keys).index_copy_(0, flat_pairs, pair_weights)
-        pair_matrix = pair_matrix.view(num_keys, num_keys)
+        pair_matrix = _semantic_pair_matrix(fields, similarity, weight, bias, flat_pairs, scale)  # (K, K)
         out, gram = pair_sum_forward(fields, pair_matrix)  # (B,), (B, K * K)
         ctx.save_for_backward(fields, pair_matrix, gram, similarity, flat_pairs)
         ctx.scale = scale
@@ -77,7 +89,11 @@ def semantic_pair_sum(
     flat_pairs: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """(B,) ``scale * sum_p w_p <fields[:, i_p], fields[:, j_p]>``, w = weight @ similarity + bias, one autograd node.
+    """(B,) ``scale * sum_p w_p <fields[:, i_p], fields[:, j_p]>``, w = weight @ similarity + bias.
+
+    With gradients needed it is one autograd node; without, the pair weights are computed
+    once and the sum is :func:`~recsys_llm.models.pairwise.weighted_pair_sum`'s inference kernel.
+    The choice is made here, at run time (this is an fx leaf), not where the caller is traced.
 
     Args:
         fields (torch.Tensor): (B, K, D).
@@ -86,7 +102,11 @@ def semantic_pair_sum(
         flat_pairs (torch.Tensor): (P,) distinct ``i_p * K + j_p``, the place of pair p in a flattened (K, K) matrix.
         scale (float): lambda.
     """
-    return _SemanticPairSum.apply(fields, similarity, weight, bias, flat_pairs, scale)
+    if torch.is_grad_enabled() and (fields.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _SemanticPairSum.apply(fields, similarity, weight, bias, flat_pairs, scale)
+    with torch.no_grad():
+        pair_matrix = _semantic_pair_matrix(fields, similarity, weight, bias, flat_pairs, scale)
+    return weighted_pair_sum(fields, pair_matrix)
 
 
 class FieldInteractionEnhancement(nn.Module):
@@ -233,13 +253,13 @@ class FieldInteractionEnhancement(nn.Module):
         ):
             return weighted_pair_sum(fields, self.serving_pair_matrix)  # (B,), lambda included
         num_keys = fields.size(1)
-        if not self._frozen and torch.is_grad_enabled():
-            flat_pairs = positions[self.pair_rows] * num_keys + positions[self.pair_cols]  # (P,)
-            linear = self.pair_weight
-            return semantic_pair_sum(fields, self.pair_similarity, linear.weight, linear.bias, flat_pairs, self._weight)
-        pair_matrix = self._scatter_pairs(fields, positions, num_keys, self.pair_weights().to(fields.dtype))
-        # the Gram against a (K, K) weight matrix instead of gathering (B, P) pairs
-        return self._weight * weighted_pair_sum(fields, pair_matrix)  # (B,)
+        if self._frozen:
+            pair_matrix = self._scatter_pairs(fields, positions, num_keys, self.frozen_pair_weights.to(fields.dtype))
+            # the Gram against a (K, K) weight matrix instead of gathering (B, P) pairs
+            return self._weight * weighted_pair_sum(fields, pair_matrix)  # (B,)
+        flat_pairs = positions[self.pair_rows] * num_keys + positions[self.pair_cols]  # (P,)
+        linear = self.pair_weight
+        return semantic_pair_sum(fields, self.pair_similarity, linear.weight, linear.bias, flat_pairs, self._weight)
 
     def forward(self, output: CTROutput) -> torch.Tensor:
         """CTRTask logit term: ``logit(output.embeddings)``."""

@@ -108,9 +108,11 @@ class TrainConfig:
             ranks after the same number of samples (inexact: the ranks' row shares differ, so
             some rows of that epoch repeat and others are skipped); refused when False.
         flush_denormal (bool): CPU float math treats subnormal numbers as zero
-            (``torch.set_flush_denormal``, for the whole process): Adam's moments of weights
-            that stop getting gradients (after a dead ReLU unit) decay into subnormals, on which
-            CPU arithmetic is many times slower; a DCNv2 step went from 9 to 20 ms.
+            (``torch.set_flush_denormal``, a setting of the process, set at the start of
+            ``train`` / ``evaluate`` / ``export`` / ``teacher-outputs``; it reaches torch's worker
+            threads only if no multi-threaded op ran before): Adam's moments of weights that stop
+            getting gradients (after a dead ReLU unit) decay into subnormals, on which CPU
+            arithmetic is many times slower; a DCNv2 step went from 9 to 20 ms.
     """
 
     epochs: int = 1

@@ -88,14 +88,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def set_cpu_float_mode(train_cfg: TrainConfig) -> None:
-    """Flushes subnormal CPU floats to zero when ``train.flush_denormal`` is on (process-wide).
+def set_cpu_float_mode(train_cfg: TrainConfig) -> bool:
+    """Sets whether CPU float math flushes subnormal numbers to zero: ``train.flush_denormal``.
 
-    It reaches torch's worker threads only when set before the process's first multi-threaded
-    op, as the ``recsys-llm`` commands do; called later, it covers the calling thread only.
+    The setting is the process's (``torch.set_flush_denormal``), and it reaches torch's worker
+    threads only when set before the process's first multi-threaded op, as the ``recsys-llm``
+    commands do; called later (e.g. in a notebook after other torch work), it covers the calling
+    thread's share of each op only.
+
+    Returns:
+        bool: whether subnormals are now flushed (False where the CPU cannot, with a warning).
     """
-    if train_cfg.flush_denormal:
-        torch.set_flush_denormal(True)
+    supported = torch.set_flush_denormal(train_cfg.flush_denormal)  # True where the CPU has the mode, either way
+    flushing = train_cfg.flush_denormal and supported
+    if train_cfg.flush_denormal and not supported:
+        print("[recsys_llm] train.flush_denormal: this CPU cannot flush subnormal floats; training goes on without",
+              flush=True)
+    return flushing
 
 
 def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext) -> DatasetSchema:

@@ -47,6 +47,18 @@ class TestFieldInteractionEnhancement:
                         torch.autograd.grad((expected * upstream).sum(), parameters)):
             torch.testing.assert_close(a, b)
 
+    def test_unfrozen_without_gradients_gives_the_training_logits(self) -> None:
+        """Validation during training: not frozen, no grad (the inference kernel, chosen at run time)."""
+        torch.manual_seed(0)
+        kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
+        fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)
+        training = fie.logit(kt)
+        assert training.grad_fn is not None
+        with torch.no_grad():
+            evaluation = fie.logit(kt)
+        assert evaluation.grad_fn is None
+        torch.testing.assert_close(evaluation, training.detach())
+
     def test_semantic_pair_sum_gradcheck(self) -> None:
         from recsys_llm.modules.field_interaction import semantic_pair_sum
 

@@ -453,15 +453,36 @@ def test_flush_denormal_makes_cpu_math_treat_subnormal_floats_as_zero() -> None:
 
     from recsys_llm.train.runner import set_cpu_float_mode
 
-    torch.set_flush_denormal(False)
+    if not torch.set_flush_denormal(False):  # it answers whether the CPU has the mode at all
+        pytest.skip("this CPU cannot flush subnormal floats (torch.set_flush_denormal is unsupported)")
     subnormal = torch.tensor([1e-39])  # below float32's smallest normal number, 1.18e-38
-    try:
-        assert (subnormal * 1.0).item() != 0.0
-        set_cpu_float_mode(TrainConfig(flush_denormal=False))
-        assert (subnormal * 1.0).item() != 0.0
-        set_cpu_float_mode(TrainConfig())  # on by default
-        if not torch.set_flush_denormal(True):
-            pytest.skip("this CPU cannot flush subnormal floats (torch.set_flush_denormal is unsupported)")
-        assert (subnormal * 1.0).item() == 0.0
-    finally:
-        torch.set_flush_denormal(False)
+    assert (subnormal * 1.0).item() != 0.0
+    assert set_cpu_float_mode(TrainConfig()) is True  # on by default
+    assert (subnormal * 1.0).item() == 0.0
+    assert set_cpu_float_mode(TrainConfig(flush_denormal=False)) is False  # turns a flush before off
+    assert (subnormal * 1.0).item() != 0.0
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_the_float_mode_is_set_before_the_process_group_and_any_torch_work(command, monkeypatch) -> None:
+    """Before init_distributed: torch's worker threads inherit the mode only if no op ran before."""
+    from recsys_llm.train import runner
+
+    calls: List[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def init_distributed(device: str) -> None:
+        calls.append("init_distributed")
+        raise Stop()
+
+    monkeypatch.setattr(runner, "set_cpu_float_mode", lambda train_cfg: calls.append(f"flush={train_cfg.flush_denormal}"))
+    monkeypatch.setattr(runner, "init_distributed", init_distributed)
+    monkeypatch.setattr(runner, "resolve_checkpoint", lambda path: path)
+    monkeypatch.setattr(runner, "run_config_of", lambda path: None)
+    monkeypatch.setattr(runner, "check_same_model", lambda config, saved: None)
+    config = load_config(None, ["train.flush_denormal=false"])
+    with pytest.raises(Stop):
+        runner.run_training(config) if command == "train" else runner.run_evaluation(config, "some/run")
+    assert calls == ["flush=False", "init_distributed"]
