@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
 from recsys_llm.train.config import load_config
-from recsys_llm.train.runner import finished_results, run_training
+from recsys_llm.train.runner import finished_results, run_training, set_cpu_float_mode
 
 PLAIN = "DeepFM"
 LLACTR = "DeepFM + LLaCTR (FRE + FIE)"
@@ -71,6 +71,8 @@ def run_demo(
     """
     schema = os.path.join(data_dir, "schema.json")
     base = [f"data.schema={schema}", f"data.synthetic_rows={rows}", *overrides]
+    # before the LLM steps: a finished plain run would otherwise leave the first training after them
+    set_cpu_float_mode(load_config(config_path, base).train)
     results = {PLAIN: _train(config_path, base, os.path.join(run_root, "plain"))}
     if not with_llm:
         return results
