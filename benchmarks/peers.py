@@ -499,7 +499,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     context = single_rank_context(args)
     started = time.perf_counter()
-    results = {scale.name: run_scale(scale, sizes, python, context.device, args.seed, args.flush_denormal) for scale in sizes.tables}
+    results = {scale.name: run_scale(scale, sizes, python, context.device, args.seed, args.flush_denormal)
+               for scale in sizes.tables}
     headline = results[HEADLINE_SCALE]
     figures = {
         "train_speedup_vs_deepctr_torch": headline["train_speedup_vs_deepctr_fit"],

@@ -108,7 +108,8 @@ def projected_field_kl(
             )
         vectors_by_key, key_weight = field_vectors, field_vectors.new_ones(num_keys)
     else:
-        vectors_by_key = field_vectors.new_zeros(num_keys, field_vectors.size(1)).index_copy_(0, positions, field_vectors)
+        vectors_by_key = field_vectors.new_zeros(num_keys, field_vectors.size(1))
+        vectors_by_key.index_copy_(0, positions, field_vectors)  # (K, d_llm)
         key_weight = field_vectors.new_zeros(num_keys).index_fill_(0, positions, 1.0)  # (K,)
     return _ProjectedFieldKL.apply(fields, vectors_by_key, weight, bias, key_weight)
 
