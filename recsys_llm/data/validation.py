@@ -22,7 +22,7 @@ import json
 import math
 import numbers
 import operator
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -187,9 +187,10 @@ def check_no_nulls(
         raise DataError(f"{_where(path, column, row_offset, first, first_line)}: null value; expected {what}")
 
 
-def non_finite_rows(values: np.ndarray) -> Optional[np.ndarray]:
-    """(N,) bool mask of the rows of (N,) or (N, w) ``values`` holding NaN/inf; None when all
-    are finite (one vectorised pass; the mask is built only when one is not)."""
+def first_non_finite_row(values: np.ndarray) -> Optional[Tuple[int, int, float]]:
+    """``(row, number of rows holding NaN/inf, the first such value)`` of (N,) or (N, w)
+    ``values``, None when all are finite (one vectorised pass; the rest only when one is not).
+    The numpy twin of :func:`recsys_llm.semantics.store.first_non_finite_row`."""
     if values.dtype == np.float16:
         # numpy's isfinite has no SIMD loop for float16 (~10x slower): all exponent bits set is NaN/inf
         if not ((values.view(np.uint16) & 0x7C00) == 0x7C00).any():
@@ -197,7 +198,10 @@ def non_finite_rows(values: np.ndarray) -> Optional[np.ndarray]:
     elif np.isfinite(values).all():
         return None
     finite = np.isfinite(values)
-    return ~finite if finite.ndim == 1 else ~finite.all(axis=1)
+    bad = ~finite if finite.ndim == 1 else ~finite.all(axis=1)  # (N,)
+    row = int(np.argmax(bad))
+    value = values[row] if finite.ndim == 1 else values[row][~finite[row]][0]
+    return row, int(bad.sum()), value.item()
 
 
 def check_dense(
@@ -209,11 +213,11 @@ def check_dense(
     remedy: str = "fill or drop NaN/inf when preparing the data",
 ) -> None:
     """Raises on NaN or +-inf in a dense feature. ``values``: (N,) float; ``remedy`` ends the message."""
-    bad = non_finite_rows(values)
+    bad = first_non_finite_row(values)
     if bad is not None:
-        first = int(np.argmax(bad))
+        first, _, value = bad
         raise DataError(
-            f"{_where(path, column, row_offset, first, first_line)}: dense feature is {values[first].item()}; "
+            f"{_where(path, column, row_offset, first, first_line)}: dense feature is {value}; "
             f"expected a finite float ({remedy})"
         )
 
@@ -221,13 +225,12 @@ def check_dense(
 def check_finite_extra(path: str, name: str, values: np.ndarray, row_offset: int) -> None:
     """Raises on NaN or +-inf in an extra float column (e.g. an attached ``llm_vector``),
     naming the file, column and first such row. ``values``: (N, w) float32."""
-    bad = non_finite_rows(values)
+    bad = first_non_finite_row(values)
     if bad is None:
         return
-    first = int(np.argmax(bad))
-    value = values[first][~np.isfinite(values[first])][0].item()
+    first, count, value = bad
     raise DataError(
-        f"{path}: column {name!r}, row {row_offset + first}: extra value is {value} ({int(bad.sum())} of "
+        f"{path}: column {name!r}, row {row_offset + first}: extra value is {value} ({count} of "
         f"the {len(values)} rows read from row {row_offset} on are not finite); expected finite floats (re-export or "
         "re-attach the vectors, or fill NaN/inf when preparing the data)"
     )

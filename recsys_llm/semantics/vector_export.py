@@ -47,7 +47,7 @@ from tqdm import tqdm
 from recsys_llm.atomic_dir import chmod_as_created
 from recsys_llm.data.parquet import parquet_files
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.data.validation import non_finite_rows
+from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.semantics.row_text import RowTextRenderer
 
 logger = logging.getLogger(__name__)
@@ -247,15 +247,15 @@ class VectorExport:
         encoded = np.concatenate(parts)  # (n, d) float32
         with np.errstate(over="ignore"):  # a float16 overflow becomes inf, refused below
             stored = encoded.astype(DTYPES[self._config.dtype][0])
-        bad = non_finite_rows(stored)
+        bad = first_non_finite_row(stored)
         if bad is not None:
-            first = int(np.argmax(bad))
+            first, count, value = bad
             largest = np.abs(encoded[first]).max()
             cause = ("the encoder gave NaN/inf" if not np.isfinite(encoded[first]).all() else
                      f"a value beyond the {self._config.dtype} range (largest |value| {largest:.4g}; store float32)")
             raise ValueError(
                 f"{path}: not written: the vector of key {keys[first].as_py()} holds "
-                f"{stored[first][~np.isfinite(stored[first])][0]}: {cause}; {int(bad.sum())} of {len(stored)} rows of "
+                f"{value}: {cause}; {count} of {len(stored)} rows of "
                 "this chunk are not finite. Expected finite vectors (check the model, its dtype and the pooling)"
             )
         return stored
@@ -397,12 +397,12 @@ def _columns(table: pa.Table, manifest: Dict[str, object], path: str) -> Tuple[n
     dim = vectors.type.list_size
     values = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
     keys = table.column(key_column).to_numpy()
-    bad = non_finite_rows(values)
+    bad = first_non_finite_row(values)
     if bad is not None:
-        first = int(np.argmax(bad))
+        first, count, value = bad
         raise ValueError(
             f"{path}: column {vector_column!r}, {key_column}={keys[first].item()}: the vector holds "
-            f"{values[first][~np.isfinite(values[first])][0]} ({int(bad.sum())} of {len(values)} vectors of this chunk "
+            f"{value} ({count} of {len(values)} vectors of this chunk "
             "hold NaN/inf); expected finite values: the chunk is damaged or was written without this check, "
             "delete it and re-run the export"
         )

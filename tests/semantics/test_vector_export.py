@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import numpy as np
@@ -497,9 +498,14 @@ def test_a_projection_file_gets_the_mode_the_umask_allows(tmp_path, umask):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_non_finite_rows_of_both_storage_dtypes(dtype):
-    from recsys_llm.data.validation import non_finite_rows
+def test_first_non_finite_row_of_both_storage_dtypes(dtype):
+    from recsys_llm.data.validation import first_non_finite_row
 
     values = np.array([[65504.0, -65504.0], [0.0, np.nan], [np.inf, 1.0], [-np.inf, 0.0], [6e-8, -0.0]], dtype=dtype)
-    np.testing.assert_array_equal(non_finite_rows(values), [False, True, True, True, False])
-    assert non_finite_rows(values[[0, 4]]) is None
+    row, count, value = first_non_finite_row(values)  # rows 1, 2 and 3 hold NaN/inf
+    assert (row, count) == (1, 3) and math.isnan(value)
+    assert first_non_finite_row(values[[4, 3, 0, 2]]) == (1, 2, -math.inf)
+    row, count, value = first_non_finite_row(values[:, 1])  # (N,): the value of the row itself
+    assert (row, count) == (1, 1) and math.isnan(value)
+    assert first_non_finite_row(values[:, 0]) == (2, 2, math.inf)
+    assert first_non_finite_row(values[[0, 4]]) is None
