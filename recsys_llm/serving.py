@@ -48,6 +48,7 @@ from recsys_llm.id_rules import IdRules, id_rules
 from recsys_llm.models.base import CTROutput
 from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+from recsys_llm.semantics.store import first_non_finite_row
 from recsys_llm.train.distributed import collective_device
 
 FORMAT_VERSION = 1
@@ -268,13 +269,13 @@ def _check_finite(path: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
         ValueError: names ``path``, ``key`` and the first non-finite value.
     """
     if (tensor.is_floating_point() or tensor.is_complex()) and tensor.numel():
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            first = int(torch.argmin(finite.reshape(-1).to(torch.uint8)))
+        bad = first_non_finite_row(tensor.reshape(-1, 1))  # one row per value
+        if bad is not None:
+            first, count, value = bad
             raise ValueError(
-                f"{path}: tensor {key!r} holds {int(finite.numel() - finite.sum())} non-finite value(s) (first: "
-                f"{tensor.reshape(-1)[first].item()} at flat index {first}); expected finite weights: the model that "
-                "wrote it diverged or the file is damaged (train it again, or take an earlier checkpoint)"
+                f"{path}: tensor {key!r} holds {count} non-finite value(s) (first: {value} at flat index {first}); "
+                "expected finite weights: the model that wrote it diverged or the file is damaged (train it again, "
+                "or take an earlier checkpoint)"
             )
     return tensor
 

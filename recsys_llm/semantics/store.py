@@ -95,13 +95,13 @@ class VectorProvenance:
 
 def first_non_finite_row(vectors: torch.Tensor) -> Optional[Tuple[int, int, float]]:
     """``(row, number of rows with a NaN/inf, the first such value)`` of (N, d) ``vectors``,
-    None when all are finite."""
+    None when all are finite. The torch twin of :func:`recsys_llm.data.validation.first_non_finite_row`."""
     finite = torch.isfinite(vectors)
     if bool(finite.all()):
         return None
     bad_rows = ~finite.all(dim=1)  # (N,)
     row = int(bad_rows.nonzero()[0, 0])
-    value = float(vectors[row][~finite[row]][0])
+    value = vectors[row][~finite[row]][0].item()  # a Python float (complex for complex tensors)
     return row, int(bad_rows.sum()), value
 
 
