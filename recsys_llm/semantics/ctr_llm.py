@@ -43,6 +43,7 @@ from recsys_llm.semantics.encoder import (
     model_dir_fingerprint,
     model_weights_fingerprint,
     pool,
+    read_json_file,
 )
 
 TUNING_MODES = ("lora", "last_k", "heads")
@@ -369,11 +370,7 @@ def read_ctr_llm_config(directory: str) -> CTRLLMConfig:
         ValueError: the file is not JSON, has unknown or missing keys, or invalid settings.
     """
     config_path = os.path.join(directory, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from error
+    saved = read_json_file(config_path)
     if not isinstance(saved, dict):
         raise ValueError(f"{config_path}: expected a JSON object of CTRLLMConfig settings, got {type(saved).__name__}")
     fields = {f.name: f for f in dataclasses.fields(CTRLLMConfig)}
@@ -406,11 +403,7 @@ def check_base_model(directory: str, model_path: str) -> None:
     provenance_path = os.path.join(directory, "provenance.json")
     if not os.path.isfile(provenance_path):
         return
-    try:
-        with open(provenance_path, encoding="utf-8") as handle:
-            provenance = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{provenance_path}: not valid JSON ({error})") from error
+    provenance = read_json_file(provenance_path)
     recorded = provenance.get(BASE_WEIGHTS_KEY) if isinstance(provenance, dict) else None
     if not isinstance(recorded, str):
         return

@@ -201,6 +201,19 @@ def require_model_dir(model_path: str) -> None:
 MIN_TOKENIZER_VOCAB_SHARE = 0.5
 
 
+def read_json_file(path: str, damage: str = "") -> Any:
+    """The parsed JSON of the file at ``path``.
+
+    Raises:
+        ValueError: ``"{path}: not valid JSON ({error})"`` followed by ``damage``, when it does not parse.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}){damage}") from error
+
+
 def read_model_config(model_path: str) -> dict:
     """The ``config.json`` of a Hugging Face model directory, checked before transformers reads it.
 
@@ -215,11 +228,7 @@ def read_model_config(model_path: str) -> dict:
             f"{model_path}: not a Hugging Face model directory (no config.json); pass the directory that holds "
             "config.json, the weights and the tokenizer files"
         )
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); the model directory is damaged") from error
+    config = read_json_file(path, "; the model directory is damaged")
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ValueError(
             f"{path}: not a Hugging Face model config (expected a JSON object with a 'model_type'; a directory "

