@@ -43,9 +43,14 @@ FRE and FIE use in the throughput part.
 Usage::
 
     python benchmarks/llactr.py [--quick|--smoke] [--json PATH] [--plot PATH]
-                                [--backbones deepfm fm ...] [--llm MODEL_DIR]
+                                [--backbones deepfm fm ...] [--llm MODEL_DIR] [--batch-size ROWS]
+
+``--batch-size`` sets the rows of every training and serving batch (default 1024, the trainer's
+default): FRE's and FIE's work grows with the rows of a batch, as the backbones' does, so the
+ratios are not a fixed per-step cost that larger batches would hide.
 """
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -449,15 +454,33 @@ def plot(path: Path, field_seconds: float, setup: float, per_row: float, ratios:
 
 
 # ---- main ---------------------------------------------------------------------------------------
-def main(argv: Optional[List[str]] = None) -> dict:
+def mode_sizes(args: argparse.Namespace) -> Sizes:
+    """The mode's ``Sizes`` with ``--backbones`` and ``--batch-size`` applied."""
+    sizes = SIZES[args.mode]
+    if args.backbones:
+        sizes = dataclasses.replace(sizes, backbones=tuple(args.backbones))
+    if args.batch_size is not None:
+        sizes = dataclasses.replace(sizes, batch_size=args.batch_size)
+    return sizes
+
+
+def llactr_parser() -> argparse.ArgumentParser:
+    """The common benchmark arguments plus ``--backbones``, ``--llm`` and ``--batch-size``."""
     parser = build_parser(NAME, __doc__)
     parser.add_argument("--backbones", nargs="+", choices=ALL_BACKBONES, default=None,
                         help="backbones to compare (default: per mode)")
     parser.add_argument("--llm", default=None, help="local Hugging Face model directory (default: offline MiniLM)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows per training and serving batch (default: per mode, 1024 outside --smoke)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    parser = llactr_parser()
     args = parse_args(NAME, __doc__, argv, parser=parser)
-    sizes = SIZES[args.mode]
-    if args.backbones:
-        sizes = dataclasses.replace(sizes, backbones=tuple(args.backbones))
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    sizes = mode_sizes(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from recsys_llm.data.schema import DatasetSchema

@@ -118,6 +118,19 @@ def test_llactr_ratios_come_from_rounds_and_scaled_costs(tmp_path_factory: pytes
     assert payload["llm_cost_ratio_instance_vs_field"] == pytest.approx(scaled / field["seconds_at_default_s"])
 
 
+def test_llactr_batch_size_and_backbones_override_the_mode(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import llactr
+
+    argv = ["--quick", "--batch-size", "4096", "--backbones", "fm"]
+    sizes = llactr.mode_sizes(common.parse_args("llactr", None, argv, parser=llactr.llactr_parser()))
+    assert (sizes.batch_size, sizes.backbones) == (4096, ("fm",))
+    assert sizes.measured_steps == llactr.SIZES["quick"].measured_steps
+    with pytest.raises(SystemExit) as exit_info:
+        llactr.main(["--smoke", "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "--batch-size must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_elec_student_is_served_exported_and_ratios_come_from_rounds(tmp_path_factory: pytest.TempPathFactory) -> None:
     payload = _smoke_payload("elec", tmp_path_factory)
