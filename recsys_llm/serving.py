@@ -66,7 +66,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.serving import ServedModel
 
-# the dense program is code: trust_program=True only for artifacts you made or trust
+# this artifact's directory as exported; its path now if it was copied or moved. The dense
+# program is code: trust_program=True only for artifacts you made or trust
 served = ServedModel.load("{path}", trust_program=True)
 kjt = KeyedJaggedTensor.from_lengths_sync(
     keys=served.feature_names,                       # {features}

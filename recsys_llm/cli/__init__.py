@@ -30,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# upstream deprecation notices a user of the commands cannot act on (the library leaves them on)
+# upstream notices a user of the commands cannot act on (the library leaves them on)
 UPSTREAM_NOTICES = (
-    "HeuristicalStorageReservation is known to cause issues",
-    "Please use DTensor instead and we are deprecating ShardedTensor",
-    "`broadcast_buffers` is deprecated",
-    "`is_gradient_checkpointing` is deprecated",
+    ("HeuristicalStorageReservation is known to cause issues", FutureWarning),
+    ("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    ("`broadcast_buffers` is deprecated", FutureWarning),
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # torch.export's archive writer, for weights that are all on CPU (``export`` moves them there)
+    ("No complete tensor found in the group", UserWarning),
 )
 
 UPSTREAM_ADVISORY_LOGGERS = (
@@ -48,8 +50,8 @@ UPSTREAM_ADVISORY_LOGGERS = (
 def quiet_upstream_notices() -> None:
     """Hides ``UPSTREAM_NOTICES`` and the planner's and torch.fx's advisory log lines (the
     planner is built as torchrec's own examples build it) around the progress bars."""
-    for message in UPSTREAM_NOTICES:
-        warnings.filterwarnings("ignore", message=f".*{re.escape(message)}", category=FutureWarning)
+    for message, category in UPSTREAM_NOTICES:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(message)}", category=category)
     for logger in UPSTREAM_ADVISORY_LOGGERS:
         logging.getLogger(logger).setLevel(logging.ERROR)
 

@@ -333,7 +333,7 @@ def tune_ctr_llm(
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
                 bar.update(1)
     model.eval()
     return losses

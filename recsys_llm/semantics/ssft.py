@@ -316,7 +316,7 @@ class SSFTTrainer:
             self._optimizer.step()
             total += loss.item()
             steps += 1
-            bar.set_postfix(loss=f"{total / steps:.4f}")
+            bar.set_postfix(loss=f"{total / steps:.4f}", refresh=False)
         model.eval()
         return total / max(steps, 1)
 

@@ -228,9 +228,14 @@ class VectorExport:
         return [i for i in range(rank, num_chunks, world_size) if not os.path.exists(chunk_path(self._directory, i))]
 
     def _encode(
-        self, texts: Sequence[str], encode_fn: Callable[[List[str]], torch.Tensor], keys: pa.Array, path: str
+        self,
+        texts: Sequence[str],
+        encode_fn: Callable[[List[str]], torch.Tensor],
+        keys: pa.Array,
+        path: str,
+        on_batch: Callable[[int], object],
     ) -> np.ndarray:
-        """Vectors (n, d) of one chunk's ``texts`` in the storage dtype.
+        """Vectors (n, d) of one chunk's ``texts`` in the storage dtype; ``on_batch(rows)`` after each encoder call.
 
         Raises:
             ValueError: a vector holds NaN/inf (before or after the cast to the storage
@@ -244,6 +249,7 @@ class VectorExport:
                 mean, components = self._projection
                 vectors = (vectors - mean) @ components  # (b, k)
             parts.append(vectors.numpy())
+            on_batch(len(vectors))
         encoded = np.concatenate(parts)  # (n, d) float32
         with np.errstate(over="ignore"):  # a float16 overflow becomes inf, refused below
             stored = encoded.astype(DTYPES[self._config.dtype][0])
@@ -295,26 +301,32 @@ class VectorExport:
         pending = self.pending_chunks(len(keys), rank, world_size)
         metadata = {PROVENANCE_KEY: json.dumps(self._provenance, sort_keys=True).encode()}
         written = []
-        for index in tqdm(pending, desc=f"export vectors (rank {rank}/{world_size})", disable=not progress):
-            start = index * self._config.chunk_rows
-            stop = min(start + self._config.chunk_rows, len(keys))
-            chunk_texts = texts(start, stop)
-            if len(chunk_texts) != stop - start:
-                raise ValueError(f"texts({start}, {stop}) returned {len(chunk_texts)} texts, expected {stop - start}")
-            path = chunk_path(self._directory, index)
-            chunk_keys = keys.slice(start, stop - start)
-            vectors = self._encode(chunk_texts, encode_fn, chunk_keys, path)  # (n, d)
-            column = pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.reshape(-1), type=DTYPES[self._config.dtype][1]), vectors.shape[1]
-            )
-            table = pa.table({self._config.key_column: chunk_keys, self._config.vector_column: column})
-            table = table.replace_schema_metadata(metadata)
-            for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
-                os.remove(stale)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)  # a chunk file that exists is complete
-            written.append(index)
+        chunk_rows = self._config.chunk_rows
+        rows = sum(min(chunk_rows, len(keys) - index * chunk_rows) for index in pending)
+        description = f"export vectors (rank {rank}/{world_size})"
+        with tqdm(total=rows, desc=description, unit="row", disable=not progress) as bar:
+            for index in pending:
+                start = index * chunk_rows
+                stop = min(start + chunk_rows, len(keys))
+                chunk_texts = texts(start, stop)
+                if len(chunk_texts) != stop - start:
+                    raise ValueError(
+                        f"texts({start}, {stop}) returned {len(chunk_texts)} texts, expected {stop - start}"
+                    )
+                path = chunk_path(self._directory, index)
+                chunk_keys = keys.slice(start, stop - start)
+                vectors = self._encode(chunk_texts, encode_fn, chunk_keys, path, bar.update)  # (n, d)
+                column = pa.FixedSizeListArray.from_arrays(
+                    pa.array(vectors.reshape(-1), type=DTYPES[self._config.dtype][1]), vectors.shape[1]
+                )
+                table = pa.table({self._config.key_column: chunk_keys, self._config.vector_column: column})
+                table = table.replace_schema_metadata(metadata)
+                for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
+                    os.remove(stale)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                pq.write_table(table, tmp)
+                os.replace(tmp, path)  # a chunk file that exists is complete
+                written.append(index)
         return written
 
 

@@ -74,6 +74,10 @@ class EpochStats:
         steps (int): optimizer steps taken in this call.
         samples (int): samples trained on by this rank.
         seconds (float): wall time of the loop.
+        first_step_seconds (float): wall time of the first step, which also fills the pipeline
+            and traces the model (seconds with large models or entity tables); on GPU, as the
+            host saw it.
+        first_step_samples (int): samples of the first step.
         mean_loss (float): mean training loss over the steps.
         pipelined_modules (List[str]): sharded modules the pipeline overlaps.
         sharded_modules (List[str]): all sharded modules of the model.
@@ -83,6 +87,8 @@ class EpochStats:
     steps: int
     samples: int
     seconds: float
+    first_step_seconds: float
+    first_step_samples: int
     mean_loss: float
     pipelined_modules: List[str]
     sharded_modules: List[str]
@@ -90,7 +96,11 @@ class EpochStats:
 
     @property
     def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
+        """Throughput after the first step (the pipeline's set-up); of the one step if only one."""
+        samples, seconds = self.samples, self.seconds
+        if self.steps > 1:
+            samples, seconds = samples - self.first_step_samples, seconds - self.first_step_seconds
+        return samples / seconds if seconds > 0 else 0.0
 
 
 def sharded_module_names(model: nn.Module) -> List[str]:
@@ -172,6 +182,7 @@ def train_epoch(
     single_cpu = device.type == "cpu" and not (dist.is_initialized() and dist.get_world_size() > 1)
     check_every = 1 if single_cpu else LOSS_READ_EVERY
     stopped = False
+    first_step_seconds = 0.0
     start = time.perf_counter()
     try:
         while True:
@@ -181,6 +192,8 @@ def train_epoch(
                 break
             step += 1
             steps += 1
+            if steps == 1:
+                first_step_seconds = time.perf_counter() - start
             loss_value = loss.detach().mean()
             loss_sum += loss_value
             if steps % check_every == 0:
@@ -189,7 +202,7 @@ def train_epoch(
             if not bar.disable:  # a hidden bar reads no loss (no device sync)
                 window.append(loss_value)
                 if len(window) == LOSS_READ_EVERY:
-                    bar.set_postfix(loss=f"{float(torch.stack(window).mean()):.4f}")
+                    bar.set_postfix(loss=f"{float(torch.stack(window).mean()):.4f}", refresh=False)
                     window.clear()
             if on_step is not None and on_step(step, loss_value):
                 stopped = True
@@ -207,6 +220,8 @@ def train_epoch(
         steps=steps,
         samples=trained_samples,
         seconds=seconds,
+        first_step_seconds=first_step_seconds,
+        first_step_samples=counting.samples_seen[0] if steps else 0,
         mean_loss=float(loss_sum) / steps if steps else float("nan"),
         pipelined_modules=pipelined,
         sharded_modules=sharded_module_names(model),

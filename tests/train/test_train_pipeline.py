@@ -120,3 +120,32 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(synthetic_dir: str) -> None:
     assert rank0["error"] is not None and "training loss is nan" in rank0["error"], rank0
     # DDP's gradient all-reduce spreads the NaN: rank 1 may see its own NaN loss or rank 0's
     assert rank1["error"] is not None and "training loss" in rank1["error"], rank1
+
+
+def test_samples_per_second_leaves_out_the_first_step() -> None:
+    """The first step also fills the pipeline and traces the model: a short epoch's throughput
+    would be mostly that set-up."""
+    from recsys_llm.train.pipeline import EpochStats
+
+    stats = EpochStats(steps=5, samples=500, seconds=3.0, first_step_seconds=2.0, first_step_samples=100,
+                       mean_loss=0.5, pipelined_modules=[], sharded_modules=[], stopped_early=False)
+    assert stats.samples_per_second == pytest.approx(400 / 1.0)
+    one = EpochStats(steps=1, samples=100, seconds=2.0, first_step_seconds=2.0, first_step_samples=100,
+                     mean_loss=0.5, pipelined_modules=[], sharded_modules=[], stopped_early=False)
+    assert one.samples_per_second == pytest.approx(50.0)
+
+
+def _epoch_stats(schema_path: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    batches = list(ParquetBatchReader(schema, "train", 64))[:6]
+    stats = train_epoch(model, optimizer, batches, ctx.device, progress=False)
+    return {"steps": stats.steps, "samples": stats.samples, "first_samples": stats.first_step_samples,
+            "first_seconds": stats.first_step_seconds, "seconds": stats.seconds}
+
+
+@pytest.mark.multiprocess
+def test_train_epoch_times_its_first_step(synthetic_dir: str) -> None:
+    (result,) = run_multiprocess(_epoch_stats, world_size=1, schema_path=synthetic_dir)
+    assert (result["steps"], result["samples"], result["first_samples"]) == (6, 6 * 64, 64), result
+    assert 0 < result["first_seconds"] < result["seconds"], result
