@@ -75,6 +75,11 @@ from recsys_llm.train.task import CTRTask
 
 RESULTS_FILE = "results.json"
 PLUGINS_FILE = "plugins.json"  # what the plug-ins were built from, and the schema the run trained on
+# what a run directory holds once its checks have passed (config.yaml and results.json are
+# common names, so they do not mark a directory as a run's)
+RUN_MARKERS = ("metrics.jsonl", "sharding_plan.json", "checkpoints", "best")
+# parts of the llactr record that describe where and when, not which, vectors
+VECTOR_RECORD_PLACE_KEYS = frozenset({"config", "vectors", "created_at", "created_by"})
 SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in PLUGINS_FILE: the data set's schema the run trained on
 
 # Called on every rank after each optimizer step (and after a checkpoint of that step).
@@ -375,6 +380,48 @@ def _state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed:
     return state
 
 
+def check_run_dir_is_ours(run_dir: str) -> None:
+    """Raises when ``run_dir`` holds files but is no run directory: training would write its
+    config.yaml, results.json and checkpoints among (or over) them.
+
+    Raises:
+        ConfigError: naming the directory and a few of its entries.
+    """
+    entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    if entries and not any(marker in entries for marker in RUN_MARKERS):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ConfigError(
+            f"{run_dir}: train.run_dir is not empty and holds no run of recsys-llm train (it has {shown}; a run "
+            f"has {', '.join(RUN_MARKERS)}); training would write config.yaml, results.json and checkpoints "
+            "among them. Use a new or empty train.run_dir"
+        )
+
+
+def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
+    """Raises when a resumed LLaCTR run's vector file now holds other vectors than it trained with.
+
+    The checkpoint restores the vectors it trained with (FRE's and FIE's buffers), so going on
+    would train with the old vectors while ``plugins.json`` recorded the new ones. Moving the
+    file, or writing the same vectors again, is fine; entries that only one of the two records
+    has (written by another version) are not compared.
+
+    Raises:
+        ConfigError: naming the file, the vectors' path and the entries that differ.
+    """
+    saved, current = saved_plugins.get("llactr"), current_plugins.get("llactr")
+    if not saved or not current:
+        return
+    current = json.loads(json.dumps(current, default=str))  # as plugins.json stores it
+    keys = sorted((set(saved) & set(current)) - VECTOR_RECORD_PLACE_KEYS)
+    differing = [key for key in keys if saved[key] != current[key]]
+    if differing:
+        raise ConfigError(
+            f"{source}: this run trained with other field vectors than {current.get('vectors')} holds now "
+            f"(differing: {', '.join(differing)}); a resume goes on with the vectors in its checkpoint. Restore "
+            "the vector file the run started with to resume it, or train the new vectors in another train.run_dir"
+        )
+
+
 def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
     """The ``results.json`` :func:`run_training` wrote last in ``run_dir``, or None if it never finished."""
     path = os.path.join(run_dir, RESULTS_FILE)
@@ -401,6 +448,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     seed_everything(config.train.seed)
     train_cfg = config.train
     run_dir = train_cfg.run_dir  # created only once every check has passed: a refused run leaves nothing
+    check_run_dir_is_ours(run_dir)
     schema = load_or_generate_schema(config, ctx)
     built = build_task(config, schema, ctx.device)
     swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early
@@ -436,7 +484,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
         if os.path.isfile(saved_plugins):
             with open(saved_plugins, encoding="utf-8") as handle:
-                check_plugin_history(json.load(handle), built.plugins, saved_plugins)
+                saved_record = json.load(handle)
+            check_plugin_history(saved_record, built.plugins, saved_plugins)
+            check_same_field_vectors(saved_record, built.plugins, saved_plugins)
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     if ctx.is_main:
         os.makedirs(run_dir, exist_ok=True)

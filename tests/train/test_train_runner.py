@@ -400,6 +400,18 @@ def _refusals(schema_dir: str, root: str) -> Dict[str, Any]:
         except ConfigError as exc:
             out[name] = str(exc)
         out[f"{name}_left_a_run_dir"] = os.path.exists(run_dir)
+    foreign = os.path.join(root, "foreign")  # a directory of the user's: config.yaml is a common name
+    os.makedirs(foreign)
+    for name, text in (("config.yaml", "foo: bar\n"), ("results.json", '{"k": 1}')):
+        with open(os.path.join(foreign, name), "w", encoding="utf-8") as handle:
+            handle.write(text)
+    try:
+        _run(schema_dir, foreign, ["train.max_steps=1"])
+        out["foreign"] = None
+    except ConfigError as exc:
+        out["foreign"] = str(exc)
+    out["foreign_after"] = {name: open(os.path.join(foreign, name), encoding="utf-8").read()
+                            for name in sorted(os.listdir(foreign))}
     no_valid = os.path.join(root, "no_valid")
     out["no_valid"] = _run(schema_dir, no_valid, ["train.max_steps=2", "data.valid_split=''"])
     os.remove(os.path.join(no_valid, "config.yaml"))
@@ -419,6 +431,24 @@ def test_a_mistyped_split_and_a_run_dir_without_its_config_are_refused_and_leave
     assert not out["valid_typo_left_a_run_dir"] and not out["test_typo_left_a_run_dir"]
     assert out["no_valid"]["global_step"] == 2 and out["no_valid"]["test"]  # '' trains without validation
     assert "no config.yaml" in out["no_config"]
+    assert out["foreign"] is not None and "train.run_dir is not empty and holds no run" in out["foreign"], out
+    assert "config.yaml, results.json" in out["foreign"]
+    assert out["foreign_after"] == {"config.yaml": "foo: bar\n", "results.json": '{"k": 1}'}  # untouched
+
+
+def test_a_resume_whose_vector_file_now_holds_other_vectors_is_refused() -> None:
+    from recsys_llm.train.runner import check_same_field_vectors
+
+    saved = {"llactr": {"config": {"lambda_fre": 0.1}, "vectors": "v.safetensors", "created_at": "a",
+                        "fields_used": ["user_id", "item_id"], "extra": {"templates": {"field": "{name}"}}}}
+    moved = {"llactr": {**saved["llactr"], "vectors": "elsewhere/v.safetensors", "created_at": "b",
+                        "fields_used": ("user_id", "item_id"), "left_out": []}}  # a newer record's extra entry
+    check_same_field_vectors(saved, moved, "run/plugins.json")  # moved, or written again: the same vectors
+    other = {"llactr": {**moved["llactr"], "extra": {"templates": {"field": "{name}: {description}"}}}}
+    with pytest.raises(ConfigError, match=r"run/plugins.json: this run trained with other field vectors than "
+                                          r"elsewhere/v.safetensors holds now \(differing: extra\)"):
+        check_same_field_vectors(saved, other, "run/plugins.json")
+    check_same_field_vectors({}, other, "run/plugins.json")  # a run without llactr: nothing to compare
 
 
 @pytest.mark.multiprocess
