@@ -6,8 +6,11 @@
     tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling)
     dense_program.pt2     torch.export program of everything after the EBC lookup:
                           (dense (B, Dd), pooled (B, F * D)) -> logits (B,)
-    config.json           format version, feature names, id rules, model config, program status
+    config.json           format version, export id, feature names, id rules, model config, program status
     INFERENCE.md          how to call it
+
+The export id (random per export) is also stored in the state file's and the program's
+metadata: ``ServedModel.load`` refuses files of two exports copied into one directory.
 
 The EBC lookup stays eager (``ServedModel`` rebuilds the EBC from ``tables.json``; on a
 serving host with torchrec's inference sharding it would be a TBE lookup) because
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import pickle
+import uuid
 import zipfile
 from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence
 
@@ -56,6 +60,7 @@ STATE_FILE = "model.safetensors"
 EXPORT_MARKER_FILES = ("config.json", STATE_FILE)  # every export has them (state-only ones too)
 SEMANTIC_TABLES_FILE = "semantic_tables.json"  # frozen entity-vector tables of a gain network
 ID_RULES_KEY = "id_rules"  # in config.json: per feature, the reader's hashed / max_length (None: not recorded)
+EXPORT_ID_KEY = "export_id"  # ties an artifact's files together (absent from artifacts before 2026-12)
 DENSE_DTYPE = torch.float32  # the dense features' dtype in training (ParquetBatchReader) and in the program
 FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")
 
@@ -370,6 +375,21 @@ def open_state_file(path: str) -> Iterator[Mapping[str, Any]]:
         yield {key: _SafetensorsSlice(handle, key, path) for key in handle.keys()}
 
 
+def _check_same_export(config_path: str, config: Mapping[str, Any], path: str, export_id: Optional[str]) -> None:
+    """Raises when ``path`` was written by another export than ``config.json`` (files of two
+    artifacts copied together); artifacts written before export ids are not checked.
+
+    Raises:
+        ValueError: naming both files and their export ids.
+    """
+    expected = config.get(EXPORT_ID_KEY)
+    if expected is not None and export_id != expected:
+        raise ValueError(
+            f"{path}: written by another export ({EXPORT_ID_KEY} {export_id}) than {config_path} ({expected}); "
+            "the artifact mixes files of two exports. Export again, or copy the whole directory of one export"
+        )
+
+
 # ---- the dense program -----------------------------------------------------------------
 class DenseHead(nn.Module):
     """Everything of a ``CTRTask`` after the EBC lookups: ``(dense, pooled[, vectors]) -> logits``.
@@ -548,7 +568,8 @@ def export_task(
             serving_form(task, feature_names) as folded:
         # the state as served: frozen logit-term weights included
         state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
-        save_file(state, os.path.join(tmp, STATE_FILE))
+        export_id = uuid.uuid4().hex  # in config.json, the state file and the program: they belong together
+        save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id})
         with open(os.path.join(tmp, "tables.json"), "w", encoding="utf-8") as handle:
             json.dump(tables, handle, indent=2)
         if semantic_tables:
@@ -571,11 +592,12 @@ def export_task(
             # drop what the logits do not need (e.g. a folded FM's representation)
             program.graph_module.graph.eliminate_dead_code()
             program.graph_module.recompile()
-            torch.export.save(program, os.path.join(tmp, "dense_program.pt2"))
+            torch.export.save(program, os.path.join(tmp, "dense_program.pt2"), extra_files={EXPORT_ID_KEY: export_id})
         except Exception as error:  # torch.export could not capture this backbone
             program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
         config = {
             "format_version": FORMAT_VERSION,
+            EXPORT_ID_KEY: export_id,
             "feature_names": feature_names,
             "num_dense_features": int(example_dense.size(1)),
             "pooled_dim": int(pooled.size(1)),
@@ -741,20 +763,25 @@ class ServedModel(nn.Module):
             _raise_damaged(state_path, "file missing")
         try:
             state = load_file(state_path)  # weights only
+            with safe_open(state_path, framework="pt") as handle:
+                state_export_id = (handle.metadata() or {}).get(EXPORT_ID_KEY)
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(state_path, "cannot be read as the model's weights", error)
         for key, value in state.items():
             _check_finite(state_path, key, value)
+        _check_same_export(config_path, config, state_path, state_export_id)
         ebc = _load_ebc(directory, config["tables"], state, "model.embedding_bag_collection.")
         semantic = None
         if config.get("semantic_tables"):
             semantic = _load_ebc(directory, config["semantic_tables"], state, "semantic_table.embedding_bag_collection.")
         if not os.path.isfile(program_path):
             _raise_damaged(program_path, "file missing")
+        program_extra = {EXPORT_ID_KEY: ""}  # filled by load: "" when the program has none
         try:
-            program = torch.export.load(program_path).module()
+            program = torch.export.load(program_path, extra_files=program_extra).module()
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(program_path, "cannot be read as a torch.export program", error)
+        _check_same_export(config_path, config, program_path, program_extra[EXPORT_ID_KEY] or None)
         return cls(ebc, program, config, semantic)
 
     def _checked_dense(self, dense_features: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -353,3 +354,31 @@ def test_served_model_treats_raw_request_ids_as_the_reader_treated_training_ids(
     with torch.no_grad():  # ids past max_length are cut before they are checked, as the reader does
         expected = task.model(dense, kjt([1, 2, 3], [1, 2, 3], [[0, 1, 2], [], [4]])).logits
     assert torch.equal(served.logits(dense, kjt([1, 2, 3], [1, 2, 3], [[0, 1, 2, 400], [], [4]])), expected)
+
+
+def test_files_of_two_exports_copied_together_are_refused(tmp_path):
+    """Two exports of the same model kind share every shape: only the export id tells them apart."""
+    import shutil
+
+    example = make_batch(4, 100)
+    exports = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
+        exports.append(str(tmp_path / f"export{seed}"))
+        export_task(student, exports[-1], example.dense_features, example.sparse_features)
+    for name in ("model.safetensors", "dense_program.pt2"):
+        mixed = str(tmp_path / f"mixed_{name}")
+        shutil.copytree(exports[0], mixed)
+        shutil.copy(os.path.join(exports[1], name), os.path.join(mixed, name))
+        with pytest.raises(ValueError, match=rf"mixed_{re.escape(name)}/{re.escape(name)}: written by another export "
+                                             r"\(export_id \w+\) than .*config\.json \(\w+\); the artifact mixes"):
+            ServedModel.load(mixed, trust_program=True)
+    # an artifact from before export ids (config.json without one) loads as before
+    config_path = os.path.join(exports[1], "config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    del config["export_id"]
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    ServedModel.load(exports[1], trust_program=True).logits(example.dense_features, example.sparse_features)
