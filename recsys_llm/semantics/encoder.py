@@ -383,6 +383,26 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def require_native_model(model_path: str, config: Mapping[str, Any], trust_remote_code: bool) -> None:
+    """Raises when the model needs code from its own directory (``auto_map`` in ``config.json``
+    for a ``model_type`` this transformers does not have) and ``trust_remote_code`` is off.
+
+    Raises:
+        ValueError: naming ``config.json``, the model type and how to allow it.
+    """
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if trust_remote_code or "auto_map" not in config or model_type in CONFIG_MAPPING:
+        return
+    raise ValueError(
+        f"{os.path.join(model_path, 'config.json')}: model_type {model_type!r} is not in this transformers; the "
+        f"directory's own code would define it (auto_map: {sorted(config['auto_map'])}), and code from a model "
+        "directory runs only when asked: pass trust_remote_code=True (Python API) if you trust it, or use a "
+        "model type transformers has"
+    )
+
+
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs).
 
@@ -399,6 +419,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     config = read_model_config(model_path)
+    require_native_model(model_path, config, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_path, local_files_only=True, trust_remote_code=trust_remote_code
@@ -438,7 +459,7 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
     from safetensors import SafetensorError
     from transformers import AutoModel
 
-    read_model_config(model_path)
+    require_native_model(model_path, read_model_config(model_path), trust_remote_code)
     require_weight_files(model_path)
     try:
         model = AutoModel.from_pretrained(

