@@ -8,14 +8,15 @@ Example::
     # exports/student now holds the new files; a crash inside the block left the old ones
 
 Only an earlier directory of the same kind (one holding all ``marker_files``) is replaced:
-any other non-empty directory at that path is refused before anything is written.
+any other non-empty directory at that path is refused before anything is written. An output
+filled and resumed in place checks its directory with :func:`check_own_entries` instead.
 """
 
 import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -62,6 +63,37 @@ def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) ->
             f"{directory}: not empty and not an earlier {kind} (no {', '.join(marker_files)}): writing the "
             f"{kind} there would replace its {len(entries)} entries ({', '.join(sorted(entries)[:5])}"
             f"{', ...' if len(entries) > 5 else ''}); choose another output directory"
+        )
+
+
+def check_own_entries(directory: str, kind: str, is_own: Callable[[str], bool], own_files: str) -> None:
+    """Raises unless ``directory`` is absent, empty, or holds only entries a ``kind`` writes.
+
+    For outputs filled in place and resumed there (not swapped in whole, so
+    :func:`check_replaceable` does not fit): call it before any work.
+
+    Args:
+        directory (str): the output directory.
+        kind (str): what is written (for messages), e.g. "vector export".
+        is_own (Callable[[str], bool]): whether an entry name is one a ``kind`` writes (it
+            may raise itself for a file of the right name but not of the ``kind``).
+        own_files (str): the entries a ``kind`` holds (for messages).
+
+    Raises:
+        FileExistsError: ``directory`` is a file, or holds an entry of something else
+            (the first, by name, is named).
+    """
+    if not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
+        return
+    foreign = sorted(name for name in os.listdir(directory) if not is_own(name))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise FileExistsError(
+            f"{directory}: not empty and not an earlier {kind}: {foreign[0]!r}{more} is not one of its entries "
+            f"({own_files}); writing the {kind} there would mix it with other files; choose another (or an "
+            "empty) output directory"
         )
 
 

@@ -19,3 +19,61 @@ def test_a_chosen_progress_interval_is_kept(monkeypatch) -> None:
     with pytest.raises(SystemExit):
         main(["prepare", "synthetic", "--help"])
     assert os.environ[PROGRESS_INTERVAL_ENV] == "5"
+
+
+def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir) -> int:
+    """``teacher-outputs`` on a stand-in trained run whose model load fails with 'model loaded'."""
+    import torch
+
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+    from recsys_llm.train import teacher_outputs
+    from recsys_llm.train.distributed import DistContext
+    from recsys_llm.train.runner import TrainedRun
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3)],
+                           splits={"train": "train.parquet", "valid": "valid"}, root=str(data))
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    monkeypatch.setattr(teacher_outputs, "open_trained_run", lambda config, checkpoint: TrainedRun(checkpoint, ctx, schema))
+
+    def load_trained_model(config, run):
+        raise ValueError("model loaded")
+
+    monkeypatch.setattr(teacher_outputs, "load_trained_model", load_trained_model)
+    return main(["teacher-outputs", "--config", "configs/synthetic_deepfm.yaml", "--checkpoint", str(tmp_path / "run"),
+                 "--output-dir", str(output_dir)])
+
+
+def test_a_teacher_outputs_dir_of_other_files_is_refused_before_the_teacher_is_loaded(tmp_path, monkeypatch,
+                                                                                      capsys) -> None:
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine", encoding="utf-8")
+    (junk / "train.parquet").write_bytes(b"an earlier copy")
+    assert _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, junk) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"recsys-llm teacher-outputs: error: {junk}: not empty and not an earlier data set with teacher outputs: "
+        "'notes.txt' is not one of its entries (schema.json and the split copies ['train', 'valid']); writing the "
+        "data set with teacher outputs there would mix it with other files; choose another (or an empty) output "
+        "directory")
+    assert sorted(os.listdir(junk)) == ["notes.txt", "train.parquet"]
+    os.remove(junk / "notes.txt")  # an unfinished run of its own: resumed
+    (junk / "train.parquet.tmp").write_bytes(b"")  # a copy being written when it stopped
+    (junk / "valid").mkdir()  # a split of several files: a directory of copies
+    assert _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, junk) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "recsys-llm teacher-outputs: error: model loaded"
+
+
+def test_overrides_among_the_options_are_named_with_where_they_go(capsys) -> None:
+    argv = ["teacher-outputs", "--config", "c.yaml", "data.schema=x", "--checkpoint", "runs/x", "--output-dir", "o",
+            "elec.task=gain"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert ("unrecognized arguments: elec.task=gain (section.key=value overrides go after all options"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "c.yaml", "--bogus"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --bogus" in err and "overrides go after" not in err

@@ -72,7 +72,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if not sys.stderr.isatty():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
         os.environ.setdefault(PROGRESS_INTERVAL_ENV, "30")
-    args = build_parser().parse_args(argv)  # imports the sub-commands, and tqdm, which reads it once
+    parser = build_parser()  # imports the sub-commands, and tqdm, which reads the interval once
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hint = ""
+        if any("=" in item and not item.startswith("-") for item in unknown):
+            hint = " (section.key=value overrides go after all options, in one run at the end of the command)"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     quiet_upstream_notices()
     try:
         return int(args.func(args) or 0)

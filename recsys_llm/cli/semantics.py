@@ -3,7 +3,7 @@
 * ``tune``: SSFT (LoRA + InfoNCE field retrieval) on the schema's fields and values;
   writes ``<output-dir>/adapter``, ``checkpoint`` (resumable) and ``metrics.json``.
 * ``encode``: one vector per field from the tuned adapter or an untuned model, saved
-  with provenance (safetensors).
+  with provenance (safetensors); ``--output`` must be absent or an earlier field-vector file.
 
 Other engineers add sub-commands to the ``semantics`` group through a module
 ``recsys_llm/cli/semantics_export.py`` exposing ``register(group_subparsers)``:
@@ -85,7 +85,9 @@ def _tune(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
+    from recsys_llm.semantics.store import check_vector_output
 
+    check_vector_output(args.output)  # before any work: only its own earlier vector file is replaced
     config = FieldVectorConfig(
         model_path=args.model, adapter_dir=args.adapter, templates=_templates(args),
         override_templates=args.field_template is not None, pooling=args.pooling,
@@ -128,7 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     encode = commands.add_parser("encode", help="one vector per field (tuned or untuned model), with provenance")
     _common(encode)
     encode.add_argument("--adapter", default=None, help="SSFT adapter directory (<tune output-dir>/adapter)")
-    encode.add_argument("--output", required=True, help="field-vector file (.safetensors)")
+    encode.add_argument("--output", required=True,
+                        help="field-vector file (.safetensors): new, or an earlier one of encode (replaced)")
     encode.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
     encode.add_argument("--cache-dir", default=None, help="encoded-text cache directory (default: no cache)")
     encode.set_defaults(func=_encode)

@@ -95,11 +95,17 @@ def _export(args: argparse.Namespace) -> int:
     from recsys_llm.semantics.ctr_llm import load_ctr_llm
     from recsys_llm.semantics.encoder import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
-    from recsys_llm.semantics.vector_export import VectorExportConfig, export_schema_vectors, rank_and_world
+    from recsys_llm.semantics.vector_export import (
+        VectorExportConfig,
+        check_export_dir,
+        export_schema_vectors,
+        rank_and_world,
+    )
 
     schema = DatasetSchema.load(args.schema)
     splits: List[str] = args.splits or sorted(schema.splits)
     rank, world = rank_and_world()
+    check_export_dir(args.output_dir)  # before the LLM loads
     if args.attach_dir:
         _check_attach_dir(schema, args)
     # several ranks attach once all have written their chunks; a process group of the caller's

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from recsys_llm.atomic_dir import replace_directory
+from recsys_llm.atomic_dir import check_own_entries, replace_directory
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.encoder import (
     POOLINGS,
@@ -57,6 +57,10 @@ from recsys_llm.semantics.encoder import (
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 
 SSFT_INFO_FILE = "ssft.json"
+# what an SSFT output directory holds (with the temp and previous copies of its swaps)
+SSFT_OUTPUT_ENTRIES = frozenset(
+    name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
+) | {"metrics.json", "metrics.json.tmp"}
 
 # SSFTConfig numbers: field -> (integer, minimum, above, below, `semantics tune` option or "")
 _NUMBER_RULES: Dict[str, NumberRule] = {
@@ -226,7 +230,8 @@ class SSFTTrainer:
     Args:
         config (SSFTConfig): settings.
         schema (DatasetSchema): fields, descriptions and value texts.
-        output_dir (str): where ``adapter/``, ``checkpoint/`` and ``metrics.json`` go.
+        output_dir (str): where ``adapter/``, ``checkpoint/`` and ``metrics.json`` go: absent,
+            empty or an earlier SSFT output (resumed); anything else is refused before any work.
 
     Example::
 
@@ -234,6 +239,8 @@ class SSFTTrainer:
     """
 
     def __init__(self, config: SSFTConfig, schema: DatasetSchema, output_dir: str) -> None:
+        check_own_entries(output_dir, "SSFT output", SSFT_OUTPUT_ENTRIES.__contains__,
+                          "adapter/, checkpoint/ and metrics.json")  # before the model is loaded
         self._config = config
         self._schema = schema
         self._output_dir = output_dir

@@ -155,6 +155,35 @@ def save_vectors(path: str, vectors: torch.Tensor, keys: Sequence[str], provenan
             os.remove(tmp)
 
 
+def check_vector_output(path: str) -> None:
+    """Raises unless ``path`` may take a field-vector file: absent, or one written before by
+    :func:`save_vectors` for a schema (``semantics encode``'s own output, re-encoded).
+
+    Call it before encoding: :func:`save_vectors` replaces whatever is at ``path``.
+
+    Raises:
+        FileExistsError: ``path`` is a directory, or a file of something else (a config, a
+            foreign ``.safetensors``), which writing the vectors would destroy.
+    """
+    if os.path.isdir(path):
+        raise FileExistsError(f"{path}: is a directory; expected a .safetensors file path")
+    if not os.path.exists(path):
+        return
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        provenance = json.loads(metadata["provenance"])
+        ours = "keys" in metadata and bool(provenance.get("schema_fingerprint"))
+    except Exception:  # noqa: BLE001 - not safetensors, no or unreadable provenance: not ours
+        ours = False
+    if not ours:
+        raise FileExistsError(
+            f"{path}: exists and is not a field-vector file written by `recsys-llm semantics encode` (no vector "
+            "provenance in its metadata); writing the vectors there would replace it: choose another --output path, "
+            "or delete the file first"
+        )
+
+
 def _check_schema(path: str, provenance: VectorProvenance, schema: DatasetSchema) -> None:
     current = schema.fingerprint()
     if provenance.schema_fingerprint != current:

@@ -9,7 +9,8 @@ Layout of an export directory::
 Chunk ``i`` holds source rows ``[i * chunk_rows, (i + 1) * chunk_rows)``. A chunk file is
 written to a temporary name and renamed into place, so a file that exists is complete:
 a re-run (after a crash, a kill, a preemption) skips it and never recomputes it. Under
-``torchrun`` rank ``r`` of ``w`` takes the chunks ``i`` with ``i % w == r``.
+``torchrun`` rank ``r`` of ``w`` takes the chunks ``i`` with ``i % w == r``. The directory
+holds nothing else: one with other files is refused before any work (:func:`check_export_dir`).
 
 Two granularities: ``row`` (one vector per row, keyed by the schema's row key, as in the
 ELEC paper) and ``entity`` (one vector per user or item id, keyed by the id; every row
@@ -35,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,7 +46,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import chmod_as_created
+from recsys_llm.atomic_dir import check_own_entries, chmod_as_created
 from recsys_llm.data.parquet import parquet_files
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import first_non_finite_row
@@ -89,17 +91,35 @@ class VectorExportConfig:
             raise ValueError("VectorExportConfig.chunk_rows and batch_size must be positive")
 
 
-def check_provenance(found: Dict[str, str], expected: Dict[str, str], source: str) -> None:
+# keys ``CTRAdaptedLLM.provenance`` leaves out at these values (so exports written before the
+# setting existed keep their provenance): an absent key means its value here
+PROVENANCE_DEFAULTS = {"output": "representation", "llm_dtype": "float32"}
+# keys that follow from the others (the width from the model and its output): named after them
+DERIVED_PROVENANCE_KEYS = ("dim",)
+
+
+def check_provenance(found: Dict[str, str], expected: Dict[str, str], source: str, complete: bool = False) -> None:
     """Raises :class:`ProvenanceError` when an expected key is absent or differs.
 
     Args:
         found (Dict[str, str]): provenance stored with the vectors.
         expected (Dict[str, str]): what the caller needs (a subset of keys is allowed).
         source (str): file or directory named in the error.
+        complete (bool): ``expected`` is a whole provenance (a resumed export's): keys only
+            ``found`` has differ too.
+
+    The error names the differing settings first and what follows from them (``dim``) last.
     """
-    diffs = [f"{k}: stored {found.get(k)!r}, expected {v!r}" for k, v in expected.items() if str(found.get(k)) != str(v)]
-    if diffs:
-        raise ProvenanceError(f"{source}: vectors do not match the expected provenance ({'; '.join(diffs)})")
+    keys = list(expected) + ([k for k in found if k not in expected] if complete else [])
+
+    def value(provenance: Dict[str, str], key: str) -> Optional[str]:
+        return provenance.get(key, PROVENANCE_DEFAULTS.get(key))
+
+    differing = sorted((k for k in keys if str(value(found, k)) != str(value(expected, k))),
+                       key=lambda k: k in DERIVED_PROVENANCE_KEYS)  # stable: the settings first
+    if differing:
+        diffs = "; ".join(f"{k}: stored {value(found, k)!r}, expected {value(expected, k)!r}" for k in differing)
+        raise ProvenanceError(f"{source}: vectors do not match the expected provenance ({diffs})")
 
 
 def rank_and_world() -> Tuple[int, int]:
@@ -160,6 +180,28 @@ def chunk_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"chunk-{index:05d}.parquet")
 
 
+# what an export directory holds: the manifest, the chunks, and the temp files of both
+_EXPORT_ENTRY = re.compile(r"(manifest\.json|chunk-\d{5,}\.parquet)(\.\d+\.tmp)?")
+
+
+def check_export_dir(directory: str) -> None:
+    """Raises unless ``directory`` is absent, empty or an earlier export (resumed there).
+
+    Call it before any work: an export is written into ``directory`` next to what is
+    there, so a directory holding anything else is refused.
+
+    Raises:
+        FileExistsError: ``directory`` holds an entry an export does not write (named).
+        ValueError: its ``manifest.json`` is not an export manifest (damaged, or another
+            program's).
+    """
+    check_own_entries(directory, "vector export", lambda name: _EXPORT_ENTRY.fullmatch(name) is not None,
+                      f"{MANIFEST}, chunk-NNNNN.parquet files")
+    manifest = os.path.join(directory, MANIFEST)
+    if os.path.exists(manifest):
+        _load_manifest(manifest)
+
+
 class VectorExport:
     """Writes ``encode_fn(texts)`` for every key in resumable chunks.
 
@@ -199,7 +241,13 @@ class VectorExport:
         path = os.path.join(self._directory, MANIFEST)
         if os.path.exists(path):
             existing = _load_manifest(path)
-            check_provenance(existing["provenance"], self._provenance, path)
+            try:
+                check_provenance(existing["provenance"], self._provenance, path, complete=True)
+            except ProvenanceError as error:
+                raise ProvenanceError(
+                    f"{error}: it was exported with other settings than this run's; re-run with them to resume "
+                    "it, or use another --output-dir"
+                ) from error
             settings = ("chunk_rows", "num_rows", "key_column", "vector_column")
             differs = [k for k in settings if existing[k] != manifest[k]]
             if differs:
@@ -296,6 +344,7 @@ class VectorExport:
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()
         _require_unique_keys(keys.to_numpy(zero_copy_only=False), f"{self._directory}: the keys to export")
+        check_export_dir(self._directory)
         os.makedirs(self._directory, exist_ok=True)
         self._write_manifest(len(keys))
         pending = self.pending_chunks(len(keys), rank, world_size)
@@ -370,7 +419,14 @@ def _load_manifest(path: str) -> Dict[str, object]:
         raise ValueError(
             f"{path}: damaged export manifest, not valid JSON ({error}); re-run the export into an empty --output-dir"
         ) from error
-    missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(MANIFEST_KEYS)
+    if not isinstance(manifest, dict) or not set(MANIFEST_KEYS) & set(manifest):
+        found = f"keys {sorted(manifest)}" if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        raise ValueError(
+            f"{path}: not a vector export manifest (written by `recsys-llm semantics export`): expected a JSON "
+            f"object with {list(MANIFEST_KEYS)}, found {found}; {os.path.dirname(path) or '.'} holds something else "
+            "than a vector export"
+        )
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise ValueError(
             f"{path}: damaged export manifest, expected a JSON object with {list(MANIFEST_KEYS)}, lacks {missing}; "
@@ -654,6 +710,32 @@ def attach_vectors(
 GRANULARITIES = ("row", "entity")
 
 
+def read_splits(schema: DatasetSchema, splits: Sequence[str], columns: Sequence[str]) -> pa.Table:
+    """``columns`` of ``splits``, one after the other, as one table.
+
+    Splits written by different tools may differ in nullability only (pandas re-saves a
+    ``not null`` column as nullable): every column is read as nullable then.
+
+    Raises:
+        ValueError: a column has another type in one split than in the first, naming both
+            split files, the column and both types.
+    """
+    paths = [schema.split_path(s) for s in splits]
+    tables = [pq.read_table(path, columns=list(columns), memory_map=True) for path in paths]
+    if not tables:
+        raise ValueError(f"schema {schema.name!r}: no split to read (splits {sorted(schema.splits)})")
+    first = tables[0].schema
+    for path, table in zip(paths[1:], tables[1:]):
+        for field, want in zip(table.schema, first.types):  # the same columns, in the same order
+            if not field.type.equals(want):
+                raise ValueError(
+                    f"{path}: column {field.name!r} is {field.type}, but {paths[0]} has it as {want}; every split "
+                    f"must store a column with one type (write it as {want})"
+                )
+    nullable = pa.schema([field.with_nullable(True) for field in first])
+    return pa.concat_tables([table.cast(nullable) for table in tables])
+
+
 def export_schema_vectors(
     schema: DatasetSchema,
     splits: Sequence[str],
@@ -693,13 +775,14 @@ def export_schema_vectors(
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    check_export_dir(directory)  # before the splits are read
     provenance = dict(provenance, granularity=granularity, template=renderer.config.fingerprint(),
                       schema=schema.fingerprint())
     if granularity == "row":
         if schema.row_key is None:
             raise ValueError(f"schema {schema.name!r} has no row_key; per-row vectors need one")
         columns = [schema.row_key, *renderer.field_names]
-        table = pa.concat_tables([pq.read_table(schema.split_path(s), columns=columns, memory_map=True) for s in splits])
+        table = read_splits(schema, splits, columns)
         keys = table.column(schema.row_key)
 
         def texts(start: int, stop: int) -> List[str]:
@@ -719,7 +802,7 @@ def export_schema_vectors(
                     f"{schema.split_path(split)}: no column(s) {missing} for the entity field / entity text "
                     f"fields; its columns are {available}"
                 )
-        table = pa.concat_tables([pq.read_table(schema.split_path(s), columns=columns, memory_map=True) for s in splits])
+        table = read_splits(schema, splits, columns)
         entities = renderer.entity_text(table, entity_field, entity_fields)
         keys = entities.column("id")
         text_column = entities.column("text")

@@ -14,7 +14,9 @@ The teacher runs sharded, as it was trained: every rank loads its shards of the 
 and runs the teacher over its contiguous range of each file's rows (ranks with one batch
 fewer repeat one: ``ParquetBatchReader.padded``); rank 0 gathers the outputs,
 checks the row count (and the row keys when the schema has one) and writes the file
-atomically. No table is ever gathered whole. Existing finished files are never rewritten.
+atomically. No table is ever gathered whole. Existing finished files are never rewritten, so
+a run resumes an earlier unfinished one in the same ``--output-dir``; a directory holding
+anything else is refused before the teacher is loaded.
 """
 
 import os
@@ -29,6 +31,7 @@ from torch import nn
 from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
+from recsys_llm.atomic_dir import check_own_entries
 from recsys_llm.data.parquet import ROW_ID_EXTRA, ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
@@ -38,6 +41,21 @@ from recsys_llm.train.runner import load_trained_model, open_trained_run, plugin
 
 LOGITS_COLUMN = "teacher_logits"
 REPRESENTATION_COLUMN = "teacher_representation"
+SCHEMA_FILE = "schema.json"
+
+
+def check_output_dir(output_dir: str, schema: DatasetSchema) -> None:
+    """Raises unless ``output_dir`` is absent, empty or holds only teacher outputs of ``schema``'s
+    splits (``<split>.parquet`` or ``<split>/``, their temp files, ``schema.json``): an unfinished
+    run there is resumed, anything else is not written next to.
+
+    Raises:
+        FileExistsError: naming the directory and its first other entry.
+    """
+    own = {SCHEMA_FILE} | {name for split in schema.splits for name in (split, f"{split}.parquet")}
+    own |= {f"{name}.tmp" for name in own}
+    check_own_entries(output_dir, "data set with teacher outputs", own.__contains__,
+                      f"{SCHEMA_FILE} and the split copies {sorted(schema.splits)}")
 
 
 def teacher_of(task: nn.Module) -> nn.Module:
@@ -170,6 +188,7 @@ def write_teacher_outputs(
     if os.path.realpath(output_dir) == os.path.realpath(schema.root):
         raise ValueError(f"teacher outputs: --output-dir {output_dir} is the input data's own directory; "
                          "the copies with teacher columns need another directory")
+    check_output_dir(output_dir, schema)  # before the teacher is loaded
     model = load_trained_model(config, run)
     model.eval()
     teacher = teacher_of(model)
@@ -205,7 +224,7 @@ def write_teacher_outputs(
             raise error
         if failure[0] is not None:
             raise RuntimeError(f"teacher outputs: rank 0 failed to write {targets[source]}: {failure[0]}")
-    report: Dict[str, Any] = {"schema": os.path.join(output_dir, "schema.json"), "files": list(targets.values())}
+    report: Dict[str, Any] = {"schema": os.path.join(output_dir, SCHEMA_FILE), "files": list(targets.values())}
     if ctx.is_main:
         width = pq.ParquetFile(report["files"][0]).schema_arrow.field(REPRESENTATION_COLUMN).type.list_size
         report["representation_dim"] = int(width)

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from recsys_llm.cli import main
 
@@ -100,6 +101,71 @@ def test_a_model_directory_that_is_not_a_whole_model_is_named(tmp_path, tiny_sch
     assert code == 2
     assert _error_line(capsys).startswith(f"recsys-llm semantics: error: {expected}")
     assert not os.path.exists(tmp_path / "f.safetensors")
+
+
+@pytest.mark.parametrize("case", ["yaml", "foreign_safetensors", "directory"])
+def test_an_encode_output_of_something_else_is_refused_before_encoding(tmp_path, tiny_schema, tiny_bert_dir, case,
+                                                                        capsys, monkeypatch) -> None:
+    from safetensors.torch import save_file
+
+    from recsys_llm.semantics import field_vectors
+
+    output = tmp_path / ("keep" if case == "directory" else "keep.txt")
+    if case == "yaml":
+        output.write_text("train:\n  epochs: 3\n", encoding="utf-8")
+        expected = "exists and is not a field-vector file written by `recsys-llm semantics encode`"
+    elif case == "foreign_safetensors":
+        save_file({"weight": torch.ones(2, 3)}, str(output), metadata={"format": "pt"})
+        expected = "exists and is not a field-vector file written by `recsys-llm semantics encode`"
+    else:
+        output.mkdir()
+        (output / "notes.txt").write_text("mine", encoding="utf-8")
+        expected = "is a directory; expected a .safetensors file path"
+    before = {p: p.read_bytes() for p in [output, *output.glob("*")] if p.is_file()}
+    monkeypatch.setattr(field_vectors, "build_field_encoder", _no_work)
+    code = main(["semantics", "encode", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
+                 "--output", str(output)])
+    assert code == 2
+    assert _error_line(capsys) == f"recsys-llm semantics: error: {output}: {expected}" + (
+        "" if case == "directory" else " (no vector provenance in its metadata); writing the vectors there would "
+                                       "replace it: choose another --output path, or delete the file first")
+    assert {p: p.read_bytes() for p in [output, *output.glob("*")] if p.is_file()} == before
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output was checked")
+
+
+def test_encode_replaces_its_own_earlier_vector_file(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
+    from recsys_llm.semantics.store import load_vectors
+
+    output = str(tmp_path / "fields.safetensors")
+    args = ["semantics", "encode", "--schema", tiny_schema.root, "--model", tiny_bert_dir, "--output", output]
+    assert main(args) == 0
+    first = load_vectors(output, schema=tiny_schema).provenance.created_at
+    assert main(args + ["--pooling", "cls"]) == 0  # re-encoding with other settings replaces it
+    stored = load_vectors(output, schema=tiny_schema)
+    assert stored.provenance.pooling == "cls" and stored.provenance.created_at >= first
+
+
+def test_a_tune_output_dir_of_other_files_is_refused_before_any_work(tmp_path, tiny_schema, tiny_bert_dir, capsys,
+                                                                     monkeypatch) -> None:
+    from recsys_llm.semantics import ssft
+
+    work = tmp_path / "mf"
+    work.mkdir()
+    (work / "metrics.json").write_text("{}", encoding="utf-8")  # a name SSFT writes too: not what is named
+    (work / "notes.txt").write_text("mine", encoding="utf-8")
+    monkeypatch.setattr(ssft, "load_model", _no_work)
+    code = main(["semantics", "tune", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
+                 "--output-dir", str(work), "--epochs", "1"])
+    assert code == 2
+    assert _error_line(capsys) == (
+        f"recsys-llm semantics: error: {work}: not empty and not an earlier SSFT output: 'notes.txt' is not one of "
+        "its entries (adapter/, checkpoint/ and metrics.json); writing the SSFT output there would mix it with "
+        "other files; choose another (or an empty) output directory")
+    assert sorted(os.listdir(work)) == ["metrics.json", "notes.txt"]
+    assert (work / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
 def _help(command: str, capsys) -> str:

@@ -509,3 +509,81 @@ def test_first_non_finite_row_of_both_storage_dtypes(dtype):
     assert (row, count) == (1, 1) and math.isnan(value)
     assert first_non_finite_row(values[:, 0]) == (2, 2, math.inf)
     assert first_non_finite_row(values[[0, 4]]) is None
+
+
+def _two_splits(tmp_path, test_row_id: pa.Array) -> DatasetSchema:
+    """``make_schema`` with a train split and a test split whose ``row_id`` is ``test_row_id``."""
+    schema = make_schema(str(tmp_path))
+    for split, row_id in (("train", pa.array([10, 11], pa.int64())), ("test", test_row_id)):
+        pq.write_table(pa.table({
+            "row_id": row_id,
+            "user_id": pa.array([0, 2], pa.int64()),
+            "item_id": pa.array([3, 1], pa.int64()),
+            "genres": pa.array([[0, 1], [2]], pa.list_(pa.int64())),
+            "age": pa.array([1.0, 2.0], pa.float32()),
+            "label": pa.array([1, 0], pa.int64()),
+        }), str(tmp_path / f"{split}.parquet"))
+    schema.splits = {"train": "train.parquet", "test": "test.parquet"}
+    return schema
+
+
+def test_splits_that_differ_in_nullability_only_export_and_a_type_difference_is_named(tmp_path):
+    """A split re-saved by pandas has a nullable ``row_id`` where the other has ``not null``."""
+    schema = _two_splits(tmp_path, pa.array([20, 21], pa.int64()))
+    test = pq.read_table(str(tmp_path / "test.parquet"))
+    strict = pa.schema([f.with_nullable(f.name != "row_id") for f in test.schema])
+    pq.write_table(test.cast(strict), str(tmp_path / "test.parquet"))
+    assert not pq.read_schema(str(tmp_path / "test.parquet")).field("row_id").nullable
+    renderer, config = RowTextRenderer(schema), VectorExportConfig(chunk_rows=3)
+    for splits in (["train", "test"], ["test", "train"]):
+        out = str(tmp_path / f"rows-{splits[0]}")
+        export_schema_vectors(schema, splits, renderer, CountingEncoder(), out, PROVENANCE, config, progress=False)
+        assert sorted(read_vectors(out)[0]) == [10, 11, 20, 21]
+    _two_splits(tmp_path, pa.array([20, 21], pa.int32()))
+    with pytest.raises(ValueError, match=r"test\.parquet: column 'row_id' is int32, but .*train\.parquet has it as "
+                                         r"int64; every split must store a column with one type"):
+        export_schema_vectors(schema, ["train", "test"], renderer, CountingEncoder(), str(tmp_path / "rows"),
+                              PROVENANCE, config, progress=False)
+
+
+def test_an_output_dir_of_other_files_is_refused_before_any_work_and_left_as_it_was(tmp_path):
+    schema = _two_splits(tmp_path, pa.array([20, 21], pa.int64()))
+    renderer, config = RowTextRenderer(schema), VectorExportConfig(chunk_rows=3)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine", encoding="utf-8")
+    encoder = CountingEncoder()
+    with pytest.raises(FileExistsError, match=r"junk: not empty and not an earlier vector export: 'notes\.txt' is "
+                                              r"not one of its entries \(manifest\.json, chunk-NNNNN\.parquet"):
+        export_schema_vectors(schema, ["train"], renderer, encoder, str(junk), PROVENANCE, config, progress=False)
+    os.remove(junk / "notes.txt")
+    with open(junk / "manifest.json", "w", encoding="utf-8") as handle:
+        json.dump({"name": "my-app", "version": 3}, handle)  # another program's manifest
+    with pytest.raises(ValueError, match=r"junk/manifest\.json: not a vector export manifest .* found keys "
+                                         r"\['name', 'version'\]; .*junk holds something else than a vector export"):
+        export_schema_vectors(schema, ["train"], renderer, encoder, str(junk), PROVENANCE, config, progress=False)
+    keys, texts = _keys_texts(4)
+    with pytest.raises(ValueError, match="not a vector export manifest"):  # the class itself checks too
+        VectorExport(str(junk), PROVENANCE, config).run(keys, texts, encoder, progress=False)
+    assert encoder.calls == 0 and os.listdir(junk) == ["manifest.json"]
+    assert json.load(open(junk / "manifest.json", encoding="utf-8")) == {"name": "my-app", "version": 3}
+    out = str(tmp_path / "rows")  # its own export is resumed
+    export_schema_vectors(schema, ["train"], renderer, encoder, out, PROVENANCE, config, progress=False)
+    os.remove(chunk_path(out, 0))
+    assert export_schema_vectors(schema, ["train"], renderer, encoder, out, PROVENANCE, config, progress=False) == [0]
+
+
+def test_a_resume_with_another_output_names_it_before_the_width(tmp_path):
+    """``--output pooled`` records output and its width; ``representation`` (the default) leaves it out."""
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(4)
+    pooled = dict(PROVENANCE, dim="384", output="pooled")
+    VectorExport(out, pooled, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
+    message = (r"vec/manifest\.json: vectors do not match the expected provenance \(output: stored 'pooled', "
+               r"expected 'representation'; dim: stored '384', expected '128'\): it was exported with other settings")
+    with pytest.raises(ProvenanceError, match=message):
+        VectorExport(out, dict(PROVENANCE, dim="128"), VectorExportConfig(chunk_rows=2)).run(
+            keys, texts, CountingEncoder(), progress=False)
+    read_vectors(out, expected={"output": "pooled"})
+    with pytest.raises(ProvenanceError, match=r"output: stored 'pooled', expected 'representation'"):
+        read_vectors(out, expected={"output": "representation"})
