@@ -130,7 +130,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tabular.add_argument("--input", required=True, help="CSV with header, Parquet file or directory")
     tabular.add_argument("--schema", required=True, help="schema file naming fields, label, row key, extras")
     tabular.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="train,valid,test shares")
-    tabular.add_argument("--split-by", default=None, help="column for a time-ordered split (default: random)")
+    tabular.add_argument("--split-by", default=None,
+                         help="column for a time-ordered split, holding numbers or ISO-8601 dates/timestamps "
+                              "(default: random)")
     tabular.add_argument("--seed", type=_integer(0), default=0, help="seed of the random split")
     tabular.add_argument("--label-threshold", type=_number(), default=None, help="label = value > threshold")
     tabular.add_argument("--fill-missing-dense", type=_number(), default=None,

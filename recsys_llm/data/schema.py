@@ -30,10 +30,11 @@ import hashlib
 import json
 import numbers
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 
 def schema_file(path: str) -> str:
@@ -345,21 +346,79 @@ class DatasetSchema:
         return cls.from_dict(load_raw(path), root=os.path.dirname(os.path.abspath(path)), source=path)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key written twice in one YAML mapping."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping, where PyYAML silently keeps
+    the last value (``data: {batch_size: 512, batch_size: 1024}`` would train with 1024).
+
+    Use as ``yaml.load(text, Loader=UniqueKeyLoader)``; raises :class:`DuplicateKeyError` naming
+    the dotted key path (``data.batch_size``, ``fields[0].cardinality``) and both lines. A merge
+    key (``<<: *defaults``) may still be overridden: that is what it is for.
+    """
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._check_unique_keys(node, "", set())
+        return self.construct_document(node)
+
+    def _check_unique_keys(self, node: yaml.Node, where: str, visited: Set[int]) -> None:
+        if id(node) in visited:  # an alias met again (or a recursive one)
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_unique_keys(item, f"{where}[{i}]", visited)
+        elif isinstance(node, yaml.MappingNode):
+            lines: Dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                path = where  # a merge key's mapping is merged into this one
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    path = f"{where}.{key}" if where else str(key)
+                    line = key_node.start_mark.line + 1
+                    if key in lines:
+                        raise DuplicateKeyError(
+                            f"key {path!r} is written twice, on line {lines[key]} and line {line}; expected each key "
+                            "once in a mapping (YAML would silently keep the last value)"
+                        )
+                    lines[key] = line
+                self._check_unique_keys(value_node, path, visited)
+
+
+def _unique_json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: a mapping, refusing a key written twice (JSON keeps the last)."""
+    seen: Set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} is written twice in one object; expected each key once "
+                             "(JSON would silently keep the last value)")
+        seen.add(key)
+    return dict(pairs)
+
+
 def load_raw(path: str) -> Any:
     """The parsed content of a schema file (JSON, or YAML for ``.yaml``/``.yml``), not yet checked.
 
     Raises:
-        SchemaError: a missing file or one that does not parse, naming the file.
+        SchemaError: a missing file, one that is not UTF-8 text or does not parse, or a key written
+            twice in one mapping, naming the file.
     """
     if not os.path.exists(path):
         raise SchemaError(f"{path}: schema file not found")
-    with open(path, encoding="utf-8-sig") as handle:
-        text = handle.read()
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise SchemaError(f"{path}: byte 0x{error.object[error.start:error.start + 1].hex()} at offset {error.start} "
+                          "is not UTF-8; expected a UTF-8 text file (save the schema as UTF-8)") from error
     try:
         if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            return yaml.safe_load(text)
-        return json.loads(text)
-    except Exception as error:  # json.JSONDecodeError / yaml.YAMLError
+            return yaml.load(text, Loader=UniqueKeyLoader)
+        return json.loads(text, object_pairs_hook=_unique_json_object)
+    except Exception as error:  # json.JSONDecodeError / yaml.YAMLError / a repeated key
         raise SchemaError(f"{path}: not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: {error}") from error

@@ -39,7 +39,10 @@ Errors name CSV rows as ``data row R (line L if no blank line or multi-line cell
 blank lines, and a quoted cell may span lines: either shifts ``L``).
 
 Splits are random (seeded, stable per row) or time-ordered by ``split_by`` (rows
-ranked by that column, ties in file order; rows keep file order inside a split).
+ranked by that column, ties in file order; rows keep file order inside a split). The split
+column holds one sortable type: numbers, or ISO-8601 dates/timestamps (all with or all without
+a zone offset); a text column of them is parsed, other text is an error naming the first such
+cell, as text order is no time order (``"10" < "100" < "20"``, ``"12/31/2023" > "01/05/2024"``).
 Reading is streamed in blocks; only the split column, the row keys (checked for repeats)
 and the vocabularies are held in memory. The output is written whole or not at all (a failed run keeps an earlier one).
 """
@@ -47,6 +50,7 @@ and the vocabularies are held in memory. The output is written whole or not at a
 import csv
 import dataclasses
 import os
+import re
 import shutil
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
@@ -77,6 +81,16 @@ from recsys_llm.data.validation import (
 _INTEGER = r"^\s*-?\d+\s*$"
 # how to accept missing or non-finite dense values, from the command line and from Python
 _FILL_HINT = "or pass --fill-missing-dense VALUE, TabularConfig.fill_missing_dense in Python, to replace missing and NaN/inf"
+# what a split column must hold (see _sort_keys)
+_SPLIT_TYPES = ("one sortable type in every row of the split column (--split-by): numbers, or ISO-8601 dates/"
+                "timestamps such as 2024-01-05 or 2024-01-05T10:00:00 (all with or all without a zone offset "
+                "such as Z or +02:00); other text is refused as its order is no time order ('10' < '100' < '20')")
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+_ISO_TIME = r"^\s*\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)?\s*$"
+_ZONE = r"\d{2}:\d{2}(:\d{2}(\.\d+)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)\s*$"  # a time with a zone offset
+# pyarrow's message for a cell its CSV reader cannot convert to the column's type (Row # counts the header as 1)
+_CONVERSION = re.compile(r"In CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to (.+?): invalid value '(.*)'$",
+                         re.DOTALL)
 # pyarrow's CSV missing-value markers: in a column of integer ids they mean missing (id 0)
 NULL_MARKERS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
                           "<NA>", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"})
@@ -87,7 +101,8 @@ class TabularConfig:
     """Options of the tabular conversion.
 
     Args:
-        split_by (Optional[str]): column for a time-ordered split; None: random split.
+        split_by (Optional[str]): column for a time-ordered split, holding numbers or ISO-8601
+            dates/timestamps (text of them is parsed; other text is an error); None: random split.
         split_fractions (Tuple[float, float, float]): train/valid/test shares.
         seed (int): seed of the random split.
         label_threshold (Optional[float]): label = (value > threshold) instead of requiring 0/1.
@@ -191,7 +206,33 @@ def _blocks(
         for batch in reader:
             yield _missing_as_null(batch, config.missing_tokens)
     except pa.ArrowInvalid as error:
-        raise DataError(bad[0] if bad else f"{path}: cannot parse as CSV with the schema's column types: {error}") from error
+        raise DataError(bad[0] if bad else _conversion_error(path, schema, config, str(error))) from error
+
+
+def _conversion_error(path: str, schema: DatasetSchema, config: TabularConfig, message: str) -> str:
+    """pyarrow's ``In CSV column #4: Row #9: CSV conversion error to double: invalid value 'abc'``
+    worded as this module's messages: the column by name, the data row (pyarrow counts the header as
+    row 1) and what was expected; any other message of the CSV reader as it is."""
+    match = _CONVERSION.search(message)
+    if match is None:
+        return f"{path}: cannot parse as CSV with the schema's column types: {message}"
+    index, number, type_name, value = match.groups()
+    header = _csv_columns(path, config.delimiter)
+    column = header[int(index)] if int(index) < len(header) else f"#{index}"
+    where = f"{path}: column {column!r}" + (f", {describe_row(int(number) - 2, _first_line(path))}" if number else "")
+    kind = ("a number" if type_name in ("double", "float") else "an integer" if "int" in type_name
+            else "a timestamp" if type_name.startswith("timestamp") else "a date" if type_name.startswith("date")
+            else f"a {type_name}")
+    if column == config.split_by:
+        return f"{where}: {value!r} is not {kind} like the column's first rows; expected {_SPLIT_TYPES}"
+    if column in schema.dense_feature_names:
+        return (f"{where}: {value!r} is not a number; expected a number in every row of dense field {column!r} "
+                "(a missing value is an empty cell or NA, which --fill-missing-dense replaces)")
+    if column == schema.label:
+        return (f"{where}: {value!r} is not a number; expected a 0/1 label (or a number to binarise with "
+                "--label-threshold)")
+    return (f"{where}: {value!r} is not {kind} like the column's first rows; expected one type per column "
+            f"(the CSV reader took {type_name} from the first rows)")
 
 
 def _null_where_in(strings: pa.Array, tokens: pa.Array) -> pa.Array:
@@ -383,13 +424,58 @@ def _uniform(rows: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def _sort_keys(values: pa.ChunkedArray, path: str, column: str) -> pa.ChunkedArray:
+    """The split column as values to rank rows by: numbers and timestamps as they are; a text column
+    (a CSV column with a cell pyarrow could not type, a sparse field's, a Parquet string column)
+    parsed as integers, numbers or ISO-8601 timestamps (parsed, not compared as text: ``T`` and
+    space separators, dates and times, zone offsets then order correctly).
+
+    Raises:
+        DataError: text that is not all of one such type, naming the first cell that is not of the
+            type most of the column's cells have; ranking it as text would mix future rows into
+            the training split (``"10" < "100" < "20"``).
+    """
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return values
+    text = pc.utf8_trim_whitespace(values)
+    targets = (pa.int64(), pa.float64(), pa.timestamp("us"), pa.timestamp("us", "UTC"))
+    for target in targets:
+        try:
+            return pc.cast(text, target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    times = pc.match_substring_regex(text, _ISO_TIME)
+    zoned = pc.and_(times, pc.match_substring_regex(text, _ZONE))
+    kinds = [  # (cells of the kind, their type, the kind in words)
+        (pc.sum(pc.match_substring_regex(text, _NUMBER)).as_py(), targets[1], "a number"),
+        (pc.sum(times).as_py() - pc.sum(zoned).as_py(), targets[2], "an ISO-8601 date/timestamp without a zone offset"),
+        (pc.sum(zoned).as_py(), targets[3], "an ISO-8601 timestamp with a zone offset"),
+    ]
+    count, target, kind = max(kinds, key=lambda k: k[0])  # the first of equals
+    if not count:
+        raise DataError(f"{path}: column {column!r}, {describe_row(0, _first_line(path))}: {values[0].as_py()!r} is "
+                        f"neither a number nor an ISO-8601 date/timestamp, nor is any other cell; expected {_SPLIT_TYPES}")
+    low, high = 0, len(text)  # the first cell not of that kind ends the shortest prefix that does not parse
+    while high - low > 1:
+        middle = (low + high) // 2
+        try:
+            pc.cast(text.slice(0, middle), target)
+            low = middle
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            high = middle
+    row = high - 1
+    raise DataError(f"{path}: column {column!r}, {describe_row(row, _first_line(path))}: {values[row].as_py()!r} is "
+                    f"not {kind} as {count} of the column's {len(text)} values are; expected {_SPLIT_TYPES}")
+
+
 def _split_of_rows(total: int, split_values: Optional[pa.ChunkedArray], config: TabularConfig, path: str) -> Optional[np.ndarray]:
-    """(total,) int8 split index per row for a time-ordered split (None for a random split)."""
+    """(total,) int8 split index per row for a time-ordered split (None for a random split);
+    rows ranked by the split column's numbers or timestamps (see :func:`_sort_keys`)."""
     if split_values is None:
         return None
     if split_values.null_count:
         raise DataError(f"{path}: split column {config.split_by!r} has {split_values.null_count} missing values; expected a value per row")
-    order = pc.sort_indices(split_values).to_numpy()  # stable: ties keep file order
+    order = pc.sort_indices(_sort_keys(split_values, path, config.split_by)).to_numpy()  # stable: ties keep file order
     bounds = np.cumsum(config.split_fractions) / sum(config.split_fractions) * total
     split = np.zeros(total, dtype=np.int8)
     split[order] = np.searchsorted(np.floor(bounds[:-1]).astype(np.int64), np.arange(total), side="right").astype(np.int8)
@@ -422,8 +508,9 @@ def prepare_tabular(
         DatasetSchema: the written schema.
 
     Raises:
-        SchemaError: a bad schema file. DataError: data that does not fit the schema, naming
-            the file, the column and what was expected, or a split left without rows.
+        SchemaError: a bad schema file, or one without a sparse or sequence field. DataError: data
+            that does not fit the schema, naming the file, the column and what was expected, or a
+            split left without rows.
             FileExistsError: ``out_dir`` holds other files. ValueError: ``out_dir`` holds an input.
 
     Example::
@@ -434,6 +521,10 @@ def prepare_tabular(
     path = schema_file(schema_path)
     raw = load_raw(path)
     user_schema = DatasetSchema.from_dict(raw, root=os.path.dirname(os.path.abspath(path)), source=path)
+    if not user_schema.categorical_fields:  # else only train would find it: every model embeds categorical fields
+        what = "fields is empty" if not user_schema.fields else f"fields {user_schema.dense_feature_names} are all dense"
+        raise SchemaError(f"{path}: {what}; expected at least one sparse or sequence field (the models embed them; "
+                          "dense fields are optional)")
     # a row key the schema names must be in the data; only an unnamed one is generated (as row_id)
     row_key_named = isinstance(raw, dict) and raw.get("row_key") is not None
     if user_schema.row_key and user_schema.row_key in [f.name for f in user_schema.fields] + [user_schema.label]:

@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.validation import check_number
 from recsys_llm.models.base import CTRBackbone
 from recsys_llm.models.dcnv2 import DCNv2, DCNv2Config
 from recsys_llm.models.deepfm import DeepFM, DeepFMConfig
@@ -71,6 +72,11 @@ class ModelConfig:
         for key in ("mlp_layer_sizes", "mlp2_layer_sizes", "finalmlp_gate_hidden", "dense_arch_hidden",
                     "finalmlp_context1", "finalmlp_context2"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
+        # checked here, naming the config key, rather than when a model is built from them
+        for key in ("mlp_layer_sizes", "mlp2_layer_sizes", "finalmlp_gate_hidden", "dense_arch_hidden"):
+            for i, size in enumerate(getattr(self, key)):
+                check_number(f"model.{key}[{i}]", size, integer=True, minimum=1)
+        check_number("model.dropout", self.dropout, minimum=0, below=1)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "ModelConfig":

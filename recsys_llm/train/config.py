@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
 import yaml
 
-from recsys_llm.data.schema import schema_file
+from recsys_llm.data.schema import UniqueKeyLoader, schema_file
 from recsys_llm.models.registry import ModelConfig
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig
 
@@ -267,7 +267,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
         if not all(parts):
             raise ConfigError(f"override {override!r}: empty key component")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else ""
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: value is not valid YAML: {error}") from error
         node = raw
@@ -297,18 +297,25 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
     working directory (the repository root for the configs in ``configs/``).
 
     Raises:
-        ConfigError: missing file, invalid YAML, unknown keys or wrongly typed values.
+        ConfigError: missing file, a file that is not UTF-8 text, invalid YAML, a key written twice
+            in one mapping, unknown keys or wrongly typed values.
     """
     raw: Dict[str, Any] = {}
     source = path or "<defaults>"
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
-        with open(path, encoding="utf-8") as handle:
-            try:
-                raw = yaml.safe_load(handle) or {}
-            except yaml.YAMLError as error:
-                raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: byte 0x{error.object[error.start:error.start + 1].hex()} at offset "
+                              f"{error.start} is not UTF-8; expected a UTF-8 text file (save the config as "
+                              "UTF-8)") from error
+        try:
+            raw = yaml.load(text, Loader=UniqueKeyLoader) or {}  # a key written twice is an error, not last-wins
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     from_file = copy.deepcopy(raw)

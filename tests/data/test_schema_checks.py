@@ -122,3 +122,25 @@ def test_a_missing_or_damaged_value_text_file_is_named_with_its_field(tmp_path) 
     (tmp_path / "text" / "genre.parquet").write_bytes(b"not parquet")
     with pytest.raises(SchemaError, match="value-text file of field 'genre' is not a readable Parquet file"):
         schema.load_value_text("genre")
+
+
+class TestFileContent:
+    def test_a_yaml_key_written_twice_is_refused_naming_its_path_and_both_lines(self, tmp_path):
+        path = tmp_path / "shop.yaml"
+        path.write_text("label: clicked\nfields:\n  - name: user\n    cardinality: 100\n    cardinality: 10\n")
+        with pytest.raises(SchemaError, match=r"shop\.yaml: not valid YAML: key 'fields\[0\]\.cardinality' is written "
+                                              r"twice, on line 4 and line 5; expected each key once"):
+            DatasetSchema.load(str(path))
+
+    def test_a_json_key_written_twice_is_refused(self, tmp_path):
+        path = tmp_path / "shop.json"
+        path.write_text('{"label": "clicked", "label": "bought", "fields": []}')
+        with pytest.raises(SchemaError, match=r"shop\.json: not valid JSON: key 'label' is written twice"):
+            DatasetSchema.load(str(path))
+
+    def test_a_file_that_is_not_utf8_is_named(self, tmp_path):
+        path = tmp_path / "shop.yaml"
+        path.write_bytes(b"name: caf\xe9\nfields: []\n")
+        with pytest.raises(SchemaError, match=r"shop\.yaml: byte 0xe9 at offset 9 is not UTF-8; expected a UTF-8 text "
+                                              r"file"):
+            DatasetSchema.load(str(path))

@@ -399,3 +399,60 @@ def test_an_empty_description_is_no_description(tmp_path) -> None:
     schema = DatasetSchema.from_dict({"fields": [{"name": "user", "kind": "sparse", "cardinality": 3,
                                                   "description": None}]})
     assert schema.fields[0].description == ""
+
+
+# ---- bad input in a time-ordered split, a numeric column or the schema --------------------------------
+_ROW_5 = r"data row 5 \(line 7 if no blank line or multi-line cell precedes it\)"
+
+
+def test_a_word_in_the_split_column_is_refused_not_ranked_as_text(tmp_path):
+    """One word makes pyarrow read the column as text, whose order ("10" < "100" < "20") is no time order."""
+    rows = _rows()
+    rows["ts"] = ["yesterday" if i == 5 else str(i) for i in range(200)]
+    with pytest.raises(DataError, match=rf"d\.csv: column 'ts', {_ROW_5}: 'yesterday' is not a number as 199 of "
+                                        r"the column's 200 values are; expected one sortable type .*numbers, or "
+                                        r"ISO-8601 dates/timestamps"):
+        prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"),
+                        TabularConfig(split_by="ts"))
+    assert not os.path.exists(tmp_path / "out")
+    # past the first block, where pyarrow has typed the column as integers already
+    rows["ts"] = ["yesterday" if i == 150 else str(i) for i in range(200)]
+    with pytest.raises(DataError, match=r"d\.csv: column 'ts', data row 150 \(line 152 .*\): 'yesterday' is not an "
+                                        r"integer like the column's first rows; expected one sortable type"):
+        prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"),
+                        TabularConfig(split_by="ts", block_bytes=2000))
+
+
+def test_a_text_split_column_of_numbers_or_iso_timestamps_is_ranked_by_value(tmp_path):
+    # ISO-8601 written three ways: as text, "2024-01-01 00:30:00" < "2024-01-01T00:10:00" (' ' < 'T')
+    stamps = [f"2024-01-01{'T' if i % 2 else ' '}{i // 60:02d}:{i % 60:02d}:00" if i % 7 else f"2024-01-{1 + i // 1440:02d}"
+              for i in range(1, 41)]
+    order = np.random.default_rng(0).permutation(40)
+    raw = {"name": "t", "label": "clicked", "extra_columns": ["when"],
+           "fields": [{"name": "day", "kind": "sparse", "cardinality": 100}]}  # a sparse field is read as text
+    pq.write_table(pa.table({"when": [stamps[i] for i in order], "day": [str(i + 1) for i in order],
+                             "clicked": [int(i % 2) for i in order]}), tmp_path / "d.parquet")
+    for column in ("when", "day"):
+        schema = prepare_tabular(str(tmp_path / "d.parquet"), _schema_file(tmp_path, raw), str(tmp_path / column),
+                                 TabularConfig(split_by=column))
+        assert sorted(pq.read_table(schema.split_path("test"))["day"].to_pylist()) == [37, 38, 39, 40]
+
+
+def test_a_word_in_a_numeric_csv_column_names_the_column_and_data_row(tmp_path):
+    rows = _rows()
+    rows["price"] = ["abc" if i == 7 else "1.5" for i in range(200)]
+    with pytest.raises(DataError, match=r"d\.csv: column 'price', data row 7 \(line 9 if no blank line or multi-line "
+                                        r"cell precedes it\): 'abc' is not a number; expected a number in every row "
+                                        r"of dense field 'price'"):
+        prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("fields, what", [([], r"fields is empty"),
+                                          ([{"name": "price", "kind": "dense"}], r"fields \['price'\] are all dense")])
+def test_a_schema_without_a_categorical_field_is_refused_at_prepare(tmp_path, fields, what):
+    from recsys_llm.data.schema import SchemaError
+
+    path = _schema_file(tmp_path, dict(SCHEMA, fields=fields), yaml_format=True)
+    with pytest.raises(SchemaError, match=rf"schema\.yaml: {what}; expected at least one sparse or sequence field"):
+        prepare_tabular(_csv(tmp_path / "d.csv", _rows()), path, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")

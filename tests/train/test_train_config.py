@@ -56,6 +56,8 @@ class TestLoadConfig:
             ("optim.sparse_lr=-1", "optim.sparse_lr must be a finite number > 0, got -1.0"),
             ("optim.dense_lr=.nan", "optim.dense_lr must be a finite number > 0, got nan"),
             ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number >= 0"),
+            ("model.mlp_layer_sizes=[32,-1]", "model.mlp_layer_sizes[1] must be an integer >= 1, got -1"),
+            ("model.dropout=1.5", "model.dropout must be a finite number >= 0 and < 1, got 1.5"),
         ],
     )
     def test_bad_overrides_name_the_key(self, override: str, message: str) -> None:
@@ -79,6 +81,22 @@ class TestLoadConfig:
         bad.write_text("train: [unclosed\n")
         with pytest.raises(ConfigError, match="not valid YAML"):
             load_config(str(bad))
+
+    def test_a_key_written_twice_is_refused_naming_its_path_and_both_lines(self, tmp_path) -> None:
+        bad = tmp_path / "twice.yaml"
+        bad.write_text("data:\n  batch_size: 512\n  batch_size: 1024\n")  # PyYAML alone trains with 1024
+        with pytest.raises(ConfigError) as info:
+            load_config(str(bad))
+        assert str(info.value).startswith(f"{bad}: not valid YAML: key 'data.batch_size' is written twice, on line 2 "
+                                          "and line 3; expected each key once")
+
+    def test_a_file_that_is_not_utf8_is_named(self, tmp_path) -> None:
+        bad = tmp_path / "latin1.yaml"
+        bad.write_bytes(b"train:\n  epochs: 2\n# caf\xff\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(bad))
+        assert str(info.value) == (f"{bad}: byte 0xff at offset 24 is not UTF-8; expected a UTF-8 text file "
+                                   "(save the config as UTF-8)")
 
     def test_round_trip_through_yaml(self, tmp_path) -> None:
         config = load_config(None, ["model.name=dcnv2", "model.cross_layers=2", "elec.alpha=0.3", "data.schema=x"])
