@@ -15,6 +15,7 @@ filled and resumed in place checks its directory with :func:`check_own_entries` 
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from typing import Callable, Iterator, Sequence
 
@@ -143,14 +144,22 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
         marker_files (Sequence[str]): files every ``kind`` directory has; an existing
             non-empty ``directory`` without them is refused (:func:`check_replaceable`).
 
-    On an exception inside the block the temp directory is removed and ``directory`` is
-    left as it was.
+    On an exception inside the block (Ctrl-C, and SIGTERM in the ``recsys-llm`` commands,
+    included) the temp directory is removed and ``directory`` is left as it was. A process
+    killed outright (SIGKILL, a lost machine) leaves its temp directory: the next run names
+    such leftovers (it cannot tell them from another run's that is still writing).
     """
     check_replaceable(directory, kind, marker_files)
     check_replaceable(f"{directory}.old", kind, marker_files)  # the swap removes it too
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(directory))}.", dir=parent)
+    prefix = f".{os.path.basename(os.path.normpath(directory))}."
+    leftovers = sorted(name for name in os.listdir(parent)
+                       if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)))
+    if leftovers:
+        print(f"[recsys_llm] {parent}: {', '.join(leftovers)} left by an earlier {kind} of {directory} that was "
+              "killed (or is still running); delete them once no other run writes there", file=sys.stderr)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp
         _readable_by_umask(tmp)

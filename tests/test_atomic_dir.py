@@ -59,3 +59,14 @@ def test_a_foreign_dot_old_directory_is_not_swept_away(tmp_path):
         with atomic_directory(str(tmp_path / "out"), "output", ("a.txt",)):
             raise AssertionError("the block must not run")
     assert (tmp_path / "out.old" / "backup.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_temp_directories_of_a_killed_run_are_named(tmp_path, capsys) -> None:
+    leftover = tmp_path / ".out.k1ll3d"  # what a SIGKILLed run leaves beside its output
+    leftover.mkdir()
+    with atomic_directory(str(tmp_path / "out"), "export", ["config.json"]) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+            handle.write("{}")
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: .out.k1ll3d left by an earlier export of {tmp_path / 'out'} that was killed" in err
+    assert leftover.is_dir()  # named, not removed: another run may still be writing it

@@ -77,3 +77,28 @@ def test_overrides_among_the_options_are_named_with_where_they_go(capsys) -> Non
         main(["train", "--config", "c.yaml", "--bogus"])
     err = capsys.readouterr().err
     assert "unrecognized arguments: --bogus" in err and "overrides go after" not in err
+
+
+def test_sigterm_during_prepare_removes_the_half_written_output(tmp_path) -> None:
+    """A timeout or a scheduler's cancel sends SIGTERM: the command ends as on Ctrl-C, leaving no
+    hidden temp directory beside the output and the earlier output intact."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "earlier.txt").write_text("kept")  # not an output of prepare: the run must not touch it
+    target = tmp_path / "synthetic"
+    process = subprocess.Popen([sys.executable, "-m", "recsys_llm.cli", "prepare", "synthetic", "--rows", "3000000",
+                                "--out", str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".synthetic.") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    assert any(p.name.startswith(".synthetic.") for p in tmp_path.iterdir()), "prepare wrote no temp directory"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"], err[-2000:]
+    assert (out / "earlier.txt").read_text() == "kept"

@@ -10,7 +10,9 @@ import logging
 import os
 import pickle
 import re
+import signal
 import sys
+import threading
 import warnings
 from typing import List, Optional
 
@@ -65,6 +67,21 @@ TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
 PROGRESS_INTERVAL_ENV = "TQDM_MININTERVAL"  # tqdm's own default for mininterval, in seconds
 
 
+def exit_on_sigterm() -> None:
+    """Makes SIGTERM (a timeout, ``kill``, a scheduler's cancel) end a one-process command as Ctrl-C
+    does: its ``finally`` blocks and context managers run, so a half-written output's temp
+    directory is removed. Left alone under several ranks (``WORLD_SIZE`` > 1): a rank waiting in
+    a collective runs no Python handler until the collective returns, and the launcher's
+    SIGTERM must stop it at once."""
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1 or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _exit_for_signal)
+
+
+def _exit_for_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs one sub-command; bad input ends with ``recsys-llm <command>: error: ...`` and exit code 2
     (``RECSYS_LLM_TRACEBACK=1`` re-raises for the full traceback)."""
@@ -80,6 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             hint = " (section.key=value overrides go after all options, in one run at the end of the command)"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     quiet_upstream_notices()
+    exit_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
