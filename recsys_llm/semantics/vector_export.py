@@ -442,10 +442,26 @@ def iter_chunks(directory: str, expected: Optional[Dict[str, str]] = None):
         yield _read_chunk(directory, manifest, index)
 
 
+def read_chunk_table(path: str, columns: Optional[List[str]] = None) -> pa.Table:
+    """A chunk file's table (or ``columns`` of it).
+
+    Raises:
+        ValueError: the file is not a readable Parquet file (truncated, overwritten), naming it
+            and how to mend the export.
+    """
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ValueError(
+            f"{path}: damaged chunk of a vector export, not readable as Parquet ({' '.join(str(error).split())}); "
+            "delete it and re-run the same semantics export: it writes the missing chunk and keeps the others"
+        ) from error
+
+
 def _read_chunk(directory: str, manifest: Dict[str, object], index: int) -> Tuple[np.ndarray, np.ndarray]:
     """Keys (n,) and vectors (n, d) of chunk ``index``, its provenance checked against the manifest's."""
     path = chunk_path(directory, index)
-    table = pq.read_table(path)
+    table = read_chunk_table(path)
     stored = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
     check_provenance(stored, manifest["provenance"], path)
     return _columns(table, manifest, path)
@@ -497,11 +513,11 @@ def read_vector_rows(
     for index in range(int(manifest["num_chunks"])):
         path = chunk_path(directory, index)
         key_column = str(manifest["key_column"])
-        keys = pq.read_table(path, columns=[key_column]).column(key_column)
+        keys = read_chunk_table(path, columns=[key_column]).column(key_column)
         mask = pc.and_(pc.greater_equal(keys, start), pc.less(keys, stop))
         if not pc.any(mask).as_py():
             continue
-        table = pq.read_table(path).filter(mask)
+        table = read_chunk_table(path).filter(mask)
         chunk_keys, vectors = _columns(table, manifest, path)
         if vectors.shape[1] != dim:
             raise ValueError(f"{path}: vectors have dim {vectors.shape[1]}, the table expects {dim}")
@@ -520,7 +536,7 @@ def _chunk_keys(directory: str, manifest: Dict[str, object]) -> List[np.ndarray]
     keys = []
     for index in range(int(manifest["num_chunks"])):
         path = chunk_path(directory, index)
-        column = pq.read_table(path, columns=[key_column]).column(key_column).to_numpy()
+        column = read_chunk_table(path, columns=[key_column]).column(key_column).to_numpy()
         want = min(chunk_rows, num_rows - index * chunk_rows)
         if len(column) != want:
             raise ValueError(

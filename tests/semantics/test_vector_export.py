@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -587,3 +588,23 @@ def test_a_resume_with_another_output_names_it_before_the_width(tmp_path):
     read_vectors(out, expected={"output": "pooled"})
     with pytest.raises(ProvenanceError, match=r"output: stored 'pooled', expected 'representation'"):
         read_vectors(out, expected={"output": "representation"})
+
+
+def test_a_truncated_chunk_is_named_with_how_to_mend_the_export(tmp_path):
+    from recsys_llm.semantics.vector_export import chunk_path, read_vector_rows
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(4)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
+    path = chunk_path(out, 1)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    damaged = rf"{re.escape(path)}: damaged chunk of a vector export, not readable as Parquet .*delete it and re-run"
+    with pytest.raises(ValueError, match=damaged):
+        read_vectors(out)
+    with pytest.raises(ValueError, match=damaged):  # an entity table's shard reads it too
+        read_vector_rows(out, 100, 104, 6)
+    os.remove(path)  # as the message says: the re-run writes that chunk only
+    encoder = CountingEncoder()
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, encoder, progress=False)
+    assert encoder.texts == 2 and read_vectors(out)[0].tolist() == [100, 101, 102, 103]
