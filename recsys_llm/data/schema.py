@@ -175,6 +175,12 @@ class DatasetSchema:
             raise SchemaError(f"schema {self.name!r}: duplicate field names {duplicates}")
         if self.label in names:
             raise SchemaError(f"schema {self.name!r}: the label {self.label!r} is also listed as an input field")
+        listed_twice = [c for c in self.extra_columns if c in names or c == self.label]
+        if listed_twice:
+            raise SchemaError(
+                f"schema {self.name!r}: extra_columns {listed_twice} are also fields or the label; an extra column "
+                "is carried as it is, a field is encoded and the label read: list each column once"
+            )
 
     # ---- views -------------------------------------------------------------------------
     @property

@@ -144,3 +144,10 @@ class TestFileContent:
         with pytest.raises(SchemaError, match=r"shop\.yaml: byte 0xe9 at offset 9 is not UTF-8; expected a UTF-8 text "
                                               r"file"):
             DatasetSchema.load(str(path))
+
+
+def test_a_column_listed_as_field_and_extra_column_is_refused() -> None:
+    fields = [FieldSpec("user_id", "sparse", 10), FieldSpec("day", "sparse", 7)]
+    with pytest.raises(SchemaError, match=r"extra_columns \['day', 'label'\] are also fields or the label"):
+        DatasetSchema("t", fields, extra_columns=["timestamp", "day", "label"])
+    DatasetSchema("t", fields, extra_columns=["timestamp"])
