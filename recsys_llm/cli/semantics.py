@@ -53,6 +53,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--include-fields-without-description", action="store_true",
                         help="also use fields the schema does not describe (as their bare name)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model directory's own Python code when its config.json asks for it "
+                             "(auto_map); only for a model you trust (off: such a model is refused)")
     parser.add_argument("--field-template", default=None,
                         help="str.format template of a field's text with {name}, {description}, {kind} "
                              "(default: '{name}: {description}', or '{name}' without a description)")
@@ -75,6 +78,7 @@ def _tune(args: argparse.Namespace) -> int:
         lora_target_modules=args.target_modules, pooling=args.pooling, max_length=args.max_length,
         include_fields_without_description=args.include_fields_without_description, seed=args.seed,
         device=args.device, dtype=args.dtype, resume=not args.no_resume, templates=_templates(args),
+        trust_remote_code=args.trust_remote_code,
     )
     metrics = SSFTTrainer(config, DatasetSchema.load(args.schema), args.output_dir).run()
     summary = {k: metrics[k] for k in ("before", "after", "epochs", "num_train", "num_valid", "adapter_dir")}
@@ -93,6 +97,7 @@ def _encode(args: argparse.Namespace) -> int:
         override_templates=args.field_template is not None, pooling=args.pooling,
         include_fields_without_description=args.include_fields_without_description, batch_size=args.batch_size,
         max_length=args.max_length, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+        trust_remote_code=args.trust_remote_code,
     )
     stored = encode_field_vectors(config, DatasetSchema.load(args.schema), args.output)
     provenance = dataclasses.asdict(stored.provenance)

@@ -52,6 +52,8 @@ class FieldVectorConfig:
         device (Optional[str]): None -> CUDA if available.
         dtype (str): ``auto`` -> bf16 on CUDA, fp32 on CPU.
         cache_dir (Optional[str]): encoded-text cache; None disables it.
+        trust_remote_code (bool): run the model directory's own code if its config asks for it
+            (off: such a model is refused).
     """
 
     model_path: Optional[str] = None
@@ -65,6 +67,7 @@ class FieldVectorConfig:
     device: Optional[str] = None
     dtype: str = "auto"
     cache_dir: Optional[str] = None
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         check_number_fields(self, _NUMBER_RULES, "semantics encode")
@@ -78,10 +81,12 @@ class FieldVectorConfig:
 def build_field_encoder(config: FieldVectorConfig) -> "tuple[TextEncoder, PromptTemplates, dict]":
     """The encoder (tuned or untuned), the field templates to use and adapter info ({} if untuned)."""
     if config.adapter_dir:
-        encoder, info = load_tuned_encoder(config.adapter_dir, config.batch_size, config.device, config.dtype)
+        encoder, info = load_tuned_encoder(config.adapter_dir, config.batch_size, config.device, config.dtype,
+                                           config.trust_remote_code)
         templates = config.templates if config.override_templates else PromptTemplates(**info["templates"])
         return encoder, templates, info
-    encoder = TextEncoder(config.model_path, config.pooling, config.batch_size, config.max_length, config.device, config.dtype)
+    encoder = TextEncoder(config.model_path, config.pooling, config.batch_size, config.max_length, config.device,
+                          config.dtype, trust_remote_code=config.trust_remote_code)
     return encoder, config.templates, {}
 
 

@@ -187,3 +187,37 @@ def test_help_shows_the_defaults(capsys) -> None:
                  "--max-length MAX_LENGTH tokens per text (default: 256)"):
         assert text in tune
     assert "--batch-size BATCH_SIZE texts per forward pass (default: 64)" in _help("encode", capsys)
+
+
+def test_a_model_with_its_own_code_runs_only_with_trust_remote_code(tmp_path, tiny_schema, tiny_bert_dir) -> None:
+    """config.json's auto_map names Python files of the model directory: refused unless asked."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    model = str(tmp_path / "custom")
+    shutil.copytree(tiny_bert_dir, model)
+    with open(os.path.join(model, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config.update(model_type="my_custom_bert", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                         "AutoModel": "modeling_custom.CustomModel"})
+    with open(os.path.join(model, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    with open(os.path.join(model, "configuration_custom.py"), "w", encoding="utf-8") as handle:
+        handle.write("from transformers import BertConfig\n\n\nclass CustomConfig(BertConfig):\n"
+                     "    model_type = 'my_custom_bert'\n")
+    with open(os.path.join(model, "modeling_custom.py"), "w", encoding="utf-8") as handle:
+        handle.write("from transformers import BertModel\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+                     "class CustomModel(BertModel):\n    config_class = CustomConfig\n")
+    # transformers copies the model's code into HF_MODULES_CACHE: keep it inside the test
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    command = [sys.executable, "-m", "recsys_llm.cli", "semantics", "encode", "--schema", tiny_schema.root,
+               "--model", model, "--output", str(tmp_path / "v.safetensors")]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "model_type 'my_custom_bert' is not in this transformers" in refused.stderr
+    assert "--trust-remote-code" in refused.stderr and not (tmp_path / "v.safetensors").exists()
+    trusted = subprocess.run(command + ["--trust-remote-code"], capture_output=True, text=True, env=env, timeout=300)
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    assert (tmp_path / "v.safetensors").exists()
