@@ -17,6 +17,10 @@ from recsys_llm.models.fm import FM, FMConfig
 from recsys_llm.models.fwfm import FwFM, FwFMConfig
 
 MODEL_NAMES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm", "dlrm_dcn")
+# the layer-size lists each model builds an MLP from: they need at least one layer
+_MLP_KEYS = {"deepfm": ("mlp_layer_sizes",), "dcnv2": ("mlp_layer_sizes",),
+             "finalmlp": ("mlp_layer_sizes", "mlp2_layer_sizes"), "dlrm": ("mlp_layer_sizes",),
+             "dlrm_dcn": ("mlp_layer_sizes",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,10 @@ class ModelConfig:
             for i, size in enumerate(getattr(self, key)):
                 check_number(f"model.{key}[{i}]", size, integer=True, minimum=1)
         check_number("model.dropout", self.dropout, minimum=0, below=1)
+        for key in _MLP_KEYS.get(self.name, ()):
+            if not getattr(self, key):
+                raise ValueError(f"model.{key} is empty; model {self.name!r} builds an MLP from it: expected at "
+                                 "least one layer size, e.g. [256, 128]")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "ModelConfig":

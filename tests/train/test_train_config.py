@@ -58,6 +58,7 @@ class TestLoadConfig:
             ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number >= 0"),
             ("model.mlp_layer_sizes=[32,-1]", "model.mlp_layer_sizes[1] must be an integer >= 1, got -1"),
             ("model.dropout=1.5", "model.dropout must be a finite number >= 0 and < 1, got 1.5"),
+            ("model.mlp_layer_sizes=[]", "model.mlp_layer_sizes is empty; model 'deepfm' builds an MLP from it"),
         ],
     )
     def test_bad_overrides_name_the_key(self, override: str, message: str) -> None:
