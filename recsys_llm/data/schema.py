@@ -407,6 +407,21 @@ def _unique_json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return dict(pairs)
 
 
+def read_utf8_text(path: str, what: str, error_type: type = ValueError) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped).
+
+    Raises:
+        error_type: a byte that is not UTF-8, naming ``path``, the byte and its offset; ``what``
+            names the file's role in the hint ("config", "schema").
+    """
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            return handle.read()
+    except UnicodeDecodeError as error:
+        raise error_type(f"{path}: byte 0x{error.object[error.start:error.start + 1].hex()} at offset {error.start} "
+                         f"is not UTF-8; expected a UTF-8 text file (save the {what} as UTF-8)") from error
+
+
 def load_raw(path: str) -> Any:
     """The parsed content of a schema file (JSON, or YAML for ``.yaml``/``.yml``), not yet checked.
 
@@ -416,12 +431,7 @@ def load_raw(path: str) -> Any:
     """
     if not os.path.exists(path):
         raise SchemaError(f"{path}: schema file not found")
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            text = handle.read()
-    except UnicodeDecodeError as error:
-        raise SchemaError(f"{path}: byte 0x{error.object[error.start:error.start + 1].hex()} at offset {error.start} "
-                          "is not UTF-8; expected a UTF-8 text file (save the schema as UTF-8)") from error
+    text = read_utf8_text(path, "schema", SchemaError)
     try:
         if path.endswith((".yaml", ".yml")):
             return yaml.load(text, Loader=UniqueKeyLoader)

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
 import yaml
 
-from recsys_llm.data.schema import UniqueKeyLoader, schema_file
+from recsys_llm.data.schema import UniqueKeyLoader, read_utf8_text, schema_file
 from recsys_llm.models.registry import ModelConfig
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig
 
@@ -305,13 +305,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"{path}: byte 0x{error.object[error.start:error.start + 1].hex()} at offset "
-                              f"{error.start} is not UTF-8; expected a UTF-8 text file (save the config as "
-                              "UTF-8)") from error
+        text = read_utf8_text(path, "config", ConfigError)
         try:
             raw = yaml.load(text, Loader=UniqueKeyLoader) or {}  # a key written twice is an error, not last-wins
         except yaml.YAMLError as error:
