@@ -24,6 +24,8 @@ import json
 import sys
 
 GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
+TRUST_REMOTE_CODE_HELP = ("run the model directory's own Python code when its config.json asks for it (auto_map); "
+                          "only for a model you trust (off: such a model is refused)")
 GROUP_COMMANDS_WITH_DEFAULTS = ("tune", "encode", "adapt", "export")  # their --help shows every default
 
 
@@ -53,9 +55,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--include-fields-without-description", action="store_true",
                         help="also use fields the schema does not describe (as their bare name)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the model directory's own Python code when its config.json asks for it "
-                             "(auto_map); only for a model you trust (off: such a model is refused)")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     parser.add_argument("--field-template", default=None,
                         help="str.format template of a field's text with {name}, {description}, {kind} "
                              "(default: '{name}: {description}', or '{name}' without a description)")

@@ -25,6 +25,8 @@ import json
 import os
 from typing import List
 
+from recsys_llm.cli.semantics import TRUST_REMOTE_CODE_HELP
+
 ROW_TEXT_FILE = "row_text.json"
 ATTACHED_KIND = "data set with attached vectors"
 ATTACHED_MARKER_FILES = ("schema.json",)
@@ -80,7 +82,7 @@ def _adapt(args: argparse.Namespace) -> int:
     rows = table.take(sample_indices(table.num_rows, config))  # render only the sample
     texts = renderer.render(rows).to_pylist()
     labels = np.asarray(rows.column(schema.label).to_numpy(zero_copy_only=False), dtype=np.float32)
-    model = CTRAdaptedLLM.from_config(config).to(resolve_device(args.device))
+    model = CTRAdaptedLLM.from_config(config, args.trust_remote_code).to(resolve_device(args.device))
     losses = tune_ctr_llm(model, texts, labels, dataclasses.replace(config, sample_rows=None))
     save_ctr_llm(model, args.output_dir, extra_json={ROW_TEXT_FILE: dataclasses.asdict(text_config)})
     window = max(1, len(losses) // 10)
@@ -112,7 +114,7 @@ def _export(args: argparse.Namespace) -> int:
     # own (an in-process call from a job that has one) is not ours to use: poll for the chunks
     meet = args.attach_dir is not None and world > 1
     own_group = meet and _join_ranks(rank, world, args.attach_timeout)
-    model = load_ctr_llm(args.llm).to(resolve_device(args.device))
+    model = load_ctr_llm(args.llm, trust_remote_code=args.trust_remote_code).to(resolve_device(args.device))
     config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
                                 projection=args.projection)
     written = export_schema_vectors(
@@ -244,11 +246,13 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
                             "LLM's memory on a GPU; heads and vectors stay float32)")
     adapt.add_argument("--fields", nargs="*", default=None, help="fields written into the row text (default: all)")
     adapt.add_argument("--template", default=None, help="sentence template, default '{description} is {value}.'")
+    adapt.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     adapt.set_defaults(func=_adapt, llm=None)
 
     export = group_subparsers.add_parser("export", help="export CTR-adapted LLM vectors per row or entity (ELEC)")
     export.add_argument("--schema", required=True, help="schema.json (or its directory)")
     export.add_argument("--llm", required=True, help="directory written by 'semantics adapt'")
+    export.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     export.add_argument("--output-dir", required=True, help="chunked Parquet vectors + manifest (resumable)")
     export.add_argument("--splits", nargs="*", default=None, help="splits to cover (default: all)")
     export.add_argument("--granularity", default="row", choices=["row", "entity"])

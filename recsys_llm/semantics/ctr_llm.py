@@ -75,7 +75,8 @@ class CTRLLMConfig:
     """Model and tuning settings of the CTR-adapted LLM.
 
     Args:
-        model_path (str): any Hugging Face model directory (loaded offline, no remote code).
+        model_path (str): any Hugging Face model directory (loaded offline; its own code runs
+            only with ``from_config(..., trust_remote_code=True)``).
         pooling (str): ``mean`` (the paper's average pooling), ``last_token`` or ``cls``.
         representation_dim (int): size of r.
         hidden_dim (int): hidden width of the transformation MLP.
@@ -170,11 +171,20 @@ class CTRAdaptedLLM(nn.Module):
         self.llm = self._prepare_llm(llm)
 
     @classmethod
-    def from_config(cls, config: CTRLLMConfig) -> "CTRAdaptedLLM":
-        """Loads the base model and tokenizer from ``config.model_path`` (offline, no remote code)."""
+    def from_config(cls, config: CTRLLMConfig, trust_remote_code: bool = False) -> "CTRAdaptedLLM":
+        """Loads the base model and tokenizer from ``config.model_path`` (offline).
+
+        Args:
+            config (CTRLLMConfig): the settings.
+            trust_remote_code (bool): run the model directory's own code if its config asks
+                for it (off: such a model is refused); not saved with the adapted LLM, so
+                each load asks again.
+        """
         torch.manual_seed(config.seed)
-        tokenizer = load_tokenizer(config.model_path)  # checks the directory and its files, pads decoders
-        llm = load_model(config.model_path, torch.device("cpu"), LLM_DTYPES[config.llm_dtype])  # its encoder if enc-dec
+        # checks the directory and its files, pads decoders
+        tokenizer = load_tokenizer(config.model_path, trust_remote_code)
+        dtype = LLM_DTYPES[config.llm_dtype]
+        llm = load_model(config.model_path, torch.device("cpu"), dtype, trust_remote_code)  # its encoder if enc-dec
         return cls(llm, tokenizer, config)
 
     def _prepare_llm(self, llm: nn.Module) -> nn.Module:
@@ -416,13 +426,15 @@ def check_base_model(directory: str, model_path: str) -> None:
         )
 
 
-def load_ctr_llm(directory: str, model_path: Optional[str] = None) -> CTRAdaptedLLM:
-    """Rebuilds a saved CTR-adapted LLM (weights only, nothing executed).
+def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_code: bool = False) -> CTRAdaptedLLM:
+    """Rebuilds a saved CTR-adapted LLM (weights only; nothing executed unless ``trust_remote_code``).
 
     Args:
         directory (str): written by :func:`save_ctr_llm`.
         model_path (Optional[str]): override of the base model location (e.g. another machine);
             its files must be those the LLM was adapted on (same fingerprint).
+        trust_remote_code (bool): run the base model directory's own code if its config asks
+            for it (off: such a model is refused).
 
     Raises:
         FileNotFoundError: ``directory`` is not a saved CTR-adapted LLM, or the base model is gone.
@@ -437,7 +449,7 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None) -> CTRAdapted
     if model_path is not None:
         config.model_path = model_path
     check_base_model(directory, config.model_path)
-    model = CTRAdaptedLLM.from_config(config)
+    model = CTRAdaptedLLM.from_config(config, trust_remote_code)
     tuned = load_file(os.path.join(directory, "llm_tuned.safetensors"))
     named = dict(model.llm.named_parameters())
     unknown = sorted(set(tuned) - set(named))

@@ -398,9 +398,8 @@ def require_native_model(model_path: str, config: Mapping[str, Any], trust_remot
     raise ValueError(
         f"{os.path.join(model_path, 'config.json')}: model_type {model_type!r} is not in this transformers; the "
         f"directory's own code would define it (auto_map: {sorted(config['auto_map'])}), and code from a model "
-        "directory runs only when asked: if you trust it, pass --trust-remote-code to semantics tune / encode "
-        "(trust_remote_code=True in Python); ELEC's CTR-adapted LLM (semantics adapt) takes only model types "
-        "transformers has"
+        "directory runs only when asked: if you trust it, pass --trust-remote-code (semantics tune, encode, "
+        "adapt, export), or trust_remote_code=True in Python"
     )
 
 

@@ -221,3 +221,10 @@ def test_a_model_with_its_own_code_runs_only_with_trust_remote_code(tmp_path, ti
     trusted = subprocess.run(command + ["--trust-remote-code"], capture_output=True, text=True, env=env, timeout=300)
     assert trusted.returncode == 0, trusted.stderr[-2000:]
     assert (tmp_path / "v.safetensors").exists()
+    adapt = [sys.executable, "-m", "recsys_llm.cli", "semantics", "adapt", "--schema", tiny_schema.root, "--model",
+             model, "--output-dir", str(tmp_path / "ctr_llm"), "--sample-rows", "8", "--batch-size", "4",
+             "--max-length", "16", "--representation-dim", "8", "--hidden-dim", "8", "--tuning", "heads"]
+    refused = subprocess.run(adapt, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr, refused.stderr[-2000:]
+    trusted = subprocess.run(adapt + ["--trust-remote-code"], capture_output=True, text=True, env=env, timeout=300)
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
