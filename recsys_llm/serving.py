@@ -762,8 +762,8 @@ class ServedModel(nn.Module):
         if not os.path.isfile(state_path):
             _raise_damaged(state_path, "file missing")
         try:
-            state = load_file(state_path)  # weights only
-            with safe_open(state_path, framework="pt") as handle:
+            with safe_open(state_path, framework="pt") as handle:  # weights only
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
                 state_export_id = (handle.metadata() or {}).get(EXPORT_ID_KEY)
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(state_path, "cannot be read as the model's weights", error)
