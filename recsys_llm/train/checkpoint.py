@@ -235,8 +235,12 @@ def _damaged(path: str, error: BaseException) -> ValueError:
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else type(error).__name__
     if any(marker in text for marker in _OTHER_MODEL_ERRORS):
-        return ValueError(f"{path}: holds a checkpoint of another model or code version ({first_line}); load it "
-                          "with the config it was trained with, or train into another run directory")
+        hint = ""
+        if "key in checkpoint state_dict: optim." in first_line:
+            hint = (" (its table optimizer state has other names: another optim.sparse, or a table replicated "
+                    "(data_parallel) in one sharding plan and sharded in the other)")
+        return ValueError(f"{path}: holds a checkpoint of another model or code version ({first_line}){hint}; load "
+                          "it with the config it was trained with, or train into another run directory")
     return ValueError(f"{path}: cannot be read back ({first_line}): a damaged or incomplete checkpoint; delete "
                       "its checkpoint directory to resume from the one before")
 
@@ -283,10 +287,11 @@ def _dcp_state(model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]
 
     Empty per-parameter states (a frozen table's stateless optimizer) are left out: DCP
     saves nothing for them, and asking for them at load fails once ranks hold different
-    tables.
+    tables. So is ``optim`` itself when no state is left (SGD everywhere): DCP saves no key
+    for an empty dict, and a load asking for one fails.
     """
     state = {k: v for k, v in optimizer.state_dict()["state"].items() if not (isinstance(v, dict) and not v)}
-    return {"model": model.state_dict(), "optim": state}
+    return {"model": model.state_dict(), "optim": state} if state else {"model": model.state_dict()}
 
 
 def _materialise_dense_optimizer_state(optimizer: CombinedOptimizer) -> None:
@@ -473,7 +478,7 @@ def load_checkpoint(
     model.load_state_dict(target["model"])
     if optimizer is not None:
         full = optimizer.state_dict()
-        full["state"].update(target["optim"])  # the empty states stay as they are
+        full["state"].update(target.get("optim", {}))  # the empty states stay as they are
         optimizer.load_state_dict(full)
     rng_file = os.path.join(path, f"rank{_rank():05d}.pt")
     if restore_rng and state.world_size == _world_size() and os.path.isfile(rng_file):

@@ -13,6 +13,12 @@ project (plain backbones, LLaCTR, ELEC teacher-student pairs) is sharded the sam
    then wraps the remaining dense part in DDP;
 4. the dense parameters get a ``KeyedOptimizerWrapper`` (Adam, Adagrad, SGD), combined
    with ``model.fused_optimizer`` into one ``CombinedOptimizer`` the pipeline steps.
+   Tables the plan replicates (``data_parallel``) or puts on the ``dense`` kernel have no
+   fused optimizer (DDP all-reduces their gradients); they get the table optimizer
+   (``optim.sparse``, its lr, eps and weight decay) as a non-fused torch optimizer of their
+   own, so a table trains the same way whichever placement the planner picks. Unlike the
+   fused kernels, which touch only the rows of the batch, it steps whole tables (Adam's
+   moments and weight decay then move rows the batch did not use).
 
 **Frozen tables** (pretrained or LLM-derived vectors that must not train) are the tables
 named in ``ShardingConfig.frozen_tables`` plus every table of an EBC module carrying the
@@ -46,6 +52,7 @@ from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import optim as trec_optim
 from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingBag
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -64,6 +71,14 @@ SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
 }
 # the fused table optimizers FBGEMM's CPU kernels implement (exact row-wise Adagrad, Adagrad, SGD)
 CPU_SPARSE_OPTIMIZERS = frozenset({"row_wise_adagrad", "adagrad", "sgd"})
+# the table optimizers for tables without a fused kernel (torchrec.optim's SGD, Adagrad and
+# Adam are placeholders that only name a fused FBGEMM optimizer)
+UNFUSED_SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "row_wise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
 DENSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
@@ -84,7 +99,8 @@ class OptimizerConfig:
     """Table (fused, in-backward) and dense optimizers.
 
     Args:
-        sparse (str): ``row_wise_adagrad`` | ``adagrad`` | ``adam`` | ``sgd`` for EBC tables.
+        sparse (str): ``row_wise_adagrad`` | ``adagrad`` | ``adam`` | ``sgd`` for EBC tables
+            (fused into the backward; replicated tables run it as a torch optimizer).
         sparse_lr (float): learning rate of the table optimizer.
         dense (str): ``adam`` | ``adagrad`` | ``sgd`` for everything else.
         dense_lr (float): learning rate of the dense optimizer.
@@ -211,14 +227,20 @@ def build_constraints(model: nn.Module, config: ShardingConfig) -> Dict[str, Par
     return constraints
 
 
-def _apply_fused_optimizers(model: nn.Module, frozen: Set[str], optim: OptimizerConfig) -> None:
-    """Attaches the table optimizer to every trainable table (must run before DMP)."""
-    optimizer_class = SPARSE_OPTIMIZERS[optim.sparse]
+def _table_optimizer_kwargs(optim: OptimizerConfig) -> Dict[str, Any]:
+    """lr, eps (not SGD) and weight decay (when set) of the table optimizer."""
     kwargs: Dict[str, Any] = {"lr": optim.sparse_lr}
     if optim.sparse != "sgd":
         kwargs["eps"] = optim.eps
     if optim.weight_decay:
         kwargs["weight_decay"] = optim.weight_decay
+    return kwargs
+
+
+def _apply_fused_optimizers(model: nn.Module, frozen: Set[str], optim: OptimizerConfig) -> None:
+    """Attaches the table optimizer to every trainable table (must run before DMP)."""
+    optimizer_class = SPARSE_OPTIMIZERS[optim.sparse]
+    kwargs = _table_optimizer_kwargs(optim)
     for ebc in {id(m): m for _, m in find_tables(model).values()}.values():
         for table_name, bag in ebc.embedding_bags.items():
             if table_name in frozen:
@@ -328,16 +350,19 @@ def shard_model(
 
 
 def build_optimizer(model: DistributedModelParallel, optim: OptimizerConfig) -> CombinedOptimizer:
-    """``CombinedOptimizer([fused table optimizer, dense KeyedOptimizerWrapper])``.
+    """``CombinedOptimizer([fused table optimizer, unfused table optimizer, dense KeyedOptimizerWrapper])``.
 
-    The dense optimizer covers every trainable parameter without an in-backward optimizer
-    (frozen tables have ``requires_grad=False`` and are skipped).
+    Every trainable parameter without an in-backward optimizer is stepped here: table weights
+    the plan left unfused (``data_parallel`` or the ``dense`` kernel) by ``optim.sparse``, the
+    rest by ``optim.dense`` (frozen tables have ``requires_grad=False`` and are skipped). The
+    unfused table optimizer is left out when the plan fuses every table.
     """
-    dense_params = {
-        name: param
-        for name, param in in_backward_optimizer_filter(model.named_parameters())
-        if param.requires_grad
-    }
+    table_weights = {id(param) for param in _sharded_table_weights(model)}
+    dense_params: Dict[str, nn.Parameter] = {}
+    unfused_tables: Dict[str, nn.Parameter] = {}
+    for name, param in in_backward_optimizer_filter(model.named_parameters()):
+        if param.requires_grad:
+            (unfused_tables if id(param) in table_weights else dense_params)[name] = param
     optimizer_class = DENSE_OPTIMIZERS[optim.dense]
     kwargs: Dict[str, Any] = {"lr": optim.dense_lr, "weight_decay": optim.weight_decay}
     if optim.dense != "sgd":
@@ -345,8 +370,19 @@ def build_optimizer(model: DistributedModelParallel, optim: OptimizerConfig) -> 
     devices = {param.device.type for param in dense_params.values()}
     if devices and devices <= FUSED_DENSE_DEVICES[optim.dense]:
         kwargs["fused"] = True  # one kernel over all parameters: 3-4x faster steps than the per-tensor loop on CPU
-    dense = KeyedOptimizerWrapper(dense_params, lambda params: optimizer_class(params, **kwargs))
-    return CombinedOptimizer([model.fused_optimizer, dense])
+    optimizers: List[Any] = [model.fused_optimizer]
+    if unfused_tables:
+        table_class, table_kwargs = UNFUSED_SPARSE_OPTIMIZERS[optim.sparse], _table_optimizer_kwargs(optim)
+        optimizers.append(KeyedOptimizerWrapper(unfused_tables, lambda params: table_class(params, **table_kwargs)))
+    optimizers.append(KeyedOptimizerWrapper(dense_params, lambda params: optimizer_class(params, **kwargs)))
+    return CombinedOptimizer(optimizers)
+
+
+def _sharded_table_weights(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The table weights a sharded EBC registers (``embedding_bags.<table>.weight``), fused or not."""
+    for module in model.modules():
+        if isinstance(module, ShardedEmbeddingBagCollection):
+            yield from module.embedding_bags.parameters()
 
 
 def table_placements(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:

@@ -43,12 +43,20 @@ class _DLRMTask(nn.Module):
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
 
-def _fresh(schema: DatasetSchema, seed: int):
+# stateless optimizers everywhere (no optimizer state to save at all), tables replicated where
+# the planner likes (their unfused table optimizer, DDP gradients)
+SGD_OPTIM = OptimizerConfig(sparse="sgd", sparse_lr=0.5, dense="sgd", dense_lr=0.05)
+SGD_SHARDING = ShardingConfig(sharding_types=["data_parallel", "table_wise"],
+                              table_constraints={"t_user_id": {"sharding_types": ["data_parallel"]}})
+
+
+def _fresh(schema: DatasetSchema, seed: int, stateless: bool = False):
     ctx = init_distributed("cpu")
     torch.manual_seed(seed)
     task = _DLRMTask(schema)
-    model, _ = shard_model(task, ctx.device, ctx.world_size, SHARDING, OPTIM, batch_size=64)
-    return ctx, model, build_optimizer(model, OPTIM)
+    optim, sharding = (SGD_OPTIM, SGD_SHARDING) if stateless else (OPTIM, SHARDING)
+    model, _ = shard_model(task, ctx.device, ctx.world_size, sharding, optim, batch_size=64)
+    return ctx, model, build_optimizer(model, optim)
 
 
 def _losses(model, optimizer, reader, skip: int, stop: int) -> List[float]:
@@ -62,9 +70,9 @@ def _losses(model, optimizer, reader, skip: int, stop: int) -> List[float]:
     return losses
 
 
-def _save_continue_resume(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+def _save_continue_resume(schema_path: str, ckpt_dir: str, stateless: bool = False) -> Dict[str, Any]:
     schema = DatasetSchema.load(schema_path)
-    ctx, model, optimizer = _fresh(schema, seed=0)
+    ctx, model, optimizer = _fresh(schema, seed=0, stateless=stateless)
     reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
     _losses(model, optimizer, reader, skip=0, stop=5)
     manager = CheckpointManager(ckpt_dir, keep=1)
@@ -74,11 +82,21 @@ def _save_continue_resume(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
     continued = _losses(model, optimizer, reader, skip=5, stop=12)
 
     # A new model with other initial weights and a perturbed RNG, then the checkpoint.
-    _, model2, optimizer2 = _fresh(schema, seed=123)
+    _, model2, optimizer2 = _fresh(schema, seed=123, stateless=stateless)
     torch.rand(7)
     state = load_checkpoint(manager.latest(), model2, optimizer2)
     resumed = _losses(model2, optimizer2, reader, skip=state.step_in_epoch, stop=12)
     return {"continued": continued, "resumed": resumed, "at_save": at_save, "state": state}
+
+
+@pytest.mark.multiprocess
+def test_resume_is_exact_without_any_optimizer_state(synthetic_dir: str, tmp_path) -> None:
+    """SGD for tables and dense parts keeps no state: the checkpoint has no optimizer entry at all."""
+    results = run_multiprocess(_save_continue_resume, world_size=2, schema_path=synthetic_dir,
+                               ckpt_dir=str(tmp_path / "checkpoints"), stateless=True)
+    for result in results:
+        assert len(result["continued"]) == 7
+        assert result["resumed"] == result["continued"]
 
 
 def _load_on_one_rank(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
@@ -292,3 +310,13 @@ def test_a_checkpoint_of_another_model_is_named_as_such_not_as_damaged(tmp_path,
     message = str(error.value)
     assert "another model or code version (Size mismatch between saved torch.Size([1, 2])" in message
     assert "delete" not in message
+
+
+def test_missing_optimizer_state_names_the_table_optimizer_as_the_likely_cause() -> None:
+    from recsys_llm.train.checkpoint import _damaged
+
+    error = RuntimeError("Missing key in checkpoint state_dict: optim.model.ebc.embedding_bags.t_item.weight.momentum1.")
+    message = str(_damaged("runs/x/ckpt-00000005", error))
+    assert "another model or code version" in message
+    assert "another optim.sparse, or a table replicated (data_parallel)" in message
+    assert "another optim.sparse" not in str(_damaged("p", RuntimeError("Missing key in checkpoint state_dict: model.w.")))

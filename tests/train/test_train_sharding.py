@@ -116,6 +116,49 @@ def test_two_ranks_shard_train_and_freeze(synthetic_dir: str) -> None:
     assert {"t_user_id", "t_item_id"} <= changed
 
 
+def _train_replicated(schema_path: str, steps: int) -> Dict[str, Any]:
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    schema = DatasetSchema.load(schema_path)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("meta")))
+    # the table optimizer is plain SGD at lr 1; the dense optimizer barely moves anything
+    optim = OptimizerConfig(sparse="sgd", sparse_lr=1.0, dense="sgd", dense_lr=1e-12)
+    sharding = ShardingConfig(sharding_types=["table_wise"],
+                              table_constraints={"t_user_id": {"sharding_types": ["data_parallel"]}})
+    model, plan = shard_model(task, ctx.device, ctx.world_size, sharding, optim, batch_size=64)
+    optimizer = build_optimizer(model, optim)
+    before = {t: _local_table(model, t) if t != "t_user_id" else _replicated_table(model, t) for t in table_placements(plan)}
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size)
+    train_epoch(model, optimizer, reader, ctx.device, on_step=lambda step, loss: step >= steps, progress=False)
+    after = {t: _local_table(model, t) if t != "t_user_id" else _replicated_table(model, t) for t in before}
+    return {
+        "placements": {t: p["sharding_type"] for t, p in table_placements(plan).items()},
+        "moved": {t: float((after[t] - before[t]).abs().max()) if before[t].numel() else None for t in before},
+        "optimizers": [type(part).__name__ + ":" + type(getattr(part, "_optimizer", part)).__name__
+                       for _, part in optimizer.optimizers],
+    }
+
+
+def _replicated_table(model: torch.nn.Module, table: str) -> torch.Tensor:
+    for key, value in model.state_dict().items():
+        if key.endswith(f"embedding_bags.{table}.weight"):
+            return value.detach().clone()
+    raise KeyError(table)
+
+
+@pytest.mark.multiprocess
+def test_replicated_tables_train_with_the_table_optimizer(synthetic_dir: str) -> None:
+    """A data_parallel table has no fused kernel; it must still follow optim.sparse, not optim.dense."""
+    results = run_multiprocess(_train_replicated, world_size=2, schema_path=synthetic_dir, steps=3)
+    for result in results:
+        assert result["placements"]["t_user_id"] == "data_parallel"
+        assert "KeyedOptimizerWrapper:SGD" in result["optimizers"]
+        # lr 1 SGD on the table (a dense-lr step of 1e-12 would leave it unchanged in float32)
+        assert result["moved"]["t_user_id"] > 1e-4
+    # the two ranks hold the same replicated table after the all-reduced updates
+    assert results[0]["moved"]["t_user_id"] == results[1]["moved"]["t_user_id"]
+
+
 class _ModifiesKJT(torch.nn.Module):
     """Negative control: changes the KJT before the EBC, which torchrec cannot pipeline."""
 
