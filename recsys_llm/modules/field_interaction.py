@@ -13,6 +13,7 @@ and :meth:`FieldInteractionEnhancement.freeze` turns them into a constant buffer
 evaluation and serving. Fields without a vector take no part.
 """
 
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.models.base import CTROutput, fields_in_key_order, has_one_dim, key_positions
+from recsys_llm.modules.field_semantics import check_finite_vectors
 from recsys_llm.models.pairwise import PairWeightFolding, pair_sum_backward, pair_sum_forward, weighted_pair_sum
 
 # a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
@@ -109,6 +111,14 @@ def semantic_pair_sum(
     return weighted_pair_sum(fields, pair_matrix)
 
 
+def _refreeze_after_load(module: "FieldInteractionEnhancement", incompatible_keys: object) -> None:
+    """Load-state-dict post hook: a frozen term's constant weights follow the loaded Linear."""
+    if module.frozen:
+        module.freeze()
+        if module.serving_pair_matrix is not None:
+            module.set_serving_key_order(module._serving_keys)
+
+
 class FieldInteractionEnhancement(nn.Module):
     """FIE logit term: semantic pair weights on field-pair inner products.
 
@@ -137,10 +147,12 @@ class FieldInteractionEnhancement(nn.Module):
             )
         if len(set(feature_names)) != num_fields:
             raise ValueError(f"FIE feature_names must be distinct, got {list(feature_names)}")
+        check_finite_vectors("FIE", field_vectors, feature_names)
         self._feature_names: List[str] = list(feature_names)
         self._weight = float(weight)
         self._frozen = False
         self._serving_keys: Optional[Tuple[str, ...]] = None
+        self._folded_into: Optional["weakref.ref[nn.Module]"] = None  # a weak reference: not a submodule
         rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)  # (P,), (P,)
         normed = F.normalize(field_vectors.detach().float(), dim=-1)  # (N, d_llm)
         similarity = (normed @ normed.t())[rows, cols]  # (P,)
@@ -151,6 +163,7 @@ class FieldInteractionEnhancement(nn.Module):
         self.register_buffer("frozen_pair_weights", torch.zeros(num_pairs))
         self.pair_weight = nn.Linear(num_pairs, num_pairs)
         self.register_buffer("serving_pair_matrix", None, persistent=False)
+        self.register_load_state_dict_post_hook(_refreeze_after_load)
 
     @property
     def feature_names(self) -> List[str]:
@@ -192,7 +205,10 @@ class FieldInteractionEnhancement(nn.Module):
     def freeze(self) -> None:
         """Stores the current pair weights as a constant buffer (eval / serving).
 
-        The frozen flag is not part of the state dict. Under DMP training, freeze before
+        The frozen flag is not part of the state dict: a term frozen before ``load_state_dict``
+        takes its frozen weights from the loaded Linear (they equal the saved frozen copy of a
+        frozen run, whose Linear gets no gradient, and they are the trained weights of a run
+        that never froze, whose saved copy is zeros). Under DMP training, freeze before
         ``shard_model`` if the weights should stay fixed: DDP's static graph expects the same
         parameters to get gradients at every step.
         """
@@ -225,6 +241,10 @@ class FieldInteractionEnhancement(nn.Module):
 
         For serving: afterwards ``backbone`` alone gives the logits of backbone + this term,
         at the cost of the backbone alone. Undo with ``backbone.fold_pair_weights(None)``.
+        While folded, :meth:`logit` refuses to run (it would count the term twice).
+
+        Raises:
+            RuntimeError: the term is already folded into ``backbone``.
 
         Returns:
             bool: False (nothing done) when the backbone has no pairwise term to fold into
@@ -232,8 +252,22 @@ class FieldInteractionEnhancement(nn.Module):
         """
         if not isinstance(backbone, PairWeightFolding):
             return False
+        if self._folded_backbone() is backbone:
+            raise RuntimeError(
+                f"FIE is already folded into this {type(backbone).__name__}; folding it again would count it twice "
+                "(undo with backbone.fold_pair_weights(None) first)"
+            )
         backbone.fold_pair_weights(self.weighted_pair_matrix(backbone.feature_names))
+        self._folded_into = weakref.ref(backbone)
         return True
+
+    def _folded_backbone(self) -> Optional[nn.Module]:
+        """The backbone this term is folded into, while its folded weights are in place."""
+        backbone = self._folded_into() if self._folded_into is not None else None
+        if backbone is None or backbone.folded_pair_weight is None:  # gone, or unfolded since
+            self._folded_into = None
+            return None
+        return backbone
 
     def logit(self, embeddings: KeyedTensor) -> torch.Tensor:
         """
@@ -242,7 +276,16 @@ class FieldInteractionEnhancement(nn.Module):
 
         Returns:
             torch.Tensor: (B,) weighted logit term.
+
+        Raises:
+            RuntimeError: the term is folded into a backbone, whose logits already hold it.
         """
+        folded_into = self._folded_backbone()
+        if folded_into is not None:
+            raise RuntimeError(
+                f"FIE is folded into {type(folded_into).__name__}, whose logits already include it: serve that "
+                "backbone without this logit term, or undo the fold with backbone.fold_pair_weights(None)"
+            )
         # fields in the embeddings' own key order (a view, no copy); the pair weights are
         # permuted into that order instead, and keys without a vector get zero weight
         fields, positions = fields_in_key_order(embeddings, self._feature_names)  # (B, K, D), (N,)

@@ -23,6 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTROutput, fields_in_key_order
+from recsys_llm.semantics.store import first_non_finite_row
 
 # a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
 torch.fx.wrap("fields_in_key_order")
@@ -75,6 +76,15 @@ class _ProjectedFieldKL(torch.autograd.Function):
         grad_log_p = (weighted_p * (log_p + 1 - log_q_sum / batch_size) * (grad / count)).to(p.dtype)  # (F, D)
         grad_logits = grad_log_p - p * grad_log_p.sum(dim=-1, keepdim=True)  # (F, D), through log_softmax
         return grad_fields.to(log_q.dtype), None, grad_logits.t() @ field_vectors, grad_logits.sum(dim=0), None
+
+
+def check_finite_vectors(term: str, field_vectors: torch.Tensor, feature_names: List[str]) -> None:
+    """Raises ValueError naming the first field whose row of ``field_vectors`` (F, d_llm) holds NaN or inf."""
+    found = first_non_finite_row(field_vectors.detach())
+    if found is not None:
+        row, count, value = found
+        raise ValueError(f"{term}: the vector of field {feature_names[row]!r} holds {value} "
+                         f"({count} of {len(feature_names)} field vectors are not finite)")
 
 
 @torch.fx.wrap
@@ -155,6 +165,7 @@ class FieldRepresentationEnhancement(nn.Module):
             )
         if len(set(feature_names)) != len(feature_names):
             raise ValueError(f"FRE feature_names must be distinct, got {list(feature_names)}")
+        check_finite_vectors("FRE", field_vectors, feature_names)
         self._feature_names: List[str] = list(feature_names)
         # the kernel averages over fields; summing is the same times F
         self._weight = float(weight) * (len(feature_names) if field_reduction == "sum" else 1)

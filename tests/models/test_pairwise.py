@@ -61,8 +61,14 @@ class TestPairWeightFolding:
             assert fie.fold_into(model)
             assert model.folded_pair_weight is not None
             torch.testing.assert_close(model(dense, kjt).logits, expected, rtol=1e-5, atol=1e-5)
+            # the task's FIE term would now count twice, and so would a second fold
+            with pytest.raises(RuntimeError, match="folded into .*logits already include it"):
+                fie(output)
+            with pytest.raises(RuntimeError, match="already folded into this"):
+                fie.fold_into(model)
             model.fold_pair_weights(None)
             torch.testing.assert_close(model(dense, kjt).logits, output.logits)
+            torch.testing.assert_close(output.logits + fie(output), expected)  # unfolded: the term runs again
         assert "folded_pair_weight" not in model.state_dict()
 
     def test_folds_add_up_and_are_checked(self, schema, kjt, dense, name: str) -> None:

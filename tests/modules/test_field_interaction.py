@@ -85,6 +85,33 @@ class TestFieldInteractionEnhancement:
         fie.unfreeze()
         assert not torch.allclose(fie.logit(kt), before)
 
+    def test_frozen_before_loading_takes_the_loaded_weights(self) -> None:
+        """freeze() then load_state_dict of a run that never froze (its frozen copy is zeros)."""
+        torch.manual_seed(0)
+        kt = make_ebc()(make_kjt())
+        trained = FieldInteractionEnhancement(torch.randn(3, 7), FEATURES, weight=0.1)
+        expected = trained.logit(kt).detach()
+        assert not trained.state_dict()["frozen_pair_weights"].any()
+        served = FieldInteractionEnhancement(torch.randn(3, 7), FEATURES, weight=0.1)  # its own similarities until loaded
+        served.freeze()
+        served.set_serving_key_order(kt.keys())
+        served.load_state_dict(trained.state_dict())
+        assert served.frozen
+        torch.testing.assert_close(served.logit(kt), expected)
+        torch.testing.assert_close(served.serving_pair_matrix, served.weighted_pair_matrix(kt.keys()))
+        # a frozen run's checkpoint gives back its frozen weights
+        trained.freeze()
+        again = FieldInteractionEnhancement(torch.randn(3, 7), FEATURES, weight=0.1)
+        again.load_state_dict(trained.state_dict())
+        again.freeze()
+        torch.testing.assert_close(again.frozen_pair_weights, trained.frozen_pair_weights)
+
+    def test_field_vectors_must_be_finite(self) -> None:
+        vectors = torch.randn(3, 7)
+        vectors[2, 4] = float("nan")
+        with pytest.raises(ValueError, match=r"FIE: the vector of field 'genre' holds nan \(1 of 3"):
+            FieldInteractionEnhancement(vectors, FEATURES, 0.1)
+
     def test_freeze_keeps_logits_with_fields_left_out_and_reordered(self) -> None:
         torch.manual_seed(0)
         kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))

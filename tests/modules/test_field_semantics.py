@@ -113,6 +113,13 @@ class TestFieldRepresentationEnhancement:
             FieldRepresentationEnhancement(torch.randn(2, 4), ["a", "b"], 8, field_reduction="max")
 
 
+def test_field_vectors_must_be_finite() -> None:
+    vectors = torch.randn(2, 5)
+    vectors[0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"FRE: the vector of field 'user_id' holds inf \(1 of 2"):
+        FieldRepresentationEnhancement(vectors, ["user_id", "item_id"], 4)
+
+
 def test_dims_that_do_not_fit_are_named() -> None:
     from torchrec.sparse.jagged_tensor import KeyedTensor
 
