@@ -90,3 +90,19 @@ def build_embedding_bag_collection(
     """
     configs = embedding_bag_configs(schema, embedding_dim, table_prefix, init_scale)
     return EmbeddingBagCollection(tables=configs, device=device)
+
+
+def require_allocated(key: str, destination: object, action: str) -> None:
+    """Raises when ``destination`` (a tensor ``action`` is about to fill) is still on the meta device.
+
+    Copying into a meta tensor is a silent no-op, and ``shard_model`` allocates and initialises
+    every table afresh (on meta or not), so table weights are filled only after sharding.
+
+    Raises:
+        RuntimeError: naming ``key`` and ``action``.
+    """
+    if isinstance(destination, torch.Tensor) and destination.is_meta:
+        raise RuntimeError(
+            f"{action}: {key!r} is on the meta device, not allocated yet; call it after shard_model (or, "
+            "without sharding, after moving the module to a real device): a copy into a meta tensor does nothing"
+        )

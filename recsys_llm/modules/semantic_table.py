@@ -32,6 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
+from recsys_llm.models.embedding import require_allocated
 from recsys_llm.semantics.vector_export import key_range, read_vector_rows
 from recsys_llm.train.task import CTRTask
 
@@ -185,6 +186,7 @@ def load_semantic_vectors(
 
     Raises:
         KeyError: the model has no such table.
+        RuntimeError: the table is still on the meta device (call it after ``shard_model``).
         ValueError: the export is damaged (a chunk with fewer or more rows than its manifest
             gives it, a repeated id, a NaN/inf vector) or holds ids outside the table, naming
             ``vector_dir``.
@@ -204,7 +206,7 @@ def load_semantic_vectors(
             "(export the entities of the data the model reads, with ids below the field's cardinality)"
         )
     filled = 0
-    for _, weight in weights:
+    for key, weight in weights:
         if isinstance(weight, ShardedTensor):
             dim = weight.size(1)
             for shard in weight.local_shards():
@@ -214,6 +216,7 @@ def load_semantic_vectors(
                 shard.tensor.copy_(torch.from_numpy(block[:, col : col + cols]))
                 filled += rows
         elif isinstance(weight, torch.Tensor):
+            require_allocated(key, weight, f"load_semantic_vectors({table_name!r})")
             block = read_vector_rows(vector_dir, 0, weight.size(0), weight.size(1), expected)
             weight.copy_(torch.from_numpy(block))
             filled += weight.size(0)

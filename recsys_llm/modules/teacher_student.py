@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
+from recsys_llm.models.embedding import require_allocated
 from recsys_llm.modules.distillation import RepresentationDistillation, ScoreDistillation
 
 MODES = ("joint", "frozen", "offline")
@@ -250,6 +251,7 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
     Raises:
         KeyError: a destination key under ``prefix`` has no source tensor.
         ValueError: a source tensor's shape differs from the destination's.
+        RuntimeError: a destination is still on the meta device (call it after ``shard_model``).
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
@@ -272,6 +274,7 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
                 index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
                 shard.tensor.copy_(full[index])
         else:
+            require_allocated(key, dest, "load_full_state")
             dest.copy_(full[...])
         copied += 1
     return copied

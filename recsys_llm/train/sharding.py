@@ -298,6 +298,9 @@ def shard_model(
     Args:
         task (nn.Module): unsharded model; its EBCs may live on ``meta`` (recommended: DMP then
             allocates and initialises only this rank's shards), dense parts on ``device``.
+            DMP allocates and initialises every table afresh wherever it was built, so table
+            weights set before sharding are lost: fill tables afterwards
+            (``teacher_student.load_full_state``, ``semantic_table.load_semantic_vectors``).
         device (torch.device): this rank's compute device.
         world_size (int): number of ranks in the topology.
         sharding (ShardingConfig): planner constraints and frozen tables.

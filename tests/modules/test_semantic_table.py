@@ -56,6 +56,14 @@ class TestSemanticTable:
                                              r"0..9; a vector outside it would be dropped"):
             load_semantic_vectors(smaller, "semantic_item_id", str(tmp_path / "items"))
 
+    def test_a_table_not_allocated_yet_is_refused(self, tmp_path):
+        """Loading before shard_model: the copy into a meta table would do nothing, silently."""
+        write_item_vectors(str(tmp_path / "items"))
+        module = SemanticTable({"item_id": NUM_ITEMS}, DIM)  # on meta, as shard_model wants it
+        with pytest.raises(RuntimeError, match=r"load_semantic_vectors\('semantic_item_id'\): .* is on the meta "
+                                               r"device, not allocated yet; call it after shard_model"):
+            load_semantic_vectors(module, "semantic_item_id", str(tmp_path / "items"))
+
     def test_a_hashed_entity_field_gets_no_entity_table(self):
         """Folded ids share table rows: one vector per row would belong to several entities."""
         from recsys_llm.data.schema import DatasetSchema, FieldSpec

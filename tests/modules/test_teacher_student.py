@@ -227,6 +227,11 @@ class TestLoadFullState:
         with pytest.raises(KeyError, match="no tensor"):
             load_full_state(task, {}, prefix="teacher.")
 
+    def test_a_destination_not_allocated_yet_is_refused(self):
+        module = torch.nn.Linear(3, 1, device="meta")
+        with pytest.raises(RuntimeError, match="load_full_state: 'weight' is on the meta device"):
+            load_full_state(module, {"weight": torch.ones(1, 3), "bias": torch.zeros(1)})
+
     def test_a_tensor_of_another_shape_is_named(self):
         task = _elec("joint")
         state = {k.removeprefix("teacher."): v.clone() for k, v in task.state_dict().items() if k.startswith("teacher.")}
