@@ -35,6 +35,7 @@ import math
 import os
 import pickle
 import uuid
+import warnings
 import zipfile
 from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence
 
@@ -43,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -500,6 +502,32 @@ def _semantic_ebc(task: nn.Module) -> Optional[EmbeddingBagCollection]:
     return table.embedding_bag_collection if table is not None else None
 
 
+def _check_exportable(task: nn.Module, example_dense: torch.Tensor) -> None:
+    """Raises ValueError for what ``export_task`` cannot write a working artifact of."""
+    if isinstance(task, DistributedModelParallel):
+        raise ValueError(
+            "export: pass the unsharded task, not the DistributedModelParallel model: gather its state with "
+            "unsharded_state_dict(model) into the same task built on CPU (what `recsys-llm export` does)"
+        )
+    ebc = getattr(getattr(task, "model", None), "embedding_bag_collection", None)
+    if not isinstance(ebc, EmbeddingBagCollection):
+        raise ValueError(
+            f"export: expected a CTRTask whose model (a CTRBackbone) has an embedding_bag_collection, "
+            f"got {type(task).__name__}"
+        )
+    on_meta = next((name for name, value in [*task.named_parameters(), *task.named_buffers()] if value.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(
+            f"export: {on_meta!r} is on the meta device; export a task on CPU holding the trained weights "
+            "(materialize_meta, then load_state_dict)"
+        )
+    if example_dense.dim() != 2 or example_dense.size(0) < 2:
+        raise ValueError(
+            f"export: the example dense batch must be (B >= 2, num_dense_features), got {tuple(example_dense.shape)} "
+            "(torch.export would fix the program to a batch of 1)"
+        )
+
+
 def check_servable(task: nn.Module) -> None:
     """Raises when the task would need an LLM or a teacher at inference.
 
@@ -556,8 +584,14 @@ def export_task(
             checks only).
 
     Returns:
-        Dict[str, Any]: the written ``config.json``.
+        Dict[str, Any]: the written ``config.json`` (``dense_program`` None, with a warning, when
+        ``torch.export`` could not capture the dense part: the artifact then serves eagerly).
+
+    Raises:
+        ValueError: a sharded (DMP) model, a task without a backbone EBC, a weight still on the
+            meta device, an example batch of fewer than 2 rows, or teacher / LLM parts.
     """
+    _check_exportable(task, example_dense)
     check_servable(task)
     ebc = task.model.embedding_bag_collection
     semantic = _semantic_ebc(task)
@@ -595,6 +629,8 @@ def export_task(
             torch.export.save(program, os.path.join(tmp, "dense_program.pt2"), extra_files={EXPORT_ID_KEY: export_id})
         except Exception as error:  # torch.export could not capture this backbone
             program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
+            warnings.warn(f"export: torch.export could not capture the dense part ({_first_line(error)}); "
+                          f"{directory} serves it eagerly (config.json: dense_program_error)", stacklevel=2)
         config = {
             "format_version": FORMAT_VERSION,
             EXPORT_ID_KEY: export_id,

@@ -382,3 +382,53 @@ def test_files_of_two_exports_copied_together_are_refused(tmp_path):
     with open(config_path, "w", encoding="utf-8") as handle:
         json.dump(config, handle)
     ServedModel.load(exports[1], trust_program=True).logits(example.dense_features, example.sparse_features)
+
+
+
+def _dmp_export(directory: str):
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+
+    ctx = init_distributed("cpu")
+    model, _ = shard_model(build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=torch.device("meta")), ctx.device, 1,
+                           ShardingConfig(), OptimizerConfig())
+    example = make_batch(4, 0)
+    try:
+        export_task(model, directory, example.dense_features, example.sparse_features)
+    except ValueError as error:
+        return str(error)
+    return "exported"
+
+
+def test_export_names_what_it_cannot_export(tmp_path):
+    """A sharded model, weights on meta, a batch of 1, a module that is no CTRTask: refused, nothing written."""
+    from tests.multiprocess import run_multiprocess
+
+    out = str(tmp_path / "export")
+    example = make_batch(4, 0)
+    with pytest.raises(ValueError, match=r"the example dense batch must be \(B >= 2, num_dense_features\), got \(1, 1\)"):
+        export_task(build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU), out,
+                    example.dense_features[:1], make_batch(1, 0).sparse_features)
+    with pytest.raises(ValueError, match=r"export: 'model\.embedding_bag_collection\.embedding_bags\.student_user_id\.weight' is on "
+                                         r"the meta device"):
+        export_task(build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=torch.device("meta")), out,
+                    example.dense_features, example.sparse_features)
+    with pytest.raises(ValueError, match="expected a CTRTask whose model .* got DeepFM"):
+        export_task(build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).model, out,
+                    example.dense_features, example.sparse_features)
+    (message,) = run_multiprocess(_dmp_export, world_size=1, directory=out)
+    assert "pass the unsharded task, not the DistributedModelParallel model" in message
+    assert not os.path.exists(out)
+
+
+def test_a_dense_part_torch_export_cannot_capture_warns(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot capture this\nsecond line")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    example = make_batch(4, 0)
+    with pytest.warns(UserWarning, match=r"could not capture the dense part \(RuntimeError: cannot capture this\); "
+                                         r".* serves it eagerly"):
+        config = export_task(build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU), str(tmp_path / "e"),
+                             example.dense_features, example.sparse_features)
+    assert config["dense_program"] is None
