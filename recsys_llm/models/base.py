@@ -79,6 +79,19 @@ class CTRBackbone(nn.Module, abc.ABC):
         """Sparse fields + extra fields (dense features are handled by each backbone)."""
         return len(self._feature_names) + self._num_extra_fields
 
+    @property
+    def num_extra_fields(self) -> int:
+        """E, the extra field embeddings ``forward`` takes."""
+        return self._num_extra_fields
+
+    def check_extra_fields(self, num_fields: int, embedding_dim: int, source: str) -> None:
+        """Raises ValueError unless ``source``'s (B, num_fields, embedding_dim) extra fields fit this backbone."""
+        if (num_fields, embedding_dim) != (self._num_extra_fields, self._embedding_dim):
+            raise ValueError(
+                f"{source} gives {num_fields} extra field(s) of dim {embedding_dim}; {type(self).__name__} was built "
+                f"for {self._num_extra_fields} of its embedding dim {self._embedding_dim} (num_extra_fields)"
+            )
+
     def forward(
         self,
         dense_features: torch.Tensor,
@@ -181,7 +194,10 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
         fields = values.reshape(values.size(0), len(lengths), lengths[0])  # (B, K, D)
         return fields, key_positions(tuple(embeddings.keys()), tuple(feature_names), values.device)
     dims = dict(zip(embeddings.keys(), embeddings.length_per_key()))
-    wanted = {name: dims[name] for name in feature_names if name in dims}
+    missing = [name for name in feature_names if name not in dims]
+    if missing:
+        raise KeyError(f"the pooled embeddings have no keys {missing}; their keys are {list(dims)}")
+    wanted = {name: dims[name] for name in feature_names}
     if len(set(wanted.values())) > 1:
         raise ValueError(f"fields {feature_names} must share one embedding dim to be paired or compared, got {wanted}")
     fields = stack_fields(embeddings, feature_names)  # (B, F, D)

@@ -20,7 +20,8 @@ def pair_sum_forward(fields: torch.Tensor, pair_matrix: torch.Tensor) -> "tuple[
 
     The training kernel's forward; :func:`pair_sum_backward` reuses the Gram.
     """
-    gram = torch.bmm(fields, fields.transpose(1, 2)).reshape(fields.size(0), -1)  # (B, K * K)
+    num_keys = fields.size(1)
+    gram = torch.bmm(fields, fields.transpose(1, 2)).reshape(fields.size(0), num_keys * num_keys)  # (B, K * K)
     return gram @ pair_matrix.reshape(-1), gram
 
 

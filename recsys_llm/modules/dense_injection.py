@@ -50,6 +50,10 @@ class VectorFieldInjection(nn.Module):
     def num_fields(self) -> int:
         return self._num_fields
 
+    @property
+    def embedding_dim(self) -> int:
+        return self._embedding_dim
+
     def forward(self, vector: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -155,6 +159,14 @@ class DLRMDenseInjectionBackbone(DLRMBackbone):
     def injected_width(self) -> int:
         """E * P, the width the injected vectors take in the dense input."""
         return self._injected_width
+
+    def check_extra_fields(self, num_fields: int, embedding_dim: int, source: str) -> None:
+        """Raises ValueError unless (B, num_fields, embedding_dim) flattens to ``injected_width``."""
+        if num_fields * embedding_dim != self._injected_width:
+            raise ValueError(
+                f"{source} gives {num_fields} x {embedding_dim} = {num_fields * embedding_dim} values per row; the "
+                f"DLRM's dense input has room for {self._injected_width} (injected_width)"
+            )
 
     def interact(
         self,

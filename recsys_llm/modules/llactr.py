@@ -131,13 +131,17 @@ def build_llactr_terms(
     vectors = stored.vectors.index_select(0, index)  # (F, d_llm)
     logit_terms: Dict[str, nn.Module] = {}
     loss_terms: Dict[str, nn.Module] = {}
+    used_dims = {dims[k] for k in used}
+    if len(used_dims) > 1 and (config.use_fre or config.use_fie):
+        by_dim = {name: dims[name] for name in used}
+        raise ValueError(
+            f"FRE and FIE compare or pair the fields' embeddings, which need one dim; the fields with vectors "
+            f"have {by_dim}"
+        )
     if config.use_fre:
-        used_dims = {dims[k] for k in used}
-        if len(used_dims) != 1:
-            raise ValueError(f"FRE needs one embedding dim over fields {used}, got {sorted(used_dims)}")
         fre_vectors = F.normalize(vectors, dim=-1) if config.normalize_vectors else vectors
         loss_terms["fre"] = FieldRepresentationEnhancement(
-            fre_vectors, used, used_dims.pop(), config.lambda_fre, config.fre_field_reduction
+            fre_vectors, used, next(iter(used_dims)), config.lambda_fre, config.fre_field_reduction
         )
     if config.use_fie:
         logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)

@@ -14,6 +14,17 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
 
 
+@torch.fx.wrap  # a leaf of the pipeline's trace: it looks into the batch's extras at run time
+def injected_vector(extras: Dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """``extras[key]``, (B, d); a missing key is named with the extras there are."""
+    if key not in extras:
+        raise KeyError(
+            f"the batch has no extra {key!r} for the field injection (its extras: {sorted(extras)}); read the data "
+            f"with the vector column, e.g. ParquetBatchReader(..., extras=[{key!r}])"
+        )
+    return extras[key]
+
+
 class CTRTask(nn.Module):
     """Trains a backbone with optional field injection, logit terms and loss terms.
 
@@ -45,6 +56,9 @@ class CTRTask(nn.Module):
         loss_terms: Optional[Dict[str, nn.Module]] = None,
     ) -> None:
         super().__init__()
+        if field_injection is not None and hasattr(field_injection, "num_fields") and hasattr(field_injection, "embedding_dim"):
+            model.check_extra_fields(field_injection.num_fields, field_injection.embedding_dim,
+                                     f"CTRTask: the field injection ({type(field_injection).__name__})")
         self.model = model
         self.field_injection = field_injection
         self._injection_key = injection_key
@@ -56,7 +70,7 @@ class CTRTask(nn.Module):
         """Backbone output with the logit terms applied; ``logits`` (B,)."""
         extra_fields = None
         if self.field_injection is not None:
-            extra_fields = self.field_injection(batch.extras[self._injection_key])  # (B, E, D)
+            extra_fields = self.field_injection(injected_vector(batch.extras, self._injection_key))  # (B, E, D)
         output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
         logits = output.logits
         for term in self.logit_terms.values():

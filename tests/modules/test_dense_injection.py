@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torchrec
 from torchrec.models.dlrm import DLRM
@@ -44,6 +45,11 @@ class TestVectorFieldInjection:
         assert not torch.allclose(logits, task.predict(other).logits)  # the vector changes the prediction
         graph = torchrec.fx.symbolic_trace(task)
         assert "field_injection" in str(graph.graph)
+        with pytest.raises(ValueError, match=r"gives 2 extra field\(s\) of dim 8; DeepFM was built for 1 of its "
+                                             r"embedding dim 8"):
+            CTRTask(backbone, field_injection=VectorFieldInjection(6, 8, num_fields=2))
+        with pytest.raises(ValueError, match="gives 1 extra field\\(s\\) of dim 4"):
+            CTRTask(backbone, field_injection=VectorFieldInjection(6, 4))
 
 
 class TestDLRMDenseInjection:

@@ -68,3 +68,11 @@ class TestDLRMDenseInjectionBackbone:
         backbone = DLRMDenseInjectionBackbone(_dlrm(3 + 5), num_dense_features=3)
         with pytest.raises(ValueError, match="field_injection"):
             CTRTask(backbone).predict(_batch())
+        with pytest.raises(ValueError, match=r"VectorFieldInjection\) gives 1 x 4 = 4 values per row; the DLRM's dense "
+                                             r"input has room for 5 \(injected_width\)"):
+            CTRTask(backbone, field_injection=VectorFieldInjection(6, 4))
+        task = CTRTask(backbone, field_injection=VectorFieldInjection(6, 5))
+        batch = _batch()
+        with pytest.raises(KeyError, match=r"the batch has no extra 'llm_vector' for the field injection \(its extras: "
+                                           r"\['other'\]\); .*extras=\['llm_vector'\]"):
+            task.predict(Batch(batch.dense_features, batch.sparse_features, batch.labels, {"other": torch.zeros(4, 6)}))

@@ -131,6 +131,21 @@ def test_dims_that_do_not_fit_are_named() -> None:
     fre = FieldRepresentationEnhancement(torch.randn(1, 5), ["a"], embedding_dim=8)
     with pytest.raises(ValueError, match="fields have embedding dim 4, its projection gives 8"):
         fre.loss(kt)
+    # a field missing from pooled embeddings of several dims is named as with one dim
+    with pytest.raises(KeyError, match=r"the pooled embeddings have no keys \['c'\]; their keys are \['a', 'b'\]"):
+        FieldInteractionEnhancement(torch.randn(2, 5), ["a", "c"]).logit(kt)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_fie_on_an_empty_batch(requires_grad) -> None:
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+    values = torch.randn(0, 12, requires_grad=requires_grad)
+    out = FieldInteractionEnhancement(torch.randn(3, 5), ["a", "b", "c"]).logit(
+        KeyedTensor(keys=["a", "b", "c"], length_per_key=[4, 4, 4], values=values))
+    assert out.shape == (0,)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

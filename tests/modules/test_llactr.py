@@ -62,6 +62,20 @@ class TestBuildLLaCTRTerms:
         kt = dlrm.sparse_arch.embedding_bag_collection(make_kjt())
         assert logit_terms["fie"].logit(kt).shape == (4,)
 
+    @pytest.mark.parametrize("switches", [{}, {"use_fre": False}, {"use_fie": False}])
+    def test_fields_of_several_dims_are_refused_when_built(self, tmp_path, switches) -> None:
+        """FIE pairs and FRE compares the fields' embeddings: both need one dim, known at build time."""
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+        schema = _schema()
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t_{f}", embedding_dim=16 if f == "user_id" else 8, num_embeddings=20, feature_names=[f])
+            for f in ("user_id", "item_id", "genre")])
+        with pytest.raises(ValueError, match=r"need one dim; the fields with vectors have \{'user_id': 16, 'genre': 8, "
+                                             r"'item_id': 8\}"):
+            build_llactr_terms(LLaCTRConfig(_vectors(tmp_path, schema), **switches), schema, ebc)
+
     def test_vectors_of_another_schema_are_rejected(self, tmp_path) -> None:
         path = _vectors(tmp_path, _schema())
         changed = _schema(genre_text="main genre")
