@@ -43,8 +43,12 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.models.embedding import require_allocated
 from recsys_llm.modules.distillation import RepresentationDistillation, ScoreDistillation
+from recsys_llm.train.task import required_extra
 
 MODES = ("joint", "frozen", "offline")
+
+# a leaf of the training pipeline's trace (it looks into the batch's extras at run time)
+torch.fx.wrap("required_extra")
 
 
 @dataclasses.dataclass
@@ -167,10 +171,11 @@ class TeacherStudentTask(nn.Module):
     def _teacher_outputs(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher logits (B,), representation (B, H_t) and its own loss (scalar, joint only)."""
         if self._config.mode == "offline":
-            logits = batch.extras[self._config.teacher_logits_key]
+            logits = required_extra(batch.extras, self._config.teacher_logits_key, "offline distillation")  # (B,)
             representation = logits
             if self.repr_kd is not None:
-                representation = batch.extras[self._config.teacher_representation_key]
+                representation = required_extra(batch.extras, self._config.teacher_representation_key,
+                                                "offline representation distillation")  # (B, H_t)
             return logits, representation, torch.zeros((), device=logits.device)
         if self._config.mode == "frozen":
             with torch.no_grad():

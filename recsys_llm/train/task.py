@@ -15,12 +15,12 @@ from recsys_llm.models.base import CTRBackbone, CTROutput
 
 
 @torch.fx.wrap  # a leaf of the pipeline's trace: it looks into the batch's extras at run time
-def injected_vector(extras: Dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """``extras[key]``, (B, d); a missing key is named with the extras there are."""
+def required_extra(extras: Dict[str, torch.Tensor], key: str, purpose: str) -> torch.Tensor:
+    """``extras[key]``; a missing key is named, with ``purpose`` and the extras there are."""
     if key not in extras:
         raise KeyError(
-            f"the batch has no extra {key!r} for the field injection (its extras: {sorted(extras)}); read the data "
-            f"with the vector column, e.g. ParquetBatchReader(..., extras=[{key!r}])"
+            f"the batch has no extra {key!r} for {purpose} (its extras: {sorted(extras)}); read the data with "
+            f"that column, e.g. ParquetBatchReader(..., extras=[{key!r}])"
         )
     return extras[key]
 
@@ -70,7 +70,7 @@ class CTRTask(nn.Module):
         """Backbone output with the logit terms applied; ``logits`` (B,)."""
         extra_fields = None
         if self.field_injection is not None:
-            extra_fields = self.field_injection(injected_vector(batch.extras, self._injection_key))  # (B, E, D)
+            extra_fields = self.field_injection(required_extra(batch.extras, self._injection_key, "the field injection"))  # (B, E, D)
         output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
         logits = output.logits
         for term in self.logit_terms.values():

@@ -120,6 +120,11 @@ class TestTeacherStudentTask:
         as_frozen.repr_kd.load_state_dict(frozen.repr_kd.state_dict())
         loss_frozen, _ = as_frozen(batch)
         torch.testing.assert_close(loss_offline, loss_frozen)
+        without_representation = dict(batch.extras, teacher_logits=t_out.logits)
+        with pytest.raises(KeyError, match="no extra 'teacher_representation' for offline representation distillation"):
+            offline(Batch(batch.dense_features, batch.sparse_features, batch.labels, without_representation))
+        with pytest.raises(KeyError, match="no extra 'teacher_logits' for offline distillation"):
+            offline(batch)
         with pytest.raises(ValueError, match="teacher=None"):
             TeacherStudentTask(frozen.teacher, frozen.student, TeacherStudentConfig(mode="offline"))
         with pytest.raises(ValueError, match="teacher_representation_dim"):
