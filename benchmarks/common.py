@@ -58,19 +58,26 @@ def build_parser(name: str, description: Optional[str]) -> argparse.ArgumentPars
 
     ``--quick`` is the ``make bench`` size (the whole suite under 20 minutes on 2 cores);
     ``--smoke`` is the smallest run that exercises every code path (unit tests use it);
-    neither means full size. ``--json``/``--plot`` default to ``benchmarks/results/<name>.*``.
+    neither means full size. ``--json`` defaults to the committed ``benchmarks/results/<name>.json``;
+    ``--plot`` defaults to the JSON path with ``.png``, so a trial run with ``--json /tmp/x.json``
+    leaves the committed results alone.
     """
+    first_paragraph = (description or name).strip().split("\n\n")[0]
     parser = argparse.ArgumentParser(
         prog=f"benchmarks/{name}.py",
-        description=(description or name).strip().splitlines()[0],
+        description=" ".join(first_paragraph.split()),
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer steps/sizes (the make bench suite)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, checks that the code runs (unit tests)")
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / f"{name}.json", help="where to write the JSON result")
-    parser.add_argument("--plot", type=Path, default=RESULTS_DIR / f"{name}.png", help="where to write the PNG plot")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the models")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / f"{name}.json",
+                        help="where to write the JSON result (default: %(default)s, the committed results: pass "
+                             "another path for a trial run)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="where to write the PNG plot (default: the --json path with .png)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="compute device (default: %(default)s: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the models (default: %(default)s)")
     parser.add_argument("--keep-denormals", action="store_true",
                         help="keep subnormal CPU floats (torch's default); without it they are flushed to zero, "
                              "as recsys-llm train does (train.flush_denormal)")
@@ -83,6 +90,8 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     flushes subnormal CPU floats to zero unless ``--keep-denormals``."""
     parser = parser or build_parser(name, description)
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.plot is None:
+        args.plot = args.json.with_suffix(".png")
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.name = name
     import torch
@@ -249,7 +258,7 @@ def _save(fig: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends placed beside a panel stay in
     _pyplot().close(fig)
 
 
@@ -410,7 +419,17 @@ def best_of_rounds_ratio(numerator: Sequence[float], denominator: Sequence[float
     """
     if not numerator or not denominator:
         raise ValueError("best_of_rounds_ratio needs at least one round per contender")
+    for rounds in (numerator, denominator):
+        if max(rounds) > BUSY_SPREAD * statistics.median(rounds):
+            print(f"warning: one contender's rounds range from {min(rounds):.4g} to {max(rounds):.4g} samples/s (best "
+                  f"over median > {BUSY_SPREAD}): the machine was busy, and the best rounds of the contenders may have "
+                  "run under unequal load; rerun on an idle machine to trust this ratio", file=sys.stderr, flush=True)
+            break
     return max(numerator) / max(denominator)
+
+
+# best round over the median round of one contender above which its rounds ran under unequal load
+BUSY_SPREAD = 1.5
 
 
 RATIO_METHOD = (

@@ -359,7 +359,7 @@ def plot(path: Path, per_backbone: Dict[str, Dict[str, Any]], ratios: Dict[str, 
         axis.set_yscale("log")
         axis.set_ylabel("inference samples/s")
         axis.set_title(title, fontsize=9)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
 
     two_panel_figure(path, serving, lambda right: ratio_bars(right, ratios, goals, "ELEC ratios"))
 
@@ -478,7 +478,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     plot(args.plot, per_backbone,
          {"serve": figures["student_serve_ratio_vs_backbone"],
           "vs online LLM": figures["student_speedup_vs_gain_online_llm"],
-          "KD train": figures["kd_train_ratio_vs_backbone"]},
+          "KD train": figures["kd_train_ratio_vs_backbone"],
+          "gain (entity tables)\nserve": figures["gain_entity_tables_serve_ratio_vs_backbone"]},
          {"serve": GOAL_SERVE, "vs online LLM": GOAL_ONLINE, "KD train": GOAL_KD_TRAIN},
          f"{llm_name(llm.config.model_path)}: serve batch {sizes.batch_size}, request {sizes.request_batch_size}")
     print_summary(NAME, payload)

@@ -209,8 +209,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     size.add_argument("--quick", action="store_true", help="pass --quick to every script (make bench)")
     size.add_argument("--smoke", action="store_true", help="pass --smoke to every script")
     parser.add_argument("--only", nargs="+", default=None, help="benchmark names to run (default: all)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="compute device of every script (default: %(default)s: cuda when available)")
+    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results",
+                        help="where the JSON and PNG files go (default: %(default)s, the committed results)")
     parser.add_argument("--readme", type=Path, default=None,
                         help="README whose tables to rebuild (default: benchmarks/README.md, and only when the "
                              "results go under benchmarks/results)")

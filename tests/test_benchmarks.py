@@ -212,6 +212,8 @@ class TestCommon:
     def test_parser_modes_and_default_paths(self) -> None:
         args = common.parse_args("x", "doc", ["--quick"])
         assert args.mode == "quick" and args.json.name == "x.json" and args.plot.name == "x.png"
+        trial = common.parse_args("x", "doc", ["--json", "/tmp/trial/x1.json"])
+        assert str(trial.plot) == "/tmp/trial/x1.png"  # a trial run leaves the committed plot alone
         assert common.parse_args("x", "doc", []).mode == "full"
         with pytest.raises(SystemExit):
             common.parse_args("x", "doc", ["--quick", "--smoke"])
@@ -259,6 +261,13 @@ class TestCommon:
         assert common.best_of_rounds_ratio([9.0, 3.0], [10.0, 10.0]) == pytest.approx(0.9)
         with pytest.raises(ValueError, match="at least one round"):
             common.best_of_rounds_ratio([], [1.0])
+
+    def test_rounds_under_unequal_load_are_flagged(self, capsys: pytest.CaptureFixture) -> None:
+        common.best_of_rounds_ratio([10.0, 9.8, 10.1], [20.0, 19.5, 20.2])
+        assert capsys.readouterr().err == ""
+        # one quiet round of the plain contender among busy ones: the ratio is not to be trusted
+        assert common.best_of_rounds_ratio([14.5, 13.0, 12.0], [138.0, 9.6, 11.1]) == pytest.approx(14.5 / 138.0)
+        assert "the machine was busy" in capsys.readouterr().err
         with pytest.raises(ValueError):
             common.geometric_mean([1.0, 0.0])
 
