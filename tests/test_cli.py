@@ -9,13 +9,16 @@ from recsys_llm.cli import PROGRESS_INTERVAL_ENV, main
 
 def test_progress_bars_written_to_a_log_update_every_30_s(monkeypatch) -> None:
     monkeypatch.delenv(PROGRESS_INTERVAL_ENV, raising=False)  # restored after the test
+    monkeypatch.delenv("TQDM_MAXINTERVAL", raising=False)
     with pytest.raises(SystemExit):
         main(["prepare", "synthetic", "--help"])  # pytest's captured stderr is not a terminal
     assert os.environ[PROGRESS_INTERVAL_ENV] == "30"
+    assert os.environ["TQDM_MAXINTERVAL"] == "30"  # tqdm's monitor would otherwise refresh every 10 s
 
 
 def test_a_chosen_progress_interval_is_kept(monkeypatch) -> None:
     monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "5")
+    monkeypatch.delenv("TQDM_MAXINTERVAL", raising=False)
     with pytest.raises(SystemExit):
         main(["prepare", "synthetic", "--help"])
     assert os.environ[PROGRESS_INTERVAL_ENV] == "5"

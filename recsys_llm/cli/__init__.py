@@ -89,6 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if not sys.stderr.isatty():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
         os.environ.setdefault(PROGRESS_INTERVAL_ENV, "30")
+        # tqdm's monitor forces a refresh after maxinterval (10 s) without one: no sooner than the interval
+        os.environ.setdefault("TQDM_MAXINTERVAL", os.environ[PROGRESS_INTERVAL_ENV])
     parser = build_parser()  # imports the sub-commands, and tqdm, which reads the interval once
     args, unknown = parser.parse_known_args(argv)
     if unknown:
