@@ -25,6 +25,8 @@ ranks with one batch fewer repeat one, marked as padding.
 import bisect
 import dataclasses
 import glob
+import hashlib
+import json
 import os
 import queue
 import threading
@@ -483,6 +485,19 @@ def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str
             )
         paths += parquet_files(item)
     return paths
+
+
+def split_fingerprint(schema: DatasetSchema, split: str) -> str:
+    """A hash of the Parquet footers of ``split``'s files (row counts, row groups, sizes, column
+    statistics), read without any row data: the same for a copy or an identical re-preparation
+    of the data, different for other rows (new data behind the same fields and sizes)."""
+    digest = hashlib.sha256()
+    root = schema.split_path(split)
+    for path in resolve_paths(schema, split):
+        metadata = pq.ParquetFile(path).metadata.to_dict()
+        digest.update(os.path.relpath(path, root).encode())
+        digest.update(json.dumps(metadata, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def read_schema_and_check(schema: DatasetSchema, path: str, extras: Sequence[str] = ()) -> int:

@@ -28,12 +28,13 @@ Example::
 """
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import random
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +44,7 @@ from torch import nn
 
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.pair_swap import SwappedPairs
-from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
+from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import build_backbone
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
@@ -78,9 +79,11 @@ PLUGINS_FILE = "plugins.json"  # what the plug-ins were built from, and the sche
 # what a run directory holds once its checks have passed (config.yaml and results.json are
 # common names, so they do not mark a directory as a run's)
 RUN_MARKERS = ("metrics.jsonl", "sharding_plan.json", "checkpoints", "best")
+RUN_LOCK_FILE = ".lock"  # rank 0 of a training job holds an exclusive lock on it
 # parts of the llactr record that describe where and when, not which, vectors
 VECTOR_RECORD_PLACE_KEYS = frozenset({"config", "vectors", "created_at", "created_by"})
 SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in PLUGINS_FILE: the data set's schema the run trained on
+DATA_FINGERPRINTS_KEY = "data_fingerprints"  # in PLUGINS_FILE: split -> the Parquet footers' hash of its files
 
 # Called on every rank after each optimizer step (and after a checkpoint of that step).
 StepHook = Callable[[TrainState], None]
@@ -112,16 +115,25 @@ def set_cpu_float_mode(train_cfg: TrainConfig) -> bool:
     return flushing
 
 
-def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext) -> DatasetSchema:
+def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate: bool = True) -> DatasetSchema:
     """Loads ``data.schema``; rank 0 first generates the synthetic data if asked and missing.
 
+    Args:
+        generate (bool): False for a job on a trained run (evaluate, export, teacher outputs):
+            it reads the data the run trained on, which data generated now need not be.
+
     Raises:
-        FileNotFoundError: the schema is missing and ``data.synthetic_rows`` is 0.
+        FileNotFoundError: the schema is missing and ``data.synthetic_rows`` is 0 (or ``generate`` is False).
     """
     path = config.data.schema
     if not path:
         raise ValueError("data.schema is empty: set it in the config or with data.schema=PATH")
     schema_file = os.path.join(path, "schema.json") if not path.endswith((".json", ".yaml", ".yml")) else path
+    if not generate and not os.path.exists(schema_file):
+        raise FileNotFoundError(
+            f"{schema_file}: schema not found; a trained run is evaluated and exported on the data it trained on, "
+            "which is not generated here: point data.schema at it"
+        )
     if config.data.synthetic_rows <= 0:
         if not os.path.exists(schema_file):
             raise FileNotFoundError(
@@ -369,15 +381,68 @@ def _check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: Tr
 
 
 def _state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed: int) -> TrainState:
-    """Converts the reader position of a checkpoint written with another world size / batch size
-    (exact for another batch size; see :func:`_check_resumable_position` for another world size)."""
+    """Converts the reader position of a checkpoint written with another world size / batch size.
+
+    With another batch size it is exact when the rows read so far fill whole batches of the new
+    size; otherwise the rows of the partial batch are read again (said on rank 0). See
+    :func:`_check_resumable_position` for another world size.
+    """
     if state.world_size == ctx.world_size and state.batch_size == batch_size:
         return state
     samples = state.step_in_epoch * state.batch_size * state.world_size
-    state.step_in_epoch = samples // (batch_size * ctx.world_size)
+    state.step_in_epoch, left_over = divmod(samples, batch_size * ctx.world_size)
+    if left_over and state.world_size == ctx.world_size and ctx.is_main:
+        print(f"[recsys_llm] resuming {samples} rows into epoch {state.epoch} with data.batch_size={batch_size} "
+              f"(was {state.batch_size}): {left_over} of them do not fill a batch and are read again", flush=True)
     state.world_size, state.batch_size = ctx.world_size, batch_size
     seed_everything(seed + state.global_step + ctx.rank)
     return state
+
+
+def data_fingerprints(config: ExperimentConfig, schema: DatasetSchema) -> Dict[str, str]:
+    """Split name -> :func:`~recsys_llm.data.parquet.split_fingerprint` of every split the run reads."""
+    data = config.data
+    splits = [split for split in (data.train_split, data.valid_split, data.test_split) if split and split in schema.splits]
+    return {split: split_fingerprint(schema, split) for split in dict.fromkeys(splits)}
+
+
+def check_same_data(saved_record: Dict[str, Any], current: Dict[str, str], schema: DatasetSchema, source: str) -> None:
+    """Raises when a split a resumed run reads now holds other rows than when the run started (the
+    directory prepared again with the same fields and sizes): the run would go on with other data,
+    and skip as many batches of it as it had trained of the old. Runs that recorded no data
+    fingerprints (older ones) are not checked.
+
+    Raises:
+        ConfigError: naming the splits that changed.
+    """
+    saved = saved_record.get(DATA_FINGERPRINTS_KEY) or {}
+    changed = [split for split in current if split in saved and saved[split] != current[split]]
+    if changed:
+        raise ConfigError(
+            f"{source}: the data of split(s) {changed} in {schema.root} changed since this run started (other rows "
+            "under the same fields and sizes, e.g. prepared again); a resume would train on both. Restore the data "
+            "the run started with, or train into another train.run_dir"
+        )
+
+
+def lock_run_dir(run_dir: str) -> IO[str]:
+    """Creates ``run_dir`` and takes an exclusive lock on ``run_dir/.lock`` (released when the returned
+    file is closed, or its process ends, even by SIGKILL).
+
+    Raises:
+        ConfigError: another process holds the lock (a job training in ``run_dir``).
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    handle = open(os.path.join(run_dir, RUN_LOCK_FILE), "a", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            f"{run_dir}: another job is training in this train.run_dir (it holds {RUN_LOCK_FILE} there); wait for "
+            "it to end (or stop it), or use another train.run_dir"
+        ) from None
+    return handle
 
 
 def check_run_dir_is_ours(run_dir: str) -> None:
@@ -388,7 +453,7 @@ def check_run_dir_is_ours(run_dir: str) -> None:
         ConfigError: naming the directory and a few of its entries.
     """
     entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
-    if entries and not any(marker in entries for marker in RUN_MARKERS):
+    if entries and not any(marker in entries for marker in (*RUN_MARKERS, RUN_LOCK_FILE)):
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ConfigError(
             f"{run_dir}: train.run_dir is not empty and holds no run of recsys-llm train (it has {shown}; a run "
@@ -470,6 +535,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         # a bad vector or teacher file can fail on the one rank that reads its rows
         run_on_every_rank(lambda: load_plugin_state(model, built, schema), "loading the plug-in weights", ctx.device)
     saved_config = os.path.join(run_dir, "config.yaml")
+    fingerprints = data_fingerprints(config, schema)
     # every rank, before anything in run_dir changes
     if earlier is not None and not train_cfg.resume:
         raise ValueError(f"{run_dir}: holds checkpoints of an earlier run ({earlier}); with train.resume=false "
@@ -487,12 +553,33 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
                 saved_record = json.load(handle)
             check_plugin_history(saved_record, built.plugins, saved_plugins)
             check_same_field_vectors(saved_record, built.plugins, saved_plugins)
+            check_same_data(saved_record, fingerprints, schema, saved_plugins)
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
+    # rank 0 holds the run directory while the job trains: a second job there would delete the
+    # first one's checkpoint in writing and interleave its metrics
+    lock = run_on_every_rank(lambda: lock_run_dir(run_dir) if ctx.is_main else None, "locking train.run_dir", ctx.device)
+    try:
+        return _train_in_run_dir(config, ctx, schema, built, readers, model, plan, optimizer, checkpoints, best, latest,
+                                 saved_config, fingerprints, on_step)
+    finally:
+        if lock is not None:
+            lock.close()  # closing the file releases its lock
+
+
+def _train_in_run_dir(
+    config: ExperimentConfig, ctx: DistContext, schema: DatasetSchema, built: BuiltTask,
+    readers: Dict[str, ParquetBatchReader], model: nn.Module, plan: Any, optimizer: Any, checkpoints: CheckpointManager,
+    best: CheckpointManager, latest: Optional[str], saved_config: str, fingerprints: Dict[str, str],
+    on_step: Optional[StepHook],
+) -> Dict[str, Any]:
+    """:func:`run_training` from the first write into ``train.run_dir`` on (rank 0 holds its lock)."""
+    train_cfg = config.train
+    run_dir = train_cfg.run_dir
     if ctx.is_main:
-        os.makedirs(run_dir, exist_ok=True)
         save_config(config, saved_config)
         write_text_atomically(os.path.join(run_dir, PLUGINS_FILE), json.dumps(
-            {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), **built.plugins}, indent=2, sort_keys=True, default=str))
+            {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), DATA_FINGERPRINTS_KEY: fingerprints, **built.plugins},
+            indent=2, sort_keys=True, default=str))
         with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
             handle.write(describe_plan(plan))
     log = _RunLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
@@ -633,7 +720,7 @@ def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
     check_same_model(config, saved_config)
     set_cpu_float_mode(config.train)
     ctx = init_distributed(config.train.device)
-    schema = load_or_generate_schema(config, ctx)
+    schema = load_or_generate_schema(config, ctx, generate=False)
     _check_trained_on(schema, saved_config, checkpoint)
     return TrainedRun(checkpoint, ctx, schema)
 

@@ -302,7 +302,7 @@ def test_a_resume_with_another_batch_size_goes_on_from_the_same_row(synthetic_di
     assert out["resumed"]["global_step"] == 4 + out["batches_of_512"] - 8
 
 
-def _resume_on_data_prepared_again(root: str) -> Dict[str, Any]:
+def _resume_on_data_prepared_again(root: str, rows: int, seed: int) -> Dict[str, Any]:
     from recsys_llm.data.synthetic import generate_synthetic
 
     data, run_dir = os.path.join(root, "data"), os.path.join(root, "run")
@@ -315,19 +315,49 @@ def _resume_on_data_prepared_again(root: str) -> Dict[str, Any]:
 
     before = contents()
     shutil.rmtree(data)
-    generate_synthetic(data, 20_000, seed=0)  # the same directory, now with larger id tables
+    generate_synthetic(data, rows, seed=seed)  # the same directory, prepared again
     try:
-        _run(data, run_dir, ["train.epochs=2"])
+        _run(data, run_dir, ["train.epochs=1", "train.max_steps=2"])
         error = None
     except ConfigError as exc:
         error = str(exc)
     return {"error": error, "run_files_unchanged": contents() == before}
 
 
-def test_a_resume_on_data_prepared_again_with_other_sizes_is_refused_before_anything_is_written(tmp_path) -> None:
-    (out,) = run_multiprocess(_resume_on_data_prepared_again, world_size=1, root=str(tmp_path))
-    assert out["error"] is not None and "trained on data with schema fingerprint" in out["error"]
+@pytest.mark.parametrize("rows, seed, refusal", [
+    (20_000, 0, "trained on data with schema fingerprint"),  # larger id tables: another schema
+    (2000, 1, "the data of split(s) ['train', 'valid', 'test'] in"),  # same fields and sizes, other rows
+    (2000, 0, None),  # the same data written again: the run goes on
+])
+def test_a_resume_on_data_prepared_again_is_refused_before_anything_is_written(tmp_path, rows, seed, refusal) -> None:
+    (out,) = run_multiprocess(_resume_on_data_prepared_again, world_size=1, root=str(tmp_path), rows=rows, seed=seed)
+    if refusal is None:
+        assert out["error"] is None
+        return
+    assert out["error"] is not None and refusal in out["error"]
     assert out["run_files_unchanged"]
+
+
+def _second_job_in_a_run_dir(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.train.runner import lock_run_dir
+
+    run_dir = os.path.join(root, "run")
+    _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=1"])
+    first_job = lock_run_dir(run_dir)  # as a job training there holds it
+    try:
+        _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=2"])
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    first_job.close()
+    again = _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=2"])  # the lock is gone with its job
+    return {"error": error, "steps_after": again["global_step"]}
+
+
+def test_a_second_job_in_a_run_dir_in_use_is_refused(synthetic_dir: str, tmp_path) -> None:
+    (out,) = run_multiprocess(_second_job_in_a_run_dir, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    assert out["error"] is not None and "another job is training in this train.run_dir" in out["error"]
+    assert out["steps_after"] == 2
 
 
 def _schema_seen_late_by_rank_1(schema_dir: str, run_dir: str) -> float:
@@ -516,3 +546,38 @@ def test_the_float_mode_is_set_before_the_process_group_and_any_torch_work(comma
     with pytest.raises(Stop):
         runner.run_training(config) if command == "train" else runner.run_evaluation(config, "some/run")
     assert calls == ["flush=False", "init_distributed"]
+
+
+def test_a_resume_with_a_batch_size_that_splits_a_batch_says_which_rows_repeat(capsys) -> None:
+    import torch
+
+    from recsys_llm.train.distributed import DistContext
+    from recsys_llm.train.runner import _state_for_world
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    exact = _state_for_world(TrainState(step_in_epoch=4, world_size=1, batch_size=1024), ctx, 512, seed=0)
+    assert exact.step_in_epoch == 8 and capsys.readouterr().out == ""
+    split = _state_for_world(TrainState(step_in_epoch=100, world_size=1, batch_size=256), ctx, 300, seed=0)
+    assert split.step_in_epoch == 85  # 25,600 rows read: 85 batches of 300, and 100 rows read again
+    assert "100 of them do not fill a batch and are read again" in capsys.readouterr().out
+
+
+def _evaluate_on_missing_data(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.train.runner import run_evaluation
+
+    run_dir, missing = os.path.join(root, "run"), os.path.join(root, "not_there")
+    _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=1"])
+    config = load_config(DEEPFM_CONFIG, _overrides(missing, run_dir, 1024) + ["data.synthetic_rows=500"])
+    try:
+        run_evaluation(config, run_dir)
+        error = None
+    except FileNotFoundError as exc:
+        error = str(exc)
+    return {"error": error, "generated": os.path.exists(missing)}
+
+
+def test_a_trained_run_is_not_evaluated_on_data_generated_for_it(synthetic_dir: str, tmp_path) -> None:
+    """data.synthetic_rows generates data for training; a trained run reads the data it trained on."""
+    (out,) = run_multiprocess(_evaluate_on_missing_data, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    assert out["error"] is not None and "is not generated here: point data.schema at it" in out["error"]
+    assert not out["generated"]
