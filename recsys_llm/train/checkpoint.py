@@ -481,12 +481,15 @@ def load_checkpoint(
         full["state"].update(target.get("optim", {}))  # the empty states stay as they are
         optimizer.load_state_dict(full)
     rng_file = os.path.join(path, f"rank{_rank():05d}.pt")
-    if restore_rng and state.world_size == _world_size() and os.path.isfile(rng_file):
+    if restore_rng and state.world_size == _world_size():
+        if not os.path.isfile(rng_file):  # every rank writes one: without it the resume is not exact
+            raise _damaged(rng_file, FileNotFoundError("missing"))
         try:
             rng_state = torch.load(rng_file, weights_only=True)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+            _set_rng_state(rng_state)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError,
+                IndexError) as error:  # the weights-only unpickler's errors, and a state of the wrong shape
             raise _damaged(rng_file, error) from error
-        _set_rng_state(rng_state)
     return state
 
 

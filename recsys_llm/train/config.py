@@ -136,6 +136,10 @@ class TrainConfig:
                  if getattr(self, name) < low]
         if self.device not in DEVICES:
             wrong.append(f"device={self.device!r} (must be one of {', '.join(DEVICES)})")
+        if not str(self.run_dir).strip():
+            wrong.append("run_dir='' (must name a directory)")
+        elif os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
+            wrong.append(f"run_dir={self.run_dir!r} (is a file, must be a directory)")
         if wrong:
             raise ValueError(f"{', '.join(wrong)}")
 

@@ -59,17 +59,21 @@ def select_device(local_rank: int, device: str = "auto") -> torch.device:
     """``auto`` picks ``cuda:{local_rank}`` when CUDA is available, else ``cpu``.
 
     Raises:
-        RuntimeError: ``cuda`` was asked for and no GPU (or not enough GPUs) is visible.
+        ValueError: ``cuda`` was asked for and no GPU (or not enough GPUs) is visible.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"device 'cuda' (train.device) requested, but torch ({torch.__version__}, {build}) sees no "
+                         "GPU; use device 'auto' or 'cpu', or install the CUDA variant (RECSYS_LLM_VARIANT=cuda make install)")
     if count == 1:  # one GPU per process (CUDA_VISIBLE_DEVICES per rank), or a single-GPU host
         return torch.device("cuda", 0)
     if local_rank >= count:
-        raise RuntimeError(f"device 'cuda' requested for local rank {local_rank} but {count} GPU(s) are visible")
+        raise ValueError(f"device 'cuda' requested for local rank {local_rank} but {count} GPU(s) are visible")
     return torch.device("cuda", local_rank)
 
 

@@ -91,6 +91,7 @@ FUSED_DENSE_DEVICES: Dict[str, FrozenSet[str]] = {
     "sgd": frozenset({"cpu", "cuda"}),
 }
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise", "table_column_wise")
+CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")  # torchrec 1.8's CPU sharder
 COMPUTE_KERNELS = ("dense", "fused")
 
 
@@ -314,6 +315,16 @@ def shard_model(
         raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")
     frozen = frozen_table_names(task, sharding)
     compute_device = sharding.compute_device if sharding.compute_device != "auto" else device.type
+    if compute_device != device.type:
+        raise ValueError(f"sharding.compute_device={sharding.compute_device!r}, but this rank computes on {device.type} "
+                         "(train.device): plan for the device the job runs on ('auto')")
+    if compute_device == "cpu":
+        for name, allowed in [("sharding.sharding_types", sharding.sharding_types)] + [
+                (f"sharding.table_constraints.{table}.sharding_types", override.get("sharding_types", []))
+                for table, override in sharding.table_constraints.items()]:
+            if allowed and not set(allowed) & set(CPU_SHARDING_TYPES):
+                raise ValueError(f"{name}={list(allowed)}: torchrec's CPU sharder offers only {list(CPU_SHARDING_TYPES)} "
+                                 "(row-wise types need CUDA); allow one of those on CPU")
     if compute_device == "cpu" and optim.sparse not in CPU_SPARSE_OPTIMIZERS:
         raise ValueError(
             f"optim.sparse={optim.sparse!r}: FBGEMM's CPU embedding kernels implement only "

@@ -277,7 +277,7 @@ def _truncate(path: str) -> None:
         handle.truncate(max(1, os.path.getsize(path) // 2))
 
 
-@pytest.mark.parametrize("damage", ["distcp", "metadata", "rng", "train_state_type"])
+@pytest.mark.parametrize("damage", ["distcp", "metadata", "rng", "rng_missing", "rng_garbage", "train_state_type"])
 def test_a_damaged_checkpoint_is_a_one_line_error_naming_its_file(tmp_path, monkeypatch, damage: str) -> None:
     _state_only_dcp(monkeypatch)
     checkpoint = CheckpointManager(str(tmp_path)).save(nn.Linear(2, 1), None, TrainState(global_step=3))
@@ -290,6 +290,10 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_its_file(tmp_path, monk
             handle.write(b"\x80\x04garbage")
     elif damage == "rng":
         _truncate(files["pt"])
+    elif damage == "rng_missing":  # the resume would go on without this rank's RNG state: not exact
+        os.remove(files["pt"])
+    elif damage == "rng_garbage":
+        torch.save({"torch": torch.zeros(3)}, files["pt"])  # loads, but is no RNG state
     else:
         with open(files["json"], "w", encoding="utf-8") as handle:
             handle.write(TrainState(global_step=3).to_json().replace('"global_step": 3', '"global_step": "3"'))

@@ -209,3 +209,25 @@ def test_a_file_mistake_left_after_an_override_fixed_another_is_reported_with_bo
         load_config(str(bad), ["data.batch_size=64"])
     assert str(info.value).startswith(f"{bad} with command-line override(s) data.batch_size=64: optim.dense_lr")
     assert "dense_lr" in str(info.value)
+
+
+def test_run_dir_must_name_a_directory(tmp_path) -> None:
+    from recsys_llm.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="run_dir='' \\(must name a directory\\)"):
+        TrainConfig(run_dir="")
+    a_file = tmp_path / "README.md"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file, must be a directory"):
+        TrainConfig(run_dir=str(a_file))
+
+
+def test_cuda_on_a_machine_without_a_gpu_is_named() -> None:
+    import torch
+
+    from recsys_llm.train.distributed import select_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="device 'cuda' \\(train.device\\) requested, but torch .* sees no GPU"):
+        select_device(0, "cuda")

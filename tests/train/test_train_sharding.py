@@ -342,3 +342,24 @@ def test_full_state_gathers_and_loads_shard_by_shard(synthetic_dir: str, tmp_pat
     assert rank_0["keys"] == rank_1["keys"] and rank_0["empty_elsewhere"] and rank_1["empty_elsewhere"]
     assert rank_0["loaded_equal"], "load_full_state of the file did not land in the right shards"
     assert rank_0["copied"] == rank_1["copied"] == len(rank_0["keys"])
+
+
+def _shard_with(schema_path: str, sharding: ShardingConfig) -> str:
+    ctx = init_distributed("cpu")
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], DatasetSchema.load(schema_path), device=torch.device("meta")))
+    try:
+        shard_model(task, ctx.device, ctx.world_size, sharding, OptimizerConfig())
+    except ValueError as error:
+        return str(error)
+    return "sharded"
+
+
+@pytest.mark.parametrize("sharding, message", [
+    (ShardingConfig(sharding_types=["row_wise"]), "sharding.sharding_types=['row_wise']: torchrec's CPU sharder offers only"),
+    (ShardingConfig(table_constraints={"t_user_id": {"sharding_types": ["table_row_wise"]}}),
+     "sharding.table_constraints.t_user_id.sharding_types=['table_row_wise']"),
+    (ShardingConfig(compute_device="cuda"), "sharding.compute_device='cuda', but this rank computes on cpu"),
+])
+def test_a_plan_the_cpu_cannot_run_is_named(synthetic_dir: str, sharding: ShardingConfig, message: str) -> None:
+    (error,) = run_multiprocess(_shard_with, world_size=1, schema_path=synthetic_dir, sharding=sharding)
+    assert message in error
