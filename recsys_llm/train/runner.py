@@ -487,6 +487,12 @@ def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dic
         )
 
 
+def _earlier_throughput(run_dir: str) -> Optional[float]:
+    """``samples_per_second`` of the results an earlier job wrote in ``run_dir`` (None without one)."""
+    earlier = finished_results(run_dir) if os.path.isfile(os.path.join(run_dir, RESULTS_FILE)) else None
+    return earlier.get("samples_per_second") if earlier else None
+
+
 def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
     """The ``results.json`` :func:`run_training` wrote last in ``run_dir``, or None if it never finished."""
     path = os.path.join(run_dir, RESULTS_FILE)
@@ -646,7 +652,8 @@ def _train_in_run_dir(
         "epochs": state.epoch,
         "best_step": state.best_step,
         "stopped_early": _stopped_early(state, train_cfg),
-        "samples_per_second": float(np.mean(throughput)) if throughput else None,
+        # a job that trained no step (a finished run run again) keeps the earlier job's figure
+        "samples_per_second": float(np.mean(throughput)) if throughput else _earlier_throughput(run_dir),
         "valid": {"auc": None if state.best_metric == float("-inf") else state.best_metric},
     }
     if "test" in readers:

@@ -205,6 +205,7 @@ def _extend_a_finished_run(schema_dir: str, root: str) -> Dict[str, Any]:
     out = {"one": _run(schema_dir, extended, ["train.epochs=1"])}
     out["extended"] = _run(schema_dir, extended, ["train.epochs=2"])
     out["extended_events"] = _after_last_resume(_events(extended))
+    out["again"] = _run(schema_dir, extended, ["train.epochs=2"])  # finished: trains no step
     out["fresh"] = _run(schema_dir, os.path.join(root, "fresh"), ["train.epochs=2"])
     return out
 
@@ -216,6 +217,8 @@ def test_a_finished_run_resumed_with_more_epochs_trains_them(synthetic_dir: str,
     assert out["extended"]["epochs"] == 2
     assert out["extended"]["test"] == out["fresh"]["test"]
     assert [e["epoch"] for e in out["extended_events"] if e["event"] == "epoch"] == [1]
+    # the same command on the finished run keeps its throughput figure (it trained no step itself)
+    assert out["again"]["samples_per_second"] == out["extended"]["samples_per_second"] is not None
 
 
 @pytest.mark.parametrize(
