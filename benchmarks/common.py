@@ -92,6 +92,9 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.plot is None:
         args.plot = args.json.with_suffix(".png")
+    from recsys_llm.cli import quiet_upstream_notices
+
+    quiet_upstream_notices()  # as the commands do: the figures, not torchrec's advisories, fill the log
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.name = name
     import torch
