@@ -17,7 +17,10 @@ The user writes a schema file (JSON or YAML, the format of
 Columns are converted per field kind (values are taken as they are: no scaling):
 
 * **sparse**: integer columns are ids (checked against ``cardinality``; folded with a
-  modulo when ``hashed``). String columns holding only integers are parsed as ids (a
+  modulo when ``hashed``, a ``uint64`` id above ``2**63 - 1`` included). A floating column (pandas
+  writes an integer column with a gap as float64) holds ids too: whole numbers, NaN or null for
+  missing; another value is an error naming its row. Dictionary-encoded columns (pandas'
+  ``category``) are read as their values. String columns holding only integers are parsed as ids (a
   column of mostly integers with a few other values is an error naming the first one, unless
   the field is listed in ``vocabulary_fields`` or hashed); other strings are hashed
   (``hashed: true``) or mapped through a vocabulary built from the data (ids ``1..V`` in
@@ -27,7 +30,10 @@ Columns are converted per field kind (values are taken as they are: no scaling):
   except in a column of integer ids, where pyarrow's missing markers (``NA``, ``null``,
   ``NaN``, ...) are missing (R's ``write.csv`` writes ``NA``).
 * **sequence**: list columns (Parquet) or strings joined by ``sequence_separator``
-  (CSV), tokens handled as for sparse fields.
+  (CSV, or a Parquet string column), tokens handled as for sparse fields, except that a missing
+  token is dropped from its sequence, not given id 0: a null element of a list (of strings or of
+  integers), an empty or blank string token, a missing-value marker among integer ids. A scalar
+  column of numbers is no sequence column (an error).
 * **dense**: numbers; NaN/inf/missing are errors unless ``fill_missing_dense`` is set.
 * **label**: 0/1 (or ``value > label_threshold`` when a threshold is set, e.g. ratings).
 * **row key**: the column ``row_key`` names must exist and hold a unique integer per row;
@@ -43,7 +49,9 @@ ranked by that column, ties in file order; rows keep file order inside a split).
 column holds one sortable type: numbers, or ISO-8601 dates/timestamps (all with or all without
 a zone offset); a text column of them is parsed, other text is an error naming the first such
 cell, as text order is no time order (``"10" < "100" < "20"``, ``"12/31/2023" > "01/05/2024"``).
-Reading is streamed in blocks; only the split column, the row keys (checked for repeats)
+In a directory of Parquet files, every file must hold the columns, each of one token type (integer
+ids or string tokens) in all files; a field listed in ``vocabulary_fields`` may mix them (every
+value is then read as text). Reading is streamed in blocks; only the split column, the row keys (checked for repeats)
 and the vocabularies are held in memory. The output is written whole or not at all (a failed run keeps an earlier one).
 """
 
@@ -61,7 +69,7 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 from recsys_llm.data.hashing import hash_strings
-from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, write_prepared
+from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, parquet_files, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError, load_raw, schema_file
 from recsys_llm.data.synthetic import write_value_text
 from recsys_llm.data.validation import (
@@ -175,8 +183,7 @@ def _blocks(
     ``row_key`` as strings, parsed later with messages naming the row.
     """
     if _is_parquet(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet")) if os.path.isdir(path) else [path]
-        for file_path in files:
+        for file_path in parquet_files(path):
             handle = open_parquet(file_path)
             try:
                 yield from handle.iter_batches(batch_size=65536, columns=columns)
@@ -256,36 +263,159 @@ def _source_columns(path: str, config: TabularConfig) -> List[str]:
     if not os.path.exists(path):
         raise DataError(f"{path}: data file not found")
     if _is_parquet(path):
-        first = path if not os.path.isdir(path) else next(
-            (os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".parquet")), None)
-        if first is None:
-            raise DataError(f"{path}: directory holds no *.parquet files")
-        return list(open_parquet(first).schema_arrow.names)
+        return list(open_parquet(parquet_files(path)[0]).schema_arrow.names)
     return _csv_columns(path, config.delimiter)
 
 
 # ---- tokens -------------------------------------------------------------------------------------------
-def _tokens(array: pa.Array, spec: FieldSpec, separator: str) -> Tuple[pa.Array, Optional[np.ndarray]]:
-    """(flat token array, per-row lengths or None for sparse fields). Empty tokens dropped from sequences."""
-    if spec.kind == FieldKind.SPARSE:
-        return array, None
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        array = pc.split_pattern(pc.fill_null(array, ""), separator)
-    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy().astype(np.int64)
-    flat = pc.list_flatten(array)
-    if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
-        flat = pc.utf8_trim_whitespace(flat)
-        keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
-        rows = np.repeat(np.arange(len(lengths)), lengths)
-        lengths = np.bincount(rows[keep], minlength=len(lengths)).astype(np.int64)
-        flat = flat.filter(pa.array(keep))
-    return flat, lengths
+def _is_list(dtype: pa.DataType) -> bool:
+    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
 
 
-def _integer_typed(dtype: pa.DataType) -> bool:
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+def _is_text(dtype: pa.DataType) -> bool:
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
+_TOKEN_WORDS = {"integer": "integer ids", "string": "string tokens"}  # a token type in messages
+
+
+def _token_type(dtype: pa.DataType) -> Optional[str]:
+    """What a categorical column's values are: ``"integer"`` ids (integers, or floats holding whole
+    numbers), ``"string"`` tokens, or None (another type); lists and dictionaries by their values."""
+    if _is_list(dtype):
         dtype = dtype.value_type
-    return pa.types.is_integer(dtype)
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    if pa.types.is_integer(dtype) or pa.types.is_floating(dtype):
+        return "integer"
+    return "string" if _is_text(dtype) else None
+
+
+def _check_token_column(path: str, spec: FieldSpec, dtype: pa.DataType, separator: str) -> None:
+    """Raises unless a column of type ``dtype`` fits categorical field ``spec``: one value per row for
+    a sparse field, a list (or a string of tokens joined by ``separator``) for a sequence field."""
+    where = f"{path}: column {spec.name!r} ({spec.kind.value} field) has type {dtype}"
+    scalar = dtype.value_type if pa.types.is_dictionary(dtype) else dtype  # a string column may be dictionary-encoded
+    if spec.kind == FieldKind.SEQUENCE and not _is_list(dtype) and not _is_text(scalar):
+        raise DataError(f"{where}; expected a list column (e.g. list<int64> or list<string>) or a string column of "
+                        f"tokens joined by {separator!r} (--sequence-separator, TabularConfig.sequence_separator); "
+                        "a column of one value per row fits a sparse field")
+    if spec.kind == FieldKind.SPARSE and _is_list(dtype):
+        raise DataError(f"{where}; expected one integer id or string token per row (a list column fits a "
+                        "sequence field)")
+    if _token_type(dtype) is None:
+        raise DataError(f"{where}; expected integer ids (integers, or floats holding whole numbers) or string "
+                        "tokens (strings, or dictionary-encoded strings such as pandas' category)")
+
+
+def _check_parquet_types(path: str, schema: DatasetSchema, config: TabularConfig, columns: List[str]) -> Dict[str, str]:
+    """Checks the footer of every Parquet file of ``path``: the ``columns``, and categorical columns
+    of a type that fits their field and of one token type in every file (``"integer"`` ids or
+    ``"string"`` tokens; a ``vocabulary_fields`` field may mix them: its values are read as text).
+
+    Returns:
+        Dict[str, str]: the token type of every categorical field: ``"integer"``, ``"string"`` or
+        ``"mixed"`` (a ``vocabulary_fields`` field whose files differ).
+    """
+    files = parquet_files(path)
+    first: Dict[str, Tuple[str, pa.DataType, str]] = {}  # field -> (token type, Arrow type, file) of its first file
+    kinds: Dict[str, str] = {}
+    for file_path in files:
+        arrow = open_parquet(file_path).schema_arrow
+        absent = [c for c in columns if c not in arrow.names]
+        if absent:
+            raise DataError(f"{file_path}: missing column(s) {absent} that {files[0]} has; expected the same columns "
+                            f"in every file of {path}")
+        for spec in schema.categorical_fields:
+            dtype = arrow.field(spec.name).type
+            _check_token_column(file_path, spec, dtype, config.sequence_separator)
+            kind = _token_type(dtype)
+            first_kind, first_type, first_file = first.setdefault(spec.name, (kind, dtype, file_path))
+            kinds[spec.name] = kinds.get(spec.name, kind) if kind == first_kind else "mixed"
+            if kind == first_kind or spec.name in config.vocabulary_fields:
+                continue
+            hint = "" if spec.hashed else (f", or pass --vocabulary {spec.name} (TabularConfig.vocabulary_fields) to "
+                                            "read every value as text through a vocabulary")
+            raise DataError(
+                f"{path}: column {spec.name!r} has type {dtype} ({_TOKEN_WORDS[kind]}) in {file_path} but {first_type} "
+                f"({_TOKEN_WORDS[first_kind]}) in {first_file}; expected integer ids in every file or string tokens in "
+                f"every file (write the column with one type{hint})"
+            )
+    return kinds
+
+
+def _decoded(array: pa.Array) -> pa.Array:
+    """A dictionary-encoded array (pandas' category) as its values; any other array as it is."""
+    return pc.cast(array, array.type.value_type) if pa.types.is_dictionary(array.type) else array
+
+
+def _whole_numbers(flat: pa.Array, path: str, spec: FieldSpec, lengths: Optional[np.ndarray], row: int) -> pa.Array:
+    """Floating ids (pandas writes an integer column with a gap as float64) as int64; NaN and null are
+    missing (null). ``lengths``: per-row counts of ``flat`` for sequences, None for sparse fields.
+
+    Raises:
+        DataError: naming the row of the first value that is no whole number within int64.
+    """
+    values = flat.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls as NaN
+    missing = np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        ok = missing | ((values == np.floor(values)) & (values >= -(2.0 ** 63)) & (values < 2.0 ** 63))
+    if not ok.all():
+        index = int(np.argmin(ok))
+        bad_row = row + row_of_value(None if lengths is None else offsets_from_lengths(lengths), index)
+        raise DataError(
+            f"{path}: column {spec.name!r}, {describe_row(bad_row, _first_line(path))}: {values[index].item()!r} is not "
+            f"a whole number; expected integer ids in {spec.kind.value} field {spec.name!r} (a floating column may "
+            "hold whole numbers, and NaN or null for missing)"
+        )
+    return pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing)
+
+
+def _tokens(
+    array: pa.Array,
+    spec: FieldSpec,
+    separator: str,
+    path: str,
+    row: int,
+    missing: Optional[pa.Array] = None,
+) -> Tuple[pa.Array, Optional[np.ndarray]]:
+    """(flat tokens, per-row lengths or None for sparse fields) of a block whose first row is ``row``.
+
+    The tokens are integer ids or strings: dictionary-encoded columns are decoded and floating
+    ids made int64 (NaN is missing, a fraction an error). Sequences drop their missing tokens:
+    null elements (of string and of integer lists alike), empty or blank strings, and strings
+    in ``missing`` (markers such as ``NA`` among integer ids); a null list is an empty sequence.
+    Sparse fields keep their nulls (id 0).
+
+    Raises:
+        DataError: a column whose type does not fit the field (see :func:`_check_token_column`),
+            or a floating id that is no whole number.
+    """
+    _check_token_column(path, spec, array.type, separator)
+    array = _decoded(array)
+    lengths: Optional[np.ndarray] = None
+    if spec.kind == FieldKind.SPARSE:
+        flat = array
+    else:
+        if _is_text(array.type):
+            array = pc.split_pattern(pc.fill_null(array, ""), separator)
+        lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = _decoded(pc.list_flatten(array))
+    if pa.types.is_floating(flat.type):
+        flat = _whole_numbers(flat, path, spec, lengths, row)
+    if lengths is not None:
+        keep = flat.is_valid()
+        if _is_text(flat.type):
+            flat = pc.utf8_trim_whitespace(flat)
+            keep = pc.and_(keep, pc.fill_null(pc.not_equal(flat, ""), False))
+            if missing is not None:
+                keep = pc.and_(keep, pc.invert(pc.fill_null(pc.is_in(flat, value_set=missing), False)))
+        keep = np.asarray(keep, dtype=bool)
+        if not keep.all():
+            rows = np.repeat(np.arange(len(lengths)), lengths)
+            lengths = np.bincount(rows[keep], minlength=len(lengths)).astype(np.int64)
+            flat = flat.filter(pa.array(keep))
+    return flat, lengths
 
 
 @dataclasses.dataclass
@@ -327,19 +457,20 @@ def _plan(
 ) -> Tuple[Dict[str, _FieldPlan], Optional[pa.Array]]:
     """First pass: token kinds and vocabularies of string fields, and the split column.
 
-    Skipped (integer ids everywhere, random split) for Parquet sources whose categorical
-    columns are all integer typed.
+    Parquet sources get their footers checked first (:func:`_check_parquet_types`); the pass is
+    skipped (integer ids everywhere, random split) when their categorical columns are all of
+    integer (or floating) type in every file.
 
     Raises:
         DataError: a column of integer ids with a few other values (``3.5``, ``bob``), naming the
-            first such cell: read as a vocabulary, every id would be renumbered silently.
+            first such cell: read as a vocabulary, every id would be renumbered silently; a
+            Parquet column of a type that does not fit its field, or of integer ids in one file
+            and string tokens in another.
     """
     forced = set(config.vocabulary_fields)
-    if _is_parquet(path) and not config.split_by and not forced:
-        first = path if not os.path.isdir(path) else sorted(
-            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))[0]
-        types = open_parquet(first).schema_arrow
-        if all(_integer_typed(types.field(s.name).type) for s in schema.categorical_fields):
+    if _is_parquet(path):
+        kinds = _check_parquet_types(path, schema, config, columns)
+        if not config.split_by and not forced and all(kinds[s.name] == "integer" for s in schema.categorical_fields):
             return {spec.name: _FieldPlan("ids") for spec in schema.categorical_fields}, None
     string_fields: Dict[str, FieldSpec] = {}
     counts: Dict[str, _TokenCounts] = {}
@@ -347,14 +478,11 @@ def _plan(
     row = 0
     for block in _blocks(path, schema, columns, config, row_key):
         for spec in schema.categorical_fields:
-            flat, lengths = _tokens(block.column(spec.name), spec, config.sequence_separator)
+            flat, lengths = _tokens(block.column(spec.name), spec, config.sequence_separator, path, row)
             if pa.types.is_integer(flat.type):
                 if spec.name not in forced:
                     continue
                 flat = pc.cast(flat, pa.string())
-            if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
-                raise DataError(f"{path}: column {spec.name!r} ({spec.kind.value} field) has type {flat.type}; "
-                                "expected integer ids or string tokens")
             string_fields[spec.name] = spec
             _count_tokens(counts.setdefault(spec.name, _TokenCounts()), flat, lengths, row)
         if config.split_by:
@@ -400,6 +528,9 @@ def _vocabulary_plan(path: str, spec: FieldSpec, seen: Set[str]) -> _FieldPlan:
 
 
 def _ids(flat: pa.Array, plan: _FieldPlan, spec: FieldSpec, salt: int) -> np.ndarray:
+    """(N,) ids of the tokens ``flat`` (nulls: 0): int64, or uint64 as read from a uint64 column,
+    whose values above ``2**63 - 1`` :func:`~recsys_llm.data.validation.check_ids` names as they
+    are (or folds, for a hashed field) rather than letting them wrap to negative ids."""
     if plan.mode == "hash":
         return hash_strings(flat, spec.cardinality, salt=salt)
     if plan.mode == "vocab":
@@ -410,7 +541,8 @@ def _ids(flat: pa.Array, plan: _FieldPlan, spec: FieldSpec, salt: int) -> np.nda
         if plan.missing is not None:
             flat = _null_where_in(flat, plan.missing)
         flat = pc.cast(pc.utf8_trim_whitespace(flat), pa.int64())
-    return pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False)
+    return ids if ids.dtype == np.uint64 else ids.astype(np.int64)
 
 
 # ---- splits ---------------------------------------------------------------------------------------------
@@ -742,7 +874,7 @@ def _convert_block(
             check_dense(path, spec.name, values, row, line, _FILL_HINT)
             out[spec.name] = values.astype(np.float32)
             continue
-        flat, lengths = _tokens(array, spec, config.sequence_separator)
+        flat, lengths = _tokens(array, spec, config.sequence_separator, path, row, plans[spec.name].missing)
         try:
             ids = _ids(flat, plans[spec.name], spec, salt)
         except pa.ArrowInvalid as error:

@@ -284,15 +284,21 @@ def check_ids(
     Args:
         path (str): file name for messages.
         spec (FieldSpec): the categorical field.
-        ids (np.ndarray): (N,) int64 ids (flattened values for sequences).
+        ids (np.ndarray): (N,) int64 ids (flattened values for sequences), or uint64 ones (a uint64
+            column): an id above ``2**63 - 1`` is then named as it is (it would wrap to a negative
+            int64) or, for a hashed field, folded as the unsigned value.
         offsets (Optional[np.ndarray]): (rows + 1,) offsets of each row's ids in ``ids``
             (sequences), None when id ``i`` belongs to row ``i``; only read to name the row
             of a bad id.
         row_offset (int): row index of the chunk's first row in the file.
         first_line (Optional[int]): line of data row 0 in a text source, None for Parquet.
+
+    Returns:
+        np.ndarray: the ids (int64 when ``ids`` is uint64), folded into ``[0, cardinality)`` if hashed.
     """
+    unsigned = ids.dtype == np.uint64
     if ids.size == 0:
-        return ids
+        return ids.astype(np.int64) if unsigned else ids
     low, high = int(ids.min()), int(ids.max())
     if low < 0:
         if spec.hashed:
@@ -304,7 +310,7 @@ def check_ids(
         )
     if high >= spec.cardinality:
         if spec.hashed:
-            return np.mod(ids, spec.cardinality)
+            return (ids % np.uint64(spec.cardinality)).astype(np.int64) if unsigned else np.mod(ids, spec.cardinality)
         first = int(np.argmax(ids >= spec.cardinality))
         raise DataError(
             f"{_where(path, spec.name, row_offset, row_of_value(offsets, first), first_line)}: id {ids[first].item()} in "
@@ -312,7 +318,7 @@ def check_ids(
             f"[0, {spec.cardinality}) "
             '(set "hashed": true in the schema to fold larger ids with a modulo)'
         )
-    return ids
+    return ids.astype(np.int64) if unsigned else ids
 
 
 def check_labels(

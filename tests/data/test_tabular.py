@@ -456,3 +456,147 @@ def test_a_schema_without_a_categorical_field_is_refused_at_prepare(tmp_path, fi
     with pytest.raises(SchemaError, match=rf"schema\.yaml: {what}; expected at least one sparse or sequence field"):
         prepare_tabular(_csv(tmp_path / "d.csv", _rows()), path, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+# ---- Parquet column types: null list elements, dictionaries, floats, uint64, mixed files -------------
+def _parquet_case(tmp_path, columns, fields, name="d.parquet"):
+    """A Parquet file (or, for a list of column dicts, a directory of part files) with a 0/1 ``clicked``
+    column added, and a YAML schema of ``fields``; returns (data, schema) paths."""
+    parts = columns if isinstance(columns, list) else [columns]
+    paths = []
+    for i, part in enumerate(parts):
+        rows = len(next(iter(part.values())))
+        table = pa.table({**part, "clicked": pa.array([r % 2 for r in range(rows)], pa.int64())})
+        paths.append(tmp_path / (name if len(parts) == 1 else os.path.join(name, f"part{i}.parquet")))
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, paths[-1])
+    data = str(paths[0] if len(parts) == 1 else tmp_path / name)
+    return data, _schema_file(tmp_path, {"name": "t", "label": "clicked", "fields": fields}, yaml_format=True)
+
+
+def _rows_of(schema, column):
+    """The written values of ``column`` in source row order (rows are numbered as row_id)."""
+    table = pa.concat_tables([pq.read_table(schema.split_path(s)) for s in schema.splits]).sort_by("row_id")
+    return table[column].to_pylist()
+
+
+SEQ = [{"name": "cats", "kind": "sequence", "cardinality": 10, "max_length": 3}]
+SPARSE = [{"name": "city", "kind": "sparse", "cardinality": 10}]
+
+
+def test_a_null_element_of_a_string_list_is_dropped_like_an_empty_token(tmp_path):
+    lists = [["toys", None, "books"], [None], None, ["toys", " "]] * 10
+    data, schema_path = _parquet_case(tmp_path, {"cats": pa.array(lists, pa.list_(pa.string()))}, SEQ)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    text = schema.load_value_text("cats")["text"].to_pylist()
+    assert text == ["unknown", "books", "toys"]
+    assert _rows_of(schema, "cats")[:4] == [[2, 1], [], [], [2]]
+
+
+def test_a_null_element_of_an_integer_list_is_dropped_like_a_null_string_token(tmp_path):
+    lists = [[1, None, 3], [None], None, [4]] * 10
+    data, schema_path = _parquet_case(tmp_path, {"cats": pa.array(lists, pa.list_(pa.int64()))}, SEQ)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert _rows_of(schema, "cats")[:4] == [[1, 3], [], [], [4]]
+
+
+def test_a_missing_marker_in_a_csv_sequence_of_integer_ids_is_dropped(tmp_path):
+    """A missing id is dropped from a sequence, whether a null list element, an empty token or NA."""
+    raw = {"name": "t", "label": "clicked", "fields": SEQ + [{"name": "price", "kind": "dense"}]}
+    data = _city_data(tmp_path, "s.csv", ["1|NA|3", "2", "NA", "3||4"] * 10, [0.5] * 40, column="cats")
+    schema = prepare_tabular(data, _schema_file(tmp_path, raw), str(tmp_path / "out"))
+    assert schema.field("cats").value_text is None  # ids, not a vocabulary
+    assert _rows_of(schema, "cats")[:4] == [[1, 3], [2], [], [3, 4]]
+
+
+@pytest.mark.parametrize("column, kind, message", [
+    (pa.array(list(range(40)), pa.int64()), "sequence",
+     r"d\.parquet: column 'cats' \(sequence field\) has type int64; expected a list column \(e\.g\. list<int64> or "
+     r"list<string>\) or a string column of tokens joined by '\|' \(--sequence-separator"),
+    (pa.array([float(i) for i in range(40)]), "sequence", r"column 'cats' \(sequence field\) has type double; expected a list"),
+    (pa.array([[1, 2]] * 40), "sparse",
+     r"d\.parquet: column 'cats' \(sparse field\) has type list<element: int64>; expected one integer id or string token "
+     r"per row \(a list column fits a sequence field\)"),
+])
+def test_a_column_of_the_wrong_shape_for_its_field_is_refused_naming_file_column_and_type(tmp_path, column, kind, message):
+    data, schema_path = _parquet_case(tmp_path, {"cats": column}, [dict(SEQ[0], kind=kind)])
+    with pytest.raises(DataError, match=message):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+
+
+def test_a_parquet_string_column_of_a_sequence_field_is_split_by_the_separator(tmp_path):
+    data, schema_path = _parquet_case(tmp_path, {"cats": pa.array(["a|b", None, "b"] * 14)}, SEQ)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert _rows_of(schema, "cats")[:3] == [[1, 2], [], [2]]
+
+
+def test_dictionary_encoded_columns_are_read_as_their_values(tmp_path):
+    """pandas writes a category column as dictionary<values=string, indices=int32>."""
+    cities = pa.array(["paris", "lyon", None, "paris"] * 10).dictionary_encode()
+    cats = pa.array([["a", "b"], ["b", None], None, []] * 10, pa.list_(pa.dictionary(pa.int32(), pa.string())))
+    users = pa.array([3, 4, None, 3] * 10).dictionary_encode()
+    fields = SPARSE + SEQ + [{"name": "user", "kind": "sparse", "cardinality": 10}]
+    data, schema_path = _parquet_case(tmp_path, {"city": cities, "cats": cats, "user": users}, fields)
+    assert pa.types.is_dictionary(pq.read_schema(data).field("city").type)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert schema.load_value_text("city")["text"].to_pylist() == ["unknown", "lyon", "paris"]
+    assert _rows_of(schema, "city")[:4] == [2, 1, 0, 2]
+    assert _rows_of(schema, "cats")[:4] == [[1, 2], [2], [], []]
+    assert _rows_of(schema, "user")[:4] == [3, 4, 0, 3]
+
+
+def test_a_float_id_column_of_whole_numbers_is_read_as_ids_with_nan_missing(tmp_path):
+    """pandas writes an integer column with a gap as float64."""
+    cities = pa.array([1.0, None, float("nan"), 7.0] * 10)
+    cats = pa.array([[1.0, float("nan"), 3.0], None, [None], [2.0]] * 10)
+    data, schema_path = _parquet_case(tmp_path, {"city": cities, "cats": cats}, SPARSE + SEQ)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert schema.field("city").value_text is None
+    assert _rows_of(schema, "city")[:4] == [1, 0, 0, 7]
+    assert _rows_of(schema, "cats")[:4] == [[1, 3], [], [], [2]]
+
+
+@pytest.mark.parametrize("fields, column, row, value", [
+    (SPARSE, {"city": pa.array([1.0, 2.0, 2.5, 3.0] * 10)}, 2, "2.5"),
+    (SPARSE, {"city": pa.array([1.0, 2.0, 3.0, float("inf")] * 10)}, 3, "inf"),
+    (SEQ, {"cats": pa.array([[1.0], [2.0, None], [2.0, 3.25]] * 14)}, 2, "3.25"),
+])
+def test_a_fraction_in_a_float_id_column_names_the_file_column_row_and_value(tmp_path, fields, column, row, value):
+    data, schema_path = _parquet_case(tmp_path, column, fields)
+    name = fields[0]["name"]
+    with pytest.raises(DataError, match=rf"d\.parquet: column '{name}', row {row}: {value} is not a whole number; "
+                                        rf"expected integer ids in {fields[0]['kind']} field '{name}'"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+
+
+def test_a_parquet_directory_mixing_integer_and_string_ids_names_the_file_and_both_types(tmp_path):
+    parts = [{"city": pa.array([1, 2] * 20)}, {"city": pa.array(["paris", "1"] * 20)}]
+    data, schema_path = _parquet_case(tmp_path, parts, SPARSE, name="dir")
+    with pytest.raises(DataError, match=r"dir: column 'city' has type string \(string tokens\) in .*dir/part1\.parquet "
+                                        r"but int64 \(integer ids\) in .*dir/part0\.parquet; expected integer ids in every "
+                                        r"file or string tokens in every file \(write the column with one type, or pass "
+                                        r"--vocabulary city"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    # as the message says: with --vocabulary every value is read as text, the integers of part0 included
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(vocabulary_fields=("city",)))
+    assert schema.load_value_text("city")["text"].to_pylist() == ["unknown", "1", "2", "paris"]
+    assert _rows_of(schema, "city")[:2] + _rows_of(schema, "city")[40:42] == [1, 2, 3, 1]
+
+
+def test_a_parquet_directory_whose_later_file_lacks_a_column_names_that_file(tmp_path):
+    parts = [{"city": pa.array([1, 2] * 20)}, {"town": pa.array([1, 2] * 20)}]
+    data, schema_path = _parquet_case(tmp_path, parts, SPARSE, name="dir")
+    with pytest.raises(DataError, match=r"dir/part1\.parquet: missing column\(s\) \['city'\] that .*part0\.parquet has"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+
+
+def test_uint64_ids_above_the_int64_range_are_named_as_they_are_or_folded_when_hashed(tmp_path):
+    big = 2**63 + 5
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, big, 2, 3] * 10, pa.uint64())}, SPARSE)
+    with pytest.raises(DataError, match=rf"d\.parquet: column 'city', row 1: id {big} in sparse field 'city' is >= "
+                                        r"cardinality 10"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, big, 2, 3] * 10, pa.uint64())},
+                                      [dict(SPARSE[0], hashed=True)])
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert _rows_of(schema, "city")[:4] == [1, big % 10, 2, 3]
