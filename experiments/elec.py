@@ -130,6 +130,14 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
     return os.path.join(attach_dir, "schema.json"), []
 
 
+def used_vector_dim(vector_overrides: Sequence[str]) -> int:
+    """Width of the LLM vectors the ELEC runs read: ``elec.vector_dim`` of ``vector_overrides``
+    (entity tables of pooled states: H of the LLM, e.g. 384 for MiniLM), which comes after
+    ``VECTOR_DIM`` in every run's overrides and so wins, else ``VECTOR_DIM`` (r as exported)."""
+    dims = [int(o.split("=", 1)[1]) for o in vector_overrides if o.startswith("elec.vector_dim=")]
+    return dims[-1] if dims else VECTOR_DIM
+
+
 def run_backbone(
     data: str, backbone: str, schema: str, base_schema: str, seeds: Sequence[int], work: str, quick: bool,
     vector_overrides: Sequence[str] = (), swap_fields: Sequence[str] = (), swap_catalog: Optional[str] = None,
@@ -246,13 +254,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs, choices[backbone] = run_backbone(args.data, backbone, schema, base_schema, args.seeds, work, args.quick,
                                                vector_overrides, swap_fields, swap_catalog, args.tune_on)
         tables[backbone] = summarize(runs)
-        report(args, name, tables, choices, schema, entities, sample_rows, started, argv)  # partial tables as they come
+        report(args, name, tables, choices, schema, entities, sample_rows, used_vector_dim(vector_overrides), started,
+               argv)  # partial tables as they come
     return 0
 
 
 def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices: Dict[str, Dict], schema: str,
-           entities: Sequence[str], sample_rows: int, started: float, argv: Optional[List[str]]) -> None:
-    """Writes ``{name}.{json,md,png}`` for the backbones finished so far."""
+           entities: Sequence[str], sample_rows: int, vector_dim: int, started: float,
+           argv: Optional[List[str]]) -> None:
+    """Writes ``{name}.{json,md,png}`` for the backbones finished so far (``vector_dim``: the width of
+    the LLM vectors the runs read, :func:`used_vector_dim`)."""
     backbones = list(tables)
     variants = [v for v in next(iter(tables.values())) if v != "plain"]
     gains = {v: {b: relative_gain(tables[b], v, "plain") for b in backbones} for v in variants}
@@ -284,7 +295,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "granularity": args.granularity,
         "entities": list(entities) if args.granularity == "entity" else None,
         "llm_sample_rows": sample_rows,
-        "vector_dim": VECTOR_DIM,
+        "vector_dim": vector_dim,
         "selection": selection,
         "tune_on": args.tune_on,
         "choices": choices,

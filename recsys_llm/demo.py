@@ -21,6 +21,7 @@ retrains what is missing. Each LLM step prints the equivalent command line.
 
 import json
 import os
+import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
@@ -137,6 +138,13 @@ def comparison_table(results: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def tick_label(name: str, width: int = 20) -> str:
+    """``name`` as a plot's x-tick label: a line break before its first " + ", then lines of at
+    most ``width`` characters, so a long name does not run into its neighbour's."""
+    return "\n".join(line for part in name.replace(" + ", "\n+ ", 1).split("\n")
+                     for line in textwrap.wrap(part, width))
+
+
 def write_outputs(results: Dict[str, Dict[str, Any]], run_root: str) -> List[str]:
     """``demo_results.json`` and, with matplotlib installed, ``demo_results.png``."""
     os.makedirs(run_root, exist_ok=True)
@@ -159,7 +167,7 @@ def write_outputs(results: Dict[str, Dict[str, Any]], run_root: str) -> List[str
         values = [table[n].get(key, float("nan")) for n in names]
         bars = ax.bar([i + offset for i in range(len(names))], values, width, label=label)
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ") for n in names], fontsize=8)
+    ax.set_xticks(range(len(names)), [tick_label(n) for n in names], fontsize=8)
     low = min(v for n in names for v in (table[n]["auc"], table[n].get("cold/auc", 1.0)))
     ax.set_ylim(max(0.0, low - 0.05), None)
     ax.set_ylabel("test AUC")

@@ -105,3 +105,31 @@ def test_sigterm_during_prepare_removes_the_half_written_output(tmp_path) -> Non
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"], err[-2000:]
     assert (out / "earlier.txt").read_text() == "kept"
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_the_defaults_outside_the_semantics_group_too(capsys) -> None:
+    synthetic = _help(["prepare", "synthetic"], capsys)
+    for text in ("--rows ROWS impressions over all splits (at least 10) (default: 200000)",
+                 "--rows-per-group ROWS_PER_GROUP Parquet row group size (default: 65536)",
+                 "(default: 0.1)", "--seed SEED", "(default: 0)"):
+        assert text in synthetic
+    assert "--rows-per-group ROWS_PER_GROUP Parquet row group size (default: 8192)" in _help(["prepare", "movielens"],
+                                                                                             capsys)
+    assert "--hash-size HASH_SIZE rows per categorical table (default: 1000000)" in _help(["prepare", "criteo"], capsys)
+    tabular = _help(["prepare", "tabular"], capsys)
+    assert "train,valid,test shares (default: 0.8,0.1,0.1)" in tabular
+    assert "CSV delimiter (default: ',')" in tabular
+    demo = _help(["demo"], capsys)
+    for text in ("(default: data/synthetic)", "--rows ROWS rows to generate when the data is missing (default: 200000)",
+                 "(default: runs/demo)"):
+        assert text in demo
+    assert "rows per teacher call (default: 4096)" in _help(["teacher-outputs"], capsys)
+    for text in (synthetic, tabular, demo):
+        for unhelpful in ("(default: None)", "(default: False)", "(default: [])", "(default: (0.8"):
+            assert unhelpful not in text

@@ -45,3 +45,14 @@ def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_pat
     epoch = next(e for e in events if e["event"] == "epoch")
     train_rows = pq.ParquetFile(os.path.join(data_dir, "train.parquet")).metadata.num_rows
     assert epoch["samples"] == 2 * train_rows  # every training row plus one catalogue pair per row
+
+
+def test_plot_labels_are_wrapped_so_neighbours_do_not_overlap() -> None:
+    from recsys_llm.demo import tick_label
+
+    for name in (PLAIN, LLACTR, ELEC, STUDENT):
+        label = tick_label(name)
+        assert label.replace("\n", " ") == name  # every word kept, in order
+        assert all(len(line) <= 20 for line in label.split("\n")), label
+    assert tick_label(STUDENT) == "DeepFM ELEC student\n(no LLM at serving)"
+    assert tick_label(LLACTR) == "DeepFM\n+ LLaCTR (FRE + FIE)"

@@ -28,3 +28,34 @@ def test_every_config_key_has_a_row_in_the_usage_guide() -> None:
     assert len(keys) > 60
     missing = [key for key in keys if f"| `{key}` |" not in guide]
     assert not missing, f"docs/usage.md section 7 lacks {missing}"
+
+
+def _read(*parts: str) -> str:
+    with open(os.path.join(REPO, *parts), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_links_inside_the_repository_point_to_files_that_exist() -> None:
+    """Relative Markdown links of README.md and docs/ that stay inside the repository resolve."""
+    import re
+
+    pages = [("README.md",)] + [("docs", name) for name in sorted(os.listdir(os.path.join(REPO, "docs")))
+                                if name.endswith(".md")]
+    broken = []
+    for page in pages:
+        base = os.path.dirname(os.path.join(REPO, *page))
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", _read(*page)):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = os.path.normpath(os.path.join(base, target))
+            if path.startswith(REPO + os.sep) and not os.path.exists(path):
+                broken.append(f"{'/'.join(page)}: {target}")
+    assert not broken, broken
+
+
+def test_the_method_notes_the_design_cites_are_in_the_repository() -> None:
+    design = _read("docs", "design.md")
+    methods = _read("docs", "methods.md")
+    assert "[`methods.md`](methods.md) §1" in design and "[`methods.md`](methods.md) §2" in design
+    assert "`METHODS.md`" not in design
+    assert "\n## 1. LLaCTR" in methods and "\n## 2. ELEC" in methods

@@ -12,6 +12,7 @@ import argparse
 import math
 from typing import Callable, Optional
 
+from recsys_llm.cli.semantics import show_defaults
 from recsys_llm.data.criteo import CriteoConfig
 from recsys_llm.data.movielens import MovieLensConfig
 from recsys_llm.data.prepare import prepare_dataset
@@ -114,7 +115,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     movielens = sources.add_parser("movielens", help="MovieLens in RecBole atomic format (.inter/.item/.user)")
     common(movielens, 8192)
     movielens.add_argument("--input", required=True, help="directory with the RecBole atomic files")
-    movielens.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="time-ordered train,valid,test shares")
+    movielens.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
+                           help="time-ordered train,valid,test shares (default: 0.8,0.1,0.1)")
     movielens.add_argument("--zip-prefix-length", type=_integer(1), default=2, help="zip code characters kept")
 
     criteo = sources.add_parser("criteo", help="Criteo TSV/CSV (label, I1..I13, C1..C26)")
@@ -122,26 +124,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     criteo.add_argument("--input", required=True, help="the raw Criteo file")
     criteo.add_argument("--hash-size", type=_integer(2), default=1_000_000, help="rows per categorical table")
     criteo.add_argument("--delimiter", default=None, help="column separator (default: ',' for .csv, else tab)")
-    criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="train,valid,test shares in file order")
-    criteo.add_argument("--max-rows", type=_integer(1), default=None, help="convert only the first rows")
+    criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
+                        help="train,valid,test shares in file order (default: 0.8,0.1,0.1)")
+    criteo.add_argument("--max-rows", type=_integer(1), default=None,
+                        help="convert only the first rows (default: every row)")
 
     tabular = sources.add_parser("tabular", help="your CSV/Parquet + a JSON/YAML schema file")
     common(tabular, 65536)
     tabular.add_argument("--input", required=True, help="CSV with header, Parquet file or directory")
     tabular.add_argument("--schema", required=True, help="schema file naming fields, label, row key, extras")
-    tabular.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="train,valid,test shares")
+    tabular.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
+                         help="train,valid,test shares (default: 0.8,0.1,0.1)")
     tabular.add_argument("--split-by", default=None,
                          help="column for a time-ordered split, holding numbers or ISO-8601 dates/timestamps "
                               "(default: random)")
     tabular.add_argument("--seed", type=_integer(0), default=0, help="seed of the random split")
-    tabular.add_argument("--label-threshold", type=_number(), default=None, help="label = value > threshold")
+    tabular.add_argument("--label-threshold", type=_number(), default=None,
+                         help="label = value > threshold (default: none: labels must be 0/1)")
     tabular.add_argument("--fill-missing-dense", type=_number(), default=None,
                          help="value for missing or NaN/inf dense features (default: they are an error)")
-    tabular.add_argument("--sequence-separator", default="|", help="separator of sequence tokens in CSV cells")
-    tabular.add_argument("--delimiter", default=",", help="CSV delimiter")
+    tabular.add_argument("--sequence-separator", default="|",
+                         help="separator of sequence tokens in CSV cells (default: '|')")
+    tabular.add_argument("--delimiter", default=",", help="CSV delimiter (default: ',')")
     tabular.add_argument("--missing-token", action="append", default=[], metavar="TOKEN",
                          help="a CSV cell of a string column read as missing besides the empty cell, e.g. NA "
-                              "(repeatable; by default NA, null, N/A are values)")
+                              "(repeatable) (default: none: only the empty cell is missing, NA, null, N/A are "
+                              "values)")
     tabular.add_argument("--vocabulary", action="append", default=[], metavar="FIELD",
                          help="map this sparse/sequence field through a vocabulary built from the data even when "
-                              "its values are (mostly) integers, e.g. zip codes (repeatable)")
+                              "its values are (mostly) integers, e.g. zip codes (repeatable) (default: none: "
+                              "integer values are ids as they are)")
+
+    for parser in (synthetic, movielens, criteo, tabular):
+        show_defaults(parser)  # their --help shows every default, as the semantics group's does

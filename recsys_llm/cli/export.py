@@ -124,7 +124,13 @@ def _teacher_outputs(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``export`` and ``teacher-outputs``."""
-    export = subparsers.add_parser("export", help="export the served model of a trained run (ELEC: the student, or an entity-table gain network)")
+    from recsys_llm.cli.semantics import show_defaults
+
+    export = subparsers.add_parser(
+        "export",
+        help="export the served model of a trained run: a plain or LLaCTR model (FIE frozen), an ELEC student, "
+             "or an ELEC gain network on entity tables",
+    )
     export.add_argument("--config", required=True, help="the YAML config of the run")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     export.add_argument("--output", required=True, help="export directory")
@@ -144,3 +150,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     outputs.add_argument("--batch-size", type=int, default=4096, help="rows per teacher call")
     outputs.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     outputs.set_defaults(func=_teacher_outputs)
+    show_defaults(outputs)  # --batch-size

@@ -108,6 +108,9 @@ def _export(args: argparse.Namespace) -> int:
     )
 
     schema = DatasetSchema.load(args.schema)
+    if args.granularity == "entity" and args.entity_field is None:  # before the LLM loads
+        raise ValueError("semantics export --granularity entity needs --entity-field, the user or item id field "
+                         "whose ids get a vector each (e.g. --entity-field item_id)")
     splits: List[str] = args.splits or sorted(schema.splits)
     rank, world = rank_and_world()
     check_export_dir(args.output_dir)  # before the LLM loads
@@ -253,7 +256,8 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--last-k", type=int, default=1, help="layers unfrozen with --tuning last_k")
     adapt.add_argument("--representation-dim", type=int, default=128, help="size of r (multiple of 4 for tables)")
     adapt.add_argument("--hidden-dim", type=int, default=256, help="hidden width of the transformation MLP")
-    adapt.add_argument("--sample-rows", type=int, default=None, help="tune on a random sample of rows")
+    adapt.add_argument("--sample-rows", type=int, default=None,
+                       help="tune on a random sample of this many rows of --split (default: all rows)")
     adapt.add_argument("--epochs", type=int, default=1, help="passes over the sampled rows")
     adapt.add_argument("--batch-size", type=int, default=32, help="row texts per step")
     adapt.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LLM part")
@@ -276,15 +280,20 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     export.add_argument("--output-dir", required=True, help="chunked Parquet vectors + manifest (resumable)")
     export.add_argument("--splits", nargs="*", default=None, help="splits to cover (default: all)")
-    export.add_argument("--granularity", default="row", choices=["row", "entity"])
+    export.add_argument("--granularity", default="row", choices=["row", "entity"],
+                        help="a vector per row (keyed by the schema's row key) or per id of --entity-field")
     export.add_argument("--output", default="representation", choices=["representation", "pooled"],
                         help="r of the transformation MLP (the paper), or the tuned LLM's pooled hidden state, which "
                              "keeps the text's semantics when the LLM was tuned on few rows")
-    export.add_argument("--entity-field", default=None, help="entity granularity: the id field, e.g. item_id")
-    export.add_argument("--entity-fields", nargs="*", default=None, help="fields written into an entity's text")
+    export.add_argument("--entity-field", default=None,
+                        help="the user or item id field whose ids get a vector each, e.g. item_id (required with "
+                             "--granularity entity)")
+    export.add_argument("--entity-fields", nargs="*", default=None,
+                        help="fields written into an entity's text (default: the --entity-field alone)")
     export.add_argument("--chunk-rows", type=int, default=4096, help="rows per chunk (unit of resumption)")
     export.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
-    export.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                        help="dtype of the stored vectors")
     export.add_argument("--projection", default=None, help="PCA projection file (fit_projection + save_projection)")
     export.add_argument("--device", default=None,
                         help="e.g. cuda:1 (default: this process's GPU if there is one, cuda:LOCAL_RANK under torchrun)")

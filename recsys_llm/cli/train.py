@@ -20,6 +20,8 @@ import json
 import os
 from typing import Any, Dict, List
 
+from recsys_llm.cli.semantics import show_defaults
+
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
                            "synthetic_deepfm.yaml")
 
@@ -126,3 +128,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--no-llm", action="store_true", help="train the plain DeepFM only")
     demo.add_argument("overrides", nargs="*", help=overrides_help)
     demo.set_defaults(func=_demo)
+    show_defaults(demo)  # --data-dir, --rows, --run-dir

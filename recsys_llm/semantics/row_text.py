@@ -1,4 +1,4 @@
-"""Rows and entities rendered as text for the CTR-adapted LLM (ELEC, METHODS.md section 2).
+"""Rows and entities rendered as text for the CTR-adapted LLM (ELEC, docs/methods.md section 2).
 
 A row becomes one sentence per field, ``"{description} is {value}."``, where the value of a
 sparse or sequence field comes from the field's value-text file (id -> text) and a dense

@@ -4,7 +4,7 @@ Templates are ``str.format`` strings held in :class:`PromptTemplates`:
 
 * field text (what a field vector encodes): ``"{name}: {description}"``, or
   ``"{name}"`` when the schema has no description for the field;
-* SSFT prompt (Alpaca style, METHODS.md section 1): instruction "Given a feature,
+* SSFT prompt (Alpaca style, docs/methods.md section 1): instruction "Given a feature,
   answer which field it belongs to, choosing from the candidate set", input
   ``"The feature is: {value}. The candidate set is: [{fields}]"``; the query vector is
   read at the last prompt token, right after ``### Response:``.

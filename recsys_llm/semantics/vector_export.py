@@ -806,7 +806,7 @@ def export_schema_vectors(
 
     else:
         if entity_field is None:
-            raise ValueError("entity granularity needs entity_field (e.g. 'item_id')")
+            raise ValueError("entity granularity needs entity_field (semantics export --entity-field), e.g. 'item_id'")
         provenance["entity_field"] = entity_field
         provenance["entity_fields"] = ",".join(entity_fields or [entity_field])
         columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))

@@ -187,6 +187,29 @@ def test_help_shows_the_defaults(capsys) -> None:
                  "--max-length MAX_LENGTH tokens per text (default: 256)"):
         assert text in tune
     assert "--batch-size BATCH_SIZE texts per forward pass (default: 64)" in _help("encode", capsys)
+    assert "(default: all rows)" in adapt
+    assert "fields written into an entity's text (default: the --entity-field alone)" in _help("export", capsys)
+
+
+def test_entity_export_without_entity_field_is_refused_before_the_llm_loads(tmp_path, tiny_schema, capsys) -> None:
+    missing_llm = str(tmp_path / "no_llm")  # loading it would fail with another message
+    code = main(["semantics", "export", "--schema", tiny_schema.root, "--llm", missing_llm,
+                 "--output-dir", str(tmp_path / "vectors"), "--granularity", "entity"])
+    assert code == 2
+    assert _error_line(capsys) == ("recsys-llm semantics: error: semantics export --granularity entity needs "
+                                   "--entity-field, the user or item id field whose ids get a vector each "
+                                   "(e.g. --entity-field item_id)")
+    assert not os.path.exists(tmp_path / "vectors")
+
+
+def test_the_library_names_the_flag_of_a_missing_entity_field(tmp_path, tiny_schema) -> None:
+    from recsys_llm.semantics.row_text import RowTextRenderer
+    from recsys_llm.semantics.vector_export import VectorExportConfig, export_schema_vectors
+
+    with pytest.raises(ValueError, match=r"needs entity_field \(semantics export --entity-field\)"):
+        export_schema_vectors(tiny_schema, ["train"], RowTextRenderer(tiny_schema),
+                              lambda texts: torch.zeros(len(texts), 4), str(tmp_path / "vectors"), {},
+                              VectorExportConfig(), granularity="entity")
 
 
 def test_a_model_with_its_own_code_runs_only_with_trust_remote_code(tmp_path, tiny_schema, tiny_bert_dir) -> None:
