@@ -29,6 +29,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from tqdm import tqdm
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -364,8 +366,10 @@ def timed_steps(step: Callable[[], Any], warmup_steps: int, measured_steps: int,
     return (time.perf_counter() - start) / measured_steps
 
 
-def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: int) -> Dict[str, List[float]]:
-    """Measures every contender ``repeats`` times, interleaved, so drift hits all alike.
+def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: int,
+                        description: str = "measuring") -> Dict[str, List[float]]:
+    """Measures every contender ``repeats`` times, interleaved, so drift hits all alike (a
+    progress bar on rank 0 shows each measurement's figure as it comes).
 
     The order rotates every round and reverses after each full rotation (A B C, B C A, C A B,
     C B A, A C B, B A C, ...), so no contender always runs in the same position: a machine that
@@ -374,6 +378,7 @@ def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: 
     Args:
         contenders: name -> a callable that runs one measurement and returns its figure.
         repeats: number of rounds.
+        description: the progress bar's label.
 
     Returns:
         Dict[str, List[float]]: name -> the figures of all rounds.
@@ -382,6 +387,7 @@ def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: 
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     names = list(contenders)
     results: Dict[str, List[float]] = {name: [] for name in names}
+    bar = tqdm(total=repeats * len(names), desc=description, unit="measurement", leave=False, disable=not is_rank_zero())
     for round_index in range(repeats):
         shift = round_index % len(names)
         order = names[shift:] + names[:shift]
@@ -389,6 +395,9 @@ def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: 
             order.reverse()
         for name in order:
             results[name].append(float(contenders[name]()))
+            bar.set_postfix_str(f"round {round_index + 1}/{repeats}, {name}: {results[name][-1]:.4g}", refresh=False)
+            bar.update()
+    bar.close()
     return results
 
 

@@ -291,7 +291,7 @@ def compare_backbone(name: str, sizes: Sizes, schema, train_batches: List, reque
                               sizes.warmup_steps, sizes.measured_steps, description=f"elec {name} {label}")
         for label, model, optimizer in (("plain", plain_dmp, plain_optimizer), ("joint_kd", kd_dmp, kd_optimizer))
     }
-    train_rounds = interleaved_repeats(loops, sizes.repeats)
+    train_rounds = interleaved_repeats(loops, sizes.repeats, f"elec {name} train")
 
     tasks = served_tasks(name, sizes, schema, plain_dmp, kd_dmp)
     serve_batches = train_batches
@@ -317,7 +317,7 @@ def compare_backbone(name: str, sizes: Sizes, schema, train_batches: List, reque
                                               sizes.serve_warmup, sizes.serve_steps),
         "gain_online_llm": samples_per_second(online, sizes.request_batch_size, 0, sizes.online_steps),
     }
-    serve_rounds = interleaved_repeats(contenders, sizes.repeats)
+    serve_rounds = interleaved_repeats(contenders, sizes.repeats, f"elec {name} serve")
 
     kd_ratios = per_round_ratios(train_rounds["joint_kd"], train_rounds["plain"])
     serve_ratios = per_round_ratios(serve_rounds["student"], serve_rounds["plain"])

@@ -388,7 +388,7 @@ def compare_backbone(name: str, sizes: Sizes, schema, vectors_path: str, batches
         models[label] = model
         loops[label] = TrainEpochLoop(model, optimizer, device, itertools.cycle(batches), sizes.batch_size,
                                       sizes.warmup_steps, sizes.measured_steps, description=f"llactr {name} {label}")
-    train_rounds = interleaved_repeats(loops, sizes.repeats)
+    train_rounds = interleaved_repeats(loops, sizes.repeats, f"llactr {name} train")
 
     for label, model in models.items():
         model.eval()
@@ -401,13 +401,14 @@ def compare_backbone(name: str, sizes: Sizes, schema, vectors_path: str, batches
     dmp_rounds = interleaved_repeats(
         {label: serve_rate(dmp_eval_step(model, batches, device), device_synchronize(device))
          for label, model in models.items()},
-        sizes.serve_repeats,
+        sizes.serve_repeats, f"llactr {name} DMP eval",
     )
     served, paths, folded = {}, {}, {}
     for label, model in models.items():
         served[label], paths[label], folded[label] = served_step(model, name, sizes, schema, contenders[label],
                                                                  batches, work_dir)
-    serve_rounds = interleaved_repeats({label: serve_rate(s) for label, s in served.items()}, sizes.serve_repeats)
+    serve_rounds = interleaved_repeats({label: serve_rate(s) for label, s in served.items()}, sizes.serve_repeats,
+                                       f"llactr {name} serve")
 
     train_ratios = per_round_ratios(train_rounds["llactr"], train_rounds["plain"])
     serve_ratios = per_round_ratios(serve_rounds["llactr"], serve_rounds["plain"])
