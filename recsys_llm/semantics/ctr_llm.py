@@ -36,6 +36,7 @@ from tqdm import tqdm
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.semantics.encoder import (
     NumberRule,
+    position_limited,
     check_number_fields,
     hidden_states,
     load_model,
@@ -212,8 +213,10 @@ class CTRAdaptedLLM(nn.Module):
         return self._tokenizer
 
     def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        # right padding: a text's positions, and so its vector, do not depend on its batch
         encoded = self._tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
+            list(texts), padding=True, truncation=True, max_length=position_limited(self.llm, self.config.max_length),
+            return_tensors="pt", padding_side="right",
         )
         device = next(self.parameters()).device
         return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}

@@ -187,8 +187,15 @@ def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
     return _hash_file(path)
 
 
+def file_fingerprint(path: str) -> str:
+    """sha256 of one file's bytes (memoised on its size and mtime, as :func:`model_dir_fingerprint`)."""
+    stat = os.stat(path)
+    return _cached_file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
 # Files whose content defines what a model directory computes (weights, config, tokenizer).
-_FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken")
+# weights, config and tokenizer files, and a remote-code model's own Python code
+_FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken", ".py")
 
 
 def require_model_dir(model_path: str) -> None:
@@ -306,6 +313,14 @@ def require_weight_files(model_path: str) -> None:
             damage = _safetensors_damage(os.path.join(model_path, name))
             if damage is not None:
                 raise ValueError(f"{os.path.join(model_path, name)}: damaged weight file ({damage})")
+
+
+def position_limited(model: nn.Module, max_length: int) -> int:
+    """``max_length`` capped at the model's position limit (``config.max_position_embeddings``):
+    a longer input fails in the forward (BERT-style) or runs past the positions the model was
+    trained on (RoPE decoders), so texts are truncated to the limit instead."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(max_length, limit) if isinstance(limit, int) and limit > 0 else max_length
 
 
 def model_dir_fingerprint(model_path: str) -> str:
@@ -545,7 +560,7 @@ class TextEncoder:
         config = getattr(model, "config", None)
         self._pooling = resolve_pooling(pooling, config, tokenizer)
         self._batch_size = batch_size
-        self._max_length = max_length
+        self._max_length = position_limited(model, max_length)
         self._model_id = model_id
         self._model_hash: Optional[str] = None
 

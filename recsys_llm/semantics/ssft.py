@@ -27,6 +27,7 @@ Example::
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -47,6 +48,7 @@ from recsys_llm.semantics.encoder import (
     TextEncoder,
     check_number_fields,
     default_model_path,
+    file_fingerprint,
     load_model,
     load_tokenizer,
     model_dir_fingerprint,
@@ -468,8 +470,14 @@ def load_tuned_encoder(
     tokenizer = load_tokenizer(base_path, trust_remote_code)
     base = load_model(base_path, torch_device, resolve_dtype(dtype, torch_device), trust_remote_code)
     model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    # the adapter's weight files as they are now (ssft.json's adapter_hash says what was tuned;
+    # files copied over it since must not hit the vectors cached for the old ones)
+    adapter_files = hashlib.sha256("".join(
+        f"{name}:{file_fingerprint(os.path.join(adapter_dir, name))}\n"
+        for name in sorted(os.listdir(adapter_dir)) if name.endswith((".safetensors", ".bin"))).encode()).hexdigest()[:8]
     encoder = TextEncoder.from_model(
         model, tokenizer, pooling=info["pooling"], batch_size=batch_size, max_length=info["max_length"],
-        model_id=f"{base_path}+ssft:{info['adapter_hash']}", model_hash=f"{base_hash}+{info['adapter_hash']}",
+        model_id=f"{base_path}+ssft:{info['adapter_hash']}",
+        model_hash=f"{base_hash}+{info['adapter_hash']}+{adapter_files}",
     )
     return encoder, info

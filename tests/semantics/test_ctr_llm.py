@@ -258,3 +258,14 @@ def test_numeric_settings_are_checked_when_the_config_is_made(setting, value, me
     with pytest.raises(ValueError, match=f"^{message}"):
         CTRLLMConfig(model_path="unused", **{setting: value})
     CTRLLMConfig(model_path="unused", sample_rows=None)  # None: all rows
+
+
+def test_a_rows_vector_does_not_depend_on_its_batch_with_a_left_padding_tokenizer(tmp_path):
+    """BERT's positions are absolute: left padding would shift a short text's positions by its batch."""
+    model, _ = _tiny_bert_ctr_llm(tmp_path)
+    model.tokenizer.padding_side = "left"
+    texts = ["genre is comedy.", "user id is 3. genre is a very long name of a genre of films indeed."]
+    with torch.no_grad():
+        alone = model.encode(texts[:1], output="pooled")
+        batched = model.encode(texts, output="pooled")[:1]
+    torch.testing.assert_close(alone, batched, atol=1e-5, rtol=1e-5)

@@ -205,3 +205,28 @@ class TestModelDirectoryChecks:
     def test_whole_models_still_load(self, tiny_llama_dir: str) -> None:
         assert len(load_tokenizer(default_model_path())) == 30522  # the offline MiniLM
         assert len(load_tokenizer(tiny_llama_dir)) > 300  # the tests' word-level tokenizer
+
+
+def test_a_remote_code_models_python_files_are_part_of_its_fingerprint(tmp_path, tiny_bert_dir) -> None:
+    """Its modeling code changes its vectors as much as its weights do: a cache must not outlive it."""
+    import shutil
+
+    from recsys_llm.semantics.encoder import model_dir_fingerprint
+
+    model = str(tmp_path / "remote")
+    shutil.copytree(tiny_bert_dir, model)
+    with open(os.path.join(model, "modeling_x.py"), "w") as handle:
+        handle.write("SCALE = 1.0\n")
+    before = model_dir_fingerprint(model)
+    with open(os.path.join(model, "modeling_x.py"), "w") as handle:
+        handle.write("SCALE = 3.0\n")
+    assert model_dir_fingerprint(model) != before
+
+
+def test_max_length_is_capped_at_the_models_positions(tiny_bert_dir) -> None:
+    from recsys_llm.semantics.encoder import TextEncoder
+
+    encoder = TextEncoder(tiny_bert_dir, max_length=100_000)
+    limit = AutoModel.from_pretrained(tiny_bert_dir).config.max_position_embeddings
+    assert encoder.max_length == limit
+    assert encoder.encode(["shade " * 5000], progress=False).shape[0] == 1  # truncated, not a position error

@@ -46,6 +46,16 @@ class TestFieldVectors:
         untuned = encode_field_vectors(FieldVectorConfig(model_path=tiny_llama_dir), tiny_schema, str(tmp_path / "u.st"))
         assert "+ssft:" in tuned.provenance.model_id and tuned.provenance.model_hash != untuned.provenance.model_hash
         assert tuned.keys == untuned.keys and not torch.allclose(tuned.vectors, untuned.vectors)
+        # adapter weights copied over the tuned ones: another model hash, so no cached vector of the old ones
+        from safetensors.torch import load_file, save_file
+
+        from recsys_llm.semantics.ssft import load_tuned_encoder
+
+        adapter = os.path.join(out_dir, "adapter")
+        before = load_tuned_encoder(adapter, 4)[0].model_hash
+        weights = os.path.join(adapter, "adapter_model.safetensors")
+        save_file({k: v + 0.5 for k, v in load_file(weights).items()}, weights)
+        assert load_tuned_encoder(adapter, 4)[0].model_hash != before
         # the adapter never saw C1: a schema that describes it (another data set) is refused
         import dataclasses
 
