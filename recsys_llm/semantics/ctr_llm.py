@@ -36,14 +36,15 @@ from tqdm import tqdm
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.semantics.encoder import (
     NumberRule,
-    position_limited,
     check_number_fields,
+    default_target_modules,
     hidden_states,
     load_model,
     load_tokenizer,
     model_dir_fingerprint,
     model_weights_fingerprint,
     pool,
+    position_limited,
     read_json_file,
 )
 
@@ -87,8 +88,8 @@ class CTRLLMConfig:
         lora_r (int): LoRA rank.
         lora_alpha (int): LoRA scaling numerator.
         lora_dropout (float): dropout on the LoRA path.
-        lora_target_modules (Optional[List[str]]): module names to adapt; None lets peft
-            choose its default for the architecture.
+        lora_target_modules (Optional[List[str]]): module names to adapt; None: the attention
+            query/value projections found by name (as SSFT), else peft's default for the architecture.
         last_k_layers (int): layers unfrozen in ``last_k`` mode.
         max_length (int): tokens per text.
         batch_size (int): texts per step.
@@ -194,13 +195,27 @@ class CTRAdaptedLLM(nn.Module):
         if self.config.tuning == "lora":
             from peft import LoraConfig, get_peft_model
 
+            targets = self.config.lora_target_modules
+            if targets is None:
+                try:
+                    targets = default_target_modules(llm)  # the attention query/value projections, as SSFT
+                except ValueError:
+                    targets = None  # peft's own default for the architecture (e.g. T5's q / v)
             lora = LoraConfig(
                 r=self.config.lora_r,
                 lora_alpha=self.config.lora_alpha,
                 lora_dropout=self.config.lora_dropout,
-                target_modules=self.config.lora_target_modules,
+                target_modules=targets,
             )
-            return get_peft_model(llm, lora)
+            try:
+                return get_peft_model(llm, lora)
+            except ValueError as error:
+                if "target_modules" not in str(error):
+                    raise
+                raise ValueError(
+                    f"{self.config.model_path}: found no attention projections to put LoRA on; name them with "
+                    "--target-modules (CTRLLMConfig.lora_target_modules), e.g. q_proj v_proj"
+                ) from error
         if self.config.tuning == "last_k":
             layers = _transformer_layers(llm)
             for layer in list(layers)[-self.config.last_k_layers :]:

@@ -315,6 +315,18 @@ def require_weight_files(model_path: str) -> None:
                 raise ValueError(f"{os.path.join(model_path, name)}: damaged weight file ({damage})")
 
 
+def default_target_modules(model: nn.Module) -> List[str]:
+    """LoRA targets: the attention query/value projections, by the model's naming."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for candidates in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"], ["query_key_value"], ["Wqkv"]):
+        if all(c in names for c in candidates):
+            return candidates
+    raise ValueError(
+        f"cannot find attention query/value projections in {type(model).__name__}; "
+        "set lora_target_modules (e.g. ['q_proj', 'v_proj'])"
+    )
+
+
 def position_limited(model: nn.Module, max_length: int) -> int:
     """``max_length`` capped at the model's position limit (``config.max_position_embeddings``):
     a longer input fails in the forward (BERT-style) or runs past the positions the model was

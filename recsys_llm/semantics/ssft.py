@@ -37,7 +37,6 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries, replace_directory
@@ -48,6 +47,7 @@ from recsys_llm.semantics.encoder import (
     TextEncoder,
     check_number_fields,
     default_model_path,
+    default_target_modules,
     file_fingerprint,
     load_model,
     load_tokenizer,
@@ -186,18 +186,6 @@ def build_examples(
     if not train:
         raise ValueError(f"schema {schema.name!r}: no field values to tune on (fields {names})")
     return train, valid
-
-
-def default_target_modules(model: nn.Module) -> List[str]:
-    """LoRA targets: the attention query/value projections, by the model's naming."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for candidates in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"], ["query_key_value"], ["Wqkv"]):
-        if all(c in names for c in candidates):
-            return candidates
-    raise ValueError(
-        f"cannot find attention query/value projections in {type(model).__name__}; "
-        "set lora_target_modules (e.g. ['q_proj', 'v_proj'])"
-    )
 
 
 def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -269,3 +269,10 @@ def test_a_rows_vector_does_not_depend_on_its_batch_with_a_left_padding_tokenize
         alone = model.encode(texts[:1], output="pooled")
         batched = model.encode(texts, output="pooled")[:1]
     torch.testing.assert_close(alone, batched, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_without_target_modules_takes_the_attention_projections_as_ssft_does(tmp_path):
+    config = CTRLLMConfig(model_path=_tiny_model_dir(tmp_path, "bert"), representation_dim=8, hidden_dim=16)
+    model = CTRAdaptedLLM.from_config(config)
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.llm.named_parameters() if "lora_A" in name}
+    assert adapted == {"query", "value"}
