@@ -489,7 +489,7 @@ def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dic
 
 def _earlier_throughput(run_dir: str) -> Optional[float]:
     """``samples_per_second`` of the results an earlier job wrote in ``run_dir`` (None without one)."""
-    earlier = finished_results(run_dir) if os.path.isfile(os.path.join(run_dir, RESULTS_FILE)) else None
+    earlier = finished_results(run_dir)
     return earlier.get("samples_per_second") if earlier else None
 
 
