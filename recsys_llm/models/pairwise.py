@@ -106,13 +106,16 @@ class PairWeightFolding:
     :math:`\sum_{i<j} c_{ij} \langle e_i, e_j\rangle`, computed in the same pass. For
     inference (a frozen FIE served at no extra cost, see ``serving.export_task``); training a
     folded backbone keeps c fixed. The backbone registers the non-persistent buffer
-    ``folded_pair_weight`` (c as an (N, N) strict upper triangle; None until folded, absent
-    from checkpoints) and, when it is set, weighs its pairs with :meth:`folded_pair_weights`
+    ``folded_pair_weight`` (an (N, N) strict upper triangle: c, or r + c where r is a constant,
+    ``constant_own_pair_weights``: FM's and DeepFM's ones, so a served program does not rebuild
+    them per request; None until folded, absent from checkpoints) and, when it is set, weighs
+    its pairs with :meth:`folded_pair_weights`
     for the logits (its ``representation`` stays the unfolded one, except FwFM's, which is the
     weighted pair term itself and so includes the folded weights; serving reads only logits).
     """
 
     folded_pair_weight: Optional[torch.Tensor]
+    constant_own_pair_weights: bool = True  # False where own_pair_weights are trained (FwFM)
     dense_fields: Optional[torch.nn.Module]
     feature_names: List[str]
     num_fields: int
@@ -129,6 +132,8 @@ class PairWeightFolding:
     def folded_pair_weights(self) -> torch.Tensor:
         """(N, N) r + c: the pair weights of the folded backbone (requires a fold)."""
         assert self.folded_pair_weight is not None
+        if self.constant_own_pair_weights:  # r is in the buffer already
+            return self.folded_pair_weight
         return self.own_pair_weights(self.folded_pair_weight) + self.folded_pair_weight
 
     def fold_pair_weights(self, pair_weights: Optional[torch.Tensor]) -> None:
@@ -153,4 +158,6 @@ class PairWeightFolding:
         folded[:num_sparse, :num_sparse] = upper_pair_weights(pair_weights.detach())
         if self.folded_pair_weight is not None:
             folded += self.folded_pair_weight
+        elif self.constant_own_pair_weights:
+            folded += self.own_pair_weights(folded)
         self.folded_pair_weight = folded
