@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import sys
+from typing import Optional
 
 GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
 TRUST_REMOTE_CODE_HELP = ("run the model directory's own Python code when its config.json asks for it (auto_map); "
@@ -44,13 +45,15 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
         action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, max_length_default: Optional[int] = 256) -> None:
+    """The options ``tune`` and ``encode`` share; ``encode``'s max length defaults to None (256, or the adapter's)."""
     parser.add_argument("--schema", required=True, help="schema.json (or its directory)")
     parser.add_argument("--model", "--llm", dest="model", default=None,
                         help="local Hugging Face model directory (default: offline MiniLM)")
     parser.add_argument("--pooling", default="auto", choices=["auto", "mean", "last_token", "cls"],
                         help="auto: last token for decoders, mean for encoders")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per text")
+    parser.add_argument("--max-length", type=int, default=max_length_default,
+                        help="tokens per text" + ("" if max_length_default else " (default: 256, or the adapter's)"))
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--include-fields-without-description", action="store_true",
@@ -133,8 +136,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     tune.set_defaults(func=_tune)
 
     encode = commands.add_parser("encode", help="one vector per field (tuned or untuned model), with provenance")
-    _common(encode)
-    encode.add_argument("--adapter", default=None, help="SSFT adapter directory (<tune output-dir>/adapter)")
+    _common(encode, max_length_default=None)
+    encode.add_argument("--adapter", default=None,
+                        help="SSFT adapter directory (<tune output-dir>/adapter); it names its base model, pooling "
+                             "and max length, so --model, --pooling and --max-length are left out (or the same)")
     encode.add_argument("--output", required=True,
                         help="field-vector file (.safetensors): new, or an earlier one of encode (replaced)")
     encode.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")

@@ -231,6 +231,11 @@ def read_model_config(model_path: str) -> dict:
     require_model_dir(model_path)
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(model_path, "adapter_config.json")):
+            raise FileNotFoundError(
+                f"{model_path}: a PEFT adapter directory (adapter_config.json), not a model; an SSFT adapter goes "
+                "to `semantics encode --adapter`, which loads the base model it names"
+            )
         raise FileNotFoundError(
             f"{model_path}: not a Hugging Face model directory (no config.json); pass the directory that holds "
             "config.json, the weights and the tokenizer files"

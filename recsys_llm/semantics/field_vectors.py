@@ -20,12 +20,14 @@ from typing import Dict, List, Optional
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.encoder import POOLINGS, NumberRule, TextEncoder, check_number_fields
-from recsys_llm.semantics.ssft import load_tuned_encoder
+from recsys_llm.semantics.ssft import load_tuned_encoder, read_adapter_info
 from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_encode, load_vectors, save_vectors
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
 
 
 # FieldVectorConfig numbers: field -> (integer, minimum, above, below, `semantics encode` option)
+DEFAULT_MAX_LENGTH = 256  # tokens per field text of an untuned model
+
 _NUMBER_RULES: Dict[str, NumberRule] = {
     "batch_size": (True, 1, None, None, "--batch-size"),
     "max_length": (True, 1, None, None, "--max-length"),
@@ -37,18 +39,19 @@ class FieldVectorConfig:
     """Settings of ``recsys-llm semantics encode``.
 
     Args:
-        model_path (Optional[str]): untuned model directory; None -> offline MiniLM
-            (ignored when ``adapter_dir`` is set: the adapter names its base model).
+        model_path (Optional[str]): untuned model directory; None -> offline MiniLM. With
+            ``adapter_dir`` the adapter names its base model: leave it None (or give that base).
         adapter_dir (Optional[str]): SSFT adapter directory (``<tune output>/adapter``).
         templates (PromptTemplates): ``field`` / ``field_without_description`` are used;
             with an adapter, the templates it was tuned with are used unless
             ``override_templates`` is set.
         override_templates (bool): use ``templates`` even when the adapter has its own.
-        pooling (str): ``auto`` or explicit (the adapter's pooling wins when tuned).
+        pooling (str): ``auto`` or explicit; with ``adapter_dir``, ``auto`` or the adapter's own.
         include_fields_without_description (bool): also encode fields without a
             description (as their bare name); otherwise they are left out.
         batch_size (int): texts per forward pass.
-        max_length (int): tokens per text.
+        max_length (Optional[int]): tokens per text; None -> 256, or the adapter's own
+            (which is the only value allowed with ``adapter_dir``).
         device (Optional[str]): None -> CUDA if available.
         dtype (str): ``auto`` -> bf16 on CUDA, fp32 on CPU.
         cache_dir (Optional[str]): encoded-text cache; None disables it.
@@ -63,14 +66,14 @@ class FieldVectorConfig:
     pooling: str = "auto"
     include_fields_without_description: bool = False
     batch_size: int = 64
-    max_length: int = 256
+    max_length: Optional[int] = None
     device: Optional[str] = None
     dtype: str = "auto"
     cache_dir: Optional[str] = None
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        check_number_fields(self, _NUMBER_RULES, "semantics encode")
+        check_number_fields(self, _NUMBER_RULES, "semantics encode", optional=("max_length",))
         if self.pooling not in POOLINGS:
             raise ValueError(
                 f"FieldVectorConfig.pooling (semantics encode --pooling) must be one of {POOLINGS}, "
@@ -79,15 +82,39 @@ class FieldVectorConfig:
 
 
 def build_field_encoder(config: FieldVectorConfig) -> "tuple[TextEncoder, PromptTemplates, dict]":
-    """The encoder (tuned or untuned), the field templates to use and adapter info ({} if untuned)."""
+    """The encoder (tuned or untuned), the field templates to use and adapter info ({} if untuned).
+
+    Raises:
+        ValueError: with an adapter, a model, pooling or max length other than the adapter's.
+    """
     if config.adapter_dir:
+        check_adapter_settings(config, read_adapter_info(config.adapter_dir))  # before the model loads
         encoder, info = load_tuned_encoder(config.adapter_dir, config.batch_size, config.device, config.dtype,
                                            config.trust_remote_code)
         templates = config.templates if config.override_templates else PromptTemplates(**info["templates"])
         return encoder, templates, info
-    encoder = TextEncoder(config.model_path, config.pooling, config.batch_size, config.max_length, config.device,
+    max_length = DEFAULT_MAX_LENGTH if config.max_length is None else config.max_length
+    encoder = TextEncoder(config.model_path, config.pooling, config.batch_size, max_length, config.device,
                           config.dtype, trust_remote_code=config.trust_remote_code)
     return encoder, config.templates, {}
+
+
+def check_adapter_settings(config: FieldVectorConfig, info: dict) -> None:
+    """Raises ValueError when ``config`` asks for a base model, pooling or max length other than
+    the ones the SSFT adapter (its ``ssft.json`` ``info``) was tuned with: its vectors would not
+    be what the settings say."""
+    asked = {
+        "--model": (config.model_path, info["base_model_path"]),
+        "--pooling": (None if config.pooling == "auto" else config.pooling, info["pooling"]),
+        "--max-length": (config.max_length, info["max_length"]),
+    }
+    for option, (value, tuned) in asked.items():
+        same = value is None or (os.path.realpath(value) == os.path.realpath(tuned) if option == "--model" else value == tuned)
+        if not same:
+            raise ValueError(
+                f"semantics encode {option} {value}: the SSFT adapter {config.adapter_dir} was tuned with "
+                f"{option} {tuned}, which encode uses with it; leave {option} out, or tune an adapter with {value}"
+            )
 
 
 def check_adapter_fields(adapter_dir: str, info: dict, schema: DatasetSchema, fields: List[str]) -> None:

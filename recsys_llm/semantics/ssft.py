@@ -427,6 +427,19 @@ class SSFTTrainer:
         return metrics
 
 
+def read_adapter_info(adapter_dir: str) -> Dict[str, Any]:
+    """The ``ssft.json`` of an SSFT adapter directory: base model, pooling, max length, fields, templates.
+
+    Raises:
+        FileNotFoundError: the directory has no ``ssft.json``.
+    """
+    info_path = os.path.join(adapter_dir, SSFT_INFO_FILE)
+    if not os.path.exists(info_path):
+        raise FileNotFoundError(f"{info_path}: not an SSFT adapter directory (run `recsys-llm semantics tune`)")
+    with open(info_path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def load_tuned_encoder(
     adapter_dir: str,
     batch_size: int = 64,
@@ -442,11 +455,7 @@ def load_tuned_encoder(
     """
     from peft import PeftModel
 
-    info_path = os.path.join(adapter_dir, SSFT_INFO_FILE)
-    if not os.path.exists(info_path):
-        raise FileNotFoundError(f"{info_path}: not an SSFT adapter directory (run `recsys-llm semantics tune`)")
-    with open(info_path, encoding="utf-8") as handle:
-        info = json.load(handle)
+    info = read_adapter_info(adapter_dir)
     base_path = info["base_model_path"]
     base_hash = model_dir_fingerprint(base_path)
     if base_hash != info["base_model_hash"]:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -290,7 +291,8 @@ def cached_encode(
 
     The key is a hash of the encoder's model hash, pooling, max length and compute dtype
     (when it has one), the template id and the texts, so any change of model, dtype,
-    template or text misses the cache.
+    template or text misses the cache. A cache file that does not read back (damaged,
+    or not the entry its name says) is warned about, encoded again and replaced.
 
     Args:
         encoder (TextEncoder): anything with ``encode``, ``model_hash``, ``model_id``,
@@ -310,9 +312,13 @@ def cached_encode(
     path = os.path.join(cache_dir, f"{key}.safetensors")
     expected = {"model_hash": encoder.model_hash, "pooling": encoder.pooling, "template": template_id}
     if os.path.exists(path):
-        stored = load_vectors(path, expected=expected)
-        if stored.vectors.size(0) == len(texts):
-            return stored.vectors
+        try:
+            stored = load_vectors(path, expected=expected)
+        except VectorProvenanceError as error:  # a damaged entry: encoded again and replaced
+            warnings.warn(f"encode cache: {error}; the texts are encoded again and the cache file replaced", stacklevel=2)
+        else:
+            if stored.vectors.size(0) == len(texts):
+                return stored.vectors
     vectors = encoder.encode(texts, progress=progress)
     bad = first_non_finite_row(vectors)
     if bad is not None:

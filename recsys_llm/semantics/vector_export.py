@@ -726,17 +726,26 @@ def attach_vectors(
 GRANULARITIES = ("row", "entity")
 
 
-def read_splits(schema: DatasetSchema, splits: Sequence[str], columns: Sequence[str]) -> pa.Table:
+def read_splits(schema: DatasetSchema, splits: Sequence[str], columns: Sequence[str], purpose: str) -> pa.Table:
     """``columns`` of ``splits``, one after the other, as one table.
 
     Splits written by different tools may differ in nullability only (pandas re-saves a
     ``not null`` column as nullable): every column is read as nullable then.
 
+    Args:
+        purpose (str): what the columns are for, in the error of a split without them.
+
     Raises:
-        ValueError: a column has another type in one split than in the first, naming both
-            split files, the column and both types.
+        ValueError: a split lacks one of ``columns`` (naming the file, the columns and
+            ``purpose``), or a column has another type in one split than in the first
+            (naming both split files, the column and both types).
     """
     paths = [schema.split_path(s) for s in splits]
+    for path in paths:
+        available = pq.ParquetDataset(path).schema.names  # a file or a directory
+        missing = [c for c in columns if c not in available]
+        if missing:
+            raise ValueError(f"{path}: no column(s) {missing} for {purpose}; its columns are {available}")
     tables = [pq.read_table(path, columns=list(columns), memory_map=True) for path in paths]
     if not tables:
         raise ValueError(f"schema {schema.name!r}: no split to read (splits {sorted(schema.splits)})")
@@ -798,7 +807,7 @@ def export_schema_vectors(
         if schema.row_key is None:
             raise ValueError(f"schema {schema.name!r} has no row_key; per-row vectors need one")
         columns = [schema.row_key, *renderer.field_names]
-        table = read_splits(schema, splits, columns)
+        table = read_splits(schema, splits, columns, "the row key / row text fields")
         keys = table.column(schema.row_key)
 
         def texts(start: int, stop: int) -> List[str]:
@@ -810,15 +819,7 @@ def export_schema_vectors(
         provenance["entity_field"] = entity_field
         provenance["entity_fields"] = ",".join(entity_fields or [entity_field])
         columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))
-        for split in splits:
-            available = pq.ParquetDataset(schema.split_path(split)).schema.names  # a file or a directory
-            missing = [c for c in columns if c not in available]
-            if missing:
-                raise ValueError(
-                    f"{schema.split_path(split)}: no column(s) {missing} for the entity field / entity text "
-                    f"fields; its columns are {available}"
-                )
-        table = read_splits(schema, splits, columns)
+        table = read_splits(schema, splits, columns, "the entity field / entity text fields")
         entities = renderer.entity_text(table, entity_field, entity_fields)
         keys = entities.column("id")
         text_column = entities.column("text")

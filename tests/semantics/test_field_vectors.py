@@ -69,6 +69,20 @@ class TestFieldVectors:
                                              r"of schema 'tiny'; tune it on this schema"):
             _run_cli(["semantics", "encode", "--schema", other_path, "--adapter", os.path.join(out_dir, "adapter"),
                       "--output", str(tmp_path / "other.safetensors")])
+        # settings the adapter fixes: refused when they differ (before the model loads), accepted when the same
+        for option, value, tuned in (("--model", str(tmp_path), tiny_llama_dir), ("--pooling", "mean", "last_token"),
+                                     ("--max-length", "7", "256")):
+            with pytest.raises(ValueError, match=rf"^semantics encode {option} {value}: the SSFT adapter .* was tuned "
+                                                 rf"with {option} {tuned}, which encode uses with it; leave {option} out"):
+                _run_cli(["semantics", "encode", "--schema", schema_path, "--adapter", adapter, option, value,
+                          "--output", str(tmp_path / "refused.safetensors")])
+        assert not os.path.exists(tmp_path / "refused.safetensors")
+        assert _run_cli(["semantics", "encode", "--schema", schema_path, "--adapter", adapter, "--model", tiny_llama_dir,
+                         "--pooling", "last_token", "--max-length", "256", "--output", str(tmp_path / "same.st")]) == 0
+        # the adapter given as the model is named as one
+        with pytest.raises(FileNotFoundError, match=r"adapter: a PEFT adapter directory \(adapter_config.json\), not "
+                                                    r"a model; an SSFT adapter goes to `semantics encode --adapter`"):
+            _run_cli(["semantics", "encode", "--schema", schema_path, "--model", adapter, "--output", str(tmp_path / "m.st")])
 
 
 def test_settings_are_checked_when_the_config_is_made() -> None:

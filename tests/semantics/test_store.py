@@ -77,6 +77,20 @@ class TestCachedEncode:
         dtypes = {load_vectors(str(path)).provenance.extra["dtype"] for path in tmp_path.glob("*.safetensors")}
         assert dtypes == {"float32", "bfloat16"}
 
+    def test_a_damaged_cache_file_is_encoded_again_and_replaced(self, tmp_path, tiny_llama_dir: str) -> None:
+        encoder = CountingEncoder(tiny_llama_dir)
+        CountingEncoder.calls = 0
+        texts = ["shade 1", "town 2"]
+        first = cached_encode(encoder, texts, "t1", str(tmp_path), progress=False)
+        (path,) = tmp_path.glob("*.safetensors")
+        path.write_bytes(path.read_bytes()[:40])  # cut short, as by a full disk
+        with pytest.warns(UserWarning, match=rf"encode cache: {path}: not a readable safetensors vector file: .*; the "
+                                             "texts are encoded again and the cache file replaced"):
+            again = cached_encode(encoder, texts, "t1", str(tmp_path), progress=False)
+        assert CountingEncoder.calls == 2
+        torch.testing.assert_close(again, first, atol=0, rtol=0)
+        torch.testing.assert_close(load_vectors(str(path)).vectors, first, atol=0, rtol=0)  # replaced
+
 
 class TestNonFiniteVectors:
     """A NaN vector (e.g. from a model overflowing in float16) must never reach training."""

@@ -264,6 +264,16 @@ class TestExportSchemaVectors:
         np.testing.assert_array_equal(keys, [0, 1, 3])  # one vector per item, reused by both rows of item 3
         with pytest.raises(ProvenanceError, match="granularity"):
             read_vectors(str(tmp_path / "items"), expected={"granularity": "row"})
+        # a split without the row key, or without an entity text field, is named with what it lacks
+        pq.write_table(train.drop_columns(["row_id", "genres"]), str(tmp_path / "train.parquet"))
+        with pytest.raises(ValueError, match=r"train.parquet: no column\(s\) \['row_id', 'genres'\] for the row key / "
+                                             r"row text fields; its columns are \['user_id', 'item_id', 'age', 'label'\]"):
+            export_schema_vectors(schema, ["train"], renderer, encoder, str(tmp_path / "rows2"), PROVENANCE, config,
+                                  progress=False)
+        with pytest.raises(ValueError, match=r"no column\(s\) \['genres'\] for the entity field / entity text fields"):
+            export_schema_vectors(schema, ["train"], renderer, encoder, str(tmp_path / "items2"), PROVENANCE, config,
+                                  granularity="entity", entity_field="item_id", entity_fields=["item_id", "genres"],
+                                  progress=False)
 
 
 class TestSemanticsCLI:
