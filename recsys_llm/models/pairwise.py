@@ -60,10 +60,11 @@ class _WeightedPairSum(torch.autograd.Function):
 def _quadratic_form(fields: torch.Tensor, pair_matrix: torch.Tensor) -> torch.Tensor:
     """The inference form: sum_{i,j} M_ij <x_{b,i}, x_{b,j}> as sum(x_b * (M x_b)), M broadcast over the batch.
 
-    One batched matmul of (K, K) by (K, D) per sample, with no copy of the fields: on CPU
-    faster than FM's own sum-square trick at K = 12, D = 16, and 8x faster at B = 4096 than
-    one (K, K) @ (K, B * D) matmul over transposed fields (``benchmarks/README.md``);
-    training keeps the per-sample Gram, which its backward reuses.
+    One batched matmul of (K, K) by (K, D) per sample that reads the fields in place: on the
+    benchmarks' 2-core CPU as fast as FM's own sum-square trick at K = 12, D = 16, and 1.5x
+    (B = 1,024) to 8x (B = 4,096) faster than one (K, K) @ (K, B * D) matmul over a transposed
+    copy (what ``benchmarks/llactr.py``'s serve ratio moved by: README, LLaCTR). Training
+    keeps the per-sample Gram, which its backward reuses.
     """
     batch = fields.size(0)
     return torch.matmul(pair_matrix, fields).mul_(fields).view(batch, -1).sum(1)  # (B,)
