@@ -69,7 +69,7 @@ def llm_steps(schema: str, work: str, quick: bool) -> Tuple[str, str]:
     )
     run_cli_step(
         ["semantics", "encode", "--schema", schema, "--adapter", os.path.join(ssft_dir, "adapter"),
-         "--output", vectors, "--max-length", "64"],
+         "--output", vectors],
         vectors,
     )
     return vectors, os.path.join(ssft_dir, "metrics.json")

@@ -62,6 +62,8 @@ class DeepFM(PairWeightFolding, CTRBackbone):
         out = model(dense, kjt)  # logits (B,), representation (B, 32)
     """
 
+    constant_own_pair_weights = True  # ones: r + c is formed once, when folded
+
     def __init__(
         self,
         embedding_bag_collection: EmbeddingBagCollection,

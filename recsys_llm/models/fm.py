@@ -79,6 +79,8 @@ class FM(PairWeightFolding, CTRBackbone):
         out = model(dense, kjt)  # out.logits (B,), out.representation (B, 16)
     """
 
+    constant_own_pair_weights = True  # ones: r + c is formed once, when folded
+
     def __init__(
         self,
         embedding_bag_collection: EmbeddingBagCollection,

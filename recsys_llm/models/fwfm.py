@@ -99,8 +99,6 @@ class FwFM(PairWeightFolding, CTRBackbone):
     def representation_dim(self) -> int:
         return self.embedding_dim
 
-    constant_own_pair_weights = False
-
     def own_pair_weights(self, like: torch.Tensor) -> torch.Tensor:
         return self.pair_weight
 

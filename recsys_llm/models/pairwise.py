@@ -66,8 +66,7 @@ def _quadratic_form(fields: torch.Tensor, pair_matrix: torch.Tensor) -> torch.Te
     copy (what ``benchmarks/llactr.py``'s serve ratio moved by: README, LLaCTR). Training
     keeps the per-sample Gram, which its backward reuses.
     """
-    batch = fields.size(0)
-    return torch.matmul(pair_matrix, fields).mul_(fields).view(batch, -1).sum(1)  # (B,)
+    return torch.matmul(pair_matrix, fields).mul_(fields).flatten(1).sum(1)  # (B,)
 
 
 @torch.fx.wrap
@@ -116,7 +115,7 @@ class PairWeightFolding:
     """
 
     folded_pair_weight: Optional[torch.Tensor]
-    constant_own_pair_weights: bool = True  # False where own_pair_weights are trained (FwFM)
+    constant_own_pair_weights: bool = False  # True where own_pair_weights is a constant (FM, DeepFM)
     dense_fields: Optional[torch.nn.Module]
     feature_names: List[str]
     num_fields: int

@@ -235,8 +235,16 @@ def load_vectors(
     for item in ("keys", "provenance"):
         if item not in metadata:
             raise VectorProvenanceError(f"{path}: metadata lacks {item!r}: not written by save_vectors")
-    keys = json.loads(metadata["keys"])
-    provenance = VectorProvenance.from_dict(json.loads(metadata["provenance"]), source=path)
+    try:
+        keys = json.loads(metadata["keys"])
+        raw_provenance = json.loads(metadata["provenance"])
+    except ValueError as error:
+        raise VectorProvenanceError(f"{path}: metadata is not valid JSON ({error}): damaged, or not written by "
+                                    "save_vectors") from error
+    if not isinstance(keys, list) or not isinstance(raw_provenance, dict):
+        raise VectorProvenanceError(f"{path}: metadata 'keys' is not a list or 'provenance' not an object: damaged, "
+                                    "or not written by save_vectors")
+    provenance = VectorProvenance.from_dict(raw_provenance, source=path)
     if vectors.dim() != 2 or vectors.size(0) != len(keys):
         raise VectorProvenanceError(f"{path}: {len(keys)} keys but vectors of shape {tuple(vectors.shape)}")
     bad = first_non_finite_row(vectors)

@@ -726,7 +726,9 @@ def attach_vectors(
 GRANULARITIES = ("row", "entity")
 
 
-def read_splits(schema: DatasetSchema, splits: Sequence[str], columns: Sequence[str], purpose: str) -> pa.Table:
+def read_splits(
+    schema: DatasetSchema, splits: Sequence[str], columns: Sequence[str], purpose: str = "the requested columns"
+) -> pa.Table:
     """``columns`` of ``splits``, one after the other, as one table.
 
     Splits written by different tools may differ in nullability only (pandas re-saves a

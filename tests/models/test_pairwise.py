@@ -33,6 +33,11 @@ class TestWeightedPairSum:
             inference = weighted_pair_sum(fields, matrix)
         torch.testing.assert_close(inference, training.detach())
         torch.testing.assert_close(inference, torch.einsum("bid,ij,bjd->b", fields.detach(), matrix, fields.detach()))
+        # an empty batch gives an empty result with and without gradients
+        empty = torch.randn(0, 5, 3, requires_grad=True)
+        assert weighted_pair_sum(empty, matrix).shape == (0,)
+        with torch.no_grad():
+            assert weighted_pair_sum(empty, matrix).shape == (0,)
 
     def test_upper_pair_weights(self) -> None:
         matrix = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
@@ -84,6 +89,27 @@ class TestPairWeightFolding:
             torch.testing.assert_close(model(dense, kjt).logits, twice)
         with pytest.raises(ValueError, match=r"sparse fields .* must be \(3, 3\)"):
             model.fold_pair_weights(torch.zeros(2, 2))
+
+
+def test_trained_own_pair_weights_stay_live_in_a_fold(schema, kjt, dense) -> None:
+    """Only a backbone that declares its own weights constant (FM, DeepFM) has them baked into
+    the fold; FwFM's, and any other backbone's, are read at every call."""
+    from recsys_llm.models.pairwise import PairWeightFolding
+
+    assert not PairWeightFolding.constant_own_pair_weights
+    torch.manual_seed(0)
+    model = build_backbone(SMOKE_CONFIGS["fwfm"], schema, device=torch.device("cpu")).eval()
+    randomize(model)
+    extra = torch.randn(3, 3).triu(1)
+    with torch.no_grad():
+        model.fold_pair_weights(extra)
+        model.pair_weight.mul_(2)  # the backbone's own weights move after the fold
+        folded = model(dense, kjt).logits
+        model.fold_pair_weights(None)
+        unfolded = model(dense, kjt).logits
+        model.fold_pair_weights(extra)
+        torch.testing.assert_close(model(dense, kjt).logits, folded)
+    assert not torch.allclose(folded, unfolded)  # the fold adds its pairs to the moved weights
 
 
 def test_backbones_without_pairwise_term_do_not_fold(schema) -> None:

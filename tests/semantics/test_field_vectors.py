@@ -70,12 +70,20 @@ class TestFieldVectors:
             _run_cli(["semantics", "encode", "--schema", other_path, "--adapter", os.path.join(out_dir, "adapter"),
                       "--output", str(tmp_path / "other.safetensors")])
         # settings the adapter fixes: refused when they differ (before the model loads), accepted when the same
+        from recsys_llm.semantics import field_vectors
+
+        def no_loading(*args, **kwargs):
+            raise AssertionError("the model was loaded before the settings were checked")
+
         for option, value, tuned in (("--model", str(tmp_path), tiny_llama_dir), ("--pooling", "mean", "last_token"),
                                      ("--max-length", "7", "256")):
-            with pytest.raises(ValueError, match=rf"^semantics encode {option} {value}: the SSFT adapter .* was tuned "
-                                                 rf"with {option} {tuned}, which encode uses with it; leave {option} out"):
-                _run_cli(["semantics", "encode", "--schema", schema_path, "--adapter", adapter, option, value,
-                          "--output", str(tmp_path / "refused.safetensors")])
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(field_vectors, "load_tuned_encoder", no_loading)
+                with pytest.raises(ValueError, match=rf"^semantics encode {option} {value}: the SSFT adapter .* was "
+                                                     rf"tuned with {option} {tuned}, which encode uses with it; leave "
+                                                     rf"{option} out"):
+                    _run_cli(["semantics", "encode", "--schema", schema_path, "--adapter", adapter, option, value,
+                              "--output", str(tmp_path / "refused.safetensors")])
         assert not os.path.exists(tmp_path / "refused.safetensors")
         assert _run_cli(["semantics", "encode", "--schema", schema_path, "--adapter", adapter, "--model", tiny_llama_dir,
                          "--pooling", "last_token", "--max-length", "256", "--output", str(tmp_path / "same.st")]) == 0

@@ -90,6 +90,15 @@ class TestCachedEncode:
         assert CountingEncoder.calls == 2
         torch.testing.assert_close(again, first, atol=0, rtol=0)
         torch.testing.assert_close(load_vectors(str(path)).vectors, first, atol=0, rtol=0)  # replaced
+        # readable tensors, damaged metadata
+        from safetensors.torch import save_file
+
+        save_file({"vectors": first}, str(path), metadata={"keys": "[", "provenance": "{}"})
+        with pytest.raises(VectorProvenanceError, match=r"metadata is not valid JSON .*: damaged, or not written by "):
+            load_vectors(str(path))
+        with pytest.warns(UserWarning, match="metadata is not valid JSON"):
+            cached_encode(encoder, texts, "t1", str(tmp_path), progress=False)
+        assert CountingEncoder.calls == 3 and load_vectors(str(path)).keys == ["0", "1"]
 
 
 class TestNonFiniteVectors:
