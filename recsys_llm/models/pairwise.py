@@ -63,8 +63,8 @@ def _quadratic_form(fields: torch.Tensor, pair_matrix: torch.Tensor) -> torch.Te
     One batched matmul of (K, K) by (K, D) per sample that reads the fields in place: on the
     benchmarks' 2-core CPU as fast as FM's own sum-square trick at K = 12, D = 16, and 1.5x
     (B = 1,024) to 8x (B = 4,096) faster than one (K, K) @ (K, B * D) matmul over a transposed
-    copy (what ``benchmarks/llactr.py``'s serve ratio moved by: README, LLaCTR). Training
-    keeps the per-sample Gram, which its backward reuses.
+    copy (README, LLaCTR's throughput). Training keeps the per-sample Gram, which its
+    backward reuses.
     """
     return torch.matmul(pair_matrix, fields).mul_(fields).flatten(1).sum(1)  # (B,)
 
@@ -109,9 +109,9 @@ class PairWeightFolding:
     ``folded_pair_weight`` (an (N, N) strict upper triangle: c, or r + c where r is a constant,
     ``constant_own_pair_weights``: FM's and DeepFM's ones, so a served program does not rebuild
     them per request; None until folded, absent from checkpoints) and, when it is set, weighs
-    its pairs with :meth:`folded_pair_weights`
-    for the logits (its ``representation`` stays the unfolded one, except FwFM's, which is the
-    weighted pair term itself and so includes the folded weights; serving reads only logits).
+    its pairs with :meth:`folded_pair_weights` for the logits (its ``representation`` stays the
+    unfolded one, except FwFM's, which is the weighted pair term itself and so includes the
+    folded weights; serving reads only logits).
     """
 
     folded_pair_weight: Optional[torch.Tensor]

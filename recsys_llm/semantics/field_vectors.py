@@ -25,9 +25,9 @@ from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_e
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
 
 
-# FieldVectorConfig numbers: field -> (integer, minimum, above, below, `semantics encode` option)
 DEFAULT_MAX_LENGTH = 256  # tokens per field text of an untuned model
 
+# FieldVectorConfig numbers: field -> (integer, minimum, above, below, `semantics encode` option)
 _NUMBER_RULES: Dict[str, NumberRule] = {
     "batch_size": (True, 1, None, None, "--batch-size"),
     "max_length": (True, 1, None, None, "--max-length"),
@@ -109,8 +109,9 @@ def check_adapter_settings(config: FieldVectorConfig, info: dict) -> None:
         "--max-length": (config.max_length, info["max_length"]),
     }
     for option, (value, tuned) in asked.items():
-        same = value is None or (os.path.realpath(value) == os.path.realpath(tuned) if option == "--model" else value == tuned)
-        if not same:
+        if option == "--model" and value is not None:
+            value, tuned = os.path.realpath(value), os.path.realpath(tuned)
+        if value is not None and value != tuned:
             raise ValueError(
                 f"semantics encode {option} {value}: the SSFT adapter {config.adapter_dir} was tuned with "
                 f"{option} {tuned}, which encode uses with it; leave {option} out, or tune an adapter with {value}"
