@@ -53,6 +53,35 @@ class TestFieldRepresentationEnhancement:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b)
 
+    @pytest.mark.parametrize("case", ["moderate", "overflowing exp", "one row underflowing", "empty batch"])
+    def test_matches_log_softmax_reference_at_any_magnitude(self, case: str) -> None:
+        """Fields whose exp overflows or vanishes in float32 give the float64 reference's loss and gradients."""
+        from recsys_llm.modules.field_semantics import projected_field_kl
+
+        torch.manual_seed(0)
+        fields = torch.randn(0 if case == "empty batch" else 6, 3, 8)
+        if case == "overflowing exp":
+            fields = fields * 60  # exp(x) is inf in float32 beyond 88.7
+        elif case == "one row underflowing":
+            fields[2, 1] -= 150  # exp(x) of that row is 0 in float32
+        vectors, projection = torch.randn(3, 5), nn.Linear(5, 8)
+        fields.requires_grad_()
+        loss = projected_field_kl(fields, vectors, projection.weight, projection.bias)
+        got = torch.autograd.grad(loss, (fields, projection.weight)) if fields.numel() else ()
+
+        exact = fields.detach().double().requires_grad_()
+        weight = projection.weight.detach().double().requires_grad_()
+        log_p = F.log_softmax(vectors.double() @ weight.t() + projection.bias.detach().double(), dim=-1)
+        reference = (log_p.exp() * (log_p - F.log_softmax(exact, dim=-1))).sum(-1).mean()
+        if case == "empty batch":
+            assert torch.isnan(loss)  # a mean over no sample, as torch's own mean
+            return
+        expected = torch.autograd.grad(reference, (exact, weight))
+        assert torch.isfinite(loss)
+        torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
     def test_positions_count_only_their_keys(self) -> None:
         from recsys_llm.modules.field_semantics import projected_field_kl
 
