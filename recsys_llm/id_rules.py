@@ -2,7 +2,8 @@
 
 Training batches come from :class:`~recsys_llm.data.parquet.ParquetBatchReader`, which folds
 the ids of a ``hashed`` field modulo its cardinality, keeps the first ``max_length`` ids of a
-sequence, and refuses any other id outside ``[0, cardinality)``. A served model gets raw ids
+sequence, refuses any other id outside ``[0, cardinality)``, and gives every row exactly one id
+of a ``sparse`` field (a null there is refused). A served model gets raw ids
 from its caller, so the export records these rules per feature (``config.json``,
 ``id_rules``) and :class:`IdRules` applies them to the request's KeyedJaggedTensor before the
 table lookups: the tables see the rows they were trained on, and a bad id is an error naming
@@ -21,15 +22,22 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys_llm.data.schema import FieldKind
+
 ID_DTYPES = (torch.int64, torch.int32)  # what embedding_bag takes as ids and offsets
 
 
 def id_rules(schema: Any, feature_names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """Per feature of ``schema`` among ``feature_names``: ``{"hashed": bool, "max_length": int}``
-    (0: no limit), for ``config.json``."""
+    """Per feature of ``schema`` among ``feature_names``: ``{"hashed": bool, "max_length": int,
+    "single_id": bool}`` (max_length 0: no limit; single_id: a ``sparse`` field, one id per row),
+    for ``config.json``."""
     names = {f.name for f in schema.fields}
     return {
-        name: {"hashed": bool(schema.field(name).hashed), "max_length": int(schema.field(name).max_length)}
+        name: {
+            "hashed": bool(schema.field(name).hashed),
+            "max_length": int(schema.field(name).max_length),
+            "single_id": schema.field(name).kind == FieldKind.SPARSE,
+        }
         for name in feature_names
         if name in names
     }
@@ -42,27 +50,39 @@ class IdRules:
         rows (Mapping[str, int]): table rows per feature (ids must fall in ``[0, rows)``).
         hashed (Mapping[str, bool]): features whose ids are folded modulo ``rows``.
         max_length (Mapping[str, int]): ids kept per bag (0 or absent: all).
+        single_id (Optional[Mapping[str, bool]]): features that take exactly one id per row
+            (absent: any count).
     """
 
-    def __init__(self, rows: Mapping[str, int], hashed: Mapping[str, bool], max_length: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        rows: Mapping[str, int],
+        hashed: Mapping[str, bool],
+        max_length: Mapping[str, int],
+        single_id: Optional[Mapping[str, bool]] = None,
+    ) -> None:
         self._rows = dict(rows)
         self._hashed = {k: bool(v) for k, v in hashed.items()}
         self._max_length = {k: int(v) for k, v in max_length.items() if v}
-        self._per_keys: Dict[Tuple[str, ...], Tuple[torch.Tensor, torch.Tensor, List[int]]] = {}
+        self._single_id = {k for k, v in (single_id or {}).items() if v}
+        self._per_keys: Dict[Tuple[str, ...], Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]] = {}
 
     @classmethod
     def from_config(cls, rules: Optional[Mapping[str, Mapping[str, Any]]], rows: Mapping[str, int]) -> "IdRules":
         """From an export's ``id_rules`` (None for an artifact written before they were recorded:
-        bounds checks only) and the table rows per feature."""
+        bounds checks only; ``single_id`` absent, as before it was recorded: any id count) and
+        the table rows per feature."""
         rules = rules or {}
         return cls(
             rows,
             {name: rule.get("hashed", False) for name, rule in rules.items()},
             {name: rule.get("max_length", 0) for name, rule in rules.items()},
+            {name: rule.get("single_id", False) for name, rule in rules.items()},
         )
 
-    def _per_key(self, keys: Tuple[str, ...]) -> Tuple[torch.Tensor, List[int], List[int]]:
-        """(K,) table rows, the positions of hashed keys and the K max lengths, of a key order (cached).
+    def _per_key(self, keys: Tuple[str, ...]) -> Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]:
+        """(K,) table rows, the positions of hashed keys, the K max lengths and (K,) which keys
+        take one id per row (None: none does), of a key order (cached).
 
         Raises:
             ValueError: ``keys`` are not exactly the model's features (each once, any order).
@@ -82,6 +102,7 @@ class IdRules:
                 torch.tensor([self._rows[k] for k in keys], dtype=torch.int64),
                 [i for i, k in enumerate(keys) if self._hashed.get(k, False)],
                 [self._max_length.get(k, 0) for k in keys],
+                torch.tensor([k in self._single_id for k in keys]) if self._single_id else None,
             )
         return self._per_keys[keys]
 
@@ -96,13 +117,16 @@ class IdRules:
 
         Raises:
             ValueError: the KeyedJaggedTensor is malformed (features missing or unknown, ids
-                not integers, lengths that do not match the ids: :meth:`check_structure`), or
-                an id of a feature that is not hashed lies outside its table, named with the
-                feature, the id, the row in the batch and the table's size.
+                not integers, lengths that do not match the ids: :meth:`check_structure`), a
+                row holds no id or several of a single-id feature, or an id of a feature that is
+                not hashed lies outside its table; named with the feature and the row in the
+                batch (and the id and the table's size).
         """
         keys = tuple(features.keys())
-        rows, hashed_positions, max_lengths = self._per_key(keys)
+        rows, hashed_positions, max_lengths, single_id = self._per_key(keys)
         self.check_structure(features)
+        if single_id is not None:
+            self._check_single_ids(features, single_id)
         if any(max_lengths):  # first, as the reader cuts a sequence before it checks its ids
             features = self._rebuilt(features, *self._truncate(features, max_lengths))
         values = features.values()
@@ -146,16 +170,37 @@ class IdRules:
                              "length per (feature, row), feature-major (K features x B rows)")
         if lengths.numel() and int(lengths.min()) < 0:
             first = int((lengths < 0).nonzero()[0])
-            position = int(torch.searchsorted(torch.tensor(strides).cumsum(0), torch.tensor(first), right=True))
-            row = first - sum(strides[:position])
-            raise ValueError(f"sparse features: feature {features.keys()[position]!r}, row {row}: length "
-                             f"{int(lengths[first])}; expected a count >= 0")
+            key, row = IdRules._bag_of(features, first)
+            raise ValueError(f"sparse features: feature {key!r}, row {row}: length {int(lengths[first])}; "
+                             "expected a count >= 0")
         total = sum(features.length_per_key())  # per key from the lengths (from_lengths_sync keeps it)
         if total != values.numel():
             raise ValueError(f"sparse features: lengths sum to {total} but there are {values.numel()} ids (values); "
                              "expected the lengths to count every id, one length per (feature, row)")
         if weights is not None and weights.numel() != values.numel():
             raise ValueError(f"sparse features: {weights.numel()} weights for {values.numel()} ids; expected one each")
+
+    @staticmethod
+    def _check_single_ids(features: KeyedJaggedTensor, single_id: torch.Tensor) -> None:
+        """Raises unless every row has exactly one id of each feature where ``single_id`` (K,) is True."""
+        lengths = features.lengths()
+        required = torch.repeat_interleave(single_id, torch.tensor(features.stride_per_key()))  # (sum strides,)
+        wrong = lengths.ne(1).logical_and_(required)
+        if bool(wrong.any()):
+            first = int(wrong.nonzero()[0])
+            key, row = IdRules._bag_of(features, first)
+            raise ValueError(
+                f"sparse features: feature {key!r}, row {row}: {int(lengths[first])} ids; expected exactly one, as "
+                "in training, where this sparse field has one id in every row (a missing value is id 0 in the "
+                "data recsys-llm prepares, not an empty bag)"
+            )
+
+    @staticmethod
+    def _bag_of(features: KeyedJaggedTensor, flat_index: int) -> Tuple[str, int]:
+        """(feature, row in the batch) of entry ``flat_index`` of the feature-major lengths."""
+        strides = features.stride_per_key()
+        position = int(torch.searchsorted(torch.tensor(strides).cumsum(0), torch.tensor(flat_index), right=True))
+        return features.keys()[position], flat_index - sum(strides[:position])
 
     @staticmethod
     def _rebuilt(features: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor,

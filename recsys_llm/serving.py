@@ -92,8 +92,10 @@ naming the row). Dense features of another real dtype (float64, integers) are co
 float32.
 
 Ids go through the training reader's rules first (`config.json`, `id_rules`): ids of a
-`hashed` field are folded into its table, sequences keep their first `max_length` ids, and any
-other id outside its table is a ValueError naming the feature and row. The EBC lookup runs
+`hashed` field are folded into its table, sequences keep their first `max_length` ids, a row of
+a sparse (single-id) field holds exactly one id (send a missing value as id 0, as in the
+training data, not as an empty bag), and any other id outside its table is a ValueError naming
+the feature and row. The EBC lookup runs
 eagerly; everything after it is `dense_program.pt2` (`torch.export.load`), inputs
 `(dense (B, {num_dense}), pooled (B, {pooled}))`.
 """
@@ -874,8 +876,9 @@ class ServedModel(nn.Module):
         training reader refuses it. Each problem is a ValueError saying what was expected.
 
         The ids then go through the training reader's rules (:class:`~recsys_llm.id_rules.IdRules`):
-        hashed features folded, sequences cut to ``max_length``, other out-of-table ids refused
-        (ValueError naming the feature and row).
+        hashed features folded, sequences cut to ``max_length``, a row without an id or with
+        several of a sparse (single-id) feature and other out-of-table ids refused (ValueError
+        naming the feature and row).
 
         Args:
             dense_features (torch.Tensor): (B, Dd), in schema order.

@@ -106,8 +106,11 @@ def test_llactr_section_trains_fre_and_fie_and_records_provenance(small_syntheti
     torch.testing.assert_close(result["served_logits"], result["task_logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result["served_logits"], result["checkpoint_logits"], rtol=1e-5, atol=1e-5)
     schema_fields = {f.name: f for f in schema.fields}
-    assert result["id_rules"] == {name: {"hashed": schema_fields[name].hashed, "max_length": schema_fields[name].max_length}
-                                  for name in names}  # recsys-llm export records the reader's rules
+    assert result["id_rules"] == {  # recsys-llm export records the reader's rules
+        name: {"hashed": schema_fields[name].hashed, "max_length": schema_fields[name].max_length,
+               "single_id": schema_fields[name].kind.value == "sparse"}
+        for name in names
+    }
     assert not torch.allclose(result["task_logits"], result["plain_logits"], atol=1e-4)
     with open(os.path.join(run_dir, "plugins.json"), encoding="utf-8") as handle:
         plugins = json.load(handle)

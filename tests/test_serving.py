@@ -333,9 +333,9 @@ def test_served_model_treats_raw_request_ids_as_the_reader_treated_training_ids(
     example = make_batch(4, 100)
     out = str(tmp_path / "export")
     config = export_task(task, out, example.dense_features, example.sparse_features, schema=schema)
-    assert config["id_rules"] == {"user_id": {"hashed": True, "max_length": 0},
-                                  "item_id": {"hashed": False, "max_length": 0},
-                                  "genres": {"hashed": False, "max_length": 3}}
+    assert config["id_rules"] == {"user_id": {"hashed": True, "max_length": 0, "single_id": True},
+                                  "item_id": {"hashed": False, "max_length": 0, "single_id": True},
+                                  "genres": {"hashed": False, "max_length": 3, "single_id": False}}
     served = ServedModel.load(out, trust_program=True)
 
     def kjt(users, items, genres):
@@ -357,6 +357,43 @@ def test_served_model_treats_raw_request_ids_as_the_reader_treated_training_ids(
     with torch.no_grad():  # ids past max_length are cut before they are checked, as the reader does
         expected = task.model(dense, kjt([1, 2, 3], [1, 2, 3], [[0, 1, 2], [], [4]])).logits
     assert torch.equal(served.logits(dense, kjt([1, 2, 3], [1, 2, 3], [[0, 1, 2, 400], [], [4]])), expected)
+
+
+@pytest.mark.parametrize("item_lengths, row, count", [([1, 0, 1], 1, 0), ([1, 1, 2], 2, 2)])
+def test_served_model_takes_one_id_per_row_of_a_sparse_field(tmp_path, item_lengths, row, count):
+    """The reader gives every row one id of a sparse field (a null is refused): an empty or a
+    longer bag there is refused by name, while a sequence's bags may hold any number; an
+    artifact without ``single_id`` in its rules (written before it was recorded) takes any."""
+    from recsys_llm.models.registry import build_backbone
+    from recsys_llm.train.task import CTRTask
+
+    schema = DatasetSchema("t", [FieldSpec("item_id", "sparse", 12), FieldSpec("genres", "sequence", 5),
+                                 FieldSpec("age", "dense")])
+    torch.manual_seed(0)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=CPU)).eval()
+    example = make_batch(4, 100)
+    out = str(tmp_path / "export")
+    export_task(task, out, example.dense_features, example.sparse_features, schema=schema)
+    dense = torch.randn(3, 1)
+    genres = [[], [0, 1, 2, 3], [4]]
+    request = KeyedJaggedTensor.from_lengths_sync(
+        keys=["item_id", "genres"], values=torch.tensor([5] * sum(item_lengths) + [g for bag in genres for g in bag]),
+        lengths=torch.tensor(item_lengths + [len(bag) for bag in genres], dtype=torch.int32))
+    served = ServedModel.load(out, trust_program=True)
+    served.logits(dense, KeyedJaggedTensor.from_lengths_sync(
+        keys=["item_id", "genres"], values=torch.tensor([5, 5, 5] + [g for bag in genres for g in bag]),
+        lengths=torch.tensor([1, 1, 1] + [len(bag) for bag in genres], dtype=torch.int32)))
+    with pytest.raises(ValueError, match=rf"feature 'item_id', row {row}: {count} ids; expected exactly one"):
+        served.logits(dense, request)
+
+    config_path = os.path.join(out, "config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    for rule in config["id_rules"].values():
+        del rule["single_id"]
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    assert ServedModel.load(out, trust_program=True).logits(dense, request).shape == (3,)
 
 
 def test_files_of_two_exports_copied_together_are_refused(tmp_path):
