@@ -287,3 +287,26 @@ class TestStateFiles:
             handle.truncate(os.path.getsize(path) // 2)
         with pytest.raises(ValueError, match=rf"^{re.escape(path)}: damaged or incomplete state file \(SafetensorError"):
             _load_frozen_teacher(path)
+
+
+@pytest.mark.parametrize("lengths, message", [
+    ([1, 1, 1, 1], None),
+    ([1, 0, 1, 1], r"feature 'user_id', row 1: 0 ids; expected exactly one"),
+    ([1, 1, 1, 2], r"feature 'item_id', row 1: 2 ids; expected exactly one"),
+    ([2, 0, 1, 1], r"feature 'user_id', row 0: 2 ids"),  # the lengths still add up to the ids
+])
+def test_single_id_features_take_one_id_per_row_in_any_key_order(lengths, message):
+    """Every feature single-id (one min / max over the lengths) as well as mixed with a sequence."""
+    from recsys_llm.id_rules import IdRules
+
+    for keys in (["user_id", "item_id"], ["user_id", "item_id", "tags"]):
+        tag_lengths = [2, 0] if "tags" in keys else []  # a sequence's bags hold any number of ids
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=torch.ones(sum(lengths) + sum(tag_lengths), dtype=torch.int64),
+            lengths=torch.tensor(lengths + tag_lengths, dtype=torch.int32))
+        rules = IdRules({k: 5 for k in keys}, {}, {}, {"user_id": True, "item_id": True, "tags": False})
+        if message is None:
+            assert rules(kjt) is kjt
+        else:
+            with pytest.raises(ValueError, match=message):
+                rules(kjt)
