@@ -16,8 +16,16 @@ after tuning.
 Output directory::
 
     adapter/        peft adapter (adapter_config.json, adapter_model.safetensors) + ssft.json
-    checkpoint/     adapter + optimizer + state.json, replaced atomically after each epoch
+    checkpoint/     adapter + optimizer + torch RNG state (rng.safetensors) + state.json,
+                    replaced atomically after each epoch
     metrics.json    before/after accuracy and loss, per-epoch history
+
+A run in an output directory with a checkpoint goes on from it (unless ``resume`` is off):
+the adapter, the AdamW state and the torch RNG states (CPU, and the CUDA device's; dropout
+draws from them) are restored, so a tune interrupted after an epoch and resumed gives the
+adapter of an uninterrupted one, bit for bit (on the same device and software). Asking for
+fewer epochs than the checkpoint holds is refused; as many re-saves the adapter. Loading
+runs no code: safetensors and JSON, and ``torch.load(weights_only=True)`` for the optimizer.
 
 Example::
 
@@ -30,12 +38,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
+import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -45,6 +56,8 @@ from recsys_llm.semantics.encoder import (
     POOLINGS,
     NumberRule,
     TextEncoder,
+    _one_line,
+    _safetensors_damage,
     check_number_fields,
     default_model_path,
     default_target_modules,
@@ -53,12 +66,21 @@ from recsys_llm.semantics.encoder import (
     load_tokenizer,
     model_dir_fingerprint,
     module_fingerprint,
+    read_json_file,
     resolve_device,
     resolve_dtype,
 )
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 
 SSFT_INFO_FILE = "ssft.json"
+# the files of checkpoint/ (rng.safetensors is missing from those of older versions)
+CHECKPOINT_ADAPTER_FILE = "adapter.safetensors"
+CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
+CHECKPOINT_RNG_FILE = "rng.safetensors"
+CHECKPOINT_STATE_FILE = "state.json"
+# what ssft.json must name for the adapter to be loaded and used
+_ADAPTER_INFO_KEYS = ("base_model_path", "base_model_hash", "adapter_hash", "pooling", "max_length", "fields",
+                      "templates")
 # what an SSFT output directory holds (with the temp and previous copies of its swaps)
 SSFT_OUTPUT_ENTRIES = frozenset(
     name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
@@ -214,6 +236,57 @@ def retrieval_metrics(queries: torch.Tensor, keys: torch.Tensor, labels: torch.T
     return {"accuracy": accuracy, "loss": loss, "count": int(labels.numel())}
 
 
+def _rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
+    """The RNG states SSFT training draws from (LoRA and model dropout; shuffling and sampling use
+    their own seeded ``random.Random``): torch's CPU one, and on CUDA the device's (uint8 tensors)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, torch.Tensor], device: torch.device) -> bool:
+    """Restores what :func:`_rng_state` saved; False when it lacks the CUDA state a run on ``device`` needs.
+
+    Raises:
+        RuntimeError, KeyError, TypeError: ``state`` is not such a state (a damaged file).
+    """
+    torch.set_rng_state(state["torch"])
+    if device.type != "cuda":
+        return True
+    if "cuda" not in state:
+        return False
+    torch.cuda.set_rng_state(state["cuda"], device)
+    return True
+
+
+def _damaged_checkpoint_file(path: str, detail: str) -> ValueError:
+    """The error for a file of an SSFT ``checkpoint/`` that cannot be read back."""
+    return ValueError(
+        f"{path}: damaged or incomplete SSFT checkpoint file ({detail}); delete {os.path.dirname(path)} to tune "
+        "again from scratch, or run `recsys-llm semantics tune` with --no-resume"
+    )
+
+
+def _damaged_adapter_file(path: str, detail: str) -> ValueError:
+    """The error for a file of an SSFT ``adapter/`` directory that cannot be read back."""
+    adapter_dir = os.path.dirname(os.path.abspath(path))
+    output_dir = os.path.dirname(adapter_dir) if os.path.basename(adapter_dir) == "adapter" else "<its tune output dir>"
+    return ValueError(
+        f"{path}: damaged or incomplete SSFT adapter file ({detail}); write the adapter again: run "
+        f"`recsys-llm semantics tune` with the same settings and --output-dir {output_dir} (it rewrites adapter/ "
+        "from its checkpoint), or tune it anew"
+    )
+
+
+def _torch_load_detail(error: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "holds objects other than tensors, refused unread: loading them could run code"
+    # torch's own text goes on with advice after its first sentence ("... central directory. This is ...")
+    return _one_line(error).split(". ")[0][:300] or type(error).__name__
+
+
 class SSFTTrainer:
     """Runs SSFT for one schema and writes the adapter, checkpoints and metrics.
 
@@ -244,6 +317,8 @@ class SSFTTrainer:
         self._train, self._valid = build_examples(schema, self._fields, config)
         self._model_path = config.model_path or default_model_path()
         self._base_hash = model_dir_fingerprint(self._model_path)
+        if config.resume:  # a damaged checkpoint, or one of other settings or more epochs: before the model loads
+            self._precheck_checkpoint()
         self._encoder = self._build_encoder()
         self._optimizer = torch.optim.AdamW(
             [p for p in self._encoder.model.parameters() if p.requires_grad],
@@ -329,30 +404,42 @@ class SSFTTrainer:
         return {"config": config, "base_hash": self._base_hash, "fields": self.fields}
 
     def save_checkpoint(self, state: Dict[str, Any]) -> None:
-        """Adapter + optimizer + state, written to a temp dir then renamed into place."""
+        """Adapter + optimizer + RNG states + state, written to a temp dir then renamed into place.
+
+        Call it right after an epoch: the RNG states saved are where the next epoch's dropout starts.
+        """
         final = os.path.join(self._output_dir, "checkpoint")
         tmp = f"{final}.tmp"
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-        save_file(self._adapter_state(), os.path.join(tmp, "adapter.safetensors"))
-        torch.save(self._optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as handle:
+        device = next(self._encoder.model.parameters()).device
+        save_file(self._adapter_state(), os.path.join(tmp, CHECKPOINT_ADAPTER_FILE))
+        torch.save(self._optimizer.state_dict(), os.path.join(tmp, CHECKPOINT_OPTIMIZER_FILE))
+        save_file(_rng_state(device), os.path.join(tmp, CHECKPOINT_RNG_FILE))
+        with open(os.path.join(tmp, CHECKPOINT_STATE_FILE), "w", encoding="utf-8") as handle:
             json.dump({**state, "signature": self._resume_signature()}, handle, indent=2)
         replace_directory(tmp, final)
 
-    def load_checkpoint(self) -> Optional[Dict[str, Any]]:
-        """Restores adapter and optimizer from ``checkpoint/`` (or ``checkpoint.old``); None if absent."""
-        from peft import set_peft_model_state_dict
-
+    def _checkpoint_dir(self) -> Optional[str]:
+        """``checkpoint/``, else ``checkpoint.old`` (a kill during the swap), when it holds a state; else None."""
         for name in ("checkpoint", "checkpoint.old"):
             path = os.path.join(self._output_dir, name)
-            if os.path.exists(os.path.join(path, "state.json")):
-                break
-        else:
-            return None
-        with open(os.path.join(path, "state.json"), encoding="utf-8") as handle:
-            state = json.load(handle)
+            if os.path.exists(os.path.join(path, CHECKPOINT_STATE_FILE)):
+                return path
+        return None
+
+    def _read_checkpoint_state(self, path: str) -> Dict[str, Any]:
+        """``state.json`` of the checkpoint ``path``, checked against these settings and ``epochs``."""
+        state_file = os.path.join(path, CHECKPOINT_STATE_FILE)
+        hint = (f"; the SSFT checkpoint is damaged: delete {path} to tune again from scratch, or run "
+                "`recsys-llm semantics tune` with --no-resume")
+        state = read_json_file(state_file, hint)
+        if not (isinstance(state, dict) and isinstance(state.get("signature"), dict)
+                and isinstance(state.get("epoch"), int) and isinstance(state.get("history"), list)
+                and isinstance(state.get("before"), dict)):
+            raise _damaged_checkpoint_file(state_file,
+                                           "expected a JSON object with epoch, before, history and signature")
         signature = state.pop("signature")
         current = self._resume_signature()
         if signature != current:
@@ -367,9 +454,117 @@ class SSFTTrainer:
                 f"{path}: checkpoint was made with other settings ({'; '.join(differing)}); "
                 "use the same settings, another output directory, or --no-resume"
             )
+        if state["epoch"] > self._config.epochs:
+            raise ValueError(
+                f"{self._output_dir}: already tuned for {state['epoch']} epochs, more than the --epochs "
+                f"{self._config.epochs} asked for (its adapter/ is the {state['epoch']}-epoch one); ask for --epochs "
+                f"{state['epoch']} or more to keep (or go on from) it, --no-resume to tune {self._config.epochs} "
+                "epoch(s) again from scratch there, or another --output-dir"
+            )
+        return state
+
+    def _read_checkpoint_adapter(self, path: str, device: torch.device) -> Dict[str, torch.Tensor]:
+        """The adapter tensors of the checkpoint ``path``, whole and of this model's LoRA shapes."""
+        from peft import get_peft_model_state_dict
+
+        adapter_file = os.path.join(path, CHECKPOINT_ADAPTER_FILE)
+        if not os.path.isfile(adapter_file):
+            raise _damaged_checkpoint_file(adapter_file, "missing")
+        damage = _safetensors_damage(adapter_file)
+        if damage is not None:
+            raise _damaged_checkpoint_file(adapter_file, damage)
+        try:
+            adapter = load_file(adapter_file, device=str(device))
+        except (SafetensorError, OSError) as error:
+            raise _damaged_checkpoint_file(adapter_file, _one_line(error)) from error
+        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(self._encoder.model).items()}
+        found = {k: tuple(v.shape) for k, v in adapter.items()}
+        if found != expected:
+            differing = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+            raise _damaged_checkpoint_file(
+                adapter_file,
+                f"{len(differing)} LoRA tensor(s) missing, unknown or of other shapes, e.g. {differing[0]}",
+            )
+        return adapter
+
+    def _read_checkpoint_rng(self, path: str) -> Optional[Dict[str, torch.Tensor]]:
+        """The RNG states of the checkpoint ``path``; None (warned) for one of an older version without them."""
+        rng_file = os.path.join(path, CHECKPOINT_RNG_FILE)
+        if not os.path.exists(rng_file):
+            warnings.warn(
+                f"{path}: no RNG state ({CHECKPOINT_RNG_FILE}; a checkpoint of an older version): resuming from it, "
+                "but dropout draws other masks than an uninterrupted run would, so the adapter is not bit-identical "
+                "to one tuned in one go",
+                stacklevel=3,
+            )
+            return None
+        damage = _safetensors_damage(rng_file)
+        if damage is not None:
+            raise _damaged_checkpoint_file(rng_file, damage)
+        try:
+            return load_file(rng_file)
+        except (SafetensorError, OSError) as error:
+            raise _damaged_checkpoint_file(rng_file, _one_line(error)) from error
+
+    def _precheck_checkpoint(self) -> None:
+        """The checks of :meth:`load_checkpoint` that need no model: state, settings, epochs, whole files."""
+        path = self._checkpoint_dir()
+        if path is None:
+            return
+        self._read_checkpoint_state(path)
+        for name in (CHECKPOINT_ADAPTER_FILE, CHECKPOINT_OPTIMIZER_FILE):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise _damaged_checkpoint_file(os.path.join(path, name), "missing")
+        for name in (CHECKPOINT_ADAPTER_FILE, CHECKPOINT_RNG_FILE):  # an older version wrote no RNG state
+            file = os.path.join(path, name)
+            damage = _safetensors_damage(file) if os.path.exists(file) else None
+            if damage is not None:
+                raise _damaged_checkpoint_file(file, damage)
+
+    def load_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """Restores adapter, optimizer and RNG states from ``checkpoint/`` (or ``checkpoint.old``); None if absent.
+
+        Every file is read before any is applied.
+
+        Raises:
+            ValueError: a damaged checkpoint file (named), a checkpoint of other settings, or one
+                of more epochs than ``epochs``.
+        """
+        from peft import set_peft_model_state_dict
+
+        path = self._checkpoint_dir()
+        if path is None:
+            return None
+        state = self._read_checkpoint_state(path)
         device = next(self._encoder.model.parameters()).device
-        set_peft_model_state_dict(self._encoder.model, load_file(os.path.join(path, "adapter.safetensors"), device=str(device)))
-        self._optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location=device))
+        adapter = self._read_checkpoint_adapter(path, device)
+        optimizer_file = os.path.join(path, CHECKPOINT_OPTIMIZER_FILE)
+        if not os.path.isfile(optimizer_file):
+            raise _damaged_checkpoint_file(optimizer_file, "missing")
+        try:
+            optimizer_state = torch.load(optimizer_file, weights_only=True, map_location=device)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+            raise _damaged_checkpoint_file(optimizer_file, _torch_load_detail(error)) from error
+        rng = self._read_checkpoint_rng(path)
+        set_peft_model_state_dict(self._encoder.model, adapter)
+        try:
+            self._optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
+            raise _damaged_checkpoint_file(optimizer_file, f"not an AdamW state of this adapter: {_one_line(error)}"
+                                           ) from error
+        if rng is not None:
+            try:
+                complete = _set_rng_state(rng, device)
+            except (RuntimeError, KeyError, TypeError, ValueError) as error:
+                raise _damaged_checkpoint_file(os.path.join(path, CHECKPOINT_RNG_FILE),
+                                               f"not a torch RNG state: {_one_line(error) or type(error).__name__}"
+                                               ) from error
+            if not complete:
+                warnings.warn(
+                    f"{path}: saved without a CUDA RNG state (tuned on CPU), resumed on {device}: the adapter is not "
+                    "bit-identical to one tuned in one go",
+                    stacklevel=2,
+                )
         return state
 
     def save_adapter(self) -> str:
@@ -432,12 +627,48 @@ def read_adapter_info(adapter_dir: str) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: the directory has no ``ssft.json``.
+        ValueError: ``ssft.json`` is damaged (not JSON, or without what the adapter needs).
     """
     info_path = os.path.join(adapter_dir, SSFT_INFO_FILE)
     if not os.path.exists(info_path):
         raise FileNotFoundError(f"{info_path}: not an SSFT adapter directory (run `recsys-llm semantics tune`)")
-    with open(info_path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        info = read_json_file(info_path)
+    except ValueError as error:
+        raise _damaged_adapter_file(info_path, f"not valid JSON: {_one_line(error.__cause__ or error)}") from error
+    missing = [key for key in _ADAPTER_INFO_KEYS if key not in info] if isinstance(info, dict) else ["a JSON object"]
+    if missing:
+        raise _damaged_adapter_file(info_path, f"expected {', '.join(missing)}")
+    return info
+
+
+def _check_adapter_files(adapter_dir: str) -> str:
+    """Checks that the peft files of an SSFT adapter directory are there and whole (before any model
+    loads); returns the path of its weight file.
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json`` or no adapter weights.
+        ValueError: one of them is damaged (named).
+    """
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: missing; the SSFT adapter directory is incomplete (run "
+                                "`recsys-llm semantics tune` again)")
+    try:
+        read_json_file(config_path)
+    except ValueError as error:
+        raise _damaged_adapter_file(config_path, f"not valid JSON: {_one_line(error.__cause__ or error)}") from error
+    weights = [name for name in ("adapter_model.safetensors", "adapter_model.bin")
+               if os.path.isfile(os.path.join(adapter_dir, name))]
+    if not weights:
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors; the SSFT adapter directory is "
+                                "incomplete (run `recsys-llm semantics tune` again)")
+    weight_path = os.path.join(adapter_dir, weights[0])
+    if weight_path.endswith(".safetensors"):
+        damage = _safetensors_damage(weight_path)
+        if damage is not None:
+            raise _damaged_adapter_file(weight_path, damage)
+    return weight_path
 
 
 def load_tuned_encoder(
@@ -456,6 +687,7 @@ def load_tuned_encoder(
     from peft import PeftModel
 
     info = read_adapter_info(adapter_dir)
+    weight_path = _check_adapter_files(adapter_dir)
     base_path = info["base_model_path"]
     base_hash = model_dir_fingerprint(base_path)
     if base_hash != info["base_model_hash"]:
@@ -466,7 +698,10 @@ def load_tuned_encoder(
     torch_device = resolve_device(device)
     tokenizer = load_tokenizer(base_path, trust_remote_code)
     base = load_model(base_path, torch_device, resolve_dtype(dtype, torch_device), trust_remote_code)
-    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise _damaged_adapter_file(weight_path, _one_line(error)[:300]) from error
     # the adapter's weight files as they are now (ssft.json's adapter_hash says what was tuned;
     # files copied over it since must not hit the vectors cached for the old ones)
     adapter_files = hashlib.sha256("".join(

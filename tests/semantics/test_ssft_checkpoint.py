@@ -1,0 +1,161 @@
+"""SSFT checkpoints: an interrupted and resumed tune gives the adapter of an uninterrupted one
+(dropout included), and damaged checkpoint / adapter files end with one line naming the file,
+changing nothing already written."""
+
+import os
+import re
+import shutil
+import warnings
+from typing import Dict, Tuple
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recsys_llm.cli import main
+from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer
+from recsys_llm.semantics.templates import PromptTemplates
+from tests.semantics.conftest import make_schema
+
+SHORT = PromptTemplates(prompt="### Input:\n{input}\n\n### Response:\n")
+# tiny BERT: hidden/attention dropout 0.1, plus LoRA dropout: every step draws from torch's RNG
+SMALL = dict(samples_train=8, samples_valid=2, batch_size=8, learning_rate=3e-3, lora_dropout=0.1,
+             templates=SHORT, max_length=32, seed=0)
+TUNE_ARGS = ["--samples-train", "8", "--samples-valid", "2", "--batch-size", "8", "--lr", "3e-3",
+             "--max-length", "64", "--lora-dropout", "0.1"]
+
+
+def _adapter(out_dir: str) -> Dict[str, torch.Tensor]:
+    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+
+
+def _assert_bit_identical(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key}: max difference {(a[key] - b[key]).abs().max().item()}"
+
+
+def _snapshot(root: str) -> Dict[str, Tuple[bytes, int]]:
+    """Every file under ``root``: its bytes and modification time."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, root)] = (handle.read(), os.stat(path).st_mtime_ns)
+    return files
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return next(line for line in err.splitlines() if "error:" in line)
+
+
+class TestExactResume:
+    def test_resumed_adapter_is_bit_identical_to_an_uninterrupted_one(self, tmp_path, tiny_bert_dir,
+                                                                      tiny_schema) -> None:
+        straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, straight).run()
+        first = _adapter(straight)
+        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, **SMALL), tiny_schema, resumed).run()
+        after_one = _adapter(resumed)
+        assert any(not torch.equal(first[k], after_one[k]) for k in first)  # the second epoch changed it
+        # another process's torch RNG would be anywhere: the checkpoint's state is what counts
+        torch.manual_seed(12345)
+        metrics = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, resumed).run()
+        assert metrics["epochs"] == 2
+        _assert_bit_identical(_adapter(resumed), first)
+
+    def test_a_checkpoint_without_rng_state_resumes_with_a_warning(self, tmp_path, tiny_bert_dir,
+                                                                   tiny_schema) -> None:
+        out = str(tmp_path / "old")
+        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, **SMALL), tiny_schema, out).run()
+        rng_files = [n for n in os.listdir(os.path.join(out, "checkpoint")) if n.startswith("rng")]
+        assert rng_files, os.listdir(os.path.join(out, "checkpoint"))
+        for name in rng_files:  # as an older version wrote it
+            os.remove(os.path.join(out, "checkpoint", name))
+        with pytest.warns(UserWarning, match=r"no RNG state.*not bit-identical"):
+            metrics = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, out).run()
+        assert metrics["epochs"] == 2
+
+    def test_fewer_epochs_than_done_is_refused_untouched(self, tmp_path, tiny_bert_dir, tiny_schema) -> None:
+        out = str(tmp_path / "done")
+        first = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, out).run()
+        adapter, before = _adapter(out), _snapshot(out)
+        with pytest.raises(ValueError, match=rf"{re.escape(out)}: .*tuned for 2 epochs.*--epochs 1"):
+            SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, **SMALL), tiny_schema, out).run()
+        assert _snapshot(out) == before
+        with warnings.catch_warnings(record=True) as caught:  # the same number again: nothing to warn about
+            warnings.simplefilter("always")
+            again = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, out).run()
+        assert not [w for w in caught if "bit-identical" in str(w.message)]
+        assert again["epochs"] == 2 and again["history"] == first["history"]
+        _assert_bit_identical(_adapter(out), adapter)
+
+
+@pytest.fixture(scope="module")
+def tuned_once(tmp_path_factory, tiny_bert_dir) -> Tuple[str, str]:
+    """The schema directory and an SSFT output directory after 1 of 2 epochs (made by the CLI)."""
+    root = tmp_path_factory.mktemp("ssft_damage")
+    schema = make_schema(str(root / "data"))
+    out = str(root / "ssft")
+    assert main(["semantics", "tune", "--schema", schema.root, "--model", tiny_bert_dir, "--output-dir", out,
+                 "--epochs", "1", *TUNE_ARGS]) == 0
+    return schema.root, out
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the damaged file was found")
+
+
+def _damage(path: str) -> None:
+    """Cuts the file to a third of its size (a write killed part-way, a full disk)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(max(1, size // 3))
+
+
+@pytest.mark.parametrize("name,before_the_model", [
+    ("adapter.safetensors", True), ("optimizer.pt", False), ("state.json", True), ("rng.safetensors", True),
+])
+def test_a_damaged_checkpoint_file_is_named_and_nothing_is_changed(tmp_path, tuned_once, tiny_bert_dir, capsys,
+                                                                   monkeypatch, name, before_the_model) -> None:
+    from recsys_llm.semantics import ssft
+
+    if before_the_model:  # found by reading headers and JSON: no model is loaded first
+        monkeypatch.setattr(ssft, "load_model", _no_model)
+    schema_root, tuned = tuned_once
+    out = str(tmp_path / "ssft")
+    shutil.copytree(tuned, out)
+    damaged = os.path.join(out, "checkpoint", name)
+    assert os.path.isfile(damaged), os.listdir(os.path.join(out, "checkpoint"))
+    _damage(damaged)
+    before = _snapshot(out)
+    capsys.readouterr()
+    code = main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
+                 "--epochs", "2", *TUNE_ARGS])
+    assert code == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"recsys-llm semantics: error: {damaged}: "), line
+    assert "damaged" in line and "--no-resume" in line and "delete" in line, line
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "ssft.json"])
+def test_encode_with_a_damaged_adapter_file_is_named(tmp_path, tuned_once, capsys, name) -> None:
+    schema_root, tuned = tuned_once
+    adapter = str(tmp_path / "adapter")
+    shutil.copytree(os.path.join(tuned, "adapter"), adapter)
+    damaged = os.path.join(adapter, name)
+    _damage(damaged)
+    before = _snapshot(adapter)
+    output = str(tmp_path / "fields.safetensors")
+    capsys.readouterr()
+    code = main(["semantics", "encode", "--schema", schema_root, "--adapter", adapter, "--output", output])
+    assert code == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"recsys-llm semantics: error: {damaged}: "), line
+    assert "damaged" in line and "semantics tune" in line, line
+    assert not os.path.exists(output)
+    assert _snapshot(adapter) == before
