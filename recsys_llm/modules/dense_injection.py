@@ -22,6 +22,7 @@ from torch import nn
 from torchrec.models.dlrm import DLRM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from recsys_llm.data.validation import check_number
 from recsys_llm.models.dlrm import DLRMBackbone
 
 
@@ -38,10 +39,15 @@ class VectorFieldInjection(nn.Module):
         injection = VectorFieldInjection(in_dim=384, embedding_dim=16)
         task = CTRTask(DeepFM(ebc, 4, num_extra_fields=1), field_injection=injection)
         extra = injection(torch.randn(32, 384))  # (32, 1, 16)
+
+    Raises:
+        ValueError: a width or count that is not an integer >= 1.
     """
 
     def __init__(self, in_dim: int, embedding_dim: int, num_fields: int = 1) -> None:
         super().__init__()
+        for name, value in (("in_dim", in_dim), ("embedding_dim", embedding_dim), ("num_fields", num_fields)):
+            check_number(f"VectorFieldInjection.{name}", value, integer=True, minimum=1)
         self._num_fields = num_fields
         self._embedding_dim = embedding_dim
         self.projection = nn.Linear(in_dim, num_fields * embedding_dim)
@@ -87,6 +93,8 @@ class DLRMDenseInjection(nn.Module):
 
     def __init__(self, dlrm: DLRM, in_dim: int, projected_dim: Optional[int] = None) -> None:
         super().__init__()
+        check_number("DLRMDenseInjection.in_dim", in_dim, integer=True, minimum=1)
+        check_number("DLRMDenseInjection.projected_dim", projected_dim, integer=True, minimum=1, optional=True)
         self.dlrm = dlrm
         self.projection = nn.Linear(in_dim, projected_dim) if projected_dim is not None else None
         first = next(m for m in dlrm.dense_arch.modules() if isinstance(m, nn.Linear))

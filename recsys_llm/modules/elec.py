@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.validation import check_number
 from recsys_llm.models.registry import ModelConfig, build_backbone
 from recsys_llm.modules.dense_injection import VectorFieldInjection
 from recsys_llm.modules.semantic_table import (
@@ -50,8 +51,8 @@ class ELECConfig:
 
     Args:
         task (str): ``gain`` (teacher alone) or ``distill`` (teacher + student).
-        vector_dim (int): d of the LLM vectors.
-        num_injected_fields (int): E extra fields the vector becomes.
+        vector_dim (int): d of the LLM vectors (>= 1).
+        num_injected_fields (int): E extra fields the vector becomes (>= 1).
         vector_source (str): ``extras`` (``batch.extras[vector_key]``) or ``entity_table``.
         vector_key (str): extras key of per-row vectors.
         entity_field (Optional[str]): sparse field whose ids key the entity vectors.
@@ -60,7 +61,9 @@ class ELECConfig:
             directory (e.g. ``{user_id: vectors/users, item_id: vectors/items}``); merged with
             ``entity_field`` / ``entity_vectors``. The K vectors, concatenated, are projected
             to ``K * num_injected_fields`` fields, so the backbone can interact user and item
-            vectors with each other (FM / cross terms) as well as with the ID embeddings.
+            vectors with each other (FM / cross terms) as well as with the ID embeddings. A frozen
+            teacher reads its tables from ``teacher_checkpoint``: a directory named here is checked
+            against them (:func:`load_elec_state`), and may be left out (None).
         expected_provenance (Dict[str, str]): provenance the vectors must have (every entity
             table's; keys that differ per entity, such as ``entity_field``, do not belong here).
         teacher_checkpoint (Optional[str]): frozen mode: a gain-network export directory
@@ -87,6 +90,9 @@ class ELECConfig:
             raise ValueError(f"elec.task must be one of {TASKS}, got {self.task!r}")
         if self.vector_source not in VECTOR_SOURCES:
             raise ValueError(f"elec.vector_source must be one of {VECTOR_SOURCES}, got {self.vector_source!r}")
+        # caught here, not as a reshape or planner error deep in building or sharding the task
+        check_number("elec.vector_dim", self.vector_dim, integer=True, minimum=1)
+        check_number("elec.num_injected_fields", self.num_injected_fields, integer=True, minimum=1)
         self.entity_tables = dict(self.entity_tables)
         if self.entity_field:
             previous = self.entity_tables.get(self.entity_field, self.entity_vectors)
@@ -192,28 +198,103 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
     them (``semantics export`` does), the entity field and ``schema_fingerprint``: ids of
     another data set would land on the wrong rows.
 
+    A frozen teacher's entity tables come from ``teacher_checkpoint`` with its other weights;
+    ``entity_tables`` names their fields (the teacher's shape) and may name their export
+    directories: those are then checked as above and row by row against the checkpoint's tables,
+    so a run that records them (``plugins.json``) records the vectors its teacher really reads.
+
     Returns:
-        Dict[str, int]: rows filled in the entity table, tensors copied into the teacher.
+        Dict[str, int]: rows filled in the entity table, rows of the frozen teacher's entity
+        tables checked against their exports, tensors copied into the teacher.
+
+    Raises:
+        FileNotFoundError: an entity export directory that does not exist (in frozen mode, one
+            that is named).
+        ProvenanceError: vectors of another provenance, field or schema.
+        ValueError: a frozen teacher's table holds other vectors than the export named for it, or
+            ``expected_provenance`` is set for a frozen teacher without any export to check it on.
     """
     from recsys_llm.semantics.vector_export import check_provenance, read_manifest
     from recsys_llm.serving import open_state_file
 
-    report: Dict[str, int] = {"entity_rows": 0, "teacher_tensors": 0}
+    report: Dict[str, int] = {"entity_rows": 0, "entity_rows_checked": 0, "teacher_tensors": 0}
     is_distill = config.task == "distill"
-    if config.task == "distill" and config.distill.mode == "frozen":
+    frozen = is_distill and config.distill.mode == "frozen"
+    if frozen:
         with open_state_file(config.teacher_checkpoint) as state:  # each rank reads only its shards' rows
             report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.",
                                                         source=f"elec.teacher_checkpoint {config.teacher_checkpoint}")
-    elif config.vector_source == "entity_table" and (not is_distill or config.distill.mode == "joint"):
-        for field, directory in config.entity_tables.items():
-            if not directory or not os.path.isdir(directory):
-                raise FileNotFoundError(f"elec entity vectors of {field!r}: export directory {directory!r} not found")
-            stored = read_manifest(directory)["provenance"]
-            expected = dict(config.expected_provenance)
-            # exports record their entity field and schema; vectors written otherwise may not
-            for key, value in (("entity_field", field), ("schema", schema_fingerprint)):
-                if value is not None and key in stored:
-                    expected[key] = value
-            check_provenance(stored, expected, directory)  # every rank, not only those holding shards
+    if config.vector_source != "entity_table" or (is_distill and config.distill.mode == "offline"):
+        return report
+    named = {field: directory for field, directory in config.entity_tables.items() if directory or not frozen}
+    if frozen and config.expected_provenance and not named:
+        raise ValueError(
+            "elec.expected_provenance is set, but the frozen teacher's entity tables come from "
+            f"elec.teacher_checkpoint {config.teacher_checkpoint} and no export directory is named to check it on: "
+            "name the exports the teacher was trained with in elec.entity_tables (field -> directory), or drop "
+            "elec.expected_provenance"
+        )
+    for field, directory in named.items():
+        if not directory or not os.path.isdir(directory):
+            raise FileNotFoundError(f"elec entity vectors of {field!r}: export directory {directory!r} not found")
+        stored = read_manifest(directory)["provenance"]
+        expected = dict(config.expected_provenance)
+        # exports record their entity field and schema; vectors written otherwise may not
+        for key, value in (("entity_field", field), ("schema", schema_fingerprint)):
+            if value is not None and key in stored:
+                expected[key] = value
+        check_provenance(stored, expected, directory)  # every rank, not only those holding shards
+        if frozen:
+            report["entity_rows_checked"] += check_teacher_vectors(model, field, directory, config.teacher_checkpoint)
+        else:
             report["entity_rows"] += load_semantic_vectors(model, semantic_table_name(field), directory)
     return report
+
+
+@torch.no_grad()
+def check_teacher_vectors(model: nn.Module, field: str, directory: str, checkpoint: Optional[str] = None) -> int:
+    """Raises unless a loaded (frozen) teacher's entity table of ``field`` holds the vectors of the
+    export ``directory``: each rank compares its local shards' rows and columns with the export's.
+
+    Returns:
+        int: table rows compared on this rank.
+
+    Raises:
+        KeyError: the model has no entity table of ``field``.
+        ValueError: the export holds ids outside the table, or other vectors than the table.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from recsys_llm.semantics.vector_export import key_range, read_vector_rows
+
+    table = semantic_table_name(field)
+    suffix = f"embedding_bags.{table}.weight"
+    weights = [(k, v) for k, v in model.state_dict().items() if k.endswith(suffix)]
+    if not weights:
+        raise KeyError(f"model has no embedding table {table!r} in its state dict")
+
+    def refuse(detail: str) -> ValueError:
+        return ValueError(
+            f"elec.entity_tables[{field!r}]={directory!r}: {detail}; the frozen teacher reads the table of "
+            f"elec.teacher_checkpoint {checkpoint}, not this export: name the export the teacher was trained with "
+            f"(or leave the directory out: elec.entity_tables.{field}=null)"
+        )
+
+    num_rows = weights[0][1].size(0)
+    low, high = key_range(directory)
+    if low < 0 or high >= num_rows:
+        raise refuse(f"holds vectors of ids {low}..{high}, but the teacher's table {table!r} has rows "
+                     f"0..{num_rows - 1}")
+    checked = 0
+    for _, weight in weights:
+        if isinstance(weight, ShardedTensor):
+            pieces = [(s.tensor, *s.metadata.shard_offsets, *s.metadata.shard_sizes) for s in weight.local_shards()]
+        else:
+            pieces = [(weight, 0, 0, *weight.shape)]
+        dim = weight.size(1)
+        for tensor, row, col, rows, cols in pieces:
+            block = torch.from_numpy(read_vector_rows(directory, row, row + rows, dim)[:, col : col + cols])
+            if not torch.allclose(tensor.detach().cpu().float(), block, rtol=1e-6, atol=1e-7):
+                raise refuse(f"holds other vectors than the teacher's table {table!r} (rows {row}..{row + rows - 1})")
+            checked += rows
+    return checked

@@ -41,8 +41,14 @@ from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
+from recsys_llm.data.validation import check_number
 from recsys_llm.models.embedding import require_allocated
-from recsys_llm.modules.distillation import RepresentationDistillation, ScoreDistillation
+from recsys_llm.modules.distillation import (
+    REPR_KD_KINDS,
+    SCORE_KD_KINDS,
+    RepresentationDistillation,
+    ScoreDistillation,
+)
 from recsys_llm.train.task import required_extra
 
 MODES = ("joint", "frozen", "offline")
@@ -57,12 +63,12 @@ class TeacherStudentConfig:
 
     Args:
         mode (str): ``joint``, ``frozen`` or ``offline``.
-        alpha (float): weight of score-level KD.
-        beta (float): weight of representation-level KD (0 disables it).
-        temperature (float): score KD temperature T.
+        alpha (float): weight of score-level KD (>= 0).
+        beta (float): weight of representation-level KD (>= 0; 0 disables it).
+        temperature (float): score KD temperature T (> 0).
         score_kd (str): ``bce`` or ``kl``.
         repr_kd (str): ``mse`` or ``cosine``.
-        teacher_loss_weight (float): gamma, weight of the teacher's BCE in joint mode.
+        teacher_loss_weight (float): gamma, weight of the teacher's BCE in joint mode (>= 0).
         teacher_representation_dim (int): H_t for offline mode (read from the teacher otherwise).
         teacher_logits_key (str): extras key of offline teacher logits.
         teacher_representation_key (str): extras key of offline teacher representations.
@@ -91,8 +97,17 @@ class TeacherStudentConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"TeacherStudentConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"TeacherStudentConfig: alpha and beta must be >= 0, got {self.alpha}, {self.beta}")
+        # loss weights: a negative one maximises its term; T and the KD kinds are refused here, not
+        # only when the task is built, so a config check (e.g. ``plugin_extras``) catches them too
+        for name in ("alpha", "beta", "teacher_loss_weight"):
+            check_number(f"TeacherStudentConfig.{name}", getattr(self, name), minimum=0)
+        check_number("TeacherStudentConfig.temperature", self.temperature, above=0)
+        check_number("TeacherStudentConfig.teacher_representation_dim", self.teacher_representation_dim, integer=True,
+                     minimum=0)
+        if self.score_kd not in SCORE_KD_KINDS:
+            raise ValueError(f"TeacherStudentConfig.score_kd must be one of {SCORE_KD_KINDS}, got {self.score_kd!r}")
+        if self.repr_kd not in REPR_KD_KINDS:
+            raise ValueError(f"TeacherStudentConfig.repr_kd must be one of {REPR_KD_KINDS}, got {self.repr_kd!r}")
         self.swap_fields = [self.swap_fields] if isinstance(self.swap_fields, str) else list(self.swap_fields)
         if self.swap_catalog and not self.swap_fields:
             raise ValueError("TeacherStudentConfig.swap_catalog is set but swap_fields is empty: name the catalogue's "

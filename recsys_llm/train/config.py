@@ -40,6 +40,9 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config dataclasses."""
 
 
+DEFAULT_COLD_ITEM_COLUMN = "is_cold_item"  # data.cold_item_column: the synthetic data's; other data may lack it
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where the data is and how it is batched.
@@ -54,7 +57,8 @@ class DataConfig:
         valid_split (str): used for early stopping ('': none; another name not in the schema is an error).
         test_split (str): reported at the end ('': none).
         cold_item_column (str): 0/1 extra column marking cold items; when the data has it,
-            test metrics are also reported for the cold subset (``cold/auc``, ...).
+            test metrics are also reported for the cold subset (``cold/auc``, ...). The default
+            may be absent (data without cold items); another name the data lacks is an error.
         validate (bool): the reader's per-row-group value checks.
         synthetic_rows (int): if > 0 and the schema file is missing, generate the embedded
             synthetic data set with this many rows into the schema's directory first.
@@ -69,7 +73,7 @@ class DataConfig:
     train_split: str = "train"
     valid_split: str = "valid"
     test_split: str = "test"
-    cold_item_column: str = "is_cold_item"
+    cold_item_column: str = DEFAULT_COLD_ITEM_COLUMN
     validate: bool = True
     synthetic_rows: int = 0
     synthetic_seed: int = 0

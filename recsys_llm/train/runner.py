@@ -60,6 +60,7 @@ from recsys_llm.train.checkpoint import (
     run_config_of,
 )
 from recsys_llm.train.config import (
+    DEFAULT_COLD_ITEM_COLUMN,
     ConfigError,
     ExperimentConfig,
     TrainConfig,
@@ -262,9 +263,7 @@ def _readers(
     data = config.data
     eval_batch = data.eval_batch_size or data.batch_size
     train_extras = list(dict.fromkeys(list(data.extras) + plugin_extras(config)))
-    eval_extras = list(train_extras)
-    if data.cold_item_column and data.cold_item_column in schema.extra_columns and data.cold_item_column not in eval_extras:
-        eval_extras.append(data.cold_item_column)
+    eval_extras = list(dict.fromkeys(train_extras + list(_subsets(config, schema).values())))
     common = dict(rank=ctx.rank, world_size=ctx.world_size, validate=data.validate,
                   pin_memory=ctx.device.type == "cuda")
     readers = {
@@ -287,8 +286,33 @@ def _readers(
 
 
 def _subsets(config: ExperimentConfig, schema: DatasetSchema) -> Dict[str, str]:
+    """The metric subsets of evaluation: ``{"cold": data.cold_item_column}`` when the data has that
+    extra column, else none.
+
+    Raises:
+        ConfigError: ``data.cold_item_column`` is set to another name than the default and the data
+            has no such extra column (a typo would silently drop the cold-item metrics; the default may
+            be absent, as in data without cold items).
+    """
     column = config.data.cold_item_column
-    return {"cold": column} if column and column in schema.extra_columns else {}
+    if not column:
+        return {}
+    if column in schema.extra_columns:
+        return {"cold": column}
+    if column == DEFAULT_COLD_ITEM_COLUMN:
+        return {}
+    found = ""
+    split = next((name for name in (config.data.test_split, config.data.train_split) if name in schema.splits), None)
+    if split is not None:  # what the files hold besides the schema's extra columns
+        path = resolve_paths(schema, split)[0]
+        file_columns = sorted(pq.ParquetFile(path).schema_arrow.names)
+        found = (f"; {path} has that column, but the schema does not list it in extra_columns: add it there"
+                 if column in file_columns else f"; file columns of {path}: {file_columns}")
+    raise ConfigError(
+        f"data.cold_item_column={column!r}: the data has no such extra column (extra_columns of {schema.root}: "
+        f"{list(schema.extra_columns)}{found}). Name the 0/1 column that marks cold items, or set "
+        "data.cold_item_column='' for no cold-item metrics"
+    )
 
 
 class _RunLog:
@@ -498,8 +522,7 @@ def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
     path = os.path.join(run_dir, RESULTS_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return read_run_record(path)
 
 
 def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -> Dict[str, Any]:
@@ -555,8 +578,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         _check_resumable_position(read_train_state(latest), ctx, train_cfg)
         saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
         if os.path.isfile(saved_plugins):
-            with open(saved_plugins, encoding="utf-8") as handle:
-                saved_record = json.load(handle)
+            saved_record = read_run_record(saved_plugins)
             check_plugin_history(saved_record, built.plugins, saved_plugins)
             check_same_field_vectors(saved_record, built.plugins, saved_plugins)
             check_same_data(saved_record, fingerprints, schema, saved_plugins)
@@ -749,8 +771,39 @@ def _trained_schema_fingerprint(saved_config: Optional[str]) -> Optional[str]:
     plugins = os.path.join(os.path.dirname(saved_config), PLUGINS_FILE) if saved_config else None
     if plugins is None or not os.path.isfile(plugins):
         return None
-    with open(plugins, encoding="utf-8") as handle:
-        return json.load(handle).get(SCHEMA_FINGERPRINT_KEY)
+    return read_run_record(plugins).get(SCHEMA_FINGERPRINT_KEY)
+
+
+# what each record of a run directory is for, in the error for a damaged one
+RUN_RECORD_ROLES = {
+    PLUGINS_FILE: "it records the schema, data and plug-ins the run trained with, which a resume, evaluate and "
+                  "export check against; restore it, or delete it (training writes it again; the checks it serves "
+                  "are skipped until then)",
+    RESULTS_FILE: "it holds the finished run's results; restore it, or delete it (training the run again writes it)",
+}
+
+
+def read_run_record(path: str) -> Dict[str, Any]:
+    """The JSON object of a run directory's record (``plugins.json``, ``results.json``).
+
+    Raises:
+        ConfigError: the file is not valid UTF-8 JSON, or holds no JSON object: naming the file,
+            the problem and what to do.
+    """
+    from recsys_llm.serving import _first_line
+
+    def damaged(problem: str) -> ConfigError:
+        role = RUN_RECORD_ROLES.get(os.path.basename(path), "restore it, or delete it")
+        return ConfigError(f"{path}: damaged run record, {problem}, not what `recsys-llm train` wrote; {role}")
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise damaged(f"not valid JSON ({_first_line(error)})") from error
+    if not isinstance(record, dict):
+        raise damaged(f"holds a JSON {type(record).__name__}, expected an object")
+    return record
 
 
 def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:

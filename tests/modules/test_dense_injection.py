@@ -33,6 +33,19 @@ class TestVectorFieldInjection:
         torch.testing.assert_close(out, expected)
         torch.testing.assert_close(injection(vector.half()), injection(vector.half().float()))
 
+    @pytest.mark.parametrize("kwargs, bad", [
+        (dict(in_dim=6, embedding_dim=4, num_fields=0), "num_fields must be an integer >= 1, got 0"),
+        (dict(in_dim=6, embedding_dim=4, num_fields=-1), "num_fields must be an integer >= 1, got -1"),
+        (dict(in_dim=-4, embedding_dim=4), "in_dim must be an integer >= 1, got -4"),
+        (dict(in_dim=0, embedding_dim=4), "in_dim must be an integer >= 1, got 0"),
+        (dict(in_dim=6, embedding_dim=0), "embedding_dim must be an integer >= 1, got 0"),
+        (dict(in_dim=6, embedding_dim=4, num_fields=1.5), r"num_fields must be an integer >= 1, got 1.5"),
+    ])
+    def test_widths_and_counts_below_one_are_refused_when_built(self, kwargs, bad):
+        """Not a reshape error in forward (0 fields) or torch's 'negative dimension' (-1)."""
+        with pytest.raises(ValueError, match=rf"^VectorFieldInjection\.{bad}$"):
+            VectorFieldInjection(**kwargs)
+
     def test_gain_network_uses_the_vector_and_traces(self):
         schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("item_id", "sparse", 12),
                                      FieldSpec("age", "dense")])

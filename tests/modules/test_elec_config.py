@@ -1,0 +1,141 @@
+"""ELEC settings: numeric values refused where they are read, and a frozen teacher's entity tables.
+
+A bad ``elec.*`` value must be the config error of ``recsys-llm train`` (exit code 2) naming the
+key, not a reshape / negative-dimension / planner error deep in building or sharding the task.
+"""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.models.registry import SMOKE_CONFIGS
+from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, load_elec_state
+from recsys_llm.modules.teacher_student import TeacherStudentConfig
+from recsys_llm.semantics.vector_export import ProvenanceError, VectorExport, VectorExportConfig
+from recsys_llm.train.config import ConfigError
+
+CPU = torch.device("cpu")
+MODEL = SMOKE_CONFIGS["deepfm"]
+NUM_USERS, NUM_ITEMS, DIM = 4, 6, 8
+SCHEMA = DatasetSchema("t", [FieldSpec("user_id", "sparse", NUM_USERS), FieldSpec("item_id", "sparse", NUM_ITEMS),
+                             FieldSpec("age", "dense")])
+PROVENANCE = {"model": "tiny", "granularity": "entity"}
+ENTITY = dict(vector_source="entity_table", entity_tables={"item_id": "unused"})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"num_injected_fields": 0}, "elec.num_injected_fields must be an integer >= 1, got 0"),
+    ({"num_injected_fields": -1}, "elec.num_injected_fields must be an integer >= 1, got -1"),
+    ({"vector_dim": -4}, "elec.vector_dim must be an integer >= 1, got -4"),
+    ({"vector_dim": 0}, "elec.vector_dim must be an integer >= 1, got 0"),
+    ({"vector_dim": 0, **ENTITY}, "elec.vector_dim must be an integer >= 1, got 0"),
+    ({"distill": {"teacher_loss_weight": -1}},
+     "elec.distill: TeacherStudentConfig.teacher_loss_weight must be a finite number >= 0, got -1.0"),
+    ({"distill": {"alpha": -1}}, "elec.distill: TeacherStudentConfig.alpha must be a finite number >= 0, got -1.0"),
+    ({"distill": {"beta": float("nan")}},
+     "elec.distill: TeacherStudentConfig.beta must be a finite number >= 0, got nan"),
+    ({"distill": {"temperature": 0}},
+     "elec.distill: TeacherStudentConfig.temperature must be a finite number > 0, got 0.0"),
+    ({"distill": {"teacher_representation_dim": -1}},
+     "elec.distill: TeacherStudentConfig.teacher_representation_dim must be an integer >= 0, got -1"),
+    ({"distill": {"score_kd": "mse"}},
+     r"elec.distill: TeacherStudentConfig.score_kd must be one of \('bce', 'kl'\), got 'mse'"),
+    ({"distill": {"repr_kd": "kl"}},
+     r"elec.distill: TeacherStudentConfig.repr_kd must be one of \('mse', 'cosine'\), got 'kl'"),
+])
+def test_a_value_out_of_range_is_a_config_error_naming_the_key(raw, message):
+    """The ``elec`` section as ``recsys-llm train`` parses it (``build_task``, ``plugin_extras``)."""
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        ELECConfig.from_dict({"task": "gain", **raw}, source="elec")
+
+
+def test_the_edges_of_each_range_are_accepted():
+    config = ELECConfig.from_dict({"task": "distill", "vector_dim": 1, "num_injected_fields": 1, "distill": {
+        "alpha": 0, "beta": 0, "teacher_loss_weight": 0, "temperature": 0.01, "teacher_representation_dim": 0}})
+    assert config.distill.teacher_loss_weight == 0 and config.num_injected_fields == 1
+
+
+def test_library_users_get_the_same_refusals():
+    with pytest.raises(ValueError, match="elec.num_injected_fields must be an integer >= 1, got 0"):
+        ELECConfig(task="gain", vector_dim=8, num_injected_fields=0)
+    with pytest.raises(ValueError, match="TeacherStudentConfig.teacher_loss_weight must be a finite number >= 0"):
+        TeacherStudentConfig(teacher_loss_weight=-1.0)
+
+
+# ---- a frozen teacher's entity tables ----------------------------------------------------------
+def _export(directory: str, field: str, vectors: np.ndarray, provenance=None) -> str:
+    ids = np.arange(len(vectors))
+    VectorExport(directory, {**PROVENANCE, **(provenance or {})}, VectorExportConfig(chunk_rows=3)).run(
+        pa.array(ids, pa.int64()), lambda a, b: [str(i) for i in ids[a:b]],
+        lambda texts: torch.from_numpy(vectors[[int(t) for t in texts]]), progress=False)
+    return directory
+
+
+def _gain_state(tmp_path, tables):
+    """A trained gain network on user and item tables, written as ``export --state-only`` would."""
+    from safetensors.torch import save_file
+
+    config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_tables=tables)
+    torch.manual_seed(0)
+    gain = build_gain_network(config, SCHEMA, MODEL, device=CPU)
+    load_elec_state(gain, config, SCHEMA.fingerprint())
+    path = str(tmp_path / "gain_state.safetensors")
+    save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, path)
+    return path
+
+
+def _frozen(checkpoint, tables, **kwargs):
+    return ELECConfig(task="distill", vector_dim=DIM, vector_source="entity_table", entity_tables=tables,
+                      teacher_checkpoint=checkpoint, distill=TeacherStudentConfig(mode="frozen", beta=0), **kwargs)
+
+
+@pytest.fixture()
+def trained_teacher(tmp_path):
+    rng = np.random.default_rng(0)
+    users = _export(str(tmp_path / "users"), "user_id", rng.normal(size=(NUM_USERS, DIM)).astype(np.float32),
+                    {"entity_field": "user_id", "schema": SCHEMA.fingerprint()})
+    items = _export(str(tmp_path / "items"), "item_id", rng.normal(size=(NUM_ITEMS, DIM)).astype(np.float32),
+                    {"entity_field": "item_id", "schema": SCHEMA.fingerprint()})
+    tables = {"user_id": users, "item_id": items}
+    return tables, _gain_state(tmp_path, tables)
+
+
+def _load(config):
+    task = build_elec_task(config, SCHEMA, MODEL, device=CPU)
+    return load_elec_state(task, config, SCHEMA.fingerprint())
+
+
+def test_a_frozen_teacher_checks_the_entity_exports_it_is_given_against_its_own_tables(trained_teacher):
+    """The exports the teacher trained with are what the run records (plugins.json): they pass."""
+    tables, checkpoint = trained_teacher
+    report = _load(_frozen(checkpoint, tables, expected_provenance={"model": "tiny"}))
+    assert report["teacher_tensors"] > 0 and report["entity_rows_checked"] == NUM_USERS + NUM_ITEMS
+    assert report["entity_rows"] == 0  # the table's vectors are the checkpoint's, not read into it again
+
+
+def test_a_frozen_teacher_refuses_entity_exports_it_does_not_read(trained_teacher, tmp_path):
+    """Before: any path, even a missing one, was accepted, ignored, and recorded as the run's vectors."""
+    tables, checkpoint = trained_teacher
+    with pytest.raises(FileNotFoundError, match=r"'user_id': export directory '/nonexistent' not found"):
+        _load(_frozen(checkpoint, {**tables, "user_id": "/nonexistent"}))
+    other = _export(str(tmp_path / "other_users"), "user_id", np.ones((NUM_USERS, DIM), np.float32),
+                    {"entity_field": "user_id", "schema": SCHEMA.fingerprint()})
+    with pytest.raises(ValueError, match=r"elec.entity_tables\['user_id'\]=.*other_users': holds other vectors than "
+                                         r"the teacher's table 'semantic_user_id' .*elec.teacher_checkpoint"):
+        _load(_frozen(checkpoint, {**tables, "user_id": other}))
+    with pytest.raises(ProvenanceError, match=r"users: vectors do not match .*model: stored 'tiny', expected 'big'"):
+        _load(_frozen(checkpoint, tables, expected_provenance={"model": "big"}))
+    with pytest.raises(ProvenanceError, match=r"items: vectors do not match .*entity_field: stored 'item_id', "
+                                              r"expected 'user_id'"):
+        _load(_frozen(checkpoint, {"user_id": tables["item_id"], "item_id": tables["user_id"]}))
+
+
+def test_a_frozen_teacher_needs_no_entity_export(trained_teacher):
+    """The fields give the teacher its shape; its vectors come from its checkpoint."""
+    tables, checkpoint = trained_teacher
+    report = _load(_frozen(checkpoint, {"user_id": None, "item_id": ""}))
+    assert report["teacher_tensors"] > 0 and report["entity_rows_checked"] == 0
+    with pytest.raises(ValueError, match="elec.expected_provenance is set, but .* no export directory is named"):
+        _load(_frozen(checkpoint, {"user_id": None, "item_id": ""}, expected_provenance={"model": "tiny"}))

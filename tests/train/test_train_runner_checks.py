@@ -1,0 +1,81 @@
+"""The runner's checks of a run's inputs and records that need no training: a mistyped cold-item
+column, and a damaged ``plugins.json`` / ``results.json`` in a run directory."""
+
+import os
+import shutil
+
+import pytest
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.train.config import ConfigError, load_config
+from recsys_llm.train.runner import _check_trained_on, _subsets, finished_results
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEEPFM_CONFIG = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
+
+
+def _config(schema_dir: str, *overrides: str):
+    return load_config(DEEPFM_CONFIG, [f"data.schema={schema_dir}", "data.synthetic_rows=0", *overrides])
+
+
+def test_a_mistyped_cold_item_column_is_refused_naming_the_columns(synthetic_dir: str, synthetic_schema) -> None:
+    """Before, ``data.cold_item_column=nope`` silently dropped the cold-item metrics."""
+    assert _subsets(_config(synthetic_dir), synthetic_schema) == {"cold": "is_cold_item"}
+    assert _subsets(_config(synthetic_dir, "data.cold_item_column="), synthetic_schema) == {}  # off
+    with pytest.raises(ConfigError) as refused:
+        _subsets(_config(synthetic_dir, "data.cold_item_column=nope"), synthetic_schema)
+    message = str(refused.value)
+    assert message.startswith("data.cold_item_column='nope': the data has no such extra column")
+    assert "extra_columns of" in message and "['is_cold_item']" in message  # what the schema offers
+    assert "test.parquet: [" in message and "'item_id'" in message and "'is_cold_item'" in message  # the file's
+    assert "data.cold_item_column=''" in message
+
+
+def test_the_default_cold_item_column_may_be_absent(synthetic_dir: str, tmp_path) -> None:
+    """Data without cold items (ML-100K, Criteo) has no ``is_cold_item``: no cold metrics, no error."""
+    data = str(tmp_path / "data")
+    shutil.copytree(synthetic_dir, data)
+    schema = DatasetSchema.load(data)
+    schema.extra_columns = []
+    schema.save(os.path.join(data, "schema.json"))
+    schema = DatasetSchema.load(data)
+    assert _subsets(_config(data), schema) == {}
+    # a column the files have but the schema does not list: say how to make it count
+    with pytest.raises(ConfigError, match=r"data.cold_item_column='label': .*test.parquet has that column, but the "
+                                          r"schema does not list it in extra_columns: add it there"):
+        _subsets(_config(data, "data.cold_item_column=label"), schema)
+
+
+def _run_dir(tmp_path, plugins: str) -> str:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("data: {}\n", encoding="utf-8")
+    (run_dir / "plugins.json").write_text(plugins, encoding="utf-8")
+    return str(run_dir / "config.yaml")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"a":\n}', r"not valid JSON \(JSONDecodeError: Expecting value: line 2 column 1 \(char 6\)\)"),
+    ("{\n  ", r"not valid JSON \(JSONDecodeError: Expecting property name enclosed in double quotes: line 2"),
+    ("[1, 2]", "holds a JSON list, expected an object"),
+])
+def test_a_damaged_plugins_json_is_named_with_what_is_wrong(synthetic_schema, tmp_path, text, problem) -> None:
+    """Before: ``recsys-llm train: error: Expecting value: line 2 column 1 (char 6)``, no file named."""
+    saved_config = _run_dir(tmp_path, text)
+    plugins = os.path.join(os.path.dirname(saved_config), "plugins.json")
+    with pytest.raises(ConfigError, match=rf"^{plugins}: damaged run record, {problem}.*restore it, or delete it"):
+        _check_trained_on(synthetic_schema, saved_config, "run")
+
+
+def test_an_intact_plugins_json_is_still_checked(synthetic_schema, tmp_path) -> None:
+    saved_config = _run_dir(tmp_path, '{"schema_fingerprint": "other"}')
+    with pytest.raises(ConfigError, match="run: trained on data with schema fingerprint other"):
+        _check_trained_on(synthetic_schema, saved_config, "run")
+
+
+def test_a_damaged_results_json_is_named(tmp_path) -> None:
+    (tmp_path / "results.json").write_bytes(b'{"test": ')
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/results.json: damaged run record, not valid JSON"):
+        finished_results(str(tmp_path))
+    (tmp_path / "results.json").write_text('{"global_step": 3}', encoding="utf-8")
+    assert finished_results(str(tmp_path)) == {"global_step": 3}
