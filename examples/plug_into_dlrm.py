@@ -14,17 +14,18 @@ This script adds, without changing a line of torchrec:
 then shards everything with ``DistributedModelParallel`` (``shard_model``: the planner, DMP and
 fused table optimizers) and trains it with ``TrainPipelineSparseDist`` (``train_epoch``).
 
-Before training, rank 0 runs the offline LLM jobs once per work directory, one ``recsys-llm``
-command each: embedded synthetic data, ELEC's CTR-adapted LLM (``semantics adapt``, heads
+Before training, rank 0 runs the offline LLM jobs once per work directory and ``--rows`` /
+``--llm`` (each pair gets its own subdirectory, ``rows<N>-llm<hash of the path>``), one
+``recsys-llm`` command each: embedded synthetic data, ELEC's CTR-adapted LLM (``semantics adapt``, heads
 tuned on a sample of rows) and its item vectors joined to every split as the column
 ``llm_vector`` (``semantics export --attach-dir``), and LLaCTR's field vectors
 (``semantics encode``).
 The default LLM is the offline all-MiniLM-L6-v2; ``--llm`` takes any local Hugging Face model.
 Cost measured on 2 shared, busy CPU cores (load average about 9) with MiniLM and
 ``torchrun --nproc_per_node 2``: 80 s in all, of which the offline jobs take about 65 s;
-a second run reuses the work directory and only trains. Validation AUC of the student: 0.67.
+a second run with the same arguments reuses their outputs and only trains. Validation AUC of the student: 0.67.
 
-User code: 48 lines (every line that is not blank, a comment, a docstring or an import;
+User code: 49 lines (every line that is not blank, a comment, a docstring or an import;
 ``tests/test_examples.py`` counts them so the claim cannot rot), argument parsing, the offline
 jobs and the printing included. The plug-in itself -- from loading the schema to evaluating the
 sharded, pipelined model -- is 18 of them.
@@ -36,11 +37,12 @@ Run::
     python examples/plug_into_dlrm.py --work-dir /tmp/plug --llm /models/my-encoder --rows 20000
 
 It prints (rank 0) one JSON line: the student's validation AUC / LogLoss, the training loss
-per epoch and which sharded modules the pipeline overlapped.
+per epoch, which sharded modules the pipeline overlapped and the directory of the offline outputs.
 """
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 from typing import Any, Dict, Optional
@@ -89,6 +91,8 @@ def user_dlrm(schema: DatasetSchema, dense_in_features: int, prefix: str) -> DLR
 
 def main(work_dir: str = "runs/plug_into_dlrm", llm: Optional[str] = None, rows: int = 8000) -> Dict[str, Any]:
     ctx = init_distributed("auto")  # rank and world size from torchrun's environment; one rank without it
+    # one directory per --rows / --llm, so outputs made with other ones are never reused
+    work_dir = f"{work_dir}/rows{rows}-llm{hashlib.sha256(str(llm and os.path.abspath(llm)).encode()).hexdigest()[:8]}"
     if ctx.rank == 0 and not os.path.exists(f"{work_dir}/data_llm/schema.json"):
         prepare(work_dir, rows, llm)
     dist.barrier()
@@ -116,7 +120,7 @@ def main(work_dir: str = "runs/plug_into_dlrm", llm: Optional[str] = None, rows:
     epochs = [train_epoch(model, optimizer, batches("train", shuffle=True, seed=e), ctx.device) for e in range(EPOCHS)]
     valid = evaluate(model, batches("valid", equal_batches=False), ctx.device, CTRMetrics())  # the student, on every row
     result = {"world_size": ctx.world_size, "valid": valid, "train_loss": [e.mean_loss for e in epochs],
-              "pipelined": epochs[-1].pipelined_modules, "sharded": epochs[-1].sharded_modules}
+              "pipelined": epochs[-1].pipelined_modules, "sharded": epochs[-1].sharded_modules, "work_dir": work_dir}
     if ctx.rank == 0:
         print(json.dumps(result))
     return result

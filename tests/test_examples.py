@@ -107,9 +107,52 @@ def test_example_trains_on_two_gloo_ranks(tmp_path) -> None:
     assert valid["auc"] > 0.58, f"student AUC on held-out rows is near chance: {valid}"
 
     # The offline jobs ran with the given encoder and their outputs are what training read.
-    with open(os.path.join(work_dir, "data_llm", "schema.json"), encoding="utf-8") as handle:
+    outputs = results[0]["work_dir"]
+    assert os.path.dirname(outputs) == work_dir and results[1]["work_dir"] == outputs
+    with open(os.path.join(outputs, "data_llm", "schema.json"), encoding="utf-8") as handle:
         assert "llm_vector" in json.load(handle)["extra_columns"]
     from safetensors import safe_open
 
-    with safe_open(os.path.join(work_dir, "fields.safetensors"), "pt") as handle:
+    with safe_open(os.path.join(outputs, "fields.safetensors"), "pt") as handle:
         assert "encoder" in json.dumps(handle.metadata())
+
+
+class _Trained(Exception):
+    """Stands for the training part of the example (not what the test below is about)."""
+
+
+def test_offline_outputs_are_reused_only_with_the_same_rows_and_llm(tmp_path, monkeypatch) -> None:
+    """Other --rows or --llm in the same --work-dir make their own outputs instead of training on
+    the old data and vectors; the same ones (an --llm relative or absolute) reuse them."""
+    import types
+
+    import torch
+
+    example = _load_example()
+    jobs: List[Any] = []
+
+    def fake_prepare(work: str, rows: int, llm: Optional[str]) -> None:  # the offline jobs' outputs, in no time
+        jobs.append((os.path.relpath(work, tmp_path), rows, llm))
+        os.makedirs(os.path.join(work, "data_llm"))
+        with open(os.path.join(work, "data_llm", "schema.json"), "w", encoding="utf-8") as handle:
+            handle.write("{}")
+
+    def trained(path: str) -> None:
+        raise _Trained(os.path.dirname(path))
+
+    monkeypatch.setattr(example, "init_distributed",
+                        lambda backend: types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")))
+    monkeypatch.setattr(example, "prepare", fake_prepare)
+    monkeypatch.setattr(example.dist, "barrier", lambda: None)
+    monkeypatch.setattr(example, "DatasetSchema", types.SimpleNamespace(load=trained))
+    monkeypatch.chdir(tmp_path)
+    work = str(tmp_path / "plug")
+    used = []
+    for rows, llm in ((5000, None), (5000, None), (20000, None), (5000, "my_llm"), (5000, str(tmp_path / "my_llm"))):
+        with pytest.raises(_Trained) as trained_on:
+            example.main(work_dir=work, rows=rows, llm=llm)
+        used.append(str(trained_on.value))
+    assert [job[1:] for job in jobs] == [(5000, None), (20000, None), (5000, "my_llm")]
+    assert used[0] == used[1] and len(set(used)) == 3
+    assert used[3] == used[4]  # the same model, named relative or absolute
+    assert all(os.path.dirname(path) == work for path in used)

@@ -92,9 +92,10 @@ def _tune(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
-    from recsys_llm.semantics.store import check_vector_output
+    from recsys_llm.semantics.store import check_cache_dir, check_vector_output
 
     check_vector_output(args.output)  # before any work: only its own earlier vector file is replaced
+    check_cache_dir(args.cache_dir)
     config = FieldVectorConfig(
         model_path=args.model, adapter_dir=args.adapter, templates=_templates(args),
         override_templates=args.field_template is not None, pooling=args.pooling,

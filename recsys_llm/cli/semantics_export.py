@@ -38,11 +38,18 @@ def _row_text_config(args: argparse.Namespace):
     ``export``), or the defaults (``adapt``), with only ``--fields`` / ``--template`` replaced."""
     from recsys_llm.semantics.row_text import RowTextConfig
 
-    saved = os.path.join(args.llm, ROW_TEXT_FILE) if getattr(args, "llm", None) else None
+    llm = getattr(args, "llm", None)
     config = RowTextConfig()
-    if saved and os.path.exists(saved):
-        with open(saved, encoding="utf-8") as handle:
-            config = RowTextConfig(**json.load(handle))
+    if llm and os.path.exists(os.path.join(llm, ROW_TEXT_FILE)):
+        from recsys_llm.semantics.ctr_llm import ctr_llm_damage, read_ctr_llm_json
+
+        saved = read_ctr_llm_json(llm, ROW_TEXT_FILE)
+        settings = {f.name for f in dataclasses.fields(RowTextConfig)}
+        unknown = sorted(set(saved) - settings)
+        if unknown:
+            raise ValueError(f"{os.path.join(llm, ROW_TEXT_FILE)}: unknown keys {unknown}; row-text settings are "
+                             f"{sorted(settings)}{ctr_llm_damage(llm)}")
+        config = RowTextConfig(**saved)
     if args.fields is not None:
         config = dataclasses.replace(config, fields=args.fields)
     if args.template is not None:
@@ -144,15 +151,20 @@ def _export(args: argparse.Namespace) -> int:
 def _check_adapted_on(llm_dir: str, schema, fields: List[str]) -> None:
     """Refuses row text of fields the CTR-adapted LLM was not tuned on (an LLM adapted on another data
     set); LLMs saved before ``adapted_on.json`` existed are not checked."""
+    from recsys_llm.semantics.ctr_llm import ctr_llm_damage, read_ctr_llm_json
+
     path = os.path.join(llm_dir, ADAPTED_ON_FILE)
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as handle:
-        adapted_on = json.load(handle)
+    adapted_on = read_ctr_llm_json(llm_dir, ADAPTED_ON_FILE)
+    if not isinstance(adapted_on.get("fields"), list):
+        raise ValueError(f"{path}: expected the list of fields the LLM was adapted on under 'fields', got "
+                         f"{adapted_on.get('fields')!r}{ctr_llm_damage(llm_dir)}")
     unknown = [name for name in fields if name not in adapted_on["fields"]]
     if unknown:
         raise ValueError(
-            f"{llm_dir}: the LLM was adapted on rows of schema {adapted_on['schema']!r} (fields {adapted_on['fields']}), "
+            f"{llm_dir}: the LLM was adapted on rows of schema {adapted_on.get('schema', '?')!r} "
+            f"(fields {adapted_on['fields']}), "
             f"not on {unknown} of schema {schema.name!r}; adapt it on this data (recsys-llm semantics adapt)"
         )
 
@@ -251,7 +263,10 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--tuning", default="lora", choices=["lora", "last_k", "heads"],
                        help="lora: LoRA adapters; last_k: unfreeze the last layers; heads: only the MLP and "
                             "prediction layer")
-    adapt.add_argument("--target-modules", nargs="*", default=None, help="LoRA target modules (default: peft's)")
+    adapt.add_argument("--target-modules", nargs="+", default=None,
+                       help="LoRA target modules (default: the attention query/value projections as the model "
+                            "names them: q_proj v_proj / query value / c_attn / query_key_value / Wqkv; else "
+                            "peft's default for the architecture)")
     adapt.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     adapt.add_argument("--last-k", type=int, default=1, help="layers unfrozen with --tuning last_k")
     adapt.add_argument("--representation-dim", type=int, default=128, help="size of r (multiple of 4 for tables)")

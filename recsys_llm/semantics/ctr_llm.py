@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.semantics.encoder import (
     NumberRule,
+    _one_line,
     check_number_fields,
     default_target_modules,
     hidden_states,
@@ -391,6 +393,42 @@ def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict
             json.dump({**model.provenance(), **base_weights}, handle, indent=2)
 
 
+def ctr_llm_damage(directory: str) -> str:
+    """What to say after naming a damaged or incomplete file of the CTR-adapted LLM saved in ``directory``."""
+    return f"; {directory} is a damaged or incomplete CTR-adapted LLM: run `recsys-llm semantics adapt` again"
+
+
+def read_ctr_llm_json(directory: str, name: str) -> Dict[str, Any]:
+    """The JSON object in the file ``name`` of a saved CTR-adapted LLM.
+
+    Raises:
+        ValueError: the file is not valid JSON, or not a JSON object (named, with what to do).
+    """
+    path = os.path.join(directory, name)
+    content = read_json_file(path, ctr_llm_damage(directory))
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}{ctr_llm_damage(directory)}")
+    return content
+
+
+def _read_ctr_llm_tensors(directory: str, name: str) -> Dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``name`` of a saved CTR-adapted LLM.
+
+    Raises:
+        FileNotFoundError: the file is missing (named, with what to do).
+        ValueError: the file is damaged or truncated (named, with what to do).
+    """
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing{ctr_llm_damage(directory)}")
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path}: not a complete safetensors file ({_one_line(error)}){ctr_llm_damage(directory)}"
+        ) from error
+
+
 def read_ctr_llm_config(directory: str) -> CTRLLMConfig:
     """The :class:`CTRLLMConfig` saved in ``directory/config.json``.
 
@@ -398,7 +436,7 @@ def read_ctr_llm_config(directory: str) -> CTRLLMConfig:
         ValueError: the file is not JSON, has unknown or missing keys, or invalid settings.
     """
     config_path = os.path.join(directory, "config.json")
-    saved = read_json_file(config_path)
+    saved = read_json_file(config_path, ctr_llm_damage(directory))
     if not isinstance(saved, dict):
         raise ValueError(f"{config_path}: expected a JSON object of CTRLLMConfig settings, got {type(saved).__name__}")
     fields = {f.name: f for f in dataclasses.fields(CTRLLMConfig)}
@@ -431,7 +469,7 @@ def check_base_model(directory: str, model_path: str) -> None:
     provenance_path = os.path.join(directory, "provenance.json")
     if not os.path.isfile(provenance_path):
         return
-    provenance = read_json_file(provenance_path)
+    provenance = read_json_file(provenance_path, ctr_llm_damage(directory))
     recorded = provenance.get(BASE_WEIGHTS_KEY) if isinstance(provenance, dict) else None
     if not isinstance(recorded, str):
         return
@@ -455,8 +493,10 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
             for it (off: such a model is refused).
 
     Raises:
-        FileNotFoundError: ``directory`` is not a saved CTR-adapted LLM, or the base model is gone.
-        ValueError: a damaged ``config.json`` or a base model other than the one it was adapted on.
+        FileNotFoundError: ``directory`` is not a saved CTR-adapted LLM, ``llm_tuned.safetensors`` is
+            missing, or the base model is gone.
+        ValueError: a damaged (truncated, not JSON / safetensors, tensors that do not fit) file of
+            ``directory``, named with what to do, or a base model other than the one it was adapted on.
     """
     if not all(os.path.isfile(os.path.join(directory, name)) for name in CTR_LLM_FILES):
         raise FileNotFoundError(
@@ -467,17 +507,34 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
     if model_path is not None:
         config.model_path = model_path
     check_base_model(directory, config.model_path)
+    # both files are read before the base model loads: a damaged one is named at once
+    tuned = _read_ctr_llm_tensors(directory, "llm_tuned.safetensors")
+    heads = _read_ctr_llm_tensors(directory, "heads.safetensors")
     model = CTRAdaptedLLM.from_config(config, trust_remote_code)
-    tuned = load_file(os.path.join(directory, "llm_tuned.safetensors"))
     named = dict(model.llm.named_parameters())
     unknown = sorted(set(tuned) - set(named))
     if unknown:
         raise ValueError(f"{directory}: tuned tensors {unknown[:5]} do not exist in {config.model_path}")
+    tuned_path = os.path.join(directory, "llm_tuned.safetensors")
+    missing = sorted({n for n, p in named.items() if p.requires_grad} - set(tuned))
+    if missing:
+        raise ValueError(f"{tuned_path}: no tensors {missing[:5]} of the tuned LLM{ctr_llm_damage(directory)}")
     with torch.no_grad():
         for name, tensor in tuned.items():
+            if tensor.shape != named[name].shape:
+                raise ValueError(
+                    f"{tuned_path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model's "
+                    f"{tuple(named[name].shape)}{ctr_llm_damage(directory)}"
+                )
             named[name].copy_(tensor)
-    heads = load_file(os.path.join(directory, "heads.safetensors"))
-    model.transform.load_state_dict({k[len("transform.") :]: v for k, v in heads.items() if k.startswith("transform.")})
-    model.predict.load_state_dict({k[len("predict.") :]: v for k, v in heads.items() if k.startswith("predict.")})
+    try:
+        model.transform.load_state_dict(
+            {k[len("transform.") :]: v for k, v in heads.items() if k.startswith("transform.")})
+        model.predict.load_state_dict({k[len("predict.") :]: v for k, v in heads.items() if k.startswith("predict.")})
+    except RuntimeError as error:  # missing, unexpected or misshapen head tensors
+        raise ValueError(
+            f"{os.path.join(directory, 'heads.safetensors')}: does not fit the heads of config.json "
+            f"({_one_line(error)[:300]}){ctr_llm_damage(directory)}"
+        ) from error
     model.eval()
     return model

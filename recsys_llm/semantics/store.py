@@ -185,6 +185,31 @@ def check_vector_output(path: str) -> None:
         )
 
 
+def check_cache_dir(cache_dir: Optional[str]) -> None:
+    """Raises unless ``cache_dir`` can hold the encoded-text cache (``semantics encode --cache-dir``):
+    None (no cache), a directory, or a path to create under the nearest existing directory.
+
+    Call it before encoding: the cache directory is made when the first entry is written.
+
+    Raises:
+        NotADirectoryError: ``cache_dir``, or the part of it that exists, is a file (or else not a
+            directory), named with the option.
+    """
+    if cache_dir is None:
+        return
+    existing = os.path.abspath(cache_dir)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.isdir(existing):
+        return
+    what = "a file" if os.path.isfile(existing) else "not a directory"
+    where = "" if existing == os.path.abspath(cache_dir) else f"{existing} "  # a file on the way
+    raise NotADirectoryError(
+        f"--cache-dir {cache_dir}: {where}is {what}, expected a directory for the encoded-text cache; "
+        "give a directory path (made if missing), or leave --cache-dir out for no cache"
+    )
+
+
 def _check_schema(path: str, provenance: VectorProvenance, schema: DatasetSchema) -> None:
     current = schema.fingerprint()
     if provenance.schema_fingerprint != current:
@@ -301,6 +326,8 @@ def cached_encode(
     (when it has one), the template id and the texts, so any change of model, dtype,
     template or text misses the cache. A cache file that does not read back (damaged,
     or not the entry its name says) is warned about, encoded again and replaced.
+    ``cache_dir`` is made when missing; a file there is refused before encoding
+    (:func:`check_cache_dir`).
 
     Args:
         encoder (TextEncoder): anything with ``encode``, ``model_hash``, ``model_id``,
@@ -311,10 +338,15 @@ def cached_encode(
 
     Returns:
         torch.Tensor: (N, d) float32.
+
+    Raises:
+        NotADirectoryError: ``cache_dir`` is a file (:func:`check_cache_dir`).
+        ValueError: the encoder gave NaN / inf vectors (nothing is cached).
     """
     texts = list(texts)
     if cache_dir is None:
         return encoder.encode(texts, progress=progress)
+    check_cache_dir(cache_dir)  # before encoding: the vectors could not be cached there
     dtype = getattr(encoder, "dtype", "")
     key = cache_key(encoder.model_hash, encoder.pooling, encoder.max_length, template_id, texts, dtype)
     path = os.path.join(cache_dir, f"{key}.safetensors")
