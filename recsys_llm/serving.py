@@ -50,6 +50,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_llm.atomic_dir import atomic_directory
+from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import IdRules, id_rules
 from recsys_llm.models.base import CTROutput
 from recsys_llm.models.pairwise import PairWeightFolding
@@ -218,16 +219,6 @@ def _state_path(path: str) -> str:
     return path
 
 
-def _first_line(error: BaseException) -> str:
-    """``error`` as ``Type: message``, cut to its most telling line (one-line error messages)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # torch.load's weights-only refusal opens with advice; the reason is on a later line
-    reason = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line), None)
-    if reason is not None:  # drop its advice to allowlist the global: the file is refused, not to be trusted
-        reason = reason.split(" Please ")[0]
-    return f"{type(error).__name__}: {reason or (lines[0] if lines else '')}"[:500]
-
-
 def _torch_load(path: str, mmap: bool) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU; a refused or unreadable file is named.
 
@@ -248,13 +239,13 @@ def _torch_load(path: str, mmap: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise pickle.UnpicklingError(
-            f"{path}: refused: the file holds objects other than tensors ({_first_line(error)}); expected a state "
+            f"{path}: refused: the file holds objects other than tensors ({telling_line(error)}); expected a state "
             "dict of tensors only (torch.load with weights_only=True, no code runs): write it with "
             "`recsys-llm export --state-only` or safetensors"
         ) from error
     except (RuntimeError, EOFError) as error:
         raise ValueError(
-            f"{path}: damaged or incomplete state file ({_first_line(error)}); expected a complete torch.save or "
+            f"{path}: damaged or incomplete state file ({telling_line(error)}); expected a complete torch.save or "
             ".safetensors file of tensors: write it again (`recsys-llm export --state-only`)"
         ) from error
 
@@ -262,7 +253,7 @@ def _torch_load(path: str, mmap: bool) -> Any:
 def _damaged_state_file(path: str, error: BaseException) -> ValueError:
     """The error for a safetensors file that cannot be read."""
     return ValueError(
-        f"{path}: damaged or incomplete state file ({_first_line(error)}); expected a complete .safetensors file: "
+        f"{path}: damaged or incomplete state file ({telling_line(error)}); expected a complete .safetensors file: "
         "write it again (`recsys-llm export`)"
     )
 
@@ -631,7 +622,7 @@ def export_task(
             torch.export.save(program, os.path.join(tmp, "dense_program.pt2"), extra_files={EXPORT_ID_KEY: export_id})
         except Exception as error:  # torch.export could not capture this backbone
             program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
-            warnings.warn(f"export: torch.export could not capture the dense part ({_first_line(error)}); "
+            warnings.warn(f"export: torch.export could not capture the dense part ({telling_line(error)}); "
                           f"{directory} serves it eagerly (config.json: dense_program_error)", stacklevel=2)
         config = {
             "format_version": FORMAT_VERSION,
@@ -684,7 +675,7 @@ CONFIG_KEYS = ("feature_names", "num_dense_features", "state", "tables", "dense_
 
 def _raise_damaged(path: str, problem: str, error: Optional[BaseException] = None) -> NoReturn:
     """Raises the one error of a damaged or incomplete artifact: its file, what is wrong, the fix."""
-    cause = f" ({_first_line(error)})" if error is not None else ""
+    cause = f" ({telling_line(error)})" if error is not None else ""
     raise ValueError(
         f"{path}: {problem}{cause}; the export artifact is damaged or incomplete: export the model again "
         "(`recsys-llm export --output DIR`, or export_task) and load the new directory"

@@ -35,9 +35,9 @@ from torch import nn
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import atomic_directory
+from recsys_llm.error_text import one_line
 from recsys_llm.semantics.encoder import (
     NumberRule,
-    _one_line,
     check_number_fields,
     default_target_modules,
     hidden_states,
@@ -425,7 +425,7 @@ def _read_ctr_llm_tensors(directory: str, name: str) -> Dict[str, torch.Tensor]:
         return load_file(path)
     except SafetensorError as error:
         raise ValueError(
-            f"{path}: not a complete safetensors file ({_one_line(error)}){ctr_llm_damage(directory)}"
+            f"{path}: not a complete safetensors file ({one_line(error)}){ctr_llm_damage(directory)}"
         ) from error
 
 
@@ -534,7 +534,7 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
     except RuntimeError as error:  # missing, unexpected or misshapen head tensors
         raise ValueError(
             f"{os.path.join(directory, 'heads.safetensors')}: does not fit the heads of config.json "
-            f"({_one_line(error)[:300]}){ctr_llm_damage(directory)}"
+            f"({one_line(error)[:300]}){ctr_llm_damage(directory)}"
         ) from error
     model.eval()
     return model

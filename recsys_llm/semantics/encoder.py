@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recsys_llm.data.validation import check_number
+from recsys_llm.error_text import one_line
 from recsys_llm.train.distributed import select_device
 
 POOLINGS = ("auto", "mean", "last_token", "cls")
@@ -258,7 +259,7 @@ def _config_vocab_size(config: dict) -> Optional[int]:
     return None
 
 
-def _safetensors_damage(path: str) -> Optional[str]:
+def safetensors_damage(path: str) -> Optional[str]:
     """Why a ``.safetensors`` file cannot be read (truncated, bad header), or None when it looks whole.
 
     Reads only the header: 8 bytes of header length, the JSON header, then the byte ranges it names.
@@ -315,7 +316,7 @@ def require_weight_files(model_path: str) -> None:
         )
     for name in shards:
         if name.endswith(".safetensors"):
-            damage = _safetensors_damage(os.path.join(model_path, name))
+            damage = safetensors_damage(os.path.join(model_path, name))
             if damage is not None:
                 raise ValueError(f"{os.path.join(model_path, name)}: damaged weight file ({damage})")
 
@@ -411,10 +412,6 @@ def module_fingerprint(model: nn.Module, trainable_only: bool = False) -> str:
     return digest.hexdigest()[:16]
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
 def require_native_model(model_path: str, config: Mapping[str, Any], trust_remote_code: bool) -> None:
     """Raises when the model needs code from its own directory (``auto_map`` in ``config.json``
     for a ``model_type`` this transformers does not have) and ``trust_remote_code`` is off.
@@ -457,7 +454,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
             model_path, local_files_only=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as error:
-        raise ValueError(f"{model_path}: cannot load the tokenizer ({_one_line(error)})") from error
+        raise ValueError(f"{model_path}: cannot load the tokenizer ({one_line(error)})") from error
     vocab_size = _config_vocab_size(config)
     if vocab_size is not None and len(tokenizer) < MIN_TOKENIZER_VOCAB_SHARE * vocab_size:
         raise ValueError(
@@ -498,7 +495,7 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
             model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
         )
     except (OSError, SafetensorError) as error:
-        raise ValueError(f"{model_path}: cannot load the model weights ({_one_line(error)})") from error
+        raise ValueError(f"{model_path}: cannot load the model weights ({one_line(error)})") from error
     return encoder_of(model).to(device)
 
 

@@ -52,12 +52,11 @@ from tqdm.auto import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries, replace_directory
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.error_text import one_line
 from recsys_llm.semantics.encoder import (
     POOLINGS,
     NumberRule,
     TextEncoder,
-    _one_line,
-    _safetensors_damage,
     check_number_fields,
     default_model_path,
     default_target_modules,
@@ -69,6 +68,7 @@ from recsys_llm.semantics.encoder import (
     read_json_file,
     resolve_device,
     resolve_dtype,
+    safetensors_damage,
 )
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 
@@ -284,7 +284,7 @@ def _torch_load_detail(error: BaseException) -> str:
     if isinstance(error, pickle.UnpicklingError):
         return "holds objects other than tensors, refused unread: loading them could run code"
     # torch's own text goes on with advice after its first sentence ("... central directory. This is ...")
-    return _one_line(error).split(". ")[0][:300] or type(error).__name__
+    return one_line(error).split(". ")[0][:300] or type(error).__name__
 
 
 class SSFTTrainer:
@@ -470,13 +470,13 @@ class SSFTTrainer:
         adapter_file = os.path.join(path, CHECKPOINT_ADAPTER_FILE)
         if not os.path.isfile(adapter_file):
             raise _damaged_checkpoint_file(adapter_file, "missing")
-        damage = _safetensors_damage(adapter_file)
+        damage = safetensors_damage(adapter_file)
         if damage is not None:
             raise _damaged_checkpoint_file(adapter_file, damage)
         try:
             adapter = load_file(adapter_file, device=str(device))
         except (SafetensorError, OSError) as error:
-            raise _damaged_checkpoint_file(adapter_file, _one_line(error)) from error
+            raise _damaged_checkpoint_file(adapter_file, one_line(error)) from error
         expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(self._encoder.model).items()}
         found = {k: tuple(v.shape) for k, v in adapter.items()}
         if found != expected:
@@ -498,13 +498,13 @@ class SSFTTrainer:
                 stacklevel=3,
             )
             return None
-        damage = _safetensors_damage(rng_file)
+        damage = safetensors_damage(rng_file)
         if damage is not None:
             raise _damaged_checkpoint_file(rng_file, damage)
         try:
             return load_file(rng_file)
         except (SafetensorError, OSError) as error:
-            raise _damaged_checkpoint_file(rng_file, _one_line(error)) from error
+            raise _damaged_checkpoint_file(rng_file, one_line(error)) from error
 
     def _precheck_checkpoint(self) -> None:
         """The checks of :meth:`load_checkpoint` that need no model: state, settings, epochs, whole files."""
@@ -517,7 +517,7 @@ class SSFTTrainer:
                 raise _damaged_checkpoint_file(os.path.join(path, name), "missing")
         for name in (CHECKPOINT_ADAPTER_FILE, CHECKPOINT_RNG_FILE):  # an older version wrote no RNG state
             file = os.path.join(path, name)
-            damage = _safetensors_damage(file) if os.path.exists(file) else None
+            damage = safetensors_damage(file) if os.path.exists(file) else None
             if damage is not None:
                 raise _damaged_checkpoint_file(file, damage)
 
@@ -550,14 +550,14 @@ class SSFTTrainer:
         try:
             self._optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
-            raise _damaged_checkpoint_file(optimizer_file, f"not an AdamW state of this adapter: {_one_line(error)}"
+            raise _damaged_checkpoint_file(optimizer_file, f"not an AdamW state of this adapter: {one_line(error)}"
                                            ) from error
         if rng is not None:
             try:
                 complete = _set_rng_state(rng, device)
             except (RuntimeError, KeyError, TypeError, ValueError) as error:
                 raise _damaged_checkpoint_file(os.path.join(path, CHECKPOINT_RNG_FILE),
-                                               f"not a torch RNG state: {_one_line(error) or type(error).__name__}"
+                                               f"not a torch RNG state: {one_line(error) or type(error).__name__}"
                                                ) from error
             if not complete:
                 warnings.warn(
@@ -635,7 +635,7 @@ def read_adapter_info(adapter_dir: str) -> Dict[str, Any]:
     try:
         info = read_json_file(info_path)
     except ValueError as error:
-        raise _damaged_adapter_file(info_path, f"not valid JSON: {_one_line(error.__cause__ or error)}") from error
+        raise _damaged_adapter_file(info_path, f"not valid JSON: {one_line(error.__cause__ or error)}") from error
     missing = [key for key in _ADAPTER_INFO_KEYS if key not in info] if isinstance(info, dict) else ["a JSON object"]
     if missing:
         raise _damaged_adapter_file(info_path, f"expected {', '.join(missing)}")
@@ -657,7 +657,7 @@ def _check_adapter_files(adapter_dir: str) -> str:
     try:
         read_json_file(config_path)
     except ValueError as error:
-        raise _damaged_adapter_file(config_path, f"not valid JSON: {_one_line(error.__cause__ or error)}") from error
+        raise _damaged_adapter_file(config_path, f"not valid JSON: {one_line(error.__cause__ or error)}") from error
     weights = [name for name in ("adapter_model.safetensors", "adapter_model.bin")
                if os.path.isfile(os.path.join(adapter_dir, name))]
     if not weights:
@@ -665,7 +665,7 @@ def _check_adapter_files(adapter_dir: str) -> str:
                                 "incomplete (run `recsys-llm semantics tune` again)")
     weight_path = os.path.join(adapter_dir, weights[0])
     if weight_path.endswith(".safetensors"):
-        damage = _safetensors_damage(weight_path)
+        damage = safetensors_damage(weight_path)
         if damage is not None:
             raise _damaged_adapter_file(weight_path, damage)
     return weight_path
@@ -701,7 +701,7 @@ def load_tuned_encoder(
     try:
         model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
-        raise _damaged_adapter_file(weight_path, _one_line(error)[:300]) from error
+        raise _damaged_adapter_file(weight_path, one_line(error)[:300]) from error
     # the adapter's weight files as they are now (ssft.json's adapter_hash says what was tuned;
     # files copied over it since must not hit the vectors cached for the old ones)
     adapter_files = hashlib.sha256("".join(

@@ -46,6 +46,7 @@ from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.pair_swap import SwappedPairs
 from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.error_text import telling_line
 from recsys_llm.models.registry import build_backbone
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
@@ -790,8 +791,6 @@ def read_run_record(path: str) -> Dict[str, Any]:
         ConfigError: the file is not valid UTF-8 JSON, or holds no JSON object: naming the file,
             the problem and what to do.
     """
-    from recsys_llm.serving import _first_line
-
     def damaged(problem: str) -> ConfigError:
         role = RUN_RECORD_ROLES.get(os.path.basename(path), "restore it, or delete it")
         return ConfigError(f"{path}: damaged run record, {problem}, not what `recsys-llm train` wrote; {role}")
@@ -800,7 +799,7 @@ def read_run_record(path: str) -> Dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             record = json.load(handle)
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-        raise damaged(f"not valid JSON ({_first_line(error)})") from error
+        raise damaged(f"not valid JSON ({telling_line(error)})") from error
     if not isinstance(record, dict):
         raise damaged(f"holds a JSON {type(record).__name__}, expected an object")
     return record
