@@ -32,12 +32,14 @@ def write_text_atomically(path: str, text: str) -> None:
 
 
 def replace_directory(tmp: str, final: str) -> None:
-    """Moves the finished directory ``tmp`` to ``final``.
+    """Moves the finished directory ``tmp`` to ``final``, with the permissions the umask gives
+    new files and directories (``safetensors.save_file`` and ``mkdtemp`` make owner-only ones).
 
     The previous ``final`` is renamed to ``final.old`` first and removed only after the
     swap, so a reader (e.g. a resuming job) finds a complete copy at one of the two paths
     at any moment.
     """
+    _readable_by_umask(tmp)
     old = f"{final}.old"
     if os.path.exists(old):
         shutil.rmtree(old)
@@ -162,7 +164,6 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp
-        _readable_by_umask(tmp)
         replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

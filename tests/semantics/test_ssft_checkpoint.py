@@ -159,3 +159,21 @@ def test_encode_with_a_damaged_adapter_file_is_named(tmp_path, tuned_once, capsy
     assert "damaged" in line and "semantics tune" in line, line
     assert not os.path.exists(output)
     assert _snapshot(adapter) == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_tune_outputs_get_the_modes_the_umask_allows(tmp_path, tiny_bert_dir, tiny_schema, umask: int) -> None:
+    """safetensors and peft write owner-only (0600) weight files: on a shared cluster other users
+    could not read the adapter. Every file and directory of adapter/ and checkpoint/ gets the
+    mode ``open()`` / ``os.makedirs`` would give under the umask."""
+    out = str(tmp_path / "ssft")
+    old = os.umask(umask)
+    try:
+        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, **SMALL), tiny_schema, out).run()
+    finally:
+        os.umask(old)
+    for part in ("adapter", "checkpoint"):
+        root = os.path.join(out, part)
+        assert os.stat(root).st_mode & 0o777 == 0o777 & ~umask
+        for name in os.listdir(root):
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o666 & ~umask, (part, name)
