@@ -34,7 +34,7 @@ import math
 import os
 import random
 import time
-from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional
+from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -187,12 +187,10 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
     ``device``.
 
     Raises:
-        ValueError: both sections are set, or a section has unknown keys.
+        ValueError: both sections are set, or a section has unknown keys or bad values.
     """
-    if config.llactr and config.elec:
-        raise ValueError("config: 'llactr' and 'elec' sections are both set; train one method per run")
-    if config.elec:
-        elec = ELECConfig.from_dict(config.elec, source="elec")
+    llactr, elec = parse_plugin_sections(config)
+    if elec is not None:
         distill = elec.distill
         if elec.task == "distill" and distill.mode == "offline" and distill.beta > 0 and distill.teacher_representation_dim <= 0:
             distill.teacher_representation_dim = extra_column_width(schema, config.data.train_split,
@@ -206,11 +204,24 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
         task = build_elec_task(elec, schema, config.model, device=torch.device("meta"), dense_device=device)
         return BuiltTask(task, {"elec": dataclasses.asdict(elec)}, elec)
     backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
-    if not config.llactr:
+    if llactr is None:
         return BuiltTask(CTRTask(backbone), {})
-    llactr = LLaCTRConfig.from_dict(config.llactr, source="llactr")
     logit_terms, loss_terms, provenance = build_llactr_terms(llactr, schema, backbone, device)
     return BuiltTask(CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms), {"llactr": provenance})
+
+
+def parse_plugin_sections(config: ExperimentConfig) -> Tuple[Optional[LLaCTRConfig], Optional[ELECConfig]]:
+    """The ``llactr`` and ``elec`` sections as their configs (None where a section is empty).
+
+    ``run_training`` calls it before any data is read or generated, so a bad value costs nothing.
+
+    Raises:
+        ValueError: both sections are set, or a section has unknown keys or bad values.
+    """
+    if config.llactr and config.elec:
+        raise ValueError("config: 'llactr' and 'elec' sections are both set; train one method per run")
+    llactr = LLaCTRConfig.from_dict(config.llactr, source="llactr") if config.llactr else None
+    return llactr, ELECConfig.from_dict(config.elec, source="elec") if config.elec else None
 
 
 def extra_column_width(schema: DatasetSchema, split: str, column: str) -> int:
@@ -544,6 +555,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     train_cfg = config.train
     run_dir = train_cfg.run_dir  # created only once every check has passed: a refused run leaves nothing
     check_run_dir_is_ours(run_dir)
+    parse_plugin_sections(config)  # before the data is made: a bad llactr / elec value is refused at once
     schema = load_or_generate_schema(config, ctx)
     built = build_task(config, schema, ctx.device)
     swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early

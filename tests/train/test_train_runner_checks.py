@@ -79,3 +79,22 @@ def test_a_damaged_results_json_is_named(tmp_path) -> None:
         finished_results(str(tmp_path))
     (tmp_path / "results.json").write_text('{"global_step": 3}', encoding="utf-8")
     assert finished_results(str(tmp_path)) == {"global_step": 3}
+
+
+def test_a_bad_plugin_value_is_refused_before_the_data_is_made(tmp_path) -> None:
+    """``data.synthetic_rows`` generates missing data first; a bad ``elec`` value used to be
+    refused only after that (when the task was built)."""
+    from recsys_llm.train.runner import run_training
+
+    data = str(tmp_path / "data")
+    config = load_config(DEEPFM_CONFIG, [f"data.schema={data}", "data.synthetic_rows=2000",
+                                         f"train.run_dir={tmp_path / 'run'}", "elec.vector_dim=0"])
+    with pytest.raises(ValueError, match="elec.vector_dim must be an integer >= 1, got 0"):
+        run_training(config)
+    assert not os.path.exists(data) and not os.path.exists(tmp_path / "run")
+    both = load_config(DEEPFM_CONFIG, [f"data.schema={data}", "data.synthetic_rows=2000",
+                                       f"train.run_dir={tmp_path / 'run'}", "elec.task=gain",
+                                       "llactr.vectors_path=fields.safetensors"])
+    with pytest.raises(ValueError, match="'llactr' and 'elec' sections are both set"):
+        run_training(both)
+    assert not os.path.exists(data)
