@@ -271,12 +271,16 @@ def _damaged_checkpoint_file(path: str, detail: str) -> ValueError:
 def _damaged_adapter_file(path: str, detail: str) -> ValueError:
     """The error for a file of an SSFT ``adapter/`` directory that cannot be read back."""
     adapter_dir = os.path.dirname(os.path.abspath(path))
-    output_dir = os.path.dirname(adapter_dir) if os.path.basename(adapter_dir) == "adapter" else "<its tune output dir>"
-    return ValueError(
-        f"{path}: damaged or incomplete SSFT adapter file ({detail}); write the adapter again: run "
-        f"`recsys-llm semantics tune` with the same settings and --output-dir {output_dir} (it rewrites adapter/ "
-        "from its checkpoint), or tune it anew"
+    output_dir = os.path.dirname(adapter_dir)
+    in_tune_output = os.path.basename(adapter_dir) == "adapter" and any(
+        os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_STATE_FILE)) for name in ("checkpoint", "checkpoint.old")
     )
+    if in_tune_output:
+        remedy = (f"run `recsys-llm semantics tune` with the same settings and --output-dir {output_dir} (it rewrites "
+                  "adapter/ from its checkpoint), or tune it anew")
+    else:  # copied or moved away from its checkpoint
+        remedy = "copy it again from the tune output it came from, or tune it anew (`recsys-llm semantics tune`)"
+    return ValueError(f"{path}: damaged or incomplete SSFT adapter file ({detail}); write the adapter again: {remedy}")
 
 
 def _torch_load_detail(error: BaseException) -> str:
@@ -543,12 +547,16 @@ class SSFTTrainer:
             raise _damaged_checkpoint_file(optimizer_file, "missing")
         try:
             optimizer_state = torch.load(optimizer_file, weights_only=True, map_location=device)
+        except torch.OutOfMemoryError:  # a RuntimeError, but no sign of a damaged file
+            raise
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
             raise _damaged_checkpoint_file(optimizer_file, _torch_load_detail(error)) from error
         rng = self._read_checkpoint_rng(path)
         set_peft_model_state_dict(self._encoder.model, adapter)
         try:
             self._optimizer.load_state_dict(optimizer_state)
+        except torch.OutOfMemoryError:
+            raise
         except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
             raise _damaged_checkpoint_file(optimizer_file, f"not an AdamW state of this adapter: {one_line(error)}"
                                            ) from error
@@ -700,6 +708,8 @@ def load_tuned_encoder(
     base = load_model(base_path, torch_device, resolve_dtype(dtype, torch_device), trust_remote_code)
     try:
         model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    except torch.OutOfMemoryError:  # a RuntimeError, but no sign of a damaged file
+        raise
     except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
         raise _damaged_adapter_file(weight_path, one_line(error)[:300]) from error
     # the adapter's weight files as they are now (ssft.json's adapter_hash says what was tuned;

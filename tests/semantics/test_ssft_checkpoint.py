@@ -143,10 +143,17 @@ def test_a_damaged_checkpoint_file_is_named_and_nothing_is_changed(tmp_path, tun
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "ssft.json"])
-def test_encode_with_a_damaged_adapter_file_is_named(tmp_path, tuned_once, capsys, name) -> None:
+@pytest.mark.parametrize("copied", [True, False])
+def test_encode_with_a_damaged_adapter_file_is_named(tmp_path, tuned_once, capsys, name, copied) -> None:
+    """The remedy fits where the adapter is: in its tune output, rewrite it from the checkpoint;
+    copied away from it (no checkpoint beside it), copy it again or tune anew."""
     schema_root, tuned = tuned_once
-    adapter = str(tmp_path / "adapter")
-    shutil.copytree(os.path.join(tuned, "adapter"), adapter)
+    if copied:
+        adapter = str(tmp_path / "adapter")
+        shutil.copytree(os.path.join(tuned, "adapter"), adapter)
+    else:
+        shutil.copytree(tuned, str(tmp_path / "ssft"))
+        adapter = str(tmp_path / "ssft" / "adapter")
     damaged = os.path.join(adapter, name)
     _damage(damaged)
     before = _snapshot(adapter)
@@ -157,6 +164,10 @@ def test_encode_with_a_damaged_adapter_file_is_named(tmp_path, tuned_once, capsy
     line = _error_line(capsys)
     assert line.startswith(f"recsys-llm semantics: error: {damaged}: "), line
     assert "damaged" in line and "semantics tune" in line, line
+    if copied:
+        assert "copy it again from the tune output it came from" in line and "--output-dir" not in line, line
+    else:
+        assert f"--output-dir {tmp_path / 'ssft'} (it rewrites adapter/ from its checkpoint)" in line, line
     assert not os.path.exists(output)
     assert _snapshot(adapter) == before
 
@@ -177,3 +188,20 @@ def test_tune_outputs_get_the_modes_the_umask_allows(tmp_path, tiny_bert_dir, ti
         assert os.stat(root).st_mode & 0o777 == 0o777 & ~umask
         for name in os.listdir(root):
             assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o666 & ~umask, (part, name)
+
+
+def test_running_out_of_memory_on_resume_is_not_called_a_damaged_checkpoint(tmp_path, tuned_once, tiny_bert_dir,
+                                                                            monkeypatch) -> None:
+    """torch.OutOfMemoryError is a RuntimeError, which a damaged optimizer file also raises: it must
+    not be reported as damage, whose advice (delete the checkpoint) would throw a good one away."""
+    schema_root, tuned = tuned_once
+    out = str(tmp_path / "ssft")
+    shutil.copytree(tuned, out)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
+              "--epochs", "2", *TUNE_ARGS])
