@@ -62,7 +62,7 @@ FORMAT_VERSION = 1
 STATE_FILE = "model.safetensors"
 EXPORT_MARKER_FILES = ("config.json", STATE_FILE)  # every export has them (state-only ones too)
 SEMANTIC_TABLES_FILE = "semantic_tables.json"  # frozen entity-vector tables of a gain network
-ID_RULES_KEY = "id_rules"  # in config.json: per feature, the reader's hashed / max_length (None: not recorded)
+ID_RULES_KEY = "id_rules"  # config.json: per feature, hashed / max_length / single_id (None: not recorded)
 EXPORT_ID_KEY = "export_id"  # ties an artifact's files together (absent from artifacts before 2026-12)
 DENSE_DTYPE = torch.float32  # the dense features' dtype in training (ParquetBatchReader) and in the program
 FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")
@@ -571,8 +571,8 @@ def export_task(
         example_dense (torch.Tensor): (B, Dd) example input for ``torch.export`` (B >= 2).
         example_sparse (KeyedJaggedTensor): example ids of the same batch.
         metadata (Optional[Dict[str, Any]]): stored in ``config.json`` (model config, schema name...).
-        schema (Optional[DatasetSchema]): the training data's schema; its ``hashed`` and
-            ``max_length`` per feature go to ``config.json`` (``id_rules``), so ``ServedModel``
+        schema (Optional[DatasetSchema]): the training data's schema; its ``hashed``,
+            ``max_length`` and single-id kind per feature go to ``config.json`` (``id_rules``), so ``ServedModel``
             treats raw request ids as the reader treated the training ids (without it: bounds
             checks only).
 

@@ -299,12 +299,14 @@ def test_single_id_features_take_one_id_per_row_in_any_key_order(lengths, messag
     """Every feature single-id (one min / max over the lengths) as well as mixed with a sequence."""
     from recsys_llm.id_rules import IdRules
 
-    for keys in (["user_id", "item_id"], ["user_id", "item_id", "tags"]):
+    for keys in (["user_id", "item_id"], ["user_id", "item_id", "tags"], ["tags", "user_id", "item_id"]):
         tag_lengths = [2, 0] if "tags" in keys else []  # a sequence's bags hold any number of ids
+        per_key = {"user_id": lengths[:2], "item_id": lengths[2:], "tags": tag_lengths}
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=keys, values=torch.ones(sum(lengths) + sum(tag_lengths), dtype=torch.int64),
-            lengths=torch.tensor(lengths + tag_lengths, dtype=torch.int32))
-        rules = IdRules({k: 5 for k in keys}, {}, {}, {"user_id": True, "item_id": True, "tags": False})
+            lengths=torch.tensor([n for key in keys for n in per_key[key]], dtype=torch.int32))
+        # the rules in another order than the request's keys
+        rules = IdRules({k: 5 for k in sorted(keys)}, {}, {}, {"tags": False, "item_id": True, "user_id": True})
         if message is None:
             assert rules(kjt) is kjt
         else:

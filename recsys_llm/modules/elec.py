@@ -277,7 +277,8 @@ def check_teacher_vectors(model: nn.Module, field: str, directory: str, checkpoi
         return ValueError(
             f"elec.entity_tables[{field!r}]={directory!r}: {detail}; the frozen teacher reads the table of "
             f"elec.teacher_checkpoint {checkpoint}, not this export: name the export the teacher was trained with "
-            f"(or leave the directory out: elec.entity_tables.{field}=null)"
+            f"(or leave the directory out: null where it was named, elec.entity_tables.{field}=null or, for "
+            "elec.entity_field, elec.entity_vectors=null)"
         )
 
     num_rows = weights[0][1].size(0)
