@@ -14,7 +14,8 @@ DLRM's preprocessing:
 The file is read with ``pyarrow.csv.open_csv`` block by block, so memory stays bounded
 for the 45M-line Kaggle set or a 4 billion-line Terabyte day. A header line is
 recognised (and skipped) when its first cell is not a number, e.g. Kaggle's
-``Id,Label,I1,...`` (a leading ``Id`` column is dropped).
+``Id,Label,I1,...`` (a leading ``Id`` column is dropped). A leading UTF-8 byte order mark
+is ignored.
 """
 
 import dataclasses
@@ -100,8 +101,11 @@ def _count_lines(path: str) -> int:
 
 
 def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
-    """(has_header, has_id_column) from the first line."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    """(has_header, has_id_column) from the first line.
+
+    A UTF-8 byte order mark is dropped (``utf-8-sig``), as pyarrow's CSV reader drops it from the
+    data: else a first row ``\ufeff0 ...`` would look like a header and be skipped."""
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         first = handle.readline().rstrip("\r\n").split(delimiter)
     header = bool(first) and not first[0].strip().lstrip("-").replace(".", "", 1).isdigit()
     columns = len(first)

@@ -4,7 +4,9 @@ Input: a directory with ``<name>.inter`` (``user_id:token item_id:token rating:f
 timestamp:float``), ``<name>.item`` (``item_id:token movie_title:token_seq
 release_year:token genre|class:token_seq``) and ``<name>.user`` (``user_id:token
 age:token gender:token occupation:token zip_code:token``), tab separated with typed
-headers, as in RecBole's ``ml-100k`` / ``ml-1m`` downloads.
+headers, as in RecBole's ``ml-100k`` / ``ml-1m`` downloads. A leading UTF-8 byte order mark
+is ignored; blank lines are skipped (error messages still name the line as an editor counts it);
+an id repeated in ``.item`` or ``.user`` is an error (no row silently replaces another).
 
 Output (the usual CTR protocol for MovieLens):
 
@@ -28,7 +30,7 @@ The raw files are only read, never copied into the output directory.
 import dataclasses
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -79,10 +81,12 @@ def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Tabl
     Raises:
         DataError: a missing file, a bad header, a line with the wrong number of columns
             (naming the line), or a missing required column.
+
+    A UTF-8 byte order mark before the header is dropped (``utf-8-sig``; pyarrow skips it too).
     """
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         header = handle.readline().rstrip("\n\r").split("\t")
     names, types = [], {}
     for position, cell in enumerate(header):
@@ -94,8 +98,10 @@ def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Tabl
     bad_lines: List[str] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
+        # pyarrow numbers rows from the header (row 1) without the blank lines it skips
+        line = row.number if row.number is None else _file_lines(path, [row.number - 2])[0]
         bad_lines.append(
-            f"{path}, line {row.number}: {row.actual_columns} tab-separated columns, expected "
+            f"{path}, line {line}: {row.actual_columns} tab-separated columns, expected "
             f"{row.expected_columns} ({header}): {row.text[:80]!r}"
         )
         return "error"
@@ -121,14 +127,57 @@ def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Tabl
     return table
 
 
+def _file_lines(path: str, rows: Sequence[int]) -> List[int]:
+    """1-based lines of the data rows ``rows`` of an atomic file (row 0 follows the header line 1).
+
+    pyarrow's CSV reader skips blank lines without a row, so row ``r`` is on line ``r + 2`` only
+    when no blank line precedes it; this counts them in a second pass over the file, made only
+    to word an error. (The files have no quoting, so no cell spans lines.)
+    """
+    wanted = set(rows)
+    found: Dict[int, int] = {}
+    row = 0
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:  # universal newlines, as pyarrow
+        next(handle, None)  # the header
+        for number, text in enumerate(handle, start=2):
+            if text == "\n":  # a blank line: skipped by the reader
+                continue
+            if row in wanted:
+                found[row] = number
+                if len(found) == len(wanted):
+                    break
+            row += 1
+    return [found.get(r, r + 2) for r in rows]
+
+
 def _numbers(table: pa.Table, column: str, path: str) -> np.ndarray:
     """Parses a string column as float64; the first non-number is reported with its line."""
     strings = table[column]
     ok = pc.match_substring_regex(strings, _NUMBER).to_numpy(zero_copy_only=False)
     if not ok.all():
         first = int(np.argmin(ok))
-        raise DataError(f"{path}, line {first + 2}: column {column!r} is {strings[first].as_py()!r}; expected a number")
+        raise DataError(f"{path}, line {_file_lines(path, [first])[0]}: column {column!r} is "
+                        f"{strings[first].as_py()!r}; expected a number")
     return pc.cast(pc.utf8_trim_whitespace(strings), pa.float64()).to_numpy()
+
+
+def _check_unique(path: str, column: str, tokens: pa.ChunkedArray, keys: np.ndarray) -> None:
+    """Raises if an id repeats in a ``.item`` / ``.user`` file, naming the lines of its first repeat.
+
+    ``tokens``: the id column as read; ``keys``: (rows,) its ids (equal tokens, equal ids). A later
+    row would otherwise silently replace the earlier one's attributes and text.
+    """
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    repeats = np.nonzero(ordered[1:] == ordered[:-1])[0]
+    if repeats.size:
+        second = int(order[repeats + 1].min())  # the first row, in file order, whose id came before
+        first = int(np.argmax(keys == keys[second]))
+        first_line, second_line = _file_lines(path, [first, second])
+        raise DataError(
+            f"{path}, line {second_line}: {column} {tokens[second].as_py()!r} is repeated (first on line "
+            f"{first_line}); expected one row per {column}"
+        )
 
 
 def _vocabulary(*columns: pa.Array) -> pa.Array:
@@ -213,6 +262,8 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     num_users, num_items = len(user_vocab), len(item_vocab)
     user_key = _encode(users["user_id"], user_vocab)
     item_key = _encode(items["item_id"], item_vocab)
+    _check_unique(user_path, "user_id", users["user_id"], user_key)
+    _check_unique(item_path, "item_id", items["item_id"], item_key)
 
     # user attributes, indexed by the new user id (0 = unknown)
     zip_prefix = pc.utf8_slice_codeunits(users["zip_code"], 0, config.zip_prefix_length)

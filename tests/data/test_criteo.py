@@ -100,3 +100,22 @@ def test_failed_conversion_leaves_the_earlier_output_byte_identical(tmp_path):
         prepare_criteo(_write(tmp_path / "tiny.tsv", _lines(3)), str(out), CriteoConfig(hash_size=64))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tsv", "good.tsv", "out", "tiny.tsv"]
+
+
+@pytest.mark.parametrize("kaggle", [False, True])
+def test_byte_order_mark_is_ignored_and_keeps_the_first_row(tmp_path, kaggle):
+    """A file starting with a UTF-8 BOM (Excel's "CSV UTF-8", Windows tools) converts exactly as
+    the same file without it: the BOM must not make the first data row look like a header."""
+    rows, delimiter, header = _lines(50, seed=3), "\t", None
+    if kaggle:
+        rows, delimiter, header = [[str(i)] + r for i, r in enumerate(rows)], ",", ["Id", "Label"] + DENSE_NAMES + SPARSE_NAMES
+    plain = _write(tmp_path / "plain.csv", rows, delimiter, header)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.csv").read_bytes())
+    config = CriteoConfig(hash_size=64, delimiter=delimiter, block_bytes=4096)
+    expected = prepare_criteo(plain, str(tmp_path / "out-plain"), config)
+    got = prepare_criteo(str(bom), str(tmp_path / "out-bom"), config)
+    for split in expected.splits:
+        want, have = pq.read_table(expected.split_path(split)), pq.read_table(got.split_path(split))
+        assert have.num_rows == want.num_rows and have.equals(want), split
+    assert [pq.read_metadata(got.split_path(s)).num_rows for s in got.splits] == [40, 5, 5]

@@ -152,3 +152,56 @@ def test_zero_split_share_is_refused_naming_the_option():
 
     with pytest.raises(ValueError, match=r"MovieLensConfig\.split_fractions=\(0\.9, 0\.1, 0\.0\): expected three positive"):
         MovieLensConfig(split_fractions=(0.9, 0.1, 0.0))
+
+
+_ITEM_HEADER = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+_USER_HEADER = "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+
+
+def test_repeated_item_id_names_file_lines_and_id(tmp_path):
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    (tmp_path / "x.item").write_text(_ITEM_HEADER + "1\tA Movie\t1999\tDrama\n2\tB Movie\t2001\tAction\n"
+                                     "3\tC Movie\t1980\tHorror\n2\tOther Title\t1950\tHorror\n")
+    with pytest.raises(DataError, match=r"x\.item, line 5: item_id '2' is repeated \(first on line 3\); "
+                                        r"expected one row per item_id"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_repeated_user_id_names_file_lines_and_id(tmp_path):
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    # a blank line before the repeat: the line is still counted as an editor counts it
+    (tmp_path / "x.user").write_text(_USER_HEADER + "1\t30\tF\twriter\t12345\n2\t40\tM\tother\t54321\n\n"
+                                     "1\t99\tM\tretired\t99999\n")
+    with pytest.raises(DataError, match=r"x\.user, line 5: user_id '1' is repeated \(first on line 2\)"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_lines_after_a_blank_line_are_named_as_in_the_file(tmp_path):
+    lines = [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(12)]
+    lines[4] = "\n"  # line 6 is blank (pyarrow skips it without a row)
+    lines[9] = "2\t2\tfour\t300\n"  # line 11
+    _write_raw(tmp_path, lines)
+    with pytest.raises(DataError, match=r"x\.inter, line 11: column 'rating' is 'four'; expected a number"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+    lines[9] = "2\t2\t4\n"  # a short line after the blank one, with Windows line ends
+    (tmp_path / "x.inter").write_bytes(
+        ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(lines)).replace("\n", "\r\n").encode())
+    with pytest.raises(DataError, match=r"x\.inter, line 11: 3 tab-separated columns, expected 4"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_byte_order_mark_is_ignored(tmp_path):
+    """Files starting with a UTF-8 BOM (Windows tools) convert exactly as the same files without it."""
+    lines = [f"{1 + i % 2}\t{1 + i % 3}\t{[1, 3, 4, 5][i % 4]}\t{1000 - i}\n" for i in range(40)]
+    plain, bom = tmp_path / "plain", tmp_path / "bom"
+    for raw in (plain, bom):
+        raw.mkdir()
+        _write_raw(raw, lines)
+    for path in bom.iterdir():
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    want = prepare_movielens(str(plain), str(tmp_path / "out-plain"))
+    got = prepare_movielens(str(bom), str(tmp_path / "out-bom"))
+    for split in want.splits:
+        assert pq.read_table(got.split_path(split)).equals(pq.read_table(want.split_path(split)))
+    for name in ("user_id", "item_id", "age"):
+        assert got.load_value_text(name).equals(want.load_value_text(name))
