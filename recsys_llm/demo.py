@@ -15,8 +15,15 @@
    included (``elec.distill.swap_fields`` / ``swap_catalog``); it serves without any LLM vector;
 6. prints AUC / LogLoss overall and on cold items, and writes ``demo_results.{json,png}``.
 
-Every step is skipped when its output already exists, so a second ``make demo`` only
-retrains what is missing. Each LLM step prints the equivalent command line.
+A step's output in the run directory is reused only when it was made with the same inputs, so
+a second ``make demo`` only retrains what is missing: each variant's run when its ``config.yaml``
+has the same settings (config file, overrides, data directory and ``--rows`` included,
+``config_differences``), the LLM outputs (``llm/``) when ``llm/demo_llm.json`` records the same
+model (its files' fingerprint). A run directory made with other settings or another LLM is
+refused, naming what differs (other overrides, data or LLM: before any work): pass another
+``--run-dir`` (or delete that one).
+Each LLM step prints the equivalent command line; a step that fails ends the demo with its
+one-line error (exit code 2 from the CLI).
 """
 
 import json
@@ -25,29 +32,132 @@ import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
-from recsys_llm.train.config import load_config
-from recsys_llm.train.runner import finished_results, run_training, set_cpu_float_mode
+from recsys_llm.train.config import ConfigError, config_differences, load_config
+from recsys_llm.train.runner import RESULTS_FILE, finished_results, run_training, set_cpu_float_mode
 
 PLAIN = "DeepFM"
 LLACTR = "DeepFM + LLaCTR (FRE + FIE)"
 ELEC = "DeepFM + ELEC gain (user + item LLM vectors)"
 STUDENT = "DeepFM ELEC student (no LLM at serving)"
 
+LLM_RECORD = "demo_llm.json"  # in run_root/llm: the model the LLM outputs there were made with
+# settings that change no result: a finished run trained with other values is still reused
+REUSE_FREE_KEYS = ("train.run_dir", "train.progress", "train.keep_checkpoints", "train.checkpoint_every")
+NEW_RUN_DIR = "pass another --run-dir for this demo (or delete {run_root} to start it over)"
+
+
+class DemoStepError(ValueError):
+    """A step of the demo (a ``recsys-llm`` sub-command) refused its input or failed: the CLI
+    shows it as one line with exit code 2, as the sub-command's own errors."""
+
 
 def _cli(argv: List[str]) -> None:
+    """Runs ``recsys-llm argv`` in this process.
+
+    Raises:
+        DemoStepError: the sub-command's error (a user error of the CLI) with the step's name, or its
+            exit code; with ``RECSYS_LLM_TRACEBACK=1`` set, the sub-command's own exception.
+    """
+    from recsys_llm.cli import TRACEBACK_ENV, USER_ERRORS
     from recsys_llm.cli import main as cli_main
 
     print("$ recsys-llm " + " ".join(argv), flush=True)
-    code = cli_main(argv)
+    step = " ".join(arg for arg in argv[:2] if not arg.startswith("-"))
+    asked = os.environ.get(TRACEBACK_ENV)
+    os.environ[TRACEBACK_ENV] = "1"  # the sub-command raises its error, which the demo reports once
+    try:
+        code = cli_main(argv)
+    except USER_ERRORS as error:
+        if asked not in (None, "", "0"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise DemoStepError(f"step `recsys-llm {step}` failed: {message}") from error
+    finally:
+        if asked is None:
+            del os.environ[TRACEBACK_ENV]
+        else:
+            os.environ[TRACEBACK_ENV] = asked
     if code:
-        raise RuntimeError(f"recsys-llm {' '.join(argv)} exited with {code}")
+        raise DemoStepError(f"step `recsys-llm {' '.join(argv)}` exited with {code}")
 
 
-def _train(config_path: str, overrides: Sequence[str], run_dir: str) -> Dict[str, Any]:
+def _check_same_run(config: Any, run_dir: str, run_root: str) -> None:
+    """Raises unless ``run_dir`` is new or holds a run (finished or not) of ``config``'s settings.
+
+    Raises:
+        ConfigError: naming the settings that differ (``config_differences``) and what to do.
+    """
+    saved = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(saved):
+        if os.path.isfile(os.path.join(run_dir, RESULTS_FILE)):
+            raise ConfigError(f"{run_dir}: holds results of a run without its config.yaml, so the demo cannot tell "
+                              f"whether they were made with these settings; {NEW_RUN_DIR.format(run_root=run_root)}")
+        return
+    differences = config_differences(load_config(saved), config, REUSE_FREE_KEYS)
+    if differences:
+        raise ConfigError(
+            f"{run_dir}: holds a run of an earlier demo made with other settings ({'; '.join(differences)}); the "
+            f"demo reuses a step's output only when it was made with the same inputs: "
+            f"{NEW_RUN_DIR.format(run_root=run_root)}"
+        )
+
+
+def _train(config_path: str, overrides: Sequence[str], run_dir: str, run_root: str) -> Dict[str, Any]:
+    config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}"])
+    _check_same_run(config, run_dir, run_root)
     finished = finished_results(run_dir)
     if finished is not None:
         return finished
-    return run_training(load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}"]))
+    return run_training(config)
+
+
+def _llm_record(llm: Optional[str]) -> Dict[str, str]:
+    """``{"llm": real path, "fingerprint": model_dir_fingerprint}`` of the demo's LLM, checked first.
+
+    Raises:
+        FileNotFoundError, ValueError: no model directory there (``read_model_config``).
+    """
+    from recsys_llm.semantics.encoder import default_model_path, model_dir_fingerprint, read_model_config
+
+    path = os.path.realpath(llm or default_model_path())
+    read_model_config(path)  # before any training: a missing model fails at once
+    return {"llm": path, "fingerprint": model_dir_fingerprint(path)}
+
+
+def _check_same_llm(llm_dir: str, record: Dict[str, str], run_root: str) -> None:
+    """Raises when the LLM outputs in ``llm_dir`` were made with another model than ``record``'s
+    (or by an earlier version of the demo, which recorded none).
+
+    Raises:
+        ConfigError: naming both models and what to do.
+    """
+    path = os.path.join(llm_dir, LLM_RECORD)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if saved.get("fingerprint") != record["fingerprint"]:
+            raise ConfigError(
+                f"{llm_dir}: holds the LLM outputs of an earlier demo made with the model {saved.get('llm')!r} "
+                f"(fingerprint {saved.get('fingerprint')}), not {record['llm']!r} (fingerprint "
+                f"{record['fingerprint']}); the demo reuses a step's output only when it was made with the same "
+                f"inputs: {NEW_RUN_DIR.format(run_root=run_root)}"
+            )
+    elif os.path.isdir(llm_dir) and os.listdir(llm_dir):
+        raise ConfigError(
+            f"{llm_dir}: holds LLM outputs of an earlier version of the demo, which did not record the model they "
+            f"were made with (no {LLM_RECORD}); {NEW_RUN_DIR.format(run_root=run_root)}"
+        )
+
+
+def _write_llm_record(llm_dir: str, record: Dict[str, str]) -> None:
+    """Writes ``llm_dir/demo_llm.json`` (rank 0, atomically) before the first LLM output."""
+    if int(os.environ.get("RANK", "0") or "0") != 0:
+        return
+    os.makedirs(llm_dir, exist_ok=True)
+    path = os.path.join(llm_dir, LLM_RECORD)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+    os.replace(f"{path}.tmp", path)
 
 
 def run_demo(
@@ -69,15 +179,28 @@ def run_demo(
         overrides (Sequence[str]): config overrides applied to every variant.
         llm (Optional[str]): local Hugging Face model directory (default: offline MiniLM).
         with_llm (bool): False trains the plain model only.
+
+    Outputs already in ``run_root`` are reused when they were made with the same inputs (see the
+    module's docstring).
+
+    Raises:
+        ConfigError: ``run_root`` holds outputs made with other settings or another LLM.
+        FileNotFoundError: ``llm`` is no model directory (checked before any training).
+        DemoStepError: an LLM step failed.
     """
     schema = os.path.join(data_dir, "schema.json")
     base = [f"data.schema={schema}", f"data.synthetic_rows={rows}", *overrides]
+    llm_dir = os.path.join(run_root, "llm")
+    llm_record = None
+    if with_llm:
+        llm_record = _llm_record(llm)
+        _check_same_llm(llm_dir, llm_record, run_root)
     # before the LLM steps: a finished plain run would otherwise leave the first training after them
     set_cpu_float_mode(load_config(config_path, base).train)
-    results = {PLAIN: _train(config_path, base, os.path.join(run_root, "plain"))}
-    if not with_llm:
+    results = {PLAIN: _train(config_path, base, os.path.join(run_root, "plain"), run_root)}
+    if llm_record is None:
         return results
-    llm_dir = os.path.join(run_root, "llm")
+    _write_llm_record(llm_dir, llm_record)
     model_args = ["--model", llm] if llm else []
 
     field_vectors = os.path.join(llm_dir, "field_vectors.safetensors")
@@ -85,7 +208,7 @@ def run_demo(
         _cli(["semantics", "encode", "--schema", schema, "--output", field_vectors, *model_args])
     results[LLACTR] = _train(config_path, base + [
         f"llactr.vectors_path={field_vectors}", "llactr.lambda_fre=0.1", "llactr.lambda_fie=0.1",
-    ], os.path.join(run_root, "llactr"))
+    ], os.path.join(run_root, "llactr"), run_root)
 
     adapted = os.path.join(llm_dir, "ctr_llm")
     if not os.path.exists(os.path.join(adapted, "provenance.json")):
@@ -103,7 +226,7 @@ def run_demo(
         entity_overrides.append(f"elec.entity_tables.{entity}={vectors}")
     vector_overrides = ["elec.vector_source=entity_table", f"elec.vector_dim={vector_dim(vectors)}", *entity_overrides]
     gain_dir = os.path.join(run_root, "elec_gain")
-    results[ELEC] = _train(config_path, base + ["elec.task=gain", *vector_overrides], gain_dir)
+    results[ELEC] = _train(config_path, base + ["elec.task=gain", *vector_overrides], gain_dir, run_root)
 
     teacher = os.path.join(llm_dir, "gain_state")
     if not os.path.exists(os.path.join(teacher, "config.json")):
@@ -117,7 +240,7 @@ def run_demo(
         "elec.task=distill", *vector_overrides, "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
         "elec.distill.alpha=20", "elec.distill.beta=0", f"elec.distill.swap_fields=[{','.join(ITEM_FIELDS)}]",
         *([f"elec.distill.swap_catalog={catalog}"] if os.path.exists(catalog) else []),
-    ], os.path.join(run_root, "elec_student"))
+    ], os.path.join(run_root, "elec_student"), run_root)
     return results
 
 

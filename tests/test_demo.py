@@ -47,6 +47,78 @@ def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_pat
     assert epoch["samples"] == 2 * train_rows  # every training row plus one catalogue pair per row
 
 
+def _demo_again(data_dir: str, run_root: str, llm: str, other_llm: str) -> Dict[str, Any]:
+    """A demo, then the same again and with other settings / another LLM in its run directory."""
+    from recsys_llm.train.config import ConfigError
+
+    first = run_demo(CONFIG, data_dir, run_root, 3_000, SMALL, llm=llm)
+    stamps = {name: os.stat(os.path.join(run_root, name, "results.json")).st_mtime_ns
+              for name in ("plain", "llactr", "elec_gain", "elec_student")}
+    again = run_demo(CONFIG, data_dir, run_root, 3_000, SMALL, llm=llm)
+    refused = {}
+    for label, overrides, model, with_llm in (
+        ("overrides", SMALL + ["train.epochs=2", "model.name=fm"], llm, True),
+        ("no_llm_overrides", SMALL + ["data.batch_size=64"], None, False),
+        ("rows", SMALL, llm, True),
+        ("llm", SMALL, other_llm, True),
+    ):
+        try:
+            run_demo(CONFIG, data_dir, run_root, 5_000 if label == "rows" else 3_000, overrides, llm=model,
+                     with_llm=with_llm)
+        except ConfigError as error:
+            refused[label] = str(error)
+    stamps_after = {name: os.stat(os.path.join(run_root, name, "results.json")).st_mtime_ns for name in stamps}
+    return {"first": first, "again": again, "refused": refused, "retrained": stamps != stamps_after}
+
+
+@pytest.mark.multiprocess
+def test_demo_reuses_outputs_only_when_made_with_the_same_inputs(tmp_path) -> None:
+    llm = save_tiny_bert(str(tmp_path / "llm"))
+    other_llm = save_tiny_bert(str(tmp_path / "other_llm"))
+    with open(os.path.join(other_llm, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["hidden_dropout_prob"] = 0.2  # another model under another path
+    with open(os.path.join(other_llm, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    run_root = str(tmp_path / "runs")
+    (out,) = run_multiprocess(_demo_again, world_size=1, data_dir=str(tmp_path / "data"), run_root=run_root, llm=llm,
+                              other_llm=other_llm)
+    assert out["again"] == out["first"] and not out["retrained"]  # same inputs: every output reused
+    assert set(out["refused"]) == {"overrides", "no_llm_overrides", "rows", "llm"}, out["refused"]
+    plain = os.path.join(run_root, "plain")
+    assert "train.epochs: 1 -> 2" in out["refused"]["overrides"] and "model.name: 'deepfm' -> 'fm'" in out["refused"]["overrides"]
+    assert out["refused"]["overrides"].startswith(plain)  # refused at the first step, before any training
+    assert "data.batch_size: 128 -> 64" in out["refused"]["no_llm_overrides"]
+    assert "data.synthetic_rows: 3000 -> 5000" in out["refused"]["rows"]
+    assert other_llm in out["refused"]["llm"] and llm in out["refused"]["llm"]
+    assert all("--run-dir" in message for message in out["refused"].values())
+
+
+def test_demo_checks_the_llm_before_any_training(tmp_path, capsys) -> None:
+    from recsys_llm.cli import main as cli_main
+
+    data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
+    code = cli_main(["demo", "--rows", "3000", "--data-dir", data_dir, "--run-dir", run_root,
+                     "--llm", "/nonexistent/model", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "recsys-llm demo: error: /nonexistent/model: model directory not found" in err, err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1, err
+    assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
+
+
+def test_a_failing_step_is_one_user_error_with_its_message(tmp_path, capsys) -> None:
+    from recsys_llm.cli import USER_ERRORS
+    from recsys_llm.demo import _cli
+
+    llm = save_tiny_bert(str(tmp_path / "llm"))
+    missing = str(tmp_path / "missing" / "schema.json")
+    with pytest.raises(USER_ERRORS) as raised:
+        _cli(["semantics", "encode", "--schema", missing, "--output", str(tmp_path / "v.safetensors"), "--model", llm])
+    assert str(raised.value).startswith("step `recsys-llm semantics encode` failed: ") and missing in str(raised.value)
+    assert "error:" not in capsys.readouterr().err  # the sub-command printed no error line of its own
+
+
 def test_plot_labels_are_wrapped_so_neighbours_do_not_overlap() -> None:
     from recsys_llm.demo import tick_label
 

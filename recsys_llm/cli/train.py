@@ -123,7 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--config", default=DEMO_CONFIG, help="demo config (default: configs/synthetic_deepfm.yaml)")
     demo.add_argument("--data-dir", default="data/synthetic", help="where the synthetic data lives / is generated")
     demo.add_argument("--rows", type=int, default=200_000, help="rows to generate when the data is missing")
-    demo.add_argument("--run-dir", default="runs/demo", help="one run directory per variant goes here")
+    demo.add_argument("--run-dir", default="runs/demo",
+                      help="one run directory per variant goes here; outputs already there are reused only when "
+                           "made with the same settings, data and LLM, else refused")
     demo.add_argument("--llm", "--model", dest="llm", default=None, help="local Hugging Face model directory (default: offline MiniLM)")
     demo.add_argument("--no-llm", action="store_true", help="train the plain DeepFM only")
     demo.add_argument("overrides", nargs="*", help=overrides_help)
