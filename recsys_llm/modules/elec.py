@@ -63,8 +63,7 @@ class ELECConfig:
             to ``K * num_injected_fields`` fields, so the backbone can interact user and item
             vectors with each other (FM / cross terms) as well as with the ID embeddings. A frozen
             teacher reads its tables from ``teacher_checkpoint``: a directory named here is checked
-            against them (:func:`load_elec_state`), and may be left out (None). An offline student
-            reads none: a directory named there is refused.
+            against them (:func:`load_elec_state`), and may be left out (None).
         expected_provenance (Dict[str, str]): provenance the vectors must have (every entity
             table's; keys that differ per entity, such as ``entity_field``, do not belong here).
         teacher_checkpoint (Optional[str]): frozen mode: a gain-network export directory
@@ -103,15 +102,7 @@ class ELECConfig:
                     f"{self.entity_vectors!r} and entity_tables[{self.entity_field!r}]={previous!r}"
                 )
             self.entity_tables = {self.entity_field: self.entity_vectors, **self.entity_tables}
-        offline = self.task == "distill" and self.distill.mode == "offline"
-        named = sorted(field for field, directory in self.entity_tables.items() if directory)
-        if offline and named:  # else recorded in plugins.json as if the run had read them
-            raise ValueError(
-                f"elec.distill.mode 'offline' reads the teacher's outputs from the data and no LLM vector, so the "
-                f"entity vectors named for {named} (elec.entity_tables / elec.entity_vectors) would not be read: "
-                "leave them out"
-            )
-        if self.vector_source == "entity_table" and not self.entity_tables and not offline:
+        if self.vector_source == "entity_table" and not self.entity_tables:
             raise ValueError(
                 "elec.vector_source 'entity_table' needs elec.entity_field (e.g. 'item_id') or "
                 "elec.entity_tables ({field: vector directory})"

@@ -139,15 +139,3 @@ def test_a_frozen_teacher_needs_no_entity_export(trained_teacher):
     assert report["teacher_tensors"] > 0 and report["entity_rows_checked"] == 0
     with pytest.raises(ValueError, match="elec.expected_provenance is set, but .* no export directory is named"):
         _load(_frozen(checkpoint, {"user_id": None, "item_id": ""}, expected_provenance={"model": "tiny"}))
-
-
-def test_an_offline_student_refuses_entity_exports_it_would_not_read():
-    """Offline KD reads the teacher's outputs from the data: named entity exports were accepted and
-    recorded in plugins.json as the run's vectors; the fields alone (no directory) are fine."""
-    offline = {"task": "distill", "vector_source": "entity_table", "distill": {"mode": "offline"}}
-    with pytest.raises(ConfigError, match=r"'offline' reads the teacher's outputs .* named for \['item_id'\]"):
-        ELECConfig.from_dict({**offline, "entity_tables": {"user_id": None, "item_id": "vectors/items"}})
-    with pytest.raises(ConfigError, match=r"named for \['item_id'\]"):
-        ELECConfig.from_dict({**offline, "entity_field": "item_id", "entity_vectors": "vectors/items"})
-    assert not any(ELECConfig.from_dict({**offline, "entity_tables": {"item_id": None}}).entity_tables.values())
-    assert ELECConfig.from_dict({"task": "distill", "distill": {"mode": "offline"}}).vector_source == "extras"
