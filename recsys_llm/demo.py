@@ -16,10 +16,11 @@
 6. prints AUC / LogLoss overall and on cold items, and writes ``demo_results.{json,png}``.
 
 A step's output in the run directory is reused only when it was made with the same inputs, so
-a second ``make demo`` only retrains what is missing: each variant's run when its ``config.yaml``
-has the same settings (config file, overrides, data directory and ``--rows`` included,
-``config_differences``), the LLM outputs (``llm/``) when ``llm/demo_llm.json`` records the same
-model (its files' fingerprint). A run directory made with other settings or another LLM is
+a second ``make demo`` only retrains what is missing: each finished variant's run when its
+``config.yaml`` has the same settings (config file, overrides, data directory and ``--rows``
+included, ``config_differences``; ``REUSE_FREE_KEYS`` may differ), the LLM outputs (``llm/``) when
+``llm/demo_llm.json`` records the same model (its files' fingerprint); an unfinished run resumes
+under ``recsys-llm train``'s rules. A run directory made with other settings or another LLM is
 refused, naming what differs (other overrides, data or LLM: before any work): pass another
 ``--run-dir`` (or delete that one).
 Each LLM step prints the equivalent command line; a step that fails ends the demo with its
@@ -42,8 +43,13 @@ STUDENT = "DeepFM ELEC student (no LLM at serving)"
 
 LLM_RECORD = "demo_llm.json"  # in run_root/llm: the model the LLM outputs there were made with
 # settings that change no result: a finished run trained with other values is still reused
-REUSE_FREE_KEYS = ("train.run_dir", "train.progress", "train.keep_checkpoints", "train.checkpoint_every")
-NEW_RUN_DIR = "pass another --run-dir for this demo (or delete {run_root} to start it over)"
+# settings that change no finished result, and the demo's own LLM outputs under the run directory
+# (``llm/demo_llm.json`` guards those; their paths move with a moved run directory)
+REUSE_FREE_KEYS = ("train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
+                   "train.checkpoint_every", "data.eval_batch_size", "data.validate", "llactr.vectors_path",
+                   "elec.entity_tables", "elec.entity_vectors", "elec.teacher_checkpoint")
+NEW_RUN_DIR = ("pass another --run-dir for this demo (`make demo RUNS_DIR=...`), or delete {run_root} to start it "
+               "over")
 
 
 class DemoStepError(ValueError):
@@ -82,17 +88,18 @@ def _cli(argv: List[str]) -> None:
 
 
 def _check_same_run(config: Any, run_dir: str, run_root: str) -> None:
-    """Raises unless ``run_dir`` is new or holds a run (finished or not) of ``config``'s settings.
+    """Raises unless ``run_dir`` is new, unfinished (``recsys-llm train`` checks what a resume may
+    change) or holds a finished run of ``config``'s settings (``REUSE_FREE_KEYS`` aside).
 
     Raises:
         ConfigError: naming the settings that differ (``config_differences``) and what to do.
     """
+    if not os.path.isfile(os.path.join(run_dir, RESULTS_FILE)):
+        return
     saved = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(saved):
-        if os.path.isfile(os.path.join(run_dir, RESULTS_FILE)):
-            raise ConfigError(f"{run_dir}: holds results of a run without its config.yaml, so the demo cannot tell "
-                              f"whether they were made with these settings; {NEW_RUN_DIR.format(run_root=run_root)}")
-        return
+        raise ConfigError(f"{run_dir}: holds results of a run without its config.yaml, so the demo cannot tell "
+                          f"whether they were made with these settings; {NEW_RUN_DIR.format(run_root=run_root)}")
     differences = config_differences(load_config(saved), config, REUSE_FREE_KEYS)
     if differences:
         raise ConfigError(

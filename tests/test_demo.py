@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from typing import Any, Dict
 
 import pyarrow.parquet as pq
@@ -67,8 +68,16 @@ def _demo_again(data_dir: str, run_root: str, llm: str, other_llm: str) -> Dict[
                      with_llm=with_llm)
         except ConfigError as error:
             refused[label] = str(error)
+    # a setting that changes no finished result, and the run directory moved: still reused
+    eval_batch = run_demo(CONFIG, data_dir, run_root, 3_000, SMALL + ["data.eval_batch_size=64"], llm=llm)
+    moved_root = f"{run_root}_moved"
+    shutil.copytree(run_root, moved_root)
+    moved_stamps = {name: os.stat(os.path.join(moved_root, name, "results.json")).st_mtime_ns for name in stamps}
+    moved = run_demo(CONFIG, data_dir, moved_root, 3_000, SMALL, llm=llm)
     stamps_after = {name: os.stat(os.path.join(run_root, name, "results.json")).st_mtime_ns for name in stamps}
-    return {"first": first, "again": again, "refused": refused, "retrained": stamps != stamps_after}
+    moved_after = {name: os.stat(os.path.join(moved_root, name, "results.json")).st_mtime_ns for name in stamps}
+    return {"first": first, "again": again, "refused": refused, "eval_batch": eval_batch, "moved": moved,
+            "retrained": stamps != stamps_after or moved_stamps != moved_after}
 
 
 @pytest.mark.multiprocess
@@ -84,6 +93,7 @@ def test_demo_reuses_outputs_only_when_made_with_the_same_inputs(tmp_path) -> No
     (out,) = run_multiprocess(_demo_again, world_size=1, data_dir=str(tmp_path / "data"), run_root=run_root, llm=llm,
                               other_llm=other_llm)
     assert out["again"] == out["first"] and not out["retrained"]  # same inputs: every output reused
+    assert out["eval_batch"] == out["first"] and out["moved"] == out["first"]
     assert set(out["refused"]) == {"overrides", "no_llm_overrides", "rows", "llm"}, out["refused"]
     plain = os.path.join(run_root, "plain")
     assert "train.epochs: 1 -> 2" in out["refused"]["overrides"] and "model.name: 'deepfm' -> 'fm'" in out["refused"]["overrides"]
