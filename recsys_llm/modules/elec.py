@@ -63,7 +63,8 @@ class ELECConfig:
             to ``K * num_injected_fields`` fields, so the backbone can interact user and item
             vectors with each other (FM / cross terms) as well as with the ID embeddings. A frozen
             teacher reads its tables from ``teacher_checkpoint``: a directory named here is checked
-            against them (:func:`load_elec_state`), and may be left out (None).
+            against them (:func:`load_elec_state`), and may be left out (None). An offline student
+            reads none: a new run that names a directory there is refused.
         expected_provenance (Dict[str, str]): provenance the vectors must have (every entity
             table's; keys that differ per entity, such as ``entity_field``, do not belong here).
         teacher_checkpoint (Optional[str]): frozen mode: a gain-network export directory

@@ -224,6 +224,25 @@ def parse_plugin_sections(config: ExperimentConfig) -> Tuple[Optional[LLaCTRConf
     return llactr, ELECConfig.from_dict(config.elec, source="elec") if config.elec else None
 
 
+def _check_offline_reads_no_vectors(elec: ELECConfig) -> None:
+    """Refuses entity exports named for an offline student, which reads the teacher's outputs from
+    the data and no LLM vector: ``plugins.json`` would record them as the run's vectors. (New runs
+    only: runs of earlier versions that name them still resume, export and evaluate.)
+
+    Raises:
+        ConfigError: naming the fields and how to leave their directories out.
+    """
+    if elec.task != "distill" or elec.distill.mode != "offline":
+        return
+    named = sorted(field for field, directory in elec.entity_tables.items() if directory)
+    if named:
+        raise ConfigError(
+            f"elec.distill.mode 'offline' reads the teacher's outputs from the data and no LLM vector, so the entity "
+            f"vectors named for {named} would not be read: leave them out (elec.entity_tables.<field>=null, or "
+            "elec.entity_vectors=null beside elec.entity_field)"
+        )
+
+
 def extra_column_width(schema: DatasetSchema, split: str, column: str) -> int:
     """d of a ``fixed_size_list<float>[d]`` extra column, read from the split's first file footer.
 
@@ -555,7 +574,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     train_cfg = config.train
     run_dir = train_cfg.run_dir  # created only once every check has passed: a refused run leaves nothing
     check_run_dir_is_ours(run_dir)
-    parse_plugin_sections(config)  # before the data is made: a bad llactr / elec value is refused at once
+    _, elec = parse_plugin_sections(config)  # before the data is made: a bad llactr / elec value is refused at once
+    if elec is not None and not os.path.exists(os.path.join(run_dir, "config.yaml")):  # a new run
+        _check_offline_reads_no_vectors(elec)
     schema = load_or_generate_schema(config, ctx)
     built = build_task(config, schema, ctx.device)
     swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early

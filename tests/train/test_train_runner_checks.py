@@ -98,3 +98,25 @@ def test_a_bad_plugin_value_is_refused_before_the_data_is_made(tmp_path) -> None
     with pytest.raises(ValueError, match="'llactr' and 'elec' sections are both set"):
         run_training(both)
     assert not os.path.exists(data)
+
+
+def test_a_new_offline_student_run_refuses_entity_exports_it_would_not_read(tmp_path) -> None:
+    """They were recorded in plugins.json as the run's vectors, unread; the fields alone are fine.
+    Only new runs are refused: a run of an earlier version that names them still loads."""
+    from recsys_llm.modules.elec import ELECConfig
+    from recsys_llm.train.runner import _check_offline_reads_no_vectors, run_training
+
+    data = str(tmp_path / "data")
+    offline = ["elec.task=distill", "elec.distill.mode=offline", "elec.vector_source=entity_table"]
+    config = load_config(DEEPFM_CONFIG, [f"data.schema={data}", "data.synthetic_rows=2000",
+                                         f"train.run_dir={tmp_path / 'run'}", *offline,
+                                         "elec.entity_field=item_id", "elec.entity_vectors=vectors/items"])
+    with pytest.raises(ConfigError, match=r"'offline' reads the teacher's outputs .* named for \['item_id'\]"):
+        run_training(config)
+    assert not os.path.exists(data) and not os.path.exists(tmp_path / "run")
+    fields_only = ELECConfig.from_dict({"task": "distill", "distill": {"mode": "offline"},
+                                        "vector_source": "entity_table", "entity_tables": {"item_id": None}})
+    _check_offline_reads_no_vectors(fields_only)
+    frozen = ELECConfig.from_dict({"task": "distill", "distill": {"mode": "frozen"}, "teacher_checkpoint": "t",
+                                   "vector_source": "entity_table", "entity_tables": {"item_id": "vectors/items"}})
+    _check_offline_reads_no_vectors(frozen)  # a frozen teacher's exports are checked when they are loaded
