@@ -268,6 +268,20 @@ def _damaged_checkpoint_file(path: str, detail: str) -> ValueError:
     )
 
 
+def _load_checkpoint_tensors(path: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file of an SSFT ``checkpoint/``; a missing or damaged one is
+    :func:`_damaged_checkpoint_file`'s error."""
+    if not os.path.isfile(path):
+        raise _damaged_checkpoint_file(path, "missing")
+    damage = safetensors_damage(path)
+    if damage is not None:
+        raise _damaged_checkpoint_file(path, damage)
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError) as error:
+        raise _damaged_checkpoint_file(path, one_line(error)) from error
+
+
 def _damaged_adapter_file(path: str, detail: str) -> ValueError:
     """The error for a file of an SSFT ``adapter/`` directory that cannot be read back."""
     adapter_dir = os.path.dirname(os.path.abspath(path))
@@ -472,15 +486,7 @@ class SSFTTrainer:
         from peft import get_peft_model_state_dict
 
         adapter_file = os.path.join(path, CHECKPOINT_ADAPTER_FILE)
-        if not os.path.isfile(adapter_file):
-            raise _damaged_checkpoint_file(adapter_file, "missing")
-        damage = safetensors_damage(adapter_file)
-        if damage is not None:
-            raise _damaged_checkpoint_file(adapter_file, damage)
-        try:
-            adapter = load_file(adapter_file, device=str(device))
-        except (SafetensorError, OSError) as error:
-            raise _damaged_checkpoint_file(adapter_file, one_line(error)) from error
+        adapter = _load_checkpoint_tensors(adapter_file, str(device))
         expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(self._encoder.model).items()}
         found = {k: tuple(v.shape) for k, v in adapter.items()}
         if found != expected:
@@ -502,13 +508,7 @@ class SSFTTrainer:
                 stacklevel=3,
             )
             return None
-        damage = safetensors_damage(rng_file)
-        if damage is not None:
-            raise _damaged_checkpoint_file(rng_file, damage)
-        try:
-            return load_file(rng_file)
-        except (SafetensorError, OSError) as error:
-            raise _damaged_checkpoint_file(rng_file, one_line(error)) from error
+        return _load_checkpoint_tensors(rng_file)
 
     def _precheck_checkpoint(self) -> None:
         """The checks of :meth:`load_checkpoint` that need no model: state, settings, epochs, whole files."""
