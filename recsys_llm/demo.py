@@ -32,6 +32,7 @@ import os
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
+from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
 from recsys_llm.train.config import ConfigError, config_differences, load_config
 from recsys_llm.train.runner import RESULTS_FILE, finished_results, run_training, set_cpu_float_mode
@@ -161,10 +162,7 @@ def _write_llm_record(llm_dir: str, record: Dict[str, str]) -> None:
     if int(os.environ.get("RANK", "0") or "0") != 0:
         return
     os.makedirs(llm_dir, exist_ok=True)
-    path = os.path.join(llm_dir, LLM_RECORD)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-    os.replace(f"{path}.tmp", path)
+    write_text_atomically(os.path.join(llm_dir, LLM_RECORD), json.dumps(record, indent=2))
 
 
 def run_demo(
