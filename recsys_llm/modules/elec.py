@@ -35,6 +35,7 @@ from recsys_llm.modules.semantic_table import (
     SemanticTableTask,
     load_semantic_vectors,
     semantic_table_name,
+    table_weights,
 )
 from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask, load_full_state
 from recsys_llm.train.task import CTRTask
@@ -269,8 +270,7 @@ def check_teacher_vectors(model: nn.Module, field: str, directory: str, checkpoi
     from recsys_llm.semantics.vector_export import key_range, read_vector_rows
 
     table = semantic_table_name(field)
-    suffix = f"embedding_bags.{table}.weight"
-    weights = [(k, v) for k, v in model.state_dict().items() if k.endswith(suffix)]
+    weights = table_weights(model, table)
     if not weights:
         raise KeyError(f"model has no embedding table {table!r} in its state dict")
 

@@ -160,7 +160,9 @@ class SemanticTableTask(CTRTask):
         return CTROutput(logits, output.representation, output.embeddings)
 
 
-def _table_weights(model: nn.Module, table_name: str) -> List[Tuple[str, object]]:
+def table_weights(model: nn.Module, table_name: str) -> List[Tuple[str, object]]:
+    """(state-dict key, weight) of every copy of the table ``table_name`` in ``model``: a tensor,
+    or on a DMP model a ``ShardedTensor`` of this rank's shards."""
     suffix = f"embedding_bags.{table_name}.weight"
     return [(k, v) for k, v in model.state_dict().items() if k.endswith(suffix)]
 
@@ -193,7 +195,7 @@ def load_semantic_vectors(
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    weights = _table_weights(model, table_name)
+    weights = table_weights(model, table_name)
     if not weights:
         raise KeyError(f"model has no embedding table {table_name!r} in its state dict")
     num_rows = weights[0][1].size(0)
