@@ -14,21 +14,19 @@ This script adds, without changing a line of torchrec:
 then shards everything with ``DistributedModelParallel`` (``shard_model``: the planner, DMP and
 fused table optimizers) and trains it with ``TrainPipelineSparseDist`` (``train_epoch``).
 
-Before training, rank 0 runs the offline LLM jobs once per work directory and ``--rows`` /
-``--llm`` (each pair gets its own subdirectory, ``rows<N>-llm<hash of the path>``), one
-``recsys-llm`` command each: embedded synthetic data, ELEC's CTR-adapted LLM (``semantics adapt``, heads
-tuned on a sample of rows) and its item vectors joined to every split as the column
-``llm_vector`` (``semantics export --attach-dir``), and LLaCTR's field vectors
-(``semantics encode``).
-The default LLM is the offline all-MiniLM-L6-v2; ``--llm`` takes any local Hugging Face model.
+Before training, rank 0 runs the offline LLM jobs of ``offline_llm_jobs.py`` (next to this
+script) once per work directory, ``--rows`` and ``--llm``: embedded synthetic data, ELEC's
+CTR-adapted LLM and its item vectors joined to every split as the column ``llm_vector``, and
+LLaCTR's field vectors, one ``recsys-llm`` command each. The default LLM is the offline
+all-MiniLM-L6-v2; ``--llm`` takes any local Hugging Face model.
 Cost measured on 2 shared, busy CPU cores (load average about 9) with MiniLM and
 ``torchrun --nproc_per_node 2``: 80 s in all, of which the offline jobs take about 65 s;
 a second run with the same arguments reuses their outputs and only trains. Validation AUC of the student: 0.67.
 
-User code: 49 lines (every line that is not blank, a comment, a docstring or an import;
-``tests/test_examples.py`` counts them so the claim cannot rot), argument parsing, the offline
-jobs and the printing included. The plug-in itself -- from loading the schema to evaluating the
-sharded, pipelined model -- is 18 of them.
+User code: 38 lines (every line that is not blank, a comment, a docstring or an import;
+``tests/test_examples.py`` counts them so the claim cannot rot), argument parsing and the
+printing included; the offline jobs of ``offline_llm_jobs.py`` are 16 more. The plug-in
+itself -- from loading the schema to evaluating the sharded, pipelined model -- is 18 of them.
 
 Run::
 
@@ -42,17 +40,14 @@ per epoch, which sharded modules the pipeline overlapped and the directory of th
 
 import argparse
 import functools
-import hashlib
 import json
-import os
 from typing import Any, Dict, Optional
 
 import torch
-import torch.distributed as dist
+from offline_llm_jobs import LLM_DIM, offline_outputs
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.models.dlrm import DLRM
 
-from recsys_llm.cli import main as recsys_llm
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.dlrm import DLRMBackbone
@@ -65,20 +60,7 @@ from recsys_llm.train.pipeline import evaluate, train_epoch
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
 from recsys_llm.train.task import CTRTask
 
-LLM_DIM, EMBEDDING_DIM, EPOCHS = 32, 16, 3  # width of ELEC's vector r; of every embedding; epochs
-
-
-def prepare(work: str, rows: int, llm: Optional[str]) -> None:
-    """The offline LLM jobs, each one ``recsys-llm`` shell command."""
-    data, model = f"{work}/data", ["--model", llm] if llm else []
-    recsys_llm(["prepare", "synthetic", "--out", data, "--rows", str(rows), "--quiet"])
-    recsys_llm(["semantics", "adapt", "--schema", data, "--output-dir", f"{work}/ctr_llm", "--tuning", "heads",
-                "--sample-rows", "512", "--max-length", "96", "--representation-dim", str(LLM_DIM), *model])
-    # Item vectors (<= 4096 items: one chunk, which rank 0 writes alone even under torchrun), joined to the splits.
-    recsys_llm(["semantics", "export", "--schema", data, "--llm", f"{work}/ctr_llm", "--output-dir", f"{work}/vectors",
-                "--granularity", "entity", "--entity-field", "item_id", "--attach-dir", f"{work}/data_llm"])
-    # LLaCTR's field vectors, made for the schema training reads (the copy with llm_vector).
-    recsys_llm(["semantics", "encode", "--schema", f"{work}/data_llm", "--output", f"{work}/fields.safetensors", *model])
+EMBEDDING_DIM, EPOCHS = 16, 3  # width of every embedding; epochs
 
 
 def user_dlrm(schema: DatasetSchema, dense_in_features: int, prefix: str) -> DLRM:
@@ -91,11 +73,7 @@ def user_dlrm(schema: DatasetSchema, dense_in_features: int, prefix: str) -> DLR
 
 def main(work_dir: str = "runs/plug_into_dlrm", llm: Optional[str] = None, rows: int = 8000) -> Dict[str, Any]:
     ctx = init_distributed("auto")  # rank and world size from torchrun's environment; one rank without it
-    # one directory per --rows / --llm, so outputs made with other ones are never reused
-    work_dir = f"{work_dir}/rows{rows}-llm{hashlib.sha256(str(llm and os.path.abspath(llm)).encode()).hexdigest()[:8]}"
-    if ctx.rank == 0 and not os.path.exists(f"{work_dir}/data_llm/schema.json"):
-        prepare(work_dir, rows, llm)
-    dist.barrier()
+    work_dir = offline_outputs(work_dir, rows, llm, ctx.rank)  # data, LLM vectors (rank 0 makes them once)
     schema = DatasetSchema.load(f"{work_dir}/data_llm")  # the splits with the llm_vector column
     num_dense = len(schema.dense_fields)
     # Dense layers are built on the training device (on one GPU, DMP moves no dense module);

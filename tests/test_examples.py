@@ -1,7 +1,8 @@
-"""The plug-in guide ``examples/plug_into_dlrm.py``: short, and it trains on 2 gloo ranks.
+"""The plug-in guides ``examples/plug_into_dlrm.py`` and ``examples/plug_into_own_model.py``:
+short, and they train on 2 gloo ranks.
 
-The example's offline LLM jobs run with a tiny randomly initialised BERT (MiniLM's
-tokenizer, one layer of width 32) instead of MiniLM itself, so the whole script -- data,
+The examples' offline LLM jobs run with a tiny randomly initialised BERT (MiniLM's
+tokenizer, one layer of width 32) instead of MiniLM itself, so a whole script -- data,
 CTR-adapted LLM, item-vector export and attach, field vectors, sharded pipelined training --
 runs here in well under a minute.
 """
@@ -12,13 +13,15 @@ import io
 import json
 import os
 import re
+import sys
 import tokenize
 from typing import Any, Dict, List, Optional
 
 import pytest
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "plug_into_dlrm.py")
-MAX_USER_LINES = 50
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+# user-code lines each guide must stay under
+MAX_USER_LINES = {"plug_into_dlrm": 50, "plug_into_own_model": 80, "offline_llm_jobs": 20}
 
 
 def user_code_lines(path: str) -> List[int]:
@@ -41,15 +44,18 @@ def user_code_lines(path: str) -> List[int]:
     return sorted(code - excluded)
 
 
-def _load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("plug_into_dlrm", EXAMPLE)
+def _load_example(name: str = "plug_into_dlrm") -> Any:
+    """An example script as a module; its directory goes on ``sys.path``, as when it runs as a script."""
+    if EXAMPLES_DIR not in sys.path:
+        sys.path.insert(0, EXAMPLES_DIR)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES_DIR, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _run_example(work_dir: str, llm: Optional[str], rows: int) -> Dict[str, Any]:
-    return _load_example().main(work_dir=work_dir, llm=llm, rows=rows)
+def _run_example(name: str, work_dir: str, llm: Optional[str], rows: int) -> Dict[str, Any]:
+    return _load_example(name).main(work_dir=work_dir, llm=llm, rows=rows)
 
 
 def _tiny_encoder(path: str) -> str:
@@ -75,24 +81,30 @@ class TestUserCodeLines:
                         '    """Doc."""\n    return (a +\n            X)\n')
         assert user_code_lines(str(path)) == [10, 13, 15, 16]
 
-    def test_example_is_well_under_50_lines_and_says_how_many(self) -> None:
-        lines = user_code_lines(EXAMPLE)
-        assert len(lines) < MAX_USER_LINES
-        with open(EXAMPLE, encoding="utf-8") as handle:
-            docstring = ast.get_docstring(ast.parse(handle.read()))
-        stated = re.search(r"User code: (\d+) lines", docstring or "")
-        assert stated is not None and int(stated.group(1)) == len(lines), (
-            f"the example's docstring must state its user-code line count, {len(lines)}"
-        )
+    @pytest.mark.parametrize("name", sorted(MAX_USER_LINES))
+    def test_example_is_short_and_says_how_many_lines(self, name: str) -> None:
+        lines = user_code_lines(os.path.join(EXAMPLES_DIR, f"{name}.py"))
+        assert len(lines) < MAX_USER_LINES[name]
+        # each guide states its own count, and both state the shared offline jobs' count
+        claim = r"offline_llm_jobs.py`` are (\d+) more" if name == "offline_llm_jobs" else r"User code: (\d+) lines"
+        guides = [name] if name != "offline_llm_jobs" else ["plug_into_dlrm", "plug_into_own_model"]
+        for guide in guides:
+            with open(os.path.join(EXAMPLES_DIR, f"{guide}.py"), encoding="utf-8") as handle:
+                docstring = ast.get_docstring(ast.parse(handle.read())) or ""
+            stated = re.search(claim, " ".join(docstring.split()))
+            assert stated is not None and int(stated.group(1)) == len(lines), (
+                f"{guide}'s docstring must state {name}'s user-code line count, {len(lines)}"
+            )
 
 
 @pytest.mark.multiprocess
-def test_example_trains_on_two_gloo_ranks(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["plug_into_dlrm", "plug_into_own_model"])
+def test_example_trains_on_two_gloo_ranks(tmp_path, name: str) -> None:
     from tests.multiprocess import run_multiprocess
 
     work_dir = str(tmp_path / "work")
     llm = _tiny_encoder(str(tmp_path / "encoder"))
-    results = run_multiprocess(_run_example, world_size=2, work_dir=work_dir, llm=llm, rows=6000)
+    results = run_multiprocess(_run_example, world_size=2, name=name, work_dir=work_dir, llm=llm, rows=6000)
 
     for result in results:
         assert result["world_size"] == 2
@@ -115,20 +127,21 @@ def test_example_trains_on_two_gloo_ranks(tmp_path) -> None:
 
     with safe_open(os.path.join(outputs, "fields.safetensors"), "pt") as handle:
         assert "encoder" in json.dumps(handle.metadata())
-
-
-class _Trained(Exception):
-    """Stands for the training part of the example (not what the test below is about)."""
+    if name == "plug_into_own_model":
+        # the served student: no teacher, no injection, FIE served, its logits the trained student's
+        assert results[0]["served_max_abs_logit_gap"] == 0.0
+        with safe_open(os.path.join(results[0]["export"], "model.safetensors"), "pt") as handle:
+            keys = list(handle.keys())
+        assert not [k for k in keys if "teacher" in k or "field_injection" in k]
+        assert any(k.startswith("logit_terms.fie.") for k in keys)
 
 
 def test_offline_outputs_are_reused_only_with_the_same_rows_and_llm(tmp_path, monkeypatch) -> None:
     """Other --rows or --llm in the same --work-dir make their own outputs instead of training on
     the old data and vectors; the same ones (an --llm relative or absolute) reuse them."""
-    import types
+    _load_example()  # puts the examples on sys.path
+    import offline_llm_jobs
 
-    import torch
-
-    example = _load_example()
     jobs: List[Any] = []
 
     def fake_prepare(work: str, rows: int, llm: Optional[str]) -> None:  # the offline jobs' outputs, in no time
@@ -137,21 +150,13 @@ def test_offline_outputs_are_reused_only_with_the_same_rows_and_llm(tmp_path, mo
         with open(os.path.join(work, "data_llm", "schema.json"), "w", encoding="utf-8") as handle:
             handle.write("{}")
 
-    def trained(path: str) -> None:
-        raise _Trained(os.path.dirname(path))
-
-    monkeypatch.setattr(example, "init_distributed",
-                        lambda backend: types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")))
-    monkeypatch.setattr(example, "prepare", fake_prepare)
-    monkeypatch.setattr(example.dist, "barrier", lambda: None)
-    monkeypatch.setattr(example, "DatasetSchema", types.SimpleNamespace(load=trained))
+    monkeypatch.setattr(offline_llm_jobs, "prepare", fake_prepare)
+    monkeypatch.setattr(offline_llm_jobs.dist, "barrier", lambda: None)
     monkeypatch.chdir(tmp_path)
     work = str(tmp_path / "plug")
-    used = []
-    for rows, llm in ((5000, None), (5000, None), (20000, None), (5000, "my_llm"), (5000, str(tmp_path / "my_llm"))):
-        with pytest.raises(_Trained) as trained_on:
-            example.main(work_dir=work, rows=rows, llm=llm)
-        used.append(str(trained_on.value))
+    used = [offline_llm_jobs.offline_outputs(work, rows, llm, rank=0)
+            for rows, llm in ((5000, None), (5000, None), (20000, None), (5000, "my_llm"),
+                              (5000, str(tmp_path / "my_llm")))]
     assert [job[1:] for job in jobs] == [(5000, None), (20000, None), (5000, "my_llm")]
     assert used[0] == used[1] and len(set(used)) == 3
     assert used[3] == used[4]  # the same model, named relative or absolute

@@ -54,3 +54,9 @@ class Batch(TorchRecBatch):
             labels=self.labels.pin_memory(),
             extras={k: v.pin_memory() for k, v in self.extras.items()},
         )
+
+
+@torch.fx.wrap  # a leaf of the pipeline's trace: it looks at the batch's type at run time
+def batch_extras(batch: TorchRecBatch) -> Dict[str, torch.Tensor]:
+    """``batch.extras``; none for torchrec's own ``Batch`` (``torchrec.datasets.utils.Batch``)."""
+    return getattr(batch, "extras", {})

@@ -34,11 +34,16 @@ class CTROutput(NamedTuple):
 class CTRBackbone(nn.Module, abc.ABC):
     """Base of all backbones: owns an EBC, embeds, then interacts.
 
-    Subclasses implement :meth:`interact`; :meth:`forward` calls the EBC once so that
-    ``TrainPipelineSparseDist`` can find it by fx tracing.
+    Subclasses implement :meth:`interact` and :attr:`representation_dim`; :meth:`forward`
+    calls the EBC once so that ``TrainPipelineSparseDist`` can find it by fx tracing. A model
+    of your own becomes a backbone by handing its EBC to this constructor and moving what
+    follows the lookup into :meth:`interact` (``examples/plug_into_own_model.py``). Tables
+    may differ in width; the backbones that pair fields (FM, FwFM, DeepFM, DCNv2, FinalMLP)
+    read :attr:`embedding_dim`, which then refuses. A backbone that takes injected vectors
+    another way than as fields (e.g. into its dense input) overrides :meth:`check_extra_fields`.
 
     Args:
-        embedding_bag_collection (EmbeddingBagCollection): one table per field (same dim D).
+        embedding_bag_collection (EmbeddingBagCollection): one table per field (dims D_f).
         num_dense_features (int): Dd, width of the dense input.
         num_extra_fields (int): E, extra field embeddings the caller will pass to ``forward``.
     """
@@ -52,17 +57,29 @@ class CTRBackbone(nn.Module, abc.ABC):
         super().__init__()
         self.embedding_bag_collection = embedding_bag_collection
         configs = embedding_bag_collection.embedding_bag_configs()
-        dims = {c.embedding_dim for c in configs}
-        if len(dims) != 1:
-            raise ValueError(f"all tables of a backbone need one embedding dim, got {sorted(dims)}")
-        self._embedding_dim: int = dims.pop()
+        self._embedding_dims: Dict[str, int] = {n: c.embedding_dim for c in configs for n in c.feature_names}
         self._feature_names: List[str] = [n for c in configs for n in c.feature_names]
         self._num_dense_features = num_dense_features
         self._num_extra_fields = num_extra_fields
 
     @property
     def embedding_dim(self) -> int:
-        return self._embedding_dim
+        """D, the width every table shares.
+
+        Raises:
+            ValueError: the tables differ in width (see :attr:`embedding_dims`).
+        """
+        dims = set(self._embedding_dims.values())
+        if len(dims) != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs one embedding dim for all its tables, got {self._embedding_dims}"
+            )
+        return next(iter(dims))
+
+    @property
+    def embedding_dims(self) -> Dict[str, int]:
+        """D_f of every sparse feature."""
+        return dict(self._embedding_dims)
 
     @property
     def feature_names(self) -> List[str]:
@@ -85,11 +102,16 @@ class CTRBackbone(nn.Module, abc.ABC):
         return self._num_extra_fields
 
     def check_extra_fields(self, num_fields: int, embedding_dim: int, source: str) -> None:
-        """Raises ValueError unless ``source``'s (B, num_fields, embedding_dim) extra fields fit this backbone."""
-        if (num_fields, embedding_dim) != (self._num_extra_fields, self._embedding_dim):
+        """Raises ValueError unless ``source``'s (B, num_fields, embedding_dim) extra fields fit this backbone.
+
+        ``CTRTask`` calls it with its field injection's shape. This default expects E fields of
+        the backbone's :attr:`embedding_dim`; override it where the vectors go elsewhere.
+        """
+        if (num_fields, embedding_dim) != (self._num_extra_fields, self.embedding_dim):
             raise ValueError(
                 f"{source} gives {num_fields} extra field(s) of dim {embedding_dim}; {type(self).__name__} was built "
-                f"for {self._num_extra_fields} of its embedding dim {self._embedding_dim} (num_extra_fields)"
+                f"for {self._num_extra_fields} of its embedding dim {self.embedding_dim} (num_extra_fields; a model "
+                "that takes the vector into its dense input overrides check_extra_fields instead)"
             )
 
     def forward(

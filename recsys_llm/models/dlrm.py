@@ -3,6 +3,7 @@
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from torchrec.models.dlrm import DLRM, DLRM_DCN, InteractionArch, InteractionDCNArch, OverArch, choose
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -11,6 +12,16 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.base import CTRBackbone, stack_fields
 from recsys_llm.models.embedding import build_embedding_bag_collection
 from recsys_llm.models.fields import resolve_extra_fields
+
+
+def require_dlrm(model: nn.Module, user: str) -> None:
+    """Raises TypeError unless ``model`` is torchrec's ``DLRM`` (or a subclass: ``DLRM_DCN``, ``DLRM_Projection``)."""
+    if not isinstance(model, DLRM):
+        raise TypeError(
+            f"{user} wraps torchrec's DLRM (or DLRM_DCN / DLRM_Projection), got {type(model).__name__}; a model of "
+            "your own becomes a backbone by subclassing recsys_llm.models.base.CTRBackbone "
+            "(examples/plug_into_own_model.py)"
+        )
 
 
 class DLRMBackbone(CTRBackbone):
@@ -46,6 +57,7 @@ class DLRMBackbone(CTRBackbone):
     """
 
     def __init__(self, dlrm: DLRM, num_dense_features: int, num_extra_fields: int = 0) -> None:
+        require_dlrm(dlrm, type(self).__name__)
         super().__init__(dlrm.sparse_arch.embedding_bag_collection, num_dense_features, num_extra_fields)
         expected_fields = len(self.feature_names) + num_extra_fields
         inter_fields = getattr(dlrm.inter_arch, "F", None)

@@ -23,7 +23,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_llm.data.validation import check_number
-from recsys_llm.models.dlrm import DLRMBackbone
+from recsys_llm.models.dlrm import DLRMBackbone, require_dlrm
 
 
 class VectorFieldInjection(nn.Module):
@@ -93,6 +93,7 @@ class DLRMDenseInjection(nn.Module):
 
     def __init__(self, dlrm: DLRM, in_dim: int, projected_dim: Optional[int] = None) -> None:
         super().__init__()
+        require_dlrm(dlrm, "DLRMDenseInjection")
         check_number("DLRMDenseInjection.in_dim", in_dim, integer=True, minimum=1)
         check_number("DLRMDenseInjection.projected_dim", projected_dim, integer=True, minimum=1, optional=True)
         self.dlrm = dlrm

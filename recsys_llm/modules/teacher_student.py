@@ -39,7 +39,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from tqdm import tqdm
 
-from recsys_llm.data.batch import Batch
+from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.embedding import require_allocated
@@ -139,9 +139,14 @@ def freeze_teacher(teacher: nn.Module) -> None:
 class TeacherStudentTask(nn.Module):
     """Trains the student (and in joint mode the teacher) with score + representation KD.
 
+    Teacher and student are ``CTRTask`` s (or modules with the same members): the task reads
+    ``predict(batch) -> CTROutput`` and ``loss_terms`` of the student, and of the teacher in
+    joint mode, and ``model.representation_dim`` (H) of the teacher (not in offline mode) and
+    of the student (when beta > 0). Their tables are sharded side by side under one DMP, so
+    they need distinct table names (e.g. ``teacher_user_id`` and ``student_user_id``).
+
     Args:
-        teacher (Optional[nn.Module]): a ``CTRTask``-like module with ``predict(batch) ->
-            CTROutput`` and ``model.representation_dim`` (None in offline mode).
+        teacher (Optional[nn.Module]): the gain network's ``CTRTask`` (None in offline mode).
         student (nn.Module): the vanilla network's ``CTRTask`` (the only served part).
         config (TeacherStudentConfig): mode and loss weights.
 
@@ -186,10 +191,10 @@ class TeacherStudentTask(nn.Module):
     def _teacher_outputs(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher logits (B,), representation (B, H_t) and its own loss (scalar, joint only)."""
         if self._config.mode == "offline":
-            logits = required_extra(batch.extras, self._config.teacher_logits_key, "offline distillation")  # (B,)
+            logits = required_extra(batch_extras(batch), self._config.teacher_logits_key, "offline distillation")  # (B,)
             representation = logits
             if self.repr_kd is not None:
-                representation = required_extra(batch.extras, self._config.teacher_representation_key,
+                representation = required_extra(batch_extras(batch), self._config.teacher_representation_key,
                                                 "offline representation distillation")  # (B, H_t)
             return logits, representation, torch.zeros((), device=logits.device)
         if self._config.mode == "frozen":
@@ -224,7 +229,7 @@ class TeacherStudentTask(nn.Module):
         if self._config.mode == "joint":
             loss = loss + self._config.teacher_loss_weight * teacher_loss
         logits, labels = output.logits.detach(), batch.labels
-        weight = batch.extras.get(LABEL_WEIGHT_KEY)
+        weight = batch_extras(batch).get(LABEL_WEIGHT_KEY)
         if weight is not None and not self.training:
             # evaluation metrics must not see label-free rows; training skips the mask (a
             # boolean index is a host-device sync every step, and the train loop reads no metric)
@@ -241,7 +246,7 @@ def labeled_bce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         logits (torch.Tensor): (B,).
         batch (Batch): labels (B,) and optionally ``extras["label_weight"]`` (B,).
     """
-    weight = batch.extras.get(LABEL_WEIGHT_KEY)
+    weight = batch_extras(batch).get(LABEL_WEIGHT_KEY)
     if weight is None:
         return F.binary_cross_entropy_with_logits(logits, batch.labels)
     per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")  # (B,)

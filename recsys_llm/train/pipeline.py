@@ -31,7 +31,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardedModule
 from tqdm import tqdm
 
-from recsys_llm.data.batch import Batch
+from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
 from recsys_llm.train.metrics import CTRMetrics
@@ -272,7 +272,7 @@ def evaluate(
         _, (loss, logits, labels) = model(batch)
         if not real:  # a repeat that keeps this rank's collectives in step with the others
             continue
-        metrics.update(logits, labels, batch.extras)
+        metrics.update(logits, labels, batch_extras(batch))
         loss_sum += loss.detach().double().sum()
         steps += 1
     results = metrics.compute()

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from recsys_llm.data.batch import Batch
+from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.models.base import CTRBackbone, CTROutput
 
 
@@ -32,7 +32,9 @@ class CTRTask(nn.Module):
     ``loss = BCE(logits, labels) + Σ loss_terms(output, batch)``.
 
     Args:
-        model (CTRBackbone): the backbone (holds the EBC the planner shards).
+        model (CTRBackbone): the backbone (holds the EBC the planner shards); any module with
+            ``forward(dense, kjt, extra_fields) -> CTROutput`` and ``representation_dim`` trains
+            here too, but only a ``CTRBackbone`` exports (``recsys_llm.serving.export_task``).
         field_injection (Optional[nn.Module]): maps ``batch.extras[injection_key]`` (B, d)
             to extra field embeddings (B, E, D) (e.g. ELEC's projected LLM vector).
         injection_key (str): which extra carries the injected vector.
@@ -56,9 +58,10 @@ class CTRTask(nn.Module):
         loss_terms: Optional[Dict[str, nn.Module]] = None,
     ) -> None:
         super().__init__()
-        if field_injection is not None and hasattr(field_injection, "num_fields") and hasattr(field_injection, "embedding_dim"):
-            model.check_extra_fields(field_injection.num_fields, field_injection.embedding_dim,
-                                     f"CTRTask: the field injection ({type(field_injection).__name__})")
+        check = getattr(model, "check_extra_fields", None)  # CTRBackbone's; a duck-typed model may lack it
+        if check is not None and hasattr(field_injection, "num_fields") and hasattr(field_injection, "embedding_dim"):
+            check(field_injection.num_fields, field_injection.embedding_dim,
+                  f"CTRTask: the field injection ({type(field_injection).__name__})")
         self.model = model
         self.field_injection = field_injection
         self._injection_key = injection_key
@@ -70,7 +73,7 @@ class CTRTask(nn.Module):
         """Backbone output with the logit terms applied; ``logits`` (B,)."""
         extra_fields = None
         if self.field_injection is not None:
-            extra_fields = self.field_injection(required_extra(batch.extras, self._injection_key, "the field injection"))  # (B, E, D)
+            extra_fields = self.field_injection(required_extra(batch_extras(batch), self._injection_key, "the field injection"))  # (B, E, D)
         output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
         logits = output.logits
         for term in self.logit_terms.values():

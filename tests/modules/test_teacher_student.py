@@ -266,3 +266,43 @@ class TestLoadFullState:
             assert load_full_state(task, lazy, prefix="teacher.") == len(state)
         for k, v in state.items():
             assert torch.equal(task.state_dict()[f"teacher.{k}"], v), k
+
+
+class TestTorchRecBatch:
+    """Batches of torchrec's own ``Batch`` (no extras), as a TorchRec user's loader yields them."""
+
+    @staticmethod
+    def _torchrec_batch(seed: int = 0):
+        from torchrec.datasets.utils import Batch as TorchRecBatch
+
+        batch = make_batch(seed=seed)
+        return TorchRecBatch(batch.dense_features, batch.sparse_features, batch.labels)
+
+    @staticmethod
+    def _plain_pair() -> TeacherStudentTask:
+        from recsys_llm.models.registry import build_backbone
+        from recsys_llm.train.task import CTRTask
+
+        torch.manual_seed(0)
+        teacher, student = (CTRTask(build_backbone(MODEL, SCHEMA, device=CPU, table_prefix=prefix))
+                            for prefix in ("teacher_", "student_"))
+        return TeacherStudentTask(teacher, student, TeacherStudentConfig(mode="joint", alpha=1.0, beta=0.5))
+
+    def test_distillation_and_evaluation_take_it(self):
+        from recsys_llm.train.metrics import CTRMetrics
+        from recsys_llm.train.pipeline import evaluate
+
+        task = self._plain_pair()
+        ours, theirs = make_batch(), self._torchrec_batch()
+        loss, (_, logits, labels) = task(theirs)
+        expected_loss, (_, expected_logits, _) = task(ours)  # the same rows, with extras the task does not read
+        assert torch.equal(loss, expected_loss) and torch.equal(logits, expected_logits)
+        loss.backward()
+        assert all(p.grad is not None for p in task.student.parameters())
+        results = evaluate(task, [self._torchrec_batch(seed) for seed in range(3)], CPU, CTRMetrics(), progress=False)
+        assert results["num_samples"] == 48 and 0 <= results["auc"] <= 1
+
+    def test_a_task_that_needs_an_extra_names_it(self):
+        task = _elec("joint")  # the gain network reads llm_vector
+        with pytest.raises(KeyError, match=r"no extra 'llm_vector' for the field injection \(its extras: \[\]\)"):
+            task(self._torchrec_batch())

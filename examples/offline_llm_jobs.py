@@ -1,0 +1,46 @@
+"""The offline LLM jobs both plug-in examples start from, one ``recsys-llm`` command each.
+
+Embedded synthetic data (``prepare synthetic``); ELEC's CTR-adapted LLM (``semantics adapt``,
+heads tuned on a sample of rows) and its item vectors joined to every split as the column
+``llm_vector`` (``semantics export --attach-dir``); LLaCTR's field vectors (``semantics
+encode``). The default LLM is the offline all-MiniLM-L6-v2; ``llm`` takes any local Hugging
+Face model. Rank 0 runs them once per work directory, ``rows`` and ``llm`` (each pair gets its
+own subdirectory, ``rows<N>-llm<hash of the path>``); later runs with the same ones reuse them.
+"""
+
+import hashlib
+import os
+from typing import Optional
+
+import torch.distributed as dist
+
+from recsys_llm.cli import main as recsys_llm
+
+LLM_DIM = 32  # width of ELEC's vector r
+
+
+def prepare(work: str, rows: int, llm: Optional[str]) -> None:
+    """The offline LLM jobs, each one ``recsys-llm`` shell command."""
+    data, model = f"{work}/data", ["--model", llm] if llm else []
+    recsys_llm(["prepare", "synthetic", "--out", data, "--rows", str(rows), "--quiet"])
+    recsys_llm(["semantics", "adapt", "--schema", data, "--output-dir", f"{work}/ctr_llm", "--tuning", "heads",
+                "--sample-rows", "512", "--max-length", "96", "--representation-dim", str(LLM_DIM), *model])
+    # Item vectors (<= 4096 items: one chunk, which rank 0 writes alone even under torchrun), joined to the splits.
+    recsys_llm(["semantics", "export", "--schema", data, "--llm", f"{work}/ctr_llm", "--output-dir", f"{work}/vectors",
+                "--granularity", "entity", "--entity-field", "item_id", "--attach-dir", f"{work}/data_llm"])
+    # LLaCTR's field vectors, made for the schema training reads (the copy with llm_vector).
+    recsys_llm(["semantics", "encode", "--schema", f"{work}/data_llm", "--output", f"{work}/fields.safetensors", *model])
+
+
+def offline_outputs(work_dir: str, rows: int, llm: Optional[str], rank: int) -> str:
+    """The directory of the jobs' outputs for ``rows`` and ``llm``, made by rank 0 when missing.
+
+    Collective: every rank waits until they exist. Outputs made with other ``rows`` or another
+    ``llm`` are never reused (an ``llm`` named relative or absolute is the same model).
+    """
+    digest = hashlib.sha256(str(llm and os.path.abspath(llm)).encode()).hexdigest()[:8]
+    outputs = f"{work_dir}/rows{rows}-llm{digest}"
+    if rank == 0 and not os.path.exists(f"{outputs}/data_llm/schema.json"):
+        prepare(outputs, rows, llm)
+    dist.barrier()
+    return outputs

@@ -1,0 +1,100 @@
+"""What a model of one's own needs to be a backbone (``CTRBackbone``), and what it need not."""
+
+from typing import Optional, Tuple
+
+import pytest
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.models.base import CTRBackbone
+from recsys_llm.models.fm import FM
+from recsys_llm.modules.dense_injection import DLRMDenseInjection, VectorFieldInjection
+from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
+from recsys_llm.train.task import CTRTask
+
+WIDTHS = {"user_id": 8, "item_id": 4, "city": 4}
+
+
+def _ebc() -> EmbeddingBagCollection:
+    torch.manual_seed(0)
+    return EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"t_{name}", embedding_dim=dim, num_embeddings=10, feature_names=[name])
+        for name, dim in WIDTHS.items()])
+
+
+def _batch(batch_size: int = 6) -> Batch:
+    ids = torch.arange(batch_size * len(WIDTHS)) % 10
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=list(WIDTHS), values=ids,
+                                              lengths=torch.ones(batch_size * len(WIDTHS), dtype=torch.int32))
+    return Batch(torch.randn(batch_size, 2), kjt, torch.ones(batch_size), {"llm_vector": torch.randn(batch_size, 5)})
+
+
+class Concatenating(CTRBackbone):
+    """Fields of different widths, concatenated by name; an injected vector joins the dense input."""
+
+    def __init__(self, ebc: EmbeddingBagCollection, injected_width: int = 0) -> None:
+        super().__init__(ebc, 2)
+        self.injected_width = injected_width
+        self.head = nn.Linear(sum(self.embedding_dims.values()) + 2 + injected_width, 1)
+
+    @property
+    def representation_dim(self) -> int:
+        return 1
+
+    def check_extra_fields(self, num_fields: int, embedding_dim: int, source: str) -> None:
+        if num_fields * embedding_dim != self.injected_width:
+            raise ValueError(f"{source}: {num_fields * embedding_dim} values, room for {self.injected_width}")
+
+    def interact(self, dense: torch.Tensor, pooled: KeyedTensor,
+                 extra_fields: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        by_name = pooled.to_dict()
+        parts = [by_name[name] for name in self.feature_names] + [dense]
+        if extra_fields is not None:
+            parts.append(extra_fields.flatten(1))
+        logits = self.head(torch.cat(parts, dim=1)).squeeze(-1)
+        return logits, logits.unsqueeze(1)
+
+
+class TestOwnBackbone:
+    def test_tables_of_different_widths_are_a_backbone_of_their_own(self) -> None:
+        model = Concatenating(_ebc())
+        assert model.embedding_dims == WIDTHS and model.feature_names == list(WIDTHS)
+        with pytest.raises(ValueError, match=r"Concatenating needs one embedding dim for all its tables, got "
+                                             r"\{'user_id': 8, 'item_id': 4, 'city': 4\}"):
+            model.embedding_dim
+        # FRE on the fields that share a width, trained through CTRTask
+        fre = FieldRepresentationEnhancement(torch.randn(2, 6), ["item_id", "city"], embedding_dim=4, weight=0.1)
+        loss, (_, logits, _) = CTRTask(model, loss_terms={"fre": fre})(_batch())
+        assert logits.shape == (6,) and torch.isfinite(loss)
+
+    def test_backbones_that_pair_fields_refuse_different_widths_by_name(self) -> None:
+        with pytest.raises(ValueError, match=r"FM needs one embedding dim for all its tables"):
+            FM(_ebc(), num_dense_features=2)
+
+    def test_its_own_check_of_the_injected_vector_is_used(self) -> None:
+        task = CTRTask(Concatenating(_ebc(), injected_width=6), field_injection=VectorFieldInjection(5, 3, num_fields=2))
+        assert task.predict(_batch()).logits.shape == (6,)
+        with pytest.raises(ValueError, match=r"the field injection \(VectorFieldInjection\): 4 values, room for 6"):
+            CTRTask(Concatenating(_ebc(), injected_width=6), field_injection=VectorFieldInjection(5, 4))
+
+    def test_a_model_without_the_check_is_not_asked_for_it(self) -> None:
+        class DuckTyped(nn.Module):  # forward(dense, kjt, extra_fields) -> CTROutput, no base class
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = Concatenating(_ebc(), injected_width=4)
+                self.representation_dim = 1
+
+            def forward(self, dense, kjt, extra_fields=None):
+                return self.inner(dense, kjt, extra_fields)
+
+        task = CTRTask(DuckTyped(), field_injection=VectorFieldInjection(5, 4))
+        assert task.predict(_batch()).logits.shape == (6,)
+
+    def test_the_dlrm_wrappers_name_what_they_wrap(self) -> None:
+        with pytest.raises(TypeError, match=r"DLRMDenseInjection wraps torchrec's DLRM .* got Concatenating; a model "
+                                            r"of your own becomes a backbone by subclassing .*CTRBackbone"):
+            DLRMDenseInjection(Concatenating(_ebc()), in_dim=5)
