@@ -3,7 +3,8 @@
 ``torchrun`` (and ``torchx dist.ddp``, and ``tests/multiprocess.py``) export ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. A plain
 ``python -m recsys_llm.cli train ...`` has none of them and runs as a world of one
-(a gloo group on a free local port, so DMP, the planner and DCP take the same code path).
+(a group over an in-memory store, no port to take, so DMP, the planner and DCP take the same
+code path; two such runs on one machine never meet).
 
 Example::
 
@@ -16,7 +17,6 @@ Example::
 import dataclasses
 import datetime
 import os
-import socket
 from typing import Callable, Optional, TypeVar
 
 import torch
@@ -47,12 +47,6 @@ class DistContext:
     def is_main(self) -> bool:
         """True on rank 0, the process that prints, shows progress and writes run files."""
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def select_device(local_rank: int, device: str = "auto") -> torch.device:
@@ -124,11 +118,11 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         torch.cuda.set_device(torch_device)
     chosen_backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        if world_size == 1 and "MASTER_PORT" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
-        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size,
+        # a lone process without a rendezvous address meets no one: an in-memory store, no port
+        # (a free port looked up first could be taken by another process before the bind)
+        store = dist.HashStore() if world_size == 1 and "MASTER_PORT" not in os.environ else None
+        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size, store=store,
                                 timeout=_collective_timeout())
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()

@@ -1,0 +1,32 @@
+"""Process-group set-up of a lone process (no torchrun environment)."""
+
+import os
+import subprocess
+import sys
+
+LONE_PROCESS = """
+import os
+import torch
+import torch.distributed as dist
+from recsys_llm.train.distributed import init_distributed
+
+ctx = init_distributed("cpu")
+total = torch.ones(1)
+dist.all_reduce(total)
+dist.barrier()
+print(ctx.rank, ctx.world_size, ctx.backend, int(total.item()), "MASTER_PORT" in os.environ)
+"""
+
+
+def test_lone_processes_take_no_port_and_never_meet() -> None:
+    """Several single-process runs on one machine start together: each is a world of one over an
+    in-memory store (a free port looked up before binding could be taken by another)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    processes = [subprocess.Popen([sys.executable, "-c", LONE_PROCESS], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err[-2000:]
+        assert out.split() == ["0", "1", "gloo", "1", "False"]
