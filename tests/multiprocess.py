@@ -1,7 +1,8 @@
 """Run a function on N gloo ranks in forked-server processes (like torchrec's ``multi_process.py``).
 
 Each child gets the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``), one CPU thread, and calls ``fn(**kwargs)``; the
+``MASTER_ADDR``, ``MASTER_PORT`` of a rendezvous store the parent hosts, as torchrun's agent
+does), one CPU thread, and calls ``fn(**kwargs)``; the
 function itself initialises the process group (so ``recsys_llm.train.distributed`` is
 exercised as under ``torchrun``). Return values come back in rank order; an exception
 on any rank fails the caller with that rank's traceback.
@@ -21,20 +22,14 @@ Example::
 import os
 import pickle
 import queue as queue_module
-import socket
 import traceback
 from typing import Any, Callable, Dict, List
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
 PRELOAD = ("torch", "torchrec", "torchrec.distributed", "recsys_llm.train.runner")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs: Dict[str, Any], queue: Any) -> None:
@@ -46,6 +41,8 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs
             "LOCAL_WORLD_SIZE": str(world_size),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
+            # the parent hosts the rendezvous store, as torchrun's agent does: every rank is its client
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
             "GLOO_DEVICE_TRANSPORT": "TCP",
             "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1",
@@ -87,7 +84,10 @@ def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any)
     # an OpenMP region, unlike the pytest process).
     ctx.set_forkserver_preload(list(PRELOAD))
     queue = ctx.Queue()
-    port = _free_port()
+    # bound here and held until the ranks are done: no free port looked up first that another
+    # process could take before a rank binds it
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    port = store.port
     procs = [
         ctx.Process(target=_child, args=(rank, world_size, port, fn, kwargs, queue), daemon=False)
         for rank in range(world_size)
