@@ -29,7 +29,8 @@ def prepare(work: str, rows: int, llm: Optional[str]) -> None:
     recsys_llm(["semantics", "export", "--schema", data, "--llm", f"{work}/ctr_llm", "--output-dir", f"{work}/vectors",
                 "--granularity", "entity", "--entity-field", "item_id", "--attach-dir", f"{work}/data_llm"])
     # LLaCTR's field vectors, made for the schema training reads (the copy with llm_vector).
-    recsys_llm(["semantics", "encode", "--schema", f"{work}/data_llm", "--output", f"{work}/fields.safetensors", *model])
+    recsys_llm(["semantics", "encode", "--schema", f"{work}/data_llm", "--output", f"{work}/fields.safetensors",
+                *model])
 
 
 def offline_outputs(work_dir: str, rows: int, llm: Optional[str], rank: int) -> str:
@@ -40,7 +41,7 @@ def offline_outputs(work_dir: str, rows: int, llm: Optional[str], rank: int) -> 
     """
     digest = hashlib.sha256(str(llm and os.path.abspath(llm)).encode()).hexdigest()[:8]
     outputs = f"{work_dir}/rows{rows}-llm{digest}"
-    if rank == 0 and not os.path.exists(f"{outputs}/data_llm/schema.json"):
+    if rank == 0 and not os.path.exists(f"{outputs}/fields.safetensors"):  # the last job's output
         prepare(outputs, rows, llm)
     dist.barrier()
     return outputs

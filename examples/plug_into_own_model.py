@@ -26,7 +26,7 @@ local Hugging Face model.
 
 User code: 72 lines (not blank, a comment, a docstring or an import; ``tests/test_examples.py``
 counts them), the model itself, argument parsing and printing included; the offline jobs of
-``offline_llm_jobs.py`` are 16 more.
+``offline_llm_jobs.py`` are 17 more.
 
 Run::
 
@@ -44,7 +44,6 @@ import json
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from offline_llm_jobs import LLM_DIM, offline_outputs
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedTensor
 
@@ -60,6 +59,8 @@ from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
 from recsys_llm.train.task import CTRTask
+
+from offline_llm_jobs import LLM_DIM, offline_outputs  # next to this script
 
 EMBEDDING_DIM, INJECTED_WIDTH, EPOCHS = 16, 16, 3  # every table's width; the projected r in the dense input
 

@@ -65,7 +65,9 @@ class IdRules:
         self._hashed = {k: bool(v) for k, v in hashed.items()}
         self._max_length = {k: int(v) for k, v in max_length.items() if v}
         self._single_id = {k for k, v in (single_id or {}).items() if v}
-        self._per_keys: Dict[Tuple[str, ...], Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]] = {}
+        self._per_keys: Dict[
+            Tuple[Tuple[str, ...], torch.device], Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]
+        ] = {}
 
     @classmethod
     def from_config(cls, rules: Optional[Mapping[str, Mapping[str, Any]]], rows: Mapping[str, int]) -> "IdRules":
@@ -80,14 +82,16 @@ class IdRules:
             {name: rule.get("single_id", False) for name, rule in rules.items()},
         )
 
-    def _per_key(self, keys: Tuple[str, ...]) -> Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]:
+    def _per_key(
+        self, keys: Tuple[str, ...], device: torch.device
+    ) -> Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]:
         """(K,) table rows, the positions of hashed keys, the K max lengths and (K,) which keys
-        take one id per row (None: none does), of a key order (cached).
+        take one id per row (None: none does), of a key order, tensors on ``device`` (cached).
 
         Raises:
             ValueError: ``keys`` are not exactly the model's features (each once, any order).
         """
-        if keys not in self._per_keys:
+        if (keys, device) not in self._per_keys:
             missing = [k for k in self._rows if k not in keys]
             unknown = [k for k in keys if k not in self._rows]
             repeated = sorted({k for k in keys if keys.count(k) > 1})
@@ -98,13 +102,13 @@ class IdRules:
                     f"sparse features: {', '.join(problems)}; expected each of this model's features once, in any "
                     f"order: {list(self._rows)}"
                 )
-            self._per_keys[keys] = (
-                torch.tensor([self._rows[k] for k in keys], dtype=torch.int64),
+            self._per_keys[(keys, device)] = (
+                torch.tensor([self._rows[k] for k in keys], dtype=torch.int64, device=device),
                 [i for i, k in enumerate(keys) if self._hashed.get(k, False)],
                 [self._max_length.get(k, 0) for k in keys],
-                torch.tensor([k in self._single_id for k in keys]) if self._single_id else None,
+                torch.tensor([k in self._single_id for k in keys], device=device) if self._single_id else None,
             )
-        return self._per_keys[keys]
+        return self._per_keys[(keys, device)]
 
     def __call__(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """
@@ -123,7 +127,7 @@ class IdRules:
                 batch (and the id and the table's size).
         """
         keys = tuple(features.keys())
-        rows, hashed_positions, max_lengths, single_id = self._per_key(keys)
+        rows, hashed_positions, max_lengths, single_id = self._per_key(keys, features.values().device)
         self.check_structure(features)
         if single_id is not None:
             self._check_single_ids(features, single_id)
@@ -137,7 +141,8 @@ class IdRules:
             for position in hashed_positions:  # in place on this key's slice of the copy
                 values[offsets[position] : offsets[position + 1]].remainder_(int(rows[position]))
         if values.numel():
-            bounds = torch.repeat_interleave(rows, torch.tensor(per_key), output_size=values.numel())  # (N,)
+            bounds = torch.repeat_interleave(rows, torch.tensor(per_key, device=values.device),
+                                             output_size=values.numel())  # (N,)
             if bool(values.min() < 0) or bool((values >= bounds).any()):
                 outside = torch.logical_or(values < 0, values >= bounds)
                 self._raise_outside(features, keys, values, per_key, int(outside.nonzero()[0]))
@@ -188,7 +193,9 @@ class IdRules:
             low, high = torch.aminmax(lengths)
             if int(low) == 1 and int(high) == 1:
                 return
-        required = torch.repeat_interleave(single_id, torch.tensor(features.stride_per_key()))  # (sum strides,)
+        required = torch.repeat_interleave(
+            single_id, torch.tensor(features.stride_per_key(), device=lengths.device)
+        )  # (sum strides,)
         wrong = lengths.ne(1).logical_and_(required)
         if bool(wrong.any()):
             first = int(wrong.nonzero()[0])
@@ -231,13 +238,14 @@ class IdRules:
         ):
             return values, lengths, weights
         no_limit = torch.iinfo(torch.int64).max
+        device = values.device
         limits = torch.repeat_interleave(
-            torch.tensor([m or no_limit for m in max_lengths], dtype=torch.int64),
-            torch.tensor(stride_per_key, dtype=torch.int64),
+            torch.tensor([m or no_limit for m in max_lengths], dtype=torch.int64, device=device),
+            torch.tensor(stride_per_key, dtype=torch.int64, device=device),
         )  # (sum strides,)
         lengths = lengths.to(torch.int64)
         starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)  # (N,) first id of its bag
-        keep = (torch.arange(values.numel()) - starts) < torch.repeat_interleave(limits, lengths)
+        keep = (torch.arange(values.numel(), device=device) - starts) < torch.repeat_interleave(limits, lengths)
         kept_lengths = torch.minimum(lengths, limits).to(features.lengths().dtype)
         return values[keep], kept_lengths, None if weights is None else weights[keep]
 
@@ -247,7 +255,7 @@ class IdRules:
         key = keys[position]
         start = int(features.offset_per_key()[position])
         offsets = features[key].offsets()
-        row = int(torch.searchsorted(offsets, torch.tensor(first - start), right=True)) - 1
+        row = int(torch.searchsorted(offsets, torch.tensor(first - start, device=offsets.device), right=True)) - 1
         raise ValueError(
             f"feature {key!r}, row {row} of the batch: id {int(values[first])} is outside its table's "
             f"[0, {self._rows[key]}); the model was trained on ids in that range (ids of a \"hashed\" field "

@@ -44,10 +44,15 @@ def user_code_lines(path: str) -> List[int]:
     return sorted(code - excluded)
 
 
-def _load_example(name: str = "plug_into_dlrm") -> Any:
-    """An example script as a module; its directory goes on ``sys.path``, as when it runs as a script."""
+def _examples_on_path() -> None:
+    """The examples' directory on ``sys.path``, as when one of them runs as a script."""
     if EXAMPLES_DIR not in sys.path:
         sys.path.insert(0, EXAMPLES_DIR)
+
+
+def _load_example(name: str = "plug_into_dlrm") -> Any:
+    """An example script as a module."""
+    _examples_on_path()
     spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES_DIR, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -139,16 +144,16 @@ def test_example_trains_on_two_gloo_ranks(tmp_path, name: str) -> None:
 def test_offline_outputs_are_reused_only_with_the_same_rows_and_llm(tmp_path, monkeypatch) -> None:
     """Other --rows or --llm in the same --work-dir make their own outputs instead of training on
     the old data and vectors; the same ones (an --llm relative or absolute) reuse them."""
-    _load_example()  # puts the examples on sys.path
+    _examples_on_path()
     import offline_llm_jobs
 
     jobs: List[Any] = []
 
-    def fake_prepare(work: str, rows: int, llm: Optional[str]) -> None:  # the offline jobs' outputs, in no time
+    def fake_prepare(work: str, rows: int, llm: Optional[str]) -> None:  # the offline jobs' last output
         jobs.append((os.path.relpath(work, tmp_path), rows, llm))
-        os.makedirs(os.path.join(work, "data_llm"))
-        with open(os.path.join(work, "data_llm", "schema.json"), "w", encoding="utf-8") as handle:
-            handle.write("{}")
+        os.makedirs(work)
+        with open(os.path.join(work, "fields.safetensors"), "w", encoding="utf-8") as handle:
+            handle.write("")
 
     monkeypatch.setattr(offline_llm_jobs, "prepare", fake_prepare)
     monkeypatch.setattr(offline_llm_jobs.dist, "barrier", lambda: None)

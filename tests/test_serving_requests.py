@@ -312,3 +312,26 @@ def test_single_id_features_take_one_id_per_row_in_any_key_order(lengths, messag
         else:
             with pytest.raises(ValueError, match=message):
                 rules(kjt)
+
+
+def test_id_rules_make_their_tensors_on_the_requests_device():
+    """meta stands for a GPU: a rule tensor made on CPU would meet CUDA ids in every request."""
+    from recsys_llm.id_rules import IdRules
+
+    rules = IdRules({"user_id": 5, "tags": 7}, {"tags": True}, {"tags": 3}, {"user_id": True})
+    meta = torch.device("meta")
+    rows, hashed, max_lengths, single_id = rules._per_key(("tags", "user_id"), meta)
+    assert rows.is_meta and single_id.is_meta and hashed == [0] and max_lengths == [3, 0]
+    cpu_rows, *_ = rules._per_key(("tags", "user_id"), torch.device("cpu"))  # cached per device
+    assert cpu_rows.tolist() == [7, 5]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_id_rules_on_cuda_requests():
+    from recsys_llm.id_rules import IdRules
+
+    rules = IdRules({"user_id": 5, "tags": 7}, {"tags": True}, {"tags": 2}, {"user_id": True})
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "tags"], values=torch.tensor([1, 2, 9, 3, 4, 5]),
+                                              lengths=torch.tensor([1, 1, 1, 3], dtype=torch.int32)).to("cuda")
+    ruled = rules(kjt)
+    assert ruled.values().tolist() == [1, 2, 2, 3, 4] and ruled.lengths().tolist() == [1, 1, 1, 2]

@@ -106,6 +106,11 @@ class TestTrainComponent:
             train("c.yaml", "epochs")
         with pytest.raises(ValueError, match="nproc_per_node"):
             train("c.yaml", nproc_per_node=0)
+        for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "c.yaml", "runs/r")),
+                           ("bench", ("train_throughput",))):
+            with pytest.raises(ValueError, match=r"gpu=1 per host for nproc_per_node=2 workers: each worker needs a "
+                                                 r"GPU of its own; pass --gpu 2, or --nproc_per_node 1"):
+                load(name)(*args, nproc_per_node=2, gpu=1)
 
     def test_help_lists_documented_parameters(self) -> None:
         for name in COMPONENTS:

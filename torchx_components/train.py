@@ -63,6 +63,9 @@ def train(
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
         )
+    if 0 < gpu < nproc_per_node:  # two NCCL ranks on one GPU fail at their first collective
+        raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
+                         f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ValueError(f"config overrides must look like key=value, got {bad}")

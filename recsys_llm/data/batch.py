@@ -56,7 +56,6 @@ class Batch(TorchRecBatch):
         )
 
 
-@torch.fx.wrap  # a leaf of the pipeline's trace: it looks at the batch's type at run time
 def batch_extras(batch: TorchRecBatch) -> Dict[str, torch.Tensor]:
     """``batch.extras``; none for torchrec's own ``Batch`` (``torchrec.datasets.utils.Batch``)."""
     return getattr(batch, "extras", {})

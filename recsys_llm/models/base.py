@@ -23,7 +23,7 @@ class CTROutput(NamedTuple):
     Args:
         logits (torch.Tensor): (B,) click logits.
         representation (torch.Tensor): (B, H) last hidden vector before the head.
-        embeddings (KeyedTensor): pooled EBC output, one key per sparse feature, each (B, D).
+        embeddings (KeyedTensor): pooled EBC output, one key per sparse feature, each (B, D_f).
     """
 
     logits: torch.Tensor
@@ -38,8 +38,8 @@ class CTRBackbone(nn.Module, abc.ABC):
     calls the EBC once so that ``TrainPipelineSparseDist`` can find it by fx tracing. A model
     of your own becomes a backbone by handing its EBC to this constructor and moving what
     follows the lookup into :meth:`interact` (``examples/plug_into_own_model.py``). Tables
-    may differ in width; the backbones that pair fields (FM, FwFM, DeepFM, DCNv2, FinalMLP)
-    read :attr:`embedding_dim`, which then refuses. A backbone that takes injected vectors
+    may differ in width; the project's backbones, which pair or stack fields (FM, FwFM,
+    DeepFM, DCNv2, FinalMLP), read :attr:`embedding_dim`, which then refuses. A backbone that takes injected vectors
     another way than as fields (e.g. into its dense input) overrides :meth:`check_extra_fields`.
 
     Args:
@@ -107,11 +107,14 @@ class CTRBackbone(nn.Module, abc.ABC):
         ``CTRTask`` calls it with its field injection's shape. This default expects E fields of
         the backbone's :attr:`embedding_dim`; override it where the vectors go elsewhere.
         """
-        if (num_fields, embedding_dim) != (self._num_extra_fields, self.embedding_dim):
+        widths = set(self._embedding_dims.values())
+        if num_fields != self._num_extra_fields or widths != {embedding_dim}:
+            width = f"its embedding dim {embedding_dim if embedding_dim in widths else min(widths)}" \
+                if len(widths) == 1 else f"one embedding dim, but its tables have {self._embedding_dims}"
             raise ValueError(
                 f"{source} gives {num_fields} extra field(s) of dim {embedding_dim}; {type(self).__name__} was built "
-                f"for {self._num_extra_fields} of its embedding dim {self.embedding_dim} (num_extra_fields; a model "
-                "that takes the vector into its dense input overrides check_extra_fields instead)"
+                f"for {self._num_extra_fields} of {width} (num_extra_fields; a model that takes the vector into its "
+                "dense input overrides check_extra_fields instead)"
             )
 
     def forward(
@@ -159,9 +162,20 @@ def stack_fields(
 
     Returns:
         torch.Tensor: (B, F + E, D).
+
+    Raises:
+        ValueError: the named fields differ in width.
     """
     by_name = embeddings.to_dict()
-    fields = torch.stack([by_name[name] for name in feature_names], dim=1)  # (B, F, D)
+    try:
+        fields = torch.stack([by_name[name] for name in feature_names], dim=1)  # (B, F, D)
+    except RuntimeError as error:
+        widths = {name: by_name[name].size(1) for name in feature_names}
+        if len(set(widths.values())) > 1:  # named here, not in the hot path
+            raise ValueError(
+                f"fields {feature_names} must share one embedding dim to be stacked, got {widths}"
+            ) from error
+        raise
     if extra_fields is not None:
         fields = torch.cat([fields, extra_fields], dim=1)  # (B, F + E, D)
     return fields

@@ -163,6 +163,8 @@ def build_dlrm(
             over_arch_layer_sizes=over_sizes,
             dense_device=dense_device,
         )
+    if dense_device is not None:  # torchrec builds the interaction (DCN's cross net, DLRM's triu_indices) on CPU
+        dlrm.inter_arch = dlrm.inter_arch.to(dense_device)
     if num_extra_fields > 0:
         num_fields = len(dlrm.sparse_arch.sparse_feature_names) + num_extra_fields
         if dcn:

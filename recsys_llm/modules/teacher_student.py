@@ -191,10 +191,11 @@ class TeacherStudentTask(nn.Module):
     def _teacher_outputs(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher logits (B,), representation (B, H_t) and its own loss (scalar, joint only)."""
         if self._config.mode == "offline":
-            logits = required_extra(batch_extras(batch), self._config.teacher_logits_key, "offline distillation")  # (B,)
+            extras = batch_extras(batch)
+            logits = required_extra(extras, self._config.teacher_logits_key, "offline distillation")  # (B,)
             representation = logits
             if self.repr_kd is not None:
-                representation = required_extra(batch_extras(batch), self._config.teacher_representation_key,
+                representation = required_extra(extras, self._config.teacher_representation_key,
                                                 "offline representation distillation")  # (B, H_t)
             return logits, representation, torch.zeros((), device=logits.device)
         if self._config.mode == "frozen":

@@ -102,7 +102,7 @@ class CTRLLMConfig:
         seed (int): sampling, initialisation and shuffling seed.
         llm_dtype (str): dtype the LLM's weights are loaded in, whatever the checkpoint's own
             (``float32``, ``bfloat16``, ``float16``; Llama-style checkpoints ship in bf16); the
-            heads and the vectors stay float32.
+            heads and the vectors stay float32. ``float16`` does not go with ``last_k``.
     """
 
     model_path: str
@@ -130,6 +130,12 @@ class CTRLLMConfig:
             raise ValueError(f"CTRLLMConfig.llm_dtype must be one of {sorted(LLM_DTYPES)}, got {self.llm_dtype!r}")
         if self.tuning not in TUNING_MODES:
             raise ValueError(f"CTRLLMConfig.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
+        if self.tuning == "last_k" and self.llm_dtype == "float16":
+            # AdamW on float16 weights: eps 1e-8 rounds to 0 and small squared gradients underflow,
+            # so the first step divides by zero (bfloat16 has float32's range; LoRA's adapters are float32)
+            raise ValueError("CTRLLMConfig: tuning 'last_k' (--tuning last_k) trains the LLM's own weights, which "
+                             "AdamW cannot update in float16 (--llm-dtype float16: they turn NaN after one step); "
+                             "use --llm-dtype bfloat16, or --tuning lora")
         if self.pooling not in ("mean", "last_token", "cls"):
             raise ValueError(f"CTRLLMConfig.pooling must be 'mean', 'last_token' or 'cls', got {self.pooling!r}")
         check_number_fields(self, _NUMBER_RULES, "semantics adapt", optional=("sample_rows",))

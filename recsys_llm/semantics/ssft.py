@@ -546,7 +546,9 @@ class SSFTTrainer:
         if not os.path.isfile(optimizer_file):
             raise _damaged_checkpoint_file(optimizer_file, "missing")
         try:
-            optimizer_state = torch.load(optimizer_file, weights_only=True, map_location=device)
+            # on CPU: load_state_dict moves the moments to their parameters' device, and AdamW's
+            # step counts stay on CPU (a CUDA step is read back to the host for every parameter)
+            optimizer_state = torch.load(optimizer_file, weights_only=True, map_location="cpu")
         except torch.OutOfMemoryError:  # a RuntimeError, but no sign of a damaged file
             raise
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
@@ -707,7 +709,8 @@ def load_tuned_encoder(
     tokenizer = load_tokenizer(base_path, trust_remote_code)
     base = load_model(base_path, torch_device, resolve_dtype(dtype, torch_device), trust_remote_code)
     try:
-        model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        # torch_device: peft would otherwise load the adapter onto the current CUDA device
+        model = PeftModel.from_pretrained(base, adapter_dir, torch_device=str(torch_device)).merge_and_unload()
     except torch.OutOfMemoryError:  # a RuntimeError, but no sign of a damaged file
         raise
     except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:

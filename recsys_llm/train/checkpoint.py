@@ -267,7 +267,7 @@ def _rng_state() -> Dict[str, torch.Tensor]:
     }
     if py_gauss is not None:
         state["python_gauss"] = torch.tensor([py_gauss], dtype=torch.float64)
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # a CUDA run (a CPU run on a GPU host opens no CUDA context for it)
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -278,7 +278,7 @@ def _set_rng_state(state: Dict[str, torch.Tensor]) -> None:
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), meta[0], meta[1], float(state["numpy_gauss"][0])))
     gauss = float(state["python_gauss"][0]) if "python_gauss" in state else None
     random.setstate((int(state["python_meta"][0]), tuple(int(v) for v in state["python"].tolist()), gauss))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_initialized():  # the model is on the GPU by now
         torch.cuda.set_rng_state(state["cuda"])
 
 

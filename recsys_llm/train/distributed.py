@@ -168,12 +168,12 @@ def all_ranks_true(flag: bool, device: Optional[torch.device] = None) -> bool:
 
     Args:
         flag (bool): this rank's answer.
-        device (Optional[torch.device]): where the reduced tensor lives (the default group's
-            device: CUDA for NCCL); CPU when None.
+        device (Optional[torch.device]): where the reduced tensor lives; None: the default
+            group's device (:func:`collective_device`: CUDA for NCCL).
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    agreed = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    agreed = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device or collective_device())
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     return bool(agreed.item())
 

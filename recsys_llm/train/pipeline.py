@@ -117,7 +117,7 @@ class _Counting(Iterator[Batch]):
 
     def __next__(self) -> Batch:
         batch = next(self._batches)
-        self.samples_seen.append(batch.batch_size)
+        self.samples_seen.append(batch.labels.size(0))  # torchrec's own Batch has no batch_size
         return batch
 
 
@@ -208,6 +208,8 @@ def train_epoch(
                 stopped = True
                 break
     finally:
+        if device.type == "cuda":  # the clock stops when the queued steps are done, not when they are queued
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         bar.close()
         pipelined_ids = {id(m) for m in pipeline._pipelined_modules}  # noqa: SLF001 (no public accessor)

@@ -73,7 +73,8 @@ class CTRTask(nn.Module):
         """Backbone output with the logit terms applied; ``logits`` (B,)."""
         extra_fields = None
         if self.field_injection is not None:
-            extra_fields = self.field_injection(required_extra(batch_extras(batch), self._injection_key, "the field injection"))  # (B, E, D)
+            vector = required_extra(batch_extras(batch), self._injection_key, "the field injection")  # (B, d)
+            extra_fields = self.field_injection(vector)  # (B, E, D)
         output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
         logits = output.logits
         for term in self.logit_terms.values():

@@ -10,7 +10,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.models.base import CTRBackbone
+from recsys_llm.models.base import CTRBackbone, CTROutput
+from recsys_llm.models.dlrm import DLRMBackbone
 from recsys_llm.models.fm import FM
 from recsys_llm.modules.dense_injection import DLRMDenseInjection, VectorFieldInjection
 from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
@@ -76,7 +77,8 @@ class TestOwnBackbone:
             FM(_ebc(), num_dense_features=2)
 
     def test_its_own_check_of_the_injected_vector_is_used(self) -> None:
-        task = CTRTask(Concatenating(_ebc(), injected_width=6), field_injection=VectorFieldInjection(5, 3, num_fields=2))
+        injection = VectorFieldInjection(5, 3, num_fields=2)
+        task = CTRTask(Concatenating(_ebc(), injected_width=6), field_injection=injection)
         assert task.predict(_batch()).logits.shape == (6,)
         with pytest.raises(ValueError, match=r"the field injection \(VectorFieldInjection\): 4 values, room for 6"):
             CTRTask(Concatenating(_ebc(), injected_width=6), field_injection=VectorFieldInjection(5, 4))
@@ -88,7 +90,8 @@ class TestOwnBackbone:
                 self.inner = Concatenating(_ebc(), injected_width=4)
                 self.representation_dim = 1
 
-            def forward(self, dense, kjt, extra_fields=None):
+            def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor,
+                        extra_fields: Optional[torch.Tensor] = None) -> CTROutput:
                 return self.inner(dense, kjt, extra_fields)
 
         task = CTRTask(DuckTyped(), field_injection=VectorFieldInjection(5, 4))
@@ -98,3 +101,5 @@ class TestOwnBackbone:
         with pytest.raises(TypeError, match=r"DLRMDenseInjection wraps torchrec's DLRM .* got Concatenating; a model "
                                             r"of your own becomes a backbone by subclassing .*CTRBackbone"):
             DLRMDenseInjection(Concatenating(_ebc()), in_dim=5)
+        with pytest.raises(TypeError, match=r"DLRMBackbone wraps torchrec's DLRM .* got Concatenating"):
+            DLRMBackbone(Concatenating(_ebc()), num_dense_features=2)

@@ -48,6 +48,16 @@ class TestDLRMBackbone:
         torch.testing.assert_close(out.logits, expected)
         assert not torch.allclose(out.logits, model(dense, kjt, extra * 3).logits)
 
+    @pytest.mark.parametrize("dcn", [False, True])
+    @pytest.mark.parametrize("extra", [0, 1])
+    def test_every_dense_tensor_is_on_the_dense_device(self, schema, dcn: bool, extra: int) -> None:
+        """meta stands for the GPU: torchrec builds DLRM's interaction on CPU, which one rank (no DDP) never moves."""
+        meta = torch.device("meta")
+        dlrm = build_dlrm(schema, 4, [8, 4], [8, 6, 1], dcn=dcn, dcn_num_layers=2, dcn_low_rank_dim=2,
+                          num_extra_fields=extra, device=meta, dense_device=meta)
+        elsewhere = [name for name, tensor in [*dlrm.named_parameters(), *dlrm.named_buffers()] if not tensor.is_meta]
+        assert elsewhere == []
+
     def test_field_count_mismatch(self, schema) -> None:
         with pytest.raises(ValueError, match="interacts 3 fields but the adapter needs 3 sparse \\+ 1 extra"):
             DLRMBackbone(_dlrm(schema, dcn=False), 2, num_extra_fields=1)

@@ -134,6 +134,10 @@ def test_a_bf16_checkpoint_loads_in_the_configured_dtype_and_gives_float32_vecto
     assert bf16.provenance()["llm_dtype"] == "bfloat16" and "llm_dtype" not in float32.provenance()
     with pytest.raises(ValueError, match=r"llm_dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'int8'"):
         CTRLLMConfig(model_path=path, llm_dtype="int8")
+    # AdamW on float16 LLM weights turns them NaN after one step (eps 1e-8 is 0 in float16)
+    with pytest.raises(ValueError, match=r"--tuning last_k.*float16.*use --llm-dtype bfloat16, or --tuning lora"):
+        CTRLLMConfig(model_path=path, tuning="last_k", llm_dtype="float16")
+    CTRLLMConfig(model_path=path, tuning="lora", llm_dtype="float16")
 
 
 def test_an_encoder_decoder_model_is_adapted_through_its_encoder(tmp_path):

@@ -18,9 +18,10 @@ print(ctx.rank, ctx.world_size, ctx.backend, int(total.item()), "MASTER_PORT" in
 """
 
 
-def test_lone_processes_take_no_port_and_never_meet() -> None:
-    """Several single-process runs on one machine start together: each is a world of one over an
-    in-memory store (a free port looked up before binding could be taken by another)."""
+def test_lone_processes_take_no_port() -> None:
+    """Several single-process runs on one machine start together, each a world of one over an
+    in-memory store: no MASTER_PORT is set (a free port looked up before binding could be taken
+    by another process)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                             "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"

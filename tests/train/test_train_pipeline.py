@@ -149,3 +149,23 @@ def test_train_epoch_times_its_first_step(synthetic_dir: str) -> None:
     (result,) = run_multiprocess(_epoch_stats, world_size=1, schema_path=synthetic_dir)
     assert (result["steps"], result["samples"], result["first_samples"]) == (6, 6 * 64, 64), result
     assert 0 < result["first_seconds"] < result["seconds"], result
+
+
+def _train_on_torchrec_batches(schema_path: str) -> Dict[str, Any]:
+    from torchrec.datasets.utils import Batch as TorchRecBatch
+
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    batches = [TorchRecBatch(b.dense_features, b.sparse_features, b.labels)
+               for b in list(ParquetBatchReader(schema, "train", 64))[:6]]
+    stats = train_epoch(model, optimizer, batches, ctx.device, progress=False)
+    return {"steps": stats.steps, "samples": stats.samples, "pipelined": stats.pipelined_modules,
+            "sharded": stats.sharded_modules}
+
+
+@pytest.mark.multiprocess
+def test_torchrecs_own_batches_train(synthetic_dir: str) -> None:
+    """A TorchRec user's loader yields torchrec.datasets.utils.Batch (no extras): it trains, pipelined."""
+    (result,) = run_multiprocess(_train_on_torchrec_batches, world_size=1, schema_path=synthetic_dir)
+    assert result["steps"] == 6 and result["samples"] == 6 * 64
+    assert result["pipelined"] == result["sharded"] and result["sharded"]
