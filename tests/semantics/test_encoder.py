@@ -29,6 +29,15 @@ class TestPool:
         torch.testing.assert_close(pool(hidden, left, "cls"), torch.stack([hidden[0, 2], hidden[1, 0]]))
         torch.testing.assert_close(pool(hidden, right, "mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
 
+    def test_a_bfloat16_mean_is_summed_in_float32(self) -> None:
+        """300 tokens: a bfloat16 count stops at 256, and a bfloat16 running sum rounds every step."""
+        torch.manual_seed(0)
+        hidden = (torch.randn(1, 300, 8) + 100).to(torch.bfloat16)
+        mask = torch.ones(1, 300, dtype=torch.int64)
+        pooled = pool(hidden, mask, "mean")
+        assert pooled.dtype == torch.bfloat16
+        torch.testing.assert_close(pooled, hidden.float().mean(1).to(torch.bfloat16), rtol=0, atol=0)
+
     def test_resolve_pooling(self) -> None:
         assert resolve_pooling("auto", LlamaConfig()) == "last_token"
         assert resolve_pooling("auto", BertConfig()) == "mean"
