@@ -92,7 +92,9 @@ FUSED_DENSE_DEVICES: Dict[str, FrozenSet[str]] = {
 }
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise", "table_column_wise")
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")  # torchrec 1.8's CPU sharder
-COMPUTE_KERNELS = ("dense", "fused")
+COMPUTE_KERNELS = ("dense", "fused", "fused_uvm_caching", "fused_uvm")
+# rows in host memory reached over unified memory (with an HBM cache of hot rows): CUDA only
+CUDA_ONLY_KERNELS = ("fused_uvm_caching", "fused_uvm")
 
 
 @dataclasses.dataclass
@@ -135,7 +137,9 @@ class ShardingConfig:
             choice). E.g. ``["table_wise", "row_wise"]`` forbids replication. torchrec's CPU
             sharder offers data_parallel, table_wise, column_wise and table_column_wise only
             (row-wise types need CUDA), so on CPU that example plans table-wise.
-        compute_kernels (List[str]): compute kernels allowed for trained tables (empty: any).
+        compute_kernels (List[str]): compute kernels allowed for trained tables (empty: any):
+            ``dense``, ``fused``, and on CUDA ``fused_uvm_caching`` / ``fused_uvm`` (tables larger
+            than GPU memory, kept in host memory, hot rows cached on the GPU / none cached).
         table_constraints (Dict[str, Dict[str, List[str]]]): per table name, overrides of
             ``sharding_types`` / ``compute_kernels``.
         frozen_tables (List[str]): table names that never train (see module docstring).
@@ -325,6 +329,12 @@ def shard_model(
             if allowed and not set(allowed) & set(CPU_SHARDING_TYPES):
                 raise ValueError(f"{name}={list(allowed)}: torchrec's CPU sharder offers only {list(CPU_SHARDING_TYPES)} "
                                  "(row-wise types need CUDA); allow one of those on CPU")
+        for name, allowed in [("sharding.compute_kernels", sharding.compute_kernels)] + [
+                (f"sharding.table_constraints.{table}.compute_kernels", override.get("compute_kernels", []))
+                for table, override in sharding.table_constraints.items()]:
+            if allowed and set(allowed) <= set(CUDA_ONLY_KERNELS):
+                raise ValueError(f"{name}={list(allowed)}: unified-memory kernels run on CUDA only; allow 'fused' "
+                                 "(or 'dense') on CPU")
     if compute_device == "cpu" and optim.sparse not in CPU_SPARSE_OPTIMIZERS:
         raise ValueError(
             f"optim.sparse={optim.sparse!r}: FBGEMM's CPU embedding kernels implement only "

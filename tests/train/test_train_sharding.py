@@ -359,6 +359,10 @@ def _shard_with(schema_path: str, sharding: ShardingConfig) -> str:
     (ShardingConfig(table_constraints={"t_user_id": {"sharding_types": ["table_row_wise"]}}),
      "sharding.table_constraints.t_user_id.sharding_types=['table_row_wise']"),
     (ShardingConfig(compute_device="cuda"), "sharding.compute_device='cuda', but this rank computes on cpu"),
+    (ShardingConfig(compute_kernels=["fused_uvm_caching"]),
+     "sharding.compute_kernels=['fused_uvm_caching']: unified-memory kernels run on CUDA only"),
+    (ShardingConfig(table_constraints={"t_user_id": {"compute_kernels": ["fused_uvm"]}}),
+     "sharding.table_constraints.t_user_id.compute_kernels=['fused_uvm']: unified-memory kernels"),
 ])
 def test_a_plan_the_cpu_cannot_run_is_named(synthetic_dir: str, sharding: ShardingConfig, message: str) -> None:
     (error,) = run_multiprocess(_shard_with, world_size=1, schema_path=synthetic_dir, sharding=sharding)
