@@ -139,7 +139,7 @@ class IdRules:
             values = values.clone()
             offsets = features.offset_per_key()
             for position in hashed_positions:  # in place on this key's slice of the copy
-                values[offsets[position] : offsets[position + 1]].remainder_(int(rows[position]))
+                values[offsets[position] : offsets[position + 1]].remainder_(self._rows[keys[position]])
         if values.numel():
             bounds = torch.repeat_interleave(rows, torch.tensor(per_key, device=values.device),
                                              output_size=values.numel())  # (N,)

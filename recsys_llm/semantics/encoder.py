@@ -116,13 +116,13 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
         pooling (str): ``mean``, ``last_token`` or ``cls`` (first real token).
 
     Returns:
-        torch.Tensor: (B, H), in ``hidden``'s dtype (a mean is summed in float32: a bfloat16 sum of
-        hundreds of token states, or a token count above 256, would be rounded).
+        torch.Tensor: (B, H), in ``hidden``'s dtype (a mean is divided in float32: a bfloat16 sum
+        of hundreds of token states would be rounded before the division).
     """
     if pooling == "mean":
-        mask = attention_mask.to(torch.float32)  # (B, L)
-        summed = (hidden.float() * mask.unsqueeze(-1)).sum(dim=1)  # (B, H)
-        return (summed / mask.sum(dim=1, keepdim=True).clamp_min(1.0)).to(hidden.dtype)
+        mask = attention_mask.to(hidden.dtype)  # (B, L), 0 / 1: the masked states are exact
+        summed = (hidden * mask.unsqueeze(-1)).sum(dim=1, dtype=torch.float32)  # (B, H)
+        return (summed / mask.sum(dim=1, keepdim=True, dtype=torch.float32).clamp_min(1.0)).to(hidden.dtype)
     length = attention_mask.size(1)
     rows = torch.arange(hidden.size(0), device=hidden.device)
     if pooling == "last_token":

@@ -97,6 +97,27 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+_GROUPS_STARTED = [0]  # process groups this process has started (each rank starts as many)
+
+
+def _rendezvous_store(rank: int, world_size: int) -> dist.Store:
+    """Where the ranks meet, with a key prefix of its own for each process group this process starts.
+
+    A lone process without a rendezvous address meets no one: an in-memory store, no port (a
+    free port looked up first could be taken by another process before the bind). Otherwise the
+    ``env://`` store of ``torchrun`` (its agent's, or rank 0's): a process that starts a group
+    again after tearing one down (export, then train) would find the last group's keys there,
+    gloo's peer addresses included, so every start gets a fresh prefix.
+    """
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        return dist.HashStore()
+    timeout = _collective_timeout()
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    _GROUPS_STARTED[0] += 1
+    return dist.PrefixStore(f"recsys_llm/group{_GROUPS_STARTED[0]}", store)
+
+
 def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
     """Initialises the default process group (idempotent) and returns this rank's context.
 
@@ -119,11 +140,8 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
     chosen_backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
-        # a lone process without a rendezvous address meets no one: an in-memory store, no port
-        # (a free port looked up first could be taken by another process before the bind)
-        store = dist.HashStore() if world_size == 1 and "MASTER_PORT" not in os.environ else None
-        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size, store=store,
-                                timeout=_collective_timeout())
+        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size,
+                                store=_rendezvous_store(rank, world_size), timeout=_collective_timeout())
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         chosen_backend = str(dist.get_backend())

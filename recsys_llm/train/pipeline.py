@@ -207,9 +207,9 @@ def train_epoch(
             if on_step is not None and on_step(step, loss_value):
                 stopped = True
                 break
-    finally:
         if device.type == "cuda":  # the clock stops when the queued steps are done, not when they are queued
             torch.cuda.synchronize(device)
+    finally:
         seconds = time.perf_counter() - start
         bar.close()
         pipelined_ids = {id(m) for m in pipeline._pipelined_modules}  # noqa: SLF001 (no public accessor)

@@ -219,6 +219,7 @@ def build_constraints(model: nn.Module, config: ShardingConfig) -> Dict[str, Par
         sharding_types = list(override.get("sharding_types", config.sharding_types)) or None
         kernels = list(override.get("compute_kernels", config.compute_kernels)) or None
         if name in frozen:
+            kernels = list(override.get("compute_kernels", [])) or None  # the global list is for trained tables
             if kernels is not None and "fused" not in kernels:
                 raise ValueError(f"frozen table {name!r} needs the 'fused' compute kernel, config allows only {kernels}")
             kernels = ["fused"]

@@ -30,7 +30,7 @@ class TestPool:
         torch.testing.assert_close(pool(hidden, right, "mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
 
     def test_a_bfloat16_mean_is_summed_in_float32(self) -> None:
-        """300 tokens: a bfloat16 count stops at 256, and a bfloat16 running sum rounds every step."""
+        """300 tokens: their bfloat16 sum, rounded before the division, would move the mean."""
         torch.manual_seed(0)
         hidden = (torch.randn(1, 300, 8) + 100).to(torch.bfloat16)
         mask = torch.ones(1, 300, dtype=torch.int64)

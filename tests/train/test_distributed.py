@@ -3,6 +3,9 @@
 import os
 import subprocess
 import sys
+from typing import List
+
+import pytest
 
 LONE_PROCESS = """
 import os
@@ -31,3 +34,28 @@ def test_lone_processes_take_no_port() -> None:
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err[-2000:]
         assert out.split() == ["0", "1", "gloo", "1", "False"]
+
+
+def _start_three_times() -> List[int]:
+    import torch
+    import torch.distributed as dist
+
+    from recsys_llm.train.distributed import init_distributed, teardown_distributed
+
+    totals = []
+    for _ in range(3):  # e.g. an export, then a training, in one process
+        init_distributed("cpu")
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        totals.append(int(total.item()))
+        teardown_distributed()
+    return totals
+
+
+@pytest.mark.multiprocess
+def test_ranks_start_a_process_group_again_after_a_teardown() -> None:
+    """The rendezvous store outlives a group (torchrun's agent hosts it): a second group must not
+    read the first one's keys (gloo would connect to the old peer addresses)."""
+    from tests.multiprocess import run_multiprocess
+
+    assert run_multiprocess(_start_three_times, world_size=2) == [[2, 2, 2], [2, 2, 2]]

@@ -220,6 +220,12 @@ class TestConstraints:
         assert constraints["t_user_id"].sharding_types == ["row_wise"]
         assert constraints["t_device"].sharding_types == ["table_wise"]
         assert constraints["t_item_id"].compute_kernels == ["fused"]
+        # the global kernel list is for trained tables: a frozen one keeps 'fused' (its own override may not drop it)
+        uvm = build_constraints(task, ShardingConfig(compute_kernels=["fused_uvm_caching"], frozen_tables=["t_item_id"]))
+        assert uvm["t_item_id"].compute_kernels == ["fused"] and uvm["t_user_id"].compute_kernels == ["fused_uvm_caching"]
+        with pytest.raises(ValueError, match=r"frozen table 't_item_id' needs the 'fused' compute kernel"):
+            build_constraints(task, ShardingConfig(table_constraints={"t_item_id": {"compute_kernels": ["fused_uvm"]}},
+                                                   frozen_tables=["t_item_id"]))
 
     def test_errors_name_the_table(self, synthetic_schema: DatasetSchema) -> None:
         task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
