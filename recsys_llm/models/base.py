@@ -39,8 +39,9 @@ class CTRBackbone(nn.Module, abc.ABC):
     of your own becomes a backbone by handing its EBC to this constructor and moving what
     follows the lookup into :meth:`interact` (``examples/plug_into_own_model.py``). Tables
     may differ in width; the project's backbones, which pair or stack fields (FM, FwFM,
-    DeepFM, DCNv2, FinalMLP), read :attr:`embedding_dim`, which then refuses. A backbone that takes injected vectors
-    another way than as fields (e.g. into its dense input) overrides :meth:`check_extra_fields`.
+    DeepFM, DCNv2, FinalMLP), read :attr:`embedding_dim`, which then refuses. A backbone
+    that takes injected vectors another way than as fields (e.g. into its dense input)
+    overrides :meth:`check_extra_fields`.
 
     Args:
         embedding_bag_collection (EmbeddingBagCollection): one table per field (dims D_f).
@@ -109,8 +110,8 @@ class CTRBackbone(nn.Module, abc.ABC):
         """
         widths = set(self._embedding_dims.values())
         if num_fields != self._num_extra_fields or widths != {embedding_dim}:
-            width = f"its embedding dim {embedding_dim if embedding_dim in widths else min(widths)}" \
-                if len(widths) == 1 else f"one embedding dim, but its tables have {self._embedding_dims}"
+            width = f"its embedding dim {next(iter(widths))}" if len(widths) == 1 else \
+                f"one embedding dim, but its tables have {self._embedding_dims}"
             raise ValueError(
                 f"{source} gives {num_fields} extra field(s) of dim {embedding_dim}; {type(self).__name__} was built "
                 f"for {self._num_extra_fields} of {width} (num_extra_fields; a model that takes the vector into its "

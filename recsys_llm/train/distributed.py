@@ -16,6 +16,7 @@ Example::
 
 import dataclasses
 import datetime
+import itertools
 import os
 from typing import Callable, Optional, TypeVar
 
@@ -97,7 +98,7 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-_GROUPS_STARTED = [0]  # process groups this process has started (each rank starts as many)
+_GROUP_NUMBERS = itertools.count(1)  # of the process groups this process starts (each rank starts as many)
 
 
 def _rendezvous_store(rank: int, world_size: int) -> dist.Store:
@@ -114,8 +115,7 @@ def _rendezvous_store(rank: int, world_size: int) -> dist.Store:
     timeout = _collective_timeout()
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
-    _GROUPS_STARTED[0] += 1
-    return dist.PrefixStore(f"recsys_llm/group{_GROUPS_STARTED[0]}", store)
+    return dist.PrefixStore(f"recsys_llm/group{next(_GROUP_NUMBERS)}", store)
 
 
 def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
