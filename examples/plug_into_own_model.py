@@ -22,7 +22,9 @@ Before training, rank 0 runs the offline LLM jobs of ``offline_llm_jobs.py`` (ne
 script) once per work directory, ``--rows`` and ``--llm``: embedded synthetic data, ELEC's
 CTR-adapted LLM and its item vectors joined to the splits as the column ``llm_vector``, and
 LLaCTR's field vectors. The default LLM is the offline all-MiniLM-L6-v2; ``--llm`` takes any
-local Hugging Face model.
+local Hugging Face model. Measured with MiniLM and ``torchrun --nproc_per_node 2`` on an idle
+2-core CPU: 23 s in all, of which the offline jobs take about 15 s; a second run with the same
+arguments takes 8 s. Validation AUC of the student: 0.67-0.68.
 
 User code: 72 lines (not blank, a comment, a docstring or an import; ``tests/test_examples.py``
 counts them), the model itself, argument parsing and printing included; the offline jobs of
