@@ -35,7 +35,8 @@ Run::
     python examples/plug_into_own_model.py                             # 1 rank (gloo; NCCL on a GPU)
     torchrun --nproc_per_node 2 examples/plug_into_own_model.py        # tables sharded over 2 ranks
 
-It prints (rank 0) one JSON line: the student's validation metrics, the training loss per
+It prints (rank 0) one JSON line: the student's validation metrics (``loss`` there is the whole
+training objective, BCE + KD + FRE; ``logloss`` the student's own), the training loss per
 epoch, the sharded modules the pipeline overlapped, where the served student was exported and
 how far its logits are from the trained student's.
 """

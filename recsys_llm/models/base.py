@@ -110,12 +110,16 @@ class CTRBackbone(nn.Module, abc.ABC):
         """
         widths = set(self._embedding_dims.values())
         if num_fields != self._num_extra_fields or widths != {embedding_dim}:
-            width = f"its embedding dim {next(iter(widths))}" if len(widths) == 1 else \
-                f"one embedding dim, but its tables have {self._embedding_dims}"
+            if len(widths) > 1:
+                raise ValueError(
+                    f"{source} gives {num_fields} extra field(s) of dim {embedding_dim}; {type(self).__name__}'s tables "
+                    f"differ in width ({self._embedding_dims}), so the default check_extra_fields cannot tell which "
+                    "width its interact takes: override check_extra_fields to accept it"
+                )
             raise ValueError(
                 f"{source} gives {num_fields} extra field(s) of dim {embedding_dim}; {type(self).__name__} was built "
-                f"for {self._num_extra_fields} of {width} (num_extra_fields; a model that takes the vector into its "
-                "dense input overrides check_extra_fields instead)"
+                f"for {self._num_extra_fields} of its embedding dim {next(iter(widths))} (num_extra_fields; a model "
+                "that takes the vector into its dense input overrides check_extra_fields instead)"
             )
 
     def forward(

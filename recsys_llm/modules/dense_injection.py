@@ -26,11 +26,23 @@ from recsys_llm.data.validation import check_number
 from recsys_llm.models.dlrm import DLRMBackbone, require_dlrm
 
 
+@torch.fx.wrap  # a leaf of the pipeline's trace: it reads the vector's width at run time
+def _checked_vector(vector: torch.Tensor, width: int, who: str) -> torch.Tensor:
+    """``vector`` (B, width); another width is a ValueError naming ``who`` and what ``width`` is."""
+    if vector.dim() != 2 or vector.size(1) != width:
+        raise ValueError(
+            f"{who}: the LLM vector is {tuple(vector.shape)}, expected (B, {width}) (in_dim: the width of the "
+            "exported vectors: semantics adapt --representation-dim, or the LLM's hidden size for --output pooled)"
+        )
+    return vector
+
+
 class VectorFieldInjection(nn.Module):
     """Projects a vector to ``num_fields`` extra field embeddings.
 
     Args:
-        in_dim (int): d, width of the LLM vector.
+        in_dim (int): d, width of the LLM vector (``semantics adapt --representation-dim``, or the
+            LLM's hidden size for ``semantics export --output pooled``).
         embedding_dim (int): D, the backbone's embedding dim.
         num_fields (int): E, how many extra fields the vector becomes.
 
@@ -68,6 +80,7 @@ class VectorFieldInjection(nn.Module):
         Returns:
             torch.Tensor: (B, E, D).
         """
+        vector = _checked_vector(vector, self.projection.in_features, "VectorFieldInjection")
         projected = self.projection(vector.to(self.projection.weight.dtype))  # (B, E * D)
         return projected.view(-1, self._num_fields, self._embedding_dim)  # (B, E, D)
 

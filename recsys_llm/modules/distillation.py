@@ -5,6 +5,8 @@ and its last hidden representation. Teacher inputs are always detached: distilla
 never sends gradients into the teacher.
 """
 
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,17 @@ class ScoreDistillation(nn.Module):
         return loss.mean() * (t * t)
 
 
+@torch.fx.wrap  # a leaf of the pipeline's trace: it reads the widths at run time
+def _check_widths(student: torch.Tensor, teacher: torch.Tensor, dims: Tuple[int, int]) -> None:
+    """Raises ValueError naming the side whose representation is not as wide as its model declares."""
+    for side, tensor, width in (("student", student, dims[0]), ("teacher", teacher, dims[1])):
+        if tensor.size(-1) != width:
+            raise ValueError(
+                f"representation KD: the {side}'s representation is {tuple(tensor.shape)}, but its model declares "
+                f"representation_dim {width}; make representation_dim the width of what interact returns"
+            )
+
+
 class RepresentationDistillation(nn.Module):
     """Pulls the student's representation towards the teacher's.
 
@@ -93,6 +106,7 @@ class RepresentationDistillation(nn.Module):
         if kind not in REPR_KD_KINDS:
             raise ValueError(f"RepresentationDistillation: kind must be one of {REPR_KD_KINDS}, got {kind!r}")
         self._kind = kind
+        self._dims = (student_dim, teacher_dim)
         self.projection: nn.Module = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -104,6 +118,7 @@ class RepresentationDistillation(nn.Module):
         Returns:
             torch.Tensor: scalar loss.
         """
+        _check_widths(student, teacher, self._dims)
         projected = self.projection(student)  # (B, H_t)
         teacher = teacher.detach().to(projected.dtype)
         if self._kind == "mse":

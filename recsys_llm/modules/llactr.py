@@ -42,6 +42,8 @@ class LLaCTRConfig:
             **(ours)**; FIE uses cosine similarities either way.
         fre_field_reduction (str): ``sum`` FRE's per-field KL terms, as the public code does
             (the paper's lambda range applies), or take their ``mean`` (lambda / F) **(ours)**.
+        fields (List[str]): the fields FRE and FIE take (empty: every field with a vector that
+            the model embeds), e.g. the item fields of a model whose user tables are wider.
     """
 
     vectors_path: str
@@ -51,6 +53,7 @@ class LLaCTRConfig:
     lambda_fie: float = 0.1
     normalize_vectors: bool = False
     fre_field_reduction: str = "sum"
+    fields: List[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "llactr") -> "LLaCTRConfig":
@@ -120,8 +123,15 @@ def build_llactr_terms(
     """
     stored = load_vectors(config.vectors_path, schema=schema)
     dims = embedded_features(backbone)
-    used: List[str] = [k for k in stored.keys if k in dims]
-    skipped = [k for k in stored.keys if k not in dims]
+    unusable = [name for name in config.fields if name not in stored.keys or name not in dims]
+    if unusable:
+        raise ValueError(
+            f"llactr.fields: {unusable} are not both in {config.vectors_path} (fields {stored.keys}) and embedded by "
+            f"the model (features {sorted(dims)})"
+        )
+    wanted = set(config.fields or stored.keys)
+    used: List[str] = [k for k in stored.keys if k in dims and k in wanted]
+    skipped = [k for k in stored.keys if k not in used]
     if not used and (config.use_fre or config.use_fie):
         raise ValueError(
             f"{config.vectors_path}: none of its fields {stored.keys} is embedded by the model "
@@ -136,7 +146,7 @@ def build_llactr_terms(
         by_dim = {name: dims[name] for name in used}
         raise ValueError(
             f"FRE and FIE compare or pair the fields' embeddings, which need one dim; the fields with vectors "
-            f"have {by_dim}"
+            f"have {by_dim}; name the fields of one dim in llactr.fields (LLaCTRConfig.fields)"
         )
     if config.use_fre:
         fre_vectors = F.normalize(vectors, dim=-1) if config.normalize_vectors else vectors

@@ -371,7 +371,22 @@ def shard_model(
             f"parameters still on the meta device after sharding: {left_on_meta[:5]}; only EBC tables may be "
             "created on meta (DMP materialises them); build dense modules on the real device"
         )
+    elsewhere = dense_tensors_elsewhere(model, device)
+    if elsewhere and world_size == 1:  # with several ranks DDP moves them; one rank has no DDP
+        raise ValueError(
+            f"shard_model: {elsewhere[:5]} are not on {device}, where this rank computes; build the dense modules "
+            f"and plug-in terms there (`with torch.device({str(device)!r}): ...`, build_llactr_terms(..., device))"
+        )
     return model, plan
+
+
+def dense_tensors_elsewhere(model: nn.Module, device: torch.device) -> List[str]:
+    """Parameters and buffers outside the EBCs that are on neither ``device`` nor ``meta``."""
+    in_tables = {id(t) for m in model.modules() if isinstance(m, (EmbeddingBagCollection, ShardedEmbeddingBagCollection))
+                 for t in [*m.parameters(), *m.buffers()]}
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if id(t) not in in_tables and t.device.type != "meta"
+            and (t.device.type != device.type or (device.index is not None and t.device.index != device.index))]
 
 
 def build_optimizer(model: DistributedModelParallel, optim: OptimizerConfig) -> CombinedOptimizer:

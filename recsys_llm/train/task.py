@@ -20,7 +20,8 @@ def required_extra(extras: Dict[str, torch.Tensor], key: str, purpose: str) -> t
     if key not in extras:
         raise KeyError(
             f"the batch has no extra {key!r} for {purpose} (its extras: {sorted(extras)}); read the data with "
-            f"that column, e.g. ParquetBatchReader(..., extras=[{key!r}])"
+            f"that column, e.g. ParquetBatchReader(..., extras=[{key!r}]), or, building batches yourself, use "
+            f"recsys_llm.data.batch.Batch(..., extras={{{key!r}: ...}}) (torchrec's own Batch carries no extras)"
         )
     return extras[key]
 
@@ -58,6 +59,12 @@ class CTRTask(nn.Module):
         loss_terms: Optional[Dict[str, nn.Module]] = None,
     ) -> None:
         super().__init__()
+        if field_injection is None and getattr(model, "num_extra_fields", 0) > 0:
+            raise ValueError(
+                f"CTRTask: {type(model).__name__} was built for {model.num_extra_fields} extra field(s) "
+                "(num_extra_fields) but the task has no field_injection to make them; pass one (e.g. "
+                "VectorFieldInjection), or build the backbone with num_extra_fields=0"
+            )
         check = getattr(model, "check_extra_fields", None)  # CTRBackbone's; a duck-typed model may lack it
         if check is not None and hasattr(field_injection, "num_fields") and hasattr(field_injection, "embedding_dim"):
             check(field_injection.num_fields, field_injection.embedding_dim,

@@ -103,3 +103,36 @@ class TestOwnBackbone:
             DLRMDenseInjection(Concatenating(_ebc()), in_dim=5)
         with pytest.raises(TypeError, match=r"DLRMBackbone wraps torchrec's DLRM .* got Concatenating"):
             DLRMBackbone(Concatenating(_ebc()), num_dense_features=2)
+
+
+class TestMistakesAreNamed:
+    def test_an_llm_vector_of_another_width(self) -> None:
+        task = CTRTask(Concatenating(_ebc(), injected_width=4), field_injection=VectorFieldInjection(384, 4))
+        with pytest.raises(ValueError, match=r"VectorFieldInjection: the LLM vector is \(6, 5\), expected \(B, 384\) "
+                                             r"\(in_dim: the width of the exported vectors"):
+            task.predict(_batch())
+
+    def test_extra_fields_without_an_injection(self) -> None:
+        from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+
+        schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("age", "dense")])
+        backbone = build_backbone(SMOKE_CONFIGS["deepfm"], schema, num_extra_fields=1, device=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"DeepFM was built for 1 extra field\(s\) \(num_extra_fields\) but the "
+                                             r"task has no field_injection"):
+            CTRTask(backbone)
+
+    def test_a_representation_other_than_declared(self) -> None:
+        from recsys_llm.modules.distillation import RepresentationDistillation
+
+        kd = RepresentationDistillation(student_dim=64, teacher_dim=32)
+        with pytest.raises(ValueError, match=r"the student's representation is \(6, 32\), but its model declares "
+                                             r"representation_dim 64"):
+            kd(torch.randn(6, 32), torch.randn(6, 32))
+
+    def test_injected_fields_into_tables_of_several_widths(self) -> None:
+        class DefaultCheck(Concatenating):
+            check_extra_fields = CTRBackbone.check_extra_fields
+
+        with pytest.raises(ValueError, match=r"tables differ in width .* override check_extra_fields to accept it"):
+            CTRTask(DefaultCheck(_ebc(), injected_width=4), field_injection=VectorFieldInjection(5, 4))

@@ -75,6 +75,14 @@ class TestBuildLLaCTRTerms:
         with pytest.raises(ValueError, match=r"need one dim; the fields with vectors have \{'user_id': 16, 'genre': 8, "
                                              r"'item_id': 8\}"):
             build_llactr_terms(LLaCTRConfig(_vectors(tmp_path, schema), **switches), schema, ebc)
+        # llactr.fields picks the fields of one dim
+        logit_terms, loss_terms, provenance = build_llactr_terms(
+            LLaCTRConfig(_vectors(tmp_path, schema), fields=["item_id", "genre"], **switches), schema, ebc)
+        for term in [*logit_terms.values(), *loss_terms.values()]:
+            assert term.feature_names == ["genre", "item_id"]  # vector-file order
+        assert provenance["fields_used"] == ["genre", "item_id"] and provenance["fields_skipped"] == ["user_id", "price"]
+        with pytest.raises(ValueError, match=r"llactr.fields: \['price', 'nope'\] are not both in .* and embedded"):
+            build_llactr_terms(LLaCTRConfig(_vectors(tmp_path, schema), fields=["item_id", "price", "nope"]), schema, ebc)
 
     def test_vectors_of_another_schema_are_rejected(self, tmp_path) -> None:
         path = _vectors(tmp_path, _schema())

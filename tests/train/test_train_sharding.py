@@ -9,7 +9,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.parquet import ParquetBatchReader
-from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.pipeline import train_epoch
@@ -373,3 +373,17 @@ def _shard_with(schema_path: str, sharding: ShardingConfig) -> str:
 def test_a_plan_the_cpu_cannot_run_is_named(synthetic_dir: str, sharding: ShardingConfig, message: str) -> None:
     (error,) = run_multiprocess(_shard_with, world_size=1, schema_path=synthetic_dir, sharding=sharding)
     assert message in error
+
+
+def test_dense_tensors_off_the_ranks_device_are_named() -> None:
+    """One rank has no DDP to move dense modules: a term left on CPU would meet CUDA inputs (meta
+    stands for the GPU here; EBC tables, which DMP places itself, are not named)."""
+    from recsys_llm.train.sharding import dense_tensors_elsewhere
+
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("age", "dense")])
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], schema, device=torch.device("meta"),
+                                  dense_device=torch.device("meta")))
+    assert dense_tensors_elsewhere(task, torch.device("meta")) == []
+    task.extra_head = torch.nn.Linear(2, 1)  # built on CPU
+    assert dense_tensors_elsewhere(task, torch.device("meta")) == ["extra_head.weight", "extra_head.bias"]
+    assert dense_tensors_elsewhere(task, torch.device("cpu")) == []
