@@ -89,15 +89,13 @@ class IdRules:
         take one id per row (None: none does), of a key order, tensors on ``device`` (cached).
 
         Raises:
-            ValueError: ``keys`` are not exactly the model's features (each once, any order).
+            ValueError: ``keys`` lack one of the model's features or repeat one.
         """
         if (keys, device) not in self._per_keys:
             missing = [k for k in self._rows if k not in keys]
-            unknown = [k for k in keys if k not in self._rows]
             repeated = sorted({k for k in keys if keys.count(k) > 1})
-            if missing or unknown or repeated:
-                problems = [f"{what} {names}" for what, names in
-                            (("missing", missing), ("unknown", unknown), ("repeated", repeated)) if names]
+            if missing or repeated:
+                problems = [f"{what} {names}" for what, names in (("missing", missing), ("repeated", repeated)) if names]
                 raise ValueError(
                     f"sparse features: {', '.join(problems)}; expected each of this model's features once, in any "
                     f"order: {list(self._rows)}"
@@ -113,20 +111,25 @@ class IdRules:
     def __call__(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """
         Args:
-            features (KeyedJaggedTensor): raw ids; any key order, any stride per key.
+            features (KeyedJaggedTensor): raw ids; any key order, any stride per key; features
+            the model does not have are dropped.
 
         Returns:
-            KeyedJaggedTensor: the same keys with the ids the reader would have given
-            (``features`` itself when no id needs a change).
+            KeyedJaggedTensor: the model's keys with the ids the reader would have given
+            (``features`` itself when it holds only those and no id needs a change).
 
         Raises:
-            ValueError: the KeyedJaggedTensor is malformed (features missing or unknown, ids
+            ValueError: the KeyedJaggedTensor is malformed (a feature missing or repeated, ids
                 not integers, lengths that do not match the ids: :meth:`check_structure`), a
                 row holds no id or several of a single-id feature, or an id of a feature that is
                 not hashed lies outside its table; named with the feature and the row in the
                 batch (and the id and the table's size).
         """
         keys = tuple(features.keys())
+        if any(key not in self._rows for key in keys):  # spare features, which an EBC would ignore too
+            self.check_structure(features)
+            features = features.permute([i for i, key in enumerate(keys) if key in self._rows])
+            keys = tuple(features.keys())
         rows, hashed_positions, max_lengths, single_id = self._per_key(keys, features.values().device)
         self.check_structure(features)
         if single_id is not None:

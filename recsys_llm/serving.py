@@ -87,7 +87,7 @@ probabilities = served.predict(dense, kjt)           # (batch_size,)
 ```
 
 A request is checked before the model runs: the KeyedJaggedTensor must hold each feature
-once (any order), integer ids and one length per (feature, row) summing to the number of ids;
+once (any order; features the model does not have are ignored, as an EBC ignores them), integer ids and one length per (feature, row) summing to the number of ids;
 the dense features must be `(batch_size, {num_dense})` and finite (NaN / inf is a ValueError
 naming the row). Dense features of another real dtype (float64, integers) are converted to
 float32.
@@ -860,7 +860,7 @@ class ServedModel(nn.Module):
         """(B, Dd), KJT of raw ids -> logits (B,).
 
         The request is checked before anything runs, with a few whole-tensor checks (no loop
-        over rows): the KJT holds each of the model's features once, integer ids and lengths
+        over rows): the KJT holds each of the model's features once (others are dropped), integer ids and lengths
         that count them (:meth:`~recsys_llm.id_rules.IdRules.check_structure`); the dense
         features are (B, Dd) with the KJT's B, B > 0, and finite. Dense features of another
         real dtype (float64, integers) are converted to float32; NaN / inf is refused, as the

@@ -84,10 +84,14 @@ BAD_REQUESTS: Dict[str, Tuple[Callable[[], Tuple[object, object]], str]] = {
     "missing feature": (lambda: (DENSE, kjt([1, 2, 3, 4], [1, 2, 3, 4], [], keys=("user_id", "item_id"))),
                         r"sparse features: missing \['genres'\]; expected each of this model's features once, in any "
                         r"order: \['user_id', 'item_id', 'genres'\]"),
-    "unknown feature": (lambda: (DENSE, KeyedJaggedTensor.from_lengths_sync(
-                            KEYS + ["city"], torch.cat([SPARSE.values(), torch.tensor([1, 2, 3, 4])]),
-                            torch.cat([SPARSE.lengths(), torch.ones(4, dtype=torch.int32)]))),
-                        r"sparse features: unknown \['city'\]; expected"),
+    "repeated feature": (lambda: (DENSE, KeyedJaggedTensor.from_lengths_sync(
+                             KEYS + ["user_id"], torch.cat([SPARSE.values(), torch.tensor([1, 2, 3, 4])]),
+                             torch.cat([SPARSE.lengths(), torch.ones(4, dtype=torch.int32)]))),
+                         r"sparse features: repeated \['user_id'\]; expected"),
+    "malformed spare feature": (lambda: (DENSE, KeyedJaggedTensor(
+                                    KEYS + ["city"], torch.cat([SPARSE.values(), torch.tensor([1, 2, 3])]),
+                                    lengths=torch.cat([SPARSE.lengths(), torch.ones(4, dtype=torch.int32)]))),
+                                r"sparse features: lengths sum to .* but there are .* ids"),
     "float ids": (lambda: (DENSE, KeyedJaggedTensor.from_lengths_sync(KEYS, SPARSE.values().float(), SPARSE.lengths())),
                   r"sparse features: ids \(values\) are a torch\.float32 tensor .*; expected a 1-D integer tensor"),
     "lengths not summing to the ids": (
@@ -129,6 +133,14 @@ class TestServedModelRequests:
         assert served.embedding_bag_collection.calls == served.dense_program.calls == 0
         served.predict(DENSE, SPARSE)  # the wrappers pass a valid request on
         assert served.embedding_bag_collection.calls == served.dense_program.calls == 1
+
+    def test_spare_features_of_a_request_are_dropped(self, artifact):
+        """A feature store often sends every feature it has: the model's own are served, as an EBC serves them."""
+        served = ServedModel.load(artifact[0], trust_program=True)
+        with_spare = KeyedJaggedTensor.from_lengths_sync(
+            ["city"] + KEYS, torch.cat([torch.tensor([7, 8, 9, 10, 11]), SPARSE.values()]),
+            torch.cat([torch.tensor([2, 1, 1, 1], dtype=torch.int32), SPARSE.lengths()]))
+        assert torch.equal(served.logits(DENSE, with_spare), served.logits(DENSE, SPARSE))
 
     def test_float64_and_integer_dense_features_are_served_as_float32(self, artifact):
         directory, task = artifact
