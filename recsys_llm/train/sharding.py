@@ -155,8 +155,6 @@ class ShardingConfig:
     def __post_init__(self) -> None:
         if self.compute_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"sharding.compute_device must be 'auto', 'cpu' or 'cuda', got {self.compute_device!r}")
-        lists = [("sharding.sharding_types", self.sharding_types, SHARDING_TYPES)]
-        lists.append(("sharding.compute_kernels", self.compute_kernels, COMPUTE_KERNELS))
         for table, overrides in self.table_constraints.items():
             unknown = set(overrides) - {"sharding_types", "compute_kernels"}
             if unknown:
@@ -164,12 +162,19 @@ class ShardingConfig:
                     f"sharding.table_constraints.{table}: unknown keys {sorted(unknown)}; "
                     "allowed: ['compute_kernels', 'sharding_types']"
                 )
-            lists.append((f"sharding.table_constraints.{table}.sharding_types", overrides.get("sharding_types", []), SHARDING_TYPES))
-            lists.append((f"sharding.table_constraints.{table}.compute_kernels", overrides.get("compute_kernels", []), COMPUTE_KERNELS))
-        for name, values, allowed in lists:
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise ValueError(f"{name}: unknown values {bad}; allowed: {list(allowed)}")
+        for key, known in (("sharding_types", SHARDING_TYPES), ("compute_kernels", COMPUTE_KERNELS)):
+            for name, values in self.allowed_lists(key):
+                bad = [v for v in values if v not in known]
+                if bad:
+                    raise ValueError(f"{name}: unknown values {bad}; allowed: {list(known)}")
+
+    def allowed_lists(self, key: str) -> List[Tuple[str, List[str]]]:
+        """``(config key, values)`` of ``key`` (``sharding_types`` or ``compute_kernels``): the
+        global list, then each table's override (empty where a table has none)."""
+        return [(f"sharding.{key}", getattr(self, key))] + [
+            (f"sharding.table_constraints.{table}.{key}", overrides.get(key, []))
+            for table, overrides in self.table_constraints.items()
+        ]
 
 
 def find_tables(model: nn.Module) -> Dict[str, Tuple[str, EmbeddingBagCollection]]:
@@ -324,15 +329,11 @@ def shard_model(
         raise ValueError(f"sharding.compute_device={sharding.compute_device!r}, but this rank computes on {device.type} "
                          "(train.device): plan for the device the job runs on ('auto')")
     if compute_device == "cpu":
-        for name, allowed in [("sharding.sharding_types", sharding.sharding_types)] + [
-                (f"sharding.table_constraints.{table}.sharding_types", override.get("sharding_types", []))
-                for table, override in sharding.table_constraints.items()]:
+        for name, allowed in sharding.allowed_lists("sharding_types"):
             if allowed and not set(allowed) & set(CPU_SHARDING_TYPES):
                 raise ValueError(f"{name}={list(allowed)}: torchrec's CPU sharder offers only {list(CPU_SHARDING_TYPES)} "
                                  "(row-wise types need CUDA); allow one of those on CPU")
-        for name, allowed in [("sharding.compute_kernels", sharding.compute_kernels)] + [
-                (f"sharding.table_constraints.{table}.compute_kernels", override.get("compute_kernels", []))
-                for table, override in sharding.table_constraints.items()]:
+        for name, allowed in sharding.allowed_lists("compute_kernels"):
             if allowed and set(allowed) <= set(CUDA_ONLY_KERNELS):
                 raise ValueError(f"{name}={list(allowed)}: unified-memory kernels run on CUDA only; allow 'fused' "
                                  "(or 'dense') on CPU")
@@ -371,8 +372,9 @@ def shard_model(
             f"parameters still on the meta device after sharding: {left_on_meta[:5]}; only EBC tables may be "
             "created on meta (DMP materialises them); build dense modules on the real device"
         )
-    elsewhere = dense_tensors_elsewhere(model, device)
-    if elsewhere and world_size == 1:  # with several ranks DDP moves them; one rank has no DDP
+    # one rank has no DDP to move the dense modules to its device (with several ranks, DDP does)
+    elsewhere = dense_tensors_elsewhere(model, device) if world_size == 1 else []
+    if elsewhere:
         raise ValueError(
             f"shard_model: {elsewhere[:5]} are not on {device}, where this rank computes; build the dense modules "
             f"and plug-in terms there (`with torch.device({str(device)!r}): ...`, build_llactr_terms(..., device))"
