@@ -15,8 +15,9 @@ from recsys_llm.models.fm import fm_interaction
 from recsys_llm.models.mlp import build_mlp
 from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
 
-# a leaf of the training pipeline's fx trace (it picks its kernel by whether gradients are needed)
+# leaves of the training pipeline's fx trace (they pick their kernel by whether gradients are needed)
 torch.fx.wrap("weighted_pair_sum")
+torch.fx.wrap("fm_interaction")
 
 
 @dataclasses.dataclass(frozen=True)

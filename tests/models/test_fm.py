@@ -23,6 +23,22 @@ class TestFMInteraction:
         torch.testing.assert_close(vector.sum(-1), explicit_pairwise(fields, torch.ones(5, 5)))
 
 
+    def test_gradient_is_the_sum_square_tricks(self) -> None:
+        fields = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        fields.requires_grad_()
+        assert torch.autograd.gradcheck(fm_interaction, (fields,))
+        grad = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        (by_kernel,) = torch.autograd.grad(fm_interaction(fields), fields, grad)
+        explicit = sum(fields[:, i] * fields[:, j] for i in range(5) for j in range(i + 1, 5))
+        (by_autograd,) = torch.autograd.grad(explicit, fields, grad)
+        torch.testing.assert_close(by_kernel, by_autograd)
+
+    def test_inference_path_gives_the_training_values(self) -> None:
+        fields = torch.randn(6, 4, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        with torch.no_grad():
+            inference = fm_interaction(fields)
+        torch.testing.assert_close(fm_interaction(fields).detach(), inference)
+
 class TestFM:
     def _model(self, schema: DatasetSchema, config: FMConfig = FMConfig(), extra: int = 0) -> FM:
         torch.manual_seed(0)
