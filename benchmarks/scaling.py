@@ -47,7 +47,6 @@ import itertools
 import json
 import os
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -371,16 +370,31 @@ def rank_share(plan, rank: int) -> Dict[str, float]:
             "weight_mb_on_rank": elements_on_rank * 4 / 2**20}
 
 
-def tables_rank(rank: int, sizes: Sizes, port: int, out_dir: str, seed: int) -> None:
-    """One rank of the tables curve (a spawned process): every table size in ascending order.
+def tables_rank(rank: int, sizes: Sizes, ports: Any, out_dir: str, seed: int) -> None:
+    """One rank of the tables curve (a forked process): every table size in ascending order.
+
+    Rank 0 hosts the rendezvous store on a port the system picks and sends it to the other
+    ranks through ``ports`` (a multiprocessing queue): no free port is looked up first that
+    another process could take. Every rank is a client of that store, as under torchrun's agent.
 
     Writes ``out_dir/rank{rank}.json`` with, per size: the plan's share of table rows and
     weight bytes on this rank, samples/s of this rank and its peak and baseline RSS.
     """
+    import torch
+    import torch.distributed as dist
+
+    store = None
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, TABLE_WORLD_SIZE, is_master=True, wait_for_workers=False)
+        for _ in range(TABLE_WORLD_SIZE - 1):
+            ports.put(store.port)
+        port = store.port
+    else:
+        port = ports.get()
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(TABLE_WORLD_SIZE), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(TABLE_WORLD_SIZE), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "GLOO_DEVICE_TRANSPORT": "TCP"})
-    import torch
+                       "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+                       "GLOO_DEVICE_TRANSPORT": "TCP"})
 
     from benchmarks.train_throughput import Sizes as ThroughputSizes
     from benchmarks.train_throughput import make_batches, make_schema
@@ -428,12 +442,7 @@ def tables_rank(rank: int, sizes: Sizes, port: int, out_dir: str, seed: int) -> 
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle)
     teardown_distributed()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    del store  # rank 0 hosts it until every rank has left the group
 
 
 def tables_curve(sizes: Sizes, work_dir: str, seed: int) -> Dict[str, Any]:
@@ -457,7 +466,8 @@ def tables_curve(sizes: Sizes, work_dir: str, seed: int) -> Dict[str, Any]:
     out_dir = os.path.join(work_dir, "tables")
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
-    mp.start_processes(tables_rank, args=(sizes, _free_port(), out_dir, seed), nprocs=TABLE_WORLD_SIZE,
+    ports = mp.get_context("fork").SimpleQueue()
+    mp.start_processes(tables_rank, args=(sizes, ports, out_dir, seed), nprocs=TABLE_WORLD_SIZE,
                        join=True, start_method="fork")
     ranks = []
     for rank in range(TABLE_WORLD_SIZE):
