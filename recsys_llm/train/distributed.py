@@ -65,11 +65,30 @@ def select_device(local_rank: int, device: str = "auto") -> torch.device:
         build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
         raise ValueError(f"device 'cuda' (train.device) requested, but torch ({torch.__version__}, {build}) sees no "
                          "GPU; use device 'auto' or 'cpu', or install the CUDA variant (RECSYS_LLM_VARIANT=cuda make install)")
-    if count == 1:  # one GPU per process (CUDA_VISIBLE_DEVICES per rank), or a single-GPU host
-        return torch.device("cuda", 0)
-    if local_rank >= count:
-        raise ValueError(f"device 'cuda' requested for local rank {local_rank} but {count} GPU(s) are visible")
-    return torch.device("cuda", local_rank)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torch.device("cuda", gpu_index(local_rank, local_world_size, count, os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+def gpu_index(local_rank: int, local_world_size: int, visible: int, visible_devices: Optional[str]) -> int:
+    """The index of this process's GPU among the ``visible`` ones.
+
+    One visible GPU is this process's own when a launcher gave each rank its own
+    (``CUDA_VISIBLE_DEVICES`` set), or on a single-GPU host with one rank per host; else
+    local rank r takes GPU r.
+
+    Raises:
+        ValueError: more local ranks than GPUs: several ranks would share one GPU, which NCCL
+            refuses at the first collective ("Duplicate GPU detected").
+    """
+    if visible == 1 and (local_world_size == 1 or visible_devices is not None):
+        return 0
+    if local_rank >= visible or local_world_size > visible:
+        raise ValueError(
+            f"device 'cuda' requested for local rank {local_rank} of {local_world_size} on this host, but "
+            f"{visible} GPU(s) are visible (CUDA_VISIBLE_DEVICES={visible_devices!r}); start at most {visible} "
+            "processes per host (torchrun --nproc-per-node), or give each its own GPU"
+        )
+    return local_rank
 
 
 # seconds a collective may wait for the slowest rank (NCCL's own default is 10 minutes): rank 0

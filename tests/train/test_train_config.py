@@ -231,3 +231,29 @@ def test_cuda_on_a_machine_without_a_gpu_is_named() -> None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="device 'cuda' \\(train.device\\) requested, but torch .* sees no GPU"):
         select_device(0, "cuda")
+
+
+@pytest.mark.parametrize(
+    "local_rank, local_world_size, visible, visible_devices, expected",
+    [
+        (0, 1, 1, None, 0),  # a single-GPU host, one rank
+        (1, 2, 1, "3", 0),  # the launcher gave each rank its own GPU
+        (1, 2, 2, None, 1),  # local rank r takes GPU r
+        (0, 1, 4, None, 0),
+    ],
+)
+def test_gpu_index_of_a_rank(local_rank, local_world_size, visible, visible_devices, expected) -> None:
+    from recsys_llm.train.distributed import gpu_index
+
+    assert gpu_index(local_rank, local_world_size, visible, visible_devices) == expected
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_ranks_that_would_share_a_gpu_are_named(local_rank: int) -> None:
+    from recsys_llm.train.distributed import gpu_index
+
+    # two ranks, one GPU that both see: NCCL would fail at the first collective ("Duplicate GPU")
+    with pytest.raises(ValueError, match=f"local rank {local_rank} of 2 on this host, but 1 GPU\\(s\\) are visible"):
+        gpu_index(local_rank, 2, 1, None)
+    with pytest.raises(ValueError, match="at most 2 processes per host"):
+        gpu_index(local_rank, 3, 2, "0,1")
