@@ -15,7 +15,8 @@ The file is read with ``pyarrow.csv.open_csv`` block by block, so memory stays b
 for the 45M-line Kaggle set or a 4 billion-line Terabyte day. A header line is
 recognised (and skipped) when its first cell is not a number, e.g. Kaggle's
 ``Id,Label,I1,...`` (a leading ``Id`` column is dropped). A leading UTF-8 byte order mark
-is ignored.
+is ignored; a blank line is an error that names it (skipping it would shift the line numbers
+of later errors and the split counts).
 """
 
 import dataclasses
@@ -136,7 +137,8 @@ def _batches(path: str, config: CriteoConfig, delimiter: str) -> Iterator[Tuple[
             path,
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(header), block_size=config.block_bytes,
                                            use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=on_invalid),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=on_invalid,
+                                             ignore_empty_lines=False),
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=names[int(has_id):],
                                                  strings_can_be_null=True, quoted_strings_can_be_null=True),
         )
@@ -224,6 +226,8 @@ def _convert(batch: pa.RecordBatch, path: str, line: int, config: CriteoConfig, 
     label_array = batch.column("label")
     if label_array.null_count:
         first = int(np.argmax(~np.asarray(label_array.is_valid())))
+        if all(not column[first].is_valid for column in batch.columns):
+            raise DataError(f"{path}, line {line + first}: blank line; expected label, I1..I13, C1..C26")
         raise DataError(f"{path}, line {line + first}: column 'label' is empty; expected 0 or 1")
     labels = label_array.to_numpy(zero_copy_only=False)
     try:

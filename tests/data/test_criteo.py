@@ -66,6 +66,13 @@ def test_wrong_column_count_names_line(tmp_path):
         prepare_criteo(raw, str(tmp_path / "out"))
 
 
+def test_blank_line_is_named_with_its_line_number(tmp_path):
+    rows = _lines(20)
+    raw = _write(tmp_path / "bad.tsv", rows[:5] + [[""]] + rows[5:])
+    with pytest.raises(DataError, match=r"bad\.tsv, line 6: blank line; expected label, I1\.\.I13, C1\.\.C26"):
+        prepare_criteo(raw, str(tmp_path / "out"))
+
+
 def test_bad_label_names_line(tmp_path):
     rows = _lines(20)
     rows[9][0] = "3"
