@@ -7,7 +7,7 @@ Run after ``python -m experiments.elec --granularity row ... --out DIR``::
 
 It scores every row with the CTR-adapted LLM's own prediction layer applied to its exported r
 (no LLM forward pass: the vectors are read from the export) and writes the AUC per group to
-``DIR/runs/../../vector_auc.json`` (``--json`` to choose). A gap between the tuned rows and
+``DIR/vector_auc.json`` (``--json`` to choose). A gap between the tuned rows and
 the others is label leakage: r of a row the LLM was tuned on has seen that row's label.
 """
 

@@ -45,6 +45,7 @@ from experiments.common import (
     run_variant,
     selection_text,
     summarize,
+    tables_dir,
     tune_on_validation,
     tuned_on,
     write_outputs,
@@ -202,8 +203,8 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "runtime_s": time.time() - started,
         "command": "python -m experiments.llactr " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    write_outputs(args.out, name, payload, "\n".join(sections))
-    plot_auc(os.path.join(args.out, f"{name}.png"), tables, f"LLaCTR on {args.data}: test AUC")
+    write_outputs(tables_dir(args), name, payload, "\n".join(sections))
+    plot_auc(os.path.join(tables_dir(args), f"{name}.png"), tables, f"LLaCTR on {args.data}: test AUC")
 
 
 LAMBDA_CHOICE = "lambda_fre / lambda_fie from {0.01, 0.1, 0.5} (the range the paper tunes; for +both the 3x3 grid)"

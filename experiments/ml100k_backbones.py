@@ -16,6 +16,7 @@ from experiments.common import (
     prepared_schema,
     run_variant,
     summarize,
+    tables_dir,
     write_outputs,
 )
 
@@ -36,8 +37,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         tables[backbone] = summarize({backbone: runs})[backbone]
         print(f"[ml100k] {backbone}: AUC {tables[backbone]['auc']['mean']:.4f} ± {tables[backbone]['auc']['std']:.4f}", flush=True)
     markdown = markdown_table(tables, ["auc", "logloss"])
-    write_outputs(args.out, "ml100k_backbones", {"seeds": args.seeds, "table": tables}, markdown)
-    plot_auc(os.path.join(args.out, "ml100k_backbones.png"), {b: {"test": t} for b, t in tables.items()},
+    write_outputs(tables_dir(args), "ml100k_backbones", {"seeds": args.seeds, "table": tables}, markdown)
+    plot_auc(os.path.join(tables_dir(args), "ml100k_backbones.png"), {b: {"test": t} for b, t in tables.items()},
              "ML-100K: backbones")
     return 0
 

@@ -119,3 +119,15 @@ def test_a_done_llm_step_is_skipped_only_for_the_command_that_did_it(tmp_path, c
     with pytest.raises(SystemExit, match=r"schema.json: done by `recsys-llm prepare synthetic .* --rows 300 --quiet`, "
                                          r"not by `recsys-llm prepare synthetic .* --rows 400 --quiet`"):
         run_cli_step(command[:-2] + ["400", "--quiet"], os.path.join(out, "schema.json"))
+
+
+def test_tables_go_to_tables_out_and_runs_stay_under_out(tmp_path):
+    from experiments.common import experiment_args, tables_dir, write_outputs
+
+    parser = experiment_args("test", "results")
+    first = parser.parse_args(["--out", str(tmp_path / "all")])
+    second = parser.parse_args(["--out", str(tmp_path / "all"), "--tables-out", str(tmp_path / "all" / "pick")])
+    write_outputs(tables_dir(first), "table", {"pick": "all-seeds"}, "all")
+    write_outputs(tables_dir(second), "table", {"pick": "first-seed"}, "first")
+    assert (tmp_path / "all" / "table.md").read_text() == "all\n"  # not overwritten by the second pick
+    assert (tmp_path / "all" / "pick" / "table.md").read_text() == "first\n"
