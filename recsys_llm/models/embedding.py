@@ -7,6 +7,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_llm.data.schema import DatasetSchema, FieldKind
+from recsys_llm.data.validation import check_number
 
 # FBGEMM's table-batched kernels (used for every table under DistributedModelParallel)
 # need the local column count to be a multiple of 4.
@@ -36,8 +37,7 @@ def embedding_bag_configs(
     fields = schema.categorical_fields
     if not fields:
         raise ValueError(f"schema {schema.name!r} has no sparse or sequence field to embed")
-    if init_scale is not None and init_scale <= 0:
-        raise ValueError(f"embedding init_scale must be > 0 (or None for torchrec's default), got {init_scale}")
+    check_number("embedding init_scale (None: torchrec's default)", init_scale, above=0, optional=True)
     bounds = {} if init_scale is None else {"weight_init_min": -init_scale, "weight_init_max": init_scale}
     configs = []
     for spec in fields:

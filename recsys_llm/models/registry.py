@@ -8,6 +8,7 @@ import torch
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.base import CTRBackbone
+from recsys_llm.models.dcnv2 import STRUCTURES as DCN_STRUCTURES
 from recsys_llm.models.dcnv2 import DCNv2, DCNv2Config
 from recsys_llm.models.deepfm import DeepFM, DeepFMConfig
 from recsys_llm.models.dlrm import DLRMBackbone, build_dlrm
@@ -85,6 +86,18 @@ class ModelConfig:
             if not getattr(self, key):
                 raise ValueError(f"model.{key} is empty; model {self.name!r} builds an MLP from it: expected at "
                                  "least one layer size, e.g. [256, 128]")
+        check_number("model.embedding_init_scale", self.embedding_init_scale, above=0, optional=True)
+        check_number("model.cross_layers", self.cross_layers, integer=True, minimum=1)
+        check_number("model.low_rank", self.low_rank, integer=True, minimum=0)
+        if self.dcn_structure not in DCN_STRUCTURES:
+            raise ValueError(f"model.dcn_structure: expected one of {list(DCN_STRUCTURES)}, got {self.dcn_structure!r}")
+        check_number("model.finalmlp_heads", self.finalmlp_heads, integer=True, minimum=1)
+        if self.name == "finalmlp":
+            widths = {"mlp_layer_sizes": self.mlp_layer_sizes[-1], "mlp2_layer_sizes": self.mlp2_layer_sizes[-1]}
+            if any(width % self.finalmlp_heads for width in widths.values()):
+                shown = ", ".join(f"model.{key}[-1] = {width}" for key, width in widths.items())
+                raise ValueError(f"model.finalmlp_heads = {self.finalmlp_heads} must divide the width of both "
+                                 f"streams' last layers ({shown})")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "ModelConfig":

@@ -14,6 +14,7 @@ Example::
 """
 
 import dataclasses
+import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -58,15 +59,16 @@ class LLaCTRConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "llactr") -> "LLaCTRConfig":
         """From a config-file mapping, typed like the rest of the config; unknown keys, a
-        missing ``vectors_path`` and negative lambdas are errors naming the key."""
+        missing ``vectors_path`` and negative or non-finite lambdas are errors naming the key."""
         from recsys_llm.train.config import ConfigError, build_dataclass
 
         if "vectors_path" not in raw:
             raise ConfigError(f"{source}: 'vectors_path' (path of the field-vector file) is required")
         config = build_dataclass(cls, raw, source)
         for name in ("lambda_fre", "lambda_fie"):
-            if getattr(config, name) < 0:
-                raise ConfigError(f"{source}.{name}: expected a number >= 0, got {getattr(config, name)!r}")
+            value = getattr(config, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{source}.{name}: expected a finite number >= 0, got {value!r}")
         if config.fre_field_reduction not in FIELD_REDUCTIONS:
             raise ConfigError(
                 f"{source}.fre_field_reduction: expected one of {FIELD_REDUCTIONS}, got {config.fre_field_reduction!r}"

@@ -217,9 +217,13 @@ def _check_schema(path: str, provenance: VectorProvenance, schema: DatasetSchema
             f"schema {provenance.schema_name!r} (fingerprint {provenance.schema_fingerprint or 'none'}) "
             f"with fields {provenance.schema_fields}"
         )
+        names = [f.name for f in schema.fields]
+        same_names = list(provenance.schema_fields or []) == names
+        what_differs = (" (the same field names: their kinds, sizes or descriptions, or the label, differ)"
+                        if same_names else "")
         raise VectorProvenanceError(
             f"vectors in {path} were made for {made_for}; the current schema {schema.name!r} has fingerprint "
-            f"{current} with fields {[f.name for f in schema.fields]}. Re-encode them for this schema "
+            f"{current} with fields {names}{what_differs}. Re-encode them for this schema "
             "(`recsys-llm semantics encode`)."
         )
 

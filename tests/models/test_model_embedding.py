@@ -40,8 +40,9 @@ class TestBuildEmbeddingBagCollection:
         assert all(0 < bag.weight.abs().max() <= 1e-3 for bag in small.embedding_bags.values())
         (largest_sharded,) = run_multiprocess(_largest_sharded_weight, world_size=1, schema=schema, init_scale=1e-3)
         assert 0 < largest_sharded <= 1e-3
-        with pytest.raises(ValueError, match="init_scale must be > 0"):
-            build_embedding_bag_collection(schema, 8, init_scale=0.0)
+        for bad in (0.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="init_scale .* must be a finite number > 0 or None, got"):
+                build_embedding_bag_collection(schema, 8, init_scale=bad)
 
     @pytest.mark.parametrize("dim", [6, 0, -4])
     def test_dim_not_multiple_of_four_is_rejected(self, schema: DatasetSchema, dim: int) -> None:

@@ -103,6 +103,21 @@ class TestModelConfig:
         with pytest.raises(ValueError, match="needs a 'name'"):
             ModelConfig.from_dict({"embedding_dim": 8})
 
+    @pytest.mark.parametrize(
+        "settings, message",
+        [
+            ({"embedding_init_scale": float("nan")}, r"model.embedding_init_scale must be a finite number > 0 or None"),
+            ({"embedding_init_scale": float("inf")}, r"model.embedding_init_scale must be a finite number > 0 or None"),
+            ({"name": "dcnv2", "dcn_structure": "serial"}, r"model.dcn_structure: expected one of \['stacked', "),
+            ({"name": "dcnv2", "cross_layers": 0}, r"model.cross_layers must be an integer >= 1, got 0"),
+            ({"name": "finalmlp", "finalmlp_heads": 3, "mlp_layer_sizes": [16], "mlp2_layer_sizes": [8]},
+             r"model.finalmlp_heads = 3 must divide .*model.mlp_layer_sizes\[-1\] = 16, model.mlp2_layer_sizes\[-1\] = 8"),
+        ],
+    )
+    def test_bad_settings_name_their_key(self, settings, message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_dict({"name": "deepfm", **settings})
+
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_schema_without_dense_features(name: str, kjt) -> None:

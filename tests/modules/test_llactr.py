@@ -87,7 +87,8 @@ class TestBuildLLaCTRTerms:
     def test_vectors_of_another_schema_are_rejected(self, tmp_path) -> None:
         path = _vectors(tmp_path, _schema())
         changed = _schema(genre_text="main genre")
-        with pytest.raises(VectorProvenanceError, match="were made for schema 'toy'.*current schema 'toy' has fingerprint"):
+        with pytest.raises(VectorProvenanceError, match="were made for schema 'toy'.*current schema 'toy' has fingerprint"
+                                                        ".*the same field names: their kinds, sizes or descriptions"):
             build_llactr_terms(LLaCTRConfig(path), changed, LinearBackbone(make_ebc(), 1))
 
     def test_config_errors(self) -> None:
@@ -97,6 +98,9 @@ class TestBuildLLaCTRTerms:
             LLaCTRConfig.from_dict({})
         with pytest.raises(ValueError, match="llactr.fre_field_reduction: expected one of .*got 'avg'"):
             LLaCTRConfig.from_dict({"vectors_path": "x", "fre_field_reduction": "avg"})
+        for key, bad in (("lambda_fre", float("nan")), ("lambda_fie", float("inf")), ("lambda_fie", -0.1)):
+            with pytest.raises(ValueError, match=f"llactr.{key}: expected a finite number >= 0, got {bad!r}"):
+                LLaCTRConfig.from_dict({"vectors_path": "x", key: bad})
 
 
 def _sharded_llactr(schema_path: str, vectors_path: str, steps: int):
