@@ -84,6 +84,10 @@ class DataConfig:
             wrong.append(f"data.batch_size={self.batch_size} (must be >= 1)")
         if self.eval_batch_size < 0:
             wrong.append(f"data.eval_batch_size={self.eval_batch_size} (must be >= 1, or 0 for data.batch_size)")
+        for key in ("valid_split", "test_split"):
+            if getattr(self, key) and getattr(self, key) == self.train_split:
+                wrong.append(f"data.{key}={self.train_split!r} is also data.train_split (the rows trained on "
+                             "would pick the checkpoint or report the metrics; use another split, or '' for none)")
         if wrong:
             raise ConfigError(", ".join(wrong))
 

@@ -59,6 +59,9 @@ class TestLoadConfig:
             ("model.mlp_layer_sizes=[32,-1]", "model.mlp_layer_sizes[1] must be an integer >= 1, got -1"),
             ("model.dropout=1.5", "model.dropout must be a finite number >= 0 and < 1, got 1.5"),
             ("model.mlp_layer_sizes=[]", "model.mlp_layer_sizes is empty; model 'deepfm' builds an MLP from it"),
+            ("data.valid_split=train", "data.valid_split='train' is also data.train_split"),
+            ("data.test_split=train", "data.test_split='train' is also data.train_split"),
+            ("model.embedding_init_scale=.inf", "model.embedding_init_scale must be a finite number > 0 or None"),
         ],
     )
     def test_bad_overrides_name_the_key(self, override: str, message: str) -> None:
