@@ -259,6 +259,11 @@ def _missing_as_null(batch: pa.RecordBatch, tokens: Tuple[str, ...]) -> pa.Recor
     return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
+def _repeated_columns(available: List[str], wanted: List[str]) -> List[str]:
+    """The ``wanted`` columns that ``available`` (a file's header) holds more than once."""
+    return [c for c in dict.fromkeys(wanted) if available.count(c) > 1]
+
+
 def _source_columns(path: str, config: TabularConfig) -> List[str]:
     if not os.path.exists(path):
         raise DataError(f"{path}: data file not found")
@@ -326,6 +331,10 @@ def _check_parquet_types(path: str, schema: DatasetSchema, config: TabularConfig
         if absent:
             raise DataError(f"{file_path}: missing column(s) {absent} that {files[0]} has; expected the same columns "
                             f"in every file of {path}")
+        repeated = _repeated_columns(arrow.names, columns)
+        if repeated:
+            raise DataError(f"{file_path}: column(s) {repeated} occur more than once; expected each column once "
+                            "(rename or drop the copies)")
         for spec in schema.categorical_fields:
             dtype = arrow.field(spec.name).type
             _check_token_column(file_path, spec, dtype, config.sequence_separator)
@@ -694,6 +703,10 @@ def _convert(
     missing = [c for c in wanted if c not in available]
     if missing:
         raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; the file has columns {available}")
+    repeated = _repeated_columns(available, wanted)
+    if repeated:
+        raise DataError(f"{data_path}: column(s) {repeated} named in {schema_path} occur more than once in the "
+                        "file; expected each column once (rename or drop the copies)")
     if row_key_named and user_schema.row_key not in available:
         raise DataError(
             f"{data_path}: missing row key column {user_schema.row_key!r} named by row_key in {schema_path}; "

@@ -600,3 +600,21 @@ def test_uint64_ids_above_the_int64_range_are_named_as_they_are_or_folded_when_h
                                       [dict(SPARSE[0], hashed=True)])
     schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
     assert _rows_of(schema, "city")[:4] == [1, big % 10, 2, 3]
+
+
+def test_a_column_twice_in_a_csv_header_is_refused_naming_it(tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("city,clicked,city\n" + "".join(f"{i % 5},{i % 2},{900 + i}\n" for i in range(40)))
+    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked", "fields": SPARSE}, yaml_format=True)
+    with pytest.raises(DataError, match=r"dup\.csv: column\(s\) \['city'\] named in .*schema\.yaml occur more than once"):
+        prepare_tabular(str(path), schema_path, str(tmp_path / "out"))
+
+
+def test_a_column_twice_in_a_parquet_file_is_refused_naming_the_file(tmp_path):
+    parts = [{"city": pa.array([1, 2] * 20)}, {"city": pa.array([1, 2] * 20)}]
+    data, schema_path = _parquet_case(tmp_path, parts, SPARSE, name="dir")
+    second = tmp_path / "dir" / "part1.parquet"
+    table = pq.read_table(second)
+    pq.write_table(table.append_column("city", table["city"]), second)
+    with pytest.raises(DataError, match=r"dir/part1\.parquet: column\(s\) \['city'\] occur more than once"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
