@@ -216,7 +216,7 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         ValueError: a frozen teacher's table holds other vectors than the export named for it, or
             ``expected_provenance`` is set for a frozen teacher without any export to check it on.
     """
-    from recsys_llm.semantics.vector_export import check_provenance, read_manifest
+    from recsys_llm.semantics.vector_export import check_provenance, read_manifest, vector_dim
     from recsys_llm.serving import open_state_file
 
     report: Dict[str, int] = {"entity_rows": 0, "entity_rows_checked": 0, "teacher_tensors": 0}
@@ -246,6 +246,12 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
             if value is not None and key in stored:
                 expected[key] = value
         check_provenance(stored, expected, directory)  # every rank, not only those holding shards
+        exported_dim = vector_dim(directory)
+        if exported_dim != config.vector_dim:
+            raise ValueError(
+                f"elec entity vectors of {field!r} in {directory}: {exported_dim}-d vectors, but elec.vector_dim is "
+                f"{config.vector_dim}; set elec.vector_dim={exported_dim}, or export vectors of that width"
+            )
         if frozen:
             report["entity_rows_checked"] += check_teacher_vectors(model, field, directory, config.teacher_checkpoint)
         else:

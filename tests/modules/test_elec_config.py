@@ -132,6 +132,17 @@ def test_a_frozen_teacher_refuses_entity_exports_it_does_not_read(trained_teache
         _load(_frozen(checkpoint, {"user_id": tables["item_id"], "item_id": tables["user_id"]}))
 
 
+def test_entity_vectors_of_another_width_than_elec_vector_dim_name_the_key(tmp_path):
+    """Before: the first shard read failed with 'vectors have dim 8, the table expects 4'."""
+    wide = _export(str(tmp_path / "wide"), "user_id", np.ones((NUM_USERS, DIM * 2), np.float32),
+                   {"entity_field": "user_id", "schema": SCHEMA.fingerprint()})
+    config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_tables={"user_id": wide})
+    gain = build_gain_network(config, SCHEMA, MODEL, device=CPU)
+    with pytest.raises(ValueError, match=rf"'user_id' in .*wide: {DIM * 2}-d vectors, but elec.vector_dim is {DIM}; "
+                                         rf"set elec.vector_dim={DIM * 2}"):
+        load_elec_state(gain, config, SCHEMA.fingerprint())
+
+
 def test_a_frozen_teacher_needs_no_entity_export(trained_teacher):
     """The fields give the teacher its shape; its vectors come from its checkpoint."""
     tables, checkpoint = trained_teacher
