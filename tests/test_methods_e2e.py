@@ -151,6 +151,12 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
         "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=offline", "elec.distill.beta=0.1",
     ]
     offline = run_training(load_config(CONFIG, offline_overrides))
+    try:  # a declared width other than the column's is named before anything is written
+        run_training(load_config(CONFIG, _common(teacher_schema, os.path.join(work, "offline_wrong_dim")) + [
+            *offline_overrides[-4:], "elec.distill.teacher_representation_dim=7"]))
+        offline["wrong_dim_error"] = None
+    except ValueError as error:
+        offline["wrong_dim_error"] = str(error)
     joint_dir = os.path.join(work, "joint")
     joint = run_training(load_config(CONFIG, _common(attached_schema, joint_dir) + [
         "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=joint",
@@ -190,6 +196,11 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
 
     for name in ("gain", "offline", "joint", "frozen"):
         assert out[name]["test"]["auc"] > 0.5, (name, out[name]["test"])
+    width = columns.schema.field("teacher_representation").type.list_size
+    assert out["offline"]["wrong_dim_error"] == (
+        f"elec.distill.teacher_representation_dim=7, but the column 'teacher_representation' holds {width}-d "
+        f"teacher representations; set it to {width} or leave it out (0: read from the column)")
+    assert not os.path.exists(os.path.join(work, "offline_wrong_dim"))
     resumed = out["frozen"]["resumed_without_teacher_file"]
     assert resumed["epochs"] == 3 and resumed["global_step"] > out["frozen"]["global_step"]
     state = load_state_file(out["served"])

@@ -192,9 +192,16 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
     llactr, elec = parse_plugin_sections(config)
     if elec is not None:
         distill = elec.distill
-        if elec.task == "distill" and distill.mode == "offline" and distill.beta > 0 and distill.teacher_representation_dim <= 0:
-            distill.teacher_representation_dim = extra_column_width(schema, config.data.train_split,
-                                                                    distill.teacher_representation_key)
+        if elec.task == "distill" and distill.mode == "offline" and distill.beta > 0:
+            width = extra_column_width(schema, config.data.train_split, distill.teacher_representation_key)
+            if distill.teacher_representation_dim <= 0:
+                distill.teacher_representation_dim = width
+            elif distill.teacher_representation_dim != width:
+                raise ValueError(
+                    f"elec.distill.teacher_representation_dim={distill.teacher_representation_dim}, but the column "
+                    f"{distill.teacher_representation_key!r} holds {width}-d teacher representations; set it to "
+                    f"{width} or leave it out (0: read from the column)"
+                )
         reads_row_vectors = elec.vector_source == "extras" and (elec.task == "gain" or distill.mode != "offline")
         if reads_row_vectors:
             width = extra_column_width(schema, config.data.train_split, elec.vector_key)
