@@ -1,0 +1,80 @@
+"""Serving artifact of a trained CTR task: the ELEC student alone (or any ``CTRTask``).
+
+``export_task`` writes a directory::
+
+    model.safetensors     full (unsharded) state dict of the task: weights only
+    tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling)
+    dense_program.pt2     torch.export program of everything after the EBC lookup:
+                          (dense (B, Dd), pooled (B, F * D)) -> logits (B,)
+    config.json           format version, export id, feature names, id rules, model config, program status
+    INFERENCE.md          how to call it
+
+The export id (random per export) is also stored in the state file's and the program's
+metadata: ``ServedModel.load`` refuses files of two exports copied into one directory.
+
+The EBC lookup stays eager (``ServedModel`` rebuilds the EBC from ``tables.json``; on a
+serving host with torchrec's inference sharding it would be a TBE lookup) because
+``torch.export`` does not capture KeyedJaggedTensor inputs; the dense part is one
+exported program, no Python model code needed. When ``torch.export`` cannot capture a
+backbone, ``dense_program`` is ``null`` in ``config.json`` (with the reason) and the
+state dict serves through the model code.
+
+Only the student of a ``TeacherStudentTask`` is exported (keys ``student.*``): the
+artifact holds no teacher, LLM, injection or semantic-table parameter, and
+:func:`export_task` refuses a task that reads LLM vectors.
+
+Example (inference)::
+
+    served = ServedModel.load("runs/elec/export", trust_program=True)  # an artifact you exported
+    probabilities = served.predict(dense_features, sparse_kjt)  # (B,)
+
+Modules: ``artifact`` (file names and format constants), ``state`` (gathering a sharded
+model's state dict; reading an artifact's weights safely), ``export`` (:func:`export_task`),
+``served_model`` (:class:`ServedModel`).
+"""
+
+from recsys_llm.serving.artifact import (
+    DENSE_DTYPE,
+    EXPORT_ID_KEY,
+    EXPORT_MARKER_FILES,
+    FORBIDDEN_PARTS,
+    FORMAT_VERSION,
+    ID_RULES_KEY,
+    SEMANTIC_TABLES_FILE,
+    STATE_FILE,
+)
+from recsys_llm.serving.export import INFERENCE_EXAMPLE, DenseHead, check_servable, export_task, serving_form
+from recsys_llm.serving.served_model import ARTIFACT_READ_ERRORS, CONFIG_KEYS, ServedModel
+from recsys_llm.serving.state import (
+    load_state_file,
+    materialize_meta,
+    open_state_file,
+    strip_wrappers,
+    sub_state,
+    unsharded_state_dict,
+)
+
+__all__ = [
+    "ARTIFACT_READ_ERRORS",
+    "CONFIG_KEYS",
+    "DENSE_DTYPE",
+    "EXPORT_ID_KEY",
+    "EXPORT_MARKER_FILES",
+    "FORBIDDEN_PARTS",
+    "FORMAT_VERSION",
+    "ID_RULES_KEY",
+    "INFERENCE_EXAMPLE",
+    "SEMANTIC_TABLES_FILE",
+    "STATE_FILE",
+    "DenseHead",
+    "ServedModel",
+    "check_servable",
+    "export_task",
+    "load_state_file",
+    "materialize_meta",
+    "open_state_file",
+    "serving_form",
+    "strip_wrappers",
+    "sub_state",
+    "unsharded_state_dict",
+]

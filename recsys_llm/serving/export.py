@@ -1,0 +1,354 @@
+"""``export_task``: a trained ``CTRTask`` as a serving artifact (state dict + ``torch.export``
+program of its dense part)."""
+
+import contextlib
+import json
+import os
+import uuid
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recsys_llm.atomic_dir import atomic_directory
+from recsys_llm.error_text import telling_line
+from recsys_llm.id_rules import id_rules
+from recsys_llm.models.base import CTROutput
+from recsys_llm.models.pairwise import PairWeightFolding
+from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+from recsys_llm.serving.artifact import (
+    EXPORT_ID_KEY,
+    EXPORT_MARKER_FILES,
+    FORBIDDEN_PARTS,
+    FORMAT_VERSION,
+    ID_RULES_KEY,
+    SEMANTIC_TABLES_FILE,
+    STATE_FILE,
+)
+
+
+INFERENCE_EXAMPLE = """# Inference with an exported model
+
+```python
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from recsys_llm.serving import ServedModel
+
+# this artifact's directory as exported; its path now if it was copied or moved. The dense
+# program is code: trust_program=True only for artifacts you made or trust
+served = ServedModel.load("{path}", trust_program=True)
+kjt = KeyedJaggedTensor.from_lengths_sync(
+    keys=served.feature_names,                       # {features}
+    values=torch.tensor([...], dtype=torch.int64),   # ids, feature-major
+    lengths=torch.tensor([...], dtype=torch.int32),  # one length per (feature, row)
+)
+dense = torch.zeros(batch_size, {num_dense})         # dense features in schema order, finite
+probabilities = served.predict(dense, kjt)           # (batch_size,)
+```
+
+A request is checked before the model runs: the KeyedJaggedTensor must hold each feature
+once (any order; features the model does not have are ignored, as an EBC ignores them), integer ids and one length per (feature, row) summing to the number of ids;
+the dense features must be `(batch_size, {num_dense})` and finite (NaN / inf is a ValueError
+naming the row). Dense features of another real dtype (float64, integers) are converted to
+float32.
+
+Ids go through the training reader's rules first (`config.json`, `id_rules`): ids of a
+`hashed` field are folded into its table, sequences keep their first `max_length` ids, a row of
+a sparse (single-id) field holds exactly one id (send a missing value as id 0, as in the
+training data, not as an empty bag), and any other id outside its table is a ValueError naming
+the feature and row. The EBC lookup runs
+eagerly; everything after it is `dense_program.pt2` (`torch.export.load`), inputs
+`(dense (B, {num_dense}), pooled (B, {pooled}))`.
+"""
+
+
+SEMANTIC_INFERENCE_NOTE = """
+This is a gain network: its LLM vectors sit in frozen entity tables {tables}
+(`semantic_tables.json`), looked up from the same KeyedJaggedTensor; their values are the
+program's third input. No LLM runs at inference.
+"""
+
+
+class DenseHead(nn.Module):
+    """Everything of a ``CTRTask`` after the EBC lookups: ``(dense, pooled[, vectors]) -> logits``.
+
+    Args:
+        task (nn.Module): a ``CTRTask`` without field injection, or a gain network whose
+            vectors come from frozen entity tables (``SemanticTableTask``): then ``vectors``
+            is that table's EBC output and the projection to extra fields is part of the
+            program.
+        folded_terms (Sequence[str]): logit terms already folded into the backbone (see
+            :func:`serving_form`); they are not added again.
+    """
+
+    def __init__(self, task: nn.Module, folded_terms: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.task = task
+        self._terms: List[str] = [name for name in task.logit_terms if name not in folded_terms]
+        configs = task.model.embedding_bag_collection.embedding_bag_configs()
+        self._keys: List[str] = [f for c in configs for f in c.feature_names]
+        self._lengths: List[int] = [c.embedding_dim for c in configs for _ in c.feature_names]
+
+    def forward(
+        self, dense_features: torch.Tensor, pooled: torch.Tensor, vectors: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            dense_features (torch.Tensor): (B, Dd).
+            pooled (torch.Tensor): (B, sum of table dims), the EBC output values.
+            vectors (Optional[torch.Tensor]): (B, K * d), the entity tables' EBC output values
+                (gain network only).
+
+        Returns:
+            torch.Tensor: logits (B,).
+        """
+        embeddings = KeyedTensor(keys=self._keys, length_per_key=self._lengths, values=pooled)
+        extra_fields = self.task.field_injection(vectors) if vectors is not None else None  # (B, E, D)
+        logits, representation = self.task.model.interact(dense_features, embeddings, extra_fields)
+        output = CTROutput(logits, representation, embeddings)
+        for name in self._terms:
+            logits = logits + self.task.logit_terms[name](output)
+        return logits
+
+
+@contextlib.contextmanager
+def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
+    """The task's logit terms in their serving form, for the duration of the block.
+
+    FIE terms (constant weights at serving) are frozen (a term frozen before keeps its
+    weights), their weight matrix precomputed in the unsharded EBC's key order, and, where the
+    backbone has a pairwise term of its own (FM, FwFM, DeepFM: ``PairWeightFolding``), folded
+    into it, so they cost nothing extra. Afterwards the task is as it was: backbone unfolded,
+    terms unfrozen if they were, their frozen-weight buffers restored.
+
+    Raises:
+        ValueError: the backbone already has folded pair weights (its FIE would count twice).
+
+    Args:
+        task (nn.Module): a ``CTRTask`` in eval mode.
+        keys (Sequence[str]): the pooled embeddings' keys, in order.
+
+    Yields:
+        List[str]: names of the folded logit terms (the backbone now computes them).
+    """
+    model = task.model
+    if isinstance(model, PairWeightFolding) and model.folded_pair_weight is not None:
+        raise ValueError(
+            "export: the backbone already has pair weights folded in; export the task with its FIE term "
+            "unfolded (export_task folds it), or the folded backbone without that term"
+        )
+    terms = {name: term for name, term in task.logit_terms.items() if isinstance(term, FieldInteractionEnhancement)}
+    before = {name: (term.frozen, term.frozen_pair_weights.clone()) for name, term in terms.items()}
+    folded: List[str] = []
+    try:
+        for name, term in terms.items():
+            if not term.frozen:
+                term.freeze()
+            term.set_serving_key_order(keys)
+            if term.fold_into(model):
+                folded.append(name)
+        yield folded
+    finally:
+        if isinstance(model, PairWeightFolding):
+            model.fold_pair_weights(None)
+        for name, term in terms.items():
+            was_frozen, frozen_weights = before[name]
+            term.set_serving_key_order(None)
+            if not was_frozen:
+                term.unfreeze()
+            term.frozen_pair_weights.copy_(frozen_weights)
+
+
+def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
+    return [
+        {
+            "name": c.name,
+            "num_embeddings": c.num_embeddings,
+            "embedding_dim": c.embedding_dim,
+            "feature_names": list(c.feature_names),
+            "pooling": c.pooling.name,
+        }
+        for c in ebc.embedding_bag_configs()
+    ]
+
+
+def _semantic_ebc(task: nn.Module) -> Optional[EmbeddingBagCollection]:
+    """The frozen entity-vector EBC of an entity-table gain network, else None."""
+    table = getattr(task, "semantic_table", None)
+    return table.embedding_bag_collection if table is not None else None
+
+
+def _check_exportable(task: nn.Module, example_dense: torch.Tensor) -> None:
+    """Raises ValueError for what ``export_task`` cannot write a working artifact of."""
+    if isinstance(task, DistributedModelParallel):
+        raise ValueError(
+            "export: pass the unsharded task, not the DistributedModelParallel model: gather its state with "
+            "unsharded_state_dict(model) into the same task built on CPU (what `recsys-llm export` does)"
+        )
+    ebc = getattr(getattr(task, "model", None), "embedding_bag_collection", None)
+    if not isinstance(ebc, EmbeddingBagCollection):
+        raise ValueError(
+            f"export: expected a CTRTask whose model (a CTRBackbone) has an embedding_bag_collection, "
+            f"got {type(task).__name__}"
+        )
+    on_meta = next((name for name, value in [*task.named_parameters(), *task.named_buffers()] if value.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(
+            f"export: {on_meta!r} is on the meta device; export a task on CPU holding the trained weights "
+            "(materialize_meta, then load_state_dict)"
+        )
+    if example_dense.dim() != 2 or example_dense.size(0) < 2:
+        raise ValueError(
+            f"export: the example dense batch must be (B >= 2, num_dense_features), got {tuple(example_dense.shape)} "
+            "(torch.export would fix the program to a batch of 1)"
+        )
+
+
+def check_servable(task: nn.Module) -> None:
+    """Raises when the task would need an LLM or a teacher at inference.
+
+    A gain network whose vectors are per-row inputs (``extras``) needs the LLM for every
+    request and is refused; one that looks its vectors up in frozen entity tables serves
+    like any model (the LLM ran offline, once per entity).
+    """
+    semantic = _semantic_ebc(task) is not None
+    if getattr(task, "field_injection", None) is not None and not semantic:
+        raise ValueError(
+            "export: the task injects per-row LLM vectors (a gain network reading extras); export the student, "
+            "or train the gain network on entity tables (elec.vector_source=entity_table)"
+        )
+    allowed = ("field_injection", "semantic_table") if semantic else ()
+    forbidden = [part for part in FORBIDDEN_PARTS if part not in allowed]
+    names = [n for n, _ in task.named_parameters()] + [n for n, _ in task.named_buffers()]
+    bad = sorted({n.split(".")[0] for n in names if any(p in n.split(".") for p in forbidden)})
+    if bad:
+        raise ValueError(f"export: the task holds teacher/LLM parts {bad}; export the student only")
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def export_task(
+    task: nn.Module,
+    directory: str,
+    example_dense: torch.Tensor,
+    example_sparse: KeyedJaggedTensor,
+    metadata: Optional[Dict[str, Any]] = None,
+    schema: Optional[Any] = None,
+) -> Dict[str, Any]:
+    """Writes the serving artifact of an unsharded ``CTRTask`` (atomically).
+
+    Args:
+        task (nn.Module): the student ``CTRTask`` (or an entity-table gain network) with trained
+            weights, on CPU.
+        directory (str): output directory: an earlier export there is replaced, any other
+            non-empty directory refused (``atomic_dir.check_replaceable``).
+        example_dense (torch.Tensor): (B, Dd) example input for ``torch.export`` (B >= 2).
+        example_sparse (KeyedJaggedTensor): example ids of the same batch.
+        metadata (Optional[Dict[str, Any]]): stored in ``config.json`` (model config, schema name...).
+        schema (Optional[DatasetSchema]): the training data's schema; its ``hashed``,
+            ``max_length`` and single-id kind per feature go to ``config.json`` (``id_rules``), so ``ServedModel``
+            treats raw request ids as the reader treated the training ids (without it: bounds
+            checks only).
+
+    Returns:
+        Dict[str, Any]: the written ``config.json`` (``dense_program`` None, with a warning, when
+        ``torch.export`` could not capture the dense part: the artifact then serves eagerly).
+
+    Raises:
+        ValueError: a sharded (DMP) model, a task without a backbone EBC, a weight still on the
+            meta device, an example batch of fewer than 2 rows, or teacher / LLM parts.
+    """
+    _check_exportable(task, example_dense)
+    check_servable(task)
+    ebc = task.model.embedding_bag_collection
+    semantic = _semantic_ebc(task)
+    tables = _table_dicts(ebc)
+    semantic_tables = _table_dicts(semantic) if semantic is not None else []
+    feature_names = [f for t in tables for f in t["feature_names"]]  # the pooled embeddings' keys, in order
+    with _eval_mode(task), atomic_directory(directory, "export", EXPORT_MARKER_FILES) as tmp, \
+            serving_form(task, feature_names) as folded:
+        # the state as served: frozen logit-term weights included
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
+        export_id = uuid.uuid4().hex  # in config.json, the state file and the program: they belong together
+        save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id})
+        with open(os.path.join(tmp, "tables.json"), "w", encoding="utf-8") as handle:
+            json.dump(tables, handle, indent=2)
+        if semantic_tables:
+            with open(os.path.join(tmp, SEMANTIC_TABLES_FILE), "w", encoding="utf-8") as handle:
+                json.dump(semantic_tables, handle, indent=2)
+        program_status: Optional[str] = "dense_program.pt2"
+        reason = ""
+        head = DenseHead(task, folded).eval()
+        with torch.no_grad():
+            pooled = ebc(example_sparse).values()  # (B, sum dims)
+            inputs = (example_dense, pooled)
+            if semantic is not None:
+                inputs = inputs + (semantic(example_sparse).values(),)  # (B, K * d)
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            with torch.no_grad():  # the inference kernels (e.g. of weighted_pair_sum)
+                program = torch.export.export(
+                    head, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
+                )
+            # drop what the logits do not need (e.g. a folded FM's representation)
+            program.graph_module.graph.eliminate_dead_code()
+            program.graph_module.recompile()
+            torch.export.save(program, os.path.join(tmp, "dense_program.pt2"), extra_files={EXPORT_ID_KEY: export_id})
+        except Exception as error:  # torch.export could not capture this backbone
+            program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
+            warnings.warn(f"export: torch.export could not capture the dense part ({telling_line(error)}); "
+                          f"{directory} serves it eagerly (config.json: dense_program_error)", stacklevel=2)
+        config = {
+            "format_version": FORMAT_VERSION,
+            EXPORT_ID_KEY: export_id,
+            "feature_names": feature_names,
+            "num_dense_features": int(example_dense.size(1)),
+            "pooled_dim": int(pooled.size(1)),
+            "state": STATE_FILE,
+            "tables": "tables.json",
+            "semantic_tables": SEMANTIC_TABLES_FILE if semantic_tables else None,
+            "dense_program": program_status,
+            "dense_program_error": reason,
+            "folded_logit_terms": folded if program_status is not None else [],
+            ID_RULES_KEY: id_rules(schema, _kjt_keys(tables, semantic_tables)) if schema is not None else None,
+            "num_parameters": int(sum(p.numel() for p in task.parameters())),
+            "num_state_tensors": len(state),
+            "metadata": metadata or {},
+        }
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
+        with open(os.path.join(tmp, "INFERENCE.md"), "w", encoding="utf-8") as handle:
+            handle.write(INFERENCE_EXAMPLE.format(path=os.path.abspath(directory), features=feature_names,
+                                                  num_dense=config["num_dense_features"], pooled=config["pooled_dim"]))
+            if semantic_tables:
+                handle.write(SEMANTIC_INFERENCE_NOTE.format(tables=[t["name"] for t in semantic_tables]))
+    return config
+
+
+def _kjt_keys(*table_lists: List[Dict[str, Any]]) -> List[str]:
+    """Every feature the artifact's tables read from the request, once, in table order."""
+    return list(dict.fromkeys(f for tables in table_lists for t in tables for f in t["feature_names"]))
+
+
+def rows_per_feature(*ebcs: Optional[EmbeddingBagCollection]) -> Dict[str, int]:
+    """Table rows per feature (the smallest, where a feature feeds several tables)."""
+    rows: Dict[str, int] = {}
+    for ebc in ebcs:
+        for table in ebc.embedding_bag_configs() if ebc is not None else []:
+            for feature in table.feature_names:
+                rows[feature] = min(rows.get(feature, table.num_embeddings), table.num_embeddings)
+    return rows

@@ -1,0 +1,251 @@
+"""``ServedModel``: an exported artifact loaded for inference, with per-request checks."""
+
+import json
+import math
+import os
+import zipfile
+from typing import Any, Dict, List, NoReturn, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.error_text import telling_line
+from recsys_llm.id_rules import IdRules
+from recsys_llm.serving.artifact import DENSE_DTYPE, EXPORT_ID_KEY, FORMAT_VERSION, ID_RULES_KEY, STATE_FILE
+from recsys_llm.serving.export import rows_per_feature
+from recsys_llm.serving.state import require_finite, check_same_export
+
+
+# what reading a damaged artifact file raises (json, safetensors, torch.export's zip reader and
+# deserializer, a table list or state dict that does not fit); OS errors such as EACCES are not in it
+ARTIFACT_READ_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, EOFError,
+                        zipfile.BadZipFile, SafetensorError)
+CONFIG_KEYS = ("feature_names", "num_dense_features", "state", "tables", "dense_program")  # besides format_version
+
+
+def _raise_damaged(path: str, problem: str, error: Optional[BaseException] = None) -> NoReturn:
+    """Raises the one error of a damaged or incomplete artifact: its file, what is wrong, the fix."""
+    cause = f" ({telling_line(error)})" if error is not None else ""
+    raise ValueError(
+        f"{path}: {problem}{cause}; the export artifact is damaged or incomplete: export the model again "
+        "(`recsys-llm export --output DIR`, or export_task) and load the new directory"
+    ) from error
+
+
+def _read_json(path: str) -> Any:
+    """The JSON value of an artifact file (a damaged or missing one is a ValueError naming it)."""
+    if not os.path.isfile(path):
+        _raise_damaged(path, "file missing")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        _raise_damaged(path, "not valid JSON", error)
+
+
+def _load_ebc(directory: str, tables_file: str, state: Dict[str, torch.Tensor], prefix: str) -> EmbeddingBagCollection:
+    """An EBC from an artifact's table list, its weights taken from ``state`` under ``prefix``."""
+    path = os.path.join(directory, tables_file)
+    tables = _read_json(path)
+    try:
+        ebc = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
+                                   feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]])
+                for t in tables
+            ],
+            device=torch.device("cpu"),
+        )
+    except ARTIFACT_READ_ERRORS as error:
+        _raise_damaged(path, "not a list of tables (name, embedding_dim, num_embeddings, feature_names, pooling)", error)
+    try:
+        ebc.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    except RuntimeError as error:  # missing / unexpected keys, other shapes
+        _raise_damaged(os.path.join(directory, STATE_FILE), f"its tables do not match {tables_file}", error)
+    return ebc.eval()
+
+
+class ServedModel(nn.Module):
+    """An exported model for inference: eager EBC lookups + the exported dense program.
+
+    Args:
+        ebc (EmbeddingBagCollection): the tables with trained weights.
+        dense_program (nn.Module): ``(dense, pooled[, vectors]) -> logits`` (``torch.export`` module).
+        config (Dict[str, Any]): the artifact's ``config.json``.
+        semantic_ebc (Optional[EmbeddingBagCollection]): a gain network's frozen entity-vector
+            tables (their LLM vectors were computed offline, once per entity).
+    """
+
+    def __init__(
+        self,
+        ebc: EmbeddingBagCollection,
+        dense_program: nn.Module,
+        config: Dict[str, Any],
+        semantic_ebc: Optional[EmbeddingBagCollection] = None,
+    ) -> None:
+        super().__init__()
+        self.embedding_bag_collection = ebc
+        self.semantic_embedding_bag_collection = semantic_ebc
+        self.dense_program = dense_program
+        self._config = config
+        self._id_rules = IdRules.from_config(config.get(ID_RULES_KEY), rows_per_feature(ebc, semantic_ebc))
+
+    @property
+    def feature_names(self) -> List[str]:
+        return list(self._config["feature_names"])
+
+    @classmethod
+    def load(cls, directory: str, trust_program: bool = False) -> "ServedModel":
+        """Loads an artifact: the tables from ``model.safetensors``, the dense part from
+        ``dense_program.pt2``.
+
+        The dense program is code: ``torch.export.load`` evaluates expressions and guard
+        code stored in the file (and unpickles some payload kinds), so like Hugging Face's
+        ``trust_remote_code`` it is read only when asked. Pass ``trust_program=True`` for an
+        artifact you exported or trust; without it nothing from the file runs.
+
+        A damaged or incomplete artifact (a file truncated, missing, or not what ``export_task``
+        writes; weights with NaN / inf) is one ValueError naming the file: export again.
+
+        Raises:
+            FileNotFoundError: ``directory`` is no directory.
+            PermissionError: ``trust_program`` is False.
+            ValueError: another format version, no program was exported, or the artifact is
+                damaged or incomplete.
+        """
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory}: no such directory; expected an export artifact (`recsys-llm export`)")
+        config_path = os.path.join(directory, "config.json")
+        config = _read_json(config_path)
+        if not isinstance(config, dict):
+            _raise_damaged(config_path, f"holds a JSON {type(config).__name__}, expected an object")
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: export format {config.get('format_version')}, this code reads {FORMAT_VERSION}")
+        missing = [key for key in CONFIG_KEYS if key not in config]
+        if missing:
+            _raise_damaged(config_path, f"lacks the keys {missing}")
+        if config["dense_program"] is None:
+            raise ValueError(
+                f"{directory}: no dense program was exported ({config.get('dense_program_error')}); "
+                "load model.safetensors into the model code instead"
+            )
+        program_path = os.path.join(directory, config["dense_program"])
+        if not trust_program:
+            raise PermissionError(
+                f"{program_path} is a torch.export program, i.e. code (torch.export.load evaluates "
+                "expressions and guards stored in it): load it with ServedModel.load(..., "
+                "trust_program=True) only if you exported it or trust its source; model.safetensors "
+                "alone holds weights only (safetensors.torch.load_file)"
+            )
+        state_path = os.path.join(directory, config["state"])
+        if not os.path.isfile(state_path):
+            _raise_damaged(state_path, "file missing")
+        try:
+            with safe_open(state_path, framework="pt") as handle:  # weights only
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+                state_export_id = (handle.metadata() or {}).get(EXPORT_ID_KEY)
+        except ARTIFACT_READ_ERRORS as error:
+            _raise_damaged(state_path, "cannot be read as the model's weights", error)
+        for key, value in state.items():
+            require_finite(state_path, key, value)
+        check_same_export(config_path, config, state_path, state_export_id)
+        ebc = _load_ebc(directory, config["tables"], state, "model.embedding_bag_collection.")
+        semantic = None
+        if config.get("semantic_tables"):
+            semantic = _load_ebc(directory, config["semantic_tables"], state, "semantic_table.embedding_bag_collection.")
+        if not os.path.isfile(program_path):
+            _raise_damaged(program_path, "file missing")
+        program_extra = {EXPORT_ID_KEY: ""}  # filled by load: "" when the program has none
+        try:
+            program = torch.export.load(program_path, extra_files=program_extra).module()
+        except ARTIFACT_READ_ERRORS as error:
+            _raise_damaged(program_path, "cannot be read as a torch.export program", error)
+        check_same_export(config_path, config, program_path, program_extra[EXPORT_ID_KEY] or None)
+        return cls(ebc, program, config, semantic)
+
+    def _checked_dense(self, dense_features: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The request's dense features as the program takes them: (B, Dd) float32, all finite.
+
+        Other real dtypes (float64, float16, integers, bool) are converted to float32, as the
+        training reader gives them; a float64 beyond float32's range becomes inf and is refused.
+
+        Args:
+            dense_features (torch.Tensor): (B, Dd).
+            batch_size (int): B of the sparse features.
+
+        Raises:
+            TypeError: not a tensor.
+            ValueError: another shape, a complex dtype, an empty batch, or a NaN / inf value
+                (named with its row and column).
+        """
+        width = int(self._config["num_dense_features"])
+        if not isinstance(dense_features, torch.Tensor):
+            raise TypeError(f"dense_features: expected a (B, {width}) float32 torch.Tensor, "
+                            f"got {type(dense_features).__name__}")
+        shape = tuple(dense_features.shape)
+        if dense_features.dim() != 2 or shape[1] != width or shape[0] != batch_size:
+            raise ValueError(f"dense_features: expected (B, {width}) with B = {batch_size}, the sparse features' batch "
+                             f"size, got {shape}")
+        if batch_size == 0:
+            raise ValueError("empty batch: dense_features and the sparse features have 0 rows; expected at least one")
+        if dense_features.dtype != DENSE_DTYPE:
+            if dense_features.dtype.is_complex:
+                raise ValueError(f"dense_features: dtype {dense_features.dtype}; expected real numbers (float32)")
+            converted = dense_features.to(DENSE_DTYPE)  # (B, Dd)
+        else:
+            converted = dense_features
+        # one reduction: a NaN or inf anywhere makes the sum one (a sum that only overflows is no error)
+        bad = () if math.isfinite(float(converted.sum())) else (~torch.isfinite(converted)).nonzero()  # (n, 2)
+        if len(bad):
+            row, column = (int(i) for i in bad[0])
+            value = dense_features[row, column].item()
+            as_float32 = converted[row, column].item()
+            shown = f"{value}" if converted is dense_features else f"{value} (as float32: {as_float32})"
+            raise ValueError(f"dense_features row {row}, column {column}: value {shown}; expected finite values, as in "
+                             "training (fill or drop NaN / inf before the request)")
+        return converted
+
+    @torch.no_grad()
+    def logits(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """(B, Dd), KJT of raw ids -> logits (B,).
+
+        The request is checked before anything runs, with a few whole-tensor checks (no loop
+        over rows): the KJT holds each of the model's features once (others are dropped), integer ids and lengths
+        that count them (:meth:`~recsys_llm.id_rules.IdRules.check_structure`); the dense
+        features are (B, Dd) with the KJT's B, B > 0, and finite. Dense features of another
+        real dtype (float64, integers) are converted to float32; NaN / inf is refused, as the
+        training reader refuses it. Each problem is a ValueError saying what was expected.
+
+        The ids then go through the training reader's rules (:class:`~recsys_llm.id_rules.IdRules`):
+        hashed features folded, sequences cut to ``max_length``, a row without an id or with
+        several of a sparse (single-id) feature and other out-of-table ids refused (ValueError
+        naming the feature and row).
+
+        Args:
+            dense_features (torch.Tensor): (B, Dd), in schema order.
+            sparse_features (KeyedJaggedTensor): raw ids of the model's features (any key order).
+
+        Returns:
+            torch.Tensor: logits (B,).
+        """
+        if not isinstance(sparse_features, KeyedJaggedTensor):
+            raise TypeError(f"sparse_features: expected a KeyedJaggedTensor of the features {self.feature_names}, "
+                            f"got {type(sparse_features).__name__}")
+        sparse_features = self._id_rules(sparse_features)  # checks its structure first
+        strides = set(sparse_features.stride_per_key())
+        if len(strides) != 1:
+            raise ValueError(f"sparse features: batch sizes {sorted(strides)} differ per feature; expected one B for all")
+        dense_features = self._checked_dense(dense_features, strides.pop())  # (B, Dd) float32
+        pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
+        if self.semantic_embedding_bag_collection is None:
+            return self.dense_program(dense_features, pooled)
+        vectors = self.semantic_embedding_bag_collection(sparse_features).values()  # (B, K * d)
+        return self.dense_program(dense_features, pooled, vectors)
+
+    def predict(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Click probabilities (B,)."""
+        return torch.sigmoid(self.logits(dense_features, sparse_features))
