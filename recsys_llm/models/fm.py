@@ -20,20 +20,29 @@ class _SumSquareInteraction(torch.autograd.Function):
     """The sum-square trick with a one-expression backward: d/de_i = g * (sum_j e_j - e_i).
 
     Autograd's backward of the trick walks five (B, N, D) intermediates (two expands, two
-    power rules, their sum); this one makes one, in half the time forward + backward on CPU.
+    power rules, their sum); this one makes one: about a third less time forward + backward on CPU.
+    The backward is itself differentiable (gradient penalties, ``create_graph=True``), and
+    ``setup_context`` + ``generate_vmap_rule`` let ``torch.func`` transform it.
     """
 
-    @staticmethod
-    def forward(ctx, fields: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, D)
-        total = fields.sum(dim=1)  # (B, D)
-        ctx.save_for_backward(fields, total)
-        return (total.square() - fields.square().sum(dim=1)).mul_(0.5)
+    generate_vmap_rule = True
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, N, D)
+    def forward(fields: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":  # (B, N, D) -> (B, D), (B, D)
+        total = fields.sum(dim=-2)  # (B, D), kept for the backward
+        return (total.square() - fields.square().sum(dim=-2)).mul_(0.5), total
+
+    @staticmethod
+    def setup_context(ctx, inputs: "tuple[torch.Tensor]", output: "tuple[torch.Tensor, torch.Tensor]") -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0], output[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _: Optional[torch.Tensor]) -> torch.Tensor:  # (B, D) -> (B, N, D)
         fields, total = ctx.saved_tensors
-        return (total.unsqueeze(1) - fields).mul_(grad.unsqueeze(1))
+        if torch.is_grad_enabled():  # create_graph: the gradient's own graph runs through fields
+            return (fields.sum(dim=-2, keepdim=True) - fields) * grad.unsqueeze(-2)
+        return (total.unsqueeze(-2) - fields).mul_(grad.unsqueeze(-2))  # sum_j e_j - e_i, times g
 
 
 @torch.fx.wrap
@@ -56,7 +65,7 @@ def fm_interaction(fields: torch.Tensor) -> torch.Tensor:
         torch.Tensor: (B, D).
     """
     if torch.is_grad_enabled() and fields.requires_grad:
-        return _SumSquareInteraction.apply(fields)
+        return _SumSquareInteraction.apply(fields)[0]
     square_of_sum = fields.sum(dim=1).pow(2)  # (B, D)
     sum_of_square = fields.pow(2).sum(dim=1)  # (B, D)
     return 0.5 * (square_of_sum - sum_of_square)  # (B, D)

@@ -1,12 +1,14 @@
 """Hand-written autograd Functions of the models (FRE's KL, the pairwise sums) are first-order
 only: a double backward through them raises instead of giving wrong second derivatives
 (when the incoming gradient requires grad, as in a gradient penalty; torch's
-``once_differentiable`` cannot see a term that enters the loss linearly).
+``once_differentiable`` cannot see a term that enters the loss linearly). FM's interaction
+kernel is twice differentiable, as the autograd formula it replaced was.
 """
 
 import pytest
 import torch
 
+from recsys_llm.models.fm import fm_interaction
 from recsys_llm.models.pairwise import weighted_pair_sum
 from recsys_llm.modules.field_interaction import semantic_pair_sum
 from recsys_llm.modules.field_semantics import projected_field_kl
@@ -44,3 +46,31 @@ def test_semantic_pair_sum_refuses_double_backward():
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
     with pytest.raises(RuntimeError, match="once_differentiable"):
         _second_order(loss, fields)
+
+
+def _explicit_fm(fields: torch.Tensor) -> torch.Tensor:
+    count = fields.size(1)
+    return sum(fields[:, i] * fields[:, j] for i in range(count) for j in range(i + 1, count))
+
+
+@pytest.mark.parametrize("loss_of", [lambda v: v.sum(), lambda v: v.sum(-1).sigmoid().log().neg().mean()],
+                         ids=["linear logit", "bce"])
+def test_fm_interaction_gradient_penalty_equals_autograds(loss_of):
+    """The penalty on a logit that is linear in v sees no gradient that requires grad: a
+    ``once_differentiable`` kernel would return a gradient without a graph there, silently."""
+    fields = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    by_kernel, by_autograd = (
+        torch.autograd.grad(
+            torch.autograd.grad(loss_of(f(fields)), fields, create_graph=True)[0].pow(2).sum(), fields
+        )[0]
+        for f in (fm_interaction, _explicit_fm)
+    )
+    torch.testing.assert_close(by_kernel, by_autograd)
+    assert torch.autograd.gradgradcheck(fm_interaction, (fields,))
+
+
+def test_fm_interaction_works_under_torch_func():
+    fields = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    per_sample = torch.func.vmap(torch.func.grad(lambda f: fm_interaction(f).sum()))(fields)
+    expected = torch.stack([torch.func.grad(lambda f: _explicit_fm(f).sum())(f) for f in fields])
+    torch.testing.assert_close(per_sample, expected)
