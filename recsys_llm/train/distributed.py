@@ -66,27 +66,30 @@ def select_device(local_rank: int, device: str = "auto") -> torch.device:
         raise ValueError(f"device 'cuda' (train.device) requested, but torch ({torch.__version__}, {build}) sees no "
                          "GPU; use device 'auto' or 'cpu', or install the CUDA variant (RECSYS_LLM_VARIANT=cuda make install)")
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return torch.device("cuda", gpu_index(local_rank, local_world_size, count, os.environ.get("CUDA_VISIBLE_DEVICES")))
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    return torch.device("cuda", gpu_index(local_rank, local_world_size, count, under_torchrun))
 
 
-def gpu_index(local_rank: int, local_world_size: int, visible: int, visible_devices: Optional[str]) -> int:
-    """The index of this process's GPU among the ``visible`` ones.
+def gpu_index(local_rank: int, local_world_size: int, visible: int, under_torchrun: bool) -> int:
+    """The index of this process's GPU among the ``visible`` ones: local rank r takes GPU r.
 
-    One visible GPU is this process's own when a launcher gave each rank its own
-    (``CUDA_VISIBLE_DEVICES`` set), or on a single-GPU host with one rank per host; else
-    local rank r takes GPU r.
+    One visible GPU is this process's own (a launcher that gives each rank its own GPU, e.g.
+    through ``CUDA_VISIBLE_DEVICES``, or a single-GPU host), except under torchrun, whose
+    local ranks all see the same GPUs.
 
     Raises:
-        ValueError: more local ranks than GPUs: several ranks would share one GPU, which NCCL
-            refuses at the first collective ("Duplicate GPU detected").
+        ValueError: a local rank without a GPU of its own; under torchrun, more local ranks
+            than visible GPUs, on every rank (NCCL would refuse ranks sharing one GPU at the
+            first collective, "Duplicate GPU detected", and a rank without one would hang the rest).
     """
-    if visible == 1 and (local_world_size == 1 or visible_devices is not None):
+    shared = under_torchrun and local_world_size > 1
+    if visible == 1 and not shared:
         return 0
-    if local_rank >= visible or local_world_size > visible:
+    if local_rank >= visible or (shared and local_world_size > visible):
         raise ValueError(
             f"device 'cuda' requested for local rank {local_rank} of {local_world_size} on this host, but "
-            f"{visible} GPU(s) are visible (CUDA_VISIBLE_DEVICES={visible_devices!r}); start at most {visible} "
-            "processes per host (torchrun --nproc-per-node), or give each its own GPU"
+            f"{visible} GPU(s) are visible; start at most {visible} processes per host "
+            "(torchrun --nproc-per-node), or give each its own GPU"
         )
     return local_rank
 

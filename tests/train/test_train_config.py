@@ -237,26 +237,29 @@ def test_cuda_on_a_machine_without_a_gpu_is_named() -> None:
 
 
 @pytest.mark.parametrize(
-    "local_rank, local_world_size, visible, visible_devices, expected",
+    "local_rank, local_world_size, visible, under_torchrun, expected",
     [
-        (0, 1, 1, None, 0),  # a single-GPU host, one rank
-        (1, 2, 1, "3", 0),  # the launcher gave each rank its own GPU
-        (1, 2, 2, None, 1),  # local rank r takes GPU r
-        (0, 1, 4, None, 0),
+        (0, 1, 1, True, 0),  # a single-GPU host, one rank
+        (1, 2, 1, False, 0),  # a launcher (e.g. SLURM) that gave each rank its own GPU
+        (1, 2, 2, True, 1),  # local rank r takes GPU r
+        (0, 1, 4, False, 0),
+        (3, 1, 4, False, 3),  # a launcher that sets LOCAL_RANK only
     ],
 )
-def test_gpu_index_of_a_rank(local_rank, local_world_size, visible, visible_devices, expected) -> None:
+def test_gpu_index_of_a_rank(local_rank, local_world_size, visible, under_torchrun, expected) -> None:
     from recsys_llm.train.distributed import gpu_index
 
-    assert gpu_index(local_rank, local_world_size, visible, visible_devices) == expected
+    assert gpu_index(local_rank, local_world_size, visible, under_torchrun) == expected
 
 
 @pytest.mark.parametrize("local_rank", [0, 1])
-def test_ranks_that_would_share_a_gpu_are_named(local_rank: int) -> None:
+def test_torchrun_ranks_that_would_share_a_gpu_are_named(local_rank: int) -> None:
     from recsys_llm.train.distributed import gpu_index
 
-    # two ranks, one GPU that both see: NCCL would fail at the first collective ("Duplicate GPU")
+    # torchrun's two local ranks see the same one GPU (CUDA_VISIBLE_DEVICES=0 or a 1-GPU host)
     with pytest.raises(ValueError, match=f"local rank {local_rank} of 2 on this host, but 1 GPU\\(s\\) are visible"):
-        gpu_index(local_rank, 2, 1, None)
+        gpu_index(local_rank, 2, 1, True)
     with pytest.raises(ValueError, match="at most 2 processes per host"):
-        gpu_index(local_rank, 3, 2, "0,1")
+        gpu_index(local_rank, 3, 2, True)
+    with pytest.raises(ValueError, match="local rank 2 of 3"):
+        gpu_index(2, 3, 2, False)  # a rank without a GPU, whatever the launcher
