@@ -15,8 +15,8 @@ The file is read with ``pyarrow.csv.open_csv`` block by block, so memory stays b
 for the 45M-line Kaggle set or a 4 billion-line Terabyte day. A header line is
 recognised (and skipped) when its first cell is not a number, e.g. Kaggle's
 ``Id,Label,I1,...`` (a leading ``Id`` column is dropped). A leading UTF-8 byte order mark
-is ignored; a blank line is an error that names it (skipping it would shift the line numbers
-of later errors and the split counts).
+is ignored; blank lines at the end of the file are too, and one before a data line is an error
+that names it (skipping it would shift the line numbers of later errors and the split counts).
 """
 
 import dataclasses
@@ -101,6 +101,21 @@ def _count_lines(path: str) -> int:
     return count + (last != b"\n")
 
 
+def _trailing_blank_lines(path: str, tail_bytes: int = 1 << 20) -> int:
+    """Blank lines at the end of the file (within its last ``tail_bytes``), e.g. from ``cat``."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, os.path.getsize(path) - tail_bytes))
+        lines = handle.read().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the final newline ends the last line
+    count = 0
+    for line in reversed(lines):
+        if line.strip():
+            break
+        count += 1
+    return count
+
+
 def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
     """(has_header, has_id_column) from the first line.
 
@@ -183,7 +198,7 @@ def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> Dat
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
     delimiter = config.delimiter or ("," if path.endswith(".csv") else "\t")
     header, _ = _layout(path, delimiter)
-    total = _count_lines(path) - int(header)
+    total = _count_lines(path) - _trailing_blank_lines(path) - int(header)
     if config.max_rows is not None:
         total = min(total, config.max_rows)
     if total < 1:
@@ -227,7 +242,8 @@ def _convert(batch: pa.RecordBatch, path: str, line: int, config: CriteoConfig, 
     if label_array.null_count:
         first = int(np.argmax(~np.asarray(label_array.is_valid())))
         if all(not column[first].is_valid for column in batch.columns):
-            raise DataError(f"{path}, line {line + first}: blank line; expected label, I1..I13, C1..C26")
+            raise DataError(f"{path}, line {line + first}: blank line, or every cell empty; expected label, "
+                            "I1..I13, C1..C26")
         raise DataError(f"{path}, line {line + first}: column 'label' is empty; expected 0 or 1")
     labels = label_array.to_numpy(zero_copy_only=False)
     try:

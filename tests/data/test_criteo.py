@@ -69,8 +69,17 @@ def test_wrong_column_count_names_line(tmp_path):
 def test_blank_line_is_named_with_its_line_number(tmp_path):
     rows = _lines(20)
     raw = _write(tmp_path / "bad.tsv", rows[:5] + [[""]] + rows[5:])
-    with pytest.raises(DataError, match=r"bad\.tsv, line 6: blank line; expected label, I1\.\.I13, C1\.\.C26"):
+    with pytest.raises(DataError, match=r"bad\.tsv, line 6: blank line, or every cell empty; expected label, I1\.\.I13"):
         prepare_criteo(raw, str(tmp_path / "out"))
+
+
+def test_blank_lines_at_the_end_are_ignored(tmp_path):
+    rows = _lines(20)
+    raw = _write(tmp_path / "tail.tsv", rows)
+    with open(raw, "a") as handle:
+        handle.write("\n\r\n\n")  # e.g. from cat or an editor
+    schema = prepare_criteo(raw, str(tmp_path / "out"), CriteoConfig(hash_size=64, split_fractions=(0.5, 0.25, 0.25)))
+    assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == [10, 5, 5]
 
 
 def test_bad_label_names_line(tmp_path):
