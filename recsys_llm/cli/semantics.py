@@ -131,8 +131,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     tune.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     tune.add_argument("--target-modules", nargs="+", default=None,
                       help="LoRA target modules (default: the attention query/value projections as the model "
-                           "names them: q_proj v_proj / query value / c_attn / query_key_value / Wqkv; else "
-                           "peft's default for the architecture)")
+                           "names them: q_proj v_proj / query value / c_attn / query_key_value / Wqkv; a model "
+                           "without them needs this option)")
     tune.add_argument("--seed", type=int, default=0, help="sampling, shuffling and LoRA initialisation")
     tune.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     tune.set_defaults(func=_tune)

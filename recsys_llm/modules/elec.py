@@ -248,10 +248,10 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         check_provenance(stored, expected, directory)  # every rank, not only those holding shards
         exported_dim = vector_dim(directory)
         if exported_dim != config.vector_dim:
-            raise ValueError(
-                f"elec entity vectors of {field!r} in {directory}: {exported_dim}-d vectors, but elec.vector_dim is "
-                f"{config.vector_dim}; set elec.vector_dim={exported_dim}, or export vectors of that width"
-            )
+            remedy = (f"name the export the teacher of elec.teacher_checkpoint {config.teacher_checkpoint} was trained "
+                      "with" if frozen else f"set elec.vector_dim={exported_dim}, or export vectors of that width")
+            raise ValueError(f"elec entity vectors of {field!r} in {directory}: {exported_dim}-d vectors, but "
+                             f"elec.vector_dim is {config.vector_dim}; {remedy}")
         if frozen:
             report["entity_rows_checked"] += check_teacher_vectors(model, field, directory, config.teacher_checkpoint)
         else:
