@@ -30,19 +30,11 @@ Example (inference)::
 
 Modules: ``artifact`` (file names and format constants), ``state`` (gathering a sharded
 model's state dict; reading an artifact's weights safely), ``export`` (:func:`export_task`),
-``served_model`` (:class:`ServedModel`).
+``served_model`` (:class:`ServedModel`); the artifact's other file names and keys are in
+``recsys_llm.serving.artifact``.
 """
 
-from recsys_llm.serving.artifact import (
-    DENSE_DTYPE,
-    EXPORT_ID_KEY,
-    EXPORT_MARKER_FILES,
-    FORBIDDEN_PARTS,
-    FORMAT_VERSION,
-    ID_RULES_KEY,
-    SEMANTIC_TABLES_FILE,
-    STATE_FILE,
-)
+from recsys_llm.serving.artifact import EXPORT_MARKER_FILES, FORMAT_VERSION, STATE_FILE
 from recsys_llm.serving.export import INFERENCE_EXAMPLE, DenseHead, check_servable, export_task, serving_form
 from recsys_llm.serving.served_model import ARTIFACT_READ_ERRORS, CONFIG_KEYS, ServedModel
 from recsys_llm.serving.state import (
@@ -57,14 +49,9 @@ from recsys_llm.serving.state import (
 __all__ = [
     "ARTIFACT_READ_ERRORS",
     "CONFIG_KEYS",
-    "DENSE_DTYPE",
-    "EXPORT_ID_KEY",
     "EXPORT_MARKER_FILES",
-    "FORBIDDEN_PARTS",
     "FORMAT_VERSION",
-    "ID_RULES_KEY",
     "INFERENCE_EXAMPLE",
-    "SEMANTIC_TABLES_FILE",
     "STATE_FILE",
     "DenseHead",
     "ServedModel",
