@@ -6,6 +6,8 @@ import pytest
 
 from recsys_llm.cli import PROGRESS_INTERVAL_ENV, main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_progress_bars_written_to_a_log_update_every_30_s(monkeypatch) -> None:
     monkeypatch.delenv(PROGRESS_INTERVAL_ENV, raising=False)  # restored after the test
@@ -133,3 +135,20 @@ def test_help_shows_the_defaults_outside_the_semantics_group_too(capsys) -> None
     for text in (synthetic, tabular, demo):
         for unhelpful in ("(default: None)", "(default: False)", "(default: [])", "(default: (0.8"):
             assert unhelpful not in text
+
+
+def _train_that_fails_after_the_group_starts(run_dir: str) -> "tuple[int, bool]":
+    import torch.distributed as dist
+
+    code = main(["train", "--config", os.path.join(REPO, "configs", "synthetic_deepfm.yaml"),
+                 "data.schema=/nonexistent/schema.json", "data.synthetic_rows=0", f"train.run_dir={run_dir}"])
+    return code, dist.is_initialized()
+
+
+def test_a_command_that_fails_leaves_no_process_group_behind(tmp_path) -> None:
+    """A process that exits with a live gloo group can abort in its destructor ("terminate called
+    without an active exception", exit code 134 instead of 2)."""
+    from tests.multiprocess import run_multiprocess
+
+    (result,) = run_multiprocess(_train_that_fails_after_the_group_starts, world_size=1, run_dir=str(tmp_path / "run"))
+    assert result == (2, False)

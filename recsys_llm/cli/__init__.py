@@ -110,6 +110,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"recsys-llm {args.command}: error: {message}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
+    finally:  # a command that ended normally has torn its group down already
+        if "torch.distributed" in sys.modules:
+            from recsys_llm.train.distributed import leave_process_group
+
+            leave_process_group()
 
 
 if __name__ == "__main__":

@@ -177,6 +177,15 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def leave_process_group() -> None:
+    """Destroys the default process group, if any, without waiting for the other ranks: after an
+    error, which they may never reach. A process that exits with a live gloo group can abort in
+    the group's destructor ("terminate called without an active exception", exit code 134)
+    instead of exiting with its own code."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 _host_group: "Optional[tuple]" = None  # (the default group it was made for, the gloo group)
 
 

@@ -11,13 +11,14 @@ LONE_PROCESS = """
 import os
 import torch
 import torch.distributed as dist
-from recsys_llm.train.distributed import init_distributed
+from recsys_llm.train.distributed import init_distributed, teardown_distributed
 
 ctx = init_distributed("cpu")
 total = torch.ones(1)
 dist.all_reduce(total)
 dist.barrier()
 print(ctx.rank, ctx.world_size, ctx.backend, int(total.item()), "MASTER_PORT" in os.environ)
+teardown_distributed()  # a process that exits with a live gloo group can abort in its destructor
 """
 
 
