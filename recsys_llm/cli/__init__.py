@@ -101,6 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     quiet_upstream_notices()
     exit_on_sigterm()
+    # a command called inside a running program's group (the examples, the demo) must leave it be
+    outer_group = "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
@@ -110,8 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"recsys-llm {args.command}: error: {message}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
-    finally:  # a command that ended normally has torn its group down already
-        if "torch.distributed" in sys.modules:
+    finally:  # a command that ended normally has torn its own group down already
+        if not outer_group and "torch.distributed" in sys.modules:
             from recsys_llm.train.distributed import leave_process_group
 
             leave_process_group()
