@@ -38,6 +38,10 @@ UPSTREAM_NOTICES = (
     ("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
     ("`broadcast_buffers` is deprecated", FutureWarning),
     ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # FBGEMM's CPU kernel of a replicated (data_parallel) table runs its own autograd Function, so
+    # the gradient flows (tests/train/test_train_sharding.py); torch warns at every backward only
+    # because the op has no kernel at the Autograd key
+    ("dense_embedding_codegen_lookup_function: an autograd kernel was not registered", UserWarning),
     # torch.export's archive writer, for weights that are all on CPU (``export`` moves them there)
     ("No complete tensor found in the group", UserWarning),
 )
