@@ -1,0 +1,308 @@
+"""``prepare_tabular``: the two passes over the source, one Parquet file per split, validated
+block by block, written whole or not at all."""
+
+import dataclasses
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, write_prepared
+from recsys_llm.data.schema import DatasetSchema, FieldKind, SchemaError, load_raw, schema_file
+from recsys_llm.data.synthetic import write_value_text
+from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig
+from recsys_llm.data.tabular.source import first_line, read_blocks, repeated_columns, source_columns
+from recsys_llm.data.tabular.splits import random_split, split_of_rows
+from recsys_llm.data.tabular.tokens import INTEGER_PATTERN, FieldPlan, field_tokens, plan_fields, token_ids
+from recsys_llm.data.validation import (
+    DataError,
+    check_dense,
+    check_ids,
+    check_labels,
+    check_no_nulls,
+    describe_row,
+    offsets_from_lengths,
+)
+
+
+def prepare_tabular(
+    data_path: str,
+    schema_path: str,
+    out_dir: str,
+    config: Optional[TabularConfig] = None,
+    progress: bool = False,
+) -> DatasetSchema:
+    """Converts a user's CSV/Parquet data with a user-written schema into validated splits.
+
+    The output is built in a temp directory and replaces ``out_dir`` only when complete and
+    checked (:func:`~recsys_llm.data.parquet.write_prepared`): a failed conversion leaves an
+    earlier output as it was.
+
+    Args:
+        data_path (str): CSV file with a header line, Parquet file, or directory of Parquet files.
+        schema_path (str): JSON/YAML schema (fields, label, optional row key and extra columns).
+        out_dir (str): output directory (``train/valid/test.parquet``, ``text/``, ``schema.json``);
+            absent, empty or an earlier prepared data set.
+        config (Optional[TabularConfig]): split and parsing options.
+        progress (bool): show a tqdm bar over rows.
+
+    Returns:
+        DatasetSchema: the written schema.
+
+    Raises:
+        SchemaError: a bad schema file, or one without a sparse or sequence field. DataError: data
+            that does not fit the schema, naming the file, the column and what was expected, or a
+            split left without rows.
+            FileExistsError: ``out_dir`` holds other files. ValueError: ``out_dir`` holds an input.
+
+    Example::
+
+        schema = prepare_tabular("clicks.csv", "clicks.yaml", "data/clicks", TabularConfig(split_by="ts"))
+    """
+    config = config or TabularConfig()
+    path = schema_file(schema_path)
+    raw = load_raw(path)
+    user_schema = DatasetSchema.from_dict(raw, root=os.path.dirname(os.path.abspath(path)), source=path)
+    if not user_schema.categorical_fields:  # else only train would find it: every model embeds categorical fields
+        what = "fields is empty" if not user_schema.fields else f"fields {user_schema.dense_feature_names} are all dense"
+        raise SchemaError(f"{path}: {what}; expected at least one sparse or sequence field (the models embed them; "
+                          "dense fields are optional)")
+    # a row key the schema names must be in the data; only an unnamed one is generated (as row_id)
+    row_key_named = isinstance(raw, dict) and raw.get("row_key") is not None
+    if user_schema.row_key and user_schema.row_key in [f.name for f in user_schema.fields] + [user_schema.label]:
+        raise SchemaError(f"{path}: row_key {user_schema.row_key!r} is also a field or the label; expected a column "
+                          "of its own holding a unique integer per row")
+    if user_schema.row_key in user_schema.extra_columns:  # written once, as the row key
+        user_schema.extra_columns = [c for c in user_schema.extra_columns if c != user_schema.row_key]
+    for name in config.vocabulary_fields:
+        spec = next((f for f in user_schema.categorical_fields if f.name == name), None)
+        if spec is None:
+            raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): {schema_path} has no sparse or "
+                             f"sequence field {name!r}; its categorical fields: {user_schema.sparse_feature_names}")
+        if spec.hashed:
+            raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): field {name!r} is hashed in "
+                             f"{schema_path}; a field is either hashed or mapped through a vocabulary")
+    value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
+    return write_prepared(
+        out_dir, data_path, [data_path, schema_path] + value_texts,
+        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, row_key_named),
+    )
+
+
+def _convert(
+    data_path: str,
+    user_schema: DatasetSchema,
+    schema_path: str,
+    out_dir: str,
+    config: TabularConfig,
+    progress: bool,
+    row_key_named: bool = False,
+) -> DatasetSchema:
+    """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
+    available = source_columns(data_path, config)
+    wanted = [f.name for f in user_schema.fields] + [user_schema.label] + list(user_schema.extra_columns)
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; the file has columns {available}")
+    repeated = repeated_columns(available, wanted)
+    if repeated:
+        raise DataError(f"{data_path}: column(s) {repeated} named in {schema_path} occur more than once in the "
+                        "file; expected each column once (rename or drop the copies)")
+    if row_key_named and user_schema.row_key not in available:
+        raise DataError(
+            f"{data_path}: missing row key column {user_schema.row_key!r} named by row_key in {schema_path}; "
+            f"the file has columns {available} (drop row_key from the schema to number the rows as row_id)"
+        )
+    if config.split_by and config.split_by not in available:
+        raise DataError(f"{data_path}: missing column {config.split_by!r} named by --split-by "
+                        f"(TabularConfig.split_by); the file has columns {available}")
+    row_key = user_schema.row_key if user_schema.row_key in available else None
+    columns = list(dict.fromkeys(wanted + ([config.split_by] if config.split_by else []) + ([row_key] if row_key else [])))
+
+    plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key)
+    total = len(split_values) if split_values is not None else None
+    split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
+    schema = _output_schema(user_schema, plans, out_dir)
+    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress)
+    try:
+        _write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar)
+    finally:
+        bar.close()
+    return schema
+
+
+def _output_schema(user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_dir: str) -> DatasetSchema:
+    """The output schema rooted at ``out_dir``; writes vocabularies and copies user value text into ``out_dir/text``."""
+    fields = []
+    for spec in user_schema.fields:
+        value_text = spec.value_text
+        plan = plans.get(spec.name)
+        if plan is not None and plan.mode == "vocab":
+            value_text = f"text/{spec.name}.parquet"
+            write_value_text(os.path.join(out_dir, value_text), ["unknown"] + plan.vocabulary.to_pylist())
+        elif value_text:
+            source = user_schema.value_text_path(spec.name)
+            user_schema.load_value_text(spec.name)  # validates its columns
+            value_text = f"text/{spec.name}.parquet"
+            os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
+            shutil.copyfile(source, os.path.join(out_dir, value_text))
+        fields.append(dataclasses.replace(spec, value_text=value_text))
+    return DatasetSchema(
+        name=user_schema.name,
+        fields=fields,
+        label=user_schema.label,
+        row_key=user_schema.row_key or "row_id",
+        splits={"train": "train.parquet", "valid": "valid.parquet", "test": "test.parquet"},
+        extra_columns=list(user_schema.extra_columns),
+        root=os.path.abspath(out_dir),
+    )
+
+
+def _write_splits(
+    data_path: str,
+    user_schema: DatasetSchema,
+    schema: DatasetSchema,
+    plans: Dict[str, FieldPlan],
+    columns: List[str],
+    row_key: Optional[str],
+    split_rows: Optional[np.ndarray],
+    config: TabularConfig,
+    bar: tqdm,
+) -> None:
+    """Streams the source block by block into one Parquet file per split under ``schema.root``."""
+    writers: List[SplitWriter] = []
+    keys: List[np.ndarray] = []  # the row keys read from the data, checked for repeats at the end
+    row = 0
+    try:
+        for block in read_blocks(data_path, user_schema, columns, config, row_key):
+            out = _convert_block(block, schema, plans, config, data_path, row, row_key)
+            if row_key:
+                keys.append(out[schema.row_key])
+            if not writers:
+                extra_types = {name: block.column(name).type for name in schema.extra_columns}
+                arrow_schema = arrow_schema_for(schema, extra_types)
+                writers = [SplitWriter(schema.split_path(s), arrow_schema, config.rows_per_group) for s in schema.splits]
+            n = block.num_rows
+            split = split_rows[row : row + n] if split_rows is not None else random_split(np.arange(row, row + n), config)
+            table = pa.table(out)
+            for index, writer in enumerate(writers):
+                selected = np.nonzero(split == index)[0]
+                if selected.size:
+                    part = table.take(pa.array(selected))
+                    writer.write({name: part.column(name).combine_chunks() for name in part.column_names})
+            row += n
+            bar.update(n)
+        if not writers:
+            raise DataError(f"{data_path}: the file is empty (0 rows); expected at least one row")
+        if row_key:
+            _check_unique_keys(data_path, row_key, np.concatenate(keys))
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.__exit__(RuntimeError, None, None)
+        raise
+
+
+def _check_unique_keys(path: str, column: str, keys: np.ndarray) -> None:
+    """Raises if a row key repeats (LLM row vectors and teacher outputs are looked up by it). ``keys``: (rows,)."""
+    if keys.size < 2 or bool(np.all(keys[1:] > keys[:-1])):  # increasing (the common case): unique
+        return
+    ordered = np.sort(keys)  # ~25x faster than a stable argsort at 10^7+ keys
+    if not bool(np.any(ordered[1:] == ordered[:-1])):
+        return
+    order = np.argsort(keys, kind="stable")  # only to name the rows of the first repeat
+    ordered = keys[order]
+    repeats = np.nonzero(ordered[1:] == ordered[:-1])[0]
+    if repeats.size:
+        first, second = int(order[repeats[0]]), int(order[repeats[0] + 1])
+        line = first_line(path)
+        raise DataError(
+            f"{path}: row key column {column!r}: key {int(ordered[repeats[0]])} is repeated, in "
+            f"{describe_row(first, line)} and {describe_row(second, line)}; expected a unique key per row "
+            "(LLM row vectors are looked up by it)"
+        )
+
+
+def _row_keys(array: pa.Array, path: str, column: str, row: int) -> np.ndarray:
+    """(N,) int64 row keys of a block whose first row is ``row``; a missing or non-integer key is an error."""
+    line = first_line(path)
+    what = "an integer row key per row (LLM row vectors are looked up by it)"
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        check_no_nulls(path, column, array, row, what, line)
+        ok = np.asarray(pc.match_substring_regex(array, INTEGER_PATTERN), dtype=bool)
+        if not ok.all():
+            first = int(np.argmin(ok))
+            raise DataError(f"{path}: column {column!r}, {describe_row(row + first, line)}: row key "
+                            f"{array[first].as_py()!r} is not an integer; expected {what}")
+        try:
+            array = pc.cast(pc.utf8_trim_whitespace(array), pa.int64())
+        except pa.ArrowInvalid as error:
+            raise DataError(f"{path}: row key column {column!r}: {error}; expected int64 keys") from error
+    elif pa.types.is_floating(array.type):  # pandas writes integer columns with a gap as float64
+        try:
+            array = pc.cast(array, pa.int64())  # refuses fractions
+        except pa.ArrowInvalid as error:
+            raise DataError(f"{path}: row key column {column!r} has non-integer values ({error}); "
+                            "expected integers") from error
+    elif not pa.types.is_integer(array.type):
+        raise DataError(f"{path}: row key column {column!r} has type {array.type}; expected integers")
+    check_no_nulls(path, column, array, row, what, line)
+    return pc.cast(array, pa.int64()).to_numpy(zero_copy_only=False)
+
+
+def _convert_block(
+    block: pa.RecordBatch,
+    schema: DatasetSchema,
+    plans: Dict[str, FieldPlan],
+    config: TabularConfig,
+    path: str,
+    row: int,
+    row_key: Optional[str],
+) -> Dict[str, object]:
+    """One block of source rows -> output columns, validated (row numbers count data rows from 0)."""
+    out: Dict[str, object] = {}
+    n = block.num_rows
+    line = first_line(path)
+    out[schema.row_key] = (
+        _row_keys(block.column(row_key), path, row_key, row) if row_key else np.arange(row, row + n, dtype=np.int64)
+    )
+    for salt, spec in enumerate(schema.fields):
+        array = block.column(spec.name)
+        if spec.kind == FieldKind.DENSE:
+            if not (pa.types.is_floating(array.type) or pa.types.is_integer(array.type)):
+                raise DataError(f"{path}: column {spec.name!r} (dense field) has type {array.type}; expected numbers")
+            values = pc.cast(array, pa.float64())
+            if config.fill_missing_dense is not None:
+                values = pc.fill_null(values, config.fill_missing_dense).to_numpy(zero_copy_only=False)
+                values = np.where(np.isfinite(values), values, config.fill_missing_dense)
+            else:
+                check_no_nulls(path, spec.name, values, row, f"a finite float ({FILL_HINT})", line)
+                values = values.to_numpy(zero_copy_only=False)
+            check_dense(path, spec.name, values, row, line, FILL_HINT)
+            out[spec.name] = values.astype(np.float32)
+            continue
+        flat, lengths = field_tokens(array, spec, config.sequence_separator, path, row, plans[spec.name].missing)
+        try:
+            ids = token_ids(flat, plans[spec.name], spec, salt)
+        except pa.ArrowInvalid as error:
+            raise DataError(f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
+        offsets = None if lengths is None else offsets_from_lengths(lengths)
+        ids = check_ids(path, spec, ids, offsets, row, line)
+        out[spec.name] = ids if lengths is None else list_array(lengths, ids)
+    labels = block.column(schema.label)
+    check_no_nulls(path, schema.label, labels, row, "0 or 1", line)
+    if not (pa.types.is_integer(labels.type) or pa.types.is_floating(labels.type) or pa.types.is_boolean(labels.type)):
+        raise DataError(f"{path}: label column {schema.label!r} has type {labels.type}; expected 0/1 numbers")
+    values = pc.cast(labels, pa.float64()).to_numpy(zero_copy_only=False)
+    if config.label_threshold is not None:
+        values = (values > config.label_threshold).astype(np.float64)
+    check_labels(path, schema.label, values, row, line)
+    out[schema.label] = values.astype(np.int8)
+    for name in schema.extra_columns:
+        out[name] = block.column(name)
+    return out

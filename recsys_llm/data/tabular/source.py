@@ -1,0 +1,134 @@
+"""Streaming a CSV file or Parquet files in record batches: column names, types, missing-value
+cells, and pyarrow's CSV errors worded with the column and row."""
+
+import csv
+import os
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from recsys_llm.data.parquet import parquet_files
+from recsys_llm.data.schema import DatasetSchema, FieldKind
+from recsys_llm.data.tabular.config import SPLIT_TYPES, TabularConfig
+from recsys_llm.data.validation import DataError, describe_row, open_parquet
+
+# pyarrow's message for a cell its CSV reader cannot convert to the column's type (Row # counts the header as 1)
+_CONVERSION = re.compile(r"In CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to (.+?): invalid value '(.*)'$",
+                         re.DOTALL)
+
+
+def is_parquet(path: str) -> bool:
+    return path.endswith((".parquet", ".pq")) or os.path.isdir(path)
+
+
+def first_line(path: str) -> Optional[int]:
+    """Line of data row 0 in a CSV (the header is line 1); None for Parquet (rows have no lines)."""
+    return None if is_parquet(path) else 2
+
+
+def _csv_columns(path: str, delimiter: str) -> List[str]:
+    """The header's column names, quoted ones unquoted and a UTF-8 byte order mark dropped
+    (as pyarrow's CSV reader reads them: Excel's "CSV UTF-8" starts with one)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        return next(csv.reader(handle, delimiter=delimiter), [])
+
+
+def read_blocks(
+    path: str, schema: DatasetSchema, columns: List[str], config: TabularConfig, row_key: Optional[str] = None
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of the wanted columns, from a Parquet file/directory or a CSV with a header.
+
+    In a CSV, field columns are read as strings (dense ones as floats) and the row key column
+    ``row_key`` as strings, parsed later with messages naming the row.
+    """
+    if is_parquet(path):
+        for file_path in parquet_files(path):
+            handle = open_parquet(file_path)
+            try:
+                yield from handle.iter_batches(batch_size=65536, columns=columns)
+            except (pa.ArrowException, OSError) as error:
+                raise DataError(f"{file_path}: cannot be decoded (corrupt Parquet?): {error}") from error
+        return
+    types: Dict[str, pa.DataType] = {}
+    for spec in schema.fields:
+        types[spec.name] = pa.float64() if spec.kind == FieldKind.DENSE else pa.string()
+    types[schema.label] = pa.float64()
+    if row_key and row_key != config.split_by:  # a split column keeps its inferred (numeric) type to sort by
+        types[row_key] = pa.string()
+    bad: List[str] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        bad.append(f"{path}, line {row.number}: {row.actual_columns} columns, expected {row.expected_columns}: {row.text[:80]!r}")
+        return "error"
+
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=config.delimiter, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={k: v for k, v in types.items() if k in columns},
+                                                 include_columns=columns, strings_can_be_null=False),
+        )
+        for batch in reader:
+            yield _missing_as_null(batch, config.missing_tokens)
+    except pa.ArrowInvalid as error:
+        raise DataError(bad[0] if bad else _conversion_error(path, schema, config, str(error))) from error
+
+
+def _conversion_error(path: str, schema: DatasetSchema, config: TabularConfig, message: str) -> str:
+    """pyarrow's ``In CSV column #4: Row #9: CSV conversion error to double: invalid value 'abc'``
+    worded as this module's messages: the column by name, the data row (pyarrow counts the header as
+    row 1) and what was expected; any other message of the CSV reader as it is."""
+    match = _CONVERSION.search(message)
+    if match is None:
+        return f"{path}: cannot parse as CSV with the schema's column types: {message}"
+    index, number, type_name, value = match.groups()
+    header = _csv_columns(path, config.delimiter)
+    column = header[int(index)] if int(index) < len(header) else f"#{index}"
+    where = f"{path}: column {column!r}" + (f", {describe_row(int(number) - 2, first_line(path))}" if number else "")
+    kind = ("a number" if type_name in ("double", "float") else "an integer" if "int" in type_name
+            else "a timestamp" if type_name.startswith("timestamp") else "a date" if type_name.startswith("date")
+            else f"a {type_name}")
+    if column == config.split_by:
+        return f"{where}: {value!r} is not {kind} like the column's first rows; expected {SPLIT_TYPES}"
+    if column in schema.dense_feature_names:
+        return (f"{where}: {value!r} is not a number; expected a number in every row of dense field {column!r} "
+                "(a missing value is an empty cell or NA, which --fill-missing-dense replaces)")
+    if column == schema.label:
+        return (f"{where}: {value!r} is not a number; expected a 0/1 label (or a number to binarise with "
+                "--label-threshold)")
+    return (f"{where}: {value!r} is not {kind} like the column's first rows; expected one type per column "
+            f"(the CSV reader took {type_name} from the first rows)")
+
+
+def null_where_in(strings: pa.Array, tokens: pa.Array) -> pa.Array:
+    """``strings`` with every cell equal to one of ``tokens`` made null."""
+    return pc.if_else(pc.is_in(strings, value_set=tokens), pa.scalar(None, strings.type), strings)
+
+
+def _missing_as_null(batch: pa.RecordBatch, tokens: Tuple[str, ...]) -> pa.RecordBatch:
+    """String cells equal to one of ``tokens`` become null (the CSV reader keeps every string as written)."""
+    if not tokens:
+        return batch
+    arrays = [
+        null_where_in(column, pa.array(tokens, column.type))
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) else column
+        for column in batch.columns
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
+
+
+def repeated_columns(available: List[str], wanted: List[str]) -> List[str]:
+    """The ``wanted`` columns that ``available`` (a file's header) holds more than once."""
+    return [c for c in dict.fromkeys(wanted) if available.count(c) > 1]
+
+
+def source_columns(path: str, config: TabularConfig) -> List[str]:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: data file not found")
+    if is_parquet(path):
+        return list(open_parquet(parquet_files(path)[0]).schema_arrow.names)
+    return _csv_columns(path, config.delimiter)

@@ -1,0 +1,89 @@
+"""Which split each row goes to: seeded and stable per row, or ranked by a time column."""
+
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys_llm.data.tabular.config import SPLIT_TYPES, TabularConfig
+from recsys_llm.data.tabular.source import first_line
+from recsys_llm.data.validation import DataError, describe_row
+
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+_ISO_TIME = r"^\s*\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)?\s*$"
+_ZONE = r"\d{2}:\d{2}(:\d{2}(\.\d+)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)\s*$"  # a time with a zone offset
+
+
+def _uniform(rows: np.ndarray, seed: int) -> np.ndarray:
+    """Stable uniform numbers in [0, 1) per row index (splitmix64), independent of block sizes."""
+    with np.errstate(over="ignore"):
+        z = rows.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _sort_keys(values: pa.ChunkedArray, path: str, column: str) -> pa.ChunkedArray:
+    """The split column as values to rank rows by: numbers and timestamps as they are; a text column
+    (a CSV column with a cell pyarrow could not type, a sparse field's, a Parquet string column)
+    parsed as integers, numbers or ISO-8601 timestamps (parsed, not compared as text: ``T`` and
+    space separators, dates and times, zone offsets then order correctly).
+
+    Raises:
+        DataError: text that is not all of one such type, naming the first cell that is not of the
+            type most of the column's cells have; ranking it as text would mix future rows into
+            the training split (``"10" < "100" < "20"``).
+    """
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return values
+    text = pc.utf8_trim_whitespace(values)
+    targets = (pa.int64(), pa.float64(), pa.timestamp("us"), pa.timestamp("us", "UTC"))
+    for target in targets:
+        try:
+            return pc.cast(text, target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    times = pc.match_substring_regex(text, _ISO_TIME)
+    zoned = pc.and_(times, pc.match_substring_regex(text, _ZONE))
+    kinds = [  # (cells of the kind, their type, the kind in words)
+        (pc.sum(pc.match_substring_regex(text, _NUMBER)).as_py(), targets[1], "a number"),
+        (pc.sum(times).as_py() - pc.sum(zoned).as_py(), targets[2], "an ISO-8601 date/timestamp without a zone offset"),
+        (pc.sum(zoned).as_py(), targets[3], "an ISO-8601 timestamp with a zone offset"),
+    ]
+    count, target, kind = max(kinds, key=lambda k: k[0])  # the first of equals
+    if not count:
+        raise DataError(f"{path}: column {column!r}, {describe_row(0, first_line(path))}: {values[0].as_py()!r} is "
+                        f"neither a number nor an ISO-8601 date/timestamp, nor is any other cell; expected {SPLIT_TYPES}")
+    low, high = 0, len(text)  # the first cell not of that kind ends the shortest prefix that does not parse
+    while high - low > 1:
+        middle = (low + high) // 2
+        try:
+            pc.cast(text.slice(0, middle), target)
+            low = middle
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            high = middle
+    row = high - 1
+    raise DataError(f"{path}: column {column!r}, {describe_row(row, first_line(path))}: {values[row].as_py()!r} is "
+                    f"not {kind} as {count} of the column's {len(text)} values are; expected {SPLIT_TYPES}")
+
+
+def split_of_rows(total: int, split_values: Optional[pa.ChunkedArray], config: TabularConfig, path: str) -> Optional[np.ndarray]:
+    """(total,) int8 split index per row for a time-ordered split (None for a random split);
+    rows ranked by the split column's numbers or timestamps (see :func:`_sort_keys`)."""
+    if split_values is None:
+        return None
+    if split_values.null_count:
+        raise DataError(f"{path}: split column {config.split_by!r} has {split_values.null_count} missing values; expected a value per row")
+    order = pc.sort_indices(_sort_keys(split_values, path, config.split_by)).to_numpy()  # stable: ties keep file order
+    bounds = np.cumsum(config.split_fractions) / sum(config.split_fractions) * total
+    split = np.zeros(total, dtype=np.int8)
+    split[order] = np.searchsorted(np.floor(bounds[:-1]).astype(np.int64), np.arange(total), side="right").astype(np.int8)
+    return split
+
+
+def random_split(rows: np.ndarray, config: TabularConfig) -> np.ndarray:
+    """Split index (0 train, 1 valid, 2 test) of every row index in ``rows`` for a seeded random split."""
+    bounds = np.cumsum(config.split_fractions) / sum(config.split_fractions)
+    return np.searchsorted(bounds[:-1], _uniform(rows, config.seed), side="right")

@@ -1,0 +1,302 @@
+"""Categorical columns: their token type (integer ids or strings), the first pass that plans
+each field (ids, hash or a vocabulary built from the data), and the ids of a block's tokens."""
+
+import dataclasses
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys_llm.data.hashing import hash_strings
+from recsys_llm.data.parquet import parquet_files
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.tabular.config import TabularConfig
+from recsys_llm.data.tabular.source import first_line, is_parquet, null_where_in, read_blocks, repeated_columns
+from recsys_llm.data.validation import DataError, describe_row, offsets_from_lengths, open_parquet, row_of_value
+
+INTEGER_PATTERN = r"^\s*-?\d+\s*$"
+# pyarrow's CSV missing-value markers: in a column of integer ids they mean missing (id 0)
+NULL_MARKERS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                          "<NA>", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"})
+
+
+def _is_list(dtype: pa.DataType) -> bool:
+    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+
+
+def _is_text(dtype: pa.DataType) -> bool:
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
+_TOKEN_WORDS = {"integer": "integer ids", "string": "string tokens"}  # a token type in messages
+
+
+def _token_type(dtype: pa.DataType) -> Optional[str]:
+    """What a categorical column's values are: ``"integer"`` ids (integers, or floats holding whole
+    numbers), ``"string"`` tokens, or None (another type); lists and dictionaries by their values."""
+    if _is_list(dtype):
+        dtype = dtype.value_type
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    if pa.types.is_integer(dtype) or pa.types.is_floating(dtype):
+        return "integer"
+    return "string" if _is_text(dtype) else None
+
+
+def _check_token_column(path: str, spec: FieldSpec, dtype: pa.DataType, separator: str) -> None:
+    """Raises unless a column of type ``dtype`` fits categorical field ``spec``: one value per row for
+    a sparse field, a list (or a string of tokens joined by ``separator``) for a sequence field."""
+    where = f"{path}: column {spec.name!r} ({spec.kind.value} field) has type {dtype}"
+    scalar = dtype.value_type if pa.types.is_dictionary(dtype) else dtype  # a string column may be dictionary-encoded
+    if spec.kind == FieldKind.SEQUENCE and not _is_list(dtype) and not _is_text(scalar):
+        raise DataError(f"{where}; expected a list column (e.g. list<int64> or list<string>) or a string column of "
+                        f"tokens joined by {separator!r} (--sequence-separator, TabularConfig.sequence_separator); "
+                        "a column of one value per row fits a sparse field")
+    if spec.kind == FieldKind.SPARSE and _is_list(dtype):
+        raise DataError(f"{where}; expected one integer id or string token per row (a list column fits a "
+                        "sequence field)")
+    if _token_type(dtype) is None:
+        raise DataError(f"{where}; expected integer ids (integers, or floats holding whole numbers) or string "
+                        "tokens (strings, or dictionary-encoded strings such as pandas' category)")
+
+
+def _check_parquet_types(path: str, schema: DatasetSchema, config: TabularConfig, columns: List[str]) -> Dict[str, str]:
+    """Checks the footer of every Parquet file of ``path``: the ``columns``, and categorical columns
+    of a type that fits their field and of one token type in every file (``"integer"`` ids or
+    ``"string"`` tokens; a ``vocabulary_fields`` field may mix them: its values are read as text).
+
+    Returns:
+        Dict[str, str]: the token type of every categorical field: ``"integer"``, ``"string"`` or
+        ``"mixed"`` (a ``vocabulary_fields`` field whose files differ).
+    """
+    files = parquet_files(path)
+    first: Dict[str, Tuple[str, pa.DataType, str]] = {}  # field -> (token type, Arrow type, file) of its first file
+    kinds: Dict[str, str] = {}
+    for file_path in files:
+        arrow = open_parquet(file_path).schema_arrow
+        absent = [c for c in columns if c not in arrow.names]
+        if absent:
+            raise DataError(f"{file_path}: missing column(s) {absent} that {files[0]} has; expected the same columns "
+                            f"in every file of {path}")
+        repeated = repeated_columns(arrow.names, columns)
+        if repeated:
+            raise DataError(f"{file_path}: column(s) {repeated} occur more than once; expected each column once "
+                            "(rename or drop the copies)")
+        for spec in schema.categorical_fields:
+            dtype = arrow.field(spec.name).type
+            _check_token_column(file_path, spec, dtype, config.sequence_separator)
+            kind = _token_type(dtype)
+            first_kind, first_type, first_file = first.setdefault(spec.name, (kind, dtype, file_path))
+            kinds[spec.name] = kinds.get(spec.name, kind) if kind == first_kind else "mixed"
+            if kind == first_kind or spec.name in config.vocabulary_fields:
+                continue
+            hint = "" if spec.hashed else (f", or pass --vocabulary {spec.name} (TabularConfig.vocabulary_fields) to "
+                                            "read every value as text through a vocabulary")
+            raise DataError(
+                f"{path}: column {spec.name!r} has type {dtype} ({_TOKEN_WORDS[kind]}) in {file_path} but {first_type} "
+                f"({_TOKEN_WORDS[first_kind]}) in {first_file}; expected integer ids in every file or string tokens in "
+                f"every file (write the column with one type{hint})"
+            )
+    return kinds
+
+
+def _decoded(array: pa.Array) -> pa.Array:
+    """A dictionary-encoded array (pandas' category) as its values; any other array as it is."""
+    return pc.cast(array, array.type.value_type) if pa.types.is_dictionary(array.type) else array
+
+
+def _whole_numbers(flat: pa.Array, path: str, spec: FieldSpec, lengths: Optional[np.ndarray], row: int) -> pa.Array:
+    """Floating ids (pandas writes an integer column with a gap as float64) as int64; NaN and null are
+    missing (null). ``lengths``: per-row counts of ``flat`` for sequences, None for sparse fields.
+
+    Raises:
+        DataError: naming the row of the first value that is no whole number within int64.
+    """
+    values = flat.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls as NaN
+    missing = np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        ok = missing | ((values == np.floor(values)) & (values >= -(2.0 ** 63)) & (values < 2.0 ** 63))
+    if not ok.all():
+        index = int(np.argmin(ok))
+        bad_row = row + row_of_value(None if lengths is None else offsets_from_lengths(lengths), index)
+        raise DataError(
+            f"{path}: column {spec.name!r}, {describe_row(bad_row, first_line(path))}: {values[index].item()!r} is not "
+            f"a whole number; expected integer ids in {spec.kind.value} field {spec.name!r} (a floating column may "
+            "hold whole numbers, and NaN or null for missing)"
+        )
+    return pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing)
+
+
+def field_tokens(
+    array: pa.Array,
+    spec: FieldSpec,
+    separator: str,
+    path: str,
+    row: int,
+    missing: Optional[pa.Array] = None,
+) -> Tuple[pa.Array, Optional[np.ndarray]]:
+    """(flat tokens, per-row lengths or None for sparse fields) of a block whose first row is ``row``.
+
+    The tokens are integer ids or strings: dictionary-encoded columns are decoded and floating
+    ids made int64 (NaN is missing, a fraction an error). Sequences drop their missing tokens:
+    null elements (of string and of integer lists alike), empty or blank strings, and strings
+    in ``missing`` (markers such as ``NA`` among integer ids); a null list is an empty sequence.
+    Sparse fields keep their nulls (id 0).
+
+    Raises:
+        DataError: a column whose type does not fit the field (see :func:`_check_token_column`),
+            or a floating id that is no whole number.
+    """
+    _check_token_column(path, spec, array.type, separator)
+    array = _decoded(array)
+    lengths: Optional[np.ndarray] = None
+    if spec.kind == FieldKind.SPARSE:
+        flat = array
+    else:
+        if _is_text(array.type):
+            array = pc.split_pattern(pc.fill_null(array, ""), separator)
+        lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = _decoded(pc.list_flatten(array))
+    if pa.types.is_floating(flat.type):
+        flat = _whole_numbers(flat, path, spec, lengths, row)
+    if lengths is not None:
+        keep = flat.is_valid()
+        if _is_text(flat.type):
+            flat = pc.utf8_trim_whitespace(flat)
+            keep = pc.and_(keep, pc.fill_null(pc.not_equal(flat, ""), False))
+            if missing is not None:
+                keep = pc.and_(keep, pc.invert(pc.fill_null(pc.is_in(flat, value_set=missing), False)))
+        keep = np.asarray(keep, dtype=bool)
+        if not keep.all():
+            rows = np.repeat(np.arange(len(lengths)), lengths)
+            lengths = np.bincount(rows[keep], minlength=len(lengths)).astype(np.int64)
+            flat = flat.filter(pa.array(keep))
+    return flat, lengths
+
+
+@dataclasses.dataclass
+class FieldPlan:
+    mode: str  # "ids" (integers), "hash" or "vocab"
+    vocabulary: Optional[pa.Array] = None
+    missing: Optional[pa.Array] = None  # "ids": missing-value markers among the integers (id 0)
+
+
+@dataclasses.dataclass
+class _TokenCounts:
+    """What the first pass saw of a string field's tokens."""
+
+    seen: Set[str] = dataclasses.field(default_factory=set)  # distinct non-null tokens
+    not_integer: Set[str] = dataclasses.field(default_factory=set)  # distinct tokens that are no integer
+    integers: int = 0  # integer tokens
+    others: int = 0  # tokens that are neither an integer nor a missing-value marker
+    first_other: Optional[Tuple[str, int]] = None  # (token, row) of the first such token
+
+
+def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.ndarray], row: int) -> None:
+    """Adds a block's string tokens (``flat``; ``lengths`` per row for sequences) whose first row is ``row``."""
+    flat_valid = flat.drop_null()
+    counts.seen.update(pc.unique(flat_valid).to_pylist())
+    is_integer = pc.fill_null(pc.match_substring_regex(flat, INTEGER_PATTERN), False)
+    counts.not_integer.update(pc.unique(flat.filter(pc.invert(is_integer)).drop_null()).to_pylist())
+    counts.integers += int(pc.sum(is_integer).as_py() or 0)
+    marker = pc.fill_null(pc.is_in(flat, value_set=pa.array(sorted(NULL_MARKERS), flat.type)), False)
+    other = np.asarray(pc.and_(pc.and_(flat.is_valid(), pc.invert(is_integer)), pc.invert(marker)), dtype=bool)
+    counts.others += int(other.sum())
+    if counts.first_other is None and other.any():
+        index = int(np.argmax(other))
+        offsets = None if lengths is None else offsets_from_lengths(lengths)
+        counts.first_other = (flat[index].as_py(), row + row_of_value(offsets, index))
+
+
+def plan_fields(
+    path: str, schema: DatasetSchema, config: TabularConfig, columns: List[str], row_key: Optional[str] = None
+) -> Tuple[Dict[str, FieldPlan], Optional[pa.Array]]:
+    """First pass: token kinds and vocabularies of string fields, and the split column.
+
+    Parquet sources get their footers checked first (:func:`_check_parquet_types`); the pass is
+    skipped (integer ids everywhere, random split) when their categorical columns are all of
+    integer (or floating) type in every file.
+
+    Raises:
+        DataError: a column of integer ids with a few other values (``3.5``, ``bob``), naming the
+            first such cell: read as a vocabulary, every id would be renumbered silently; a
+            Parquet column of a type that does not fit its field, or of integer ids in one file
+            and string tokens in another.
+    """
+    forced = set(config.vocabulary_fields)
+    if is_parquet(path):
+        kinds = _check_parquet_types(path, schema, config, columns)
+        if not config.split_by and not forced and all(kinds[s.name] == "integer" for s in schema.categorical_fields):
+            return {spec.name: FieldPlan("ids") for spec in schema.categorical_fields}, None
+    string_fields: Dict[str, FieldSpec] = {}
+    counts: Dict[str, _TokenCounts] = {}
+    split_values: List[pa.Array] = []
+    row = 0
+    for block in read_blocks(path, schema, columns, config, row_key):
+        for spec in schema.categorical_fields:
+            flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, path, row)
+            if pa.types.is_integer(flat.type):
+                if spec.name not in forced:
+                    continue
+                flat = pc.cast(flat, pa.string())
+            string_fields[spec.name] = spec
+            _count_tokens(counts.setdefault(spec.name, _TokenCounts()), flat, lengths, row)
+        if config.split_by:
+            split_values.append(block.column(config.split_by))
+        row += block.num_rows
+    plans = {spec.name: FieldPlan("ids") for spec in schema.categorical_fields}
+    for name, spec in string_fields.items():
+        count = counts[name]
+        markers = count.not_integer & NULL_MARKERS
+        if name in forced:
+            plans[name] = _vocabulary_plan(path, spec, count.seen)
+        elif not count.not_integer:
+            plans[name] = FieldPlan("ids")
+        elif count.not_integer == markers and len(count.seen) > len(markers):
+            # integer ids with a missing-value marker (R writes NA): missing, not a vocabulary
+            plans[name] = FieldPlan("ids", missing=pa.array(sorted(markers), pa.string()))
+        elif spec.hashed:
+            plans[name] = FieldPlan("hash")
+        elif count.integers > count.others:
+            value, bad_row = count.first_other
+            raise DataError(
+                f"{path}: column {name!r}, {describe_row(bad_row, first_line(path))}: {value!r} is not an integer, "
+                f"but {count.integers} of the column's {count.integers + count.others} values are integer ids; "
+                f"expected integer ids (fix the cell, or pass --vocabulary {name} / TabularConfig.vocabulary_fields "
+                f"to map every value through a vocabulary, or set \"hashed\": true for field {name!r} in the schema "
+                "to hash the values)"
+            )
+        else:
+            plans[name] = _vocabulary_plan(path, spec, count.seen)
+    split = pa.chunked_array(split_values) if config.split_by and split_values else None
+    return plans, split
+
+
+def _vocabulary_plan(path: str, spec: FieldSpec, seen: Set[str]) -> FieldPlan:
+    """The plan mapping the distinct values ``seen`` to ids ``1..V`` in sorted order."""
+    vocab = sorted(seen)
+    if len(vocab) + 1 > spec.cardinality:
+        raise DataError(
+            f"{path}: column {spec.name!r} has {len(vocab)} distinct values; field {spec.name!r} needs cardinality >= "
+            f"{len(vocab) + 1} (id 0 is reserved for missing) or \"hashed\": true, got {spec.cardinality}"
+        )
+    return FieldPlan("vocab", pa.array(vocab, pa.string()))
+
+
+def token_ids(flat: pa.Array, plan: FieldPlan, spec: FieldSpec, salt: int) -> np.ndarray:
+    """(N,) ids of the tokens ``flat`` (nulls: 0): int64, or uint64 as read from a uint64 column,
+    whose values above ``2**63 - 1`` :func:`~recsys_llm.data.validation.check_ids` names as they
+    are (or folds, for a hashed field) rather than letting them wrap to negative ids."""
+    if plan.mode == "hash":
+        return hash_strings(flat, spec.cardinality, salt=salt)
+    if plan.mode == "vocab":
+        if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
+            flat = pc.cast(flat, pa.string())  # integer ids mapped through a vocabulary (vocabulary_fields)
+        return pc.fill_null(pc.add(pc.index_in(flat, value_set=plan.vocabulary), 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if not pa.types.is_integer(flat.type):
+        if plan.missing is not None:
+            flat = null_where_in(flat, plan.missing)
+        flat = pc.cast(pc.utf8_trim_whitespace(flat), pa.int64())
+    ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False)
+    return ids if ids.dtype == np.uint64 else ids.astype(np.int64)
