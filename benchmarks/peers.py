@@ -5,7 +5,7 @@ Adagrad for the embedding tables, Adam for the rest, same learning rates) on the
 the embedded synthetic data (``recsys_llm.data.synthetic``) with the same batch size for the
 same number of epochs, then predict its test split:
 
-* ``project``: built as the trainer builds it (``runner.build_task`` with ``model.name:
+* ``project``: built as the trainer builds it (``task_builder.build_task`` with ``model.name:
   deepfm``, ``shard_model``: planner + DMP on 1 rank + fused Adagrad tables,
   ``build_optimizer``) and trained by the project's loop
   (``recsys_llm.train.pipeline.train_epoch`` on ``TrainPipelineSparseDist``) reading the train
@@ -302,7 +302,7 @@ class ProjectSide:
         import torch
 
         from recsys_llm.data.parquet import ParquetBatchReader
-        from recsys_llm.train.runner import build_task
+        from recsys_llm.train.task_builder import build_task
         from recsys_llm.train.sharding import build_optimizer, shard_model
 
         config = project_config(sizes)
@@ -520,7 +520,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "ratio_method": RATIO_METHOD + "; epochs interleaved (project, fit, loop / reversed)",
         "by_tables": results,
         "sizes": dataclasses.asdict(sizes),
-        "project_setup": "runner.build_task (deepfm) + shard_model (planner, DMP 1 rank, fused Adagrad tables) + "
+        "project_setup": "task_builder.build_task (deepfm) + shard_model (planner, DMP 1 rank, fused Adagrad tables) + "
                          "Adam; train_epoch on TrainPipelineSparseDist; ParquetBatchReader (shuffled, validated, "
                          "prefetch) over the train split",
         "peer_setup": "deepctr_torch.models.DeepFM (l2 0, dropout 0), Adagrad tables + Adam rest; 'fit' = "

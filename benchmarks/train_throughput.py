@@ -9,7 +9,7 @@ process, measured in interleaved rounds whose order rotates (A B C, B C A, C A B
   ``DLRMTrain(DLRM_DCN)``, ``_apply_optimizer_in_backward``, planner, DMP,
   ``CombinedOptimizer``, ``TrainPipelineSparseDist.progress`` over prebuilt batches;
 * ``project_memory``: the project's stack on the same prebuilt batches, built as the
-  trainer builds it (``runner.build_task``: ``DLRMBackbone`` around an unmodified
+  trainer builds it (``task_builder.build_task``: ``DLRMBackbone`` around an unmodified
   ``DLRM_DCN`` in a ``CTRTask``; ``sharding.shard_model`` / ``build_optimizer``) and trained
   by the project's loop (``recsys_llm.train.pipeline.train_epoch`` on ``TrainPipelineSparseDist``);
 * ``project_parquet``: the same project stack fed by ``ParquetBatchReader`` streaming a
@@ -225,7 +225,7 @@ def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float]):
     ``build_optimizer``. Returns ``(model, optimizer)``."""
     from recsys_llm.models.registry import ModelConfig
     from recsys_llm.train.config import DataConfig, ExperimentConfig
-    from recsys_llm.train.runner import build_task
+    from recsys_llm.train.task_builder import build_task
     from recsys_llm.train.sharding import OptimizerConfig, build_optimizer, shard_model
 
     config = ExperimentConfig(

@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from recsys_llm.train.config import ExperimentConfig, config_differences, load_config
-from recsys_llm.train.runner import RESULTS_FILE, finished_results, run_training
+from recsys_llm.train.run_records import RESULTS_FILE, finished_results
+from recsys_llm.train.runner import run_training
 
 ML100K_RAW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k"))
 

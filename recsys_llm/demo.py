@@ -35,7 +35,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
 from recsys_llm.train.config import ConfigError, config_differences, load_config
-from recsys_llm.train.runner import RESULTS_FILE, finished_results, run_training, set_cpu_float_mode
+from recsys_llm.train.process import set_cpu_float_mode
+from recsys_llm.train.run_records import RESULTS_FILE, finished_results
+from recsys_llm.train.runner import run_training
 
 PLAIN = "DeepFM"
 LLACTR = "DeepFM + LLaCTR (FRE + FIE)"

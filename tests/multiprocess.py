@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-PRELOAD = ("torch", "torchrec", "torchrec.distributed", "recsys_llm.train.runner")
+PRELOAD = ("torch", "torchrec", "torchrec.distributed", "recsys_llm.train.runner", "recsys_llm.train.trained_run")
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs: Dict[str, Any], queue: Any) -> None:

@@ -33,7 +33,7 @@ def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir) -> int:
     from recsys_llm.data.schema import DatasetSchema, FieldSpec
     from recsys_llm.train import teacher_outputs
     from recsys_llm.train.distributed import DistContext
-    from recsys_llm.train.runner import TrainedRun
+    from recsys_llm.train.trained_run import TrainedRun
 
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)

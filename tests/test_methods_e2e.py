@@ -53,7 +53,7 @@ def _common(schema: str, run_dir: str) -> List[str]:
 def _train_and_export_llactr(schema_path: str, run_dir: str, vectors: str, export_dir: str) -> Dict[str, Any]:
     """Trains DeepFM + FRE + FIE, exports it, and compares the served logits with the task's."""
     from recsys_llm.serving import materialize_meta
-    from recsys_llm.train.runner import build_task
+    from recsys_llm.train.task_builder import build_task
 
     overrides = _common(schema_path, run_dir) + [
         f"llactr.vectors_path={vectors}", "llactr.lambda_fre=0.1", "llactr.lambda_fie=0.1",
@@ -69,7 +69,7 @@ def _train_and_export_llactr(schema_path: str, run_dir: str, vectors: str, expor
         result["plain_logits"] = task.model(batch.dense_features, batch.sparse_features).logits
     result["served_logits"] = ServedModel.load(export_dir, trust_program=True).logits(batch.dense_features, batch.sparse_features)
     # the checkpoint the export read, as the trainer's sharded model predicts with it
-    from recsys_llm.train.runner import load_trained_model, open_trained_run
+    from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 
     trained = load_trained_model(config, open_trained_run(config, run_dir)).eval()
     with torch.no_grad():
@@ -138,7 +138,7 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
                      *gain_overrides]) == 0
     teacher_schema = os.path.join(teacher_data, "schema.json")
     # each row's teacher_logits are the gain network's own prediction for that row
-    from recsys_llm.train.runner import load_trained_model, open_trained_run
+    from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 
     gain_config = load_config(CONFIG, gain_overrides)
     gain_model = load_trained_model(gain_config, open_trained_run(gain_config, gain_dir)).eval()
@@ -215,7 +215,7 @@ ITEM_FIELDS = list(SYNTHETIC_ITEM_FIELDS)
 
 
 def _swapped_pairs_student(schema_path: str, run_dir: str, vectors: str) -> Dict[str, Any]:
-    from recsys_llm.train.runner import build_task, swapped_pairs
+    from recsys_llm.train.task_builder import build_task, swapped_pairs
 
     overrides = _common(schema_path, run_dir) + [
         "elec.task=distill", "elec.vector_dim=16", "elec.vector_source=entity_table", "elec.entity_field=item_id",
@@ -267,7 +267,7 @@ def _train_plain(overrides: List[str]) -> Dict[str, Any]:
 
 
 def _evaluate(overrides: List[str], checkpoint: str) -> Dict[str, Any]:
-    from recsys_llm.train.runner import run_evaluation
+    from recsys_llm.train.trained_run import run_evaluation
 
     return run_evaluation(load_config(CONFIG, overrides), checkpoint)
 

@@ -41,7 +41,8 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     from recsys_llm.modules.teacher_student import TeacherStudentTask
     from recsys_llm.serving import EXPORT_MARKER_FILES, export_task, materialize_meta, sub_state, unsharded_state_dict
     from recsys_llm.train.distributed import barrier
-    from recsys_llm.train.runner import build_task, load_trained_model, open_trained_run
+    from recsys_llm.train.task_builder import build_task
+    from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 
     check_replaceable(output, "export", EXPORT_MARKER_FILES)  # before any work (every rank)
     run = open_trained_run(config, checkpoint)

@@ -69,7 +69,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from recsys_llm.env import check_versions
     from recsys_llm.train.config import load_config
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
-    from recsys_llm.train.runner import run_evaluation
+    from recsys_llm.train.trained_run import run_evaluation
 
     check_versions()
     config = load_config(args.config, args.overrides)

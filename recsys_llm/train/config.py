@@ -354,7 +354,7 @@ def save_config(config: ExperimentConfig, path: str) -> None:
 
 
 # settings a resumed run may change: where and how it runs, its budget and its evaluation, not
-# what it trains (a new batch size is converted: ``runner._state_for_world``)
+# what it trains (a new batch size is converted: ``resume.state_for_world``)
 RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",

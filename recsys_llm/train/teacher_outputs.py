@@ -37,7 +37,8 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
 from recsys_llm.train.config import ExperimentConfig
 from recsys_llm.train.distributed import barrier, host_group
-from recsys_llm.train.runner import load_trained_model, open_trained_run, plugin_extras
+from recsys_llm.train.task_builder import plugin_extras
+from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 
 LOGITS_COLUMN = "teacher_logits"
 REPRESENTATION_COLUMN = "teacher_representation"

@@ -189,7 +189,7 @@ def test_a_missing_schema_generates_synthetic_data_only_where_nothing_else_lives
     import torch
 
     from recsys_llm.train.distributed import DistContext
-    from recsys_llm.train.runner import load_or_generate_schema
+    from recsys_llm.train.run_data import load_or_generate_schema
 
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     other = tmp_path / "mounted"

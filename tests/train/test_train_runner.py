@@ -22,7 +22,8 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.checkpoint import STOP_BUDGET, STOP_PATIENCE, TrainState
 from recsys_llm.train.config import ConfigError, TrainConfig, load_config
-from recsys_llm.train.runner import StepHook, reopen_for_budget, run_training
+from recsys_llm.train.resume import reopen_for_budget
+from recsys_llm.train.runner import StepHook, run_training
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -342,7 +343,7 @@ def test_a_resume_on_data_prepared_again_is_refused_before_anything_is_written(t
 
 
 def _second_job_in_a_run_dir(schema_dir: str, root: str) -> Dict[str, Any]:
-    from recsys_llm.train.runner import lock_run_dir
+    from recsys_llm.train.run_records import lock_run_dir
 
     run_dir = os.path.join(root, "run")
     _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=1"])
@@ -368,7 +369,7 @@ def _schema_seen_late_by_rank_1(schema_dir: str, run_dir: str) -> float:
     import torch.distributed as dist
 
     from recsys_llm.train.distributed import TIMEOUT_ENV, init_distributed
-    from recsys_llm.train.runner import load_or_generate_schema
+    from recsys_llm.train.run_data import load_or_generate_schema
 
     os.environ[TIMEOUT_ENV] = "60"
     config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 256, ["data.synthetic_rows=2000"]))
@@ -470,7 +471,7 @@ def test_a_mistyped_split_and_a_run_dir_without_its_config_are_refused_and_leave
 
 
 def test_a_resume_whose_vector_file_now_holds_other_vectors_is_refused() -> None:
-    from recsys_llm.train.runner import check_same_field_vectors
+    from recsys_llm.train.run_records import check_same_field_vectors
 
     saved = {"llactr": {"config": {"lambda_fre": 0.1}, "vectors": "v.safetensors", "created_at": "a",
                         "fields_used": ["user_id", "item_id"], "extra": {"templates": {"field": "{name}"}}}}
@@ -514,7 +515,7 @@ def test_a_run_without_a_valid_split_resumes_with_other_evaluation_splits(synthe
 def test_flush_denormal_makes_cpu_math_treat_subnormal_floats_as_zero() -> None:
     import torch
 
-    from recsys_llm.train.runner import set_cpu_float_mode
+    from recsys_llm.train.process import set_cpu_float_mode
 
     if not torch.set_flush_denormal(False):  # it answers whether the CPU has the mode at all
         pytest.skip("this CPU cannot flush subnormal floats (torch.set_flush_denormal is unsupported)")
@@ -529,7 +530,7 @@ def test_flush_denormal_makes_cpu_math_treat_subnormal_floats_as_zero() -> None:
 @pytest.mark.parametrize("command", ["train", "evaluate"])
 def test_the_float_mode_is_set_before_the_process_group_and_any_torch_work(command, monkeypatch) -> None:
     """Before init_distributed: torch's worker threads inherit the mode only if no op ran before."""
-    from recsys_llm.train import runner
+    from recsys_llm.train import runner, trained_run
 
     calls: List[str] = []
 
@@ -540,14 +541,15 @@ def test_the_float_mode_is_set_before_the_process_group_and_any_torch_work(comma
         calls.append("init_distributed")
         raise Stop()
 
-    monkeypatch.setattr(runner, "set_cpu_float_mode", lambda train_cfg: calls.append(f"flush={train_cfg.flush_denormal}"))
-    monkeypatch.setattr(runner, "init_distributed", init_distributed)
-    monkeypatch.setattr(runner, "resolve_checkpoint", lambda path: path)
-    monkeypatch.setattr(runner, "run_config_of", lambda path: None)
-    monkeypatch.setattr(runner, "check_same_model", lambda config, saved: None)
+    module = runner if command == "train" else trained_run
+    monkeypatch.setattr(module, "set_cpu_float_mode", lambda train_cfg: calls.append(f"flush={train_cfg.flush_denormal}"))
+    monkeypatch.setattr(module, "init_distributed", init_distributed)
+    monkeypatch.setattr(trained_run, "resolve_checkpoint", lambda path: path)
+    monkeypatch.setattr(trained_run, "run_config_of", lambda path: None)
+    monkeypatch.setattr(trained_run, "check_same_model", lambda config, saved: None)
     config = load_config(None, ["train.flush_denormal=false"])
     with pytest.raises(Stop):
-        runner.run_training(config) if command == "train" else runner.run_evaluation(config, "some/run")
+        runner.run_training(config) if command == "train" else trained_run.run_evaluation(config, "some/run")
     assert calls == ["flush=False", "init_distributed"]
 
 
@@ -555,18 +557,18 @@ def test_a_resume_with_a_batch_size_that_splits_a_batch_says_which_rows_repeat(c
     import torch
 
     from recsys_llm.train.distributed import DistContext
-    from recsys_llm.train.runner import _state_for_world
+    from recsys_llm.train.resume import state_for_world
 
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
-    exact = _state_for_world(TrainState(step_in_epoch=4, world_size=1, batch_size=1024), ctx, 512, seed=0)
+    exact = state_for_world(TrainState(step_in_epoch=4, world_size=1, batch_size=1024), ctx, 512, seed=0)
     assert exact.step_in_epoch == 8 and capsys.readouterr().out == ""
-    split = _state_for_world(TrainState(step_in_epoch=100, world_size=1, batch_size=256), ctx, 300, seed=0)
+    split = state_for_world(TrainState(step_in_epoch=100, world_size=1, batch_size=256), ctx, 300, seed=0)
     assert split.step_in_epoch == 85  # 25,600 rows read: 85 batches of 300, and 100 rows read again
     assert "100 of them do not fill a batch and are read again" in capsys.readouterr().out
 
 
 def _evaluate_on_missing_data(schema_dir: str, root: str) -> Dict[str, Any]:
-    from recsys_llm.train.runner import run_evaluation
+    from recsys_llm.train.trained_run import run_evaluation
 
     run_dir, missing = os.path.join(root, "run"), os.path.join(root, "not_there")
     _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=1"])

@@ -8,7 +8,8 @@ import pytest
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.config import ConfigError, load_config
-from recsys_llm.train.runner import _check_trained_on, _subsets, finished_results
+from recsys_llm.train.run_data import metric_subsets
+from recsys_llm.train.run_records import check_trained_on, finished_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEEPFM_CONFIG = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
@@ -20,10 +21,10 @@ def _config(schema_dir: str, *overrides: str):
 
 def test_a_mistyped_cold_item_column_is_refused_naming_the_columns(synthetic_dir: str, synthetic_schema) -> None:
     """Before, ``data.cold_item_column=nope`` silently dropped the cold-item metrics."""
-    assert _subsets(_config(synthetic_dir), synthetic_schema) == {"cold": "is_cold_item"}
-    assert _subsets(_config(synthetic_dir, "data.cold_item_column="), synthetic_schema) == {}  # off
+    assert metric_subsets(_config(synthetic_dir), synthetic_schema) == {"cold": "is_cold_item"}
+    assert metric_subsets(_config(synthetic_dir, "data.cold_item_column="), synthetic_schema) == {}  # off
     with pytest.raises(ConfigError) as refused:
-        _subsets(_config(synthetic_dir, "data.cold_item_column=nope"), synthetic_schema)
+        metric_subsets(_config(synthetic_dir, "data.cold_item_column=nope"), synthetic_schema)
     message = str(refused.value)
     assert message.startswith("data.cold_item_column='nope': the data has no such extra column")
     assert "extra_columns of" in message and "['is_cold_item']" in message  # what the schema offers
@@ -39,11 +40,11 @@ def test_the_default_cold_item_column_may_be_absent(synthetic_dir: str, tmp_path
     schema.extra_columns = []
     schema.save(os.path.join(data, "schema.json"))
     schema = DatasetSchema.load(data)
-    assert _subsets(_config(data), schema) == {}
+    assert metric_subsets(_config(data), schema) == {}
     # a column the files have but the schema does not list: say how to make it count
     with pytest.raises(ConfigError, match=r"data.cold_item_column='label': .*test.parquet has that column, but the "
                                           r"schema does not list it in extra_columns: add it there"):
-        _subsets(_config(data, "data.cold_item_column=label"), schema)
+        metric_subsets(_config(data, "data.cold_item_column=label"), schema)
 
 
 def _run_dir(tmp_path, plugins: str) -> str:
@@ -64,13 +65,13 @@ def test_a_damaged_plugins_json_is_named_with_what_is_wrong(synthetic_schema, tm
     saved_config = _run_dir(tmp_path, text)
     plugins = os.path.join(os.path.dirname(saved_config), "plugins.json")
     with pytest.raises(ConfigError, match=rf"^{plugins}: damaged run record, {problem}.*restore it, or delete it"):
-        _check_trained_on(synthetic_schema, saved_config, "run")
+        check_trained_on(synthetic_schema, saved_config, "run")
 
 
 def test_an_intact_plugins_json_is_still_checked(synthetic_schema, tmp_path) -> None:
     saved_config = _run_dir(tmp_path, '{"schema_fingerprint": "other"}')
     with pytest.raises(ConfigError, match="run: trained on data with schema fingerprint other"):
-        _check_trained_on(synthetic_schema, saved_config, "run")
+        check_trained_on(synthetic_schema, saved_config, "run")
 
 
 def test_a_damaged_results_json_is_named(tmp_path) -> None:
@@ -104,7 +105,8 @@ def test_a_new_offline_student_run_refuses_entity_exports_it_would_not_read(tmp_
     """They were recorded in plugins.json as the run's vectors, unread; the fields alone are fine.
     Only new runs are refused: a run of an earlier version that names them still loads."""
     from recsys_llm.modules.elec import ELECConfig
-    from recsys_llm.train.runner import _check_offline_reads_no_vectors, run_training
+    from recsys_llm.train.runner import run_training
+    from recsys_llm.train.task_builder import check_offline_reads_no_vectors
 
     data = str(tmp_path / "data")
     offline = ["elec.task=distill", "elec.distill.mode=offline", "elec.vector_source=entity_table"]
@@ -116,7 +118,7 @@ def test_a_new_offline_student_run_refuses_entity_exports_it_would_not_read(tmp_
     assert not os.path.exists(data) and not os.path.exists(tmp_path / "run")
     fields_only = ELECConfig.from_dict({"task": "distill", "distill": {"mode": "offline"},
                                         "vector_source": "entity_table", "entity_tables": {"item_id": None}})
-    _check_offline_reads_no_vectors(fields_only)
+    check_offline_reads_no_vectors(fields_only)
     frozen = ELECConfig.from_dict({"task": "distill", "distill": {"mode": "frozen"}, "teacher_checkpoint": "t",
                                    "vector_source": "entity_table", "entity_tables": {"item_id": "vectors/items"}})
-    _check_offline_reads_no_vectors(frozen)  # a frozen teacher's exports are checked when they are loaded
+    check_offline_reads_no_vectors(frozen)  # a frozen teacher's exports are checked when they are loaded

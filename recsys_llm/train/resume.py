@@ -1,0 +1,90 @@
+"""Where a resumed run goes on: its newest checkpoint, its budget, and its reader position under
+another world size or batch size."""
+
+from typing import Optional
+
+from recsys_llm.train.checkpoint import (
+    STOP_BUDGET,
+    CheckpointManager,
+    TrainState,
+    read_train_state,
+)
+from recsys_llm.train.config import (
+    ConfigError,
+    TrainConfig,
+)
+from recsys_llm.train.distributed import DistContext
+from recsys_llm.train.process import seed_everything
+
+
+def budget_spent(state: TrainState, train_cfg: TrainConfig) -> bool:
+    """Whether ``state`` has used up ``train.epochs`` or ``train.max_steps``."""
+    return state.epoch >= train_cfg.epochs or (train_cfg.max_steps > 0 and state.global_step >= train_cfg.max_steps)
+
+
+def reopen_for_budget(state: TrainState, train_cfg: TrainConfig) -> TrainState:
+    """A run that finished by using up its budget goes on when a resume gives it more.
+
+    One that stopped early on patience stays finished, and so does one whose checkpoint
+    predates ``stop_reason`` (its reason is unknown).
+    """
+    if state.finished and state.stop_reason == STOP_BUDGET and not budget_spent(state, train_cfg):
+        state.finished, state.stop_reason = False, ""
+    return state
+
+
+def resume_point(checkpoints: CheckpointManager, best: CheckpointManager) -> Optional[str]:
+    """The newest complete checkpoint of ``checkpoints/`` and ``best/`` (``checkpoints/`` on a tie).
+
+    A ``best/`` checkpoint is a full snapshot of the run (weights, optimizer, RNG, position,
+    train state equal to the periodic checkpoint that follows it at the same step), so when a
+    kill between the two, or a lost ``checkpoints/``, leaves it the newest, the run resumes
+    from it instead of starting again from scratch beside it.
+    """
+    found = [path for path in (checkpoints.latest(), best.latest()) if path is not None]
+    return max(found, key=lambda path: read_train_state(path).global_step) if found else None
+
+
+def check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: TrainConfig) -> None:
+    """Each rank reads its own share of the rows, so a checkpoint taken mid-epoch by another
+    number of ranks has no exact position for this job: refused unless ``train.reshard_mid_epoch``
+    accepts going on after the same number of samples.
+
+    Raises:
+        ConfigError: another world size mid-epoch, without ``train.reshard_mid_epoch``.
+    """
+    if state.world_size == ctx.world_size or state.step_in_epoch == 0:
+        return  # the same ranks, or an epoch boundary
+    if reopen_for_budget(state, train_cfg).finished or budget_spent(state, train_cfg):
+        return  # a run that trains no further row
+    if not train_cfg.reshard_mid_epoch:
+        raise ConfigError(
+            f"{train_cfg.run_dir}: its newest checkpoint was taken {state.step_in_epoch} steps into epoch "
+            f"{state.epoch} by {state.world_size} rank(s); this job has {ctx.world_size}, whose shares of the "
+            f"rows differ, so that epoch cannot go on exactly. Resume with {state.world_size} rank(s), or set "
+            "train.reshard_mid_epoch=true to go on after the same number of samples (some rows of this "
+            "epoch are then seen twice and others not at all; later epochs are exact)"
+        )
+    if ctx.is_main:
+        print(f"[recsys_llm] train.reshard_mid_epoch: epoch {state.epoch} goes on with {ctx.world_size} rank(s) "
+              f"after {state.world_size} rank(s) read part of it; some of its rows repeat, others are skipped",
+              flush=True)
+
+
+def state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed: int) -> TrainState:
+    """Converts the reader position of a checkpoint written with another world size / batch size.
+
+    With another batch size it is exact when the rows read so far fill whole batches of the new
+    size; otherwise the rows of the partial batch are read again (said on rank 0). See
+    :func:`check_resumable_position` for another world size.
+    """
+    if state.world_size == ctx.world_size and state.batch_size == batch_size:
+        return state
+    samples = state.step_in_epoch * state.batch_size * state.world_size
+    state.step_in_epoch, left_over = divmod(samples, batch_size * ctx.world_size)
+    if left_over and state.world_size == ctx.world_size and ctx.is_main:
+        print(f"[recsys_llm] resuming {samples} rows into epoch {state.epoch} with data.batch_size={batch_size} "
+              f"(was {state.batch_size}): {left_over} of them do not fill a batch and are read again", flush=True)
+    state.world_size, state.batch_size = ctx.world_size, batch_size
+    seed_everything(seed + state.global_step + ctx.rank)
+    return state

@@ -1,0 +1,119 @@
+"""The data side of a run: its schema (the embedded synthetic data generated when asked), its
+rank-sharded readers of train / valid / test, and the metric subsets the data marks."""
+
+import os
+from typing import Dict, Optional
+
+import pyarrow.parquet as pq
+
+from recsys_llm.data.pair_swap import SwappedPairs
+from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.train.config import (
+    DEFAULT_COLD_ITEM_COLUMN,
+    ConfigError,
+    ExperimentConfig,
+)
+from recsys_llm.train.distributed import DistContext, barrier
+from recsys_llm.train.task_builder import plugin_extras
+
+
+def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate: bool = True) -> DatasetSchema:
+    """Loads ``data.schema``; rank 0 first generates the synthetic data if asked and missing.
+
+    Args:
+        generate (bool): False for a job on a trained run (evaluate, export, teacher outputs):
+            it reads the data the run trained on, which data generated now need not be.
+
+    Raises:
+        FileNotFoundError: the schema is missing and ``data.synthetic_rows`` is 0 (or ``generate`` is False).
+    """
+    path = config.data.schema
+    if not path:
+        raise ValueError("data.schema is empty: set it in the config or with data.schema=PATH")
+    schema_file = os.path.join(path, "schema.json") if not path.endswith((".json", ".yaml", ".yml")) else path
+    if not generate and not os.path.exists(schema_file):
+        raise FileNotFoundError(
+            f"{schema_file}: schema not found; a trained run is evaluated and exported on the data it trained on, "
+            "which is not generated here: point data.schema at it"
+        )
+    if config.data.synthetic_rows <= 0:
+        if not os.path.exists(schema_file):
+            raise FileNotFoundError(
+                f"{schema_file}: schema not found; run `recsys-llm prepare` or set data.synthetic_rows>0 "
+                "to generate the embedded synthetic data there"
+            )
+        return DatasetSchema.load(schema_file)
+    # rank 0 alone decides whether to generate; every rank then meets at the barrier, also one
+    # that already sees the schema (a slower rank, or a node-local path)
+    if ctx.is_main and not os.path.exists(schema_file):
+        from recsys_llm.data.parquet import write_prepared
+        from recsys_llm.data.synthetic import generate_synthetic
+
+        rows, seed = config.data.synthetic_rows, config.data.synthetic_seed
+        # a mistyped or unmounted data.schema lands here too: say so, and never write into a
+        # directory that holds something else (write_prepared refuses it)
+        print(f"[recsys_llm] {schema_file} not found: generating {rows} rows of the embedded synthetic data "
+              "there (data.synthetic_rows; set it to 0 to require existing data)", flush=True)
+        write_prepared(os.path.dirname(schema_file), "synthetic", [],
+                       lambda tmp: generate_synthetic(tmp, rows, seed=seed, progress=True))
+    barrier()
+    return DatasetSchema.load(schema_file)
+
+
+def build_readers(
+    config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext, train_transform: Optional[SwappedPairs] = None
+) -> Dict[str, ParquetBatchReader]:
+    data = config.data
+    eval_batch = data.eval_batch_size or data.batch_size
+    train_extras = list(dict.fromkeys(list(data.extras) + plugin_extras(config)))
+    eval_extras = list(dict.fromkeys(train_extras + list(metric_subsets(config, schema).values())))
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, validate=data.validate,
+                  pin_memory=ctx.device.type == "cuda")
+    readers = {
+        "train": ParquetBatchReader(
+            schema, data.train_split, data.batch_size, extras=train_extras, shuffle=data.shuffle,
+            seed=config.train.seed, transform=train_transform, **common,
+        ),
+    }
+    for name, split in (("valid", data.valid_split), ("test", data.test_split)):
+        if not split:
+            continue
+        if split not in schema.splits:
+            raise ConfigError(
+                f"data.{name}_split={split!r}: {schema.root} has no such split (it has {sorted(schema.splits)}); "
+                f"set data.{name}_split='' to train without a {name} split"
+            )
+        readers[name] = ParquetBatchReader(schema, split, eval_batch, extras=eval_extras, equal_batches=False,
+                                           **common)  # evaluate scores every row
+    return readers
+
+
+def metric_subsets(config: ExperimentConfig, schema: DatasetSchema) -> Dict[str, str]:
+    """The metric subsets of evaluation: ``{"cold": data.cold_item_column}`` when the data has that
+    extra column, else none.
+
+    Raises:
+        ConfigError: ``data.cold_item_column`` is set to another name than the default and the data
+            has no such extra column (a typo would silently drop the cold-item metrics; the default may
+            be absent, as in data without cold items).
+    """
+    column = config.data.cold_item_column
+    if not column:
+        return {}
+    if column in schema.extra_columns:
+        return {"cold": column}
+    if column == DEFAULT_COLD_ITEM_COLUMN:
+        return {}
+    found = ""
+    split = next((name for name in (config.data.test_split, config.data.train_split) if name in schema.splits), None)
+    if split is not None:  # what the files hold besides the schema's extra columns
+        path = resolve_paths(schema, split)[0]
+        file_columns = sorted(pq.ParquetFile(path).schema_arrow.names)
+        found = (f"; {path} has that column, but the schema does not list it in extra_columns: add it there"
+                 if column in file_columns else f"; file columns of {path}: {file_columns}")
+    raise ConfigError(
+        f"data.cold_item_column={column!r}: the data has no such extra column (extra_columns of {schema.root}: "
+        f"{list(schema.extra_columns)}{found}). Name the 0/1 column that marks cold items, or set "
+        "data.cold_item_column='' for no cold-item metrics"
+    )

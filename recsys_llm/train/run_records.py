@@ -1,0 +1,178 @@
+"""A run directory's records and the checks a job makes against them: ``plugins.json`` (schema,
+data and vectors the run trained with), ``results.json``, the lock of the job training there."""
+
+import fcntl
+import json
+import os
+from typing import IO, Any, Dict, Optional
+
+from recsys_llm.data.parquet import split_fingerprint
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.error_text import telling_line
+from recsys_llm.train.config import (
+    ConfigError,
+    ExperimentConfig,
+)
+
+RESULTS_FILE = "results.json"
+PLUGINS_FILE = "plugins.json"  # what the plug-ins were built from, and the schema the run trained on
+# what a run directory holds once its checks have passed (config.yaml and results.json are
+# common names, so they do not mark a directory as a run's)
+RUN_MARKERS = ("metrics.jsonl", "sharding_plan.json", "checkpoints", "best")
+RUN_LOCK_FILE = ".lock"  # rank 0 of a training job holds an exclusive lock on it
+# parts of the llactr record that describe where and when, not which, vectors
+VECTOR_RECORD_PLACE_KEYS = frozenset({"config", "vectors", "created_at", "created_by"})
+SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in PLUGINS_FILE: the data set's schema the run trained on
+DATA_FINGERPRINTS_KEY = "data_fingerprints"  # in PLUGINS_FILE: split -> the Parquet footers' hash of its files
+
+
+def data_fingerprints(config: ExperimentConfig, schema: DatasetSchema) -> Dict[str, str]:
+    """Split name -> :func:`~recsys_llm.data.parquet.split_fingerprint` of every split the run reads."""
+    data = config.data
+    splits = [split for split in (data.train_split, data.valid_split, data.test_split) if split and split in schema.splits]
+    return {split: split_fingerprint(schema, split) for split in dict.fromkeys(splits)}
+
+
+def check_same_data(saved_record: Dict[str, Any], current: Dict[str, str], schema: DatasetSchema, source: str) -> None:
+    """Raises when a split a resumed run reads now holds other rows than when the run started (the
+    directory prepared again with the same fields and sizes): the run would go on with other data,
+    and skip as many batches of it as it had trained of the old. Runs that recorded no data
+    fingerprints (older ones) are not checked.
+
+    Raises:
+        ConfigError: naming the splits that changed.
+    """
+    saved = saved_record.get(DATA_FINGERPRINTS_KEY) or {}
+    changed = [split for split in current if split in saved and saved[split] != current[split]]
+    if changed:
+        raise ConfigError(
+            f"{source}: the data of split(s) {changed} in {schema.root} changed since this run started (other rows "
+            "under the same fields and sizes, e.g. prepared again); a resume would train on both. Restore the data "
+            "the run started with, or train into another train.run_dir"
+        )
+
+
+def lock_run_dir(run_dir: str) -> IO[str]:
+    """Creates ``run_dir`` and takes an exclusive lock on ``run_dir/.lock`` (released when the returned
+    file is closed, or its process ends, even by SIGKILL).
+
+    Raises:
+        ConfigError: another process holds the lock (a job training in ``run_dir``).
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    handle = open(os.path.join(run_dir, RUN_LOCK_FILE), "a", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            f"{run_dir}: another job is training in this train.run_dir (it holds {RUN_LOCK_FILE} there); wait for "
+            "it to end (or stop it), or use another train.run_dir"
+        ) from None
+    return handle
+
+
+def check_run_dir_is_ours(run_dir: str) -> None:
+    """Raises when ``run_dir`` holds files but is no run directory: training would write its
+    config.yaml, results.json and checkpoints among (or over) them.
+
+    Raises:
+        ConfigError: naming the directory and a few of its entries.
+    """
+    entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    if entries and not any(marker in entries for marker in (*RUN_MARKERS, RUN_LOCK_FILE)):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ConfigError(
+            f"{run_dir}: train.run_dir is not empty and holds no run of recsys-llm train (it has {shown}; a run "
+            f"has {', '.join(RUN_MARKERS)}); training would write config.yaml, results.json and checkpoints "
+            "among them. Use a new or empty train.run_dir"
+        )
+
+
+def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
+    """Raises when a resumed LLaCTR run's vector file now holds other vectors than it trained with.
+
+    The checkpoint restores the vectors it trained with (FRE's and FIE's buffers), so going on
+    would train with the old vectors while ``plugins.json`` recorded the new ones. Moving the
+    file, or writing the same vectors again, is fine; entries that only one of the two records
+    has (written by another version) are not compared.
+
+    Raises:
+        ConfigError: naming the file, the vectors' path and the entries that differ.
+    """
+    saved, current = saved_plugins.get("llactr"), current_plugins.get("llactr")
+    if not saved or not current:
+        return
+    current = json.loads(json.dumps(current, default=str))  # as plugins.json stores it
+    keys = sorted((set(saved) & set(current)) - VECTOR_RECORD_PLACE_KEYS)
+    differing = [key for key in keys if saved[key] != current[key]]
+    if differing:
+        raise ConfigError(
+            f"{source}: this run trained with other field vectors than {current.get('vectors')} holds now "
+            f"(differing: {', '.join(differing)}); a resume goes on with the vectors in its checkpoint. Restore "
+            "the vector file the run started with to resume it, or train the new vectors in another train.run_dir"
+        )
+
+
+def earlier_throughput(run_dir: str) -> Optional[float]:
+    """``samples_per_second`` of the results an earlier job wrote in ``run_dir`` (None without one)."""
+    earlier = finished_results(run_dir)
+    return earlier.get("samples_per_second") if earlier else None
+
+
+def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
+    """The ``results.json`` :func:`run_training` wrote last in ``run_dir``, or None if it never finished."""
+    path = os.path.join(run_dir, RESULTS_FILE)
+    if not os.path.exists(path):
+        return None
+    return read_run_record(path)
+
+
+def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: str) -> None:
+    """Raises ConfigError when the run of ``saved_config`` trained on data of another schema
+    (e.g. the same directory prepared again with other sizes)."""
+    trained_on = _trained_schema_fingerprint(saved_config)
+    if trained_on is not None and trained_on != schema.fingerprint():
+        raise ConfigError(
+            f"{what}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
+            f"{schema.fingerprint()} (other fields, sizes or descriptions): use data prepared like the training data"
+        )
+
+
+def _trained_schema_fingerprint(saved_config: Optional[str]) -> Optional[str]:
+    """The schema fingerprint in ``plugins.json`` beside a run's ``config.yaml`` (None for a bare
+    checkpoint, or a run written before runs recorded it)."""
+    plugins = os.path.join(os.path.dirname(saved_config), PLUGINS_FILE) if saved_config else None
+    if plugins is None or not os.path.isfile(plugins):
+        return None
+    return read_run_record(plugins).get(SCHEMA_FINGERPRINT_KEY)
+
+
+# what each record of a run directory is for, in the error for a damaged one
+RUN_RECORD_ROLES = {
+    PLUGINS_FILE: "it records the schema, data and plug-ins the run trained with, which a resume, evaluate and "
+                  "export check against; restore it, or delete it (training writes it again; the checks it serves "
+                  "are skipped until then)",
+    RESULTS_FILE: "it holds the finished run's results; restore it, or delete it (training the run again writes it)",
+}
+
+
+def read_run_record(path: str) -> Dict[str, Any]:
+    """The JSON object of a run directory's record (``plugins.json``, ``results.json``).
+
+    Raises:
+        ConfigError: the file is not valid UTF-8 JSON, or holds no JSON object: naming the file,
+            the problem and what to do.
+    """
+    def damaged(problem: str) -> ConfigError:
+        role = RUN_RECORD_ROLES.get(os.path.basename(path), "restore it, or delete it")
+        return ConfigError(f"{path}: damaged run record, {problem}, not what `recsys-llm train` wrote; {role}")
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise damaged(f"not valid JSON ({telling_line(error)})") from error
+    if not isinstance(record, dict):
+        raise damaged(f"holds a JSON {type(record).__name__}, expected an object")
+    return record

@@ -1,0 +1,157 @@
+"""The model a config trains: the backbone alone, with LLaCTR's terms, or ELEC's gain network or
+teacher-student pair, and what the plug-ins need besides (extra columns, entity vectors, swapped pairs)."""
+
+import dataclasses
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from recsys_llm.data.pair_swap import SwappedPairs
+from recsys_llm.data.parquet import resolve_paths
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.registry import build_backbone
+from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
+from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
+from recsys_llm.train.config import (
+    ConfigError,
+    ExperimentConfig,
+)
+from recsys_llm.train.task import CTRTask
+
+
+class BuiltTask(NamedTuple):
+    """What :func:`build_task` returns.
+
+    Args:
+        task (nn.Module): ``forward(batch) -> (loss, (loss, logits, labels))``.
+        plugins (Dict[str, Any]): per plug-in (``llactr`` / ``elec``), what it was built
+            from (vector provenance, resolved settings); written to ``run_dir/plugins.json``.
+        elec (Optional[ELECConfig]): the parsed ``elec`` section, for :func:`load_plugin_state`.
+    """
+
+    task: nn.Module
+    plugins: Dict[str, Any]
+    elec: Optional[ELECConfig] = None
+
+
+def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.device) -> BuiltTask:
+    """The model to shard, from ``config.model`` and the optional ``llactr`` / ``elec`` sections.
+
+    * neither section: ``CTRTask(backbone)``;
+    * ``llactr``: ``CTRTask(backbone, logit_terms={"fie"}, loss_terms={"fre"})`` from the field
+      vectors (their provenance must match ``schema``);
+    * ``elec``: the gain network, or the teacher-student pair (see ``recsys_llm.modules.elec``).
+
+    Tables are created on ``meta`` (DMP materialises each rank's shards), dense weights on
+    ``device``.
+
+    Raises:
+        ValueError: both sections are set, or a section has unknown keys or bad values.
+    """
+    llactr, elec = parse_plugin_sections(config)
+    if elec is not None:
+        distill = elec.distill
+        if elec.task == "distill" and distill.mode == "offline" and distill.beta > 0:
+            width = extra_column_width(schema, config.data.train_split, distill.teacher_representation_key)
+            if distill.teacher_representation_dim <= 0:
+                distill.teacher_representation_dim = width
+            elif distill.teacher_representation_dim != width:
+                raise ValueError(
+                    f"elec.distill.teacher_representation_dim={distill.teacher_representation_dim}, but the column "
+                    f"{distill.teacher_representation_key!r} holds {width}-d teacher representations; set it to "
+                    f"{width} or leave it out (0: read from the column)"
+                )
+        reads_row_vectors = elec.vector_source == "extras" and (elec.task == "gain" or distill.mode != "offline")
+        if reads_row_vectors:
+            width = extra_column_width(schema, config.data.train_split, elec.vector_key)
+            if width != elec.vector_dim:
+                raise ValueError(f"elec.vector_dim={elec.vector_dim}, but the column {elec.vector_key!r} holds "
+                                 f"{width}-d vectors; set elec.vector_dim={width}")
+        task = build_elec_task(elec, schema, config.model, device=torch.device("meta"), dense_device=device)
+        return BuiltTask(task, {"elec": dataclasses.asdict(elec)}, elec)
+    backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
+    if llactr is None:
+        return BuiltTask(CTRTask(backbone), {})
+    logit_terms, loss_terms, provenance = build_llactr_terms(llactr, schema, backbone, device)
+    return BuiltTask(CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms), {"llactr": provenance})
+
+
+def parse_plugin_sections(config: ExperimentConfig) -> Tuple[Optional[LLaCTRConfig], Optional[ELECConfig]]:
+    """The ``llactr`` and ``elec`` sections as their configs (None where a section is empty).
+
+    ``run_training`` calls it before any data is read or generated, so a bad value costs nothing.
+
+    Raises:
+        ValueError: both sections are set, or a section has unknown keys or bad values.
+    """
+    if config.llactr and config.elec:
+        raise ValueError("config: 'llactr' and 'elec' sections are both set; train one method per run")
+    llactr = LLaCTRConfig.from_dict(config.llactr, source="llactr") if config.llactr else None
+    return llactr, ELECConfig.from_dict(config.elec, source="elec") if config.elec else None
+
+
+def check_offline_reads_no_vectors(elec: ELECConfig) -> None:
+    """Refuses entity exports named for an offline student, which reads the teacher's outputs from
+    the data and no LLM vector: ``plugins.json`` would record them as the run's vectors. (New runs
+    only: runs of earlier versions that name them still resume, export and evaluate.)
+
+    Raises:
+        ConfigError: naming the fields and how to leave their directories out.
+    """
+    if elec.task != "distill" or elec.distill.mode != "offline":
+        return
+    named = sorted(field for field, directory in elec.entity_tables.items() if directory)
+    if named:
+        raise ConfigError(
+            f"elec.distill.mode 'offline' reads the teacher's outputs from the data and no LLM vector, so the entity "
+            f"vectors named for {named} would not be read: leave them out (elec.entity_tables.<field>=null, or "
+            "elec.entity_vectors=null beside elec.entity_field)"
+        )
+
+
+def extra_column_width(schema: DatasetSchema, split: str, column: str) -> int:
+    """d of a ``fixed_size_list<float>[d]`` extra column, read from the split's first file footer.
+
+    Raises:
+        ValueError: the column is missing or not a fixed-size list.
+    """
+    path = resolve_paths(schema, split)[0]
+    arrow = pq.ParquetFile(path).schema_arrow
+    if column not in arrow.names:
+        raise ValueError(f"{path}: no column {column!r} (expected a fixed_size_list<float>[d] of vectors: teacher "
+                         "outputs from `recsys-llm teacher-outputs`, LLM vectors from `semantics export --attach-dir`)")
+    kind = arrow.field(column).type
+    if not pa.types.is_fixed_size_list(kind):
+        raise ValueError(f"{path}: column {column!r} is {kind}, expected fixed_size_list<float>[d]")
+    return int(kind.list_size)
+
+
+def plugin_extras(config: ExperimentConfig) -> List[str]:
+    """Parquet columns the plug-ins read from ``batch.extras`` (added to ``data.extras``)."""
+    if not config.elec:
+        return []
+    elec = ELECConfig.from_dict(config.elec, source="elec")
+    if elec.task == "distill" and elec.distill.mode == "offline":
+        keys = [elec.distill.teacher_logits_key]
+        return keys + [elec.distill.teacher_representation_key] if elec.distill.beta > 0 else keys
+    return [elec.vector_key] if elec.vector_source == "extras" else []
+
+
+def load_plugin_state(model: nn.Module, built: BuiltTask, schema: DatasetSchema) -> Dict[str, int]:
+    """After sharding: fills what training does not (ELEC entity vectors of ``schema``, frozen teacher)."""
+    return load_elec_state(model, built.elec, schema.fingerprint()) if built.elec is not None else {}
+
+
+def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int, rank: int = 0) -> Optional[SwappedPairs]:
+    """The training-batch transform of ELEC's ``distill.swap_fields`` (None when unset).
+
+    With it, every training batch carries B label-free swapped rows after its B rows, and the
+    epoch's ``samples_per_second`` counts both.
+    """
+    if built.elec is None or built.elec.task != "distill" or not built.elec.distill.swap_fields:
+        return None
+    distill = built.elec.distill
+    return SwappedPairs(schema, distill.swap_fields, seed=seed, catalog=distill.swap_catalog, rank=rank)

@@ -1,0 +1,95 @@
+"""Jobs on a trained run (evaluate, export, teacher outputs): open its checkpoint on every rank,
+load the sharded model, evaluate a split."""
+
+from typing import Any, Dict, NamedTuple, Optional
+
+from torch import nn
+
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.train.checkpoint import (
+    load_checkpoint,
+    resolve_checkpoint,
+    run_config_of,
+)
+from recsys_llm.train.config import (
+    ExperimentConfig,
+    check_same_model,
+)
+from recsys_llm.train.distributed import DistContext, init_distributed
+from recsys_llm.train.metrics import CTRMetrics
+from recsys_llm.train.pipeline import evaluate
+from recsys_llm.train.process import seed_everything, set_cpu_float_mode
+from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
+from recsys_llm.train.run_records import check_trained_on
+from recsys_llm.train.sharding import shard_model
+from recsys_llm.train.task_builder import build_task, plugin_extras
+
+
+class TrainedRun(NamedTuple):
+    """A trained run, opened by :func:`open_trained_run` on every rank."""
+
+    checkpoint: str  # the complete checkpoint directory
+    ctx: DistContext
+    schema: DatasetSchema
+
+
+def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
+    """For a job on a trained run (evaluate, export, teacher outputs): resolves ``checkpoint``
+    (a run directory gives its best, else latest, checkpoint), checks that it was trained with
+    ``config``'s model, joins the process group and loads the schema.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint there.
+        ConfigError: the run that wrote it trained another model, or on a data set of
+            another schema (its ``plugins.json`` records the schema fingerprint).
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    saved_config = run_config_of(checkpoint)
+    check_same_model(config, saved_config)
+    set_cpu_float_mode(config.train)
+    ctx = init_distributed(config.train.device)
+    schema = load_or_generate_schema(config, ctx, generate=False)
+    check_trained_on(schema, saved_config, checkpoint)
+    return TrainedRun(checkpoint, ctx, schema)
+
+
+def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
+    """The DMP-sharded task of ``config`` with the run's checkpoint loaded (collective; any
+    world size: the shards are re-cut). Every weight comes from the checkpoint, frozen entity
+    tables and a frozen teacher included, so their source files are not read again."""
+    built = build_task(config, run.schema, run.ctx.device)
+    model, _ = shard_model(built.task, run.ctx.device, run.ctx.world_size, config.sharding, config.optim,
+                           config.data.batch_size)
+    load_checkpoint(run.checkpoint, model, None, restore_rng=False)
+    return model
+
+
+def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[str] = None) -> Dict[str, Any]:
+    """Loads ``checkpoint`` (any world size: shards are re-cut) and evaluates one split (every rank).
+
+    Args:
+        config (ExperimentConfig): the experiment the checkpoint came from.
+        checkpoint (str): a complete checkpoint directory, or a run directory (its best model,
+            else its latest checkpoint).
+        split (Optional[str]): split to evaluate (default ``data.test_split``).
+
+    Returns:
+        Dict[str, Any]: metrics (with ``cold/*`` when the data marks cold items).
+    """
+    run = open_trained_run(config, checkpoint)
+    ctx, schema = run.ctx, run.schema
+    seed_everything(config.train.seed)
+    split = split or config.data.test_split
+    data = config.data
+    extras = list(data.extras) + plugin_extras(config) + list(metric_subsets(config, schema).values())
+    reader = ParquetBatchReader(
+        schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+        extras=sorted(set(extras)), validate=data.validate, pin_memory=ctx.device.type == "cuda", equal_batches=False,
+    )
+    model = load_trained_model(config, run)
+    results = evaluate(model, reader, ctx.device, CTRMetrics(metric_subsets(config, schema)), description=split,
+                       progress=config.train.progress)
+    results["checkpoint"] = run.checkpoint
+    results["split"] = split
+    return results
