@@ -5,9 +5,7 @@ import random
 import numpy as np
 import torch
 
-from recsys_llm.train.config import (
-    TrainConfig,
-)
+from recsys_llm.train.config import TrainConfig
 
 
 def seed_everything(seed: int) -> None:

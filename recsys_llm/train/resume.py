@@ -3,16 +3,8 @@ another world size or batch size."""
 
 from typing import Optional
 
-from recsys_llm.train.checkpoint import (
-    STOP_BUDGET,
-    CheckpointManager,
-    TrainState,
-    read_train_state,
-)
-from recsys_llm.train.config import (
-    ConfigError,
-    TrainConfig,
-)
+from recsys_llm.train.checkpoint import STOP_BUDGET, CheckpointManager, TrainState, read_train_state
+from recsys_llm.train.config import ConfigError, TrainConfig
 from recsys_llm.train.distributed import DistContext
 from recsys_llm.train.process import seed_everything
 

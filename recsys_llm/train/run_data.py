@@ -9,11 +9,7 @@ import pyarrow.parquet as pq
 from recsys_llm.data.pair_swap import SwappedPairs
 from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.train.config import (
-    DEFAULT_COLD_ITEM_COLUMN,
-    ConfigError,
-    ExperimentConfig,
-)
+from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN, ConfigError, ExperimentConfig
 from recsys_llm.train.distributed import DistContext, barrier
 from recsys_llm.train.task_builder import plugin_extras
 
@@ -64,6 +60,12 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate
 def build_readers(
     config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext, train_transform: Optional[SwappedPairs] = None
 ) -> Dict[str, ParquetBatchReader]:
+    """This rank's readers of the run's splits: ``train`` (shuffled, with ``train_transform``), and
+    ``valid`` / ``test`` where the config names them (every row scored, metric-subset columns read).
+
+    Raises:
+        ConfigError: ``data.valid_split`` or ``data.test_split`` names a split the data does not have.
+    """
     data = config.data
     eval_batch = data.eval_batch_size or data.batch_size
     train_extras = list(dict.fromkeys(list(data.extras) + plugin_extras(config)))

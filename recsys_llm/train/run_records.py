@@ -9,10 +9,7 @@ from typing import IO, Any, Dict, Optional
 from recsys_llm.data.parquet import split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.error_text import telling_line
-from recsys_llm.train.config import (
-    ConfigError,
-    ExperimentConfig,
-)
+from recsys_llm.train.config import ConfigError, ExperimentConfig
 
 RESULTS_FILE = "results.json"
 PLUGINS_FILE = "plugins.json"  # what the plug-ins were built from, and the schema the run trained on

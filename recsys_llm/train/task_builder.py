@@ -15,10 +15,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import build_backbone
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
-from recsys_llm.train.config import (
-    ConfigError,
-    ExperimentConfig,
-)
+from recsys_llm.train.config import ConfigError, ExperimentConfig
 from recsys_llm.train.task import CTRTask
 
 

@@ -7,15 +7,8 @@ from torch import nn
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.train.checkpoint import (
-    load_checkpoint,
-    resolve_checkpoint,
-    run_config_of,
-)
-from recsys_llm.train.config import (
-    ExperimentConfig,
-    check_same_model,
-)
+from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
+from recsys_llm.train.config import ExperimentConfig, check_same_model
 from recsys_llm.train.distributed import DistContext, init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate
