@@ -144,7 +144,7 @@ def write_parquet(schema, batches: List, num_batches: int, path: str) -> str:
     """Writes ``num_batches`` batches' rows (cycling ``batches``) to one Parquet file."""
     import numpy as np
 
-    from recsys_llm.data.parquet import SplitWriter, arrow_schema_for
+    from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for
 
     batch_size = batches[0].labels.numel()
     with SplitWriter(path, arrow_schema_for(schema), row_group_size=8 * batch_size) as writer:

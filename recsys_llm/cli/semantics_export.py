@@ -172,7 +172,7 @@ def _check_adapted_on(llm_dir: str, schema, fields: List[str]) -> None:
 def _check_attach_dir(schema, args: argparse.Namespace) -> None:
     """Refuses, before any work, an ``--attach-dir`` that holds the data or the vectors it reads."""
     from recsys_llm.atomic_dir import check_replaceable
-    from recsys_llm.data.parquet import check_inputs_outside
+    from recsys_llm.data.parquet_writer import check_inputs_outside
 
     attach_dir = os.path.realpath(args.attach_dir)
     check_inputs_outside(attach_dir, [schema.root, args.output_dir] + [schema.split_path(s) for s in schema.splits])

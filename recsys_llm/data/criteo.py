@@ -30,7 +30,7 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 from recsys_llm.data.hashing import hash_strings
-from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, write_prepared
+from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.validation import DataError, check_labels, check_number, check_split_fractions
 
@@ -173,7 +173,7 @@ def prepare_criteo(path: str, out_dir: str, config: Optional[CriteoConfig] = Non
 
     The output is built in a temp directory and replaces ``out_dir`` only when complete and
     checked: a failed conversion leaves an earlier output as it was
-    (:func:`~recsys_llm.data.parquet.write_prepared`).
+    (:func:`~recsys_llm.data.parquet_writer.write_prepared`).
 
     Args:
         path (str): the raw file (e.g. Kaggle ``train.txt`` or a Terabyte ``day_0``).

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from tqdm import tqdm
 
-from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, write_prepared
+from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import ITEM_CATALOG, write_value_text
 from recsys_llm.data.validation import DataError, check_number, check_split_fractions, offsets_from_lengths
@@ -217,7 +217,7 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
 
     The output (splits, value text, item catalogue, schema) is built in a temp directory
     and replaces ``out_dir`` only when complete and checked: a failed conversion leaves an
-    earlier output as it was (:func:`~recsys_llm.data.parquet.write_prepared`).
+    earlier output as it was (:func:`~recsys_llm.data.parquet_writer.write_prepared`).
 
     Args:
         raw_dir (str): directory with ``*.inter``, ``*.item`` and ``*.user``.

@@ -39,7 +39,7 @@ import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.data.parquet import categorical_column, dense_column
+from recsys_llm.data.row_chunks import categorical_column, dense_column
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import DataError, check_column_type, check_no_nulls, open_parquet
 

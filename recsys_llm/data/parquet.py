@@ -1,4 +1,7 @@
-"""Parquet I/O: a split writer for ``prepare`` and the streaming, rank-sharded batch reader.
+"""The streaming, rank-sharded Parquet batch reader, and the split files it reads.
+
+(The writing side is :mod:`recsys_llm.data.parquet_writer`; a row group's conversion to numpy,
+:mod:`recsys_llm.data.row_chunks`.)
 
 The reader never loads a whole file: it reads one row group (or a slice of one) at a
 time, converts it to numpy with vectorised pyarrow/numpy calls, validates it against
@@ -21,7 +24,6 @@ skips per epoch. Passes that must see every row (evaluation, teacher outputs) us
 ``equal_batches=False`` and iterate :meth:`ParquetBatchReader.padded`: every row once, and
 ranks with one batch fewer repeat one, marked as padding.
 """
-
 import bisect
 import dataclasses
 import glob
@@ -33,409 +35,13 @@ import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.data.batch import Batch
-from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
-from recsys_llm.data.validation import (
-    DataError,
-    check_dense,
-    check_file_schema,
-    check_finite_extra,
-    check_ids,
-    check_labels,
-    check_no_null_elements,
-    check_no_nulls,
-    field_specs_metadata,
-    offsets_from_lengths,
-    open_parquet,
-    read_row_group,
-)
-
-ROW_ID_EXTRA = "row_id"
-
-
-# =================================================================================================
-# writing
-# =================================================================================================
-def arrow_schema_for(schema: DatasetSchema, extra_types: Optional[Dict[str, pa.DataType]] = None) -> pa.Schema:
-    """The Arrow schema ``prepare`` writes for a data set (row key, fields, label, extras).
-
-    Types: sparse int64, sequence list<int64>, dense float32, label int8, row key int64.
-    The field specs are recorded in the metadata so a reader can detect a schema/data mismatch.
-    """
-    columns: List[pa.Field] = []
-    if schema.row_key:
-        columns.append(pa.field(schema.row_key, pa.int64(), nullable=False))
-    kind_types = {FieldKind.SPARSE: pa.int64(), FieldKind.SEQUENCE: pa.list_(pa.int64()), FieldKind.DENSE: pa.float32()}
-    columns += [pa.field(f.name, kind_types[f.kind]) for f in schema.fields]
-    columns.append(pa.field(schema.label, pa.int8()))
-    for name, dtype in (extra_types or {}).items():
-        columns.append(pa.field(name, dtype))
-    return pa.schema(columns, metadata=field_specs_metadata(schema.fields))
-
-
-def list_array(lengths: np.ndarray, values: np.ndarray) -> pa.Array:
-    """A list<int64> Arrow array from per-row ``lengths`` (N,) and flat ``values`` (sum(lengths),)."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values, dtype=np.int64)))
-
-
-class SplitWriter:
-    """Streams chunks of rows into one Parquet file with fixed-size row groups.
-
-    Args:
-        path (str): output file (written to ``path + ".tmp"`` and renamed on ``close``).
-        arrow_schema (pa.Schema): see :func:`arrow_schema_for`.
-        row_group_size (int): rows per row group.
-        compression (str): Parquet codec; lz4 decodes about twice as fast as zstd for
-            id columns, which matters when training is fed from Parquet.
-
-    Example::
-
-        with SplitWriter("out/train.parquet", arrow_schema_for(schema), 65536) as writer:
-            writer.write({"row_id": ids, "user_id": users, ..., "label": labels})
-    """
-
-    def __init__(self, path: str, arrow_schema: pa.Schema, row_group_size: int = 65536, compression: str = "lz4") -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._path = path
-        self._tmp = f"{path}.tmp"
-        self._schema = arrow_schema
-        self._row_group_size = row_group_size
-        self._writer = pq.ParquetWriter(self._tmp, arrow_schema, compression=compression)
-        self._pending: List[pa.Table] = []
-        self._pending_rows = 0
-        self.num_rows = 0
-
-    def write(self, columns: Dict[str, Union[np.ndarray, pa.Array]]) -> None:
-        """Appends rows given as column name -> array (cast to the writer's Arrow types)."""
-        arrays = []
-        for field in self._schema:
-            if field.name not in columns:
-                raise DataError(f"{self._path}: chunk lacks column {field.name!r}; expected {self._schema.names}")
-            arrays.append(pa.array(columns[field.name]).cast(field.type) if not isinstance(columns[field.name], pa.Array)
-                          else columns[field.name].cast(field.type))
-        table = pa.Table.from_arrays(arrays, schema=self._schema)
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
-        self.num_rows += table.num_rows
-        if self._pending_rows >= self._row_group_size:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        table = pa.concat_tables(self._pending) if self._pending else self._schema.empty_table()
-        full = (table.num_rows // self._row_group_size) * self._row_group_size
-        cut = table.num_rows if final else full
-        if cut:
-            self._writer.write_table(table.slice(0, cut), row_group_size=self._row_group_size)
-        rest = table.slice(cut)
-        self._pending = [rest] if rest.num_rows else []
-        self._pending_rows = rest.num_rows
-
-    def close(self) -> None:
-        self._flush(final=True)
-        self._writer.close()
-        os.replace(self._tmp, self._path)
-
-    def __enter__(self) -> "SplitWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._writer.close()
-            if os.path.exists(self._tmp):
-                os.remove(self._tmp)
-
-
-#: files every directory written by ``prepare`` holds; only such a directory is replaced
-PREPARED_MARKER_FILES = ("schema.json", "train.parquet", "valid.parquet", "test.parquet")
-PREPARED_KIND = "prepared data set"
-
-
-def check_inputs_outside(out_dir: str, inputs: Sequence[str]) -> None:
-    """Raises if an input lies in ``out_dir`` (or its ``.old`` copy), which the swap would delete."""
-    for directory in (out_dir, f"{out_dir}.old"):
-        root = os.path.realpath(directory)
-        for path in inputs:
-            real = os.path.realpath(path)
-            if real == root or real.startswith(root + os.sep):
-                raise ValueError(
-                    f"{out_dir}: the output directory holds the input {path}; writing the data set there would "
-                    "delete it; choose another output directory"
-                )
-
-
-def check_split_rows(schema: DatasetSchema, source: str) -> None:
-    """Raises unless every split of a just-written data set (``schema.root``) has rows and fits ``schema``.
-
-    Raises:
-        DataError: an empty split (naming ``source`` and the split), or a footer mismatch.
-    """
-    rows = {split: sum(open_parquet(path).metadata.num_rows for path in resolve_paths(schema, split))
-            for split in schema.splits}
-    for split, count in rows.items():
-        if count == 0:
-            raise DataError(f"{source}: split {split!r} received no rows of {sum(rows.values())}; "
-                            "use more data or other split_fractions")
-    for split in schema.splits:
-        read_schema_and_check(schema, split)
-
-
-def write_prepared(
-    out_dir: str, source: str, inputs: Sequence[str], write: Callable[[str], DatasetSchema]
-) -> DatasetSchema:
-    """Writes a data set whole or not at all: ``write(tmp)`` fills a temp directory, which
-    replaces ``out_dir`` only after every split has rows and fits the schema.
-
-    A failure (or interrupt) leaves an earlier ``out_dir`` as it was; a non-empty ``out_dir``
-    that is not an earlier data set (no :data:`PREPARED_MARKER_FILES`), or one holding an
-    input, is refused before ``write`` runs.
-
-    Args:
-        out_dir (str): the final directory.
-        source (str): the raw data, named in error messages.
-        inputs (Sequence[str]): files/directories the conversion reads.
-        write (Callable[[str], DatasetSchema]): writes splits, value text etc. into the given
-            directory and returns the schema; ``schema.json`` is saved here, after the checks.
-
-    Returns:
-        DatasetSchema: the schema, rooted at ``out_dir``.
-    """
-    out_dir = os.path.realpath(out_dir)  # "out/", "." and a symlinked output name the real directory
-    if os.path.ismount(out_dir):
-        raise ValueError(
-            f"{out_dir}: is a mount point, and a data set is swapped in whole (a failed run keeps the earlier "
-            "one), which a mount point cannot be; write it into a directory inside the volume, e.g. "
-            f"{os.path.join(out_dir, 'data')}"
-        )
-    check_inputs_outside(out_dir, inputs)
-    with atomic_directory(out_dir, PREPARED_KIND, PREPARED_MARKER_FILES) as tmp:
-        schema = write(tmp)
-        schema.root = tmp
-        check_split_rows(schema, source)
-        schema.save(os.path.join(tmp, "schema.json"))
-    schema.root = out_dir
-    return schema
-
-
-# =================================================================================================
-# reading: columnar chunks
-# =================================================================================================
-@dataclasses.dataclass
-class _Chunk:
-    """Rows of a row group converted to numpy.
-
-    ``ids[k]`` holds the ids of categorical key ``k`` (one per row for sparse fields, the
-    flat values for sequences); ``offsets[k]`` is None for sparse keys and (N + 1,) row
-    offsets into ``ids[k]`` for sequences.
-    """
-
-    dense: np.ndarray  # (N, Dd) float32
-    ids: List[np.ndarray]
-    offsets: List[Optional[np.ndarray]]
-    labels: np.ndarray  # (N,) float32
-    extras: Dict[str, np.ndarray]  # (N,) or (N, d)
-
-    @property
-    def num_rows(self) -> int:
-        return self.labels.shape[0]
-
-    def slice(self, start: int, stop: int) -> "_Chunk":
-        ids, offsets = [], []
-        for values, off in zip(self.ids, self.offsets):
-            if off is None:
-                ids.append(values[start:stop])
-                offsets.append(None)
-            else:
-                ids.append(values[off[start] : off[stop]])
-                offsets.append(off[start : stop + 1] - off[start])
-        return _Chunk(
-            self.dense[start:stop], ids, offsets, self.labels[start:stop], {k: v[start:stop] for k, v in self.extras.items()}
-        )
-
-    def take(self, rows: np.ndarray) -> "_Chunk":
-        ids, offsets = [], []
-        for values, off in zip(self.ids, self.offsets):
-            if off is None:
-                ids.append(values[rows])
-                offsets.append(None)
-                continue
-            lengths = (off[1:] - off[:-1])[rows]
-            new_off = offsets_from_lengths(lengths)
-            # position of every kept id in the old values: old row start + rank within its row
-            gather = np.arange(new_off[-1], dtype=np.int64) - np.repeat(new_off[:-1] - off[rows], lengths)
-            ids.append(values[gather])
-            offsets.append(new_off)
-        return _Chunk(self.dense[rows], ids, offsets, self.labels[rows], {k: v[rows] for k, v in self.extras.items()})
-
-    @staticmethod
-    def concat(chunks: List["_Chunk"]) -> "_Chunk":
-        if len(chunks) == 1:
-            return chunks[0]
-        ids, offsets = [], []
-        for k, first in enumerate(chunks[0].offsets):
-            ids.append(np.concatenate([c.ids[k] for c in chunks]))
-            if first is None:
-                offsets.append(None)
-            else:
-                offsets.append(offsets_from_lengths(np.concatenate([np.diff(c.offsets[k]) for c in chunks])))
-        return _Chunk(
-            np.concatenate([c.dense for c in chunks]),
-            ids,
-            offsets,
-            np.concatenate([c.labels for c in chunks]),
-            {k: np.concatenate([c.extras[k] for c in chunks]) for k in chunks[0].extras},
-        )
-
-    def to_batch(self, keys: List[str]) -> Batch:
-        n = self.num_rows
-        lengths = [np.ones(n, dtype=np.int32) if off is None else np.diff(off).astype(np.int32) for off in self.offsets]
-        values = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64)
-        kjt = KeyedJaggedTensor(
-            keys=keys,
-            values=torch.from_numpy(_writable(values, np.int64)),
-            lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)),
-            stride=n,
-        )
-        return Batch(
-            dense_features=torch.from_numpy(_writable(self.dense)),
-            sparse_features=kjt,
-            labels=torch.from_numpy(_writable(self.labels)),
-            extras={k: torch.from_numpy(_writable(v)) for k, v in self.extras.items()},
-        )
-
-
-def _writable(array: np.ndarray, dtype: Optional[type] = None) -> np.ndarray:
-    """C-contiguous, writable array (copies only arrays that share read-only Arrow buffers)."""
-    return np.require(array, dtype=dtype, requirements=["C", "W"])
-
-
-# =================================================================================================
-# reading: conversion of one Arrow table (row group slice) to a chunk
-# =================================================================================================
-def sequence_ids(array: pa.Array, spec: FieldSpec) -> Tuple[np.ndarray, np.ndarray]:
-    """Flat ids and (N + 1,) offsets of a list column, null lists as empty, truncated to max_length."""
-    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy().astype(np.int64)
-    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    off = offsets_from_lengths(lengths)
-    if spec.max_length and lengths.size and lengths.max() > spec.max_length:
-        # keep the first max_length ids of every row
-        position = np.arange(values.size) - np.repeat(off[:-1], lengths)
-        values = values[position < spec.max_length]
-        off = offsets_from_lengths(np.minimum(lengths, spec.max_length))
-    return values, off
-
-
-def dense_column(path: str, spec: FieldSpec, array: pa.Array, row_offset: int, validate: bool = True) -> np.ndarray:
-    """(N,) float32 values of a dense column; with ``validate``, a null or non-finite value raises."""
-    if validate:
-        check_no_nulls(path, spec.name, array, row_offset, "a finite float")
-    values = array.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if validate:
-        check_dense(path, spec.name, values, row_offset)
-    return values
-
-
-def categorical_column(
-    path: str, spec: FieldSpec, array: pa.Array, row_offset: int, validate: bool = True
-) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Ids of a sparse or sequence column, checked (``check_ids``, folded if hashed).
-
-    A null inside a sequence's list is refused even without ``validate`` (it has no id, and
-    the check reads only the null count).
-
-    Returns:
-        Tuple: flat int64 ids and, for a sequence, its (N + 1,) offsets (None for a sparse field).
-    """
-    what = f"an id in [0, {spec.cardinality})"
-    if spec.kind == FieldKind.SPARSE:
-        if validate:
-            check_no_nulls(path, spec.name, array, row_offset, what)
-        values = array.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        return check_ids(path, spec, values, None, row_offset), None
-    check_no_null_elements(path, spec.name, array, row_offset, what)
-    values, offsets = sequence_ids(array, spec)
-    return check_ids(path, spec, values, offsets, row_offset), offsets
-
-
-class _Converter:
-    """Converts Arrow tables of one file to :class:`_Chunk` s, validating values on the way."""
-
-    def __init__(self, schema: DatasetSchema, extras: Sequence[str], row_key: Optional[str], validate: bool) -> None:
-        self._schema = schema
-        self._extras = list(extras)
-        self._row_key = row_key
-        self._validate = validate
-
-    def columns(self) -> List[str]:
-        names = [f.name for f in self._schema.fields] + [self._schema.label]
-        if self._row_key:
-            names.append(self._row_key)
-        return names + [e for e in self._extras if e not in names]
-
-    def convert(self, table: pa.Table, path: str, row_offset: int) -> _Chunk:
-        n = table.num_rows
-        dense_cols = []
-        for spec in self._schema.dense_fields:
-            dense_cols.append(dense_column(path, spec, table.column(spec.name).combine_chunks(), row_offset,
-                                           self._validate))
-        dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), dtype=np.float32)
-
-        ids, offsets = [], []
-        for spec in self._schema.categorical_fields:
-            values, off = categorical_column(path, spec, table.column(spec.name).combine_chunks(), row_offset,
-                                             self._validate)
-            ids.append(values)
-            offsets.append(off)
-
-        label_array = table.column(self._schema.label).combine_chunks()
-        if self._validate:
-            check_no_nulls(path, self._schema.label, label_array, row_offset, "0 or 1")
-        labels = label_array.to_numpy(zero_copy_only=False)
-        if self._validate:
-            check_labels(path, self._schema.label, labels, row_offset)
-
-        extras: Dict[str, np.ndarray] = {}
-        if self._row_key:
-            extras[ROW_ID_EXTRA] = self._extra(table, self._row_key, path, row_offset)
-        for name in self._extras:
-            extras[name] = self._extra(table, name, path, row_offset)
-        return _Chunk(dense, ids, offsets, labels.astype(np.float32, copy=False), extras)
-
-    def _extra(self, table: pa.Table, name: str, path: str, row_offset: int) -> np.ndarray:
-        """(N,) int64 / float32 or (N, w) float32 values of an extra column; with ``validate``,
-        float values (e.g. an attached ``llm_vector``) must be finite, like dense features."""
-        array = table.column(name).combine_chunks()
-        check_no_nulls(path, name, array, row_offset, "a value in every row")
-        dtype = array.type
-        if pa.types.is_fixed_size_list(dtype) or pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
-            lengths = pc.list_value_length(array).to_numpy()
-            width = int(lengths[0]) if lengths.size else 0
-            if lengths.size and (lengths != width).any():
-                raise DataError(f"{path}: extra column {name!r}: rows have different vector lengths; expected a fixed size")
-            values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            values = values.reshape(-1, width)  # (N, w)
-            if self._validate:
-                check_finite_extra(path, name, values, row_offset)
-            return values
-        values = array.to_numpy(zero_copy_only=False)
-        if values.dtype.kind in "iub":
-            return values.astype(np.int64, copy=False)
-        if values.dtype.kind == "f":
-            values = values.astype(np.float32, copy=False)
-            if self._validate:
-                check_finite_extra(path, name, values[:, None], row_offset)
-            return values
-        raise DataError(f"{path}: extra column {name!r} has Arrow type {dtype}; expected numbers or fixed-size float lists")
+from recsys_llm.data.row_chunks import ChunkConverter, RowChunk
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.validation import DataError, check_file_schema, offsets_from_lengths, open_parquet, read_row_group
 
 
 # =================================================================================================
@@ -662,7 +268,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         self._rank_rows = [sum(u.rows for u in shard) for shard in shards]
         self._batches_per_rank = [(rows // batch_size if drop_last else -(-rows // batch_size)) for rows in self._rank_rows]
         self._num_batches = min(self._batches_per_rank) if equal_batches else self._batches_per_rank[rank]
-        self._converter = _Converter(schema, extras, schema.row_key if row_key_present else None, validate)
+        self._converter = ChunkConverter(schema, extras, schema.row_key if row_key_present else None, validate)
 
     # ---- sizes ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -731,7 +337,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             return _prefetched(batches, self._prefetch)
         return batches
 
-    def _chunks(self, rng: Optional[np.random.Generator]) -> Iterator[_Chunk]:
+    def _chunks(self, rng: Optional[np.random.Generator]) -> Iterator[RowChunk]:
         units = list(self._units)
         if rng is not None:
             units = [units[i] for i in rng.permutation(len(units))]
@@ -748,29 +354,29 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             row_offset = int(self._group_starts[unit.file][unit.row_group]) + unit.start
             yield self._converter.convert(table, path, row_offset)
 
-    def _mixed(self, rng: Optional[np.random.Generator]) -> Iterator[_Chunk]:
+    def _mixed(self, rng: Optional[np.random.Generator]) -> Iterator[RowChunk]:
         """Chunks in order, or (shuffling) buffers of ~shuffle_buffer_rows rows in random order."""
         if rng is None:
             yield from self._chunks(None)
             return
-        buffer: List[_Chunk] = []
+        buffer: List[RowChunk] = []
         rows = 0
         for chunk in self._chunks(rng):
             buffer.append(chunk)
             rows += chunk.num_rows
             if rows >= self._buffer_rows:
-                merged = _Chunk.concat(buffer)
+                merged = RowChunk.concat(buffer)
                 yield merged.take(rng.permutation(merged.num_rows))
                 buffer, rows = [], 0
         if buffer:
-            merged = _Chunk.concat(buffer)
+            merged = RowChunk.concat(buffer)
             yield merged.take(rng.permutation(merged.num_rows))
 
     def _batches(self) -> Iterator[Batch]:
         rng = np.random.default_rng([self._seed, self._epoch, self._rank]) if self._shuffle else None
         size = self._batch_size
         emitted = 0
-        pending: List[_Chunk] = []
+        pending: List[RowChunk] = []
         pending_rows = 0
         if self._num_batches == 0:
             return
@@ -779,7 +385,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             pending_rows += chunk.num_rows
             if pending_rows < size:
                 continue
-            merged = _Chunk.concat(pending)
+            merged = RowChunk.concat(pending)
             start = 0
             while merged.num_rows - start >= size:
                 yield merged.slice(start, start + size).to_batch(self._keys)
@@ -790,7 +396,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             rest = merged.slice(start, merged.num_rows)
             pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
         if pending_rows and not self._drop_last and emitted < self._num_batches:
-            yield _Chunk.concat(pending).to_batch(self._keys)
+            yield RowChunk.concat(pending).to_batch(self._keys)
 
 
 # =================================================================================================

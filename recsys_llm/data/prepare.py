@@ -5,7 +5,7 @@ which dispatches to the converter of the source, then re-opens every written spl
 with :func:`~recsys_llm.data.parquet.read_schema_and_check` (footers only) and
 returns a :class:`PrepareReport` with the rows and click rate per split.
 
-Every source is written whole or not at all (:func:`~recsys_llm.data.parquet.write_prepared`):
+Every source is written whole or not at all (:func:`~recsys_llm.data.parquet_writer.write_prepared`):
 the output directory is replaced only by a complete, checked data set, and only if it is
 absent, empty or an earlier prepared data set.
 """
@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from recsys_llm.data.criteo import CriteoConfig, prepare_criteo
 from recsys_llm.data.movielens import MovieLensConfig, prepare_movielens
-from recsys_llm.data.parquet import read_schema_and_check, write_prepared
+from recsys_llm.data.parquet import read_schema_and_check
+from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import SyntheticConfig, generate_synthetic
 from recsys_llm.data.tabular import TabularConfig, prepare_tabular

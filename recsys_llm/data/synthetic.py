@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array
+from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.validation import check_number
 

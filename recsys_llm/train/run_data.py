@@ -43,7 +43,7 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate
     # rank 0 alone decides whether to generate; every rank then meets at the barrier, also one
     # that already sees the schema (a slower rank, or a node-local path)
     if ctx.is_main and not os.path.exists(schema_file):
-        from recsys_llm.data.parquet import write_prepared
+        from recsys_llm.data.parquet_writer import write_prepared
         from recsys_llm.data.synthetic import generate_synthetic
 
         rows, seed = config.data.synthetic_rows, config.data.synthetic_seed

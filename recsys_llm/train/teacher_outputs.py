@@ -32,7 +32,8 @@ from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries
-from recsys_llm.data.parquet import ROW_ID_EXTRA, ParquetBatchReader, resolve_paths
+from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
+from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
 from recsys_llm.train.config import ExperimentConfig

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.data.parquet import ParquetBatchReader, SplitWriter, arrow_schema_for, list_array
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import generate_synthetic
 from recsys_llm.data.validation import DataError

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from recsys_llm.data.parquet import SplitWriter, arrow_schema_for, list_array, write_prepared
+from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, SchemaError, load_raw, schema_file
 from recsys_llm.data.synthetic import write_value_text
 from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig
@@ -39,7 +39,7 @@ def prepare_tabular(
     """Converts a user's CSV/Parquet data with a user-written schema into validated splits.
 
     The output is built in a temp directory and replaces ``out_dir`` only when complete and
-    checked (:func:`~recsys_llm.data.parquet.write_prepared`): a failed conversion leaves an
+    checked (:func:`~recsys_llm.data.parquet_writer.write_prepared`): a failed conversion leaves an
     earlier output as it was.
 
     Args:

@@ -1,0 +1,231 @@
+"""Rows of one Parquet row group (or a slice of one) as numpy arrays, validated against the schema on
+the way, and cut, taken, concatenated and turned into a :class:`~recsys_llm.data.batch.Batch`."""
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.validation import (
+    DataError,
+    check_dense,
+    check_finite_extra,
+    check_ids,
+    check_labels,
+    check_no_null_elements,
+    check_no_nulls,
+    offsets_from_lengths,
+)
+
+ROW_ID_EXTRA = "row_id"  # the extra key of the row keys in a Batch
+
+
+@dataclasses.dataclass
+class RowChunk:
+    """Rows of a row group converted to numpy.
+
+    ``ids[k]`` holds the ids of categorical key ``k`` (one per row for sparse fields, the
+    flat values for sequences); ``offsets[k]`` is None for sparse keys and (N + 1,) row
+    offsets into ``ids[k]`` for sequences.
+    """
+
+    dense: np.ndarray  # (N, Dd) float32
+    ids: List[np.ndarray]
+    offsets: List[Optional[np.ndarray]]
+    labels: np.ndarray  # (N,) float32
+    extras: Dict[str, np.ndarray]  # (N,) or (N, d)
+
+    @property
+    def num_rows(self) -> int:
+        return self.labels.shape[0]
+
+    def slice(self, start: int, stop: int) -> "RowChunk":
+        ids, offsets = [], []
+        for values, off in zip(self.ids, self.offsets):
+            if off is None:
+                ids.append(values[start:stop])
+                offsets.append(None)
+            else:
+                ids.append(values[off[start] : off[stop]])
+                offsets.append(off[start : stop + 1] - off[start])
+        return RowChunk(
+            self.dense[start:stop], ids, offsets, self.labels[start:stop], {k: v[start:stop] for k, v in self.extras.items()}
+        )
+
+    def take(self, rows: np.ndarray) -> "RowChunk":
+        ids, offsets = [], []
+        for values, off in zip(self.ids, self.offsets):
+            if off is None:
+                ids.append(values[rows])
+                offsets.append(None)
+                continue
+            lengths = (off[1:] - off[:-1])[rows]
+            new_off = offsets_from_lengths(lengths)
+            # position of every kept id in the old values: old row start + rank within its row
+            gather = np.arange(new_off[-1], dtype=np.int64) - np.repeat(new_off[:-1] - off[rows], lengths)
+            ids.append(values[gather])
+            offsets.append(new_off)
+        return RowChunk(self.dense[rows], ids, offsets, self.labels[rows], {k: v[rows] for k, v in self.extras.items()})
+
+    @staticmethod
+    def concat(chunks: List["RowChunk"]) -> "RowChunk":
+        if len(chunks) == 1:
+            return chunks[0]
+        ids, offsets = [], []
+        for k, first in enumerate(chunks[0].offsets):
+            ids.append(np.concatenate([c.ids[k] for c in chunks]))
+            if first is None:
+                offsets.append(None)
+            else:
+                offsets.append(offsets_from_lengths(np.concatenate([np.diff(c.offsets[k]) for c in chunks])))
+        return RowChunk(
+            np.concatenate([c.dense for c in chunks]),
+            ids,
+            offsets,
+            np.concatenate([c.labels for c in chunks]),
+            {k: np.concatenate([c.extras[k] for c in chunks]) for k in chunks[0].extras},
+        )
+
+    def to_batch(self, keys: List[str]) -> Batch:
+        n = self.num_rows
+        lengths = [np.ones(n, dtype=np.int32) if off is None else np.diff(off).astype(np.int32) for off in self.offsets]
+        values = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64)
+        kjt = KeyedJaggedTensor(
+            keys=keys,
+            values=torch.from_numpy(_writable(values, np.int64)),
+            lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)),
+            stride=n,
+        )
+        return Batch(
+            dense_features=torch.from_numpy(_writable(self.dense)),
+            sparse_features=kjt,
+            labels=torch.from_numpy(_writable(self.labels)),
+            extras={k: torch.from_numpy(_writable(v)) for k, v in self.extras.items()},
+        )
+
+
+def _writable(array: np.ndarray, dtype: Optional[type] = None) -> np.ndarray:
+    """C-contiguous, writable array (copies only arrays that share read-only Arrow buffers)."""
+    return np.require(array, dtype=dtype, requirements=["C", "W"])
+
+
+def sequence_ids(array: pa.Array, spec: FieldSpec) -> Tuple[np.ndarray, np.ndarray]:
+    """Flat ids and (N + 1,) offsets of a list column, null lists as empty, truncated to max_length."""
+    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy().astype(np.int64)
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    off = offsets_from_lengths(lengths)
+    if spec.max_length and lengths.size and lengths.max() > spec.max_length:
+        # keep the first max_length ids of every row
+        position = np.arange(values.size) - np.repeat(off[:-1], lengths)
+        values = values[position < spec.max_length]
+        off = offsets_from_lengths(np.minimum(lengths, spec.max_length))
+    return values, off
+
+
+def dense_column(path: str, spec: FieldSpec, array: pa.Array, row_offset: int, validate: bool = True) -> np.ndarray:
+    """(N,) float32 values of a dense column; with ``validate``, a null or non-finite value raises."""
+    if validate:
+        check_no_nulls(path, spec.name, array, row_offset, "a finite float")
+    values = array.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if validate:
+        check_dense(path, spec.name, values, row_offset)
+    return values
+
+
+def categorical_column(
+    path: str, spec: FieldSpec, array: pa.Array, row_offset: int, validate: bool = True
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Ids of a sparse or sequence column, checked (``check_ids``, folded if hashed).
+
+    A null inside a sequence's list is refused even without ``validate`` (it has no id, and
+    the check reads only the null count).
+
+    Returns:
+        Tuple: flat int64 ids and, for a sequence, its (N + 1,) offsets (None for a sparse field).
+    """
+    what = f"an id in [0, {spec.cardinality})"
+    if spec.kind == FieldKind.SPARSE:
+        if validate:
+            check_no_nulls(path, spec.name, array, row_offset, what)
+        values = array.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        return check_ids(path, spec, values, None, row_offset), None
+    check_no_null_elements(path, spec.name, array, row_offset, what)
+    values, offsets = sequence_ids(array, spec)
+    return check_ids(path, spec, values, offsets, row_offset), offsets
+
+
+class ChunkConverter:
+    """Converts Arrow tables of one file to :class:`RowChunk` s, validating values on the way."""
+
+    def __init__(self, schema: DatasetSchema, extras: Sequence[str], row_key: Optional[str], validate: bool) -> None:
+        self._schema = schema
+        self._extras = list(extras)
+        self._row_key = row_key
+        self._validate = validate
+
+    def columns(self) -> List[str]:
+        names = [f.name for f in self._schema.fields] + [self._schema.label]
+        if self._row_key:
+            names.append(self._row_key)
+        return names + [e for e in self._extras if e not in names]
+
+    def convert(self, table: pa.Table, path: str, row_offset: int) -> RowChunk:
+        n = table.num_rows
+        dense_cols = []
+        for spec in self._schema.dense_fields:
+            dense_cols.append(dense_column(path, spec, table.column(spec.name).combine_chunks(), row_offset,
+                                           self._validate))
+        dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), dtype=np.float32)
+
+        ids, offsets = [], []
+        for spec in self._schema.categorical_fields:
+            values, off = categorical_column(path, spec, table.column(spec.name).combine_chunks(), row_offset,
+                                             self._validate)
+            ids.append(values)
+            offsets.append(off)
+
+        label_array = table.column(self._schema.label).combine_chunks()
+        if self._validate:
+            check_no_nulls(path, self._schema.label, label_array, row_offset, "0 or 1")
+        labels = label_array.to_numpy(zero_copy_only=False)
+        if self._validate:
+            check_labels(path, self._schema.label, labels, row_offset)
+
+        extras: Dict[str, np.ndarray] = {}
+        if self._row_key:
+            extras[ROW_ID_EXTRA] = self._extra(table, self._row_key, path, row_offset)
+        for name in self._extras:
+            extras[name] = self._extra(table, name, path, row_offset)
+        return RowChunk(dense, ids, offsets, labels.astype(np.float32, copy=False), extras)
+
+    def _extra(self, table: pa.Table, name: str, path: str, row_offset: int) -> np.ndarray:
+        """(N,) int64 / float32 or (N, w) float32 values of an extra column; with ``validate``,
+        float values (e.g. an attached ``llm_vector``) must be finite, like dense features."""
+        array = table.column(name).combine_chunks()
+        check_no_nulls(path, name, array, row_offset, "a value in every row")
+        dtype = array.type
+        if pa.types.is_fixed_size_list(dtype) or pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+            lengths = pc.list_value_length(array).to_numpy()
+            width = int(lengths[0]) if lengths.size else 0
+            if lengths.size and (lengths != width).any():
+                raise DataError(f"{path}: extra column {name!r}: rows have different vector lengths; expected a fixed size")
+            values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            values = values.reshape(-1, width)  # (N, w)
+            if self._validate:
+                check_finite_extra(path, name, values, row_offset)
+            return values
+        values = array.to_numpy(zero_copy_only=False)
+        if values.dtype.kind in "iub":
+            return values.astype(np.int64, copy=False)
+        if values.dtype.kind == "f":
+            values = values.astype(np.float32, copy=False)
+            if self._validate:
+                check_finite_extra(path, name, values[:, None], row_offset)
+            return values
+        raise DataError(f"{path}: extra column {name!r} has Arrow type {dtype}; expected numbers or fixed-size float lists")
