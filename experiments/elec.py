@@ -112,7 +112,7 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
         # the tuned LLM's pooled states: r of an LLM tuned on ~1k rows collapses (on the synthetic
         # data its top 5 of 32 directions hold 68% of the variance and the user-item cosine has
         # AUC 0.52, vs 0.66 for pooled MiniLM states), so the entities keep the text semantics
-        from recsys_llm.semantics.vector_export import vector_dim
+        from recsys_llm.semantics.vector_reader import vector_dim
 
         overrides = ["elec.vector_source=entity_table"]
         for entity in entities:

@@ -23,7 +23,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.ctr_llm import load_ctr_llm, sample_indices
-from recsys_llm.semantics.vector_export import ExportLookup, read_manifest
+from recsys_llm.semantics.vector_export import read_manifest
+from recsys_llm.semantics.vector_reader import ExportLookup
 
 
 def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, float]]:

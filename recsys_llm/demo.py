@@ -221,7 +221,7 @@ def run_demo(
     if not os.path.exists(os.path.join(adapted, "provenance.json")):
         _cli(["semantics", "adapt", "--schema", schema, "--output-dir", adapted, "--sample-rows", "2000",
               "--representation-dim", "64", "--max-length", "96", *model_args])
-    from recsys_llm.semantics.vector_export import vector_dim
+    from recsys_llm.semantics.vector_reader import vector_dim
 
     entity_overrides = []
     for entity, text_fields in (("user_id", ["user_id"]), ("item_id", ["item_id", "item_category"])):

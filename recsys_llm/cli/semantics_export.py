@@ -237,7 +237,8 @@ def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
     """Copies of the splits with an ``llm_vector`` column, and a schema listing them, written
     whole or not at all: a failure on any split leaves an earlier ``--attach-dir`` as it was."""
     from recsys_llm.atomic_dir import atomic_directory
-    from recsys_llm.semantics.vector_export import attach_vectors, read_manifest
+    from recsys_llm.semantics.vector_export import read_manifest
+    from recsys_llm.semantics.vector_reader import attach_vectors
 
     read_manifest(args.output_dir)  # complete: every rank's chunks are there
     attach_dir = os.path.realpath(args.attach_dir)

@@ -216,7 +216,8 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         ValueError: a frozen teacher's table holds other vectors than the export named for it, or
             ``expected_provenance`` is set for a frozen teacher without any export to check it on.
     """
-    from recsys_llm.semantics.vector_export import check_provenance, read_manifest, vector_dim
+    from recsys_llm.semantics.vector_export import check_provenance, read_manifest
+    from recsys_llm.semantics.vector_reader import vector_dim
     from recsys_llm.serving import open_state_file
 
     report: Dict[str, int] = {"entity_rows": 0, "entity_rows_checked": 0, "teacher_tensors": 0}
@@ -273,7 +274,7 @@ def check_teacher_vectors(model: nn.Module, field: str, directory: str, checkpoi
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    from recsys_llm.semantics.vector_export import key_range, read_vector_rows
+    from recsys_llm.semantics.vector_reader import key_range, read_vector_rows
 
     table = semantic_table_name(field)
     weights = table_weights(model, table)

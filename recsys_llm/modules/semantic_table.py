@@ -33,7 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
 from recsys_llm.models.embedding import require_allocated
-from recsys_llm.semantics.vector_export import key_range, read_vector_rows
+from recsys_llm.semantics.vector_reader import key_range, read_vector_rows
 from recsys_llm.train.task import CTRTask
 
 TABLE_PREFIX = "semantic_"

@@ -15,14 +15,11 @@ from recsys_llm.semantics.vector_export import (
     ProvenanceError,
     VectorExport,
     VectorExportConfig,
-    attach_vectors,
     chunk_path,
     export_schema_vectors,
-    fit_projection,
-    read_vector_rows,
-    read_vectors,
-    save_projection,
 )
+from recsys_llm.semantics.vector_projection import fit_projection, save_projection
+from recsys_llm.semantics.vector_reader import attach_vectors, read_vector_rows, read_vectors
 
 
 
@@ -343,7 +340,8 @@ class TestSemanticsCLI:
 
 def test_repeated_keys_are_refused_before_any_work_and_in_an_older_export(tmp_path):
     """Two rows with one key (an impression id shared by its items) would share a vector."""
-    from recsys_llm.semantics.vector_export import ExportLookup, read_manifest
+    from recsys_llm.semantics.vector_export import read_manifest
+    from recsys_llm.semantics.vector_reader import ExportLookup
 
     out = str(tmp_path / "vec")
     encoder = CountingEncoder(dim=2)
@@ -439,7 +437,8 @@ class TestNonFiniteVectors:
 
     def test_readers_refuse_a_chunk_with_nan(self, tmp_path):
         """A chunk written before the check (or damaged): every reader names the chunk and the key."""
-        from recsys_llm.semantics.vector_export import ExportLookup, read_manifest
+        from recsys_llm.semantics.vector_export import read_manifest
+        from recsys_llm.semantics.vector_reader import ExportLookup
 
         out = str(tmp_path / "vec")
         keys, texts = _keys_texts(10)
@@ -606,7 +605,8 @@ def test_a_resume_with_another_output_names_it_before_the_width(tmp_path):
 
 
 def test_a_truncated_chunk_is_named_with_how_to_mend_the_export(tmp_path):
-    from recsys_llm.semantics.vector_export import chunk_path, read_vector_rows
+    from recsys_llm.semantics.vector_export import chunk_path
+    from recsys_llm.semantics.vector_reader import read_vector_rows
 
     out = str(tmp_path / "vec")
     keys, texts = _keys_texts(4)

@@ -1,0 +1,57 @@
+"""A PCA projection that shrinks exported LLM vectors: fitted on a sample, saved as safetensors,
+loaded (with its hash, for the provenance) by :class:`~recsys_llm.semantics.vector_export.VectorExport`."""
+
+import hashlib
+import os
+from typing import Tuple
+
+import torch
+
+from recsys_llm.atomic_dir import chmod_as_created
+
+
+def fit_projection(sample: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fits a PCA projection on a sample of vectors.
+
+    Args:
+        sample (torch.Tensor): (N, d) vectors, N >= dim.
+        dim (int): k, the number of components kept.
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: mean (d,) and components (d, k); project with
+        ``(x - mean) @ components``.
+    """
+    if sample.dim() != 2 or sample.size(0) < dim or sample.size(1) < dim:
+        raise ValueError(f"fit_projection: need a (N >= {dim}, d >= {dim}) sample, got {tuple(sample.shape)}")
+    sample = sample.double()
+    mean = sample.mean(0)  # (d,)
+    _, _, vh = torch.linalg.svd(sample - mean, full_matrices=False)  # vh: (min(N, d), d)
+    components = vh[:dim].T.contiguous()  # (d, k)
+    signs = torch.sign(components[components.abs().argmax(0), torch.arange(dim)])  # deterministic signs
+    return mean.float(), (components * signs).float()
+
+
+def save_projection(path: str, mean: torch.Tensor, components: torch.Tensor) -> None:
+    """Writes a projection as safetensors (atomically, readable as the umask allows)."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp"
+    try:
+        save_file({"mean": mean.contiguous(), "components": components.contiguous()}, tmp)
+        chmod_as_created(tmp)  # save_file makes a 0600 file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_projection(path: str) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """Returns ``(mean (d,), components (d, k), sha256 of the file)``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    if set(tensors) != {"mean", "components"}:
+        raise ValueError(f"{path}: a projection file holds 'mean' and 'components', found {sorted(tensors)}")
+    with open(path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()[:16]
+    return tensors["mean"], tensors["components"], digest

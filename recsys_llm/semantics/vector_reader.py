@@ -1,0 +1,292 @@
+"""Reading a finished vector export (:mod:`recsys_llm.semantics.vector_export`): its chunks, all its
+vectors or those of some keys, lookups by key, and attaching the vectors to a split as a column."""
+
+import collections
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recsys_llm.data.parquet import parquet_files
+from recsys_llm.data.validation import first_non_finite_row
+from recsys_llm.semantics.vector_export import PROVENANCE_KEY, check_provenance, chunk_path, read_manifest, require_unique_keys
+
+logger = logging.getLogger(__name__)
+
+
+def iter_chunks(directory: str, expected: Optional[Dict[str, str]] = None):
+    """Yields ``(keys (n,) int64 ndarray, vectors (n, d) ndarray)`` per chunk, provenance-checked."""
+    manifest = read_manifest(directory, expected)
+    for index in range(int(manifest["num_chunks"])):
+        yield _read_chunk(directory, manifest, index)
+
+
+def read_chunk_table(path: str, columns: Optional[List[str]] = None) -> pa.Table:
+    """A chunk file's table (or ``columns`` of it).
+
+    Raises:
+        ValueError: the file is not a readable Parquet file (truncated, overwritten), naming it
+            and how to mend the export.
+    """
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ValueError(
+            f"{path}: damaged chunk of a vector export, not readable as Parquet ({' '.join(str(error).split())}); "
+            "delete it and re-run the same semantics export: it writes the missing chunk and keeps the others"
+        ) from error
+
+
+def _read_chunk(directory: str, manifest: Dict[str, object], index: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Keys (n,) and vectors (n, d) of chunk ``index``, its provenance checked against the manifest's."""
+    path = chunk_path(directory, index)
+    table = read_chunk_table(path)
+    stored = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
+    check_provenance(stored, manifest["provenance"], path)
+    return _columns(table, manifest, path)
+
+
+def _columns(table: pa.Table, manifest: Dict[str, object], path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Keys (n,) and vectors (n, d) of a chunk's table.
+
+    Raises:
+        ValueError: the vector column is no fixed-size list, or a vector holds NaN/inf
+            (naming ``path`` and the first such key).
+    """
+    key_column, vector_column = str(manifest["key_column"]), str(manifest["vector_column"])
+    vectors = table.column(vector_column).combine_chunks()
+    if not pa.types.is_fixed_size_list(vectors.type):
+        raise ValueError(f"{path}: column {vector_column!r} must be fixed_size_list<float>, got {vectors.type}")
+    dim = vectors.type.list_size
+    values = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    keys = table.column(key_column).to_numpy()
+    bad = first_non_finite_row(values)
+    if bad is not None:
+        first, count, value = bad
+        raise ValueError(
+            f"{path}: column {vector_column!r}, {key_column}={keys[first].item()}: the vector holds "
+            f"{value} ({count} of {len(values)} vectors of this chunk "
+            "hold NaN/inf); expected finite values: the chunk is damaged or was written without this check, "
+            "delete it and re-run the export"
+        )
+    return keys, values
+
+
+def read_vectors(directory: str, expected: Optional[Dict[str, str]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """All keys (N,) and vectors (N, d) of a finished export (for small exports and tests)."""
+    parts = list(iter_chunks(directory, expected))
+    return np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts])
+
+
+def read_vector_rows(
+    directory: str, start: int, stop: int, dim: int, expected: Optional[Dict[str, str]] = None
+) -> np.ndarray:
+    """Vectors of keys ``[start, stop)`` as a dense (stop - start, d) float32 block.
+
+    Only the rows in range are materialised (chunks are filtered on their key column), so
+    a rank loading its shard of an entity table never holds the whole table. Keys without
+    a vector stay zero.
+    """
+    out = np.zeros((stop - start, dim), dtype=np.float32)
+    manifest = read_manifest(directory, expected)
+    for index in range(int(manifest["num_chunks"])):
+        path = chunk_path(directory, index)
+        key_column = str(manifest["key_column"])
+        keys = read_chunk_table(path, columns=[key_column]).column(key_column)
+        mask = pc.and_(pc.greater_equal(keys, start), pc.less(keys, stop))
+        if not pc.any(mask).as_py():
+            continue
+        table = read_chunk_table(path).filter(mask)
+        chunk_keys, vectors = _columns(table, manifest, path)
+        if vectors.shape[1] != dim:
+            raise ValueError(f"{path}: vectors have dim {vectors.shape[1]}, the table expects {dim}")
+        out[chunk_keys - start] = vectors
+    return out
+
+
+def _chunk_keys(directory: str, manifest: Dict[str, object]) -> List[np.ndarray]:
+    """The key column (n_i,) of every chunk, each checked to hold the rows the manifest gives it.
+
+    Raises:
+        ValueError: a chunk holds more or fewer rows than ``chunk_rows`` / ``num_rows`` say.
+    """
+    key_column = str(manifest["key_column"])
+    chunk_rows, num_rows = int(manifest["chunk_rows"]), int(manifest["num_rows"])
+    keys = []
+    for index in range(int(manifest["num_chunks"])):
+        path = chunk_path(directory, index)
+        column = read_chunk_table(path, columns=[key_column]).column(key_column).to_numpy()
+        want = min(chunk_rows, num_rows - index * chunk_rows)
+        if len(column) != want:
+            raise ValueError(
+                f"{path}: holds {len(column)} rows, but the manifest of {directory} (num_rows={num_rows}, "
+                f"chunk_rows={chunk_rows}) gives chunk {index} {want}; the export is damaged: re-export it into "
+                "an empty --output-dir"
+            )
+        keys.append(column)
+    return keys
+
+
+def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tuple[int, int]:
+    """Smallest and largest key of a finished export ((0, -1) when it holds no vector).
+
+    The export is checked on the way: every chunk holds the rows its manifest gives it,
+    and no key repeats (a table filled by key would silently keep one of two vectors).
+
+    Raises:
+        ValueError: a chunk with another number of rows than the manifest's, or a repeated
+            key, naming the export directory.
+    """
+    manifest = read_manifest(directory, expected)
+    keys = _chunk_keys(directory, manifest)
+    ordered = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    require_unique_keys(ordered, f"{directory}: key column {manifest['key_column']!r}", is_sorted=True)
+    return (int(ordered[0]), int(ordered[-1])) if len(ordered) else (0, -1)
+
+
+def vector_dim(directory: str) -> int:
+    """d of an export (read from its first chunk)."""
+    manifest = read_manifest(directory)
+    schema = pq.read_schema(chunk_path(directory, 0))
+    return schema.field(str(manifest["vector_column"])).type.list_size
+
+
+class ExportLookup:
+    """Vectors of an export by key, without holding the whole export.
+
+    Every chunk's keys are read and sorted once (about 24 bytes per vector: keys, order,
+    sorted keys); vectors are read a chunk at a time (provenance-checked) and kept while
+    they fit in ``cache_bytes`` (least recently used chunks are dropped first). Rows in
+    export order (row vectors) read each chunk once; an export within ``cache_bytes``
+    (entity vectors) is read once in all. A larger export looked up in random key order is
+    read again for every batch of rows: give it a ``cache_bytes`` above its size.
+    """
+
+    def __init__(self, directory: str, manifest: Dict[str, object], cache_bytes: int) -> None:
+        self._directory = directory
+        self._manifest = manifest
+        self._cache_bytes = cache_bytes
+        self._cache: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
+        key_column = str(manifest["key_column"])
+        keys = _chunk_keys(directory, manifest)
+        self._chunk_starts = np.cumsum([0] + [len(k) for k in keys[:-1]])  # (C,) first position of each chunk
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        self._order = np.argsort(all_keys, kind="stable")
+        self._sorted_keys = all_keys[self._order]
+        require_unique_keys(self._sorted_keys, f"{directory}: key column {key_column!r}", is_sorted=True)
+
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        """Export position (N,) of each key; -1 where the export has no vector for it."""
+        found = np.searchsorted(self._sorted_keys, keys)
+        inside = found < len(self._sorted_keys)
+        found[~inside] = 0
+        hit = inside & (self._sorted_keys[found] == keys) if len(self._sorted_keys) else np.zeros(len(keys), bool)
+        return np.where(hit, self._order[found], -1)
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        """Vectors (N, d) at export ``positions`` (N,), all valid."""
+        chunks = np.searchsorted(self._chunk_starts, positions, side="right") - 1
+        out = None
+        for chunk in np.unique(chunks):
+            rows = chunks == chunk
+            block = self._chunk(int(chunk))
+            if out is None:
+                out = np.empty((len(positions), block.shape[1]), dtype=block.dtype)
+            out[rows] = block[positions[rows] - self._chunk_starts[chunk]]
+        return out
+
+    def _chunk(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        block = _read_chunk(self._directory, self._manifest, index)[1]
+        self._cache[index] = block
+        while len(self._cache) > 1 and sum(b.nbytes for b in self._cache.values()) > self._cache_bytes:
+            self._cache.popitem(last=False)
+        return block
+
+
+def attach_vectors(
+    split_path: str,
+    vector_dir: str,
+    key_column: str,
+    output_path: str,
+    column: str = "llm_vector",
+    expected: Optional[Dict[str, str]] = None,
+    batch_rows: int = 65536,
+    cache_bytes: int = 1 << 30,
+) -> int:
+    """Writes a copy of a split with the vectors as one more ``fixed_size_list<float>`` column.
+
+    The Parquet reader then yields them as ``batch.extras[column]``. ``key_column`` is the
+    row key for per-row vectors, or the entity field (e.g. ``item_id``) for per-entity ones.
+    The split is streamed ``batch_rows`` at a time and the export read a chunk at a time,
+    so neither is held whole.
+
+    Args:
+        split_path (str): the split's Parquet file, or a directory of ``*.parquet`` files
+            (read in name order into one copy).
+        vector_dir (str): a finished export.
+        key_column (str): column of the split matched against the export's keys.
+        output_path (str): the copy (written atomically: on an error nothing is left there,
+            and an earlier copy stays as it was).
+        column (str): name of the new column.
+        expected (Optional[Dict[str, str]]): provenance the vectors must have.
+        batch_rows (int): split rows per read and write.
+        cache_bytes (int): export chunks kept in memory (see ``ExportLookup``).
+
+    Returns:
+        int: number of rows written.
+
+    Raises:
+        ValueError: a key of the split has no vector.
+    """
+    manifest = read_manifest(vector_dir, expected)
+    files = parquet_files(split_path)
+    schema = pq.read_schema(files[0])
+    if key_column not in schema.names:
+        raise ValueError(f"{files[0]}: no column {key_column!r} to join vectors on; columns {schema.names}")
+    if column in schema.names:
+        raise ValueError(f"{files[0]}: already has a column {column!r}")
+    value_type = pq.read_schema(chunk_path(vector_dir, 0)).field(str(manifest["vector_column"])).type
+    export_bytes = int(manifest["num_rows"]) * value_type.list_size * value_type.value_type.bit_width // 8
+    if export_bytes > cache_bytes:
+        logger.warning("%s: %.1f GiB of vectors, above attach_vectors' cache_bytes (%.1f GiB): keys in random order "
+                       "re-read chunks for every batch", vector_dir, export_bytes / 2**30, cache_bytes / 2**30)
+    lookup = ExportLookup(vector_dir, manifest, cache_bytes)
+    out_schema = schema.append(pa.field(column, value_type))
+    tmp = f"{output_path}.tmp"
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, out_schema) as writer:
+            for path in files:
+                handle = pq.ParquetFile(path)
+                if not handle.schema_arrow.equals(schema):
+                    raise ValueError(f"{path}: columns {handle.schema_arrow.names} differ from {files[0]}'s {schema.names}")
+                row_in_file = 0
+                for batch in handle.iter_batches(batch_size=batch_rows, use_threads=False):
+                    positions = lookup.positions(batch.column(key_column).to_numpy(zero_copy_only=False))
+                    missing = positions < 0
+                    if missing.any():
+                        first = int(np.argmax(missing))
+                        raise ValueError(
+                            f"{path}: {int(missing.sum())} rows (of rows {row_in_file}-{row_in_file + batch.num_rows - 1}) "
+                            f"have a {key_column!r} with no vector in {vector_dir}; first: row {row_in_file + first}, "
+                            f"{key_column}={batch.column(key_column)[first].as_py()}"
+                        )
+                    picked = lookup.vectors(positions) if len(positions) else np.zeros((0, value_type.list_size), np.float32)
+                    values = pa.array(picked.reshape(-1), type=value_type.value_type)
+                    vectors = pa.FixedSizeListArray.from_arrays(values, value_type.list_size)
+                    writer.write_batch(pa.RecordBatch.from_arrays(batch.columns + [vectors], schema=out_schema))
+                    row_in_file += batch.num_rows
+                rows += row_in_file
+        os.replace(tmp, output_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return rows
