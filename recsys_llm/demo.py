@@ -127,7 +127,8 @@ def _llm_record(llm: Optional[str]) -> Dict[str, str]:
     Raises:
         FileNotFoundError, ValueError: no model directory there (``read_model_config``).
     """
-    from recsys_llm.semantics.encoder import default_model_path, model_dir_fingerprint, read_model_config
+    from recsys_llm.semantics.encoder import default_model_path
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint, read_model_config
 
     path = os.path.realpath(llm or default_model_path())
     read_model_config(path)  # before any training: a missing model fails at once

@@ -43,12 +43,10 @@ from recsys_llm.semantics.encoder import (
     hidden_states,
     load_model,
     load_tokenizer,
-    model_dir_fingerprint,
-    model_weights_fingerprint,
     pool,
     position_limited,
-    read_json_file,
 )
+from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_weights_fingerprint, read_json_file
 
 TUNING_MODES = ("lora", "last_k", "heads")
 LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -465,7 +463,7 @@ def check_base_model(directory: str, model_path: str) -> None:
 
     The tuned heads and LoRA tensors only mean something on the base model they were tuned with:
     ``provenance.json`` records the fingerprint of its config and weights
-    (:func:`~recsys_llm.semantics.encoder.model_weights_fingerprint`), which must match the
+    (:func:`~recsys_llm.semantics.model_dir.model_weights_fingerprint`), which must match the
     files at ``model_path`` now. Saves written before it was recorded are not checked.
 
     Raises:

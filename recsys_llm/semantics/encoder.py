@@ -14,12 +14,7 @@ Example::
     vectors = encoder.encode(["user id", "movie title"])  # (2, 384)
 """
 
-import functools
-import fnmatch
-import hashlib
-import json
 import os
-import struct
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +23,14 @@ from tqdm.auto import tqdm
 
 from recsys_llm.data.validation import check_number
 from recsys_llm.error_text import one_line
+from recsys_llm.semantics.model_dir import (
+    config_vocab_size,
+    model_dir_fingerprint,
+    module_fingerprint,
+    read_model_config,
+    require_native_model,
+    require_weight_files,
+)
 from recsys_llm.train.distributed import select_device
 
 POOLINGS = ("auto", "mean", "last_token", "cls")
@@ -176,152 +179,6 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return resolved
 
 
-def _hash_file(path: str, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
-    return _hash_file(path)
-
-
-def file_fingerprint(path: str) -> str:
-    """sha256 of one file's bytes (memoised on its size and mtime, as :func:`model_dir_fingerprint`)."""
-    stat = os.stat(path)
-    return _cached_file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-
-
-# Files whose content defines what a model directory computes (weights, config, tokenizer).
-# weights, config and tokenizer files, and a remote-code model's own Python code
-_FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken", ".py")
-
-
-def require_model_dir(model_path: str) -> None:
-    """Raises FileNotFoundError naming ``model_path`` unless it is a local directory."""
-    if not os.path.isdir(model_path):
-        raise FileNotFoundError(f"{model_path}: model directory not found (models load offline from a local path)")
-
-
-# A tokenizer with fewer tokens than this share of config.json's vocab_size is not the model's own.
-MIN_TOKENIZER_VOCAB_SHARE = 0.5
-
-
-def read_json_file(path: str, damage: str = "") -> Any:
-    """The parsed JSON of the file at ``path``.
-
-    Raises:
-        ValueError: ``"{path}: not valid JSON ({error})"`` followed by ``damage``, when it does not parse.
-    """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}){damage}") from error
-
-
-def read_model_config(model_path: str) -> dict:
-    """The ``config.json`` of a Hugging Face model directory, checked before transformers reads it.
-
-    Raises:
-        FileNotFoundError: no directory, or no ``config.json`` in it (e.g. an empty or a data directory).
-        ValueError: ``config.json`` is not a JSON object with a ``model_type``.
-    """
-    require_model_dir(model_path)
-    path = os.path.join(model_path, "config.json")
-    if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(model_path, "adapter_config.json")):
-            raise FileNotFoundError(
-                f"{model_path}: a PEFT adapter directory (adapter_config.json), not a model; an SSFT adapter goes "
-                "to `semantics encode --adapter`, which loads the base model it names"
-            )
-        raise FileNotFoundError(
-            f"{model_path}: not a Hugging Face model directory (no config.json); pass the directory that holds "
-            "config.json, the weights and the tokenizer files"
-        )
-    config = read_json_file(path, "; the model directory is damaged")
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ValueError(
-            f"{path}: not a Hugging Face model config (expected a JSON object with a 'model_type'; a directory "
-            "saved by `semantics adapt` goes to `semantics export --llm`)"
-        )
-    return config
-
-
-def _config_vocab_size(config: dict) -> Optional[int]:
-    """``vocab_size`` of a model config (or of its ``text_config``), None when it has none."""
-    for source in (config, config.get("text_config") or {}):
-        size = source.get("vocab_size") if isinstance(source, dict) else None
-        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-            return size
-    return None
-
-
-def safetensors_damage(path: str) -> Optional[str]:
-    """Why a ``.safetensors`` file cannot be read (truncated, bad header), or None when it looks whole.
-
-    Reads only the header: 8 bytes of header length, the JSON header, then the byte ranges it names.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            return f"{size} bytes, too short for a safetensors header"
-        header_size = struct.unpack("<Q", prefix)[0]
-        if 8 + header_size > size:
-            return f"truncated: header of {header_size} bytes, file of {size} bytes"
-        try:
-            header = json.loads(handle.read(header_size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return "header is not valid JSON"
-    if not isinstance(header, dict):
-        return "header is not a JSON object"
-    offsets = [entry.get("data_offsets") for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
-    ends = [pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], int)]
-    expected = 8 + header_size + max(ends, default=0)
-    if size < expected:
-        return f"truncated: {size} bytes, its header names {expected}"
-    return None
-
-
-def require_weight_files(model_path: str) -> None:
-    """Checks that a model directory holds its weights and that its safetensors files are whole.
-
-    Raises:
-        FileNotFoundError: no weight file, or a shard named by an index file is missing.
-        ValueError: a ``.safetensors`` file is truncated or its header is damaged.
-    """
-    names = set(os.listdir(model_path))
-    shards: List[str] = []
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if index_name in names:
-            index_path = os.path.join(model_path, index_name)
-            try:
-                with open(index_path, encoding="utf-8") as handle:
-                    weight_map = json.load(handle)["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
-                raise ValueError(f"{index_path}: not a weight index (expected JSON with a 'weight_map')") from error
-            missing = [s for s in shards if not os.path.isfile(os.path.join(model_path, s))]
-            if missing:
-                raise FileNotFoundError(f"{model_path}: weight shards {missing[:5]} named by {index_name} are missing")
-            break
-    else:
-        shards = sorted(n for n in names if n.endswith((".safetensors", ".bin")) and not n.startswith("."))
-    if not shards:
-        raise FileNotFoundError(
-            f"{model_path}: no model weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
-        )
-    for name in shards:
-        if name.endswith(".safetensors"):
-            damage = safetensors_damage(os.path.join(model_path, name))
-            if damage is not None:
-                raise ValueError(f"{os.path.join(model_path, name)}: damaged weight file ({damage})")
-
-
 def default_target_modules(model: nn.Module) -> List[str]:
     """LoRA targets: the attention query/value projections, by the model's naming."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -342,95 +199,8 @@ def position_limited(model: nn.Module, max_length: int) -> int:
     return min(max_length, limit) if isinstance(limit, int) and limit > 0 else max_length
 
 
-def model_dir_fingerprint(model_path: str) -> str:
-    """sha256 over the config, tokenizer and weight files of a model directory.
-
-    Every weight file is hashed in full once per process (memoised on size and mtime),
-    so a changed checkpoint under the same path gives a different fingerprint.
-
-    Returns:
-        str: 16 hex digits.
-    """
-    require_model_dir(model_path)
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(model_path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.endswith(_FINGERPRINT_SUFFIXES) or name.startswith(".") or name == "README.md":
-                continue
-            path = os.path.join(root, name)
-            stat = os.stat(path)
-            rel = os.path.relpath(path, model_path)
-            digest.update(f"{rel}:{_cached_file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-# what transformers loads of a model: its config and weights (not README, licence or the
-# sentence-transformers files beside them)
-_WEIGHT_FILE_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-                         "pytorch_model.bin.index.json")
-
-
-def model_weights_fingerprint(model_path: str) -> str:
-    """sha256 over the ``config.json`` and weight files at the top of a model directory: the
-    same for a copy that lacks or adds other files (a licence, a trimmed sentence-transformers
-    export), unlike :func:`model_dir_fingerprint`.
-
-    Returns:
-        str: 16 hex digits.
-    """
-    require_model_dir(model_path)
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(model_path)):
-        path = os.path.join(model_path, name)
-        if os.path.isfile(path) and any(fnmatch.fnmatch(name, pattern) for pattern in _WEIGHT_FILE_PATTERNS):
-            stat = os.stat(path)
-            digest.update(f"{name}:{_cached_file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def module_fingerprint(model: nn.Module, trainable_only: bool = False) -> str:
-    """sha256 over a module's config and parameter values (for models loaded in memory).
-
-    Args:
-        model (nn.Module): e.g. a peft-tuned model.
-        trainable_only (bool): hash only parameters with ``requires_grad`` (cheap for LoRA
-            adapters; combine with the base directory's fingerprint).
-
-    Returns:
-        str: 16 hex digits.
-    """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
-    for name, param in sorted(model.state_dict(keep_vars=True).items()):
-        if trainable_only and not (isinstance(param, nn.Parameter) and param.requires_grad):
-            continue
-        tensor = param.detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def require_native_model(model_path: str, config: Mapping[str, Any], trust_remote_code: bool) -> None:
-    """Raises when the model needs code from its own directory (``auto_map`` in ``config.json``
-    for a ``model_type`` this transformers does not have) and ``trust_remote_code`` is off.
-
-    Raises:
-        ValueError: naming ``config.json``, the model type and how to allow it.
-    """
-    from transformers import CONFIG_MAPPING
-
-    model_type = config.get("model_type")
-    if trust_remote_code or "auto_map" not in config or model_type in CONFIG_MAPPING:
-        return
-    raise ValueError(
-        f"{os.path.join(model_path, 'config.json')}: model_type {model_type!r} is not in this transformers; the "
-        f"directory's own code would define it (auto_map: {sorted(config['auto_map'])}), and code from a model "
-        "directory runs only when asked: if you trust it, pass --trust-remote-code (semantics tune, encode, "
-        "adapt, export), or trust_remote_code=True in Python"
-    )
+# A tokenizer with fewer tokens than this share of config.json's vocab_size is not the model's own.
+MIN_TOKENIZER_VOCAB_SHARE = 0.5
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
@@ -456,7 +226,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
         )
     except (OSError, ValueError) as error:
         raise ValueError(f"{model_path}: cannot load the tokenizer ({one_line(error)})") from error
-    vocab_size = _config_vocab_size(config)
+    vocab_size = config_vocab_size(config)
     if vocab_size is not None and len(tokenizer) < MIN_TOKENIZER_VOCAB_SHARE * vocab_size:
         raise ValueError(
             f"{model_path}: tokenizer has {len(tokenizer)} tokens but config.json has vocab_size {vocab_size}; "

@@ -60,14 +60,16 @@ from recsys_llm.semantics.encoder import (
     check_number_fields,
     default_model_path,
     default_target_modules,
-    file_fingerprint,
     load_model,
     load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+from recsys_llm.semantics.model_dir import (
+    file_fingerprint,
     model_dir_fingerprint,
     module_fingerprint,
     read_json_file,
-    resolve_device,
-    resolve_dtype,
     safetensors_damage,
 )
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt

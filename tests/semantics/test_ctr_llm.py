@@ -182,7 +182,7 @@ class TestLoadChecks:
         from transformers import BertModel
 
         from recsys_llm.semantics.ctr_llm import BASE_WEIGHTS_KEY
-        from recsys_llm.semantics.encoder import model_weights_fingerprint
+        from recsys_llm.semantics.model_dir import model_weights_fingerprint
 
         model, config = _tiny_bert_ctr_llm(tmp_path)
         out = str(tmp_path / "saved")

@@ -122,7 +122,7 @@ class TestModelDirectoryChecks:
     """A directory that is not a whole model is refused naming it and what is missing or damaged."""
 
     def test_a_model_that_needs_its_own_code_is_refused_unless_trusted(self, tiny_bert_dir: str, tmp_path) -> None:
-        from recsys_llm.semantics.encoder import require_native_model
+        from recsys_llm.semantics.model_dir import require_native_model
 
         path = _copy_model(tiny_bert_dir, tmp_path / "custom")
         config_path = os.path.join(path, "config.json")
@@ -220,7 +220,7 @@ def test_a_remote_code_models_python_files_are_part_of_its_fingerprint(tmp_path,
     """Its modeling code changes its vectors as much as its weights do: a cache must not outlive it."""
     import shutil
 
-    from recsys_llm.semantics.encoder import model_dir_fingerprint
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint
 
     model = str(tmp_path / "remote")
     shutil.copytree(tiny_bert_dir, model)
