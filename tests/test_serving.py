@@ -274,6 +274,10 @@ def test_the_dense_program_is_loaded_only_when_trusted(tmp_path):
     served = ServedModel.load(out, trust_program=True)  # asked for: the program's code runs
     served.logits(example.dense_features, example.sparse_features)
     assert marker.exists()
+    # an inference module as torch users treat one: eval() is accepted (a torch.export module refuses train())
+    assert not served.training and served.eval() is served and not served.training
+    with pytest.raises(RuntimeError, match="ServedModel serves a program exported in eval mode and cannot train"):
+        served.train()
 
 
 def _sparse_safetensors(path: str, rows: int, cols: int) -> None:
@@ -468,7 +472,8 @@ def test_a_dense_part_torch_export_cannot_capture_warns(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.export, "export", refuse)
     example = make_batch(4, 0)
     with pytest.warns(UserWarning, match=r"could not capture the dense part \(RuntimeError: cannot capture this\); "
-                                         r".* serves it eagerly"):
+                                         r".* holds the weights and tables but no dense program, so ServedModel "
+                                         r"cannot load it: serve it eagerly by loading model\.safetensors"):
         config = export_task(build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU), str(tmp_path / "e"),
                              example.dense_features, example.sparse_features)
     assert config["dense_program"] is None

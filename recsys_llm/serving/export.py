@@ -266,7 +266,9 @@ def export_task(
 
     Returns:
         Dict[str, Any]: the written ``config.json`` (``dense_program`` None, with a warning, when
-        ``torch.export`` could not capture the dense part: the artifact then serves eagerly).
+        ``torch.export`` could not capture the dense part: the artifact then holds the weights
+        and tables only, which ``ServedModel`` cannot serve; load ``model.safetensors``
+        (``serving.load_state_file``) into the task built by the model's own code instead).
 
     Raises:
         ValueError: a sharded (DMP) model, a task without a backbone EBC, a weight still on the
@@ -311,7 +313,9 @@ def export_task(
         except Exception as error:  # torch.export could not capture this backbone
             program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
             warnings.warn(f"export: torch.export could not capture the dense part ({telling_line(error)}); "
-                          f"{directory} serves it eagerly (config.json: dense_program_error)", stacklevel=2)
+                          f"{directory} holds the weights and tables but no dense program, so ServedModel cannot "
+                          f"load it: serve it eagerly by loading {STATE_FILE} (serving.load_state_file) into the "
+                          "task built by the model's own code (config.json: dense_program_error)", stacklevel=2)
         config = {
             "format_version": FORMAT_VERSION,
             EXPORT_ID_KEY: export_id,

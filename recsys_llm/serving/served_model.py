@@ -93,6 +93,23 @@ class ServedModel(nn.Module):
         self.dense_program = dense_program
         self._config = config
         self._id_rules = IdRules.from_config(config.get(ID_RULES_KEY), rows_per_feature(ebc, semantic_ebc))
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "ServedModel":
+        """Inference only: ``eval()`` / ``train(False)`` are accepted and change nothing (the
+        dense program was exported in eval mode, and a ``torch.export`` module refuses ``train``).
+
+        Raises:
+            RuntimeError: ``mode`` is True.
+        """
+        if mode:
+            raise RuntimeError("ServedModel serves a program exported in eval mode and cannot train; train the "
+                               "task (`recsys-llm train`) and export it again")
+        self.training = False
+        for tables in (self.embedding_bag_collection, self.semantic_embedding_bag_collection):
+            if tables is not None:
+                tables.train(False)
+        return self
 
     @property
     def feature_names(self) -> List[str]:
