@@ -123,6 +123,12 @@ def build_llactr_terms(
         Tuple: ``(logit_terms {"fie": ...}, loss_terms {"fre": ...}, provenance)``; a term
         is absent when switched off.
     """
+    if not os.path.exists(config.vectors_path):
+        raise FileNotFoundError(
+            f"{config.vectors_path}: vector file not found (llactr.vectors_path); if it moved, pass its new path as "
+            "llactr.vectors_path=PATH: a trained run's checkpoint holds its vectors, and a resume checks that the "
+            "file still holds them"
+        )
     stored = load_vectors(config.vectors_path, schema=schema)
     dims = embedded_features(backbone)
     unusable = [name for name in config.fields if name not in stored.keys or name not in dims]
@@ -156,6 +162,12 @@ def build_llactr_terms(
             fre_vectors, used, next(iter(used_dims)), config.lambda_fre, config.fre_field_reduction
         )
     if config.use_fie:
+        if len(used) < 2:
+            raise ValueError(
+                f"FIE pairs fields, and only {used} of {config.vectors_path} (fields {stored.keys}) is embedded by the "
+                f"model (features {sorted(dims)}) and wanted; use FRE alone (llactr.use_fie=false) or vectors of more "
+                "of the model's fields"
+            )
         logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)
     if device is not None:
         logit_terms = {name: term.to(device) for name, term in logit_terms.items()}

@@ -362,6 +362,10 @@ RESUME_FREE_KEYS = frozenset({
     "data.batch_size", "data.eval_batch_size", "data.validate", "data.synthetic_rows", "data.valid_split",
     "data.test_split",
 })
+# paths a resumed, evaluated or exported run may name elsewhere (moved, or copied with the run
+# directory to another host): its checkpoint holds what they held (LLaCTR's field vectors), and a
+# resume compares the new file's content through plugins.json (run_records.check_same_field_vectors)
+MOVABLE_PATH_KEYS = ("llactr.vectors_path",)
 # paths compared as the files they name (relative to the working directory, or absolute)
 PATH_KEYS = ("data.schema", "llactr.vectors_path", "elec.entity_vectors", "elec.teacher_checkpoint",
              "elec.distill.swap_catalog")
@@ -399,14 +403,19 @@ def _comparable(config: ExperimentConfig) -> Dict[str, Any]:
     return flat
 
 
-def config_differences(saved: ExperimentConfig, current: ExperimentConfig, ignore: Sequence[str] = ()) -> List[str]:
+def config_differences(
+    saved: ExperimentConfig, current: ExperimentConfig, ignore: Sequence[str] = (), movable: Sequence[str] = ()
+) -> List[str]:
     """``"key: saved -> current"`` for every setting (dotted key) that differs, ``ignore`` (keys or
-    sections) left out; plug-in settings count with their defaults, paths as the files they name."""
+    sections) left out, and the ``movable`` path keys too where both configs set them (a path
+    may change, not whether it is set); plug-in settings count with their defaults, paths as the
+    files they name."""
     old, new = _comparable(saved), _comparable(current)
     return [
         f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
         for key in sorted(set(old) | set(new))
         if not any(key == skip or key.startswith(f"{skip}.") for skip in ignore) and old.get(key) != new.get(key)
+        and not (key in movable and old.get(key) and new.get(key))
     ]
 
 
@@ -417,7 +426,7 @@ def check_resumable(config: ExperimentConfig, saved_path: str) -> None:
         ConfigError: naming the settings that differ (only ``RESUME_FREE_KEYS`` may).
     """
     saved = load_config(saved_path)
-    differences = config_differences(saved, config, RESUME_FREE_KEYS)
+    differences = config_differences(saved, config, RESUME_FREE_KEYS, MOVABLE_PATH_KEYS)
     if differences:
         raise ConfigError(
             f"{saved_path}: this run directory holds checkpoints of a run with other settings "
@@ -476,7 +485,7 @@ def check_same_model(config: ExperimentConfig, saved_path: Optional[str]) -> Non
     """
     if saved_path is None:
         return
-    differences = config_differences(load_config(saved_path), config, TRAINING_ONLY_KEYS)
+    differences = config_differences(load_config(saved_path), config, TRAINING_ONLY_KEYS, MOVABLE_PATH_KEYS)
     differences = [d for d in differences if d.startswith(MODEL_SECTIONS)]
     if differences:
         raise ConfigError(

@@ -84,6 +84,19 @@ class TestBuildLLaCTRTerms:
         with pytest.raises(ValueError, match=r"llactr.fields: \['price', 'nope'\] are not both in .* and embedded"):
             build_llactr_terms(LLaCTRConfig(_vectors(tmp_path, schema), fields=["item_id", "price", "nope"]), schema, ebc)
 
+    def test_a_missing_vector_file_and_one_field_for_fie_are_refused_with_what_to_do(self, tmp_path) -> None:
+        schema = _schema()
+        backbone = LinearBackbone(make_ebc(), 1)
+        with pytest.raises(FileNotFoundError, match=r"moved.safetensors: vector file not found \(llactr.vectors_path\); "
+                                                    r"if it moved, pass its new path as llactr.vectors_path=PATH"):
+            build_llactr_terms(LLaCTRConfig(str(tmp_path / "moved.safetensors")), schema, backbone)
+        path = _vectors(tmp_path, schema)
+        with pytest.raises(ValueError, match=r"FIE pairs fields, and only \['genre'\] of .* is embedded by the model "
+                                             r"\(features .*\) and wanted; use FRE alone \(llactr.use_fie=false\)"):
+            build_llactr_terms(LLaCTRConfig(path, fields=["genre"]), schema, backbone)
+        _, loss_terms, _ = build_llactr_terms(LLaCTRConfig(path, fields=["genre"], use_fie=False), schema, backbone)
+        assert loss_terms["fre"].feature_names == ["genre"]
+
     def test_vectors_of_another_schema_are_rejected(self, tmp_path) -> None:
         path = _vectors(tmp_path, _schema())
         changed = _schema(genre_text="main genre")

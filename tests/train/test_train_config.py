@@ -141,6 +141,8 @@ def test_evaluate_and_export_refuse_a_config_of_another_model(tmp_path) -> None:
     saved = run_config_of(str(tmp_path / "best" / "ckpt-00000010"))
     assert saved == str(tmp_path / "config.yaml")
     check_same_model(load_config(saved, ["data.eval_batch_size=7", "train.epochs=9"]), saved)  # not model settings
+    # the vectors moved: the checkpoint holds them, the run is evaluated and exported with the new path
+    check_same_model(load_config(saved, ["llactr.vectors_path=moved/v.safetensors"]), saved)
     without_llactr = load_config(None, ["model.name=deepfm"])
     with pytest.raises(ConfigError, match=r"other model settings \(.*vectors_path: '\S*v.safetensors' -> '<unset>'"):
         check_same_model(without_llactr, saved)
@@ -161,6 +163,14 @@ def test_resume_allows_budget_and_path_spellings_but_not_model_changes(tmp_path,
     resumed = load_config(None, ["model.name=fm", f"data.schema={data}", "train.epochs=5", "data.batch_size=128",
                                  "train.keep_checkpoints=0"])
     check_resumable(resumed, str(tmp_path / "config.yaml"))  # same data dir, a larger budget and batch
+    # LLaCTR's vector file may be found elsewhere (plugins.json compares what it holds), not be dropped
+    with_vectors = ["model.name=fm", "data.schema=data/schema.json", "llactr.vectors_path=v.safetensors"]
+    save_config(load_config(None, with_vectors), str(tmp_path / "config.yaml"))
+    check_resumable(load_config(None, with_vectors + ["llactr.vectors_path=moved/v.safetensors"]),
+                    str(tmp_path / "config.yaml"))
+    with pytest.raises(ConfigError, match=r"llactr.vectors_path: '\S*v.safetensors' -> '<unset>'"):
+        check_resumable(load_config(None, with_vectors[:2]), str(tmp_path / "config.yaml"))
+    save_config(trained, str(tmp_path / "config.yaml"))
     with pytest.raises(ConfigError, match=r"other settings \(model.name: 'fm' -> 'fwfm'\)"):
         check_resumable(load_config(None, ["model.name=fwfm", f"data.schema={data}"]), str(tmp_path / "config.yaml"))
 
