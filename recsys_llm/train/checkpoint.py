@@ -494,21 +494,35 @@ def load_checkpoint(
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a run directory's best (else latest) complete checkpoint.
+    """A checkpoint directory (``ckpt-N``, holding ``train_state.json``), a directory of them (a
+    run's ``best/`` or ``checkpoints/``: its newest complete one), or a run directory (its best,
+    else latest, complete checkpoint).
 
     Raises:
-        FileNotFoundError: ``path`` is a run directory without a complete checkpoint.
+        FileNotFoundError: no such directory, or none of these with a complete checkpoint (says
+            which it looks like and what to pass instead).
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if os.path.isfile(os.path.join(path, TRAIN_STATE_FILE)):
+        return path  # a checkpoint (load_checkpoint checks the rest)
     if os.path.isdir(os.path.join(path, "best")) or os.path.isdir(os.path.join(path, "checkpoints")):
         found = CheckpointManager(os.path.join(path, "best")).latest() or CheckpointManager(
             os.path.join(path, "checkpoints")
         ).latest()
         if found is None:
-            raise FileNotFoundError(f"{path}: run directory holds no complete checkpoint")
+            raise FileNotFoundError(f"{path}: run directory holds no complete checkpoint (its training saved none yet)")
         return found
-    return path
+    found = CheckpointManager(path).latest()  # a run's best/ or checkpoints/ itself
+    if found is not None:
+        return found
+    if any(os.path.exists(os.path.join(path, name)) for name in ("config.yaml", "metrics.jsonl")):
+        raise FileNotFoundError(f"{path}: run directory holds no checkpoint (no best/ or checkpoints/): its training "
+                                "saved none; train it first")
+    raise FileNotFoundError(
+        f"{path}: neither a checkpoint (a ckpt-N directory with {TRAIN_STATE_FILE}), a directory of them, nor a run "
+        "directory of `recsys-llm train` (with best/ or checkpoints/); pass the run directory"
+    )
 
 
 def run_config_of(checkpoint: str) -> Optional[str]:

@@ -162,6 +162,25 @@ class TestCheckpointDirectory:
     def test_empty_directory(self, tmp_path) -> None:
         assert CheckpointManager(str(tmp_path / "none")).latest() is None
 
+    def test_a_checkpoint_argument_names_what_it_is_when_it_holds_none(self, tmp_path) -> None:
+        from recsys_llm.train.checkpoint import resolve_checkpoint
+
+        run = tmp_path / "run"
+        best = _write_fake(str(run / "best"), "ckpt-00000010", complete=True)
+        newest = _write_fake(str(run / "checkpoints"), "ckpt-00000020", complete=True)
+        assert resolve_checkpoint(str(run)) == best  # a run directory: its best model
+        assert resolve_checkpoint(str(run / "checkpoints")) == newest  # a directory of checkpoints: its newest
+        assert resolve_checkpoint(newest) == newest
+        untrained = tmp_path / "untrained"
+        untrained.mkdir()
+        (untrained / "config.yaml").write_text("model: {}\n", encoding="utf-8")
+        with pytest.raises(FileNotFoundError, match=r"untrained: run directory holds no checkpoint .* train it first"):
+            resolve_checkpoint(str(untrained))
+        (tmp_path / "other").mkdir()
+        with pytest.raises(FileNotFoundError, match=r"other: neither a checkpoint \(a ckpt-N directory with "
+                                                    r"train_state.json\), a directory of them, nor a run directory"):
+            resolve_checkpoint(str(tmp_path / "other"))
+
     def test_train_state_json_round_trip_and_errors(self) -> None:
         state = TrainState(epoch=2, step_in_epoch=3, global_step=40, best_metric=0.7, bad_evals=1)
         assert TrainState.from_json(state.to_json(), "x") == state
