@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -174,9 +175,15 @@ def test_cli_export_of_a_trained_run(tmp_path):
                                        capture_output=True, text=True, timeout=300)
     trained = run("train", "--config", config, *overrides)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    exported = run("export", "--config", config, "--checkpoint", f"{tmp_path}/run", "--output", f"{tmp_path}/export",
-                   *overrides)
+    # without --config: the run's own config.yaml, overrides included
+    exported = run("export", "--checkpoint", f"{tmp_path}/run", "--output", f"{tmp_path}/export")
     assert exported.returncode == 0, exported.stderr[-3000:]
+    evaluated = run("evaluate", "--checkpoint", f"{tmp_path}/run/best", "--split", "valid")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout[evaluated.stdout.index("{"):])["split"] == "valid"
+    bare = shutil.copytree(f"{tmp_path}/run/best", f"{tmp_path}/bare")  # a checkpoint outside its run directory
+    refused = run("evaluate", "--checkpoint", os.path.join(bare, next(n for n in os.listdir(bare) if n.startswith("ckpt-"))))
+    assert refused.returncode == 2 and "pass the run's config with --config" in refused.stderr
     served = ServedModel.load(f"{tmp_path}/export", trust_program=True)
     schema = DatasetSchema.load(f"{tmp_path}/data/schema.json")
     batch = next(iter(ParquetBatchReader(schema, "test", 64)))

@@ -10,8 +10,8 @@ those tables (the LLM ran offline, once per entity).
 
 Example::
 
-    recsys-llm export --config configs/ml100k_elec_deepfm.yaml --checkpoint runs/elec_deepfm --output exports/student
-    torchrun --nproc_per_node 2 -m recsys_llm.cli export --config ... --checkpoint ... --output ...
+    recsys-llm export --checkpoint runs/elec_deepfm --output exports/student   # the run's own config.yaml
+    torchrun --nproc_per_node 2 -m recsys_llm.cli export --checkpoint ... --output ...
 """
 
 import argparse
@@ -92,11 +92,12 @@ def _write_state(state: Dict[str, Any], output: str, metadata: Dict[str, Any]) -
 
 def _export(args: argparse.Namespace) -> int:
     from recsys_llm.env import check_versions
+    from recsys_llm.train.checkpoint import trained_run_config
     from recsys_llm.train.config import load_config
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
 
     check_versions()
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config or trained_run_config(args.checkpoint), args.overrides)
     written = export_run(config, args.checkpoint, args.output, state_only=args.state_only)
     if is_main_process():
         keys = ["dense_program", "num_parameters", "num_state_tensors"]
@@ -109,11 +110,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _teacher_outputs(args: argparse.Namespace) -> int:
+    from recsys_llm.train.checkpoint import trained_run_config
     from recsys_llm.train.config import load_config
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
     from recsys_llm.train.teacher_outputs import write_teacher_outputs
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config or trained_run_config(args.checkpoint), args.overrides)
     report = write_teacher_outputs(config, args.checkpoint, args.output_dir, splits=args.splits,
                                    batch_size=args.batch_size, progress=config.train.progress)
     if is_main_process():
@@ -126,13 +128,14 @@ def _teacher_outputs(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``export`` and ``teacher-outputs``."""
     from recsys_llm.cli.semantics import show_defaults
+    from recsys_llm.cli.train import RUN_CONFIG_HELP
 
     export = subparsers.add_parser(
         "export",
         help="export the served model of a trained run: a plain or LLaCTR model (FIE frozen), an ELEC student, "
              "or an ELEC gain network on entity tables",
     )
-    export.add_argument("--config", required=True, help="the YAML config of the run")
+    export.add_argument("--config", default=None, help=RUN_CONFIG_HELP)
     export.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     export.add_argument("--output", required=True, help="export directory")
     export.add_argument("--state-only", action="store_true",
@@ -144,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "teacher-outputs",
         help="write split copies with a trained teacher's logits and representations (ELEC offline distillation)",
     )
-    outputs.add_argument("--config", required=True, help="the YAML config of the teacher's run")
+    outputs.add_argument("--config", default=None, help=RUN_CONFIG_HELP.replace("the run", "the teacher's run", 1))
     outputs.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     outputs.add_argument("--output-dir", required=True, help="where the split copies and schema.json go")
     outputs.add_argument("--splits", nargs="*", default=None, help="splits to cover (default: all)")

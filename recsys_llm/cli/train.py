@@ -3,7 +3,8 @@
 * ``train --config X [section.key=value ...]``: one run (alone, or on every rank under
   ``torchrun --nproc_per_node N -m recsys_llm.cli train ...``); resumes from the run
   directory's latest checkpoint; prints the results on rank 0.
-* ``evaluate --config X --checkpoint C``: metrics of a checkpoint (or run directory) on a split.
+* ``evaluate --checkpoint C [--config X]``: metrics of a checkpoint (or run directory) on a split;
+  the config defaults to the run's own ``config.yaml``.
 * ``demo``: generates the embedded synthetic data if missing and trains DeepFM on it plain,
   with LLaCTR, with ELEC's gain network and as ELEC's student (``recsys_llm.demo``), then
   prints the comparison.
@@ -11,7 +12,7 @@
 Example::
 
     recsys-llm train --config configs/synthetic_deepfm.yaml train.epochs=1 data.batch_size=512
-    recsys-llm evaluate --config configs/synthetic_deepfm.yaml --checkpoint runs/synthetic_deepfm
+    recsys-llm evaluate --checkpoint runs/synthetic_deepfm
     recsys-llm demo
 """
 
@@ -67,12 +68,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from recsys_llm.env import check_versions
+    from recsys_llm.train.checkpoint import trained_run_config
     from recsys_llm.train.config import load_config
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
     from recsys_llm.train.trained_run import run_evaluation
 
     check_versions()
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config or trained_run_config(args.checkpoint), args.overrides)
     results = run_evaluation(config, args.checkpoint, args.split)
     if is_main_process():
         print(json.dumps(results, indent=2, sort_keys=True, default=float))
@@ -99,6 +101,11 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --config of a job on a trained run (evaluate, export, teacher-outputs)
+RUN_CONFIG_HELP = ("the YAML config of the run (default: the run's own config.yaml; its relative paths are read from "
+                   "the working directory, as in training)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``train``, ``evaluate`` and ``demo``."""
     overrides_help = "config overrides section.key=value (value parsed as YAML), e.g. train.epochs=2"
@@ -109,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_train)
 
     evaluate = subparsers.add_parser("evaluate", help="evaluate a checkpoint on a split")
-    evaluate.add_argument("--config", required=True, help="the YAML config of the run")
+    evaluate.add_argument("--config", default=None, help=RUN_CONFIG_HELP)
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     evaluate.add_argument("--split", default=None, help="split name (default: data.test_split)")
     evaluate.add_argument("overrides", nargs="*", help=overrides_help)

@@ -525,6 +525,22 @@ def resolve_checkpoint(path: str) -> str:
     )
 
 
+def trained_run_config(checkpoint: str) -> str:
+    """The ``config.yaml`` of the run behind ``checkpoint`` (a checkpoint, a directory of them, or a
+    run directory): the config a job on a trained run uses when given none.
+
+    Raises:
+        FileNotFoundError: no checkpoint there (:func:`resolve_checkpoint`), or a bare checkpoint
+            outside a run directory, which has no run config (pass ``--config``).
+    """
+    resolved = resolve_checkpoint(checkpoint)
+    path = run_config_of(resolved)
+    if path is None:
+        raise FileNotFoundError(f"{checkpoint}: no config.yaml of its run beside {resolved} (a checkpoint outside its "
+                                "run directory); pass the run's config with --config")
+    return path
+
+
 def run_config_of(checkpoint: str) -> Optional[str]:
     """The ``config.yaml`` of the run that wrote ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``), if any."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
