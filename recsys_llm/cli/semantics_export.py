@@ -85,6 +85,10 @@ def _adapt(args: argparse.Namespace) -> int:
         head_learning_rate=args.head_lr, epochs=args.epochs, sample_rows=args.sample_rows, seed=args.seed,
         llm_dtype=args.llm_dtype,
     )
+    if config.representation_dim % 4:
+        print(f"[recsys_llm] note: --representation-dim {config.representation_dim} is no multiple of 4: its vectors "
+              "can be row vectors (semantics export --attach-dir), not entity tables (elec.vector_source="
+              "entity_table), whose FBGEMM kernels need a multiple of 4", flush=True)
     renderer = RowTextRenderer(schema, text_config)
     table = pq.read_table(schema.split_path(args.split), columns=[*renderer.field_names, schema.label], memory_map=True)
     rows = table.take(sample_indices(table.num_rows, config))  # render only the sample

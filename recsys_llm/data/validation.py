@@ -142,10 +142,14 @@ def check_file_schema(
         known = set(wanted) | {schema.row_key} | set(schema.extra_columns)
         unknown = sorted(columns - known)
         hint = f"; the file has columns not in the schema: {unknown} (schema/data mismatch?)" if unknown else ""
-        raise DataError(
-            f"{path}: missing column(s) {missing} required by schema {schema.name!r}; "
-            f"file columns: {sorted(columns)}{hint}"
+        by_schema = [name for name in missing if name not in extras]
+        asked = [name for name in missing if name in extras]
+        what = "; ".join(
+            part for part in (f"missing column(s) {by_schema} required by schema {schema.name!r}" if by_schema else "",
+                              f"missing extra column(s) {asked} asked for by the reader (extras)" if asked else "")
+            if part
         )
+        raise DataError(f"{path}: {what}; file columns: {sorted(columns)}{hint}")
     for spec in schema.fields:
         check_column_type(path, spec, arrow_schema.field(spec.name).type)
     label_type = arrow_schema.field(schema.label).type

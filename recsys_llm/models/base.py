@@ -139,7 +139,7 @@ class CTRBackbone(nn.Module, abc.ABC):
         """
         embeddings = self.embedding_bag_collection(sparse_features)
         logits, representation = self.interact(dense_features, embeddings, extra_fields)
-        return CTROutput(logits, representation, embeddings)
+        return CTROutput(one_logit_per_row(logits, type(self).__name__), representation, embeddings)
 
     @abc.abstractmethod
     def interact(
@@ -149,6 +149,19 @@ class CTRBackbone(nn.Module, abc.ABC):
         extra_fields: Optional[torch.Tensor],
     ) -> "tuple[torch.Tensor, torch.Tensor]":
         """Returns ``(logits (B,), representation (B, H))``."""
+
+
+@torch.fx.wrap
+def one_logit_per_row(logits: torch.Tensor, model: str) -> torch.Tensor:
+    """``logits`` (B,) as they are; raises for any other shape, naming ``model``'s ``interact``
+    (a (B, 1) output, torchrec DLRM's habit, would broadcast against (B,) labels and terms).
+
+    A leaf of the training pipeline's fx trace: the shape is checked at run time.
+    """
+    if logits.dim() != 1:
+        raise ValueError(f"{model}.interact returned logits of shape {tuple(logits.shape)}; expected (B,), one per row "
+                         "(squeeze a (B, 1) output)")
+    return logits
 
 
 def stack_fields(

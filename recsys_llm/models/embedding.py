@@ -43,10 +43,11 @@ def embedding_bag_configs(
     for spec in fields:
         dim = spec.embedding_dim if spec.embedding_dim is not None else embedding_dim
         if dim <= 0 or dim % EMBEDDING_DIM_MULTIPLE != 0:
+            source = (f"schema {schema.name!r}, field {spec.name!r}: its embedding_dim" if spec.embedding_dim is not None
+                      else "model.embedding_dim")
             raise ValueError(
-                f"schema {schema.name!r}, field {spec.name!r}: embedding_dim must be a positive "
-                f"multiple of {EMBEDDING_DIM_MULTIPLE} (FBGEMM kernels under DistributedModelParallel "
-                f"need it), got {dim}"
+                f"{source} must be a positive multiple of {EMBEDDING_DIM_MULTIPLE} (FBGEMM kernels under "
+                f"DistributedModelParallel need it), got {dim}"
             )
         pooling = PoolingType.MEAN if spec.kind == FieldKind.SEQUENCE else PoolingType.SUM
         configs.append(

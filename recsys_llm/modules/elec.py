@@ -192,6 +192,34 @@ def build_elec_task(
     return TeacherStudentTask(teacher, student, config.distill)
 
 
+def _check_teacher_is_an_export(path: str) -> None:
+    """Raises when ``elec.teacher_checkpoint`` names a training run (or one of its checkpoints)
+    instead of its ``export --state-only`` output, with the command that makes one."""
+    run_files = ("best", "checkpoints", "train_state.json", "metrics.jsonl")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model.safetensors")) and any(
+        os.path.exists(os.path.join(path, name)) for name in run_files
+    ):
+        raise FileNotFoundError(
+            f"elec.teacher_checkpoint {path}: a training run or checkpoint, not an exported state; a frozen teacher "
+            f"is read from the gain network's state: `recsys-llm export --checkpoint {path} --output DIR "
+            "--state-only`, then elec.teacher_checkpoint=DIR"
+        )
+
+
+def _exported_model_hint(path: str) -> str:
+    """``"; the state was exported from a X model ..."`` from the export's ``config.json``
+    (``metadata.model.name``), or nothing when it does not say."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            name = json.load(handle)["metadata"]["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return (f"; the state was exported from a {name!r} model (config.json metadata.model.name): build the teacher "
+            f"with the same model settings (model.name={name}, ...)")
+
+
 def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Optional[str] = None) -> Dict[str, int]:
     """Fills what training does not: entity vectors and (frozen mode) the teacher's weights.
 
@@ -224,9 +252,13 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
     is_distill = config.task == "distill"
     frozen = is_distill and config.distill.mode == "frozen"
     if frozen:
-        with open_state_file(config.teacher_checkpoint) as state:  # each rank reads only its shards' rows
-            report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.",
-                                                        source=f"elec.teacher_checkpoint {config.teacher_checkpoint}")
+        _check_teacher_is_an_export(config.teacher_checkpoint)
+        source = f"elec.teacher_checkpoint {config.teacher_checkpoint}"
+        try:
+            with open_state_file(config.teacher_checkpoint) as state:  # each rank reads only its shards' rows
+                report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.", source=source)
+        except KeyError as error:  # the teacher this config builds has a tensor the state lacks
+            raise KeyError(f"{error.args[0]}{_exported_model_hint(config.teacher_checkpoint)}") from None
     if config.vector_source != "entity_table" or (is_distill and config.distill.mode == "offline"):
         return report
     named = {field: directory for field, directory in config.entity_tables.items() if directory or not frozen}

@@ -76,8 +76,9 @@ class SemanticTable(nn.Module):
             raise ValueError("SemanticTable needs at least one entity field")
         if dim % 4 != 0:
             raise ValueError(
-                f"SemanticTable {sorted(entities)}: dim {dim} must be a multiple of 4 (FBGEMM kernels); "
-                "export the vectors with a projection of a multiple-of-4 size"
+                f"SemanticTable {sorted(entities)}: dim {dim} must be a multiple of 4 (FBGEMM kernels); adapt the "
+                "LLM with a --representation-dim that is one, or export the vectors with --projection FILE of such a "
+                "size (recsys_llm.semantics.vector_projection: fit_projection, save_projection)"
             )
         self._feature_names: List[str] = list(entities)
         self._dim = dim

@@ -63,6 +63,10 @@ def test_missing_column(tmp_path):
     path = _write(str(tmp_path / "f.parquet"), schema, price=None)
     with pytest.raises(DataError, match=r"f\.parquet.*missing column.*'price'"):
         _read_all(schema, path)
+    path = _write(str(tmp_path / "g.parquet"), schema)
+    with pytest.raises(DataError, match=r"g\.parquet: missing extra column\(s\) \['llm_vec'\] asked for by the reader "
+                                        r"\(extras\); file columns"):
+        read_schema_and_check(schema, path, extras=["llm_vec"])
 
 
 def test_wrong_dtype(tmp_path):

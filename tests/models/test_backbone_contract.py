@@ -122,6 +122,24 @@ class TestMistakesAreNamed:
                                              r"task has no field_injection"):
             CTRTask(backbone)
 
+    def test_logits_of_shape_b_1_are_named_not_broadcast(self) -> None:
+        """torchrec's DLRM returns (B, 1); as logits they would broadcast against (B,) labels and terms."""
+        class ColumnLogits(Concatenating):
+            def interact(self, dense, pooled, extra_fields):
+                logits, representation = super().interact(dense, pooled, extra_fields)
+                return logits.unsqueeze(1), representation
+
+        import torchrec.fx
+
+        backbone = ColumnLogits(_ebc())
+        batch = _batch()
+        with pytest.raises(ValueError, match=r"ColumnLogits.interact returned logits of shape \(6, 1\); expected "
+                                             r"\(B,\), one per row"):
+            CTRTask(backbone)(batch)
+        traced = torchrec.fx.symbolic_trace(Concatenating(_ebc()), concrete_args={"extra_fields": None})  # a leaf
+        torch.testing.assert_close(traced(batch.dense_features, batch.sparse_features).logits,
+                                   Concatenating(_ebc())(batch.dense_features, batch.sparse_features).logits)
+
     def test_a_representation_other_than_declared(self) -> None:
         from recsys_llm.modules.distillation import RepresentationDistillation
 

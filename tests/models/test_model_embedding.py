@@ -46,12 +46,12 @@ class TestBuildEmbeddingBagCollection:
 
     @pytest.mark.parametrize("dim", [6, 0, -4])
     def test_dim_not_multiple_of_four_is_rejected(self, schema: DatasetSchema, dim: int) -> None:
-        with pytest.raises(ValueError, match="field 'user_id'.*multiple of 4"):
-            build_embedding_bag_collection(schema, dim)
+        with pytest.raises(ValueError, match=rf"^model.embedding_dim must be a positive multiple of 4 .*got {dim}"):
+            build_embedding_bag_collection(schema, dim)  # the model's dim: no field set one of its own
 
     def test_field_override_is_validated(self, schema: DatasetSchema) -> None:
         fields = [dataclasses.replace(schema.fields[0], embedding_dim=10)] + schema.fields[1:]
-        with pytest.raises(ValueError, match="field 'user_id'.*got 10"):
+        with pytest.raises(ValueError, match="field 'user_id': its embedding_dim must be .*got 10"):
             build_embedding_bag_collection(DatasetSchema("tiny", fields), 8)
 
     def test_schema_without_categorical_field(self) -> None:

@@ -44,7 +44,8 @@ class TestSemanticTable:
 
     def test_errors(self, tmp_path):
         write_item_vectors(str(tmp_path / "items"))
-        with pytest.raises(ValueError, match="multiple of 4"):
+        with pytest.raises(ValueError, match="multiple of 4 .*adapt the LLM with a --representation-dim that is one, "
+                                             "or export the vectors with --projection FILE"):
             SemanticTable({"item_id": NUM_ITEMS}, 6)
         module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
         with pytest.raises(ProvenanceError, match="model"):

@@ -104,6 +104,28 @@ class TestTeacherStudentTask:
         for k, v in task.teacher.state_dict().items():
             assert torch.equal(v, before[k]), k
 
+    def test_a_frozen_teacher_from_a_run_or_another_model_says_what_to_pass(self, tmp_path):
+        import json
+
+        from safetensors.torch import save_file
+
+        frozen = TeacherStudentConfig(mode="frozen")
+        run = tmp_path / "gain_run"
+        (run / "best").mkdir(parents=True)
+        with pytest.raises(FileNotFoundError, match=r"gain_run: a training run or checkpoint, not an exported state; .*"
+                                                    r"recsys-llm export --checkpoint .*gain_run --output DIR --state-only"):
+            load_elec_state(_elec("joint"), ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(run),
+                                                       distill=frozen))
+        export = tmp_path / "fm_gain"  # a gain network of another backbone, exported with --state-only
+        export.mkdir()
+        fm_gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, SMOKE_CONFIGS["fm"], device=CPU)
+        save_file({k: v.contiguous() for k, v in fm_gain.state_dict().items()}, str(export / "model.safetensors"))
+        (export / "config.json").write_text(json.dumps({"metadata": {"model": {"name": "fm"}}}), encoding="utf-8")
+        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(export), distill=frozen)
+        with pytest.raises(KeyError, match=r"no tensor .*; the state was exported from a 'fm' model \(config.json "
+                                           r"metadata.model.name\): build the teacher with the same model settings"):
+            load_elec_state(build_elec_task(config, SCHEMA, MODEL, device=CPU), config)
+
     def test_offline_reads_extras_and_matches_frozen(self):
         frozen = _elec("joint")
         batch = make_batch()
