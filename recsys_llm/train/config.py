@@ -61,7 +61,9 @@ class DataConfig:
             may be absent (data without cold items); another name the data lacks is an error.
         validate (bool): the reader's per-row-group value checks.
         synthetic_rows (int): if > 0 and the schema file is missing, generate the embedded
-            synthetic data set with this many rows into the schema's directory first.
+            synthetic data set with this many rows into the schema's directory first. A config
+            file's value applies to that file's ``data.schema``: an override of ``data.schema``
+            alone turns it off (:func:`load_config`), so a mistyped path is an error, not new data.
         synthetic_seed (int): seed of that generation.
     """
 
@@ -326,6 +328,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     from_file = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
+    _generate_only_where_the_file_said(raw, from_file)
     try:
         return config_from_dict(raw, source)
     except ConfigError as merged:
@@ -343,6 +346,17 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
     label = f"command-line override(s) {' '.join(overrides)}"
     raise ConfigError(label + merged_error[len(source):] if file_error is None
                       else f"{source} with {label}{merged_error[len(source):]}")
+
+
+def _generate_only_where_the_file_said(raw: Dict[str, Any], from_file: Dict[str, Any]) -> None:
+    """Sets ``data.synthetic_rows`` to 0 when the overrides moved ``data.schema`` but left the
+    file's ``synthetic_rows``: it was meant for the file's own data location, and kept it would
+    turn a mistyped path to other data into freshly generated synthetic data."""
+    data, file_data = raw.get("data"), from_file.get("data")
+    if not isinstance(data, dict) or not isinstance(file_data, dict):
+        return
+    if data.get("schema") != file_data.get("schema") and data.get("synthetic_rows") == file_data.get("synthetic_rows"):
+        data["synthetic_rows"] = 0
 
 
 def save_config(config: ExperimentConfig, path: str) -> None:

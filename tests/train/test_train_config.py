@@ -273,3 +273,14 @@ def test_torchrun_ranks_that_would_share_a_gpu_are_named(local_rank: int) -> Non
         gpu_index(local_rank, 3, 2, True)
     with pytest.raises(ValueError, match="local rank 2 of 3"):
         gpu_index(2, 3, 2, False)  # a rank without a GPU, whatever the launcher
+
+
+def test_a_config_file_generates_synthetic_data_only_where_its_own_data_schema_points() -> None:
+    """An override that points data.schema elsewhere (e.g. at Criteo) leaves the file's synthetic_rows
+    behind: a mistyped path is then 'schema not found', not 200k rows of synthetic data trained on."""
+    path = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
+    assert load_config(path).data.synthetic_rows == 200_000
+    assert load_config(path, ["data.schema=data/critoe/schema.json"]).data.synthetic_rows == 0
+    moved = load_config(path, ["data.schema=/tmp/elsewhere", "data.synthetic_rows=500"])  # asked for there
+    assert moved.data.synthetic_rows == 500
+    assert load_config(path, ["train.epochs=1"]).data.synthetic_rows == 200_000
