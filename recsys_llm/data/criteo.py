@@ -19,6 +19,7 @@ is ignored; blank lines at the end of the file are too, and one before a data li
 that names it (skipping it would shift the line numbers of later errors and the split counts).
 """
 
+import contextlib
 import dataclasses
 import os
 from typing import Iterator, List, Optional, Tuple
@@ -30,7 +31,7 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 from recsys_llm.data.hashing import hash_strings
-from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, write_prepared
+from recsys_llm.data.parquet_writer import arrow_schema_for, open_split_writers, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.validation import DataError, check_labels, check_number, check_split_fractions
 
@@ -209,28 +210,23 @@ def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> Dat
     schema = criteo_schema(config)
     schema.root = os.path.abspath(out_dir)
     arrow_schema = arrow_schema_for(schema)
-    writers = [SplitWriter(schema.split_path(s), arrow_schema, config.rows_per_group) for s in schema.splits]
     bar = tqdm(total=total, desc="criteo rows", unit="row", disable=not progress)
     done = 0
     try:
-        for line, batch in _batches(path, config, delimiter):
-            if done >= total:
-                break
-            batch = batch.slice(0, total - done)
-            columns = _convert(batch, path, line, config, done)
-            n = batch.num_rows
-            for split, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-                lo, hi = max(start, done), min(stop, done + n)
-                if lo < hi:
-                    writers[split].write({k: v[lo - done : hi - done] for k, v in columns.items()})
-            done += n
-            bar.update(n)
-        for writer in writers:
-            writer.close()
-    except BaseException:
-        for writer in writers:
-            writer.__exit__(RuntimeError, None, None)
-        raise
+        with contextlib.ExitStack() as open_writers:  # each writer is closed, or on an error its .tmp removed
+            writers = open_split_writers(open_writers, schema, arrow_schema, config.rows_per_group)
+            for line, batch in _batches(path, config, delimiter):
+                if done >= total:
+                    break
+                batch = batch.slice(0, total - done)
+                columns = _convert(batch, path, line, config, done)
+                n = batch.num_rows
+                for split, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+                    lo, hi = max(start, done), min(stop, done + n)
+                    if lo < hi:
+                        writers[split].write({k: v[lo - done : hi - done] for k, v in columns.items()})
+                done += n
+                bar.update(n)
     finally:
         bar.close()
     return schema

@@ -1,6 +1,7 @@
 """Writing a prepared data set: one Parquet file per split with fixed-size row groups, the Arrow
 schema ``prepare`` writes, and the whole-or-nothing swap of the output directory."""
 
+import contextlib
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -105,6 +106,16 @@ class SplitWriter:
             self._writer.close()
             if os.path.exists(self._tmp):
                 os.remove(self._tmp)
+
+
+def open_split_writers(
+    stack: contextlib.ExitStack, schema: DatasetSchema, arrow_schema: pa.Schema, row_group_size: int
+) -> List[SplitWriter]:
+    """One :class:`SplitWriter` per split of ``schema`` (in ``schema.splits`` order), each entered
+    into ``stack`` as it opens: leaving the stack closes them all, or after an error removes
+    their temporary files."""
+    return [stack.enter_context(SplitWriter(schema.split_path(split), arrow_schema, row_group_size))
+            for split in schema.splits]
 
 
 #: files every directory written by ``prepare`` holds; only such a directory is replaced

@@ -1,6 +1,7 @@
 """``prepare_tabular``: the two passes over the source, one Parquet file per split, validated
 block by block, written whole or not at all."""
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array, write_prepared
+from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array, open_split_writers, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, SchemaError, load_raw, schema_file
 from recsys_llm.data.synthetic import write_value_text
 from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig
@@ -177,7 +178,7 @@ def _write_splits(
     writers: List[SplitWriter] = []
     keys: List[np.ndarray] = []  # the row keys read from the data, checked for repeats at the end
     row = 0
-    try:
+    with contextlib.ExitStack() as open_writers:  # each writer is closed, or on an error its .tmp removed
         for block in read_blocks(data_path, user_schema, columns, config, row_key):
             out = _convert_block(block, schema, plans, config, data_path, row, row_key)
             if row_key:
@@ -185,7 +186,7 @@ def _write_splits(
             if not writers:
                 extra_types = {name: block.column(name).type for name in schema.extra_columns}
                 arrow_schema = arrow_schema_for(schema, extra_types)
-                writers = [SplitWriter(schema.split_path(s), arrow_schema, config.rows_per_group) for s in schema.splits]
+                writers = open_split_writers(open_writers, schema, arrow_schema, config.rows_per_group)
             n = block.num_rows
             split = split_rows[row : row + n] if split_rows is not None else random_split(np.arange(row, row + n), config)
             table = pa.table(out)
@@ -200,12 +201,6 @@ def _write_splits(
             raise DataError(f"{data_path}: the file is empty (0 rows); expected at least one row")
         if row_key:
             _check_unique_keys(data_path, row_key, np.concatenate(keys))
-        for writer in writers:
-            writer.close()
-    except BaseException:
-        for writer in writers:
-            writer.__exit__(RuntimeError, None, None)
-        raise
 
 
 def _check_unique_keys(path: str, column: str, keys: np.ndarray) -> None:
