@@ -87,12 +87,14 @@ def check_run_dir_is_ours(run_dir: str) -> None:
 
 
 def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
-    """Raises when a resumed LLaCTR run's vector file now holds other vectors than it trained with.
+    """Raises when an LLaCTR run's vector file (as a resume, evaluate or export names it) now holds
+    other vectors than the run trained with.
 
-    The checkpoint restores the vectors it trained with (FRE's and FIE's buffers), so going on
-    would train with the old vectors while ``plugins.json`` recorded the new ones. Moving the
-    file, or writing the same vectors again, is fine; entries that only one of the two records
-    has (written by another version) are not compared.
+    The checkpoint restores the vectors it trained with (FRE's and FIE's buffers, in the trained
+    field order), so going on would train with the old vectors while ``plugins.json`` recorded the
+    new ones, and a file of the same fields in another order would match the trained pair weights
+    to the wrong fields. Moving the file, or writing the same vectors again, is fine; entries that
+    only one of the two records has (written by another version) are not compared.
 
     Raises:
         ConfigError: naming the file, the vectors' path and the entries that differ.
@@ -106,9 +108,18 @@ def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dic
     if differing:
         raise ConfigError(
             f"{source}: this run trained with other field vectors than {current.get('vectors')} holds now "
-            f"(differing: {', '.join(differing)}); a resume goes on with the vectors in its checkpoint. Restore "
-            "the vector file the run started with to resume it, or train the new vectors in another train.run_dir"
+            f"(differing: {', '.join(differing)}); its checkpoint holds the vectors it trained with. Pass the vector "
+            "file the run started with (llactr.vectors_path; moved is fine), or train the new vectors in another "
+            "train.run_dir"
         )
+
+
+def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str, Any]) -> None:
+    """:func:`check_same_field_vectors` against the ``plugins.json`` of the run that wrote
+    ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``); nothing to check without one."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), PLUGINS_FILE)
+    if os.path.isfile(path):
+        check_same_field_vectors(read_run_record(path), current_plugins, path)
 
 
 def earlier_throughput(run_dir: str) -> Optional[float]:

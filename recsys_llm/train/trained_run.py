@@ -14,7 +14,7 @@ from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
-from recsys_llm.train.run_records import check_trained_on
+from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors
 from recsys_llm.train.sharding import shard_model
 from recsys_llm.train.task_builder import build_task, plugin_extras
 
@@ -50,8 +50,14 @@ def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
 def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
     """The DMP-sharded task of ``config`` with the run's checkpoint loaded (collective; any
     world size: the shards are re-cut). Every weight comes from the checkpoint, frozen entity
-    tables and a frozen teacher included, so their source files are not read again."""
+    tables and a frozen teacher included, so their source files are not read again.
+
+    Raises:
+        ConfigError: LLaCTR vectors other than the run trained with (see
+            :func:`~recsys_llm.train.run_records.check_same_field_vectors`).
+    """
     built = build_task(config, run.schema, run.ctx.device)
+    check_trained_with_these_vectors(run.checkpoint, built.plugins)  # a moved vector file, not other vectors
     model, _ = shard_model(built.task, run.ctx.device, run.ctx.world_size, config.sharding, config.optim,
                            config.data.batch_size)
     load_checkpoint(run.checkpoint, model, None, restore_rng=False)

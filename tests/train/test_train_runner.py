@@ -485,6 +485,24 @@ def test_a_resume_whose_vector_file_now_holds_other_vectors_is_refused() -> None
     check_same_field_vectors({}, other, "run/plugins.json")  # a run without llactr: nothing to compare
 
 
+def test_evaluate_and_export_check_the_vectors_against_the_run_they_load(tmp_path) -> None:
+    """A vector file of the run's fields in another order would match its trained pair weights to the
+    wrong fields: refused like a resume's; a moved copy is fine."""
+    from recsys_llm.train.run_records import check_trained_with_these_vectors
+
+    run = tmp_path / "run"
+    checkpoint = run / "best" / "ckpt-00000010"
+    checkpoint.mkdir(parents=True)
+    trained = {"vectors": "v.safetensors", "fields_used": ["user_id", "item_id"], "model": "minilm"}
+    (run / "plugins.json").write_text(json.dumps({"llactr": trained}), encoding="utf-8")
+    check_trained_with_these_vectors(str(checkpoint), {"llactr": {**trained, "vectors": "moved/v.safetensors"}})
+    reordered = {"llactr": {**trained, "fields_used": ["item_id", "user_id"]}}
+    with pytest.raises(ConfigError, match=r"run/plugins.json: this run trained with other field vectors than "
+                                          r"v.safetensors holds now \(differing: fields_used\); its checkpoint holds"):
+        check_trained_with_these_vectors(str(checkpoint), reordered)
+    check_trained_with_these_vectors(str(tmp_path / "bare" / "ckpt-1"), reordered)  # no run record: nothing to check
+
+
 @pytest.mark.multiprocess
 def test_a_finished_mid_epoch_run_of_two_ranks_evaluates_on_one(synthetic_dir: str, tmp_path) -> None:
     """A run that stopped at max_steps mid-epoch trains no further row: another world size is fine."""
