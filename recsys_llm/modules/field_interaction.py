@@ -127,6 +127,11 @@ class FieldInteractionEnhancement(nn.Module):
         feature_names (List[str]): N >= 2 keys of the pooled embeddings that have a vector.
         weight (float): lambda_FIE.
 
+    Its state dict is positional over ``feature_names`` (pair p of ``torch.triu_indices`` order is
+    the p-th pair of those names): load it into a term built with the same names in the same
+    order (``build_llactr_terms`` keeps the vector file's order, and a trained run checks it
+    against its ``plugins.json``).
+
     Example::
 
         fie = FieldInteractionEnhancement(torch.randn(3, 384), ["user_id", "item_id", "genre"], 0.1)

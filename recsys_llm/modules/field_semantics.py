@@ -139,6 +139,10 @@ class FieldRepresentationEnhancement(nn.Module):
         weight (float): lambda_FRE.
         field_reduction (str): ``sum`` (public code) or ``mean`` of the per-field KL terms.
 
+    Its state dict is positional over ``feature_names`` (``field_vectors`` row i is field i): load
+    it into a term built with the same names in the same order (``build_llactr_terms`` keeps the
+    vector file's order, and a trained run checks it against its ``plugins.json``).
+
     Example::
 
         fre = FieldRepresentationEnhancement(torch.randn(2, 384), ["user_id", "item_id"], 16, 0.1)
