@@ -106,7 +106,7 @@ class TestTrainComponent:
             train("c.yaml", "epochs")
         with pytest.raises(ValueError, match="nproc_per_node"):
             train("c.yaml", nproc_per_node=0)
-        for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "c.yaml", "runs/r")),
+        for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r")),
                            ("bench", ("train_throughput",))):
             with pytest.raises(ValueError, match=r"gpu=1 per host for nproc_per_node=2 workers: each worker needs a "
                                                  r"GPU of its own; pass --gpu 2, or --nproc_per_node 1"):
@@ -127,10 +127,13 @@ class TestTrainedComponent:
         assert app.roles[0].name == "teacher-outputs" and app.name == "teacher-outputs"
         words = command_of(app)
         assert words[words.index("-m"):] == [
-            "-m", "recsys_llm.cli", "teacher-outputs", "--config", "c.yaml", "--checkpoint", "runs/gain",
+            "-m", "recsys_llm.cli", "teacher-outputs", "--checkpoint", "runs/gain", "--config", "c.yaml",
             "--output-dir", "data/t", "elec.task=gain",
         ]
         assert words[words.index("--nproc_per_node") + 1] == "2"
+        # without --config the job reads the run's own config.yaml
+        words = command_of(from_cli("trained", ["--job", "export", "--checkpoint", "runs/s", "--", "--output", "o"]))
+        assert words[words.index("-m"):] == ["-m", "recsys_llm.cli", "export", "--checkpoint", "runs/s", "--output", "o"]
 
     def test_jobs_are_sub_commands_that_load_a_checkpoint(self) -> None:
         from recsys_llm.cli import build_parser
@@ -139,11 +142,12 @@ class TestTrainedComponent:
         exec(COMPONENTS["trained"].read_text(), namespace)  # the way torchx loads it
         required = {"evaluate": [], "export": ["--output", "o"], "teacher-outputs": ["--output-dir", "d"]}
         assert set(namespace["TRAINED_JOBS"]) == set(required)
-        for job, job_args in required.items():  # each takes the component's --config and --checkpoint
-            args = build_parser().parse_args([job, "--config", "c.yaml", "--checkpoint", "k", *job_args])
+        for job, job_args in required.items():  # each takes the component's --checkpoint and optional --config
+            args = build_parser().parse_args([job, "--checkpoint", "k", "--config", "c.yaml", *job_args])
             assert args.config == "c.yaml" and args.checkpoint == "k", job
+            assert build_parser().parse_args([job, "--checkpoint", "k", *job_args]).config is None, job
         with pytest.raises(ValueError, match="must be one of"):
-            load("trained")("train", "c.yaml", "k")
+            load("trained")("train", "k")
 
 
 class TestEncodeComponent:
@@ -248,7 +252,7 @@ def test_train_end_to_end_local_cwd_two_processes(tmp_path: Path) -> None:
     log_dir = tmp_path / "torchx_logs_evaluate"
     command = [
         str(bin_dir / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}",
-        "torchx_components/trained.py:trained", "--job", "evaluate", "--config", str(config),
+        "torchx_components/trained.py:trained", "--job", "evaluate",  # the run's own config.yaml
         "--checkpoint", str(run_dir), "--nproc_per_node", "2", "--env", "OMP_NUM_THREADS=1", "--", "train.seed=1",
     ]
     process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)

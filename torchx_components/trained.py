@@ -11,8 +11,7 @@ tables sharded over every worker (any number of workers: the shards are re-cut),
 Launch::
 
     torchx run -s local_cwd torchx_components/trained.py:trained --job teacher-outputs \\
-        --config configs/synthetic_deepfm.yaml --checkpoint runs/gain --nproc_per_node 2 \\
-        -- --output-dir data/synthetic-teacher elec.task=gain elec.vector_dim=32
+        --checkpoint runs/gain --nproc_per_node 2 -- --output-dir data/synthetic-teacher
 
 This file is loaded by torchx with ``exec`` (not imported), so it depends on torchx
 only: no project imports, no helper modules.
@@ -29,9 +28,9 @@ TRAINED_JOBS = ("evaluate", "export", "teacher-outputs")
 
 def trained(
     job: str,
-    config: str,
     checkpoint: str,
     *job_args: str,
+    config: Optional[str] = None,
     nnodes: int = 1,
     nproc_per_node: int = 1,
     cpu: int = 2,
@@ -47,15 +46,15 @@ def trained(
     job_name: str = "",
 ) -> specs.AppDef:
     """
-    Runs ``python -m recsys_llm.cli JOB --config CONFIG --checkpoint CHECKPOINT [job_args ...]``
+    Runs ``python -m recsys_llm.cli JOB --checkpoint CHECKPOINT [--config CONFIG] [job_args ...]``
     on nnodes x nproc_per_node torchrun workers (torchx dist.ddp), the trained tables sharded
     over all of them. Finished teacher-output files are skipped, so a retried job resumes.
 
     Args:
         job: evaluate (metrics of a split), export (the servable artifact) or teacher-outputs (split copies with the teacher's logits and representations)
-        config: the run's training config (YAML), relative to the working directory / image
         checkpoint: a checkpoint directory, or a run directory (its best checkpoint)
         job_args: the job's own arguments and config overrides, after -- (e.g. -- --output-dir data/teacher elec.task=gain)
+        config: the run's config (YAML), relative to the working directory / image; default: the run's own config.yaml
         nnodes: number of hosts (replicas of the role)
         nproc_per_node: worker processes per host (one per GPU on GPU hosts)
         cpu: CPUs per host
@@ -81,10 +80,9 @@ def trained(
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
     app = ddp(
         job,
-        "--config",
-        config,
         "--checkpoint",
         checkpoint,
+        *(["--config", config] if config else []),
         *job_args,
         m="recsys_llm.cli",
         image=image,
