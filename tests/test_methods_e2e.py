@@ -76,6 +76,22 @@ def _train_and_export_llactr(schema_path: str, run_dir: str, vectors: str, expor
         result["checkpoint_logits"] = trained.module.predict(batch).logits
     with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as handle:
         result["id_rules"] = json.load(handle)["id_rules"]
+    # evaluate with the vector file moved (fine), and with the same fields in another order (refused:
+    # the trained pair weights would meet other fields)
+    from recsys_llm.semantics.store import load_vectors
+    from recsys_llm.train.trained_run import run_evaluation
+
+    stored = load_vectors(vectors)
+    moved, reordered = os.path.join(export_dir + "_v", "moved.safetensors"), export_dir + "_reordered.safetensors"
+    os.makedirs(os.path.dirname(moved))
+    shutil.copyfile(vectors, moved)
+    result["moved_auc"] = run_evaluation(load_config(CONFIG, overrides + [f"llactr.vectors_path={moved}"]), run_dir)["auc"]
+    order = list(range(len(stored.keys)))[::-1]
+    save_vectors(reordered, stored.vectors[order], [stored.keys[i] for i in order], stored.provenance)
+    try:
+        run_evaluation(load_config(CONFIG, overrides + [f"llactr.vectors_path={reordered}"]), run_dir)
+    except ConfigError as error:
+        result["reordered_error"] = str(error)
     # the run as one written before llactr.fre_field_reduction existed (FRE then averaged over fields)
     plugins_path = os.path.join(run_dir, "plugins.json")
     with open(plugins_path, encoding="utf-8") as handle:
@@ -119,6 +135,9 @@ def test_llactr_section_trains_fre_and_fie_and_records_provenance(small_syntheti
     events = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
     assert any(e["event"] == "valid" for e in events)
     assert "trained before llactr.fre_field_reduction existed" in result["older_run_resume_error"]
+    assert result["moved_auc"] == result["test"]["auc"]  # a moved copy evaluates as the original
+    assert "this run trained with other field vectors than" in result["reordered_error"]
+    assert "fields_used" in result["reordered_error"]
 
 
 def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:

@@ -211,8 +211,9 @@ def _exported_model_hint(path: str) -> str:
     (``metadata.model.name``), or nothing when it does not say."""
     import json
 
+    directory = path if os.path.isdir(path) else os.path.dirname(path)  # the export, or its model.safetensors
     try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
             name = json.load(handle)["metadata"]["model"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return ""

@@ -69,7 +69,7 @@ class VectorExportConfig:
         chunk_rows (int): source rows per chunk file (the unit of resumption).
         batch_size (int): texts per encoder call.
         dtype (str): ``float32`` or ``float16`` storage.
-        projection (Optional[str]): a PCA projection file (:func:`save_projection`) applied
+        projection (Optional[str]): a PCA projection file (:func:`~recsys_llm.semantics.vector_projection.save_projection`) applied
             before storage, shrinking d to its number of components.
         key_column (str): name of the key column in the chunk files.
         vector_column (str): name of the vector column in the chunk files.

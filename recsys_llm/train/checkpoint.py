@@ -541,7 +541,19 @@ def trained_run_config(checkpoint: str) -> str:
     return path
 
 
+#: the directories of a run directory that hold its checkpoints
+RUN_CHECKPOINT_DIRS = ("best", "checkpoints")
+
+
+def run_dir_of(checkpoint: str) -> Optional[str]:
+    """The run directory of ``checkpoint`` when it lies where training writes one
+    (``run_dir/{best,checkpoints}/ckpt-N``), else None (a checkpoint copied elsewhere)."""
+    parent = os.path.dirname(os.path.normpath(os.path.abspath(checkpoint)))
+    return os.path.dirname(parent) if os.path.basename(parent) in RUN_CHECKPOINT_DIRS else None
+
+
 def run_config_of(checkpoint: str) -> Optional[str]:
     """The ``config.yaml`` of the run that wrote ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``), if any."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
-    return path if os.path.isfile(path) else None
+    run_dir = run_dir_of(checkpoint)
+    path = os.path.join(run_dir, "config.yaml") if run_dir is not None else None
+    return path if path is not None and os.path.isfile(path) else None

@@ -23,6 +23,7 @@ Example::
 
 import copy
 import dataclasses
+import json
 import os
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
@@ -328,7 +329,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     from_file = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
-    _generate_only_where_the_file_said(raw, from_file)
+    _generate_only_where_the_file_said(raw, from_file, overrides)
     try:
         return config_from_dict(raw, source)
     except ConfigError as merged:
@@ -348,15 +349,26 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
                       else f"{source} with {label}{merged_error[len(source):]}")
 
 
-def _generate_only_where_the_file_said(raw: Dict[str, Any], from_file: Dict[str, Any]) -> None:
-    """Sets ``data.synthetic_rows`` to 0 when the overrides moved ``data.schema`` but left the
-    file's ``synthetic_rows``: it was meant for the file's own data location, and kept it would
-    turn a mistyped path to other data into freshly generated synthetic data."""
+def _generate_only_where_the_file_said(raw: Dict[str, Any], from_file: Dict[str, Any], overrides: Sequence[str]) -> None:
+    """Sets ``data.synthetic_rows`` to 0 when the overrides point ``data.schema`` at another file
+    but do not name ``data.synthetic_rows``: the file's value was meant for its own data location,
+    and kept it would turn a mistyped path to other data into freshly generated synthetic data."""
     data, file_data = raw.get("data"), from_file.get("data")
     if not isinstance(data, dict) or not isinstance(file_data, dict):
         return
-    if data.get("schema") != file_data.get("schema") and data.get("synthetic_rows") == file_data.get("synthetic_rows"):
+    if any(override.split("=", 1)[0].strip() == "data.synthetic_rows" for override in overrides):
+        return
+    if _schema_location(data.get("schema")) != _schema_location(file_data.get("schema")):
         data["synthetic_rows"] = 0
+
+
+def _schema_location(value: Any) -> Any:
+    """``data.schema`` as the file it names, whether it exists yet or not (a data directory, ``./``
+    or a trailing slash spell the same file; as ``run_data.load_or_generate_schema`` reads it)."""
+    if not isinstance(value, str) or not value:
+        return value
+    named = value if value.endswith((".json", ".yaml", ".yml")) else os.path.join(value, "schema.json")
+    return os.path.realpath(named)
 
 
 def save_config(config: ExperimentConfig, path: str) -> None:
@@ -377,9 +389,11 @@ RESUME_FREE_KEYS = frozenset({
     "data.test_split",
 })
 # paths a resumed, evaluated or exported run may name elsewhere (moved, or copied with the run
-# directory to another host): its checkpoint holds what they held (LLaCTR's field vectors), and a
-# resume compares the new file's content through plugins.json (run_records.check_same_field_vectors)
-MOVABLE_PATH_KEYS = ("llactr.vectors_path",)
+# directory to another host): its checkpoint holds what they held (LLaCTR's field vectors), and the
+# new file's content is compared through plugins.json (run_records.check_same_field_vectors), so
+# they may move only where that record has their section
+MOVABLE_PATH_KEYS = {"llactr.vectors_path": "llactr"}
+PLUGINS_FILE = "plugins.json"  # beside a run's config.yaml: what its plug-ins were built from
 # paths compared as the files they name (relative to the working directory, or absolute)
 PATH_KEYS = ("data.schema", "llactr.vectors_path", "elec.entity_vectors", "elec.teacher_checkpoint",
              "elec.distill.swap_catalog")
@@ -433,14 +447,26 @@ def config_differences(
     ]
 
 
+def _movable_beside(saved_path: str) -> List[str]:
+    """The ``MOVABLE_PATH_KEYS`` whose content the ``plugins.json`` beside ``saved_path`` can vouch
+    for (it records their section); none without a readable one (an older run, or a deleted record)."""
+    try:
+        with open(os.path.join(os.path.dirname(saved_path), PLUGINS_FILE), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return []
+    return [key for key, section in MOVABLE_PATH_KEYS.items() if isinstance(record, dict) and record.get(section)]
+
+
 def check_resumable(config: ExperimentConfig, saved_path: str) -> None:
     """Raises unless ``config`` trains what the run saved at ``saved_path`` (its config.yaml) trained.
 
     Raises:
-        ConfigError: naming the settings that differ (only ``RESUME_FREE_KEYS`` may).
+        ConfigError: naming the settings that differ (only ``RESUME_FREE_KEYS`` may, and a moved
+            ``MOVABLE_PATH_KEYS`` file whose content ``plugins.json`` records).
     """
     saved = load_config(saved_path)
-    differences = config_differences(saved, config, RESUME_FREE_KEYS, MOVABLE_PATH_KEYS)
+    differences = config_differences(saved, config, RESUME_FREE_KEYS, _movable_beside(saved_path))
     if differences:
         raise ConfigError(
             f"{saved_path}: this run directory holds checkpoints of a run with other settings "
@@ -499,7 +525,7 @@ def check_same_model(config: ExperimentConfig, saved_path: Optional[str]) -> Non
     """
     if saved_path is None:
         return
-    differences = config_differences(load_config(saved_path), config, TRAINING_ONLY_KEYS, MOVABLE_PATH_KEYS)
+    differences = config_differences(load_config(saved_path), config, TRAINING_ONLY_KEYS, _movable_beside(saved_path))
     differences = [d for d in differences if d.startswith(MODEL_SECTIONS)]
     if differences:
         raise ConfigError(

@@ -9,10 +9,10 @@ from typing import IO, Any, Dict, Optional
 from recsys_llm.data.parquet import split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.error_text import telling_line
-from recsys_llm.train.config import ConfigError, ExperimentConfig
+from recsys_llm.train.checkpoint import run_dir_of
+from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig
 
 RESULTS_FILE = "results.json"
-PLUGINS_FILE = "plugins.json"  # what the plug-ins were built from, and the schema the run trained on
 # what a run directory holds once its checks have passed (config.yaml and results.json are
 # common names, so they do not mark a directory as a run's)
 RUN_MARKERS = ("metrics.jsonl", "sharding_plan.json", "checkpoints", "best")
@@ -116,9 +116,11 @@ def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dic
 
 def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str, Any]) -> None:
     """:func:`check_same_field_vectors` against the ``plugins.json`` of the run that wrote
-    ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``); nothing to check without one."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), PLUGINS_FILE)
-    if os.path.isfile(path):
+    ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``); nothing to check without one (the config
+    checks then let no vector path change: ``config.MOVABLE_PATH_KEYS``)."""
+    run_dir = run_dir_of(checkpoint)
+    path = os.path.join(run_dir, PLUGINS_FILE) if run_dir is not None else None
+    if path is not None and os.path.isfile(path):
         check_same_field_vectors(read_run_record(path), current_plugins, path)
 
 
@@ -129,7 +131,7 @@ def earlier_throughput(run_dir: str) -> Optional[float]:
 
 
 def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
-    """The ``results.json`` :func:`run_training` wrote last in ``run_dir``, or None if it never finished."""
+    """The ``results.json`` :func:`~recsys_llm.train.runner.run_training` wrote last in ``run_dir``, or None if it never finished."""
     path = os.path.join(run_dir, RESULTS_FILE)
     if not os.path.exists(path):
         return None

@@ -6,7 +6,7 @@ tests call on every rank. It
 1. initialises the process group (gloo on CPU, nccl on CUDA) and seeds every RNG;
 2. opens rank-sharded Parquet readers for train / valid / test (generating the embedded
    synthetic data first when the config asks for it and it is missing);
-3. builds the task with :func:`build_task` (plain, LLaCTR or ELEC, from the config sections),
+3. builds the task with :func:`~recsys_llm.train.task_builder.build_task` (plain, LLaCTR or ELEC, from the config sections),
    shards it (planner + DMP + fused table optimizers) and builds the combined optimizer;
 4. resumes from the run directory's newest complete checkpoint (``checkpoints/``, else a newer
    ``best/`` one) when there is one; a run that finished by using up its epochs / max_steps

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -125,6 +127,9 @@ class TestTeacherStudentTask:
         with pytest.raises(KeyError, match=r"no tensor .*; the state was exported from a 'fm' model \(config.json "
                                            r"metadata.model.name\): build the teacher with the same model settings"):
             load_elec_state(build_elec_task(config, SCHEMA, MODEL, device=CPU), config)
+        file_config = dataclasses.replace(config, teacher_checkpoint=str(export / "model.safetensors"))
+        with pytest.raises(KeyError, match=r"exported from a 'fm' model"):  # the state file named itself
+            load_elec_state(build_elec_task(file_config, SCHEMA, MODEL, device=CPU), file_config)
 
     def test_offline_reads_extras_and_matches_frozen(self):
         frozen = _elec("joint")

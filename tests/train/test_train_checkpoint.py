@@ -176,6 +176,15 @@ class TestCheckpointDirectory:
         (untrained / "config.yaml").write_text("model: {}\n", encoding="utf-8")
         with pytest.raises(FileNotFoundError, match=r"untrained: run directory holds no checkpoint .* train it first"):
             resolve_checkpoint(str(untrained))
+        # a checkpoint copied out of its run, beside some unrelated config.yaml: no run config is guessed
+        from recsys_llm.train.checkpoint import trained_run_config
+
+        copied = _write_fake(str(tmp_path / "proj" / "ckpts"), "ckpt-00000038", complete=True)
+        (tmp_path / "proj" / "config.yaml").write_text("model: {name: fm}\n", encoding="utf-8")
+        with pytest.raises(FileNotFoundError, match="pass the run's config with --config"):
+            trained_run_config(copied)
+        (run / "config.yaml").write_text("model: {name: fm}\n", encoding="utf-8")
+        assert trained_run_config(str(run)) == str(run / "config.yaml")
         (tmp_path / "other").mkdir()
         with pytest.raises(FileNotFoundError, match=r"other: neither a checkpoint \(a ckpt-N directory with "
                                                     r"train_state.json\), a directory of them, nor a run directory"):

@@ -141,8 +141,13 @@ def test_evaluate_and_export_refuse_a_config_of_another_model(tmp_path) -> None:
     saved = run_config_of(str(tmp_path / "best" / "ckpt-00000010"))
     assert saved == str(tmp_path / "config.yaml")
     check_same_model(load_config(saved, ["data.eval_batch_size=7", "train.epochs=9"]), saved)  # not model settings
-    # the vectors moved: the checkpoint holds them, the run is evaluated and exported with the new path
-    check_same_model(load_config(saved, ["llactr.vectors_path=moved/v.safetensors"]), saved)
+    # the vectors moved: the checkpoint holds them, the run is evaluated and exported with the new path,
+    # when its plugins.json records the vectors to compare the new file with
+    moved = load_config(saved, ["llactr.vectors_path=moved/v.safetensors"])
+    with pytest.raises(ConfigError, match=r"llactr.vectors_path: '\S*v.safetensors' -> '\S*moved/v.safetensors'"):
+        check_same_model(moved, saved)
+    (tmp_path / "plugins.json").write_text('{"llactr": {"vectors": "v.safetensors"}}', encoding="utf-8")
+    check_same_model(moved, saved)
     without_llactr = load_config(None, ["model.name=deepfm"])
     with pytest.raises(ConfigError, match=r"other model settings \(.*vectors_path: '\S*v.safetensors' -> '<unset>'"):
         check_same_model(without_llactr, saved)
@@ -166,8 +171,11 @@ def test_resume_allows_budget_and_path_spellings_but_not_model_changes(tmp_path,
     # LLaCTR's vector file may be found elsewhere (plugins.json compares what it holds), not be dropped
     with_vectors = ["model.name=fm", "data.schema=data/schema.json", "llactr.vectors_path=v.safetensors"]
     save_config(load_config(None, with_vectors), str(tmp_path / "config.yaml"))
-    check_resumable(load_config(None, with_vectors + ["llactr.vectors_path=moved/v.safetensors"]),
-                    str(tmp_path / "config.yaml"))
+    moved = load_config(None, with_vectors + ["llactr.vectors_path=moved/v.safetensors"])
+    with pytest.raises(ConfigError, match="llactr.vectors_path"):  # no plugins.json to compare the file with
+        check_resumable(moved, str(tmp_path / "config.yaml"))
+    (tmp_path / "plugins.json").write_text('{"llactr": {"vectors": "v.safetensors"}}', encoding="utf-8")
+    check_resumable(moved, str(tmp_path / "config.yaml"))
     with pytest.raises(ConfigError, match=r"llactr.vectors_path: '\S*v.safetensors' -> '<unset>'"):
         check_resumable(load_config(None, with_vectors[:2]), str(tmp_path / "config.yaml"))
     save_config(trained, str(tmp_path / "config.yaml"))
@@ -284,3 +292,8 @@ def test_a_config_file_generates_synthetic_data_only_where_its_own_data_schema_p
     moved = load_config(path, ["data.schema=/tmp/elsewhere", "data.synthetic_rows=500"])  # asked for there
     assert moved.data.synthetic_rows == 500
     assert load_config(path, ["train.epochs=1"]).data.synthetic_rows == 200_000
+    # asked for with the file's own value (the demo's --data-dir), or the same file spelled otherwise
+    assert load_config(path, ["data.schema=/tmp/x", "data.synthetic_rows=200000"]).data.synthetic_rows == 200_000
+    for same in ("data/synthetic", "data/synthetic/", "./data/synthetic/schema.json",
+                 os.path.join(os.getcwd(), "data", "synthetic", "schema.json")):
+        assert load_config(path, [f"data.schema={same}"]).data.synthetic_rows == 200_000, same
