@@ -32,6 +32,8 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate
         raise FileNotFoundError(
             f"{schema_file}: schema not found; a trained run is evaluated and exported on the data it trained on, "
             "which is not generated here: point data.schema at it"
+            + ("" if os.path.isabs(path) else f" (the relative path {path!r} is read from the working directory "
+               f"{os.getcwd()}, as in training: run from there, or pass data.schema=ABSOLUTE_PATH)")
         )
     if config.data.synthetic_rows <= 0:
         if not os.path.exists(schema_file):

@@ -201,7 +201,7 @@ def test_a_run_from_before_fre_field_reduction_resumes_only_with_the_mean_it_tra
     check_plugin_history({}, plugins(fre_field_reduction="sum"), "p")  # no llactr section saved
 
 
-def test_a_missing_schema_generates_synthetic_data_only_where_nothing_else_lives(tmp_path, capsys) -> None:
+def test_a_missing_schema_generates_synthetic_data_only_where_nothing_else_lives(tmp_path, capsys, monkeypatch) -> None:
     """A mistyped or unmounted data.schema with data.synthetic_rows set is reported, and never
     generated over a directory that holds other files."""
     import torch
@@ -221,6 +221,11 @@ def test_a_missing_schema_generates_synthetic_data_only_where_nothing_else_lives
     schema = load_or_generate_schema(load_config(None, [f"data.schema={fresh}", "data.synthetic_rows=300"]), ctx)
     assert schema.root == str(fresh) and os.path.isfile(fresh / "train.parquet")
     assert f"{fresh}/schema.json not found: generating 300 rows" in capsys.readouterr().out
+    # a job on a trained run whose config names its data relative to another working directory
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"the relative path 'data/ml' is read from the working directory "
+                                                r".*: run from there, or pass data.schema=ABSOLUTE_PATH"):
+        load_or_generate_schema(load_config(None, ["data.schema=data/ml"]), ctx, generate=False)
 
 
 def test_a_file_mistake_left_after_an_override_fixed_another_is_reported_with_both(tmp_path) -> None:
