@@ -20,6 +20,7 @@ Example::
 """
 
 import dataclasses
+import json
 import os
 from typing import Any, Dict, Mapping, Optional
 
@@ -209,8 +210,6 @@ def _check_teacher_is_an_export(path: str) -> None:
 def _exported_model_hint(path: str) -> str:
     """``"; the state was exported from a X model ..."`` from the export's ``config.json``
     (``metadata.model.name``), or nothing when it does not say."""
-    import json
-
     directory = path if os.path.isdir(path) else os.path.dirname(path)  # the export, or its model.safetensors
     try:
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
