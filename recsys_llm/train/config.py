@@ -363,12 +363,15 @@ def _generate_only_where_the_file_said(raw: Dict[str, Any], from_file: Dict[str,
 
 
 def _schema_location(value: Any) -> Any:
-    """``data.schema`` as the file it names, whether it exists yet or not (a data directory, ``./``
-    or a trailing slash spell the same file; as ``run_data.load_or_generate_schema`` reads it)."""
-    if not isinstance(value, str) or not value:
-        return value
-    named = value if value.endswith((".json", ".yaml", ".yml")) else os.path.join(value, "schema.json")
-    return os.path.realpath(named)
+    """``data.schema`` as the real path of the file it names (``./`` or a trailing slash spell the
+    same one), whether it exists yet or not."""
+    return os.path.realpath(schema_json_path(value)) if isinstance(value, str) and value else value
+
+
+def schema_json_path(schema: str) -> str:
+    """The schema file ``data.schema`` names: itself when it ends in ``.json`` / ``.yaml`` /
+    ``.yml``, else ``schema.json`` in that data directory (which need not exist yet)."""
+    return schema if schema.endswith((".json", ".yaml", ".yml")) else os.path.join(schema, "schema.json")
 
 
 def save_config(config: ExperimentConfig, path: str) -> None:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from recsys_llm.data.pair_swap import SwappedPairs
 from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN, ConfigError, ExperimentConfig
+from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN, ConfigError, ExperimentConfig, schema_json_path
 from recsys_llm.train.distributed import DistContext, barrier
 from recsys_llm.train.task_builder import plugin_extras
 
@@ -27,7 +27,7 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate
     path = config.data.schema
     if not path:
         raise ValueError("data.schema is empty: set it in the config or with data.schema=PATH")
-    schema_file = os.path.join(path, "schema.json") if not path.endswith((".json", ".yaml", ".yml")) else path
+    schema_file = schema_json_path(path)
     if not generate and not os.path.exists(schema_file):
         raise FileNotFoundError(
             f"{schema_file}: schema not found; a trained run is evaluated and exported on the data it trained on, "
