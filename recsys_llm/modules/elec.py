@@ -196,9 +196,12 @@ def build_elec_task(
 def _check_teacher_is_an_export(path: str) -> None:
     """Raises when ``elec.teacher_checkpoint`` names a training run (or one of its checkpoints)
     instead of its ``export --state-only`` output, with the command that makes one."""
-    run_files = ("best", "checkpoints", "train_state.json", "metrics.jsonl")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model.safetensors")) and any(
-        os.path.exists(os.path.join(path, name)) for name in run_files
+    from recsys_llm.serving import STATE_FILE
+    from recsys_llm.train.checkpoint import TRAIN_STATE_FILE
+    from recsys_llm.train.run_records import RUN_MARKERS
+
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, STATE_FILE)) and any(
+        os.path.exists(os.path.join(path, name)) for name in (*RUN_MARKERS, TRAIN_STATE_FILE)
     ):
         raise FileNotFoundError(
             f"elec.teacher_checkpoint {path}: a training run or checkpoint, not an exported state; a frozen teacher "

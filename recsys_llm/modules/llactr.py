@@ -123,13 +123,13 @@ def build_llactr_terms(
         Tuple: ``(logit_terms {"fie": ...}, loss_terms {"fre": ...}, provenance)``; a term
         is absent when switched off.
     """
-    if not os.path.exists(config.vectors_path):
+    try:
+        stored = load_vectors(config.vectors_path, schema=schema)
+    except FileNotFoundError as error:
         raise FileNotFoundError(
-            f"{config.vectors_path}: vector file not found (llactr.vectors_path); if it moved, pass its new path as "
-            "llactr.vectors_path=PATH: a trained run's checkpoint holds its vectors, and a resume checks that the "
-            "file still holds them"
-        )
-    stored = load_vectors(config.vectors_path, schema=schema)
+            f"{error} (llactr.vectors_path); if it moved, pass its new path as llactr.vectors_path=PATH: a trained "
+            "run's checkpoint holds its vectors, and a resume checks that the file still holds them"
+        ) from None
     dims = embedded_features(backbone)
     unusable = [name for name in config.fields if name not in stored.keys or name not in dims]
     if unusable:
