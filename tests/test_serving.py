@@ -65,6 +65,7 @@ def test_exported_student_reproduces_predictions_and_holds_no_teacher(tmp_path, 
     program = torch.export.load(os.path.join(out, "dense_program.pt2"))
     program_names = set(program.state_dict) | set(getattr(program, "constants", {}))
     assert not any("teacher" in n or "injection" in n for n in program_names)
+    assert not any("embedding_bag" in n for n in program_names)  # the tables are served by the eager EBC only
 
     served = ServedModel.load(out, trust_program=True)
     for seed, size in ((7, 1), (8, 5), (9, 33)):  # batch sizes other than the example's
@@ -242,6 +243,10 @@ def test_entity_table_gain_network_serves_without_the_llm(tmp_path):
     example = make_batch(16, 7)
     written = export_task(gain, str(tmp_path / "gain"), example.dense_features, example.sparse_features)
     assert written["semantic_tables"] == "semantic_tables.json" and written["dense_program"]
+    program = torch.export.load(str(tmp_path / "gain" / "dense_program.pt2"))
+    program_names = set(program.state_dict) | set(getattr(program, "constants", {}))
+    assert program_names and not any("embedding_bag" in n for n in program_names)  # no copy of any table
+    assert gain.semantic_table.embedding_bag_collection is not None  # the task has its tables back
     served = ServedModel.load(str(tmp_path / "gain"), trust_program=True)
     batch = make_batch(32, 8)
     with torch.no_grad():

@@ -111,6 +111,8 @@ class TestTrainComponent:
             with pytest.raises(ValueError, match=r"gpu=1 per host for nproc_per_node=2 workers: each worker needs a "
                                                  r"GPU of its own; pass --gpu 2, or --nproc_per_node 1"):
                 load(name)(*args, nproc_per_node=2, gpu=1)
+        with pytest.raises(ValueError, match=r"gpu=1 per host for nproc_per_node=2 workers"):
+            load("encode")("export", nproc_per_node=2, gpu=1)
 
     def test_help_lists_documented_parameters(self) -> None:
         for name in COMPONENTS:
@@ -152,10 +154,10 @@ class TestTrainedComponent:
 
 class TestEncodeComponent:
     def test_export_over_ranks(self) -> None:
-        app = from_cli("encode", ["--job", "export", "--nproc_per_node", "2", "--gpu", "1", "--",
+        app = from_cli("encode", ["--job", "export", "--nproc_per_node", "2", "--gpu", "2", "--",
                                   "--schema", "data/s/schema.json", "--output", "v"])
         role = app.roles[0]
-        assert role.name == "semantics-export" and role.resource.gpu == 1
+        assert role.name == "semantics-export" and role.resource.gpu == 2
         words = command_of(app)
         assert words[words.index("-m"):] == [
             "-m", "recsys_llm.cli", "semantics", "export", "--schema", "data/s/schema.json", "--output", "v"

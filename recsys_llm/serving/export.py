@@ -231,6 +231,25 @@ def check_servable(task: nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def _tables_left_out(module: nn.Module) -> Iterator[None]:
+    """``module`` without its ``EmbeddingBagCollection``s for the block, then with them again.
+
+    ``torch.export`` lifts every parameter of the module it captures, used or not: with the
+    tables in the tree the dense program carried a second copy of every table (and of the
+    entity tables' LLM vectors), which ``ServedModel`` already holds in its eager EBCs.
+    """
+    removed = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+               if isinstance(child, EmbeddingBagCollection)]
+    for parent, name, _ in removed:
+        parent._modules[name] = None
+    try:
+        yield
+    finally:
+        for parent, name, child in removed:
+            parent._modules[name] = child
+
+
+@contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode for the block, then back in the mode it was in."""
     was_training = module.training
@@ -302,7 +321,7 @@ def export_task(
                 inputs = inputs + (semantic(example_sparse).values(),)  # (B, K * d)
         try:
             batch = torch.export.Dim("batch", min=1)
-            with torch.no_grad():  # the inference kernels (e.g. of weighted_pair_sum)
+            with torch.no_grad(), _tables_left_out(task):  # no_grad: the inference kernels (e.g. of weighted_pair_sum)
                 program = torch.export.export(
                     head, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
                 )
