@@ -55,7 +55,8 @@ def _common(parser: argparse.ArgumentParser, max_length_default: Optional[int] =
     parser.add_argument("--max-length", type=int, default=max_length_default,
                         help="tokens per text" + ("" if max_length_default else " (default: 256, or the adapter's)"))
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16 (training scales the loss)")
     parser.add_argument("--include-fields-without-description", action="store_true",
                         help="also use fields the schema does not describe (as their bare name)")
     parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)

@@ -47,6 +47,7 @@ from recsys_llm.semantics.encoder import (
     position_limited,
 )
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_weights_fingerprint, read_json_file
+from recsys_llm.semantics.precision import LowPrecisionSteps
 
 TUNING_MODES = ("lora", "last_k", "heads")
 LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,7 +101,9 @@ class CTRLLMConfig:
         seed (int): sampling, initialisation and shuffling seed.
         llm_dtype (str): dtype the LLM's weights are loaded in, whatever the checkpoint's own
             (``float32``, ``bfloat16``, ``float16``; Llama-style checkpoints ship in bf16); the
-            heads and the vectors stay float32. ``float16`` does not go with ``last_k``.
+            heads and the vectors stay float32. Trained float16 / bfloat16 weights (``last_k``)
+            step through float32 master copies, and a float16 loss is scaled
+            (``precision.LowPrecisionSteps``).
     """
 
     model_path: str
@@ -128,12 +131,6 @@ class CTRLLMConfig:
             raise ValueError(f"CTRLLMConfig.llm_dtype must be one of {sorted(LLM_DTYPES)}, got {self.llm_dtype!r}")
         if self.tuning not in TUNING_MODES:
             raise ValueError(f"CTRLLMConfig.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
-        if self.tuning == "last_k" and self.llm_dtype == "float16":
-            # AdamW on float16 weights: eps 1e-8 rounds to 0 and small squared gradients underflow,
-            # so the first step divides by zero (bfloat16 has float32's range; LoRA's adapters are float32)
-            raise ValueError("CTRLLMConfig: tuning 'last_k' (--tuning last_k) trains the LLM's own weights, which "
-                             "AdamW cannot update in float16 (--llm-dtype float16: they turn NaN after one step); "
-                             "use --llm-dtype bfloat16, or --tuning lora")
         if self.pooling not in ("mean", "last_token", "cls"):
             raise ValueError(f"CTRLLMConfig.pooling must be 'mean', 'last_token' or 'cls', got {self.pooling!r}")
         check_number_fields(self, _NUMBER_RULES, "semantics adapt", optional=("sample_rows",))
@@ -348,7 +345,9 @@ def tune_ctr_llm(
     groups = [{"params": head_params, "lr": config.head_learning_rate}]
     if llm_params:
         groups.append({"params": llm_params, "lr": config.learning_rate})
-    optimizer = torch.optim.AdamW(groups)
+    dtype = LLM_DTYPES[config.llm_dtype]
+    optimizer = LowPrecisionSteps(groups, torch.optim.AdamW, next(model.parameters()).device,
+                                  scale_loss=dtype == torch.float16)
     loss_fn = nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(config.seed)
     label_tensor = torch.as_tensor(np.asarray(labels, dtype=np.float32))
@@ -363,8 +362,8 @@ def tune_ctr_llm(
                 logits, _ = model(**model.tokenize([texts[i] for i in rows]))
                 target = label_tensor[torch.as_tensor(rows)].to(logits.device)
                 loss = loss_fn(logits, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                optimizer.zero_grad()
+                optimizer.backward(loss)
                 optimizer.step()
                 losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)

@@ -16,8 +16,8 @@ after tuning.
 Output directory::
 
     adapter/        peft adapter (adapter_config.json, adapter_model.safetensors) + ssft.json
-    checkpoint/     adapter + optimizer + torch RNG state (rng.safetensors) + state.json,
-                    replaced atomically after each epoch
+    checkpoint/     adapter + optimizer + torch RNG state (rng.safetensors) + state.json (with
+                    the loss scale of a float16 model), replaced atomically after each epoch
     metrics.json    before/after accuracy and loss, per-epoch history
 
 A run in an output directory with a checkpoint goes on from it (unless ``resume`` is off):
@@ -72,12 +72,14 @@ from recsys_llm.semantics.model_dir import (
     read_json_file,
     safetensors_damage,
 )
+from recsys_llm.semantics.precision import LowPrecisionSteps
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 
 SSFT_INFO_FILE = "ssft.json"
 # the files of checkpoint/ (rng.safetensors is missing from those of older versions)
 CHECKPOINT_ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
+GRAD_SCALER_KEY = "grad_scaler"  # in state.json: the float16 loss scale and its growth counter
 CHECKPOINT_RNG_FILE = "rng.safetensors"
 CHECKPOINT_STATE_FILE = "state.json"
 # what ssft.json must name for the adapter to be loaded and used
@@ -340,10 +342,14 @@ class SSFTTrainer:
         if config.resume:  # a damaged checkpoint, or one of other settings or more epochs: before the model loads
             self._precheck_checkpoint()
         self._encoder = self._build_encoder()
-        self._optimizer = torch.optim.AdamW(
-            [p for p in self._encoder.model.parameters() if p.requires_grad],
-            lr=config.learning_rate, weight_decay=config.weight_decay,
+        model = self._encoder.model
+        self._steps = LowPrecisionSteps(
+            [{"params": [p for p in model.parameters() if p.requires_grad]}],
+            lambda groups: torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay),
+            next(model.parameters()).device,
+            scale_loss=any(p.dtype == torch.float16 for p in model.parameters()),
         )
+        self._optimizer = self._steps.optimizer
 
     def _build_encoder(self) -> TextEncoder:
         from peft import LoraConfig, get_peft_model
@@ -403,9 +409,9 @@ class SSFTTrainer:
             queries = self._encoder.embed([e.prompt for e in batch])  # (B, H)
             keys = self._encoder.embed(self._field_texts)  # (F, H), with gradients
             loss = infonce_loss(queries, keys, labels, config.temperature)
-            self._optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self._optimizer.step()
+            self._steps.zero_grad()
+            self._steps.backward(loss)
+            self._steps.step()
             total += loss.item()
             steps += 1
             bar.set_postfix(loss=f"{total / steps:.4f}", refresh=False)
@@ -438,7 +444,8 @@ class SSFTTrainer:
         torch.save(self._optimizer.state_dict(), os.path.join(tmp, CHECKPOINT_OPTIMIZER_FILE))
         save_file(_rng_state(device), os.path.join(tmp, CHECKPOINT_RNG_FILE))
         with open(os.path.join(tmp, CHECKPOINT_STATE_FILE), "w", encoding="utf-8") as handle:
-            json.dump({**state, "signature": self._resume_signature()}, handle, indent=2)
+            scaler = {GRAD_SCALER_KEY: self._steps.scaler.state_dict()} if self._steps.scaler.is_enabled() else {}
+            json.dump({**state, **scaler, "signature": self._resume_signature()}, handle, indent=2)
         replace_directory(tmp, final)
 
     def _checkpoint_dir(self) -> Optional[str]:
@@ -556,7 +563,15 @@ class SSFTTrainer:
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
             raise _damaged_checkpoint_file(optimizer_file, _torch_load_detail(error)) from error
         rng = self._read_checkpoint_rng(path)
+        scaler_state = state.pop(GRAD_SCALER_KEY, None)
         set_peft_model_state_dict(self._encoder.model, adapter)
+        if scaler_state is not None and self._steps.scaler.is_enabled():
+            try:
+                self._steps.scaler.load_state_dict(scaler_state)
+            except (RuntimeError, KeyError, TypeError, AttributeError) as error:
+                raise _damaged_checkpoint_file(os.path.join(path, CHECKPOINT_STATE_FILE),
+                                               f"{GRAD_SCALER_KEY} is not a loss-scaler state: {one_line(error)}"
+                                               ) from error
         try:
             self._optimizer.load_state_dict(optimizer_state)
         except torch.OutOfMemoryError:

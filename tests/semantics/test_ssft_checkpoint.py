@@ -2,6 +2,7 @@
 (dropout included), and damaged checkpoint / adapter files end with one line naming the file,
 changing nothing already written."""
 
+import json
 import os
 import re
 import shutil
@@ -53,17 +54,22 @@ def _error_line(capsys) -> str:
 
 
 class TestExactResume:
+    @pytest.mark.parametrize("dtype", ["float32", "float16"])
     def test_resumed_adapter_is_bit_identical_to_an_uninterrupted_one(self, tmp_path, tiny_bert_dir,
-                                                                      tiny_schema) -> None:
+                                                                      tiny_schema, dtype) -> None:
         straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, straight).run()
+        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, dtype=dtype, **SMALL), tiny_schema, straight).run()
         first = _adapter(straight)
-        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, **SMALL), tiny_schema, resumed).run()
+        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, dtype=dtype, **SMALL), tiny_schema, resumed).run()
         after_one = _adapter(resumed)
         assert any(not torch.equal(first[k], after_one[k]) for k in first)  # the second epoch changed it
+        with open(os.path.join(resumed, "checkpoint", "state.json"), encoding="utf-8") as handle:
+            scaler = json.load(handle).get("grad_scaler")
+        assert (scaler is not None and scaler["scale"] > 0) == (dtype == "float16")  # float16: the loss scale
         # another process's torch RNG would be anywhere: the checkpoint's state is what counts
         torch.manual_seed(12345)
-        metrics = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, resumed).run()
+        metrics = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, dtype=dtype, **SMALL), tiny_schema,
+                              resumed).run()
         assert metrics["epochs"] == 2
         _assert_bit_identical(_adapter(resumed), first)
 
