@@ -95,6 +95,11 @@ CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_colum
 COMPUTE_KERNELS = ("dense", "fused", "fused_uvm_caching", "fused_uvm")
 # rows in host memory reached over unified memory (with an HBM cache of hot rows): CUDA only
 CUDA_ONLY_KERNELS = ("fused_uvm_caching", "fused_uvm")
+# FBGEMM's CUDA embedding kernels take tables of at most this many columns (fbgemm_gpu codegen's
+# max_embedding_dim); a wider table trains on CUDA only split by columns (torchrec's column-wise
+# shards are 128 wide by default)
+FBGEMM_CUDA_MAX_DIM = 2048
+COLUMN_SHARDING_TYPES = ("column_wise", "table_column_wise")
 
 
 @dataclasses.dataclass
@@ -136,7 +141,8 @@ class ShardingConfig:
         sharding_types (List[str]): sharding types allowed for every table (empty: planner's
             choice). E.g. ``["table_wise", "row_wise"]`` forbids replication. torchrec's CPU
             sharder offers data_parallel, table_wise, column_wise and table_column_wise only
-            (row-wise types need CUDA), so on CPU that example plans table-wise.
+            (row-wise types need CUDA), so on CPU that example plans table-wise. On CUDA a
+            table wider than ``FBGEMM_CUDA_MAX_DIM`` may only be column-wise.
         compute_kernels (List[str]): compute kernels allowed for trained tables (empty: any):
             ``dense``, ``fused``, and on CUDA ``fused_uvm_caching`` / ``fused_uvm`` (tables larger
             than GPU memory, kept in host memory, hot rows cached on the GPU / none cached).
@@ -211,8 +217,17 @@ def frozen_table_names(model: nn.Module, config: ShardingConfig) -> Set[str]:
     return frozen
 
 
-def build_constraints(model: nn.Module, config: ShardingConfig) -> Dict[str, ParameterConstraints]:
-    """Planner constraints per table from the config (frozen tables: fused kernel, never replicated)."""
+def build_constraints(
+    model: nn.Module, config: ShardingConfig, compute_device: str = "cpu"
+) -> Dict[str, ParameterConstraints]:
+    """Planner constraints per table from the config (frozen tables: fused kernel, never replicated;
+    on CUDA, tables wider than FBGEMM's kernels take: split by columns).
+
+    Raises:
+        ValueError: unknown table names, a frozen table without the fused kernel or a sharded
+            type, or on CUDA a table wider than ``FBGEMM_CUDA_MAX_DIM`` whose allowed types
+            include no column-wise one.
+    """
     tables = find_tables(model)
     unknown = sorted(set(config.table_constraints) - set(tables))
     if unknown:
@@ -232,6 +247,14 @@ def build_constraints(model: nn.Module, config: ShardingConfig) -> Dict[str, Par
             sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t != "data_parallel"]
             if not sharding_types:
                 raise ValueError(f"frozen table {name!r} cannot be data_parallel; allow a sharded type")
+        width = next(c.embedding_dim for c in tables[name][1].embedding_bag_configs() if c.name == name)
+        if compute_device == "cuda" and width > FBGEMM_CUDA_MAX_DIM:
+            sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t in COLUMN_SHARDING_TYPES]
+            if not sharding_types:
+                raise ValueError(
+                    f"table {name!r} is {width} wide, and FBGEMM's CUDA kernels take at most {FBGEMM_CUDA_MAX_DIM} "
+                    f"columns: allow a column-wise type for it (sharding.table_constraints.{name}.sharding_types="
+                    "[column_wise]), or make it narrower (LLM vectors: `semantics export --projection`)")
         if sharding_types is None and kernels is None:
             continue
         constraints[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
@@ -354,7 +377,7 @@ def shard_model(
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=build_constraints(task, sharding),
+        constraints=build_constraints(task, sharding, compute_device),
         debug=False,
     )
     plan = planner.collective_plan(task, None, dist.GroupMember.WORLD)

@@ -6,6 +6,8 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.parquet import ParquetBatchReader
@@ -387,3 +389,39 @@ def test_dense_tensors_off_the_ranks_device_are_named() -> None:
     task.extra_head = torch.nn.Linear(2, 1)  # built on CPU
     assert dense_tensors_elsewhere(task, torch.device("meta")) == ["extra_head.weight", "extra_head.bias"]
     assert dense_tensors_elsewhere(task, torch.device("cpu")) == []
+
+
+class _WideTables(torch.nn.Module):
+    """One table wider than FBGEMM's CUDA kernels take (an LLM's hidden width) and one narrow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name="t_item_vector", embedding_dim=4096, num_embeddings=1000, feature_names=["item"]),
+            EmbeddingBagConfig(name="t_user", embedding_dim=16, num_embeddings=1000, feature_names=["user"]),
+        ], device=torch.device("meta"))
+
+
+def test_on_cuda_a_table_wider_than_fbgemm_takes_is_split_by_columns() -> None:
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    from recsys_llm.train.sharding import FBGEMM_CUDA_MAX_DIM
+
+    model = _WideTables()
+    assert build_constraints(model, ShardingConfig(), "cpu") == {}  # no limit on CPU
+    constraints = build_constraints(model, ShardingConfig(), "cuda")
+    assert set(constraints) == {"t_item_vector"}
+    assert constraints["t_item_vector"].sharding_types == ["column_wise", "table_column_wise"]
+    narrowed = build_constraints(model, ShardingConfig(sharding_types=["table_wise", "column_wise"]), "cuda")
+    assert narrowed["t_item_vector"].sharding_types == ["column_wise"]
+    assert narrowed["t_user"].sharding_types == ["table_wise", "column_wise"]
+    with pytest.raises(ValueError, match=r"table 't_item_vector' is 4096 wide, and FBGEMM's CUDA kernels take at most "
+                                         r"2048 columns: allow a column-wise type for it \(sharding.table_constraints."
+                                         r"t_item_vector.sharding_types=\[column_wise\]\)"):
+        build_constraints(model, ShardingConfig(sharding_types=["table_wise"]), "cuda")
+    # the CUDA plan (planned here without a GPU) splits the table into shards the kernels take
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cuda"), constraints=constraints)
+    plan = planner.plan(model, get_default_sharders())
+    shards = plan.plan["ebc"]["t_item_vector"].sharding_spec.shards
+    assert len(shards) > 1 and max(shard.shard_sizes[1] for shard in shards) <= FBGEMM_CUDA_MAX_DIM
