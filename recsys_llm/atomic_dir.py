@@ -15,9 +15,12 @@ filled and resumed in place checks its directory with :func:`check_own_entries` 
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from typing import Callable, Iterator, Sequence
+import threading
+import uuid
+from typing import Callable, Dict, Iterator, List, Sequence
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -31,23 +34,80 @@ def write_text_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REMOVING_SUFFIX = ".removing-"  # hidden name of a directory being deleted: .<name>.removing-<id>
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive in the block take effect when it ends.
+
+    Python runs signal handlers between any two bytecodes: a SIGTERM turned into an exception
+    between the two renames of a swap would leave neither the old nor the new directory in
+    place. Handlers can only be changed from the main thread; elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: List[int] = []
+    previous: Dict[int, object] = {}
+    for number in DEFERRED_SIGNALS:
+        handler = signal.getsignal(number)
+        if handler not in (signal.SIG_IGN, None):
+            previous[number] = signal.signal(number, lambda received, frame: arrived.append(received))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)
+
+
+def remove_directory(path: str) -> None:
+    """Removes the directory ``path``, if any, by renaming it to a hidden name beside it first:
+    a kill during the deletion leaves a hidden ``.<name>.removing-*`` directory that the next
+    run names, never a partly deleted ``path``."""
+    if not os.path.exists(path):
+        return
+    parent, name = os.path.split(os.path.abspath(path))
+    trash = os.path.join(parent, f".{name.removesuffix('.old')}{REMOVING_SUFFIX}{uuid.uuid4().hex[:8]}")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def is_removal_leftover(name: str, directory_name: str) -> bool:
+    """Whether ``name`` is what :func:`remove_directory` of ``directory_name`` (or of its
+    ``.old``) leaves when killed."""
+    return name.startswith(f".{directory_name}{REMOVING_SUFFIX}")
+
+
 def replace_directory(tmp: str, final: str) -> None:
     """Moves the finished directory ``tmp`` to ``final``, with the permissions the umask gives
     new files and directories (``safetensors.save_file`` and ``mkdtemp`` make owner-only ones).
 
     The previous ``final`` is renamed to ``final.old`` first and removed only after the
     swap, so a reader (e.g. a resuming job) finds a complete copy at one of the two paths
-    at any moment.
+    at any moment; Ctrl-C and SIGTERM wait until both renames are done. A ``final.old``
+    without ``final`` (a process killed outright between the renames) is the previous copy and
+    goes back to ``final`` first; beside ``final`` it is a finished swap's, and is removed.
     """
     _readable_by_umask(tmp)
     old = f"{final}.old"
     if os.path.exists(old):
-        shutil.rmtree(old)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if os.path.exists(old):
-        shutil.rmtree(old)
+        if os.path.exists(final):
+            remove_directory(old)
+        else:
+            os.replace(old, final)
+    with signals_deferred():
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+    remove_directory(old)
+
+
+def _holds(directory: str, marker_files: Sequence[str]) -> bool:
+    return all(os.path.isfile(os.path.join(directory, name)) for name in marker_files)
 
 
 def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) -> None:
@@ -61,7 +121,7 @@ def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) ->
             raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
         return
     entries = os.listdir(directory)
-    if entries and not all(os.path.isfile(os.path.join(directory, name)) for name in marker_files):
+    if entries and not _holds(directory, marker_files):
         raise FileExistsError(
             f"{directory}: not empty and not an earlier {kind} (no {', '.join(marker_files)}): writing the "
             f"{kind} there would replace its {len(entries)} entries ({', '.join(sorted(entries)[:5])}"
@@ -151,8 +211,17 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     killed outright (SIGKILL, a lost machine) leaves its temp directory: the next run names
     such leftovers (it cannot tell them from another run's that is still writing).
     """
+    old = f"{directory}.old"
+    if not os.path.exists(directory) and os.path.isdir(old) and _holds(old, marker_files):
+        os.replace(old, directory)  # a process killed between the two renames of its swap
+        print(f"[recsys_llm] {directory}: put back from {old}, where an earlier {kind} killed while swapping in "
+              "its output had left it", file=sys.stderr)
     check_replaceable(directory, kind, marker_files)
-    check_replaceable(f"{directory}.old", kind, marker_files)  # the swap removes it too
+    try:
+        check_replaceable(old, kind, marker_files)  # the swap removes it too
+    except FileExistsError as error:
+        raise FileExistsError(f"{error}; if it is what is left of an earlier {kind} (versions before 2026-12-03 "
+                              "could leave it partly deleted when killed), delete it") from None
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(os.path.normpath(directory))}."

@@ -70,3 +70,77 @@ def test_temp_directories_of_a_killed_run_are_named(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert f"{tmp_path}: .out.k1ll3d left by an earlier export of {tmp_path / 'out'} that was killed" in err
     assert leftover.is_dir()  # named, not removed: another run may still be writing it
+
+
+def _write(directory: str, name: str, text: str) -> None:
+    with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def test_a_signal_between_the_two_renames_of_the_swap_waits_for_the_second(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, which the commands turn into the same exception) right after the old
+    directory moved aside used to leave neither copy at the output path."""
+    import signal
+
+    from recsys_llm import atomic_dir
+
+    target = str(tmp_path / "out")
+    with atomic_directory(target, "output", ("a.txt",)) as tmp:
+        _write(tmp, "a.txt", "first")
+    real_replace = os.replace
+
+    def replace_then_interrupt(source, destination):
+        real_replace(source, destination)
+        if destination.endswith(".old"):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(atomic_dir.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target, "output", ("a.txt",)) as tmp:
+            _write(tmp, "a.txt", "second")
+    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "second"
+    monkeypatch.undo()
+    with atomic_directory(target, "output", ("a.txt",)) as tmp:  # the .old left by the interrupt goes
+        _write(tmp, "a.txt", "third")
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_the_previous_copy_of_a_run_killed_between_the_renames_is_put_back(tmp_path, capsys):
+    old = tmp_path / "out.old"  # what a SIGKILL between the two renames leaves: no out, a complete out.old
+    old.mkdir()
+    _write(str(old), "a.txt", "first")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(str(tmp_path / "out"), "output", ("a.txt",)):
+            raise RuntimeError("boom")
+    assert "out: put back from" in capsys.readouterr().err
+    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "first"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_kill_while_the_previous_copy_is_deleted_leaves_only_a_named_hidden_directory(tmp_path, monkeypatch,
+                                                                                        capsys):
+    from recsys_llm import atomic_dir
+
+    target = str(tmp_path / "out")
+    with atomic_directory(target, "output", ("a.txt",)) as tmp:
+        _write(tmp, "a.txt", "first")
+
+    real_rmtree = atomic_dir.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if ".removing-" not in path:
+            return real_rmtree(path, *args, **kwargs)
+        os.remove(os.path.join(path, "a.txt"))  # part of it deleted, then the process is gone
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_dir.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target, "output", ("a.txt",)) as tmp:
+            _write(tmp, "a.txt", "second")
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "second"
+    leftovers = [name for name in os.listdir(tmp_path) if name != "out"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.removing-"), leftovers  # no half-deleted out.old
+    with atomic_directory(target, "output", ("a.txt",)) as tmp:  # the next run is not blocked, and names it
+        _write(tmp, "a.txt", "third")
+    assert f"{leftovers[0]} left by an earlier output of {target} that was killed" in capsys.readouterr().err

@@ -152,3 +152,37 @@ def test_a_command_that_fails_leaves_no_process_group_behind(tmp_path) -> None:
 
     (result,) = run_multiprocess(_train_that_fails_after_the_group_starts, world_size=1, run_dir=str(tmp_path / "run"))
     assert result == (2, False)
+
+
+@pytest.mark.parametrize("failure, line", [
+    (OSError(30, "Read-only file system", "/data/out"), "[Errno 30] Read-only file system: '/data/out'"),
+    (OSError(28, "No space left on device"), "[Errno 28] No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+     "a file could not be written whole ([enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598): "
+     "check the free space and quota where the command writes"),
+])
+def test_a_disk_that_takes_no_more_writes_is_one_line(monkeypatch, capsys, failure, line) -> None:
+    from recsys_llm.cli import data
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(data, "prepare_dataset", fails)
+    assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
+    err = capsys.readouterr().err
+    assert f"recsys-llm prepare: error: {line}\n" in err and "Traceback" not in err
+
+
+def test_ctrl_c_inside_a_distributed_checkpoint_save_exits_as_ctrl_c(monkeypatch) -> None:
+    """torch.distributed.checkpoint wraps a SIGTERM's SystemExit (and Ctrl-C) into its CheckpointException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from recsys_llm.cli import data
+
+    def interrupted(*args, **kwargs):
+        raise CheckpointException("save failed", {0: (SystemExit(143), None)})
+
+    monkeypatch.setattr(data, "prepare_dataset", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"])
+    assert exited.value.code == 143

@@ -5,6 +5,7 @@ sub-command(s) and sets ``func`` on the parsed namespace.
 """
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -15,6 +16,8 @@ import sys
 import threading
 import warnings
 from typing import List, Optional
+
+from recsys_llm.error_text import one_line
 
 COMMAND_MODULES = (
     "recsys_llm.cli.data",  # prepare
@@ -68,6 +71,10 @@ USER_ERRORS = (
     ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
     pickle.UnpicklingError,  # a refused checkpoint .metadata
 )
+# an OSError of these is about where the command writes, not a bug: one line too
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# what torch's zip writer says when a write comes up short (a full disk), without the OSError
+SHORT_WRITE_MARK = "unexpected pos"
 TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
 PROGRESS_INTERVAL_ENV = "TQDM_MININTERVAL"  # tqdm's own default for mininterval, in seconds
 
@@ -85,6 +92,26 @@ def exit_on_sigterm() -> None:
 
 def _exit_for_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _wrapped_failures(error: BaseException) -> List[BaseException]:
+    """The exceptions ``torch.distributed.checkpoint`` wrapped in its ``CheckpointException``."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict):
+        return []
+    return [pair[0] for pair in failures.values()
+            if isinstance(pair, tuple) and pair and isinstance(pair[0], BaseException)]
+
+
+def _environment_error_line(error: BaseException) -> Optional[str]:
+    """One line for a failure of the disk the command writes to (full, over quota, read-only), else None."""
+    for candidate in [error, *_wrapped_failures(error)]:
+        if isinstance(candidate, OSError) and candidate.errno in ENVIRONMENT_ERRNOS:
+            return str(candidate)
+        if SHORT_WRITE_MARK in str(candidate):
+            return (f"a file could not be written whole ({one_line(candidate)}): check the free space and quota "
+                    "where the command writes")
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -114,6 +141,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"recsys-llm {args.command}: error: {message}", file=sys.stderr)
+        print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
+    except BaseException as error:
+        # Ctrl-C / SIGTERM during a checkpoint save: torch.distributed.checkpoint wraps it
+        interruption = next((e for e in _wrapped_failures(error) if isinstance(e, (SystemExit, KeyboardInterrupt))),
+                            None)
+        if interruption is not None:
+            raise interruption from None
+        line = _environment_error_line(error)
+        if line is None or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
+            raise
+        print(f"recsys-llm {args.command}: error: {line}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
     finally:  # a command that ended normally has torn its own group down already

@@ -50,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries, replace_directory
+from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, replace_directory
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.error_text import one_line
 from recsys_llm.semantics.encoder import (
@@ -89,6 +89,11 @@ _ADAPTER_INFO_KEYS = ("base_model_path", "base_model_hash", "adapter_hash", "poo
 SSFT_OUTPUT_ENTRIES = frozenset(
     name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
 ) | {"metrics.json", "metrics.json.tmp"}
+
+
+def _is_ssft_entry(name: str) -> bool:
+    """An entry an SSFT output holds, or one its swaps leave when killed mid-deletion."""
+    return name in SSFT_OUTPUT_ENTRIES or any(is_removal_leftover(name, kind) for kind in ("adapter", "checkpoint"))
 
 # SSFTConfig numbers: field -> (integer, minimum, above, below, `semantics tune` option or "")
 _NUMBER_RULES: Dict[str, NumberRule] = {
@@ -324,7 +329,7 @@ class SSFTTrainer:
     """
 
     def __init__(self, config: SSFTConfig, schema: DatasetSchema, output_dir: str) -> None:
-        check_own_entries(output_dir, "SSFT output", SSFT_OUTPUT_ENTRIES.__contains__,
+        check_own_entries(output_dir, "SSFT output", _is_ssft_entry,
                           "adapter/, checkpoint/ and metrics.json")  # before the model is loaded
         self._config = config
         self._schema = schema

@@ -211,3 +211,10 @@ def test_running_out_of_memory_on_resume_is_not_called_a_damaged_checkpoint(tmp_
     with pytest.raises(torch.OutOfMemoryError):
         main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
               "--epochs", "2", *TUNE_ARGS])
+
+
+def test_what_a_killed_swap_leaves_in_an_ssft_output_does_not_block_the_next_tune() -> None:
+    from recsys_llm.semantics.ssft import _is_ssft_entry
+
+    assert _is_ssft_entry(".checkpoint.removing-1a2b3c4d") and _is_ssft_entry("checkpoint.old")
+    assert not _is_ssft_entry(".other.removing-1a2b3c4d") and not _is_ssft_entry("notes.txt")
