@@ -1,10 +1,11 @@
 """A run directory's records and the checks a job makes against them: ``plugins.json`` (schema,
-data and vectors the run trained with), ``results.json``, the lock of the job training there."""
+data and vectors the run trained with), ``results.json``, ``metrics.jsonl``'s standing records, the
+lock of the job training there."""
 
 import fcntl
 import json
 import os
-from typing import IO, Any, Dict, Optional
+from typing import IO, Any, Dict, Iterable, List, Optional
 
 from recsys_llm.data.parquet import split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
@@ -13,9 +14,13 @@ from recsys_llm.train.checkpoint import run_dir_of
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig
 
 RESULTS_FILE = "results.json"
+METRICS_FILE = "metrics.jsonl"
+# metrics.jsonl: the first record of every job, started from scratch or resumed from a checkpoint
+STARTED_EVENT = "started"
+RESUMED_EVENT = "resumed"
 # what a run directory holds once its checks have passed (config.yaml and results.json are
 # common names, so they do not mark a directory as a run's)
-RUN_MARKERS = ("metrics.jsonl", "sharding_plan.json", "checkpoints", "best")
+RUN_MARKERS = (METRICS_FILE, "sharding_plan.json", "checkpoints", "best")
 RUN_LOCK_FILE = ".lock"  # rank 0 of a training job holds an exclusive lock on it
 # parts of the llactr record that describe where and when, not which, vectors
 VECTOR_RECORD_PLACE_KEYS = frozenset({"config", "vectors", "created_at", "created_by"})
@@ -128,6 +133,45 @@ def earlier_throughput(run_dir: str) -> Optional[float]:
     """``samples_per_second`` of the results an earlier job wrote in ``run_dir`` (None without one)."""
     earlier = finished_results(run_dir)
     return earlier.get("samples_per_second") if earlier else None
+
+
+def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` that stand (:func:`current_records`); [] without the file.
+
+    A line that is no JSON object (a record cut off by a kill) is skipped.
+    """
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return current_records(records)
+
+
+def current_records(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """``metrics.jsonl``'s records less those a later job superseded.
+
+    A ``started`` record (a job that found no checkpoint) supersedes every record before it: they are
+    a killed job's, which left no checkpoint. A ``resumed`` record supersedes the records before it of
+    steps after its ``global_step``: the killed job trained them after the checkpoint it resumes from.
+    Files written before jobs logged ``started`` keep a killed first job's records.
+    """
+    kept: List[Dict[str, Any]] = []
+    for record in records:
+        if record.get("event") == STARTED_EVENT:
+            kept = []
+        elif record.get("event") == RESUMED_EVENT:
+            step = record.get("global_step", 0)
+            kept = [earlier for earlier in kept if earlier.get("global_step", 0) <= step]
+        kept.append(record)
+    return kept
 
 
 def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:

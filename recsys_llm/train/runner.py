@@ -70,9 +70,12 @@ from recsys_llm.train.resume import (
 from recsys_llm.train.run_data import build_readers, load_or_generate_schema, metric_subsets
 from recsys_llm.train.run_records import (
     DATA_FINGERPRINTS_KEY,
+    METRICS_FILE,
     PLUGINS_FILE,
     RESULTS_FILE,
+    RESUMED_EVENT,
     SCHEMA_FINGERPRINT_KEY,
+    STARTED_EVENT,
     check_run_dir_is_ours,
     check_same_data,
     check_same_field_vectors,
@@ -102,6 +105,8 @@ class _RunLog:
     def __init__(self, path: str, enabled: bool) -> None:
         self._path = path
         self._enabled = enabled
+        if enabled:
+            _end_cut_off_line(path)
 
     def write(self, record: Dict[str, Any]) -> None:
         if not self._enabled:
@@ -110,6 +115,16 @@ class _RunLog:
         with open(self._path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True, default=float) + "\n")
             handle.flush()
+
+
+def _end_cut_off_line(path: str) -> None:
+    """Ends the last line of ``path`` when a kill cut off its record, so the next record starts a line of its own."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) != b"\n":
+            handle.write(b"\n")
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -219,14 +234,18 @@ def _train_in_run_dir(
             indent=2, sort_keys=True, default=str))
         with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
             handle.write(describe_plan(plan))
-    log = _RunLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
+    log = _RunLog(os.path.join(run_dir, METRICS_FILE), ctx.is_main)
 
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
-    if latest is not None:
+    if latest is None:
+        # records before it are a job's that was killed before its first checkpoint: superseded
+        log.write({"event": STARTED_EVENT, "global_step": 0, "epoch": 0})
+    else:
         state = state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size,
                                  train_cfg.seed)
         state = reopen_for_budget(state, train_cfg)
-        log.write({"event": "resumed", "checkpoint": latest, "global_step": state.global_step, "epoch": state.epoch})
+        log.write({"event": RESUMED_EVENT, "checkpoint": latest, "global_step": state.global_step,
+                   "epoch": state.epoch})
         if ctx.is_main:
             print(f"resuming {run_dir} from {latest}: epoch {state.epoch}, step {state.global_step}", flush=True)
 

@@ -23,6 +23,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.checkpoint import STOP_BUDGET, STOP_PATIENCE, TrainState
 from recsys_llm.train.config import ConfigError, TrainConfig, load_config
 from recsys_llm.train.resume import reopen_for_budget
+from recsys_llm.train.run_records import current_records, read_metrics
 from recsys_llm.train.runner import StepHook, run_training
 from tests.multiprocess import run_multiprocess
 
@@ -260,6 +261,56 @@ def test_a_run_with_only_its_best_checkpoint_resumes_from_it(synthetic_dir: str,
     assert out["again"]["global_step"] == out["first"]["global_step"]
     assert out["again"]["test"] == out["first"]["test"]
     assert not [e for e in out["again_events"] if e["event"] in ("train", "epoch")]
+
+
+# --- metrics.jsonl: every job starts with a record that says which earlier records it supersedes ---
+
+
+def _kill_before_the_first_checkpoint_then_start_again(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.train.checkpoint import CheckpointManager
+
+    run_dir = os.path.join(root, "run")
+    save = CheckpointManager.save
+    CheckpointManager.save = lambda *args, **kwargs: (_ for _ in ()).throw(_Killed())  # after epoch 0 is logged
+    try:
+        with pytest.raises(_Killed):
+            _run(schema_dir, run_dir, ["train.epochs=1"])
+    finally:
+        CheckpointManager.save = save
+    killed = _events(run_dir)
+    # nothing to resume, so nothing is checked: the new job may train with other settings
+    _run(schema_dir, run_dir, ["train.epochs=1", "optim.dense_lr=0.01"])
+    return {"killed": killed, "events": _events(run_dir), "standing": read_metrics(run_dir)}
+
+
+def test_a_job_after_one_killed_before_its_first_checkpoint_marks_the_earlier_records_superseded(
+        synthetic_dir: str, tmp_path) -> None:
+    (out,) = run_multiprocess(_kill_before_the_first_checkpoint_then_start_again, world_size=1,
+                              schema_dir=synthetic_dir, root=str(tmp_path))
+    killed, events = out["killed"], out["events"]
+    assert [e["event"] for e in killed] == ["started", "epoch", "valid"]
+    assert events[:len(killed)] == killed
+    assert events[len(killed)]["event"] == "started"  # the new job's first record
+    assert out["standing"] == events[len(killed):]
+    assert [e["event"] for e in out["standing"]] == ["started", "epoch", "valid", "test"]
+
+
+def test_metrics_records_superseded_by_a_later_job_are_skipped_and_old_files_stay_readable(tmp_path) -> None:
+    from recsys_llm.train.runner import _RunLog
+
+    def record(event: str, step: int) -> Dict[str, Any]:
+        return {"event": event, "global_step": step}
+
+    # written before jobs logged `started`: nothing tells a killed first job's records apart
+    old = [record("epoch", 10), record("valid", 10), record("epoch", 20), record("resumed", 10), record("epoch", 20)]
+    assert current_records(old) == old[:2] + old[3:]
+    new = [record("started", 0), record("epoch", 10), record("started", 0), record("epoch", 10), record("train", 50),
+           record("resumed", 10), record("epoch", 20)]
+    assert current_records(new) == new[2:4] + new[5:]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(record("started", 0)) + "\n" + '{"event": "epo')  # a record cut off by a kill
+    _RunLog(str(path), enabled=True).write(record("started", 0))
+    assert [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(str(tmp_path))] == [record("started", 0)]
 
 
 def _resume_on_an_epochs_last_step(schema_dir: str, root: str) -> Dict[str, Any]:
