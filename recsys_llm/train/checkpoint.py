@@ -356,6 +356,36 @@ class CheckpointManager:
         complete = self.list_complete()
         return complete[-1] if complete else None
 
+    def holds_step(self, global_step: int) -> bool:
+        """Whether ``ckpt-<global_step>`` is complete here (a set-aside ``.prev`` of the step does not count)."""
+        return is_complete(os.path.join(self._directory, _checkpoint_name(global_step)))
+
+    def complete_interrupted_save(self) -> None:
+        """Does what a save killed after its rename left undone (collective; a no-op after a whole save).
+
+        Removes its leftovers, renames a set-aside ``ckpt-N.prev`` without a complete ``ckpt-N`` back
+        into place, points ``latest`` at the newest complete checkpoint and prunes.
+        """
+        if _rank() == 0 and os.path.isdir(self._directory):
+            self._remove_leftovers()
+            for path in self.list_complete():
+                if path.endswith(PREVIOUS_SUFFIX):
+                    _swap_into_place(path, path[: -len(PREVIOUS_SUFFIX)])
+            newest = self.latest()
+            if newest is not None and self._latest_file() != os.path.basename(newest):
+                write_text_atomically(os.path.join(self._directory, LATEST_FILE), os.path.basename(newest) + "\n")
+                _fsync_dir(self._directory)
+            self._prune()
+        barrier()
+
+    def _latest_file(self) -> Optional[str]:
+        """The name the ``latest`` file holds (None without one)."""
+        path = os.path.join(self._directory, LATEST_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+
     def save(self, model: nn.Module, optimizer: CombinedOptimizer, state: TrainState) -> str:
         """Saves a checkpoint (collective: every rank calls it at the same step).
 

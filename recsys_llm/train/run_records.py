@@ -7,6 +7,8 @@ import json
 import os
 from typing import IO, Any, Dict, Iterable, List, Optional
 
+import numpy as np
+
 from recsys_llm.data.parquet import split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.error_text import telling_line
@@ -130,9 +132,25 @@ def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str,
 
 
 def earlier_throughput(run_dir: str) -> Optional[float]:
-    """``samples_per_second`` of the results an earlier job wrote in ``run_dir`` (None without one)."""
+    """``samples_per_second`` of the newest earlier job in ``run_dir`` that trained a step: the mean of its
+    epochs' figures in ``metrics.jsonl`` (as its ``results.json`` has it, or would have, had it not been killed
+    before writing them), else that of ``results.json``; None when neither records one."""
+    figures = [job for job in _epoch_throughputs(read_metrics(run_dir)) if job]
+    if figures:
+        return float(np.mean(figures[-1]))
     earlier = finished_results(run_dir)
     return earlier.get("samples_per_second") if earlier else None
+
+
+def _epoch_throughputs(records: List[Dict[str, Any]]) -> List[List[float]]:
+    """Per job (in order, split at its start record): the ``samples_per_second`` of its epochs that trained."""
+    jobs: List[List[float]] = [[]]
+    for record in records:
+        if record.get("event") in (STARTED_EVENT, RESUMED_EVENT):
+            jobs.append([])
+        elif record.get("event") == "epoch" and record.get("samples_per_second") is not None:
+            jobs[-1].append(record["samples_per_second"])
+    return jobs
 
 
 def read_metrics(run_dir: str) -> List[Dict[str, Any]]:

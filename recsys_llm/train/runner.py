@@ -10,7 +10,8 @@ tests call on every rank. It
    shards it (planner + DMP + fused table optimizers) and builds the combined optimizer;
 4. resumes from the run directory's newest complete checkpoint (``checkpoints/``, else a newer
    ``best/`` one) when there is one; a run that finished by using up its epochs / max_steps
-   goes on when the resume gives it more, one that stopped early on patience stays finished;
+   goes on when the resume gives it more, one that stopped early on patience stays finished (a
+   finished one trains nothing but completes final saves a kill left undone);
 5. trains on ``TrainPipelineSparseDist``, checkpointing every ``checkpoint_every`` steps and
    at every epoch end, validating every ``eval_every`` epochs with early stopping on
    validation AUC (the best model is kept in ``best/``);
@@ -291,6 +292,7 @@ def _train_in_run_dir(
         if "valid" in readers and (last or (epoch_done and state.epoch % max(1, train_cfg.eval_every) == 0)):
             _validate(model, optimizer, readers["valid"], ctx, state, best, log, train_cfg)
         checkpoints.save(model, optimizer, state)
+    _complete_final_saves(model, optimizer, state, checkpoints, best)
 
     best_path = best.latest()
     if best_path is not None:
@@ -302,7 +304,8 @@ def _train_in_run_dir(
         "epochs": state.epoch,
         "best_step": state.best_step,
         "stopped_early": _stopped_early(state, train_cfg),
-        # a job that trained no step (a finished run run again) keeps the earlier job's figure
+        # a job that trained no step (a finished run run again, or one killed in its final saves) keeps the
+        # figure of the last job that trained one
         "samples_per_second": float(np.mean(throughput)) if throughput else earlier_throughput(run_dir),
         "valid": {"auc": None if state.best_metric == float("-inf") else state.best_metric},
     }
@@ -319,6 +322,21 @@ def _train_in_run_dir(
         os.replace(tmp, os.path.join(run_dir, RESULTS_FILE))
     barrier()
     return results
+
+
+def _complete_final_saves(
+    model: nn.Module, optimizer: Any, state: TrainState, checkpoints: CheckpointManager, best: CheckpointManager,
+) -> None:
+    """Completes the run's last saves as an uninterrupted job makes them (collective; a no-op after one).
+
+    A job killed after its final ``best/ckpt-N`` but before ``checkpoints/ckpt-N`` resumes from the
+    former, finished, and trains nothing: ``checkpoints/ckpt-N`` is saved from it (the same snapshot).
+    A kill after either save's rename left its leftovers, ``latest`` and pruning undone.
+    """
+    if not checkpoints.holds_step(state.global_step):
+        checkpoints.save(model, optimizer, state)
+    checkpoints.complete_interrupted_save()
+    best.complete_interrupted_save()
 
 
 def _validate(

@@ -159,6 +159,18 @@ class TestCheckpointDirectory:
             handle.write("ckpt-00000020\n")
         assert CheckpointManager(directory).latest() == newest
 
+    def test_what_a_save_killed_after_its_rename_left_undone_is_completed(self, tmp_path) -> None:
+        directory = str(tmp_path)
+        _write_fake(directory, "ckpt-00000010", complete=True)
+        _write_fake(directory, "ckpt-00000020.prev", complete=True)  # set aside; killed before the new one's rename
+        _write_fake(directory, "ckpt-00000020.tmp", complete=True)
+        with open(os.path.join(directory, "latest"), "w", encoding="utf-8") as handle:
+            handle.write("ckpt-00000010\n")
+        CheckpointManager(directory, keep=1).complete_interrupted_save()
+        assert sorted(os.listdir(directory)) == ["ckpt-00000020", "latest"]
+        assert open(os.path.join(directory, "latest"), encoding="utf-8").read() == "ckpt-00000020\n"
+        assert read_train_state(os.path.join(directory, "ckpt-00000020")).global_step == 20
+
     def test_empty_directory(self, tmp_path) -> None:
         assert CheckpointManager(str(tmp_path / "none")).latest() is None
 

@@ -6,6 +6,8 @@ chance, 1-rank and 2-rank results close; a training process killed mid-epoch res
 its last checkpoint and ends with the metrics of an uninterrupted run.
 """
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -14,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -261,6 +263,86 @@ def test_a_run_with_only_its_best_checkpoint_resumes_from_it(synthetic_dir: str,
     assert out["again"]["global_step"] == out["first"]["global_step"]
     assert out["again"]["test"] == out["first"]["test"]
     assert not [e for e in out["again_events"] if e["event"] in ("train", "epoch")]
+
+
+# --- kills in the run's final saves (best/ckpt-N, then checkpoints/ckpt-N): the resume completes them ---
+
+# (directory, whether the kill comes after the rename of its ckpt-N.tmp) of the final saves
+FINAL_SAVE_KILLS = [("best", True), ("checkpoints", False), ("checkpoints", True)]
+
+
+@contextlib.contextmanager
+def _killed_in_a_save(directory: str, global_step: int, after_rename: bool) -> Iterator[None]:
+    """Raises ``_Killed`` in the save of ``directory/ckpt-<global_step>``, just before or after its rename
+    (before its ``latest`` and pruning)."""
+    from recsys_llm.train import checkpoint
+
+    swap = checkpoint._swap_into_place
+
+    def killed(tmp: str, final: str) -> None:
+        hit = final.endswith(os.path.join(directory, f"ckpt-{global_step:08d}"))
+        if hit and not after_rename:
+            raise _Killed()
+        swap(tmp, final)
+        if hit:
+            raise _Killed()
+
+    checkpoint._swap_into_place = killed
+    try:
+        yield
+    finally:
+        checkpoint._swap_into_place = swap
+
+
+def _saved_files(run_dir: str) -> Dict[str, str]:
+    """Path -> content hash of every file of ``checkpoints/`` and ``best/`` but DCP's ``.metadata`` (it
+    records where the checkpoint was written)."""
+    found = {}
+    for sub in ("checkpoints", "best"):
+        for root, _, files in os.walk(os.path.join(run_dir, sub)):
+            for name in files:
+                path = os.path.join(root, name)
+                if name != ".metadata":
+                    found[os.path.relpath(path, run_dir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return found
+
+
+def _kill_in_the_final_saves(schema_dir: str, root: str) -> Dict[str, Any]:
+    steps_per_epoch = len(ParquetBatchReader(DatasetSchema.load(schema_dir), "train", 1024))
+    # checkpoints/ holds a mid-epoch checkpoint before the final one, and none mid-epoch at the final step
+    budget = ["train.epochs=2", f"train.checkpoint_every={steps_per_epoch - 1}"]
+    straight = os.path.join(root, "straight")
+    out: Dict[str, Any] = {"straight": _run(schema_dir, straight, budget), "straight_files": _saved_files(straight)}
+    out["straight_events"] = _events(straight)
+    final_step = out["straight"]["global_step"]
+    for directory, after_rename in FINAL_SAVE_KILLS:
+        run_dir = os.path.join(root, f"{directory}-{after_rename}")
+        with _killed_in_a_save(directory, final_step, after_rename), pytest.raises(_Killed):
+            _run(schema_dir, run_dir, budget)
+        killed_events = _events(run_dir)
+        out[run_dir] = {"left": _saved_files(run_dir), "results": _run(schema_dir, run_dir, budget),
+                        "files": _saved_files(run_dir), "killed_events": killed_events, "events": _events(run_dir)}
+    return out
+
+
+def test_a_run_killed_in_its_final_saves_resumes_to_the_run_directory_of_an_uninterrupted_run(
+        synthetic_dir: str, tmp_path) -> None:
+    (out,) = run_multiprocess(_kill_in_the_final_saves, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    straight, files = out["straight"], out["straight_files"]
+    assert straight["best_step"] == straight["global_step"]  # the last validation saves best/ckpt-N
+    assert sum(path.startswith("best/ckpt-") for path in files) > 0
+    for directory, after_rename in FINAL_SAVE_KILLS:
+        run = out[os.path.join(str(tmp_path), f"{directory}-{after_rename}")]
+        assert run["left"] != files, (directory, after_rename)  # the kill left the run directory behind
+        assert run["files"] == files, (directory, after_rename)  # the same checkpoints, latest files, pruning
+        results = run["results"]
+        assert {**results, "run_dir": "", "samples_per_second": 0} == {**straight, "run_dir": "",
+                                                                        "samples_per_second": 0}
+        # the resumed job trained no step: its figure is that of the killed job, which trained them all
+        killed = [e["samples_per_second"] for e in run["killed_events"] if e["event"] == "epoch"]
+        assert results["samples_per_second"] == pytest.approx(sum(killed) / len(killed))
+        resumed = _after_last_resume(run["events"])
+        assert [e["event"] for e in resumed] == ["test"]
 
 
 # --- metrics.jsonl: every job starts with a record that says which earlier records it supersedes ---
