@@ -4,6 +4,7 @@ Shared by the semantics tests and the end-to-end method tests. The vocabulary co
 prompt templates, a few field words and the numbers 0-299; anything else is ``[UNK]``.
 """
 
+import os
 from typing import List
 
 import torch
@@ -77,3 +78,46 @@ def save_tiny_t5(path: str) -> str:
     T5Model(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_with_tokenizer(model: torch.nn.Module, path: "os.PathLike[str] | str") -> str:
+    """Saves ``model`` and the tests' word-level tokenizer (no mask token) to ``path``."""
+    model.save_pretrained(str(path))
+    make_tokenizer(with_mask=False).save_pretrained(str(path))
+    return str(path)
+
+
+def tiny_vocab_size() -> int:
+    """Tokens of the tests' word-level tokenizer (the vocab_size of the tiny models built here)."""
+    return len(make_tokenizer(with_mask=False))
+
+
+def save_tiny_t5_encoder(path: "os.PathLike[str] | str") -> str:
+    """A T5EncoderModel directory (sentence-T5 style): config.json has architectures ['T5EncoderModel']."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=tiny_vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      pad_token_id=0)
+    return save_with_tokenizer(T5EncoderModel(config), path)
+
+
+def tiny_gemma3_multimodal() -> torch.nn.Module:
+    """Gemma-3 as shipped (Gemma3ForConditionalGeneration): hidden_size only under text_config."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    return Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+
+
+def tiny_opt_projected() -> torch.nn.Module:
+    """OPT whose last hidden states are projected to word_embed_proj_dim (16) != hidden_size (32), as opt-350m."""
+    from transformers import OPTConfig, OPTModel
+
+    torch.manual_seed(0)
+    return OPTModel(OPTConfig(vocab_size=tiny_vocab_size(), hidden_size=32, word_embed_proj_dim=16, ffn_dim=64,
+                              num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128, pad_token_id=0))

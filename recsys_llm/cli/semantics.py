@@ -51,7 +51,8 @@ def _common(parser: argparse.ArgumentParser, max_length_default: Optional[int] =
     parser.add_argument("--model", "--llm", dest="model", default=None,
                         help="local Hugging Face model directory (default: offline MiniLM)")
     parser.add_argument("--pooling", default="auto", choices=["auto", "mean", "last_token", "cls"],
-                        help="auto: last token for decoders, mean for encoders")
+                        help="auto: a sentence-transformers directory's own pooling (1_Pooling/config.json), "
+                             "else last token for decoders, mean for encoders")
     parser.add_argument("--max-length", type=int, default=max_length_default,
                         help="tokens per text" + ("" if max_length_default else " (default: 256, or the adapter's)"))
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")

@@ -40,11 +40,14 @@ from recsys_llm.semantics.encoder import (
     NumberRule,
     check_number_fields,
     default_target_modules,
+    embedding_rows,
     hidden_states,
+    hidden_width,
     load_model,
     load_tokenizer,
     pool,
     position_limited,
+    tokenizer_fits,
 )
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_weights_fingerprint, read_json_file
 from recsys_llm.semantics.precision import LowPrecisionSteps
@@ -90,7 +93,8 @@ class CTRLLMConfig:
         lora_alpha (int): LoRA scaling numerator.
         lora_dropout (float): dropout on the LoRA path.
         lora_target_modules (Optional[List[str]]): module names to adapt; None: the attention
-            query/value projections found by name (as SSFT), else peft's default for the architecture.
+            query/value projections found by name, else peft's default for the architecture (as SSFT;
+            ``encoder.default_target_modules``).
         last_k_layers (int): layers unfrozen in ``last_k`` mode.
         max_length (int): tokens per text.
         batch_size (int): texts per step.
@@ -165,7 +169,8 @@ class CTRAdaptedLLM(nn.Module):
         super().__init__()
         self.config = config
         self._tokenizer = tokenizer
-        hidden = int(llm.config.hidden_size)
+        tokenizer_fits(tokenizer, embedding_rows(llm), config.model_path, "the model's embedding table has {rows} rows")
+        hidden = hidden_width(llm)
         self.transform = nn.Sequential(
             nn.Linear(hidden, config.hidden_dim),
             nn.GELU(),
@@ -202,8 +207,8 @@ class CTRAdaptedLLM(nn.Module):
             if targets is None:
                 try:
                     targets = default_target_modules(llm)  # the attention query/value projections, as SSFT
-                except ValueError:
-                    targets = None  # peft's own default for the architecture (e.g. T5's q / v)
+                except ValueError as error:
+                    raise ValueError(f"{self.config.model_path}: {error}") from error
             lora = LoraConfig(
                 r=self.config.lora_r,
                 lora_alpha=self.config.lora_alpha,
@@ -297,7 +302,7 @@ class CTRAdaptedLLM(nn.Module):
             "method": f"elec-ctr-llm/{self.config.tuning}",
             "weights_sha256": digest.hexdigest()[:16],
             "dim": str(self.config.representation_dim),
-            **({"output": "pooled", "dim": str(self.llm.config.hidden_size)} if output == "pooled" else {}),
+            **({"output": "pooled", "dim": str(hidden_width(self.llm))} if output == "pooled" else {}),
             # float32 adds no key, so exports written before the setting existed keep their provenance
             **({"llm_dtype": self.config.llm_dtype} if self.config.llm_dtype != "float32" else {}),
         }

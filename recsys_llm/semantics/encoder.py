@@ -15,7 +15,8 @@ Example::
 """
 
 import os
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+import re
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from recsys_llm.semantics.model_dir import (
     config_vocab_size,
     model_dir_fingerprint,
     module_fingerprint,
+    read_json_file,
     read_model_config,
     require_native_model,
     require_weight_files,
@@ -83,7 +85,8 @@ def resolve_pooling(pooling: str, config: Any, tokenizer: Any = None) -> str:
 
     Decoders (``config.is_decoder``, an ``*ForCausalLM`` architecture, a known causal
     model type, or an unknown type whose tokenizer has no mask token) -> ``last_token``;
-    everything else -> ``mean``.
+    encoders (a known encoder model type, the encoder of an encoder-decoder model such as
+    mT5 or UMT5, an ``*EncoderModel`` architecture) and everything else -> ``mean``.
 
     Args:
         pooling (str): one of ``auto``, ``mean``, ``last_token``, ``cls``.
@@ -103,11 +106,56 @@ def resolve_pooling(pooling: str, config: Any, tokenizer: Any = None) -> str:
         return "last_token"
     if model_type in CAUSAL_MODEL_TYPES:
         return "last_token"
-    if model_type in ENCODER_MODEL_TYPES:
+    if model_type in ENCODER_MODEL_TYPES or getattr(config, "is_encoder_decoder", False):
+        return "mean"
+    if any(a.endswith("EncoderModel") for a in architectures):  # e.g. T5EncoderModel: is_encoder_decoder is false
         return "mean"
     if tokenizer is not None and getattr(tokenizer, "mask_token", None) is None:
         return "last_token"
     return "mean"
+
+
+# sentence-transformers Pooling config key -> the pooling computed here (max, weighted mean... are not)
+SENTENCE_TRANSFORMERS_POOLINGS = {
+    "pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "last_token",
+}
+
+
+def _pooling_config_path(model_path: str) -> Optional[str]:
+    """The ``config.json`` of the Pooling module a sentence-transformers ``modules.json`` lists, when both exist."""
+    modules_path = os.path.join(model_path, "modules.json")
+    if not os.path.isfile(modules_path):
+        return None
+    modules = read_json_file(modules_path, "; the model directory is damaged")
+    for module in modules if isinstance(modules, list) else []:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Pooling"):
+            path = os.path.join(model_path, str(module.get("path", "")), "config.json")
+            return path if os.path.isfile(path) else None
+    return None
+
+
+def sentence_transformers_pooling(model_path: str) -> Optional[str]:
+    """The pooling a sentence-transformers directory declares in its Pooling module's config
+    (e.g. ``1_Pooling/config.json``; BGE: ``cls``, all-MiniLM-L6-v2: ``mean``).
+
+    Returns:
+        Optional[str]: ``cls``, ``mean`` or ``last_token``; None without ``modules.json`` or a Pooling
+        module, or for a mode not computed here (max, mean_sqrt_len, weighted mean, or several modes).
+    """
+    path = _pooling_config_path(model_path)
+    config = read_json_file(path, "; the model directory is damaged") if path else None
+    if not isinstance(config, dict):
+        return None
+    modes = [key for key, value in config.items() if key.startswith("pooling_mode") and value is True]
+    return SENTENCE_TRANSFORMERS_POOLINGS.get(modes[0]) if len(modes) == 1 else None
+
+
+def directory_pooling(pooling: str, model_path: str) -> str:
+    """``pooling``; for ``auto``, the pooling a sentence-transformers directory declares, when it declares one
+    computed here (:func:`sentence_transformers_pooling`), else ``auto`` (left to :func:`resolve_pooling`)."""
+    if pooling != "auto":
+        return pooling
+    return sentence_transformers_pooling(model_path) or pooling
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -155,6 +203,15 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return out.hidden_states[-1]
 
 
+def hidden_width(model: nn.Module) -> int:
+    """Width H of the hidden states :func:`hidden_states` returns: the ``hidden_size`` of the model's text
+    config (a multimodal config such as Gemma-3's keeps it under ``text_config``), or OPT's
+    ``word_embed_proj_dim``, to which OPT projects its last hidden states (opt-350m: 512, hidden_size 1024)."""
+    config = model.config.get_text_config()
+    projected = getattr(config, "word_embed_proj_dim", None)
+    return int(projected or config.hidden_size)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bf16 on a CUDA device that supports it, else fp32; or a named dtype."""
     if dtype == "auto":
@@ -179,47 +236,149 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return resolved
 
 
-def default_target_modules(model: nn.Module) -> List[str]:
-    """LoRA targets: the attention query/value projections, by the model's naming."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for candidates in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"], ["query_key_value"], ["Wqkv"]):
-        if all(c in names for c in candidates):
-            return candidates
-    raise ValueError(
-        f"cannot find attention query/value projections in {type(model).__name__}; "
-        "set lora_target_modules (e.g. ['q_proj', 'v_proj'])"
-    )
+# The attention query/value projections (or the fused projection) by naming family, in the order tried.
+QUERY_VALUE_NAMES = (
+    ("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("query_key_value",), ("Wqkv",),
+    ("q_lin", "v_lin"),  # DistilBERT
+    ("query_proj", "value_proj"),  # DeBERTa-v2
+    ("qkv_proj",),  # Phi-3
+    ("q", "v"),  # T5 family, MPNet
+)
+
+
+def _language_model_name(model: nn.Module) -> Optional[str]:
+    """Qualified name of a multimodal model's language model (Gemma-3, LLaVA: ``language_model``), else None."""
+    config = getattr(model, "config", None)
+    language = getattr(model, "language_model", None)
+    multimodal = hasattr(config, "get_text_config") and config.get_text_config() is not config
+    if not multimodal or not isinstance(language, nn.Module):
+        return None
+    return next((name for name, module in model.named_modules() if module is language and name), None)
+
+
+def _peft_target_modules(model: nn.Module, names: set) -> Optional[List[str]]:
+    """peft's own LoRA targets for the model type (as ``LoraConfig(target_modules=None)`` picks), when present."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    return list(targets) if targets and all(t in names for t in targets) else None
+
+
+def default_target_modules(model: nn.Module) -> Union[List[str], str]:
+    """LoRA targets: the attention query/value projections, by the model's naming (:data:`QUERY_VALUE_NAMES`,
+    then peft's table for the model type); of a multimodal model, those of its language model only.
+
+    Returns:
+        Union[List[str], str]: module names, or for a multimodal model a regular expression peft matches
+        against the qualified module names (``language_model\\..*\\.(q_proj|v_proj)``).
+
+    Raises:
+        ValueError: none found; names ``--target-modules`` and the model's Linear module names.
+    """
+    language = _language_model_name(model)
+    scope = model.get_submodule(language) if language else model
+    names = {name.rsplit(".", 1)[-1] for name, _ in scope.named_modules()}
+    found = next((list(c) for c in QUERY_VALUE_NAMES if all(n in names for n in c)), None)
+    targets = found or _peft_target_modules(model, names)
+    if targets is None:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in scope.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"cannot find the attention query/value projections of {type(model).__name__} to put LoRA on; name "
+            f"them with --target-modules (lora_target_modules); its Linear modules are {linear}"
+        )
+    if language:
+        return rf"{re.escape(language)}\..*\.({'|'.join(re.escape(t) for t in targets)})"
+    return targets
+
+
+def _offset_position_limit(model: nn.Module) -> Optional[int]:
+    """Tokens a RoBERTa-style position table fits: its positions start at ``padding_idx + 1`` (RoBERTa,
+    XLM-R, CamemBERT, MPNet: 514 rows, padding_idx 1 -> 512 tokens); None for other models."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return module.num_embeddings - module.padding_idx - 1
+    return None
 
 
 def position_limited(model: nn.Module, max_length: int) -> int:
-    """``max_length`` capped at the model's position limit (``config.max_position_embeddings``):
-    a longer input fails in the forward (BERT-style) or runs past the positions the model was
-    trained on (RoPE decoders), so texts are truncated to the limit instead."""
+    """``max_length`` capped at the model's position limit (``config.max_position_embeddings``, less the
+    ``padding_idx + 1`` positions a RoBERTa-style table skips): a longer input fails in the forward
+    (BERT-style) or runs past the positions the model was trained on (RoPE decoders), so texts are
+    truncated to the limit instead."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return min(max_length, limit) if isinstance(limit, int) and limit > 0 else max_length
+    limits = [value for value in (limit, _offset_position_limit(model)) if isinstance(value, int) and value > 0]
+    return min([max_length, *limits])
 
 
 # A tokenizer with fewer tokens than this share of config.json's vocab_size is not the model's own.
 MIN_TOKENIZER_VOCAB_SHARE = 0.5
+# Files one of which every tokenizer transformers loads from a directory has (ByT5: tokenizer_config.json alone).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model",
+)
+TOKENIZER_SUFFIXES = (".model", ".tiktoken")
+
+
+def _require_tokenizer_files(model_path: str, config: dict) -> None:
+    """Raises FileNotFoundError naming ``model_path`` and the files looked for when it has no tokenizer file."""
+    names = os.listdir(model_path)
+    if any(name in TOKENIZER_FILES or name.endswith(TOKENIZER_SUFFIXES) for name in names):
+        return
+    looked_for = ", ".join(TOKENIZER_FILES + tuple(f"*{suffix}" for suffix in TOKENIZER_SUFFIXES))
+    kind = ("; config.json has no vocab_size either: a vision or audio model, not a text model?"
+            if config_vocab_size(config) is None else "; copy the model's tokenizer files into it")
+    raise FileNotFoundError(f"{model_path}: no tokenizer files (looked for {looked_for}){kind}")
+
+
+def tokenizer_fits(tokenizer: Any, rows: Optional[int], where: str, table: str) -> None:
+    """Refuses a tokenizer with more tokens than the model's embedding ``rows`` (None: unknown, not checked): its
+    extra ids would index past the embedding table in the forward.
+
+    Args:
+        where (str): the model directory (or model id) named first in the message.
+        table (str): what ``rows`` counts, with a ``{rows}`` field, e.g. ``config.json has vocab_size {rows}``.
+
+    Raises:
+        ValueError: ``len(tokenizer) > rows``.
+    """
+    if rows is not None and len(tokenizer) > rows:
+        raise ValueError(
+            f"{where}: tokenizer has {len(tokenizer)} tokens but {table.format(rows=rows)}; its tokenizer files "
+            "belong to another model"
+        )
+
+
+def embedding_rows(model: nn.Module) -> Optional[int]:
+    """Rows of the model's input embedding table (the token ids it takes), None when it does not say."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs).
 
-    The directory must be a model directory (``config.json``), and the tokenizer must cover at
-    least half of the config's ``vocab_size``: without its vocabulary files transformers builds
+    The directory must be a model directory (``config.json``) with tokenizer files
+    (:data:`TOKENIZER_FILES`), and the tokenizer must cover at least half of the config's
+    ``vocab_size`` and no more than all of it: without its vocabulary files transformers builds
     an empty tokenizer that maps every word to ``[UNK]`` (byte-level tokenizers such as ByT5's
-    need no file and pass).
+    need no file and pass), and a larger one is another model's.
 
     Raises:
-        FileNotFoundError: no directory or no ``config.json``.
+        FileNotFoundError: no directory, no ``config.json``, or no tokenizer file.
         ValueError: a damaged ``config.json``, a tokenizer that does not load, or one far
-            smaller than the model's vocabulary.
+            smaller or larger than the model's vocabulary.
     """
     from transformers import AutoTokenizer
 
     config = read_model_config(model_path)
     require_native_model(model_path, config, trust_remote_code)
+    _require_tokenizer_files(model_path, config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_path, local_files_only=True, trust_remote_code=trust_remote_code
@@ -232,6 +391,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
             f"{model_path}: tokenizer has {len(tokenizer)} tokens but config.json has vocab_size {vocab_size}; "
             "its tokenizer files are missing or belong to another model"
         )
+    tokenizer_fits(tokenizer, vocab_size, model_path, "config.json has vocab_size {rows}")
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -248,25 +408,49 @@ def encoder_of(model: nn.Module) -> nn.Module:
     return model
 
 
+def _model_class(config: dict) -> Any:
+    """The ``*EncoderModel`` class config.json's ``architectures`` names, when transformers has it (T5EncoderModel:
+    ``AutoModel`` would build a whole T5Model with a random decoder), else ``AutoModel``."""
+    import transformers
+
+    for name in config.get("architectures") or []:
+        if isinstance(name, str) and name.endswith("EncoderModel") and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def _require_text_forward(model_path: str, model: nn.Module) -> None:
+    """Refuses a text-image dual encoder (CLIP, SigLIP: a ``text_model`` and a ``vision_model``): its forward needs
+    images."""
+    towers = (getattr(model, "text_model", None), getattr(model, "vision_model", None))
+    if all(isinstance(tower, nn.Module) for tower in towers):
+        raise ValueError(
+            f"{model_path}: {type(model).__name__} is a text-image dual encoder whose forward needs images; "
+            "pass a text model directory"
+        )
+
+
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """Loads a base model (no LM head) offline with ``AutoModel``; of an encoder-decoder model
-    (T5, sentence-T5), its encoder.
+    """Loads a base model (no LM head) offline with ``AutoModel`` (or the ``*EncoderModel`` class its config
+    names: T5EncoderModel); of an encoder-decoder model (T5, sentence-T5), its encoder.
 
     Raises:
         FileNotFoundError: no directory, no ``config.json`` or no weight files.
-        ValueError: a damaged ``config.json`` or weight file, or weights transformers cannot read.
+        ValueError: a damaged ``config.json`` or weight file, weights transformers cannot read, or a
+            text-image dual encoder (CLIP).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModel
 
-    require_native_model(model_path, read_model_config(model_path), trust_remote_code)
+    config = read_model_config(model_path)
+    require_native_model(model_path, config, trust_remote_code)
     require_weight_files(model_path)
     try:
-        model = AutoModel.from_pretrained(
+        model = _model_class(config).from_pretrained(
             model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
         )
     except (OSError, SafetensorError) as error:
         raise ValueError(f"{model_path}: cannot load the model weights ({one_line(error)})") from error
+    _require_text_forward(model_path, model)
     return encoder_of(model).to(device)
 
 
@@ -275,7 +459,8 @@ class TextEncoder:
 
     Args:
         model_path (Optional[str]): local model directory; None -> offline all-MiniLM-L6-v2.
-        pooling (str): ``auto`` (by model kind), ``mean``, ``last_token`` or ``cls``.
+        pooling (str): ``auto`` (a sentence-transformers directory's own pooling, else by model kind),
+            ``mean``, ``last_token`` or ``cls``.
         batch_size (int): texts per forward pass.
         max_length (int): tokens per text (longer texts are truncated).
         device (Optional[str]): e.g. ``cuda:0``; None -> CUDA if available, else CPU.
@@ -304,6 +489,7 @@ class TextEncoder:
         self._device = resolve_device(device)
         tokenizer = load_tokenizer(path, trust_remote_code)
         model = load_model(path, self._device, resolve_dtype(dtype, self._device), trust_remote_code)
+        pooling = directory_pooling(pooling, path)
         self._setup(model, tokenizer, pooling, batch_size, max_length, model_id=os.path.abspath(path))
         self._model_path: Optional[str] = path
 
@@ -340,6 +526,7 @@ class TextEncoder:
     def _setup(self, model: nn.Module, tokenizer: Any, pooling: str, batch_size: int, max_length: int, model_id: str) -> None:
         if batch_size <= 0 or max_length <= 0:
             raise ValueError(f"batch_size and max_length must be > 0, got {batch_size}, {max_length}")
+        tokenizer_fits(tokenizer, embedding_rows(model), model_id, "the model's embedding table has {rows} rows")
         self._model = model.eval()
         self._tokenizer = tokenizer
         config = getattr(model, "config", None)
@@ -388,7 +575,7 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self._model.config.hidden_size)
+        return hidden_width(self._model)
 
     def provenance(self) -> dict:
         """What made the vectors: model id and hash, pooling, max length."""

