@@ -119,6 +119,8 @@ def resolve_pooling(pooling: str, config: Any, tokenizer: Any = None) -> str:
 SENTENCE_TRANSFORMERS_POOLINGS = {
     "pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "last_token",
 }
+# the same by the name newer sentence-transformers write in "pooling_mode"
+SENTENCE_TRANSFORMERS_POOLING_NAMES = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
 
 
 def _pooling_config_path(model_path: str) -> Optional[str]:
@@ -146,6 +148,11 @@ def sentence_transformers_pooling(model_path: str) -> Optional[str]:
     config = read_json_file(path, "; the model directory is damaged") if path else None
     if not isinstance(config, dict):
         return None
+    mode = config.get("pooling_mode")  # newer sentence-transformers write the mode's name
+    if isinstance(mode, list) and len(mode) == 1:
+        mode = mode[0]
+    if isinstance(mode, str):
+        return SENTENCE_TRANSFORMERS_POOLING_NAMES.get(mode)
     modes = [key for key, value in config.items() if key.startswith("pooling_mode") and value is True]
     return SENTENCE_TRANSFORMERS_POOLINGS.get(modes[0]) if len(modes) == 1 else None
 
@@ -206,8 +213,10 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 def hidden_width(model: nn.Module) -> int:
     """Width H of the hidden states :func:`hidden_states` returns: the ``hidden_size`` of the model's text
     config (a multimodal config such as Gemma-3's keeps it under ``text_config``), or OPT's
-    ``word_embed_proj_dim``, to which OPT projects its last hidden states (opt-350m: 512, hidden_size 1024)."""
-    config = model.config.get_text_config()
+    ``word_embed_proj_dim``, to which OPT projects its last hidden states (opt-350m: 512, hidden_size 1024); of
+    an encoder-decoder config with an ``encoder`` sub-config (T5Gemma), the encoder's."""
+    encoder = getattr(model.config, "encoder", None)  # T5Gemma: get_text_config() would give its decoder's
+    config = encoder if hasattr(encoder, "hidden_size") else model.config.get_text_config()
     projected = getattr(config, "word_embed_proj_dim", None)
     return int(projected or config.hidden_size)
 
@@ -247,11 +256,13 @@ QUERY_VALUE_NAMES = (
 
 
 def _language_model_name(model: nn.Module) -> Optional[str]:
-    """Qualified name of a multimodal model's language model (Gemma-3, LLaVA: ``language_model``), else None."""
+    """Qualified name of a multimodal model's language model (Gemma-3, LLaVA: ``language_model``; Idefics3,
+    SmolVLM: ``text_model``), else None."""
     config = getattr(model, "config", None)
-    language = getattr(model, "language_model", None)
     multimodal = hasattr(config, "get_text_config") and config.get_text_config() is not config
-    if not multimodal or not isinstance(language, nn.Module):
+    language = next((getattr(model, name) for name in ("language_model", "text_model")
+                     if isinstance(getattr(model, name, None), nn.Module)), None)
+    if not multimodal or language is None:
         return None
     return next((name for name, module in model.named_modules() if module is language and name), None)
 
@@ -333,19 +344,22 @@ def _require_tokenizer_files(model_path: str, config: dict) -> None:
 
 
 def tokenizer_fits(tokenizer: Any, rows: Optional[int], where: str, table: str) -> None:
-    """Refuses a tokenizer with more tokens than the model's embedding ``rows`` (None: unknown, not checked): its
-    extra ids would index past the embedding table in the forward.
+    """Refuses a tokenizer whose base vocabulary is larger than the model's embedding ``rows`` (None: unknown,
+    not checked): plain text would give ids past the embedding table. Added special tokens past it are
+    allowed, as many real tokenizers list some that text never produces (Gemma-3's image token,
+    CodeLlama-34B's infill tokens).
 
     Args:
         where (str): the model directory (or model id) named first in the message.
         table (str): what ``rows`` counts, with a ``{rows}`` field, e.g. ``config.json has vocab_size {rows}``.
 
     Raises:
-        ValueError: ``len(tokenizer) > rows``.
+        ValueError: ``tokenizer.vocab_size > rows``.
     """
-    if rows is not None and len(tokenizer) > rows:
+    base = getattr(tokenizer, "vocab_size", None)
+    if rows is not None and isinstance(base, int) and base > rows:
         raise ValueError(
-            f"{where}: tokenizer has {len(tokenizer)} tokens but {table.format(rows=rows)}; its tokenizer files "
+            f"{where}: tokenizer has {base} tokens but {table.format(rows=rows)}; its tokenizer files "
             "belong to another model"
         )
 
@@ -420,10 +434,11 @@ def _model_class(config: dict) -> Any:
 
 
 def _require_text_forward(model_path: str, model: nn.Module) -> None:
-    """Refuses a text-image dual encoder (CLIP, SigLIP: a ``text_model`` and a ``vision_model``): its forward needs
-    images."""
+    """Refuses a text-image dual encoder (CLIP, SigLIP, ALIGN: a ``text_model``, a ``vision_model`` and
+    ``get_text_features``): its forward needs images. Vision-language models whose forward reads text
+    alone (Idefics3, SmolVLM) have the two towers but no ``get_text_features``."""
     towers = (getattr(model, "text_model", None), getattr(model, "vision_model", None))
-    if all(isinstance(tower, nn.Module) for tower in towers):
+    if all(isinstance(tower, nn.Module) for tower in towers) and hasattr(model, "get_text_features"):
         raise ValueError(
             f"{model_path}: {type(model).__name__} is a text-image dual encoder whose forward needs images; "
             "pass a text model directory"

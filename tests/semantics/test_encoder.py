@@ -389,3 +389,65 @@ def test_auto_pooling_of_a_sentence_transformers_directory_is_its_own(tiny_bert_
     (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**modes, mode: True}))
     assert TextEncoder(path).pooling == expected
     assert TextEncoder(path, pooling="mean").pooling == "mean"
+
+
+def test_added_special_tokens_past_the_embedding_table_are_allowed(tmp_path) -> None:
+    """Gemma-3's image token, CodeLlama-34B's infill tokens: listed past the table, never produced by text."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from tests.tiny_models import make_tokenizer
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "llama")
+    LlamaModel(LlamaConfig(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                           pad_token_id=0)).save_pretrained(path)
+    tokenizer = make_tokenizer(with_mask=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    tokenizer.save_pretrained(path)
+    assert len(tokenizer) == tiny_vocab_size() + 1
+    assert TextEncoder(path).encode(TEXTS[:2], progress=False).shape == (2, 32)
+
+
+def test_a_vision_language_model_that_reads_text_alone_is_not_refused(tmp_path) -> None:
+    """SmolVLM / Idefics3 have a text_model and a vision_model, but no get_text_features: text alone runs."""
+    from transformers import SmolVLMConfig, SmolVLMModel
+
+    torch.manual_seed(0)
+    text = dict(model_type="llama", vocab_size=tiny_vocab_size() + 8, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    path = save_with_tokenizer(SmolVLMModel(SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2)),
+                               tmp_path / "smolvlm")
+    encoder = TextEncoder(path)
+    assert encoder.dim == encoder.encode(TEXTS[:2], progress=False).shape[1] == 32
+
+
+def test_a_t5gemma_encoder_is_as_wide_as_its_encoder(tmp_path) -> None:
+    """T5Gemma's get_text_config() is its decoder's; the vectors come from its encoder (here wider)."""
+    from transformers import T5GemmaConfig, T5GemmaEncoderModel
+
+    def stack(width: int) -> dict:
+        return dict(vocab_size=tiny_vocab_size(), hidden_size=width, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+                    pad_token_id=0)
+
+    torch.manual_seed(0)
+    config = T5GemmaConfig(encoder=stack(48), decoder=stack(32), is_encoder_decoder=False, vocab_size=tiny_vocab_size())
+    encoder = TextEncoder(save_with_tokenizer(T5GemmaEncoderModel(config), tmp_path / "t5gemma"))
+    assert encoder.dim == encoder.encode(TEXTS[:1], progress=False).shape[1] == 48
+
+
+@pytest.mark.parametrize("mode, expected", [("cls", "cls"), (["lasttoken"], "last_token"), ("max", "mean")])
+def test_auto_pooling_reads_the_pooling_mode_newer_sentence_transformers_write(tiny_bert_dir, tmp_path, mode,
+                                                                               expected) -> None:
+    path = _copy_model(tiny_bert_dir, tmp_path / "st")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "st" / "1_Pooling").mkdir()
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(
+        json.dumps({"embedding_dimension": 32, "pooling_mode": mode, "include_prompt": True}))
+    assert TextEncoder(path).pooling == expected
