@@ -57,7 +57,7 @@ from recsys_llm.train.config import (
     check_resumable,
     save_config,
 )
-from recsys_llm.train.distributed import DistContext, barrier, init_distributed, run_on_every_rank
+from recsys_llm.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, run_on_every_rank
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
@@ -333,7 +333,8 @@ def _complete_final_saves(
     former, finished, and trains nothing: ``checkpoints/ckpt-N`` is saved from it (the same snapshot).
     A kill after either save's rename left its leftovers, ``latest`` and pruning undone.
     """
-    if not checkpoints.holds_step(state.global_step):
+    # one answer for all ranks (the save is collective): a shared file system may show them different states
+    if not all_ranks_true(checkpoints.holds_step(state.global_step)):
         checkpoints.save(model, optimizer, state)
     checkpoints.complete_interrupted_save()
     best.complete_interrupted_save()
