@@ -96,6 +96,7 @@ def _is_ssft_entry(name: str) -> bool:
     """An entry an SSFT output holds, or one its swaps leave when killed mid-deletion."""
     return name in SSFT_OUTPUT_ENTRIES or any(is_removal_leftover(name, kind) for kind in ("adapter", "checkpoint"))
 
+
 # SSFTConfig numbers: field -> (integer, minimum, above, below, `semantics tune` option or "")
 _NUMBER_RULES: Dict[str, NumberRule] = {
     "samples_train": (True, 1, None, None, "--samples-train"),
