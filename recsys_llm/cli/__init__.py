@@ -114,6 +114,13 @@ def _environment_error_line(error: BaseException) -> Optional[str]:
     return None
 
 
+def _error_exit(command: str, message: object) -> int:
+    """Prints ``recsys-llm <command>: error: <message>`` and the traceback hint; returns exit code 2."""
+    print(f"recsys-llm {command}: error: {message}", file=sys.stderr)
+    print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs one sub-command; bad input ends with ``recsys-llm <command>: error: ...`` and exit code 2
     (``RECSYS_LLM_TRACEBACK=1`` re-raises for the full traceback)."""
@@ -140,9 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"recsys-llm {args.command}: error: {message}", file=sys.stderr)
-        print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
-        return 2
+        return _error_exit(args.command, message)
     except BaseException as error:
         # Ctrl-C / SIGTERM during a checkpoint save: torch.distributed.checkpoint wraps it
         interruption = next((e for e in _wrapped_failures(error) if isinstance(e, (SystemExit, KeyboardInterrupt))),
@@ -152,9 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         line = _environment_error_line(error)
         if line is None or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
             raise
-        print(f"recsys-llm {args.command}: error: {line}", file=sys.stderr)
-        print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
-        return 2
+        return _error_exit(args.command, line)
     finally:  # a command that ended normally has torn its own group down already
         if not outer_group and "torch.distributed" in sys.modules:
             from recsys_llm.train.distributed import leave_process_group

@@ -40,14 +40,13 @@ from recsys_llm.semantics.encoder import (
     NumberRule,
     check_number_fields,
     default_target_modules,
-    embedding_rows,
     hidden_states,
     hidden_width,
     load_model,
     load_tokenizer,
     pool,
     position_limited,
-    tokenizer_fits,
+    tokenizer_fits_model,
 )
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_weights_fingerprint, read_json_file
 from recsys_llm.semantics.precision import LowPrecisionSteps
@@ -169,7 +168,7 @@ class CTRAdaptedLLM(nn.Module):
         super().__init__()
         self.config = config
         self._tokenizer = tokenizer
-        tokenizer_fits(tokenizer, embedding_rows(llm), config.model_path, "the model's embedding table has {rows} rows")
+        tokenizer_fits_model(tokenizer, llm, config.model_path)
         hidden = hidden_width(llm)
         self.transform = nn.Sequential(
             nn.Linear(hidden, config.hidden_dim),
@@ -350,9 +349,7 @@ def tune_ctr_llm(
     groups = [{"params": head_params, "lr": config.head_learning_rate}]
     if llm_params:
         groups.append({"params": llm_params, "lr": config.learning_rate})
-    dtype = LLM_DTYPES[config.llm_dtype]
-    optimizer = LowPrecisionSteps(groups, torch.optim.AdamW, next(model.parameters()).device,
-                                  scale_loss=dtype == torch.float16)
+    optimizer = LowPrecisionSteps(groups, torch.optim.AdamW, model)
     loss_fn = nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(config.seed)
     label_tensor = torch.as_tensor(np.asarray(labels, dtype=np.float32))

@@ -115,12 +115,13 @@ def resolve_pooling(pooling: str, config: Any, tokenizer: Any = None) -> str:
     return "mean"
 
 
-# sentence-transformers Pooling config key -> the pooling computed here (max, weighted mean... are not)
-SENTENCE_TRANSFORMERS_POOLINGS = {
-    "pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "last_token",
+# sentence-transformers pooling mode (as newer versions name it in "pooling_mode") -> the pooling computed
+# here (max, weighted mean... are not)
+SENTENCE_TRANSFORMERS_POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
+# the boolean key of each mode in the older config format
+SENTENCE_TRANSFORMERS_MODE_KEYS = {
+    "pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "lasttoken",
 }
-# the same by the name newer sentence-transformers write in "pooling_mode"
-SENTENCE_TRANSFORMERS_POOLING_NAMES = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
 
 
 def _pooling_config_path(model_path: str) -> Optional[str]:
@@ -151,10 +152,10 @@ def sentence_transformers_pooling(model_path: str) -> Optional[str]:
     mode = config.get("pooling_mode")  # newer sentence-transformers write the mode's name
     if isinstance(mode, list) and len(mode) == 1:
         mode = mode[0]
-    if isinstance(mode, str):
-        return SENTENCE_TRANSFORMERS_POOLING_NAMES.get(mode)
-    modes = [key for key, value in config.items() if key.startswith("pooling_mode") and value is True]
-    return SENTENCE_TRANSFORMERS_POOLINGS.get(modes[0]) if len(modes) == 1 else None
+    if not isinstance(mode, str):
+        modes = [key for key, value in config.items() if key.startswith("pooling_mode") and value is True]
+        mode = SENTENCE_TRANSFORMERS_MODE_KEYS.get(modes[0]) if len(modes) == 1 else None
+    return SENTENCE_TRANSFORMERS_POOLINGS.get(mode) if mode is not None else None
 
 
 def directory_pooling(pooling: str, model_path: str) -> str:
@@ -374,6 +375,11 @@ def embedding_rows(model: nn.Module) -> Optional[int]:
     return rows if isinstance(rows, int) else None
 
 
+def tokenizer_fits_model(tokenizer: Any, model: nn.Module, where: str) -> None:
+    """:func:`tokenizer_fits` against the model's own embedding table (:func:`embedding_rows`)."""
+    tokenizer_fits(tokenizer, embedding_rows(model), where, "the model's embedding table has {rows} rows")
+
+
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs).
 
@@ -541,7 +547,7 @@ class TextEncoder:
     def _setup(self, model: nn.Module, tokenizer: Any, pooling: str, batch_size: int, max_length: int, model_id: str) -> None:
         if batch_size <= 0 or max_length <= 0:
             raise ValueError(f"batch_size and max_length must be > 0, got {batch_size}, {max_length}")
-        tokenizer_fits(tokenizer, embedding_rows(model), model_id, "the model's embedding table has {rows} rows")
+        tokenizer_fits_model(tokenizer, model, model_id)
         self._model = model.eval()
         self._tokenizer = tokenizer
         config = getattr(model, "config", None)

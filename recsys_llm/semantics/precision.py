@@ -25,12 +25,13 @@ class LowPrecisionSteps:
             of the model's trainable tensors.
         make_optimizer (Callable): builds the optimizer from the groups it is given, in which
             every float16 / bfloat16 tensor is replaced by its float32 master copy.
-        device (torch.device): where the model runs (the loss scaler's device).
-        scale_loss (bool): scale the loss (for a float16 model).
+        model (torch.nn.Module): the whole model: where it runs is the loss scaler's device, and
+            any float16 weight in it (trained or not: a float16 base under float32 LoRA adapters
+            gives float16 activations) has the loss scaled.
 
     Example::
 
-        steps = LowPrecisionSteps([{"params": params, "lr": 1e-4}], torch.optim.AdamW, device, scale_loss=False)
+        steps = LowPrecisionSteps([{"params": params, "lr": 1e-4}], torch.optim.AdamW, model)
         steps.zero_grad()
         steps.backward(loss)
         steps.step()
@@ -40,8 +41,7 @@ class LowPrecisionSteps:
         self,
         groups: Sequence[Dict[str, Any]],
         make_optimizer: Callable[[List[Dict[str, Any]]], torch.optim.Optimizer],
-        device: torch.device,
-        scale_loss: bool,
+        model: torch.nn.Module,
     ) -> None:
         self._masters: List[Tuple[torch.nn.Parameter, torch.Tensor]] = []
         optimizer_groups = []
@@ -56,7 +56,9 @@ class LowPrecisionSteps:
                     params.append(param)
             optimizer_groups.append({**group, "params": params})
         self.optimizer = make_optimizer(optimizer_groups)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
+        weights = list(model.parameters())
+        self.scaler = torch.amp.GradScaler(weights[0].device.type,
+                                           enabled=any(p.dtype == torch.float16 for p in weights))
 
     @property
     def num_master_copies(self) -> int:

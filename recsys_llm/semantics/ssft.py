@@ -355,8 +355,7 @@ class SSFTTrainer:
         self._steps = LowPrecisionSteps(
             [{"params": [p for p in model.parameters() if p.requires_grad]}],
             lambda groups: torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay),
-            next(model.parameters()).device,
-            scale_loss=any(p.dtype == torch.float16 for p in model.parameters()),
+            model,
         )
         self._optimizer = self._steps.optimizer
 

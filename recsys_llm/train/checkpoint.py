@@ -373,10 +373,14 @@ class CheckpointManager:
                     _swap_into_place(path, path[: -len(PREVIOUS_SUFFIX)])
             newest = self.latest()
             if newest is not None and self._latest_file() != os.path.basename(newest):
-                write_text_atomically(os.path.join(self._directory, LATEST_FILE), os.path.basename(newest) + "\n")
-                _fsync_dir(self._directory)
+                self._point_latest_at(os.path.basename(newest))
             self._prune()
         barrier()
+
+    def _point_latest_at(self, name: str) -> None:
+        """Rewrites the ``latest`` file to name the checkpoint ``name`` (atomically, directory synced)."""
+        write_text_atomically(os.path.join(self._directory, LATEST_FILE), name + "\n")
+        _fsync_dir(self._directory)
 
     def _latest_file(self) -> Optional[str]:
         """The name the ``latest`` file holds (None without one)."""
@@ -407,8 +411,7 @@ class CheckpointManager:
             write_text_atomically(os.path.join(tmp, TRAIN_STATE_FILE), state.to_json())
             _fsync_dir(tmp)
             _swap_into_place(tmp, final)
-            write_text_atomically(os.path.join(self._directory, LATEST_FILE), name + "\n")
-            _fsync_dir(self._directory)
+            self._point_latest_at(name)
             self._prune()
         barrier()
         return final

@@ -24,7 +24,7 @@ def test_small_steps_accumulate_in_float32_master_copies(dtype):
     start = layer.weight.detach().float().clone()
     for model in (reference, layer):
         steps = LowPrecisionSteps([{"params": list(model.parameters())}], lambda g: torch.optim.AdamW(g, lr=1e-5),
-                                  torch.device("cpu"), scale_loss=dtype == torch.float16)
+                                  model)
         assert steps.num_master_copies == (0 if model is reference else 2)
         _train(model, steps, 100)
     assert layer.weight.dtype == dtype
@@ -51,7 +51,8 @@ def test_in_place_bf16_steps_lose_the_updates_the_master_copies_keep():
 def test_a_float16_step_whose_gradients_overflow_is_skipped():
     layer = _linear(torch.float16)
     steps = LowPrecisionSteps([{"params": list(layer.parameters())}], lambda g: torch.optim.AdamW(g, lr=1e-3),
-                              torch.device("cpu"), scale_loss=True)
+                              layer)
+    assert steps.scaler.is_enabled()  # a float16 model
     before = layer.weight.detach().clone()
     scale = steps.scaler.get_scale()
     steps.zero_grad()
