@@ -186,3 +186,22 @@ def test_ctrl_c_inside_a_distributed_checkpoint_save_exits_as_ctrl_c(monkeypatch
     with pytest.raises(SystemExit) as exited:
         main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"])
     assert exited.value.code == 143
+
+
+@pytest.mark.parametrize("command, line", [
+    (["train"], "train a model from a config file (torchrun-ready)"),
+    (["prepare", "movielens"], "MovieLens in RecBole atomic format (.inter/.item/.user)"),
+    (["semantics", "encode"], "one vector per field (tuned or untuned model), with provenance"),
+    (["semantics", "export"], "export CTR-adapted LLM vectors per row or entity (ELEC)"),
+])
+def test_a_sub_command_help_says_what_it_does(command, line, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    assert line in capsys.readouterr().out.splitlines()
+
+
+def test_the_top_level_help_lists_the_workflows(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "LLaCTR:  prepare -> semantics tune -> semantics encode" in out

@@ -15,9 +15,17 @@ import signal
 import sys
 import threading
 import warnings
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from recsys_llm.error_text import one_line
+
+DESCRIPTION = "LLM knowledge for sharded TorchRec CTR models (LLaCTR, ELEC), without an LLM at serving time."
+EPILOG = """workflows:
+  plain:   prepare -> train -> evaluate / export
+  LLaCTR:  prepare -> semantics tune -> semantics encode -> train (llactr.vectors_path=...) -> export
+  ELEC:    prepare -> semantics adapt -> semantics export -> train (elec.task=gain)
+           -> train (elec.task=distill) [or teacher-outputs -> train (offline)] -> export the student
+  every sub-command has --help; docs/usage.md has each workflow step by step"""
 
 COMMAND_MODULES = (
     "recsys_llm.cli.data",  # prepare
@@ -27,8 +35,27 @@ COMMAND_MODULES = (
 )
 
 
+class _Subcommands(argparse._SubParsersAction):
+    """Sub-commands whose own ``--help`` opens with the one-line help their parent lists."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if kwargs.get("help") and "description" not in kwargs:
+            kwargs["description"] = kwargs["help"]
+        return super().add_parser(name, **kwargs)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose sub-commands (and theirs, as they are of this class too) are ``_Subcommands``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Subcommands)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsys-llm", description=__doc__.splitlines()[0])
+    parser = CommandParser(
+        prog="recsys-llm", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
