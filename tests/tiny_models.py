@@ -5,6 +5,7 @@ prompt templates, a few field words and the numbers 0-299; anything else is ``[U
 """
 
 import os
+import shutil
 from typing import List
 
 import torch
@@ -121,3 +122,12 @@ def tiny_opt_projected() -> torch.nn.Module:
     torch.manual_seed(0)
     return OPTModel(OPTConfig(vocab_size=tiny_vocab_size(), hidden_size=32, word_embed_proj_dim=16, ffn_dim=64,
                               num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128, pad_token_id=0))
+
+
+# short texts of varied length (batches of them are padded)
+SAMPLE_TEXTS = ["shade 3", "town 17 of the user", "price", "user id 250 shade 9 town 4", "12 . 5"]
+
+
+def copy_model_dir(source: str, target: "os.PathLike[str] | str") -> str:
+    """A copy of a saved model directory (the session fixtures stay untouched)."""
+    return shutil.copytree(source, str(target))

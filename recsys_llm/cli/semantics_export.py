@@ -71,7 +71,8 @@ def _adapt(args: argparse.Namespace) -> int:
         save_ctr_llm,
         tune_ctr_llm,
     )
-    from recsys_llm.semantics.encoder import default_model_path, resolve_device
+    from recsys_llm.semantics.encoder import default_model_path
+    from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
 
     check_replaceable(args.output_dir, "saved CTR-adapted LLM", CTR_LLM_FILES)  # before any work
@@ -109,7 +110,7 @@ def _adapt(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.ctr_llm import load_ctr_llm
-    from recsys_llm.semantics.encoder import resolve_device
+    from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
     from recsys_llm.semantics.vector_export import (
         VectorExportConfig,

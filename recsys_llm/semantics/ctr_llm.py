@@ -36,19 +36,11 @@ from tqdm import tqdm
 
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.error_text import one_line
-from recsys_llm.semantics.encoder import (
-    NumberRule,
-    check_number_fields,
-    default_target_modules,
-    hidden_states,
-    hidden_width,
-    load_model,
-    load_tokenizer,
-    pool,
-    position_limited,
-    tokenizer_fits_model,
-)
+from recsys_llm.semantics.encoder import NumberRule, check_number_fields
+from recsys_llm.semantics.lora_targets import default_target_modules
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_weights_fingerprint, read_json_file
+from recsys_llm.semantics.model_loading import load_model, load_tokenizer, position_limited, tokenizer_fits_model
+from recsys_llm.semantics.pooling import hidden_states, hidden_width, pool
 from recsys_llm.semantics.precision import LowPrecisionSteps
 
 TUNING_MODES = ("lora", "last_k", "heads")
@@ -93,7 +85,7 @@ class CTRLLMConfig:
         lora_dropout (float): dropout on the LoRA path.
         lora_target_modules (Optional[List[str]]): module names to adapt; None: the attention
             query/value projections found by name, else peft's default for the architecture (as SSFT;
-            ``encoder.default_target_modules``).
+            ``lora_targets.default_target_modules``).
         last_k_layers (int): layers unfrozen in ``last_k`` mode.
         max_length (int): tokens per text.
         batch_size (int): texts per step.

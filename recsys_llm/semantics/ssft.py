@@ -53,19 +53,8 @@ from tqdm.auto import tqdm
 from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, replace_directory
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.error_text import one_line
-from recsys_llm.semantics.encoder import (
-    POOLINGS,
-    NumberRule,
-    TextEncoder,
-    check_number_fields,
-    default_model_path,
-    default_target_modules,
-    directory_pooling,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
+from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
+from recsys_llm.semantics.lora_targets import default_target_modules
 from recsys_llm.semantics.model_dir import (
     file_fingerprint,
     model_dir_fingerprint,
@@ -73,6 +62,8 @@ from recsys_llm.semantics.model_dir import (
     read_json_file,
     safetensors_damage,
 )
+from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 
@@ -133,7 +124,7 @@ class SSFTConfig:
         lora_dropout (float): dropout on the LoRA input.
         lora_target_modules (Optional[List[str]]): None -> the attention query/value projections
             found in the model (``q_proj``/``v_proj``, ``query``/``value``, ``c_attn``, ...;
-            ``encoder.default_target_modules``).
+            ``lora_targets.default_target_modules``).
         pooling (str): ``auto`` (a sentence-transformers directory's own pooling, else last token
             for decoders, mean for encoders) or explicit.
         max_length (int): tokens per prompt.

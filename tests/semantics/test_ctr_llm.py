@@ -96,7 +96,7 @@ class TestCTRAdaptedLLM:
 
     def test_pooled_output_is_the_tuned_llms_pooled_state(self, tmp_path):
         """``encode(output="pooled")``: (N, H) mean-pooled hidden states of the tuned LLM, named in the provenance."""
-        from recsys_llm.semantics.encoder import hidden_states, pool
+        from recsys_llm.semantics.pooling import hidden_states, pool
 
         model, _ = _tiny_bert_ctr_llm(tmp_path)
         texts, _ = _data()

@@ -1,0 +1,224 @@
+"""Loading a Hugging Face model and its tokenizer offline from a local directory, with the checks that make
+a wrong directory one clear error (no tokenizer files, another model's tokenizer, a text-image dual encoder),
+and the device, dtype and text length they run with.
+
+Example::
+
+    device = resolve_device(None)  # CUDA when available (this rank's GPU under torchrun), else CPU
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, device, resolve_dtype("auto", device))  # base model; an encoder-decoder's encoder
+"""
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from recsys_llm.error_text import one_line
+from recsys_llm.semantics.model_dir import (
+    config_vocab_size,
+    read_model_config,
+    require_native_model,
+    require_weight_files,
+)
+from recsys_llm.train.distributed import select_device
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on a CUDA device that supports it, else fp32; or a named dtype."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``device`` as given (None: CUDA when available, else CPU). A bare ``cuda`` is this
+    process's GPU, chosen as the trainer chooses it (``train.distributed.select_device``):
+    ``cuda:{LOCAL_RANK}`` under ``torchrun`` (so ranks do not share GPU 0), or ``cuda:0`` when
+    the process sees a single GPU; too few GPUs is a RuntimeError."""
+    resolved = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if resolved.type == "cuda" and resolved.index is None:
+        return select_device(int(os.environ.get("LOCAL_RANK", "0")), "cuda")  # the trainer's choice of GPU
+    return resolved
+
+
+def _offset_position_limit(model: nn.Module) -> Optional[int]:
+    """Tokens a RoBERTa-style position table fits: its positions start at ``padding_idx + 1`` (RoBERTa,
+    XLM-R, CamemBERT, MPNet: 514 rows, padding_idx 1 -> 512 tokens); None for other models."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return module.num_embeddings - module.padding_idx - 1
+    return None
+
+
+def position_limited(model: nn.Module, max_length: int) -> int:
+    """``max_length`` capped at the model's position limit (``config.max_position_embeddings``, less the
+    ``padding_idx + 1`` positions a RoBERTa-style table skips): a longer input fails in the forward
+    (BERT-style) or runs past the positions the model was trained on (RoPE decoders), so texts are
+    truncated to the limit instead."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limits = [value for value in (limit, _offset_position_limit(model)) if isinstance(value, int) and value > 0]
+    return min([max_length, *limits])
+
+
+# A tokenizer with fewer tokens than this share of config.json's vocab_size is not the model's own.
+MIN_TOKENIZER_VOCAB_SHARE = 0.5
+
+
+# Files one of which every tokenizer transformers loads from a directory has (ByT5: tokenizer_config.json alone).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model",
+)
+
+
+TOKENIZER_SUFFIXES = (".model", ".tiktoken")
+
+
+def _require_tokenizer_files(model_path: str, config: dict) -> None:
+    """Raises FileNotFoundError naming ``model_path`` and the files looked for when it has no tokenizer file."""
+    names = os.listdir(model_path)
+    if any(name in TOKENIZER_FILES or name.endswith(TOKENIZER_SUFFIXES) for name in names):
+        return
+    looked_for = ", ".join(TOKENIZER_FILES + tuple(f"*{suffix}" for suffix in TOKENIZER_SUFFIXES))
+    kind = ("; config.json has no vocab_size either: a vision or audio model, not a text model?"
+            if config_vocab_size(config) is None else "; copy the model's tokenizer files into it")
+    raise FileNotFoundError(f"{model_path}: no tokenizer files (looked for {looked_for}){kind}")
+
+
+def tokenizer_fits(tokenizer: Any, rows: Optional[int], where: str, table: str) -> None:
+    """Refuses a tokenizer whose base vocabulary is larger than the model's embedding ``rows`` (None: unknown,
+    not checked): plain text would give ids past the embedding table. Added special tokens past it are
+    allowed, as many real tokenizers list some that text never produces (Gemma-3's image token,
+    CodeLlama-34B's infill tokens).
+
+    Args:
+        where (str): the model directory (or model id) named first in the message.
+        table (str): what ``rows`` counts, with a ``{rows}`` field, e.g. ``config.json has vocab_size {rows}``.
+
+    Raises:
+        ValueError: ``tokenizer.vocab_size > rows``.
+    """
+    base = getattr(tokenizer, "vocab_size", None)
+    if rows is not None and isinstance(base, int) and base > rows:
+        raise ValueError(
+            f"{where}: tokenizer has {base} tokens but {table.format(rows=rows)}; its tokenizer files "
+            "belong to another model"
+        )
+
+
+def embedding_rows(model: nn.Module) -> Optional[int]:
+    """Rows of the model's input embedding table (the token ids it takes), None when it does not say."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
+def tokenizer_fits_model(tokenizer: Any, model: nn.Module, where: str) -> None:
+    """:func:`tokenizer_fits` against the model's own embedding table (:func:`embedding_rows`)."""
+    tokenizer_fits(tokenizer, embedding_rows(model), where, "the model's embedding table has {rows} rows")
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
+    """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs).
+
+    The directory must be a model directory (``config.json``) with tokenizer files
+    (:data:`TOKENIZER_FILES`), and the tokenizer must cover at least half of the config's
+    ``vocab_size`` and no more than all of it: without its vocabulary files transformers builds
+    an empty tokenizer that maps every word to ``[UNK]`` (byte-level tokenizers such as ByT5's
+    need no file and pass), and a larger one is another model's.
+
+    Raises:
+        FileNotFoundError: no directory, no ``config.json``, or no tokenizer file.
+        ValueError: a damaged ``config.json``, a tokenizer that does not load, or one far
+            smaller or larger than the model's vocabulary.
+    """
+    from transformers import AutoTokenizer
+
+    config = read_model_config(model_path)
+    require_native_model(model_path, config, trust_remote_code)
+    _require_tokenizer_files(model_path, config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{model_path}: cannot load the tokenizer ({one_line(error)})") from error
+    vocab_size = config_vocab_size(config)
+    if vocab_size is not None and len(tokenizer) < MIN_TOKENIZER_VOCAB_SHARE * vocab_size:
+        raise ValueError(
+            f"{model_path}: tokenizer has {len(tokenizer)} tokens but config.json has vocab_size {vocab_size}; "
+            "its tokenizer files are missing or belong to another model"
+        )
+    tokenizer_fits(tokenizer, vocab_size, model_path, "config.json has vocab_size {rows}")
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"{model_path}: tokenizer has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The encoder stack of an encoder-decoder model (T5, BART: the part that reads the text),
+    else ``model`` itself."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return model.get_encoder()
+    return model
+
+
+def _model_class(config: dict) -> Any:
+    """The ``*EncoderModel`` class config.json's ``architectures`` names, when transformers has it (T5EncoderModel:
+    ``AutoModel`` would build a whole T5Model with a random decoder), else ``AutoModel``."""
+    import transformers
+
+    for name in config.get("architectures") or []:
+        if isinstance(name, str) and name.endswith("EncoderModel") and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def _require_text_forward(model_path: str, model: nn.Module) -> None:
+    """Refuses a text-image dual encoder (CLIP, SigLIP, ALIGN: a ``text_model``, a ``vision_model`` and
+    ``get_text_features``): its forward needs images. Vision-language models whose forward reads text
+    alone (Idefics3, SmolVLM) have the two towers but no ``get_text_features``."""
+    towers = (getattr(model, "text_model", None), getattr(model, "vision_model", None))
+    if all(isinstance(tower, nn.Module) for tower in towers) and hasattr(model, "get_text_features"):
+        raise ValueError(
+            f"{model_path}: {type(model).__name__} is a text-image dual encoder whose forward needs images; "
+            "pass a text model directory"
+        )
+
+
+def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """Loads a base model (no LM head) offline with ``AutoModel`` (or the ``*EncoderModel`` class its config
+    names: T5EncoderModel); of an encoder-decoder model (T5, sentence-T5), its encoder.
+
+    Raises:
+        FileNotFoundError: no directory, no ``config.json`` or no weight files.
+        ValueError: a damaged ``config.json`` or weight file, weights transformers cannot read, or a
+            text-image dual encoder (CLIP).
+    """
+    from safetensors import SafetensorError
+
+    config = read_model_config(model_path)
+    require_native_model(model_path, config, trust_remote_code)
+    require_weight_files(model_path)
+    try:
+        model = _model_class(config).from_pretrained(
+            model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{model_path}: cannot load the model weights ({one_line(error)})") from error
+    _require_text_forward(model_path, model)
+    return encoder_of(model).to(device)

