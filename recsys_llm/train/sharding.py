@@ -187,8 +187,21 @@ def find_tables(model: nn.Module) -> Dict[str, Tuple[str, EmbeddingBagCollection
     """Every EBC table of an unsharded model: table name -> (module path, EBC).
 
     Raises:
-        ValueError: two EBCs define a table of the same name (the planner keys constraints by name).
+        ValueError: two EBCs define a table of the same name (the planner keys constraints by name),
+            or one EBC is registered under two module paths (e.g. a torchrec model kept whole
+            inside an adapter that also holds its EBC): DMP would shard it once, log errors for
+            the other path, and every gathered state dict and export would hold its tables twice.
     """
+    paths: Dict[int, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, EmbeddingBagCollection):
+            first = paths.setdefault(id(module), path)
+            if first != path:
+                raise ValueError(
+                    f"one EmbeddingBagCollection is registered twice, at {first!r} and {path!r}; each table needs "
+                    "one path for the planner: register the wrapped model's other modules (its arches) instead of "
+                    "the whole model, as recsys_llm.models.dlrm.DLRMBackbone does for torchrec's DLRM"
+                )
     tables: Dict[str, Tuple[str, EmbeddingBagCollection]] = {}
     for path, module in model.named_modules():
         if isinstance(module, EmbeddingBagCollection):

@@ -21,6 +21,7 @@ from recsys_llm.train.sharding import (
     build_constraints,
     build_optimizer,
     embedding_kernels,
+    find_tables,
     ranks_holding_tables,
     shard_model,
     table_placements,
@@ -237,6 +238,20 @@ class TestConstraints:
             build_constraints(task, ShardingConfig(sharding_types=["data_parallel"], frozen_tables=["t_item_id"]))
         with pytest.raises(ValueError, match="table_constraints.t_x: unknown keys"):
             ShardingConfig(table_constraints={"t_x": {"kernel": ["fused"]}})
+
+    def test_an_ebc_registered_at_two_paths_is_refused(self, synthetic_schema: DatasetSchema) -> None:
+        """An adapter that keeps a torchrec model whole and also holds its EBC: one table, two paths."""
+        from torchrec.models.deepfm import SimpleDeepFMNN
+
+        backbone = build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta"))
+        ebc = backbone.embedding_bag_collection
+        backbone.wrapped = SimpleDeepFMNN(len(synthetic_schema.dense_fields), ebc, 8, 4)
+        task = CTRTask(backbone)
+        with pytest.raises(ValueError, match=r"registered twice, at 'model.embedding_bag_collection' and "
+                                             r"'model.wrapped.sparse_arch.embedding_bag_collection'"):
+            shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(), batch_size=8)
+        del backbone.wrapped
+        assert set(find_tables(task)) == {c.name for c in ebc.embedding_bag_configs()}
 
     def test_a_table_optimizer_the_cpu_kernels_lack_is_refused_before_sharding(self, synthetic_schema) -> None:
         task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
