@@ -1,7 +1,7 @@
 """LLM vectors into a CTR model's input: as extra fields, or as DLRM dense features.
 
 ELEC's gain network (Dong, Ouyang, Liu, SIGIR 2025) reads the CTR-adapted LLM's
-representation r next to the tabular input. Two plug-ins:
+representation r next to the tabular input. Three plug-ins:
 
 * :class:`VectorFieldInjection` projects r to ``E`` extra field embeddings that take part
   in the backbone's feature interactions like any EBC field
@@ -65,6 +65,11 @@ class VectorFieldInjection(nn.Module):
         self.projection = nn.Linear(in_dim, num_fields * embedding_dim)
 
     @property
+    def in_dim(self) -> int:
+        """d, the width of the vector it takes."""
+        return self.projection.in_features
+
+    @property
     def num_fields(self) -> int:
         return self._num_fields
 
@@ -110,6 +115,7 @@ class DLRMDenseInjection(nn.Module):
         check_number("DLRMDenseInjection.in_dim", in_dim, integer=True, minimum=1)
         check_number("DLRMDenseInjection.projected_dim", projected_dim, integer=True, minimum=1, optional=True)
         self.dlrm = dlrm
+        self._in_dim = in_dim
         self.projection = nn.Linear(in_dim, projected_dim) if projected_dim is not None else None
         first = next(m for m in dlrm.dense_arch.modules() if isinstance(m, nn.Linear))
         self._num_dense = first.in_features - (projected_dim if projected_dim is not None else in_dim)
@@ -135,7 +141,7 @@ class DLRMDenseInjection(nn.Module):
         Returns:
             torch.Tensor: logits (B,).
         """
-        vector = vector.to(dense_features.dtype)
+        vector = _checked_vector(vector, self._in_dim, "DLRMDenseInjection").to(dense_features.dtype)
         if self.projection is not None:
             vector = self.projection(vector)  # (B, P)
         dense = torch.cat([dense_features, vector], dim=1)  # (B, Dd + P)

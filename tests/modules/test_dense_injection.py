@@ -93,3 +93,16 @@ class TestDLRMDenseInjection:
             assert "dense_in_features" in str(error)
         else:
             raise AssertionError("a DLRM without room for the vector must be rejected")
+
+    def test_a_vector_of_another_width_is_named(self):
+        """Not a matmul error from the projection or the DLRM's dense arch."""
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name="t_user", embedding_dim=8, num_embeddings=10, feature_names=["user_id"]),
+            EmbeddingBagConfig(name="t_item", embedding_dim=8, num_embeddings=12, feature_names=["item_id"]),
+        ])
+        dense, kjt = torch.randn(4, 3), _kjt(4)
+        for projected_dim, dense_in in ((5, 3 + 5), (None, 3 + 6)):
+            model = DLRMDenseInjection(DLRM(ebc, dense_in, [8], [4, 1]), in_dim=6, projected_dim=projected_dim)
+            assert model(dense, kjt, torch.randn(4, 6)).shape == (4,)
+            with pytest.raises(ValueError, match=r"^DLRMDenseInjection: the LLM vector is \(4, 7\), expected \(B, 6\)"):
+                model(dense, kjt, torch.randn(4, 7))
