@@ -135,7 +135,8 @@ class SemanticTableTask(CTRTask):
     Args:
         model (CTRBackbone): backbone built with ``num_extra_fields = field_injection.num_fields``.
         semantic_table (SemanticTable): the frozen entity vectors.
-        field_injection (nn.Module): (B, K * d) -> (B, E, D), e.g. ``VectorFieldInjection``.
+        field_injection (nn.Module): (B, K * d) -> (B, E, D), e.g. ``VectorFieldInjection(K * d, D, E)``
+            (an injection with an ``in_dim`` other than ``semantic_table.output_dim`` is refused).
         logit_terms (Optional[Dict[str, nn.Module]]): as in ``CTRTask``.
         loss_terms (Optional[Dict[str, nn.Module]]): as in ``CTRTask``.
     """
@@ -148,6 +149,14 @@ class SemanticTableTask(CTRTask):
         logit_terms: Optional[Dict[str, nn.Module]] = None,
         loss_terms: Optional[Dict[str, nn.Module]] = None,
     ) -> None:
+        in_dim = getattr(field_injection, "in_dim", None)
+        if in_dim is not None and in_dim != semantic_table.output_dim:
+            raise ValueError(
+                f"SemanticTableTask: the field injection takes vectors of width {in_dim}, the semantic table gives "
+                f"{semantic_table.output_dim} ({len(semantic_table.feature_names)} entities "
+                f"{semantic_table.feature_names} x dim {semantic_table.dim}, concatenated): build it with "
+                f"in_dim={semantic_table.output_dim}"
+            )
         super().__init__(model, field_injection=field_injection, logit_terms=logit_terms, loss_terms=loss_terms)
         self.semantic_table = semantic_table
 

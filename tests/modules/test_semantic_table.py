@@ -65,6 +65,25 @@ class TestSemanticTable:
                                                r"device, not allocated yet; call it after shard_model"):
             load_semantic_vectors(module, "semantic_item_id", str(tmp_path / "items"))
 
+    def test_an_injection_of_another_width_than_the_table_is_refused(self):
+        """Two entities give K * d values per row: an injection built for d fails when built, not at the first step."""
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+        from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+        from recsys_llm.modules.dense_injection import VectorFieldInjection
+        from recsys_llm.modules.semantic_table import SemanticTableTask
+
+        schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
+                                     FieldSpec("age", "dense")])
+        config = SMOKE_CONFIGS["deepfm"]
+        backbone = build_backbone(config, schema, num_extra_fields=1, device=torch.device("cpu"))
+        table = SemanticTable({"user_id": 3, "item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
+        with pytest.raises(ValueError, match=rf"SemanticTableTask: the field injection takes vectors of width {DIM}, "
+                                             rf"the semantic table gives {2 * DIM} \(2 entities .* build it with "
+                                             rf"in_dim={2 * DIM}"):
+            SemanticTableTask(backbone, table, VectorFieldInjection(DIM, config.embedding_dim))
+        task = SemanticTableTask(backbone, table, VectorFieldInjection(2 * DIM, config.embedding_dim))
+        assert task.field_injection.in_dim == table.output_dim
+
     def test_a_hashed_entity_field_gets_no_entity_table(self):
         """Folded ids share table rows: one vector per row would belong to several entities."""
         from recsys_llm.data.schema import DatasetSchema, FieldSpec
