@@ -59,3 +59,37 @@ def test_the_method_notes_the_design_cites_are_in_the_repository() -> None:
     assert "[`methods.md`](methods.md) §1" in design and "[`methods.md`](methods.md) §2" in design
     assert "`METHODS.md`" not in design
     assert "\n## 1. LLaCTR" in methods and "\n## 2. ELEC" in methods
+
+
+def test_the_guides_recipe_for_torchrecs_deepfm_gives_its_logits_and_shards_once() -> None:
+    """docs/usage.md §5's ``DeepFMBackbone``: torchrec's own logits, and one path per EBC for the planner."""
+    import re
+
+    import torch
+    from torchrec.models.deepfm import SimpleDeepFMNN
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_llm.models.base import CTRBackbone
+    from recsys_llm.train.sharding import find_tables
+    from recsys_llm.train.task import CTRTask
+
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", _read("docs", "usage.md"), re.S) if "DeepFMBackbone" in b]
+    assert len(blocks) == 1
+    scope = {"CTRBackbone": CTRBackbone, "SimpleDeepFMNN": SimpleDeepFMNN}
+    exec(blocks[0], scope)
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="t_user", embedding_dim=8, num_embeddings=10, feature_names=["user_id", "friend_id"]),
+        EmbeddingBagConfig(name="t_item", embedding_dim=8, num_embeddings=10, feature_names=["item_id"]),
+    ])
+    deepfm = SimpleDeepFMNN(2, ebc, hidden_layer_size=8, deep_fm_dimension=4)
+    backbone = scope["DeepFMBackbone"](deepfm, 2)
+    dense = torch.randn(3, 2)
+    kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "friend_id", "item_id"], torch.arange(9),
+                                              torch.ones(9, dtype=torch.int32))
+    output = backbone(dense, kjt)
+    torch.testing.assert_close(output.logits, deepfm(dense, kjt).squeeze(-1))
+    assert output.representation.shape == (3, backbone.representation_dim)
+    assert set(find_tables(CTRTask(backbone))) == {"t_user", "t_item"}  # not refused: one path per EBC
