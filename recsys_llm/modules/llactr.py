@@ -77,18 +77,20 @@ class LLaCTRConfig:
 
 
 def _find_ebc(model: nn.Module) -> EmbeddingBagCollection:
-    """The EBC of a CTRBackbone (``embedding_bag_collection``) or a torchrec DLRM (``sparse_arch``)."""
+    """The EBC of a CTRBackbone (``embedding_bag_collection``), a torchrec DLRM or DeepFM
+    (``sparse_arch``) or a CTRTask (``model``)."""
     if isinstance(model, EmbeddingBagCollection):
         return model
-    for path in ("embedding_bag_collection", "sparse_arch.embedding_bag_collection"):
+    paths = ("embedding_bag_collection", "sparse_arch.embedding_bag_collection", "model.embedding_bag_collection")
+    for path in paths:
         module: Any = model
         for part in path.split("."):
             module = getattr(module, part, None)
         if isinstance(module, EmbeddingBagCollection):
             return module
     raise ValueError(
-        f"{type(model).__name__}: found no EmbeddingBagCollection at .embedding_bag_collection or "
-        ".sparse_arch.embedding_bag_collection; pass the EBC itself"
+        f"{type(model).__name__}: found no EmbeddingBagCollection at {', '.join('.' + p for p in paths)}; pass the "
+        "backbone whose embeddings the terms read (a TeacherStudentTask's student.model), or the EBC itself"
     )
 
 
@@ -115,7 +117,7 @@ def build_llactr_terms(
     Args:
         config (LLaCTRConfig): vectors path, lambdas, switches.
         schema (DatasetSchema): the data's schema; the vectors must have been made for it.
-        backbone (nn.Module): a CTRBackbone, a torchrec DLRM, or an EBC.
+        backbone (nn.Module): a CTRBackbone, a torchrec DLRM (or SimpleDeepFMNN), a CTRTask, or an EBC.
         device (Optional[torch.device]): where the terms' weights go: the backbone's dense
             device (on one rank DMP moves no dense module); CPU when None.
 

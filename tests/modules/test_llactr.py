@@ -62,6 +62,20 @@ class TestBuildLLaCTRTerms:
         kt = dlrm.sparse_arch.embedding_bag_collection(make_kjt())
         assert logit_terms["fie"].logit(kt).shape == (4,)
 
+    def test_a_task_is_read_through_its_backbone_and_a_module_without_an_ebc_is_named(self, tmp_path) -> None:
+        from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
+
+        schema = _schema()
+        path = _vectors(tmp_path, schema)
+        task = CTRTask(LinearBackbone(make_ebc(dim=8), num_dense_features=1))
+        _, loss_terms, _ = build_llactr_terms(LLaCTRConfig(path, use_fie=False), schema, task)
+        assert loss_terms["fre"].feature_names == ["user_id", "genre", "item_id"]
+        pair = TeacherStudentTask(CTRTask(LinearBackbone(make_ebc(dim=8), 1)), task, TeacherStudentConfig(beta=0))
+        with pytest.raises(ValueError, match=r"TeacherStudentTask: found no EmbeddingBagCollection at "
+                                             r"\.embedding_bag_collection, .*; pass the backbone whose embeddings the "
+                                             r"terms read \(a TeacherStudentTask's student.model\), or the EBC itself"):
+            build_llactr_terms(LLaCTRConfig(path), schema, pair)
+
     @pytest.mark.parametrize("switches", [{}, {"use_fre": False}, {"use_fie": False}])
     def test_fields_of_several_dims_are_refused_when_built(self, tmp_path, switches) -> None:
         """FIE pairs and FRE compares the fields' embeddings: both need one dim, known at build time."""
