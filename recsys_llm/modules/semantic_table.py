@@ -34,7 +34,10 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
 from recsys_llm.models.embedding import require_allocated
 from recsys_llm.semantics.vector_reader import key_range, read_vector_rows
-from recsys_llm.train.task import CTRTask
+from recsys_llm.train.task import CTRTask, checked_term
+
+# a leaf of the training pipeline's fx trace (it checks a term's shape at run time)
+torch.fx.wrap("checked_term")
 
 TABLE_PREFIX = "semantic_"
 
@@ -165,8 +168,8 @@ class SemanticTableTask(CTRTask):
         extra_fields = self.field_injection(vectors)  # (B, E, D)
         output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
         logits = output.logits
-        for term in self.logit_terms.values():
-            logits = logits + term(output)
+        for name, term in self.logit_terms.items():
+            logits = logits + checked_term(term(output), "logit", name)
         return CTROutput(logits, output.representation, output.embeddings)
 
 

@@ -49,12 +49,13 @@ from recsys_llm.modules.distillation import (
     RepresentationDistillation,
     ScoreDistillation,
 )
-from recsys_llm.train.task import required_extra
+from recsys_llm.train.task import checked_term, required_extra
 
 MODES = ("joint", "frozen", "offline")
 
-# a leaf of the training pipeline's trace (it looks into the batch's extras at run time)
+# leaves of the training pipeline's trace (they look into the batch's extras, or check a term's shape, at run time)
 torch.fx.wrap("required_extra")
+torch.fx.wrap("checked_term")
 
 
 @dataclasses.dataclass
@@ -204,8 +205,8 @@ class TeacherStudentTask(nn.Module):
             return output.logits, output.representation, torch.zeros((), device=output.logits.device)
         output = self.teacher.predict(batch)
         loss = labeled_bce(output.logits, batch)
-        for term in self.teacher.loss_terms.values():
-            loss = loss + term(output, batch)
+        for name, term in self.teacher.loss_terms.items():
+            loss = loss + checked_term(term(output, batch), "loss", name)
         return output.logits, output.representation, loss
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -221,8 +222,8 @@ class TeacherStudentTask(nn.Module):
         teacher_logits, teacher_representation, teacher_loss = self._teacher_outputs(batch)
         output = self.student.predict(batch)
         loss = labeled_bce(output.logits, batch)
-        for term in self.student.loss_terms.values():
-            loss = loss + term(output, batch)
+        for name, term in self.student.loss_terms.items():
+            loss = loss + checked_term(term(output, batch), "loss", name)
         if self._config.alpha > 0:
             loss = loss + self._config.alpha * self.score_kd(output.logits, teacher_logits.detach())
         if self.repr_kd is not None:

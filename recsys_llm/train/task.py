@@ -26,6 +26,20 @@ def required_extra(extras: Dict[str, torch.Tensor], key: str, purpose: str) -> t
     return extras[key]
 
 
+@torch.fx.wrap  # a leaf of the pipeline's trace: the shape is checked at run time
+def checked_term(value: torch.Tensor, kind: str, name: str) -> torch.Tensor:
+    """``value`` as it is when a ``kind`` ("logit" or "loss") term gives its shape: (B,) for a
+    logit term, a scalar for a loss term; raises otherwise, naming the term (a loss term in
+    ``logit_terms`` would add its scalar to every logit, silently)."""
+    if value.dim() != (1 if kind == "logit" else 0):
+        raise ValueError(
+            f"{kind} term {name!r} returned shape {tuple(value.shape)}; a logit term returns (B,), one value per row, "
+            "and a loss term a scalar: is it in the wrong dict? (LLaCTR's FIE is a logit term and FRE a loss term; "
+            "build_llactr_terms returns (logit_terms, loss_terms, provenance) in that order)"
+        )
+    return value
+
+
 class CTRTask(nn.Module):
     """Trains a backbone with optional field injection, logit terms and loss terms.
 
@@ -84,13 +98,13 @@ class CTRTask(nn.Module):
             extra_fields = self.field_injection(vector)  # (B, E, D)
         output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
         logits = output.logits
-        for term in self.logit_terms.values():
-            logits = logits + term(output)
+        for name, term in self.logit_terms.items():
+            logits = logits + checked_term(term(output), "logit", name)
         return CTROutput(logits, output.representation, output.embeddings)
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         output = self.predict(batch)
         loss = self.loss_fn(output.logits, batch.labels)
-        for term in self.loss_terms.values():
-            loss = loss + term(output, batch)
+        for name, term in self.loss_terms.items():
+            loss = loss + checked_term(term(output, batch), "loss", name)
         return loss, (loss.detach(), output.logits.detach(), batch.labels)

@@ -140,6 +140,30 @@ class TestMistakesAreNamed:
         torch.testing.assert_close(traced(batch.dense_features, batch.sparse_features).logits,
                                    Concatenating(_ebc())(batch.dense_features, batch.sparse_features).logits)
 
+    def test_a_term_in_the_wrong_dict_is_named_not_broadcast(self) -> None:
+        """FRE's scalar as a logit term would shift every logit; a per-row loss would make the loss (B,)."""
+        from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+        from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
+
+        class PerRowLoss(nn.Module):
+            def forward(self, output: CTROutput, batch: Batch) -> torch.Tensor:
+                return output.logits.pow(2)  # (B,): not reduced
+
+        fre = FieldRepresentationEnhancement(torch.randn(2, 6), ["item_id", "city"], 4)
+        fie = FieldInteractionEnhancement(torch.randn(2, 6), ["item_id", "city"])
+        batch = _batch()
+        with pytest.raises(ValueError, match=r"^logit term 'fre' returned shape \(\); a logit term returns \(B,\), one "
+                                             r"value per row, and a loss term a scalar: is it in the wrong dict\?"):
+            CTRTask(Concatenating(_ebc()), logit_terms={"fre": fre}, loss_terms={"fie": fie})(batch)
+        with pytest.raises(ValueError, match=r"^loss term 'sq' returned shape \(6,\)"):
+            CTRTask(Concatenating(_ebc()), loss_terms={"sq": PerRowLoss()})(batch)
+        student = CTRTask(Concatenating(_ebc()), loss_terms={"sq": PerRowLoss()})
+        pair = TeacherStudentTask(CTRTask(Concatenating(_ebc())), student, TeacherStudentConfig(beta=0))
+        with pytest.raises(ValueError, match=r"^loss term 'sq' returned shape \(6,\)"):
+            pair(batch)
+        loss, _ = CTRTask(Concatenating(_ebc()), logit_terms={"fie": fie}, loss_terms={"fre": fre})(batch)
+        assert loss.dim() == 0
+
     def test_a_representation_other_than_declared(self) -> None:
         from recsys_llm.modules.distillation import RepresentationDistillation
 
