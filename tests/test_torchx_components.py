@@ -126,7 +126,7 @@ class TestTrainedComponent:
     def test_teacher_outputs_over_ranks(self) -> None:
         app = from_cli("trained", ["--job", "teacher-outputs", "--config", "c.yaml", "--checkpoint", "runs/gain",
                                    "--nproc_per_node", "2", "--", "--output-dir", "data/t", "elec.task=gain"])
-        assert app.roles[0].name == "teacher-outputs" and app.name == "teacher-outputs"
+        assert app.roles[0].name == "teacher" and app.name == "teacher-outputs"
         words = command_of(app)
         assert words[words.index("-m"):] == [
             "-m", "recsys_llm.cli", "teacher-outputs", "--checkpoint", "runs/gain", "--config", "c.yaml",
@@ -157,7 +157,7 @@ class TestEncodeComponent:
         app = from_cli("encode", ["--job", "export", "--nproc_per_node", "2", "--gpu", "2", "--",
                                   "--schema", "data/s/schema.json", "--output", "v"])
         role = app.roles[0]
-        assert role.name == "semantics-export" and role.resource.gpu == 2
+        assert role.name == "semantics" and role.resource.gpu == 2
         words = command_of(app)
         assert words[words.index("-m"):] == [
             "-m", "recsys_llm.cli", "semantics", "export", "--schema", "data/s/schema.json", "--output", "v"
@@ -190,7 +190,7 @@ class TestEncodeComponent:
                 load("encode")(job, nproc_per_node=2)
             with pytest.raises(ValueError, match="runs as one process"):
                 load("encode")(job, nnodes=2)
-            assert load("encode")(job).roles[0].name == f"semantics-{job}"
+            assert load("encode")(job).roles[0].name == "semantics"
 
 
 class TestBenchComponent:
@@ -199,11 +199,32 @@ class TestBenchComponent:
         words = command_of(app)
         script_at = words.index("benchmarks/train_throughput.py")
         assert words[script_at + 1:] == ["--json", "out/train_throughput.json", "--plot", "out/train_throughput.png", "--quick"]
-        assert app.roles[0].name == "bench-train-throughput"
+        assert app.roles[0].name == "bench"
 
     def test_name_must_be_a_script_name(self) -> None:
         with pytest.raises(ValueError, match="without .py"):
             load("bench")("../etc/passwd")
+
+
+def test_multi_host_replicas_find_rank_0_on_kubernetes() -> None:
+    """On kubernetes, replicas 1.. reach rank 0 through ``${VC_<ROLE>_0_HOSTS}``: torchx upper-cases the role name as
+    it is (``kubernetes_scheduler.app_to_resource``), Volcano exports the host of task ``<role>-0`` under that name
+    with every ``-`` turned into ``_``. A role name with a ``-`` is no shell variable: bash expanded
+    ``${VC_TEACHER-OUTPUTS_0_HOSTS:=localhost}:29500`` to ``OUTPUTS_0_HOSTS:=localhost:29500``."""
+    from torchx.util.strings import normalize_str
+
+    apps = [load("train")("c.yaml", nnodes=2), load("bench")("train_throughput", nnodes=2),
+            load("encode")("export", nnodes=2)]
+    apps += [load("trained")(job, "runs/r", nnodes=2) for job in ("evaluate", "export", "teacher-outputs")]
+    for app in apps:
+        role = app.roles[0]
+        torchx_env = f"VC_{normalize_str(role.name)}_0_HOSTS".upper()
+        volcano_env = "VC_" + normalize_str(f"{role.name}-0").replace("-", "_").upper() + "_HOSTS"
+        command = macros.Values(img_root="", app_id="a", replica_id="1", rank0_env=torchx_env).apply(role).args[1]
+        endpoint = shlex.split(command)[shlex.split(command).index("--rdzv_endpoint") + 1]
+        shell = subprocess.run(["bash", "-c", f"echo {endpoint}"], env={volcano_env: "rank0-host"},
+                               capture_output=True, text=True, check=True)
+        assert shell.stdout.strip() == "rank0-host:29500", (role.name, endpoint, shell.stdout)
 
 
 def tiny_config(tmp_path: Path) -> Path:

@@ -80,5 +80,7 @@ def bench(
         env=dict(env or {}),
         mounts=mounts,
     )
-    app.roles[0].name = f"bench-{name.replace('_', '-')}"
+    # the role name must be [a-z0-9]+: on kubernetes replicas 1.. reach rank 0 through ${VC_<ROLE>_0_HOSTS}, which
+    # torchx spells with the role name as it is and Volcano with '-' turned into '_' (a '-' also breaks bash)
+    app.roles[0].name = "bench"
     return app

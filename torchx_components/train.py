@@ -88,5 +88,7 @@ def train(
         rdzv_backend=rdzv_backend,
         mounts=mounts,
     )
+    # the role name must be [a-z0-9]+: on kubernetes replicas 1.. reach rank 0 through ${VC_<ROLE>_0_HOSTS}, which
+    # torchx spells with the role name as it is and Volcano with '-' turned into '_' (a '-' also breaks bash)
     app.roles[0].name = "trainer"
     return app
