@@ -227,6 +227,31 @@ def test_multi_host_replicas_find_rank_0_on_kubernetes() -> None:
         assert shell.stdout.strip() == "rank0-host:29500", (role.name, endpoint, shell.stdout)
 
 
+def test_launch_docs_torchxconfig_is_read_as_written(tmp_path: Path) -> None:
+    """The ``.torchxconfig`` shown in docs/launch.md, copied as is, gives torchx the values it names (torchx's
+    configparser takes no inline comments: ``scheduler = local_cwd  # default -s`` named no scheduler), and so does
+    the repository's own file."""
+    import re
+
+    from torchx.runner.config import get_config, load
+
+    block = re.search(r"## `.torchxconfig`\n\n```ini\n(.*?)```", (REPO_ROOT / "docs" / "launch.md").read_text(), re.S)
+    for text in (block.group(1), (REPO_ROOT / ".torchxconfig").read_text()):
+        path = tmp_path / ".torchxconfig"
+        path.write_text(text)
+        config: dict = {}
+        with open(path) as file:
+            load("local_cwd", file, config)
+        assert config == {"log_dir": "runs/torchx_logs"}
+        assert get_config("cli", "run", "scheduler", dirs=[str(tmp_path)]) == "local_cwd"
+        for scheduler, expected in (("kubernetes", {"queue": "default", "namespace": "default"}),
+                                    ("slurm", {"partition": "gpu", "time": "12:00:00"})):
+            config = {}
+            with open(path) as file:
+                load(scheduler, file, config)
+            assert config == expected, scheduler
+
+
 def tiny_config(tmp_path: Path) -> Path:
     """Generates a tiny synthetic data set and a config training a small DeepFM on it."""
     from recsys_llm.data.synthetic import generate_synthetic
