@@ -252,6 +252,23 @@ def test_launch_docs_torchxconfig_is_read_as_written(tmp_path: Path) -> None:
             assert config == expected, scheduler
 
 
+def test_kubernetes_training_examples_keep_the_run_dir_on_a_mounted_volume() -> None:
+    """Every rank writes its checkpoint shards into train.run_dir and a retried pod is a fresh container: the
+    documented kubernetes training commands put the run directory on one of their ``--mounts`` (the configs'
+    ``runs/...`` is inside the container, a different directory on each host)."""
+    examples = []
+    for doc in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "launch.md"):
+        for command in doc.read_text().replace("\\\n", " ").splitlines():
+            if "torchx run -s kubernetes" in command and "train.py:train" in command:
+                examples.append((doc.name, shlex.split(command.split("#")[0])))
+    assert examples
+    for doc, words in examples:
+        mounts = words[words.index("--mounts") + 1].split(",") if "--mounts" in words else []
+        destinations = [item.split("=", 1)[1].rstrip("/") + "/" for item in mounts if item.startswith("dst=")]
+        run_dirs = [word.split("=", 1)[1] for word in words if word.startswith("train.run_dir=")]
+        assert run_dirs and any(run_dirs[-1].startswith(dst) for dst in destinations), (doc, " ".join(words))
+
+
 def tiny_config(tmp_path: Path) -> Path:
     """Generates a tiny synthetic data set and a config training a small DeepFM on it."""
     from recsys_llm.data.synthetic import generate_synthetic
