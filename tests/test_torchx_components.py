@@ -114,6 +114,15 @@ class TestTrainComponent:
         with pytest.raises(ValueError, match=r"gpu=1 per host for nproc_per_node=2 workers"):
             load("encode")("export", nproc_per_node=2, gpu=1)
 
+    def test_named_resource_with_fewer_gpus_than_workers_is_refused(self) -> None:
+        """A named resource's GPUs count, not --gpu (which it overrides): aws_g5.xlarge has one."""
+        for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r")),
+                           ("bench", ("train_throughput",)), ("encode", ("export",))):
+            with pytest.raises(ValueError, match=r"named_resource=aws_g5.xlarge has 1 GPU\(s\) per host for "
+                                                 r"nproc_per_node=2 workers"):
+                load(name)(*args, nproc_per_node=2, named_resource="aws_g5.xlarge")
+            assert load(name)(*args, nproc_per_node=8, named_resource="aws_p4d.24xlarge").roles[0].resource.gpu == 8
+
     def test_help_lists_documented_parameters(self) -> None:
         for name in COMPONENTS:
             text = _create_args_parser(load(name)).format_help()

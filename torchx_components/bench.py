@@ -59,7 +59,13 @@ def bench(
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
         )
-    if 0 < gpu < nproc_per_node:  # two NCCL ranks on one GPU fail at their first collective
+    if named_resource:  # it sets the host's GPUs, whatever --gpu says
+        gpus = specs.resource(h=named_resource).gpu
+        if 0 < gpus < nproc_per_node:
+            raise ValueError(f"named_resource={named_resource} has {gpus} GPU(s) per host for nproc_per_node="
+                             f"{nproc_per_node} workers: each worker needs a GPU of its own; pass --nproc_per_node "
+                             f"{gpus}, or a named resource with {nproc_per_node} GPUs")
+    elif 0 < gpu < nproc_per_node:  # two NCCL ranks on one GPU fail at their first collective
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
     results = results_dir.rstrip("/") or "."

@@ -71,7 +71,13 @@ def encode(
             f"job {job!r} runs as one process (only export splits its work over workers); every extra worker "
             f"would redo it and write the same output: use nnodes=1 nproc_per_node=1, got {nnodes}x{nproc_per_node}"
         )
-    if 0 < gpu < nproc_per_node:  # each export worker encodes on cuda:LOCAL_RANK
+    if named_resource:  # it sets the host's GPUs, whatever --gpu says
+        gpus = specs.resource(h=named_resource).gpu
+        if 0 < gpus < nproc_per_node:
+            raise ValueError(f"named_resource={named_resource} has {gpus} GPU(s) per host for nproc_per_node="
+                             f"{nproc_per_node} workers: each worker needs a GPU of its own; pass --nproc_per_node "
+                             f"{gpus}, or a named resource with {nproc_per_node} GPUs")
+    elif 0 < gpu < nproc_per_node:  # each export worker encodes on cuda:LOCAL_RANK
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
     app = ddp(
