@@ -5,6 +5,9 @@ lock of the job training there."""
 import fcntl
 import json
 import os
+import socket
+import time
+import uuid
 from typing import IO, Any, Dict, Iterable, List, Optional
 
 import numpy as np
@@ -14,6 +17,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.error_text import telling_line
 from recsys_llm.train.checkpoint import run_dir_of
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig
+from recsys_llm.train.distributed import host_group
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
@@ -24,6 +28,10 @@ RESUMED_EVENT = "resumed"
 # common names, so they do not mark a directory as a run's)
 RUN_MARKERS = (METRICS_FILE, "sharding_plan.json", "checkpoints", "best")
 RUN_LOCK_FILE = ".lock"  # rank 0 of a training job holds an exclusive lock on it
+SHARED_CHECK_FILE = ".shared-check"  # rank 0 writes a token there that every rank must read back
+# seconds a rank waits for rank 0's file to show (a network file system may list a new file late)
+SHARED_CHECK_WAIT_ENV = "RECSYS_LLM_SHARED_DIR_WAIT_S"
+SHARED_CHECK_WAIT_S = 60.0
 # parts of the llactr record that describe where and when, not which, vectors
 VECTOR_RECORD_PLACE_KEYS = frozenset({"config", "vectors", "created_at", "created_by"})
 SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in PLUGINS_FILE: the data set's schema the run trained on
@@ -74,6 +82,84 @@ def lock_run_dir(run_dir: str) -> IO[str]:
             "it to end (or stop it), or use another train.run_dir"
         ) from None
     return handle
+
+
+def _reads_token(path: str, token: str, wait_s: float) -> bool:
+    """Whether the file at ``path`` holds ``token`` within ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                if handle.read() == token:
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(0.5, wait_s))
+
+
+def _nearest_directory(path: str) -> str:
+    """``path`` or its nearest ancestor that is a directory, spelled as ``path`` is (relative stays relative)."""
+    while path and not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path or "."
+
+
+def check_run_dir_shared(run_dir: str, wait_s: Optional[float] = None) -> None:
+    """Raises on every rank unless every rank sees the file rank 0 writes where ``run_dir`` is (collective).
+
+    Every rank reads ``run_dir`` (whether to resume, and from which checkpoint) and writes its
+    checkpoint shards there, so the ranks of a job on several hosts need one shared directory. With a
+    directory local to each host (a path inside each container, or a relative path read from
+    different working directories) a resume went on from a checkpoint on some ranks and from scratch
+    on others, and a new run hung at its end with incomplete checkpoints everywhere. The file goes into
+    ``run_dir``, or while it does not exist yet into its nearest existing parent, and is removed again;
+    a token rather than the file's presence is compared, so one left on a host by an earlier job does
+    not pass. One process, or a parent rank 0 cannot write to (the run would fail there anyway):
+    nothing is checked.
+
+    Args:
+        run_dir (str): ``train.run_dir``.
+        wait_s (Optional[float]): how long a rank waits for the file to show; None: ``$RECSYS_LLM_SHARED_DIR_WAIT_S``,
+            else 60 s.
+
+    Raises:
+        ConfigError: naming the ranks (and their hosts) that do not see rank 0's file.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    if wait_s is None:
+        wait_s = float(os.environ.get(SHARED_CHECK_WAIT_ENV, SHARED_CHECK_WAIT_S))
+    group = host_group()
+    shared: List[Optional[str]] = [None, None]  # (file path, token) as rank 0 wrote them
+    if dist.get_rank() == 0:
+        path, token = os.path.join(_nearest_directory(run_dir), SHARED_CHECK_FILE), uuid.uuid4().hex
+        try:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(token)
+            shared = [path, token]
+        except OSError:
+            pass
+    dist.broadcast_object_list(shared, src=0, group=group)  # after rank 0's write
+    path, token = shared
+    if path is None or token is None:
+        return
+    seen = dist.get_rank() == 0 or _reads_token(path, token, wait_s)
+    answers: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(answers, (socket.gethostname(), seen), group=group)
+    if dist.get_rank() == 0:
+        os.remove(path)
+    blind = [f"rank {rank} on {host}" for rank, (host, sees) in enumerate(answers) if not sees]
+    if blind:
+        raise ConfigError(
+            f"{run_dir}: train.run_dir is not shared by every rank: {', '.join(blind)} did not see the file {path} "
+            f"that rank 0 (on {answers[0][0]}) wrote within {wait_s:g} s. Every rank reads and writes checkpoints in "
+            "train.run_dir: put it on a volume every host mounts at the same path (an absolute path; a relative one "
+            "is read from each rank's working directory)"
+        )
 
 
 def check_run_dir_is_ours(run_dir: str) -> None:

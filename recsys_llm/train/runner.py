@@ -78,6 +78,7 @@ from recsys_llm.train.run_records import (
     SCHEMA_FINGERPRINT_KEY,
     STARTED_EVENT,
     check_run_dir_is_ours,
+    check_run_dir_shared,
     check_same_data,
     check_same_field_vectors,
     check_trained_on,
@@ -164,6 +165,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     seed_everything(config.train.seed)
     train_cfg = config.train
     run_dir = train_cfg.run_dir  # created only once every check has passed: a refused run leaves nothing
+    check_run_dir_shared(run_dir)  # before any rank decides from what it finds there (whether to resume, ...)
     check_run_dir_is_ours(run_dir)
     _, elec = parse_plugin_sections(config)  # before the data is made: a bad llactr / elec value is refused at once
     if elec is not None and not os.path.exists(os.path.join(run_dir, "config.yaml")):  # a new run

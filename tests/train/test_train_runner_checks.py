@@ -1,8 +1,10 @@
 """The runner's checks of a run's inputs and records that need no training: a mistyped cold-item
-column, and a damaged ``plugins.json`` / ``results.json`` in a run directory."""
+column, a damaged ``plugins.json`` / ``results.json`` in a run directory, and a run directory that
+not every rank sees."""
 
 import os
 import shutil
+from typing import List
 
 import pytest
 
@@ -122,3 +124,67 @@ def test_a_new_offline_student_run_refuses_entity_exports_it_would_not_read(tmp_
     frozen = ELECConfig.from_dict({"task": "distill", "distill": {"mode": "frozen"}, "teacher_checkpoint": "t",
                                    "vector_source": "entity_table", "entity_tables": {"item_id": "vectors/items"}})
     check_offline_reads_no_vectors(frozen)  # a frozen teacher's exports are checked when they are loaded
+
+
+def _train_from(working_dir: str, schema_dir: str) -> str:
+    """Trains into the relative train.run_dir ``runs/x`` from ``working_dir`` (one per rank: as if each host had its
+    own disk); returns the error."""
+    from recsys_llm.train.run_records import SHARED_CHECK_WAIT_ENV
+    from recsys_llm.train.runner import run_training
+
+    os.environ[SHARED_CHECK_WAIT_ENV] = "1"
+    os.makedirs(working_dir, exist_ok=True)
+    os.chdir(working_dir)
+    try:
+        run_training(_config(schema_dir, "train.run_dir=runs/x", "train.epochs=1", "train.max_steps=1"))
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
+def _per_rank_working_dir(root: str, schema_dir: str) -> str:
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    error = _train_from(os.path.join(root, f"host{rank}"), schema_dir)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return error
+
+
+@pytest.mark.multiprocess
+def test_a_run_dir_that_not_every_rank_sees_is_refused_before_any_rank_reads_it(synthetic_dir: str, tmp_path) -> None:
+    """A relative train.run_dir from two working directories (or a path inside each host's container): rank 1 would
+    decide from its own, empty, directory whether to resume, and write its checkpoint shards where rank 0 never
+    reads them."""
+    from tests.multiprocess import run_multiprocess
+
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, "host0", "runs", "x"))  # rank 0's host holds an earlier run's directory
+    errors = run_multiprocess(_per_rank_working_dir, world_size=2, root=root, schema_dir=synthetic_dir)
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("runs/x: train.run_dir is not shared by every rank: rank 1 on ")
+    assert "did not see the file runs/x/.shared-check that rank 0 (on " in errors[0]
+    assert "put it on a volume every host mounts at the same path" in errors[0]
+    assert os.listdir(os.path.join(root, "host0", "runs", "x")) == []  # the check's file is gone again
+    assert not os.path.exists(os.path.join(root, "host1", "runs"))  # nothing written on rank 1's side
+
+
+def _shared_check(run_dir: str) -> List[str]:
+    from recsys_llm.train.distributed import barrier, init_distributed
+    from recsys_llm.train.run_records import check_run_dir_shared
+
+    init_distributed("cpu")
+    check_run_dir_shared(run_dir, wait_s=1)
+    barrier()  # rank 0 has removed the file
+    return sorted(os.listdir(os.path.dirname(run_dir)))
+
+
+@pytest.mark.multiprocess
+def test_a_shared_run_dir_passes_and_keeps_nothing_of_the_check(tmp_path) -> None:
+    """A new run's directory does not exist yet: the file goes into its nearest parent, and is removed."""
+    from tests.multiprocess import run_multiprocess
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "earlier").mkdir()
+    assert run_multiprocess(_shared_check, world_size=2, run_dir=str(tmp_path / "runs" / "new")) == [["earlier"]] * 2
