@@ -123,6 +123,18 @@ class TestTrainComponent:
                 load(name)(*args, nproc_per_node=2, named_resource="aws_g5.xlarge")
             assert load(name)(*args, nproc_per_node=8, named_resource="aws_p4d.24xlarge").roles[0].resource.gpu == 8
 
+    def test_several_workers_share_the_hosts_cpus(self) -> None:
+        """torchrun gives every worker of several OMP_NUM_THREADS=1: 64 CPUs for 8 workers ran 8 threads."""
+        for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r")),
+                           ("bench", ("train_throughput",)), ("encode", ("export",))):
+            assert load(name)(*args, nproc_per_node=8, cpu=64).roles[0].env["OMP_NUM_THREADS"] == "8", name
+            assert load(name)(*args, nproc_per_node=3, cpu=2).roles[0].env["OMP_NUM_THREADS"] == "1", name
+            chosen = load(name)(*args, nproc_per_node=8, cpu=64, env={"OMP_NUM_THREADS": "2"})
+            assert chosen.roles[0].env["OMP_NUM_THREADS"] == "2", name
+            assert "OMP_NUM_THREADS" not in load(name)(*args, cpu=64).roles[0].env, name  # torchrun leaves one alone
+        big = load("train")("c.yaml", nproc_per_node=8, named_resource="aws_p4d.24xlarge").roles[0]
+        assert big.env["OMP_NUM_THREADS"] == str(big.resource.cpu // 8)
+
     def test_help_lists_documented_parameters(self) -> None:
         for name in COMPONENTS:
             text = _create_args_parser(load(name)).format_help()

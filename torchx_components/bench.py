@@ -49,7 +49,8 @@ def bench(
         memMB: host memory in MB per host
         named_resource: a torchx named resource; takes precedence over cpu, gpu and memMB
         image: container image with the project installed (ignored by local_cwd)
-        env: extra environment variables
+        env: extra environment variables; with several workers per
+            host, OMP_NUM_THREADS defaults to cpu / nproc_per_node
         mounts: mounts in the container, e.g. type=bind,src=/data,dst=/data
         job_name: job name as {experiment}/{run}; defaults to recsys_llm/bench-NAME
     """
@@ -69,6 +70,10 @@ def bench(
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
     results = results_dir.rstrip("/") or "."
+    worker_env = dict(env or {})
+    if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs
+        host_cpus = specs.resource(h=named_resource).cpu if named_resource else cpu
+        worker_env.setdefault("OMP_NUM_THREADS", str(max(1, host_cpus // nproc_per_node)))
     app = ddp(
         "--json",
         f"{results}/{name}.json",
@@ -83,7 +88,7 @@ def bench(
         gpu=gpu,
         memMB=memMB,
         j=f"{nnodes}x{nproc_per_node}",
-        env=dict(env or {}),
+        env=worker_env,
         mounts=mounts,
     )
     # the role name must be [a-z0-9]+: on kubernetes replicas 1.. reach rank 0 through ${VC_<ROLE>_0_HOSTS}, which

@@ -53,7 +53,8 @@ def encode(
         memMB: host memory in MB per host
         named_resource: a torchx named resource; takes precedence over cpu, gpu and memMB
         image: container image with the project and the LLM weights (ignored by local_cwd)
-        env: extra environment variables (e.g. HF_HOME=/models,HF_HUB_OFFLINE=1)
+        env: extra environment variables (e.g. HF_HOME=/models,HF_HUB_OFFLINE=1); with several workers per
+            host, OMP_NUM_THREADS defaults to cpu / nproc_per_node
         max_retries: scheduler retries of the whole job
         rdzv_backend: torchrun rendezvous backend (c10d or static)
         rdzv_port: port on rank 0's host for the c10d store (multi-host only)
@@ -80,6 +81,10 @@ def encode(
     elif 0 < gpu < nproc_per_node:  # each export worker encodes on cuda:LOCAL_RANK
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
+    worker_env = dict(env or {})
+    if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs
+        host_cpus = specs.resource(h=named_resource).cpu if named_resource else cpu
+        worker_env.setdefault("OMP_NUM_THREADS", str(max(1, host_cpus // nproc_per_node)))
     app = ddp(
         "semantics",
         job,
@@ -92,7 +97,7 @@ def encode(
         gpu=gpu,
         memMB=memMB,
         j=f"{nnodes}x{nproc_per_node}",
-        env=dict(env or {}),
+        env=worker_env,
         max_retries=max_retries,
         rdzv_port=rdzv_port,
         rdzv_backend=rdzv_backend,

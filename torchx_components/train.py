@@ -52,7 +52,8 @@ def train(
         memMB: host memory in MB per host
         named_resource: a torchx named resource (e.g. aws_p4d.24xlarge); takes precedence over cpu, gpu and memMB
         image: container image with the project installed (ignored by local_cwd, which runs the current directory)
-        env: extra environment variables (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
+        env: extra environment variables (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4); with several workers per
+            host, OMP_NUM_THREADS defaults to cpu / nproc_per_node
         max_retries: scheduler retries of the whole job (resume comes from the run directory's checkpoints)
         rdzv_backend: torchrun rendezvous backend (c10d, or static with one fixed rank-0 host)
         rdzv_port: port on rank 0's host for the c10d store (multi-host only)
@@ -75,6 +76,10 @@ def train(
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ValueError(f"config overrides must look like key=value, got {bad}")
+    worker_env = dict(env or {})
+    if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs
+        host_cpus = specs.resource(h=named_resource).cpu if named_resource else cpu
+        worker_env.setdefault("OMP_NUM_THREADS", str(max(1, host_cpus // nproc_per_node)))
     app = ddp(
         "train",
         "--config",
@@ -88,7 +93,7 @@ def train(
         gpu=gpu,
         memMB=memMB,
         j=f"{nnodes}x{nproc_per_node}",
-        env=dict(env or {}),
+        env=worker_env,
         max_retries=max_retries,
         rdzv_port=rdzv_port,
         rdzv_backend=rdzv_backend,
