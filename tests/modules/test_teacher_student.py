@@ -74,13 +74,14 @@ class TestTeacherStudentTask:
         assert all(p.grad is None or not p.grad.any() for p in task.teacher.parameters())
 
     def test_loss_is_sum_of_terms(self):
-        task = _elec("joint")
+        task = _elec("joint", teacher_loss_weight=0.25)  # alpha 1, beta 0.5, gamma 0.25: each weight shows
         batch = make_batch()
         loss, _ = task(batch)
         t_out, s_out = task.teacher.predict(batch), task.student.predict(batch)
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         expected = (bce(s_out.logits, batch.labels) + 1.0 * task.score_kd(s_out.logits, t_out.logits)
-                    + 0.5 * task.repr_kd(s_out.representation, t_out.representation) + bce(t_out.logits, batch.labels))
+                    + 0.5 * task.repr_kd(s_out.representation, t_out.representation)
+                    + 0.25 * bce(t_out.logits, batch.labels))
         torch.testing.assert_close(loss, expected)
 
     def test_frozen_teacher_unchanged_and_has_no_trainable_params(self, tmp_path):
