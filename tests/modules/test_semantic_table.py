@@ -52,9 +52,10 @@ class TestSemanticTable:
             load_semantic_vectors(module, "semantic_item_id", str(tmp_path / "items"), expected={"model": "big"})
         with pytest.raises(KeyError, match="no embedding table"):
             load_semantic_vectors(module, "semantic_user_id", str(tmp_path / "items"))
-        smaller = SemanticTable({"item_id": NUM_ITEMS - 2}, DIM, device=torch.device("cpu"))
+        # one row short: the largest id (11) is the first row outside the table
+        smaller = SemanticTable({"item_id": NUM_ITEMS - 1}, DIM, device=torch.device("cpu"))
         with pytest.raises(ValueError, match=r"items: holds vectors of ids 0..11, but table 'semantic_item_id' has rows "
-                                             r"0..9; a vector outside it would be dropped"):
+                                             r"0..10; a vector outside it would be dropped"):
             load_semantic_vectors(smaller, "semantic_item_id", str(tmp_path / "items"))
 
     def test_a_table_not_allocated_yet_is_refused(self, tmp_path):
