@@ -107,6 +107,17 @@ class TestTeacherStudentTask:
         for k, v in task.teacher.state_dict().items():
             assert torch.equal(v, before[k]), k
 
+    def test_a_frozen_teacher_builds_no_autograd_graph(self):
+        """Its outputs enter the loss detached, so a graph through it would only cost memory and time."""
+        task = build_elec_task(ELECConfig(task="distill", vector_dim=8, teacher_checkpoint="unused",
+                                          distill=TeacherStudentConfig(mode="frozen", beta=0.5)), SCHEMA, MODEL,
+                               device=CPU)
+        grad_enabled = []
+        task.teacher.model.register_forward_hook(lambda module, inputs, output: grad_enabled.append(
+            (torch.is_grad_enabled(), output.logits.requires_grad)))
+        loss, _ = task(make_batch())
+        assert grad_enabled == [(False, False)] and loss.requires_grad
+
     def test_a_frozen_teacher_from_a_run_or_another_model_says_what_to_pass(self, tmp_path):
         import json
 
