@@ -240,6 +240,29 @@ def test_a_resume_reopens_only_a_run_that_used_up_its_budget(state: TrainState, 
     assert reopened.stop_reason == ("" if not finished else state.stop_reason)
 
 
+def _train_without_improving(schema_dir: str, root: str) -> Dict[str, Any]:
+    run_dir = os.path.join(root, "run")
+    # steps too small to change a float32 weight: every validation gives exactly the first one's AUC
+    still = ["optim.sparse_lr=1e-30", "optim.dense_lr=1e-30"]
+    return {"results": _run(schema_dir, run_dir, ["train.epochs=5", "train.patience=2", *still]),
+            "events": _events(run_dir)}
+
+
+def test_a_run_whose_validation_auc_stops_improving_stops_early_after_patience_evaluations(synthetic_dir: str,
+                                                                                         tmp_path) -> None:
+    (out,) = run_multiprocess(_train_without_improving, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    results, events = out["results"], out["events"]
+    valid = [e for e in events if e["event"] == "valid"]
+    assert len({e["auc"] for e in valid}) == 1, valid  # no validation improves on the first
+    steps_per_epoch = valid[0]["global_step"]
+    # the first evaluation is the best; the 2nd and 3rd are not better: patience 2 is used up after epoch 3 of 5
+    assert [e["epoch"] for e in valid] == [1, 2, 3]
+    assert results["stopped_early"] is True and results["epochs"] == 3
+    assert results["global_step"] == 3 * steps_per_epoch and results["best_step"] == steps_per_epoch
+    assert [(e["global_step"], e["best_step"]) for e in events if e["event"] == "early_stop"] == [
+        (3 * steps_per_epoch, steps_per_epoch)]
+
+
 def _lose_the_periodic_checkpoints(schema_dir: str, root: str) -> Dict[str, Any]:
     run_dir = os.path.join(root, "run")
     out = {"first": _run(schema_dir, run_dir, ["train.epochs=1"])}
