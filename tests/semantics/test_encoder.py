@@ -54,6 +54,19 @@ class TestTextEncoder:
         torch.testing.assert_close(wrapped.encode(SAMPLE_TEXTS), expected, atol=1e-5, rtol=1e-4)
         assert len(wrapped.model_hash) == 16
 
+    def test_encode_runs_in_eval_mode_and_leaves_the_models_mode_as_it_was(self, tiny_llama_dir: str) -> None:
+        """SSFT evaluates (encodes) between training steps: dropout off while encoding, back on after."""
+        model = AutoModel.from_pretrained(tiny_llama_dir)
+        encoder = TextEncoder.from_model(model, AutoTokenizer.from_pretrained(tiny_llama_dir), batch_size=4)
+        modes = []
+        model.register_forward_hook(lambda module, inputs, output: modes.append(module.training))
+        for training in (True, False):
+            model.train(training)
+            encoder.encode(TEXTS[:2], progress=False)
+            assert modes.pop() is False and model.training is training
+        assert encoder.provenance() == {"model_id": encoder.model_id, "model_hash": encoder.model_hash,
+                                        "pooling": "last_token", "max_length": encoder.max_length}
+
     def test_default_minilm_matches_sentence_transformers(self) -> None:
         texts = ["a movie about space travel", "user age in years", "the genre of the film"]
         encoder = TextEncoder(batch_size=2)
