@@ -101,6 +101,23 @@ class TestCachedEncode:
         assert CountingEncoder.calls == 3 and load_vectors(str(path)).keys == ["0", "1"]
 
 
+    def test_a_cache_file_holding_another_number_of_texts_is_encoded_again(self, tmp_path, tiny_llama_dir: str) -> None:
+        """A file under this key whose vectors are not one per text (another entry copied over it) is not returned."""
+        import shutil
+
+        encoder = CountingEncoder(tiny_llama_dir)
+        CountingEncoder.calls = 0
+        texts = ["shade 1", "town 2", "price"]
+        expected = cached_encode(encoder, texts, "t1", str(tmp_path / "a"), progress=False)
+        (path,) = (tmp_path / "a").glob("*.safetensors")
+        cached_encode(encoder, texts[:2], "t1", str(tmp_path / "b"), progress=False)
+        (other,) = (tmp_path / "b").glob("*.safetensors")
+        shutil.copyfile(other, path)  # two vectors under the key of three texts
+        again = cached_encode(encoder, texts, "t1", str(tmp_path / "a"), progress=False)
+        assert CountingEncoder.calls == 3
+        torch.testing.assert_close(again, expected, atol=0, rtol=0)
+        assert load_vectors(str(path)).vectors.shape == (3, expected.size(1))  # replaced
+
 class TestNonFiniteVectors:
     """A NaN vector (e.g. from a model overflowing in float16) must never reach training."""
 
