@@ -63,6 +63,26 @@ class TestSSFT:
         with pytest.raises(ValueError, match=r"other settings \(learning_rate: 0.003 -> 0.0001\)"):
             SSFTTrainer(_config(tiny_llama_dir, epochs=3, learning_rate=1e-4, **small), tiny_schema, resumed_dir).run()
 
+    def test_each_epoch_reads_every_prompt_once_in_its_own_order(self, tmp_path, tiny_llama_dir, tiny_schema) -> None:
+        trainer = SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2), tiny_schema,
+                              str(tmp_path / "ssft"))
+        train, _ = trainer.examples
+        prompts = {e.prompt for e in train}
+        embed, seen = trainer.encoder.embed, []
+
+        def recording_embed(texts):  # the real encoder; records which prompts each step reads
+            seen.extend(t for t in texts if t in prompts)
+            return embed(texts)
+
+        trainer.encoder.embed = recording_embed
+        orders = []
+        for epoch in range(2):
+            trainer.train_epoch(epoch)
+            orders.append(list(seen))
+            seen.clear()
+        assert all(sorted(order) == sorted(e.prompt for e in train) for order in orders)
+        assert orders[0] != orders[1]  # reshuffled every epoch, not one order for all
+
     def test_bert_style_encoder(self, tmp_path, tiny_bert_dir, tiny_schema) -> None:
         config = _config(tiny_bert_dir, epochs=2, samples_train=24, samples_valid=6)
         trainer = SSFTTrainer(config, tiny_schema, str(tmp_path / "bert"))
