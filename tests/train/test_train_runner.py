@@ -263,6 +263,34 @@ def test_a_run_whose_validation_auc_stops_improving_stops_early_after_patience_e
         (3 * steps_per_epoch, steps_per_epoch)]
 
 
+def _best_before_the_last_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
+    # the data with one more split, "seen": the training rows again
+    with open(os.path.join(schema_dir, "schema.json"), encoding="utf-8") as handle:
+        raw = json.load(handle)
+    raw["splits"] = {name: os.path.join(schema_dir, path) for name, path in raw["splits"].items()}
+    raw["splits"]["seen"] = raw["splits"]["train"]
+    data = os.path.join(root, "data")
+    os.makedirs(data)
+    with open(os.path.join(data, "schema.json"), "w", encoding="utf-8") as handle:
+        json.dump(raw, handle)
+    run_dir = os.path.join(root, "run")
+    # validated on the rows it trained on, epoch 1 sets a best AUC that epoch 2 on held-out rows does not reach
+    first = _run(data, run_dir, ["train.epochs=1", "data.valid_split=seen"])
+    return {"first": first, "resumed": _run(data, run_dir, ["train.epochs=2"]), "events": _events(run_dir)}
+
+
+def test_the_test_split_is_scored_with_the_best_checkpoint_not_the_last_weights(synthetic_dir: str,
+                                                                               tmp_path) -> None:
+    (out,) = run_multiprocess(_best_before_the_last_epoch, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    first, resumed = out["first"], out["resumed"]
+    valid = [e for e in out["events"] if e["event"] == "valid"]
+    assert len(valid) == 2 and valid[1]["auc"] < valid[0]["auc"], valid
+    assert resumed["global_step"] == 2 * first["global_step"] and resumed["best_step"] == first["global_step"]
+    assert resumed["valid"] == first["valid"]
+    # scored with the weights of the best step, as the first job scored them, not those of step 2N
+    assert resumed["test"] == first["test"]
+
+
 def _lose_the_periodic_checkpoints(schema_dir: str, root: str) -> Dict[str, Any]:
     run_dir = os.path.join(root, "run")
     out = {"first": _run(schema_dir, run_dir, ["train.epochs=1"])}
