@@ -98,10 +98,13 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, f
     task.eval()
     example = make_batch(4, 100)
     out = str(tmp_path / "export")
+    before = {key: value.clone() for key, value in task.state_dict().items()}
     config = export_task(task, out, example.dense_features, example.sparse_features)
     assert config["dense_program"] == "dense_program.pt2", config["dense_program_error"]
     assert config["folded_logit_terms"] == folded
     assert not fie.frozen and getattr(backbone, "folded_pair_weight", None) is None  # the task is as it was
+    after = task.state_dict()  # its never-frozen FIE's frozen_pair_weights (zeros) too: a checkpoint is unchanged
+    assert sorted(after) == sorted(before) and all(torch.equal(after[key], before[key]) for key in before)
     with torch.no_grad():
         served_weights = fie.pair_weight(fie.pair_similarity)
     torch.testing.assert_close(load_state_file(out)["logit_terms.fie.frozen_pair_weights"], served_weights)
