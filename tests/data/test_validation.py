@@ -108,19 +108,20 @@ def test_negative_ids_in_sequence(tmp_path):
         _read_all(schema, path)
 
 
-def test_ids_beyond_cardinality(tmp_path):
+@pytest.mark.parametrize("bad_id", [10, 12])  # 10: the first id past the table's rows 0..9
+def test_ids_beyond_cardinality(tmp_path, bad_id):
     schema = _schema()
-    path = _write(str(tmp_path / "f.parquet"), schema, user_id=np.array([0, 1, 2, 3, 4, 12], dtype=np.int64))
-    with pytest.raises(DataError, match=r"f\.parquet: column 'user_id', row 5: id 12 .* >= cardinality 10.*hashed"):
+    path = _write(str(tmp_path / "f.parquet"), schema, user_id=np.array([0, 1, 2, 3, 4, bad_id], dtype=np.int64))
+    with pytest.raises(DataError, match=rf"f\.parquet: column 'user_id', row 5: id {bad_id} .* >= cardinality 10.*hashed"):
         _read_all(schema, path)
 
 
 def test_ids_beyond_cardinality_fold_when_hashed(tmp_path):
     schema = _schema(hashed=True)
-    path = _write(str(tmp_path / "f.parquet"), schema, user_id=np.array([0, 1, 2, 3, -3, 12], dtype=np.int64))
+    path = _write(str(tmp_path / "f.parquet"), schema, user_id=np.array([0, 1, 2, 10, -3, 12], dtype=np.int64))
     batches = _read_all(schema, path)
     ids = np.concatenate([b.sparse_features["user_id"].values().numpy() for b in batches])
-    np.testing.assert_array_equal(ids, [0, 1, 2, 3, 7, 2])
+    np.testing.assert_array_equal(ids, [0, 1, 2, 0, 7, 2])
 
 
 def test_empty_file(tmp_path):
