@@ -101,7 +101,9 @@ def test_sequences_truncated_and_vector_extras(tmp_path):
     np.testing.assert_allclose(extras["llm_vector"].numpy(), vectors)
 
 
-@pytest.mark.parametrize("world_size,batch_size,drop_last", [(2, 128, False), (3, 100, False), (3, 100, True), (4, 64, False)])
+# (3, 533): ranks of 1066, 1067 and 1067 rows make 2, 3 and 3 batches; all ranks are capped at 2
+@pytest.mark.parametrize("world_size,batch_size,drop_last", [(2, 128, False), (3, 100, False), (3, 100, True), (4, 64, False),
+                                                             (3, 533, False)])
 def test_rank_sharding_equal_batches_and_disjoint_rows(synthetic, world_size, batch_size, drop_last):
     readers = [ParquetBatchReader(synthetic, "train", batch_size, rank=r, world_size=world_size, drop_last=drop_last)
                for r in range(world_size)]
@@ -113,6 +115,7 @@ def test_rank_sharding_equal_batches_and_disjoint_rows(synthetic, world_size, ba
     assert len(seen) + dropped == 3200  # every row either read once or counted as dropped by the cap
     assert sum(readers[0].rows_per_rank) == 3200
     assert dropped <= world_size * (batch_size if drop_last else 1)  # balanced ranges: <= 1 row per rank + drop_last
+    assert counts[0] == min(readers[0].batches_per_rank)
 
 
 @pytest.mark.parametrize("rows,world_size,batch_size", [(401, 2, 200), (3200, 3, 1066), (1, 2, 4), (5, 4, 1)])
