@@ -98,6 +98,22 @@ class TestBuildLLaCTRTerms:
         with pytest.raises(ValueError, match=r"llactr.fields: \['price', 'nope'\] are not both in .* and embedded"):
             build_llactr_terms(LLaCTRConfig(_vectors(tmp_path, schema), fields=["item_id", "price", "nope"]), schema, ebc)
 
+    @pytest.mark.parametrize("normalize", [False, True])
+    def test_each_term_takes_the_vectors_of_its_own_fields(self, tmp_path, normalize) -> None:
+        """The terms' rows are the file's rows of the fields they use (file order user_id, genre, item_id, price)."""
+        from recsys_llm.semantics.store import load_vectors
+
+        schema = _schema()
+        path = _vectors(tmp_path, schema)
+        stored = load_vectors(path)
+        rows = stored.vectors[[stored.keys.index("genre"), stored.keys.index("item_id")]]  # (2, 12)
+        config = LLaCTRConfig(path, fields=["item_id", "genre"], normalize_vectors=normalize)
+        logit_terms, loss_terms, _ = build_llactr_terms(config, schema, LinearBackbone(make_ebc(), 1))
+        fre_rows = torch.nn.functional.normalize(rows, dim=-1) if normalize else rows
+        torch.testing.assert_close(loss_terms["fre"].field_vectors, fre_rows)
+        cosine = torch.nn.functional.cosine_similarity(rows[0], rows[1], dim=0)
+        torch.testing.assert_close(logit_terms["fie"].pair_similarity, cosine.reshape(1))  # cosine either way
+
     def test_a_missing_vector_file_and_one_field_for_fie_are_refused_with_what_to_do(self, tmp_path) -> None:
         schema = _schema()
         backbone = LinearBackbone(make_ebc(), 1)
