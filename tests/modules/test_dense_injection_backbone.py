@@ -33,15 +33,16 @@ def _batch(batch_size: int = 4, seed: int = 0) -> Batch:
 
 
 class TestDLRMDenseInjectionBackbone:
-    def test_equals_the_unmodified_dlrm_on_the_concatenated_input(self) -> None:
+    @pytest.mark.parametrize("num_fields, width", [(1, 5), (2, 4)])  # (B, E, P) enters as flatten: field by field
+    def test_equals_the_unmodified_dlrm_on_the_concatenated_input(self, num_fields, width) -> None:
         torch.manual_seed(0)
-        dlrm = _dlrm(3 + 5)
+        dlrm = _dlrm(3 + num_fields * width)
         backbone = DLRMDenseInjectionBackbone(dlrm, num_dense_features=3)
-        assert backbone.injected_width == 5 and backbone.representation_dim == 4
-        task = CTRTask(backbone, field_injection=VectorFieldInjection(6, backbone.injected_width))
+        assert backbone.injected_width == num_fields * width and backbone.representation_dim == 4
+        task = CTRTask(backbone, field_injection=VectorFieldInjection(6, width, num_fields=num_fields))
         batch = _batch()
         output = task.predict(batch)
-        projected = task.field_injection(batch.extras["llm_vector"]).flatten(1)  # (B, 5)
+        projected = task.field_injection(batch.extras["llm_vector"]).flatten(1)  # (B, E * P)
         expected = dlrm(torch.cat([batch.dense_features, projected], dim=1), batch.sparse_features).squeeze(-1)
         torch.testing.assert_close(output.logits, expected)
         assert output.representation.shape == (4, 4)
