@@ -244,7 +244,7 @@ def _train_without_improving(schema_dir: str, root: str) -> Dict[str, Any]:
     run_dir = os.path.join(root, "run")
     # steps too small to change a float32 weight: every validation gives exactly the first one's AUC
     still = ["optim.sparse_lr=1e-30", "optim.dense_lr=1e-30"]
-    return {"results": _run(schema_dir, run_dir, ["train.epochs=5", "train.patience=2", *still]),
+    return {"results": _run(schema_dir, run_dir, ["train.epochs=4", "train.patience=2", "data.batch_size=4096", *still]),
             "events": _events(run_dir)}
 
 
@@ -255,7 +255,7 @@ def test_a_run_whose_validation_auc_stops_improving_stops_early_after_patience_e
     valid = [e for e in events if e["event"] == "valid"]
     assert len({e["auc"] for e in valid}) == 1, valid  # no validation improves on the first
     steps_per_epoch = valid[0]["global_step"]
-    # the first evaluation is the best; the 2nd and 3rd are not better: patience 2 is used up after epoch 3 of 5
+    # the first evaluation is the best; the 2nd and 3rd are not better: patience 2 is used up after epoch 3 of 4
     assert [e["epoch"] for e in valid] == [1, 2, 3]
     assert results["stopped_early"] is True and results["epochs"] == 3
     assert results["global_step"] == 3 * steps_per_epoch and results["best_step"] == steps_per_epoch
@@ -275,8 +275,9 @@ def _best_before_the_last_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
         json.dump(raw, handle)
     run_dir = os.path.join(root, "run")
     # validated on the rows it trained on, epoch 1 sets a best AUC that epoch 2 on held-out rows does not reach
-    first = _run(data, run_dir, ["train.epochs=1", "data.valid_split=seen"])
-    return {"first": first, "resumed": _run(data, run_dir, ["train.epochs=2"]), "events": _events(run_dir)}
+    first = _run(data, run_dir, ["train.epochs=1", "data.valid_split=seen", "data.batch_size=4096"])
+    resumed = _run(data, run_dir, ["train.epochs=2", "data.batch_size=4096"])
+    return {"first": first, "resumed": resumed, "events": _events(run_dir)}
 
 
 def test_the_test_split_is_scored_with_the_best_checkpoint_not_the_last_weights(synthetic_dir: str,
