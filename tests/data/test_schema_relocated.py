@@ -28,3 +28,5 @@ def test_fingerprint_changes_with_what_models_depend_on(tmp_path) -> None:
     changed = DatasetSchema.from_dict(schema.to_dict(), root=schema.root)
     object.__setattr__(changed.fields[0], "description", "something else")
     assert changed.fingerprint() != schema.fingerprint()
+    relabelled = DatasetSchema.from_dict({**schema.to_dict(), "label": "purchase"}, root=schema.root)
+    assert relabelled.fingerprint() != schema.fingerprint()  # another target: what was learnt does not carry over
