@@ -144,3 +144,31 @@ def test_a_kill_while_the_previous_copy_is_deleted_leaves_only_a_named_hidden_di
     with atomic_directory(target, "output", ("a.txt",)) as tmp:  # the next run is not blocked, and names it
         _write(tmp, "a.txt", "third")
     assert f"{leftovers[0]} left by an earlier output of {target} that was killed" in capsys.readouterr().err
+
+
+def test_a_swap_after_one_killed_between_its_renames_keeps_the_previous_copy_until_the_new_one_is_in(
+        tmp_path, monkeypatch):
+    """What an SSFT checkpoint swap (``replace_directory``) killed between its renames leaves is the lone
+    ``checkpoint.old``; the next swap, killed before its new copy is in place, must still leave it."""
+    from recsys_llm import atomic_dir
+
+    final, old, tmp = tmp_path / "checkpoint", tmp_path / "checkpoint.old", tmp_path / "checkpoint.tmp"
+    old.mkdir()
+    _write(str(old), "a.txt", "first")
+    tmp.mkdir()
+    _write(str(tmp), "a.txt", "second")
+    real_replace = os.replace
+
+    def killed_before_the_new_copy_is_in(source, destination):
+        if source == str(tmp):
+            raise OSError("killed")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic_dir.os, "replace", killed_before_the_new_copy_is_in)
+    with pytest.raises(OSError, match="killed"):
+        atomic_dir.replace_directory(str(tmp), str(final))
+    complete = [path for path in (final, old) if (path / "a.txt").exists()]
+    assert [(path / "a.txt").read_text(encoding="utf-8") for path in complete] == ["first"]
+    monkeypatch.undo()
+    atomic_dir.replace_directory(str(tmp), str(final))
+    assert (final / "a.txt").read_text(encoding="utf-8") == "second" and sorted(os.listdir(tmp_path)) == ["checkpoint"]
