@@ -104,6 +104,11 @@ BAD_REQUESTS: Dict[str, Tuple[Callable[[], Tuple[object, object]], str]] = {
     "lengths of another count": (lambda: (DENSE, KeyedJaggedTensor(KEYS, SPARSE.values(), lengths=torch.cat(
                                      [SPARSE.lengths(), torch.zeros(1, dtype=torch.int32)]))),
                                  r"sparse features: 13 lengths for 3 features; expected one length per \(feature, row\)"),
+    "batch sizes per feature": (lambda: (DENSE, KeyedJaggedTensor(  # a variable-batch KJT: 3 rows of item_id
+                                    KEYS, torch.tensor([1, 2, 3, 4, 5, 6, 7, 1, 2, 3]),
+                                    lengths=torch.tensor([1] * 7 + [0, 1, 2, 0], dtype=torch.int32),
+                                    stride_per_key_per_rank=[[4], [3], [4]])),
+                                r"sparse features: batch sizes \[3, 4\] differ per feature; expected one B for all"),
     "dense width": (lambda: (DENSE[:, :2], SPARSE),
                     r"dense_features: expected \(B, 3\) with B = 4, the sparse features' batch size, got \(4, 2\)"),
     "dense batch size": (lambda: (torch.zeros(5, 3), SPARSE),
