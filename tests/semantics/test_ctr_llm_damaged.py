@@ -130,6 +130,9 @@ def test_tuned_tensors_that_do_not_fit_are_named(adapted, copy, tmp_path, capsys
     error = _export_error(adapted, copy, tmp_path, capsys)
     assert error == (f"{path}: tensor '{first}' has shape (3, 3), the model's {tuple(tuned[first].shape)}; "
                      f"{copy} {ADVICE}")
+    save_file({**tuned, "not.a.tensor": torch.zeros(3)}, path)  # one the model does not have
+    error = _export_error(adapted, copy, tmp_path, capsys)
+    assert error.startswith(f"{copy}: tuned tensors ['not.a.tensor'] do not exist in "), error
 
 
 def test_head_tensors_that_do_not_fit_are_named(adapted, copy, tmp_path, capsys) -> None:
