@@ -49,6 +49,12 @@ class TestBinaryMetrics:
         out = binary_metrics(torch.tensor([0.2, 0.6, 0.9]), torch.full((3,), label))
         assert math.isnan(out["ne"]) and math.isfinite(out["logloss"])
 
+    def test_a_saturated_probability_gives_a_finite_logloss(self) -> None:
+        """sigmoid of a logit beyond ~37 is exactly 1.0 in float64: clamped to 1 - 1e-12, not log(0)."""
+        out = binary_metrics(torch.tensor([1.0, 0.0, 0.5, 0.5], dtype=torch.float64), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+        assert out["logloss"] == pytest.approx((2 * -math.log(1e-12) + 2 * math.log(2)) / 4, rel=1e-6)
+        assert math.isfinite(out["ne"])
+
     def test_subset_and_missing_mask(self) -> None:
         logits, labels, cold = _data(400, 1)
         metrics = CTRMetrics({"cold": "is_cold_item"})
