@@ -131,6 +131,15 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
                                                          progress=False) == [0, 2]
         assert len(read_vectors(out)[0]) == 35
 
+    def test_texts_of_another_count_than_the_chunk_are_refused_before_encoding(self, tmp_path):
+        out = str(tmp_path / "vec")
+        keys, texts = _keys_texts(12)
+        encoder = CountingEncoder()
+        with pytest.raises(ValueError, match=r"texts\(5, 10\) returned 4 texts, expected 5"):
+            VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(
+                keys, lambda a, b: texts(a, b)[: 4 if a == 5 else None], encoder, progress=False)
+        assert encoder.calls == 1 and sorted(os.listdir(out)) == ["chunk-00000.parquet", "manifest.json"]
+
     def test_wrong_provenance_rejected(self, tmp_path):
         out = str(tmp_path / "vec")
         keys, texts = _keys_texts(12)
