@@ -62,7 +62,7 @@ class TestTextEncoder:
         model.register_forward_hook(lambda module, inputs, output: modes.append(module.training))
         for training in (True, False):
             model.train(training)
-            encoder.encode(TEXTS[:2], progress=False)
+            encoder.encode(SAMPLE_TEXTS[:2], progress=False)
             assert modes.pop() is False and model.training is training
         assert encoder.provenance() == {"model_id": encoder.model_id, "model_hash": encoder.model_hash,
                                         "pooling": "last_token", "max_length": encoder.max_length}
