@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields
 from recsys_llm.semantics.pooling import POOLINGS
-from recsys_llm.semantics.ssft import load_tuned_encoder, read_adapter_info
+from recsys_llm.semantics.ssft_adapter import load_tuned_encoder, read_adapter_info
 from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_encode, load_vectors, save_vectors
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
 

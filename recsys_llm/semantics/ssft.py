@@ -26,6 +26,7 @@ draws from them) are restored, so a tune interrupted after an epoch and resumed 
 adapter of an uninterrupted one, bit for bit (on the same device and software). Asking for
 fewer epochs than the checkpoint holds is refused; as many re-saves the adapter. Loading
 runs no code: safetensors and JSON, and ``torch.load(weights_only=True)`` for the optimizer.
+The adapter is used through :func:`~recsys_llm.semantics.ssft_adapter.load_tuned_encoder`.
 
 Example::
 
@@ -35,7 +36,6 @@ Example::
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -55,28 +55,18 @@ from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.error_text import one_line
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
 from recsys_llm.semantics.lora_targets import default_target_modules
-from recsys_llm.semantics.model_dir import (
-    file_fingerprint,
-    model_dir_fingerprint,
-    module_fingerprint,
-    read_json_file,
-    safetensors_damage,
-)
+from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, read_json_file, safetensors_damage
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
+from recsys_llm.semantics.ssft_adapter import CHECKPOINT_STATE_FILE, SSFT_INFO_FILE
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 
-SSFT_INFO_FILE = "ssft.json"
 # the files of checkpoint/ (rng.safetensors is missing from those of older versions)
 CHECKPOINT_ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
 GRAD_SCALER_KEY = "grad_scaler"  # in state.json: the float16 loss scale and its growth counter
 CHECKPOINT_RNG_FILE = "rng.safetensors"
-CHECKPOINT_STATE_FILE = "state.json"
-# what ssft.json must name for the adapter to be loaded and used
-_ADAPTER_INFO_KEYS = ("base_model_path", "base_model_hash", "adapter_hash", "pooling", "max_length", "fields",
-                      "templates")
 # what an SSFT output directory holds (with the temp and previous copies of its swaps)
 SSFT_OUTPUT_ENTRIES = frozenset(
     name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
@@ -284,21 +274,6 @@ def _load_checkpoint_tensors(path: str, device: str = "cpu") -> Dict[str, torch.
         return load_file(path, device=device)
     except (SafetensorError, OSError) as error:
         raise _damaged_checkpoint_file(path, one_line(error)) from error
-
-
-def _damaged_adapter_file(path: str, detail: str) -> ValueError:
-    """The error for a file of an SSFT ``adapter/`` directory that cannot be read back."""
-    adapter_dir = os.path.dirname(os.path.abspath(path))
-    output_dir = os.path.dirname(adapter_dir)
-    in_tune_output = os.path.basename(adapter_dir) == "adapter" and any(
-        os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_STATE_FILE)) for name in ("checkpoint", "checkpoint.old")
-    )
-    if in_tune_output:
-        remedy = (f"run `recsys-llm semantics tune` with the same settings and --output-dir {output_dir} (it rewrites "
-                  "adapter/ from its checkpoint), or tune it anew")
-    else:  # copied or moved away from its checkpoint
-        remedy = "copy it again from the tune output it came from, or tune it anew (`recsys-llm semantics tune`)"
-    return ValueError(f"{path}: damaged or incomplete SSFT adapter file ({detail}); write the adapter again: {remedy}")
 
 
 def _torch_load_detail(error: BaseException) -> str:
@@ -651,99 +626,3 @@ class SSFTTrainer:
             json.dump(metrics, handle, indent=2)
         os.replace(tmp, os.path.join(self._output_dir, "metrics.json"))
         return metrics
-
-
-def read_adapter_info(adapter_dir: str) -> Dict[str, Any]:
-    """The ``ssft.json`` of an SSFT adapter directory: base model, pooling, max length, fields, templates.
-
-    Raises:
-        FileNotFoundError: the directory has no ``ssft.json``.
-        ValueError: ``ssft.json`` is damaged (not JSON, or without what the adapter needs).
-    """
-    info_path = os.path.join(adapter_dir, SSFT_INFO_FILE)
-    if not os.path.exists(info_path):
-        raise FileNotFoundError(f"{info_path}: not an SSFT adapter directory (run `recsys-llm semantics tune`)")
-    try:
-        info = read_json_file(info_path)
-    except ValueError as error:
-        raise _damaged_adapter_file(info_path, f"not valid JSON: {one_line(error.__cause__ or error)}") from error
-    missing = [key for key in _ADAPTER_INFO_KEYS if key not in info] if isinstance(info, dict) else ["a JSON object"]
-    if missing:
-        raise _damaged_adapter_file(info_path, f"expected {', '.join(missing)}")
-    return info
-
-
-def _check_adapter_files(adapter_dir: str) -> str:
-    """Checks that the peft files of an SSFT adapter directory are there and whole (before any model
-    loads); returns the path of its weight file.
-
-    Raises:
-        FileNotFoundError: no ``adapter_config.json`` or no adapter weights.
-        ValueError: one of them is damaged (named).
-    """
-    config_path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path}: missing; the SSFT adapter directory is incomplete (run "
-                                "`recsys-llm semantics tune` again)")
-    try:
-        read_json_file(config_path)
-    except ValueError as error:
-        raise _damaged_adapter_file(config_path, f"not valid JSON: {one_line(error.__cause__ or error)}") from error
-    weights = [name for name in ("adapter_model.safetensors", "adapter_model.bin")
-               if os.path.isfile(os.path.join(adapter_dir, name))]
-    if not weights:
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors; the SSFT adapter directory is "
-                                "incomplete (run `recsys-llm semantics tune` again)")
-    weight_path = os.path.join(adapter_dir, weights[0])
-    if weight_path.endswith(".safetensors"):
-        damage = safetensors_damage(weight_path)
-        if damage is not None:
-            raise _damaged_adapter_file(weight_path, damage)
-    return weight_path
-
-
-def load_tuned_encoder(
-    adapter_dir: str,
-    batch_size: int = 64,
-    device: Optional[str] = None,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-) -> Tuple[TextEncoder, Dict[str, Any]]:
-    """Loads base model + SSFT adapter (merged) as a :class:`TextEncoder`.
-
-    Returns:
-        Tuple[TextEncoder, Dict[str, Any]]: the encoder (pooling and max length as tuned;
-        model hash = base hash + adapter hash) and the adapter's ``ssft.json``.
-    """
-    from peft import PeftModel
-
-    info = read_adapter_info(adapter_dir)
-    weight_path = _check_adapter_files(adapter_dir)
-    base_path = info["base_model_path"]
-    base_hash = model_dir_fingerprint(base_path)
-    if base_hash != info["base_model_hash"]:
-        raise ValueError(
-            f"{adapter_dir}: adapter was tuned on {base_path} with hash {info['base_model_hash']}, "
-            f"but the model there now has hash {base_hash}"
-        )
-    torch_device = resolve_device(device)
-    tokenizer = load_tokenizer(base_path, trust_remote_code)
-    base = load_model(base_path, torch_device, resolve_dtype(dtype, torch_device), trust_remote_code)
-    try:
-        # torch_device: peft would otherwise load the adapter onto the current CUDA device
-        model = PeftModel.from_pretrained(base, adapter_dir, torch_device=str(torch_device)).merge_and_unload()
-    except torch.OutOfMemoryError:  # a RuntimeError, but no sign of a damaged file
-        raise
-    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
-        raise _damaged_adapter_file(weight_path, one_line(error)[:300]) from error
-    # the adapter's weight files as they are now (ssft.json's adapter_hash says what was tuned;
-    # files copied over it since must not hit the vectors cached for the old ones)
-    adapter_files = hashlib.sha256("".join(
-        f"{name}:{file_fingerprint(os.path.join(adapter_dir, name))}\n"
-        for name in sorted(os.listdir(adapter_dir)) if name.endswith((".safetensors", ".bin"))).encode()).hexdigest()[:8]
-    encoder = TextEncoder.from_model(
-        model, tokenizer, pooling=info["pooling"], batch_size=batch_size, max_length=info["max_length"],
-        model_id=f"{base_path}+ssft:{info['adapter_hash']}",
-        model_hash=f"{base_hash}+{info['adapter_hash']}+{adapter_files}",
-    )
-    return encoder, info

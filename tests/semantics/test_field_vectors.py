@@ -49,7 +49,7 @@ class TestFieldVectors:
         # adapter weights copied over the tuned ones: another model hash, so no cached vector of the old ones
         from safetensors.torch import load_file, save_file
 
-        from recsys_llm.semantics.ssft import load_tuned_encoder
+        from recsys_llm.semantics.ssft_adapter import load_tuned_encoder
 
         adapter = os.path.join(out_dir, "adapter")
         before = load_tuned_encoder(adapter, 4)[0].model_hash
