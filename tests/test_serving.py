@@ -83,12 +83,14 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, f
     """FIE is frozen for the export and, on FM-family backbones, folded into their own pairs."""
     from recsys_llm.models.registry import build_backbone
     from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+    from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
     from recsys_llm.train.task import CTRTask
 
     torch.manual_seed(0)
     backbone = build_backbone(SMOKE_CONFIGS[model_name], SCHEMA, device=CPU)
     fie = FieldInteractionEnhancement(torch.randn(2, 6), ["item_id", "user_id"], weight=0.5)  # genres left out
-    task = CTRTask(backbone, logit_terms={"fie": fie})
+    fre = FieldRepresentationEnhancement(torch.randn(2, 6), ["item_id", "user_id"], SMOKE_CONFIGS[model_name].embedding_dim)
+    task = CTRTask(backbone, logit_terms={"fie": fie}, loss_terms={"fre": fre})
     optimizer = torch.optim.Adam(task.parameters(), lr=0.05)
     for step in range(3):
         loss, _ = task(make_batch(16, step))
@@ -105,6 +107,11 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, f
     assert not fie.frozen and getattr(backbone, "folded_pair_weight", None) is None  # the task is as it was
     after = task.state_dict()  # its never-frozen FIE's frozen_pair_weights (zeros) too: a checkpoint is unchanged
     assert sorted(after) == sorted(before) and all(torch.equal(after[key], before[key]) for key in before)
+    assert task.loss_terms["fre"] is fre and task.logit_terms["fie"] is fie
+    program = torch.export.load(os.path.join(out, "dense_program.pt2"))
+    program_names = set(program.state_dict) | set(getattr(program, "constants", {}))
+    assert not any("loss_terms" in n for n in program_names)  # FRE (LLM field vectors) is training-only
+    assert any("logit_terms.fie" in n for n in program_names) == (not folded)  # a folded FIE is in the backbone
     with torch.no_grad():
         served_weights = fie.pair_weight(fie.pair_similarity)
     torch.testing.assert_close(load_state_file(out)["logit_terms.fie.frozen_pair_weights"], served_weights)

@@ -250,6 +250,29 @@ def _tables_left_out(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _training_parts_left_out(task: nn.Module, folded: Sequence[str]) -> Iterator[None]:
+    """``task`` without its loss terms and its folded logit terms for the block, then with them again.
+
+    The program never calls them (FRE is a training loss; a folded FIE term is part of the
+    backbone's pairwise weights), but ``torch.export`` lifts every parameter and buffer of the
+    module tree: the program held FRE's LLM field vectors and projection, and the folded
+    term's pair-weight network.
+    """
+    removed = []
+    if isinstance(getattr(task, "loss_terms", None), nn.Module):
+        removed.append((task, "loss_terms", task.loss_terms))
+    terms = getattr(task, "logit_terms", None)
+    removed += [(terms, name, terms[name]) for name in folded if terms is not None and name in terms]
+    for parent, name, _ in removed:
+        parent._modules[name] = None
+    try:
+        yield
+    finally:
+        for parent, name, child in removed:
+            parent._modules[name] = child
+
+
+@contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode for the block, then back in the mode it was in."""
     was_training = module.training
@@ -321,7 +344,8 @@ def export_task(
                 inputs = inputs + (semantic(example_sparse).values(),)  # (B, K * d)
         try:
             batch = torch.export.Dim("batch", min=1)
-            with torch.no_grad(), _tables_left_out(task):  # no_grad: the inference kernels (e.g. of weighted_pair_sum)
+            # no_grad: the inference kernels (e.g. of weighted_pair_sum)
+            with torch.no_grad(), _tables_left_out(task), _training_parts_left_out(task, folded):
                 program = torch.export.export(
                     head, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
                 )
