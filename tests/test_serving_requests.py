@@ -180,6 +180,29 @@ def _truncate(name: str) -> Callable[[str], None]:
     return damage
 
 
+def _changed_weight(name: str) -> Callable[[str], None]:
+    """Changes the low byte of a float32 weight in ``name`` (the value stays finite, the file readable)."""
+    def damage(directory: str) -> None:
+        path = os.path.join(directory, name)
+        with open(path, "rb") as handle:
+            data = bytearray(handle.read())
+        if name.endswith(".pt2"):  # inside the largest stored weight of the zip archive
+            import zipfile
+            with zipfile.ZipFile(path) as archive:
+                entry = max((i for i in archive.infolist() if "/weights/weight_" in i.filename), key=lambda i: i.file_size)
+            assert entry.compress_type == zipfile.ZIP_STORED
+            start = entry.header_offset + 30 + int.from_bytes(data[entry.header_offset + 26 : entry.header_offset + 28],
+                                                              "little") + int.from_bytes(
+                data[entry.header_offset + 28 : entry.header_offset + 30], "little")
+            position = start + (entry.file_size // 8) * 4
+        else:
+            position = len(data) - 4  # the last float's lowest mantissa byte
+        data[position] ^= 1
+        with open(path, "wb") as handle:
+            handle.write(bytes(data))
+    return damage
+
+
 def _without_state_key(directory: str) -> None:
     path = os.path.join(directory, "config.json")
     with open(path) as handle:
@@ -199,6 +222,10 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
     "config.json not JSON": (_not_json, "config.json", r"not valid JSON \(JSONDecodeError"),
     "config.json without its state key": (_without_state_key, "config.json", r"lacks the keys \['state'\]"),
     "truncated dense_program.pt2": (_truncate("dense_program.pt2"), "dense_program.pt2", r"BadZipFile"),
+    "a weight changed in model.safetensors": (_changed_weight("model.safetensors"), "model.safetensors",
+                                              r"bytes changed after the export \(sha256"),
+    "a weight changed in dense_program.pt2": (_changed_weight("dense_program.pt2"), "dense_program.pt2",
+                                              r"bytes changed after the export \(sha256"),
     "tables.json missing": (lambda d: os.remove(os.path.join(d, "tables.json")), "tables.json", r"file missing"),
 }
 

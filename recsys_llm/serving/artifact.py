@@ -9,5 +9,6 @@ EXPORT_MARKER_FILES = ("config.json", STATE_FILE)  # every export has them (stat
 SEMANTIC_TABLES_FILE = "semantic_tables.json"  # frozen entity-vector tables of a gain network
 ID_RULES_KEY = "id_rules"  # config.json: per feature, hashed / max_length / single_id (None: not recorded)
 EXPORT_ID_KEY = "export_id"  # ties an artifact's files together (absent from artifacts before 2026-12)
+DIGESTS_KEY = "sha256"  # config.json: file name -> SHA-256 of its bytes as exported (absent from older artifacts)
 DENSE_DTYPE = torch.float32  # the dense features' dtype in training (ParquetBatchReader) and in the program
 FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")

@@ -2,6 +2,7 @@
 program of its dense part)."""
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -22,6 +23,7 @@ from recsys_llm.models.base import CTROutput
 from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.serving.artifact import (
+    DIGESTS_KEY,
     EXPORT_ID_KEY,
     EXPORT_MARKER_FILES,
     FORBIDDEN_PARTS,
@@ -359,6 +361,8 @@ def export_task(
                           f"{directory} holds the weights and tables but no dense program, so ServedModel cannot "
                           f"load it: serve it eagerly by loading {STATE_FILE} (serving.load_state_file) into the "
                           "task built by the model's own code (config.json: dense_program_error)", stacklevel=2)
+        written = [STATE_FILE, "tables.json"] + ([SEMANTIC_TABLES_FILE] if semantic_tables else [])
+        written += [program_status] if program_status is not None else []
         config = {
             "format_version": FORMAT_VERSION,
             EXPORT_ID_KEY: export_id,
@@ -372,6 +376,8 @@ def export_task(
             "dense_program_error": reason,
             "folded_logit_terms": folded if program_status is not None else [],
             ID_RULES_KEY: id_rules(schema, _kjt_keys(tables, semantic_tables)) if schema is not None else None,
+            # checked by ServedModel.load: a bit flipped in a weight loads without any other error
+            DIGESTS_KEY: {name: file_sha256(os.path.join(tmp, name)) for name in written},
             "num_parameters": int(sum(p.numel() for p in task.parameters())),
             "num_state_tensors": len(state),
             "metadata": metadata or {},
@@ -384,6 +390,15 @@ def export_task(
             if semantic_tables:
                 handle.write(SEMANTIC_INFERENCE_NOTE.format(tables=[t["name"] for t in semantic_tables]))
     return config
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _kjt_keys(*table_lists: List[Dict[str, Any]]) -> List[str]:

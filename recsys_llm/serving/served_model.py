@@ -15,8 +15,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import IdRules
-from recsys_llm.serving.artifact import DENSE_DTYPE, EXPORT_ID_KEY, FORMAT_VERSION, ID_RULES_KEY, STATE_FILE
-from recsys_llm.serving.export import rows_per_feature
+from recsys_llm.serving.artifact import (
+    DENSE_DTYPE,
+    DIGESTS_KEY,
+    EXPORT_ID_KEY,
+    FORMAT_VERSION,
+    ID_RULES_KEY,
+    STATE_FILE,
+)
+from recsys_llm.serving.export import file_sha256, rows_per_feature
 from recsys_llm.serving.state import require_finite, check_same_export
 
 
@@ -47,10 +54,26 @@ def _read_json(path: str) -> Any:
         _raise_damaged(path, "not valid JSON", error)
 
 
-def _load_ebc(directory: str, tables_file: str, state: Dict[str, torch.Tensor], prefix: str) -> EmbeddingBagCollection:
+def _check_digest(directory: str, config: Dict[str, Any], name: str) -> None:
+    """Raises when ``name``'s bytes are not those ``config.json`` recorded at export (artifacts
+    written before digests were recorded, or files without one, are not checked)."""
+    digests = config.get(DIGESTS_KEY)
+    expected = digests.get(name) if isinstance(digests, dict) else None
+    if expected is None:
+        return
+    path = os.path.join(directory, name)
+    actual = file_sha256(path)
+    if actual != expected:
+        _raise_damaged(path, f"its bytes changed after the export (sha256 {actual[:16]}..., config.json recorded "
+                             f"{str(expected)[:16]}...; a copy cut short, a flipped bit or an edit)")
+
+
+def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: Dict[str, torch.Tensor],
+              prefix: str) -> EmbeddingBagCollection:
     """An EBC from an artifact's table list, its weights taken from ``state`` under ``prefix``."""
     path = os.path.join(directory, tables_file)
     tables = _read_json(path)
+    _check_digest(directory, config, tables_file)
     try:
         ebc = EmbeddingBagCollection(
             tables=[
@@ -126,7 +149,8 @@ class ServedModel(nn.Module):
         artifact you exported or trust; without it nothing from the file runs.
 
         A damaged or incomplete artifact (a file truncated, missing, or not what ``export_task``
-        writes; weights with NaN / inf) is one ValueError naming the file: export again.
+        writes; weights with NaN / inf; bytes other than the SHA-256 that ``config.json`` recorded
+        at export) is one ValueError naming the file: export again.
 
         Raises:
             FileNotFoundError: ``directory`` is no directory.
@@ -170,10 +194,12 @@ class ServedModel(nn.Module):
         for key, value in state.items():
             require_finite(state_path, key, value)
         check_same_export(config_path, config, state_path, state_export_id)
-        ebc = _load_ebc(directory, config["tables"], state, "model.embedding_bag_collection.")
+        _check_digest(directory, config, config["state"])
+        ebc = _load_ebc(directory, config, config["tables"], state, "model.embedding_bag_collection.")
         semantic = None
         if config.get("semantic_tables"):
-            semantic = _load_ebc(directory, config["semantic_tables"], state, "semantic_table.embedding_bag_collection.")
+            semantic = _load_ebc(directory, config, config["semantic_tables"], state,
+                                 "semantic_table.embedding_bag_collection.")
         if not os.path.isfile(program_path):
             _raise_damaged(program_path, "file missing")
         program_extra = {EXPORT_ID_KEY: ""}  # filled by load: "" when the program has none
@@ -182,6 +208,7 @@ class ServedModel(nn.Module):
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(program_path, "cannot be read as a torch.export program", error)
         check_same_export(config_path, config, program_path, program_extra[EXPORT_ID_KEY] or None)
+        _check_digest(directory, config, config["dense_program"])
         return cls(ebc, program, config, semantic)
 
     def _checked_dense(self, dense_features: torch.Tensor, batch_size: int) -> torch.Tensor:
