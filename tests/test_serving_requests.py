@@ -261,6 +261,29 @@ class TestDamagedArtifacts:
             ServedModel.load(directory, trust_program=True)
 
 
+def test_an_artifact_of_other_library_versions_loads_with_a_warning(artifact, tmp_path, recwarn):
+    """config.json records the versions that exported; another torch / torchrec / fbgemm_gpu warns, naming both."""
+    from recsys_llm.serving.export import library_versions
+
+    directory = str(tmp_path / "copy")
+    shutil.copytree(artifact[0], directory)
+    path = os.path.join(directory, "config.json")
+    with open(path) as handle:
+        config = json.load(handle)
+    assert {k: config["versions"][k] for k in library_versions()} == library_versions()
+    ServedModel.load(directory, trust_program=True)
+    assert not [w for w in recwarn if "exported with" in str(w.message)]
+    config["versions"].update(torch="1.0.0+cu999", torchrec="0.1.0")
+    with open(path, "w") as handle:
+        json.dump(config, handle)
+    torch_version = re.escape(torch.__version__)
+    with pytest.warns(UserWarning, match=rf"{re.escape(directory)}: exported with torch 1\.0\.0\+cu999, torchrec 0\.1\.0; "
+                                         rf"this process has torch {torch_version}, torchrec .* export again"):
+        served = ServedModel.load(directory, trust_program=True)
+    dense, sparse = request(3, 5)
+    assert served.logits(dense, sparse).shape == (3,)  # a warning, not a refusal
+
+
 def _gain_state(bad_key_suffix: str, value: float) -> Tuple[Dict[str, torch.Tensor], str]:
     torch.manual_seed(0)
     gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)

@@ -6,14 +6,16 @@
     tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling)
     dense_program.pt2     torch.export program of everything after the EBC lookup:
                           (dense (B, Dd), pooled (B, F * D)) -> logits (B,)
-    config.json           format version, export id, SHA-256 of the files above, feature names, id rules,
-                          model config, program status
+    config.json           format version, export id, SHA-256 of the files above, library versions
+                          (torch, torchrec, fbgemm_gpu, recsys_llm and its commit), feature names,
+                          id rules, model config, program status
     INFERENCE.md          how to call it
 
 The export id (random per export) is also stored in the state file's and the program's
 metadata: ``ServedModel.load`` refuses files of two exports copied into one directory, and
 files whose bytes differ from the SHA-256 recorded at export (a changed weight loads without
-any other error: a flipped bit in the program gave NaN for every request).
+any other error: a flipped bit in the program gave NaN for every request). It warns when the
+serving process has another torch, torchrec or fbgemm_gpu than the export had.
 
 The EBC lookup stays eager (``ServedModel`` rebuilds the EBC from ``tables.json``; on a
 serving host with torchrec's inference sharding it would be a TBE lookup) because

@@ -17,6 +17,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_llm.atomic_dir import atomic_directory
+from recsys_llm.env import installed_versions, source_commit
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import id_rules
 from recsys_llm.models.base import CTROutput
@@ -31,6 +32,7 @@ from recsys_llm.serving.artifact import (
     ID_RULES_KEY,
     SEMANTIC_TABLES_FILE,
     STATE_FILE,
+    VERSIONS_KEY,
 )
 
 
@@ -378,6 +380,7 @@ def export_task(
             ID_RULES_KEY: id_rules(schema, _kjt_keys(tables, semantic_tables)) if schema is not None else None,
             # checked by ServedModel.load: a bit flipped in a weight loads without any other error
             DIGESTS_KEY: {name: file_sha256(os.path.join(tmp, name)) for name in written},
+            VERSIONS_KEY: {**library_versions(), "recsys_llm_commit": source_commit()},
             "num_parameters": int(sum(p.numel() for p in task.parameters())),
             "num_state_tensors": len(state),
             "metadata": metadata or {},
@@ -390,6 +393,15 @@ def export_task(
             if semantic_tables:
                 handle.write(SEMANTIC_INFERENCE_NOTE.format(tables=[t["name"] for t in semantic_tables]))
     return config
+
+
+def library_versions() -> Dict[str, str]:
+    """This process's torch, torchrec, fbgemm_gpu and recsys_llm versions ('' where one is absent)."""
+    from recsys_llm import __version__
+
+    installed = installed_versions()
+    return {"torch": torch.__version__, "torchrec": installed["torchrec"],
+            "fbgemm_gpu": installed["fbgemm-gpu"] or installed["fbgemm-gpu-cpu"], "recsys_llm": __version__}
 
 
 def file_sha256(path: str) -> str:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import warnings
 import zipfile
 from typing import Any, Dict, List, NoReturn, Optional
 
@@ -22,8 +23,10 @@ from recsys_llm.serving.artifact import (
     FORMAT_VERSION,
     ID_RULES_KEY,
     STATE_FILE,
+    VERSION_CHECKED,
+    VERSIONS_KEY,
 )
-from recsys_llm.serving.export import file_sha256, rows_per_feature
+from recsys_llm.serving.export import file_sha256, library_versions, rows_per_feature
 from recsys_llm.serving.state import require_finite, check_same_export
 
 
@@ -66,6 +69,25 @@ def _check_digest(directory: str, config: Dict[str, Any], name: str) -> None:
     if actual != expected:
         _raise_damaged(path, f"its bytes changed after the export (sha256 {actual[:16]}..., config.json recorded "
                              f"{str(expected)[:16]}...; a copy cut short, a flipped bit or an edit)")
+
+
+def _warn_on_other_versions(directory: str, config: Dict[str, Any]) -> None:
+    """Warns when torch, torchrec or fbgemm_gpu differ from those that exported the artifact
+    (local build tags such as ``+cpu`` / ``+cu126`` aside); older artifacts record none."""
+    recorded = config.get(VERSIONS_KEY)
+    if not isinstance(recorded, dict):
+        return
+    here = library_versions()
+    base = lambda version: str(version).split("+")[0]  # noqa: E731
+    differ = [name for name in VERSION_CHECKED if recorded.get(name) and base(recorded[name]) != base(here[name])]
+    if differ:
+        warnings.warn(
+            f"{directory}: exported with {', '.join(f'{n} {recorded[n]}' for n in differ)}; this process has "
+            f"{', '.join(f'{n} {here[n] or None}' for n in differ)}. A torch.export program and torchrec's tables are "
+            "not guaranteed to load or compute the same across versions: serve with the exporting versions "
+            f"(config.json: {VERSIONS_KEY}), or export again with these and compare predictions",
+            stacklevel=3,
+        )
 
 
 def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: Dict[str, torch.Tensor],
@@ -152,6 +174,9 @@ class ServedModel(nn.Module):
         writes; weights with NaN / inf; bytes other than the SHA-256 that ``config.json`` recorded
         at export) is one ValueError naming the file: export again.
 
+        Warns (UserWarning) when the artifact was exported with another torch, torchrec or
+        fbgemm_gpu version (``config.json``: ``versions``).
+
         Raises:
             FileNotFoundError: ``directory`` is no directory.
             PermissionError: ``trust_program`` is False.
@@ -169,6 +194,7 @@ class ServedModel(nn.Module):
         missing = [key for key in CONFIG_KEYS if key not in config]
         if missing:
             _raise_damaged(config_path, f"lacks the keys {missing}")
+        _warn_on_other_versions(directory, config)
         if config["dense_program"] is None:
             raise ValueError(
                 f"{directory}: no dense program was exported ({config.get('dense_program_error')}); "
