@@ -265,6 +265,41 @@ def test_entity_table_gain_network_serves_without_the_llm(tmp_path):
     assert "No LLM runs at inference" in (tmp_path / "gain" / "INFERENCE.md").read_text()
 
 
+def test_the_inference_example_runs_as_written_without_llm_packages(tmp_path):
+    """INFERENCE.md's code, copied into a fresh process that cannot import transformers, peft or torchx."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    out = str(tmp_path / "export")
+    export_task(student, out, example.dense_features, example.sparse_features, schema=SCHEMA)
+    text = (tmp_path / "export" / "INFERENCE.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('transformers', 'peft', 'torchx', 'sentence_transformers'):\n"
+        "            raise ImportError('not installed on the serving host: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    ran = subprocess.run([sys.executable, "-c", blocker + code], cwd=str(tmp_path), env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    with torch.no_grad():
+        expected = torch.sigmoid(student.predict(Batch(
+            torch.zeros(2, 1), KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "item_id", "genres"],
+                                                                   values=torch.zeros(6, dtype=torch.int64),
+                                                                   lengths=torch.ones(6, dtype=torch.int32)),
+            torch.zeros(2), {})).logits)
+    printed = [float(v) for v in re.findall(r"[-\d.]+(?:e[-+]?\d+)?", ran.stdout.split("tensor(")[1])]
+    torch.testing.assert_close(torch.tensor(printed), expected, atol=1e-4, rtol=0)
+
+
 def _add_guard(program_path: str, guard: str) -> None:
     """Rewrites a .pt2 archive with one more guard in its program's ``guards_code``."""
     import zipfile

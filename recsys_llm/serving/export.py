@@ -38,6 +38,9 @@ from recsys_llm.serving.artifact import (
 
 INFERENCE_EXAMPLE = """# Inference with an exported model
 
+Runs as written in a fresh Python process (a request of 2 rows with id 0, the missing value,
+in every bag: put your raw ids there):
+
 ```python
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -46,13 +49,18 @@ from recsys_llm.serving import ServedModel
 # this artifact's directory as exported; its path now if it was copied or moved. The dense
 # program is code: trust_program=True only for artifacts you made or trust
 served = ServedModel.load("{path}", trust_program=True)
+features = served.feature_names  # {features}
+batch_size = 2
 kjt = KeyedJaggedTensor.from_lengths_sync(
-    keys=served.feature_names,                       # {features}
-    values=torch.tensor([...], dtype=torch.int64),   # ids, feature-major
-    lengths=torch.tensor([...], dtype=torch.int32),  # one length per (feature, row)
+    keys=features,
+    # ids, feature-major: every row's ids of features[0], then of features[1], ...
+    values=torch.zeros(len(features) * batch_size, dtype=torch.int64),
+    # one length per (feature, row), same order: 1 for a sparse field, 0..n ids for a sequence
+    lengths=torch.ones(len(features) * batch_size, dtype=torch.int32),
 )
-dense = torch.zeros(batch_size, {num_dense})         # dense features in schema order, finite
-probabilities = served.predict(dense, kjt)           # (batch_size,)
+dense = torch.zeros(batch_size, {num_dense})  # dense features in schema order, finite
+probabilities = served.predict(dense, kjt)  # (batch_size,)
+print(probabilities)
 ```
 
 A request is checked before the model runs: the KeyedJaggedTensor must hold each feature
@@ -68,6 +76,16 @@ training data, not as an empty bag), and any other id outside its table is a Val
 the feature and row. The EBC lookup runs
 eagerly; everything after it is `dense_program.pt2` (`torch.export.load`), inputs
 `(dense (B, {num_dense}), pooled (B, {pooled}))`.
+
+What the serving process needs: torch, torchrec and fbgemm-gpu (the versions in `config.json`,
+`versions`), safetensors, and recsys_llm for `ServedModel` (its request checks and id rules),
+which imports pyarrow and pyyaml but no LLM package (transformers, peft) and no torchx:
+`pip install --no-deps` it next to those. Without recsys_llm, torch and torchrec alone load the
+artifact: an `EmbeddingBagCollection` built from `tables.json` with the `model.embedding_bag_collection.*`
+weights of `model.safetensors` (`safetensors.torch.load_file`), then
+`torch.export.load("dense_program.pt2").module()(dense, ebc(kjt).values())`; the id rules above
+and the request checks are then the caller's job (an id outside its table fails deep in FBGEMM
+on CPU, and may read another row on GPU).
 """
 
 
