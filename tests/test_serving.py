@@ -313,6 +313,15 @@ def _add_guard(program_path: str, guard: str) -> None:
     with zipfile.ZipFile(program_path, "w", zipfile.ZIP_STORED) as archive:
         for entry, data in entries.items():
             archive.writestr(entry, data)
+    # a crafted artifact comes with a config.json that matches it: the SHA-256 catches damage, not intent
+    from recsys_llm.serving.export import file_sha256
+
+    config_path = os.path.join(os.path.dirname(program_path), "config.json")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config["sha256"][os.path.basename(program_path)] = file_sha256(program_path)
+    with open(config_path, "w") as handle:
+        json.dump(config, handle)
 
 
 def test_the_dense_program_is_loaded_only_when_trusted(tmp_path):
