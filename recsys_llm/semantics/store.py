@@ -354,7 +354,8 @@ def cached_encode(
     dtype = getattr(encoder, "dtype", "")
     key = cache_key(encoder.model_hash, encoder.pooling, encoder.max_length, template_id, texts, dtype)
     path = os.path.join(cache_dir, f"{key}.safetensors")
-    expected = {"model_hash": encoder.model_hash, "pooling": encoder.pooling, "template": template_id}
+    expected = {"model_hash": encoder.model_hash, "pooling": encoder.pooling, "template": template_id,
+                "texts_sha256": texts_hash(texts)}
     if os.path.exists(path):
         try:
             stored = load_vectors(path, expected=expected)

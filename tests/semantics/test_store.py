@@ -118,6 +118,23 @@ class TestCachedEncode:
         torch.testing.assert_close(again, expected, atol=0, rtol=0)
         assert load_vectors(str(path)).vectors.shape == (3, expected.size(1))  # replaced
 
+    def test_a_cache_file_of_other_texts_of_the_same_number_is_encoded_again(self, tmp_path, tiny_llama_dir) -> None:
+        import shutil
+
+        encoder = CountingEncoder(tiny_llama_dir)
+        CountingEncoder.calls = 0
+        texts = ["shade 1", "town 2"]
+        expected = cached_encode(encoder, texts, "t1", str(tmp_path / "a"), progress=False)
+        (path,) = (tmp_path / "a").glob("*.safetensors")
+        cached_encode(encoder, ["price", "shade 9"], "t1", str(tmp_path / "b"), progress=False)
+        (other,) = (tmp_path / "b").glob("*.safetensors")
+        shutil.copyfile(other, path)  # two vectors of two other texts under this key
+        with pytest.warns(UserWarning, match=r"texts_sha256=.*, expected .*; the texts are encoded again"):
+            again = cached_encode(encoder, texts, "t1", str(tmp_path / "a"), progress=False)
+        assert CountingEncoder.calls == 3
+        torch.testing.assert_close(again, expected, atol=0, rtol=0)
+
+
 class TestNonFiniteVectors:
     """A NaN vector (e.g. from a model overflowing in float16) must never reach training."""
 
