@@ -2,8 +2,10 @@
 data and vectors the run trained with), ``results.json``, ``metrics.jsonl``'s standing records, the
 lock of the job training there."""
 
+import contextlib
 import fcntl
 import json
+import math
 import os
 import socket
 import time
@@ -14,6 +16,7 @@ import numpy as np
 
 from recsys_llm.data.parquet import split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.validation import check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.train.checkpoint import run_dir_of
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig
@@ -28,7 +31,9 @@ RESUMED_EVENT = "resumed"
 # common names, so they do not mark a directory as a run's)
 RUN_MARKERS = (METRICS_FILE, "sharding_plan.json", "checkpoints", "best")
 RUN_LOCK_FILE = ".lock"  # rank 0 of a training job holds an exclusive lock on it
-SHARED_CHECK_FILE = ".shared-check"  # rank 0 writes a token there that every rank must read back
+# rank 0 writes a token into ".shared-check-<token>" that every rank must read back (a name of its own: two jobs
+# whose new run dirs share a parent check there at once)
+SHARED_CHECK_FILE = ".shared-check"
 # seconds a rank waits for rank 0's file to show (a network file system may list a new file late)
 SHARED_CHECK_WAIT_ENV = "RECSYS_LLM_SHARED_DIR_WAIT_S"
 SHARED_CHECK_WAIT_S = 60.0
@@ -99,6 +104,20 @@ def _reads_token(path: str, token: str, wait_s: float) -> bool:
         time.sleep(min(0.5, wait_s))
 
 
+def _shared_check_wait_s() -> float:
+    """``$RECSYS_LLM_SHARED_DIR_WAIT_S`` in seconds (60 when unset); a value that is no number >= 0 is named."""
+    raw = os.environ.get(SHARED_CHECK_WAIT_ENV, "")
+    if not raw.strip():
+        return SHARED_CHECK_WAIT_S
+    try:
+        wait_s = float(raw)
+    except ValueError:
+        wait_s = math.nan
+    check_number(f"${SHARED_CHECK_WAIT_ENV} (seconds a rank waits for rank 0's check file; got {raw!r})", wait_s,
+                 minimum=0)
+    return wait_s
+
+
 def _nearest_directory(path: str) -> str:
     """``path`` or its nearest ancestor that is a directory, spelled as ``path`` is (relative stays relative)."""
     while path and not os.path.isdir(path):
@@ -116,8 +135,9 @@ def check_run_dir_shared(run_dir: str, wait_s: Optional[float] = None) -> None:
     on others, and a new run hung at its end with incomplete checkpoints everywhere. The file goes into
     ``run_dir``, or while it does not exist yet into its nearest existing parent, and is removed again;
     a token rather than the file's presence is compared, so one left on a host by an earlier job does
-    not pass. One process, or a parent rank 0 cannot write to (the run would fail there anyway):
-    nothing is checked.
+    not pass, and the file is named by its token, so jobs whose new run dirs share a parent (a sweep)
+    check there at once without reading or removing each other's file. One process, or a parent
+    rank 0 cannot write to (the run would fail there anyway): nothing is checked.
 
     Args:
         run_dir (str): ``train.run_dir``.
@@ -126,17 +146,21 @@ def check_run_dir_shared(run_dir: str, wait_s: Optional[float] = None) -> None:
 
     Raises:
         ConfigError: naming the ranks (and their hosts) that do not see rank 0's file.
+        ValueError: ``wait_s`` (or ``$RECSYS_LLM_SHARED_DIR_WAIT_S``) is no number >= 0 (on every
+            rank, before any collective).
     """
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     if wait_s is None:
-        wait_s = float(os.environ.get(SHARED_CHECK_WAIT_ENV, SHARED_CHECK_WAIT_S))
+        wait_s = _shared_check_wait_s()
+    check_number("check_run_dir_shared: wait_s", wait_s, minimum=0)  # on every rank, before any collective
     group = host_group()
     shared: List[Optional[str]] = [None, None]  # (file path, token) as rank 0 wrote them
     if dist.get_rank() == 0:
-        path, token = os.path.join(_nearest_directory(run_dir), SHARED_CHECK_FILE), uuid.uuid4().hex
+        token = uuid.uuid4().hex
+        path = os.path.join(_nearest_directory(run_dir), f"{SHARED_CHECK_FILE}-{token}")
         try:
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(token)
@@ -151,7 +175,8 @@ def check_run_dir_shared(run_dir: str, wait_s: Optional[float] = None) -> None:
     answers: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(answers, (socket.gethostname(), seen), group=group)
     if dist.get_rank() == 0:
-        os.remove(path)
+        with contextlib.suppress(OSError):  # raised on rank 0 alone, it would leave the others in their next collective
+            os.remove(path)
     blind = [f"rank {rank} on {host}" for rank, (host, sees) in enumerate(answers) if not sees]
     if blind:
         raise ConfigError(

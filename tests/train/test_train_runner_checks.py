@@ -3,6 +3,7 @@ column, a damaged ``plugins.json`` / ``results.json`` in a run directory, and a 
 not every rank sees."""
 
 import os
+import re
 import shutil
 from typing import List
 
@@ -164,7 +165,7 @@ def test_a_run_dir_that_not_every_rank_sees_is_refused_before_any_rank_reads_it(
     errors = run_multiprocess(_per_rank_working_dir, world_size=2, root=root, schema_dir=synthetic_dir)
     assert errors[0] == errors[1]
     assert errors[0].startswith("runs/x: train.run_dir is not shared by every rank: rank 1 on ")
-    assert "did not see the file runs/x/.shared-check that rank 0 (on " in errors[0]
+    assert re.search(r"did not see the file runs/x/\.shared-check-[0-9a-f]{32} that rank 0 \(on ", errors[0])
     assert "put it on a volume every host mounts at the same path" in errors[0]
     assert os.listdir(os.path.join(root, "host0", "runs", "x")) == []  # the check's file is gone again
     assert not os.path.exists(os.path.join(root, "host1", "runs"))  # nothing written on rank 1's side
@@ -188,3 +189,52 @@ def test_a_shared_run_dir_passes_and_keeps_nothing_of_the_check(tmp_path) -> Non
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "earlier").mkdir()
     assert run_multiprocess(_shared_check, world_size=2, run_dir=str(tmp_path / "runs" / "new")) == [["earlier"]] * 2
+
+
+def _shared_check_beside(run_dir: str, other: str) -> List[str]:
+    """The check with another job's check file in the parent; returns what that file holds afterwards."""
+    from recsys_llm.train.distributed import barrier, init_distributed
+    from recsys_llm.train.run_records import check_run_dir_shared
+
+    init_distributed("cpu")
+    check_run_dir_shared(run_dir, wait_s=1)
+    barrier()
+    with open(other, encoding="utf-8") as handle:
+        return [handle.read(), *sorted(os.listdir(os.path.dirname(run_dir)))]
+
+
+@pytest.mark.multiprocess
+def test_the_check_leaves_alone_the_file_of_another_job_checking_the_same_parent(tmp_path) -> None:
+    """Two jobs of a sweep whose new run dirs share a parent check there at once: neither overwrites or removes the
+    other's file (with one file name, job B's token made job A's ranks fail, and whichever rank 0 removed the file
+    second raised alone, leaving its other ranks in their next collective)."""
+    from tests.multiprocess import run_multiprocess
+
+    (tmp_path / "runs").mkdir()
+    other = tmp_path / "runs" / ".shared-check"  # as another job's rank 0 wrote it, its ranks still reading it
+    other.write_text("token of the other job", encoding="utf-8")
+    assert run_multiprocess(_shared_check_beside, world_size=2, run_dir=str(tmp_path / "runs" / "a"),
+                            other=str(other)) == [["token of the other job", ".shared-check"]] * 2
+
+
+def _shared_check_waiting(run_dir: str, wait: str) -> str:
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.run_records import SHARED_CHECK_WAIT_ENV, check_run_dir_shared
+
+    os.environ[SHARED_CHECK_WAIT_ENV] = wait  # here: the ranks are forked from a server started before this test
+    init_distributed("cpu")
+    try:
+        check_run_dir_shared(run_dir)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.mark.multiprocess
+def test_a_wait_that_is_no_number_is_refused_on_every_rank_naming_the_variable(tmp_path) -> None:
+    from recsys_llm.train.run_records import SHARED_CHECK_WAIT_ENV
+    from tests.multiprocess import run_multiprocess
+
+    errors = run_multiprocess(_shared_check_waiting, world_size=2, run_dir=str(tmp_path / "run"), wait="1m")
+    assert errors[0] == errors[1] and errors[0].startswith(
+        f"${SHARED_CHECK_WAIT_ENV} (seconds a rank waits for rank 0's check file; got '1m') must be a finite number >= 0")
