@@ -195,6 +195,7 @@ def check_run_dir_is_ours(run_dir: str) -> None:
         ConfigError: naming the directory and a few of its entries.
     """
     entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    entries = [name for name in entries if not name.startswith(SHARED_CHECK_FILE)]  # a killed job's check file
     if entries and not any(marker in entries for marker in (*RUN_MARKERS, RUN_LOCK_FILE)):
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ConfigError(

@@ -238,3 +238,13 @@ def test_a_wait_that_is_no_number_is_refused_on_every_rank_naming_the_variable(t
     errors = run_multiprocess(_shared_check_waiting, world_size=2, run_dir=str(tmp_path / "run"), wait="1m")
     assert errors[0] == errors[1] and errors[0].startswith(
         f"${SHARED_CHECK_WAIT_ENV} (seconds a rank waits for rank 0's check file; got '1m') must be a finite number >= 0")
+
+
+def test_a_run_dir_holding_only_a_killed_jobs_check_file_is_still_a_new_run_dir(tmp_path) -> None:
+    from recsys_llm.train.run_records import SHARED_CHECK_FILE, check_run_dir_is_ours
+
+    (tmp_path / f"{SHARED_CHECK_FILE}-0123abcd").write_text("0123abcd")  # rank 0 was killed mid-check
+    check_run_dir_is_ours(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds no run of recsys-llm train \(it has notes.txt;"):
+        check_run_dir_is_ours(str(tmp_path))
