@@ -34,10 +34,7 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
 from recsys_llm.models.embedding import require_allocated
 from recsys_llm.semantics.vector_reader import key_range, read_vector_rows
-from recsys_llm.train.task import CTRTask, checked_term
-
-# a leaf of the training pipeline's fx trace (it checks a term's shape at run time)
-torch.fx.wrap("checked_term")
+from recsys_llm.train.task import CTRTask
 
 TABLE_PREFIX = "semantic_"
 
@@ -166,11 +163,7 @@ class SemanticTableTask(CTRTask):
     def predict(self, batch: Batch) -> CTROutput:
         vectors = self.semantic_table(batch.sparse_features)  # (B, K * d)
         extra_fields = self.field_injection(vectors)  # (B, E, D)
-        output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
-        logits = output.logits
-        for name, term in self.logit_terms.items():
-            logits = logits + checked_term(term(output), "logit", name)
-        return CTROutput(logits, output.representation, output.embeddings)
+        return self.with_logit_terms(self.model(batch.dense_features, batch.sparse_features, extra_fields))
 
 
 def table_weights(model: nn.Module, table_name: str) -> List[Tuple[str, object]]:

@@ -96,15 +96,22 @@ class CTRTask(nn.Module):
         if self.field_injection is not None:
             vector = required_extra(batch_extras(batch), self._injection_key, "the field injection")  # (B, d)
             extra_fields = self.field_injection(vector)  # (B, E, D)
-        output = self.model(batch.dense_features, batch.sparse_features, extra_fields)
+        return self.with_logit_terms(self.model(batch.dense_features, batch.sparse_features, extra_fields))
+
+    def with_logit_terms(self, output: CTROutput) -> CTROutput:
+        """``output`` with every logit term (each (B,), checked) added to its ``logits`` (B,)."""
         logits = output.logits
         for name, term in self.logit_terms.items():
             logits = logits + checked_term(term(output), "logit", name)
         return CTROutput(logits, output.representation, output.embeddings)
 
-    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        output = self.predict(batch)
-        loss = self.loss_fn(output.logits, batch.labels)
+    def with_loss_terms(self, loss: torch.Tensor, output: CTROutput, batch: Batch) -> torch.Tensor:
+        """``loss`` (a scalar) plus every loss term (each a scalar, checked) of ``output`` and ``batch``."""
         for name, term in self.loss_terms.items():
             loss = loss + checked_term(term(output, batch), "loss", name)
+        return loss
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        output = self.predict(batch)
+        loss = self.with_loss_terms(self.loss_fn(output.logits, batch.labels), output, batch)
         return loss, (loss.detach(), output.logits.detach(), batch.labels)
