@@ -7,7 +7,7 @@ import json
 import os
 import uuid
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -253,15 +253,13 @@ def check_servable(task: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _tables_left_out(module: nn.Module) -> Iterator[None]:
-    """``module`` without its ``EmbeddingBagCollection``s for the block, then with them again.
+def _children_left_out(children: Sequence[Tuple[nn.Module, str]]) -> Iterator[None]:
+    """Each ``(parent, name)`` child out of its parent's module tree for the block, then back in.
 
-    ``torch.export`` lifts every parameter of the module it captures, used or not: with the
-    tables in the tree the dense program carried a second copy of every table (and of the
-    entity tables' LLM vectors), which ``ServedModel`` already holds in its eager EBCs.
+    ``torch.export`` lifts every parameter and buffer of the module it captures, used by the
+    program or not: what the program never calls is taken out while it is captured.
     """
-    removed = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
-               if isinstance(child, EmbeddingBagCollection)]
+    removed = [(parent, name, parent._modules[name]) for parent, name in children]
     for parent, name, _ in removed:
         parent._modules[name] = None
     try:
@@ -271,27 +269,24 @@ def _tables_left_out(module: nn.Module) -> Iterator[None]:
             parent._modules[name] = child
 
 
-@contextlib.contextmanager
-def _training_parts_left_out(task: nn.Module, folded: Sequence[str]) -> Iterator[None]:
-    """``task`` without its loss terms and its folded logit terms for the block, then with them again.
+def _tables_left_out(module: nn.Module) -> "contextlib.AbstractContextManager[None]":
+    """``module`` without its ``EmbeddingBagCollection``s for the block: with the tables in the tree the
+    dense program carried a second copy of every table (and of the entity tables' LLM vectors), which
+    ``ServedModel`` already holds in its eager EBCs."""
+    return _children_left_out([(parent, name) for parent in module.modules() for name, child in parent.named_children()
+                               if isinstance(child, EmbeddingBagCollection)])
 
-    The program never calls them (FRE is a training loss; a folded FIE term is part of the
-    backbone's pairwise weights), but ``torch.export`` lifts every parameter and buffer of the
-    module tree: the program held FRE's LLM field vectors and projection, and the folded
-    term's pair-weight network.
-    """
-    removed = []
+
+def _training_parts_left_out(task: nn.Module, folded: Sequence[str]) -> "contextlib.AbstractContextManager[None]":
+    """``task`` without its loss terms and its folded logit terms for the block: the program never calls
+    them (FRE is a training loss; a folded FIE term is part of the backbone's pairwise weights), yet it
+    held FRE's LLM field vectors and projection, and the folded term's pair-weight network."""
+    children: List[Tuple[nn.Module, str]] = []
     if isinstance(getattr(task, "loss_terms", None), nn.Module):
-        removed.append((task, "loss_terms", task.loss_terms))
+        children.append((task, "loss_terms"))
     terms = getattr(task, "logit_terms", None)
-    removed += [(terms, name, terms[name]) for name in folded if terms is not None and name in terms]
-    for parent, name, _ in removed:
-        parent._modules[name] = None
-    try:
-        yield
-    finally:
-        for parent, name, child in removed:
-            parent._modules[name] = child
+    children += [(terms, name) for name in folded if terms is not None and name in terms]
+    return _children_left_out(children)
 
 
 @contextlib.contextmanager
