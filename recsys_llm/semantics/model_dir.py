@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 
-def _hash_file(path: str, chunk: int = 1 << 22) -> str:
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):
@@ -23,7 +24,7 @@ def _hash_file(path: str, chunk: int = 1 << 22) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
-    return _hash_file(path)
+    return file_sha256(path)
 
 
 def file_fingerprint(path: str) -> str:

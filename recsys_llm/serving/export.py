@@ -2,7 +2,6 @@
 program of its dense part)."""
 
 import contextlib
-import hashlib
 import json
 import os
 import uuid
@@ -23,6 +22,7 @@ from recsys_llm.id_rules import id_rules
 from recsys_llm.models.base import CTROutput
 from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+from recsys_llm.semantics.model_dir import file_sha256
 from recsys_llm.serving.artifact import (
     DIGESTS_KEY,
     EXPORT_ID_KEY,
@@ -415,15 +415,6 @@ def library_versions() -> Dict[str, str]:
     installed = installed_versions()
     return {"torch": torch.__version__, "torchrec": installed["torchrec"],
             "fbgemm_gpu": installed["fbgemm-gpu"] or installed["fbgemm-gpu-cpu"], "recsys_llm": __version__}
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes, read 1 MiB at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _kjt_keys(*table_lists: List[Dict[str, Any]]) -> List[str]:

@@ -26,7 +26,8 @@ from recsys_llm.serving.artifact import (
     VERSION_CHECKED,
     VERSIONS_KEY,
 )
-from recsys_llm.serving.export import file_sha256, library_versions, rows_per_feature
+from recsys_llm.semantics.model_dir import file_sha256
+from recsys_llm.serving.export import library_versions, rows_per_feature
 from recsys_llm.serving.state import require_finite, check_same_export
 
 
