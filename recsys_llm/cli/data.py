@@ -73,7 +73,7 @@ def _config(args: argparse.Namespace):
                                rows_per_group=args.rows_per_group, cold_item_fraction=args.cold_item_fraction)
     if args.source == "movielens":
         return MovieLensConfig(split_fractions=args.split, zip_prefix_length=args.zip_prefix_length,
-                               rows_per_group=args.rows_per_group)
+                               rows_per_group=args.rows_per_group, history_length=args.history_length)
     if args.source == "criteo":
         return CriteoConfig(hash_size=args.hash_size, delimiter=args.delimiter, split_fractions=args.split,
                             rows_per_group=args.rows_per_group, max_rows=args.max_rows)
@@ -118,6 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     movielens.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                            help="time-ordered train,valid,test shares (default: 0.8,0.1,0.1)")
     movielens.add_argument("--zip-prefix-length", type=_integer(1), default=2, help="zip code characters kept")
+    movielens.add_argument("--history-length", type=_integer(0), default=0,
+                           help="N > 0: a sequence field 'history' of the last N movies the user rated above 3 "
+                                "before each rating, most recent first (0: none)")
 
     criteo = sources.add_parser("criteo", help="Criteo TSV/CSV (label, I1..I13, C1..C26)")
     common(criteo, 65536)

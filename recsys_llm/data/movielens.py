@@ -16,7 +16,9 @@ Output (the usual CTR protocol for MovieLens):
 * every token remapped to a contiguous id starting at 1 (0 = padding/unknown);
 * fields: ``user_id``, ``item_id``, ``age``, ``gender``, ``occupation``, ``zip_prefix``,
   ``release_year`` (sparse), ``genres`` (sequence), ``user_age`` and ``movie_year``
-  (dense, scaled to about [0, 1]); extra column ``timestamp``;
+  (dense, scaled to about [0, 1]); extra column ``timestamp``; with ``history_length`` N > 0
+  also ``history`` (sequence): the last N movies the user rated above 3 at an earlier
+  timestamp, most recent first (ratings of the same second are not each other's history);
 * value-text files: item = title + year + genres, user = age, gender, occupation and zip code;
 * the item catalogue ``item_catalog.parquet``: every movie of the ``.item`` file (rated or
   not) with its ``ITEM_FIELDS`` columns, for ``elec.distill.swap_catalog``.
@@ -27,6 +29,7 @@ complete, so a failed run leaves an earlier output untouched.
 The raw files are only read, never copied into the output directory.
 """
 
+import collections
 import dataclasses
 import os
 import re
@@ -57,16 +60,21 @@ class MovieLensConfig:
         split_fractions (Tuple[float, float, float]): train/valid/test shares of the time-ordered rows.
         zip_prefix_length (int): leading characters of the zip code kept as ``zip_prefix``.
         rows_per_group (int): Parquet row group size.
+        history_length (int): N > 0 adds the sequence field ``history``, the last N movies the
+            user rated above 3 before the row (text: each movie's title, year and genres); 0: none.
     """
 
     split_fractions: Tuple[float, float, float] = (0.8, 0.1, 0.1)
     zip_prefix_length: int = 2
     rows_per_group: int = 8192
+    history_length: int = 0
 
     def __post_init__(self) -> None:
         check_split_fractions(self.split_fractions, "MovieLensConfig.split_fractions")
         check_number("MovieLensConfig.zip_prefix_length", self.zip_prefix_length, integer=True, minimum=1)
         check_number("MovieLensConfig.rows_per_group", self.rows_per_group, integer=True, minimum=1)
+        check_number("MovieLensConfig.history_length (--history-length)", self.history_length, integer=True,
+                     minimum=0)
 
 
 # ---- RecBole atomic files ----------------------------------------------------------------------------
@@ -205,6 +213,39 @@ def _lookup(table_ids: np.ndarray, keys: np.ndarray, values: np.ndarray, default
 
 
 # ---- conversion ----------------------------------------------------------------------------------------
+def liked_before(user: np.ndarray, item: np.ndarray, liked: np.ndarray, timestamp: np.ndarray,
+                 length: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row, the last ``length`` items its user liked at an earlier timestamp, most recent first.
+
+    Args:
+        user (np.ndarray): (n,) user ids of the rows, in time order.
+        item (np.ndarray): (n,) item ids.
+        liked (np.ndarray): (n,) bool, the rows whose rating counts as liked.
+        timestamp (np.ndarray): (n,) non-decreasing; a like becomes history only for rows of a later
+            timestamp, so ratings given in the same second are not each other's history.
+        length (int): at most this many items per row.
+
+    Returns:
+        Tuple[np.ndarray, np.ndarray]: lengths (n,) int64 and the items of every row, concatenated
+        (sum of lengths,) int64.
+    """
+    recent: Dict[int, "collections.deque[int]"] = {}
+    lengths = np.zeros(len(user), dtype=np.int64)
+    items: List[int] = []
+    pending: List[Tuple[int, int]] = []  # likes of the current timestamp, history from the next one on
+    for row in range(len(user)):
+        if row and timestamp[row] != timestamp[row - 1]:
+            for who, what in pending:
+                recent.setdefault(who, collections.deque(maxlen=length)).appendleft(what)
+            pending = []
+        history = recent.get(int(user[row]), ())
+        lengths[row] = len(history)
+        items.extend(history)
+        if liked[row]:
+            pending.append((int(user[row]), int(item[row])))
+    return lengths, np.asarray(items, dtype=np.int64)
+
+
 def _find(raw_dir: str, suffix: str) -> str:
     candidates = sorted(f for f in os.listdir(raw_dir) if f.endswith(suffix))
     if not candidates:
@@ -344,6 +385,9 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
                       description="year the movie was released", value_text="text/release_year.parquet"),
             FieldSpec("genres", FieldKind.SEQUENCE, len(genre_vocab) + 1, max_length=max_genres,
                       description="genres of the movie", value_text="text/genres.parquet"),
+            *([FieldSpec("history", FieldKind.SEQUENCE, num_items + 1, max_length=config.history_length,
+                         description="movies the user rated above 3 before this rating, most recent first",
+                         value_text="text/history.parquet")] if config.history_length else []),
             FieldSpec("user_age", FieldKind.DENSE, description="age of the user in years divided by 100"),
             FieldSpec("movie_year", FieldKind.DENSE, description="release year of the movie minus 1900, divided by 100"),
         ],
@@ -355,6 +399,8 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     )
     write_value_text(os.path.join(out_dir, "text", "user_id.parquet"), user_text)
     write_value_text(os.path.join(out_dir, "text", "item_id.parquet"), item_text)
+    if config.history_length:
+        write_value_text(os.path.join(out_dir, "text", "history.parquet"), item_text)
     for name, texts in attribute_text.items():
         write_value_text(os.path.join(out_dir, "text", f"{name}.parquet"), ["unknown"] + texts)
     steps.update()
@@ -376,6 +422,8 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
         "zip_prefix": user_attr["zip_prefix"][user],
         "release_year": item_year_id[item],
         "genres": list_array(seq_len, genre_flat_new[gather]),
+        **({"history": list_array(*liked_before(user, item, rating > 3, timestamp, config.history_length))}
+           if config.history_length else {}),
         "user_age": user_age[user],
         "movie_year": movie_year[item],
         "label": (rating > 3).astype(np.int8),

@@ -205,3 +205,41 @@ def test_byte_order_mark_is_ignored(tmp_path):
         assert pq.read_table(got.split_path(split)).equals(pq.read_table(want.split_path(split)))
     for name in ("user_id", "item_id", "age"):
         assert got.load_value_text(name).equals(want.load_value_text(name))
+
+
+def test_history_lists_the_users_earlier_likes_most_recent_first(tmp_path):
+    from recsys_llm.cli import main
+
+    lines = [  # user, item, rating, timestamp (seconds)
+        "1\t1\t5\t100\n", "2\t2\t5\t150\n", "1\t2\t4\t200\n", "1\t3\t5\t200\n", "1\t1\t1\t300\n", "1\t3\t2\t400\n",
+        "2\t1\t4\t500\n", "2\t3\t1\t600\n", "2\t2\t2\t700\n", "1\t2\t5\t800\n", "2\t1\t1\t900\n",
+    ]
+    _write_raw(tmp_path, lines)
+    out = str(tmp_path / "out")
+    assert main(["prepare", "movielens", "--input", str(tmp_path), "--out", out, "--history-length", "2",
+                 "--quiet"]) == 0
+    from recsys_llm.data.schema import DatasetSchema
+
+    schema = DatasetSchema.load(out)
+    field = schema.field("history")
+    assert field.kind == "sequence" and field.max_length == 2
+    assert field.cardinality == schema.field("item_id").cardinality
+    assert schema.load_value_text("history")["text"].to_pylist() == schema.load_value_text("item_id")["text"].to_pylist()
+    rows = [row for split in ("train", "valid", "test") for row in pq.read_table(schema.split_path(split)).to_pylist()]
+    histories = [(row["user_id"], row["timestamp"], row["history"]) for row in rows]
+    assert histories == [
+        (1, 100, []), (2, 150, []),
+        (1, 200, [1]), (1, 200, [1]),  # the like of the same second is not history yet
+        (1, 300, [3, 2]),  # the two likes of second 200, most recent (later in the file) first, capped at 2
+        (1, 400, [3, 2]), (2, 500, [2]), (2, 600, [1, 2]), (2, 700, [1, 2]), (1, 800, [3, 2]), (2, 900, [1, 2]),
+    ]
+    batch = next(iter(ParquetBatchReader(schema, "train", 4)))
+    assert batch.sparse_features["history"].lengths().tolist() == [0, 0, 1, 1]
+    assert "history" not in [f.name for f in prepare_movielens(str(tmp_path), str(tmp_path / "plain")).fields]
+
+
+def test_a_negative_history_length_is_refused_naming_the_option():
+    from recsys_llm.data.movielens import MovieLensConfig
+
+    with pytest.raises(ValueError, match=r"MovieLensConfig.history_length \(--history-length\)"):
+        MovieLensConfig(history_length=-1)
