@@ -72,6 +72,11 @@ def _check_digest(directory: str, config: Dict[str, Any], name: str) -> None:
                              f"{str(expected)[:16]}...; a copy cut short, a flipped bit or an edit)")
 
 
+def _release(version: Any) -> str:
+    """A version without its local build tag (``2.13.0+cpu`` -> ``2.13.0``)."""
+    return str(version).split("+")[0]
+
+
 def _warn_on_other_versions(directory: str, config: Dict[str, Any]) -> None:
     """Warns when torch, torchrec or fbgemm_gpu differ from those that exported the artifact
     (local build tags such as ``+cpu`` / ``+cu126`` aside); older artifacts record none."""
@@ -79,8 +84,7 @@ def _warn_on_other_versions(directory: str, config: Dict[str, Any]) -> None:
     if not isinstance(recorded, dict):
         return
     here = library_versions()
-    base = lambda version: str(version).split("+")[0]  # noqa: E731
-    differ = [name for name in VERSION_CHECKED if recorded.get(name) and base(recorded[name]) != base(here[name])]
+    differ = [name for name in VERSION_CHECKED if recorded.get(name) and _release(recorded[name]) != _release(here[name])]
     if differ:
         warnings.warn(
             f"{directory}: exported with {', '.join(f'{n} {recorded[n]}' for n in differ)}; this process has "
@@ -235,7 +239,7 @@ class ServedModel(nn.Module):
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(program_path, "cannot be read as a torch.export program", error)
         check_same_export(config_path, config, program_path, program_extra[EXPORT_ID_KEY] or None)
-        _check_digest(directory, config, config["dense_program"])
+        _check_digest(directory, config, config["dense_program"])  # after the export id: "mixes two exports" says more
         return cls(ebc, program, config, semantic)
 
     def _checked_dense(self, dense_features: torch.Tensor, batch_size: int) -> torch.Tensor:
