@@ -84,7 +84,8 @@ def _warn_on_other_versions(directory: str, config: Dict[str, Any]) -> None:
     if not isinstance(recorded, dict):
         return
     here = library_versions()
-    differ = [name for name in VERSION_CHECKED if recorded.get(name) and _release(recorded[name]) != _release(here[name])]
+    differ = [name for name in VERSION_CHECKED
+              if recorded.get(name) and _release(recorded[name]) != _release(here[name])]
     if differ:
         warnings.warn(
             f"{directory}: exported with {', '.join(f'{n} {recorded[n]}' for n in differ)}; this process has "
