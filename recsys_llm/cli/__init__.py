@@ -141,6 +141,11 @@ def _environment_error_line(error: BaseException) -> Optional[str]:
     return None
 
 
+def _traceback_asked() -> bool:
+    """Whether ``$RECSYS_LLM_TRACEBACK`` asks for the traceback instead of the one-line error."""
+    return os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
+
+
 def _error_exit(command: str, message: object) -> int:
     """Prints ``recsys-llm <command>: error: <message>`` and the traceback hint; returns exit code 2."""
     print(f"recsys-llm {command}: error: {message}", file=sys.stderr)
@@ -171,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
-        if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
+        if _traceback_asked():
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         return _error_exit(args.command, message)
@@ -182,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if interruption is not None:
             raise interruption from None
         line = _environment_error_line(error)
-        if line is None or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
+        if line is None or _traceback_asked():
             raise
         return _error_exit(args.command, line)
     finally:  # a command that ended normally has torn its own group down already

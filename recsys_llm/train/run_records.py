@@ -153,9 +153,11 @@ def check_run_dir_shared(run_dir: str, wait_s: Optional[float] = None) -> None:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
+    # on every rank, before any collective
     if wait_s is None:
         wait_s = _shared_check_wait_s()
-    check_number("check_run_dir_shared: wait_s", wait_s, minimum=0)  # on every rank, before any collective
+    else:
+        check_number("check_run_dir_shared: wait_s", wait_s, minimum=0)
     group = host_group()
     shared: List[Optional[str]] = [None, None]  # (file path, token) as rank 0 wrote them
     if dist.get_rank() == 0:
