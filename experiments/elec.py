@@ -82,13 +82,18 @@ BETAS = (0.0, 0.1)
 # swapped pairs carry no label: KD is their only signal, so larger weights are tried
 SWAP_ALPHAS = (1.0, 5.0, 20.0)
 SWAP_BETAS = (0.0,)
+ROW_FIELDS = ("user_id", "item_id")
 KD_CHOICE = "(alpha, beta) of the student from {0.5, 1.0} x {0.0, 0.1} (swapped pairs: {1, 5, 20} x {0}), per student,"
 KD_LOSSES = "score KD = BCE on teacher probabilities (T = 1), representation KD = MSE after a learned projection"
 
 
 def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str], sample_rows: int,
-              quick: bool) -> Tuple[str, List[str]]:
+              quick: bool, row_fields: Sequence[str] = ROW_FIELDS, max_length: Optional[int] = None
+              ) -> Tuple[str, List[str]]:
     """CTR-adapted LLM and its vectors (each step skipped when done).
+
+    ``row_fields`` are the fields a row's text is made of (row granularity); ``max_length`` is
+    the LLM's tokens per text (None: 64 for a row or several entities, else 48).
 
     Returns:
         Tuple: ``(schema the ELEC runs read, elec overrides that point them at the vectors)``.
@@ -98,12 +103,13 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
     """
     llm_dir = os.path.join(work, "ctr_llm")
     attach_dir = os.path.join(work, "attached")
-    fields = ["user_id", "item_id"] if granularity == "row" else list(entities)
+    fields = list(row_fields) if granularity == "row" else list(entities)
     long_text = granularity == "row" or len(entities) > 1
+    max_length = max_length or (64 if long_text else 48)
     run_cli_step(
         ["semantics", "adapt", "--schema", schema, "--output-dir", llm_dir, "--fields", *fields,
          "--representation-dim", str(VECTOR_DIM), "--hidden-dim", "128", "--sample-rows", str(sample_rows),
-         "--epochs", "1", "--batch-size", "32", "--max-length", "64" if long_text else "48"],
+         "--epochs", "1", "--batch-size", "32", "--max-length", str(max_length)],
         os.path.join(llm_dir, "row_text.json"),
     )
     export = ["semantics", "export", "--schema", schema, "--llm", llm_dir, "--granularity", granularity,
@@ -233,6 +239,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="entity granularity: id fields with a vector each (default: item_id on ML-100K, "
                              "user_id item_id on the synthetic data, whose clicks follow user-interest and item-topic "
                              "texts)")
+    parser.add_argument("--row-fields", nargs="+", default=list(ROW_FIELDS),
+                        help="row granularity: the fields of a row's text (default: user_id item_id; add history "
+                             "for data prepared with --history-length)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per text for the LLM (default 64 for row text or several entities, else 48)")
     parser.add_argument("--sample-rows", type=int, default=None,
                         help="training rows the LLM is tuned on (default 1000; --quick 256)")
     args = parser.parse_args(argv)
@@ -242,7 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sample_rows = args.sample_rows or (256 if args.quick else 1000)
     base_schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
     entities = args.entities or (["item_id"] if args.data == "ml100k" else ["user_id", "item_id"])
-    schema, vector_overrides = llm_steps(base_schema, work, args.granularity, entities, sample_rows, args.quick)
+    schema, vector_overrides = llm_steps(base_schema, work, args.granularity, entities, sample_rows, args.quick,
+                                         args.row_fields, args.max_length)
     backbones = args.backbones or list(BACKBONES)
     # swapped pairs need vectors that follow the swapped ids: entity tables (several entities), one of them the item's
     swap_fields = ITEM_FIELDS.get(args.data, ()) if args.granularity == "entity" and len(entities) > 1 \
@@ -272,7 +284,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     cold = all("cold/auc" in row for table in tables.values() for row in table.values())
     columns = ["auc", "logloss"] + (["cold/auc", "cold/logloss"] if cold else [])
     sections = [f"## ELEC on {args.data} (test metrics, mean ± std over seeds {args.seeds}; LLM vectors per "
-                f"{'row' if args.granularity == 'row' else ' and '.join(entities)}, LLM tuned on {sample_rows} "
+                f"{'row (' + ', '.join(args.row_fields) + ')' if args.granularity == 'row' else ' and '.join(entities)}, LLM tuned on {sample_rows} "
                 f"training rows)", ""]
     for backbone in backbones:
         sections += [f"### {backbone}", "", markdown_table(tables[backbone], columns, baseline="plain"), ""]
@@ -295,6 +307,8 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "quick": args.quick,
         "granularity": args.granularity,
         "entities": list(entities) if args.granularity == "entity" else None,
+        "row_fields": list(args.row_fields) if args.granularity == "row" else None,
+        "llm_max_length": args.max_length,
         "llm_sample_rows": sample_rows,
         "vector_dim": vector_dim,
         "selection": selection,
