@@ -22,7 +22,9 @@ class FeatureGate(nn.Module):
 
     The context :math:`c` is the concatenation of chosen field embeddings, or a learned
     vector (the official code's default when no context field is given) so the gate
-    is then a learned per-input-dimension weight.
+    is then a learned per-input-dimension weight. The context fields are the backbone's
+    own pooled embeddings, so the gate's gradient also trains them; FuxiCTR's
+    ``FeatureSelection`` embeds its context fields with tables of their own.
 
     Args:
         in_features (int): K, width of x.
