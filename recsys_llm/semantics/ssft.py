@@ -9,7 +9,10 @@ query/value projections, is tuned with InfoNCE:
     loss = -1/B Σ_b log( exp(cos(q_b, k_{y_b}) / τ) / Σ_f exp(cos(q_b, k_f) / τ) )
 
 keys are re-encoded by the same model in every step, with gradients (τ = 0.02).
-Encoders (e.g. MiniLM) use mean pooling instead of the last token **(ours)**. Held-out
+Encoders (e.g. MiniLM) use mean pooling instead of the last token **(ours)**. A prompt longer
+than ``max_length`` tokens gets its value shortened until it fits **(ours)**, so that it still
+ends with the candidate set and ``### Response:`` (the tokenizer would cut that end off, and
+the query would be read in the middle of the value). Held-out
 field-retrieval accuracy (argmax_f cos(q, k_f) == true field) is reported before and
 after tuning.
 
@@ -204,6 +207,60 @@ def build_examples(
     return train, valid
 
 
+def fit_prompts(
+    examples: Sequence[SSFTExample],
+    field_names: Sequence[str],
+    templates: PromptTemplates,
+    tokenizer: Any,
+    max_length: int,
+) -> Tuple[List[SSFTExample], int]:
+    """Shortens the value of every prompt longer than ``max_length`` tokens until the prompt fits.
+
+    The query vector is read at the prompt's last token, right before the answer; a prompt
+    the tokenizer truncates loses its candidate set and ``### Response:`` instead, and its
+    query lands in the middle of the value. The longest prefix of the value (in characters)
+    whose prompt fits is kept; a value of which nothing fits is left out.
+
+    Returns:
+        Tuple[List[SSFTExample], int]: the examples (in order) and how many were shortened or left out.
+
+    Raises:
+        ValueError: even the prompt of an empty value is longer than ``max_length``.
+    """
+    names = list(field_names)
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, truncation=False)["input_ids"])
+
+    encoded = tokenizer([e.prompt for e in examples], truncation=False)["input_ids"] if examples else []
+    lengths = [len(ids) for ids in encoded]
+    if any(size > max_length for size in lengths):
+        bare = length(ssft_prompt("", names, templates))
+        if bare > max_length:
+            raise ValueError(
+                f"SSFT prompt without its value is {bare} tokens, more than --max-length {max_length} (its instruction "
+                f"and candidate set of {len(names)} fields alone); raise --max-length (SSFTConfig.max_length)"
+            )
+    fitted: List[SSFTExample] = []
+    changed = 0
+    for example, size in zip(examples, lengths):
+        if size <= max_length:
+            fitted.append(example)
+            continue
+        changed += 1
+        low, high = 0, len(example.value)  # the longest prefix whose prompt fits: low fits, high + 1 does not
+        while low < high:
+            middle = (low + high + 1) // 2
+            if length(ssft_prompt(example.value[:middle].rstrip(), names, templates)) <= max_length:
+                low = middle
+            else:
+                high = middle - 1
+        value = example.value[:low].rstrip()
+        if value:
+            fitted.append(SSFTExample(ssft_prompt(value, names, templates), example.label, value))
+    return fitted, changed
+
+
 def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE over all fields: the true field is the positive, every field is in the denominator.
 
@@ -317,6 +374,19 @@ class SSFTTrainer:
         if config.resume:  # a damaged checkpoint, or one of other settings or more epochs: before the model loads
             self._precheck_checkpoint()
         self._encoder = self._build_encoder()
+        names = [f.name for f in self._fields]
+        fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, config.max_length)
+               for examples in (self._train, self._valid)]
+        (self._train, shortened_train), (self._valid, shortened_valid) = fit
+        self._shortened = shortened_train + shortened_valid
+        if self._shortened:
+            warnings.warn(
+                f"SSFT: {self._shortened} prompt(s) longer than --max-length {config.max_length} tokens: their values "
+                "were shortened to fit (the prompt must end where the answer starts)",
+                stacklevel=2,
+            )
+        if not self._train:
+            raise ValueError(f"schema {schema.name!r}: no SSFT prompt fits in --max-length {config.max_length} tokens")
         model = self._encoder.model
         self._steps = LowPrecisionSteps(
             [{"params": [p for p in model.parameters() if p.requires_grad]}],
@@ -356,6 +426,11 @@ class SSFTTrainer:
     @property
     def examples(self) -> Tuple[List[SSFTExample], List[SSFTExample]]:
         return self._train, self._valid
+
+    @property
+    def shortened_values(self) -> int:
+        """How many prompts (training and held-out) had their value shortened, or left out, to fit ``max_length``."""
+        return self._shortened
 
     @property
     def encoder(self) -> TextEncoder:
@@ -618,6 +693,7 @@ class SSFTTrainer:
             "fields": self.fields,
             "num_train": len(self._train),
             "num_valid": len(self._valid),
+            "shortened_values": self._shortened,
             "adapter_dir": adapter_dir,
             "config": self._config.to_dict(),
         }

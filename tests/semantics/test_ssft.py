@@ -106,3 +106,35 @@ def test_settings_are_checked_when_the_config_is_made(setting, value, message) -
     with pytest.raises(ValueError, match=f"^{message}"):
         SSFTConfig(**{setting: value})
     SSFTConfig(samples_valid=0)  # no held-out values is allowed
+
+
+def test_a_prompt_longer_than_max_length_keeps_its_end(tmp_path, tiny_llama_dir, tiny_schema) -> None:
+    """The query is the state at the last prompt token, right before the answer (docs/methods.md section 1):
+    a value too long for --max-length is shortened so that the candidate set and ``### Response:`` stay in,
+    instead of the tokenizer cutting the prompt's end off and the query landing in the middle of the value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    long_texts = [" ".join(["shade", str(i)] * 20) for i in range(100)]  # 40 tokens per value
+    pq.write_table(pa.table({"id": pa.array(range(100), pa.int64()), "text": long_texts}),
+                   tiny_schema.value_text_path("color"))
+    max_length = 48  # the SHORT prompt with a short value is ~36 tokens, with a long one ~75
+    with pytest.warns(UserWarning, match=r"SSFT: 10 prompt\(s\) longer than --max-length 48 tokens"):
+        trainer = SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, max_length=max_length),
+                              tiny_schema, str(tmp_path / "ssft"))
+    train, valid = trainer.examples
+    tokenizer = trainer.encoder.tokenizer
+    color = [e for e in train + valid if e.label == 0]
+    assert len(color) == 10 and all(e.value.startswith("shade") for e in color)
+    for example in train + valid:
+        ids = tokenizer(example.prompt)["input_ids"]
+        assert len(ids) <= max_length, example.prompt
+        assert tokenizer.convert_ids_to_tokens(ids[-3:]) == ["###", "Response", ":"]
+        assert "The candidate set is: [color, city, user_id, price]" in example.prompt
+    assert trainer.shortened_values == 10
+
+
+def test_a_prompt_that_cannot_fit_is_refused(tmp_path, tiny_llama_dir, tiny_schema) -> None:
+    with pytest.raises(ValueError, match=r"SSFT prompt without its value is \d+ tokens, more than --max-length 20"):
+        SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, max_length=20), tiny_schema,
+                    str(tmp_path / "ssft"))
