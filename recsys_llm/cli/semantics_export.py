@@ -284,7 +284,8 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LLM part")
     adapt.add_argument("--head-lr", type=float, default=1e-3,
                        help="AdamW learning rate of the MLP and prediction layer")
-    adapt.add_argument("--max-length", type=int, default=128, help="tokens per row text")
+    adapt.add_argument("--max-length", type=int, default=128,
+                       help="tokens per row text; a longer one is cut at its end (tuning warns how many are)")
     adapt.add_argument("--seed", type=int, default=0, help="sampling, initialisation and shuffling seed")
     adapt.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available, else CPU)")
     adapt.add_argument("--llm-dtype", default="float32", choices=["float32", "bfloat16", "float16"],

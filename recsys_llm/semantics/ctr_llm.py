@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -87,7 +88,8 @@ class CTRLLMConfig:
             query/value projections found by name, else peft's default for the architecture (as SSFT;
             ``lora_targets.default_target_modules``).
         last_k_layers (int): layers unfrozen in ``last_k`` mode.
-        max_length (int): tokens per text.
+        max_length (int): tokens per text; a longer text is cut at its end, so the fields written
+            last are not read (:func:`tune_ctr_llm` warns with how many of its rows are).
         batch_size (int): texts per step.
         learning_rate (float): AdamW learning rate of the LLM part.
         head_learning_rate (float): AdamW learning rate of the heads.
@@ -314,6 +316,15 @@ def sample_indices(num_rows: int, config: CTRLLMConfig) -> np.ndarray:
     return np.sort(rng.choice(num_rows, size=config.sample_rows, replace=False))
 
 
+def count_longer_texts(tokenizer: Any, texts: Sequence[str], max_length: int, chunk: int = 1024) -> int:
+    """How many of ``texts`` are longer than ``max_length`` tokens (special tokens included), tokenized in chunks."""
+    longer = 0
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(list(texts[start : start + chunk]), truncation=False)["input_ids"]
+        longer += sum(len(ids) > max_length for ids in encoded)
+    return longer
+
+
 def tune_ctr_llm(
     model: CTRAdaptedLLM,
     texts: Sequence[str],
@@ -322,6 +333,8 @@ def tune_ctr_llm(
     progress: bool = True,
 ) -> List[float]:
     """Fine-tunes the LLM part and both heads with BCE on clicks.
+
+    Warns with how many of the sampled texts are longer than ``max_length`` tokens (cut at their end).
 
     Args:
         model (CTRAdaptedLLM): the model to tune (in place).
@@ -336,6 +349,14 @@ def tune_ctr_llm(
     if len(texts) != len(labels):
         raise ValueError(f"tune_ctr_llm: {len(texts)} texts but {len(labels)} labels")
     index = sample_indices(len(texts), config)
+    limit = position_limited(model.llm, config.max_length)
+    longer = count_longer_texts(model.tokenizer, [texts[i] for i in index], limit)
+    if longer:
+        warnings.warn(
+            f"tune CTR-LLM: {longer} of {len(index)} row texts are longer than max_length {limit} tokens and are cut "
+            "at their end: the LLM does not read the fields written last (raise --max-length, or write fewer fields)",
+            stacklevel=2,
+        )
     llm_params = [p for p in model.llm.parameters() if p.requires_grad]
     head_params = list(model.transform.parameters()) + list(model.predict.parameters())
     groups = [{"params": head_params, "lr": config.head_learning_rate}]

@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -331,3 +332,16 @@ def test_lora_without_target_modules_on_models_without_q_proj_names(tmp_path):
     llm = CTRAdaptedLLM.from_config(config)
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in llm.llm.named_parameters() if "lora_A" in n}
     assert adapted == {"q_lin", "v_lin"}
+
+
+def test_row_texts_longer_than_max_length_are_counted_in_a_warning(tmp_path):
+    """A row text is average-pooled over the tokens the LLM reads (docs/methods.md section 2): one longer than
+    max_length is cut at its end, so the fields written last are not read; tuning says how many rows that is."""
+    model, config = _tiny_bert_ctr_llm(tmp_path)
+    texts, labels = _data()  # 11-12 tokens each with [CLS] and [SEP]
+    texts[0] = texts[0] + " " + " ".join(["comedy"] * 40)
+    with pytest.warns(UserWarning, match=r"1 of 64 row texts are longer than max_length 32 tokens"):
+        tune_ctr_llm(model, texts, labels, config, progress=False)
+    short = dataclasses.replace(config, max_length=8)
+    with pytest.warns(UserWarning, match=r"64 of 64 row texts are longer than max_length 8 tokens"):
+        tune_ctr_llm(CTRAdaptedLLM.from_config(short), texts, labels, short, progress=False)
