@@ -161,10 +161,16 @@ def require_unique_keys(keys: np.ndarray, what: str, is_sorted: bool = False) ->
     ordered = keys if is_sorted else np.sort(keys, kind="stable")
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     if len(repeated):
-        raise ValueError(
-            f"{what}: keys must be unique, but {len(np.unique(repeated))} repeat (first: {repeated[0].item()!r}); a "
-            "vector looked up by key would go to the wrong row. Give every row its own key (e.g. a row number)"
-        )
+        raise repeated_keys_error(repeated, what)
+
+
+def repeated_keys_error(repeated: np.ndarray, what: str) -> ValueError:
+    """The error of :func:`require_unique_keys` for the (non-empty) keys found more than once."""
+    distinct = np.unique(repeated)
+    return ValueError(
+        f"{what}: keys must be unique, but {len(distinct)} repeat (first: {distinct[0].item()!r}); a "
+        "vector looked up by key would go to the wrong row. Give every row its own key (e.g. a row number)"
+    )
 
 
 class VectorExport:

@@ -5,7 +5,7 @@ import collections
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +14,14 @@ import pyarrow.parquet as pq
 
 from recsys_llm.data.parquet import parquet_files
 from recsys_llm.data.validation import first_non_finite_row
-from recsys_llm.semantics.vector_export import PROVENANCE_KEY, check_provenance, chunk_path, read_manifest, require_unique_keys
+from recsys_llm.semantics.vector_export import (
+    PROVENANCE_KEY,
+    check_provenance,
+    chunk_path,
+    read_manifest,
+    repeated_keys_error,
+    require_unique_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +122,13 @@ def _chunk_keys(directory: str, manifest: Dict[str, object]) -> List[np.ndarray]
     Raises:
         ValueError: a chunk holds more or fewer rows than ``chunk_rows`` / ``num_rows`` say.
     """
+    return list(_iter_chunk_keys(directory, manifest))
+
+
+def _iter_chunk_keys(directory: str, manifest: Dict[str, object]) -> Iterator[np.ndarray]:
+    """:func:`_chunk_keys` one chunk at a time."""
     key_column = str(manifest["key_column"])
     chunk_rows, num_rows = int(manifest["chunk_rows"]), int(manifest["num_rows"])
-    keys = []
     for index in range(int(manifest["num_chunks"])):
         path = chunk_path(directory, index)
         column = read_chunk_table(path, columns=[key_column]).column(key_column).to_numpy()
@@ -128,8 +139,7 @@ def _chunk_keys(directory: str, manifest: Dict[str, object]) -> List[np.ndarray]
                 f"chunk_rows={chunk_rows}) gives chunk {index} {want}; the export is damaged: re-export it into "
                 "an empty --output-dir"
             )
-        keys.append(column)
-    return keys
+        yield column
 
 
 def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tuple[int, int]:
@@ -137,16 +147,40 @@ def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tupl
 
     The export is checked on the way: every chunk holds the rows its manifest gives it,
     and no key repeats (a table filled by key would silently keep one of two vectors).
+    Keys are read a chunk at a time (twice): memory is one chunk's keys plus one byte per
+    id between the smallest and the largest key, not every key of the export (8 bytes
+    each, and again sorted) on every rank that loads it. Only an export whose keys are
+    spread far wider than its rows (more than 8 ids per row) is checked by sorting all keys.
 
     Raises:
         ValueError: a chunk with another number of rows than the manifest's, or a repeated
             key, naming the export directory.
     """
     manifest = read_manifest(directory, expected)
-    keys = _chunk_keys(directory, manifest)
-    ordered = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-    require_unique_keys(ordered, f"{directory}: key column {manifest['key_column']!r}", is_sorted=True)
-    return (int(ordered[0]), int(ordered[-1])) if len(ordered) else (0, -1)
+    what = f"{directory}: key column {manifest['key_column']!r}"
+    low, high = None, None
+    for column in _iter_chunk_keys(directory, manifest):
+        if len(column):
+            low = int(column.min()) if low is None else min(low, int(column.min()))
+            high = int(column.max()) if high is None else max(high, int(column.max()))
+    if low is None or high is None:
+        return 0, -1
+    span = high - low + 1
+    if span > 8 * int(manifest["num_rows"]) + 4096:  # keys spread far wider than the rows: sort them
+        require_unique_keys(np.sort(np.concatenate(_chunk_keys(directory, manifest))), what, is_sorted=True)
+        return low, high
+    seen = np.zeros(span, dtype=bool)
+    repeated: List[np.ndarray] = []
+    for column in _iter_chunk_keys(directory, manifest):
+        offsets = column - low
+        ordered = np.sort(offsets)
+        repeated.append(ordered[1:][ordered[1:] == ordered[:-1]] + low)  # twice within the chunk
+        repeated.append(column[seen[offsets]])  # in an earlier chunk
+        seen[offsets] = True
+    found = np.concatenate(repeated)
+    if len(found):
+        raise repeated_keys_error(found, what)
+    return low, high
 
 
 def vector_dim(directory: str) -> int:

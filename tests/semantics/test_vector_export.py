@@ -632,3 +632,61 @@ def test_a_truncated_chunk_is_named_with_how_to_mend_the_export(tmp_path):
     encoder = CountingEncoder()
     VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, encoder, progress=False)
     assert encoder.texts == 2 and read_vectors(out)[0].tolist() == [100, 101, 102, 103]
+
+
+def _export_with_keys(out: str, chunks, dim: int = 4) -> None:
+    """An export whose chunk i holds ``chunks[i]`` as keys (written as a damaged export would be:
+    the key check of ``VectorExport.run`` is bypassed)."""
+    keys = np.arange(sum(len(c) for c in chunks))
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=len(chunks[0]))).run(
+        pa.array(keys, pa.int64()), lambda a, b: ["t"] * (b - a), CountingEncoder(dim=dim), progress=False)
+    for index, chunk_keys in enumerate(chunks):
+        path = chunk_path(out, index)
+        table = pq.read_table(path)
+        table = table.set_column(0, table.schema.field(0), pa.array(chunk_keys, pa.int64()))
+        pq.write_table(table.replace_schema_metadata(pq.read_schema(path).metadata), path)
+
+
+@pytest.mark.parametrize("chunks, repeated", [
+    ([[4, 0, 4], [1, 2, 3]], "1 repeat \\(first: 4\\)"),  # twice within one chunk
+    ([[4, 0, 9], [1, 9, 0]], "2 repeat \\(first: 0\\)"),  # across chunks
+    ([[10**12, 0, 5], [7, 10**12, 5]], "2 repeat \\(first: 5\\)"),  # keys spread far wider than the rows
+])
+def test_key_range_names_every_repeated_key(tmp_path, chunks, repeated):
+    from recsys_llm.semantics.vector_reader import key_range
+
+    out = str(tmp_path / "vec")
+    _export_with_keys(out, chunks)
+    with pytest.raises(ValueError, match=rf"vec: key column 'key': keys must be unique, but {repeated}"):
+        key_range(out)
+
+
+def test_key_range_of_sparse_keys(tmp_path):
+    from recsys_llm.semantics.vector_reader import key_range
+
+    out = str(tmp_path / "vec")
+    _export_with_keys(out, [[10**12, -3, 5], [7, 8]])
+    assert key_range(out) == (-3, 10**12)
+
+
+def test_key_range_reads_the_keys_a_chunk_at_a_time(tmp_path):
+    """Every rank loading an entity table checks its export's keys: it used to hold all of them
+    (8 bytes each), concatenated and again sorted."""
+    import tracemalloc
+
+    from recsys_llm.semantics.vector_reader import key_range
+
+    n = 60_000
+    out = str(tmp_path / "vec")
+    keys = np.random.default_rng(0).permutation(n)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=1000, batch_size=1000)).run(
+        pa.array(keys, pa.int64()), lambda a, b: [""] * (b - a), lambda texts: torch.zeros(len(texts), 4),
+        progress=False)
+    key_range(out)  # imports
+    tracemalloc.start()
+    try:
+        assert key_range(out) == (0, n - 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * n / 2, f"key_range held {peak} bytes for {n} keys"
