@@ -9,9 +9,10 @@ gives it a fused kernel with stateless SGD at learning rate 0 in a TBE of its ow
 grouped with trained tables) and ``requires_grad=False`` after sharding (see that module).
 
 :func:`load_semantic_vectors` fills the table **after** sharding: each rank walks the
-local shards of the table's ``ShardedTensor`` in the model's state dict and reads only
-the vector rows ``[offset, offset + rows)`` of its shards from the export, so no rank
-ever materialises the whole table.
+local shards of the table's ``ShardedTensor`` in the model's state dict and copies only
+the vector rows ``[offset, offset + rows)`` and columns of its shards from the export,
+one export chunk at a time, straight into the shard, so no rank ever materialises the
+whole table (nor a second copy of its own shards).
 
 Example::
 
@@ -33,7 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
 from recsys_llm.models.embedding import require_allocated
-from recsys_llm.semantics.vector_reader import key_range, read_vector_rows
+from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
 from recsys_llm.train.task import CTRTask
 
 TABLE_PREFIX = "semantic_"
@@ -181,7 +182,10 @@ def load_semantic_vectors(
 
     Works on a plain model (the whole table is local) and on a
     ``DistributedModelParallel`` (table-wise, row-wise, column-wise shards: only the
-    local shards' rows and columns are read from the export).
+    local shards' rows and columns are copied from the export, a chunk at a time, into
+    the shards themselves; memory beyond the shards is one chunk and one byte per id).
+    Rows the export has no vector for are zero. A NaN/inf vector found part way leaves the
+    shard partly filled (the error stops the run).
 
     Args:
         model (nn.Module): holds the table (DMP or plain).
@@ -219,15 +223,29 @@ def load_semantic_vectors(
             dim = weight.size(1)
             for shard in weight.local_shards():
                 row, col = shard.metadata.shard_offsets
-                rows, cols = shard.metadata.shard_sizes
-                block = read_vector_rows(vector_dir, row, row + rows, dim, expected)  # (rows, d)
-                shard.tensor.copy_(torch.from_numpy(block[:, col : col + cols]))
-                filled += rows
+                fill_rows(shard.tensor, vector_dir, row, col, dim, expected)
+                filled += shard.metadata.shard_sizes[0]
         elif isinstance(weight, torch.Tensor):
             require_allocated(key, weight, f"load_semantic_vectors({table_name!r})")
-            block = read_vector_rows(vector_dir, 0, weight.size(0), weight.size(1), expected)
-            weight.copy_(torch.from_numpy(block))
+            fill_rows(weight, vector_dir, 0, 0, weight.size(1), expected)
             filled += weight.size(0)
         else:
             raise TypeError(f"table {table_name!r}: unsupported weight type {type(weight).__name__}")
     return filled
+
+
+@torch.no_grad()
+def fill_rows(
+    tensor: torch.Tensor, vector_dir: str, row: int, col: int, dim: int, expected: Optional[Dict[str, str]] = None
+) -> None:
+    """Sets ``tensor`` (a shard: rows ``[row, row + r)``, columns ``[col, col + c)`` of a table
+    ``dim`` wide) to the exported vectors of those ids, zero where the export has none.
+
+    Copies one export chunk at a time (:func:`~recsys_llm.semantics.vector_reader.iter_vector_rows`):
+    besides the shard itself, memory is one chunk's rows in range.
+    """
+    rows, cols = tensor.shape
+    tensor.zero_()
+    for positions, vectors in iter_vector_rows(vector_dir, row, row + rows, dim, expected, columns=(col, col + cols)):
+        index = torch.from_numpy(positions).to(tensor.device)
+        tensor[index] = torch.from_numpy(vectors).to(device=tensor.device, dtype=tensor.dtype)

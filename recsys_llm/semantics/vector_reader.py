@@ -90,20 +90,32 @@ def read_vectors(directory: str, expected: Optional[Dict[str, str]] = None) -> T
     return np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts])
 
 
-def read_vector_rows(
-    directory: str, start: int, stop: int, dim: int, expected: Optional[Dict[str, str]] = None
-) -> np.ndarray:
-    """Vectors of keys ``[start, stop)`` as a dense (stop - start, d) float32 block.
+def iter_vector_rows(
+    directory: str,
+    start: int,
+    stop: int,
+    dim: int,
+    expected: Optional[Dict[str, str]] = None,
+    columns: Optional[Tuple[int, int]] = None,
+) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """The vectors of keys ``[start, stop)``, one chunk at a time.
 
-    Only the rows in range are materialised (chunks are filtered on their key column), so
-    a rank loading its shard of an entity table never holds the whole table. Keys without
-    a vector stay zero.
+    Yields ``(positions (n,) int64, vectors (n, c) ndarray)``: each key's row ``key - start``
+    and its vector's columns ``columns = (first, stop)`` (default: all ``dim``), in the
+    storage dtype (writable, C-contiguous). Only one chunk's rows in range are held at a time, so a rank copying them
+    into its shard of an entity table never holds the table, nor the rows or columns of
+    other ranks' shards. Keys without a vector are not yielded.
+
+    Raises:
+        ValueError: a chunk's vectors are not ``dim`` wide, or ``columns`` lie outside them.
     """
-    out = np.zeros((stop - start, dim), dtype=np.float32)
+    first, last = columns if columns is not None else (0, dim)
+    if not 0 <= first <= last <= dim:
+        raise ValueError(f"{directory}: columns {first}..{last} lie outside vectors of dim {dim}")
     manifest = read_manifest(directory, expected)
+    key_column = str(manifest["key_column"])
     for index in range(int(manifest["num_chunks"])):
         path = chunk_path(directory, index)
-        key_column = str(manifest["key_column"])
         keys = read_chunk_table(path, columns=[key_column]).column(key_column)
         mask = pc.and_(pc.greater_equal(keys, start), pc.less(keys, stop))
         if not pc.any(mask).as_py():
@@ -112,7 +124,29 @@ def read_vector_rows(
         chunk_keys, vectors = _columns(table, manifest, path)
         if vectors.shape[1] != dim:
             raise ValueError(f"{path}: vectors have dim {vectors.shape[1]}, the table expects {dim}")
-        out[chunk_keys - start] = vectors
+        # writable and contiguous (a copy of the chunk's rows in range at most): ready for torch.from_numpy
+        yield chunk_keys - start, np.require(vectors[:, first:last], requirements=["C", "W"])
+
+
+def read_vector_rows(
+    directory: str,
+    start: int,
+    stop: int,
+    dim: int,
+    expected: Optional[Dict[str, str]] = None,
+    columns: Optional[Tuple[int, int]] = None,
+) -> np.ndarray:
+    """Vectors of keys ``[start, stop)`` as a dense (stop - start, c) float32 block.
+
+    ``c`` is the width of ``columns`` (default: all ``dim``). Only the rows in range are
+    materialised (chunks are filtered on their key column, see :func:`iter_vector_rows`).
+    Keys without a vector stay zero. To fill a table shard, copy chunk by chunk from
+    :func:`iter_vector_rows` instead: this block is one more copy of the shard.
+    """
+    first, last = columns if columns is not None else (0, dim)
+    out = np.zeros((stop - start, last - first), dtype=np.float32)
+    for positions, vectors in iter_vector_rows(directory, start, stop, dim, expected, columns):
+        out[positions] = vectors
     return out
 
 

@@ -313,3 +313,120 @@ class TestDamagedEntityExport:
         with pytest.raises(ValueError, match=r"items/chunk-00001\.parquet: holds 3 rows, but the manifest of .*items "
                                              r"\(num_rows=12, chunk_rows=5\) gives chunk 1 5; the export is damaged"):
             load_semantic_vectors(module, "semantic_item_id", out)
+
+
+# ---- memory: no rank holds the whole table, nor a second copy of its shards, while loading ----
+BIG_ITEMS, BIG_DIM, BIG_CHUNK = 4096, 256, 128  # a 4 MiB table in 32 chunks of 128 KiB
+
+
+def write_big_item_vectors(directory: str) -> None:
+    """Vector of item k: k + j / 2 in column j (exact in float32); ids exported in shuffled order."""
+    ids = np.random.default_rng(0).permutation(BIG_ITEMS)
+    state = {"next": 0}
+
+    def encode(texts):
+        keys = ids[state["next"] : state["next"] + len(texts)]
+        state["next"] += len(texts)
+        return torch.from_numpy(keys[:, None].astype(np.float32) + np.arange(BIG_DIM, dtype=np.float32) / 2)
+
+    VectorExport(directory, PROVENANCE, VectorExportConfig(chunk_rows=BIG_CHUNK, batch_size=BIG_CHUNK)).run(
+        pa.array(ids, pa.int64()), lambda a, b: [""] * (b - a), encode, progress=False)
+
+
+def big_item_vectors(rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+    table = np.arange(BIG_ITEMS, dtype=np.float32)[:, None] + np.arange(BIG_DIM, dtype=np.float32) / 2
+    return torch.from_numpy(table[rows, cols])
+
+
+def traced_peak(fn):
+    """``fn()``'s result and the peak of the Python and NumPy memory it allocated (tracemalloc), on
+    a second call (the first one imports modules)."""
+    import tracemalloc
+
+    fn()
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_loading_a_table_holds_one_chunk_at_a_time_not_a_copy_of_the_table(tmp_path):
+    """The loader used to read all rows of the table into one (N, d) block before copying it."""
+    out = str(tmp_path / "items")
+    write_big_item_vectors(out)
+    module = SemanticTable({"item_id": BIG_ITEMS}, BIG_DIM, device=torch.device("cpu"))
+    weight = module.embedding_bag_collection.embedding_bags["semantic_item_id"].weight
+
+    def load():
+        with torch.no_grad():
+            weight.fill_(-1.0)
+        return load_semantic_vectors(module, "semantic_item_id", out, expected=PROVENANCE)
+
+    filled, peak = traced_peak(load)
+    assert filled == BIG_ITEMS
+    torch.testing.assert_close(weight.detach(), big_item_vectors(), rtol=0, atol=0)
+    table_bytes = BIG_ITEMS * BIG_DIM * 4
+    assert peak < table_bytes / 8, f"loading held {peak} bytes, the table is {table_bytes}"
+
+
+def _load_column_shards(vector_dir: str):
+    """One rank: a column-wise sharded SemanticTable, loaded and checked against the export; the
+    peak memory the reader allocated while doing each."""
+    from torch import nn
+
+    from recsys_llm.modules.elec import check_teacher_vectors
+    from recsys_llm.modules.semantic_table import table_weights
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+
+    ctx = init_distributed("cpu")
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.semantic_table = SemanticTable({"item_id": BIG_ITEMS}, BIG_DIM)
+            self.dense = nn.Linear(2, 2)
+
+    model, _ = shard_model(Holder(), ctx.device, ctx.world_size, ShardingConfig(sharding_types=["column_wise"]),
+                           OptimizerConfig(), batch_size=8)
+    filled, load_peak = traced_peak(lambda: load_semantic_vectors(model, "semantic_item_id", vector_dir, PROVENANCE))
+    checked, check_peak = traced_peak(lambda: check_teacher_vectors(model, "item_id", vector_dir))
+    (_, weight), = table_weights(model, "semantic_item_id")
+    shards = []
+    for shard in weight.local_shards():
+        row, col = shard.metadata.shard_offsets
+        rows, cols = shard.metadata.shard_sizes
+        expected = big_item_vectors(slice(row, row + rows), slice(col, col + cols))
+        shards.append((row, col, rows, cols, torch.equal(shard.tensor, expected)))
+    # a changed row is told apart from the export
+    if weight.local_shards():
+        weight.local_shards()[0].tensor[7, 3] += 1
+    try:
+        check_teacher_vectors(model, "item_id", vector_dir)
+        refused = False
+    except ValueError as error:
+        refused = "holds other vectors than the teacher's table" in str(error)
+    return {"filled": filled, "checked": checked, "load_peak": load_peak, "check_peak": check_peak,
+            "shards": shards, "refused": refused}
+
+
+@pytest.mark.multiprocess
+def test_each_rank_reads_only_the_columns_of_its_shards(tmp_path):
+    """Column-wise shards: each rank used to read every row and column of the export into one block."""
+    from tests.multiprocess import run_multiprocess
+
+    out = str(tmp_path / "items")
+    write_big_item_vectors(out)
+    results = run_multiprocess(_load_column_shards, world_size=2, vector_dir=out)
+    covered = 0
+    for result in results:
+        (row, col, rows, cols, equal), = result["shards"]
+        assert equal and row == 0 and rows == BIG_ITEMS and result["filled"] == result["checked"] == BIG_ITEMS
+        shard_bytes = rows * cols * 4
+        assert result["load_peak"] < shard_bytes / 4, result
+        assert result["check_peak"] < shard_bytes / 4, result
+        assert result["refused"]
+        covered += cols
+    assert covered == BIG_DIM

@@ -690,3 +690,22 @@ def test_key_range_reads_the_keys_a_chunk_at_a_time(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 8 * n / 2, f"key_range held {peak} bytes for {n} keys"
+
+
+def test_rows_and_columns_of_an_export_chunk_by_chunk(tmp_path):
+    from recsys_llm.semantics.vector_reader import iter_vector_rows
+
+    out = str(tmp_path / "vec")
+    _export_with_keys(out, [[4, 0, 9], [1, 7, 3]], dim=8)
+    keys, vectors = read_vectors(out)
+    full = read_vector_rows(out, 0, 10, 8)
+    np.testing.assert_array_equal(full[keys], vectors)
+    np.testing.assert_array_equal(full[[2, 5, 6, 8]], 0)  # ids without a vector
+    np.testing.assert_array_equal(read_vector_rows(out, 3, 8, 8, columns=(2, 6)), full[3:8, 2:6])
+    parts = list(iter_vector_rows(out, 3, 8, 8, columns=(2, 6)))
+    assert [p.tolist() for p, _ in parts] == [[1], [4, 0]]  # per chunk: keys 4; 7, 3 (rows key - 3)
+    for positions, block in parts:
+        assert block.flags.writeable and block.flags.c_contiguous and block.shape == (len(positions), 4)
+        np.testing.assert_array_equal(block, full[3:8, 2:6][positions])
+    with pytest.raises(ValueError, match="columns 6..9 lie outside vectors of dim 8"):
+        read_vector_rows(out, 0, 10, 8, columns=(6, 9))
