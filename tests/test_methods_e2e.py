@@ -307,7 +307,8 @@ def _teacher_outputs_failing_on_rank_0(overrides: List[str], checkpoint: str, ou
         def disk_full(*args: Any, **kwargs: Any) -> None:
             raise OSError(28, "No space left on device")
 
-        teacher_outputs.write_with_columns = disk_full
+        # at rank 0's own outputs, before rank 1's are received: rank 1 must not be left in its send
+        teacher_outputs.TeacherColumnsWriter.add = disk_full
     try:
         _teacher_outputs(overrides, checkpoint, output_dir, batch_size)
     except Exception as error:  # noqa: BLE001 - the message is the result

@@ -12,9 +12,11 @@ writes copies of the split files with those two columns plus a schema that lists
 
 The teacher runs sharded, as it was trained: every rank loads its shards of the checkpoint
 and runs the teacher over its contiguous range of each file's rows (ranks with one batch
-fewer repeat one: ``ParquetBatchReader.padded``); rank 0 gathers the outputs,
-checks the row count (and the row keys when the schema has one) and writes the file
-atomically. No table is ever gathered whole. Existing finished files are never rewritten, so
+fewer repeat one: ``ParquetBatchReader.padded``); rank 0 writes the file atomically, row
+group by row group, from its own outputs and then from each other rank's, received one rank
+at a time over a host-memory group, checking the row count (and the row keys when the
+schema has one). No table is ever gathered whole, and rank 0 holds two ranks' shares of a
+file's outputs at most, not the file's. Existing finished files are never rewritten, so
 a run resumes an earlier unfinished one in the same ``--output-dir``; a directory holding
 anything else is refused before the teacher is loaded.
 """
@@ -44,6 +46,9 @@ from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 LOGITS_COLUMN = "teacher_logits"
 REPRESENTATION_COLUMN = "teacher_representation"
 SCHEMA_FILE = "schema.json"
+
+# (logits (n,), representations (n, H), row keys (n,) or None) of n rows
+Outputs = Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
 
 
 def check_output_dir(output_dir: str, schema: DatasetSchema) -> None:
@@ -92,74 +97,215 @@ def predict_file(
     device: torch.device = torch.device("cpu"),
     rank: int = 0,
     world_size: int = 1,
-    group: Optional[dist.ProcessGroup] = None,
-) -> Optional[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
-    """Teacher logits (N,), representations (N, H) and row keys (N,) or None, in file order.
+) -> Outputs:
+    """This rank's teacher outputs for its contiguous range of the file's rows, in file order.
 
-    Collective when ``world_size > 1``: each rank runs the (sharded) teacher over its
-    contiguous range of the file's rows, and rank 0 receives every rank's outputs over
-    ``group`` (:func:`~recsys_llm.train.distributed.host_group`: host memory, not the GPU).
+    Collective when ``world_size > 1``: every rank runs the (sharded) teacher; a rank with
+    one batch fewer repeats one, marked as padding (``ParquetBatchReader.padded``).
 
     Returns:
-        the outputs on rank 0; ``None`` on the other ranks.
+        Outputs: ``(logits (n,) float32, representations (n, H) float32, row keys (n,) int64
+        or None)``.
     """
     reader = ParquetBatchReader(schema, path, batch_size, rank=rank, world_size=world_size, extras=extras,
                                 shuffle=False, prefetch=2, equal_batches=False, pin_memory=device.type == "cuda")
     logits: List[np.ndarray] = []
     representations: List[np.ndarray] = []
     keys: List[np.ndarray] = []
+    width = 0
     for batch, real in tqdm(reader.padded(), total=reader.padded_len, desc=os.path.basename(path),
                             disable=not progress):
         output = teacher.predict(batch.to(device, non_blocking=True))
+        width = output.representation.size(1)
         if real:
             logits.append(output.logits.float().cpu().numpy())  # (B,)
             representations.append(output.representation.float().cpu().numpy())  # (B, H)
             if ROW_ID_EXTRA in batch.extras:
-                keys.append(batch.extras[ROW_ID_EXTRA].numpy())
-    local = (logits, representations, keys)
-    parts = [local]
-    if world_size > 1:
-        parts = [None] * world_size if rank == 0 else None
-        dist.gather_object(local, parts, dst=0, group=group)
-    if rank != 0:
-        return None
-    # ranks hold contiguous ranges in rank order, so concatenation restores file order
-    logits, representations, keys = ([array for part in parts for array in part[i]] for i in range(3))
+                keys.append(batch.extras[ROW_ID_EXTRA].numpy().astype(np.int64, copy=False))
+    if not logits:
+        return np.zeros(0, np.float32), np.zeros((0, width), np.float32), None
     return np.concatenate(logits), np.concatenate(representations), np.concatenate(keys) if keys else None
+
+
+def send_outputs(outputs: Outputs, group: Optional[dist.ProcessGroup]) -> None:
+    """Sends this rank's outputs to rank 0 (:func:`receive_outputs`) over ``group``: a header
+    ``[n, H, has keys]``, then the arrays (none when n is 0)."""
+    logits, representations, keys = outputs
+    header = torch.tensor([len(logits), representations.shape[1], int(keys is not None)], dtype=torch.int64)
+    dist.send(header, dst=0, group=group)
+    if len(logits):
+        dist.send(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dst=0, group=group)
+        dist.send(torch.from_numpy(np.ascontiguousarray(representations, dtype=np.float32)), dst=0, group=group)
+        if keys is not None:
+            dist.send(torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64)), dst=0, group=group)
+
+
+def receive_outputs(source_rank: int, group: Optional[dist.ProcessGroup]) -> Outputs:
+    """Rank 0's side of :func:`send_outputs`: the outputs of ``source_rank``."""
+    header = torch.zeros(3, dtype=torch.int64)
+    dist.recv(header, src=source_rank, group=group)
+    rows, width, has_keys = (int(v) for v in header)
+    logits, representations = torch.zeros(rows), torch.zeros(rows, width)
+    keys = torch.zeros(rows, dtype=torch.int64) if has_keys else None
+    if rows:
+        for tensor in (logits, representations) + ((keys,) if keys is not None else ()):
+            dist.recv(tensor, src=source_rank, group=group)
+    return logits.numpy(), representations.numpy(), keys.numpy() if keys is not None else None
+
+
+class TeacherColumnsWriter:
+    """Writes a copy of ``source`` with the two teacher columns appended, row group by row group,
+    as the outputs arrive in file order (atomic: ``target`` appears at :meth:`finish`).
+
+    A row group is written as soon as its outputs are all there, so besides the outputs it
+    is given, the writer holds one row group of the source. Row keys, when given, must
+    equal the source's ``row_key`` column (the reader's order is the file's).
+
+    Args:
+        source (str): the split file.
+        target (str): the copy.
+        row_key (Optional[str]): the schema's row key column, checked against the outputs' keys.
+    """
+
+    def __init__(self, source: str, target: str, row_key: Optional[str]) -> None:
+        self._source, self._target, self._row_key = source, target, row_key
+        self._handle = pq.ParquetFile(source)
+        self._rows = self._handle.metadata.num_rows
+        self._tmp = f"{target}.tmp"
+        self._writer: Optional[pq.ParquetWriter] = None
+        self._next_group = 0
+        self._received = 0
+        self._pending: List[Outputs] = []
+        self._pending_rows = 0
+
+    @property
+    def pending_rows(self) -> int:
+        """Outputs given but not yet written (less than the next row group's rows)."""
+        return self._pending_rows
+
+    def add(self, logits: np.ndarray, representations: np.ndarray, keys: Optional[np.ndarray] = None) -> None:
+        """Takes the next ``n`` outputs: logits (n,), representations (n, H), row keys (n,) or None.
+
+        Raises:
+            ValueError: more outputs than the source has rows, or row keys out of the file's order.
+        """
+        self._received += len(logits)
+        if self._received > self._rows:
+            raise ValueError(f"{self._source}: {self._rows} rows, but the teacher produced more outputs "
+                             f"({self._received} so far)")
+        self._pending.append((logits, representations, keys))
+        self._pending_rows += len(logits)
+        metadata = self._handle.metadata
+        while self._next_group < self._handle.num_row_groups:
+            size = metadata.row_group(self._next_group).num_rows
+            if size > self._pending_rows:
+                break
+            self._write_group(self._next_group, *self._take(size))
+            self._next_group += 1
+
+    def finish(self) -> None:
+        """Moves the finished copy into place.
+
+        Raises:
+            ValueError: fewer outputs than the source has rows.
+        """
+        if self._received != self._rows:
+            raise ValueError(f"{self._source}: {self._rows} rows, but the teacher produced {self._received} outputs")
+        self._close()
+        os.replace(self._tmp, self._target)
+
+    def abort(self) -> None:
+        """Drops the unfinished copy (``target`` is never touched)."""
+        self._close()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _take(self, count: int) -> Outputs:
+        """The next ``count`` pending outputs, as one (logits, representations, keys)."""
+        parts: List[Outputs] = []
+        while count:
+            logits, representations, keys = self._pending[0]
+            if len(logits) <= count:
+                parts.append(self._pending.pop(0))
+                count -= len(logits)
+            else:
+                parts.append((logits[:count], representations[:count], None if keys is None else keys[:count]))
+                self._pending[0] = (logits[count:], representations[count:], None if keys is None else keys[count:])
+                count = 0
+        self._pending_rows -= sum(len(part[0]) for part in parts)
+        keys = None if any(part[2] is None for part in parts) else np.concatenate([part[2] for part in parts])
+        return (np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts]), keys)
+
+    def _write_group(
+        self, group: int, logits: np.ndarray, representations: np.ndarray, keys: Optional[np.ndarray]
+    ) -> None:
+        table = self._handle.read_row_group(group)
+        if keys is not None and self._row_key is not None:
+            expected = table.column(self._row_key).to_numpy(zero_copy_only=False)
+            if not np.array_equal(expected, keys):
+                raise ValueError(f"{self._source}: row group {group}: row keys {self._row_key!r} differ from the "
+                                 "reader's order")
+        flat = pa.array(np.ascontiguousarray(representations, dtype=np.float32).reshape(-1))
+        table = table.append_column(LOGITS_COLUMN, pa.array(logits.astype(np.float32)))
+        table = table.append_column(REPRESENTATION_COLUMN,
+                                    pa.FixedSizeListArray.from_arrays(flat, representations.shape[1]))
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="lz4")
+        self._writer.write_table(table)
 
 
 def write_with_columns(
     source: str, target: str, logits: np.ndarray, representations: np.ndarray, row_key: Optional[str],
     keys: Optional[np.ndarray],
 ) -> None:
-    """Copies ``source`` row group by row group with the two teacher columns appended (atomic)."""
-    handle = pq.ParquetFile(source)
-    rows = handle.metadata.num_rows
-    if rows != len(logits):
-        raise ValueError(f"{source}: {rows} rows, but the teacher produced {len(logits)} outputs")
-    width = representations.shape[1]
-    tmp = f"{target}.tmp"
-    writer: Optional[pq.ParquetWriter] = None
-    start = 0
+    """Copies ``source`` with the two teacher columns of all its rows appended (atomic)."""
+    writer = TeacherColumnsWriter(source, target, row_key)
     try:
-        for group in range(handle.num_row_groups):
-            table = handle.read_row_group(group)
-            stop = start + table.num_rows
-            if keys is not None and row_key is not None:
-                expected = table.column(row_key).to_numpy(zero_copy_only=False)
-                if not np.array_equal(expected, keys[start:stop]):
-                    raise ValueError(f"{source}: row group {group}: row keys {row_key!r} differ from the reader's order")
-            flat = pa.array(np.ascontiguousarray(representations[start:stop], dtype=np.float32).reshape(-1))
-            table = table.append_column(LOGITS_COLUMN, pa.array(logits[start:stop].astype(np.float32)))
-            table = table.append_column(REPRESENTATION_COLUMN, pa.FixedSizeListArray.from_arrays(flat, width))
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression="lz4")
-            writer.write_table(table)
-            start = stop
-    finally:
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, target)
+        writer.add(logits, representations, keys)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Outputs, world_size: int,
+                    group: Optional[dist.ProcessGroup]) -> Optional[Exception]:
+    """Rank 0 writes the copy from its own outputs, then every other rank's, received one rank
+    at a time (so it holds its own share and one other rank's, not the file's outputs).
+    Every rank's outputs are received even after an error, so no rank is left waiting in
+    its send.
+
+    Returns:
+        Optional[Exception]: what went wrong (the copy is then not written), or None.
+    """
+    error: Optional[Exception] = None
+    writer: Optional[TeacherColumnsWriter] = None
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        writer = TeacherColumnsWriter(source, target, row_key)
+        writer.add(*own)
+    except Exception as caught:
+        error = caught
+    for source_rank in range(1, world_size):
+        outputs = receive_outputs(source_rank, group)  # even after an error: no rank waits in its send
+        if error is None and writer is not None:
+            try:
+                writer.add(*outputs)
+            except Exception as caught:
+                error = caught
+    if error is None and writer is not None:
+        try:
+            writer.finish()
+        except Exception as caught:
+            error = caught
+    if error is not None and writer is not None:
+        writer.abort()
+    return error
 
 
 def write_teacher_outputs(
@@ -211,14 +357,13 @@ def write_teacher_outputs(
         dist.broadcast_object_list(pending, src=0, group=host)
     for source in pending[0]:
         outputs = predict_file(teacher, schema, source, extras, batch_size, progress and ctx.is_main, ctx.device,
-                               ctx.rank, ctx.world_size, host)
+                               ctx.rank, ctx.world_size)
         error: Optional[Exception] = None
-        if ctx.is_main:
-            try:
-                os.makedirs(os.path.dirname(targets[source]), exist_ok=True)
-                write_with_columns(source, targets[source], *outputs[:2], schema.row_key, outputs[2])
-            except Exception as caught:  # told to every rank, so none waits for the next file
-                error = caught
+        if ctx.is_main:  # an error is told to every rank, so none waits for the next file
+            error = write_on_rank_0(source, targets[source], schema.row_key, outputs, ctx.world_size, host)
+        else:
+            send_outputs(outputs, host)
+        del outputs
         failure = [None if error is None else f"{type(error).__name__}: {error}"]
         if ctx.world_size > 1:
             dist.broadcast_object_list(failure, src=0, group=host)

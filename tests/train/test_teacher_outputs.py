@@ -1,4 +1,5 @@
-"""``teacher_outputs.write_with_columns``: a copy of a split with the teacher's two columns, row by row.
+"""``teacher_outputs.TeacherColumnsWriter`` / ``write_with_columns``: a copy of a split with the
+teacher's two columns, row by row.
 
 The whole ``teacher-outputs`` command (sharded teacher, two ranks) runs in ``tests/test_methods_e2e.py``.
 """
@@ -10,7 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys_llm.train.teacher_outputs import LOGITS_COLUMN, REPRESENTATION_COLUMN, write_with_columns
+from recsys_llm.train.teacher_outputs import (
+    LOGITS_COLUMN,
+    REPRESENTATION_COLUMN,
+    TeacherColumnsWriter,
+    write_with_columns,
+)
 
 
 def test_the_copy_takes_the_outputs_row_by_row_and_refuses_another_row_order(tmp_path) -> None:
@@ -36,3 +42,36 @@ def test_the_copy_takes_the_outputs_row_by_row_and_refuses_another_row_order(tmp
     assert not os.path.exists(other)
     with pytest.raises(ValueError, match=r"split\.parquet: 10 rows, but the teacher produced 9 outputs"):
         write_with_columns(source, other, logits[:9], representations[:9], "row_id", keys[:9])
+
+
+def test_the_writer_writes_each_row_group_once_its_outputs_are_there(tmp_path) -> None:
+    """Rank 0 adds its share, then each other rank's: a row group is written as soon as it is
+    complete, so the writer never holds more than the outputs it was given plus a row group."""
+    source, target = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    pq.write_table(pa.table({"row_id": np.arange(10, dtype=np.int64)}), source, row_group_size=4)
+    logits = np.arange(10, dtype=np.float32)
+    representations = np.arange(30, dtype=np.float32).reshape(10, 3)
+    writer = TeacherColumnsWriter(source, target, "row_id")
+    pending = []
+    for start, stop in ((0, 3), (3, 3), (3, 9), (9, 10)):  # shares of 3, 0, 6 and 1 rows
+        writer.add(logits[start:stop], representations[start:stop], np.arange(start, stop, dtype=np.int64))
+        pending.append(writer.pending_rows)
+    assert pending == [3, 3, 1, 0]  # groups of 4, 4 and 2 rows: two written at the 3rd share, one at the 4th
+    assert not os.path.exists(target)
+    writer.finish()
+    copy = pq.read_table(target)
+    np.testing.assert_array_equal(copy.column(LOGITS_COLUMN).to_numpy(), logits)
+    np.testing.assert_array_equal(np.array(copy.column(REPRESENTATION_COLUMN).to_pylist()), representations)
+    assert pq.ParquetFile(target).metadata.num_row_groups == 3
+
+
+def test_the_writer_refuses_more_outputs_than_rows_and_abort_leaves_no_file(tmp_path) -> None:
+    source, target = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    pq.write_table(pa.table({"x": np.arange(5.0)}), source, row_group_size=2)
+    writer = TeacherColumnsWriter(source, target, None)
+    writer.add(np.zeros(4, np.float32), np.zeros((4, 2), np.float32))
+    assert os.path.exists(f"{target}.tmp")
+    with pytest.raises(ValueError, match=r"split\.parquet: 5 rows, but the teacher produced more outputs \(6 so far\)"):
+        writer.add(np.zeros(2, np.float32), np.zeros((2, 2), np.float32))
+    writer.abort()
+    assert not os.path.exists(target) and not os.path.exists(f"{target}.tmp")
