@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries
+from recsys_llm.data.parquet import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.semantics.row_text import RowTextRenderer
@@ -446,6 +447,83 @@ def read_splits(
     return pa.concat_tables([table.cast(nullable) for table in tables])
 
 
+class SplitRows:
+    """The rows of ``splits`` (their files sorted, then row groups, in order), read a range at a time.
+
+    Only the footers are read up front; :meth:`column` reads one column of every row (the
+    keys of a row export: 8 bytes per row) and :meth:`rows` the ``columns`` of rows
+    ``[start, stop)`` alone, so no rank holds the splits' text columns (as
+    :func:`read_splits` does), only the chunk it renders.
+
+    Args:
+        schema (DatasetSchema): the data set.
+        splits (Sequence[str]): split names, in order.
+        columns (Sequence[str]): the columns :meth:`rows` reads.
+        purpose (str): what the columns are for, in the error of a file without them.
+
+    Raises:
+        ValueError: a file lacks one of ``columns`` (naming the file, the columns and
+            ``purpose``), or stores a column with another type than the first file (naming
+            both files, the column and both types), or no split is given.
+    """
+
+    def __init__(self, schema: DatasetSchema, splits: Sequence[str], columns: Sequence[str], purpose: str) -> None:
+        self._files = [path for split in splits for path in resolve_paths(schema, split)]
+        if not self._files:
+            raise ValueError(f"schema {schema.name!r}: no split to read (splits {sorted(schema.splits)})")
+        self._columns = list(columns)
+        first: Optional[pa.Schema] = None
+        groups: List[Tuple[int, int]] = []  # (file, row group) in row order
+        sizes: List[int] = []
+        for index, path in enumerate(self._files):
+            handle = pq.ParquetFile(path)
+            available = handle.schema_arrow.names
+            missing = [c for c in self._columns if c not in available]
+            if missing:
+                raise ValueError(f"{path}: no column(s) {missing} for {purpose}; its columns are {available}")
+            types = pa.schema([handle.schema_arrow.field(c) for c in self._columns])
+            if first is None:
+                first = types
+            for field, want in zip(types, first.types):
+                if not field.type.equals(want):
+                    raise ValueError(
+                        f"{path}: column {field.name!r} is {field.type}, but {self._files[0]} has it as {want}; every "
+                        f"split must store a column with one type (write it as {want})"
+                    )
+            for group in range(handle.num_row_groups):
+                groups.append((index, group))
+                sizes.append(handle.metadata.row_group(group).num_rows)
+        assert first is not None
+        # splits re-saved by other tools may differ in nullability only: every column is read as nullable
+        self._schema = pa.schema([field.with_nullable(True) for field in first])
+        self._groups = groups
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # (G + 1,)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._starts[-1])
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """Column ``name`` (one of ``columns``) of every row, in row order."""
+        chunks = [pq.read_table(path, columns=[name]).column(name).cast(self._schema.field(name).type)
+                  for path in self._files]
+        return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=self._schema.field(name).type)
+
+    def rows(self, start: int, stop: int) -> pa.Table:
+        """The ``columns`` of rows ``[start, stop)``: only the row groups they lie in are read."""
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pieces = []
+        group = max(first, 0)
+        while group < len(self._groups) and self._starts[group] < stop:
+            file, index = self._groups[group]
+            table = pq.ParquetFile(self._files[file]).read_row_group(index, columns=self._columns)
+            begin = max(start - int(self._starts[group]), 0)
+            end = min(stop - int(self._starts[group]), table.num_rows)
+            pieces.append(table.slice(begin, end - begin).cast(self._schema))
+            group += 1
+        return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
+
+
 def export_schema_vectors(
     schema: DatasetSchema,
     splits: Sequence[str],
@@ -491,12 +569,12 @@ def export_schema_vectors(
     if granularity == "row":
         if schema.row_key is None:
             raise ValueError(f"schema {schema.name!r} has no row_key; per-row vectors need one")
-        columns = [schema.row_key, *renderer.field_names]
-        table = read_splits(schema, splits, columns, "the row key / row text fields")
-        keys = table.column(schema.row_key)
+        columns = list(dict.fromkeys([schema.row_key, *renderer.field_names]))
+        rows = SplitRows(schema, splits, columns, "the row key / row text fields")
+        keys = rows.column(schema.row_key)
 
         def texts(start: int, stop: int) -> List[str]:
-            return renderer.render(table.slice(start, stop - start)).to_pylist()
+            return renderer.render(rows.rows(start, stop)).to_pylist()
 
     else:
         if entity_field is None:

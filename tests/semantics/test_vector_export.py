@@ -13,6 +13,7 @@ from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.row_text import RowTextRenderer
 from recsys_llm.semantics.vector_export import (
     ProvenanceError,
+    SplitRows,
     VectorExport,
     VectorExportConfig,
     chunk_path,
@@ -709,3 +710,31 @@ def test_rows_and_columns_of_an_export_chunk_by_chunk(tmp_path):
         np.testing.assert_array_equal(block, full[3:8, 2:6][positions])
     with pytest.raises(ValueError, match="columns 6..9 lie outside vectors of dim 8"):
         read_vector_rows(out, 0, 10, 8, columns=(6, 9))
+
+
+def test_split_rows_read_only_the_row_groups_of_the_asked_rows_across_files_and_splits(tmp_path, monkeypatch):
+    """A row export renders one chunk at a time from the row groups that chunk lies in; no rank
+    reads the splits' text columns whole."""
+    schema = make_schema(str(tmp_path))
+    os.makedirs(tmp_path / "train")
+    ids = np.arange(14, dtype=np.int64)
+    for part, (start, stop) in enumerate(((0, 5), (5, 11))):  # train: 2 files, row groups of 2
+        pq.write_table(pa.table({"row_id": ids[start:stop], "item_id": ids[start:stop] % 4}),
+                       str(tmp_path / "train" / f"part-{part}.parquet"), row_group_size=2)
+    pq.write_table(pa.table({"row_id": ids[11:], "item_id": ids[11:] % 4}), str(tmp_path / "test.parquet"))
+    schema.splits = {"train": "train", "test": "test.parquet"}
+    rows = SplitRows(schema, ["train", "test"], ["row_id", "item_id"], "the test")
+    assert rows.num_rows == 14
+    np.testing.assert_array_equal(rows.column("row_id").to_numpy(), ids)
+    read = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *args, **kwargs: read.append(i) or original(self, i, *args, **kwargs))
+    for start, stop in ((0, 14), (3, 8), (4, 5), (10, 12), (13, 14)):
+        read.clear()
+        got = rows.rows(start, stop)
+        np.testing.assert_array_equal(got.column("row_id").to_numpy(), ids[start:stop])
+        np.testing.assert_array_equal(got.column("item_id").to_numpy(), ids[start:stop] % 4)
+        # groups: [0,2) [2,4) [4,5) | [5,7) [7,9) [9,11) | [11,14)
+        starts = [0, 2, 4, 5, 7, 9, 11, 14]
+        assert len(read) == sum(1 for a, b in zip(starts, starts[1:]) if a < stop and b > start)
