@@ -95,9 +95,14 @@ def test_a_signal_between_the_two_renames_of_the_swap_waits_for_the_second(tmp_p
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(atomic_dir.os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(target, "output", ("a.txt",)) as tmp:
-            _write(tmp, "a.txt", "second")
+    # Python's handler even where SIGINT is ignored (pytest run as a background job of a shell)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_directory(target, "output", ("a.txt",)) as tmp:
+                _write(tmp, "a.txt", "second")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "second"
     monkeypatch.undo()
     with atomic_directory(target, "output", ("a.txt",)) as tmp:  # the .old left by the interrupt goes
