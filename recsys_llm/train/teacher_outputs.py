@@ -145,7 +145,7 @@ def receive_outputs(source_rank: int, group: Optional[dist.ProcessGroup]) -> Out
     header = torch.zeros(3, dtype=torch.int64)
     dist.recv(header, src=source_rank, group=group)
     rows, width, has_keys = (int(v) for v in header)
-    logits, representations = torch.zeros(rows), torch.zeros(rows, width)
+    logits, representations = torch.zeros(rows, dtype=torch.float32), torch.zeros(rows, width, dtype=torch.float32)
     keys = torch.zeros(rows, dtype=torch.int64) if has_keys else None
     if rows:
         for tensor in (logits, representations) + ((keys,) if keys is not None else ()):
@@ -177,6 +177,7 @@ class TeacherColumnsWriter:
         self._received = 0
         self._pending: List[Outputs] = []
         self._pending_rows = 0
+        self._width = 0
 
     @property
     def pending_rows(self) -> int:
@@ -193,8 +194,10 @@ class TeacherColumnsWriter:
         if self._received > self._rows:
             raise ValueError(f"{self._source}: {self._rows} rows, but the teacher produced more outputs "
                              f"({self._received} so far)")
-        self._pending.append((logits, representations, keys))
-        self._pending_rows += len(logits)
+        self._width = representations.shape[1]
+        if len(logits):  # a rank without rows has no keys: its empty share must not hide the others' from the check
+            self._pending.append((logits, representations, keys))
+            self._pending_rows += len(logits)
         metadata = self._handle.metadata
         while self._next_group < self._handle.num_row_groups:
             size = metadata.row_group(self._next_group).num_rows
@@ -211,6 +214,13 @@ class TeacherColumnsWriter:
         """
         if self._received != self._rows:
             raise ValueError(f"{self._source}: {self._rows} rows, but the teacher produced {self._received} outputs")
+        while self._next_group < self._handle.num_row_groups:  # empty row groups after the last row
+            self._write_group(self._next_group, *self._take(0))
+            self._next_group += 1
+        if self._writer is None:  # a file without row groups: the copy has none either
+            empty = self._handle.schema_arrow.empty_table()
+            self._writer = pq.ParquetWriter(self._tmp, self._with_columns(empty, *self._take(0)).schema,
+                                            compression="lz4")
         self._close()
         os.replace(self._tmp, self._target)
 
@@ -227,6 +237,8 @@ class TeacherColumnsWriter:
 
     def _take(self, count: int) -> Outputs:
         """The next ``count`` pending outputs, as one (logits, representations, keys)."""
+        if not count:  # an empty row group
+            return np.zeros(0, np.float32), np.zeros((0, self._width), np.float32), None
         parts: List[Outputs] = []
         while count:
             logits, representations, keys = self._pending[0]
@@ -241,6 +253,14 @@ class TeacherColumnsWriter:
         keys = None if any(part[2] is None for part in parts) else np.concatenate([part[2] for part in parts])
         return (np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts]), keys)
 
+    @staticmethod
+    def _with_columns(table: pa.Table, logits: np.ndarray, representations: np.ndarray) -> pa.Table:
+        """``table`` (n rows) with the logits (n,) and representations (n, H) appended."""
+        flat = pa.array(np.ascontiguousarray(representations, dtype=np.float32).reshape(-1))
+        table = table.append_column(LOGITS_COLUMN, pa.array(logits.astype(np.float32)))
+        return table.append_column(REPRESENTATION_COLUMN,
+                                   pa.FixedSizeListArray.from_arrays(flat, representations.shape[1]))
+
     def _write_group(
         self, group: int, logits: np.ndarray, representations: np.ndarray, keys: Optional[np.ndarray]
     ) -> None:
@@ -250,10 +270,7 @@ class TeacherColumnsWriter:
             if not np.array_equal(expected, keys):
                 raise ValueError(f"{self._source}: row group {group}: row keys {self._row_key!r} differ from the "
                                  "reader's order")
-        flat = pa.array(np.ascontiguousarray(representations, dtype=np.float32).reshape(-1))
-        table = table.append_column(LOGITS_COLUMN, pa.array(logits.astype(np.float32)))
-        table = table.append_column(REPRESENTATION_COLUMN,
-                                    pa.FixedSizeListArray.from_arrays(flat, representations.shape[1]))
+        table = self._with_columns(table, logits, representations)
         if self._writer is None:
             self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="lz4")
         self._writer.write_table(table)

@@ -75,3 +75,36 @@ def test_the_writer_refuses_more_outputs_than_rows_and_abort_leaves_no_file(tmp_
         writer.add(np.zeros(2, np.float32), np.zeros((2, 2), np.float32))
     writer.abort()
     assert not os.path.exists(target) and not os.path.exists(f"{target}.tmp")
+
+
+def test_a_rank_without_rows_does_not_turn_off_the_row_key_check(tmp_path) -> None:
+    """``predict_file`` on a rank whose range is empty returns no row keys (None): its share must not
+    make the row group it falls in skip the check of the other ranks' keys."""
+    source, target = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    pq.write_table(pa.table({"row_id": np.arange(3, dtype=np.int64)}), source)
+    writer = TeacherColumnsWriter(source, target, "row_id")
+    writer.add(np.zeros(2, np.float32), np.zeros((2, 4), np.float32), np.array([0, 1]))
+    writer.add(np.zeros(0, np.float32), np.zeros((0, 4), np.float32), None)  # rank 1: no rows
+    with pytest.raises(ValueError, match=r"split\.parquet: row group 0: row keys 'row_id' differ"):
+        writer.add(np.zeros(1, np.float32), np.zeros((1, 4), np.float32), np.array([7]))
+    writer.abort()
+
+
+def test_empty_row_groups_and_an_empty_file_are_copied(tmp_path) -> None:
+    """pyarrow writes an empty table as one row group of 0 rows, and ``ParquetWriter`` keeps an empty
+    ``write_table`` as one: each is copied as an empty row group, not refused."""
+    source, target = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    with pq.ParquetWriter(source, pa.schema([("row_id", pa.int64())])) as parquet:
+        for rows in ([0, 1], [], [2], []):
+            parquet.write_table(pa.table({"row_id": pa.array(rows, pa.int64())}))
+    representations = np.arange(6, dtype=np.float32).reshape(3, 2)
+    write_with_columns(source, target, np.arange(3, dtype=np.float32), representations, "row_id", np.arange(3))
+    copy = pq.ParquetFile(target)
+    assert [copy.metadata.row_group(i).num_rows for i in range(copy.num_row_groups)] == [2, 0, 1, 0]
+    np.testing.assert_array_equal(np.array(copy.read().column(REPRESENTATION_COLUMN).to_pylist()), representations)
+
+    empty, empty_copy = str(tmp_path / "empty.parquet"), str(tmp_path / "empty_copy.parquet")
+    pq.write_table(pa.table({"row_id": pa.array([], pa.int64())}), empty)
+    write_with_columns(empty, empty_copy, np.zeros(0, np.float32), np.zeros((0, 2), np.float32), "row_id", None)
+    copy = pq.read_table(empty_copy)
+    assert copy.num_rows == 0 and copy.schema.field(REPRESENTATION_COLUMN).type.list_size == 2
