@@ -238,7 +238,7 @@ def fit_prompts(
         bare = length(ssft_prompt("", names, templates))
         if bare > max_length:
             raise ValueError(
-                f"SSFT prompt without its value is {bare} tokens, more than --max-length {max_length} (its instruction "
+                f"SSFT prompt without its value is {bare} tokens, more than max_length {max_length} (its instruction "
                 f"and candidate set of {len(names)} fields alone); raise --max-length (SSFTConfig.max_length)"
             )
     fitted: List[SSFTExample] = []
@@ -375,18 +375,20 @@ class SSFTTrainer:
             self._precheck_checkpoint()
         self._encoder = self._build_encoder()
         names = [f.name for f in self._fields]
-        fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, config.max_length)
+        limit = self._encoder.max_length  # --max-length capped at the model's positions: where the encoder cuts
+        fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, limit)
                for examples in (self._train, self._valid)]
         (self._train, shortened_train), (self._valid, shortened_valid) = fit
         self._shortened = shortened_train + shortened_valid
         if self._shortened:
             warnings.warn(
-                f"SSFT: {self._shortened} prompt(s) longer than --max-length {config.max_length} tokens: their values "
-                "were shortened to fit (the prompt must end where the answer starts)",
+                f"SSFT: {self._shortened} prompt(s) longer than max_length {limit} tokens (--max-length "
+                f"{config.max_length}, at most the model's positions): their values were shortened to fit (the prompt "
+                "must end where the answer starts)",
                 stacklevel=2,
             )
         if not self._train:
-            raise ValueError(f"schema {schema.name!r}: no SSFT prompt fits in --max-length {config.max_length} tokens")
+            raise ValueError(f"schema {schema.name!r}: no SSFT prompt fits in max_length {limit} tokens")
         model = self._encoder.model
         self._steps = LowPrecisionSteps(
             [{"params": [p for p in model.parameters() if p.requires_grad]}],

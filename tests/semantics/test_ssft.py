@@ -119,7 +119,7 @@ def test_a_prompt_longer_than_max_length_keeps_its_end(tmp_path, tiny_llama_dir,
     pq.write_table(pa.table({"id": pa.array(range(100), pa.int64()), "text": long_texts}),
                    tiny_schema.value_text_path("color"))
     max_length = 48  # the SHORT prompt with a short value is ~36 tokens, with a long one ~75
-    with pytest.warns(UserWarning, match=r"SSFT: 10 prompt\(s\) longer than --max-length 48 tokens"):
+    with pytest.warns(UserWarning, match=r"SSFT: 10 prompt\(s\) longer than max_length 48 tokens"):
         trainer = SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, max_length=max_length),
                               tiny_schema, str(tmp_path / "ssft"))
     train, valid = trainer.examples
@@ -135,6 +135,25 @@ def test_a_prompt_longer_than_max_length_keeps_its_end(tmp_path, tiny_llama_dir,
 
 
 def test_a_prompt_that_cannot_fit_is_refused(tmp_path, tiny_llama_dir, tiny_schema) -> None:
-    with pytest.raises(ValueError, match=r"SSFT prompt without its value is \d+ tokens, more than --max-length 20"):
+    with pytest.raises(ValueError, match=r"SSFT prompt without its value is \d+ tokens, more than max_length 20"):
         SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, max_length=20), tiny_schema,
                     str(tmp_path / "ssft"))
+
+
+def test_prompts_fit_the_model_positions_when_max_length_is_larger(tmp_path, tiny_llama_dir, tiny_schema) -> None:
+    """The encoder cuts at --max-length capped at the model's positions (``position_limited``): a prompt is
+    fitted to that cap, or the tokenizer still cuts its end (candidate set, ``### Response:``) off."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    long_texts = [" ".join(["shade", str(i)] * 200) for i in range(100)]  # ~400 tokens per value
+    pq.write_table(pa.table({"id": pa.array(range(100), pa.int64()), "text": long_texts}),
+                   tiny_schema.value_text_path("color"))
+    with pytest.warns(UserWarning, match=r"SSFT: 10 prompt\(s\) longer than max_length 256 tokens \(--max-length 1024"):
+        trainer = SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, max_length=1024),
+                              tiny_schema, str(tmp_path / "ssft"))
+    assert trainer.encoder.max_length == 256  # the tiny Llama's max_position_embeddings
+    train, valid = trainer.examples
+    for example in train + valid:
+        ids = trainer.encoder.tokenizer(example.prompt)["input_ids"]
+        assert len(ids) <= 256 and trainer.encoder.tokenizer.convert_ids_to_tokens(ids[-3:]) == ["###", "Response", ":"]
