@@ -283,9 +283,9 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     vs_gain = {v: {b: relative_gain(tables[b], v, "gain") for b in backbones} for v in variants if v != "gain"}
     cold = all("cold/auc" in row for table in tables.values() for row in table.values())
     columns = ["auc", "logloss"] + (["cold/auc", "cold/logloss"] if cold else [])
+    vectors_per = f"row ({', '.join(args.row_fields)})" if args.granularity == "row" else " and ".join(entities)
     sections = [f"## ELEC on {args.data} (test metrics, mean ± std over seeds {args.seeds}; LLM vectors per "
-                f"{'row (' + ', '.join(args.row_fields) + ')' if args.granularity == 'row' else ' and '.join(entities)}, LLM tuned on {sample_rows} "
-                f"training rows)", ""]
+                f"{vectors_per}, LLM tuned on {sample_rows} training rows)", ""]
     for backbone in backbones:
         sections += [f"### {backbone}", "", markdown_table(tables[backbone], columns, baseline="plain"), ""]
         picks = ", ".join(f"{v}: {c['setting']}" for v, c in choices[backbone].items())

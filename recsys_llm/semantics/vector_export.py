@@ -501,6 +501,7 @@ class SplitRows:
 
     @property
     def num_rows(self) -> int:
+        """Rows of all the splits together."""
         return int(self._starts[-1])
 
     def column(self, name: str) -> pa.ChunkedArray:
@@ -514,9 +515,12 @@ class SplitRows:
         first = int(np.searchsorted(self._starts, start, side="right")) - 1
         pieces = []
         group = max(first, 0)
+        handles: Dict[int, pq.ParquetFile] = {}
         while group < len(self._groups) and self._starts[group] < stop:
             file, index = self._groups[group]
-            table = pq.ParquetFile(self._files[file]).read_row_group(index, columns=self._columns)
+            if file not in handles:
+                handles[file] = pq.ParquetFile(self._files[file])
+            table = handles[file].read_row_group(index, columns=self._columns)
             begin = max(start - int(self._starts[group]), 0)
             end = min(stop - int(self._starts[group]), table.num_rows)
             pieces.append(table.slice(begin, end - begin).cast(self._schema))

@@ -102,9 +102,9 @@ def iter_vector_rows(
 
     Yields ``(positions (n,) int64, vectors (n, c) ndarray)``: each key's row ``key - start``
     and its vector's columns ``columns = (first, stop)`` (default: all ``dim``), in the
-    storage dtype (writable, C-contiguous). Only one chunk's rows in range are held at a time, so a rank copying them
-    into its shard of an entity table never holds the table, nor the rows or columns of
-    other ranks' shards. Keys without a vector are not yielded.
+    storage dtype (writable, C-contiguous). Only one chunk's rows in range are held at a
+    time, so a rank copying them into its shard of an entity table never holds the table,
+    nor the rows or columns of other ranks' shards. Keys without a vector are not yielded.
 
     Raises:
         ValueError: a chunk's vectors are not ``dim`` wide, or ``columns`` lie outside them.
@@ -125,7 +125,8 @@ def iter_vector_rows(
         if vectors.shape[1] != dim:
             raise ValueError(f"{path}: vectors have dim {vectors.shape[1]}, the table expects {dim}")
         # writable and contiguous (a copy of the chunk's rows in range at most): ready for torch.from_numpy
-        yield chunk_keys - start, np.require(vectors[:, first:last], requirements=["C", "W"])
+        positions = (chunk_keys - start).astype(np.int64, copy=False)
+        yield positions, np.require(vectors[:, first:last], requirements=["C", "W"])
 
 
 def read_vector_rows(
