@@ -229,7 +229,8 @@ class VectorExport:
                 if done:
                     raise ValueError(
                         f"{self._directory}: holds a finished export made with {theirs}; this run has {ours}. "
-                        "Use another --output-dir (or delete this one to replace it)"
+                        "Re-run with its settings to use it (e.g. the same --chunk-rows for --attach-dir), "
+                        "or use another --output-dir (or delete this one to replace it)"
                     )
                 raise ValueError(
                     f"{self._directory}: holds an unfinished export made with {theirs}; this run has {ours}, so "

@@ -499,7 +499,9 @@ def test_a_finished_export_with_other_settings_is_not_called_unfinished(tmp_path
     keys, texts = _keys_texts(20)
     VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, CountingEncoder(), progress=False)
     with pytest.raises(ValueError, match=r"vec: holds a finished export made with chunk_rows=10; this run has "
-                                         r"chunk_rows=5\. Use another --output-dir"):
+                                         r"chunk_rows=5\. Re-run with its settings to use it "
+                                         r"\(e\.g\. the same --chunk-rows for --attach-dir\), "
+                                         r"or use another --output-dir"):
         VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(keys, texts, CountingEncoder(),
                                                                            progress=False)
     os.remove(chunk_path(out, 1))
