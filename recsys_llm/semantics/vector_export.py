@@ -411,50 +411,13 @@ def load_manifest(path: str) -> Dict[str, object]:
 GRANULARITIES = ("row", "entity")
 
 
-def read_splits(
-    schema: DatasetSchema, splits: Sequence[str], columns: Sequence[str], purpose: str = "the requested columns"
-) -> pa.Table:
-    """``columns`` of ``splits``, one after the other, as one table.
-
-    Splits written by different tools may differ in nullability only (pandas re-saves a
-    ``not null`` column as nullable): every column is read as nullable then.
-
-    Args:
-        purpose (str): what the columns are for, in the error of a split without them.
-
-    Raises:
-        ValueError: a split lacks one of ``columns`` (naming the file, the columns and
-            ``purpose``), or a column has another type in one split than in the first
-            (naming both split files, the column and both types).
-    """
-    paths = [schema.split_path(s) for s in splits]
-    for path in paths:
-        available = pq.ParquetDataset(path).schema.names  # a file or a directory
-        missing = [c for c in columns if c not in available]
-        if missing:
-            raise ValueError(f"{path}: no column(s) {missing} for {purpose}; its columns are {available}")
-    tables = [pq.read_table(path, columns=list(columns), memory_map=True) for path in paths]
-    if not tables:
-        raise ValueError(f"schema {schema.name!r}: no split to read (splits {sorted(schema.splits)})")
-    first = tables[0].schema
-    for path, table in zip(paths[1:], tables[1:]):
-        for field, want in zip(table.schema, first.types):  # the same columns, in the same order
-            if not field.type.equals(want):
-                raise ValueError(
-                    f"{path}: column {field.name!r} is {field.type}, but {paths[0]} has it as {want}; every split "
-                    f"must store a column with one type (write it as {want})"
-                )
-    nullable = pa.schema([field.with_nullable(True) for field in first])
-    return pa.concat_tables([table.cast(nullable) for table in tables])
-
-
 class SplitRows:
     """The rows of ``splits`` (their files sorted, then row groups, in order), read a range at a time.
 
     Only the footers are read up front; :meth:`column` reads one column of every row (the
-    keys of a row export: 8 bytes per row) and :meth:`rows` the ``columns`` of rows
-    ``[start, stop)`` alone, so no rank holds the splits' text columns (as
-    :func:`read_splits` does), only the chunk it renders.
+    keys of a row export: 8 bytes per row), :meth:`rows` the ``columns`` of rows
+    ``[start, stop)`` alone, and :meth:`first_rows` the first row of each entity, a row
+    group at a time: no rank holds the splits' text columns, only what it renders.
 
     Args:
         schema (DatasetSchema): the data set.
@@ -528,6 +491,35 @@ class SplitRows:
             group += 1
         return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
 
+    def first_rows(self, key: str) -> pa.Table:
+        """The ``columns`` of the first row (in row order) of every distinct non-null id of
+        ``key``, in the order the ids first appear.
+
+        Reads one row group at a time: memory grows with the distinct ids (their first rows,
+        and one byte per id up to the largest), not with the rows.
+
+        Raises:
+            ValueError: a negative id, naming the file and the column.
+        """
+        seen = np.zeros(0, dtype=bool)
+        pieces = []
+        for path in self._files:
+            handle = pq.ParquetFile(path)
+            for group in range(handle.num_row_groups):
+                table = handle.read_row_group(group, columns=self._columns).cast(self._schema)
+                column = table.column(key)
+                rows = np.flatnonzero(pc.is_valid(column).to_numpy(zero_copy_only=False))
+                ids = pc.drop_null(column).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+                distinct, first = np.unique(ids, return_index=True)  # (U,) sorted, where each is first in the group
+                if len(distinct) and distinct[0] < 0:
+                    raise ValueError(f"{path}: column {key!r} holds the negative id {distinct[0]}; ids are >= 0")
+                if len(distinct) and distinct[-1] >= len(seen):
+                    seen = np.concatenate([seen, np.zeros(max(int(distinct[-1]) + 1, 2 * len(seen)) - len(seen), bool)])
+                new = ~seen[distinct]
+                seen[distinct[new]] = True
+                pieces.append(table.take(np.sort(rows[first[new]])))
+        return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
+
 
 def export_schema_vectors(
     schema: DatasetSchema,
@@ -587,8 +579,8 @@ def export_schema_vectors(
         provenance["entity_field"] = entity_field
         provenance["entity_fields"] = ",".join(entity_fields or [entity_field])
         columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))
-        table = read_splits(schema, splits, columns, "the entity field / entity text fields")
-        entities = renderer.entity_text(table, entity_field, entity_fields)
+        rows = SplitRows(schema, splits, columns, "the entity field / entity text fields")
+        entities = renderer.entity_text(rows.first_rows(entity_field), entity_field, entity_fields)
         keys = entities.column("id")
         text_column = entities.column("text")
 

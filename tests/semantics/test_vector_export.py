@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -740,3 +741,39 @@ def test_split_rows_read_only_the_row_groups_of_the_asked_rows_across_files_and_
         # groups: [0,2) [2,4) [4,5) | [5,7) [7,9) [9,11) | [11,14)
         starts = [0, 2, 4, 5, 7, 9, 11, 14]
         assert len(read) == sum(1 for a, b in zip(starts, starts[1:]) if a < stop and b > start)
+
+
+def test_first_rows_are_each_entitys_first_row_read_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """An entity export takes each id's attributes from its first row, as a group-by over all
+    rows does, but holds only the distinct ids' rows: one row group is read at a time."""
+    schema = make_schema(str(tmp_path))
+    os.makedirs(tmp_path / "train")
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, 50, size=300)
+    items[[7, 120]] = 200  # an id far above the others, first seen in a later row group
+    genres = [[int(g)] for g in rng.integers(0, 5, size=300)]
+    table = pa.table({"item_id": pa.array(items, pa.int64()), "genres": pa.array(genres, pa.list_(pa.int64()))})
+    table = table.set_column(0, "item_id", pa.array([None if i == 11 else int(v) for i, v in enumerate(items)],
+                                                    pa.int64()))  # a row without an item
+    for part, (start, stop) in enumerate(((0, 130), (130, 250))):
+        pq.write_table(table.slice(start, stop - start), str(tmp_path / "train" / f"part-{part}.parquet"),
+                       row_group_size=40)
+    pq.write_table(table.slice(250), str(tmp_path / "test.parquet"))
+    schema.splits = {"train": "train", "test": "test.parquet"}
+    read = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *args, **kwargs: read.append(i) or original(self, i, *args, **kwargs))
+    got = SplitRows(schema, ["train", "test"], ["item_id", "genres"], "the test").first_rows("item_id")
+    assert len(read) == 4 + 3 + 1  # every row group once, none read whole with the others
+    valid = table.filter(pc.is_valid(table.column("item_id")))
+    ids = valid.column("item_id").to_numpy()
+    _, first = np.unique(ids, return_index=True)
+    assert got.equals(valid.take(np.sort(first)).cast(got.schema))
+    renderer = RowTextRenderer(schema)
+    assert renderer.entity_text(got, "item_id", ["item_id", "genres"]).equals(
+        renderer.entity_text(valid, "item_id", ["item_id", "genres"]))
+    pq.write_table(pa.table({"item_id": pa.array([3, -1], pa.int64()), "genres": pa.array([[0], [1]])}),
+                   str(tmp_path / "test.parquet"))
+    with pytest.raises(ValueError, match=r"test\.parquet: column 'item_id' holds the negative id -1; ids are >= 0"):
+        SplitRows(schema, ["test"], ["item_id", "genres"], "the test").first_rows("item_id")
