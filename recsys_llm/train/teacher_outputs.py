@@ -194,7 +194,7 @@ class TeacherColumnsWriter:
         if self._received > self._rows:
             raise ValueError(f"{self._source}: {self._rows} rows, but the teacher produced more outputs "
                              f"({self._received} so far)")
-        self._width = representations.shape[1]
+        self._width = representations.shape[1] or self._width  # a rank that ran no batch reports H = 0
         if len(logits):  # a rank without rows has no keys: its empty share must not hide the others' from the check
             self._pending.append((logits, representations, keys))
             self._pending_rows += len(logits)
