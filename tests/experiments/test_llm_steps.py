@@ -14,3 +14,26 @@ def test_llactr_ssft_then_encode(tmp_path, capsys) -> None:
     stored = load_vectors(vectors, schema=schema)
     assert stored.keys == ["color", "city", "user_id", "price"] and os.path.exists(metrics)
     assert "+ssft:" in stored.provenance.model_id
+
+
+def test_elec_row_vectors_read_the_chosen_fields_at_the_chosen_length(tmp_path) -> None:
+    """``experiments.elec --granularity row --row-fields ... --max-length N`` tunes and exports with them."""
+    import json
+
+    import pyarrow.parquet as pq
+    import pytest
+
+    from experiments.elec import llm_steps as elec_llm_steps
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    generate_synthetic(str(tmp_path / "data"), 600, seed=0)
+    with pytest.warns(UserWarning, match=r"32 of 32 row texts are longer than max_length 40 tokens"):
+        schema_path, overrides = elec_llm_steps(str(tmp_path / "data" / "schema.json"), str(tmp_path / "work"), "row",
+                                                ["user_id"], 32, True, ["user_id", "item_id"], 40)
+    assert overrides == []  # row vectors are attached to copies of the splits
+    llm_dir = tmp_path / "work" / "ctr_llm"
+    assert json.loads((llm_dir / "row_text.json").read_text(encoding="utf-8"))["fields"] == ["user_id", "item_id"]
+    assert json.loads((llm_dir / "config.json").read_text(encoding="utf-8"))["max_length"] == 40
+    attached = DatasetSchema.load(schema_path)
+    assert "llm_vector" in pq.read_schema(attached.split_path("train")).names
