@@ -159,10 +159,14 @@ def require_unique_keys(keys: np.ndarray, what: str, is_sorted: bool = False) ->
     Raises:
         ValueError: naming ``what``, the first repeated key and how many keys repeat.
     """
-    ordered = keys if is_sorted else np.sort(keys, kind="stable")
-    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    repeated = repeated_in_sorted(keys if is_sorted else np.sort(keys, kind="stable"))
     if len(repeated):
         raise repeated_keys_error(repeated, what)
+
+
+def repeated_in_sorted(ordered: np.ndarray) -> np.ndarray:
+    """The keys of the sorted ``ordered`` (N,) that equal their predecessor: (R,), empty when all are unique."""
+    return ordered[1:][ordered[1:] == ordered[:-1]]
 
 
 def repeated_keys_error(repeated: np.ndarray, what: str) -> ValueError:

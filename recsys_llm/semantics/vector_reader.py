@@ -19,6 +19,7 @@ from recsys_llm.semantics.vector_export import (
     check_provenance,
     chunk_path,
     read_manifest,
+    repeated_in_sorted,
     repeated_keys_error,
     require_unique_keys,
 )
@@ -207,9 +208,8 @@ def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tupl
     seen = np.zeros(span, dtype=bool)
     repeated: List[np.ndarray] = []
     for column in _iter_chunk_keys(directory, manifest):
+        repeated.append(repeated_in_sorted(np.sort(column)))  # twice within the chunk
         offsets = column - low
-        ordered = np.sort(offsets)
-        repeated.append(ordered[1:][ordered[1:] == ordered[:-1]] + low)  # twice within the chunk
         repeated.append(column[seen[offsets]])  # in an earlier chunk
         seen[offsets] = True
     found = np.concatenate(repeated)
