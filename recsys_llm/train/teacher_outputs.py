@@ -303,23 +303,28 @@ def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Outpu
     error: Optional[Exception] = None
     writer: Optional[TeacherColumnsWriter] = None
     try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        writer = TeacherColumnsWriter(source, target, row_key)
-        writer.add(*own)
-    except Exception as caught:
-        error = caught
-    for source_rank in range(1, world_size):
-        outputs = receive_outputs(source_rank, group)  # even after an error: no rank waits in its send
-        if error is None and writer is not None:
-            try:
-                writer.add(*outputs)
-            except Exception as caught:
-                error = caught
-    if error is None and writer is not None:
         try:
-            writer.finish()
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            writer = TeacherColumnsWriter(source, target, row_key)
+            writer.add(*own)
         except Exception as caught:
             error = caught
+        for source_rank in range(1, world_size):
+            outputs = receive_outputs(source_rank, group)  # even after an error: no rank waits in its send
+            if error is None and writer is not None:
+                try:
+                    writer.add(*outputs)
+                except Exception as caught:
+                    error = caught
+        if error is None and writer is not None:
+            try:
+                writer.finish()
+            except Exception as caught:
+                error = caught
+    except BaseException:  # KeyboardInterrupt, SystemExit: no partial copy is left behind either
+        if writer is not None:
+            writer.abort()
+        raise
     if error is not None and writer is not None:
         writer.abort()
     return error

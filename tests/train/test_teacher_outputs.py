@@ -15,6 +15,7 @@ from recsys_llm.train.teacher_outputs import (
     LOGITS_COLUMN,
     REPRESENTATION_COLUMN,
     TeacherColumnsWriter,
+    write_on_rank_0,
     write_with_columns,
 )
 
@@ -108,3 +109,25 @@ def test_empty_row_groups_and_an_empty_file_are_copied(tmp_path) -> None:
     write_with_columns(empty, empty_copy, np.zeros(0, np.float32), np.zeros((0, 2), np.float32), "row_id", None)
     copy = pq.read_table(empty_copy)
     assert copy.num_rows == 0 and copy.schema.field(REPRESENTATION_COLUMN).type.list_size == 2
+
+
+def test_an_interrupt_while_rank_0_writes_leaves_no_partial_copy(tmp_path, monkeypatch) -> None:
+    """Ctrl-C after the first row group is written: the interrupt goes on, and neither the copy
+    nor its ``.tmp`` is left (an error is returned, an interrupt is raised: both clean up)."""
+    source, target = str(tmp_path / "split.parquet"), str(tmp_path / "out" / "copy.parquet")
+    pq.write_table(pa.table({"row_id": np.arange(10, dtype=np.int64)}), source, row_group_size=4)
+    write_group = TeacherColumnsWriter._write_group
+    groups_written = []
+
+    def interrupted_after_the_first_group(self, group, *outputs):
+        if groups_written:
+            raise KeyboardInterrupt
+        write_group(self, group, *outputs)
+        groups_written.append(group)
+        assert os.path.exists(f"{target}.tmp")
+
+    monkeypatch.setattr(TeacherColumnsWriter, "_write_group", interrupted_after_the_first_group)
+    own = (np.zeros(10, np.float32), np.zeros((10, 2), np.float32), np.arange(10, dtype=np.int64))
+    with pytest.raises(KeyboardInterrupt):
+        write_on_rank_0(source, target, "row_id", own, world_size=1, group=None)
+    assert groups_written == [0] and os.listdir(tmp_path / "out") == []
