@@ -68,6 +68,7 @@ from recsys_llm.semantics.templates import PromptTemplates, distinct_values, fie
 # the files of checkpoint/ (rng.safetensors is missing from those of older versions)
 CHECKPOINT_ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
+RESOLVED_POOLING_KEY = "resolved_pooling"  # in state.json's signature
 GRAD_SCALER_KEY = "grad_scaler"  # in state.json: the float16 loss scale and its growth counter
 CHECKPOINT_RNG_FILE = "rng.safetensors"
 # what an SSFT output directory holds (with the temp and previous copies of its swaps)
@@ -479,11 +480,17 @@ class SSFTTrainer:
 
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self._encoder.model).items()}
 
-    def _resume_signature(self) -> Dict[str, Any]:
+    def _resume_signature(self, with_pooling: bool = True) -> Dict[str, Any]:
+        """What a resumed tune must share with the checkpoint; ``with_pooling``: also the pooling
+        ``auto`` resolved to (known once the model is loaded; the option alone would not tell a
+        change of what ``auto`` picks)."""
         config = self._config.to_dict()
         for key in ("epochs", "resume", "device", "eval_batch_size"):
             config.pop(key)
-        return {"config": config, "base_hash": self._base_hash, "fields": self.fields}
+        signature = {"config": config, "base_hash": self._base_hash, "fields": self.fields}
+        if with_pooling:
+            signature[RESOLVED_POOLING_KEY] = self._encoder.pooling
+        return signature
 
     def save_checkpoint(self, state: Dict[str, Any]) -> None:
         """Adapter + optimizer + RNG states + state, written to a temp dir then renamed into place.
@@ -512,8 +519,9 @@ class SSFTTrainer:
                 return path
         return None
 
-    def _read_checkpoint_state(self, path: str) -> Dict[str, Any]:
-        """``state.json`` of the checkpoint ``path``, checked against these settings and ``epochs``."""
+    def _read_checkpoint_state(self, path: str, with_pooling: bool = True) -> Dict[str, Any]:
+        """``state.json`` of the checkpoint ``path``, checked against these settings and ``epochs``
+        (and the resolved pooling, ``with_pooling``)."""
         state_file = os.path.join(path, CHECKPOINT_STATE_FILE)
         hint = (f"; the SSFT checkpoint is damaged: delete {path} to tune again from scratch, or run "
                 "`recsys-llm semantics tune` with --no-resume")
@@ -524,7 +532,10 @@ class SSFTTrainer:
             raise _damaged_checkpoint_file(state_file,
                                            "expected a JSON object with epoch, before, history and signature")
         signature = state.pop("signature")
-        current = self._resume_signature()
+        compare_pooling = with_pooling and RESOLVED_POOLING_KEY in signature  # earlier versions: the option only
+        current = self._resume_signature(compare_pooling)
+        if not compare_pooling:
+            signature.pop(RESOLVED_POOLING_KEY, None)
         if signature != current:
             saved_config, config = signature.get("config", {}), current["config"]
             differing = [
@@ -533,6 +544,9 @@ class SSFTTrainer:
                 if saved_config.get(k) != config.get(k)
             ]
             differing += [k for k in ("base_hash", "fields") if signature.get(k) != current[k]]
+            pooling = current.get(RESOLVED_POOLING_KEY)
+            if pooling is not None and signature[RESOLVED_POOLING_KEY] != pooling:
+                differing.append(f"{RESOLVED_POOLING_KEY}: {signature[RESOLVED_POOLING_KEY]!r} -> {pooling!r}")
             raise ValueError(
                 f"{path}: checkpoint was made with other settings ({'; '.join(differing)}); "
                 "use the same settings, another output directory, or --no-resume"
@@ -580,7 +594,7 @@ class SSFTTrainer:
         path = self._checkpoint_dir()
         if path is None:
             return
-        self._read_checkpoint_state(path)
+        self._read_checkpoint_state(path, with_pooling=False)
         for name in (CHECKPOINT_ADAPTER_FILE, CHECKPOINT_OPTIMIZER_FILE):
             if not os.path.isfile(os.path.join(path, name)):
                 raise _damaged_checkpoint_file(os.path.join(path, name), "missing")

@@ -219,3 +219,33 @@ def test_what_a_killed_swap_leaves_in_an_ssft_output_does_not_block_the_next_tun
 
     assert _is_ssft_entry(".checkpoint.removing-1a2b3c4d") and _is_ssft_entry("checkpoint.old")
     assert not _is_ssft_entry(".other.removing-1a2b3c4d") and not _is_ssft_entry("notes.txt")
+
+
+def test_a_checkpoint_whose_auto_pooling_resolved_otherwise_is_refused(tmp_path, tuned_once, tiny_bert_dir,
+                                                                         capsys) -> None:
+    """``--pooling auto`` is the same option whatever it picks: the signature also records what it
+    picked (a change of the code's choice would otherwise resume an adapter tuned under another
+    pooling). A checkpoint of an earlier version, without that record, still resumes."""
+    schema_root, tuned = tuned_once
+    tune = ["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--epochs", "2", *TUNE_ARGS]
+    for name, recorded in (("other", "last"), ("older", None)):
+        out = str(tmp_path / name)
+        shutil.copytree(tuned, out)
+        state_file = os.path.join(out, "checkpoint", "state.json")
+        with open(state_file, encoding="utf-8") as handle:
+            state = json.load(handle)
+        assert state["signature"]["config"]["pooling"] == "auto" and state["signature"]["resolved_pooling"] == "mean"
+        if recorded is None:
+            del state["signature"]["resolved_pooling"]
+        else:
+            state["signature"]["resolved_pooling"] = recorded
+        with open(state_file, "w", encoding="utf-8") as handle:
+            json.dump(state, handle)
+        before = _snapshot(out)
+        code = main(["semantics", "tune", "--output-dir", out, *tune[2:]])
+        if recorded is None:
+            assert code == 0 and json.load(open(os.path.join(out, "metrics.json")))["epochs"] == 2
+        else:
+            assert code != 0 and _snapshot(out) == before
+            line = _error_line(capsys)
+            assert "other settings (resolved_pooling: 'last' -> 'mean')" in line, line
