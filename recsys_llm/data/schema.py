@@ -46,6 +46,20 @@ class SchemaError(ValueError):
     """A schema file, or data that does not match its schema."""
 
 
+def check_split_name(split: Any, where: str) -> None:
+    """Refuses a split name that is not a plain name: commands name the split's copies after it
+    (``<out>/<split>.parquet``, ``<out>/<split>/``), so ``../x``, ``/abs/x`` or ``.hidden`` would
+    write outside the output directory, or over a temp file beside it.
+
+    Raises:
+        SchemaError: naming ``where``, the split and what was expected.
+    """
+    if isinstance(split, str) and split and not split.startswith(".") and not any(c in split for c in "/\\\0"):
+        return
+    raise SchemaError(f"{where}: splits key {split!r}: expected a plain split name (e.g. train, valid, test) without "
+                      "'/', '\\' or a leading '.'; it names the split's copies in output directories")
+
+
 class FieldKind(str, enum.Enum):
     SPARSE = "sparse"
     DENSE = "dense"
@@ -169,6 +183,8 @@ class DatasetSchema:
     root: str = "."
 
     def __post_init__(self) -> None:
+        for split in self.splits:
+            check_split_name(split, f"schema {self.name!r}")
         names = [f.name for f in self.fields]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -323,6 +339,7 @@ class DatasetSchema:
             )
         for split, file in splits.items():
             _checked_str(split, source, "splits key")
+            check_split_name(split, source)
             _checked_str(file, source, f"splits.{split}")
         extra_columns = raw.get("extra_columns", [])
         if not isinstance(extra_columns, list):

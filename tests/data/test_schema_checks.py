@@ -107,6 +107,21 @@ class TestTopLevelKeys:
         with pytest.raises(SchemaError, match=r"shop\.yaml: " + message):
             DatasetSchema.load(_write(tmp_path, raw))
 
+    @pytest.mark.parametrize("split", ["../../victim", "/tmp/victim", "sub/train", "a\\b", "..", ".hidden", "x\0"])
+    def test_a_split_name_that_is_a_path_is_refused(self, tmp_path, split):
+        # commands write <out>/<split>.parquet: a crafted split name must not reach outside <out>
+        raw = dict(copy.deepcopy(BASE), splits={"train": "train.parquet", split: "test.parquet"})
+        with pytest.raises(SchemaError, match=r"shop\.yaml: splits key .*: expected a plain split name"):
+            DatasetSchema.load(_write(tmp_path, raw))
+        with pytest.raises(SchemaError, match=r"schema 't': splits key .*: expected a plain split name"):
+            DatasetSchema("t", [FieldSpec("user", "sparse", 3)], splits={split: "test.parquet"})
+
+    def test_split_files_may_still_lie_elsewhere(self, tmp_path):
+        # the files a split reads may be anywhere (relocated copies point back at the originals)
+        raw = dict(copy.deepcopy(BASE), splits={"train": "../data/train.parquet", "test": "/data/test.parquet"})
+        schema = DatasetSchema.load(_write(tmp_path, raw))
+        assert schema.split_path("test") == "/data/test.parquet"
+
     def test_a_null_row_key_means_none(self, tmp_path):
         raw = dict(copy.deepcopy(BASE), row_key=None)
         assert DatasetSchema.load(_write(tmp_path, raw)).row_key is None
