@@ -10,12 +10,13 @@ Example::
 """
 
 import os
+import pickle
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from recsys_llm.error_text import one_line
+from recsys_llm.error_text import one_line, telling_line
 from recsys_llm.semantics.model_dir import (
     config_vocab_size,
     read_model_config,
@@ -206,8 +207,9 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
 
     Raises:
         FileNotFoundError: no directory, no ``config.json`` or no weight files.
-        ValueError: a damaged ``config.json`` or weight file, weights transformers cannot read, or a
-            text-image dual encoder (CLIP).
+        ValueError: a damaged ``config.json`` or weight file, weights transformers cannot read, a
+            ``.bin`` file holding objects other than tensors (refused, nothing runs), or a text-image
+            dual encoder (CLIP).
     """
     from safetensors import SafetensorError
 
@@ -220,5 +222,11 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
         )
     except (OSError, SafetensorError) as error:
         raise ValueError(f"{model_path}: cannot load the model weights ({one_line(error)})") from error
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met a callable in a .bin file
+        raise ValueError(
+            f"{model_path}: refused its pytorch_model*.bin weights: they hold objects other than tensors "
+            f"({telling_line(error)}); nothing from them ran. Use the model's .safetensors weights, or a copy of "
+            "the model from a source you trust"
+        ) from error
     _require_text_forward(model_path, model)
     return encoder_of(model).to(device)

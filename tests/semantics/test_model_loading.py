@@ -120,6 +120,24 @@ class TestModelDirectoryChecks:
         with pytest.raises(FileNotFoundError, match=r"weight shards \['model-00002-of-00002.safetensors'\]"):
             load_model(path, torch.device("cpu"), torch.float32)
 
+    def test_a_bin_weight_file_holding_a_callable_is_refused_naming_the_directory(self, tiny_bert_dir: str,
+                                                                               tmp_path) -> None:
+        """pytorch_model.bin is a pickle: torch.load(weights_only=True) refuses a callable in it, and the
+        refusal names the model directory (torch's own text names no file and offers to allowlist it)."""
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
+        (tmp_path / "bert" / "model.safetensors").unlink()
+        marker = tmp_path / "ran"
+
+        class _Payload:
+            def __reduce__(self):
+                return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+        torch.save({"embeddings.word_embeddings.weight": _Payload()}, str(tmp_path / "bert" / "pytorch_model.bin"))
+        with pytest.raises(ValueError, match=rf"^{path}: refused its pytorch_model\*\.bin weights: they hold objects "
+                                             r"other than tensors \(UnpicklingError: .*exec"):
+            load_model(path, torch.device("cpu"), torch.float32)
+        assert not marker.exists()
+
     def test_whole_models_still_load(self, tiny_llama_dir: str) -> None:
         assert len(load_tokenizer(default_model_path())) == 30522  # the offline MiniLM
         assert len(load_tokenizer(tiny_llama_dir)) > 300  # the tests' word-level tokenizer
