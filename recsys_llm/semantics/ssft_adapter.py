@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from safetensors import SafetensorError
 
-from recsys_llm.error_text import one_line
+from recsys_llm.error_text import one_line, telling_line
 from recsys_llm.semantics.encoder import TextEncoder
 from recsys_llm.semantics.model_dir import file_fingerprint, model_dir_fingerprint, read_json_file, safetensors_damage
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -130,7 +130,12 @@ def load_tuned_encoder(
         model = PeftModel.from_pretrained(base, adapter_dir, torch_device=str(torch_device)).merge_and_unload()
     except torch.OutOfMemoryError:  # a RuntimeError, but no sign of a damaged file
         raise
-    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met a callable in adapter_model.bin
+        raise ValueError(
+            f"{weight_path}: refused: the adapter file holds objects other than tensors ({telling_line(error)}); "
+            "nothing from it ran. Use an adapter you tuned (`recsys-llm semantics tune`) or one from a source you trust"
+        ) from error
+    except (SafetensorError, OSError, RuntimeError) as error:
         raise _damaged_adapter_file(weight_path, one_line(error)[:300]) from error
     # the adapter's weight files as they are now (ssft.json's adapter_hash says what was tuned;
     # files copied over it since must not hit the vectors cached for the old ones)

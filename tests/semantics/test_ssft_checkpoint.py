@@ -179,6 +179,32 @@ def test_encode_with_a_damaged_adapter_file_is_named(tmp_path, tuned_once, capsy
     assert _snapshot(adapter) == before
 
 
+def test_an_adapter_bin_holding_a_callable_is_refused_not_called_damaged(tmp_path, tuned_once, capsys) -> None:
+    """adapter_model.bin is a pickle: peft reads it with torch.load(weights_only=True), which refuses a
+    callable. The error names the file and why, without torch's advice to retry with weights_only=False."""
+    schema_root, tuned = tuned_once
+    adapter = str(tmp_path / "adapter")
+    shutil.copytree(os.path.join(tuned, "adapter"), adapter)
+    weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    os.remove(os.path.join(adapter, "adapter_model.safetensors"))
+    marker = tmp_path / "ran"
+
+    class _Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    bin_path = os.path.join(adapter, "adapter_model.bin")
+    torch.save({**weights, next(iter(weights)): _Payload()}, bin_path)
+    output = str(tmp_path / "fields.safetensors")
+    capsys.readouterr()
+    assert main(["semantics", "encode", "--schema", schema_root, "--adapter", adapter, "--output", output]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"recsys-llm semantics: error: {bin_path}: refused: the adapter file holds objects other "
+                           "than tensors (UnpicklingError: "), line
+    assert "exec" in line and "weights_only" not in line and "damaged" not in line, line
+    assert not marker.exists() and not os.path.exists(output)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_tune_outputs_get_the_modes_the_umask_allows(tmp_path, tiny_bert_dir, tiny_schema, umask: int) -> None:
     """safetensors and peft write owner-only (0600) weight files: on a shared cluster other users
