@@ -191,6 +191,25 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
 
+def _require_own_data_files(path: str, metadata: Metadata) -> None:
+    """Refuses a ``.metadata`` whose items lie in files other than the checkpoint directory's own:
+    DCP reads each item from ``<checkpoint>/<relative_path>``, so an absolute path or a ``..`` in
+    a crafted one would load another file's bytes (anything the user can read) into the weights.
+    DCP itself writes plain file names (``__0_0.distcp``).
+
+    Raises:
+        ValueError: naming the ``.metadata`` file and the path it names.
+    """
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not name or name in (".", "..") or os.path.basename(name) != name \
+                or (os.path.altsep is not None and os.path.altsep in name) or "\\" in name:
+            raise ValueError(
+                f"{path}: names the data file {name!r}, outside the checkpoint directory; expected plain file "
+                "names of the checkpoint's own files (DCP writes __<rank>_<n>.distcp): refusing to read it"
+            )
+
+
 class _SafeFileSystemReader(FileSystemReader):
     """DCP's file reader with the ``.metadata`` read by :class:`_MetadataUnpickler`, once per
     file (``load_checkpoint`` reads it before ``dcp.load`` asks for it again)."""
@@ -216,6 +235,7 @@ class _SafeFileSystemReader(FileSystemReader):
         metadata = self._metadata_by_path[path]
         if not isinstance(metadata, Metadata):
             raise ValueError(f"{path}: expected DCP Metadata, got {type(metadata).__name__}")
+        _require_own_data_files(path, metadata)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = getattr(self, "load_id", None)

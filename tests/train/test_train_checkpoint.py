@@ -234,6 +234,37 @@ def test_crafted_metadata_is_refused_without_running_code(tmp_path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("where", ["absolute", "parent"])
+def test_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(tmp_path, where) -> None:
+    """A crafted ``.metadata`` (only DCP's own classes) whose items point at another file: DCP would
+    read that file's bytes into the weights."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from recsys_llm.train.checkpoint import _MetadataUnpickler
+
+    path = tmp_path / "ckpt-00000001"
+    dcp.save({"model": nn.Linear(2, 2).state_dict()}, checkpoint_id=str(path), no_dist=True)
+    (path / "train_state.json").write_text(TrainState(global_step=1).to_json(), encoding="utf-8")
+    other = nn.Linear(2, 2)
+    nn.init.constant_(other.weight, 7.0)
+    dcp.save({"model": other.state_dict()}, checkpoint_id=str(tmp_path / "elsewhere"), no_dist=True)
+    with open(path / ".metadata", "rb") as handle:
+        metadata = _MetadataUnpickler(handle, "x").load()
+    for info in metadata.storage_data.values():
+        outside = tmp_path / "elsewhere" / info.relative_path
+        info.relative_path = str(outside) if where == "absolute" else os.path.relpath(outside, path)
+    with open(path / ".metadata", "wb") as handle:
+        pickle.dump(metadata, handle)
+    target = nn.Linear(2, 2)
+    before = target.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"ckpt-00000001/\.metadata: names the data file .*elsewhere/__0_0\.distcp'?, "
+                                         r"outside the checkpoint directory"):
+        load_checkpoint(str(path), target, restore_rng=False)
+    assert torch.equal(target.weight, before)
+
+
 def _state_only_dcp(monkeypatch: pytest.MonkeyPatch) -> None:
     """Saves and loads a plain module's weights through the real protocol (no optimizer)."""
     from recsys_llm.train import checkpoint
