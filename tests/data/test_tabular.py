@@ -84,6 +84,27 @@ def test_csv_time_split_vocab_and_text(tmp_path):
     assert set(batches[0].extras) == {"row_id", "ts"}
 
 
+@pytest.mark.parametrize("name", ["../../victim", "area/city", ".city"])
+def test_a_column_name_that_is_a_path_keeps_its_value_text_inside_the_output(tmp_path, name):
+    """The value-text file is named after the field: a column named ``../../victim`` (a crafted file, or a
+    CSV header with a '/') must not write outside the prepared directory."""
+    rows = _rows()
+    rows[name] = rows.pop("city")
+    raw = json.loads(json.dumps(SCHEMA))
+    raw["fields"][1]["name"] = name
+    (tmp_path / "work").mkdir()
+    victim = tmp_path / "victim.parquet"
+    victim.write_text("precious")
+    out = tmp_path / "work" / "out"
+    schema = prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path, raw), str(out), TabularConfig())
+    assert victim.read_text() == "precious"
+    assert sorted(os.listdir(tmp_path / "work")) == ["out"]
+    value_text = schema.field(name).value_text
+    assert os.path.dirname(value_text) == "text" and not os.path.basename(value_text).startswith(".")
+    assert schema.load_value_text(name)["text"].to_pylist() == ["unknown"] + sorted(CITIES)
+    assert sorted(os.listdir(out / "text")) == sorted(["cats.parquet", os.path.basename(value_text)])
+
+
 def test_parquet_random_split_is_seeded(tmp_path):
     rows = _rows(300)
     table = pa.table({**rows, "cats": pa.array([[CATS.index(c) + 1 for c in r.split("|") if c] for r in rows["cats"]])})

@@ -3,7 +3,9 @@ block by block, written whole or not at all."""
 
 import contextlib
 import dataclasses
+import hashlib
 import os
+import re
 import shutil
 from typing import Dict, List, Optional
 
@@ -136,6 +138,17 @@ def _convert(
     return schema
 
 
+def value_text_file(field_name: str) -> str:
+    """``text/<field>.parquet``, the value-text file of a field in a prepared directory. A field
+    (column) name that is not a plain file name (``a/b``, ``../../x``, ``.x``) gets its unsafe
+    characters replaced and a hash of the name appended, so its file stays in ``text/`` and no
+    two fields share one."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", field_name)
+    if safe != field_name or safe.startswith("."):
+        safe = f"{safe.lstrip('.')}-{hashlib.sha256(field_name.encode()).hexdigest()[:8]}"
+    return f"text/{safe}.parquet"
+
+
 def _output_schema(user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_dir: str) -> DatasetSchema:
     """The output schema rooted at ``out_dir``; writes vocabularies and copies user value text into ``out_dir/text``."""
     fields = []
@@ -143,12 +156,12 @@ def _output_schema(user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_
         value_text = spec.value_text
         plan = plans.get(spec.name)
         if plan is not None and plan.mode == "vocab":
-            value_text = f"text/{spec.name}.parquet"
+            value_text = value_text_file(spec.name)
             write_value_text(os.path.join(out_dir, value_text), ["unknown"] + plan.vocabulary.to_pylist())
         elif value_text:
             source = user_schema.value_text_path(spec.name)
             user_schema.load_value_text(spec.name)  # validates its columns
-            value_text = f"text/{spec.name}.parquet"
+            value_text = value_text_file(spec.name)
             os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
             shutil.copyfile(source, os.path.join(out_dir, value_text))
         fields.append(dataclasses.replace(spec, value_text=value_text))
