@@ -137,6 +137,10 @@ def load_tuned_encoder(
         ) from error
     except (SafetensorError, OSError, RuntimeError) as error:
         raise _damaged_adapter_file(weight_path, one_line(error)[:300]) from error
+    except (KeyError, TypeError, ValueError) as error:  # peft cannot build the adapter adapter_config.json describes
+        config_path = os.path.join(adapter_dir, "adapter_config.json")
+        detail = f"peft cannot build the adapter it describes: {type(error).__name__}: {one_line(error)[:300]}"
+        raise _damaged_adapter_file(config_path, detail) from error
     # the adapter's weight files as they are now (ssft.json's adapter_hash says what was tuned;
     # files copied over it since must not hit the vectors cached for the old ones)
     adapter_files = hashlib.sha256("".join(

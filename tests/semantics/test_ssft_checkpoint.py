@@ -205,6 +205,28 @@ def test_an_adapter_bin_holding_a_callable_is_refused_not_called_damaged(tmp_pat
     assert not marker.exists() and not os.path.exists(output)
 
 
+@pytest.mark.parametrize("change", [{"peft_type": "NOT_A_PEFT_TYPE"}, {"r": "eight"}, {"task_type": "NOT_A_TASK"},
+                                    {"target_modules": ["no_such_module"]}])
+def test_encode_with_an_adapter_config_peft_cannot_build_names_the_file(tmp_path, tuned_once, capsys, change) -> None:
+    """A damaged or crafted adapter_config.json: peft's KeyError / TypeError / ValueError (a bare ``'EVIL'``,
+    a traceback for the TypeError) becomes one line naming the file."""
+    schema_root, tuned = tuned_once
+    adapter = str(tmp_path / "adapter")
+    shutil.copytree(os.path.join(tuned, "adapter"), adapter)
+    config_path = os.path.join(adapter, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump({**config, **change}, handle)
+    output = str(tmp_path / "fields.safetensors")
+    capsys.readouterr()
+    assert main(["semantics", "encode", "--schema", schema_root, "--adapter", adapter, "--output", output]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"recsys-llm semantics: error: {config_path}: damaged or incomplete SSFT adapter file "
+                           "(peft cannot build the adapter it describes: "), line
+    assert not os.path.exists(output)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_tune_outputs_get_the_modes_the_umask_allows(tmp_path, tiny_bert_dir, tiny_schema, umask: int) -> None:
     """safetensors and peft write owner-only (0600) weight files: on a shared cluster other users
