@@ -126,7 +126,8 @@ def require_weight_files(model_path: str) -> None:
 
     Raises:
         FileNotFoundError: no weight file, or a shard named by an index file is missing.
-        ValueError: a ``.safetensors`` file is truncated or its header is damaged.
+        ValueError: a ``.safetensors`` file is truncated or its header is damaged, or an index names
+            a shard outside the directory (an absolute path, ``..``).
     """
     names = set(os.listdir(model_path))
     shards: List[str] = []
@@ -139,6 +140,13 @@ def require_weight_files(model_path: str) -> None:
                 shards = sorted(set(weight_map.values()))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
                 raise ValueError(f"{index_path}: not a weight index (expected JSON with a 'weight_map')") from error
+            outside = [s for s in shards if not isinstance(s, str) or os.path.isabs(s)
+                       or os.path.normpath(s).split(os.sep)[0] == ".."]
+            if outside:
+                raise ValueError(
+                    f"{index_path}: names weight files outside the model directory {outside[:5]}; expected the "
+                    "directory's own shard files (e.g. model-00001-of-00002.safetensors)"
+                )
             missing = [s for s in shards if not os.path.isfile(os.path.join(model_path, s))]
             if missing:
                 raise FileNotFoundError(f"{model_path}: weight shards {missing[:5]} named by {index_name} are missing")

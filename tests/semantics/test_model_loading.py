@@ -138,6 +138,20 @@ class TestModelDirectoryChecks:
             load_model(path, torch.device("cpu"), torch.float32)
         assert not marker.exists()
 
+    @pytest.mark.parametrize("where", ["absolute", "parent"])
+    def test_an_index_naming_shards_outside_the_directory_is_refused(self, tiny_bert_dir: str, tmp_path,
+                                                                     where: str) -> None:
+        """transformers reads whatever file the index names: a crafted index would load another file."""
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
+        outside = tmp_path / "elsewhere.safetensors"
+        (tmp_path / "bert" / "model.safetensors").rename(outside)
+        shard = str(outside) if where == "absolute" else "../elsewhere.safetensors"
+        index = {"weight_map": {"embeddings.word_embeddings.weight": shard}}
+        (tmp_path / "bert" / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=rf"^{path}/model.safetensors.index.json: names weight files outside the "
+                                             r"model directory"):
+            load_model(path, torch.device("cpu"), torch.float32)
+
     def test_whole_models_still_load(self, tiny_llama_dir: str) -> None:
         assert len(load_tokenizer(default_model_path())) == 30522  # the offline MiniLM
         assert len(load_tokenizer(tiny_llama_dir)) > 300  # the tests' word-level tokenizer
