@@ -310,6 +310,13 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
+class _RunsBlocked:
+    """A crafted ``.pt`` naming a module torch.load blocks outright (``os``)."""
+
+    def __reduce__(self) -> Tuple[Callable[..., object], Tuple[str]]:
+        return (os.system, ("true",))
+
+
 class TestStateFiles:
     @pytest.mark.parametrize("file_name, suffix, value", [
         ("gain.safetensors", "item_id.weight", float("nan")),  # a table: read slice by slice
@@ -345,6 +352,18 @@ class TestStateFiles:
                                                              r"other than tensors \(UnpicklingError: .*open"):
                 load(path)
         assert not marker.exists()
+
+    def test_a_pt_calling_a_blocked_module_is_refused_without_advice_to_load_it(self, tmp_path):
+        # torch's refusal of a blocked module (os, subprocess) opens with 'Re-running torch.load with weights_only
+        # set to False will likely succeed': the line shown must be the reason
+        path = str(tmp_path / "teacher.pt")
+        torch.save({"weight": torch.zeros(2), "payload": _RunsBlocked()}, path)
+        with pytest.raises(pickle.UnpicklingError) as refused:
+            load_state_file(path)
+        assert re.match(rf"^{re.escape(path)}: refused: the file holds objects other than tensors \(UnpicklingError: "
+                        r"Trying to load unsupported GLOBAL posix\.system whose module posix is blocked\.\)",
+                        str(refused.value)), str(refused.value)
+        assert "weights_only set to" not in str(refused.value)
 
     def test_a_truncated_teacher_file_is_named(self, tmp_path):
         state, _ = _gain_state("bias", 0.0)

@@ -76,6 +76,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from recsys_llm.atomic_dir import write_text_atomically
+from recsys_llm.error_text import weights_only_reason
 from recsys_llm.train.distributed import barrier
 
 PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
@@ -254,6 +255,10 @@ def _damaged(path: str, error: BaseException) -> ValueError:
         error = next(iter(failures.values()))[0]
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else type(error).__name__
+    refusal = weights_only_reason(error)
+    if refusal is not None:  # torch's first line is advice on how to load it anyway
+        return ValueError(f"{path}: refused: holds objects other than tensors ({refusal}); nothing from it ran: a "
+                          "damaged or tampered checkpoint; delete its checkpoint directory to resume from the one before")
     if any(marker in text for marker in _OTHER_MODEL_ERRORS):
         hint = ""
         if "key in checkpoint state_dict: optim." in first_line:

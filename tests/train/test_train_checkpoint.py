@@ -265,6 +265,23 @@ def test_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(tmp_path,
     assert torch.equal(target.weight, before)
 
 
+def test_a_crafted_rng_file_is_refused_without_advice_to_load_it(tmp_path, monkeypatch) -> None:
+    """rank<N>.pt is read with torch.load(weights_only=True); its refusal names the file and the reason,
+    not torch's first line ("... Re-running torch.load with weights_only set to False will likely succeed")."""
+    _state_only_dcp(monkeypatch)
+    manager = CheckpointManager(str(tmp_path), keep=1)
+    path = manager.save(nn.Linear(2, 1), None, TrainState(global_step=1))
+    marker = tmp_path / "code_ran"
+    torch.save({"cpu": _RunsCodeWhenUnpickled(str(marker))}, os.path.join(path, "rank00000.pt"))
+    with pytest.raises(ValueError) as refused:
+        load_checkpoint(path, nn.Linear(2, 1))
+    message = str(refused.value)
+    assert message.startswith(f"{os.path.join(path, 'rank00000.pt')}: refused: holds objects other than tensors ("), \
+        message
+    assert "open" in message and "weights_only" not in message and "still be loaded" not in message, message
+    assert not marker.exists()
+
+
 def _state_only_dcp(monkeypatch: pytest.MonkeyPatch) -> None:
     """Saves and loads a plain module's weights through the real protocol (no optimizer)."""
     from recsys_llm.train import checkpoint
