@@ -409,6 +409,15 @@ def load_manifest(path: str) -> Dict[str, object]:
             f"{path}: damaged export manifest, expected a JSON object with {list(MANIFEST_KEYS)}, lacks {missing}; "
             "re-run the export into an empty --output-dir"
         )
+    chunk_rows, num_rows, num_chunks = (manifest[k] for k in ("chunk_rows", "num_rows", "num_chunks"))
+    counts = (chunk_rows, num_rows, num_chunks)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts) or chunk_rows < 1 or num_rows < 0 \
+            or num_chunks != (num_rows + chunk_rows - 1) // chunk_rows:
+        raise ValueError(
+            f"{path}: damaged export manifest: chunk_rows={chunk_rows!r}, num_rows={num_rows!r}, "
+            f"num_chunks={num_chunks!r}; expected integers, chunk_rows >= 1 and num_chunks = ceil(num_rows / "
+            "chunk_rows); re-run the export into an empty --output-dir"
+        )
     return manifest
 
 

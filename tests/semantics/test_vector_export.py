@@ -480,6 +480,8 @@ def test_a_damaged_manifest_is_named(tmp_path):
     keys, texts = _keys_texts(4)
     VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
     manifest = os.path.join(out, "manifest.json")
+    with open(manifest, encoding="utf-8") as handle:
+        good = json.load(handle)
     with open(manifest, "w", encoding="utf-8") as handle:
         handle.write("{'provenance': ")  # cut short, and not JSON quoting
     damaged = r"vec/manifest\.json: damaged export manifest, not valid JSON \(Expecting property name"
@@ -492,6 +494,15 @@ def test_a_damaged_manifest_is_named(tmp_path):
         json.dump({"provenance": {}}, handle)
     with pytest.raises(ValueError, match=r"manifest\.json: damaged export manifest, expected a JSON object .* lacks "
                                          r"\['chunk_rows', 'num_rows'"):
+        read_manifest(out)
+    with open(manifest, "w", encoding="utf-8") as handle:  # a count beyond the rows: no 10^12 file checks
+        json.dump({**good, "num_chunks": 10**12}, handle)
+    counts = r"manifest\.json: damaged export manifest: chunk_rows=2, num_rows=4, num_chunks={}; expected integers"
+    with pytest.raises(ValueError, match=counts.format(10**12)):
+        read_manifest(out)
+    with open(manifest, "w", encoding="utf-8") as handle:
+        json.dump({**good, "num_chunks": "2"}, handle)
+    with pytest.raises(ValueError, match=counts.format("'2'")):
         read_manifest(out)
 
 
