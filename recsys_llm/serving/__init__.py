@@ -8,7 +8,9 @@
                           (dense (B, Dd), pooled (B, F * D)) -> logits (B,)
     config.json           format version, export id, SHA-256 of the files above, library versions
                           (torch, torchrec, fbgemm_gpu, recsys_llm and its commit), feature names,
-                          id rules, model config, program status
+                          id rules, whether the tables pool per-id weights (``weighted``: an
+                          ``is_weighted`` EBC, served with the request's weights), model config,
+                          program status
     INFERENCE.md          how to call it
 
 The export id (random per export) is also stored in the state file's and the program's

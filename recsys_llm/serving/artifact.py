@@ -11,6 +11,7 @@ ID_RULES_KEY = "id_rules"  # config.json: per feature, hashed / max_length / sin
 EXPORT_ID_KEY = "export_id"  # ties an artifact's files together (absent from artifacts before 2026-12)
 VERSIONS_KEY = "versions"  # config.json: torch, torchrec, fbgemm_gpu, recsys_llm that exported (absent before 2026-12)
 VERSION_CHECKED = ("torch", "torchrec", "fbgemm_gpu")  # ServedModel.load warns when these differ
+WEIGHTED_KEY = "weighted"  # config.json: the tables pool per-id weights (is_weighted EBC; absent before: False)
 DIGESTS_KEY = "sha256"  # config.json: file name -> SHA-256 of its bytes as exported (absent from older artifacts)
 DENSE_DTYPE = torch.float32  # the dense features' dtype in training (ParquetBatchReader) and in the program
 FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")

@@ -33,6 +33,7 @@ from recsys_llm.serving.artifact import (
     SEMANTIC_TABLES_FILE,
     STATE_FILE,
     VERSIONS_KEY,
+    WEIGHTED_KEY,
 )
 
 
@@ -56,7 +57,7 @@ kjt = KeyedJaggedTensor.from_lengths_sync(
     # ids, feature-major: every row's ids of features[0], then of features[1], ...
     values=torch.zeros(len(features) * batch_size, dtype=torch.int64),
     # one length per (feature, row), same order: 1 for a sparse field, 0..n ids for a sequence
-    lengths=torch.ones(len(features) * batch_size, dtype=torch.int32),
+    lengths=torch.ones(len(features) * batch_size, dtype=torch.int32),{weights}
 )
 dense = torch.zeros(batch_size, {num_dense})  # dense features in schema order, finite
 probabilities = served.predict(dense, kjt)  # (batch_size,)
@@ -87,6 +88,21 @@ weights of `model.safetensors` (`safetensors.torch.load_file`), then
 and the request checks are then the caller's job (an id outside its table fails deep in FBGEMM
 on CPU, and may read another row on GPU).
 """
+
+
+WEIGHTED_INFERENCE_NOTE = """
+This model's tables take per-id weights (an `EmbeddingBagCollection(..., is_weighted=True)`;
+`config.json`: `weighted`): each bag pools the weighted sum of its rows, so a request's
+KeyedJaggedTensor must carry `weights` (one float per id, in the order of `values`), and a request
+without them is a ValueError. Without recsys_llm, build the EBC from `tables.json` with
+`is_weighted=True` as well: an unweighted EBC ignores the weights and serves other predictions.
+"""
+
+
+# the example request's per-id weights, for an artifact whose tables are weighted
+WEIGHTS_ARGUMENT = """
+    # one weight per id, same order as values: this model's tables pool weighted sums
+    weights=torch.ones(len(features) * batch_size),"""
 
 
 SEMANTIC_INFERENCE_NOTE = """
@@ -337,6 +353,7 @@ def export_task(
     check_servable(task)
     ebc = task.model.embedding_bag_collection
     semantic = _semantic_ebc(task)
+    weighted = bool(ebc.is_weighted())  # per-id weights: ServedModel must pool them too
     tables = _table_dicts(ebc)
     semantic_tables = _table_dicts(semantic) if semantic is not None else []
     feature_names = [f for t in tables for f in t["feature_names"]]  # the pooled embeddings' keys, in order
@@ -384,6 +401,7 @@ def export_task(
             "feature_names": feature_names,
             "num_dense_features": int(example_dense.size(1)),
             "pooled_dim": int(pooled.size(1)),
+            WEIGHTED_KEY: weighted,
             "state": STATE_FILE,
             "tables": "tables.json",
             "semantic_tables": SEMANTIC_TABLES_FILE if semantic_tables else None,
@@ -402,7 +420,10 @@ def export_task(
             json.dump(config, handle, indent=2)
         with open(os.path.join(tmp, "INFERENCE.md"), "w", encoding="utf-8") as handle:
             handle.write(INFERENCE_EXAMPLE.format(path=os.path.abspath(directory), features=feature_names,
-                                                  num_dense=config["num_dense_features"], pooled=config["pooled_dim"]))
+                                                  num_dense=config["num_dense_features"], pooled=config["pooled_dim"],
+                                                  weights=WEIGHTS_ARGUMENT if weighted else ""))
+            if weighted:
+                handle.write(WEIGHTED_INFERENCE_NOTE)
             if semantic_tables:
                 handle.write(SEMANTIC_INFERENCE_NOTE.format(tables=[t["name"] for t in semantic_tables]))
     return config

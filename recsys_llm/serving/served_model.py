@@ -25,6 +25,7 @@ from recsys_llm.serving.artifact import (
     STATE_FILE,
     VERSION_CHECKED,
     VERSIONS_KEY,
+    WEIGHTED_KEY,
 )
 from recsys_llm.semantics.model_dir import file_sha256
 from recsys_llm.serving.export import library_versions, rows_per_feature
@@ -97,8 +98,9 @@ def _warn_on_other_versions(directory: str, config: Dict[str, Any]) -> None:
 
 
 def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: Dict[str, torch.Tensor],
-              prefix: str) -> EmbeddingBagCollection:
-    """An EBC from an artifact's table list, its weights taken from ``state`` under ``prefix``."""
+              prefix: str, weighted: bool = False) -> EmbeddingBagCollection:
+    """An EBC from an artifact's table list, its weights taken from ``state`` under ``prefix``; ``weighted``:
+    it pools the request's per-id weights (the exported EBC had ``is_weighted=True``)."""
     path = os.path.join(directory, tables_file)
     tables = _read_json(path)
     _check_digest(directory, config, tables_file)
@@ -109,6 +111,7 @@ def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: D
                                    feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]])
                 for t in tables
             ],
+            is_weighted=weighted,
             device=torch.device("cpu"),
         )
     except ARTIFACT_READ_ERRORS as error:
@@ -227,7 +230,10 @@ class ServedModel(nn.Module):
             require_finite(state_path, key, value)
         check_same_export(config_path, config, state_path, state_export_id)
         _check_digest(directory, config, config["state"])
-        ebc = _load_ebc(directory, config, config["tables"], state, "model.embedding_bag_collection.")
+        weighted = config.get(WEIGHTED_KEY, False)
+        if not isinstance(weighted, bool):
+            _raise_damaged(config_path, f"{WEIGHTED_KEY!r} is {weighted!r}, expected true or false")
+        ebc = _load_ebc(directory, config, config["tables"], state, "model.embedding_bag_collection.", weighted)
         semantic = None
         if config.get("semantic_tables"):
             semantic = _load_ebc(directory, config, config["semantic_tables"], state,
@@ -311,6 +317,9 @@ class ServedModel(nn.Module):
         if not isinstance(sparse_features, KeyedJaggedTensor):
             raise TypeError(f"sparse_features: expected a KeyedJaggedTensor of the features {self.feature_names}, "
                             f"got {type(sparse_features).__name__}")
+        if self._config.get(WEIGHTED_KEY, False) and sparse_features.weights_or_none() is None:
+            raise ValueError(f"sparse features: no weights; this model's tables pool per-id weights (its EBC was "
+                             f"is_weighted=True in training): pass weights=, one float per id of {self.feature_names}")
         sparse_features = self._id_rules(sparse_features)  # checks its structure first
         strides = set(sparse_features.stride_per_key())
         if len(strides) != 1:

@@ -1,0 +1,77 @@
+"""Export and serving of a model whose EmbeddingBagCollection pools per-id weights (``is_weighted=True``)."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+from recsys_llm.data.batch import Batch
+from recsys_llm.models.base import CTRBackbone
+from recsys_llm.serving import ServedModel, export_task
+from recsys_llm.train.task import CTRTask
+
+FEATURES = ["user_id", "tags"]
+
+
+class _Concat(CTRBackbone):
+    def __init__(self, ebc: EmbeddingBagCollection) -> None:
+        super().__init__(ebc, 1)
+        self.head = nn.Linear(sum(self.embedding_dims.values()) + 1, 1)
+
+    @property
+    def representation_dim(self) -> int:
+        return 17
+
+    def interact(self, dense: torch.Tensor, pooled: KeyedTensor, extra_fields):
+        by_name = pooled.to_dict()
+        hidden = torch.cat([by_name[name] for name in self.feature_names] + [dense], dim=1)
+        return self.head(hidden).squeeze(-1), hidden
+
+
+def _weighted_task() -> CTRTask:
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=10, feature_names=[f]) for f in FEATURES]
+    return CTRTask(_Concat(EmbeddingBagCollection(tables=tables, is_weighted=True))).eval()
+
+
+def _request(batch_size: int, seed: int, weighted: bool = True) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.cat([torch.ones(batch_size, dtype=torch.int32), torch.randint(0, 4, (batch_size,), generator=g).int()])
+    values = torch.randint(0, 10, (int(lengths.sum()),), generator=g)
+    weights = torch.rand(values.numel(), generator=g) * 3 if weighted else None
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=values, lengths=lengths, weights=weights)
+    return Batch(torch.randn(batch_size, 1, generator=g), kjt, torch.zeros(batch_size), {})
+
+
+def test_a_weighted_model_serves_with_the_request_weights(tmp_path):
+    task = _weighted_task()
+    example = _request(4, 0)
+    config = export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
+    assert config["weighted"] is True
+    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    request = _request(16, 1)
+    with torch.no_grad():
+        expected = task.predict(request).logits
+        unit = request.sparse_features
+        unit = KeyedJaggedTensor.from_lengths_sync(keys=unit.keys(), values=unit.values(), lengths=unit.lengths(),
+                                                    weights=torch.ones_like(unit.weights()))
+        unweighted = task.predict(Batch(request.dense_features, unit, request.labels, {})).logits
+    assert not torch.allclose(expected, unweighted)  # the weights matter to this model's predictions
+    torch.testing.assert_close(served.logits(request.dense_features, request.sparse_features), expected)
+    with pytest.raises(ValueError, match="no weights; this model's tables pool per-id weights"):
+        served.logits(request.dense_features, _request(16, 1, weighted=False).sparse_features)
+    text = (tmp_path / "export" / "INFERENCE.md").read_text()
+    assert "weights=torch.ones(len(features) * batch_size)" in re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "is_weighted=True" in text
+
+
+def test_an_unweighted_export_records_it(tmp_path):
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=10, feature_names=[f]) for f in FEATURES]
+    task = CTRTask(_Concat(EmbeddingBagCollection(tables=tables))).eval()
+    example = _request(4, 0, weighted=False)
+    config = export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
+    assert config["weighted"] is False
+    assert "weights=" not in (tmp_path / "export" / "INFERENCE.md").read_text()
