@@ -75,3 +75,24 @@ def test_an_unweighted_export_records_it(tmp_path):
     config = export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
     assert config["weighted"] is False
     assert "weights=" not in (tmp_path / "export" / "INFERENCE.md").read_text()
+
+
+def test_a_weighted_gain_network_serves_its_entity_vectors_with_the_weights(tmp_path):
+    """Backbone EBC and entity table both pool the request's weights, in training and served."""
+    from recsys_llm.serving import materialize_meta
+    from tests.modules.test_semantic_table import _weighted_batch, _weighted_gain_network
+
+    task = materialize_meta(_weighted_gain_network(True, torch.device("cpu")), torch.device("cpu")).eval()
+    with torch.no_grad():  # materialize_meta allocates the tables, unset: fill them as training and loading would
+        generator = torch.Generator().manual_seed(0)
+        for name, weight in task.named_parameters():
+            if "embedding_bags" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+    example = _weighted_batch(0)
+    config = export_task(task, str(tmp_path / "gain"), example.dense_features, example.sparse_features)
+    assert config["weighted"] is True
+    served = ServedModel.load(str(tmp_path / "gain"), trust_program=True)
+    request = _weighted_batch(1)
+    with torch.no_grad():
+        expected = task.predict(request).logits
+    torch.testing.assert_close(served.logits(request.dense_features, request.sparse_features), expected)

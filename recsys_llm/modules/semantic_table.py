@@ -58,6 +58,8 @@ class SemanticTable(nn.Module):
         dim (int): d, vector width of every entity (a multiple of 4 for FBGEMM kernels).
         pooling (PoolingType): SUM for one id per row; MEAN averages a sequence field's vectors.
         device (Optional[torch.device]): ``meta`` (default) lets DMP allocate shards only.
+        is_weighted (bool): the table pools the KJT's per-id weights, like the backbone's EBC
+            when that is ``is_weighted`` (``SemanticTableTask`` requires the two to agree).
 
     Example::
 
@@ -71,6 +73,7 @@ class SemanticTable(nn.Module):
         dim: int,
         pooling: PoolingType = PoolingType.SUM,
         device: Optional[torch.device] = torch.device("meta"),
+        is_weighted: bool = False,
     ) -> None:
         super().__init__()
         if not entities:
@@ -93,7 +96,7 @@ class SemanticTable(nn.Module):
             )
             for name, num_embeddings in entities.items()
         ]
-        self.embedding_bag_collection = EmbeddingBagCollection(tables=configs, device=device)
+        self.embedding_bag_collection = EmbeddingBagCollection(tables=configs, is_weighted=is_weighted, device=device)
         # Read by recsys_llm.train.sharding: no optimizer state, own TBE, no autograd after
         # sharding. The weights keep requires_grad until then (the sharder attaches its
         # optimizer-free in-backward hook to them); ``forward`` detaches in any case.
@@ -158,6 +161,7 @@ class SemanticTableTask(CTRTask):
                 f"{semantic_table.feature_names} x dim {semantic_table.dim}, concatenated): build it with "
                 f"in_dim={semantic_table.output_dim}"
             )
+        check_same_weighting(model, semantic_table)
         super().__init__(model, field_injection=field_injection, logit_terms=logit_terms, loss_terms=loss_terms)
         self.semantic_table = semantic_table
 
@@ -165,6 +169,28 @@ class SemanticTableTask(CTRTask):
         vectors = self.semantic_table(batch.sparse_features)  # (B, K * d)
         extra_fields = self.field_injection(vectors)  # (B, E, D)
         return self.with_logit_terms(self.model(batch.dense_features, batch.sparse_features, extra_fields))
+
+
+def check_same_weighting(model: nn.Module, semantic_table: SemanticTable) -> None:
+    """Raises ValueError unless the backbone's EBC and the entity table agree on ``is_weighted``.
+
+    Both read the same KeyedJaggedTensor. A KJT with per-id weights (which a weighted backbone
+    needs) is pooled with those weights by a *sharded* EBC whether it is weighted or not, while an
+    unsharded (or served) unweighted EBC ignores them: an unweighted entity table next to a
+    weighted backbone would train on weighted entity vectors and serve unweighted ones.
+    """
+    ebc = getattr(model, "embedding_bag_collection", None)
+    if not isinstance(ebc, EmbeddingBagCollection):
+        return
+    backbone_weighted, table_weighted = ebc.is_weighted(), semantic_table.embedding_bag_collection.is_weighted()
+    if backbone_weighted != table_weighted:
+        raise ValueError(
+            f"SemanticTableTask: the backbone's EmbeddingBagCollection has is_weighted={backbone_weighted} and the "
+            f"entity table {semantic_table.feature_names} is_weighted={table_weighted}; both read the batch's "
+            "KeyedJaggedTensor, whose per-id weights a sharded table pools whether it is weighted or not (an unsharded "
+            "or served unweighted one ignores them): build "
+            f"SemanticTable(..., is_weighted={backbone_weighted}) to match the backbone"
+        )
 
 
 def table_weights(model: nn.Module, table_name: str) -> List[Tuple[str, object]]:

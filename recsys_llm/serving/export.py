@@ -354,6 +354,9 @@ def export_task(
     ebc = task.model.embedding_bag_collection
     semantic = _semantic_ebc(task)
     weighted = bool(ebc.is_weighted())  # per-id weights: ServedModel must pool them too
+    if semantic is not None and bool(semantic.is_weighted()) != weighted:  # SemanticTableTask refuses this
+        raise ValueError(f"export: the backbone's tables have is_weighted={weighted}, the entity tables "
+                         f"is_weighted={semantic.is_weighted()}; they read one request and must agree")
     tables = _table_dicts(ebc)
     semantic_tables = _table_dicts(semantic) if semantic is not None else []
     feature_names = [f for t in tables for f in t["feature_names"]]  # the pooled embeddings' keys, in order

@@ -237,7 +237,7 @@ class ServedModel(nn.Module):
         semantic = None
         if config.get("semantic_tables"):
             semantic = _load_ebc(directory, config, config["semantic_tables"], state,
-                                 "semantic_table.embedding_bag_collection.")
+                                 "semantic_table.embedding_bag_collection.", weighted)
         if not os.path.isfile(program_path):
             _raise_damaged(program_path, "file missing")
         program_extra = {EXPORT_ID_KEY: ""}  # filled by load: "" when the program has none

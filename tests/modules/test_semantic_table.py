@@ -430,3 +430,85 @@ def test_each_rank_reads_only_the_columns_of_its_shards(tmp_path):
         assert result["refused"]
         covered += cols
     assert covered == BIG_DIM
+
+
+def _weighted_gain_network(table_weighted: bool, device: torch.device):
+    """A gain network over a weighted EBC (``is_weighted=True``) and an entity table of ``item_id``."""
+    from torch import nn
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    from recsys_llm.models.base import CTRBackbone
+    from recsys_llm.modules.dense_injection import VectorFieldInjection
+    from recsys_llm.modules.semantic_table import SemanticTableTask
+
+    class Concat(CTRBackbone):
+        def __init__(self, ebc):
+            super().__init__(ebc, 1, num_extra_fields=1)
+            self.head = nn.Linear(2 * 8 + 1 + 8, 1)
+
+        @property
+        def representation_dim(self) -> int:
+            return 2 * 8 + 1 + 8
+
+        def interact(self, dense, pooled, extra_fields):
+            by_name = pooled.to_dict()
+            hidden = torch.cat([by_name["user_id"], by_name["item_id"], dense, extra_fields.flatten(1)], dim=1)
+            return self.head(hidden).squeeze(-1), hidden
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=NUM_ITEMS, feature_names=[f])
+              for f in ("user_id", "item_id")]
+    with torch.device(device):
+        backbone = Concat(EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device("meta")))
+        injection = VectorFieldInjection(8, 8)
+    table = SemanticTable({"item_id": NUM_ITEMS}, 8, is_weighted=table_weighted)
+    return SemanticTableTask(backbone, table, injection)
+
+
+def _weighted_batch(seed: int):
+    from recsys_llm.data.batch import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, NUM_ITEMS, (16,), generator=g)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "item_id"], values=values,
+                                              lengths=torch.ones(16, dtype=torch.int32),
+                                              weights=torch.rand(16, generator=g) * 3)
+    return Batch(torch.randn(8, 1, generator=g), kjt, torch.zeros(8), {})
+
+
+def test_an_entity_table_must_be_weighted_like_the_backbone():
+    """A sharded unweighted entity table pools the KJT's weights, an unsharded or served one does not."""
+    with pytest.raises(ValueError, match=r"SemanticTableTask: the backbone's EmbeddingBagCollection has "
+                                         r"is_weighted=True and the entity table \['item_id'\] is_weighted=False; .*"
+                                         r"SemanticTable\(\.\.\., is_weighted=True\)"):
+        _weighted_gain_network(table_weighted=False, device=torch.device("cpu"))
+
+
+def _sharded_weighted_gain_network() -> dict:
+    from recsys_llm.serving import materialize_meta, unsharded_state_dict
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+
+    ctx = init_distributed("cpu")
+    optim = OptimizerConfig(sparse="row_wise_adagrad")
+    model, _ = shard_model(_weighted_gain_network(True, ctx.device), ctx.device, ctx.world_size,
+                           ShardingConfig(sharding_types=["table_wise"]), optim, batch_size=8)
+    model.eval()
+    batch = _weighted_batch(ctx.rank)
+    with torch.no_grad():
+        _, (_, sharded_logits, _) = model(batch)
+    state = unsharded_state_dict(model)
+    if ctx.rank != 0:
+        return {}
+    eager = materialize_meta(_weighted_gain_network(True, torch.device("cpu")), torch.device("cpu"))
+    eager.load_state_dict(state)
+    with torch.no_grad():
+        return {"sharded": sharded_logits, "eager": eager.eval().predict(batch).logits}
+
+
+@pytest.mark.multiprocess
+def test_a_weighted_entity_table_gives_the_same_logits_sharded_and_unsharded():
+    from tests.multiprocess import run_multiprocess
+
+    result, _ = run_multiprocess(_sharded_weighted_gain_network, world_size=2)
+    torch.testing.assert_close(result["sharded"], result["eager"])
