@@ -13,6 +13,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -58,6 +59,7 @@ class CTRBackbone(nn.Module, abc.ABC):
         super().__init__()
         self.embedding_bag_collection = embedding_bag_collection
         configs = embedding_bag_collection.embedding_bag_configs()
+        check_one_table_per_feature(configs, type(self).__name__)
         self._embedding_dims: Dict[str, int] = {n: c.embedding_dim for c in configs for n in c.feature_names}
         self._feature_names: List[str] = [n for c in configs for n in c.feature_names]
         self._num_dense_features = num_dense_features
@@ -149,6 +151,31 @@ class CTRBackbone(nn.Module, abc.ABC):
         extra_fields: Optional[torch.Tensor],
     ) -> "tuple[torch.Tensor, torch.Tensor]":
         """Returns ``(logits (B,), representation (B, H))``."""
+
+
+def check_one_table_per_feature(configs: "List[EmbeddingBagConfig]", owner: str) -> None:
+    """Raises ValueError naming a feature that several tables read.
+
+    One table may serve several features (``feature_names=[a, b]``: keys ``a`` and ``b``), but a
+    feature read by several tables gets one pooled embedding per table, which torchrec keys
+    ``feature@table``: the contract, FRE / FIE and the export key one pooled embedding per
+    feature name, so such an EBC has no place in it.
+    """
+    tables: Dict[str, List[str]] = {}
+    for config in configs:
+        for name in config.feature_names:
+            tables.setdefault(name, []).append(config.name)
+    repeated = {name: names for name, names in tables.items() if len(names) > 1}
+    if repeated:
+        name, names = next(iter(repeated.items()))
+        keys = ", ".join(repr(f"{name}@{table}") for table in names)
+        raise ValueError(
+            f"{owner}: feature {name!r} is read by several tables of its EmbeddingBagCollection ({names}); torchrec "
+            f"then keys its pooled embeddings {keys}, not {name!r}, while a backbone (and FRE / FIE, the export) "
+            "keys one pooled embedding per feature name: give the model one table per feature (a second table "
+            f"reads a KJT key of its own, e.g. {name + '_2'!r} with the same ids)"
+            + (f"; so are {[other for other in repeated if other != name]}" if len(repeated) > 1 else "")
+        )
 
 
 @torch.fx.wrap

@@ -24,6 +24,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.base import check_one_table_per_feature
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS, FieldRepresentationEnhancement
 from recsys_llm.semantics.store import load_vectors
@@ -95,12 +96,14 @@ def _find_ebc(model: nn.Module) -> EmbeddingBagCollection:
 
 
 def embedded_features(model: nn.Module) -> Dict[str, int]:
-    """Feature name -> embedding dim of the pooled EBC output of ``model``."""
-    return {
-        name: config.embedding_dim
-        for config in _find_ebc(model).embedding_bag_configs()
-        for name in config.feature_names
-    }
+    """Feature name -> embedding dim of the pooled EBC output of ``model``.
+
+    Raises:
+        ValueError: a feature is read by several tables (its pooled keys are then ``feature@table``).
+    """
+    configs = _find_ebc(model).embedding_bag_configs()
+    check_one_table_per_feature(configs, f"LLaCTR on {type(model).__name__}")
+    return {name: config.embedding_dim for config in configs for name in config.feature_names}
 
 
 def build_llactr_terms(

@@ -178,3 +178,17 @@ class TestMistakesAreNamed:
 
         with pytest.raises(ValueError, match=r"tables differ in width .* override check_extra_fields to accept it"):
             CTRTask(DefaultCheck(_ebc(), injected_width=4), field_injection=VectorFieldInjection(5, 4))
+
+    def test_a_feature_read_by_several_tables_is_named(self) -> None:
+        """torchrec keys such a feature's pooled embeddings 'feature@table', never by the feature's own name."""
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name="t_user", embedding_dim=8, num_embeddings=10, feature_names=["user_id"]),
+            EmbeddingBagConfig(name="t_user_wide", embedding_dim=8, num_embeddings=10, feature_names=["user_id", "city"]),
+        ])
+        with pytest.raises(ValueError, match=r"Concatenating: feature 'user_id' is read by several tables of its "
+                                             r"EmbeddingBagCollection \(\['t_user', 't_user_wide'\]\); .*"
+                                             r"'user_id@t_user', 'user_id@t_user_wide'.* one table per feature"):
+            Concatenating(ebc)
+        shared = EmbeddingBagCollection(tables=[  # one table read by several features is fine
+            EmbeddingBagConfig(name="t_ids", embedding_dim=8, num_embeddings=10, feature_names=["user_id", "city"])])
+        assert Concatenating(shared).feature_names == ["user_id", "city"]

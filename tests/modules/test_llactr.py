@@ -206,3 +206,21 @@ def test_fre_and_fie_train_on_two_ranks_with_sharded_tables(tmp_path) -> None:
     for key in results[0]["params"]:  # dense plug-in weights are data-parallel: equal on both ranks
         torch.testing.assert_close(torch.tensor(results[0]["params"][key]), torch.tensor(results[1]["params"][key]))
     assert results[0]["params"][fre_keys[0]] != results[0]["fre_before"]
+
+
+def test_a_feature_read_by_several_tables_of_a_dlrm_is_named(tmp_path) -> None:
+    """torchrec keys its pooled embeddings 'genre@t_genre', ...: FRE / FIE would find no key 'genre' at the first step."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    schema = _schema()
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="t_ids", embedding_dim=8, num_embeddings=20, feature_names=["user_id", "item_id"]),
+        EmbeddingBagConfig(name="t_genre", embedding_dim=8, num_embeddings=20, feature_names=["genre"]),
+        EmbeddingBagConfig(name="t_genre_hashed", embedding_dim=8, num_embeddings=20, feature_names=["genre"]),
+    ])
+    dlrm = DLRM(ebc, 1, [8, 8], [16, 1])
+    with pytest.raises(ValueError, match=r"LLaCTR on DLRM: feature 'genre' is read by several tables .*"
+                                         r"\['t_genre', 't_genre_hashed'\]\); torchrec then keys its pooled embeddings "
+                                         r"'genre@t_genre', 'genre@t_genre_hashed'"):
+        build_llactr_terms(LLaCTRConfig(_vectors(tmp_path, schema)), schema, dlrm)
