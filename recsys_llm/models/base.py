@@ -64,6 +64,7 @@ class CTRBackbone(nn.Module, abc.ABC):
         self._feature_names: List[str] = [n for c in configs for n in c.feature_names]
         self._num_dense_features = num_dense_features
         self._num_extra_fields = num_extra_fields
+        self._weighted: bool = bool(embedding_bag_collection.is_weighted())
 
     @property
     def embedding_dim(self) -> int:
@@ -139,6 +140,7 @@ class CTRBackbone(nn.Module, abc.ABC):
         Returns:
             CTROutput: logits (B,), representation (B, H), pooled embeddings.
         """
+        check_unweighted_ids(sparse_features, self._weighted, type(self).__name__)
         embeddings = self.embedding_bag_collection(sparse_features)
         logits, representation = self.interact(dense_features, embeddings, extra_fields)
         return CTROutput(one_logit_per_row(logits, type(self).__name__), representation, embeddings)
@@ -175,6 +177,24 @@ def check_one_table_per_feature(configs: "List[EmbeddingBagConfig]", owner: str)
             "keys one pooled embedding per feature name: give the model one table per feature (a second table "
             f"reads a KJT key of its own, e.g. {name + '_2'!r} with the same ids)"
             + (f"; so are {[other for other in repeated if other != name]}" if len(repeated) > 1 else "")
+        )
+
+
+@torch.fx.wrap
+def check_unweighted_ids(features: KeyedJaggedTensor, weighted: bool, model: str) -> None:
+    """Raises ValueError when ``features`` carry per-id weights that ``model``'s unweighted EBC would
+    pool differently sharded and unsharded.
+
+    torchrec's sharded EBC pools a KJT's weights whether it was built ``is_weighted`` or not, while
+    an unweighted ``EmbeddingBagCollection`` (one rank, evaluation on CPU, the served model)
+    ignores them: the same weights would give other embeddings in training than at serving.
+    A leaf of the training pipeline's fx trace: it reads the KJT at run time and feeds nothing.
+    """
+    if not weighted and features.weights_or_none() is not None:
+        raise ValueError(
+            f"{model}: the sparse features carry per-id weights, but its EmbeddingBagCollection is not weighted: "
+            "torchrec's sharded lookup would pool the weights and the unsharded (and served) one ignore them; build "
+            "the EBC with is_weighted=True to use them, or leave them out of the KeyedJaggedTensor"
         )
 
 

@@ -192,3 +192,17 @@ class TestMistakesAreNamed:
         shared = EmbeddingBagCollection(tables=[  # one table read by several features is fine
             EmbeddingBagConfig(name="t_ids", embedding_dim=8, num_embeddings=10, feature_names=["user_id", "city"])])
         assert Concatenating(shared).feature_names == ["user_id", "city"]
+
+    def test_weights_for_an_unweighted_ebc_are_named(self) -> None:
+        """A sharded EBC would pool them, an unsharded or served one ignores them: refused, not half-used."""
+        batch = _batch()
+        kjt = batch.sparse_features
+        weighted = KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
+                                                       weights=torch.rand(kjt.values().numel()))
+        with pytest.raises(ValueError, match=r"Concatenating: the sparse features carry per-id weights, but its "
+                                             r"EmbeddingBagCollection is not weighted: .* is_weighted=True"):
+            Concatenating(_ebc())(batch.dense_features, weighted)
+        tables = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=dim, num_embeddings=10, feature_names=[name])
+                  for name, dim in WIDTHS.items()]
+        model = Concatenating(EmbeddingBagCollection(tables=tables, is_weighted=True))
+        assert model(batch.dense_features, weighted).logits.shape == (6,)
