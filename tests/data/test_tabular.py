@@ -639,3 +639,14 @@ def test_a_column_twice_in_a_parquet_file_is_refused_naming_the_file(tmp_path):
     pq.write_table(table.append_column("city", table["city"]), second)
     with pytest.raises(DataError, match=r"dir/part1\.parquet: column\(s\) \['city'\] occur more than once"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("fill", [None, 0.0])
+def test_a_dense_value_beyond_float32_is_refused_not_written_as_inf(tmp_path, fill):
+    """Dense features are stored as float32: 1e300 would become inf in the prepared data (NaN losses in training)."""
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20), "price": pa.array([0.5, 1e300] + [0.5] * 38)},
+                                      SPARSE + [{"name": "price", "kind": "dense"}])
+    with pytest.raises(DataError, match=r"d\.parquet: column 'price', row 1: dense feature 1e\+300 is outside the float32 "
+                                        r"range .*; expected a finite float32 value"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(fill_missing_dense=fill))
+    assert not os.path.exists(tmp_path / "out")

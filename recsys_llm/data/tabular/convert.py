@@ -263,6 +263,22 @@ def _row_keys(array: pa.Array, path: str, column: str, row: int) -> np.ndarray:
     return pc.cast(array, pa.int64()).to_numpy(zero_copy_only=False)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_float32_range(path: str, column: str, values: np.ndarray, row: int, line: Optional[int]) -> None:
+    """Raises on a finite dense value beyond float32's range (the prepared data stores float32, where
+    it would become inf). ``values``: (N,) finite float64 of a block whose first row is ``row``."""
+    outside = np.abs(values) > _FLOAT32_MAX
+    if outside.any():
+        first = int(np.argmax(outside))
+        raise DataError(
+            f"{path}: column {column!r}, {describe_row(row + first, line)}: dense feature {values[first].item()!r} is "
+            f"outside the float32 range (+-{_FLOAT32_MAX:.4g}), where it would be stored as inf; expected a finite "
+            "float32 value (scale the column, e.g. log(1 + x), when preparing the data)"
+        )
+
+
 def _convert_block(
     block: pa.RecordBatch,
     schema: DatasetSchema,
@@ -292,6 +308,7 @@ def _convert_block(
                 check_no_nulls(path, spec.name, values, row, f"a finite float ({FILL_HINT})", line)
                 values = values.to_numpy(zero_copy_only=False)
             check_dense(path, spec.name, values, row, line, FILL_HINT)
+            _check_float32_range(path, spec.name, values, row, line)
             out[spec.name] = values.astype(np.float32)
             continue
         flat, lengths = field_tokens(array, spec, config.sequence_separator, path, row, plans[spec.name].missing)
