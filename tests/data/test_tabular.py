@@ -650,3 +650,18 @@ def test_a_dense_value_beyond_float32_is_refused_not_written_as_inf(tmp_path, fi
                                         r"range .*; expected a finite float32 value"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(fill_missing_dense=fill))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_uint64_row_key_above_the_int64_range_names_the_file_column_and_row(tmp_path):
+    keys = pa.array([7, 8, 2**64 - 1] + list(range(9, 46)), pa.uint64())
+    data, schema_path = _parquet_case(tmp_path, {"event_id": keys, "city": pa.array([1, 2] * 20)}, SPARSE)
+    raw = yaml.safe_load(open(schema_path))
+    _schema_file(tmp_path, dict(raw, row_key="event_id"), yaml_format=True)
+    with pytest.raises(DataError, match=rf"d\.parquet: column 'event_id', row 2: row key {2**64 - 1} is above "
+                                        r"2\*\*63 - 1; expected an integer row key per row"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    # uint64 keys within int64 are read as they are
+    data, _ = _parquet_case(tmp_path, {"event_id": pa.array(range(40), pa.uint64()), "city": pa.array([1, 2] * 20)}, SPARSE)
+    _schema_file(tmp_path, dict(raw, row_key="event_id"), yaml_format=True)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert sorted(_all(schema, "event_id").tolist()) == list(range(40))

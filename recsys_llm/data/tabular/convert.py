@@ -260,6 +260,12 @@ def _row_keys(array: pa.Array, path: str, column: str, row: int) -> np.ndarray:
     elif not pa.types.is_integer(array.type):
         raise DataError(f"{path}: row key column {column!r} has type {array.type}; expected integers")
     check_no_nulls(path, column, array, row, what, line)
+    if pa.types.is_uint64(array.type):  # keys are int64: one above 2**63 - 1 would not cast
+        above = np.asarray(pc.greater(array, pa.scalar(2**63 - 1, pa.uint64())), dtype=bool)
+        if above.any():
+            first = int(np.argmax(above))
+            raise DataError(f"{path}: column {column!r}, {describe_row(row + first, line)}: row key "
+                            f"{array[first].as_py()} is above 2**63 - 1; expected {what}, within int64")
     return pc.cast(array, pa.int64()).to_numpy(zero_copy_only=False)
 
 
