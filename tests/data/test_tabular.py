@@ -665,3 +665,37 @@ def test_a_uint64_row_key_above_the_int64_range_names_the_file_column_and_row(tm
     _schema_file(tmp_path, dict(raw, row_key="event_id"), yaml_format=True)
     schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
     assert sorted(_all(schema, "event_id").tolist()) == list(range(40))
+
+
+def test_a_parquet_directory_whose_split_column_or_extra_column_widens_between_files_is_read_as_one_type(tmp_path):
+    """int32 in one file and int64 in the next, or ms and us timestamps: one column, ranked and written as one type."""
+    ts = pa.array(range(40, 80), pa.int64()).cast(pa.timestamp("us"))
+    parts = [{"city": pa.array([1, 2] * 20), "ts": pa.array(range(40), pa.int32()), "at": pa.array(range(40), pa.int64()).cast(pa.timestamp("ms"))},
+             {"city": pa.array([3, 4] * 20), "ts": pa.array(range(40, 80), pa.int64()), "at": ts}]
+    data, schema_path = _parquet_case(tmp_path, parts, SPARSE, name="dir")
+    _schema_file(tmp_path, {"name": "t", "label": "clicked", "fields": SPARSE, "extra_columns": ["at"]}, yaml_format=True)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(split_by="ts"))
+    tables = {s: pq.read_table(schema.split_path(s)) for s in schema.splits}
+    assert [t.num_rows for t in tables.values()] == [64, 8, 8]
+    assert tables["train"]["row_id"].to_pylist() == list(range(64)) and tables["test"]["row_id"].to_pylist() == list(range(72, 80))
+    assert tables["train"].schema.field("at").type == pa.timestamp("us")
+    assert tables["test"]["at"].to_pylist() == ts.slice(32).to_pylist()
+
+
+@pytest.mark.parametrize("option, message", [
+    ("extra", r"column 'at' \(extra column\) has type int64 in .*dir/part1\.parquet but timestamp\[ms\] in "
+              r".*dir/part0\.parquet; expected one type in every file"),
+    ("split", r"column 'at' \(split column, --split-by\) has type int64 in .*dir/part1\.parquet but timestamp\[ms\] in "
+              r".*dir/part0\.parquet; expected one type in every file"),
+])
+def test_a_parquet_directory_whose_split_or_extra_column_changes_type_names_the_files(tmp_path, option, message):
+    """An int64 column after a timestamp one would be written as milliseconds or fail sorting in pyarrow."""
+    parts = [{"city": pa.array([1, 2] * 20), "at": pa.array(range(40), pa.int64()).cast(pa.timestamp("ms"))},
+             {"city": pa.array([3, 4] * 20), "at": pa.array(range(40, 80), pa.int64())}]
+    data, schema_path = _parquet_case(tmp_path, parts, SPARSE, name="dir")
+    raw = {"name": "t", "label": "clicked", "fields": SPARSE, **({"extra_columns": ["at"]} if option == "extra" else {})}
+    _schema_file(tmp_path, raw, yaml_format=True)
+    config = TabularConfig(split_by="at" if option == "split" else None)
+    with pytest.raises(DataError, match=r"dir: " + message):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), config)
+    assert not os.path.exists(tmp_path / "out")

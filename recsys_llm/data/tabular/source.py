@@ -45,10 +45,17 @@ def read_blocks(
     ``row_key`` as strings, parsed later with messages naming the row.
     """
     if is_parquet(path):
-        for file_path in parquet_files(path):
+        files = parquet_files(path)
+        # the split column and extra columns are ranked and written as one column: one type in every file
+        roles = {name: "extra column" for name in schema.extra_columns if name in columns}
+        if config.split_by:
+            roles[config.split_by] = "split column, --split-by"
+        types = common_types(path, files, roles)
+        for file_path in files:
             handle = open_parquet(file_path)
             try:
-                yield from handle.iter_batches(batch_size=65536, columns=columns)
+                for batch in handle.iter_batches(batch_size=65536, columns=columns):
+                    yield _cast_columns(batch, types, file_path)
             except (pa.ArrowException, OSError) as error:
                 raise DataError(f"{file_path}: cannot be decoded (corrupt Parquet?): {error}") from error
         return
@@ -76,6 +83,50 @@ def read_blocks(
             yield _missing_as_null(batch, config.missing_tokens)
     except pa.ArrowInvalid as error:
         raise DataError(bad[0] if bad else _conversion_error(path, schema, config, str(error))) from error
+
+
+def common_types(path: str, files: List[str], roles: Dict[str, str]) -> Dict[str, pa.DataType]:
+    """The type each column of ``roles`` (name -> its role, for messages) is read as in every file of
+    ``files``: the same in all, or widened as pyarrow promotes types (int32 and int64 to int64, ms and
+    us timestamps to us, a null column to the others' type); dictionary-encoded columns as their values.
+
+    Raises:
+        DataError: a column whose types in two files do not widen to one (an integer column in one file
+            and a timestamp in another), naming both files; a file without it is left to the column checks.
+    """
+    types: Dict[str, pa.DataType] = {}
+    first: Dict[str, Tuple[pa.DataType, str]] = {}
+    for file_path in files if len(files) > 1 else []:
+        arrow = open_parquet(file_path).schema_arrow
+        for name, role in roles.items():
+            if arrow.get_field_index(name) < 0:
+                continue
+            dtype = arrow.field(name).type
+            dtype = dtype.value_type if pa.types.is_dictionary(dtype) else dtype
+            first_type, first_file = first.setdefault(name, (dtype, file_path))
+            try:
+                types[name] = pa.unify_schemas([pa.schema([(name, types.get(name, first_type))]), pa.schema([(name, dtype)])],
+                                               promote_options="permissive").field(name).type
+            except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+                raise DataError(f"{path}: column {name!r} ({role}) has type {dtype} in {file_path} but {first_type} in "
+                                f"{first_file}; expected one type in every file (write the column with one type)") from error
+    return types
+
+
+def _cast_columns(batch: pa.RecordBatch, types: Dict[str, pa.DataType], path: str) -> pa.RecordBatch:
+    """``batch`` with the columns of ``types`` cast to those types (see :func:`common_types`)."""
+    if not any(name in batch.schema.names and batch.schema.field(name).type != t for name, t in types.items()):
+        return batch
+    arrays = []
+    for name, column in zip(batch.schema.names, batch.columns):
+        if name in types and column.type != types[name]:
+            try:
+                column = pc.cast(column, types[name])
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+                raise DataError(f"{path}: column {name!r} of type {column.type} cannot be read as {types[name]}, the "
+                                f"type it has in the other files ({error}); expected one type in every file") from error
+        arrays.append(column)
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
 
 
 def _conversion_error(path: str, schema: DatasetSchema, config: TabularConfig, message: str) -> str:
