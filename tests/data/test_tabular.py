@@ -699,3 +699,36 @@ def test_a_parquet_directory_whose_split_or_extra_column_changes_type_names_the_
     with pytest.raises(DataError, match=r"dir: " + message):
         prepare_tabular(data, schema_path, str(tmp_path / "out"), config)
     assert not os.path.exists(tmp_path / "out")
+
+
+def _with_value_text(tmp_path, ids, texts):
+    """A Parquet case of sparse field ``city`` whose schema names ``cities.parquet`` (``ids``, ``texts``) as its value text."""
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20)},
+                                      [dict(SPARSE[0], value_text="cities.parquet")])
+    pq.write_table(pa.table({"id": ids, "text": texts}), tmp_path / "cities.parquet")
+    return data, schema_path
+
+
+@pytest.mark.parametrize("ids, texts, message", [
+    (pa.array([0, 1, 2, 1]), pa.array(["?", "rome", "paris", "oslo"]),
+     r"id 1 is repeated, in rows 1 and 3; expected one text per id"),
+    (pa.array(["0", "1", "2"]), pa.array(["?", "rome", "paris"]), r"column 'id' has type string; expected integer ids"),
+    (pa.array([0, None, 2]), pa.array(["?", "rome", "paris"]), r"column 'id', row 1: null value; expected an integer id"),
+    (pa.array([0, 1, 2]), pa.array([b"?", b"rome", b"s\xe3o paulo"]),
+     r"column 'text', row 2: b's\\xe3o paulo' is not UTF-8; expected UTF-8 text"),
+])
+def test_a_bad_value_text_file_is_refused_at_prepare_naming_the_file(tmp_path, ids, texts, message):
+    """Duplicate ids (one text silently picked), string or null ids, non-UTF-8 text: refused before any row is read,
+    not when an LLM step reads the copy."""
+    data, schema_path = _with_value_text(tmp_path, ids, texts)
+    with pytest.raises(DataError, match=r"cities\.parquet: value-text file of field 'city': " + message):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_value_text_file_is_written_with_int64_ids_and_string_text(tmp_path):
+    data, schema_path = _with_value_text(tmp_path, pa.array([0, 1, 2], pa.int32()), pa.array([b"?", b"rome", b"s\xc3\xa3o paulo"]))
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    table = schema.load_value_text("city")
+    assert table.schema.field("id").type == pa.int64() and table.schema.field("text").type == pa.string()
+    assert table.to_pydict() == {"id": [0, 1, 2], "text": ["?", "rome", "são paulo"]}

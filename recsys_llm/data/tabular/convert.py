@@ -6,12 +6,12 @@ import dataclasses
 import hashlib
 import os
 import re
-import shutil
 from typing import Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array, open_split_writers, write_prepared
@@ -90,6 +90,9 @@ def prepare_tabular(
             raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): field {name!r} is hashed in "
                              f"{schema_path}; a field is either hashed or mapped through a vocabulary")
     value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
+    for spec in user_schema.fields:  # checked before any row is read
+        if spec.value_text:
+            _user_value_text(user_schema, spec.name)
     return write_prepared(
         out_dir, data_path, [data_path, schema_path] + value_texts,
         lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, row_key_named),
@@ -138,6 +141,59 @@ def _convert(
     return schema
 
 
+def _user_value_text(user_schema: DatasetSchema, field: str) -> pa.Table:
+    """The user's value-text file of ``field`` with ``id`` as int64 and ``text`` as UTF-8 strings (what the
+    LLM steps read), other columns kept.
+
+    Raises:
+        SchemaError: a missing or unreadable file, or one without ``id`` and ``text`` columns.
+        DataError: ids that are not integers, a null or repeated id (the LLM steps would silently take the
+            first text of an id), or text that is not UTF-8; naming the file, the column and the row.
+    """
+    path = user_schema.value_text_path(field)
+    table = user_schema.load_value_text(field).combine_chunks()
+    where = f"{path}: value-text file of field {field!r}"
+    ids = table.column("id").chunk(0) if table.num_rows else pa.array([], pa.int64())
+    if pa.types.is_dictionary(ids.type):
+        ids = pc.cast(ids, ids.type.value_type)
+    if not pa.types.is_integer(ids.type):
+        raise DataError(f"{where}: column 'id' has type {ids.type}; expected integer ids (int64) of the field")
+    if ids.null_count:
+        row = int(np.argmax(~np.asarray(ids.is_valid())))
+        raise DataError(f"{where}: column 'id', row {row}: null value; expected an integer id in every row")
+    if pa.types.is_uint64(ids.type) and len(ids) and pc.max(ids).as_py() > 2**63 - 1:
+        raise DataError(f"{where}: column 'id' holds {pc.max(ids).as_py()}, above 2**63 - 1; expected int64 ids")
+    ids = pc.cast(ids, pa.int64())
+    keys = ids.to_numpy(zero_copy_only=False)
+    order = np.argsort(keys, kind="stable")
+    repeats = np.nonzero(keys[order][1:] == keys[order][:-1])[0]
+    if repeats.size:
+        first, second = sorted((int(order[repeats[0]]), int(order[repeats[0] + 1])))
+        raise DataError(f"{where}: id {int(keys[first])} is repeated, in rows {first} and {second}; expected one text "
+                        "per id (the LLM steps would take the first)")
+    text = table.column("text").chunk(0) if table.num_rows else pa.array([], pa.string())
+    if pa.types.is_dictionary(text.type):
+        text = pc.cast(text, text.type.value_type)
+    if pa.types.is_string(text.type) or pa.types.is_large_string(text.type):
+        text = pc.cast(text, pa.binary())  # validated as UTF-8 below (Parquet readers do not check it)
+    try:
+        text = pc.cast(text, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        if not pa.types.is_binary(text.type):
+            raise DataError(f"{where}: column 'text' has type {text.type}; expected UTF-8 strings") from error
+        for row, value in enumerate(text.to_pylist()):
+            try:
+                if value is not None:
+                    value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: column 'text', row {row}: {value[:80]!r} is not UTF-8; expected UTF-8 text "
+                                "(re-encode the file, e.g. from latin-1)") from error
+        raise DataError(f"{where}: column 'text' cannot be read as UTF-8 strings ({error})") from error
+    columns = {name: table.column(name) for name in table.column_names}
+    columns.update(id=ids, text=text)
+    return pa.table(columns)
+
+
 def value_text_file(field_name: str) -> str:
     """``text/<field>.parquet``, the value-text file of a field in a prepared directory. A field
     (column) name that is not a plain file name (``a/b``, ``../../x``, ``.x``) gets its unsafe
@@ -159,11 +215,10 @@ def _output_schema(user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_
             value_text = value_text_file(spec.name)
             write_value_text(os.path.join(out_dir, value_text), ["unknown"] + plan.vocabulary.to_pylist())
         elif value_text:
-            source = user_schema.value_text_path(spec.name)
-            user_schema.load_value_text(spec.name)  # validates its columns
+            table = _user_value_text(user_schema, spec.name)
             value_text = value_text_file(spec.name)
             os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
-            shutil.copyfile(source, os.path.join(out_dir, value_text))
+            pq.write_table(table, os.path.join(out_dir, value_text))
         fields.append(dataclasses.replace(spec, value_text=value_text))
     return DatasetSchema(
         name=user_schema.name,
