@@ -732,3 +732,14 @@ def test_a_value_text_file_is_written_with_int64_ids_and_string_text(tmp_path):
     table = schema.load_value_text("city")
     assert table.schema.field("id").type == pa.int64() and table.schema.field("text").type == pa.string()
     assert table.to_pydict() == {"id": [0, 1, 2], "text": ["?", "rome", "são paulo"]}
+
+
+def test_a_csv_cell_that_is_not_utf8_names_the_column_and_data_row(tmp_path):
+    """A latin-1 export (Excel's plain "CSV"): pyarrow names the column by its index and the row counting the header."""
+    lines = ["city,price,clicked"] + [f"{c},0.5,{i % 2}" for i, c in enumerate(["rome", "paris"] * 20)]
+    lines[4] = "s\xe3o paulo,0.5,1"
+    (tmp_path / "latin1.csv").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.csv: column 'city', data row 3 \(line 5 if no blank line or multi-line "
+                                        r"cell precedes it\): the cell is not UTF-8; expected a UTF-8 file \(re-save it as "
+                                        r"UTF-8, e.g. iconv -f latin1 -t utf-8\)"):
+        prepare_tabular(str(tmp_path / "latin1.csv"), _city_schema(tmp_path), str(tmp_path / "out"))

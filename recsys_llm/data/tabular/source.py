@@ -18,6 +18,8 @@ from recsys_llm.data.validation import DataError, describe_row, open_parquet
 # pyarrow's message for a cell its CSV reader cannot convert to the column's type (Row # counts the header as 1)
 _CONVERSION = re.compile(r"In CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to (.+?): invalid value '(.*)'$",
                          re.DOTALL)
+# its message for a cell of a string column that is not UTF-8 (a latin-1 export)
+_NOT_UTF8 = re.compile(r"In CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to \w*string: invalid UTF8 data")
 
 
 def is_parquet(path: str) -> bool:
@@ -133,6 +135,13 @@ def _conversion_error(path: str, schema: DatasetSchema, config: TabularConfig, m
     """pyarrow's ``In CSV column #4: Row #9: CSV conversion error to double: invalid value 'abc'``
     worded as this module's messages: the column by name, the data row (pyarrow counts the header as
     row 1) and what was expected; any other message of the CSV reader as it is."""
+    not_utf8 = _NOT_UTF8.search(message)
+    if not_utf8 is not None:
+        index, number = not_utf8.groups()
+        header = _csv_columns(path, config.delimiter)
+        column = header[int(index)] if int(index) < len(header) else f"#{index}"
+        where = f"{path}: column {column!r}" + (f", {describe_row(int(number) - 2, first_line(path))}" if number else "")
+        return f"{where}: the cell is not UTF-8; expected a UTF-8 file (re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8)"
     match = _CONVERSION.search(message)
     if match is None:
         return f"{path}: cannot parse as CSV with the schema's column types: {message}"
