@@ -743,3 +743,11 @@ def test_a_csv_cell_that_is_not_utf8_names_the_column_and_data_row(tmp_path):
                                         r"cell precedes it\): the cell is not UTF-8; expected a UTF-8 file \(re-save it as "
                                         r"UTF-8, e.g. iconv -f latin1 -t utf-8\)"):
         prepare_tabular(str(tmp_path / "latin1.csv"), _city_schema(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["d.parq", "000000_0"])
+def test_a_parquet_file_without_the_parquet_extension_is_read_as_parquet_not_as_csv(tmp_path, name):
+    """Hive writes 000000_0, some tools .parq: read as a CSV, the file's bytes were named as its columns."""
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20)}, SPARSE, name=name)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert _rows_of(schema, "city") == [1, 2] * 20

@@ -23,7 +23,17 @@ _NOT_UTF8 = re.compile(r"In CSV column #(\d+): (?:Row #(\d+): )?CSV conversion e
 
 
 def is_parquet(path: str) -> bool:
-    return path.endswith((".parquet", ".pq")) or os.path.isdir(path)
+    """A directory, a ``*.parquet`` / ``*.pq`` file, or a file of another name that starts and ends with
+    Parquet's magic bytes ``PAR1`` (Hive's ``000000_0``, ``*.parq``); anything else is read as a CSV."""
+    if path.endswith((".parquet", ".pq")) or os.path.isdir(path):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(-4, os.SEEK_END)
+            return head == b"PAR1" and handle.read(4) == b"PAR1"
+    except OSError:  # absent, unreadable or shorter than 4 bytes: named where it is read
+        return False
 
 
 def first_line(path: str) -> Optional[int]:
