@@ -751,3 +751,33 @@ def test_a_parquet_file_without_the_parquet_extension_is_read_as_parquet_not_as_
     data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20)}, SPARSE, name=name)
     schema = prepare_tabular(data, schema_path, str(tmp_path / "out"))
     assert _rows_of(schema, "city") == [1, 2] * 20
+
+
+
+def _two_part_dir(tmp_path, first, second):
+    """A directory of two Parquet files of 40 rows (``event_id``, ``city``, ``price``; each file's columns
+    updated from ``first`` and ``second``) and a schema with row key ``event_id``; returns (data, schema) paths."""
+    parts = [{"event_id": pa.array(range(40)), "city": pa.array([1, 2] * 20), "price": pa.array([0.5] * 40)},
+             {"event_id": pa.array(range(40, 80)), "city": pa.array([3, 4] * 20), "price": pa.array([0.5] * 40)}]
+    parts[0].update(first)
+    parts[1].update(second)
+    data, schema_path = _parquet_case(tmp_path, parts, SPARSE, name="dir")
+    _schema_file(tmp_path, {"name": "t", "label": "clicked", "row_key": "event_id",
+                            "fields": SPARSE + [{"name": "price", "kind": "dense"}]}, yaml_format=True)
+    return data, schema_path
+
+
+@pytest.mark.parametrize("first, second, message", [
+    ({}, {"city": pa.array([3] * 7 + [10] + [3] * 32)},
+     r"dir/part1\.parquet: column 'city', row 7: id 10 in sparse field 'city' is >= cardinality 10"),
+    ({}, {"price": pa.array([0.5] * 9 + [None] + [0.5] * 30)}, r"dir/part1\.parquet: column 'price', row 9: null value"),
+    ({"city": pa.array(["1", "2"] * 20)}, {"city": pa.array(["3"] * 39 + ["bob"])},
+     r"dir/part1\.parquet: column 'city', row 39: 'bob' is not an integer, but 79 of the column's 80 values"),
+    ({}, {"event_id": pa.array([3] + list(range(41, 80)))},
+     r"dir: row key column 'event_id': key 3 is repeated, in .*dir/part0\.parquet row 3 and .*dir/part1\.parquet row 0"),
+])
+def test_an_error_in_a_parquet_directory_names_the_file_and_its_row(tmp_path, first, second, message):
+    """Not the directory and a row counted over all its files, which no file shows."""
+    data, schema_path = _two_part_dir(tmp_path, first, second)
+    with pytest.raises(DataError, match=message):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))

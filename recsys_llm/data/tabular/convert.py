@@ -1,12 +1,13 @@
 """``prepare_tabular``: the two passes over the source, one Parquet file per split, validated
 block by block, written whole or not at all."""
 
+import bisect
 import contextlib
 import dataclasses
 import hashlib
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -245,10 +246,12 @@ def _write_splits(
     """Streams the source block by block into one Parquet file per split under ``schema.root``."""
     writers: List[SplitWriter] = []
     keys: List[np.ndarray] = []  # the row keys read from the data, checked for repeats at the end
+    starts: List[Tuple[int, str, int]] = []  # (row, file, row in the file) at which each block starts
     row = 0
     with contextlib.ExitStack() as open_writers:  # each writer is closed, or on an error its .tmp removed
-        for block in read_blocks(data_path, user_schema, columns, config, row_key):
-            out = _convert_block(block, schema, plans, config, data_path, row, row_key)
+        for file_path, file_row, block in read_blocks(data_path, user_schema, columns, config, row_key):
+            starts.append((row, file_path, file_row))
+            out = _convert_block(block, schema, plans, config, file_path, file_row, row_key, row)
             if row_key:
                 keys.append(out[schema.row_key])
             if not writers:
@@ -268,11 +271,12 @@ def _write_splits(
         if not writers:
             raise DataError(f"{data_path}: the file is empty (0 rows); expected at least one row")
         if row_key:
-            _check_unique_keys(data_path, row_key, np.concatenate(keys))
+            _check_unique_keys(data_path, row_key, np.concatenate(keys), starts)
 
 
-def _check_unique_keys(path: str, column: str, keys: np.ndarray) -> None:
-    """Raises if a row key repeats (LLM row vectors and teacher outputs are looked up by it). ``keys``: (rows,)."""
+def _check_unique_keys(path: str, column: str, keys: np.ndarray, starts: List[Tuple[int, str, int]]) -> None:
+    """Raises if a row key repeats (LLM row vectors and teacher outputs are looked up by it). ``keys``: (rows,);
+    ``starts``: (row, file, row in the file) at which each block of ``keys`` starts, to name the rows."""
     if keys.size < 2 or bool(np.all(keys[1:] > keys[:-1])):  # increasing (the common case): unique
         return
     ordered = np.sort(keys)  # ~25x faster than a stable argsort at 10^7+ keys
@@ -283,11 +287,14 @@ def _check_unique_keys(path: str, column: str, keys: np.ndarray) -> None:
     repeats = np.nonzero(ordered[1:] == ordered[:-1])[0]
     if repeats.size:
         first, second = int(order[repeats[0]]), int(order[repeats[0] + 1])
-        line = first_line(path)
+        where = []
+        for row in (first, second):
+            block_row, file_path, file_row = starts[bisect.bisect_right([s[0] for s in starts], row) - 1]
+            place = describe_row(file_row + row - block_row, first_line(file_path))
+            where.append(place if file_path == path else f"{file_path} {place}")
         raise DataError(
             f"{path}: row key column {column!r}: key {int(ordered[repeats[0]])} is repeated, in "
-            f"{describe_row(first, line)} and {describe_row(second, line)}; expected a unique key per row "
-            "(LLM row vectors are looked up by it)"
+            f"{where[0]} and {where[1]}; expected a unique key per row (LLM row vectors are looked up by it)"
         )
 
 
@@ -348,13 +355,20 @@ def _convert_block(
     path: str,
     row: int,
     row_key: Optional[str],
+    source_row: Optional[int] = None,
 ) -> Dict[str, object]:
-    """One block of source rows -> output columns, validated (row numbers count data rows from 0)."""
+    """One block of source rows -> output columns, validated (row numbers count data rows from 0).
+
+    ``row``: the block's first row in the file ``path`` (what messages name); ``source_row``: its first row
+    in the whole source, a directory's files one after another (the row_id written without a row key;
+    None: ``row``).
+    """
     out: Dict[str, object] = {}
     n = block.num_rows
     line = first_line(path)
+    start = row if source_row is None else source_row
     out[schema.row_key] = (
-        _row_keys(block.column(row_key), path, row_key, row) if row_key else np.arange(row, row + n, dtype=np.int64)
+        _row_keys(block.column(row_key), path, row_key, row) if row_key else np.arange(start, start + n, dtype=np.int64)
     )
     for salt, spec in enumerate(schema.fields):
         array = block.column(spec.name)

@@ -50,8 +50,10 @@ def _csv_columns(path: str, delimiter: str) -> List[str]:
 
 def read_blocks(
     path: str, schema: DatasetSchema, columns: List[str], config: TabularConfig, row_key: Optional[str] = None
-) -> Iterator[pa.RecordBatch]:
-    """Record batches of the wanted columns, from a Parquet file/directory or a CSV with a header.
+) -> Iterator[Tuple[str, int, pa.RecordBatch]]:
+    """``(file, row, batch)``: record batches of the wanted columns, from a Parquet file/directory or a
+    CSV with a header, each with the file it comes from and the row of that file it starts at (what
+    messages name: a directory's file, not the directory and a row counted over its files).
 
     In a CSV, field columns are read as strings (dense ones as floats) and the row key column
     ``row_key`` as strings, parsed later with messages naming the row.
@@ -65,9 +67,11 @@ def read_blocks(
         types = common_types(path, files, roles)
         for file_path in files:
             handle = open_parquet(file_path)
+            row = 0
             try:
                 for batch in handle.iter_batches(batch_size=65536, columns=columns):
-                    yield _cast_columns(batch, types, file_path)
+                    yield file_path, row, _cast_columns(batch, types, file_path)
+                    row += batch.num_rows
             except (pa.ArrowException, OSError) as error:
                 raise DataError(f"{file_path}: cannot be decoded (corrupt Parquet?): {error}") from error
         return
@@ -91,8 +95,10 @@ def read_blocks(
             convert_options=pacsv.ConvertOptions(column_types={k: v for k, v in types.items() if k in columns},
                                                  include_columns=columns, strings_can_be_null=False),
         )
+        row = 0
         for batch in reader:
-            yield _missing_as_null(batch, config.missing_tokens)
+            yield path, row, _missing_as_null(batch, config.missing_tokens)
+            row += batch.num_rows
     except pa.ArrowInvalid as error:
         raise DataError(bad[0] if bad else _conversion_error(path, schema, config, str(error))) from error
 
@@ -108,12 +114,14 @@ def common_types(path: str, files: List[str], roles: Dict[str, str]) -> Dict[str
     """
     types: Dict[str, pa.DataType] = {}
     first: Dict[str, Tuple[pa.DataType, str]] = {}
+    stored: Dict[str, set] = {}  # the types as stored: a column of one type in every file is read as it is
     for file_path in files if len(files) > 1 else []:
         arrow = open_parquet(file_path).schema_arrow
         for name, role in roles.items():
             if arrow.get_field_index(name) < 0:
                 continue
             dtype = arrow.field(name).type
+            stored.setdefault(name, set()).add(dtype)
             dtype = dtype.value_type if pa.types.is_dictionary(dtype) else dtype
             first_type, first_file = first.setdefault(name, (dtype, file_path))
             try:
@@ -122,7 +130,7 @@ def common_types(path: str, files: List[str], roles: Dict[str, str]) -> Dict[str
             except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
                 raise DataError(f"{path}: column {name!r} ({role}) has type {dtype} in {file_path} but {first_type} in "
                                 f"{first_file}; expected one type in every file (write the column with one type)") from error
-    return types
+    return {name: dtype for name, dtype in types.items() if len(stored[name]) > 1}
 
 
 def _cast_columns(batch: pa.RecordBatch, types: Dict[str, pa.DataType], path: str) -> pa.RecordBatch:

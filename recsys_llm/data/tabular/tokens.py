@@ -190,11 +190,12 @@ class _TokenCounts:
     not_integer: Set[str] = dataclasses.field(default_factory=set)  # distinct tokens that are no integer
     integers: int = 0  # integer tokens
     others: int = 0  # tokens that are neither an integer nor a missing-value marker
-    first_other: Optional[Tuple[str, int]] = None  # (token, row) of the first such token
+    first_other: Optional[Tuple[str, str, int]] = None  # (token, file, row in the file) of the first such token
 
 
-def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.ndarray], row: int) -> None:
-    """Adds a block's string tokens (``flat``; ``lengths`` per row for sequences) whose first row is ``row``."""
+def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.ndarray], path: str, row: int) -> None:
+    """Adds a block's string tokens (``flat``; ``lengths`` per row for sequences) whose first row is ``row``
+    of file ``path``."""
     flat_valid = flat.drop_null()
     counts.seen.update(pc.unique(flat_valid).to_pylist())
     is_integer = pc.fill_null(pc.match_substring_regex(flat, INTEGER_PATTERN), False)
@@ -206,7 +207,7 @@ def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.nda
     if counts.first_other is None and other.any():
         index = int(np.argmax(other))
         offsets = None if lengths is None else offsets_from_lengths(lengths)
-        counts.first_other = (flat[index].as_py(), row + row_of_value(offsets, index))
+        counts.first_other = (flat[index].as_py(), path, row + row_of_value(offsets, index))
 
 
 def plan_fields(
@@ -232,19 +233,17 @@ def plan_fields(
     string_fields: Dict[str, FieldSpec] = {}
     counts: Dict[str, _TokenCounts] = {}
     split_values: List[pa.Array] = []
-    row = 0
-    for block in read_blocks(path, schema, columns, config, row_key):
+    for file_path, row, block in read_blocks(path, schema, columns, config, row_key):
         for spec in schema.categorical_fields:
-            flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, path, row)
+            flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row)
             if pa.types.is_integer(flat.type):
                 if spec.name not in forced:
                     continue
                 flat = pc.cast(flat, pa.string())
             string_fields[spec.name] = spec
-            _count_tokens(counts.setdefault(spec.name, _TokenCounts()), flat, lengths, row)
+            _count_tokens(counts.setdefault(spec.name, _TokenCounts()), flat, lengths, file_path, row)
         if config.split_by:
             split_values.append(block.column(config.split_by))
-        row += block.num_rows
     plans = {spec.name: FieldPlan("ids") for spec in schema.categorical_fields}
     for name, spec in string_fields.items():
         count = counts[name]
@@ -259,10 +258,11 @@ def plan_fields(
         elif spec.hashed:
             plans[name] = FieldPlan("hash")
         elif count.integers > count.others:
-            value, bad_row = count.first_other
+            value, bad_file, bad_row = count.first_other
             raise DataError(
-                f"{path}: column {name!r}, {describe_row(bad_row, first_line(path))}: {value!r} is not an integer, "
-                f"but {count.integers} of the column's {count.integers + count.others} values are integer ids; "
+                f"{bad_file}: column {name!r}, {describe_row(bad_row, first_line(bad_file))}: {value!r} is not an integer, "
+                f"but {count.integers} of the column's {count.integers + count.others} values"
+                f"{'' if bad_file == path else f' in {path}'} are integer ids; "
                 f"expected integer ids (fix the cell, or pass --vocabulary {name} / TabularConfig.vocabulary_fields "
                 f"to map every value through a vocabulary, or set \"hashed\": true for field {name!r} in the schema "
                 "to hash the values)"
