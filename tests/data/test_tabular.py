@@ -781,3 +781,16 @@ def test_an_error_in_a_parquet_directory_names_the_file_and_its_row(tmp_path, fi
     data, schema_path = _two_part_dir(tmp_path, first, second)
     with pytest.raises(DataError, match=message):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
+
+
+def test_a_column_named_with_other_case_or_spaces_is_pointed_out(tmp_path):
+    """Exports often write 'User ' or 'USER': the message points at the column, not only lists them all."""
+    data, schema_path = _parquet_case(tmp_path, {"City ": pa.array([1, 2] * 20), "TS": pa.array(range(40))}, SPARSE)
+    with pytest.raises(DataError, match=r"d\.parquet: missing column\(s\) \['city'\] named in .*schema\.yaml; the file has "
+                                        r"'City ' for 'city' \(names must match exactly, case and spaces included\); "
+                                        r"the file has columns"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20), "TS": pa.array(range(40))}, SPARSE)
+    with pytest.raises(DataError, match=r"missing column 'ts' named by --split-by \(TabularConfig\.split_by\); the file has "
+                                        r"'TS' for 'ts' \(names must match exactly"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(split_by="ts"))

@@ -114,7 +114,8 @@ def _convert(
     wanted = [f.name for f in user_schema.fields] + [user_schema.label] + list(user_schema.extra_columns)
     missing = [c for c in wanted if c not in available]
     if missing:
-        raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; the file has columns {available}")
+        raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; "
+                        f"{_near_names(missing, available)}the file has columns {available}")
     repeated = repeated_columns(available, wanted)
     if repeated:
         raise DataError(f"{data_path}: column(s) {repeated} named in {schema_path} occur more than once in the "
@@ -122,11 +123,13 @@ def _convert(
     if row_key_named and user_schema.row_key not in available:
         raise DataError(
             f"{data_path}: missing row key column {user_schema.row_key!r} named by row_key in {schema_path}; "
-            f"the file has columns {available} (drop row_key from the schema to number the rows as row_id)"
+            f"{_near_names([user_schema.row_key], available)}the file has columns {available} (drop row_key from the "
+            "schema to number the rows as row_id)"
         )
     if config.split_by and config.split_by not in available:
         raise DataError(f"{data_path}: missing column {config.split_by!r} named by --split-by "
-                        f"(TabularConfig.split_by); the file has columns {available}")
+                        f"(TabularConfig.split_by); {_near_names([config.split_by], available)}the file has columns "
+                        f"{available}")
     row_key = user_schema.row_key if user_schema.row_key in available else None
     columns = list(dict.fromkeys(wanted + ([config.split_by] if config.split_by else []) + ([row_key] if row_key else [])))
 
@@ -204,6 +207,13 @@ def value_text_file(field_name: str) -> str:
     if safe != field_name or safe.startswith("."):
         safe = f"{safe.lstrip('.')}-{hashlib.sha256(field_name.encode()).hexdigest()[:8]}"
     return f"text/{safe}.parquet"
+
+
+def _near_names(missing: List[str], available: List[str]) -> str:
+    """``"the file has 'User ' for 'user' (...); "`` for each missing column that a column of the file names
+    but for case and surrounding spaces; ``""`` when none does."""
+    near = [f"{a!r} for {m!r}" for m in missing for a in available if a != m and a.strip().lower() == m.strip().lower()]
+    return f"the file has {', '.join(near)} (names must match exactly, case and spaces included); " if near else ""
 
 
 def _output_schema(user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_dir: str) -> DatasetSchema:
