@@ -326,15 +326,20 @@ def check_ids(
 
 
 def check_labels(
-    path: str, column: str, labels: np.ndarray, row_offset: int, first_line: Optional[int] = None
+    path: str,
+    column: str,
+    labels: np.ndarray,
+    row_offset: int,
+    first_line: Optional[int] = None,
+    remedy: str = "binarise ratings when preparing the data",
 ) -> None:
-    """Raises if a label is not 0 or 1. ``labels``: (N,) numeric."""
+    """Raises if a label is not 0 or 1. ``labels``: (N,) numeric; ``remedy`` ends the message."""
     ok = (labels == 0) | (labels == 1)
     if not ok.all():
         first = int(np.argmin(ok))
         raise DataError(
             f"{_where(path, column, row_offset, first, first_line)}: label {labels[first].item()!r} is not a click label; "
-            "expected 0 or 1 (binarise ratings when preparing the data)"
+            f"expected 0 or 1 ({remedy})"
         )
 
 

@@ -794,3 +794,15 @@ def test_a_column_named_with_other_case_or_spaces_is_pointed_out(tmp_path):
     with pytest.raises(DataError, match=r"missing column 'ts' named by --split-by \(TabularConfig\.split_by\); the file has "
                                         r"'TS' for 'ts' \(names must match exactly"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(split_by="ts"))
+
+
+@pytest.mark.parametrize("labels, shown", [([0.0, 1.0, 0.7, 1.0] * 10, "0.7"), ([0, 1, 2, 1] * 10, "2.0")])
+def test_a_label_other_than_0_or_1_points_at_label_threshold(tmp_path, labels, shown):
+    """prepare tabular binarises with --label-threshold; the message says so."""
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20)}, SPARSE)
+    table = pq.read_table(data)
+    pq.write_table(table.set_column(table.column_names.index("clicked"), "clicked", pa.array(labels)), data)
+    with pytest.raises(DataError, match=rf"d\.parquet: column 'clicked', row 2: label {shown} is not a click label; "
+                                        r"expected 0 or 1 \(or pass --label-threshold T, TabularConfig\.label_threshold "
+                                        r"in Python, for label = value > T\)"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))

@@ -411,7 +411,8 @@ def _convert_block(
     values = pc.cast(labels, pa.float64()).to_numpy(zero_copy_only=False)
     if config.label_threshold is not None:
         values = (values > config.label_threshold).astype(np.float64)
-    check_labels(path, schema.label, values, row, line)
+    check_labels(path, schema.label, values, row, line,
+                 "or pass --label-threshold T, TabularConfig.label_threshold in Python, for label = value > T")
     out[schema.label] = values.astype(np.int8)
     for name in schema.extra_columns:
         out[name] = block.column(name)
