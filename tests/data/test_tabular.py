@@ -806,3 +806,20 @@ def test_a_label_other_than_0_or_1_points_at_label_threshold(tmp_path, labels, s
                                         r"expected 0 or 1 \(or pass --label-threshold T, TabularConfig\.label_threshold "
                                         r"in Python, for label = value > T\)"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
+
+
+def test_a_fields_own_value_text_is_not_silently_replaced_by_a_vocabulary(tmp_path):
+    """Its text is keyed by the column's ids: a column of other strings ('u7', pandas' '7.0' in a CSV) would be
+    renumbered through a vocabulary and the user's text dropped."""
+    (tmp_path / "d.csv").write_text("city,clicked\n" + "".join(f"{i % 5}{'.0' if i else ''},{i % 2}\n" for i in range(40)))
+    pq.write_table(pa.table({"id": pa.array(range(10)), "text": [f"city {i}" for i in range(10)]}), tmp_path / "cities.parquet")
+    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked",
+                                          "fields": [dict(SPARSE[0], value_text="cities.parquet")]})
+    with pytest.raises(DataError, match=r"d\.csv: column 'city' holds strings that are not integer ids \(such as '0\.0'\) "
+                                        r"and would be mapped through a vocabulary, but field 'city' has its own value_text "
+                                        r".*cities\.parquet, keyed by the column's ids; expected integer ids"):
+        prepare_tabular(str(tmp_path / "d.csv"), schema_path, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"--vocabulary city \(TabularConfig\.vocabulary_fields\): field 'city' has its own "
+                                         r"value_text .*cities\.parquet"):
+        prepare_tabular(str(tmp_path / "d.csv"), schema_path, str(tmp_path / "out"), TabularConfig(vocabulary_fields=("city",)))
+    assert not os.path.exists(tmp_path / "out")

@@ -37,7 +37,9 @@ Columns are converted per field kind (values are taken as they are: no scaling):
 * **dense**: numbers; NaN/inf/missing are errors unless ``fill_missing_dense`` is set.
 * **value text**: a field's own ``value_text`` file (Parquet, columns ``id`` and ``text``) is checked
   before any row is read (integer ids, none null or repeated; UTF-8 text) and written with int64 ids
-  and string text; a field mapped through a vocabulary gets the vocabulary as its value text instead.
+  and string text. Its text is keyed by the column's ids: a field with its own ``value_text`` whose
+  column holds other strings (which a vocabulary would renumber), or is listed in ``vocabulary_fields``,
+  is refused.
 * **label**: 0/1 (or ``value > label_threshold`` when a threshold is set, e.g. ratings).
 * **row key**: the column ``row_key`` names must exist and hold a unique integer per row;
   without ``row_key`` in the schema a ``row_id`` column of the data is used, else the rows

@@ -90,6 +90,10 @@ def prepare_tabular(
         if spec.hashed:
             raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): field {name!r} is hashed in "
                              f"{schema_path}; a field is either hashed or mapped through a vocabulary")
+        if spec.value_text:
+            raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): field {name!r} has its own "
+                             f"value_text {user_schema.value_text_path(name)} in {schema_path}, keyed by the column's ids; "
+                             "a vocabulary would renumber them and replace that text (drop one of the two)")
     value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
     for spec in user_schema.fields:  # checked before any row is read
         if spec.value_text:
@@ -134,6 +138,16 @@ def _convert(
     columns = list(dict.fromkeys(wanted + ([config.split_by] if config.split_by else []) + ([row_key] if row_key else [])))
 
     plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key)
+    for spec in user_schema.fields:
+        if spec.value_text and plans[spec.name].mode == "vocab":
+            vocabulary = plans[spec.name].vocabulary
+            example = vocabulary.filter(pc.invert(pc.match_substring_regex(vocabulary, INTEGER_PATTERN)))[0].as_py()
+            raise DataError(
+                f"{data_path}: column {spec.name!r} holds strings that are not integer ids (such as "
+                f"{example!r}) and would be mapped through a vocabulary, but field "
+                f"{spec.name!r} has its own value_text {user_schema.value_text_path(spec.name)}, keyed by the column's "
+                "ids; expected integer ids (or drop value_text from the field: the vocabulary becomes its value text)"
+            )
     total = len(split_values) if split_values is not None else None
     split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
     schema = _output_schema(user_schema, plans, out_dir)
