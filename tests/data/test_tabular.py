@@ -823,3 +823,28 @@ def test_a_fields_own_value_text_is_not_silently_replaced_by_a_vocabulary(tmp_pa
                                          r"value_text .*cities\.parquet"):
         prepare_tabular(str(tmp_path / "d.csv"), schema_path, str(tmp_path / "out"), TabularConfig(vocabulary_fields=("city",)))
     assert not os.path.exists(tmp_path / "out")
+
+
+def _raw_strings(values, list_length=None):
+    """A string array of the bytes ``values`` as they are (a writer that does not check UTF-8), in lists of
+    ``list_length`` when given."""
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    strings = pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()),
+                                                               pa.py_buffer(b"".join(values))])
+    if list_length is None:
+        return strings
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, list_length, dtype=np.int32)), strings)
+
+
+@pytest.mark.parametrize("column, fields, message", [
+    (_raw_strings([b"rome", b"paris"] * 10 + [b"s\xe3o"] + [b"rome"] * 19), SPARSE, r"column 'city', row 20: b's\\xe3o'"),
+    (_raw_strings([b"rome", b"paris"] * 10 + [b"s\xe3o"] + [b"rome"] * 19).dictionary_encode(), SPARSE,
+     r"column 'city', row 20: b's\\xe3o'"),
+    (_raw_strings([b"hats", b"bags"] * 30 + [b"b\xe9"] + [b"hats"] * 19, list_length=2), SEQ,
+     r"column 'cats', row 30: b'b\\xe9'"),
+])
+def test_a_parquet_string_that_is_not_utf8_names_the_file_column_and_row(tmp_path, column, fields, message):
+    """Parquet readers do not check UTF-8: such a value failed in pyarrow's or Python's decoding, naming nothing."""
+    data, schema_path = _parquet_case(tmp_path, {fields[0]["name"]: column}, fields)
+    with pytest.raises(DataError, match=rf"d\.parquet: {message} is not UTF-8; expected UTF-8 text"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))

@@ -2,6 +2,7 @@
 each field (ids, hash or a vocabulary built from the data), and the ids of a block's tokens."""
 
 import dataclasses
+import re
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
@@ -128,6 +129,31 @@ def _whole_numbers(flat: pa.Array, path: str, spec: FieldSpec, lengths: Optional
     return pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing)
 
 
+def _check_utf8(array: pa.Array, path: str, spec: FieldSpec, row: int) -> None:
+    """Raises naming the row of the first string token of ``array`` (a block whose first row is ``row``;
+    strings or lists of them) that is not UTF-8: Parquet readers do not check it, and pyarrow's text
+    functions or Python's decoding would fail on it without naming the file or column."""
+    values, offsets = array, None
+    if _is_list(array.type):
+        if not (_is_text(array.type.value_type) or pa.types.is_dictionary(array.type.value_type)):
+            return
+        values = _decoded(pc.list_flatten(array))
+        offsets = offsets_from_lengths(pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False))
+    if not _is_text(values.type):
+        return
+    try:
+        values.validate(full=True)
+    except pa.ArrowInvalid as error:
+        match = re.search(r"string index (\d+)", str(error))
+        index = int(match.group(1)) if match else 0
+        raw = values.view(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary())[index].as_py()
+        raise DataError(
+            f"{path}: column {spec.name!r}, {describe_row(row + row_of_value(offsets, index), first_line(path))}: "
+            f"{raw[:80]!r} is not UTF-8; expected UTF-8 text in {spec.kind.value} field {spec.name!r} (write the "
+            "column as UTF-8, e.g. decode latin-1 text before writing it)"
+        ) from error
+
+
 def field_tokens(
     array: pa.Array,
     spec: FieldSpec,
@@ -150,6 +176,7 @@ def field_tokens(
     """
     _check_token_column(path, spec, array.type, separator)
     array = _decoded(array)
+    _check_utf8(array, path, spec, row)
     lengths: Optional[np.ndarray] = None
     if spec.kind == FieldKind.SPARSE:
         flat = array
