@@ -140,6 +140,13 @@ def build_gain_network(
                                   table_prefix=table_prefix)
         injection = VectorFieldInjection(config.vector_dim, model_config.embedding_dim, config.num_injected_fields)
         return CTRTask(backbone, field_injection=injection, injection_key=config.vector_key)
+    dense = [name for name in config.entity_tables if not schema.field(name).is_categorical]
+    if dense:
+        raise ValueError(
+            f"elec.entity_tables: fields {dense} are dense (a float value per row, no ids), so they key no entity "
+            "vector table; name the sparse id field of the entity (e.g. item_id), the one its vectors were exported "
+            "for (`semantics export --granularity entity --entity-field`)"
+        )
     hashed = [name for name in config.entity_tables if schema.field(name).hashed]
     if hashed:
         raise ValueError(

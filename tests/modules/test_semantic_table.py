@@ -98,6 +98,18 @@ class TestSemanticTable:
         with pytest.raises(ValueError, match=r"elec.entity_tables: fields \['item_id'\] are hashed"):
             build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"])
 
+    def test_a_dense_entity_field_is_refused_by_name(self):
+        """A dense field has no ids to key vectors by (it was a ZeroDivisionError in torchrec's table init)."""
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+        from recsys_llm.models.registry import SMOKE_CONFIGS
+        from recsys_llm.modules.elec import ELECConfig, build_gain_network
+
+        schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("age", "dense")])
+        config = ELECConfig(task="gain", vector_dim=8, vector_source="entity_table", entity_field="age",
+                            entity_vectors="unused")
+        with pytest.raises(ValueError, match=r"elec.entity_tables: fields \['age'\] are dense .* sparse id field"):
+            build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"])
+
 
 def _sharded_joint_kd(vector_dir: str, export_dir: str):
     """One rank: joint KD with a column-wise sharded frozen entity table, trained by the pipeline.
