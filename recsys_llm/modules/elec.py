@@ -217,26 +217,54 @@ def _check_teacher_is_an_export(path: str) -> None:
         )
 
 
-def _exported_model_hint(path: str) -> str:
-    """``"; the state was exported from a X model ..."`` from the export's ``config.json``
-    (``metadata.model.name``), or nothing when it does not say."""
+def _teacher_mismatch_hint(path: str, model_config: Optional[ModelConfig] = None,
+                           schema_fingerprint: Optional[str] = None) -> str:
+    """``"; ..."``: why a frozen teacher's state may not fit the teacher this config builds, from the
+    export's ``config.json`` (``metadata.model``, ``metadata.schema_fingerprint``): the model settings
+    that differ from ``model_config``, another schema, or else the elec settings to compare."""
     directory = path if os.path.isdir(path) else os.path.dirname(path)  # the export, or its model.safetensors
     try:
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
-            name = json.load(handle)["metadata"]["model"]["name"]
+            metadata = json.load(handle)["metadata"]
+        if not isinstance(metadata, dict):
+            metadata = {}
     except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return (f"; the state was exported from a {name!r} model (config.json metadata.model.name): build the teacher "
-            f"with the same model settings (model.name={name}, ...)")
+        metadata = {}
+    hints = []
+    recorded = metadata.get("model") if isinstance(metadata.get("model"), dict) else {}
+    if model_config is not None and recorded:
+        current = model_config.to_dict()
+        differences = [f"model.{key}={value!r} (here {current[key]!r})" for key, value in recorded.items()
+                       if key in current and current[key] != value]
+        if differences:
+            hints.append(f"the state was exported from a model with other settings (config.json metadata.model): "
+                         f"{', '.join(differences)}; build the teacher with the same model settings")
+    elif recorded.get("name"):
+        hints.append(f"the state was exported from a {recorded['name']!r} model (config.json metadata.model.name): "
+                     f"build the teacher with the same model settings (model.name={recorded['name']}, ...)")
+    trained_on = metadata.get("schema_fingerprint")
+    if schema_fingerprint and trained_on and trained_on != schema_fingerprint:
+        hints.append(f"the teacher was trained on another schema (config.json metadata.schema_fingerprint "
+                     f"{trained_on}, this data set's is {schema_fingerprint}): train the student on the teacher's data")
+    if not hints:
+        settings = "the model settings match the state's, so " if model_config is not None and recorded else ""
+        hints.append(f"{settings}build the teacher with the gain run's settings: model.*, and elec.vector_source, the "
+                     "fields of elec.entity_tables / elec.entity_field, elec.vector_dim and elec.num_injected_fields")
+    return "; " + "; ".join(hints)
 
 
-def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Optional[str] = None) -> Dict[str, int]:
+def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Optional[str] = None,
+                    model_config: Optional[ModelConfig] = None) -> Dict[str, int]:
     """Fills what training does not: entity vectors and (frozen mode) the teacher's weights.
 
     Call after sharding (each rank writes only its own shards) or on a plain model. Entity
     vectors must match ``config.expected_provenance`` and, where their provenance records
     them (``semantics export`` does), the entity field and ``schema_fingerprint``: ids of
     another data set would land on the wrong rows.
+
+    A frozen teacher's state must fit the teacher this config builds, tensor for tensor; when it
+    does not, the error names the model settings (``model_config``) or schema the export's
+    ``config.json`` records otherwise.
 
     A frozen teacher's entity tables come from ``teacher_checkpoint`` with its other weights;
     ``entity_tables`` names their fields (the teacher's shape) and may name their export
@@ -248,10 +276,12 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         tables checked against their exports, tensors copied into the teacher.
 
     Raises:
+        KeyError: the frozen teacher's state lacks a tensor of the teacher this config builds.
         FileNotFoundError: an entity export directory that does not exist (in frozen mode, one
             that is named).
         ProvenanceError: vectors of another provenance, field or schema.
-        ValueError: a frozen teacher's table holds other vectors than the export named for it, or
+        ValueError: the frozen teacher's state has a tensor of another shape or one the teacher has no
+            place for; a frozen teacher's table holds other vectors than the export named for it, or
             ``expected_provenance`` is set for a frozen teacher without any export to check it on.
     """
     from recsys_llm.semantics.vector_export import check_provenance, read_manifest
@@ -264,11 +294,12 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
     if frozen:
         _check_teacher_is_an_export(config.teacher_checkpoint)
         source = f"elec.teacher_checkpoint {config.teacher_checkpoint}"
-        try:
-            with open_state_file(config.teacher_checkpoint) as state:  # each rank reads only its shards' rows
+        with open_state_file(config.teacher_checkpoint) as state:  # each rank reads only its shards' rows
+            try:
                 report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.", source=source)
-        except KeyError as error:  # the teacher this config builds has a tensor the state lacks
-            raise KeyError(f"{error.args[0]}{_exported_model_hint(config.teacher_checkpoint)}") from None
+            except (KeyError, ValueError) as error:  # the state lacks a tensor, has one of another shape, or an extra one
+                hint = _teacher_mismatch_hint(config.teacher_checkpoint, model_config, schema_fingerprint)
+                raise type(error)(f"{error.args[0]}{hint}") from None
     if config.vector_source != "entity_table" or (is_distill and config.distill.mode == "offline"):
         return report
     named = {field: directory for field, directory in config.entity_tables.items() if directory or not frozen}

@@ -277,19 +277,24 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
 
     Raises:
         KeyError: a destination key under ``prefix`` has no source tensor.
-        ValueError: a source tensor's shape differs from the destination's.
+        ValueError: a source tensor's shape differs from the destination's, or ``state`` holds
+            tensors the model has no place for under ``prefix`` (it was saved from another model,
+            e.g. a gain network on entity tables loaded into one reading per-row vectors).
         RuntimeError: a destination is still on the meta device (call it after ``shard_model``).
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     from recsys_llm.serving import strip_wrappers
 
+    destinations = [(key, dest, strip_wrappers(key)) for key, dest in model.state_dict().items()]
+    destinations = [(key, dest, name[len(prefix) :]) for key, dest, name in destinations if name.startswith(prefix)]
+    expected = {source_key for _, _, source_key in destinations}
+    unused = sorted(key for key in state if key not in expected)
+    if unused:  # checked before anything is copied: the model is left as it was
+        raise ValueError(f"{source}: holds {len(unused)} tensors the model has no place for under {prefix!r}: "
+                         f"{unused[:8]}{'...' if len(unused) > 8 else ''}")
     copied = 0
-    for key, dest in model.state_dict().items():
-        name = strip_wrappers(key)
-        if not name.startswith(prefix):
-            continue
-        source_key = name[len(prefix) :]
+    for key, dest, source_key in destinations:
         if source_key not in state:
             raise KeyError(f"{source}: no tensor {source_key!r} for {key!r}; it has {sorted(state)[:8]}...")
         full = state[source_key]

@@ -12,7 +12,7 @@ from torch import nn
 from recsys_llm.data.pair_swap import SwappedPairs
 from recsys_llm.data.parquet import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.models.registry import build_backbone
+from recsys_llm.models.registry import ModelConfig, build_backbone
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
 from recsys_llm.train.config import ConfigError, ExperimentConfig
@@ -27,11 +27,13 @@ class BuiltTask(NamedTuple):
         plugins (Dict[str, Any]): per plug-in (``llactr`` / ``elec``), what it was built
             from (vector provenance, resolved settings); written to ``run_dir/plugins.json``.
         elec (Optional[ELECConfig]): the parsed ``elec`` section, for :func:`load_plugin_state`.
+        model (Optional[ModelConfig]): the backbone settings, for :func:`load_plugin_state`'s errors.
     """
 
     task: nn.Module
     plugins: Dict[str, Any]
     elec: Optional[ELECConfig] = None
+    model: Optional[ModelConfig] = None
 
 
 def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.device) -> BuiltTask:
@@ -68,7 +70,7 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
                 raise ValueError(f"elec.vector_dim={elec.vector_dim}, but the column {elec.vector_key!r} holds "
                                  f"{width}-d vectors; set elec.vector_dim={width}")
         task = build_elec_task(elec, schema, config.model, device=torch.device("meta"), dense_device=device)
-        return BuiltTask(task, {"elec": dataclasses.asdict(elec)}, elec)
+        return BuiltTask(task, {"elec": dataclasses.asdict(elec)}, elec, config.model)
     backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
     if llactr is None:
         return BuiltTask(CTRTask(backbone), {})
@@ -139,7 +141,7 @@ def plugin_extras(config: ExperimentConfig) -> List[str]:
 
 def load_plugin_state(model: nn.Module, built: BuiltTask, schema: DatasetSchema) -> Dict[str, int]:
     """After sharding: fills what training does not (ELEC entity vectors of ``schema``, frozen teacher)."""
-    return load_elec_state(model, built.elec, schema.fingerprint()) if built.elec is not None else {}
+    return load_elec_state(model, built.elec, schema.fingerprint(), built.model) if built.elec is not None else {}
 
 
 def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int, rank: int = 0) -> Optional[SwappedPairs]:

@@ -143,6 +143,55 @@ class TestTeacherStudentTask:
         with pytest.raises(KeyError, match=r"exported from a 'fm' model"):  # the state file named itself
             load_elec_state(build_elec_task(file_config, SCHEMA, MODEL, device=CPU), file_config)
 
+    def test_a_frozen_teacher_of_other_elec_settings_is_refused_not_loaded(self, tmp_path):
+        """A gain network on an item entity table has the same tensors as one reading per-row vectors, plus its
+        table: loaded into the latter, the table was dropped and the teacher scored other vectors than it learnt."""
+        import json
+
+        from safetensors.torch import save_file
+
+        entity = ELECConfig(task="gain", vector_dim=8, vector_source="entity_table", entity_field="item_id",
+                            entity_vectors="unused")
+        gain = build_gain_network(entity, SCHEMA, MODEL, device=CPU)
+        export = tmp_path / "gain_on_items"
+        export.mkdir()
+        save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, str(export / "model.safetensors"))
+        (export / "config.json").write_text(json.dumps({"metadata": {"model": MODEL.to_dict()}}), encoding="utf-8")
+        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(export),
+                            distill=TeacherStudentConfig(mode="frozen"))  # per-row vectors
+        task = build_elec_task(config, SCHEMA, MODEL, device=CPU)
+        before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+        with pytest.raises(ValueError, match=r"holds 1 tensors the model has no place for under 'teacher.': "
+                                             r"\['semantic_table.*semantic_item_id.weight'\]; the model settings match "
+                                             r"the state's, so build the teacher with the gain run's settings: .*"
+                                             r"elec.vector_source"):
+            load_elec_state(task, config, model_config=MODEL)
+        for k, v in task.teacher.state_dict().items():  # refused before anything was copied
+            assert torch.equal(v, before[k]), k
+
+    def test_a_frozen_teacher_of_other_model_settings_or_schema_names_them(self, tmp_path):
+        import json
+
+        from safetensors.torch import save_file
+
+        wide = dataclasses.replace(MODEL, embedding_dim=MODEL.embedding_dim * 2)
+        gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, wide, device=CPU)
+        export = tmp_path / "wide_gain"
+        export.mkdir()
+        save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, str(export / "model.safetensors"))
+        (export / "config.json").write_text(json.dumps({"metadata": {"model": wide.to_dict(),
+                                                                     "schema_fingerprint": "0123abcd"}}),
+                                            encoding="utf-8")
+        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(export),
+                            distill=TeacherStudentConfig(mode="frozen"))
+        task = build_elec_task(config, SCHEMA, MODEL, device=CPU)
+        with pytest.raises(ValueError, match=rf"has shape .*; the state was exported from a model with other settings "
+                                             rf"\(config.json metadata.model\): model.embedding_dim={2 * MODEL.embedding_dim} "
+                                             rf"\(here {MODEL.embedding_dim}\); .*; the teacher was trained on another "
+                                             rf"schema \(config.json metadata.schema_fingerprint 0123abcd, this data "
+                                             rf"set's is {SCHEMA.fingerprint()}\)"):
+            load_elec_state(task, config, SCHEMA.fingerprint(), model_config=MODEL)
+
     def test_offline_reads_extras_and_matches_frozen(self):
         frozen = _elec("joint")
         batch = make_batch()
@@ -275,6 +324,14 @@ class TestLoadFullState:
         module = torch.nn.Linear(3, 1, device="meta")
         with pytest.raises(RuntimeError, match="load_full_state: 'weight' is on the meta device"):
             load_full_state(module, {"weight": torch.ones(1, 3), "bias": torch.zeros(1)})
+
+    def test_a_tensor_the_model_has_no_place_for_is_refused(self):
+        task = _elec("joint")
+        state = {k.removeprefix("teacher."): v.clone() for k, v in task.state_dict().items() if k.startswith("teacher.")}
+        state["extra.weight"] = torch.zeros(2)
+        with pytest.raises(ValueError, match=r"gain.pt: holds 1 tensors the model has no place for under 'teacher.': "
+                                             r"\['extra.weight'\]"):
+            load_full_state(task, state, prefix="teacher.", source="gain.pt")
 
     def test_a_tensor_of_another_shape_is_named(self):
         task = _elec("joint")
