@@ -70,7 +70,8 @@ class ELECConfig:
         expected_provenance (Dict[str, str]): provenance the vectors must have (every entity
             table's; keys that differ per entity, such as ``entity_field``, do not belong here).
         teacher_checkpoint (Optional[str]): frozen mode: a gain-network export directory
-            (``recsys-llm export``) or ``.safetensors`` state dict.
+            (``recsys-llm export``) or ``.safetensors`` state dict. Read by no other distill mode
+            (a new such run is refused: ``task_builder.check_elec_settings_are_read``).
         distill (TeacherStudentConfig): KD mode and weights.
     """
 

@@ -91,6 +91,7 @@ from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_mode
 from recsys_llm.train.task_builder import (
     BuiltTask,
     build_task,
+    check_elec_settings_are_read,
     check_offline_reads_no_vectors,
     load_plugin_state,
     parse_plugin_sections,
@@ -170,6 +171,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     _, elec = parse_plugin_sections(config)  # before the data is made: a bad llactr / elec value is refused at once
     if elec is not None and not os.path.exists(os.path.join(run_dir, "config.yaml")):  # a new run
         check_offline_reads_no_vectors(elec)
+        check_elec_settings_are_read(elec)
     schema = load_or_generate_schema(config, ctx)
     built = build_task(config, schema, ctx.device)
     swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early

@@ -111,6 +111,34 @@ def check_offline_reads_no_vectors(elec: ELECConfig) -> None:
         )
 
 
+def check_elec_settings_are_read(elec: ELECConfig) -> None:
+    """Refuses elec settings a new run would silently ignore (``plugins.json`` would still record
+    them as the run's): a ``teacher_checkpoint`` outside ``distill.mode`` ``frozen`` (a joint
+    teacher trains from scratch, an offline student reads the teacher's outputs from the data), and
+    entity tables beside ``vector_source`` ``extras`` (the vectors come from the data's column).
+    (New runs only, as :func:`check_offline_reads_no_vectors`.)
+
+    Raises:
+        ConfigError: naming the setting and what to change.
+    """
+    distill = elec.task == "distill"
+    if distill and elec.distill.mode != "frozen" and elec.teacher_checkpoint:
+        raise ConfigError(
+            f"elec.teacher_checkpoint={elec.teacher_checkpoint} is read only by elec.distill.mode 'frozen', and the mode "
+            f"is {elec.distill.mode!r} ("
+            + ("the teacher trains from scratch beside the student" if elec.distill.mode == "joint" else
+               "the teacher's outputs come from the data") + "): set elec.distill.mode=frozen to distil that "
+            "teacher, or leave it out (elec.teacher_checkpoint=null)"
+        )
+    reads_vectors = not distill or elec.distill.mode != "offline"  # offline: check_offline_reads_no_vectors
+    if reads_vectors and elec.vector_source == "extras" and elec.entity_tables:
+        raise ConfigError(
+            f"elec.entity_tables / elec.entity_field name entity vector tables for {sorted(elec.entity_tables)}, but "
+            f"elec.vector_source is 'extras': the LLM vectors come from the data's column {elec.vector_key!r} and no "
+            "entity table is read; set elec.vector_source=entity_table to use them, or leave them out"
+        )
+
+
 def extra_column_width(schema: DatasetSchema, split: str, column: str) -> int:
     """d of a ``fixed_size_list<float>[d]`` extra column, read from the split's first file footer.
 

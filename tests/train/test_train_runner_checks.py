@@ -127,6 +127,36 @@ def test_a_new_offline_student_run_refuses_entity_exports_it_would_not_read(tmp_
     check_offline_reads_no_vectors(frozen)  # a frozen teacher's exports are checked when they are loaded
 
 
+def test_a_new_run_refuses_elec_settings_it_would_not_read(tmp_path) -> None:
+    """A teacher checkpoint beside a joint teacher (trained from scratch) or an offline student, and entity tables
+    beside per-row vectors, were silently ignored (and recorded in plugins.json as the run's)."""
+    from recsys_llm.modules.elec import ELECConfig
+    from recsys_llm.train.runner import run_training
+    from recsys_llm.train.task_builder import check_elec_settings_are_read
+
+    data = str(tmp_path / "data")
+    config = load_config(DEEPFM_CONFIG, [f"data.schema={data}", "data.synthetic_rows=2000",
+                                         f"train.run_dir={tmp_path / 'run'}", "elec.task=distill",
+                                         "elec.distill.mode=joint", "elec.teacher_checkpoint=runs/gain_state"])
+    with pytest.raises(ConfigError, match=r"elec.teacher_checkpoint=runs/gain_state is read only by elec.distill.mode "
+                                          r"'frozen', and the mode is 'joint' \(the teacher trains from scratch"):
+        run_training(config)
+    assert not os.path.exists(data) and not os.path.exists(tmp_path / "run")
+    offline = ELECConfig.from_dict({"task": "distill", "distill": {"mode": "offline"}, "teacher_checkpoint": "t"})
+    with pytest.raises(ConfigError, match=r"the mode is 'offline' \(the teacher's outputs come from the data\)"):
+        check_elec_settings_are_read(offline)
+    for task in ("gain", "distill"):
+        per_row = ELECConfig.from_dict({"task": task, "entity_field": "item_id", "entity_vectors": "vectors/items"})
+        with pytest.raises(ConfigError, match=r"name entity vector tables for \['item_id'\], but elec.vector_source "
+                                              r"is 'extras'.* set elec.vector_source=entity_table"):
+            check_elec_settings_are_read(per_row)
+    for fine in ({"task": "distill", "distill": {"mode": "frozen"}, "teacher_checkpoint": "t"},
+                 {"task": "gain", "teacher_checkpoint": "t"},  # one config file for the teacher and its student
+                 {"task": "gain", "vector_source": "entity_table", "entity_field": "item_id"},
+                 {"task": "distill", "distill": {"mode": "offline"}, "entity_tables": {"item_id": None}}):
+        check_elec_settings_are_read(ELECConfig.from_dict(fine))
+
+
 def _train_from(working_dir: str, schema_dir: str) -> str:
     """Trains into the relative train.run_dir ``runs/x`` from ``working_dir`` (one per rank: as if each host had its
     own disk); returns the error."""
