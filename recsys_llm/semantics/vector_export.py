@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries
 from recsys_llm.data.parquet import resolve_paths
-from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.semantics.row_text import RowTextRenderer
 from recsys_llm.semantics.vector_projection import load_projection
@@ -589,6 +589,14 @@ def export_schema_vectors(
     else:
         if entity_field is None:
             raise ValueError("entity granularity needs entity_field (semantics export --entity-field), e.g. 'item_id'")
+        kind = next((f.kind for f in schema.fields if f.name == entity_field), FieldKind.SPARSE)  # unknown: named below
+        if kind != FieldKind.SPARSE:
+            # a dense value is no id (its values were read as ids, truncated), a sequence holds several per row
+            raise ValueError(
+                f"entity field {entity_field!r} (semantics export --entity-field) is a {kind.value} field; entity "
+                "vectors are keyed by the ids of a sparse field, one id per row (the user or item id, e.g. 'item_id'); "
+                "its other fields go into the entity's text with --entity-fields"
+            )
         provenance["entity_field"] = entity_field
         provenance["entity_fields"] = ",".join(entity_fields or [entity_field])
         columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))

@@ -282,6 +282,15 @@ class TestExportSchemaVectors:
             export_schema_vectors(schema, ["train"], renderer, encoder, str(tmp_path / "items2"), PROVENANCE, config,
                                   granularity="entity", entity_field="item_id", entity_fields=["item_id", "genres"],
                                   progress=False)
+        # a sequence field (several ids per row: was numpy's 'setting an array element with a sequence') or a dense
+        # one (its values read as ids: 'the negative id', or silently truncated) keys no entity vectors
+        pq.write_table(train, str(tmp_path / "train.parquet"))
+        for field, kind in (("genres", "sequence"), ("age", "dense")):
+            with pytest.raises(ValueError, match=rf"entity field '{field}' \(semantics export --entity-field\) is a "
+                                                 rf"{kind} field; entity vectors are keyed by the ids of a sparse field"):
+                export_schema_vectors(schema, ["train"], renderer, encoder, str(tmp_path / f"by_{field}"), PROVENANCE,
+                                      config, granularity="entity", entity_field=field, progress=False)
+            assert not os.path.exists(tmp_path / f"by_{field}")
 
 
 class TestSemanticsCLI:
