@@ -177,7 +177,8 @@ def build_torchrec_loop(schema, sizes: Sizes, device, lr: Dict[str, float], batc
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec import optim as trec_optim
     from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
     from torchrec.models.dlrm import DLRM_DCN, DLRMTrain
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -204,7 +205,8 @@ def build_torchrec_loop(schema, sizes: Sizes, device, lr: Dict[str, float], batc
         trec_optim.RowWiseAdagrad, model.model.sparse_arch.parameters(), {"lr": lr["sparse"], "eps": 1e-8}
     )
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=1, compute_device=device.type, local_world_size=1),
+        topology=TopologyFactory.create_topology(TrainerConfig(world_size=1, local_world_size=1),
+                                                 kernel_config=KernelConfig(compute_device=device.type)),
         batch_size=sizes.batch_size,
     )
     plan = planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)

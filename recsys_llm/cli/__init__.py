@@ -78,7 +78,6 @@ UPSTREAM_NOTICES = (
 
 UPSTREAM_ADVISORY_LOGGERS = (
     "torch.fx._symbolic_trace",  # is_fx_tracing's meaning, once per trace
-    "torchrec.distributed.planner.types",  # "construct Topology via TopologyFactory"
     "torchrec.distributed.planner.storage_reservations",  # dense size estimate in dry runs
     "torchrec.distributed.utils",  # "Sharding Type is data_parallel, caching params will be ignored", per table
 )

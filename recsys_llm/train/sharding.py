@@ -6,7 +6,8 @@ project (plain backbones, LLaCTR, ELEC teacher-student pairs) is sharded the sam
 1. fused table optimizers are attached to every trainable EBC table with
    ``_apply_optimizer_in_backward`` *before* sharding, so the sharder builds FBGEMM
    TBEs that update the rows inside the backward pass (no gradient tensors for tables);
-2. ``EmbeddingShardingPlanner(Topology(world_size, compute_device))`` proposes a plan,
+2. ``EmbeddingShardingPlanner`` proposes a plan for a ``Topology(world_size, compute_device)``
+   built by torchrec's ``TopologyFactory`` (``build_topology``),
    optionally constrained per table (sharding types, compute kernels);
 3. ``DistributedModelParallel`` shards the EBCs and materialises any table that was
    created on the ``meta`` device shard by shard (no rank ever holds a whole table),
@@ -55,7 +56,13 @@ from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingB
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import (
+    HardwareConfig,
+    KernelConfig,
+    ParameterConstraints,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -332,6 +339,30 @@ def _freeze_sharded(model: DistributedModelParallel, frozen: Set[str]) -> List[s
     return sorted(set(done))
 
 
+def build_topology(
+    world_size: int,
+    compute_device: str,
+    hbm_cap: Optional[int] = None,
+    local_world_size: Optional[int] = None,
+) -> Topology:
+    """The planner's ``Topology``, built as torchrec asks: through ``TopologyFactory.create_topology``
+    (a ``Topology(...)`` constructed directly logs a warning that the job will fail). The same values
+    as ``Topology(world_size, compute_device, hbm_cap=..., local_world_size=...)``: torchrec's default
+    bandwidths and capacities where none is given.
+
+    Args:
+        world_size (int): ranks the plan is for.
+        compute_device (str): ``"cpu"`` or ``"cuda"``.
+        hbm_cap (Optional[int]): bytes of device memory per rank (default: torchrec's).
+        local_world_size (Optional[int]): ranks per host (default: ``world_size``).
+    """
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size),
+        hardware_config=HardwareConfig(hbm_cap_bytes=hbm_cap),
+        kernel_config=KernelConfig(compute_device=compute_device),
+    )
+
+
 def shard_model(
     task: nn.Module,
     device: torch.device,
@@ -385,8 +416,7 @@ def shard_model(
     local_world_size = world_size
     if os.environ.get("WORLD_SIZE") == str(world_size):  # torchrun's job, not a smaller world asked for here
         local_world_size = min(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), world_size)
-    topology = Topology(world_size=world_size, compute_device=compute_device, hbm_cap=hbm_cap,
-                        local_world_size=local_world_size)
+    topology = build_topology(world_size, compute_device, hbm_cap=hbm_cap, local_world_size=local_world_size)
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,

@@ -20,6 +20,7 @@ from recsys_llm.train.sharding import (
     ShardingConfig,
     build_constraints,
     build_optimizer,
+    build_topology,
     embedding_kernels,
     find_tables,
     ranks_holding_tables,
@@ -418,7 +419,7 @@ class _WideTables(torch.nn.Module):
 
 
 def test_on_cuda_a_table_wider_than_fbgemm_takes_is_split_by_columns() -> None:
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.sharding_plan import get_default_sharders
 
     from recsys_llm.train.sharding import FBGEMM_CUDA_MAX_DIM
@@ -436,7 +437,27 @@ def test_on_cuda_a_table_wider_than_fbgemm_takes_is_split_by_columns() -> None:
                                          r"t_item_vector.sharding_types=\[column_wise\]\)"):
         build_constraints(model, ShardingConfig(sharding_types=["table_wise"]), "cuda")
     # the CUDA plan (planned here without a GPU) splits the table into shards the kernels take
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cuda"), constraints=constraints)
+    planner = EmbeddingShardingPlanner(topology=build_topology(2, "cuda"), constraints=constraints)
     plan = planner.plan(model, get_default_sharders())
     shards = plan.plan["ebc"]["t_item_vector"].sharding_spec.shards
     assert len(shards) > 1 and max(shard.shard_sizes[1] for shard in shards) <= FBGEMM_CUDA_MAX_DIM
+
+
+@pytest.mark.parametrize("compute_device, hbm_cap, local_world_size", [("cpu", None, None), ("cuda", 80 * 1024**3, 2)])
+def test_build_topology_is_the_factory_s_and_matches_a_direct_one(
+    caplog: pytest.LogCaptureFixture, compute_device: str, hbm_cap: Any, local_world_size: Any,
+) -> None:
+    """``shard_model``'s topology comes from ``TopologyFactory`` (a direct ``Topology(...)`` logs
+    "The topology was constructed directly ... otherwise, the job will fail" to a library user),
+    with the same devices, capacities and bandwidths as the direct one."""
+    from torchrec.distributed.planner import Topology
+
+    with caplog.at_level(logging.WARNING):
+        topology = build_topology(4, compute_device, hbm_cap=hbm_cap, local_world_size=local_world_size)
+    assert not [r for r in caplog.records if "constructed directly" in r.getMessage()]
+    direct = Topology(world_size=4, compute_device=compute_device, hbm_cap=hbm_cap, local_world_size=local_world_size)
+    assert topology.world_size == 4 and topology.compute_device == compute_device
+    assert topology.local_world_size == direct.local_world_size
+    assert [d.storage for d in topology.devices] == [d.storage for d in direct.devices]
+    assert topology.hbm_mem_bw == direct.hbm_mem_bw and topology.ddr_mem_bw == direct.ddr_mem_bw
+    assert topology.intra_host_bw == direct.intra_host_bw and topology.inter_host_bw == direct.inter_host_bw
