@@ -23,7 +23,8 @@ included, ``config_differences``; ``REUSE_FREE_KEYS`` may differ), the LLM outpu
 under ``recsys-llm train``'s rules. A run directory made with other settings or another LLM is
 refused, naming what differs (other overrides, data or LLM: before any work): pass another
 ``--run-dir`` (or delete that one).
-Each LLM step prints the equivalent command line; a step that fails ends the demo with its
+Each LLM step prints the equivalent command line, each training a line naming its variant and run
+directory (``== DeepFM: training into runs/demo/plain``) and then its test AUC; a step that fails ends the demo with its
 one-line error (exit code 2 from the CLI).
 """
 
@@ -112,13 +113,28 @@ def _check_same_run(config: Any, run_dir: str, run_root: str) -> None:
         )
 
 
-def _train(config_path: str, overrides: Sequence[str], run_dir: str, run_root: str) -> Dict[str, Any]:
+def _say(line: str) -> None:
+    """Prints ``line`` on rank 0 (the process that prints under torchrun)."""
+    if int(os.environ.get("RANK", "0") or "0") == 0:
+        print(line, flush=True)
+
+
+def _train(config_path: str, overrides: Sequence[str], run_dir: str, run_root: str, variant: str) -> Dict[str, Any]:
+    """Trains ``variant`` into ``run_dir`` (or reuses its finished run there), saying which variant
+    the progress bars that follow belong to, and its test AUC once trained."""
     config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}"])
     _check_same_run(config, run_dir, run_root)
     finished = finished_results(run_dir)
     if finished is not None:
+        _say(f"== {variant}: reusing the finished run in {run_dir}")
         return finished
-    return run_training(config)
+    _say(f"== {variant}: training into {run_dir}")
+    results = run_training(config)
+    test = results.get("test", {})
+    if "auc" in test:
+        cold = f" (cold items {test['cold/auc']:.4f})" if "cold/auc" in test else ""
+        _say(f"== {variant}: test AUC {test['auc']:.4f}{cold}")
+    return results
 
 
 def _llm_record(llm: Optional[str]) -> Dict[str, str]:
@@ -205,7 +221,7 @@ def run_demo(
         _check_same_llm(llm_dir, llm_record, run_root)
     # before the LLM steps: a finished plain run would otherwise leave the first training after them
     set_cpu_float_mode(load_config(config_path, base).train)
-    results = {PLAIN: _train(config_path, base, os.path.join(run_root, "plain"), run_root)}
+    results = {PLAIN: _train(config_path, base, os.path.join(run_root, "plain"), run_root, PLAIN)}
     if llm_record is None:
         return results
     _write_llm_record(llm_dir, llm_record)
@@ -216,7 +232,7 @@ def run_demo(
         _cli(["semantics", "encode", "--schema", schema, "--output", field_vectors, *model_args])
     results[LLACTR] = _train(config_path, base + [
         f"llactr.vectors_path={field_vectors}", "llactr.lambda_fre=0.1", "llactr.lambda_fie=0.1",
-    ], os.path.join(run_root, "llactr"), run_root)
+    ], os.path.join(run_root, "llactr"), run_root, LLACTR)
 
     adapted = os.path.join(llm_dir, "ctr_llm")
     if not os.path.exists(os.path.join(adapted, "provenance.json")):
@@ -234,7 +250,7 @@ def run_demo(
         entity_overrides.append(f"elec.entity_tables.{entity}={vectors}")
     vector_overrides = ["elec.vector_source=entity_table", f"elec.vector_dim={vector_dim(vectors)}", *entity_overrides]
     gain_dir = os.path.join(run_root, "elec_gain")
-    results[ELEC] = _train(config_path, base + ["elec.task=gain", *vector_overrides], gain_dir, run_root)
+    results[ELEC] = _train(config_path, base + ["elec.task=gain", *vector_overrides], gain_dir, run_root, ELEC)
 
     teacher = os.path.join(llm_dir, "gain_state")
     if not os.path.exists(os.path.join(teacher, "config.json")):
@@ -248,7 +264,7 @@ def run_demo(
         "elec.task=distill", *vector_overrides, "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
         "elec.distill.alpha=20", "elec.distill.beta=0", f"elec.distill.swap_fields=[{','.join(ITEM_FIELDS)}]",
         *([f"elec.distill.swap_catalog={catalog}"] if os.path.exists(catalog) else []),
-    ], os.path.join(run_root, "elec_student"), run_root)
+    ], os.path.join(run_root, "elec_student"), run_root, STUDENT)
     return results
 
 

@@ -138,3 +138,20 @@ def test_plot_labels_are_wrapped_so_neighbours_do_not_overlap() -> None:
         assert all(len(line) <= 20 for line in label.split("\n")), label
     assert tick_label(STUDENT) == "DeepFM ELEC student\n(no LLM at serving)"
     assert tick_label(LLACTR) == "DeepFM\n+ LLaCTR (FRE + FIE)"
+
+
+def test_each_variant_says_where_it_trains_before_its_progress_bars(tmp_path, monkeypatch, capsys) -> None:
+    """Four trainings show the same "epoch 0" bars: a line before each names the variant and its run
+    directory (or that its finished run is reused), and one after gives its test AUC."""
+    import recsys_llm.demo as demo
+
+    trained = {"test": {"auc": 0.61234, "cold/auc": 0.59876}}
+    monkeypatch.setattr(demo, "run_training", lambda config: trained)
+    run_root = str(tmp_path / "runs")
+    assert run_demo(CONFIG, str(tmp_path / "data"), run_root, 3_000, SMALL, with_llm=False) == {PLAIN: trained}
+    out = capsys.readouterr().out
+    plain_dir = os.path.join(run_root, "plain")
+    assert f"== {PLAIN}: training into {plain_dir}\n== {PLAIN}: test AUC 0.6123 (cold items 0.5988)\n" in out, out
+    monkeypatch.setattr(demo, "finished_results", lambda run_dir: trained)
+    run_demo(CONFIG, str(tmp_path / "data"), run_root, 3_000, SMALL, with_llm=False)
+    assert capsys.readouterr().out == f"== {PLAIN}: reusing the finished run in {plain_dir}\n"
