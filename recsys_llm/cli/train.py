@@ -18,6 +18,7 @@ Example::
 
 import argparse
 import json
+import math
 import os
 from typing import Any, Dict, List
 
@@ -46,8 +47,10 @@ def results_table(results: Dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    throughput = results.get("samples_per_second")
+    throughput = f"{throughput:,.0f}" if isinstance(throughput, float) and math.isfinite(throughput) else "-"
     footer = (f"steps {results.get('global_step')}, epochs {results.get('epochs')}, ranks {results.get('world_size')}, "
-              f"{_format_value(results.get('samples_per_second'))} samples/s, run dir {results.get('run_dir')}")
+              f"{throughput} samples/s, run dir {results.get('run_dir')}")
     return "\n".join(lines + [footer])
 
 
