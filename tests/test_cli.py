@@ -217,3 +217,42 @@ def test_the_train_footer_gives_whole_samples_per_second() -> None:
     assert footer == "steps 16, epochs 1, ranks 1, 12,005 samples/s, run dir runs/x", footer
     assert "0.6402" in results_table(results)  # the metrics keep four decimals
     assert "nan samples/s" not in results_table({**results, "samples_per_second": float("nan")})
+
+
+WARNING_SCRIPT = r"""
+import sys, warnings
+import recsys_llm.cli as cli
+import recsys_llm.cli.data as data
+from recsys_llm.data import validation
+
+def _prepare(args):
+    warnings.warn_explicit("3 of 3 row texts are cut", UserWarning, validation.__file__, 10)
+    warnings.warn_explicit("a library's notice", UserWarning, "/elsewhere/library.py", 20)
+    return 0
+
+data._prepare = _prepare
+code = cli.main(["prepare", "synthetic", "--out", sys.argv[1]])
+assert warnings.formatwarning is warnings._formatwarning_orig  # put back for the program that called main()
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("traceback", ["", "1"])
+def test_the_project_s_own_warnings_are_one_line_and_a_library_s_keep_their_form(tmp_path, traceback) -> None:
+    """A warning of this package reads ``recsys-llm prepare: warning: ...``, not a file path and the
+    source line that raised it; a library's warning is left as Python prints it (and so is the
+    project's with RECSYS_LLM_TRACEBACK=1)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": REPO, "RECSYS_LLM_TRACEBACK": traceback}
+    done = subprocess.run([sys.executable, "-c", WARNING_SCRIPT, str(tmp_path / "out")], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    err = done.stderr
+    assert "/elsewhere/library.py:20: UserWarning: a library's notice" in err, err
+    if traceback:
+        assert "validation.py:10: UserWarning: 3 of 3 row texts are cut" in err, err
+    else:
+        assert "recsys-llm prepare: warning: 3 of 3 row texts are cut\n" in err, err
+        assert "validation.py" not in err, err

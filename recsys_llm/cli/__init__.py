@@ -92,6 +92,24 @@ def quiet_upstream_notices() -> None:
         logging.getLogger(logger).setLevel(logging.ERROR)
 
 
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def project_warning_format(command: str, fallback: Any) -> Any:
+    """A ``warnings.formatwarning`` that shows a warning raised in this package as one line,
+    ``recsys-llm <command>: warning: <message>`` (the way errors are shown), instead of Python's
+    ``/path/to/recsys_llm/module.py:99: UserWarning: <message>`` followed by the source line that
+    raised it; every other warning (a library's) goes to ``fallback`` as before. With
+    ``RECSYS_LLM_TRACEBACK=1`` the file and line are kept."""
+
+    def formatwarning(message: Any, category: Any, filename: str, lineno: int, line: Optional[str] = None) -> str:
+        if not _traceback_asked() and os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep):
+            return f"recsys-llm {command}: warning: {message}\n"
+        return fallback(message, category, filename, lineno, line)
+
+    return formatwarning
+
+
 # errors that describe bad input (a file, column, key or value): shown as one line, not a traceback
 USER_ERRORS = (
     ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
@@ -172,6 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     exit_on_sigterm()
     # a command called inside a running program's group (the examples, the demo) must leave it be
     outer_group = "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized()
+    caller_format = warnings.formatwarning  # put back at the end: a program calling main() keeps its own
+    warnings.formatwarning = project_warning_format(args.command, caller_format)
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
@@ -190,6 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         return _error_exit(args.command, line)
     finally:  # a command that ended normally has torn its own group down already
+        warnings.formatwarning = caller_format
         if not outer_group and "torch.distributed" in sys.modules:
             from recsys_llm.train.distributed import leave_process_group
 
