@@ -141,7 +141,7 @@ def _export(args: argparse.Namespace) -> int:
         schema, splits, renderer,
         functools.partial(model.encode, output=args.output), args.output_dir, model.provenance(args.output), config,
         granularity=args.granularity, entity_field=args.entity_field, entity_fields=args.entity_fields, rank=rank,
-        world_size=world,
+        world_size=world, progress=rank == 0,  # one bar: the ranks' bars would overwrite each other's line
     )
     print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
     if own_group:

@@ -123,3 +123,15 @@ def test_two_ranks_attach_what_one_rank_attaches(adapted, tmp_path) -> None:
     for split in ("train", "test"):
         assert pq.read_table(os.path.join(one, f"{split}.parquet")).equals(
             pq.read_table(os.path.join(two, f"{split}.parquet")))
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_rank_0_shows_the_export_bar(adapted, tmp_path, monkeypatch, capsys, rank) -> None:
+    """Under torchrun every rank writes to the same terminal: rank 0's bar alone, not one per rank
+    overwriting the others' line."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(_export(adapted, str(tmp_path / "vectors"))) == 0
+    captured = capsys.readouterr()
+    assert (f"export vectors (rank {rank}/2)" in captured.err) == (rank == "0"), captured.err
+    assert f'"rank": {rank}, "world_size": 2' in captured.out  # each rank still says what it wrote
