@@ -114,7 +114,7 @@ class TrainConfig:
         run_dir (str): output directory (relative to the working directory).
         resume (bool): continue from the run directory's latest checkpoint when one exists.
         device (str): ``auto`` | ``cpu`` | ``cuda``.
-        progress (bool): tqdm bars on rank 0.
+        progress (bool): tqdm bars and a line per epoch (loss, samples/s, valid AUC) on rank 0.
         reshard_mid_epoch (bool): resume a checkpoint taken mid-epoch by another number of
             ranks after the same number of samples (inexact: the ranks' row shares differ, so
             some rows of that epoch repeat and others are skipped); refused when False.

@@ -31,6 +31,7 @@ Example::
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -272,6 +273,7 @@ def _train_in_run_dir(
 
     while not state.finished:
         epoch_done = False
+        epoch, stats, valid = state.epoch, None, None
         if not budget_spent(state, train_cfg):  # a resume at or past max_steps trains no further step
             train_reader.set_epoch(state.epoch)
             resumed_at = state.step_in_epoch  # > 0 only in the epoch a resumed run continues
@@ -294,8 +296,10 @@ def _train_in_run_dir(
         if last:  # set before validating: a best/ checkpoint holds the same state as the one below
             state.finished, state.stop_reason = True, STOP_BUDGET
         if "valid" in readers and (last or (epoch_done and state.epoch % max(1, train_cfg.eval_every) == 0)):
-            _validate(model, optimizer, readers["valid"], ctx, state, best, log, train_cfg)
+            valid = _validate(model, optimizer, readers["valid"], ctx, state, best, log, train_cfg)
         checkpoints.save(model, optimizer, state)
+        if ctx.is_main and train_cfg.progress and (stats is not None and stats.steps or valid is not None):
+            print(epoch_line(epoch, stats, ctx.world_size, valid, state, train_cfg), file=sys.stderr, flush=True)
     _complete_final_saves(model, optimizer, state, checkpoints, best)
 
     best_path = best.latest()
@@ -353,9 +357,9 @@ def _validate(
     best: CheckpointManager,
     log: _RunLog,
     train_cfg: TrainConfig,
-) -> None:
+) -> Dict[str, float]:
     """Validates; a better AUC saves the model to ``best/``, ``train.patience`` evaluations
-    without one finish the run (``state`` is updated in place)."""
+    without one finish the run (``state`` is updated in place). Returns the validation metrics."""
     valid = evaluate(model, reader, ctx.device, CTRMetrics(), description="valid", progress=train_cfg.progress)
     log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
     auc = valid["auc"]
@@ -367,6 +371,32 @@ def _validate(
     if train_cfg.patience and state.bad_evals >= train_cfg.patience:
         log.write({"event": "early_stop", "global_step": state.global_step, "best_step": state.best_step})
         state.finished, state.stop_reason = True, STOP_PATIENCE
+    return valid
+
+
+def epoch_line(
+    epoch: int, stats: Optional[EpochStats], world_size: int, valid: Optional[Dict[str, float]], state: TrainState,
+    train_cfg: TrainConfig,
+) -> str:
+    """The line rank 0 prints after an epoch (with ``train.progress``), as its bar is cleared:
+    ``epoch 0: loss 0.6123, 12,005 samples/s; valid AUC 0.5797 (best)``, with the best AUC so far
+    when this one is not, and the reason when the run stops on ``train.patience``."""
+    parts = []
+    if stats is not None and stats.steps:
+        parts.append(f"loss {stats.mean_loss:.4f}, {stats.samples_per_second * world_size:,.0f} samples/s")
+    line = f"epoch {epoch}: " + ", ".join(parts)
+    if valid is not None:
+        auc = valid["auc"]
+        if state.best_step < 0 or state.best_metric == float("-inf"):
+            best = "no valid AUC yet"
+        elif state.best_step == state.global_step and not math.isnan(auc):
+            best = "best"
+        else:
+            best = f"best {state.best_metric:.4f} at step {state.best_step}"
+        line += f"{'; ' if parts else ''}valid AUC {auc:.4f} ({best})"
+        if state.stop_reason == STOP_PATIENCE:
+            line += f"; no better valid AUC in {train_cfg.patience} evaluation(s): stopping early (train.patience)"
+    return line
 
 
 def _stopped_early(state: TrainState, train_cfg: TrainConfig) -> bool:

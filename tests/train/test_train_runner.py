@@ -789,3 +789,24 @@ def test_a_trained_run_is_not_evaluated_on_data_generated_for_it(synthetic_dir: 
     (out,) = run_multiprocess(_evaluate_on_missing_data, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
     assert out["error"] is not None and "is not generated here: point data.schema at it" in out["error"]
     assert not out["generated"]
+
+
+def test_each_epoch_ends_with_a_line_of_its_loss_throughput_and_valid_auc() -> None:
+    """The epoch's bar is cleared when it ends (``leave=False``): rank 0 prints what it showed and the
+    validation that followed, so a run of many epochs leaves a record of each on the terminal."""
+    from recsys_llm.train.pipeline import EpochStats
+    from recsys_llm.train.runner import epoch_line
+
+    stats = EpochStats(steps=16, samples=4000, seconds=0.5, first_step_seconds=0.1, first_step_samples=256,
+                       mean_loss=0.65671, pipelined_modules=[], sharded_modules=[], stopped_early=False)
+    cfg = TrainConfig(patience=2)
+    state = TrainState(global_step=16, best_metric=0.57971, best_step=16)
+    line = epoch_line(0, stats, 2, {"auc": 0.57971}, state, cfg)
+    assert line == f"epoch 0: loss 0.6567, {stats.samples_per_second * 2:,.0f} samples/s; valid AUC 0.5797 (best)", line
+    worse = TrainState(global_step=32, best_metric=0.57971, best_step=16, stop_reason=STOP_PATIENCE)
+    line = epoch_line(1, stats, 1, {"auc": 0.55}, worse, cfg)
+    assert line.endswith("valid AUC 0.5500 (best 0.5797 at step 16); no better valid AUC in 2 evaluation(s): "
+                         "stopping early (train.patience)"), line
+    assert epoch_line(2, stats, 1, None, state, cfg).startswith("epoch 2: loss 0.6567, ")  # no validation this epoch
+    no_auc = epoch_line(3, None, 1, {"auc": float("nan")}, TrainState(), cfg)
+    assert no_auc == "epoch 3: valid AUC nan (no valid AUC yet)", no_auc
