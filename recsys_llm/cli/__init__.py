@@ -175,6 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     (``RECSYS_LLM_TRACEBACK=1`` re-raises for the full traceback)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if int(os.environ.get("RANK", "0") or "0") > 0:  # torchrun: rank 0 alone draws bars on the shared terminal
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights", per rank
     if not sys.stderr.isatty():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
         os.environ.setdefault(PROGRESS_INTERVAL_ENV, "30")
         # tqdm's monitor forces a refresh after maxinterval (10 s) without one: no sooner than the interval

@@ -251,3 +251,20 @@ def test_a_model_with_its_own_code_runs_only_with_trust_remote_code(tmp_path, ti
     assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr, refused.stderr[-2000:]
     trusted = subprocess.run(adapt + ["--trust-remote-code"], capture_output=True, text=True, env=env, timeout=300)
     assert trusted.returncode == 0, trusted.stderr[-2000:]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_rank_0_shows_transformers_loading_bar(tmp_path, tiny_schema, tiny_bert_dir, rank) -> None:
+    """Under torchrun every rank loads the LLM (``semantics export``): transformers' "Loading weights"
+    bar is drawn by rank 0 alone, not once per rank over the others' line."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env.update(PYTHONPATH=repo, RANK=rank, WORLD_SIZE="2")
+    done = subprocess.run([sys.executable, "-m", "recsys_llm.cli", "semantics", "encode", "--schema", tiny_schema.root,
+                           "--output", str(tmp_path / "v.safetensors"), "--model", tiny_bert_dir],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert ("Loading weights" in done.stderr) == (rank == "0"), done.stderr
