@@ -18,7 +18,7 @@ tests call on every rank. It
 6. evaluates the best model on the test split (overall, and on cold items when the data
    marks them) and writes the run directory::
 
-       run_dir/config.yaml  plugins.json  sharding_plan.json  metrics.jsonl  results.json
+       run_dir/config.yaml  plugins.json  sharding_plan.json  metrics.jsonl  results.json  training_curves.png
        run_dir/checkpoints/ckpt-N/ ...   run_dir/best/ckpt-N/ ...
 
 Example::
@@ -58,6 +58,7 @@ from recsys_llm.train.config import (
     check_resumable,
     save_config,
 )
+from recsys_llm.train.curves import plot_training_curves
 from recsys_llm.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, run_on_every_rank
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
@@ -328,6 +329,7 @@ def _train_in_run_dir(
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2, sort_keys=True, default=float)
         os.replace(tmp, os.path.join(run_dir, RESULTS_FILE))
+        plot_training_curves(run_dir)
     barrier()
     return results
 

@@ -24,6 +24,7 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.checkpoint import STOP_BUDGET, STOP_PATIENCE, TrainState
 from recsys_llm.train.config import ConfigError, TrainConfig, load_config
+from recsys_llm.train.curves import CURVES_FILE, training_curves
 from recsys_llm.train.resume import reopen_for_budget
 from recsys_llm.train.run_records import current_records, read_metrics
 from recsys_llm.train.runner import StepHook, run_training
@@ -127,6 +128,12 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(synthetic_di
     assert results[0]["global_step"] == results[1]["global_step"] == 2 * steps_per_epoch
     assert results[0]["test"] == results[1]["test"]
     assert results[0]["valid"] == results[1]["valid"]
+    # the resumed run's picture is the straight run's: the killed job's steps after its checkpoint are not drawn
+    curves = [training_curves(read_metrics(d)) for d in (killed_dir, straight_dir)]
+    assert sorted(curves[0]) == sorted(curves[1]) == ["epoch loss", "loss", "valid auc"]
+    assert curves[0]["loss"] == curves[1]["loss"] and curves[0]["valid auc"] == curves[1]["valid auc"]
+    assert curves[0]["epoch loss"][0] == curves[1]["epoch loss"][0]  # the resumed epoch's mean: its steps after the resume
+    assert all(os.path.isfile(os.path.join(d, CURVES_FILE)) for d in (killed_dir, straight_dir))
 
     # The same run directory with another setting: refused, naming it, before anything changes.
     saved_config = open(os.path.join(killed_dir, "config.yaml"), encoding="utf-8").read()

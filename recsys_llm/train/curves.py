@@ -1,0 +1,83 @@
+"""The picture of a run: training loss and validation AUC against the global step.
+
+Drawn from the records of ``metrics.jsonl`` that stand (``run_records.read_metrics``: a resumed
+job's repeated steps replace the interrupted job's), so a run resumed any number of times gives
+one curve. ``run_training`` writes it at the end of every run, beside ``results.json``::
+
+    run_dir/training_curves.png   left: loss (every 50 steps, and each epoch's mean);
+                                  right: validation AUC per evaluation (best marked), test AUC
+
+Example::
+
+    path = plot_training_curves("runs/deepfm")  # None without matplotlib or without a record
+"""
+
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from recsys_llm.train.run_records import read_metrics
+
+CURVES_FILE = "training_curves.png"
+
+Curve = Tuple[List[int], List[float]]  # (global steps, values)
+
+
+def training_curves(records: List[Dict[str, Any]]) -> Dict[str, Curve]:
+    """The curves of ``metrics.jsonl`` records: ``loss`` (``train`` events), ``epoch loss``
+    (``epoch`` events' mean loss, at the epoch's last step) and ``valid auc``; an empty curve
+    is left out."""
+    wanted = {"loss": ("train", "loss"), "epoch loss": ("epoch", "mean_loss"), "valid auc": ("valid", "auc")}
+    curves: Dict[str, Curve] = {}
+    for name, (event, key) in wanted.items():
+        points = [(r["global_step"], r[key]) for r in records
+                  if r.get("event") == event and isinstance(r.get(key), (int, float)) and "global_step" in r]
+        if points:
+            curves[name] = ([step for step, _ in points], [float(value) for _, value in points])
+    return curves
+
+
+def plot_training_curves(run_dir: str) -> Optional[str]:
+    """Writes ``run_dir/training_curves.png`` (atomically) from the run's ``metrics.jsonl``.
+
+    Returns:
+        Optional[str]: the path, or None when matplotlib is not installed or nothing was logged.
+    """
+    records = read_metrics(run_dir)
+    curves = training_curves(records)
+    if not curves:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    test_auc = next((r["auc"] for r in reversed(records)
+                     if r.get("event") == "test" and isinstance(r.get("auc"), (int, float))), None)
+    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if "loss" in curves:
+        loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1, label="training loss (every 50 steps)")
+    if "epoch loss" in curves:
+        loss_axis.plot(*curves["epoch loss"], "o", color="tab:orange", label="epoch mean loss")
+    loss_axis.set(xlabel="global step", ylabel="loss", title="training loss")
+    if "valid auc" in curves:
+        steps, aucs = curves["valid auc"]
+        auc_axis.plot(steps, aucs, "o-", color="tab:green", label="validation AUC")
+        best = max(range(len(aucs)), key=aucs.__getitem__)
+        auc_axis.plot(steps[best], aucs[best], "*", markersize=14, color="tab:red", label=f"best {aucs[best]:.4f}")
+    if test_auc is not None:
+        auc_axis.axhline(test_auc, linestyle="--", color="gray", label=f"test AUC {test_auc:.4f} (best model)")
+    auc_axis.set(xlabel="global step", ylabel="AUC", title="AUC")
+    for axis in (loss_axis, auc_axis):
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.suptitle(os.path.basename(os.path.normpath(run_dir)))
+    figure.tight_layout()
+    path = os.path.join(run_dir, CURVES_FILE)
+    tmp = f"{path}.tmp.png"  # the suffix tells matplotlib the format
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path

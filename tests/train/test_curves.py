@@ -1,0 +1,46 @@
+"""``curves``: the picture of a run's ``metrics.jsonl``."""
+
+import json
+import os
+
+from recsys_llm.train.curves import CURVES_FILE, plot_training_curves, training_curves
+from recsys_llm.train.run_records import read_metrics
+
+
+def _write_metrics(run_dir: str, records) -> None:
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+RECORDS = [
+    {"event": "started", "global_step": 0, "epoch": 0},
+    {"event": "train", "global_step": 50, "epoch": 0, "loss": 0.69},
+    {"event": "epoch", "global_step": 80, "epoch": 1, "mean_loss": 0.66},
+    {"event": "valid", "global_step": 80, "epoch": 1, "auc": 0.61},
+    {"event": "train", "global_step": 100, "epoch": 1, "loss": 0.9},  # the killed job's, after its checkpoint
+    {"event": "resumed", "global_step": 80, "epoch": 1},
+    {"event": "train", "global_step": 100, "epoch": 1, "loss": 0.62},
+    {"event": "epoch", "global_step": 160, "epoch": 2, "mean_loss": 0.6},
+    {"event": "valid", "global_step": 160, "epoch": 2, "auc": None},  # NaN is written as null
+    {"event": "test", "global_step": 160, "auc": 0.63},
+]
+
+
+def test_the_curves_are_the_records_that_stand(tmp_path) -> None:
+    _write_metrics(str(tmp_path), RECORDS)
+    curves = training_curves(read_metrics(str(tmp_path)))
+    assert curves == {"loss": ([50, 100], [0.69, 0.62]), "epoch loss": ([80, 160], [0.66, 0.6]),
+                      "valid auc": ([80], [0.61])}
+
+
+def test_the_picture_is_a_png_in_the_run_dir_and_nothing_without_records(tmp_path) -> None:
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    assert plot_training_curves(run_dir) is None and os.listdir(run_dir) == []
+    _write_metrics(run_dir, RECORDS)
+    path = plot_training_curves(run_dir)
+    assert path == os.path.join(run_dir, CURVES_FILE)
+    with open(path, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(run_dir)) == ["metrics.jsonl", CURVES_FILE]  # no temp file left
