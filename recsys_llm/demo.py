@@ -44,6 +44,9 @@ PLAIN = "DeepFM"
 LLACTR = "DeepFM + LLaCTR (FRE + FIE)"
 ELEC = "DeepFM + ELEC gain (user + item LLM vectors)"
 STUDENT = "DeepFM ELEC student (no LLM at serving)"
+# the entities whose LLM vectors the gain network reads, and the fields each one's text is made of
+ENTITY_TEXT_FIELDS = {"user_id": ["user_id"], "item_id": ["item_id", "item_category"]}
+ADAPT_FIELDS = [field for fields in ENTITY_TEXT_FIELDS.values() for field in fields]  # the LLM adapts on their text
 
 LLM_RECORD = "demo_llm.json"  # in run_root/llm: the model the LLM outputs there were made with
 # settings that change no result: a finished run trained with other values is still reused
@@ -137,8 +140,9 @@ def _train(config_path: str, overrides: Sequence[str], run_dir: str, run_root: s
     return results
 
 
-def _llm_record(llm: Optional[str]) -> Dict[str, str]:
-    """``{"llm": real path, "fingerprint": model_dir_fingerprint}`` of the demo's LLM, checked first.
+def _llm_record(llm: Optional[str]) -> Dict[str, Any]:
+    """``{"llm": real path, "fingerprint": model_dir_fingerprint, "adapt_fields": the fields the LLM
+    adapts on}`` of the demo's LLM steps, checked first.
 
     Raises:
         FileNotFoundError, ValueError: no model directory there (``read_model_config``).
@@ -148,15 +152,15 @@ def _llm_record(llm: Optional[str]) -> Dict[str, str]:
 
     path = os.path.realpath(llm or default_model_path())
     read_model_config(path)  # before any training: a missing model fails at once
-    return {"llm": path, "fingerprint": model_dir_fingerprint(path)}
+    return {"llm": path, "fingerprint": model_dir_fingerprint(path), "adapt_fields": ADAPT_FIELDS}
 
 
-def _check_same_llm(llm_dir: str, record: Dict[str, str], run_root: str) -> None:
-    """Raises when the LLM outputs in ``llm_dir`` were made with another model than ``record``'s
-    (or by an earlier version of the demo, which recorded none).
+def _check_same_llm(llm_dir: str, record: Dict[str, Any], run_root: str) -> None:
+    """Raises when the LLM outputs in ``llm_dir`` were made with another model or other adapt fields
+    than ``record``'s (or by an earlier version of the demo, which recorded none).
 
     Raises:
-        ConfigError: naming both models and what to do.
+        ConfigError: naming both models (or field lists) and what to do.
     """
     path = os.path.join(llm_dir, LLM_RECORD)
     if os.path.isfile(path):
@@ -169,6 +173,13 @@ def _check_same_llm(llm_dir: str, record: Dict[str, str], run_root: str) -> None
                 f"{record['fingerprint']}); the demo reuses a step's output only when it was made with the same "
                 f"inputs: {NEW_RUN_DIR.format(run_root=run_root)}"
             )
+        if saved.get("adapt_fields") != record["adapt_fields"]:
+            adapted_on = f"the fields {saved['adapt_fields']}" if "adapt_fields" in saved else "every field of the rows"
+            raise ConfigError(
+                f"{llm_dir}: holds the LLM outputs of an earlier version of the demo, whose LLM adapted on the text of "
+                f"{adapted_on}, not of the fields {record['adapt_fields']}; the demo reuses a step's output only when "
+                f"it was made with the same inputs: {NEW_RUN_DIR.format(run_root=run_root)}"
+            )
     elif os.path.isdir(llm_dir) and os.listdir(llm_dir):
         raise ConfigError(
             f"{llm_dir}: holds LLM outputs of an earlier version of the demo, which did not record the model they "
@@ -176,7 +187,7 @@ def _check_same_llm(llm_dir: str, record: Dict[str, str], run_root: str) -> None
         )
 
 
-def _write_llm_record(llm_dir: str, record: Dict[str, str]) -> None:
+def _write_llm_record(llm_dir: str, record: Dict[str, Any]) -> None:
     """Writes ``llm_dir/demo_llm.json`` (rank 0, atomically) before the first LLM output."""
     if int(os.environ.get("RANK", "0") or "0") != 0:
         return
@@ -236,12 +247,14 @@ def run_demo(
 
     adapted = os.path.join(llm_dir, "ctr_llm")
     if not os.path.exists(os.path.join(adapted, "provenance.json")):
+        # the text of the users' and items' fields the entity exports below read (at most 111 tokens of
+        # MiniLM: none is cut at the default --max-length 128)
         _cli(["semantics", "adapt", "--schema", schema, "--output-dir", adapted, "--sample-rows", "2000",
-              "--representation-dim", "64", "--max-length", "96", *model_args])
+              "--representation-dim", "64", "--fields", *ADAPT_FIELDS, *model_args])
     from recsys_llm.semantics.vector_reader import vector_dim
 
     entity_overrides = []
-    for entity, text_fields in (("user_id", ["user_id"]), ("item_id", ["item_id", "item_category"])):
+    for entity, text_fields in ENTITY_TEXT_FIELDS.items():
         vectors = os.path.join(llm_dir, f"{entity.split('_')[0]}_vectors")  # resumes; finished chunks are kept
         # pooled states of the tuned LLM: r of an LLM tuned on 2,000 rows has lost most of the text's meaning
         _cli(["semantics", "export", "--schema", schema, "--llm", adapted, "--output-dir", vectors,

@@ -1,6 +1,7 @@
 """``recsys-llm demo`` end to end on a small synthetic set with a tiny random BERT as the LLM."""
 
 import json
+import re
 import os
 import shutil
 from typing import Any, Dict
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
-from recsys_llm.demo import ELEC, LLACTR, PLAIN, STUDENT, comparison_table, run_demo, write_outputs
+from recsys_llm.demo import ADAPT_FIELDS, ELEC, LLACTR, PLAIN, STUDENT, comparison_table, run_demo, write_outputs
 from tests.multiprocess import run_multiprocess
 from tests.tiny_models import save_tiny_bert
 
@@ -36,6 +37,8 @@ def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_pat
     with open(os.path.join(run_root, "demo_results.json"), encoding="utf-8") as handle:
         assert set(json.load(handle)) == {PLAIN, LLACTR, ELEC, STUDENT}
     assert os.path.exists(os.path.join(run_root, "demo_results.png"))
+    adapted_on = json.load(open(os.path.join(run_root, "llm", "ctr_llm", "adapted_on.json"), encoding="utf-8"))
+    assert adapted_on["fields"] == ADAPT_FIELDS  # the text the entity exports read, not every field of the row
     plugins = json.load(open(os.path.join(run_root, "elec_gain", "plugins.json"), encoding="utf-8"))
     assert plugins["elec"]["vector_source"] == "entity_table"
     student = json.load(open(os.path.join(run_root, "elec_student", "plugins.json"), encoding="utf-8"))
@@ -155,3 +158,22 @@ def test_each_variant_says_where_it_trains_before_its_progress_bars(tmp_path, mo
     monkeypatch.setattr(demo, "finished_results", lambda run_dir: trained)
     run_demo(CONFIG, str(tmp_path / "data"), run_root, 3_000, SMALL, with_llm=False)
     assert capsys.readouterr().out == f"== {PLAIN}: reusing the finished run in {plain_dir}\n"
+
+
+def test_llm_outputs_adapted_on_other_fields_are_not_reused(tmp_path) -> None:
+    """An earlier demo adapted the LLM on every field of the row (its record has no ``adapt_fields``):
+    its LLM outputs are refused, naming the fields, not silently reused."""
+    from recsys_llm.demo import LLM_RECORD, _check_same_llm
+    from recsys_llm.train.config import ConfigError
+
+    llm_dir = tmp_path / "llm"
+    llm_dir.mkdir()
+    record = {"llm": "/models/minilm", "fingerprint": "abc", "adapt_fields": ADAPT_FIELDS}
+    for saved, named in (({"llm": "/models/minilm", "fingerprint": "abc"}, "every field of the rows"),
+                         ({**record, "adapt_fields": ["user_id"]}, "the fields ['user_id']")):
+        (llm_dir / LLM_RECORD).write_text(json.dumps(saved), encoding="utf-8")
+        with pytest.raises(ConfigError, match=rf"adapted on the text of {re.escape(named)}, not of the fields "
+                                              rf"{re.escape(str(ADAPT_FIELDS))}.*--run-dir"):
+            _check_same_llm(str(llm_dir), record, str(tmp_path))
+    (llm_dir / LLM_RECORD).write_text(json.dumps(record), encoding="utf-8")
+    _check_same_llm(str(llm_dir), record, str(tmp_path))  # the same: reused
