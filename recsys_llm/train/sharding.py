@@ -54,7 +54,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import optim as trec_optim
 from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingBag
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import (
     HardwareConfig,
@@ -425,8 +425,13 @@ def shard_model(
     )
     plan = planner.collective_plan(task, None, dist.GroupMember.WORLD)
     # one rank has nothing to all-reduce: DDP would only add hooks (~4% of a DeepFM step on CPU)
+    # on 3+ ranks one bucket reduced in parameter order: the gradient sums do not depend on DDP's
+    # bucket rebuild, so a resumed run is exact (_CanonicalAllReduce; a sum of two is exact anyway)
+    wrapper = DefaultDataParallelWrapper(bucket_cap_mb=ONE_BUCKET_MB) if world_size > 2 else None
     model = DistributedModelParallel(task, device=device, plan=plan, init_data_parallel=world_size > 1,
-                                     init_parameters=True)
+                                     init_parameters=True, data_parallel_wrapper=wrapper)
+    if world_size > 2:
+        _reduce_in_parameter_order(model)
     placements = table_placements(plan)
     not_fused = sorted(t for t in frozen if placements[t]["compute_kernel"] != "fused")
     if not_fused:
@@ -446,6 +451,56 @@ def shard_model(
             f"and plug-in terms there (`with torch.device({str(device)!r}): ...`, build_llactr_terms(..., device))"
         )
     return model, plan
+
+
+# DDP's bucket cap for several ranks: every dense gradient in one bucket (see _CanonicalAllReduce)
+ONE_BUCKET_MB = 1 << 20
+
+
+class _CanonicalAllReduce:
+    """DDP comm hook: all-reduces the gradients in parameter order, whatever DDP's bucket order.
+
+    A ring all-reduce adds an element's ``world_size`` values in an order set by the element's
+    offset in the buffer. DDP reduces the first step in parameter order and then rebuilds its
+    buckets in the order the gradients became ready, so the first step after a resume reduced
+    in another layout than the uninterrupted run's step at that point. On three or more ranks
+    (a sum of two values does not depend on their order) that changed the last bits of the
+    gradients and the resumed run drifted from the uninterrupted one. With one bucket
+    (``ONE_BUCKET_MB``) holding every dense gradient, copying them into parameter order before
+    the all-reduce makes every step reduce in the same layout.
+    """
+
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel) -> None:
+        self.group = ddp.process_group
+        self.module = ddp.module
+
+    def __call__(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buffer, grads = bucket.buffer(), bucket.gradients()  # the gradients are views of the buffer
+        # looked up at each step: a parameter's storage may be replaced (a checkpoint loaded by assignment)
+        index = {p.data_ptr(): i for i, p in enumerate(self.module.parameters()) if p.requires_grad}
+        params = bucket.parameters()
+        order = sorted(range(len(grads)), key=lambda i: index[params[i].data_ptr()])
+        flat = torch.cat([grads[i].reshape(-1) for i in order]).div_(dist.get_world_size(self.group))
+
+        def unpack(fut: torch.futures.Future[List[torch.Tensor]]) -> torch.Tensor:
+            reduced, offset = fut.value()[0], 0
+            for i in order:
+                grads[i].copy_(reduced[offset:offset + grads[i].numel()].view_as(grads[i]))
+                offset += grads[i].numel()
+            return buffer
+
+        return dist.all_reduce(flat, group=self.group, async_op=True).get_future().then(unpack)
+
+
+def _hook(state: _CanonicalAllReduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    return state(bucket)
+
+
+def _reduce_in_parameter_order(model: nn.Module) -> None:
+    """Registers :class:`_CanonicalAllReduce` on the DDP wrapper of ``model``'s dense part."""
+    for module in model.modules():
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module.register_comm_hook(_CanonicalAllReduce(module), _hook)
 
 
 def dense_tensors_elsewhere(model: nn.Module, device: torch.device) -> List[str]:

@@ -412,3 +412,15 @@ def test_missing_optimizer_state_names_the_table_optimizer_as_the_likely_cause()
     assert "another model or code version" in message
     assert "another optim.sparse, or a table replicated (data_parallel)" in message
     assert "another optim.sparse" not in str(_damaged("p", RuntimeError("Missing key in checkpoint state_dict: model.w.")))
+
+
+@pytest.mark.multiprocess
+def test_resume_is_exact_on_three_ranks(synthetic_dir: str, tmp_path) -> None:
+    """On 3+ ranks the order of a gradient's sum depends on its offset in DDP's bucket, and DDP
+    rebuilds its buckets after a model's first step: the first step after a resume must still
+    reduce as the uninterrupted run's step did (it drifted in the last bits before)."""
+    results = run_multiprocess(_save_continue_resume, world_size=3, schema_path=synthetic_dir,
+                               ckpt_dir=str(tmp_path / "checkpoints"))
+    for result in results:
+        assert len(result["continued"]) == 7
+        assert result["resumed"] == result["continued"]
