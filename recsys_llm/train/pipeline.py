@@ -255,15 +255,16 @@ def evaluate(
         progress (bool): show a tqdm bar (rank 0 only).
 
     Returns:
-        dict: AUC, LogLoss, NE, ... (see :class:`CTRMetrics`) plus ``loss`` (mean BCE + terms
-        over every rank's batches).
+        dict: AUC, LogLoss, NE, ... (see :class:`CTRMetrics`) plus ``loss`` (BCE + terms, each
+        batch's weighted by its rows: the mean over every rank's rows, whatever the batch size
+        and the number of ranks).
     """
     was_training = model.training
     model.eval()
     metrics.reset()
     # summed on the device: no host sync per batch
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    steps = 0
+    rows = 0
     if isinstance(batches, ParquetBatchReader):
         pairs, total = batches.padded(), batches.padded_len
     else:
@@ -275,10 +276,11 @@ def evaluate(
         if not real:  # a repeat that keeps this rank's collectives in step with the others
             continue
         metrics.update(logits, labels, batch_extras(batch))
-        loss_sum += loss.detach().double().sum()
-        steps += 1
+        # a batch's loss is its rows' mean: weighted by its rows, a partial batch counts as its rows do
+        loss_sum += loss.detach().double().sum() * labels.numel()
+        rows += labels.numel()
     results = metrics.compute()
-    totals = torch.stack([loss_sum, torch.tensor(float(steps), dtype=torch.float64, device=device)])
+    totals = torch.stack([loss_sum, torch.tensor(float(rows), dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)  # every rank reports the same loss, like the other metrics
     results["loss"] = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")

@@ -14,7 +14,8 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
 from recsys_llm.train.distributed import init_distributed
-from recsys_llm.train.pipeline import NonFiniteLossError, train_epoch
+from recsys_llm.train.metrics import CTRMetrics
+from recsys_llm.train.pipeline import NonFiniteLossError, evaluate, train_epoch
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
 from recsys_llm.train.task import CTRTask
 from tests.multiprocess import run_multiprocess
@@ -169,3 +170,25 @@ def test_torchrecs_own_batches_train(synthetic_dir: str) -> None:
     (result,) = run_multiprocess(_train_on_torchrec_batches, world_size=1, schema_path=synthetic_dir)
     assert result["steps"] == 6 and result["samples"] == 6 * 64
     assert result["pipelined"] == result["sharded"] and result["sharded"]
+
+
+def _eval_loss_and_logloss(schema_path: str) -> List[Dict[str, float]]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    train_epoch(model, optimizer, list(ParquetBatchReader(schema, "train", 64))[:20], ctx.device, progress=False)
+    out = []
+    for batch_size in (1000, 7):  # a partial last batch of 200 rows, of 3 rows
+        reader = ParquetBatchReader(schema, "valid", batch_size, rank=ctx.rank, world_size=ctx.world_size)
+        results = evaluate(model, reader, ctx.device, CTRMetrics(), progress=False)
+        out.append({"loss": results["loss"], "logloss": results["logloss"], "rows": results["num_samples"]})
+    return out
+
+
+@pytest.mark.multiprocess
+def test_the_evaluation_loss_is_the_mean_over_rows_whatever_the_batches(synthetic_dir: str) -> None:
+    """It was the mean of the batch means: a partial last batch (and so the number of ranks and
+    the eval batch size) changed it, for the same model and rows."""
+    (results,) = run_multiprocess(_eval_loss_and_logloss, world_size=1, schema_path=synthetic_dir)
+    for result in results:  # a plain CTRTask's loss is the BCE, which logloss averages over every row
+        assert result["loss"] == pytest.approx(result["logloss"], rel=1e-6), result
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6), results  # float32 batch means
