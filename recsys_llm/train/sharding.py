@@ -157,6 +157,10 @@ class ShardingConfig:
             ``sharding_types`` / ``compute_kernels``.
         frozen_tables (List[str]): table names that never train (see module docstring).
         compute_device (str): ``auto`` | ``cpu`` | ``cuda`` for the planner's topology.
+        exact_dense_reduction (bool): on three or more ranks, all-reduce the dense gradients in
+            one bucket in parameter order (:class:`_CanonicalAllReduce`), so a resumed run goes on
+            bit for bit; False: DDP's own buckets, whose all-reduces overlap the backward but reduce
+            in another order after DDP rebuilds them, so a resume drifts in the last bits.
     """
 
     sharding_types: List[str] = dataclasses.field(default_factory=list)
@@ -164,6 +168,7 @@ class ShardingConfig:
     table_constraints: Dict[str, Dict[str, List[str]]] = dataclasses.field(default_factory=dict)
     frozen_tables: List[str] = dataclasses.field(default_factory=list)
     compute_device: str = "auto"
+    exact_dense_reduction: bool = True
 
     def __post_init__(self) -> None:
         if self.compute_device not in ("auto", "cpu", "cuda"):
@@ -427,10 +432,11 @@ def shard_model(
     # one rank has nothing to all-reduce: DDP would only add hooks (~4% of a DeepFM step on CPU)
     # on 3+ ranks one bucket reduced in parameter order: the gradient sums do not depend on DDP's
     # bucket rebuild, so a resumed run is exact (_CanonicalAllReduce; a sum of two is exact anyway)
-    wrapper = DefaultDataParallelWrapper(bucket_cap_mb=ONE_BUCKET_MB) if world_size > 2 else None
+    canonical = world_size > 2 and sharding.exact_dense_reduction
+    wrapper = DefaultDataParallelWrapper(bucket_cap_mb=ONE_BUCKET_MB) if canonical else None
     model = DistributedModelParallel(task, device=device, plan=plan, init_data_parallel=world_size > 1,
                                      init_parameters=True, data_parallel_wrapper=wrapper)
-    if world_size > 2:
+    if canonical:
         _reduce_in_parameter_order(model)
     placements = table_placements(plan)
     not_fused = sorted(t for t in frozen if placements[t]["compute_kernel"] != "fused")

@@ -424,3 +424,23 @@ def test_resume_is_exact_on_three_ranks(synthetic_dir: str, tmp_path) -> None:
     for result in results:
         assert len(result["continued"]) == 7
         assert result["resumed"] == result["continued"]
+
+
+def _dense_comm_hooks(schema_path: str) -> Dict[bool, int]:
+    """Comm hooks on the dense part's DDP, with ``sharding.exact_dense_reduction`` on and off."""
+    schema = DatasetSchema.load(schema_path)
+    ctx = init_distributed("cpu")
+    hooks = {}
+    for exact in (True, False):
+        sharding = ShardingConfig(sharding_types=["table_wise"], exact_dense_reduction=exact)
+        model, _ = shard_model(_DLRMTask(schema), ctx.device, ctx.world_size, sharding, OPTIM, batch_size=64)
+        hooks[exact] = sum(len(m._comm_hooks) for m in model.modules() if isinstance(m, nn.parallel.DistributedDataParallel))
+    return hooks
+
+
+@pytest.mark.multiprocess
+def test_exact_dense_reduction_can_be_switched_off_for_ddps_own_buckets(synthetic_dir: str) -> None:
+    """``sharding.exact_dense_reduction=false`` keeps DDP's buckets (their all-reduces overlap the
+    backward) on 3 ranks; on 2 a sum of two is exact whatever the order, so no hook is needed."""
+    assert run_multiprocess(_dense_comm_hooks, world_size=3, schema_path=synthetic_dir) == [{True: 1, False: 0}] * 3
+    assert run_multiprocess(_dense_comm_hooks, world_size=2, schema_path=synthetic_dir) == [{True: 0, False: 0}] * 2
