@@ -155,6 +155,18 @@ def test_evaluate_and_export_refuse_a_config_of_another_model(tmp_path) -> None:
     check_same_model(without_llactr, unrelated)  # no run config there: nothing to compare
 
 
+def test_evaluate_and_export_refuse_another_lambda_fie_but_not_other_loss_weights(tmp_path) -> None:
+    # lambda_fie scales FIE's logit term (and the weights export folds into the backbone): another value
+    # evaluates or serves another model than the one trained; FRE's weight and reduction only shape the loss
+    from recsys_llm.train.config import check_same_model, save_config
+
+    save_config(load_config(None, ["model.name=fm", "llactr.vectors_path=v.safetensors"]), str(tmp_path / "config.yaml"))
+    saved = str(tmp_path / "config.yaml")
+    check_same_model(load_config(saved, ["llactr.lambda_fre=0.5", "llactr.fre_field_reduction=mean"]), saved)
+    with pytest.raises(ConfigError, match=r"llactr.lambda_fie: 0.1 -> 5"):
+        check_same_model(load_config(saved, ["llactr.lambda_fie=5"]), saved)
+
+
 def test_resume_allows_budget_and_path_spellings_but_not_model_changes(tmp_path, monkeypatch) -> None:
     from recsys_llm.train.config import check_resumable
 
