@@ -60,12 +60,17 @@ class LLaCTRConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "llactr") -> "LLaCTRConfig":
         """From a config-file mapping, typed like the rest of the config; unknown keys, a
-        missing ``vectors_path`` and negative or non-finite lambdas are errors naming the key."""
+        missing or empty ``vectors_path`` and negative or non-finite lambdas are errors naming the key."""
         from recsys_llm.train.config import ConfigError, build_dataclass
 
         if "vectors_path" not in raw:
             raise ConfigError(f"{source}: 'vectors_path' (path of the field-vector file) is required")
         config = build_dataclass(cls, raw, source)
+        if not config.vectors_path:
+            raise ConfigError(
+                f"{source}.vectors_path: empty; give the field-vector file of `recsys-llm semantics encode` "
+                f"(or leave the {source} section out for a model without LLaCTR)"
+            )
         for name in ("lambda_fre", "lambda_fie"):
             value = getattr(config, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

@@ -139,6 +139,9 @@ class TestBuildLLaCTRTerms:
             LLaCTRConfig.from_dict({"vectors_path": "x", "lambda": 0.1})
         with pytest.raises(ValueError, match="'vectors_path'"):
             LLaCTRConfig.from_dict({})
+        for empty in ("", None):  # `llactr.vectors_path=` on the command line: not "': vector file not found"
+            with pytest.raises(ValueError, match=r"llactr.vectors_path: empty; .*recsys-llm semantics encode"):
+                LLaCTRConfig.from_dict({"vectors_path": empty})
         with pytest.raises(ValueError, match="llactr.fre_field_reduction: expected one of .*got 'avg'"):
             LLaCTRConfig.from_dict({"vectors_path": "x", "fre_field_reduction": "avg"})
         for key, bad in (("lambda_fre", float("nan")), ("lambda_fie", float("inf")), ("lambda_fie", -0.1)):
