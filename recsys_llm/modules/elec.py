@@ -38,7 +38,12 @@ from recsys_llm.modules.semantic_table import (
     semantic_table_name,
     table_weights,
 )
-from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask, load_full_state
+from recsys_llm.modules.teacher_student import (
+    StateMismatchError,
+    TeacherStudentConfig,
+    TeacherStudentTask,
+    load_full_state,
+)
 from recsys_llm.train.task import CTRTask
 
 TASKS = ("gain", "distill")
@@ -298,7 +303,9 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         with open_state_file(config.teacher_checkpoint) as state:  # each rank reads only its shards' rows
             try:
                 report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.", source=source)
-            except (KeyError, ValueError) as error:  # the state lacks a tensor, has one of another shape, or an extra one
+            # the state lacks a tensor, has one of another shape, or an extra one (not a NaN or a damaged
+            # file: the ValueErrors of open_state_file's reads, which no model setting explains)
+            except (KeyError, StateMismatchError) as error:
                 hint = _teacher_mismatch_hint(config.teacher_checkpoint, model_config, schema_fingerprint)
                 raise type(error)(f"{error.args[0]}{hint}") from None
     if config.vector_source != "entity_table" or (is_distill and config.distill.mode == "offline"):

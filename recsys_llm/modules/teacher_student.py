@@ -255,6 +255,11 @@ def labeled_bce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
+class StateMismatchError(ValueError):
+    """A full state that does not fit the model :func:`load_full_state` loads it into: a tensor of
+    another shape, or tensors the model has no place for (a ValueError, as before)."""
+
+
 @torch.no_grad()
 def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = "", source: str = "state") -> int:
     """Copies a full (unsharded) state dict into a possibly sharded model, shard by shard.
@@ -277,9 +282,10 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
 
     Raises:
         KeyError: a destination key under ``prefix`` has no source tensor.
-        ValueError: a source tensor's shape differs from the destination's, or ``state`` holds
-            tensors the model has no place for under ``prefix`` (it was saved from another model,
-            e.g. a gain network on entity tables loaded into one reading per-row vectors).
+        StateMismatchError: (a ValueError) a source tensor's shape differs from the destination's, or
+            ``state`` holds tensors the model has no place for under ``prefix`` (it was saved from
+            another model, e.g. a gain network on entity tables loaded into one reading per-row vectors).
+        ValueError: a tensor read from ``state`` is refused (``open_state_file``: NaN / inf, a damaged file).
         RuntimeError: a destination is still on the meta device (call it after ``shard_model``).
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -291,7 +297,7 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
     expected = {source_key for _, _, source_key in destinations}
     unused = sorted(key for key in state if key not in expected)
     if unused:  # checked before anything is copied: the model is left as it was
-        raise ValueError(f"{source}: holds {len(unused)} tensors the model has no place for under {prefix!r}: "
+        raise StateMismatchError(f"{source}: holds {len(unused)} tensors the model has no place for under {prefix!r}: "
                          f"{unused[:8]}{'...' if len(unused) > 8 else ''}")
     copied = 0
     for key, dest, source_key in destinations:
@@ -299,7 +305,7 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
             raise KeyError(f"{source}: no tensor {source_key!r} for {key!r}; it has {sorted(state)[:8]}...")
         full = state[source_key]
         if tuple(full.shape) != tuple(dest.size()):
-            raise ValueError(f"{source}: tensor {source_key!r} has shape {tuple(full.shape)}, "
+            raise StateMismatchError(f"{source}: tensor {source_key!r} has shape {tuple(full.shape)}, "
                              f"the model's {key!r} expects {tuple(dest.size())}")
         if isinstance(dest, ShardedTensor):
             for shard in dest.local_shards():

@@ -169,6 +169,26 @@ class TestTeacherStudentTask:
         for k, v in task.teacher.state_dict().items():  # refused before anything was copied
             assert torch.equal(v, before[k]), k
 
+    def test_a_frozen_teacher_with_nan_weights_gets_no_settings_hint(self, tmp_path):
+        """NaN in the teacher's state is no mismatch of settings: the refusal says so alone."""
+        import json
+
+        from safetensors.torch import save_file
+
+        gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, MODEL, device=CPU)
+        state = {k: v.contiguous().clone() for k, v in gain.state_dict().items()}
+        key = next(k for k in state if state[k].is_floating_point() and state[k].numel())
+        state[key].view(-1)[0] = float("nan")
+        export = tmp_path / "nan_gain"
+        export.mkdir()
+        save_file(state, str(export / "model.safetensors"))
+        (export / "config.json").write_text(json.dumps({"metadata": {"model": MODEL.to_dict()}}), encoding="utf-8")
+        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(export),
+                            distill=TeacherStudentConfig(mode="frozen"))
+        with pytest.raises(ValueError, match="non-finite value") as caught:
+            load_elec_state(build_elec_task(config, SCHEMA, MODEL, device=CPU), config, model_config=MODEL)
+        assert "build the teacher" not in str(caught.value)
+
     def test_a_frozen_teacher_of_other_model_settings_or_schema_names_them(self, tmp_path):
         import json
 
