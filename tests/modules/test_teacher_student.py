@@ -199,7 +199,8 @@ class TestTeacherStudentTask:
         export = tmp_path / "wide_gain"
         export.mkdir()
         save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, str(export / "model.safetensors"))
-        (export / "config.json").write_text(json.dumps({"metadata": {"model": wide.to_dict(),
+        recorded = dataclasses.replace(wide, dropout=MODEL.dropout + 0.25)  # shapes no tensor: not named
+        (export / "config.json").write_text(json.dumps({"metadata": {"model": recorded.to_dict(),
                                                                      "schema_fingerprint": "0123abcd"}}),
                                             encoding="utf-8")
         config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(export),
@@ -211,6 +212,9 @@ class TestTeacherStudentTask:
                                              rf"schema \(config.json metadata.schema_fingerprint 0123abcd, this data "
                                              rf"set's is {SCHEMA.fingerprint()}\)"):
             load_elec_state(task, config, SCHEMA.fingerprint(), model_config=MODEL)
+        with pytest.raises(ValueError) as caught:
+            load_elec_state(task, config, SCHEMA.fingerprint(), model_config=MODEL)
+        assert "dropout" not in str(caught.value)
 
     def test_offline_reads_extras_and_matches_frozen(self):
         frozen = _elec("joint")
