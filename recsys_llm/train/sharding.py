@@ -479,13 +479,22 @@ class _CanonicalAllReduce:
     def __init__(self, ddp: nn.parallel.DistributedDataParallel) -> None:
         self.group = ddp.process_group
         self.module = ddp.module
+        # the bucket's parameters' storages -> their positions in parameter order; recomputed (a walk
+        # over every parameter of the module) only when those storages change, not at every step
+        self._layout: Optional[Tuple[Tuple[int, ...], List[int]]] = None
+
+    def _order(self, params: List[torch.Tensor]) -> List[int]:
+        """Positions in ``params`` (the bucket's parameters) sorted by the module's parameter order."""
+        pointers = tuple(p.data_ptr() for p in params)
+        if self._layout is None or self._layout[0] != pointers:
+            # a parameter's storage may be replaced (a checkpoint loaded by assignment): looked up again then
+            index = {p.data_ptr(): i for i, p in enumerate(self.module.parameters()) if p.requires_grad}
+            self._layout = (pointers, sorted(range(len(params)), key=lambda i: index[pointers[i]]))
+        return self._layout[1]
 
     def __call__(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer, grads = bucket.buffer(), bucket.gradients()  # the gradients are views of the buffer
-        # looked up at each step: a parameter's storage may be replaced (a checkpoint loaded by assignment)
-        index = {p.data_ptr(): i for i, p in enumerate(self.module.parameters()) if p.requires_grad}
-        params = bucket.parameters()
-        order = sorted(range(len(grads)), key=lambda i: index[params[i].data_ptr()])
+        order = self._order(bucket.parameters())
         flat = torch.cat([grads[i].reshape(-1) for i in order]).div_(dist.get_world_size(self.group))
 
         def unpack(fut: torch.futures.Future[List[torch.Tensor]]) -> torch.Tensor:
