@@ -46,16 +46,14 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
     curves = training_curves(records)
     if not curves:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own, not pyplot: the calling program's backend and figures are left alone
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     test_auc = next((r["auc"] for r in reversed(records)
                      if r.get("event") == "test" and isinstance(r.get("auc"), (int, float))), None)
-    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure = Figure(figsize=(10, 3.8))
+    loss_axis, auc_axis = figure.subplots(1, 2)
     if "loss" in curves:
         loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1, label="training loss (every 50 steps)")
     if "epoch loss" in curves:
@@ -78,6 +76,5 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
     path = os.path.join(run_dir, CURVES_FILE)
     tmp = f"{path}.tmp.png"  # the suffix tells matplotlib the format
     figure.savefig(tmp, dpi=100)
-    plt.close(figure)
     os.replace(tmp, path)
     return path

@@ -44,3 +44,17 @@ def test_the_picture_is_a_png_in_the_run_dir_and_nothing_without_records(tmp_pat
     with open(path, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(run_dir)) == ["metrics.jsonl", CURVES_FILE]  # no temp file left
+
+
+def test_the_picture_leaves_the_callers_matplotlib_backend_alone(tmp_path) -> None:
+    """run_training draws it in the caller's process (a notebook): no matplotlib.use, no pyplot figure."""
+    import subprocess
+    import sys
+
+    _write_metrics(str(tmp_path), RECORDS)
+    code = ("import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt; "
+            "from recsys_llm.train.curves import plot_training_curves; "
+            f"assert plot_training_curves({str(tmp_path)!r}); "
+            "print(matplotlib.get_backend(), len(plt.get_fignums()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["svg", "0"]
