@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -329,7 +330,10 @@ def _train_in_run_dir(
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2, sort_keys=True, default=float)
         os.replace(tmp, os.path.join(run_dir, RESULTS_FILE))
-        plot_training_curves(run_dir)
+        try:  # a picture that cannot be drawn (a full disk) must not fail a finished run, nor leave the ranks waiting
+            plot_training_curves(run_dir)
+        except Exception as error:  # noqa: BLE001 - reported, and the run goes on
+            warnings.warn(f"{run_dir}: training_curves.png not written: {type(error).__name__}: {error}", stacklevel=2)
     barrier()
     return results
 

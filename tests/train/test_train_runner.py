@@ -817,3 +817,28 @@ def test_each_epoch_ends_with_a_line_of_its_loss_throughput_and_valid_auc() -> N
     assert epoch_line(2, stats, 1, None, state, cfg).startswith("epoch 2: loss 0.6567, ")  # no validation this epoch
     no_auc = epoch_line(3, None, 1, {"auc": float("nan")}, TrainState(), cfg)
     assert no_auc == "epoch 3: valid AUC nan (no valid AUC yet)", no_auc
+
+
+def _run_with_a_failing_picture(schema_dir: str, run_dir: str) -> Dict[str, Any]:
+    import warnings
+
+    from recsys_llm.train import runner
+
+    def no_space(path: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    runner.plot_training_curves = no_space
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=2"])
+    return {"results": results, "warnings": [str(w.message) for w in caught]}
+
+
+def test_a_picture_that_cannot_be_drawn_does_not_fail_the_run(synthetic_dir: str, tmp_path) -> None:
+    """The run is finished when the picture is drawn: a failure there is a warning on rank 0, and
+    every rank still meets the others at the end."""
+    run_dir = str(tmp_path / "run")
+    outs = run_multiprocess(_run_with_a_failing_picture, world_size=2, schema_dir=synthetic_dir, run_dir=run_dir)
+    assert [out["results"]["global_step"] for out in outs] == [2, 2]
+    assert os.path.isfile(os.path.join(run_dir, "results.json"))
+    assert any("training_curves.png not written: OSError" in message for message in outs[0]["warnings"]), outs[0]
