@@ -95,12 +95,11 @@ def prepare_tabular(
                              f"value_text {user_schema.value_text_path(name)} in {schema_path}, keyed by the column's ids; "
                              "a vocabulary would renumber them and replace that text (drop one of the two)")
     value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
-    for spec in user_schema.fields:  # checked before any row is read
-        if spec.value_text:
-            _user_value_text(user_schema, spec.name)
+    # checked before any row is read, and written into the prepared directory as checked
+    user_texts = {spec.name: _user_value_text(user_schema, spec.name) for spec in user_schema.fields if spec.value_text}
     return write_prepared(
         out_dir, data_path, [data_path, schema_path] + value_texts,
-        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, row_key_named),
+        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, user_texts, row_key_named),
     )
 
 
@@ -111,9 +110,11 @@ def _convert(
     out_dir: str,
     config: TabularConfig,
     progress: bool,
+    user_texts: Dict[str, pa.Table],
     row_key_named: bool = False,
 ) -> DatasetSchema:
-    """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
+    """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved).
+    ``user_texts``: per field with its own value-text file, that file as :func:`_user_value_text` checked it."""
     available = source_columns(data_path, config)
     wanted = [f.name for f in user_schema.fields] + [user_schema.label] + list(user_schema.extra_columns)
     missing = [c for c in wanted if c not in available]
@@ -150,7 +151,7 @@ def _convert(
             )
     total = len(split_values) if split_values is not None else None
     split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
-    schema = _output_schema(user_schema, plans, out_dir)
+    schema = _output_schema(user_schema, plans, out_dir, user_texts)
     bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress)
     try:
         _write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar)
@@ -230,8 +231,11 @@ def _near_names(missing: List[str], available: List[str]) -> str:
     return f"the file has {', '.join(near)} (names must match exactly, case and spaces included); " if near else ""
 
 
-def _output_schema(user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_dir: str) -> DatasetSchema:
-    """The output schema rooted at ``out_dir``; writes vocabularies and copies user value text into ``out_dir/text``."""
+def _output_schema(
+    user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_dir: str, user_texts: Dict[str, pa.Table]
+) -> DatasetSchema:
+    """The output schema rooted at ``out_dir``; writes vocabularies and the user's checked value texts
+    (``user_texts``, per field) into ``out_dir/text``."""
     fields = []
     for spec in user_schema.fields:
         value_text = spec.value_text
@@ -240,10 +244,9 @@ def _output_schema(user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_
             value_text = value_text_file(spec.name)
             write_value_text(os.path.join(out_dir, value_text), ["unknown"] + plan.vocabulary.to_pylist())
         elif value_text:
-            table = _user_value_text(user_schema, spec.name)
             value_text = value_text_file(spec.name)
             os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
-            pq.write_table(table, os.path.join(out_dir, value_text))
+            pq.write_table(user_texts[spec.name], os.path.join(out_dir, value_text))
         fields.append(dataclasses.replace(spec, value_text=value_text))
     return DatasetSchema(
         name=user_schema.name,
