@@ -184,10 +184,9 @@ def _user_value_text(user_schema: DatasetSchema, field: str) -> pa.Table:
         raise DataError(f"{where}: column 'id' holds {pc.max(ids).as_py()}, above 2**63 - 1; expected int64 ids")
     ids = pc.cast(ids, pa.int64())
     keys = ids.to_numpy(zero_copy_only=False)
-    order = np.argsort(keys, kind="stable")
-    repeats = np.nonzero(keys[order][1:] == keys[order][:-1])[0]
-    if repeats.size:
-        first, second = sorted((int(order[repeats[0]]), int(order[repeats[0] + 1])))
+    repeat = _first_repeat(keys)
+    if repeat is not None:
+        first, second = repeat
         raise DataError(f"{where}: id {int(keys[first])} is repeated, in rows {first} and {second}; expected one text "
                         "per id (the LLM steps would take the first)")
     text = table.column("text").chunk(0) if table.num_rows else pa.array([], pa.string())
@@ -309,20 +308,28 @@ def _check_unique_keys(path: str, column: str, keys: np.ndarray, starts: List[Tu
     ordered = np.sort(keys)  # ~25x faster than a stable argsort at 10^7+ keys
     if not bool(np.any(ordered[1:] == ordered[:-1])):
         return
-    order = np.argsort(keys, kind="stable")  # only to name the rows of the first repeat
-    ordered = keys[order]
-    repeats = np.nonzero(ordered[1:] == ordered[:-1])[0]
-    if repeats.size:
-        first, second = int(order[repeats[0]]), int(order[repeats[0] + 1])
+    repeat = _first_repeat(keys)
+    if repeat is not None:
+        first, second = repeat
         where = []
         for row in (first, second):
             block_row, file_path, file_row = starts[bisect.bisect_right([s[0] for s in starts], row) - 1]
             place = describe_row(file_row + row - block_row, first_line(file_path))
             where.append(place if file_path == path else f"{file_path} {place}")
         raise DataError(
-            f"{path}: row key column {column!r}: key {int(ordered[repeats[0]])} is repeated, in "
+            f"{path}: row key column {column!r}: key {int(keys[first])} is repeated, in "
             f"{where[0]} and {where[1]}; expected a unique key per row (LLM row vectors are looked up by it)"
         )
+
+
+def _first_repeat(keys: np.ndarray) -> Optional[Tuple[int, int]]:
+    """``(first, second)``: the first two rows (first < second) of the smallest key of ``keys`` (N,)
+    that occurs more than once; None when every key is unique."""
+    order = np.argsort(keys, kind="stable")  # equal keys keep their row order
+    repeats = np.nonzero(keys[order][1:] == keys[order][:-1])[0]
+    if not repeats.size:
+        return None
+    return int(order[repeats[0]]), int(order[repeats[0] + 1])
 
 
 def _row_keys(array: pa.Array, path: str, column: str, row: int) -> np.ndarray:
