@@ -420,7 +420,9 @@ def _convert_block(
             _check_float32_range(path, spec.name, values, row, line)
             out[spec.name] = values.astype(np.float32)
             continue
-        flat, lengths = field_tokens(array, spec, config.sequence_separator, path, row, plans[spec.name].missing)
+        # plan_fields, the first pass, checked every block's strings for UTF-8
+        flat, lengths = field_tokens(array, spec, config.sequence_separator, path, row, plans[spec.name].missing,
+                                     utf8_checked=True)
         try:
             ids = token_ids(flat, plans[spec.name], spec, salt)
         except pa.ArrowInvalid as error:

@@ -161,6 +161,7 @@ def field_tokens(
     path: str,
     row: int,
     missing: Optional[pa.Array] = None,
+    utf8_checked: bool = False,
 ) -> Tuple[pa.Array, Optional[np.ndarray]]:
     """(flat tokens, per-row lengths or None for sparse fields) of a block whose first row is ``row``.
 
@@ -168,15 +169,17 @@ def field_tokens(
     ids made int64 (NaN is missing, a fraction an error). Sequences drop their missing tokens:
     null elements (of string and of integer lists alike), empty or blank strings, and strings
     in ``missing`` (markers such as ``NA`` among integer ids); a null list is an empty sequence.
-    Sparse fields keep their nulls (id 0).
+    Sparse fields keep their nulls (id 0). ``utf8_checked``: an earlier pass over the same
+    rows (:func:`plan_fields`) checked that their strings are UTF-8.
 
     Raises:
         DataError: a column whose type does not fit the field (see :func:`_check_token_column`),
-            or a floating id that is no whole number.
+            a floating id that is no whole number, or a string that is not UTF-8.
     """
     _check_token_column(path, spec, array.type, separator)
     array = _decoded(array)
-    _check_utf8(array, path, spec, row)
+    if not utf8_checked:
+        _check_utf8(array, path, spec, row)
     lengths: Optional[np.ndarray] = None
     if spec.kind == FieldKind.SPARSE:
         flat = array
