@@ -13,10 +13,12 @@ Example::
     task = CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms)
 """
 
+import contextlib
 import dataclasses
+import hashlib
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +113,23 @@ def embedded_features(model: nn.Module) -> Dict[str, int]:
     return {name: config.embedding_dim for config in configs for name in config.feature_names}
 
 
+@contextlib.contextmanager
+def _own_random_stream(term: str) -> Iterator[None]:
+    """Runs the block on a CPU random stream of its own, seeded from the process's seed and ``term``.
+
+    The terms are built after the backbone, whose tables a trainer materialises later still (DMP,
+    from ``meta``): drawn from the global stream, the terms' initial weights would shift every table,
+    so that lambda 0, or FIE alone against FRE + FIE, would start from other tables than the plain
+    model of the same seed. The global stream is left where it was.
+    """
+    digest = hashlib.sha256(f"{torch.initial_seed()}:llactr.{term}".encode()).digest()
+    # CPU only (the terms are built there, then moved): torch.manual_seed would reseed every GPU's
+    # stream too, which fork_rng(devices=[]) does not restore
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.random.default_generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        yield
+
+
 def build_llactr_terms(
     config: LLaCTRConfig,
     schema: DatasetSchema,
@@ -168,9 +187,10 @@ def build_llactr_terms(
         )
     if config.use_fre:
         fre_vectors = F.normalize(vectors, dim=-1) if config.normalize_vectors else vectors
-        loss_terms["fre"] = FieldRepresentationEnhancement(
-            fre_vectors, used, next(iter(used_dims)), config.lambda_fre, config.fre_field_reduction
-        )
+        with _own_random_stream("fre"):
+            loss_terms["fre"] = FieldRepresentationEnhancement(
+                fre_vectors, used, next(iter(used_dims)), config.lambda_fre, config.fre_field_reduction
+            )
     if config.use_fie:
         if len(used) < 2:
             raise ValueError(
@@ -178,7 +198,10 @@ def build_llactr_terms(
                 f"model (features {sorted(dims)}) and wanted; use FRE alone (llactr.use_fie=false) or vectors of more "
                 "of the model's fields"
             )
-        logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)
+        with _own_random_stream("fie"):
+            logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)
+    if device is None and torch.get_default_device().type != "cpu":  # built on CPU above, under another default
+        device = torch.get_default_device()
     if device is not None:
         logit_terms = {name: term.to(device) for name, term in logit_terms.items()}
         loss_terms = {name: term.to(device) for name, term in loss_terms.items()}

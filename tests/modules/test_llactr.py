@@ -51,6 +51,33 @@ class TestBuildLLaCTRTerms:
         assert loss_terms["fre"].projection.weight.grad is not None
         assert logit_terms["fie"].pair_weight.weight.grad is not None
 
+    def test_building_the_terms_leaves_the_random_stream_to_the_backbone(self, tmp_path, monkeypatch) -> None:
+        # the tables are materialised after the terms are built (by DMP, from meta): terms that drew their
+        # initial weights from the global stream gave lambda 0 (or FIE-only vs FRE + FIE) other tables
+        # than the plain model of the same seed; nor may a GPU's stream (tables on GPU draw from it) be reseeded
+        def reseeds(seed):
+            raise AssertionError("a GPU's random stream was reseeded")
+
+        schema = _schema()
+        path = _vectors(tmp_path, schema)
+        backbone = LinearBackbone(make_ebc(dim=8), num_dense_features=1)
+        weights = {}
+        for switches in ({}, {"use_fre": False}, {"use_fie": False}, {"lambda_fre": 0.0, "lambda_fie": 0.0}):
+            torch.manual_seed(3)
+            with monkeypatch.context() as patched:
+                patched.setattr(torch.cuda, "manual_seed_all", reseeds)
+                logit_terms, loss_terms, _ = build_llactr_terms(LLaCTRConfig(path, **switches), schema, backbone)
+            after = torch.rand(4)
+            torch.manual_seed(3)
+            torch.testing.assert_close(after, torch.rand(4), rtol=0, atol=0)  # the stream did not move
+            for name, term in {**logit_terms, **loss_terms}.items():
+                weights.setdefault(name, []).append(next(term.parameters()).detach().clone())
+        for name, drawn in weights.items():  # FIE's weights do not depend on whether FRE is built, and back
+            assert all(torch.equal(drawn[0], other) for other in drawn[1:]), name
+        with torch.device("meta"):  # an ambient default device still takes the terms (built on CPU, then moved)
+            logit_terms, loss_terms, _ = build_llactr_terms(LLaCTRConfig(path), schema, backbone)
+        assert logit_terms["fie"].pair_weight.weight.is_meta and loss_terms["fre"].projection.weight.is_meta
+
     def test_ablation_switches_and_dlrm(self, tmp_path) -> None:
         schema = _schema()
         path = _vectors(tmp_path, schema)
