@@ -6,7 +6,7 @@ import os
 import pickle
 import re
 import shutil
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -212,6 +212,24 @@ def _without_state_key(directory: str) -> None:
         json.dump(config, handle)
 
 
+def _config_naming(key: str, name: Optional[str]) -> Callable[[str], None]:
+    """Points ``config.json``'s ``key`` at ``name`` relative to the artifact (a copy of the real file put
+    there, so only the name is wrong), or at the real file's absolute path when ``name`` is None."""
+    def damage(directory: str) -> None:
+        path = os.path.join(directory, "config.json")
+        with open(path) as handle:
+            config = json.load(handle)
+        real = os.path.join(directory, config[key])
+        if name is None:
+            config[key] = os.path.abspath(real)
+        else:
+            shutil.copy(real, os.path.normpath(os.path.join(directory, name)))
+            config[key] = name
+        with open(path, "w") as handle:
+            json.dump(config, handle)
+    return damage
+
+
 def _not_json(directory: str) -> None:
     with open(os.path.join(directory, "config.json"), "w") as handle:
         handle.write('{"format_version": 1, "feature_names": [')
@@ -227,6 +245,10 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
     "a weight changed in dense_program.pt2": (_changed_weight("dense_program.pt2"), "dense_program.pt2",
                                               r"bytes changed after the export \(sha256"),
     "tables.json missing": (lambda d: os.remove(os.path.join(d, "tables.json")), "tables.json", r"file missing"),
+    "state named outside the artifact": (_config_naming("state", "../outside.safetensors"), "config.json",
+                                         r"'state' is '\.\./outside\.safetensors'; expected a file name inside"),
+    "tables named by an absolute path": (_config_naming("tables", None), "config.json",
+                                         r"'tables' is '/.*/tables\.json'; expected a file name inside"),
 }
 
 

@@ -37,6 +37,7 @@ from recsys_llm.serving.state import require_finite, check_same_export
 ARTIFACT_READ_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, EOFError,
                         zipfile.BadZipFile, SafetensorError)
 CONFIG_KEYS = ("feature_names", "num_dense_features", "state", "tables", "dense_program")  # besides format_version
+FILE_KEYS = ("state", "tables", "semantic_tables", "dense_program")  # config.json keys that name artifact files
 
 
 def _raise_damaged(path: str, problem: str, error: Optional[BaseException] = None) -> NoReturn:
@@ -71,6 +72,17 @@ def _check_digest(directory: str, config: Dict[str, Any], name: str) -> None:
     if actual != expected:
         _raise_damaged(path, f"its bytes changed after the export (sha256 {actual[:16]}..., config.json recorded "
                              f"{str(expected)[:16]}...; a copy cut short, a flipped bit or an edit)")
+
+
+def _check_file_names(config_path: str, config: Dict[str, Any]) -> None:
+    """Refuses a file entry of ``config.json`` that is not a plain file name: ``export_task`` writes
+    every file into the artifact directory, so ``../x`` or ``/abs/x`` would read another file."""
+    for key in FILE_KEYS:
+        name = config.get(key)
+        if name is None or (isinstance(name, str) and name not in ("", ".", "..")
+                            and not any(c in name for c in "/\\\0")):
+            continue
+        _raise_damaged(config_path, f"{key!r} is {name!r}; expected a file name inside the artifact directory")
 
 
 def _release(version: Any) -> str:
@@ -203,6 +215,7 @@ class ServedModel(nn.Module):
         missing = [key for key in CONFIG_KEYS if key not in config]
         if missing:
             _raise_damaged(config_path, f"lacks the keys {missing}")
+        _check_file_names(config_path, config)
         _warn_on_other_versions(directory, config)
         if config["dense_program"] is None:
             raise ValueError(
