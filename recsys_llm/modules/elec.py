@@ -240,10 +240,11 @@ def _teacher_mismatch_hint(path: str, model_config: Optional[ModelConfig] = None
     recorded = metadata.get("model") if isinstance(metadata.get("model"), dict) else {}
     if model_config is not None and recorded:
         current = model_config.to_dict()
-        from recsys_llm.train.config import TRAINING_ONLY_KEYS  # model.dropout, ...: they shape no tensor
+        from recsys_llm.train.config import TRAINING_ONLY_KEYS  # loss weights, ...: they shape no tensor
 
         differences = [f"model.{key}={value!r} (here {current[key]!r})" for key, value in recorded.items()
-                       if key in current and current[key] != value and f"model.{key}" not in TRAINING_ONLY_KEYS]
+                       if key in current and current[key] != value and f"model.{key}" not in TRAINING_ONLY_KEYS
+                       and not (key == "dropout" and bool(value) == bool(current[key]))]  # > 0: the same layers
         if differences:
             hints.append(f"the state was exported from a model with other settings (config.json metadata.model): "
                          f"{', '.join(differences)}; build the teacher with the same model settings")

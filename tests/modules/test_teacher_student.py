@@ -199,7 +199,7 @@ class TestTeacherStudentTask:
         export = tmp_path / "wide_gain"
         export.mkdir()
         save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, str(export / "model.safetensors"))
-        recorded = dataclasses.replace(wide, dropout=MODEL.dropout + 0.25)  # shapes no tensor: not named
+        recorded = wide
         (export / "config.json").write_text(json.dumps({"metadata": {"model": recorded.to_dict(),
                                                                      "schema_fingerprint": "0123abcd"}}),
                                             encoding="utf-8")
@@ -215,6 +215,13 @@ class TestTeacherStudentTask:
         with pytest.raises(ValueError) as caught:
             load_elec_state(task, config, SCHEMA.fingerprint(), model_config=MODEL)
         assert "dropout" not in str(caught.value)
+        # dropout 0 builds torchrec's MLP, > 0 Perceptron + Dropout layers (other keys): named; 0.25 vs 0.5 is not
+        for teacher_dropout, here, named in ((0.25, 0.0, True), (0.5, 0.25, False)):
+            (export / "config.json").write_text(json.dumps(
+                {"metadata": {"model": dataclasses.replace(wide, dropout=teacher_dropout).to_dict()}}), encoding="utf-8")
+            with pytest.raises(ValueError) as caught:
+                load_elec_state(task, config, model_config=dataclasses.replace(MODEL, dropout=here))
+            assert (f"model.dropout={teacher_dropout} (here {here})" in str(caught.value)) == named
 
     def test_offline_reads_extras_and_matches_frozen(self):
         frozen = _elec("joint")

@@ -165,6 +165,9 @@ def test_evaluate_and_export_refuse_another_lambda_fie_but_not_other_loss_weight
     check_same_model(load_config(saved, ["llactr.lambda_fre=0.5", "llactr.fre_field_reduction=mean"]), saved)
     with pytest.raises(ConfigError, match=r"llactr.lambda_fie: 0.1 -> 5"):
         check_same_model(load_config(saved, ["llactr.lambda_fie=5"]), saved)
+    # dropout shapes no prediction, but 0 and > 0 build MLPs with other state-dict keys
+    with pytest.raises(ConfigError, match=r"model.dropout: 0.0 -> 0.1"):
+        check_same_model(load_config(saved, ["model.dropout=0.1"]), saved)
 
 
 def test_resume_allows_budget_and_path_spellings_but_not_model_changes(tmp_path, monkeypatch) -> None:
