@@ -377,3 +377,30 @@ def test_launch_docs_show_every_component_argument() -> None:
                 assert f"--{parameter.name} " in docs, (name, parameter.name)
     for scheduler in ("-s local_cwd", "-s kubernetes", "-s slurm"):
         assert scheduler in docs
+
+
+def test_image_workspace_leaves_out_the_local_environment_and_runs(tmp_path: Path) -> None:
+    """``torchx run -s kubernetes`` without ``--workspace ""`` builds ``FROM --image`` + ``COPY . .`` of the checkout,
+    filtered by its ``.dockerignore``: without one the laptop's ``.venv`` (a CPU torch) landed on the image's CUDA
+    ``.venv``, and its ``data/``, ``runs/`` (checkpoints) and ``.git`` went into every image."""
+    import io
+    import tarfile
+
+    from torchx.workspace.docker_workspace import _copy_to_tarfile
+
+    kept = ["recsys_llm/cli/__init__.py", "configs/a.yaml", "torchx_components/train.py", "tests/data/test_x.py",
+            "results/ml100k.json", "benchmarks/results/train_throughput.json", ".torchxconfig"]
+    left_out = [".venv/bin/torchrun", ".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/HEAD",
+                "runs/deepfm/checkpoints/step_1/rank_0.pt", "data/synthetic/schema.json", "out/x", "logs/x",
+                "exports/x/model.pt", "results/runs/r/metrics.jsonl", "results/ml100k/runs/r/metrics.jsonl",
+                "recsys_llm/__pycache__/cli.cpython-311.pyc", "recsys_llm.egg-info/PKG-INFO",
+                ".pytest_cache/README.md", "benchmarks/results/a.json.tmp"]
+    for name in kept + left_out:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".dockerignore").write_text((REPO_ROOT / ".dockerignore").read_text())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        _copy_to_tarfile(str(tmp_path), tar)
+        names = set(tar.getnames())
+    assert names == set(kept) | {".dockerignore"}, sorted(names)
