@@ -404,3 +404,21 @@ def test_image_workspace_leaves_out_the_local_environment_and_runs(tmp_path: Pat
         _copy_to_tarfile(str(tmp_path), tar)
         names = set(tar.getnames())
     assert names == set(kept) | {".dockerignore"}, sorted(names)
+
+
+def test_launch_docs_image_puts_the_projects_environment_on_path() -> None:
+    """Each pod runs ``bash -c 'torchrun ... -m recsys_llm.cli ...'`` in the image's working directory: the image of
+    docs/launch.md has the checkout as that directory and the ``.venv`` that scripts/install.sh makes there (the
+    checkout's ``.venv``) first on ``PATH``, so the pod's ``torchrun`` is the project's."""
+    import re
+
+    block = re.search(r"```dockerfile\n(.*?)```", (REPO_ROOT / "docs" / "launch.md").read_text(), re.S)
+    assert block, "docs/launch.md shows no Dockerfile for the cluster image"
+    lines = [line.split() for line in block.group(1).splitlines() if line and not line.startswith("#")]
+    workdir = next(words[1] for words in lines if words[0] == "WORKDIR")
+    steps = [" ".join(words) for words in lines]
+    assert steps.index("COPY . .") < next(i for i, step in enumerate(steps) if "scripts/install.sh" in step)
+    install = (REPO_ROOT / "scripts" / "install.sh").read_text()
+    assert 'cd "$(dirname "$0")/.."' in install and "VENV=${VENV:-.venv}" in install  # the checkout's .venv
+    path = next(words[1] for words in lines if words[0] == "ENV" and words[1].startswith("PATH="))
+    assert path.split("=", 1)[1].split(":")[0] == f"{workdir}/.venv/bin", path
