@@ -422,3 +422,19 @@ def test_launch_docs_image_puts_the_projects_environment_on_path() -> None:
     assert 'cd "$(dirname "$0")/.."' in install and "VENV=${VENV:-.venv}" in install  # the checkout's .venv
     path = next(words[1] for words in lines if words[0] == "ENV" and words[1].startswith("PATH="))
     assert path.split("=", 1)[1].split(":")[0] == f"{workdir}/.venv/bin", path
+
+
+def test_kubernetes_examples_name_where_the_workspace_image_goes() -> None:
+    """Without ``--workspace ""`` torchx builds the checkout into an image and pushes it to ``-cfg image_repo``:
+    a documented kubernetes command without either built the image and then stopped with ``KeyError: 'must specify
+    the image repository via image_repo config ...'``."""
+    commands = []
+    for doc in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "launch.md"):
+        for line in doc.read_text().replace("\\\n", " ").splitlines():
+            if "torchx run" in line and "-s kubernetes" in line:
+                commands.append((doc.name, shlex.split(line.split("#")[0].strip().strip("`"))))
+    assert len(commands) >= 3
+    for doc, words in commands:
+        cfg = dict(item.split("=", 1) for item in words[words.index("-cfg") + 1].split(",")) if "-cfg" in words else {}
+        no_workspace = "--workspace" in words and words[words.index("--workspace") + 1] == ""
+        assert no_workspace or cfg.get("image_repo"), (doc, " ".join(words))
