@@ -205,7 +205,7 @@ class VectorExport:
     def provenance(self) -> Dict[str, str]:
         return dict(self._provenance)
 
-    def _write_manifest(self, num_rows: int) -> Dict[str, object]:
+    def _write_manifest(self, num_rows: int, rank: int) -> Dict[str, object]:
         manifest = {
             "provenance": self._provenance,
             "chunk_rows": self._config.chunk_rows,
@@ -241,7 +241,8 @@ class VectorExport:
                     "it cannot resume it. Re-run with its settings, or use another --output-dir"
                 )
             return existing
-        tmp = f"{path}.{os.getpid()}.tmp"
+        # named by the rank, not the pid: ranks on other hosts (each pod its own pid namespace) share the directory
+        tmp = f"{path}.{rank}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)
         os.replace(tmp, path)  # identical content from every rank: last rename wins
@@ -323,7 +324,7 @@ class VectorExport:
         require_unique_keys(keys.to_numpy(zero_copy_only=False), f"{self._directory}: the keys to export")
         check_export_dir(self._directory)
         os.makedirs(self._directory, exist_ok=True)
-        self._write_manifest(len(keys))
+        self._write_manifest(len(keys), rank)
         pending = self.pending_chunks(len(keys), rank, world_size)
         metadata = {PROVENANCE_KEY: json.dumps(self._provenance, sort_keys=True).encode()}
         written = []

@@ -121,6 +121,30 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
         assert len(read_vectors(out, expected=PROVENANCE)[0]) == 50
 
+    def test_ranks_on_two_hosts_write_the_manifest_at_once(self, tmp_path, monkeypatch):
+        """Two pods' ranks, on a volume both mount, write the manifest at the same moment; their process ids may be
+        the same (each pod its own pid namespace, started alike): one temporary name for both made the second
+        rename fail (FileNotFoundError) after the first had moved the shared file."""
+        out = str(tmp_path / "vec")
+        keys, texts = _keys_texts(35)
+        config = VectorExportConfig(chunk_rows=10, batch_size=10)
+        replace = os.replace
+        other_host_done = []
+
+        def replace_after_the_other_host(source, target):
+            if source.startswith(os.path.join(out, "manifest.json")) and not other_host_done:
+                other_host_done.append(None)  # rank 1, same pid, writes between rank 0's write and its rename
+                other_host_done[0] = VectorExport(out, PROVENANCE, config).run(
+                    keys, texts, CountingEncoder(), rank=1, world_size=2, progress=False)
+            replace(source, target)
+
+        monkeypatch.setattr(os, "replace", replace_after_the_other_host)
+        assert VectorExport(out, PROVENANCE, config).run(keys, texts, CountingEncoder(), rank=0, world_size=2,
+                                                         progress=False) == [0, 2]
+        assert other_host_done == [[1, 3]]
+        assert len(read_vectors(out, expected=PROVENANCE)[0]) == 35
+        assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
     def test_ranks_split_chunks(self, tmp_path):
         out = str(tmp_path / "vec")
         keys, texts = _keys_texts(35)
