@@ -438,3 +438,23 @@ def test_kubernetes_examples_name_where_the_workspace_image_goes() -> None:
         cfg = dict(item.split("=", 1) for item in words[words.index("-cfg") + 1].split(",")) if "-cfg" in words else {}
         no_workspace = "--workspace" in words and words[words.index("--workspace") + 1] == ""
         assert no_workspace or cfg.get("image_repo"), (doc, " ".join(words))
+
+
+def test_slurm_job_dir_copy_leaves_out_the_local_environment(tmp_path: Path) -> None:
+    """``-s slurm -cfg job_dir=DIR`` runs the job in a copy of the checkout, filtered by its ``.torchxignore``:
+    without one the local ``.venv`` (gigabytes; the job runs the activated environment, not the copy) was copied
+    for every job. data/ and runs/ are copied, so relative paths read the same data there."""
+    from torchx.workspace.dir_workspace import _copy_to_dir
+
+    workspace, job_dir = tmp_path / "checkout", tmp_path / "job"
+    kept = ["recsys_llm/cli/__init__.py", "configs/a.yaml", "benchmarks/train_throughput.py",
+            "data/synthetic/schema.json", "runs/deepfm/config.yaml"]
+    left_out = [".venv/bin/torchrun", ".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/HEAD",
+                "recsys_llm/__pycache__/cli.cpython-311.pyc", "recsys_llm.egg-info/PKG-INFO", ".pytest_cache/x"]
+    for name in kept + left_out:
+        (workspace / name).parent.mkdir(parents=True, exist_ok=True)
+        (workspace / name).write_text("x")
+    (workspace / ".torchxignore").write_text((REPO_ROOT / ".torchxignore").read_text())
+    _copy_to_dir(str(workspace), str(job_dir))
+    copied = {str(path.relative_to(job_dir)) for path in job_dir.rglob("*") if path.is_file()}
+    assert copied == set(kept) | {".torchxignore"}, sorted(copied)
