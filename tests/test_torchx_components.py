@@ -458,3 +458,17 @@ def test_slurm_job_dir_copy_leaves_out_the_local_environment(tmp_path: Path) -> 
     _copy_to_dir(str(workspace), str(job_dir))
     copied = {str(path.relative_to(job_dir)) for path in job_dir.rglob("*") if path.is_file()}
     assert copied == set(kept) | {".torchxignore"}, sorted(copied)
+
+
+def test_cluster_examples_size_the_host_for_its_gpus() -> None:
+    """A documented cluster command that asks for several GPUs per host also asks for the CPUs and memory of such a
+    host: the README's took the component defaults, 2 CPUs and 8192 MB for 8 CUDA workers."""
+    commands = []
+    for doc in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "launch.md"):
+        for line in doc.read_text().replace("\\\n", " ").splitlines():
+            if "torchx run" in line and ("-s kubernetes" in line or "-s slurm" in line):
+                commands.append((doc.name, shlex.split(line.split("#")[0].strip().strip("`"))))
+    assert commands
+    for doc, words in commands:
+        if "--gpu" in words and int(words[words.index("--gpu") + 1]) > 1 and "--named_resource" not in words:
+            assert "--cpu" in words and "--memMB" in words, (doc, " ".join(words))
