@@ -114,6 +114,45 @@ class TestTrainComponent:
         with pytest.raises(ValueError, match=r"gpu=1 per host for nproc_per_node=2 workers"):
             load("encode")("export", nproc_per_node=2, gpu=1)
 
+    def test_component_options_after_the_job_arguments_are_refused(self) -> None:
+        """torchx hands the job every argument after the first positional one: ``... train.epochs=1 --gpu=8`` ran on
+        no GPU with ``--gpu=8`` as a config override, and ``trained ... -- --output o --nproc_per_node 2`` ran one
+        worker whose job then failed on the cluster with an unrecognized argument."""
+        cases = [
+            ("train", ["--config", "c.yaml", "train.epochs=1", "--gpu=8"]),
+            ("train", ["--config", "c.yaml", "train.epochs=1", "--nproc_per_node", "2"]),
+            ("trained", ["--job", "export", "--checkpoint", "runs/r", "--", "--output", "o", "--nproc_per_node", "2"]),
+            ("encode", ["--job", "export", "--", "--schema", "s.json", "--image=registry.example.com/x:1"]),
+            ("bench", ["--name", "train_throughput", "--", "--quick", "--gpu", "1"]),
+        ]
+        for name, args in cases:
+            with pytest.raises(ValueError, match="never reach the component.*put the component's options before"):
+                from_cli(name, args)
+        # the jobs' own options still pass, --checkpoint and --config of trained's jobs included
+        assert from_cli("trained", ["--job", "export", "--checkpoint", "r", "--", "--config", "c.yaml", "--output", "o"])
+
+    def test_no_job_option_is_named_like_a_component_option(self) -> None:
+        """The check above must never refuse a real argument of a job: no sub-command the components run has an
+        option with a component parameter's name (trained's jobs take --checkpoint and --config, as it passes them)."""
+        import argparse
+        import inspect
+
+        from recsys_llm.cli import build_parser
+
+        def options(parser: argparse.ArgumentParser) -> set:
+            found = {o for action in parser._actions for o in action.option_strings}
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    for sub in action.choices.values():
+                        found |= options(sub)
+            return found
+
+        job_options = options(build_parser())
+        for name in COMPONENTS:
+            own = {f"--{p}" for p in inspect.signature(load(name)).parameters}
+            allowed = {"--checkpoint", "--config"} if name == "trained" else set()
+            assert not (job_options & own) - allowed - ({"--config"} if name == "train" else set()), name
+
     def test_named_resource_with_fewer_gpus_than_workers_is_refused(self) -> None:
         """A named resource's GPUs count, not --gpu (which it overrides): aws_g5.xlarge has one."""
         for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r")),

@@ -10,6 +10,7 @@ growth sharded over 2 ranks) get torchrun's environment. Each script writes a JS
 This file is loaded by torchx with ``exec`` (not imported), so it depends on torchx only.
 """
 
+import inspect
 import re
 from typing import Dict, List, Optional
 
@@ -69,6 +70,13 @@ def bench(
     elif 0 < gpu < nproc_per_node:  # two NCCL ranks on one GPU fail at their first collective
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
+    own_options = {f"--{name}" for name in inspect.signature(bench).parameters}
+    misplaced = [arg for arg in script_args if arg.split("=", 1)[0] in own_options]
+    if misplaced:
+        raise ValueError(
+            f"{misplaced} among the job's arguments never reach the component: torchx hands the job every argument "
+            "after the first positional one (or --); put the component's options before them"
+        )
     results = results_dir.rstrip("/") or "."
     worker_env = dict(env or {})
     if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs

@@ -12,6 +12,7 @@ Launch::
 This file is loaded by torchx with ``exec`` (not imported), so it depends on torchx only.
 """
 
+import inspect
 from typing import Dict, List, Optional
 
 import torchx
@@ -81,6 +82,13 @@ def encode(
     elif 0 < gpu < nproc_per_node:  # each export worker encodes on cuda:LOCAL_RANK
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
+    own_options = {f"--{name}" for name in inspect.signature(encode).parameters}
+    misplaced = [arg for arg in job_args if arg.split("=", 1)[0] in own_options]
+    if misplaced:
+        raise ValueError(
+            f"{misplaced} among the job's arguments never reach the component: torchx hands the job every argument "
+            "after the first positional one (or --); put the component's options before them"
+        )
     worker_env = dict(env or {})
     if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs
         host_cpus = specs.resource(h=named_resource).cpu if named_resource else cpu

@@ -73,6 +73,10 @@ def train(
     elif 0 < gpu < nproc_per_node:  # two NCCL ranks on one GPU fail at their first collective
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
+    misplaced = [item for item in overrides if item.startswith("-")]
+    if misplaced:
+        raise ValueError(f"{misplaced} among the config overrides never reach the component: torchx hands the job "
+                         "every argument after the first override; put the component's options before them")
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ValueError(f"config overrides must look like key=value, got {bad}")
