@@ -59,10 +59,24 @@ class LLaCTRConfig:
     fre_field_reduction: str = "sum"
     fields: List[str] = dataclasses.field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # here, not only in from_dict: a config built in Python (LLaCTRConfig(path, lambda_fre=...)) is checked too
+        for name in ("lambda_fre", "lambda_fie"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"llactr.{name}: expected a finite number >= 0, got {value!r}")
+        if self.fre_field_reduction not in FIELD_REDUCTIONS:
+            raise ValueError(
+                f"llactr.fre_field_reduction: expected one of {FIELD_REDUCTIONS}, got {self.fre_field_reduction!r}"
+            )
+        if isinstance(self.fields, str):
+            raise ValueError(f"llactr.fields: expected a list of field names, got the string {self.fields!r}")
+
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "llactr") -> "LLaCTRConfig":
         """From a config-file mapping, typed like the rest of the config; unknown keys, a
-        missing or empty ``vectors_path`` and negative or non-finite lambdas are errors naming the key."""
+        missing or empty ``vectors_path`` and negative or non-finite lambdas are errors naming the key
+        (the last also when the config is built directly)."""
         from recsys_llm.train.config import ConfigError, build_dataclass
 
         if "vectors_path" not in raw:
@@ -72,14 +86,6 @@ class LLaCTRConfig:
             raise ConfigError(
                 f"{source}.vectors_path: empty; give the field-vector file of `recsys-llm semantics encode` "
                 f"(or leave the {source} section out for a model without LLaCTR)"
-            )
-        for name in ("lambda_fre", "lambda_fie"):
-            value = getattr(config, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{source}.{name}: expected a finite number >= 0, got {value!r}")
-        if config.fre_field_reduction not in FIELD_REDUCTIONS:
-            raise ConfigError(
-                f"{source}.fre_field_reduction: expected one of {FIELD_REDUCTIONS}, got {config.fre_field_reduction!r}"
             )
         return config
 

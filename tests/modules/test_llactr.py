@@ -175,6 +175,16 @@ class TestBuildLLaCTRTerms:
             with pytest.raises(ValueError, match=f"llactr.{key}: expected a finite number >= 0, got {bad!r}"):
                 LLaCTRConfig.from_dict({"vectors_path": "x", key: bad})
 
+    def test_a_config_built_in_python_is_checked_as_a_config_file_is(self) -> None:
+        # the usage guide builds LLaCTRConfig(path, ...) directly: a negative lambda would maximise its term
+        for key, bad in (("lambda_fre", -0.1), ("lambda_fie", float("nan"))):
+            with pytest.raises(ValueError, match=f"llactr.{key}: expected a finite number >= 0, got {bad!r}"):
+                LLaCTRConfig("x", **{key: bad})
+        with pytest.raises(ValueError, match="llactr.fre_field_reduction: expected one of .*got 'avg'"):
+            LLaCTRConfig("x", fre_field_reduction="avg")
+        with pytest.raises(ValueError, match="llactr.fields: expected a list of field names, got the string 'item_id'"):
+            LLaCTRConfig("x", fields="item_id")
+
 
 def _sharded_llactr(schema_path: str, vectors_path: str, steps: int):
     import logging
