@@ -70,13 +70,19 @@ class ScoreDistillation(nn.Module):
 
 @torch.fx.wrap  # a leaf of the pipeline's trace: it reads the widths at run time
 def _check_widths(student: torch.Tensor, teacher: torch.Tensor, dims: Tuple[int, int]) -> None:
-    """Raises ValueError naming the side whose representation is not as wide as its model declares."""
+    """Raises ValueError naming the side whose representation is not as wide as its model declares,
+    or when the two are not (B, H) of one B (broadcasting would compare rows of other samples)."""
     for side, tensor, width in (("student", student, dims[0]), ("teacher", teacher, dims[1])):
         if tensor.size(-1) != width:
             raise ValueError(
                 f"representation KD: the {side}'s representation is {tuple(tensor.shape)}, but its model declares "
                 f"representation_dim {width}; make representation_dim the width of what interact returns"
             )
+    if student.dim() != 2 or teacher.dim() != 2 or student.size(0) != teacher.size(0):
+        raise ValueError(
+            f"representation KD: expected the student's (B, {dims[0]}) and the teacher's (B, {dims[1]}) "
+            f"representations of the same B rows, got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
 
 
 class RepresentationDistillation(nn.Module):

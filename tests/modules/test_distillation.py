@@ -56,6 +56,14 @@ class TestRepresentationDistillation:
         torch.testing.assert_close(kd(hs, ht), expected)
         assert float(kd(hs, 3.0 * kd.projection(hs).detach())) == pytest.approx(0.0, abs=1e-6)
 
+    @pytest.mark.parametrize("kind", ["mse", "cosine"])
+    def test_representations_of_other_rows_are_refused_not_broadcast(self, kind):
+        kd = RepresentationDistillation(4, 6, kind)
+        for teacher in (torch.randn(1, 6), torch.randn(6), torch.randn(3, 6)):  # e.g. one row, or a mean over rows
+            with pytest.raises(ValueError, match=r"the student's \(B, 4\) and the teacher's \(B, 6\) representations "
+                                                 r"of the same B rows, got \(5, 4\) and"):
+                kd(torch.randn(5, 4), teacher)
+
     def test_training_the_projection_lowers_the_loss(self):
         torch.manual_seed(4)
         hs = torch.randn(64, 4)
