@@ -288,7 +288,15 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
     Returns:
         Tuple: ``(fields (B, K, D), positions (F,))``, ``fields[:, positions[f]]`` being
         ``feature_names[f]``'s embeddings; K is the number of keys (or F).
+
+    Raises:
+        TypeError: ``embeddings`` is the lookup's input (a KeyedJaggedTensor), not its output.
     """
+    if isinstance(embeddings, KeyedJaggedTensor):  # it has keys() and length_per_key() too: a reshape error later
+        raise TypeError(
+            "expected the pooled embeddings (a KeyedTensor: ebc(kjt), or CTROutput.embeddings), got the "
+            "KeyedJaggedTensor of ids; pass it through the EmbeddingBagCollection first"
+        )
     if has_one_dim(embeddings):
         lengths = embeddings.length_per_key()
         values = embeddings.values()

@@ -165,6 +165,18 @@ def test_dims_that_do_not_fit_are_named() -> None:
         FieldInteractionEnhancement(torch.randn(2, 5), ["a", "c"]).logit(kt)
 
 
+def test_the_ids_instead_of_the_pooled_embeddings_are_named() -> None:
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+    # fre.loss(kjt) for fre.loss(ebc(kjt)): a KeyedJaggedTensor has keys and length_per_key too
+    fre = FieldRepresentationEnhancement(torch.randn(3, 10), FEATURES, 8)
+    fie = FieldInteractionEnhancement(torch.randn(3, 10), FEATURES)
+    for call in (fre.loss, fie.logit):
+        with pytest.raises(TypeError, match=r"expected the pooled embeddings .* got the KeyedJaggedTensor of ids; "
+                                            "pass it through the EmbeddingBagCollection first"):
+            call(make_kjt())
+
+
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_fie_on_an_empty_batch(requires_grad) -> None:
     from torchrec.sparse.jagged_tensor import KeyedTensor
