@@ -168,6 +168,15 @@ def test_gain_network_and_pairs_are_refused(tmp_path):
     assert not os.path.exists(str(tmp_path / "x"))
 
 
+def test_a_teacher_student_pair_is_refused_naming_its_student(tmp_path):
+    pair = build_elec_task(ELECConfig(task="distill", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
+    example = make_batch(4, 0)
+    with pytest.raises(ValueError, match=r"export: TeacherStudentTask is a teacher and a student; export the student "
+                                         r"alone, the served part: export_task\(task.student, ...\)"):
+        export_task(pair, str(tmp_path / "x"), example.dense_features, example.sparse_features)
+    assert not os.path.exists(str(tmp_path / "x"))
+
+
 @pytest.mark.slow
 def test_cli_export_of_a_trained_run(tmp_path):
     """``recsys-llm train`` then ``recsys-llm export`` on tiny synthetic data; the artifact serves."""

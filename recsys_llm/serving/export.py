@@ -228,6 +228,11 @@ def _check_exportable(task: nn.Module, example_dense: torch.Tensor) -> None:
             "export: pass the unsharded task, not the DistributedModelParallel model: gather its state with "
             "unsharded_state_dict(model) into the same task built on CPU (what `recsys-llm export` does)"
         )
+    if isinstance(getattr(task, "student", None), nn.Module):
+        raise ValueError(
+            f"export: {type(task).__name__} is a teacher and a student; export the student alone, the served part: "
+            "export_task(task.student, ...) (`recsys-llm export` keeps the student.* weights of a trained run)"
+        )
     ebc = getattr(getattr(task, "model", None), "embedding_bag_collection", None)
     if not isinstance(ebc, EmbeddingBagCollection):
         raise ValueError(
@@ -346,8 +351,9 @@ def export_task(
         (``serving.load_state_file``) into the task built by the model's own code instead).
 
     Raises:
-        ValueError: a sharded (DMP) model, a task without a backbone EBC, a weight still on the
-            meta device, an example batch of fewer than 2 rows, or teacher / LLM parts.
+        ValueError: a sharded (DMP) model, a teacher-student pair (export its student), a task without a
+            backbone EBC, a weight still on the meta device, an example batch of fewer than 2 rows, or
+            teacher / LLM parts.
     """
     _check_exportable(task, example_dense)
     check_servable(task)
