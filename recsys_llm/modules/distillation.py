@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys_llm.data.validation import check_number
+
 SCORE_KD_KINDS = ("bce", "kl")
 REPR_KD_KINDS = ("mse", "cosine")
 
@@ -41,8 +43,7 @@ class ScoreDistillation(nn.Module):
 
     def __init__(self, temperature: float = 1.0, kind: str = "bce") -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"ScoreDistillation: temperature must be > 0, got {temperature}")
+        check_number("ScoreDistillation: temperature", temperature, above=0)  # NaN too: every loss would be NaN
         if kind not in SCORE_KD_KINDS:
             raise ValueError(f"ScoreDistillation: kind must be one of {SCORE_KD_KINDS}, got {kind!r}")
         self._temperature = temperature
@@ -111,6 +112,8 @@ class RepresentationDistillation(nn.Module):
         super().__init__()
         if kind not in REPR_KD_KINDS:
             raise ValueError(f"RepresentationDistillation: kind must be one of {REPR_KD_KINDS}, got {kind!r}")
+        for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            check_number(f"RepresentationDistillation: {name}", value, integer=True, minimum=1)
         self._kind = kind
         self._dims = (student_dim, teacher_dim)
         self.projection: nn.Module = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()

@@ -37,6 +37,12 @@ class TestScoreDistillation:
             ScoreDistillation(0.0)
         with pytest.raises(ValueError, match="kind"):
             ScoreDistillation(1.0, "mse")
+        # NaN passed `temperature <= 0` and made every loss NaN
+        for bad in (float("nan"), float("inf"), "2"):
+            with pytest.raises(ValueError, match="ScoreDistillation: temperature must be a finite number > 0"):
+                ScoreDistillation(bad)
+        with pytest.raises(ValueError, match="RepresentationDistillation: teacher_dim must be an integer >= 1, got 0"):
+            RepresentationDistillation(4, 0)
 
 
 class TestRepresentationDistillation:
