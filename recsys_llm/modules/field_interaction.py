@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from recsys_llm.data.validation import check_number
 from recsys_llm.models.base import CTROutput, fields_in_key_order, has_one_dim, key_positions
 from recsys_llm.modules.field_semantics import check_finite_vectors
 from recsys_llm.models.pairwise import PairWeightFolding, pair_sum_backward, pair_sum_forward, weighted_pair_sum
@@ -152,6 +153,7 @@ class FieldInteractionEnhancement(nn.Module):
             )
         if len(set(feature_names)) != num_fields:
             raise ValueError(f"FIE feature_names must be distinct, got {list(feature_names)}")
+        check_number("FIE weight (lambda_fie)", weight, minimum=0)  # NaN: NaN logits
         check_finite_vectors("FIE", field_vectors, feature_names)
         self._feature_names: List[str] = list(feature_names)
         self._weight = float(weight)

@@ -22,6 +22,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.data.batch import Batch
+from recsys_llm.data.validation import check_number
 from recsys_llm.models.base import CTROutput, fields_in_key_order
 from recsys_llm.semantics.store import first_non_finite_row
 
@@ -169,6 +170,7 @@ class FieldRepresentationEnhancement(nn.Module):
             )
         if len(set(feature_names)) != len(feature_names):
             raise ValueError(f"FRE feature_names must be distinct, got {list(feature_names)}")
+        check_number("FRE weight (lambda_fre)", weight, minimum=0)  # NaN: a NaN loss; < 0: KL maximised
         check_finite_vectors("FRE", field_vectors, feature_names)
         self._feature_names: List[str] = list(feature_names)
         # the kernel averages over fields; summing is the same times F

@@ -165,6 +165,17 @@ def test_dims_that_do_not_fit_are_named() -> None:
         FieldInteractionEnhancement(torch.randn(2, 5), ["a", "c"]).logit(kt)
 
 
+def test_a_weight_that_is_not_a_finite_number_at_least_0_is_refused() -> None:
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+    # built directly (not through LLaCTRConfig): NaN gave NaN losses / logits, a negative FRE weight maximised the KL
+    for bad in (float("nan"), -0.1):
+        with pytest.raises(ValueError, match="FRE weight \\(lambda_fre\\) must be a finite number >= 0"):
+            FieldRepresentationEnhancement(torch.randn(3, 10), FEATURES, 8, bad)
+        with pytest.raises(ValueError, match="FIE weight \\(lambda_fie\\) must be a finite number >= 0"):
+            FieldInteractionEnhancement(torch.randn(3, 10), FEATURES, bad)
+
+
 def test_the_ids_instead_of_the_pooled_embeddings_are_named() -> None:
     from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 
