@@ -1,6 +1,7 @@
 """The ``recsys-llm`` entry point itself (sub-commands have their own tests)."""
 
 import os
+import signal
 
 import pytest
 
@@ -217,6 +218,24 @@ def test_the_train_footer_gives_whole_samples_per_second() -> None:
     assert footer == "steps 16, epochs 1, ranks 1, 12,005 samples/s, run dir runs/x", footer
     assert "0.6402" in results_table(results)  # the metrics keep four decimals
     assert "nan samples/s" not in results_table({**results, "samples_per_second": float("nan")})
+
+
+def test_a_program_that_calls_main_gets_its_own_sigterm_handler_back(monkeypatch, tmp_path) -> None:
+    """The examples and the demo call main() inside a running program (a notebook's kernel, a
+    script): SIGTERM ends the command, then the program's own handler is back in place."""
+    import recsys_llm.cli.data as data
+
+    monkeypatch.setattr(data, "_prepare", lambda args: 0)  # the command itself is beside the point
+
+    def own_handler(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        assert main(["prepare", "synthetic", "--out", str(tmp_path / "out")]) == 0
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 WARNING_SCRIPT = r"""

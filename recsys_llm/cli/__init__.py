@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import warnings
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from recsys_llm.error_text import one_line
 
@@ -123,15 +123,21 @@ TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
 PROGRESS_INTERVAL_ENV = "TQDM_MININTERVAL"  # tqdm's own default for mininterval, in seconds
 
 
-def exit_on_sigterm() -> None:
+def exit_on_sigterm() -> Callable[[], None]:
     """Makes SIGTERM (a timeout, ``kill``, a scheduler's cancel) end a one-process command as Ctrl-C
     does: its ``finally`` blocks and context managers run, so a half-written output's temp
     directory is removed. Left alone under several ranks (``WORLD_SIZE`` > 1): a rank waiting in
     a collective runs no Python handler until the collective returns, and the launcher's
-    SIGTERM must stop it at once."""
+    SIGTERM must stop it at once.
+
+    Returns:
+        Callable[[], None]: puts back the handler there was before, for a program that called
+        :func:`main` (a notebook, the examples) and goes on after the command.
+    """
     if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1 or threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGTERM, _exit_for_signal)
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _exit_for_signal)  # None: a handler not set from Python
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _exit_for_signal(signum: int, frame: object) -> None:
@@ -189,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             hint = " (section.key=value overrides go after all options, in one run at the end of the command)"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     quiet_upstream_notices()
-    exit_on_sigterm()
+    restore_sigterm = exit_on_sigterm()
     # a command called inside a running program's group (the examples, the demo) must leave it be
     outer_group = "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized()
     caller_format = warnings.formatwarning  # put back at the end: a program calling main() keeps its own
@@ -217,6 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from recsys_llm.train.distributed import leave_process_group
 
             leave_process_group()
+        restore_sigterm()  # the calling program's own handler again, as its warning format
 
 
 if __name__ == "__main__":
