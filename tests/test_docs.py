@@ -1,7 +1,9 @@
 """The documentation keeps up with the code: every config key is in docs/usage.md."""
 
 import dataclasses
+import importlib
 import os
+import re
 from typing import Iterator
 
 from recsys_llm.modules.elec import ELECConfig
@@ -93,3 +95,23 @@ def test_the_guides_recipe_for_torchrecs_deepfm_gives_its_logits_and_shards_once
     torch.testing.assert_close(output.logits, deepfm(dense, kjt).squeeze(-1))
     assert output.representation.shape == (3, backbone.representation_dim)
     assert set(find_tables(CTRTask(backbone))) == {"t_user", "t_item"}  # not refused: one path per EBC
+
+
+def test_the_names_the_usage_guide_imports_from_a_module_are_there() -> None:
+    """Names a bullet of the guide says come "from `recsys_llm.x`" are there: a notebook imports them so."""
+    with open(os.path.join(REPO, "docs", "usage.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    checked = 0
+    for bullet in re.split(r"\n\* ", text):
+        names = []
+        for match in re.finditer(r"`([^`]+)`", bullet):
+            token = match.group(1)
+            if token.startswith("recsys_llm") and re.search(r"\bfrom\s+$", bullet[: match.start()]):
+                module = importlib.import_module(token)
+                missing = [name for name in names if not hasattr(module, name)]
+                assert not missing, f"docs/usage.md: {missing} cannot be imported from {token}"
+                checked += len(names)
+                names = []
+            elif re.fullmatch(r"[A-Za-z_]\w*", token):
+                names.append(token)
+    assert checked >= 9  # the distillation losses, sharding, the pipeline and serving
