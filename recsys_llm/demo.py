@@ -313,15 +313,13 @@ def write_outputs(results: Dict[str, Dict[str, Any]], run_root: str) -> List[str
     with open(json_path, "w", encoding="utf-8") as handle:
         json.dump(table, handle, indent=2, sort_keys=True, default=float)
     written = [json_path]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own, not pyplot: the calling program's backend and figures are left alone
+        from matplotlib.figure import Figure
     except ImportError:
         return written
     names = list(table)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
     width = 0.38
     for offset, key, label in ((-width / 2, "auc", "all test rows"), (width / 2, "cold/auc", "cold items")):
         values = [table[n].get(key, float("nan")) for n in names]
@@ -336,5 +334,4 @@ def write_outputs(results: Dict[str, Dict[str, Any]], run_root: str) -> List[str
     fig.tight_layout()
     png_path = os.path.join(run_root, "demo_results.png")
     fig.savefig(png_path, dpi=120)
-    plt.close(fig)
     return written + [png_path]

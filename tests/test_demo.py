@@ -51,6 +51,20 @@ def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_pat
     assert epoch["samples"] == 2 * train_rows  # every training row plus one catalogue pair per row
 
 
+def test_writing_the_outputs_leaves_the_calling_program_s_matplotlib_backend_alone(tmp_path) -> None:
+    """A notebook calling the demo keeps its inline backend: the picture is drawn on a Figure of its own."""
+    matplotlib = pytest.importorskip("matplotlib")
+    results = {name: {"test": {"auc": 0.6 + 0.01 * i, "cold/auc": 0.55}} for i, name in enumerate([PLAIN, STUDENT])}
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for a notebook's backend
+    try:
+        written = write_outputs(results, str(tmp_path))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
+    assert written[-1].endswith("demo_results.png") and os.path.getsize(written[-1]) > 0
+
+
 def _demo_again(data_dir: str, run_root: str, llm: str, other_llm: str) -> Dict[str, Any]:
     """A demo, then the same again and with other settings / another LLM in its run directory."""
     from recsys_llm.train.config import ConfigError
