@@ -392,6 +392,9 @@ def shard_model(
 
     Returns:
         Tuple[DistributedModelParallel, ShardingPlan]: the sharded model and its plan.
+
+    Raises:
+        RuntimeError: no default process group (``recsys_llm.train.distributed.init_distributed``).
     """
     if not find_tables(task):
         raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")
@@ -413,6 +416,11 @@ def shard_model(
         raise ValueError(
             f"optim.sparse={optim.sparse!r}: FBGEMM's CPU embedding kernels implement only "
             f"{sorted(CPU_SPARSE_OPTIMIZERS)}; pick one of those, or train on CUDA"
+        )
+    if not (dist.is_available() and dist.is_initialized()):  # before the task is changed (fused optimizers)
+        raise RuntimeError(
+            "shard_model: no default process group; call recsys_llm.train.distributed.init_distributed() first "
+            "(one process without torchrun: a group of one), or run the script under torchrun"
         )
     _apply_fused_optimizers(task, frozen, optim)
     # the GPU's own memory, not the planner's 32 GB default; ranks per host from torchrun's

@@ -259,6 +259,17 @@ class TestConstraints:
         with pytest.raises(ValueError, match=r"optim.sparse='adam': FBGEMM's CPU embedding kernels implement only"):
             shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(sparse="adam"), batch_size=8)
 
+    def test_without_a_process_group_init_distributed_is_named_and_the_task_left_unchanged(
+        self, synthetic_schema, monkeypatch
+    ) -> None:
+        """A notebook shards in one process without torchrun: torchrec's planner failed with an AssertionError."""
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+        task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+        with pytest.raises(RuntimeError, match=r"shard_model: no default process group; call "
+                                               r"recsys_llm.train.distributed.init_distributed\(\) first"):
+            shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(), batch_size=8)
+        assert not any(hasattr(p, "_in_backward_optimizers") for p in task.parameters())  # no fused optimizer yet
+
 
 def _outputs_under_two_plans(schema_path: str) -> Dict[str, float]:
     """Same weights, two plans (mixed sharding types change the EBC output key order)."""
