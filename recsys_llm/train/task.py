@@ -73,6 +73,13 @@ class CTRTask(nn.Module):
         loss_terms: Optional[Dict[str, nn.Module]] = None,
     ) -> None:
         super().__init__()
+        if not hasattr(model, "representation_dim"):  # e.g. torchrec's DLRM: forward(dense, kjt) -> (B, 1)
+            raise TypeError(
+                f"CTRTask: {type(model).__name__} is no CTRBackbone (it has no representation_dim, and CTRTask calls "
+                "model(dense, kjt, extra_fields) -> CTROutput); wrap a torchrec DLRM in "
+                "recsys_llm.models.DLRMBackbone(dlrm, num_dense_features), or make your model a CTRBackbone "
+                "(docs/usage.md, 'Your own model as a backbone')"
+            )
         if field_injection is None and getattr(model, "num_extra_fields", 0) > 0:
             raise ValueError(
                 f"CTRTask: {type(model).__name__} was built for {model.num_extra_fields} extra field(s) "

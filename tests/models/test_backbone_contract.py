@@ -122,6 +122,15 @@ class TestMistakesAreNamed:
                                              r"task has no field_injection"):
             CTRTask(backbone)
 
+    def test_a_torchrec_model_handed_over_unwrapped_is_named(self) -> None:
+        """torchrec's DLRM takes (dense, kjt): CTRTask failed at the first batch with 'takes 3 positional arguments'."""
+        from torchrec.models.dlrm import DLRM
+
+        with pytest.raises(TypeError, match=r"CTRTask: DLRM is no CTRBackbone .* wrap a torchrec DLRM in "
+                                            r"recsys_llm.models.DLRMBackbone\(dlrm, num_dense_features\)"):
+            CTRTask(DLRM(EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+                name="t_item", embedding_dim=8, num_embeddings=10, feature_names=["item_id"])]), 2, [8], [4, 1]))
+
     def test_logits_of_shape_b_1_are_named_not_broadcast(self) -> None:
         """torchrec's DLRM returns (B, 1); as logits they would broadcast against (B,) labels and terms."""
         class ColumnLogits(Concatenating):
