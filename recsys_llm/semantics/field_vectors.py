@@ -135,7 +135,13 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
 
     Returns:
         StoredVectors: vectors (F, d_llm), the field names, provenance (as re-loaded).
+
+    Raises:
+        ValueError: ``output`` is a directory (checked before the model loads).
     """
+    if os.path.isdir(output):  # the file's path is wanted: found only when writing, after encoding otherwise
+        raise ValueError(f"{output}: is a directory; give the path of the field-vector file to write, "
+                         f"e.g. {os.path.join(output, 'fields.safetensors')}")
     fields = select_fields(schema, config.include_fields_without_description)
     left_out = [f.name for f in schema.fields if f not in fields]
     if not fields:

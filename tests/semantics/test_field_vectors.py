@@ -101,3 +101,11 @@ def test_settings_are_checked_when_the_config_is_made() -> None:
         FieldVectorConfig(max_length=-5)
     with pytest.raises(ValueError, match=r"^FieldVectorConfig.pooling \(semantics encode --pooling\)"):
         FieldVectorConfig(pooling="max")
+
+
+def test_an_output_directory_is_refused_before_the_model_loads(tmp_path, tiny_schema) -> None:
+    """``output="runs/"`` for ``"runs/fields.safetensors"``: found only at the rename, after every field was encoded."""
+    config = FieldVectorConfig(model_path=str(tmp_path / "no-such-model"))  # never loaded
+    with pytest.raises(ValueError, match=r"is a directory; give the path of the field-vector file to write, "
+                                         r"e.g. .*fields.safetensors"):
+        encode_field_vectors(config, tiny_schema, str(tmp_path))
