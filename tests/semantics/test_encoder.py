@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
@@ -19,6 +20,15 @@ class TestTextEncoder:
                 expected = model(input_ids=ids).last_hidden_state[0, -1]
             torch.testing.assert_close(vectors[i], expected, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(encoder.encode(SAMPLE_TEXTS), vectors, atol=0, rtol=0)  # deterministic
+
+    def test_a_single_string_is_refused_not_split_into_characters(self, tiny_bert_dir: str) -> None:
+        """encode("user id") for encode(["user id"]): list() made it 7 one-character texts, (7, H), silently."""
+        encoder = TextEncoder(tiny_bert_dir)
+        for call in (encoder.encode, encoder.tokenize, encoder.embed):
+            with pytest.raises(TypeError, match=r"expected a sequence of texts, got the single string 'user id'; "
+                                                r"pass \[text\]"):
+                call("user id")
+        assert encoder.encode(["user id"]).shape[0] == 1
 
     def test_encoder_model_mean_pooling(self, tiny_bert_dir: str) -> None:
         encoder = TextEncoder(tiny_bert_dir, batch_size=3)
