@@ -9,7 +9,7 @@ column is mapped to text with ``index_in`` + ``take`` (a hash join), sentences a
 Example::
 
     renderer = RowTextRenderer(schema, RowTextConfig(fields=["user_id", "item_id", "genres"]))
-    texts = renderer.render(pq.read_table(schema.split_path("train")))   # pa.StringArray (N,)
+    texts = renderer.render(pq.read_table(schema.split_path("train")))   # pa.ChunkedArray of strings (N,)
     items = renderer.entity_text(train_table, "item_id", ["item_id", "genres"])  # id, text
 """
 
