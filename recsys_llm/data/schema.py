@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from recsys_llm.paths import is_plain_file_name
+
 
 def schema_file(path: str) -> str:
     """``path`` itself, or ``path/schema.json`` when ``path`` is a data directory."""
@@ -54,7 +56,7 @@ def check_split_name(split: Any, where: str) -> None:
     Raises:
         SchemaError: naming ``where``, the split and what was expected.
     """
-    if isinstance(split, str) and split and not split.startswith(".") and not any(c in split for c in "/\\\0"):
+    if is_plain_file_name(split) and not split.startswith("."):
         return
     raise SchemaError(f"{where}: splits key {split!r}: expected a plain split name (e.g. train, valid, test) without "
                       "'/', '\\' or a leading '.'; it names the split's copies in output directories")

@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import IdRules
+from recsys_llm.paths import is_plain_file_name
 from recsys_llm.serving.artifact import (
     DENSE_DTYPE,
     DIGESTS_KEY,
@@ -79,8 +80,7 @@ def _check_file_names(config_path: str, config: Dict[str, Any]) -> None:
     every file into the artifact directory, so ``../x`` or ``/abs/x`` would read another file."""
     for key in FILE_KEYS:
         name = config.get(key)
-        if name is None or (isinstance(name, str) and name not in ("", ".", "..")
-                            and not any(c in name for c in "/\\\0")):
+        if name is None or is_plain_file_name(name):
             continue
         _raise_damaged(config_path, f"{key!r} is {name!r}; expected a file name inside the artifact directory")
 

@@ -77,6 +77,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.error_text import weights_only_reason
+from recsys_llm.paths import is_plain_file_name
 from recsys_llm.train.distributed import barrier
 
 PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
@@ -203,8 +204,7 @@ def _require_own_data_files(path: str, metadata: Metadata) -> None:
     """
     for info in (getattr(metadata, "storage_data", None) or {}).values():
         name = getattr(info, "relative_path", None)
-        if not isinstance(name, str) or not name or name in (".", "..") or os.path.basename(name) != name \
-                or (os.path.altsep is not None and os.path.altsep in name) or "\\" in name:
+        if not is_plain_file_name(name):
             raise ValueError(
                 f"{path}: names the data file {name!r}, outside the checkpoint directory; expected plain file "
                 "names of the checkpoint's own files (DCP writes __<rank>_<n>.distcp): refusing to read it"
