@@ -275,3 +275,51 @@ def test_the_project_s_own_warnings_are_one_line_and_a_library_s_keep_their_form
     else:
         assert "recsys-llm prepare: warning: 3 of 3 row texts are cut\n" in err, err
         assert "validation.py" not in err, err
+
+
+def _launcher_failure(error_file: str, exitcode: int = 2) -> str:
+    """What torchrun's failure summary (and so ``torchx status``) shows for a worker that left ``error_file``."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file=error_file)
+    return ChildFailedError("recsys_llm.cli", {0: failure}).format_msg()
+
+
+def test_a_user_error_under_torchrun_is_its_one_line_in_the_launcher_s_summary(monkeypatch, tmp_path) -> None:
+    error_file = str(tmp_path / "error.json")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", error_file)
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    summary = _launcher_failure(error_file)
+    assert "traceback : recsys-llm train: error: " in summary and "missing.yaml" in summary
+
+
+def test_an_argument_error_under_torchrun_is_in_the_launcher_s_summary(monkeypatch, tmp_path) -> None:
+    error_file = str(tmp_path / "error.json")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", error_file)
+    with pytest.raises(SystemExit):
+        main(["train", "--config"])
+    assert "traceback : recsys-llm train: error: argument --config: expected one argument" in _launcher_failure(
+        error_file
+    )
+
+
+def test_an_unexpected_failure_under_torchrun_leaves_its_traceback_for_the_launcher(monkeypatch, tmp_path) -> None:
+    from recsys_llm.cli import data
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    error_file = str(tmp_path / "error.json")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", error_file)
+    monkeypatch.setattr(data, "prepare_dataset", fails)
+    with pytest.raises(RuntimeError):
+        main(["prepare", "synthetic", "--out", str(tmp_path / "out"), "--rows", "10"])
+    summary = _launcher_failure(error_file, exitcode=1)
+    assert "Traceback (most recent call last)" in summary and "RuntimeError: a bug" in summary
+
+
+def test_without_a_launcher_no_error_file_is_written(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "missing.yaml"]) == 2
+    assert os.listdir(tmp_path) == []

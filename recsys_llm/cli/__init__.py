@@ -7,6 +7,7 @@ sub-command(s) and sets ``func`` on the parsed namespace.
 import argparse
 import errno
 import importlib
+import json
 import logging
 import os
 import pickle
@@ -14,8 +15,9 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, NoReturn, Optional
 
 from recsys_llm.error_text import one_line
 
@@ -50,6 +52,11 @@ class CommandParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register("action", "parsers", _Subcommands)
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's usage and error line, that line also left for the launcher (:func:`record_for_launcher`)."""
+        record_for_launcher(f"{self.prog}: error: {message}")
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +127,7 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 # what torch's zip writer says when a write comes up short (a full disk), without the OSError
 SHORT_WRITE_MARK = "unexpected pos"
 TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # set by torchrun's agent (and so torchx) for each worker
 PROGRESS_INTERVAL_ENV = "TQDM_MININTERVAL"  # tqdm's own default for mininterval, in seconds
 
 
@@ -170,10 +178,31 @@ def _traceback_asked() -> bool:
 
 
 def _error_exit(command: str, message: object) -> int:
-    """Prints ``recsys-llm <command>: error: <message>`` and the traceback hint; returns exit code 2."""
-    print(f"recsys-llm {command}: error: {message}", file=sys.stderr)
+    """Prints ``recsys-llm <command>: error: <message>`` and the traceback hint, leaves the same line
+    for the launcher (:func:`record_for_launcher`); returns exit code 2."""
+    line = f"recsys-llm {command}: error: {message}"
+    print(line, file=sys.stderr)
     print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+    record_for_launcher(line)
     return 2
+
+
+def record_for_launcher(line: Optional[str] = None) -> None:
+    """Leaves a worker's failure where torchrun's failure summary and ``torchx status`` read it:
+    the file ``$TORCHELASTIC_ERROR_FILE`` that torch.distributed.elastic gives each worker (nothing
+    without one). A user error is its one line; called with no line inside an ``except`` block, it
+    records the exception with its traceback, as torch's ``@record`` does.
+    """
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    if line is None:
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(sys.exc_info()[1])
+        return
+    with open(path, "w") as file:  # torch.distributed.elastic's one-message form
+        json.dump({"message": line, "timestamp": int(time.time())}, file)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -204,6 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
         if _traceback_asked():
+            record_for_launcher()
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         return _error_exit(args.command, message)
@@ -215,6 +245,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise interruption from None
         line = _environment_error_line(error)
         if line is None or _traceback_asked():
+            if isinstance(error, Exception):
+                record_for_launcher()
             raise
         return _error_exit(args.command, line)
     finally:  # a command that ended normally has torn its own group down already
