@@ -134,6 +134,11 @@ def _export(args: argparse.Namespace) -> int:
     # own (an in-process call from a job that has one) is not ours to use: poll for the chunks
     meet = args.attach_dir is not None and world > 1
     own_group = meet and _join_ranks(rank, world, args.attach_timeout)
+    if own_group:  # rank 0 attaches every rank's chunks: from where it reads them
+        from recsys_llm.train.run_records import check_run_dir_shared
+
+        check_run_dir_shared(args.output_dir, setting="--output-dir",
+                             use="Every rank writes its chunks into --output-dir, and rank 0 attaches them all")
     model = load_ctr_llm(args.llm, trust_remote_code=args.trust_remote_code).to(resolve_device(args.device))
     config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
                                 projection=args.projection)

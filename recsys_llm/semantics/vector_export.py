@@ -376,7 +376,8 @@ def read_manifest(directory: str, expected: Optional[Dict[str, str]] = None) -> 
     if missing:
         raise ValueError(
             f"{directory}: export unfinished, {len(missing)} of {manifest['num_chunks']} chunks missing "
-            f"(first: {missing[:5]}); re-run the export to complete it"
+            f"(first: {missing[:5]}); re-run the export to complete it (ranks on several hosts write their "
+            "chunks into one --output-dir: it must be a volume every host mounts at the same path)"
         )
     return manifest
 

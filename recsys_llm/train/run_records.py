@@ -125,7 +125,12 @@ def _nearest_directory(path: str) -> str:
     return path or "."
 
 
-def check_run_dir_shared(run_dir: str, wait_s: Optional[float] = None) -> None:
+def check_run_dir_shared(
+    run_dir: str,
+    wait_s: Optional[float] = None,
+    setting: str = "train.run_dir",
+    use: str = "Every rank reads and writes checkpoints in train.run_dir",
+) -> None:
     """Raises on every rank unless every rank sees the file rank 0 writes where ``run_dir`` is (collective).
 
     Every rank reads ``run_dir`` (whether to resume, and from which checkpoint) and writes its
@@ -136,13 +141,16 @@ def check_run_dir_shared(run_dir: str, wait_s: Optional[float] = None) -> None:
     ``run_dir``, or while it does not exist yet into its nearest existing parent, and is removed again;
     a token rather than the file's presence is compared, so one left on a host by an earlier job does
     not pass, and the file is named by its token, so jobs whose new run dirs share a parent (a sweep)
-    check there at once without reading or removing each other's file. One process, or a parent
+    check there at once without reading or removing each other's file; no rank returns before it is
+    removed. One process, or a parent
     rank 0 cannot write to (the run would fail there anyway): nothing is checked.
 
     Args:
-        run_dir (str): ``train.run_dir``.
+        run_dir (str): ``train.run_dir``, or another directory every rank must share.
         wait_s (Optional[float]): how long a rank waits for the file to show; None: ``$RECSYS_LLM_SHARED_DIR_WAIT_S``,
             else 60 s.
+        setting (str): what the error calls ``run_dir`` (the config key or option that set it).
+        use (str): the error's sentence on what every rank does there.
 
     Raises:
         ConfigError: naming the ranks (and their hosts) that do not see rank 0's file.
@@ -179,13 +187,13 @@ def check_run_dir_shared(run_dir: str, wait_s: Optional[float] = None) -> None:
     if dist.get_rank() == 0:
         with contextlib.suppress(OSError):  # raised on rank 0 alone, it would leave the others in their next collective
             os.remove(path)
+    dist.barrier(group=group)  # no rank lists the directory while the file is still there
     blind = [f"rank {rank} on {host}" for rank, (host, sees) in enumerate(answers) if not sees]
     if blind:
         raise ConfigError(
-            f"{run_dir}: train.run_dir is not shared by every rank: {', '.join(blind)} did not see the file {path} "
-            f"that rank 0 (on {answers[0][0]}) wrote within {wait_s:g} s. Every rank reads and writes checkpoints in "
-            "train.run_dir: put it on a volume every host mounts at the same path (an absolute path; a relative one "
-            "is read from each rank's working directory)"
+            f"{run_dir}: {setting} is not shared by every rank: {', '.join(blind)} did not see the file {path} "
+            f"that rank 0 (on {answers[0][0]}) wrote within {wait_s:g} s. {use}: put it on a volume every host "
+            "mounts at the same path (an absolute path; a relative one is read from each rank's working directory)"
         )
 
 

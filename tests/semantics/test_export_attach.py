@@ -125,6 +125,37 @@ def test_two_ranks_attach_what_one_rank_attaches(adapted, tmp_path) -> None:
             pq.read_table(os.path.join(two, f"{split}.parquet")))
 
 
+def _export_from_own_working_dir(adapted: Dict[str, str], root: str) -> Dict[str, object]:
+    """The export into the relative --output-dir ``vectors``, each rank from its own working directory (as if
+    each host had its own disk); returns the exit code and the error line."""
+    import contextlib
+    import io
+
+    from recsys_llm.train.run_records import SHARED_CHECK_WAIT_ENV
+
+    os.environ[SHARED_CHECK_WAIT_ENV] = "1"
+    working_dir = os.path.join(root, f"host{os.environ['RANK']}")
+    os.makedirs(working_dir)
+    os.chdir(working_dir)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(_export(adapted, "vectors", "--attach-dir", os.path.join(working_dir, "attached")))
+    return {"code": code, "error": stderr.getvalue().splitlines()[0], "entries": sorted(os.listdir(working_dir))}
+
+
+@pytest.mark.multiprocess
+def test_an_output_dir_that_not_every_rank_sees_is_refused_before_the_llm_loads(adapted, tmp_path) -> None:
+    """Each rank would write its chunks on its own host, and rank 0 would wait for the others' chunks, then find
+    them missing and say to re-run the export, which finds every rank's own chunks done."""
+    rank0, rank1 = run_multiprocess(_export_from_own_working_dir, world_size=2, adapted=adapted, root=str(tmp_path))
+    assert rank0["code"] == rank1["code"] == 2 and rank0["error"] == rank1["error"]
+    assert rank0["error"].startswith("recsys-llm semantics: error: vectors: --output-dir is not shared by every "
+                                     "rank: rank 1 on ")
+    assert "Every rank writes its chunks into --output-dir, and rank 0 attaches them all: put it on a volume" in (
+        rank0["error"])
+    assert rank0["entries"] == rank1["entries"] == []  # no chunk, no check file left
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_only_rank_0_shows_the_export_bar(adapted, tmp_path, monkeypatch, capsys, rank) -> None:
     """Under torchrun every rank writes to the same terminal: rank 0's bar alone, not one per rank
