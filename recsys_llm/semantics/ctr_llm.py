@@ -177,6 +177,11 @@ class CTRAdaptedLLM(nn.Module):
     def from_config(cls, config: CTRLLMConfig, trust_remote_code: bool = False) -> "CTRAdaptedLLM":
         """Loads the base model and tokenizer from ``config.model_path`` (offline).
 
+        Seeds torch's global random stream with ``config.seed`` first (``torch.manual_seed``): the
+        heads' and LoRA's initial weights, and the dropout of the tuning that follows, draw from
+        it, so a run repeats. A program that needs its own stream afterwards wraps the call in
+        ``torch.random.fork_rng()``.
+
         Args:
             config (CTRLLMConfig): the settings.
             trust_remote_code (bool): run the model directory's own code if its config asks

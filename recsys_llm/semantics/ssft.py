@@ -351,6 +351,10 @@ class SSFTTrainer:
         output_dir (str): where ``adapter/``, ``checkpoint/`` and ``metrics.json`` go: absent,
             empty or an earlier SSFT output (resumed); anything else is refused before any work.
 
+    Building it seeds torch's global random stream with ``config.seed`` (``torch.manual_seed``,
+    for LoRA's initial weights and the tuning's dropout), so a run repeats; wrap it in
+    ``torch.random.fork_rng()`` to keep a stream of your own.
+
     Example::
 
         metrics = SSFTTrainer(SSFTConfig(epochs=1), schema, "runs/ssft").run()
