@@ -218,9 +218,9 @@ class TeacherColumnsWriter:
             self._write_group(self._next_group, *self._take(0))
             self._next_group += 1
         if self._writer is None:  # a file without row groups: the copy has none either
-            empty = self._handle.schema_arrow.empty_table()
-            self._writer = pq.ParquetWriter(self._tmp, self._with_columns(empty, *self._take(0)).schema,
-                                            compression="lz4")
+            logits, representations, _ = self._take(0)
+            empty = self._with_columns(self._handle.schema_arrow.empty_table(), logits, representations)
+            self._writer = pq.ParquetWriter(self._tmp, empty.schema, compression="lz4")
         self._close()
         os.replace(self._tmp, self._target)
 

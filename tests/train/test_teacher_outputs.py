@@ -111,6 +111,19 @@ def test_empty_row_groups_and_an_empty_file_are_copied(tmp_path) -> None:
     assert copy.num_rows == 0 and copy.schema.field(REPRESENTATION_COLUMN).type.list_size == 2
 
 
+def test_a_file_without_row_groups_is_copied_without_row_groups(tmp_path) -> None:
+    """A ``ParquetWriter`` closed before any ``write_table`` leaves a file of no row groups: its copy
+    has the teacher's two columns and no row groups either."""
+    source, target = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    pq.ParquetWriter(source, pa.schema([("row_id", pa.int64())])).close()
+    assert pq.ParquetFile(source).num_row_groups == 0
+    write_with_columns(source, target, np.zeros(0, np.float32), np.zeros((0, 3), np.float32), "row_id", None)
+    copy = pq.ParquetFile(target)
+    assert copy.num_row_groups == 0
+    assert copy.schema_arrow.names == ["row_id", LOGITS_COLUMN, REPRESENTATION_COLUMN]
+    assert copy.schema_arrow.field(REPRESENTATION_COLUMN).type.list_size == 3
+
+
 def test_an_interrupt_while_rank_0_writes_leaves_no_partial_copy(tmp_path, monkeypatch) -> None:
     """Ctrl-C after the first row group is written: the interrupt goes on, and neither the copy
     nor its ``.tmp`` is left (an error is returned, an interrupt is raised: both clean up)."""
