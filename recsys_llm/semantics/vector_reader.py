@@ -258,7 +258,9 @@ class ExportLookup:
         return np.where(hit, self._order[found], -1)
 
     def vectors(self, positions: np.ndarray) -> np.ndarray:
-        """Vectors (N, d) at export ``positions`` (N,), all valid."""
+        """Vectors (N, d) at export ``positions`` (N,), all valid; (0, d) float32 for no positions."""
+        if not len(positions):
+            return np.zeros((0, vector_dim(self._directory)), np.float32)
         chunks = np.searchsorted(self._chunk_starts, positions, side="right") - 1
         out = None
         for chunk in np.unique(chunks):
@@ -348,8 +350,7 @@ def attach_vectors(
                             f"have a {key_column!r} with no vector in {vector_dir}; first: row {row_in_file + first}, "
                             f"{key_column}={batch.column(key_column)[first].as_py()}"
                         )
-                    picked = lookup.vectors(positions) if len(positions) else np.zeros((0, value_type.list_size), np.float32)
-                    values = pa.array(picked.reshape(-1), type=value_type.value_type)
+                    values = pa.array(lookup.vectors(positions).reshape(-1), type=value_type.value_type)
                     vectors = pa.FixedSizeListArray.from_arrays(values, value_type.list_size)
                     writer.write_batch(pa.RecordBatch.from_arrays(batch.columns + [vectors], schema=out_schema))
                     row_in_file += batch.num_rows

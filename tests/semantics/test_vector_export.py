@@ -506,6 +506,20 @@ class TestNonFiniteVectors:
             lookup.vectors(lookup.positions(np.array([109])))
 
 
+def test_the_lookup_gives_no_positions_zero_vectors_of_the_export_width(tmp_path):
+    from recsys_llm.semantics.vector_export import read_manifest
+    from recsys_llm.semantics.vector_reader import ExportLookup
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(10)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(keys, texts, CountingEncoder(dim=3),
+                                                                       progress=False)
+    lookup = ExportLookup(out, read_manifest(out), cache_bytes=1 << 20)
+    empty = lookup.vectors(lookup.positions(np.zeros(0, np.int64)))
+    assert empty.shape == (0, 3) and empty.dtype == np.float32
+    assert lookup.vectors(lookup.positions(np.array([101, 107]))).shape == (2, 3)
+
+
 def test_a_damaged_manifest_is_named(tmp_path):
     from recsys_llm.semantics.vector_export import read_manifest
 
