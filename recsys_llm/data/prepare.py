@@ -12,7 +12,7 @@ absent, empty or an earlier prepared data set.
 
 import dataclasses
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Type, TypeVar, Union
 
 import pyarrow.parquet as pq
 
@@ -26,6 +26,7 @@ from recsys_llm.data.tabular import TabularConfig, prepare_tabular
 
 SOURCES = ("synthetic", "movielens", "criteo", "tabular")
 SourceConfig = Union[SyntheticConfig, MovieLensConfig, CriteoConfig, TabularConfig]
+C = TypeVar("C", SyntheticConfig, MovieLensConfig, CriteoConfig, TabularConfig)
 
 
 @dataclasses.dataclass
@@ -81,7 +82,8 @@ def prepare_dataset(
         input_path (Optional[str]): raw data: MovieLens directory, Criteo file, tabular CSV/Parquet
             (unused for ``synthetic``).
         schema_path (Optional[str]): the user's schema file (``tabular`` only).
-        config (Optional[SourceConfig]): the source's config dataclass (defaults when None).
+        config (Optional[SourceConfig]): the source's config dataclass (defaults when None);
+            another source's config is a TypeError.
         progress (bool): tqdm bars.
 
     Example::
@@ -96,15 +98,28 @@ def prepare_dataset(
     if input_path and not os.path.exists(input_path):
         raise FileNotFoundError(f"{input_path}: input not found")
     if source == "synthetic":
-        c = config or SyntheticConfig()
+        c = _source_config(source, config, SyntheticConfig) or SyntheticConfig()
         schema = write_prepared(out_dir, "synthetic", [],
                                 lambda tmp: generate_synthetic(tmp, c.num_rows, progress=progress, config=c))
     elif source == "movielens":
-        schema = prepare_movielens(input_path, out_dir, config, progress=progress)
+        schema = prepare_movielens(input_path, out_dir, _source_config(source, config, MovieLensConfig),
+                                   progress=progress)
     elif source == "criteo":
-        schema = prepare_criteo(input_path, out_dir, config, progress=progress)
+        schema = prepare_criteo(input_path, out_dir, _source_config(source, config, CriteoConfig), progress=progress)
     else:
         if not schema_path:
             raise ValueError("prepare tabular needs a schema file (JSON/YAML) describing the fields")
-        schema = prepare_tabular(input_path, schema_path, out_dir, config, progress=progress)
+        schema = prepare_tabular(input_path, schema_path, out_dir, _source_config(source, config, TabularConfig),
+                                 progress=progress)
     return check_prepared(schema)
+
+
+def _source_config(source: str, config: Optional[SourceConfig], expected: Type[C]) -> Optional[C]:
+    """``config`` when it is None or an ``expected``, the config class of ``source``.
+
+    Raises:
+        TypeError: another source's config, naming both classes.
+    """
+    if config is not None and not isinstance(config, expected):
+        raise TypeError(f"prepare {source}: config is a {type(config).__name__}; expected a {expected.__name__}")
+    return config

@@ -5,6 +5,7 @@ import json
 import pyarrow.parquet as pq
 
 from recsys_llm.cli import main
+from recsys_llm.data.movielens import MovieLensConfig
 from recsys_llm.data.prepare import check_prepared, prepare_dataset
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import SyntheticConfig
@@ -136,3 +137,18 @@ def test_prepare_configs_refuse_bad_numbers_naming_the_setting():
         CriteoConfig(hash_size=1)
     with pytest.raises(ValueError, match=r"^MovieLensConfig\.rows_per_group must be an integer >= 1, got 0$"):
         MovieLensConfig(rows_per_group=0)
+
+
+def test_prepare_dataset_refuses_another_sources_config_before_any_work(tmp_path):
+    """A ``MovieLensConfig`` for the synthetic source (or a ``SyntheticConfig`` for MovieLens) is named, not
+    an AttributeError from inside the converter."""
+    import pytest
+
+    out = tmp_path / "out"
+    with pytest.raises(TypeError, match=r"prepare synthetic: config is a MovieLensConfig; expected a SyntheticConfig"):
+        prepare_dataset("synthetic", str(out), config=MovieLensConfig(), progress=False)
+    raw = tmp_path / "ml"
+    raw.mkdir()
+    with pytest.raises(TypeError, match=r"prepare movielens: config is a SyntheticConfig; expected a MovieLensConfig"):
+        prepare_dataset("movielens", str(out), input_path=str(raw), config=SyntheticConfig(), progress=False)
+    assert not out.exists()
