@@ -145,7 +145,11 @@ def exit_on_sigterm() -> Callable[[], None]:
     if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1 or threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = signal.signal(signal.SIGTERM, _exit_for_signal)  # None: a handler not set from Python
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+    return restore
 
 
 def _exit_for_signal(signum: int, frame: object) -> None:

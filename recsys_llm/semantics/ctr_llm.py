@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -333,7 +333,7 @@ def count_longer_texts(tokenizer: Any, texts: Sequence[str], max_length: int, ch
 def tune_ctr_llm(
     model: CTRAdaptedLLM,
     texts: Sequence[str],
-    labels: Sequence[float],
+    labels: Union[Sequence[float], np.ndarray],
     config: CTRLLMConfig,
     progress: bool = True,
 ) -> List[float]:
@@ -344,7 +344,7 @@ def tune_ctr_llm(
     Args:
         model (CTRAdaptedLLM): the model to tune (in place).
         texts (Sequence[str]): row texts (N,).
-        labels (Sequence[float]): clicks (N,) in {0, 1}.
+        labels (Union[Sequence[float], np.ndarray]): clicks (N,) in {0, 1}.
         config (CTRLLMConfig): sample size, batch size, learning rates, epochs.
         progress (bool): show a tqdm bar.
 

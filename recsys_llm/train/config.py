@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
 import yaml
 
@@ -435,7 +435,7 @@ def _comparable(config: ExperimentConfig) -> Dict[str, Any]:
 
 
 def config_differences(
-    saved: ExperimentConfig, current: ExperimentConfig, ignore: Sequence[str] = (), movable: Sequence[str] = ()
+    saved: ExperimentConfig, current: ExperimentConfig, ignore: Collection[str] = (), movable: Collection[str] = ()
 ) -> List[str]:
     """``"key: saved -> current"`` for every setting (dotted key) that differs, ``ignore`` (keys or
     sections) left out, and the ``movable`` path keys too where both configs set them (a path

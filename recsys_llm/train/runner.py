@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 from torch import nn
+from torchrec.optim.keyed import CombinedOptimizer
 
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.parquet import ParquetBatchReader
@@ -356,7 +357,7 @@ def _complete_final_saves(
 
 def _validate(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: CombinedOptimizer,
     reader: ParquetBatchReader,
     ctx: DistContext,
     state: TrainState,
