@@ -4,7 +4,8 @@ Each line holds ``label, I1..I13, C1..C26``: a 0/1 click label, 13 integer count
 features and 26 categorical features as hex strings, any of them possibly empty. As in
 DLRM's preprocessing:
 
-* dense ``I_k`` -> ``log(1 + max(x, 0))`` as float32, missing -> 0;
+* dense ``I_k`` -> ``log(1 + max(x, 0))`` as float32, missing -> 0; a cell that is not a
+  number is an error naming its line and column;
 * categorical ``C_k`` -> FNV-1a hash of the string into ``[1, hash_size)`` (0 = missing),
   so the schema marks them ``hashed`` with ``cardinality = hash_size``;
 * rows keep file order (the public Criteo files are ordered by time) and are split
@@ -22,6 +23,7 @@ that names it (skipping it would shift the line numbers of later errors and the 
 import contextlib
 import dataclasses
 import os
+import re
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -134,6 +136,11 @@ def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
     return header, columns == 2 + NUM_DENSE + NUM_SPARSE
 
 
+#: pyarrow's message for a cell it cannot convert; its column index counts every column of the
+#: line (an Id column too) from 0, and its row number is the line number in the file
+_CONVERSION_ERROR = re.compile(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to \w+: invalid value '(.*)'")
+
+
 def _batches(path: str, config: CriteoConfig, delimiter: str) -> Iterator[Tuple[int, pa.RecordBatch]]:
     """Yields (first line number, record batch) with columns label, I1..I13 (float64), C1..C26 (string)."""
     header, has_id = _layout(path, delimiter)
@@ -165,6 +172,12 @@ def _batches(path: str, config: CriteoConfig, delimiter: str) -> Iterator[Tuple[
     except pa.ArrowInvalid as error:
         if bad:
             raise DataError(bad[0]) from error
+        cell = _CONVERSION_ERROR.search(str(error))
+        if cell and int(cell.group(1)) < len(names):
+            name = names[int(cell.group(1))]
+            expected = "0 or 1" if name == "label" else "an integer count or an empty cell"
+            raise DataError(f"{path}, line {cell.group(2)}, column {name}: {cell.group(3)!r} is not a number; "
+                            f"expected {expected}") from error
         raise DataError(f"{path}: cannot parse as Criteo {delimiter!r}-separated text "
                         f"(expected numbers in label and I1..I13): {error}") from error
 

@@ -90,11 +90,20 @@ def test_bad_label_names_line(tmp_path):
         prepare_criteo(raw, str(tmp_path / "out"))
 
 
-def test_non_numeric_dense(tmp_path):
-    rows = _lines(20)
-    rows[3][2] = "abc"
+def test_non_numeric_cell_names_line_and_column(tmp_path):
+    rows = _lines(300)
+    rows[250][2] = "abc"  # I2, in a later block
     raw = _write(tmp_path / "bad.tsv", rows)
-    with pytest.raises(DataError, match=r"bad\.tsv: cannot parse as Criteo.*abc"):
+    with pytest.raises(DataError, match=r"bad\.tsv, line 251, column I2: 'abc' is not a number; expected an integer"):
+        prepare_criteo(raw, str(tmp_path / "out"), CriteoConfig(block_bytes=4096))
+    rows[250][2], rows[7][0] = "1", "yes"
+    raw = _write(tmp_path / "label.tsv", rows)
+    with pytest.raises(DataError, match=r"label\.tsv, line 8, column label: 'yes' is not a number; expected 0 or 1"):
+        prepare_criteo(raw, str(tmp_path / "out"))
+    rows = [[str(i)] + r for i, r in enumerate(_lines(20, seed=1))]
+    rows[4][3] = "x1"  # Kaggle's I2, after the Id and Label columns and the header line
+    raw = _write(tmp_path / "train.csv", rows, ",", ["Id", "Label"] + DENSE_NAMES + SPARSE_NAMES)
+    with pytest.raises(DataError, match=r"train\.csv, line 6, column I2: 'x1' is not a number"):
         prepare_criteo(raw, str(tmp_path / "out"))
 
 
