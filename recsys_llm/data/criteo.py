@@ -5,7 +5,7 @@ features and 26 categorical features as hex strings, any of them possibly empty.
 DLRM's preprocessing:
 
 * dense ``I_k`` -> ``log(1 + max(x, 0))`` as float32, missing -> 0; a cell that is not a
-  number is an error naming its line and column;
+  number, or not a whole one (``3.5``, ``inf``), is an error naming its line and column;
 * categorical ``C_k`` -> FNV-1a hash of the string into ``[1, hash_size)`` (0 = missing),
   so the schema marks them ``hashed`` with ``cardinality = hash_size``;
 * rows keep file order (the public Criteo files are ordered by time) and are split
@@ -262,6 +262,11 @@ def _convert(batch: pa.RecordBatch, path: str, line: int, config: CriteoConfig, 
     columns = {"row_id": np.arange(row_start, row_start + batch.num_rows, dtype=np.int64), "label": labels.astype(np.int8)}
     for name in DENSE_NAMES:
         values = pc.fill_null(batch.column(name), 0.0).to_numpy(zero_copy_only=False)
+        whole = np.isfinite(values) & (values == np.floor(values))  # "nan", "inf" and "3.5" parse as doubles
+        if not whole.all():
+            first = int(np.argmin(whole))
+            raise DataError(f"{path}, line {line + first}, column {name}: {values[first].item()!r} is not an integer "
+                            "count; expected an integer or an empty cell")
         columns[name] = np.log1p(np.maximum(values, 0.0)).astype(np.float32)
     for index, name in enumerate(SPARSE_NAMES):
         columns[name] = hash_strings(batch.column(name), config.hash_size, salt=index)

@@ -107,6 +107,18 @@ def test_non_numeric_cell_names_line_and_column(tmp_path):
         prepare_criteo(raw, str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("value", ["3.5", "inf", "-inf", "1e400"])
+def test_dense_value_that_is_not_an_integer_names_line_and_column(tmp_path, value):
+    """pyarrow parses these as doubles (``nan``, ``NA`` are read as missing); ``inf`` would reach training."""
+    rows = _lines(20)
+    rows[12][5] = value
+    raw = _write(tmp_path / "bad.tsv", rows)
+    with pytest.raises(DataError, match=rf"bad\.tsv, line 13, column I5: -?(inf|3\.5) is not an integer count"):
+        prepare_criteo(raw, str(tmp_path / "out"))
+    rows[12][5] = "12.0"  # a whole number written as a float is a count
+    prepare_criteo(_write(tmp_path / "ok.tsv", rows), str(tmp_path / "out"), CriteoConfig(hash_size=64))
+
+
 def test_zero_split_share_is_refused_before_any_work():
     with pytest.raises(ValueError, match=r"CriteoConfig\.split_fractions=\(0\.5, 0\.5, 0\): expected three positive"):
         CriteoConfig(split_fractions=(0.5, 0.5, 0))
