@@ -124,13 +124,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     criteo = sources.add_parser("criteo", help="Criteo TSV/CSV (label, I1..I13, C1..C26)")
     common(criteo, 65536)
-    criteo.add_argument("--input", required=True, help="the raw Criteo file")
+    criteo.add_argument("--input", required=True,
+                        help="the raw Criteo file; .gz, .bz2, .zst, .lz4 are decompressed as read (e.g. day_0.gz)")
     criteo.add_argument("--hash-size", type=_integer(2), default=1_000_000, help="rows per categorical table")
-    criteo.add_argument("--delimiter", default=None, help="column separator (default: ',' for .csv, else tab)")
+    criteo.add_argument("--delimiter", default=None, help="column separator (default: ',' for .csv or .csv.gz, else tab)")
     criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                         help="train,valid,test shares in file order (default: 0.8,0.1,0.1)")
     criteo.add_argument("--max-rows", type=_integer(1), default=None,
-                        help="convert only the first rows (default: every row)")
+                        help="convert only the first rows; the rest of the file is not read (default: every row)")
 
     tabular = sources.add_parser("tabular", help="your CSV/Parquet + a JSON/YAML schema file")
     common(tabular, 65536)

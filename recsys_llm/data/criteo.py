@@ -13,7 +13,9 @@ DLRM's preprocessing:
 * the output is written whole or not at all: a failed run leaves an earlier one untouched.
 
 The file is read with ``pyarrow.csv.open_csv`` block by block, so memory stays bounded
-for the 45M-line Kaggle set or a 4 billion-line Terabyte day. A header line is
+for the 45M-line Kaggle set or a 4 billion-line Terabyte day; a compressed file (``day_0.gz``,
+also ``.bz2``, ``.zst``, ``.lz4``) is decompressed as it is read. A first pass counts the lines
+(for the split bounds) with a progress bar over the bytes; with ``max_rows`` it stops there. A header line is
 recognised (and skipped) when its first cell is not a number, e.g. Kaggle's
 ``Id,Label,I1,...`` (a leading ``Id`` column is dropped). A leading UTF-8 byte order mark
 is ignored; blank lines at the end of the file are too, and one before a data line is an error
@@ -50,7 +52,7 @@ class CriteoConfig:
     Args:
         hash_size (int): rows of every categorical table (ids are hashed into it).
         delimiter (Optional[str]): ``"\\t"`` or ``","``; None guesses from the file name
-            (``.csv`` -> comma, else tab).
+            (``.csv``, ``.csv.gz`` -> comma, else tab).
         split_fractions (Tuple[float, float, float]): train/valid/test shares, in file order.
         rows_per_group (int): Parquet row group size.
         block_bytes (int): bytes parsed per block.
@@ -92,31 +94,49 @@ def criteo_schema(config: CriteoConfig) -> DatasetSchema:
     )
 
 
-def _count_lines(path: str) -> int:
-    count, last = 0, b"\n"
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(1 << 24)
-            if not block:
-                break
-            count += block.count(b"\n")
-            last = block[-1:]
-    return count + (last != b"\n")
+#: compressed inputs pyarrow opens by their name (Terabyte days are published as ``day_N.gz``)
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 
 
-def _trailing_blank_lines(path: str, tail_bytes: int = 1 << 20) -> int:
-    """Blank lines at the end of the file (within its last ``tail_bytes``), e.g. from ``cat``."""
-    with open(path, "rb") as handle:
-        handle.seek(max(0, os.path.getsize(path) - tail_bytes))
-        lines = handle.read().split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the final newline ends the last line
-    count = 0
-    for line in reversed(lines):
-        if line.strip():
-            break
-        count += 1
-    return count
+def _open(path: str) -> pa.NativeFile:
+    """The file's bytes, decompressed when its name ends in a compression suffix (as ``pyarrow.csv`` reads it)."""
+    return pa.input_stream(path, compression="detect")
+
+
+def default_delimiter(path: str) -> str:
+    """``","`` for a ``.csv`` file (also ``.csv.gz`` etc.), else tab."""
+    name = path
+    for suffix in _COMPRESSED_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return "," if name.endswith(".csv") else "\t"
+
+
+def _count_data_lines(path: str, limit: Optional[int] = None, progress: bool = False, block: int = 1 << 24) -> int:
+    """Lines up to the file's last non-blank one (blank lines at its end, e.g. from ``cat``, are not counted).
+
+    One streaming pass, decompressing a compressed file. With ``limit`` it stops as soon as
+    ``limit`` lines are known to come before a non-blank one and returns ``limit``, so
+    ``--max-rows`` does not read the rest of a large file. ``progress`` shows the bytes read.
+    """
+    lines = last = 0  # newlines seen; number of the last line holding a non-blank byte
+    compressed = path.endswith(_COMPRESSED_SUFFIXES)
+    bar = tqdm(total=None if compressed else os.path.getsize(path), desc="counting lines", unit="B",
+               unit_scale=True, disable=not progress)
+    try:
+        with _open(path) as handle:
+            while limit is None or last < limit:
+                chunk = handle.read(block)
+                if not chunk:
+                    break
+                end = len(chunk.rstrip())  # the chunk's last non-blank byte ends line lines + newlines before it + 1
+                if end:
+                    last = lines + chunk.count(b"\n", 0, end) + 1
+                lines += chunk.count(b"\n")
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    return last if limit is None else min(last, limit)
 
 
 def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
@@ -124,8 +144,14 @@ def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
 
     A UTF-8 byte order mark is dropped (``utf-8-sig``), as pyarrow's CSV reader drops it from the
     data: else a first row ``\ufeff0 ...`` would look like a header and be skipped."""
-    with open(path, encoding="utf-8-sig", errors="replace") as handle:
-        first = handle.readline().rstrip("\r\n").split(delimiter)
+    head = b""
+    with _open(path) as handle:
+        while b"\n" not in head and len(head) < (1 << 20):
+            chunk = handle.read(1 << 16)
+            if not chunk:
+                break
+            head += chunk
+    first = head.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r").split(delimiter)
     header = bool(first) and not first[0].strip().lstrip("-").replace(".", "", 1).isdigit()
     columns = len(first)
     if columns not in (1 + NUM_DENSE + NUM_SPARSE, 2 + NUM_DENSE + NUM_SPARSE):
@@ -210,11 +236,10 @@ def prepare_criteo(path: str, out_dir: str, config: Optional[CriteoConfig] = Non
 
 def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
-    delimiter = config.delimiter or ("," if path.endswith(".csv") else "\t")
+    delimiter = config.delimiter or default_delimiter(path)
     header, _ = _layout(path, delimiter)
-    total = _count_lines(path) - _trailing_blank_lines(path) - int(header)
-    if config.max_rows is not None:
-        total = min(total, config.max_rows)
+    limit = None if config.max_rows is None else config.max_rows + int(header)
+    total = _count_data_lines(path, limit, progress) - int(header)
     if total < 1:
         raise DataError(f"{path}: the file has no data lines; expected label, I1..I13, C1..C26 per line")
     bounds = np.floor(np.cumsum((0.0,) + tuple(config.split_fractions)) / sum(config.split_fractions) * total).astype(int)

@@ -156,3 +156,68 @@ def test_byte_order_mark_is_ignored_and_keeps_the_first_row(tmp_path, kaggle):
         want, have = pq.read_table(expected.split_path(split)), pq.read_table(got.split_path(split))
         assert have.num_rows == want.num_rows and have.equals(want), split
     assert [pq.read_metadata(got.split_path(s)).num_rows for s in got.splits] == [40, 5, 5]
+
+
+@pytest.mark.parametrize("name", ["day_0.gz", "train.csv.gz", "day_0.bz2"])
+def test_compressed_file_converts_like_the_plain_one(tmp_path, name):
+    """Terabyte days are published as ``day_N.gz``: read as they are, a ``.csv.gz`` comma-separated."""
+    import bz2
+    import gzip
+
+    delimiter = "," if ".csv" in name else "\t"
+    plain = _write(tmp_path / "plain.txt", _lines(60, seed=4), delimiter)
+    with open(plain, "a") as handle:
+        handle.write("\n\n")  # blank lines at the end are ignored in the compressed file too
+    packed = tmp_path / name
+    packed.write_bytes((gzip.compress if name.endswith(".gz") else bz2.compress)((tmp_path / "plain.txt").read_bytes()))
+    config = CriteoConfig(hash_size=64, block_bytes=4096)
+    expected = prepare_criteo(plain, str(tmp_path / "out-plain"), CriteoConfig(hash_size=64, delimiter=delimiter))
+    got = prepare_criteo(str(packed), str(tmp_path / "out-packed"), config)
+    for split in expected.splits:
+        assert pq.read_table(got.split_path(split)).equals(pq.read_table(expected.split_path(split))), split
+
+
+def test_max_rows_reads_only_the_start_of_the_file(tmp_path, monkeypatch):
+    """The line count for the split bounds stops at ``max_rows``: a quick look at a 40 GB day
+    must not read all of it first."""
+    from recsys_llm.data import criteo
+
+    rows = _lines(400, seed=5)
+    raw = _write(tmp_path / "day_0", rows)
+    read = []
+    real_open = criteo._open
+
+    class Counting:
+        def __init__(self, path):
+            self._handle = real_open(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._handle.close()
+
+        def read(self, size):
+            chunk = self._handle.read(size)
+            read.append(len(chunk))
+            return chunk
+
+    monkeypatch.setattr(criteo, "_open", Counting)
+    assert criteo._count_data_lines(raw, limit=20, block=512) == 20
+    assert sum(read) < 20 * 512 < (tmp_path / "day_0").stat().st_size
+    monkeypatch.undo()
+    schema = prepare_criteo(raw, str(tmp_path / "out"), CriteoConfig(hash_size=64, max_rows=20, split_fractions=(0.5, 0.25, 0.25)))
+    assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == [10, 5, 5]
+
+
+def test_line_count_ignores_blank_lines_at_the_end_across_blocks(tmp_path):
+    from recsys_llm.data.criteo import _count_data_lines
+
+    path = tmp_path / "day_0"
+    path.write_bytes(b"1\ta\n\n0\tb\r\n" + b"\n \r\n\t\n" * 50)
+    for block in (1, 3, 7, 1 << 20):
+        assert _count_data_lines(str(path), block=block) == 3
+        assert _count_data_lines(str(path), limit=2, block=block) == 2
+        assert _count_data_lines(str(path), limit=9, block=block) == 3
+    path.write_bytes(b"1\ta")  # no final newline
+    assert _count_data_lines(str(path)) == 1
