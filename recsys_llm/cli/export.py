@@ -59,7 +59,10 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         else:
             served, state = fresh, full
         served = materialize_meta(served, torch.device("cpu"))
-        served.load_state_dict(state)
+        # assign: the served task takes the gathered tensors (cloned, on CPU) instead of a copy of them,
+        # so the tables are held once more than the checkpoint's, not twice, while the artifact is written
+        served.load_state_dict(state, assign=True)
+        del full, state
         reader = ParquetBatchReader(schema, config.data.train_split, 8, rank=0, world_size=1)
         example = next(iter(reader))
         metadata = {

@@ -202,6 +202,27 @@ def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
             term.frozen_pair_weights.copy_(frozen_weights)
 
 
+def state_to_write(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """``module``'s state dict as ``model.safetensors`` is written from it: detached, on CPU, contiguous.
+
+    A tensor that already is so is not copied: the tables of a large model (26 Criteo tables of
+    1M rows) would otherwise be held twice while safetensors serialises them (a third copy).
+    It is written before the module changes. Only a tensor sharing storage with one before it
+    is copied, as safetensors refuses tensors that share memory.
+
+    Returns:
+        Dict[str, torch.Tensor]: state-dict key -> tensor.
+    """
+    state: Dict[str, torch.Tensor] = {}
+    storages = set()
+    for key, value in module.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        state[key] = value.clone() if storage in storages else value
+        storages.add(storage)
+    return state
+
+
 def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
     return [
         {
@@ -369,7 +390,7 @@ def export_task(
     with _eval_mode(task), atomic_directory(directory, "export", EXPORT_MARKER_FILES) as tmp, \
             serving_form(task, feature_names) as folded:
         # the state as served: frozen logit-term weights included
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in task.state_dict().items()}
+        state = state_to_write(task)
         export_id = uuid.uuid4().hex  # in config.json, the state file and the program: they belong together
         save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id})
         with open(os.path.join(tmp, "tables.json"), "w", encoding="utf-8") as handle:
