@@ -7,7 +7,8 @@ DLRM's preprocessing:
 * dense ``I_k`` -> ``log(1 + max(x, 0))`` as float32, missing -> 0; a cell that is not a
   number, or not a whole one (``3.5``, ``inf``), is an error naming its line and column;
 * categorical ``C_k`` -> FNV-1a hash of the string into ``[1, hash_size)`` (0 = missing),
-  so the schema marks them ``hashed`` with ``cardinality = hash_size``;
+  so the schema marks them ``hashed`` with ``cardinality = hash_size``; a cell that is not hex
+  digits is an error naming its line and column;
 * rows keep file order (the public Criteo files are ordered by time) and are split
   into train/valid/test by ``split_fractions`` of the line count;
 * the output is written whole or not at all: a failed run leaves an earlier one untouched.
@@ -294,5 +295,32 @@ def _convert(batch: pa.RecordBatch, path: str, line: int, config: CriteoConfig, 
                             "count; expected an integer or an empty cell")
         columns[name] = np.log1p(np.maximum(values, 0.0)).astype(np.float32)
     for index, name in enumerate(SPARSE_NAMES):
+        _check_hex(batch.column(name), path, line, name)
         columns[name] = hash_strings(batch.column(name), config.hash_size, salt=index)
     return columns
+
+
+_HEX_BYTES = np.zeros(256, dtype=bool)
+_HEX_BYTES[np.frombuffer(b"0123456789abcdefABCDEF", dtype=np.uint8)] = True
+
+
+def _check_hex(array: pa.Array, path: str, line: int, name: str) -> None:
+    """Raises unless every cell of a categorical column is a hex token or empty.
+
+    A cell such as ``3.5`` or ``a|b`` means a shifted or garbled line, or a file that is not in
+    Criteo's format; it would be hashed like any token and train on it silently.
+    """
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    array = pc.fill_null(array.cast(pa.large_string()), "")
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    if array.buffers()[2] is None or offsets[-1] == offsets[0]:
+        return
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    ok = _HEX_BYTES[data]
+    if not ok.all():
+        row = int(np.searchsorted(offsets, offsets[0] + int(np.argmin(ok)), side="right")) - 1
+        raise DataError(f"{path}, line {line + row}, column {name}: {array[row].as_py()!r} is not a hex token; "
+                        "expected hex digits (e.g. 68fd1e64) or an empty cell (for other tokens: prepare tabular "
+                        "with hashed fields)")
+

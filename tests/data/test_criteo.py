@@ -221,3 +221,14 @@ def test_line_count_ignores_blank_lines_at_the_end_across_blocks(tmp_path):
         assert _count_data_lines(str(path), limit=9, block=block) == 3
     path.write_bytes(b"1\ta")  # no final newline
     assert _count_data_lines(str(path)) == 1
+
+
+@pytest.mark.parametrize("value", ["zz", "3.5", "68fd 1e64", "é"])
+def test_categorical_value_that_is_not_hex_names_line_and_column(tmp_path, value):
+    rows = _lines(300)
+    rows[260][1 + 13 + 7] = value  # C8, in a later block
+    raw = _write(tmp_path / "bad.tsv", rows)
+    with pytest.raises(DataError, match=rf"bad\.tsv, line 261, column C8: '{value}' is not a hex token; expected hex"):
+        prepare_criteo(raw, str(tmp_path / "out"), CriteoConfig(hash_size=64, block_bytes=4096))
+    rows[260][1 + 13 + 7] = "ABCDEF09"  # upper case hex is a token like any other
+    prepare_criteo(_write(tmp_path / "ok.tsv", rows), str(tmp_path / "out"), CriteoConfig(hash_size=64, block_bytes=4096))
