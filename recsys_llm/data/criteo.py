@@ -282,7 +282,7 @@ def _convert(batch: pa.RecordBatch, path: str, line: int, config: CriteoConfig, 
         raise DataError(f"{path}, line {line + first}: column 'label' is empty; expected 0 or 1")
     labels = label_array.to_numpy(zero_copy_only=False)
     try:
-        check_labels(path, "label", labels, line)
+        check_labels(path, "label", labels, line, remedy="the first column of a Criteo line is the click label")
     except DataError as error:
         raise DataError(str(error).replace(": column 'label', row ", ": column 'label', line ")) from error
     columns = {"row_id": np.arange(row_start, row_start + batch.num_rows, dtype=np.int64), "label": labels.astype(np.int8)}

@@ -86,7 +86,8 @@ def test_bad_label_names_line(tmp_path):
     rows = _lines(20)
     rows[9][0] = "3"
     raw = _write(tmp_path / "bad.tsv", rows)
-    with pytest.raises(DataError, match=r"bad\.tsv: column 'label', line 10: label 3\.0 .*expected 0 or 1"):
+    with pytest.raises(DataError, match=r"bad\.tsv: column 'label', line 10: label 3\.0 .*expected 0 or 1 \(the first "
+                                        r"column of a Criteo line is the click label\)"):  # not MovieLens' "binarise ratings"
         prepare_criteo(raw, str(tmp_path / "out"))
 
 
