@@ -17,8 +17,8 @@ The file is read with ``pyarrow.csv.open_csv`` block by block, so memory stays b
 for the 45M-line Kaggle set or a 4 billion-line Terabyte day; a compressed file (``day_0.gz``,
 also ``.bz2``, ``.zst``, ``.lz4``) is decompressed as it is read. A first pass counts the lines
 (for the split bounds) with a progress bar over the bytes; with ``max_rows`` it stops there. A header line is
-recognised (and skipped) when its first cell is not a number, e.g. Kaggle's
-``Id,Label,I1,...`` (a leading ``Id`` column is dropped). A leading UTF-8 byte order mark
+recognised (and skipped) when its label and I1..I13 cells are names (none empty or a number), e.g.
+Kaggle's ``Id,Label,I1,...`` (a leading ``Id`` column is dropped). A leading UTF-8 byte order mark
 is ignored; blank lines at the end of the file are too, and one before a data line is an error
 that names it (skipping it would shift the line numbers of later errors and the split counts).
 """
@@ -153,14 +153,25 @@ def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
                 break
             head += chunk
     first = head.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r").split(delimiter)
-    header = bool(first) and not first[0].strip().lstrip("-").replace(".", "", 1).isdigit()
     columns = len(first)
     if columns not in (1 + NUM_DENSE + NUM_SPARSE, 2 + NUM_DENSE + NUM_SPARSE):
         raise DataError(
             f"{path}, line 1: {columns} {delimiter!r}-separated columns; expected {1 + NUM_DENSE + NUM_SPARSE} "
             f"(label, I1..I13, C1..C26), optionally after an Id column"
         )
-    return header, columns == 2 + NUM_DENSE + NUM_SPARSE
+    has_id = columns == 2 + NUM_DENSE + NUM_SPARSE
+    # a header names label and I1..I13 (no cell empty or a number); a data line with a bad label
+    # (``x``) is not one: it is converted, and refused naming its line, not skipped unseen
+    header = all(cell.strip() and not _is_number(cell) for cell in first[int(has_id) : int(has_id) + 1 + NUM_DENSE])
+    return header, has_id
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 #: pyarrow's message for a cell it cannot convert; its column index counts every column of the

@@ -233,3 +233,14 @@ def test_categorical_value_that_is_not_hex_names_line_and_column(tmp_path, value
         prepare_criteo(raw, str(tmp_path / "out"), CriteoConfig(hash_size=64, block_bytes=4096))
     rows[260][1 + 13 + 7] = "ABCDEF09"  # upper case hex is a token like any other
     prepare_criteo(_write(tmp_path / "ok.tsv", rows), str(tmp_path / "out"), CriteoConfig(hash_size=64, block_bytes=4096))
+
+
+def test_a_first_line_with_a_bad_label_is_refused_not_skipped_as_a_header(tmp_path):
+    rows = _lines(20)
+    rows[0][0] = "x"  # its other cells are data: not a header
+    with pytest.raises(DataError, match=r"bad\.tsv, line 1, column label: 'x' is not a number; expected 0 or 1"):
+        prepare_criteo(_write(tmp_path / "bad.tsv", rows), str(tmp_path / "out"))
+    header = ["label"] + DENSE_NAMES + SPARSE_NAMES  # a header of a TSV, as of Kaggle's CSV, is skipped
+    schema = prepare_criteo(_write(tmp_path / "named.tsv", _lines(20), header=header), str(tmp_path / "out"),
+                            CriteoConfig(hash_size=64, split_fractions=(0.5, 0.25, 0.25)))
+    assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == [10, 5, 5]
