@@ -17,6 +17,7 @@ Example::
 import argparse
 import json
 import os
+import sys
 from typing import Any, Dict
 
 
@@ -47,8 +48,14 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     check_replaceable(output, "export", EXPORT_MARKER_FILES)  # before any work (every rank)
     run = open_trained_run(config, checkpoint)
     ctx, schema, checkpoint = run.ctx, run.schema, run.checkpoint
+    if ctx.is_main:
+        _say(f"loading {checkpoint} on {ctx.world_size} rank(s) and gathering the tables into rank 0")
     full = unsharded_state_dict(load_trained_model(config, run))  # collective
     written: Dict[str, Any] = {}
+    if ctx.is_main:
+        size = sum(v.numel() * v.element_size() for v in full.values())
+        _say(f"writing {output} ({size / 2**30:.2f} GiB of weights"
+             f"{'' if state_only else ', then the dense part traced with torch.export'})")
     if ctx.is_main and state_only:
         written = _write_state(full, output, {"checkpoint": os.path.abspath(checkpoint), "model": config.model.to_dict(),
                                               "schema_fingerprint": schema.fingerprint()})
@@ -75,6 +82,11 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         written = export_task(served, output, example.dense_features, example.sparse_features, metadata, schema)
     barrier()
     return written
+
+
+def _say(step: str) -> None:
+    """One line of progress on stderr (stdout holds the command's JSON summary)."""
+    print(f"[recsys_llm] export: {step}", file=sys.stderr, flush=True)
 
 
 def _write_state(state: Dict[str, Any], output: str, metadata: Dict[str, Any]) -> Dict[str, Any]:
