@@ -10,10 +10,10 @@ Examples::
 
 import argparse
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, Union
 
 from recsys_llm.cli.semantics import show_defaults
-from recsys_llm.data.criteo import CriteoConfig
+from recsys_llm.data.criteo import NUM_SPARSE, CriteoConfig
 from recsys_llm.data.movielens import MovieLensConfig
 from recsys_llm.data.prepare import prepare_dataset
 from recsys_llm.data.synthetic import SyntheticConfig
@@ -31,6 +31,19 @@ def _fractions(text: str) -> tuple:
             f"expected three positive shares like 0.8,0.1,0.1 (a zero share leaves a split without rows), got {text!r}"
         ) from None
     return parts
+
+
+def _hash_sizes(text: str) -> Union[int, Tuple[int, ...]]:
+    """``--hash-size`` value: one table size, or one per categorical field (each >= 2: id 0 is for missing values)."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) not in (1, NUM_SPARSE) or min(sizes) < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 2, or {NUM_SPARSE} of them separated by commas (C1..C{NUM_SPARSE}), got {text!r}"
+        )
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def _integer(minimum: int) -> Callable[[str], int]:
@@ -126,7 +139,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(criteo, 65536)
     criteo.add_argument("--input", required=True,
                         help="the raw Criteo file; .gz, .bz2, .zst, .lz4 are decompressed as read (e.g. day_0.gz)")
-    criteo.add_argument("--hash-size", type=_integer(2), default=1_000_000, help="rows per categorical table")
+    criteo.add_argument("--hash-size", type=_hash_sizes, default=1_000_000,
+                        help="rows per categorical table: one size, or 26 comma-separated sizes for C1..C26 "
+                             "(default: 1000000)")
     criteo.add_argument("--delimiter", default=None, help="column separator (default: ',' for .csv or .csv.gz, else tab)")
     criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                         help="train,valid,test shares in file order (default: 0.8,0.1,0.1)")

@@ -6,8 +6,9 @@ DLRM's preprocessing:
 
 * dense ``I_k`` -> ``log(1 + max(x, 0))`` as float32, missing -> 0; a cell that is not a
   number, or not a whole one (``3.5``, ``inf``), is an error naming its line and column;
-* categorical ``C_k`` -> FNV-1a hash of the string into ``[1, hash_size)`` (0 = missing),
-  so the schema marks them ``hashed`` with ``cardinality = hash_size``; a cell that is not hex
+* categorical ``C_k`` -> FNV-1a hash of the string into ``[1, hash_size)`` (0 = missing; one
+  ``hash_size`` for every field, or one per field), so the schema marks them ``hashed`` with
+  ``cardinality = hash_size``; a cell that is not hex
   digits is an error naming its line and column;
 * rows keep file order (the public Criteo files are ordered by time) and are split
   into train/valid/test by ``split_fractions`` of the line count;
@@ -27,7 +28,7 @@ import contextlib
 import dataclasses
 import os
 import re
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +52,9 @@ class CriteoConfig:
     """Options of the Criteo conversion.
 
     Args:
-        hash_size (int): rows of every categorical table (ids are hashed into it).
+        hash_size (Union[int, Tuple[int, ...]]): rows of every categorical table (ids are hashed
+            into it), or 26 sizes, one per ``C1..C26`` (as torchrec's DLRM example's
+            ``--num_embeddings_per_feature``: small fields need no table of the largest one's size).
         delimiter (Optional[str]): ``"\\t"`` or ``","``; None guesses from the file name
             (``.csv``, ``.csv.gz`` -> comma, else tab).
         split_fractions (Tuple[float, float, float]): train/valid/test shares, in file order.
@@ -60,7 +63,7 @@ class CriteoConfig:
         max_rows (Optional[int]): convert only the first rows (for a quick look).
     """
 
-    hash_size: int = 1_000_000
+    hash_size: Union[int, Tuple[int, ...]] = 1_000_000
     delimiter: Optional[str] = None
     split_fractions: Tuple[float, float, float] = (0.8, 0.1, 0.1)
     rows_per_group: int = 65536
@@ -69,11 +72,24 @@ class CriteoConfig:
 
     def __post_init__(self) -> None:
         check_split_fractions(self.split_fractions, "CriteoConfig.split_fractions")
-        # id 0 is kept for missing values
-        check_number("CriteoConfig.hash_size", self.hash_size, integer=True, minimum=2)
+        if isinstance(self.hash_size, (list, tuple)):
+            if len(self.hash_size) != NUM_SPARSE:
+                raise ValueError(f"CriteoConfig.hash_size: expected one size or {NUM_SPARSE} (one per C1..C{NUM_SPARSE}), "
+                                 f"got {len(self.hash_size)} sizes")
+            object.__setattr__(self, "hash_size", tuple(self.hash_size))
+            for name, size in zip(SPARSE_NAMES, self.hash_size):  # id 0 is kept for missing values
+                check_number(f"CriteoConfig.hash_size of {name}", size, integer=True, minimum=2)
+        else:
+            check_number("CriteoConfig.hash_size", self.hash_size, integer=True, minimum=2)
         check_number("CriteoConfig.rows_per_group", self.rows_per_group, integer=True, minimum=1)
         check_number("CriteoConfig.block_bytes", self.block_bytes, integer=True, minimum=1)
         check_number("CriteoConfig.max_rows", self.max_rows, integer=True, minimum=1, optional=True)
+
+    def field_hash_sizes(self) -> Tuple[int, ...]:
+        """(26,) rows of each categorical table, ``C1..C26``."""
+        if isinstance(self.hash_size, tuple):
+            return self.hash_size
+        return (self.hash_size,) * NUM_SPARSE
 
 
 def criteo_schema(config: CriteoConfig) -> DatasetSchema:
@@ -82,9 +98,9 @@ def criteo_schema(config: CriteoConfig) -> DatasetSchema:
         FieldSpec(name, FieldKind.DENSE, description=f"anonymised integer count feature {name}, as log(1 + x)")
         for name in DENSE_NAMES
     ] + [
-        FieldSpec(name, FieldKind.SPARSE, config.hash_size, hashed=True,
+        FieldSpec(name, FieldKind.SPARSE, size, hashed=True,
                   description=f"anonymised categorical feature {name} (hashed hex token)")
-        for name in SPARSE_NAMES
+        for name, size in zip(SPARSE_NAMES, config.field_hash_sizes())
     ]
     return DatasetSchema(
         name="criteo",
@@ -305,9 +321,9 @@ def _convert(batch: pa.RecordBatch, path: str, line: int, config: CriteoConfig, 
             raise DataError(f"{path}, line {line + first}, column {name}: {values[first].item()!r} is not an integer "
                             "count; expected an integer or an empty cell")
         columns[name] = np.log1p(np.maximum(values, 0.0)).astype(np.float32)
-    for index, name in enumerate(SPARSE_NAMES):
+    for index, (name, size) in enumerate(zip(SPARSE_NAMES, config.field_hash_sizes())):
         _check_hex(batch.column(name), path, line, name)
-        columns[name] = hash_strings(batch.column(name), config.hash_size, salt=index)
+        columns[name] = hash_strings(batch.column(name), size, salt=index)
     return columns
 
 

@@ -1,6 +1,9 @@
 """Criteo TSV/CSV conversion on a small file the test writes itself."""
 
+import re
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -244,3 +247,37 @@ def test_a_first_line_with_a_bad_label_is_refused_not_skipped_as_a_header(tmp_pa
     schema = prepare_criteo(_write(tmp_path / "named.tsv", _lines(20), header=header), str(tmp_path / "out"),
                             CriteoConfig(hash_size=64, split_fractions=(0.5, 0.25, 0.25)))
     assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == [10, 5, 5]
+
+
+def test_each_categorical_field_can_have_a_table_size_of_its_own(tmp_path):
+    """As torchrec's DLRM example's --num_embeddings_per_feature: a field of few values needs no table the size
+    of the largest field's."""
+    rows = _lines(200)
+    sizes = tuple(range(5, 5 + len(SPARSE_NAMES)))
+    schema = prepare_criteo(_write(tmp_path / "day_0", rows), str(tmp_path / "out"), CriteoConfig(hash_size=sizes))
+    assert [schema.field(name).cardinality for name in SPARSE_NAMES] == list(sizes)
+    table = pq.read_table(schema.split_path("train"))
+    for index, (name, size) in enumerate(zip(SPARSE_NAMES, sizes)):
+        raw = [r[1 + len(DENSE_NAMES) + index] for r in rows[: table.num_rows]]
+        np.testing.assert_array_equal(table[name].to_numpy(), hash_strings(pa.array(raw), size, salt=index))
+
+
+@pytest.mark.parametrize("hash_size, message", [
+    ((64,) * 25, "CriteoConfig.hash_size: expected one size or 26 (one per C1..C26), got 25 sizes"),
+    ((64,) * 25 + (1,), "CriteoConfig.hash_size of C26 must be an integer >= 2, got 1"),
+])
+def test_per_field_table_sizes_are_checked(hash_size, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        CriteoConfig(hash_size=hash_size)
+
+
+def test_the_command_takes_one_table_size_or_one_per_field(capsys):
+    from recsys_llm.cli import build_parser
+
+    parse = lambda value: build_parser().parse_args(["prepare", "criteo", "--input", "x", "--out", "y",
+                                                     "--hash-size", value]).hash_size
+    assert parse("1000") == 1000
+    assert parse(",".join(str(n) for n in range(2, 28))) == tuple(range(2, 28))
+    with pytest.raises(SystemExit):
+        parse("10,20")
+    assert "expected an integer >= 2, or 26 of them separated by commas (C1..C26), got '10,20'" in capsys.readouterr().err
