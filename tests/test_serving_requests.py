@@ -282,6 +282,27 @@ class TestDamagedArtifacts:
         with pytest.raises(ValueError, match=rf"{re.escape(path)}: tensor '{re.escape(key)}' holds 1 non-finite"):
             ServedModel.load(directory, trust_program=True)
 
+    def test_tables_of_another_dtype_are_refused_not_served_as_they_are(self, artifact, tmp_path):
+        """An artifact written before digests and export ids were recorded (so nothing else notices): the tables
+        are taken as stored, so a float16 table would reach the float32 dense program."""
+        from recsys_llm.serving.artifact import DIGESTS_KEY, EXPORT_ID_KEY
+
+        directory = str(tmp_path / "copy")
+        shutil.copytree(artifact[0], directory)
+        path = os.path.join(directory, "model.safetensors")
+        state = load_state_file(path)
+        key = next(k for k in state if k.endswith("item_id.weight"))
+        state[key] = state[key].half()
+        save_file(state, path)
+        with open(os.path.join(directory, "config.json")) as handle:
+            config = json.load(handle)
+        del config[DIGESTS_KEY], config[EXPORT_ID_KEY]
+        with open(os.path.join(directory, "config.json"), "w") as handle:
+            json.dump(config, handle)
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: table weights \['.*item_id\.weight "
+                                             r"\(torch\.float16\)'\] are not float32, as export writes them"):
+            ServedModel.load(directory, trust_program=True)
+
 
 def test_an_artifact_of_other_library_versions_loads_with_a_warning(artifact, tmp_path, recwarn):
     """config.json records the versions that exported; another torch / torchrec / fbgemm_gpu warns, naming both."""

@@ -124,14 +124,20 @@ def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: D
                 for t in tables
             ],
             is_weighted=weighted,
-            device=torch.device("cpu"),
+            device=torch.device("meta"),  # no storage: the tables become the loaded tensors themselves
         )
     except ARTIFACT_READ_ERRORS as error:
         _raise_damaged(path, "not a list of tables (name, embedding_dim, num_embeddings, feature_names, pooling)", error)
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    other = [f"{k} ({v.dtype})" for k, v in weights.items() if v.dtype != torch.float32]
+    if other:  # taken as they are (assign), not cast into float32 tables
+        _raise_damaged(os.path.join(directory, STATE_FILE), f"table weights {other[:3]} are not float32, as export "
+                                                           "writes them")
     try:
-        ebc.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        ebc.load_state_dict(weights, assign=True)
     except RuntimeError as error:  # missing / unexpected keys, other shapes
         _raise_damaged(os.path.join(directory, STATE_FILE), f"its tables do not match {tables_file}", error)
+    ebc._device = torch.device("cpu")  # torchrec keeps the construction device apart from the weights
     return ebc.eval()
 
 
