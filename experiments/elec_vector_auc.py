@@ -1,5 +1,6 @@
 """How much ELEC's row vector r says about clicks by itself, per split, and on the rows its
-CTR-adapted LLM was tuned on versus the other training rows.
+CTR-adapted LLM was tuned on versus the other rows of that split (``train`` unless
+``semantics adapt --split`` named another: ``adapted_on.json`` records it).
 
 Run after ``python -m experiments.elec --granularity row ... --out DIR``::
 
@@ -21,16 +22,32 @@ import pyarrow.parquet as pq
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from recsys_llm.cli.semantics_export import ADAPTED_ON_FILE
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.ctr_llm import load_ctr_llm, sample_indices
 from recsys_llm.semantics.vector_export import read_manifest
 from recsys_llm.semantics.vector_reader import ExportLookup
 
 
+def tuned_split(llm_dir: str) -> str:
+    """The split ``semantics adapt`` tuned the LLM in ``llm_dir`` on (``adapted_on.json``; ``train``
+    for an LLM saved before the split was recorded, when ``--split`` could only be ``train`` in the
+    experiments)."""
+    path = os.path.join(llm_dir, ADAPTED_ON_FILE)
+    if not os.path.isfile(path):
+        return "train"
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("split", "train")
+
+
 def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, float]]:
-    """AUC of ``predict(r)`` for the tuned training rows, the other training rows and each
-    other split: ``{group: {"auc", "rows"}}``."""
+    """AUC of ``predict(r)`` for the rows the LLM was tuned on, the other rows of that split
+    (``train`` unless ``semantics adapt --split`` named another) and each other split:
+    ``{group: {"auc", "rows"}}``."""
     model = load_ctr_llm(os.path.join(run, "ctr_llm"))
+    tuned_on = tuned_split(os.path.join(run, "ctr_llm"))
+    if tuned_on not in schema.splits:
+        raise ValueError(f"{run}: the LLM was tuned on split {tuned_on!r}, which {schema.root} does not have")
     directory = os.path.join(run, "vectors")
     lookup = ExportLookup(directory, read_manifest(directory), cache_bytes=1 << 30)
     out: Dict[str, Dict[str, float]] = {}
@@ -44,10 +61,10 @@ def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, float]]:
         with torch.no_grad():
             logits = model.predict(torch.from_numpy(lookup.vectors(positions)).float()).squeeze(-1)
         groups = {split: np.ones(len(row_keys), dtype=bool)}
-        if split == "train":
+        if split == tuned_on:  # the same rows, in the same order, as `semantics adapt` sampled them from
             tuned = np.zeros(len(row_keys), dtype=bool)
             tuned[sample_indices(len(row_keys), model.config)] = True
-            groups = {"train (tuned on)": tuned, "train (not tuned on)": ~tuned}
+            groups = {f"{split} (tuned on)": tuned, f"{split} (not tuned on)": ~tuned}
         for name, mask in groups.items():
             rows = torch.from_numpy(mask)
             out[name] = {"auc": float(binary_auroc(logits[rows], labels[rows])), "rows": int(mask.sum())}

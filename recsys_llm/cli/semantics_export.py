@@ -28,7 +28,7 @@ from typing import List
 from recsys_llm.cli.semantics import TRUST_REMOTE_CODE_HELP
 
 ROW_TEXT_FILE = "row_text.json"
-ADAPTED_ON_FILE = "adapted_on.json"  # the schema and row-text fields a CTR-adapted LLM was tuned on
+ADAPTED_ON_FILE = "adapted_on.json"  # the schema, row-text fields and split a CTR-adapted LLM was tuned on
 ATTACHED_KIND = "data set with attached vectors"
 ATTACHED_MARKER_FILES = ("schema.json",)
 
@@ -97,7 +97,9 @@ def _adapt(args: argparse.Namespace) -> int:
     labels = np.asarray(rows.column(schema.label).to_numpy(zero_copy_only=False), dtype=np.float32)
     model = CTRAdaptedLLM.from_config(config, args.trust_remote_code).to(resolve_device(args.device))
     losses = tune_ctr_llm(model, texts, labels, dataclasses.replace(config, sample_rows=None))
-    adapted_on = {"schema": schema.name, "schema_fingerprint": schema.fingerprint(), "fields": renderer.field_names}
+    # the split whose labels the LLM saw (experiments.elec_vector_auc reads it to tell the tuned rows apart)
+    adapted_on = {"schema": schema.name, "schema_fingerprint": schema.fingerprint(), "fields": renderer.field_names,
+                  "split": args.split}
     save_ctr_llm(model, args.output_dir,
                  extra_json={ROW_TEXT_FILE: dataclasses.asdict(text_config), ADAPTED_ON_FILE: adapted_on})
     window = max(1, len(losses) // 10)
@@ -267,7 +269,9 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     """Adds ``semantics adapt`` and ``semantics export`` to the ``semantics`` group."""
     adapt = group_subparsers.add_parser("adapt", help="fine-tune a CTR-adapted LLM on row texts (ELEC)")
     adapt.add_argument("--schema", required=True, help="schema.json (or its directory)")
-    adapt.add_argument("--split", default="train", help="split to tune on")
+    adapt.add_argument("--split", default="train",
+                       help="split to tune on (its labels reach the LLM and every vector exported from it: "
+                            "never a split the CTR models are validated or tested on)")
     adapt.add_argument("--output-dir", required=True, help="where the adapter, heads and settings go")
     adapt.add_argument("--model", "--llm", dest="model", default=None,
                        help="local Hugging Face model directory (default: offline MiniLM)")

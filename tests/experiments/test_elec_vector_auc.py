@@ -1,0 +1,49 @@
+"""``experiments.elec_vector_auc`` splits the rows the CTR-adapted LLM saw the labels of from the others
+on the split ``semantics adapt`` really tuned on, which ``adapted_on.json`` records."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from experiments.elec_vector_auc import vector_auc
+from recsys_llm.cli import main
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from tests.tiny_models import save_tiny_bert
+
+
+def _data(root: str) -> DatasetSchema:
+    rng = np.random.default_rng(0)
+    os.makedirs(root)
+    for offset, (split, n) in enumerate((("train", 24), ("valid", 20), ("test", 12))):
+        pq.write_table(pa.table({
+            "row_id": pa.array(np.arange(n) + 1000 * offset, pa.int64()),
+            "user_id": pa.array(rng.integers(0, 3, n), pa.int64()),
+            "item_id": pa.array(rng.integers(0, 5, n), pa.int64()),
+            "label": pa.array(np.arange(n) % 2, pa.int64()),  # both classes in every group
+        }), os.path.join(root, f"{split}.parquet"))
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3, description="user id"),
+                                 FieldSpec("item_id", "sparse", 5, description="item id")],
+                           row_key="row_id", splits={s: f"{s}.parquet" for s in ("train", "valid", "test")}, root=root)
+    schema.save(os.path.join(root, "schema.json"))
+    return schema
+
+
+def test_the_tuned_rows_are_those_of_the_split_the_llm_was_adapted_on(tmp_path) -> None:
+    schema = _data(str(tmp_path / "data"))
+    run = tmp_path / "run"
+    llm = str(run / "ctr_llm")
+    # an LLM tuned on (a sample of) the validation rows: their labels are in its vectors
+    assert main(["semantics", "adapt", "--schema", schema.root, "--split", "valid", "--output-dir", llm,
+                 "--model", save_tiny_bert(str(tmp_path / "bert")), "--representation-dim", "4", "--hidden-dim", "8",
+                 "--batch-size", "8", "--max-length", "16", "--sample-rows", "6"]) == 0
+    with open(os.path.join(llm, "adapted_on.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["split"] == "valid"
+    assert main(["semantics", "export", "--schema", schema.root, "--llm", llm, "--output-dir",
+                 str(run / "vectors")]) == 0
+    result = vector_auc(str(run), schema)
+    # was: the 6 sampled positions marked on the training rows, and the validation rows one group
+    assert {name: group["rows"] for name, group in result.items()} == {
+        "train": 24, "valid (tuned on)": 6, "valid (not tuned on)": 14, "test": 12}
