@@ -58,6 +58,17 @@ def test_counts_labels_and_time_split(ml100k):
     assert schema.field("user_id").cardinality == 944 and schema.field("item_id").cardinality == 1683
 
 
+def test_how_many_test_rows_have_a_user_or_movie_without_training_rows(ml100k):
+    """The figures README.md states of the time-ordered split: most test users are new, few test movies."""
+    schema, _ = ml100k
+    columns = {s: pq.read_table(schema.split_path(s), columns=["user_id", "item_id"]) for s in ("train", "test")}
+    for field, rows, distinct in (("user_id", 6250, 98), ("item_id", 117, 48)):
+        test = columns["test"][field].to_numpy()
+        unseen = ~np.isin(test, columns["train"][field].to_numpy())
+        assert (int(unseen.sum()), len(np.unique(test[unseen]))) == (rows, distinct), field
+    assert len(np.unique(columns["test"]["user_id"].to_numpy())) == 161
+
+
 def test_fields_text_and_reader(ml100k):
     schema, _ = ml100k
     assert schema.sparse_feature_names == ["user_id", "item_id", "age", "gender", "occupation", "zip_prefix", "release_year", "genres"]
