@@ -170,8 +170,10 @@ class TeacherStudentTask(nn.Module):
             teacher_dim = int(teacher.model.representation_dim)
         if config.mode == "frozen":
             freeze_teacher(teacher)
-        self.teacher = teacher
+        # the student first: DMP materialises tables in module order, so the student's draw from the
+        # stream the plain backbone's tables of the same seed draw from (recsys_llm.modules.elec.build_elec_task)
         self.student = student
+        self.teacher = teacher
         self.score_kd = ScoreDistillation(config.temperature, config.score_kd)
         self.repr_kd: Optional[RepresentationDistillation] = None
         if config.beta > 0:

@@ -150,3 +150,29 @@ def test_a_frozen_teacher_needs_no_entity_export(trained_teacher):
     assert report["teacher_tensors"] > 0 and report["entity_rows_checked"] == 0
     with pytest.raises(ValueError, match="elec.expected_provenance is set, but .* no export directory is named"):
         _load(_frozen(checkpoint, {"user_id": None, "item_id": ""}, expected_provenance={"model": "tiny"}))
+
+
+@pytest.mark.parametrize("distill", [
+    TeacherStudentConfig(mode="joint", beta=0.1),
+    TeacherStudentConfig(mode="offline", beta=0.1, teacher_representation_dim=4),
+], ids=["joint", "offline"])
+@pytest.mark.parametrize("tables", ["cpu", "meta"])
+def test_the_student_starts_from_the_weights_of_the_plain_backbone_of_the_same_seed(distill, tables):
+    # the teacher (and representation KD's projection) used to be drawn first from the global stream, so
+    # a joint or frozen student started from other dense weights and, materialised later by DMP from that
+    # stream, other tables than the plain run it is compared with: the tables then differed by more than KD
+    from recsys_llm.models.registry import build_backbone
+
+    device = torch.device(tables)
+    torch.manual_seed(3)
+    plain = build_backbone(MODEL, SCHEMA, device=device, dense_device=CPU)
+    plain_next = torch.rand(4)  # what DMP would draw the plain tables from
+    torch.manual_seed(3)
+    task = build_elec_task(ELECConfig(task="distill", vector_dim=DIM, distill=distill), SCHEMA, MODEL, device=device,
+                           dense_device=CPU)
+    torch.testing.assert_close(torch.rand(4), plain_next, rtol=0, atol=0)
+    student = [p for p in task.student.model.parameters() if not p.is_meta]
+    expected = [p for p in plain.parameters() if not p.is_meta]
+    assert len(student) == len(expected) > 0
+    assert all(torch.equal(a, b) for a, b in zip(student, expected))
+    assert next(iter(task.named_children()))[0] == "student"  # DMP materialises its tables first
