@@ -19,12 +19,10 @@ Example::
     load_elec_state(model, config)
 """
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -33,6 +31,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.registry import ModelConfig, build_backbone
 from recsys_llm.modules.dense_injection import VectorFieldInjection
+from recsys_llm.modules.random_stream import own_random_stream
 from recsys_llm.modules.semantic_table import (
     SemanticTable,
     SemanticTableTask,
@@ -206,26 +205,11 @@ def build_elec_task(
     # also materialises the student's tables from where the plain run's are: student and plain differ by
     # the distillation only, not by their initial weights
     student = build_student(schema, model_config, table_prefix=STUDENT_PREFIX, device=device)
-    with _own_random_stream("elec.teacher"):
+    with own_random_stream("elec.teacher"):
         teacher = None
         if config.distill.mode != "offline":
             teacher = build_gain_network(config, schema, model_config, table_prefix=TEACHER_PREFIX, device=device)
         return TeacherStudentTask(teacher, student, config.distill)
-
-
-@contextlib.contextmanager
-def _own_random_stream(name: str) -> Iterator[None]:
-    """Runs the block on a random stream of its own (CPU, and the default device's when it is a GPU),
-    seeded from the process's seed and ``name``; the global streams are left where they were."""
-    seed = int.from_bytes(hashlib.sha256(f"{torch.initial_seed()}:{name}".encode()).digest()[:8], "little") >> 1
-    default = torch.get_default_device()
-    # only the default GPU's stream: torch.manual_seed would reseed every GPU's, which fork_rng does not restore
-    gpus = [default.index if default.index is not None else torch.cuda.current_device()] if default.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpus):
-        torch.random.default_generator.manual_seed(seed)
-        for index in gpus:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
 
 
 def _check_teacher_is_an_export(path: str) -> None:

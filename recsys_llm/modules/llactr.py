@@ -13,12 +13,10 @@ Example::
     task = CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms)
 """
 
-import contextlib
 import dataclasses
-import hashlib
 import math
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +27,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.base import check_one_table_per_feature
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS, FieldRepresentationEnhancement
+from recsys_llm.modules.random_stream import own_random_stream
 from recsys_llm.semantics.store import load_vectors
 
 
@@ -119,23 +118,6 @@ def embedded_features(model: nn.Module) -> Dict[str, int]:
     return {name: config.embedding_dim for config in configs for name in config.feature_names}
 
 
-@contextlib.contextmanager
-def _own_random_stream(term: str) -> Iterator[None]:
-    """Runs the block on a CPU random stream of its own, seeded from the process's seed and ``term``.
-
-    The terms are built after the backbone, whose tables a trainer materialises later still (DMP,
-    from ``meta``): drawn from the global stream, the terms' initial weights would shift every table,
-    so that lambda 0, or FIE alone against FRE + FIE, would start from other tables than the plain
-    model of the same seed. The global stream is left where it was.
-    """
-    digest = hashlib.sha256(f"{torch.initial_seed()}:llactr.{term}".encode()).digest()
-    # CPU only (the terms are built there, then moved): torch.manual_seed would reseed every GPU's
-    # stream too, which fork_rng(devices=[]) does not restore
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        torch.random.default_generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        yield
-
-
 def build_llactr_terms(
     config: LLaCTRConfig,
     schema: DatasetSchema,
@@ -193,7 +175,7 @@ def build_llactr_terms(
         )
     if config.use_fre:
         fre_vectors = F.normalize(vectors, dim=-1) if config.normalize_vectors else vectors
-        with _own_random_stream("fre"):
+        with own_random_stream("llactr.fre"), torch.device("cpu"):  # built on CPU, then moved
             loss_terms["fre"] = FieldRepresentationEnhancement(
                 fre_vectors, used, next(iter(used_dims)), config.lambda_fre, config.fre_field_reduction
             )
@@ -204,7 +186,7 @@ def build_llactr_terms(
                 f"model (features {sorted(dims)}) and wanted; use FRE alone (llactr.use_fie=false) or vectors of more "
                 "of the model's fields"
             )
-        with _own_random_stream("fie"):
+        with own_random_stream("llactr.fie"), torch.device("cpu"):
             logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)
     if device is None and torch.get_default_device().type != "cpu":  # built on CPU above, under another default
         device = torch.get_default_device()

@@ -1,0 +1,35 @@
+"""A random stream of its own for modules built beside a backbone.
+
+A trainer materialises a model's tables later than its modules are built (DMP, from ``meta``),
+from the global random stream in module order: a module drawn from that stream before or beside
+the backbone (LLaCTR's FRE / FIE, an ELEC teacher or KD projection) would shift every table and
+dense weight after it, so an enhanced model would start from other weights than the plain model
+of the same seed, and a comparison would measure the initial weights as well as the method.
+"""
+
+import contextlib
+import hashlib
+from typing import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def own_random_stream(name: str) -> Iterator[None]:
+    """Runs the block on random streams of their own, seeded from the process's seed and ``name``:
+    CPU's, and the default device's when that is a GPU. The global streams are left where they were.
+
+    Example::
+
+        with own_random_stream("elec.teacher"):
+            teacher = build_gain_network(...)  # the student's draws are those of plain
+    """
+    seed = int.from_bytes(hashlib.sha256(f"{torch.initial_seed()}:{name}".encode()).digest()[:8], "little") >> 1
+    default = torch.get_default_device()
+    # only the default GPU's stream: torch.manual_seed would reseed every GPU's, which fork_rng does not restore
+    gpus = [default.index if default.index is not None else torch.cuda.current_device()] if default.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.random.default_generator.manual_seed(seed)
+        for index in gpus:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
