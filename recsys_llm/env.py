@@ -9,10 +9,20 @@ import subprocess
 from importlib import metadata
 from typing import Dict, Sequence
 
-# torchrec release -> (fbgemm-gpu release, torch minor versions known to work with it).
+# torchrec release -> (fbgemm-gpu release, torch minor versions known to work with it): the whole
+# test suite passed on each. 1.8.0 is what scripts/install.sh installs.
 KNOWN_GOOD: Dict[str, tuple] = {
     "1.8.0": ("1.8.0", ("2.13",)),
+    "1.9.2": ("1.9.0", ("2.14",)),
 }
+
+
+def known_good_text() -> str:
+    """The combinations of ``KNOWN_GOOD`` as one phrase, e.g. ``torch 2.13 + fbgemm-gpu 1.8.0 + torchrec 1.8.0``."""
+    return "; ".join(
+        f"torch {' or '.join(torch_minors)} + fbgemm-gpu {fbgemm} + torchrec {torchrec}"
+        for torchrec, (fbgemm, torch_minors) in KNOWN_GOOD.items()
+    )
 
 
 def installed_versions() -> Dict[str, str]:
@@ -39,14 +49,18 @@ def check_versions(verbose: bool = False) -> Dict[str, str]:
         import fbgemm_gpu  # noqa: F401
         import torchrec  # noqa: F401
     except (ImportError, OSError) as error:
+        cause = error.__cause__ or error
         raise RuntimeError(
-            f"torch/fbgemm-gpu/torchrec do not import together ({summary}): {error}. "
-            "Reinstall with scripts/install.sh, which picks matching CPU or CUDA builds."
+            f"torch/fbgemm-gpu/torchrec do not import together ({summary}): {cause}. "
+            f"fbgemm-gpu is built for one torch release; known to work: {known_good_text()} "
+            "(fbgemm-gpu-cpu on a machine without CUDA). Install a matching set, or run "
+            "scripts/install.sh, which creates .venv with the first one."
         ) from error
     known = KNOWN_GOOD.get(versions["torchrec"])
     torch_minor = ".".join(versions["torch"].split("+")[0].split(".")[:2])
     if verbose:
-        status = "known good" if known and fbgemm == known[0] and torch_minor in known[1] else "not verified"
+        good = bool(known) and fbgemm == known[0] and torch_minor in known[1]
+        status = "known good" if good else f"not verified; known to work: {known_good_text()}"
         print(f"[recsys_llm] {summary} ({status})")
     return versions
 
