@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 
 import pytest
 
@@ -323,3 +324,12 @@ def test_without_a_launcher_no_error_file_is_written(monkeypatch, tmp_path) -> N
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", "missing.yaml"]) == 2
     assert os.listdir(tmp_path) == []
+
+
+def test_a_torch_fbgemm_torchrec_set_that_does_not_import_is_one_line_before_any_command(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "fbgemm_gpu", None)
+    monkeypatch.delenv("RECSYS_LLM_TRACEBACK", raising=False)
+    assert main(["--help"]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("recsys-llm: error: torch/fbgemm-gpu/torchrec do not import together (torch ")
+    assert "known to work: torch 2.13 + fbgemm-gpu 1.8.0 + torchrec 1.8.0" in first

@@ -182,9 +182,10 @@ def _traceback_asked() -> bool:
 
 
 def _error_exit(command: str, message: object) -> int:
-    """Prints ``recsys-llm <command>: error: <message>`` and the traceback hint, leaves the same line
-    for the launcher (:func:`record_for_launcher`); returns exit code 2."""
-    line = f"recsys-llm {command}: error: {message}"
+    """Prints ``recsys-llm <command>: error: <message>`` (``recsys-llm: error: ...`` without a
+    command) and the traceback hint, leaves the same line for the launcher
+    (:func:`record_for_launcher`); returns exit code 2."""
+    line = f"recsys-llm{' ' + command if command else ''}: error: {message}"
     print(line, file=sys.stderr)
     print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
     record_for_launcher(line)
@@ -220,6 +221,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ.setdefault(PROGRESS_INTERVAL_ENV, "30")
         # tqdm's monitor forces a refresh after maxinterval (10 s) without one: no sooner than the interval
         os.environ.setdefault("TQDM_MAXINTERVAL", os.environ[PROGRESS_INTERVAL_ENV])
+    from recsys_llm.env import check_versions
+
+    try:  # the sub-commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
+        check_versions()
+    except RuntimeError as error:
+        if _traceback_asked():
+            raise
+        return _error_exit("", error)
     parser = build_parser()  # imports the sub-commands, and tqdm, which reads the interval once
     args, unknown = parser.parse_known_args(argv)
     if unknown:
