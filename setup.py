@@ -3,7 +3,8 @@
 torch, fbgemm-gpu and torchrec are deliberately *not* in ``install_requires``: a plain
 ``pip install torchrec`` pulls the CUDA ``fbgemm-gpu``, which cannot import on a CPU
 machine. ``scripts/install.sh`` (run by ``make demo`` / ``make test``) picks the CPU or
-CUDA build of the three and installs versions that match each other.
+CUDA build of the three and installs versions that match each other. The sets the test
+suite passed on are ``recsys_llm.env.KNOWN_GOOD`` (README, first section).
 """
 
 from setuptools import find_packages, setup
