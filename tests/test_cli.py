@@ -125,7 +125,8 @@ def test_help_shows_the_defaults_outside_the_semantics_group_too(capsys) -> None
         assert text in synthetic
     assert "--rows-per-group ROWS_PER_GROUP Parquet row group size (default: 8192)" in _help(["prepare", "movielens"],
                                                                                              capsys)
-    assert "--hash-size HASH_SIZE rows per categorical table (default: 1000000)" in _help(["prepare", "criteo"], capsys)
+    assert ("--hash-size HASH_SIZE rows per categorical table: one size, or 26 comma- separated sizes for C1..C26 "
+            "(default: 1000000)") in _help(["prepare", "criteo"], capsys)
     tabular = _help(["prepare", "tabular"], capsys)
     assert "train,valid,test shares (default: 0.8,0.1,0.1)" in tabular
     assert "CSV delimiter (default: ',')" in tabular

@@ -140,8 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     criteo.add_argument("--input", required=True,
                         help="the raw Criteo file; .gz, .bz2, .zst, .lz4 are decompressed as read (e.g. day_0.gz)")
     criteo.add_argument("--hash-size", type=_hash_sizes, default=1_000_000,
-                        help="rows per categorical table: one size, or 26 comma-separated sizes for C1..C26 "
-                             "(default: 1000000)")
+                        help="rows per categorical table: one size, or 26 comma-separated sizes for C1..C26")
     criteo.add_argument("--delimiter", default=None, help="column separator (default: ',' for .csv or .csv.gz, else tab)")
     criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                         help="train,valid,test shares in file order (default: 0.8,0.1,0.1)")
