@@ -8,8 +8,8 @@ DLRM's preprocessing:
   number, or not a whole one (``3.5``, ``inf``), is an error naming its line and column;
 * categorical ``C_k`` -> FNV-1a hash of the string into ``[1, hash_size)`` (0 = missing; one
   ``hash_size`` for every field, or one per field), so the schema marks them ``hashed`` with
-  ``cardinality = hash_size``; a cell that is not hex
-  digits is an error naming its line and column;
+  ``cardinality = hash_size``; a cell that is not hex digits is an error naming its line and
+  column;
 * rows keep file order (the public Criteo files are ordered by time) and are split
   into train/valid/test by ``split_fractions`` of the line count;
 * the output is written whole or not at all: a failed run leaves an earlier one untouched.
@@ -17,9 +17,9 @@ DLRM's preprocessing:
 The file is read with ``pyarrow.csv.open_csv`` block by block, so memory stays bounded
 for the 45M-line Kaggle set or a 4 billion-line Terabyte day; a compressed file (``day_0.gz``,
 also ``.bz2``, ``.zst``, ``.lz4``) is decompressed as it is read. A first pass counts the lines
-(for the split bounds) with a progress bar over the bytes; with ``max_rows`` it stops there. A header line is
-recognised (and skipped) when its label and I1..I13 cells are names (none empty or a number), e.g.
-Kaggle's ``Id,Label,I1,...`` (a leading ``Id`` column is dropped). A leading UTF-8 byte order mark
+(for the split bounds) with a progress bar over the bytes; with ``max_rows`` it stops there. A
+header line is recognised (and skipped) when its label and I1..I13 cells are names (none empty or
+a number), e.g. Kaggle's ``Id,Label,I1,...`` (a leading ``Id`` column is dropped). A leading UTF-8 byte order mark
 is ignored; blank lines at the end of the file are too, and one before a data line is an error
 that names it (skipping it would shift the line numbers of later errors and the split counts).
 """
