@@ -216,8 +216,11 @@ def _batches(path: str, config: CriteoConfig, delimiter: str) -> Iterator[Tuple[
                                            use_threads=False),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=on_invalid,
                                              ignore_empty_lines=False),
+            # only an empty cell is missing: pyarrow's other null markers (NA, NULL, nan, ...) are not
+            # Criteo's and would turn a garbled cell into a silent 0 or an empty token
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=names[int(has_id):],
-                                                 strings_can_be_null=True, quoted_strings_can_be_null=True),
+                                                 null_values=[""], strings_can_be_null=True,
+                                                 quoted_strings_can_be_null=True),
         )
         line = 1 + int(header)
         for batch in reader:

@@ -94,6 +94,22 @@ def test_bad_label_names_line(tmp_path):
         prepare_criteo(raw, str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("marker", ["NA", "NULL", "null", "N/A"])
+def test_other_missing_markers_than_an_empty_cell_are_refused(tmp_path, marker):
+    """pyarrow reads these as null by default: in I1..I13 they became 0 and in C1..C26 an empty token."""
+    rows = _lines(20)
+    rows[3][1] = marker  # I1
+    raw = _write(tmp_path / "dense.tsv", rows)
+    with pytest.raises(DataError, match=rf"dense\.tsv, line 4, column I1: '{marker}' is not a number; expected an "
+                                        r"integer count or an empty cell"):
+        prepare_criteo(raw, str(tmp_path / "out"))
+    rows[3][1] = ""
+    rows[5][0] = marker
+    raw = _write(tmp_path / "label.tsv", rows)
+    with pytest.raises(DataError, match=rf"label\.tsv, line 6, column label: '{marker}' is not a number; expected 0 or 1"):
+        prepare_criteo(raw, str(tmp_path / "out"))
+
+
 def test_non_numeric_cell_names_line_and_column(tmp_path):
     rows = _lines(300)
     rows[250][2] = "abc"  # I2, in a later block
@@ -111,13 +127,13 @@ def test_non_numeric_cell_names_line_and_column(tmp_path):
         prepare_criteo(raw, str(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("value", ["3.5", "inf", "-inf", "1e400"])
+@pytest.mark.parametrize("value", ["3.5", "inf", "-inf", "1e400", "nan", "NaN"])
 def test_dense_value_that_is_not_an_integer_names_line_and_column(tmp_path, value):
-    """pyarrow parses these as doubles (``nan``, ``NA`` are read as missing); ``inf`` would reach training."""
+    """pyarrow parses these as doubles; ``inf`` would reach training, ``nan`` would become a silent 0."""
     rows = _lines(20)
     rows[12][5] = value
     raw = _write(tmp_path / "bad.tsv", rows)
-    with pytest.raises(DataError, match=rf"bad\.tsv, line 13, column I5: -?(inf|3\.5) is not an integer count"):
+    with pytest.raises(DataError, match=rf"bad\.tsv, line 13, column I5: -?(inf|3\.5|nan) is not an integer count"):
         prepare_criteo(raw, str(tmp_path / "out"))
     rows[12][5] = "12.0"  # a whole number written as a float is a count
     prepare_criteo(_write(tmp_path / "ok.tsv", rows), str(tmp_path / "out"), CriteoConfig(hash_size=64))
@@ -227,7 +243,7 @@ def test_line_count_ignores_blank_lines_at_the_end_across_blocks(tmp_path):
     assert _count_data_lines(str(path)) == 1
 
 
-@pytest.mark.parametrize("value", ["zz", "3.5", "68fd 1e64", "é"])
+@pytest.mark.parametrize("value", ["zz", "3.5", "68fd 1e64", "é", "NULL", "NA"])
 def test_categorical_value_that_is_not_hex_names_line_and_column(tmp_path, value):
     rows = _lines(300)
     rows[260][1 + 13 + 7] = value  # C8, in a later block
