@@ -131,8 +131,9 @@ def chunk_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"chunk-{index:05d}.parquet")
 
 
-# what an export directory holds: the manifest, the chunks, and the temp files of both
-_EXPORT_ENTRY = re.compile(r"(manifest\.json|chunk-\d{5,}\.parquet)(\.\d+\.tmp)?")
+# what an export directory holds: the manifest, the chunks, the temp files of both, and the file of a
+# shared-directory check a killed torchrun export left (train.run_records.check_run_dir_shared)
+_EXPORT_ENTRY = re.compile(r"(manifest\.json|chunk-\d{5,}\.parquet)(\.\d+\.tmp)?|\.shared-check-[0-9a-f]+")
 
 
 def check_export_dir(directory: str) -> None:

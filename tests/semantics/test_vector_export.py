@@ -22,6 +22,7 @@ from recsys_llm.semantics.vector_export import (
 )
 from recsys_llm.semantics.vector_projection import fit_projection, save_projection
 from recsys_llm.semantics.vector_reader import attach_vectors, read_vector_rows, read_vectors
+from recsys_llm.train.run_records import SHARED_CHECK_FILE
 
 
 
@@ -656,6 +657,8 @@ def test_an_output_dir_of_other_files_is_refused_before_any_work_and_left_as_it_
     out = str(tmp_path / "rows")  # its own export is resumed
     export_schema_vectors(schema, ["train"], renderer, encoder, out, PROVENANCE, config, progress=False)
     os.remove(chunk_path(out, 0))
+    # the shared-directory check's file of a torchrun export killed in that check is its own too
+    (tmp_path / "rows" / f"{SHARED_CHECK_FILE}-{'ab' * 16}").write_text("ab" * 16, encoding="utf-8")
     assert export_schema_vectors(schema, ["train"], renderer, encoder, out, PROVENANCE, config, progress=False) == [0]
 
 
