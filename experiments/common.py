@@ -15,8 +15,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from recsys_llm.train.config import ExperimentConfig, config_differences, load_config
-from recsys_llm.train.run_records import RESULTS_FILE, finished_results
+from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_differences, load_config, schema_json_path
+from recsys_llm.train.run_records import (
+    DATA_FINGERPRINTS_KEY,
+    RESULTS_FILE,
+    SCHEMA_FINGERPRINT_KEY,
+    data_fingerprints,
+    finished_results,
+    read_run_record,
+)
 from recsys_llm.train.runner import run_training
 
 ML100K_RAW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k"))
@@ -226,12 +233,33 @@ def run_variant(
 
 
 def _differences(config: ExperimentConfig, run_dir: str) -> List[str]:
-    """How the config saved in ``run_dir`` differs from ``config`` (run dir and progress bar aside)."""
+    """How the config saved in ``run_dir`` differs from ``config`` (run dir and progress bar aside),
+    and the data the run trained on from what ``config``'s data directory holds now."""
     other = load_config(os.path.join(run_dir, "config.yaml"))
     differences = config_differences(other, config, ("train.run_dir", "train.progress", "data.schema"))
     if os.path.abspath(config.data.schema) != os.path.abspath(other.data.schema):
         differences.append(f"data.schema: {other.data.schema} -> {config.data.schema}")
-    return differences
+    return differences + _data_differences(config, run_dir)
+
+
+def _data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
+    """Whether the data ``config`` names is still what the run in ``run_dir`` trained and was tested on:
+    its ``plugins.json`` records the schema fingerprint and each split's Parquet-footer hash. The
+    same config on data prepared again with other rows (same fields and sizes) is another experiment.
+    Runs without that record (older ones), or data not there yet, are not compared."""
+    from recsys_llm.data.schema import DatasetSchema
+
+    plugins, schema_file = os.path.join(run_dir, PLUGINS_FILE), schema_json_path(config.data.schema)
+    if not os.path.isfile(plugins) or not os.path.isfile(schema_file):
+        return []
+    saved = read_run_record(plugins)
+    schema = DatasetSchema.load(schema_file)
+    if saved.get(SCHEMA_FINGERPRINT_KEY) not in (None, schema.fingerprint()):
+        return [f"the schema of {schema.root}: fingerprint {saved[SCHEMA_FINGERPRINT_KEY]} -> {schema.fingerprint()}"]
+    recorded = saved.get(DATA_FINGERPRINTS_KEY) or {}
+    current = data_fingerprints(config, schema)
+    changed = [split for split in current if split in recorded and recorded[split] != current[split]]
+    return [f"the data of split(s) {changed} in {schema.root} changed since the run (prepared again?)"] if changed else []
 
 
 def _same_experiment(config: ExperimentConfig, other_run_dir: str) -> bool:

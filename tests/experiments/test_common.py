@@ -131,3 +131,45 @@ def test_tables_go_to_tables_out_and_runs_stay_under_out(tmp_path):
     write_outputs(tables_dir(second), "table", {"pick": "first-seed"}, "first")
     assert (tmp_path / "all" / "table.md").read_text() == "all\n"  # not overwritten by the second pick
     assert (tmp_path / "all" / "pick" / "table.md").read_text() == "first\n"
+
+
+def _finished_run_on(data_dir: str, run_dir: str) -> None:
+    """A finished run's records (config, plugins.json with the data fingerprints, results) on ``data_dir``'s data."""
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.train.run_records import (
+        DATA_FINGERPRINTS_KEY, PLUGINS_FILE, SCHEMA_FINGERPRINT_KEY, data_fingerprints,
+    )
+
+    config = load_config(base_config_path("synthetic", "deepfm"), [f"data.schema={data_dir}", f"train.run_dir={run_dir}"])
+    schema = DatasetSchema.load(os.path.join(data_dir, "schema.json"))
+    os.makedirs(run_dir)
+    save_config(config, os.path.join(run_dir, "config.yaml"))
+    with open(os.path.join(run_dir, PLUGINS_FILE), "w", encoding="utf-8") as handle:
+        json.dump({SCHEMA_FINGERPRINT_KEY: schema.fingerprint(),
+                   DATA_FINGERPRINTS_KEY: data_fingerprints(config, schema)}, handle)
+    with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(_result(0.7, 0.7), handle)
+
+
+def test_a_finished_run_on_other_data_is_neither_taken_nor_reused(tmp_path):
+    """Data prepared again in the same directory (same fields and sizes, other rows: the config is
+    identical) must not let a table report the old data's results."""
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    data = str(tmp_path / "data")
+    generate_synthetic(data, 300, seed=0)
+    run_dir, other = str(tmp_path / "runs" / "plain" / "seed0"), str(tmp_path / "backbones" / "seed0")
+    _finished_run_on(data, run_dir)
+    _finished_run_on(data, other)
+    config = base_config_path("synthetic", "deepfm")
+    assert run_variant(config, [f"data.schema={data}"], run_dir) == _result(0.7, 0.7)  # same data: taken
+    new_dir = str(tmp_path / "runs" / "plain" / "seed0_again")
+    assert _same_experiment(load_config(config, [f"data.schema={data}", f"train.run_dir={new_dir}"]), other)
+
+    import shutil
+    shutil.rmtree(data)
+    generate_synthetic(data, 300, seed=1)  # the same schema, other rows
+    with pytest.raises(SystemExit, match=r"plain/seed0: holds a finished run of other settings \(the data of "
+                                         r"split\(s\) \['train', 'valid', 'test'\]"):
+        run_variant(config, [f"data.schema={data}"], run_dir)
+    assert not _same_experiment(load_config(config, [f"data.schema={data}", f"train.run_dir={new_dir}"]), other)
