@@ -268,6 +268,8 @@ def _same_experiment(config: ExperimentConfig, other_run_dir: str) -> bool:
 
 
 def mean_std(values: List[float]) -> Dict[str, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0 for one value) of the
+    values that are not None / NaN; ``n`` says how many there were."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}

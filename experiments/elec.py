@@ -284,7 +284,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     cold = all("cold/auc" in row for table in tables.values() for row in table.values())
     columns = ["auc", "logloss"] + (["cold/auc", "cold/logloss"] if cold else [])
     vectors_per = f"row ({', '.join(args.row_fields)})" if args.granularity == "row" else " and ".join(entities)
-    sections = [f"## ELEC on {args.data} (test metrics, mean ± std over seeds {args.seeds}; LLM vectors per "
+    sections = [f"## ELEC on {args.data} (test metrics, mean ± sample std (n - 1) over seeds {args.seeds}; LLM vectors per "
                 f"{vectors_per}, LLM tuned on {sample_rows} training rows)", ""]
     for backbone in backbones:
         sections += [f"### {backbone}", "", markdown_table(tables[backbone], columns, baseline="plain"), ""]

@@ -172,7 +172,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     with open(ssft_metrics_path, encoding="utf-8") as handle:
         ssft = json.load(handle)
     columns = ["auc", "logloss"] + (["cold/auc", "cold/logloss"] if cold else [])
-    sections = [f"## LLaCTR on {args.data} (test metrics, mean ± std over seeds {args.seeds})", ""]
+    sections = [f"## LLaCTR on {args.data} (test metrics, mean ± sample std (n - 1) over seeds {args.seeds})", ""]
     for backbone in backbones:
         sections += [f"### {backbone}", "", markdown_table(tables[backbone], columns, baseline="plain"), ""]
         picks = ", ".join(f"{v}: {c['setting']}" for v, c in choices[backbone].items())

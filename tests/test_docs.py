@@ -115,3 +115,27 @@ def test_the_names_the_usage_guide_imports_from_a_module_are_there() -> None:
             elif re.fullmatch(r"[A-Za-z_]\w*", token):
                 names.append(token)
     assert checked >= 9  # the distillation losses, sharding, the pipeline and serving
+
+
+def test_the_readmes_llactr_lambda_picks_are_those_of_its_results_json() -> None:
+    """The README's sentences on which lambdas validation picked must say what the table's JSON records."""
+    import json
+
+    with open(os.path.join(REPO, "results", "llactr_ml100k.json"), encoding="utf-8") as handle:
+        choices = json.load(handle)["choices"]
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        readme = " ".join(handle.read().split())
+    both_at_top = sorted(b for b, c in choices.items() if c["+both"]["lambda_fre"] == 0.5)
+    fre_at_top = sorted(b for b, c in choices.items() if c["+FRE"]["lambda_fre"] == 0.5)
+    assert both_at_top == fre_at_top == ["deepfm", "fm", "fwfm"]
+    assert "for +both on the same three backbones" in readme and "five of the six" not in readme
+    assert choices["dlrm"]["+FIE"]["lambda_fie"] == 0.01 and choices["deepfm"]["+FIE"]["lambda_fie"] == 0.5
+    assert "now picks lambda_FIE 0.01 for DLRM, and still 0.5 for DeepFM" in readme
+
+
+def test_the_readme_says_which_standard_deviation_the_tables_give() -> None:
+    from experiments.common import mean_std
+
+    assert mean_std([1.0, 2.0, 3.0])["std"] == 1.0  # n - 1: the population std would be 0.816
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        assert "n - 1 in the denominator" in " ".join(handle.read().split())
