@@ -1,5 +1,6 @@
 """The ``recsys-llm`` entry point itself (sub-commands have their own tests)."""
 
+import json
 import os
 import signal
 import sys
@@ -54,6 +55,8 @@ def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir) -> int:
 
 def test_a_teacher_outputs_dir_of_other_files_is_refused_before_the_teacher_is_loaded(tmp_path, monkeypatch,
                                                                                       capsys) -> None:
+    from recsys_llm.train import teacher_outputs
+
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine", encoding="utf-8")
@@ -61,13 +64,17 @@ def test_a_teacher_outputs_dir_of_other_files_is_refused_before_the_teacher_is_l
     assert _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, junk) == 2
     assert capsys.readouterr().err.splitlines()[0] == (
         f"recsys-llm teacher-outputs: error: {junk}: not empty and not an earlier data set with teacher outputs: "
-        "'notes.txt' is not one of its entries (schema.json and the split copies ['train', 'valid']); writing the "
-        "data set with teacher outputs there would mix it with other files; choose another (or an empty) output "
+        "'notes.txt' is not one of its entries (schema.json, teacher.json and the split copies ['train', "
+        "'valid']); writing the data set with teacher outputs there would mix it with other files; choose another (or an empty) output "
         "directory")
     assert sorted(os.listdir(junk)) == ["notes.txt", "train.parquet"]
     os.remove(junk / "notes.txt")  # an unfinished run of its own: resumed
     (junk / "train.parquet.tmp").write_bytes(b"")  # a copy being written when it stopped
     (junk / "valid").mkdir()  # a split of several files: a directory of copies
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_state.json").write_text('{"global_step": 3}', encoding="utf-8")
+    (junk / "teacher.json").write_text(json.dumps(teacher_outputs.teacher_record(str(tmp_path / "run"))),
+                                       encoding="utf-8")  # written by the same teacher checkpoint
     assert _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, junk) == 2
     assert capsys.readouterr().err.splitlines()[0] == "recsys-llm teacher-outputs: error: model loaded"
 

@@ -156,6 +156,18 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     assert cli_main(["teacher-outputs", "--config", CONFIG, "--checkpoint", gain_dir, "--output-dir", teacher_data,
                      *gain_overrides]) == 0
     teacher_schema = os.path.join(teacher_data, "schema.json")
+    from recsys_llm.train.teacher_outputs import TEACHER_FILE, check_same_teacher
+
+    record = json.load(open(os.path.join(teacher_data, TEACHER_FILE), encoding="utf-8"))
+    assert set(record["sha256"]) == {"train_state.json", ".metadata"}
+    assert cli_main(["teacher-outputs", "--config", CONFIG, "--checkpoint", gain_dir, "--output-dir", teacher_data,
+                     *gain_overrides]) == 0  # the same teacher: a resume with nothing left to write
+    other_teacher = {**record, "sha256": {**record["sha256"], "train_state.json": "0" * 64}}
+    try:
+        check_same_teacher(teacher_data, other_teacher)
+        other_teacher_refusal = ""
+    except ValueError as error:
+        other_teacher_refusal = str(error)
     # each row's teacher_logits are the gain network's own prediction for that row
     from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 
@@ -195,7 +207,7 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     assert cli_main(["export", "--config", CONFIG, "--checkpoint", offline_dir, "--output", served,
                      *offline_overrides]) == 0
     return {"gain": gain, "offline": offline, "joint": joint, "frozen": frozen, "teacher_schema": teacher_schema,
-            "served": served, "teacher_check": teacher_check}
+            "served": served, "teacher_check": teacher_check, "other_teacher_refusal": other_teacher_refusal}
 
 
 @pytest.mark.multiprocess
@@ -212,6 +224,8 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     assert columns.schema.field("teacher_representation").type.list_size > 0
     predicted, written = out["teacher_check"]
     torch.testing.assert_close(written.float(), predicted.float(), rtol=1e-4, atol=1e-4)  # row by row
+    assert "holds teacher outputs of another teacher checkpoint" in out["other_teacher_refusal"]
+    assert "(differing: train_state.json)" in out["other_teacher_refusal"]
 
     for name in ("gain", "offline", "joint", "frozen"):
         assert out[name]["test"]["auc"] > 0.5, (name, out[name]["test"])

@@ -18,9 +18,14 @@ at a time over a host-memory group, checking the row count (and the row keys whe
 schema has one). No table is ever gathered whole, and rank 0 holds two ranks' shares of a
 file's outputs at most, not the file's. Existing finished files are never rewritten, so
 a run resumes an earlier unfinished one in the same ``--output-dir``; a directory holding
-anything else is refused before the teacher is loaded.
+anything else is refused before the teacher is loaded. ``teacher.json`` records which checkpoint
+wrote the copies (content hashes of its ``train_state.json`` and DCP ``.metadata``), so a resume
+with another teacher -- one trained again, or another run's -- is refused rather than left with
+copies of two teachers.
 """
 
+import hashlib
+import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -33,11 +38,12 @@ from torch import nn
 from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries
+from recsys_llm.atomic_dir import check_own_entries, write_text_atomically
 from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
+from recsys_llm.train.checkpoint import TRAIN_STATE_FILE
 from recsys_llm.train.config import ExperimentConfig
 from recsys_llm.train.distributed import barrier, host_group
 from recsys_llm.train.task_builder import plugin_extras
@@ -46,6 +52,9 @@ from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 LOGITS_COLUMN = "teacher_logits"
 REPRESENTATION_COLUMN = "teacher_representation"
 SCHEMA_FILE = "schema.json"
+TEACHER_FILE = "teacher.json"  # which checkpoint wrote the copies: {"checkpoint": path, "sha256": {file: digest}}
+# the checkpoint files that tell one trained teacher from another (small: no table is read)
+TEACHER_IDENTITY_FILES = (TRAIN_STATE_FILE, ".metadata")
 
 # (logits (n,), representations (n, H), row keys (n,) or None) of n rows
 Outputs = Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
@@ -59,10 +68,61 @@ def check_output_dir(output_dir: str, schema: DatasetSchema) -> None:
     Raises:
         FileExistsError: naming the directory and its first other entry.
     """
-    own = {SCHEMA_FILE} | {name for split in schema.splits for name in (split, f"{split}.parquet")}
+    own = {SCHEMA_FILE, TEACHER_FILE} | {name for split in schema.splits for name in (split, f"{split}.parquet")}
     own |= {f"{name}.tmp" for name in own}
     check_own_entries(output_dir, "data set with teacher outputs", own.__contains__,
-                      f"{SCHEMA_FILE} and the split copies {sorted(schema.splits)}")
+                      f"{SCHEMA_FILE}, {TEACHER_FILE} and the split copies {sorted(schema.splits)}")
+
+
+def teacher_record(checkpoint: str) -> Dict[str, Any]:
+    """What ``teacher.json`` records of the checkpoint directory ``checkpoint``: its path (for
+    messages) and the sha256 of each of its ``TEACHER_IDENTITY_FILES`` that exists."""
+    digests = {}
+    for name in TEACHER_IDENTITY_FILES:
+        path = os.path.join(checkpoint, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as handle:
+                digests[name] = hashlib.sha256(handle.read()).hexdigest()
+    return {"checkpoint": os.path.abspath(checkpoint), "sha256": digests}
+
+
+def _holds_a_copy(path: str) -> bool:
+    """A finished split copy, or a split directory with one."""
+    if not os.path.isdir(path):
+        return True
+    return any(not name.endswith(".tmp") for name in os.listdir(path))
+
+
+def check_same_teacher(output_dir: str, record: Dict[str, Any]) -> None:
+    """Raises when ``output_dir`` already holds copies written by another teacher checkpoint than
+    ``record`` describes (:func:`teacher_record`), or copies without a ``teacher.json``.
+
+    Raises:
+        ValueError: naming the directory, both checkpoints and the remedy.
+    """
+    path = os.path.join(output_dir, TEACHER_FILE)
+    remedy = "use a new --output-dir, or delete it to write every split again with this teacher"
+    if not os.path.isfile(path):
+        finished = [name for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+                    if name != SCHEMA_FILE and not name.endswith(".tmp") and _holds_a_copy(os.path.join(output_dir, name))]
+        if finished:
+            raise ValueError(f"{output_dir}: holds teacher outputs ({', '.join(sorted(finished))}) without {TEACHER_FILE} "
+                             "(written by an older version), so which teacher wrote them is unknown: " + remedy)
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        saved_digests = dict(saved["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: damaged or not a teacher record ({error}); {remedy}") from error
+    shared = set(saved_digests) & set(record["sha256"])
+    differing = sorted(name for name in shared if saved_digests[name] != record["sha256"][name])
+    if differing or not shared:
+        raise ValueError(
+            f"{output_dir}: holds teacher outputs of another teacher checkpoint ({saved.get('checkpoint')}) than "
+            f"{record['checkpoint']} (differing: {', '.join(differing) or 'no file of both to compare'}): a resume "
+            f"would mix the outputs of two teachers; {remedy}"
+        )
 
 
 def teacher_of(task: nn.Module) -> nn.Module:
@@ -359,6 +419,19 @@ def write_teacher_outputs(
         raise ValueError(f"teacher outputs: --output-dir {output_dir} is the input data's own directory; "
                          "the copies with teacher columns need another directory")
     check_output_dir(output_dir, schema)  # before the teacher is loaded
+    record = teacher_record(run.checkpoint)
+    refusal: List[Optional[str]] = [None]
+    if ctx.is_main:  # rank 0 writes, and alone needs to see the directory
+        try:
+            check_same_teacher(output_dir, record)
+            os.makedirs(output_dir, exist_ok=True)
+            write_text_atomically(os.path.join(output_dir, TEACHER_FILE), json.dumps(record, indent=2) + "\n")
+        except (OSError, ValueError) as error:
+            refusal = [str(error)]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(refusal, src=0, group=host_group())
+    if refusal[0] is not None:
+        raise ValueError(refusal[0])
     model = load_trained_model(config, run)
     model.eval()
     teacher = teacher_of(model)

@@ -4,7 +4,9 @@ teacher's two columns, row by row.
 The whole ``teacher-outputs`` command (sharded teacher, two ranks) runs in ``tests/test_methods_e2e.py``.
 """
 
+import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +16,10 @@ import pytest
 from recsys_llm.train.teacher_outputs import (
     LOGITS_COLUMN,
     REPRESENTATION_COLUMN,
+    TEACHER_FILE,
     TeacherColumnsWriter,
+    check_same_teacher,
+    teacher_record,
     write_on_rank_0,
     write_with_columns,
 )
@@ -144,3 +149,39 @@ def test_an_interrupt_while_rank_0_writes_leaves_no_partial_copy(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         write_on_rank_0(source, target, "row_id", own, world_size=1, group=None)
     assert groups_written == [0] and os.listdir(tmp_path / "out") == []
+
+
+def _checkpoint(path, step: int) -> str:
+    os.makedirs(path)
+    with open(os.path.join(path, "train_state.json"), "w", encoding="utf-8") as handle:
+        handle.write(f'{{"global_step": {step}}}')
+    with open(os.path.join(path, ".metadata"), "wb") as handle:
+        handle.write(b"dcp metadata")
+    return str(path)
+
+
+def test_a_resume_with_another_teacher_checkpoint_is_refused(tmp_path) -> None:
+    """Finished copies are never rewritten: without the record, a teacher trained again would
+    leave the earlier teacher's outputs in the splits it had finished."""
+    out = tmp_path / "teacher"
+    first = teacher_record(_checkpoint(tmp_path / "run" / "best" / "ckpt-10", 10))
+    check_same_teacher(str(out), first)  # nothing there yet
+    out.mkdir()
+    (out / TEACHER_FILE).write_text(json.dumps(first), encoding="utf-8")
+    (out / "train.parquet").write_bytes(b"finished copy")
+    check_same_teacher(str(out), first)
+    moved = {**first, "checkpoint": str(tmp_path / "elsewhere")}  # the same checkpoint, moved: the same teacher
+    check_same_teacher(str(out), moved)
+    retrained = teacher_record(_checkpoint(tmp_path / "run2" / "best" / "ckpt-10", 12))
+    with pytest.raises(ValueError, match=rf"teacher: holds teacher outputs of another teacher checkpoint "
+                                         rf"\({re.escape(first['checkpoint'])}\) than .*run2/best/ckpt-10 \(differing: "
+                                         r"train_state\.json\): a resume would mix the outputs of "
+                                         r"two teachers; use a new --output-dir, or delete it"):
+        check_same_teacher(str(out), retrained)
+    (out / TEACHER_FILE).unlink()  # copies of an older version, which wrote no record
+    with pytest.raises(ValueError, match=r"teacher: holds teacher outputs \(train\.parquet\) without teacher\.json "
+                                         r"\(written by an older version\)"):
+        check_same_teacher(str(out), first)
+    (out / TEACHER_FILE).write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"teacher\.json: damaged or not a teacher record"):
+        check_same_teacher(str(out), first)
