@@ -218,11 +218,10 @@ def run_backbone(
     def offline_extra(seed: int) -> List[str]:
         gain_dir = os.path.join(work, backbone, "gain", f"seed{seed}")
         out_dir = os.path.join(work, backbone, "teacher_outputs", f"seed{seed}")
-        schema_path = os.path.join(out_dir, "schema.json")
-        if not os.path.exists(schema_path):
-            gain_config = load_config(config, common + [f"train.seed={seed}", f"train.run_dir={gain_dir}",
-                                                        "train.progress=false"] + gain)
-            schema_path = write_teacher_outputs(gain_config, gain_dir, out_dir, progress=False)["schema"]
+        gain_config = load_config(config, common + [f"train.seed={seed}", f"train.run_dir={gain_dir}",
+                                                    "train.progress=false"] + gain)
+        # copies finished earlier are kept when their teacher.json names this gain checkpoint, refused otherwise
+        schema_path = write_teacher_outputs(gain_config, gain_dir, out_dir, progress=False)["schema"]
         # the runner reads the representation width from the teacher_representation column
         return [f"data.schema={schema_path}"]
 
