@@ -28,7 +28,8 @@ the adapter, the AdamW state and the torch RNG states (CPU, and the CUDA device'
 draws from them) are restored, so a tune interrupted after an epoch and resumed gives the
 adapter of an uninterrupted one, bit for bit (on the same device and software). Asking for
 fewer epochs than the checkpoint holds is refused; as many re-saves the adapter. Loading
-runs no code: safetensors and JSON, and ``torch.load(weights_only=True)`` for the optimizer.
+runs no code: safetensors and JSON, and ``torch.load(weights_only=True)`` for the optimizer
+(:mod:`~recsys_llm.semantics.train_checkpoint`, shared with ``semantics adapt``).
 The adapter is used through :func:`~recsys_llm.semantics.ssft_adapter.load_tuned_encoder`.
 
 Example::
@@ -41,7 +42,6 @@ Example::
 import dataclasses
 import json
 import os
-import pickle
 import random
 import shutil
 import warnings
@@ -49,29 +49,42 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, replace_directory
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
-from recsys_llm.error_text import one_line
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
 from recsys_llm.semantics.lora_targets import default_target_modules
-from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, read_json_file, safetensors_damage
+from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, read_json_file
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
 from recsys_llm.semantics.ssft_adapter import CHECKPOINT_STATE_FILE, SSFT_INFO_FILE
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
+from recsys_llm.semantics.train_checkpoint import (
+    CheckpointOwner,
+    checkpoint_swap,
+    check_tensor_file,
+    damaged_checkpoint_file,
+    find_checkpoint,
+    grad_scaler_state,
+    load_checkpoint_tensors,
+    load_optimizer_file,
+    restore_grad_scaler,
+    restore_optimizer,
+    restore_rng_state,
+    rng_state,
+    setting_differences,
+)
 
 # the files of checkpoint/ (rng.safetensors is missing from those of older versions)
 CHECKPOINT_ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
 RESOLVED_POOLING_KEY = "resolved_pooling"  # in state.json's signature
-GRAD_SCALER_KEY = "grad_scaler"  # in state.json: the float16 loss scale and its growth counter
 CHECKPOINT_RNG_FILE = "rng.safetensors"
 # what an SSFT output directory holds (with the temp and previous copies of its swaps)
+SSFT_CHECKPOINT = CheckpointOwner("SSFT", "tune")
 SSFT_OUTPUT_ENTRIES = frozenset(
     name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
 ) | {"metrics.json", "metrics.json.tmp"}
@@ -288,60 +301,6 @@ def retrieval_metrics(queries: torch.Tensor, keys: torch.Tensor, labels: torch.T
     return {"accuracy": accuracy, "loss": loss, "count": int(labels.numel())}
 
 
-def _rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
-    """The RNG states SSFT training draws from (LoRA and model dropout; shuffling and sampling use
-    their own seeded ``random.Random``): torch's CPU one, and on CUDA the device's (uint8 tensors)."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Dict[str, torch.Tensor], device: torch.device) -> bool:
-    """Restores what :func:`_rng_state` saved; False when it lacks the CUDA state a run on ``device`` needs.
-
-    Raises:
-        RuntimeError, KeyError, TypeError: ``state`` is not such a state (a damaged file).
-    """
-    torch.set_rng_state(state["torch"])
-    if device.type != "cuda":
-        return True
-    if "cuda" not in state:
-        return False
-    torch.cuda.set_rng_state(state["cuda"], device)
-    return True
-
-
-def _damaged_checkpoint_file(path: str, detail: str) -> ValueError:
-    """The error for a file of an SSFT ``checkpoint/`` that cannot be read back."""
-    return ValueError(
-        f"{path}: damaged or incomplete SSFT checkpoint file ({detail}); delete {os.path.dirname(path)} to tune "
-        "again from scratch, or run `recsys-llm semantics tune` with --no-resume"
-    )
-
-
-def _load_checkpoint_tensors(path: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
-    """The tensors of a safetensors file of an SSFT ``checkpoint/``; a missing or damaged one is
-    :func:`_damaged_checkpoint_file`'s error."""
-    if not os.path.isfile(path):
-        raise _damaged_checkpoint_file(path, "missing")
-    damage = safetensors_damage(path)
-    if damage is not None:
-        raise _damaged_checkpoint_file(path, damage)
-    try:
-        return load_file(path, device=device)
-    except (SafetensorError, OSError) as error:
-        raise _damaged_checkpoint_file(path, one_line(error)) from error
-
-
-def _torch_load_detail(error: BaseException) -> str:
-    """Why ``torch.load(weights_only=True)`` refused a file, in one line."""
-    if isinstance(error, pickle.UnpicklingError):
-        return "holds objects other than tensors, refused unread: loading them could run code"
-    # torch's own text goes on with advice after its first sentence ("... central directory. This is ...")
-    return one_line(error).split(". ")[0][:300] or type(error).__name__
-
-
 class SSFTTrainer:
     """Runs SSFT for one schema and writes the adapter, checkpoints and metrics.
 
@@ -501,52 +460,36 @@ class SSFTTrainer:
 
         Call it right after an epoch: the RNG states saved are where the next epoch's dropout starts.
         """
-        final = os.path.join(self._output_dir, "checkpoint")
-        tmp = f"{final}.tmp"
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
         device = next(self._encoder.model.parameters()).device
-        save_file(self._adapter_state(), os.path.join(tmp, CHECKPOINT_ADAPTER_FILE))
-        torch.save(self._optimizer.state_dict(), os.path.join(tmp, CHECKPOINT_OPTIMIZER_FILE))
-        save_file(_rng_state(device), os.path.join(tmp, CHECKPOINT_RNG_FILE))
-        with open(os.path.join(tmp, CHECKPOINT_STATE_FILE), "w", encoding="utf-8") as handle:
-            scaler = {GRAD_SCALER_KEY: self._steps.scaler.state_dict()} if self._steps.scaler.is_enabled() else {}
-            json.dump({**state, **scaler, "signature": self._resume_signature()}, handle, indent=2)
-        replace_directory(tmp, final)
+        with checkpoint_swap(os.path.join(self._output_dir, "checkpoint")) as tmp:
+            save_file(self._adapter_state(), os.path.join(tmp, CHECKPOINT_ADAPTER_FILE))
+            torch.save(self._optimizer.state_dict(), os.path.join(tmp, CHECKPOINT_OPTIMIZER_FILE))
+            save_file(rng_state(device), os.path.join(tmp, CHECKPOINT_RNG_FILE))
+            with open(os.path.join(tmp, CHECKPOINT_STATE_FILE), "w", encoding="utf-8") as handle:
+                json.dump({**state, **grad_scaler_state(self._steps), "signature": self._resume_signature()}, handle,
+                          indent=2)
 
     def _checkpoint_dir(self) -> Optional[str]:
         """``checkpoint/``, else ``checkpoint.old`` (a kill during the swap), when it holds a state; else None."""
-        for name in ("checkpoint", "checkpoint.old"):
-            path = os.path.join(self._output_dir, name)
-            if os.path.exists(os.path.join(path, CHECKPOINT_STATE_FILE)):
-                return path
-        return None
+        return find_checkpoint(os.path.join(self._output_dir, "checkpoint"), CHECKPOINT_STATE_FILE)
 
     def _read_checkpoint_state(self, path: str, with_pooling: bool = True) -> Dict[str, Any]:
         """``state.json`` of the checkpoint ``path``, checked against these settings and ``epochs``
         (and the resolved pooling, ``with_pooling``)."""
         state_file = os.path.join(path, CHECKPOINT_STATE_FILE)
-        hint = (f"; the SSFT checkpoint is damaged: delete {path} to tune again from scratch, or run "
-                "`recsys-llm semantics tune` with --no-resume")
-        state = read_json_file(state_file, hint)
+        state = read_json_file(state_file, f"; the SSFT checkpoint is damaged: {SSFT_CHECKPOINT.remedy(path)}")
         if not (isinstance(state, dict) and isinstance(state.get("signature"), dict)
                 and isinstance(state.get("epoch"), int) and isinstance(state.get("history"), list)
                 and isinstance(state.get("before"), dict)):
-            raise _damaged_checkpoint_file(state_file,
-                                           "expected a JSON object with epoch, before, history and signature")
+            raise damaged_checkpoint_file(state_file, "expected a JSON object with epoch, before, history and "
+                                          "signature", SSFT_CHECKPOINT)
         signature = state.pop("signature")
         compare_pooling = with_pooling and RESOLVED_POOLING_KEY in signature  # earlier versions: the option only
         current = self._resume_signature(compare_pooling)
         if not compare_pooling:
             signature.pop(RESOLVED_POOLING_KEY, None)
         if signature != current:
-            saved_config, config = signature.get("config", {}), current["config"]
-            differing = [
-                f"{k}: {saved_config.get(k)!r} -> {config.get(k)!r}"
-                for k in sorted(set(saved_config) | set(config))
-                if saved_config.get(k) != config.get(k)
-            ]
+            differing = setting_differences(signature.get("config", {}), current["config"])
             differing += [k for k in ("base_hash", "fields") if signature.get(k) != current[k]]
             pooling = current.get(RESOLVED_POOLING_KEY)
             if pooling is not None and signature[RESOLVED_POOLING_KEY] != pooling:
@@ -569,14 +512,15 @@ class SSFTTrainer:
         from peft import get_peft_model_state_dict
 
         adapter_file = os.path.join(path, CHECKPOINT_ADAPTER_FILE)
-        adapter = _load_checkpoint_tensors(adapter_file, str(device))
+        adapter = load_checkpoint_tensors(adapter_file, SSFT_CHECKPOINT, str(device))
         expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(self._encoder.model).items()}
         found = {k: tuple(v.shape) for k, v in adapter.items()}
         if found != expected:
             differing = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-            raise _damaged_checkpoint_file(
+            raise damaged_checkpoint_file(
                 adapter_file,
                 f"{len(differing)} LoRA tensor(s) missing, unknown or of other shapes, e.g. {differing[0]}",
+                SSFT_CHECKPOINT,
             )
         return adapter
 
@@ -591,7 +535,7 @@ class SSFTTrainer:
                 stacklevel=3,
             )
             return None
-        return _load_checkpoint_tensors(rng_file)
+        return load_checkpoint_tensors(rng_file, SSFT_CHECKPOINT)
 
     def _precheck_checkpoint(self) -> None:
         """The checks of :meth:`load_checkpoint` that need no model: state, settings, epochs, whole files."""
@@ -601,12 +545,10 @@ class SSFTTrainer:
         self._read_checkpoint_state(path, with_pooling=False)
         for name in (CHECKPOINT_ADAPTER_FILE, CHECKPOINT_OPTIMIZER_FILE):
             if not os.path.isfile(os.path.join(path, name)):
-                raise _damaged_checkpoint_file(os.path.join(path, name), "missing")
+                raise damaged_checkpoint_file(os.path.join(path, name), "missing", SSFT_CHECKPOINT)
         for name in (CHECKPOINT_ADAPTER_FILE, CHECKPOINT_RNG_FILE):  # an older version wrote no RNG state
-            file = os.path.join(path, name)
-            damage = safetensors_damage(file) if os.path.exists(file) else None
-            if damage is not None:
-                raise _damaged_checkpoint_file(file, damage)
+            if os.path.exists(os.path.join(path, name)):
+                check_tensor_file(os.path.join(path, name), SSFT_CHECKPOINT)
 
     def load_checkpoint(self) -> Optional[Dict[str, Any]]:
         """Restores adapter, optimizer and RNG states from ``checkpoint/`` (or ``checkpoint.old``); None if absent.
@@ -626,40 +568,13 @@ class SSFTTrainer:
         device = next(self._encoder.model.parameters()).device
         adapter = self._read_checkpoint_adapter(path, device)
         optimizer_file = os.path.join(path, CHECKPOINT_OPTIMIZER_FILE)
-        if not os.path.isfile(optimizer_file):
-            raise _damaged_checkpoint_file(optimizer_file, "missing")
-        try:
-            # on CPU: load_state_dict moves the moments to their parameters' device, and AdamW's
-            # step counts stay on CPU (a CUDA step is read back to the host for every parameter)
-            optimizer_state = torch.load(optimizer_file, weights_only=True, map_location="cpu")
-        except torch.OutOfMemoryError:  # a RuntimeError, but no sign of a damaged file
-            raise
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
-            raise _damaged_checkpoint_file(optimizer_file, _torch_load_detail(error)) from error
+        optimizer_state = load_optimizer_file(optimizer_file, SSFT_CHECKPOINT)
         rng = self._read_checkpoint_rng(path)
-        scaler_state = state.pop(GRAD_SCALER_KEY, None)
         set_peft_model_state_dict(self._encoder.model, adapter)
-        if scaler_state is not None and self._steps.scaler.is_enabled():
-            try:
-                self._steps.scaler.load_state_dict(scaler_state)
-            except (RuntimeError, KeyError, TypeError, AttributeError) as error:
-                raise _damaged_checkpoint_file(os.path.join(path, CHECKPOINT_STATE_FILE),
-                                               f"{GRAD_SCALER_KEY} is not a loss-scaler state: {one_line(error)}"
-                                               ) from error
-        try:
-            self._optimizer.load_state_dict(optimizer_state)
-        except torch.OutOfMemoryError:
-            raise
-        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
-            raise _damaged_checkpoint_file(optimizer_file, f"not an AdamW state of this adapter: {one_line(error)}"
-                                           ) from error
+        restore_grad_scaler(self._steps, state, os.path.join(path, CHECKPOINT_STATE_FILE), SSFT_CHECKPOINT)
+        restore_optimizer(self._steps, optimizer_state, optimizer_file, "AdamW state of this adapter", SSFT_CHECKPOINT)
         if rng is not None:
-            try:
-                complete = _set_rng_state(rng, device)
-            except (RuntimeError, KeyError, TypeError, ValueError) as error:
-                raise _damaged_checkpoint_file(os.path.join(path, CHECKPOINT_RNG_FILE),
-                                               f"not a torch RNG state: {one_line(error) or type(error).__name__}"
-                                               ) from error
+            complete = restore_rng_state(os.path.join(path, CHECKPOINT_RNG_FILE), rng, device, SSFT_CHECKPOINT)
             if not complete:
                 warnings.warn(
                     f"{path}: saved without a CUDA RNG state (tuned on CPU), resumed on {device}: the adapter is not "
