@@ -67,6 +67,11 @@ def _adapt(args: argparse.Namespace) -> int:
         CTR_LLM_FILES,
         CTRAdaptedLLM,
         CTRLLMConfig,
+        TuneCheckpoint,
+        adapt_checkpoint_dir,
+        check_checkpoint_dir,
+        check_tune_checkpoint,
+        remove_checkpoint,
         sample_indices,
         save_ctr_llm,
         tune_ctr_llm,
@@ -76,6 +81,9 @@ def _adapt(args: argparse.Namespace) -> int:
     from recsys_llm.semantics.row_text import RowTextRenderer
 
     check_replaceable(args.output_dir, "saved CTR-adapted LLM", CTR_LLM_FILES)  # before any work
+    checkpoint = TuneCheckpoint(adapt_checkpoint_dir(args.output_dir), every_steps=args.checkpoint_every,
+                                resume=not args.no_resume)
+    check_checkpoint_dir(checkpoint.directory)
     schema = DatasetSchema.load(args.schema)
     text_config = _row_text_config(args)
     config = CTRLLMConfig(
@@ -95,13 +103,19 @@ def _adapt(args: argparse.Namespace) -> int:
     rows = table.take(sample_indices(table.num_rows, config))  # render only the sample
     texts = renderer.render(rows).to_pylist()
     labels = np.asarray(rows.column(schema.label).to_numpy(zero_copy_only=False), dtype=np.float32)
-    model = CTRAdaptedLLM.from_config(config, args.trust_remote_code).to(resolve_device(args.device))
-    losses = tune_ctr_llm(model, texts, labels, dataclasses.replace(config, sample_rows=None))
     # the split whose labels the LLM saw (experiments.elec_vector_auc reads it to tell the tuned rows apart)
     adapted_on = {"schema": schema.name, "schema_fingerprint": schema.fingerprint(), "fields": renderer.field_names,
                   "split": args.split}
-    save_ctr_llm(model, args.output_dir,
-                 extra_json={ROW_TEXT_FILE: dataclasses.asdict(text_config), ADAPTED_ON_FILE: adapted_on})
+    row_text = dataclasses.asdict(text_config)
+    # the rows are sampled here: the checkpoint records the sample size asked for, and what wrote the texts
+    checkpoint.settings = {"sample_rows": config.sample_rows, **adapted_on,
+                           **{f"row_text.{key}": value for key, value in row_text.items()}}
+    tuned_config = dataclasses.replace(config, sample_rows=None)
+    check_tune_checkpoint(checkpoint, texts, labels, tuned_config)  # before the LLM loads
+    model = CTRAdaptedLLM.from_config(config, args.trust_remote_code).to(resolve_device(args.device))
+    losses = tune_ctr_llm(model, texts, labels, tuned_config, checkpoint=checkpoint)
+    save_ctr_llm(model, args.output_dir, extra_json={ROW_TEXT_FILE: row_text, ADAPTED_ON_FILE: adapted_on})
+    remove_checkpoint(checkpoint.directory)
     window = max(1, len(losses) // 10)
     print(json.dumps({"output_dir": args.output_dir, "rows": len(texts), "steps": len(losses),
                       "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),
@@ -302,6 +316,14 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
                             "LLM's memory on a GPU; heads and vectors stay float32)")
     adapt.add_argument("--fields", nargs="*", default=None, help="fields written into the row text (default: all)")
     adapt.add_argument("--template", default=None, help="sentence template, default '{description} is {value}.'")
+    adapt.add_argument("--checkpoint-every", type=int, default=200,
+                       help="save a checkpoint every this many steps (and at each epoch's end; 0: epoch ends only) "
+                            "in <output-dir>.checkpoint, beside the output; the same command after a kill goes on "
+                            "from it to the model an uninterrupted run gives, bit for bit, and removes it once the "
+                            "model is saved")
+    adapt.add_argument("--no-resume", action="store_true",
+                       help="ignore a checkpoint in <output-dir>.checkpoint and adapt from scratch (its first save "
+                            "replaces it)")
     adapt.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     adapt.set_defaults(func=_adapt, llm=None)
 

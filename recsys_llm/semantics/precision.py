@@ -60,6 +60,22 @@ class LowPrecisionSteps:
         self.scaler = torch.amp.GradScaler(weights[0].device.type,
                                            enabled=any(p.dtype == torch.float16 for p in weights))
 
+    def trained_tensor(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """What the optimizer steps for ``param``: its float32 master copy, else ``param`` itself
+        (a checkpoint saves this one; the model's float16 / bfloat16 weight is it rounded)."""
+        for weight, master in self._masters:
+            if weight is param:
+                return master
+        return param
+
+    @torch.no_grad()
+    def set_trained_tensor(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """Gives ``param``'s :meth:`trained_tensor` the values of ``value`` (same shape), and ``param`` them rounded."""
+        trained = self.trained_tensor(param)
+        trained.copy_(value)
+        if trained is not param:
+            param.copy_(trained)
+
     @property
     def num_master_copies(self) -> int:
         """How many low-precision tensors train through a float32 master copy."""
