@@ -2,7 +2,9 @@
 
 * ``adapt``: renders a sample of a split's rows as text ("{description} is {value}."),
   fine-tunes any Hugging Face model with a pooling + MLP + prediction head on the clicks
-  (LoRA, last-k layers, or heads only) and saves it with its row-text settings.
+  (LoRA, last-k layers, or heads only) and saves it with its row-text settings. It checkpoints
+  into ``<output-dir>.checkpoint`` (every ``--checkpoint-every`` steps and at epoch ends); the
+  same command after a kill goes on from there to the uninterrupted result, bit for bit.
 * ``export``: the representation vector r of every row (``--granularity row``) or of
   every user/item (``--granularity entity --entity-field item_id``), in resumable Parquet
   chunks with provenance; split over ranks under ``torchrun``. ``--attach-dir`` then
