@@ -521,8 +521,8 @@ class _Checkpointer:
             done = f"{epoch} epoch(s)" + (f" and {step} step(s)" if step else "")
             raise ValueError(
                 f"{path}: already tuned for {done}, more than the --epochs {self._epochs} asked for; ask for --epochs "
-                f"{epoch + (step > 0)} or more to go on from it, --no-resume to adapt {self._epochs} epoch(s) again "
-                "from scratch, or another --output-dir"
+                f"{epoch + 1 if step else epoch} or more to go on from it, --no-resume to adapt {self._epochs} "
+                "epoch(s) again from scratch, or another --output-dir"
             )
         return state
 
@@ -583,7 +583,8 @@ class _Checkpointer:
     @staticmethod
     def _read_tensors(path: str, name: str, steps: LowPrecisionSteps,
                       params: Dict[str, nn.Parameter]) -> Dict[str, torch.Tensor]:
-        """The tensors of ``name`` in the checkpoint ``path``: those of ``params``, of their trained shapes and dtypes."""
+        """The tensors of ``name`` in the checkpoint ``path``: those of ``params``, of their trained shapes
+        and dtypes."""
         file = os.path.join(path, name)
         tensors = load_checkpoint_tensors(file, ADAPT_CHECKPOINT)
         expected = {key: (tuple(p.shape), steps.trained_tensor(p).dtype) for key, p in params.items()}
