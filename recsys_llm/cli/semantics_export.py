@@ -69,14 +69,16 @@ def _adapt(args: argparse.Namespace) -> int:
         CTR_LLM_FILES,
         CTRAdaptedLLM,
         CTRLLMConfig,
-        TuneCheckpoint,
-        adapt_checkpoint_dir,
-        check_checkpoint_dir,
         check_tune_checkpoint,
-        remove_checkpoint,
         sample_indices,
         save_ctr_llm,
         tune_ctr_llm,
+    )
+    from recsys_llm.semantics.ctr_llm_checkpoint import (
+        TuneCheckpoint,
+        adapt_checkpoint_dir,
+        check_checkpoint_dir,
+        remove_checkpoint,
     )
     from recsys_llm.semantics.encoder import default_model_path
     from recsys_llm.semantics.model_loading import resolve_device

@@ -12,13 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from recsys_llm.cli import main
-from recsys_llm.semantics.ctr_llm import (
-    CTRAdaptedLLM,
-    CTRLLMConfig,
-    TuneCheckpoint,
-    adapt_checkpoint_dir,
-    tune_ctr_llm,
-)
+from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig, tune_ctr_llm
+from recsys_llm.semantics.ctr_llm_checkpoint import TuneCheckpoint, adapt_checkpoint_dir
 from recsys_llm.semantics.precision import LowPrecisionSteps
 from tests.semantics.conftest import make_schema
 
