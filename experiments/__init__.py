@@ -1,1 +1,1 @@
-"""Accuracy experiments behind the README tables (speed lives in ``benchmarks/``)."""
+"""Accuracy experiments behind the results tables (README.md, docs/results.md) (speed lives in ``benchmarks/``)."""

@@ -117,13 +117,13 @@ def test_the_names_the_usage_guide_imports_from_a_module_are_there() -> None:
     assert checked >= 9  # the distillation losses, sharding, the pipeline and serving
 
 
-def test_the_readmes_llactr_lambda_picks_are_those_of_its_results_json() -> None:
-    """The README's sentences on which lambdas validation picked must say what the table's JSON records."""
+def test_the_llactr_lambda_picks_in_the_results_page_are_those_of_its_results_json() -> None:
+    """The results page's sentences on which lambdas validation picked must say what the table's JSON records."""
     import json
 
     with open(os.path.join(REPO, "results", "llactr_ml100k.json"), encoding="utf-8") as handle:
         choices = json.load(handle)["choices"]
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+    with open(os.path.join(REPO, "docs", "results.md"), encoding="utf-8") as handle:
         readme = " ".join(handle.read().split())
     both_at_top = sorted(b for b, c in choices.items() if c["+both"]["lambda_fre"] == 0.5)
     fre_at_top = sorted(b for b, c in choices.items() if c["+FRE"]["lambda_fre"] == 0.5)
