@@ -93,22 +93,29 @@ def _holds_a_copy(path: str) -> bool:
     return any(not name.endswith(".tmp") for name in os.listdir(path))
 
 
+def _finished_copies(output_dir: str) -> List[str]:
+    """The entries of ``output_dir`` that are finished split copies (or split directories holding one)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(name for name in names if name not in (SCHEMA_FILE, TEACHER_FILE) and not name.endswith(".tmp")
+                  and _holds_a_copy(os.path.join(output_dir, name)))
+
+
 def check_same_teacher(output_dir: str, record: Dict[str, Any]) -> None:
-    """Raises when ``output_dir`` already holds copies written by another teacher checkpoint than
-    ``record`` describes (:func:`teacher_record`), or copies without a ``teacher.json``.
+    """Raises when ``output_dir`` already holds finished copies written by another teacher checkpoint
+    than ``record`` describes (:func:`teacher_record`), or copies without a ``teacher.json``. Without
+    a finished copy any ``teacher.json`` there is replaced: nothing of another teacher would be kept.
 
     Raises:
         ValueError: naming the directory, both checkpoints and the remedy.
     """
+    finished = _finished_copies(output_dir)
+    if not finished:
+        return
     path = os.path.join(output_dir, TEACHER_FILE)
     remedy = "use a new --output-dir, or delete it to write every split again with this teacher"
     if not os.path.isfile(path):
-        finished = [name for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-                    if name != SCHEMA_FILE and not name.endswith(".tmp") and _holds_a_copy(os.path.join(output_dir, name))]
-        if finished:
-            raise ValueError(f"{output_dir}: holds teacher outputs ({', '.join(sorted(finished))}) without {TEACHER_FILE} "
-                             "(written by an older version), so which teacher wrote them is unknown: " + remedy)
-        return
+        raise ValueError(f"{output_dir}: holds teacher outputs ({', '.join(finished)}) without {TEACHER_FILE} "
+                         "(written by an older version), so which teacher wrote them is unknown: " + remedy)
     try:
         with open(path, encoding="utf-8") as handle:
             saved = json.load(handle)

@@ -185,3 +185,19 @@ def test_a_resume_with_another_teacher_checkpoint_is_refused(tmp_path) -> None:
     (out / TEACHER_FILE).write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match=r"teacher\.json: damaged or not a teacher record"):
         check_same_teacher(str(out), first)
+
+
+def test_a_record_over_no_finished_copy_is_replaced_not_refused(tmp_path) -> None:
+    """A run killed before its first copy leaves teacher.json alone (and copies being written): another
+    teacher has nothing there to mix with, so it goes on and records itself."""
+    out = tmp_path / "teacher"
+    first = teacher_record(_checkpoint(tmp_path / "run" / "best" / "ckpt-10", 10))
+    retrained = teacher_record(_checkpoint(tmp_path / "run2" / "best" / "ckpt-10", 12))
+    out.mkdir()
+    (out / TEACHER_FILE).write_text(json.dumps(first), encoding="utf-8")
+    (out / "train.parquet.tmp").write_bytes(b"a copy being written")
+    (out / "valid").mkdir()
+    (out / "valid" / "part-0.parquet.tmp").write_bytes(b"a copy being written")
+    check_same_teacher(str(out), retrained)
+    (out / TEACHER_FILE).write_text("{not json", encoding="utf-8")  # no copy depends on it either
+    check_same_teacher(str(out), retrained)
