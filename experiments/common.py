@@ -259,7 +259,9 @@ def _data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
     recorded = saved.get(DATA_FINGERPRINTS_KEY) or {}
     current = data_fingerprints(config, schema)
     changed = [split for split in current if split in recorded and recorded[split] != current[split]]
-    return [f"the data of split(s) {changed} in {schema.root} changed since the run (prepared again?)"] if changed else []
+    if not changed:
+        return []
+    return [f"the data of split(s) {changed} in {schema.root} changed since the run (prepared again?)"]
 
 
 def _same_experiment(config: ExperimentConfig, other_run_dir: str) -> bool:

@@ -14,6 +14,7 @@ filled and resumed in place checks its directory with :func:`check_own_entries` 
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -82,6 +83,25 @@ def is_removal_leftover(name: str, directory_name: str) -> bool:
     return name.startswith(f".{directory_name}{REMOVING_SUFFIX}")
 
 
+def fsync_directory(path: str) -> None:
+    """Flushes the directory ``path``'s entries (names created, renamed or removed) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """Flushes every file under ``path`` and the directories themselves to disk, so a rename that
+    publishes ``path`` cannot outlive its content in a power loss."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_directory(root)
+
+
 def replace_directory(tmp: str, final: str) -> None:
     """Moves the finished directory ``tmp`` to ``final``, with the permissions the umask gives
     new files and directories (``safetensors.save_file`` and ``mkdtemp`` make owner-only ones).
@@ -91,8 +111,10 @@ def replace_directory(tmp: str, final: str) -> None:
     at any moment; Ctrl-C and SIGTERM wait until both renames are done. A ``final.old``
     without ``final`` (a process killed outright between the renames) is the previous copy and
     goes back to ``final`` first; beside ``final`` it is a finished swap's, and is removed.
+    ``tmp``'s files are flushed to disk before the swap, and the parent's entries after it.
     """
     _readable_by_umask(tmp)
+    fsync_tree(tmp)
     old = f"{final}.old"
     if os.path.exists(old):
         if os.path.exists(final):
@@ -103,6 +125,7 @@ def replace_directory(tmp: str, final: str) -> None:
         if os.path.exists(final):
             os.replace(final, old)
         os.replace(tmp, final)
+    fsync_directory(os.path.dirname(os.path.abspath(final)))
     remove_directory(old)
 
 
@@ -225,8 +248,11 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(os.path.normpath(directory))}."
+    # its temp dirs (prefix + mkdtemp's letters) and removal leftovers, not those of a sibling named
+    # like it plus a suffix (``<directory>.checkpoint``: ``.<name>.checkpoint.removing-*``)
+    own_leftover = re.compile(re.escape(prefix) + r"\w+(-\w+)?")
     leftovers = sorted(name for name in os.listdir(parent)
-                       if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)))
+                       if own_leftover.fullmatch(name) and os.path.isdir(os.path.join(parent, name)))
     if leftovers:
         print(f"[recsys_llm] {parent}: {', '.join(leftovers)} left by an earlier {kind} of {directory} that was "
               "killed (or is still running); delete them once no other run writes there", file=sys.stderr)

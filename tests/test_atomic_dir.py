@@ -72,6 +72,13 @@ def test_temp_directories_of_a_killed_run_are_named(tmp_path, capsys) -> None:
     assert leftover.is_dir()  # named, not removed: another run may still be writing it
 
 
+def test_leftovers_of_a_sibling_named_like_the_output_are_not_called_its_own(tmp_path, capsys) -> None:
+    (tmp_path / ".out.checkpoint.removing-0a1b2c3d").mkdir()  # semantics adapt's out.checkpoint, killed in removal
+    with atomic_directory(str(tmp_path / "out"), "export", ["config.json"]) as tmp:
+        _write(tmp, "config.json", "{}")
+    assert "left by an earlier" not in capsys.readouterr().err
+
+
 def _write(directory: str, name: str, text: str) -> None:
     with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
         handle.write(text)

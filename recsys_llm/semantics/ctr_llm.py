@@ -12,10 +12,10 @@ representation vector r, and a prediction layer gives the click logit:
 The LLM (LoRA adapters via peft, or its last k transformer layers) and both heads are
 fine-tuned with BCE on clicks. Only r is used afterwards (``vector_export``).
 
-Tuning with a :class:`~recsys_llm.semantics.ctr_llm_checkpoint.TuneCheckpoint` saves, every N steps and at each epoch's end, what it needs
-to go on exactly (trained tensors, AdamW, RNG states, the epoch order's generator, position,
-losses) and resumes from it; ``semantics adapt`` keeps it beside its output
-(:func:`adapt_checkpoint_dir`) and removes it once the model is saved.
+Tuning with a :class:`~recsys_llm.semantics.ctr_llm_checkpoint.TuneCheckpoint` saves, every N
+steps and at each epoch's end, what it needs to go on exactly (trained tensors, AdamW, RNG states,
+the epoch order's generator, position, losses) and resumes from it; ``semantics adapt`` keeps it
+beside its output and removes it once the model is saved (:mod:`recsys_llm.semantics.ctr_llm_checkpoint`).
 
 Example::
 

@@ -83,8 +83,8 @@ CHECKPOINT_ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
 RESOLVED_POOLING_KEY = "resolved_pooling"  # in state.json's signature
 CHECKPOINT_RNG_FILE = "rng.safetensors"
-# what an SSFT output directory holds (with the temp and previous copies of its swaps)
 SSFT_CHECKPOINT = CheckpointOwner("SSFT", "tune")
+# what an SSFT output directory holds (with the temp and previous copies of its swaps)
 SSFT_OUTPUT_ENTRIES = frozenset(
     name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
 ) | {"metrics.json", "metrics.json.tmp"}

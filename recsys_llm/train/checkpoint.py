@@ -75,7 +75,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-from recsys_llm.atomic_dir import write_text_atomically
+from recsys_llm.atomic_dir import fsync_directory, write_text_atomically
 from recsys_llm.error_text import weights_only_reason
 from recsys_llm.paths import is_plain_file_name
 from recsys_llm.train.distributed import barrier
@@ -405,7 +405,7 @@ class CheckpointManager:
     def _point_latest_at(self, name: str) -> None:
         """Rewrites the ``latest`` file to name the checkpoint ``name`` (atomically, directory synced)."""
         write_text_atomically(os.path.join(self._directory, LATEST_FILE), name + "\n")
-        _fsync_dir(self._directory)
+        fsync_directory(self._directory)
 
     def _latest_file(self) -> Optional[str]:
         """The name the ``latest`` file holds (None without one)."""
@@ -434,7 +434,7 @@ class CheckpointManager:
         barrier()
         if _rank() == 0:
             write_text_atomically(os.path.join(tmp, TRAIN_STATE_FILE), state.to_json())
-            _fsync_dir(tmp)
+            fsync_directory(tmp)
             _swap_into_place(tmp, final)
             self._point_latest_at(name)
             self._prune()
@@ -466,11 +466,11 @@ def _swap_into_place(tmp: str, final: str) -> None:
         if os.path.exists(previous):  # an older copy of the step, superseded by the complete final
             shutil.rmtree(previous)
         os.rename(final, previous)
-        _fsync_dir(os.path.dirname(final))
+        fsync_directory(os.path.dirname(final))
     elif os.path.exists(final):
         shutil.rmtree(final)  # not loadable: nothing to keep
     os.rename(tmp, final)
-    _fsync_dir(os.path.dirname(final))
+    fsync_directory(os.path.dirname(final))
     if os.path.exists(previous):
         shutil.rmtree(previous)
 
@@ -481,14 +481,6 @@ def _save_synced(tensors: Dict[str, torch.Tensor], path: str) -> None:
         torch.save(tensors, handle)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_train_state(path: str) -> TrainState:

@@ -426,10 +426,10 @@ def write_teacher_outputs(
         raise ValueError(f"teacher outputs: --output-dir {output_dir} is the input data's own directory; "
                          "the copies with teacher columns need another directory")
     check_output_dir(output_dir, schema)  # before the teacher is loaded
-    record = teacher_record(run.checkpoint)
     refusal: List[Optional[str]] = [None]
-    if ctx.is_main:  # rank 0 writes, and alone needs to see the directory
+    if ctx.is_main:  # rank 0 writes, and alone needs to see the directory; its error is every rank's
         try:
+            record = teacher_record(run.checkpoint)
             check_same_teacher(output_dir, record)
             os.makedirs(output_dir, exist_ok=True)
             write_text_atomically(os.path.join(output_dir, TEACHER_FILE), json.dumps(record, indent=2) + "\n")
