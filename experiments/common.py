@@ -17,9 +17,9 @@ import yaml
 
 from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_differences, load_config, schema_json_path
 from recsys_llm.train.run_records import (
-    DATA_FINGERPRINTS_KEY,
     RESULTS_FILE,
     SCHEMA_FINGERPRINT_KEY,
+    changed_splits,
     data_fingerprints,
     finished_results,
     read_run_record,
@@ -256,9 +256,7 @@ def _data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
     schema = DatasetSchema.load(schema_file)
     if saved.get(SCHEMA_FINGERPRINT_KEY) not in (None, schema.fingerprint()):
         return [f"the schema of {schema.root}: fingerprint {saved[SCHEMA_FINGERPRINT_KEY]} -> {schema.fingerprint()}"]
-    recorded = saved.get(DATA_FINGERPRINTS_KEY) or {}
-    current = data_fingerprints(config, schema)
-    changed = [split for split in current if split in recorded and recorded[split] != current[split]]
+    changed = changed_splits(saved, data_fingerprints(config, schema))
     if not changed:
         return []
     return [f"the data of split(s) {changed} in {schema.root} changed since the run (prepared again?)"]

@@ -50,6 +50,13 @@ def data_fingerprints(config: ExperimentConfig, schema: DatasetSchema) -> Dict[s
     return {split: split_fingerprint(schema, split) for split in dict.fromkeys(splits)}
 
 
+def changed_splits(saved_record: Dict[str, Any], current: Dict[str, str]) -> List[str]:
+    """The splits of ``current`` (:func:`data_fingerprints`) whose fingerprint differs from the one
+    ``saved_record`` (a run's ``plugins.json``) holds; splits it has none for (older runs) are not compared."""
+    saved = saved_record.get(DATA_FINGERPRINTS_KEY) or {}
+    return [split for split in current if split in saved and saved[split] != current[split]]
+
+
 def check_same_data(saved_record: Dict[str, Any], current: Dict[str, str], schema: DatasetSchema, source: str) -> None:
     """Raises when a split a resumed run reads now holds other rows than when the run started (the
     directory prepared again with the same fields and sizes): the run would go on with other data,
@@ -59,8 +66,7 @@ def check_same_data(saved_record: Dict[str, Any], current: Dict[str, str], schem
     Raises:
         ConfigError: naming the splits that changed.
     """
-    saved = saved_record.get(DATA_FINGERPRINTS_KEY) or {}
-    changed = [split for split in current if split in saved and saved[split] != current[split]]
+    changed = changed_splits(saved_record, current)
     if changed:
         raise ConfigError(
             f"{source}: the data of split(s) {changed} in {schema.root} changed since this run started (other rows "
