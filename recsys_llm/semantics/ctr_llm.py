@@ -413,7 +413,6 @@ def tune_ctr_llm(
     loss_fn = nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(config.seed)
     label_tensor = torch.as_tensor(sample_labels)  # (S,), by position in the sample
-    positions = np.arange(len(index))
     steps_per_epoch = (len(index) + config.batch_size - 1) // config.batch_size
     saver = None
     losses: List[float] = []
@@ -429,7 +428,7 @@ def tune_ctr_llm(
               disable=not progress) as bar:
         for epoch in range(first_epoch, config.epochs):
             order_state = generator.get_state()  # (G,) uint8: this epoch's order is drawn from it
-            order = positions[torch.randperm(len(index), generator=generator).numpy()]
+            order = torch.randperm(len(index), generator=generator).numpy()  # (S,) positions in the sample
             step = first_step if epoch == first_epoch else 0
             while step < steps_per_epoch:
                 rows = order[step * config.batch_size : (step + 1) * config.batch_size]  # (B,)
