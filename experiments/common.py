@@ -19,6 +19,7 @@ from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_diffe
 from recsys_llm.train.run_records import (
     RESULTS_FILE,
     SCHEMA_FINGERPRINT_KEY,
+    changed_frozen_teacher,
     changed_splits,
     data_fingerprints,
     finished_results,
@@ -239,7 +240,7 @@ def _differences(config: ExperimentConfig, run_dir: str) -> List[str]:
     differences = config_differences(other, config, ("train.run_dir", "train.progress", "data.schema"))
     if os.path.abspath(config.data.schema) != os.path.abspath(other.data.schema):
         differences.append(f"data.schema: {other.data.schema} -> {config.data.schema}")
-    return differences + _data_differences(config, run_dir)
+    return differences + _data_differences(config, run_dir) + _teacher_differences(config, run_dir)
 
 
 def _data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
@@ -260,6 +261,19 @@ def _data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
     if not changed:
         return []
     return [f"the data of split(s) {changed} in {schema.root} changed since the run (prepared again?)"]
+
+
+def _teacher_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
+    """Whether a frozen-teacher run's ``elec.teacher_checkpoint`` still holds the export of the
+    trained teacher the run in ``run_dir`` learned from (``plugins.json``: ``elec.frozen_teacher``);
+    the same path re-exported from a retrained gain network is another experiment."""
+    from recsys_llm.modules.elec import frozen_teacher_record
+
+    teacher, plugins = (config.elec or {}).get("teacher_checkpoint"), os.path.join(run_dir, PLUGINS_FILE)
+    if not teacher or not os.path.isfile(plugins):
+        return []
+    change = changed_frozen_teacher(read_run_record(plugins), {"elec": {"frozen_teacher": frozen_teacher_record(teacher)}})
+    return [f"the frozen teacher: {change}"] if change else []
 
 
 def _same_experiment(config: ExperimentConfig, other_run_dir: str) -> bool:

@@ -50,6 +50,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from recsys_llm.data.movielens import ITEM_FIELDS as ML100K_ITEM_FIELDS
 from recsys_llm.data.synthetic import ITEM_CATALOG
 from recsys_llm.data.synthetic import ITEM_FIELDS as SYNTHETIC_ITEM_FIELDS
+from recsys_llm.modules.elec import frozen_teacher_record
+from recsys_llm.semantics.ctr_llm_checkpoint import adapt_checkpoint_dir, remove_checkpoint
+from recsys_llm.train.checkpoint import checkpoint_digests, resolve_checkpoint
 
 from experiments.common import (
     add_tune_on_argument,
@@ -112,6 +115,8 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
          "--epochs", "1", "--batch-size", "32", "--max-length", str(max_length)],
         os.path.join(llm_dir, "row_text.json"),
     )
+    # the model is saved: a tuning checkpoint left by a kill between the save and its removal is not needed
+    remove_checkpoint(adapt_checkpoint_dir(llm_dir))
     export = ["semantics", "export", "--schema", schema, "--llm", llm_dir, "--granularity", granularity,
               "--batch-size", "64"]
     if granularity == "entity" and len(entities) > 1:
@@ -145,6 +150,22 @@ def used_vector_dim(vector_overrides: Sequence[str]) -> int:
     return dims[-1] if dims else VECTOR_DIM
 
 
+def export_frozen_teacher(gain_dir: str, state_dir: str) -> None:
+    """``recsys-llm export --state-only`` of the gain run ``gain_dir`` into ``state_dir`` unless it holds
+    one of that run's trained state now: an export of another trained state (the gain run was removed
+    and trained again) or of an older version that recorded none is made again."""
+    command = ["export", "--config", os.path.join(gain_dir, "config.yaml"), "--checkpoint", gain_dir,
+               "--output", state_dir, "--state-only"]
+    done = os.path.join(state_dir, "config.json")
+    if os.path.isfile(done) and frozen_teacher_record(state_dir)["checkpoint_sha256"] != checkpoint_digests(
+            resolve_checkpoint(gain_dir)):
+        print(f"[stale] {state_dir}: not exported from the trained state of {gain_dir} now; exporting again",
+              flush=True)
+        run_cli_step(command, None)
+    else:
+        run_cli_step(command, done)
+
+
 def run_backbone(
     data: str, backbone: str, schema: str, base_schema: str, seeds: Sequence[int], work: str, quick: bool,
     vector_overrides: Sequence[str] = (), swap_fields: Sequence[str] = (), swap_catalog: Optional[str] = None,
@@ -176,10 +197,8 @@ def run_backbone(
 
     def frozen_teacher(seed: int) -> List[str]:
         """The gain network of the same seed, exported as the frozen teacher (with its entity tables)."""
-        gain_dir = os.path.join(work, backbone, "gain", f"seed{seed}")
         state_dir = os.path.join(work, backbone, "gain_state", f"seed{seed}")
-        run_cli_step(["export", "--config", os.path.join(gain_dir, "config.yaml"), "--checkpoint", gain_dir,
-                      "--output", state_dir, "--state-only"], os.path.join(state_dir, "config.json"))
+        export_frozen_teacher(os.path.join(work, backbone, "gain", f"seed{seed}"), state_dir)
         return [f"elec.teacher_checkpoint={state_dir}"]
 
     def student(mode: str, per_seed_extra, variant: str = "", swap: Sequence[str] = (),

@@ -41,6 +41,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.modules.teacher_student import TeacherStudentTask
     from recsys_llm.serving import EXPORT_MARKER_FILES, export_task, materialize_meta, sub_state, unsharded_state_dict
+    from recsys_llm.train.checkpoint import checkpoint_digests
     from recsys_llm.train.distributed import barrier
     from recsys_llm.train.task_builder import build_task
     from recsys_llm.train.trained_run import load_trained_model, open_trained_run
@@ -57,8 +58,9 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         _say(f"writing {output} ({size / 2**30:.2f} GiB of weights"
              f"{'' if state_only else ', then the dense part traced with torch.export'})")
     if ctx.is_main and state_only:
-        written = _write_state(full, output, {"checkpoint": os.path.abspath(checkpoint), "model": config.model.to_dict(),
-                                              "schema_fingerprint": schema.fingerprint()})
+        written = _write_state(full, output, {"checkpoint": os.path.abspath(checkpoint),
+                                              "checkpoint_sha256": checkpoint_digests(checkpoint),
+                                              "model": config.model.to_dict(), "schema_fingerprint": schema.fingerprint()})
     elif ctx.is_main:
         fresh = build_task(config, schema, torch.device("cpu")).task  # tables on meta, filled below
         if isinstance(fresh, TeacherStudentTask):
@@ -77,6 +79,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
             "schema_fingerprint": schema.fingerprint(),
             "model": config.model.to_dict(),
             "checkpoint": os.path.abspath(checkpoint),
+            "checkpoint_sha256": checkpoint_digests(checkpoint),  # which trained state (a retrained one differs)
             "world_size_at_export": ctx.world_size,
         }
         written = export_task(served, output, example.dense_features, example.sparse_features, metadata, schema)

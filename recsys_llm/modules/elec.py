@@ -229,19 +229,35 @@ def _check_teacher_is_an_export(path: str) -> None:
         )
 
 
+def _export_metadata(path: str) -> Dict[str, Any]:
+    """``metadata`` of the ``config.json`` of the export ``path`` (the directory or its state file);
+    ``{}`` when there is none to read (a state written by hand, a moved or damaged file)."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+            metadata = json.load(handle)["metadata"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def frozen_teacher_record(path: str) -> Dict[str, Any]:
+    """What a frozen-teacher run records of ``elec.teacher_checkpoint`` (``plugins.json``:
+    ``elec.frozen_teacher``): the export's path and the training checkpoint it was exported from
+    with that checkpoint's digests (``checkpoint_sha256``, None for an export that has none), so
+    that a resume or a reused run can tell a re-exported retrained teacher from the one it learned from."""
+    metadata = _export_metadata(path)
+    digests = metadata.get("checkpoint_sha256")
+    return {"export": os.path.abspath(path), "checkpoint": metadata.get("checkpoint"),
+            "checkpoint_sha256": digests if isinstance(digests, dict) and digests else None}
+
+
 def _teacher_mismatch_hint(path: str, model_config: Optional[ModelConfig] = None,
                            schema_fingerprint: Optional[str] = None) -> str:
     """``"; ..."``: why a frozen teacher's state may not fit the teacher this config builds, from the
     export's ``config.json`` (``metadata.model``, ``metadata.schema_fingerprint``): the model settings
     that differ from ``model_config``, another schema, or else the elec settings to compare."""
-    directory = path if os.path.isdir(path) else os.path.dirname(path)  # the export, or its model.safetensors
-    try:
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
-            metadata = json.load(handle)["metadata"]
-        if not isinstance(metadata, dict):
-            metadata = {}
-    except (OSError, ValueError, KeyError, TypeError):
-        metadata = {}
+    metadata = _export_metadata(path)
     hints = []
     recorded = metadata.get("model") if isinstance(metadata.get("model"), dict) else {}
     if model_config is not None and recorded:

@@ -53,6 +53,7 @@ Example::
 """
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -84,6 +85,9 @@ PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the sa
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})(\.prev)?$")
 TRAIN_STATE_FILE = "train_state.json"
 LATEST_FILE = "latest"
+# what tells one trained state from another (step, best metric, the tensors' storage layout), small
+# enough to hash whole: teacher.json of teacher outputs and an export's config.json record their sha256
+IDENTITY_FILES = (TRAIN_STATE_FILE, ".metadata")
 # TrainState.stop_reason: why a finished run stopped
 STOP_PATIENCE = "patience"  # early stopping: final whatever the budget of a resume
 STOP_BUDGET = "budget"  # train.epochs or train.max_steps used up: a resume with more budget goes on
@@ -573,6 +577,18 @@ def resolve_checkpoint(path: str) -> str:
         f"{path}: neither a checkpoint (a ckpt-N directory with {TRAIN_STATE_FILE}), a directory of them, nor a run "
         "directory of `recsys-llm train` (with best/ or checkpoints/); pass the run directory"
     )
+
+
+def checkpoint_digests(checkpoint: str) -> Dict[str, str]:
+    """``{file: sha256}`` of each of ``IDENTITY_FILES`` in the checkpoint directory ``checkpoint``
+    that exists: two records of the same checkpoint agree, a retrained one's differ."""
+    digests = {}
+    for name in IDENTITY_FILES:
+        path = os.path.join(checkpoint, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as handle:
+                digests[name] = hashlib.sha256(handle.read()).hexdigest()
+    return digests
 
 
 def trained_run_config(checkpoint: str) -> str:

@@ -18,7 +18,7 @@ from recsys_llm.data.parquet import split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import check_number
 from recsys_llm.error_text import telling_line
-from recsys_llm.train.checkpoint import run_dir_of
+from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig
 from recsys_llm.train.distributed import host_group
 
@@ -246,6 +246,43 @@ def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dic
             f"(differing: {', '.join(differing)}); its checkpoint holds the vectors it trained with. Pass the vector "
             "file the run started with (llactr.vectors_path; moved is fine), or train the new vectors in another "
             "train.run_dir"
+        )
+
+
+def changed_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any]) -> Optional[str]:
+    """How the frozen teacher of ``current_plugins`` differs from the one a run recorded in
+    ``saved_plugins`` (``elec.frozen_teacher``: the digests of the training checkpoint its export was
+    made from), e.g. ``"exported from A (train_state.json sha256 ...) -> exported from B (...) at EXPORT"``; None when it is the same trained state
+    (moved, or exported again) or either record has no digests (no frozen teacher, a state written by hand)."""
+    saved = (saved_plugins.get("elec") or {}).get("frozen_teacher") or {}
+    current = (current_plugins.get("elec") or {}).get("frozen_teacher") or {}
+    if not saved.get("checkpoint_sha256") or not current.get("checkpoint_sha256"):
+        return None
+    if saved["checkpoint_sha256"] == current["checkpoint_sha256"]:
+        return None
+    def described(record: Dict[str, Any]) -> str:
+        state = record["checkpoint_sha256"].get(TRAIN_STATE_FILE, "?")
+        return f"exported from {record.get('checkpoint')} ({TRAIN_STATE_FILE} sha256 {state[:12]})"
+
+    return f"{described(saved)} -> {described(current)} at {current.get('export')}"
+
+
+def check_same_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
+    """Raises when a frozen-teacher run's ``elec.teacher_checkpoint`` (as a resume names it) now holds
+    the export of another trained teacher than the run started with (:func:`changed_frozen_teacher`).
+
+    The checkpoint restores the teacher the run learned from, so going on would distil from it
+    while ``plugins.json`` recorded the new one.
+
+    Raises:
+        ConfigError: naming the file, both training checkpoints and the remedy.
+    """
+    change = changed_frozen_teacher(saved_plugins, current_plugins)
+    if change is not None:
+        raise ConfigError(
+            f"{source}: elec.teacher_checkpoint now holds another trained teacher than this run learned from "
+            f"({change}); its checkpoint holds the teacher it learned from. Pass that teacher's export, or distil "
+            "from the new teacher in another train.run_dir"
         )
 
 

@@ -85,6 +85,7 @@ from recsys_llm.train.run_records import (
     check_run_dir_shared,
     check_same_data,
     check_same_field_vectors,
+    check_same_frozen_teacher,
     check_trained_on,
     data_fingerprints,
     earlier_throughput,
@@ -214,6 +215,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
             saved_record = read_run_record(saved_plugins)
             check_plugin_history(saved_record, built.plugins, saved_plugins)
             check_same_field_vectors(saved_record, built.plugins, saved_plugins)
+            check_same_frozen_teacher(saved_record, built.plugins, saved_plugins)
             check_same_data(saved_record, fingerprints, schema, saved_plugins)
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     # rank 0 holds the run directory while the job trains: a second job there would delete the

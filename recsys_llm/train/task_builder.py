@@ -13,7 +13,7 @@ from recsys_llm.data.pair_swap import SwappedPairs
 from recsys_llm.data.parquet import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import ModelConfig, build_backbone
-from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
+from recsys_llm.modules.elec import ELECConfig, build_elec_task, frozen_teacher_record, load_elec_state
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
 from recsys_llm.train.config import ConfigError, ExperimentConfig
 from recsys_llm.train.task import CTRTask
@@ -70,7 +70,10 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
                 raise ValueError(f"elec.vector_dim={elec.vector_dim}, but the column {elec.vector_key!r} holds "
                                  f"{width}-d vectors; set elec.vector_dim={width}")
         task = build_elec_task(elec, schema, config.model, device=torch.device("meta"), dense_device=device)
-        return BuiltTask(task, {"elec": dataclasses.asdict(elec)}, elec, config.model)
+        record = dataclasses.asdict(elec)
+        if elec.task == "distill" and distill.mode == "frozen":
+            record["frozen_teacher"] = frozen_teacher_record(elec.teacher_checkpoint)
+        return BuiltTask(task, {"elec": record}, elec, config.model)
     backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
     if llactr is None:
         return BuiltTask(CTRTask(backbone), {})

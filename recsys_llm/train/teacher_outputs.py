@@ -24,7 +24,6 @@ with another teacher -- one trained again, or another run's -- is refused rather
 copies of two teachers.
 """
 
-import hashlib
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -43,7 +42,7 @@ from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
-from recsys_llm.train.checkpoint import TRAIN_STATE_FILE
+from recsys_llm.train.checkpoint import checkpoint_digests
 from recsys_llm.train.config import ExperimentConfig
 from recsys_llm.train.distributed import barrier, host_group
 from recsys_llm.train.task_builder import plugin_extras
@@ -53,8 +52,6 @@ LOGITS_COLUMN = "teacher_logits"
 REPRESENTATION_COLUMN = "teacher_representation"
 SCHEMA_FILE = "schema.json"
 TEACHER_FILE = "teacher.json"  # which checkpoint wrote the copies: {"checkpoint": path, "sha256": {file: digest}}
-# the checkpoint files that tell one trained teacher from another (small: no table is read)
-TEACHER_IDENTITY_FILES = (TRAIN_STATE_FILE, ".metadata")
 
 # (logits (n,), representations (n, H), row keys (n,) or None) of n rows
 Outputs = Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
@@ -76,14 +73,8 @@ def check_output_dir(output_dir: str, schema: DatasetSchema) -> None:
 
 def teacher_record(checkpoint: str) -> Dict[str, Any]:
     """What ``teacher.json`` records of the checkpoint directory ``checkpoint``: its path (for
-    messages) and the sha256 of each of its ``TEACHER_IDENTITY_FILES`` that exists."""
-    digests = {}
-    for name in TEACHER_IDENTITY_FILES:
-        path = os.path.join(checkpoint, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as handle:
-                digests[name] = hashlib.sha256(handle.read()).hexdigest()
-    return {"checkpoint": os.path.abspath(checkpoint), "sha256": digests}
+    messages) and its identity files' sha256 (:func:`~recsys_llm.train.checkpoint.checkpoint_digests`)."""
+    return {"checkpoint": os.path.abspath(checkpoint), "sha256": checkpoint_digests(checkpoint)}
 
 
 def _holds_a_copy(path: str) -> bool:

@@ -1,0 +1,141 @@
+"""Which trained teacher a frozen-teacher student learned from: ``export`` records the digests of
+the checkpoint it exported, the student's ``plugins.json`` records them (``elec.frozen_teacher``),
+a resume with the export of another trained teacher at the same path is refused, the experiments
+neither take nor reuse such a run, and ``experiments.elec`` exports a stale teacher state again.
+"""
+
+import json
+import os
+import shutil
+from typing import Any, Dict, List
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.synthetic import generate_synthetic
+from recsys_llm.train.checkpoint import TrainState, checkpoint_digests, resolve_checkpoint
+from recsys_llm.train.config import PLUGINS_FILE, ConfigError, load_config
+from recsys_llm.train.runner import run_training
+from tests.multiprocess import run_multiprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL right after the step's checkpoint was written."""
+
+
+def _kill_at_step_5(state: TrainState) -> None:
+    if state.global_step == 5:
+        raise _Killed()
+
+
+def _scenario(work: str) -> Dict[str, Any]:
+    from experiments.common import _differences
+    from experiments.elec import export_frozen_teacher
+    from recsys_llm.cli.export import export_run
+    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
+
+    data = os.path.join(work, "data")
+    generate_synthetic(data, 1_000, seed=1, rows_per_group=512)
+    schema_path = os.path.join(data, "schema.json")
+    items = DatasetSchema.load(schema_path).field("item_id").cardinality
+    table = np.random.default_rng(0).normal(size=(items, 8)).astype(np.float32)
+    entity = os.path.join(work, "items")
+    VectorExport(entity, {"model": "random", "granularity": "entity"}, VectorExportConfig(chunk_rows=512)).run(
+        pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+        lambda texts: __import__("torch").from_numpy(table[[int(t) for t in texts]]), progress=False)
+    base = [f"data.schema={schema_path}", "data.batch_size=128", "data.eval_batch_size=512", "data.synthetic_rows=0",
+            "train.epochs=1", "train.patience=0", "train.progress=false", "train.device=cpu",
+            "train.checkpoint_every=5", "model.mlp_layer_sizes=[16]", "model.embedding_dim=8",
+            "elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
+            f"elec.entity_vectors={entity}"]
+
+    def gain(run_dir: str, seed: int) -> List[str]:
+        overrides = base + ["elec.task=gain", f"train.seed={seed}", f"train.run_dir={run_dir}"]
+        run_training(load_config(CONFIG, overrides))
+        return overrides
+
+    out: Dict[str, Any] = {}
+    first_gain, other_gain = os.path.join(work, "gain_a"), os.path.join(work, "gain_b")
+    first = gain(first_gain, 0)
+    gain(other_gain, 1)
+    teacher = os.path.join(work, "teacher_state")
+    export_run(load_config(CONFIG, first), first_gain, teacher, state_only=True)
+    with open(os.path.join(teacher, "config.json"), encoding="utf-8") as handle:
+        out["exported_digests"] = json.load(handle)["metadata"]["checkpoint_sha256"]
+    out["first_digests"] = checkpoint_digests(resolve_checkpoint(first_gain))
+    out["other_digests"] = checkpoint_digests(resolve_checkpoint(other_gain))
+
+    student_dir = os.path.join(work, "student")
+    student = base + ["elec.task=distill", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
+                      f"train.run_dir={student_dir}"]
+    try:
+        run_training(load_config(CONFIG, student), on_step=_kill_at_step_5)
+    except _Killed:
+        pass
+    with open(os.path.join(student_dir, PLUGINS_FILE), encoding="utf-8") as handle:
+        out["recorded"] = json.load(handle)["elec"]["frozen_teacher"]
+
+    # the same path now holds the export of the other trained gain network
+    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={other_gain}"]), other_gain, teacher,
+               state_only=True)
+    try:
+        run_training(load_config(CONFIG, student))
+        out["resume_with_other_teacher"] = None
+    except ConfigError as error:
+        out["resume_with_other_teacher"] = str(error)
+    export_run(load_config(CONFIG, first), first_gain, teacher, state_only=True)  # the first one again
+    out["resumed_auc"] = run_training(load_config(CONFIG, student))["test"]["auc"]
+    student_config = load_config(CONFIG, student)
+    out["differences_same_teacher"] = _differences(student_config, student_dir)
+
+    # experiments.elec: the state is kept while it is the gain run's, exported again once the run is retrained
+    written = os.stat(os.path.join(teacher, "model.safetensors")).st_ino  # an export swaps in a new directory
+    export_frozen_teacher(first_gain, teacher)
+    out["kept"] = os.stat(os.path.join(teacher, "model.safetensors")).st_ino == written
+    shutil.rmtree(first_gain)
+    shutil.copytree(other_gain, first_gain)  # stands in for the gain run trained again after its removal
+    export_frozen_teacher(first_gain, teacher)
+    out["differences_other_teacher"] = _differences(student_config, student_dir)
+    with open(os.path.join(teacher, "config.json"), encoding="utf-8") as handle:
+        out["re_exported_digests"] = json.load(handle)["metadata"]["checkpoint_sha256"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
+    (result,) = run_multiprocess(_scenario, world_size=1, work=str(tmp_path_factory.mktemp("frozen_teacher")))
+    return result
+
+
+@pytest.mark.multiprocess
+def test_the_export_and_the_student_record_which_trained_teacher(scenario: Dict[str, Any]) -> None:
+    assert scenario["exported_digests"] == scenario["first_digests"]
+    assert set(scenario["first_digests"]) == {"train_state.json", ".metadata"}
+    assert scenario["first_digests"] != scenario["other_digests"]  # another seed: another trained state
+    assert scenario["recorded"]["checkpoint_sha256"] == scenario["first_digests"]
+    assert scenario["recorded"]["export"].endswith("teacher_state")
+
+
+@pytest.mark.multiprocess
+def test_a_resume_with_another_teacher_at_the_same_path_is_refused(scenario: Dict[str, Any]) -> None:
+    message = scenario["resume_with_other_teacher"]
+    assert message is not None, "the resume distilled on although the teacher export changed"
+    assert "plugins.json: elec.teacher_checkpoint now holds another trained teacher" in message
+    assert "gain_a" in message and "gain_b" in message
+    assert 0.0 < scenario["resumed_auc"] < 1.0  # the same teacher exported again resumes
+
+
+@pytest.mark.multiprocess
+def test_the_experiments_neither_reuse_nor_keep_a_stale_teacher(scenario: Dict[str, Any]) -> None:
+    assert scenario["differences_same_teacher"] == []
+    assert scenario["kept"]
+    assert scenario["re_exported_digests"] == scenario["other_digests"]
+    (difference,) = scenario["differences_other_teacher"]  # the same path, another trained state
+    first, other = (scenario[key]["train_state.json"][:12] for key in ("first_digests", "other_digests"))
+    assert difference.startswith("the frozen teacher: exported from") and "gain_a" in difference
+    assert first in difference and other in difference
