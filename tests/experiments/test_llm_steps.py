@@ -37,3 +37,14 @@ def test_elec_row_vectors_read_the_chosen_fields_at_the_chosen_length(tmp_path) 
     assert json.loads((llm_dir / "config.json").read_text(encoding="utf-8"))["max_length"] == 40
     attached = DatasetSchema.load(schema_path)
     assert "llm_vector" in pq.read_schema(attached.split_path("train")).names
+    # a kill between the model's save and the removal of its tuning checkpoint leaves the checkpoint:
+    # the next run skips the done step and removes it
+    from recsys_llm.semantics.ctr_llm_checkpoint import adapt_checkpoint_dir
+
+    leftover = adapt_checkpoint_dir(str(llm_dir))
+    os.makedirs(leftover)
+    with open(os.path.join(leftover, "state.json"), "w", encoding="utf-8") as handle:
+        handle.write("{}")
+    elec_llm_steps(str(tmp_path / "data" / "schema.json"), str(tmp_path / "work"), "row",
+                   ["user_id"], 32, True, ["user_id", "item_id"], 40)
+    assert not os.path.exists(leftover)
