@@ -330,6 +330,16 @@ def _teacher_outputs_failing_on_rank_0(overrides: List[str], checkpoint: str, ou
     return "no error"
 
 
+def _teacher_outputs_error(overrides: List[str], checkpoint: str, output_dir: str, batch_size: int) -> str:
+    """The error a rank ends with (``"no error"`` if none)."""
+    os.environ["RECSYS_LLM_DIST_TIMEOUT_S"] = "120"  # a rank left waiting fails the test instead of hanging it
+    try:
+        _teacher_outputs(overrides, checkpoint, output_dir, batch_size)
+    except Exception as error:  # noqa: BLE001 - the message is the result
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
 @pytest.mark.multiprocess
 def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
     """Each rank runs its shards over its rows; rank 0 with one batch fewer pads the collectives
@@ -381,4 +391,16 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
                               checkpoint=str(tmp_path / "run"), output_dir=str(tmp_path / "failed"), batch_size=batch_size)
     assert failed[0] == "OSError: [Errno 28] No space left on device", failed
     assert failed[1].startswith("RuntimeError: teacher outputs: rank 0 failed to write") and "Errno 28" in failed[1], failed
+    # finished copies of another trained teacher: rank 0 alone reads teacher.json, and every rank stops with its refusal
+    from recsys_llm.train.teacher_outputs import TEACHER_FILE
+
+    record_path = tmp_path / "teacher_2" / TEACHER_FILE
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    record["sha256"] = {name: "0" * 64 for name in record["sha256"]}  # as a teacher trained again records it
+    record_path.write_text(json.dumps(record), encoding="utf-8")
+    refused = run_multiprocess(_teacher_outputs_error, world_size=2, overrides=overrides,
+                               checkpoint=str(tmp_path / "run"), output_dir=str(tmp_path / "teacher_2"),
+                               batch_size=batch_size)
+    assert refused[0] == refused[1] and refused[0].startswith("ValueError: "), refused
+    assert "holds teacher outputs of another teacher checkpoint" in refused[0], refused
 
