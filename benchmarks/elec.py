@@ -217,7 +217,7 @@ def elec_config(sizes: Sizes):
 def build_plain(name: str, sizes: Sizes, schema, tables_device, dense_device=None):
     """The plain backbone's ``CTRTask``."""
     from recsys_llm.models.registry import build_backbone
-    from recsys_llm.train.task import CTRTask
+    from recsys_llm.models.task import CTRTask
 
     return CTRTask(build_backbone(model_config(name, sizes), schema, device=tables_device, dense_device=dense_device))
 

@@ -319,7 +319,7 @@ def build_task(name: str, sizes: Sizes, schema, vectors_path: Optional[str], dev
     """``CTRTask`` of backbone ``name``, plain (``vectors_path`` None) or with FIE (+ FRE)."""
     from recsys_llm.models.registry import build_backbone
     from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
-    from recsys_llm.train.task import CTRTask
+    from recsys_llm.models.task import CTRTask
 
     backbone = build_backbone(model_config(name, sizes), schema, device=tables_device, dense_device=device)
     if vectors_path is None:

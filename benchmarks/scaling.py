@@ -203,7 +203,7 @@ def backbone_task(sizes: Sizes, schema, tables_device, dense_device=None, embedd
                   name: str = "deepfm"):
     """A plain ``CTRTask`` of backbone ``name`` (tables on ``meta`` for DMP, or a real device for serving)."""
     from recsys_llm.models.registry import build_backbone
-    from recsys_llm.train.task import CTRTask
+    from recsys_llm.models.task import CTRTask
 
     backbone = build_backbone(backbone_config(sizes, embedding_dim, name), schema, device=tables_device,
                               dense_device=dense_device)
@@ -504,7 +504,7 @@ def method_task(method: str, sizes: Sizes, schema, tables_device, dense_device=N
     from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
     from recsys_llm.modules.llactr import embedded_features
     from recsys_llm.modules.teacher_student import TeacherStudentConfig
-    from recsys_llm.train.task import CTRTask
+    from recsys_llm.models.task import CTRTask
 
     if method == "plain":
         return backbone_task(sizes, schema, tables_device, dense_device, name=backbone_name)

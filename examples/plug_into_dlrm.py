@@ -57,7 +57,7 @@ from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
-from recsys_llm.train.task import CTRTask
+from recsys_llm.models.task import CTRTask
 
 from offline_llm_jobs import LLM_DIM, offline_outputs  # next to this script
 

@@ -84,7 +84,7 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, f
     from recsys_llm.models.registry import build_backbone
     from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
     from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
-    from recsys_llm.train.task import CTRTask
+    from recsys_llm.models.task import CTRTask
 
     torch.manual_seed(0)
     backbone = build_backbone(SMOKE_CONFIGS[model_name], SCHEMA, device=CPU)
@@ -133,7 +133,7 @@ def test_export_keeps_a_frozen_fie_as_it_was_and_refuses_a_folded_backbone(tmp_p
 
     from recsys_llm.models.registry import build_backbone
     from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
-    from recsys_llm.train.task import CTRTask
+    from recsys_llm.models.task import CTRTask
 
     torch.manual_seed(0)
     backbone = build_backbone(SMOKE_CONFIGS["fm"], SCHEMA, device=CPU)
@@ -219,7 +219,7 @@ def test_materialize_meta_keeps_real_tensors_and_non_persistent_buffers():
     """Tables built on meta get storage; DLRM's non-persistent ``triu_indices`` survives (``to_empty`` would empty it)."""
     from recsys_llm.models.registry import build_backbone
     from recsys_llm.serving import materialize_meta
-    from recsys_llm.train.task import CTRTask
+    from recsys_llm.models.task import CTRTask
 
     torch.manual_seed(0)
     trained = CTRTask(build_backbone(SMOKE_CONFIGS["dlrm"], SCHEMA, device=CPU, dense_device=CPU)).eval()
@@ -406,7 +406,7 @@ def test_a_slice_of_a_safetensors_state_file_reads_only_that_slice(tmp_path):
 def test_served_model_treats_raw_request_ids_as_the_reader_treated_training_ids(tmp_path):
     """Hashed ids are folded, sequences cut to max_length, other ids outside a table refused."""
     from recsys_llm.models.registry import build_backbone
-    from recsys_llm.train.task import CTRTask
+    from recsys_llm.models.task import CTRTask
 
     schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10, hashed=True), FieldSpec("item_id", "sparse", 12),
                                  FieldSpec("genres", "sequence", 5, max_length=3), FieldSpec("age", "dense")])
@@ -447,7 +447,7 @@ def test_served_model_takes_one_id_per_row_of_a_sparse_field(tmp_path, item_leng
     longer bag there is refused by name, while a sequence's bags may hold any number; an
     artifact without ``single_id`` in its rules (written before it was recorded) takes any."""
     from recsys_llm.models.registry import build_backbone
-    from recsys_llm.train.task import CTRTask
+    from recsys_llm.models.task import CTRTask
 
     schema = DatasetSchema("t", [FieldSpec("item_id", "sparse", 12), FieldSpec("genres", "sequence", 5),
                                  FieldSpec("age", "dense")])

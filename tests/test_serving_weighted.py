@@ -10,7 +10,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone
 from recsys_llm.serving import ServedModel, export_task
-from recsys_llm.train.task import CTRTask
+from recsys_llm.models.task import CTRTask
 
 FEATURES = ["user_id", "tags"]
 

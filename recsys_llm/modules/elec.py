@@ -45,7 +45,7 @@ from recsys_llm.modules.teacher_student import (
     TeacherStudentTask,
     load_full_state,
 )
-from recsys_llm.train.task import CTRTask
+from recsys_llm.models.task import CTRTask
 
 TASKS = ("gain", "distill")
 VECTOR_SOURCES = ("extras", "entity_table")

@@ -35,7 +35,7 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
 from recsys_llm.models.embedding import require_allocated
 from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
-from recsys_llm.train.task import CTRTask
+from recsys_llm.models.task import CTRTask
 
 TABLE_PREFIX = "semantic_"
 

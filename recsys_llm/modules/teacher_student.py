@@ -49,7 +49,7 @@ from recsys_llm.modules.distillation import (
     RepresentationDistillation,
     ScoreDistillation,
 )
-from recsys_llm.train.task import checked_term, required_extra
+from recsys_llm.models.task import checked_term, required_extra
 
 MODES = ("joint", "frozen", "offline")
 

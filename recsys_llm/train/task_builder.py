@@ -16,7 +16,7 @@ from recsys_llm.models.registry import ModelConfig, build_backbone
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, frozen_teacher_record, load_elec_state
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
 from recsys_llm.train.config import ConfigError, ExperimentConfig
-from recsys_llm.train.task import CTRTask
+from recsys_llm.models.task import CTRTask
 
 
 class BuiltTask(NamedTuple):

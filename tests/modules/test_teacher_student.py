@@ -408,7 +408,7 @@ class TestTorchRecBatch:
     @staticmethod
     def _plain_pair() -> TeacherStudentTask:
         from recsys_llm.models.registry import build_backbone
-        from recsys_llm.train.task import CTRTask
+        from recsys_llm.models.task import CTRTask
 
         torch.manual_seed(0)
         teacher, student = (CTRTask(build_backbone(MODEL, SCHEMA, device=CPU, table_prefix=prefix))

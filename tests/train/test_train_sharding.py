@@ -27,7 +27,7 @@ from recsys_llm.train.sharding import (
     shard_model,
     table_placements,
 )
-from recsys_llm.train.task import CTRTask
+from recsys_llm.models.task import CTRTask
 from tests.multiprocess import run_multiprocess
 
 NOT_PIPELINED = "will NOT be pipelined"
