@@ -28,6 +28,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.utilities.distributed import gather_all_tensors
 from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 
 from recsys_llm.train.distributed import collective_device
@@ -40,16 +41,8 @@ def _all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
     device (the gather itself runs on the process group's device: CUDA under NCCL)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
-    device = collective_device()
-    size = torch.tensor([tensor.numel()], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(counts), dtype=tensor.dtype, device=device)
-    padded[: tensor.numel()] = tensor.to(device)
-    gathered = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:count] for g, count in zip(gathered, counts)]).to(tensor.device)
+    # torchmetrics' gather: sizes first, then every rank's tensor padded to the largest and cut back
+    return torch.cat(gather_all_tensors(tensor.to(collective_device()))).to(tensor.device)
 
 
 def binary_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
