@@ -31,6 +31,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from recsys_llm.atomic_dir import write_text_atomically
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -243,11 +245,7 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False, default=_json_default)
-        handle.write("\n")
-    os.replace(tmp, path)
+    write_text_atomically(str(path), json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _pyplot():

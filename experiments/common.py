@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_differences, load_config, schema_json_path
 from recsys_llm.train.run_records import (
     RESULTS_FILE,
@@ -329,12 +330,8 @@ def write_outputs(out_dir: str, name: str, payload: Dict, markdown: str) -> None
 
     payload = {**payload, "git_commit": source_commit(ignore=("results",))}
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f"{name}.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=float)
-    os.replace(tmp, os.path.join(out_dir, f"{name}.json"))
-    with open(os.path.join(out_dir, f"{name}.md"), "w", encoding="utf-8") as handle:
-        handle.write(markdown + "\n")
+    write_text_atomically(os.path.join(out_dir, f"{name}.json"), json.dumps(payload, indent=2, sort_keys=True, default=float))
+    write_text_atomically(os.path.join(out_dir, f"{name}.md"), markdown + "\n")
     print(markdown)
 
 
