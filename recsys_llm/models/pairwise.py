@@ -16,7 +16,8 @@ import torch
 
 
 def pair_sum_forward(fields: torch.Tensor, pair_matrix: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
-    """``(sum_ij M_ij <x_{b,i}, x_{b,j}>`` (B,), per-sample Gram (B, K * K)``) for (B, K, D) fields, (K, K) M.
+    """``(sum_ij M_ij <x_{b,i}, x_{b,j}>, G)``: (B,) and the per-sample Gram G (B, K * K), for
+    (B, K, D) fields and a (K, K) M.
 
     The training kernel's forward; :func:`pair_sum_backward` reuses the Gram.
     """
@@ -96,7 +97,7 @@ def upper_pair_weights(pair_weights: torch.Tensor) -> torch.Tensor:
 
 
 class PairWeightFolding:
-    """Mixin of a :class:`~recsys_llm.models.base.CTRBackbone` whose logit holds a pairwise
+    r"""Mixin of a :class:`~recsys_llm.models.base.CTRBackbone` whose logit holds a pairwise
     term :math:`\sum_{i<j} r_{ij} \langle e_i, e_j\rangle` over its N interaction fields: the
     F sparse fields in ``feature_names`` order, the E extra fields, then one field per dense
     feature when ``dense_fields`` is set.
