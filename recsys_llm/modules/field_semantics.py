@@ -1,12 +1,12 @@
 """FRE: field-level representation enhancement (LLaCTR, Cui et al., "Field Matters").
 
 Pulls every field's pooled embedding toward a projection of the field's LLM vector.
-A learned linear map W (d_llm -> D) projects field vector v_f; for each sample b the
+A learned Linear (W, c) (d_llm -> D) projects field vector v_f; for each sample b the
 embedding e_{b,f} is compared through softmax-normalised vectors:
 
 .. math::
 
-    L_{FRE} = \\lambda \\cdot \\frac{1}{B} \\sum_{b,f} KL\\big(softmax(W v_f) \\,\\|\\, softmax(e_{b,f})\\big)
+    L_{FRE} = \\lambda \\cdot \\frac{1}{B} \\sum_{b,f} KL\\big(softmax(W v_f + c) \\,\\|\\, softmax(e_{b,f})\\big)
 
 summed over the F fields as in the public code (``field_reduction="sum"``, so the paper's
 lambda range 0.01-0.5 applies), or averaged over them (``"mean"``, lambda divided by F:
@@ -126,11 +126,22 @@ def projected_field_kl(
 
 
 class FieldRepresentationEnhancement(nn.Module):
-    """FRE loss term: KL between projected field vectors and pooled field embeddings.
+    r"""FRE loss term of LLaCTR (Cui et al., "Field Matters"): KL between projected field
+    vectors and pooled field embeddings.
 
+    A Linear (W, c) projects the LLM vector :math:`v_f` of each of the F fields to the
+    embedding dim D; every sample's pooled embedding :math:`e_{b,f}` is pulled toward it:
+
+    .. math::
+
+        \mathcal{L}_{FRE} = \frac{\lambda}{B R} \sum_{b=1}^{B} \sum_{f=1}^{F}
+            \mathrm{KL}\big(\mathrm{softmax}(W v_f + c) \,\|\, \mathrm{softmax}(e_{b,f})\big)
+
+    with R = 1 for ``field_reduction="sum"`` (the public code) and R = F for ``"mean"``.
     Works on any EBC output (a backbone's ``CTROutput.embeddings``, or an unmodified
-    torchrec ``DLRM``'s ``sparse_arch.embedding_bag_collection(kjt)``). Its only
-    parameters are a dense Linear, so DMP wraps it in DDP like any dense module.
+    torchrec ``DLRM``'s ``sparse_arch.embedding_bag_collection(kjt)``); keys without a
+    vector are ignored. Its only parameters are a dense Linear, so DMP wraps it in DDP
+    like any dense module.
 
     Args:
         field_vectors (torch.Tensor): (F, d_llm) LLM vectors, row i for ``feature_names[i]``;
@@ -146,10 +157,10 @@ class FieldRepresentationEnhancement(nn.Module):
 
     Example::
 
-        fre = FieldRepresentationEnhancement(torch.randn(2, 384), ["user_id", "item_id"], 16, 0.1)
-        kt = ebc(kjt)               # KeyedTensor with keys user_id, item_id, ...
-        loss = fre.loss(kt)         # scalar
-        loss = fre(output, batch)   # as a CTRTask loss term
+        names = ["user_id", "item_id"]
+        fre = FieldRepresentationEnhancement(torch.randn(2, 384), names, embedding_dim=16, weight=0.1)
+        pooled = KeyedTensor.from_tensor_list(names, [torch.randn(4, 16), torch.randn(4, 16)])  # ebc(kjt)
+        loss = fre.loss(pooled)  # scalar; fre(output) is the same as a CTRTask loss term
     """
 
     def __init__(
@@ -183,7 +194,7 @@ class FieldRepresentationEnhancement(nn.Module):
         return self._feature_names
 
     def target_log_probs(self) -> torch.Tensor:
-        """log softmax(W v_f): (F, D)."""
+        """log softmax(W v_f + c): (F, D)."""
         return F.log_softmax(self.projection(self.field_vectors), dim=-1)  # (F, D)
 
     def loss(self, embeddings: KeyedTensor) -> torch.Tensor:
@@ -202,5 +213,5 @@ class FieldRepresentationEnhancement(nn.Module):
         )
 
     def forward(self, output: CTROutput, batch: Optional[Batch] = None) -> torch.Tensor:
-        """CTRTask loss term: ``loss(output.embeddings)``."""
+        """CTRTask loss term: ``loss(output.embeddings)``, a scalar (``batch`` is not read)."""
         return self.loss(output.embeddings)
