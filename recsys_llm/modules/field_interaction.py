@@ -101,9 +101,13 @@ def semantic_pair_sum(
     Args:
         fields (torch.Tensor): (B, K, D).
         similarity (torch.Tensor): (P,) constant pair similarities.
-        weight (torch.Tensor): (P, P) and ``bias`` (P,): the Linear(P, P) giving the pair weights.
+        weight (torch.Tensor): (P, P) weight of the Linear(P, P) giving the pair weights.
+        bias (torch.Tensor): (P,) its bias.
         flat_pairs (torch.Tensor): (P,) distinct ``i_p * K + j_p``, the place of pair p in a flattened (K, K) matrix.
         scale (float): lambda.
+
+    Returns:
+        torch.Tensor: (B,).
     """
     if torch.is_grad_enabled() and (fields.requires_grad or weight.requires_grad or bias.requires_grad):
         return _SemanticPairSum.apply(fields, similarity, weight, bias, flat_pairs, scale)
@@ -121,7 +125,20 @@ def _refreeze_after_load(module: "FieldInteractionEnhancement", incompatible_key
 
 
 class FieldInteractionEnhancement(nn.Module):
-    """FIE logit term: semantic pair weights on field-pair inner products.
+    r"""FIE logit term of LLaCTR (Cui et al., "Field Matters"): semantic pair weights on
+    field-pair inner products.
+
+    The cosine similarities :math:`S_{ij}` of the N field vectors, for the P = N(N-1)/2
+    pairs i < j, pass through a Linear(P, P) to give pair weights :math:`w = W S + c`:
+
+    .. math::
+
+        \Delta y_b = \lambda \sum_{i<j} w_{ij} \langle e_{b,i}, e_{b,j} \rangle
+
+    The weights depend on the fields only (computed once per call, not per sample);
+    :meth:`freeze` makes them a constant buffer for evaluation and serving, and
+    :meth:`fold_into` adds them to the pairwise term of an FM-style backbone, which then
+    serves backbone + FIE at the cost of the backbone alone.
 
     Args:
         field_vectors (torch.Tensor): (N, d_llm) LLM vectors, row i for ``feature_names[i]``.
@@ -135,12 +152,11 @@ class FieldInteractionEnhancement(nn.Module):
 
     Example::
 
-        fie = FieldInteractionEnhancement(torch.randn(3, 384), ["user_id", "item_id", "genre"], 0.1)
-        extra_logit = fie.logit(ebc(kjt))  # (B,)
-        logits = logits + fie(output)      # as a CTRTask logit term
-        fie.freeze()                       # constant pair weights for serving
-        fie.fold_into(fm)                  # fm(dense, kjt).logits now include FIE: serve fm
-                                           # alone, without fie as a logit term
+        names = ["user_id", "item_id", "genre"]
+        fie = FieldInteractionEnhancement(torch.randn(3, 384), names, weight=0.1)
+        pooled = KeyedTensor.from_tensor_list(names, [torch.randn(4, 16) for _ in names])  # ebc(kjt)
+        extra_logit = fie.logit(pooled)  # (4,); fie(output) is the same as a CTRTask logit term
+        fie.freeze()                     # constant pair weights for serving
     """
 
     def __init__(self, field_vectors: torch.Tensor, feature_names: List[str], weight: float = 0.1) -> None:
@@ -312,5 +328,5 @@ class FieldInteractionEnhancement(nn.Module):
         return semantic_pair_sum(fields, self.pair_similarity, linear.weight, linear.bias, flat_pairs, self._weight)
 
     def forward(self, output: CTROutput) -> torch.Tensor:
-        """CTRTask logit term: ``logit(output.embeddings)``."""
+        """CTRTask logit term: ``logit(output.embeddings)``, (B,)."""
         return self.logit(output.embeddings)
