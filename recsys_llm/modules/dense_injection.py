@@ -38,7 +38,16 @@ def _checked_vector(vector: torch.Tensor, width: int, who: str) -> torch.Tensor:
 
 
 class VectorFieldInjection(nn.Module):
-    """Projects a vector to ``num_fields`` extra field embeddings.
+    r"""Projects an LLM vector to ``num_fields`` extra field embeddings (the gain network's
+    input of ELEC, Dong, Ouyang, Liu, SIGIR 2025).
+
+    .. math::
+
+        e_j = W_j r + b_j, \qquad j = 1, \dots, E
+
+    one Linear (d -> E D) whose output is split into the E fields; the backbone interacts
+    them like its EBC fields (``CTRTask(field_injection=...)``, backbone built with
+    ``num_extra_fields=E``).
 
     Args:
         in_dim (int): d, width of the LLM vector (``semantics adapt --representation-dim``, or the
@@ -48,9 +57,8 @@ class VectorFieldInjection(nn.Module):
 
     Example::
 
-        injection = VectorFieldInjection(in_dim=384, embedding_dim=16)
-        task = CTRTask(DeepFM(ebc, 4, num_extra_fields=1), field_injection=injection)
-        extra = injection(torch.randn(32, 384))  # (32, 1, 16)
+        injection = VectorFieldInjection(in_dim=384, embedding_dim=16, num_fields=2)
+        extra = injection(torch.randn(32, 384))  # (32, 2, 16), a backbone's extra_fields
 
     Raises:
         ValueError: a width or count that is not an integer >= 1.
@@ -91,8 +99,13 @@ class VectorFieldInjection(nn.Module):
 
 
 class DLRMDenseInjection(nn.Module):
-    """Wraps an unmodified torchrec ``DLRM`` so it also reads an LLM vector.
+    r"""Wraps an unmodified torchrec ``DLRM`` so it also reads an LLM vector r in its dense input:
 
+    .. math::
+
+        x' = [x; P r], \qquad \hat y = \mathrm{DLRM}(x', \mathrm{kjt})
+
+    with P a Linear (d -> ``projected_dim``), or the identity when ``projected_dim`` is None.
     Build the DLRM with ``dense_in_features = num_dense + projected_dim`` (or
     ``num_dense + in_dim`` with ``projected_dim=None``, no projection).
 
@@ -103,10 +116,13 @@ class DLRMDenseInjection(nn.Module):
 
     Example::
 
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="t_item_id", embedding_dim=16, num_embeddings=100, feature_names=["item_id"])])
         dlrm = DLRM(ebc, dense_in_features=13 + 16, dense_arch_layer_sizes=[64, 16],
                     over_arch_layer_sizes=[64, 1])
         model = DLRMDenseInjection(dlrm, in_dim=384, projected_dim=16)
-        logits = model(dense, kjt, llm_vector)  # (B,)
+        kjt = KeyedJaggedTensor.from_lengths_sync(["item_id"], torch.tensor([3, 7, 1]), torch.tensor([1, 1, 1]))
+        logits = model(torch.rand(3, 13), kjt, torch.randn(3, 384))  # (3,)
     """
 
     def __init__(self, dlrm: DLRM, in_dim: int, projected_dim: Optional[int] = None) -> None:
@@ -166,11 +182,15 @@ class DLRMDenseInjectionBackbone(DLRMBackbone):
 
     Example::
 
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="t_item_id", embedding_dim=16, num_embeddings=100, feature_names=["item_id"])])
         dlrm = DLRM(ebc, dense_in_features=3 + 16, dense_arch_layer_sizes=[32, 16],
                     over_arch_layer_sizes=[32, 16, 1])
         backbone = DLRMDenseInjectionBackbone(dlrm, num_dense_features=3)  # injected_width 16
-        task = CTRTask(backbone, field_injection=VectorFieldInjection(384, backbone.injected_width))
-        out = task.predict(batch)  # logits (B,), representation (B, 16); reads batch.extras["llm_vector"]
+        injection = VectorFieldInjection(384, backbone.injected_width)  # CTRTask's field_injection
+        kjt = KeyedJaggedTensor.from_lengths_sync(["item_id"], torch.tensor([3, 7, 1]), torch.tensor([1, 1, 1]))
+        extra = injection(torch.randn(3, 384))  # (3, 1, 16)
+        out = backbone(torch.rand(3, 3), kjt, extra)  # logits (3,), representation (3, 16)
     """
 
     def __init__(self, dlrm: DLRM, num_dense_features: int) -> None:
