@@ -18,7 +18,8 @@ REPR_KD_KINDS = ("mse", "cosine")
 
 
 class ScoreDistillation(nn.Module):
-    """Distils the teacher's click probability with temperature T.
+    """Score-level KD of ELEC (Dong, Ouyang, Liu, SIGIR 2025): distils the teacher's click
+    probability with temperature T.
 
     With :math:`p = \\sigma(z_t / T)` and :math:`q = \\sigma(z_s / T)`:
 
@@ -37,8 +38,8 @@ class ScoreDistillation(nn.Module):
 
     Example::
 
-        kd = ScoreDistillation(temperature=2.0)
-        loss = kd(student_logits, teacher_logits)  # scalar; (B,) inputs
+        kd = ScoreDistillation(temperature=2.0, kind="kl")
+        loss = kd(torch.randn(32), torch.randn(32))  # scalar, from student and teacher logits (B,)
     """
 
     def __init__(self, temperature: float = 1.0, kind: str = "bce") -> None:
@@ -87,7 +88,8 @@ def _check_widths(student: torch.Tensor, teacher: torch.Tensor, dims: Tuple[int,
 
 
 class RepresentationDistillation(nn.Module):
-    """Pulls the student's representation towards the teacher's.
+    """Representation-level KD of ELEC (SIGIR 2025): pulls the student's last hidden
+    representation :math:`h_s` (B, H_s) towards the teacher's :math:`h_t` (B, H_t).
 
     .. math::
 
@@ -105,7 +107,7 @@ class RepresentationDistillation(nn.Module):
     Example::
 
         kd = RepresentationDistillation(student_dim=64, teacher_dim=128, kind="cosine")
-        loss = kd(student_repr, teacher_repr)  # scalar; (B, 64), (B, 128) inputs
+        loss = kd(torch.randn(32, 64), torch.randn(32, 128))  # scalar
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, kind: str = "mse") -> None:
