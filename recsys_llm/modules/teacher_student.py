@@ -6,9 +6,13 @@ One ``TeacherStudentTask`` goes under one ``DistributedModelParallel`` and one
 
 .. math::
 
-    \\mathcal{L} = \\mathrm{BCE}(z_s, y) + \\alpha\\, \\mathcal{L}_{score}(z_s, z_t)
-                 + \\beta\\, \\mathcal{L}_{repr}(h_s, h_t)
-                 \\; [+\\, \\gamma\\, \\mathrm{BCE}(z_t, y) \\text{ in joint mode}]
+    \\mathcal{L} = \\mathrm{BCE}(z_s, y) + \\textstyle\\sum_k \\mathcal{L}^s_k
+                 + \\alpha\\, \\mathcal{L}_{score}(z_s, z_t) + \\beta\\, \\mathcal{L}_{repr}(h_s, h_t)
+                 \\; [+\\, \\gamma\\, (\\mathrm{BCE}(z_t, y) + \\textstyle\\sum_k \\mathcal{L}^t_k)
+                 \\text{ in joint mode}]
+
+(:math:`\\mathcal{L}^s_k`, :math:`\\mathcal{L}^t_k`: the student's and the teacher's ``loss_terms``,
+e.g. FRE).
 
 Modes:
 
@@ -138,7 +142,18 @@ def freeze_teacher(teacher: nn.Module) -> None:
 
 
 class TeacherStudentTask(nn.Module):
-    """Trains the student (and in joint mode the teacher) with score + representation KD.
+    r"""ELEC's pseudo-siamese training (Dong, Ouyang, Liu, SIGIR 2025): the student (and in
+    joint mode the teacher) with score + representation KD.
+
+    .. math::
+
+        \mathcal{L} = \mathrm{BCE}(z_s, y) + \textstyle\sum_k \mathcal{L}^s_k
+                     + \alpha\, \mathcal{L}_{score}(z_s, z_t) + \beta\, \mathcal{L}_{repr}(h_s, h_t)
+                     \; [+\, \gamma\, (\mathrm{BCE}(z_t, y) + \textstyle\sum_k \mathcal{L}^t_k)]
+
+    with :math:`\mathcal{L}^s_k`, :math:`\mathcal{L}^t_k` the student's and the teacher's
+    ``loss_terms`` (e.g. FRE); the bracket in joint mode only.
+    Logits :math:`z` (B,), representations :math:`h` (B, H); the teacher's enter detached.
 
     Teacher and student are ``CTRTask`` s (or modules with the same members): the task reads
     ``predict(batch) -> CTROutput`` and ``loss_terms`` of the student, and of the teacher in
@@ -153,8 +168,15 @@ class TeacherStudentTask(nn.Module):
 
     Example::
 
-        task = TeacherStudentTask(gain_task, vanilla_task, TeacherStudentConfig(mode="joint"))
-        loss, (loss_detached, student_logits, labels) = task(batch)
+        def tables(prefix: str) -> EmbeddingBagCollection:  # teacher and student need distinct names
+            return EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+                name=prefix + "item_id", embedding_dim=8, num_embeddings=100, feature_names=["item_id"])])
+        teacher = CTRTask(FM(tables("teacher_"), 2, num_extra_fields=1), field_injection=VectorFieldInjection(384, 8))
+        student = CTRTask(FM(tables("student_"), 2))
+        task = TeacherStudentTask(teacher, student, TeacherStudentConfig(mode="joint"))
+        kjt = KeyedJaggedTensor.from_lengths_sync(["item_id"], torch.tensor([3, 7, 1]), torch.tensor([1, 1, 1]))
+        batch = Batch(torch.rand(3, 2), kjt, torch.tensor([1.0, 0.0, 1.0]), extras={"llm_vector": torch.randn(3, 384)})
+        loss, (loss_detached, student_logits, labels) = task(batch)  # scalar, (3,), (3,)
     """
 
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module, config: TeacherStudentConfig) -> None:
