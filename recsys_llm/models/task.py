@@ -60,8 +60,13 @@ class CTRTask(nn.Module):
 
     Example::
 
-        task = CTRTask(DeepFM(ebc, num_dense_features=4), loss_terms={"fre": fre})
-        loss, (loss_detached, logits, labels) = task(batch)
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="t_item_id", embedding_dim=8, num_embeddings=100, feature_names=["item_id"])])
+        fre = FieldRepresentationEnhancement(torch.randn(1, 384), ["item_id"], embedding_dim=8)
+        task = CTRTask(DeepFM(ebc, num_dense_features=2), loss_terms={"fre": fre})
+        kjt = KeyedJaggedTensor.from_lengths_sync(["item_id"], torch.tensor([3, 7, 1]), torch.tensor([1, 1, 1]))
+        batch = Batch(torch.rand(3, 2), kjt, torch.tensor([1.0, 0.0, 1.0]))
+        loss, (loss_detached, logits, labels) = task(batch)  # scalar, (3,), (3,)
     """
 
     def __init__(
@@ -119,6 +124,14 @@ class CTRTask(nn.Module):
         return loss
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            batch (Batch): dense (B, Dd), sparse KJT, labels (B,) and the injected vector in ``extras``.
+
+        Returns:
+            Tuple: ``(loss, (loss_detached, logits, labels))``: a scalar, then the detached scalar,
+            logits (B,) and labels (B,), as torchrec's ``DLRMTrain`` returns them.
+        """
         output = self.predict(batch)
         loss = self.with_loss_terms(self.loss_fn(output.logits, batch.labels), output, batch)
         return loss, (loss.detach(), output.logits.detach(), batch.labels)
