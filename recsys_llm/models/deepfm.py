@@ -42,7 +42,7 @@ class DeepFM(PairWeightFolding, CTRBackbone):
 
         \hat y = \underbrace{b + \sum_f \langle w_f, e_f\rangle + \sum_j u_j x_j
                  + \sum_{i<j} \langle e_i, e_j\rangle}_{\text{FM}}
-                 + w_h^\top h, \qquad
+                 + w_h^\top h + b_h, \qquad
         h = \mathrm{MLP}([e_1; \dots; e_{F+E}; x])
 
     The FM part is :class:`FM` (per-field linear vectors instead of dim-1 tables; dense

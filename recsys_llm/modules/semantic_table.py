@@ -64,7 +64,9 @@ class SemanticTable(nn.Module):
     Example::
 
         table = SemanticTable({"user_id": 944, "item_id": 1683}, 64, device=torch.device("cpu"))
-        vectors = table(kjt)  # (B, 2 * 64): user vector, then item vector
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 10, 20, 30]), torch.ones(6, dtype=torch.long))
+        vectors = table(kjt)  # (3, 2 * 64): user vector, then item vector
     """
 
     def __init__(
