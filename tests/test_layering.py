@@ -96,3 +96,15 @@ def test_library_code_never_imports_test_helpers() -> None:
 ])
 def test_the_layer_of_a_module(module: str, expected: str) -> None:
     assert layer_of(module) == expected
+
+
+def test_the_old_task_module_still_imports_with_a_deprecation_warning() -> None:
+    import importlib
+    import sys
+
+    sys.modules.pop("recsys_llm.train.task", None)
+    with pytest.warns(DeprecationWarning, match=r"recsys_llm\.train\.task moved to recsys_llm\.models\.task"):
+        old = importlib.import_module("recsys_llm.train.task")
+    from recsys_llm.models.task import CTRTask
+
+    assert old.CTRTask is CTRTask
