@@ -286,6 +286,22 @@ def check_same_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Di
         )
 
 
+def resumed_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any]) -> Dict[str, Any]:
+    """``current_plugins`` with the ``elec.frozen_teacher`` record of ``saved_plugins`` (the run's
+    ``plugins.json``), for a resume to write back: its checkpoint holds the teacher the run started
+    with, which the export at ``elec.teacher_checkpoint`` now may not show (deleted, moved, or never
+    recorded by the version that started the run), so the record of that start stays; a run written
+    before the record existed keeps none rather than one of a teacher it may not have learned from."""
+    current = current_plugins.get("elec")
+    if not isinstance(current, dict) or "frozen_teacher" not in current:
+        return current_plugins
+    saved = (saved_plugins.get("elec") or {}).get("frozen_teacher")
+    elec = {key: value for key, value in current.items() if key != "frozen_teacher"}
+    if saved is not None:
+        elec["frozen_teacher"] = saved
+    return {**current_plugins, "elec": elec}
+
+
 def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str, Any]) -> None:
     """:func:`check_same_field_vectors` against the ``plugins.json`` of the run that wrote
     ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``); nothing to check without one (the config

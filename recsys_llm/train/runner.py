@@ -91,6 +91,7 @@ from recsys_llm.train.run_records import (
     earlier_throughput,
     lock_run_dir,
     read_run_record,
+    resumed_frozen_teacher,
 )
 from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_model
 from recsys_llm.train.task_builder import (
@@ -217,6 +218,8 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
             check_same_field_vectors(saved_record, built.plugins, saved_plugins)
             check_same_frozen_teacher(saved_record, built.plugins, saved_plugins)
             check_same_data(saved_record, fingerprints, schema, saved_plugins)
+            # the checkpoint holds the teacher the run started with: plugins.json keeps its record
+            built = built._replace(plugins=resumed_frozen_teacher(saved_record, built.plugins))
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     # rank 0 holds the run directory while the job trains: a second job there would delete the
     # first one's checkpoint in writing and interleave its metrics

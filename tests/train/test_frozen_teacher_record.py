@@ -7,7 +7,7 @@ neither take nor reuse such a run, and ``experiments.elec`` exports a stale teac
 import json
 import os
 import shutil
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,10 +33,9 @@ def _kill_at_step_5(state: TrainState) -> None:
         raise _Killed()
 
 
-def _scenario(work: str) -> Dict[str, Any]:
-    from experiments.common import _differences
-    from experiments.elec import export_frozen_teacher
-    from recsys_llm.cli.export import export_run
+def _prepared(work: str) -> Tuple[List[str], str, str]:
+    """Synthetic data with an entity table, and two trained gain networks (seeds 0 and 1): the
+    overrides every run shares and the two gain run directories."""
     from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
 
     data = os.path.join(work, "data")
@@ -53,16 +52,20 @@ def _scenario(work: str) -> Dict[str, Any]:
             "train.checkpoint_every=5", "model.mlp_layer_sizes=[16]", "model.embedding_dim=8",
             "elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
             f"elec.entity_vectors={entity}"]
-
-    def gain(run_dir: str, seed: int) -> List[str]:
-        overrides = base + ["elec.task=gain", f"train.seed={seed}", f"train.run_dir={run_dir}"]
-        run_training(load_config(CONFIG, overrides))
-        return overrides
-
-    out: Dict[str, Any] = {}
     first_gain, other_gain = os.path.join(work, "gain_a"), os.path.join(work, "gain_b")
-    first = gain(first_gain, 0)
-    gain(other_gain, 1)
+    for run_dir, seed in ((first_gain, 0), (other_gain, 1)):
+        run_training(load_config(CONFIG, base + ["elec.task=gain", f"train.seed={seed}", f"train.run_dir={run_dir}"]))
+    return base, first_gain, other_gain
+
+
+def _scenario(work: str) -> Dict[str, Any]:
+    from experiments.common import _differences
+    from experiments.elec import export_frozen_teacher
+    from recsys_llm.cli.export import export_run
+
+    base, first_gain, other_gain = _prepared(work)
+    first = base + ["elec.task=gain", "train.seed=0", f"train.run_dir={first_gain}"]
+    out: Dict[str, Any] = {}
     teacher = os.path.join(work, "teacher_state")
     export_run(load_config(CONFIG, first), first_gain, teacher, state_only=True)
     with open(os.path.join(teacher, "config.json"), encoding="utf-8") as handle:
@@ -139,3 +142,56 @@ def test_the_experiments_neither_reuse_nor_keep_a_stale_teacher(scenario: Dict[s
     first, other = (scenario[key]["train_state.json"][:12] for key in ("first_digests", "other_digests"))
     assert difference.startswith("the frozen teacher: exported from") and "gain_a" in difference
     assert first in difference and other in difference
+
+
+def _resumed_without_the_export(work: str) -> Dict[str, Any]:
+    """A frozen-teacher student killed at step 5 resumes after its teacher export was deleted (the
+    checkpoint holds the teacher); later another trained teacher is exported to that path."""
+    from experiments.common import _differences
+    from recsys_llm.cli.export import export_run
+
+    base, first_gain, other_gain = _prepared(work)
+    teacher, student_dir = os.path.join(work, "teacher_state"), os.path.join(work, "student")
+    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={first_gain}"]), first_gain, teacher,
+               state_only=True)
+    student = base + ["elec.task=distill", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
+                      f"train.run_dir={student_dir}"]
+    try:
+        run_training(load_config(CONFIG, student), on_step=_kill_at_step_5)
+    except _Killed:
+        pass
+
+    def recorded() -> Dict[str, Any]:
+        with open(os.path.join(student_dir, PLUGINS_FILE), encoding="utf-8") as handle:
+            return json.load(handle)["elec"]["frozen_teacher"]
+
+    out = {"started": recorded()}
+    shutil.rmtree(teacher)
+    run_training(load_config(CONFIG, student))
+    out["resumed"] = recorded()
+    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={other_gain}"]), other_gain, teacher,
+               state_only=True)
+    out["differences_other_teacher"] = _differences(load_config(CONFIG, student), student_dir)
+    return out
+
+
+@pytest.mark.multiprocess
+def test_a_resume_without_the_teacher_export_keeps_the_record_of_the_teacher(tmp_path) -> None:
+    (result,) = run_multiprocess(_resumed_without_the_export, world_size=1, work=str(tmp_path))
+    assert result["started"]["checkpoint_sha256"], result
+    assert result["resumed"] == result["started"], "the resume forgot which teacher the run learned from"
+    (difference,) = result["differences_other_teacher"]
+    assert difference.startswith("the frozen teacher: exported from") and "gain_b" in difference
+
+
+def test_a_resume_writes_back_the_record_the_run_started_with() -> None:
+    from recsys_llm.train.run_records import resumed_frozen_teacher
+
+    started = {"export": "/t", "checkpoint": "/g/best/ckpt-7", "checkpoint_sha256": {"train_state.json": "a"}}
+    unreadable = {"export": "/t", "checkpoint": None, "checkpoint_sha256": None}
+    current = {"elec": {"task": "distill", "frozen_teacher": unreadable}, "other": 1}
+    assert resumed_frozen_teacher({"elec": {"frozen_teacher": started}}, current) == {
+        "elec": {"task": "distill", "frozen_teacher": started}, "other": 1}
+    # a run started before the record existed: none rather than the current export's, which it may not have learned from
+    assert resumed_frozen_teacher({"elec": {"task": "distill"}}, current) == {"elec": {"task": "distill"}, "other": 1}
+    assert resumed_frozen_teacher({"elec": {}}, {"llactr": {}}) == {"llactr": {}}  # no frozen teacher: as it is
