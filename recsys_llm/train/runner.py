@@ -216,7 +216,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
             saved_record = read_run_record(saved_plugins)
             check_plugin_history(saved_record, built.plugins, saved_plugins)
             check_same_field_vectors(saved_record, built.plugins, saved_plugins)
-            check_same_frozen_teacher(saved_record, built.plugins, saved_plugins)
+            # each rank reads the teacher export's config.json: one that sees another teacher stops them all
+            run_on_every_rank(lambda: check_same_frozen_teacher(saved_record, built.plugins, saved_plugins),
+                              "checking the frozen teacher (elec.teacher_checkpoint)", ctx.device)
             check_same_data(saved_record, fingerprints, schema, saved_plugins)
             # the checkpoint holds the teacher the run started with: plugins.json keeps its record
             built = built._replace(plugins=resumed_frozen_teacher(saved_record, built.plugins))

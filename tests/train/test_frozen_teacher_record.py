@@ -195,3 +195,46 @@ def test_a_resume_writes_back_the_record_the_run_started_with() -> None:
     # a run started before the record existed: none rather than the current export's, which it may not have learned from
     assert resumed_frozen_teacher({"elec": {"task": "distill"}}, current) == {"elec": {"task": "distill"}, "other": 1}
     assert resumed_frozen_teacher({"elec": {}}, {"llactr": {}}) == {"llactr": {}}  # no frozen teacher: as it is
+
+
+def _student_of_one_teacher_and_the_export_of_another(work: str) -> List[str]:
+    """A frozen-teacher student killed at step 5, and its teacher path re-exported from another
+    trained gain network; returns the student's overrides."""
+    from recsys_llm.cli.export import export_run
+
+    base, first_gain, other_gain = _prepared(work)
+    teacher = os.path.join(work, "teacher_state")
+    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={first_gain}"]), first_gain, teacher,
+               state_only=True)
+    student = base + ["elec.task=distill", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
+                      f"train.run_dir={os.path.join(work, 'student')}", "train.reshard_mid_epoch=true"]
+    try:
+        run_training(load_config(CONFIG, student), on_step=_kill_at_step_5)
+    except _Killed:
+        pass
+    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={other_gain}"]), other_gain, teacher,
+               state_only=True)
+    return student
+
+
+def _resume_where_rank_1_cannot_read_the_export(student: List[str]) -> str:
+    """The error this rank's resume ends with (``"no error"`` if none); rank 1 reads no ``config.json``
+    of the export (as on a host that does not mount it)."""
+    from recsys_llm.modules import elec
+
+    os.environ["RECSYS_LLM_DIST_TIMEOUT_S"] = "60"  # a rank left waiting fails the test instead of hanging it
+    if os.environ["RANK"] == "1":
+        elec._export_metadata = lambda path: {}
+    try:
+        run_training(load_config(CONFIG, student))
+    except Exception as error:  # noqa: BLE001 - the message is the result
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+@pytest.mark.multiprocess
+def test_a_resume_refused_on_one_rank_stops_every_rank(tmp_path) -> None:
+    (student,) = run_multiprocess(_student_of_one_teacher_and_the_export_of_another, world_size=1, work=str(tmp_path))
+    errors = run_multiprocess(_resume_where_rank_1_cannot_read_the_export, world_size=2, student=student)
+    assert errors[0].startswith("ConfigError: ") and "now holds another trained teacher" in errors[0], errors
+    assert errors[1].startswith("RuntimeError: ") and "failed on another rank" in errors[1], errors
