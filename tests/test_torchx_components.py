@@ -105,7 +105,7 @@ class TestTrainComponent:
         with pytest.raises(ValueError, match="key=value"):
             train("c.yaml", "epochs")
         with pytest.raises(ValueError, match="nproc_per_node"):
-            train("c.yaml", nproc_per_node=0)
+            train("c.yaml", nproc_per_node=-1)
         for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r")),
                            ("bench", ("train_throughput",))):
             with pytest.raises(ValueError, match=r"gpu=1 per host for nproc_per_node=2 workers: each worker needs a "
@@ -511,3 +511,19 @@ def test_cluster_examples_size_the_host_for_its_gpus() -> None:
     for doc, words in commands:
         if "--gpu" in words and int(words[words.index("--gpu") + 1]) > 1 and "--named_resource" not in words:
             assert "--cpu" in words and "--memMB" in words, (doc, " ".join(words))
+
+
+def test_the_default_is_a_worker_per_gpu_of_the_host() -> None:
+    """``--gpu 8`` (or an 8-GPU named resource) without ``--nproc_per_node`` ran one worker, which left
+    seven GPUs idle; on a CPU host the default stays one worker (export of row vectors alike)."""
+    def workers(app: AppDef) -> str:
+        words = " ".join(app.roles[0].args).split()
+        return words[words.index("--nproc_per_node") + 1]
+
+    for name, args in (("train", ("c.yaml",)), ("trained", ("export", "runs/r")), ("encode", ("export",))):
+        assert workers(load(name)(*args, gpu=8)) == "8", name
+        assert workers(load(name)(*args, named_resource="aws_p4d.24xlarge")) == "8", name
+        assert workers(load(name)(*args)) == "1", name
+        assert workers(load(name)(*args, gpu=8, nproc_per_node=2)) == "2", name  # fewer, when asked
+    for job in ("tune", "encode", "adapt"):  # one process whatever the host has
+        assert workers(load("encode")(job, gpu=8)) == "1", job

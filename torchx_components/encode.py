@@ -26,7 +26,7 @@ def encode(
     job: str,
     *job_args: str,
     nnodes: int = 1,
-    nproc_per_node: int = 1,
+    nproc_per_node: int = 0,
     cpu: int = 4,
     gpu: int = 0,
     memMB: int = 16384,
@@ -48,7 +48,8 @@ def encode(
         job: which semantics sub-command to run: tune (SSFT), encode (field vectors), adapt (CTR-adapted LLM) or export (row/entity vectors)
         job_args: arguments of the sub-command, after -- (e.g. -- --schema data/x/schema.json --llm runs/llm --output-dir runs/vectors)
         nnodes: number of hosts (replicas of the role)
-        nproc_per_node: worker processes per host (one per GPU on GPU hosts; tune, encode and adapt take 1)
+        nproc_per_node: worker processes per host; 0 (the default): for export one per GPU of the host (gpu, or
+            the named resource's), 1 on a CPU host; tune, encode and adapt take 1
         cpu: CPUs per host
         gpu: GPUs per host
         memMB: host memory in MB per host
@@ -64,6 +65,9 @@ def encode(
     """
     if job not in SEMANTICS_JOBS:
         raise ValueError(f"job must be one of {list(SEMANTICS_JOBS)}, got {job!r}")
+    host_gpus = specs.resource(h=named_resource).gpu if named_resource else gpu
+    if nproc_per_node == 0:  # an export worker per GPU: one would leave the host's other GPUs idle
+        nproc_per_node = max(1, host_gpus) if job == "export" else 1
     if nnodes < 1 or nproc_per_node < 1:
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
@@ -74,11 +78,10 @@ def encode(
             f"would redo it and write the same output: use nnodes=1 nproc_per_node=1, got {nnodes}x{nproc_per_node}"
         )
     if named_resource:  # it sets the host's GPUs, whatever --gpu says
-        gpus = specs.resource(h=named_resource).gpu
-        if 0 < gpus < nproc_per_node:
-            raise ValueError(f"named_resource={named_resource} has {gpus} GPU(s) per host for nproc_per_node="
+        if 0 < host_gpus < nproc_per_node:
+            raise ValueError(f"named_resource={named_resource} has {host_gpus} GPU(s) per host for nproc_per_node="
                              f"{nproc_per_node} workers: each worker needs a GPU of its own; pass --nproc_per_node "
-                             f"{gpus}, or a named resource with {nproc_per_node} GPUs")
+                             f"{host_gpus}, or a named resource with {nproc_per_node} GPUs")
     elif 0 < gpu < nproc_per_node:  # each export worker encodes on cuda:LOCAL_RANK
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")

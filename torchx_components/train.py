@@ -23,7 +23,7 @@ def train(
     config: str,
     *overrides: str,
     nnodes: int = 1,
-    nproc_per_node: int = 1,
+    nproc_per_node: int = 0,
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 8192,
@@ -46,7 +46,8 @@ def train(
         config: path of the training config file (YAML), relative to the working directory / image
         overrides: config overrides as key=value (e.g. train.epochs=1 data.batch_size=4096)
         nnodes: number of hosts (replicas of the role)
-        nproc_per_node: worker processes per host (one per GPU on GPU hosts)
+        nproc_per_node: worker processes per host; 0 (the default): one per GPU of the host (gpu, or the
+            named resource's), 1 on a CPU host
         cpu: CPUs per host
         gpu: GPUs per host
         memMB: host memory in MB per host
@@ -60,16 +61,18 @@ def train(
         mounts: mounts in the container, e.g. type=bind,src=/data,dst=/data[,readonly]
         job_name: job name as {experiment}/{run}
     """
+    host_gpus = specs.resource(h=named_resource).gpu if named_resource else gpu
+    if nproc_per_node == 0:  # a worker per GPU: one would leave the host's other GPUs idle
+        nproc_per_node = max(1, host_gpus)
     if nnodes < 1 or nproc_per_node < 1:
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
         )
     if named_resource:  # it sets the host's GPUs, whatever --gpu says
-        gpus = specs.resource(h=named_resource).gpu
-        if 0 < gpus < nproc_per_node:
-            raise ValueError(f"named_resource={named_resource} has {gpus} GPU(s) per host for nproc_per_node="
+        if 0 < host_gpus < nproc_per_node:
+            raise ValueError(f"named_resource={named_resource} has {host_gpus} GPU(s) per host for nproc_per_node="
                              f"{nproc_per_node} workers: each worker needs a GPU of its own; pass --nproc_per_node "
-                             f"{gpus}, or a named resource with {nproc_per_node} GPUs")
+                             f"{host_gpus}, or a named resource with {nproc_per_node} GPUs")
     elif 0 < gpu < nproc_per_node:  # two NCCL ranks on one GPU fail at their first collective
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
