@@ -50,6 +50,7 @@ from torchrec.models.dlrm import DLRM
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.dlrm import DLRMBackbone
+from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.dense_injection import DLRMDenseInjectionBackbone, VectorFieldInjection
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
 from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
@@ -57,7 +58,6 @@ from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
-from recsys_llm.models.task import CTRTask
 
 from offline_llm_jobs import LLM_DIM, offline_outputs  # next to this script
 

@@ -16,10 +16,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, load_elec_state
 from recsys_llm.modules.teacher_student import TeacherStudentConfig
 from recsys_llm.serving import ServedModel, export_task, load_state_file, open_state_file
-from recsys_llm.models.task import CTRTask
 
 CPU = torch.device("cpu")
 KEYS = ["user_id", "item_id", "genres"]

@@ -9,8 +9,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone
-from recsys_llm.serving import ServedModel, export_task
 from recsys_llm.models.task import CTRTask
+from recsys_llm.serving import ServedModel, export_task
 
 FEATURES = ["user_id", "tags"]
 

@@ -30,6 +30,7 @@ from torch import nn
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.registry import ModelConfig, build_backbone
+from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.dense_injection import VectorFieldInjection
 from recsys_llm.modules.random_stream import own_random_stream
 from recsys_llm.modules.semantic_table import (
@@ -45,7 +46,6 @@ from recsys_llm.modules.teacher_student import (
     TeacherStudentTask,
     load_full_state,
 )
-from recsys_llm.models.task import CTRTask
 
 TASKS = ("gain", "distill")
 VECTOR_SOURCES = ("extras", "entity_table")

@@ -34,8 +34,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
 from recsys_llm.models.embedding import require_allocated
-from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
 from recsys_llm.models.task import CTRTask
+from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
 
 TABLE_PREFIX = "semantic_"
 

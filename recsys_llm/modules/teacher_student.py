@@ -47,13 +47,13 @@ from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.embedding import require_allocated
+from recsys_llm.models.task import checked_term, required_extra
 from recsys_llm.modules.distillation import (
     REPR_KD_KINDS,
     SCORE_KD_KINDS,
     RepresentationDistillation,
     ScoreDistillation,
 )
-from recsys_llm.models.task import checked_term, required_extra
 
 MODES = ("joint", "frozen", "offline")
 

@@ -252,14 +252,16 @@ def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dic
 def changed_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any]) -> Optional[str]:
     """How the frozen teacher of ``current_plugins`` differs from the one a run recorded in
     ``saved_plugins`` (``elec.frozen_teacher``: the digests of the training checkpoint its export was
-    made from), e.g. ``"exported from A (train_state.json sha256 ...) -> exported from B (...) at EXPORT"``; None when it is the same trained state
-    (moved, or exported again) or either record has no digests (no frozen teacher, a state written by hand)."""
+    made from), e.g. ``"exported from A (train_state.json sha256 ...) -> exported from B (...) at EXPORT"``;
+    None when it is the same trained state (moved, or exported again) or either record has no digests
+    (no frozen teacher, a state written by hand)."""
     saved = (saved_plugins.get("elec") or {}).get("frozen_teacher") or {}
     current = (current_plugins.get("elec") or {}).get("frozen_teacher") or {}
     if not saved.get("checkpoint_sha256") or not current.get("checkpoint_sha256"):
         return None
     if saved["checkpoint_sha256"] == current["checkpoint_sha256"]:
         return None
+
     def described(record: Dict[str, Any]) -> str:
         state = record["checkpoint_sha256"].get(TRAIN_STATE_FILE, "?")
         return f"exported from {record.get('checkpoint')} ({TRAIN_STATE_FILE} sha256 {state[:12]})"

@@ -13,10 +13,10 @@ from recsys_llm.data.pair_swap import SwappedPairs
 from recsys_llm.data.parquet import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import ModelConfig, build_backbone
+from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, frozen_teacher_record, load_elec_state
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
 from recsys_llm.train.config import ConfigError, ExperimentConfig
-from recsys_llm.models.task import CTRTask
 
 
 class BuiltTask(NamedTuple):

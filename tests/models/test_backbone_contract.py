@@ -13,9 +13,9 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
 from recsys_llm.models.dlrm import DLRMBackbone
 from recsys_llm.models.fm import FM
+from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.dense_injection import DLRMDenseInjection, VectorFieldInjection
 from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
-from recsys_llm.models.task import CTRTask
 
 WIDTHS = {"user_id": 8, "item_id": 4, "city": 4}
 

@@ -9,8 +9,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
-from recsys_llm.modules.dense_injection import DLRMDenseInjection, VectorFieldInjection
 from recsys_llm.models.task import CTRTask
+from recsys_llm.modules.dense_injection import DLRMDenseInjection, VectorFieldInjection
 
 
 def _kjt(batch_size: int, seed: int = 0) -> KeyedJaggedTensor:

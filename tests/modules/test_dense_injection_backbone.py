@@ -8,9 +8,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.dlrm import DLRMBackbone
+from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.dense_injection import DLRMDenseInjectionBackbone, VectorFieldInjection
 from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
-from recsys_llm.models.task import CTRTask
 
 
 def _dlrm(dense_in: int, prefix: str = "t_") -> DLRM:

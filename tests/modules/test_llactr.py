@@ -4,11 +4,11 @@ from torchrec.models.dlrm import DLRM
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
 from recsys_llm.semantics.store import VectorProvenance, VectorProvenanceError, save_vectors
-from recsys_llm.models.task import CTRTask
 from tests.modules.llactr_helpers import LinearBackbone, make_ebc, make_kjt
 
 

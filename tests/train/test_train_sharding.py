@@ -13,6 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+from recsys_llm.models.task import CTRTask
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.pipeline import train_epoch
 from recsys_llm.train.sharding import (
@@ -27,7 +28,6 @@ from recsys_llm.train.sharding import (
     shard_model,
     table_placements,
 )
-from recsys_llm.models.task import CTRTask
 from tests.multiprocess import run_multiprocess
 
 NOT_PIPELINED = "will NOT be pipelined"
