@@ -191,3 +191,43 @@ def test_llm_outputs_adapted_on_other_fields_are_not_reused(tmp_path) -> None:
             _check_same_llm(str(llm_dir), record, str(tmp_path))
     (llm_dir / LLM_RECORD).write_text(json.dumps(record), encoding="utf-8")
     _check_same_llm(str(llm_dir), record, str(tmp_path))  # the same: reused
+
+
+def test_a_finished_run_is_not_reused_on_data_prepared_again_with_other_rows(tmp_path) -> None:
+    """``recsys-llm prepare synthetic --out data/synthetic`` with other ``--rows`` or ``--seed`` after a
+    demo keeps the demo's settings (data directory, ``--rows``) but not its data: its finished runs
+    are refused, naming the data, before any work (they were reused, and the ELEC step failed later)."""
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.demo import _check_same_run
+    from recsys_llm.train.config import ConfigError, load_config, save_config
+    from recsys_llm.train.run_records import SCHEMA_FINGERPRINT_KEY, DATA_FINGERPRINTS_KEY, data_fingerprints
+
+    data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
+    run_dir = os.path.join(run_root, "plain")
+
+    def prepare(rows: int, seed: int, **sizes: int) -> Any:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        return generate_synthetic(data_dir, rows, seed=seed, **sizes)
+
+    schema = prepare(2_000, 0)
+    config = load_config(CONFIG, [f"data.schema={data_dir}/schema.json", "data.synthetic_rows=2000",
+                                  f"train.run_dir={run_dir}", *SMALL])
+    os.makedirs(run_dir)
+    save_config(config, os.path.join(run_dir, "config.yaml"))
+    with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump({"test": {"auc": 0.6}}, handle)
+    with open(os.path.join(run_dir, "plugins.json"), "w", encoding="utf-8") as handle:
+        json.dump({SCHEMA_FINGERPRINT_KEY: schema.fingerprint(),
+                   DATA_FINGERPRINTS_KEY: data_fingerprints(config, schema)}, handle)
+    _check_same_run(config, run_dir, run_root)  # the data it trained on: reused
+    for rows, seed, sizes, named in ((2_000, 1, {}, "other rows in split(s) ['train', 'valid', 'test']"),
+                                     (5_000, 0, {}, "other rows in split(s)"),
+                                     (2_000, 0, {"num_users": 300}, "schema fingerprint")):
+        prepare(rows, seed, **sizes)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(run_dir)}: .*the data in {re.escape(data_dir)}: "
+                                              rf"{re.escape(named)}.*--run-dir"):
+            _check_same_run(config, run_dir, run_root)
+    prepare(2_000, 0)  # the same data prepared again: reused
+    _check_same_run(config, run_dir, run_root)
+    shutil.rmtree(data_dir)  # missing (generated next): nothing to compare yet
+    _check_same_run(config, run_dir, run_root)
