@@ -16,13 +16,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from recsys_llm.atomic_dir import write_text_atomically
-from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_differences, load_config, schema_json_path
+from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_differences, load_config
 from recsys_llm.train.run_records import (
     RESULTS_FILE,
-    SCHEMA_FINGERPRINT_KEY,
     changed_frozen_teacher,
-    changed_splits,
-    data_fingerprints,
+    data_differences,
     finished_results,
     read_run_record,
 )
@@ -241,27 +239,7 @@ def _differences(config: ExperimentConfig, run_dir: str) -> List[str]:
     differences = config_differences(other, config, ("train.run_dir", "train.progress", "data.schema"))
     if os.path.abspath(config.data.schema) != os.path.abspath(other.data.schema):
         differences.append(f"data.schema: {other.data.schema} -> {config.data.schema}")
-    return differences + _data_differences(config, run_dir) + _teacher_differences(config, run_dir)
-
-
-def _data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
-    """Whether the data ``config`` names is still what the run in ``run_dir`` trained and was tested on:
-    its ``plugins.json`` records the schema fingerprint and each split's Parquet-footer hash. The
-    same config on data prepared again with other rows (same fields and sizes) is another experiment.
-    Runs without that record (older ones), or data not there yet, are not compared."""
-    from recsys_llm.data.schema import DatasetSchema
-
-    plugins, schema_file = os.path.join(run_dir, PLUGINS_FILE), schema_json_path(config.data.schema)
-    if not os.path.isfile(plugins) or not os.path.isfile(schema_file):
-        return []
-    saved = read_run_record(plugins)
-    schema = DatasetSchema.load(schema_file)
-    if saved.get(SCHEMA_FINGERPRINT_KEY) not in (None, schema.fingerprint()):
-        return [f"the schema of {schema.root}: fingerprint {saved[SCHEMA_FINGERPRINT_KEY]} -> {schema.fingerprint()}"]
-    changed = changed_splits(saved, data_fingerprints(config, schema))
-    if not changed:
-        return []
-    return [f"the data of split(s) {changed} in {schema.root} changed since the run (prepared again?)"]
+    return differences + data_differences(config, run_dir) + _teacher_differences(config, run_dir)
 
 
 def _teacher_differences(config: ExperimentConfig, run_dir: str) -> List[str]:

@@ -19,7 +19,7 @@ A step's output in the run directory is reused only when it was made with the sa
 a second ``make demo`` only retrains what is missing: each finished variant's run when its
 ``config.yaml`` has the same settings (config file, overrides, data directory and ``--rows``
 included, ``config_differences``; ``REUSE_FREE_KEYS`` may differ) and its ``plugins.json`` records the
-data now in the data directory (``_data_differences``: not the directory prepared again with other rows),
+data now in the data directory (``run_records.data_differences``: not the directory prepared again with other rows),
 the LLM outputs (``llm/``) when
 ``llm/demo_llm.json`` records the same model (its files' fingerprint); an unfinished run resumes
 under ``recsys-llm train``'s rules. A run directory made with other settings or another LLM is
@@ -36,18 +36,10 @@ import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
 from recsys_llm.atomic_dir import write_text_atomically
-from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
-from recsys_llm.train.config import PLUGINS_FILE, ConfigError, config_differences, load_config, schema_json_path
+from recsys_llm.train.config import ConfigError, config_differences, load_config
 from recsys_llm.train.process import set_cpu_float_mode
-from recsys_llm.train.run_records import (
-    RESULTS_FILE,
-    SCHEMA_FINGERPRINT_KEY,
-    changed_splits,
-    data_fingerprints,
-    finished_results,
-    read_run_record,
-)
+from recsys_llm.train.run_records import RESULTS_FILE, data_differences, finished_results
 from recsys_llm.train.runner import run_training
 
 PLAIN = "DeepFM"
@@ -117,31 +109,13 @@ def _check_same_run(config: Any, run_dir: str, run_root: str) -> None:
     if not os.path.isfile(saved):
         raise ConfigError(f"{run_dir}: holds results of a run without its config.yaml, so the demo cannot tell "
                           f"whether they were made with these settings; {NEW_RUN_DIR.format(run_root=run_root)}")
-    differences = config_differences(load_config(saved), config, REUSE_FREE_KEYS) or _data_differences(config, run_dir)
+    differences = config_differences(load_config(saved), config, REUSE_FREE_KEYS) or data_differences(config, run_dir)
     if differences:
         raise ConfigError(
             f"{run_dir}: holds a run of an earlier demo made with other settings or data ({'; '.join(differences)}); the "
             f"demo reuses a step's output only when it was made with the same inputs: "
             f"{NEW_RUN_DIR.format(run_root=run_root)}"
         )
-
-
-def _data_differences(config: Any, run_dir: str) -> List[str]:
-    """What differs between the data the finished run in ``run_dir`` trained on (its ``plugins.json``)
-    and the data now behind ``config.data.schema``: the same directory prepared again (other rows,
-    other sizes) holds other data under the same settings. Empty when the data is missing (it is
-    generated next) or the run recorded no fingerprints (older runs)."""
-    plugins = os.path.join(run_dir, PLUGINS_FILE)
-    schema_path = schema_json_path(config.data.schema)
-    if not os.path.isfile(plugins) or not os.path.isfile(schema_path):
-        return []
-    record = read_run_record(plugins)
-    schema = DatasetSchema.load(schema_path)
-    trained_on = record.get(SCHEMA_FINGERPRINT_KEY)
-    if trained_on is not None and trained_on != schema.fingerprint():
-        return [f"the data in {os.path.dirname(schema_path) or os.curdir}: schema fingerprint {trained_on} -> {schema.fingerprint()}"]
-    changed = changed_splits(record, data_fingerprints(config, schema))
-    return [f"the data in {os.path.dirname(schema_path) or os.curdir}: other rows in split(s) {changed}"] if changed else []
 
 
 def _say(line: str) -> None:

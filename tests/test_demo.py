@@ -220,12 +220,13 @@ def test_a_finished_run_is_not_reused_on_data_prepared_again_with_other_rows(tmp
         json.dump({SCHEMA_FINGERPRINT_KEY: schema.fingerprint(),
                    DATA_FINGERPRINTS_KEY: data_fingerprints(config, schema)}, handle)
     _check_same_run(config, run_dir, run_root)  # the data it trained on: reused
-    for rows, seed, sizes, named in ((2_000, 1, {}, "other rows in split(s) ['train', 'valid', 'test']"),
-                                     (5_000, 0, {}, "other rows in split(s)"),
-                                     (2_000, 0, {"num_users": 300}, "schema fingerprint")):
+    for rows, seed, sizes, named in (
+        (2_000, 1, {}, f"the data of split(s) ['train', 'valid', 'test'] in {data_dir} changed since the run"),
+        (5_000, 0, {}, "the data of split(s)"),
+        (2_000, 0, {"num_users": 300}, f"the schema of {data_dir}: fingerprint"),
+    ):
         prepare(rows, seed, **sizes)
-        with pytest.raises(ConfigError, match=rf"^{re.escape(run_dir)}: .*the data in {re.escape(data_dir)}: "
-                                              rf"{re.escape(named)}.*--run-dir"):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(run_dir)}: .*{re.escape(named)}.*--run-dir"):
             _check_same_run(config, run_dir, run_root)
     prepare(2_000, 0)  # the same data prepared again: reused
     _check_same_run(config, run_dir, run_root)

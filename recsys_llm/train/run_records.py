@@ -19,7 +19,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
-from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig
+from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig, schema_json_path
 from recsys_llm.train.distributed import host_group
 
 RESULTS_FILE = "results.json"
@@ -55,6 +55,28 @@ def changed_splits(saved_record: Dict[str, Any], current: Dict[str, str]) -> Lis
     ``saved_record`` (a run's ``plugins.json``) holds; splits it has none for (older runs) are not compared."""
     saved = saved_record.get(DATA_FINGERPRINTS_KEY) or {}
     return [split for split in current if split in saved and saved[split] != current[split]]
+
+
+def data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
+    """Whether the data ``config`` names is still what the finished run in ``run_dir`` trained and was
+    tested on: its ``plugins.json`` records the schema fingerprint and each split's Parquet-footer hash,
+    so the same config on a directory prepared again with other rows (same fields and sizes) differs.
+    Runs without that record (older ones), or data not there yet, are not compared.
+
+    Returns:
+        List[str]: what differs, one line each (empty: the same data).
+    """
+    plugins, schema_file = os.path.join(run_dir, PLUGINS_FILE), schema_json_path(config.data.schema)
+    if not os.path.isfile(plugins) or not os.path.isfile(schema_file):
+        return []
+    saved = read_run_record(plugins)
+    schema = DatasetSchema.load(schema_file)
+    if saved.get(SCHEMA_FINGERPRINT_KEY) not in (None, schema.fingerprint()):
+        return [f"the schema of {schema.root}: fingerprint {saved[SCHEMA_FINGERPRINT_KEY]} -> {schema.fingerprint()}"]
+    changed = changed_splits(saved, data_fingerprints(config, schema))
+    if not changed:
+        return []
+    return [f"the data of split(s) {changed} in {schema.root} changed since the run (prepared again?)"]
 
 
 def check_same_data(saved_record: Dict[str, Any], current: Dict[str, str], schema: DatasetSchema, source: str) -> None:
