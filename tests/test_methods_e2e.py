@@ -151,6 +151,19 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     gain_dir = os.path.join(work, "gain")
     gain_overrides = _common(attached_schema, gain_dir) + ["elec.task=gain", "elec.vector_dim=16"]
     gain = run_training(load_config(CONFIG, gain_overrides))
+    # a gain network reading per-row vectors needs the LLM at inference: refused before anything is loaded
+    import contextlib
+    import io
+
+    from recsys_llm.cli.export import export_run
+
+    progress = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(progress):
+            export_run(load_config(CONFIG, gain_overrides), gain_dir, os.path.join(work, "gain_served"))
+        gain["export_refusal"] = None
+    except ValueError as error:
+        gain["export_refusal"] = (str(error), progress.getvalue(), os.path.exists(os.path.join(work, "gain_served")))
 
     teacher_data = os.path.join(work, "teacher")
     assert cli_main(["teacher-outputs", "--config", CONFIG, "--checkpoint", gain_dir, "--output-dir", teacher_data,
@@ -229,6 +242,9 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
 
     for name in ("gain", "offline", "joint", "frozen"):
         assert out[name]["test"]["auc"] > 0.5, (name, out[name]["test"])
+    refusal, progress, written = out["gain"]["export_refusal"]
+    assert refusal.startswith("export: the task injects per-row LLM vectors") and "export the student" in refusal
+    assert "loading" not in progress and "writing" not in progress and not written, progress
     width = columns.schema.field("teacher_representation").type.list_size
     assert out["offline"]["wrong_dim_error"] == (
         f"elec.distill.teacher_representation_dim=7, but the column 'teacher_representation' holds {width}-d "

@@ -40,7 +40,14 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     from recsys_llm.atomic_dir import check_replaceable
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.modules.teacher_student import TeacherStudentTask
-    from recsys_llm.serving import EXPORT_MARKER_FILES, export_task, materialize_meta, sub_state, unsharded_state_dict
+    from recsys_llm.serving import (
+        EXPORT_MARKER_FILES,
+        check_servable,
+        export_task,
+        materialize_meta,
+        sub_state,
+        unsharded_state_dict,
+    )
     from recsys_llm.train.checkpoint import checkpoint_digests
     from recsys_llm.train.distributed import barrier
     from recsys_llm.train.task_builder import build_task
@@ -49,6 +56,9 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     check_replaceable(output, "export", EXPORT_MARKER_FILES)  # before any work (every rank)
     run = open_trained_run(config, checkpoint)
     ctx, schema, checkpoint = run.ctx, run.schema, run.checkpoint
+    if not state_only:  # a task that needs an LLM or a teacher at inference, refused before any loading (every rank)
+        task = build_task(config, schema, torch.device("cpu")).task  # tables on meta: nothing allocated
+        check_servable(task.student if isinstance(task, TeacherStudentTask) else task)
     if ctx.is_main:
         _say(f"loading {checkpoint} on {ctx.world_size} rank(s) and gathering the tables into rank 0")
     full = unsharded_state_dict(load_trained_model(config, run))  # collective
