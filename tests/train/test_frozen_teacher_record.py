@@ -58,40 +58,51 @@ def _prepared(work: str) -> Tuple[List[str], str, str]:
     return base, first_gain, other_gain
 
 
+def _export(base: List[str], gain_dir: str, output: str) -> None:
+    """``export --state-only`` of the gain run ``gain_dir`` into ``output``."""
+    from recsys_llm.cli.export import export_run
+
+    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={gain_dir}"]), gain_dir, output,
+               state_only=True)
+
+
+def _killed_student(base: List[str], teacher: str, student_dir: str, *extra: str) -> List[str]:
+    """A frozen-teacher student of the export ``teacher``, killed right after its step-5 checkpoint;
+    returns its overrides."""
+    student = base + ["elec.task=distill", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
+                      f"train.run_dir={student_dir}", *extra]
+    try:
+        run_training(load_config(CONFIG, student), on_step=_kill_at_step_5)
+    except _Killed:
+        pass
+    return student
+
+
 def _scenario(work: str) -> Dict[str, Any]:
     from experiments.common import _differences
     from experiments.elec import export_frozen_teacher
-    from recsys_llm.cli.export import export_run
 
     base, first_gain, other_gain = _prepared(work)
-    first = base + ["elec.task=gain", "train.seed=0", f"train.run_dir={first_gain}"]
     out: Dict[str, Any] = {}
     teacher = os.path.join(work, "teacher_state")
-    export_run(load_config(CONFIG, first), first_gain, teacher, state_only=True)
+    _export(base, first_gain, teacher)
     with open(os.path.join(teacher, "config.json"), encoding="utf-8") as handle:
         out["exported_digests"] = json.load(handle)["metadata"]["checkpoint_sha256"]
     out["first_digests"] = checkpoint_digests(resolve_checkpoint(first_gain))
     out["other_digests"] = checkpoint_digests(resolve_checkpoint(other_gain))
 
     student_dir = os.path.join(work, "student")
-    student = base + ["elec.task=distill", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
-                      f"train.run_dir={student_dir}"]
-    try:
-        run_training(load_config(CONFIG, student), on_step=_kill_at_step_5)
-    except _Killed:
-        pass
+    student = _killed_student(base, teacher, student_dir)
     with open(os.path.join(student_dir, PLUGINS_FILE), encoding="utf-8") as handle:
         out["recorded"] = json.load(handle)["elec"]["frozen_teacher"]
 
-    # the same path now holds the export of the other trained gain network
-    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={other_gain}"]), other_gain, teacher,
-               state_only=True)
+    _export(base, other_gain, teacher)  # the same path now holds the export of the other trained gain network
     try:
         run_training(load_config(CONFIG, student))
         out["resume_with_other_teacher"] = None
     except ConfigError as error:
         out["resume_with_other_teacher"] = str(error)
-    export_run(load_config(CONFIG, first), first_gain, teacher, state_only=True)  # the first one again
+    _export(base, first_gain, teacher)  # the first one again
     out["resumed_auc"] = run_training(load_config(CONFIG, student))["test"]["auc"]
     student_config = load_config(CONFIG, student)
     out["differences_same_teacher"] = _differences(student_config, student_dir)
@@ -148,18 +159,11 @@ def _resumed_without_the_export(work: str) -> Dict[str, Any]:
     """A frozen-teacher student killed at step 5 resumes after its teacher export was deleted (the
     checkpoint holds the teacher); later another trained teacher is exported to that path."""
     from experiments.common import _differences
-    from recsys_llm.cli.export import export_run
 
     base, first_gain, other_gain = _prepared(work)
     teacher, student_dir = os.path.join(work, "teacher_state"), os.path.join(work, "student")
-    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={first_gain}"]), first_gain, teacher,
-               state_only=True)
-    student = base + ["elec.task=distill", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
-                      f"train.run_dir={student_dir}"]
-    try:
-        run_training(load_config(CONFIG, student), on_step=_kill_at_step_5)
-    except _Killed:
-        pass
+    _export(base, first_gain, teacher)
+    student = _killed_student(base, teacher, student_dir)
 
     def recorded() -> Dict[str, Any]:
         with open(os.path.join(student_dir, PLUGINS_FILE), encoding="utf-8") as handle:
@@ -169,8 +173,7 @@ def _resumed_without_the_export(work: str) -> Dict[str, Any]:
     shutil.rmtree(teacher)
     run_training(load_config(CONFIG, student))
     out["resumed"] = recorded()
-    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={other_gain}"]), other_gain, teacher,
-               state_only=True)
+    _export(base, other_gain, teacher)
     out["differences_other_teacher"] = _differences(load_config(CONFIG, student), student_dir)
     return out
 
@@ -200,20 +203,11 @@ def test_a_resume_writes_back_the_record_the_run_started_with() -> None:
 def _student_of_one_teacher_and_the_export_of_another(work: str) -> List[str]:
     """A frozen-teacher student killed at step 5, and its teacher path re-exported from another
     trained gain network; returns the student's overrides."""
-    from recsys_llm.cli.export import export_run
-
     base, first_gain, other_gain = _prepared(work)
     teacher = os.path.join(work, "teacher_state")
-    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={first_gain}"]), first_gain, teacher,
-               state_only=True)
-    student = base + ["elec.task=distill", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}",
-                      f"train.run_dir={os.path.join(work, 'student')}", "train.reshard_mid_epoch=true"]
-    try:
-        run_training(load_config(CONFIG, student), on_step=_kill_at_step_5)
-    except _Killed:
-        pass
-    export_run(load_config(CONFIG, base + ["elec.task=gain", f"train.run_dir={other_gain}"]), other_gain, teacher,
-               state_only=True)
+    _export(base, first_gain, teacher)
+    student = _killed_student(base, teacher, os.path.join(work, "student"), "train.reshard_mid_epoch=true")
+    _export(base, other_gain, teacher)
     return student
 
 
