@@ -56,8 +56,9 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     check_replaceable(output, "export", EXPORT_MARKER_FILES)  # before any work (every rank)
     run = open_trained_run(config, checkpoint)
     ctx, schema, checkpoint = run.ctx, run.schema, run.checkpoint
+    task = None
     if not state_only:  # a task that needs an LLM or a teacher at inference, refused before any loading (every rank)
-        task = build_task(config, schema, torch.device("cpu")).task  # tables on meta: nothing allocated
+        task = build_task(config, schema, torch.device("cpu")).task  # tables on meta: nothing allocated yet
         check_servable(task.student if isinstance(task, TeacherStudentTask) else task)
     if ctx.is_main:
         _say(f"loading {checkpoint} on {ctx.world_size} rank(s) and gathering the tables into rank 0")
@@ -72,11 +73,10 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
                                               "checkpoint_sha256": checkpoint_digests(checkpoint),
                                               "model": config.model.to_dict(), "schema_fingerprint": schema.fingerprint()})
     elif ctx.is_main:
-        fresh = build_task(config, schema, torch.device("cpu")).task  # tables on meta, filled below
-        if isinstance(fresh, TeacherStudentTask):
-            served, state = fresh.student, sub_state(full, "student.")
+        if isinstance(task, TeacherStudentTask):  # its tables on meta, filled below
+            served, state = task.student, sub_state(full, "student.")
         else:
-            served, state = fresh, full
+            served, state = task, full
         served = materialize_meta(served, torch.device("cpu"))
         # assign: the served task takes the gathered tensors (cloned, on CPU) instead of a copy of them,
         # so the tables are held once more than the checkpoint's, not twice, while the artifact is written
