@@ -110,6 +110,52 @@ def test_killed_after_a_mid_epoch_checkpoint_and_resumed_is_bit_identical(tmp_pa
     _assert_bit_identical(_trained(resumed), _trained(straight))
 
 
+def test_a_float16_tuning_resumes_with_its_loss_scale(tmp_path, tiny_bert_dir, monkeypatch) -> None:
+    """float16 scales the loss; a scale started too high (2**24) overflows the first step, which is
+    skipped while the scaler halves the scale, so a resume only goes on like the uninterrupted run
+    when the checkpoint's scale comes back with it (a fresh scaler would skip another step)."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 24))
+    texts = [f"user id is {i % 7}. genre is {['comedy', 'horror', 'drama'][i % 3]}." for i in range(16)]
+    labels = [float(i % 3 == 0) for i in range(16)]
+    config = CTRLLMConfig(model_path=tiny_bert_dir, representation_dim=4, hidden_dim=8, batch_size=4, max_length=16,
+                          epochs=2, llm_dtype="float16")
+    scales: List[float] = []
+    kill_at = [0]  # the step after which the process dies (0: none)
+    original_step = LowPrecisionSteps.step
+
+    def step(self) -> None:
+        original_step(self)
+        scales.append(self.scaler.get_scale())
+        if len(scales) == kill_at[0]:
+            raise _Killed(f"killed after step {kill_at[0]}")
+
+    monkeypatch.setattr(LowPrecisionSteps, "step", step)
+
+    def tune(directory: str) -> Tuple[CTRAdaptedLLM, List[float]]:
+        scales.clear()
+        model = CTRAdaptedLLM.from_config(config)
+        losses = tune_ctr_llm(model, texts, labels, config, progress=False,
+                              checkpoint=TuneCheckpoint(directory, every_steps=3))
+        return model, losses
+
+    straight, straight_losses = tune(str(tmp_path / "straight"))
+    straight_scales = list(scales)
+    assert straight_scales[0] < 2.0 ** 24, straight_scales  # the first step overflowed and was skipped
+    resumed_dir = str(tmp_path / "resumed")
+    kill_at[0] = 5  # after step 5: the checkpoint of step 4 (epoch end) holds a scale below a fresh scaler's
+    with pytest.raises(_Killed):
+        tune(resumed_dir)
+    saved = _state(resumed_dir)
+    assert saved["grad_scaler"]["scale"] < 2.0 ** 24 and len(saved["losses"]) == 4
+    kill_at[0] = 0
+    resumed, resumed_losses = tune(resumed_dir)
+    assert scales == straight_scales[4:]
+    assert resumed_losses == straight_losses
+    _assert_bit_identical(_trained(resumed), _trained(straight))
+
+
 @pytest.fixture(scope="module")
 def killed_adapt(tmp_path_factory, tiny_bert_dir) -> Iterator[Tuple[str, str]]:
     """A schema and the output path of a `semantics adapt` killed after step 7: its checkpoint is
