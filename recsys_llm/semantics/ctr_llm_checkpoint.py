@@ -28,7 +28,11 @@ from recsys_llm.error_text import one_line
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, read_json_file
 from recsys_llm.semantics.precision import LowPrecisionSteps
 from recsys_llm.semantics.train_checkpoint import (
+    CHECKPOINT_OPTIMIZER_FILE,
+    CHECKPOINT_RNG_FILE,
+    CHECKPOINT_STATE_FILE,
     CheckpointOwner,
+    check_checkpoint_tensors,
     check_tensor_file,
     checkpoint_swap,
     damaged_checkpoint_file,
@@ -49,12 +53,10 @@ if TYPE_CHECKING:
 ADAPT_CHECKPOINT = CheckpointOwner("CTR-adapted LLM", "adapt")
 CHECKPOINT_SUFFIX = ".checkpoint"  # semantics adapt: <output-dir>.checkpoint, beside the output
 # the files of a tuning checkpoint: trained tensors as the optimizer steps them (float32 master copies
-# of float16 / bfloat16 weights), AdamW state, torch's RNG states and the epoch order's generator, state
+# of float16 / bfloat16 weights), beside train_checkpoint's AdamW state, RNG states (with the epoch
+# order's generator here) and state
 CHECKPOINT_LLM_FILE = "llm_tuned.safetensors"
 CHECKPOINT_HEADS_FILE = "heads.safetensors"
-CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
-CHECKPOINT_RNG_FILE = "rng.safetensors"
-CHECKPOINT_STATE_FILE = "state.json"
 CHECKPOINT_FILES = (CHECKPOINT_LLM_FILE, CHECKPOINT_HEADS_FILE, CHECKPOINT_OPTIMIZER_FILE, CHECKPOINT_RNG_FILE,
                     CHECKPOINT_STATE_FILE)
 ORDER_RNG_KEY = "order"  # in rng.safetensors: the generator state the epoch's order is drawn from
@@ -273,12 +275,8 @@ class TuneCheckpointer:
         file = os.path.join(path, name)
         tensors = load_checkpoint_tensors(file, ADAPT_CHECKPOINT)
         expected = {key: (tuple(p.shape), steps.trained_tensor(p).dtype) for key, p in params.items()}
-        found = {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}
-        if found != expected:
-            differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
-            raise damaged_checkpoint_file(
-                file, f"{len(differing)} tensor(s) missing, unknown or of other shapes or dtypes, e.g. {differing[0]}",
-                ADAPT_CHECKPOINT)
+        check_checkpoint_tensors(file, {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}, expected,
+                                 "tensor(s) missing, unknown or of other shapes or dtypes", ADAPT_CHECKPOINT)
         return tensors
 
 

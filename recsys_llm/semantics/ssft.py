@@ -60,12 +60,16 @@ from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerp
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
-from recsys_llm.semantics.ssft_adapter import CHECKPOINT_STATE_FILE, SSFT_INFO_FILE
+from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 from recsys_llm.semantics.train_checkpoint import (
+    CHECKPOINT_OPTIMIZER_FILE,
+    CHECKPOINT_RNG_FILE,
+    CHECKPOINT_STATE_FILE,
     CheckpointOwner,
-    checkpoint_swap,
+    check_checkpoint_tensors,
     check_tensor_file,
+    checkpoint_swap,
     damaged_checkpoint_file,
     find_checkpoint,
     grad_scaler_state,
@@ -78,11 +82,10 @@ from recsys_llm.semantics.train_checkpoint import (
     setting_differences,
 )
 
-# the files of checkpoint/ (rng.safetensors is missing from those of older versions)
+# checkpoint/ holds this beside train_checkpoint's state, optimizer and RNG files (the RNG file is
+# missing from those of older versions)
 CHECKPOINT_ADAPTER_FILE = "adapter.safetensors"
-CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
 RESOLVED_POOLING_KEY = "resolved_pooling"  # in state.json's signature
-CHECKPOINT_RNG_FILE = "rng.safetensors"
 SSFT_CHECKPOINT = CheckpointOwner("SSFT", "tune")
 # what an SSFT output directory holds (with the temp and previous copies of its swaps)
 SSFT_OUTPUT_ENTRIES = frozenset(
@@ -514,14 +517,8 @@ class SSFTTrainer:
         adapter_file = os.path.join(path, CHECKPOINT_ADAPTER_FILE)
         adapter = load_checkpoint_tensors(adapter_file, SSFT_CHECKPOINT, str(device))
         expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(self._encoder.model).items()}
-        found = {k: tuple(v.shape) for k, v in adapter.items()}
-        if found != expected:
-            differing = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-            raise damaged_checkpoint_file(
-                adapter_file,
-                f"{len(differing)} LoRA tensor(s) missing, unknown or of other shapes, e.g. {differing[0]}",
-                SSFT_CHECKPOINT,
-            )
+        check_checkpoint_tensors(adapter_file, {k: tuple(v.shape) for k, v in adapter.items()}, expected,
+                                 "LoRA tensor(s) missing, unknown or of other shapes", SSFT_CHECKPOINT)
         return adapter
 
     def _read_checkpoint_rng(self, path: str) -> Optional[Dict[str, torch.Tensor]]:

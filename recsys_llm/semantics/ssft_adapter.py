@@ -24,9 +24,9 @@ from recsys_llm.error_text import one_line, telling_line
 from recsys_llm.semantics.encoder import TextEncoder
 from recsys_llm.semantics.model_dir import file_fingerprint, model_dir_fingerprint, read_json_file, safetensors_damage
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+from recsys_llm.semantics.train_checkpoint import CHECKPOINT_STATE_FILE
 
 SSFT_INFO_FILE = "ssft.json"
-CHECKPOINT_STATE_FILE = "state.json"  # in a tune's checkpoint/: tells an adapter beside one from a copied one
 
 
 # what ssft.json must name for the adapter to be loaded and used

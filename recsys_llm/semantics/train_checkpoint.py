@@ -31,6 +31,12 @@ from recsys_llm.semantics.model_dir import safetensors_damage
 from recsys_llm.semantics.precision import LowPrecisionSteps
 
 
+# the files every tuning checkpoint holds beside its trained tensors' (SSFT's adapter, adapt's LLM and heads)
+CHECKPOINT_STATE_FILE = "state.json"  # position, losses, loss scale and the resume signature
+CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
+CHECKPOINT_RNG_FILE = "rng.safetensors"
+
+
 class CheckpointOwner(NamedTuple):
     """Who writes a checkpoint, for its messages.
 
@@ -129,6 +135,19 @@ def load_checkpoint_tensors(path: str, owner: CheckpointOwner, device: str = "cp
         return load_file(path, device=device)
     except (SafetensorError, OSError) as error:
         raise damaged_checkpoint_file(path, one_line(error), owner) from error
+
+
+def check_checkpoint_tensors(path: str, found: Mapping[str, Any], expected: Mapping[str, Any], what: str,
+                             owner: CheckpointOwner) -> None:
+    """Raises when the tensors read from ``path`` (``found``: name -> shape, or shape and dtype) are
+    not those the model trains (``expected``), naming how many differ and one of them.
+
+    Args:
+        what (str): the mismatch, e.g. ``"LoRA tensor(s) missing, unknown or of other shapes"``.
+    """
+    if found != expected:
+        differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
+        raise damaged_checkpoint_file(path, f"{len(differing)} {what}, e.g. {differing[0]}", owner)
 
 
 def torch_load_detail(error: BaseException) -> str:
