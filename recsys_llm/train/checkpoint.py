@@ -53,7 +53,6 @@ Example::
 """
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -79,6 +78,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from recsys_llm.atomic_dir import fsync_directory, write_text_atomically
 from recsys_llm.error_text import weights_only_reason
 from recsys_llm.paths import is_plain_file_name
+from recsys_llm.semantics.model_dir import file_sha256
 from recsys_llm.train.distributed import barrier
 
 PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
@@ -582,13 +582,8 @@ def resolve_checkpoint(path: str) -> str:
 def checkpoint_digests(checkpoint: str) -> Dict[str, str]:
     """``{file: sha256}`` of each of ``IDENTITY_FILES`` in the checkpoint directory ``checkpoint``
     that exists: two records of the same checkpoint agree, a retrained one's differ."""
-    digests = {}
-    for name in IDENTITY_FILES:
-        path = os.path.join(checkpoint, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as handle:
-                digests[name] = hashlib.sha256(handle.read()).hexdigest()
-    return digests
+    paths = {name: os.path.join(checkpoint, name) for name in IDENTITY_FILES}
+    return {name: file_sha256(path) for name, path in paths.items() if os.path.isfile(path)}
 
 
 def trained_run_config(checkpoint: str) -> str:
