@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs recsys_llm with the torch/fbgemm-gpu/torchrec
 # build that fits this machine: CUDA where nvidia-smi sees a GPU, CPU otherwise.
-# RECSYS_LLM_VARIANT=cuda|cpu overrides the choice (e.g. a CUDA image built without a GPU);
-# TORCH_CUDA_INDEX_URL / TORCH_CPU_INDEX_URL name where the CUDA / CPU torch builds come from.
+# RECSYS_LLM_VARIANT=cuda|cpu overrides the choice (e.g. a CUDA image built without a GPU).
+# The CUDA build of torch and fbgemm-gpu comes from one index, picked by the CUDA version the
+# driver supports (nvidia-smi's "CUDA Version"): PyPI's wheels are CUDA 13.0 builds, for a driver
+# of CUDA 13 or newer (or none visible, e.g. an image build); a CUDA 12.8+ / 12.6+ driver gets
+# PyTorch's cu128 / cu126 index. TORCH_CUDA_INDEX_URL names the index instead;
+# TORCH_CPU_INDEX_URL where the CPU torch build comes from when the configured sources lack it.
 # A second run skips what is already installed (stamp file keyed by this script and setup.py).
+# `install.sh --print-cuda-index` prints the CUDA index it would use and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -11,6 +16,33 @@ VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 FBGEMM_VERSION=${FBGEMM_VERSION:-1.8.0}
 TORCHREC_VERSION=${TORCHREC_VERSION:-1.8.0}
+PYPI_INDEX=https://pypi.org/simple
+PYTORCH_INDEX=https://download.pytorch.org/whl
+
+# "13.0" from nvidia-smi's header; empty when there is no driver to ask
+driver_cuda_version() {
+  { nvidia-smi 2>/dev/null || true; } | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -1
+}
+
+# the index of the CUDA builds for this driver; empty when torch $TORCH_VERSION has none for it
+cuda_index() {
+  local driver major minor
+  if [ -n "${TORCH_CUDA_INDEX_URL:-}" ]; then echo "$TORCH_CUDA_INDEX_URL"; return; fi
+  driver=$(driver_cuda_version)
+  if [ -z "$driver" ]; then echo "$PYPI_INDEX"; return; fi
+  major=${driver%%.*}
+  minor=${driver#*.}
+  if [ "$major" -ge 13 ]; then echo "$PYPI_INDEX"
+  elif [ "$major" -eq 12 ] && [ "$minor" -ge 8 ]; then echo "$PYTORCH_INDEX/cu128"
+  elif [ "$major" -eq 12 ] && [ "$minor" -ge 6 ]; then echo "$PYTORCH_INDEX/cu126"
+  fi
+}
+
+CUDA_INDEX=$(cuda_index)
+if [ "${1:-}" = --print-cuda-index ]; then
+  echo "${CUDA_INDEX:-none: the driver supports CUDA $(driver_cuda_version)}"
+  exit 0
+fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   VARIANT=cuda
@@ -37,20 +69,38 @@ echo "[install] variant: $VARIANT (torch $TORCH_VERSION, fbgemm-gpu $FBGEMM_VERS
 # deletes the other's files too, so both go and the chosen one is installed afresh below
 $PIP uninstall --yes --quiet fbgemm-gpu fbgemm-gpu-cpu 2>/dev/null || true
 if [ "$VARIANT" = cuda ]; then
-  # PyPI's Linux torch wheels are CUDA builds, but pip prefers a visible "+cpu" wheel of the
-  # same version (a CPU index or wheel folder in the pip config, or a CPU torch already here)
-  $PIP install "torch==$TORCH_VERSION"
-  if [ "$(torch_cuda)" = None ]; then
-    index=${TORCH_CUDA_INDEX_URL:-https://pypi.org/simple}
-    echo "[install] torch here is a CPU build; installing the CUDA build from $index (TORCH_CUDA_INDEX_URL)"
-    $PIP uninstall --yes --quiet torch
-    $PIP install --isolated --index-url "$index" "torch==$TORCH_VERSION"
+  if [ -z "$CUDA_INDEX" ]; then
+    echo "[install] error: the NVIDIA driver supports CUDA $(driver_cuda_version), and torch $TORCH_VERSION's CUDA" \
+         "builds need 12.6 or newer: update the driver, set TORCH_CUDA_INDEX_URL to an index with a build for it," \
+         "or install the CPU build (RECSYS_LLM_VARIANT=cpu)" >&2
+    exit 1
+  fi
+  driver=$(driver_cuda_version)
+  echo "[install] CUDA build of torch and fbgemm-gpu from $CUDA_INDEX" \
+       "(the driver supports CUDA ${driver:-?}; TORCH_CUDA_INDEX_URL overrides)"
+  if [ "$CUDA_INDEX" = "$PYPI_INDEX" ]; then
+    # PyPI's Linux torch wheels are CUDA builds, but pip prefers a visible "+cpu" wheel of the
+    # same version (a CPU index or wheel folder in the pip config, or a CPU torch already here)
+    $PIP install "torch==$TORCH_VERSION"
+  fi
+  # a torch already here with another CUDA than the index's (.../cu128: 12.8) is replaced
+  want_cuda=$(sed -n 's|.*/cu\([0-9]*\)\([0-9]\)/*$|\1.\2|p' <<<"$CUDA_INDEX")
+  have_cuda=$(torch_cuda)
+  if [ "$have_cuda" = None ] || [ "$have_cuda" = missing ] || { [ -n "$want_cuda" ] && [ "$have_cuda" != "$want_cuda" ]; }; then
+    echo "[install] torch here: ${have_cuda/None/a CPU build}; installing the CUDA build from $CUDA_INDEX"
+    $PIP uninstall --yes --quiet torch 2>/dev/null || true
+    $PIP install --isolated --index-url "$CUDA_INDEX" "torch==$TORCH_VERSION"
   fi
   if [ "$(torch_cuda)" = None ]; then
     echo "[install] error: torch $TORCH_VERSION is still a CPU build; set TORCH_CUDA_INDEX_URL to an index with the CUDA build" >&2
     exit 1
   fi
-  $PIP install --no-deps "fbgemm-gpu==$FBGEMM_VERSION" "torchrec==$TORCHREC_VERSION"
+  if [ "$CUDA_INDEX" = "$PYPI_INDEX" ]; then
+    $PIP install --no-deps "fbgemm-gpu==$FBGEMM_VERSION"
+  else
+    $PIP install --no-deps --isolated --index-url "$CUDA_INDEX" "fbgemm-gpu==$FBGEMM_VERSION"
+  fi
+  $PIP install --no-deps "torchrec==$TORCHREC_VERSION"
 else
   # the CPU build: from the configured sources when they have it, else PyTorch's CPU index;
   # PyPI's plain build (CUDA, several GB) also runs on CPU and is the last resort
