@@ -87,7 +87,8 @@ if [ "$VARIANT" = cuda ]; then
   want_cuda=$(sed -n 's|.*/cu\([0-9]*\)\([0-9]\)/*$|\1.\2|p' <<<"$CUDA_INDEX")
   have_cuda=$(torch_cuda)
   if [ "$have_cuda" = None ] || [ "$have_cuda" = missing ] || { [ -n "$want_cuda" ] && [ "$have_cuda" != "$want_cuda" ]; }; then
-    echo "[install] torch here: ${have_cuda/None/a CPU build}; installing the CUDA build from $CUDA_INDEX"
+    case "$have_cuda" in None) here="a CPU build" ;; missing) here="none" ;; *) here="a CUDA $have_cuda build" ;; esac
+    echo "[install] installing torch's CUDA build from $CUDA_INDEX (torch here: $here)"
     $PIP uninstall --yes --quiet torch 2>/dev/null || true
     $PIP install --isolated --index-url "$CUDA_INDEX" "torch==$TORCH_VERSION"
   fi
