@@ -53,16 +53,21 @@ from experiments.common import (
 
 BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
 LAMBDAS = (0.01, 0.1, 0.5)
+# SSFT's S_train / S_valid values per field and epochs: the method's (docs/methods.md), as `semantics tune`
+SSFT_BUDGET = (1000, 100, 2)
 # variant -> (use_fre, use_fie)
 VARIANTS = {"+FRE": (True, False), "+FIE": (False, True), "+both": (True, True)}
 
 
-def llm_steps(schema: str, work: str, quick: bool) -> Tuple[str, str]:
-    """SSFT then field vectors (each skipped when done); returns (vectors path, SSFT metrics path)."""
+def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Sequence[int] = SSFT_BUDGET) -> Tuple[str, str]:
+    """SSFT then field vectors (each skipped when done); returns (vectors path, SSFT metrics path).
+
+    ``ssft_budget``: (S_train, S_valid, epochs); ``quick`` uses (16, 8, 1).
+    """
     ssft_dir = os.path.join(work, "ssft")
     vectors = os.path.join(work, "fields.safetensors")
-    samples = ["--samples-train", "16", "--samples-valid", "8", "--epochs", "1"] if quick else [
-        "--samples-train", "200", "--samples-valid", "50", "--epochs", "1"]
+    samples_train, samples_valid, epochs = (16, 8, 1) if quick else ssft_budget
+    samples = ["--samples-train", str(samples_train), "--samples-valid", str(samples_valid), "--epochs", str(epochs)]
     run_cli_step(
         ["semantics", "tune", "--schema", schema, "--output-dir", ssft_dir, "--max-length", "128",
          "--batch-size", "16", *samples],
@@ -137,12 +142,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_tune_on_argument(parser)
     parser.add_argument("--fre-field-reduction", choices=FIELD_REDUCTIONS, default="sum",
                         help="FRE's KL summed over fields (public code) or averaged (lambda / F)")
+    parser.add_argument("--ssft-budget", type=int, nargs=3, default=list(SSFT_BUDGET),
+                        metavar=("S_TRAIN", "S_VALID", "EPOCHS"),
+                        help="SSFT's values per field (training, held out) and epochs (default: %(default)s, the "
+                             "method's; the table before 2026-12-04 used 200 50 1)")
     args = parser.parse_args(argv)
     started = time.time()
     name = f"llactr_{args.data}"
     work = os.path.abspath(os.path.join(args.out, "runs", name))
     schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
-    vectors, ssft_metrics_path = llm_steps(schema, work, args.quick)
+    vectors, ssft_metrics_path = llm_steps(schema, work, args.quick, args.ssft_budget)
     backbones = args.backbones or list(BACKBONES)
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
