@@ -7,8 +7,9 @@ and a rerun skips every finished step (SSFT, field vectors, training runs).
 Steps:
 
 1. SSFT (``recsys-llm semantics tune``): LoRA + InfoNCE field retrieval on the offline MiniLM,
-   S values per field sampled from the schema's value texts (field-retrieval accuracy on
-   held-out values before/after is recorded in the JSON).
+   S values per field sampled from the schema's value texts (``--ssft-budget``: S_train, S_valid
+   and epochs, by default the method's 1000, 100 and 2; field-retrieval accuracy on held-out
+   values before/after is recorded in the JSON).
 2. Field vectors (``recsys-llm semantics encode --adapter``): one vector per field.
 3. Per backbone, same split and training budget as ``experiments.ml100k_backbones`` (the
    backbone's config, early stopping on validation AUC):
