@@ -24,11 +24,10 @@ driver_cuda_version() {
   { nvidia-smi 2>/dev/null || true; } | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -1
 }
 
-# the index of the CUDA builds for this driver; empty when torch $TORCH_VERSION has none for it
+# the index of the CUDA builds for a driver of CUDA $1; empty when torch $TORCH_VERSION has none for it
 cuda_index() {
-  local driver major minor
+  local driver=$1 major minor
   if [ -n "${TORCH_CUDA_INDEX_URL:-}" ]; then echo "$TORCH_CUDA_INDEX_URL"; return; fi
-  driver=$(driver_cuda_version)
   if [ -z "$driver" ]; then echo "$PYPI_INDEX"; return; fi
   major=${driver%%.*}
   minor=${driver#*.}
@@ -38,9 +37,10 @@ cuda_index() {
   fi
 }
 
-CUDA_INDEX=$(cuda_index)
+DRIVER_CUDA=$(driver_cuda_version)
+CUDA_INDEX=$(cuda_index "$DRIVER_CUDA")
 if [ "${1:-}" = --print-cuda-index ]; then
-  echo "${CUDA_INDEX:-none: the driver supports CUDA $(driver_cuda_version)}"
+  echo "${CUDA_INDEX:-none: the driver supports CUDA $DRIVER_CUDA}"
   exit 0
 fi
 
@@ -70,14 +70,13 @@ echo "[install] variant: $VARIANT (torch $TORCH_VERSION, fbgemm-gpu $FBGEMM_VERS
 $PIP uninstall --yes --quiet fbgemm-gpu fbgemm-gpu-cpu 2>/dev/null || true
 if [ "$VARIANT" = cuda ]; then
   if [ -z "$CUDA_INDEX" ]; then
-    echo "[install] error: the NVIDIA driver supports CUDA $(driver_cuda_version), and torch $TORCH_VERSION's CUDA" \
+    echo "[install] error: the NVIDIA driver supports CUDA $DRIVER_CUDA, and torch $TORCH_VERSION's CUDA" \
          "builds need 12.6 or newer: update the driver, set TORCH_CUDA_INDEX_URL to an index with a build for it," \
          "or install the CPU build (RECSYS_LLM_VARIANT=cpu)" >&2
     exit 1
   fi
-  driver=$(driver_cuda_version)
   echo "[install] CUDA build of torch and fbgemm-gpu from $CUDA_INDEX" \
-       "(the driver supports CUDA ${driver:-?}; TORCH_CUDA_INDEX_URL overrides)"
+       "(the driver supports CUDA ${DRIVER_CUDA:-?}; TORCH_CUDA_INDEX_URL overrides)"
   if [ "$CUDA_INDEX" = "$PYPI_INDEX" ]; then
     # PyPI's Linux torch wheels are CUDA builds, but pip prefers a visible "+cpu" wheel of the
     # same version (a CPU index or wheel folder in the pip config, or a CPU torch already here)
