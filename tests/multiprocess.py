@@ -64,12 +64,16 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs
             dist.destroy_process_group()
 
 
-def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) -> List[Any]:
+def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, start_method: str = "forkserver",
+                     **kwargs: Any) -> List[Any]:
     """Runs ``fn(**kwargs)`` on ``world_size`` spawned ranks and returns their results.
 
     Args:
         fn (Callable): a module-level (picklable) function.
         world_size (int): number of ranks.
+        start_method (str): ``forkserver`` (fast: ranks fork from a server that imported torch and
+            torchrec once), or ``spawn`` for ranks that use CUDA, which a process forked after a
+            CUDA build of fbgemm-gpu was imported cannot initialise.
         **kwargs: picklable keyword arguments passed to every rank.
 
     Returns:
@@ -78,11 +82,12 @@ def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any)
     Raises:
         RuntimeError: a rank raised (its traceback is in the message) or died.
     """
-    ctx = mp.get_context("forkserver")
-    # The fork server imports torch/torchrec once; every rank then forks from it in
-    # well under a second instead of re-importing them (fork-safe: the server never runs
-    # an OpenMP region, unlike the pytest process).
-    ctx.set_forkserver_preload(list(PRELOAD))
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        # The fork server imports torch/torchrec once; every rank then forks from it in
+        # well under a second instead of re-importing them (fork-safe: the server never runs
+        # an OpenMP region, unlike the pytest process).
+        ctx.set_forkserver_preload(list(PRELOAD))
     queue = ctx.Queue()
     # bound here and held until the ranks are done: no free port looked up first that another
     # process could take before a rank binds it

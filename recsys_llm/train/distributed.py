@@ -162,8 +162,12 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
     chosen_backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
+        # NCCL bound to this rank's GPU: the communicator forms at once, and no collective has to guess
+        # the device from the global rank (wrong where a launcher maps ranks to GPUs otherwise)
+        bound_device = torch_device if chosen_backend == "nccl" else None
         dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size,
-                                store=_rendezvous_store(rank, world_size), timeout=_collective_timeout())
+                                store=_rendezvous_store(rank, world_size), timeout=_collective_timeout(),
+                                device_id=bound_device)
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         chosen_backend = str(dist.get_backend())

@@ -51,13 +51,15 @@ def _local_table(model: torch.nn.Module, table: str) -> torch.Tensor:
     raise KeyError(table)
 
 
-def _shard_and_train(schema_path: str, model_name: str, frozen: List[str], steps: int) -> Dict[str, Any]:
-    ctx = init_distributed("cpu")
+def _shard_and_train(schema_path: str, model_name: str, frozen: List[str], steps: int,
+                     device: str = "cpu") -> Dict[str, Any]:
+    ctx = init_distributed(device)
     collect = _Collect()
     logging.getLogger("torchrec").addHandler(collect)
     torch.manual_seed(0)
     schema = DatasetSchema.load(schema_path)
-    task = CTRTask(build_backbone(SMOKE_CONFIGS[model_name], schema, device=torch.device("meta")))
+    task = CTRTask(build_backbone(SMOKE_CONFIGS[model_name], schema, device=torch.device("meta"),
+                                  dense_device=ctx.device))
     sharding = ShardingConfig(sharding_types=["table_wise", "row_wise"], frozen_tables=frozen)
     optim = OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=0.1, dense="adam", dense_lr=0.01)
     model, plan = shard_model(task, ctx.device, ctx.world_size, sharding, optim, batch_size=64)
@@ -69,6 +71,7 @@ def _shard_and_train(schema_path: str, model_name: str, frozen: List[str], steps
     after = {t: _local_table(model, t) for t in tables}
     state = optimizer.state_dict()["state"]
     return {
+        "backend": ctx.backend,
         "holding": ranks_holding_tables(plan, ctx.world_size),
         "placements": {t: (p["sharding_type"], p["compute_kernel"]) for t, p in table_placements(plan).items()},
         "changed": {t: bool(before[t].numel()) and not torch.equal(before[t], after[t]) for t in tables},

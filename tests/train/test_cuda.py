@@ -1,0 +1,53 @@
+"""The CUDA path: NCCL, FBGEMM's GPU kernels and fused optimizers; skipped where no GPU is visible.
+
+The bodies are the CPU tests' own, run on ``cuda`` with one rank (NCCL refuses two ranks on
+one GPU, so a one-GPU machine runs a one-rank NCCL group) in a spawned process (a process
+forked after fbgemm-gpu's CUDA build was imported cannot initialise CUDA):
+
+* planner + DMP shard the tables onto the GPU, the fused TBE kernels train them, a frozen
+  table stays unchanged and holds no optimizer state, and every sharded EBC is pipelined;
+* every method mode of ``recsys-llm train`` (LLaCTR, the ELEC gain network, the joint,
+  frozen-teacher, offline and swapped-pair students) killed mid-epoch resumes to the
+  uninterrupted run, weights bit for bit.
+
+Run them on a GPU host with ``python -m pytest tests/train/test_cuda.py``.
+"""
+
+from typing import Any, Dict
+
+import pytest
+import torch
+
+from tests.multiprocess import run_multiprocess
+from tests.train.test_method_resume import MODES, _all_modes, check_resumed_like_straight
+from tests.train.test_train_sharding import _shard_and_train
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"), pytest.mark.multiprocess]
+
+
+def test_nccl_shards_trains_and_freezes_tables_on_the_gpu(synthetic_dir: str) -> None:
+    frozen = "t_item_category"
+    (result,) = run_multiprocess(_shard_and_train, world_size=1, schema_path=synthetic_dir, model_name="deepfm",
+                                 frozen=[frozen], steps=4, device="cuda", start_method="spawn")
+    assert result["backend"] == "nccl"
+    assert result["steps"] == 4
+    assert all(kernel == "fused" for _, kernel in result["placements"].values()), result["placements"]
+    assert result["dense_fused"] == [True]
+    assert result["pipelined"] == result["sharded"] and result["sharded"]
+    assert result["not_pipelined_logs"] == []
+    assert not result["changed"][frozen] and result["optimizer_state"][frozen] == []
+    assert result["no_backward"] == [frozen]
+    assert {"t_user_id", "t_item_id"} <= {t for t, changed in result["changed"].items() if changed}
+
+
+@pytest.fixture(scope="module")
+def trained_modes_on_cuda(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
+    (results,) = run_multiprocess(_all_modes, world_size=1, work=str(tmp_path_factory.mktemp("cuda_modes")),
+                                  device="cuda", start_method="spawn")
+    return results
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_method_run_killed_mid_epoch_resumes_exactly_on_the_gpu(trained_modes_on_cuda: Dict[str, Any],
+                                                                  mode: str) -> None:
+    check_resumed_like_straight(trained_modes_on_cuda[mode], mode)
