@@ -16,6 +16,11 @@ process, measured in interleaved rounds whose order rotates (A B C, B C A, C A B
   Parquet file holding the same rows, read as the trainer reads its train split (shuffled,
   validated, background prefetch): end to end with decode, checks and KJT building.
 
+Beside them, in the same rounds, ``parquet_reader_alone``: samples/s that reader yields with
+no training at all. When ``project_parquet`` falls behind ``project_memory``, it tells a reader
+that cannot keep up (close to ``project_parquet``) from one that competes with the loop for the
+host's cores or Python's GIL (well above ``project_memory``).
+
 Figures (top level of the JSON):
 
 * ``ratio_vs_torchrec_loop`` = project_memory / torchrec_loop samples/s (goal >= 0.95);
@@ -308,6 +313,20 @@ class ProjectLoop:
         return self._sizes.batch_size * measured / (clock["stop"] - clock["start"])
 
 
+def reader_alone(batches: Iterator, sizes: Sizes) -> Callable[[], float]:
+    """One measurement of ``batches`` read and dropped, nothing trained: returns samples/s."""
+
+    def measure() -> float:
+        for _ in range(sizes.warmup_steps):
+            next(batches)
+        start = time.perf_counter()
+        for _ in range(sizes.measured_steps):
+            next(batches)
+        return sizes.batch_size * sizes.measured_steps / (time.perf_counter() - start)
+
+    return measure
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(NAME, __doc__, argv)
@@ -332,9 +351,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         parquet_path = write_parquet(schema, batches, sizes.parquet_batches, os.path.join(tmp, "train.parquet"))
         # Read the way the trainer reads its train split (DataConfig defaults: shuffled, validated).
         data_defaults = DataConfig()
-        reader = ParquetBatchReader(schema, parquet_path, sizes.batch_size, shuffle=data_defaults.shuffle,
-                                    seed=args.seed, validate=data_defaults.validate,
-                                    pin_memory=device.type == "cuda")
+        def trainer_reader() -> ParquetBatchReader:
+            return ParquetBatchReader(schema, parquet_path, sizes.batch_size, shuffle=data_defaults.shuffle,
+                                      seed=args.seed, validate=data_defaults.validate,
+                                      pin_memory=device.type == "cuda")
+
+        reader = trainer_reader()
 
         torch.manual_seed(args.seed)
         loop_step = build_torchrec_loop(schema, sizes, device, lr, batches)
@@ -353,6 +375,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 "torchrec_loop": samples_per_second(loop_step),
                 "project_memory": memory_loop,
                 "project_parquet": parquet_loop,
+                "parquet_reader_alone": reader_alone(parquet_stream(trainer_reader()), sizes),
             },
             sizes.repeats,
         )

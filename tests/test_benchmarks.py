@@ -79,12 +79,12 @@ def test_benchmark_smoke_writes_finite_json_and_png(name: str, tmp_path_factory:
 
 @pytest.mark.slow
 def test_train_throughput_json_details_describe_both_loops(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The ratios are built from per-round samples/s of the three contenders."""
+    """The ratios are built from per-round samples/s of the three contenders (and the reader alone)."""
     process, json_path, _ = run_smoke("train_throughput", tmp_path_factory)
     assert process.returncode == 0, process.stderr[-3000:]
     payload = json.loads(json_path.read_text())
     rounds = payload["details"]["samples_per_second_rounds"]
-    assert set(rounds) == {"torchrec_loop", "project_memory", "project_parquet"}
+    assert set(rounds) == {"torchrec_loop", "project_memory", "project_parquet", "parquet_reader_alone"}
     assert all(len(v) == payload["details"]["sizes"]["repeats"] and min(v) > 0 for v in rounds.values())
     expected = max(rounds["project_memory"]) / max(rounds["torchrec_loop"])
     assert payload["ratio_vs_torchrec_loop"] == pytest.approx(expected)
