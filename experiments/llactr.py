@@ -22,16 +22,25 @@ Steps:
    ``--tune-on all-seeds`` (default) trains every setting on every seed and picks the best
    mean validation AUC; ``--tune-on first-seed`` picks on the first seed alone and runs only
    the pick on the others. Test metrics never take part in a choice.
+
+``--field-vectors random`` is a control: FRE and FIE read Gaussian vectors of the LLM vectors'
+shape and spread instead (seeded, ``fields_random.safetensors``), so the difference between the
+two tables is what the LLM's semantics add. Its runs sit beside the LLM runs with a ``_random``
+suffix (plain and the LLM steps are reused) and its tables are ``llactr_{data}_random_vectors.*``.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS
+from recsys_llm.semantics.store import load_vectors, save_vectors
 
 from experiments.common import (
     add_tune_on_argument,
@@ -82,6 +91,19 @@ def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Sequence[int] = 
     return vectors, os.path.join(ssft_dir, "metrics.json")
 
 
+def random_field_vectors(vectors: str, out: str, seed: int = 0) -> str:
+    """Writes ``out``: one Gaussian vector per field of ``vectors``, (F, d) like them, scaled to their
+    standard deviation, under the same keys and schema-bound provenance (model named as the control);
+    skipped when ``out`` exists. Returns ``out``."""
+    if not os.path.exists(out):
+        stored = load_vectors(vectors)
+        noise = torch.randn(stored.vectors.shape, generator=torch.Generator().manual_seed(seed))
+        provenance = dataclasses.replace(stored.provenance, model_id=f"random normal (seed {seed}, control)",
+                                         model_hash=f"random-{seed}")
+        save_vectors(out, noise * stored.vectors.float().std(), stored.keys, provenance)
+    return out
+
+
 def _setting_name(variant: str, lambda_fre: float, lambda_fie: float) -> str:
     use_fre, use_fie = VARIANTS[variant]
     parts = [variant.lstrip("+").lower()]
@@ -101,9 +123,10 @@ def _grid(variant: str) -> List[Tuple[float, float]]:
 
 def run_backbone(
     data: str, backbone: str, schema: str, vectors: str, seeds: Sequence[int], work: str, quick: bool,
-    tune_on: str = "all-seeds", fre_field_reduction: str = "sum",
+    tune_on: str = "all-seeds", fre_field_reduction: str = "sum", run_suffix: str = "",
 ) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
-    """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``."""
+    """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``.
+    ``run_suffix`` is appended to the variants' run names (plain's runs are shared)."""
     config = base_config_path(data, backbone)
     common = model_overrides(data, backbone) + [f"data.schema={schema}"] + (["train.epochs=2"] if quick else [])
 
@@ -123,7 +146,7 @@ def run_backbone(
                     f"llactr.use_fie={str(use_fie).lower()}", f"llactr.lambda_fre={lambda_fre}",
                     f"llactr.lambda_fie={lambda_fie}", f"llactr.fre_field_reduction={fre_field_reduction}"]
 
-        grid = {_setting_name(variant, a, b): (a, b) for a, b in _grid(variant)}
+        grid = {_setting_name(variant, a, b) + run_suffix: (a, b) for a, b in _grid(variant)}
         best, runs[variant], valid_auc = tune_on_validation(
             list(grid), seeds, lambda name, seed: run(name, seed, overrides(*grid[name])), tune_on
         )
@@ -147,18 +170,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                         metavar=("S_TRAIN", "S_VALID", "EPOCHS"),
                         help="SSFT's values per field (training, held out) and epochs (default: %(default)s, the "
                              "method's; the table before 2026-12-04 used 200 50 1)")
+    parser.add_argument("--field-vectors", choices=("llm", "random"), default="llm",
+                        help="llm: the SSFT-tuned LLM's field vectors; random: the control, Gaussian vectors of "
+                             "the same shape (runs and tables named *_random*)")
     args = parser.parse_args(argv)
     started = time.time()
-    name = f"llactr_{args.data}"
-    work = os.path.abspath(os.path.join(args.out, "runs", name))
+    work = os.path.abspath(os.path.join(args.out, "runs", f"llactr_{args.data}"))
     schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
     vectors, ssft_metrics_path = llm_steps(schema, work, args.quick, args.ssft_budget)
+    name, run_suffix = f"llactr_{args.data}", ""
+    if args.field_vectors == "random":
+        vectors = random_field_vectors(vectors, os.path.join(work, "fields_random.safetensors"))
+        name, run_suffix = f"{name}_random_vectors", "_random"
     backbones = args.backbones or list(BACKBONES)
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
     for backbone in backbones:
         runs, choices[backbone] = run_backbone(args.data, backbone, schema, vectors, args.seeds, work, args.quick,
-                                               args.tune_on, args.fre_field_reduction)
+                                               args.tune_on, args.fre_field_reduction, run_suffix)
         tables[backbone] = summarize(runs)
         report(args, name, tables, choices, vectors, ssft_metrics_path, started, argv)  # partial tables as they come
     return 0
@@ -182,7 +211,9 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     with open(ssft_metrics_path, encoding="utf-8") as handle:
         ssft = json.load(handle)
     columns = ["auc", "logloss"] + (["cold/auc", "cold/logloss"] if cold else [])
-    sections = [f"## LLaCTR on {args.data} (test metrics, mean ± sample std (n - 1) over seeds {args.seeds})", ""]
+    control = " with random field vectors (control)" if args.field_vectors == "random" else ""
+    sections = [f"## LLaCTR on {args.data}{control} (test metrics, mean ± sample std (n - 1) over seeds {args.seeds})",
+                ""]
     for backbone in backbones:
         sections += [f"### {backbone}", "", markdown_table(tables[backbone], columns, baseline="plain"), ""]
         picks = ", ".join(f"{v}: {c['setting']}" for v, c in choices[backbone].items())
@@ -194,7 +225,9 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
                         + f" | {100 * mean_gains[variant]:+.2f}% |")
     sections += ["", f"SSFT (offline MiniLM, LoRA, InfoNCE): held-out field-retrieval accuracy "
                  f"{ssft['before']['accuracy']:.3f} before, {ssft['after']['accuracy']:.3f} after tuning "
-                 f"({ssft['before']['count']} held-out values).", "", f"Lambda selection: {selection}"]
+                 f"({ssft['before']['count']} held-out values)."
+                 + (" FRE and FIE read random normal vectors of the same shape instead of that model's." if control
+                    else ""), "", f"Lambda selection: {selection}"]
     payload = {
         "data": args.data,
         "seeds": args.seeds,
@@ -210,11 +243,12 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "mean_relative_auc_gain_vs_plain": mean_gains,
         "ssft": {k: ssft.get(k) for k in ("before", "after", "epochs", "num_train", "num_valid")},
         "field_vectors": vectors,
+        "field_vectors_kind": args.field_vectors,
         "runtime_s": time.time() - started,
         "command": "python -m experiments.llactr " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     write_outputs(tables_dir(args), name, payload, "\n".join(sections))
-    plot_auc(os.path.join(tables_dir(args), f"{name}.png"), tables, f"LLaCTR on {args.data}: test AUC")
+    plot_auc(os.path.join(tables_dir(args), f"{name}.png"), tables, f"LLaCTR on {args.data}{control}: test AUC")
 
 
 LAMBDA_CHOICE = "lambda_fre / lambda_fie from {0.01, 0.1, 0.5} (the range the paper tunes; for +both the 3x3 grid)"

@@ -48,3 +48,26 @@ def test_elec_row_vectors_read_the_chosen_fields_at_the_chosen_length(tmp_path) 
     elec_llm_steps(str(tmp_path / "data" / "schema.json"), str(tmp_path / "work"), "row",
                    ["user_id"], 32, True, ["user_id", "item_id"], 40)
     assert not os.path.exists(leftover)
+
+
+def test_llactr_random_control_vectors_keep_the_keys_shape_and_schema(tmp_path) -> None:
+    """``experiments.llactr --field-vectors random``: Gaussian vectors under the LLM vectors' keys and schema."""
+    import torch
+
+    from experiments.llactr import random_field_vectors
+    from recsys_llm.semantics.store import VectorProvenance, save_vectors
+
+    schema = make_schema(str(tmp_path / "data"))
+    names = schema.sparse_feature_names + schema.dense_feature_names
+    llm = torch.randn(len(names), 16, generator=torch.Generator().manual_seed(1)) * 3.0
+    provenance = VectorProvenance(model_id="minilm+ssft:x", model_hash="h", pooling="mean", template="t")
+    save_vectors(str(tmp_path / "fields.safetensors"), llm, names, provenance.for_schema(schema))
+
+    out = random_field_vectors(str(tmp_path / "fields.safetensors"), str(tmp_path / "random.safetensors"))
+    control = load_vectors(out, schema=schema)  # still bound to the schema: the trainer accepts it
+    assert control.keys == names and control.vectors.shape == llm.shape
+    assert "random" in control.provenance.model_id and control.provenance.model_hash != "h"
+    assert not torch.allclose(control.vectors, llm)
+    assert abs(control.vectors.std().item() - llm.std().item()) < 0.5 * llm.std().item()  # the LLM vectors' spread
+    again = random_field_vectors(str(tmp_path / "fields.safetensors"), str(tmp_path / "random2.safetensors"))
+    assert torch.equal(load_vectors(again).vectors, control.vectors)  # seeded
