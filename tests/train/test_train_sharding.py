@@ -91,6 +91,26 @@ def _shard_and_train(schema_path: str, model_name: str, frozen: List[str], steps
     }
 
 
+def check_rank_trained_and_froze(result: Dict[str, Any], frozen: str, steps: int) -> None:
+    """One rank's ``_shard_and_train``: every step ran, fused and pipelined, and of the tables the rank
+    holds, ``frozen`` stayed as it was (no optimizer state, no backward) while the others got fused
+    optimizer state."""
+    assert result["steps"] == steps
+    assert result["dense_fused"] == [True]  # the dense Adam runs torch's fused kernel
+    # Every sharded EBC is overlapped by the pipeline; torchrec never logged a fallback.
+    assert result["pipelined"] == result["sharded"] and result["sharded"]
+    assert result["not_pipelined_logs"] == []
+    for table, local in result["local"].items():
+        if not local:
+            continue
+        if table == frozen:
+            assert not result["changed"][table], "the frozen table was updated"
+            assert result["optimizer_state"][table] == [], "the frozen table holds optimizer state"
+            assert result["no_backward"] == [frozen], "the frozen table's kernel still runs its backward"
+        else:
+            assert result["optimizer_state"][table], f"no fused optimizer state for {table}"
+
+
 @pytest.mark.multiprocess
 def test_two_ranks_shard_train_and_freeze(synthetic_dir: str) -> None:
     frozen = "t_item_category"
@@ -104,20 +124,7 @@ def test_two_ranks_shard_train_and_freeze(synthetic_dir: str) -> None:
     assert all(t != "data_parallel" for t, _ in results[0]["placements"].values())
     assert results[0]["placements"][frozen][1] == "fused"
     for result in results:
-        assert result["steps"] == 4
-        assert result["dense_fused"] == [True]  # the dense Adam runs torch's fused kernel
-        # Every sharded EBC is overlapped by the pipeline; torchrec never logged a fallback.
-        assert result["pipelined"] == result["sharded"] and result["sharded"]
-        assert result["not_pipelined_logs"] == []
-        for table, local in result["local"].items():
-            if not local:
-                continue
-            if table == frozen:
-                assert not result["changed"][table], "the frozen table was updated"
-                assert result["optimizer_state"][table] == [], "the frozen table holds optimizer state"
-                assert result["no_backward"] == [frozen], "the frozen table's kernel still runs its backward"
-            else:
-                assert result["optimizer_state"][table], f"no fused optimizer state for {table}"
+        check_rank_trained_and_froze(result, frozen, steps=4)
     # Trained tables that received ids changed on the rank holding them.
     changed = {t for r in results for t, c in r["changed"].items() if c}
     assert {"t_user_id", "t_item_id"} <= changed
