@@ -19,12 +19,22 @@ process, measured in interleaved rounds whose order rotates (A B C, B C A, C A B
 Beside them, in the same rounds, ``parquet_reader_alone``: samples/s that reader yields with
 no training at all. When ``project_parquet`` falls behind ``project_memory``, it tells a reader
 that cannot keep up (close to ``project_parquet``) from one that competes with the loop for the
-host's cores or Python's GIL (well above ``project_memory``).
+host's cores or Python's GIL (well above ``project_memory``). Two variants of the same reader
+run in the same rounds too, each with its own copy of the model:
+
+* ``project_parquet_deep_prefetch``: its prefetch thread may run a whole shuffle buffer of
+  batches ahead (``prefetch`` = buffer rows / batch size + 2) instead of 2, so the burst of
+  reading and shuffling the next buffer overlaps the steps of the current one;
+* ``project_parquet_worker_process``: the reader in one ``torch.utils.data.DataLoader`` worker
+  process (``batch_size=None, num_workers=1, pin_memory`` on CUDA), so its Python work does not
+  hold the training process's GIL; batches come back through shared memory.
 
 Figures (top level of the JSON):
 
 * ``ratio_vs_torchrec_loop`` = project_memory / torchrec_loop samples/s (goal >= 0.95);
-* ``ratio_parquet_vs_memory`` = project_parquet / project_memory samples/s.
+* ``ratio_parquet_vs_memory`` = project_parquet / project_memory samples/s;
+* ``ratio_parquet_deep_prefetch_vs_memory``, ``ratio_parquet_worker_process_vs_memory``: the same
+  for the two variants.
 
 Each ratio is taken between the contenders' best rounds (``best_of_rounds_ratio``: on a
 shared machine background load only slows a round down); per-round ratios and medians of
@@ -104,7 +114,7 @@ class Sizes:
 
 SIZES: Dict[str, Sizes] = {
     "full": Sizes(),
-    "quick": Sizes(memory_batches=8, parquet_batches=16, warmup_steps=4, measured_steps=16, repeats=5),
+    "quick": Sizes(memory_batches=8, parquet_batches=48, warmup_steps=4, measured_steps=16, repeats=5),
     "smoke": Sizes(
         num_tables=4, rows_per_table=1000, embedding_dim=8, num_dense=3, batch_size=128, memory_batches=2,
         parquet_batches=3, warmup_steps=3, measured_steps=3, repeats=1, dense_arch=(16, 8), over_arch=(16, 1),
@@ -167,11 +177,18 @@ def write_parquet(schema, batches: List, num_batches: int, path: str) -> str:
     return path
 
 
-def parquet_stream(reader) -> Iterator:
-    """Endless batches from ``reader``, one epoch after the other."""
+def parquet_stream(reader, worker_process: bool = False) -> Iterator:
+    """Endless batches from ``reader``, one epoch after the other; with ``worker_process``, read in
+    one DataLoader worker process per epoch (``reader`` is then built with ``prefetch=0``)."""
+    import torch
+
     for epoch in itertools.count():
         reader.set_epoch(epoch)
-        yield from reader
+        if worker_process:
+            yield from torch.utils.data.DataLoader(reader, batch_size=None, num_workers=1,
+                                                   pin_memory=torch.cuda.is_available())
+        else:
+            yield from reader
 
 
 # ---- contenders ---------------------------------------------------------------------------------
@@ -351,12 +368,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
         parquet_path = write_parquet(schema, batches, sizes.parquet_batches, os.path.join(tmp, "train.parquet"))
         # Read the way the trainer reads its train split (DataConfig defaults: shuffled, validated).
         data_defaults = DataConfig()
-        def trainer_reader() -> ParquetBatchReader:
-            return ParquetBatchReader(schema, parquet_path, sizes.batch_size, shuffle=data_defaults.shuffle,
-                                      seed=args.seed, validate=data_defaults.validate,
-                                      pin_memory=device.type == "cuda")
+        def trainer_reader(**overrides) -> ParquetBatchReader:
+            options = dict(shuffle=data_defaults.shuffle, seed=args.seed, validate=data_defaults.validate,
+                           pin_memory=device.type == "cuda")
+            return ParquetBatchReader(schema, parquet_path, sizes.batch_size, **{**options, **overrides})
 
         reader = trainer_reader()
+        buffer_batches = -(-max(8 * sizes.batch_size, 65536) // sizes.batch_size)  # the reader's default buffer
+        variant_streams = {
+            "project_parquet_deep_prefetch": parquet_stream(trainer_reader(prefetch=buffer_batches + 2)),
+            "project_parquet_worker_process": parquet_stream(trainer_reader(prefetch=0, pin_memory=False),
+                                                             worker_process=True),
+        }
 
         torch.manual_seed(args.seed)
         loop_step = build_torchrec_loop(schema, sizes, device, lr, batches)
@@ -366,6 +389,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         torch.manual_seed(args.seed)
         parquet_model, parquet_optimizer = build_project_model(schema, sizes, device, lr)
         parquet_loop = ProjectLoop(parquet_model, parquet_optimizer, device, parquet_stream(reader), sizes, synchronize)
+        variant_loops = {}
+        for name, stream in variant_streams.items():
+            torch.manual_seed(args.seed)
+            variant_loops[name] = ProjectLoop(*build_project_model(schema, sizes, device, lr), device, stream, sizes,
+                                              synchronize)
 
         def samples_per_second(step: Callable[[], None]) -> Callable[[], float]:
             return lambda: sizes.batch_size / timed_steps(step, sizes.warmup_steps, sizes.measured_steps, synchronize)
@@ -376,6 +404,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 "project_memory": memory_loop,
                 "project_parquet": parquet_loop,
                 "parquet_reader_alone": reader_alone(parquet_stream(trainer_reader()), sizes),
+                **variant_loops,
             },
             sizes.repeats,
         )
@@ -395,7 +424,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "model": "torchrec DLRM_DCN, fused RowWiseAdagrad (tables) + Adam (dense), TrainPipelineSparseDist, DMP 1 rank",
         "world_size": context.world_size,
         "parquet_reader": {"shuffle": data_defaults.shuffle, "validate": data_defaults.validate,
-                           "rows": sizes.parquet_batches * sizes.batch_size},
+                           "rows": sizes.parquet_batches * sizes.batch_size, "prefetch": 2,
+                           "deep_prefetch": buffer_batches + 2, "shuffle_buffer_batches": buffer_batches},
         "project_pipeline_setup_seconds": {"memory": memory_loop.setup_seconds, "parquet": parquet_loop.setup_seconds},
         "project_sharded_modules": memory_loop.sharded_modules,
         "project_pipelined_modules": memory_loop.pipelined_modules,
@@ -408,7 +438,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     payload = result_payload(
         args,
         {"ratio_vs_torchrec_loop": best_of_rounds_ratio(rounds["project_memory"], rounds["torchrec_loop"]),
-         "ratio_parquet_vs_memory": best_of_rounds_ratio(rounds["project_parquet"], rounds["project_memory"])},
+         "ratio_parquet_vs_memory": best_of_rounds_ratio(rounds["project_parquet"], rounds["project_memory"]),
+         **{f"ratio_{name[len('project_'):]}_vs_memory": best_of_rounds_ratio(rounds[name], rounds["project_memory"])
+            for name in variant_loops}},
         details=details,
         table=table,
     )
