@@ -55,8 +55,8 @@ LLM_RECORD = "demo_llm.json"  # in run_root/llm: the model the LLM outputs there
 # settings that change no finished result, and the demo's own LLM outputs under the run directory
 # (``llm/demo_llm.json`` guards those; their paths move with a moved run directory)
 REUSE_FREE_KEYS = ("train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
-                   "train.checkpoint_every", "data.eval_batch_size", "data.validate", "llactr.vectors_path",
-                   "elec.entity_tables", "elec.entity_vectors", "elec.teacher_checkpoint")
+                   "train.checkpoint_every", "data.eval_batch_size", "data.validate", "data.prefetch",
+                   "llactr.vectors_path", "elec.entity_tables", "elec.entity_vectors", "elec.teacher_checkpoint")
 NEW_RUN_DIR = ("pass another --run-dir for this demo (`make demo RUNS_DIR=...`), or delete {run_root} to start it "
                "over")
 

@@ -61,6 +61,10 @@ class DataConfig:
             test metrics are also reported for the cold subset (``cold/auc``, ...). The default
             may be absent (data without cold items); another name the data lacks is an error.
         validate (bool): the reader's per-row-group value checks.
+        prefetch (int): batches each reader's background thread prepares ahead (>= 0; 0: read in
+            the training thread). On a GPU, a shuffle buffer's worth of batches (buffer rows /
+            ``batch_size`` + 2, e.g. 18 at 4,096 rows) lets the reading of the next buffer overlap
+            the steps (benchmarks/README.md, train_throughput on CUDA).
         synthetic_rows (int): if > 0 and the schema file is missing, generate the embedded
             synthetic data set with this many rows into the schema's directory first. A config
             file's value applies to that file's ``data.schema``: an override of ``data.schema``
@@ -78,6 +82,7 @@ class DataConfig:
     test_split: str = "test"
     cold_item_column: str = DEFAULT_COLD_ITEM_COLUMN
     validate: bool = True
+    prefetch: int = 2
     synthetic_rows: int = 0
     synthetic_seed: int = 0
 
@@ -87,6 +92,8 @@ class DataConfig:
             wrong.append(f"data.batch_size={self.batch_size} (must be >= 1)")
         if self.eval_batch_size < 0:
             wrong.append(f"data.eval_batch_size={self.eval_batch_size} (must be >= 1, or 0 for data.batch_size)")
+        if self.prefetch < 0:
+            wrong.append(f"data.prefetch={self.prefetch} (must be >= 0 batches, 0 to read in the training thread)")
         for key in ("valid_split", "test_split"):
             if getattr(self, key) and getattr(self, key) == self.train_split:
                 wrong.append(f"data.{key}={self.train_split!r} is also data.train_split (the rows trained on "
@@ -388,8 +395,8 @@ RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
     "train.reshard_mid_epoch", "train.flush_denormal",
-    "data.batch_size", "data.eval_batch_size", "data.validate", "data.synthetic_rows", "data.valid_split",
-    "data.test_split",
+    "data.batch_size", "data.eval_batch_size", "data.validate", "data.prefetch", "data.synthetic_rows",
+    "data.valid_split", "data.test_split",
 })
 # paths a resumed, evaluated or exported run may name elsewhere (moved, or copied with the run
 # directory to another host): its checkpoint holds what they held (LLaCTR's field vectors), and the

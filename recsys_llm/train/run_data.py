@@ -72,7 +72,7 @@ def build_readers(
     eval_batch = data.eval_batch_size or data.batch_size
     train_extras = list(dict.fromkeys(list(data.extras) + plugin_extras(config)))
     eval_extras = list(dict.fromkeys(train_extras + list(metric_subsets(config, schema).values())))
-    common = dict(rank=ctx.rank, world_size=ctx.world_size, validate=data.validate,
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, validate=data.validate, prefetch=data.prefetch,
                   pin_memory=ctx.device.type == "cuda")
     readers = {
         "train": ParquetBatchReader(

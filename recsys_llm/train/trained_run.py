@@ -84,7 +84,8 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     extras = list(data.extras) + plugin_extras(config) + list(metric_subsets(config, schema).values())
     reader = ParquetBatchReader(
         schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-        extras=sorted(set(extras)), validate=data.validate, pin_memory=ctx.device.type == "cuda", equal_batches=False,
+        extras=sorted(set(extras)), validate=data.validate, prefetch=data.prefetch, pin_memory=ctx.device.type == "cuda",
+        equal_batches=False,
     )
     model = load_trained_model(config, run)
     results = evaluate(model, reader, ctx.device, CTRMetrics(metric_subsets(config, schema)), description=split,

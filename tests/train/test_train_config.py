@@ -51,6 +51,7 @@ class TestLoadConfig:
             ("train.epochs", "must look like section.key=value"),
             ("data.batch_size=0", "data.batch_size=0 (must be >= 1)"),
             ("data.eval_batch_size=-1", "data.eval_batch_size=-1 (must be >= 1, or 0 for data.batch_size)"),
+            ("data.prefetch=-1", "data.prefetch=-1 (must be >= 0 batches, 0 to read in the training thread)"),
             ("train.device=gpu", "train: device='gpu' (must be one of auto, cpu, cuda)"),
             ("sharding.compute_device=gpu", "sharding.compute_device must be 'auto', 'cpu' or 'cuda', got 'gpu'"),
             ("optim.sparse_lr=-1", "optim.sparse_lr must be a finite number > 0, got -1.0"),

@@ -1,17 +1,20 @@
 """The runner's checks of a run's inputs and records that need no training: a mistyped cold-item
-column, a damaged ``plugins.json`` / ``results.json`` in a run directory, and a run directory that
-not every rank sees."""
+column, a damaged ``plugins.json`` / ``results.json`` in a run directory, a run directory that
+not every rank sees; and the readers the config asks for."""
 
 import os
 import re
 import shutil
+import threading
 from typing import List
 
 import pytest
+import torch
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.config import ConfigError, load_config
-from recsys_llm.train.run_data import metric_subsets
+from recsys_llm.train.distributed import DistContext
+from recsys_llm.train.run_data import build_readers, metric_subsets
 from recsys_llm.train.run_records import check_trained_on, finished_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,6 +23,24 @@ DEEPFM_CONFIG = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
 
 def _config(schema_dir: str, *overrides: str):
     return load_config(DEEPFM_CONFIG, [f"data.schema={schema_dir}", "data.synthetic_rows=0", *overrides])
+
+
+@pytest.mark.parametrize("prefetch, threads", [(0, 0), (5, 1)])
+def test_the_readers_prefetch_as_the_config_says(synthetic_dir: str, synthetic_schema, prefetch: int, threads: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data.prefetch`` reaches every reader: 0 reads in the training thread, more in one background thread."""
+    started: List[str] = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: (started.append(thread.name), start(thread))[1])
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    readers = build_readers(_config(synthetic_dir, f"data.prefetch={prefetch}"), synthetic_schema, ctx)
+    assert sorted(readers) == ["test", "train", "valid"]
+    for name, reader in readers.items():
+        started.clear()
+        batches = iter(reader)
+        next(batches)
+        assert started.count("parquet-prefetch") == threads, name
+        batches.close()
 
 
 def test_a_mistyped_cold_item_column_is_refused_naming_the_columns(synthetic_dir: str, synthetic_schema) -> None:
