@@ -159,7 +159,13 @@ class RowTextRenderer:
         prefix, suffix = template.split("{value}")
         prefix = prefix.replace("{description}", description)
         suffix = suffix.replace("{description}", description)
-        return pc.binary_join_element_wise(prefix, self.value_text(spec, column), suffix, "")
+        values = self.value_text(spec, column)
+        if not suffix.startswith("."):
+            return pc.binary_join_element_wise(prefix, values, suffix, "")
+        # a value that ends its own sentence ("Inc.", "Help!") takes the template's "." once
+        ends_sentence = pc.match_substring_regex(values, r"[.!?]$")
+        suffixes = pc.if_else(ends_sentence, suffix[1:], suffix)
+        return pc.binary_join_element_wise(prefix, values, suffixes, "")
 
     def render(self, table: pa.Table) -> pa.ChunkedArray:
         """One text per row of ``table``: the sentences of the configured fields.

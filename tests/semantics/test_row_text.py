@@ -40,6 +40,15 @@ class TestRowTextRenderer:
         assert texts[2] == "user name is Bob. item id is 1. genres is Horror. age is unknown."
         assert texts[3].startswith("user name is 5.")  # id without value text: the number
 
+    def test_a_value_ending_its_own_sentence_keeps_one_full_stop(self, tmp_path):
+        schema = make_schema(str(tmp_path))
+        pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Acme Inc.", "Help!", "a.b"]}),
+                       os.path.join(str(tmp_path), "text", "user.parquet"))
+        config = RowTextConfig(fields=["user_id", "item_id"], templates={"item_id": "{value}. is the item"})
+        texts = RowTextRenderer(schema, config).render(rows()).to_pylist()
+        assert texts[:3] == ["user name is Acme Inc. 3. is the item", "user name is a.b. 3. is the item",
+                             "user name is Help! 1. is the item"]
+
     def test_sliced_input_and_templates(self, tmp_path):
         config = RowTextConfig(fields=["genres", "user_id"], separator=" | ", missing_value="?",
                                templates={"user_id": "the user is called {value}"})
