@@ -12,21 +12,42 @@ from recsys_llm.cli import PROGRESS_INTERVAL_ENV, main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _environment_inside_a_command(monkeypatch) -> dict:
+    """Runs ``recsys-llm prepare synthetic`` with its work replaced by a look at the environment;
+    returns what it saw."""
+    from recsys_llm.cli import data
+
+    seen = {}
+
+    def look(*args, **kwargs):
+        seen.update({key: os.environ.get(key) for key in
+                     (PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")})
+        raise ValueError("looked")  # a user error: the command ends with exit code 2
+
+    monkeypatch.setattr(data, "prepare_dataset", look)
+    assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
+    return seen
+
+
 def test_progress_bars_written_to_a_log_update_every_30_s(monkeypatch) -> None:
-    monkeypatch.delenv(PROGRESS_INTERVAL_ENV, raising=False)  # restored after the test
-    monkeypatch.delenv("TQDM_MAXINTERVAL", raising=False)
-    with pytest.raises(SystemExit):
-        main(["prepare", "synthetic", "--help"])  # pytest's captured stderr is not a terminal
-    assert os.environ[PROGRESS_INTERVAL_ENV] == "30"
-    assert os.environ["TQDM_MAXINTERVAL"] == "30"  # tqdm's monitor would otherwise refresh every 10 s
+    for key in (PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)  # restored after the test
+    seen = _environment_inside_a_command(monkeypatch)  # pytest's captured stderr is not a terminal
+    assert seen[PROGRESS_INTERVAL_ENV] == "30"
+    assert seen["TQDM_MAXINTERVAL"] == "30"  # tqdm's monitor would otherwise refresh every 10 s
+    assert seen["HF_HUB_OFFLINE"] == "1"
+    # the calling program's environment is its own again
+    assert not {PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE"} & set(os.environ)
 
 
 def test_a_chosen_progress_interval_is_kept(monkeypatch) -> None:
     monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "5")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.delenv("TQDM_MAXINTERVAL", raising=False)
-    with pytest.raises(SystemExit):
-        main(["prepare", "synthetic", "--help"])
-    assert os.environ[PROGRESS_INTERVAL_ENV] == "5"
+    seen = _environment_inside_a_command(monkeypatch)
+    assert seen[PROGRESS_INTERVAL_ENV] == "5" and seen["TQDM_MAXINTERVAL"] == "5" and seen["HF_HUB_OFFLINE"] == "0"
+    assert os.environ[PROGRESS_INTERVAL_ENV] == "5" and os.environ["HF_HUB_OFFLINE"] == "0"  # left as they were
+    assert "TQDM_MAXINTERVAL" not in os.environ
 
 
 def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir) -> int:

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Callable, List, NoReturn, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from recsys_llm.error_text import one_line
 
@@ -210,17 +210,35 @@ def record_for_launcher(line: Optional[str] = None) -> None:
         json.dump({"message": line, "timestamp": int(time.time())}, file)
 
 
+def _command_environment() -> Dict[str, str]:
+    """The environment variables a command runs with that are not set already."""
+    added = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if int(os.environ.get("RANK", "0") or "0") > 0:  # torchrun: rank 0 alone draws bars on the shared terminal
+        added["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' "Loading weights", per rank
+    if not sys.stderr.isatty():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
+        added[PROGRESS_INTERVAL_ENV] = os.environ.get(PROGRESS_INTERVAL_ENV, "30")
+        # tqdm's monitor forces a refresh after maxinterval (10 s) without one: no sooner than the interval
+        added["TQDM_MAXINTERVAL"] = added[PROGRESS_INTERVAL_ENV]
+    return {key: value for key, value in added.items() if key not in os.environ}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs one sub-command; bad input ends with ``recsys-llm <command>: error: ...`` and exit code 2
-    (``RECSYS_LLM_TRACEBACK=1`` re-raises for the full traceback)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if int(os.environ.get("RANK", "0") or "0") > 0:  # torchrun: rank 0 alone draws bars on the shared terminal
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights", per rank
-    if not sys.stderr.isatty():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
-        os.environ.setdefault(PROGRESS_INTERVAL_ENV, "30")
-        # tqdm's monitor forces a refresh after maxinterval (10 s) without one: no sooner than the interval
-        os.environ.setdefault("TQDM_MAXINTERVAL", os.environ[PROGRESS_INTERVAL_ENV])
+    (``RECSYS_LLM_TRACEBACK=1`` re-raises for the full traceback).
+
+    The command runs offline (``HF_HUB_OFFLINE``), with progress lines every 30 s when stderr is
+    not a terminal; of those variables, the ones it set are removed again when it returns, so a
+    program calling ``main`` keeps its own environment."""
+    added = _command_environment()
+    os.environ.update(added)
+    try:
+        return _run_command(argv)
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _run_command(argv: Optional[List[str]]) -> int:
     from recsys_llm.env import check_versions
 
     try:  # the sub-commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
