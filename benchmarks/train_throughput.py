@@ -177,16 +177,16 @@ def write_parquet(schema, batches: List, num_batches: int, path: str) -> str:
     return path
 
 
-def parquet_stream(reader, worker_process: bool = False) -> Iterator:
+def parquet_stream(reader, worker_process: bool = False, pin_memory: bool = False) -> Iterator:
     """Endless batches from ``reader``, one epoch after the other; with ``worker_process``, read in
-    one DataLoader worker process per epoch (``reader`` is then built with ``prefetch=0``)."""
+    one DataLoader worker process per epoch (``reader`` is then built with ``prefetch=0`` and
+    ``pin_memory=False``: the DataLoader pins, in this process, when ``pin_memory``)."""
     import torch
 
     for epoch in itertools.count():
         reader.set_epoch(epoch)
         if worker_process:
-            yield from torch.utils.data.DataLoader(reader, batch_size=None, num_workers=1,
-                                                   pin_memory=torch.cuda.is_available())
+            yield from torch.utils.data.DataLoader(reader, batch_size=None, num_workers=1, pin_memory=pin_memory)
         else:
             yield from reader
 
@@ -378,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         variant_streams = {
             "project_parquet_deep_prefetch": parquet_stream(trainer_reader(prefetch=buffer_batches + 2)),
             "project_parquet_worker_process": parquet_stream(trainer_reader(prefetch=0, pin_memory=False),
-                                                             worker_process=True),
+                                                             worker_process=True, pin_memory=device.type == "cuda"),
         }
 
         torch.manual_seed(args.seed)
