@@ -79,15 +79,21 @@ def test_benchmark_smoke_writes_finite_json_and_png(name: str, tmp_path_factory:
 
 @pytest.mark.slow
 def test_train_throughput_json_details_describe_both_loops(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The ratios are built from per-round samples/s of the three contenders (and the reader alone)."""
+    """The ratios are built from per-round samples/s of the contenders (the reader alone and the two
+    reader variants among them)."""
     process, json_path, _ = run_smoke("train_throughput", tmp_path_factory)
     assert process.returncode == 0, process.stderr[-3000:]
     payload = json.loads(json_path.read_text())
     rounds = payload["details"]["samples_per_second_rounds"]
-    assert set(rounds) == {"torchrec_loop", "project_memory", "project_parquet", "parquet_reader_alone"}
+    variants = ("parquet_deep_prefetch", "parquet_worker_process")
+    assert set(rounds) == {"torchrec_loop", "project_memory", "project_parquet", "parquet_reader_alone",
+                           *(f"project_{variant}" for variant in variants)}
     assert all(len(v) == payload["details"]["sizes"]["repeats"] and min(v) > 0 for v in rounds.values())
     expected = max(rounds["project_memory"]) / max(rounds["torchrec_loop"])
     assert payload["ratio_vs_torchrec_loop"] == pytest.approx(expected)
+    for variant in variants:
+        expected = max(rounds[f"project_{variant}"]) / max(rounds["project_memory"])
+        assert payload[f"ratio_{variant}_vs_memory"] == pytest.approx(expected), variant
     # the project's loop pipelined every sharded module (otherwise it silently runs slower)
     assert payload["details"]["project_pipelined_modules"] == payload["details"]["project_sharded_modules"]
 
