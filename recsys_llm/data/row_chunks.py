@@ -59,19 +59,23 @@ class RowChunk:
         )
 
     def take(self, rows: np.ndarray) -> "RowChunk":
+        """The rows at indices ``rows`` (N',), in that order (``np.take``: a few times faster than
+        fancy indexing on the (N, Dd) dense rows, a fifth on the 1-D id columns)."""
         ids, offsets = [], []
         for values, off in zip(self.ids, self.offsets):
             if off is None:
-                ids.append(values[rows])
+                ids.append(np.take(values, rows))
                 offsets.append(None)
                 continue
-            lengths = (off[1:] - off[:-1])[rows]
+            starts = np.take(off, rows)
+            lengths = np.take(off, rows + 1) - starts
             new_off = offsets_from_lengths(lengths)
             # position of every kept id in the old values: old row start + rank within its row
-            gather = np.arange(new_off[-1], dtype=np.int64) - np.repeat(new_off[:-1] - off[rows], lengths)
-            ids.append(values[gather])
+            gather = np.arange(new_off[-1], dtype=np.int64) - np.repeat(new_off[:-1] - starts, lengths)
+            ids.append(np.take(values, gather))
             offsets.append(new_off)
-        return RowChunk(self.dense[rows], ids, offsets, self.labels[rows], {k: v[rows] for k, v in self.extras.items()})
+        return RowChunk(np.take(self.dense, rows, axis=0), ids, offsets, np.take(self.labels, rows),
+                        {k: np.take(v, rows, axis=0) for k, v in self.extras.items()})
 
     @staticmethod
     def concat(chunks: List["RowChunk"]) -> "RowChunk":
