@@ -119,10 +119,17 @@ def _writable(array: np.ndarray, dtype: Optional[type] = None) -> np.ndarray:
     return np.require(array, dtype=dtype, requirements=["C", "W"])
 
 
+def _id_array(values: np.ndarray) -> np.ndarray:
+    """Ids as int64, except uint64 ones, which stay unsigned for :func:`check_ids` (an id above
+    ``2**63 - 1`` would wrap to a negative one: named wrongly, or folded as another value if hashed)."""
+    return values if values.dtype == np.uint64 else values.astype(np.int64, copy=False)
+
+
 def sequence_ids(array: pa.Array, spec: FieldSpec) -> Tuple[np.ndarray, np.ndarray]:
-    """Flat ids and (N + 1,) offsets of a list column, null lists as empty, truncated to max_length."""
+    """Flat ids (int64, or uint64 from a uint64 column) and (N + 1,) offsets of a list column, null
+    lists as empty, truncated to max_length."""
     lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy().astype(np.int64)
-    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    values = _id_array(pc.list_flatten(array).to_numpy(zero_copy_only=False))
     off = offsets_from_lengths(lengths)
     if spec.max_length and lengths.size and lengths.max() > spec.max_length:
         # keep the first max_length ids of every row
@@ -157,7 +164,7 @@ def categorical_column(
     if spec.kind == FieldKind.SPARSE:
         if validate:
             check_no_nulls(path, spec.name, array, row_offset, what)
-        values = array.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        values = _id_array(array.to_numpy(zero_copy_only=False))
         return check_ids(path, spec, values, None, row_offset), None
     check_no_null_elements(path, spec.name, array, row_offset, what)
     values, offsets = sequence_ids(array, spec)

@@ -1,5 +1,7 @@
 """ParquetBatchReader: tensors equal pyarrow's ground truth; rank sharding; shuffle; extras."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -220,3 +222,23 @@ def test_out_of_range_id_names_its_row_without_validation(tmp_path):
     for validate in (True, False):
         with pytest.raises(DataError, match=r"v\.parquet: column 'g', row 3: id 99 in sequence field 'g'"):
             list(ParquetBatchReader(schema, path, 4, prefetch=0, validate=validate))
+
+
+@pytest.mark.parametrize("kind", [FieldKind.SPARSE, FieldKind.SEQUENCE])
+def test_uint64_ids_above_the_int64_range_are_named_as_they_are_or_folded_when_hashed(tmp_path, kind):
+    """A uint64 id column (any integer type passes the footer check) is read as unsigned, as
+    ``prepare tabular`` reads it: an id above 2**63 - 1 is named as it is, not wrapped to a
+    negative one, and a hashed field folds the unsigned value."""
+    big = 2**64 - 3
+    ids = pa.array([1, big, 2, 2**63 + 1], pa.uint64())
+    column = ids if kind == FieldKind.SPARSE else pa.ListArray.from_arrays(pa.array([0, 1, 2, 3, 4], pa.int32()), ids)
+    path = str(tmp_path / "u.parquet")
+    pq.write_table(pa.table({"u": column, "label": pa.array([0, 1, 0, 1], pa.int8())}), path)
+    plain = DatasetSchema("s", [FieldSpec("u", kind, 10, max_length=4 if kind == FieldKind.SEQUENCE else 0)],
+                          row_key=None)
+    with pytest.raises(DataError, match=rf"u\.parquet: column 'u', row 1: id {big} in {kind.value} field 'u' is >= "
+                                        r"cardinality 10"):
+        list(ParquetBatchReader(plain, path, 4, prefetch=0))
+    hashed = DatasetSchema("s", [dataclasses.replace(plain.fields[0], hashed=True)], row_key=None)
+    batch = next(iter(ParquetBatchReader(hashed, path, 4, prefetch=0)))
+    assert batch.sparse_features["u"].values().tolist() == [1, big % 10, 2, (2**63 + 1) % 10]
