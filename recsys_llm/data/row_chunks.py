@@ -179,6 +179,7 @@ class ChunkConverter:
         self._extras = list(extras)
         self._row_key = row_key
         self._validate = validate
+        self._widths: Dict[str, Tuple[int, str]] = {}  # vector extra -> (width, file it was first read from)
 
     def columns(self) -> List[str]:
         names = [f.name for f in self._schema.fields] + [self._schema.label]
@@ -227,7 +228,13 @@ class ChunkConverter:
             if lengths.size and (lengths != width).any():
                 raise DataError(f"{path}: extra column {name!r}: rows have different vector lengths; expected a fixed size")
             values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            values = values.reshape(-1, width)  # (N, w)
+            seen = self._widths.setdefault(name, (width, path)) if lengths.size else (width, path)
+            if seen[0] != width:
+                # batches would mix (B, w) shapes, or concatenating two row groups would fail unnamed
+                raise DataError(f"{path}: extra column {name!r}: rows {row_offset}.. hold vectors of length {width}, "
+                                f"but those read before from {seen[1]} hold {seen[0]}; expected one vector size "
+                                "in every file of the split")
+            values = values.reshape(len(lengths), width)  # (N, w)
             if self._validate:
                 check_finite_extra(path, name, values, row_offset)
             return values

@@ -47,3 +47,24 @@ class TestNonFiniteExtras:
         _write(path, vectors, np.ones(10, np.float32))
         batches = list(ParquetBatchReader(SCHEMA, path, 4, extras=["llm_vector", "weight"], prefetch=0))
         np.testing.assert_array_equal(np.concatenate([b.extras["llm_vector"].numpy() for b in batches]), vectors)
+
+
+class TestVectorWidths:
+    @pytest.mark.parametrize("batch_size", [4, 3])  # batches cut at the file boundary, or across it
+    def test_files_with_other_vector_sizes_are_refused_naming_both(self, tmp_path, batch_size):
+        (tmp_path / "split").mkdir()
+        for index, width in enumerate([3, 5]):
+            _write(str(tmp_path / "split" / f"part{index}.parquet"), np.ones((4, width), np.float32),
+                   np.ones(4, np.float32))
+        reader = ParquetBatchReader(SCHEMA, str(tmp_path / "split"), batch_size, extras=["llm_vector"], prefetch=0)
+        with pytest.raises(DataError, match=r"part1\.parquet: extra column 'llm_vector': rows 0\.\. hold vectors of "
+                                            r"length 5, but those read before from .*part0\.parquet hold 3"):
+            list(reader)
+
+    def test_empty_vectors_are_read_as_zero_columns(self, tmp_path):
+        path = str(tmp_path / "e.parquet")
+        pq.write_table(pa.table({"item": pa.array(np.arange(6) % 5, pa.int64()), "x": pa.array(np.zeros(6, np.float32)),
+                                 "label": pa.array(np.zeros(6, np.int8)),
+                                 "llm_vector": pa.array([[]] * 6, pa.list_(pa.float32()))}), path)
+        batches = list(ParquetBatchReader(SCHEMA, path, 4, extras=["llm_vector"], prefetch=0))
+        assert [tuple(b.extras["llm_vector"].shape) for b in batches] == [(4, 0), (2, 0)]
