@@ -154,16 +154,17 @@ def categorical_column(
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Ids of a sparse or sequence column, checked (``check_ids``, folded if hashed).
 
-    A null inside a sequence's list is refused even without ``validate`` (it has no id, and
-    the check reads only the null count).
+    A null id (of a sparse field, or inside a sequence's list) is refused even without ``validate``:
+    it has no id (numpy would make it the int64 minimum, named as a negative id or, if hashed,
+    folded into a real one), and the check reads only the null count. ``validate`` is kept for
+    callers; the id checks run either way.
 
     Returns:
         Tuple: flat int64 ids and, for a sequence, its (N + 1,) offsets (None for a sparse field).
     """
     what = f"an id in [0, {spec.cardinality})"
     if spec.kind == FieldKind.SPARSE:
-        if validate:
-            check_no_nulls(path, spec.name, array, row_offset, what)
+        check_no_nulls(path, spec.name, array, row_offset, what)
         values = _id_array(array.to_numpy(zero_copy_only=False))
         return check_ids(path, spec, values, None, row_offset), None
     check_no_null_elements(path, spec.name, array, row_offset, what)

@@ -242,3 +242,16 @@ def test_uint64_ids_above_the_int64_range_are_named_as_they_are_or_folded_when_h
     hashed = DatasetSchema("s", [dataclasses.replace(plain.fields[0], hashed=True)], row_key=None)
     batch = next(iter(ParquetBatchReader(hashed, path, 4, prefetch=0)))
     assert batch.sparse_features["u"].values().tolist() == [1, big % 10, 2, (2**63 + 1) % 10]
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_null_in_a_sparse_column_names_file_column_and_row_without_validation(tmp_path, hashed):
+    """Like a null inside a sequence: a null id has no id, so even ``validate=False`` refuses it
+    (it used to become the int64 minimum: named as a negative id, or folded into a real id if hashed)."""
+    schema = DatasetSchema("s", [FieldSpec("u", FieldKind.SPARSE, 7, hashed=hashed)], row_key=None)
+    path = str(tmp_path / "n.parquet")
+    pq.write_table(pa.table({"u": pa.array([1, 2, 3, None], pa.int64()),
+                             "label": pa.array([0, 1, 0, 1], pa.int8())}), path, row_group_size=2)
+    for validate in (True, False):
+        with pytest.raises(DataError, match=r"n\.parquet: column 'u', row 3: null value; expected an id in \[0, 7\)"):
+            list(ParquetBatchReader(schema, path, 4, prefetch=0, validate=validate))
