@@ -240,6 +240,10 @@ class ChunkConverter:
                 check_finite_extra(path, name, values, row_offset)
             return values
         values = array.to_numpy(zero_copy_only=False)
+        if values.dtype == np.uint64 and values.size and values.max() > np.iinfo(np.int64).max:
+            row = int(np.argmax(values > np.iinfo(np.int64).max))
+            raise DataError(f"{path}: extra column {name!r}, row {row_offset + row}: value {values[row]} is above "
+                            f"2**63 - 1; expected integers that fit int64 (batches carry them as int64)")
         if values.dtype.kind in "iub":
             return values.astype(np.int64, copy=False)
         if values.dtype.kind == "f":

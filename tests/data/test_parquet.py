@@ -244,6 +244,20 @@ def test_uint64_ids_above_the_int64_range_are_named_as_they_are_or_folded_when_h
     assert batch.sparse_features["u"].values().tolist() == [1, big % 10, 2, (2**63 + 1) % 10]
 
 
+def test_a_uint64_row_key_above_the_int64_range_is_refused_naming_the_row(tmp_path):
+    """Batches carry row keys as int64: a larger uint64 key would wrap to a negative ``row_id``."""
+    schema = DatasetSchema("s", [FieldSpec("u", FieldKind.SPARSE, 7)], row_key="key")
+    path = str(tmp_path / "k.parquet")
+    keys = pa.array([0, 1, 2, 2**63], pa.uint64())
+    pq.write_table(pa.table({"u": pa.array([1, 2, 3, 4], pa.int64()), "label": pa.array([0, 1, 0, 1], pa.int8()),
+                             "key": keys}), path, row_group_size=2)
+    with pytest.raises(DataError, match=rf"k\.parquet: extra column 'key', row 3: value {2**63} is above 2\*\*63 - 1"):
+        list(ParquetBatchReader(schema, path, 4, prefetch=0))
+    pq.write_table(pa.table({"u": pa.array([1, 2], pa.int64()), "label": pa.array([0, 1], pa.int8()),
+                             "key": pa.array([5, 2**63 - 1], pa.uint64())}), path)
+    assert next(iter(ParquetBatchReader(schema, path, 4, prefetch=0))).extras["row_id"].tolist() == [5, 2**63 - 1]
+
+
 @pytest.mark.parametrize("hashed", [False, True])
 def test_null_in_a_sparse_column_names_file_column_and_row_without_validation(tmp_path, hashed):
     """Like a null inside a sequence: a null id has no id, so even ``validate=False`` refuses it
