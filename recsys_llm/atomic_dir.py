@@ -113,6 +113,7 @@ def replace_directory(tmp: str, final: str) -> None:
     goes back to ``final`` first; beside ``final`` it is a finished swap's, and is removed.
     ``tmp``'s files are flushed to disk before the swap, and the parent's entries after it.
     """
+    final = os.path.normpath(final)  # ``out/``: its ``.old`` is ``out.old``, not ``out/.old`` (a rename into itself)
     _readable_by_umask(tmp)
     fsync_tree(tmp)
     old = f"{final}.old"
@@ -234,6 +235,7 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     killed outright (SIGKILL, a lost machine) leaves its temp directory: the next run names
     such leftovers (it cannot tell them from another run's that is still writing).
     """
+    directory = os.path.normpath(directory)  # ``out/`` is ``out``: its earlier copy goes to ``out.old`` beside it
     old = f"{directory}.old"
     if not os.path.exists(directory) and os.path.isdir(old) and _holds(old, marker_files):
         os.replace(old, directory)  # a process killed between the two renames of its swap

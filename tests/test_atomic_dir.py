@@ -184,3 +184,16 @@ def test_a_swap_after_one_killed_between_its_renames_keeps_the_previous_copy_unt
     monkeypatch.undo()
     atomic_dir.replace_directory(str(tmp), str(final))
     assert (final / "a.txt").read_text(encoding="utf-8") == "second" and sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+
+def test_an_output_named_with_a_trailing_slash_is_replaced_beside_itself(tmp_path):
+    """``--output exports/student/`` (a shell completes directories so): the earlier copy goes to
+    ``exports/student.old``, not into ``exports/student/.old`` (a rename into itself: EINVAL)."""
+    target = str(tmp_path / "out") + os.sep
+    for text in ("first", "second"):
+        with atomic_directory(target, "output", ("a.txt",)) as tmp:
+            with open(os.path.join(tmp, "a.txt"), "w", encoding="utf-8") as handle:
+                handle.write(text)
+        assert (tmp_path / "out" / "a.txt").read_text() == text
+        assert sorted(os.listdir(tmp_path / "out")) == ["a.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
