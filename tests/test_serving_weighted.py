@@ -96,3 +96,26 @@ def test_a_weighted_gain_network_serves_its_entity_vectors_with_the_weights(tmp_
     with torch.no_grad():
         expected = task.predict(request).logits
     torch.testing.assert_close(served.logits(request.dense_features, request.sparse_features), expected)
+
+
+def test_weights_of_another_real_dtype_are_served_as_float32(tmp_path):
+    """Per-id weights built from numpy are float64 (and may be integer counts): served like float32
+    ones, as dense features of another dtype are, not a RuntimeError from inside embedding_bag."""
+    task = _weighted_task()
+    example = _request(4, 0)
+    export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
+    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    request = _request(6, 2)
+    sparse = request.sparse_features
+    for weights in (sparse.weights().double(), sparse.weights().round().to(torch.int64)):
+        as_sent = KeyedJaggedTensor.from_lengths_sync(keys=sparse.keys(), values=sparse.values(),
+                                                       lengths=sparse.lengths(), weights=weights)
+        as_float32 = KeyedJaggedTensor.from_lengths_sync(keys=sparse.keys(), values=sparse.values(),
+                                                          lengths=sparse.lengths(), weights=weights.float())
+        with torch.no_grad():
+            expected = task.predict(Batch(request.dense_features, as_float32, request.labels, {})).logits
+        assert torch.equal(served.logits(request.dense_features, as_sent), expected)
+    complex_weights = KeyedJaggedTensor.from_lengths_sync(keys=sparse.keys(), values=sparse.values(),
+                                                          lengths=sparse.lengths(), weights=sparse.weights().cfloat())
+    with pytest.raises(ValueError, match=r"sparse features: weights are torch\.complex64; expected real"):
+        served.logits(request.dense_features, complex_weights)
