@@ -69,6 +69,9 @@ def remove_directory(path: str) -> None:
     """Removes the directory ``path``, if any, by renaming it to a hidden name beside it first:
     a kill during the deletion leaves a hidden ``.<name>.removing-*`` directory that the next
     run names, never a partly deleted ``path``."""
+    if os.path.islink(path):  # the link alone (rmtree refuses links; what it points at is not ours to delete)
+        os.unlink(path)
+        return
     if not os.path.exists(path):
         return
     parent, name = os.path.split(os.path.abspath(path))
@@ -236,6 +239,8 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     such leftovers (it cannot tell them from another run's that is still writing).
     """
     directory = os.path.normpath(directory)  # ``out/`` is ``out``: its earlier copy goes to ``out.old`` beside it
+    if os.path.islink(directory):  # ``current -> v3``: written at v3, the link kept (as open() writes a link's file)
+        directory = os.path.realpath(directory)
     old = f"{directory}.old"
     if not os.path.exists(directory) and os.path.isdir(old) and _holds(old, marker_files):
         os.replace(old, directory)  # a process killed between the two renames of its swap

@@ -197,3 +197,18 @@ def test_an_output_named_with_a_trailing_slash_is_replaced_beside_itself(tmp_pat
         assert (tmp_path / "out" / "a.txt").read_text() == text
         assert sorted(os.listdir(tmp_path / "out")) == ["a.txt"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_an_output_that_is_a_symlink_is_written_where_it_points(tmp_path):
+    """``exports/current -> exports/v3``: the swap happens at the target, the link stays, and no
+    OSError ("Cannot call rmtree on a symbolic link") follows a finished swap, leaving the link
+    under a hidden name that later runs call a killed run's leftover."""
+    (tmp_path / "v3").mkdir()
+    os.symlink(tmp_path / "v3", tmp_path / "current")
+    for text in ("first", "second"):
+        with atomic_directory(str(tmp_path / "current"), "output", ("a.txt",)) as tmp:
+            with open(os.path.join(tmp, "a.txt"), "w", encoding="utf-8") as handle:
+                handle.write(text)
+        assert os.path.islink(tmp_path / "current")
+        assert (tmp_path / "v3" / "a.txt").read_text() == text
+    assert sorted(os.listdir(tmp_path)) == ["current", "v3"]
