@@ -464,3 +464,14 @@ def test_id_rules_on_cuda_requests():
                                               lengths=torch.tensor([1, 1, 1, 3], dtype=torch.int32)).to("cuda")
     ruled = rules(kjt)
     assert ruled.values().tolist() == [1, 2, 2, 3, 4] and ruled.lengths().tolist() == [1, 1, 1, 2]
+
+
+def test_a_state_only_export_is_named_as_such_not_as_another_format(tmp_path):
+    """``recsys-llm export --state-only`` writes weights for a teacher, not a servable artifact:
+    loading it says so (it said "export format None, this code reads 1")."""
+    from recsys_llm.cli.export import _write_state
+
+    _write_state({"model.w": torch.zeros(2)}, str(tmp_path / "teacher"), {})
+    with pytest.raises(ValueError, match=r"teacher: a `recsys-llm export --state-only` directory: the trained task's "
+                                         r"weights only \(model\.safetensors\), no tables\.json or dense program"):
+        ServedModel.load(str(tmp_path / "teacher"), trust_program=True)

@@ -108,8 +108,9 @@ def _write_state(state: Dict[str, Any], output: str, metadata: Dict[str, Any]) -
 
     from recsys_llm.atomic_dir import atomic_directory
     from recsys_llm.serving import EXPORT_MARKER_FILES, STATE_FILE
+    from recsys_llm.serving.artifact import STATE_ONLY_PROGRAM
 
-    config = {"state": STATE_FILE, "num_state_tensors": len(state), "dense_program": "none (state only)",
+    config = {"state": STATE_FILE, "num_state_tensors": len(state), "dense_program": STATE_ONLY_PROGRAM,
               "num_parameters": int(sum(v.numel() for v in state.values())), "feature_names": [], "metadata": metadata}
     with atomic_directory(output, "export", EXPORT_MARKER_FILES) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, STATE_FILE))

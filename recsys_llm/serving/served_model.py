@@ -24,6 +24,7 @@ from recsys_llm.serving.artifact import (
     FORMAT_VERSION,
     ID_RULES_KEY,
     STATE_FILE,
+    STATE_ONLY_PROGRAM,
     VERSION_CHECKED,
     VERSIONS_KEY,
     WEIGHTED_KEY,
@@ -207,8 +208,8 @@ class ServedModel(nn.Module):
         Raises:
             FileNotFoundError: ``directory`` is no directory.
             PermissionError: ``trust_program`` is False.
-            ValueError: another format version, no program was exported, or the artifact is
-                damaged or incomplete.
+            ValueError: another format version, a ``--state-only`` export, no program was exported, or
+                the artifact is damaged or incomplete.
         """
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such directory; expected an export artifact (`recsys-llm export`)")
@@ -216,6 +217,13 @@ class ServedModel(nn.Module):
         config = _read_json(config_path)
         if not isinstance(config, dict):
             _raise_damaged(config_path, f"holds a JSON {type(config).__name__}, expected an object")
+        if "format_version" not in config and config.get("dense_program") == STATE_ONLY_PROGRAM:
+            raise ValueError(
+                f"{directory}: a `recsys-llm export --state-only` directory: the trained task's weights only "
+                f"({STATE_FILE}), no tables.json or dense program to serve; load it with serving.load_state_file into "
+                "the task built by the model's code (e.g. as elec.teacher_checkpoint), or export the run without "
+                "--state-only to serve it"
+            )
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory}: export format {config.get('format_version')}, this code reads {FORMAT_VERSION}")
         missing = [key for key in CONFIG_KEYS if key not in config]
