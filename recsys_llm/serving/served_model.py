@@ -344,7 +344,8 @@ class ServedModel(nn.Module):
         that count them (:meth:`~recsys_llm.id_rules.IdRules.check_structure`); the dense
         features are (B, Dd) with the KJT's B, B > 0, and finite. Dense features of another
         real dtype (float64, integers) are converted to float32 (so are the per-id weights of a
-        weighted model); NaN / inf is refused, as the training reader refuses it. Each problem is a ValueError saying what was expected.
+        weighted model); NaN / inf is refused, as the training reader refuses it. Each problem is
+        a ValueError saying what was expected.
 
         The ids then go through the training reader's rules (:class:`~recsys_llm.id_rules.IdRules`):
         hashed features folded, sequences cut to ``max_length``, a row without an id or with
