@@ -435,7 +435,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     for (split, file_name), start, stop in zip(schema.splits.items(), bounds[:-1], bounds[1:]):
         table = pa.Table.from_pydict(columns, schema=arrow_schema).slice(start, stop - start)
         with SplitWriter(os.path.join(out_dir, file_name), arrow_schema, config.rows_per_group) as writer:
-            writer.write({name: table[name].combine_chunks() for name in arrow_schema.names})
+            writer.write({name: table[name] for name in arrow_schema.names})
     catalog_ids = np.unique(item_key)  # every movie of the .item file, rated or not
     catalog = {
         "item_id": catalog_ids,

@@ -32,11 +32,36 @@ def arrow_schema_for(schema: DatasetSchema, extra_types: Optional[Dict[str, pa.D
     return pa.schema(columns, metadata=field_specs_metadata(schema.fields))
 
 
-def list_array(lengths: np.ndarray, values: np.ndarray) -> pa.Array:
-    """A list<int64> Arrow array from per-row ``lengths`` (N,) and flat ``values`` (sum(lengths),)."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+LIST_IDS_PER_ARRAY = int(np.iinfo(np.int32).max)  # a list<...> array's offsets are int32
+
+
+def list_array(lengths: np.ndarray, values: np.ndarray,
+               max_ids_per_array: int = LIST_IDS_PER_ARRAY) -> Union[pa.Array, pa.ChunkedArray]:
+    """A list<int64> Arrow array from per-row ``lengths`` (N,) and flat ``values`` (sum(lengths),).
+
+    Arrow's list offsets are int32: more than ``max_ids_per_array`` ids in all (e.g. a long
+    history per row of MovieLens-32M) come as a ChunkedArray of pieces of whole rows, each under
+    the limit, instead of offsets that wrap.
+
+    Raises:
+        ValueError: one row alone holds more than ``max_ids_per_array`` ids.
+    """
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values, dtype=np.int64)))
+    flat = pa.array(np.asarray(values, dtype=np.int64))
+    if offsets[-1] <= max_ids_per_array:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
+    pieces, start = [], 0
+    while start < len(lengths):
+        stop = int(np.searchsorted(offsets, offsets[start] + max_ids_per_array, side="right")) - 1
+        if stop == start:
+            raise ValueError(f"row {start} holds {int(lengths[start])} ids, more than a list array holds "
+                             f"({max_ids_per_array})")
+        piece = offsets[start : stop + 1] - offsets[start]  # (rows + 1,)
+        pieces.append(pa.ListArray.from_arrays(pa.array(piece.astype(np.int32)),
+                                               flat.slice(int(offsets[start]), int(piece[-1]))))
+        start = stop
+    return pa.chunked_array(pieces)
 
 
 class SplitWriter:
@@ -66,14 +91,16 @@ class SplitWriter:
         self._pending_rows = 0
         self.num_rows = 0
 
-    def write(self, columns: Dict[str, Union[np.ndarray, pa.Array]]) -> None:
+    def write(self, columns: Dict[str, Union[np.ndarray, pa.Array, pa.ChunkedArray]]) -> None:
         """Appends rows given as column name -> array (cast to the writer's Arrow types)."""
         arrays = []
         for field in self._schema:
             if field.name not in columns:
                 raise DataError(f"{self._path}: chunk lacks column {field.name!r}; expected {self._schema.names}")
-            arrays.append(pa.array(columns[field.name]).cast(field.type) if not isinstance(columns[field.name], pa.Array)
-                          else columns[field.name].cast(field.type))
+            column = columns[field.name]
+            if not isinstance(column, (pa.Array, pa.ChunkedArray)):
+                column = pa.array(column)
+            arrays.append(column.cast(field.type))
         table = pa.Table.from_arrays(arrays, schema=self._schema)
         self._pending.append(table)
         self._pending_rows += table.num_rows

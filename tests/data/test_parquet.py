@@ -103,6 +103,26 @@ def test_sequences_truncated_and_vector_extras(tmp_path):
     np.testing.assert_allclose(extras["llm_vector"].numpy(), vectors)
 
 
+def test_a_list_column_past_arrows_int32_offsets_is_written_in_pieces(tmp_path):
+    """Arrow's list offsets are int32: past the limit (2**31 - 1 ids; a small one here), ``list_array``
+    gives whole-row pieces, which SplitWriter writes and the reader reads back as they were."""
+    lengths = np.array([2, 3, 0, 1, 4, 2])
+    values = np.arange(int(lengths.sum()))
+    pieces = list_array(lengths, values, max_ids_per_array=5)
+    assert isinstance(pieces, pa.ChunkedArray) and [len(chunk) for chunk in pieces.chunks] == [3, 2, 1]
+    whole = list_array(lengths, values)
+    assert isinstance(whole, pa.Array) and pieces.to_pylist() == whole.to_pylist()
+    with pytest.raises(ValueError, match="row 4 holds 4 ids, more than a list array holds \\(3\\)"):
+        list_array(lengths, values, max_ids_per_array=3)
+    schema = DatasetSchema("seq", [FieldSpec("hist", FieldKind.SEQUENCE, cardinality=100, max_length=8)], row_key=None)
+    path = str(tmp_path / "pieces.parquet")
+    with SplitWriter(path, arrow_schema_for(schema), row_group_size=4) as writer:
+        writer.write({"hist": pieces, "label": np.zeros(len(lengths), np.int8)})
+    (batch,) = ParquetBatchReader(schema, path, batch_size=len(lengths), prefetch=0)
+    assert batch.sparse_features["hist"].lengths().tolist() == lengths.tolist()
+    assert batch.sparse_features["hist"].values().tolist() == values.tolist()
+
+
 # (3, 533): ranks of 1066, 1067 and 1067 rows make 2, 3 and 3 batches; all ranks are capped at 2
 @pytest.mark.parametrize("world_size,batch_size,drop_last", [(2, 128, False), (3, 100, False), (3, 100, True), (4, 64, False),
                                                              (3, 533, False)])
