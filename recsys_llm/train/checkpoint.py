@@ -82,7 +82,7 @@ from recsys_llm.semantics.model_dir import file_sha256
 from recsys_llm.train.distributed import barrier
 
 PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
-_CKPT_RE = re.compile(r"^ckpt-(\d{8})(\.prev)?$")
+_CKPT_RE = re.compile(r"^ckpt-(\d{8,})(\.prev)?$")  # 8 digits, more past step 99,999,999
 TRAIN_STATE_FILE = "train_state.json"
 LATEST_FILE = "latest"
 # what tells one trained state from another (step, best metric, the tensors' storage layout), small

@@ -444,3 +444,18 @@ def test_exact_dense_reduction_can_be_switched_off_for_ddps_own_buckets(syntheti
     backward) on 3 ranks; on 2 a sum of two is exact whatever the order, so no hook is needed."""
     assert run_multiprocess(_dense_comm_hooks, world_size=3, schema_path=synthetic_dir) == [{True: 1, False: 0}] * 3
     assert run_multiprocess(_dense_comm_hooks, world_size=2, schema_path=synthetic_dir) == [{True: 0, False: 0}] * 2
+
+
+def test_a_checkpoint_past_step_99_999_999_is_found_and_resumed_from(tmp_path, monkeypatch) -> None:
+    """``ckpt-N`` pads N to 8 digits; a step of 9 digits must still name a complete checkpoint,
+    else a long run's newest checkpoints are invisible (a resume restarts from an older one) and
+    the pruning never removes them."""
+    _state_only_dcp(monkeypatch)
+    manager = CheckpointManager(str(tmp_path), keep=1)
+    model = nn.Linear(2, 1)
+    manager.save(model, None, TrainState(global_step=99_999_999))
+    newest = manager.save(model, None, TrainState(global_step=100_000_000))
+    assert manager.latest() == newest
+    assert manager.list_complete() == [newest]  # the older one pruned (keep=1)
+    assert manager.holds_step(100_000_000)
+    assert load_checkpoint(newest, nn.Linear(2, 1)).global_step == 100_000_000
