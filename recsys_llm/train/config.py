@@ -209,6 +209,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if origin in (list, List, tuple) or annotation in (list, tuple):
+        if isinstance(value, str) and not value.strip():
+            value = []  # ``key=`` (an empty override, as '' turns a str setting off): no items, not one ''
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -226,6 +228,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):  # an unquoted 0 / 1, which YAML reads as an integer
+            return bool(value)
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.lstrip("-").isdigit()):

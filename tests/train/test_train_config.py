@@ -72,6 +72,21 @@ class TestLoadConfig:
         # the override is named as the source, not the file
         assert str(info.value).startswith("command-line override(s)") or "section.key=value" in str(info.value)
 
+    def test_an_empty_override_of_a_list_empties_it(self) -> None:
+        """``key=`` is how a str setting is turned off (data.valid_split=); for a list it means no
+        items, not one item '' (a column '' to read, an unknown sharding type '')."""
+        config = load_config(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"),
+                             ["data.extras=", "sharding.sharding_types=", "model.finalmlp_context1="])
+        assert config.data.extras == []
+        assert config.sharding.sharding_types == []
+        assert config.model.finalmlp_context1 == ()
+
+    @pytest.mark.parametrize("text, value", [("0", False), ("1", True)])
+    def test_a_boolean_override_of_0_or_1_is_read_as_the_coercion_means(self, text: str, value: bool) -> None:
+        """YAML reads an unquoted 0 / 1 as an integer: the coercion takes "0" / "1" as booleans, so these too."""
+        config = load_config(None, [f"train.resume={text}", f"data.shuffle={text}"])
+        assert config.train.resume is value and config.data.shuffle is value
+
     def test_an_error_in_the_file_names_the_file_even_with_overrides(self, tmp_path) -> None:
         bad = tmp_path / "bad.yaml"
         bad.write_text("train:\n  epoch: 3\n")
