@@ -133,6 +133,9 @@ class TrainState:
             raw = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"{source}: not valid JSON: {error}") from error
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: holds a JSON {type(raw).__name__}, expected an object of train-state keys; "
+                             "the checkpoint is damaged: delete it to resume from the one before")
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - allowed
         if unknown:

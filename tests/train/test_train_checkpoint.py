@@ -459,3 +459,14 @@ def test_a_checkpoint_past_step_99_999_999_is_found_and_resumed_from(tmp_path, m
     assert manager.list_complete() == [newest]  # the older one pruned (keep=1)
     assert manager.holds_step(100_000_000)
     assert load_checkpoint(newest, nn.Linear(2, 1)).global_step == 100_000_000
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "7"])
+def test_a_train_state_that_is_no_json_object_is_named_as_damaged(tmp_path, text: str) -> None:
+    path = _write_fake(str(tmp_path), "ckpt-00000010", complete=True)
+    state_file = os.path.join(path, "train_state.json")
+    with open(state_file, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    with pytest.raises(ValueError) as info:
+        read_train_state(path)
+    assert str(info.value).startswith(f"{state_file}: "), str(info.value)
