@@ -245,6 +245,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML's yes / no / on / off / true / false: never the text meant here
+            raise ConfigError(f"{where}: expected a string, got the boolean {value!r} (YAML reads yes, no, on, off, "
+                              "true and false as booleans): quote it, e.g. key='off'")
         return "" if value is None else str(value)
     if dataclasses.is_dataclass(annotation):
         return build_dataclass(annotation, value, where)

@@ -51,6 +51,8 @@ class TestLoadConfig:
             ("train.epochs", "must look like section.key=value"),
             ("data.batch_size=0", "data.batch_size=0 (must be >= 1)"),
             ("data.eval_batch_size=-1", "data.eval_batch_size=-1 (must be >= 1, or 0 for data.batch_size)"),
+            ("data.valid_split=off", "data.valid_split: expected a string, got the boolean False (YAML reads yes, no, "
+                                     "on, off, true and false as booleans): quote it, e.g. key='off'"),
             ("data.prefetch=-1", "data.prefetch=-1 (must be >= 0 batches, 0 to read in the training thread)"),
             ("train.device=gpu", "train: device='gpu' (must be one of auto, cpu, cuda)"),
             ("sharding.compute_device=gpu", "sharding.compute_device must be 'auto', 'cpu' or 'cuda', got 'gpu'"),
