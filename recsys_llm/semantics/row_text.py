@@ -101,16 +101,24 @@ class RowTextRenderer:
         self._config = config or RowTextConfig()
         names = self._config.fields if self._config.fields is not None else [f.name for f in schema.fields]
         self._fields: List[FieldSpec] = [schema.field(n) for n in names]
-        self._value_text: Dict[str, pa.Table] = {}
+        # field name -> (id, text) table, None when the field has no value text; the configured fields'
+        # are read here (a bad file is named at once), other fields' (an entity's text) when first needed
+        self._value_text: Dict[str, Optional[pa.Table]] = {}
         for spec in self._fields:
-            table = schema.load_value_text(spec.name) if spec.is_categorical else None
+            self._value_table(spec)
+
+    def _value_table(self, spec: FieldSpec) -> Optional[pa.Table]:
+        """The value text of a sparse or sequence field as ``id`` (int64), ``text`` (string); None without one."""
+        if spec.name not in self._value_text:
+            table = self._schema.load_value_text(spec.name) if spec.is_categorical else None
             if table is not None:
                 ids = table.column("id")
                 if not pa.types.is_integer(ids.type):
-                    raise SchemaError(f"{schema.value_text_path(spec.name)}: column 'id' must be int64, got {ids.type}")
-                self._value_text[spec.name] = pa.table(
-                    {"id": pc.cast(ids, pa.int64()), "text": pc.cast(table.column("text"), pa.string())}
-                )
+                    raise SchemaError(
+                        f"{self._schema.value_text_path(spec.name)}: column 'id' must be int64, got {ids.type}")
+                table = pa.table({"id": pc.cast(ids, pa.int64()), "text": pc.cast(table.column("text"), pa.string())})
+            self._value_text[spec.name] = table
+        return self._value_text[spec.name]
 
     @property
     def config(self) -> RowTextConfig:
@@ -144,7 +152,7 @@ class RowTextRenderer:
     def _id_text(self, spec: FieldSpec, ids: pa.Array) -> pa.Array:
         ids = pc.cast(ids, pa.int64())
         as_number = pc.cast(ids, pa.string())
-        table = self._value_text.get(spec.name)
+        table = self._value_table(spec)
         if table is None:
             return as_number
         index = pc.index_in(ids, value_set=table.column("id"))  # (N,) row of each id, null if absent

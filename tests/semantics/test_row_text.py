@@ -73,6 +73,16 @@ class TestRowTextRenderer:
         users = renderer.entity_text(rows(), "user_id").column("text").to_pylist()
         assert users == ["user name is Alice.", "user name is Bob.", "user name is Carl.", "user name is 5."]
 
+    def test_entity_text_of_fields_outside_the_row_text_fields_uses_their_value_text(self, tmp_path):
+        """`semantics export --granularity entity --entity-fields` may name fields the LLM's row text (adapt
+        --fields) leaves out: their ids were written as numbers, not as their value text."""
+        renderer = RowTextRenderer(make_schema(str(tmp_path)), RowTextConfig(fields=["item_id"]))
+        items = renderer.entity_text(rows(), "item_id", ["item_id", "genres"]).column("text").to_pylist()
+        assert items == ["item id is 0. genres is none.", "item id is 1. genres is Horror.",
+                         "item id is 3. genres is Drama, Comedy."]
+        users = renderer.entity_text(rows(), "user_id").column("text").to_pylist()
+        assert users == ["user name is Alice.", "user name is Bob.", "user name is Carl.", "user name is 5."]
+
 
 class TestRowTextConfig:
     """A template is filled by replacing {description} and {value}: any other {...} would reach the LLM."""
