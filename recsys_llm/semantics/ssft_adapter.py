@@ -141,11 +141,13 @@ def load_tuned_encoder(
         config_path = os.path.join(adapter_dir, "adapter_config.json")
         detail = f"peft cannot build the adapter it describes: {type(error).__name__}: {one_line(error)[:300]}"
         raise _damaged_adapter_file(config_path, detail) from error
-    # the adapter's weight files as they are now (ssft.json's adapter_hash says what was tuned;
-    # files copied over it since must not hit the vectors cached for the old ones)
+    # the files peft built the adapter from as they are now: its weights and adapter_config.json (its
+    # lora_alpha scales the weights merged in); ssft.json's adapter_hash says what was tuned, and files
+    # copied or edited over it since must not hit the vectors cached for the old ones
     adapter_files = hashlib.sha256("".join(
         f"{name}:{file_fingerprint(os.path.join(adapter_dir, name))}\n"
-        for name in sorted(os.listdir(adapter_dir)) if name.endswith((".safetensors", ".bin"))).encode()).hexdigest()[:8]
+        for name in sorted(os.listdir(adapter_dir))
+        if name.endswith((".safetensors", ".bin")) or name == "adapter_config.json").encode()).hexdigest()[:8]
     encoder = TextEncoder.from_model(
         model, tokenizer, pooling=info["pooling"], batch_size=batch_size, max_length=info["max_length"],
         model_id=f"{base_path}+ssft:{info['adapter_hash']}",

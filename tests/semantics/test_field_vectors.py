@@ -109,3 +109,41 @@ def test_an_output_directory_is_refused_before_the_model_loads(tmp_path, tiny_sc
     with pytest.raises(ValueError, match=r"is a directory; give the path of the field-vector file to write, "
                                          r"e.g. .*fields.safetensors"):
         encode_field_vectors(config, tiny_schema, str(tmp_path))
+
+
+def test_an_edited_adapter_config_misses_the_encode_cache(tmp_path, tiny_llama_dir) -> None:
+    """peft merges the adapter's weights scaled by adapter_config.json's lora_alpha / r: a config edited or
+    copied over the tuned one (same weights) encodes other vectors, which must not hit the cached ones."""
+    from peft import LoraConfig, get_peft_model
+
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint
+    from recsys_llm.semantics.model_loading import load_model
+    from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE, load_tuned_encoder
+    from recsys_llm.semantics.store import cached_encode
+    from tests.tiny_models import SAMPLE_TEXTS
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(load_model(tiny_llama_dir, torch.device("cpu"), torch.float32), lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # as tuned: B starts at zero, which would leave the base model as it is
+    adapter = str(tmp_path / "adapter")
+    model.save_pretrained(adapter)
+    info = {"base_model_path": tiny_llama_dir, "base_model_hash": model_dir_fingerprint(tiny_llama_dir),
+            "adapter_hash": "a1", "pooling": "last_token", "max_length": 64, "fields": [], "templates": {}}
+    with open(os.path.join(adapter, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
+        json.dump(info, handle)
+    cache = str(tmp_path / "cache")
+    tuned = cached_encode(load_tuned_encoder(adapter)[0], SAMPLE_TEXTS, "t", cache, progress=False)
+    config_path = os.path.join(adapter, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump({**config, "lora_alpha": 32}, handle)
+    encoder = load_tuned_encoder(adapter)[0]
+    expected = encoder.encode(SAMPLE_TEXTS, progress=False)
+    assert not torch.allclose(expected, tuned)
+    torch.testing.assert_close(cached_encode(encoder, SAMPLE_TEXTS, "t", cache, progress=False), expected,
+                               atol=0, rtol=0)
