@@ -2,7 +2,7 @@
 
 Layout of an export directory::
 
-    manifest.json          provenance, chunk size, number of rows/chunks, dim, dtype
+    manifest.json          provenance, chunk size, number of rows/chunks, a hash of the keys in order, dim, dtype
     chunk-00000.parquet    columns: key (int64), vector (fixed_size_list<float32|float16, d>)
     chunk-00001.parquet    ... each with the provenance in the Parquet schema metadata
 
@@ -34,6 +34,7 @@ Example::
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import re
@@ -206,11 +207,13 @@ class VectorExport:
     def provenance(self) -> Dict[str, str]:
         return dict(self._provenance)
 
-    def _write_manifest(self, num_rows: int, rank: int) -> Dict[str, object]:
+    def _write_manifest(self, keys: np.ndarray, rank: int) -> Dict[str, object]:
+        num_rows = len(keys)
         manifest = {
             "provenance": self._provenance,
             "chunk_rows": self._config.chunk_rows,
             "num_rows": num_rows,
+            "keys_sha256": hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()[:16],
             "num_chunks": (num_rows + self._config.chunk_rows - 1) // self._config.chunk_rows,
             "key_column": self._config.key_column,
             "vector_column": self._config.vector_column,
@@ -227,6 +230,14 @@ class VectorExport:
                 ) from error
             settings = ("chunk_rows", "num_rows", "key_column", "vector_column")
             differs = [k for k in settings if existing[k] != manifest[k]]
+            if not differs and existing.get("keys_sha256", manifest["keys_sha256"]) != manifest["keys_sha256"]:
+                # as many rows, other keys or in another order (other splits, splits in another order, other
+                # data): a finished chunk i would hold other rows than this run's chunk i
+                raise ValueError(
+                    f"{self._directory}: holds an export of other rows (keys in another order, or other keys: other "
+                    "splits, the splits in another order, or other data), as many as this run's; use another "
+                    "--output-dir, or re-run with the splits it was made from"
+                )
             if differs:
                 theirs = ", ".join(f"{k}={existing[k]!r}" for k in differs)
                 ours = ", ".join(f"{k}={manifest[k]!r}" for k in differs)
@@ -322,10 +333,11 @@ class VectorExport:
         keys = pc.cast(keys, pa.int64())
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()
-        require_unique_keys(keys.to_numpy(zero_copy_only=False), f"{self._directory}: the keys to export")
+        key_values = keys.to_numpy(zero_copy_only=False)  # (N,) int64
+        require_unique_keys(key_values, f"{self._directory}: the keys to export")
         check_export_dir(self._directory)
         os.makedirs(self._directory, exist_ok=True)
-        self._write_manifest(len(keys), rank)
+        self._write_manifest(key_values, rank)
         pending = self.pending_chunks(len(keys), rank, world_size)
         metadata = {PROVENANCE_KEY: json.dumps(self._provenance, sort_keys=True).encode()}
         written = []

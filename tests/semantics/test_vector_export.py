@@ -419,6 +419,22 @@ def test_a_resume_with_another_chunk_size_or_row_count_is_refused(tmp_path):
     assert encoder.calls == 0
 
 
+def test_a_resume_over_other_rows_of_the_same_count_is_refused(tmp_path):
+    """Other keys, or the same keys in another order (splits passed in another order): chunk i would
+    hold other rows, so a finished chunk must not be kept for them."""
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(20)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, CountingEncoder(), progress=False)
+    os.remove(chunk_path(out, 1))  # an unfinished export: its resume would keep chunk 0
+    encoder = CountingEncoder()
+    for other in (pa.array(np.arange(200, 220), pa.int64()), pa.array(np.arange(119, 99, -1), pa.int64())):
+        with pytest.raises(ValueError, match=r"holds an export of other rows"):
+            VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(other, texts, encoder, progress=False)
+    assert encoder.calls == 0
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, encoder, progress=False)
+    assert encoder.calls == 1  # the same rows resume: only the missing chunk
+
+
 def test_a_chunk_killed_while_being_written_is_no_chunk(tmp_path, monkeypatch):
     """The write fails after part of the file is on disk: no chunk file, and a resume redoes only it."""
     import recsys_llm.semantics.vector_export as vector_export
