@@ -84,8 +84,11 @@ class RowTextConfig:
         return template
 
     def fingerprint(self) -> str:
-        """A stable string of the settings (part of a vector file's provenance)."""
-        return repr(sorted(dataclasses.asdict(self).items()))
+        """A stable string of the settings (part of a vector file's provenance); per-field templates
+        given in another order are the same settings."""
+        settings = dataclasses.asdict(self)
+        settings["templates"] = dict(sorted(settings["templates"].items()))
+        return repr(sorted(settings.items()))
 
 
 class RowTextRenderer:

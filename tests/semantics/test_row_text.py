@@ -49,6 +49,13 @@ class TestRowTextRenderer:
         assert texts[:3] == ["user name is Acme Inc. 3. is the item", "user name is a.b. 3. is the item",
                              "user name is Help! 1. is the item"]
 
+    def test_the_fingerprint_does_not_depend_on_the_order_of_the_per_field_templates(self):
+        one = RowTextConfig(templates={"b": "{value} b", "a": "{value} a"})
+        other = RowTextConfig(templates={"a": "{value} a", "b": "{value} b"})
+        assert one.fingerprint() == other.fingerprint()
+        assert one.fingerprint() != RowTextConfig(templates={"a": "{value} a"}).fingerprint()
+        assert RowTextConfig().fingerprint() == repr(sorted(dataclasses.asdict(RowTextConfig()).items()))  # as before
+
     def test_sliced_input_and_templates(self, tmp_path):
         config = RowTextConfig(fields=["genres", "user_id"], separator=" | ", missing_value="?",
                                templates={"user_id": "the user is called {value}"})
