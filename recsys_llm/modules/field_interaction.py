@@ -119,9 +119,7 @@ def semantic_pair_sum(
 def _refreeze_after_load(module: "FieldInteractionEnhancement", incompatible_keys: object) -> None:
     """Load-state-dict post hook: a frozen term's constant weights follow the loaded Linear."""
     if module.frozen:
-        module.freeze()
-        if module.serving_pair_matrix is not None:
-            module.set_serving_key_order(module._serving_keys)
+        module.freeze()  # refreshes the serving matrix too
 
 
 class FieldInteractionEnhancement(nn.Module):
@@ -237,6 +235,8 @@ class FieldInteractionEnhancement(nn.Module):
         """
         self.frozen_pair_weights.copy_(self.pair_weight(self.pair_similarity))
         self._frozen = True
+        if self._serving_keys is not None:  # the serving matrix made from the weights before follows the new ones
+            self.serving_pair_matrix = self.weighted_pair_matrix(self._serving_keys)
 
     def unfreeze(self) -> None:
         """Back to computing pair weights from the trainable Linear."""

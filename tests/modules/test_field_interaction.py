@@ -141,6 +141,21 @@ class TestFieldInteractionEnhancement:
         with pytest.raises(KeyError, match=r"FIE fields \['d'\] are not among"):
             fie.weighted_pair_matrix(["a", "b", "c"])
 
+    def test_freezing_again_refreshes_the_serving_matrix(self) -> None:
+        """freeze() stores the current weights: a serving matrix set before follows them, so the
+        logits do not depend on whether the embeddings come in the serving key order."""
+        torch.manual_seed(0)
+        kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
+        reordered = KeyedTensor.from_tensor_list(["d", "c", "b", "a"], [kt[k] for k in ["d", "c", "b", "a"]])
+        fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)
+        fie.freeze()
+        fie.set_serving_key_order(kt.keys())
+        torch.nn.init.normal_(fie.pair_weight.weight)
+        fie.freeze()  # the new weights
+        with torch.no_grad():
+            torch.testing.assert_close(fie.serving_pair_matrix, fie.weighted_pair_matrix(kt.keys()))
+            torch.testing.assert_close(fie.logit(kt), fie.logit(reordered))
+
     def test_fx_traceable(self) -> None:
         torch.manual_seed(0)
 
