@@ -117,9 +117,12 @@ def semantic_pair_sum(
 
 
 def _refreeze_after_load(module: "FieldInteractionEnhancement", incompatible_keys: object) -> None:
-    """Load-state-dict post hook: a frozen term's constant weights follow the loaded Linear."""
+    """Load-state-dict post hook: a frozen term's constant weights follow the loaded Linear, and so
+    do its serving matrix and what it folded into a backbone (frozen or not)."""
     if module.frozen:
-        module.freeze()  # refreshes the serving matrix too
+        module.freeze()  # refreshes the serving matrix and the fold too
+    else:
+        module._refresh_fold()
 
 
 class FieldInteractionEnhancement(nn.Module):
@@ -174,6 +177,7 @@ class FieldInteractionEnhancement(nn.Module):
         self._frozen = False
         self._serving_keys: Optional[Tuple[str, ...]] = None
         self._folded_into: Optional["weakref.ref[nn.Module]"] = None  # a weak reference: not a submodule
+        self._folded_matrix: Optional[torch.Tensor] = None  # what fold_into added to that backbone
         rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)  # (P,), (P,)
         normed = F.normalize(field_vectors.detach().float(), dim=-1)  # (N, d_llm)
         similarity = (normed @ normed.t())[rows, cols]  # (P,)
@@ -237,6 +241,7 @@ class FieldInteractionEnhancement(nn.Module):
         self._frozen = True
         if self._serving_keys is not None:  # the serving matrix made from the weights before follows the new ones
             self.serving_pair_matrix = self.weighted_pair_matrix(self._serving_keys)
+        self._refresh_fold()  # and so does what fold_into added to a backbone
 
     def unfreeze(self) -> None:
         """Back to computing pair weights from the trainable Linear."""
@@ -280,15 +285,27 @@ class FieldInteractionEnhancement(nn.Module):
                 f"FIE is already folded into this {type(backbone).__name__}; folding it again would count it twice "
                 "(undo with backbone.fold_pair_weights(None) first)"
             )
-        backbone.fold_pair_weights(self.weighted_pair_matrix(backbone.feature_names))
+        folded = self.weighted_pair_matrix(backbone.feature_names)
+        backbone.fold_pair_weights(folded)
         self._folded_into = weakref.ref(backbone)
+        self._folded_matrix = folded
         return True
+
+    @torch.no_grad()
+    def _refresh_fold(self) -> None:
+        """Replaces what :meth:`fold_into` added to its backbone (if still folded) by the current weights."""
+        backbone = self._folded_backbone()
+        if backbone is None or self._folded_matrix is None:
+            return
+        folded = self.weighted_pair_matrix(backbone.feature_names)
+        backbone.fold_pair_weights(folded - self._folded_matrix)  # the fold is additive: swap old for new
+        self._folded_matrix = folded
 
     def _folded_backbone(self) -> Optional[nn.Module]:
         """The backbone this term is folded into, while its folded weights are in place."""
         backbone = self._folded_into() if self._folded_into is not None else None
         if backbone is None or backbone.folded_pair_weight is None:  # gone, or unfolded since
-            self._folded_into = None
+            self._folded_into, self._folded_matrix = None, None
             return None
         return backbone
 

@@ -76,6 +76,29 @@ class TestPairWeightFolding:
             torch.testing.assert_close(output.logits + fie(output), expected)  # unfolded: the term runs again
         assert "folded_pair_weight" not in model.state_dict()
 
+    def test_loading_a_folded_term_refolds_its_loaded_weights(self, schema, kjt, dense, name: str) -> None:
+        """A folded FIE that loads a state dict (frozen: its constant weights follow the loaded
+        Linear) updates what it folded into the backbone, instead of leaving its old weights there."""
+        model = self._backbone(schema, name)
+        vectors = torch.randn(2, 6)
+        fie = FieldInteractionEnhancement(vectors, ["item_id", "user_id"], weight=0.7)
+        trained = FieldInteractionEnhancement(vectors, ["item_id", "user_id"], weight=0.7)
+        torch.nn.init.normal_(fie.pair_weight.weight)
+        torch.nn.init.normal_(trained.pair_weight.weight)
+        with torch.no_grad():
+            output = model(dense, kjt)
+            expected = output.logits + trained(output)
+            for frozen in (True, False):
+                if frozen:
+                    fie.freeze()
+                assert fie.fold_into(model)
+                fie.load_state_dict(trained.state_dict())
+                torch.testing.assert_close(model(dense, kjt).logits, expected, rtol=1e-5, atol=1e-5)
+                model.fold_pair_weights(None)
+                fie.unfreeze()
+                torch.testing.assert_close(output.logits + fie(output), expected)
+                torch.nn.init.normal_(fie.pair_weight.weight)
+
     def test_folds_add_up_and_are_checked(self, schema, kjt, dense, name: str) -> None:
         model = self._backbone(schema, name)
         num_sparse = len(model.feature_names)
