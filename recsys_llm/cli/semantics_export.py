@@ -88,6 +88,7 @@ def _adapt(args: argparse.Namespace) -> int:
     checkpoint = TuneCheckpoint(adapt_checkpoint_dir(args.output_dir), every_steps=args.checkpoint_every,
                                 resume=not args.no_resume)
     check_checkpoint_dir(checkpoint.directory)
+    device = resolve_device(args.device)  # before any work: a device this machine lacks is named at once
     schema = DatasetSchema.load(args.schema)
     text_config = _row_text_config(args)
     config = CTRLLMConfig(
@@ -116,7 +117,7 @@ def _adapt(args: argparse.Namespace) -> int:
                            **{f"row_text.{key}": value for key, value in row_text.items()}}
     tuned_config = dataclasses.replace(config, sample_rows=None)
     check_tune_checkpoint(checkpoint, texts, labels, tuned_config)  # before the LLM loads
-    model = CTRAdaptedLLM.from_config(config, args.trust_remote_code).to(resolve_device(args.device))
+    model = CTRAdaptedLLM.from_config(config, args.trust_remote_code).to(device)
     losses = tune_ctr_llm(model, texts, labels, tuned_config, checkpoint=checkpoint)
     save_ctr_llm(model, args.output_dir, extra_json={ROW_TEXT_FILE: row_text, ADAPTED_ON_FILE: adapted_on})
     remove_checkpoint(checkpoint.directory)
@@ -145,6 +146,7 @@ def _export(args: argparse.Namespace) -> int:
                          "whose ids get a vector each (e.g. --entity-field item_id)")
     splits: List[str] = args.splits or sorted(schema.splits)
     rank, world = rank_and_world()
+    device = resolve_device(args.device)  # before the LLM loads
     check_export_dir(args.output_dir)  # before the LLM loads
     renderer = RowTextRenderer(schema, _row_text_config(args))
     _check_adapted_on(args.llm, schema, renderer.field_names)
@@ -159,7 +161,7 @@ def _export(args: argparse.Namespace) -> int:
 
         check_run_dir_shared(args.output_dir, setting="--output-dir",
                              use="Every rank writes its chunks into --output-dir, and rank 0 attaches them all")
-    model = load_ctr_llm(args.llm, trust_remote_code=args.trust_remote_code).to(resolve_device(args.device))
+    model = load_ctr_llm(args.llm, trust_remote_code=args.trust_remote_code).to(device)
     config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
                                 projection=args.projection)
     written = export_schema_vectors(

@@ -39,14 +39,36 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def resolve_device(device: Optional[str]) -> torch.device:
+def resolve_device(device: Optional[str], setting: str = "--device") -> torch.device:
     """``device`` as given (None: CUDA when available, else CPU). A bare ``cuda`` is this
     process's GPU, chosen as the trainer chooses it (``train.distributed.select_device``):
     ``cuda:{LOCAL_RANK}`` under ``torchrun`` (so ranks do not share GPU 0), or ``cuda:0`` when
-    the process sees a single GPU; too few GPUs is a RuntimeError."""
-    resolved = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if resolved.type == "cuda" and resolved.index is None:
-        return select_device(int(os.environ.get("LOCAL_RANK", "0")), "cuda")  # the trainer's choice of GPU
+    the process sees a single GPU.
+
+    Raises:
+        ValueError: naming ``setting``: ``device`` is no device name torch knows, or a GPU
+            (``cuda``, ``cuda:N``) this process does not see.
+    """
+    if not device:
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(f"{setting} {device!r}: not a device name torch knows; expected e.g. cpu, cuda or "
+                             "cuda:0") from None
+    if resolved.type != "cuda":
+        return resolved
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if resolved.index is None and visible:
+        try:  # the trainer's choice of GPU
+            return select_device(int(os.environ.get("LOCAL_RANK", "0")), "cuda")
+        except ValueError as error:
+            raise ValueError(f"{setting} {device!r}: {error}" if device else str(error)) from None
+    if (resolved.index or 0) >= visible:
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"{setting} {device!r}: this process sees {visible} GPU(s) (torch {torch.__version__}, "
+                         f"{build}); pass a GPU it sees, or cpu")
     return resolved
 
 

@@ -268,3 +268,33 @@ def test_only_rank_0_shows_transformers_loading_bar(tmp_path, tiny_schema, tiny_
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert ("Loading weights" in done.stderr) == (rank == "0"), done.stderr
+
+
+def _missing_gpu() -> str:
+    """A CUDA device this machine does not have (``cuda:0`` on a CPU-only machine)."""
+    return f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+
+
+@pytest.mark.parametrize("command", ["tune", "encode", "adapt", "export"])
+@pytest.mark.parametrize("device", ["gpu0", "missing", "cuda"])
+def test_a_device_this_machine_lacks_is_one_line_naming_the_flag(tmp_path, tiny_schema, tiny_bert_dir, capsys,
+                                                                  command, device) -> None:
+    """``--device`` takes what ``--help`` shows (e.g. cuda:0): a name torch does not know, or a GPU the
+    machine lacks, is a user error of the flag (exit code 2), not a traceback from deep in torch, and
+    adapt / export name it before the LLM loads (export's --llm here is no CTR-adapted LLM at all)."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU for a bare cuda")
+    device = _missing_gpu() if device == "missing" else device
+    out = str(tmp_path / "out")
+    argv = {
+        "tune": ["--model", tiny_bert_dir, "--output-dir", out, "--samples-train", "4", "--samples-valid", "2"],
+        "encode": ["--model", tiny_bert_dir, "--output", out + ".safetensors"],
+        "adapt": ["--model", tiny_bert_dir, "--output-dir", out],
+        "export": ["--llm", tiny_bert_dir, "--output-dir", out],
+    }[command]
+    code = main(["semantics", command, "--schema", tiny_schema.root, "--device", device, *argv])
+    line = _error_line(capsys)
+    assert code == 2, line
+    assert line.startswith(f"recsys-llm semantics: error: --device {device!r}: "), line
+    assert "train.device" not in line
+    assert not os.path.exists(out) and not os.path.exists(out + ".safetensors")
