@@ -362,3 +362,17 @@ def test_a_torch_fbgemm_torchrec_set_that_does_not_import_is_one_line_before_any
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("recsys-llm: error: torch/fbgemm-gpu/torchrec do not import together (torch ")
     assert "known to work: torch 2.13 + fbgemm-gpu 1.8.0 + torchrec 1.8.0" in first
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_config_that_is_not_valid_yaml_is_one_line(tmp_path, capsys, where) -> None:
+    """A broken config file or override value ends with the command's one error line (PyYAML's
+    message spans several lines: its problem, then the mark with the text and a caret)."""
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  epochs: [1\n" if where == "file" else "train:\n  epochs: 1\n", encoding="utf-8")
+    overrides = ["train.epochs=[1"] if where == "override" else []
+    code = main(["train", "--config", str(config), *overrides])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert err[0].startswith("recsys-llm train: error: ") and "not valid YAML" in err[0], err
+    assert err[1:] == ["(set RECSYS_LLM_TRACEBACK=1 for the traceback)"], err

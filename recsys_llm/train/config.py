@@ -31,6 +31,7 @@ from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Typ
 import yaml
 
 from recsys_llm.data.schema import UniqueKeyLoader, read_utf8_text, schema_file
+from recsys_llm.error_text import one_line
 from recsys_llm.models.registry import ModelConfig
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig
 
@@ -298,7 +299,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
         try:
             value = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else ""
         except yaml.YAMLError as error:
-            raise ConfigError(f"override {override!r}: value is not valid YAML: {error}") from error
+            raise ConfigError(f"override {override!r}: value is not valid YAML: {one_line(error)}") from error
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -338,7 +339,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
         try:
             raw = yaml.load(text, Loader=UniqueKeyLoader) or {}  # a key written twice is an error, not last-wins
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+            raise ConfigError(f"{path}: not valid YAML: {one_line(error)}") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     from_file = copy.deepcopy(raw)
