@@ -159,7 +159,7 @@ def test_help_shows_the_defaults_outside_the_semantics_group_too(capsys) -> None
     assert "train,valid,test shares (default: 0.8,0.1,0.1)" in tabular
     assert "CSV delimiter (default: ',')" in tabular
     demo = _help(["demo"], capsys)
-    for text in ("(default: data/synthetic)", "--rows ROWS rows to generate when the data is missing (default: 200000)",
+    for text in ("(default: data/synthetic)", "--rows ROWS rows to generate when the data is missing (at least 10) (default: 200000)",
                  "(default: runs/demo)"):
         assert text in demo
     assert "rows per teacher call (default: 4096)" in _help(["teacher-outputs"], capsys)
@@ -376,3 +376,11 @@ def test_a_config_that_is_not_valid_yaml_is_one_line(tmp_path, capsys, where) ->
     assert code == 2
     assert err[0].startswith("recsys-llm train: error: ") and "not valid YAML" in err[0], err
     assert err[1:] == ["(set RECSYS_LLM_TRACEBACK=1 for the traceback)"], err
+
+
+def test_demo_rows_below_10_names_the_flag(capsys) -> None:
+    """It named ``data.synthetic_rows`` (the setting --rows becomes), which the user never wrote."""
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--rows", "-5", "--data-dir", "/nonexistent/data", "--run-dir", "/nonexistent/runs"])
+    assert exited.value.code == 2
+    assert "argument --rows: expected an integer >= 10, got '-5'" in capsys.readouterr().err

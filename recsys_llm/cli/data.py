@@ -46,7 +46,7 @@ def _hash_sizes(text: str) -> Union[int, Tuple[int, ...]]:
     return sizes[0] if len(sizes) == 1 else sizes
 
 
-def _integer(minimum: int) -> Callable[[str], int]:
+def integer_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``minimum`` (checked before any work, naming the flag)."""
 
     def parse(text: str) -> int:
@@ -111,17 +111,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     def common(parser: argparse.ArgumentParser, rows_per_group: int) -> None:
         parser.add_argument("--out", required=True, help="output directory")
-        parser.add_argument("--rows-per-group", type=_integer(1), default=rows_per_group, help="Parquet row group size")
+        parser.add_argument("--rows-per-group", type=integer_at_least(1), default=rows_per_group, help="Parquet row group size")
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
         parser.set_defaults(func=_prepare)
 
     synthetic = sources.add_parser("synthetic", help="generate the embedded synthetic data set (text-driven clicks)")
     common(synthetic, 65536)
-    synthetic.add_argument("--rows", type=_integer(10), default=200_000, help="impressions over all splits (at least 10)")
-    synthetic.add_argument("--seed", type=_integer(0), default=0,
+    synthetic.add_argument("--rows", type=integer_at_least(10), default=200_000, help="impressions over all splits (at least 10)")
+    synthetic.add_argument("--seed", type=integer_at_least(0), default=0,
                            help="seed of users, items and impressions: the same seed writes the same data")
-    synthetic.add_argument("--users", type=_integer(1), default=None, help="number of users (default from --rows)")
-    synthetic.add_argument("--items", type=_integer(1), default=None, help="number of items (default from --rows)")
+    synthetic.add_argument("--users", type=integer_at_least(1), default=None, help="number of users (default from --rows)")
+    synthetic.add_argument("--items", type=integer_at_least(1), default=None, help="number of items (default from --rows)")
     synthetic.add_argument("--cold-item-fraction", type=_number(0.0, 1.0), default=0.1,
                            help="share of items seen only in valid/test, in [0, 1)")
 
@@ -130,8 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     movielens.add_argument("--input", required=True, help="directory with the RecBole atomic files")
     movielens.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                            help="time-ordered train,valid,test shares (default: 0.8,0.1,0.1)")
-    movielens.add_argument("--zip-prefix-length", type=_integer(1), default=2, help="zip code characters kept")
-    movielens.add_argument("--history-length", type=_integer(0), default=0,
+    movielens.add_argument("--zip-prefix-length", type=integer_at_least(1), default=2, help="zip code characters kept")
+    movielens.add_argument("--history-length", type=integer_at_least(0), default=0,
                            help="N > 0: a sequence field 'history' of the last N movies the user rated above 3 "
                                 "before each rating, most recent first (0: none)")
 
@@ -144,7 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     criteo.add_argument("--delimiter", default=None, help="column separator (default: ',' for .csv or .csv.gz, else tab)")
     criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                         help="train,valid,test shares in file order (default: 0.8,0.1,0.1)")
-    criteo.add_argument("--max-rows", type=_integer(1), default=None,
+    criteo.add_argument("--max-rows", type=integer_at_least(1), default=None,
                         help="convert only the first rows; the rest of the file is not read (default: every row)")
 
     tabular = sources.add_parser("tabular", help="your CSV/Parquet + a JSON/YAML schema file")
@@ -156,7 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tabular.add_argument("--split-by", default=None,
                          help="column for a time-ordered split, holding numbers or ISO-8601 dates/timestamps "
                               "(default: random)")
-    tabular.add_argument("--seed", type=_integer(0), default=0, help="seed of the random split")
+    tabular.add_argument("--seed", type=integer_at_least(0), default=0, help="seed of the random split")
     tabular.add_argument("--label-threshold", type=_number(), default=None,
                          help="label = value > threshold (default: none: labels must be 0/1)")
     tabular.add_argument("--fill-missing-dense", type=_number(), default=None,

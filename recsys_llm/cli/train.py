@@ -22,6 +22,7 @@ import math
 import os
 from typing import Any, Dict, List
 
+from recsys_llm.cli.data import integer_at_least
 from recsys_llm.cli.semantics import show_defaults
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
@@ -132,7 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--config", default=DEMO_CONFIG, help="demo config (default: configs/synthetic_deepfm.yaml)")
     demo.add_argument("--data-dir", default="data/synthetic", help="where the synthetic data lives / is generated")
-    demo.add_argument("--rows", type=int, default=200_000, help="rows to generate when the data is missing")
+    demo.add_argument("--rows", type=integer_at_least(10), default=200_000,
+                      help="rows to generate when the data is missing (at least 10)")
     demo.add_argument("--run-dir", default="runs/demo",
                       help="one run directory per variant goes here; outputs already there are reused only when "
                            "made with the same settings, data and LLM, else refused")
