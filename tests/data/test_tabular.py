@@ -848,3 +848,16 @@ def test_a_parquet_string_that_is_not_utf8_names_the_file_column_and_row(tmp_pat
     data, schema_path = _parquet_case(tmp_path, {fields[0]["name"]: column}, fields)
     with pytest.raises(DataError, match=rf"d\.parquet: {message} is not UTF-8; expected UTF-8 text"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("fractions, rows, counts", [((0.1, 0.7, 0.2), 10, [1, 7, 2]),
+                                                     ((0.05, 0.35, 0.6), 1000, [50, 350, 600]),
+                                                     ((0.15, 0.3, 0.55), 200, [30, 60, 110])])
+def test_a_time_split_gives_each_split_its_share_of_rows(tmp_path, fractions, rows, counts):
+    """0.1 + 0.7 is 0.7999999999999999 in floating point: the valid/test bound must still be row 8 of 10, not 7."""
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array(np.arange(rows) % 10), "ts": pa.array(np.arange(rows))},
+                                      SPARSE)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"),
+                             TabularConfig(split_by="ts", split_fractions=fractions))
+    assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == counts
+

@@ -1,6 +1,7 @@
 """Which split each row goes to: seeded and stable per row, or ranked by a time column."""
 
-from typing import Optional
+from fractions import Fraction
+from typing import List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -69,6 +70,15 @@ def _sort_keys(values: pa.ChunkedArray, path: str, column: str) -> pa.ChunkedArr
                     f"not {kind} as {count} of the column's {len(text)} values are; expected {SPLIT_TYPES}")
 
 
+def split_bounds(fractions, total: int) -> List[int]:
+    """The first rows of the valid and test splits of ``total`` ranked rows: ``floor(total * share)``
+    of the cumulative shares, computed exactly from the fractions as written (``0.1 + 0.7`` is
+    ``0.7999999999999999`` in floating point, whose floor would move a row of 10 from valid to test)."""
+    shares = [Fraction(repr(float(f))) for f in fractions]
+    whole = sum(shares)
+    return [int(total * sum(shares[: k + 1]) / whole) for k in range(len(shares) - 1)]
+
+
 def split_of_rows(total: int, split_values: Optional[pa.ChunkedArray], config: TabularConfig, path: str) -> Optional[np.ndarray]:
     """(total,) int8 split index per row for a time-ordered split (None for a random split);
     rows ranked by the split column's numbers or timestamps (see :func:`_sort_keys`)."""
@@ -77,9 +87,9 @@ def split_of_rows(total: int, split_values: Optional[pa.ChunkedArray], config: T
     if split_values.null_count:
         raise DataError(f"{path}: split column {config.split_by!r} has {split_values.null_count} missing values; expected a value per row")
     order = pc.sort_indices(_sort_keys(split_values, path, config.split_by)).to_numpy()  # stable: ties keep file order
-    bounds = np.cumsum(config.split_fractions) / sum(config.split_fractions) * total
     split = np.zeros(total, dtype=np.int8)
-    split[order] = np.searchsorted(np.floor(bounds[:-1]).astype(np.int64), np.arange(total), side="right").astype(np.int8)
+    bounds = np.array(split_bounds(config.split_fractions, total), dtype=np.int64)
+    split[order] = np.searchsorted(bounds, np.arange(total), side="right").astype(np.int8)
     return split
 
 
