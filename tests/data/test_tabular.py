@@ -861,3 +861,12 @@ def test_a_time_split_gives_each_split_its_share_of_rows(tmp_path, fractions, ro
                              TabularConfig(split_by="ts", split_fractions=fractions))
     assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == counts
 
+
+def test_a_nan_label_is_an_error_with_a_label_threshold_too(tmp_path):
+    """Without a threshold a NaN label is refused; with one, NaN > 3 is False and would silently become a 0 label."""
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20)}, SPARSE)
+    table = pq.read_table(data)
+    labels = pa.array([4.0, 1.0, float("nan")] + [4.0] * 37)
+    pq.write_table(table.set_column(table.column_names.index("clicked"), "clicked", labels), data)
+    with pytest.raises(DataError, match=r"d\.parquet: column 'clicked', row 2: label nan is not a number"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(label_threshold=3))

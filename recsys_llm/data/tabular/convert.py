@@ -436,6 +436,12 @@ def _convert_block(
         raise DataError(f"{path}: label column {schema.label!r} has type {labels.type}; expected 0/1 numbers")
     values = pc.cast(labels, pa.float64()).to_numpy(zero_copy_only=False)
     if config.label_threshold is not None:
+        nan = np.isnan(values)
+        if nan.any():  # NaN > threshold is False: a missing label would silently become 0
+            first = int(np.argmax(nan))
+            raise DataError(f"{path}: column {schema.label!r}, {describe_row(row + first, line)}: label nan is not a "
+                            f"number to binarise with the label threshold {config.label_threshold}; expected a "
+                            "number in every row")
         values = (values > config.label_threshold).astype(np.float64)
     check_labels(path, schema.label, values, row, line,
                  "or pass --label-threshold T, TabularConfig.label_threshold in Python, for label = value > T")
