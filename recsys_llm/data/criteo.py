@@ -39,6 +39,7 @@ from tqdm import tqdm
 from recsys_llm.data.hashing import hash_strings
 from recsys_llm.data.parquet_writer import arrow_schema_for, open_split_writers, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.data.tabular.splits import split_bounds
 from recsys_llm.data.validation import DataError, check_labels, check_number, check_split_fractions
 
 NUM_DENSE = 13
@@ -273,8 +274,7 @@ def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> Dat
     total = _count_data_lines(path, limit, progress) - int(header)
     if total < 1:
         raise DataError(f"{path}: the file has no data lines; expected label, I1..I13, C1..C26 per line")
-    bounds = np.floor(np.cumsum((0.0,) + tuple(config.split_fractions)) / sum(config.split_fractions) * total).astype(int)
-    bounds[-1] = total
+    bounds = [0, *split_bounds(config.split_fractions, total), total]  # exact: not the floor of a float sum
 
     schema = criteo_schema(config)
     schema.root = os.path.abspath(out_dir)

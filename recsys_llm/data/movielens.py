@@ -44,6 +44,7 @@ from tqdm import tqdm
 from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import ITEM_CATALOG, write_value_text
+from recsys_llm.data.tabular.splits import split_bounds
 from recsys_llm.data.validation import DataError, check_number, check_split_fractions, offsets_from_lengths
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
@@ -429,8 +430,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
         "label": (rating > 3).astype(np.int8),
         "timestamp": timestamp.astype(np.int64),
     }
-    bounds = np.floor(np.cumsum((0.0,) + tuple(config.split_fractions)) / sum(config.split_fractions) * n).astype(int)
-    bounds[-1] = n
+    bounds = [0, *split_bounds(config.split_fractions, n), n]  # exact: not the floor of a float sum
     arrow_schema = arrow_schema_for(schema, {"timestamp": pa.int64()})
     for (split, file_name), start, stop in zip(schema.splits.items(), bounds[:-1], bounds[1:]):
         table = pa.Table.from_pydict(columns, schema=arrow_schema).slice(start, stop - start)

@@ -152,8 +152,8 @@ def test_failed_conversion_keeps_the_earlier_output_and_its_item_catalog(tmp_pat
     # more movies (other ids and text), then a split left without rows
     (raw / "x.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
                                 "7\tZ Movie\t1950\tWar\n8\tY Movie\t1960\tDrama\n")
-    with pytest.raises(DataError, match=r"raw: split 'test' received no rows of 20"):
-        prepare_movielens(str(raw), str(out), MovieLensConfig(split_fractions=(0.5, 0.5, 1e-20)))
+    with pytest.raises(DataError, match=r"raw: split 'train' received no rows of 20"):
+        prepare_movielens(str(raw), str(out), MovieLensConfig(split_fractions=(0.01, 0.5, 0.5)))
     assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
 
@@ -254,3 +254,13 @@ def test_a_negative_history_length_is_refused_naming_the_option():
 
     with pytest.raises(ValueError, match=r"MovieLensConfig.history_length \(--history-length\)"):
         MovieLensConfig(history_length=-1)
+
+
+def test_split_shares_are_exact_not_the_floor_of_a_float_sum(tmp_path):
+    """0.1 + 0.7 is 0.7999999999999999 in floating point: its floor gave 10 rows 1 / 6 / 3."""
+    from recsys_llm.data.movielens import MovieLensConfig
+
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 2}\t{4 + i % 2}\t{100 + i}\n" for i in range(10)])
+    schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"), MovieLensConfig(split_fractions=(0.1, 0.7, 0.2)))
+    rows = {split: pq.ParquetFile(schema.split_path(split)).metadata.num_rows for split in ("train", "valid", "test")}
+    assert rows == {"train": 1, "valid": 7, "test": 2}
