@@ -11,7 +11,10 @@ process, measured in interleaved rounds whose order rotates (A B C, B C A, C A B
 * ``project_memory``: the project's stack on the same prebuilt batches, built as the
   trainer builds it (``task_builder.build_task``: ``DLRMBackbone`` around an unmodified
   ``DLRM_DCN`` in a ``CTRTask``; ``sharding.shard_model`` / ``build_optimizer``) and trained
-  by the project's loop (``recsys_llm.train.pipeline.train_epoch`` on ``TrainPipelineSparseDist``);
+  by the project's loop (``recsys_llm.train.pipeline.train_epoch`` on ``TrainPipelineSparseDist``).
+  Its dense Adam is torch's fused kernel (``fused=True``, which ``build_optimizer`` picks where
+  torch has one), the hand-written loop's the recipe's plain ``torch.optim.Adam``: the ratio
+  measures the two stacks as built, that choice included;
 * ``project_parquet``: the same project stack fed by ``ParquetBatchReader`` streaming a
   Parquet file holding the same rows, read as the trainer reads its train split (shuffled,
   validated, background prefetch): end to end with decode, checks and KJT building.
