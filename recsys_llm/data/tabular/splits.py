@@ -1,7 +1,7 @@
 """Which split each row goes to: seeded and stable per row, or ranked by a time column."""
 
 from fractions import Fraction
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -70,7 +70,7 @@ def _sort_keys(values: pa.ChunkedArray, path: str, column: str) -> pa.ChunkedArr
                     f"not {kind} as {count} of the column's {len(text)} values are; expected {SPLIT_TYPES}")
 
 
-def split_bounds(fractions, total: int) -> List[int]:
+def split_bounds(fractions: Sequence[float], total: int) -> List[int]:
     """The first rows of the valid and test splits of ``total`` ranked rows: ``floor(total * share)``
     of the cumulative shares, computed exactly from the fractions as written (``0.1 + 0.7`` is
     ``0.7999999999999999`` in floating point, whose floor would move a row of 10 from valid to test)."""
