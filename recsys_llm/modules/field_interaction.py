@@ -240,7 +240,7 @@ class FieldInteractionEnhancement(nn.Module):
         self.frozen_pair_weights.copy_(self.pair_weight(self.pair_similarity))
         self._frozen = True
         if self._serving_keys is not None:  # the serving matrix made from the weights before follows the new ones
-            self.serving_pair_matrix = self.weighted_pair_matrix(self._serving_keys)
+            self.set_serving_key_order(self._serving_keys)
         self._refresh_fold()  # and so does what fold_into added to a backbone
 
     def unfreeze(self) -> None:
