@@ -336,15 +336,7 @@ class ProjectLoop:
 def reader_alone(batches: Iterator, sizes: Sizes) -> Callable[[], float]:
     """One measurement of ``batches`` read and dropped, nothing trained: returns samples/s."""
 
-    def measure() -> float:
-        for _ in range(sizes.warmup_steps):
-            next(batches)
-        start = time.perf_counter()
-        for _ in range(sizes.measured_steps):
-            next(batches)
-        return sizes.batch_size * sizes.measured_steps / (time.perf_counter() - start)
-
-    return measure
+    return lambda: sizes.batch_size / timed_steps(lambda: next(batches), sizes.warmup_steps, sizes.measured_steps)
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -377,7 +369,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             return ParquetBatchReader(schema, parquet_path, sizes.batch_size, **{**options, **overrides})
 
         reader = trainer_reader()
-        buffer_batches = -(-max(8 * sizes.batch_size, 65536) // sizes.batch_size)  # the reader's default buffer
+        buffer_batches = -(-reader.shuffle_buffer_rows // sizes.batch_size)
         variant_streams = {
             "project_parquet_deep_prefetch": parquet_stream(trainer_reader(prefetch=buffer_batches + 2)),
             "project_parquet_worker_process": parquet_stream(trainer_reader(prefetch=0, pin_memory=False),

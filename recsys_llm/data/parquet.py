@@ -312,6 +312,11 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         return self._rank_rows[self._rank] - used
 
     @property
+    def shuffle_buffer_rows(self) -> int:
+        """Rows mixed together when shuffling (read and permuted at once, then served batch by batch)."""
+        return self._buffer_rows
+
+    @property
     def paths(self) -> List[str]:
         return list(self._paths)
 

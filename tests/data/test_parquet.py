@@ -178,6 +178,9 @@ def test_shuffle_is_seeded_per_epoch(synthetic):
     assert not np.array_equal(first, second)
     np.testing.assert_array_equal(np.sort(first), np.arange(3200))
     assert not np.array_equal(first, np.arange(3200))
+    assert reader.shuffle_buffer_rows == 1000
+    assert ParquetBatchReader(synthetic, "train", 256).shuffle_buffer_rows == 65536  # max(8 * batch, 65,536)
+    assert ParquetBatchReader(synthetic, "train", 16384).shuffle_buffer_rows == 8 * 16384
 
 
 def test_errors_in_later_row_groups_surface_through_prefetch(tmp_path, synthetic):
