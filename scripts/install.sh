@@ -59,6 +59,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ]; then
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# from here on the venv changes: a run that fails or is interrupted must not leave the stamp of
+# an earlier install behind for a later run (of that install's variant) to skip on
+rm -f "$stamp"
 PIP="$VENV/bin/python -m pip"
 $PIP install --quiet --upgrade pip wheel setuptools
 

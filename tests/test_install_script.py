@@ -2,7 +2,8 @@
 
 No GPU here: each case puts an ``nvidia-smi`` first on ``PATH`` that prints the header a driver of that
 CUDA version prints (or fails, as on a machine without a driver). ``--print-cuda-index`` stops before
-the script creates or installs anything.
+the script creates or installs anything. The whole-run cases (stamp, venv, torch replacement) give the script a
+venv whose ``python`` logs its arguments instead of installing (``fake_install_env``), so no registry is asked.
 """
 
 import os
@@ -54,3 +55,48 @@ def test_a_driver_older_than_every_cuda_build_gets_no_index(tmp_path: Path) -> N
 def test_torch_cuda_index_url_overrides_the_choice(tmp_path: Path) -> None:
     mirror = "https://mirror.example/whl/cu129"
     assert cuda_index(tmp_path, "13.0", override=mirror) == mirror
+
+
+def fake_install_env(tmp_path: Path, driver_cuda: Optional[str]) -> dict:
+    """Environment for a whole install.sh run that reaches no network: ``nvidia-smi`` as in ``cuda_index``,
+    and a venv (``VENV``) whose ``bin/python`` logs its arguments to ``python.log`` and succeeds."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    smi = fake / "nvidia-smi"
+    body = f"echo '{HEADER.format(cuda=driver_cuda)}'" if driver_cuda else "echo 'NVIDIA-SMI has failed' >&2; exit 9"
+    smi.write_text(f"#!/bin/sh\n{body}\n")
+    smi.chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    python = venv / "bin" / "python"
+    python.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path / 'python.log'}'\n")
+    python.chmod(0o755)
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TORCH_CUDA_INDEX_URL", "RECSYS_LLM_VARIANT", "TORCH_VERSION", "FBGEMM_VERSION",
+                          "TORCHREC_VERSION")}
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    env["VENV"] = str(venv)
+    return env
+
+
+def run_install(tmp_path: Path, env: dict, **extra: str) -> subprocess.CompletedProcess:
+    log = tmp_path / "python.log"
+    log.unlink(missing_ok=True)
+    return subprocess.run(["bash", str(REPO_ROOT / "scripts" / "install.sh")], env={**env, **extra},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_failed_install_leaves_no_stamp_that_skips_the_next_run(tmp_path: Path) -> None:
+    env = fake_install_env(tmp_path, driver_cuda="12.4")
+    first = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu")
+    assert first.returncode == 0, first.stderr
+    assert "[install] done." in first.stdout
+    # the CUDA variant removes fbgemm-gpu(-cpu), then stops: the driver is too old for every CUDA build
+    failed = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda")
+    assert failed.returncode == 1
+    assert "uninstall --yes --quiet fbgemm-gpu fbgemm-gpu-cpu" in (tmp_path / "python.log").read_text()
+    # so the CPU variant must be installed again, not skipped as up to date
+    again = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu")
+    assert again.returncode == 0, again.stderr
+    assert "skipping" not in again.stdout
+    assert "fbgemm-gpu-cpu==" in (tmp_path / "python.log").read_text()
