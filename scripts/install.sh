@@ -7,7 +7,8 @@
 # of CUDA 13 or newer (or none visible, e.g. an image build); a CUDA 12.8+ / 12.6+ driver gets
 # PyTorch's cu128 / cu126 index. TORCH_CUDA_INDEX_URL names the index instead;
 # TORCH_CPU_INDEX_URL where the CPU torch build comes from when the configured sources lack it.
-# A second run skips what is already installed (stamp file keyed by this script and setup.py).
+# A second run skips what is already installed (stamp file keyed by this script, setup.py, the
+# variant, the versions and, for CUDA, the index).
 # `install.sh --print-cuda-index` prints the CUDA index it would use and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +52,11 @@ else
 fi
 VARIANT=${RECSYS_LLM_VARIANT:-$VARIANT}
 
-stamp_key=$(cat scripts/install.sh setup.py | sha256sum | cut -c1-16)-$VARIANT
+# what was installed: a run that would install another variant, other versions or from another
+# CUDA index (a driver update, TORCH_CUDA_INDEX_URL) does not skip
+installed="$VARIANT torch $TORCH_VERSION fbgemm-gpu $FBGEMM_VERSION torchrec $TORCHREC_VERSION"
+if [ "$VARIANT" = cuda ]; then installed="$installed from ${CUDA_INDEX:-none}"; fi
+stamp_key=$( (cat scripts/install.sh setup.py; echo "$installed") | sha256sum | cut -c1-16)-$VARIANT
 stamp="$VENV/.recsys_llm_installed"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ]; then
   echo "[install] $VENV is up to date ($VARIANT); skipping."

@@ -100,3 +100,16 @@ def test_a_failed_install_leaves_no_stamp_that_skips_the_next_run(tmp_path: Path
     assert again.returncode == 0, again.stderr
     assert "skipping" not in again.stdout
     assert "fbgemm-gpu-cpu==" in (tmp_path / "python.log").read_text()
+
+
+def test_a_second_run_with_another_cuda_index_installs_from_it(tmp_path: Path) -> None:
+    env = fake_install_env(tmp_path, driver_cuda="13.0")
+    first = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda")
+    assert first.returncode == 0, first.stderr
+    assert "--index-url https://download.pytorch.org/whl/cu128" not in (tmp_path / "python.log").read_text()
+    # the image's hosts have CUDA 12.8 drivers (docs/launch.md): the documented override must not be skipped
+    again = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda",
+                        TORCH_CUDA_INDEX_URL="https://download.pytorch.org/whl/cu128")
+    assert again.returncode == 0, again.stderr
+    assert "skipping" not in again.stdout
+    assert "--index-url https://download.pytorch.org/whl/cu128 fbgemm-gpu==" in (tmp_path / "python.log").read_text()
