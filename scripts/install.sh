@@ -71,6 +71,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install --quiet --upgrade pip wheel setuptools
 
 torch_cuda() { "$VENV/bin/python" -c "import torch; print(torch.version.cuda)" 2>/dev/null || echo missing; }
+torch_version() { "$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || echo missing; }
 
 echo "[install] variant: $VARIANT (torch $TORCH_VERSION, fbgemm-gpu $FBGEMM_VERSION, torchrec $TORCHREC_VERSION)"
 # fbgemm-gpu and fbgemm-gpu-cpu ship the same package directory: removing one of two installed
@@ -90,11 +91,14 @@ if [ "$VARIANT" = cuda ]; then
     # same version (a CPU index or wheel folder in the pip config, or a CPU torch already here)
     $PIP install "torch==$TORCH_VERSION"
   fi
-  # a torch already here with another CUDA than the index's (.../cu128: 12.8) is replaced
+  # a torch already here with another CUDA than the index's (.../cu128: 12.8), or of another
+  # version than $TORCH_VERSION, is replaced
   want_cuda=$(sed -n 's|.*/cu\([0-9]*\)\([0-9]\)/*$|\1.\2|p' <<<"$CUDA_INDEX")
   have_cuda=$(torch_cuda)
-  if [ "$have_cuda" = None ] || [ "$have_cuda" = missing ] || { [ -n "$want_cuda" ] && [ "$have_cuda" != "$want_cuda" ]; }; then
-    case "$have_cuda" in None) here="a CPU build" ;; missing) here="none" ;; *) here="a CUDA $have_cuda build" ;; esac
+  have_version=$(torch_version)
+  if [ "$have_cuda" = None ] || [ "$have_cuda" = missing ] || { [ -n "$want_cuda" ] && [ "$have_cuda" != "$want_cuda" ]; } \
+      || [ "${have_version%%+*}" != "$TORCH_VERSION" ]; then
+    case "$have_cuda" in None) here="a CPU build" ;; missing) here="none" ;; *) here="$have_version, a CUDA $have_cuda build" ;; esac
     echo "[install] installing torch's CUDA build from $CUDA_INDEX (torch here: $here)"
     $PIP uninstall --yes --quiet torch 2>/dev/null || true
     $PIP install --isolated --index-url "$CUDA_INDEX" "torch==$TORCH_VERSION"

@@ -8,6 +8,7 @@ venv whose ``python`` logs its arguments instead of installing (``fake_install_e
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -69,7 +70,12 @@ def fake_install_env(tmp_path: Path, driver_cuda: Optional[str]) -> dict:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True, exist_ok=True)
     python = venv / "bin" / "python"
-    python.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path / 'python.log'}'\n")
+    site = tmp_path / "site"
+    # `-c "import torch..."` runs with the fake torch of ``fake_torch`` when there is one; all else succeeds
+    python.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path / 'python.log'}'\n"
+                      f"if [ \"$1\" = -c ] && [ -d '{site / 'torch'}' ]; then\n"
+                      f"  case \"$2\" in \"import torch\"*) PYTHONPATH='{site}' exec '{sys.executable}' \"$@\" ;; esac\n"
+                      f"fi\n")
     python.chmod(0o755)
     env = {key: value for key, value in os.environ.items()
            if key not in ("TORCH_CUDA_INDEX_URL", "RECSYS_LLM_VARIANT", "TORCH_VERSION", "FBGEMM_VERSION",
@@ -113,3 +119,22 @@ def test_a_second_run_with_another_cuda_index_installs_from_it(tmp_path: Path) -
     assert again.returncode == 0, again.stderr
     assert "skipping" not in again.stdout
     assert "--index-url https://download.pytorch.org/whl/cu128 fbgemm-gpu==" in (tmp_path / "python.log").read_text()
+
+
+def fake_torch(tmp_path: Path, version: str, cuda: Optional[str]) -> None:
+    """Puts a ``torch`` of that version and CUDA (None: a CPU build) into the fake venv of ``fake_install_env``."""
+    package = tmp_path / "site" / "torch"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        f"__version__ = {version!r}\n"
+        f"class version:\n    cuda = {cuda!r}\n"
+        f"class cuda:\n    @staticmethod\n    def is_available():\n        return {cuda is not None}\n")
+
+
+def test_a_torch_of_another_version_from_the_same_cuda_index_is_replaced(tmp_path: Path) -> None:
+    # e.g. a venv from before install.sh moved to a newer torch: fbgemm-gpu fits only the new one
+    env = fake_install_env(tmp_path, driver_cuda="12.8")
+    fake_torch(tmp_path, "2.12.0+cu128", cuda="12.8")
+    result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda", TORCH_VERSION="2.13.0")
+    assert result.returncode == 0, result.stderr
+    assert "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0" in (tmp_path / "python.log").read_text()
