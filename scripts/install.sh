@@ -92,12 +92,14 @@ if [ "$VARIANT" = cuda ]; then
     $PIP install "torch==$TORCH_VERSION"
   fi
   # a torch already here with another CUDA than the index's (.../cu128: 12.8), or of another
-  # version than $TORCH_VERSION, is replaced
+  # version than $TORCH_VERSION, is replaced; so is, for PyPI's index, one with a local version
+  # (+cu126: PyTorch's index; PyPI has none), which pip takes as $TORCH_VERSION
   want_cuda=$(sed -n 's|.*/cu\([0-9]*\)\([0-9]\)/*$|\1.\2|p' <<<"$CUDA_INDEX")
   have_cuda=$(torch_cuda)
   have_version=$(torch_version)
   if [ "$have_cuda" = None ] || [ "$have_cuda" = missing ] || { [ -n "$want_cuda" ] && [ "$have_cuda" != "$want_cuda" ]; } \
-      || [ "${have_version%%+*}" != "$TORCH_VERSION" ]; then
+      || [ "${have_version%%+*}" != "$TORCH_VERSION" ] \
+      || { [ "$CUDA_INDEX" = "$PYPI_INDEX" ] && [ "$have_version" != "${have_version%%+*}" ]; }; then
     case "$have_cuda" in None) here="a CPU build" ;; missing) here="none" ;; *) here="$have_version, a CUDA $have_cuda build" ;; esac
     echo "[install] installing torch's CUDA build from $CUDA_INDEX (torch here: $here)"
     $PIP uninstall --yes --quiet torch 2>/dev/null || true

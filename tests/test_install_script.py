@@ -138,3 +138,12 @@ def test_a_torch_of_another_version_from_the_same_cuda_index_is_replaced(tmp_pat
     result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda", TORCH_VERSION="2.13.0")
     assert result.returncode == 0, result.stderr
     assert "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0" in (tmp_path / "python.log").read_text()
+
+
+def test_a_torch_from_pytorchs_index_is_replaced_by_pypis_build_for_a_cuda_13_driver(tmp_path: Path) -> None:
+    # e.g. installed for a CUDA 12.6 driver, then the driver was updated: PyPI's fbgemm-gpu is a CUDA 13.0 build
+    env = fake_install_env(tmp_path, driver_cuda="13.0")
+    fake_torch(tmp_path, "2.13.0+cu126", cuda="12.6")
+    result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda", TORCH_VERSION="2.13.0")
+    assert result.returncode == 0, result.stderr
+    assert "--isolated --index-url https://pypi.org/simple torch==2.13.0" in (tmp_path / "python.log").read_text()
