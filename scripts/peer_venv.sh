@@ -28,6 +28,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ] && [ -x "$PEER_VENV/b
 fi
 
 [ -x "$PEER_VENV/bin/python" ] || "$PYTHON" -m venv "$PEER_VENV"
+# from here on the venv changes: a run that fails or is interrupted must not leave the stamp of
+# an earlier install behind for a later run (with that install's versions) to skip on
+rm -f "$stamp"
 printf '*\n' > "$PEER_VENV/.gitignore"
 PIP="$PEER_VENV/bin/python -m pip"
 echo "[peer_venv] installing torch $TORCH_VERSION, deepctr-torch $DEEPCTR_VERSION into $PEER_VENV"

@@ -147,3 +147,32 @@ def test_a_torch_from_pytorchs_index_is_replaced_by_pypis_build_for_a_cuda_13_dr
     result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda", TORCH_VERSION="2.13.0")
     assert result.returncode == 0, result.stderr
     assert "--isolated --index-url https://pypi.org/simple torch==2.13.0" in (tmp_path / "python.log").read_text()
+
+
+def test_a_failed_peer_venv_run_leaves_no_stamp_that_skips_the_next_run(tmp_path: Path) -> None:
+    # scripts/peer_venv.sh with a venv whose python logs its arguments and fails on deepctr-torch while `broken` exists
+    venv = tmp_path / "peers"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    log, broken = tmp_path / "python.log", tmp_path / "broken"
+    python.write_text(f"#!/bin/sh\necho \"$*\" >> '{log}'\n"
+                      f"case \"$*\" in *deepctr-torch==*) [ -e '{broken}' ] && exit 1 ;; esac\nexit 0\n")
+    python.chmod(0o755)
+    env = {**os.environ, "PEER_VENV": str(venv)}
+
+    def peer_venv(torch_version: str) -> subprocess.CompletedProcess:
+        log.unlink(missing_ok=True)
+        return subprocess.run(["bash", str(REPO_ROOT / "scripts" / "peer_venv.sh")],
+                              env={**env, "TORCH_VERSION": torch_version}, capture_output=True, text=True, timeout=60)
+
+    assert peer_venv("2.13.0").returncode == 0
+    broken.touch()
+    # torch 2.14.1 replaces 2.13.0 in the peer venv, then the run fails
+    assert peer_venv("2.14.1").returncode != 0
+    assert "torch==2.14.1" in log.read_text()
+    broken.unlink()
+    # so the peer venv is no longer the 2.13.0 one: it must be installed again, not skipped
+    again = peer_venv("2.13.0")
+    assert again.returncode == 0, again.stderr
+    assert "skipping" not in again.stdout
+    assert "torch==2.13.0" in log.read_text()
