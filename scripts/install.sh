@@ -63,7 +63,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ]; then
   exit 0
 fi
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# a venv without pip is made again: one whose creation failed (Debian's python3 without
+# python3-venv leaves bin/python behind) or was interrupted
+"$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$PYTHON" -m venv "$VENV"
 # from here on the venv changes: a run that fails or is interrupted must not leave the stamp of
 # an earlier install behind for a later run (of that install's variant) to skip on
 rm -f "$stamp"

@@ -27,7 +27,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ] && [ -x "$PEER_VENV/b
   exit 0
 fi
 
-[ -x "$PEER_VENV/bin/python" ] || "$PYTHON" -m venv "$PEER_VENV"
+# a venv without pip is made again: one whose creation failed (Debian's python3 without
+# python3-venv leaves bin/python behind) or was interrupted
+"$PEER_VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$PYTHON" -m venv "$PEER_VENV"
 # from here on the venv changes: a run that fails or is interrupted must not leave the stamp of
 # an earlier install behind for a later run (with that install's versions) to skip on
 rm -f "$stamp"

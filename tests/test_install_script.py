@@ -176,3 +176,37 @@ def test_a_failed_peer_venv_run_leaves_no_stamp_that_skips_the_next_run(tmp_path
     assert again.returncode == 0, again.stderr
     assert "skipping" not in again.stdout
     assert "torch==2.13.0" in log.read_text()
+
+
+def test_a_venv_left_without_pip_is_made_again(tmp_path: Path) -> None:
+    # Debian's python3 without python3-venv (no ensurepip), or an interrupt during `python3 -m venv`,
+    # leaves the venv with bin/python but no pip: the next run must make it again, not fail on pip forever
+    env = fake_install_env(tmp_path, driver_cuda=None)
+    venv_python = Path(env["VENV"]) / "bin" / "python"
+    working_python = venv_python.read_text()
+    venv_python.write_text("#!/bin/sh\necho 'No module named pip' >&2\nexit 1\n")
+    system_python = tmp_path / "python3"
+    system_python.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path / 'python3.log'}'\n"
+                             f"cat > '{venv_python}' <<'EOF'\n{working_python}EOF\n")
+    system_python.chmod(0o755)
+    result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu", PYTHON=str(system_python))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "python3.log").read_text() == f"-m venv {env['VENV']}\n"
+    assert "[install] done." in result.stdout
+
+
+def test_a_peer_venv_left_without_pip_is_made_again(tmp_path: Path) -> None:
+    venv_python = tmp_path / "peers" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("#!/bin/sh\necho 'No module named pip' >&2\nexit 1\n")
+    venv_python.chmod(0o755)
+    system_python = tmp_path / "python3"
+    system_python.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path / 'python3.log'}'\n"
+                             f"printf '#!/bin/sh\\nexit 0\\n' > '{venv_python}'\n")
+    system_python.chmod(0o755)
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "peer_venv.sh")],
+                            env={**os.environ, "PEER_VENV": str(venv_python.parents[1]), "TORCH_VERSION": "2.13.0",
+                                 "PYTHON": str(system_python)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "python3.log").read_text() == f"-m venv {venv_python.parents[1]}\n"
