@@ -51,6 +51,11 @@ else
   VARIANT=cpu
 fi
 VARIANT=${RECSYS_LLM_VARIANT:-$VARIANT}
+case "$VARIANT" in
+  cuda | cpu) ;;
+  *) echo "[install] error: RECSYS_LLM_VARIANT is '$VARIANT'; expected cuda or cpu (or unset: picked by nvidia-smi)" >&2
+     exit 2 ;;
+esac
 
 # what was installed: a run that would install another variant, other versions or from another
 # CUDA index (a driver update, TORCH_CUDA_INDEX_URL) does not skip

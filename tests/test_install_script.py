@@ -210,3 +210,13 @@ def test_a_peer_venv_left_without_pip_is_made_again(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "python3.log").read_text() == f"-m venv {venv_python.parents[1]}\n"
+
+
+@pytest.mark.parametrize("variant", ["gpu", "CUDA"])
+def test_a_variant_other_than_cuda_or_cpu_is_an_error(tmp_path: Path, variant: str) -> None:
+    # not the CPU build in silence: RECSYS_LLM_VARIANT=gpu on an image build meant the CUDA one
+    env = fake_install_env(tmp_path, driver_cuda=None)
+    result = run_install(tmp_path, env, RECSYS_LLM_VARIANT=variant)
+    assert result.returncode == 2
+    assert f"RECSYS_LLM_VARIANT is {variant!r}" in result.stderr and "cuda or cpu" in result.stderr
+    assert not (tmp_path / "python.log").exists()
