@@ -430,6 +430,7 @@ def test_image_workspace_leaves_out_the_local_environment_and_runs(tmp_path: Pat
     kept = ["recsys_llm/cli/__init__.py", "configs/a.yaml", "torchx_components/train.py", "tests/data/test_x.py",
             "results/ml100k.json", "benchmarks/results/train_throughput.json", ".torchxconfig"]
     left_out = [".venv/bin/torchrun", ".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/HEAD",
+                ".venv-peers/lib/python3.11/site-packages/torch/__init__.py",  # scripts/peer_venv.sh's (make bench)
                 "runs/deepfm/checkpoints/step_1/rank_0.pt", "data/synthetic/schema.json", "out/x", "logs/x",
                 "exports/x/model.pt", "results/runs/r/metrics.jsonl", "results/ml100k/runs/r/metrics.jsonl",
                 "recsys_llm/__pycache__/cli.cpython-311.pyc", "recsys_llm.egg-info/PKG-INFO",
@@ -489,6 +490,7 @@ def test_slurm_job_dir_copy_leaves_out_the_local_environment(tmp_path: Path) -> 
     kept = ["recsys_llm/cli/__init__.py", "configs/a.yaml", "benchmarks/train_throughput.py",
             "data/synthetic/schema.json", "runs/deepfm/config.yaml"]
     left_out = [".venv/bin/torchrun", ".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/HEAD",
+                ".venv-peers/lib/python3.11/site-packages/torch/__init__.py",  # scripts/peer_venv.sh's (make bench)
                 "recsys_llm/__pycache__/cli.cpython-311.pyc", "recsys_llm.egg-info/PKG-INFO", ".pytest_cache/x"]
     for name in kept + left_out:
         (workspace / name).parent.mkdir(parents=True, exist_ok=True)
