@@ -9,15 +9,18 @@
 # by this script and the versions). A `.gitignore` inside the venv keeps it out of git.
 #
 # Usage: bash scripts/peer_venv.sh            # or PEER_VENV=/tmp/peers bash scripts/peer_venv.sh
-# Env:   PYTHON (python3), PEER_VENV (.venv-peers), TORCH_VERSION (that of .venv, else 2.13.0),
-#        DEEPCTR_VERSION (0.3.0)
+# Env:   PYTHON (python3), PEER_VENV (.venv-peers), TORCH_VERSION (that of .venv, else 2.13.0;
+#        a CPU build, 2.13.0+cpu, is installed as one), TORCH_CPU_INDEX_URL (where a CPU build comes
+#        from when the configured sources lack it), DEEPCTR_VERSION (0.3.0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 PEER_VENV=${PEER_VENV:-.venv-peers}
 DEEPCTR_VERSION=${DEEPCTR_VERSION:-0.3.0}
 if [ -z "${TORCH_VERSION:-}" ]; then
-  TORCH_VERSION=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || echo 2.13.0)
+  # the CPU build keeps its +cpu (PyPI's plain build is a CUDA one of several GB); other labels
+  # (+cu126: PyTorch's CUDA index) go, and the peer gets PyPI's build of that version
+  TORCH_VERSION=$(.venv/bin/python -c 'import torch; v = torch.__version__; print(v if v.endswith("+cpu") else v.split("+")[0])' 2>/dev/null || echo 2.13.0)
 fi
 
 stamp_key=$( (cat scripts/peer_venv.sh; echo "$TORCH_VERSION $DEEPCTR_VERSION") | sha256sum | cut -c1-16)
@@ -36,7 +39,12 @@ rm -f "$stamp"
 printf '*\n' > "$PEER_VENV/.gitignore"
 PIP="$PEER_VENV/bin/python -m pip"
 echo "[peer_venv] installing torch $TORCH_VERSION, deepctr-torch $DEEPCTR_VERSION into $PEER_VENV"
-$PIP install --quiet "torch==$TORCH_VERSION" numpy
+if [[ "$TORCH_VERSION" == *+cpu ]]; then  # as scripts/install.sh: the configured sources, else PyTorch's CPU index
+  $PIP install --quiet "torch==$TORCH_VERSION" numpy 2>/dev/null \
+    || $PIP install --quiet --extra-index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}" "torch==$TORCH_VERSION" numpy
+else
+  $PIP install --quiet "torch==$TORCH_VERSION" numpy
+fi
 $PIP install --quiet --no-deps "deepctr-torch==$DEEPCTR_VERSION"
 $PIP install --quiet scikit-learn tqdm requests
 # deepctr_torch asks PyPI for a newer version in a thread at import; point that at a closed

@@ -220,3 +220,23 @@ def test_a_variant_other_than_cuda_or_cpu_is_an_error(tmp_path: Path, variant: s
     assert result.returncode == 2
     assert f"RECSYS_LLM_VARIANT is {variant!r}" in result.stderr and "cuda or cpu" in result.stderr
     assert not (tmp_path / "python.log").exists()
+
+
+def test_a_cpu_torch_is_installed_into_the_peer_venv_as_the_cpu_build(tmp_path: Path) -> None:
+    # the same kernels as a CPU .venv, not PyPI's CUDA build (several GB): from PyTorch's CPU index
+    # when the configured sources lack it
+    venv = tmp_path / "peers"
+    (venv / "bin").mkdir(parents=True)
+    python, log = venv / "bin" / "python", tmp_path / "python.log"
+    python.write_text(f"#!/bin/sh\necho \"$*\" >> '{log}'\n"
+                      "case \"$*\" in *deepctr*) ;; *torch==*) case \"$*\" in *--extra-index-url*) ;; *) exit 1 ;; esac ;; esac\n"
+                      "exit 0\n")
+    python.chmod(0o755)
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "peer_venv.sh")],
+                            env={**os.environ, "PEER_VENV": str(venv), "TORCH_VERSION": "2.13.0+cpu",
+                                 "TORCH_CPU_INDEX_URL": "file:///cpu-wheels"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    torch_installs = [line for line in log.read_text().splitlines() if "torch==" in line and "deepctr" not in line]
+    assert torch_installs == ["-m pip install --quiet torch==2.13.0+cpu numpy",
+                              "-m pip install --quiet --extra-index-url file:///cpu-wheels torch==2.13.0+cpu numpy"]
