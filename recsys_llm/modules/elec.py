@@ -67,7 +67,8 @@ class ELECConfig:
         entity_vectors (Optional[str]): export directory of the entity vectors.
         entity_tables (Dict[str, str]): several entities at once, entity field -> export
             directory (e.g. ``{user_id: vectors/users, item_id: vectors/items}``); merged with
-            ``entity_field`` / ``entity_vectors``. The K vectors, concatenated, are projected
+            ``entity_field`` / ``entity_vectors``. The K vectors, concatenated in the schema's field order
+            (whatever order they are named in here), are projected
             to ``K * num_injected_fields`` fields, so the backbone can interact user and item
             vectors with each other (FM / cross terms) as well as with the ID embeddings. A frozen
             teacher reads its tables from ``teacher_checkpoint``: a directory named here is checked
@@ -161,7 +162,9 @@ def build_gain_network(
             "row stands for several entities and an entity vector table cannot hold one vector per id; use "
             "per-row vectors (elec.vector_source=extras) for them"
         )
-    entities = {name: schema.field(name).cardinality for name in config.entity_tables}
+    # in the schema's field order, not the config's: a checkpoint or a frozen teacher's export does not record
+    # the order, and configs naming the tables in another order are the same settings (config_differences)
+    entities = {spec.name: spec.cardinality for spec in schema.fields if spec.name in config.entity_tables}
     num_fields = config.num_injected_fields * len(entities)
     backbone = build_backbone(model_config, schema, num_fields, device=device, table_prefix=table_prefix)
     table = SemanticTable(entities, config.vector_dim, device=device)

@@ -255,13 +255,46 @@ def test_user_and_item_vectors_are_concatenated_and_become_one_field_each(tmp_pa
     ids = torch.tensor([3, 0, 11, 5])
     kjt = item_kjt(ids)
     vectors = task.semantic_table(kjt)
-    torch.testing.assert_close(vectors, torch.from_numpy(np.concatenate([items[ids.numpy()], users[ids.numpy() % 3]], 1)))
+    assert task.semantic_table.feature_names == ["user_id", "item_id"]  # the schema's order, not the config's
+    torch.testing.assert_close(vectors, torch.from_numpy(np.concatenate([users[ids.numpy() % 3], items[ids.numpy()]], 1)))
     assert task.field_injection(vectors).shape == (4, 2, SMOKE_CONFIGS["deepfm"].embedding_dim)
     logits = task.predict(Batch(torch.randn(4, 1), kjt, torch.ones(4), {})).logits
     assert logits.shape == (4,) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="two vector directories"):
         ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
                    entity_vectors="a", entity_tables={"item_id": "b"})
+
+
+def test_entity_tables_named_in_another_order_read_a_trained_state_as_it_was_trained(tmp_path):
+    """A checkpoint (or a frozen teacher's export) does not record the order the config named the entity
+    tables in, and configs naming them in another order are the same settings to a resume or a frozen
+    teacher (``user_id`` then ``item_id`` in ``entity_tables``, or ``entity_field=item_id`` beside
+    ``entity_tables.user_id``). The vectors used to be concatenated in the config's order, so the same
+    state read the user's vector where its injection had learnt the item's, silently."""
+    from recsys_llm.data.batch import Batch
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+    from recsys_llm.models.registry import SMOKE_CONFIGS
+    from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
+
+    write_item_vectors(str(tmp_path / "items"))
+    users = np.random.default_rng(2).normal(size=(3, DIM)).astype(np.float32)
+    VectorExport(str(tmp_path / "users"), PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+        pa.array(np.arange(3), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+        lambda texts: torch.from_numpy(users[[int(t) for t in texts]]), progress=False)
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
+                                 FieldSpec("age", "dense")])
+    user_first = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table",
+                            entity_tables={"user_id": str(tmp_path / "users"), "item_id": str(tmp_path / "items")})
+    item_first = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
+                            entity_vectors=str(tmp_path / "items"), entity_tables={"user_id": str(tmp_path / "users")})
+    assert list(item_first.entity_tables) == ["item_id", "user_id"]
+    torch.manual_seed(0)
+    trained = build_gain_network(user_first, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
+    load_elec_state(trained, user_first)
+    reloaded = build_gain_network(item_first, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
+    reloaded.load_state_dict(trained.state_dict())
+    batch = Batch(torch.randn(4, 1), item_kjt(torch.tensor([3, 0, 11, 5])), torch.ones(4), {})
+    torch.testing.assert_close(reloaded.predict(batch).logits, trained.predict(batch).logits, rtol=0, atol=0)
 
 
 def test_entity_vectors_of_another_schema_or_field_are_refused(tmp_path):
