@@ -419,4 +419,15 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
                                batch_size=batch_size)
     assert refused[0] == refused[1] and refused[0].startswith("ValueError: "), refused
     assert "holds teacher outputs of another teacher checkpoint" in refused[0], refused
+    # a schema whose valid and test splits name one file: each split gets its copy (one was never written)
+    shared = dict(json.loads((tmp_path / "data" / "schema.json").read_text()))
+    shared["splits"] = {**shared["splits"], "valid": shared["splits"]["test"]}
+    (tmp_path / "data" / "shared_file.json").write_text(json.dumps(shared))
+    shared_overrides = [o for o in overrides if not o.startswith("data.schema=")] + [
+        f"data.schema={tmp_path / 'data' / 'shared_file.json'}"]
+    (report, *_) = run_multiprocess(_teacher_outputs, world_size=1, overrides=shared_overrides,
+                                    checkpoint=str(tmp_path / "run"), output_dir=str(tmp_path / "shared_out"),
+                                    batch_size=batch_size)
+    copied = DatasetSchema.load(report["schema"])
+    assert pq.read_table(copied.split_path("valid")).equals(pq.read_table(copied.split_path("test")))
 

@@ -434,26 +434,27 @@ def write_teacher_outputs(
     model.eval()
     teacher = teacher_of(model)
     extras = plugin_extras(config)
-    targets: Dict[str, str] = {}  # source file -> its copy
+    # (source file, its copy): a file two splits name (valid = test) gets a copy in each
+    copies: List[Tuple[str, str]] = []
     new_splits: Dict[str, str] = {}
     for split in splits or sorted(schema.splits):
         sources = resolve_paths(schema, split)
         single = len(sources) == 1 and not os.path.isdir(schema.split_path(split))
         split_dir = output_dir if single else os.path.join(output_dir, split)
         for source in sources:
-            targets[source] = os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))
+            copies.append((source, os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))))
         new_splits[split] = f"{split}.parquet" if single else split
     # rank 0 decides which files are finished, so every rank runs the same files
     host = host_group()
-    pending = [[source for source, target in targets.items() if not os.path.exists(target)]]
+    pending = [[(source, target) for source, target in copies if not os.path.exists(target)]]
     if ctx.world_size > 1:
         dist.broadcast_object_list(pending, src=0, group=host)
-    for source in pending[0]:
+    for source, target in pending[0]:
         outputs = predict_file(teacher, schema, source, extras, batch_size, progress and ctx.is_main, ctx.device,
                                ctx.rank, ctx.world_size)
         error: Optional[Exception] = None
         if ctx.is_main:  # an error is told to every rank, so none waits for the next file
-            error = write_on_rank_0(source, targets[source], schema.row_key, outputs, ctx.world_size, host)
+            error = write_on_rank_0(source, target, schema.row_key, outputs, ctx.world_size, host)
         else:
             send_outputs(outputs, host)
         del outputs
@@ -463,8 +464,8 @@ def write_teacher_outputs(
         if error is not None:
             raise error
         if failure[0] is not None:
-            raise RuntimeError(f"teacher outputs: rank 0 failed to write {targets[source]}: {failure[0]}")
-    report: Dict[str, Any] = {"schema": os.path.join(output_dir, SCHEMA_FILE), "files": list(targets.values())}
+            raise RuntimeError(f"teacher outputs: rank 0 failed to write {target}: {failure[0]}")
+    report: Dict[str, Any] = {"schema": os.path.join(output_dir, SCHEMA_FILE), "files": [target for _, target in copies]}
     if ctx.is_main:
         width = pq.ParquetFile(report["files"][0]).schema_arrow.field(REPRESENTATION_COLUMN).type.list_size
         report["representation_dim"] = int(width)
