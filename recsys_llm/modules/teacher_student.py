@@ -355,7 +355,8 @@ def write_teacher_outputs(
 
     Columns: ``row_key`` (int64), ``teacher_logits`` (float32) and, if asked,
     ``teacher_representation`` (fixed_size_list<float32, H_t>). Join them into a copy of
-    the split with :func:`attach_columns` so the reader yields them as extras.
+    the split with :func:`attach_columns` so the reader yields them as extras. The teacher
+    runs in eval mode and gets its own mode back afterwards; a failure leaves no file.
 
     Args:
         teacher (nn.Module): ``predict(batch) -> CTROutput``.
@@ -368,10 +369,12 @@ def write_teacher_outputs(
     Returns:
         int: rows written.
     """
+    was_training = teacher.training
     teacher.eval()
     tmp = f"{output_path}.tmp"
     writer: Optional[pq.ParquetWriter] = None
     rows = 0
+    written = False
     try:
         for batch in tqdm(batches, desc="teacher outputs", disable=not progress):
             if row_key not in batch.extras:
@@ -389,12 +392,16 @@ def write_teacher_outputs(
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
             rows += table.num_rows
+        if writer is None:
+            raise ValueError("write_teacher_outputs: no batches")
+        writer.close()
+        os.replace(tmp, output_path)
+        written = True
     finally:
-        if writer is not None:
+        teacher.train(was_training)
+        if writer is not None and not written:
             writer.close()
-    if writer is None:
-        raise ValueError("write_teacher_outputs: no batches")
-    os.replace(tmp, output_path)
+            os.remove(tmp)
     return rows
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -343,6 +344,21 @@ class TestOfflineOutputs:
         pq.write_table(pa.table({"row_id": np.array([123456])}), split)
         with pytest.raises(ValueError, match="1 rows have no 'row_id'"):
             attach_columns(split, out, "row_id", copy)
+
+
+    def test_the_teacher_keeps_its_mode_and_a_failed_write_leaves_no_file(self, tmp_path):
+        task = _elec("joint")
+        task.teacher.train()  # e.g. a joint teacher between training epochs: its dropout stays on afterwards
+        out = str(tmp_path / "teacher.parquet")
+        assert write_teacher_outputs(task.teacher, [make_batch(8)], out, progress=False) == 8
+        assert task.teacher.training
+        no_row_ids = make_batch(8, seed=1)
+        del no_row_ids.extras["row_id"]
+        with pytest.raises(KeyError, match="no extras\\['row_id'\\]"):
+            write_teacher_outputs(task.teacher, [make_batch(8, seed=2), no_row_ids], str(tmp_path / "failed.parquet"),
+                                  progress=False)
+        assert task.teacher.training
+        assert sorted(os.listdir(tmp_path)) == ["teacher.parquet"]
 
 
 class TestLoadFullState:
