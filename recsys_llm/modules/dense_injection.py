@@ -158,6 +158,11 @@ class DLRMDenseInjection(nn.Module):
             torch.Tensor: logits (B,).
         """
         vector = _checked_vector(vector, self._in_dim, "DLRMDenseInjection").to(dense_features.dtype)
+        if dense_features.dim() != 2 or dense_features.size(1) != self._num_dense:
+            raise ValueError(
+                f"DLRMDenseInjection: dense features are {tuple(dense_features.shape)}, expected (B, {self._num_dense}) "
+                "(num_dense_features: the DLRM's dense_in_features less the injected width)"
+            )
         if self.projection is not None:
             vector = self.projection(vector)  # (B, P)
         dense = torch.cat([dense_features, vector], dim=1)  # (B, Dd + P)

@@ -106,3 +106,7 @@ class TestDLRMDenseInjection:
             assert model(dense, kjt, torch.randn(4, 6)).shape == (4,)
             with pytest.raises(ValueError, match=r"^DLRMDenseInjection: the LLM vector is \(4, 7\), expected \(B, 6\)"):
                 model(dense, kjt, torch.randn(4, 7))
+            # dense features of another width than the DLRM was built for: named, not a matmul error
+            with pytest.raises(ValueError, match=r"^DLRMDenseInjection: dense features are \(4, 4\), expected \(B, 3\) "
+                                                 r"\(num_dense_features"):
+                model(torch.randn(4, 4), kjt, torch.randn(4, 6))
