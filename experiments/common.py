@@ -27,13 +27,15 @@ from recsys_llm.train.run_records import (
 from recsys_llm.train.runner import run_training
 
 ML100K_RAW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k"))
+# the backbones with a config (``configs/ml100k_{backbone}.yaml``), the choices of ``--backbones``
+BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
 
 
 def experiment_args(description: str, default_out: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", choices=("ml100k", "synthetic"), default="ml100k")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--backbones", nargs="+", default=None)
+    parser.add_argument("--backbones", nargs="+", choices=BACKBONES, default=None)
     parser.add_argument("--out", default=default_out, help="results directory (JSON, Markdown, PNG, run dirs)")
     parser.add_argument("--tables-out", default=None,
                         help="where the JSON, Markdown and PNG go instead (default: --out); runs stay under --out, "

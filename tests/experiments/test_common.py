@@ -173,3 +173,16 @@ def test_a_finished_run_on_other_data_is_neither_taken_nor_reused(tmp_path):
                                          r"split\(s\) \['train', 'valid', 'test'\]"):
         run_variant(config, [f"data.schema={data}"], run_dir)
     assert not _same_experiment(load_config(config, [f"data.schema={data}", f"train.run_dir={new_dir}"]), other)
+
+
+def test_an_unknown_backbone_is_refused_before_anything_runs(capsys):
+    """A typo in ``--backbones`` used to fail only when its turn came, after the LLM steps and the
+    runs of every backbone before it."""
+    from experiments.common import BACKBONES, experiment_args
+
+    parser = experiment_args("test", "results")
+    assert parser.parse_args(["--backbones", "fm", "dcnv2"]).backbones == ["fm", "dcnv2"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--backbones", "deepfm", "dcn"])
+    assert "--backbones: invalid choice: 'dcn'" in capsys.readouterr().err
+    assert all(os.path.isfile(base_config_path("ml100k", backbone)) for backbone in BACKBONES)
