@@ -31,10 +31,22 @@ ML100K_RAW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..",
 BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
 
 
+class _DistinctSeeds(argparse.Action):
+    """``--seeds``, refused when a seed repeats: its run would count twice in the mean and std."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: List[int],
+                 option_string: Optional[str] = None) -> None:
+        repeated = sorted({seed for seed in values if values.count(seed) > 1})
+        if repeated:
+            parser.error(f"{option_string}: seed(s) {repeated} given more than once; each seed is one run of the "
+                         "mean and std over seeds")
+        setattr(namespace, self.dest, values)
+
+
 def experiment_args(description: str, default_out: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", choices=("ml100k", "synthetic"), default="ml100k")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], action=_DistinctSeeds)
     parser.add_argument("--backbones", nargs="+", choices=BACKBONES, default=None)
     parser.add_argument("--out", default=default_out, help="results directory (JSON, Markdown, PNG, run dirs)")
     parser.add_argument("--tables-out", default=None,

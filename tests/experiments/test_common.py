@@ -186,3 +186,15 @@ def test_an_unknown_backbone_is_refused_before_anything_runs(capsys):
         parser.parse_args(["--backbones", "deepfm", "dcn"])
     assert "--backbones: invalid choice: 'dcn'" in capsys.readouterr().err
     assert all(os.path.isfile(base_config_path("ml100k", backbone)) for backbone in BACKBONES)
+
+
+def test_a_seed_given_twice_is_refused(capsys):
+    """``--seeds 0 0 1`` used to reuse seed 0's run as a second sample: mean and std over three "seeds"
+    of two runs (seed 0 weighted twice, the std understated)."""
+    from experiments.common import experiment_args
+
+    parser = experiment_args("test", "results")
+    assert parser.parse_args(["--seeds", "2", "0"]).seeds == [2, 0]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--seeds", "0", "0", "1"])
+    assert "--seeds: seed(s) [0] given more than once" in capsys.readouterr().err
