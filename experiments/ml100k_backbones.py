@@ -24,7 +24,10 @@ BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = experiment_args(__doc__.splitlines()[0], "results").parse_args(argv)
+    parser = experiment_args(__doc__.splitlines()[0], "results")
+    args = parser.parse_args(argv)
+    if args.data != "ml100k":  # the shared parser offers the synthetic data too; this table is ML-100K's
+        parser.error(f"--data {args.data}: this table trains on ML-100K only (--data ml100k)")
     schema = prepared_schema("ml100k", args.data_dir, args.raw)
     backbones = args.backbones or list(BACKBONES)
     tables = {}
