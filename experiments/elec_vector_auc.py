@@ -49,7 +49,14 @@ def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, float]]:
     if tuned_on not in schema.splits:
         raise ValueError(f"{run}: the LLM was tuned on split {tuned_on!r}, which {schema.root} does not have")
     directory = os.path.join(run, "vectors")
-    lookup = ExportLookup(directory, read_manifest(directory), cache_bytes=1 << 30)
+    manifest = read_manifest(directory)
+    provenance = manifest["provenance"]
+    if provenance.get("granularity", "row") != "row":  # keyed by entity ids, not row keys
+        raise ValueError(
+            f"{directory}: one vector per {provenance.get('entity_field', 'entity')} (semantics export --granularity "
+            f"{provenance['granularity']}); the AUC per row needs row vectors: experiments.elec --granularity row"
+        )
+    lookup = ExportLookup(directory, manifest, cache_bytes=1 << 30)
     out: Dict[str, Dict[str, float]] = {}
     for split in sorted(schema.splits):
         table = pq.read_table(schema.split_path(split), columns=[schema.row_key, schema.label])

@@ -47,3 +47,22 @@ def test_the_tuned_rows_are_those_of_the_split_the_llm_was_adapted_on(tmp_path) 
     # was: the 6 sampled positions marked on the training rows, and the validation rows one group
     assert {name: group["rows"] for name, group in result.items()} == {
         "train": 24, "valid (tuned on)": 6, "valid (not tuned on)": 14, "test": 12}
+
+
+def test_vectors_per_entity_are_refused_with_what_is_needed(tmp_path) -> None:
+    """The default ``experiments.elec`` run exports one vector per item into ``vectors/``: its item ids
+    used to be looked up as row keys (``some train rows have no vector``, or the wrong vectors where
+    every row key is also an item id)."""
+    import pytest
+
+    schema = _data(str(tmp_path / "data"))
+    run = tmp_path / "run"
+    llm = str(run / "ctr_llm")
+    assert main(["semantics", "adapt", "--schema", schema.root, "--output-dir", llm, "--fields", "item_id",
+                 "--model", save_tiny_bert(str(tmp_path / "bert")), "--representation-dim", "4", "--hidden-dim", "8",
+                 "--batch-size", "8", "--max-length", "16", "--sample-rows", "6"]) == 0
+    assert main(["semantics", "export", "--schema", schema.root, "--llm", llm, "--output-dir", str(run / "vectors"),
+                 "--granularity", "entity", "--entity-field", "item_id", "--entity-fields", "item_id"]) == 0
+    with pytest.raises(ValueError, match=r"vectors: one vector per item_id \(semantics export --granularity entity\); "
+                                         r"the AUC per row needs row vectors: experiments.elec --granularity row"):
+        vector_auc(str(run), schema)
