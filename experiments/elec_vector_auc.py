@@ -15,7 +15,7 @@ the others is label leakage: r of a row the LLM was tuned on has seen that row's
 import argparse
 import json
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -40,10 +40,11 @@ def tuned_split(llm_dir: str) -> str:
         return json.load(handle).get("split", "train")
 
 
-def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, float]]:
+def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, Optional[float]]]:
     """AUC of ``predict(r)`` for the rows the LLM was tuned on, the other rows of that split
     (``train`` unless ``semantics adapt --split`` named another) and each other split:
-    ``{group: {"auc", "rows"}}``."""
+    ``{group: {"auc", "rows"}}`` (``auc`` None for a group of no rows: an LLM tuned on every row
+    of its split leaves none untuned)."""
     model = load_ctr_llm(os.path.join(run, "ctr_llm"))
     tuned_on = tuned_split(os.path.join(run, "ctr_llm"))
     if tuned_on not in schema.splits:
@@ -57,7 +58,7 @@ def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, float]]:
             f"{provenance['granularity']}); the AUC per row needs row vectors: experiments.elec --granularity row"
         )
     lookup = ExportLookup(directory, manifest, cache_bytes=1 << 30)
-    out: Dict[str, Dict[str, float]] = {}
+    out: Dict[str, Dict[str, Optional[float]]] = {}
     for split in sorted(schema.splits):
         table = pq.read_table(schema.split_path(split), columns=[schema.row_key, schema.label])
         row_keys = table.column(schema.row_key).to_numpy()
@@ -74,7 +75,8 @@ def vector_auc(run: str, schema: DatasetSchema) -> Dict[str, Dict[str, float]]:
             groups = {f"{split} (tuned on)": tuned, f"{split} (not tuned on)": ~tuned}
         for name, mask in groups.items():
             rows = torch.from_numpy(mask)
-            out[name] = {"auc": float(binary_auroc(logits[rows], labels[rows])), "rows": int(mask.sum())}
+            auc = float(binary_auroc(logits[rows], labels[rows])) if mask.any() else None
+            out[name] = {"auc": auc, "rows": int(mask.sum())}
     return out
 
 
@@ -89,7 +91,8 @@ def main() -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
     for name, value in result.items():
-        print(f"{name:>22}: AUC {value['auc']:.4f} over {value['rows']} rows")
+        auc = "–" if value["auc"] is None else f"{value['auc']:.4f}"
+        print(f"{name:>22}: AUC {auc} over {value['rows']} rows")
     print(f"wrote {path}")
 
 

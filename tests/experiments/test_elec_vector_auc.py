@@ -66,3 +66,19 @@ def test_vectors_per_entity_are_refused_with_what_is_needed(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"vectors: one vector per item_id \(semantics export --granularity entity\); "
                                          r"the AUC per row needs row vectors: experiments.elec --granularity row"):
         vector_auc(str(run), schema)
+
+
+def test_an_llm_tuned_on_every_row_of_its_split_leaves_no_untuned_group(tmp_path) -> None:
+    """``--sample-rows`` at or above the split's rows tunes on all of them: the empty "not tuned on"
+    group used to crash the AUC (IndexError)."""
+    schema = _data(str(tmp_path / "data"))
+    run = tmp_path / "run"
+    llm = str(run / "ctr_llm")
+    assert main(["semantics", "adapt", "--schema", schema.root, "--split", "valid", "--output-dir", llm,
+                 "--model", save_tiny_bert(str(tmp_path / "bert")), "--representation-dim", "4", "--hidden-dim", "8",
+                 "--batch-size", "8", "--max-length", "16", "--sample-rows", "100"]) == 0
+    assert main(["semantics", "export", "--schema", schema.root, "--llm", llm, "--output-dir",
+                 str(run / "vectors")]) == 0
+    result = vector_auc(str(run), schema)
+    assert result["valid (tuned on)"]["rows"] == 20
+    assert result["valid (not tuned on)"] == {"auc": None, "rows": 0}
