@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.cli.semantics_export import ADAPTED_ON_FILE
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.ctr_llm import load_ctr_llm, sample_indices
@@ -88,8 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     result = vector_auc(args.run, DatasetSchema.load(args.schema))
     path = args.json or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.run))), "vector_auc.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
+    write_text_atomically(path, json.dumps(result, indent=2))
     for name, value in result.items():
         auc = "–" if value["auc"] is None else f"{value['auc']:.4f}"
         print(f"{name:>22}: AUC {auc} over {value['rows']} rows")

@@ -82,3 +82,25 @@ def test_an_llm_tuned_on_every_row_of_its_split_leaves_no_untuned_group(tmp_path
     result = vector_auc(str(run), schema)
     assert result["valid (tuned on)"]["rows"] == 20
     assert result["valid (not tuned on)"] == {"auc": None, "rows": 0}
+
+
+def test_an_interrupted_write_leaves_the_earlier_vector_auc_json(tmp_path, monkeypatch) -> None:
+    """``vector_auc.json`` used to be written in place: a write cut short left a truncated file where
+    the earlier result was."""
+    import sys
+
+    import pytest
+
+    import experiments.elec_vector_auc as script
+
+    path = tmp_path / "vector_auc.json"
+    path.write_text('{"test": {"auc": 0.6, "rows": 12}}', encoding="utf-8")
+    # the second group cannot be written: the write stops part-way, as a kill or a full disk would stop it
+    monkeypatch.setattr(script, "vector_auc", lambda run, schema: {"train": {"auc": 0.7, "rows": 24},
+                                                                   "test": {"auc": object(), "rows": 12}})
+    monkeypatch.setattr(script.DatasetSchema, "load", staticmethod(lambda path: None))
+    monkeypatch.setattr(sys, "argv", ["elec_vector_auc", "--run", str(tmp_path / "run"), "--schema", "unused",
+                                      "--json", str(path)])
+    with pytest.raises(TypeError):
+        script.main()
+    assert json.loads(path.read_text(encoding="utf-8")) == {"test": {"auc": 0.6, "rows": 12}}
