@@ -65,18 +65,22 @@ BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
 LAMBDAS = (0.01, 0.1, 0.5)
 # SSFT's S_train / S_valid values per field and epochs: the method's (docs/methods.md), as `semantics tune`
 SSFT_BUDGET = (1000, 100, 2)
+QUICK_SSFT_BUDGET = (16, 8, 1)  # --quick's, unless --ssft-budget is given
 # variant -> (use_fre, use_fie)
 VARIANTS = {"+FRE": (True, False), "+FIE": (False, True), "+both": (True, True)}
 
 
-def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Sequence[int] = SSFT_BUDGET) -> Tuple[str, str]:
+def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Optional[Sequence[int]] = None) -> Tuple[str, str]:
     """SSFT then field vectors (each skipped when done); returns (vectors path, SSFT metrics path).
 
-    ``ssft_budget``: (S_train, S_valid, epochs); ``quick`` uses (16, 8, 1).
+    ``ssft_budget``: (S_train, S_valid, epochs); None: ``SSFT_BUDGET``, or ``QUICK_SSFT_BUDGET``
+    with ``quick``.
     """
     ssft_dir = os.path.join(work, "ssft")
     vectors = os.path.join(work, "fields.safetensors")
-    samples_train, samples_valid, epochs = (16, 8, 1) if quick else ssft_budget
+    if ssft_budget is None:
+        ssft_budget = QUICK_SSFT_BUDGET if quick else SSFT_BUDGET
+    samples_train, samples_valid, epochs = ssft_budget
     samples = ["--samples-train", str(samples_train), "--samples-valid", str(samples_valid), "--epochs", str(epochs)]
     run_cli_step(
         ["semantics", "tune", "--schema", schema, "--output-dir", ssft_dir, "--max-length", "128",
@@ -166,10 +170,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_tune_on_argument(parser)
     parser.add_argument("--fre-field-reduction", choices=FIELD_REDUCTIONS, default="sum",
                         help="FRE's KL summed over fields (public code) or averaged (lambda / F)")
-    parser.add_argument("--ssft-budget", type=int, nargs=3, default=list(SSFT_BUDGET),
+    parser.add_argument("--ssft-budget", type=int, nargs=3, default=None,
                         metavar=("S_TRAIN", "S_VALID", "EPOCHS"),
-                        help="SSFT's values per field (training, held out) and epochs (default: %(default)s, the "
-                             "method's; the table before 2026-12-04 used 200 50 1)")
+                        help=f"SSFT's values per field (training, held out) and epochs (default: "
+                             f"{' '.join(map(str, SSFT_BUDGET))}, the method's, or {' '.join(map(str, QUICK_SSFT_BUDGET))} "
+                             "with --quick; the table before 2026-12-04 used 200 50 1)")
     parser.add_argument("--field-vectors", choices=("llm", "random"), default="llm",
                         help="llm: the SSFT-tuned LLM's field vectors; random: the control, Gaussian vectors of "
                              "the same shape (runs and tables named *_random*)")

@@ -71,3 +71,15 @@ def test_llactr_random_control_vectors_keep_the_keys_shape_and_schema(tmp_path) 
     assert abs(control.vectors.std().item() - llm.std().item()) < 0.5 * llm.std().item()  # the LLM vectors' spread
     again = random_field_vectors(str(tmp_path / "fields.safetensors"), str(tmp_path / "random2.safetensors"))
     assert torch.equal(load_vectors(again).vectors, control.vectors)  # seeded
+
+
+def test_llactr_quick_keeps_an_explicit_ssft_budget(tmp_path) -> None:
+    """``experiments.llactr --quick --ssft-budget 3 2 1`` used to tune SSFT on --quick's (16, 8, 1)."""
+    import json
+
+    schema = make_schema(str(tmp_path / "data"))
+    _, metrics = llm_steps(os.path.join(schema.root, "schema.json"), str(tmp_path / "work"), quick=True,
+                           ssft_budget=(3, 2, 1))
+    with open(metrics, encoding="utf-8") as handle:
+        config = json.load(handle)["config"]
+    assert (config["samples_train"], config["samples_valid"], config["epochs"]) == (3, 2, 1)
