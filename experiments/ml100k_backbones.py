@@ -40,7 +40,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         tables[backbone] = summarize({backbone: runs})[backbone]
         print(f"[ml100k] {backbone}: AUC {tables[backbone]['auc']['mean']:.4f} ± {tables[backbone]['auc']['std']:.4f}", flush=True)
     markdown = markdown_table(tables, ["auc", "logloss"])
-    write_outputs(tables_dir(args), "ml100k_backbones", {"seeds": args.seeds, "table": tables}, markdown)
+    payload = {"seeds": args.seeds, "quick": args.quick, "table": tables,
+               "command": "python -m experiments.ml100k_backbones " + " ".join(sys.argv[1:] if argv is None else argv)}
+    write_outputs(tables_dir(args), "ml100k_backbones", payload, markdown)
     plot_auc(os.path.join(tables_dir(args), "ml100k_backbones.png"), {b: {"test": t} for b, t in tables.items()},
              "ML-100K: backbones")
     return 0

@@ -13,3 +13,21 @@ def test_another_data_set_is_refused_not_replaced_by_ml100k(tmp_path, capsys) ->
     assert exit_info.value.code == 2
     assert "--data synthetic: this table trains on ML-100K only" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_the_table_records_a_quick_run_and_its_command(tmp_path, monkeypatch) -> None:
+    """A ``--quick`` smoke table (2 epochs) used to be written like the real one: nothing in
+    ``ml100k_backbones.json`` told them apart."""
+    import json
+
+    import experiments.ml100k_backbones as script
+
+    result = {"valid": {"auc": 0.7}, "test": {"auc": 0.75, "logloss": 0.5}}
+    monkeypatch.setattr(script, "prepared_schema", lambda data, data_dir, raw: "schema.json")
+    monkeypatch.setattr(script, "run_variant", lambda config, overrides, run_dir: result)
+    argv = ["--quick", "--backbones", "fm", "--seeds", "0", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "ml100k_backbones.json").read_text(encoding="utf-8"))
+    assert payload["quick"] is True
+    assert payload["command"] == "python -m experiments.ml100k_backbones " + " ".join(argv)
+    assert payload["table"]["fm"]["auc"] == {"mean": 0.75, "std": 0.0, "n": 2}
