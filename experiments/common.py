@@ -19,6 +19,7 @@ from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_differences, load_config
 from recsys_llm.train.run_records import (
     RESULTS_FILE,
+    VECTOR_RECORD_PLACE_KEYS,
     changed_frozen_teacher,
     data_differences,
     finished_results,
@@ -253,7 +254,26 @@ def _differences(config: ExperimentConfig, run_dir: str) -> List[str]:
     differences = config_differences(other, config, ("train.run_dir", "train.progress", "data.schema"))
     if os.path.abspath(config.data.schema) != os.path.abspath(other.data.schema):
         differences.append(f"data.schema: {other.data.schema} -> {config.data.schema}")
-    return differences + data_differences(config, run_dir) + _teacher_differences(config, run_dir)
+    return (differences + data_differences(config, run_dir) + _teacher_differences(config, run_dir)
+            + _field_vector_differences(config, run_dir))
+
+
+def _field_vector_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
+    """Whether an LLaCTR run's ``llactr.vectors_path`` still holds the vectors the finished run in
+    ``run_dir`` trained with (``plugins.json``: ``llactr``, their provenance: model, SSFT adapter,
+    template, schema); the same path written again by another model or adapter is another
+    experiment. Where the file was and when it was written do not count."""
+    from recsys_llm.semantics.store import load_vectors
+
+    vectors, plugins = (config.llactr or {}).get("vectors_path"), os.path.join(run_dir, PLUGINS_FILE)
+    if not vectors or not os.path.isfile(vectors) or not os.path.isfile(plugins):
+        return []
+    saved = read_run_record(plugins).get("llactr") or {}
+    # as plugins.json stores it
+    current = json.loads(json.dumps(load_vectors(vectors).provenance.to_dict(), default=str))
+    keys = (set(saved) & set(current)) - VECTOR_RECORD_PLACE_KEYS
+    differing = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(keys) if saved[key] != current[key]]
+    return [f"the field vectors in {vectors}: {', '.join(differing)}"] if differing else []
 
 
 def _teacher_differences(config: ExperimentConfig, run_dir: str) -> List[str]:

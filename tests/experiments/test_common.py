@@ -198,3 +198,36 @@ def test_a_seed_given_twice_is_refused(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--seeds", "0", "0", "1"])
     assert "--seeds: seed(s) [0] given more than once" in capsys.readouterr().err
+
+
+def test_a_finished_llactr_run_on_other_field_vectors_is_not_taken(tmp_path):
+    """The vector file written again at the same path by another SSFT adapter (the LLM steps' outputs
+    removed to redo them) left every config identical: a rerun took the old runs' results for the new
+    vectors."""
+    import dataclasses
+
+    import torch
+
+    from recsys_llm.semantics.store import VectorProvenance, save_vectors
+    from recsys_llm.train.run_records import PLUGINS_FILE
+
+    vectors = str(tmp_path / "fields.safetensors")
+    tuned = VectorProvenance(model_id="minilm+ssft:aaa", model_hash="h-aaa", pooling="mean", template="t")
+    save_vectors(vectors, torch.ones(2, 4), ["user_id", "item_id"], tuned)
+    run_dir = tmp_path / "fm" / "fre_fre0.5" / "seed0"
+    os.makedirs(run_dir)
+    overrides = [f"llactr.vectors_path={vectors}", "llactr.use_fre=true", "llactr.lambda_fre=0.5"]
+    save_config(load_config(base_config_path("ml100k", "fm"), overrides + [f"train.run_dir={run_dir}"]),
+                str(run_dir / "config.yaml"))
+    (run_dir / PLUGINS_FILE).write_text(json.dumps({"llactr": {"vectors": vectors, **tuned.to_dict()}}))
+    (run_dir / "results.json").write_text(json.dumps(_result(0.7, 0.7)))
+    assert run_variant(base_config_path("ml100k", "fm"), overrides, str(run_dir)) == _result(0.7, 0.7)
+    save_vectors(vectors, torch.ones(2, 4), ["user_id", "item_id"], tuned)  # the same vectors written again: taken
+    assert run_variant(base_config_path("ml100k", "fm"), overrides, str(run_dir)) == _result(0.7, 0.7)
+
+    retuned = dataclasses.replace(tuned, model_id="minilm+ssft:bbb", model_hash="h-bbb")
+    save_vectors(vectors, torch.zeros(2, 4), ["user_id", "item_id"], retuned)
+    with pytest.raises(SystemExit, match=r"fre_fre0.5/seed0: holds a finished run of other settings \(the field "
+                                         r"vectors in .*fields.safetensors: model_hash 'h-aaa' -> 'h-bbb', "
+                                         r"model_id 'minilm\+ssft:aaa' -> 'minilm\+ssft:bbb'\)"):
+        run_variant(base_config_path("ml100k", "fm"), overrides, str(run_dir))
