@@ -16,12 +16,14 @@ What is saved: the DMP model ``state_dict()`` (sharded tables as ShardedTensors,
 weights), the **fused table optimizer state** (e.g. RowWiseAdagrad's ``momentum1`` shards,
 from ``model.fused_optimizer``) and the dense optimizer state -- both through the
 ``CombinedOptimizer``'s keyed ``state`` -- plus epoch / step / reader position (batches
-consumed in the epoch), early-stopping state and every rank's torch, numpy and Python
-RNG states. Every rank writes its own shards; rank 0 writes ``train_state.json`` and then
-renames ``ckpt-N.tmp`` to ``ckpt-N`` and replaces ``latest``. A crash at any moment leaves
-either the previous checkpoint or the new one, never a half one: loaders take the newest
-complete ``ckpt-*`` (one with ``train_state.json``). They do not trust ``latest``, which a
-kill between the rename and its replacement leaves one checkpoint behind.
+consumed in the epoch), early-stopping state, the fused table optimizers' step counter
+(FBGEMM's ``iter``, which fused Adam's bias correction reads and which no ``state_dict``
+holds) and every rank's torch, numpy and Python RNG states. Every rank writes its own
+shards; rank 0 writes ``train_state.json`` and then renames ``ckpt-N.tmp`` to ``ckpt-N``
+and replaces ``latest``. A crash at any moment leaves either the previous checkpoint or
+the new one, never a half one: loaders take the newest complete ``ckpt-*`` (one with
+``train_state.json``). They do not trust ``latest``, which a kill between the rename and
+its replacement leaves one checkpoint behind.
 
 A step saved twice (a mid-epoch checkpoint on the epoch's last step, then the epoch-end one)
 never leaves a moment without a complete checkpoint of that step: the old ``ckpt-N`` is
@@ -66,6 +68,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
@@ -79,7 +82,8 @@ from recsys_llm.atomic_dir import fsync_directory, write_text_atomically
 from recsys_llm.error_text import weights_only_reason
 from recsys_llm.paths import is_plain_file_name
 from recsys_llm.semantics.model_dir import file_sha256
-from recsys_llm.train.distributed import barrier
+from recsys_llm.train.distributed import barrier, collective_device
+from recsys_llm.train.sharding import embedding_kernels
 
 PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})(\.prev)?$")  # 8 digits, more past step 99,999,999
@@ -109,6 +113,9 @@ class TrainState:
         finished (bool): training ended (early stop, or the budget of epochs / max_steps used up).
         stop_reason (str): why it finished: ``STOP_PATIENCE``, ``STOP_BUDGET``, or ``""`` (not
             finished, or a checkpoint written before the reason was recorded).
+        table_optimizer_step (int): the fused table kernels' step counter (FBGEMM's ``iter``:
+            one per forward, evaluation included; fused Adam's bias correction reads it), set
+            by :meth:`CheckpointManager.save` and restored by :func:`load_checkpoint`.
     """
 
     epoch: int = 0
@@ -121,6 +128,7 @@ class TrainState:
     batch_size: int = 0
     finished: bool = False
     stop_reason: str = ""
+    table_optimizer_step: int = 0
 
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)
@@ -314,6 +322,34 @@ def _set_rng_state(state: Dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _counting_kernels(model: nn.Module) -> List[Any]:
+    """The FBGEMM modules of the model's fused table kernels that keep a step counter (``iter``)."""
+    modules = [kernel.emb_module for _, kernel in embedding_kernels(model)]
+    return [module for module in modules if isinstance(getattr(module, "iter", None), torch.Tensor)]
+
+
+def _table_optimizer_step(model: nn.Module) -> int:
+    """The fused table optimizers' step counter: the largest ``iter`` of any kernel on any rank
+    (collective). Every kernel whose optimizer counts (Adam, row-wise Adagrad) counts every forward
+    alike; SGD's stays 0, and a rank may hold no kernel."""
+    local = max((int(module.iter.max()) for module in _counting_kernels(model)), default=0)
+    step = torch.tensor([local], dtype=torch.int64, device=collective_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(step, op=dist.ReduceOp.MAX)
+    return int(step.item())
+
+
+def _set_table_optimizer_step(model: nn.Module, step: int) -> None:
+    """Sets every fused table kernel's step counter to ``step`` (also its host copy, which FBGEMM
+    otherwise takes from ``iter`` only while it is 0), as an uninterrupted run has it."""
+    for module in _counting_kernels(model):
+        if module.optimizer == EmbOptimType.NONE:  # no optimizer: nothing counts
+            continue
+        module.iter.fill_(step)
+        if isinstance(getattr(module, "iter_cpu", None), torch.Tensor):
+            module.iter_cpu.fill_(step)
+
+
 def _dcp_state(model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]:
     """The tensors DCP saves/loads in place: model state and optimizer ``state``.
 
@@ -438,9 +474,10 @@ class CheckpointManager:
         barrier()
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp)
         _save_synced(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
+        saved = dataclasses.replace(state, table_optimizer_step=_table_optimizer_step(model))  # collective
         barrier()
         if _rank() == 0:
-            write_text_atomically(os.path.join(tmp, TRAIN_STATE_FILE), state.to_json())
+            write_text_atomically(os.path.join(tmp, TRAIN_STATE_FILE), saved.to_json())
             fsync_directory(tmp)
             _swap_into_place(tmp, final)
             self._point_latest_at(name)
@@ -537,6 +574,7 @@ def load_checkpoint(
         full = optimizer.state_dict()
         full["state"].update(target.get("optim", {}))  # the empty states stay as they are
         optimizer.load_state_dict(full)
+        _set_table_optimizer_step(model, state.table_optimizer_step)
     rng_file = os.path.join(path, f"rank{_rank():05d}.pt")
     if restore_rng and state.world_size == _world_size():
         if not os.path.isfile(rng_file):  # every rank writes one: without it the resume is not exact

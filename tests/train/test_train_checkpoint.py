@@ -17,7 +17,7 @@ from recsys_llm.train.checkpoint import CheckpointManager, TrainState, load_chec
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
-from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, embedding_kernels, shard_model
 from tests.multiprocess import run_multiprocess
 
 OPTIM = OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=0.1, dense="adam", dense_lr=0.01)
@@ -121,6 +121,39 @@ def test_resume_is_exact_and_reshards_to_one_rank(synthetic_dir: str, tmp_path) 
     at_save = results[0]["at_save"]
     for key in ("auc", "logloss", "ne", "num_samples"):
         assert single[key] == pytest.approx(at_save[key], abs=1e-6), key
+
+
+def _table_optimizer_steps(model: nn.Module) -> List[int]:
+    """FBGEMM's step counter (``iter``) of each fused table kernel of this rank."""
+    return [int(kernel.emb_module.iter) for _, kernel in embedding_kernels(model)]
+
+
+def _table_optimizer_step_across_resume(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _fresh(schema, seed=0)
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
+    _losses(model, optimizer, reader, skip=0, stop=5)
+    valid = ParquetBatchReader(schema, "valid", 256, rank=ctx.rank, world_size=ctx.world_size, equal_batches=False)
+    evaluate(model, valid, ctx.device, CTRMetrics(), progress=False)  # its forwards count too
+    manager = CheckpointManager(ckpt_dir, keep=1)
+    manager.save(model, optimizer, TrainState(epoch=0, step_in_epoch=5, global_step=5, world_size=ctx.world_size,
+                                              batch_size=64))
+    at_save = _table_optimizer_steps(model)
+    _, model2, optimizer2 = _fresh(schema, seed=123)
+    load_checkpoint(manager.latest(), model2, optimizer2)
+    return {"at_save": at_save, "loaded": _table_optimizer_steps(model2), "forwards": 5 + valid.padded_len}
+
+
+@pytest.mark.multiprocess
+def test_the_fused_table_optimizers_step_counter_is_restored(synthetic_dir: str, tmp_path) -> None:
+    """FBGEMM counts the steps of a fused table optimizer in ``iter`` (one per forward), which fused
+    Adam's bias correction reads and no state dict holds: a resume restarting it at 0 took other steps."""
+    results = run_multiprocess(_table_optimizer_step_across_resume, world_size=2, schema_path=synthetic_dir,
+                               ckpt_dir=str(tmp_path / "checkpoints"))
+    for result in results:
+        counted = result["forwards"]
+        assert counted in result["at_save"]  # the row-wise Adagrad kernel counted (frozen SGD's stays 0)
+        assert result["loaded"] == [counted] * len(result["at_save"])
 
 
 def _write_fake(directory: str, name: str, complete: bool) -> str:
