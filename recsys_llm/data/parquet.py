@@ -150,6 +150,12 @@ def _balanced_ranges(units: List[_Unit], world_size: int) -> List[List[_Unit]]:
     return shards
 
 
+def default_shuffle_buffer_rows(batch_size: int) -> int:
+    """Rows a shuffling reader of ``batch_size``-row batches mixes at once unless told otherwise:
+    ``max(8 * batch_size, 65536)``, so above 8,192 rows a batch size also sets the epoch's row order."""
+    return max(8 * batch_size, 65536)
+
+
 # =================================================================================================
 # the reader
 # =================================================================================================
@@ -241,7 +247,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         self._drop_last = drop_last
         self._prefetch = prefetch
         self._pin_memory = pin_memory
-        self._buffer_rows = shuffle_buffer_rows or max(8 * batch_size, 65536)
+        self._buffer_rows = shuffle_buffer_rows or default_shuffle_buffer_rows(batch_size)
         self._epoch = 0
         self._keys = schema.sparse_feature_names
         self._paths = resolve_paths(schema, split_or_paths)

@@ -124,8 +124,9 @@ class TrainConfig:
         device (str): ``auto`` | ``cpu`` | ``cuda``.
         progress (bool): tqdm bars and a line per epoch (loss, samples/s, valid AUC) on rank 0.
         reshard_mid_epoch (bool): resume a checkpoint taken mid-epoch by another number of
-            ranks after the same number of samples (inexact: the ranks' row shares differ, so
-            some rows of that epoch repeat and others are skipped); refused when False.
+            ranks, or with a ``data.batch_size`` whose shuffle buffer differs (above 8,192 rows),
+            after the same number of samples (inexact: the ranks' row shares or the rows' order
+            differ, so some rows of that epoch repeat and others are skipped); refused when False.
         flush_denormal (bool): CPU float math treats subnormal numbers as zero
             (``torch.set_flush_denormal``, a setting of the process, set at the start of
             ``train`` / ``evaluate`` / ``export`` / ``teacher-outputs``; it reaches torch's worker

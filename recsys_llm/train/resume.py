@@ -3,6 +3,7 @@ another world size or batch size."""
 
 from typing import Optional
 
+from recsys_llm.data.parquet import ParquetBatchReader, default_shuffle_buffer_rows
 from recsys_llm.train.checkpoint import STOP_BUDGET, CheckpointManager, TrainState, read_train_state
 from recsys_llm.train.config import ConfigError, TrainConfig
 from recsys_llm.train.distributed import DistContext
@@ -37,30 +38,60 @@ def resume_point(checkpoints: CheckpointManager, best: CheckpointManager) -> Opt
     return max(found, key=lambda path: read_train_state(path).global_step) if found else None
 
 
-def check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: TrainConfig) -> None:
+def _shuffled_otherwise(state: TrainState, reader: ParquetBatchReader, shuffle: bool) -> bool:
+    """Whether ``reader`` orders an epoch's rows otherwise than the reader of the job that wrote ``state``:
+    a shuffling reader mixes rows in buffers whose size follows the batch size above 8,192 rows
+    (:func:`~recsys_llm.data.parquet.default_shuffle_buffer_rows`), which reorders every rank's rows
+    that fill more than the smaller buffer (the same on every rank)."""
+    if not shuffle or state.batch_size <= 0:  # a checkpoint that did not record its batch size
+        return False
+    before, now = default_shuffle_buffer_rows(state.batch_size), reader.shuffle_buffer_rows
+    return before != now and max(reader.rows_per_rank) > min(before, now)
+
+
+def check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: TrainConfig,
+                             reader: ParquetBatchReader, shuffle: bool) -> None:
     """Each rank reads its own share of the rows, so a checkpoint taken mid-epoch by another
-    number of ranks has no exact position for this job: refused unless ``train.reshard_mid_epoch``
-    accepts going on after the same number of samples.
+    number of ranks has no exact position for this job; neither has one taken with a batch size
+    whose shuffle buffer differs from ``reader``'s (the epoch's rows come in another order).
+    Either is refused unless ``train.reshard_mid_epoch`` accepts going on after the same number
+    of samples.
+
+    Args:
+        reader (ParquetBatchReader): this job's training reader.
+        shuffle (bool): ``data.shuffle``.
 
     Raises:
-        ConfigError: another world size mid-epoch, without ``train.reshard_mid_epoch``.
+        ConfigError: another world size, or another shuffle order, mid-epoch, without ``train.reshard_mid_epoch``.
     """
-    if state.world_size == ctx.world_size or state.step_in_epoch == 0:
-        return  # the same ranks, or an epoch boundary
+    if state.step_in_epoch == 0:
+        return  # an epoch boundary
+    other_ranks = state.world_size != ctx.world_size
+    other_order = _shuffled_otherwise(state, reader, shuffle)
+    if not (other_ranks or other_order):
+        return  # the same ranks, reading the rows in the same order
     if reopen_for_budget(state, train_cfg).finished or budget_spent(state, train_cfg):
         return  # a run that trains no further row
+    if other_ranks:
+        why = (f"by {state.world_size} rank(s); this job has {ctx.world_size}, whose shares of the rows differ",
+               f"Resume with {state.world_size} rank(s)")
+    else:
+        why = (f"with data.batch_size={state.batch_size}; this job shuffles the rows in buffers of "
+               f"{reader.shuffle_buffer_rows} rows instead of {default_shuffle_buffer_rows(state.batch_size)} "
+               "(the buffer follows the batch size above 8,192 rows), so they come in another order",
+               f"Resume with data.batch_size={state.batch_size}")
     if not train_cfg.reshard_mid_epoch:
         raise ConfigError(
             f"{train_cfg.run_dir}: its newest checkpoint was taken {state.step_in_epoch} steps into epoch "
-            f"{state.epoch} by {state.world_size} rank(s); this job has {ctx.world_size}, whose shares of the "
-            f"rows differ, so that epoch cannot go on exactly. Resume with {state.world_size} rank(s), or set "
+            f"{state.epoch} {why[0]}, so that epoch cannot go on exactly. {why[1]}, or set "
             "train.reshard_mid_epoch=true to go on after the same number of samples (some rows of this "
             "epoch are then seen twice and others not at all; later epochs are exact)"
         )
     if ctx.is_main:
-        print(f"[recsys_llm] train.reshard_mid_epoch: epoch {state.epoch} goes on with {ctx.world_size} rank(s) "
-              f"after {state.world_size} rank(s) read part of it; some of its rows repeat, others are skipped",
-              flush=True)
+        change = (f"with {ctx.world_size} rank(s) after {state.world_size} rank(s) read part of it" if other_ranks
+                  else f"in another row order than data.batch_size={state.batch_size} read part of it in")
+        print(f"[recsys_llm] train.reshard_mid_epoch: epoch {state.epoch} goes on {change}; some of its rows repeat, "
+              "others are skipped", flush=True)
 
 
 def state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed: int) -> TrainState:

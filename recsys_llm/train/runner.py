@@ -210,7 +210,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     if latest is not None:
         check_resumable(config, saved_config)
         check_trained_on(schema, saved_config, run_dir)
-        check_resumable_position(read_train_state(latest), ctx, train_cfg)
+        check_resumable_position(read_train_state(latest), ctx, train_cfg, readers["train"], config.data.shuffle)
         saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
         if os.path.isfile(saved_plugins):
             saved_record = read_run_record(saved_plugins)

@@ -777,6 +777,52 @@ def test_a_resume_with_a_batch_size_that_splits_a_batch_says_which_rows_repeat(c
     assert "100 of them do not fill a batch and are read again" in capsys.readouterr().out
 
 
+def _resume_with_a_batch_size_that_shuffles_otherwise(root: str) -> Optional[str]:
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    data, run_dir = os.path.join(root, "data"), os.path.join(root, "run")
+    generate_synthetic(data, 90_000, seed=0)  # 72,000 training rows: more than a shuffle buffer of 65,536
+    _run(data, run_dir, ["train.epochs=1", "train.max_steps=1", "data.batch_size=16384", "data.test_split="])
+    try:
+        _run(data, run_dir, ["train.epochs=1", "train.max_steps=0", "data.batch_size=8192", "data.test_split="])
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def test_a_mid_epoch_resume_with_a_batch_size_that_shuffles_otherwise_is_refused_unless_told(tmp_path, capsys) -> None:
+    """Above 8,192 rows a batch size sets the shuffle buffer (``max(8 x batch, 65,536)`` rows), so the epoch's
+    rows come in another order: the rows a resume skips would be others than those trained on."""
+    import torch
+
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.train.distributed import DistContext
+    from recsys_llm.train.resume import check_resumable_position
+
+    (refusal,) = run_multiprocess(_resume_with_a_batch_size_that_shuffles_otherwise, world_size=1, root=str(tmp_path))
+    assert refusal is not None and "1 steps into epoch 0 with data.batch_size=16384" in refusal
+    assert "Resume with data.batch_size=16384, or set train.reshard_mid_epoch=true" in refusal
+    schema = DatasetSchema.load(str(tmp_path / "data" / "schema.json"))
+
+    def first_rows(batch_size: int, batches: int):  # noqa: ANN202
+        reader = ParquetBatchReader(schema, "train", batch_size, shuffle=True, seed=0, prefetch=0)
+        batch_iter = iter(reader)
+        return reader, torch.cat([next(batch_iter).extras["row_id"] for _ in range(batches)])
+
+    _, trained = first_rows(16_384, 1)
+    reader, skipped = first_rows(8192, 2)
+    assert not torch.equal(trained.sort().values, skipped.sort().values)  # other rows than those trained on
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    state = TrainState(step_in_epoch=1, global_step=1, world_size=1, batch_size=16_384)
+    check_resumable_position(state, ctx, TrainConfig(epochs=1, reshard_mid_epoch=True), reader, shuffle=True)
+    assert "goes on in another row order" in capsys.readouterr().out
+    check_resumable_position(state, ctx, TrainConfig(epochs=1), reader, shuffle=False)  # read in file order
+    smaller, rows = first_rows(4096, 4)
+    assert torch.equal(rows, skipped)  # both buffers of 65,536 rows: the same order, the position is exact
+    check_resumable_position(TrainState(step_in_epoch=2, global_step=2, world_size=1, batch_size=8192), ctx,
+                             TrainConfig(epochs=1), smaller, shuffle=True)
+
+
 def _evaluate_on_missing_data(schema_dir: str, root: str) -> Dict[str, Any]:
     from recsys_llm.train.trained_run import run_evaluation
 
