@@ -592,3 +592,40 @@ def test_state_to_write_copies_only_a_tensor_sharing_storage(tmp_path):
     assert state["tied"].data_ptr() != module.weight.data_ptr() and torch.equal(state["tied"], module.weight)
     save_file(state, str(tmp_path / "m.safetensors"))
     assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["tied"], module.weight.detach())
+
+
+@pytest.mark.parametrize("data_type", ["FP16", "BF16"])
+def test_tables_of_a_half_precision_data_type_serve_as_trained(tmp_path, data_type):
+    """torchrec tables may hold FP16 / BF16 weights (``EmbeddingBagConfig.data_type``); the artifact served them
+    (the load refused them as a damaged artifact: "not float32, as export writes them")."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.modules.embedding_configs import DataType
+
+    from recsys_llm.models.task import CTRTask
+    from tests.test_serving_weighted import _Concat
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=10, feature_names=[f],
+                                 data_type=DataType[data_type]) for f in ("user_id", "tags")]
+    task = CTRTask(_Concat(EmbeddingBagCollection(tables=tables))).eval()
+    out = str(tmp_path / "export")
+
+    def request(batch_size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.cat([torch.ones(batch_size, dtype=torch.int32), torch.randint(0, 4, (batch_size,), generator=g).int()])
+        kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "tags"], torch.randint(0, 10, (int(lengths.sum()),),
+                                                                                     generator=g), lengths)
+        return torch.randn(batch_size, 1, generator=g), kjt
+
+    config = export_task(task, out, *request(4, 0))
+    assert config["dense_program"] == "dense_program.pt2", config["dense_program_error"]
+    served = ServedModel.load(out, trust_program=True)
+    assert {p.dtype for p in served.embedding_bag_collection.parameters()} == {load_state_file(out)[
+        "model.embedding_bag_collection.embedding_bags.t_tags.weight"].dtype}
+    for size, seed in ((1, 1), (5, 2)):
+        dense, sparse = request(size, seed)
+        with torch.no_grad():
+            expected = task.model(dense, sparse).logits
+        assert torch.equal(served.logits(dense, sparse), expected)
+    with open(os.path.join(out, "tables.json")) as handle:
+        assert [t["data_type"] for t in json.load(handle)] == [data_type, data_type]

@@ -3,7 +3,8 @@
 ``export_task`` writes a directory::
 
     model.safetensors     full (unsharded) state dict of the task: weights only
-    tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling)
+    tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling,
+                          data type)
     dense_program.pt2     torch.export program of everything after the EBC lookup:
                           (dense (B, Dd), pooled (B, F * D)) -> logits (B,)
     config.json           format version, export id, SHA-256 of the files above, library versions

@@ -232,6 +232,7 @@ def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
             "embedding_dim": c.embedding_dim,
             "feature_names": list(c.feature_names),
             "pooling": c.pooling.name,
+            "data_type": c.data_type.name,  # the weights' dtype (FP32, FP16, BF16): the served tables take it
         }
         for c in ebc.embedding_bag_configs()
     ]

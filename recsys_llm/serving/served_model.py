@@ -10,7 +10,7 @@ from typing import Any, Dict, List, NoReturn, Optional
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -113,7 +113,8 @@ def _warn_on_other_versions(directory: str, config: Dict[str, Any]) -> None:
 def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: Dict[str, torch.Tensor],
               prefix: str, weighted: bool = False) -> EmbeddingBagCollection:
     """An EBC from an artifact's table list, its weights taken from ``state`` under ``prefix``; ``weighted``:
-    it pools the request's per-id weights (the exported EBC had ``is_weighted=True``)."""
+    it pools the request's per-id weights (the exported EBC had ``is_weighted=True``). Each table's weights
+    have its ``data_type`` (FP32 where ``tables.json`` records none, as before it was recorded)."""
     path = os.path.join(directory, tables_file)
     tables = _read_json(path)
     _check_digest(directory, config, tables_file)
@@ -121,19 +122,24 @@ def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: D
         ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
-                                   feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]])
+                                   feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]],
+                                   data_type=DataType[t.get("data_type", DataType.FP32.name)])
                 for t in tables
             ],
             is_weighted=weighted,
             device=torch.device("meta"),  # no storage: the tables become the loaded tensors themselves
         )
     except ARTIFACT_READ_ERRORS as error:
-        _raise_damaged(path, "not a list of tables (name, embedding_dim, num_embeddings, feature_names, pooling)", error)
+        _raise_damaged(path, "not a list of tables (name, embedding_dim, num_embeddings, feature_names, pooling, "
+                             "data_type)", error)
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    other = [f"{k} ({v.dtype})" for k, v in weights.items() if v.dtype != torch.float32]
-    if other:  # taken as they are (assign), not cast into float32 tables
-        _raise_damaged(os.path.join(directory, STATE_FILE), f"table weights {other[:3]} are not float32, as export "
-                                                           "writes them")
+    dtypes = {key: value.dtype for key, value in ebc.state_dict().items()}  # (meta) each table's data_type
+    other = {k: v.dtype for k, v in weights.items() if k in dtypes and v.dtype != dtypes[k]}
+    if other:  # taken as they are (assign), not cast into the tables' dtype
+        expected = sorted({str(dtypes[k]).replace("torch.", "") for k in other})
+        _raise_damaged(os.path.join(directory, STATE_FILE),
+                       f"table weights {[f'{k} ({dtype})' for k, dtype in list(other.items())[:3]]} are not "
+                       f"{' / '.join(expected)}, as export writes them ({tables_file}: data_type)")
     try:
         ebc.load_state_dict(weights, assign=True)
     except RuntimeError as error:  # missing / unexpected keys, other shapes
