@@ -417,6 +417,17 @@ class TestStateFiles:
         with pytest.raises(ValueError, match=rf"^{re.escape(path)}: damaged or incomplete state file \(SafetensorError"):
             _load_frozen_teacher(path)
 
+    @pytest.mark.parametrize("content", [b"hello world\n", b"user_id,item_id\n1,2\n", b"X\x01\x00\x00\x00\xb8"])
+    def test_a_teacher_file_that_is_no_torch_save_file_is_named(self, tmp_path, content):  # text, CSV, bad UTF-8
+        """A text file named as the teacher (a CSV, a note) raised a bare KeyError: 101, IndexError or
+        UnicodeDecodeError from the unpickler, naming no file."""
+        path = str(tmp_path / "teacher.pt")
+        with open(path, "wb") as handle:
+            handle.write(content)
+        for load in (_load_frozen_teacher, load_state_file):
+            with pytest.raises(ValueError, match=rf"^{re.escape(path)}: damaged or incomplete state file \("):
+                load(path)
+
 
 @pytest.mark.parametrize("lengths, message", [
     ([1, 1, 1, 1], None),

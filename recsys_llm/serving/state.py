@@ -136,7 +136,8 @@ def _torch_load(path: str, mmap: bool) -> Any:
     Raises:
         pickle.UnpicklingError: the file holds objects other than tensors and containers
             (nothing from it runs).
-        ValueError: the file is damaged (truncated, not a ``torch.save`` file).
+        ValueError: the file is damaged (truncated, not a ``torch.save`` file: the unpickler fails on
+            other bytes with KeyError, IndexError or UnicodeDecodeError).
     """
     try:
         try:
@@ -151,7 +152,7 @@ def _torch_load(path: str, mmap: bool) -> Any:
             "dict of tensors only (torch.load with weights_only=True, no code runs): write it with "
             "`recsys-llm export --state-only` or safetensors"
         ) from error
-    except (RuntimeError, EOFError) as error:
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError) as error:
         raise ValueError(
             f"{path}: damaged or incomplete state file ({telling_line(error)}); expected a complete torch.save or "
             ".safetensors file of tensors: write it again (`recsys-llm export --state-only`)"
