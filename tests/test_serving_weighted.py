@@ -119,3 +119,24 @@ def test_weights_of_another_real_dtype_are_served_as_float32(tmp_path):
                                                           lengths=sparse.lengths(), weights=sparse.weights().cfloat())
     with pytest.raises(ValueError, match=r"sparse features: weights are torch\.complex64; expected real"):
         served.logits(request.dense_features, complex_weights)
+
+
+def test_weights_are_served_in_the_dtype_of_half_precision_tables(tmp_path):
+    """``embedding_bag`` takes weights of its table's dtype only: float32 weights (what a sharded FBGEMM table
+    takes from the training batches) reached FP16 tables as they were, a RuntimeError inside ``embedding_bag``."""
+    from torchrec.modules.embedding_configs import DataType
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=10, feature_names=[f],
+                                 data_type=DataType.FP16) for f in FEATURES]
+    task = CTRTask(_Concat(EmbeddingBagCollection(tables=tables, is_weighted=True))).eval()
+    half = lambda batch: Batch(batch.dense_features, KeyedJaggedTensor.from_lengths_sync(  # noqa: E731
+        keys=FEATURES, values=batch.sparse_features.values(), lengths=batch.sparse_features.lengths(),
+        weights=batch.sparse_features.weights().half()), batch.labels, {})
+    example = half(_request(4, 0))
+    export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
+    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    request = _request(6, 2)  # float32 weights
+    with torch.no_grad():
+        expected = task.predict(half(request)).logits
+    assert torch.equal(served.logits(request.dense_features, request.sparse_features), expected)

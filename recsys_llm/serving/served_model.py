@@ -324,22 +324,22 @@ class ServedModel(nn.Module):
                              "training (fill or drop NaN / inf before the request)")
         return converted
 
-    @staticmethod
-    def _float32_weights(features: KeyedJaggedTensor, batch_size: int) -> KeyedJaggedTensor:
-        """``features`` with its per-id weights as float32, the tables' dtype (``embedding_bag`` refuses
-        weights of another dtype than its table): float64 (numpy's default), float16 and integer
-        weights are converted, as dense features are.
+    def _weights_in_table_dtype(self, features: KeyedJaggedTensor, batch_size: int) -> KeyedJaggedTensor:
+        """``features`` with its per-id weights in the tables' dtype (``embedding_bag`` refuses weights of
+        another dtype than its table): float32, or float16 / bfloat16 for tables of that ``data_type``;
+        float64 (numpy's default), float16 and integer weights are converted, as dense features are.
 
         Raises:
             ValueError: complex weights.
         """
         weights = features.weights()  # (N,)
-        if weights.dtype == torch.float32:
+        dtype = next(self.embedding_bag_collection.parameters()).dtype
+        if weights.dtype == dtype:
             return features
         if weights.dtype.is_complex:
             raise ValueError(f"sparse features: weights are {weights.dtype}; expected real per-id weights (float32)")
         return KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=features.lengths(),
-                                 weights=weights.to(torch.float32), stride=batch_size)
+                                 weights=weights.to(dtype), stride=batch_size)
 
     @torch.no_grad()
     def logits(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
@@ -349,9 +349,9 @@ class ServedModel(nn.Module):
         over rows): the KJT holds each of the model's features once (others are dropped), integer ids and lengths
         that count them (:meth:`~recsys_llm.id_rules.IdRules.check_structure`); the dense
         features are (B, Dd) with the KJT's B, B > 0, and finite. Dense features of another
-        real dtype (float64, integers) are converted to float32 (so are the per-id weights of a
-        weighted model); NaN / inf is refused, as the training reader refuses it. Each problem is
-        a ValueError saying what was expected.
+        real dtype (float64, integers) are converted to float32 (the per-id weights of a weighted
+        model to its tables' dtype, float32 unless they are FP16 / BF16); NaN / inf is refused, as
+        the training reader refuses it. Each problem is a ValueError saying what was expected.
 
         The ids then go through the training reader's rules (:class:`~recsys_llm.id_rules.IdRules`):
         hashed features folded, sequences cut to ``max_length``, a row without an id or with
@@ -378,7 +378,7 @@ class ServedModel(nn.Module):
         batch_size = strides.pop()
         dense_features = self._checked_dense(dense_features, batch_size)  # (B, Dd) float32
         if self._config.get(WEIGHTED_KEY, False):
-            sparse_features = self._float32_weights(sparse_features, batch_size)
+            sparse_features = self._weights_in_table_dtype(sparse_features, batch_size)
         pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
         if self.semantic_embedding_bag_collection is None:
             return self.dense_program(dense_features, pooled)
