@@ -203,6 +203,20 @@ def _changed_weight(name: str) -> Callable[[str], None]:
     return damage
 
 
+def _edited_program(old: bytes, new: bytes) -> Callable[[str], None]:
+    """Replaces ``old`` by ``new`` (same length) in ``dense_program.pt2``'s stored graph: the zip stays readable
+    (torch's reader checks no CRC) and the graph names another parameter or holds guard code Python cannot
+    parse."""
+    def damage(directory: str) -> None:
+        path = os.path.join(directory, "dense_program.pt2")
+        with open(path, "rb") as handle:
+            data = handle.read()
+        assert len(old) == len(new) and data.count(old) >= 1
+        with open(path, "wb") as handle:
+            handle.write(data.replace(old, new, 1))
+    return damage
+
+
 def _without_state_key(directory: str) -> None:
     path = os.path.join(directory, "config.json")
     with open(path) as handle:
@@ -244,6 +258,12 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
                                               r"bytes changed after the export \(sha256"),
     "a weight changed in dense_program.pt2": (_changed_weight("dense_program.pt2"), "dense_program.pt2",
                                               r"bytes changed after the export \(sha256"),
+    "a parameter name changed in dense_program.pt2": (  # torch.export.load raised SpecViolationError
+        _edited_program(b'"parameter_name": "task.model.head.weight"', b'"parameter_name": "task.model.head.weighT"'),
+        "dense_program.pt2", r"bytes changed after the export \(sha256"),
+    "a guard changed in dense_program.pt2": (  # torch.export.load raised SyntaxError
+        _edited_program(b"size()[0] == L['dense", b"size()[0c == L['dense"), "dense_program.pt2",
+        r"bytes changed after the export \(sha256"),
     "tables.json missing": (lambda d: os.remove(os.path.join(d, "tables.json")), "tables.json", r"file missing"),
     "state named outside the artifact": (_config_naming("state", "../outside.safetensors"), "config.json",
                                          r"'state' is '\.\./outside\.safetensors'; expected a file name inside"),

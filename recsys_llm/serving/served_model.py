@@ -278,6 +278,9 @@ class ServedModel(nn.Module):
             program = torch.export.load(program_path, extra_files=program_extra).module()
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(program_path, "cannot be read as a torch.export program", error)
+        except Exception:  # changed bytes fail in other ways too (a SpecViolationError, a guard's SyntaxError)
+            _check_digest(directory, config, config["dense_program"])  # they are the reason, where recorded
+            raise
         check_same_export(config_path, config, program_path, program_extra[EXPORT_ID_KEY] or None)
         _check_digest(directory, config, config["dense_program"])  # after the export id: "mixes two exports" says more
         return cls(ebc, program, config, semantic)
