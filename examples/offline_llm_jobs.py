@@ -20,17 +20,20 @@ LLM_DIM = 32  # width of ELEC's vector r
 
 
 def prepare(work: str, rows: int, llm: Optional[str]) -> None:
-    """The offline LLM jobs, each one ``recsys-llm`` shell command."""
+    """The offline LLM jobs, each one ``recsys-llm`` shell command; a job that fails (its error
+    printed) stops the script there, as ``set -e`` would."""
     data, model = f"{work}/data", ["--model", llm] if llm else []
-    recsys_llm(["prepare", "synthetic", "--out", data, "--rows", str(rows), "--quiet"])
-    recsys_llm(["semantics", "adapt", "--schema", data, "--output-dir", f"{work}/ctr_llm", "--tuning", "heads",
-                "--sample-rows", "512", "--max-length", "96", "--representation-dim", str(LLM_DIM), *model])
-    # Item vectors (<= 4096 items: one chunk, which rank 0 writes alone even under torchrun), joined to the splits.
-    recsys_llm(["semantics", "export", "--schema", data, "--llm", f"{work}/ctr_llm", "--output-dir", f"{work}/vectors",
-                "--granularity", "entity", "--entity-field", "item_id", "--attach-dir", f"{work}/data_llm"])
-    # LLaCTR's field vectors, made for the schema training reads (the copy with llm_vector).
-    recsys_llm(["semantics", "encode", "--schema", f"{work}/data_llm", "--output", f"{work}/fields.safetensors",
-                *model])
+    jobs = [["prepare", "synthetic", "--out", data, "--rows", str(rows), "--quiet"],
+            ["semantics", "adapt", "--schema", data, "--output-dir", f"{work}/ctr_llm", "--tuning", "heads",
+             "--sample-rows", "512", "--max-length", "96", "--representation-dim", str(LLM_DIM), *model],
+            # Item vectors (<= 4096 items: one chunk, rank 0 writes it alone even under torchrun), joined to the splits.
+            ["semantics", "export", "--schema", data, "--llm", f"{work}/ctr_llm", "--output-dir", f"{work}/vectors",
+             "--granularity", "entity", "--entity-field", "item_id", "--attach-dir", f"{work}/data_llm"],
+            # LLaCTR's field vectors, made for the schema training reads (the copy with llm_vector).
+            ["semantics", "encode", "--schema", f"{work}/data_llm", "--output", f"{work}/fields.safetensors", *model]]
+    for job in jobs:
+        if recsys_llm(job) != 0:
+            raise SystemExit(f"offline LLM job `recsys-llm {' '.join(job[:2])}` failed (its error is above)")
 
 
 def offline_outputs(work_dir: str, rows: int, llm: Optional[str], rank: int) -> str:

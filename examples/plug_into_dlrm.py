@@ -25,7 +25,7 @@ a second run with the same arguments reuses their outputs and only trains. Valid
 
 User code: 38 lines (every line that is not blank, a comment, a docstring or an import;
 ``tests/test_examples.py`` counts them so the claim cannot rot), argument parsing and the
-printing included; the offline jobs of ``offline_llm_jobs.py`` are 17 more. The plug-in
+printing included; the offline jobs of ``offline_llm_jobs.py`` are 19 more. The plug-in
 itself -- from loading the schema to evaluating the sharded, pipelined model -- is 18 of them.
 
 Run::

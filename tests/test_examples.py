@@ -101,6 +101,37 @@ class TestUserCodeLines:
                 f"{guide}'s docstring must state {name}'s user-code line count, {len(lines)}"
             )
 
+    def test_readme_and_usage_guide_state_the_counts(self) -> None:
+        """README.md and docs/usage.md §5 repeat the guides' line counts: they must be the counted ones."""
+        counts = {name: len(user_code_lines(os.path.join(EXAMPLES_DIR, f"{name}.py"))) for name in MAX_USER_LINES}
+        dlrm_path = os.path.join(EXAMPLES_DIR, "plug_into_dlrm.py")
+        with open(dlrm_path, encoding="utf-8") as handle:
+            source = handle.read().splitlines()
+        # the plug-in itself: from loading the schema to evaluating the sharded, pipelined model
+        first = next(i for i, line in enumerate(source, 1) if "DatasetSchema.load(" in line)
+        last = next(i for i, line in enumerate(source, 1) if "= evaluate(" in line)
+        plug_in = len([line for line in user_code_lines(dlrm_path) if first <= line <= last])
+        docs = {}
+        for page in ("README.md", os.path.join("docs", "usage.md")):
+            with open(os.path.join(EXAMPLES_DIR, "..", page), encoding="utf-8") as handle:
+                docs[page] = " ".join(handle.read().split())
+        readme, guide = docs["README.md"], docs[os.path.join("docs", "usage.md")]
+        claims = [
+            (readme, r"in (\d+) lines of user code, of which the plug-in itself is (\d+)",
+             (counts["plug_into_dlrm"], plug_in)),
+            (readme, r"(\d+) lines, the model included", (counts["plug_into_own_model"],)),
+            (readme, r"offline_llm_jobs.py`, (\d+) lines more", (counts["offline_llm_jobs"],)),
+            (guide, r"in (\d+) lines of user code \(plus the (\d+) of the offline jobs\)",
+             (counts["plug_into_dlrm"], counts["offline_llm_jobs"])),
+        ]
+        for text, pattern, expected in claims:
+            stated = re.search(pattern, text)
+            assert stated is not None, f"the docs no longer say {pattern!r}"
+            assert tuple(int(group) for group in stated.groups()) == expected, (pattern, expected)
+        with open(dlrm_path, encoding="utf-8") as handle:
+            docstring = " ".join((ast.get_docstring(ast.parse(handle.read())) or "").split())
+        assert f"is {plug_in} of them" in docstring
+
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["plug_into_dlrm", "plug_into_own_model"])
@@ -166,3 +197,21 @@ def test_offline_outputs_are_reused_only_with_the_same_rows_and_llm(tmp_path, mo
     assert used[0] == used[1] and len(set(used)) == 3
     assert used[3] == used[4]  # the same model, named relative or absolute
     assert all(os.path.dirname(path) == work for path in used)
+
+
+def test_a_failed_offline_job_stops_the_jobs_after_it(tmp_path, monkeypatch) -> None:
+    """A job that ends with an error (exit code 2, its one-line error printed) stops the script there,
+    naming that job, instead of running the later jobs on its missing output and training on nothing."""
+    _examples_on_path()
+    import offline_llm_jobs
+
+    ran: List[List[str]] = []
+
+    def fake_command(argv: List[str]) -> int:  # recsys_llm.cli.main: 2 for bad input
+        ran.append(argv)
+        return 2 if argv[:2] == ["semantics", "adapt"] else 0
+
+    monkeypatch.setattr(offline_llm_jobs, "recsys_llm", fake_command)
+    with pytest.raises(SystemExit, match="semantics adapt"):
+        offline_llm_jobs.prepare(str(tmp_path / "jobs"), 1000, str(tmp_path / "no_such_llm"))
+    assert [argv[:2] for argv in ran] == [["prepare", "synthetic"], ["semantics", "adapt"]]
