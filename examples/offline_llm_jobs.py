@@ -22,13 +22,14 @@ LLM_DIM = 32  # width of ELEC's vector r
 def prepare(work: str, rows: int, llm: Optional[str]) -> None:
     """The offline LLM jobs, each one ``recsys-llm`` shell command; a job that fails (its error
     printed) stops the script there, as ``set -e`` would."""
-    data, model = f"{work}/data", ["--model", llm] if llm else []
+    data, ctr_llm, model = f"{work}/data", f"{work}/ctr_llm", ["--model", llm] if llm else []
     jobs = [["prepare", "synthetic", "--out", data, "--rows", str(rows), "--quiet"],
-            ["semantics", "adapt", "--schema", data, "--output-dir", f"{work}/ctr_llm", "--tuning", "heads",
+            ["semantics", "adapt", "--schema", data, "--output-dir", ctr_llm, "--tuning", "heads",
              "--sample-rows", "512", "--max-length", "96", "--representation-dim", str(LLM_DIM), *model],
-            # Item vectors (<= 4096 items: one chunk, rank 0 writes it alone even under torchrun), joined to the splits.
-            ["semantics", "export", "--schema", data, "--llm", f"{work}/ctr_llm", "--output-dir", f"{work}/vectors",
-             "--granularity", "entity", "--entity-field", "item_id", "--attach-dir", f"{work}/data_llm"],
+            # Item vectors joined to the splits: one chunk holds every item the generator makes (at most 500,000), so
+            # rank 0 writes them all alone under torchrun too (a chunk of rank 1's would never come).
+            ["semantics", "export", "--schema", data, "--llm", ctr_llm, "--output-dir", f"{work}/vectors", "--granularity",
+             "entity", "--entity-field", "item_id", "--chunk-rows", "500000", "--attach-dir", f"{work}/data_llm"],
             # LLaCTR's field vectors, made for the schema training reads (the copy with llm_vector).
             ["semantics", "encode", "--schema", f"{work}/data_llm", "--output", f"{work}/fields.safetensors", *model]]
     for job in jobs:

@@ -215,3 +215,32 @@ def test_a_failed_offline_job_stops_the_jobs_after_it(tmp_path, monkeypatch) -> 
     with pytest.raises(SystemExit, match="semantics adapt"):
         offline_llm_jobs.prepare(str(tmp_path / "jobs"), 1000, str(tmp_path / "no_such_llm"))
     assert [argv[:2] for argv in ran] == [["prepare", "synthetic"], ["semantics", "adapt"]]
+
+
+def test_offline_jobs_on_rank_0_of_torchrun_export_every_item_alone(tmp_path, monkeypatch) -> None:
+    """Under ``torchrun`` rank 0 runs the jobs while the other ranks wait at a barrier, so the item-vector
+    export must not leave a chunk to rank 1: with more than 4,096 items (``--rows`` past 409,600) it did,
+    and rank 0 then waited an hour (``--attach-timeout``) for a chunk no rank would write."""
+    import torch.distributed as dist
+
+    import recsys_llm.cli.semantics_export as semantics_export
+    from recsys_llm.data.synthetic import SyntheticConfig
+
+    _examples_on_path()
+    import offline_llm_jobs
+
+    llm = _tiny_encoder(str(tmp_path / "encoder"))
+    # 12,000 items (what --rows 1200000 gives) on 16,000 rows, of which more than 4,096 occur
+    monkeypatch.setattr(SyntheticConfig, "items", property(lambda self: 12000))
+    poll = semantics_export._poll_for_chunks
+    monkeypatch.setattr(semantics_export, "_poll_for_chunks", lambda directory, timeout_s: poll(directory, 0.0))
+    monkeypatch.setenv("RANK", "0")  # rank 0 of 2, in the example's process group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        offline_llm_jobs.prepare(str(tmp_path / "jobs"), 16000, llm)
+    finally:
+        dist.destroy_process_group()
+    with open(tmp_path / "jobs" / "vectors" / "manifest.json", encoding="utf-8") as handle:
+        assert json.load(handle)["num_rows"] > 4096  # more items than one chunk of the default --chunk-rows
+    assert os.path.isfile(tmp_path / "jobs" / "fields.safetensors")
