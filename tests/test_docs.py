@@ -32,6 +32,29 @@ def test_every_config_key_has_a_row_in_the_usage_guide() -> None:
     assert not missing, f"docs/usage.md section 7 lacks {missing}"
 
 
+def test_every_override_the_docs_name_is_a_config_key() -> None:
+    """A ``section.key=value`` override shown in the README, docs/, a config, the package's docstrings, the
+    examples or the torchx components names a key the config has (one inside a mapping such as
+    ``elec.entity_tables.<field>`` extends a key): a misspelt one is refused when the run starts."""
+    import glob
+
+    keys = {*_keys(ExperimentConfig, ""), *_keys(LLaCTRConfig, "llactr."), *_keys(ELECConfig, "elec."),
+            *_keys(TeacherStudentConfig, "elec.distill.")}
+    patterns = ["README.md", "docs/*.md", "configs/*.yaml", "recsys_llm/**/*.py", "examples/*.py",
+                "torchx_components/*.py", "experiments/*.py", "benchmarks/*.py"]
+    files = sorted({path for pattern in patterns for path in glob.glob(os.path.join(REPO, pattern), recursive=True)})
+    override = re.compile(r"(?<![\w./-])((?:data|model|optim|sharding|train|llactr|elec)\.[a-z_]+(?:\.[a-z_]+)*)=(?!=)")
+    unknown = []
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            for key in override.findall(handle.read()):
+                parts = key.split(".")
+                if not any(".".join(parts[:n]) in keys for n in range(2, len(parts) + 1)):
+                    unknown.append(f"{os.path.relpath(path, REPO)}: {key}")
+    assert len(files) > 50
+    assert not unknown, f"overrides of keys the config does not have: {unknown}"
+
+
 def _read(*parts: str) -> str:
     with open(os.path.join(REPO, *parts), encoding="utf-8") as handle:
         return handle.read()

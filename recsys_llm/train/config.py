@@ -7,10 +7,10 @@ A config file has the sections of :class:`ExperimentConfig`::
     optim:    {sparse: row_wise_adagrad, sparse_lr: 0.05, dense: adam, dense_lr: 0.001}
     sharding: {sharding_types: [table_wise, row_wise]}
     train:    {epochs: 3, patience: 1, checkpoint_every: 200, run_dir: runs/synthetic_deepfm}
-    llactr:   {...}   # free-form, parsed by the LLaCTR plug-ins
-    elec:     {...}   # free-form, parsed by the ELEC plug-ins
+    llactr:   {...}   # kept as a mapping here, typed by LLaCTRConfig.from_dict when the run builds
+    elec:     {...}   # kept as a mapping here, typed by ELECConfig.from_dict when the run builds
 
-Overrides on the command line are ``section.key=value`` (nested: ``llactr.fre.weight=0.1``);
+Overrides on the command line are ``section.key=value`` (nested: ``elec.distill.alpha=0.5``);
 the value is parsed as YAML (``3``, ``0.5``, ``true``, ``[64, 32]``) and then converted to the
 field's declared type, so ``train.epochs=3`` is an int and ``model.mlp_layer_sizes=[64,32]``
 a tuple. Unknown sections or keys are errors that list the allowed ones.
