@@ -22,7 +22,7 @@ Example::
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from recsys_llm.modules.random_stream import own_random_stream
 from recsys_llm.modules.semantic_table import (
     SemanticTable,
     SemanticTableTask,
+    distinct_rows,
     load_semantic_vectors,
     semantic_table_name,
     table_weights,
@@ -375,7 +376,7 @@ def check_teacher_vectors(model: nn.Module, field: str, directory: str, checkpoi
     export ``directory``: each rank compares its local shards' rows and columns with the export's.
 
     Returns:
-        int: table rows compared on this rank.
+        int: table rows compared on this rank (a row of several local column shards counts once).
 
     Raises:
         KeyError: the model has no entity table of ``field``.
@@ -403,7 +404,7 @@ def check_teacher_vectors(model: nn.Module, field: str, directory: str, checkpoi
     if low < 0 or high >= num_rows:
         raise refuse(f"holds vectors of ids {low}..{high}, but the teacher's table {table!r} has rows "
                      f"0..{num_rows - 1}")
-    checked = 0
+    checked: List[Tuple[int, int]] = []  # [start, stop) of the rows of each local shard
     for _, weight in weights:
         if isinstance(weight, ShardedTensor):
             pieces = [(s.tensor, *s.metadata.shard_offsets, *s.metadata.shard_sizes) for s in weight.local_shards()]
@@ -428,5 +429,5 @@ def check_teacher_vectors(model: nn.Module, field: str, directory: str, checkpoi
                 same = torch.allclose(block, torch.zeros_like(block), rtol=1e-6, atol=1e-7)
             if not same:
                 raise refuse(f"holds other vectors than the teacher's table {table!r} (rows {row}..{row + rows - 1})")
-            checked += rows
-    return checked
+            checked.append((row, row + rows))
+    return distinct_rows(checked)

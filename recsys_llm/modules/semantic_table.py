@@ -23,7 +23,7 @@ Example::
     load_semantic_vectors(model, "semantic_user_id", "vectors/users", expected=provenance)
 """
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -222,7 +222,7 @@ def load_semantic_vectors(
         expected (Optional[Dict[str, str]]): provenance the vectors must have.
 
     Returns:
-        int: number of rows filled on this rank.
+        int: number of table rows filled on this rank (a row of several local column shards counts once).
 
     Raises:
         KeyError: the model has no such table.
@@ -245,21 +245,31 @@ def load_semantic_vectors(
             "a vector outside it would be dropped and ids looked up in the table would find another entity's "
             "(export the entities of the data the model reads, with ids below the field's cardinality)"
         )
-    filled = 0
+    filled: List[Tuple[int, int]] = []  # [start, stop) of the rows of each local shard
     for key, weight in weights:
         if isinstance(weight, ShardedTensor):
             dim = weight.size(1)
             for shard in weight.local_shards():
                 row, col = shard.metadata.shard_offsets
                 fill_rows(shard.tensor, vector_dir, row, col, dim, expected)
-                filled += shard.metadata.shard_sizes[0]
+                filled.append((row, row + shard.metadata.shard_sizes[0]))
         elif isinstance(weight, torch.Tensor):
             require_allocated(key, weight, f"load_semantic_vectors({table_name!r})")
             fill_rows(weight, vector_dir, 0, 0, weight.size(1), expected)
-            filled += weight.size(0)
+            filled.append((0, weight.size(0)))
         else:
             raise TypeError(f"table {table_name!r}: unsupported weight type {type(weight).__name__}")
-    return filled
+    return distinct_rows(filled)
+
+
+def distinct_rows(row_ranges: Iterable[Tuple[int, int]]) -> int:
+    """Rows in the union of ``[start, stop)`` ranges: a row this rank holds in several column shards counts once."""
+    count, covered_to = 0, None
+    for start, stop in sorted(row_ranges):
+        start = start if covered_to is None else max(start, covered_to)
+        count += max(0, stop - start)
+        covered_to = stop if covered_to is None else max(covered_to, stop)
+    return count
 
 
 @torch.no_grad()

@@ -475,6 +475,10 @@ def test_each_rank_reads_only_the_columns_of_its_shards(tmp_path):
         assert result["refused"]
         covered += cols
     assert covered == BIG_DIM
+    # one rank holding both column shards counts each row once
+    (alone,) = run_multiprocess(_load_column_shards, world_size=1, vector_dir=out)
+    assert len(alone["shards"]) == 2 and all(equal for *_, equal in alone["shards"])
+    assert alone["filled"] == alone["checked"] == BIG_ITEMS
 
 
 def _weighted_gain_network(table_weighted: bool, device: torch.device):
@@ -557,3 +561,12 @@ def test_a_weighted_entity_table_gives_the_same_logits_sharded_and_unsharded():
 
     result, _ = run_multiprocess(_sharded_weighted_gain_network, world_size=2)
     torch.testing.assert_close(result["sharded"], result["eager"])
+
+
+def test_distinct_rows_counts_the_union_of_row_ranges():
+    from recsys_llm.modules.semantic_table import distinct_rows
+
+    assert distinct_rows([]) == 0
+    assert distinct_rows([(0, 10), (0, 10)]) == 10  # two column shards of the same rows
+    assert distinct_rows([(20, 30), (0, 10)]) == 20  # row-wise shards with a gap
+    assert distinct_rows([(0, 10), (5, 25), (20, 30), (0, 4)]) == 30
