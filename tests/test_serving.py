@@ -629,3 +629,19 @@ def test_tables_of_a_half_precision_data_type_serve_as_trained(tmp_path, data_ty
         assert torch.equal(served.logits(dense, sparse), expected)
     with open(os.path.join(out, "tables.json")) as handle:
         assert [t["data_type"] for t in json.load(handle)] == [data_type, data_type]
+
+
+@pytest.mark.parametrize("model_name", ["fwfm", "finalmlp", "deepfm"])
+def test_a_float64_example_dense_batch_exports_the_program_served_in_float32(tmp_path, model_name):
+    """numpy's default dtype: the example is converted as requests are (torch.export failed on
+    FwFM / FinalMLP, leaving an artifact without its dense program)."""
+    student = build_student(SCHEMA, SMOKE_CONFIGS[model_name], device=CPU).eval()
+    example = make_batch(4, 100)
+    out = str(tmp_path / "export")
+    config = export_task(student, out, example.dense_features.double(), example.sparse_features)
+    assert config["dense_program"] == "dense_program.pt2", config["dense_program_error"]
+    served = ServedModel.load(out, trust_program=True)
+    batch = make_batch(5, 8)
+    with torch.no_grad():
+        expected = student.predict(batch).logits
+    assert torch.equal(served.logits(batch.dense_features.double(), batch.sparse_features), expected)

@@ -24,6 +24,7 @@ from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.semantics.model_dir import file_sha256
 from recsys_llm.serving.artifact import (
+    DENSE_DTYPE,
     DIGESTS_KEY,
     EXPORT_ID_KEY,
     EXPORT_MARKER_FILES,
@@ -273,6 +274,8 @@ def _check_exportable(task: nn.Module, example_dense: torch.Tensor) -> None:
             f"export: the example dense batch must be (B >= 2, num_dense_features), got {tuple(example_dense.shape)} "
             "(torch.export would fix the program to a batch of 1)"
         )
+    if example_dense.dtype.is_complex:
+        raise ValueError(f"export: the example dense batch has dtype {example_dense.dtype}; expected real numbers (float32)")
 
 
 def check_servable(task: nn.Module) -> None:
@@ -359,7 +362,8 @@ def export_task(
             weights, on CPU.
         directory (str): output directory: an earlier export there is replaced, any other
             non-empty directory refused (``atomic_dir.check_replaceable``).
-        example_dense (torch.Tensor): (B, Dd) example input for ``torch.export`` (B >= 2).
+        example_dense (torch.Tensor): (B, Dd) example input for ``torch.export`` (B >= 2); another
+            real dtype than float32 (numpy's float64) is converted, as ``ServedModel`` converts requests.
         example_sparse (KeyedJaggedTensor): example ids of the same batch.
         metadata (Optional[Dict[str, Any]]): stored in ``config.json`` (model config, schema name...).
         schema (Optional[DatasetSchema]): the training data's schema; its ``hashed``,
@@ -380,6 +384,7 @@ def export_task(
     """
     _check_exportable(task, example_dense)
     check_servable(task)
+    example_dense = example_dense.to(DENSE_DTYPE)  # the program's input dtype, whatever the example's
     ebc = task.model.embedding_bag_collection
     semantic = _semantic_ebc(task)
     weighted = bool(ebc.is_weighted())  # per-id weights: ServedModel must pool them too
