@@ -95,7 +95,8 @@ WEIGHTED_INFERENCE_NOTE = """
 This model's tables take per-id weights (an `EmbeddingBagCollection(..., is_weighted=True)`;
 `config.json`: `weighted`): each bag pools the weighted sum of its rows, so a request's
 KeyedJaggedTensor must carry `weights` (one float per id, in the order of `values`; weights of
-another real dtype, such as float64, are converted to float32), and a request without them is a
+another real dtype, such as float64, are converted to the tables' dtype: float32 unless
+`tables.json` gives FP16 / BF16), and a request without them is a
 ValueError. Without recsys_llm, build the EBC from `tables.json` with `is_weighted=True` as well:
 an unweighted EBC ignores the weights and serves other predictions.
 """
