@@ -140,3 +140,21 @@ def test_weights_are_served_in_the_dtype_of_half_precision_tables(tmp_path):
     with torch.no_grad():
         expected = task.predict(half(request)).logits
     assert torch.equal(served.logits(request.dense_features, request.sparse_features), expected)
+
+
+def test_a_nan_or_inf_weight_is_refused_naming_its_feature_and_position(tmp_path):
+    """As a NaN dense feature is: not a NaN probability (nor inf from a float64 beyond float32's range)."""
+    task = _weighted_task()
+    example = _request(4, 0)
+    export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
+    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    request = _request(6, 2)
+    sparse = request.sparse_features
+    second_key_start = int(sparse.offset_per_key()[1])
+    for bad, shown in ((float("nan"), "nan"), (float("inf"), "inf"), (1e300, "inf")):
+        weights = sparse.weights().double()
+        weights[second_key_start + 1] = bad
+        as_sent = KeyedJaggedTensor.from_lengths_sync(keys=sparse.keys(), values=sparse.values(),
+                                                       lengths=sparse.lengths(), weights=weights)
+        with pytest.raises(ValueError, match=rf"weight 1 of '{sparse.keys()[1]}' is {shown} .*expected finite"):
+            served.logits(request.dense_features, as_sent)

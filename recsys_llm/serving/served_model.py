@@ -1,5 +1,6 @@
 """``ServedModel``: an exported artifact loaded for inference, with per-request checks."""
 
+import bisect
 import json
 import math
 import os
@@ -333,16 +334,24 @@ class ServedModel(nn.Module):
         float64 (numpy's default), float16 and integer weights are converted, as dense features are.
 
         Raises:
-            ValueError: complex weights.
+            ValueError: complex weights, or a NaN / inf weight (after the conversion), named by feature and position.
         """
         weights = features.weights()  # (N,)
         dtype = next(self.embedding_bag_collection.parameters()).dtype
-        if weights.dtype == dtype:
-            return features
         if weights.dtype.is_complex:
             raise ValueError(f"sparse features: weights are {weights.dtype}; expected real per-id weights (float32)")
+        converted = weights.to(dtype)  # (N,)
+        finite = torch.isfinite(converted)
+        if not bool(finite.all()):
+            position = int(torch.argmin(finite.int()))
+            offsets = features.offset_per_key()  # (F + 1,)
+            key = bisect.bisect_right(offsets, position) - 1
+            raise ValueError(f"sparse features: weight {position - offsets[key]} of {features.keys()[key]!r} is "
+                             f"{converted[position].item()} (as {dtype}); expected finite per-id weights")
+        if weights.dtype == dtype:
+            return features
         return KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=features.lengths(),
-                                 weights=weights.to(dtype), stride=batch_size)
+                                 weights=converted, stride=batch_size)
 
     @torch.no_grad()
     def logits(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
@@ -353,8 +362,8 @@ class ServedModel(nn.Module):
         that count them (:meth:`~recsys_llm.id_rules.IdRules.check_structure`); the dense
         features are (B, Dd) with the KJT's B, B > 0, and finite. Dense features of another
         real dtype (float64, integers) are converted to float32 (the per-id weights of a weighted
-        model to its tables' dtype, float32 unless they are FP16 / BF16); NaN / inf is refused, as
-        the training reader refuses it. Each problem is a ValueError saying what was expected.
+        model to its tables' dtype, float32 unless they are FP16 / BF16); NaN / inf is refused (in
+        dense features as the training reader refuses it; in weights, which would give NaN predictions). Each problem is a ValueError saying what was expected.
 
         The ids then go through the training reader's rules (:class:`~recsys_llm.id_rules.IdRules`):
         hashed features folded, sequences cut to ``max_length``, a row without an id or with
