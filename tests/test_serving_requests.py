@@ -396,6 +396,18 @@ class TestStateFiles:
         with pytest.raises(ValueError, match=rf"{re.escape(path)}: tensor '{re.escape(key)}'"):
             load_state_file(path)
 
+    @pytest.mark.parametrize("file_name", ["gain.pt", "gain.bin", "gain"])
+    def test_a_safetensors_file_of_another_name_is_read_as_one(self, tmp_path, file_name):
+        """Not refused as a torch.save file "holding objects other than tensors"."""
+        state, key = _gain_state("item_id.weight", 0.5)
+        path = str(tmp_path / file_name)
+        save_file(state, path)
+        assert torch.equal(load_state_file(path)[key], state[key])
+        with open_state_file(path) as lazy:
+            assert torch.equal(lazy[key][1:3], state[key][1:3])
+        torch.save(state, path)  # and a torch.save file of that name stays one
+        assert torch.equal(load_state_file(path)[key], state[key])
+
     def test_a_lazy_read_checks_only_the_part_it_reads(self, tmp_path):
         state, key = _gain_state("item_id.weight", float("nan"))  # in row 0
         path = str(tmp_path / "gain.safetensors")

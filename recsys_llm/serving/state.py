@@ -127,6 +127,17 @@ def _state_path(path: str) -> str:
     return path
 
 
+def _is_safetensors(path: str) -> bool:
+    """Whether ``path`` is a safetensors file: by its name, else by its first bytes (an 8-byte
+    little-endian header length within the file, then the JSON header's ``{``), so a
+    safetensors file named ``.pt`` or ``.bin`` is read as one and not refused as a ``torch.save`` file."""
+    if path.endswith(".safetensors"):
+        return True
+    with open(path, "rb") as handle:
+        start = handle.read(9)
+    return len(start) == 9 and start[8:] == b"{" and int.from_bytes(start[:8], "little") <= os.path.getsize(path) - 8
+
+
 def _torch_load(path: str, mmap: bool) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU; a refused or unreadable file is named.
 
@@ -198,7 +209,7 @@ def load_state_file(path: str) -> Dict[str, torch.Tensor]:
         ValueError: a damaged file, or a tensor with NaN / inf values (named with its key).
     """
     path = _state_path(path)
-    if path.endswith(".safetensors"):
+    if _is_safetensors(path):
         try:
             state = load_file(path)
         except SafetensorError as error:
@@ -264,7 +275,7 @@ def open_state_file(path: str) -> Iterator[Mapping[str, Any]]:
         ValueError: a damaged file, or a part read that holds NaN / inf values.
     """
     path = _state_path(path)
-    if not path.endswith(".safetensors"):
+    if not _is_safetensors(path):
         state = _torch_load(path, mmap=True)
         if isinstance(state, dict):
             state = {key: _CheckedTensor(value, str(key), path) if isinstance(value, torch.Tensor) else value
