@@ -27,6 +27,7 @@ METRICS_FILE = "metrics.jsonl"
 # metrics.jsonl: the first record of every job, started from scratch or resumed from a checkpoint
 STARTED_EVENT = "started"
 RESUMED_EVENT = "resumed"
+REDONE_KEY = "redone"  # of a resumed record: events at its step that the killed job wrote after the checkpoint
 # what a run directory holds once its checks have passed (config.yaml and results.json are
 # common names, so they do not mark a directory as a run's)
 RUN_MARKERS = (METRICS_FILE, "sharding_plan.json", "checkpoints", "best")
@@ -383,16 +384,19 @@ def current_records(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
     A ``started`` record (a job that found no checkpoint) supersedes every record before it: they are
     a killed job's, which left no checkpoint. A ``resumed`` record supersedes the records before it of
-    steps after its ``global_step``: the killed job trained them after the checkpoint it resumes from.
-    Files written before jobs logged ``started`` keep a killed first job's records.
+    steps after its ``global_step``: the killed job trained them after the checkpoint it resumes from;
+    and, at that step, those of the events it lists as ``redone`` (a checkpoint taken on an epoch's
+    last step precedes that epoch's ``epoch`` / ``valid`` / ``early_stop`` records, which the resumed
+    job writes again). Files written before jobs logged ``started`` keep a killed first job's records.
     """
     kept: List[Dict[str, Any]] = []
     for record in records:
         if record.get("event") == STARTED_EVENT:
             kept = []
         elif record.get("event") == RESUMED_EVENT:
-            step = record.get("global_step", 0)
-            kept = [earlier for earlier in kept if earlier.get("global_step", 0) <= step]
+            step, redone = record.get("global_step", 0), set(record.get(REDONE_KEY, ()))
+            kept = [earlier for earlier in kept if earlier.get("global_step", 0) < step
+                    or (earlier.get("global_step", 0) == step and earlier.get("event") not in redone)]
         kept.append(record)
     return kept
 

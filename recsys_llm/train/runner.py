@@ -77,6 +77,7 @@ from recsys_llm.train.run_records import (
     DATA_FINGERPRINTS_KEY,
     METRICS_FILE,
     PLUGINS_FILE,
+    REDONE_KEY,
     RESULTS_FILE,
     RESUMED_EVENT,
     SCHEMA_FINGERPRINT_KEY,
@@ -248,8 +249,7 @@ def _train_in_run_dir(
         write_text_atomically(os.path.join(run_dir, PLUGINS_FILE), json.dumps(
             {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), DATA_FINGERPRINTS_KEY: fingerprints, **built.plugins},
             indent=2, sort_keys=True, default=str))
-        with open(os.path.join(run_dir, "sharding_plan.json"), "w", encoding="utf-8") as handle:
-            handle.write(describe_plan(plan))
+        write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan))
     log = _RunLog(os.path.join(run_dir, METRICS_FILE), ctx.is_main)
 
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
@@ -261,7 +261,7 @@ def _train_in_run_dir(
                                  train_cfg.seed)
         state = reopen_for_budget(state, train_cfg)
         log.write({"event": RESUMED_EVENT, "checkpoint": latest, "global_step": state.global_step,
-                   "epoch": state.epoch})
+                   "epoch": state.epoch, REDONE_KEY: _redone_events(state)})
         if ctx.is_main:
             print(f"resuming {run_dir} from {latest}: epoch {state.epoch}, step {state.global_step}", flush=True)
 
@@ -334,10 +334,8 @@ def _train_in_run_dir(
         )
         log.write({"event": "test", "global_step": state.global_step, **results["test"]})
     if ctx.is_main:
-        tmp = os.path.join(run_dir, f"{RESULTS_FILE}.tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, sort_keys=True, default=float)
-        os.replace(tmp, os.path.join(run_dir, RESULTS_FILE))
+        write_text_atomically(os.path.join(run_dir, RESULTS_FILE),
+                              json.dumps(results, indent=2, sort_keys=True, default=float))
         try:  # a picture that cannot be drawn (a full disk) must not fail a finished run, nor leave the ranks waiting
             plot_training_curves(run_dir)
         except Exception as error:  # noqa: BLE001 - reported, and the run goes on
@@ -360,6 +358,15 @@ def _complete_final_saves(
         checkpoints.save(model, optimizer, state)
     checkpoints.complete_interrupted_save()
     best.complete_interrupted_save()
+
+
+def _redone_events(state: TrainState) -> List[str]:
+    """The records a job resumed from a checkpoint of ``state`` writes again at its step: a checkpoint
+    taken within an epoch (``checkpoint_every``, possibly on its last step) precedes the epoch-end
+    records of that step; every checkpoint precedes the test records of a finished run."""
+    if state.finished:
+        return ["test"]
+    return ["epoch", "valid", "early_stop", "test"] if state.step_in_epoch > 0 else []
 
 
 def _validate(

@@ -448,6 +448,12 @@ def test_metrics_records_superseded_by_a_later_job_are_skipped_and_old_files_sta
     new = [record("started", 0), record("epoch", 10), record("started", 0), record("epoch", 10), record("train", 50),
            record("resumed", 10), record("epoch", 20)]
     assert current_records(new) == new[2:4] + new[5:]
+    # resumed from a checkpoint taken on the epoch's last step (checkpoint_every): the killed job's epoch-end records
+    # at that step came after it, and the resumed job writes them again; its train record at that step came before
+    on_last_step = [record("started", 0), record("train", 50), record("epoch", 50), record("valid", 50),
+                    {**record("resumed", 50), "redone": ["epoch", "valid", "early_stop", "test"]},
+                    record("epoch", 50), record("valid", 50)]
+    assert current_records(on_last_step) == on_last_step[:2] + on_last_step[4:]
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps(record("started", 0)) + "\n" + '{"event": "epo')  # a record cut off by a kill
     _RunLog(str(path), enabled=True).write(record("started", 0))
@@ -473,6 +479,40 @@ def test_an_epoch_resumed_at_its_end_counts_in_no_loss_or_throughput(synthetic_d
     assert (empty["steps"], empty["mean_loss"], empty["samples_per_second"]) == (0, None, None)
     assert trained["steps"] == out["steps_per_epoch"] and trained["mean_loss"] > 0
     assert out["resumed"]["samples_per_second"] == pytest.approx(trained["samples_per_second"])
+
+
+def _kill_after_validating_on_a_checkpointed_last_step(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.train.checkpoint import CheckpointManager
+
+    schema = DatasetSchema.load(os.path.join(schema_dir, "schema.json"))
+    steps_per_epoch = len(ParquetBatchReader(schema, "train", 1024))
+    budget = ["train.epochs=2", f"train.checkpoint_every={steps_per_epoch}"]
+    run_dir = os.path.join(root, "run")
+    save = CheckpointManager.save
+
+    def killed_at_the_epoch_end(self, model, optimizer, state):  # the periodic save on the last step is written
+        if state.step_in_epoch == 0:
+            raise _Killed()
+        return save(self, model, optimizer, state)
+
+    CheckpointManager.save = killed_at_the_epoch_end
+    try:
+        with pytest.raises(_Killed):
+            _run(schema_dir, run_dir, budget)
+    finally:
+        CheckpointManager.save = save
+    _run(schema_dir, run_dir, budget)
+    return {"steps_per_epoch": steps_per_epoch, "events": _events(run_dir), "standing": read_metrics(run_dir)}
+
+
+def test_epoch_end_records_written_after_the_checkpoint_resumed_from_stand_once(synthetic_dir: str, tmp_path) -> None:
+    (out,) = run_multiprocess(_kill_after_validating_on_a_checkpointed_last_step, world_size=1,
+                              schema_dir=synthetic_dir, root=str(tmp_path))
+    step = out["steps_per_epoch"]
+    written = [(e["event"], e["global_step"]) for e in out["events"] if e["event"] in ("epoch", "valid")]
+    assert written.count(("valid", step)) == 2  # the killed job's and the resumed job's
+    standing = [(e["event"], e["global_step"]) for e in out["standing"] if e["event"] in ("epoch", "valid")]
+    assert standing == [("epoch", step), ("valid", step), ("epoch", 2 * step), ("valid", 2 * step)]
 
 
 def _resume_with_another_batch_size(schema_dir: str, root: str) -> Dict[str, Any]:
