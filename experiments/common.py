@@ -20,6 +20,7 @@ from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_diffe
 from recsys_llm.train.run_records import (
     RESULTS_FILE,
     VECTOR_RECORD_PLACE_KEYS,
+    changed_entity_vectors,
     changed_frozen_teacher,
     data_differences,
     finished_results,
@@ -255,7 +256,7 @@ def _differences(config: ExperimentConfig, run_dir: str) -> List[str]:
     if os.path.abspath(config.data.schema) != os.path.abspath(other.data.schema):
         differences.append(f"data.schema: {other.data.schema} -> {config.data.schema}")
     return (differences + data_differences(config, run_dir) + _teacher_differences(config, run_dir)
-            + _field_vector_differences(config, run_dir))
+            + _field_vector_differences(config, run_dir) + _entity_vector_differences(config, run_dir))
 
 
 def _field_vector_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
@@ -274,6 +275,20 @@ def _field_vector_differences(config: ExperimentConfig, run_dir: str) -> List[st
     keys = (set(saved) & set(current)) - VECTOR_RECORD_PLACE_KEYS
     differing = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(keys) if saved[key] != current[key]]
     return [f"the field vectors in {vectors}: {', '.join(differing)}"] if differing else []
+
+
+def _entity_vector_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
+    """Whether an entity-table run's exports (``elec.entity_tables``) still hold the vectors the
+    finished run in ``run_dir`` trained with (``plugins.json``: ``elec.entity_vectors``); the same
+    directories exported again from a re-adapted LLM are another experiment."""
+    from recsys_llm.modules.elec import ELECConfig, entity_vectors_record
+
+    plugins = os.path.join(run_dir, PLUGINS_FILE)
+    if not config.elec or not os.path.isfile(plugins):
+        return []
+    current = {"elec": {"entity_vectors": entity_vectors_record(ELECConfig.from_dict(config.elec, source="elec"))}}
+    changes = changed_entity_vectors(read_run_record(plugins), current)
+    return [f"the entity vectors: {', '.join(changes)}"] if changes else []
 
 
 def _teacher_differences(config: ExperimentConfig, run_dir: str) -> List[str]:

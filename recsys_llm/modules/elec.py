@@ -256,6 +256,24 @@ def frozen_teacher_record(path: str) -> Dict[str, Any]:
             "checkpoint_sha256": digests if isinstance(digests, dict) and digests else None}
 
 
+def entity_vectors_record(config: ELECConfig) -> Dict[str, Dict[str, Any]]:
+    """What a run with entity tables records of their exports (``plugins.json``: ``elec.entity_vectors``):
+    per named field whose export exists, its provenance (model, adapter, template, schema, ...) with
+    the hash and count of its keys, so that a resume or a reused run can tell vectors exported again
+    by another model from the ones it trained with. Where the export lies does not count."""
+    from recsys_llm.semantics.vector_export import MANIFEST, load_manifest
+
+    if config.vector_source != "entity_table" or (config.task == "distill" and config.distill.mode == "offline"):
+        return {}
+    record: Dict[str, Dict[str, Any]] = {}
+    for field, directory in config.entity_tables.items():
+        if directory and os.path.isfile(os.path.join(directory, MANIFEST)):
+            manifest = load_manifest(os.path.join(directory, MANIFEST))
+            record[field] = {**dict(manifest.get("provenance") or {}), "num_rows": manifest.get("num_rows"),
+                             "keys_sha256": manifest.get("keys_sha256")}
+    return record
+
+
 def _teacher_mismatch_hint(path: str, model_config: Optional[ModelConfig] = None,
                            schema_fingerprint: Optional[str] = None) -> str:
     """``"; ..."``: why a frozen teacher's state may not fit the teacher this config builds, from the

@@ -292,6 +292,39 @@ def changed_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[
     return f"{described(saved)} -> {described(current)} at {current.get('export')}"
 
 
+def changed_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any]) -> List[str]:
+    """The entity tables whose export (``elec.entity_vectors``: provenance, key hash and count) now
+    differs from the one a run recorded, e.g. ``"item_id (model: 'a' -> 'b')"``; fields that only one
+    record has (an export not named, or a run written before the record existed) are not compared."""
+    saved = (saved_plugins.get("elec") or {}).get("entity_vectors") or {}
+    current = json.loads(json.dumps((current_plugins.get("elec") or {}).get("entity_vectors") or {}, default=str))
+    changes = []
+    for field in sorted(set(saved) & set(current)):
+        keys = sorted(set(saved[field]) | set(current[field]))
+        differing = [f"{key}: {saved[field].get(key)!r} -> {current[field].get(key)!r}" for key in keys
+                     if saved[field].get(key) != current[field].get(key)]
+        if differing:
+            changes.append(f"{field} ({'; '.join(differing)})")
+    return changes
+
+
+def check_same_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
+    """Raises when an entity-table run's exports (as a resume names them) now hold other vectors
+    than the run started with (:func:`changed_entity_vectors`): its checkpoint holds the tables it
+    trained with, so going on would train with those while ``plugins.json`` recorded the new ones.
+
+    Raises:
+        ConfigError: naming the file, the fields and what differs.
+    """
+    changes = changed_entity_vectors(saved_plugins, current_plugins)
+    if changes:
+        raise ConfigError(
+            f"{source}: the entity vector exports now hold other vectors than this run started with "
+            f"({', '.join(changes)}); its checkpoint holds the tables it trained with. Restore the exports the run "
+            "started with (elec.entity_tables), or train with the new vectors in another train.run_dir"
+        )
+
+
 def check_same_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
     """Raises when a frozen-teacher run's ``elec.teacher_checkpoint`` (as a resume names it) now holds
     the export of another trained teacher than the run started with (:func:`changed_frozen_teacher`).

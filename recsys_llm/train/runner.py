@@ -85,6 +85,7 @@ from recsys_llm.train.run_records import (
     check_run_dir_is_ours,
     check_run_dir_shared,
     check_same_data,
+    check_same_entity_vectors,
     check_same_field_vectors,
     check_same_frozen_teacher,
     check_trained_on,
@@ -217,6 +218,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
             saved_record = read_run_record(saved_plugins)
             check_plugin_history(saved_record, built.plugins, saved_plugins)
             check_same_field_vectors(saved_record, built.plugins, saved_plugins)
+            check_same_entity_vectors(saved_record, built.plugins, saved_plugins)
             # each rank reads the teacher export's config.json: one that sees another teacher stops them all
             run_on_every_rank(lambda: check_same_frozen_teacher(saved_record, built.plugins, saved_plugins),
                               "checking the frozen teacher (elec.teacher_checkpoint)", ctx.device)

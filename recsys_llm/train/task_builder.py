@@ -14,7 +14,13 @@ from recsys_llm.data.parquet import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import ModelConfig, build_backbone
 from recsys_llm.models.task import CTRTask
-from recsys_llm.modules.elec import ELECConfig, build_elec_task, frozen_teacher_record, load_elec_state
+from recsys_llm.modules.elec import (
+    ELECConfig,
+    build_elec_task,
+    entity_vectors_record,
+    frozen_teacher_record,
+    load_elec_state,
+)
 from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
 from recsys_llm.train.config import ConfigError, ExperimentConfig
 
@@ -73,6 +79,9 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
         record = dataclasses.asdict(elec)
         if elec.task == "distill" and distill.mode == "frozen":
             record["frozen_teacher"] = frozen_teacher_record(elec.teacher_checkpoint)
+        entity_vectors = entity_vectors_record(elec)
+        if entity_vectors:
+            record["entity_vectors"] = entity_vectors
         return BuiltTask(task, {"elec": record}, elec, config.model)
     backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
     if llactr is None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -231,3 +232,39 @@ def test_a_finished_llactr_run_on_other_field_vectors_is_not_taken(tmp_path):
                                          r"vectors in .*fields.safetensors: model_hash 'h-aaa' -> 'h-bbb', "
                                          r"model_id 'minilm\+ssft:aaa' -> 'minilm\+ssft:bbb'\)"):
         run_variant(base_config_path("ml100k", "fm"), overrides, str(run_dir))
+
+
+def test_a_finished_elec_run_on_entity_vectors_exported_again_by_another_model_is_not_taken(tmp_path):
+    """As the LLaCTR case above, for the entity tables of an ELEC gain network: the export directory
+    written again from a re-adapted LLM left every config identical."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from recsys_llm.modules.elec import ELECConfig, entity_vectors_record
+    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
+    from recsys_llm.train.run_records import PLUGINS_FILE
+
+    items = str(tmp_path / "items")
+
+    def export(model: str) -> None:
+        shutil.rmtree(items, ignore_errors=True)
+        VectorExport(items, {"model": model, "granularity": "entity"}, VectorExportConfig(chunk_rows=8)).run(
+            pa.array(np.arange(10), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+            lambda texts: torch.ones(len(texts), 4), progress=False)
+
+    export("adapted-a")
+    overrides = ["elec.task=gain", "elec.vector_dim=4", "elec.vector_source=entity_table", "elec.entity_field=item_id",
+                 f"elec.entity_vectors={items}"]
+    run_dir = tmp_path / "deepfm" / "gain" / "seed0"
+    os.makedirs(run_dir)
+    config = load_config(base_config_path("ml100k", "deepfm"), overrides + [f"train.run_dir={run_dir}"])
+    save_config(config, str(run_dir / "config.yaml"))
+    record = entity_vectors_record(ELECConfig.from_dict(config.elec, source="elec"))
+    (run_dir / PLUGINS_FILE).write_text(json.dumps({"elec": {"entity_vectors": record}}))
+    (run_dir / "results.json").write_text(json.dumps(_result(0.7, 0.7)))
+    assert run_variant(base_config_path("ml100k", "deepfm"), overrides, str(run_dir)) == _result(0.7, 0.7)
+    export("adapted-b")
+    with pytest.raises(SystemExit, match=r"gain/seed0: holds a finished run of other settings \(the entity vectors: "
+                                         r"item_id \(model: 'adapted-a' -> 'adapted-b'\)\)"):
+        run_variant(base_config_path("ml100k", "deepfm"), overrides, str(run_dir))

@@ -154,3 +154,49 @@ def check_resumed_like_straight(runs: Dict[str, Any], mode: str) -> None:
 def test_a_method_run_killed_mid_epoch_resumes_to_the_uninterrupted_run(trained_modes: Dict[str, Any],
                                                                        mode: str) -> None:
     check_resumed_like_straight(trained_modes[mode], mode)
+
+
+def _item_export(directory: str, items: int, model: str, seed: int) -> None:
+    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
+
+    table = np.random.default_rng(seed).normal(size=(items, 8)).astype(np.float32)
+    VectorExport(directory, {"model": model, "granularity": "entity"}, VectorExportConfig(chunk_rows=512)).run(
+        pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+        lambda texts: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+
+
+def _resume_over_entity_vectors_exported_again(work: str) -> Dict[str, Any]:
+    import shutil
+
+    from recsys_llm.train.config import ConfigError
+
+    data = os.path.join(work, "data")
+    generate_synthetic(data, 1_000, seed=1, rows_per_group=512)
+    schema_path = os.path.join(data, "schema.json")
+    items = DatasetSchema.load(schema_path).field("item_id").cardinality
+    entity = os.path.join(work, "items")
+    _item_export(entity, items, "a", seed=0)
+    gain = _common(schema_path, os.path.join(work, "run")) + [
+        "elec.task=gain", "elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id"]
+    run_training(load_config(CONFIG, gain + [f"elec.entity_vectors={entity}", "train.max_steps=1"]))
+    with open(os.path.join(work, "run", "plugins.json"), encoding="utf-8") as handle:
+        recorded = json.load(handle)["elec"]["entity_vectors"]
+    shutil.rmtree(entity)
+    _item_export(entity, items, "a", seed=0)  # exported again alike: the resume goes on
+    again = run_training(load_config(CONFIG, gain + [f"elec.entity_vectors={entity}", "train.max_steps=2"]))
+    shutil.rmtree(entity)
+    _item_export(entity, items, "b", seed=1)  # exported again by another model
+    try:
+        run_training(load_config(CONFIG, gain + [f"elec.entity_vectors={entity}", "train.max_steps=3"]))
+        refusal = None
+    except ConfigError as error:
+        refusal = str(error)
+    return {"recorded": recorded, "again_step": again["global_step"], "refusal": refusal}
+
+
+def test_a_resume_over_entity_vectors_exported_again_by_another_model_is_refused(tmp_path) -> None:
+    (out,) = run_multiprocess(_resume_over_entity_vectors_exported_again, world_size=1, work=str(tmp_path))
+    assert out["recorded"]["item_id"]["model"] == "a" and out["recorded"]["item_id"]["keys_sha256"]
+    assert out["again_step"] == 2
+    assert out["refusal"] is not None and "the entity vector exports now hold other vectors" in out["refusal"]
+    assert "item_id (model: 'a' -> 'b')" in out["refusal"]
