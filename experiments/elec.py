@@ -47,6 +47,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from recsys_llm.cli.data import integer_at_least
 from recsys_llm.data.movielens import ITEM_FIELDS as ML100K_ITEM_FIELDS
 from recsys_llm.data.synthetic import ITEM_CATALOG
 from recsys_llm.data.synthetic import ITEM_FIELDS as SYNTHETIC_ITEM_FIELDS
@@ -260,9 +261,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--row-fields", nargs="+", default=list(ROW_FIELDS),
                         help="row granularity: the fields of a row's text (default: user_id item_id; add history "
                              "for data prepared with --history-length)")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--max-length", type=integer_at_least(1), default=None,
                         help="tokens per text for the LLM (default 64 for row text or several entities, else 48)")
-    parser.add_argument("--sample-rows", type=int, default=None,
+    parser.add_argument("--sample-rows", type=integer_at_least(1), default=None,
                         help="training rows the LLM is tuned on (default 1000; --quick 256)")
     args = parser.parse_args(argv)
     started = time.time()

@@ -268,3 +268,14 @@ def test_a_finished_elec_run_on_entity_vectors_exported_again_by_another_model_i
     with pytest.raises(SystemExit, match=r"gain/seed0: holds a finished run of other settings \(the entity vectors: "
                                          r"item_id \(model: 'adapted-a' -> 'adapted-b'\)\)"):
         run_variant(base_config_path("ml100k", "deepfm"), overrides, str(run_dir))
+
+
+@pytest.mark.parametrize("flag", ["--sample-rows", "--max-length"])
+def test_elec_refuses_a_zero_count_instead_of_taking_its_default(tmp_path, flag, capsys):
+    from experiments import elec
+
+    with pytest.raises(SystemExit) as exited:
+        elec.main(["--out", str(tmp_path), flag, "0"])
+    assert exited.value.code == 2
+    assert f"{flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # refused before any work
