@@ -26,10 +26,19 @@ from recsys_llm.semantics.model_dir import (
 from recsys_llm.train.distributed import select_device
 
 
+def computes_in_bf16(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` computes in bfloat16 natively: compute capability 8.0 (Ampere) or newer, or a
+    ROCm GPU. ``torch.cuda.is_bf16_supported()`` also says yes for older GPUs that only emulate it (V100, T4:
+    many times slower than float32), and asks about the current device rather than ``device``."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on a CUDA device that supports it, else fp32; or a named dtype."""
+    """``auto`` -> bf16 on a CUDA device that computes in it (:func:`computes_in_bf16`), else fp32; or a named dtype."""
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and computes_in_bf16(device):
             return torch.bfloat16
         return torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -19,6 +19,16 @@ def test_resolve_dtype() -> None:
         resolve_dtype("int8", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("capability, expected", [(7, torch.float32), (8, torch.bfloat16), (9, torch.bfloat16)])
+def test_auto_dtype_is_bf16_only_on_gpus_that_compute_in_bf16(monkeypatch, capability, expected) -> None:
+    """torch.cuda.is_bf16_supported() says yes for a V100 or T4 too (bf16 emulated, slowly): auto gave them bf16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("Props", (), {"major": capability}))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    assert resolve_dtype("auto", torch.device("cuda:0")) == expected
+
+
 class TestModelDirectoryChecks:
     """A directory that is not a whole model is refused naming it and what is missing or damaged."""
 
