@@ -43,7 +43,7 @@ from tqdm import tqdm
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.error_text import one_line
 from recsys_llm.semantics.encoder import NumberRule, check_number_fields, text_list
-from recsys_llm.semantics.lora_targets import default_target_modules
+from recsys_llm.semantics.lora_targets import default_target_modules, language_model_name
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_weights_fingerprint, read_json_file
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, position_limited, tokenizer_fits_model
 from recsys_llm.semantics.pooling import hidden_states, hidden_width, pool
@@ -140,8 +140,12 @@ class CTRLLMConfig:
 
 
 def _transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of transformer blocks of a Hugging Face model (the longest one)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    """The ModuleList of transformer blocks of a Hugging Face model (the longest one); of a multimodal model,
+    of its language model (SmolVLM-Instruct's vision tower has more layers than its language model, and text
+    never runs through it)."""
+    language = language_model_name(model)
+    scope = model.get_submodule(language) if language else model
+    lists = [m for m in scope.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
         raise ValueError(f"{type(model).__name__}: no transformer layer list found for last_k tuning")
     return max(lists, key=len)

@@ -21,7 +21,7 @@ QUERY_VALUE_NAMES = (
 )
 
 
-def _language_model_name(model: nn.Module) -> Optional[str]:
+def language_model_name(model: nn.Module) -> Optional[str]:
     """Qualified name of a multimodal model's language model (Gemma-3, LLaVA: ``language_model``; Idefics3,
     SmolVLM: ``text_model``), else None."""
     config = getattr(model, "config", None)
@@ -53,7 +53,7 @@ def default_target_modules(model: nn.Module) -> Union[List[str], str]:
     Raises:
         ValueError: none found; names ``--target-modules`` and the model's Linear module names.
     """
-    language = _language_model_name(model)
+    language = language_model_name(model)
     scope = model.get_submodule(language) if language else model
     names = {name.rsplit(".", 1)[-1] for name, _ in scope.named_modules()}
     found = next((list(c) for c in QUERY_VALUE_NAMES if all(n in names for n in c)), None)

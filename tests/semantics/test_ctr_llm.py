@@ -318,6 +318,32 @@ def test_the_heads_take_the_width_of_the_llms_hidden_states(tmp_path, kind, widt
     assert adapted and not any("vision" in name for name in adapted), adapted
 
 
+def test_last_k_of_a_vision_language_model_unfreezes_its_language_models_last_layers(tmp_path):
+    """SmolVLM-Instruct's vision tower has more layers (27) than its language model (24): the longest layer list
+    was the vision tower's, which text never runs through, so last_k tuning moved no LLM weight."""
+    from transformers import SmolVLMConfig, SmolVLMModel
+
+    from tests.tiny_models import save_with_tokenizer, tiny_vocab_size
+
+    torch.manual_seed(0)
+    text = dict(model_type="llama", vocab_size=tiny_vocab_size() + 8, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    path = save_with_tokenizer(SmolVLMModel(SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2)),
+                               tmp_path / "smolvlm")
+    config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16, tuning="last_k", batch_size=8,
+                          max_length=16)
+    llm = CTRAdaptedLLM.from_config(config)
+    trained = {n for n, p in llm.llm.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("text_model.layers.1.") for n in trained), sorted(trained)[:3]
+    before = {n: p.detach().clone() for n, p in llm.llm.named_parameters() if p.requires_grad}
+    texts, labels = _data()
+    tune_ctr_llm(llm, texts[:16], labels[:16], config, progress=False)
+    assert all(not torch.equal(before[n], p) for n, p in llm.llm.named_parameters() if n in before)
+
+
 def test_lora_without_target_modules_on_models_without_q_proj_names(tmp_path):
     """DistilBERT's q_lin / v_lin (peft's table lacks it): `semantics adapt` takes what `semantics tune` takes."""
     from transformers import DistilBertConfig, DistilBertModel
