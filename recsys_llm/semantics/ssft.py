@@ -40,6 +40,7 @@ Example::
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -86,6 +87,8 @@ from recsys_llm.semantics.train_checkpoint import (
 # missing from those of older versions)
 CHECKPOINT_ADAPTER_FILE = "adapter.safetensors"
 RESOLVED_POOLING_KEY = "resolved_pooling"  # in state.json's signature
+# in state.json's signature: what the tune reads of the schema and data (examples_digest)
+DATA_DIGEST_KEY = "data_sha256"
 SSFT_CHECKPOINT = CheckpointOwner("SSFT", "tune")
 # what an SSFT output directory holds (with the temp and previous copies of its swaps)
 SSFT_OUTPUT_ENTRIES = frozenset(
@@ -224,6 +227,13 @@ def build_examples(
     return train, valid
 
 
+def examples_digest(field_texts: Sequence[str], train: Sequence[SSFTExample], valid: Sequence[SSFTExample]) -> str:
+    """sha256 (16 hex digits) over the field texts (the keys) and the training and held-out prompts and labels,
+    in order: what a tune reads of the schema's descriptions, value texts and data."""
+    payload = [list(field_texts), [[e.prompt, e.label] for e in train], [[e.prompt, e.label] for e in valid]]
+    return hashlib.sha256(json.dumps(payload).encode("utf-8")).hexdigest()[:16]
+
+
 def fit_prompts(
     examples: Sequence[SSFTExample],
     field_names: Sequence[str],
@@ -336,6 +346,7 @@ class SSFTTrainer:
             )
         self._field_texts = [field_text(f, config.templates) for f in self._fields]
         self._train, self._valid = build_examples(schema, self._fields, config)
+        self._data_digest = examples_digest(self._field_texts, self._train, self._valid)
         self._model_path = config.model_path or default_model_path()
         self._base_hash = model_dir_fingerprint(self._model_path)
         if config.resume:  # a damaged checkpoint, or one of other settings or more epochs: before the model loads
@@ -447,13 +458,15 @@ class SSFTTrainer:
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self._encoder.model).items()}
 
     def _resume_signature(self, with_pooling: bool = True) -> Dict[str, Any]:
-        """What a resumed tune must share with the checkpoint; ``with_pooling``: also the pooling
+        """What a resumed tune must share with the checkpoint (settings, base model, fields, and the digest of
+        the field texts and sampled prompts, :func:`examples_digest`); ``with_pooling``: also the pooling
         ``auto`` resolved to (known once the model is loaded; the option alone would not tell a
         change of what ``auto`` picks)."""
         config = self._config.to_dict()
         for key in ("epochs", "resume", "device", "eval_batch_size"):
             config.pop(key)
-        signature = {"config": config, "base_hash": self._base_hash, "fields": self.fields}
+        signature = {"config": config, "base_hash": self._base_hash, "fields": self.fields,
+                     DATA_DIGEST_KEY: self._data_digest}
         if with_pooling:
             signature[RESOLVED_POOLING_KEY] = self._encoder.pooling
         return signature
@@ -491,9 +504,14 @@ class SSFTTrainer:
         current = self._resume_signature(compare_pooling)
         if not compare_pooling:
             signature.pop(RESOLVED_POOLING_KEY, None)
+        if DATA_DIGEST_KEY not in signature:  # earlier versions recorded no digest of the data
+            current.pop(DATA_DIGEST_KEY)
         if signature != current:
             differing = setting_differences(signature.get("config", {}), current["config"])
             differing += [k for k in ("base_hash", "fields") if signature.get(k) != current[k]]
+            if DATA_DIGEST_KEY in current and signature[DATA_DIGEST_KEY] != current[DATA_DIGEST_KEY]:
+                differing.append(f"{DATA_DIGEST_KEY}: the field texts or the sampled values differ (the schema's "
+                                 "descriptions, value texts or data changed)")
             pooling = current.get(RESOLVED_POOLING_KEY)
             if pooling is not None and signature[RESOLVED_POOLING_KEY] != pooling:
                 differing.append(f"{RESOLVED_POOLING_KEY}: {signature[RESOLVED_POOLING_KEY]!r} -> {pooling!r}")

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from recsys_llm.cli import main
+from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer
 from recsys_llm.semantics.templates import PromptTemplates
 from tests.semantics.conftest import make_schema
@@ -297,3 +298,28 @@ def test_a_checkpoint_whose_auto_pooling_resolved_otherwise_is_refused(tmp_path,
             assert code != 0 and _snapshot(out) == before
             line = _error_line(capsys)
             assert "other settings (resolved_pooling: 'last' -> 'mean')" in line, line
+
+
+def test_a_checkpoint_tuned_on_other_field_texts_or_values_is_refused(tmp_path, tiny_bert_dir) -> None:
+    """The signature held the settings and field names only: after a schema's description (a field's key
+    text) changed, the tune went on from the old texts' adapter and recorded the new ones in ssft.json.
+    A checkpoint of an earlier version, without the record, still resumes."""
+    schema = make_schema(str(tmp_path / "data"))
+    out = str(tmp_path / "ssft")
+    SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, **SMALL), schema, out).run()
+    schema_file = os.path.join(schema.root, "schema.json")
+    with open(schema_file, encoding="utf-8") as handle:
+        original_schema = handle.read()
+    with open(schema_file, "w", encoding="utf-8") as handle:
+        handle.write(original_schema.replace("colour of the item", "shade of the item"))
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=r"other settings \(data_sha256: the field texts or the sampled values"):
+        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), DatasetSchema.load(schema_file), out).run()
+    assert _snapshot(out) == before
+    state_file = os.path.join(out, "checkpoint", "state.json")
+    with open(state_file, encoding="utf-8") as handle:
+        state = json.load(handle)
+    del state["signature"]["data_sha256"]  # as an earlier version wrote it
+    with open(state_file, "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+    assert SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), schema, out).run()["epochs"] == 2
