@@ -65,6 +65,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
     from recsys_llm.atomic_dir import check_replaceable
     from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.data.validation import check_labels, check_no_nulls
     from recsys_llm.semantics.ctr_llm import (
         CTR_LLM_FILES,
         CTRAdaptedLLM,
@@ -104,7 +105,12 @@ def _adapt(args: argparse.Namespace) -> int:
               "can be row vectors (semantics export --attach-dir), not entity tables (elec.vector_source="
               "entity_table), whose FBGEMM kernels need a multiple of 4", flush=True)
     renderer = RowTextRenderer(schema, text_config)
-    table = pq.read_table(schema.split_path(args.split), columns=[*renderer.field_names, schema.label], memory_map=True)
+    split_path = schema.split_path(args.split)
+    table = pq.read_table(split_path, columns=[*renderer.field_names, schema.label], memory_map=True)
+    # as train reads them (BCEWithLogitsLoss takes a rating, and a null's NaN, without a word)
+    label_column = table.column(schema.label).combine_chunks()
+    check_no_nulls(split_path, schema.label, label_column, 0, "0 or 1")
+    check_labels(split_path, schema.label, label_column.to_numpy(zero_copy_only=False), 0)
     rows = table.take(sample_indices(table.num_rows, config))  # render only the sample
     texts = renderer.render(rows).to_pylist()
     labels = np.asarray(rows.column(schema.label).to_numpy(zero_copy_only=False), dtype=np.float32)

@@ -298,3 +298,30 @@ def test_a_device_this_machine_lacks_is_one_line_naming_the_flag(tmp_path, tiny_
     assert line.startswith(f"recsys-llm semantics: error: --device {device!r}: "), line
     assert "train.device" not in line
     assert not os.path.exists(out) and not os.path.exists(out + ".safetensors")
+
+
+@pytest.mark.parametrize("label, expected", [(lambda i: i % 5, "label 2 is not a click label; expected 0 or 1"),
+                                             (lambda i: None if i == 3 else i % 2, "null value; expected 0 or 1")])
+def test_adapt_refuses_labels_that_are_not_clicks_before_the_llm_loads(tmp_path, tiny_schema, tiny_bert_dir, capsys,
+                                                                        monkeypatch, label, expected) -> None:
+    """train refuses them when it reads the split; adapt tuned BCE on ratings (targets up to 4) or NaN silently."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM
+
+    root = str(tmp_path / "ratings")
+    shutil.copytree(tiny_schema.root, root)
+    split = os.path.join(root, "train.parquet")
+    table = pq.read_table(split)
+    labels = pa.array([label(i) for i in range(table.num_rows)], pa.int64())
+    pq.write_table(table.set_column(table.column_names.index("label"), "label", labels), split)
+    monkeypatch.setattr(CTRAdaptedLLM, "from_config", lambda *args: pytest.fail("the LLM was loaded"))
+    code = main(["semantics", "adapt", "--schema", root, "--model", tiny_bert_dir, "--output-dir",
+                 str(tmp_path / "out"), "--sample-rows", "50"])
+    assert code == 2
+    line = _error_line(capsys)
+    assert f"{split}: column 'label', row " in line and expected in line, line
+    assert not os.path.exists(tmp_path / "out")
