@@ -48,6 +48,9 @@ from recsys_llm.data.tabular.splits import split_bounds
 from recsys_llm.data.validation import DataError, check_number, check_split_fractions, offsets_from_lengths
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+#: pyarrow's message for a cell that is not UTF-8; its column counts from 0, its row counts the header
+#: as row 1 and skips blank lines
+_INVALID_UTF8 = re.compile(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to string: invalid UTF8 data")
 GENDER_WORDS = {"M": "man", "F": "woman"}
 # the movie's side of a row (what ``elec.distill.swap_fields`` re-pairs); the rest is the user's
 ITEM_FIELDS = ("item_id", "release_year", "genres", "movie_year")
@@ -89,7 +92,7 @@ def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Tabl
 
     Raises:
         DataError: a missing file, a bad header, a line with the wrong number of columns
-            (naming the line), or a missing required column.
+            or a cell that is not UTF-8 (naming the line), or a missing required column.
 
     A UTF-8 byte order mark before the header is dropped (``utf-8-sig``; pyarrow skips it too).
     """
@@ -123,6 +126,11 @@ def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Tabl
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False),
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
+        cell = _INVALID_UTF8.search(str(error))
+        if not bad_lines and cell and int(cell.group(1)) < len(names):
+            line = _file_lines(path, [int(cell.group(2)) - 2])[0]
+            raise DataError(f"{path}, line {line}: column {names[int(cell.group(1))]!r} is not UTF-8 text; expected a "
+                            "UTF-8 file (re-encode it, e.g. from Latin-1: iconv -f latin1 -t utf-8)") from error
         raise DataError(bad_lines[0] if bad_lines else f"{path}: cannot parse as a tab-separated RecBole file: {error}") from error
     for wanted, accepted in required.items():
         options = wanted.split("|")

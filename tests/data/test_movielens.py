@@ -264,3 +264,13 @@ def test_split_shares_are_exact_not_the_floor_of_a_float_sum(tmp_path):
     schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"), MovieLensConfig(split_fractions=(0.1, 0.7, 0.2)))
     rows = {split: pq.ParquetFile(schema.split_path(split)).metadata.num_rows for split in ("train", "valid", "test")}
     assert rows == {"train": 1, "valid": 7, "test": 2}
+
+
+def test_a_file_that_is_not_utf8_names_line_column_and_encoding(tmp_path):
+    """GroupLens' own u.item is Latin-1: atomic files made from it by a byte copy (sed, awk) are too."""
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    (tmp_path / "x.item").write_bytes((_ITEM_HEADER + "1\tA Movie\t1999\tDrama\n\n2\tB Movie\t2001\tAction\n"
+                                       "3\tCafé au Lait\t1993\tComedy\n").encode("latin-1"))
+    with pytest.raises(DataError, match=r"x\.item, line 5: column 'movie_title' is not UTF-8 text; expected "
+                                        r"a UTF-8 file \(re-encode it, e.g. from Latin-1"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
