@@ -100,6 +100,9 @@ def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Tabl
         raise DataError(f"{path}: file not found")
     with open(path, encoding="utf-8-sig", errors="replace") as handle:
         header = handle.readline().rstrip("\n\r").split("\t")
+    if len(header) == 1 and len(required) > 1:  # "a:token,b:float" would parse as one column "a:token,b" of type float
+        raise DataError(f"{path}, line 1: the header is one tab-separated column {header[0][:120]!r}; expected "
+                        f"tab-separated 'name:type' columns (RecBole atomic format) naming {list(required)}")
     names, types = [], {}
     for position, cell in enumerate(header):
         if ":" not in cell:

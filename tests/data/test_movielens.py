@@ -274,3 +274,15 @@ def test_a_file_that_is_not_utf8_names_line_column_and_encoding(tmp_path):
     with pytest.raises(DataError, match=r"x\.item, line 5: column 'movie_title' is not UTF-8 text; expected "
                                         r"a UTF-8 file \(re-encode it, e.g. from Latin-1"):
         prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("separator", [",", " "])
+def test_a_header_not_separated_by_tabs_is_named_as_such(tmp_path, separator):
+    """It said "missing column 'user_id'" of a header that names user_id first."""
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    header = separator.join(["user_id:token", "item_id:token", "rating:float", "timestamp:float"])
+    (tmp_path / "x.inter").write_text(header + "\n" + "".join(f"1{separator}1{separator}4{separator}{100 + i}\n"
+                                                              for i in range(20)))
+    with pytest.raises(DataError, match=r"x\.inter, line 1: the header is one tab-separated column "
+                                        r"'user_id:token.item_id:token.*'; expected tab-separated 'name:type' columns"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
