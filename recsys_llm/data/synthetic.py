@@ -206,7 +206,8 @@ def _make_items(config: SyntheticConfig, rng: np.random.Generator) -> _Items:
     n, t = config.items, len(TOPIC_NAMES)
     topic = rng.integers(0, t, size=n + 1)
     cold = np.zeros(n + 1, dtype=bool)
-    num_cold = int(round(config.cold_item_fraction * n))
+    # a fraction below 1 leaves at least one warm item (rounding, e.g. 0.96 of 10, would make all cold)
+    num_cold = min(int(round(config.cold_item_fraction * n)), n - 1)
     cold[1 + rng.permutation(n)[:num_cold]] = True
     popularity = 1.0 / (rng.permutation(n + 1) + 10.0) ** 0.8
     popularity[0] = 0.0

@@ -125,3 +125,15 @@ def test_prepare_dataset_passes_every_synthetic_setting(tmp_path) -> None:
         prepare_dataset("synthetic", str(tmp_path / name), config=config)
         cold.append(sum(pq.read_table(str(tmp_path / name / "test.parquet")).column("is_cold_item").to_pylist()))
     assert cold[0] > 0 and cold[1] == 0
+
+
+@pytest.mark.parametrize("num_items, fraction", [(10, 0.96), (3, 0.9), (1, 0.6)])
+def test_a_fraction_below_one_never_makes_every_item_cold(tmp_path, num_items, fraction) -> None:
+    """round(0.96 * 10) made all 10 items cold: training then drew them anyway (marked is_cold_item = 1)."""
+    schema = generate_synthetic(str(tmp_path / "out"), 2000, seed=0, num_items=num_items, cold_item_fraction=fraction)
+    catalog = pq.read_table(os.path.join(schema.root, ITEM_CATALOG))
+    assert 0 < catalog["is_cold_item"].to_numpy().sum() < num_items or num_items == 1
+    train = pq.read_table(schema.split_path("train"))
+    assert train["is_cold_item"].to_numpy().sum() == 0
+    cold_items = set(catalog["item_id"].to_numpy()[catalog["is_cold_item"].to_numpy().astype(bool)].tolist())
+    assert not cold_items & set(train["item_id"].to_numpy().tolist())
