@@ -6,7 +6,8 @@ release_year:token genre|class:token_seq``) and ``<name>.user`` (``user_id:token
 age:token gender:token occupation:token zip_code:token``), tab separated with typed
 headers, as in RecBole's ``ml-100k`` / ``ml-1m`` downloads. A leading UTF-8 byte order mark
 is ignored; blank lines are skipped (error messages still name the line as an editor counts it);
-an id repeated in ``.item`` or ``.user`` is an error (no row silently replaces another).
+an id repeated in ``.item`` or ``.user`` is an error (no row silently replaces another), as is an
+empty user or item id.
 
 Output (the usual CTR protocol for MovieLens):
 
@@ -181,6 +182,15 @@ def _numbers(table: pa.Table, column: str, path: str) -> np.ndarray:
     return pc.cast(pc.utf8_trim_whitespace(strings), pa.float64()).to_numpy()
 
 
+def _check_ids_present(path: str, table: pa.Table, column: str) -> None:
+    """Raises if an id cell of ``column`` is empty or blank, naming its line: read as the token ``''`` it
+    would be one made-up user (or movie) shared by every such row, pooling their histories."""
+    blank = pc.equal(pc.utf8_trim_whitespace(table[column]), "").to_numpy(zero_copy_only=False)
+    if blank.any():
+        line = _file_lines(path, [int(np.argmax(blank))])[0]
+        raise DataError(f"{path}, line {line}: column {column!r} is empty; expected an id in every row")
+
+
 def _check_unique(path: str, column: str, tokens: pa.ChunkedArray, keys: np.ndarray) -> None:
     """Raises if an id repeats in a ``.item`` / ``.user`` file, naming the lines of its first repeat.
 
@@ -299,6 +309,9 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
                                          "release_year": ("token", "float"), "genre|class": ("token_seq", "token")})
     users = read_atomic_file(user_path, {"user_id": ("token",), "age": ("token", "float"), "gender": ("token",),
                                          "occupation": ("token",), "zip_code": ("token",)})
+    for path, table, column in ((inter_path, inter, "user_id"), (inter_path, inter, "item_id"),
+                                (item_path, items, "item_id"), (user_path, users, "user_id")):
+        _check_ids_present(path, table, column)
     steps.update()
 
     rating = _numbers(inter, "rating", inter_path)

@@ -286,3 +286,23 @@ def test_a_header_not_separated_by_tabs_is_named_as_such(tmp_path, separator):
     with pytest.raises(DataError, match=r"x\.inter, line 1: the header is one tab-separated column "
                                         r"'user_id:token.item_id:token.*'; expected tab-separated 'name:type' columns"):
         prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("file_name, line, column", [("x.inter", 4, "user_id"), ("x.inter", 6, "item_id"),
+                                                     ("x.item", 3, "item_id"), ("x.user", 3, "user_id")])
+def test_an_empty_id_names_file_line_and_column(tmp_path, file_name, line, column):
+    """Empty ids were read as the token '': one made-up user (or movie) shared by every such row, its
+    history pooled from theirs, and the other ids renumbered."""
+    lines = [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)]
+    if file_name == "x.inter" and column == "user_id":
+        lines[2] = "\t1\t4\t102\n"
+    elif file_name == "x.inter":
+        lines[4] = "2\t \t5\t104\n"  # blank, not only empty
+    _write_raw(tmp_path, lines)
+    if file_name == "x.item":
+        (tmp_path / "x.item").write_text(_ITEM_HEADER + "1\tA Movie\t1999\tDrama\n\tB Movie\t2001\tAction\n")
+    elif file_name == "x.user":
+        (tmp_path / "x.user").write_text(_USER_HEADER + "1\t30\tF\twriter\t12345\n\t40\tM\tother\t54321\n")
+    with pytest.raises(DataError, match=rf"{file_name.replace('.', '[.]')}, line {line}: column '{column}' is "
+                                        r"empty; expected an id in every row"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
