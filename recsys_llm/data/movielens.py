@@ -269,9 +269,14 @@ def liked_before(user: np.ndarray, item: np.ndarray, liked: np.ndarray, timestam
 
 
 def _find(raw_dir: str, suffix: str) -> str:
+    """The one ``*<suffix>`` file of ``raw_dir``; none, or several (RecBole's benchmark files
+    ``x.train.inter`` / ``x.valid.inter`` / ``x.test.inter``, two data sets), is an error."""
     candidates = sorted(f for f in os.listdir(raw_dir) if f.endswith(suffix))
     if not candidates:
         raise DataError(f"{raw_dir}: no *{suffix} file (expected RecBole atomic files .inter/.item/.user)")
+    if len(candidates) > 1:
+        raise DataError(f"{raw_dir}: several *{suffix} files ({', '.join(candidates)}); expected one (one data set "
+                        "per directory, as RecBole atomic files <name>.inter/.item/.user, all interactions in one .inter)")
     return os.path.join(raw_dir, candidates[0])
 
 

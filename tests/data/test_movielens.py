@@ -306,3 +306,15 @@ def test_an_empty_id_names_file_line_and_column(tmp_path, file_name, line, colum
     with pytest.raises(DataError, match=rf"{file_name.replace('.', '[.]')}, line {line}: column '{column}' is "
                                         r"empty; expected an id in every row"):
         prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_several_files_of_one_kind_are_refused_naming_them(tmp_path):
+    """A directory with RecBole's benchmark files (x.train.inter, x.valid.inter, x.test.inter), or two data
+    sets, was converted from the first name in sorted order alone: here only the test interactions."""
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    os.rename(tmp_path / "x.inter", tmp_path / "x.train.inter")
+    for split in ("test", "valid"):
+        (tmp_path / f"x.{split}.inter").write_text((tmp_path / "x.train.inter").read_text())
+    with pytest.raises(DataError, match=r"several \*\.inter files \(x\.test\.inter, x\.train\.inter, x\.valid\.inter\); "
+                                        r"expected one"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
