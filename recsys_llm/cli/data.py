@@ -46,6 +46,15 @@ def _hash_sizes(text: str) -> Union[int, Tuple[int, ...]]:
     return sizes[0] if len(sizes) == 1 else sizes
 
 
+def _delimiter(text: str) -> str:
+    """``--delimiter`` value: one character; ``\\t`` (what typing ``'\\t'`` in a shell passes) or ``tab`` is a tab."""
+    if text in ("\\t", "tab"):
+        return "\t"
+    if len(text) != 1:
+        raise argparse.ArgumentTypeError(f"expected one character, or \\t or tab for a tab, got {text!r}")
+    return text
+
+
 def integer_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``minimum`` (checked before any work, naming the flag)."""
 
@@ -141,7 +150,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the raw Criteo file; .gz, .bz2, .zst, .lz4 are decompressed as read (e.g. day_0.gz)")
     criteo.add_argument("--hash-size", type=_hash_sizes, default=1_000_000,
                         help="rows per categorical table: one size, or 26 comma-separated sizes for C1..C26")
-    criteo.add_argument("--delimiter", default=None, help="column separator (default: ',' for .csv or .csv.gz, else tab)")
+    criteo.add_argument("--delimiter", type=_delimiter, default=None,
+                        help="column separator (default: ',' for .csv or .csv.gz, else tab; \\t or tab: a tab)")
     criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                         help="train,valid,test shares in file order (default: 0.8,0.1,0.1)")
     criteo.add_argument("--max-rows", type=integer_at_least(1), default=None,
@@ -163,7 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="value for missing or NaN/inf dense features (default: they are an error)")
     tabular.add_argument("--sequence-separator", default="|",
                          help="separator of sequence tokens in CSV cells (default: '|')")
-    tabular.add_argument("--delimiter", default=",", help="CSV delimiter (default: ',')")
+    tabular.add_argument("--delimiter", type=_delimiter, default=",", help="CSV delimiter (default: ',')")
     tabular.add_argument("--missing-token", action="append", default=[], metavar="TOKEN",
                          help="a CSV cell of a string column read as missing besides the empty cell, e.g. NA "
                               "(repeatable) (default: none: only the empty cell is missing, NA, null, N/A are "

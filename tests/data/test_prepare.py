@@ -152,3 +152,30 @@ def test_prepare_dataset_refuses_another_sources_config_before_any_work(tmp_path
     with pytest.raises(TypeError, match=r"prepare movielens: config is a SyntheticConfig; expected a MovieLensConfig"):
         prepare_dataset("movielens", str(out), input_path=str(raw), config=SyntheticConfig(), progress=False)
     assert not out.exists()
+
+
+def test_delimiter_flag_takes_a_typed_tab_escape(tmp_path, capsys):
+    r"""``--delimiter '\t'`` (two characters from a shell) was refused by tabular with "expected one
+    character, e.g. ',' or '\t'", and read by criteo as a two-character separator ("1 '\\t'-separated
+    columns"); it now means a tab, as ``tab`` does."""
+    import pytest
+
+    rows = "".join(f"{i % 4}\t{i % 2}\n" for i in range(200))
+    (tmp_path / "d.tsv").write_text("u\tclicked\n" + rows)
+    (tmp_path / "s.json").write_text(json.dumps({"name": "t", "label": "clicked",
+                                                 "fields": [{"name": "u", "kind": "sparse", "cardinality": 5}]}))
+    for typed in ("\\t", "tab", "\t"):
+        out = tmp_path / f"out-{len(typed)}"
+        assert _run(["prepare", "tabular", "--input", str(tmp_path / "d.tsv"), "--schema", str(tmp_path / "s.json"),
+                     "--out", str(out), "--delimiter", typed, "--quiet"]) == 0
+        assert sum(check_prepared(DatasetSchema.load(str(out))).rows.values()) == 200
+    line = "\t".join(["1"] + ["3"] * 13 + ["68fd1e64"] * 26) + "\n"
+    (tmp_path / "day.csv").write_text(line * 10)  # a .csv name: comma by default
+    assert _run(["prepare", "criteo", "--input", str(tmp_path / "day.csv"), "--out", str(tmp_path / "criteo"),
+                 "--delimiter", "\\t", "--quiet"]) == 0
+    capsys.readouterr()
+    for source in (["criteo", "--input", "x"], ["tabular", "--input", "x", "--schema", "s"]):
+        with pytest.raises(SystemExit):
+            _run(["prepare", *source, "--out", str(tmp_path / "no"), "--delimiter", ";;", "--quiet"])
+        assert ("argument --delimiter: expected one character, or \\t or tab for a tab, got ';;'"
+                in capsys.readouterr().err)
