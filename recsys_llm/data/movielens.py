@@ -20,7 +20,9 @@ Output (the usual CTR protocol for MovieLens):
   (dense, scaled to about [0, 1]); extra column ``timestamp``; with ``history_length`` N > 0
   also ``history`` (sequence): the last N movies the user rated above 3 at an earlier
   timestamp, most recent first (ratings of the same second are not each other's history);
-* value-text files: item = title + year + genres, user = age, gender, occupation and zip code;
+* value-text files: item = title + year + genres, user = age, gender, occupation and zip code
+  (ML-1M's age and occupation codes, e.g. age 1 and occupation 10, as the words of its README:
+  "under 18", "K-12 student");
 * the item catalogue ``item_catalog.parquet``: every movie of the ``.item`` file (rated or
   not) with its ``ITEM_FIELDS`` columns, for ``elec.distill.swap_catalog``.
 
@@ -53,6 +55,15 @@ _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 #: as row 1 and skips blank lines
 _INVALID_UTF8 = re.compile(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to string: invalid UTF8 data")
 GENDER_WORDS = {"M": "man", "F": "woman"}
+# MovieLens-1M's users.dat (and RecBole's ml-1m.user) holds codes for age and occupation (its README)
+ML1M_AGE_WORDS = {"1": "under 18", "18": "18 to 24", "25": "25 to 34", "35": "35 to 44", "45": "45 to 49",
+                  "50": "50 to 55", "56": "56 or older"}
+ML1M_OCCUPATION_WORDS = (
+    "other or not specified", "academic/educator", "artist", "clerical/admin", "college/grad student",
+    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student",
+    "lawyer", "programmer", "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer",
+    "tradesman/craftsman", "unemployed", "writer",
+)
 # the movie's side of a row (what ``elec.distill.swap_fields`` re-pairs); the rest is the user's
 ITEM_FIELDS = ("item_id", "release_year", "genres", "movie_year")
 
@@ -374,6 +385,17 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     steps.update()
 
     # ---- text ----
+    # ML-1M's codes (every age one of its 7 and every occupation one of its 21) become their words;
+    # ML-100K's ages in years and occupation words are read as they are
+    coded = (set(attribute_vocab["age"].to_pylist()) <= set(ML1M_AGE_WORDS)
+             and set(attribute_vocab["occupation"].to_pylist()) <= {str(i) for i in range(len(ML1M_OCCUPATION_WORDS))})
+
+    def age_words(age: str) -> str:
+        return f"aged {ML1M_AGE_WORDS[age]}" if coded else f"{age} years old"
+
+    def occupation_words(job: str) -> str:
+        return ML1M_OCCUPATION_WORDS[int(job)] if coded else job
+
     item_text = ["unknown movie"] * (num_items + 1)
     titles = items["movie_title"].to_pylist()
     years = items["release_year"].to_pylist()
@@ -385,11 +407,13 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     for row, (new_id, age, gender, job, zipc) in enumerate(
         zip(user_key, *(users[c].to_pylist() for c in ("age", "gender", "occupation", "zip_code")))
     ):
-        user_text[new_id] = f"A {age} year old {GENDER_WORDS.get(gender, gender)}, occupation: {job}, zip code {zipc}."
+        who = (f"{GENDER_WORDS.get(gender, gender)} {age_words(age)}" if coded
+               else f"{age} year old {GENDER_WORDS.get(gender, gender)}")
+        user_text[new_id] = f"A {who}, occupation: {occupation_words(job)}, zip code {zipc}."
     attribute_text = {
-        "age": [f"{a} years old" for a in attribute_vocab["age"].to_pylist()],
+        "age": [age_words(a) for a in attribute_vocab["age"].to_pylist()],
         "gender": [GENDER_WORDS.get(g, g) for g in attribute_vocab["gender"].to_pylist()],
-        "occupation": attribute_vocab["occupation"].to_pylist(),
+        "occupation": [occupation_words(o) for o in attribute_vocab["occupation"].to_pylist()],
         "zip_prefix": [f"zip code starting with {z}" for z in attribute_vocab["zip_prefix"].to_pylist()],
         "release_year": [f"released in {y}" if re.fullmatch(r"\d{4}", y) else "unknown release year"
                          for y in attribute_vocab["release_year"].to_pylist()],

@@ -318,3 +318,26 @@ def test_several_files_of_one_kind_are_refused_naming_them(tmp_path):
     with pytest.raises(DataError, match=r"several \*\.inter files \(x\.test\.inter, x\.train\.inter, x\.valid\.inter\); "
                                         r"expected one"):
         prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_movielens_1m_age_and_occupation_codes_become_their_words(tmp_path):
+    """ML-1M's users.dat (and RecBole's ml-1m.user) holds codes: age 1 is "under 18", occupation 10 is
+    "K-12 student". The text read them as numbers: "A 1 year old woman, occupation: 10"."""
+    _write_raw(tmp_path, [f"{1 + i % 3}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    (tmp_path / "x.user").write_text(_USER_HEADER + "1\t1\tF\t10\t48067\n2\t56\tM\t16\t70072\n3\t25\tM\t0\t55117\n")
+    schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+    assert schema.load_value_text("user_id")["text"].to_pylist()[1:] == [
+        "A woman aged under 18, occupation: K-12 student, zip code 48067.",
+        "A man aged 56 or older, occupation: self-employed, zip code 70072.",
+        "A man aged 25 to 34, occupation: other or not specified, zip code 55117.",
+    ]
+    assert schema.load_value_text("age")["text"].to_pylist() == ["unknown", "aged under 18", "aged 25 to 34",
+                                                                 "aged 56 or older"]
+    assert schema.load_value_text("occupation")["text"].to_pylist() == ["unknown", "other or not specified",
+                                                                        "K-12 student", "self-employed"]
+    # ML-100K's users.dat holds ages in years and occupations as words: read as they are
+    (tmp_path / "x.user").write_text(_USER_HEADER + "1\t18\tF\twriter\t12345\n2\t25\tM\t10\t54321\n")
+    schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+    assert schema.load_value_text("user_id")["text"].to_pylist()[1] == ("A 18 year old woman, occupation: writer, "
+                                                                        "zip code 12345.")
+    assert schema.load_value_text("occupation")["text"].to_pylist() == ["unknown", "10", "writer"]
