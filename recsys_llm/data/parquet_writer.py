@@ -2,6 +2,7 @@
 schema ``prepare`` writes, and the whole-or-nothing swap of the output directory."""
 
 import contextlib
+import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -163,6 +164,41 @@ def check_inputs_outside(out_dir: str, inputs: Sequence[str]) -> None:
                 )
 
 
+def _prepared_entries(out_dir: str) -> Optional[set]:
+    """Top-level entries of the earlier data set in ``out_dir`` that ``prepare`` wrote: ``schema.json``,
+    Parquet files (splits, the item catalogue) and what its ``schema.json`` names (split directories,
+    value texts); None when that ``schema.json`` cannot be read (nothing to tell them by)."""
+    try:
+        with open(os.path.join(out_dir, "schema.json"), encoding="utf-8") as handle:
+            raw = json.load(handle)
+        named = list(raw["splits"].values()) + [f.get("value_text") for f in raw["fields"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    tops = {os.path.normpath(path).split(os.sep)[0] for path in named if isinstance(path, str) and path}
+    return tops | {"schema.json"}
+
+
+def check_nothing_else_in(out_dir: str) -> None:
+    """Raises when the earlier data set in ``out_dir`` also holds entries ``prepare`` did not write
+    (notes, vectors, runs put there): replacing the data set would delete them.
+
+    Raises:
+        FileExistsError: naming ``out_dir`` and those entries.
+    """
+    if not (os.path.isdir(out_dir) and all(os.path.isfile(os.path.join(out_dir, n)) for n in PREPARED_MARKER_FILES)):
+        return  # absent, empty or not a data set: atomic_directory's own check
+    own = _prepared_entries(out_dir)
+    if own is None:
+        return
+    foreign = sorted(name for name in os.listdir(out_dir) if name not in own and not name.endswith(".parquet"))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{out_dir}: holds an earlier {PREPARED_KIND} and also {shown}, which prepare did not write; the data set "
+            "is replaced whole, which would delete them: move them out, or choose another output directory"
+        )
+
+
 def check_split_rows(schema: DatasetSchema, source: str) -> None:
     """Raises unless every split of a just-written data set (``schema.root``) has rows and fits ``schema``.
 
@@ -186,8 +222,8 @@ def write_prepared(
     replaces ``out_dir`` only after every split has rows and fits the schema.
 
     A failure (or interrupt) leaves an earlier ``out_dir`` as it was; a non-empty ``out_dir``
-    that is not an earlier data set (no :data:`PREPARED_MARKER_FILES`), or one holding an
-    input, is refused before ``write`` runs.
+    that is not an earlier data set (no :data:`PREPARED_MARKER_FILES`), one holding an input, or
+    one holding entries the earlier data set did not write, is refused before ``write`` runs.
 
     Args:
         out_dir (str): the final directory.
@@ -207,6 +243,7 @@ def write_prepared(
             f"{os.path.join(out_dir, 'data')}"
         )
     check_inputs_outside(out_dir, inputs)
+    check_nothing_else_in(out_dir)
     with atomic_directory(out_dir, PREPARED_KIND, PREPARED_MARKER_FILES) as tmp:
         schema = write(tmp)
         schema.root = tmp

@@ -67,6 +67,21 @@ def test_prepare_synthetic_refuses_an_unrelated_directory(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+def test_prepare_again_refuses_a_data_set_holding_other_files_and_keeps_them(tmp_path, capsys):
+    """Replacing the data set whole would delete what the user put beside it."""
+    out = tmp_path / "syn"
+    assert _run(["prepare", "synthetic", "--out", str(out), "--rows", "200", "--quiet"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert _run(["prepare", "synthetic", "--out", str(out), "--rows", "300", "--quiet"]) == 0  # its own entries: fine
+    (out / "notes.txt").write_text("keep me")
+    (out / "vectors").mkdir()
+    assert _run(["prepare", "synthetic", "--out", str(out), "--rows", "300", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "also notes.txt, vectors, which prepare did not write" in error and "move them out" in error
+    assert sorted(p.name for p in out.iterdir()) == sorted(written + ["notes.txt", "vectors"])
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
 def test_prepare_again_through_a_trailing_slash_or_a_symlink(tmp_path):
     """The swap works on the real directory: ``out/`` and a symlinked output name it too."""
     import os
