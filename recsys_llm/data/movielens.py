@@ -282,6 +282,9 @@ def liked_before(user: np.ndarray, item: np.ndarray, liked: np.ndarray, timestam
 def _find(raw_dir: str, suffix: str) -> str:
     """The one ``*<suffix>`` file of ``raw_dir``; none, or several (RecBole's benchmark files
     ``x.train.inter`` / ``x.valid.inter`` / ``x.test.inter``, two data sets), is an error."""
+    if os.path.isfile(raw_dir):
+        raise DataError(f"{raw_dir}: a file; expected the directory that holds it with the other RecBole atomic files "
+                        f"(.inter/.item/.user): --input {os.path.dirname(raw_dir) or '.'}")
     candidates = sorted(f for f in os.listdir(raw_dir) if f.endswith(suffix))
     if not candidates:
         raise DataError(f"{raw_dir}: no *{suffix} file (expected RecBole atomic files .inter/.item/.user)")

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -318,6 +319,13 @@ def test_several_files_of_one_kind_are_refused_naming_them(tmp_path):
     with pytest.raises(DataError, match=r"several \*\.inter files \(x\.test\.inter, x\.train\.inter, x\.valid\.inter\); "
                                         r"expected one"):
         prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_the_inter_file_given_as_input_is_named_with_its_directory(tmp_path):
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    with pytest.raises(DataError, match=r"x\.inter: a file; expected the directory that holds it .*--input "
+                                        + re.escape(str(tmp_path))):
+        prepare_movielens(str(tmp_path / "x.inter"), str(tmp_path / "out"))
 
 
 def test_movielens_1m_age_and_occupation_codes_become_their_words(tmp_path):
