@@ -233,8 +233,14 @@ class CTRAdaptedLLM(nn.Module):
                     "--target-modules (CTRLLMConfig.lora_target_modules), e.g. q_proj v_proj"
                 ) from error
         if self.config.tuning == "last_k":
-            layers = _transformer_layers(llm)
-            for layer in list(layers)[-self.config.last_k_layers :]:
+            layers = list(_transformer_layers(llm))
+            if self.config.last_k_layers > len(layers):
+                raise ValueError(
+                    f"{self.config.model_path}: --last-k {self.config.last_k_layers} (CTRLLMConfig.last_k_layers), but "
+                    f"the model has {len(layers)} transformer layers; give at most {len(layers)} (all of them tunes "
+                    "the whole stack)"
+                )
+            for layer in layers[-self.config.last_k_layers :]:
                 for param in layer.parameters():
                     param.requires_grad_(True)
         return llm

@@ -158,6 +158,16 @@ def test_last_k_in_low_precision_moves_the_weights_as_far_as_float32(tmp_path, l
     assert 0.9 < ratio < 1.1, ratio
 
 
+def test_last_k_beyond_the_models_layers_is_refused_naming_both(tmp_path):
+    """Not every layer unfrozen in silence, as if --last-k had been the model's depth."""
+    path = _tiny_model_dir(tmp_path, "bert")
+    layers = len(list(CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16,
+                                                             tuning="last_k")).llm.encoder.layer))
+    with pytest.raises(ValueError, match=rf"--last-k {layers + 1} .*the model has {layers} transformer layers"):
+        CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16, tuning="last_k",
+                                               last_k_layers=layers + 1))
+
+
 def test_an_encoder_decoder_model_is_adapted_through_its_encoder(tmp_path):
     from tests.tiny_models import save_tiny_t5
 
