@@ -353,7 +353,13 @@ def _tuning_rows(texts: Sequence[str], labels: Union[Sequence[float], np.ndarray
         raise ValueError(f"tune_ctr_llm: {len(texts)} texts but {len(labels)} labels")
     index = sample_indices(len(texts), config)
     label_array = np.asarray(labels, dtype=np.float32)
-    return index, [texts[i] for i in index], label_array[index]
+    sample_labels = label_array[index]
+    not_clicks = np.flatnonzero((sample_labels != 0) & (sample_labels != 1))  # NaN included
+    if not_clicks.size:
+        row = int(index[not_clicks[0]])
+        raise ValueError(f"tune_ctr_llm: label {label_array[row]} at row {row} ({not_clicks.size} of the "
+                         f"{len(index)} sampled rows are not 0 or 1); expected clicks in {{0, 1}} (BCE)")
+    return index, [texts[i] for i in index], sample_labels
 
 
 def check_tune_checkpoint(checkpoint: TuneCheckpoint, texts: Sequence[str],

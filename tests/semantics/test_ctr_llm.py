@@ -168,6 +168,19 @@ def test_last_k_beyond_the_models_layers_is_refused_naming_both(tmp_path):
                                                last_k_layers=layers + 1))
 
 
+@pytest.mark.parametrize("bad", [5.0, float("nan"), -1.0])
+def test_tuning_refuses_labels_that_are_not_clicks(tmp_path, bad):
+    """The library call, as `semantics adapt` does: a rating or a null (NaN) in BCE trains on nonsense."""
+    path = _tiny_model_dir(tmp_path, "bert")
+    texts, labels = _data()
+    labels = [float(v) for v in labels]
+    labels[3] = bad
+    config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16, batch_size=16, epochs=1)
+    model = CTRAdaptedLLM.from_config(config)
+    with pytest.raises(ValueError, match=r"tune_ctr_llm: label .* at row 3 \(1 of the \d+ sampled rows are not 0 or 1\)"):
+        tune_ctr_llm(model, texts, labels, config, progress=False)
+
+
 def test_an_encoder_decoder_model_is_adapted_through_its_encoder(tmp_path):
     from tests.tiny_models import save_tiny_t5
 
