@@ -354,8 +354,9 @@ def cached_encode(
     dtype = getattr(encoder, "dtype", "")
     key = cache_key(encoder.model_hash, encoder.pooling, encoder.max_length, template_id, texts, dtype)
     path = os.path.join(cache_dir, f"{key}.safetensors")
+    # every item of the key: a file copied or renamed under another entry's name is not taken for it
     expected = {"model_hash": encoder.model_hash, "pooling": encoder.pooling, "template": template_id,
-                "texts_sha256": texts_hash(texts)}
+                "texts_sha256": texts_hash(texts), "max_length": encoder.max_length, "dtype": dtype}
     if os.path.exists(path):
         try:
             stored = load_vectors(path, expected=expected)

@@ -134,6 +134,23 @@ class TestCachedEncode:
         assert CountingEncoder.calls == 3
         torch.testing.assert_close(again, expected, atol=0, rtol=0)
 
+    def test_a_cache_file_of_another_dtype_copied_under_this_key_is_encoded_again(self, tmp_path, tiny_llama_dir) -> None:
+        """max_length and dtype are part of the key (the file name) and must be read back too."""
+        import shutil
+
+        encoder, half = CountingEncoder(tiny_llama_dir), CountingEncoder(tiny_llama_dir, dtype="bfloat16")
+        CountingEncoder.calls = 0
+        texts = ["shade 1", "town 2"]
+        expected = cached_encode(encoder, texts, "t1", str(tmp_path / "a"), progress=False)
+        (path,) = (tmp_path / "a").glob("*.safetensors")
+        cached_encode(half, texts, "t1", str(tmp_path / "b"), progress=False)
+        (other,) = (tmp_path / "b").glob("*.safetensors")
+        shutil.copyfile(other, path)  # the bf16 vectors of the same texts under the float32 key
+        with pytest.warns(UserWarning, match=r"dtype='bfloat16', expected 'float32'; the texts are encoded again"):
+            again = cached_encode(encoder, texts, "t1", str(tmp_path / "a"), progress=False)
+        assert CountingEncoder.calls == 3
+        torch.testing.assert_close(again, expected, atol=0, rtol=0)
+
 
 class TestNonFiniteVectors:
     """A NaN vector (e.g. from a model overflowing in float16) must never reach training."""
