@@ -26,13 +26,19 @@ from typing import Callable, Dict, Iterator, List, Sequence
 
 def write_text_atomically(path: str, text: str) -> None:
     """Writes ``path`` through a flushed and fsynced temp file renamed over it: a reader sees
-    the old content or the new, never a part."""
+    the old content or the new, never a part. A write that fails (a full disk, Ctrl-C) removes the
+    temp file: a re-run would find it as an entry of something else in ``path``'s directory."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)

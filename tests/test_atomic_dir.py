@@ -212,3 +212,30 @@ def test_an_output_that_is_a_symlink_is_written_where_it_points(tmp_path):
         assert os.path.islink(tmp_path / "current")
         assert (tmp_path / "v3" / "a.txt").read_text() == text
     assert sorted(os.listdir(tmp_path)) == ["current", "v3"]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_text_write_that_fails_keeps_the_old_content_and_leaves_no_temp_file(tmp_path, monkeypatch, failure):
+    """A full disk or Ctrl-C while writing leaves the file as it was and nothing beside it: a temp
+    file left there is an entry a re-run refuses as foreign (``demo_llm.json.tmp`` made every later
+    ``recsys-llm demo`` refuse its run directory, ``teacher.json.tmp`` a teacher-outputs directory)."""
+    from recsys_llm.atomic_dir import write_text_atomically
+    from recsys_llm.demo import ADAPT_FIELDS, _check_same_llm, _write_llm_record
+
+    path = str(tmp_path / "record.json")
+    write_text_atomically(path, "old")
+
+    def fail(fd: int) -> None:
+        raise failure
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(type(failure)):
+        write_text_atomically(path, "new")
+    llm_dir = str(tmp_path / "llm")
+    record = {"llm": "/models/minilm", "fingerprint": "abc", "adapt_fields": ADAPT_FIELDS}
+    with pytest.raises(type(failure)):
+        _write_llm_record(llm_dir, record)
+    monkeypatch.undo()
+    assert (tmp_path / "record.json").read_text(encoding="utf-8") == "old"
+    assert sorted(os.listdir(tmp_path)) == ["llm", "record.json"] and os.listdir(llm_dir) == []
+    _check_same_llm(llm_dir, record, str(tmp_path))  # the demo's re-run goes on
