@@ -36,6 +36,11 @@ def installed_versions() -> Dict[str, str]:
     return versions
 
 
+def release(version: str) -> str:
+    """``version`` without its local part: ``1.8.0`` of ``1.8.0+cu128`` (PyTorch's CUDA index)."""
+    return version.split("+")[0]
+
+
 def check_versions(verbose: bool = False) -> Dict[str, str]:
     """Imports fbgemm and torchrec and raises a clear ``RuntimeError`` when they do not match torch.
 
@@ -56,10 +61,10 @@ def check_versions(verbose: bool = False) -> Dict[str, str]:
             "(fbgemm-gpu-cpu on a machine without CUDA). Install a matching set, or run "
             "scripts/install.sh, which creates .venv with the first one."
         ) from error
-    known = KNOWN_GOOD.get(versions["torchrec"])
-    torch_minor = ".".join(versions["torch"].split("+")[0].split(".")[:2])
+    known = KNOWN_GOOD.get(release(versions["torchrec"]))
+    torch_minor = ".".join(release(versions["torch"]).split(".")[:2])
     if verbose:
-        good = bool(known) and fbgemm == known[0] and torch_minor in known[1]
+        good = bool(known) and release(fbgemm) == known[0] and torch_minor in known[1]
         status = "known good" if good else f"not verified; known to work: {known_good_text()}"
         print(f"[recsys_llm] {summary} ({status})")
     return versions

@@ -29,3 +29,18 @@ def test_an_unverified_stack_is_reported_with_the_known_good_ones(
     monkeypatch.setattr(env, "KNOWN_GOOD", {"0.0.1": ("0.0.1", ("1.0",))})
     env.check_versions(verbose=True)
     assert "not verified; known to work: torch 1.0 + fbgemm-gpu 0.0.1 + torchrec 0.0.1" in capsys.readouterr().out
+
+
+def test_cuda_builds_of_a_known_good_stack_are_reported_known_good(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """PyTorch's CUDA index gives local versions (``fbgemm-gpu 1.8.0+cu128``, ``torchrec 1.8.0+cu128``):
+    the release is what ``KNOWN_GOOD`` lists, so scripts/install.sh's CUDA stack is not "not verified"."""
+    torchrec, (fbgemm, torch_minors) = next(iter(env.KNOWN_GOOD.items()))
+    monkeypatch.setattr(env, "installed_versions", lambda: {
+        "torch": f"{torch_minors[0]}.0+cu128", "fbgemm-gpu": f"{fbgemm}+cu128", "fbgemm-gpu-cpu": "",
+        "torchrec": f"{torchrec}+cu128",
+    })
+    env.check_versions(verbose=True)
+    out = capsys.readouterr().out
+    assert f"fbgemm-gpu {fbgemm}+cu128, torchrec {torchrec}+cu128 (known good)" in out, out
