@@ -159,12 +159,16 @@ def _llm_record(llm: Optional[str]) -> Dict[str, Any]:
 
 def _check_same_llm(llm_dir: str, record: Dict[str, Any], run_root: str) -> None:
     """Raises when the LLM outputs in ``llm_dir`` were made with another model or other adapt fields
-    than ``record``'s (or by an earlier version of the demo, which recorded none).
+    than ``record``'s (or by an earlier version of the demo, which recorded none). A record without
+    any output beside it (the first LLM step failed, e.g. on a model that does not load) guards
+    nothing: another model may take its place.
 
     Raises:
         ConfigError: naming both models (or field lists) and what to do.
     """
     path = os.path.join(llm_dir, LLM_RECORD)
+    if os.path.isdir(llm_dir) and not [name for name in os.listdir(llm_dir) if name != LLM_RECORD]:
+        return
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             saved = json.load(handle)

@@ -181,7 +181,7 @@ def test_llm_outputs_adapted_on_other_fields_are_not_reused(tmp_path) -> None:
     from recsys_llm.train.config import ConfigError
 
     llm_dir = tmp_path / "llm"
-    llm_dir.mkdir()
+    (llm_dir / "ctr_llm").mkdir(parents=True)  # an output of the earlier demo
     record = {"llm": "/models/minilm", "fingerprint": "abc", "adapt_fields": ADAPT_FIELDS}
     for saved, named in (({"llm": "/models/minilm", "fingerprint": "abc"}, "every field of the rows"),
                          ({**record, "adapt_fields": ["user_id"]}, "the fields ['user_id']")):
@@ -232,3 +232,23 @@ def test_a_finished_run_is_not_reused_on_data_prepared_again_with_other_rows(tmp
     _check_same_run(config, run_dir, run_root)
     shutil.rmtree(data_dir)  # missing (generated next): nothing to compare yet
     _check_same_run(config, run_dir, run_root)
+
+
+def test_another_llm_may_follow_one_whose_first_step_failed(tmp_path) -> None:
+    """The record of a model whose first LLM step failed (``semantics encode`` on a model that does
+    not load) guards no output: the demo with another ``--llm`` goes on, keeping the finished plain
+    run, instead of asking to delete the whole run directory; once an output is there it is refused."""
+    from recsys_llm.demo import LLM_RECORD, _check_same_llm, _write_llm_record
+    from recsys_llm.train.config import ConfigError
+
+    llm_dir = str(tmp_path / "llm")
+    failed = {"llm": "/models/broken", "fingerprint": "abc", "adapt_fields": ADAPT_FIELDS}
+    other = {"llm": "/models/minilm", "fingerprint": "def", "adapt_fields": ADAPT_FIELDS}
+    _write_llm_record(llm_dir, failed)
+    _check_same_llm(llm_dir, other, str(tmp_path))
+    _write_llm_record(llm_dir, other)
+    with open(os.path.join(llm_dir, LLM_RECORD), encoding="utf-8") as handle:
+        assert json.load(handle) == other
+    (tmp_path / "llm" / "field_vectors.safetensors").write_bytes(b"vectors")
+    with pytest.raises(ConfigError, match=r"made with the model '/models/minilm' .*not '/models/broken'"):
+        _check_same_llm(llm_dir, failed, str(tmp_path))
