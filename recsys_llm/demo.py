@@ -147,13 +147,15 @@ def _llm_record(llm: Optional[str]) -> Dict[str, Any]:
     adapts on}`` of the demo's LLM steps, checked first.
 
     Raises:
-        FileNotFoundError, ValueError: no model directory there (``read_model_config``).
+        FileNotFoundError, ValueError: no model directory there (``read_model_config``), or its weights
+            are missing or damaged (``require_weight_files``).
     """
     from recsys_llm.semantics.encoder import default_model_path
-    from recsys_llm.semantics.model_dir import model_dir_fingerprint, read_model_config
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint, read_model_config, require_weight_files
 
     path = os.path.realpath(llm or default_model_path())
     read_model_config(path)  # before any training: a missing model fails at once
+    require_weight_files(path)  # and one without whole weights (an interrupted download)
     return {"llm": path, "fingerprint": model_dir_fingerprint(path), "adapt_fields": ADAPT_FIELDS}
 
 

@@ -252,3 +252,23 @@ def test_another_llm_may_follow_one_whose_first_step_failed(tmp_path) -> None:
     (tmp_path / "llm" / "field_vectors.safetensors").write_bytes(b"vectors")
     with pytest.raises(ConfigError, match=r"made with the model '/models/minilm' .*not '/models/broken'"):
         _check_same_llm(llm_dir, failed, str(tmp_path))
+
+
+def test_a_model_directory_without_whole_weights_is_refused_before_any_training(tmp_path, capsys) -> None:
+    """A model whose weights are missing (or cut short by an interrupted download) fails at once, not
+    after the plain DeepFM has trained, at ``semantics encode``."""
+    from recsys_llm.cli import main as cli_main
+
+    llm = save_tiny_bert(str(tmp_path / "llm"))
+    weights = os.path.join(llm, "model.safetensors")
+    for damage, named in (("truncate", "damaged weight file"), ("remove", "no model weights")):
+        if damage == "truncate":
+            with open(weights, "r+b") as handle:
+                handle.truncate(os.path.getsize(weights) // 2)
+        else:
+            os.remove(weights)
+        data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
+        code = cli_main(["demo", "--rows", "3000", "--data-dir", data_dir, "--run-dir", run_root, "--llm", llm, *SMALL])
+        err = capsys.readouterr().err
+        assert code == 2 and f"recsys-llm demo: error: {llm}" in err and named in err, err
+        assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
