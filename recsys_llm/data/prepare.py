@@ -97,6 +97,9 @@ def prepare_dataset(
         raise ValueError(f"prepare {source} needs an input path")
     if input_path and not os.path.exists(input_path):
         raise FileNotFoundError(f"{input_path}: input not found")
+    if source == "criteo" and os.path.isdir(input_path):
+        raise ValueError(f"{input_path}: is a directory; prepare criteo reads one file of rows (e.g. train.txt or "
+                         "day_0.gz): pass that file")
     if source == "synthetic":
         c = _source_config(source, config, SyntheticConfig) or SyntheticConfig()
         schema = write_prepared(out_dir, "synthetic", [],

@@ -194,3 +194,14 @@ def test_delimiter_flag_takes_a_typed_tab_escape(tmp_path, capsys):
             _run(["prepare", *source, "--out", str(tmp_path / "no"), "--delimiter", ";;", "--quiet"])
         assert ("argument --delimiter: expected one character, or \\t or tab for a tab, got ';;'"
                 in capsys.readouterr().err)
+
+
+def test_an_input_of_the_wrong_kind_is_one_line_naming_it(tmp_path, capsys):
+    """Criteo reads one file: a directory given as --input is one error line, not pyarrow's traceback."""
+    folder = tmp_path / "day_0"
+    folder.mkdir()
+    out = tmp_path / "out"
+    assert _run(["prepare", "criteo", "--input", str(folder), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"recsys-llm prepare: error: {folder}: is a directory; prepare criteo reads one" in err, err
+    assert "Traceback" not in err and not out.exists()
