@@ -8,6 +8,7 @@ from typing import Tuple
 import torch
 
 from recsys_llm.atomic_dir import chmod_as_created
+from recsys_llm.error_text import one_line
 
 
 def fit_projection(sample: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +47,22 @@ def save_projection(path: str, mean: torch.Tensor, components: torch.Tensor) -> 
 
 
 def load_projection(path: str) -> Tuple[torch.Tensor, torch.Tensor, str]:
-    """Returns ``(mean (d,), components (d, k), sha256 of the file)``."""
+    """Returns ``(mean (d,), components (d, k), sha256 of the file)``.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (nothing, or a directory).
+        ValueError: ``path`` is no (complete) safetensors file, or holds other tensors.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no projection file there (expected a file written by save_projection)")
+    try:
+        tensors = load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a projection file of save_projection ({one_line(error)}); expected a "
+                         "safetensors file holding 'mean' and 'components'") from error
     if set(tensors) != {"mean", "components"}:
         raise ValueError(f"{path}: a projection file holds 'mean' and 'components', found {sorted(tensors)}")
     with open(path, "rb") as handle:

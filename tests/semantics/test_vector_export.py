@@ -854,3 +854,21 @@ def test_first_rows_are_each_entitys_first_row_read_a_row_group_at_a_time(tmp_pa
                    str(tmp_path / "test.parquet"))
     with pytest.raises(ValueError, match=r"test\.parquet: column 'item_id' holds the negative id -1; ids are >= 0"):
         SplitRows(schema, ["test"], ["item_id", "genres"], "the test").first_rows("item_id")
+
+
+def test_a_projection_file_that_is_no_safetensors_file_is_a_user_error_naming_it(tmp_path):
+    """``semantics export --projection`` of a damaged or wrong file: a ValueError naming it (one line
+    from the command), not safetensors' own error (a traceback)."""
+    from recsys_llm.semantics.vector_projection import load_projection
+
+    path = str(tmp_path / "pca.safetensors")
+    save_projection(path, *fit_projection(torch.randn(16, 6), 2))
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    wrong = tmp_path / "notes.csv"
+    wrong.write_text("a,b\n", encoding="utf-8")
+    for bad in (path, str(wrong)):
+        with pytest.raises(ValueError, match=rf"^{re.escape(bad)}: not a projection file of save_projection \("):
+            load_projection(bad)
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(tmp_path))}: no projection file there"):
+        load_projection(str(tmp_path))  # a directory: safetensors' own OSError before
