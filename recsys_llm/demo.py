@@ -314,12 +314,12 @@ def tick_label(name: str, width: int = 20) -> str:
 
 
 def write_outputs(results: Dict[str, Dict[str, Any]], run_root: str) -> List[str]:
-    """``demo_results.json`` and, with matplotlib installed, ``demo_results.png``."""
+    """``demo_results.json`` and, with matplotlib installed, ``demo_results.png``, each written
+    whole or not at all (a failure keeps the earlier file)."""
     os.makedirs(run_root, exist_ok=True)
     table = {name: {k: v for k, v in r["test"].items()} for name, r in results.items()}
     json_path = os.path.join(run_root, "demo_results.json")
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump(table, handle, indent=2, sort_keys=True, default=float)
+    write_text_atomically(json_path, json.dumps(table, indent=2, sort_keys=True, default=float))
     written = [json_path]
     try:  # a Figure of its own, not pyplot: the calling program's backend and figures are left alone
         from matplotlib.figure import Figure
@@ -341,5 +341,11 @@ def write_outputs(results: Dict[str, Dict[str, Any]], run_root: str) -> List[str
     ax.legend()
     fig.tight_layout()
     png_path = os.path.join(run_root, "demo_results.png")
-    fig.savefig(png_path, dpi=120)
+    tmp = f"{png_path}.tmp"
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, png_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return written + [png_path]

@@ -272,3 +272,38 @@ def test_a_model_directory_without_whole_weights_is_refused_before_any_training(
         err = capsys.readouterr().err
         assert code == 2 and f"recsys-llm demo: error: {llm}" in err and named in err, err
         assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
+
+
+def test_outputs_that_fail_while_written_keep_the_earlier_ones_whole(tmp_path, monkeypatch) -> None:
+    """A full disk (or Ctrl-C) while ``demo_results.{json,png}`` are written again leaves the earlier
+    files as they were, not emptied or cut short, and no temp file beside them."""
+    figure = pytest.importorskip("matplotlib.figure")
+    import recsys_llm.demo as demo
+
+    results = {name: {"test": {"auc": 0.6 + 0.01 * i, "cold/auc": 0.55}} for i, name in enumerate([PLAIN, STUDENT])}
+    written = write_outputs(results, str(tmp_path))
+    before = {path: open(path, "rb").read() for path in written}
+    real_savefig = figure.Figure.savefig
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    def half_png(fig, target, **kwargs):
+        real_savefig(fig, target, **kwargs)
+        with open(target, "r+b") as handle:
+            handle.truncate(100)
+        disk_full()
+
+    changed = {name: {"test": {"auc": 0.7, "cold/auc": 0.65}} for name in [PLAIN, STUDENT]}
+    for failing in ("json", "png"):
+        with monkeypatch.context() as patched:
+            if failing == "json":
+                patched.setattr(demo.json, "dump", disk_full)
+                patched.setattr(demo.json, "dumps", disk_full)
+            else:
+                patched.setattr(figure.Figure, "savefig", half_png)
+            with pytest.raises(OSError, match="No space left"):
+                write_outputs(changed, str(tmp_path))
+        path = written[0] if failing == "json" else written[1]  # the one that failed (the json before the png is new)
+        assert open(path, "rb").read() == before[path], failing
+        assert sorted(os.listdir(tmp_path)) == ["demo_results.json", "demo_results.png"], failing
