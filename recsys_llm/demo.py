@@ -57,8 +57,24 @@ LLM_RECORD = "demo_llm.json"  # in run_root/llm: the model the LLM outputs there
 REUSE_FREE_KEYS = ("train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
                    "train.checkpoint_every", "data.eval_batch_size", "data.validate", "data.prefetch",
                    "llactr.vectors_path", "elec.entity_tables", "elec.entity_vectors", "elec.teacher_checkpoint")
+# settings the demo makes from its own flags (and its LLM steps read): an override of one is refused
+FLAG_SETTINGS = {"data.schema": "--data-dir", "data.synthetic_rows": "--rows", "train.run_dir": "--run-dir"}
 NEW_RUN_DIR = ("pass another --run-dir for this demo (`make demo RUNS_DIR=...`), or delete {run_root} to start it "
                "over")
+
+
+def _check_overrides(overrides: Sequence[str]) -> None:
+    """Raises when an override sets one of ``FLAG_SETTINGS``: it would beat the flag for the training
+    runs only (``data.schema``: every variant trained on other data than the LLM steps read).
+
+    Raises:
+        ConfigError: naming the override and the flag to use instead.
+    """
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in FLAG_SETTINGS:
+            raise ConfigError(f"the demo's override {override} sets what {FLAG_SETTINGS[key]} sets (for the trainings "
+                              f"and the LLM steps alike): pass {FLAG_SETTINGS[key]} instead")
 
 
 class DemoStepError(ValueError):
@@ -227,10 +243,12 @@ def run_demo(
     module's docstring).
 
     Raises:
-        ConfigError: ``run_root`` holds outputs made with other settings or another LLM.
+        ConfigError: ``run_root`` holds outputs made with other settings or another LLM, or an override
+            sets what a flag sets (``FLAG_SETTINGS``).
         FileNotFoundError: ``llm`` is no model directory (checked before any training).
         DemoStepError: an LLM step failed.
     """
+    _check_overrides(overrides)
     schema = os.path.join(data_dir, "schema.json")
     base = [f"data.schema={schema}", f"data.synthetic_rows={rows}", *overrides]
     llm_dir = os.path.join(run_root, "llm")

@@ -307,3 +307,19 @@ def test_outputs_that_fail_while_written_keep_the_earlier_ones_whole(tmp_path, m
         path = written[0] if failing == "json" else written[1]  # the one that failed (the json before the png is new)
         assert open(path, "rb").read() == before[path], failing
         assert sorted(os.listdir(tmp_path)) == ["demo_results.json", "demo_results.png"], failing
+
+
+@pytest.mark.parametrize("override, flag", [("data.schema=data/other/schema.json", "--data-dir"),
+                                            ("data.synthetic_rows=500", "--rows"), ("train.run_dir=runs/x", "--run-dir")])
+def test_an_override_of_a_setting_the_demo_s_flags_make_is_refused(tmp_path, monkeypatch, override, flag) -> None:
+    """``data.schema=...`` among the overrides trained every variant on that data while the LLM steps
+    read --data-dir's (entity vectors of other users and items): such an override is refused, naming
+    the flag, before any work."""
+    import recsys_llm.demo as demo
+    from recsys_llm.train.config import ConfigError
+
+    monkeypatch.setattr(demo, "run_training", lambda config: pytest.fail("trained"))
+    data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
+    with pytest.raises(ConfigError, match=rf"^the demo's override {re.escape(override)} .*{flag}"):
+        run_demo(CONFIG, data_dir, run_root, 3_000, [*SMALL, override], with_llm=False)
+    assert not os.path.exists(data_dir) and not os.path.exists(run_root)
