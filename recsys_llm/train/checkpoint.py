@@ -545,7 +545,8 @@ def load_checkpoint(
     """Loads a checkpoint into a sharded model (and optimizer) in place (collective).
 
     Args:
-        path (str): a complete checkpoint directory.
+        path (str): a complete checkpoint directory (holding ``train_state.json``; named ``ckpt-N`` in a
+            run, or anything but ``*.tmp`` once copied out of it).
         model (nn.Module): the DMP model (any plan / world size: shards are re-cut).
         optimizer (Optional[CombinedOptimizer]): also restores fused + dense optimizer state.
         restore_rng (bool): restore this rank's RNG states (only when the world size matches).
@@ -553,7 +554,8 @@ def load_checkpoint(
     Returns:
         TrainState: the saved training position.
     """
-    if not is_complete(path):
+    # a copy under a name of its own (``models/deepfm_v1``) loads too; a ``.tmp`` directory is a save in progress
+    if os.path.normpath(path).endswith(".tmp") or not os.path.isfile(os.path.join(path, TRAIN_STATE_FILE)):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {TRAIN_STATE_FILE} or a .tmp directory)")
     state = read_train_state(path)
     if optimizer is not None:

@@ -503,3 +503,22 @@ def test_a_train_state_that_is_no_json_object_is_named_as_damaged(tmp_path, text
     with pytest.raises(ValueError) as info:
         read_train_state(path)
     assert str(info.value).startswith(f"{state_file}: "), str(info.value)
+
+
+def test_a_checkpoint_copied_under_another_name_loads(tmp_path, monkeypatch) -> None:
+    """``cp -r runs/x/best/ckpt-00000003 models/deepfm_v1``: a complete checkpoint under a name of its
+    own loads (``evaluate`` / ``export --checkpoint models/deepfm_v1``); it was refused as "missing
+    train_state.json or a .tmp directory" while holding train_state.json. A ``.tmp`` directory (a save
+    in progress) is still refused."""
+    import shutil
+
+    _state_only_dcp(monkeypatch)
+    model = nn.Linear(2, 1)
+    checkpoint = CheckpointManager(str(tmp_path / "run")).save(model, None, TrainState(global_step=3))
+    copy = shutil.copytree(checkpoint, str(tmp_path / "models" / "deepfm_v1"))
+    loaded = nn.Linear(2, 1)
+    assert load_checkpoint(copy, loaded, restore_rng=False).global_step == 3
+    assert torch.equal(loaded.weight, model.weight)
+    in_progress = shutil.copytree(checkpoint, str(tmp_path / "run" / "ckpt-00000004.tmp"))
+    with pytest.raises(FileNotFoundError, match=r"ckpt-00000004\.tmp: not a complete checkpoint"):
+        load_checkpoint(in_progress, nn.Linear(2, 1))
