@@ -239,6 +239,12 @@ class _SafeFileSystemReader(FileSystemReader):
         name = ".metadata" if rank is None else f"__{rank}.metadata"
         path = os.path.join(str(self.path), name)
         if path not in self._metadata_by_path:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path}: missing: the checkpoint's index of its tensors, a hidden file that a copy made with "
+                    "`cp checkpoint/*` leaves out (copy the directory whole: cp -r); a checkpoint of a run without "
+                    "it is incomplete: delete its checkpoint directory to resume from the one before"
+                )
             with open(path, "rb") as handle:
                 try:
                     self._metadata_by_path[path] = _MetadataUnpickler(handle, path).load()

@@ -522,3 +522,16 @@ def test_a_checkpoint_copied_under_another_name_loads(tmp_path, monkeypatch) -> 
     in_progress = shutil.copytree(checkpoint, str(tmp_path / "run" / "ckpt-00000004.tmp"))
     with pytest.raises(FileNotFoundError, match=r"ckpt-00000004\.tmp: not a complete checkpoint"):
         load_checkpoint(in_progress, nn.Linear(2, 1))
+
+
+def test_a_checkpoint_without_its_hidden_metadata_file_says_so(tmp_path, monkeypatch) -> None:
+    """``cp ckpt/* copy/`` leaves the hidden ``.metadata`` behind: the error names the file, says what
+    it is and how the copy lost it, not only "[Errno 2] No such file or directory"."""
+    _state_only_dcp(monkeypatch)
+    checkpoint = CheckpointManager(str(tmp_path)).save(nn.Linear(2, 1), None, TrainState(global_step=3))
+    os.remove(os.path.join(checkpoint, ".metadata"))
+    with pytest.raises(FileNotFoundError) as error:
+        load_checkpoint(checkpoint, nn.Linear(2, 1))
+    message = str(error.value)
+    assert message.startswith(os.path.join(checkpoint, ".metadata") + ": missing") and "\n" not in message
+    assert "cp -r" in message and "delete its checkpoint directory" in message
