@@ -208,13 +208,29 @@ def _check_adapted_on(llm_dir: str, schema, fields: List[str]) -> None:
 
 
 def _check_attach_dir(schema, args: argparse.Namespace) -> None:
-    """Refuses, before any work, an ``--attach-dir`` that holds the data or the vectors it reads."""
+    """Refuses, before any work, an ``--attach-dir`` that holds the data or the vectors it reads, and
+    a ``--column`` that is empty or already a column of a split, or a split without the key column
+    (which attaching would find only after the whole export)."""
+    import pyarrow.parquet as pq
+
     from recsys_llm.atomic_dir import check_replaceable
+    from recsys_llm.data.parquet import parquet_files
     from recsys_llm.data.parquet_writer import check_inputs_outside
 
     attach_dir = os.path.realpath(args.attach_dir)
     check_inputs_outside(attach_dir, [schema.root, args.output_dir] + [schema.split_path(s) for s in schema.splits])
     check_replaceable(attach_dir, ATTACHED_KIND, ATTACHED_MARKER_FILES)
+    if not args.column.strip():
+        raise ValueError(f"--column {args.column!r}: expected the name of the attached vector column (e.g. llm_vector)")
+    key = schema.row_key if args.granularity == "row" else args.entity_field
+    for split in schema.splits:
+        first = parquet_files(schema.split_path(split))[0]
+        names = pq.read_schema(first).names
+        if args.column in names:
+            raise ValueError(f"{first}: already has a column {args.column!r}; --column names the attached vector "
+                             "column: choose another name")
+        if key not in names:
+            raise ValueError(f"{first}: no column {key!r} to join the vectors on; columns {names}")
 
 
 def _join_ranks(rank: int, world_size: int, timeout_s: float) -> bool:

@@ -3,6 +3,7 @@ and on several ranks only once every rank has finished."""
 
 import hashlib
 import os
+import re
 import time
 from typing import Dict, List
 
@@ -79,6 +80,19 @@ def test_an_attach_dir_holding_the_data_is_refused_before_any_work(adapted, tmp_
     assert main(_export(adapted, vectors, "--attach-dir", adapted["data"])) == 2
     assert not os.path.exists(vectors)
     assert _digests(adapted["data"]) == before
+
+
+@pytest.mark.parametrize("column, message", [
+    ("", r"--column '': expected the name of the attached vector column"),
+    ("label", r"train\.parquet: already has a column 'label'; --column names the attached vector column"),
+])
+def test_a_column_name_attaching_would_refuse_is_refused_before_the_export(adapted, tmp_path, capsys, column,
+                                                                          message) -> None:
+    """Not after the LLM has exported every row (or, for '', a column without a name)."""
+    vectors = str(tmp_path / "vectors")
+    assert main(_export(adapted, vectors, "--attach-dir", str(tmp_path / "attached"), "--column", column)) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not os.path.exists(vectors) and not os.path.exists(tmp_path / "attached")
 
 
 def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -> Dict[str, object]:
