@@ -39,7 +39,7 @@ from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
 from recsys_llm.train.config import ConfigError, config_differences, load_config
 from recsys_llm.train.process import set_cpu_float_mode
-from recsys_llm.train.run_records import RESULTS_FILE, data_differences, finished_results
+from recsys_llm.train.run_records import RESULTS_FILE, data_differences, finished_results, strict_json
 from recsys_llm.train.runner import run_training
 
 PLAIN = "DeepFM"
@@ -337,7 +337,7 @@ def write_outputs(results: Dict[str, Dict[str, Any]], run_root: str) -> List[str
     os.makedirs(run_root, exist_ok=True)
     table = {name: {k: v for k, v in r["test"].items()} for name, r in results.items()}
     json_path = os.path.join(run_root, "demo_results.json")
-    write_text_atomically(json_path, json.dumps(table, indent=2, sort_keys=True, default=float))
+    write_text_atomically(json_path, json.dumps(strict_json(table), indent=2, sort_keys=True, default=float))
     written = [json_path]
     try:  # a Figure of its own, not pyplot: the calling program's backend and figures are left alone
         from matplotlib.figure import Figure

@@ -323,3 +323,18 @@ def test_an_override_of_a_setting_the_demo_s_flags_make_is_refused(tmp_path, mon
     with pytest.raises(ConfigError, match=rf"^the demo's override {re.escape(override)} .*{flag}"):
         run_demo(CONFIG, data_dir, run_root, 3_000, [*SMALL, override], with_llm=False)
     assert not os.path.exists(data_dir) and not os.path.exists(run_root)
+
+
+def test_demo_results_json_is_strict_json_when_a_metric_is_nan(tmp_path) -> None:
+    """A test split of one class (e.g. ``demo --rows 10``) has no AUC: null, not NaN (which ``jq`` and
+    JavaScript refuse)."""
+    import json
+
+    results = {name: {"test": {"auc": float("nan"), "logloss": 0.69}} for name in [PLAIN, STUDENT]}
+    (json_path, *_) = write_outputs(results, str(tmp_path))
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    written = json.loads(open(json_path, encoding="utf-8").read(), parse_constant=refuse)
+    assert written[PLAIN] == {"auc": None, "logloss": 0.69}

@@ -412,6 +412,19 @@ def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
     return current_records(records)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN / infinite float (at any depth of dicts and lists) as None: strict
+    JSON (``jq``, JavaScript, ``json.loads(..., parse_constant=...)``) has no NaN, which a metric of
+    a split with one class only (AUC) or a diverged loss would otherwise write."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def current_records(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """``metrics.jsonl``'s records less those a later job superseded.
 

@@ -94,6 +94,7 @@ from recsys_llm.train.run_records import (
     lock_run_dir,
     read_run_record,
     resumed_frozen_teacher,
+    strict_json,
 )
 from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_model
 from recsys_llm.train.task_builder import (
@@ -122,7 +123,7 @@ class _RunLog:
     def write(self, record: Dict[str, Any]) -> None:
         if not self._enabled:
             return
-        record = {"time": round(time.time(), 3), **{key: _finite_or_none(value) for key, value in record.items()}}
+        record = strict_json({"time": round(time.time(), 3), **record})
         with open(self._path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True, default=float) + "\n")
             handle.flush()
@@ -136,13 +137,6 @@ def _end_cut_off_line(path: str) -> None:
         handle.seek(-1, os.SEEK_END)
         if handle.read(1) != b"\n":
             handle.write(b"\n")
-
-
-def _finite_or_none(value: Any) -> Any:
-    """None for a NaN / infinite float (strict JSON has no NaN), else ``value``."""
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _epoch_record(stats: EpochStats, state: TrainState, world_size: int, resumed_at: int) -> Dict[str, Any]:
