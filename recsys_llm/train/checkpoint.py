@@ -605,6 +605,10 @@ def resolve_checkpoint(path: str) -> str:
         FileNotFoundError: no such directory, or none of these with a complete checkpoint (says
             which it looks like and what to pass instead).
     """
+    if os.path.isfile(path):
+        hint = (" (an export's state file: evaluate and export read a run or its ckpt-N directory)"
+                if path.endswith((".safetensors", ".pt")) else "")
+        raise FileNotFoundError(f"{path}: a file, not a checkpoint or run directory{hint}; pass the run directory")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     if os.path.isfile(os.path.join(path, TRAIN_STATE_FILE)):

@@ -234,6 +234,10 @@ class TestCheckpointDirectory:
         with pytest.raises(FileNotFoundError, match=r"other: neither a checkpoint \(a ckpt-N directory with "
                                                     r"train_state.json\), a directory of them, nor a run directory"):
             resolve_checkpoint(str(tmp_path / "other"))
+        (tmp_path / "model.safetensors").write_bytes(b"")  # an export's state file is no checkpoint
+        with pytest.raises(FileNotFoundError, match=r"model.safetensors: a file, not a checkpoint or run directory "
+                                                    r"\(an export's state file"):
+            resolve_checkpoint(str(tmp_path / "model.safetensors"))
 
     def test_train_state_json_round_trip_and_errors(self) -> None:
         state = TrainState(epoch=2, step_in_epoch=3, global_step=40, best_metric=0.7, bad_evals=1)
