@@ -334,7 +334,8 @@ class FieldInteractionEnhancement(nn.Module):
             and has_one_dim(embeddings)
             and tuple(embeddings.keys()) == self._serving_keys
         ):
-            return weighted_pair_sum(fields, self.serving_pair_matrix)  # (B,), lambda included
+            # (B,), lambda included; in the embeddings' dtype, as the frozen path below
+            return weighted_pair_sum(fields, self.serving_pair_matrix.to(fields.dtype))
         num_keys = fields.size(1)
         if self._frozen:
             pair_matrix = self._scatter_pairs(fields, positions, num_keys, self.frozen_pair_weights.to(fields.dtype))

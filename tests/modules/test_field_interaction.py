@@ -204,3 +204,19 @@ def test_float64_fields_and_duplicate_names() -> None:
     torch.testing.assert_close(out.float(), fie.logit(KeyedTensor(["a", "b", "c"], [2, 2, 2], values.float())))
     with pytest.raises(ValueError, match="must be distinct"):
         FieldInteractionEnhancement(torch.randn(3, 5), ["a", "b", "a"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_serving_matrix_follows_the_embeddings_dtype_as_the_frozen_weights_do(dtype) -> None:
+    """After set_serving_key_order, embeddings of another dtype than the term's float32 weights
+    failed in the quadratic form ("expected scalar type Float"); the frozen path casts its weights."""
+    torch.manual_seed(0)
+    fie = FieldInteractionEnhancement(torch.randn(3, 5), ["a", "b", "c"], 0.3)
+    fie.freeze()
+    kt = KeyedTensor(keys=["a", "b", "c"], length_per_key=[2, 2, 2], values=torch.randn(4, 6, dtype=dtype))
+    with torch.no_grad():
+        frozen = fie.logit(kt)
+        fie.set_serving_key_order(kt.keys())
+        served = fie.logit(kt)
+    assert served.dtype == dtype
+    torch.testing.assert_close(served.float(), frozen.float(), rtol=2e-2, atol=2e-3)  # bf16: other rounding
