@@ -11,7 +11,8 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.models.base import CTRBackbone, stack_fields
 from recsys_llm.models.fields import resolve_extra_fields
-from recsys_llm.models.mlp import build_mlp
+from recsys_llm.data.validation import check_number
+from recsys_llm.models.mlp import build_mlp, check_layer_sizes
 
 STRUCTURES = ("stacked", "parallel")
 
@@ -38,10 +39,9 @@ class DCNv2Config:
     def __post_init__(self) -> None:
         if self.structure not in STRUCTURES:
             raise ValueError(f"DCNv2Config.structure must be one of {STRUCTURES}, got {self.structure!r}")
-        if self.cross_layers < 1:
-            raise ValueError(f"DCNv2Config.cross_layers must be >= 1, got {self.cross_layers}")
-        if self.low_rank < 0:
-            raise ValueError(f"DCNv2Config.low_rank must be >= 0 (0 = full rank), got {self.low_rank}")
+        check_number("DCNv2Config.cross_layers", self.cross_layers, integer=True, minimum=1)
+        check_number("DCNv2Config.low_rank (0 = full rank)", self.low_rank, integer=True, minimum=0)
+        check_layer_sizes("DCNv2Config.mlp_layer_sizes", self.mlp_layer_sizes)
 
 
 class DCNv2(CTRBackbone):

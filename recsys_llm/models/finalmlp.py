@@ -10,7 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.models.base import CTRBackbone, stack_fields
 from recsys_llm.models.fields import resolve_extra_fields
-from recsys_llm.models.mlp import build_mlp
+from recsys_llm.models.mlp import build_mlp, check_layer_sizes
 
 
 class FeatureGate(nn.Module):
@@ -147,6 +147,17 @@ class FinalMLPConfig:
     gate_hidden_sizes: Tuple[int, ...] = (64,)
     context1: Tuple[str, ...] = ()
     context2: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # named here: the three MLPs' sizes would otherwise fail alike in build_mlp, and a context
+        # given as one string would be read as its characters
+        check_layer_sizes("FinalMLPConfig.mlp1_layer_sizes", self.mlp1_layer_sizes)
+        check_layer_sizes("FinalMLPConfig.mlp2_layer_sizes", self.mlp2_layer_sizes)
+        check_layer_sizes("FinalMLPConfig.gate_hidden_sizes", self.gate_hidden_sizes, allow_empty=True)
+        for key in ("context1", "context2"):
+            if isinstance(getattr(self, key), str):
+                raise ValueError(f"FinalMLPConfig.{key}: expected a tuple of field names, got the string "
+                                 f"{getattr(self, key)!r} (write ({getattr(self, key)!r},))")
 
 
 class FinalMLP(CTRBackbone):

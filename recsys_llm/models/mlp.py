@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torchrec.modules.mlp import MLP, Perceptron
 
+from recsys_llm.data.validation import check_number
+
 
 def build_mlp(
     in_features: int,
@@ -39,3 +41,17 @@ def build_mlp(
         layers.append(Perceptron(in_size, out_size, bias=True, activation=torch.relu, device=device))
         layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
+
+
+def check_layer_sizes(where: str, layer_sizes: Sequence[int], allow_empty: bool = False) -> None:
+    """Raises ValueError naming ``where`` (e.g. ``"FinalMLPConfig.mlp2_layer_sizes"``) unless ``layer_sizes``
+    is a sequence of integers >= 1, non-empty unless ``allow_empty``.
+
+    For a config that builds several MLPs: :func:`build_mlp`'s own error cannot tell which one it was.
+    """
+    if isinstance(layer_sizes, str) or not hasattr(layer_sizes, "__len__"):
+        raise ValueError(f"{where} must be a list of layer sizes, got {layer_sizes!r}")
+    if len(layer_sizes) == 0 and not allow_empty:
+        raise ValueError(f"{where} is empty; expected at least one layer size, e.g. (256, 128)")
+    for i, size in enumerate(layer_sizes):
+        check_number(f"{where}[{i}]", size, integer=True, minimum=1)

@@ -47,7 +47,10 @@ class TestDCNv2:
 
     @pytest.mark.parametrize(
         "kwargs,message",
-        [({"structure": "both"}, "structure"), ({"cross_layers": 0}, "cross_layers"), ({"low_rank": -1}, "low_rank")],
+        [({"structure": "both"}, "structure"), ({"cross_layers": 0}, "cross_layers"), ({"low_rank": -1}, "low_rank"),
+         # torchrec's range() said "'float' object cannot be interpreted as an integer"
+         ({"cross_layers": 2.5}, r"DCNv2Config.cross_layers must be an integer >= 1, got 2.5"),
+         ({"mlp_layer_sizes": ()}, r"DCNv2Config.mlp_layer_sizes is empty")],
     )
     def test_bad_config(self, kwargs, message: str) -> None:
         with pytest.raises(ValueError, match=message):

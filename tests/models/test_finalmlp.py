@@ -69,6 +69,20 @@ class TestFinalMLP:
         torch.testing.assert_close(out.logits, model.fusion(stream1, stream2))
         assert model.representation_dim == 10
 
+    @pytest.mark.parametrize(
+        "kwargs,message",
+        [({"mlp2_layer_sizes": ()}, r"FinalMLPConfig.mlp2_layer_sizes is empty"),
+         ({"mlp1_layer_sizes": (64, 0)}, r"FinalMLPConfig.mlp1_layer_sizes\[1\] must be an integer >= 1, got 0"),
+         ({"gate_hidden_sizes": (0,)}, r"FinalMLPConfig.gate_hidden_sizes\[0\] must be an integer >= 1, got 0"),
+         ({"context1": "user_id"}, r"FinalMLPConfig.context1: expected a tuple of field names, got the string")],
+    )
+    def test_bad_config_names_its_setting(self, kwargs, message: str) -> None:
+        """The three MLPs' sizes failed alike in build_mlp ("MLP layer sizes must be a non-empty list ...,
+        got []"), and a context string was read as its characters (['u', 's', 'e', 'r', '_', 'i', 'd'])."""
+        with pytest.raises(ValueError, match=message):
+            FinalMLPConfig(**kwargs)
+        assert FinalMLPConfig(gate_hidden_sizes=()).gate_hidden_sizes == ()
+
     def test_unknown_context_field(self, schema) -> None:
         ebc = build_embedding_bag_collection(schema, 4, device=torch.device("cpu"))
         with pytest.raises(ValueError, match=r"context fields \['zip'\]"):
