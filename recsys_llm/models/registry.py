@@ -1,7 +1,7 @@
 """One config for every backbone, a builder by name, and a tiny smoke config per model."""
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -76,7 +76,12 @@ class ModelConfig:
             raise ValueError(f"unknown model {self.name!r}; choose one of {list(MODEL_NAMES)}")
         for key in ("mlp_layer_sizes", "mlp2_layer_sizes", "finalmlp_gate_hidden", "dense_arch_hidden",
                     "finalmlp_context1", "finalmlp_context2"):
-            object.__setattr__(self, key, tuple(getattr(self, key)))
+            value = getattr(self, key)
+            if isinstance(value, str):  # tuple() would make it its characters
+                raise ValueError(f"model.{key}: expected a list, got the string {value!r} (write [{value!r}])")
+            if not isinstance(value, Iterable):
+                raise ValueError(f"model.{key}: expected a list, got {value!r}")
+            object.__setattr__(self, key, tuple(value))
         # checked here, naming the config key, rather than when a model is built from them
         for key in ("mlp_layer_sizes", "mlp2_layer_sizes", "finalmlp_gate_hidden", "dense_arch_hidden"):
             for i, size in enumerate(getattr(self, key)):

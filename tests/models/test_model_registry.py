@@ -112,6 +112,10 @@ class TestModelConfig:
             ({"name": "dcnv2", "cross_layers": 0}, r"model.cross_layers must be an integer >= 1, got 0"),
             ({"name": "finalmlp", "finalmlp_heads": 3, "mlp_layer_sizes": [16], "mlp2_layer_sizes": [8]},
              r"model.finalmlp_heads = 3 must divide .*model.mlp_layer_sizes\[-1\] = 16, model.mlp2_layer_sizes\[-1\] = 8"),
+            # read as its characters ('u', 's', 'e', 'r', ...), and as "'int' object is not iterable"
+            ({"name": "finalmlp", "finalmlp_context1": "user_id"},
+             r"model.finalmlp_context1: expected a list, got the string 'user_id' \(write \['user_id'\]\)"),
+            ({"mlp_layer_sizes": 64}, r"model.mlp_layer_sizes: expected a list, got 64"),
         ],
     )
     def test_bad_settings_name_their_key(self, settings, message: str) -> None:
