@@ -140,7 +140,7 @@ class CTRBackbone(nn.Module, abc.ABC):
         Returns:
             CTROutput: logits (B,), representation (B, H), pooled embeddings.
         """
-        check_unweighted_ids(sparse_features, self._weighted, type(self).__name__)
+        check_id_weights(sparse_features, self._weighted, type(self).__name__)
         embeddings = self.embedding_bag_collection(sparse_features)
         logits, representation = self.interact(dense_features, embeddings, extra_fields)
         return CTROutput(one_logit_per_row(logits, type(self).__name__), representation, embeddings)
@@ -181,15 +181,21 @@ def check_one_table_per_feature(configs: "List[EmbeddingBagConfig]", owner: str)
 
 
 @torch.fx.wrap
-def check_unweighted_ids(features: KeyedJaggedTensor, weighted: bool, model: str) -> None:
+def check_id_weights(features: KeyedJaggedTensor, weighted: bool, model: str) -> None:
     """Raises ValueError when ``features`` carry per-id weights that ``model``'s unweighted EBC would
-    pool differently sharded and unsharded.
+    pool differently sharded and unsharded, or carry none for its weighted EBC.
 
     torchrec's sharded EBC pools a KJT's weights whether it was built ``is_weighted`` or not, while
     an unweighted ``EmbeddingBagCollection`` (one rank, evaluation on CPU, the served model)
-    ignores them: the same weights would give other embeddings in training than at serving.
+    ignores them: the same weights would give other embeddings in training than at serving. A
+    weighted EBC without weights fails in torchrec with a bare AssertionError.
     A leaf of the training pipeline's fx trace: it reads the KJT at run time and feeds nothing.
     """
+    if weighted and features.weights_or_none() is None:
+        raise ValueError(
+            f"{model}: its EmbeddingBagCollection is weighted (is_weighted=True), but the sparse features carry no "
+            "per-id weights: pass weights= (one float per id, in the order of values) in the KeyedJaggedTensor"
+        )
     if not weighted and features.weights_or_none() is not None:
         raise ValueError(
             f"{model}: the sparse features carry per-id weights, but its EmbeddingBagCollection is not weighted: "

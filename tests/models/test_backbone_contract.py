@@ -215,3 +215,7 @@ class TestMistakesAreNamed:
                   for name, dim in WIDTHS.items()]
         model = Concatenating(EmbeddingBagCollection(tables=tables, is_weighted=True))
         assert model(batch.dense_features, weighted).logits.shape == (6,)
+        # and a weighted EBC given no weights: named, not torchrec's bare AssertionError
+        with pytest.raises(ValueError, match=r"Concatenating: its EmbeddingBagCollection is weighted \(is_weighted=True\), "
+                                             r"but the sparse features carry no per-id weights"):
+            model(batch.dense_features, kjt)
