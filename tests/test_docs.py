@@ -164,3 +164,46 @@ def test_the_readme_says_which_standard_deviation_the_tables_give() -> None:
     assert mean_std([1.0, 2.0, 3.0])["std"] == 1.0  # n - 1: the population std would be 0.816
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
         assert "n - 1 in the denominator" in " ".join(handle.read().split())
+
+
+# The CPU throughput table of README.md and docs/results.md: figure label (its start) -> the JSON
+# under benchmarks/results/ and the top-level key the quoted value is read from.
+THROUGHPUT_FIGURES = {
+    "project pipeline vs hand-written TorchRec loop": ("train_throughput", "ratio_vs_torchrec_loop"),
+    "from Parquet vs from memory": ("train_throughput", "ratio_parquet_vs_memory"),
+    "training with FRE + FIE vs plain backbone": ("llactr", "train_ratio_vs_backbone"),
+    "serving with FIE vs plain backbone": ("llactr", "serve_ratio_vs_backbone"),
+    "LLM cost, instance level vs field level": ("llactr", "llm_cost_ratio_instance_vs_field"),
+    "exported student vs plain backbone": ("elec", "student_serve_ratio_vs_backbone"),
+    "student vs gain network computing the LLM vector": ("elec", "student_speedup_vs_gain_online_llm"),
+    "joint KD training vs plain backbone": ("elec", "kd_train_ratio_vs_backbone"),
+    "exported gain network with user + item vectors": ("elec", "gain_entity_tables_serve_ratio_vs_backbone"),
+    "DeepFM training speed vs DeepCTR-Torch": ("peers", "train_speedup_vs_deepctr_torch"),
+}
+
+
+def test_the_throughput_tables_quote_the_committed_benchmark_jsons() -> None:
+    """Each figure of the throughput table (README and results page) is its JSON's value, rounded as quoted."""
+    import json
+
+    for page in ("README.md", os.path.join("docs", "results.md")):
+        with open(os.path.join(REPO, page), encoding="utf-8") as handle:
+            rows = [line.split("|")[1:-1] for line in handle if line.startswith("| ")]
+        checked = set()
+        for cells in rows:
+            if len(cells) != 4:
+                continue
+            label, quoted = cells[1].strip(), cells[2].strip()
+            match = [key for key in THROUGHPUT_FIGURES if label.startswith(key)]
+            if not match or match[0] in checked:
+                continue
+            name, key = THROUGHPUT_FIGURES[match[0]]
+            with open(os.path.join(REPO, "benchmarks", "results", f"{name}.json"), encoding="utf-8") as handle:
+                value = json.load(handle)[key]
+            number = re.match(r"[-+]?\d+(?:\.(\d+))?", quoted)
+            assert number, (page, label, quoted)
+            decimals = len(number.group(1) or "")
+            assert float(number.group(0)) == round(value, decimals), (
+                f"{page}: '{label}' quotes {quoted}, benchmarks/results/{name}.json has {key}={value:.4g}")
+            checked.add(match[0])
+        assert checked == set(THROUGHPUT_FIGURES), (page, sorted(set(THROUGHPUT_FIGURES) - checked))
