@@ -258,11 +258,24 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> None:
+    """Writes ``fig`` atomically (temp file + rename), as ``write_json`` does: a run that fails
+    while saving leaves the earlier plot whole; the format follows ``path``'s suffix."""
+    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends placed beside a panel stay in
-    _pyplot().close(fig)
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        fig.tight_layout()
+        with open(tmp, "wb") as handle:
+            # legends placed beside a panel stay in
+            fig.savefig(handle, format=path.suffix[1:] or plt.rcParams["savefig.format"], dpi=110,
+                        bbox_inches="tight")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def bar_chart(

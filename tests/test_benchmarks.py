@@ -253,6 +253,28 @@ class TestCommon:
         assert json.loads((tmp_path / "sub" / "r0.json").read_text()) == {"a": 1.0}
         assert not list(tmp_path.rglob("*.tmp"))
 
+    def test_a_plot_that_fails_midway_leaves_the_earlier_png(self, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        from matplotlib.figure import Figure
+
+        path = tmp_path / "x.png"
+        common.bar_chart(path, {"a": 1.0}, ylabel="samples/s")
+        earlier = path.read_bytes()
+        assert earlier[:4] == b"\x89PNG"
+
+        def fails_midway(self: Figure, fname: object, **kwargs: object) -> None:
+            if hasattr(fname, "write"):
+                fname.write(b"\x89PNG, cut short")
+            else:
+                Path(fname).write_bytes(b"\x89PNG, cut short")
+            raise OSError("No space left on device")
+
+        monkeypatch.setattr(Figure, "savefig", fails_midway)
+        with pytest.raises(OSError, match="No space left"):
+            common.bar_chart(path, {"a": 2.0}, ylabel="samples/s")
+        assert path.read_bytes() == earlier
+        assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
     def test_machine_info_names_cpu_and_versions(self) -> None:
         info = common.machine_info()
         assert info["usable_cores"] >= 1 and info["cpu_model"]
