@@ -96,6 +96,14 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.plot is None:
         args.plot = args.json.with_suffix(".png")
+    for option, path, suffix in (("--json", args.json, ".json"), ("--plot", args.plot, ".png")):
+        # refused now, not when the file is written at the end of the run
+        if path.is_dir():
+            parser.error(f"{option} {path}: is a directory; {option} takes the file to write, "
+                         f"e.g. {path / name}{suffix}")
+        blocking = _file_among_folders(path)
+        if blocking is not None:
+            parser.error(f"{option} {path}: {blocking} is a file, not a directory")
     from recsys_llm.cli import quiet_upstream_notices
 
     quiet_upstream_notices()  # as the commands do: the figures, not torchrec's advisories, fill the log
@@ -107,6 +115,15 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     # set_flush_denormal answers whether the CPU has the mode at all
     args.flush_denormal = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals
     return args
+
+
+def _file_among_folders(path: Path) -> Optional[Path]:
+    """The nearest existing folder of ``path`` when it is a file (so ``path`` cannot be written),
+    else None; missing folders are fine (``write_json`` creates them)."""
+    for folder in path.parents:
+        if folder.exists():
+            return None if folder.is_dir() else folder
+    return None
 
 
 def single_rank_context(args: argparse.Namespace) -> Any:

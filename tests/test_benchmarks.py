@@ -224,6 +224,24 @@ class TestCommon:
         with pytest.raises(SystemExit):
             common.parse_args("x", "doc", ["--quick", "--smoke"])
 
+    def test_result_paths_that_cannot_be_files_are_refused_before_the_run(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        with pytest.raises(SystemExit) as exit_info:
+            common.parse_args("x", "doc", ["--json", str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert f"--json {tmp_path}: is a directory; --json takes the file to write, e.g. {tmp_path}/x.json" in (
+            capsys.readouterr().err)
+        (tmp_path / "plots").mkdir()
+        with pytest.raises(SystemExit):
+            common.parse_args("x", "doc", ["--json", str(tmp_path / "x.json"), "--plot", str(tmp_path / "plots")])
+        assert f"--plot {tmp_path / 'plots'}: is a directory" in capsys.readouterr().err
+        (tmp_path / "afile").write_text("")
+        with pytest.raises(SystemExit):
+            common.parse_args("x", "doc", ["--json", str(tmp_path / "afile" / "sub" / "x.json")])
+        assert f"{tmp_path / 'afile'} is a file, not a directory" in capsys.readouterr().err
+        fresh = common.parse_args("x", "doc", ["--json", str(tmp_path / "new" / "dir" / "x.json")])
+        assert fresh.plot == tmp_path / "new" / "dir" / "x.png"  # missing folders are made when writing
+
     def test_interleaved_repeats_rotate_order(self) -> None:
         calls = []
         contenders = {name: (lambda n=name: calls.append(n) or float(len(calls))) for name in "abc"}
