@@ -360,6 +360,20 @@ class TestRunAll:
         run_all.update_readme(readme, results)  # idempotent
         assert readme.read_text() == text
 
+    def test_a_readme_write_that_fails_leaves_the_readme_whole(self, tmp_path: Path) -> None:
+        """The README holds hand-written prose: a write that fails midway (here: a character UTF-8
+        cannot encode, a lone surrogate from a JSON string) must not leave it empty."""
+        results = tmp_path / "results"
+        machine = {"cpu_model": "Test CPU", "usable_cores": 2, "torch_threads": 2, "gpu": None, "versions": {}}
+        common.write_json(results / "demo.json", {"speedup": 3.25, "benchmark": "demo", "mode": "quick",
+                                                  "table": [{"llm": "model_\udce9"}], "machine": machine})
+        readme = tmp_path / "README.md"
+        before = f"# Bench\n\nhand-written prose\n\n{run_all.BEGIN}\nold\n{run_all.END}\n"
+        readme.write_text(before)
+        with pytest.raises(UnicodeEncodeError):
+            run_all.update_readme(readme, results)
+        assert readme.read_text() == before
+
     def test_results_elsewhere_leave_the_committed_readme_alone(self, tmp_path: Path) -> None:
         committed = run_all.BENCH_DIR / "README.md"
         before = committed.read_bytes()
