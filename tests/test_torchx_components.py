@@ -100,6 +100,18 @@ class TestTrainComponent:
         words = command_of(from_cli("train", ["--config", "c.yaml", "--nnodes", "2", "--rdzv_backend", "static"]))
         assert words[words.index("--rdzv_backend") + 1] == "static" and "--node_rank" in words
 
+    def test_static_rendezvous_on_one_host_is_refused(self) -> None:
+        """On one host torchx starts torchrun with ``--rdzv_endpoint localhost:0``; the static rendezvous gave the
+        workers MASTER_PORT=0 and local_cwd workers (one or two) waited to connect to it until the collective
+        timeout."""
+        for name, args in (("train", ["--config", "c.yaml"]), ("trained", ["--job", "evaluate", "--checkpoint", "r"]),
+                           ("encode", ["--job", "export"])):
+            for workers in ("1", "2"):
+                with pytest.raises(ValueError, match=r"rdzv_backend=static on one host \(nnodes=1\): .*MASTER_PORT=0.*"
+                                                     r"use rdzv_backend=c10d on one host"):
+                    from_cli(name, [*args, "--nproc_per_node", workers, "--rdzv_backend", "static"])
+            assert from_cli(name, [*args, "--nproc_per_node", "2"])  # c10d, the default
+
     def test_bad_arguments_raise_clear_errors(self) -> None:
         train = load("train")
         with pytest.raises(ValueError, match="key=value"):

@@ -68,6 +68,12 @@ def train(
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
         )
+    if rdzv_backend == "static" and nnodes == 1:
+        # on one host torchx hands torchrun port 0 (any free port), which static rendezvous passes on to the
+        # workers as MASTER_PORT=0: they wait to connect to it until the collective timeout (an hour by default)
+        raise ValueError("rdzv_backend=static on one host (nnodes=1): torchx starts torchrun on port 0 there, which "
+                         "the static rendezvous gives the workers as MASTER_PORT=0, and they never reach its store; "
+                         "use rdzv_backend=c10d on one host (static is for nnodes > 1, on rdzv_port of rank 0's host)")
     if named_resource:  # it sets the host's GPUs, whatever --gpu says
         if 0 < host_gpus < nproc_per_node:
             raise ValueError(f"named_resource={named_resource} has {host_gpus} GPU(s) per host for nproc_per_node="
