@@ -109,6 +109,17 @@ FBGEMM_CUDA_MAX_DIM = 2048
 COLUMN_SHARDING_TYPES = ("column_wise", "table_column_wise")
 
 
+def _sharder_kernels(sharding_type: str, compute_device: str) -> Tuple[str, ...]:
+    """The compute kernels torchrec 1.8's EBC sharder runs a ``sharding_type`` with on ``compute_device``:
+    ``dense`` for data_parallel only, ``fused`` (and on CUDA the unified-memory kernels) for the sharded
+    types, none for a row-wise type on CPU."""
+    if sharding_type == "data_parallel":
+        return ("dense",)
+    if compute_device == "cpu":
+        return ("fused",) if sharding_type in CPU_SHARDING_TYPES else ()
+    return ("fused",) + CUDA_ONLY_KERNELS
+
+
 @dataclasses.dataclass
 class OptimizerConfig:
     """Table (fused, in-backward) and dense optimizers.
@@ -344,6 +355,31 @@ def _freeze_sharded(model: DistributedModelParallel, frozen: Set[str]) -> List[s
     return sorted(set(done))
 
 
+def _check_plannable(constraints: Dict[str, ParameterConstraints], frozen: Set[str], compute_device: str) -> None:
+    """Refuses a table whose allowed sharding types and compute kernels leave the sharder nothing to run on
+    ``compute_device`` (the planner fails with a RuntimeError that sends the user to its log), naming the table.
+
+    Raises:
+        ValueError: e.g. ``sharding_types=[table_wise]`` with ``compute_kernels=[dense]`` (dense is for
+            data_parallel only), or on CPU a frozen table allowed ``[data_parallel, row_wise]`` (a frozen
+            table is never replicated, and row-wise types need CUDA).
+    """
+    for name, constraint in constraints.items():
+        types = constraint.sharding_types or list(SHARDING_TYPES)
+        kernels = constraint.compute_kernels or list(COMPUTE_KERNELS)
+        if any(kernel in _sharder_kernels(t, compute_device) for t in types for kernel in kernels):
+            continue
+        table = f"table {name!r}"
+        if name in frozen:
+            table = f"frozen table {name!r} (the 'fused' kernel, never data_parallel)"
+        raise ValueError(
+            f"{table}: no allowed sharding type runs on {compute_device} with an allowed compute kernel "
+            f"(sharding types {types}, compute kernels {kernels}); data_parallel runs only the 'dense' kernel, the "
+            f"sharded types 'fused' (on CUDA also {list(CUDA_ONLY_KERNELS)}), and row-wise types need CUDA: change "
+            f"sharding.sharding_types / sharding.compute_kernels, or sharding.table_constraints.{name}"
+        )
+
+
 def build_topology(
     world_size: int,
     compute_device: str,
@@ -417,6 +453,8 @@ def shard_model(
             f"optim.sparse={optim.sparse!r}: FBGEMM's CPU embedding kernels implement only "
             f"{sorted(CPU_SPARSE_OPTIMIZERS)}; pick one of those, or train on CUDA"
         )
+    constraints = build_constraints(task, sharding, compute_device)
+    _check_plannable(constraints, frozen, compute_device)
     if not (dist.is_available() and dist.is_initialized()):  # before the task is changed (fused optimizers)
         raise RuntimeError(
             "shard_model: no default process group; call recsys_llm.train.distributed.init_distributed() first "
@@ -433,7 +471,7 @@ def shard_model(
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=build_constraints(task, sharding, compute_device),
+        constraints=constraints,
         debug=False,
     )
     plan = planner.collective_plan(task, None, dist.GroupMember.WORLD)

@@ -408,6 +408,13 @@ def _shard_with(schema_path: str, sharding: ShardingConfig) -> str:
      "sharding.compute_kernels=['fused_uvm_caching']: unified-memory kernels run on CUDA only"),
     (ShardingConfig(table_constraints={"t_user_id": {"compute_kernels": ["fused_uvm"]}}),
      "sharding.table_constraints.t_user_id.compute_kernels=['fused_uvm']: unified-memory kernels"),
+    # each list has a type the CPU runs, but not for this table: torchrec's planner failed with a RuntimeError
+    (ShardingConfig(sharding_types=["data_parallel", "row_wise"], frozen_tables=["t_item_id"]),
+     "frozen table 't_item_id' (the 'fused' kernel, never data_parallel): no allowed sharding type runs on cpu "
+     "with an allowed compute kernel (sharding types ['row_wise'], compute kernels ['fused'])"),
+    (ShardingConfig(table_constraints={"t_user_id": {"sharding_types": ["table_wise"], "compute_kernels": ["dense"]}}),
+     "table 't_user_id': no allowed sharding type runs on cpu with an allowed compute kernel (sharding types "
+     "['table_wise'], compute kernels ['dense']); data_parallel runs only the 'dense' kernel"),
 ])
 def test_a_plan_the_cpu_cannot_run_is_named(synthetic_dir: str, sharding: ShardingConfig, message: str) -> None:
     (error,) = run_multiprocess(_shard_with, world_size=1, schema_path=synthetic_dir, sharding=sharding)
