@@ -172,12 +172,12 @@ class TestTrainComponent:
             with pytest.raises(ValueError, match=r"named_resource=aws_g5.xlarge has 1 GPU\(s\) per host for "
                                                  r"nproc_per_node=2 workers"):
                 load(name)(*args, nproc_per_node=2, named_resource="aws_g5.xlarge")
-            assert load(name)(*args, nproc_per_node=8, named_resource="aws_p4d.24xlarge").roles[0].resource.gpu == 8
+            if name != "bench":  # one worker (test_multi_worker_runs_are_refused)
+                assert load(name)(*args, nproc_per_node=8, named_resource="aws_p4d.24xlarge").roles[0].resource.gpu == 8
 
     def test_several_workers_share_the_hosts_cpus(self) -> None:
         """torchrun gives every worker of several OMP_NUM_THREADS=1: 64 CPUs for 8 workers ran 8 threads."""
-        for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r")),
-                           ("bench", ("train_throughput",)), ("encode", ("export",))):
+        for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r")), ("encode", ("export",))):
             assert load(name)(*args, nproc_per_node=8, cpu=64).roles[0].env["OMP_NUM_THREADS"] == "8", name
             assert load(name)(*args, nproc_per_node=3, cpu=2).roles[0].env["OMP_NUM_THREADS"] == "1", name
             chosen = load(name)(*args, nproc_per_node=8, cpu=64, env={"OMP_NUM_THREADS": "2"})
@@ -273,6 +273,14 @@ class TestBenchComponent:
         assert words[script_at + 1:] == ["--json", "out/train_throughput.json", "--plot", "out/train_throughput.png", "--quick"]
         assert app.roles[0].name == "bench"
 
+    def test_multi_worker_runs_are_refused(self) -> None:
+        """Every benchmark compares single-rank runs (scaling starts its own ranks): ``--nproc_per_node 2`` scheduled
+        two workers that each stopped with "train_throughput compares single-rank runs; run it without torchrun"."""
+        for args in (["--nproc_per_node", "2"], ["--nnodes", "2"]):
+            with pytest.raises(ValueError, match=r"the benchmarks run as one process .* use nnodes=1 nproc_per_node=1, "
+                                                 r"got (1x2|2x1)"):
+                from_cli("bench", ["--name", "train_throughput", *args])
+
     def test_name_must_be_a_script_name(self) -> None:
         with pytest.raises(ValueError, match="without .py"):
             load("bench")("../etc/passwd")
@@ -285,8 +293,7 @@ def test_multi_host_replicas_find_rank_0_on_kubernetes() -> None:
     ``${VC_TEACHER-OUTPUTS_0_HOSTS:=localhost}:29500`` to ``OUTPUTS_0_HOSTS:=localhost:29500``."""
     from torchx.util.strings import normalize_str
 
-    apps = [load("train")("c.yaml", nnodes=2), load("bench")("train_throughput", nnodes=2),
-            load("encode")("export", nnodes=2)]
+    apps = [load("train")("c.yaml", nnodes=2), load("encode")("export", nnodes=2)]  # bench runs on one host
     apps += [load("trained")(job, "runs/r", nnodes=2) for job in ("evaluate", "export", "teacher-outputs")]
     for app in apps:
         role = app.roles[0]

@@ -1,8 +1,8 @@
 """torchx component: run one of the project's benchmarks (``benchmarks/<name>.py``).
 
-Built on :func:`torchx.components.dist.ddp`, so multi-rank benchmarks (e.g. table
-growth sharded over 2 ranks) get torchrun's environment. Each script writes a JSON
-(with machine and version info) and a PNG under ``results_dir``. Launch::
+Built on :func:`torchx.components.dist.ddp` with one torchrun worker: every benchmark
+compares single-rank runs, and ``scaling``'s table growth starts its own 2 ranks. Each
+script writes a JSON (with machine and version info) and a PNG under ``results_dir``. Launch::
 
     torchx run -s local_cwd torchx_components/bench.py:bench \\
         --name train_throughput -- --quick
@@ -36,22 +36,21 @@ def bench(
 ) -> specs.AppDef:
     """
     Runs ``python benchmarks/NAME.py --json RESULTS_DIR/NAME.json --plot RESULTS_DIR/NAME.png
-    [script_args ...]`` on nnodes x nproc_per_node torchrun workers (torchx dist.ddp).
+    [script_args ...]`` on one torchrun worker (torchx dist.ddp).
     Benchmarks compare side by side within one run, so figures are ratios on the same host.
 
     Args:
         name: benchmark script name without .py (e.g. train_throughput)
         script_args: extra script arguments, after -- (e.g. -- --quick --device cuda)
         results_dir: directory for the JSON and PNG results
-        nnodes: number of hosts (replicas of the role)
-        nproc_per_node: worker processes per host
+        nnodes: number of hosts (replicas of the role): 1, every benchmark runs as one process
+        nproc_per_node: worker processes per host: 1 (scaling starts its own ranks)
         cpu: CPUs per host
         gpu: GPUs per host
         memMB: host memory in MB per host
         named_resource: a torchx named resource; takes precedence over cpu, gpu and memMB
         image: container image with the project installed (ignored by local_cwd)
-        env: extra environment variables; with several workers per
-            host, OMP_NUM_THREADS defaults to cpu / nproc_per_node
+        env: extra environment variables
         mounts: mounts in the container, e.g. type=bind,src=/data,dst=/data
         job_name: job name as {experiment}/{run}; defaults to recsys_llm/bench-NAME
     """
@@ -70,6 +69,11 @@ def bench(
     elif 0 < gpu < nproc_per_node:  # two NCCL ranks on one GPU fail at their first collective
         raise ValueError(f"gpu={gpu} per host for nproc_per_node={nproc_per_node} workers: each worker needs a GPU of "
                          f"its own; pass --gpu {nproc_per_node}, or --nproc_per_node {gpu}")
+    if nnodes * nproc_per_node > 1:  # each worker would stop at once: "NAME compares single-rank runs"
+        raise ValueError(
+            "the benchmarks run as one process (scaling starts its own 2 ranks for table growth) and refuse "
+            f"several torchrun workers: use nnodes=1 nproc_per_node=1, got {nnodes}x{nproc_per_node}"
+        )
     own_options = {f"--{name}" for name in inspect.signature(bench).parameters}
     misplaced = [arg for arg in script_args if arg.split("=", 1)[0] in own_options]
     if misplaced:
@@ -79,9 +83,6 @@ def bench(
         )
     results = results_dir.rstrip("/") or "."
     worker_env = dict(env or {})
-    if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs
-        host_cpus = specs.resource(h=named_resource).cpu if named_resource else cpu
-        worker_env.setdefault("OMP_NUM_THREADS", str(max(1, host_cpus // nproc_per_node)))
     app = ddp(
         "--json",
         f"{results}/{name}.json",
