@@ -105,11 +105,13 @@ def _collective_timeout() -> datetime.timedelta:
     raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
         seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if seconds <= 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
-    return datetime.timedelta(seconds=seconds)
+        timeout = datetime.timedelta(seconds=seconds) if seconds > 0 else None  # inf, nan and 1e15 raise here
+    except (ValueError, OverflowError):
+        timeout = None
+    if timeout is None:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0, finite and below "
+                         f"{int(datetime.timedelta.max.total_seconds()):,}")
+    return timeout
 
 
 def collective_device() -> torch.device:

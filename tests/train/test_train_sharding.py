@@ -321,7 +321,7 @@ def test_collective_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPatch) 
     assert _collective_timeout().total_seconds() == 3600
     monkeypatch.setenv(TIMEOUT_ENV, "120")
     assert _collective_timeout().total_seconds() == 120
-    for bad in ("1h", "0"):
+    for bad in ("1h", "0", "inf", "nan", "1e15"):  # inf: an OverflowError traceback, nan: a message without the name
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=f"{TIMEOUT_ENV}='{bad}': expected a number of seconds > 0"):
             _collective_timeout()
