@@ -131,7 +131,8 @@ class OptimizerConfig:
         dense (str): ``adam`` | ``adagrad`` | ``sgd`` for everything else.
         dense_lr (float): learning rate of the dense optimizer.
         eps (float): epsilon of Adagrad/Adam (tables and dense).
-        weight_decay (float): L2 weight decay (tables and dense).
+        weight_decay (float): L2 weight decay of the dense parameters (tables take none: FBGEMM's
+            fused CPU kernels ignore it, and a table must train alike whatever its placement).
     """
 
     sparse: str = "row_wise_adagrad"
@@ -298,12 +299,12 @@ def build_constraints(
 
 
 def _table_optimizer_kwargs(optim: OptimizerConfig) -> Dict[str, Any]:
-    """lr, eps (not SGD) and weight decay (when set) of the table optimizer."""
+    """lr and eps (not SGD) of the table optimizer; no weight decay: FBGEMM's fused CPU kernels
+    ignore it, so a table would decay or not by its placement (``optim.weight_decay`` is the dense
+    parameters')."""
     kwargs: Dict[str, Any] = {"lr": optim.sparse_lr}
     if optim.sparse != "sgd":
         kwargs["eps"] = optim.eps
-    if optim.weight_decay:
-        kwargs["weight_decay"] = optim.weight_decay
     return kwargs
 
 

@@ -173,6 +173,41 @@ def test_replicated_tables_train_with_the_table_optimizer(synthetic_dir: str) ->
     assert results[0]["moved"]["t_user_id"] == results[1]["moved"]["t_user_id"]
 
 
+def _one_step_with_weight_decay(schema_path: str) -> Dict[str, Any]:
+    ctx = init_distributed("cpu")
+    schema = DatasetSchema.load(schema_path)
+    batch = next(iter(ParquetBatchReader(schema, "train", 64)))
+    after: Dict[Any, Dict[str, torch.Tensor]] = {}
+    for placement in ("table_wise", "data_parallel"):
+        for decay in (0.0, 0.5):
+            torch.manual_seed(0)
+            task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], schema, device=torch.device("meta")))
+            optim = OptimizerConfig(sparse="adagrad", sparse_lr=0.1, weight_decay=decay)
+            model, _ = shard_model(task, ctx.device, ctx.world_size, ShardingConfig(sharding_types=[placement]), optim,
+                                   batch_size=64)
+            optimizer = build_optimizer(model, optim)
+            loss = model(batch)[0]
+            loss.backward()
+            optimizer.step()
+            after[placement, decay] = {
+                "table": _replicated_table(model, "t_user_id") if placement == "data_parallel"
+                else _local_table(model, "t_user_id"),
+                "dense": torch.cat([p.detach().flatten().clone() for n, p in model.named_parameters()
+                                    if "embedding_bags" not in n]),
+            }
+    return {f"{placement}/{part}": torch.equal(after[placement, 0.0][part], after[placement, 0.5][part])
+            for placement in ("table_wise", "data_parallel") for part in ("table", "dense")}
+
+
+@pytest.mark.multiprocess
+def test_weight_decay_leaves_every_table_alone_whatever_its_placement(synthetic_dir: str) -> None:
+    """FBGEMM's fused CPU kernels ignore weight decay; a replicated table decayed through its unfused optimizer,
+    so the same table trained otherwise by its placement. Now only the dense parameters decay."""
+    (same,) = run_multiprocess(_one_step_with_weight_decay, world_size=1, schema_path=synthetic_dir)
+    assert same == {"table_wise/table": True, "table_wise/dense": False,
+                    "data_parallel/table": True, "data_parallel/dense": False}
+
+
 class _ModifiesKJT(torch.nn.Module):
     """Negative control: changes the KJT before the EBC, which torchrec cannot pipeline."""
 
