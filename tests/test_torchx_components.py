@@ -507,10 +507,11 @@ def test_slurm_job_dir_copy_leaves_out_the_local_environment(tmp_path: Path) -> 
 
     workspace, job_dir = tmp_path / "checkout", tmp_path / "job"
     kept = ["recsys_llm/cli/__init__.py", "configs/a.yaml", "benchmarks/train_throughput.py",
-            "data/synthetic/schema.json", "runs/deepfm/config.yaml"]
+            "data/synthetic/schema.json", "runs/deepfm/config.yaml", "results/elec_row/elec_ml100k.json"]
     left_out = [".venv/bin/torchrun", ".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/HEAD",
                 ".venv-peers/lib/python3.11/site-packages/torch/__init__.py",  # scripts/peer_venv.sh's (make bench)
-                "recsys_llm/__pycache__/cli.cpython-311.pyc", "recsys_llm.egg-info/PKG-INFO", ".pytest_cache/x"]
+                "recsys_llm/__pycache__/cli.cpython-311.pyc", "recsys_llm.egg-info/PKG-INFO", ".pytest_cache/x",
+                "results/runs/r/metrics.jsonl", "results/llactr/amd_epyc/runs/r/ckpt/x"]  # experiments' runs
     for name in kept + left_out:
         (workspace / name).parent.mkdir(parents=True, exist_ok=True)
         (workspace / name).write_text("x")
