@@ -98,13 +98,18 @@ def test_a_weighted_gain_network_serves_its_entity_vectors_with_the_weights(tmp_
     torch.testing.assert_close(served.logits(request.dense_features, request.sparse_features), expected)
 
 
-def test_weights_of_another_real_dtype_are_served_as_float32(tmp_path):
-    """Per-id weights built from numpy are float64 (and may be integer counts): served like float32
-    ones, as dense features of another dtype are, not a RuntimeError from inside embedding_bag."""
+def _exported_weighted_task(tmp_path):
+    """A weighted task and its export, loaded for serving."""
     task = _weighted_task()
     example = _request(4, 0)
     export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
-    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    return task, ServedModel.load(str(tmp_path / "export"), trust_program=True)
+
+
+def test_weights_of_another_real_dtype_are_served_as_float32(tmp_path):
+    """Per-id weights built from numpy are float64 (and may be integer counts): served like float32
+    ones, as dense features of another dtype are, not a RuntimeError from inside embedding_bag."""
+    task, served = _exported_weighted_task(tmp_path)
     request = _request(6, 2)
     sparse = request.sparse_features
     for weights in (sparse.weights().double(), sparse.weights().round().to(torch.int64)):
@@ -144,10 +149,7 @@ def test_weights_are_served_in_the_dtype_of_half_precision_tables(tmp_path):
 
 def test_a_nan_or_inf_weight_is_refused_naming_its_feature_and_position(tmp_path):
     """As a NaN dense feature is: not a NaN probability (nor inf from a float64 beyond float32's range)."""
-    task = _weighted_task()
-    example = _request(4, 0)
-    export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
-    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    _, served = _exported_weighted_task(tmp_path)
     request = _request(6, 2)
     sparse = request.sparse_features
     second_key_start = int(sparse.offset_per_key()[1])

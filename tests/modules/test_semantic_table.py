@@ -232,20 +232,27 @@ class TestShardedSemanticTable:
         assert any(r["student_changed"] for r in results)  # the student's table (on some rank) trained
 
 
-def test_user_and_item_vectors_are_concatenated_and_become_one_field_each(tmp_path):
-    """Two entity tables: each filled from its own export, vectors concatenated user-first, K fields injected."""
-    from recsys_llm.data.batch import Batch
+def _user_vectors_and_schema(directory: str):
+    """An export of 3 users' vectors in ``directory``, and a schema of users and items: (vectors (3, DIM), schema)."""
     from recsys_llm.data.schema import DatasetSchema, FieldSpec
-    from recsys_llm.models.registry import SMOKE_CONFIGS
-    from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
 
-    items = write_item_vectors(str(tmp_path / "items"))
     users = np.random.default_rng(2).normal(size=(3, DIM)).astype(np.float32)
-    VectorExport(str(tmp_path / "users"), PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+    VectorExport(directory, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
         pa.array(np.arange(3), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
         lambda texts: torch.from_numpy(users[[int(t) for t in texts]]), progress=False)
     schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
                                  FieldSpec("age", "dense")])
+    return users, schema
+
+
+def test_user_and_item_vectors_are_concatenated_and_become_one_field_each(tmp_path):
+    """Two entity tables: each filled from its own export, vectors concatenated user-first, K fields injected."""
+    from recsys_llm.data.batch import Batch
+    from recsys_llm.models.registry import SMOKE_CONFIGS
+    from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
+
+    items = write_item_vectors(str(tmp_path / "items"))
+    users, schema = _user_vectors_and_schema(str(tmp_path / "users"))
     config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
                         entity_vectors=str(tmp_path / "items"), entity_tables={"user_id": str(tmp_path / "users")},
                         expected_provenance=PROVENANCE)
@@ -272,17 +279,11 @@ def test_entity_tables_named_in_another_order_read_a_trained_state_as_it_was_tra
     ``entity_tables.user_id``). The vectors used to be concatenated in the config's order, so the same
     state read the user's vector where its injection had learnt the item's, silently."""
     from recsys_llm.data.batch import Batch
-    from recsys_llm.data.schema import DatasetSchema, FieldSpec
     from recsys_llm.models.registry import SMOKE_CONFIGS
     from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
 
     write_item_vectors(str(tmp_path / "items"))
-    users = np.random.default_rng(2).normal(size=(3, DIM)).astype(np.float32)
-    VectorExport(str(tmp_path / "users"), PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
-        pa.array(np.arange(3), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
-        lambda texts: torch.from_numpy(users[[int(t) for t in texts]]), progress=False)
-    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
-                                 FieldSpec("age", "dense")])
+    users, schema = _user_vectors_and_schema(str(tmp_path / "users"))
     user_first = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table",
                             entity_tables={"user_id": str(tmp_path / "users"), "item_id": str(tmp_path / "items")})
     item_first = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
