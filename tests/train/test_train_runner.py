@@ -835,7 +835,6 @@ def test_a_mid_epoch_resume_with_a_batch_size_that_shuffles_otherwise_is_refused
     rows come in another order: the rows a resume skips would be others than those trained on."""
     import torch
 
-    from recsys_llm.data.synthetic import generate_synthetic
     from recsys_llm.train.distributed import DistContext
     from recsys_llm.train.resume import check_resumable_position
 
