@@ -131,22 +131,18 @@ def fake_torch(tmp_path: Path, version: str, cuda: Optional[str]) -> None:
         f"class cuda:\n    @staticmethod\n    def is_available():\n        return {cuda is not None}\n")
 
 
-def test_a_torch_of_another_version_from_the_same_cuda_index_is_replaced(tmp_path: Path) -> None:
-    # e.g. a venv from before install.sh moved to a newer torch: fbgemm-gpu fits only the new one
-    env = fake_install_env(tmp_path, driver_cuda="12.8")
-    fake_torch(tmp_path, "2.12.0+cu128", cuda="12.8")
+@pytest.mark.parametrize("driver_cuda, installed, expected", [
+    # a venv from before install.sh moved to a newer torch: fbgemm-gpu fits only the new one
+    ("12.8", ("2.12.0+cu128", "12.8"), "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0"),
+    # installed for a CUDA 12.6 driver, then the driver was updated: PyPI's fbgemm-gpu is a CUDA 13.0 build
+    ("13.0", ("2.13.0+cu126", "12.6"), "--isolated --index-url https://pypi.org/simple torch==2.13.0"),
+])
+def test_a_torch_that_does_not_fit_the_cuda_index_is_replaced(tmp_path: Path, driver_cuda: str, installed, expected) -> None:
+    env = fake_install_env(tmp_path, driver_cuda=driver_cuda)
+    fake_torch(tmp_path, *installed)
     result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda", TORCH_VERSION="2.13.0")
     assert result.returncode == 0, result.stderr
-    assert "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0" in (tmp_path / "python.log").read_text()
-
-
-def test_a_torch_from_pytorchs_index_is_replaced_by_pypis_build_for_a_cuda_13_driver(tmp_path: Path) -> None:
-    # e.g. installed for a CUDA 12.6 driver, then the driver was updated: PyPI's fbgemm-gpu is a CUDA 13.0 build
-    env = fake_install_env(tmp_path, driver_cuda="13.0")
-    fake_torch(tmp_path, "2.13.0+cu126", cuda="12.6")
-    result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda", TORCH_VERSION="2.13.0")
-    assert result.returncode == 0, result.stderr
-    assert "--isolated --index-url https://pypi.org/simple torch==2.13.0" in (tmp_path / "python.log").read_text()
+    assert expected in (tmp_path / "python.log").read_text()
 
 
 def test_a_failed_peer_venv_run_leaves_no_stamp_that_skips_the_next_run(tmp_path: Path) -> None:
