@@ -384,3 +384,16 @@ def test_demo_rows_below_10_names_the_flag(capsys) -> None:
         main(["demo", "--rows", "-5", "--data-dir", "/nonexistent/data", "--run-dir", "/nonexistent/runs"])
     assert exited.value.code == 2
     assert "argument --rows: expected an integer >= 10, got '-5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["teacher-outputs", "--checkpoint", "runs/x", "--output-dir", "o", "--batch-size", "0"], "--batch-size"),
+    (["semantics", "export", "--schema", "s", "--llm", "m", "--output-dir", "o", "--chunk-rows", "0"], "--chunk-rows"),
+    (["semantics", "export", "--schema", "s", "--llm", "m", "--output-dir", "o", "--batch-size", "-1"], "--batch-size"),
+])
+def test_a_count_below_one_is_named_by_its_flag(capsys, argv, flag) -> None:
+    """Not by the config field it fills (``VectorExportConfig.chunk_rows``, ``batch_size must be positive``)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected an integer >= 1" in capsys.readouterr().err

@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Any, Dict
 
+from recsys_llm.cli.data import integer_at_least
+
 
 def export_run(config: Any, checkpoint: str, output: str, state_only: bool = False) -> Dict[str, Any]:
     """Exports the served part of a trained run (collective: call on every rank).
@@ -180,7 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     outputs.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     outputs.add_argument("--output-dir", required=True, help="where the split copies and schema.json go")
     outputs.add_argument("--splits", nargs="*", default=None, help="splits to cover (default: all)")
-    outputs.add_argument("--batch-size", type=int, default=4096, help="rows per teacher call")
+    outputs.add_argument("--batch-size", type=integer_at_least(1), default=4096, help="rows per teacher call")
     outputs.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     outputs.set_defaults(func=_teacher_outputs)
     show_defaults(outputs)  # --batch-size

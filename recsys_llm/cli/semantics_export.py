@@ -27,6 +27,7 @@ import json
 import os
 from typing import List
 
+from recsys_llm.cli.data import integer_at_least
 from recsys_llm.cli.semantics import TRUST_REMOTE_CODE_HELP
 
 ROW_TEXT_FILE = "row_text.json"
@@ -371,8 +372,8 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
                              "--granularity entity)")
     export.add_argument("--entity-fields", nargs="*", default=None,
                         help="fields written into an entity's text (default: the --entity-field alone)")
-    export.add_argument("--chunk-rows", type=int, default=4096, help="rows per chunk (unit of resumption)")
-    export.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
+    export.add_argument("--chunk-rows", type=integer_at_least(1), default=4096, help="rows per chunk (unit of resumption)")
+    export.add_argument("--batch-size", type=integer_at_least(1), default=64, help="texts per encoder call")
     export.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                         help="dtype of the stored vectors")
     export.add_argument("--projection", default=None, help="PCA projection file (fit_projection + save_projection)")
