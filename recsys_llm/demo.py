@@ -246,9 +246,13 @@ def run_demo(
         ConfigError: ``run_root`` holds outputs made with other settings or another LLM, or an override
             sets what a flag sets (``FLAG_SETTINGS``).
         FileNotFoundError: ``llm`` is no model directory (checked before any training).
+        NotADirectoryError: ``run_root`` or ``data_dir`` is a file (checked before any work).
         DemoStepError: an LLM step failed.
     """
     _check_overrides(overrides)
+    for flag, path in (("--run-dir", run_root), ("--data-dir", data_dir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(f"{flag} {path}: a file; expected a directory (absent or one of this command's)")
     schema = os.path.join(data_dir, "schema.json")
     base = [f"data.schema={schema}", f"data.synthetic_rows={rows}", *overrides]
     llm_dir = os.path.join(run_root, "llm")

@@ -134,6 +134,21 @@ def test_demo_checks_the_llm_before_any_training(tmp_path, capsys) -> None:
     assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
 
 
+@pytest.mark.parametrize("flag", ["--run-dir", "--data-dir"])
+def test_a_file_where_a_directory_goes_is_named_before_any_work(tmp_path, capsys, flag) -> None:
+    """Not ``[Errno 20] Not a directory: 'afile/plain'`` after the data was generated."""
+    from recsys_llm.cli import main as cli_main
+
+    paths = {"--data-dir": str(tmp_path / "data"), "--run-dir": str(tmp_path / "runs")}
+    (tmp_path / "afile").write_text("x")
+    paths[flag] = str(tmp_path / "afile")
+    code = cli_main(["demo", "--rows", "3000", "--data-dir", paths["--data-dir"], "--run-dir", paths["--run-dir"],
+                     "--no-llm", *SMALL])
+    assert code == 2
+    assert f"recsys-llm demo: error: {flag} {tmp_path / 'afile'}: a file; expected a directory" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # nothing generated or trained
+
+
 def test_a_failing_step_is_one_user_error_with_its_message(tmp_path, capsys) -> None:
     from recsys_llm.cli import USER_ERRORS
     from recsys_llm.demo import _cli
