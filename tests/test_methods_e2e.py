@@ -13,7 +13,7 @@
 import json
 import os
 import shutil
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pyarrow.parquet as pq
 import pytest
@@ -321,11 +321,12 @@ def _evaluate(overrides: List[str], checkpoint: str) -> Dict[str, Any]:
     return run_evaluation(load_config(CONFIG, overrides), checkpoint)
 
 
-def _teacher_outputs(overrides: List[str], checkpoint: str, output_dir: str, batch_size: int) -> Dict[str, Any]:
+def _teacher_outputs(overrides: List[str], checkpoint: str, output_dir: str, batch_size: int,
+                     splits: Optional[List[str]] = None) -> Dict[str, Any]:
     from recsys_llm.train.teacher_outputs import write_teacher_outputs
 
     return write_teacher_outputs(load_config(CONFIG, overrides), checkpoint, output_dir, batch_size=batch_size,
-                                 progress=False)
+                                 progress=False, splits=splits)
 
 
 def _teacher_outputs_failing_on_rank_0(overrides: List[str], checkpoint: str, output_dir: str, batch_size: int) -> str:
@@ -430,4 +431,9 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
                                     batch_size=batch_size)
     copied = DatasetSchema.load(report["schema"])
     assert pq.read_table(copied.split_path("valid")).equals(pq.read_table(copied.split_path("test")))
+    # a later run over the train split alone keeps valid / test pointing at their copies, not at the source data
+    (report, *_) = run_multiprocess(_teacher_outputs, world_size=1, overrides=overrides, checkpoint=str(tmp_path / "run"),
+                                    output_dir=str(tmp_path / "teacher_1"), batch_size=batch_size, splits=["train"])
+    again = DatasetSchema.load(report["schema"])
+    assert all(os.path.dirname(again.split_path(split)) == str(tmp_path / "teacher_1") for split in schema.splits)
 

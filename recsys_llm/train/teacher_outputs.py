@@ -388,6 +388,23 @@ def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Outpu
     return error
 
 
+def _earlier_copies(output_dir: str, schema: DatasetSchema, splits: Dict[str, str]) -> Dict[str, str]:
+    """The splits other than ``splits`` that an earlier run of the same teacher copied into ``output_dir``
+    (its ``schema.json`` names them, and they are there), so that a run over some splits keeps the
+    others pointing at their copies, not back at the data without teacher columns."""
+    try:
+        with open(os.path.join(output_dir, SCHEMA_FILE), encoding="utf-8") as handle:
+            earlier = json.load(handle)["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(earlier, dict):
+        return {}
+    return {split: path for split, path in earlier.items()
+            if split in schema.splits and split not in splits and isinstance(path, str)
+            and not os.path.isabs(path) and not path.startswith("..")
+            and os.path.exists(os.path.join(output_dir, path))}
+
+
 def write_teacher_outputs(
     config: ExperimentConfig,
     checkpoint: str,
@@ -469,6 +486,7 @@ def write_teacher_outputs(
     if ctx.is_main:
         width = pq.ParquetFile(report["files"][0]).schema_arrow.field(REPRESENTATION_COLUMN).type.list_size
         report["representation_dim"] = int(width)
-        schema.relocated(output_dir, new_splits, [LOGITS_COLUMN, REPRESENTATION_COLUMN]).save(report["schema"])
+        copied = {**_earlier_copies(output_dir, schema, new_splits), **new_splits}
+        schema.relocated(output_dir, copied, [LOGITS_COLUMN, REPRESENTATION_COLUMN]).save(report["schema"])
     barrier()
     return report
