@@ -87,6 +87,8 @@ class ModelConfig:
             for i, size in enumerate(getattr(self, key)):
                 check_number(f"model.{key}[{i}]", size, integer=True, minimum=1)
         check_number("model.dropout", self.dropout, minimum=0, below=1)
+        if not isinstance(self.dense_as_fields, bool):  # "false" would count as True
+            raise ValueError(f"model.dense_as_fields: expected true or false, got {self.dense_as_fields!r}")
         for key in _MLP_KEYS.get(self.name, ()):
             if not getattr(self, key):
                 raise ValueError(f"model.{key} is empty; model {self.name!r} builds an MLP from it: expected at "

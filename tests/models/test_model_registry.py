@@ -116,6 +116,8 @@ class TestModelConfig:
             ({"name": "finalmlp", "finalmlp_context1": "user_id"},
              r"model.finalmlp_context1: expected a list, got the string 'user_id' \(write \['user_id'\]\)"),
             ({"mlp_layer_sizes": 64}, r"model.mlp_layer_sizes: expected a list, got 64"),
+            # a string is truthy: "false" built the dense fields
+            ({"name": "fm", "dense_as_fields": "false"}, r"model.dense_as_fields: expected true or false, got 'false'"),
         ],
     )
     def test_bad_settings_name_their_key(self, settings, message: str) -> None:
