@@ -96,6 +96,8 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.plot is None:
         args.plot = args.json.with_suffix(".png")
+    if args.plot.resolve() == args.json.resolve():  # e.g. --json x.png: the plot would overwrite the JSON
+        parser.error(f"--json and --plot name one file ({args.json}); give the JSON a .json name or --plot another file")
     for option, path, suffix in (("--json", args.json, ".json"), ("--plot", args.plot, ".png")):
         # refused now, not when the file is written at the end of the run
         if path.is_dir():

@@ -241,6 +241,9 @@ class TestCommon:
         assert f"{tmp_path / 'afile'} is a file, not a directory" in capsys.readouterr().err
         fresh = common.parse_args("x", "doc", ["--json", str(tmp_path / "new" / "dir" / "x.json")])
         assert fresh.plot == tmp_path / "new" / "dir" / "x.png"  # missing folders are made when writing
+        with pytest.raises(SystemExit):  # the plot (the JSON's name with .png) would overwrite the JSON
+            common.parse_args("x", "doc", ["--json", str(tmp_path / "x.png")])
+        assert "--json and --plot name one file" in capsys.readouterr().err
 
     def test_interleaved_repeats_rotate_order(self) -> None:
         calls = []
