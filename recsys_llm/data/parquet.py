@@ -183,7 +183,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         extras (Sequence[str]): extra columns to carry in ``batch.extras``.
         shuffle (bool): shuffle row-group order and rows within a buffer, seeded by
             ``(seed, epoch, rank)``; call :meth:`set_epoch` every epoch.
-        seed (int): shuffle seed.
+        seed (int): shuffle seed, any integer (like ``train.seed``, which may be negative).
         drop_last (bool): drop the last partial batch (on all ranks alike).
         validate (bool): run the value checks of :mod:`recsys_llm.data.validation` on every
             row group (NaN/inf, id ranges, labels). Footer checks always run.
@@ -384,7 +384,10 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             yield merged.take(rng.permutation(merged.num_rows))
 
     def _batches(self) -> Iterator[Batch]:
-        rng = np.random.default_rng([self._seed, self._epoch, self._rank]) if self._shuffle else None
+        # numpy's seed entropy must be non-negative: a negative seed is taken modulo 2**64
+        seed = int(self._seed)
+        entropy = [seed % 2**64 if seed < 0 else seed, self._epoch, self._rank]
+        rng = np.random.default_rng(entropy) if self._shuffle else None
         size = self._batch_size
         emitted = 0
         pending: List[RowChunk] = []

@@ -183,6 +183,19 @@ def test_shuffle_is_seeded_per_epoch(synthetic):
     assert ParquetBatchReader(synthetic, "train", 16384).shuffle_buffer_rows == 8 * 16384
 
 
+def test_a_negative_seed_shuffles_like_any_other(synthetic):
+    """train.seed may be negative (seed_everything takes it modulo 2**32); numpy's default_rng refuses
+    negative entropy, which failed the first batch with a bare 'expected non-negative integer'."""
+    def order(seed, epoch=0):
+        reader = ParquetBatchReader(synthetic, "valid", 64, shuffle=True, seed=seed, shuffle_buffer_rows=100)
+        reader.set_epoch(epoch)
+        return _concat(list(reader))[3]["row_id"].numpy()
+    first = order(-1)
+    np.testing.assert_array_equal(first, order(-1))
+    np.testing.assert_array_equal(np.sort(first), np.sort(order(0)))
+    assert not np.array_equal(first, order(-1, epoch=1)) and not np.array_equal(first, order(-2))
+
+
 def test_errors_in_later_row_groups_surface_through_prefetch(tmp_path, synthetic):
     table = pq.read_table(synthetic.split_path("valid"))
     labels = table["label"].to_numpy().copy()
