@@ -35,6 +35,7 @@ import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -150,6 +151,35 @@ def _balanced_ranges(units: List[_Unit], world_size: int) -> List[List[_Unit]]:
     return shards
 
 
+def _extra_kind(dtype: pa.DataType) -> str:
+    """What a batch carries of an extra column of Arrow type ``dtype``: ``"integer"`` (int64),
+    ``"float"`` (float32) or ``"vector"`` (float32 (B, d)); ``"other"`` is refused when read."""
+    if pa.types.is_integer(dtype) or pa.types.is_boolean(dtype):
+        return "integer"
+    if pa.types.is_floating(dtype):
+        return "float"
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+        return "vector"
+    return "other"
+
+
+def _check_extra_kinds(
+    path: str, arrow_schema: pa.Schema, extras: Sequence[str], seen: Dict[str, Tuple[str, str, pa.DataType]]
+) -> None:
+    """Raises if an extra column is of another kind (integer, float, vector) in ``path`` than in the
+    files before it (recorded in ``seen``): its batches would change dtype (int64 / float32, or
+    float64 where a batch mixes rows of both files). Widening within a kind (int32, int64) is fine."""
+    for name in extras:
+        dtype = arrow_schema.field(name).type
+        kind, first, first_type = seen.setdefault(name, (_extra_kind(dtype), path, dtype))
+        if _extra_kind(dtype) != kind:
+            raise DataError(
+                f"{path}: extra column {name!r} has Arrow type {dtype} ({_extra_kind(dtype)}), but {first} has "
+                f"{first_type} ({kind}); expected one kind in every file of the split (batches carry integers "
+                "as int64, floats as float32)"
+            )
+
+
 def default_shuffle_buffer_rows(batch_size: int) -> int:
     """Rows a shuffling reader of ``batch_size``-row batches mixes at once unless told otherwise:
     ``max(8 * batch_size, 65536)``, so above 8,192 rows a batch size also sets the epoch's row order."""
@@ -180,7 +210,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         batch_size (int): rows per batch (independent of the row group size).
         rank (int): this process's rank.
         world_size (int): number of ranks sharing the data.
-        extras (Sequence[str]): extra columns to carry in ``batch.extras``.
+        extras (Sequence[str]): extra columns to carry in ``batch.extras``: integers as int64,
+            floats as float32, lists as float32 vectors; of one kind in every file.
         shuffle (bool): shuffle row-group order and rows within a buffer, seeded by
             ``(seed, epoch, rank)``; call :meth:`set_epoch` every epoch.
         seed (int): shuffle seed, any integer (like ``train.seed``, which may be negative).
@@ -255,9 +286,11 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         units: List[_Unit] = []
         self._group_starts: List[np.ndarray] = []  # per file: (num_row_groups + 1,) first row of each group
         row_key_present = None
+        extra_kinds: Dict[str, Tuple[str, str, pa.DataType]] = {}  # extra -> (kind, first file, its type)
         for index, path in enumerate(self._paths):
             handle = open_parquet(path)
             check_file_schema(path, schema, handle.schema_arrow, handle.metadata.num_rows, extras)
+            _check_extra_kinds(path, handle.schema_arrow, self._extras, extra_kinds)
             has_key = bool(schema.row_key) and schema.row_key in handle.schema_arrow.names
             if row_key_present is None:
                 row_key_present = has_key

@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
@@ -68,3 +69,25 @@ class TestVectorWidths:
                                  "llm_vector": pa.array([[]] * 6, pa.list_(pa.float32()))}), path)
         batches = list(ParquetBatchReader(SCHEMA, path, 4, extras=["llm_vector"], prefetch=0))
         assert [tuple(b.extras["llm_vector"].shape) for b in batches] == [(4, 0), (2, 0)]
+
+
+class TestExtraKinds:
+    def test_an_extra_integer_in_one_file_and_float_in_another_is_refused_naming_both(self, tmp_path):
+        """Each file's values were converted alone (int64, float32), so an epoch's batches changed dtype and
+        one mixing rows of both files (at the boundary, or anywhere when shuffling) carried float64."""
+        (tmp_path / "split").mkdir()
+        for index, weight in enumerate([np.ones(4, np.int64), np.full(4, 0.5, np.float32)]):
+            _write(str(tmp_path / "split" / f"part{index}.parquet"), np.ones((4, 3), np.float32), weight)
+        with pytest.raises(DataError, match=r"part1\.parquet: extra column 'weight' has Arrow type float \(float\), "
+                                            r"but .*part0\.parquet has int64 \(integer\); expected one kind"):
+            ParquetBatchReader(SCHEMA, str(tmp_path / "split"), 3, extras=["weight"], prefetch=0)
+
+    def test_integer_widths_and_vector_value_types_may_differ_between_files(self, tmp_path):
+        (tmp_path / "split").mkdir()
+        for index, (weight, vectors) in enumerate([(np.ones(4, np.int32), np.ones((4, 3), np.float32)),
+                                                   (np.ones(4, np.int64), np.ones((4, 3), np.float64))]):
+            _write(str(tmp_path / "split" / f"part{index}.parquet"), vectors, weight)
+        batches = list(ParquetBatchReader(SCHEMA, str(tmp_path / "split"), 3, extras=["weight", "llm_vector"],
+                                          prefetch=0, shuffle=True))
+        assert {b.extras["weight"].dtype for b in batches} == {torch.int64}
+        assert {b.extras["llm_vector"].dtype for b in batches} == {torch.float32}
