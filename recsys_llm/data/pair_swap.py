@@ -41,6 +41,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.row_chunks import categorical_column, dense_column
 from recsys_llm.data.schema import DatasetSchema, FieldKind
+from recsys_llm.data.seeding import seed_entropy
 from recsys_llm.data.validation import DataError, check_column_type, check_no_nulls, open_parquet
 
 LABEL_WEIGHT_KEY = "label_weight"
@@ -159,7 +160,7 @@ class SwappedPairs:
         """(B,) int64: the catalogue rows the swapped rows of batch ``index`` of ``epoch`` take."""
         if self._catalog is None:
             raise ValueError("swapped pairs: no catalogue was given")
-        seed = int(np.random.SeedSequence([self._seed, self._rank, epoch, index]).generate_state(1)[0])
+        seed = int(np.random.SeedSequence([seed_entropy(self._seed), self._rank, epoch, index]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(0, self._catalog.num_rows, (batch_size,), generator=generator)
 

@@ -42,6 +42,7 @@ import torch
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.row_chunks import ChunkConverter, RowChunk
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.seeding import seed_entropy
 from recsys_llm.data.validation import DataError, check_file_schema, offsets_from_lengths, open_parquet, read_row_group
 
 
@@ -417,10 +418,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             yield merged.take(rng.permutation(merged.num_rows))
 
     def _batches(self) -> Iterator[Batch]:
-        # numpy's seed entropy must be non-negative: a negative seed is taken modulo 2**64
-        seed = int(self._seed)
-        entropy = [seed % 2**64 if seed < 0 else seed, self._epoch, self._rank]
-        rng = np.random.default_rng(entropy) if self._shuffle else None
+        rng = np.random.default_rng([seed_entropy(self._seed), self._epoch, self._rank]) if self._shuffle else None
         size = self._batch_size
         emitted = 0
         pending: List[RowChunk] = []

@@ -140,3 +140,13 @@ def test_ranks_draw_different_catalogue_rows(tmp_path) -> None:
     write_catalog(path, num_items=15)
     rank0, rank1 = (SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path, rank=r) for r in (0, 1))
     assert not torch.equal(rank0.catalog_rows(32, 0, 0), rank1.catalog_rows(32, 0, 0))
+
+
+def test_a_negative_seed_draws_catalogue_rows_like_any_other(tmp_path) -> None:
+    """train.seed=-1 (which the config and the reader take) failed numpy's SeedSequence at the first swapped batch."""
+    path = str(tmp_path / "items.parquet")
+    write_catalog(path)
+    swap = SwappedPairs(SCHEMA, ITEM_FIELDS, seed=-1, catalog=path)
+    rows = swap.catalog_rows(6, epoch=0, index=0)
+    assert torch.equal(rows, swap.catalog_rows(6, epoch=0, index=0))
+    assert rows.shape == (6,) and int(rows.min()) >= 0 and int(rows.max()) < 5
