@@ -91,6 +91,11 @@ class CTRBackbone(nn.Module, abc.ABC):
         return self._feature_names
 
     @property
+    def num_dense_features(self) -> int:
+        """Dd, the width of the dense input."""
+        return self._num_dense_features
+
+    @property
     @abc.abstractmethod
     def representation_dim(self) -> int:
         """H, the width of ``CTROutput.representation``."""

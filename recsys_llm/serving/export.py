@@ -275,6 +275,12 @@ def _check_exportable(task: nn.Module, example_dense: torch.Tensor) -> None:
             f"export: the example dense batch must be (B >= 2, num_dense_features), got {tuple(example_dense.shape)} "
             "(torch.export would fix the program to a batch of 1)"
         )
+    width = getattr(task.model, "num_dense_features", None)
+    if width is not None and example_dense.size(1) != width:
+        raise ValueError(
+            f"export: the example dense batch has {example_dense.size(1)} column(s); {type(task.model).__name__} was "
+            f"built for {width} dense feature(s): pass a batch of the model's own data (its schema's dense fields)"
+        )
     if example_dense.dtype.is_complex:
         raise ValueError(f"export: the example dense batch has dtype {example_dense.dtype}; expected real numbers (float32)")
 
@@ -380,8 +386,8 @@ def export_task(
 
     Raises:
         ValueError: a sharded (DMP) model, a teacher-student pair (export its student), a task without a
-            backbone EBC, a weight still on the meta device, an example batch of fewer than 2 rows, or
-            teacher / LLM parts.
+            backbone EBC, a weight still on the meta device, an example batch of fewer than 2 rows or of
+            another dense width than the backbone's, or teacher / LLM parts.
     """
     _check_exportable(task, example_dense)
     check_servable(task)
