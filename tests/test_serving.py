@@ -544,8 +544,8 @@ def test_export_names_what_it_cannot_export(tmp_path):
 
 
 def test_an_example_batch_of_another_dense_width_is_refused_and_keeps_the_earlier_export(tmp_path):
-    """torch.export failed on it, so the export replaced a working artifact with one without a program, blaming
-    torch.export and recording the example's width as the model's."""
+    """torch.export failed on it (and on sparse features of another batch size), so the export replaced a working
+    artifact with one without a program, blaming torch.export and recording the example's width as the model's."""
     student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
     example = make_batch(4, 0)
     out = str(tmp_path / "export")
@@ -553,6 +553,9 @@ def test_an_example_batch_of_another_dense_width_is_refused_and_keeps_the_earlie
     with pytest.raises(ValueError, match=r"export: the example dense batch has 3 column\(s\); DeepFM was built for 1 "
                                          r"dense feature\(s\)"):
         export_task(student, out, torch.randn(4, 3), example.sparse_features)
+    with pytest.raises(ValueError, match=r"export: the example sparse features hold 4 row\(s\), the example dense "
+                                         r"batch 2; pass the dense and sparse features of one batch"):
+        export_task(student, out, example.dense_features[:2], example.sparse_features)
     ServedModel.load(out, trust_program=True).logits(example.dense_features, example.sparse_features)
 
 

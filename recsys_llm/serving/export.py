@@ -246,7 +246,7 @@ def _semantic_ebc(task: nn.Module) -> Optional[EmbeddingBagCollection]:
     return table.embedding_bag_collection if table is not None else None
 
 
-def _check_exportable(task: nn.Module, example_dense: torch.Tensor) -> None:
+def _check_exportable(task: nn.Module, example_dense: torch.Tensor, example_sparse: KeyedJaggedTensor) -> None:
     """Raises ValueError for what ``export_task`` cannot write a working artifact of."""
     if isinstance(task, DistributedModelParallel):
         raise ValueError(
@@ -280,6 +280,11 @@ def _check_exportable(task: nn.Module, example_dense: torch.Tensor) -> None:
         raise ValueError(
             f"export: the example dense batch has {example_dense.size(1)} column(s); {type(task.model).__name__} was "
             f"built for {width} dense feature(s): pass a batch of the model's own data (its schema's dense fields)"
+        )
+    if example_sparse.stride() != example_dense.size(0):
+        raise ValueError(
+            f"export: the example sparse features hold {example_sparse.stride()} row(s), the example dense batch "
+            f"{example_dense.size(0)}; pass the dense and sparse features of one batch"
         )
     if example_dense.dtype.is_complex:
         raise ValueError(f"export: the example dense batch has dtype {example_dense.dtype}; expected real numbers (float32)")
@@ -387,9 +392,10 @@ def export_task(
     Raises:
         ValueError: a sharded (DMP) model, a teacher-student pair (export its student), a task without a
             backbone EBC, a weight still on the meta device, an example batch of fewer than 2 rows or of
-            another dense width than the backbone's, or teacher / LLM parts.
+            another dense width than the backbone's, sparse features of another batch size than the dense
+            ones, or teacher / LLM parts.
     """
-    _check_exportable(task, example_dense)
+    _check_exportable(task, example_dense, example_sparse)
     check_servable(task)
     example_dense = example_dense.to(DENSE_DTYPE)  # the program's input dtype, whatever the example's
     ebc = task.model.embedding_bag_collection
