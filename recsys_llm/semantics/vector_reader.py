@@ -54,9 +54,15 @@ def _read_chunk(directory: str, manifest: Dict[str, object], index: int) -> Tupl
     """Keys (n,) and vectors (n, d) of chunk ``index``, its provenance checked against the manifest's."""
     path = chunk_path(directory, index)
     table = read_chunk_table(path)
+    _check_chunk_provenance(table, manifest, path)
+    return _columns(table, manifest, path)
+
+
+def _check_chunk_provenance(table: pa.Table, manifest: Dict[str, object], path: str) -> None:
+    """Raises :class:`ProvenanceError` when the chunk ``table`` read from ``path`` was written with
+    another provenance than its export's manifest (a chunk of another export copied there)."""
     stored = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
     check_provenance(stored, manifest["provenance"], path)
-    return _columns(table, manifest, path)
 
 
 def _columns(table: pa.Table, manifest: Dict[str, object], path: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -109,6 +115,8 @@ def iter_vector_rows(
 
     Raises:
         ValueError: a chunk's vectors are not ``dim`` wide, or ``columns`` lie outside them.
+        ProvenanceError: the manifest's provenance differs from ``expected``, or a chunk's
+            from the manifest's (a chunk of another export).
     """
     first, last = columns if columns is not None else (0, dim)
     if not 0 <= first <= last <= dim:
@@ -117,7 +125,9 @@ def iter_vector_rows(
     key_column = str(manifest["key_column"])
     for index in range(int(manifest["num_chunks"])):
         path = chunk_path(directory, index)
-        keys = read_chunk_table(path, columns=[key_column]).column(key_column)
+        key_table = read_chunk_table(path, columns=[key_column])
+        _check_chunk_provenance(key_table, manifest, path)  # as read_vectors does: never another export's chunk
+        keys = key_table.column(key_column)
         mask = pc.and_(pc.greater_equal(keys, start), pc.less(keys, stop))
         if not pc.any(mask).as_py():
             continue

@@ -872,3 +872,23 @@ def test_a_projection_file_that_is_no_safetensors_file_is_a_user_error_naming_it
             load_projection(bad)
     with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(tmp_path))}: no projection file there"):
         load_projection(str(tmp_path))  # a directory: safetensors' own OSError before
+
+
+def test_a_chunk_of_another_export_is_refused_by_the_entity_table_reader_too(tmp_path):
+    """``read_vectors`` refused a chunk copied from an export of another model, but the rows an
+    entity table is filled from (``iter_vector_rows``) took its vectors without a word."""
+    from recsys_llm.semantics.vector_reader import iter_vector_rows
+
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    keys, texts = _keys_texts(4)
+    config = VectorExportConfig(chunk_rows=2)
+    VectorExport(ours, PROVENANCE, config).run(keys, texts, CountingEncoder(), progress=False)
+    VectorExport(theirs, dict(PROVENANCE, model="other"), config).run(keys, texts, CountingEncoder(), progress=False)
+    os.replace(chunk_path(theirs, 1), chunk_path(ours, 1))
+    foreign = rf"{re.escape(chunk_path(ours, 1))}: vectors do not match .*model: stored 'other', expected 'tiny'"
+    with pytest.raises(ProvenanceError, match=foreign):
+        read_vectors(ours)
+    with pytest.raises(ProvenanceError, match=foreign):
+        list(iter_vector_rows(ours, 100, 104, 6, expected=PROVENANCE, columns=(1, 3)))
+    with pytest.raises(ProvenanceError, match=foreign):
+        read_vector_rows(ours, 0, 200, 6)
