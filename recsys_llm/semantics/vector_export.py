@@ -277,7 +277,8 @@ class VectorExport:
 
         Raises:
             ValueError: a vector holds NaN/inf (before or after the cast to the storage
-                dtype), naming the chunk ``path`` and the first such row's key.
+                dtype), naming the chunk ``path`` and the first such row's key; or the
+                projection is of another width than the encoder's vectors.
         """
         parts = []
         for start in range(0, len(texts), self._config.batch_size):
@@ -285,6 +286,12 @@ class VectorExport:
             vectors = torch.as_tensor(vectors).float().cpu()
             if self._projection is not None:
                 mean, components = self._projection
+                if vectors.dim() != 2 or vectors.size(1) != components.size(0):
+                    raise ValueError(
+                        f"VectorExportConfig.projection={self._config.projection!r} (semantics export --projection) "
+                        f"projects vectors of width {components.size(0)}, but the encoder gives vectors of shape "
+                        f"{tuple(vectors.shape)}; fit it (fit_projection) on vectors of this model and --output"
+                    )
                 vectors = (vectors - mean) @ components  # (b, k)
             parts.append(vectors.numpy())
             on_batch(len(vectors))

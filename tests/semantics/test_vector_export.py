@@ -892,3 +892,18 @@ def test_a_chunk_of_another_export_is_refused_by_the_entity_table_reader_too(tmp
         list(iter_vector_rows(ours, 100, 104, 6, expected=PROVENANCE, columns=(1, 3)))
     with pytest.raises(ProvenanceError, match=foreign):
         read_vector_rows(ours, 0, 200, 6)
+
+
+def test_a_projection_of_another_width_than_the_encoders_vectors_is_named(tmp_path):
+    """A projection fitted on other vectors (another model, or --output pooled instead of
+    representation) failed with torch's shape error, naming neither the file nor the widths."""
+    keys, texts = _keys_texts(4)
+    mean, components = fit_projection(CountingEncoder(dim=8)(texts(0, 4)), 3)
+    proj = str(tmp_path / "pca.safetensors")
+    save_projection(proj, mean, components)
+    out = str(tmp_path / "vec")
+    with pytest.raises(ValueError, match=rf"projection='{re.escape(proj)}' .*projects vectors of width 8, but the "
+                                         r"encoder gives vectors of shape \(2, 6\)"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2, projection=proj)).run(
+            keys, texts, CountingEncoder(dim=6), progress=False)
+    assert not [name for name in os.listdir(out) if name.startswith("chunk-")]
