@@ -333,6 +333,9 @@ class VectorExport:
 
         Returns:
             List[int]: the chunks written by this call.
+
+        Raises:
+            ValueError: a key is null or repeats (before any work).
         """
         env_rank, env_world = rank_and_world()
         rank = env_rank if rank is None else rank
@@ -340,6 +343,12 @@ class VectorExport:
         keys = pc.cast(keys, pa.int64())
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()
+        if keys.null_count:
+            first = int(np.argmax(~np.asarray(keys.is_valid())))
+            raise ValueError(
+                f"{self._directory}: {keys.null_count} of the {len(keys)} keys to export are null (first: position "
+                f"{first}); expected an int64 key for every row (a row export's keys are the schema's row_key column)"
+            )
         key_values = keys.to_numpy(zero_copy_only=False)  # (N,) int64
         require_unique_keys(key_values, f"{self._directory}: the keys to export")
         check_export_dir(self._directory)

@@ -907,3 +907,15 @@ def test_a_projection_of_another_width_than_the_encoders_vectors_is_named(tmp_pa
         VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2, projection=proj)).run(
             keys, texts, CountingEncoder(dim=6), progress=False)
     assert not [name for name in os.listdir(out) if name.startswith("chunk-")]
+
+
+def test_a_null_key_is_refused_before_any_work(tmp_path):
+    """A null row key was exported (as NaN, its keys hash of garbage) and only the readers failed,
+    with numpy's 'cannot convert float NaN to integer'."""
+    out = str(tmp_path / "vec")
+    encoder = CountingEncoder(dim=2)
+    with pytest.raises(ValueError, match=r"vec: 1 of the 4 keys to export are null \(first: position 1\); expected "
+                                         r"an int64 key for every row"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+            pa.array([3, None, 8, 20], pa.int64()), lambda a, b: ["t"] * (b - a), encoder, progress=False)
+    assert encoder.calls == 0 and not os.path.exists(out)
