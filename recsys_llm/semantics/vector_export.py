@@ -335,11 +335,17 @@ class VectorExport:
             List[int]: the chunks written by this call.
 
         Raises:
-            ValueError: a key is null or repeats (before any work).
+            ValueError: a key is null or repeats, or ``rank`` is not below ``world_size`` (before any work).
         """
         env_rank, env_world = rank_and_world()
         rank = env_rank if rank is None else rank
         world_size = env_world if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            # rank 1 of 1 (RANK set, WORLD_SIZE not) would write chunks 1, 2, ...: those of rank 0 too
+            raise ValueError(
+                f"{self._directory}: rank {rank} of world size {world_size} (RANK, WORLD_SIZE); expected "
+                "0 <= RANK < WORLD_SIZE, as torchrun sets them: each rank writes the chunks i with i % WORLD_SIZE == RANK"
+            )
         keys = pc.cast(keys, pa.int64())
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()

@@ -919,3 +919,18 @@ def test_a_null_key_is_refused_before_any_work(tmp_path):
         VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
             pa.array([3, None, 8, 20], pa.int64()), lambda a, b: ["t"] * (b - a), encoder, progress=False)
     assert encoder.calls == 0 and not os.path.exists(out)
+
+
+@pytest.mark.parametrize("rank, world_size", [(1, 1), (2, 2), (-1, 2), (0, 0)])
+def test_a_rank_outside_the_world_is_refused_before_any_work(tmp_path, monkeypatch, rank, world_size):
+    """RANK=1 without WORLD_SIZE (a rank started by hand) wrote chunks 1, 2, ...: rank 0's chunks
+    too, the two processes deleting each other's temporary files."""
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(6)
+    encoder = CountingEncoder()
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(ValueError, match=rf"vec: rank {rank} of world size {world_size} \(RANK, WORLD_SIZE\); "
+                                         "expected 0 <= RANK < WORLD_SIZE"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, encoder, progress=False)
+    assert encoder.calls == 0 and not os.path.exists(out)
