@@ -146,6 +146,7 @@ def _export(args: argparse.Namespace) -> int:
         export_schema_vectors,
         rank_and_world,
     )
+    from recsys_llm.semantics.vector_projection import load_projection
 
     schema = DatasetSchema.load(args.schema)
     if args.granularity == "entity" and args.entity_field is None:  # before the LLM loads
@@ -155,6 +156,10 @@ def _export(args: argparse.Namespace) -> int:
     rank, world = rank_and_world()
     device = resolve_device(args.device)  # before the LLM loads
     check_export_dir(args.output_dir)  # before the LLM loads
+    config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
+                                projection=args.projection)  # before the LLM loads: --chunk-rows 0 is named
+    if config.projection is not None:
+        load_projection(config.projection)  # before the LLM loads: a wrong --projection path is named
     renderer = RowTextRenderer(schema, _row_text_config(args))
     _check_adapted_on(args.llm, schema, renderer.field_names)
     if args.attach_dir:
@@ -169,8 +174,6 @@ def _export(args: argparse.Namespace) -> int:
         check_run_dir_shared(args.output_dir, setting="--output-dir",
                              use="Every rank writes its chunks into --output-dir, and rank 0 attaches them all")
     model = load_ctr_llm(args.llm, trust_remote_code=args.trust_remote_code).to(device)
-    config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
-                                projection=args.projection)
     written = export_schema_vectors(
         schema, splits, renderer,
         functools.partial(model.encode, output=args.output), args.output_dir, model.provenance(args.output), config,

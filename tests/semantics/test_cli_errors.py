@@ -325,3 +325,21 @@ def test_adapt_refuses_labels_that_are_not_clicks_before_the_llm_loads(tmp_path,
     line = _error_line(capsys)
     assert f"{split}: column 'label', row " in line and expected in line, line
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--projection", "missing.safetensors"], r"missing\.safetensors: no projection file there"),
+    (["--chunk-rows", "0"], r"VectorExportConfig\.chunk_rows and batch_size must be positive"),
+])
+def test_a_bad_export_setting_is_named_before_the_llm_loads(tmp_path, tiny_schema, capsys, flags, expected) -> None:
+    """A --projection path with no projection file (a typo) was named only after the LLM had loaded
+    and the splits were read."""
+    import re
+
+    missing_llm = str(tmp_path / "no_llm")  # loading it would fail with another message
+    flags = [str(tmp_path / flag) if flag.endswith(".safetensors") else flag for flag in flags]
+    code = main(["semantics", "export", "--schema", tiny_schema.root, "--llm", missing_llm,
+                 "--output-dir", str(tmp_path / "vectors"), *flags])
+    line = _error_line(capsys)
+    assert code == 2 and re.search(expected, line), line
+    assert not os.path.exists(tmp_path / "vectors")
