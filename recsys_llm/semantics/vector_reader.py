@@ -292,6 +292,27 @@ class ExportLookup:
         return block
 
 
+def _files_schema(files: List[str]) -> pa.Schema:
+    """The columns of a split's ``files``: the first file's, a column nullable where any file has it so.
+
+    Raises:
+        ValueError: a file has other column names, or a column of another type, than the
+            first (naming both files, and the column with both types).
+    """
+    schemas = [pq.read_schema(path) for path in files]
+    first = schemas[0]
+    for path, other in zip(files[1:], schemas[1:]):
+        if other.names != first.names:
+            raise ValueError(f"{path}: columns {other.names} differ from {files[0]}'s {first.names}")
+        for field, want in zip(other, first):
+            if not field.type.equals(want.type):
+                raise ValueError(f"{path}: column {field.name!r} is {field.type}, but {files[0]} has it as "
+                                 f"{want.type}; every file of a split must store a column with one type")
+    # files written by other tools may differ in nullability only (as the splits an export reads)
+    return pa.schema([field.with_nullable(any(s.field(i).nullable for s in schemas)) for i, field in enumerate(first)],
+                     metadata=first.metadata)
+
+
 def attach_vectors(
     split_path: str,
     vector_dir: str,
@@ -325,11 +346,12 @@ def attach_vectors(
         int: number of rows written.
 
     Raises:
-        ValueError: a key of the split has no vector.
+        ValueError: a key of the split has no vector, or the split's files differ in their
+            column names or types (nullability alone may differ).
     """
     manifest = read_manifest(vector_dir, expected)
     files = parquet_files(split_path)
-    schema = pq.read_schema(files[0])
+    schema = _files_schema(files)
     if key_column not in schema.names:
         raise ValueError(f"{files[0]}: no column {key_column!r} to join vectors on; columns {schema.names}")
     if column in schema.names:
@@ -347,8 +369,6 @@ def attach_vectors(
         with pq.ParquetWriter(tmp, out_schema) as writer:
             for path in files:
                 handle = pq.ParquetFile(path)
-                if not handle.schema_arrow.equals(schema):
-                    raise ValueError(f"{path}: columns {handle.schema_arrow.names} differ from {files[0]}'s {schema.names}")
                 row_in_file = 0
                 for batch in handle.iter_batches(batch_size=batch_rows, use_threads=False):
                     positions = lookup.positions(batch.column(key_column).to_numpy(zero_copy_only=False))

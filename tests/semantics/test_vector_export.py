@@ -934,3 +934,28 @@ def test_a_rank_outside_the_world_is_refused_before_any_work(tmp_path, monkeypat
                                          "expected 0 <= RANK < WORLD_SIZE"):
         VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, encoder, progress=False)
     assert encoder.calls == 0 and not os.path.exists(out)
+
+
+def test_attach_takes_split_files_that_differ_in_nullability_only_and_names_a_type_difference(tmp_path):
+    """A split of part files, one written with a ``not null`` row_id (as ``parquet_writer`` does), one
+    re-saved by another tool: the export read it, attaching refused it after the whole export with
+    "columns ['row_id', 'y'] differ from ...'s ['row_id', 'y']"."""
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(4)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
+    split = tmp_path / "split"
+    split.mkdir()
+    strict = pa.schema([pa.field("row_id", pa.int64(), nullable=False), pa.field("y", pa.int64(), nullable=False)])
+    pq.write_table(pa.table({"row_id": [102, 100], "y": [1, 2]}, schema=strict), str(split / "part-0.parquet"))
+    pq.write_table(pa.table({"row_id": pa.array([103, 101], pa.int64()), "y": pa.array([3, None], pa.int64())}),
+                   str(split / "part-1.parquet"))
+    copy = str(tmp_path / "copy.parquet")
+    assert attach_vectors(str(split), out, "row_id", copy, batch_rows=1) == 4
+    table = pq.read_table(copy)
+    assert table.column("row_id").to_pylist() == [102, 100, 103, 101] and table.column("y").to_pylist() == [1, 2, 3, None]
+    _, vectors = read_vectors(out)
+    np.testing.assert_array_equal(np.array(table.column("llm_vector").to_pylist(), np.float32), vectors[[2, 0, 3, 1]])
+    pq.write_table(pa.table({"row_id": pa.array([103, 101], pa.int32()), "y": [3, 4]}), str(split / "part-1.parquet"))
+    with pytest.raises(ValueError, match=r"part-1\.parquet: column 'row_id' is int32, but .*part-0\.parquet has it as "
+                                         r"int64; every file of a split must store a column with one type"):
+        attach_vectors(str(split), out, "row_id", copy)
