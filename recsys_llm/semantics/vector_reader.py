@@ -44,10 +44,27 @@ def read_chunk_table(path: str, columns: Optional[List[str]] = None) -> pa.Table
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as error:
-        raise ValueError(
-            f"{path}: damaged chunk of a vector export, not readable as Parquet ({' '.join(str(error).split())}); "
-            "delete it and re-run the same semantics export: it writes the missing chunk and keeps the others"
-        ) from error
+        raise _damaged_chunk(path, error) from error
+
+
+def read_chunk_schema(path: str) -> pa.Schema:
+    """A chunk file's schema (its footer alone).
+
+    Raises:
+        ValueError: as :func:`read_chunk_table`.
+    """
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise _damaged_chunk(path, error) from error
+
+
+def _damaged_chunk(path: str, error: Exception) -> ValueError:
+    """The error of a chunk file that Arrow cannot read, naming it and how to mend the export."""
+    return ValueError(
+        f"{path}: damaged chunk of a vector export, not readable as Parquet ({' '.join(str(error).split())}); "
+        "delete it and re-run the same semantics export: it writes the missing chunk and keeps the others"
+    )
 
 
 def _read_chunk(directory: str, manifest: Dict[str, object], index: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -231,7 +248,7 @@ def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tupl
 def vector_dim(directory: str) -> int:
     """d of an export (read from its first chunk)."""
     manifest = read_manifest(directory)
-    schema = pq.read_schema(chunk_path(directory, 0))
+    schema = read_chunk_schema(chunk_path(directory, 0))
     return schema.field(str(manifest["vector_column"])).type.list_size
 
 
@@ -356,7 +373,7 @@ def attach_vectors(
         raise ValueError(f"{files[0]}: no column {key_column!r} to join vectors on; columns {schema.names}")
     if column in schema.names:
         raise ValueError(f"{files[0]}: already has a column {column!r}")
-    value_type = pq.read_schema(chunk_path(vector_dir, 0)).field(str(manifest["vector_column"])).type
+    value_type = read_chunk_schema(chunk_path(vector_dir, 0)).field(str(manifest["vector_column"])).type
     export_bytes = int(manifest["num_rows"]) * value_type.list_size * value_type.value_type.bit_width // 8
     if export_bytes > cache_bytes:
         logger.warning("%s: %.1f GiB of vectors, above attach_vectors' cache_bytes (%.1f GiB): keys in random order "

@@ -959,3 +959,24 @@ def test_attach_takes_split_files_that_differ_in_nullability_only_and_names_a_ty
     with pytest.raises(ValueError, match=r"part-1\.parquet: column 'row_id' is int32, but .*part-0\.parquet has it as "
                                          r"int64; every file of a split must store a column with one type"):
         attach_vectors(str(split), out, "row_id", copy)
+
+
+def test_a_truncated_first_chunk_is_named_where_its_width_is_read(tmp_path):
+    """Training reads the width of an entity export from its first chunk (``vector_dim``), as does
+    ``attach_vectors``: a truncated first chunk was Arrow's "Parquet magic bytes not found in footer",
+    naming no file."""
+    from recsys_llm.semantics.vector_reader import vector_dim
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(4)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
+    path = chunk_path(out, 0)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    damaged = rf"{re.escape(path)}: damaged chunk of a vector export, not readable as Parquet .*delete it and re-run"
+    with pytest.raises(ValueError, match=damaged):
+        vector_dim(out)
+    split = str(tmp_path / "split.parquet")
+    pq.write_table(pa.table({"row_id": keys}), split)
+    with pytest.raises(ValueError, match=damaged):
+        attach_vectors(split, out, "row_id", str(tmp_path / "copy.parquet"))
