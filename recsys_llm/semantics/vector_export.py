@@ -335,7 +335,8 @@ class VectorExport:
             List[int]: the chunks written by this call.
 
         Raises:
-            ValueError: a key is null or repeats, or ``rank`` is not below ``world_size`` (before any work).
+            ValueError: there is no key, a key is null or repeats, or ``rank`` is not below
+                ``world_size`` (before any work).
         """
         env_rank, env_world = rank_and_world()
         rank = env_rank if rank is None else rank
@@ -349,6 +350,11 @@ class VectorExport:
         keys = pc.cast(keys, pa.int64())
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()
+        if not len(keys):
+            raise ValueError(
+                f"{self._directory}: no keys to export (splits without rows, or an entity field without an id); an "
+                "export of no vectors has no width, and an entity table loaded from it would be all zeros"
+            )
         if keys.null_count:
             first = int(np.argmax(~np.asarray(keys.is_valid())))
             raise ValueError(

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from recsys_llm.data.parquet import parquet_files
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.semantics.vector_export import (
+    MANIFEST,
     PROVENANCE_KEY,
     check_provenance,
     chunk_path,
@@ -45,6 +46,18 @@ def read_chunk_table(path: str, columns: Optional[List[str]] = None) -> pa.Table
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as error:
         raise _damaged_chunk(path, error) from error
+
+
+def _first_chunk(directory: str, manifest: Dict[str, object]) -> str:
+    """The path of an export's first chunk, whose schema gives the vectors' type and width.
+
+    Raises:
+        ValueError: the export holds no vector (num_rows 0: written before empty exports were refused).
+    """
+    if not int(manifest["num_chunks"]):
+        raise ValueError(f"{directory}: an export of no vectors (num_rows 0 in its {MANIFEST}); re-export it from "
+                         "splits with rows into an empty --output-dir")
+    return chunk_path(directory, 0)
 
 
 def read_chunk_schema(path: str) -> pa.Schema:
@@ -246,9 +259,13 @@ def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tupl
 
 
 def vector_dim(directory: str) -> int:
-    """d of an export (read from its first chunk)."""
+    """d of an export (read from its first chunk).
+
+    Raises:
+        ValueError: the export holds no vector (no chunk to read it from), or its first chunk is damaged.
+    """
     manifest = read_manifest(directory)
-    schema = read_chunk_schema(chunk_path(directory, 0))
+    schema = read_chunk_schema(_first_chunk(directory, manifest))
     return schema.field(str(manifest["vector_column"])).type.list_size
 
 
@@ -373,7 +390,7 @@ def attach_vectors(
         raise ValueError(f"{files[0]}: no column {key_column!r} to join vectors on; columns {schema.names}")
     if column in schema.names:
         raise ValueError(f"{files[0]}: already has a column {column!r}")
-    value_type = read_chunk_schema(chunk_path(vector_dir, 0)).field(str(manifest["vector_column"])).type
+    value_type = read_chunk_schema(_first_chunk(vector_dir, manifest)).field(str(manifest["vector_column"])).type
     export_bytes = int(manifest["num_rows"]) * value_type.list_size * value_type.value_type.bit_width // 8
     if export_bytes > cache_bytes:
         logger.warning("%s: %.1f GiB of vectors, above attach_vectors' cache_bytes (%.1f GiB): keys in random order "

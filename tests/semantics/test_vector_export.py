@@ -980,3 +980,29 @@ def test_a_truncated_first_chunk_is_named_where_its_width_is_read(tmp_path):
     pq.write_table(pa.table({"row_id": keys}), split)
     with pytest.raises(ValueError, match=damaged):
         attach_vectors(split, out, "row_id", str(tmp_path / "copy.parquet"))
+
+
+def test_an_export_of_no_keys_is_refused_and_an_older_one_is_named(tmp_path):
+    """No keys (splits without rows) gave an export of a manifest alone: an entity table loaded from
+    it was all zeros without a word, and its width was read from a chunk-00000.parquet that is not there."""
+    from recsys_llm.semantics.vector_export import MANIFEST
+    from recsys_llm.semantics.vector_reader import vector_dim
+
+    out = str(tmp_path / "vec")
+    encoder = CountingEncoder()
+    with pytest.raises(ValueError, match=r"vec: no keys to export \(splits without rows, or an entity field without "
+                                         r"an id\)"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+            pa.array([], pa.int64()), lambda a, b: [], encoder, progress=False)
+    assert encoder.calls == 0 and not os.path.exists(out)
+    os.makedirs(out)  # as written before: a manifest of no rows
+    with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as handle:
+        json.dump({"provenance": PROVENANCE, "chunk_rows": 2, "num_rows": 0, "num_chunks": 0, "key_column": "key",
+                   "vector_column": "vector"}, handle)
+    empty = r"vec: an export of no vectors \(num_rows 0 in its manifest\.json\)"
+    with pytest.raises(ValueError, match=empty):
+        vector_dim(out)
+    split = str(tmp_path / "split.parquet")
+    pq.write_table(pa.table({"row_id": pa.array([1], pa.int64())}), split)
+    with pytest.raises(ValueError, match=empty):
+        attach_vectors(split, out, "row_id", str(tmp_path / "copy.parquet"))
