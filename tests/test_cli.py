@@ -397,3 +397,15 @@ def test_a_count_below_one_is_named_by_its_flag(capsys, argv, flag) -> None:
         main(argv)
     assert exit_info.value.code == 2
     assert f"argument {flag}: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_overrides_swallowed_by_splits_are_named_before_any_work(capsys) -> None:
+    """argparse gives ``--splits`` every word up to the next option: an override there became a split
+    named ``data.batch_size=3``, refused only after the teacher had loaded."""
+    assert main(["teacher-outputs", "--checkpoint", "/nonexistent/run", "--output-dir", "o",
+                 "--splits", "train", "data.batch_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert "['data.batch_size=3'] look like config overrides, not splits; end --splits with --" in err, err
+    assert main(["teacher-outputs", "--checkpoint", "/nonexistent/run", "--output-dir", "o",
+                 "--splits", "train", "--", "data.batch_size=3"]) == 2  # as told: on to the next check
+    assert "/nonexistent/run: no such checkpoint or run directory" in capsys.readouterr().err

@@ -146,6 +146,10 @@ def _teacher_outputs(args: argparse.Namespace) -> int:
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
     from recsys_llm.train.teacher_outputs import write_teacher_outputs
 
+    swallowed = [item for item in args.splits or [] if "=" in item]
+    if swallowed:  # argparse gives --splits every word up to the next option
+        raise ValueError(f"--splits {' '.join(args.splits)}: {swallowed} look like config overrides, not splits; end "
+                         "--splits with -- before the overrides (e.g. --splits train -- data.batch_size=512)")
     config = load_config(args.config or trained_run_config(args.checkpoint), args.overrides)
     report = write_teacher_outputs(config, args.checkpoint, args.output_dir, splits=args.splits,
                                    batch_size=args.batch_size, progress=config.train.progress)
