@@ -50,7 +50,7 @@ from recsys_llm.serving import ServedModel
 
 # this artifact's directory as exported; its path now if it was copied or moved. The dense
 # program is code: trust_program=True only for artifacts you made or trust
-served = ServedModel.load("{path}", trust_program=True)
+served = ServedModel.load({path!r}, trust_program=True)
 features = served.feature_names  # {features}
 batch_size = 2
 kjt = KeyedJaggedTensor.from_lengths_sync(
