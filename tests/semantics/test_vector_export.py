@@ -694,17 +694,25 @@ def test_a_resume_with_another_output_names_it_before_the_width(tmp_path):
         read_vectors(out, expected={"output": "representation"})
 
 
-def test_a_truncated_chunk_is_named_with_how_to_mend_the_export(tmp_path):
+def _export_with_a_truncated_chunk(tmp_path, index: int):
+    """An export of 4 rows in chunks of 2 whose chunk ``index`` is cut in half: (directory, keys, texts,
+    the chunk's path, the pattern of the error naming it)."""
     from recsys_llm.semantics.vector_export import chunk_path
-    from recsys_llm.semantics.vector_reader import read_vector_rows
 
     out = str(tmp_path / "vec")
     keys, texts = _keys_texts(4)
     VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
-    path = chunk_path(out, 1)
+    path = chunk_path(out, index)
     with open(path, "r+b") as handle:
         handle.truncate(os.path.getsize(path) // 2)
     damaged = rf"{re.escape(path)}: damaged chunk of a vector export, not readable as Parquet .*delete it and re-run"
+    return out, keys, texts, path, damaged
+
+
+def test_a_truncated_chunk_is_named_with_how_to_mend_the_export(tmp_path):
+    from recsys_llm.semantics.vector_reader import read_vector_rows
+
+    out, keys, texts, path, damaged = _export_with_a_truncated_chunk(tmp_path, 1)
     with pytest.raises(ValueError, match=damaged):
         read_vectors(out)
     with pytest.raises(ValueError, match=damaged):  # an entity table's shard reads it too
@@ -967,13 +975,7 @@ def test_a_truncated_first_chunk_is_named_where_its_width_is_read(tmp_path):
     naming no file."""
     from recsys_llm.semantics.vector_reader import vector_dim
 
-    out = str(tmp_path / "vec")
-    keys, texts = _keys_texts(4)
-    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
-    path = chunk_path(out, 0)
-    with open(path, "r+b") as handle:
-        handle.truncate(os.path.getsize(path) // 2)
-    damaged = rf"{re.escape(path)}: damaged chunk of a vector export, not readable as Parquet .*delete it and re-run"
+    out, keys, _, path, damaged = _export_with_a_truncated_chunk(tmp_path, 0)
     with pytest.raises(ValueError, match=damaged):
         vector_dim(out)
     split = str(tmp_path / "split.parquet")
