@@ -201,6 +201,8 @@ def test_cli_export_of_a_trained_run(tmp_path):
     assert re.search(r"\[recsys_llm\] export: loading \S+ on 1 rank\(s\) and gathering the tables into rank 0\n"
                      r"\[recsys_llm\] export: writing \S+/export \(0\.\d\d GiB of weights, then the dense part "
                      r"traced with torch.export\)", exported.stderr)  # progress of a step that takes minutes at scale
+    assert json.loads(exported.stdout)["output"] == f"{tmp_path}/export"  # stdout is the JSON alone (| jq)
+    assert "inference example: " in exported.stderr
     evaluated = run("evaluate", "--checkpoint", f"{tmp_path}/run/best", "--split", "valid")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout[evaluated.stdout.index("{"):])["split"] == "valid"

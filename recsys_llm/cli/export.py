@@ -135,7 +135,8 @@ def _export(args: argparse.Namespace) -> int:
         keys += [] if args.state_only else ["feature_names"]
         print(json.dumps({"output": args.output, **{k: written[k] for k in keys}}, indent=2))
         if not args.state_only:
-            print(f"inference example: {os.path.join(args.output, 'INFERENCE.md')}")
+            # stdout is the JSON alone (``| jq``); the hint goes beside the progress lines
+            print(f"inference example: {os.path.join(args.output, 'INFERENCE.md')}", file=sys.stderr)
     teardown_distributed()
     return 0
 
@@ -155,7 +156,8 @@ def _teacher_outputs(args: argparse.Namespace) -> int:
                                    batch_size=args.batch_size, progress=config.train.progress)
     if is_main_process():
         print(json.dumps(report, indent=2))
-        print(f"offline student: data.schema={report['schema']} elec.task=distill elec.distill.mode=offline")
+        print(f"offline student: data.schema={report['schema']} elec.task=distill elec.distill.mode=offline",
+              file=sys.stderr)
     teardown_distributed()
     return 0
 
