@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import write_text_atomically
+from recsys_llm.atomic_dir import save_figure_atomically, write_text_atomically
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -279,22 +279,13 @@ def _pyplot():
 def _save(fig: Any, path: Path) -> None:
     """Writes ``fig`` atomically (temp file + rename), as ``write_json`` does: a run that fails
     while saving leaves the earlier plot whole; the format follows ``path``'s suffix."""
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp")
     try:
         fig.tight_layout()
-        with open(tmp, "wb") as handle:
-            # legends placed beside a panel stay in
-            fig.savefig(handle, format=path.suffix[1:] or plt.rcParams["savefig.format"], dpi=110,
-                        bbox_inches="tight")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        save_figure_atomically(fig, str(path), dpi=110, bbox_inches="tight")  # legends beside a panel stay in
     finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        _pyplot().close(fig)
 
 
 def bar_chart(

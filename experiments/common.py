@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from recsys_llm.atomic_dir import write_text_atomically
+from recsys_llm.atomic_dir import save_figure_atomically, write_text_atomically
 from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_differences, load_config
 from recsys_llm.train.run_records import (
     RESULTS_FILE,
@@ -385,5 +385,5 @@ def plot_auc(out_path: str, tables: Dict[str, Dict[str, Dict]], title: str) -> N
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    save_figure_atomically(fig, out_path, dpi=120)
     plt.close(fig)

@@ -21,17 +21,16 @@ import sys
 import tempfile
 import threading
 import uuid
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import IO, Any, Callable, Dict, Iterator, List, Sequence
 
 
-def write_text_atomically(path: str, text: str) -> None:
-    """Writes ``path`` through a flushed and fsynced temp file renamed over it: a reader sees
-    the old content or the new, never a part. A write that fails (a full disk, Ctrl-C) removes the
-    temp file: a re-run would find it as an entry of something else in ``path``'s directory."""
+def _write_atomically(path: str, write: Callable[[IO[Any]], None], binary: bool) -> None:
+    """Calls ``write`` on ``<path>.tmp`` (text in UTF-8, or bytes), flushes and fsyncs it, and renames it
+    over ``path``; a failure (a full disk, Ctrl-C) removes the temp file and leaves ``path`` as it was."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -39,6 +38,26 @@ def write_text_atomically(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Writes ``path`` through a flushed and fsynced temp file renamed over it: a reader sees
+    the old content or the new, never a part. A write that fails (a full disk, Ctrl-C) removes the
+    temp file: a re-run would find it as an entry of something else in ``path``'s directory."""
+    _write_atomically(path, lambda handle: handle.write(text), binary=False)
+
+
+def save_figure_atomically(figure: Any, path: str, **savefig_kwargs: Any) -> None:
+    """Saves a matplotlib ``figure`` to ``path`` as :func:`write_text_atomically` writes text (the format
+    follows ``path``'s suffix, matplotlib's default without one): a failed save keeps an earlier ``path`` whole.
+
+    Args:
+        figure (matplotlib.figure.Figure): the figure.
+        path (str): the image file.
+        **savefig_kwargs: passed to ``figure.savefig`` (dpi, bbox_inches, ...).
+    """
+    image_format = os.path.splitext(path)[1][1:] or None
+    _write_atomically(path, lambda handle: figure.savefig(handle, format=image_format, **savefig_kwargs), binary=True)
 
 
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -35,7 +35,7 @@ import os
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
-from recsys_llm.atomic_dir import write_text_atomically
+from recsys_llm.atomic_dir import save_figure_atomically, write_text_atomically
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
 from recsys_llm.train.config import ConfigError, config_differences, load_config
 from recsys_llm.train.process import set_cpu_float_mode
@@ -363,11 +363,5 @@ def write_outputs(results: Dict[str, Dict[str, Any]], run_root: str) -> List[str
     ax.legend()
     fig.tight_layout()
     png_path = os.path.join(run_root, "demo_results.png")
-    tmp = f"{png_path}.tmp"
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, png_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_figure_atomically(fig, png_path, dpi=120)
     return written + [png_path]

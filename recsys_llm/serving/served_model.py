@@ -363,7 +363,8 @@ class ServedModel(nn.Module):
         features are (B, Dd) with the KJT's B, B > 0, and finite. Dense features of another
         real dtype (float64, integers) are converted to float32 (the per-id weights of a weighted
         model to its tables' dtype, float32 unless they are FP16 / BF16); NaN / inf is refused (in
-        dense features as the training reader refuses it; in weights, which would give NaN predictions). Each problem is a ValueError saying what was expected.
+        dense features as the training reader refuses it; in weights, which would give NaN
+        predictions). Each problem is a ValueError saying what was expected.
 
         The ids then go through the training reader's rules (:class:`~recsys_llm.id_rules.IdRules`):
         hashed features folded, sequences cut to ``max_length``, a row without an id or with

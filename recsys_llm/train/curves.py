@@ -15,6 +15,7 @@ Example::
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from recsys_llm.atomic_dir import save_figure_atomically
 from recsys_llm.train.run_records import read_metrics
 
 CURVES_FILE = "training_curves.png"
@@ -74,7 +75,5 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
     figure.suptitle(os.path.basename(os.path.normpath(run_dir)))
     figure.tight_layout()
     path = os.path.join(run_dir, CURVES_FILE)
-    tmp = f"{path}.tmp.png"  # the suffix tells matplotlib the format
-    figure.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    save_figure_atomically(figure, path, dpi=100)
     return path
