@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.paths import is_plain_file_name
 
 
@@ -292,10 +293,7 @@ class DatasetSchema:
 
     def save(self, path: str) -> None:
         """Writes the schema as JSON (atomically: a temp file renamed into place)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], root: str = ".", source: str = "<dict>") -> "DatasetSchema":

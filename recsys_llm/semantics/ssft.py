@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, replace_directory
+from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, replace_directory, write_text_atomically
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
 from recsys_llm.semantics.lora_targets import default_target_modules
@@ -647,8 +647,5 @@ class SSFTTrainer:
             "adapter_dir": adapter_dir,
             "config": self._config.to_dict(),
         }
-        tmp = os.path.join(self._output_dir, "metrics.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(metrics, handle, indent=2)
-        os.replace(tmp, os.path.join(self._output_dir, "metrics.json"))
+        write_text_atomically(os.path.join(self._output_dir, "metrics.json"), json.dumps(metrics, indent=2))
         return metrics
