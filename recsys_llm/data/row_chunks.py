@@ -150,14 +150,12 @@ def dense_column(path: str, spec: FieldSpec, array: pa.Array, row_offset: int, v
 
 
 def categorical_column(
-    path: str, spec: FieldSpec, array: pa.Array, row_offset: int, validate: bool = True
+    path: str, spec: FieldSpec, array: pa.Array, row_offset: int
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Ids of a sparse or sequence column, checked (``check_ids``, folded if hashed).
-
-    A null id (of a sparse field, or inside a sequence's list) is refused even without ``validate``:
-    it has no id (numpy would make it the int64 minimum, named as a negative id or, if hashed,
-    folded into a real one), and the check reads only the null count. ``validate`` is kept for
-    callers; the id checks run either way.
+    """Ids of a sparse or sequence column, checked (``check_ids``, folded if hashed), whatever the
+    reader's ``validate``: a null id (of a sparse field, or inside a sequence's list) has no id (numpy
+    would make it the int64 minimum, named as a negative id or, if hashed, folded into a real one),
+    and the check reads only the null count.
 
     Returns:
         Tuple: flat int64 ids and, for a sequence, its (N + 1,) offsets (None for a sparse field).
@@ -198,8 +196,7 @@ class ChunkConverter:
 
         ids, offsets = [], []
         for spec in self._schema.categorical_fields:
-            values, off = categorical_column(path, spec, table.column(spec.name).combine_chunks(), row_offset,
-                                             self._validate)
+            values, off = categorical_column(path, spec, table.column(spec.name).combine_chunks(), row_offset)
             ids.append(values)
             offsets.append(off)
 
