@@ -19,8 +19,8 @@ from recsys_llm.atomic_dir import save_figure_atomically, write_text_atomically
 from recsys_llm.train.config import PLUGINS_FILE, ExperimentConfig, config_differences, load_config
 from recsys_llm.train.run_records import (
     RESULTS_FILE,
-    VECTOR_RECORD_PLACE_KEYS,
     changed_entity_vectors,
+    changed_field_vectors,
     changed_frozen_teacher,
     data_differences,
     finished_results,
@@ -269,11 +269,11 @@ def _field_vector_differences(config: ExperimentConfig, run_dir: str) -> List[st
     vectors, plugins = (config.llactr or {}).get("vectors_path"), os.path.join(run_dir, PLUGINS_FILE)
     if not vectors or not os.path.isfile(vectors) or not os.path.isfile(plugins):
         return []
-    saved = read_run_record(plugins).get("llactr") or {}
+    saved = read_run_record(plugins)
     # as plugins.json stores it
     current = json.loads(json.dumps(load_vectors(vectors).provenance.to_dict(), default=str))
-    keys = (set(saved) & set(current)) - VECTOR_RECORD_PLACE_KEYS
-    differing = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(keys) if saved[key] != current[key]]
+    differing = [f"{key} {saved['llactr'][key]!r} -> {current[key]!r}"
+                 for key in changed_field_vectors(saved, {"llactr": current})]
     return [f"the field vectors in {vectors}: {', '.join(differing)}"] if differing else []
 
 

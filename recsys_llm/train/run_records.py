@@ -244,6 +244,19 @@ def check_run_dir_is_ours(run_dir: str) -> None:
         )
 
 
+def changed_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any]) -> List[str]:
+    """The provenance entries (model, SSFT adapter, template, schema, ...) of an LLaCTR run's vector
+    file in which ``current_plugins`` differs from the ``saved_plugins`` a run recorded (``llactr``),
+    sorted; where the file lies and when it was written, and entries only one record has (written by
+    another version), are not compared."""
+    saved, current = saved_plugins.get("llactr"), current_plugins.get("llactr")
+    if not saved or not current:
+        return []
+    current = json.loads(json.dumps(current, default=str))  # as plugins.json stores it
+    keys = sorted((set(saved) & set(current)) - VECTOR_RECORD_PLACE_KEYS)
+    return [key for key in keys if saved[key] != current[key]]
+
+
 def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
     """Raises when an LLaCTR run's vector file (as a resume, evaluate or export names it) now holds
     other vectors than the run trained with.
@@ -257,15 +270,11 @@ def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dic
     Raises:
         ConfigError: naming the file, the vectors' path and the entries that differ.
     """
-    saved, current = saved_plugins.get("llactr"), current_plugins.get("llactr")
-    if not saved or not current:
-        return
-    current = json.loads(json.dumps(current, default=str))  # as plugins.json stores it
-    keys = sorted((set(saved) & set(current)) - VECTOR_RECORD_PLACE_KEYS)
-    differing = [key for key in keys if saved[key] != current[key]]
+    differing = changed_field_vectors(saved_plugins, current_plugins)
     if differing:
         raise ConfigError(
-            f"{source}: this run trained with other field vectors than {current.get('vectors')} holds now "
+            f"{source}: this run trained with other field vectors than {current_plugins['llactr'].get('vectors')} "
+            f"holds now "
             f"(differing: {', '.join(differing)}); its checkpoint holds the vectors it trained with. Pass the vector "
             "file the run started with (llactr.vectors_path; moved is fine), or train the new vectors in another "
             "train.run_dir"
