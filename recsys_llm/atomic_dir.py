@@ -158,7 +158,8 @@ def replace_directory(tmp: str, final: str) -> None:
     remove_directory(old)
 
 
-def _holds(directory: str, marker_files: Sequence[str]) -> bool:
+def holds_files(directory: str, marker_files: Sequence[str]) -> bool:
+    """Whether ``directory`` holds every one of ``marker_files`` (an earlier output of their kind)."""
     return all(os.path.isfile(os.path.join(directory, name)) for name in marker_files)
 
 
@@ -173,7 +174,7 @@ def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) ->
             raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
         return
     entries = os.listdir(directory)
-    if entries and not _holds(directory, marker_files):
+    if entries and not holds_files(directory, marker_files):
         raise FileExistsError(
             f"{directory}: not empty and not an earlier {kind} (no {', '.join(marker_files)}): writing the "
             f"{kind} there would replace its {len(entries)} entries ({', '.join(sorted(entries)[:5])}"
@@ -267,7 +268,7 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     if os.path.islink(directory):  # ``current -> v3``: written at v3, the link kept (as open() writes a link's file)
         directory = os.path.realpath(directory)
     old = f"{directory}.old"
-    if not os.path.exists(directory) and os.path.isdir(old) and _holds(old, marker_files):
+    if not os.path.exists(directory) and os.path.isdir(old) and holds_files(old, marker_files):
         os.replace(old, directory)  # a process killed between the two renames of its swap
         print(f"[recsys_llm] {directory}: put back from {old}, where an earlier {kind} killed while swapping in "
               "its output had left it", file=sys.stderr)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys_llm.atomic_dir import atomic_directory
+from recsys_llm.atomic_dir import atomic_directory, holds_files
 from recsys_llm.data.parquet import read_schema_and_check, resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import DataError, field_specs_metadata, open_parquet
@@ -185,7 +185,7 @@ def check_nothing_else_in(out_dir: str) -> None:
     Raises:
         FileExistsError: naming ``out_dir`` and those entries.
     """
-    if not (os.path.isdir(out_dir) and all(os.path.isfile(os.path.join(out_dir, n)) for n in PREPARED_MARKER_FILES)):
+    if not (os.path.isdir(out_dir) and holds_files(out_dir, PREPARED_MARKER_FILES)):
         return  # absent, empty or not a data set: atomic_directory's own check
     own = _prepared_entries(out_dir)
     if own is None:
