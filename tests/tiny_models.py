@@ -115,6 +115,19 @@ def tiny_gemma3_multimodal() -> torch.nn.Module:
     return Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
 
 
+def save_tiny_smolvlm(path: "os.PathLike[str] | str", text_layers: int, vision_layers: int) -> str:
+    """SmolVLM (text_model + vision_model, no get_text_features) with a Llama text model, saved with the tokenizer."""
+    from transformers import SmolVLMConfig, SmolVLMModel
+
+    torch.manual_seed(0)
+    text = dict(model_type="llama", vocab_size=tiny_vocab_size() + 8, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    return save_with_tokenizer(SmolVLMModel(SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2)), path)
+
+
 def tiny_opt_projected() -> torch.nn.Module:
     """OPT whose last hidden states are projected to word_embed_proj_dim (16) != hidden_size (32), as opt-350m."""
     from transformers import OPTConfig, OPTModel

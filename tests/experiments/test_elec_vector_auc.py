@@ -31,14 +31,21 @@ def _data(root: str) -> DatasetSchema:
     return schema
 
 
-def test_the_tuned_rows_are_those_of_the_split_the_llm_was_adapted_on(tmp_path) -> None:
+def _adapted_on_valid(tmp_path, sample_rows: int):
+    """The test data, a run directory and a tiny BERT CTR-adapted (heads and all) on ``sample_rows`` rows
+    of its valid split: (schema, run directory, the adapted LLM's directory)."""
     schema = _data(str(tmp_path / "data"))
     run = tmp_path / "run"
     llm = str(run / "ctr_llm")
-    # an LLM tuned on (a sample of) the validation rows: their labels are in its vectors
     assert main(["semantics", "adapt", "--schema", schema.root, "--split", "valid", "--output-dir", llm,
                  "--model", save_tiny_bert(str(tmp_path / "bert")), "--representation-dim", "4", "--hidden-dim", "8",
-                 "--batch-size", "8", "--max-length", "16", "--sample-rows", "6"]) == 0
+                 "--batch-size", "8", "--max-length", "16", "--sample-rows", str(sample_rows)]) == 0
+    return schema, run, llm
+
+
+def test_the_tuned_rows_are_those_of_the_split_the_llm_was_adapted_on(tmp_path) -> None:
+    # an LLM tuned on (a sample of) the validation rows: their labels are in its vectors
+    schema, run, llm = _adapted_on_valid(tmp_path, sample_rows=6)
     with open(os.path.join(llm, "adapted_on.json"), encoding="utf-8") as handle:
         assert json.load(handle)["split"] == "valid"
     assert main(["semantics", "export", "--schema", schema.root, "--llm", llm, "--output-dir",
@@ -71,12 +78,7 @@ def test_vectors_per_entity_are_refused_with_what_is_needed(tmp_path) -> None:
 def test_an_llm_tuned_on_every_row_of_its_split_leaves_no_untuned_group(tmp_path) -> None:
     """``--sample-rows`` at or above the split's rows tunes on all of them: the empty "not tuned on"
     group used to crash the AUC (IndexError)."""
-    schema = _data(str(tmp_path / "data"))
-    run = tmp_path / "run"
-    llm = str(run / "ctr_llm")
-    assert main(["semantics", "adapt", "--schema", schema.root, "--split", "valid", "--output-dir", llm,
-                 "--model", save_tiny_bert(str(tmp_path / "bert")), "--representation-dim", "4", "--hidden-dim", "8",
-                 "--batch-size", "8", "--max-length", "16", "--sample-rows", "100"]) == 0
+    schema, run, llm = _adapted_on_valid(tmp_path, sample_rows=100)
     assert main(["semantics", "export", "--schema", schema.root, "--llm", llm, "--output-dir",
                  str(run / "vectors")]) == 0
     result = vector_auc(str(run), schema)

@@ -344,18 +344,9 @@ def test_the_heads_take_the_width_of_the_llms_hidden_states(tmp_path, kind, widt
 def test_last_k_of_a_vision_language_model_unfreezes_its_language_models_last_layers(tmp_path):
     """SmolVLM-Instruct's vision tower has more layers (27) than its language model (24): the longest layer list
     was the vision tower's, which text never runs through, so last_k tuning moved no LLM weight."""
-    from transformers import SmolVLMConfig, SmolVLMModel
+    from tests.tiny_models import save_tiny_smolvlm
 
-    from tests.tiny_models import save_with_tokenizer, tiny_vocab_size
-
-    torch.manual_seed(0)
-    text = dict(model_type="llama", vocab_size=tiny_vocab_size() + 8, hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
-                pad_token_id=0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                  patch_size=8)
-    path = save_with_tokenizer(SmolVLMModel(SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2)),
-                               tmp_path / "smolvlm")
+    path = save_tiny_smolvlm(tmp_path / "smolvlm", text_layers=2, vision_layers=3)
     config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16, tuning="last_k", batch_size=8,
                           max_length=16)
     llm = CTRAdaptedLLM.from_config(config)

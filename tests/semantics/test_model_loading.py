@@ -10,7 +10,14 @@ from transformers import AutoModel, BertConfig
 
 from recsys_llm.semantics.encoder import TextEncoder, default_model_path
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_dtype
-from tests.tiny_models import SAMPLE_TEXTS, copy_model_dir, save_tiny_t5_encoder, save_with_tokenizer, tiny_vocab_size
+from tests.tiny_models import (
+    SAMPLE_TEXTS,
+    copy_model_dir,
+    save_tiny_smolvlm,
+    save_tiny_t5_encoder,
+    save_with_tokenizer,
+    tiny_vocab_size,
+)
 
 
 def test_resolve_dtype() -> None:
@@ -256,15 +263,6 @@ def test_added_special_tokens_past_the_embedding_table_are_allowed(tmp_path) -> 
 
 def test_a_vision_language_model_that_reads_text_alone_is_not_refused(tmp_path) -> None:
     """SmolVLM / Idefics3 have a text_model and a vision_model, but no get_text_features: text alone runs."""
-    from transformers import SmolVLMConfig, SmolVLMModel
-
-    torch.manual_seed(0)
-    text = dict(model_type="llama", vocab_size=tiny_vocab_size() + 8, hidden_size=32, intermediate_size=64,
-                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
-                pad_token_id=0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
-                  patch_size=8)
-    path = save_with_tokenizer(SmolVLMModel(SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2)),
-                               tmp_path / "smolvlm")
+    path = save_tiny_smolvlm(tmp_path / "smolvlm", text_layers=1, vision_layers=1)
     encoder = TextEncoder(path)
     assert encoder.dim == encoder.encode(SAMPLE_TEXTS[:2], progress=False).shape[1] == 32
