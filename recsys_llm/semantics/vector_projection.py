@@ -51,7 +51,8 @@ def load_projection(path: str) -> Tuple[torch.Tensor, torch.Tensor, str]:
 
     Raises:
         FileNotFoundError: no file at ``path`` (nothing, or a directory).
-        ValueError: ``path`` is no (complete) safetensors file, or holds other tensors.
+        ValueError: ``path`` is no (complete) safetensors file, or holds other tensors, or tensors
+            of other shapes or dtypes than a projection's.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -65,6 +66,12 @@ def load_projection(path: str) -> Tuple[torch.Tensor, torch.Tensor, str]:
                          "safetensors file holding 'mean' and 'components'") from error
     if set(tensors) != {"mean", "components"}:
         raise ValueError(f"{path}: a projection file holds 'mean' and 'components', found {sorted(tensors)}")
+    mean, components = tensors["mean"], tensors["components"]
+    if (mean.dim() != 1 or components.dim() != 2 or components.size(0) != mean.size(0) or components.size(1) == 0
+            or not (mean.is_floating_point() and components.is_floating_point())):
+        raise ValueError(f"{path}: a projection file holds a float 'mean' of shape (d,) and float 'components' of "
+                         f"shape (d, k >= 1), found mean {tuple(mean.shape)} {mean.dtype} and components "
+                         f"{tuple(components.shape)} {components.dtype}")
     with open(path, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()[:16]
-    return tensors["mean"], tensors["components"], digest
+    return mean.float(), components.float(), digest

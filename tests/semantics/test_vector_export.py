@@ -1008,3 +1008,25 @@ def test_an_export_of_no_keys_is_refused_and_an_older_one_is_named(tmp_path):
     pq.write_table(pa.table({"row_id": pa.array([1], pa.int64())}), split)
     with pytest.raises(ValueError, match=empty):
         attach_vectors(split, out, "row_id", str(tmp_path / "copy.parquet"))
+
+
+@pytest.mark.parametrize("mean_shape, components_shape, dtype", [
+    ((5,), (6, 2), torch.float32),   # mean and components of different widths
+    ((6, 1), (6, 2), torch.float32),  # mean not 1-D
+    ((6,), (6,), torch.float32),      # components not 2-D
+    ((6,), (6, 0), torch.float32),    # no component
+    ((6,), (6, 2), torch.int64),      # integers
+])
+def test_a_projection_file_of_other_shapes_is_refused_naming_them(tmp_path, mean_shape, components_shape, dtype):
+    """A safetensors file holding 'mean' and 'components' of shapes no projection has was taken, and
+    failed (or broadcast) only at the first batch after the LLM had loaded."""
+    from safetensors.torch import save_file
+
+    from recsys_llm.semantics.vector_projection import load_projection
+
+    path = str(tmp_path / "pca.safetensors")
+    save_file({"mean": torch.zeros(mean_shape, dtype=dtype), "components": torch.ones(components_shape, dtype=dtype)},
+              path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: a projection file holds a float 'mean' of shape "
+                                         r"\(d,\) and float 'components' of shape \(d, k >= 1\), found mean"):
+        load_projection(path)
