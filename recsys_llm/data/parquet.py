@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.data.row_chunks import ChunkConverter, RowChunk
+from recsys_llm.data.row_chunks import ROW_ID_EXTRA, ChunkConverter, RowChunk
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.seeding import seed_entropy
 from recsys_llm.data.validation import DataError, check_file_schema, offsets_from_lengths, open_parquet, read_row_group
@@ -303,6 +303,12 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             meta = handle.metadata
             self._group_starts.append(offsets_from_lengths(np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])))
             units += [_Unit(index, g, 0, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        if row_key_present and schema.row_key != ROW_ID_EXTRA and ROW_ID_EXTRA in self._extras:
+            raise ValueError(
+                f"{self._paths[0]}: extra column {ROW_ID_EXTRA!r} would replace the row keys (column "
+                f"{schema.row_key!r}) that batches carry as extras[{ROW_ID_EXTRA!r}]; expected extras other than "
+                f"{ROW_ID_EXTRA!r} (rename that column)"
+            )
         shards = _balanced_ranges([u for u in units if u.rows], world_size)
         self._units = shards[rank]
         self._rank_rows = [sum(u.rows for u in shard) for shard in shards]

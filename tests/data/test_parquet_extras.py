@@ -91,3 +91,18 @@ class TestExtraKinds:
                                           prefetch=0, shuffle=True))
         assert {b.extras["weight"].dtype for b in batches} == {torch.int64}
         assert {b.extras["llm_vector"].dtype for b in batches} == {torch.float32}
+
+
+def test_an_extra_named_row_id_beside_another_row_key_is_refused(tmp_path):
+    """Batches carry the schema's row key as ``extras["row_id"]``: an extra column of that name
+    silently replaced the keys (teacher outputs and vector joins then matched the wrong rows)."""
+    schema = DatasetSchema("v", [FieldSpec("item", FieldKind.SPARSE, 5)], row_key="key")
+    path = str(tmp_path / "k.parquet")
+    pq.write_table(pa.table({"item": pa.array(np.arange(4) % 5, pa.int64()), "label": pa.array(np.zeros(4, np.int8)),
+                             "key": pa.array(np.arange(100, 104), pa.int64()),
+                             "row_id": pa.array(np.arange(4), pa.int64())}), path)
+    with pytest.raises(ValueError, match=r"k\.parquet: extra column 'row_id' would replace the row keys \(column "
+                                         r"'key'\)"):
+        ParquetBatchReader(schema, path, 2, extras=["row_id"], prefetch=0)
+    batch = next(iter(ParquetBatchReader(schema, path, 2, prefetch=0)))
+    assert batch.extras["row_id"].tolist() == [100, 101]
