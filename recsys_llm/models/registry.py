@@ -12,7 +12,7 @@ from recsys_llm.models.dcnv2 import STRUCTURES as DCN_STRUCTURES
 from recsys_llm.models.dcnv2 import DCNv2, DCNv2Config
 from recsys_llm.models.deepfm import DeepFM, DeepFMConfig
 from recsys_llm.models.dlrm import DLRMBackbone, build_dlrm
-from recsys_llm.models.embedding import build_embedding_bag_collection
+from recsys_llm.models.embedding import EMBEDDING_DIM_MULTIPLE, build_embedding_bag_collection
 from recsys_llm.models.finalmlp import FinalMLP, FinalMLPConfig
 from recsys_llm.models.fm import FM, FMConfig
 from recsys_llm.models.fwfm import FwFM, FwFMConfig
@@ -83,6 +83,12 @@ class ModelConfig:
                 raise ValueError(f"model.{key}: expected a list, got {value!r}")
             object.__setattr__(self, key, tuple(value))
         # checked here, naming the config key, rather than when a model is built from them
+        check_number("model.embedding_dim", self.embedding_dim, integer=True)
+        if self.embedding_dim <= 0 or self.embedding_dim % EMBEDDING_DIM_MULTIPLE:
+            raise ValueError(
+                f"model.embedding_dim must be a positive multiple of {EMBEDDING_DIM_MULTIPLE} (FBGEMM kernels under "
+                f"DistributedModelParallel need it), got {self.embedding_dim}"
+            )
         for key in ("mlp_layer_sizes", "mlp2_layer_sizes", "finalmlp_gate_hidden", "dense_arch_hidden"):
             for i, size in enumerate(getattr(self, key)):
                 check_number(f"model.{key}[{i}]", size, integer=True, minimum=1)

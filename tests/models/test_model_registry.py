@@ -118,6 +118,10 @@ class TestModelConfig:
             ({"mlp_layer_sizes": 64}, r"model.mlp_layer_sizes: expected a list, got 64"),
             # a string is truthy: "false" built the dense fields
             ({"name": "fm", "dense_as_fields": "false"}, r"model.dense_as_fields: expected true or false, got 'false'"),
+            # refused when the table is built, i.e. only after the data was read or generated
+            ({"embedding_dim": 6}, r"model.embedding_dim must be a positive multiple of 4 .*got 6"),
+            ({"embedding_dim": 0}, r"model.embedding_dim must be a positive multiple of 4 .*got 0"),
+            ({"embedding_dim": -4}, r"model.embedding_dim must be a positive multiple of 4 .*got -4"),
         ],
     )
     def test_bad_settings_name_their_key(self, settings, message: str) -> None:
