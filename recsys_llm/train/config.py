@@ -236,7 +236,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.lstrip("-").isdigit()):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # digits str.isdigit takes but int() does not: '--3', '\u00b2'
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if annotation is float:
         try:
             if isinstance(value, bool):

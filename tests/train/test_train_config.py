@@ -43,6 +43,9 @@ class TestLoadConfig:
             ("train.epoch=3", "train: unknown keys ['epoch']"),
             ("trian.epochs=3", "unknown keys ['trian']"),
             ("train.epochs=three", "train.epochs: expected an integer, got 'three'"),
+            # digits int() does not take: a bare ValueError that named no key
+            ("train.epochs=--3", "train.epochs: expected an integer, got '--3'"),
+            ("train.epochs=\u00b2", "train.epochs: expected an integer, got '\u00b2'"),  # str.isdigit, not int()
             ("optim.dense_lr=[1]", "optim.dense_lr: expected a number"),
             ("train.resume=maybe", "train.resume: expected true/false"),
             ("optim.sparse=lion", "optim.sparse must be one of"),
