@@ -108,7 +108,8 @@ class FieldSpec:
     """One input field.
 
     Args:
-        name (str): column name in the Parquet files and feature name in the KJT.
+        name (str): column name in the Parquet files and feature name in the KJT (no ``.`` in a
+            sparse or sequence field's: its table's name is a torch module name).
         kind (FieldKind): sparse (one id), sequence (list of ids) or dense (one float).
         cardinality (int): number of ids (embedding table rows) for sparse/sequence.
         hashed (bool): ids were hashed into ``[0, cardinality)``; readers then fold
@@ -139,6 +140,12 @@ class FieldSpec:
                 f"{where}: kind={self.kind!r}: expected one of {', '.join(k.value for k in FieldKind)}"
             ) from None
         object.__setattr__(self, "kind", kind)
+        if kind != FieldKind.DENSE and "." in self.name:  # found by the first model built, after prepare
+            raise SchemaError(
+                f"{where}: name={self.name!r}: a {kind.value} field's name may not contain '.', as its embedding "
+                f"table (e.g. t_{self.name}) is a torch module name; rename the column, e.g. "
+                f"{self.name.replace('.', '_')!r}"
+            )
         minimum = 0 if kind == FieldKind.DENSE else 1  # a categorical field needs at least one id
         meaning = "" if minimum == 0 else f" (the number of ids of a {kind.value} field)"
         object.__setattr__(self, "cardinality", _checked_int(self.cardinality, where, "cardinality", minimum, meaning))

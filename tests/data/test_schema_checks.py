@@ -47,6 +47,9 @@ class TestFieldValueTypes:
             (0, {"description": 7}, r"field 'user': description=7: expected a string, got an int"),
             (0, {"value_text": ["a"]}, r"field 'user': value_text=\['a'\]: expected a non-empty string or null"),
             (2, {"kind": "dens"}, r"field 'price': kind='dens': expected one of sparse, dense, sequence"),
+            # its table t_user.id is a torch module name, which may not hold a '.': prepared, then never trained
+            (0, {"name": "user.id"}, r"field 'user\.id': name='user\.id': a sparse field's name may not contain '\.'"),
+            (1, {"name": "cats.top"}, r"field 'cats\.top': name='cats\.top': a sequence field's name may not contain"),
         ],
     )
     def test_bad_value_names_file_field_and_expected_type(self, tmp_path, index, values, message):
@@ -63,6 +66,9 @@ class TestFieldValueTypes:
     def test_a_name_that_is_no_string_is_refused(self):
         with pytest.raises(SchemaError, match=r"field name 3: expected a non-empty string"):
             FieldSpec(3)
+
+    def test_a_dense_field_may_have_a_dot_in_its_name(self):
+        assert FieldSpec("price.eur", "dense").name == "price.eur"  # no table: no module name
 
     def test_valid_values_load_and_numpy_ints_are_plain_ints(self, tmp_path):
         import numpy as np
