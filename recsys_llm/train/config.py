@@ -30,6 +30,7 @@ from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Typ
 
 import yaml
 
+from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.schema import UniqueKeyLoader, read_utf8_text, schema_file
 from recsys_llm.error_text import one_line
 from recsys_llm.models.registry import ModelConfig
@@ -394,11 +395,8 @@ def schema_json_path(schema: str) -> str:
 
 
 def save_config(config: ExperimentConfig, path: str) -> None:
-    """Writes the config as YAML (atomically)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
-    os.replace(tmp, path)
+    """Writes the config as YAML (atomically: :func:`~recsys_llm.atomic_dir.write_text_atomically`)."""
+    write_text_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # settings a resumed run may change: where and how it runs, its budget and its evaluation, not

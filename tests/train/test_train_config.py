@@ -130,6 +130,26 @@ class TestLoadConfig:
         assert load_config(path) == config
         assert isinstance(load_config(path), ExperimentConfig)
 
+    def test_saving_fsyncs_before_the_rename_and_a_failed_save_leaves_the_old_file_alone(self, tmp_path,
+                                                                                           monkeypatch) -> None:
+        """A run's config.yaml is what it resumes, evaluates and exports with: unsynced, a crash after the
+        rename could leave it empty (read as the defaults), and a Ctrl-C left config.yaml.tmp beside it."""
+        path = str(tmp_path / "config.yaml")
+        save_config(load_config(None, ["train.epochs=2"]), path)
+        synced = []
+        monkeypatch.setattr(os, "fsync", synced.append)
+        save_config(load_config(None, ["train.epochs=3"]), path)
+        assert synced
+
+        def interrupted(fd: int) -> None:
+            raise KeyboardInterrupt()
+
+        monkeypatch.setattr(os, "fsync", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_config(load_config(None, ["train.epochs=4"]), path)
+        monkeypatch.undo()
+        assert load_config(path).train.epochs == 3 and os.listdir(tmp_path) == ["config.yaml"]
+
     @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
     def test_repository_configs_parse(self, path: str) -> None:
         config = load_config(path)
