@@ -60,7 +60,9 @@ class _ProjectedFieldKL(torch.autograd.Function):
         p = log_p.exp()
         weighted_p = p * field_weight.unsqueeze(-1)  # (F, D)
         log_q = F.log_softmax(fields, dim=-1)  # (B, F, D)
-        log_q_sum = log_q.sum(dim=0)  # (F, D)
+        # summed in the projection's precision at least: rounded to bf16, a sum over B rows loses about 1/256
+        # of itself, and the mean log q that W's gradient reads would be that far off
+        log_q_sum = log_q.sum(dim=0, dtype=torch.promote_types(log_q.dtype, p.dtype))  # (F, D)
         ctx.save_for_backward(log_q, log_q_sum, p, weighted_p, log_p, field_weight, field_vectors)
         cross = (weighted_p * log_q_sum).sum()
         return (batch_size * (weighted_p * log_p).sum() - cross) / (batch_size * field_weight.sum())

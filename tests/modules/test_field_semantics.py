@@ -212,3 +212,24 @@ def test_fields_of_another_dtype_than_the_projection(dtype) -> None:
     torch.testing.assert_close(loss.float(), reference, rtol=2e-2, atol=1e-3)
     loss.backward()
     assert values.grad.dtype == dtype and fre.projection.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_half_precision_fields_give_the_projection_autograds_gradient(dtype, tolerance) -> None:
+    """The batch sum of log softmax(e_{b,f}) is taken in the projection's float32: rounded to bf16 over
+    4,096 rows, it put W's gradient 95% off (fp16: 11%) where autograd on the same inputs is 2% off."""
+    from recsys_llm.modules.field_semantics import projected_field_kl
+
+    torch.manual_seed(0)
+    vectors, projection = torch.randn(10, 32), nn.Linear(32, 16)
+    with torch.no_grad():  # embeddings near their targets, as FRE pulls them: a small KL
+        near = F.log_softmax(projection(vectors), dim=-1) + 0.3 * torch.randn(4096, 10, 16)
+    weight = projection.weight.detach().double().requires_grad_()
+    log_p = F.log_softmax(vectors.double() @ weight.t() + projection.bias.detach().double(), dim=-1)
+    reference = (log_p.exp() * (log_p - F.log_softmax(near.double(), dim=-1))).sum(-1).mean()
+    (expected,) = torch.autograd.grad(reference, weight)
+
+    loss = projected_field_kl(near.to(dtype), vectors, projection.weight, projection.bias)
+    (got,) = torch.autograd.grad(loss, projection.weight)
+    assert float((got.double() - expected).norm() / expected.norm()) < tolerance
+    torch.testing.assert_close(loss.double(), reference, rtol=tolerance / 5, atol=0)
