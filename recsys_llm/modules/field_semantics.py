@@ -14,7 +14,8 @@ comparable across data sets with different field counts **(ours)**). A training-
 regularizer: no serving cost. Fields without a vector are skipped.
 """
 
-from typing import List, Optional
+import functools
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,41 @@ from recsys_llm.semantics.store import first_non_finite_row
 torch.fx.wrap("fields_in_key_order")
 
 FIELD_REDUCTIONS = ("sum", "mean")
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Identity on a gradient computed without a graph; differentiating through it raises."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "trying to differentiate twice FRE's KL kernel (projected_field_kl), whose backward is first order "
+            "only (@once_differentiable): a gradient penalty or Hessian through the FRE loss term is not supported"
+        )
+
+
+def _first_order_only(backward: Callable[..., Tuple[Optional[torch.Tensor], ...]]) -> Callable[..., Any]:
+    """``once_differentiable``, that also refuses a double backward when the incoming gradient is a constant.
+
+    ``once_differentiable`` marks its gradients only when the incoming gradient requires grad. FRE enters
+    the loss linearly (``loss = BCE + lambda * KL``), so under ``create_graph=True`` its incoming gradient
+    is a constant, and a gradient penalty would silently leave out the KL's second order (which is not
+    zero). Here the gradients are marked whenever a graph is being built.
+    """
+    once = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        outputs = once(ctx, *grads)
+        if not torch.is_grad_enabled() or any(g.requires_grad for g in grads if g is not None):
+            return outputs  # no graph wanted, or marked by once_differentiable
+        return tuple(None if out is None else _NoSecondOrder.apply(out.requires_grad_()) for out in outputs)
+
+    return wrapper
 
 
 class _ProjectedFieldKL(torch.autograd.Function):
@@ -68,7 +104,7 @@ class _ProjectedFieldKL(torch.autograd.Function):
         return (batch_size * (weighted_p * log_p).sum() - cross) / (batch_size * field_weight.sum())
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order_only
     def backward(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
         log_q, log_q_sum, p, weighted_p, log_p, field_weight, field_vectors = ctx.saved_tensors
         batch_size = log_q.size(0)

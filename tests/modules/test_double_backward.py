@@ -1,7 +1,7 @@
 """Hand-written autograd Functions of the models (FRE's KL, the pairwise sums) are first-order
 only: a double backward through them raises instead of giving wrong second derivatives
-(when the incoming gradient requires grad, as in a gradient penalty; torch's
-``once_differentiable`` cannot see a term that enters the loss linearly). FM's interaction
+(the pairwise sums when the incoming gradient requires grad, as in a gradient penalty through
+BCE; FRE's KL also when it enters the loss linearly, as it does). FM's interaction
 kernel is twice differentiable, as the autograd formula it replaced was.
 """
 
@@ -36,6 +36,23 @@ def test_projected_field_kl_refuses_double_backward():
     loss = projected_field_kl(fields, torch.randn(4, 6, dtype=torch.float64), weight, bias)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         _second_order(loss.pow(2), fields)
+
+
+def test_projected_field_kl_entering_the_loss_linearly_refuses_a_gradient_penalty():
+    """FRE is added to the loss as it is (lambda * KL): its incoming gradient is a constant, which
+    once_differentiable let through, and the penalty silently lost the KL's second order."""
+    fields = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    logits = fields.flatten(1) @ torch.randn(20, dtype=torch.float64)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+    loss = bce + 0.5 * projected_field_kl(fields, torch.randn(4, 6, dtype=torch.float64), weight, bias)
+    with pytest.raises(RuntimeError, match="differentiate twice FRE's KL kernel"):
+        _second_order(loss, fields)
+    # a plain backward, and a graph that is never differentiated again, still work
+    (grad,) = torch.autograd.grad(loss, fields, create_graph=True)
+    loss.backward()
+    torch.testing.assert_close(grad.detach(), fields.grad)
 
 
 def test_semantic_pair_sum_refuses_double_backward():
