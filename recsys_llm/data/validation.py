@@ -290,7 +290,8 @@ def check_ids(
         spec (FieldSpec): the categorical field.
         ids (np.ndarray): (N,) int64 ids (flattened values for sequences), or uint64 ones (a uint64
             column): an id above ``2**63 - 1`` is then named as it is (it would wrap to a negative
-            int64) or, for a hashed field, folded as the unsigned value.
+            int64) or, for a hashed field, folded as the int64 of the same 64 bits (what a served
+            model receives; :class:`~recsys_llm.id_rules.IdRules` folds it alike).
         offsets (Optional[np.ndarray]): (rows + 1,) offsets of each row's ids in ``ids``
             (sequences), None when id ``i`` belongs to row ``i``; only read to name the row
             of a bad id.
@@ -314,7 +315,8 @@ def check_ids(
         )
     if high >= spec.cardinality:
         if spec.hashed:
-            return (ids % np.uint64(spec.cardinality)).astype(np.int64) if unsigned else np.mod(ids, spec.cardinality)
+            # a served model gets int64 ids, so a uint64 id folds as the int64 of its 64 bits, as IdRules folds it
+            return np.mod(ids.view(np.int64) if unsigned else ids, spec.cardinality)
         first = int(np.argmax(ids >= spec.cardinality))
         raise DataError(
             f"{_where(path, spec.name, row_offset, row_of_value(offsets, first), first_line)}: id {ids[first].item()} in "

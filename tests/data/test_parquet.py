@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.parquet import ParquetBatchReader
@@ -14,6 +15,7 @@ from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_a
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import generate_synthetic
 from recsys_llm.data.validation import DataError
+from recsys_llm.id_rules import IdRules
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +266,9 @@ def test_out_of_range_id_names_its_row_without_validation(tmp_path):
 def test_uint64_ids_above_the_int64_range_are_named_as_they_are_or_folded_when_hashed(tmp_path, kind):
     """A uint64 id column (any integer type passes the footer check) is read as unsigned, as
     ``prepare tabular`` reads it: an id above 2**63 - 1 is named as it is, not wrapped to a
-    negative one, and a hashed field folds the unsigned value."""
+    negative one, and a hashed field folds the int64 of the same bits: a served model gets int64
+    ids and folds them so (``IdRules``); folding the unsigned value put 2**64 - 3 in row 3 when
+    trained and row 9 when served."""
     big = 2**64 - 3
     ids = pa.array([1, big, 2, 2**63 + 1], pa.uint64())
     column = ids if kind == FieldKind.SPARSE else pa.ListArray.from_arrays(pa.array([0, 1, 2, 3, 4], pa.int32()), ids)
@@ -277,7 +281,11 @@ def test_uint64_ids_above_the_int64_range_are_named_as_they_are_or_folded_when_h
         list(ParquetBatchReader(plain, path, 4, prefetch=0))
     hashed = DatasetSchema("s", [dataclasses.replace(plain.fields[0], hashed=True)], row_key=None)
     batch = next(iter(ParquetBatchReader(hashed, path, 4, prefetch=0)))
-    assert batch.sparse_features["u"].values().tolist() == [1, big % 10, 2, (2**63 + 1) % 10]
+    folded = batch.sparse_features["u"].values()
+    assert folded.tolist() == [1, (big - 2**64) % 10, 2, (2**63 + 1 - 2**64) % 10]
+    served = IdRules({"u": 10}, {"u": True}, {})(KeyedJaggedTensor.from_lengths_sync(
+        ["u"], torch.tensor([1, big - 2**64, 2, 2**63 + 1 - 2**64]), torch.ones(4, dtype=torch.int64)))
+    assert served.values().tolist() == folded.tolist()
 
 
 def test_a_uint64_row_key_above_the_int64_range_is_refused_naming_the_row(tmp_path):

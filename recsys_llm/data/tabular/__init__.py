@@ -17,7 +17,8 @@ The user writes a schema file (JSON or YAML, the format of
 Columns are converted per field kind (values are taken as they are: no scaling):
 
 * **sparse**: integer columns are ids (checked against ``cardinality``; folded with a
-  modulo when ``hashed``, a ``uint64`` id above ``2**63 - 1`` included). A floating column (pandas
+  modulo when ``hashed``, a ``uint64`` id above ``2**63 - 1`` included, folded as the int64 of the same
+  64 bits, which is how a served model receives it). A floating column (pandas
   writes an integer column with a gap as float64) holds ids too: whole numbers, NaN or null for
   missing; another value is an error naming its row. Dictionary-encoded columns (pandas'
   ``category``) are read as their values. String columns holding only integers are parsed as ids (a
