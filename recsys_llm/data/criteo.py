@@ -196,8 +196,45 @@ def _is_number(cell: str) -> bool:
 _CONVERSION_ERROR = re.compile(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to \w+: invalid value '(.*)'")
 
 
-def _batches(path: str, config: CriteoConfig, delimiter: str) -> Iterator[Tuple[int, pa.RecordBatch]]:
-    """Yields (first line number, record batch) with columns label, I1..I13 (float64), C1..C26 (string)."""
+class _FirstLines:
+    """The first ``lines`` lines of a byte stream (a read-only file object for ``pyarrow.csv``).
+
+    The CSV reader parses whole blocks: without the cut, a line after the last one converted (beyond
+    ``max_rows``, or a blank line of spaces or tabs at the end, which the line count leaves out) would
+    fail the conversion of lines it keeps."""
+
+    def __init__(self, stream: pa.NativeFile, lines: int) -> None:
+        self._stream = stream
+        self._left = lines  # newlines still to pass on
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        chunk = self._stream.read(size)
+        newlines = chunk.count(b"\n")
+        if newlines < self._left:
+            self._left -= newlines
+            return chunk
+        end = -1
+        for _ in range(self._left):
+            end = chunk.index(b"\n", end + 1)
+        self._left = 0
+        return chunk[: end + 1]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _batches(path: str, config: CriteoConfig, delimiter: str, lines: int) -> Iterator[Tuple[int, pa.RecordBatch]]:
+    """Yields (first line number, record batch) with columns label, I1..I13 (float64), C1..C26 (string), of the
+    file's first ``lines`` lines (a header line included); later lines are not parsed."""
     header, has_id = _layout(path, delimiter)
     names = (["Id"] if has_id else []) + ["label"] + DENSE_NAMES + SPARSE_NAMES
     types = {"label": pa.float64(), **{n: pa.float64() for n in DENSE_NAMES}, **{n: pa.string() for n in SPARSE_NAMES}}
@@ -210,34 +247,35 @@ def _batches(path: str, config: CriteoConfig, delimiter: str) -> Iterator[Tuple[
                    f"(label, I1..I13, C1..C26): {row.text[:80]!r}")
         return "error"
 
-    try:
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(header), block_size=config.block_bytes,
-                                           use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=on_invalid,
-                                             ignore_empty_lines=False),
-            # only an empty cell is missing: pyarrow's other null markers (NA, NULL, nan, ...) are not
-            # Criteo's and would turn a garbled cell into a silent 0 or an empty token
-            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=names[int(has_id):],
-                                                 null_values=[""], strings_can_be_null=True,
-                                                 quoted_strings_can_be_null=True),
-        )
-        line = 1 + int(header)
-        for batch in reader:
-            yield line, batch
-            line += batch.num_rows
-    except pa.ArrowInvalid as error:
-        if bad:
-            raise DataError(bad[0]) from error
-        cell = _CONVERSION_ERROR.search(str(error))
-        if cell and int(cell.group(1)) < len(names):
-            name = names[int(cell.group(1))]
-            expected = "0 or 1" if name == "label" else "an integer count or an empty cell"
-            raise DataError(f"{path}, line {cell.group(2)}, column {name}: {cell.group(3)!r} is not a number; "
-                            f"expected {expected}") from error
-        raise DataError(f"{path}: cannot parse as Criteo {delimiter!r}-separated text "
-                        f"(expected numbers in label and I1..I13): {error}") from error
+    with _open(path) as stream:
+        try:
+            reader = pacsv.open_csv(
+                _FirstLines(stream, lines),
+                read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(header),
+                                               block_size=config.block_bytes, use_threads=False),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=on_invalid,
+                                                 ignore_empty_lines=False),
+                # only an empty cell is missing: pyarrow's other null markers (NA, NULL, nan, ...) are not
+                # Criteo's and would turn a garbled cell into a silent 0 or an empty token
+                convert_options=pacsv.ConvertOptions(column_types=types, include_columns=names[int(has_id):],
+                                                     null_values=[""], strings_can_be_null=True,
+                                                     quoted_strings_can_be_null=True),
+            )
+            line = 1 + int(header)
+            for batch in reader:
+                yield line, batch
+                line += batch.num_rows
+        except pa.ArrowInvalid as error:
+            if bad:
+                raise DataError(bad[0]) from error
+            cell = _CONVERSION_ERROR.search(str(error))
+            if cell and int(cell.group(1)) < len(names):
+                name = names[int(cell.group(1))]
+                expected = "0 or 1" if name == "label" else "an integer count or an empty cell"
+                raise DataError(f"{path}, line {cell.group(2)}, column {name}: {cell.group(3)!r} is not a number; "
+                                f"expected {expected}") from error
+            raise DataError(f"{path}: cannot parse as Criteo {delimiter!r}-separated text "
+                            f"(expected numbers in label and I1..I13): {error}") from error
 
 
 def prepare_criteo(path: str, out_dir: str, config: Optional[CriteoConfig] = None, progress: bool = False) -> DatasetSchema:
@@ -284,7 +322,7 @@ def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> Dat
     try:
         with contextlib.ExitStack() as open_writers:  # each writer is closed, or on an error its .tmp removed
             writers = open_split_writers(open_writers, schema, arrow_schema, config.rows_per_group)
-            for line, batch in _batches(path, config, delimiter):
+            for line, batch in _batches(path, config, delimiter, total + int(header)):
                 if done >= total:
                     break
                 batch = batch.slice(0, total - done)

@@ -230,6 +230,24 @@ def test_max_rows_reads_only_the_start_of_the_file(tmp_path, monkeypatch):
     assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == [10, 5, 5]
 
 
+@pytest.mark.parametrize("tail, max_rows", [
+    ("\t\n \r\n", None),  # lines of tabs or spaces at the end are blank lines too, as the line count has them
+    ("\t".join(["1"] * 20) + "\n", 12),  # a truncated line after --max-rows, in the block the reader parses
+    ("x\tabc\n", 12),
+])
+def test_lines_after_the_converted_ones_are_not_parsed(tmp_path, tail, max_rows):
+    rows = _lines(20, seed=6)
+    raw = _write(tmp_path / "day_0", rows)
+    with open(raw, "a") as handle:
+        handle.write(tail)
+    config = CriteoConfig(hash_size=64, split_fractions=(0.5, 0.25, 0.25), max_rows=max_rows)
+    schema = prepare_criteo(raw, str(tmp_path / "out"), config)
+    table = pa.concat_tables([pq.read_table(schema.split_path(s)) for s in schema.splits])
+    kept = rows[: max_rows or len(rows)]
+    assert table.num_rows == len(kept)
+    np.testing.assert_array_equal(table["label"].to_numpy(), [int(r[0]) for r in kept])
+
+
 def test_line_count_ignores_blank_lines_at_the_end_across_blocks(tmp_path):
     from recsys_llm.data.criteo import _count_data_lines
 
