@@ -307,7 +307,7 @@ def prepare_criteo(path: str, out_dir: str, config: Optional[CriteoConfig] = Non
 def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
     delimiter = config.delimiter or default_delimiter(path)
-    header, _ = _layout(path, delimiter)
+    header, has_id = _layout(path, delimiter)
     limit = None if config.max_rows is None else config.max_rows + int(header)
     total = _count_data_lines(path, limit, progress) - int(header)
     if total < 1:
@@ -334,6 +334,13 @@ def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> Dat
                         writers[split].write({k: v[lo - done : hi - done] for k, v in columns.items()})
                 done += n
                 bar.update(n)
+    except DataError as error:
+        if not has_id:
+            raise
+        # else a line ending in a delimiter reads as a shifted line: "column I13: '68fd1e64' is not a number"
+        raise DataError(f"{error} (line 1 has {2 + NUM_DENSE + NUM_SPARSE} {delimiter!r}-separated columns, so every "
+                        "line is read as Id, label, I1..I13, C1..C26 and its first column dropped as an Id; a line "
+                        f"ending in {delimiter!r} has one column too many)") from error
     finally:
         bar.close()
     return schema

@@ -69,6 +69,18 @@ def test_wrong_column_count_names_line(tmp_path):
         prepare_criteo(raw, str(tmp_path / "out"))
 
 
+def test_a_line_ending_in_a_delimiter_is_pointed_out_as_read_with_an_id_column(tmp_path):
+    """41 columns read as Kaggle's Id column first: the label is dropped and every cell named one column early."""
+    rows = [r[:14] + ["68fd1e64"] * len(SPARSE_NAMES) for r in _lines(20)]
+    raw = tmp_path / "day_0"
+    raw.write_text("".join("\t".join(r) + "\t\n" for r in rows))
+    with pytest.raises(DataError, match=r"day_0, line 1, column I13: '68fd1e64' is not a number; .* \(line 1 has 41 "
+                                        r"'\\t'-separated columns, so every line is read as Id, label, I1\.\.I13, "
+                                        r"C1\.\.C26 and its first column dropped as an Id; a line ending in '\\t' has "
+                                        r"one column too many\)$"):
+        prepare_criteo(str(raw), str(tmp_path / "out"))
+
+
 def test_blank_line_is_named_with_its_line_number(tmp_path):
     rows = _lines(20)
     raw = _write(tmp_path / "bad.tsv", rows[:5] + [[""]] + rows[5:])
