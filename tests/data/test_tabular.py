@@ -862,6 +862,17 @@ def test_a_time_split_gives_each_split_its_share_of_rows(tmp_path, fractions, ro
     assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == counts
 
 
+@pytest.mark.parametrize("ts", [pa.array([0.0, 1.0, float("nan")] + list(range(3, 20)), pa.float64()),
+                                pa.array(["0", "1", "NaN"] + [str(t) for t in range(3, 20)])])
+def test_a_nan_in_the_split_column_is_refused_not_ranked_last(tmp_path, ts):
+    """NaN (a float column's, or a text column's parsed as numbers) is no null, but has no time either: its row
+    would go to the test split whatever the fractions."""
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array(np.arange(20) % 10), "ts": ts}, SPARSE)
+    with pytest.raises(DataError, match=r"d\.parquet: split column 'ts' has 1 NaN values; expected a value per row"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(split_by="ts"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_nan_label_is_an_error_with_a_label_threshold_too(tmp_path):
     """Without a threshold a NaN label is refused; with one, NaN > 3 is False and would silently become a 0 label."""
     data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20)}, SPARSE)

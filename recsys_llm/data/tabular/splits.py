@@ -86,7 +86,12 @@ def split_of_rows(total: int, split_values: Optional[pa.ChunkedArray], config: T
         return None
     if split_values.null_count:
         raise DataError(f"{path}: split column {config.split_by!r} has {split_values.null_count} missing values; expected a value per row")
-    order = pc.sort_indices(_sort_keys(split_values, path, config.split_by)).to_numpy()  # stable: ties keep file order
+    keys = _sort_keys(split_values, path, config.split_by)
+    nan = int(pc.sum(pc.is_nan(keys)).as_py() or 0) if pa.types.is_floating(keys.type) else 0
+    if nan:
+        raise DataError(f"{path}: split column {config.split_by!r} has {nan} NaN values; expected a value per row "
+                        "(NaN ranks after every value: its rows would all go to the test split)")
+    order = pc.sort_indices(keys).to_numpy()  # stable: ties keep file order
     split = np.zeros(total, dtype=np.int8)
     bounds = np.array(split_bounds(config.split_fractions, total), dtype=np.int64)
     split[order] = np.searchsorted(bounds, np.arange(total), side="right").astype(np.int8)
