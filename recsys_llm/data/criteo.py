@@ -121,6 +121,16 @@ def _open(path: str) -> pa.NativeFile:
     return pa.input_stream(path, compression="detect")
 
 
+def _read(handle: pa.NativeFile, size: int, path: str) -> bytes:
+    """Up to ``size`` bytes of ``handle``; a decompression failure (pyarrow's bare ``OSError: Truncated
+    compressed stream`` of a cut-short ``day_0.gz``) becomes a :class:`DataError` naming the file."""
+    try:
+        return handle.read(size)
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error}); expected a complete file (a compressed one cut short, "
+                        "e.g. by an interrupted download, or not in the format its suffix names)") from error
+
+
 def default_delimiter(path: str) -> str:
     """``","`` for a ``.csv`` file (also ``.csv.gz`` etc.), else tab."""
     name = path
@@ -144,7 +154,7 @@ def _count_data_lines(path: str, limit: Optional[int] = None, progress: bool = F
     try:
         with _open(path) as handle:
             while limit is None or last < limit:
-                chunk = handle.read(block)
+                chunk = _read(handle, block, path)
                 if not chunk:
                     break
                 end = len(chunk.rstrip())  # the chunk's last non-blank byte ends line lines + newlines before it + 1
@@ -165,7 +175,7 @@ def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
     head = b""
     with _open(path) as handle:
         while b"\n" not in head and len(head) < (1 << 20):
-            chunk = handle.read(1 << 16)
+            chunk = _read(handle, 1 << 16, path)
             if not chunk:
                 break
             head += chunk
@@ -203,15 +213,16 @@ class _FirstLines:
     ``max_rows``, or a blank line of spaces or tabs at the end, which the line count leaves out) would
     fail the conversion of lines it keeps."""
 
-    def __init__(self, stream: pa.NativeFile, lines: int) -> None:
+    def __init__(self, stream: pa.NativeFile, lines: int, path: str) -> None:
         self._stream = stream
+        self._path = path  # named in errors
         self._left = lines  # newlines still to pass on
         self.closed = False
 
     def read(self, size: int = -1) -> bytes:
         if self._left <= 0:
             return b""
-        chunk = self._stream.read(size)
+        chunk = _read(self._stream, size, self._path)
         newlines = chunk.count(b"\n")
         if newlines < self._left:
             self._left -= newlines
@@ -250,7 +261,7 @@ def _batches(path: str, config: CriteoConfig, delimiter: str, lines: int) -> Ite
     with _open(path) as stream:
         try:
             reader = pacsv.open_csv(
-                _FirstLines(stream, lines),
+                _FirstLines(stream, lines, path),
                 read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(header),
                                                block_size=config.block_bytes, use_threads=False),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=on_invalid,

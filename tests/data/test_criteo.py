@@ -209,6 +209,23 @@ def test_compressed_file_converts_like_the_plain_one(tmp_path, name):
         assert pq.read_table(got.split_path(split)).equals(pq.read_table(expected.split_path(split))), split
 
 
+@pytest.mark.parametrize("name", ["day_0.gz", "day_0.bz2"])
+def test_a_compressed_file_cut_short_is_named(tmp_path, name):
+    """An interrupted download of a Terabyte day: pyarrow's bare ``OSError: Truncated compressed stream``
+    named no file."""
+    import bz2
+    import gzip
+
+    packed = (gzip.compress if name.endswith(".gz") else bz2.compress)(
+        "".join("\t".join(r) + "\n" for r in _lines(2000, seed=7)).encode())
+    raw = tmp_path / name
+    raw.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(DataError, match=rf"{re.escape(str(raw))}: cannot be read \(Truncated compressed stream\); "
+                                        r"expected a complete file"):
+        prepare_criteo(str(raw), str(tmp_path / "out"), CriteoConfig(hash_size=64))
+    assert not (tmp_path / "out").exists()
+
+
 def test_max_rows_reads_only_the_start_of_the_file(tmp_path, monkeypatch):
     """The line count for the split bounds stops at ``max_rows``: a quick look at a 40 GB day
     must not read all of it first."""
