@@ -85,6 +85,9 @@ class CriteoConfig:
         check_number("CriteoConfig.rows_per_group", self.rows_per_group, integer=True, minimum=1)
         check_number("CriteoConfig.block_bytes", self.block_bytes, integer=True, minimum=1)
         check_number("CriteoConfig.max_rows", self.max_rows, integer=True, minimum=1, optional=True)
+        if self.delimiter is not None and not (isinstance(self.delimiter, str) and len(self.delimiter) == 1):
+            raise ValueError(f"CriteoConfig.delimiter={self.delimiter!r}: expected one character, e.g. ',' or '\\t', "
+                             "or None (from the file name)")
 
     def field_hash_sizes(self) -> Tuple[int, ...]:
         """(26,) rows of each categorical table, ``C1..C26``."""

@@ -334,6 +334,15 @@ def test_per_field_table_sizes_are_checked(hash_size, message):
         CriteoConfig(hash_size=hash_size)
 
 
+@pytest.mark.parametrize("delimiter", ["||", "", 9])
+def test_a_delimiter_that_is_not_one_character_is_refused_naming_the_setting(delimiter):
+    """Else ``"||"`` was named as the file's fault (``line 1: 1 '||'-separated columns``) and ``""`` failed in
+    ``str.split`` without naming the setting."""
+    message = f"CriteoConfig.delimiter={delimiter!r}: expected one character, e.g. ',' or '\\t', or None (from the file name)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        CriteoConfig(delimiter=delimiter)
+
+
 def test_the_command_takes_one_table_size_or_one_per_field(capsys):
     from recsys_llm.cli import build_parser
 
