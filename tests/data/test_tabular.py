@@ -398,7 +398,6 @@ def test_vocabulary_fields_also_map_an_integer_typed_parquet_column(tmp_path):
 
 
 def test_a_row_key_that_is_also_a_field_is_refused_and_one_listed_as_extra_is_written_once(tmp_path):
-
     data, schema_path = _keyed(tmp_path, "d.csv", [str(k) for k in range(40)], row_key="user")
     with pytest.raises(SchemaError, match=r"schema\.json: row_key 'user' is also a field or the label"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
@@ -487,7 +486,6 @@ def test_a_word_in_a_numeric_csv_column_names_the_column_and_data_row(tmp_path):
 @pytest.mark.parametrize("fields, what", [([], r"fields is empty"),
                                           ([{"name": "price", "kind": "dense"}], r"fields \['price'\] are all dense")])
 def test_a_schema_without_a_categorical_field_is_refused_at_prepare(tmp_path, fields, what):
-
     path = _schema_file(tmp_path, dict(SCHEMA, fields=fields), yaml_format=True)
     with pytest.raises(SchemaError, match=rf"schema\.yaml: {what}; expected at least one sparse or sequence field"):
         prepare_tabular(_csv(tmp_path / "d.csv", _rows()), path, str(tmp_path / "out"))
