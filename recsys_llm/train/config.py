@@ -118,7 +118,7 @@ class TrainConfig:
         patience (int): early stopping: evaluations without a better validation AUC before
             stopping (0: never stop early).
         checkpoint_every (int): also checkpoint every this many steps mid-epoch (0: epoch ends only).
-        keep_checkpoints (int): complete checkpoints kept (the best model is kept apart).
+        keep_checkpoints (int): complete checkpoints kept (0: every one; the best model is kept apart).
         seed (int): seeds torch, numpy, Python and the data shuffle.
         run_dir (str): output directory (relative to the working directory).
         resume (bool): continue from the run directory's latest checkpoint when one exists.
@@ -272,9 +272,13 @@ def build_dataclass(cls: Type[T], raw: Any, where: str) -> T:
         raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML reads a key `1:` or `yes:` as no string
     if unknown:
         raise ConfigError(f"{where or 'top level'}: unknown keys {unknown}; allowed: {sorted(fields)}")
+    missing = [name for name, field in fields.items() if name not in raw and field.default is dataclasses.MISSING
+               and field.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where or 'top level'}: missing key(s) {missing}; expected them beside {sorted(raw)}")
     kwargs = {name: _coerce(value, hints[name], _key(where, name)) for name, value in raw.items()}
     try:
         return cls(**kwargs)

@@ -99,6 +99,19 @@ class TestLoadConfig:
             load_config(str(bad), ["train.seed=1"])
         assert str(info.value).startswith(f"{bad}: train: unknown keys ['epoch']")
 
+    @pytest.mark.parametrize("text, message", [
+        # a TypeError of ModelConfig.__init__: "missing 1 required positional argument: 'name'"
+        ("model:\n  embedding_dim: 8\n", r"odd\.yaml: model: missing key\(s\) \['name'\]; expected them beside "
+                                          r"\['embedding_dim'\]"),
+        # sorted() of str and int keys: TypeError "'<' not supported between instances of 'int' and 'str'"
+        ("train:\n  1: 2\n  epochs: 1\n  zz: 3\n", r"odd\.yaml: train: unknown keys \[1, 'zz'\]"),
+    ])
+    def test_a_missing_required_key_or_a_key_yaml_reads_as_no_string_is_named(self, tmp_path, text, message) -> None:
+        path = tmp_path / "odd.yaml"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=message):
+            load_config(str(path))
+
     def test_missing_file_and_bad_yaml(self, tmp_path) -> None:
         with pytest.raises(ConfigError, match="config file not found"):
             load_config(str(tmp_path / "absent.yaml"))
