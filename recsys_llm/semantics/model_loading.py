@@ -11,7 +11,7 @@ Example::
 
 import os
 import pickle
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -232,6 +232,33 @@ def _require_text_forward(model_path: str, model: nn.Module) -> None:
         )
 
 
+def _require_loaded_weights(model_path: str, model: nn.Module, used: nn.Module, missing_keys: Sequence[str]) -> None:
+    """Refuses weight files that lack tensors of ``used`` (the part of ``model`` whose last hidden states are
+    pooled): transformers fills them with random values and only logs it, so the vectors would mean nothing.
+    Tensors outside ``used`` (the decoder of a T5 read by its encoder) or under a ``pooler`` (BERT's, which the
+    last hidden states do not pass through, and which checkpoints of BertForMaskedLM lack) may be missing."""
+    used_tensors = {id(tensor) for tensor in used.state_dict(keep_vars=True).values()}
+    lacking = []
+    for key in missing_keys:
+        if "pooler" in key.split("."):
+            continue
+        try:
+            tensor = model.get_parameter(key)
+        except AttributeError:
+            try:
+                tensor = model.get_buffer(key)
+            except AttributeError:
+                tensor = None
+        if tensor is None or id(tensor) in used_tensors:
+            lacking.append(key)
+    if lacking:
+        raise ValueError(
+            f"{model_path}: its weight files lack {len(lacking)} of {type(model).__name__}'s tensors (e.g. "
+            f"{sorted(lacking)[:3]}), which transformers would fill with random values; expected the weights of "
+            "this config.json's model: the files are incomplete or belong to another model"
+        )
+
+
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Loads a base model (no LM head) offline with ``AutoModel`` (or the ``*EncoderModel`` class its config
     names: T5EncoderModel); of an encoder-decoder model (T5, sentence-T5), its encoder.
@@ -240,7 +267,7 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
         FileNotFoundError: no directory, no ``config.json`` or no weight files.
         ValueError: a damaged ``config.json`` or weight file, weights transformers cannot read, a
             ``.bin`` file holding objects other than tensors (refused, nothing runs), or a text-image
-            dual encoder (CLIP).
+            dual encoder (CLIP), or weight files that lack tensors the model's hidden states need.
     """
     from safetensors import SafetensorError
 
@@ -248,8 +275,9 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
     require_native_model(model_path, config, trust_remote_code)
     require_weight_files(model_path)
     try:
-        model = _model_class(config).from_pretrained(
-            model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        model, loading_info = _model_class(config).from_pretrained(
+            model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, SafetensorError) as error:
         raise ValueError(f"{model_path}: cannot load the model weights ({one_line(error)})") from error
@@ -260,4 +288,6 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
             "the model from a source you trust"
         ) from error
     _require_text_forward(model_path, model)
-    return encoder_of(model).to(device)
+    used = encoder_of(model)
+    _require_loaded_weights(model_path, model, used, loading_info.get("missing_keys") or [])
+    return used.to(device)

@@ -14,6 +14,7 @@ from tests.tiny_models import (
     SAMPLE_TEXTS,
     copy_model_dir,
     save_tiny_smolvlm,
+    save_tiny_t5,
     save_tiny_t5_encoder,
     save_with_tokenizer,
     tiny_vocab_size,
@@ -128,6 +129,37 @@ class TestModelDirectoryChecks:
         weights.unlink()
         with pytest.raises(FileNotFoundError, match=f"^{path}: no model weights"):
             TextEncoder(path)
+
+    def test_weights_lacking_tensors_of_the_model_are_refused(self, tiny_llama_dir: str, tmp_path) -> None:
+        """transformers fills tensors missing from the weight files with random values and only logs it."""
+        from safetensors.torch import load_file, save_file
+
+        path = copy_model_dir(tiny_llama_dir, tmp_path / "llama")
+        weights = str(tmp_path / "llama" / "model.safetensors")
+        state = load_file(weights)
+        partial = {key: value for key, value in state.items() if not key.startswith("layers.1.")}
+        save_file(partial, weights, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"^{path}: its weight files lack 9 of LlamaModel's tensors \(e.g. "
+                                             r"\['layers.1.input_layernorm.weight'"):
+            TextEncoder(path)
+        save_file({f"model.other.{key}": value for key, value in state.items()}, weights, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match="belong to another model"):
+            load_model(path, torch.device("cpu"), torch.float32)
+
+    def test_a_missing_pooler_or_decoder_is_no_loss(self, tiny_bert_dir: str, tmp_path) -> None:
+        """BERT's pooler (checkpoints of BertForMaskedLM lack it) and a T5 decoder are not on the pooled path."""
+        from safetensors.torch import load_file, save_file
+
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
+        weights = str(tmp_path / "bert" / "model.safetensors")
+        state = load_file(weights)
+        save_file({k: v for k, v in state.items() if not k.startswith("pooler.")}, weights, metadata={"format": "pt"})
+        assert TextEncoder(path).encode(SAMPLE_TEXTS[:2], progress=False).shape == (2, 32)
+        t5 = save_tiny_t5(str(tmp_path / "t5"))  # a whole T5Model, of which the encoder reads the texts
+        weights = os.path.join(t5, "model.safetensors")
+        encoder_only = {k: v for k, v in load_file(weights).items() if not k.startswith("decoder.")}
+        save_file(encoder_only, weights, metadata={"format": "pt"})
+        assert TextEncoder(t5).encode(SAMPLE_TEXTS[:2], progress=False).shape == (2, 32)
 
     def test_sharded_weights_with_a_missing_shard(self, tiny_bert_dir: str, tmp_path) -> None:
         path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
