@@ -204,12 +204,25 @@ class TextEncoder:
 
         Right padding keeps position ids of real tokens independent of the batch, so a
         text's vector does not depend on what it was batched with.
+
+        Raises:
+            ValueError: a text has no tokens (an empty text, with a tokenizer that adds no
+                special tokens): it has nothing to pool, alone it fails in the model's forward.
         """
+        texts = text_list(texts)
         batch = self._tokenizer(
-            text_list(texts), padding=True, truncation=True, max_length=self._max_length,
+            texts, padding=True, truncation=True, max_length=self._max_length,
             return_tensors="pt", padding_side="right",
         )
-        return batch["input_ids"].to(self._device), batch["attention_mask"].to(self._device)
+        attention_mask = batch["attention_mask"]  # (B, L)
+        empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"{self._model_id}: the text {texts[empty[0]][:80]!r} has no tokens (the tokenizer finds none in it "
+                "and adds no special tokens), so it has no vector; expected texts of at least one token: leave the "
+                "empty ones out, or give them text"
+            )
+        return batch["input_ids"].to(self._device), attention_mask.to(self._device)
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """One forward pass (keeps autograd if enabled): ``(B, H)`` in the model dtype."""

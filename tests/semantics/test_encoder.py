@@ -30,6 +30,16 @@ class TestTextEncoder:
                 call("user id")
         assert encoder.encode(["user id"]).shape[0] == 1
 
+    def test_a_text_without_tokens_is_refused_alone_or_in_a_batch(self, tiny_llama_dir: str) -> None:
+        """The tests' tokenizer adds no special tokens (as Qwen's): alone, an empty text failed in the forward
+        (a reshape error), and batched with others it got the vector of a padding position."""
+        encoder = TextEncoder(tiny_llama_dir, batch_size=4)
+        for texts in ([""], ["shade 3", " ", "price"]):
+            with pytest.raises(ValueError, match=rf"^{encoder.model_id}: the text '\s?' has no tokens \(the "
+                                                 r"tokenizer finds none in it and adds no special tokens\)"):
+                encoder.encode(texts, progress=False)
+        assert encoder.encode(["shade 3", "price"], progress=False).shape[0] == 2
+
     def test_encoder_model_mean_pooling(self, tiny_bert_dir: str) -> None:
         encoder = TextEncoder(tiny_bert_dir, batch_size=3)
         assert encoder.pooling == "mean"
