@@ -39,7 +39,13 @@ _FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".ti
 
 
 def require_model_dir(model_path: str) -> None:
-    """Raises FileNotFoundError naming ``model_path`` unless it is a local directory."""
+    """Raises FileNotFoundError naming ``model_path`` unless it is a local directory (a file, such as the
+    model's ``config.json``, is named as a file, with the directory that holds it)."""
+    if os.path.isfile(model_path):
+        raise FileNotFoundError(
+            f"{model_path}: is a file, not a model directory; pass the directory that holds config.json, the "
+            f"weights and the tokenizer files (e.g. {os.path.dirname(os.path.abspath(model_path))})"
+        )
     if not os.path.isdir(model_path):
         raise FileNotFoundError(f"{model_path}: model directory not found (models load offline from a local path)")
 

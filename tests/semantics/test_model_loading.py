@@ -107,6 +107,14 @@ class TestModelDirectoryChecks:
             with pytest.raises(FileNotFoundError, match=expected):
                 TextEncoder(path)
 
+    def test_a_file_of_the_model_is_named_as_a_file(self, tiny_bert_dir: str) -> None:
+        """The path of a model's config.json or weights is no model directory: it exists, so 'not found' misled."""
+        for name in ("config.json", "model.safetensors"):
+            path = os.path.join(tiny_bert_dir, name)
+            with pytest.raises(FileNotFoundError, match=rf"^{path}: is a file, not a model directory; pass the "
+                                                        rf"directory that holds config.json, .* \(e.g. {tiny_bert_dir}\)"):
+                TextEncoder(path)
+
     def test_damaged_config(self, tiny_bert_dir: str, tmp_path) -> None:
         path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
         (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert",')
