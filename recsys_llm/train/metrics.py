@@ -71,10 +71,11 @@ def binary_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> Dict[st
 
 
 def _normalized_entropy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
-    """torchrec's NE of a set holding both classes (float64 (N,) probabilities and labels)."""
+    """torchrec's NE of a set holding both classes (float64 (N,) probabilities and labels; left unchanged)."""
     weights = torch.ones_like(labels)
     positives = labels.sum()
-    ce_sum = compute_cross_entropy(labels, probabilities, weights, _ETA).sum()
+    # a copy: torchrec clamps its float64 input in place, which would tie the caller's extreme probabilities
+    ce_sum = compute_cross_entropy(labels, probabilities.clone(), weights, _ETA).sum()
     return float(compute_ne(ce_sum, weights.sum(), positives, labels.numel() - positives, _ETA))
 
 

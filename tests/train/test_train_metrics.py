@@ -92,3 +92,23 @@ def test_metrics_over_two_ranks_equal_single_process() -> None:
         assert result.keys() == expected.keys()
         for key, value in expected.items():
             assert result[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_a_subset_of_every_row_gives_the_whole_sets_metrics_with_extreme_logits() -> None:
+    """torchrec's cross entropy clamps its input in place: the NE of the whole set clamped the shared
+    probabilities to [1e-12, 1 - 1e-12], which tied the extreme logits of every subset's AUC."""
+    logits = torch.tensor([-40.0, -35.0, -30.0, 0.0, 30.0, 35.0])
+    labels = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    metrics = CTRMetrics({"all": "every_row"})
+    metrics.update(logits, labels, {"every_row": torch.ones(6)})
+    out = metrics.compute()
+    assert out["auc"] == pytest.approx(_pairwise_auc(logits, labels), abs=1e-6)
+    for metric in ("auc", "logloss", "ne", "num_samples", "ctr"):
+        assert out[f"all/{metric}"] == out[metric], metric
+
+
+def test_binary_metrics_leaves_its_input_alone() -> None:
+    probabilities = torch.sigmoid(torch.tensor([-40.0, 0.5, 40.0], dtype=torch.float64))
+    before = probabilities.clone()
+    binary_metrics(probabilities, torch.tensor([0.0, 1.0, 1.0]))
+    assert torch.equal(probabilities, before)
