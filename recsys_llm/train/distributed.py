@@ -233,6 +233,22 @@ def all_ranks_true(flag: bool, device: Optional[torch.device] = None) -> bool:
     return bool(agreed.item())
 
 
+def sum_over_ranks(value: int, device: Optional[torch.device] = None) -> int:
+    """The sum of ``value`` over every rank (collective: every rank calls it at the same point);
+    ``value`` itself outside a process group.
+
+    Args:
+        value (int): this rank's count.
+        device (Optional[torch.device]): where the reduced tensor lives; None: the default
+            group's device (:func:`collective_device`: CUDA for NCCL).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.int64, device=device or collective_device())
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def run_on_every_rank(action: Callable[[], T], what: str, device: Optional[torch.device] = None) -> T:
     """Runs ``action`` on every rank and fails on every rank if it failed on any: a rank that
     raised alone would leave the others waiting in their next collective until the timeout.

@@ -61,7 +61,14 @@ from recsys_llm.train.config import (
     save_config,
 )
 from recsys_llm.train.curves import plot_training_curves
-from recsys_llm.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, run_on_every_rank
+from recsys_llm.train.distributed import (
+    DistContext,
+    all_ranks_true,
+    barrier,
+    init_distributed,
+    run_on_every_rank,
+    sum_over_ranks,
+)
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
@@ -139,12 +146,17 @@ def _end_cut_off_line(path: str) -> None:
             handle.write(b"\n")
 
 
-def _epoch_record(stats: EpochStats, state: TrainState, world_size: int, resumed_at: int) -> Dict[str, Any]:
-    """The ``epoch`` event; an epoch of 0 steps (a resume at its end) has no loss or throughput."""
+def _epoch_record(stats: EpochStats, state: TrainState, world_size: int, resumed_at: int,
+                  samples: int) -> Dict[str, Any]:
+    """The ``epoch`` event; an epoch of 0 steps (a resume at its end) has no loss or throughput.
+
+    Args:
+        samples (int): the rows every rank trained on (the ranks' last batches may differ by a row).
+    """
     trained = stats.steps > 0
     return {
         "event": "epoch", "epoch": state.epoch, "global_step": state.global_step, "steps": stats.steps,
-        "samples": stats.samples * world_size, "mean_loss": stats.mean_loss if trained else None,
+        "samples": samples, "mean_loss": stats.mean_loss if trained else None,
         "samples_per_second": stats.samples_per_second * world_size if trained else None,
         # steps, samples and mean_loss count only the steps after the resume
         **({"resumed_at_step_in_epoch": resumed_at} if resumed_at else {}),
@@ -293,7 +305,7 @@ def _train_in_run_dir(
             )
             if stats.steps:
                 throughput.append(stats.samples_per_second * ctx.world_size)
-            log.write(_epoch_record(stats, state, ctx.world_size, resumed_at))
+            log.write(_epoch_record(stats, state, ctx.world_size, resumed_at, sum_over_ranks(stats.samples, ctx.device)))
             epoch_done = not stats.stopped_early or state.step_in_epoch >= len(train_reader)
             if epoch_done:
                 state.epoch += 1

@@ -407,6 +407,24 @@ def test_a_run_killed_in_its_final_saves_resumes_to_the_run_directory_of_an_unin
 # --- metrics.jsonl: every job starts with a record that says which earlier records it supersedes ---
 
 
+def _one_epoch(schema_dir: str, run_dir: str) -> List[Dict[str, Any]]:
+    _run(schema_dir, run_dir, ["train.epochs=1"])
+    return _events(run_dir)
+
+
+@pytest.mark.multiprocess
+def test_an_epoch_record_counts_the_rows_every_rank_trained_on(tmp_path) -> None:
+    """It was rank 0's rows times the number of ranks: 102 of 103 rows when rank 0 holds 51 and rank 1 52."""
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    schema_dir, run_dir = str(tmp_path / "data"), str(tmp_path / "run")
+    generate_synthetic(schema_dir, 129, seed=0, rows_per_group=8)
+    train_rows = ParquetBatchReader(DatasetSchema.load(schema_dir), "train", 1024).rows_per_rank[0]
+    assert train_rows % 2 == 1, train_rows
+    events, _ = run_multiprocess(_one_epoch, world_size=2, schema_dir=schema_dir, run_dir=run_dir)
+    assert [e["samples"] for e in events if e["event"] == "epoch"] == [train_rows]
+
+
 def _kill_before_the_first_checkpoint_then_start_again(schema_dir: str, root: str) -> Dict[str, Any]:
     from recsys_llm.train.checkpoint import CheckpointManager
 
