@@ -269,7 +269,7 @@ def _train_in_run_dir(
                                  train_cfg.seed)
         state = reopen_for_budget(state, train_cfg)
         log.write({"event": RESUMED_EVENT, "checkpoint": latest, "global_step": state.global_step,
-                   "epoch": state.epoch, REDONE_KEY: _redone_events(state)})
+                   "epoch": state.epoch, REDONE_KEY: _redone_events(state, train_cfg)})
         if ctx.is_main:
             print(f"resuming {run_dir} from {latest}: epoch {state.epoch}, step {state.global_step}", flush=True)
 
@@ -368,13 +368,17 @@ def _complete_final_saves(
     best.complete_interrupted_save()
 
 
-def _redone_events(state: TrainState) -> List[str]:
+def _redone_events(state: TrainState, train_cfg: TrainConfig) -> List[str]:
     """The records a job resumed from a checkpoint of ``state`` writes again at its step: a checkpoint
     taken within an epoch (``checkpoint_every``, possibly on its last step) precedes the epoch-end
-    records of that step; every checkpoint precedes the test records of a finished run."""
+    records of that step (but the ``epoch`` record only while the budget lets the job train: one at
+    ``train.max_steps`` takes no step and writes none, so the killed job's stands); every checkpoint
+    precedes the test records of a finished run."""
     if state.finished:
         return ["test"]
-    return ["epoch", "valid", "early_stop", "test"] if state.step_in_epoch > 0 else []
+    if state.step_in_epoch == 0:
+        return []
+    return ([] if budget_spent(state, train_cfg) else ["epoch"]) + ["valid", "early_stop", "test"]
 
 
 def _validate(

@@ -211,6 +211,38 @@ def test_a_run_killed_after_its_max_steps_checkpoint_resumes_without_another_ste
         assert not [e for e in out[f"{name}_events"] if e["event"] in ("train", "epoch")], name
 
 
+def _kill_while_validating_at_max_steps(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.train import runner
+
+    budget = ["train.epochs=1", "train.checkpoint_every=5", "train.max_steps=5"]  # step 5 of 10 in the epoch
+    straight, killed = os.path.join(root, "straight"), os.path.join(root, "killed")
+    out = {"straight": _run(schema_dir, straight, budget), "straight_standing": read_metrics(straight)}
+    validate = runner._validate  # noqa: SLF001
+    runner._validate = lambda *args, **kwargs: (_ for _ in ()).throw(_Killed())  # after the epoch record
+    try:
+        with pytest.raises(_Killed):
+            _run(schema_dir, killed, budget)
+    finally:
+        runner._validate = validate
+    out["resumed"] = _run(schema_dir, killed, budget)
+    out["standing"] = read_metrics(killed)
+    return out
+
+
+def test_a_run_killed_after_its_max_steps_epoch_record_keeps_it(synthetic_dir: str, tmp_path) -> None:
+    """The resume (at max_steps: no step) marked that epoch record redone but wrote none: the run's
+    records had no epoch, and results.json no samples/s."""
+    (out,) = run_multiprocess(_kill_while_validating_at_max_steps, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    events = [e["event"] for e in out["standing"]]
+    assert events == ["started", "epoch", "resumed", "valid", "test"], events
+    assert [e["event"] for e in out["straight_standing"]] == ["started", "epoch", "valid", "test"]
+    (epoch,) = [e for e in out["standing"] if e["event"] == "epoch"]
+    assert (epoch["global_step"], epoch["steps"]) == (5, 5)
+    assert out["resumed"]["samples_per_second"] == pytest.approx(epoch["samples_per_second"])
+    assert out["resumed"]["test"] == out["straight"]["test"]
+
+
 def _extend_a_finished_run(schema_dir: str, root: str) -> Dict[str, Any]:
     extended = os.path.join(root, "extended")
     out = {"one": _run(schema_dir, extended, ["train.epochs=1"])}
