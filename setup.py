@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["recsys_llm", "recsys_llm.*"]),
     install_requires=[
-        "transformers>=4.45",
+        "transformers>=4.56",  # from_pretrained(dtype=...); tests/semantics pass with 4.56.2 and 5.x
         "torchx>=0.7.0",
         "pyarrow>=14",
         "numpy",
