@@ -343,7 +343,7 @@ def _train_in_run_dir(
         log.write({"event": "test", "global_step": state.global_step, **results["test"]})
     if ctx.is_main:
         write_text_atomically(os.path.join(run_dir, RESULTS_FILE),
-                              json.dumps(results, indent=2, sort_keys=True, default=float))
+                              json.dumps(strict_json(results), indent=2, sort_keys=True, default=float))
         try:  # a picture that cannot be drawn (a full disk) must not fail a finished run, nor leave the ranks waiting
             plot_training_curves(run_dir)
         except Exception as error:  # noqa: BLE001 - reported, and the run goes on
@@ -396,6 +396,10 @@ def _validate(
     valid = evaluate(model, reader, ctx.device, CTRMetrics(), description="valid", progress=train_cfg.progress)
     log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
     auc = valid["auc"]
+    if math.isnan(auc) and ctx.is_main:
+        warnings.warn(f"valid AUC at step {state.global_step} is undefined: the validation split holds rows of one "
+                      "class only (or none); no checkpoint of it can be the best, and train.patience counts it as "
+                      "an evaluation without a better AUC", stacklevel=2)
     if not math.isnan(auc) and auc > state.best_metric:
         state.best_metric, state.best_step, state.bad_evals = auc, state.global_step, 0
         best.save(model, optimizer, state)

@@ -977,3 +977,40 @@ def test_a_picture_that_cannot_be_drawn_does_not_fail_the_run(synthetic_dir: str
     assert [out["results"]["global_step"] for out in outs] == [2, 2]
     assert os.path.isfile(os.path.join(run_dir, "results.json"))
     assert any("training_curves.png not written: OSError" in message for message in outs[0]["warnings"]), outs[0]
+
+
+def _one_class_run(schema_dir: str, root: str) -> Dict[str, Any]:
+    import warnings
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from recsys_llm.data.parquet import parquet_files
+
+    data = os.path.join(root, "data")
+    shutil.copytree(schema_dir, data)
+    schema = DatasetSchema.load(os.path.join(data, "schema.json"))
+    for split in ("valid", "test"):
+        for path in parquet_files(schema.split_path(split)):
+            table = pq.read_table(path)
+            index = table.schema.get_field_index(schema.label)
+            pq.write_table(table.set_column(index, schema.label, pc.multiply(table.column(index), 0)), path)
+    run_dir = os.path.join(root, "run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = _run(data, run_dir, ["train.epochs=1", "train.max_steps=2"])
+    with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as handle:
+        written = json.load(handle, parse_constant=lambda constant: f"bare {constant}")
+    return {"results": results, "written": written, "warnings": [str(w.message) for w in caught]}
+
+
+def test_a_one_class_validation_split_is_warned_about_and_results_json_stays_strict_json(synthetic_dir: str,
+                                                                                           tmp_path) -> None:
+    """Valid and test splits of one class: the undefined valid AUC ended runs on patience without a word,
+    and results.json held a bare NaN (not JSON for jq or JavaScript) where metrics.jsonl holds null."""
+    (out,) = run_multiprocess(_one_class_run, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    assert math.isnan(out["results"]["test"]["auc"])  # the returned figures keep NaN
+    assert out["written"]["test"]["auc"] is None and out["written"]["valid"]["auc"] is None
+    assert "bare" not in json.dumps(out["written"])
+    assert any("valid AUC at step 2 is undefined: the validation split holds rows of one class only" in w
+               for w in out["warnings"]), out["warnings"]
