@@ -268,6 +268,30 @@ class _SafeFileSystemReader(FileSystemReader):
 _OTHER_MODEL_ERRORS = ("Size mismatch", "Missing key in checkpoint", "Unexpected key")
 
 
+def _require_no_weights_beyond(path: str, metadata: Metadata, model_state: Dict[str, Any]) -> None:
+    """Refuses a checkpoint holding model weights that ``model_state`` has no place for: DCP loads
+    only the keys it is asked for and skips the others without a word, so a checkpoint of a larger
+    model (an LLaCTR run's FIE term, a teacher beside a backbone) loaded into the model without them
+    would evaluate another model than the one trained.
+
+    Raises:
+        ValueError: naming the checkpoint and the first weights this model lacks.
+    """
+    expected = {f"model.{key}" for key in model_state}
+
+    def in_model(key: str) -> bool:  # a key itself, or an item DCP flattened out of one (``model.<key>.<part>``)
+        parts = key.split(".")
+        return any(".".join(parts[:end]) in expected for end in range(2, len(parts) + 1))
+
+    extra = sorted(key for key in metadata.state_dict_metadata if key.startswith("model.") and not in_model(key))
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        names = ", ".join(key[len("model."):] for key in extra[:3]) + more
+        raise ValueError(f"{path}: holds a checkpoint of another model or code version (weights this model does not "
+                         f"have: {names}); load it with the config it was trained with, or train into another run "
+                         "directory")
+
+
 def _damaged(path: str, error: BaseException) -> ValueError:
     """The error for a checkpoint file that cannot be read back (DCP's CheckpointException is
     unwrapped to a failing rank's own error)."""
@@ -570,7 +594,8 @@ def load_checkpoint(
     else:
         target = {"model": model.state_dict()}
     reader = _SafeFileSystemReader(path)
-    reader.read_metadata()  # a refused .metadata raises here, not inside DCP's per-rank retry
+    metadata = reader.read_metadata()  # a refused .metadata raises here, not inside DCP's per-rank retry
+    _require_no_weights_beyond(path, metadata, target["model"])  # DCP would skip them silently
     try:
         dcp.load(target, storage_reader=reader, planner=_WeightsOnlyLoadPlanner())
     except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException

@@ -441,6 +441,32 @@ def test_a_checkpoint_of_another_model_is_named_as_such_not_as_damaged(tmp_path,
     assert "delete" not in message
 
 
+class _BackboneWithTerm(nn.Module):
+    """A backbone and a logit term beside it (as LLaCTR's FIE is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(2, 1)
+        self.term = nn.Linear(2, 1)
+
+
+def test_a_checkpoint_with_weights_the_model_lacks_is_refused_not_loaded_in_part(tmp_path, monkeypatch) -> None:
+    """DCP loads only the keys it is asked for: a checkpoint of a model with a term more (an LLaCTR
+    run evaluated with a plain backbone's config) loaded the backbone and dropped the term silently."""
+    _state_only_dcp(monkeypatch)
+    checkpoint = CheckpointManager(str(tmp_path)).save(_BackboneWithTerm(), None, TrainState(global_step=3))
+    backbone_only = nn.Module()
+    backbone_only.backbone = nn.Linear(2, 1)
+    before = backbone_only.backbone.weight.detach().clone()
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(checkpoint, backbone_only, restore_rng=False)
+    message = str(error.value)
+    assert message.startswith(f"{checkpoint}: holds a checkpoint of another model or code version (weights this "
+                              "model does not have: term.bias, term.weight)"), message
+    assert torch.equal(backbone_only.backbone.weight, before)
+    assert load_checkpoint(checkpoint, _BackboneWithTerm(), restore_rng=False).global_step == 3  # its own model loads
+
+
 def test_missing_optimizer_state_names_the_table_optimizer_as_the_likely_cause() -> None:
     from recsys_llm.train.checkpoint import _damaged
 
