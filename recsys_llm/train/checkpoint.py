@@ -392,16 +392,47 @@ def _dcp_state(model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]
     return {"model": model.state_dict(), "optim": state} if state else {"model": model.state_dict()}
 
 
-def _materialise_dense_optimizer_state(optimizer: CombinedOptimizer) -> None:
+def _materialise_dense_optimizer_state(optimizer: CombinedOptimizer) -> List[KeyedOptimizerWrapper]:
     """Creates lazy dense optimizer state (Adam moments) so DCP can load into it in place.
 
     Runs one zero-gradient step on the dense ``KeyedOptimizerWrapper`` parts only; whatever
     it changes is overwritten by the load that follows.
+
+    Returns:
+        List[KeyedOptimizerWrapper]: the parts whose state it created.
     """
+    materialised = []
     for _, part in optimizer.optimizers:
         if isinstance(part, KeyedOptimizerWrapper) and not part.state:
             part.init_state()
             part.zero_grad(set_to_none=True)
+            materialised.append(part)
+    return materialised
+
+
+def _never_stepped(
+    metadata: Metadata, optimizer: CombinedOptimizer, materialised: List[KeyedOptimizerWrapper]
+) -> Dict[str, Dict[str, Any]]:
+    """The states :func:`_materialise_dense_optimizer_state` created for parameters that had none
+    when the checkpoint was written (no gradient yet: unused by the loss so far), by optimizer key.
+
+    Only within a part whose other parameters' states the checkpoint holds: a part without any
+    saved state is another optimizer or another placement, which the load refuses.
+    """
+    key_of = {id(param): key for key, param in optimizer.params.items()}
+    saved = sorted({key.rsplit(".", 1)[0] for key in metadata.state_dict_metadata if key.startswith("optim.")})
+    saved_set = set(saved)
+
+    def in_checkpoint(key: str) -> bool:  # ``optim.<key>.<state>``, or a state DCP flattened further
+        return f"optim.{key}" in saved_set or any(name.startswith(f"optim.{key}.") for name in saved)
+
+    missing: Dict[str, Dict[str, Any]] = {}
+    for part in materialised:
+        keys = [key_of[id(param)] for param in part.params.values() if param in part.state]
+        absent = [key for key in keys if not in_checkpoint(key)]
+        if len(absent) < len(keys):
+            missing.update({key: part.state[optimizer.params[key]] for key in absent})
+    return missing
 
 
 def _checkpoint_name(global_step: int) -> str:
@@ -588,14 +619,19 @@ def load_checkpoint(
     if os.path.normpath(path).endswith(".tmp") or not os.path.isfile(os.path.join(path, TRAIN_STATE_FILE)):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {TRAIN_STATE_FILE} or a .tmp directory)")
     state = read_train_state(path)
+    materialised: List[KeyedOptimizerWrapper] = []
     if optimizer is not None:
-        _materialise_dense_optimizer_state(optimizer)
+        materialised = _materialise_dense_optimizer_state(optimizer)
         target = _dcp_state(model, optimizer)
     else:
         target = {"model": model.state_dict()}
     reader = _SafeFileSystemReader(path)
     metadata = reader.read_metadata()  # a refused .metadata raises here, not inside DCP's per-rank retry
     _require_no_weights_beyond(path, metadata, target["model"])  # DCP would skip them silently
+    # parameters no gradient had reached by the save have no state there, as in the run that wrote it
+    never_stepped = _never_stepped(metadata, optimizer, materialised) if optimizer is not None else {}
+    for key in never_stepped:  # the states of the part's other parameters stay in target["optim"]
+        del target["optim"][key]
     try:
         dcp.load(target, storage_reader=reader, planner=_WeightsOnlyLoadPlanner())
     except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
@@ -607,6 +643,8 @@ def load_checkpoint(
         full = optimizer.state_dict()
         full["state"].update(target.get("optim", {}))  # the empty states stay as they are
         optimizer.load_state_dict(full)
+        for param_state in never_stepped.values():
+            param_state.clear()  # created lazily at its first gradient, as without the interruption
         _set_table_optimizer_step(model, state.table_optimizer_step)
     rng_file = os.path.join(path, f"rank{_rank():05d}.pt")
     if restore_rng and state.world_size == _world_size():

@@ -123,6 +123,57 @@ def test_resume_is_exact_and_reshards_to_one_rank(synthetic_dir: str, tmp_path) 
         assert single[key] == pytest.approx(at_save[key], abs=1e-6), key
 
 
+class _LateTermTask(_DLRMTask):
+    """A logit shift that joins the loss only once ``use_shift`` is set: no gradient reaches it before."""
+
+    def __init__(self, schema: DatasetSchema) -> None:
+        super().__init__(schema)
+        self.shift = nn.Parameter(torch.zeros(()))
+        self.use_shift = False
+
+    def forward(self, batch: Batch):  # noqa: ANN201
+        logits = self.dlrm(self.dropout(batch.dense_features), batch.sparse_features).squeeze(-1)  # (B,)
+        if self.use_shift:
+            logits = logits + self.shift
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+def _resume_before_a_parameter_is_first_used(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx = init_distributed("cpu")
+
+    def fresh(seed: int):  # noqa: ANN202
+        torch.manual_seed(seed)
+        task = _LateTermTask(schema)
+        model, _ = shard_model(task, ctx.device, ctx.world_size, SHARDING, OPTIM, batch_size=64)
+        return task, model, build_optimizer(model, OPTIM)
+
+    task, model, optimizer = fresh(0)
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
+    _losses(model, optimizer, reader, skip=0, stop=5)
+    manager = CheckpointManager(ckpt_dir, keep=1)
+    manager.save(model, optimizer, TrainState(epoch=0, step_in_epoch=5, global_step=5, world_size=1, batch_size=64))
+    task.use_shift = True
+    continued = _losses(model, optimizer, reader, skip=5, stop=12)
+    task2, model2, optimizer2 = fresh(123)
+    state = load_checkpoint(manager.latest(), model2, optimizer2)
+    task2.use_shift = True
+    resumed = _losses(model2, optimizer2, reader, skip=state.step_in_epoch, stop=12)
+    return {"continued": continued, "resumed": resumed}
+
+
+@pytest.mark.multiprocess
+def test_resume_is_exact_when_a_parameter_had_no_gradient_before_the_checkpoint(synthetic_dir: str, tmp_path) -> None:
+    """Adam keeps no state for a parameter no gradient has reached, so the checkpoint holds none for it;
+    the resume asked for one (and failed as "a checkpoint of another model") and, given one, would have
+    stepped it from a state the uninterrupted run never had."""
+    (result,) = run_multiprocess(_resume_before_a_parameter_is_first_used, world_size=1, schema_path=synthetic_dir,
+                                 ckpt_dir=str(tmp_path / "checkpoints"))
+    assert len(result["continued"]) == 7
+    assert result["resumed"] == result["continued"]
+
+
 def _table_optimizer_steps(model: nn.Module) -> List[int]:
     """FBGEMM's step counter (``iter``) of each fused table kernel of this rank."""
     return [int(kernel.emb_module.iter) for _, kernel in embedding_kernels(model)]
