@@ -580,7 +580,8 @@ def build_optimizer(model: DistributedModelParallel, optim: OptimizerConfig) -> 
     Every trainable parameter without an in-backward optimizer is stepped here: table weights
     the plan left unfused (``data_parallel`` or the ``dense`` kernel) by ``optim.sparse``, the
     rest by ``optim.dense`` (frozen tables have ``requires_grad=False`` and are skipped). The
-    unfused table optimizer is left out when the plan fuses every table.
+    unfused table optimizer is left out when the plan fuses every table, the dense one when the
+    model trains nothing but tables (torch refuses an optimizer without parameters).
     """
     table_weights = {id(param) for param in _sharded_table_weights(model)}
     dense_params: Dict[str, nn.Parameter] = {}
@@ -599,7 +600,8 @@ def build_optimizer(model: DistributedModelParallel, optim: OptimizerConfig) -> 
     if unfused_tables:
         table_class, table_kwargs = UNFUSED_SPARSE_OPTIMIZERS[optim.sparse], _table_optimizer_kwargs(optim)
         optimizers.append(KeyedOptimizerWrapper(unfused_tables, lambda params: table_class(params, **table_kwargs)))
-    optimizers.append(KeyedOptimizerWrapper(dense_params, lambda params: optimizer_class(params, **kwargs)))
+    if dense_params:
+        optimizers.append(KeyedOptimizerWrapper(dense_params, lambda params: optimizer_class(params, **kwargs)))
     return CombinedOptimizer(optimizers)
 
 

@@ -12,6 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.models.embedding import embedding_bag_configs
 from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
 from recsys_llm.models.task import CTRTask
 from recsys_llm.train.distributed import init_distributed
@@ -171,6 +172,39 @@ def test_replicated_tables_train_with_the_table_optimizer(synthetic_dir: str) ->
         assert result["moved"]["t_user_id"] > 1e-4
     # the two ranks hold the same replicated table after the all-reduced updates
     assert results[0]["moved"]["t_user_id"] == results[1]["moved"]["t_user_id"]
+
+
+class _TablesOnly(torch.nn.Module):
+    """Matrix factorisation of a kind: the logit is the sum of the pooled embeddings, no dense weight."""
+
+    def __init__(self, schema: DatasetSchema) -> None:
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(embedding_bag_configs(schema, 4), device=torch.device("meta"))
+
+    def forward(self, batch):  # noqa: ANN001, ANN201
+        logits = self.ebc(batch.sparse_features).values().sum(-1)  # (B,)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+def _train_tables_only(schema_path: str) -> Dict[str, Any]:
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    schema = DatasetSchema.load(schema_path)
+    optim = OptimizerConfig()
+    model, _ = shard_model(_TablesOnly(schema), ctx.device, ctx.world_size, ShardingConfig(), optim, batch_size=64)
+    optimizer = build_optimizer(model, optim)
+    before = _local_table(model, "t_item_id")
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size)
+    stats = train_epoch(model, optimizer, reader, ctx.device, on_step=lambda step, loss: step >= 3, progress=False)
+    return {"steps": stats.steps, "moved": not torch.equal(before, _local_table(model, "t_item_id"))}
+
+
+@pytest.mark.multiprocess
+def test_a_model_of_tables_only_gets_an_optimizer_and_trains(synthetic_dir: str) -> None:
+    """Without a dense weight the dense optimizer had an empty parameter list, which torch refuses."""
+    (result,) = run_multiprocess(_train_tables_only, world_size=1, schema_path=synthetic_dir)
+    assert result == {"steps": 3, "moved": True}
 
 
 def _one_step_with_weight_decay(schema_path: str) -> Dict[str, Any]:
