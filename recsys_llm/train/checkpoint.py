@@ -10,6 +10,8 @@ Layout of a checkpoint directory::
       ckpt-00000160.tmp/      a checkpoint being written: ignored, removed by the next save
       ckpt-00000120.prev/     a complete checkpoint of step 120 set aside while a new one of the
                               same step takes its name; loaded only while ``ckpt-00000120`` is missing
+      ckpt-00000080.deleting/ an old checkpoint being pruned (renamed first, so a kill never leaves a
+                              half-deleted ``ckpt-*`` that looks complete): removed by the next save
       latest                  "ckpt-00000120", replaced atomically (write + os.replace), for people
 
 What is saved: the DMP model ``state_dict()`` (sharded tables as ShardedTensors, dense
@@ -86,6 +88,7 @@ from recsys_llm.train.distributed import barrier, collective_device
 from recsys_llm.train.sharding import embedding_kernels
 
 PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
+DELETING_SUFFIX = ".deleting"  # a pruned checkpoint, renamed before it is removed
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})(\.prev)?$")  # 8 digits, more past step 99,999,999
 TRAIN_STATE_FILE = "train_state.json"
 LATEST_FILE = "latest"
@@ -547,19 +550,25 @@ class CheckpointManager:
         return final
 
     def _remove_leftovers(self) -> None:
-        """Removes what an interrupted save left: ``.tmp`` directories, and ``ckpt-N.prev`` whose
-        ``ckpt-N`` is complete (a ``.prev`` without one is that step's checkpoint and stays)."""
+        """Removes what an interrupted save left: ``.tmp`` and ``.deleting`` directories, and
+        ``ckpt-N.prev`` whose ``ckpt-N`` is complete (a ``.prev`` without one is that step's
+        checkpoint and stays)."""
         for name in os.listdir(self._directory):
             path = os.path.join(self._directory, name)
             superseded = name.endswith(PREVIOUS_SUFFIX) and is_complete(path[: -len(PREVIOUS_SUFFIX)])
-            if name.endswith(".tmp") or superseded:
+            if name.endswith((".tmp", DELETING_SUFFIX)) or superseded:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _prune(self) -> None:
+        """Removes all but the newest ``keep`` complete checkpoints, each renamed out of the
+        ``ckpt-*`` names first: a kill inside the removal leaves no checkpoint missing some
+        shards but holding ``train_state.json`` (which loaders would take as complete)."""
         if self._keep <= 0:
             return
         for old in self.list_complete()[: -self._keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = old + DELETING_SUFFIX
+            os.rename(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _swap_into_place(tmp: str, final: str) -> None:

@@ -1,6 +1,7 @@
 """DCP checkpoints: atomic directory protocol, exact continuation, resharding 2 -> 1 rank."""
 
 import os
+import shutil
 from typing import Any, Dict, List
 
 import pytest
@@ -13,7 +14,7 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.embedding import embedding_bag_configs
-from recsys_llm.train.checkpoint import CheckpointManager, TrainState, load_checkpoint, read_train_state
+from recsys_llm.train.checkpoint import CheckpointManager, TrainState, is_complete, load_checkpoint, read_train_state
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
@@ -616,3 +617,30 @@ def test_a_checkpoint_without_its_hidden_metadata_file_says_so(tmp_path, monkeyp
     message = str(error.value)
     assert message.startswith(os.path.join(checkpoint, ".metadata") + ": missing") and "\n" not in message
     assert "cp -r" in message and "delete its checkpoint directory" in message
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint_that_looks_complete(tmp_path, monkeypatch) -> None:
+    """Pruning removed ``ckpt-N`` in place: a kill after its shards but before ``train_state.json``
+    were gone left a checkpoint that loaders took as complete (and that nothing removed)."""
+    from recsys_llm.train import checkpoint
+
+    _state_only_dcp(monkeypatch)
+    manager = CheckpointManager(str(tmp_path), keep=1)
+    model = nn.Linear(2, 1)
+    manager.save(model, None, TrainState(global_step=10))
+    rmtree = shutil.rmtree
+
+    def killed_after_the_shards(path: Any, ignore_errors: bool = False) -> None:
+        for name in os.listdir(path):
+            if name != "train_state.json":
+                os.remove(os.path.join(path, name))
+        raise _KilledMidSave(path)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_after_the_shards)
+    with pytest.raises(_KilledMidSave):
+        manager.save(model, None, TrainState(global_step=20))
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    assert manager.list_complete() == [str(tmp_path / "ckpt-00000020")]
+    assert not is_complete(str(tmp_path / "ckpt-00000010"))
+    manager.save(model, None, TrainState(global_step=30))  # the next save removes the leftover
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000030", "latest"]
