@@ -47,6 +47,12 @@ def write_text_atomically(path: str, text: str) -> None:
     _write_atomically(path, lambda handle: handle.write(text), binary=False)
 
 
+def write_bytes_atomically(path: str, payload: bytes) -> None:
+    """Writes ``payload`` to ``path`` as :func:`write_text_atomically` writes text (e.g. the bytes of
+    ``safetensors.torch.save``): readable as the umask allows, fsynced, renamed over ``path``."""
+    _write_atomically(path, lambda handle: handle.write(payload), binary=True)
+
+
 def save_figure_atomically(figure: Any, path: str, **savefig_kwargs: Any) -> None:
     """Saves a matplotlib ``figure`` to ``path`` as :func:`write_text_atomically` writes text (the format
     follows ``path``'s suffix, matplotlib's default without one): a failed save keeps an earlier ``path`` whole.

@@ -27,9 +27,9 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from recsys_llm.atomic_dir import chmod_as_created
+from recsys_llm.atomic_dir import write_bytes_atomically
 from recsys_llm.data.schema import DatasetSchema
 
 FORMAT_VERSION = "1"
@@ -115,7 +115,7 @@ class StoredVectors(NamedTuple):
 
 
 def save_vectors(path: str, vectors: torch.Tensor, keys: Sequence[str], provenance: VectorProvenance) -> None:
-    """Writes vectors and their provenance atomically (temp file renamed into place).
+    """Writes vectors and their provenance atomically (a fsynced temp file renamed into place).
 
     Args:
         path (str): target ``.safetensors`` file.
@@ -146,14 +146,7 @@ def save_vectors(path: str, vectors: torch.Tensor, keys: Sequence[str], provenan
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({"vectors": vectors.detach().to("cpu").contiguous()}, tmp, metadata=metadata)
-        chmod_as_created(tmp)  # save_file makes a 0600 file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_bytes_atomically(path, save({"vectors": vectors.detach().to("cpu").contiguous()}, metadata=metadata))
 
 
 def check_vector_output(path: str) -> None:

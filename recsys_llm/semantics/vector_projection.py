@@ -7,7 +7,7 @@ from typing import Tuple
 
 import torch
 
-from recsys_llm.atomic_dir import chmod_as_created
+from recsys_llm.atomic_dir import write_bytes_atomically
 from recsys_llm.error_text import one_line
 
 
@@ -33,17 +33,10 @@ def fit_projection(sample: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.
 
 
 def save_projection(path: str, mean: torch.Tensor, components: torch.Tensor) -> None:
-    """Writes a projection as safetensors (atomically, readable as the umask allows)."""
-    from safetensors.torch import save_file
+    """Writes a projection as safetensors (atomically: fsynced, then renamed over ``path``)."""
+    from safetensors.torch import save
 
-    tmp = f"{path}.tmp"
-    try:
-        save_file({"mean": mean.contiguous(), "components": components.contiguous()}, tmp)
-        chmod_as_created(tmp)  # save_file makes a 0600 file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_bytes_atomically(path, save({"mean": mean.contiguous(), "components": components.contiguous()}))
 
 
 def load_projection(path: str) -> Tuple[torch.Tensor, torch.Tensor, str]:

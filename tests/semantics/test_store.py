@@ -205,3 +205,23 @@ def test_vector_files_get_the_mode_the_umask_allows(tmp_path, umask: int) -> Non
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_vector_files_are_synced_before_the_rename_and_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch) -> None:
+    """``save_vectors`` renamed an unsynced temp file over the vectors: a power loss after the rename
+    could leave an empty file where a whole one had been."""
+    path = str(tmp_path / "v.safetensors")
+    save_vectors(path, torch.ones(2, 4), ["a", "b"], _provenance())
+    synced: List[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    save_vectors(path, torch.zeros(2, 4), ["a", "b"], _provenance())
+    assert synced
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_vectors(path, torch.full((2, 4), 2.0), ["a", "b"], _provenance())
+    monkeypatch.undo()
+    assert load_vectors(path).vectors.sum() == 0 and os.listdir(tmp_path) == ["v.safetensors"]
