@@ -203,9 +203,11 @@ def build_examples(
 ) -> Tuple[List[SSFTExample], List[SSFTExample]]:
     """Samples disjoint training and held-out values per field and makes their prompts.
 
-    A field with n distinct values gives ``min(S_valid, max(1, n // 5))`` held-out values
-    (none when n < 2) and up to ``S_train`` of the rest for training. A value text that
-    occurs in several fields is kept only for the first (its answer would be ambiguous).
+    Up to ``S_train + S_valid`` distinct values are sampled per field; of the n sampled,
+    ``S_valid`` are held out, but of a field too small for both at most what it can spare:
+    ``min(S_valid, max(1, n // 5, n - S_train))`` (none when n < 2), and up to ``S_train`` of
+    the rest are for training. A value text that occurs in several fields is kept only for
+    the first (its answer would be ambiguous).
 
     Returns:
         Tuple[List[SSFTExample], List[SSFTExample]]: training and held-out examples.
@@ -218,7 +220,8 @@ def build_examples(
         values = distinct_values(schema, spec.name, config.samples_train + config.samples_valid, rng, config.templates)
         values = [v for v in values if v not in seen]
         seen.update(values)
-        n_valid = 0 if len(values) < 2 else min(config.samples_valid, max(1, len(values) // 5))
+        n = len(values)
+        n_valid = 0 if n < 2 else min(config.samples_valid, max(1, n // 5, n - config.samples_train))
         for i, value in enumerate(values[: n_valid + config.samples_train]):
             example = SSFTExample(ssft_prompt(value, names, config.templates), label, value)
             (valid if i < n_valid else train).append(example)

@@ -31,6 +31,17 @@ class TestExamples:
             assert len(train_values) == 30 and len(valid_values) == 5 and not train_values & valid_values
         assert "The feature is: shade" in train[0].prompt and "[color, city, user_id, price]" in train[0].prompt
 
+    def test_s_valid_held_out_when_more_than_a_fifth_of_the_sample(self, tiny_schema: DatasetSchema) -> None:
+        """``experiments.llactr --quick``'s S = 16 / 8 on fields of 100 values used to hold out 24 // 5 = 4 values of
+        the 24 sampled, leaving 4 neither held out nor tuned on."""
+        fields = select_fields(tiny_schema)
+        train, valid = build_examples(tiny_schema, fields, SSFTConfig(samples_train=16, samples_valid=8))
+        for label in range(4):
+            assert sum(e.label == label for e in valid) == 8 and sum(e.label == label for e in train) == 16
+        # a field too small for both still keeps most of its values for training
+        small = build_examples(tiny_schema, fields, SSFTConfig(samples_train=200, samples_valid=50))
+        assert [sum(e.label == label for e in small[1]) for label in range(4)] == [20, 20, 50, 20]
+
     def test_infonce_matches_formula(self) -> None:
         torch.manual_seed(0)
         q, k, y = torch.randn(3, 5), torch.randn(4, 5), torch.tensor([0, 3, 1])
