@@ -212,7 +212,8 @@ def distinct_values(
         texts = sorted({templates.number_format.format(float(v)) for v in numbers})
     elif spec.value_text:
         table = schema.load_value_text(field_name)
-        column = table.column("text").combine_chunks().drop_null()
+        # as RowTextRenderer reads it: a text column of numbers (years, codes) is their text
+        column = pc.cast(table.column("text"), pa.string()).combine_chunks().drop_null()
         texts = sorted(t for t in pc.unique(column).to_pylist() if t and t.strip())
     else:
         ids = rng.sample(range(spec.cardinality), min(limit, spec.cardinality))

@@ -1,5 +1,7 @@
 import random
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from recsys_llm.data.schema import DatasetSchema
@@ -34,6 +36,14 @@ class TestTemplates:
         ids = distinct_values(tiny_schema, "user_id", 20, random.Random(0))
         assert len(set(ids)) == 20 and all(0 <= int(i) < 300 for i in ids)  # raw id tokens
         assert distinct_values(tiny_schema, "color", 10, random.Random(0)) == colors  # seeded
+
+    def test_value_texts_of_numbers_are_their_text(self, tiny_schema: DatasetSchema) -> None:
+        """A value-text column of numbers (years) is read as text, as ELEC's row text reads it; it used to fail
+        with AttributeError: 'int' object has no attribute 'strip'."""
+        years = pa.table({"id": pa.array(range(100), pa.int64()), "text": pa.array(range(1900, 2000), pa.int64())})
+        pq.write_table(years, tiny_schema.value_text_path("color"))
+        colors = distinct_values(tiny_schema, "color", 10, random.Random(0))
+        assert len(set(colors)) == 10 and all(1900 <= int(c) < 2000 for c in colors)
 
 
 class TestPromptTemplateChecks:
