@@ -207,7 +207,8 @@ def build_examples(
     ``S_valid`` are held out, but of a field too small for both at most what it can spare:
     ``min(S_valid, max(1, n // 5, n - S_train))`` (none when n < 2), and up to ``S_train`` of
     the rest are for training. A value text that occurs in several fields is kept only for
-    the first (its answer would be ambiguous).
+    the first (its answer would be ambiguous). A field left without values (none in the data,
+    or all kept for earlier fields) is warned about: it is tuned only as a wrong answer.
 
     Returns:
         Tuple[List[SSFTExample], List[SSFTExample]]: training and held-out examples.
@@ -216,8 +217,13 @@ def build_examples(
     names = [f.name for f in fields]
     train, valid = [], []
     seen: set = set()
+    empty: List[str] = []
     for label, spec in enumerate(fields):
         values = distinct_values(schema, spec.name, config.samples_train + config.samples_valid, rng, config.templates)
+        if not values:
+            empty.append(f"{spec.name!r} (no value in the data)")
+        elif not set(values) - seen:
+            empty.append(f"{spec.name!r} (its sampled values are all values of earlier fields)")
         values = [v for v in values if v not in seen]
         seen.update(values)
         n = len(values)
@@ -227,6 +233,13 @@ def build_examples(
             (valid if i < n_valid else train).append(example)
     if not train:
         raise ValueError(f"schema {schema.name!r}: no field values to tune on (fields {names})")
+    if empty:
+        warnings.warn(
+            f"schema {schema.name!r}: SSFT has no value to tune on for field(s) {', '.join(empty)}: they are only "
+            "ever a wrong answer, and the held-out accuracy leaves them out; check their value texts (value_text) "
+            "and data",
+            stacklevel=2,
+        )
     return train, valid
 
 
