@@ -137,7 +137,8 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
         StoredVectors: vectors (F, d_llm), the field names, provenance (as re-loaded).
 
     Raises:
-        ValueError: ``output`` is a directory (checked before the model loads).
+        ValueError: ``output`` is a directory, or the SSFT adapter was not tuned on these fields (both
+            checked before the model loads).
     """
     if os.path.isdir(output):  # the file's path is wanted: found only when writing, after encoding otherwise
         raise ValueError(f"{output}: is a directory; give the path of the field-vector file to write, "
@@ -149,9 +150,10 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
             f"schema {schema.name!r}: no field has a description, so no field vector can be made; "
             "describe the fields or set include_fields_without_description"
         )
-    encoder, templates, info = build_field_encoder(config)
-    if info:
+    if config.adapter_dir:  # before the model loads
+        info = read_adapter_info(config.adapter_dir)
         check_adapter_fields(config.adapter_dir, info, schema, [f.name for f in fields])
+    encoder, templates, info = build_field_encoder(config)
     texts = [field_text(f, templates) for f in fields]
     vectors = cached_encode(encoder, texts, templates.template_id(), config.cache_dir)  # (F, d_llm)
     extra = {"texts": texts, "templates": json.loads(templates.describe()), "dtype": encoder.dtype}

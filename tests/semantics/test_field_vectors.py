@@ -111,6 +111,26 @@ def test_an_output_directory_is_refused_before_the_model_loads(tmp_path, tiny_sc
         encode_field_vectors(config, tiny_schema, str(tmp_path))
 
 
+def test_an_adapter_of_other_fields_is_refused_before_the_model_loads(tmp_path, tiny_schema, monkeypatch) -> None:
+    """The check only needs the adapter's ssft.json; it used to come after the LLM had loaded."""
+    from recsys_llm.semantics import field_vectors
+    from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    info = {"base_model_path": str(tmp_path / "base"), "base_model_hash": "b", "adapter_hash": "a",
+            "pooling": "last_token", "max_length": 64, "fields": ["color", "city"], "templates": {}}
+    (adapter / SSFT_INFO_FILE).write_text(json.dumps(info), encoding="utf-8")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter's fields were checked")
+
+    monkeypatch.setattr(field_vectors, "load_tuned_encoder", no_loading)
+    with pytest.raises(ValueError, match=r"the SSFT adapter was tuned on the fields \['color', 'city'\], not on "
+                                         r"\['user_id', 'price'\] of schema 'tiny'"):
+        encode_field_vectors(FieldVectorConfig(adapter_dir=str(adapter)), tiny_schema, str(tmp_path / "f.safetensors"))
+
+
 def test_an_edited_adapter_config_misses_the_encode_cache(tmp_path, tiny_llama_dir) -> None:
     """peft merges the adapter's weights scaled by adapter_config.json's lora_alpha / r: a config edited or
     copied over the tuned one (same weights) encodes other vectors, which must not hit the cached ones."""
