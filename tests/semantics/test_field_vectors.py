@@ -69,6 +69,17 @@ class TestFieldVectors:
                                              r"of schema 'tiny'; tune it on this schema"):
             _run_cli(["semantics", "encode", "--schema", other_path, "--adapter", os.path.join(out_dir, "adapter"),
                       "--output", str(tmp_path / "other.safetensors")])
+        # a tuned field described otherwise since: its text is one the adapter never saw
+        edited = DatasetSchema.load(schema_path)
+        tuned_name = next(f.name for f in edited.fields if f.description)
+        edited.fields = [dataclasses.replace(f, description="a new description") if f.name == tuned_name else f
+                         for f in edited.fields]
+        edited_path = os.path.join(tiny_schema.root, "schema_edited.json")
+        edited.save(edited_path)
+        with pytest.warns(UserWarning, match=rf"adapter: the SSFT adapter was tuned with other texts of the fields "
+                                             rf"\['{tuned_name}'\] \(e\.g\. .*, now '{tuned_name}: a new description'\)"):
+            _run_cli(["semantics", "encode", "--schema", edited_path, "--adapter", adapter,
+                      "--output", str(tmp_path / "edited.safetensors")])
         # settings the adapter fixes: refused when they differ (before the model loads), accepted when the same
         from recsys_llm.semantics import field_vectors
 
