@@ -26,6 +26,7 @@ from recsys_llm.data.validation import offsets_from_lengths
 
 
 ROW_TEMPLATE_PLACEHOLDERS = ("description", "value")
+NULL_TEXT = "unknown"  # the value text of a null: a dense value, a sparse id or an id inside a sequence
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
@@ -135,11 +136,12 @@ class RowTextRenderer:
         """The value text of one column: (N,) strings.
 
         Sparse ids are mapped through the value-text file (or written as numbers when the
-        field has none); sequences join the texts of their ids; dense values are rounded.
+        field has none); sequences join the texts of their ids; dense values are rounded. A null
+        value or id is written ``unknown``; an empty or null sequence ``none``.
         """
         if spec.kind == FieldKind.DENSE:
             rounded = pc.round(pc.cast(column, pa.float64()), ndigits=self._config.dense_decimals)
-            return pc.fill_null(pc.cast(rounded, pa.string()), "unknown")
+            return pc.fill_null(pc.cast(rounded, pa.string()), NULL_TEXT)
         if spec.kind == FieldKind.SPARSE:
             return pa.chunked_array([self._id_text(spec, chunk) for chunk in column.chunks], type=pa.string())
         chunks = []
@@ -153,15 +155,19 @@ class RowTextRenderer:
         return pa.chunked_array(chunks, type=pa.string())
 
     def _id_text(self, spec: FieldSpec, ids: pa.Array) -> pa.Array:
+        """The text of each id (N,): its value text, else ``missing_value`` or the number; a null id ``unknown``
+        (a null would make its whole row's text null)."""
         ids = pc.cast(ids, pa.int64())
         as_number = pc.cast(ids, pa.string())
         table = self._value_table(spec)
         if table is None:
-            return as_number
+            return pc.fill_null(as_number, NULL_TEXT)
         index = pc.index_in(ids, value_set=table.column("id"))  # (N,) row of each id, null if absent
         text = pc.take(table.column("text"), index)
         fallback = as_number if self._config.missing_value is None else pa.scalar(self._config.missing_value)
-        return pc.coalesce(text, fallback).combine_chunks() if isinstance(text, pa.ChunkedArray) else pc.coalesce(text, fallback)
+        text = pc.coalesce(text, fallback)
+        text = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
+        return pc.if_else(pc.is_valid(ids), text, NULL_TEXT)
 
     def sentence(self, spec: FieldSpec, column: pa.ChunkedArray) -> pa.ChunkedArray:
         """``template`` applied to every value of the column: (N,) strings."""

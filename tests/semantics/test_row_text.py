@@ -40,6 +40,19 @@ class TestRowTextRenderer:
         assert texts[2] == "user name is Bob. item id is 1. genres is Horror. age is unknown."
         assert texts[3].startswith("user name is 5.")  # id without value text: the number
 
+    def test_a_null_id_is_written_unknown_as_a_null_dense_value_is(self, tmp_path):
+        """A null sparse id, or a null id inside a list, made the whole row's text None (the LLM's tokenizer
+        then failed on it), with a value-text file or without."""
+        table = pa.table({
+            "user_id": pa.array([None, 0], pa.int64()),
+            "item_id": pa.array([1, None], pa.int64()),
+            "genres": pa.array([[0, None], [None]], pa.list_(pa.int64())),
+            "age": pa.array([1.0, None], pa.float32()),
+        })
+        texts = RowTextRenderer(make_schema(str(tmp_path))).render(table).to_pylist()
+        assert texts == ["user name is unknown. item id is 1. genres is Drama, unknown. age is 1.",
+                         "user name is Alice. item id is unknown. genres is unknown. age is unknown."]
+
     def test_a_value_ending_its_own_sentence_keeps_one_full_stop(self, tmp_path):
         schema = make_schema(str(tmp_path))
         pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Acme Inc.", "Help!", "a.b"]}),
