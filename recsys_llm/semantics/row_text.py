@@ -74,6 +74,10 @@ class RowTextConfig:
 
     def __post_init__(self) -> None:
         check_row_template(self.template, "row-text template")
+        twice = sorted({name for name in self.fields or [] if self.fields.count(name) > 1})
+        if twice:
+            raise SchemaError(f"row-text fields {self.fields} (semantics adapt / export --fields) name "
+                              f"{', '.join(map(repr, twice))} more than once; name each field once")
         if not isinstance(self.templates, dict):
             raise SchemaError(f"row-text templates must map field names to templates, got {self.templates!r}")
         for field_name, template in self.templates.items():

@@ -113,6 +113,13 @@ class TestRowTextConfig:
                                               r"use \{description\} and \{value\}$"):
             RowTextConfig(template=template)
 
+    def test_a_field_named_twice_is_refused_naming_it(self):
+        """`semantics adapt --fields color color` failed in pyarrow's read ('Field "color" exists 2 times in
+        schema'), which named neither the option nor the row text."""
+        with pytest.raises(SchemaError, match=r"^row-text fields \['user_id', 'age', 'user_id'\] \(semantics adapt / "
+                                              r"export --fields\) name 'user_id' more than once; name each field once$"):
+            RowTextConfig(fields=["user_id", "age", "user_id"])
+
     def test_per_field_templates_and_replaced_configs_are_checked(self):
         with pytest.raises(SchemaError, match=r"row-text template for field 'age' '\{value\} \{unit\}': "
                                               r"unknown placeholder \{unit\}"):
