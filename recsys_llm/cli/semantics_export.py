@@ -65,6 +65,7 @@ def _adapt(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from recsys_llm.atomic_dir import check_replaceable
+    from recsys_llm.data.parquet import read_schema_and_check
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.data.validation import check_labels, check_no_nulls
     from recsys_llm.semantics.ctr_llm import (
@@ -107,6 +108,8 @@ def _adapt(args: argparse.Namespace) -> int:
               "entity_table), whose FBGEMM kernels need a multiple of 4", flush=True)
     renderer = RowTextRenderer(schema, text_config)
     split_path = schema.split_path(args.split)
+    # as train reads it: a missing column or an empty file is named (no rows would save untrained heads)
+    read_schema_and_check(schema, split_path)
     table = pq.read_table(split_path, columns=[*renderer.field_names, schema.label], memory_map=True)
     # as train reads them (BCEWithLogitsLoss takes a rating, and a null's NaN, without a word)
     label_column = table.column(schema.label).combine_chunks()

@@ -351,6 +351,8 @@ def _tuning_rows(texts: Sequence[str], labels: Union[Sequence[float], np.ndarray
     """The sample's row indices (sorted), its texts and its labels (float32)."""
     if len(texts) != len(labels):
         raise ValueError(f"tune_ctr_llm: {len(texts)} texts but {len(labels)} labels")
+    if not len(texts):
+        raise ValueError("tune_ctr_llm: no rows to tune on (0 texts)")
     index = sample_indices(len(texts), config)
     label_array = np.asarray(labels, dtype=np.float32)
     sample_labels = label_array[index]

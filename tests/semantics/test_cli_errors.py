@@ -342,3 +342,31 @@ def test_a_bad_export_setting_is_named_before_the_llm_loads(tmp_path, tiny_schem
     line = _error_line(capsys)
     assert code == 2 and re.search(expected, line), line
     assert not os.path.exists(tmp_path / "vectors")
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda table: table.slice(0, 0), "the file is empty (0 rows); expected at least one row"),
+    (lambda table: table.drop_columns(["city"]), "missing column(s) ['city'] required by schema 'tiny'; file columns: "),
+])
+def test_adapt_checks_its_split_as_train_does_before_the_llm_loads(tmp_path, tiny_schema, tiny_bert_dir, capsys,
+                                                                  monkeypatch, change, expected) -> None:
+    """An empty split loaded the LLM, tuned no step and saved the untrained heads as an adapted LLM (exit 0, losses
+    NaN); a split without a field's column failed in pyarrow ('No match for FieldRef.Name(city) in ...', over
+    several lines, naming no file)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM
+
+    root = str(tmp_path / "changed")
+    shutil.copytree(tiny_schema.root, root)
+    split = os.path.join(root, "train.parquet")
+    pq.write_table(change(pq.read_table(split)), split)
+    monkeypatch.setattr(CTRAdaptedLLM, "from_config", lambda *args: pytest.fail("the LLM was loaded"))
+    code = main(["semantics", "adapt", "--schema", root, "--model", tiny_bert_dir, "--output-dir",
+                 str(tmp_path / "out")])
+    assert code == 2
+    line = _error_line(capsys)
+    assert f"error: {split}: {expected}" in line, line
+    assert not os.path.exists(tmp_path / "out")

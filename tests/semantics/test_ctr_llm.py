@@ -181,6 +181,13 @@ def test_tuning_refuses_labels_that_are_not_clicks(tmp_path, bad):
         tune_ctr_llm(model, texts, labels, config, progress=False)
 
 
+def test_tuning_on_no_rows_is_refused(tmp_path):
+    """No step would run, and the untrained heads would pass for tuned ones."""
+    config = CTRLLMConfig(model_path=_tiny_model_dir(tmp_path, "bert"), representation_dim=8, hidden_dim=16)
+    model = CTRAdaptedLLM.from_config(config)
+    with pytest.raises(ValueError, match=r"^tune_ctr_llm: no rows to tune on \(0 texts\)$"):
+        tune_ctr_llm(model, [], [], config, progress=False)
+
 def test_an_encoder_decoder_model_is_adapted_through_its_encoder(tmp_path):
     from tests.tiny_models import save_tiny_t5
 
