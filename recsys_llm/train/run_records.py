@@ -457,11 +457,16 @@ def current_records(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
-    """The ``results.json`` :func:`~recsys_llm.train.runner.run_training` wrote last in ``run_dir``, or None if it never finished."""
+    """The ``results.json`` :func:`~recsys_llm.train.runner.run_training` wrote last in ``run_dir``, or None if it
+    never finished: as ``run_training`` returned them, so a test metric the file holds as null (strict JSON
+    has no NaN: a split of one class has no AUC) is NaN again."""
     path = os.path.join(run_dir, RESULTS_FILE)
     if not os.path.exists(path):
         return None
-    return read_run_record(path)
+    results = read_run_record(path)
+    if isinstance(results.get("test"), dict):
+        results["test"] = {key: math.nan if value is None else value for key, value in results["test"].items()}
+    return results
 
 
 def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: str) -> None:

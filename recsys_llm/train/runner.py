@@ -342,7 +342,7 @@ def _train_in_run_dir(
         )
         log.write({"event": "test", "global_step": state.global_step, **results["test"]})
     if ctx.is_main:
-        write_text_atomically(os.path.join(run_dir, RESULTS_FILE),
+        write_text_atomically(os.path.join(run_dir, RESULTS_FILE),  # strict JSON, as metrics.jsonl: NaN is null
                               json.dumps(strict_json(results), indent=2, sort_keys=True, default=float))
         try:  # a picture that cannot be drawn (a full disk) must not fail a finished run, nor leave the ranks waiting
             plot_training_curves(run_dir)

@@ -26,7 +26,7 @@ from recsys_llm.train.checkpoint import STOP_BUDGET, STOP_PATIENCE, TrainState
 from recsys_llm.train.config import ConfigError, TrainConfig, load_config
 from recsys_llm.train.curves import CURVES_FILE, training_curves
 from recsys_llm.train.resume import reopen_for_budget
-from recsys_llm.train.run_records import current_records, read_metrics
+from recsys_llm.train.run_records import current_records, finished_results, read_metrics
 from recsys_llm.train.runner import StepHook, run_training
 from tests.multiprocess import run_multiprocess
 
@@ -1001,7 +1001,8 @@ def _one_class_run(schema_dir: str, root: str) -> Dict[str, Any]:
         results = _run(data, run_dir, ["train.epochs=1", "train.max_steps=2"])
     with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as handle:
         written = json.load(handle, parse_constant=lambda constant: f"bare {constant}")
-    return {"results": results, "written": written, "warnings": [str(w.message) for w in caught]}
+    return {"results": results, "written": written, "warnings": [str(w.message) for w in caught],
+            "reused": finished_results(run_dir)}
 
 
 def test_a_one_class_validation_split_is_warned_about_and_results_json_stays_strict_json(synthetic_dir: str,
@@ -1012,5 +1013,8 @@ def test_a_one_class_validation_split_is_warned_about_and_results_json_stays_str
     assert math.isnan(out["results"]["test"]["auc"])  # the returned figures keep NaN
     assert out["written"]["test"]["auc"] is None and out["written"]["valid"]["auc"] is None
     assert "bare" not in json.dumps(out["written"])
+    # read back (a finished run reused by the demo or the experiments) as run_training returned it
+    reused = out["reused"]["test"]
+    assert math.isnan(reused["auc"]) and reused["logloss"] == out["written"]["test"]["logloss"]
     assert any("valid AUC at step 2 is undefined: the validation split holds rows of one class only" in w
                for w in out["warnings"]), out["warnings"]
