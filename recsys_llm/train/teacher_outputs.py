@@ -212,8 +212,9 @@ def receive_outputs(source_rank: int, group: Optional[dist.ProcessGroup]) -> Out
 
 
 class TeacherColumnsWriter:
-    """Writes a copy of ``source`` with the two teacher columns appended, row group by row group,
-    as the outputs arrive in file order (atomic: ``target`` appears at :meth:`finish`).
+    """Writes a copy of ``source`` with the two teacher columns appended (in place of an earlier
+    teacher's that it holds), row group by row group, as the outputs arrive in file order (atomic:
+    ``target`` appears at :meth:`finish`).
 
     A row group is written as soon as its outputs are all there, so besides the outputs it
     is given, the writer holds one row group of the source. Row keys, when given, must
@@ -313,8 +314,11 @@ class TeacherColumnsWriter:
 
     @staticmethod
     def _with_columns(table: pa.Table, logits: np.ndarray, representations: np.ndarray) -> pa.Table:
-        """``table`` (n rows) with the logits (n,) and representations (n, H) appended."""
+        """``table`` (n rows) with the logits (n,) and representations (n, H) appended, in place of
+        an earlier teacher's columns of those names (a teacher trained on teacher-outputs copies)."""
         flat = pa.array(np.ascontiguousarray(representations, dtype=np.float32).reshape(-1))
+        earlier = [name for name in (LOGITS_COLUMN, REPRESENTATION_COLUMN) if name in table.column_names]
+        table = table.drop_columns(earlier)
         table = table.append_column(LOGITS_COLUMN, pa.array(logits.astype(np.float32)))
         return table.append_column(REPRESENTATION_COLUMN,
                                    pa.FixedSizeListArray.from_arrays(flat, representations.shape[1]))

@@ -50,6 +50,31 @@ def test_the_copy_takes_the_outputs_row_by_row_and_refuses_another_row_order(tmp
         write_with_columns(source, other, logits[:9], representations[:9], "row_id", keys[:9])
 
 
+
+def test_a_split_that_holds_an_earlier_teachers_columns_gets_this_teachers_in_their_place(tmp_path) -> None:
+    """A teacher trained on teacher-outputs copies (they keep the LLM vectors, so a second gain network or
+    a joint run may train there) reads split files that hold an earlier teacher's two columns: the copy
+    used to hold both teachers' under the same names, which no reader can select (pyarrow: multiple
+    matches), and the command then failed after writing every copy."""
+    source, target = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    earlier = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(15, np.float32)), 3)
+    pq.write_table(pa.table({"row_id": np.arange(5, dtype=np.int64), LOGITS_COLUMN: np.ones(5, np.float32),
+                             REPRESENTATION_COLUMN: earlier, "x": np.arange(5.0)}), source, row_group_size=2)
+    logits = np.arange(5, dtype=np.float32)
+    representations = np.arange(10, dtype=np.float32).reshape(5, 2)
+    write_with_columns(source, target, logits, representations, "row_id", np.arange(5, dtype=np.int64))
+    copy = pq.read_table(target)
+    assert copy.column_names == ["row_id", "x", LOGITS_COLUMN, REPRESENTATION_COLUMN]
+    np.testing.assert_array_equal(copy.column(LOGITS_COLUMN).to_numpy(), logits)
+    assert copy.schema.field(REPRESENTATION_COLUMN).type.list_size == 2
+    np.testing.assert_array_equal(np.array(copy.column(REPRESENTATION_COLUMN).to_pylist()), representations)
+
+    empty, empty_copy = str(tmp_path / "empty.parquet"), str(tmp_path / "empty_copy.parquet")
+    pq.ParquetWriter(empty, pq.ParquetFile(source).schema_arrow).close()  # no row groups
+    write_with_columns(empty, empty_copy, np.zeros(0, np.float32), np.zeros((0, 2), np.float32), "row_id", None)
+    assert pq.ParquetFile(empty_copy).schema_arrow.names == ["row_id", "x", LOGITS_COLUMN, REPRESENTATION_COLUMN]
+
+
 def test_the_writer_writes_each_row_group_once_its_outputs_are_there(tmp_path) -> None:
     """Rank 0 adds its share, then each other rank's: a row group is written as soon as it is
     complete, so the writer never holds more than the outputs it was given plus a row group."""
