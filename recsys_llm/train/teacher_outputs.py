@@ -21,7 +21,8 @@ a run resumes an earlier unfinished one in the same ``--output-dir``; a director
 anything else is refused before the teacher is loaded. ``teacher.json`` records which checkpoint
 wrote the copies (content hashes of its ``train_state.json`` and DCP ``.metadata``), so a resume
 with another teacher -- one trained again, or another run's -- is refused rather than left with
-copies of two teachers.
+copies of two teachers; and the data they were copied from (each split's Parquet-footer hash), so
+a resume after the data was prepared again is refused rather than left with copies of both.
 """
 
 import json
@@ -38,7 +39,7 @@ from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries, write_text_atomically
-from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
+from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths, split_fingerprint
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
@@ -51,7 +52,10 @@ from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 LOGITS_COLUMN = "teacher_logits"
 REPRESENTATION_COLUMN = "teacher_representation"
 SCHEMA_FILE = "schema.json"
-TEACHER_FILE = "teacher.json"  # which checkpoint wrote the copies: {"checkpoint": path, "sha256": {file: digest}}
+# which checkpoint wrote the copies, from which data: {"checkpoint": path, "sha256": {file: digest},
+# "data_fingerprints": {split: split_fingerprint}}
+TEACHER_FILE = "teacher.json"
+DATA_FINGERPRINTS_KEY = "data_fingerprints"
 
 # (logits (n,), representations (n, H), row keys (n,) or None) of n rows
 Outputs = Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
@@ -71,10 +75,21 @@ def check_output_dir(output_dir: str, schema: DatasetSchema) -> None:
                       f"{SCHEMA_FILE}, {TEACHER_FILE} and the split copies {sorted(schema.splits)}")
 
 
-def teacher_record(checkpoint: str) -> Dict[str, Any]:
+def teacher_record(checkpoint: str, data_fingerprints: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """What ``teacher.json`` records of the checkpoint directory ``checkpoint``: its path (for
-    messages) and its identity files' sha256 (:func:`~recsys_llm.train.checkpoint.checkpoint_digests`)."""
-    return {"checkpoint": os.path.abspath(checkpoint), "sha256": checkpoint_digests(checkpoint)}
+    messages) and its identity files' sha256 (:func:`~recsys_llm.train.checkpoint.checkpoint_digests`),
+    and of the source data, when given, each split's :func:`source_fingerprints`."""
+    record: Dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint), "sha256": checkpoint_digests(checkpoint)}
+    if data_fingerprints is not None:
+        record[DATA_FINGERPRINTS_KEY] = dict(data_fingerprints)
+    return record
+
+
+def source_fingerprints(schema: DatasetSchema) -> Dict[str, str]:
+    """Split -> :func:`~recsys_llm.data.parquet.split_fingerprint` (a hash of its files' Parquet footers)
+    of every split of ``schema`` whose file or directory is there."""
+    return {split: split_fingerprint(schema, split) for split in sorted(schema.splits)
+            if os.path.exists(schema.split_path(split))}
 
 
 def _holds_a_copy(path: str) -> bool:
@@ -93,11 +108,13 @@ def _finished_copies(output_dir: str) -> List[str]:
 
 def check_same_teacher(output_dir: str, record: Dict[str, Any]) -> None:
     """Raises when ``output_dir`` already holds finished copies written by another teacher checkpoint
-    than ``record`` describes (:func:`teacher_record`), or copies without a ``teacher.json``. Without
-    a finished copy any ``teacher.json`` there is replaced: nothing of another teacher would be kept.
+    than ``record`` describes (:func:`teacher_record`), copies of splits whose source data holds other
+    rows now (prepared again), or copies without a ``teacher.json``. Without a finished copy any
+    ``teacher.json`` there is replaced: nothing of another teacher would be kept. Records without data
+    fingerprints (older versions) are not compared on the data.
 
     Raises:
-        ValueError: naming the directory, both checkpoints and the remedy.
+        ValueError: naming the directory, both checkpoints (or the splits whose data changed) and the remedy.
     """
     finished = _finished_copies(output_dir)
     if not finished:
@@ -121,6 +138,16 @@ def check_same_teacher(output_dir: str, record: Dict[str, Any]) -> None:
             f"{record['checkpoint']} (differing: {', '.join(differing) or 'no file of both to compare'}): a resume "
             f"would mix the outputs of two teachers; {remedy}"
         )
+    saved_data, current_data = saved.get(DATA_FINGERPRINTS_KEY), record.get(DATA_FINGERPRINTS_KEY)
+    if isinstance(saved_data, dict) and isinstance(current_data, dict):
+        copied = {name[: -len(".parquet")] if name.endswith(".parquet") else name for name in finished}
+        changed = sorted(split for split in copied if split in saved_data and split in current_data
+                         and saved_data[split] != current_data[split])
+        if changed:
+            raise ValueError(
+                f"{output_dir}: holds teacher outputs of split(s) {changed} copied from other data than those splits "
+                f"hold now (prepared again since?): a resume would mix copies of both; {remedy}"
+            )
 
 
 def teacher_of(task: nn.Module) -> nn.Module:
@@ -441,7 +468,7 @@ def write_teacher_outputs(
     refusal: List[Optional[str]] = [None]
     if ctx.is_main:  # rank 0 writes, and alone needs to see the directory; its error is every rank's
         try:
-            record = teacher_record(run.checkpoint)
+            record = teacher_record(run.checkpoint, source_fingerprints(schema))
             check_same_teacher(output_dir, record)
             os.makedirs(output_dir, exist_ok=True)
             write_text_atomically(os.path.join(output_dir, TEACHER_FILE), json.dumps(record, indent=2) + "\n")

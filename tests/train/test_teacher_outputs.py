@@ -13,12 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.teacher_outputs import (
+    DATA_FINGERPRINTS_KEY,
     LOGITS_COLUMN,
     REPRESENTATION_COLUMN,
     TEACHER_FILE,
     TeacherColumnsWriter,
     check_same_teacher,
+    source_fingerprints,
     teacher_record,
     write_on_rank_0,
     write_with_columns,
@@ -226,3 +229,31 @@ def test_a_record_over_no_finished_copy_is_replaced_not_refused(tmp_path) -> Non
     check_same_teacher(str(out), retrained)
     (out / TEACHER_FILE).write_text("{not json", encoding="utf-8")  # no copy depends on it either
     check_same_teacher(str(out), retrained)
+
+
+def test_a_resume_on_data_prepared_again_is_refused(tmp_path) -> None:
+    """The same teacher over a data directory prepared again (other rows, the same schema): the finished
+    copies of the old rows would stay beside copies of the new, e.g. a train split of one preparation and
+    a test split of another."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        pq.write_table(pa.table({"row_id": np.arange(4, dtype=np.int64)}), str(data / f"{split}.parquet"))
+    splits = {split: f"{split}.parquet" for split in ("train", "valid", "test")}
+    schema = DatasetSchema(name="tiny", splits=splits, fields=[], root=str(data))
+    checkpoint = _checkpoint(tmp_path / "run" / "best" / "ckpt-10", 10)
+    first = teacher_record(checkpoint, source_fingerprints(schema))
+    assert sorted(first[DATA_FINGERPRINTS_KEY]) == ["train", "valid"]  # no test file: nothing to record of it
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / TEACHER_FILE).write_text(json.dumps(first), encoding="utf-8")
+    (out / "train.parquet").write_bytes(b"finished copy")
+    (out / "valid.parquet.tmp").write_bytes(b"a copy being written")
+    pq.write_table(pa.table({"row_id": np.arange(10, 14, dtype=np.int64)}), str(data / "valid.parquet"))
+    check_same_teacher(str(out), teacher_record(checkpoint, source_fingerprints(schema)))  # valid: no copy yet
+    pq.write_table(pa.table({"row_id": np.arange(20, 24, dtype=np.int64)}), str(data / "train.parquet"))
+    with pytest.raises(ValueError, match=r"teacher: holds teacher outputs of split\(s\) \['train'\] copied from other "
+                                         r"data than those splits hold now \(prepared again since\?\): a resume would "
+                                         r"mix copies of both; use a new --output-dir"):
+        check_same_teacher(str(out), teacher_record(checkpoint, source_fingerprints(schema)))
+    check_same_teacher(str(out), teacher_record(checkpoint))  # no fingerprints: not compared
