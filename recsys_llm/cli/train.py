@@ -75,13 +75,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from recsys_llm.train.checkpoint import trained_run_config
     from recsys_llm.train.config import load_config
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
+    from recsys_llm.train.run_records import strict_json
     from recsys_llm.train.trained_run import run_evaluation
 
     check_versions()
     config = load_config(args.config or trained_run_config(args.checkpoint), args.overrides)
     results = run_evaluation(config, args.checkpoint, args.split)
     if is_main_process():
-        print(json.dumps(results, indent=2, sort_keys=True, default=float))
+        print(json.dumps(strict_json(results), indent=2, sort_keys=True, default=float))  # NaN AUC: null
     teardown_distributed()
     return 0
 

@@ -7,6 +7,7 @@ its last checkpoint and ends with the metrics of an uninterrupted run.
 """
 
 import contextlib
+import io
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
+from recsys_llm.cli import main as cli_main
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.checkpoint import STOP_BUDGET, STOP_PATIENCE, TrainState
@@ -1001,8 +1003,12 @@ def _one_class_run(schema_dir: str, root: str) -> Dict[str, Any]:
         results = _run(data, run_dir, ["train.epochs=1", "train.max_steps=2"])
     with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as handle:
         written = json.load(handle, parse_constant=lambda constant: f"bare {constant}")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli_main(["evaluate", "--checkpoint", run_dir, "--split", "test"]) == 0  # no best/: no valid AUC
+    evaluated = json.loads(printed.getvalue(), parse_constant=lambda constant: f"bare {constant}")
     return {"results": results, "written": written, "warnings": [str(w.message) for w in caught],
-            "reused": finished_results(run_dir)}
+            "reused": finished_results(run_dir), "evaluated": evaluated}
 
 
 def test_a_one_class_validation_split_is_warned_about_and_results_json_stays_strict_json(synthetic_dir: str,
@@ -1012,7 +1018,7 @@ def test_a_one_class_validation_split_is_warned_about_and_results_json_stays_str
     (out,) = run_multiprocess(_one_class_run, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
     assert math.isnan(out["results"]["test"]["auc"])  # the returned figures keep NaN
     assert out["written"]["test"]["auc"] is None and out["written"]["valid"]["auc"] is None
-    assert "bare" not in json.dumps(out["written"])
+    assert "bare" not in json.dumps(out["written"]) and out["evaluated"]["auc"] is None  # and evaluate's JSON
     # read back (a finished run reused by the demo or the experiments) as run_training returned it
     reused = out["reused"]["test"]
     assert math.isnan(reused["auc"]) and reused["logloss"] == out["written"]["test"]["logloss"]
