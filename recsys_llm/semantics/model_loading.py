@@ -162,7 +162,9 @@ def tokenizer_fits_model(tokenizer: Any, model: nn.Module, where: str) -> None:
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
-    """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs).
+    """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs); a text
+    longer than ``max_length`` is cut at its end whatever the tokenizer's config says (some save
+    ``truncation_side: left``), as the docs and the cut-off warnings say.
 
     The directory must be a model directory (``config.json``) with tokenizer files
     (:data:`TOKENIZER_FILES`), and the tokenizer must cover at least half of the config's
@@ -198,6 +200,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
         if fallback is None:
             raise ValueError(f"{model_path}: tokenizer has no pad, eos or unk token to pad batches with")
         tokenizer.pad_token = fallback
+    tokenizer.truncation_side = "right"
     return tokenizer
 
 

@@ -306,3 +306,18 @@ def test_a_vision_language_model_that_reads_text_alone_is_not_refused(tmp_path) 
     path = save_tiny_smolvlm(tmp_path / "smolvlm", text_layers=1, vision_layers=1)
     encoder = TextEncoder(path)
     assert encoder.dim == encoder.encode(SAMPLE_TEXTS[:2], progress=False).shape[1] == 32
+
+
+def test_a_tokenizer_saved_to_truncate_on_the_left_cuts_texts_at_their_end(tiny_llama_dir: str, tmp_path) -> None:
+    """A tokenizer config with ``truncation_side: left`` cut row texts and prompts at their start, where
+    the docs and the cut-off warnings say the end is cut (the fields written last)."""
+    directory = copy_model_dir(tiny_llama_dir, tmp_path / "left")
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump({**config, "truncation_side": "left"}, handle)
+    tokenizer = load_tokenizer(directory)
+    assert tokenizer.truncation_side == "right"
+    full = tokenizer("red blue green town city")["input_ids"]
+    assert tokenizer("red blue green town city", truncation=True, max_length=3)["input_ids"] == full[:3]
