@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
+from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.embedding import require_allocated
 from recsys_llm.models.task import checked_term, required_extra
@@ -360,9 +361,11 @@ def write_teacher_outputs(
 
     Args:
         teacher (nn.Module): ``predict(batch) -> CTROutput``.
-        batches (Iterable[Batch]): the split, with ``extras[row_key]``.
+        batches (Iterable[Batch]): the split, with its row keys in ``extras[row_key]`` or, as
+            :class:`~recsys_llm.data.parquet.ParquetBatchReader` gives them for a row key of any
+            name, ``extras["row_id"]``.
         output_path (str): Parquet file (written atomically).
-        row_key (str): extras key and column name of the row ids.
+        row_key (str): column name of the row keys (the split's row key column, to join on).
         with_representation (bool): also write the representations.
         progress (bool): tqdm bar.
 
@@ -377,11 +380,13 @@ def write_teacher_outputs(
     written = False
     try:
         for batch in tqdm(batches, desc="teacher outputs", disable=not progress):
-            if row_key not in batch.extras:
-                raise KeyError(f"write_teacher_outputs: batch has no extras[{row_key!r}] (row ids); extras: {sorted(batch.extras)}")
+            keys = batch.extras.get(row_key, batch.extras.get(ROW_ID_EXTRA))
+            if keys is None:
+                where = " or ".join(f"extras[{key!r}]" for key in dict.fromkeys([row_key, ROW_ID_EXTRA]))
+                raise KeyError(f"write_teacher_outputs: batch has no {where} (row keys); extras: {sorted(batch.extras)}")
             output = teacher.predict(batch)
             columns = {
-                row_key: pa.array(batch.extras[row_key].cpu().numpy().astype(np.int64)),
+                row_key: pa.array(keys.cpu().numpy().astype(np.int64)),
                 "teacher_logits": pa.array(output.logits.float().cpu().numpy()),
             }
             if with_representation:
@@ -409,7 +414,8 @@ def attach_columns(split_path: str, columns_path: str, key_column: str, output_p
     """Writes a copy of a split with the columns of ``columns_path`` joined on ``key_column``.
 
     Raises:
-        ValueError: a row of the split has no match, or a column already exists.
+        ValueError: a row of the split has no match, a key occurs twice in ``columns_path``, or a
+            column already exists.
 
     Returns:
         int: rows written.
@@ -419,7 +425,13 @@ def attach_columns(split_path: str, columns_path: str, key_column: str, output_p
     for path, table in ((split_path, split), (columns_path, extra)):
         if key_column not in table.column_names:
             raise ValueError(f"{path}: no key column {key_column!r}; columns {table.column_names}")
-    index = pc.index_in(split.column(key_column), value_set=extra.column(key_column))  # (N,)
+    keys = extra.column(key_column)
+    if pc.count_distinct(keys).as_py() != len(keys):  # index_in would take each key's first row
+        counts = pc.value_counts(keys)
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        raise ValueError(f"{columns_path}: key {repeated!r} of column {key_column!r} occurs more than once; expected "
+                         "one row per key")
+    index = pc.index_in(split.column(key_column), value_set=keys)  # (N,)
     if index.null_count:
         raise ValueError(f"{split_path}: {index.null_count} rows have no {key_column!r} in {columns_path}")
     for name in extra.column_names:

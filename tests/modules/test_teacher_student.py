@@ -345,6 +345,24 @@ class TestOfflineOutputs:
         with pytest.raises(ValueError, match="1 rows have no 'row_id'"):
             attach_columns(split, out, "row_id", copy)
 
+    def test_a_row_key_of_another_name_is_read_from_the_readers_row_id_and_repeated_keys_are_refused(self, tmp_path):
+        """The reader carries any row key as ``extras["row_id"]``: ``write_teacher_outputs(row_key=
+        "impression")`` refused its batches, so the pair of functions could not join on such a split;
+        and a columns file with a key twice was joined on its first row silently."""
+        task = _elec("joint")
+        batches = [make_batch(8, seed=s) for s in range(2)]
+        out = str(tmp_path / "teacher.parquet")
+        assert write_teacher_outputs(task.teacher, batches, out, row_key="impression", progress=False) == 16
+        split = str(tmp_path / "split.parquet")
+        keys = np.concatenate([b.extras["row_id"].numpy() for b in batches])
+        pq.write_table(pa.table({"impression": keys, "label": np.zeros(16)}), split)
+        assert attach_columns(split, out, "impression", str(tmp_path / "copy.parquet")) == 16
+        twice = str(tmp_path / "twice.parquet")
+        pq.write_table(pa.concat_tables([pq.read_table(out), pq.read_table(out).slice(3, 1)]), twice)
+        with pytest.raises(ValueError, match=rf"twice\.parquet: key {keys[3]} of column 'impression' occurs more than "
+                                             r"once; expected one row per key"):
+            attach_columns(split, twice, "impression", str(tmp_path / "copy2.parquet"))
+
 
     def test_the_teacher_keeps_its_mode_and_a_failed_write_leaves_no_file(self, tmp_path):
         task = _elec("joint")
@@ -354,7 +372,7 @@ class TestOfflineOutputs:
         assert task.teacher.training
         no_row_ids = make_batch(8, seed=1)
         del no_row_ids.extras["row_id"]
-        with pytest.raises(KeyError, match="no extras\\['row_id'\\]"):
+        with pytest.raises(KeyError, match="no extras\\['row_id'\\] \\(row keys\\)"):
             write_teacher_outputs(task.teacher, [make_batch(8, seed=2), no_row_ids], str(tmp_path / "failed.parquet"),
                                   progress=False)
         assert task.teacher.training
