@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import sys
+from typing import Sequence
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_a_chosen_progress_interval_is_kept(monkeypatch) -> None:
     assert "TQDM_MAXINTERVAL" not in os.environ
 
 
-def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir) -> int:
+def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir, extra: Sequence[str] = ()) -> int:
     """``teacher-outputs`` on a stand-in trained run whose model load fails with 'model loaded'."""
     import torch
 
@@ -59,8 +60,13 @@ def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir) -> int:
     from recsys_llm.train.distributed import DistContext
     from recsys_llm.train.trained_run import TrainedRun
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
+    (data / "valid").mkdir(parents=True, exist_ok=True)
+    for path in (data / "train.parquet", data / "valid" / "part-0.parquet"):
+        pq.write_table(pa.table({"user_id": pa.array([1, 2], pa.int64()), "label": pa.array([0, 1], pa.int8())}), path)
     schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3)],
                            splits={"train": "train.parquet", "valid": "valid"}, root=str(data))
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
@@ -71,7 +77,17 @@ def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir) -> int:
 
     monkeypatch.setattr(teacher_outputs, "load_trained_model", load_trained_model)
     return main(["teacher-outputs", "--config", "configs/synthetic_deepfm.yaml", "--checkpoint", str(tmp_path / "run"),
-                 "--output-dir", str(output_dir)])
+                 "--output-dir", str(output_dir), *extra])
+
+
+def test_an_unknown_split_is_refused_before_teacher_json_is_written_and_the_teacher_loaded(tmp_path, monkeypatch,
+                                                                                          capsys) -> None:
+    out = tmp_path / "out"
+    assert _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, out, ["--splits", "train", "test"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "recsys-llm teacher-outputs: error: teacher outputs --splits: ['test'] are no splits of schema 't'; expected "
+        "names among ['train', 'valid']")
+    assert not out.exists()
 
 
 def test_a_teacher_outputs_dir_of_other_files_is_refused_before_the_teacher_is_loaded(tmp_path, monkeypatch,

@@ -465,6 +465,21 @@ def write_teacher_outputs(
         raise ValueError(f"teacher outputs: --output-dir {output_dir} is the input data's own directory; "
                          "the copies with teacher columns need another directory")
     check_output_dir(output_dir, schema)  # before the teacher is loaded
+    # (source file, its copy): a file two splits name (valid = test) gets a copy in each; an
+    # unknown split is named before teacher.json is written and the teacher loaded
+    copies: List[Tuple[str, str]] = []
+    new_splits: Dict[str, str] = {}
+    unknown = [split for split in splits or () if split not in schema.splits]
+    if unknown:
+        raise ValueError(f"teacher outputs --splits: {unknown} are no splits of schema {schema.name!r}; expected names "
+                         f"among {sorted(schema.splits)}")
+    for split in splits or sorted(schema.splits):
+        sources = resolve_paths(schema, split)
+        single = len(sources) == 1 and not os.path.isdir(schema.split_path(split))
+        split_dir = output_dir if single else os.path.join(output_dir, split)
+        for source in sources:
+            copies.append((source, os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))))
+        new_splits[split] = f"{split}.parquet" if single else split
     refusal: List[Optional[str]] = [None]
     if ctx.is_main:  # rank 0 writes, and alone needs to see the directory; its error is every rank's
         try:
@@ -482,16 +497,6 @@ def write_teacher_outputs(
     model.eval()
     teacher = teacher_of(model)
     extras = plugin_extras(config)
-    # (source file, its copy): a file two splits name (valid = test) gets a copy in each
-    copies: List[Tuple[str, str]] = []
-    new_splits: Dict[str, str] = {}
-    for split in splits or sorted(schema.splits):
-        sources = resolve_paths(schema, split)
-        single = len(sources) == 1 and not os.path.isdir(schema.split_path(split))
-        split_dir = output_dir if single else os.path.join(output_dir, split)
-        for source in sources:
-            copies.append((source, os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))))
-        new_splits[split] = f"{split}.parquet" if single else split
     # rank 0 decides which files are finished, so every rank runs the same files
     host = host_group()
     pending = [[(source, target) for source, target in copies if not os.path.exists(target)]]
