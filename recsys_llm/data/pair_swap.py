@@ -152,7 +152,9 @@ class SwappedPairs:
     def permutation(self, batch_size: int) -> torch.Tensor:
         """(B,) int64: swapped row i takes its ``swap_fields`` from real row ``permutation[i]``."""
         if batch_size not in self._permutations:
-            generator = torch.Generator().manual_seed(self._seed * 1_000_003 + batch_size)
+            # torch takes seeds in [-2**63, 2**64) and reads a negative one modulo 2**64: taking this one
+            # modulo 2**64 keeps the pairing of every seed that fitted and lets a large seed fit too
+            generator = torch.Generator().manual_seed((self._seed * 1_000_003 + batch_size) % 2**64)
             self._permutations[batch_size] = torch.randperm(batch_size, generator=generator)
         return self._permutations[batch_size]
 

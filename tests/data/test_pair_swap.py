@@ -150,3 +150,16 @@ def test_a_negative_seed_draws_catalogue_rows_like_any_other(tmp_path) -> None:
     rows = swap.catalog_rows(6, epoch=0, index=0)
     assert torch.equal(rows, swap.catalog_rows(6, epoch=0, index=0))
     assert rows.shape == (6,) and int(rows.min()) >= 0 and int(rows.max()) < 5
+
+
+def test_a_large_seed_pairs_rows_like_any_other() -> None:
+    """train.seed=20261204233041 (which torch.manual_seed and the reader take) overflowed the pairing's
+    generator seed ('Overflow when unpacking long long') at the first swapped batch."""
+    swap = SwappedPairs(SCHEMA, ITEM_FIELDS, seed=20261204233041)
+    order = swap.permutation(6)
+    assert sorted(order.tolist()) == list(range(6))
+    assert torch.equal(swap(make_batch(6)).sparse_features["item_id"].values()[6:], order + 50)
+    # the seeds that fitted before pair rows as they did
+    for seed in (-1, 0, 3):
+        before = torch.randperm(64, generator=torch.Generator().manual_seed(seed * 1_000_003 + 64))
+        assert torch.equal(SwappedPairs(SCHEMA, ITEM_FIELDS, seed=seed).permutation(64), before)
