@@ -7,11 +7,11 @@ unrelated to the topic. Every user has one to three interest topics written into
 profile text with words of the same vocabularies. The click probability is::
 
     p(click) = sigmoid(b0 + a * (affinity(u, i) - 0.5) + user_bias_u + item_quality_i
-                       + 0.3 * popularity_i + hour/device/format/tag/price effects)
+                       + 0.3 * pop_z_i + hour/device/format/tag/price effects)
     affinity(u, i) = sum_t interest_u[t] * S[t, topic_i]
 
-with ``S`` a topic similarity matrix (1 on the diagonal, 0.4 for related topics such
-as sci-fi/technology). A fraction of the items (``cold_item_fraction``) never occurs
+with ``pop_z`` the item's standardised log popularity and ``S`` a topic similarity matrix (1 on
+the diagonal, 0.4 for related topics such as sci-fi/technology). A fraction of the items (``cold_item_fraction``) never occurs
 in the training split, only in valid/test (extra column ``is_cold_item``): an ID-only
 model knows nothing about them, while a model that reads the item and user texts can
 still match topic words ("starship" vs "astronaut").
