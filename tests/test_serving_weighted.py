@@ -160,3 +160,23 @@ def test_a_nan_or_inf_weight_is_refused_naming_its_feature_and_position(tmp_path
                                                        lengths=sparse.lengths(), weights=weights)
         with pytest.raises(ValueError, match=rf"weight 1 of '{sparse.keys()[1]}' is {shown} .*expected finite"):
             served.logits(request.dense_features, as_sent)
+
+
+def test_a_nan_weight_after_a_sequence_cut_to_max_length_is_named_at_its_place_in_the_request(tmp_path):
+    """The weights are checked after the id rules: a sequence cut to ``max_length`` shifted the weights after it,
+    and the error named another weight than the NaN one the request holds."""
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("tags", "sequence", 10, max_length=2),
+                                 FieldSpec("x", "dense")])
+    example = _request(4, 0)
+    export_task(_weighted_task(), str(tmp_path / "export"), example.dense_features, example.sparse_features,
+                schema=schema)
+    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    # tags: row 0 holds 3 ids (its third one is cut), row 1 two ids, the second one (weight 4 of 'tags') NaN
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, float("nan")])
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=torch.tensor([1, 2, 1, 2, 3, 4, 5]),
+                                                 lengths=torch.tensor([1, 1, 3, 2], dtype=torch.int32), weights=weights)
+    with pytest.raises(ValueError, match=r"weight 4 of 'tags' is nan \(as torch\.float32\) in row 1 of the batch; "
+                                         r"expected finite"):
+        served.logits(torch.zeros(2, 1), sparse)

@@ -328,13 +328,20 @@ class ServedModel(nn.Module):
                              "training (fill or drop NaN / inf before the request)")
         return converted
 
-    def _weights_in_table_dtype(self, features: KeyedJaggedTensor, batch_size: int) -> KeyedJaggedTensor:
+    def _weights_in_table_dtype(self, features: KeyedJaggedTensor, batch_size: int,
+                                request: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """``features`` with its per-id weights in the tables' dtype (``embedding_bag`` refuses weights of
         another dtype than its table): float32, or float16 / bfloat16 for tables of that ``data_type``;
         float64 (numpy's default), float16 and integer weights are converted, as dense features are.
 
+        Args:
+            features (KeyedJaggedTensor): the request after the id rules (sequences cut to ``max_length``).
+            batch_size (int): B.
+            request (KeyedJaggedTensor): the request as sent, to name a bad weight by its place there.
+
         Raises:
-            ValueError: complex weights, or a NaN / inf weight (after the conversion), named by feature and position.
+            ValueError: complex weights, or a NaN / inf weight (after the conversion), named by feature, its
+                position among that feature's weights in the request, and row.
         """
         weights = features.weights()  # (N,)
         dtype = next(self.embedding_bag_collection.parameters()).dtype
@@ -345,9 +352,14 @@ class ServedModel(nn.Module):
         if not bool(finite.all()):
             position = int(torch.argmin(finite.int()))
             offsets = features.offset_per_key()  # (F + 1,)
-            key = bisect.bisect_right(offsets, position) - 1
-            raise ValueError(f"sparse features: weight {position - offsets[key]} of {features.keys()[key]!r} is "
-                             f"{converted[position].item()} (as {dtype}); expected finite per-id weights")
+            index = bisect.bisect_right(offsets, position) - 1
+            key, in_key = features.keys()[index], position - offsets[index]
+            bags = features[key].offsets()  # (B + 1,)
+            row = int(torch.searchsorted(bags, torch.tensor(in_key, device=bags.device), right=True)) - 1
+            # a sequence cut to max_length keeps its first ids: the weight's place in its row is the one sent
+            as_sent = int(request[key].offsets()[row]) + in_key - int(bags[row])
+            raise ValueError(f"sparse features: weight {as_sent} of {key!r} is {converted[position].item()} (as "
+                             f"{dtype}) in row {row} of the batch; expected finite per-id weights")
         if weights.dtype == dtype:
             return features
         return KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=features.lengths(),
@@ -384,14 +396,14 @@ class ServedModel(nn.Module):
         if self._config.get(WEIGHTED_KEY, False) and sparse_features.weights_or_none() is None:
             raise ValueError(f"sparse features: no weights; this model's tables pool per-id weights (its EBC was "
                              f"is_weighted=True in training): pass weights=, one float per id of {self.feature_names}")
-        sparse_features = self._id_rules(sparse_features)  # checks its structure first
+        request, sparse_features = sparse_features, self._id_rules(sparse_features)  # checks its structure first
         strides = set(sparse_features.stride_per_key())
         if len(strides) != 1:
             raise ValueError(f"sparse features: batch sizes {sorted(strides)} differ per feature; expected one B for all")
         batch_size = strides.pop()
         dense_features = self._checked_dense(dense_features, batch_size)  # (B, Dd) float32
         if self._config.get(WEIGHTED_KEY, False):
-            sparse_features = self._weights_in_table_dtype(sparse_features, batch_size)
+            sparse_features = self._weights_in_table_dtype(sparse_features, batch_size, request)
         pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
         if self.semantic_embedding_bag_collection is None:
             return self.dense_program(dense_features, pooled)
