@@ -244,6 +244,18 @@ def _config_naming(key: str, name: Optional[str]) -> Callable[[str], None]:
     return damage
 
 
+def _config_with(key: str, value: object) -> Callable[[str], None]:
+    """Sets ``config.json``'s ``key`` to ``value``."""
+    def damage(directory: str) -> None:
+        path = os.path.join(directory, "config.json")
+        with open(path) as handle:
+            config = json.load(handle)
+        config[key] = value
+        with open(path, "w") as handle:
+            json.dump(config, handle)
+    return damage
+
+
 def _not_json(directory: str) -> None:
     with open(os.path.join(directory, "config.json"), "w") as handle:
         handle.write('{"format_version": 1, "feature_names": [')
@@ -269,6 +281,10 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
                                          r"'state' is '\.\./outside\.safetensors'; expected a file name inside"),
     "tables named by an absolute path": (_config_naming("tables", None), "config.json",
                                          r"'tables' is '/.*/tables\.json'; expected a file name inside"),
+    "state null in config.json": (_config_with("state", None), "config.json",  # was a TypeError from os.path.join
+                                  r"'state' is None; expected a file name inside"),
+    "tables null in config.json": (_config_with("tables", None), "config.json",
+                                   r"'tables' is None; expected a file name inside"),
 }
 
 

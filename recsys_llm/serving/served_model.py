@@ -41,6 +41,7 @@ ARTIFACT_READ_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeEr
                         zipfile.BadZipFile, SafetensorError)
 CONFIG_KEYS = ("feature_names", "num_dense_features", "state", "tables", "dense_program")  # besides format_version
 FILE_KEYS = ("state", "tables", "semantic_tables", "dense_program")  # config.json keys that name artifact files
+OPTIONAL_FILE_KEYS = ("semantic_tables", "dense_program")  # null: no such file (no entity tables; no program)
 
 
 def _raise_damaged(path: str, problem: str, error: Optional[BaseException] = None) -> NoReturn:
@@ -79,10 +80,11 @@ def _check_digest(directory: str, config: Dict[str, Any], name: str) -> None:
 
 def _check_file_names(config_path: str, config: Dict[str, Any]) -> None:
     """Refuses a file entry of ``config.json`` that is not a plain file name: ``export_task`` writes
-    every file into the artifact directory, so ``../x`` or ``/abs/x`` would read another file."""
+    every file into the artifact directory, so ``../x`` or ``/abs/x`` would read another file; only the
+    entries of :data:`OPTIONAL_FILE_KEYS` may be null."""
     for key in FILE_KEYS:
         name = config.get(key)
-        if name is None or is_plain_file_name(name):
+        if (name is None and key in OPTIONAL_FILE_KEYS) or is_plain_file_name(name):
             continue
         _raise_damaged(config_path, f"{key!r} is {name!r}; expected a file name inside the artifact directory")
 
