@@ -18,7 +18,7 @@ import dataclasses
 import datetime
 import itertools
 import os
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -142,6 +142,42 @@ def _rendezvous_store(rank: int, world_size: int) -> dist.Store:
     return dist.PrefixStore(f"recsys_llm/group{next(_GROUP_NUMBERS)}", store)
 
 
+def _env_int(name: str, default: int, minimum: int) -> int:
+    """The integer in environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        ValueError: set but not an integer of at least ``minimum``, naming the variable.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {minimum} (torchrun sets "
+                         "RANK, WORLD_SIZE and LOCAL_RANK for each process; unset them to run as one process)")
+    return value
+
+
+def launch_ranks() -> Tuple[int, int, int]:
+    """``(RANK, WORLD_SIZE, LOCAL_RANK)`` from the ``torchrun`` environment; ``(0, 1, 0)`` outside it
+    (``LOCAL_RANK`` defaults to ``RANK``).
+
+    Raises:
+        ValueError: a variable that is not an integer, a world size below 1, a negative rank, or a
+            rank not below the world size, naming the variables (torch would fail on them deep in
+            gloo, or wait for ranks that never come).
+    """
+    world_size = _env_int("WORLD_SIZE", 1, minimum=1)
+    rank = _env_int("RANK", 0, minimum=0)
+    if rank >= world_size:
+        raise ValueError(f"environment variables RANK={rank} and WORLD_SIZE={world_size}: the rank must be below the "
+                         f"world size (ranks 0..{world_size - 1})")
+    return rank, world_size, _env_int("LOCAL_RANK", rank, minimum=0)
+
+
 def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
     """Initialises the default process group (idempotent) and returns this rank's context.
 
@@ -152,12 +188,13 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
     Returns:
         DistContext: rank, world size, device and backend.
 
+    Raises:
+        ValueError: bad ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (:func:`launch_ranks`).
+
     A collective waits up to ``RECSYS_LLM_DIST_TIMEOUT_S`` seconds (default 3600) for the
     slowest rank, on gloo and NCCL alike.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    rank, world_size, local_rank = launch_ranks()
     torch_device = select_device(local_rank, device)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)

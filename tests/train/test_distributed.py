@@ -60,3 +60,27 @@ def test_ranks_start_a_process_group_again_after_a_teardown() -> None:
     from tests.multiprocess import run_multiprocess
 
     assert run_multiprocess(_start_three_times, world_size=2) == [[2, 2, 2], [2, 2, 2]]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": ""}, r"environment variable RANK='': expected an integer >= 0"),  # e.g. RANK=$SLURM_PROCID outside Slurm
+    ({"RANK": "one", "WORLD_SIZE": "2"}, r"environment variable RANK='one': expected an integer >= 0"),
+    ({"WORLD_SIZE": "0"}, r"environment variable WORLD_SIZE='0': expected an integer >= 1"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, r"environment variable RANK='-1': expected an integer >= 0"),
+    ({"RANK": "1", "WORLD_SIZE": "1"}, r"RANK=1 and WORLD_SIZE=1: the rank must be below the world size"),
+    ({"LOCAL_RANK": "x"}, r"environment variable LOCAL_RANK='x': expected an integer >= 0"),
+])
+def test_a_bad_launch_environment_is_named_before_the_rendezvous(monkeypatch, env, message) -> None:
+    """``int()``'s message named no variable; a rank not below the world size failed deep in gloo
+    ("rank < size"), a negative one waited for the rendezvous timeout, a world size of 0 asked for MASTER_ADDR."""
+    import torch.distributed as dist
+
+    from recsys_llm.train.distributed import init_distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=message):
+        init_distributed("cpu")
+    assert not dist.is_initialized()
