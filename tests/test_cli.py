@@ -425,3 +425,17 @@ def test_overrides_swallowed_by_splits_are_named_before_any_work(capsys) -> None
     assert main(["teacher-outputs", "--checkpoint", "/nonexistent/run", "--output-dir", "o",
                  "--splits", "train", "--", "data.batch_size=3"]) == 2  # as told: on to the next check
     assert "/nonexistent/run: no such checkpoint or run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variable", ["RANK", "WORLD_SIZE"])
+def test_a_launch_variable_that_is_no_integer_is_a_one_line_error_naming_it(monkeypatch, capsys, tmp_path,
+                                                                            variable) -> None:
+    """The entry point read RANK / WORLD_SIZE before its error handling: a raw ValueError traceback."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(variable, "abc")
+    code = main(["train", "--config", os.path.join(REPO, "configs", "synthetic_deepfm.yaml"),
+                 f"train.run_dir={tmp_path / 'run'}", "train.device=cpu"])
+    assert code == 2
+    assert f"environment variable {variable}='abc': expected an integer" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")

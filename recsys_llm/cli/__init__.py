@@ -131,6 +131,15 @@ ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # set by torchrun's agent (and so to
 PROGRESS_INTERVAL_ENV = "TQDM_MININTERVAL"  # tqdm's own default for mininterval, in seconds
 
 
+def _launch_number(name: str, default: int) -> int:
+    """The integer in torchrun's environment variable ``name``; ``default`` when it is unset or not an
+    integer (the command's process-group set-up refuses such a value, naming it)."""
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
 def exit_on_sigterm() -> Callable[[], None]:
     """Makes SIGTERM (a timeout, ``kill``, a scheduler's cancel) end a one-process command as Ctrl-C
     does: its ``finally`` blocks and context managers run, so a half-written output's temp
@@ -142,7 +151,7 @@ def exit_on_sigterm() -> Callable[[], None]:
         Callable[[], None]: puts back the handler there was before, for a program that called
         :func:`main` (a notebook, the examples) and goes on after the command.
     """
-    if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1 or threading.current_thread() is not threading.main_thread():
+    if _launch_number("WORLD_SIZE", 1) > 1 or threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = signal.signal(signal.SIGTERM, _exit_for_signal)  # None: a handler not set from Python
 
@@ -213,7 +222,7 @@ def record_for_launcher(line: Optional[str] = None) -> None:
 def _command_environment() -> Dict[str, str]:
     """The environment variables a command runs with that are not set already."""
     added = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    if int(os.environ.get("RANK", "0") or "0") > 0:  # torchrun: rank 0 alone draws bars on the shared terminal
+    if _launch_number("RANK", 0) > 0:  # torchrun: rank 0 alone draws bars on the shared terminal
         added["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' "Loading weights", per rank
     if not sys.stderr.isatty():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
         added[PROGRESS_INTERVAL_ENV] = os.environ.get(PROGRESS_INTERVAL_ENV, "30")
