@@ -170,7 +170,8 @@ class ShardingConfig:
         frozen_tables (List[str]): table names that never train (see module docstring).
         compute_device (str): ``auto`` | ``cpu`` | ``cuda`` for the planner's topology.
         exact_dense_reduction (bool): on three or more ranks, all-reduce the dense gradients in
-            one bucket in parameter order (:class:`_CanonicalAllReduce`), so a resumed run goes on
+            one bucket in parameter order (:class:`_CanonicalAllReduce`; the gradients of replicated,
+            ``data_parallel``, tables in parameter order too), so a resumed run goes on
             bit for bit; False: DDP's own buckets, whose all-reduces overlap the backward but reduce
             in another order after DDP rebuilds them, so a resume drifts in the last bits.
     """
@@ -559,10 +560,16 @@ def _hook(state: _CanonicalAllReduce, bucket: dist.GradBucket) -> torch.futures.
 
 
 def _reduce_in_parameter_order(model: nn.Module) -> None:
-    """Registers :class:`_CanonicalAllReduce` on the DDP wrapper of ``model``'s dense part."""
+    """Registers :class:`_CanonicalAllReduce` on the DDP wrapper of ``model``'s dense part and on the
+    DDP torchrec wraps each sharded EBC's ``data_parallel`` lookup in (kept in the plain list
+    ``_lookups``, which ``modules()`` does not walk)."""
+    wrappers = {id(m): m for m in model.modules() if isinstance(m, nn.parallel.DistributedDataParallel)}
     for module in model.modules():
-        if isinstance(module, nn.parallel.DistributedDataParallel):
-            module.register_comm_hook(_CanonicalAllReduce(module), _hook)
+        for lookup in getattr(module, "_lookups", None) or []:
+            if isinstance(lookup, nn.parallel.DistributedDataParallel):
+                wrappers.setdefault(id(lookup), lookup)
+    for ddp in wrappers.values():
+        ddp.register_comm_hook(_CanonicalAllReduce(ddp), _hook)
 
 
 def dense_tensors_elsewhere(model: nn.Module, device: torch.device) -> List[str]:
