@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from recsys_llm.atomic_dir import save_figure_atomically, write_text_atomically
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
 from recsys_llm.train.config import ConfigError, config_differences, load_config
+from recsys_llm.train.distributed import launch_ranks
 from recsys_llm.train.process import set_cpu_float_mode
 from recsys_llm.train.run_records import RESULTS_FILE, data_differences, finished_results, strict_json
 from recsys_llm.train.runner import run_training
@@ -136,7 +137,7 @@ def _check_same_run(config: Any, run_dir: str, run_root: str) -> None:
 
 def _say(line: str) -> None:
     """Prints ``line`` on rank 0 (the process that prints under torchrun)."""
-    if int(os.environ.get("RANK", "0") or "0") == 0:
+    if launch_ranks()[0] == 0:
         print(line, flush=True)
 
 
@@ -213,7 +214,7 @@ def _check_same_llm(llm_dir: str, record: Dict[str, Any], run_root: str) -> None
 
 def _write_llm_record(llm_dir: str, record: Dict[str, Any]) -> None:
     """Writes ``llm_dir/demo_llm.json`` (rank 0, atomically) before the first LLM output."""
-    if int(os.environ.get("RANK", "0") or "0") != 0:
+    if launch_ranks()[0] != 0:
         return
     os.makedirs(llm_dir, exist_ok=True)
     write_text_atomically(os.path.join(llm_dir, LLM_RECORD), json.dumps(record, indent=2))

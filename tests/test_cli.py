@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import sys
 from typing import Sequence
@@ -439,3 +440,21 @@ def test_a_launch_variable_that_is_no_integer_is_a_one_line_error_naming_it(monk
     assert code == 2
     assert f"environment variable {variable}='abc': expected an integer" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("environment, message", [
+    ({"RANK": "abc"}, "environment variable RANK='abc': expected an integer"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 and WORLD_SIZE=2: the rank must be below the world size"),
+])
+def test_semantics_export_and_the_demo_name_a_bad_launch_variable(monkeypatch, environment, message) -> None:
+    """Both read RANK themselves: with a bare int() (naming no variable), and without the rank < world check."""
+    from recsys_llm import demo
+    from recsys_llm.semantics.vector_export import rank_and_world
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    for call in (rank_and_world, lambda: demo._say("a line")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()

@@ -123,8 +123,15 @@ def check_provenance(found: Dict[str, str], expected: Dict[str, str], source: st
 
 
 def rank_and_world() -> Tuple[int, int]:
-    """``(RANK, WORLD_SIZE)`` from the torchrun environment, ``(0, 1)`` outside it."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    """``(RANK, WORLD_SIZE)`` from the torchrun environment, ``(0, 1)`` outside it.
+
+    Raises:
+        ValueError: a variable that is no integer, or a rank outside the world (naming them).
+    """
+    from recsys_llm.train.distributed import launch_ranks
+
+    rank, world_size, _ = launch_ranks()
+    return rank, world_size
 
 
 # ---- export ----------------------------------------------------------------------------
