@@ -1,6 +1,7 @@
 """Jobs on a trained run (evaluate, export, teacher outputs): open its checkpoint on every rank,
 load the sharded model, evaluate a split."""
 
+import dataclasses
 from typing import Any, Dict, NamedTuple, Optional
 
 from torch import nn
@@ -15,7 +16,7 @@ from recsys_llm.train.pipeline import evaluate
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
 from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors
-from recsys_llm.train.sharding import shard_model
+from recsys_llm.train.sharding import CPU_SPARSE_OPTIMIZERS, shard_model
 from recsys_llm.train.task_builder import build_task, plugin_extras
 
 
@@ -50,7 +51,9 @@ def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
 def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
     """The DMP-sharded task of ``config`` with the run's checkpoint loaded (collective; any
     world size: the shards are re-cut). Every weight comes from the checkpoint, frozen entity
-    tables and a frozen teacher included, so their source files are not read again.
+    tables and a frozen teacher included, so their source files are not read again. The tables
+    are never stepped, so a table optimizer that CPU kernels lack (a run trained on CUDA with
+    ``optim.sparse=adam``) does not keep a CPU host from evaluating or exporting the run.
 
     Raises:
         ConfigError: LLaCTR vectors other than the run trained with (see
@@ -58,7 +61,11 @@ def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
     """
     built = build_task(config, run.schema, run.ctx.device)
     check_trained_with_these_vectors(run.checkpoint, built.plugins)  # a moved vector file, not other vectors
-    model, _ = shard_model(built.task, run.ctx.device, run.ctx.world_size, config.sharding, config.optim,
+    optim = config.optim
+    if run.ctx.device.type == "cpu" and optim.sparse not in CPU_SPARSE_OPTIMIZERS:
+        # a run trained on CUDA with a table optimizer FBGEMM's CPU kernels lack: never stepped here
+        optim = dataclasses.replace(optim, sparse="sgd")
+    model, _ = shard_model(built.task, run.ctx.device, run.ctx.world_size, config.sharding, optim,
                            config.data.batch_size)
     load_checkpoint(run.checkpoint, model, None, restore_rng=False)
     return model

@@ -1024,3 +1024,21 @@ def test_a_one_class_validation_split_is_warned_about_and_results_json_stays_str
     assert math.isnan(reused["auc"]) and reused["logloss"] == out["written"]["test"]["logloss"]
     assert any("valid AUC at step 2 is undefined: the validation split holds rows of one class only" in w
                for w in out["warnings"]), out["warnings"]
+
+
+def _evaluate_as_trained_with_cuda_adam(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.train.trained_run import run_evaluation
+
+    run_dir = os.path.join(root, "run")
+    _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=2", "optim.sparse=sgd"])
+    # the config of a run trained on CUDA with fused Adam tables, which FBGEMM's CPU kernels lack
+    as_trained = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 1024, ["optim.sparse=sgd"]))
+    config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 1024, ["optim.sparse=adam"]))
+    return {"adam": run_evaluation(config, run_dir), "sgd": run_evaluation(as_trained, run_dir)}
+
+
+def test_a_run_trained_with_a_cuda_only_table_optimizer_evaluates_on_cpu(synthetic_dir: str, tmp_path) -> None:
+    """Evaluation and export never step the tables, yet were refused with 'pick one of those, or train on CUDA'."""
+    (results,) = run_multiprocess(_evaluate_as_trained_with_cuda_adam, world_size=1, schema_dir=synthetic_dir,
+                                  root=str(tmp_path))
+    assert results["adam"] == results["sgd"]
