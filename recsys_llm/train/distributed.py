@@ -286,6 +286,17 @@ def sum_over_ranks(value: int, device: Optional[torch.device] = None) -> int:
     return int(total.item())
 
 
+def mean_over_ranks(value: float, device: Optional[torch.device] = None) -> float:
+    """The mean of ``value`` over every rank (collective, as :func:`sum_over_ranks`); ``value``
+    itself outside a process group. E.g. the training loss: each rank's rows are its own slice
+    of the data, so rank 0's loss alone describes only that slice."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device or collective_device())
+    dist.all_reduce(total)
+    return float(total.item()) / dist.get_world_size()
+
+
 def run_on_every_rank(action: Callable[[], T], what: str, device: Optional[torch.device] = None) -> T:
     """Runs ``action`` on every rank and fails on every rank if it failed on any: a rank that
     raised alone would leave the others waiting in their next collective until the timeout.

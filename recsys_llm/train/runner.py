@@ -28,6 +28,7 @@ Example::
     print(results["test"]["auc"])
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -66,6 +67,7 @@ from recsys_llm.train.distributed import (
     all_ranks_true,
     barrier,
     init_distributed,
+    mean_over_ranks,
     run_on_every_rank,
     sum_over_ranks,
 )
@@ -280,8 +282,9 @@ def _train_in_run_dir(
     def step_callback(step_in_epoch: int, loss: torch.Tensor) -> bool:
         state.step_in_epoch = step_in_epoch
         state.global_step += 1
-        if state.global_step % 50 == 0:
-            log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": float(loss)})
+        if state.global_step % 50 == 0:  # the batch loss, averaged over the ranks' batches
+            mean_loss = mean_over_ranks(float(loss), ctx.device)
+            log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": mean_loss})
         if train_cfg.checkpoint_every and state.global_step % train_cfg.checkpoint_every == 0:
             check_finite_loss(loss, f"step {state.global_step}")  # a NaN step makes every later loss NaN
             checkpoints.save(model, optimizer, state)
@@ -303,6 +306,7 @@ def _train_in_run_dir(
                 description=f"epoch {state.epoch}",
                 progress=train_cfg.progress,
             )
+            stats = dataclasses.replace(stats, mean_loss=mean_over_ranks(stats.mean_loss, ctx.device))  # all rows'
             if stats.steps:
                 throughput.append(stats.samples_per_second * ctx.world_size)
             log.write(_epoch_record(stats, state, ctx.world_size, resumed_at, sum_over_ranks(stats.samples, ctx.device)))

@@ -84,3 +84,24 @@ def test_a_bad_launch_environment_is_named_before_the_rendezvous(monkeypatch, en
     with pytest.raises(ValueError, match=message):
         init_distributed("cpu")
     assert not dist.is_initialized()
+
+
+def _rank_counts_and_losses() -> List[float]:
+    import torch.distributed as dist
+
+    from recsys_llm.train.distributed import init_distributed, mean_over_ranks, sum_over_ranks, teardown_distributed
+
+    init_distributed("cpu")
+    rank = dist.get_rank()
+    values = [float(sum_over_ranks(51 + rank)), mean_over_ranks(0.25 + rank)]  # e.g. rows and loss of each rank
+    teardown_distributed()
+    return values
+
+
+@pytest.mark.multiprocess
+def test_training_figures_are_taken_over_every_rank() -> None:
+    """The training loss logged in metrics.jsonl (and plotted) was rank 0's: with the data cut into one
+    slice per rank, it described only the first slice of the rows."""
+    from tests.multiprocess import run_multiprocess
+
+    assert run_multiprocess(_rank_counts_and_losses, world_size=2) == [[103.0, 0.75], [103.0, 0.75]]
