@@ -86,6 +86,20 @@ def test_the_method_notes_the_design_cites_are_in_the_repository() -> None:
     assert "\n## 1. LLaCTR" in methods and "\n## 2. ELEC" in methods
 
 
+def test_the_method_notes_are_the_verbatim_copy_their_header_says() -> None:
+    """docs/methods.md says it is ``../shared/METHODS.md`` copied verbatim under its one-paragraph header: a note
+    of the project's own choices added there reads as the team's notes; it belongs in docs/design.md."""
+    import pytest
+
+    notes = os.path.join(REPO, "..", "shared", "METHODS.md")
+    if not os.path.exists(notes):
+        pytest.skip(f"the method notes are not at {os.path.abspath(notes)} (outside the repository)")
+    header, copy = _read("docs", "methods.md").split("\n\n", 1)
+    assert "copied verbatim from `../shared/METHODS.md`" in header
+    with open(notes, encoding="utf-8") as handle:
+        assert copy == handle.read(), "docs/methods.md below its header differs from ../shared/METHODS.md"
+
+
 def test_the_guides_recipe_for_torchrecs_deepfm_gives_its_logits_and_shards_once() -> None:
     """docs/usage.md §5's ``DeepFMBackbone``: torchrec's own logits, and one path per EBC for the planner."""
     import re
