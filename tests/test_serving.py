@@ -314,6 +314,38 @@ def test_the_inference_example_runs_as_written_without_llm_packages(tmp_path):
     torch.testing.assert_close(torch.tensor(printed), expected, atol=1e-4, rtol=0)
 
 
+def test_the_inference_notes_recipe_without_recsys_llm_gives_what_predict_gives(tmp_path, monkeypatch):
+    """INFERENCE.md's way to serve with torch and torchrec alone (an EBC from ``tables.json`` and
+    ``model.safetensors``, then the dense program) gives ``predict``'s probabilities: the program's
+    output is a logit, which the recipe served as it was."""
+    from safetensors.torch import load_file
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    torch.manual_seed(0)
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    out = str(tmp_path / "export")
+    export_task(student, out, example.dense_features, example.sparse_features, schema=SCHEMA)
+    text = open(os.path.join(out, "INFERENCE.md"), encoding="utf-8").read()
+    (recipe,) = [span for span in re.findall(r"`([^`\n]+)`", text) if 'dense_program.pt2").module()' in span]
+    with open(os.path.join(out, "tables.json"), encoding="utf-8") as handle:
+        tables = json.load(handle)
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        name=t["name"], num_embeddings=t["num_embeddings"], embedding_dim=t["embedding_dim"],
+        feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]]) for t in tables])
+    prefix = "model.embedding_bag_collection."
+    ebc.load_state_dict({k[len(prefix):]: v for k, v in load_file(os.path.join(out, "model.safetensors")).items()
+                         if k.startswith(prefix)})
+    batch = make_batch(5, 7)
+    monkeypatch.chdir(out)
+    with torch.no_grad():
+        served = eval(recipe, {"torch": torch}, {"dense": batch.dense_features, "ebc": ebc,
+                                                 "kjt": batch.sparse_features})
+    expected = ServedModel.load(out, trust_program=True).predict(batch.dense_features, batch.sparse_features)
+    torch.testing.assert_close(served, expected)
+
+
 def _add_guard(program_path: str, guard: str) -> None:
     """Rewrites a .pt2 archive with one more guard in its program's ``guards_code``."""
     import zipfile

@@ -85,7 +85,8 @@ which imports pyarrow and pyyaml but no LLM package (transformers, peft) and no 
 `pip install --no-deps` it next to those. Without recsys_llm, torch and torchrec alone load the
 artifact: an `EmbeddingBagCollection` built from `tables.json` with the `model.embedding_bag_collection.*`
 weights of `model.safetensors` (`safetensors.torch.load_file`), then
-`torch.export.load("dense_program.pt2").module()(dense, ebc(kjt).values())`; the id rules above
+`torch.sigmoid(torch.export.load("dense_program.pt2").module()(dense, ebc(kjt).values()))` (the
+program gives logits; their sigmoid is what `predict` returns); the id rules above
 and the request checks are then the caller's job (an id outside its table fails deep in FBGEMM
 on CPU, and may read another row on GPU).
 """
