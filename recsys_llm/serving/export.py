@@ -111,7 +111,8 @@ WEIGHTS_ARGUMENT = """
 
 SEMANTIC_INFERENCE_NOTE = """
 This is a gain network: its LLM vectors sit in frozen entity tables {tables}
-(`semantic_tables.json`), looked up from the same KeyedJaggedTensor; their values are the
+(`semantic_tables.json`; their weights are the `semantic_table.embedding_bag_collection.*`
+tensors of `model.safetensors`), looked up from the same KeyedJaggedTensor; their values are the
 program's third input. No LLM runs at inference.
 """
 
