@@ -479,7 +479,7 @@ class SSFTTrainer:
         ``auto`` resolved to (known once the model is loaded; the option alone would not tell a
         change of what ``auto`` picks)."""
         config = self._config.to_dict()
-        for key in ("epochs", "resume", "device", "eval_batch_size"):
+        for key in ("epochs", "resume", "device", "eval_batch_size", "model_path"):  # the model: by base_hash
             config.pop(key)
         signature = {"config": config, "base_hash": self._base_hash, "fields": self.fields,
                      DATA_DIGEST_KEY: self._data_digest}
@@ -522,6 +522,7 @@ class SSFTTrainer:
             signature.pop(RESOLVED_POOLING_KEY, None)
         if DATA_DIGEST_KEY not in signature:  # earlier versions recorded no digest of the data
             current.pop(DATA_DIGEST_KEY)
+        signature.get("config", {}).pop("model_path", None)  # the path as written: the same model by another path
         if signature != current:
             differing = setting_differences(signature.get("config", {}), current["config"])
             differing += [k for k in ("base_hash", "fields") if signature.get(k) != current[k]]

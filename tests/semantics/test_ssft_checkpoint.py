@@ -87,6 +87,17 @@ class TestExactResume:
             metrics = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, out).run()
         assert metrics["epochs"] == 2
 
+    def test_the_same_model_by_another_path_resumes(self, tmp_path, tiny_bert_dir, tiny_schema) -> None:
+        """The base model is compared by its weights' hash: a relative path, a copy or a moved model
+        directory was refused as 'other settings' (model_path as written)."""
+        from tests.tiny_models import copy_model_dir
+
+        out = str(tmp_path / "moved")
+        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, **SMALL), tiny_schema, out).run()
+        moved = copy_model_dir(tiny_bert_dir, tmp_path / "elsewhere")
+        metrics = SSFTTrainer(SSFTConfig(model_path=moved, epochs=2, **SMALL), tiny_schema, out).run()
+        assert metrics["epochs"] == 2
+
     def test_fewer_epochs_than_done_is_refused_untouched(self, tmp_path, tiny_bert_dir, tiny_schema) -> None:
         out = str(tmp_path / "done")
         first = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, out).run()
