@@ -142,6 +142,16 @@ def build_dlrm(
         raise ValueError(f"build_dlrm: dense_arch_layer_sizes {dense_sizes} must end in embedding_dim={embedding_dim}")
     if len(over_sizes) < 2 or over_sizes[-1] != 1:
         raise ValueError(f"build_dlrm: over_arch_layer_sizes {over_sizes} needs >= 2 sizes ending in 1")
+    # torchrec's DLRM takes one width from its tables: a field's own width failed there with a bare
+    # AssertionError (widths differ) or a message that printed "{dense_arch_layer_sizes[-1]}" (all alike)
+    own_widths = {spec.name: spec.embedding_dim for spec in schema.categorical_fields
+                  if spec.embedding_dim is not None and spec.embedding_dim != embedding_dim}
+    if own_widths:
+        raise ValueError(
+            f"build_dlrm: DLRM interacts fields of one width, embedding_dim={embedding_dim} (the dense arch's last "
+            f"size), but schema {schema.name!r} gives fields an embedding_dim of their own: {own_widths}; remove it "
+            "from those fields, or make it the model's embedding_dim"
+        )
     ebc = build_embedding_bag_collection(schema, embedding_dim, device=device, table_prefix=table_prefix,
                                          init_scale=embedding_init_scale)
     dense_in = len(schema.dense_fields)

@@ -1,7 +1,10 @@
+import re
+
 import pytest
 import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.dlrm import DLRMBackbone, build_dlrm
 from recsys_llm.models.embedding import build_embedding_bag_collection
 
@@ -77,6 +80,21 @@ class TestBuildDLRM:
     def test_bad_sizes(self, schema, dense_sizes, over_sizes, message: str) -> None:
         with pytest.raises(ValueError, match=message):
             build_dlrm(schema, 8, dense_sizes, over_sizes)
+
+    @pytest.mark.parametrize("widths", [(8, None), (8, 8)])
+    def test_a_field_of_its_own_width_is_named(self, widths) -> None:
+        """torchrec's DLRM refused it with a bare AssertionError, or printed '{dense_arch_layer_sizes[-1]}'."""
+        schema = DatasetSchema(name="widths", fields=[
+            FieldSpec("user_id", "sparse", cardinality=10, embedding_dim=widths[0]),
+            FieldSpec("item_id", "sparse", cardinality=12, embedding_dim=widths[1]),
+            FieldSpec("age", "dense"),
+        ])
+        expected = {"user_id": 8} if widths[1] is None else {"user_id": 8, "item_id": 8}
+        message = re.escape(f"embedding_dim=4 (the dense arch's last size), but schema 'widths' gives fields an "
+                            f"embedding_dim of their own: {expected}")
+        for dcn in (False, True):
+            with pytest.raises(ValueError, match=message):
+                build_dlrm(schema, 4, [8, 4], [8, 1], dcn=dcn, device=torch.device("cpu"))
 
     def test_same_tables_as_other_backbones(self, schema) -> None:
         dlrm = build_dlrm(schema, 8, [8], [4, 1])
