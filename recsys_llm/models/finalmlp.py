@@ -201,16 +201,20 @@ class FinalMLP(CTRBackbone):
         cfg = self._config
         dim = self.embedding_dim
         in_features = self.num_fields * dim + num_dense_features  # K
-        self.gate1 = FeatureGate(in_features, self._field_indices(cfg.context1), dim, cfg.gate_hidden_sizes, device)
-        self.gate2 = FeatureGate(in_features, self._field_indices(cfg.context2), dim, cfg.gate_hidden_sizes, device)
+        self.gate1 = FeatureGate(in_features, self._field_indices(cfg.context1, "context1"), dim, cfg.gate_hidden_sizes,
+                                 device)
+        self.gate2 = FeatureGate(in_features, self._field_indices(cfg.context2, "context2"), dim, cfg.gate_hidden_sizes,
+                                 device)
         self.mlp1 = build_mlp(in_features, cfg.mlp1_layer_sizes, cfg.dropout, device)
         self.mlp2 = build_mlp(in_features, cfg.mlp2_layer_sizes, cfg.dropout, device)
         self.fusion = BilinearFusion(cfg.mlp1_layer_sizes[-1], cfg.mlp2_layer_sizes[-1], cfg.num_heads, device)
 
-    def _field_indices(self, names: Sequence[str]) -> List[int]:
+    def _field_indices(self, names: Sequence[str], setting: str) -> List[int]:
+        """Positions of a gate's context fields; ``setting``: ``context1`` / ``context2``, named in errors."""
         unknown = [n for n in names if n not in self.feature_names]
         if unknown:
-            raise ValueError(f"FinalMLP gate context fields {unknown} are not sparse features {self.feature_names}")
+            raise ValueError(f"model.finalmlp_{setting} (FinalMLPConfig.{setting}): gate context fields {unknown} are "
+                             f"not sparse features {self.feature_names}")
         return [self.feature_names.index(n) for n in names]
 
     @property

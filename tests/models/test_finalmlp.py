@@ -85,5 +85,8 @@ class TestFinalMLP:
 
     def test_unknown_context_field(self, schema) -> None:
         ebc = build_embedding_bag_collection(schema, 4, device=torch.device("cpu"))
-        with pytest.raises(ValueError, match=r"context fields \['zip'\]"):
+        with pytest.raises(ValueError, match=r"^model\.finalmlp_context1 \(FinalMLPConfig\.context1\): gate context "
+                                             r"fields \['zip'\]"):
             FinalMLP(ebc, 2, FinalMLPConfig(context1=("zip",)))
+        with pytest.raises(ValueError, match=r"^model\.finalmlp_context2 \(FinalMLPConfig\.context2\)"):
+            FinalMLP(ebc, 2, FinalMLPConfig(context2=("zip",)))
