@@ -332,12 +332,13 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         KeyError: the frozen teacher's state lacks a tensor of the teacher this config builds.
         FileNotFoundError: an entity export directory that does not exist (in frozen mode, one
             that is named).
-        ProvenanceError: vectors of another provenance, field or schema.
+        ProvenanceError: vectors of another provenance, field or schema, or per-row vectors (granularity
+            ``row``) named as entity vectors.
         ValueError: the frozen teacher's state has a tensor of another shape or one the teacher has no
             place for; a frozen teacher's table holds other vectors than the export named for it, or
             ``expected_provenance`` is set for a frozen teacher without any export to check it on.
     """
-    from recsys_llm.semantics.vector_export import check_provenance, read_manifest
+    from recsys_llm.semantics.vector_export import ProvenanceError, check_provenance, read_manifest
     from recsys_llm.semantics.vector_reader import vector_dim
     from recsys_llm.serving import open_state_file
 
@@ -369,6 +370,14 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         if not directory or not os.path.isdir(directory):
             raise FileNotFoundError(f"elec entity vectors of {field!r}: export directory {directory!r} not found")
         stored = read_manifest(directory)["provenance"]
+        if stored.get("granularity", "entity") != "entity":
+            # keyed by row keys: row k's vector would become entity k's wherever k is below the cardinality
+            raise ProvenanceError(
+                f"elec entity vectors of {field!r} in {directory}: per-row vectors (granularity "
+                f"{stored['granularity']!r}, keyed by the row key), not one per id; export them with semantics "
+                f"export --granularity entity --entity-field {field}, or read per-row vectors with "
+                "elec.vector_source=extras"
+            )
         expected = dict(config.expected_provenance)
         # exports record their entity field and schema; vectors written otherwise may not
         for key, value in (("entity_field", field), ("schema", schema_fingerprint)):

@@ -323,6 +323,31 @@ def test_entity_vectors_of_another_schema_or_field_are_refused(tmp_path):
         load_elec_state(users_task, as_users, schema.fingerprint())
 
 
+
+def test_per_row_vectors_named_as_entity_vectors_are_refused(tmp_path):
+    """A `semantics export --granularity row` directory (keyed by row keys) named as elec.entity_vectors
+    used to be loaded as item vectors whenever its row keys fell below the field's cardinality: row k's
+    vector became item k's, silently."""
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+    from recsys_llm.models.registry import SMOKE_CONFIGS
+    from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
+
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
+                                 FieldSpec("age", "dense")])
+    exported = {**PROVENANCE, "granularity": "row", "schema": schema.fingerprint()}  # as `semantics export` writes
+    rows = np.arange(NUM_ITEMS - 2)  # row keys 0..9: every one an id of the item table
+    VectorExport(str(tmp_path / "rows"), exported, VectorExportConfig(chunk_rows=5)).run(
+        pa.array(rows, pa.int64()), lambda a, b: [str(i) for i in rows[a:b]],
+        lambda texts: torch.ones(len(texts), DIM), progress=False)
+    config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
+                        entity_vectors=str(tmp_path / "rows"))
+    task = build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
+    with pytest.raises(ProvenanceError, match=r"elec entity vectors of 'item_id' in .*rows: per-row vectors "
+                                              r"\(granularity 'row', keyed by the row key\), not one per id; export "
+                                              r"them with semantics export --granularity entity --entity-field item_id"):
+        load_elec_state(task, config, schema.fingerprint())
+
+
 def _rewrite_chunk_keys(directory: str, index: int, keys) -> None:
     """Replaces chunk ``index``'s rows by ``keys`` (vectors of its first rows), keeping its provenance."""
     import pyarrow.parquet as pq
