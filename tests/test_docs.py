@@ -101,7 +101,8 @@ def test_the_method_notes_are_the_verbatim_copy_their_header_says() -> None:
 
 
 def test_the_guides_recipe_for_torchrecs_deepfm_gives_its_logits_and_shards_once() -> None:
-    """docs/usage.md §5's ``DeepFMBackbone``: torchrec's own logits, and one path per EBC for the planner."""
+    """docs/usage.md §5's ``DeepFMBackbone``: logits whose sigmoid is torchrec's own output (its OverArch ends in a
+    Sigmoid, and CTRTask's BCE, the metrics and FIE take logits), and one path per EBC for the planner."""
     import re
 
     import torch
@@ -129,7 +130,7 @@ def test_the_guides_recipe_for_torchrecs_deepfm_gives_its_logits_and_shards_once
     kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "friend_id", "item_id"], torch.arange(9),
                                               torch.ones(9, dtype=torch.int32))
     output = backbone(dense, kjt)
-    torch.testing.assert_close(output.logits, deepfm(dense, kjt).squeeze(-1))
+    torch.testing.assert_close(torch.sigmoid(output.logits), deepfm(dense, kjt).squeeze(-1))
     assert output.representation.shape == (3, backbone.representation_dim)
     assert set(find_tables(CTRTask(backbone))) == {"t_user", "t_item"}  # not refused: one path per EBC
 
