@@ -239,6 +239,21 @@ def test_materialize_meta_keeps_real_tensors_and_non_persistent_buffers():
         torch.testing.assert_close(fresh.eval().predict(batch).logits, trained.predict(batch).logits)
 
 
+def test_materialize_meta_refuses_a_non_persistent_buffer_on_meta():
+    """A DLRM built whole under ``torch.device("meta")``: its ``triu_indices`` (no state dict restores it) kept
+    uninitialised memory, and the loaded model indexed with it (an IndexError, or wrong logits)."""
+    from recsys_llm.models.registry import build_backbone
+    from recsys_llm.serving import materialize_meta
+    from recsys_llm.models.task import CTRTask
+
+    with torch.device("meta"):
+        fresh = CTRTask(build_backbone(SMOKE_CONFIGS["dlrm"], SCHEMA, device=torch.device("meta")))
+    with pytest.raises(ValueError, match=r"materialize_meta: the non-persistent buffer\(s\) "
+                                         r"\['model.inter_arch.triu_indices'\] are on the meta device"):
+        materialize_meta(fresh, CPU)
+    assert all(t.is_meta for t in fresh.parameters())  # refused before anything was allocated
+
+
 def test_entity_table_gain_network_serves_without_the_llm(tmp_path):
     """A gain network reading user + item vectors from frozen tables exports and reproduces its predictions."""
     from recsys_llm.modules.elec import load_elec_state

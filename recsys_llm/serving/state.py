@@ -98,7 +98,22 @@ def materialize_meta(module: nn.Module, device: torch.device) -> nn.Module:
 
     Returns:
         nn.Module: ``module``, changed in place.
+
+    Raises:
+        ValueError: a non-persistent buffer is on ``meta`` (e.g. the ``triu_indices`` of a
+            torchrec DLRM built entirely under ``torch.device("meta")``): no state dict holds it, so
+            it would keep uninitialised values; ``module`` is left unchanged.
     """
+    unfillable = [f"{prefix}.{name}" if prefix else name for prefix, submodule in module.named_modules()
+                  for name, buffer in submodule._buffers.items()
+                  if buffer is not None and buffer.is_meta and name in submodule._non_persistent_buffers_set]
+    if unfillable:
+        raise ValueError(
+            f"materialize_meta: the non-persistent buffer(s) {unfillable} are on the meta device; no state dict "
+            "restores them, so they would hold uninitialised memory: build the dense layers on a real device "
+            "(e.g. under `with torch.device(\"cpu\")`) and only the tables (EmbeddingBagCollection(..., "
+            "device=torch.device(\"meta\"))) on meta"
+        )
     for submodule in module.modules():
         for name, param in list(submodule._parameters.items()):
             if param is not None and param.is_meta:
