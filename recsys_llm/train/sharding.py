@@ -436,6 +436,14 @@ def shard_model(
     """
     if not find_tables(task):
         raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")
+    buffers_on_meta = dense_buffers_on_meta(task)
+    if buffers_on_meta:
+        raise ValueError(
+            f"shard_model: the buffer(s) {buffers_on_meta[:5]} outside the EmbeddingBagCollections are on the meta "
+            "device; DMP would give them uninitialised memory (e.g. a torchrec DLRM built under "
+            "`with torch.device(\"meta\")`: its interaction's triu_indices), which nothing fills: build the dense "
+            "modules on the real device and only the tables on meta (EmbeddingBagCollection(..., device=...))"
+        )
     frozen = frozen_table_names(task, sharding)
     compute_device = sharding.compute_device if sharding.compute_device != "auto" else device.type
     if compute_device != device.type:
@@ -570,6 +578,13 @@ def _reduce_in_parameter_order(model: nn.Module) -> None:
                 wrappers.setdefault(id(lookup), lookup)
     for ddp in wrappers.values():
         ddp.register_comm_hook(_CanonicalAllReduce(ddp), _hook)
+
+
+def dense_buffers_on_meta(model: nn.Module) -> List[str]:
+    """Buffers outside the EBCs that are on ``meta``: DMP allocates them with ``to_empty`` and no
+    ``reset_parameters`` or state dict need fill them (a DLRM's non-persistent ``triu_indices``)."""
+    in_tables = {id(t) for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.buffers()}
+    return [name for name, t in model.named_buffers() if id(t) not in in_tables and t.is_meta]
 
 
 def dense_tensors_elsewhere(model: nn.Module, device: torch.device) -> List[str]:

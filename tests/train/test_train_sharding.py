@@ -333,6 +333,16 @@ class TestConstraints:
         del backbone.wrapped
         assert set(find_tables(task)) == {c.name for c in ebc.embedding_bag_configs()}
 
+    def test_a_dense_buffer_on_meta_is_refused_before_sharding(self, synthetic_schema: DatasetSchema) -> None:
+        """A torchrec DLRM built whole under ``torch.device("meta")``: DMP gave its interaction's ``triu_indices``
+        uninitialised memory (zeros) and the model trained on the wrong pairs without an error."""
+        with torch.device("meta"):
+            task = CTRTask(build_backbone(SMOKE_CONFIGS["dlrm"], synthetic_schema, device=torch.device("meta")))
+        with pytest.raises(ValueError, match=r"shard_model: the buffer\(s\) \['model.inter_arch.triu_indices'\] "
+                                             r"outside the EmbeddingBagCollections are on the meta device"):
+            shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(), batch_size=8)
+        assert not any(hasattr(p, "_in_backward_optimizers") for p in task.parameters())  # left unchanged
+
     def test_a_table_optimizer_the_cpu_kernels_lack_is_refused_before_sharding(self, synthetic_schema) -> None:
         task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
         with pytest.raises(ValueError, match=r"optim.sparse='adam': FBGEMM's CPU embedding kernels implement only"):
