@@ -1,8 +1,9 @@
 """Builds the EmbeddingBagCollection of a data set: one table per categorical field."""
 
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -107,3 +108,19 @@ def require_allocated(key: str, destination: object, action: str) -> None:
             f"{action}: {key!r} is on the meta device, not allocated yet; call it after shard_model (or, "
             "without sharding, after moving the module to a real device): a copy into a meta tensor does nothing"
         )
+
+
+# set on an unsharded EBC whose table weights were filled (``load_full_state``, ``load_semantic_vectors``);
+# ``shard_model`` refuses it, as DMP allocates and initialises every table afresh
+FILLED_BEFORE_SHARDING = "_recsys_llm_filled_by"
+
+
+def mark_filled_tables(model: nn.Module, keys: Iterable[str], action: str) -> None:
+    """Records on each unsharded ``EmbeddingBagCollection`` of ``model`` whose table weights are among
+    ``keys`` (``model.state_dict()`` keys) that ``action`` filled them, for ``shard_model`` to refuse."""
+    keys = list(keys)
+    for path, module in model.named_modules():
+        if isinstance(module, EmbeddingBagCollection):
+            tables = f"{path}.embedding_bags." if path else "embedding_bags."
+            if any(key.startswith(tables) for key in keys):
+                setattr(module, FILLED_BEFORE_SHARDING, action)

@@ -33,7 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput
-from recsys_llm.models.embedding import require_allocated
+from recsys_llm.models.embedding import mark_filled_tables, require_allocated
 from recsys_llm.models.task import CTRTask
 from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
 
@@ -257,6 +257,7 @@ def load_semantic_vectors(
             require_allocated(key, weight, f"load_semantic_vectors({table_name!r})")
             fill_rows(weight, vector_dir, 0, 0, weight.size(1), expected)
             filled.append((0, weight.size(0)))
+            mark_filled_tables(model, [key], "load_semantic_vectors")  # shard_model would lose them
         else:
             raise TypeError(f"table {table_name!r}: unsupported weight type {type(weight).__name__}")
     return distinct_rows(filled)

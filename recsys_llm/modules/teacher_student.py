@@ -47,7 +47,7 @@ from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.validation import check_number
-from recsys_llm.models.embedding import require_allocated
+from recsys_llm.models.embedding import mark_filled_tables, require_allocated
 from recsys_llm.models.task import checked_term, required_extra
 from recsys_llm.modules.distillation import (
     REPR_KD_KINDS,
@@ -293,7 +293,8 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
     slices of the full tensor; plain tensors are copied whole. Used to load a trained
     teacher into a ``TeacherStudentTask`` under DMP (``prefix="teacher."``). With
     ``state`` from :func:`recsys_llm.serving.open_state_file`, a rank reads only its
-    shards' rows of each table.
+    shards' rows of each table. Tables of an unsharded model filled here are marked, and
+    ``shard_model`` refuses them: DMP initialises every table afresh, so load after sharding.
 
     Args:
         model (nn.Module): the destination (DMP or plain).
@@ -324,7 +325,7 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
     if unused:  # checked before anything is copied: the model is left as it was
         raise StateMismatchError(f"{source}: holds {len(unused)} tensors the model has no place for under {prefix!r}: "
                          f"{unused[:8]}{'...' if len(unused) > 8 else ''}")
-    copied = 0
+    copied, filled = 0, []
     for key, dest, source_key in destinations:
         if source_key not in state:
             raise KeyError(f"{source}: no tensor {source_key!r} for {key!r}; it has {sorted(state)[:8]}...")
@@ -339,7 +340,9 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
         else:
             require_allocated(key, dest, "load_full_state")
             dest.copy_(full[...])
+            filled.append(key)
         copied += 1
+    mark_filled_tables(model, filled, "load_full_state")  # an unsharded model's tables: shard_model would lose them
     return copied
 
 

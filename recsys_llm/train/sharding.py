@@ -69,6 +69,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys_llm.data.validation import check_number
+from recsys_llm.models.embedding import FILLED_BEFORE_SHARDING
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "row_wise_adagrad": trec_optim.RowWiseAdagrad,
@@ -436,6 +437,14 @@ def shard_model(
     """
     if not find_tables(task):
         raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")
+    filled = sorted({f"{path} ({getattr(ebc, FILLED_BEFORE_SHARDING)})" for path, ebc in find_tables(task).values()
+                     if getattr(ebc, FILLED_BEFORE_SHARDING, None)})
+    if filled:
+        raise ValueError(
+            f"shard_model: the tables of {filled} were filled before sharding, but DMP allocates and initialises "
+            "every table afresh, so those weights would be lost (the dense ones kept): shard first, then call "
+            "load_full_state / load_semantic_vectors on the sharded model (each rank fills its own shards)"
+        )
     buffers_on_meta = dense_buffers_on_meta(task)
     if buffers_on_meta:
         raise ValueError(

@@ -343,6 +343,17 @@ class TestConstraints:
             shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(), batch_size=8)
         assert not any(hasattr(p, "_in_backward_optimizers") for p in task.parameters())  # left unchanged
 
+    def test_tables_filled_before_sharding_are_refused(self, synthetic_schema: DatasetSchema) -> None:
+        """load_full_state into the unsharded task, then shard_model: DMP initialised the tables afresh and kept the
+        dense weights, so a "loaded" (e.g. frozen teacher) model trained with random tables without an error."""
+        from recsys_llm.modules.teacher_student import load_full_state
+
+        task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("cpu")))
+        load_full_state(task, {key: value.clone() for key, value in task.state_dict().items()})
+        with pytest.raises(ValueError, match=r"shard_model: the tables of \['model.embedding_bag_collection "
+                                             r"\(load_full_state\)'\] were filled before sharding"):
+            shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(), batch_size=8)
+
     def test_a_table_optimizer_the_cpu_kernels_lack_is_refused_before_sharding(self, synthetic_schema) -> None:
         task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
         with pytest.raises(ValueError, match=r"optim.sparse='adam': FBGEMM's CPU embedding kernels implement only"):
