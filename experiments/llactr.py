@@ -71,7 +71,8 @@ VARIANTS = {"+FRE": (True, False), "+FIE": (False, True), "+both": (True, True)}
 
 
 def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Optional[Sequence[int]] = None) -> Tuple[str, str]:
-    """SSFT then field vectors (each skipped when done); returns (vectors path, SSFT metrics path).
+    """SSFT then field vectors (each skipped when done; the vectors are encoded again when they are not
+    the SSFT adapter's of now, e.g. SSFT tuned again); returns (vectors path, SSFT metrics path).
 
     ``ssft_budget``: (S_train, S_valid, epochs); None: ``SSFT_BUDGET``, or ``QUICK_SSFT_BUDGET``
     with ``quick``.
@@ -87,12 +88,23 @@ def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Optional[Sequenc
          "--batch-size", "16", *samples],
         os.path.join(ssft_dir, "metrics.json"),
     )
-    run_cli_step(
-        ["semantics", "encode", "--schema", schema, "--adapter", os.path.join(ssft_dir, "adapter"),
-         "--output", vectors],
-        vectors,
-    )
+    adapter = os.path.join(ssft_dir, "adapter")
+    encode = ["semantics", "encode", "--schema", schema, "--adapter", adapter, "--output", vectors]
+    if os.path.isfile(vectors) and not encoded_with(vectors, adapter):
+        # SSFT tuned again (its output removed): the same encode command, but the vectors are the old adapter's
+        print(f"[stale] {vectors}: not encoded with the SSFT adapter in {adapter} now; encoding again", flush=True)
+        run_cli_step(encode, None)
+    else:
+        run_cli_step(encode, vectors)
     return vectors, os.path.join(ssft_dir, "metrics.json")
+
+
+def encoded_with(vectors: str, adapter: str) -> bool:
+    """Whether the field vectors in ``vectors`` were encoded with the SSFT adapter ``adapter`` holds now:
+    ``semantics encode --adapter`` names the adapter's ``adapter_hash`` (``ssft.json``) in their model id."""
+    from recsys_llm.semantics.ssft_adapter import read_adapter_info
+
+    return load_vectors(vectors).provenance.model_id.endswith(f"+ssft:{read_adapter_info(adapter)['adapter_hash']}")
 
 
 def random_field_vectors(vectors: str, out: str, seed: int = 0) -> str:

@@ -83,3 +83,26 @@ def test_llactr_quick_keeps_an_explicit_ssft_budget(tmp_path) -> None:
     with open(metrics, encoding="utf-8") as handle:
         config = json.load(handle)["config"]
     assert (config["samples_train"], config["samples_valid"], config["epochs"]) == (3, 2, 1)
+
+
+def test_llactr_encodes_again_when_the_ssft_step_was_tuned_again(tmp_path, capsys) -> None:
+    """The SSFT output removed and tuned again (here with another budget) used to keep the field vectors
+    of the old adapter: encode was skipped (its file and command unchanged), so the table reported the
+    new SSFT beside runs on the old vectors."""
+    import shutil
+
+    from recsys_llm.semantics.ssft_adapter import read_adapter_info
+
+    schema = make_schema(str(tmp_path / "data"))
+    schema_path, work = os.path.join(schema.root, "schema.json"), str(tmp_path / "work")
+    vectors, _ = llm_steps(schema_path, work, quick=True, ssft_budget=(3, 2, 1))
+    old = load_vectors(vectors).provenance.model_id
+    llm_steps(schema_path, work, quick=True, ssft_budget=(3, 2, 1))  # done: both steps skipped
+    assert "[skip] semantics encode" in capsys.readouterr().out
+    assert load_vectors(vectors).provenance.model_id == old
+
+    shutil.rmtree(os.path.join(work, "ssft"))
+    vectors, _ = llm_steps(schema_path, work, quick=True, ssft_budget=(4, 2, 1))
+    tuned = read_adapter_info(os.path.join(work, "ssft", "adapter"))["adapter_hash"]
+    assert "[stale]" in capsys.readouterr().out
+    assert load_vectors(vectors).provenance.model_id.endswith(f"+ssft:{tuned}") and not old.endswith(tuned)
