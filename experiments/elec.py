@@ -42,6 +42,7 @@ Steps:
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -136,11 +137,38 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
         overrides.append(f"elec.vector_dim={vector_dim(vectors)}")  # H of the LLM
         return schema, overrides
     entity = ["--entity-field", entities[0], "--entity-fields", entities[0]] if granularity == "entity" else []
-    run_cli_step(
-        export + ["--output-dir", os.path.join(work, "vectors"), *entity, "--attach-dir", attach_dir],
-        os.path.join(attach_dir, "schema.json"),
-    )
-    return os.path.join(attach_dir, "schema.json"), []
+    vectors, attached = os.path.join(work, "vectors"), os.path.join(attach_dir, "schema.json")
+    if os.path.isfile(attached):
+        check_exported_by(vectors, llm_dir, attached)
+    run_cli_step(export + ["--output-dir", vectors, *entity, "--attach-dir", attach_dir], attached)
+    return attached, []
+
+
+def check_exported_by(vectors: str, llm_dir: str, attached: str) -> None:
+    """Refuses the attached splits (``attached``, their schema) when the export ``vectors`` they were
+    made from holds the vectors of another CTR-adapted LLM than ``llm_dir`` holds now (it was removed
+    and adapted again): the export step would be skipped, and the runs on them reused, under the new
+    LLM's settings. An export without a readable manifest or weights digest is not compared.
+
+    Raises:
+        SystemExit: naming both digests and the directories to delete.
+    """
+    from recsys_llm.semantics.vector_export import read_manifest
+
+    try:
+        exported = read_manifest(vectors)["provenance"].get("weights_sha256")
+        with open(os.path.join(llm_dir, "provenance.json"), encoding="utf-8") as handle:
+            adapted = json.load(handle).get("weights_sha256")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return
+    if exported and adapted and exported != adapted:
+        raise SystemExit(
+            f"{attached}: the splits there carry vectors exported from another CTR-adapted LLM (weights_sha256 "
+            f"{exported}) than {llm_dir} holds now (weights_sha256 {adapted}); the runs on them would be reported "
+            f"under the new LLM's settings. To export the new LLM's vectors, delete {vectors} and "
+            f"{os.path.dirname(attached)} (the finished runs on the old ones are then refused as of other data); "
+            "or use another --out"
+        )
 
 
 def used_vector_dim(vector_overrides: Sequence[str]) -> int:

@@ -106,3 +106,25 @@ def test_llactr_encodes_again_when_the_ssft_step_was_tuned_again(tmp_path, capsy
     tuned = read_adapter_info(os.path.join(work, "ssft", "adapter"))["adapter_hash"]
     assert "[stale]" in capsys.readouterr().out
     assert load_vectors(vectors).provenance.model_id.endswith(f"+ssft:{tuned}") and not old.endswith(tuned)
+
+
+def test_elec_refuses_attached_vectors_of_an_llm_adapted_again(tmp_path) -> None:
+    """The CTR-adapted LLM removed and adapted again (here on another sample) used to keep the splits
+    with the old LLM's vectors attached: the export step was skipped (its done file and command
+    unchanged), and so were the runs on them, under the new LLM's settings in the table."""
+    import shutil
+
+    import pytest
+
+    from experiments.elec import llm_steps as elec_llm_steps
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    generate_synthetic(str(tmp_path / "data"), 600, seed=0)
+    schema, work = str(tmp_path / "data" / "schema.json"), str(tmp_path / "work")
+    attached, _ = elec_llm_steps(schema, work, "entity", ["item_id"], 32, True)
+    assert elec_llm_steps(schema, work, "entity", ["item_id"], 32, True)[0] == attached  # done: skipped
+    shutil.rmtree(os.path.join(work, "ctr_llm"))
+    with pytest.raises(SystemExit, match=r"attached/schema.json: the splits there carry vectors exported from another "
+                                         r"CTR-adapted LLM \(weights_sha256 \w+\) than .*ctr_llm holds now "
+                                         r"\(weights_sha256 \w+\).* delete .*vectors and .*attached"):
+        elec_llm_steps(schema, work, "entity", ["item_id"], 48, True)
