@@ -71,6 +71,15 @@ fi
 # a venv without pip is made again: one whose creation failed (Debian's python3 without
 # python3-venv leaves bin/python behind) or was interrupted
 "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$PYTHON" -m venv "$VENV"
+# torch, fbgemm-gpu and torchrec have wheels for CPython 3.10-3.14 only; on another Python pip fails
+# below with "no matching distribution" or a resolution conflict that names no Python version
+if ! venv_python=$("$VENV/bin/python" -c \
+    'import sys; v = sys.version_info; print("%d.%d" % tuple(v[:2])); sys.exit(not (3, 10) <= tuple(v[:2]) <= (3, 14))'); then
+  echo "[install] error: $VENV/bin/python is Python ${venv_python:-of unknown version}; torch $TORCH_VERSION," \
+       "fbgemm-gpu and torchrec need Python 3.10-3.14: remove $VENV and run again with PYTHON naming such a" \
+       "Python (now PYTHON=$PYTHON; e.g. PYTHON=python3.12)" >&2
+  exit 2
+fi
 # from here on the venv changes: a run that fails or is interrupted must not leave the stamp of
 # an earlier install behind for a later run (of that install's variant) to skip on
 rm -f "$stamp"

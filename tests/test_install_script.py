@@ -236,3 +236,26 @@ def test_a_cpu_torch_is_installed_into_the_peer_venv_as_the_cpu_build(tmp_path: 
     torch_installs = [line for line in log.read_text().splitlines() if "torch==" in line and "deepctr" not in line]
     assert torch_installs == ["-m pip install --quiet torch==2.13.0+cpu numpy",
                               "-m pip install --quiet --extra-index-url file:///cpu-wheels torch==2.13.0+cpu numpy"]
+
+
+@pytest.mark.parametrize("version, supported", [((3, 9), False), ((3, 15), False), ((3, 10), True), ((3, 14), True)])
+def test_a_python_without_torch_wheels_is_an_error_naming_it(tmp_path: Path, version: tuple, supported: bool) -> None:
+    # PYTHON=python3.9 made the venv, then pip failed on "ResolutionImpossible" for torch naming no Python version
+    env = fake_install_env(tmp_path, driver_cuda=None)
+    venv_python = Path(env["VENV"]) / "bin" / "python"
+    as_version = tmp_path / "as_version.py"
+    as_version.write_text(f"import sys\nsys.version_info = {(*version, 'final', 0)!r}\n"
+                          "code = sys.argv[2]\nsys.argv = ['-c']\nexec(code)\n")
+    logging_python = venv_python.read_text()
+    venv_python.write_text(logging_python.replace(
+        "#!/bin/sh\n", "#!/bin/sh\n"
+        f"case \"$2\" in *version_info*) exec '{sys.executable}' '{as_version}' \"$@\" ;; esac\n", 1))
+    result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu")
+    if supported:
+        assert result.returncode == 0, result.stderr
+        assert "[install] done." in result.stdout
+    else:
+        assert result.returncode == 2
+        assert f"{venv_python} is Python {version[0]}.{version[1]};" in result.stderr
+        assert "need Python 3.10-3.14" in result.stderr and f"remove {env['VENV']}" in result.stderr
+        assert "torch==" not in (tmp_path / "python.log").read_text()
