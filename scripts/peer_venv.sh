@@ -3,24 +3,26 @@
 #
 # DeepCTR-Torch is a peer to compare against, not a dependency: it never enters the project's
 # .venv. The peer venv is a plain venv (no system site-packages) with the same torch version as
-# .venv (so both sides run the same kernels), numpy, `deepctr-torch` installed with --no-deps
+# the project's venv (so both sides run the same kernels), numpy, `deepctr-torch` installed with --no-deps
 # (its metadata would pull whatever torch it likes) and the light packages it imports
 # (scikit-learn, tqdm, requests). A second run skips what is already installed (stamp file keyed
 # by this script and the versions). A `.gitignore` inside the venv keeps it out of git.
 #
 # Usage: bash scripts/peer_venv.sh            # or PEER_VENV=/tmp/peers bash scripts/peer_venv.sh
-# Env:   PYTHON (python3), PEER_VENV (.venv-peers), TORCH_VERSION (that of .venv, else 2.13.0;
+# Env:   PYTHON (python3), PEER_VENV (.venv-peers), VENV (the project's venv, as in the Makefile: .venv),
+#        TORCH_VERSION (that of $VENV, else 2.13.0;
 #        a CPU build, 2.13.0+cpu, is installed as one), TORCH_CPU_INDEX_URL (where a CPU build comes
 #        from when the configured sources lack it), DEEPCTR_VERSION (0.3.0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 PEER_VENV=${PEER_VENV:-.venv-peers}
+VENV=${VENV:-.venv}
 DEEPCTR_VERSION=${DEEPCTR_VERSION:-0.3.0}
 if [ -z "${TORCH_VERSION:-}" ]; then
   # the CPU build keeps its +cpu (PyPI's plain build is a CUDA one of several GB); other labels
   # (+cu126: PyTorch's CUDA index) go, and the peer gets PyPI's build of that version
-  TORCH_VERSION=$(.venv/bin/python -c 'import torch; v = torch.__version__; print(v if v.endswith("+cpu") else v.split("+")[0])' 2>/dev/null || echo 2.13.0)
+  TORCH_VERSION=$("$VENV/bin/python" -c 'import torch; v = torch.__version__; print(v if v.endswith("+cpu") else v.split("+")[0])' 2>/dev/null || echo 2.13.0)
 fi
 
 stamp_key=$( (cat scripts/peer_venv.sh; echo "$TORCH_VERSION $DEEPCTR_VERSION") | sha256sum | cut -c1-16)

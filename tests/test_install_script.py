@@ -259,3 +259,22 @@ def test_a_python_without_torch_wheels_is_an_error_naming_it(tmp_path: Path, ver
         assert f"{venv_python} is Python {version[0]}.{version[1]};" in result.stderr
         assert "need Python 3.10-3.14" in result.stderr and f"remove {env['VENV']}" in result.stderr
         assert "torch==" not in (tmp_path / "python.log").read_text()
+
+
+def test_the_peer_venv_takes_the_torch_of_the_venv_make_uses(tmp_path: Path) -> None:
+    # `make bench VENV=...` (the Makefile and .ci/run take VENV) installed .venv's torch, or PyPI's 2.13.0 (a CUDA
+    # build of several GB) without a .venv, into the peer venv instead of the CPU build of the venv in use
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("#!/bin/sh\necho 2.14.1+cpu\n")
+    venv_python.chmod(0o755)
+    peer_python, log = tmp_path / "peers" / "bin" / "python", tmp_path / "python.log"
+    peer_python.parent.mkdir(parents=True)
+    peer_python.write_text(f"#!/bin/sh\necho \"$*\" >> '{log}'\nexit 0\n")
+    peer_python.chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if key != "TORCH_VERSION"}
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "peer_venv.sh")],
+                            env={**env, "VENV": str(tmp_path / "venv"), "PEER_VENV": str(tmp_path / "peers")},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "-m pip install --quiet torch==2.14.1+cpu numpy" in log.read_text().splitlines()
