@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine with Python 3:
+# Two commands do all set-up on a fresh machine with GNU make, bash and Python 3 (README.md):
 #   make demo   -> installs (.venv, CPU or CUDA build picked automatically) and runs the main job
 #   make test   -> installs and runs the whole test suite
 VENV ?= .venv

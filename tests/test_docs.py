@@ -222,3 +222,15 @@ def test_the_throughput_tables_quote_the_committed_benchmark_jsons() -> None:
                 f"{page}: '{label}' quotes {quoted}, benchmarks/results/{name}.json has {key}={value:.4g}")
             checked.add(match[0])
         assert checked == set(THROUGHPUT_FIGURES), (page, sorted(set(THROUGHPUT_FIGURES) - checked))
+
+
+def test_the_readme_names_what_its_two_set_up_commands_need() -> None:
+    # it said "only Python 3": a slim image (python:3.12-slim) has no make, and `make demo` stopped on
+    # "make: command not found" with no word on what else does the set-up
+    readme = " ".join(_read("README.md").split())
+    setup = readme[readme.index("make test"):readme.index("## What is in it")]
+    assert "only Python" not in setup
+    assert "GNU make" in setup and "bash" in setup and "python3-venv" in setup
+    makefile = _read("Makefile")
+    assert "bash scripts/install.sh" in makefile and "$(PY) -m pytest -q tests" in makefile
+    assert "`bash scripts/install.sh` does the set-up" in setup and "`.venv/bin/python -m pytest -q tests`" in setup
