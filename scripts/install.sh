@@ -63,14 +63,23 @@ installed="$VARIANT torch $TORCH_VERSION fbgemm-gpu $FBGEMM_VERSION torchrec $TO
 if [ "$VARIANT" = cuda ]; then installed="$installed from ${CUDA_INDEX:-none}"; fi
 stamp_key=$( (cat scripts/install.sh setup.py; echo "$installed") | sha256sum | cut -c1-16)-$VARIANT
 stamp="$VENV/.recsys_llm_installed"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ]; then
+# skipped when the stamp matches and the venv's python still runs (its base Python may be gone since, e.g.
+# removed by a distribution upgrade)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ] && "$VENV/bin/python" -c '' >/dev/null 2>&1; then
   echo "[install] $VENV is up to date ($VARIANT); skipping."
   exit 0
 fi
 
 # a venv without pip is made again: one whose creation failed (Debian's python3 without
-# python3-venv leaves bin/python behind) or was interrupted
-"$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$PYTHON" -m venv "$VENV"
+# python3-venv leaves bin/python behind) or was interrupted; one whose python no longer runs (its base
+# Python was removed) is cleared first, as `python3 -m venv` fails on the dangling bin/python3
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  if [ -f "$VENV/pyvenv.cfg" ] && ! "$VENV/bin/python" -c '' >/dev/null 2>&1; then
+    "$PYTHON" -m venv --clear "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
 # torch, fbgemm-gpu and torchrec have wheels for CPython 3.10-3.14 only; on another Python pip fails
 # below with "no matching distribution" or a resolution conflict that names no Python version
 if ! venv_python=$("$VENV/bin/python" -c \

@@ -278,3 +278,28 @@ def test_the_peer_venv_takes_the_torch_of_the_venv_make_uses(tmp_path: Path) -> 
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "-m pip install --quiet torch==2.14.1+cpu numpy" in log.read_text().splitlines()
+
+
+def test_a_venv_whose_python_no_longer_runs_is_made_again(tmp_path: Path) -> None:
+    # the Python the venv was made from went away (a distribution upgrade, pyenv or Homebrew removing a version):
+    # bin/python dangles, yet the stamp said "up to date" and `make test` failed on ".venv/bin/python: No such
+    # file or directory"; without the stamp `python3 -m venv` failed on the dangling link ("[Errno 2] ... python3")
+    env = fake_install_env(tmp_path, driver_cuda=None)
+    first = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu")
+    assert first.returncode == 0, first.stderr
+    venv = Path(env["VENV"])
+    venv_python = venv / "bin" / "python"
+    working_python = venv_python.read_text()
+    (venv / "pyvenv.cfg").write_text("home = /removed/python/bin\n")
+    venv_python.unlink()
+    venv_python.symlink_to("/removed/python/bin/python3")
+    system_python = tmp_path / "python3"
+    system_python.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path / 'python3.log'}'\n"
+                             f"case \"$*\" in *--clear*) rm -f '{venv_python}' ;; esac\n"
+                             f"[ -e '{venv_python}' ] || [ ! -L '{venv_python}' ] || exit 1\n"
+                             f"cat > '{venv_python}' <<'EOF'\n{working_python}EOF\nchmod +x '{venv_python}'\n")
+    system_python.chmod(0o755)
+    again = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu", PYTHON=str(system_python))
+    assert again.returncode == 0, again.stderr
+    assert "skipping" not in again.stdout and "[install] done." in again.stdout
+    assert (tmp_path / "python3.log").read_text() == f"-m venv --clear {venv}\n"
