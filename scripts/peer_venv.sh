@@ -33,8 +33,15 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ] && [ -x "$PEER_VENV/b
 fi
 
 # a venv without pip is made again: one whose creation failed (Debian's python3 without
-# python3-venv leaves bin/python behind) or was interrupted
-"$PEER_VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$PYTHON" -m venv "$PEER_VENV"
+# python3-venv leaves bin/python behind) or was interrupted; one whose python no longer runs (its base
+# Python was removed) is cleared first, as `python3 -m venv` fails on the dangling bin/python3
+if ! "$PEER_VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  if [ -f "$PEER_VENV/pyvenv.cfg" ] && ! "$PEER_VENV/bin/python" -c '' >/dev/null 2>&1; then
+    "$PYTHON" -m venv --clear "$PEER_VENV"
+  else
+    "$PYTHON" -m venv "$PEER_VENV"
+  fi
+fi
 # from here on the venv changes: a run that fails or is interrupted must not leave the stamp of
 # an earlier install behind for a later run (with that install's versions) to skip on
 rm -f "$stamp"

@@ -303,3 +303,24 @@ def test_a_venv_whose_python_no_longer_runs_is_made_again(tmp_path: Path) -> Non
     assert again.returncode == 0, again.stderr
     assert "skipping" not in again.stdout and "[install] done." in again.stdout
     assert (tmp_path / "python3.log").read_text() == f"-m venv --clear {venv}\n"
+
+
+def test_a_peer_venv_whose_python_no_longer_runs_is_made_again(tmp_path: Path) -> None:
+    # as for .venv: `python3 -m venv` failed on the dangling bin/python3 ("[Errno 2] ... python3") on every run
+    venv = tmp_path / "peers"
+    venv_python = venv / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /removed/python/bin\n")
+    venv_python.symlink_to("/removed/python/bin/python3")
+    system_python = tmp_path / "python3"
+    system_python.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path / 'python3.log'}'\n"
+                             f"case \"$*\" in *--clear*) rm -f '{venv_python}' ;; esac\n"
+                             f"[ -e '{venv_python}' ] || [ ! -L '{venv_python}' ] || exit 1\n"
+                             f"printf '#!/bin/sh\\nexit 0\\n' > '{venv_python}'\nchmod +x '{venv_python}'\n")
+    system_python.chmod(0o755)
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "peer_venv.sh")],
+                            env={**os.environ, "PEER_VENV": str(venv), "TORCH_VERSION": "2.13.0",
+                                 "PYTHON": str(system_python)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "python3.log").read_text() == f"-m venv --clear {venv}\n"
