@@ -148,9 +148,13 @@ else
     || $PIP install "torch==$TORCH_VERSION"
   $PIP install --no-deps "fbgemm-gpu-cpu==$FBGEMM_VERSION" "torchrec==$TORCHREC_VERSION"
 fi
+# the torch installed above stays: pip would otherwise replace it for a later dependency that asks
+# for another torch (a new tensordict), taking PyPI's CUDA build on a CPU machine
+keep_torch="$VENV/torch-constraint.txt"
+echo "torch==$(torch_version)" > "$keep_torch"
 # torchrec's pure-Python dependencies (installed explicitly because of --no-deps above).
-$PIP install pyre-extensions tensordict "torchmetrics>=1.0.3" tqdm iopath
-$PIP install -e ".[dev,bench]"
+$PIP install -c "$keep_torch" pyre-extensions tensordict "torchmetrics>=1.0.3" tqdm iopath
+$PIP install -c "$keep_torch" -e ".[dev,bench]"
 "$VENV/bin/python" -c "import recsys_llm.env as e; e.check_versions(verbose=True)"
 if [ "$VARIANT" = cuda ] && ! "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 || true)

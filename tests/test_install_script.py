@@ -324,3 +324,17 @@ def test_a_peer_venv_whose_python_no_longer_runs_is_made_again(tmp_path: Path) -
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "python3.log").read_text() == f"-m venv --clear {venv}\n"
+
+
+def test_the_dependencies_installed_after_torch_keep_it(tmp_path: Path) -> None:
+    """tensordict, peft and the rest came unconstrained after torch: one asking for another torch made pip
+    replace it (PyPI's CUDA build, several GB, on a CPU machine), breaking fbgemm-gpu's match."""
+    env = fake_install_env(tmp_path, driver_cuda=None)
+    fake_torch(tmp_path, "2.13.0+cpu", None)
+    result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu", TORCH_VERSION="2.13.0")
+    assert result.returncode == 0, result.stderr
+    constraint = tmp_path / "venv" / "torch-constraint.txt"
+    assert constraint.read_text() == "torch==2.13.0+cpu\n"
+    log = (tmp_path / "python.log").read_text()
+    assert f"install -c {constraint} pyre-extensions tensordict" in log
+    assert f"install -c {constraint} -e .[dev,bench]" in log
