@@ -929,8 +929,13 @@ def test_a_null_key_is_refused_before_any_work(tmp_path):
     assert encoder.calls == 0 and not os.path.exists(out)
 
 
-@pytest.mark.parametrize("rank, world_size", [(1, 1), (2, 2), (-1, 2), (0, 0)])
-def test_a_rank_outside_the_world_is_refused_before_any_work(tmp_path, monkeypatch, rank, world_size):
+@pytest.mark.parametrize("rank, world_size, message", [
+    (1, 1, r"RANK=1 and WORLD_SIZE=1: the rank must be below the world size"),
+    (2, 2, r"RANK=2 and WORLD_SIZE=2: the rank must be below the world size"),
+    (-1, 2, r"environment variable RANK='-1': expected an integer >= 0"),
+    (0, 0, r"environment variable WORLD_SIZE='0': expected an integer >= 1"),
+])
+def test_a_rank_outside_the_world_is_refused_before_any_work(tmp_path, monkeypatch, rank, world_size, message):
     """RANK=1 without WORLD_SIZE (a rank started by hand) wrote chunks 1, 2, ...: rank 0's chunks
     too, the two processes deleting each other's temporary files."""
     out = str(tmp_path / "vec")
@@ -938,9 +943,14 @@ def test_a_rank_outside_the_world_is_refused_before_any_work(tmp_path, monkeypat
     encoder = CountingEncoder()
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
-    with pytest.raises(ValueError, match=rf"vec: rank {rank} of world size {world_size} \(RANK, WORLD_SIZE\); "
-                                         "expected 0 <= RANK < WORLD_SIZE"):
+    with pytest.raises(ValueError, match=message):
         VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, encoder, progress=False)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match=r"vec: rank 2 of world size 2 \(RANK, WORLD_SIZE\); expected 0 <= RANK < "
+                                         "WORLD_SIZE"):  # given as arguments
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, encoder, rank=2, world_size=2,
+                                                                            progress=False)
     assert encoder.calls == 0 and not os.path.exists(out)
 
 
