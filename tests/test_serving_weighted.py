@@ -5,11 +5,12 @@ import re
 import pytest
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone
 from recsys_llm.models.task import CTRTask
+from recsys_llm.modules.semantic_table import SemanticTable
 from recsys_llm.serving import ServedModel, export_task
 
 FEATURES = ["user_id", "tags"]
@@ -180,3 +181,17 @@ def test_a_nan_weight_after_a_sequence_cut_to_max_length_is_named_at_its_place_i
     with pytest.raises(ValueError, match=r"weight 4 of 'tags' is nan \(as torch\.float32\) in row 1 of the batch; "
                                          r"expected finite"):
         served.logits(torch.zeros(2, 1), sparse)
+
+
+def test_a_weighted_table_that_pools_other_than_sum_is_refused_before_training():
+    """torch's unsharded EmbeddingBag takes per-id weights with SUM only: a weighted MEAN table trains
+    sharded, then fails to export or serve (``per_sample_weights is only supported for mode='sum'``)."""
+    tables = [EmbeddingBagConfig(name="t_user_id", embedding_dim=8, num_embeddings=10, feature_names=["user_id"]),
+              EmbeddingBagConfig(name="t_tags", embedding_dim=8, num_embeddings=10, feature_names=["tags"],
+                                 pooling=PoolingType.MEAN)]
+    with pytest.raises(ValueError, match=r"_Concat: its EmbeddingBagCollection is weighted \(is_weighted=True\), but "
+                                         r"tables \{'t_tags': 'MEAN'\} pool other than SUM; .*pooling=PoolingType.SUM"):
+        _Concat(EmbeddingBagCollection(tables=tables, is_weighted=True))
+    _Concat(EmbeddingBagCollection(tables=tables))  # unweighted: MEAN is fine
+    with pytest.raises(ValueError, match=r"SemanticTable \['item_id'\]: .* tables \{'semantic_item_id': 'MEAN'\}"):
+        SemanticTable({"item_id": 10}, 8, pooling=PoolingType.MEAN, device=torch.device("cpu"), is_weighted=True)

@@ -13,7 +13,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -60,6 +60,7 @@ class CTRBackbone(nn.Module, abc.ABC):
         self.embedding_bag_collection = embedding_bag_collection
         configs = embedding_bag_collection.embedding_bag_configs()
         check_one_table_per_feature(configs, type(self).__name__)
+        check_weighted_pooling(configs, bool(embedding_bag_collection.is_weighted()), type(self).__name__)
         self._embedding_dims: Dict[str, int] = {n: c.embedding_dim for c in configs for n in c.feature_names}
         self._feature_names: List[str] = [n for c in configs for n in c.feature_names]
         self._num_dense_features = num_dense_features
@@ -182,6 +183,25 @@ def check_one_table_per_feature(configs: "List[EmbeddingBagConfig]", owner: str)
             "keys one pooled embedding per feature name: give the model one table per feature (a second table "
             f"reads a KJT key of its own, e.g. {name + '_2'!r} with the same ids)"
             + (f"; so are {[other for other in repeated if other != name]}" if len(repeated) > 1 else "")
+        )
+
+
+def check_weighted_pooling(configs: "List[EmbeddingBagConfig]", weighted: bool, owner: str) -> None:
+    """Raises ValueError naming the tables of a weighted EBC (``is_weighted=True``) that pool other than SUM.
+
+    torch's ``EmbeddingBag`` takes per-id weights in SUM mode only, so an unsharded weighted EBC with a
+    MEAN table fails at every lookup (``per_sample_weights is only supported for mode='sum'``), while
+    the sharded one trains: the model would train, then fail to export, to serve or to run unsharded.
+    """
+    if not weighted:
+        return
+    other = {config.name: config.pooling.name for config in configs if config.pooling != PoolingType.SUM}
+    if other:
+        raise ValueError(
+            f"{owner}: its EmbeddingBagCollection is weighted (is_weighted=True), but tables {other} pool other than "
+            "SUM; torch's unsharded EmbeddingBag takes per-id weights with SUM only, so the model would train "
+            "sharded but fail to export, serve or run unsharded: build them with pooling=PoolingType.SUM (a weighted "
+            "mean is SUM with weights 1/n per bag), or the EBC unweighted"
         )
 
 
