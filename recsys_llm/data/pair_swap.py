@@ -192,36 +192,52 @@ class SwappedPairs:
             Batch: 2B rows: ``batch``, then the swapped rows (label 0), with
             ``extras[LABEL_WEIGHT_KEY]`` (2B,) = 1 for real and 0 for swapped rows; the other
             extras are repeated as they are (an extra that describes the swapped side, such as
-            ``is_cold_item``, then no longer fits the swapped rows: training reads none).
+            ``is_cold_item``, then no longer fits the swapped rows: training reads none). Per-id
+            weights of the KJT move with their ids.
+
+        Raises:
+            ValueError: the KJT carries per-id weights and the swapped side comes from a catalogue
+                (which holds ids only).
         """
         size = batch.batch_size
         device = batch.labels.device
         features = batch.sparse_features.to_dict()
+        weighted = batch.sparse_features.weights_or_none() is not None
         if self._catalog is None:
             rows = self.permutation(size).to(device)
             dense_source = batch.dense_features[:, self._dense_columns.to(device)]
-            jagged_source = {key: (features[key].lengths(), features[key].values()) for key in self._sparse}
+            jagged_source = {key: (features[key].lengths(), features[key].values(), features[key].weights_or_none())
+                             for key in self._sparse}
         else:
+            if weighted:
+                raise ValueError(
+                    f"swapped pairs: the batch's sparse features carry per-id weights, but the catalogue "
+                    f"{self._catalog.path} holds ids only, so the swapped rows' {self._sparse} would have none; pair "
+                    "rows of the same batch (no catalogue), or leave the weights out"
+                )
             rows = self.catalog_rows(size, epoch, index).to(device)
             catalog = self._catalog_on_device(device)
-            dense_source, jagged_source = catalog.dense, catalog.jagged
+            dense_source = catalog.dense
+            jagged_source = {key: (lengths, values, None) for key, (lengths, values) in catalog.jagged.items()}
         swapped_dense = batch.dense_features.clone()
         if self._dense_columns.numel():
             swapped_dense[:, self._dense_columns.to(device)] = dense_source[rows]
         doubled: Dict[str, JaggedTensor] = {}
         for key, jagged in features.items():
-            lengths, values = jagged.lengths(), jagged.values()
+            lengths, values, weights = jagged.lengths(), jagged.values(), jagged.weights_or_none()
             if key in jagged_source:
-                source_lengths, source_values = jagged_source[key]
-                swapped_lengths, swapped_values, _ = torch.ops.fbgemm.permute_1D_sparse_data(
-                    rows.int(), source_lengths, source_values, None, None
+                source_lengths, source_values, source_weights = jagged_source[key]
+                # per-id weights (a weighted model's KJT) move with their ids
+                swapped_lengths, swapped_values, swapped_weights = torch.ops.fbgemm.permute_1D_sparse_data(
+                    rows.int(), source_lengths, source_values, source_weights, None
                 )
                 swapped_lengths = swapped_lengths.to(lengths.dtype)
                 swapped_values = swapped_values.to(values.dtype)
             else:
-                swapped_lengths, swapped_values = lengths, values
+                swapped_lengths, swapped_values, swapped_weights = lengths, values, weights
             doubled[key] = JaggedTensor(values=torch.cat([values, swapped_values]),
-                                        lengths=torch.cat([lengths, swapped_lengths]))
+                                        lengths=torch.cat([lengths, swapped_lengths]),
+                                        weights=torch.cat([weights, swapped_weights]) if weighted else None)
         weight = torch.cat([torch.ones_like(batch.labels), torch.zeros_like(batch.labels)])
         extras = {key: torch.cat([value, value]) for key, value in batch.extras.items()}
         extras[LABEL_WEIGHT_KEY] = weight

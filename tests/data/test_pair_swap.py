@@ -61,6 +61,25 @@ def test_swapped_rows_keep_the_user_side_and_take_the_item_side_of_another_row()
     assert torch.equal(doubled.extras["row_id"], torch.cat([batch.extras["row_id"]] * 2))
 
 
+def test_per_id_weights_move_with_their_ids_and_a_catalogue_without_them_is_refused(tmp_path) -> None:
+    """A weighted model's KJT (is_weighted=True EBC): swapped rows keep the weights of the ids they take;
+    without them a weighted EBC gets no weights (refused) and the student learns unweighted bags."""
+    batch = make_batch()
+    kjt = batch.sparse_features
+    ids = kjt.values()
+    weighted = KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=ids, lengths=kjt.lengths(),
+                                                   weights=ids.float() / 100)  # weight = id / 100
+    swap = SwappedPairs(SCHEMA, ITEM_FIELDS, seed=3)
+    doubled = swap(Batch(batch.dense_features, weighted, batch.labels, batch.extras)).sparse_features
+    for key, jagged in doubled.to_dict().items():
+        assert jagged.weights_or_none() is not None, key
+        assert torch.equal(jagged.weights(), jagged.values().float() / 100), key
+    path = str(tmp_path / "items.parquet")
+    write_catalog(path)
+    with pytest.raises(ValueError, match=r"per-id weights, but the catalogue .*items.parquet holds ids only"):
+        SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)(Batch(batch.dense_features, weighted, batch.labels, {}))
+
+
 def test_the_pairing_is_fixed_per_batch_size_and_seed() -> None:
     first, again = SwappedPairs(SCHEMA, ITEM_FIELDS, seed=1), SwappedPairs(SCHEMA, ITEM_FIELDS, seed=1)
     assert torch.equal(first.permutation(64), again.permutation(64))
