@@ -68,6 +68,15 @@ def test_a_weighted_model_serves_with_the_request_weights(tmp_path):
     assert "is_weighted=True" in text
 
 
+def test_an_example_without_the_weights_a_weighted_model_needs_is_named(tmp_path):
+    """Not torchrec's bare AssertionError ("This (Keyed)JaggedTensor doesn't have weights")."""
+    example = _request(4, 0, weighted=False)
+    with pytest.raises(ValueError, match=r"export: _Concat \(example_sparse\): its EmbeddingBagCollection is "
+                                         r"weighted \(is_weighted=True\), but the sparse features carry no per-id weights"):
+        export_task(_weighted_task(), str(tmp_path / "export"), example.dense_features, example.sparse_features)
+    assert not (tmp_path / "export").exists()
+
+
 def test_an_unweighted_export_records_it(tmp_path):
     torch.manual_seed(0)
     tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=10, feature_names=[f]) for f in FEATURES]

@@ -19,7 +19,7 @@ from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.env import installed_versions, source_commit
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import id_rules
-from recsys_llm.models.base import CTROutput
+from recsys_llm.models.base import CTROutput, check_id_weights
 from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.semantics.model_dir import file_sha256
@@ -283,6 +283,8 @@ def _check_exportable(task: nn.Module, example_dense: torch.Tensor, example_spar
             f"export: the example dense batch has {example_dense.size(1)} column(s); {type(task.model).__name__} was "
             f"built for {width} dense feature(s): pass a batch of the model's own data (its schema's dense fields)"
         )
+    # the example is looked up as it is: a weighted EBC without weights fails in torchrec with a bare AssertionError
+    check_id_weights(example_sparse, bool(ebc.is_weighted()), f"export: {type(task.model).__name__} (example_sparse)")
     if example_sparse.stride() != example_dense.size(0):
         raise ValueError(
             f"export: the example sparse features hold {example_sparse.stride()} row(s), the example dense batch "
@@ -395,7 +397,8 @@ def export_task(
         ValueError: a sharded (DMP) model, a teacher-student pair (export its student), a task without a
             backbone EBC, a weight still on the meta device, an example batch of fewer than 2 rows or of
             another dense width than the backbone's, sparse features of another batch size than the dense
-            ones, or teacher / LLM parts.
+            ones or without per-id weights for weighted tables (with them for unweighted ones), or teacher /
+            LLM parts.
     """
     _check_exportable(task, example_dense, example_sparse)
     check_servable(task)
