@@ -17,6 +17,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from recsys_llm.models.embedding import mark_tables_on_load
+
 
 class CTROutput(NamedTuple):
     """What a backbone returns.
@@ -66,6 +68,8 @@ class CTRBackbone(nn.Module, abc.ABC):
         self._num_dense_features = num_dense_features
         self._num_extra_fields = num_extra_fields
         self._weighted: bool = bool(embedding_bag_collection.is_weighted())
+        # tables loaded before sharding would be initialised afresh by DMP: shard_model refuses them
+        embedding_bag_collection.register_load_state_dict_pre_hook(mark_tables_on_load)
 
     @property
     def embedding_dim(self) -> int:

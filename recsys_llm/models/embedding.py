@@ -1,6 +1,6 @@
 """Builds the EmbeddingBagCollection of a data set: one table per categorical field."""
 
-from typing import Iterable, List, Optional
+from typing import Any, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -110,9 +110,18 @@ def require_allocated(key: str, destination: object, action: str) -> None:
         )
 
 
-# set on an unsharded EBC whose table weights were filled (``load_full_state``, ``load_semantic_vectors``);
+# set on an unsharded EBC whose table weights were filled (``load_full_state``, ``load_semantic_vectors``, or
+# ``load_state_dict`` into a backbone's or entity table's EBC: :func:`mark_tables_on_load`);
 # ``shard_model`` refuses it, as DMP allocates and initialises every table afresh
 FILLED_BEFORE_SHARDING = "_recsys_llm_filled_by"
+
+
+def mark_tables_on_load(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any) -> None:
+    """A ``load_state_dict`` pre-hook of an unsharded ``EmbeddingBagCollection``: records that a state
+    holding its table weights was loaded into it, for ``shard_model`` to refuse (DMP would initialise the
+    tables afresh and keep only the dense weights loaded with them, e.g. a trained frozen teacher's)."""
+    if any(key.startswith(f"{prefix}embedding_bags.") for key in state_dict):
+        setattr(module, FILLED_BEFORE_SHARDING, "load_state_dict")
 
 
 def mark_filled_tables(model: nn.Module, keys: Iterable[str], action: str) -> None:

@@ -33,7 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput, check_weighted_pooling
-from recsys_llm.models.embedding import mark_filled_tables, require_allocated
+from recsys_llm.models.embedding import mark_filled_tables, mark_tables_on_load, require_allocated
 from recsys_llm.models.task import CTRTask
 from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
 
@@ -104,6 +104,7 @@ class SemanticTable(nn.Module):
         # sharding. The weights keep requires_grad until then (the sharder attaches its
         # optimizer-free in-backward hook to them); ``forward`` detaches in any case.
         self.embedding_bag_collection.frozen = True
+        self.embedding_bag_collection.register_load_state_dict_pre_hook(mark_tables_on_load)  # see CTRBackbone
 
     @property
     def feature_names(self) -> List[str]:

@@ -422,7 +422,9 @@ def shard_model(
             allocates and initialises only this rank's shards), dense parts on ``device``.
             DMP allocates and initialises every table afresh wherever it was built, so table
             weights set before sharding are lost: fill tables afterwards
-            (``teacher_student.load_full_state``, ``semantic_table.load_semantic_vectors``).
+            (``teacher_student.load_full_state``, ``semantic_table.load_semantic_vectors``). Tables
+            filled before by those, or by ``load_state_dict`` into a backbone's or entity table's EBC,
+            are refused.
         device (torch.device): this rank's compute device.
         world_size (int): number of ranks in the topology.
         sharding (ShardingConfig): planner constraints and frozen tables.

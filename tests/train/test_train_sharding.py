@@ -12,7 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
-from recsys_llm.models.embedding import embedding_bag_configs
+from recsys_llm.models.embedding import FILLED_BEFORE_SHARDING, embedding_bag_configs
 from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
 from recsys_llm.models.task import CTRTask
 from recsys_llm.train.distributed import init_distributed
@@ -353,6 +353,31 @@ class TestConstraints:
         with pytest.raises(ValueError, match=r"shard_model: the tables of \['model.embedding_bag_collection "
                                              r"\(load_full_state\)'\] were filled before sharding"):
             shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(), batch_size=8)
+
+    def test_tables_loaded_with_load_state_dict_before_sharding_are_refused(self, synthetic_schema) -> None:
+        """A trained gain network's state loaded into the teacher (load_state_dict), then frozen KD sharded: DMP
+        initialised the teacher's tables afresh and kept its dense weights, so the student distilled a teacher with
+        random tables without an error."""
+        from recsys_llm.modules.semantic_table import SemanticTable
+        from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
+
+        cpu = torch.device("cpu")
+        trained = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=cpu, table_prefix="teacher_"))
+        teacher = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=cpu, table_prefix="teacher_"))
+        teacher.load_state_dict(trained.state_dict())
+        student = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta"),
+                                         table_prefix="student_"))
+        task = TeacherStudentTask(teacher, student, TeacherStudentConfig(mode="frozen", beta=0.0))
+        with pytest.raises(ValueError, match=r"shard_model: the tables of \['teacher.model.embedding_bag_collection "
+                                             r"\(load_state_dict\)'\] were filled before sharding"):
+            shard_model(task, cpu, 1, ShardingConfig(), OptimizerConfig(), batch_size=8)
+        table = SemanticTable({"item_id": 10}, 4, device=cpu)
+        table.load_state_dict(table.state_dict())
+        assert getattr(table.embedding_bag_collection, FILLED_BEFORE_SHARDING) == "load_state_dict"
+        # a state without table weights fills none
+        fresh = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=cpu))
+        fresh.load_state_dict({k: v for k, v in fresh.state_dict().items() if "embedding_bags" not in k}, strict=False)
+        assert not hasattr(fresh.model.embedding_bag_collection, FILLED_BEFORE_SHARDING)
 
     def test_a_table_optimizer_the_cpu_kernels_lack_is_refused_before_sharding(self, synthetic_schema) -> None:
         task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
