@@ -254,6 +254,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _reduced(value: float, dtype: torch.dtype, op: "dist.ReduceOp", device: Optional[torch.device]) -> float:
+    """``value`` all-reduced with ``op`` over every rank (collective); ``value`` itself outside a group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    reduced = torch.tensor([value], dtype=dtype, device=device or collective_device())
+    dist.all_reduce(reduced, op=op)
+    return reduced.item()
+
+
 def all_ranks_true(flag: bool, device: Optional[torch.device] = None) -> bool:
     """True when ``flag`` is true on every rank (collective: every rank calls it at the same point);
     ``flag`` itself outside a process group.
@@ -263,38 +272,26 @@ def all_ranks_true(flag: bool, device: Optional[torch.device] = None) -> bool:
         device (Optional[torch.device]): where the reduced tensor lives; None: the default
             group's device (:func:`collective_device`: CUDA for NCCL).
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    agreed = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device or collective_device())
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    return bool(agreed.item())
+    return bool(_reduced(1 if flag else 0, torch.int32, dist.ReduceOp.MIN, device))
 
 
 def sum_over_ranks(value: int, device: Optional[torch.device] = None) -> int:
-    """The sum of ``value`` over every rank (collective: every rank calls it at the same point);
-    ``value`` itself outside a process group.
+    """The sum of ``value`` over every rank (collective, as :func:`all_ranks_true`); ``value`` itself
+    outside a process group.
 
     Args:
         value (int): this rank's count.
-        device (Optional[torch.device]): where the reduced tensor lives; None: the default
-            group's device (:func:`collective_device`: CUDA for NCCL).
+        device (Optional[torch.device]): as in :func:`all_ranks_true`.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.int64, device=device or collective_device())
-    dist.all_reduce(total)
-    return int(total.item())
+    return int(_reduced(value, torch.int64, dist.ReduceOp.SUM, device))
 
 
 def mean_over_ranks(value: float, device: Optional[torch.device] = None) -> float:
-    """The mean of ``value`` over every rank (collective, as :func:`sum_over_ranks`); ``value``
+    """The mean of ``value`` over every rank (collective, as :func:`all_ranks_true`); ``value``
     itself outside a process group. E.g. the training loss: each rank's rows are its own slice
     of the data, so rank 0's loss alone describes only that slice."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.float64, device=device or collective_device())
-    dist.all_reduce(total)
-    return float(total.item()) / dist.get_world_size()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return float(_reduced(value, torch.float64, dist.ReduceOp.SUM, device)) / world_size
 
 
 def run_on_every_rank(action: Callable[[], T], what: str, device: Optional[torch.device] = None) -> T:

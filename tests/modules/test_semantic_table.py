@@ -298,18 +298,28 @@ def test_entity_tables_named_in_another_order_read_a_trained_state_as_it_was_tra
     torch.testing.assert_close(reloaded.predict(batch).logits, trained.predict(batch).logits, rtol=0, atol=0)
 
 
-def test_entity_vectors_of_another_schema_or_field_are_refused(tmp_path):
+def _items_schema():
     from recsys_llm.data.schema import DatasetSchema, FieldSpec
+
+    return DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
+                               FieldSpec("age", "dense")])
+
+
+def _export_ones(directory: str, provenance: dict, keys: np.ndarray) -> None:
+    """An export of a vector of ones per key, with ``provenance``."""
+    VectorExport(directory, provenance, VectorExportConfig(chunk_rows=5)).run(
+        pa.array(keys, pa.int64()), lambda a, b: [str(i) for i in keys[a:b]],
+        lambda texts: torch.ones(len(texts), DIM), progress=False)
+
+
+def test_entity_vectors_of_another_schema_or_field_are_refused(tmp_path):
     from recsys_llm.models.registry import SMOKE_CONFIGS
     from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
 
-    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
-                                 FieldSpec("age", "dense")])
-    exported = {**PROVENANCE, "entity_field": "item_id", "schema": schema.fingerprint()}  # as `semantics export` writes
-    ids = np.arange(NUM_ITEMS)
-    VectorExport(str(tmp_path / "items"), exported, VectorExportConfig(chunk_rows=5)).run(
-        pa.array(ids, pa.int64()), lambda a, b: [str(i) for i in ids[a:b]],
-        lambda texts: torch.ones(len(texts), DIM), progress=False)
+    schema = _items_schema()
+    # as `semantics export` writes
+    _export_ones(str(tmp_path / "items"), {**PROVENANCE, "entity_field": "item_id", "schema": schema.fingerprint()},
+                 np.arange(NUM_ITEMS))
     config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
                         entity_vectors=str(tmp_path / "items"))
     task = build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
@@ -323,22 +333,17 @@ def test_entity_vectors_of_another_schema_or_field_are_refused(tmp_path):
         load_elec_state(users_task, as_users, schema.fingerprint())
 
 
-
 def test_per_row_vectors_named_as_entity_vectors_are_refused(tmp_path):
     """A `semantics export --granularity row` directory (keyed by row keys) named as elec.entity_vectors
     used to be loaded as item vectors whenever its row keys fell below the field's cardinality: row k's
     vector became item k's, silently."""
-    from recsys_llm.data.schema import DatasetSchema, FieldSpec
     from recsys_llm.models.registry import SMOKE_CONFIGS
     from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
 
-    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", NUM_ITEMS),
-                                 FieldSpec("age", "dense")])
-    exported = {**PROVENANCE, "granularity": "row", "schema": schema.fingerprint()}  # as `semantics export` writes
-    rows = np.arange(NUM_ITEMS - 2)  # row keys 0..9: every one an id of the item table
-    VectorExport(str(tmp_path / "rows"), exported, VectorExportConfig(chunk_rows=5)).run(
-        pa.array(rows, pa.int64()), lambda a, b: [str(i) for i in rows[a:b]],
-        lambda texts: torch.ones(len(texts), DIM), progress=False)
+    schema = _items_schema()
+    # as `semantics export` writes; row keys 0..9: every one an id of the item table
+    _export_ones(str(tmp_path / "rows"), {**PROVENANCE, "granularity": "row", "schema": schema.fingerprint()},
+                 np.arange(NUM_ITEMS - 2))
     config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
                         entity_vectors=str(tmp_path / "rows"))
     task = build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
