@@ -146,6 +146,7 @@ def _export(args: argparse.Namespace) -> int:
     from recsys_llm.semantics.vector_export import (
         VectorExportConfig,
         check_export_dir,
+        export_rows,
         export_schema_vectors,
         rank_and_world,
     )
@@ -164,6 +165,8 @@ def _export(args: argparse.Namespace) -> int:
     if config.projection is not None:
         load_projection(config.projection)  # before the LLM loads: a wrong --projection path is named
     renderer = RowTextRenderer(schema, _row_text_config(args))
+    # before the LLM loads: a split, row key or entity field the data lacks is named
+    export_rows(schema, splits, renderer, args.granularity, args.entity_field, args.entity_fields)
     _check_adapted_on(args.llm, schema, renderer.field_names)
     if args.attach_dir:
         _check_attach_dir(schema, args)

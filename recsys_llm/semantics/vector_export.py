@@ -584,6 +584,56 @@ class SplitRows:
         return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
 
 
+def export_rows(
+    schema: DatasetSchema,
+    splits: Sequence[str],
+    renderer: RowTextRenderer,
+    granularity: str = "row",
+    entity_field: Optional[str] = None,
+    entity_fields: Optional[List[str]] = None,
+) -> SplitRows:
+    """The rows :func:`export_schema_vectors` reads, checked from the schema and the Parquet
+    footers alone (no rows are read): the CLI calls it before the LLM loads.
+
+    Args:
+        schema (DatasetSchema): the data set.
+        splits (Sequence[str]): splits to cover.
+        renderer (RowTextRenderer): row/entity text (its fields are read for ``row``).
+        granularity (str): ``row`` or ``entity``.
+        entity_field (Optional[str]): the user or item field for ``entity``.
+        entity_fields (Optional[List[str]]): fields written into an entity's text.
+
+    Returns:
+        SplitRows: the key and text columns of ``splits``.
+
+    Raises:
+        ValueError: an unknown granularity, a schema without a row key (``row``), a missing or
+            non-sparse entity field or an entity text field the schema lacks (``entity``), a split
+            that is neither a split of the schema nor a Parquet path, or a file without a column.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "row":
+        if schema.row_key is None:
+            raise ValueError(f"schema {schema.name!r} has no row_key; per-row vectors need one")
+        columns = list(dict.fromkeys([schema.row_key, *renderer.field_names]))
+        return SplitRows(schema, splits, columns, "the row key / row text fields")
+    if entity_field is None:
+        raise ValueError("entity granularity needs entity_field (semantics export --entity-field), e.g. 'item_id'")
+    kind = next((f.kind for f in schema.fields if f.name == entity_field), FieldKind.SPARSE)  # unknown: named below
+    if kind != FieldKind.SPARSE:
+        # a dense value is no id (its values were read as ids, truncated), a sequence holds several per row
+        raise ValueError(
+            f"entity field {entity_field!r} (semantics export --entity-field) is a {kind.value} field; entity "
+            "vectors are keyed by the ids of a sparse field, one id per row (the user or item id, e.g. 'item_id'); "
+            "its other fields go into the entity's text with --entity-fields"
+        )
+    for name in entity_fields or []:
+        schema.field(name)  # a column that is no field (the label) has no description to write
+    columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))
+    return SplitRows(schema, splits, columns, "the entity field / entity text fields")
+
+
 def export_schema_vectors(
     schema: DatasetSchema,
     splits: Sequence[str],
@@ -621,36 +671,19 @@ def export_schema_vectors(
     Returns:
         List[int]: chunks written by this rank.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     check_export_dir(directory)  # before the splits are read
+    rows = export_rows(schema, splits, renderer, granularity, entity_field, entity_fields)
     provenance = dict(provenance, granularity=granularity, template=renderer.config.fingerprint(),
                       schema=schema.fingerprint())
     if granularity == "row":
-        if schema.row_key is None:
-            raise ValueError(f"schema {schema.name!r} has no row_key; per-row vectors need one")
-        columns = list(dict.fromkeys([schema.row_key, *renderer.field_names]))
-        rows = SplitRows(schema, splits, columns, "the row key / row text fields")
         keys = rows.column(schema.row_key)
 
         def texts(start: int, stop: int) -> List[str]:
             return renderer.render(rows.rows(start, stop)).to_pylist()
 
     else:
-        if entity_field is None:
-            raise ValueError("entity granularity needs entity_field (semantics export --entity-field), e.g. 'item_id'")
-        kind = next((f.kind for f in schema.fields if f.name == entity_field), FieldKind.SPARSE)  # unknown: named below
-        if kind != FieldKind.SPARSE:
-            # a dense value is no id (its values were read as ids, truncated), a sequence holds several per row
-            raise ValueError(
-                f"entity field {entity_field!r} (semantics export --entity-field) is a {kind.value} field; entity "
-                "vectors are keyed by the ids of a sparse field, one id per row (the user or item id, e.g. 'item_id'); "
-                "its other fields go into the entity's text with --entity-fields"
-            )
         provenance["entity_field"] = entity_field
         provenance["entity_fields"] = ",".join(entity_fields or [entity_field])
-        columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))
-        rows = SplitRows(schema, splits, columns, "the entity field / entity text fields")
         entities = renderer.entity_text(rows.first_rows(entity_field), entity_field, entity_fields)
         keys = entities.column("id")
         text_column = entities.column("text")

@@ -37,7 +37,7 @@ def test_an_output_directory_of_other_files_is_refused_untouched(tmp_path, tiny_
 
 def test_a_plain_model_is_not_a_ctr_adapted_llm(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
     code = main(["semantics", "export", "--schema", tiny_schema.root, "--llm", tiny_bert_dir,
-                 "--output-dir", str(tmp_path / "vectors")])
+                 "--output-dir", str(tmp_path / "vectors"), "--granularity", "entity", "--entity-field", "color"])
     assert code == 2
     assert "not a CTR-adapted LLM saved by `recsys-llm semantics adapt`" in _error_line(capsys)
 
@@ -341,6 +341,29 @@ def test_a_bad_export_setting_is_named_before_the_llm_loads(tmp_path, tiny_schem
                  "--output-dir", str(tmp_path / "vectors"), *flags])
     line = _error_line(capsys)
     assert code == 2 and re.search(expected, line), line
+    assert not os.path.exists(tmp_path / "vectors")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--splits", "valid"], "valid: no such Parquet file or directory (and not a split of schema 'tiny': ['train'])"),
+    ([], "train.parquet: no column(s) ['row_id'] for the row key / row text fields"),
+    (["--granularity", "entity", "--entity-field", "colour"], "no column(s) ['colour'] for the entity field"),
+    (["--granularity", "entity", "--entity-field", "price"], "entity field 'price' (semantics export --entity-field) "
+                                                             "is a dense field"),
+    (["--granularity", "entity", "--entity-field", "color", "--entity-fields", "color", "label"],
+     "schema 'tiny' has no field 'label'"),
+])
+def test_the_splits_and_fields_an_export_reads_are_checked_before_the_llm_loads(tmp_path, tiny_schema, capsys,
+                                                                                monkeypatch, flags, expected) -> None:
+    """A split name, row key column or entity field the data lacks (a typo) was named only after the LLM had
+    loaded."""
+    from recsys_llm.semantics import ctr_llm
+
+    monkeypatch.setattr(ctr_llm, "load_ctr_llm", lambda *args, **kwargs: pytest.fail("the LLM was loaded"))
+    code = main(["semantics", "export", "--schema", tiny_schema.root, "--llm", str(tmp_path / "llm"),
+                 "--output-dir", str(tmp_path / "vectors"), *flags])
+    line = _error_line(capsys)
+    assert code == 2 and expected in line, line
     assert not os.path.exists(tmp_path / "vectors")
 
 
