@@ -416,6 +416,17 @@ def test_a_count_below_one_is_named_by_its_flag(capsys, argv, flag) -> None:
     assert f"argument {flag}: expected an integer >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_an_attach_timeout_that_is_no_positive_number_is_named_by_its_flag(capsys, value) -> None:
+    """It was taken as it came: under several ranks the gloo group failed with 'cannot convert float NaN to
+    integer' (naming no flag) or a traceback ('The client socket has timed out after -5000ms')."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["semantics", "export", "--schema", "s", "--llm", "m", "--output-dir", "o", "--attach-dir", "a",
+              "--attach-timeout", value])
+    assert exit_info.value.code == 2
+    assert f"argument --attach-timeout: expected a finite number > 0, got '{value}'" in capsys.readouterr().err
+
+
 def test_overrides_swallowed_by_splits_are_named_before_any_work(capsys) -> None:
     """argparse gives ``--splits`` every word up to the next option: an override there became a split
     named ``data.batch_size=3``, refused only after the teacher had loaded."""

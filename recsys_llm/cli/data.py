@@ -71,9 +71,11 @@ def integer_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _number(minimum: Optional[float] = None, below: Optional[float] = None) -> Callable[[str], float]:
-    """An argparse ``type``: a finite number in ``[minimum, below)`` (bounds that are None unchecked)."""
-    bounds = " and ".join(([f">= {minimum:g}"] if minimum is not None else []) + ([f"< {below:g}"] if below is not None else []))
+def _number(minimum: Optional[float] = None, below: Optional[float] = None,
+            above: Optional[float] = None) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``[minimum, below)`` and ``> above`` (bounds that are None unchecked)."""
+    bounds = " and ".join(([f">= {minimum:g}"] if minimum is not None else []) + ([f"> {above:g}"] if above is not None else [])
+                          + ([f"< {below:g}"] if below is not None else []))
     expected = f"a finite number{' ' + bounds if bounds else ''}"
 
     def parse(text: str) -> float:
@@ -81,12 +83,18 @@ def _number(minimum: Optional[float] = None, below: Optional[float] = None) -> C
             value = float(text)
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or (minimum is not None and value < minimum) or (below is not None and value >= below):
+        if (not math.isfinite(value) or (minimum is not None and value < minimum)
+                or (above is not None and value <= above) or (below is not None and value >= below)):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     parse.__name__ = expected
     return parse
+
+
+def number_above(bound: float) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number > ``bound`` (checked before any work, naming the flag)."""
+    return _number(above=bound)
 
 
 def _config(args: argparse.Namespace):

@@ -27,7 +27,7 @@ import json
 import os
 from typing import List
 
-from recsys_llm.cli.data import integer_at_least
+from recsys_llm.cli.data import integer_at_least, number_above
 from recsys_llm.cli.semantics import TRUST_REMOTE_CODE_HELP
 
 ROW_TEXT_FILE = "row_text.json"
@@ -392,7 +392,7 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--template", default=None, help="override the row-text template saved by adapt")
     export.add_argument("--attach-dir", default=None, help="write split copies with the vectors + a schema here")
     export.add_argument("--column", default="llm_vector", help="name of the attached vector column")
-    export.add_argument("--attach-timeout", type=float, default=3600.0,
+    export.add_argument("--attach-timeout", type=number_above(0), default=3600.0,
                         help="with several ranks: seconds every rank waits for the others to finish before rank 0 attaches "
                              "(a rank that dies ends the wait at once)")
     export.set_defaults(func=_export)
