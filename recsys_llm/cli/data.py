@@ -55,6 +55,13 @@ def _delimiter(text: str) -> str:
     return text
 
 
+def _sequence_separator(text: str) -> str:
+    """``--sequence-separator`` value: a non-empty string (an empty one would split no cell)."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"expected a non-empty separator of sequence tokens, e.g. '|', got {text!r}")
+    return text
+
+
 def integer_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``minimum`` (checked before any work, naming the flag)."""
 
@@ -179,7 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="label = value > threshold (default: none: labels must be 0/1)")
     tabular.add_argument("--fill-missing-dense", type=_number(), default=None,
                          help="value for missing or NaN/inf dense features (default: they are an error)")
-    tabular.add_argument("--sequence-separator", default="|",
+    tabular.add_argument("--sequence-separator", type=_sequence_separator, default="|",
                          help="separator of sequence tokens in CSV cells (default: '|')")
     tabular.add_argument("--delimiter", type=_delimiter, default=",", help="CSV delimiter (default: ',')")
     tabular.add_argument("--missing-token", action="append", default=[], metavar="TOKEN",

@@ -205,3 +205,19 @@ def test_an_input_of_the_wrong_kind_is_one_line_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"recsys-llm prepare: error: {folder}: is a directory; prepare criteo reads one" in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_an_empty_sequence_separator_is_named_by_its_flag(tmp_path, capsys):
+    """It was named as ``TabularConfig.sequence_separator=''``, a setting the user never wrote."""
+    import pytest
+
+    (tmp_path / "d.csv").write_text("u,clicked\n1,0\n")
+    (tmp_path / "s.json").write_text(json.dumps({"name": "t", "label": "clicked",
+                                                 "fields": [{"name": "u", "kind": "sparse", "cardinality": 5}]}))
+    with pytest.raises(SystemExit) as exit_info:
+        _run(["prepare", "tabular", "--input", str(tmp_path / "d.csv"), "--schema", str(tmp_path / "s.json"),
+              "--out", str(tmp_path / "out"), "--sequence-separator", "", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "argument --sequence-separator: expected a non-empty separator of sequence tokens, e.g. '|', got ''" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
