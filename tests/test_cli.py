@@ -403,6 +403,15 @@ def test_demo_rows_below_10_names_the_flag(capsys) -> None:
     assert "argument --rows: expected an integer >= 10, got '-5'" in capsys.readouterr().err
 
 
+def test_a_demo_config_that_is_a_directory_is_named_as_one(tmp_path, capsys) -> None:
+    """It said 'demo config not found', though the path exists (a directory)."""
+    assert main(["demo", "--config", str(tmp_path), "--data-dir", str(tmp_path / "data"),
+                 "--run-dir", str(tmp_path / "runs")]) == 2
+    assert f"recsys-llm demo: error: --config {tmp_path}: a directory; expected the demo's YAML config file" in \
+        capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["teacher-outputs", "--checkpoint", "runs/x", "--output-dir", "o", "--batch-size", "0"], "--batch-size"),
     (["semantics", "export", "--schema", "s", "--llm", "m", "--output-dir", "o", "--chunk-rows", "0"], "--chunk-rows"),

@@ -93,6 +93,8 @@ def _demo(args: argparse.Namespace) -> int:
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
 
     check_versions(verbose=True)
+    if os.path.isdir(args.config):
+        raise ValueError(f"--config {args.config}: a directory; expected the demo's YAML config file")
     if not os.path.isfile(args.config):
         raise FileNotFoundError(f"{args.config}: demo config not found (pass --config)")
     results = run_demo(args.config, args.data_dir, args.run_dir, args.rows, args.overrides, llm=args.llm,

@@ -342,6 +342,10 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
     raw: Dict[str, Any] = {}
     source = path or "<defaults>"
     if path is not None:
+        if os.path.isdir(path):
+            own = os.path.join(path, "config.yaml")  # a run directory: its own config
+            raise ConfigError(f"{path}: a directory; expected a YAML config file"
+                              + (f", e.g. {own}" if os.path.isfile(own) else ""))
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
         text = read_utf8_text(path, "config", ConfigError)

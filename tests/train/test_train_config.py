@@ -120,6 +120,16 @@ class TestLoadConfig:
         with pytest.raises(ConfigError, match="not valid YAML"):
             load_config(str(bad))
 
+    def test_a_directory_is_named_as_one_not_as_a_missing_file(self, tmp_path) -> None:
+        """``--config runs/x`` (a run directory) said 'config file not found', though the path exists."""
+        (tmp_path / "data").mkdir()
+        with pytest.raises(ConfigError, match=r"data: a directory; expected a YAML config file$"):
+            load_config(str(tmp_path / "data"))
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "config.yaml").write_text("train:\n  epochs: 1\n")
+        with pytest.raises(ConfigError, match=r"run: a directory; expected a YAML config file, e\.g\. .*run/config\.yaml"):
+            load_config(str(tmp_path / "run"))
+
     def test_a_key_written_twice_is_refused_naming_its_path_and_both_lines(self, tmp_path) -> None:
         bad = tmp_path / "twice.yaml"
         bad.write_text("data:\n  batch_size: 512\n  batch_size: 1024\n")  # PyYAML alone trains with 1024
