@@ -28,6 +28,7 @@ GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
 TRUST_REMOTE_CODE_HELP = ("run the model directory's own Python code when its config.json asks for it (auto_map); "
                           "only for a model you trust (off: such a model is refused)")
 GROUP_COMMANDS_WITH_DEFAULTS = ("tune", "encode", "adapt", "export")  # their --help shows every default
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # --dtype of tune and encode
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +57,7 @@ def _common(parser: argparse.ArgumentParser, max_length_default: Optional[int] =
     parser.add_argument("--max-length", type=int, default=max_length_default,
                         help="tokens per text" + ("" if max_length_default else " (default: 256, or the adapter's)"))
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")
-    parser.add_argument("--dtype", default="auto",
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,  # resolve_dtype's names
                         help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16 (training scales the loss)")
     parser.add_argument("--include-fields-without-description", action="store_true",
                         help="also use fields the schema does not describe (as their bare name)")

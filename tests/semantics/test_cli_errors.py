@@ -65,6 +65,16 @@ def test_a_bad_tune_option_is_named(tmp_path, tiny_schema, tiny_bert_dir, capsys
     assert "SSFTConfig.learning_rate (semantics tune --lr) must be a finite number > 0, got -1.0" in _error_line(capsys)
 
 
+@pytest.mark.parametrize("command", [["tune", "--output-dir", "out"], ["encode", "--output", "v.safetensors"]])
+def test_an_unknown_dtype_is_named_by_its_flag_before_any_work(tmp_path, command, capsys) -> None:
+    """It was refused only as the model loaded, after the schema and its values were read, as 'dtype must be
+    ...' (naming no flag)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["semantics", *command, "--schema", str(tmp_path / "none"), "--dtype", "fp64"])
+    assert exit_info.value.code == 2
+    assert "argument --dtype: invalid choice: 'fp64' (choose from" in capsys.readouterr().err
+
+
 def test_an_unknown_row_text_placeholder_is_refused(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
     code = main(["semantics", "adapt", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
                  "--output-dir", str(tmp_path / "out"), "--template", "{descr} is {value}"])
