@@ -156,6 +156,11 @@ def _export(args: argparse.Namespace) -> int:
     if args.granularity == "entity" and args.entity_field is None:  # before the LLM loads
         raise ValueError("semantics export --granularity entity needs --entity-field, the user or item id field "
                          "whose ids get a vector each (e.g. --entity-field item_id)")
+    given = [flag for flag, value in (("--entity-field", args.entity_field), ("--entity-fields", args.entity_fields))
+             if value is not None]
+    if args.granularity == "row" and given:  # a forgotten --granularity entity would export a vector per row
+        raise ValueError(f"semantics export {' and '.join(given)}: only with --granularity entity; --granularity row "
+                         "(the default) gives every row a vector: add --granularity entity, or leave them out")
     splits: List[str] = args.splits or sorted(schema.splits)
     rank, world = rank_and_world()
     device = resolve_device(args.device)  # before the LLM loads

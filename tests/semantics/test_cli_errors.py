@@ -212,6 +212,21 @@ def test_entity_export_without_entity_field_is_refused_before_the_llm_loads(tmp_
     assert not os.path.exists(tmp_path / "vectors")
 
 
+@pytest.mark.parametrize("flags, named", [(["--entity-field", "color"], "--entity-field"),
+                                          (["--entity-field", "color", "--entity-fields", "city"],
+                                           "--entity-field and --entity-fields")])
+def test_entity_flags_without_entity_granularity_are_refused_before_the_llm_loads(tmp_path, tiny_schema, capsys,
+                                                                                 flags, named) -> None:
+    """They were ignored: a forgotten --granularity entity exported a vector per row (an LLM pass per row)."""
+    code = main(["semantics", "export", "--schema", tiny_schema.root, "--llm", str(tmp_path / "no_llm"),
+                 "--output-dir", str(tmp_path / "vectors"), *flags])
+    assert code == 2
+    assert _error_line(capsys) == (f"recsys-llm semantics: error: semantics export {named}: only with --granularity "
+                                   "entity; --granularity row (the default) gives every row a vector: add "
+                                   "--granularity entity, or leave them out")
+    assert not os.path.exists(tmp_path / "vectors")
+
+
 def test_the_library_names_the_flag_of_a_missing_entity_field(tmp_path, tiny_schema) -> None:
     from recsys_llm.semantics.row_text import RowTextRenderer
     from recsys_llm.semantics.vector_export import VectorExportConfig, export_schema_vectors
