@@ -403,6 +403,17 @@ def test_demo_rows_below_10_names_the_flag(capsys) -> None:
     assert "argument --rows: expected an integer >= 10, got '-5'" in capsys.readouterr().err
 
 
+def test_demo_llm_with_no_llm_is_refused_before_any_work(tmp_path, monkeypatch, capsys) -> None:
+    """The --llm asked for was ignored: the plain DeepFM alone was trained, as if the LLM had been checked."""
+    from recsys_llm import demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: pytest.fail("the demo ran"))
+    assert main(["demo", "--no-llm", "--llm", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"),
+                 "--run-dir", str(tmp_path / "runs")]) == 2
+    assert (f"recsys-llm demo: error: --llm {tmp_path / 'model'} with --no-llm: --no-llm trains the plain DeepFM "
+            "only, which reads no LLM; pass one of them") in capsys.readouterr().err
+
+
 def test_a_demo_config_that_is_a_directory_is_named_as_one(tmp_path, capsys) -> None:
     """It said 'demo config not found', though the path exists (a directory)."""
     assert main(["demo", "--config", str(tmp_path), "--data-dir", str(tmp_path / "data"),

@@ -93,6 +93,9 @@ def _demo(args: argparse.Namespace) -> int:
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
 
     check_versions(verbose=True)
+    if args.no_llm and args.llm is not None:  # the LLM asked for would be ignored
+        raise ValueError(f"--llm {args.llm} with --no-llm: --no-llm trains the plain DeepFM only, which reads no LLM; "
+                         "pass one of them")
     if os.path.isdir(args.config):
         raise ValueError(f"--config {args.config}: a directory; expected the demo's YAML config file")
     if not os.path.isfile(args.config):
