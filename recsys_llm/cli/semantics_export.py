@@ -357,7 +357,7 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--llm-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="dtype of the LLM's weights, whatever the checkpoint's (bfloat16 halves a large "
                             "LLM's memory on a GPU; heads and vectors stay float32)")
-    adapt.add_argument("--fields", nargs="*", default=None, help="fields written into the row text (default: all)")
+    adapt.add_argument("--fields", nargs="+", default=None, help="fields written into the row text (default: all)")
     adapt.add_argument("--template", default=None, help="sentence template, default '{description} is {value}.'")
     adapt.add_argument("--checkpoint-every", type=int, default=200,
                        help="save a checkpoint every this many steps (and at each epoch's end; 0: epoch ends only) "
@@ -393,7 +393,7 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--projection", default=None, help="PCA projection file (fit_projection + save_projection)")
     export.add_argument("--device", default=None,
                         help="e.g. cuda:1 (default: this process's GPU if there is one, cuda:LOCAL_RANK under torchrun)")
-    export.add_argument("--fields", nargs="*", default=None, help="override the row-text fields saved by adapt")
+    export.add_argument("--fields", nargs="+", default=None, help="override the row-text fields saved by adapt")
     export.add_argument("--template", default=None, help="override the row-text template saved by adapt")
     export.add_argument("--attach-dir", default=None, help="write split copies with the vectors + a schema here")
     export.add_argument("--column", default="llm_vector", help="name of the attached vector column")

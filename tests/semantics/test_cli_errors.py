@@ -75,6 +75,15 @@ def test_an_unknown_dtype_is_named_by_its_flag_before_any_work(tmp_path, command
     assert "argument --dtype: invalid choice: 'fp64' (choose from" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["adapt", "--output-dir", "out"], ["export", "--llm", "m", "--output-dir", "v"]])
+def test_fields_without_a_field_name_are_named_by_the_flag(tmp_path, command, capsys) -> None:
+    """A bare --fields (an empty shell variable after it) was 'row-text config selects no fields', naming no flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["semantics", *command, "--schema", str(tmp_path / "none"), "--fields"])
+    assert exit_info.value.code == 2
+    assert "argument --fields: expected at least one argument" in capsys.readouterr().err
+
+
 def test_an_unknown_row_text_placeholder_is_refused(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
     code = main(["semantics", "adapt", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
                  "--output-dir", str(tmp_path / "out"), "--template", "{descr} is {value}"])
