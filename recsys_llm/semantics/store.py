@@ -157,11 +157,17 @@ def check_vector_output(path: str) -> None:
 
     Raises:
         FileExistsError: ``path`` is a directory, or a file of something else (a config, a
-            foreign ``.safetensors``), which writing the vectors would destroy.
+            foreign ``.safetensors``), which writing the vectors would destroy, or lies under a file.
     """
     if os.path.isdir(path):
         raise FileExistsError(f"{path}: is a directory; expected a .safetensors file path")
     if not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):  # the directories made for it: under a directory, not a file
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise FileExistsError(f"{path}: {parent} is a file, not a directory; expected a .safetensors file path "
+                                  "in a directory")
         return
     try:
         with safe_open(path, framework="pt") as handle:

@@ -151,6 +151,22 @@ def test_an_encode_output_of_something_else_is_refused_before_encoding(tmp_path,
     assert {p: p.read_bytes() for p in [output, *output.glob("*")] if p.is_file()} == before
 
 
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_an_encode_output_under_a_file_is_refused_before_encoding(tmp_path, tiny_schema, tiny_bert_dir, capsys,
+                                                                   monkeypatch, under) -> None:
+    """It was '[Errno 17] File exists: ...' after the model had loaded and encoded every field."""
+    from recsys_llm.semantics import field_vectors
+
+    (tmp_path / "afile").write_text("mine", encoding="utf-8")
+    output = os.path.join(tmp_path, "afile", under, "v.safetensors")
+    monkeypatch.setattr(field_vectors, "build_field_encoder", _no_work)
+    code = main(["semantics", "encode", "--schema", tiny_schema.root, "--model", tiny_bert_dir, "--output", output])
+    assert code == 2
+    assert _error_line(capsys) == (f"recsys-llm semantics: error: {output}: {tmp_path / 'afile'} is a file, not a "
+                                   "directory; expected a .safetensors file path in a directory")
+    assert (tmp_path / "afile").read_text(encoding="utf-8") == "mine"
+
+
 def _no_work(*args, **kwargs):
     raise AssertionError("the model was loaded before the output was checked")
 
