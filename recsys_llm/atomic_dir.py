@@ -169,15 +169,31 @@ def holds_files(directory: str, marker_files: Sequence[str]) -> bool:
     return all(os.path.isfile(os.path.join(directory, name)) for name in marker_files)
 
 
+def check_no_file_above(directory: str) -> None:
+    """Raises when the nearest existing directory above ``directory`` (absent) is a file, where
+    making ``directory`` would fail only once its contents are ready ('[Errno 17] File exists').
+
+    Raises:
+        FileExistsError: naming ``directory`` and the file in its way.
+    """
+    parent = os.path.dirname(os.path.abspath(directory))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise FileExistsError(f"{directory}: {parent} is a file, not a directory; choose another output path")
+
+
 def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) -> None:
     """Raises unless ``directory`` is absent, empty, or an earlier ``kind`` (holds ``marker_files``).
 
     Raises:
-        FileExistsError: ``directory`` holds other files, which replacing it would delete.
+        FileExistsError: ``directory`` holds other files, which replacing it would delete, or is
+            (or lies under) a file.
     """
     if not os.path.isdir(directory):
         if os.path.exists(directory):
             raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
+        check_no_file_above(directory)
         return
     entries = os.listdir(directory)
     if entries and not holds_files(directory, marker_files):
@@ -202,12 +218,13 @@ def check_own_entries(directory: str, kind: str, is_own: Callable[[str], bool], 
         own_files (str): the entries a ``kind`` holds (for messages).
 
     Raises:
-        FileExistsError: ``directory`` is a file, or holds an entry of something else
-            (the first, by name, is named).
+        FileExistsError: ``directory`` is (or lies under) a file, or holds an entry of something
+            else (the first, by name, is named).
     """
     if not os.path.isdir(directory):
         if os.path.exists(directory):
             raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
+        check_no_file_above(directory)
         return
     foreign = sorted(name for name in os.listdir(directory) if not is_own(name))
     if foreign:

@@ -239,3 +239,21 @@ def test_a_text_write_that_fails_keeps_the_old_content_and_leaves_no_temp_file(t
     assert (tmp_path / "record.json").read_text(encoding="utf-8") == "old"
     assert sorted(os.listdir(tmp_path)) == ["llm", "record.json"] and os.listdir(llm_dir) == []
     _check_same_llm(llm_dir, record, str(tmp_path))  # the demo's re-run goes on
+
+
+@pytest.mark.parametrize("below", [["out"], ["out", "deeper"]])
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, below):
+    """Making it failed with '[Errno 17] File exists' (or '[Errno 20] Not a directory') only once the
+    output was ready to be written: after the export, the vectors, the training."""
+    from recsys_llm.atomic_dir import check_own_entries, check_replaceable
+
+    (tmp_path / "afile").write_text("mine")
+    directory = os.path.join(tmp_path, "afile", *below)
+    expected = f"{directory}: {tmp_path / 'afile'} is a file, not a directory; choose another output path"
+    with pytest.raises(FileExistsError) as refused:
+        check_replaceable(directory, "export", ["config.json"])
+    assert str(refused.value) == expected
+    with pytest.raises(FileExistsError) as refused:
+        check_own_entries(directory, "vector export", lambda name: True, "chunk-*.parquet")
+    assert str(refused.value) == expected
+    assert (tmp_path / "afile").read_text() == "mine"
