@@ -35,7 +35,7 @@ import os
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
-from recsys_llm.atomic_dir import save_figure_atomically, write_text_atomically
+from recsys_llm.atomic_dir import check_no_file_above, save_figure_atomically, write_text_atomically
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
 from recsys_llm.train.config import ConfigError, config_differences, load_config
 from recsys_llm.train.distributed import launch_ranks
@@ -247,13 +247,18 @@ def run_demo(
         ConfigError: ``run_root`` holds outputs made with other settings or another LLM, or an override
             sets what a flag sets (``FLAG_SETTINGS``).
         FileNotFoundError: ``llm`` is no model directory (checked before any training).
-        NotADirectoryError: ``run_root`` or ``data_dir`` is a file (checked before any work).
+        NotADirectoryError: ``run_root`` or ``data_dir`` is (or lies under) a file (checked before any work).
         DemoStepError: an LLM step failed.
     """
     _check_overrides(overrides)
     for flag, path in (("--run-dir", run_root), ("--data-dir", data_dir)):
         if os.path.exists(path) and not os.path.isdir(path):
             raise NotADirectoryError(f"{flag} {path}: a file; expected a directory (absent or one of this command's)")
+        if not os.path.exists(path):
+            try:
+                check_no_file_above(path)
+            except FileExistsError as error:
+                raise NotADirectoryError(f"{flag} {error}") from None
     schema = os.path.join(data_dir, "schema.json")
     base = [f"data.schema={schema}", f"data.synthetic_rows={rows}", *overrides]
     llm_dir = os.path.join(run_root, "llm")

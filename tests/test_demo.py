@@ -135,6 +135,22 @@ def test_demo_checks_the_llm_before_any_training(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("flag", ["--run-dir", "--data-dir"])
+def test_a_directory_under_a_file_is_named_before_any_work(tmp_path, capsys, flag) -> None:
+    """A --run-dir under a file failed with '[Errno 20] Not a directory' after the data was generated."""
+    from recsys_llm.cli import main as cli_main
+
+    paths = {"--data-dir": str(tmp_path / "data"), "--run-dir": str(tmp_path / "runs")}
+    (tmp_path / "afile").write_text("x")
+    paths[flag] = str(tmp_path / "afile" / "sub")
+    code = cli_main(["demo", "--rows", "3000", "--data-dir", paths["--data-dir"], "--run-dir", paths["--run-dir"],
+                     "--no-llm", *SMALL])
+    assert code == 2
+    assert (f"recsys-llm demo: error: {flag} {paths[flag]}: {tmp_path / 'afile'} is a file, not a directory"
+            in capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # nothing generated or trained
+
+
+@pytest.mark.parametrize("flag", ["--run-dir", "--data-dir"])
 def test_a_file_where_a_directory_goes_is_named_before_any_work(tmp_path, capsys, flag) -> None:
     """Not ``[Errno 20] Not a directory: 'afile/plain'`` after the data was generated."""
     from recsys_llm.cli import main as cli_main
