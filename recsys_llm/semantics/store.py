@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from recsys_llm.atomic_dir import write_bytes_atomically
+from recsys_llm.atomic_dir import check_no_file_above, write_bytes_atomically
 from recsys_llm.data.schema import DatasetSchema
 
 FORMAT_VERSION = "1"
@@ -162,12 +162,7 @@ def check_vector_output(path: str) -> None:
     if os.path.isdir(path):
         raise FileExistsError(f"{path}: is a directory; expected a .safetensors file path")
     if not os.path.exists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):  # the directories made for it: under a directory, not a file
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise FileExistsError(f"{path}: {parent} is a file, not a directory; expected a .safetensors file path "
-                                  "in a directory")
+        check_no_file_above(path)  # the directories made for it: under a directory, not a file
         return
     try:
         with safe_open(path, framework="pt") as handle:

@@ -163,7 +163,7 @@ def test_an_encode_output_under_a_file_is_refused_before_encoding(tmp_path, tiny
     code = main(["semantics", "encode", "--schema", tiny_schema.root, "--model", tiny_bert_dir, "--output", output])
     assert code == 2
     assert _error_line(capsys) == (f"recsys-llm semantics: error: {output}: {tmp_path / 'afile'} is a file, not a "
-                                   "directory; expected a .safetensors file path in a directory")
+                                   "directory; choose another output path")
     assert (tmp_path / "afile").read_text(encoding="utf-8") == "mine"
 
 
