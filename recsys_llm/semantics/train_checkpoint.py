@@ -73,12 +73,17 @@ def find_checkpoint(directory: str, state_file: str) -> Optional[str]:
 def checkpoint_swap(directory: str) -> Iterator[str]:
     """Yields an empty ``directory.tmp`` to fill, then swaps it in for ``directory``
     (:func:`~recsys_llm.atomic_dir.replace_directory`: a complete copy is at ``directory`` or
-    ``directory.old`` at every moment). An exception in the block leaves ``directory`` as it was."""
+    ``directory.old`` at every moment). An exception in the block (Ctrl-C, SIGTERM in the ``recsys-llm``
+    commands) leaves ``directory`` as it was and removes the half-written ``directory.tmp``."""
     tmp = f"{directory}.tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_directory(tmp, directory)
 
 

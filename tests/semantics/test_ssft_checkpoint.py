@@ -334,3 +334,20 @@ def test_a_checkpoint_tuned_on_other_field_texts_or_values_is_refused(tmp_path, 
     with open(state_file, "w", encoding="utf-8") as handle:
         json.dump(state, handle)
     assert SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), schema, out).run()["epochs"] == 2
+
+
+def test_a_tune_interrupted_while_saving_its_checkpoint_leaves_no_temp_directory(tmp_path, tiny_bert_dir,
+                                                                                  monkeypatch) -> None:
+    """SIGTERM (SystemExit in the CLI) during a checkpoint save: the earlier state stays, and no
+    half-written ``checkpoint.tmp`` is left in the output."""
+    schema_root = make_schema(str(tmp_path / "data")).root
+    out = str(tmp_path / "ssft")
+
+    def terminated(*args, **kwargs) -> None:
+        raise SystemExit(143)
+
+    monkeypatch.setattr(torch, "save", terminated)
+    with pytest.raises(SystemExit):
+        main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
+              "--epochs", "1", *TUNE_ARGS])
+    assert sorted(os.listdir(out)) == []
