@@ -621,21 +621,25 @@ class SSFTTrainer:
         tmp = f"{final}.tmp"
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-        self._encoder.model.save_pretrained(tmp)
-        info = {
-            "base_model_path": os.path.abspath(self._model_path),
-            "base_model_hash": self._base_hash,
-            "adapter_hash": module_fingerprint(self._encoder.model, trainable_only=True),
-            "pooling": self._encoder.pooling,
-            "max_length": self._config.max_length,
-            "fields": self.fields,
-            "field_texts": self._field_texts,
-            "schema_fingerprint": self._schema.fingerprint(),
-            "templates": dataclasses.asdict(self._config.templates),
-        }
-        with open(os.path.join(tmp, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
-            json.dump(info, handle, indent=2)
-        replace_directory(tmp, final)
+        try:  # Ctrl-C or SIGTERM while writing: no half-written adapter.tmp is left behind
+            self._encoder.model.save_pretrained(tmp)
+            info = {
+                "base_model_path": os.path.abspath(self._model_path),
+                "base_model_hash": self._base_hash,
+                "adapter_hash": module_fingerprint(self._encoder.model, trainable_only=True),
+                "pooling": self._encoder.pooling,
+                "max_length": self._config.max_length,
+                "fields": self.fields,
+                "field_texts": self._field_texts,
+                "schema_fingerprint": self._schema.fingerprint(),
+                "templates": dataclasses.asdict(self._config.templates),
+            }
+            with open(os.path.join(tmp, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
+                json.dump(info, handle, indent=2)
+            replace_directory(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
     def run(self) -> Dict[str, Any]:

@@ -351,3 +351,25 @@ def test_a_tune_interrupted_while_saving_its_checkpoint_leaves_no_temp_directory
         main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
               "--epochs", "1", *TUNE_ARGS])
     assert sorted(os.listdir(out)) == []
+
+
+def test_a_tune_interrupted_while_saving_its_adapter_leaves_no_temp_directory(tmp_path, tiny_bert_dir,
+                                                                               monkeypatch) -> None:
+    """SIGTERM (SystemExit in the CLI) while the final adapter is written: the checkpoint stays for
+    the next tune, and no half-written ``adapter.tmp`` is left in the output."""
+    import peft
+
+    schema_root = make_schema(str(tmp_path / "data")).root
+    out = str(tmp_path / "ssft")
+
+    def terminated(self, directory: str, *args, **kwargs) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as handle:
+            handle.write("{")  # a part of the adapter, then the signal
+        raise SystemExit(143)
+
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", terminated)
+    with pytest.raises(SystemExit):
+        main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
+              "--epochs", "1", *TUNE_ARGS])
+    assert sorted(os.listdir(out)) == ["checkpoint"]
