@@ -32,6 +32,7 @@ Example::
     attach_vectors(split_path, out_dir, key_column="row_id", output_path=copy_path, expected=provenance)
 """
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -399,7 +400,12 @@ class VectorExport:
                 for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
                     os.remove(stale)
                 tmp = f"{path}.{os.getpid()}.tmp"
-                pq.write_table(table, tmp)
+                try:
+                    pq.write_table(table, tmp)
+                except BaseException:  # Ctrl-C, SIGTERM, a full disk: no half-written chunk is left behind
+                    with contextlib.suppress(OSError):
+                        os.remove(tmp)
+                    raise
                 os.replace(tmp, path)  # a chunk file that exists is complete
                 written.append(index)
         return written
