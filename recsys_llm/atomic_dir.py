@@ -251,15 +251,6 @@ def current_umask() -> int:
     return umask
 
 
-def chmod_as_created(path: str) -> None:
-    """Gives ``path`` the mode ``open()`` would have (``0o666 & ~umask``).
-
-    ``safetensors.save_file`` creates its files with mode 0600, so other users (or pods) of
-    a shared cluster could not read them; call this on the temp file before renaming it.
-    """
-    os.chmod(path, 0o666 & ~current_umask())
-
-
 def _readable_by_umask(tmp: str) -> None:
     """``mkdtemp`` makes a 0700 directory: give it (and what is in it) the permissions of a
     directory created with ``os.makedirs``, so other users may read the result as usual."""
