@@ -44,7 +44,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, replace_directory, write_text_atomically
+from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, write_text_atomically
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
 from recsys_llm.semantics.lora_targets import default_target_modules
@@ -618,10 +617,7 @@ class SSFTTrainer:
     def save_adapter(self) -> str:
         """Writes the final adapter and ``ssft.json`` (base model, fields, templates, pooling)."""
         final = os.path.join(self._output_dir, "adapter")
-        tmp = f"{final}.tmp"
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        try:  # Ctrl-C or SIGTERM while writing: no half-written adapter.tmp is left behind
+        with checkpoint_swap(final) as tmp:  # Ctrl-C or SIGTERM while writing: no half-written adapter.tmp is left
             self._encoder.model.save_pretrained(tmp)
             info = {
                 "base_model_path": os.path.abspath(self._model_path),
@@ -636,10 +632,6 @@ class SSFTTrainer:
             }
             with open(os.path.join(tmp, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
                 json.dump(info, handle, indent=2)
-            replace_directory(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     def run(self) -> Dict[str, Any]:
