@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.data.row_chunks import ROW_ID_EXTRA, ChunkConverter, RowChunk
+from recsys_llm.data.row_chunks import ROW_ID_EXTRA, ChunkConverter, RowChunk, extra_kind
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.seeding import seed_entropy
 from recsys_llm.data.validation import DataError, check_file_schema, offsets_from_lengths, open_parquet, read_row_group
@@ -152,18 +152,6 @@ def _balanced_ranges(units: List[_Unit], world_size: int) -> List[List[_Unit]]:
     return shards
 
 
-def _extra_kind(dtype: pa.DataType) -> str:
-    """What a batch carries of an extra column of Arrow type ``dtype``: ``"integer"`` (int64),
-    ``"float"`` (float32) or ``"vector"`` (float32 (B, d)); ``"other"`` is refused when read."""
-    if pa.types.is_integer(dtype) or pa.types.is_boolean(dtype):
-        return "integer"
-    if pa.types.is_floating(dtype):
-        return "float"
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
-        return "vector"
-    return "other"
-
-
 def _check_extra_kinds(
     path: str, arrow_schema: pa.Schema, extras: Sequence[str], seen: Dict[str, Tuple[str, str, pa.DataType]]
 ) -> None:
@@ -172,10 +160,10 @@ def _check_extra_kinds(
     float64 where a batch mixes rows of both files). Widening within a kind (int32, int64) is fine."""
     for name in extras:
         dtype = arrow_schema.field(name).type
-        kind, first, first_type = seen.setdefault(name, (_extra_kind(dtype), path, dtype))
-        if _extra_kind(dtype) != kind:
+        kind, first, first_type = seen.setdefault(name, (extra_kind(dtype), path, dtype))
+        if extra_kind(dtype) != kind:
             raise DataError(
-                f"{path}: extra column {name!r} has Arrow type {dtype} ({_extra_kind(dtype)}), but {first} has "
+                f"{path}: extra column {name!r} has Arrow type {dtype} ({extra_kind(dtype)}), but {first} has "
                 f"{first_type} ({kind}); expected one kind in every file of the split (batches carry integers "
                 "as int64, floats as float32)"
             )

@@ -170,6 +170,18 @@ def categorical_column(
     return check_ids(path, spec, values, offsets, row_offset), offsets
 
 
+def extra_kind(dtype: pa.DataType) -> str:
+    """What a batch carries of an extra column of Arrow type ``dtype``: ``"integer"`` (int64),
+    ``"float"`` (float32) or ``"vector"`` (float32 (B, d)); ``"other"`` is refused when read."""
+    if pa.types.is_integer(dtype) or pa.types.is_boolean(dtype):
+        return "integer"
+    if pa.types.is_floating(dtype):
+        return "float"
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+        return "vector"
+    return "other"
+
+
 class ChunkConverter:
     """Converts Arrow tables of one file to :class:`RowChunk` s, validating values on the way."""
 
@@ -220,7 +232,7 @@ class ChunkConverter:
         array = table.column(name).combine_chunks()
         check_no_nulls(path, name, array, row_offset, "a value in every row")
         dtype = array.type
-        if pa.types.is_fixed_size_list(dtype) or pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        if extra_kind(dtype) == "vector":
             lengths = pc.list_value_length(array).to_numpy()
             width = int(lengths[0]) if lengths.size else 0
             if lengths.size and (lengths != width).any():
