@@ -11,10 +11,10 @@ profile text with words of the same vocabularies. The click probability is::
     affinity(u, i) = sum_t interest_u[t] * S[t, topic_i]
 
 with ``pop_z`` the item's standardised log popularity and ``S`` a topic similarity matrix (1 on
-the diagonal, 0.4 for related topics such as sci-fi/technology). A fraction of the items (``cold_item_fraction``) never occurs
-in the training split, only in valid/test (extra column ``is_cold_item``): an ID-only
-model knows nothing about them, while a model that reads the item and user texts can
-still match topic words ("starship" vs "astronaut").
+the diagonal, 0.4 for related topics such as sci-fi/technology). A fraction of the items
+(``cold_item_fraction``) never occurs in the training split, only in valid/test (extra column
+``is_cold_item``): an ID-only model knows nothing about them, while a model that reads the item
+and user texts can still match topic words ("starship" vs "astronaut").
 
 Generation is vectorised numpy, deterministic given ``seed`` and streamed to Parquet in
 chunks, so any size from thousands to tens of millions of rows fits in bounded memory.

@@ -465,14 +465,13 @@ def write_teacher_outputs(
         raise ValueError(f"teacher outputs: --output-dir {output_dir} is the input data's own directory; "
                          "the copies with teacher columns need another directory")
     check_output_dir(output_dir, schema)  # before the teacher is loaded
-    # (source file, its copy): a file two splits name (valid = test) gets a copy in each; an
-    # unknown split is named before teacher.json is written and the teacher loaded
-    copies: List[Tuple[str, str]] = []
-    new_splits: Dict[str, str] = {}
-    unknown = [split for split in splits or () if split not in schema.splits]
+    unknown = [split for split in splits or () if split not in schema.splits]  # before teacher.json and the teacher
     if unknown:
         raise ValueError(f"teacher outputs --splits: {unknown} are no splits of schema {schema.name!r}; expected names "
                          f"among {sorted(schema.splits)}")
+    # (source file, its copy): a file two splits name (valid = test) gets a copy in each
+    copies: List[Tuple[str, str]] = []
+    new_splits: Dict[str, str] = {}
     for split in splits or sorted(schema.splits):
         sources = resolve_paths(schema, split)
         single = len(sources) == 1 and not os.path.isdir(schema.split_path(split))
