@@ -102,9 +102,10 @@ def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Optional[Sequenc
 def encoded_with(vectors: str, adapter: str) -> bool:
     """Whether the field vectors in ``vectors`` were encoded with the SSFT adapter ``adapter`` holds now:
     ``semantics encode --adapter`` names the adapter's ``adapter_hash`` (``ssft.json``) in their model id."""
-    from recsys_llm.semantics.ssft_adapter import read_adapter_info
+    from recsys_llm.semantics.ssft_adapter import ADAPTER_ID_MARK, read_adapter_info
 
-    return load_vectors(vectors).provenance.model_id.endswith(f"+ssft:{read_adapter_info(adapter)['adapter_hash']}")
+    adapter_id = f"{ADAPTER_ID_MARK}{read_adapter_info(adapter)['adapter_hash']}"
+    return load_vectors(vectors).provenance.model_id.endswith(adapter_id)
 
 
 def random_field_vectors(vectors: str, out: str, seed: int = 0) -> str:

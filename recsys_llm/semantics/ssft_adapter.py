@@ -27,6 +27,8 @@ from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resol
 from recsys_llm.semantics.train_checkpoint import CHECKPOINT_STATE_FILE
 
 SSFT_INFO_FILE = "ssft.json"
+# a tuned encoder's model id: the base model's path, this mark, then ssft.json's adapter_hash
+ADAPTER_ID_MARK = "+ssft:"
 
 
 # what ssft.json must name for the adapter to be loaded and used
@@ -150,7 +152,7 @@ def load_tuned_encoder(
         if name.endswith((".safetensors", ".bin")) or name == "adapter_config.json").encode()).hexdigest()[:8]
     encoder = TextEncoder.from_model(
         model, tokenizer, pooling=info["pooling"], batch_size=batch_size, max_length=info["max_length"],
-        model_id=f"{base_path}+ssft:{info['adapter_hash']}",
+        model_id=f"{base_path}{ADAPTER_ID_MARK}{info['adapter_hash']}",
         model_hash=f"{base_hash}+{info['adapter_hash']}+{adapter_files}",
     )
     return encoder, info
