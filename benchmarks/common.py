@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import save_figure_atomically, write_text_atomically
+from recsys_llm.atomic_dir import check_no_file_above, save_figure_atomically, write_text_atomically
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -103,9 +103,10 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
         if path.is_dir():
             parser.error(f"{option} {path}: is a directory; {option} takes the file to write, "
                          f"e.g. {path / name}{suffix}")
-        blocking = _file_among_folders(path)
-        if blocking is not None:
-            parser.error(f"{option} {path}: {blocking} is a file, not a directory")
+        try:  # missing folders are fine (write_json creates them), a file among them is not
+            check_no_file_above(str(path))
+        except FileExistsError as error:
+            parser.error(f"{option} {error}")
     from recsys_llm.cli import quiet_upstream_notices
 
     quiet_upstream_notices()  # as the commands do: the figures, not torchrec's advisories, fill the log
@@ -117,15 +118,6 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     # set_flush_denormal answers whether the CPU has the mode at all
     args.flush_denormal = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals
     return args
-
-
-def _file_among_folders(path: Path) -> Optional[Path]:
-    """The nearest existing folder of ``path`` when it is a file (so ``path`` cannot be written),
-    else None; missing folders are fine (``write_json`` creates them)."""
-    for folder in path.parents:
-        if folder.exists():
-            return None if folder.is_dir() else folder
-    return None
 
 
 def single_rank_context(args: argparse.Namespace) -> Any:
