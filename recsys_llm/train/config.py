@@ -357,6 +357,8 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     from_file = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
+    _expand_home_in_paths(raw)
+    _expand_home_in_paths(from_file)
     _generate_only_where_the_file_said(raw, from_file, overrides)
     try:
         return config_from_dict(raw, source)
@@ -375,6 +377,25 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
     label = f"command-line override(s) {' '.join(overrides)}"
     raise ConfigError(label + merged_error[len(source):] if file_error is None
                       else f"{source} with {label}{merged_error[len(source):]}")
+
+
+def _expand_home_in_paths(raw: Dict[str, Any]) -> None:
+    """Expands a leading ``~`` in the path settings (:data:`PATH_KEYS`, ``train.run_dir``,
+    ``elec.entity_tables.*``) in place, as a shell would: ``train.run_dir=~/runs/x`` on the command
+    line reaches the program unexpanded, since ``train.run_dir`` is no shell variable name."""
+    for dotted in (*PATH_KEYS, "train.run_dir", "elec.entity_tables"):
+        *sections, key = dotted.split(".")
+        parent: Any = raw
+        for section in sections:
+            parent = parent.get(section) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict):
+            continue
+        holder, names = (parent.get(key), None) if dotted == "elec.entity_tables" else (parent, [key])
+        if not isinstance(holder, dict):
+            continue
+        for name in names or list(holder):
+            if isinstance(holder.get(name), str) and holder[name].startswith("~"):
+                holder[name] = os.path.expanduser(holder[name])
 
 
 def _generate_only_where_the_file_said(raw: Dict[str, Any], from_file: Dict[str, Any], overrides: Sequence[str]) -> None:

@@ -381,3 +381,15 @@ def test_a_config_file_generates_synthetic_data_only_where_its_own_data_schema_p
     for same in ("data/synthetic", "data/synthetic/", "./data/synthetic/schema.json",
                  os.path.join(os.getcwd(), "data", "synthetic", "schema.json")):
         assert load_config(path, [f"data.schema={same}"]).data.synthetic_rows == 200_000, same
+
+
+def test_a_home_relative_path_setting_is_expanded(tmp_path, monkeypatch) -> None:
+    """``train.run_dir=~/runs/x`` reaches the program unexpanded (no shell variable name); it must
+    mean the home directory, not a directory named ``~`` under the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "c.yaml"
+    path.write_text("elec:\n  entity_tables: {item_id: ~/vectors/items}\n")
+    config = load_config(str(path), ["train.run_dir=~/runs/x", "data.schema=~/data/schema.json"])
+    assert config.train.run_dir == str(tmp_path / "home" / "runs" / "x")
+    assert config.data.schema == str(tmp_path / "home" / "data" / "schema.json")
+    assert config.elec["entity_tables"] == {"item_id": str(tmp_path / "home" / "vectors" / "items")}
