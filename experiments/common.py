@@ -29,6 +29,7 @@ from recsys_llm.train.run_records import (
 from recsys_llm.train.runner import run_training
 
 ML100K_RAW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k"))
+SYNTHETIC_ROWS = 200_000  # the embedded data of the tables (``--data synthetic``), generated with seed 0
 # the backbones with a config (``configs/ml100k_{backbone}.yaml``), the choices of ``--backbones``
 BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
 
@@ -78,12 +79,15 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
     """Prepares ML-100K (or the embedded synthetic data) once; returns the schema path.
 
     Data written before the item catalogue existed is prepared again: the same rows, plus
-    the catalogue.
+    the catalogue. Synthetic data already there with another row count than the tables'
+    (``SYNTHETIC_ROWS``; e.g. a ``prepare synthetic --rows ...`` of one's own) is refused.
     """
     from recsys_llm.data.synthetic import ITEM_CATALOG
 
     out = os.path.join(data_dir, "ml-100k" if data == "ml100k" else "synthetic")
     if all(os.path.exists(os.path.join(out, name)) for name in ("schema.json", ITEM_CATALOG)):
+        if data == "synthetic":
+            _check_synthetic_rows(out)
         return os.path.join(out, "schema.json")
     if data == "ml100k":
         from recsys_llm.data.movielens import prepare_movielens
@@ -94,8 +98,23 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
     else:
         from recsys_llm.data.synthetic import generate_synthetic
 
-        generate_synthetic(out, 200_000, seed=0, progress=True)
+        generate_synthetic(out, SYNTHETIC_ROWS, seed=0, progress=True)
     return os.path.join(out, "schema.json")
+
+
+def _check_synthetic_rows(data_dir: str) -> None:
+    """Raises ``SystemExit`` unless the synthetic data in ``data_dir`` has ``SYNTHETIC_ROWS`` rows."""
+    import pyarrow.parquet as pq
+
+    from recsys_llm.data.schema import DatasetSchema
+
+    schema = DatasetSchema.load(os.path.join(data_dir, "schema.json"))
+    rows = sum(pq.read_metadata(schema.split_path(split)).num_rows for split in schema.splits)
+    if rows != SYNTHETIC_ROWS:
+        raise SystemExit(
+            f"{data_dir}: synthetic data of {rows} rows; the tables are for {SYNTHETIC_ROWS} rows (seed 0). "
+            f"Remove {data_dir} to have it generated again, or give --data-dir another directory"
+        )
 
 
 def base_config_path(data: str, backbone: str) -> str:

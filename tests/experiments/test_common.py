@@ -7,9 +7,11 @@ import shutil
 import pytest
 
 from experiments.common import (
+    SYNTHETIC_ROWS,
     _same_experiment,
     base_config_path,
     model_overrides,
+    prepared_schema,
     tune_on_validation,
     relative_gain,
     run_variant,
@@ -279,3 +281,11 @@ def test_elec_refuses_a_zero_count_instead_of_taking_its_default(tmp_path, flag,
     assert exited.value.code == 2
     assert f"{flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
     assert not os.listdir(tmp_path)  # refused before any work
+
+
+def test_synthetic_data_of_another_size_is_refused_not_reported_as_the_tables_data(tmp_path):
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    generate_synthetic(str(tmp_path / "synthetic"), 2_000, seed=0)
+    with pytest.raises(SystemExit, match=f"synthetic data of 2000 rows; the tables are for {SYNTHETIC_ROWS} rows"):
+        prepared_schema("synthetic", str(tmp_path), raw="unused")
