@@ -32,6 +32,7 @@ suffix (plain and the LLM steps are reused) and its tables are ``llactr_{data}_r
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -228,6 +229,8 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
     mean_gains = {variant: sum(per.values()) / len(per) for variant, per in gains.items()}
     with open(ssft_metrics_path, encoding="utf-8") as handle:
         ssft = json.load(handle)
+    accuracy = {when: math.nan if ssft[when]["accuracy"] is None else ssft[when]["accuracy"]  # no held-out values
+                for when in ("before", "after")}
     columns = ["auc", "logloss"] + (["cold/auc", "cold/logloss"] if cold else [])
     control = " with random field vectors (control)" if args.field_vectors == "random" else ""
     sections = [f"## LLaCTR on {args.data}{control} (test metrics, mean ± sample std (n - 1) over seeds {args.seeds})",
@@ -242,7 +245,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         sections.append(f"| {variant} | " + " | ".join(f"{100 * per[b]:+.2f}%" for b in backbones)
                         + f" | {100 * mean_gains[variant]:+.2f}% |")
     sections += ["", f"SSFT (offline MiniLM, LoRA, InfoNCE): held-out field-retrieval accuracy "
-                 f"{ssft['before']['accuracy']:.3f} before, {ssft['after']['accuracy']:.3f} after tuning "
+                 f"{accuracy['before']:.3f} before, {accuracy['after']:.3f} after tuning "
                  f"({ssft['before']['count']} held-out values)."
                  + (" FRE and FIE read random normal vectors of the same shape instead of that model's." if control
                     else ""), "", f"Lambda selection: {selection}"]

@@ -87,8 +87,10 @@ def _tune(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     metrics = SSFTTrainer(config, DatasetSchema.load(args.schema), args.output_dir).run()
+    from recsys_llm.train.run_records import strict_json
+
     summary = {k: metrics[k] for k in ("before", "after", "epochs", "num_train", "num_valid", "adapter_dir")}
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(strict_json(summary), indent=2))
     return 0
 
 

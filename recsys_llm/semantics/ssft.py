@@ -660,5 +660,7 @@ class SSFTTrainer:
             "adapter_dir": adapter_dir,
             "config": self._config.to_dict(),
         }
-        write_text_atomically(os.path.join(self._output_dir, "metrics.json"), json.dumps(metrics, indent=2))
+        from recsys_llm.train.run_records import strict_json  # no held-out values: accuracy NaN, written null
+
+        write_text_atomically(os.path.join(self._output_dir, "metrics.json"), json.dumps(strict_json(metrics), indent=2))
         return metrics

@@ -180,3 +180,13 @@ def test_prompts_fit_the_model_positions_when_max_length_is_larger(tmp_path, tin
     for example in train + valid:
         ids = trainer.encoder.tokenizer(example.prompt)["input_ids"]
         assert len(ids) <= 256 and trainer.encoder.tokenizer.convert_ids_to_tokens(ids[-3:]) == ["###", "Response", ":"]
+
+
+def test_metrics_json_of_a_run_without_held_out_values_is_strict_json(tmp_path, tiny_llama_dir, tiny_schema) -> None:
+    """``--samples-valid 0`` has no retrieval accuracy to report: ``null`` in metrics.json, which strict
+    JSON readers (jq, JavaScript) read, not a bare ``NaN``."""
+    out = tmp_path / "ssft"
+    SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=0, epochs=1), tiny_schema, str(out)).run()
+    text = (out / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
+    assert metrics["after"]["accuracy"] is None
