@@ -203,6 +203,20 @@ def _changed_weight(name: str) -> Callable[[str], None]:
     return damage
 
 
+def _weight_made_nan(name: str) -> Callable[[str], None]:
+    """Sets every exponent bit of the last float32 in ``name`` (a damaged disk or copy): that weight is NaN."""
+    def damage(directory: str) -> None:
+        path = os.path.join(directory, name)
+        with open(path, "r+b") as handle:
+            handle.seek(-2, os.SEEK_END)
+            high = bytearray(handle.read(2))  # little-endian: exponent in bits 7-14 of the last two bytes
+            high[0] |= 0x80
+            high[1] |= 0x7F
+            handle.seek(-2, os.SEEK_END)
+            handle.write(bytes(high))
+    return damage
+
+
 def _edited_program(old: bytes, new: bytes) -> Callable[[str], None]:
     """Replaces ``old`` by ``new`` (same length) in ``dense_program.pt2``'s stored graph: the zip stays readable
     (torch's reader checks no CRC) and the graph names another parameter or holds guard code Python cannot
@@ -268,6 +282,8 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
     "truncated dense_program.pt2": (_truncate("dense_program.pt2"), "dense_program.pt2", r"BadZipFile"),
     "a weight changed in model.safetensors": (_changed_weight("model.safetensors"), "model.safetensors",
                                               r"bytes changed after the export \(sha256"),
+    "a weight of model.safetensors made NaN": (_weight_made_nan("model.safetensors"), "model.safetensors",
+                                                r"bytes changed after the export \(sha256"),
     "a weight changed in dense_program.pt2": (_changed_weight("dense_program.pt2"), "dense_program.pt2",
                                               r"bytes changed after the export \(sha256"),
     "a parameter name changed in dense_program.pt2": (  # torch.export.load raised SpecViolationError
@@ -286,6 +302,17 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
     "tables null in config.json": (_config_with("tables", None), "config.json",
                                    r"'tables' is None; expected a file name inside"),
 }
+
+
+def _without_digests_and_export_ids(directory: str) -> None:
+    """Makes ``directory``'s config.json look written before digests and export ids were recorded."""
+    from recsys_llm.serving.artifact import DIGESTS_KEY, EXPORT_ID_KEY
+
+    with open(os.path.join(directory, "config.json")) as handle:
+        config = json.load(handle)
+    del config[DIGESTS_KEY], config[EXPORT_ID_KEY]
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(config, handle)
 
 
 class TestDamagedArtifacts:
@@ -308,6 +335,7 @@ class TestDamagedArtifacts:
             ServedModel.load(directory)
 
     def test_weights_with_nan_are_refused(self, artifact, tmp_path):
+        """In an artifact written before digests were recorded (with one, changed bytes are named first)."""
         directory = str(tmp_path / "copy")
         shutil.copytree(artifact[0], directory)
         path = os.path.join(directory, "model.safetensors")
@@ -315,14 +343,13 @@ class TestDamagedArtifacts:
         key = next(k for k in state if k.endswith("item_id.weight"))
         state[key][3, 1] = float("nan")
         save_file(state, path)
+        _without_digests_and_export_ids(directory)
         with pytest.raises(ValueError, match=rf"{re.escape(path)}: tensor '{re.escape(key)}' holds 1 non-finite"):
             ServedModel.load(directory, trust_program=True)
 
     def test_tables_of_another_dtype_are_refused_not_served_as_they_are(self, artifact, tmp_path):
         """An artifact written before digests and export ids were recorded (so nothing else notices): the tables
         are taken as stored, so a float16 table would reach the float32 dense program."""
-        from recsys_llm.serving.artifact import DIGESTS_KEY, EXPORT_ID_KEY
-
         directory = str(tmp_path / "copy")
         shutil.copytree(artifact[0], directory)
         path = os.path.join(directory, "model.safetensors")
@@ -330,11 +357,7 @@ class TestDamagedArtifacts:
         key = next(k for k in state if k.endswith("item_id.weight"))
         state[key] = state[key].half()
         save_file(state, path)
-        with open(os.path.join(directory, "config.json")) as handle:
-            config = json.load(handle)
-        del config[DIGESTS_KEY], config[EXPORT_ID_KEY]
-        with open(os.path.join(directory, "config.json"), "w") as handle:
-            json.dump(config, handle)
+        _without_digests_and_export_ids(directory)
         with pytest.raises(ValueError, match=rf"^{re.escape(path)}: table weights \['.*item_id\.weight "
                                              r"\(torch\.float16\)'\] are not float32, as export writes them"):
             ServedModel.load(directory, trust_program=True)

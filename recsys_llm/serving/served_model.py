@@ -262,10 +262,10 @@ class ServedModel(nn.Module):
                 state_export_id = (handle.metadata() or {}).get(EXPORT_ID_KEY)
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(state_path, "cannot be read as the model's weights", error)
+        check_same_export(config_path, config, state_path, state_export_id)
+        _check_digest(directory, config, config["state"])  # before the values: a flipped bit is damage, not divergence
         for key, value in state.items():
             require_finite(state_path, key, value)
-        check_same_export(config_path, config, state_path, state_export_id)
-        _check_digest(directory, config, config["state"])
         weighted = config.get(WEIGHTED_KEY, False)
         if not isinstance(weighted, bool):
             _raise_damaged(config_path, f"{WEIGHTED_KEY!r} is {weighted!r}, expected true or false")
