@@ -24,6 +24,7 @@ import platform
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -107,6 +108,12 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
             check_no_file_above(str(path))
         except FileExistsError as error:
             parser.error(f"{option} {error}")
+        folder = _nearest_existing_folder(path)
+        try:  # a folder that takes no files (read-only, /proc) would fail the write at the end of the run
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            parser.error(f"{option} {path}: cannot write in {folder} ({error.strerror or error}); pass a path in "
+                         f"a writable folder, e.g. /tmp/{name}{suffix}")
     from recsys_llm.cli import quiet_upstream_notices
 
     quiet_upstream_notices()  # as the commands do: the figures, not torchrec's advisories, fill the log
@@ -118,6 +125,15 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     # set_flush_denormal answers whether the CPU has the mode at all
     args.flush_denormal = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals
     return args
+
+
+def _nearest_existing_folder(path: Path) -> Path:
+    """The folder ``path`` would be written in, or the nearest existing one above it (the missing
+    ones ``write_json`` makes there)."""
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder
 
 
 def single_rank_context(args: argparse.Namespace) -> Any:

@@ -245,6 +245,16 @@ class TestCommon:
             common.parse_args("x", "doc", ["--json", str(tmp_path / "x.png")])
         assert "--json and --plot name one file" in capsys.readouterr().err
 
+    @pytest.mark.parametrize("option", ["--json", "--plot"])
+    def test_result_paths_in_an_unwritable_folder_are_refused_before_the_run(
+            self, option: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        # /proc takes no new files, not even from root (a chmod'ed folder would not stop root)
+        argv = ["--json", str(tmp_path / "x.json"), option, "/proc/bench_results/x.json"]
+        with pytest.raises(SystemExit) as exit_info:
+            common.parse_args("x", "doc", argv if option == "--plot" else argv[2:])
+        assert exit_info.value.code == 2
+        assert f"{option} /proc/bench_results/x.json: cannot write in /proc" in capsys.readouterr().err
+
     def test_interleaved_repeats_rotate_order(self) -> None:
         calls = []
         contenders = {name: (lambda n=name: calls.append(n) or float(len(calls))) for name in "abc"}
