@@ -152,7 +152,7 @@ class Sizes:
 SIZES: Dict[str, Sizes] = {
     "full": Sizes(),
     "quick": Sizes(
-        data_rows=60_000, backbones=("deepfm", "fm", "dcnv2"), memory_batches=6, warmup_steps=5, measured_steps=100,
+        data_rows=200_000, backbones=("deepfm", "fm", "dcnv2"), memory_batches=6, warmup_steps=5, measured_steps=100,
         repeats=5, ssft_samples_train=8, ssft_samples_valid=2, ssft_epochs=1, instance_rows=64,
     ),
     "smoke": Sizes(

@@ -104,6 +104,23 @@ def _smoke_payload(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(json_path.read_text())
 
 
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_llactr_data_holds_the_default_s_of_every_id_field(mode: str, tmp_path: Path) -> None:
+    """The field side is scaled to SSFT at the default S counted on the mode's data: that data must
+    give user_id and item_id their S training values, as the instance side's 1M rows would."""
+    from benchmarks import llactr
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.semantics.ssft import SSFTConfig, build_examples, select_fields
+
+    schema = generate_synthetic(str(tmp_path / "data"), llactr.SIZES[mode].data_rows, seed=0)
+    default = SSFTConfig()
+    fields = select_fields(schema, default.include_fields_without_description)
+    train, _ = build_examples(schema, fields, default)
+    for field in ("user_id", "item_id"):
+        label = [f.name for f in fields].index(field)
+        assert sum(1 for e in train if e.label == label) == default.samples_train, field
+
+
 @pytest.mark.slow
 def test_llactr_ratios_come_from_rounds_and_scaled_costs(tmp_path_factory: pytest.TempPathFactory) -> None:
     payload = _smoke_payload("llactr", tmp_path_factory)
