@@ -152,6 +152,11 @@ def test_llactr_batch_size_and_backbones_override_the_mode(capsys: pytest.Captur
         llactr.main(["--smoke", "--batch-size", "0"])
     assert exit_info.value.code == 2
     assert "--batch-size must be an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # at start, not after the LLM work, when the batches cannot be cut
+        llactr.main(["--smoke", "--batch-size", "2048", "--json", "/tmp/unused.json"])
+    assert exit_info.value.code == 2
+    assert "--batch-size 2048: the smoke mode's 2,400 train rows make fewer than its 2 batches; at most 1200" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.slow
