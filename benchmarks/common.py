@@ -99,6 +99,12 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
         args.plot = args.json.with_suffix(".png")
     if args.plot.resolve() == args.json.resolve():  # e.g. --json x.png: the plot would overwrite the JSON
         parser.error(f"--json and --plot name one file ({args.json}); give the JSON a .json name or --plot another file")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    image_suffix = args.plot.suffix[1:].lower()  # the plot's format (none: matplotlib's default, PNG)
+    if image_suffix and image_suffix not in FigureCanvasBase.get_supported_filetypes():
+        parser.error(f"--plot {args.plot}: matplotlib cannot write '.{image_suffix}' files; give the plot one of "
+                     f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))} (e.g. {name}.png)")
     for option, path, suffix in (("--json", args.json, ".json"), ("--plot", args.plot, ".png")):
         # refused now, not when the file is written at the end of the run
         if path.is_dir():

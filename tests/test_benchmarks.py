@@ -271,11 +271,21 @@ class TestCommon:
     def test_result_paths_in_an_unwritable_folder_are_refused_before_the_run(
             self, option: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         # /proc takes no new files, not even from root (a chmod'ed folder would not stop root)
-        argv = ["--json", str(tmp_path / "x.json"), option, "/proc/bench_results/x.json"]
+        path = "/proc/bench_results/x.json" if option == "--json" else "/proc/bench_results/x.png"
+        argv = ["--json", str(tmp_path / "x.json"), option, path]
         with pytest.raises(SystemExit) as exit_info:
             common.parse_args("x", "doc", argv if option == "--plot" else argv[2:])
         assert exit_info.value.code == 2
-        assert f"{option} /proc/bench_results/x.json: cannot write in /proc" in capsys.readouterr().err
+        assert f"{option} {path}: cannot write in /proc" in capsys.readouterr().err
+
+    def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_run(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        with pytest.raises(SystemExit) as exit_info:  # a typo of .png would fail only once the figures are in
+            common.parse_args("x", "doc", ["--json", str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.pgn")])
+        assert exit_info.value.code == 2
+        assert f"--plot {tmp_path / 'x.pgn'}: matplotlib cannot write '.pgn' files" in capsys.readouterr().err
+        for name in ("x.svg", "x.PDF", "x"):  # matplotlib's formats, any case; no suffix: PNG
+            assert common.parse_args("x", "doc", ["--json", str(tmp_path / "x.json"), "--plot", str(tmp_path / name)])
 
     def test_interleaved_repeats_rotate_order(self) -> None:
         calls = []
