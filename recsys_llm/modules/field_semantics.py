@@ -80,6 +80,9 @@ class _ProjectedFieldKL(torch.autograd.Function):
     * d/dx_{b,f} = m_f (softmax(x_{b,f}) - p_f) / (B N)
     * d/dlog p_f = m_f p_f (log p_f + 1 - mean_b log softmax(x_{b,f})) / N, then through
       the log-softmax and the Linear to W and c
+
+    An empty batch (B = 0) gives 0 and zero gradients: there is no sample to pull toward the
+    targets, and a 0 / 0 would put NaN into W's gradient (all-reduced to every rank under DDP).
     """
 
     @staticmethod
@@ -101,13 +104,17 @@ class _ProjectedFieldKL(torch.autograd.Function):
         log_q_sum = log_q.sum(dim=0, dtype=torch.promote_types(log_q.dtype, p.dtype))  # (F, D)
         ctx.save_for_backward(log_q, log_q_sum, p, weighted_p, log_p, field_weight, field_vectors)
         cross = (weighted_p * log_q_sum).sum()
-        return (batch_size * (weighted_p * log_p).sum() - cross) / (batch_size * field_weight.sum())
+        # B = 0: both terms are 0 (log_q_sum is a sum over no row), and so is the loss
+        return (batch_size * (weighted_p * log_p).sum() - cross) / (max(batch_size, 1) * field_weight.sum())
 
     @staticmethod
     @_first_order_only
     def backward(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
         log_q, log_q_sum, p, weighted_p, log_p, field_weight, field_vectors = ctx.saved_tensors
         batch_size = log_q.size(0)
+        if batch_size == 0:  # the loss is 0 whatever W and c are
+            grad_weight = field_vectors.new_zeros(p.size(1), field_vectors.size(1)).to(p.dtype)
+            return torch.zeros_like(log_q), None, grad_weight, p.new_zeros(p.size(1)), None
         count = field_weight.sum()
         scale = grad / (batch_size * count)
         # s (m_f q - weighted_p_f) as one multiply-add over (B, F, D)
@@ -134,7 +141,8 @@ def projected_field_kl(
     bias: torch.Tensor,
     positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Scalar mean over f and b of KL(softmax(W v_f + c) || softmax(``fields[b, positions[f]]``)).
+    """Scalar mean over f and b of KL(softmax(W v_f + c) || softmax(``fields[b, positions[f]]``));
+    0, with zero gradients, for an empty batch (B = 0).
 
     Args:
         fields (torch.Tensor): (B, K, D) pooled embeddings, K >= F.
@@ -241,7 +249,7 @@ class FieldRepresentationEnhancement(nn.Module):
             embeddings (KeyedTensor): keys ⊇ ``feature_names``, each (B, D).
 
         Returns:
-            torch.Tensor: weighted scalar loss.
+            torch.Tensor: weighted scalar loss; 0 (zero gradients) for an empty batch.
         """
         # fields in the embeddings' own key order (a view, no copy); the targets are put
         # in that order instead, and keys without a vector get weight 0

@@ -73,8 +73,8 @@ class TestFieldRepresentationEnhancement:
         weight = projection.weight.detach().double().requires_grad_()
         log_p = F.log_softmax(vectors.double() @ weight.t() + projection.bias.detach().double(), dim=-1)
         reference = (log_p.exp() * (log_p - F.log_softmax(exact, dim=-1))).sum(-1).mean()
-        if case == "empty batch":
-            assert torch.isnan(loss)  # a mean over no sample, as torch's own mean
+        if case == "empty batch":  # no sample to pull: 0, not the NaN of a mean over no sample
+            assert loss.item() == 0
             return
         expected = torch.autograd.grad(reference, (exact, weight))
         assert torch.isfinite(loss)
@@ -186,6 +186,22 @@ def test_the_ids_instead_of_the_pooled_embeddings_are_named() -> None:
         with pytest.raises(TypeError, match=r"expected the pooled embeddings .* got the KeyedJaggedTensor of ids; "
                                             "pass it through the EmbeddingBagCollection first"):
             call(make_kjt())
+
+
+@pytest.mark.parametrize("field_reduction", ["sum", "mean"])
+def test_fre_on_an_empty_batch_is_zero_with_zero_gradients(field_reduction) -> None:
+    """A rank's empty batch (a sum-reduced loss over the global batch) gave 0 / 0: a NaN loss, and NaN
+    in the projection's gradient, which DDP's all-reduce would spread into every rank's weights."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    fre = FieldRepresentationEnhancement(torch.randn(2, 8), ["a", "b"], 4, 0.1, field_reduction)
+    values = torch.randn(0, 12, requires_grad=True)
+    loss = fre.loss(KeyedTensor(keys=["a", "c", "b"], length_per_key=[4, 4, 4], values=values))
+    assert loss.item() == 0
+    loss.backward()
+    assert values.grad.shape == (0, 12)
+    for param in fre.parameters():  # connected, so DDP sees every parameter get its (zero) gradient
+        assert param.grad is not None and not param.grad.any()
 
 
 @pytest.mark.parametrize("requires_grad", [True, False])
