@@ -325,12 +325,19 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
         ``feature_names[f]``'s embeddings; K is the number of keys (or F).
 
     Raises:
-        TypeError: ``embeddings`` is the lookup's input (a KeyedJaggedTensor), not its output.
+        TypeError: ``embeddings`` is the lookup's input (a KeyedJaggedTensor), not its output, or a
+            plain tensor without the keys (torchrec DLRM's ``sparse_arch(kjt)``, (B, F, D)).
     """
     if isinstance(embeddings, KeyedJaggedTensor):  # it has keys() and length_per_key() too: a reshape error later
         raise TypeError(
             "expected the pooled embeddings (a KeyedTensor: ebc(kjt), or CTROutput.embeddings), got the "
             "KeyedJaggedTensor of ids; pass it through the EmbeddingBagCollection first"
+        )
+    if isinstance(embeddings, torch.Tensor):  # else: 'Tensor' object has no attribute 'length_per_key'
+        raise TypeError(
+            f"expected the pooled embeddings as a KeyedTensor (ebc(kjt), or CTROutput.embeddings), whose keys name "
+            f"the fields; got a tensor of shape {tuple(embeddings.shape)} without them (torchrec DLRM's "
+            "sparse_arch(kjt) stacks the fields unnamed): pass dlrm.sparse_arch.embedding_bag_collection(kjt)"
         )
     if has_one_dim(embeddings):
         lengths = embeddings.length_per_key()

@@ -188,6 +188,21 @@ def test_the_ids_instead_of_the_pooled_embeddings_are_named() -> None:
             call(make_kjt())
 
 
+def test_the_unnamed_fields_of_dlrms_sparse_arch_are_named() -> None:
+    """torchrec DLRM's sparse_arch(kjt) is a (B, F, D) tensor: it failed with "'Tensor' object has no attribute
+    'length_per_key'"."""
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+    dlrm = DLRM(make_ebc(), 2, [8, 8], [8, 1])
+    fre = FieldRepresentationEnhancement(torch.randn(3, 10), FEATURES, 8)
+    fie = FieldInteractionEnhancement(torch.randn(3, 10), FEATURES)
+    for call in (fre.loss, fie.logit):
+        with pytest.raises(TypeError, match=r"got a tensor of shape \(4, 3, 8\) without them .* pass "
+                                            r"dlrm\.sparse_arch\.embedding_bag_collection\(kjt\)"):
+            call(dlrm.sparse_arch(make_kjt()))
+    assert fre.loss(dlrm.sparse_arch.embedding_bag_collection(make_kjt())).dim() == 0
+
+
 @pytest.mark.parametrize("field_reduction", ["sum", "mean"])
 def test_fre_on_an_empty_batch_is_zero_with_zero_gradients(field_reduction) -> None:
     """A rank's empty batch (a sum-reduced loss over the global batch) gave 0 / 0: a NaN loss, and NaN
