@@ -117,8 +117,14 @@ def semantic_pair_sum(
 
 
 def _refreeze_after_load(module: "FieldInteractionEnhancement", incompatible_keys: object) -> None:
-    """Load-state-dict post hook: a frozen term's constant weights follow the loaded Linear, and so
-    do its serving matrix and what it folded into a backbone (frozen or not)."""
+    """Load-state-dict post hook: :func:`refresh_after_load`."""
+    refresh_after_load(module)
+
+
+def refresh_after_load(module: "FieldInteractionEnhancement") -> None:
+    """After its state was loaded (``load_state_dict``, ``teacher_student.load_full_state``): a frozen
+    term's constant weights follow the loaded Linear, and so do its serving matrix and what it folded
+    into a backbone (frozen or not)."""
     if module.frozen:
         module.freeze()  # refreshes the serving matrix and the fold too
     else:

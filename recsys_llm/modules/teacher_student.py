@@ -55,6 +55,7 @@ from recsys_llm.modules.distillation import (
     RepresentationDistillation,
     ScoreDistillation,
 )
+from recsys_llm.modules.field_interaction import FieldInteractionEnhancement, refresh_after_load
 
 MODES = ("joint", "frozen", "offline")
 
@@ -295,6 +296,8 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
     ``state`` from :func:`recsys_llm.serving.open_state_file`, a rank reads only its
     shards' rows of each table. Tables of an unsharded model filled here are marked, and
     ``shard_model`` refuses them: DMP initialises every table afresh, so load after sharding.
+    A frozen FIE term under ``prefix`` takes its frozen weights from the loaded Linear, as
+    with ``load_state_dict`` (:meth:`FieldInteractionEnhancement.freeze`).
 
     Args:
         model (nn.Module): the destination (DMP or plain).
@@ -343,6 +346,9 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
             filled.append(key)
         copied += 1
     mark_filled_tables(model, filled, "load_full_state")  # an unsharded model's tables: shard_model would lose them
+    for name, module in model.named_modules():  # what load_state_dict's post hook does for each loaded FIE
+        if isinstance(module, FieldInteractionEnhancement) and f"{strip_wrappers(name)}.".startswith(prefix):
+            refresh_after_load(module)
     return copied
 
 

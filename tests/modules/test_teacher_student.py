@@ -428,6 +428,34 @@ class TestLoadFullState:
         for k, v in state.items():
             assert torch.equal(task.state_dict()[f"teacher.{k}"], v), k
 
+    def test_a_frozen_fie_takes_its_weights_from_the_loaded_linear_as_with_load_state_dict(self):
+        """freeze() before shard_model, then load_full_state of a run that never froze (its frozen copy is
+        zeros): the frozen weights stayed those of the buffer, and FIE served zeros."""
+        from recsys_llm.models.task import CTRTask
+        from recsys_llm.modules.elec import build_student
+        from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+        def student() -> CTRTask:
+            task = build_student(SCHEMA, MODEL, device=CPU)
+            fie = FieldInteractionEnhancement(torch.randn(2, 6), ["item_id", "user_id"], weight=0.5)
+            return CTRTask(task.model, logit_terms={"fie": fie}).eval()
+
+        torch.manual_seed(0)
+        trained = student()
+        batch = make_batch(8)
+        with torch.no_grad():
+            expected = trained.predict(batch).logits
+        state = trained.state_dict()
+        assert not state["logit_terms.fie.frozen_pair_weights"].any()
+        for prefix in ("", "student."):
+            loaded = student()
+            loaded.logit_terms["fie"].freeze()
+            target = loaded if not prefix else torch.nn.ModuleDict({"student": loaded})
+            load_full_state(target, state, prefix=prefix)
+            assert loaded.logit_terms["fie"].frozen
+            with torch.no_grad():
+                torch.testing.assert_close(loaded.predict(batch).logits, expected)
+
 
 class TestTorchRecBatch:
     """Batches of torchrec's own ``Batch`` (no extras), as a TorchRec user's loader yields them."""
