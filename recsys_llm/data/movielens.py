@@ -6,8 +6,8 @@ release_year:token genre|class:token_seq``) and ``<name>.user`` (``user_id:token
 age:token gender:token occupation:token zip_code:token``), tab separated with typed
 headers, as in RecBole's ``ml-100k`` / ``ml-1m`` downloads. A leading UTF-8 byte order mark
 is ignored; blank lines are skipped (error messages still name the line as an editor counts it);
-an id repeated in ``.item`` or ``.user`` is an error (no row silently replaces another), as is an
-empty user or item id.
+white space around a cell is dropped (``"1 "`` is user ``1``); an id repeated in ``.item`` or ``.user``
+is an error (no row silently replaces another), as is an empty user or item id.
 
 Output (the usual CTR protocol for MovieLens):
 
@@ -106,7 +106,8 @@ def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Tabl
         DataError: a missing file, a bad header, a line with the wrong number of columns
             or a cell that is not UTF-8 (naming the line), or a missing required column.
 
-    A UTF-8 byte order mark before the header is dropped (``utf-8-sig``; pyarrow skips it too).
+    A UTF-8 byte order mark before the header is dropped (``utf-8-sig``; pyarrow skips it too), and
+    so is white space around a cell (``"1 "`` is the token ``"1"``).
     """
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
@@ -147,6 +148,8 @@ def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Tabl
             raise DataError(f"{path}, line {line}: column {names[int(cell.group(1))]!r} is not UTF-8 text; expected a "
                             "UTF-8 file (re-encode it, e.g. from Latin-1: iconv -f latin1 -t utf-8)") from error
         raise DataError(bad_lines[0] if bad_lines else f"{path}: cannot parse as a tab-separated RecBole file: {error}") from error
+    # "1 " is user 1 (not a second user without attributes), "30 " the age 30 (not a crash casting it)
+    table = pa.table([pc.utf8_trim_whitespace(column) for column in table.columns], names=table.column_names)
     for wanted, accepted in required.items():
         options = wanted.split("|")
         present = [o for o in options if o in types]

@@ -349,3 +349,23 @@ def test_movielens_1m_age_and_occupation_codes_become_their_words(tmp_path):
     assert schema.load_value_text("user_id")["text"].to_pylist()[1] == ("A 18 year old woman, occupation: writer, "
                                                                         "zip code 12345.")
     assert schema.load_value_text("occupation")["text"].to_pylist() == ["unknown", "10", "writer"]
+
+
+def test_cells_with_stray_spaces_convert_as_without_them(tmp_path):
+    """A space around an id or attribute (a hand-edited or re-exported file) is no other user, movie or
+    age: ``'1 '`` in the ``.inter`` is user ``1`` of the ``.user`` file, with that user's attributes and text."""
+    lines = [f"{1 + i % 2}\t{1 + i % 3}\t{[1, 3, 4, 5][i % 4]}\t{1000 - i}\n" for i in range(40)]
+    plain, spaced = tmp_path / "plain", tmp_path / "spaced"
+    for raw in (plain, spaced):
+        raw.mkdir()
+        _write_raw(raw, lines)
+    _write_raw(spaced, [line.replace("\t", " \t", 1) if i % 5 == 0 else line for i, line in enumerate(lines)])
+    (spaced / "x.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+                                   " 1\t30 \tF\twriter\t12345\n2\t40\tM \tother\t54321\n")
+    want = prepare_movielens(str(plain), str(tmp_path / "out-plain"))
+    got = prepare_movielens(str(spaced), str(tmp_path / "out-spaced"))
+    assert got.fields == want.fields  # as many users, ages and genders
+    for split in want.splits:
+        assert pq.read_table(got.split_path(split)).equals(pq.read_table(want.split_path(split)))
+    for name in ("user_id", "age", "gender"):
+        assert got.load_value_text(name).equals(want.load_value_text(name))
