@@ -200,7 +200,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         rank (int): this process's rank.
         world_size (int): number of ranks sharing the data.
         extras (Sequence[str]): extra columns to carry in ``batch.extras``: integers as int64,
-            floats as float32, lists as float32 vectors; of one kind in every file.
+            floats as float32, lists as float32 vectors (integer lists: values within +-2**24, exact
+            in float32); of one kind in every file.
         shuffle (bool): shuffle row-group order and rows within a buffer, seeded by
             ``(seed, epoch, rank)``; call :meth:`set_epoch` every epoch.
         seed (int): shuffle seed, any integer (like ``train.seed``, which may be negative).

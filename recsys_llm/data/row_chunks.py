@@ -21,6 +21,7 @@ from recsys_llm.data.validation import (
     check_no_null_elements,
     check_no_nulls,
     offsets_from_lengths,
+    row_of_value,
 )
 
 ROW_ID_EXTRA = "row_id"  # the extra key of the row keys in a Batch
@@ -182,6 +183,30 @@ def extra_kind(dtype: pa.DataType) -> str:
     return "other"
 
 
+#: integers of magnitude up to this are exact in float32 (its 24-bit significand); 2**24 + 1 is not
+_FLOAT32_EXACT_INTEGERS = 2**24
+
+
+def _check_exact_in_float32(path: str, name: str, flat: np.ndarray, lengths: np.ndarray, row_offset: int) -> None:
+    """Raises if an integer of a list extra (carried as a float32 vector) would change in float32.
+
+    Args:
+        flat (np.ndarray): (sum of lengths,) the integers of the lists, row after row.
+        lengths (np.ndarray): (N,) per-row list lengths, to name the row.
+    """
+    outside = flat > _FLOAT32_EXACT_INTEGERS
+    if flat.dtype.kind == "i":  # not np.abs: the int64 minimum is its own absolute value
+        outside |= flat < -_FLOAT32_EXACT_INTEGERS
+    if flat.size and outside.any():
+        first = int(np.argmax(outside))
+        row = row_of_value(offsets_from_lengths(lengths.astype(np.int64)), first)
+        raise DataError(
+            f"{path}: column {name!r}, row {row_offset + row}: value {flat[first].item()} of the integer list is not "
+            f"exact in float32, as which batches carry list extras (as vectors); expected integers within "
+            f"+-2**24 ({_FLOAT32_EXACT_INTEGERS}) in a list extra (carry larger ids one per column, as int64)"
+        )
+
+
 class ChunkConverter:
     """Converts Arrow tables of one file to :class:`RowChunk` s, validating values on the way."""
 
@@ -237,7 +262,10 @@ class ChunkConverter:
             width = int(lengths[0]) if lengths.size else 0
             if lengths.size and (lengths != width).any():
                 raise DataError(f"{path}: extra column {name!r}: rows have different vector lengths; expected a fixed size")
-            values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            flat = pc.list_flatten(array).to_numpy(zero_copy_only=False)
+            if flat.dtype.kind in "iu":
+                _check_exact_in_float32(path, name, flat, lengths, row_offset)
+            values = flat.astype(np.float32, copy=False)
             seen = self._widths.setdefault(name, (width, path)) if lengths.size else (width, path)
             if seen[0] != width:
                 # batches would mix (B, w) shapes, or concatenating two row groups would fail unnamed

@@ -106,3 +106,21 @@ def test_an_extra_named_row_id_beside_another_row_key_is_refused(tmp_path):
         ParquetBatchReader(schema, path, 2, extras=["row_id"], prefetch=0)
     batch = next(iter(ParquetBatchReader(schema, path, 2, prefetch=0)))
     assert batch.extras["row_id"].tolist() == [100, 101]
+
+
+class TestIntegerVectors:
+    def test_integer_lists_beyond_float32s_exact_integers_are_refused_naming_the_row(self, tmp_path):
+        """Vectors are carried as float32, which holds integers exactly only up to 2**24: an id list
+        extra such as [16777217] silently became [16777216.0]."""
+        path = str(tmp_path / "ids.parquet")
+        ids = [[1, 2], [3, 2**24], [5, -(2**24) - 1], [7, 8]]
+        pq.write_table(pa.table({"item": pa.array([0, 1, 2, 3], pa.int64()), "x": pa.array(np.zeros(4, np.float32)),
+                                 "label": pa.array(np.zeros(4, np.int8)), "ids": pa.array(ids, pa.list_(pa.int64()))}),
+                       path, row_group_size=2)
+        with pytest.raises(DataError, match=r"ids\.parquet: column 'ids', row 2: value -16777217 of the integer list "
+                                            r"is not exact in float32"):
+            list(ParquetBatchReader(SCHEMA, path, 4, extras=["ids"], prefetch=0))
+        ok = str(tmp_path / "ok.parquet")
+        pq.write_table(pq.read_table(path).slice(0, 2), ok)
+        batch = next(iter(ParquetBatchReader(SCHEMA, ok, 4, extras=["ids"], prefetch=0)))
+        assert batch.extras["ids"].tolist() == [[1.0, 2.0], [3.0, 16777216.0]]
