@@ -527,6 +527,20 @@ def test_a_null_element_of_a_string_list_is_dropped_like_an_empty_token(tmp_path
     assert _rows_of(schema, "cats")[:4] == [[2, 1], [], [], [2]]
 
 
+def test_a_sparse_fields_tokens_are_trimmed_like_a_sequences(tmp_path):
+    """' Paris' (a space after a CSV comma) is the city 'Paris', as it is inside a sequence, not a second
+    city with its own id and text; a blank cell is missing (id 0) like an empty one, not a token ' '."""
+    cities = ["Paris", " Paris", "Lyon ", "Lyon", "", " "] * 10
+    schema = prepare_tabular(_city_data(tmp_path, "c.csv", cities, [0.5] * 60), _city_schema(tmp_path),
+                             str(tmp_path / "out"))
+    assert schema.load_value_text("city")["text"].to_pylist() == ["unknown", "Lyon", "Paris"]
+    assert _rows_of(schema, "city")[:6] == [2, 2, 1, 1, 0, 0]
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array(cities)}, SPARSE)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out-parquet"))
+    assert schema.load_value_text("city")["text"].to_pylist() == ["unknown", "Lyon", "Paris"]
+    assert _rows_of(schema, "city")[:6] == [2, 2, 1, 1, 0, 0]
+
+
 def test_a_null_element_of_an_integer_list_is_dropped_like_a_null_string_token(tmp_path):
     lists = [[1, None, 3], [None], None, [4]] * 10
     data, schema_path = _parquet_case(tmp_path, {"cats": pa.array(lists, pa.list_(pa.int64()))}, SEQ)

@@ -165,11 +165,12 @@ def field_tokens(
 ) -> Tuple[pa.Array, Optional[np.ndarray]]:
     """(flat tokens, per-row lengths or None for sparse fields) of a block whose first row is ``row``.
 
-    The tokens are integer ids or strings: dictionary-encoded columns are decoded and floating
-    ids made int64 (NaN is missing, a fraction an error). Sequences drop their missing tokens:
-    null elements (of string and of integer lists alike), empty or blank strings, and strings
-    in ``missing`` (markers such as ``NA`` among integer ids); a null list is an empty sequence.
-    Sparse fields keep their nulls (id 0). ``utf8_checked``: an earlier pass over the same
+    The tokens are integer ids or strings: dictionary-encoded columns are decoded, floating
+    ids made int64 (NaN is missing, a fraction an error) and strings trimmed of surrounding white
+    space. Sequences drop their missing tokens: null elements (of string and of integer lists
+    alike), empty or blank strings, and strings in ``missing`` (markers such as ``NA`` among
+    integer ids); a null list is an empty sequence. Sparse fields keep their nulls and make
+    empty or blank strings null (id 0). ``utf8_checked``: an earlier pass over the same
     rows (:func:`plan_fields`) checked that their strings are UTF-8.
 
     Raises:
@@ -183,6 +184,9 @@ def field_tokens(
     lengths: Optional[np.ndarray] = None
     if spec.kind == FieldKind.SPARSE:
         flat = array
+        if _is_text(flat.type):  # as a sequence's tokens: " Paris" is "Paris"; a blank cell is missing
+            flat = pc.utf8_trim_whitespace(flat)
+            flat = pc.if_else(pc.equal(flat, ""), pa.scalar(None, flat.type), flat)
     else:
         if _is_text(array.type):
             array = pc.split_pattern(pc.fill_null(array, ""), separator)
