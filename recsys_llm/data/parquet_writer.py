@@ -223,7 +223,8 @@ def write_prepared(
 
     A failure (or interrupt) leaves an earlier ``out_dir`` as it was; a non-empty ``out_dir``
     that is not an earlier data set (no :data:`PREPARED_MARKER_FILES`), one holding an input, or
-    one holding entries the earlier data set did not write, is refused before ``write`` runs.
+    one (or its ``.old`` copy, which the swap puts back or removes) holding entries the earlier
+    data set did not write, is refused before ``write`` runs.
 
     Args:
         out_dir (str): the final directory.
@@ -244,6 +245,7 @@ def write_prepared(
         )
     check_inputs_outside(out_dir, inputs)
     check_nothing_else_in(out_dir)
+    check_nothing_else_in(f"{out_dir}.old")  # an earlier swap's copy: put back, or removed by this swap
     with atomic_directory(out_dir, PREPARED_KIND, PREPARED_MARKER_FILES) as tmp:
         schema = write(tmp)
         schema.root = tmp

@@ -3,6 +3,7 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from recsys_llm.cli import main
 from recsys_llm.data.movielens import MovieLensConfig
@@ -80,6 +81,22 @@ def test_prepare_again_refuses_a_data_set_holding_other_files_and_keeps_them(tmp
     assert "also notes.txt, vectors, which prepare did not write" in error and "move them out" in error
     assert sorted(p.name for p in out.iterdir()) == sorted(written + ["notes.txt", "vectors"])
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_prepare_again_refuses_an_old_copy_holding_other_files_and_keeps_them(tmp_path):
+    """``<out>.old`` (a swap killed between its renames) is put back or removed by the next swap, which
+    deleted what the user had put into it unchecked."""
+    import os
+
+    out = tmp_path / "syn"
+    prepare_dataset("synthetic", str(out), config=SyntheticConfig(num_rows=200), progress=False)
+    os.replace(out, f"{out}.old")
+    (tmp_path / "syn.old" / "notes.txt").write_text("keep me")
+    for _ in range(2):  # without <out>, then beside a new one
+        with pytest.raises(FileExistsError, match=r"syn\.old: holds an earlier prepared data set and also notes\.txt"):
+            prepare_dataset("synthetic", str(out), config=SyntheticConfig(num_rows=300), progress=False)
+        assert (tmp_path / "syn.old" / "notes.txt").read_text() == "keep me"
+        out.mkdir(exist_ok=True)
 
 
 def test_prepare_again_through_a_trailing_slash_or_a_symlink(tmp_path):
