@@ -123,7 +123,8 @@ def check_file_schema(
     num_rows: int,
     extras: Sequence[str] = (),
 ) -> None:
-    """Checks a file's footer against the schema: columns, Arrow types, emptiness, written specs.
+    """Checks a file's footer against the schema: columns (present, each once), Arrow types, emptiness,
+    written specs.
 
     Args:
         path (str): file name, used in messages.
@@ -150,6 +151,11 @@ def check_file_schema(
             if part
         )
         raise DataError(f"{path}: {what}; file columns: {sorted(columns)}{hint}")
+    read = wanted + ([schema.row_key] if schema.row_key else [])
+    repeated = [name for name in dict.fromkeys(read) if arrow_schema.names.count(name) > 1]
+    if repeated:  # pyarrow would answer "Column x does not exist in schema"
+        raise DataError(f"{path}: column(s) {repeated} occur more than once; expected each column once "
+                        "(rename or drop the copies)")
     for spec in schema.fields:
         check_column_type(path, spec, arrow_schema.field(spec.name).type)
     label_type = arrow_schema.field(schema.label).type

@@ -190,6 +190,22 @@ def test_schema_data_mismatch_other_data_set(tmp_path):
         read_schema_and_check(_schema(), path)
 
 
+@pytest.mark.parametrize("column", ["user_id", "label", "row_id", "llm_vec"])
+def test_a_column_twice_in_a_file_is_refused_naming_file_and_column(tmp_path, column):
+    """pyarrow answered a repeated column with KeyError 'Column user_id does not exist in schema'."""
+    schema = _schema()
+    columns = {**_columns(), "llm_vec": np.zeros(6)}
+    table = pa.Table.from_arrays([pa.array(v) for v in columns.values()] + [pa.array(columns[column])],
+                                 names=list(columns) + [column])
+    path = str(tmp_path / "twice.parquet")
+    pq.write_table(table, path)
+    match = rf"twice\.parquet: column\(s\) \['{column}'\] occur more than once; expected each column once"
+    with pytest.raises(DataError, match=match):
+        read_schema_and_check(schema, path, extras=["llm_vec"])
+    with pytest.raises(DataError, match=match):
+        ParquetBatchReader(schema, path, batch_size=4, extras=["llm_vec"])
+
+
 def test_row_key_present_in_some_files_only(tmp_path):
     schema = _schema()
     os.makedirs(tmp_path / "split")
