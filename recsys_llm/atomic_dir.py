@@ -24,9 +24,14 @@ import uuid
 from typing import IO, Any, Callable, Dict, Iterator, List, Sequence
 
 
-def _write_atomically(path: str, write: Callable[[IO[Any]], None], binary: bool) -> None:
-    """Calls ``write`` on ``<path>.tmp`` (text in UTF-8, or bytes), flushes and fsyncs it, and renames it
-    over ``path``; a failure (a full disk, Ctrl-C) removes the temp file and leaves ``path`` as it was."""
+def write_file_atomically(path: str, write: Callable[[IO[Any]], None], binary: bool = True) -> None:
+    """Calls ``write`` on ``<path>.tmp`` (bytes, or text in UTF-8), flushes and fsyncs it, and renames it
+    over ``path``; a failure (a full disk, Ctrl-C) removes the temp file and leaves ``path`` as it was.
+
+    Example::
+
+        write_file_atomically("split.parquet", lambda handle: pq.write_table(table, handle))
+    """
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as handle:
@@ -44,13 +49,13 @@ def write_text_atomically(path: str, text: str) -> None:
     """Writes ``path`` through a flushed and fsynced temp file renamed over it: a reader sees
     the old content or the new, never a part. A write that fails (a full disk, Ctrl-C) removes the
     temp file: a re-run would find it as an entry of something else in ``path``'s directory."""
-    _write_atomically(path, lambda handle: handle.write(text), binary=False)
+    write_file_atomically(path, lambda handle: handle.write(text), binary=False)
 
 
 def write_bytes_atomically(path: str, payload: bytes) -> None:
     """Writes ``payload`` to ``path`` as :func:`write_text_atomically` writes text (e.g. the bytes of
     ``safetensors.torch.save``): readable as the umask allows, fsynced, renamed over ``path``."""
-    _write_atomically(path, lambda handle: handle.write(payload), binary=True)
+    write_file_atomically(path, lambda handle: handle.write(payload), binary=True)
 
 
 def save_figure_atomically(figure: Any, path: str, **savefig_kwargs: Any) -> None:
@@ -63,7 +68,7 @@ def save_figure_atomically(figure: Any, path: str, **savefig_kwargs: Any) -> Non
         **savefig_kwargs: passed to ``figure.savefig`` (dpi, bbox_inches, ...).
     """
     image_format = os.path.splitext(path)[1][1:] or None
-    _write_atomically(path, lambda handle: figure.savefig(handle, format=image_format, **savefig_kwargs), binary=True)
+    write_file_atomically(path, lambda handle: figure.savefig(handle, format=image_format, **savefig_kwargs), binary=True)
 
 
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)

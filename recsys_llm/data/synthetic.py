@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from recsys_llm.atomic_dir import write_file_atomically
 from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.validation import check_number
@@ -383,8 +384,7 @@ def write_item_catalog(path: str, items: "_Items") -> None:
         "item_freshness": pa.array(items.freshness[ids]),
         "is_cold_item": pa.array(items.cold[ids].astype(np.int8)),
     })
-    pq.write_table(table, f"{path}.tmp", compression="zstd")
-    os.replace(f"{path}.tmp", path)
+    write_file_atomically(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
 
 
 def _hour_text(hour: int) -> str:

@@ -43,6 +43,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from tqdm import tqdm
 
+from recsys_llm.atomic_dir import write_file_atomically
 from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
@@ -449,7 +450,5 @@ def attach_columns(split_path: str, columns_path: str, key_column: str, output_p
         if name in split.column_names:
             raise ValueError(f"{split_path}: already has a column {name!r}")
         split = split.append_column(name, pc.take(extra.column(name), index))
-    tmp = f"{output_path}.tmp"
-    pq.write_table(split, tmp)
-    os.replace(tmp, output_path)
+    write_file_atomically(output_path, lambda handle: pq.write_table(split, handle))
     return split.num_rows

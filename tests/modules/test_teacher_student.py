@@ -1,4 +1,5 @@
 import dataclasses
+import contextlib
 import os
 
 import numpy as np
@@ -344,6 +345,24 @@ class TestOfflineOutputs:
         pq.write_table(pa.table({"row_id": np.array([123456])}), split)
         with pytest.raises(ValueError, match="1 rows have no 'row_id'"):
             attach_columns(split, out, "row_id", copy)
+
+    def test_a_failed_attach_keeps_the_earlier_copy_and_leaves_no_temp_file(self, tmp_path, monkeypatch):
+        """A write that fails half way (a full disk, Ctrl-C) leaves the output as it was, and no ``.tmp``."""
+        split, columns, copy = (str(tmp_path / name) for name in ("split.parquet", "cols.parquet", "copy.parquet"))
+        pq.write_table(pa.table({"row_id": np.arange(4), "label": np.zeros(4)}), split)
+        pq.write_table(pa.table({"row_id": np.arange(4), "teacher_logits": np.ones(4)}), columns)
+        attach_columns(split, columns, "row_id", copy)
+
+        def half_written(table, where, **kwargs):  # a path or a file
+            with open(where, "wb") if isinstance(where, str) else contextlib.nullcontext(where) as handle:
+                handle.write(b"PAR1 half")
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(pq, "write_table", half_written)
+        with pytest.raises(OSError, match="No space left"):
+            attach_columns(split, columns, "row_id", copy)
+        assert sorted(os.listdir(tmp_path)) == ["cols.parquet", "copy.parquet", "split.parquet"]
+        assert pq.read_table(copy).column("teacher_logits").to_pylist() == [1.0] * 4
 
     def test_a_row_key_of_another_name_is_read_from_the_readers_row_id_and_repeated_keys_are_refused(self, tmp_path):
         """The reader carries any row key as ``extras["row_id"]``: ``write_teacher_outputs(row_key=
