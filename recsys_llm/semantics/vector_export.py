@@ -2,7 +2,8 @@
 
 Layout of an export directory::
 
-    manifest.json          provenance, chunk size, number of rows/chunks, a hash of the keys in order, dim, dtype
+    manifest.json          provenance, chunk size, number of rows/chunks, a hash of the keys in order, dim, dtype,
+                           and a hash of each exported split's Parquet footers
     chunk-00000.parquet    columns: key (int64), vector (fixed_size_list<float32|float16, d>)
     chunk-00001.parquet    ... each with the provenance in the Parquet schema metadata
 
@@ -49,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries
-from recsys_llm.data.parquet import resolve_paths
+from recsys_llm.data.parquet import resolve_paths, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.semantics.row_text import RowTextRenderer
@@ -57,6 +58,8 @@ from recsys_llm.semantics.vector_projection import load_projection
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
 MANIFEST = "manifest.json"
+# split -> split_fingerprint of the data an export was made from (absent in exports of older versions)
+DATA_FINGERPRINTS_KEY = "data_fingerprints"
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
 
@@ -215,7 +218,9 @@ class VectorExport:
     def provenance(self) -> Dict[str, str]:
         return dict(self._provenance)
 
-    def _write_manifest(self, keys: np.ndarray, rank: int) -> Dict[str, object]:
+    def _write_manifest(
+        self, keys: np.ndarray, rank: int, data_fingerprints: Optional[Dict[str, str]] = None
+    ) -> Dict[str, object]:
         num_rows = len(keys)
         manifest = {
             "provenance": self._provenance,
@@ -226,6 +231,8 @@ class VectorExport:
             "key_column": self._config.key_column,
             "vector_column": self._config.vector_column,
         }
+        if data_fingerprints is not None:
+            manifest[DATA_FINGERPRINTS_KEY] = dict(data_fingerprints)
         path = os.path.join(self._directory, MANIFEST)
         if os.path.exists(path):
             existing = load_manifest(path)
@@ -246,6 +253,18 @@ class VectorExport:
                     "splits, the splits in another order, or other data), as many as this run's; use another "
                     "--output-dir, or re-run with the splits it was made from"
                 )
+            theirs_data, ours_data = existing.get(DATA_FINGERPRINTS_KEY), manifest.get(DATA_FINGERPRINTS_KEY)
+            if not differs and isinstance(theirs_data, dict) and ours_data is not None:
+                # the same row keys, other rows behind them (the data prepared again): a finished chunk holds the
+                # vectors of the rows as they were; exports of older versions record no data and are not compared
+                changed = [split for split, digest in ours_data.items() if theirs_data.get(split, digest) != digest]
+                if changed:
+                    raise ValueError(
+                        f"{self._directory}: holds an export of split(s) {changed} as their Parquet files were before "
+                        "they were written again (prepared again since?): its chunks hold the vectors of those rows, "
+                        "and a resume would keep them for the rows there now; use another --output-dir, or delete "
+                        "this one to export the data anew"
+                    )
             if differs:
                 theirs = ", ".join(f"{k}={existing[k]!r}" for k in differs)
                 ours = ", ".join(f"{k}={manifest[k]!r}" for k in differs)
@@ -327,6 +346,7 @@ class VectorExport:
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         progress: bool = True,
+        data_fingerprints: Optional[Dict[str, str]] = None,
     ) -> List[int]:
         """Encodes and writes this rank's missing chunks.
 
@@ -338,13 +358,17 @@ class VectorExport:
             rank (Optional[int]): this rank (default: torchrun's ``RANK``).
             world_size (Optional[int]): number of ranks (default: torchrun's ``WORLD_SIZE``).
             progress (bool): show a tqdm bar.
+            data_fingerprints (Optional[Dict[str, str]]): split -> hash of the data the texts
+                come from (:func:`~recsys_llm.data.parquet.split_fingerprint`), kept in the
+                manifest: a resume over other data behind the same keys is refused.
 
         Returns:
             List[int]: the chunks written by this call.
 
         Raises:
-            ValueError: there is no key, a key is null or repeats, or ``rank`` is not below
-                ``world_size`` (before any work).
+            ValueError: there is no key, a key is null or repeats, ``rank`` is not below
+                ``world_size``, or the directory holds an export this run cannot resume (other
+                settings, rows, or data behind the same keys), before any work.
         """
         env_rank, env_world = rank_and_world()
         rank = env_rank if rank is None else rank
@@ -373,7 +397,7 @@ class VectorExport:
         require_unique_keys(key_values, f"{self._directory}: the keys to export")
         check_export_dir(self._directory)
         os.makedirs(self._directory, exist_ok=True)
-        self._write_manifest(key_values, rank)
+        self._write_manifest(key_values, rank, data_fingerprints)
         pending = self.pending_chunks(len(keys), rank, world_size)
         metadata = {PROVENANCE_KEY: json.dumps(self._provenance, sort_keys=True).encode()}
         written = []
@@ -698,4 +722,6 @@ def export_schema_vectors(
             return text_column.slice(start, stop - start).to_pylist()
 
     export = VectorExport(directory, provenance, config)
-    return export.run(keys, texts, encode_fn, rank=rank, world_size=world_size, progress=progress)
+    data = {split: split_fingerprint(schema, split) for split in splits}  # footers alone: no row is read
+    return export.run(keys, texts, encode_fn, rank=rank, world_size=world_size, progress=progress,
+                      data_fingerprints=data)

@@ -435,6 +435,27 @@ def test_a_resume_over_other_rows_of_the_same_count_is_refused(tmp_path):
     assert encoder.calls == 1  # the same rows resume: only the missing chunk
 
 
+def test_a_resume_over_data_prepared_again_with_the_same_row_keys_is_refused(tmp_path):
+    """The split was written again (other items behind the same row keys) since the export: its
+    finished chunks hold the vectors of the old rows, which a resume must not keep (nor attach)."""
+    schema = _two_splits(tmp_path, pa.array([20, 21], pa.int64()))
+    renderer, out = RowTextRenderer(schema), str(tmp_path / "vec")
+    config = VectorExportConfig(chunk_rows=1)
+    export_schema_vectors(schema, ["train", "test"], renderer, CountingEncoder(), out, PROVENANCE, config,
+                          progress=False)
+    train = pq.read_table(str(tmp_path / "train.parquet"))
+    pq.write_table(train.set_column(2, "item_id", pa.array([4, 2], pa.int64())), str(tmp_path / "train.parquet"))
+    os.remove(chunk_path(out, 3))  # finished or not: either would mix the old rows' vectors with the new ones
+    encoder = CountingEncoder()
+    with pytest.raises(ValueError, match=r"vec: holds an export of split\(s\) \['train'\] as their Parquet files "
+                                         r"were before they were written again"):
+        export_schema_vectors(schema, ["train", "test"], renderer, encoder, out, PROVENANCE, config, progress=False)
+    assert encoder.calls == 0
+    pq.write_table(train, str(tmp_path / "train.parquet"))  # the data as exported: the resume goes on
+    assert export_schema_vectors(schema, ["train", "test"], renderer, encoder, out, PROVENANCE, config,
+                                 progress=False) == [3]
+
+
 def test_a_chunk_killed_while_being_written_is_no_chunk(tmp_path, monkeypatch):
     """The write fails after part of the file is on disk: no chunk file, and a resume redoes only it."""
     import recsys_llm.semantics.vector_export as vector_export
