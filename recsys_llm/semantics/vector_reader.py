@@ -295,8 +295,13 @@ class ExportLookup:
 
     def positions(self, keys: np.ndarray) -> np.ndarray:
         """Export position (N,) of each key; -1 where the export has no vector for it."""
+        keys = np.asarray(keys)
+        beyond = np.zeros(len(keys), dtype=bool)
+        if keys.dtype == np.uint64:  # against the int64 keys numpy compares them as float64: inexact above 2**53
+            beyond = keys > np.iinfo(np.int64).max  # no int64 key of the export
+            keys = keys.astype(np.int64)  # those wrap: found or not, they are refused below
         found = np.searchsorted(self._sorted_keys, keys)
-        inside = found < len(self._sorted_keys)
+        inside = (found < len(self._sorted_keys)) & ~beyond
         found[~inside] = 0
         hit = inside & (self._sorted_keys[found] == keys) if len(self._sorted_keys) else np.zeros(len(keys), bool)
         return np.where(hit, self._order[found], -1)

@@ -975,6 +975,25 @@ def test_a_rank_outside_the_world_is_refused_before_any_work(tmp_path, monkeypat
     assert encoder.calls == 0 and not os.path.exists(out)
 
 
+def test_attach_finds_the_vectors_of_a_uint64_row_key_above_2_to_the_53(tmp_path):
+    """The export keys a uint64 row_id as int64; looked up as uint64 against those, the keys were
+    compared as float64, and exported keys were called keys with no vector."""
+    schema = _two_splits(tmp_path, pa.array([20, 21], pa.uint64()))
+    big = [2**60 + 3, 2**60 + 1]
+    train = pq.read_table(str(tmp_path / "train.parquet"))
+    pq.write_table(train.set_column(0, "row_id", pa.array(big, pa.uint64())), str(tmp_path / "train.parquet"))
+    renderer, out = RowTextRenderer(schema), str(tmp_path / "vec")
+    export_schema_vectors(schema, ["train", "test"], renderer, CountingEncoder(), out, PROVENANCE,
+                          VectorExportConfig(chunk_rows=2), progress=False)
+    copy = str(tmp_path / "copy.parquet")
+    assert attach_vectors(schema.split_path("train"), out, "row_id", copy) == 2
+    keys, vectors = read_vectors(out)
+    attached = pq.read_table(copy)
+    assert attached.column("row_id").to_pylist() == big
+    np.testing.assert_array_equal(np.array(attached.column("llm_vector").to_pylist()),
+                                  vectors[[list(keys).index(key) for key in big]])
+
+
 def test_attach_takes_split_files_that_differ_in_nullability_only_and_names_a_type_difference(tmp_path):
     """A split of part files, one written with a ``not null`` row_id (as ``parquet_writer`` does), one
     re-saved by another tool: the export read it, attaching refused it after the whole export with
