@@ -637,8 +637,8 @@ def export_rows(
         SplitRows: the key and text columns of ``splits``.
 
     Raises:
-        ValueError: an unknown granularity, a schema without a row key (``row``), a missing or
-            non-sparse entity field or an entity text field the schema lacks (``entity``), a split
+        ValueError: an unknown granularity, a schema without a row key (``row``), a missing,
+            non-sparse or hashed entity field or an entity text field the schema lacks (``entity``), a split
             that is neither a split of the schema nor a Parquet path, or a file without a column.
     """
     if granularity not in GRANULARITIES:
@@ -657,6 +657,13 @@ def export_rows(
             f"entity field {entity_field!r} (semantics export --entity-field) is a {kind.value} field; entity "
             "vectors are keyed by the ids of a sparse field, one id per row (the user or item id, e.g. 'item_id'); "
             "its other fields go into the entity's text with --entity-fields"
+        )
+    if any(f.hashed for f in schema.fields if f.name == entity_field):
+        # training refuses its entity table (elec.entity_tables), and its raw ids may reach 2**63
+        raise ValueError(
+            f"entity field {entity_field!r} (semantics export --entity-field) is hashed: its ids are folded modulo "
+            "its cardinality, so one table row stands for several entities and no entity table holds one vector "
+            "per id; export per-row vectors for it (--granularity row), or name a field that is not hashed"
         )
     for name in entity_fields or []:
         schema.field(name)  # a column that is no field (the label) has no description to write

@@ -975,6 +975,19 @@ def test_a_rank_outside_the_world_is_refused_before_any_work(tmp_path, monkeypat
     assert encoder.calls == 0 and not os.path.exists(out)
 
 
+def test_a_hashed_entity_field_is_refused_before_any_work(tmp_path):
+    """Its ids are folded modulo the cardinality, so one table row stands for several entities:
+    training refuses its entity table, after an export that encoded every id (and kept one byte
+    per id up to the largest raw id: up to 2**63 for hashed ones)."""
+    schema = _two_splits(tmp_path, pa.array([20, 21], pa.int64()))
+    schema.fields[1] = FieldSpec("item_id", "sparse", 5, hashed=True, description="item id")
+    encoder, out = CountingEncoder(), str(tmp_path / "items")
+    with pytest.raises(ValueError, match=r"entity field 'item_id' \(semantics export --entity-field\) is hashed"):
+        export_schema_vectors(schema, ["train", "test"], RowTextRenderer(schema), encoder, out, PROVENANCE,
+                              VectorExportConfig(), granularity="entity", entity_field="item_id", progress=False)
+    assert encoder.calls == 0 and not os.path.exists(out)
+
+
 def test_attach_finds_the_vectors_of_a_uint64_row_key_above_2_to_the_53(tmp_path):
     """The export keys a uint64 row_id as int64; looked up as uint64 against those, the keys were
     compared as float64, and exported keys were called keys with no vector."""
