@@ -224,14 +224,22 @@ def _check_adapted_on(llm_dir: str, schema, fields: List[str]) -> None:
 
 def _check_attach_dir(schema, args: argparse.Namespace) -> None:
     """Refuses, before any work, an ``--attach-dir`` that holds the data or the vectors it reads, and
-    a ``--column`` that is empty or already a column of a split, or a split without the key column
-    (which attaching would find only after the whole export)."""
+    a ``--column`` that is empty or already a column of a split, a split without the key column, or
+    a ``--splits`` entry that is no split of the schema (a Parquet path), which attaching would find
+    only after the whole export."""
     import pyarrow.parquet as pq
 
     from recsys_llm.atomic_dir import check_replaceable
     from recsys_llm.data.parquet import parquet_files
     from recsys_llm.data.parquet_writer import check_inputs_outside
 
+    unknown = [split for split in args.splits or [] if split not in schema.splits]
+    if unknown:  # the copies and their schema are made of the schema's splits
+        raise ValueError(
+            f"--splits {unknown} with --attach-dir: not splits of schema {schema.name!r} (splits "
+            f"{sorted(schema.splits)}); --attach-dir writes copies of the schema's splits and a schema naming them: "
+            "name splits, or export Parquet files without --attach-dir"
+        )
     attach_dir = os.path.realpath(args.attach_dir)
     check_inputs_outside(attach_dir, [schema.root, args.output_dir] + [schema.split_path(s) for s in schema.splits])
     check_replaceable(attach_dir, ATTACHED_KIND, ATTACHED_MARKER_FILES)

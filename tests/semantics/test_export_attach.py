@@ -95,6 +95,17 @@ def test_a_column_name_attaching_would_refuse_is_refused_before_the_export(adapt
     assert not os.path.exists(vectors) and not os.path.exists(tmp_path / "attached")
 
 
+def test_splits_given_as_files_are_refused_with_an_attach_dir_before_the_export(adapted, tmp_path, capsys) -> None:
+    """--attach-dir copies the schema's splits and writes a schema naming them: a Parquet file given in
+    --splits (which the export reads) was refused after the LLM had exported all its rows."""
+    vectors, attached = str(tmp_path / "vectors"), str(tmp_path / "attached")
+    train = os.path.join(adapted["data"], "train.parquet")
+    assert main(_export(adapted, vectors, "--splits", train, "--attach-dir", attached)) == 2
+    assert re.search(rf"--splits \[{re.escape(repr(train))}\] with --attach-dir: not splits of schema 't' "
+                     r"\(splits \['test', 'train'\]\)", capsys.readouterr().err)
+    assert not os.path.exists(vectors) and not os.path.exists(attached)
+
+
 def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -> Dict[str, object]:
     import recsys_llm.semantics.vector_export as vector_export
 
