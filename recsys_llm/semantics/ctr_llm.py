@@ -140,12 +140,14 @@ class CTRLLMConfig:
 
 
 def _transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of transformer blocks of a Hugging Face model (the longest one); of a multimodal model,
-    of its language model (SmolVLM-Instruct's vision tower has more layers than its language model, and text
-    never runs through it)."""
+    """The ModuleList of transformer blocks of a Hugging Face model (the longest one not inside another list: a
+    T5 block keeps its attention and feed-forward sublayers in a list of its own, longer than a 1-block stack);
+    of a multimodal model, of its language model (SmolVLM-Instruct's vision tower has more layers than its
+    language model, and text never runs through it)."""
     language = language_model_name(model)
     scope = model.get_submodule(language) if language else model
-    lists = [m for m in scope.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    named = [(name, m) for name, m in scope.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    lists = [m for name, m in named if not any(name.startswith(f"{outer}.") for outer, _ in named)]
     if not lists:
         raise ValueError(f"{type(model).__name__}: no transformer layer list found for last_k tuning")
     return max(lists, key=len)

@@ -365,6 +365,21 @@ def test_last_k_of_a_vision_language_model_unfreezes_its_language_models_last_la
     assert all(not torch.equal(before[n], p) for n, p in llm.llm.named_parameters() if n in before)
 
 
+def test_last_k_of_a_one_block_t5_encoder_unfreezes_its_block_not_a_sublayer(tmp_path):
+    """A T5 block keeps its sublayers (attention, feed-forward) in a ModuleList of its own, longer than a
+    1-block stack's: the longest list was the sublayers', so --last-k 1 tuned the feed-forward alone and
+    --last-k 2 passed on a model of 1 layer."""
+    from tests.tiny_models import save_tiny_t5_encoder
+
+    path = save_tiny_t5_encoder(tmp_path / "t5")
+    config = CTRLLMConfig(model_path=path, representation_dim=8, hidden_dim=16, tuning="last_k")
+    llm = CTRAdaptedLLM.from_config(config)
+    block = {n for n, _ in llm.llm.named_parameters() if n.startswith("encoder.block.0.")}
+    assert {n for n, p in llm.llm.named_parameters() if p.requires_grad} == block
+    with pytest.raises(ValueError, match=r"--last-k 2 .*the model has 1 transformer layers"):
+        CTRAdaptedLLM.from_config(dataclasses.replace(config, last_k_layers=2))
+
+
 def test_lora_without_target_modules_on_models_without_q_proj_names(tmp_path):
     """DistilBERT's q_lin / v_lin (peft's table lacks it): `semantics adapt` takes what `semantics tune` takes."""
     from transformers import DistilBertConfig, DistilBertModel
