@@ -135,11 +135,16 @@ def _rows_digest(texts: Sequence[str], labels: np.ndarray) -> str:
 def resume_signature(config: "CTRLLMConfig", texts: Sequence[str], labels: np.ndarray,
                       settings: Dict[str, Any]) -> Dict[str, Any]:
     """What a resumed tuning must share with its checkpoint: the settings less ``epochs`` (more may
-    follow), the base model's files, the sampled rows (texts and labels) and the caller's ``settings``."""
+    follow), the base model's files, the sampled rows (texts and labels) and the caller's ``settings``.
+
+    The base model's files are those at the top of its directory, all that the CTR-adapted LLM loads: a
+    checkpoint or output kept in a subdirectory of it (``--output-dir <model>/ctr_llm``) is not the model's.
+    """
     signature = dataclasses.asdict(config)
     signature.pop("epochs")
     path = config.model_path
-    signature["base_model_fingerprint"] = model_dir_fingerprint(path) if os.path.isdir(path) else None
+    signature["base_model_fingerprint"] = (model_dir_fingerprint(path, subdirectories=False) if os.path.isdir(path)
+                                           else None)
     signature["rows_sha256"] = _rows_digest(texts, labels)
     return json.loads(json.dumps({**signature, **settings}))  # as state.json gives it back (tuples as lists)
 

@@ -170,11 +170,17 @@ def require_weight_files(model_path: str) -> None:
                 raise ValueError(f"{os.path.join(model_path, name)}: damaged weight file ({damage})")
 
 
-def model_dir_fingerprint(model_path: str) -> str:
+def model_dir_fingerprint(model_path: str, subdirectories: bool = True) -> str:
     """sha256 over the config, tokenizer and weight files of a model directory.
 
     Every weight file is hashed in full once per process (memoised on size and mtime),
     so a changed checkpoint under the same path gives a different fingerprint.
+
+    Args:
+        model_path (str): the model directory.
+        subdirectories (bool): also the files below it (a sentence-transformers ``1_Pooling/config.json``);
+            off: its top-level files only, which are all a Hugging Face model and tokenizer load from (the
+            same fingerprint for a directory without subdirectories).
 
     Returns:
         str: 16 hex digits.
@@ -182,7 +188,7 @@ def model_dir_fingerprint(model_path: str) -> str:
     require_model_dir(model_path)
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(model_path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if subdirectories else []
         for name in sorted(files):
             if not name.endswith(_FINGERPRINT_SUFFIXES) or name.startswith(".") or name == "README.md":
                 continue

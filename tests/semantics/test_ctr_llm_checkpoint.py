@@ -206,6 +206,26 @@ def test_the_cli_resumes_a_killed_adapt_to_the_uninterrupted_model(tmp_path, kil
     assert not os.path.exists(checkpoint) and not os.path.exists(adapt_checkpoint_dir(straight))
 
 
+def test_an_adapt_written_inside_its_model_directory_resumes(tmp_path, killed_adapt, tiny_bert_dir, kill_after,
+                                                             capsys) -> None:
+    """``--output-dir <model>/ctr_llm`` puts the checkpoint inside the model directory: its files are not the
+    model's, and a resume was refused as if the base model had changed (base_model_fingerprint)."""
+    from tests.tiny_models import copy_model_dir
+
+    schema_root, _ = killed_adapt
+    model = copy_model_dir(tiny_bert_dir, tmp_path / "model")
+    adapt = ["semantics", "adapt", "--schema", schema_root, "--model", model, *ADAPT_ARGS]
+    out, straight = os.path.join(model, "ctr_llm"), str(tmp_path / "straight")
+    kill_after(5)
+    with pytest.raises(_Killed):
+        main([*adapt, "--output-dir", out])
+    kill_after(0)
+    assert main([*adapt, "--output-dir", out]) == 0, _error_line(capsys)
+    assert main([*adapt, "--output-dir", straight]) == 0
+    for name in ("llm_tuned.safetensors", "heads.safetensors"):
+        _assert_bit_identical(load_file(os.path.join(out, name)), load_file(os.path.join(straight, name)))
+
+
 @pytest.mark.parametrize("change,expected", [
     (["--lr", "0.002"], "other settings (learning_rate: 0.001 -> 0.002)"),
     (["--sample-rows", "12"], "rows_sha256: "),
