@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -227,12 +228,14 @@ class CTRAdaptedLLM(nn.Module):
             )
             try:
                 return get_peft_model(llm, lora)
-            except ValueError as error:
-                if "target_modules" not in str(error):
+            except ValueError as error:  # peft: "Target modules [...] not found in the base model", or none given
+                if not re.search(r"target[ _]modules", str(error), re.IGNORECASE):
                     raise
+                linear = sorted({name.rsplit(".", 1)[-1] for name, module in llm.named_modules()
+                                 if isinstance(module, nn.Linear)})
                 raise ValueError(
-                    f"{self.config.model_path}: found no attention projections to put LoRA on; name them with "
-                    "--target-modules (CTRLLMConfig.lora_target_modules), e.g. q_proj v_proj"
+                    f"{self.config.model_path}: --target-modules {targets} (CTRLLMConfig.lora_target_modules) name "
+                    f"no module of {type(llm).__name__} to put LoRA on; its Linear modules are {linear}"
                 ) from error
         if self.config.tuning == "last_k":
             layers = list(_transformer_layers(llm))

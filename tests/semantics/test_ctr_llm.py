@@ -380,6 +380,16 @@ def test_last_k_of_a_one_block_t5_encoder_unfreezes_its_block_not_a_sublayer(tmp
         CTRAdaptedLLM.from_config(dataclasses.replace(config, last_k_layers=2))
 
 
+def test_lora_target_modules_the_model_lacks_are_named_with_the_models_linear_modules(tiny_bert_dir):
+    """peft's own error named neither the option nor the model, nor what the model calls its projections."""
+    config = CTRLLMConfig(model_path=tiny_bert_dir, representation_dim=8, hidden_dim=16,
+                          lora_target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match=rf"^{re.escape(tiny_bert_dir)}: --target-modules \['q_proj', 'v_proj'\] "
+                                         r"\(CTRLLMConfig.lora_target_modules\) name no module of BertModel .*"
+                                         r"its Linear modules are \[.*'query'.*'value'"):
+        CTRAdaptedLLM.from_config(config)
+
+
 def test_lora_without_target_modules_on_models_without_q_proj_names(tmp_path):
     """DistilBERT's q_lin / v_lin (peft's table lacks it): `semantics adapt` takes what `semantics tune` takes."""
     from transformers import DistilBertConfig, DistilBertModel
