@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import List
+from typing import Any, Dict, List
 
 from recsys_llm.cli.data import integer_at_least, number_above
 from recsys_llm.cli.semantics import TRUST_REMOTE_CODE_HELP
@@ -97,8 +97,7 @@ def _adapt(args: argparse.Namespace) -> int:
     config = CTRLLMConfig(
         model_path=os.path.abspath(args.model) if args.model else default_model_path(),
         representation_dim=args.representation_dim, hidden_dim=args.hidden_dim, tuning=args.tuning,
-        lora_r=args.lora_r, lora_target_modules=args.target_modules,
-        last_k_layers=args.last_k, max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.lr,
+        **_tuning_options(args), max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.lr,
         head_learning_rate=args.head_lr, epochs=args.epochs, sample_rows=args.sample_rows, seed=args.seed,
         llm_dtype=args.llm_dtype,
     )
@@ -220,6 +219,22 @@ def _check_adapted_on(llm_dir: str, schema, fields: List[str]) -> None:
             f"(fields {adapted_on['fields']}), "
             f"not on {unknown} of schema {schema.name!r}; adapt it on this data (recsys-llm semantics adapt)"
         )
+
+
+# ``semantics adapt`` options of one --tuning mode: option dest -> (mode, CTRLLMConfig field)
+TUNING_OPTIONS = {"lora_r": ("lora", "lora_r"), "target_modules": ("lora", "lora_target_modules"),
+                  "last_k": ("last_k", "last_k_layers")}
+
+
+def _tuning_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ``CTRLLMConfig`` settings of the options given for ``--tuning``'s mode (the rest keep their
+    defaults); an option of another mode, which the tuning would ignore, is refused."""
+    ignored = [f"--{dest.replace('_', '-')}" for dest, (mode, _) in TUNING_OPTIONS.items()
+               if getattr(args, dest) is not None and mode != args.tuning]
+    if ignored:
+        raise ValueError(f"{' '.join(ignored)}: not used by --tuning {args.tuning} (--lora-r and --target-modules "
+                         "are --tuning lora's, --last-k is --tuning last_k's); leave them out or choose that --tuning")
+    return {field: getattr(args, dest) for dest, (_, field) in TUNING_OPTIONS.items() if getattr(args, dest) is not None}
 
 
 def _check_attach_dir(schema, args: argparse.Namespace) -> None:
@@ -344,11 +359,11 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
                        help="lora: LoRA adapters; last_k: unfreeze the last layers; heads: only the MLP and "
                             "prediction layer")
     adapt.add_argument("--target-modules", nargs="+", default=None,
-                       help="LoRA target modules (default: the attention query/value projections as the model "
-                            "names them: q_proj v_proj / query value / c_attn / query_key_value / Wqkv; else "
-                            "peft's default for the architecture)")
-    adapt.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    adapt.add_argument("--last-k", type=int, default=1, help="layers unfrozen with --tuning last_k")
+                       help="--tuning lora: LoRA target modules (default: the attention query/value projections "
+                            "as the model names them: q_proj v_proj / query value / c_attn / query_key_value / "
+                            "Wqkv; else peft's default for the architecture)")
+    adapt.add_argument("--lora-r", type=int, default=None, help="--tuning lora: LoRA rank (default 8)")
+    adapt.add_argument("--last-k", type=int, default=None, help="--tuning last_k: layers unfrozen (default 1)")
     adapt.add_argument("--representation-dim", type=int, default=128, help="size of r (multiple of 4 for tables)")
     adapt.add_argument("--hidden-dim", type=int, default=256, help="hidden width of the transformation MLP")
     adapt.add_argument("--sample-rows", type=int, default=None,

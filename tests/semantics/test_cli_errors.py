@@ -443,3 +443,21 @@ def test_adapt_checks_its_split_as_train_does_before_the_llm_loads(tmp_path, tin
     line = _error_line(capsys)
     assert f"error: {split}: {expected}" in line, line
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("tuning, options, named", [
+    ("lora", ["--last-k", "2"], "--last-k"),
+    ("last_k", ["--lora-r", "4", "--target-modules", "query"], "--lora-r --target-modules"),
+    ("heads", ["--last-k", "1"], "--last-k"),
+])
+def test_adapt_refuses_options_of_another_tuning_mode(tmp_path, tiny_schema, tiny_bert_dir, capsys, monkeypatch,
+                                                     tuning, options, named) -> None:
+    """``--last-k 2`` with LoRA tuning (the default) was silently ignored: the run tuned LoRA adapters."""
+    from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM
+
+    monkeypatch.setattr(CTRAdaptedLLM, "from_config", lambda *args: pytest.fail("the LLM was loaded"))
+    code = main(["semantics", "adapt", "--schema", tiny_schema.root, "--model", tiny_bert_dir, "--output-dir",
+                 str(tmp_path / "out"), "--tuning", tuning, *options])
+    assert code == 2
+    assert f"error: {named}: not used by --tuning {tuning}" in _error_line(capsys)
+    assert not os.path.exists(tmp_path / "out")
