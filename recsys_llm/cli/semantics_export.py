@@ -362,8 +362,8 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
                        help="--tuning lora: LoRA target modules (default: the attention query/value projections "
                             "as the model names them: q_proj v_proj / query value / c_attn / query_key_value / "
                             "Wqkv; else peft's default for the architecture)")
-    adapt.add_argument("--lora-r", type=int, default=None, help="--tuning lora: LoRA rank (default 8)")
-    adapt.add_argument("--last-k", type=int, default=None, help="--tuning last_k: layers unfrozen (default 1)")
+    adapt.add_argument("--lora-r", type=int, default=None, help="--tuning lora: LoRA rank (default: 8)")
+    adapt.add_argument("--last-k", type=int, default=None, help="--tuning last_k: layers unfrozen (default: 1)")
     adapt.add_argument("--representation-dim", type=int, default=128, help="size of r (multiple of 4 for tables)")
     adapt.add_argument("--hidden-dim", type=int, default=256, help="hidden width of the transformation MLP")
     adapt.add_argument("--sample-rows", type=int, default=None,

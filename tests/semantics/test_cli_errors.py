@@ -212,7 +212,7 @@ def _help(command: str, capsys) -> str:
 def test_help_shows_the_defaults(capsys) -> None:
     adapt = _help("adapt", capsys)
     assert "--representation-dim REPRESENTATION_DIM size of r (multiple of 4 for tables) (default: 128)" in adapt
-    assert "--lora-r LORA_R LoRA rank (default: 8)" in adapt
+    assert "--lora-r LORA_R --tuning lora: LoRA rank (default: 8)" in adapt
     assert "--epochs EPOCHS passes over the sampled rows (default: 1)" in adapt
     assert "(default: None)" not in adapt and "(default: False)" not in adapt
     tune = _help("tune", capsys)
