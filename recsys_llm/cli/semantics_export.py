@@ -241,7 +241,7 @@ def _check_attach_dir(schema, args: argparse.Namespace) -> None:
     """Refuses, before any work, an ``--attach-dir`` that holds the data or the vectors it reads, and
     a ``--column`` that is empty or already a column of a split, a split without the key column, or
     a ``--splits`` entry that is no split of the schema (a Parquet path), which attaching would find
-    only after the whole export."""
+    only after the whole export; and ``--splits`` leaving a split out, which training would find."""
     import pyarrow.parquet as pq
 
     from recsys_llm.atomic_dir import check_replaceable
@@ -254,6 +254,13 @@ def _check_attach_dir(schema, args: argparse.Namespace) -> None:
             f"--splits {unknown} with --attach-dir: not splits of schema {schema.name!r} (splits "
             f"{sorted(schema.splits)}); --attach-dir writes copies of the schema's splits and a schema naming them: "
             "name splits, or export Parquet files without --attach-dir"
+        )
+    left_out = [split for split in schema.splits if args.splits and split not in args.splits]
+    if left_out:  # the schema written lists the column as every split's extra
+        raise ValueError(
+            f"--splits {args.splits} with --attach-dir leaves out split(s) {left_out} of schema {schema.name!r}: "
+            "the attached schema lists the vector column for every split, and training reads it from each; "
+            "export every split (leave --splits out) to attach"
         )
     attach_dir = os.path.realpath(args.attach_dir)
     check_inputs_outside(attach_dir, [schema.root, args.output_dir] + [schema.split_path(s) for s in schema.splits])

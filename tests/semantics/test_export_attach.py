@@ -106,6 +106,16 @@ def test_splits_given_as_files_are_refused_with_an_attach_dir_before_the_export(
     assert not os.path.exists(vectors) and not os.path.exists(attached)
 
 
+def test_splits_leaving_one_out_are_refused_with_an_attach_dir_before_the_export(adapted, tmp_path, capsys) -> None:
+    """The attached schema lists the vector column as every split's extra: with ``--splits train`` its test split
+    pointed at the original file without the column, which training found only when it read that split."""
+    vectors, attached = str(tmp_path / "vectors"), str(tmp_path / "attached")
+    assert main(_export(adapted, vectors, "--splits", "train", "--attach-dir", attached)) == 2
+    assert re.search(r"--splits \['train'\] with --attach-dir leaves out split\(s\) \['test'\] of schema 't'",
+                     capsys.readouterr().err)
+    assert not os.path.exists(vectors) and not os.path.exists(attached)
+
+
 def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -> Dict[str, object]:
     import recsys_llm.semantics.vector_export as vector_export
 
