@@ -321,6 +321,12 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         """Batches each rank's rows make before the equal-batch-count cap."""
         return list(self._batches_per_rank)
 
+    def batches_with(self, world_size: int, batch_size: int) -> int:
+        """``len()`` of an equal-batch reader of this split on ``world_size`` ranks with ``batch_size``-row
+        batches (and this reader's ``drop_last``): the steps an epoch takes in a job of that shape."""
+        smallest = sum(self._rank_rows) // world_size  # the ranks' shares differ by a row at most
+        return smallest // batch_size if self._drop_last else -(-smallest // batch_size)
+
     @property
     def padded_len(self) -> int:
         """Steps of :meth:`padded` (the same on every rank)."""

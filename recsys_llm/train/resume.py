@@ -49,6 +49,19 @@ def _shuffled_otherwise(state: TrainState, reader: ParquetBatchReader, shuffle: 
     return before != now and max(reader.rows_per_rank) > min(before, now)
 
 
+def read_whole_epoch(state: TrainState, reader: ParquetBatchReader) -> bool:
+    """Whether the job that wrote ``state`` had trained on every batch of its epoch: a checkpoint of the
+    epoch's last step (``train.checkpoint_every``) that a kill before the epoch-end one (while validating)
+    left the newest. Its position is the epoch's end under any world size and batch size.
+
+    Args:
+        reader (ParquetBatchReader): this job's training reader (the same split's rows).
+    """
+    if state.step_in_epoch <= 0 or state.batch_size <= 0:  # a checkpoint that did not record its batch size
+        return False
+    return state.step_in_epoch >= reader.batches_with(state.world_size, state.batch_size)
+
+
 def check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: TrainConfig,
                              reader: ParquetBatchReader, shuffle: bool) -> None:
     """Each rank reads its own share of the rows, so a checkpoint taken mid-epoch by another
@@ -64,7 +77,7 @@ def check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: Tra
     Raises:
         ConfigError: another world size, or another shuffle order, mid-epoch, without ``train.reshard_mid_epoch``.
     """
-    if state.step_in_epoch == 0:
+    if state.step_in_epoch == 0 or read_whole_epoch(state, reader):
         return  # an epoch boundary
     other_ranks = state.world_size != ctx.world_size
     other_order = _shuffled_otherwise(state, reader, shuffle)
@@ -94,17 +107,25 @@ def check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: Tra
               "others are skipped", flush=True)
 
 
-def state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed: int) -> TrainState:
+def state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed: int,
+                    reader: Optional[ParquetBatchReader] = None) -> TrainState:
     """Converts the reader position of a checkpoint written with another world size / batch size.
 
     With another batch size it is exact when the rows read so far fill whole batches of the new
-    size; otherwise the rows of the partial batch are read again (said on rank 0). See
-    :func:`check_resumable_position` for another world size.
+    size; otherwise the rows of the partial batch are read again (said on rank 0). A checkpoint
+    of an epoch's last step goes on at the end of ``reader``'s epoch (:func:`read_whole_epoch`).
+    See :func:`check_resumable_position` for another world size.
+
+    Args:
+        reader (Optional[ParquetBatchReader]): this job's training reader.
     """
     if state.world_size == ctx.world_size and state.batch_size == batch_size:
         return state
     samples = state.step_in_epoch * state.batch_size * state.world_size
-    state.step_in_epoch, left_over = divmod(samples, batch_size * ctx.world_size)
+    if reader is not None and read_whole_epoch(state, reader):  # its last batch may hold fewer rows
+        state.step_in_epoch, left_over = len(reader), 0
+    else:
+        state.step_in_epoch, left_over = divmod(samples, batch_size * ctx.world_size)
     if left_over and state.world_size == ctx.world_size and ctx.is_main:
         print(f"[recsys_llm] resuming {samples} rows into epoch {state.epoch} with data.batch_size={batch_size} "
               f"(was {state.batch_size}): {left_over} of them do not fill a batch and are read again", flush=True)

@@ -268,7 +268,7 @@ def _train_in_run_dir(
         log.write({"event": STARTED_EVENT, "global_step": 0, "epoch": 0})
     else:
         state = state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size,
-                                 train_cfg.seed)
+                                 train_cfg.seed, readers["train"])
         state = reopen_for_budget(state, train_cfg)
         log.write({"event": RESUMED_EVENT, "checkpoint": latest, "global_step": state.global_step,
                    "epoch": state.epoch, REDONE_KEY: _redone_events(state, train_cfg)})

@@ -708,6 +708,47 @@ def test_a_mid_epoch_checkpoint_of_two_ranks_resumes_on_one_only_when_told_to(sy
     assert epoch["resumed_at_step_in_epoch"] == 4  # 2 steps x 512 rows x 2 ranks = 4 steps of 512 on 1 rank
 
 
+def _killed_on_the_epochs_last_step(schema_dir: str, run_dir: str) -> None:
+    # 4,800 rows a rank: 5 steps of 1024; killed after that step's checkpoint, before the epoch-end one
+    _run_killed(schema_dir, run_dir, ["train.epochs=1", "train.checkpoint_every=5"], global_step=5)
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_of_two_ranks_last_step_in_an_epoch_resumes_on_one_at_that_epochs_end(synthetic_dir: str,
+                                                                                         tmp_path) -> None:
+    """Every row of the epoch was trained on: no position is lost on another number of ranks."""
+    run_dir = str(tmp_path / "run")
+    run_multiprocess(_killed_on_the_epochs_last_step, world_size=2, schema_dir=synthetic_dir, run_dir=run_dir)
+    (resumed,) = run_multiprocess(_resume_on_one_rank, world_size=1, schema_dir=synthetic_dir, run_dir=run_dir,
+                                  extra=["data.batch_size=1024"])
+    assert "error" not in resumed, resumed.get("error")
+    (epoch,) = [e for e in resumed["events"] if e["event"] == "epoch"]
+    assert (epoch["steps"], epoch["resumed_at_step_in_epoch"]) == (0, 10)  # 9,600 rows: 10 steps of 1024 on 1 rank
+    assert resumed["result"]["global_step"] == 5
+
+
+def test_a_checkpoint_of_an_epochs_last_step_goes_on_at_its_end_under_another_batch_or_world_size(
+        synthetic_schema: DatasetSchema, capsys) -> None:
+    """The epoch's last batch may be partial: its step counts fewer rows than ``batch_size``."""
+    import torch
+
+    from recsys_llm.train.distributed import DistContext
+    from recsys_llm.train.resume import check_resumable_position, state_for_world
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    reader = ParquetBatchReader(synthetic_schema, "train", 1000, prefetch=0)
+    assert len(reader) == 10 and reader.batches_with(1, 256) == 38 and reader.batches_with(2, 1000) == 5
+    # 9,600 rows in 37 batches of 256 and one of 128: all of them, not 9 batches of 1000 and 728 rows
+    whole = state_for_world(TrainState(step_in_epoch=38, global_step=38, world_size=1, batch_size=256), ctx, 1000,
+                            seed=0, reader=reader)
+    assert whole.step_in_epoch == 10 and "read again" not in capsys.readouterr().out
+    last_of_two = TrainState(step_in_epoch=5, global_step=5, world_size=2, batch_size=1000)
+    check_resumable_position(last_of_two, ctx, TrainConfig(epochs=2), reader, shuffle=True)  # not refused
+    with pytest.raises(ConfigError, match="4 steps into epoch 0 by 2 rank"):
+        check_resumable_position(TrainState(step_in_epoch=4, global_step=4, world_size=2, batch_size=1000), ctx,
+                                 TrainConfig(epochs=2), reader, shuffle=True)
+
+
 def _refusals(schema_dir: str, root: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for name, extra in (("valid_typo", ["data.valid_split=vaild"]), ("test_typo", ["data.test_split=tset"])):
