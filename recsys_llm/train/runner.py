@@ -311,9 +311,11 @@ def _train_in_run_dir(
                 throughput.append(stats.samples_per_second * ctx.world_size)
             log.write(_epoch_record(stats, state, ctx.world_size, resumed_at, sum_over_ranks(stats.samples, ctx.device)))
             epoch_done = not stats.stopped_early or state.step_in_epoch >= len(train_reader)
-            if epoch_done:
-                state.epoch += 1
-                state.step_in_epoch = 0
+        else:  # a checkpoint of the epoch's last step, the one train.max_steps ends on, is at that epoch's end
+            epoch_done = state.step_in_epoch >= len(train_reader)
+        if epoch_done:
+            state.epoch += 1
+            state.step_in_epoch = 0
         last = budget_spent(state, train_cfg)
         if last:  # set before validating: a best/ checkpoint holds the same state as the one below
             state.finished, state.stop_reason = True, STOP_BUDGET

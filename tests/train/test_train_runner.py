@@ -245,6 +245,23 @@ def test_a_run_killed_after_its_max_steps_epoch_record_keeps_it(synthetic_dir: s
     assert out["resumed"]["test"] == out["straight"]["test"]
 
 
+def _kill_after_a_max_steps_checkpoint_on_an_epochs_last_step(schema_dir: str, root: str) -> Dict[str, Any]:
+    budget = ["train.epochs=2", "train.patience=1", "train.checkpoint_every=10"]  # 10 steps an epoch
+    _run_killed(schema_dir, root, budget + ["train.max_steps=10"], global_step=10)
+    return {"resumed": _run(schema_dir, root, budget + ["train.max_steps=10"]),
+            "extended": _run(schema_dir, root, budget + ["train.max_steps=0"])}
+
+
+def test_a_run_killed_after_its_max_steps_checkpoint_on_an_epochs_last_step_resumes_past_that_epoch(
+        synthetic_dir: str, tmp_path) -> None:
+    """It stayed in the epoch it had finished: an extension validated that step again, which
+    train.patience counted as an evaluation without a better AUC, and stopped early."""
+    (out,) = run_multiprocess(_kill_after_a_max_steps_checkpoint_on_an_epochs_last_step, world_size=1,
+                              schema_dir=synthetic_dir, root=str(tmp_path / "run"))
+    assert (out["resumed"]["global_step"], out["resumed"]["epochs"]) == (10, 1)
+    assert (out["extended"]["global_step"], out["extended"]["epochs"], out["extended"]["stopped_early"]) == (20, 2, False)
+
+
 def _extend_a_finished_run(schema_dir: str, root: str) -> Dict[str, Any]:
     extended = os.path.join(root, "extended")
     out = {"one": _run(schema_dir, extended, ["train.epochs=1"])}
