@@ -373,9 +373,13 @@ def test_without_a_launcher_no_error_file_is_written(monkeypatch, tmp_path) -> N
 
 
 def test_a_torch_fbgemm_torchrec_set_that_does_not_import_is_one_line_before_any_command(monkeypatch, capsys) -> None:
+    """Before any work of the command (its config is not even read); ``--help`` still prints, needing none of them."""
     monkeypatch.setitem(sys.modules, "fbgemm_gpu", None)
     monkeypatch.delenv("RECSYS_LLM_TRACEBACK", raising=False)
-    assert main(["--help"]) == 2
+    with pytest.raises(SystemExit) as helped:
+        main(["train", "--help"])
+    assert helped.value.code == 0 and capsys.readouterr().out.startswith("usage: recsys-llm train")
+    assert main(["train", "--config", "no_such_config.yaml"]) == 2
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("recsys-llm: error: torch/fbgemm-gpu/torchrec do not import together (torch ")
     assert "known to work: torch 2.13 + fbgemm-gpu 1.8.0 + torchrec 1.8.0" in first
@@ -489,3 +493,19 @@ def test_semantics_export_and_the_demo_name_a_bad_launch_variable(monkeypatch, e
     for call in (rank_and_world, lambda: demo._say("a line")):
         with pytest.raises(ValueError, match=re.escape(message)):
             call()
+
+
+def test_help_imports_no_torch() -> None:
+    """Every ``--help`` took ~3 s (more on a loaded machine): the version check and the converters' imports
+    loaded torch, fbgemm and torchrec before argparse printed a line."""
+    import subprocess
+
+    probe = ("import sys\nfrom recsys_llm.cli import main\n"
+             "for argv in (['--help'], ['train', '--help'], ['prepare', 'synthetic', '--help'], "
+             "['semantics', 'export', '--help'], ['export', '--help']):\n"
+             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print('loaded:', sorted(m for m in ('torch', 'torchrec', 'fbgemm_gpu', 'transformers') if m in sys.modules),"
+             " file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "loaded: []"

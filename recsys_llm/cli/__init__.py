@@ -250,19 +250,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run_command(argv: Optional[List[str]]) -> int:
     from recsys_llm.env import check_versions
 
-    try:  # the sub-commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
-        check_versions()
-    except RuntimeError as error:
-        if _traceback_asked():
-            raise
-        return _error_exit("", error)
-    parser = build_parser()  # imports the sub-commands, and tqdm, which reads the interval once
+    parser = build_parser()  # imports the sub-commands (no torch: --help is quick), and tqdm, which reads the interval once
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         hint = ""
         if any("=" in item and not item.startswith("-") for item in unknown):
             hint = " (section.key=value overrides go after all options, in one run at the end of the command)"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    try:  # the commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
+        check_versions()
+    except RuntimeError as error:
+        if _traceback_asked():
+            raise
+        return _error_exit("", error)
     quiet_upstream_notices()
     restore_sigterm = exit_on_sigterm()
     # a command called inside a running program's group (the examples, the demo) must leave it be

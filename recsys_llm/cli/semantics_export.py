@@ -65,7 +65,7 @@ def _adapt(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from recsys_llm.atomic_dir import check_replaceable
-    from recsys_llm.data.parquet import read_schema_and_check
+    from recsys_llm.data.parquet_files import read_schema_and_check
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.data.validation import check_labels, check_no_nulls
     from recsys_llm.semantics.ctr_llm import (
@@ -245,7 +245,7 @@ def _check_attach_dir(schema, args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
     from recsys_llm.atomic_dir import check_replaceable
-    from recsys_llm.data.parquet import parquet_files
+    from recsys_llm.data.parquet_files import parquet_files
     from recsys_llm.data.parquet_writer import check_inputs_outside
 
     unknown = [split for split in args.splits or [] if split not in schema.splits]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_llm.atomic_dir import atomic_directory, holds_files
-from recsys_llm.data.parquet import read_schema_and_check, resolve_paths
+from recsys_llm.data.parquet_files import read_schema_and_check, resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import DataError, field_specs_metadata, open_parquet
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from recsys_llm.data.criteo import CriteoConfig, prepare_criteo
 from recsys_llm.data.movielens import MovieLensConfig, prepare_movielens
-from recsys_llm.data.parquet import read_schema_and_check
+from recsys_llm.data.parquet_files import read_schema_and_check
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import SyntheticConfig, generate_synthetic

@@ -50,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries
-from recsys_llm.data.parquet import resolve_paths, split_fingerprint
+from recsys_llm.data.parquet_files import resolve_paths, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.semantics.row_text import RowTextRenderer

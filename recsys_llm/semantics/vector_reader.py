@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_llm.data.parquet import parquet_files
+from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.semantics.vector_export import (
     MANIFEST,

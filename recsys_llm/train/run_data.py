@@ -7,7 +7,8 @@ from typing import Dict, Optional
 import pyarrow.parquet as pq
 
 from recsys_llm.data.pair_swap import SwappedPairs
-from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN, ConfigError, ExperimentConfig, schema_json_path
 from recsys_llm.train.distributed import DistContext, barrier

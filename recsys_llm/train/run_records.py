@@ -14,7 +14,7 @@ from typing import IO, Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
-from recsys_llm.data.parquet import split_fingerprint
+from recsys_llm.data.parquet_files import split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import check_number
 from recsys_llm.error_text import telling_line

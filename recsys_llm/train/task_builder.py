@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from recsys_llm.data.pair_swap import SwappedPairs
-from recsys_llm.data.parquet import resolve_paths
+from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import ModelConfig, build_backbone
 from recsys_llm.models.task import CTRTask

@@ -39,7 +39,8 @@ from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries, write_text_atomically
-from recsys_llm.data.parquet import ParquetBatchReader, resolve_paths, split_fingerprint
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet_files import resolve_paths, split_fingerprint
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask

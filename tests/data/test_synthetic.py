@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from recsys_llm.data.parquet import read_schema_and_check
+from recsys_llm.data.parquet_files import read_schema_and_check
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS, TOPIC_NAMES, TOPICS, generate_synthetic, topic_similarity
 

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys_llm.data.parquet import ParquetBatchReader, read_schema_and_check
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet_files import read_schema_and_check
 from recsys_llm.data.parquet_writer import arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.validation import DataError, check_number

@@ -1045,7 +1045,7 @@ def _one_class_run(schema_dir: str, root: str) -> Dict[str, Any]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from recsys_llm.data.parquet import parquet_files
+    from recsys_llm.data.parquet_files import parquet_files
 
     data = os.path.join(root, "data")
     shutil.copytree(schema_dir, data)

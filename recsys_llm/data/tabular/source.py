@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from recsys_llm.data.parquet import parquet_files
+from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.tabular.config import SPLIT_TYPES, TabularConfig
 from recsys_llm.data.validation import DataError, describe_row, open_parquet

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys_llm.data.hashing import hash_strings
-from recsys_llm.data.parquet import parquet_files
+from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.tabular.config import TabularConfig
 from recsys_llm.data.tabular.source import first_line, is_parquet, null_where_in, read_blocks, repeated_columns

@@ -1,0 +1,79 @@
+"""A split's Parquet files, found and checked from their footers alone: no row data and no torch,
+so converters and the command line's ``--help`` stay light (the reader is :mod:`recsys_llm.data.parquet`)."""
+
+import glob
+import hashlib
+import json
+import os
+from typing import List, Sequence, Union
+
+import pyarrow.parquet as pq
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.validation import DataError, check_file_schema, open_parquet
+
+
+def parquet_files(path: str) -> List[str]:
+    """A Parquet file, or the sorted ``*.parquet`` files directly in a directory (what a
+    split directory holds; other files, such as ``*.tmp`` leftovers, are not data).
+
+    Raises:
+        DataError: no such file or directory, or a directory without ``*.parquet`` files.
+    """
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.parquet")))
+        if not found:
+            raise DataError(f"{path}: directory holds no *.parquet files")
+        return found
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such Parquet file or directory")
+    return [path]
+
+
+def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str]]) -> List[str]:
+    """Split name, file, directory of ``*.parquet`` or list of those -> sorted list of files."""
+    items = [split_or_paths] if isinstance(split_or_paths, str) else list(split_or_paths)
+    paths: List[str] = []
+    for item in items:
+        if isinstance(item, str) and item in schema.splits:
+            item = schema.split_path(item)
+        if not os.path.exists(item):
+            raise DataError(
+                f"{item}: no such Parquet file or directory (and not a split of schema {schema.name!r}: {sorted(schema.splits)})"
+            )
+        paths += parquet_files(item)
+    return paths
+
+
+def split_fingerprint(schema: DatasetSchema, split: str) -> str:
+    """A hash of the Parquet footers of ``split``'s files (row counts, row groups, sizes, column
+    statistics), read without any row data: the same for a copy or an identical re-preparation
+    of the data, different for other rows (new data behind the same fields and sizes). ``split``
+    is a split of ``schema`` or, as :func:`resolve_paths` takes it, a Parquet file or directory."""
+    digest = hashlib.sha256()
+    root = schema.split_path(split) if split in schema.splits else split
+    for path in resolve_paths(schema, split):
+        metadata = pq.ParquetFile(path).metadata.to_dict()
+        digest.update(os.path.relpath(path, root).encode())
+        digest.update(json.dumps(metadata, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def read_schema_and_check(schema: DatasetSchema, path: str, extras: Sequence[str] = ()) -> int:
+    """Cheap footer-only check of a split, file or directory against ``schema``.
+
+    Checks that every file opens, is not empty, has the schema's columns with the right
+    Arrow types and was written for the same field specs; reads no row data.
+
+    Returns:
+        int: total number of rows.
+
+    Raises:
+        DataError: naming the file and column.
+    """
+    total = 0
+    for file_path in resolve_paths(schema, path):
+        handle = open_parquet(file_path)
+        check_file_schema(file_path, schema, handle.schema_arrow, handle.metadata.num_rows, extras)
+        total += handle.metadata.num_rows
+    return total
