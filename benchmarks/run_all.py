@@ -23,6 +23,7 @@ import ast
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,13 +79,18 @@ def run_one(name: str, mode: str, device: str, results_dir: Path, timeout_s: int
                 "--plot", str(results_dir / f"{name}.png")]
     print(f"[run_all] {name}: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
+    # a session of its own: a timeout stops the ranks and peer processes the script started too, which
+    # would otherwise run on and slow down the benchmarks measured after it
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr = process.communicate(timeout=timeout_s)
         status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
-        output = process.stdout + process.stderr
-    except subprocess.TimeoutExpired as error:
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
         status = f"timed out after {timeout_s} s"
-        output = (error.stdout or b"").decode(errors="replace") if isinstance(error.stdout, bytes) else str(error.stdout or "")
+    output = stdout + stderr
     seconds = time.perf_counter() - start
     # the one-line summary ends with "(mode=..., device=...)"; other "[name]" lines are progress or warnings
     summary = [line for line in output.splitlines() if line.startswith(f"[{name}]") and "(mode=" in line]

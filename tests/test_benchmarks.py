@@ -513,3 +513,32 @@ assert meter.peak_mb() < before + 48, (before, meter.peak_mb())
     root = str(Path(__file__).resolve().parents[1])
     result = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_run_all_timeout_stops_the_processes_a_benchmark_started(tmp_path: Path) -> None:
+    """``--timeout`` killed the script alone: the ranks or peer process it had started ran on, slowing down
+    every benchmark measured after it."""
+    import time
+
+    child_pid = tmp_path / "child.pid"
+    (tmp_path / "slow.py").write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n"
+    )
+    result = run_all.run_one("slow", "quick", "cpu", tmp_path, timeout_s=5, bench_dir=tmp_path)
+    assert result["status"] == "timed out after 5 s"
+    pid = int(child_pid.read_text())
+    for _ in range(50):  # the kill is sent; the process may take a moment to go
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().split()[2] == "Z":  # killed, waiting for its parent (init) to reap it
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail(f"process {pid} started by the benchmark still runs after its timeout")
