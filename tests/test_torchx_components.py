@@ -285,6 +285,20 @@ class TestBenchComponent:
         with pytest.raises(ValueError, match="without .py"):
             load("bench")("../etc/passwd")
 
+    def test_name_must_be_a_benchmark(self) -> None:
+        """Only a benchmark takes ``--json``/``--plot``: ``--name run_all`` failed on the cluster with ``run_all.py:
+        error: unrecognized arguments: --json ...``, and ``--name common`` ran a module without a ``main`` and
+        SUCCEEDED having written nothing."""
+        from benchmarks import run_all
+
+        namespace = {}
+        exec(COMPONENTS["bench"].read_text(), namespace)  # the way torchx loads it
+        assert list(namespace["BENCHMARKS"]) == run_all.discover()
+        for name in ("run_all", "common", "peer_deepctr", "train_throughputt"):
+            with pytest.raises(ValueError, match=rf"name {name!r} is no benchmark: expected one of \['elec', .*"
+                                                 r"benchmarks/run_all.py"):
+                from_cli("bench", ["--name", name, "--", "--quick"])
+
 
 def test_multi_host_replicas_find_rank_0_on_kubernetes() -> None:
     """On kubernetes, replicas 1.. reach rank 0 through ``${VC_<ROLE>_0_HOSTS}``: torchx upper-cases the role name as

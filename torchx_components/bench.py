@@ -18,6 +18,9 @@ import torchx
 from torchx import specs
 from torchx.components.dist import ddp
 
+# the scripts benchmarks/run_all.py runs (those defining main(argv)): the ones that take --json and --plot
+BENCHMARKS = ("elec", "llactr", "peers", "scaling", "train_throughput")
+
 
 def bench(
     name: str,
@@ -40,7 +43,7 @@ def bench(
     Benchmarks compare side by side within one run, so figures are ratios on the same host.
 
     Args:
-        name: benchmark script name without .py (e.g. train_throughput)
+        name: benchmark script name without .py: elec, llactr, peers, scaling or train_throughput
         script_args: extra script arguments, after -- (e.g. -- --quick --device cuda)
         results_dir: directory for the JSON and PNG results
         nnodes: number of hosts (replicas of the role): 1, every benchmark runs as one process
@@ -56,6 +59,9 @@ def bench(
     """
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ValueError(f"name must be a benchmark script name without .py (e.g. train_throughput), got {name!r}")
+    if name not in BENCHMARKS:  # run_all.py refuses --json/--plot, and a helper module would run and write nothing
+        raise ValueError(f"name {name!r} is no benchmark: expected one of {list(BENCHMARKS)} (benchmarks/run_all.py, "
+                         "which runs them all, is run on a host as it is: python benchmarks/run_all.py ...)")
     if nnodes < 1 or nproc_per_node < 1:
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
