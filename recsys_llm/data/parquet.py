@@ -89,7 +89,8 @@ def _check_extra_kinds(
 ) -> None:
     """Raises if an extra column is of another kind (integer, float, vector) in ``path`` than in the
     files before it (recorded in ``seen``): its batches would change dtype (int64 / float32, or
-    float64 where a batch mixes rows of both files). Widening within a kind (int32, int64) is fine."""
+    float64 where a batch mixes rows of both files), or holds fixed-size vectors of another length. Widening
+    within a kind (int32, int64) is fine."""
     for name in extras:
         dtype = arrow_schema.field(name).type
         kind, first, first_type = seen.setdefault(name, (extra_kind(dtype), path, dtype))
@@ -98,6 +99,12 @@ def _check_extra_kinds(
                 f"{path}: extra column {name!r} has Arrow type {dtype} ({extra_kind(dtype)}), but {first} has "
                 f"{first_type} ({kind}); expected one kind in every file of the split (batches carry integers "
                 "as int64, floats as float32)"
+            )
+        if pa.types.is_fixed_size_list(dtype) and pa.types.is_fixed_size_list(first_type) \
+                and dtype.list_size != first_type.list_size:  # else only the ranks reading this file would fail
+            raise DataError(
+                f"{path}: extra column {name!r} holds vectors of length {dtype.list_size}, but {first} holds "
+                f"{first_type.list_size}; expected one vector size in every file of the split"
             )
 
 

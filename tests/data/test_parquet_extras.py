@@ -51,12 +51,28 @@ class TestNonFiniteExtras:
 
 
 class TestVectorWidths:
-    @pytest.mark.parametrize("batch_size", [4, 3])  # batches cut at the file boundary, or across it
-    def test_files_with_other_vector_sizes_are_refused_naming_both(self, tmp_path, batch_size):
+    @pytest.mark.parametrize("rank", [0, 1])
+    def test_files_with_other_vector_sizes_are_refused_by_every_rank_naming_both(self, tmp_path, rank):
+        """From the footers, when the reader is made: rank 0 of two (reading part0 alone) read on, so only rank 1
+        failed, in the middle of an epoch, while rank 0 waited for it in a collective."""
         (tmp_path / "split").mkdir()
         for index, width in enumerate([3, 5]):
             _write(str(tmp_path / "split" / f"part{index}.parquet"), np.ones((4, width), np.float32),
                    np.ones(4, np.float32))
+        with pytest.raises(DataError, match=r"part1\.parquet: extra column 'llm_vector' holds vectors of length 5, "
+                                            r"but .*part0\.parquet holds 3"):
+            ParquetBatchReader(SCHEMA, str(tmp_path / "split"), 4, rank=rank, world_size=2, extras=["llm_vector"],
+                               prefetch=0)
+
+    @pytest.mark.parametrize("batch_size", [4, 3])  # batches cut at the file boundary, or across it
+    def test_variable_size_lists_of_other_lengths_are_refused_naming_both(self, tmp_path, batch_size):
+        (tmp_path / "split").mkdir()
+        for index, width in enumerate([3, 5]):
+            pq.write_table(pa.table({
+                "item": pa.array(np.arange(4) % 5, pa.int64()), "x": pa.array(np.zeros(4, np.float32)),
+                "label": pa.array(np.zeros(4, np.int8)),
+                "llm_vector": pa.array([[1.0] * width] * 4, pa.list_(pa.float32()))}),
+                str(tmp_path / "split" / f"part{index}.parquet"))
         reader = ParquetBatchReader(SCHEMA, str(tmp_path / "split"), batch_size, extras=["llm_vector"], prefetch=0)
         with pytest.raises(DataError, match=r"part1\.parquet: extra column 'llm_vector': rows 0\.\. hold vectors of "
                                             r"length 5, but those read before from .*part0\.parquet hold 3"):
