@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import struct
-from typing import Any, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -170,25 +170,73 @@ def require_weight_files(model_path: str) -> None:
                 raise ValueError(f"{os.path.join(model_path, name)}: damaged weight file ({damage})")
 
 
+def model_module_dirs(model_path: str) -> List[str]:
+    """The subdirectories of a model directory that belong to the model: those of the modules its
+    sentence-transformers ``modules.json`` lists (e.g. ``1_Pooling``), sorted; none without one (or with one
+    that is not a list of modules). Any other subdirectory (``onnx/``, ``openvino/`` of a hub download, or
+    outputs kept in the model directory) is not read when the model loads.
+    """
+    path = os.path.join(model_path, "modules.json")
+    if not os.path.isfile(path):
+        return []
+    try:
+        modules = read_json_file(path)
+    except ValueError:  # a damaged modules.json is hashed as it is, and named where the pooling is read
+        return []
+    names = set()
+    for module in modules if isinstance(modules, list) else []:
+        sub = module.get("path") if isinstance(module, dict) else None
+        if not isinstance(sub, str) or not sub or os.path.isabs(sub):
+            continue
+        sub = os.path.normpath(sub)
+        if sub.split(os.sep)[0] not in ("..", ".") and os.path.isdir(os.path.join(model_path, sub)):
+            names.add(sub)
+    return sorted(names)
+
+
 def model_dir_fingerprint(model_path: str, subdirectories: bool = True) -> str:
     """sha256 over the config, tokenizer and weight files of a model directory.
 
     Every weight file is hashed in full once per process (memoised on size and mtime),
-    so a changed checkpoint under the same path gives a different fingerprint.
+    so a changed checkpoint under the same path gives a different fingerprint. The files are those at
+    the top of the directory and, with ``subdirectories``, those of its sentence-transformers modules
+    (:func:`model_module_dirs`): what else is below it (an SSFT output, a vector export, a CTR-adapted
+    LLM kept there, a hub download's ``onnx/``) does not change it.
 
     Args:
         model_path (str): the model directory.
-        subdirectories (bool): also the files below it (a sentence-transformers ``1_Pooling/config.json``);
-            off: its top-level files only, which are all a Hugging Face model and tokenizer load from (the
-            same fingerprint for a directory without subdirectories).
+        subdirectories (bool): also the files of the model's sentence-transformers modules (a
+            ``1_Pooling/config.json``); off: its top-level files only, which are all a Hugging Face model
+            and tokenizer load from (the same fingerprint for a directory without such modules).
 
     Returns:
         str: 16 hex digits.
     """
     require_model_dir(model_path)
+    modules = model_module_dirs(model_path) if subdirectories else []
+    return _walk_fingerprint(model_path, lambda rel: any(  # a module's folder, one in it, or one above it
+        rel == module or rel.startswith(module + os.sep) or module.startswith(rel + os.sep) for module in modules))
+
+
+def model_dir_walk_fingerprint(model_path: str) -> str:
+    """The fingerprint :func:`model_dir_fingerprint` gave before 2026-12-05: over the files of every
+    subdirectory too (the same for a directory whose only subdirectories are its modules'). For
+    fingerprints recorded then (an SSFT adapter's base model hash).
+
+    Returns:
+        str: 16 hex digits.
+    """
+    require_model_dir(model_path)
+    return _walk_fingerprint(model_path, lambda rel: True)
+
+
+def _walk_fingerprint(model_path: str, descend: Callable[[str], bool]) -> str:
+    """sha256 over the fingerprinted files of ``model_path`` and of the subdirectories (by relative path,
+    hidden ones never) ``descend`` takes, walked in sorted order."""
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(model_path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if subdirectories else []
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and descend(os.path.relpath(os.path.join(root, d), model_path)))
         for name in sorted(files):
             if not name.endswith(_FINGERPRINT_SUFFIXES) or name.startswith(".") or name == "README.md":
                 continue

@@ -22,7 +22,13 @@ from safetensors import SafetensorError
 
 from recsys_llm.error_text import one_line, telling_line
 from recsys_llm.semantics.encoder import TextEncoder
-from recsys_llm.semantics.model_dir import file_fingerprint, model_dir_fingerprint, read_json_file, safetensors_damage
+from recsys_llm.semantics.model_dir import (
+    file_fingerprint,
+    model_dir_fingerprint,
+    model_dir_walk_fingerprint,
+    read_json_file,
+    safetensors_damage,
+)
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 from recsys_llm.semantics.train_checkpoint import CHECKPOINT_STATE_FILE
 
@@ -119,7 +125,8 @@ def load_tuned_encoder(
     weight_path = _check_adapter_files(adapter_dir)
     base_path = info["base_model_path"]
     base_hash = model_dir_fingerprint(base_path)
-    if base_hash != info["base_model_hash"]:
+    # adapters tuned before 2026-12-05 recorded a hash over every subdirectory too (a hub download's onnx/)
+    if base_hash != info["base_model_hash"] and model_dir_walk_fingerprint(base_path) != info["base_model_hash"]:
         raise ValueError(
             f"{adapter_dir}: adapter was tuned on {base_path} with hash {info['base_model_hash']}, "
             f"but the model there now has hash {base_hash}"

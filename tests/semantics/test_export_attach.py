@@ -201,3 +201,26 @@ def test_only_rank_0_shows_the_export_bar(adapted, tmp_path, monkeypatch, capsys
     captured = capsys.readouterr()
     assert (f"export vectors (rank {rank}/2)" in captured.err) == (rank == "0"), captured.err
     assert f'"rank": {rank}, "world_size": 2' in captured.out  # each rank still says what it wrote
+
+
+def test_an_adapt_and_export_written_inside_the_model_directory_agree_and_resume(tmp_path, capsys) -> None:
+    """``--output-dir <model>/ctr_llm`` and ``<model>/vectors``: their files changed the base model's revision,
+    so the vectors recorded another revision than provenance.json and a resumed export was refused as one
+    of other settings."""
+    import json
+
+    data, model = _data(str(tmp_path / "data")), save_tiny_bert(str(tmp_path / "bert"))
+    llm, vectors = os.path.join(model, "ctr_llm"), os.path.join(model, "vectors")
+    assert main(["semantics", "adapt", "--schema", data, "--output-dir", llm, "--model", model, "--tuning", "heads",
+                 "--representation-dim", "4", "--hidden-dim", "8", "--batch-size", "8"]) == 0
+    export = _export({"data": data, "llm": llm}, vectors)
+    assert main(export) == 0
+    with open(os.path.join(llm, "provenance.json"), encoding="utf-8") as handle:
+        adapted = json.load(handle)["revision"]
+    with open(os.path.join(vectors, "manifest.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["provenance"]["revision"] == adapted
+    last = sorted(name for name in os.listdir(vectors) if name.startswith("chunk-"))[-1]
+    os.remove(os.path.join(vectors, last))  # as a killed export leaves it
+    capsys.readouterr()
+    assert main(export) == 0, capsys.readouterr().err
+    assert os.path.isfile(os.path.join(vectors, last))

@@ -18,3 +18,46 @@ def test_a_remote_code_models_python_files_are_part_of_its_fingerprint(tmp_path,
     with open(os.path.join(model, "modeling_x.py"), "w") as handle:
         handle.write("SCALE = 3.0\n")
     assert model_dir_fingerprint(model) != before
+
+
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def test_folders_below_a_model_that_it_does_not_load_leave_its_fingerprint(tmp_path, tiny_bert_dir) -> None:
+    """Outputs kept in the model directory (an SSFT adapter, a vector export's manifest) and a hub download's
+    onnx/ are not the model: they changed its fingerprint, and the adapters and vectors tied to it were refused."""
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_dir_walk_fingerprint
+    from tests.tiny_models import copy_model_dir
+
+    model = copy_model_dir(tiny_bert_dir, tmp_path / "model")
+    before = model_dir_fingerprint(model)
+    assert before == model_dir_walk_fingerprint(model)  # what a directory without subfolders always had
+    _write(os.path.join(model, "ssft_out", "adapter", "adapter_config.json"), "{}")
+    _write(os.path.join(model, "vectors", "manifest.json"), "{}")
+    _write(os.path.join(model, "onnx", "model.onnx_data.bin"), "x")
+    assert model_dir_fingerprint(model) == before
+    _write(os.path.join(model, "tokenizer_config.json"), "{}")  # the model's own files still count
+    assert model_dir_fingerprint(model) != before
+
+
+def test_a_sentence_transformers_models_module_folders_are_part_of_its_fingerprint(tmp_path, tiny_bert_dir) -> None:
+    """The folders modules.json names (1_Pooling: the pooling `auto` reads) count, as they always did."""
+    import json
+
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_dir_walk_fingerprint
+    from tests.tiny_models import copy_model_dir
+
+    model = copy_model_dir(tiny_bert_dir, tmp_path / "st")
+    _write(os.path.join(model, "modules.json"), json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))
+    _write(os.path.join(model, "1_Pooling", "config.json"), json.dumps({"pooling_mode_mean_tokens": True}))
+    mean = model_dir_fingerprint(model)
+    assert mean == model_dir_walk_fingerprint(model)  # unchanged for a directory holding only its modules
+    _write(os.path.join(model, "1_Pooling", "config.json"), json.dumps({"pooling_mode_cls_token": True}))
+    assert model_dir_fingerprint(model) != mean

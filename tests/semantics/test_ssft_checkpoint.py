@@ -98,6 +98,22 @@ class TestExactResume:
         metrics = SSFTTrainer(SSFTConfig(model_path=moved, epochs=2, **SMALL), tiny_schema, out).run()
         assert metrics["epochs"] == 2
 
+    def test_a_tune_written_inside_its_model_directory_resumes_and_encodes(self, tmp_path, tiny_bert_dir,
+                                                                             tiny_schema) -> None:
+        """``--output-dir <model>/ssft_out``: its checkpoint and adapter changed the base model's hash, so the
+        resume was refused as of other settings (base_hash) and encode refused the adapter as tuned on another
+        model."""
+        from recsys_llm.semantics.ssft_adapter import load_tuned_encoder
+        from tests.tiny_models import copy_model_dir
+
+        model = copy_model_dir(tiny_bert_dir, tmp_path / "model")
+        out = os.path.join(model, "ssft_out")
+        SSFTTrainer(SSFTConfig(model_path=model, epochs=1, **SMALL), tiny_schema, out).run()
+        metrics = SSFTTrainer(SSFTConfig(model_path=model, epochs=2, **SMALL), tiny_schema, out).run()
+        assert metrics["epochs"] == 2
+        encoder, _ = load_tuned_encoder(os.path.join(out, "adapter"))
+        assert encoder.encode(["shade 1"], progress=False).shape == (1, 32)
+
     def test_fewer_epochs_than_done_is_refused_untouched(self, tmp_path, tiny_bert_dir, tiny_schema) -> None:
         out = str(tmp_path / "done")
         first = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, **SMALL), tiny_schema, out).run()
@@ -159,6 +175,33 @@ def test_a_damaged_checkpoint_file_is_named_and_nothing_is_changed(tmp_path, tun
     assert line.startswith(f"recsys-llm semantics: error: {damaged}: "), line
     assert "damaged" in line and "--no-resume" in line and "delete" in line, line
     assert _snapshot(out) == before
+
+
+def test_an_adapter_recording_the_hash_over_every_subdirectory_of_its_model_still_encodes(tmp_path, tuned_once,
+                                                                                           tiny_bert_dir) -> None:
+    """Adapters tuned before the base model's hash left out folders the model does not load (a hub download's
+    onnx/) recorded a hash over them too: that model, unchanged, is still the one they were tuned on."""
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_dir_walk_fingerprint
+    from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE, load_tuned_encoder
+    from tests.tiny_models import copy_model_dir
+
+    _, tuned = tuned_once
+    model = copy_model_dir(tiny_bert_dir, tmp_path / "hub")
+    os.makedirs(os.path.join(model, "onnx"))
+    with open(os.path.join(model, "onnx", "config.json"), "w", encoding="utf-8") as handle:
+        handle.write("{}")
+    assert model_dir_walk_fingerprint(model) != model_dir_fingerprint(model)
+    adapter = shutil.copytree(os.path.join(tuned, "adapter"), str(tmp_path / "adapter"))
+    with open(os.path.join(adapter, SSFT_INFO_FILE), encoding="utf-8") as handle:
+        info = json.load(handle)
+    info.update(base_model_path=model, base_model_hash=model_dir_walk_fingerprint(model))
+    with open(os.path.join(adapter, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
+        json.dump(info, handle)
+    load_tuned_encoder(adapter)
+    with open(os.path.join(model, "onnx", "config.json"), "w", encoding="utf-8") as handle:
+        handle.write('{"changed": 1}')  # another model than the one tuned on, as the hash then said
+    with pytest.raises(ValueError, match=f"adapter was tuned on {re.escape(model)} with hash"):
+        load_tuned_encoder(adapter)
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "ssft.json"])
