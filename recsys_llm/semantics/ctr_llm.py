@@ -45,7 +45,12 @@ from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.error_text import one_line
 from recsys_llm.semantics.encoder import NumberRule, check_number_fields, text_list
 from recsys_llm.semantics.lora_targets import default_target_modules, language_model_name
-from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_weights_fingerprint, read_json_file
+from recsys_llm.semantics.model_dir import (
+    model_dir_fingerprint,
+    model_weights_fingerprint,
+    read_json_file,
+    tokenizer_fingerprint,
+)
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, position_limited, tokenizer_fits_model
 from recsys_llm.semantics.pooling import hidden_states, hidden_width, pool
 from recsys_llm.semantics.precision import LowPrecisionSteps
@@ -55,6 +60,8 @@ TUNING_MODES = ("lora", "last_k", "heads")
 LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # in provenance.json: the fingerprint of the base model's config and weights (check_base_model)
 BASE_WEIGHTS_KEY = "base_weights"
+# and that of the tokenizer it tuned on (check_base_tokenizer)
+BASE_TOKENIZER_KEY = "base_tokenizer"
 
 # CTRLLMConfig numbers: field -> (integer, minimum, above, below, `semantics adapt` option or "")
 _NUMBER_RULES: Dict[str, NumberRule] = {
@@ -492,8 +499,9 @@ def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict
         save_file(model.trainable_llm_state(), os.path.join(tmp, "llm_tuned.safetensors"))
         base = model.config.model_path
         base_weights = {BASE_WEIGHTS_KEY: model_weights_fingerprint(base)} if os.path.isdir(base) else {}
+        base_tokenizer = {BASE_TOKENIZER_KEY: tokenizer_fingerprint(model.tokenizer)}
         with open(os.path.join(tmp, "provenance.json"), "w", encoding="utf-8") as handle:
-            json.dump({**model.provenance(), **base_weights}, handle, indent=2)
+            json.dump({**model.provenance(), **base_weights, **base_tokenizer}, handle, indent=2)
 
 
 def ctr_llm_damage(directory: str) -> str:
@@ -585,6 +593,33 @@ def check_base_model(directory: str, model_path: str) -> None:
         )
 
 
+def check_base_tokenizer(directory: str, model: CTRAdaptedLLM) -> None:
+    """Refuses a tokenizer of the base model other than the one the CTR-adapted LLM in ``directory`` was
+    tuned with: its heads and LoRA tensors were tuned on that tokenizer's ids, and the same weights
+    given other tokens (a cased vocabulary, other special tokens saved over it) make other vectors.
+    ``provenance.json`` records :func:`~recsys_llm.semantics.model_dir.tokenizer_fingerprint`; saves
+    written before it was recorded are not checked.
+
+    Raises:
+        ValueError: the fingerprints differ, naming both and the base model directory.
+    """
+    provenance_path = os.path.join(directory, "provenance.json")
+    if not os.path.isfile(provenance_path):
+        return
+    provenance = read_json_file(provenance_path, ctr_llm_damage(directory))
+    recorded = provenance.get(BASE_TOKENIZER_KEY) if isinstance(provenance, dict) else None
+    if not isinstance(recorded, str):
+        return
+    current = tokenizer_fingerprint(model.tokenizer)
+    if current != recorded:
+        raise ValueError(
+            f"{directory}: adapted on base model {provenance.get('model', '?')!r} whose tokenizer has fingerprint "
+            f"{recorded}, but the one at {model.config.model_path} has {current} (another vocabulary, casing or "
+            "special tokens: the same texts give other tokens); point model_path in config.json at the model it was "
+            "adapted on, or run `semantics adapt` again"
+        )
+
+
 def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_code: bool = False) -> CTRAdaptedLLM:
     """Rebuilds a saved CTR-adapted LLM (weights only; nothing executed unless ``trust_remote_code``).
 
@@ -599,7 +634,8 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
         FileNotFoundError: ``directory`` is not a saved CTR-adapted LLM, ``llm_tuned.safetensors`` is
             missing, or the base model is gone.
         ValueError: a damaged (truncated, not JSON / safetensors, tensors that do not fit) file of
-            ``directory``, named with what to do, or a base model other than the one it was adapted on.
+            ``directory``, named with what to do, or a base model (or its tokenizer) other than the one it
+            was adapted on.
     """
     if not all(os.path.isfile(os.path.join(directory, name)) for name in CTR_LLM_FILES):
         raise FileNotFoundError(
@@ -614,6 +650,7 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
     tuned = _read_ctr_llm_tensors(directory, "llm_tuned.safetensors")
     heads = _read_ctr_llm_tensors(directory, "heads.safetensors")
     model = CTRAdaptedLLM.from_config(config, trust_remote_code)
+    check_base_tokenizer(directory, model)
     named = dict(model.llm.named_parameters())
     unknown = sorted(set(tuned) - set(named))
     if unknown:

@@ -271,6 +271,25 @@ def model_weights_fingerprint(model_path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+# text whose tokens tell tokenizers apart beyond their vocabularies: case, accents, digits, punctuation,
+# CJK and runs of spaces (normaliser, pre-tokenizer), and the special tokens added around it (post-processor)
+_TOKENIZER_PROBE = "The Item: Café DÉJÀ-vu, 12.50 $ per #3 東京 \t two  spaces\nline"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over what a loaded tokenizer makes of text: its vocabulary (token -> id) and the ids it gives
+    a probe text. The same for its files saved again or edited where tokens do not change (a chat
+    template), other for another vocabulary, casing or special tokens.
+
+    Returns:
+        str: 16 hex digits.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(list(tokenizer(_TOKENIZER_PROBE)["input_ids"])).encode())
+    return digest.hexdigest()[:16]
+
+
 def module_fingerprint(model: nn.Module, trainable_only: bool = False) -> str:
     """sha256 over a module's config and parameter values (for models loaded in memory).
 

@@ -263,6 +263,25 @@ class TestLoadChecks:
         with pytest.raises(ValueError, match=f"fingerprint {recorded}, but those at {config.model_path}"):
             load_ctr_llm(out)
 
+    def test_a_base_model_with_the_same_weights_and_another_tokenizer_is_refused(self, tmp_path):
+        """The heads were tuned on the token ids of the base model's tokenizer: with another one (a cased
+        variant saved over it) the same text reaches the LLM as other tokens, and the vectors shift silently."""
+        import shutil
+
+        model, config = _tiny_bert_ctr_llm(tmp_path)
+        out = str(tmp_path / "saved")
+        save_ctr_llm(model, out)
+        cased = str(tmp_path / "cased")
+        shutil.copytree(config.model_path, cased)
+        _edit_json(os.path.join(cased, "tokenizer_config.json"), do_lower_case=False)
+        with pytest.raises(ValueError, match=f"^{re.escape(out)}: adapted on base model '[^']*/bert' whose tokenizer "
+                                             f"has fingerprint [0-9a-f]{{16}}, but the one at {re.escape(cased)} has "):
+            load_ctr_llm(out, model_path=cased)
+        same = str(tmp_path / "same")  # the tokenizer files saved again, the same tokens
+        shutil.copytree(config.model_path, same)
+        _edit_json(os.path.join(same, "tokenizer_config.json"), chat_template="{{ messages }}")
+        torch.testing.assert_close(load_ctr_llm(out, model_path=same).encode(["A b"]), model.encode(["A b"]))
+
     @pytest.mark.parametrize("damaged", ["config.json", "provenance.json"])
     def test_a_damaged_json_file_is_named(self, tmp_path, damaged):
         model, _ = _tiny_bert_ctr_llm(tmp_path)
