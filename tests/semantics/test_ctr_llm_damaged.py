@@ -157,7 +157,7 @@ def test_adapt_help_says_which_modules_lora_targets_by_default(capsys) -> None:
         main(["semantics", "adapt", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: peft's)" not in text
-    assert ("--target-modules TARGET_MODULES [TARGET_MODULES ...] LoRA target modules (default: the attention "
+    assert ("--target-modules TARGET_MODULES [TARGET_MODULES ...] --tuning lora: LoRA target modules (default: the attention "
             "query/value projections as the model names them: q_proj v_proj / query value / c_attn / query_key_value / Wqkv; "
             "else peft's default for the architecture)") in text
 
