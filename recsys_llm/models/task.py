@@ -126,12 +126,14 @@ class CTRTask(nn.Module):
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """
         Args:
-            batch (Batch): dense (B, Dd), sparse KJT, labels (B,) and the injected vector in ``extras``.
+            batch (Batch): dense (B, Dd), sparse KJT, labels (B,) (0/1 of any dtype, taken as floats) and the
+                injected vector in ``extras``.
 
         Returns:
             Tuple: ``(loss, (loss_detached, logits, labels))``: a scalar, then the detached scalar,
             logits (B,) and labels (B,), as torchrec's ``DLRMTrain`` returns them.
         """
         output = self.predict(batch)
-        loss = self.with_loss_terms(self.loss_fn(output.logits, batch.labels), output, batch)
+        # as torchrec's DLRMTrain: 0/1 labels of an integer or bool dtype are targets too
+        loss = self.with_loss_terms(self.loss_fn(output.logits, batch.labels.float()), output, batch)
         return loss, (loss.detach(), output.logits.detach(), batch.labels)

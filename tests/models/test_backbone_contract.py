@@ -97,6 +97,17 @@ class TestOwnBackbone:
         task = CTRTask(DuckTyped(), field_injection=VectorFieldInjection(5, 4))
         assert task.predict(_batch()).logits.shape == (6,)
 
+    def test_integer_and_boolean_labels_train_as_torchrec_s_dlrm_train_takes_them(self) -> None:
+        """DLRMTrain takes batch.labels.float(); CTRTask failed on 0/1 int64 labels ('result type Float can't be
+        cast to the desired output type Long') and on bool ones (a subtraction of bool tensors)."""
+        task = CTRTask(Concatenating(_ebc()))
+        batch = _batch()
+        expected, _ = task(batch)
+        for labels in (batch.labels.long(), batch.labels.bool()):
+            loss, (_, _, returned) = task(Batch(batch.dense_features, batch.sparse_features, labels, batch.extras))
+            torch.testing.assert_close(loss, expected)
+            assert returned is labels  # handed back as they came, as DLRMTrain does
+
     def test_the_dlrm_wrappers_name_what_they_wrap(self) -> None:
         with pytest.raises(TypeError, match=r"DLRMDenseInjection wraps torchrec's DLRM .* got Concatenating; a model "
                                             r"of your own becomes a backbone by subclassing .*CTRBackbone"):
