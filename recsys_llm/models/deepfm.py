@@ -12,7 +12,7 @@ from recsys_llm.models.base import CTRBackbone, stack_fields
 from recsys_llm.models.fields import DenseFieldEmbedding, resolve_extra_fields
 from recsys_llm.models.first_order import FirstOrder
 from recsys_llm.models.fm import fm_interaction
-from recsys_llm.models.mlp import build_mlp
+from recsys_llm.models.mlp import build_mlp, check_layer_sizes
 from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
 
 # leaves of the training pipeline's fx trace (they pick their kernel by whether gradients are needed)
@@ -32,6 +32,10 @@ class DeepFMConfig:
     mlp_layer_sizes: Tuple[int, ...] = (256, 128)
     dropout: float = 0.0
     dense_as_fields: bool = True
+
+    def __post_init__(self) -> None:
+        # named here: a float or string size failed in torch's Linear ("empty(): argument 'size' failed to unpack")
+        check_layer_sizes("DeepFMConfig.mlp_layer_sizes", self.mlp_layer_sizes)
 
 
 class DeepFM(PairWeightFolding, CTRBackbone):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from recsys_llm.models.deepfm import DeepFM, DeepFMConfig
@@ -37,3 +38,16 @@ class TestDeepFM:
         torch.testing.assert_close(model(dense, kjt).logits, model(dense, kjt).logits)
         model.train()
         assert not torch.equal(model(dense, kjt).representation, model(dense, kjt).representation)
+
+    @pytest.mark.parametrize(
+        "sizes,message",
+        [((64, 32.0), r"DeepFMConfig.mlp_layer_sizes\[1\] must be an integer >= 1, got 32.0"),
+         ("64", r"DeepFMConfig.mlp_layer_sizes must be a list of layer sizes, got '64'"),
+         ((), r"DeepFMConfig.mlp_layer_sizes is empty"),
+         ((64, 0), r"DeepFMConfig.mlp_layer_sizes\[1\] must be an integer >= 1, got 0")],
+    )
+    def test_bad_layer_sizes_name_the_setting(self, sizes, message: str) -> None:
+        """A float or string size failed in torch ("empty(): argument 'size' failed to unpack the object"), an
+        empty or non-positive one in build_mlp without the setting, as DCNv2Config's and FinalMLPConfig's no longer do."""
+        with pytest.raises(ValueError, match=message):
+            DeepFMConfig(mlp_layer_sizes=sizes)
