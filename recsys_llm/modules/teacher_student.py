@@ -273,12 +273,13 @@ def labeled_bce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
     Args:
         logits (torch.Tensor): (B,).
-        batch (Batch): labels (B,) and optionally ``extras["label_weight"]`` (B,).
+        batch (Batch): labels (B,) (0/1, any dtype) and optionally ``extras["label_weight"]`` (B,).
     """
     weight = batch_extras(batch).get(LABEL_WEIGHT_KEY)
+    labels = batch.labels.float()  # 0/1 of any dtype, as CTRTask and torchrec's DLRMTrain take them
     if weight is None:
-        return F.binary_cross_entropy_with_logits(logits, batch.labels)
-    per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")  # (B,)
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B,)
     return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
 
 

@@ -325,6 +325,16 @@ class TestTeacherStudentTask:
         assert "student" in code and ("teacher_logits" in code) == (mode == "offline")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_and_boolean_labels_give_the_losses_of_float_labels(dtype):
+    """As CTRTask (and torchrec's DLRMTrain) take them; the teacher-student BCE failed on them in torch."""
+    task = _elec("joint")
+    batch = make_batch(seed=3)
+    loss, _ = task(batch)
+    loss_of_ints, _ = task(Batch(batch.dense_features, batch.sparse_features, batch.labels.to(dtype), batch.extras))
+    torch.testing.assert_close(loss_of_ints, loss)
+
 class TestOfflineOutputs:
     def test_write_and_attach(self, tmp_path):
         task = _elec("joint")
