@@ -37,9 +37,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from recsys_llm.atomic_dir import check_no_file_above, save_figure_atomically, write_text_atomically
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
-from recsys_llm.train.config import ConfigError, config_differences, load_config
-from recsys_llm.train.distributed import launch_ranks
+from recsys_llm.train.config import ConfigError, config_differences, load_config, schema_json_path
+from recsys_llm.train.distributed import init_distributed, launch_ranks
 from recsys_llm.train.process import set_cpu_float_mode
+from recsys_llm.train.run_data import load_or_generate_schema
 from recsys_llm.train.run_records import RESULTS_FILE, data_differences, finished_results, strict_json
 from recsys_llm.train.runner import run_training
 
@@ -146,6 +147,11 @@ def _train(config_path: str, overrides: Sequence[str], run_dir: str, run_root: s
     the progress bars that follow belong to, and its test AUC once trained."""
     config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}"])
     _check_same_run(config, run_dir, run_root)
+    if os.path.isfile(os.path.join(run_dir, RESULTS_FILE)) and not os.path.exists(schema_json_path(config.data.schema)):
+        # the data deleted since that run: generated again, as the training would, and compared, before the
+        # run is reused (the LLM steps and the variants after this one read it)
+        load_or_generate_schema(config, init_distributed(config.train.device))
+        _check_same_run(config, run_dir, run_root)
     finished = finished_results(run_dir)
     if finished is not None:
         _say(f"== {variant}: reusing the finished run in {run_dir}")

@@ -91,9 +91,12 @@ def _demo_again(data_dir: str, run_root: str, llm: str, other_llm: str) -> Dict[
     shutil.copytree(run_root, moved_root)
     moved_stamps = {name: os.stat(os.path.join(moved_root, name, "results.json")).st_mtime_ns for name in stamps}
     moved = run_demo(CONFIG, data_dir, moved_root, 3_000, SMALL, llm=llm)
+    shutil.rmtree(data_dir)  # deleted (to save space, say): generated again, and the finished runs reused on it
+    regenerated = run_demo(CONFIG, data_dir, run_root, 3_000, SMALL, llm=llm)
     stamps_after = {name: os.stat(os.path.join(run_root, name, "results.json")).st_mtime_ns for name in stamps}
     moved_after = {name: os.stat(os.path.join(moved_root, name, "results.json")).st_mtime_ns for name in stamps}
     return {"first": first, "again": again, "refused": refused, "eval_batch": eval_batch, "moved": moved,
+            "regenerated": regenerated, "data_there": os.path.isfile(os.path.join(data_dir, "schema.json")),
             "retrained": stamps != stamps_after or moved_stamps != moved_after}
 
 
@@ -111,6 +114,7 @@ def test_demo_reuses_outputs_only_when_made_with_the_same_inputs(tmp_path) -> No
                               other_llm=other_llm)
     assert out["again"] == out["first"] and not out["retrained"]  # same inputs: every output reused
     assert out["eval_batch"] == out["first"] and out["moved"] == out["first"]
+    assert out["regenerated"] == out["first"] and out["data_there"]  # the ELEC steps failed on the missing schema
     assert set(out["refused"]) == {"overrides", "no_llm_overrides", "rows", "llm"}, out["refused"]
     plain = os.path.join(run_root, "plain")
     assert "train.epochs: 1 -> 2" in out["refused"]["overrides"] and "model.name: 'deepfm' -> 'fm'" in out["refused"]["overrides"]
