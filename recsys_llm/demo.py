@@ -61,19 +61,27 @@ REUSE_FREE_KEYS = ("train.run_dir", "train.resume", "train.device", "train.progr
                    "llactr.vectors_path", "elec.entity_tables", "elec.entity_vectors", "elec.teacher_checkpoint")
 # settings the demo makes from its own flags (and its LLM steps read): an override of one is refused
 FLAG_SETTINGS = {"data.schema": "--data-dir", "data.synthetic_rows": "--rows", "train.run_dir": "--run-dir"}
+# the methods' config sections, which the demo sets for its LLaCTR and ELEC variants: an override of one is refused
+METHOD_SECTIONS = ("llactr", "elec")
 NEW_RUN_DIR = ("pass another --run-dir for this demo (`make demo RUNS_DIR=...`), or delete {run_root} to start it "
                "over")
 
 
 def _check_overrides(overrides: Sequence[str]) -> None:
     """Raises when an override sets one of ``FLAG_SETTINGS``: it would beat the flag for the training
-    runs only (``data.schema``: every variant trained on other data than the LLM steps read).
+    runs only (``data.schema``: every variant trained on other data than the LLM steps read); or a
+    setting of ``METHOD_SECTIONS``: it would make the plain DeepFM a method's run (which fails on the
+    settings the demo gives the method's own variants only), and the demo's settings would beat it there.
 
     Raises:
-        ConfigError: naming the override and the flag to use instead.
+        ConfigError: naming the override and the flag to use instead (or what the demo sets).
     """
     for override in overrides:
         key = override.split("=", 1)[0].strip()
+        if key.split(".", 1)[0] in METHOD_SECTIONS:
+            raise ConfigError(f"the demo's override {override} sets a setting of LLaCTR or ELEC, which the demo sets "
+                              "itself for those variants (its overrides apply to every variant, the plain DeepFM "
+                              "included); to train a method with other settings, use `recsys-llm train`")
         if key in FLAG_SETTINGS:
             raise ConfigError(f"the demo's override {override} sets what {FLAG_SETTINGS[key]} sets (for the trainings "
                               f"and the LLM steps alike): pass {FLAG_SETTINGS[key]} instead")

@@ -359,6 +359,22 @@ def test_an_override_of_a_setting_the_demo_s_flags_make_is_refused(tmp_path, mon
     assert not os.path.exists(data_dir) and not os.path.exists(run_root)
 
 
+@pytest.mark.parametrize("override", ["llactr.lambda_fre=0.5", "elec.distill.alpha=5", "elec.vector_dim=8"])
+def test_an_override_of_a_method_s_setting_is_refused(tmp_path, monkeypatch, override) -> None:
+    """``llactr.*`` / ``elec.*`` among the overrides made the plain DeepFM a method's run, which failed
+    after the data was generated ("llactr: 'vectors_path' ... is required", "no column 'llm_vector'"),
+    and the demo's own settings beat it in the method's variant: refused, naming it, before any work."""
+    import recsys_llm.demo as demo
+    from recsys_llm.train.config import ConfigError
+
+    monkeypatch.setattr(demo, "run_training", lambda config: pytest.fail("trained"))
+    data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
+    with pytest.raises(ConfigError, match=rf"^the demo's override {re.escape(override)} sets a setting of LLaCTR "
+                                          r"or ELEC.*`recsys-llm train`"):
+        run_demo(CONFIG, data_dir, run_root, 3_000, [*SMALL, override], with_llm=False)
+    assert not os.path.exists(data_dir) and not os.path.exists(run_root)
+
+
 def test_demo_results_json_is_strict_json_when_a_metric_is_nan(tmp_path) -> None:
     """A test split of one class (e.g. ``demo --rows 10``) has no AUC: null, not NaN (which ``jq`` and
     JavaScript refuse)."""
