@@ -178,15 +178,18 @@ def _llm_record(llm: Optional[str]) -> Dict[str, Any]:
     adapts on}`` of the demo's LLM steps, checked first.
 
     Raises:
-        FileNotFoundError, ValueError: no model directory there (``read_model_config``), or its weights
-            are missing or damaged (``require_weight_files``).
+        FileNotFoundError, ValueError: no model directory there (``read_model_config``), its weights
+            are missing or damaged (``require_weight_files``), or it has no tokenizer that loads (or a
+            model type this transformers does not know, ``load_tokenizer``).
     """
     from recsys_llm.semantics.encoder import default_model_path
     from recsys_llm.semantics.model_dir import model_dir_fingerprint, read_model_config, require_weight_files
+    from recsys_llm.semantics.model_loading import load_tokenizer
 
     path = os.path.realpath(llm or default_model_path())
     read_model_config(path)  # before any training: a missing model fails at once
     require_weight_files(path)  # and one without whole weights (an interrupted download)
+    load_tokenizer(path)  # and one without its tokenizer files (a model saved without them)
     return {"llm": path, "fingerprint": model_dir_fingerprint(path), "adapt_fields": ADAPT_FIELDS}
 
 

@@ -309,6 +309,31 @@ def test_a_model_directory_without_whole_weights_is_refused_before_any_training(
         assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
 
 
+@pytest.mark.parametrize("damage, named", [("no_tokenizer", "no tokenizer files"),
+                                           ("unknown_type", "is not one transformers")])
+def test_a_model_directory_whose_tokenizer_cannot_load_is_refused_before_any_training(tmp_path, capsys, damage,
+                                                                                    named) -> None:
+    """A model saved without its tokenizer files (or of a model type this transformers does not know)
+    failed at ``semantics encode``, after the data was generated and the plain DeepFM trained."""
+    from recsys_llm.cli import main as cli_main
+
+    llm = save_tiny_bert(str(tmp_path / "llm"))
+    if damage == "no_tokenizer":
+        for name in os.listdir(llm):
+            if name.startswith("tokenizer"):
+                os.remove(os.path.join(llm, name))
+    else:
+        with open(os.path.join(llm, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+        with open(os.path.join(llm, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump({**config, "model_type": "no_such_model"}, handle)
+    data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
+    code = cli_main(["demo", "--rows", "3000", "--data-dir", data_dir, "--run-dir", run_root, "--llm", llm, *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and f"recsys-llm demo: error: {llm}" in err and named in err, err
+    assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
+
+
 def test_outputs_that_fail_while_written_keep_the_earlier_ones_whole(tmp_path, monkeypatch) -> None:
     """A full disk (or Ctrl-C) while ``demo_results.{json,png}`` are written again leaves the earlier
     files as they were, not emptied or cut short, and no temp file beside them."""
