@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from recsys_llm.atomic_dir import check_no_file_above, save_figure_atomically, write_text_atomically
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
-from recsys_llm.train.config import ConfigError, config_differences, load_config, schema_json_path
+from recsys_llm.train.config import ConfigError, check_resumable, config_differences, load_config, schema_json_path
 from recsys_llm.train.distributed import init_distributed, launch_ranks
 from recsys_llm.train.process import set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema
@@ -123,15 +123,18 @@ def _cli(argv: List[str]) -> None:
 
 
 def _check_same_run(config: Any, run_dir: str, run_root: str) -> None:
-    """Raises unless ``run_dir`` is new, unfinished (``recsys-llm train`` checks what a resume may
-    change) or holds a finished run of ``config``'s settings (``REUSE_FREE_KEYS`` aside).
+    """Raises unless ``run_dir`` is new, an unfinished run ``config`` may resume (what ``recsys-llm train``
+    checks) or holds a finished run of ``config``'s settings (``REUSE_FREE_KEYS`` aside).
 
     Raises:
         ConfigError: naming the settings that differ (``config_differences``) and what to do.
     """
-    if not os.path.isfile(os.path.join(run_dir, RESULTS_FILE)):
-        return
     saved = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(os.path.join(run_dir, RESULTS_FILE)):
+        if os.path.isfile(saved) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
+            # the training would refuse to resume it too, but advising train.run_dir, which the demo sets
+            check_resumable(config, saved, new_run=NEW_RUN_DIR.format(run_root=run_root))
+        return
     if not os.path.isfile(saved):
         raise ConfigError(f"{run_dir}: holds results of a run without its config.yaml, so the demo cannot tell "
                           f"whether they were made with these settings; {NEW_RUN_DIR.format(run_root=run_root)}")

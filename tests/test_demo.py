@@ -413,3 +413,26 @@ def test_demo_results_json_is_strict_json_when_a_metric_is_nan(tmp_path) -> None
 
     written = json.loads(open(json_path, encoding="utf-8").read(), parse_constant=refuse)
     assert written[PLAIN] == {"auc": None, "logloss": 0.69}
+
+
+def test_an_unfinished_run_of_other_settings_is_refused_naming_the_demo_s_flag(tmp_path, monkeypatch) -> None:
+    """A demo killed mid-training and run again with other settings: the training refused the resume advising
+    ``train.run_dir``, which the demo refuses as an override; the advice is the demo's ``--run-dir``."""
+    import recsys_llm.demo as demo
+    from recsys_llm.train.config import ConfigError, save_config
+
+    def killed_after_its_first_checkpoint(config):
+        os.makedirs(os.path.join(config.train.run_dir, "checkpoints"))
+        save_config(config, os.path.join(config.train.run_dir, "config.yaml"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_training", killed_after_its_first_checkpoint)
+    data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(CONFIG, data_dir, run_root, 3_000, SMALL, with_llm=False)
+    monkeypatch.setattr(demo, "run_training", lambda config: pytest.fail("trained"))
+    with pytest.raises(ConfigError) as refused:
+        run_demo(CONFIG, data_dir, run_root, 3_000, [*SMALL, "model.embedding_dim=16"], with_llm=False)
+    message = str(refused.value)
+    assert "model.embedding_dim: 8 -> 16" in message and "pass another --run-dir" in message, message
+    assert "train.run_dir" not in message

@@ -507,8 +507,10 @@ def _movable_beside(saved_path: str) -> List[str]:
     return [key for key, section in MOVABLE_PATH_KEYS.items() if isinstance(record, dict) and record.get(section)]
 
 
-def check_resumable(config: ExperimentConfig, saved_path: str) -> None:
-    """Raises unless ``config`` trains what the run saved at ``saved_path`` (its config.yaml) trained.
+def check_resumable(config: ExperimentConfig, saved_path: str,
+                    new_run: str = "another train.run_dir for a new run") -> None:
+    """Raises unless ``config`` trains what the run saved at ``saved_path`` (its config.yaml) trained;
+    ``new_run``: the advice for a new run (a command that sets ``train.run_dir`` from a flag names it).
 
     Raises:
         ConfigError: naming the settings that differ (only ``RESUME_FREE_KEYS`` may, and a moved
@@ -519,8 +521,7 @@ def check_resumable(config: ExperimentConfig, saved_path: str) -> None:
     if differences:
         raise ConfigError(
             f"{saved_path}: this run directory holds checkpoints of a run with other settings "
-            f"({'; '.join(differences)}); resuming would mix them. Use the same settings, or another "
-            "train.run_dir for a new run"
+            f"({'; '.join(differences)}); resuming would mix them. Use the same settings, or {new_run}"
         )
 
 
