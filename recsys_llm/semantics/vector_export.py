@@ -50,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries
-from recsys_llm.data.parquet_files import resolve_paths, split_fingerprint
+from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.semantics.row_text import RowTextRenderer
@@ -58,8 +58,6 @@ from recsys_llm.semantics.vector_projection import load_projection
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
 MANIFEST = "manifest.json"
-# split -> split_fingerprint of the data an export was made from (absent in exports of older versions)
-DATA_FINGERPRINTS_KEY = "data_fingerprints"
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
 
@@ -218,21 +216,28 @@ class VectorExport:
     def provenance(self) -> Dict[str, str]:
         return dict(self._provenance)
 
-    def _write_manifest(
-        self, keys: np.ndarray, rank: int, data_fingerprints: Optional[Dict[str, str]] = None
-    ) -> Dict[str, object]:
+    def _texts_sha256(self, texts: Callable[[int, int], Sequence[str]], num_rows: int) -> str:
+        """A hash of every text to export, rendered a chunk at a time (each prefixed by its length)."""
+        digest = hashlib.sha256()
+        for start in range(0, num_rows, self._config.chunk_rows):
+            for text in texts(start, min(start + self._config.chunk_rows, num_rows)):
+                data = str(text).encode("utf-8")
+                digest.update(len(data).to_bytes(8, "little"))
+                digest.update(data)
+        return digest.hexdigest()[:16]
+
+    def _write_manifest(self, keys: np.ndarray, texts_sha256: str, rank: int) -> Dict[str, object]:
         num_rows = len(keys)
         manifest = {
             "provenance": self._provenance,
             "chunk_rows": self._config.chunk_rows,
             "num_rows": num_rows,
             "keys_sha256": hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()[:16],
+            "texts_sha256": texts_sha256,
             "num_chunks": (num_rows + self._config.chunk_rows - 1) // self._config.chunk_rows,
             "key_column": self._config.key_column,
             "vector_column": self._config.vector_column,
         }
-        if data_fingerprints is not None:
-            manifest[DATA_FINGERPRINTS_KEY] = dict(data_fingerprints)
         path = os.path.join(self._directory, MANIFEST)
         if os.path.exists(path):
             existing = load_manifest(path)
@@ -253,18 +258,14 @@ class VectorExport:
                     "splits, the splits in another order, or other data), as many as this run's; use another "
                     "--output-dir, or re-run with the splits it was made from"
                 )
-            theirs_data, ours_data = existing.get(DATA_FINGERPRINTS_KEY), manifest.get(DATA_FINGERPRINTS_KEY)
-            if not differs and isinstance(theirs_data, dict) and ours_data is not None:
-                # the same row keys, other rows behind them (the data prepared again): a finished chunk holds the
-                # vectors of the rows as they were; exports of older versions record no data and are not compared
-                changed = [split for split, digest in ours_data.items() if theirs_data.get(split, digest) != digest]
-                if changed:
-                    raise ValueError(
-                        f"{self._directory}: holds an export of split(s) {changed} as their Parquet files were before "
-                        "they were written again (prepared again since?): its chunks hold the vectors of those rows, "
-                        "and a resume would keep them for the rows there now; use another --output-dir, or delete "
-                        "this one to export the data anew"
-                    )
+            if not differs and existing.get("texts_sha256", texts_sha256) != texts_sha256:
+                # the same keys, other texts (the data or its value texts prepared again): a finished
+                # chunk holds the vectors of the old texts
+                raise ValueError(
+                    f"{self._directory}: holds vectors of other texts than this run's, for the same keys (the data "
+                    "or its value texts changed since it was exported, e.g. prepared again); use another "
+                    "--output-dir, or delete this one to export the new texts"
+                )
             if differs:
                 theirs = ", ".join(f"{k}={existing[k]!r}" for k in differs)
                 ours = ", ".join(f"{k}={manifest[k]!r}" for k in differs)
@@ -346,7 +347,6 @@ class VectorExport:
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         progress: bool = True,
-        data_fingerprints: Optional[Dict[str, str]] = None,
     ) -> List[int]:
         """Encodes and writes this rank's missing chunks.
 
@@ -358,9 +358,6 @@ class VectorExport:
             rank (Optional[int]): this rank (default: torchrun's ``RANK``).
             world_size (Optional[int]): number of ranks (default: torchrun's ``WORLD_SIZE``).
             progress (bool): show a tqdm bar.
-            data_fingerprints (Optional[Dict[str, str]]): split -> hash of the data the texts
-                come from (:func:`~recsys_llm.data.parquet.split_fingerprint`), kept in the
-                manifest: a resume over other data behind the same keys is refused.
 
         Returns:
             List[int]: the chunks written by this call.
@@ -397,7 +394,7 @@ class VectorExport:
         require_unique_keys(key_values, f"{self._directory}: the keys to export")
         check_export_dir(self._directory)
         os.makedirs(self._directory, exist_ok=True)
-        self._write_manifest(key_values, rank, data_fingerprints)
+        self._write_manifest(key_values, self._texts_sha256(texts, len(keys)), rank)
         pending = self.pending_chunks(len(keys), rank, world_size)
         metadata = {PROVENANCE_KEY: json.dumps(self._provenance, sort_keys=True).encode()}
         written = []
@@ -729,6 +726,4 @@ def export_schema_vectors(
             return text_column.slice(start, stop - start).to_pylist()
 
     export = VectorExport(directory, provenance, config)
-    data = {split: split_fingerprint(schema, split) for split in splits}  # footers alone: no row is read
-    return export.run(keys, texts, encode_fn, rank=rank, world_size=world_size, progress=progress,
-                      data_fingerprints=data)
+    return export.run(keys, texts, encode_fn, rank=rank, world_size=world_size, progress=progress)

@@ -447,13 +447,28 @@ def test_a_resume_over_data_prepared_again_with_the_same_row_keys_is_refused(tmp
     pq.write_table(train.set_column(2, "item_id", pa.array([4, 2], pa.int64())), str(tmp_path / "train.parquet"))
     os.remove(chunk_path(out, 3))  # finished or not: either would mix the old rows' vectors with the new ones
     encoder = CountingEncoder()
-    with pytest.raises(ValueError, match=r"vec: holds an export of split\(s\) \['train'\] as their Parquet files "
-                                         r"were before they were written again"):
+    with pytest.raises(ValueError, match=r"vec: holds vectors of other texts than this run's, for the same keys"):
         export_schema_vectors(schema, ["train", "test"], renderer, encoder, out, PROVENANCE, config, progress=False)
     assert encoder.calls == 0
     pq.write_table(train, str(tmp_path / "train.parquet"))  # the data as exported: the resume goes on
     assert export_schema_vectors(schema, ["train", "test"], renderer, encoder, out, PROVENANCE, config,
                                  progress=False) == [3]
+
+
+def test_a_resume_over_other_texts_of_the_same_keys_is_refused(tmp_path):
+    """The data prepared again (another seed, new item descriptions) keeps its row ids or entity ids:
+    the finished chunks hold vectors of the old texts, which must not be attached to the new rows."""
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(20)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, CountingEncoder(), progress=False)
+    other_texts = [f"other row {i}" for i in range(20)]
+    encoder = CountingEncoder()
+    with pytest.raises(ValueError, match=r"vec: holds vectors of other texts than this run's"):
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(
+            keys, lambda a, b: other_texts[a:b], encoder, progress=False)
+    assert encoder.calls == 0
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, encoder, progress=False)
+    assert encoder.calls == 0  # the same texts: the finished export is used as it is
 
 
 def test_a_chunk_killed_while_being_written_is_no_chunk(tmp_path, monkeypatch):
