@@ -241,10 +241,13 @@ def load_vectors(
 
     Raises:
         VectorProvenanceError: naming the file and the first item that does not match, or
-            the first key whose vector holds NaN/inf.
+            the first key whose vector holds NaN/inf; or ``path`` is a directory.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: vector file not found")
+    if os.path.isdir(path):  # safetensors would say "No such device (os error 19)"
+        raise VectorProvenanceError(f"{path}: is a directory, not a field-vector file; give the .safetensors file "
+                                    "`recsys-llm semantics encode --output` wrote")
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}

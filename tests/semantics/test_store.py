@@ -46,6 +46,14 @@ class TestVectorStore:
         assert path in message and tiny_schema.fingerprint() in message and other.fingerprint() in message
         assert "'tiny'" in message and "'other'" in message and "re-encode" in message.lower()
 
+    def test_a_directory_is_named_as_one_not_as_an_unreadable_file(self, tmp_path) -> None:
+        # llactr.vectors_path=runs/ssft (the tune's output directory): safetensors' own error was
+        # "not a readable safetensors vector file: No such device (os error 19)"
+        with pytest.raises(VectorProvenanceError, match=rf"{tmp_path}: is a directory, not a field-vector file; give "
+                                                        r"the \.safetensors file `recsys-llm semantics encode --output` "
+                                                        r"wrote"):
+            load_vectors(str(tmp_path))
+
     def test_expected_mismatch_and_bad_shapes(self, tmp_path) -> None:
         path = str(tmp_path / "v.safetensors")
         save_vectors(path, torch.randn(2, 8), ["a", "b"], _provenance())
