@@ -244,15 +244,27 @@ def check_run_dir_is_ours(run_dir: str) -> None:
         )
 
 
+def _without_model_places(record: Dict[str, Any]) -> Dict[str, Any]:
+    """An llactr record without where its model and SSFT adapter lay (``model_id``, the model
+    directory's path, and ``extra.ssft_adapter``): for records whose ``model_hash`` says they are the same files."""
+    record = {key: value for key, value in record.items() if key != "model_id"}
+    if isinstance(record.get("extra"), dict):
+        record["extra"] = {key: value for key, value in record["extra"].items() if key != "ssft_adapter"}
+    return record
+
+
 def changed_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any]) -> List[str]:
     """The provenance entries (model, SSFT adapter, template, schema, ...) of an LLaCTR run's vector
     file in which ``current_plugins`` differs from the ``saved_plugins`` a run recorded (``llactr``),
-    sorted; where the file lies and when it was written, and entries only one record has (written by
+    sorted; where the file lies and when it was written, where the model and the adapter lay when both
+    records' ``model_hash`` (their files' hash) is the same, and entries only one record has (written by
     another version), are not compared."""
     saved, current = saved_plugins.get("llactr"), current_plugins.get("llactr")
     if not saved or not current:
         return []
     current = json.loads(json.dumps(current, default=str))  # as plugins.json stores it
+    if saved.get("model_hash") and saved.get("model_hash") == current.get("model_hash"):  # the same model files
+        saved, current = _without_model_places(saved), _without_model_places(current)
     keys = sorted((set(saved) & set(current)) - VECTOR_RECORD_PLACE_KEYS)
     return [key for key in keys if saved[key] != current[key]]
 

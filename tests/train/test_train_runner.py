@@ -827,6 +827,27 @@ def test_a_resume_whose_vector_file_now_holds_other_vectors_is_refused() -> None
     check_same_field_vectors({}, other, "run/plugins.json")  # a run without llactr: nothing to compare
 
 
+def test_vectors_encoded_again_from_the_same_model_files_at_another_path_are_the_same_vectors() -> None:
+    """model_id and extra.ssft_adapter name where the model and the adapter lay (MiniLM's is inside the
+    venv); model_hash says which files they were: the same files elsewhere give the same vectors."""
+    from recsys_llm.train.run_records import check_same_field_vectors
+
+    saved = {"llactr": {"vectors": "v.safetensors", "model_id": "/old/venv/minilm+ssft:ab12", "model_hash": "h+ab12+f1",
+                        "extra": {"ssft_adapter": "/old/runs/ssft/adapter", "dtype": "float32"}}}
+    elsewhere = {"llactr": {**saved["llactr"], "model_id": "/new/venv/minilm+ssft:ab12",
+                            "extra": {"ssft_adapter": "/new/runs/ssft/adapter", "dtype": "float32"}}}
+    check_same_field_vectors(saved, elsewhere, "run/plugins.json")
+    other_files = {"llactr": {**saved["llactr"], "model_hash": "h+ab12+f2"}}  # adapter files changed in place
+    with pytest.raises(ConfigError, match=r"\(differing: model_hash\)"):
+        check_same_field_vectors(saved, other_files, "run/plugins.json")
+    other_dtype = {"llactr": {**elsewhere["llactr"], "extra": {"ssft_adapter": "/new/a", "dtype": "bfloat16"}}}
+    with pytest.raises(ConfigError, match=r"\(differing: extra\)"):
+        check_same_field_vectors(saved, other_dtype, "run/plugins.json")
+    unhashed = {"llactr": {key: value for key, value in saved["llactr"].items() if key != "model_hash"}}
+    with pytest.raises(ConfigError, match=r"\(differing: model_id\)"):  # no hash to say they are the same files
+        check_same_field_vectors(unhashed, {"llactr": {**unhashed["llactr"], "model_id": "/new"}}, "run/plugins.json")
+
+
 def test_evaluate_and_export_check_the_vectors_against_the_run_they_load(tmp_path) -> None:
     """A vector file of the run's fields in another order would match its trained pair weights to the
     wrong fields: refused like a resume's; a moved copy is fine."""
