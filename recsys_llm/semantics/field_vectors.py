@@ -177,7 +177,7 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
         extra["ssft_fields"] = info["fields"]
     provenance = VectorProvenance(
         model_id=encoder.model_id, model_hash=encoder.model_hash, pooling=encoder.pooling,
-        template=templates.template_id(), left_out=left_out, extra=extra,
+        template=templates.template_id(), left_out=left_out, extra=extra, max_length=encoder.max_length,
     ).for_schema(schema)
     save_vectors(output, vectors, [f.name for f in fields], provenance)
     return load_vectors(output, schema=schema)

@@ -56,6 +56,8 @@ class VectorProvenance:
         created_by (str): the command line that made the file.
         created_at (str): UTC time stamp.
         extra (Dict[str, Any]): anything else (JSON-serialisable), e.g. SSFT metrics.
+        max_length (Optional[int]): tokens per text the encoder cut the texts at (None: not
+            recorded, files of older versions).
     """
 
     model_id: str
@@ -71,6 +73,7 @@ class VectorProvenance:
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     )
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_length: Optional[int] = None
 
     def for_schema(self, schema: DatasetSchema) -> "VectorProvenance":
         """A copy tied to ``schema`` (name, fingerprint, field list)."""
@@ -288,10 +291,10 @@ def load_vectors(
     for item, want in (expected or {}).items():
         if item == "keys":
             have: Any = keys
-        elif hasattr(provenance, item):
-            have = getattr(provenance, item)
-        else:
-            have = provenance.extra.get(item)
+        else:  # an item older files keep in extra (max_length) is there when the field is None
+            have = getattr(provenance, item, None)
+            if have is None:
+                have = provenance.extra.get(item)
         if have != want:
             raise VectorProvenanceError(f"vectors in {path} have {item}={have!r}, expected {want!r}")
     return StoredVectors(vectors.float(), keys, provenance)
@@ -373,7 +376,7 @@ def cached_encode(
         )
     provenance = VectorProvenance(
         model_id=encoder.model_id, model_hash=encoder.model_hash, pooling=encoder.pooling, template=template_id,
-        extra={"texts_sha256": texts_hash(texts), "max_length": encoder.max_length, "dtype": dtype},
+        extra={"texts_sha256": texts_hash(texts), "dtype": dtype}, max_length=encoder.max_length,
     )
     save_vectors(path, vectors, [str(i) for i in range(len(texts))], provenance)
     return vectors

@@ -178,3 +178,17 @@ def test_an_edited_adapter_config_misses_the_encode_cache(tmp_path, tiny_llama_d
     assert not torch.allclose(expected, tuned)
     torch.testing.assert_close(cached_encode(encoder, SAMPLE_TEXTS, "t", cache, progress=False), expected,
                                atol=0, rtol=0)
+
+
+def test_vectors_encoded_at_another_max_length_are_named_as_other_vectors(tmp_path, tiny_llama_dir, tiny_schema) -> None:
+    """Texts cut at another length give other vectors from the same model: a run's record must tell them
+    apart (a resume, evaluate or a reused experiment run would take them as the vectors it trained with)."""
+    from recsys_llm.train.run_records import changed_field_vectors
+
+    records = {}
+    for max_length in (4, 256):
+        stored = encode_field_vectors(FieldVectorConfig(model_path=tiny_llama_dir, max_length=max_length), tiny_schema,
+                                      str(tmp_path / f"v{max_length}.safetensors"))
+        records[max_length] = {"llactr": stored.provenance.to_dict()}
+    assert records[4]["llactr"]["max_length"] == 4
+    assert changed_field_vectors(records[4], records[256]) == ["max_length"]

@@ -233,3 +233,13 @@ def test_vector_files_are_synced_before_the_rename_and_a_failed_save_keeps_the_o
         save_vectors(path, torch.full((2, 4), 2.0), ["a", "b"], _provenance())
     monkeypatch.undo()
     assert load_vectors(path).vectors.sum() == 0 and os.listdir(tmp_path) == ["v.safetensors"]
+
+
+def test_a_cache_file_recording_max_length_in_extra_still_matches(tmp_path) -> None:
+    """Cache files written before ``max_length`` became a provenance field keep it in ``extra``."""
+    path = str(tmp_path / "old.safetensors")
+    older = VectorProvenance(model_id="m", model_hash="h", pooling="mean", template="t", extra={"max_length": 256})
+    save_vectors(path, torch.ones(1, 4), ["0"], older)
+    assert load_vectors(path, expected={"max_length": 256}).provenance.max_length is None
+    with pytest.raises(VectorProvenanceError, match="max_length=256, expected 128"):
+        load_vectors(path, expected={"max_length": 128})
