@@ -22,7 +22,6 @@ import importlib
 import importlib.util
 import json
 import sys
-from typing import Optional
 
 GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
 TRUST_REMOTE_CODE_HELP = ("run the model directory's own Python code when its config.json asks for it (auto_map); "
@@ -46,8 +45,10 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
         action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
-def _common(parser: argparse.ArgumentParser, max_length_default: Optional[int] = 256) -> None:
-    """The options ``tune`` and ``encode`` share; ``encode``'s max length defaults to None (256, or the adapter's)."""
+def _common(parser: argparse.ArgumentParser, training: bool) -> None:
+    """The options ``tune`` (``training``) and ``encode`` share; ``encode``'s max length defaults to None (256, or
+    the adapter's)."""
+    max_length_default = 256 if training else None
     parser.add_argument("--schema", required=True, help="schema.json (or its directory)")
     parser.add_argument("--model", "--llm", dest="model", default=None,
                         help="local Hugging Face model directory (default: offline MiniLM)")
@@ -58,7 +59,8 @@ def _common(parser: argparse.ArgumentParser, max_length_default: Optional[int] =
                         help="tokens per text" + ("" if max_length_default else " (default: 256, or the adapter's)"))
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,  # resolve_dtype's names
-                        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16 (training scales the loss)")
+                        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"
+                             + (" (training scales the loss)" if training else ""))
     parser.add_argument("--include-fields-without-description", action="store_true",
                         help="also use fields the schema does not describe (as their bare name)")
     parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
@@ -122,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     commands = group.add_subparsers(dest="semantics_command", required=True)
 
     tune = commands.add_parser("tune", help="SSFT: LoRA-tune an LLM to tell which field a value belongs to")
-    _common(tune)
+    _common(tune, training=True)
     tune.add_argument("--output-dir", required=True, help="adapter/, checkpoint/ and metrics.json go here")
     tune.add_argument("--samples-train", type=int, default=1000, help="S_train distinct values per field")
     tune.add_argument("--samples-valid", type=int, default=100, help="S_valid held-out values per field")
@@ -143,7 +145,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     tune.set_defaults(func=_tune)
 
     encode = commands.add_parser("encode", help="one vector per field (tuned or untuned model), with provenance")
-    _common(encode, max_length_default=None)
+    _common(encode, training=False)
     encode.add_argument("--adapter", default=None,
                         help="SSFT adapter directory (<tune output-dir>/adapter); it names its base model, pooling "
                              "and max length, so --model, --pooling and --max-length are left out (or the same)")

@@ -66,7 +66,10 @@ def read_adapter_info(adapter_dir: str) -> Dict[str, Any]:
     """
     info_path = os.path.join(adapter_dir, SSFT_INFO_FILE)
     if not os.path.exists(info_path):
-        raise FileNotFoundError(f"{info_path}: not an SSFT adapter directory (run `recsys-llm semantics tune`)")
+        inside = os.path.join(adapter_dir, "adapter")  # the tune's --output-dir named instead of its adapter/
+        hint = (f"; {inside} is the adapter that tune output directory holds" if os.path.isfile(
+            os.path.join(inside, SSFT_INFO_FILE)) else " (run `recsys-llm semantics tune`)")
+        raise FileNotFoundError(f"{info_path}: not an SSFT adapter directory{hint}")
     try:
         info = read_json_file(info_path)
     except ValueError as error:

@@ -40,6 +40,10 @@ class TestFieldVectors:
                          "--samples-train", "8", "--samples-valid", "2", "--epochs", "1", "--lr", "3e-3"]) == 0
         summary = json.loads(capsys.readouterr().out)
         assert summary["epochs"] == 1 and summary["num_valid"] == 8
+        # the tune's output directory named for its adapter/: the error points at the adapter inside
+        with pytest.raises(FileNotFoundError, match=f"{os.path.join(out_dir, 'adapter')} is the adapter that tune "
+                                                     "output directory holds"):
+            _run_cli(["semantics", "encode", "--schema", schema_path, "--adapter", out_dir, "--output", output])
         assert _run_cli(["semantics", "encode", "--schema", schema_path, "--adapter", os.path.join(out_dir, "adapter"),
                          "--output", output]) == 0
         tuned = load_vectors(output, schema=tiny_schema)
