@@ -12,7 +12,7 @@ from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN, ConfigError, ExperimentConfig, schema_json_path
 from recsys_llm.train.distributed import DistContext, barrier
-from recsys_llm.train.task_builder import plugin_extras
+from recsys_llm.train.task_builder import check_plugin_columns, plugin_extras
 
 
 def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate: bool = True) -> DatasetSchema:
@@ -70,6 +70,8 @@ def build_readers(
         ConfigError: ``data.valid_split`` or ``data.test_split`` names a split the data does not have.
     """
     data = config.data
+    check_plugin_columns(config, schema, [s for s in (data.train_split, data.valid_split, data.test_split)
+                                          if s in schema.splits])
     eval_batch = data.eval_batch_size or data.batch_size
     train_extras = list(dict.fromkeys(list(data.extras) + plugin_extras(config)))
     eval_extras = list(dict.fromkeys(train_extras + list(metric_subsets(config, schema).values())))

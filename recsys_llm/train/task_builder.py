@@ -168,6 +168,30 @@ def extra_column_width(schema: DatasetSchema, split: str, column: str) -> int:
     return int(kind.list_size)
 
 
+def check_plugin_columns(config: ExperimentConfig, schema: DatasetSchema, splits: List[str]) -> None:
+    """Raises, before any reader is made, when a split lacks a column the plug-ins read
+    (:func:`plugin_extras`), saying which command writes it for that split.
+
+    Raises:
+        ConfigError: naming the split's file, the columns and the command that writes them.
+    """
+    wanted = plugin_extras(config)
+    for split in splits if wanted else []:
+        path = resolve_paths(schema, split)[0]
+        missing = [name for name in wanted if name not in pq.read_schema(path).names]
+        if not missing:
+            continue
+        elec = ELECConfig.from_dict(config.elec, source="elec")
+        if elec.task == "distill" and elec.distill.mode == "offline":
+            why = ("offline distillation reads the teacher's outputs in every split it trains on or evaluates (its "
+                   "loss holds the distillation terms): `recsys-llm teacher-outputs --checkpoint TEACHER_RUN` writes "
+                   "them for every split of the schema (leave --splits out)")
+        else:
+            why = ("ELEC reads the LLM vector of every row it trains on or evaluates: `recsys-llm semantics export "
+                   "--attach-dir` writes it into a copy of every split (leave --splits out)")
+        raise ConfigError(f"{path} (split {split!r}): no column(s) {missing}; {why}")
+
+
 def plugin_extras(config: ExperimentConfig) -> List[str]:
     """Parquet columns the plug-ins read from ``batch.extras`` (added to ``data.extras``)."""
     if not config.elec:

@@ -17,7 +17,7 @@ from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
 from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors
 from recsys_llm.train.sharding import CPU_SPARSE_OPTIMIZERS, shard_model
-from recsys_llm.train.task_builder import build_task, plugin_extras
+from recsys_llm.train.task_builder import build_task, check_plugin_columns, plugin_extras
 
 
 class TrainedRun(NamedTuple):
@@ -88,6 +88,8 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     seed_everything(config.train.seed)
     split = split or config.data.test_split
     data = config.data
+    if split in schema.splits:
+        check_plugin_columns(config, schema, [split])
     extras = list(data.extras) + plugin_extras(config) + list(metric_subsets(config, schema).values())
     reader = ParquetBatchReader(
         schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,

@@ -299,3 +299,23 @@ def test_a_run_dir_holding_only_a_killed_jobs_check_file_is_still_a_new_run_dir(
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"holds no run of recsys-llm train \(it has notes.txt;"):
         check_run_dir_is_ours(str(tmp_path))
+
+
+def test_a_split_without_the_teacher_outputs_of_an_offline_student_is_named_with_the_command_that_writes_them(
+        synthetic_dir: str, tmp_path) -> None:
+    """`teacher-outputs --splits train` (a plausible choice) left valid without them: training failed on the valid
+    reader with 'missing extra column(s) ... asked for by the reader (extras)', which said neither why nor what to run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = str(tmp_path / "data")
+    shutil.copytree(synthetic_dir, data)
+    train = os.path.join(data, "train.parquet")
+    table = pq.read_table(train)
+    pq.write_table(table.append_column("teacher_logits", pa.array([0.0] * table.num_rows, pa.float32())), train)
+    config = _config(data, "elec.task=distill", "elec.distill.mode=offline", "elec.distill.beta=0")
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(ConfigError, match=re.escape(os.path.join(data, "valid.parquet")) + r" \(split 'valid'\): no "
+                                          r"column\(s\) \['teacher_logits'\]; offline distillation reads the teacher's "
+                                          r"outputs in every split .*`recsys-llm teacher-outputs"):
+        build_readers(config, DatasetSchema.load(os.path.join(data, "schema.json")), ctx)
