@@ -592,6 +592,34 @@ def test_export_names_what_it_cannot_export(tmp_path):
     assert not os.path.exists(out)
 
 
+def test_a_hugging_face_model_directory_is_not_replaced_as_an_earlier_export(tmp_path):
+    """A model directory (the LLM of `semantics encode`) holds config.json and model.safetensors, the files that
+    mark an export: `export --output` at it replaced it, deleting its tokenizer files."""
+    from safetensors.torch import save_file
+
+    from recsys_llm.cli.export import _write_state
+
+    model_dir = tmp_path / "minilm"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    save_file({"embeddings.word_embeddings.weight": torch.zeros(4, 8)}, str(model_dir / "model.safetensors"))
+    (model_dir / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    before = sorted(os.listdir(model_dir))
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 0)
+    refusal = r"minilm: holds config.json and model.safetensors but is not an earlier export: .*config.json has no " \
+              r"'state' and 'dense_program' keys \(a Hugging Face model directory\?\); writing the export there " \
+              r"would replace its 3 entries \(config.json, model.safetensors, vocab.txt\)"
+    with pytest.raises(FileExistsError, match=refusal):
+        export_task(student, str(model_dir), example.dense_features, example.sparse_features)
+    with pytest.raises(FileExistsError, match=refusal):  # `export --state-only`
+        _write_state(student.state_dict(), str(model_dir), {})
+    assert sorted(os.listdir(model_dir)) == before
+    assert sorted(os.listdir(tmp_path)) == ["minilm"]
+    _write_state(student.state_dict(), str(tmp_path / "state"), {})
+    export_task(student, str(tmp_path / "state"), example.dense_features, example.sparse_features)  # an earlier export
+
+
 def test_an_example_batch_of_another_dense_width_is_refused_and_keeps_the_earlier_export(tmp_path):
     """torch.export failed on it (and on sparse features of another batch size), so the export replaced a working
     artifact with one without a program, blaming torch.export and recording the example's width as the model's."""

@@ -39,11 +39,10 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     """
     import torch
 
-    from recsys_llm.atomic_dir import check_replaceable
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.modules.teacher_student import TeacherStudentTask
     from recsys_llm.serving import (
-        EXPORT_MARKER_FILES,
+        check_export_output,
         check_servable,
         export_task,
         materialize_meta,
@@ -55,7 +54,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     from recsys_llm.train.task_builder import build_task
     from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 
-    check_replaceable(output, "export", EXPORT_MARKER_FILES)  # before any work (every rank)
+    check_export_output(output)  # before any work (every rank)
     run = open_trained_run(config, checkpoint)
     ctx, schema, checkpoint = run.ctx, run.schema, run.checkpoint
     task = None
@@ -109,11 +108,12 @@ def _write_state(state: Dict[str, Any], output: str, metadata: Dict[str, Any]) -
     from safetensors.torch import save_file
 
     from recsys_llm.atomic_dir import atomic_directory
-    from recsys_llm.serving import EXPORT_MARKER_FILES, STATE_FILE
+    from recsys_llm.serving import EXPORT_MARKER_FILES, STATE_FILE, check_export_output
     from recsys_llm.serving.artifact import STATE_ONLY_PROGRAM
 
     config = {"state": STATE_FILE, "num_state_tensors": len(state), "dense_program": STATE_ONLY_PROGRAM,
               "num_parameters": int(sum(v.numel() for v in state.values())), "feature_names": [], "metadata": metadata}
+    check_export_output(output)
     with atomic_directory(output, "export", EXPORT_MARKER_FILES) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, STATE_FILE))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:

@@ -43,7 +43,14 @@ model's state dict; reading an artifact's weights safely), ``export`` (:func:`ex
 """
 
 from recsys_llm.serving.artifact import EXPORT_MARKER_FILES, FORMAT_VERSION, STATE_FILE
-from recsys_llm.serving.export import INFERENCE_EXAMPLE, DenseHead, check_servable, export_task, serving_form
+from recsys_llm.serving.export import (
+    INFERENCE_EXAMPLE,
+    DenseHead,
+    check_export_output,
+    check_servable,
+    export_task,
+    serving_form,
+)
 from recsys_llm.serving.served_model import ARTIFACT_READ_ERRORS, CONFIG_KEYS, ServedModel
 from recsys_llm.serving.state import (
     load_state_file,
@@ -63,6 +70,7 @@ __all__ = [
     "STATE_FILE",
     "DenseHead",
     "ServedModel",
+    "check_export_output",
     "check_servable",
     "export_task",
     "load_state_file",

@@ -15,7 +15,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recsys_llm.atomic_dir import atomic_directory
+from recsys_llm.atomic_dir import atomic_directory, check_replaceable
 from recsys_llm.env import installed_versions, source_commit
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import id_rules
@@ -242,6 +242,40 @@ def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
     ]
 
 
+EXPORT_CONFIG_KEYS = ("state", "dense_program")  # in every export's config.json (state-only ones too)
+
+
+def check_export_output(directory: str) -> None:
+    """Raises unless ``directory`` may take an export: absent, empty, or an earlier export.
+
+    An earlier export holds ``config.json`` and ``model.safetensors``, and so does a Hugging
+    Face model directory (the LLM of ``semantics encode``): it is told by its ``config.json``,
+    which must be an export's (``state`` and ``dense_program`` keys), or the export would
+    replace the model directory, its tokenizer files included.
+
+    Raises:
+        FileExistsError: ``directory`` holds other files, or ``config.json`` and
+            ``model.safetensors`` with a ``config.json`` that is not an export's.
+    """
+    check_replaceable(directory, "export", EXPORT_MARKER_FILES)
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or not all(key in config for key in EXPORT_CONFIG_KEYS):
+        entries = sorted(os.listdir(directory))
+        raise FileExistsError(
+            f"{directory}: holds {' and '.join(EXPORT_MARKER_FILES)} but is not an earlier export: {path} has no "
+            f"{' and '.join(repr(key) for key in EXPORT_CONFIG_KEYS)} keys (a Hugging Face model directory?); "
+            f"writing the export there would replace its {len(entries)} entries ({', '.join(entries[:5])}"
+            f"{', ...' if len(entries) > 5 else ''}); choose another output directory"
+        )
+
+
 def _semantic_ebc(task: nn.Module) -> Optional[EmbeddingBagCollection]:
     """The frozen entity-vector EBC of an entity-table gain network, else None."""
     table = getattr(task, "semantic_table", None)
@@ -377,7 +411,7 @@ def export_task(
         task (nn.Module): the student ``CTRTask`` (or an entity-table gain network) with trained
             weights, on CPU.
         directory (str): output directory: an earlier export there is replaced, any other
-            non-empty directory refused (``atomic_dir.check_replaceable``).
+            non-empty directory refused (:func:`check_export_output`).
         example_dense (torch.Tensor): (B, Dd) example input for ``torch.export`` (B >= 2); another
             real dtype than float32 (numpy's float64) is converted, as ``ServedModel`` converts requests.
         example_sparse (KeyedJaggedTensor): example ids of the same batch.
@@ -402,6 +436,7 @@ def export_task(
     """
     _check_exportable(task, example_dense, example_sparse)
     check_servable(task)
+    check_export_output(directory)
     example_dense = example_dense.to(DENSE_DTYPE)  # the program's input dtype, whatever the example's
     ebc = task.model.embedding_bag_collection
     semantic = _semantic_ebc(task)
