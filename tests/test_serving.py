@@ -622,7 +622,8 @@ def test_a_hugging_face_model_directory_is_not_replaced_as_an_earlier_export(tmp
 
 def test_an_example_batch_of_another_dense_width_is_refused_and_keeps_the_earlier_export(tmp_path):
     """torch.export failed on it (and on sparse features of another batch size), so the export replaced a working
-    artifact with one without a program, blaming torch.export and recording the example's width as the model's."""
+    artifact with one without a program, blaming torch.export and recording the example's width as the model's;
+    sparse features without one of the model's features failed with a bare KeyError."""
     student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
     example = make_batch(4, 0)
     out = str(tmp_path / "export")
@@ -633,6 +634,11 @@ def test_an_example_batch_of_another_dense_width_is_refused_and_keeps_the_earlie
     with pytest.raises(ValueError, match=r"export: the example sparse features hold 4 row\(s\), the example dense "
                                          r"batch 2; pass the dense and sparse features of one batch"):
         export_task(student, out, example.dense_features[:2], example.sparse_features)
+    no_genres = KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "item_id"], values=example.sparse_features.values()[:8],
+                                                    lengths=example.sparse_features.lengths()[:8])
+    with pytest.raises(ValueError, match=re.escape("export: the example sparse features lack ['genres']; DeepFM's tables "
+                                                   "read ['user_id', 'item_id', 'genres']")):  # was a bare KeyError
+        export_task(student, out, example.dense_features, no_genres)
     ServedModel.load(out, trust_program=True).logits(example.dense_features, example.sparse_features)
 
 

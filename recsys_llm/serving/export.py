@@ -317,7 +317,16 @@ def _check_exportable(task: nn.Module, example_dense: torch.Tensor, example_spar
             f"export: the example dense batch has {example_dense.size(1)} column(s); {type(task.model).__name__} was "
             f"built for {width} dense feature(s): pass a batch of the model's own data (its schema's dense fields)"
         )
-    # the example is looked up as it is: a weighted EBC without weights fails in torchrec with a bare AssertionError
+    # the example is looked up as it is: a feature it lacks fails in torchrec with a bare KeyError
+    semantic = _semantic_ebc(task)
+    read = _kjt_keys(_table_dicts(ebc), _table_dicts(semantic) if semantic is not None else [])
+    missing = [name for name in read if name not in example_sparse.keys()]
+    if missing:
+        raise ValueError(
+            f"export: the example sparse features lack {missing}; {type(task.model).__name__}'s tables read {read}: "
+            "pass a batch of the model's own data (its schema's sparse and sequence fields)"
+        )
+    # and a weighted EBC without weights fails in torchrec with a bare AssertionError
     check_id_weights(example_sparse, bool(ebc.is_weighted()), f"export: {type(task.model).__name__} (example_sparse)")
     if example_sparse.stride() != example_dense.size(0):
         raise ValueError(
@@ -430,9 +439,9 @@ def export_task(
     Raises:
         ValueError: a sharded (DMP) model, a teacher-student pair (export its student), a task without a
             backbone EBC, a weight still on the meta device, an example batch of fewer than 2 rows or of
-            another dense width than the backbone's, sparse features of another batch size than the dense
-            ones or without per-id weights for weighted tables (with them for unweighted ones), or teacher /
-            LLM parts.
+            another dense width than the backbone's, sparse features lacking a feature the tables read, of
+            another batch size than the dense ones or without per-id weights for weighted tables (with them
+            for unweighted ones), or teacher / LLM parts.
     """
     _check_exportable(task, example_dense, example_sparse)
     check_servable(task)
