@@ -168,6 +168,18 @@ def test_gain_network_and_pairs_are_refused(tmp_path):
     assert not os.path.exists(str(tmp_path / "x"))
 
 
+def test_the_student_s_state_is_gathered_without_the_teacher_s(tmp_path):
+    """`export` of a distilled student gathered the whole pair into rank 0's memory (the teacher's tables, entity
+    vectors among them, can be many times the student's) and then kept the student's alone."""
+    pair = build_elec_task(ELECConfig(task="distill", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
+    whole = unsharded_state_dict(pair)
+    student = unsharded_state_dict(pair, prefix="student.")
+    assert any(not name.startswith("student.") for name in whole)
+    assert sorted(student) == sorted(name for name in whole if name.startswith("student."))
+    for name, value in student.items():
+        torch.testing.assert_close(value, whole[name])
+
+
 def test_a_teacher_student_pair_is_refused_naming_its_student(tmp_path):
     pair = build_elec_task(ELECConfig(task="distill", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
     example = make_batch(4, 0)

@@ -63,7 +63,9 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         check_servable(task.student if isinstance(task, TeacherStudentTask) else task)
     if ctx.is_main:
         _say(f"loading {checkpoint} on {ctx.world_size} rank(s) and gathering the tables into rank 0")
-    full = unsharded_state_dict(load_trained_model(config, run))  # collective
+    # a served student alone: its teacher's tables (entity vectors, ...) are not gathered into rank 0's memory
+    served_prefix = "student." if isinstance(task, TeacherStudentTask) else ""
+    full = unsharded_state_dict(load_trained_model(config, run), prefix=served_prefix)  # collective
     written: Dict[str, Any] = {}
     if ctx.is_main:
         size = sum(v.numel() * v.element_size() for v in full.values())

@@ -59,12 +59,14 @@ def _gather_shards_to_cpu(value: ShardedTensor, dst: int) -> Optional[torch.Tens
     return full
 
 
-def unsharded_state_dict(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
+def unsharded_state_dict(model: nn.Module, dst: int = 0, prefix: str = "") -> Dict[str, torch.Tensor]:
     """The full state dict of a (possibly DMP-sharded) model, gathered on rank ``dst``.
 
     Every rank must call it (the gather is collective). Sharded tables travel one shard at
     a time into CPU memory on ``dst`` (a table need not fit on one GPU); plain tensors are
     cloned; wrapper prefixes (``_dmp_wrapped_module.``, DDP's ``module.``) are removed.
+    ``prefix``: only the tensors whose name (wrappers removed) starts with it are gathered,
+    e.g. ``"student."`` of a teacher-student task (its teacher's tables never reach ``dst``).
 
     Returns:
         Dict[str, torch.Tensor]: full CPU tensors on ``dst``; an empty dict on other ranks.
@@ -75,6 +77,8 @@ def unsharded_state_dict(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tens
     out: Dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         name = strip_wrappers(key)
+        if not name.startswith(prefix):  # the same names on every rank: each skips the same gathers
+            continue
         if isinstance(value, ShardedTensor):
             full = _gather_shards_to_cpu(value, dst)
             if rank == dst:
