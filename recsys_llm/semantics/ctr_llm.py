@@ -577,20 +577,28 @@ def check_base_model(directory: str, model_path: str) -> None:
         ValueError: the fingerprints differ (the base model was replaced, or ``model_path`` names
             another model).
     """
-    provenance_path = os.path.join(directory, "provenance.json")
-    if not os.path.isfile(provenance_path):
-        return
-    provenance = read_json_file(provenance_path, ctr_llm_damage(directory))
-    recorded = provenance.get(BASE_WEIGHTS_KEY) if isinstance(provenance, dict) else None
-    if not isinstance(recorded, str):
+    recorded, base = _recorded_base(directory, BASE_WEIGHTS_KEY)
+    if recorded is None:
         return
     current = model_weights_fingerprint(model_path)
     if current != recorded:
         raise ValueError(
-            f"{directory}: adapted on base model {provenance.get('model', '?')!r} whose config and weights have "
+            f"{directory}: adapted on base model {base!r} whose config and weights have "
             f"fingerprint {recorded}, but those at {model_path} have {current} (replaced, or another model); point "
             "model_path in config.json at the model it was adapted on, or run `semantics adapt` again"
         )
+
+
+def _recorded_base(directory: str, key: str) -> Tuple[Optional[str], str]:
+    """``provenance.json``'s fingerprint ``key`` of the base model in ``directory`` (None: a save written before
+    it was recorded) and the base model's name."""
+    provenance_path = os.path.join(directory, "provenance.json")
+    if not os.path.isfile(provenance_path):
+        return None, "?"
+    provenance = read_json_file(provenance_path, ctr_llm_damage(directory))
+    if not isinstance(provenance, dict) or not isinstance(provenance.get(key), str):
+        return None, "?"
+    return provenance[key], str(provenance.get("model", "?"))
 
 
 def check_base_tokenizer(directory: str, model: CTRAdaptedLLM) -> None:
@@ -603,17 +611,13 @@ def check_base_tokenizer(directory: str, model: CTRAdaptedLLM) -> None:
     Raises:
         ValueError: the fingerprints differ, naming both and the base model directory.
     """
-    provenance_path = os.path.join(directory, "provenance.json")
-    if not os.path.isfile(provenance_path):
-        return
-    provenance = read_json_file(provenance_path, ctr_llm_damage(directory))
-    recorded = provenance.get(BASE_TOKENIZER_KEY) if isinstance(provenance, dict) else None
-    if not isinstance(recorded, str):
+    recorded, base = _recorded_base(directory, BASE_TOKENIZER_KEY)
+    if recorded is None:
         return
     current = tokenizer_fingerprint(model.tokenizer)
     if current != recorded:
         raise ValueError(
-            f"{directory}: adapted on base model {provenance.get('model', '?')!r} whose tokenizer has fingerprint "
+            f"{directory}: adapted on base model {base!r} whose tokenizer has fingerprint "
             f"{recorded}, but the one at {model.config.model_path} has {current} (another vocabulary, casing or "
             "special tokens: the same texts give other tokens); point model_path in config.json at the model it was "
             "adapted on, or run `semantics adapt` again"
