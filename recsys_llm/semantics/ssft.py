@@ -45,7 +45,7 @@ import json
 import os
 import random
 import warnings
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -255,13 +255,20 @@ def fit_prompts(
     templates: PromptTemplates,
     tokenizer: Any,
     max_length: int,
+    taken: Optional[Set[str]] = None,
 ) -> Tuple[List[SSFTExample], int]:
     """Shortens the value of every prompt longer than ``max_length`` tokens until the prompt fits.
 
     The query vector is read at the prompt's last token, right before the answer; a prompt
     the tokenizer truncates loses its candidate set and ``### Response:`` instead, and its
     query lands in the middle of the value. The longest prefix of the value (in characters)
-    whose prompt fits is kept; a value of which nothing fits is left out.
+    whose prompt fits is kept; a value of which nothing fits is left out, and so is one whose
+    shortened value is in ``taken`` (values of long texts sharing their start would otherwise
+    give one prompt several times: in training and held out, or with other fields as the answer).
+
+    Args:
+        taken (Optional[Set[str]]): the values prompts keep, here and in other example lists
+            (training and held-out); None -> those of ``examples``. Each shortened value kept is added.
 
     Returns:
         Tuple[List[SSFTExample], int]: the examples (in order) and how many were shortened or left out.
@@ -270,6 +277,7 @@ def fit_prompts(
         ValueError: even the prompt of an empty value is longer than ``max_length``.
     """
     names = list(field_names)
+    taken = {e.value for e in examples} if taken is None else taken
 
     def length(text: str) -> int:
         return len(tokenizer(text, truncation=False)["input_ids"])
@@ -298,7 +306,8 @@ def fit_prompts(
             else:
                 high = middle - 1
         value = example.value[:low].rstrip()
-        if value:
+        if value and value not in taken:
+            taken.add(value)
             fitted.append(SSFTExample(ssft_prompt(value, names, templates), example.label, value))
     return fitted, changed
 
@@ -369,7 +378,8 @@ class SSFTTrainer:
         self._encoder = self._build_encoder()
         names = [f.name for f in self._fields]
         limit = self._encoder.max_length  # --max-length capped at the model's positions: where the encoder cuts
-        fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, limit)
+        taken = {e.value for e in self._train + self._valid}  # a shortened value is none of these
+        fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, limit, taken)
                for examples in (self._train, self._valid)]
         (self._train, shortened_train), (self._valid, shortened_valid) = fit
         self._shortened = shortened_train + shortened_valid
@@ -377,7 +387,7 @@ class SSFTTrainer:
             warnings.warn(
                 f"SSFT: {self._shortened} prompt(s) longer than max_length {limit} tokens (--max-length "
                 f"{config.max_length}, at most the model's positions): their values were shortened to fit (the prompt "
-                "must end where the answer starts)",
+                "must end where the answer starts); those shortened to another prompt's value were left out",
                 stacklevel=2,
             )
         if not self._train:

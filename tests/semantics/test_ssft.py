@@ -157,6 +157,27 @@ def test_a_prompt_longer_than_max_length_keeps_its_end(tmp_path, tiny_llama_dir,
     assert trainer.shortened_values == 10
 
 
+def test_values_shortened_to_one_text_give_no_repeated_prompt(tmp_path, tiny_llama_dir, tiny_schema) -> None:
+    """Long values that differ only after what fits (a shared start) used to be shortened to one value: the same
+    prompt was tuned on several times and held out too, so the held-out accuracy scored prompts tuned on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    long_texts = ["shade " * 40 + f"tone {i}" for i in range(100)]  # ~40 shared tokens, then the difference
+    pq.write_table(pa.table({"id": pa.array(range(100), pa.int64()), "text": long_texts}),
+                   tiny_schema.value_text_path("color"))
+    with pytest.warns(UserWarning, match=r"SSFT: 10 prompt\(s\) longer than max_length 48 tokens"):
+        trainer = SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, max_length=48),
+                              tiny_schema, str(tmp_path / "ssft"))
+    train, valid = trainer.examples
+    prompts = [e.prompt for e in train + valid]
+    assert len(prompts) == len(set(prompts))
+    assert not {e.prompt for e in train} & {e.prompt for e in valid}
+    color = [e for e in train + valid if e.label == 0]
+    assert len(color) == 1 and color[0].value.startswith("shade shade") and "tone" not in color[0].value
+    assert trainer.shortened_values == 10
+
+
 def test_a_prompt_that_cannot_fit_is_refused(tmp_path, tiny_llama_dir, tiny_schema) -> None:
     with pytest.raises(ValueError, match=r"SSFT prompt without its value is \d+ tokens, more than max_length 20"):
         SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, max_length=20), tiny_schema,
