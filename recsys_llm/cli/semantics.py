@@ -148,7 +148,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     _common(encode, training=False)
     encode.add_argument("--adapter", default=None,
                         help="SSFT adapter directory (<tune output-dir>/adapter); it names its base model, pooling "
-                             "and max length, so --model, --pooling and --max-length are left out (or the same)")
+                             "and max length, so --model, --pooling and --max-length are left out (or the same; "
+                             "--model may name the base model where it moved: its files are checked)")
     encode.add_argument("--output", required=True,
                         help="field-vector file (.safetensors): new, or an earlier one of encode (replaced)")
     encode.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")

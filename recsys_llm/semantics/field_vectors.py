@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields
 from recsys_llm.semantics.pooling import POOLINGS
-from recsys_llm.semantics.ssft_adapter import load_tuned_encoder, read_adapter_info
+from recsys_llm.semantics.ssft_adapter import is_tuned_base, load_tuned_encoder, read_adapter_info
 from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_encode, load_vectors, save_vectors
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
 
@@ -42,7 +42,8 @@ class FieldVectorConfig:
 
     Args:
         model_path (Optional[str]): untuned model directory; None -> offline MiniLM. With
-            ``adapter_dir`` the adapter names its base model: leave it None (or give that base).
+            ``adapter_dir`` the adapter names its base model: leave it None (or give that base, also
+            at another path where it moved: the files are checked against the adapter's).
         adapter_dir (Optional[str]): SSFT adapter directory (``<tune output>/adapter``).
         templates (PromptTemplates): ``field`` / ``field_without_description`` are used;
             with an adapter, the templates it was tuned with are used unless
@@ -92,7 +93,7 @@ def build_field_encoder(config: FieldVectorConfig) -> "tuple[TextEncoder, Prompt
     if config.adapter_dir:
         check_adapter_settings(config, read_adapter_info(config.adapter_dir))  # before the model loads
         encoder, info = load_tuned_encoder(config.adapter_dir, config.batch_size, config.device, config.dtype,
-                                           config.trust_remote_code)
+                                           config.trust_remote_code, base_model_path=config.model_path)
         templates = config.templates if config.override_templates else PromptTemplates(**info["templates"])
         return encoder, templates, info
     max_length = DEFAULT_MAX_LENGTH if config.max_length is None else config.max_length
@@ -104,7 +105,8 @@ def build_field_encoder(config: FieldVectorConfig) -> "tuple[TextEncoder, Prompt
 def check_adapter_settings(config: FieldVectorConfig, info: dict) -> None:
     """Raises ValueError when ``config`` asks for a base model, pooling or max length other than
     the ones the SSFT adapter (its ``ssft.json`` ``info``) was tuned with: its vectors would not
-    be what the settings say."""
+    be what the settings say. A base model at another path is the same when it holds the files the
+    adapter was tuned on (moved, or copied to another machine)."""
     asked = {
         "--model": (config.model_path, info["base_model_path"]),
         "--pooling": (None if config.pooling == "auto" else config.pooling, info["pooling"]),
@@ -113,6 +115,8 @@ def check_adapter_settings(config: FieldVectorConfig, info: dict) -> None:
     for option, (value, tuned) in asked.items():
         if option == "--model" and value is not None:
             value, tuned = os.path.realpath(value), os.path.realpath(tuned)
+            if value != tuned and is_tuned_base(value, info):  # the same files elsewhere
+                continue
         if value is not None and value != tuned:
             raise ValueError(
                 f"semantics encode {option} {value}: the SSFT adapter {config.adapter_dir} was tuned with "

@@ -109,14 +109,32 @@ def _check_adapter_files(adapter_dir: str) -> str:
     return weight_path
 
 
+def is_tuned_base(model_path: str, info: Dict[str, Any]) -> bool:
+    """Whether the model directory ``model_path`` holds the files the SSFT adapter of ``ssft.json`` ``info``
+    was tuned on (its ``base_model_hash``), wherever it lies now.
+
+    Raises:
+        FileNotFoundError: ``model_path`` is no directory.
+    """
+    # adapters tuned before 2026-12-05 recorded a hash over every subdirectory too (a hub download's onnx/)
+    tuned = info["base_model_hash"]
+    return model_dir_fingerprint(model_path) == tuned or model_dir_walk_fingerprint(model_path) == tuned
+
+
 def load_tuned_encoder(
     adapter_dir: str,
     batch_size: int = 64,
     device: Optional[str] = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    base_model_path: Optional[str] = None,
 ) -> Tuple[TextEncoder, Dict[str, Any]]:
     """Loads base model + SSFT adapter (merged) as a :class:`TextEncoder`.
+
+    Args:
+        base_model_path (Optional[str]): the base model's directory; None -> the one ``ssft.json`` names.
+            Another directory (the model moved, or copied to another machine) is used when it holds the
+            files the adapter was tuned on (their hash).
 
     Returns:
         Tuple[TextEncoder, Dict[str, Any]]: the encoder (pooling and max length as tuned;
@@ -126,13 +144,18 @@ def load_tuned_encoder(
 
     info = read_adapter_info(adapter_dir)
     weight_path = _check_adapter_files(adapter_dir)
-    base_path = info["base_model_path"]
+    base_path = base_model_path or info["base_model_path"]
+    if base_model_path is None and not os.path.isdir(base_path):
+        raise FileNotFoundError(
+            f"{adapter_dir}: the base model the adapter was tuned on, {base_path} ({SSFT_INFO_FILE} "
+            "base_model_path), is not there; if it moved (or the adapter was copied to another machine), give "
+            "its directory now (semantics encode --model): its files are checked against the adapter's"
+        )
     base_hash = model_dir_fingerprint(base_path)
-    # adapters tuned before 2026-12-05 recorded a hash over every subdirectory too (a hub download's onnx/)
-    if base_hash != info["base_model_hash"] and model_dir_walk_fingerprint(base_path) != info["base_model_hash"]:
+    if not is_tuned_base(base_path, info):
         raise ValueError(
-            f"{adapter_dir}: adapter was tuned on {base_path} with hash {info['base_model_hash']}, "
-            f"but the model there now has hash {base_hash}"
+            f"{adapter_dir}: adapter was tuned on {info['base_model_path']} with hash {info['base_model_hash']}, "
+            f"but the model at {base_path} now has hash {base_hash}"
         )
     torch_device = resolve_device(device)
     tokenizer = load_tokenizer(base_path, trust_remote_code)

@@ -196,3 +196,51 @@ def test_vectors_encoded_at_another_max_length_are_named_as_other_vectors(tmp_pa
         records[max_length] = {"llactr": stored.provenance.to_dict()}
     assert records[4]["llactr"]["max_length"] == 4
     assert changed_field_vectors(records[4], records[256]) == ["max_length"]
+
+
+def test_an_adapter_whose_base_model_moved_encodes_with_model_naming_where_it_is(tmp_path, tiny_llama_dir,
+                                                                                  tiny_schema) -> None:
+    """An adapter copied to another machine, or whose base model moved (MiniLM in another venv), could not encode:
+    without --model its recorded base path was not found, and --model naming the same files at their new path was
+    refused as another model. The files are what is compared (their hash), as resume does."""
+    import dataclasses
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint
+    from recsys_llm.semantics.model_loading import load_model
+    from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
+    from recsys_llm.semantics.templates import PromptTemplates
+    from tests.tiny_models import copy_model_dir, save_tiny_bert
+
+    base = copy_model_dir(tiny_llama_dir, tmp_path / "venv_a_model")
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(base, torch.device("cpu"), torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # as tuned: B starts at zero, which would leave the base model as it is
+    adapter = str(tmp_path / "adapter")
+    model.save_pretrained(adapter)
+    info = {"base_model_path": base, "base_model_hash": model_dir_fingerprint(base), "adapter_hash": "a1",
+            "pooling": "last_token", "max_length": 64, "fields": ["color", "city", "user_id", "price"],
+            "templates": dataclasses.asdict(PromptTemplates())}
+    with open(os.path.join(adapter, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
+        json.dump(info, handle)
+    schema_path = os.path.join(tiny_schema.root, "schema.json")
+    encode = ["semantics", "encode", "--schema", schema_path, "--adapter", adapter]
+    assert _run_cli([*encode, "--output", str(tmp_path / "before.safetensors")]) == 0
+    moved = str(tmp_path / "venv_b_model")
+    shutil.move(base, moved)
+    with pytest.raises(FileNotFoundError, match=r"is not there; if it moved .* give its directory now "
+                                                r"\(semantics encode --model\)"):
+        _run_cli([*encode, "--output", str(tmp_path / "after.safetensors")])
+    assert _run_cli([*encode, "--model", moved, "--output", str(tmp_path / "after.safetensors")]) == 0
+    before, after = (load_vectors(str(tmp_path / f"{name}.safetensors"), schema=tiny_schema) for name in ("before", "after"))
+    torch.testing.assert_close(after.vectors, before.vectors, atol=0, rtol=0)
+    assert after.provenance.model_hash == before.provenance.model_hash
+    other = save_tiny_bert(str(tmp_path / "other_model"))  # other files: still refused
+    with pytest.raises(ValueError, match=r"--model .*other_model: the SSFT adapter .* was tuned with --model"):
+        _run_cli([*encode, "--model", other, "--output", str(tmp_path / "other.safetensors")])
