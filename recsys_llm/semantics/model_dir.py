@@ -342,3 +342,41 @@ def require_native_model(model_path: str, config: Mapping[str, Any], trust_remot
         "directory runs only when asked: if you trust it, pass --trust-remote-code (semantics tune, encode, "
         "adapt, export), or trust_remote_code=True in Python"
     )
+
+
+def require_no_hub_kernel(model_path: str, config: Mapping[str, Any], trust_remote_code: bool) -> None:
+    """Raises when ``config.json`` (or one of its sub-configs) sets ``attn_implementation`` to an attention
+    kernel of the Hugging Face Hub (``org/repo[@revision][:function]``, alone or per sub-config in a
+    dict) and ``trust_remote_code`` does not allow it: transformers would download that kernel's code
+    and import it, a model directory's ``auto_map`` being refused the same way. ``sdpa``, ``eager``,
+    ``flash_attention_2`` and the like are transformers' own and pass.
+
+    Raises:
+        ValueError: naming ``config.json``, the kernel and how to allow it.
+    """
+    if trust_remote_code:
+        return
+    try:
+        from transformers.integrations.hub_kernels import is_kernel
+    except ImportError:  # a transformers without hub kernels
+        return
+
+    def named(node: Any) -> List[str]:
+        if isinstance(node, dict):
+            found = []
+            for key, value in node.items():
+                if key == "attn_implementation":
+                    values = value.values() if isinstance(value, dict) else [value]
+                    found += [v for v in values if isinstance(v, str) and is_kernel(v.split("|")[-1])]
+                found += named(value)
+            return found
+        return []
+
+    kernels = named(dict(config))
+    if kernels:
+        raise ValueError(
+            f"{os.path.join(model_path, 'config.json')}: attn_implementation names the attention kernel "
+            f"{kernels[0]!r} of the Hugging Face Hub, whose code transformers would download and run; code from "
+            "outside transformers runs only when asked: if you trust it, pass --trust-remote-code (semantics tune, "
+            "encode, adapt, export), or trust_remote_code=True in Python; else remove attn_implementation"
+        )

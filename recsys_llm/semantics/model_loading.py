@@ -22,6 +22,7 @@ from recsys_llm.semantics.model_dir import (
     config_vocab_size,
     read_model_config,
     require_native_model,
+    require_no_hub_kernel,
     require_weight_files,
 )
 from recsys_llm.train.distributed import select_device
@@ -290,13 +291,15 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
     Raises:
         FileNotFoundError: no directory, no ``config.json`` or no weight files.
         ValueError: a damaged ``config.json`` or weight file, weights transformers cannot read, a
-            ``.bin`` file holding objects other than tensors (refused, nothing runs), or a text-image
+            ``.bin`` file holding objects other than tensors (refused, nothing runs), an attention kernel
+            of the Hub named in ``config.json`` without ``trust_remote_code``, or a text-image
             dual encoder (CLIP), or weight files that lack tensors the model's hidden states need.
     """
     from safetensors import SafetensorError
 
     config = read_model_config(model_path)
     require_native_model(model_path, config, trust_remote_code)
+    require_no_hub_kernel(model_path, config, trust_remote_code)
     require_weight_files(model_path)
     try:
         model, loading_info = _model_class(config).from_pretrained(

