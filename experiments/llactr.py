@@ -67,16 +67,20 @@ LAMBDAS = (0.01, 0.1, 0.5)
 # SSFT's S_train / S_valid values per field and epochs: the method's (docs/methods.md), as `semantics tune`
 SSFT_BUDGET = (1000, 100, 2)
 QUICK_SSFT_BUDGET = (16, 8, 1)  # --quick's, unless --ssft-budget is given
+# SSFT's --max-length per data set: the prompt with an empty value takes ~70 MiniLM tokens on ML-100K's 7 fields
+# and ~126 on the synthetic data's 12, whose values 128 cut to a token or two (tests/experiments/test_llm_steps.py)
+SSFT_MAX_LENGTH = {"ml100k": 128, "synthetic": 256}
 # variant -> (use_fre, use_fie)
 VARIANTS = {"+FRE": (True, False), "+FIE": (False, True), "+both": (True, True)}
 
 
-def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Optional[Sequence[int]] = None) -> Tuple[str, str]:
+def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Optional[Sequence[int]] = None,
+              max_length: int = SSFT_MAX_LENGTH["ml100k"]) -> Tuple[str, str]:
     """SSFT then field vectors (each skipped when done; the vectors are encoded again when they are not
     the SSFT adapter's of now, e.g. SSFT tuned again); returns (vectors path, SSFT metrics path).
 
     ``ssft_budget``: (S_train, S_valid, epochs); None: ``SSFT_BUDGET``, or ``QUICK_SSFT_BUDGET``
-    with ``quick``.
+    with ``quick``. ``max_length``: SSFT's tokens per prompt (``SSFT_MAX_LENGTH`` of the data).
     """
     ssft_dir = os.path.join(work, "ssft")
     vectors = os.path.join(work, "fields.safetensors")
@@ -85,7 +89,7 @@ def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Optional[Sequenc
     samples_train, samples_valid, epochs = ssft_budget
     samples = ["--samples-train", str(samples_train), "--samples-valid", str(samples_valid), "--epochs", str(epochs)]
     run_cli_step(
-        ["semantics", "tune", "--schema", schema, "--output-dir", ssft_dir, "--max-length", "128",
+        ["semantics", "tune", "--schema", schema, "--output-dir", ssft_dir, "--max-length", str(max_length),
          "--batch-size", "16", *samples],
         os.path.join(ssft_dir, "metrics.json"),
     )
@@ -196,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.time()
     work = os.path.abspath(os.path.join(args.out, "runs", f"llactr_{args.data}"))
     schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
-    vectors, ssft_metrics_path = llm_steps(schema, work, args.quick, args.ssft_budget)
+    vectors, ssft_metrics_path = llm_steps(schema, work, args.quick, args.ssft_budget, SSFT_MAX_LENGTH[args.data])
     name, run_suffix = f"llactr_{args.data}", ""
     if args.field_vectors == "random":
         vectors = random_field_vectors(vectors, os.path.join(work, "fields_random.safetensors"))
