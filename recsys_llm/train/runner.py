@@ -35,7 +35,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import IO, Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -236,13 +236,35 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     # rank 0 holds the run directory while the job trains: a second job there would delete the
     # first one's checkpoint in writing and interleave its metrics
-    lock = run_on_every_rank(lambda: lock_run_dir(run_dir) if ctx.is_main else None, "locking train.run_dir", ctx.device)
+    lock = run_on_every_rank(lambda: _lock_as_checked(run_dir, checkpoints, best, earlier) if ctx.is_main else None,
+                             "locking train.run_dir", ctx.device)
     try:
         return _train_in_run_dir(config, ctx, schema, built, readers, model, plan, optimizer, checkpoints, best, latest,
                                  saved_config, fingerprints, on_step)
     finally:
         if lock is not None:
             lock.close()  # closing the file releases its lock
+
+
+def _lock_as_checked(run_dir: str, checkpoints: CheckpointManager, best: CheckpointManager,
+                     checked: Optional[str]) -> IO[str]:
+    """:func:`lock_run_dir`, then raises unless ``run_dir``'s newest checkpoint is still ``checked``, the one
+    the job's checks read: a job there that ended (finished, or was killed) between those checks and this
+    lock left checkpoints that the checks never saw, and training on would mix them with this job's.
+
+    Raises:
+        ConfigError: another job holds the lock, or wrote (or removed) checkpoints since the checks.
+    """
+    lock = lock_run_dir(run_dir)
+    now = resume_point(checkpoints, best)
+    if now != checked:
+        lock.close()
+        raise ConfigError(
+            f"{run_dir}: another job changed this train.run_dir's checkpoints while this one was starting (its "
+            f"checks saw {checked or 'no checkpoint'}, now it holds {now or 'none'}); run this job again: it then "
+            "checks, and resumes from (or refuses), what is there now"
+        )
+    return lock
 
 
 def _train_in_run_dir(

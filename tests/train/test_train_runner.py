@@ -665,6 +665,46 @@ def test_a_second_job_in_a_run_dir_in_use_is_refused(synthetic_dir: str, tmp_pat
     assert out["steps_after"] == 2
 
 
+def _job_ending_while_another_starts(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.train import runner
+
+    run_dir, other = os.path.join(root, "run"), os.path.join(root, "other")
+    _run(schema_dir, other, ["train.epochs=1", "train.max_steps=3", "optim.dense_lr=0.01"])
+    real_lock = runner.lock_run_dir
+
+    def lock_after_the_other_job(path: str) -> Any:
+        # the job launched beside this one in the same run_dir ends (its checkpoints written) before this one
+        # locks it: this one's checks saw an empty directory
+        shutil.copytree(other, path, dirs_exist_ok=True)
+        return real_lock(path)
+
+    runner.lock_run_dir = lock_after_the_other_job
+    try:
+        _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=1", "train.resume=false"])
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    finally:
+        runner.lock_run_dir = real_lock
+    left = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    def config(directory: str) -> bytes:
+        return open(os.path.join(directory, "config.yaml"), "rb").read()
+
+    return {"error": error, "checkpoints": left, "other_config_kept": config(run_dir) == config(other)}
+
+
+def test_a_job_whose_run_dir_got_checkpoints_between_its_checks_and_its_lock_is_refused(synthetic_dir: str,
+                                                                                          tmp_path) -> None:
+    """Two jobs launched at once into one run_dir: the first ends before the second takes the lock. The second
+    (train.resume=false, checked on an empty directory) trained beside the first's checkpoints, overwrote its
+    config.yaml, and tested the first job's best/ as its own."""
+    (out,) = run_multiprocess(_job_ending_while_another_starts, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    assert out["error"] is not None and "another job changed this train.run_dir's checkpoints" in out["error"]
+    assert out["checkpoints"] == ["ckpt-00000003", "latest"]
+    assert out["other_config_kept"]
+
+
 def _schema_seen_late_by_rank_1(schema_dir: str, run_dir: str) -> float:
     import torch
     import torch.distributed as dist
