@@ -25,14 +25,16 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Sequence
 
 
 def write_file_atomically(path: str, write: Callable[[IO[Any]], None], binary: bool = True) -> None:
-    """Calls ``write`` on ``<path>.tmp`` (bytes, or text in UTF-8), flushes and fsyncs it, and renames it
+    """Calls ``write`` on ``<path>.<id>.tmp`` (bytes, or text in UTF-8), flushes and fsyncs it, and renames it
     over ``path``; a failure (a full disk, Ctrl-C) removes the temp file and leaves ``path`` as it was.
+    The temp file is the writer's own: two processes writing ``path`` at once leave one's content whole
+    (the last renamed), never a mix of both.
 
     Example::
 
         write_file_atomically("split.parquet", lambda handle: pq.write_table(table, handle))
     """
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as handle:
             write(handle)
@@ -43,6 +45,12 @@ def write_file_atomically(path: str, write: Callable[[IO[Any]], None], binary: b
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def is_temp_file_of(name: str, file_name: str) -> bool:
+    """Whether the entry ``name`` is a temp file :func:`write_file_atomically` of ``file_name`` (in the same
+    directory) leaves when killed outright: ``<file_name>.<id>.tmp``, or ``<file_name>.tmp`` of older versions."""
+    return name == f"{file_name}.tmp" or re.fullmatch(re.escape(file_name) + r"\.[0-9a-f]{8}\.tmp", name) is not None
 
 
 def write_text_atomically(path: str, text: str) -> None:

@@ -241,6 +241,37 @@ def test_a_text_write_that_fails_keeps_the_old_content_and_leaves_no_temp_file(t
     _check_same_llm(llm_dir, record, str(tmp_path))  # the demo's re-run goes on
 
 
+def test_two_writers_of_one_file_at_once_leave_one_whole_content(tmp_path):
+    """Both wrote through the same ``<path>.tmp``: the second truncated and wrote the file the first was
+    still writing, and renamed it into place while the first went on writing into it. ``path`` held the
+    second's bytes followed by the rest of the first's, and the first failed with 'No such file or directory'
+    (two benchmarks, demos or sweeps writing the same JSON)."""
+    from recsys_llm.atomic_dir import write_file_atomically
+
+    path = str(tmp_path / "results.json")
+
+    def first(handle) -> None:
+        handle.write(b"a" * 1000)
+        write_file_atomically(path, lambda other: other.write(b"b" * 500))  # another process, meanwhile
+        handle.write(b"a" * 1000)
+
+    write_file_atomically(path, first)
+    assert (tmp_path / "results.json").read_bytes() == b"a" * 2000  # the last renamed, whole
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_the_temp_files_a_killed_writer_leaves_are_an_output_s_own_entries():
+    """Entries an SSFT output or a teacher-outputs directory accepts as their own (not foreign files)."""
+    from recsys_llm.atomic_dir import is_temp_file_of
+    from recsys_llm.semantics.ssft import _is_ssft_entry
+
+    assert is_temp_file_of("teacher.json.tmp", "teacher.json")  # older versions' name
+    assert is_temp_file_of("teacher.json.0a1b2c3d.tmp", "teacher.json")
+    assert not is_temp_file_of("teacher.json.x.tmp", "teacher.json")
+    assert not is_temp_file_of("schema.json.0a1b2c3d.tmp", "teacher.json")
+    assert _is_ssft_entry("metrics.json.0a1b2c3d.tmp") and not _is_ssft_entry("notes.txt.0a1b2c3d.tmp")
+
+
 @pytest.mark.parametrize("below", [["out"], ["out", "deeper"]])
 def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, below):
     """Making it failed with '[Errno 17] File exists' (or '[Errno 20] Not a directory') only once the

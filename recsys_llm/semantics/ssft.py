@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, write_text_atomically
+from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, is_temp_file_of, write_text_atomically
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
 from recsys_llm.semantics.lora_targets import default_target_modules
@@ -97,7 +97,8 @@ SSFT_OUTPUT_ENTRIES = frozenset(
 
 def _is_ssft_entry(name: str) -> bool:
     """An entry an SSFT output holds, or one its swaps leave when killed mid-deletion."""
-    return name in SSFT_OUTPUT_ENTRIES or any(is_removal_leftover(name, kind) for kind in ("adapter", "checkpoint"))
+    return (name in SSFT_OUTPUT_ENTRIES or is_temp_file_of(name, "metrics.json")
+            or any(is_removal_leftover(name, kind) for kind in ("adapter", "checkpoint")))
 
 
 # SSFTConfig numbers: field -> (integer, minimum, above, below, `semantics tune` option or "")

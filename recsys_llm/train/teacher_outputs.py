@@ -38,7 +38,7 @@ from torch import nn
 from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries, write_text_atomically
+from recsys_llm.atomic_dir import check_own_entries, is_temp_file_of, write_text_atomically
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import resolve_paths, split_fingerprint
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
@@ -72,7 +72,11 @@ def check_output_dir(output_dir: str, schema: DatasetSchema) -> None:
     """
     own = {SCHEMA_FILE, TEACHER_FILE} | {name for split in schema.splits for name in (split, f"{split}.parquet")}
     own |= {f"{name}.tmp" for name in own}
-    check_own_entries(output_dir, "data set with teacher outputs", own.__contains__,
+
+    def is_own(name: str) -> bool:
+        return name in own or is_temp_file_of(name, SCHEMA_FILE) or is_temp_file_of(name, TEACHER_FILE)
+
+    check_own_entries(output_dir, "data set with teacher outputs", is_own,
                       f"{SCHEMA_FILE}, {TEACHER_FILE} and the split copies {sorted(schema.splits)}")
 
 
