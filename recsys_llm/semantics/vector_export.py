@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -146,6 +147,29 @@ def chunk_path(directory: str, index: int) -> str:
 _EXPORT_ENTRY = re.compile(r"(manifest\.json|chunk-\d{5,}\.parquet)(\.\d+\.tmp)?|\.shared-check-[0-9a-f]+")
 
 
+def _create_manifest(path: str, manifest: Dict[str, object]) -> bool:
+    """Writes ``manifest`` to ``path`` unless a manifest is there by then: False then (another rank's, or
+    that of another export launched into the same directory at once), for the caller to check as an
+    earlier one. The temp file is this call's own (random digits: ranks, and exports on other hosts, share
+    the directory) and is linked, not renamed, into place, so one export's manifest neither replaces
+    another's (beside whose chunks this one's would be written) nor mixes with it. On a file system without
+    hard links it is renamed over ``path``."""
+    tmp = f"{path}.{secrets.randbelow(10 ** 12)}.tmp"  # digits: a temp entry of _EXPORT_ENTRY
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links (some network and FUSE file systems)
+            os.replace(tmp, path)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
 def check_export_dir(directory: str) -> None:
     """Raises unless ``directory`` is absent, empty or an earlier export (resumed there).
 
@@ -226,7 +250,7 @@ class VectorExport:
                 digest.update(data)
         return digest.hexdigest()[:16]
 
-    def _write_manifest(self, keys: np.ndarray, texts_sha256: str, rank: int) -> Dict[str, object]:
+    def _write_manifest(self, keys: np.ndarray, texts_sha256: str) -> Dict[str, object]:
         num_rows = len(keys)
         manifest = {
             "provenance": self._provenance,
@@ -239,7 +263,8 @@ class VectorExport:
             "vector_column": self._config.vector_column,
         }
         path = os.path.join(self._directory, MANIFEST)
-        if os.path.exists(path):
+        # one made by an earlier export, or first by another rank or an export launched here at the same time
+        if os.path.exists(path) or not _create_manifest(path, manifest):
             existing = load_manifest(path)
             try:
                 check_provenance(existing["provenance"], self._provenance, path, complete=True)
@@ -281,11 +306,6 @@ class VectorExport:
                     "it cannot resume it. Re-run with its settings, or use another --output-dir"
                 )
             return existing
-        # named by the rank, not the pid: ranks on other hosts (each pod its own pid namespace) share the directory
-        tmp = f"{path}.{rank}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=2)
-        os.replace(tmp, path)  # identical content from every rank: last rename wins
         return manifest
 
     def pending_chunks(self, num_rows: int, rank: int = 0, world_size: int = 1) -> List[int]:
@@ -394,7 +414,7 @@ class VectorExport:
         require_unique_keys(key_values, f"{self._directory}: the keys to export")
         check_export_dir(self._directory)
         os.makedirs(self._directory, exist_ok=True)
-        self._write_manifest(key_values, self._texts_sha256(texts, len(keys)), rank)
+        self._write_manifest(key_values, self._texts_sha256(texts, len(keys)))
         pending = self.pending_chunks(len(keys), rank, world_size)
         metadata = {PROVENANCE_KEY: json.dumps(self._provenance, sort_keys=True).encode()}
         written = []

@@ -129,21 +129,52 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         out = str(tmp_path / "vec")
         keys, texts = _keys_texts(35)
         config = VectorExportConfig(chunk_rows=10, batch_size=10)
-        replace = os.replace
         other_host_done = []
 
-        def replace_after_the_other_host(source, target):
-            if source.startswith(os.path.join(out, "manifest.json")) and not other_host_done:
-                other_host_done.append(None)  # rank 1, same pid, writes between rank 0's write and its rename
-                other_host_done[0] = VectorExport(out, PROVENANCE, config).run(
-                    keys, texts, CountingEncoder(), rank=1, world_size=2, progress=False)
-            replace(source, target)
+        def after_the_other_host(publish):
+            def publish_after_the_other_host(source, target):
+                if source.startswith(os.path.join(out, "manifest.json")) and not other_host_done:
+                    other_host_done.append(None)  # rank 1, same pid, writes between rank 0's write and its rename
+                    other_host_done[0] = VectorExport(out, PROVENANCE, config).run(
+                        keys, texts, CountingEncoder(), rank=1, world_size=2, progress=False)
+                publish(source, target)
+            return publish_after_the_other_host
 
-        monkeypatch.setattr(os, "replace", replace_after_the_other_host)
+        monkeypatch.setattr(os, "replace", after_the_other_host(os.replace))
+        monkeypatch.setattr(os, "link", after_the_other_host(os.link))
         assert VectorExport(out, PROVENANCE, config).run(keys, texts, CountingEncoder(), rank=0, world_size=2,
                                                          progress=False) == [0, 2]
         assert other_host_done == [[1, 3]]
         assert len(read_vectors(out, expected=PROVENANCE)[0]) == 35
+        assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+    def test_an_export_with_other_settings_launched_into_the_directory_at_once_is_refused(self, tmp_path,
+                                                                                            monkeypatch):
+        """Two exports (other models) launched into one --output-dir: both found no manifest, so each wrote its
+        own through the same temp file and renamed it over the other's. The chunks were one model's (or a mix of
+        both), and manifest.json one's content with the end of the other's ('Extra data' to a JSON reader)."""
+        out = str(tmp_path / "vec")
+        keys, texts = _keys_texts(30)
+        config = VectorExportConfig(chunk_rows=10, batch_size=10)
+        other = {**PROVENANCE, "model": "other"}
+        other_done = []
+
+        def after_the_other_export(publish):
+            def publish_after_the_other_export(source, target):
+                if source.startswith(os.path.join(out, "manifest.json")) and not other_done:
+                    other_done.append(None)  # it checked the directory, and wrote all, while this one wrote its manifest
+                    other_done[0] = VectorExport(out, other, config).run(keys, texts, CountingEncoder(dim=4),
+                                                                         progress=False)
+                publish(source, target)
+            return publish_after_the_other_export
+
+        monkeypatch.setattr(os, "replace", after_the_other_export(os.replace))
+        monkeypatch.setattr(os, "link", after_the_other_export(os.link))
+        with pytest.raises(ProvenanceError, match=r"model: stored 'other', expected 'tiny'.*use another --output-dir"):
+            VectorExport(out, PROVENANCE, config).run(keys, texts, CountingEncoder(dim=6), progress=False)
+        monkeypatch.undo()
+        assert other_done == [[0, 1, 2]]
+        assert read_vectors(out, expected=other)[1].shape == (30, 4)
         assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
     def test_ranks_split_chunks(self, tmp_path):
