@@ -13,6 +13,7 @@ filled and resumed in place checks its directory with :func:`check_own_entries` 
 """
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -107,6 +108,41 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(number, handler)
         for number in dict.fromkeys(arrived):
             signal.raise_signal(number)
+
+
+LOCK_FILE = ".lock"  # in an output a job fills in place: locked by the job writing there (directory_locked)
+
+
+@contextlib.contextmanager
+def directory_locked(directory: str, refusal: str) -> Iterator[None]:
+    """Creates ``directory`` and holds an exclusive lock on its ``.lock`` file in the block, removing
+    the file at its end. The lock is flock(2)'s: its process ending (even by SIGKILL) releases it, so
+    the file a killed job leaves is no lock; other hosts see it on NFSv4, maybe not on other network
+    file systems.
+
+    Raises:
+        FileExistsError: ``refusal``, when another process holds the lock.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_FILE)
+    while True:
+        handle = open(path, "a", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise FileExistsError(refusal) from None
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the file the job before removed as it ended: lock the one at the path now
+    try:
+        yield
+    finally:
+        os.remove(path)  # while still locked: a job that opened it meanwhile locks it and tries again
+        handle.close()
 
 
 def remove_directory(path: str) -> None:

@@ -52,7 +52,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries, is_removal_leftover, is_temp_file_of, write_text_atomically
+from recsys_llm.atomic_dir import (
+    LOCK_FILE,
+    check_own_entries,
+    directory_locked,
+    is_removal_leftover,
+    is_temp_file_of,
+    write_text_atomically,
+)
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
 from recsys_llm.semantics.lora_targets import default_target_modules
@@ -92,7 +99,7 @@ SSFT_CHECKPOINT = CheckpointOwner("SSFT", "tune")
 # what an SSFT output directory holds (with the temp and previous copies of its swaps)
 SSFT_OUTPUT_ENTRIES = frozenset(
     name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
-) | {"metrics.json", "metrics.json.tmp"}
+) | {"metrics.json", "metrics.json.tmp", LOCK_FILE}
 
 
 def _is_ssft_entry(name: str) -> bool:
@@ -646,8 +653,18 @@ class SSFTTrainer:
         return final
 
     def run(self) -> Dict[str, Any]:
-        """Evaluates, tunes for the remaining epochs (resuming if possible), saves; returns metrics."""
-        os.makedirs(self._output_dir, exist_ok=True)
+        """Evaluates, tunes for the remaining epochs (resuming if possible), saves; returns metrics.
+
+        Raises:
+            FileExistsError: another tune is writing the output directory (it holds its ``.lock``).
+        """
+        with directory_locked(self._output_dir, f"{self._output_dir}: another semantics tune is writing this SSFT "
+                              f"output (it holds {LOCK_FILE} there); wait for it to end (or stop it), or use another "
+                              "--output-dir"):
+            return self._run_locked()
+
+    def _run_locked(self) -> Dict[str, Any]:
+        """:meth:`run` while this tune holds the output directory."""
         state = self.load_checkpoint() if self._config.resume else None
         if state is None:
             state = {"epoch": 0, "before": self.evaluate(), "history": []}

@@ -416,3 +416,35 @@ def test_a_tune_interrupted_while_saving_its_adapter_leaves_no_temp_directory(tm
         main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
               "--epochs", "1", *TUNE_ARGS])
     assert sorted(os.listdir(out)) == ["checkpoint"]
+
+
+def test_a_second_tune_into_an_output_a_tune_is_writing_is_refused(tmp_path, tiny_bert_dir, tiny_schema,
+                                                                   monkeypatch) -> None:
+    """Two tunes launched into one output directory (a scheduler's retry): the second, checking the directory
+    while the first tuned, removed the first's checkpoint.tmp as a killed run's and swapped in its own, and the
+    first wrote the rest of its checkpoint into nothing (or into the second's), its adapter in place."""
+    from recsys_llm.semantics import ssft
+
+    out = str(tmp_path / "ssft")
+    first = SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, **SMALL), tiny_schema, out)
+    save_file, second = ssft.save_file, []
+
+    def save_while_the_second_tune_runs(tensors, path, *args, **kwargs):
+        if not second:
+            second.append(None)
+            config = SSFTConfig(model_path=tiny_bert_dir, epochs=1, **{**SMALL, "learning_rate": 1e-2})
+            try:
+                SSFTTrainer(config, tiny_schema, out).run()
+                second[0] = "ran"
+            except Exception as error:  # noqa: BLE001 - what the second job ends with
+                second[0] = str(error)
+        save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ssft, "save_file", save_while_the_second_tune_runs)
+    metrics = first.run()
+    monkeypatch.undo()
+    assert second[0].startswith(f"{out}: another semantics tune is writing this SSFT output")
+    assert metrics["config"]["learning_rate"] == SMALL["learning_rate"]
+    with open(os.path.join(out, "checkpoint", "state.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["signature"]["config"]["learning_rate"] == SMALL["learning_rate"]
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoint", "metrics.json"]
