@@ -25,6 +25,7 @@ copies of two teachers; and the data they were copied from (each split's Parquet
 a resume after the data was prepared again is refused rather than left with copies of both.
 """
 
+import contextlib
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -38,7 +39,7 @@ from torch import nn
 from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries, is_temp_file_of, write_text_atomically
+from recsys_llm.atomic_dir import LOCK_FILE, check_own_entries, directory_locked, is_temp_file_of, write_text_atomically
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import resolve_paths, split_fingerprint
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
@@ -71,7 +72,7 @@ def check_output_dir(output_dir: str, schema: DatasetSchema) -> None:
         FileExistsError: naming the directory and its first other entry.
     """
     own = {SCHEMA_FILE, TEACHER_FILE} | {name for split in schema.splits for name in (split, f"{split}.parquet")}
-    own |= {f"{name}.tmp" for name in own}
+    own |= {f"{name}.tmp" for name in own} | {LOCK_FILE}  # the lock file a killed run leaves (no lock)
 
     def is_own(name: str) -> bool:
         return name in own or is_temp_file_of(name, SCHEMA_FILE) or is_temp_file_of(name, TEACHER_FILE)
@@ -107,8 +108,8 @@ def _holds_a_copy(path: str) -> bool:
 def _finished_copies(output_dir: str) -> List[str]:
     """The entries of ``output_dir`` that are finished split copies (or split directories holding one)."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    return sorted(name for name in names if name not in (SCHEMA_FILE, TEACHER_FILE) and not name.endswith(".tmp")
-                  and _holds_a_copy(os.path.join(output_dir, name)))
+    return sorted(name for name in names if name not in (SCHEMA_FILE, TEACHER_FILE, LOCK_FILE)
+                  and not name.endswith(".tmp") and _holds_a_copy(os.path.join(output_dir, name)))
 
 
 def check_same_teacher(output_dir: str, record: Dict[str, Any]) -> None:
@@ -485,8 +486,14 @@ def write_teacher_outputs(
             copies.append((source, os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))))
         new_splits[split] = f"{split}.parquet" if single else split
     refusal: List[Optional[str]] = [None]
+    # rank 0 holds the output directory from its checks until the schema is written: another run there (another
+    # teacher's, checked against the same empty directory) would mix its copies with this one's
+    held = contextlib.ExitStack()
     if ctx.is_main:  # rank 0 writes, and alone needs to see the directory; its error is every rank's
         try:
+            held.enter_context(directory_locked(output_dir, (
+                f"{output_dir}: another teacher-outputs run is writing this --output-dir (it holds {LOCK_FILE} "
+                "there); wait for it to end (or stop it), or use another --output-dir")))
             record = teacher_record(run.checkpoint, source_fingerprints(schema))
             check_same_teacher(output_dir, record)
             os.makedirs(output_dir, exist_ok=True)
@@ -496,37 +503,40 @@ def write_teacher_outputs(
     if ctx.world_size > 1:
         dist.broadcast_object_list(refusal, src=0, group=host_group())
     if refusal[0] is not None:
+        held.close()
         raise ValueError(refusal[0])
-    model = load_trained_model(config, run)
-    model.eval()
-    teacher = teacher_of(model)
-    extras = plugin_extras(config)
-    # rank 0 decides which files are finished, so every rank runs the same files
-    host = host_group()
-    pending = [[(source, target) for source, target in copies if not os.path.exists(target)]]
-    if ctx.world_size > 1:
-        dist.broadcast_object_list(pending, src=0, group=host)
-    for source, target in pending[0]:
-        outputs = predict_file(teacher, schema, source, extras, batch_size, progress and ctx.is_main, ctx.device,
-                               ctx.rank, ctx.world_size)
-        error: Optional[Exception] = None
-        if ctx.is_main:  # an error is told to every rank, so none waits for the next file
-            error = write_on_rank_0(source, target, schema.row_key, outputs, ctx.world_size, host)
-        else:
-            send_outputs(outputs, host)
-        del outputs
-        failure = [None if error is None else f"{type(error).__name__}: {error}"]
+    with held:
+        model = load_trained_model(config, run)
+        model.eval()
+        teacher = teacher_of(model)
+        extras = plugin_extras(config)
+        # rank 0 decides which files are finished, so every rank runs the same files
+        host = host_group()
+        pending = [[(source, target) for source, target in copies if not os.path.exists(target)]]
         if ctx.world_size > 1:
-            dist.broadcast_object_list(failure, src=0, group=host)
-        if error is not None:
-            raise error
-        if failure[0] is not None:
-            raise RuntimeError(f"teacher outputs: rank 0 failed to write {target}: {failure[0]}")
-    report: Dict[str, Any] = {"schema": os.path.join(output_dir, SCHEMA_FILE), "files": [target for _, target in copies]}
-    if ctx.is_main:
-        width = pq.ParquetFile(report["files"][0]).schema_arrow.field(REPRESENTATION_COLUMN).type.list_size
-        report["representation_dim"] = int(width)
-        copied = {**_earlier_copies(output_dir, schema, new_splits), **new_splits}
-        schema.relocated(output_dir, copied, [LOGITS_COLUMN, REPRESENTATION_COLUMN]).save(report["schema"])
-    barrier()
-    return report
+            dist.broadcast_object_list(pending, src=0, group=host)
+        for source, target in pending[0]:
+            outputs = predict_file(teacher, schema, source, extras, batch_size, progress and ctx.is_main, ctx.device,
+                                   ctx.rank, ctx.world_size)
+            error: Optional[Exception] = None
+            if ctx.is_main:  # an error is told to every rank, so none waits for the next file
+                error = write_on_rank_0(source, target, schema.row_key, outputs, ctx.world_size, host)
+            else:
+                send_outputs(outputs, host)
+            del outputs
+            failure = [None if error is None else f"{type(error).__name__}: {error}"]
+            if ctx.world_size > 1:
+                dist.broadcast_object_list(failure, src=0, group=host)
+            if error is not None:
+                raise error
+            if failure[0] is not None:
+                raise RuntimeError(f"teacher outputs: rank 0 failed to write {target}: {failure[0]}")
+        report: Dict[str, Any] = {"schema": os.path.join(output_dir, SCHEMA_FILE),
+                                  "files": [target for _, target in copies]}
+        if ctx.is_main:
+            width = pq.ParquetFile(report["files"][0]).schema_arrow.field(REPRESENTATION_COLUMN).type.list_size
+            report["representation_dim"] = int(width)
+            copied = {**_earlier_copies(output_dir, schema, new_splits), **new_splits}
+            schema.relocated(output_dir, copied, [LOGITS_COLUMN, REPRESENTATION_COLUMN]).save(report["schema"])
+        barrier()
+        return report

@@ -7,6 +7,7 @@ The whole ``teacher-outputs`` command (sharded teacher, two ranks) runs in ``tes
 import json
 import os
 import re
+from typing import Any, Dict, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,10 @@ from recsys_llm.train.teacher_outputs import (
     write_on_rank_0,
     write_with_columns,
 )
+from tests.multiprocess import run_multiprocess
+
+DEEPFM_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                             "synthetic_deepfm.yaml")
 
 
 def test_the_copy_takes_the_outputs_row_by_row_and_refuses_another_row_order(tmp_path) -> None:
@@ -257,3 +262,54 @@ def test_a_resume_on_data_prepared_again_is_refused(tmp_path) -> None:
                                          r"mix copies of both; use a new --output-dir"):
         check_same_teacher(str(out), teacher_record(checkpoint, source_fingerprints(schema)))
     check_same_teacher(str(out), teacher_record(checkpoint))  # no fingerprints: not compared
+
+
+def _two_teachers_into_one_output(root: str) -> Dict[str, Any]:
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.train import teacher_outputs
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.runner import run_training
+
+    data = os.path.join(root, "data")
+    generate_synthetic(data, 2000, seed=0)
+
+    def config(seed: int, run_dir: str):
+        return load_config(DEEPFM_CONFIG, [
+            f"data.schema={data}", "data.batch_size=256", "data.synthetic_rows=0", "train.epochs=1",
+            "train.max_steps=1", "train.progress=false", "train.device=cpu", f"train.seed={seed}",
+            f"train.run_dir={run_dir}"])
+
+    first, second = os.path.join(root, "teacher1"), os.path.join(root, "teacher2")
+    run_training(config(0, first))
+    run_training(config(7, second))
+    out = os.path.join(root, "teacher_data")
+    write_copy, other = teacher_outputs.write_on_rank_0, []
+
+    def write_while_the_other_run_writes(*args: Any, **kwargs: Any) -> Optional[Exception]:
+        if not other:  # the other teacher's run, launched at the same time, writes all its copies meanwhile
+            other.append(None)
+            try:
+                teacher_outputs.write_teacher_outputs(config(7, second), second, out, progress=False)
+                other[0] = "wrote"
+            except ValueError as error:
+                other[0] = str(error)
+        return write_copy(*args, **kwargs)
+
+    teacher_outputs.write_on_rank_0 = write_while_the_other_run_writes
+    try:
+        teacher_outputs.write_teacher_outputs(config(0, first), first, out, progress=False)
+    finally:
+        teacher_outputs.write_on_rank_0 = write_copy
+    with open(os.path.join(out, TEACHER_FILE), encoding="utf-8") as handle:
+        recorded = json.load(handle)["checkpoint"]
+    return {"other": other[0], "recorded": recorded, "first": first, "entries": sorted(os.listdir(out))}
+
+
+def test_a_teacher_outputs_run_into_an_output_another_run_writes_is_refused(tmp_path) -> None:
+    """Two runs (two teachers) launched into one --output-dir both passed the check of the empty directory: the
+    copies were one teacher's, or some of each, and teacher.json named whichever wrote it last."""
+    (out,) = run_multiprocess(_two_teachers_into_one_output, world_size=1, root=str(tmp_path))
+    assert out["other"] == (f"{tmp_path / 'teacher_data'}: another teacher-outputs run is writing this --output-dir "
+                            "(it holds .lock there); wait for it to end (or stop it), or use another --output-dir")
+    assert out["recorded"].startswith(out["first"])
+    assert out["entries"] == ["schema.json", "teacher.json", "test.parquet", "train.parquet", "valid.parquet"]
