@@ -67,11 +67,11 @@ class DataConfig:
             the training thread). On a GPU, a shuffle buffer's worth of batches (buffer rows /
             ``batch_size`` + 2, e.g. 18 at 4,096 rows) lets the reading of the next buffer overlap
             the steps (benchmarks/README.md, train_throughput on CUDA).
-        synthetic_rows (int): if > 0 and the schema file is missing, generate the embedded
+        synthetic_rows (int): if > 0 (then >= 10) and the schema file is missing, generate the embedded
             synthetic data set with this many rows into the schema's directory first. A config
             file's value applies to that file's ``data.schema``: an override of ``data.schema``
             alone turns it off (:func:`load_config`), so a mistyped path is an error, not new data.
-        synthetic_seed (int): seed of that generation.
+        synthetic_seed (int): seed of that generation (>= 0).
     """
 
     schema: str = ""
@@ -96,6 +96,11 @@ class DataConfig:
             wrong.append(f"data.eval_batch_size={self.eval_batch_size} (must be >= 1, or 0 for data.batch_size)")
         if self.prefetch < 0:
             wrong.append(f"data.prefetch={self.prefetch} (must be >= 0 batches, 0 to read in the training thread)")
+        # what generate_synthetic's SyntheticConfig takes, named as the config's keys, before the run starts
+        if self.synthetic_rows != 0 and self.synthetic_rows < 10:
+            wrong.append(f"data.synthetic_rows={self.synthetic_rows} (must be 0 for none, or >= 10 rows to generate)")
+        if self.synthetic_seed < 0:
+            wrong.append(f"data.synthetic_seed={self.synthetic_seed} (must be >= 0)")
         for key in ("valid_split", "test_split"):
             if getattr(self, key) and getattr(self, key) == self.train_split:
                 wrong.append(f"data.{key}={self.train_split!r} is also data.train_split (the rows trained on "
