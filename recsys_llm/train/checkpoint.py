@@ -56,6 +56,7 @@ Example::
     state = load_checkpoint(path, model, optimizer)
 """
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -64,7 +65,7 @@ import pickle
 import random
 import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -117,8 +118,8 @@ class TrainState:
         stop_reason (str): why it finished: ``STOP_PATIENCE``, ``STOP_BUDGET``, or ``""`` (not
             finished, or a checkpoint written before the reason was recorded).
         table_optimizer_step (int): the fused table kernels' step counter (FBGEMM's ``iter``:
-            one per forward, evaluation included; fused Adam's bias correction reads it), set
-            by :meth:`CheckpointManager.save` and restored by :func:`load_checkpoint`.
+            one per training forward, as evaluation puts it back; fused Adam's bias correction
+            reads it), set by :meth:`CheckpointManager.save` and restored by :func:`load_checkpoint`.
     """
 
     epoch: int = 0
@@ -381,6 +382,28 @@ def _set_table_optimizer_step(model: nn.Module, step: int) -> None:
         module.iter.fill_(step)
         if isinstance(getattr(module, "iter_cpu", None), torch.Tensor):
             module.iter_cpu.fill_(step)
+
+
+@contextlib.contextmanager
+def table_step_counters_kept(model: nn.Module) -> Iterator[None]:
+    """Puts the fused table kernels' step counters (``iter`` and its host copy) back after the block.
+
+    FBGEMM adds one per forward, evaluation included, and fused Adam's bias correction reads the
+    count: without this, the training steps after a validation of N batches took the step size of
+    N steps later, so the trained tables depended on ``data.eval_batch_size``, ``train.eval_every``
+    and the size of the valid split. :func:`~recsys_llm.train.pipeline.evaluate` runs in it.
+    """
+    saved = []
+    for module in _counting_kernels(model):
+        host = getattr(module, "iter_cpu", None)
+        saved.append((module, module.iter.clone(), host.clone() if isinstance(host, torch.Tensor) else None))
+    try:
+        yield
+    finally:
+        for module, step, host in saved:
+            module.iter.copy_(step)
+            if host is not None:  # FBGEMM moves its host copy to the CPU at the first forward: copy into that one
+                module.iter_cpu.copy_(host)
 
 
 def _dcp_state(model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]:

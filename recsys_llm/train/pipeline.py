@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.train.checkpoint import table_step_counters_kept
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
 from recsys_llm.train.metrics import CTRMetrics
 
@@ -269,16 +270,17 @@ def evaluate(
         pairs, total = batches.padded(), batches.padded_len
     else:
         pairs = ((batch, True) for batch in batches)
-    for batch, real in tqdm(pairs, total=total, desc=description, disable=not (progress and is_main_process()),
-                            dynamic_ncols=True, leave=False):
-        batch = batch.to(device, non_blocking=True)
-        _, (loss, logits, labels) = model(batch)
-        if not real:  # a repeat that keeps this rank's collectives in step with the others
-            continue
-        metrics.update(logits, labels, batch_extras(batch))
-        # a batch's loss is its rows' mean: weighted by its rows, a partial batch counts as its rows do
-        loss_sum += loss.detach().double().sum() * labels.numel()
-        rows += labels.numel()
+    with table_step_counters_kept(model):  # FBGEMM counts these forwards as optimizer steps otherwise
+        for batch, real in tqdm(pairs, total=total, desc=description, disable=not (progress and is_main_process()),
+                                dynamic_ncols=True, leave=False):
+            batch = batch.to(device, non_blocking=True)
+            _, (loss, logits, labels) = model(batch)
+            if not real:  # a repeat that keeps this rank's collectives in step with the others
+                continue
+            metrics.update(logits, labels, batch_extras(batch))
+            # a batch's loss is its rows' mean: weighted by its rows, a partial batch counts as its rows do
+            loss_sum += loss.detach().double().sum() * labels.numel()
+            rows += labels.numel()
     results = metrics.compute()
     totals = torch.stack([loss_sum, torch.tensor(float(rows), dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized():

@@ -188,14 +188,42 @@ def _table_optimizer_step_across_resume(schema_path: str, ckpt_dir: str) -> Dict
     reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
     _losses(model, optimizer, reader, skip=0, stop=5)
     valid = ParquetBatchReader(schema, "valid", 256, rank=ctx.rank, world_size=ctx.world_size, equal_batches=False)
-    evaluate(model, valid, ctx.device, CTRMetrics(), progress=False)  # its forwards count too
+    evaluate(model, valid, ctx.device, CTRMetrics(), progress=False)  # its forwards do not count
     manager = CheckpointManager(ckpt_dir, keep=1)
     manager.save(model, optimizer, TrainState(epoch=0, step_in_epoch=5, global_step=5, world_size=ctx.world_size,
                                               batch_size=64))
     at_save = _table_optimizer_steps(model)
     _, model2, optimizer2 = _fresh(schema, seed=123)
     load_checkpoint(manager.latest(), model2, optimizer2)
-    return {"at_save": at_save, "loaded": _table_optimizer_steps(model2), "forwards": 5 + valid.padded_len}
+    return {"at_save": at_save, "loaded": _table_optimizer_steps(model2), "forwards": 5}
+
+
+def _table_step_counters(model: nn.Module) -> List[List[int]]:
+    """FBGEMM's step counter of each fused table kernel of this rank: ``iter`` and the host copy ``iter_cpu``
+    that the next training forward adds 1 to and hands the optimizer."""
+    return [[int(kernel.emb_module.iter), int(kernel.emb_module.iter_cpu)] for _, kernel in embedding_kernels(model)]
+
+
+def _table_step_counters_around_an_evaluation(schema_path: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _fresh(schema, seed=0)
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
+    _losses(model, optimizer, reader, skip=0, stop=5)
+    trained = _table_step_counters(model)
+    valid = ParquetBatchReader(schema, "valid", 64, rank=ctx.rank, world_size=ctx.world_size, equal_batches=False)
+    evaluate(model, valid, ctx.device, CTRMetrics(), progress=False)
+    return {"trained": trained, "evaluated": _table_step_counters(model), "eval_batches": valid.padded_len}
+
+
+@pytest.mark.multiprocess
+def test_an_evaluation_leaves_the_fused_table_optimizers_step_counter_as_it_was(synthetic_dir: str) -> None:
+    """FBGEMM counts every forward of a fused table kernel, evaluation included, in the step counter that fused
+    Adam's bias correction reads: a validation of N batches made the training steps after it take the step size
+    of N steps later, so trained tables depended on data.eval_batch_size, train.eval_every and the valid split."""
+    (result,) = run_multiprocess(_table_step_counters_around_an_evaluation, world_size=1, schema_path=synthetic_dir)
+    assert result["eval_batches"] > 1
+    assert [5, 5] in result["trained"]  # the row-wise Adagrad kernel counted its 5 steps (frozen SGD's stays 0)
+    assert result["evaluated"] == result["trained"]
 
 
 @pytest.mark.multiprocess
