@@ -115,16 +115,26 @@ LOCK_FILE = ".lock"  # in an output a job fills in place: locked by the job writ
 
 @contextlib.contextmanager
 def directory_locked(directory: str, refusal: str) -> Iterator[None]:
-    """Creates ``directory`` and holds an exclusive lock on its ``.lock`` file in the block, removing
-    the file at its end. The lock is flock(2)'s: its process ending (even by SIGKILL) releases it, so
-    the file a killed job leaves is no lock; other hosts see it on NFSv4, maybe not on other network
-    file systems.
+    """Creates ``directory`` and holds an exclusive lock on its ``.lock`` file in the block
+    (:func:`file_locked`).
 
     Raises:
         FileExistsError: ``refusal``, when another process holds the lock.
     """
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, LOCK_FILE)
+    with file_locked(os.path.join(directory, LOCK_FILE), refusal):
+        yield
+
+
+@contextlib.contextmanager
+def file_locked(path: str, refusal: str) -> Iterator[None]:
+    """Holds an exclusive lock on the file ``path`` (created) in the block, removing the file at its
+    end. The lock is flock(2)'s: its process ending (even by SIGKILL) releases it, so the file a
+    killed job leaves is no lock; other hosts see it on NFSv4, maybe not on other network file systems.
+
+    Raises:
+        FileExistsError: ``refusal``, when another process holds the lock.
+    """
     while True:
         handle = open(path, "a", encoding="utf-8")
         try:

@@ -61,6 +61,20 @@ def _row_text_config(args: argparse.Namespace):
 
 
 def _adapt(args: argparse.Namespace) -> int:
+    """``semantics adapt``, holding ``<output-dir>.lock`` beside its output: a second adapt into the same
+    output would share its checkpoint (``<output-dir>.checkpoint``) and swap its own files over this one's."""
+    from recsys_llm.atomic_dir import check_replaceable, file_locked
+    from recsys_llm.semantics.ctr_llm import CTR_LLM_FILES
+
+    check_replaceable(args.output_dir, "saved CTR-adapted LLM", CTR_LLM_FILES)  # before any work
+    output = os.path.abspath(args.output_dir).rstrip(os.sep)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with file_locked(f"{output}.lock", f"{args.output_dir}: another semantics adapt is writing this output (it holds "
+                                       f"{output}.lock); wait for it to end (or stop it), or use another --output-dir"):
+        return _adapt_locked(args)
+
+
+def _adapt_locked(args: argparse.Namespace) -> int:
     import numpy as np
     import pyarrow.parquet as pq
 

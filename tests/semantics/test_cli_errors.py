@@ -461,3 +461,19 @@ def test_adapt_refuses_options_of_another_tuning_mode(tmp_path, tiny_schema, tin
     assert code == 2
     assert f"error: {named}: not used by --tuning {tuning}" in _error_line(capsys)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_second_adapt_into_the_same_output_is_refused_before_the_llm_loads(tmp_path, tiny_schema, tiny_bert_dir,
+                                                                            capsys, monkeypatch) -> None:
+    """Two adapts into one --output-dir shared the checkpoint beside it and swapped their files over each other's."""
+    from recsys_llm.atomic_dir import file_locked
+    from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(CTRAdaptedLLM, "from_config", lambda *args: pytest.fail("the LLM was loaded"))
+    with file_locked(f"{out}.lock", "held by the first adapt"):  # the first adapt, still running
+        code = main(["semantics", "adapt", "--schema", tiny_schema.root, "--model", tiny_bert_dir, "--output-dir",
+                     str(out)])
+    assert code == 2
+    assert f"error: {out}: another semantics adapt is writing this output" in _error_line(capsys)
+    assert not os.path.exists(out) and not os.path.exists(f"{out}.checkpoint")
