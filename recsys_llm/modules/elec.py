@@ -108,7 +108,7 @@ class ELECConfig:
         self.entity_tables = dict(self.entity_tables)
         if self.entity_field:
             previous = self.entity_tables.get(self.entity_field, self.entity_vectors)
-            if previous != self.entity_vectors:
+            if (previous or None) != (self.entity_vectors or None):  # null and '' both name no directory
                 raise ValueError(
                     f"elec: entity {self.entity_field!r} has two vector directories, entity_vectors="
                     f"{self.entity_vectors!r} and entity_tables[{self.entity_field!r}]={previous!r}"

@@ -176,3 +176,18 @@ def test_the_student_starts_from_the_weights_of_the_plain_backbone_of_the_same_s
     assert len(student) == len(expected) > 0
     assert all(torch.equal(a, b) for a, b in zip(student, expected))
     assert next(iter(task.named_children()))[0] == "student"  # DMP materialises its tables first
+
+
+def test_an_entity_named_without_a_directory_twice_is_the_same_setting():
+    """``entity_field`` with ``entity_vectors`` left null, and ``entity_tables.<field>=null`` beside it (the docs'
+    two ways of naming the field without a directory) were refused as 'two vector directories, entity_vectors=None
+    and entity_tables[...]=""' (the config file's null is read as '')."""
+    for vectors in (None, ""):
+        config = ELECConfig.from_dict({"task": "distill", "distill": {"mode": "frozen"}, "teacher_checkpoint": "t",
+                                       "vector_source": "entity_table", "entity_field": "item_id",
+                                       "entity_vectors": vectors, "entity_tables": {"item_id": None, "user_id": None}})
+        assert set(config.entity_tables) == {"item_id", "user_id"} and not any(config.entity_tables.values())
+    with pytest.raises(ConfigError, match=r"entity 'item_id' has two vector directories, entity_vectors=None and "
+                                          r"entity_tables\['item_id'\]='vectors/items'"):
+        ELECConfig.from_dict({"vector_source": "entity_table", "entity_field": "item_id", "entity_vectors": None,
+                              "entity_tables": {"item_id": "vectors/items"}})
