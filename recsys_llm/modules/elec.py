@@ -76,7 +76,8 @@ class ELECConfig:
             against them (:func:`load_elec_state`), and may be left out (None). An offline student
             reads none: a new run that names a directory there is refused.
         expected_provenance (Dict[str, str]): provenance the vectors must have (every entity
-            table's; keys that differ per entity, such as ``entity_field``, do not belong here).
+            table's; keys that differ per entity, such as ``entity_field``, do not belong here). Checked on
+            entity exports only (a new run that sets it with ``extras`` or an offline student is refused).
         teacher_checkpoint (Optional[str]): frozen mode: a gain-network export directory
             (``recsys-llm export``) or ``.safetensors`` state dict. Read by no other distill mode
             (a new such run is refused: ``task_builder.check_elec_settings_are_read``).

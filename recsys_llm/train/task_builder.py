@@ -127,7 +127,8 @@ def check_elec_settings_are_read(elec: ELECConfig) -> None:
     """Refuses elec settings a new run would silently ignore (``plugins.json`` would still record
     them as the run's): a ``teacher_checkpoint`` outside ``distill.mode`` ``frozen`` (a joint
     teacher trains from scratch, an offline student reads the teacher's outputs from the data), and
-    entity tables beside ``vector_source`` ``extras`` (the vectors come from the data's column).
+    entity tables beside ``vector_source`` ``extras`` (the vectors come from the data's column), and an
+    ``expected_provenance`` where no entity export is read (``extras``, or an offline student).
     (New runs only, as :func:`check_offline_reads_no_vectors`.)
 
     Raises:
@@ -148,6 +149,13 @@ def check_elec_settings_are_read(elec: ELECConfig) -> None:
             f"elec.entity_tables / elec.entity_field name entity vector tables for {sorted(elec.entity_tables)}, but "
             f"elec.vector_source is 'extras': the LLM vectors come from the data's column {elec.vector_key!r} and no "
             "entity table is read; set elec.vector_source=entity_table to use them, or leave them out"
+        )
+    reads_exports = reads_vectors and elec.vector_source == "entity_table"  # frozen, none named: load_elec_state
+    if elec.expected_provenance and not reads_exports:
+        why = "elec.vector_source is 'extras'" if reads_vectors else "elec.distill.mode is 'offline'"
+        raise ConfigError(
+            f"elec.expected_provenance={elec.expected_provenance} is checked on entity vector exports only, and none "
+            f"is read ({why}): the vectors would not be checked; leave it out (elec.expected_provenance={{}})"
         )
 
 

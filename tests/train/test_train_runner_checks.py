@@ -319,3 +319,22 @@ def test_a_split_without_the_teacher_outputs_of_an_offline_student_is_named_with
                                           r"column\(s\) \['teacher_logits'\]; offline distillation reads the teacher's "
                                           r"outputs in every split .*`recsys-llm teacher-outputs"):
         build_readers(config, DatasetSchema.load(os.path.join(data, "schema.json")), ctx)
+
+
+def test_a_new_run_refuses_expected_provenance_where_no_entity_export_is_read() -> None:
+    """elec.expected_provenance is checked on entity exports only: beside per-row vectors (the data's column) or an
+    offline student (no LLM vector) it was silently ignored, and plugins.json recorded it as if the vectors had it."""
+    from recsys_llm.modules.elec import ELECConfig
+    from recsys_llm.train.task_builder import check_elec_settings_are_read
+
+    for raw, why in (({"task": "gain"}, r"elec.vector_source is 'extras'"),
+                     ({"task": "distill", "distill": {"mode": "joint"}}, r"elec.vector_source is 'extras'"),
+                     ({"task": "distill", "distill": {"mode": "offline"}, "vector_source": "entity_table",
+                       "entity_tables": {"item_id": None}}, r"elec.distill.mode is 'offline'")):
+        config = ELECConfig.from_dict({**raw, "expected_provenance": {"model": "minilm"}})
+        with pytest.raises(ConfigError, match=rf"elec.expected_provenance=\{{'model': 'minilm'\}} is checked on entity "
+                                              rf"vector exports only, and none is read \({why}"):
+            check_elec_settings_are_read(config)
+    check_elec_settings_are_read(ELECConfig.from_dict({"task": "gain", "vector_source": "entity_table",
+                                                       "entity_tables": {"item_id": "vectors/items"},
+                                                       "expected_provenance": {"model": "minilm"}}))
