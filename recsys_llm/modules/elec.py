@@ -150,6 +150,13 @@ def build_gain_network(
                                   table_prefix=table_prefix)
         injection = VectorFieldInjection(config.vector_dim, model_config.embedding_dim, config.num_injected_fields)
         return CTRTask(backbone, field_injection=injection, injection_key=config.vector_key)
+    names = [spec.name for spec in schema.fields]
+    unknown = [name for name in config.entity_tables if name not in names]
+    if unknown:
+        raise ValueError(
+            f"elec.entity_tables: fields {unknown} are not fields of the schema {schema.name!r} (fields: {names}); "
+            "name the sparse id field of the entity (e.g. item_id) its vectors were exported for"
+        )
     dense = [name for name in config.entity_tables if not schema.field(name).is_categorical]
     if dense:
         raise ValueError(

@@ -110,6 +110,20 @@ class TestSemanticTable:
         with pytest.raises(ValueError, match=r"elec.entity_tables: fields \['age'\] are dense .* sparse id field"):
             build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"])
 
+    def test_an_entity_field_not_in_the_schema_is_refused_by_the_setting(self):
+        """Before: "schema 't' has no field 'movie_id'", which named no elec setting."""
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+        from recsys_llm.models.registry import SMOKE_CONFIGS
+        from recsys_llm.modules.elec import ELECConfig, build_gain_network
+
+        schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("item_id", "sparse", 8),
+                                     FieldSpec("age", "dense")])
+        config = ELECConfig(task="gain", vector_dim=8, vector_source="entity_table",
+                            entity_tables={"item_id": None, "movie_id": "vectors/movies"})
+        with pytest.raises(ValueError, match=r"elec.entity_tables: fields \['movie_id'\] are not fields of the "
+                                             r"schema 't' \(fields: \['user_id', 'item_id', 'age'\]\)"):
+            build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"])
+
 
 def _sharded_joint_kd(vector_dir: str, export_dir: str):
     """One rank: joint KD with a column-wise sharded frozen entity table, trained by the pipeline.
