@@ -148,7 +148,8 @@ def build_gain_network(
     if config.vector_source == "extras":
         backbone = build_backbone(model_config, schema, config.num_injected_fields, device=device,
                                   table_prefix=table_prefix)
-        injection = VectorFieldInjection(config.vector_dim, model_config.embedding_dim, config.num_injected_fields)
+        # the width the backbone's tables have: a schema field's own embedding_dim overrides model.embedding_dim
+        injection = VectorFieldInjection(config.vector_dim, backbone.embedding_dim, config.num_injected_fields)
         return CTRTask(backbone, field_injection=injection, injection_key=config.vector_key)
     names = [spec.name for spec in schema.fields]
     unknown = [name for name in config.entity_tables if name not in names]
@@ -177,7 +178,7 @@ def build_gain_network(
     num_fields = config.num_injected_fields * len(entities)
     backbone = build_backbone(model_config, schema, num_fields, device=device, table_prefix=table_prefix)
     table = SemanticTable(entities, config.vector_dim, device=device)
-    injection = VectorFieldInjection(table.output_dim, model_config.embedding_dim, num_fields)
+    injection = VectorFieldInjection(table.output_dim, backbone.embedding_dim, num_fields)  # as above
     return SemanticTableTask(backbone, table, injection)
 
 

@@ -191,3 +191,27 @@ def test_an_entity_named_without_a_directory_twice_is_the_same_setting():
                                           r"entity_tables\['item_id'\]='vectors/items'"):
         ELECConfig.from_dict({"vector_source": "entity_table", "entity_field": "item_id", "entity_vectors": None,
                               "entity_tables": {"item_id": "vectors/items"}})
+
+
+@pytest.mark.parametrize("source", [{}, {"vector_source": "entity_table", "entity_tables": {"item_id": None}}],
+                         ids=["extras", "entity_table"])
+def test_the_vector_becomes_fields_of_the_width_the_schema_gives_the_tables(source):
+    """A schema whose fields all set their own embedding_dim: the plain backbone embeds them in that width, but the
+    gain network projected the vector to model.embedding_dim and was refused ('gives 1 extra field(s) of dim 16;
+    DeepFM was built for 1 of its embedding dim 8')."""
+    import dataclasses
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_llm.data.batch import Batch
+
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", NUM_USERS, embedding_dim=8),
+                                 FieldSpec("item_id", "sparse", NUM_ITEMS, embedding_dim=8), FieldSpec("age", "dense")])
+    model = dataclasses.replace(MODEL, embedding_dim=16)
+    config = ELECConfig(task="gain", vector_dim=DIM, num_injected_fields=2, **source)
+    gain = build_gain_network(config, schema, model, device=CPU)
+    assert (gain.field_injection.num_fields, gain.field_injection.embedding_dim) == (2, 8)
+    kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "item_id"], torch.tensor([1, 2, 3, 4]),
+                                              torch.ones(4, dtype=torch.int32))
+    batch = Batch(torch.rand(2, 1), kjt, torch.tensor([1.0, 0.0]), {"llm_vector": torch.randn(2, DIM)})
+    assert gain.predict(batch).logits.shape == (2,)
