@@ -10,7 +10,8 @@ project (plain backbones, LLaCTR, ELEC teacher-student pairs) is sharded the sam
    built by torchrec's ``TopologyFactory`` (``build_topology``),
    optionally constrained per table (sharding types, compute kernels);
 3. ``DistributedModelParallel`` shards the EBCs and materialises any table that was
-   created on the ``meta`` device shard by shard (no rank ever holds a whole table),
+   created on the ``meta`` device shard by shard (each rank allocates only its own shards; a
+   table-wise shard is a whole table, and a ``data_parallel`` one is whole on every rank),
    then wraps the remaining dense part in DDP;
 4. the dense parameters get a ``KeyedOptimizerWrapper`` (Adam, Adagrad, SGD), combined
    with ``model.fused_optimizer`` into one ``CombinedOptimizer`` the pipeline steps.
