@@ -1,7 +1,8 @@
-"""The streaming, rank-sharded Parquet batch reader, and the split files it reads.
+"""The streaming, rank-sharded Parquet batch reader.
 
 (The writing side is :mod:`recsys_llm.data.parquet_writer`; a row group's conversion to numpy,
-:mod:`recsys_llm.data.row_chunks`.)
+:mod:`recsys_llm.data.row_chunks`; a split's files, found and checked from their footers,
+:mod:`recsys_llm.data.parquet_files`.)
 
 The reader never loads a whole file: it reads one row group (or a slice of one) at a
 time, converts it to numpy with vectorised pyarrow/numpy calls, validates it against

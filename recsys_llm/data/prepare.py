@@ -2,7 +2,7 @@
 
 ``recsys-llm prepare`` (see :mod:`recsys_llm.cli.data`) calls :func:`prepare_dataset`,
 which dispatches to the converter of the source, then re-opens every written split
-with :func:`~recsys_llm.data.parquet.read_schema_and_check` (footers only) and
+with :func:`~recsys_llm.data.parquet_files.read_schema_and_check` (footers only) and
 returns a :class:`PrepareReport` with the rows and click rate per split.
 
 Every source is written whole or not at all (:func:`~recsys_llm.data.parquet_writer.write_prepared`):

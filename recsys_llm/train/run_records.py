@@ -45,7 +45,7 @@ DATA_FINGERPRINTS_KEY = "data_fingerprints"  # in PLUGINS_FILE: split -> the Par
 
 
 def data_fingerprints(config: ExperimentConfig, schema: DatasetSchema) -> Dict[str, str]:
-    """Split name -> :func:`~recsys_llm.data.parquet.split_fingerprint` of every split the run reads."""
+    """Split name -> :func:`~recsys_llm.data.parquet_files.split_fingerprint` of every split the run reads."""
     data = config.data
     splits = [split for split in (data.train_split, data.valid_split, data.test_split) if split and split in schema.splits]
     return {split: split_fingerprint(schema, split) for split in dict.fromkeys(splits)}

@@ -92,7 +92,7 @@ def teacher_record(checkpoint: str, data_fingerprints: Optional[Dict[str, str]] 
 
 
 def source_fingerprints(schema: DatasetSchema) -> Dict[str, str]:
-    """Split -> :func:`~recsys_llm.data.parquet.split_fingerprint` (a hash of its files' Parquet footers)
+    """Split -> :func:`~recsys_llm.data.parquet_files.split_fingerprint` (a hash of its files' Parquet footers)
     of every split of ``schema`` whose file or directory is there."""
     return {split: split_fingerprint(schema, split) for split in sorted(schema.splits)
             if os.path.exists(schema.split_path(split))}
