@@ -127,7 +127,8 @@ def check_elec_settings_are_read(elec: ELECConfig) -> None:
     """Refuses elec settings a new run would silently ignore (``plugins.json`` would still record
     them as the run's): a ``teacher_checkpoint`` outside ``distill.mode`` ``frozen`` (a joint
     teacher trains from scratch, an offline student reads the teacher's outputs from the data), and
-    entity tables beside ``vector_source`` ``extras`` (the vectors come from the data's column), and an
+    entity tables beside ``vector_source`` ``extras`` (the vectors come from the data's column), entity
+    tables without an export directory where one fills them (a gain network, a joint teacher), and an
     ``expected_provenance`` where no entity export is read (``extras``, or an offline student).
     (New runs only, as :func:`check_offline_reads_no_vectors`.)
 
@@ -149,6 +150,15 @@ def check_elec_settings_are_read(elec: ELECConfig) -> None:
             f"elec.entity_tables / elec.entity_field name entity vector tables for {sorted(elec.entity_tables)}, but "
             f"elec.vector_source is 'extras': the LLM vectors come from the data's column {elec.vector_key!r} and no "
             "entity table is read; set elec.vector_source=entity_table to use them, or leave them out"
+        )
+    trains_entity_tables = elec.vector_source == "entity_table" and (not distill or elec.distill.mode == "joint")
+    unfilled = sorted(field for field, directory in elec.entity_tables.items() if not directory)
+    if trains_entity_tables and unfilled:  # a frozen teacher's come from its checkpoint; an offline student has none
+        raise ConfigError(
+            f"elec.entity_tables: fields {unfilled} name no export directory, and a "
+            + ("gain network" if not distill else "joint teacher") + " fills its entity tables from exports "
+            "(`recsys-llm semantics export --granularity entity`): set elec.entity_tables.<field>=DIR (or "
+            "elec.entity_vectors beside elec.entity_field)"
         )
     reads_exports = reads_vectors and elec.vector_source == "entity_table"  # frozen, none named: load_elec_state
     if elec.expected_provenance and not reads_exports:

@@ -171,9 +171,15 @@ def test_a_new_run_refuses_elec_settings_it_would_not_read(tmp_path) -> None:
         with pytest.raises(ConfigError, match=r"name entity vector tables for \['item_id'\], but elec.vector_source "
                                               r"is 'extras'.* set elec.vector_source=entity_table"):
             check_elec_settings_are_read(per_row)
+    for trains_tables in ({"task": "gain"}, {"task": "distill", "distill": {"mode": "joint"}}):
+        # failed once sharded (after the data was read) as "export directory '' not found"
+        unfilled = ELECConfig.from_dict({**trains_tables, "vector_source": "entity_table", "entity_field": "item_id"})
+        with pytest.raises(ConfigError, match=r"elec.entity_tables: fields \['item_id'\] name no export directory"):
+            check_elec_settings_are_read(unfilled)
     for fine in ({"task": "distill", "distill": {"mode": "frozen"}, "teacher_checkpoint": "t"},
                  {"task": "gain", "teacher_checkpoint": "t"},  # one config file for the teacher and its student
-                 {"task": "gain", "vector_source": "entity_table", "entity_field": "item_id"},
+                 {"task": "distill", "distill": {"mode": "frozen"}, "teacher_checkpoint": "t",  # the teacher's tables
+                  "vector_source": "entity_table", "entity_field": "item_id"},
                  {"task": "distill", "distill": {"mode": "offline"}, "entity_tables": {"item_id": None}}):
         check_elec_settings_are_read(ELECConfig.from_dict(fine))
 
