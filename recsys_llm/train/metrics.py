@@ -3,7 +3,8 @@
 Each rank keeps its own predictions and labels; ``compute()`` all-gathers them (sizes may
 differ per rank) and every rank then computes the same numbers from the full set:
 
-* AUC: ``torchmetrics.functional.binary_auroc`` over all samples (exact, ties counted half);
+* AUC: the Mann-Whitney statistic of the logits over all samples (exact, ties counted half;
+  ranked by logit, as probabilities of logits beyond ~37 all round to 1.0 and would tie);
 * LogLoss: mean binary cross-entropy in nats, ``-mean(y log p + (1 - y) log(1 - p))``;
 * NE (normalized entropy, He et al. 2014): cross-entropy divided by the entropy of the
   mean label, computed with ``torchrec.metrics.ne`` (the same definition as torchrec's NE);
@@ -27,7 +28,6 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 
@@ -45,12 +45,17 @@ def _all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(gather_all_tensors(tensor.to(collective_device()))).to(tensor.device)
 
 
-def binary_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+def binary_metrics(
+    probabilities: torch.Tensor, labels: torch.Tensor, scores: Optional[torch.Tensor] = None
+) -> Dict[str, float]:
     """AUC, LogLoss, NE, sample count and mean label of one set.
 
     Args:
         probabilities (torch.Tensor): (N,) click probabilities.
         labels (torch.Tensor): (N,) 0/1 labels.
+        scores (Optional[torch.Tensor]): (N,) scores the AUC ranks by, in the order of the
+            probabilities (e.g. the logits, which keep apart probabilities that round to 1.0);
+            None: the probabilities.
 
     Returns:
         Dict[str, float]: ``auc`` and ``ne`` (both NaN when only one class is present: the
@@ -63,11 +68,24 @@ def binary_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> Dict[st
     labels = labels.double()
     positives = labels.sum()
     one_class = positives.item() in (0.0, float(n))
-    auc = math.nan if one_class else float(binary_auroc(probabilities, labels.long()))
+    auc = math.nan if one_class else _auc(probabilities if scores is None else scores, labels)
     p = probabilities.clamp(_ETA, 1.0 - _ETA)
     logloss = float(-(labels * p.log() + (1.0 - labels) * (1.0 - p).log()).mean())
     ne = math.nan if one_class else _normalized_entropy(probabilities, labels)
     return {"auc": auc, "logloss": logloss, "ne": ne, "num_samples": float(n), "ctr": float(positives / n)}
+
+
+def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact AUC of a set holding both classes: P(score of a positive > score of a negative), ties
+    counted half, from the positives' mean ranks (float64 (N,) labels; exact in float64 up to ~10^8 rows)."""
+    order = torch.argsort(scores)
+    _, group, counts = torch.unique_consecutive(scores[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mean_ranks = ends - (counts.double() - 1.0) / 2.0  # 1-based, ties share their mean rank
+    positives = labels.sum()
+    negatives = labels.numel() - positives
+    rank_sum = (mean_ranks[group] * labels[order]).sum()
+    return float((rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives))
 
 
 def _normalized_entropy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
@@ -117,10 +135,10 @@ class CTRMetrics:
         logits = _all_gather_variable(torch.cat(self._logits) if self._logits else torch.zeros(0)).cpu()
         labels = _all_gather_variable(torch.cat(self._labels) if self._labels else torch.zeros(0)).cpu()
         probabilities = torch.sigmoid(logits.double())
-        out = binary_metrics(probabilities, labels)
+        out = binary_metrics(probabilities, labels, logits)
         for name in self._subsets:
             local = torch.cat(self._masks[name]) if self._masks[name] else torch.zeros(0, dtype=torch.bool)
             mask = _all_gather_variable(local.to(torch.uint8)).cpu().bool()
-            for metric, value in binary_metrics(probabilities[mask], labels[mask]).items():
+            for metric, value in binary_metrics(probabilities[mask], labels[mask], logits[mask]).items():
                 out[f"{name}/{metric}"] = value
         return out

@@ -112,3 +112,21 @@ def test_binary_metrics_leaves_its_input_alone() -> None:
     before = probabilities.clone()
     binary_metrics(probabilities, torch.tensor([0.0, 1.0, 1.0]))
     assert torch.equal(probabilities, before)
+
+
+def test_the_auc_ranks_logits_whose_probabilities_round_to_one() -> None:
+    """sigmoid of every logit beyond ~37 is 1.0 in float64: ranked by probability, 40 / 50 / 60 / 70 tied
+    and the AUC was 0.6667 instead of 0.8333."""
+    logits = torch.tensor([40.0, 50.0, 60.0, 70.0, 0.0])
+    labels = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0])
+    metrics = CTRMetrics({"all": "every_row"})
+    metrics.update(logits, labels, {"every_row": torch.ones(5)})
+    out = metrics.compute()
+    assert out["auc"] == pytest.approx(_pairwise_auc(logits, labels), rel=1e-12)
+    assert out["all/auc"] == out["auc"]
+
+
+def test_the_auc_is_exact_over_many_ties() -> None:
+    logits, labels, _ = _data(3000, 3)
+    out = binary_metrics(torch.sigmoid(logits.double()), labels)
+    assert out["auc"] == pytest.approx(_pairwise_auc(logits, labels), rel=1e-12)
