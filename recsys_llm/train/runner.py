@@ -291,9 +291,11 @@ def _train_in_run_dir(
     else:
         state = state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size,
                                  train_cfg.seed, readers["train"])
+        finished = state.finished
         state = reopen_for_budget(state, train_cfg)
+        redone = _redone_events(state, train_cfg, reopened=finished and not state.finished)
         log.write({"event": RESUMED_EVENT, "checkpoint": latest, "global_step": state.global_step,
-                   "epoch": state.epoch, REDONE_KEY: _redone_events(state, train_cfg)})
+                   "epoch": state.epoch, REDONE_KEY: redone})
         if ctx.is_main:
             print(f"resuming {run_dir} from {latest}: epoch {state.epoch}, step {state.global_step}", flush=True)
 
@@ -396,12 +398,16 @@ def _complete_final_saves(
     best.complete_interrupted_save()
 
 
-def _redone_events(state: TrainState, train_cfg: TrainConfig) -> List[str]:
+def _redone_events(state: TrainState, train_cfg: TrainConfig, reopened: bool = False) -> List[str]:
     """The records a job resumed from a checkpoint of ``state`` writes again at its step: a checkpoint
     taken within an epoch (``checkpoint_every``, possibly on its last step) precedes the epoch-end
     records of that step (but the ``epoch`` record only while the budget lets the job train: one at
     ``train.max_steps`` takes no step and writes none, so the killed job's stands); every checkpoint
-    precedes the test records of a finished run."""
+    precedes the test records of a finished run. A finished run given more budget (``reopened``, also
+    mid-epoch after ``train.max_steps``) writes none again: its checkpoint followed its epoch-end
+    records, whose validation may be the run's best."""
+    if reopened:
+        return []
     if state.finished:
         return ["test"]
     if state.step_in_epoch == 0:

@@ -262,6 +262,29 @@ def test_a_run_killed_after_its_max_steps_checkpoint_on_an_epochs_last_step_resu
     assert (out["extended"]["global_step"], out["extended"]["epochs"], out["extended"]["stopped_early"]) == (20, 2, False)
 
 
+def _extend_a_run_finished_mid_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
+    budget = ["train.epochs=1"]
+    out = {"first": _run(schema_dir, root, budget + ["train.max_steps=5"])}  # step 5 of the epoch: validated there
+    out["extended"] = _run(schema_dir, root, budget + ["train.max_steps=0"])
+    out["standing"] = read_metrics(root)
+    out["curves"] = training_curves(out["standing"])
+    return out
+
+
+def test_a_run_finished_mid_epoch_and_extended_keeps_the_validation_it_finished_with(synthetic_dir: str,
+                                                                                     tmp_path) -> None:
+    """The extension marked the step-5 epoch, valid and test records redone but wrote none at step 5:
+    the validation that could be the run's best (results.json's best_step) left metrics.jsonl and the curves."""
+    (out,) = run_multiprocess(_extend_a_run_finished_mid_epoch, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path / "run"))
+    end = out["extended"]["global_step"]
+    standing = [(e["event"], e["global_step"]) for e in out["standing"] if e["event"] in ("epoch", "valid")]
+    assert standing == [("epoch", 5), ("valid", 5), ("epoch", end), ("valid", end)]
+    steps, aucs = out["curves"]["valid auc"]
+    assert steps == [5, end]
+    assert aucs[steps.index(out["extended"]["best_step"])] == out["extended"]["valid"]["auc"] == max(aucs)
+
+
 def _extend_a_finished_run(schema_dir: str, root: str) -> Dict[str, Any]:
     extended = os.path.join(root, "extended")
     out = {"one": _run(schema_dir, extended, ["train.epochs=1"])}
