@@ -56,8 +56,9 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
                      if r.get("event") == "test" and isinstance(r.get("auc"), (int, float))), None)
     figure = Figure(figsize=(10, 3.8))
     loss_axis, auc_axis = figure.subplots(1, 2)
-    if "loss" in curves:
-        loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1, label="training loss (every 50 steps)")
+    if "loss" in curves:  # a line through one point draws nothing: a run of 50 to 99 steps has one
+        loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1, label="training loss (every 50 steps)",
+                       marker="." if len(curves["loss"][0]) == 1 else None)
     if "epoch loss" in curves:
         loss_axis.plot(*curves["epoch loss"], "o", color="tab:orange", label="epoch mean loss")
     loss_axis.set(xlabel="global step", ylabel="loss", title="training loss")

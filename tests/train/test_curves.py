@@ -58,3 +58,16 @@ def test_the_picture_leaves_the_callers_matplotlib_backend_alone(tmp_path) -> No
             "print(matplotlib.get_backend(), len(plt.get_fignums()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["svg", "0"]
+
+
+def test_a_single_training_loss_record_is_drawn(tmp_path, monkeypatch) -> None:
+    """A run of 50 to 99 steps logs one training loss: a line through one point drew nothing, though
+    the legend named it."""
+    from recsys_llm.train import curves
+
+    drawn = []
+    monkeypatch.setattr(curves, "save_figure_atomically", lambda figure, path, **kwargs: drawn.append(figure))
+    _write_metrics(str(tmp_path), RECORDS[:4])
+    assert plot_training_curves(str(tmp_path))
+    (line,) = [line for line in drawn[0].axes[0].get_lines() if line.get_label().startswith("training loss")]
+    assert list(line.get_xdata()) == [50] and line.get_marker() not in ("None", "", None)
