@@ -299,7 +299,7 @@ class TeacherColumnsWriter:
             self._next_group += 1
 
     def finish(self) -> None:
-        """Moves the finished copy into place.
+        """Moves the finished copy into place, flushed to disk first (fsync).
 
         Raises:
             ValueError: fewer outputs than the source has rows.
@@ -314,6 +314,8 @@ class TeacherColumnsWriter:
             empty = self._with_columns(self._handle.schema_arrow.empty_table(), logits, representations)
             self._writer = pq.ParquetWriter(self._tmp, empty.schema, compression="lz4")
         self._close()
+        with open(self._tmp, "rb") as handle:  # on disk before its name: a resume takes the copy as finished
+            os.fsync(handle.fileno())
         os.replace(self._tmp, self._target)
 
     def abort(self) -> None:

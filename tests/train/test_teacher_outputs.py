@@ -116,6 +116,18 @@ def test_the_writer_refuses_more_outputs_than_rows_and_abort_leaves_no_file(tmp_
     assert not os.path.exists(target) and not os.path.exists(f"{target}.tmp")
 
 
+def test_the_copy_is_flushed_to_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch) -> None:
+    """A resume takes a copy that is there as finished: its bytes must be on disk before its name
+    is, or a power loss could leave an empty ``<split>.parquet`` that no run writes again."""
+    source, target = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    pq.write_table(pa.table({"x": np.arange(3.0)}), source)
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), fsync(fd))[1])
+    write_with_columns(source, target, np.zeros(3, np.float32), np.zeros((3, 2), np.float32), None, None)
+    assert os.stat(target).st_ino in synced  # the renamed file's inode was fsynced
+
+
 def test_a_rank_without_rows_does_not_turn_off_the_row_key_check(tmp_path) -> None:
     """``predict_file`` on a rank whose range is empty returns no row keys (None): its share must not
     make the row group it falls in skip the check of the other ranks' keys."""
