@@ -234,3 +234,70 @@ def test_the_readme_names_what_its_two_set_up_commands_need() -> None:
     makefile = _read("Makefile")
     assert "bash scripts/install.sh" in makefile and "$(PY) -m pytest -q tests" in makefile
     assert "`bash scripts/install.sh` does the set-up" in setup and "`.venv/bin/python -m pytest -q tests`" in setup
+
+
+def _usage_block(marker: str) -> str:
+    """The one Python block of docs/usage.md that holds ``marker``."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", _read("docs", "usage.md"), re.S) if marker in b]
+    assert len(blocks) == 1, f"docs/usage.md: {len(blocks)} Python blocks hold {marker!r}"
+    return blocks[0]
+
+
+def test_the_guides_raw_criteo_recipe_gives_the_prepared_rows(tmp_path, monkeypatch) -> None:
+    """docs/usage.md §1's recipe for a serving process that receives raw Criteo lines (empty and negative
+    cells, one hash size per field) gives the dense features and ids ``prepare criteo`` wrote for them."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from recsys_llm.data.criteo import DENSE_NAMES, SPARSE_NAMES, CriteoConfig, prepare_criteo
+
+    rng = np.random.default_rng(0)
+    lines = [[str(int(rng.random() < 0.3))]
+             + ["" if rng.random() < 0.2 else str(int(rng.integers(-2, 1000))) for _ in DENSE_NAMES]
+             + ["" if rng.random() < 0.2 else f"{int(rng.integers(0, 2 ** 32)):08x}" for _ in SPARSE_NAMES]
+             for _ in range(100)]
+    (tmp_path / "day_0").write_text("".join("\t".join(line) + "\n" for line in lines))
+    sizes = tuple(int(size) for size in rng.integers(2, 5000, len(SPARSE_NAMES)))
+    prepare_criteo(str(tmp_path / "day_0"), str(tmp_path / "data" / "criteo"), CriteoConfig(hash_size=sizes))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(_usage_block("hash_strings"), scope)
+    prepared = pq.read_table(tmp_path / "data" / "criteo" / "train.parquet").slice(0, 3)
+    assert prepared["row_id"].to_pylist() == [0, 1, 2]  # the recipe's first three lines
+    expected_dense = torch.tensor(np.stack([prepared[name].to_numpy() for name in DENSE_NAMES], axis=1))
+    assert scope["dense"].dtype == torch.float32
+    assert torch.equal(scope["dense"], expected_dense)
+    ids = scope["kjt"].to_dict()
+    assert {name: ids[name].values().tolist() for name in SPARSE_NAMES} == {
+        name: prepared[name].to_pylist() for name in SPARSE_NAMES}
+
+
+def test_the_guides_serving_recipe_gives_the_students_probabilities(tmp_path, monkeypatch) -> None:
+    """docs/usage.md §4's "Serving the exported student", as written (``exports/student`` beside
+    ``data/synthetic``): the exported student's probabilities for 8 test rows."""
+    import torch
+
+    from recsys_llm.data.parquet import ParquetBatchReader
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.models.registry import SMOKE_CONFIGS
+    from recsys_llm.modules.elec import build_student
+    from recsys_llm.serving import export_task
+
+    data = str(tmp_path / "data" / "synthetic")
+    generate_synthetic(data, 2_000, seed=0, rows_per_group=512)
+    schema = DatasetSchema.load(data)
+    torch.manual_seed(0)
+    student = build_student(schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu")).eval()
+    example = next(iter(ParquetBatchReader(schema, "train", 4)))
+    export_task(student, str(tmp_path / "exports" / "student"), example.dense_features, example.sparse_features,
+                schema=schema)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(_usage_block("ServedModel.load"), scope)
+    batch = next(iter(ParquetBatchReader(schema, "test", 8)))
+    with torch.no_grad():
+        expected = torch.sigmoid(student.predict(batch).logits)
+    assert scope["probabilities"].shape == (8,)
+    torch.testing.assert_close(scope["probabilities"], expected)
