@@ -146,30 +146,38 @@ def test_an_adapter_of_other_fields_is_refused_before_the_model_loads(tmp_path, 
         encode_field_vectors(FieldVectorConfig(adapter_dir=str(adapter)), tiny_schema, str(tmp_path / "f.safetensors"))
 
 
-def test_an_edited_adapter_config_misses_the_encode_cache(tmp_path, tiny_llama_dir) -> None:
-    """peft merges the adapter's weights scaled by adapter_config.json's lora_alpha / r: a config edited or
-    copied over the tuned one (same weights) encodes other vectors, which must not hit the cached ones."""
+def _random_lora_adapter(base: str, adapter: str, **info) -> None:
+    """A LoRA adapter of the model ``base`` with random B (as tuned: B starts at zero, which would leave the base
+    model as it is) saved at ``adapter``, with its ssft.json (``info`` over a minimal record)."""
     from peft import LoraConfig, get_peft_model
 
     from recsys_llm.semantics.model_dir import model_dir_fingerprint
     from recsys_llm.semantics.model_loading import load_model
-    from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE, load_tuned_encoder
-    from recsys_llm.semantics.store import cached_encode
-    from tests.tiny_models import SAMPLE_TEXTS
+    from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
 
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    model = get_peft_model(load_model(tiny_llama_dir, torch.device("cpu"), torch.float32), lora)
+    model = get_peft_model(load_model(base, torch.device("cpu"), torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_()  # as tuned: B starts at zero, which would leave the base model as it is
-    adapter = str(tmp_path / "adapter")
+                param.normal_()
     model.save_pretrained(adapter)
-    info = {"base_model_path": tiny_llama_dir, "base_model_hash": model_dir_fingerprint(tiny_llama_dir),
-            "adapter_hash": "a1", "pooling": "last_token", "max_length": 64, "fields": [], "templates": {}}
+    record = {"base_model_path": base, "base_model_hash": model_dir_fingerprint(base), "adapter_hash": "a1",
+              "pooling": "last_token", "max_length": 64, "fields": [], "templates": {}, **info}
     with open(os.path.join(adapter, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
-        json.dump(info, handle)
+        json.dump(record, handle)
+
+
+def test_an_edited_adapter_config_misses_the_encode_cache(tmp_path, tiny_llama_dir) -> None:
+    """peft merges the adapter's weights scaled by adapter_config.json's lora_alpha / r: a config edited or
+    copied over the tuned one (same weights) encodes other vectors, which must not hit the cached ones."""
+    from recsys_llm.semantics.ssft_adapter import load_tuned_encoder
+    from recsys_llm.semantics.store import cached_encode
+    from tests.tiny_models import SAMPLE_TEXTS
+
+    adapter = str(tmp_path / "adapter")
+    _random_lora_adapter(tiny_llama_dir, adapter)
     cache = str(tmp_path / "cache")
     tuned = cached_encode(load_tuned_encoder(adapter)[0], SAMPLE_TEXTS, "t", cache, progress=False)
     config_path = os.path.join(adapter, "adapter_config.json")
@@ -206,29 +214,13 @@ def test_an_adapter_whose_base_model_moved_encodes_with_model_naming_where_it_is
     import dataclasses
     import shutil
 
-    from peft import LoraConfig, get_peft_model
-
-    from recsys_llm.semantics.model_dir import model_dir_fingerprint
-    from recsys_llm.semantics.model_loading import load_model
-    from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
     from recsys_llm.semantics.templates import PromptTemplates
     from tests.tiny_models import copy_model_dir, save_tiny_bert
 
     base = copy_model_dir(tiny_llama_dir, tmp_path / "venv_a_model")
-    torch.manual_seed(0)
-    model = get_peft_model(load_model(base, torch.device("cpu"), torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_()  # as tuned: B starts at zero, which would leave the base model as it is
     adapter = str(tmp_path / "adapter")
-    model.save_pretrained(adapter)
-    info = {"base_model_path": base, "base_model_hash": model_dir_fingerprint(base), "adapter_hash": "a1",
-            "pooling": "last_token", "max_length": 64, "fields": ["color", "city", "user_id", "price"],
-            "templates": dataclasses.asdict(PromptTemplates())}
-    with open(os.path.join(adapter, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
-        json.dump(info, handle)
+    _random_lora_adapter(base, adapter, fields=["color", "city", "user_id", "price"],
+                         templates=dataclasses.asdict(PromptTemplates()))
     schema_path = os.path.join(tiny_schema.root, "schema.json")
     encode = ["semantics", "encode", "--schema", schema_path, "--adapter", adapter]
     assert _run_cli([*encode, "--output", str(tmp_path / "before.safetensors")]) == 0
