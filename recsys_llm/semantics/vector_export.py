@@ -3,7 +3,7 @@
 Layout of an export directory::
 
     manifest.json          provenance, chunk size, number of rows/chunks, a hash of the keys in order, dim, dtype,
-                           and a hash of each exported split's Parquet footers
+                           and a hash of the texts encoded (in key order)
     chunk-00000.parquet    columns: key (int64), vector (fixed_size_list<float32|float16, d>)
     chunk-00001.parquet    ... each with the provenance in the Parquet schema metadata
 
