@@ -48,10 +48,9 @@ def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str
 def split_fingerprint(schema: DatasetSchema, split: str) -> str:
     """A hash of the Parquet footers of ``split``'s files (row counts, row groups, sizes, column
     statistics), read without any row data: the same for a copy or an identical re-preparation
-    of the data, different for other rows (new data behind the same fields and sizes). ``split``
-    is a split of ``schema`` or, as :func:`resolve_paths` takes it, a Parquet file or directory."""
+    of the data, different for other rows (new data behind the same fields and sizes)."""
     digest = hashlib.sha256()
-    root = schema.split_path(split) if split in schema.splits else split
+    root = schema.split_path(split)
     for path in resolve_paths(schema, split):
         metadata = pq.ParquetFile(path).metadata.to_dict()
         digest.update(os.path.relpath(path, root).encode())
