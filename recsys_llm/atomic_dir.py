@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from typing import IO, Any, Callable, Dict, Iterator, List, Sequence
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 
 def write_file_atomically(path: str, write: Callable[[IO[Any]], None], binary: bool = True) -> None:
@@ -113,6 +113,18 @@ def signals_deferred() -> Iterator[None]:
 LOCK_FILE = ".lock"  # in an output a job fills in place: locked by the job writing there (directory_locked)
 
 
+def try_lock(path: str) -> Optional[IO[str]]:
+    """The file ``path`` (created) opened with an exclusive flock(2) lock on it, held until the
+    handle is closed or its process ends (even by SIGKILL); None when another process holds it."""
+    handle = open(path, "a", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 @contextlib.contextmanager
 def directory_locked(directory: str, refusal: str) -> Iterator[None]:
     """Creates ``directory`` and holds an exclusive lock on its ``.lock`` file in the block
@@ -136,12 +148,9 @@ def file_locked(path: str, refusal: str) -> Iterator[None]:
         FileExistsError: ``refusal``, when another process holds the lock.
     """
     while True:
-        handle = open(path, "a", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise FileExistsError(refusal) from None
+        handle = try_lock(path)
+        if handle is None:
+            raise FileExistsError(refusal)
         try:
             if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
                 break

@@ -3,7 +3,6 @@ data and vectors the run trained with), ``results.json``, ``metrics.jsonl``'s st
 lock of the job training there."""
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from typing import IO, Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
+from recsys_llm.atomic_dir import try_lock
 from recsys_llm.data.parquet_files import split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import check_number
@@ -106,15 +106,12 @@ def lock_run_dir(run_dir: str) -> IO[str]:
         ConfigError: another process holds the lock (a job training in ``run_dir``).
     """
     os.makedirs(run_dir, exist_ok=True)
-    handle = open(os.path.join(run_dir, RUN_LOCK_FILE), "a", encoding="utf-8")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+    handle = try_lock(os.path.join(run_dir, RUN_LOCK_FILE))
+    if handle is None:
         raise ConfigError(
             f"{run_dir}: another job is training in this train.run_dir (it holds {RUN_LOCK_FILE} there); wait for "
             "it to end (or stop it), or use another train.run_dir"
-        ) from None
+        )
     return handle
 
 
