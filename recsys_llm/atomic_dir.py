@@ -194,13 +194,18 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str) -> None:
+    """Flushes the closed file ``path``'s content to disk (before a rename publishes it)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def fsync_tree(path: str) -> None:
     """Flushes every file under ``path`` and the directories themselves to disk, so a rename that
     publishes ``path`` cannot outlive its content in a power loss."""
     for root, _, files in os.walk(path):
         for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
+            fsync_file(os.path.join(root, name))
         fsync_directory(root)
 
 

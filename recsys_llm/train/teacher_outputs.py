@@ -39,7 +39,14 @@ from torch import nn
 from torchrec.distributed.model_parallel import get_unwrapped_module
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import LOCK_FILE, check_own_entries, directory_locked, is_temp_file_of, write_text_atomically
+from recsys_llm.atomic_dir import (
+    LOCK_FILE,
+    check_own_entries,
+    directory_locked,
+    fsync_file,
+    is_temp_file_of,
+    write_text_atomically,
+)
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import resolve_paths, split_fingerprint
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
@@ -314,8 +321,7 @@ class TeacherColumnsWriter:
             empty = self._with_columns(self._handle.schema_arrow.empty_table(), logits, representations)
             self._writer = pq.ParquetWriter(self._tmp, empty.schema, compression="lz4")
         self._close()
-        with open(self._tmp, "rb") as handle:  # on disk before its name: a resume takes the copy as finished
-            os.fsync(handle.fileno())
+        fsync_file(self._tmp)  # on disk before its name: a resume takes the copy as finished
         os.replace(self._tmp, self._target)
 
     def abort(self) -> None:
