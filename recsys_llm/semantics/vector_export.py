@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries
+from recsys_llm.atomic_dir import check_own_entries, write_file_atomically
 from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import first_non_finite_row
@@ -144,7 +144,7 @@ def chunk_path(directory: str, index: int) -> str:
 
 # what an export directory holds: the manifest, the chunks, the temp files of both, and the file of a
 # shared-directory check a killed torchrun export left (train.run_records.check_run_dir_shared)
-_EXPORT_ENTRY = re.compile(r"(manifest\.json|chunk-\d{5,}\.parquet)(\.\d+\.tmp)?|\.shared-check-[0-9a-f]+")
+_EXPORT_ENTRY = re.compile(r"(manifest\.json|chunk-\d{5,}\.parquet)(\.[0-9a-f]+\.tmp)?|\.shared-check-[0-9a-f]+")
 
 
 def _create_manifest(path: str, manifest: Dict[str, object]) -> bool:
@@ -154,7 +154,7 @@ def _create_manifest(path: str, manifest: Dict[str, object]) -> bool:
     the directory) and is linked, not renamed, into place, so one export's manifest neither replaces
     another's (beside whose chunks this one's would be written) nor mixes with it. On a file system without
     hard links it is renamed over ``path``."""
-    tmp = f"{path}.{secrets.randbelow(10 ** 12)}.tmp"  # digits: a temp entry of _EXPORT_ENTRY
+    tmp = f"{path}.{secrets.randbelow(10 ** 12)}.tmp"  # a temp entry of _EXPORT_ENTRY
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)
@@ -440,14 +440,8 @@ class VectorExport:
                 table = table.replace_schema_metadata(metadata)
                 for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
                     os.remove(stale)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                try:
-                    pq.write_table(table, tmp)
-                except BaseException:  # Ctrl-C, SIGTERM, a full disk: no half-written chunk is left behind
-                    with contextlib.suppress(OSError):
-                        os.remove(tmp)
-                    raise
-                os.replace(tmp, path)  # a chunk file that exists is complete
+                # a chunk file that exists is complete: Ctrl-C, SIGTERM or a full disk leave no half-written one
+                write_file_atomically(path, lambda handle: pq.write_table(table, handle))
                 written.append(index)
         return written
 
