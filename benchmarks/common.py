@@ -111,10 +111,9 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
             parser.error(f"{option} {path}: is a directory; {option} takes the file to write, "
                          f"e.g. {path / name}{suffix}")
         try:  # missing folders are fine (write_json creates them), a file among them is not
-            check_no_file_above(str(path))
+            folder = check_no_file_above(str(path))
         except FileExistsError as error:
             parser.error(f"{option} {error}")
-        folder = _nearest_existing_folder(path)
         try:  # a folder that takes no files (read-only, /proc) would fail the write at the end of the run
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as error:
@@ -131,15 +130,6 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     # set_flush_denormal answers whether the CPU has the mode at all
     args.flush_denormal = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals
     return args
-
-
-def _nearest_existing_folder(path: Path) -> Path:
-    """The folder ``path`` would be written in, or the nearest existing one above it (the missing
-    ones ``write_json`` makes there)."""
-    folder = path.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    return folder
 
 
 def single_rank_context(args: argparse.Namespace) -> Any:

@@ -242,9 +242,12 @@ def holds_files(directory: str, marker_files: Sequence[str]) -> bool:
     return all(os.path.isfile(os.path.join(directory, name)) for name in marker_files)
 
 
-def check_no_file_above(directory: str) -> None:
+def check_no_file_above(directory: str) -> str:
     """Raises when the nearest existing directory above ``directory`` (absent) is a file, where
     making ``directory`` would fail only once its contents are ready ('[Errno 17] File exists').
+
+    Returns:
+        str: that nearest existing directory (where the missing ones would be made).
 
     Raises:
         FileExistsError: naming ``directory`` and the file in its way.
@@ -254,6 +257,7 @@ def check_no_file_above(directory: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise FileExistsError(f"{directory}: {parent} is a file, not a directory; choose another output path")
+    return parent
 
 
 def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) -> None:
