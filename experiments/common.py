@@ -104,12 +104,11 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
 
 def _check_synthetic_rows(data_dir: str) -> None:
     """Raises ``SystemExit`` unless the synthetic data in ``data_dir`` has ``SYNTHETIC_ROWS`` rows."""
-    import pyarrow.parquet as pq
-
+    from recsys_llm.data.parquet_files import read_schema_and_check
     from recsys_llm.data.schema import DatasetSchema
 
     schema = DatasetSchema.load(os.path.join(data_dir, "schema.json"))
-    rows = sum(pq.read_metadata(schema.split_path(split)).num_rows for split in schema.splits)
+    rows = sum(read_schema_and_check(schema, split) for split in schema.splits)  # footers alone
     if rows != SYNTHETIC_ROWS:
         raise SystemExit(
             f"{data_dir}: synthetic data of {rows} rows; the tables are for {SYNTHETIC_ROWS} rows (seed 0). "
