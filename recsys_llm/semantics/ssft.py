@@ -99,7 +99,7 @@ SSFT_CHECKPOINT = CheckpointOwner("SSFT", "tune")
 # what an SSFT output directory holds (with the temp and previous copies of its swaps)
 SSFT_OUTPUT_ENTRIES = frozenset(
     name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
-) | {"metrics.json", "metrics.json.tmp", LOCK_FILE}
+) | {"metrics.json", LOCK_FILE}  # and metrics.json's temp files (_is_ssft_entry)
 
 
 def _is_ssft_entry(name: str) -> bool:
