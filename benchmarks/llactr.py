@@ -487,9 +487,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be an integer >= 1, got {args.batch_size}")
     sizes = mode_sizes(args)
-    from recsys_llm.data.synthetic import SPLIT_FRACTIONS
+    from recsys_llm.data.synthetic import split_sizes
 
-    train_rows = int(sizes.data_rows * dict(SPLIT_FRACTIONS)["train"])  # as generate_synthetic cuts the train split
+    train_rows = split_sizes(sizes.data_rows)["train"]
     if sizes.batch_size * sizes.memory_batches > train_rows:  # refused now, not after the LLM work
         parser.error(f"--batch-size {sizes.batch_size}: the {args.mode} mode's {train_rows:,} train rows make fewer "
                      f"than its {sizes.memory_batches} batches; at most {train_rows // sizes.memory_batches}")

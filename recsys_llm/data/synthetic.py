@@ -392,6 +392,13 @@ def _hour_text(hour: int) -> str:
     return f"{hour}:00, in the {part}"
 
 
+def split_sizes(num_rows: int) -> Dict[str, int]:
+    """Rows of each split of ``num_rows`` generated ones (``SPLIT_FRACTIONS``; the last split takes the rest)."""
+    sizes = {split: int(num_rows * fraction) for split, fraction in SPLIT_FRACTIONS[:-1]}
+    sizes[SPLIT_FRACTIONS[-1][0]] = num_rows - sum(sizes.values())
+    return sizes
+
+
 def generate_synthetic(
     out_dir: str,
     num_rows: int,
@@ -456,8 +463,7 @@ def generate_synthetic(
     arrow_schema = arrow_schema_for(schema, {"is_cold_item": pa.int8()})
     bar = tqdm(total=num_rows, desc="synthetic rows", unit="row", disable=not progress)
     row_start = 0
-    for index, (split, fraction) in enumerate(SPLIT_FRACTIONS):
-        split_rows = int(num_rows * fraction) if index < len(SPLIT_FRACTIONS) - 1 else num_rows - row_start
+    for index, (split, split_rows) in enumerate(split_sizes(num_rows).items()):
         path = os.path.join(out_dir, schema.splits[split])
         with SplitWriter(path, arrow_schema, rows_per_group) as writer:
             for chunk, start in enumerate(range(0, split_rows, CHUNK_ROWS)):
