@@ -151,6 +151,7 @@ class CTRBackbone(nn.Module, abc.ABC):
             CTROutput: logits (B,), representation (B, H), pooled embeddings.
         """
         check_id_weights(sparse_features, self._weighted, type(self).__name__)
+        dense_features = checked_dense_dtype(dense_features, type(self).__name__)
         embeddings = self.embedding_bag_collection(sparse_features)
         logits, representation = self.interact(dense_features, embeddings, extra_fields)
         return CTROutput(one_logit_per_row(logits, type(self).__name__), representation, embeddings)
@@ -231,6 +232,21 @@ def check_id_weights(features: KeyedJaggedTensor, weighted: bool, model: str) ->
             "torchrec's sharded lookup would pool the weights and the unsharded (and served) one ignore them; build "
             "the EBC with is_weighted=True to use them, or leave them out of the KeyedJaggedTensor"
         )
+
+
+@torch.fx.wrap
+def checked_dense_dtype(dense_features: torch.Tensor, model: str) -> torch.Tensor:
+    """``dense_features`` (B, Dd) as they are; raises TypeError, naming ``model``, when they are not float32
+    (e.g. float64 from numpy): the dense layers would fail with torch's bare dtype mismatch.
+
+    A leaf of the training pipeline's fx trace: the dtype is checked at run time.
+    """
+    if dense_features.dtype != torch.float32:
+        raise TypeError(
+            f"{model}: dense_features have dtype {dense_features.dtype}; expected torch.float32 (B, Dd), as "
+            "ParquetBatchReader gives them: convert them with .float() (numpy arrays are float64 by default)"
+        )
+    return dense_features
 
 
 @torch.fx.wrap

@@ -160,6 +160,21 @@ class TestMistakesAreNamed:
         torch.testing.assert_close(traced(batch.dense_features, batch.sparse_features).logits,
                                    Concatenating(_ebc())(batch.dense_features, batch.sparse_features).logits)
 
+    def test_dense_features_of_another_dtype_are_named(self) -> None:
+        """float64 dense features (numpy's default) failed in the first Linear with torch's bare
+        'mat1 and mat2 must have the same dtype'; now a TypeError names the model and float32."""
+        import torchrec.fx
+
+        batch = _batch()
+        for dtype in (torch.float64, torch.int64):
+            wrong = Batch(batch.dense_features.to(dtype), batch.sparse_features, batch.labels, batch.extras)
+            with pytest.raises(TypeError, match=rf"^Concatenating: dense_features have dtype {dtype}; expected "
+                                                r"torch.float32 \(B, Dd\), as ParquetBatchReader gives them"):
+                CTRTask(Concatenating(_ebc()))(wrong)
+        traced = torchrec.fx.symbolic_trace(Concatenating(_ebc()), concrete_args={"extra_fields": None})  # a leaf
+        torch.testing.assert_close(traced(batch.dense_features, batch.sparse_features).logits,
+                                   Concatenating(_ebc())(batch.dense_features, batch.sparse_features).logits)
+
     def test_a_term_in_the_wrong_dict_is_named_not_broadcast(self) -> None:
         """FRE's scalar as a logit term would shift every logit; a per-row loss would make the loss (B,)."""
         from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
