@@ -13,8 +13,8 @@ follow the swapped ids (``entity_table`` vectors; per-row vectors in ``extras`` 
 Where the other side comes from:
 
 * another row of the same batch (default): one fixed permutation per batch size, drawn once
-  from ``seed``. The reader already shuffles rows into batches, so fixed positions still pair
-  random rows;
+  from ``seed``, that leaves no row in place. The reader already shuffles rows into batches, so
+  fixed positions still pair random rows;
 * a catalogue (``catalog``): a Parquet file with one row per entity and a column per swap
   field, e.g. every item with its category, tags and price. Each batch draws B catalogue rows
   uniformly, so entities without any impression yet (cold items) are paired with users too.
@@ -101,6 +101,22 @@ def load_swap_catalog(path: str, schema: DatasetSchema, fields: Sequence[str]) -
     return SwapCatalog(path, table.num_rows, jagged, torch.from_numpy(stacked))
 
 
+def without_fixed_points(order: torch.Tensor) -> torch.Tensor:
+    """``order`` (B,), a permutation, with no row left in place: rows with ``order[i] == i`` take each
+    other's sources in a cycle, and a single such row swaps its source with the next row's. The other
+    rows keep theirs. A one-row permutation is returned as it is (it has no other row)."""
+    fixed = (order == torch.arange(len(order))).nonzero().flatten()  # (k,)
+    if len(order) < 2 or not len(fixed):
+        return order
+    order = order.clone()
+    if len(fixed) > 1:
+        order[fixed] = fixed.roll(-1)
+    else:
+        row, neighbour = int(fixed[0]), (int(fixed[0]) + 1) % len(order)
+        order[row], order[neighbour] = int(order[neighbour]), row
+    return order
+
+
 class SwappedPairs:
     """Appends B label-free rows whose ``swap_fields`` come from other rows or a catalogue.
 
@@ -150,12 +166,13 @@ class SwappedPairs:
         return self._catalog
 
     def permutation(self, batch_size: int) -> torch.Tensor:
-        """(B,) int64: swapped row i takes its ``swap_fields`` from real row ``permutation[i]``."""
+        """(B,) int64: swapped row i takes its ``swap_fields`` from real row ``permutation[i]``, another
+        row than i (a one-row batch, which has no other, pairs its row with itself)."""
         if batch_size not in self._permutations:
             # torch takes seeds in [-2**63, 2**64) and reads a negative one modulo 2**64: taking this one
             # modulo 2**64 keeps the pairing of every seed that fitted and lets a large seed fit too
             generator = torch.Generator().manual_seed((self._seed * 1_000_003 + batch_size) % 2**64)
-            self._permutations[batch_size] = torch.randperm(batch_size, generator=generator)
+            self._permutations[batch_size] = without_fixed_points(torch.randperm(batch_size, generator=generator))
         return self._permutations[batch_size]
 
     def catalog_rows(self, batch_size: int, epoch: int, index: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY, SwappedPairs
+from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY, SwappedPairs, without_fixed_points
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.data.validation import DataError
 
@@ -178,7 +178,22 @@ def test_a_large_seed_pairs_rows_like_any_other() -> None:
     order = swap.permutation(6)
     assert sorted(order.tolist()) == list(range(6))
     assert torch.equal(swap(make_batch(6)).sparse_features["item_id"].values()[6:], order + 50)
-    # the seeds that fitted before pair rows as they did
+    # the seeds that fitted before pair rows as they did (but for rows once paired with themselves)
     for seed in (-1, 0, 3):
         before = torch.randperm(64, generator=torch.Generator().manual_seed(seed * 1_000_003 + 64))
-        assert torch.equal(SwappedPairs(SCHEMA, ITEM_FIELDS, seed=seed).permutation(64), before)
+        assert torch.equal(SwappedPairs(SCHEMA, ITEM_FIELDS, seed=seed).permutation(64),
+                           without_fixed_points(before))
+
+
+def test_no_row_is_paired_with_itself() -> None:
+    """randperm leaves a row in place about once per batch (half the time for B = 2): its swapped row
+    repeated the real row, a labeled pair, instead of the other row the docs promise."""
+    for seed in (-1, 0, 3):
+        for size in range(2, 130):
+            order = SwappedPairs(SCHEMA, ITEM_FIELDS, seed=seed).permutation(size)
+            assert sorted(order.tolist()) == list(range(size))
+            assert not (order == torch.arange(size)).any(), (seed, size, order)
+    before = torch.randperm(64, generator=torch.Generator().manual_seed(3 * 1_000_003 + 64))  # row 35 in place
+    after = SwappedPairs(SCHEMA, ITEM_FIELDS, seed=3).permutation(64)
+    assert int(before[35]) == 35 and (after != before).nonzero().flatten().tolist() == [35, 36]
+    assert torch.equal(SwappedPairs(SCHEMA, ITEM_FIELDS).permutation(1), torch.tensor([0]))  # no other row
