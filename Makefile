@@ -3,14 +3,15 @@
 #   make test   -> installs and runs the whole test suite
 VENV ?= .venv
 PYTHON ?= python3
-PY := $(VENV)/bin/python
+# quoted, as VENV below: a venv path with spaces stays one word in the shell
+PY := "$(VENV)/bin/python"
 DATA_DIR ?= data
 RUNS_DIR ?= runs
 
 .PHONY: install demo test bench clean
 
 install:
-	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
+	PYTHON="$(PYTHON)" VENV="$(VENV)" bash scripts/install.sh
 
 demo: install
 	$(PY) -m recsys_llm.cli demo --data-dir $(DATA_DIR)/synthetic --run-dir $(RUNS_DIR)/demo

@@ -92,8 +92,8 @@ fi
 # from here on the venv changes: a run that fails or is interrupted must not leave the stamp of
 # an earlier install behind for a later run (of that install's variant) to skip on
 rm -f "$stamp"
-PIP="$VENV/bin/python -m pip"
-$PIP install --quiet --upgrade pip wheel setuptools
+PIP=("$VENV/bin/python" -m pip)  # an array: a path with spaces stays one word
+"${PIP[@]}" install --quiet --upgrade pip wheel setuptools
 
 torch_cuda() { "$VENV/bin/python" -c "import torch; print(torch.version.cuda)" 2>/dev/null || echo missing; }
 torch_version() { "$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || echo missing; }
@@ -101,7 +101,7 @@ torch_version() { "$VENV/bin/python" -c "import torch; print(torch.__version__)"
 echo "[install] variant: $VARIANT (torch $TORCH_VERSION, fbgemm-gpu $FBGEMM_VERSION, torchrec $TORCHREC_VERSION)"
 # fbgemm-gpu and fbgemm-gpu-cpu ship the same package directory: removing one of two installed
 # deletes the other's files too, so both go and the chosen one is installed afresh below
-$PIP uninstall --yes --quiet fbgemm-gpu fbgemm-gpu-cpu 2>/dev/null || true
+"${PIP[@]}" uninstall --yes --quiet fbgemm-gpu fbgemm-gpu-cpu 2>/dev/null || true
 if [ "$VARIANT" = cuda ]; then
   if [ -z "$CUDA_INDEX" ]; then
     echo "[install] error: the NVIDIA driver supports CUDA $DRIVER_CUDA, and torch $TORCH_VERSION's CUDA" \
@@ -114,7 +114,7 @@ if [ "$VARIANT" = cuda ]; then
   if [ "$CUDA_INDEX" = "$PYPI_INDEX" ]; then
     # PyPI's Linux torch wheels are CUDA builds, but pip prefers a visible "+cpu" wheel of the
     # same version (a CPU index or wheel folder in the pip config, or a CPU torch already here)
-    $PIP install "torch==$TORCH_VERSION"
+    "${PIP[@]}" install "torch==$TORCH_VERSION"
   fi
   # a torch already here with another CUDA than the index's (.../cu128: 12.8), or of another
   # version than $TORCH_VERSION, is replaced; so is, for PyPI's index, one with a local version
@@ -127,34 +127,34 @@ if [ "$VARIANT" = cuda ]; then
       || { [ "$CUDA_INDEX" = "$PYPI_INDEX" ] && [ "$have_version" != "${have_version%%+*}" ]; }; then
     case "$have_cuda" in None) here="a CPU build" ;; missing) here="none" ;; *) here="$have_version, a CUDA $have_cuda build" ;; esac
     echo "[install] installing torch's CUDA build from $CUDA_INDEX (torch here: $here)"
-    $PIP uninstall --yes --quiet torch 2>/dev/null || true
-    $PIP install --isolated --index-url "$CUDA_INDEX" "torch==$TORCH_VERSION"
+    "${PIP[@]}" uninstall --yes --quiet torch 2>/dev/null || true
+    "${PIP[@]}" install --isolated --index-url "$CUDA_INDEX" "torch==$TORCH_VERSION"
   fi
   if [ "$(torch_cuda)" = None ]; then
     echo "[install] error: torch $TORCH_VERSION is still a CPU build; set TORCH_CUDA_INDEX_URL to an index with the CUDA build" >&2
     exit 1
   fi
   if [ "$CUDA_INDEX" = "$PYPI_INDEX" ]; then
-    $PIP install --no-deps "fbgemm-gpu==$FBGEMM_VERSION"
+    "${PIP[@]}" install --no-deps "fbgemm-gpu==$FBGEMM_VERSION"
   else
-    $PIP install --no-deps --isolated --index-url "$CUDA_INDEX" "fbgemm-gpu==$FBGEMM_VERSION"
+    "${PIP[@]}" install --no-deps --isolated --index-url "$CUDA_INDEX" "fbgemm-gpu==$FBGEMM_VERSION"
   fi
-  $PIP install --no-deps "torchrec==$TORCHREC_VERSION"
+  "${PIP[@]}" install --no-deps "torchrec==$TORCHREC_VERSION"
 else
   # the CPU build: from the configured sources when they have it, else PyTorch's CPU index;
   # PyPI's plain build (CUDA, several GB) also runs on CPU and is the last resort
-  $PIP install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
-    || $PIP install --extra-index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}" "torch==$TORCH_VERSION+cpu" \
-    || $PIP install "torch==$TORCH_VERSION"
-  $PIP install --no-deps "fbgemm-gpu-cpu==$FBGEMM_VERSION" "torchrec==$TORCHREC_VERSION"
+  "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+    || "${PIP[@]}" install --extra-index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}" "torch==$TORCH_VERSION+cpu" \
+    || "${PIP[@]}" install "torch==$TORCH_VERSION"
+  "${PIP[@]}" install --no-deps "fbgemm-gpu-cpu==$FBGEMM_VERSION" "torchrec==$TORCHREC_VERSION"
 fi
 # the torch installed above stays: pip would otherwise replace it for a later dependency that asks
 # for another torch (a new tensordict), taking PyPI's CUDA build on a CPU machine
 keep_torch="$VENV/torch-constraint.txt"
 echo "torch==$(torch_version)" > "$keep_torch"
 # torchrec's pure-Python dependencies (installed explicitly because of --no-deps above).
-$PIP install -c "$keep_torch" pyre-extensions tensordict "torchmetrics>=1.0.3" tqdm iopath
-$PIP install -c "$keep_torch" -e ".[dev,bench]"
+"${PIP[@]}" install -c "$keep_torch" pyre-extensions tensordict "torchmetrics>=1.0.3" tqdm iopath
+"${PIP[@]}" install -c "$keep_torch" -e ".[dev,bench]"
 "$VENV/bin/python" -c "import recsys_llm.env as e; e.check_versions(verbose=True)"
 if [ "$VARIANT" = cuda ] && ! "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 || true)

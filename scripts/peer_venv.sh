@@ -46,16 +46,16 @@ fi
 # an earlier install behind for a later run (with that install's versions) to skip on
 rm -f "$stamp"
 printf '*\n' > "$PEER_VENV/.gitignore"
-PIP="$PEER_VENV/bin/python -m pip"
+PIP=("$PEER_VENV/bin/python" -m pip)  # an array: a path with spaces stays one word
 echo "[peer_venv] installing torch $TORCH_VERSION, deepctr-torch $DEEPCTR_VERSION into $PEER_VENV"
 if [[ "$TORCH_VERSION" == *+cpu ]]; then  # as scripts/install.sh: the configured sources, else PyTorch's CPU index
-  $PIP install --quiet "torch==$TORCH_VERSION" numpy 2>/dev/null \
-    || $PIP install --quiet --extra-index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}" "torch==$TORCH_VERSION" numpy
+  "${PIP[@]}" install --quiet "torch==$TORCH_VERSION" numpy 2>/dev/null \
+    || "${PIP[@]}" install --quiet --extra-index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}" "torch==$TORCH_VERSION" numpy
 else
-  $PIP install --quiet "torch==$TORCH_VERSION" numpy
+  "${PIP[@]}" install --quiet "torch==$TORCH_VERSION" numpy
 fi
-$PIP install --quiet --no-deps "deepctr-torch==$DEEPCTR_VERSION"
-$PIP install --quiet scikit-learn tqdm requests
+"${PIP[@]}" install --quiet --no-deps "deepctr-torch==$DEEPCTR_VERSION"
+"${PIP[@]}" install --quiet scikit-learn tqdm requests
 # deepctr_torch asks PyPI for a newer version in a thread at import; point that at a closed
 # local port so the check fails at once, here and in the benchmark.
 HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \

@@ -7,6 +7,7 @@ venv whose ``python`` logs its arguments instead of installing (``fake_install_e
 """
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -338,3 +339,43 @@ def test_the_dependencies_installed_after_torch_keep_it(tmp_path: Path) -> None:
     log = (tmp_path / "python.log").read_text()
     assert f"install -c {constraint} pyre-extensions tensordict" in log
     assert f"install -c {constraint} -e .[dev,bench]" in log
+
+
+def test_a_venv_path_with_a_space_installs_into_it(tmp_path: Path) -> None:
+    """``PIP="$VENV/bin/python -m pip"`` split a VENV such as ``~/my envs/recsys`` at its space: every pip
+    call ran ``.../my`` and the install failed ('No such file or directory')."""
+    root = tmp_path / "my envs"
+    root.mkdir()
+    env = fake_install_env(root, driver_cuda=None)
+    result = run_install(root, env, RECSYS_LLM_VARIANT="cpu", TORCH_VERSION="2.13.0")
+    assert result.returncode == 0, result.stderr
+    log = (root / "python.log").read_text()
+    assert "-m pip install --no-deps fbgemm-gpu-cpu==" in log
+    assert f"install -c {root / 'venv' / 'torch-constraint.txt'} -e .[dev,bench]" in log
+
+
+def test_a_peer_venv_path_with_a_space_installs_into_it(tmp_path: Path) -> None:
+    venv = tmp_path / "my envs" / "peers"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    log = tmp_path / "python.log"
+    python.write_text(f"#!/bin/sh\necho \"$*\" >> '{log}'\nexit 0\n")
+    python.chmod(0o755)
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "peer_venv.sh")],
+                            env={**os.environ, "PEER_VENV": str(venv), "TORCH_VERSION": "2.13.0"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "-m pip install --quiet --no-deps deepctr-torch==" in log.read_text()
+
+
+def test_make_passes_a_venv_path_with_a_space_whole(tmp_path: Path) -> None:
+    """``VENV=$(VENV) bash scripts/install.sh`` ran the venv path's second word as the command."""
+    venv = tmp_path / "my envs" / "venv"
+    result = subprocess.run(["make", "-n", "-C", str(REPO_ROOT), "demo", f"VENV={venv}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    install = shlex.split(next(line for line in lines if "scripts/install.sh" in line))
+    assert f"VENV={venv}" in install
+    demo = shlex.split(next(line for line in lines if "recsys_llm.cli demo" in line))
+    assert demo[0] == f"{venv}/bin/python"
