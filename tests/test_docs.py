@@ -173,6 +173,16 @@ def test_the_llactr_lambda_picks_in_the_results_page_are_those_of_its_results_js
     assert "now picks lambda_FIE 0.01 for DLRM, and still 0.5 for DeepFM" in readme
 
 
+def test_the_usage_guide_says_what_the_epoch_of_each_metrics_record_counts() -> None:
+    """``epoch`` / ``train`` records give the epoch's 0-based index and ``valid`` records the epochs finished
+    (the validation after epoch 0 says 1, tests/train/test_train_runner.py): the guide said neither."""
+    with open(os.path.join(REPO, "docs", "usage.md"), encoding="utf-8") as handle:
+        text = " ".join(handle.read().split())
+    assert ("A record's `epoch` is the 0-based index of the epoch in `train` and `epoch` records" in text
+            and "but the number of epochs finished in `valid`, `started` and `resumed` records" in text
+            and "the validation after epoch 0 has `epoch` 1" in text)
+
+
 def test_the_readme_says_which_standard_deviation_the_tables_give() -> None:
     from experiments.common import mean_std
 
