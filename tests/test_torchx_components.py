@@ -64,7 +64,7 @@ class TestTrainComponent:
         assert words[words.index("--rdzv_endpoint") + 1] == "localhost:0"  # single host: free port
         tail = words[words.index("-m"):]
         assert tail == ["-m", "recsys_llm.cli", "train", "--config", "configs/x.yaml", "train.epochs=1", "data.batch_size=64"]
-        assert role.resource.cpu == 2 and role.resource.gpu == 0 and role.resource.memMB == 8192
+        assert role.resource.cpu == 4 and role.resource.gpu == 0 and role.resource.memMB == 16384  # 2 and 8192 each
         assert app.name == "train"
 
     def test_multi_host_gpu_resources_env_retries(self) -> None:
@@ -185,6 +185,21 @@ class TestTrainComponent:
             assert "OMP_NUM_THREADS" not in load(name)(*args, cpu=64).roles[0].env, name  # torchrun leaves one alone
         big = load("train")("c.yaml", nproc_per_node=8, named_resource="aws_p4d.24xlarge").roles[0]
         assert big.env["OMP_NUM_THREADS"] == str(big.resource.cpu // 8)
+
+    def test_the_default_cpus_and_memory_are_per_worker(self) -> None:
+        """``--gpu 8`` without ``--cpu`` / ``--memMB`` asked 2 CPUs and 8192 MB for the host's 8 CUDA workers
+        (a cluster then starves or OOM-kills them); the defaults are now each worker's share."""
+        def resources(app: AppDef) -> tuple:
+            return app.roles[0].resource.cpu, app.roles[0].resource.memMB
+
+        for name, args, (cpu, memMB) in (("train", ("c.yaml",), (2, 8192)), ("trained", ("export", "runs/r"), (2, 8192)),
+                                         ("encode", ("export",), (4, 16384))):
+            assert resources(load(name)(*args)) == (cpu, memMB), name  # one worker: as before
+            assert resources(load(name)(*args, gpu=8)) == (8 * cpu, 8 * memMB), name
+            assert load(name)(*args, gpu=8).roles[0].env["OMP_NUM_THREADS"] == str(cpu), name
+            assert resources(load(name)(*args, gpu=8, cpu=64, memMB=480000)) == (64, 480000), name  # as asked
+        assert resources(load("encode")("tune", gpu=8)) == (4, 16384)  # one process
+        assert resources(from_cli("train", ["--config", "c.yaml", "--gpu", "8"])) == (16, 65536)
 
     def test_help_lists_documented_parameters(self) -> None:
         for name in COMPONENTS:

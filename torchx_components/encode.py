@@ -27,9 +27,9 @@ def encode(
     *job_args: str,
     nnodes: int = 1,
     nproc_per_node: int = 0,
-    cpu: int = 4,
+    cpu: int = 0,
     gpu: int = 0,
-    memMB: int = 16384,
+    memMB: int = 0,
     named_resource: Optional[str] = None,
     image: str = torchx.IMAGE,
     env: Optional[Dict[str, str]] = None,
@@ -50,9 +50,9 @@ def encode(
         nnodes: number of hosts (replicas of the role)
         nproc_per_node: worker processes per host; 0 (the default): for export one per GPU of the host (gpu, or
             the named resource's), 1 on a CPU host; tune, encode and adapt take 1
-        cpu: CPUs per host
+        cpu: CPUs per host; 0 (the default): 4 per worker
         gpu: GPUs per host
-        memMB: host memory in MB per host
+        memMB: host memory in MB per host; 0 (the default): 16384 per worker
         named_resource: a torchx named resource; takes precedence over cpu, gpu and memMB
         image: container image with the project and the LLM weights (ignored by local_cwd)
         env: extra environment variables (e.g. HF_HOME=/models,HF_HUB_OFFLINE=1); with several workers per
@@ -72,6 +72,9 @@ def encode(
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
         )
+    # sized for the host's workers: fixed defaults gave --gpu 8 alone the CPUs and memory of one worker
+    cpu = cpu or 4 * nproc_per_node
+    memMB = memMB or 16384 * nproc_per_node
     if job != "export" and nnodes * nproc_per_node > 1:
         raise ValueError(
             f"job {job!r} runs as one process (only export splits its work over workers); every extra worker "

@@ -34,9 +34,9 @@ def trained(
     config: Optional[str] = None,
     nnodes: int = 1,
     nproc_per_node: int = 0,
-    cpu: int = 2,
+    cpu: int = 0,
     gpu: int = 0,
-    memMB: int = 8192,
+    memMB: int = 0,
     named_resource: Optional[str] = None,
     image: str = torchx.IMAGE,
     env: Optional[Dict[str, str]] = None,
@@ -59,9 +59,9 @@ def trained(
         nnodes: number of hosts (replicas of the role)
         nproc_per_node: worker processes per host; 0 (the default): one per GPU of the host (gpu, or the
             named resource's), 1 on a CPU host
-        cpu: CPUs per host
+        cpu: CPUs per host; 0 (the default): 2 per worker
         gpu: GPUs per host
-        memMB: host memory in MB per host
+        memMB: host memory in MB per host; 0 (the default): 8192 per worker
         named_resource: a torchx named resource; takes precedence over cpu, gpu and memMB
         image: container image with the project installed (ignored by local_cwd)
         env: extra environment variables (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4); with several workers per
@@ -81,6 +81,9 @@ def trained(
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
         )
+    # sized for the host's workers: fixed defaults gave --gpu 8 alone the CPUs and memory of one worker
+    cpu = cpu or 2 * nproc_per_node
+    memMB = memMB or 8192 * nproc_per_node
     if rdzv_backend == "static" and nnodes == 1:
         # on one host torchx hands torchrun port 0 (any free port), which static rendezvous passes on to the
         # workers as MASTER_PORT=0: they wait to connect to it until the collective timeout (an hour by default)
