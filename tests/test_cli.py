@@ -52,6 +52,43 @@ def test_a_chosen_progress_interval_is_kept(monkeypatch) -> None:
     assert "TQDM_MAXINTERVAL" not in os.environ
 
 
+def test_the_projects_bars_take_the_interval_set_after_tqdm_was_imported(monkeypatch) -> None:
+    """tqdm reads TQDM_MININTERVAL once, when imported: after torchrec had imported it (the examples, the
+    experiments' in-process commands), the command's 30 s never reached a bar, which updated ten times a
+    second in the log; and a program whose ``main`` had imported it kept 30 s after the command."""
+    import ast
+
+    import tqdm
+
+    from recsys_llm.progress import interval_options
+
+    monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "30")
+    monkeypatch.setenv("TQDM_MAXINTERVAL", "30")
+    with tqdm.tqdm([], **interval_options()) as bar:
+        assert (bar.mininterval, bar.maxinterval) == (30.0, 30.0)
+    monkeypatch.delenv(PROGRESS_INTERVAL_ENV)
+    monkeypatch.delenv("TQDM_MAXINTERVAL")
+    assert interval_options() == {"mininterval": 0.1, "maxinterval": 10.0}  # tqdm's, whatever it read at import
+    monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "soon")
+    with pytest.raises(ValueError, match=r"TQDM_MININTERVAL is 'soon'; expected seconds"):
+        interval_options()
+    # every bar of the package takes them
+    bars = 0
+    for folder, _, files in os.walk(os.path.join(REPO, "recsys_llm")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as handle:
+                    tree = ast.parse(handle.read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "tqdm":
+                        bars += 1
+                        spread = [k.value for k in node.keywords if k.arg is None]
+                        assert any(isinstance(v, ast.Call) and getattr(v.func, "id", "") == "interval_options"
+                                   for v in spread), f"{path}:{node.lineno}"
+    assert bars >= 10
+
+
 def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir, extra: Sequence[str] = ()) -> int:
     """``teacher-outputs`` on a stand-in trained run whose model load fails with 'model loaded'."""
     import torch

@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from recsys_llm.error_text import one_line
+from recsys_llm.progress import MAXINTERVAL_ENV, MININTERVAL_ENV
 
 DESCRIPTION = "LLM knowledge for sharded TorchRec CTR models (LLaCTR, ELEC), without an LLM at serving time."
 EPILOG = """workflows:
@@ -128,7 +129,7 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 SHORT_WRITE_MARK = "unexpected pos"
 TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # set by torchrun's agent (and so torchx) for each worker
-PROGRESS_INTERVAL_ENV = "TQDM_MININTERVAL"  # tqdm's own default for mininterval, in seconds
+PROGRESS_INTERVAL_ENV = MININTERVAL_ENV  # the project's bars read it when made (recsys_llm.progress)
 
 
 def _launch_number(name: str, default: int) -> int:
@@ -227,7 +228,7 @@ def _command_environment() -> Dict[str, str]:
     if not sys.stderr.isatty():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
         added[PROGRESS_INTERVAL_ENV] = os.environ.get(PROGRESS_INTERVAL_ENV, "30")
         # tqdm's monitor forces a refresh after maxinterval (10 s) without one: no sooner than the interval
-        added["TQDM_MAXINTERVAL"] = added[PROGRESS_INTERVAL_ENV]
+        added[MAXINTERVAL_ENV] = added[PROGRESS_INTERVAL_ENV]
     return {key: value for key, value in added.items() if key not in os.environ}
 
 

@@ -49,6 +49,7 @@ from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import ITEM_CATALOG, write_value_text
 from recsys_llm.data.tabular.splits import split_bounds
 from recsys_llm.data.validation import DataError, check_number, check_split_fractions, offsets_from_lengths
+from recsys_llm.progress import interval_options
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 #: pyarrow's message for a cell that is not UTF-8; its column counts from 0, its row counts the header
@@ -324,7 +325,7 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
 
 def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
-    steps = tqdm(total=4, desc="movielens", disable=not progress)
+    steps = tqdm(total=4, desc="movielens", disable=not progress, **interval_options())
     inter_path, item_path, user_path = (_find(raw_dir, s) for s in (".inter", ".item", ".user"))
     inter = read_atomic_file(inter_path, {"user_id": ("token",), "item_id": ("token",), "rating": ("float",), "timestamp": ("float",)})
     items = read_atomic_file(item_path, {"item_id": ("token",), "movie_title": ("token_seq", "token"),

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.error_text import one_line
+from recsys_llm.progress import interval_options
 from recsys_llm.semantics.encoder import NumberRule, check_number_fields, text_list
 from recsys_llm.semantics.lora_targets import default_target_modules, language_model_name
 from recsys_llm.semantics.model_dir import (
@@ -455,7 +456,7 @@ def tune_ctr_llm(
             first_epoch, first_step, losses = resumed
     model.train()
     with tqdm(total=config.epochs * steps_per_epoch, initial=len(losses), desc="tune CTR-LLM",
-              disable=not progress) as bar:
+              disable=not progress, **interval_options()) as bar:
         for epoch in range(first_epoch, config.epochs):
             order_state = generator.get_state()  # (G,) uint8: this epoch's order is drawn from it
             order = torch.randperm(len(index), generator=generator).numpy()  # (S,) positions in the sample

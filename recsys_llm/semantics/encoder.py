@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recsys_llm.data.validation import check_number
+from recsys_llm.progress import interval_options
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint
 from recsys_llm.semantics.model_loading import (
     load_model,
@@ -245,7 +246,8 @@ class TextEncoder:
         out: List[Optional[torch.Tensor]] = [None] * len(texts)
         starts = range(0, len(order), self._batch_size)
         try:
-            for start in tqdm(starts, desc="encode", unit="batch", disable=not progress or len(starts) < 2):
+            for start in tqdm(starts, desc="encode", unit="batch", disable=not progress or len(starts) < 2,
+                              **interval_options()):
                 index = order[start : start + self._batch_size]
                 vectors = self.embed([texts[i] for i in index]).float().cpu()  # (b, H)
                 for row, i in enumerate(index):

@@ -61,6 +61,7 @@ from recsys_llm.atomic_dir import (
     write_text_atomically,
 )
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.progress import interval_options
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
 from recsys_llm.semantics.lora_targets import default_target_modules
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, read_json_file
@@ -469,7 +470,8 @@ class SSFTTrainer:
         random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
         total, steps = 0.0, 0
         device = next(model.parameters()).device
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"ssft epoch {epoch + 1}", unit="step")
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"ssft epoch {epoch + 1}", unit="step",
+                   **interval_options())
         for start in bar:
             batch = [self._train[i] for i in order[start : start + config.batch_size]]
             labels = torch.tensor([e.label for e in batch], dtype=torch.long, device=device)

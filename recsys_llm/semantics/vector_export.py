@@ -54,6 +54,7 @@ from recsys_llm.atomic_dir import check_own_entries, write_file_atomically
 from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import first_non_finite_row
+from recsys_llm.progress import interval_options
 from recsys_llm.semantics.row_text import RowTextRenderer
 from recsys_llm.semantics.vector_projection import load_projection
 
@@ -421,7 +422,7 @@ class VectorExport:
         chunk_rows = self._config.chunk_rows
         rows = sum(min(chunk_rows, len(keys) - index * chunk_rows) for index in pending)
         description = f"export vectors (rank {rank}/{world_size})"
-        with tqdm(total=rows, desc=description, unit="row", disable=not progress) as bar:
+        with tqdm(total=rows, desc=description, unit="row", disable=not progress, **interval_options()) as bar:
             for index in pending:
                 start = index * chunk_rows
                 stop = min(start + chunk_rows, len(keys))

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.progress import interval_options
 from recsys_llm.train.checkpoint import table_step_counters_kept
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
 from recsys_llm.train.metrics import CTRMetrics
@@ -171,6 +172,7 @@ def train_epoch(
         disable=not (progress and is_main_process()),
         dynamic_ncols=True,
         leave=False,
+        **interval_options(),
     )
     step = skip_batches
     steps = 0
@@ -272,7 +274,7 @@ def evaluate(
         pairs = ((batch, True) for batch in batches)
     with table_step_counters_kept(model):  # FBGEMM counts these forwards as optimizer steps otherwise
         for batch, real in tqdm(pairs, total=total, desc=description, disable=not (progress and is_main_process()),
-                                dynamic_ncols=True, leave=False):
+                                dynamic_ncols=True, leave=False, **interval_options()):
             batch = batch.to(device, non_blocking=True)
             _, (loss, logits, labels) = model(batch)
             if not real:  # a repeat that keeps this rank's collectives in step with the others

@@ -52,6 +52,7 @@ from recsys_llm.data.parquet_files import resolve_paths, split_fingerprint
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
+from recsys_llm.progress import interval_options
 from recsys_llm.train.checkpoint import checkpoint_digests
 from recsys_llm.train.config import ExperimentConfig
 from recsys_llm.train.distributed import barrier, host_group
@@ -212,7 +213,7 @@ def predict_file(
     keys: List[np.ndarray] = []
     width = 0
     for batch, real in tqdm(reader.padded(), total=reader.padded_len, desc=os.path.basename(path),
-                            disable=not progress):
+                            disable=not progress, **interval_options()):
         output = teacher.predict(batch.to(device, non_blocking=True))
         width = output.representation.size(1)
         if real:

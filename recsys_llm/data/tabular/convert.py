@@ -31,6 +31,7 @@ from recsys_llm.data.validation import (
     describe_row,
     offsets_from_lengths,
 )
+from recsys_llm.progress import interval_options
 
 
 def prepare_tabular(
@@ -152,7 +153,7 @@ def _convert(
     total = len(split_values) if split_values is not None else None
     split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
     schema = _output_schema(user_schema, plans, out_dir, user_texts)
-    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress)
+    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress, **interval_options())
     try:
         _write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar)
     finally:
