@@ -43,6 +43,7 @@ Example::
     print(describe_plan(plan))   # which ranks hold which table shards
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -502,8 +503,9 @@ def shard_model(
     # bucket rebuild, so a resumed run is exact (_CanonicalAllReduce; a sum of two is exact anyway)
     canonical = world_size > 2 and sharding.exact_dense_reduction
     wrapper = DefaultDataParallelWrapper(bucket_cap_mb=ONE_BUCKET_MB) if canonical else None
-    model = DistributedModelParallel(task, device=device, plan=plan, init_data_parallel=world_size > 1,
-                                     init_parameters=True, data_parallel_wrapper=wrapper)
+    with _table_init_stream_of_this_rank(device):  # DMP initialises this rank's table shards
+        model = DistributedModelParallel(task, device=device, plan=plan, init_data_parallel=world_size > 1,
+                                         init_parameters=True, data_parallel_wrapper=wrapper)
     if canonical:
         _reduce_in_parameter_order(model)
     placements = table_placements(plan)
@@ -525,6 +527,29 @@ def shard_model(
             f"and plug-in terms there (`with torch.device({str(device)!r}): ...`, build_llactr_terms(..., device))"
         )
     return model, plan
+
+
+@contextlib.contextmanager
+def _table_init_stream_of_this_rank(device: torch.device) -> Iterator[None]:
+    """Rank 0 draws from the RNG as it stands, rank r > 0 from a stream of its own (seeded by a draw from
+    the RNG plus r), its RNG restored afterwards.
+
+    Every rank is seeded alike (``train.seed``), and DMP initialises each rank's table shards from
+    the rank's RNG: drawn from one stream, the table on rank 1 began as a copy of the one on rank 0
+    (proportional rows where the shapes differ; the column shards of one table repeated each other).
+    Replicated tables and dense parameters are unaffected: DDP broadcasts rank 0's.
+    """
+    rank = dist.get_rank()
+    if rank == 0:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        seed = int(torch.randint(0, 2**62, ())) + rank
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index if device.index is not None
+                                          else torch.cuda.current_device()].manual_seed(seed)
+        yield
 
 
 # DDP's bucket cap for several ranks: every dense gradient in one bucket (see _CanonicalAllReduce)

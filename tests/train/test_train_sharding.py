@@ -242,6 +242,42 @@ def test_weight_decay_leaves_every_table_alone_whatever_its_placement(synthetic_
                     "data_parallel/table": True, "data_parallel/dense": False}
 
 
+class _TwinTables(torch.nn.Module):
+    """Tables of one shape: ``a`` and ``b`` (table-wise on two ranks, one on each) and ``c`` (replicated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(
+            [EmbeddingBagConfig(name=name, embedding_dim=8, num_embeddings=10, feature_names=[name]) for name in "abc"],
+            device=torch.device("meta"))
+
+    def forward(self, batch):  # noqa: ANN001, ANN201
+        return self.ebc(batch)
+
+
+def _initial_shards() -> Dict[str, torch.Tensor]:
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)  # train.seed: the same on every rank
+    sharding = ShardingConfig(sharding_types=["table_wise"], table_constraints={"c": {"sharding_types": ["data_parallel"]}})
+    model, _ = shard_model(_TwinTables(), ctx.device, ctx.world_size, sharding, OptimizerConfig(), batch_size=8)
+    shards = {table: _local_table(model, table) for table in "ab" if _local_table(model, table).numel()}
+    return {**shards, "c": _replicated_table(model, "c")}
+
+
+@pytest.mark.multiprocess
+def test_ranks_initialise_their_tables_from_streams_of_their_own() -> None:
+    """Every rank starts from train.seed, and each drew its shards' initial values from the same stream: the
+    table on rank 1 began as a copy of the one on rank 0 (rows of different tables, and the column shards of
+    one table, alike)."""
+    rank0, rank1 = run_multiprocess(_initial_shards, world_size=2)
+    assert torch.equal(rank0.pop("c"), rank1.pop("c"))  # a replicated table is rank 0's on every rank
+    (first,), (second,) = rank0.values(), rank1.values()
+    assert set(rank0) | set(rank1) == {"a", "b"}
+    assert not torch.equal(first, second)
+    bound = 10 ** -0.5  # torchrec's default init: uniform in +-sqrt(1 / rows)
+    assert first.abs().max() <= bound and second.abs().max() <= bound
+
+
 class _ModifiesKJT(torch.nn.Module):
     """Negative control: changes the KJT before the EBC, which torchrec cannot pipeline."""
 
