@@ -13,7 +13,8 @@ A config file has the sections of :class:`ExperimentConfig`::
 Overrides on the command line are ``section.key=value`` (nested: ``elec.distill.alpha=0.5``);
 the value is parsed as YAML (``3``, ``0.5``, ``true``, ``[64, 32]``) and then converted to the
 field's declared type, so ``train.epochs=3`` is an int and ``model.mlp_layer_sizes=[64,32]``
-a tuple. Unknown sections or keys are errors that list the allowed ones.
+a tuple; a string setting written as a number is its text (``train.run_dir=2024_01``, not
+202401). Unknown sections or keys are errors that list the allowed ones.
 
 Example::
 
@@ -41,6 +42,59 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config dataclasses."""
+
+
+class _WrittenInt(int):
+    """A YAML integer that keeps the text it was read from (``yaml_text``): YAML 1.1 reads ``0123``
+    as the octal 83, ``2024_01`` as 202401 and ``1:30`` as 90, which a string setting must not become."""
+
+    yaml_text: str
+
+
+class _WrittenFloat(float):
+    """A YAML float that keeps the text it was read from (``yaml_text``): ``1.10`` is the number 1.1."""
+
+    yaml_text: str
+
+
+class _ConfigLoader(UniqueKeyLoader):
+    """The config files' and overrides' YAML loader: :class:`UniqueKeyLoader` whose numbers keep
+    the text they were written as, so a string setting (``train.run_dir: 2024_01``) is that text
+    (:func:`_coerce`), and a saved config writes them as they were read (:class:`_ConfigDumper`)."""
+
+    def construct_written_int(self, node: yaml.ScalarNode) -> int:
+        return _written(_WrittenInt(self.construct_yaml_int(node)), node.value)
+
+    def construct_written_float(self, node: yaml.ScalarNode) -> float:
+        return _written(_WrittenFloat(self.construct_yaml_float(node)), node.value)
+
+
+def _written(number: T, text: str) -> T:
+    number.yaml_text = text  # type: ignore[attr-defined]
+    return number
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_written_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _ConfigLoader.construct_written_float)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that writes a number of the free-form ``llactr`` / ``elec`` sections as it was
+    read (``0123``), so the saved config reads back as the settings did (a string, or that number)."""
+
+
+def _represent_as_written(dumper: yaml.SafeDumper, value: Any) -> yaml.ScalarNode:
+    tag = "tag:yaml.org,2002:int" if isinstance(value, int) else "tag:yaml.org,2002:float"
+    return dumper.represent_scalar(tag, value.yaml_text)
+
+
+_ConfigDumper.add_representer(_WrittenInt, _represent_as_written)
+_ConfigDumper.add_representer(_WrittenFloat, _represent_as_written)
+
+
+def _text(value: Any) -> str:
+    """``value`` as a string setting: a YAML number as it was written (:class:`_ConfigLoader`)."""
+    return getattr(value, "yaml_text", None) or str(value)
 
 
 DEFAULT_COLD_ITEM_COLUMN = "is_cold_item"  # data.cold_item_column: the synthetic data's; other data may lack it
@@ -230,7 +284,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         value_type = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, value_type, _key(where, str(k))) for k, v in value.items()}
+        return {_text(k): _coerce(v, value_type, _key(where, _text(k))) for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -259,7 +313,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool):  # YAML's yes / no / on / off / true / false: never the text meant here
             raise ConfigError(f"{where}: expected a string, got the boolean {value!r} (YAML reads yes, no, on, off, "
                               "true and false as booleans): quote it, e.g. key='off'")
-        return "" if value is None else str(value)
+        return "" if value is None else _text(value)
     if dataclasses.is_dataclass(annotation):
         return build_dataclass(annotation, value, where)
     return value
@@ -311,7 +365,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
         if not all(parts):
             raise ConfigError(f"override {override!r}: empty key component")
         try:
-            value = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else ""
+            value = yaml.load(text, Loader=_ConfigLoader) if text.strip() else ""
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: value is not valid YAML: {one_line(error)}") from error
         node = raw
@@ -355,7 +409,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
             raise ConfigError(f"{path}: config file not found")
         text = read_utf8_text(path, "config", ConfigError)
         try:
-            raw = yaml.load(text, Loader=UniqueKeyLoader) or {}  # a key written twice is an error, not last-wins
+            raw = yaml.load(text, Loader=_ConfigLoader) or {}  # a key written twice is an error, not last-wins
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {one_line(error)}") from error
         if not isinstance(raw, dict):
@@ -430,7 +484,7 @@ def schema_json_path(schema: str) -> str:
 
 def save_config(config: ExperimentConfig, path: str) -> None:
     """Writes the config as YAML (atomically: :func:`~recsys_llm.atomic_dir.write_text_atomically`)."""
-    write_text_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomically(path, yaml.dump(config.to_dict(), Dumper=_ConfigDumper, sort_keys=False))
 
 
 # settings a resumed run may change: where and how it runs, its budget and its evaluation, not

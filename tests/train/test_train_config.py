@@ -6,7 +6,8 @@ from typing import Any, Dict
 
 import pytest
 
-from recsys_llm.train.config import ConfigError, ExperimentConfig, load_config, save_config
+from recsys_llm.modules.llactr import LLaCTRConfig
+from recsys_llm.train.config import ConfigError, ExperimentConfig, config_differences, load_config, save_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -88,6 +89,25 @@ class TestLoadConfig:
         assert config.data.extras == []
         assert config.sharding.sharding_types == []
         assert config.model.finalmlp_context1 == ()
+
+    def test_a_string_setting_written_as_a_number_keeps_its_text(self, tmp_path) -> None:
+        """YAML 1.1 reads ``2024_01`` as 202401, ``0123`` as the octal 83 and ``1.10`` as 1.1: a string
+        setting (a run directory, a split or field name, a path of the free-form llactr section) is
+        the text written, in the file, on the command line and in the run's saved config.yaml."""
+        path = tmp_path / "numbers.yaml"
+        path.write_text("data:\n  valid_split: 1.10\ntrain:\n  run_dir: 2024_01\nllactr:\n  vectors_path: 0123\n",
+                        encoding="utf-8")
+        config = load_config(str(path), ["data.test_split=010", "sharding.frozen_tables=[1:30]",
+                                         "llactr.fields=[07, 2024_02]", "train.epochs=1_000"])
+        assert (config.data.valid_split, config.data.test_split, config.train.run_dir) == ("1.10", "010", "2024_01")
+        assert config.sharding.frozen_tables == ["1:30"]
+        assert config.train.epochs == 1000  # an integer setting takes the number YAML reads
+        llactr = LLaCTRConfig.from_dict(config.llactr)
+        assert (llactr.vectors_path, llactr.fields) == ("0123", ["07", "2024_02"])
+        saved = str(tmp_path / "config.yaml")
+        save_config(config, saved)
+        assert LLaCTRConfig.from_dict(load_config(saved).llactr) == llactr
+        assert load_config(saved).train.run_dir == "2024_01" and config_differences(config, load_config(saved)) == []
 
     @pytest.mark.parametrize("text, value", [("0", False), ("1", True)])
     def test_a_boolean_override_of_0_or_1_is_read_as_the_coercion_means(self, text: str, value: bool) -> None:
