@@ -82,11 +82,17 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
 
     Returns:
         Dict[str, Any]: metrics (with ``cold/*`` when the data marks cold items).
+
+    Raises:
+        ValueError: no ``split`` given and ``data.test_split`` is '' (a run without a test split).
     """
+    split = split or config.data.test_split
+    if not split:  # else read as a Parquet path '', which names neither the setting nor the flag
+        raise ValueError("no split to evaluate: data.test_split is '' (the run reports no test split); name the split, "
+                         "e.g. evaluate --split valid")
     run = open_trained_run(config, checkpoint)
     ctx, schema = run.ctx, run.schema
     seed_everything(config.train.seed)
-    split = split or config.data.test_split
     data = config.data
     if split in schema.splits:
         check_plugin_columns(config, schema, [split])

@@ -56,6 +56,22 @@ def test_a_mistyped_cold_item_column_is_refused_naming_the_columns(synthetic_dir
     assert "data.cold_item_column=''" in message
 
 
+def test_evaluating_a_run_without_a_test_split_asks_for_the_split(synthetic_dir: str, synthetic_schema,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained with ``data.test_split=`` has no default split to evaluate: the '' was read as a Parquet
+    path (": no such Parquet file or directory"), naming neither the setting nor ``evaluate --split``."""
+    from recsys_llm.train import trained_run
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    monkeypatch.setattr(trained_run, "open_trained_run",
+                        lambda config, checkpoint: trained_run.TrainedRun(checkpoint, ctx, synthetic_schema))
+    monkeypatch.setattr(trained_run, "load_trained_model", lambda config, run: pytest.fail("no split: no model"))
+    with pytest.raises(ValueError) as refused:
+        trained_run.run_evaluation(_config(synthetic_dir, "data.test_split="), "runs/no_test")
+    assert str(refused.value) == ("no split to evaluate: data.test_split is '' (the run reports no test split); "
+                                  "name the split, e.g. evaluate --split valid")
+
+
 def test_the_default_cold_item_column_may_be_absent(synthetic_dir: str, tmp_path) -> None:
     """Data without cold items (ML-100K, Criteo) has no ``is_cold_item``: no cold metrics, no error."""
     data = str(tmp_path / "data")
