@@ -31,6 +31,7 @@ from safetensors.torch import save
 
 from recsys_llm.atomic_dir import check_no_file_above, write_bytes_atomically
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.semantics.encoder import text_list
 
 FORMAT_VERSION = "1"
 
@@ -344,10 +345,11 @@ def cached_encode(
         torch.Tensor: (N, d) float32.
 
     Raises:
+        TypeError: ``texts`` is a single string (:func:`~recsys_llm.semantics.encoder.text_list`).
         NotADirectoryError: ``cache_dir`` is a file (:func:`check_cache_dir`).
         ValueError: the encoder gave NaN / inf vectors (nothing is cached).
     """
-    texts = list(texts)
+    texts = text_list(texts)
     if cache_dir is None:
         return encoder.encode(texts, progress=progress)
     check_cache_dir(cache_dir)  # before encoding: the vectors could not be cached there

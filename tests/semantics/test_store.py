@@ -160,6 +160,16 @@ class TestCachedEncode:
         torch.testing.assert_close(again, expected, atol=0, rtol=0)
 
 
+    def test_a_single_string_is_refused_with_or_without_a_cache(self, tmp_path, tiny_llama_dir: str) -> None:
+        """As TextEncoder.encode refuses it: list("price") would encode (and cache) its 5 characters."""
+        encoder = CountingEncoder(tiny_llama_dir)
+        CountingEncoder.calls = 0
+        for cache_dir in (None, str(tmp_path / "cache")):
+            with pytest.raises(TypeError, match="got the single string 'price'; pass \\[text\\]"):
+                cached_encode(encoder, "price", "t1", cache_dir, progress=False)
+        assert CountingEncoder.calls == 0 and not os.path.exists(tmp_path / "cache")
+
+
 class TestNonFiniteVectors:
     """A NaN vector (e.g. from a model overflowing in float16) must never reach training."""
 
