@@ -12,6 +12,7 @@ Example::
     vectors = encoder.encode(["user id", "movie title"])  # (2, 384)
 """
 
+import hashlib
 import os
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from recsys_llm.data.validation import check_number
 from recsys_llm.progress import interval_options
-from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint
+from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, tokenizer_fingerprint
 from recsys_llm.semantics.model_loading import (
     load_model,
     load_tokenizer,
@@ -127,7 +128,8 @@ class TextEncoder:
             model_id (Optional[str]): name recorded in provenance; defaults to the config's
                 ``name_or_path``.
             model_hash (Optional[str]): fingerprint for caches/provenance; None -> hash of
-                all parameter values (costly for large models: pass one when you have it).
+                all parameter values and of the tokenizer (``model_dir.tokenizer_fingerprint``: another
+                tokenizer gives other vectors; costly for large models: pass one when you have it).
         """
         encoder = cls.__new__(cls)
         first = next(model.parameters())
@@ -164,12 +166,14 @@ class TextEncoder:
 
     @property
     def model_hash(self) -> str:
-        """Fingerprint of the weights/config (directory file hashes, or parameter hash)."""
+        """Fingerprint of the weights/config and tokenizer (directory file hashes, or a hash of the parameter
+        values and of what the tokenizer makes of text: another tokenizer gives other vectors)."""
         if self._model_hash is None:
             if self._model_path is not None:
                 self._model_hash = model_dir_fingerprint(self._model_path)
             else:
-                self._model_hash = module_fingerprint(self._model)
+                both = f"{module_fingerprint(self._model)}+{tokenizer_fingerprint(self._tokenizer)}"
+                self._model_hash = hashlib.sha256(both.encode()).hexdigest()[:16]
         return self._model_hash
 
     @property

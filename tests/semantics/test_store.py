@@ -170,6 +170,27 @@ class TestCachedEncode:
         assert CountingEncoder.calls == 0 and not os.path.exists(tmp_path / "cache")
 
 
+    def test_a_loaded_model_with_another_tokenizer_misses_the_cache(self, tmp_path, tiny_llama_dir: str) -> None:
+        """from_model without a model_hash: the same weights read through another tokenizer (other ids for the
+        same words) give other vectors, so they must not hit the vectors cached for the first tokenizer."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+
+        own = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        vocab = own.get_vocab()
+        words = sorted(vocab, key=vocab.get)
+        shifted = {word: 6 + (i + 1) % (len(words) - 6) if i >= 6 else i for i, word in enumerate(words)}  # specials kept
+        backend = Tokenizer(models.WordLevel(vocab=shifted, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        other = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+        model = AutoModel.from_pretrained(tiny_llama_dir)
+        texts = ["shade 1", "town 2"]
+        first = cached_encode(TextEncoder.from_model(model, own), texts, "t1", str(tmp_path), progress=False)
+        second = cached_encode(TextEncoder.from_model(model, other), texts, "t1", str(tmp_path), progress=False)
+        torch.testing.assert_close(second, TextEncoder.from_model(model, other).encode(texts, progress=False))
+        assert not torch.allclose(first, second) and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
 class TestNonFiniteVectors:
     """A NaN vector (e.g. from a model overflowing in float16) must never reach training."""
 
