@@ -34,10 +34,13 @@ CAUSAL_MODEL_TYPES = frozenset(
 )
 
 
-# Model types that are bidirectional encoders (mean pooling), even without a mask token.
+# Model types that are bidirectional encoders (mean pooling), even without a mask token; with the encoder
+# stacks of T5Gemma and T5Gemma 2, whose own configs are not marked encoder-decoder (T5Gemma's decoder stack,
+# of the same type, is marked is_decoder)
 ENCODER_MODEL_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
-     "mpnet", "camembert", "ernie", "modernbert", "nomic_bert", "e5", "xlm", "t5"}
+     "mpnet", "camembert", "ernie", "modernbert", "nomic_bert", "e5", "xlm", "t5", "t5_gemma_module",
+     "t5gemma2_encoder"}
 )
 
 

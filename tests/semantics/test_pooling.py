@@ -60,6 +60,35 @@ def test_auto_pooling_of_an_encoder_decoder_models_encoder_is_mean() -> None:
     assert resolve_pooling("auto", LlamaConfig(), no_mask) == "last_token"
 
 
+def _tiny_t5gemma() -> torch.nn.Module:
+    from transformers import T5GemmaConfig, T5GemmaModel
+
+    stack = dict(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128, pad_token_id=0)
+    return T5GemmaModel(T5GemmaConfig(encoder=stack, decoder=stack, vocab_size=tiny_vocab_size()))
+
+
+def _tiny_t5gemma2() -> torch.nn.Module:
+    from transformers import T5Gemma2Config, T5Gemma2Model
+
+    text = dict(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    encoder = dict(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    return T5Gemma2Model(T5Gemma2Config(encoder=encoder, decoder=text, vocab_size=tiny_vocab_size()))
+
+
+@pytest.mark.parametrize("build", [_tiny_t5gemma, _tiny_t5gemma2], ids=["t5gemma", "t5gemma2"])
+def test_auto_pooling_of_a_t5gemma_directorys_encoder_is_mean(tmp_path, build) -> None:
+    """A T5Gemma (2) directory as shipped (encoder and decoder): its encoder stack has a config of its own that is
+    not marked encoder-decoder, and the Gemma tokenizer has no mask token; the stack is bidirectional all the
+    same, so it is mean-pooled as the docs say of an encoder-decoder model's encoder."""
+    torch.manual_seed(0)
+    encoder = TextEncoder(save_with_tokenizer(build(), tmp_path / "model"))
+    assert encoder.pooling == "mean"
+
+
 @pytest.mark.parametrize("mode, expected", [("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "last_token"),
                                             ("pooling_mode_max_tokens", "mean")])
 def test_auto_pooling_of_a_sentence_transformers_directory_is_its_own(tiny_bert_dir, tmp_path, mode, expected) -> None:
