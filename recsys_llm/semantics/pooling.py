@@ -50,7 +50,8 @@ def resolve_pooling(pooling: str, config: Any, tokenizer: Any = None) -> str:
     Decoders (``config.is_decoder``, an ``*ForCausalLM`` architecture, a known causal
     model type, or an unknown type whose tokenizer has no mask token) -> ``last_token``;
     encoders (a known encoder model type, the encoder of an encoder-decoder model such as
-    mT5 or UMT5, an ``*EncoderModel`` architecture) and everything else -> ``mean``.
+    mT5 or UMT5, an ``*EncoderModel`` architecture, a model of a causal type configured with
+    ``use_bidirectional_attention`` such as EmbeddingGemma) and everything else -> ``mean``.
 
     Args:
         pooling (str): one of ``auto``, ``mean``, ``last_token``, ``cls``.
@@ -68,6 +69,8 @@ def resolve_pooling(pooling: str, config: Any, tokenizer: Any = None) -> str:
     architectures = getattr(config, "architectures", None) or []
     if getattr(config, "is_decoder", False) or any(a.endswith("ForCausalLM") for a in architectures):
         return "last_token"
+    if getattr(config, "use_bidirectional_attention", False) is True:  # e.g. EmbeddingGemma: a gemma3_text encoder
+        return "mean"
     if model_type in CAUSAL_MODEL_TYPES:
         return "last_token"
     if model_type in ENCODER_MODEL_TYPES or getattr(config, "is_encoder_decoder", False):

@@ -89,6 +89,21 @@ def test_auto_pooling_of_a_t5gemma_directorys_encoder_is_mean(tmp_path, build) -
     assert encoder.pooling == "mean"
 
 
+def test_auto_pooling_of_a_decoder_type_made_bidirectional_is_mean(tmp_path) -> None:
+    """EmbeddingGemma is a gemma3_text model with use_bidirectional_attention: an encoder (mean, as its
+    1_Pooling says), also in a copy without the sentence-transformers files; the causal one keeps the last token."""
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    for bidirectional, expected in ((True, "mean"), (False, "last_token")):
+        torch.manual_seed(0)
+        config = Gemma3TextConfig(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                  max_position_embeddings=128, pad_token_id=0,
+                                  use_bidirectional_attention=bidirectional)
+        path = save_with_tokenizer(Gemma3TextModel(config), tmp_path / str(bidirectional))
+        assert TextEncoder(path).pooling == expected
+
+
 @pytest.mark.parametrize("mode, expected", [("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "last_token"),
                                             ("pooling_mode_max_tokens", "mean")])
 def test_auto_pooling_of_a_sentence_transformers_directory_is_its_own(tiny_bert_dir, tmp_path, mode, expected) -> None:
