@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError
 
 ALPACA_PROMPT = (
@@ -170,7 +171,7 @@ def _first_split(schema: DatasetSchema) -> str:
 
 def _dense_values(schema: DatasetSchema, spec: FieldSpec, max_scan_rows: int) -> pa.Array:
     path = _first_split(schema)
-    dataset = ds.dataset(path, format="parquet")
+    dataset = ds.dataset(parquet_files(path), format="parquet")  # a directory's *.parquet files, not its *.tmp
     if spec.name not in dataset.schema.names:
         raise SchemaError(f"{path}: no column {spec.name!r} for dense field {spec.name!r}")
     chunks, seen = [], 0

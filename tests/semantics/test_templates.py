@@ -46,6 +46,23 @@ class TestTemplates:
         assert len(set(colors)) == 10 and all(1900 <= int(c) < 2000 for c in colors)
 
 
+    def test_dense_values_of_a_split_directory_read_its_parquet_files_only(self, tmp_path) -> None:
+        """A split directory is its *.parquet files (data.parquet_files): a temp file a killed write left beside
+        them is no data, and read as Parquet it failed with Arrow's "magic bytes not found"."""
+        import os
+        import shutil
+
+        from tests.semantics.conftest import make_schema
+
+        schema = make_schema(str(tmp_path / "data"))
+        os.makedirs(tmp_path / "data" / "train")
+        shutil.move(str(tmp_path / "data" / "train.parquet"), str(tmp_path / "data" / "train" / "part-0.parquet"))
+        (tmp_path / "data" / "train" / "part-1.parquet.0123abcd.tmp").write_bytes(b"PAR1 cut short")
+        schema = DatasetSchema(name=schema.name, fields=schema.fields, splits={"train": "train"}, root=schema.root)
+        prices = distinct_values(schema, "price", 500, random.Random(0))
+        assert len(prices) == 100 and "12.5" in prices
+
+
 class TestPromptTemplateChecks:
     """Unknown placeholders are refused when the templates are made, not when a prompt is built."""
 
