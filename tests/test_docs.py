@@ -169,6 +169,8 @@ def test_the_llactr_lambda_picks_in_the_results_page_are_those_of_its_results_js
     fre_at_top = sorted(b for b, c in choices.items() if c["+FRE"]["lambda_fre"] == 0.5)
     assert both_at_top == fre_at_top == ["deepfm", "fm", "fwfm"]
     assert "for +both on the same three backbones" in readme and "five of the six" not in readme
+    # and it cites that JSON: the headline's results/llactr_ml100k.json picks lambda_FRE 0.5 for +both on DCNv2 too
+    assert "three backbones (`results/llactr_ml100k_reduced_ssft/llactr_ml100k.json`, `choices`)" in readme
     assert choices["dlrm"]["+FIE"]["lambda_fie"] == 0.01 and choices["deepfm"]["+FIE"]["lambda_fie"] == 0.5
     assert "now picks lambda_FIE 0.01 for DLRM, and still 0.5 for DeepFM" in readme
 
