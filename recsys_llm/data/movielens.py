@@ -7,7 +7,8 @@ age:token gender:token occupation:token zip_code:token``), tab separated with ty
 headers, as in RecBole's ``ml-100k`` / ``ml-1m`` downloads. A leading UTF-8 byte order mark
 is ignored; blank lines are skipped (error messages still name the line as an editor counts it);
 white space around a cell is dropped (``"1 "`` is user ``1``); an id repeated in ``.item`` or ``.user``
-is an error (no row silently replaces another), as is an empty user or item id.
+is an error (no row silently replaces another), as is an empty user or item id. A release year
+written as a float (``release_year:float``, ``1995.0``) is the year ``1995``.
 
 Output (the usual CTR protocol for MovieLens):
 
@@ -52,6 +53,8 @@ from recsys_llm.data.validation import DataError, check_number, check_split_frac
 from recsys_llm.progress import interval_options
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+#: a release year: four digits, or as a float column writes them (``release_year:float``): 1995.0
+_YEAR = r"^([0-9]{4})(\.0*)?$"
 #: pyarrow's message for a cell that is not UTF-8; its column counts from 0, its row counts the header
 #: as row 1 and skips blank lines
 _INVALID_UTF8 = re.compile(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to string: invalid UTF8 data")
@@ -242,6 +245,13 @@ def _encode(column: pa.Array, vocabulary: pa.Array) -> np.ndarray:
     return pc.fill_null(pc.add(index, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def _year(token: Optional[str]) -> Optional[str]:
+    """The four digits of a release-year token (``"1995"``, or ``"1995.0"`` from a ``release_year:float``
+    column), None for any other token (ML-100K's ``unkonwn``)."""
+    match = re.fullmatch(_YEAR, token or "")
+    return match.group(1) if match else None
+
+
 def _lookup(table_ids: np.ndarray, keys: np.ndarray, values: np.ndarray, default: object) -> np.ndarray:
     """values[k] for the row whose key is k, for every id in ``table_ids`` (default when missing)."""
     out = np.full(len(table_ids), default, dtype=values.dtype)
@@ -374,7 +384,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
 
     # item attributes
     item_year_id = _lookup(np.arange(num_items + 1), item_key, _encode(items["release_year"], attribute_vocab["release_year"]), 0)
-    year_numeric = pc.match_substring_regex(items["release_year"], r"^\d{4}$").to_numpy(zero_copy_only=False)
+    year_numeric = pc.match_substring_regex(items["release_year"], _YEAR).to_numpy(zero_copy_only=False)
     year_values = np.where(
         year_numeric, pc.cast(pc.if_else(pa.array(year_numeric), items["release_year"], "1900"), pa.float64()).to_numpy(), 1900.0
     )
@@ -407,9 +417,9 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     titles = items["movie_title"].to_pylist()
     years = items["release_year"].to_pylist()
     for row, new_id in enumerate(item_key):
-        year = f" ({years[row]})" if re.fullmatch(r"\d{4}", years[row] or "") else ""
+        year = _year(years[row])
         genres = ", ".join(genre_rows[row]) or "unknown"
-        item_text[new_id] = f"{titles[row]}{year}. Genres: {genres}."
+        item_text[new_id] = f"{titles[row]}{f' ({year})' if year else ''}. Genres: {genres}."
     user_text = ["unknown user"] * (num_users + 1)
     for row, (new_id, age, gender, job, zipc) in enumerate(
         zip(user_key, *(users[c].to_pylist() for c in ("age", "gender", "occupation", "zip_code")))
@@ -422,7 +432,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
         "gender": [GENDER_WORDS.get(g, g) for g in attribute_vocab["gender"].to_pylist()],
         "occupation": [occupation_words(o) for o in attribute_vocab["occupation"].to_pylist()],
         "zip_prefix": [f"zip code starting with {z}" for z in attribute_vocab["zip_prefix"].to_pylist()],
-        "release_year": [f"released in {y}" if re.fullmatch(r"\d{4}", y) else "unknown release year"
+        "release_year": [f"released in {_year(y)}" if _year(y) else "unknown release year"
                          for y in attribute_vocab["release_year"].to_pylist()],
         "genres": genre_vocab.to_pylist(),
     }

@@ -369,3 +369,22 @@ def test_cells_with_stray_spaces_convert_as_without_them(tmp_path):
         assert pq.read_table(got.split_path(split)).equals(pq.read_table(want.split_path(split)))
     for name in ("user_id", "age", "gender"):
         assert got.load_value_text(name).equals(want.load_value_text(name))
+
+
+def test_release_years_of_a_float_column_keep_their_year(tmp_path):
+    """RecBole's ``release_year:float`` is accepted; a float column written by pandas holds ``1999.0``,
+    which was no year: every movie's text, ``release_year`` text and ``movie_year`` lost it."""
+    lines = [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)]
+    tokens, floats = tmp_path / "tokens", tmp_path / "floats"
+    for raw in (tokens, floats):
+        raw.mkdir()
+        _write_raw(raw, lines)
+    (floats / "x.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:float\tclass:token_seq\n"
+                                   "1\tA Movie\t1999.0\tDrama Comedy\n2\tB Movie\t2001.0\tAction\n3\tC Movie\t1980.0\tHorror\n")
+    want = prepare_movielens(str(tokens), str(tmp_path / "out-tokens"))
+    got = prepare_movielens(str(floats), str(tmp_path / "out-floats"))
+    assert got.load_value_text("item_id")["text"][1].as_py() == "A Movie (1999). Genres: Drama, Comedy."
+    for name in ("item_id", "release_year"):
+        assert got.load_value_text(name).equals(want.load_value_text(name))
+    for split in want.splits:
+        assert pq.read_table(got.split_path(split)).equals(pq.read_table(want.split_path(split)))
