@@ -12,7 +12,7 @@ bounds-check mode, a warning and another row (on GPU).
 
 Example::
 
-    rules = IdRules.from_config(id_rules(schema, ["user_id", "genres"]), {"user_id": 944, "genres": 19})
+    rules = IdRules.from_config(id_rules(schema, ["user_id", "genres"]), {"user_id": 944, "genres": 20})
     kjt = rules(kjt)  # ids as the reader would have given them
 """
 
