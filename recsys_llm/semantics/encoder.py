@@ -122,7 +122,9 @@ class TextEncoder:
         model_id: Optional[str] = None,
         model_hash: Optional[str] = None,
     ) -> "TextEncoder":
-        """Wraps an already loaded (e.g. peft-tuned) model; it stays on its device and dtype.
+        """Wraps an already loaded (e.g. peft-tuned) model; it stays on its device and dtype. As with
+        :func:`~recsys_llm.semantics.model_loading.load_tokenizer`, a text longer than ``max_length`` is
+        cut at its end whatever the tokenizer's ``truncation_side`` was (it is set to ``right``).
 
         Args:
             model_id (Optional[str]): name recorded in provenance; defaults to the config's
@@ -136,6 +138,7 @@ class TextEncoder:
         encoder._device = first.device
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.truncation_side = "right"
         name = model_id or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
         encoder._setup(model, tokenizer, pooling, batch_size, max_length, model_id=name)
         encoder._model_path = None

@@ -74,6 +74,16 @@ class TestTextEncoder:
         torch.testing.assert_close(wrapped.encode(SAMPLE_TEXTS), expected, atol=1e-5, rtol=1e-4)
         assert len(wrapped.model_hash) == 16
 
+    def test_a_loaded_tokenizer_set_to_truncate_on_the_left_cuts_texts_at_their_end(self, tiny_llama_dir: str) -> None:
+        """from_model kept a tokenizer's ``truncation_side: left`` (load_tokenizer sets it right): a long text
+        was cut at its start, where the docs and the cut-off warnings say the end is cut."""
+        model = AutoModel.from_pretrained(tiny_llama_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir, truncation_side="left")
+        full = tokenizer("red blue green town city")["input_ids"]
+        encoder = TextEncoder.from_model(model, tokenizer, max_length=3)
+        input_ids, _ = encoder.tokenize(["red blue green town city"])
+        assert input_ids[0].tolist() == full[:3]
+
     def test_encode_runs_in_eval_mode_and_leaves_the_models_mode_as_it_was(self, tiny_llama_dir: str) -> None:
         """SSFT evaluates (encodes) between training steps: dropout off while encoding, back on after."""
         model = AutoModel.from_pretrained(tiny_llama_dir)
