@@ -55,14 +55,19 @@ def check_number_fields(config: Any, rules: Mapping[str, NumberRule], command: s
 
 
 def text_list(texts: Sequence[str]) -> List[str]:
-    """``texts`` as a list; one ``str`` is refused (``list("user id")`` would encode its 7 characters).
+    """``texts`` as a list; one ``str`` is refused (``list("user id")`` would encode its 7 characters),
+    and so is a text that is not a ``str``.
 
     Raises:
-        TypeError: ``texts`` is a single string.
+        TypeError: ``texts`` is a single string, or one of them is not a string.
     """
     if isinstance(texts, str):
         raise TypeError(f"expected a sequence of texts, got the single string {texts[:40]!r}; pass [text]")
-    return list(texts)
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be str, got {type(text).__name__}")
+    return texts
 
 
 def default_model_path() -> str:
@@ -244,9 +249,6 @@ class TextEncoder:
         texts = text_list(texts)
         if not texts:
             return torch.zeros(0, self.dim)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] must be str, got {type(text).__name__}")
         was_training = self._model.training
         self._model.eval()
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)

@@ -345,7 +345,8 @@ def cached_encode(
         torch.Tensor: (N, d) float32.
 
     Raises:
-        TypeError: ``texts`` is a single string (:func:`~recsys_llm.semantics.encoder.text_list`).
+        TypeError: ``texts`` is a single string, or one of them is not a string
+            (:func:`~recsys_llm.semantics.encoder.text_list`).
         NotADirectoryError: ``cache_dir`` is a file (:func:`check_cache_dir`).
         ValueError: the encoder gave NaN / inf vectors (nothing is cached).
     """

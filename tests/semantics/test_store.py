@@ -170,6 +170,17 @@ class TestCachedEncode:
         assert CountingEncoder.calls == 0 and not os.path.exists(tmp_path / "cache")
 
 
+    def test_a_text_that_is_not_a_string_is_refused_with_or_without_a_cache(self, tmp_path, tiny_llama_dir) -> None:
+        """With a cache, hashing the texts for the key failed first with AttributeError ('int' object has no
+        attribute 'encode'), not with the TypeError encode gives without one."""
+        encoder = CountingEncoder(tiny_llama_dir)
+        CountingEncoder.calls = 0
+        for cache_dir in (None, str(tmp_path / "cache")):
+            with pytest.raises(TypeError, match=r"^texts\[1\] must be str, got int$"):
+                cached_encode(encoder, ["price", 3], "t1", cache_dir, progress=False)
+        assert CountingEncoder.calls == 0 and not os.path.exists(tmp_path / "cache")
+
+
     def test_a_loaded_model_with_another_tokenizer_misses_the_cache(self, tmp_path, tiny_llama_dir: str) -> None:
         """from_model without a model_hash: the same weights read through another tokenizer (other ids for the
         same words) give other vectors, so they must not hit the vectors cached for the first tokenizer."""
