@@ -59,7 +59,7 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
                         help="tokens per text" + ("" if max_length_default else " (default: 256, or the adapter's)"))
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,  # resolve_dtype's names
-                        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"
+                        help="auto (bf16 on an Ampere or newer / ROCm GPU, else fp32), float32, bfloat16, float16"
                              + (" (training scales the loss)" if training else ""))
     parser.add_argument("--include-fields-without-description", action="store_true",
                         help="also use fields the schema does not describe (as their bare name)")

@@ -87,7 +87,8 @@ class TextEncoder:
         batch_size (int): texts per forward pass.
         max_length (int): tokens per text (longer texts are truncated).
         device (Optional[str]): e.g. ``cuda:0``; None -> CUDA if available, else CPU.
-        dtype (str): ``auto`` (bf16 on CUDA when supported, fp32 on CPU) or a dtype name.
+        dtype (str): ``auto`` (bf16 on a GPU that computes in it: Ampere or newer, or ROCm; else fp32)
+            or a dtype name.
         trust_remote_code (bool): allow model code from the model directory (off by default).
 
     Example::
@@ -191,7 +192,7 @@ class TextEncoder:
     @property
     def dtype(self) -> str:
         """The model's compute dtype, e.g. ``float32`` or ``bfloat16`` (part of the cache key:
-        ``dtype=auto`` gives bf16 on CUDA and fp32 on CPU)."""
+        ``dtype=auto`` gives bf16 on an Ampere or newer / ROCm GPU, fp32 on CPU and older GPUs)."""
         return str(next(self._model.parameters()).dtype).removeprefix("torch.")
 
     @property

@@ -56,7 +56,8 @@ class FieldVectorConfig:
         max_length (Optional[int]): tokens per text; None -> 256, or the adapter's own
             (which is the only value allowed with ``adapter_dir``).
         device (Optional[str]): None -> CUDA if available.
-        dtype (str): ``auto`` -> bf16 on CUDA, fp32 on CPU.
+        dtype (str): ``auto`` -> bf16 on a GPU that computes in it (Ampere or newer, or ROCm), else fp32
+            (CPU and older GPUs).
         cache_dir (Optional[str]): encoded-text cache; None disables it.
         trust_remote_code (bool): run the model directory's own code if its config asks for it
             (off: such a model is refused).

@@ -153,7 +153,8 @@ class SSFTConfig:
             describe (their field text is the bare name).
         seed (int): sampling, shuffling and LoRA initialisation.
         device (Optional[str]): None -> CUDA if available.
-        dtype (str): ``auto`` -> bf16 base weights on CUDA, fp32 on CPU.
+        dtype (str): ``auto`` -> bf16 base weights on a GPU that computes in it (Ampere or newer, or
+            ROCm), else fp32 (CPU and older GPUs).
         trust_remote_code (bool): allow model code from the model directory.
         eval_batch_size (int): prompts per forward pass in evaluation.
         resume (bool): continue from ``output_dir/checkpoint`` when it exists.
