@@ -52,7 +52,13 @@ from recsys_llm.semantics.model_dir import (
     read_json_file,
     tokenizer_fingerprint,
 )
-from recsys_llm.semantics.model_loading import load_model, load_tokenizer, position_limited, tokenizer_fits_model
+from recsys_llm.semantics.model_loading import (
+    check_max_length,
+    load_model,
+    load_tokenizer,
+    position_limited,
+    tokenizer_fits_model,
+)
 from recsys_llm.semantics.pooling import hidden_states, hidden_width, pool
 from recsys_llm.semantics.precision import LowPrecisionSteps
 from recsys_llm.semantics.ctr_llm_checkpoint import TuneCheckpoint, TuneCheckpointer, resume_signature
@@ -184,6 +190,7 @@ class CTRAdaptedLLM(nn.Module):
         self.config = config
         self._tokenizer = tokenizer
         tokenizer_fits_model(tokenizer, llm, config.model_path)
+        check_max_length(tokenizer, config.max_length, config.model_path)
         hidden = hidden_width(llm)
         self.transform = nn.Sequential(
             nn.Linear(hidden, config.hidden_dim),

@@ -24,6 +24,7 @@ from recsys_llm.data.validation import check_number
 from recsys_llm.progress import interval_options
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, tokenizer_fingerprint
 from recsys_llm.semantics.model_loading import (
+    check_max_length,
     load_model,
     load_tokenizer,
     position_limited,
@@ -155,6 +156,7 @@ class TextEncoder:
         if batch_size <= 0 or max_length <= 0:
             raise ValueError(f"batch_size and max_length must be > 0, got {batch_size}, {max_length}")
         tokenizer_fits_model(tokenizer, model, model_id)
+        check_max_length(tokenizer, max_length, model_id)
         self._model = model.eval()
         self._tokenizer = tokenizer
         config = getattr(model, "config", None)

@@ -102,6 +102,22 @@ def position_limited(model: nn.Module, max_length: int) -> int:
     return min([max_length, *limits])
 
 
+def check_max_length(tokenizer: Any, max_length: int, model_id: str) -> None:
+    """Refuses a ``max_length`` (``--max-length``) that leaves no token of text beside the special tokens
+    ``tokenizer`` adds to every text: below their number transformers does not cut texts at all, and at
+    it every text is the same special tokens (the same vector).
+
+    Raises:
+        ValueError: naming ``model_id``, ``--max-length`` and the minimum (special tokens + 1).
+    """
+    special = tokenizer.num_special_tokens_to_add(pair=False)
+    if max_length <= special:
+        raise ValueError(
+            f"{model_id}: --max-length {max_length} leaves no token of text: the tokenizer adds {special} special "
+            f"tokens to every text; expected --max-length >= {special + 1}"
+        )
+
+
 # A tokenizer with fewer tokens than this share of config.json's vocab_size is not the model's own.
 MIN_TOKENIZER_VOCAB_SHARE = 0.5
 

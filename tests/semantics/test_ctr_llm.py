@@ -445,3 +445,16 @@ def test_a_single_string_is_refused_not_split_into_characters(tiny_bert_dir) -> 
         with pytest.raises(TypeError, match=r"expected a sequence of texts, got the single string 'user id is 3.'"):
             call("user id is 3.")
     assert llm.encode(["user id is 3."]).shape == (1, 8)
+
+
+@pytest.mark.parametrize("max_length", [1, 2])
+def test_a_max_length_leaving_no_token_of_text_is_refused_naming_the_minimum(tmp_path, max_length) -> None:
+    """MiniLM's tokenizer adds [CLS] and [SEP]: at --max-length 1 the length was not applied (texts were not cut),
+    at 2 every row text was the same [CLS] [SEP], silently."""
+    path = _tiny_model_dir(tmp_path, "bert")
+    config = CTRLLMConfig(model_path=path, tuning="heads", representation_dim=8, max_length=max_length)
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: --max-length {max_length} leaves no token of text: "
+                                         r"the tokenizer adds 2 special tokens to every text; expected --max-length "
+                                         r">= 3$"):
+        CTRAdaptedLLM.from_config(config)
+    CTRAdaptedLLM.from_config(dataclasses.replace(config, max_length=3))

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -96,6 +98,19 @@ class TestTextEncoder:
             assert modes.pop() is False and model.training is training
         assert encoder.provenance() == {"model_id": encoder.model_id, "model_hash": encoder.model_hash,
                                         "pooling": "last_token", "max_length": encoder.max_length}
+
+    @pytest.mark.parametrize("max_length", [1, 2])
+    def test_a_max_length_leaving_no_token_of_text_is_refused_naming_the_minimum(self, max_length: int) -> None:
+        """MiniLM's tokenizer adds [CLS] and [SEP]: at --max-length 1 the length was not applied (texts were not
+        cut), at 2 every text was the same [CLS] [SEP] and got the same vector, silently."""
+        with pytest.raises(ValueError, match=rf"^{re.escape(default_model_path())}: --max-length {max_length} leaves "
+                                             r"no token of text: the tokenizer adds 2 special tokens to every text; "
+                                             r"expected --max-length >= 3$"):
+            TextEncoder(max_length=max_length)
+        model = AutoModel.from_pretrained(default_model_path())
+        with pytest.raises(ValueError, match=r"--max-length 2 leaves no token of text"):
+            TextEncoder.from_model(model, AutoTokenizer.from_pretrained(default_model_path()), max_length=2)
+        assert TextEncoder(max_length=3).tokenize(["a movie about space travel"])[0].shape == (1, 3)
 
     def test_default_minilm_matches_sentence_transformers(self) -> None:
         texts = ["a movie about space travel", "user age in years", "the genre of the film"]
