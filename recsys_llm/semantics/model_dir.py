@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 from typing import Any, Callable, List, Mapping, Optional
 
 import torch
@@ -317,7 +318,8 @@ def module_fingerprint(model: nn.Module, trainable_only: bool = False) -> str:
 def require_native_model(model_path: str, config: Mapping[str, Any], trust_remote_code: bool) -> None:
     """Raises when the ``model_type`` is not this transformers' own and either the model needs code
     from its own directory (``auto_map`` in ``config.json``) that ``trust_remote_code`` does not
-    allow, or it brings none.
+    allow, or it brings none. Warns when the directory brings code (``auto_map``) for a model type
+    transformers knows and ``trust_remote_code`` is off: transformers' own class is loaded instead.
 
     Raises:
         ValueError: naming ``config.json``, the model type and how to allow it.
@@ -325,6 +327,13 @@ def require_native_model(model_path: str, config: Mapping[str, Any], trust_remot
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING and "auto_map" in config and not trust_remote_code:
+        warnings.warn(
+            f"{os.path.join(model_path, 'config.json')}: the directory's own code (auto_map: "
+            f"{sorted(config['auto_map'])}) is not run: transformers' own {model_type!r} model is loaded, and its "
+            "vectors may differ from that code's; pass --trust-remote-code (semantics tune, encode, adapt, export), "
+            "or trust_remote_code=True in Python, to run that code if you trust it"
+        )
     # no model_type at all (old checkpoints): transformers guesses it from the path, as it always did here
     if model_type is None or model_type in CONFIG_MAPPING or (trust_remote_code and "auto_map" in config):
         return

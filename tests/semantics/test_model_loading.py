@@ -55,13 +55,29 @@ class TestModelDirectoryChecks:
             TextEncoder(path)
         require_native_model(path, config, trust_remote_code=True)  # asked for: left to transformers
         native = {**config, "model_type": "bert"}  # a known type with an auto_map loads natively
-        require_native_model(path, native, trust_remote_code=False)
+        with pytest.warns(UserWarning, match="the directory's own code"):
+            require_native_model(path, native, trust_remote_code=False)
         without_code = {k: v for k, v in config.items() if k != "auto_map"}
         with pytest.raises(ValueError, match=rf"^{config_path}: model_type 'my_custom_bert' is not one transformers "
                                              r"\S+ knows, and the directory brings no code for it \(no auto_map\)"):
             require_native_model(path, without_code, trust_remote_code=True)
         untyped = {k: v for k, v in without_code.items() if k != "model_type"}  # old checkpoints: left to transformers
         require_native_model(path, untyped, trust_remote_code=False)
+
+    def test_a_known_model_type_with_its_own_code_warns_that_the_code_is_not_run(self, tiny_bert_dir, tmp_path) -> None:
+        """A config.json with an auto_map and a model_type transformers knows loaded transformers' own class
+        silently: the directory's code, whose vectors may differ, is not run without --trust-remote-code."""
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "custom")
+        config_path = os.path.join(path, "config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle)
+        with pytest.warns(UserWarning, match=rf"^{config_path}: the directory's own code \(auto_map: \['AutoModel'\]\) "
+                                             r"is not run: transformers' own 'bert' model is loaded, and its vectors "
+                                             r"may differ from that code's; pass --trust-remote-code"):
+            TextEncoder(path)
 
     def test_a_nested_tokenizer_asking_for_its_own_code_is_refused_without_a_question(
             self, tiny_bert_dir: str, tmp_path, monkeypatch) -> None:
