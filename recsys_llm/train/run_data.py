@@ -60,6 +60,27 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate
     return DatasetSchema.load(schema_file)
 
 
+def check_split_names(config: ExperimentConfig, schema: DatasetSchema) -> None:
+    """Refuses a ``data.train_split`` that is not a split of ``schema`` (a typo, or empty), and a
+    ``data.valid_split`` / ``data.test_split`` that is set but not one, naming the setting and the splits.
+
+    Raises:
+        ConfigError: naming the setting, the data directory and its splits.
+    """
+    data = config.data
+    if data.train_split not in schema.splits:
+        raise ConfigError(
+            f"data.train_split={data.train_split!r}: {schema.root} has no such split (it has "
+            f"{sorted(schema.splits)}); expected the split to train on"
+        )
+    for name, split in (("valid", data.valid_split), ("test", data.test_split)):
+        if split and split not in schema.splits:
+            raise ConfigError(
+                f"data.{name}_split={split!r}: {schema.root} has no such split (it has {sorted(schema.splits)}); "
+                f"set data.{name}_split='' to train without a {name} split"
+            )
+
+
 def build_readers(
     config: ExperimentConfig, schema: DatasetSchema, ctx: DistContext, train_transform: Optional[SwappedPairs] = None
 ) -> Dict[str, ParquetBatchReader]:
@@ -67,8 +88,10 @@ def build_readers(
     ``valid`` / ``test`` where the config names them (every row scored, metric-subset columns read).
 
     Raises:
-        ConfigError: ``data.valid_split`` or ``data.test_split`` names a split the data does not have.
+        ConfigError: ``data.train_split``, ``data.valid_split`` or ``data.test_split`` names a split the data
+            does not have (:func:`check_split_names`).
     """
+    check_split_names(config, schema)
     data = config.data
     check_plugin_columns(config, schema, [s for s in (data.train_split, data.valid_split, data.test_split)
                                           if s in schema.splits])
@@ -86,11 +109,6 @@ def build_readers(
     for name, split in (("valid", data.valid_split), ("test", data.test_split)):
         if not split:
             continue
-        if split not in schema.splits:
-            raise ConfigError(
-                f"data.{name}_split={split!r}: {schema.root} has no such split (it has {sorted(schema.splits)}); "
-                f"set data.{name}_split='' to train without a {name} split"
-            )
         readers[name] = ParquetBatchReader(schema, split, eval_batch, extras=eval_extras, equal_batches=False,
                                            **common)  # evaluate scores every row
     return readers

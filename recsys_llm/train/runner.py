@@ -81,7 +81,7 @@ from recsys_llm.train.resume import (
     resume_point,
     state_for_world,
 )
-from recsys_llm.train.run_data import build_readers, load_or_generate_schema, metric_subsets
+from recsys_llm.train.run_data import build_readers, check_split_names, load_or_generate_schema, metric_subsets
 from recsys_llm.train.run_records import (
     DATA_FINGERPRINTS_KEY,
     METRICS_FILE,
@@ -189,6 +189,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         check_offline_reads_no_vectors(elec)
         check_elec_settings_are_read(elec)
     schema = load_or_generate_schema(config, ctx)
+    check_split_names(config, schema)  # before build_task: ELEC reads its vector width from the train split
     built = build_task(config, schema, ctx.device)
     swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early
     readers = build_readers(config, schema, ctx, train_transform=swap)

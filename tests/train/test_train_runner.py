@@ -831,7 +831,8 @@ def test_a_checkpoint_of_an_epochs_last_step_goes_on_at_its_end_under_another_ba
 
 def _refusals(schema_dir: str, root: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    for name, extra in (("valid_typo", ["data.valid_split=vaild"]), ("test_typo", ["data.test_split=tset"])):
+    for name, extra in (("valid_typo", ["data.valid_split=vaild"]), ("test_typo", ["data.test_split=tset"]),
+                        ("train_typo", ["data.train_split=trian"]), ("train_empty", ["data.train_split="])):
         run_dir = os.path.join(root, name)
         try:
             _run(schema_dir, run_dir, ["train.max_steps=1", *extra])
@@ -868,6 +869,10 @@ def test_a_mistyped_split_and_a_run_dir_without_its_config_are_refused_and_leave
     assert "data.valid_split='vaild'" in out["valid_typo"] and "'valid'" in out["valid_typo"]
     assert "data.test_split='tset'" in out["test_typo"]
     assert not out["valid_typo_left_a_run_dir"] and not out["test_typo_left_a_run_dir"]
+    # named as the setting, as valid and test are: not "trian: no such Parquet file or directory"
+    assert out["train_typo"].startswith("data.train_split='trian': ") and "'train'" in out["train_typo"], out
+    assert out["train_empty"].startswith("data.train_split='': ") and "'train'" in out["train_empty"], out
+    assert not out["train_typo_left_a_run_dir"] and not out["train_empty_left_a_run_dir"]
     assert out["no_valid"]["global_step"] == 2 and out["no_valid"]["test"]  # '' trains without validation
     assert "no config.yaml" in out["no_config"]
     assert out["foreign"] is not None and "train.run_dir is not empty and holds no run" in out["foreign"], out
