@@ -320,7 +320,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 
 def build_dataclass(cls: Type[T], raw: Any, where: str) -> T:
-    """Builds dataclass ``cls`` from a mapping, converting every field to its declared type.
+    """Builds dataclass ``cls`` from a mapping, converting every field to its declared type; an error
+    of ``cls`` naming its field as ``{cls.__name__}.{field}`` names it as ``{where}.{field}``.
 
     Raises:
         ConfigError: ``raw`` is not a mapping, has unknown keys, or a value has the wrong type.
@@ -343,6 +344,9 @@ def build_dataclass(cls: Type[T], raw: Any, where: str) -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
         message = str(error)  # already naming the key (e.g. "optim.dense_lr must be ...") or not
+        own = f"{cls.__name__}."  # "TeacherStudentConfig.alpha must be ..." -> "elec.distill.alpha must be ..."
+        if where and message.startswith(own):
+            message = f"{where}.{message[len(own):]}"
         raise ConfigError(f"{where}: {message}" if where and not message.startswith(f"{where}.") else message) from error
 
 

@@ -32,18 +32,20 @@ ENTITY = dict(vector_source="entity_table", entity_tables={"item_id": "unused"})
     ({"vector_dim": 0}, "elec.vector_dim must be an integer >= 1, got 0"),
     ({"vector_dim": 0, **ENTITY}, "elec.vector_dim must be an integer >= 1, got 0"),
     ({"distill": {"teacher_loss_weight": -1}},
-     "elec.distill: TeacherStudentConfig.teacher_loss_weight must be a finite number >= 0, got -1.0"),
-    ({"distill": {"alpha": -1}}, "elec.distill: TeacherStudentConfig.alpha must be a finite number >= 0, got -1.0"),
+     "elec.distill.teacher_loss_weight must be a finite number >= 0, got -1.0"),
+    ({"distill": {"alpha": -1}}, "elec.distill.alpha must be a finite number >= 0, got -1.0"),
     ({"distill": {"beta": float("nan")}},
-     "elec.distill: TeacherStudentConfig.beta must be a finite number >= 0, got nan"),
+     "elec.distill.beta must be a finite number >= 0, got nan"),
     ({"distill": {"temperature": 0}},
-     "elec.distill: TeacherStudentConfig.temperature must be a finite number > 0, got 0.0"),
+     "elec.distill.temperature must be a finite number > 0, got 0.0"),
     ({"distill": {"teacher_representation_dim": -1}},
-     "elec.distill: TeacherStudentConfig.teacher_representation_dim must be an integer >= 0, got -1"),
+     "elec.distill.teacher_representation_dim must be an integer >= 0, got -1"),
     ({"distill": {"score_kd": "mse"}},
-     r"elec.distill: TeacherStudentConfig.score_kd must be one of \('bce', 'kl'\), got 'mse'"),
+     r"elec.distill.score_kd must be one of \('bce', 'kl'\), got 'mse'"),
     ({"distill": {"repr_kd": "kl"}},
-     r"elec.distill: TeacherStudentConfig.repr_kd must be one of \('mse', 'cosine'\), got 'kl'"),
+     r"elec.distill.repr_kd must be one of \('mse', 'cosine'\), got 'kl'"),
+    ({"distill": {"mode": "jont"}},  # not "elec.distill: TeacherStudentConfig.mode must be ..."
+     r"elec.distill.mode must be one of \('joint', 'frozen', 'offline'\), got 'jont'"),
 ])
 def test_a_value_out_of_range_is_a_config_error_naming_the_key(raw, message):
     """The ``elec`` section as ``recsys-llm train`` parses it (``build_task``, ``plugin_extras``)."""
