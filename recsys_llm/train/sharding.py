@@ -17,10 +17,10 @@ project (plain backbones, LLaCTR, ELEC teacher-student pairs) is sharded the sam
    with ``model.fused_optimizer`` into one ``CombinedOptimizer`` the pipeline steps.
    Tables the plan replicates (``data_parallel``) or puts on the ``dense`` kernel have no
    fused optimizer (DDP all-reduces their gradients); they get the table optimizer
-   (``optim.sparse``, its lr, eps and weight decay) as a non-fused torch optimizer of their
-   own, so a table trains the same way whichever placement the planner picks. Unlike the
-   fused kernels, which touch only the rows of the batch, it steps whole tables (Adam's
-   moments and weight decay then move rows the batch did not use).
+   (``optim.sparse``, its lr and eps; no weight decay, as no table gets any) as a non-fused
+   torch optimizer of their own, so a table trains the same way whichever placement the
+   planner picks. Unlike the fused kernels, which touch only the rows of the batch, it steps
+   whole tables (Adam's moments then move rows the batch did not use).
 
 **Frozen tables** (pretrained or LLM-derived vectors that must not train) are the tables
 named in ``ShardingConfig.frozen_tables`` plus every table of an EBC module carrying the
