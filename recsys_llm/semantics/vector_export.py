@@ -3,15 +3,22 @@
 Layout of an export directory::
 
     manifest.json          provenance, chunk size, number of rows/chunks, a hash of the keys in order, dim, dtype,
-                           and a hash of the texts encoded (in key order)
+                           and texts_check "chunk": each chunk records a hash of its texts
     chunk-00000.parquet    columns: key (int64), vector (fixed_size_list<float32|float16, d>)
-    chunk-00001.parquet    ... each with the provenance in the Parquet schema metadata
+    chunk-00001.parquet    ... each with the provenance and the hash of its texts in the Parquet schema metadata
 
 Chunk ``i`` holds source rows ``[i * chunk_rows, (i + 1) * chunk_rows)``. A chunk file is
 written to a temporary name and renamed into place, so a file that exists is complete:
 a re-run (after a crash, a kill, a preemption) skips it and never recomputes it. Under
 ``torchrun`` rank ``r`` of ``w`` takes the chunks ``i`` with ``i % w == r``. The directory
 holds nothing else: one with other files is refused before any work (:func:`check_export_dir`).
+
+A resume over other texts behind the same keys (the data or its value texts prepared again)
+is refused: before it encodes, each rank renders the texts of its finished chunks and compares
+their hash with the one the chunk recorded, so each row's text is rendered once per run,
+whatever the number of ranks. An export written before the chunks recorded their texts' hash
+has a hash of all its texts in its manifest (``texts_sha256``): its resume renders and hashes
+them all on every rank, as it was written.
 
 Two granularities: ``row`` (one vector per row, keyed by the schema's row key, as in the
 ELEC paper) and ``entity`` (one vector per user or item id, keyed by the id; every row
@@ -59,6 +66,7 @@ from recsys_llm.semantics.row_text import RowTextRenderer
 from recsys_llm.semantics.vector_projection import load_projection
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
+TEXTS_KEY = b"recsys_llm.texts_sha256"  # a chunk's schema metadata: the hash of its texts (texts_sha256)
 MANIFEST = "manifest.json"
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
@@ -214,6 +222,21 @@ def repeated_keys_error(repeated: np.ndarray, what: str) -> ValueError:
     )
 
 
+# the error of a resume over other texts than the export's, and what to do
+_OTHER_TEXTS = ("holds vectors of other texts than this run's, for the same keys (the data or its value texts changed "
+                "since it was exported, e.g. prepared again)")
+_OTHER_TEXTS_FIX = "use another --output-dir, or delete this one to export the new texts"
+
+
+def _hash_texts(digest: "hashlib._Hash", texts: Sequence[str]) -> str:
+    """Feeds ``texts`` to ``digest`` (each prefixed by its length) and returns its first 16 hex digits."""
+    for text in texts:
+        data = str(text).encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
 class VectorExport:
     """Writes ``encode_fn(texts)`` for every key in resumable chunks.
 
@@ -242,23 +265,26 @@ class VectorExport:
         return dict(self._provenance)
 
     def _texts_sha256(self, texts: Callable[[int, int], Sequence[str]], num_rows: int) -> str:
-        """A hash of every text to export, rendered a chunk at a time (each prefixed by its length)."""
+        """The hash of every text to export that an export's manifest held before its chunks recorded
+        theirs (``texts_sha256``), rendered a chunk at a time: checked when such an export resumes."""
         digest = hashlib.sha256()
         for start in range(0, num_rows, self._config.chunk_rows):
-            for text in texts(start, min(start + self._config.chunk_rows, num_rows)):
-                data = str(text).encode("utf-8")
-                digest.update(len(data).to_bytes(8, "little"))
-                digest.update(data)
+            _hash_texts(digest, texts(start, min(start + self._config.chunk_rows, num_rows)))
         return digest.hexdigest()[:16]
 
-    def _write_manifest(self, keys: np.ndarray, texts_sha256: str) -> Dict[str, object]:
+    def _write_manifest(self, keys: np.ndarray, texts: Callable[[int, int], Sequence[str]]) -> Dict[str, object]:
+        """Writes the manifest, or checks an earlier export's (resumed here) against this run.
+
+        Returns:
+            Dict[str, object]: the manifest in the directory.
+        """
         num_rows = len(keys)
         manifest = {
             "provenance": self._provenance,
             "chunk_rows": self._config.chunk_rows,
             "num_rows": num_rows,
             "keys_sha256": hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()[:16],
-            "texts_sha256": texts_sha256,
+            "texts_check": "chunk",  # each chunk's TEXTS_KEY, checked by _check_finished_chunks
             "num_chunks": (num_rows + self._config.chunk_rows - 1) // self._config.chunk_rows,
             "key_column": self._config.key_column,
             "vector_column": self._config.vector_column,
@@ -284,14 +310,11 @@ class VectorExport:
                     "splits, the splits in another order, or other data), as many as this run's; use another "
                     "--output-dir, or re-run with the splits it was made from"
                 )
-            if not differs and existing.get("texts_sha256", texts_sha256) != texts_sha256:
-                # the same keys, other texts (the data or its value texts prepared again): a finished
-                # chunk holds the vectors of the old texts
-                raise ValueError(
-                    f"{self._directory}: holds vectors of other texts than this run's, for the same keys (the data "
-                    "or its value texts changed since it was exported, e.g. prepared again); use another "
-                    "--output-dir, or delete this one to export the new texts"
-                )
+            if not differs and "texts_sha256" in existing \
+                    and existing["texts_sha256"] != self._texts_sha256(texts, num_rows):
+                # an export made before the chunks recorded their texts' hash, of other texts for the same keys
+                # (the data or its value texts prepared again): a finished chunk holds the vectors of the old texts
+                raise ValueError(f"{self._directory}: {_OTHER_TEXTS}; {_OTHER_TEXTS_FIX}")
             if differs:
                 theirs = ", ".join(f"{k}={existing[k]!r}" for k in differs)
                 ours = ", ".join(f"{k}={manifest[k]!r}" for k in differs)
@@ -308,6 +331,46 @@ class VectorExport:
                 )
             return existing
         return manifest
+
+    def _check_finished_chunks(self, keys: pa.Array, texts: Callable[[int, int], Sequence[str]], rank: int,
+                               world_size: int) -> None:
+        """Renders the texts of this rank's finished chunks and compares their hash with the one each
+        chunk recorded (the texts it was encoded from).
+
+        Raises:
+            ValueError: a chunk was encoded from other texts (naming it, its rows and keys), records no
+                hash of its texts, or is not readable as Parquet (naming it).
+        """
+        from recsys_llm.semantics.vector_reader import read_chunk_schema  # it imports this module
+
+        chunk_rows = self._config.chunk_rows
+        for index in range(rank, (len(keys) + chunk_rows - 1) // chunk_rows, world_size):
+            path = chunk_path(self._directory, index)
+            if not os.path.exists(path):
+                continue
+            recorded = (read_chunk_schema(path).metadata or {}).get(TEXTS_KEY)
+            if recorded is None:
+                # written into this export by a recsys_llm from before the chunks recorded their texts' hash
+                raise ValueError(
+                    f"{path}: records no hash of the texts it was encoded from ({TEXTS_KEY.decode()} in its schema "
+                    f"metadata), which every chunk of this export's {MANIFEST} does (texts_check 'chunk'), so a "
+                    "resume cannot tell whether its texts changed; delete it, and re-run to encode it again"
+                )
+            start, stop = index * chunk_rows, min((index + 1) * chunk_rows, len(keys))
+            if recorded.decode() != _hash_texts(hashlib.sha256(), self._chunk_texts(texts, start, stop)):
+                raise ValueError(
+                    f"{self._directory}: {_OTHER_TEXTS}: {os.path.basename(path)} (rows [{start}, {stop}), keys "
+                    f"{keys[start].as_py()} to {keys[stop - 1].as_py()}) was encoded from other texts; "
+                    f"{_OTHER_TEXTS_FIX}"
+                )
+
+    @staticmethod
+    def _chunk_texts(texts: Callable[[int, int], Sequence[str]], start: int, stop: int) -> Sequence[str]:
+        """``texts(start, stop)``, checked to hold a text per row."""
+        chunk_texts = texts(start, stop)
+        if len(chunk_texts) != stop - start:
+            raise ValueError(f"texts({start}, {stop}) returned {len(chunk_texts)} texts, expected {stop - start}")
+        return chunk_texts
 
     def pending_chunks(self, num_rows: int, rank: int = 0, world_size: int = 1) -> List[int]:
         """Chunks of this rank whose file does not exist yet."""
@@ -386,7 +449,9 @@ class VectorExport:
         Raises:
             ValueError: there is no key, a key is null or repeats, ``rank`` is not below
                 ``world_size``, or the directory holds an export this run cannot resume (other
-                settings, rows, or data behind the same keys), before any work.
+                settings or rows, before any work; or a chunk of this rank encoded from other texts
+                than this run's for its keys, named before this rank encodes), or a chunk of this
+                rank records no hash of its texts or is not readable as Parquet (named).
         """
         env_rank, env_world = rank_and_world()
         rank = env_rank if rank is None else rank
@@ -415,9 +480,10 @@ class VectorExport:
         require_unique_keys(key_values, f"{self._directory}: the keys to export")
         check_export_dir(self._directory)
         os.makedirs(self._directory, exist_ok=True)
-        self._write_manifest(key_values, self._texts_sha256(texts, len(keys)))
+        if self._write_manifest(key_values, texts).get("texts_check") == "chunk":
+            self._check_finished_chunks(keys, texts, rank, world_size)  # before any encoding
         pending = self.pending_chunks(len(keys), rank, world_size)
-        metadata = {PROVENANCE_KEY: json.dumps(self._provenance, sort_keys=True).encode()}
+        provenance = json.dumps(self._provenance, sort_keys=True).encode()
         written = []
         chunk_rows = self._config.chunk_rows
         rows = sum(min(chunk_rows, len(keys) - index * chunk_rows) for index in pending)
@@ -426,11 +492,7 @@ class VectorExport:
             for index in pending:
                 start = index * chunk_rows
                 stop = min(start + chunk_rows, len(keys))
-                chunk_texts = texts(start, stop)
-                if len(chunk_texts) != stop - start:
-                    raise ValueError(
-                        f"texts({start}, {stop}) returned {len(chunk_texts)} texts, expected {stop - start}"
-                    )
+                chunk_texts = self._chunk_texts(texts, start, stop)
                 path = chunk_path(self._directory, index)
                 chunk_keys = keys.slice(start, stop - start)
                 vectors = self._encode(chunk_texts, encode_fn, chunk_keys, path, bar.update)  # (n, d)
@@ -438,7 +500,8 @@ class VectorExport:
                     pa.array(vectors.reshape(-1), type=DTYPES[self._config.dtype][1]), vectors.shape[1]
                 )
                 table = pa.table({self._config.key_column: chunk_keys, self._config.vector_column: column})
-                table = table.replace_schema_metadata(metadata)
+                texts_sha256 = _hash_texts(hashlib.sha256(), chunk_texts).encode()
+                table = table.replace_schema_metadata({PROVENANCE_KEY: provenance, TEXTS_KEY: texts_sha256})
                 for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
                     os.remove(stale)
                 # a chunk file that exists is complete: Ctrl-C, SIGTERM or a full disk leave no half-written one

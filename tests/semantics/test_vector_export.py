@@ -1140,3 +1140,121 @@ def test_a_projection_file_of_other_shapes_is_refused_naming_them(tmp_path, mean
     with pytest.raises(ValueError, match=rf"^{re.escape(path)}: a projection file holds a float 'mean' of shape "
                                          r"\(d,\) and float 'components' of shape \(d, k >= 1\), found mean"):
         load_projection(path)
+
+
+def _counting_renders(renderer: RowTextRenderer):
+    """Wraps ``renderer.render`` to count the rows it renders: the returned list holds each call's row count."""
+    rendered = []
+    render = renderer.render
+
+    def counting(table):
+        rendered.append(table.num_rows)
+        return render(table)
+
+    renderer.render = counting
+    return rendered
+
+
+def test_two_ranks_render_each_row_once_per_export_and_once_per_resume(tmp_path):
+    """Each rank rendered every text of the export to hash them, then its own chunks again to encode them
+    (world_size + 1 renders of every row up front); each chunk's texts are now hashed by the rank that
+    encodes or checks it, so an export renders each row once, and so does a resume that checks the chunks."""
+    schema = _two_splits(tmp_path, pa.array([20, 21], pa.int64()))
+    renderer, out = RowTextRenderer(schema), str(tmp_path / "vec")
+    rendered = _counting_renders(renderer)
+    config = VectorExportConfig(chunk_rows=1)
+    for rank in (1, 0):
+        export_schema_vectors(schema, ["train", "test"], renderer, CountingEncoder(), out, PROVENANCE, config,
+                              rank=rank, world_size=2, progress=False)
+    assert sum(rendered) == 4
+    os.remove(chunk_path(out, 2))
+    rendered.clear()
+    encoder = CountingEncoder()
+    written = [export_schema_vectors(schema, ["train", "test"], renderer, encoder, out, PROVENANCE, config,
+                                     rank=rank, world_size=2, progress=False) for rank in (0, 1)]
+    assert written == [[2], []] and encoder.texts == 1 and sum(rendered) == 4
+    assert read_vectors(out, expected=PROVENANCE)[0].tolist() == [10, 11, 20, 21]
+
+
+def test_a_resume_over_changed_texts_is_refused_by_the_rank_of_the_chunk_naming_it(tmp_path):
+    """The texts of a finished chunk changed (the data prepared again): the rank that owns that chunk, on any
+    number of ranks, refuses the resume before encoding, naming the chunk, its rows and keys; a changed text of
+    an unfinished chunk only is encoded as it now reads (no finished chunk holds the old one)."""
+    schema = _two_splits(tmp_path, pa.array([20, 21], pa.int64()))
+    renderer, out = RowTextRenderer(schema), str(tmp_path / "vec")
+    config = VectorExportConfig(chunk_rows=1)
+    for rank in (0, 1):
+        export_schema_vectors(schema, ["train", "test"], renderer, CountingEncoder(), out, PROVENANCE, config,
+                              rank=rank, world_size=2, progress=False)
+    test = pq.read_table(str(tmp_path / "test.parquet"))
+    pq.write_table(test.set_column(2, "item_id", pa.array([3, 4], pa.int64())), str(tmp_path / "test.parquet"))
+    os.remove(chunk_path(out, 2))  # its text is unchanged, and it is encoded by the resume of rank 0
+    encoder = CountingEncoder()
+    refused = r"vec: holds vectors of other texts than this run's, for the same keys .*: chunk-00003\.parquet " \
+              r"\(rows \[3, 4\), keys 21 to 21\) was encoded from other texts; use another --output-dir"
+    with pytest.raises(ValueError, match=refused):
+        export_schema_vectors(schema, ["train", "test"], renderer, encoder, out, PROVENANCE, config, rank=1,
+                              world_size=2, progress=False)
+    with pytest.raises(ValueError, match=refused):  # resumed on another number of ranks
+        export_schema_vectors(schema, ["train", "test"], renderer, encoder, out, PROVENANCE, config, progress=False)
+    assert encoder.calls == 0
+    os.remove(chunk_path(out, 3))  # the chunk of the changed text unfinished: encoded from the new text
+    assert export_schema_vectors(schema, ["train", "test"], renderer, encoder, out, PROVENANCE, config,
+                                 progress=False) == [2, 3]
+    new_texts = renderer.render(pq.read_table(str(tmp_path / "test.parquet"))).to_pylist()
+    np.testing.assert_allclose(read_vectors(out)[1][2:], CountingEncoder()(new_texts).numpy(), rtol=1e-6)
+
+
+def _strip_texts_hashes(out: str) -> None:
+    """Rewrites every chunk of the export ``out`` without the hash of its texts, as exports wrote them before."""
+    from recsys_llm.semantics.vector_export import TEXTS_KEY
+
+    for name in sorted(os.listdir(out)):
+        if name.startswith("chunk-"):
+            table = pq.read_table(os.path.join(out, name))
+            metadata = {k: v for k, v in table.schema.metadata.items() if k != TEXTS_KEY}
+            pq.write_table(table.replace_schema_metadata(metadata), os.path.join(out, name))
+
+
+def test_an_export_whose_manifest_hashes_all_texts_resumes_and_is_refused_over_other_texts(tmp_path):
+    """An export made before its chunks recorded their texts' hash has the hash of all its texts in its manifest
+    (texts_sha256): it resumes over the same texts, and a resume over other texts is refused."""
+    import hashlib
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(20)
+    config = VectorExportConfig(chunk_rows=10)
+    VectorExport(out, PROVENANCE, config).run(keys, texts, CountingEncoder(), progress=False)
+    _strip_texts_hashes(out)
+    digest = hashlib.sha256()
+    for text in texts(0, 20):
+        digest.update(len(text.encode()).to_bytes(8, "little") + text.encode())
+    with open(os.path.join(out, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    del manifest["texts_check"]
+    manifest["texts_sha256"] = digest.hexdigest()[:16]
+    with open(os.path.join(out, "manifest.json"), "w") as handle:
+        json.dump(manifest, handle)
+    os.remove(chunk_path(out, 1))
+    encoder = CountingEncoder()
+    other_texts = [f"other row {i}" for i in range(20)]
+    with pytest.raises(ValueError, match=r"vec: holds vectors of other texts than this run's, for the same keys"):
+        VectorExport(out, PROVENANCE, config).run(keys, lambda a, b: other_texts[a:b], encoder, progress=False)
+    assert encoder.calls == 0
+    assert VectorExport(out, PROVENANCE, config).run(keys, texts, encoder, progress=False) == [1]
+    assert encoder.texts == 10 and len(read_vectors(out, expected=PROVENANCE)[0]) == 20
+
+
+def test_a_chunk_without_the_hash_of_its_texts_in_an_export_that_records_them_is_named(tmp_path):
+    """A chunk that records no hash of its texts (written into the export by an older recsys_llm) cannot be
+    checked: the resume names it and how to mend the export, before any encoding."""
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(20)
+    config = VectorExportConfig(chunk_rows=10)
+    VectorExport(out, PROVENANCE, config).run(keys, texts, CountingEncoder(), progress=False)
+    _strip_texts_hashes(out)
+    encoder = CountingEncoder()
+    with pytest.raises(ValueError, match=rf"{re.escape(chunk_path(out, 0))}: records no hash of the texts it was "
+                                         r"encoded from .*delete it, and re-run to encode it again"):
+        VectorExport(out, PROVENANCE, config).run(keys, texts, encoder, progress=False)
+    assert encoder.calls == 0
