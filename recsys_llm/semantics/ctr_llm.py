@@ -201,6 +201,14 @@ class CTRAdaptedLLM(nn.Module):
         self.predict = nn.Linear(config.representation_dim, 1)
         self.llm = self._prepare_llm(llm)
 
+    def train(self, mode: bool = True) -> "CTRAdaptedLLM":
+        """``nn.Module.train``; with ``tuning`` ``heads`` the frozen LLM stays in eval mode (no dropout),
+        so the heads learn from the hidden states that :meth:`encode` exports."""
+        super().train(mode)
+        if self.config.tuning == "heads":
+            self.llm.eval()
+        return self
+
     @classmethod
     def from_config(cls, config: CTRLLMConfig, trust_remote_code: bool = False) -> "CTRAdaptedLLM":
         """Loads the base model and tokenizer from ``config.model_path`` (offline).

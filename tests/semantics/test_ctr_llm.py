@@ -458,3 +458,15 @@ def test_a_max_length_leaving_no_token_of_text_is_refused_naming_the_minimum(tmp
                                          r">= 3$"):
         CTRAdaptedLLM.from_config(config)
     CTRAdaptedLLM.from_config(dataclasses.replace(config, max_length=3))
+
+
+@pytest.mark.parametrize("tuning", ["heads", "lora"])
+def test_training_mode_leaves_a_frozen_llm_without_dropout(tiny_bert_dir, tuning) -> None:
+    """With --tuning heads the LLM is frozen: in training mode its dropout noised the hidden states the heads
+    learned from, while encode exports them without. A tuned LLM (LoRA) trains with its dropout."""
+    llm = CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=tiny_bert_dir, tuning=tuning, representation_dim=8))
+    llm.train()
+    assert llm.transform.training
+    assert all(module.training == (tuning == "lora") for module in llm.llm.modules())
+    llm.eval()
+    assert not any(module.training for module in llm.modules())
