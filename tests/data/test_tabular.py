@@ -658,6 +658,23 @@ def test_a_column_twice_in_a_csv_header_is_refused_naming_it(tmp_path):
         prepare_tabular(str(path), schema_path, str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("header, raw, config, message", [
+    ("city,clicked,ts,ts", {}, TabularConfig(split_by="ts"),
+     r"column 'ts' named by --split-by \(TabularConfig\.split_by\) occurs more than once"),
+    ("city,clicked,event,event", {"row_key": "event"}, TabularConfig(),
+     r"column\(s\) \['event'\] named in .*schema\.yaml occur more than once"),
+])
+def test_a_split_column_or_row_key_twice_in_a_csv_header_is_refused_not_read_from_the_first(
+    tmp_path, header, raw, config, message
+):
+    """The CSV reader would take the first of two same-named columns: a time split or row keys from the wrong one."""
+    path = tmp_path / "dup.csv"
+    path.write_text(header + "\n" + "".join(f"{i % 5},{i % 2},{i},{900 - i}\n" for i in range(40)))
+    schema = {"name": "t", "label": "clicked", "fields": SPARSE, **raw}
+    with pytest.raises(DataError, match=r"dup\.csv: " + message):
+        prepare_tabular(str(path), _schema_file(tmp_path, schema, yaml_format=True), str(tmp_path / "out"), config)
+
+
 def test_a_column_twice_in_a_parquet_file_is_refused_naming_the_file(tmp_path):
     parts = [{"city": pa.array([1, 2] * 20)}, {"city": pa.array([1, 2] * 20)}]
     data, schema_path = _parquet_case(tmp_path, parts, SPARSE, name="dir")

@@ -122,10 +122,14 @@ def _convert(
     if missing:
         raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; "
                         f"{_near_names(missing, available)}the file has columns {available}")
-    repeated = repeated_columns(available, wanted)
+    # the row key and split column too: of two columns of one name the CSV reader silently takes the first
+    repeated = repeated_columns(available, wanted + ([user_schema.row_key] if row_key_named else []))
     if repeated:
         raise DataError(f"{data_path}: column(s) {repeated} named in {schema_path} occur more than once in the "
                         "file; expected each column once (rename or drop the copies)")
+    if config.split_by and available.count(config.split_by) > 1:
+        raise DataError(f"{data_path}: column {config.split_by!r} named by --split-by (TabularConfig.split_by) occurs "
+                        "more than once in the file; expected it once (rename or drop the copies)")
     if row_key_named and user_schema.row_key not in available:
         raise DataError(
             f"{data_path}: missing row key column {user_schema.row_key!r} named by row_key in {schema_path}; "
