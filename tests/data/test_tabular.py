@@ -675,6 +675,18 @@ def test_a_split_column_or_row_key_twice_in_a_csv_header_is_refused_not_read_fro
         prepare_tabular(str(path), _schema_file(tmp_path, schema, yaml_format=True), str(tmp_path / "out"), config)
 
 
+@pytest.mark.parametrize("kind, cell, row", [("sparse", "99999999999999999999", 3), ("sequence", "1|-9223372036854775809", 3)])
+def test_a_csv_id_beyond_int64_names_the_file_column_and_row(tmp_path, kind, cell, row):
+    path = tmp_path / "big.csv"
+    path.write_text("city,clicked\n" + "".join(f"{cell if i == row else i % 5},{i % 2}\n" for i in range(40)))
+    fields = [dict(SPARSE[0], kind=kind, **({"max_length": 2} if kind == "sequence" else {}))]
+    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked", "fields": fields})
+    value = cell.split("|")[-1]
+    with pytest.raises(DataError, match=rf"big\.csv: column 'city', data row {row} \(line {row + 2} .*\): id {value} is "
+                                        rf"outside the int64 range .*; expected integer ids in \[0, 10\) in {kind} field"):
+        prepare_tabular(str(path), schema_path, str(tmp_path / "out"))
+
+
 def test_a_column_twice_in_a_parquet_file_is_refused_naming_the_file(tmp_path):
     parts = [{"city": pa.array([1, 2] * 20)}, {"city": pa.array([1, 2] * 20)}]
     data, schema_path = _parquet_case(tmp_path, parts, SPARSE, name="dir")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array, open_split_writers, write_prepared
-from recsys_llm.data.schema import DatasetSchema, FieldKind, SchemaError, load_raw, schema_file
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError, load_raw, schema_file
 from recsys_llm.data.synthetic import write_value_text
 from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig
 from recsys_llm.data.tabular.source import first_line, read_blocks, repeated_columns, source_columns
@@ -30,6 +30,7 @@ from recsys_llm.data.validation import (
     check_no_nulls,
     describe_row,
     offsets_from_lengths,
+    row_of_value,
 )
 from recsys_llm.progress import interval_options
 
@@ -370,6 +371,25 @@ def _row_keys(array: pa.Array, path: str, column: str, row: int) -> np.ndarray:
     return pc.cast(array, pa.int64()).to_numpy(zero_copy_only=False)
 
 
+def _beyond_int64(
+    flat: pa.Array, spec: FieldSpec, offsets: Optional[np.ndarray], path: str, row: int, line: Optional[int]
+) -> Optional[str]:
+    """The message naming the first integer token of ``flat`` (a block's tokens of ``spec``, ``offsets`` per row for
+    a sequence; the block's first row is ``row``) outside int64, which ids are read as; None when there is none."""
+    for index, value in enumerate(flat.to_pylist()):
+        try:
+            number = int(value)
+        except (TypeError, ValueError):  # null, or a missing-value marker
+            continue
+        if not -(2**63) <= number < 2**63:
+            hint = ("" if spec.hashed else f", or pass --vocabulary {spec.name} (TabularConfig.vocabulary_fields) to map "
+                    "every value through a vocabulary")
+            return (f"{path}: column {spec.name!r}, {describe_row(row + row_of_value(offsets, index), line)}: id "
+                    f"{value.strip()} is outside the int64 range (-2**63 .. 2**63 - 1) that ids are read as; expected "
+                    f"integer ids in [0, {spec.cardinality}) in {spec.kind.value} field {spec.name!r}{hint}")
+    return None
+
+
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -428,11 +448,12 @@ def _convert_block(
         # plan_fields, the first pass, checked every block's strings for UTF-8
         flat, lengths = field_tokens(array, spec, config.sequence_separator, path, row, plans[spec.name].missing,
                                      utf8_checked=True)
+        offsets = None if lengths is None else offsets_from_lengths(lengths)
         try:
             ids = token_ids(flat, plans[spec.name], spec, salt)
         except pa.ArrowInvalid as error:
-            raise DataError(f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
-        offsets = None if lengths is None else offsets_from_lengths(lengths)
+            raise DataError(_beyond_int64(flat, spec, offsets, path, row, line)
+                            or f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
         ids = check_ids(path, spec, ids, offsets, row, line)
         out[spec.name] = ids if lengths is None else list_array(lengths, ids)
     labels = block.column(schema.label)
