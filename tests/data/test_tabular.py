@@ -326,6 +326,9 @@ def test_without_row_key_the_rows_are_numbered_as_row_id(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ("e40", r"d\.csv: column 'event_id', data row 4 \(line 6 if no blank line or multi-line cell precedes it\): row key 'e40' is not an integer"),
     ("", r"d\.csv: column 'event_id', data row 4 \(line 6 if no blank line or multi-line cell precedes it\): null value; expected an integer row key"),
+    ("99999999999999999999", r"d\.csv: column 'event_id', data row 4 \(line 6 if no blank line or multi-line cell precedes "
+                             r"it\): row key 99999999999999999999 is outside -2\*\*63 \.\. 2\*\*63 - 1; expected an integer "
+                             r"row key per row .*, within int64"),
 ])
 def test_a_bad_row_key_names_the_file_and_row(tmp_path, bad, message):
     keys = [str(k) for k in range(40)]

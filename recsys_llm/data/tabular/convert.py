@@ -351,8 +351,13 @@ def _row_keys(array: pa.Array, path: str, column: str, row: int) -> np.ndarray:
                             f"{array[first].as_py()!r} is not an integer; expected {what}")
         try:
             array = pc.cast(pc.utf8_trim_whitespace(array), pa.int64())
-        except pa.ArrowInvalid as error:
-            raise DataError(f"{path}: row key column {column!r}: {error}; expected int64 keys") from error
+        except pa.ArrowInvalid as error:  # a key beyond int64, the type keys are written as
+            first = next((i for i, key in enumerate(array.to_pylist()) if not -(2**63) <= int(key) < 2**63), None)
+            if first is None:
+                raise DataError(f"{path}: row key column {column!r}: {error}; expected int64 keys") from error
+            raise DataError(f"{path}: column {column!r}, {describe_row(row + first, line)}: row key "
+                            f"{array[first].as_py().strip()} is outside -2**63 .. 2**63 - 1; expected {what}, within "
+                            "int64") from error
     elif pa.types.is_floating(array.type):  # pandas writes integer columns with a gap as float64
         try:
             array = pc.cast(array, pa.int64())  # refuses fractions
