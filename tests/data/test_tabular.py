@@ -1,5 +1,6 @@
 """Bring-your-own data: CSV/Parquet + user schema file -> validated Parquet splits."""
 
+import decimal
 import json
 import os
 import re
@@ -698,6 +699,20 @@ def test_a_column_twice_in_a_parquet_file_is_refused_naming_the_file(tmp_path):
     pq.write_table(table.append_column("city", table["city"]), second)
     with pytest.raises(DataError, match=r"dir/part1\.parquet: column\(s\) \['city'\] occur more than once"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
+
+
+def test_decimal_dense_and_label_columns_are_read_as_numbers(tmp_path):
+    """Spark and DuckDB write a DECIMAL(10, 2) price (or a DECIMAL label) as Parquet decimal128."""
+    data = tmp_path / "d.parquet"
+    pq.write_table(pa.table({
+        "city": pa.array([1, 2] * 20),
+        "price": pa.array([decimal.Decimal("12.34"), decimal.Decimal("-0.50")] * 20, pa.decimal128(10, 2)),
+        "clicked": pa.array([decimal.Decimal(r % 2) for r in range(40)], pa.decimal128(1, 0)),
+    }), data)
+    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked", "fields": SPARSE + [{"name": "price", "kind": "dense"}]})
+    schema = prepare_tabular(str(data), schema_path, str(tmp_path / "out"))
+    assert _rows_of(schema, "price")[:2] == pytest.approx([12.34, -0.5])
+    assert _rows_of(schema, "clicked")[:4] == [0, 1, 0, 1]
 
 
 @pytest.mark.parametrize("fill", [None, 0.0])

@@ -395,6 +395,11 @@ def _beyond_int64(
     return None
 
 
+def _is_number(dtype: pa.DataType) -> bool:
+    """Integers, floats, or decimals (Spark and DuckDB write a ``DECIMAL(10, 2)`` price as decimal128)."""
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype)
+
+
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -437,8 +442,9 @@ def _convert_block(
     for salt, spec in enumerate(schema.fields):
         array = block.column(spec.name)
         if spec.kind == FieldKind.DENSE:
-            if not (pa.types.is_floating(array.type) or pa.types.is_integer(array.type)):
-                raise DataError(f"{path}: column {spec.name!r} (dense field) has type {array.type}; expected numbers")
+            if not _is_number(array.type):
+                raise DataError(f"{path}: column {spec.name!r} (dense field) has type {array.type}; expected numbers "
+                                "(integers, floats or decimals)")
             values = pc.cast(array, pa.float64())
             if config.fill_missing_dense is not None:
                 values = pc.fill_null(values, config.fill_missing_dense).to_numpy(zero_copy_only=False)
@@ -463,7 +469,7 @@ def _convert_block(
         out[spec.name] = ids if lengths is None else list_array(lengths, ids)
     labels = block.column(schema.label)
     check_no_nulls(path, schema.label, labels, row, "0 or 1", line)
-    if not (pa.types.is_integer(labels.type) or pa.types.is_floating(labels.type) or pa.types.is_boolean(labels.type)):
+    if not (_is_number(labels.type) or pa.types.is_boolean(labels.type)):
         raise DataError(f"{path}: label column {schema.label!r} has type {labels.type}; expected 0/1 numbers")
     values = pc.cast(labels, pa.float64()).to_numpy(zero_copy_only=False)
     if config.label_threshold is not None:
