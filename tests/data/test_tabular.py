@@ -478,6 +478,19 @@ def test_a_text_split_column_of_numbers_or_iso_timestamps_is_ranked_by_value(tmp
         assert sorted(pq.read_table(schema.split_path("test"))["day"].to_pylist()) == [37, 38, 39, 40]
 
 
+def test_a_dictionary_encoded_split_column_is_ranked_by_its_values(tmp_path):
+    """pandas writes a category column as a Parquet dictionary, which Arrow cannot sort as it is."""
+    order = np.random.default_rng(0).permutation(40)
+    days = pa.array([f"2024-01-{1 + i // 2:02d}" for i in order]).dictionary_encode()
+    pq.write_table(pa.table({"day": days, "user": pa.array(order + 1), "clicked": [int(i % 2) for i in order]}),
+                   tmp_path / "d.parquet")
+    raw = {"name": "t", "label": "clicked", "extra_columns": ["day"],
+           "fields": [{"name": "user", "kind": "sparse", "cardinality": 100}]}
+    schema = prepare_tabular(str(tmp_path / "d.parquet"), _schema_file(tmp_path, raw), str(tmp_path / "out"),
+                             TabularConfig(split_by="day"))
+    assert sorted(pq.read_table(schema.split_path("test"))["user"].to_pylist()) == [37, 38, 39, 40]
+
+
 def test_a_word_in_a_numeric_csv_column_names_the_column_and_data_row(tmp_path):
     rows = _rows()
     rows["price"] = ["abc" if i == 7 else "1.5" for i in range(200)]

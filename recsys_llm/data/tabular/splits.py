@@ -27,9 +27,9 @@ def _uniform(rows: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _sort_keys(values: pa.ChunkedArray, path: str, column: str) -> pa.ChunkedArray:
-    """The split column as values to rank rows by: numbers and timestamps as they are; a text column
-    (a CSV column with a cell pyarrow could not type, a sparse field's, a Parquet string column)
-    parsed as integers, numbers or ISO-8601 timestamps (parsed, not compared as text: ``T`` and
+    """The split column as values to rank rows by: numbers and timestamps as they are, a dictionary-encoded
+    column (pandas' category) as its values; a text column (a CSV column with a cell pyarrow could not
+    type, a sparse field's, a Parquet string column) parsed as integers, numbers or ISO-8601 timestamps (parsed, not compared as text: ``T`` and
     space separators, dates and times, zone offsets then order correctly).
 
     Raises:
@@ -37,6 +37,8 @@ def _sort_keys(values: pa.ChunkedArray, path: str, column: str) -> pa.ChunkedArr
             type most of the column's cells have; ranking it as text would mix future rows into
             the training split (``"10" < "100" < "20"``).
     """
+    if pa.types.is_dictionary(values.type):  # pandas' category: ranked by its values (Arrow sorts no dictionary)
+        values = pc.cast(values, values.type.value_type)
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         return values
     text = pc.utf8_trim_whitespace(values)
