@@ -478,6 +478,22 @@ def test_a_text_split_column_of_numbers_or_iso_timestamps_is_ranked_by_value(tmp
         assert sorted(pq.read_table(schema.split_path("test"))["day"].to_pylist()) == [37, 38, 39, 40]
 
 
+def test_quoted_cells_spanning_lines_are_read_alike_whichever_block_ends_inside_them(tmp_path):
+    """The CSV is read in blocks of block_bytes: a multi-line cell (a review) across a block's end is one cell."""
+    path = tmp_path / "reviews.csv"
+    cities = ['"Paris,\nFrance"' if i % 7 == 3 else CITIES[i % 4] for i in range(120)]
+    path.write_text("user,city,clicked\n" + "".join(f"{i % 50},{city},{i % 2}\n" for i, city in enumerate(cities)))
+    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked",
+                                          "fields": [{"name": "user", "kind": "sparse", "cardinality": 100},
+                                                     {"name": "city", "kind": "sparse", "cardinality": 10}]})
+    whole = prepare_tabular(str(path), schema_path, str(tmp_path / "whole"))
+    expected = _rows_of(whole, "city")
+    assert expected[3] == 1 + sorted(CITIES + ["Paris,\nFrance"]).index("Paris,\nFrance")
+    for block_bytes in range(200, 400, 9):
+        schema = prepare_tabular(str(path), schema_path, str(tmp_path / "blocks"), TabularConfig(block_bytes=block_bytes))
+        assert _rows_of(schema, "city") == expected, block_bytes
+
+
 def test_a_dictionary_encoded_split_column_is_ranked_by_its_values(tmp_path):
     """pandas writes a category column as a Parquet dictionary, which Arrow cannot sort as it is."""
     order = np.random.default_rng(0).permutation(40)

@@ -91,7 +91,10 @@ def read_blocks(
         reader = pacsv.open_csv(
             path,
             read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=config.delimiter, invalid_row_handler=on_invalid),
+            # a quoted cell may span lines (a review, a description): without newlines_in_values, one that
+            # crosses a block's end is cut there ("CSV parser got out of sync with chunker", or a false column count)
+            parse_options=pacsv.ParseOptions(delimiter=config.delimiter, invalid_row_handler=on_invalid,
+                                             newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(column_types={k: v for k, v in types.items() if k in columns},
                                                  include_columns=columns, strings_can_be_null=False),
         )
