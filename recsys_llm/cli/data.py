@@ -174,7 +174,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     tabular = sources.add_parser("tabular", help="your CSV/Parquet + a JSON/YAML schema file")
     common(tabular, 65536)
-    tabular.add_argument("--input", required=True, help="CSV with header, Parquet file or directory")
+    tabular.add_argument("--input", required=True,
+                         help="CSV with header (.gz, .bz2, .zst, .lz4 are decompressed as read), Parquet file or directory")
     tabular.add_argument("--schema", required=True, help="schema file naming fields, label, row key, extras")
     tabular.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                          help="train,valid,test shares (default: 0.8,0.1,0.1)")

@@ -185,6 +185,19 @@ def test_csv_with_a_quoted_header(tmp_path):
     assert sum(pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits) == 200
 
 
+@pytest.mark.parametrize("suffix, compression", [(".gz", "gzip"), (".bz2", "bz2")])
+def test_a_compressed_csv_is_read_as_the_csv_it_holds(tmp_path, suffix, compression):
+    """pyarrow's CSV reader decompresses a clicks.csv.gz by its name; the header must be read alike."""
+    plain = _csv(tmp_path / "clicks.csv", _rows())
+    packed = str(tmp_path / f"clicks.csv{suffix}")
+    with open(plain, "rb") as source, pa.CompressedOutputStream(packed, compression) as target:
+        target.write(source.read())
+    expected = prepare_tabular(plain, _schema_file(tmp_path), str(tmp_path / "plain"), TabularConfig(split_by="ts"))
+    schema = prepare_tabular(packed, _schema_file(tmp_path), str(tmp_path / "packed"), TabularConfig(split_by="ts"))
+    for split in schema.splits:
+        assert pq.read_table(schema.split_path(split)).equals(pq.read_table(expected.split_path(split)))
+
+
 # ---- the output is written whole or not at all ------------------------------------------------------
 def _snapshot(directory):
     """Relative path -> bytes of every file under ``directory``."""

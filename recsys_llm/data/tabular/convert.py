@@ -49,7 +49,8 @@ def prepare_tabular(
     earlier output as it was.
 
     Args:
-        data_path (str): CSV file with a header line, Parquet file, or directory of Parquet files.
+        data_path (str): CSV file with a header line (``.gz``, ``.bz2``, ``.zst``, ``.lz4``: decompressed as
+            read), Parquet file, or directory of Parquet files.
         schema_path (str): JSON/YAML schema (fields, label, optional row key and extra columns).
         out_dir (str): output directory (``train/valid/test.parquet``, ``text/``, ``schema.json``);
             absent, empty or an earlier prepared data set.

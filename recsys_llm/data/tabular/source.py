@@ -2,6 +2,7 @@
 cells, and pyarrow's CSV errors worded with the column and row."""
 
 import csv
+import io
 import os
 import re
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -44,7 +45,8 @@ def first_line(path: str) -> Optional[int]:
 def _csv_columns(path: str, delimiter: str) -> List[str]:
     """The header's column names, quoted ones unquoted and a UTF-8 byte order mark dropped
     (as pyarrow's CSV reader reads them: Excel's "CSV UTF-8" starts with one)."""
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+    with io.TextIOWrapper(pa.input_stream(path, compression="detect"), encoding="utf-8-sig", errors="replace",
+                          newline="") as handle:  # a .csv.gz decompressed, as pyarrow's CSV reader reads it
         return next(csv.reader(handle, delimiter=delimiter), [])
 
 
