@@ -414,6 +414,18 @@ def test_vocabulary_fields_also_map_an_integer_typed_parquet_column(tmp_path):
     assert sorted(set(_all(schema, "zip").tolist())) == [1, 2, 3]
 
 
+def test_a_field_named_row_id_without_a_row_key_is_refused_naming_the_numbered_rows_not_a_row_key(tmp_path):
+    """The schema names no row_key: the message must not blame one, but the name the numbered rows take."""
+    path = tmp_path / "d.csv"
+    path.write_text("row_id,clicked\n" + "".join(f"{i % 5},{i % 2}\n" for i in range(40)))
+    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked",
+                                          "fields": [{"name": "row_id", "kind": "sparse", "cardinality": 10}]})
+    with pytest.raises(SchemaError, match=r"schema\.json: without row_key the rows are numbered as 'row_id', which is "
+                                          r"also a field or the label; expected another name for that column, or a "
+                                          r"row_key"):
+        prepare_tabular(str(path), schema_path, str(tmp_path / "out"))
+
+
 def test_a_row_key_that_is_also_a_field_is_refused_and_one_listed_as_extra_is_written_once(tmp_path):
     data, schema_path = _keyed(tmp_path, "d.csv", [str(k) for k in range(40)], row_key="user")
     with pytest.raises(SchemaError, match=r"schema\.json: row_key 'user' is also a field or the label"):

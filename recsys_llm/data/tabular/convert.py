@@ -81,6 +81,10 @@ def prepare_tabular(
     # a row key the schema names must be in the data; only an unnamed one is generated (as row_id)
     row_key_named = isinstance(raw, dict) and raw.get("row_key") is not None
     if user_schema.row_key and user_schema.row_key in [f.name for f in user_schema.fields] + [user_schema.label]:
+        if not row_key_named:  # the schema names no row key: the default name of the numbered rows is taken
+            raise SchemaError(f"{path}: without row_key the rows are numbered as {user_schema.row_key!r}, which is also "
+                              "a field or the label; expected another name for that column, or a row_key naming a "
+                              "column of its own holding a unique integer per row")
         raise SchemaError(f"{path}: row_key {user_schema.row_key!r} is also a field or the label; expected a column "
                           "of its own holding a unique integer per row")
     if user_schema.row_key in user_schema.extra_columns:  # written once, as the row key
