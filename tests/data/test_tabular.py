@@ -454,8 +454,14 @@ def test_a_float_row_key_of_whole_numbers_is_read_as_integers(tmp_path) -> None:
     schema = prepare_tabular(str(tmp_path / "whole.parquet"), str(schema_path), str(tmp_path / "out"))
     keys = sorted(k for split in schema.splits for k in pq.read_table(schema.split_path(split)).column("event_id").to_pylist())
     assert keys == list(range(40))
-    with pytest.raises(DataError, match="row key column 'event_id' has non-integer values"):
+    with pytest.raises(DataError, match=r"fraction\.parquet: row key column 'event_id' has non-integer values: row 0: "
+                                        r"row key 0\.5 is not a whole number; expected an integer row key per row"):
         prepare_tabular(str(tmp_path / "fraction.parquet"), str(schema_path), str(tmp_path / "out2"))
+    pq.write_table(pa.table({"event_id": pa.array([None, 1.0, float("nan")] + [float(i) for i in range(3, 40)]),
+                             "user": pa.array([i % 10 for i in range(40)]), "clicked": pa.array([i % 2 for i in range(40)])}),
+                   str(tmp_path / "nan.parquet"))
+    with pytest.raises(DataError, match=r"nan\.parquet: row key column 'event_id' has non-integer values: row 2: row key nan"):
+        prepare_tabular(str(tmp_path / "nan.parquet"), str(schema_path), str(tmp_path / "out2"))
 
 
 def test_an_empty_description_is_no_description(tmp_path) -> None:

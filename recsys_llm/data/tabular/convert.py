@@ -367,8 +367,14 @@ def _row_keys(array: pa.Array, path: str, column: str, row: int) -> np.ndarray:
         try:
             array = pc.cast(array, pa.int64())  # refuses fractions
         except pa.ArrowInvalid as error:
-            raise DataError(f"{path}: row key column {column!r} has non-integer values ({error}); "
-                            "expected integers") from error
+            values = array.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls as NaN, named below
+            with np.errstate(invalid="ignore"):
+                whole = np.isfinite(values) & (values == np.floor(values)) & (np.abs(values) < 2.0**63)
+            bad = np.asarray(array.is_valid(), dtype=bool) & ~whole
+            first = int(np.argmax(bad))
+            raise DataError(f"{path}: row key column {column!r} has non-integer values: "
+                            f"{describe_row(row + first, line)}: row key {values[first].item()!r} is not a whole "
+                            f"number; expected {what}") from error
     elif not pa.types.is_integer(array.type):
         raise DataError(f"{path}: row key column {column!r} has type {array.type}; expected integers")
     check_no_nulls(path, column, array, row, what, line)
