@@ -17,6 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["recsys_llm", "recsys_llm.*"]),
+    package_data={"recsys_llm": ["configs/*.yaml"]},  # the demo's default config (recsys_llm/cli/train.py)
     install_requires=[
         "transformers>=4.56",  # from_pretrained(dtype=...); tests/semantics pass with 4.56.2 and 5.x
         "torchx>=0.7.0",

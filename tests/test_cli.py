@@ -455,6 +455,22 @@ def test_demo_llm_with_no_llm_is_refused_before_any_work(tmp_path, monkeypatch, 
             "only, which reads no LLM; pass one of them") in capsys.readouterr().err
 
 
+def test_the_demo_s_default_config_ships_with_the_package(tmp_path) -> None:
+    """After a non-editable ``pip install .`` ``recsys-llm demo`` refused with 'demo config not found': its default
+    config was the repository's ``configs/synthetic_deepfm.yaml``, which the wheel does not hold. The default is the
+    package's own copy (the same file as the repository's, which ``--config configs/...`` still reads)."""
+    import subprocess
+
+    from recsys_llm.cli.train import DEMO_CONFIG
+
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=REPO, check=True,
+                   capture_output=True)
+    shipped = tmp_path / os.path.relpath(DEMO_CONFIG, REPO)  # what the wheel installs, by its path in the checkout
+    assert shipped.is_file(), f"{os.path.relpath(DEMO_CONFIG, REPO)} is not in the built package"
+    with open(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), encoding="utf-8") as handle:
+        assert shipped.read_text(encoding="utf-8") == handle.read()
+
+
 def test_a_demo_config_that_is_a_directory_is_named_as_one(tmp_path, capsys) -> None:
     """It said 'demo config not found', though the path exists (a directory)."""
     assert main(["demo", "--config", str(tmp_path), "--data-dir", str(tmp_path / "data"),

@@ -25,7 +25,8 @@ from typing import Any, Dict, List
 from recsys_llm.cli.data import integer_at_least
 from recsys_llm.cli.semantics import show_defaults
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+# the package's copy of configs/synthetic_deepfm.yaml (package data, so a non-editable install has it too)
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "synthetic_deepfm.yaml")
 
 
@@ -137,7 +138,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate the synthetic data if missing; train DeepFM plain, with LLaCTR, with ELEC and as ELEC student; "
              "compare",
     )
-    demo.add_argument("--config", default=DEMO_CONFIG, help="demo config (default: configs/synthetic_deepfm.yaml)")
+    demo.add_argument("--config", default=DEMO_CONFIG,
+                      help="demo config (default: the package's copy of configs/synthetic_deepfm.yaml)")
     demo.add_argument("--data-dir", default="data/synthetic", help="where the synthetic data lives / is generated")
     demo.add_argument("--rows", type=integer_at_least(10), default=200_000,
                       help="rows to generate when the data is missing (at least 10)")
