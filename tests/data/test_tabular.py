@@ -486,10 +486,10 @@ def test_a_word_in_the_split_column_is_refused_not_ranked_as_text(tmp_path):
         prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"),
                         TabularConfig(split_by="ts"))
     assert not os.path.exists(tmp_path / "out")
-    # past the first block, where pyarrow has typed the column as integers already
+    # past the first block, from which pyarrow types the column as integers: read with the whole file's type, alike
     rows["ts"] = ["yesterday" if i == 150 else str(i) for i in range(200)]
-    with pytest.raises(DataError, match=r"d\.csv: column 'ts', data row 150 \(line 152 .*\): 'yesterday' is not an "
-                                        r"integer like the column's first rows; expected one sortable type"):
+    with pytest.raises(DataError, match=r"d\.csv: column 'ts', data row 150 \(line 152 .*\): 'yesterday' is not a "
+                                        r"number as 199 of the column's 200 values are; expected one sortable type"):
         prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"),
                         TabularConfig(split_by="ts", block_bytes=2000))
 
@@ -523,6 +523,23 @@ def test_quoted_cells_spanning_lines_are_read_alike_whichever_block_ends_inside_
     for block_bytes in range(200, 400, 9):
         schema = prepare_tabular(str(path), schema_path, str(tmp_path / "blocks"), TabularConfig(block_bytes=block_bytes))
         assert _rows_of(schema, "city") == expected, block_bytes
+
+
+def test_extra_and_split_columns_take_their_types_from_the_whole_csv_not_its_first_block(tmp_path):
+    """They took their types from the first block: an extra column empty there was refused at a later 'hello' as "not
+    a null like the column's first rows", and an integer column at a later 3.5 as "expected one type per column"."""
+    path = tmp_path / "d.csv"
+    path.write_text("user,note,score,clicked\n" + "".join(
+        f"{i % 50},{'hello' if i == 300 else ''},{3.5 if i == 310 else i},{i % 2}\n" for i in range(400)))
+    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked", "extra_columns": ["note", "score"],
+                                          "fields": [{"name": "user", "kind": "sparse", "cardinality": 100}]})
+    whole = prepare_tabular(str(path), schema_path, str(tmp_path / "whole"))  # one block: the whole file's types
+    for split_by in (None, "score"):
+        schema = prepare_tabular(str(path), schema_path, str(tmp_path / f"blocks_{split_by}"),
+                                 TabularConfig(block_bytes=2000, split_by=split_by))
+        for column in ("note", "score"):
+            assert _rows_of(schema, column) == _rows_of(whole, column), (split_by, column)
+        assert _rows_of(schema, "note")[300] == "hello" and _rows_of(schema, "score")[310] == 3.5
 
 
 def test_a_dictionary_encoded_split_column_is_ranked_by_its_values(tmp_path):

@@ -19,7 +19,8 @@ from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_a
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError, load_raw, schema_file
 from recsys_llm.data.synthetic import write_value_text
 from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig
-from recsys_llm.data.tabular.source import first_line, read_blocks, repeated_columns, source_columns
+from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types, first_line, read_blocks,
+                                            repeated_columns, source_columns)
 from recsys_llm.data.tabular.splits import random_split, split_of_rows
 from recsys_llm.data.tabular.tokens import INTEGER_PATTERN, FieldPlan, field_tokens, plan_fields, token_ids
 from recsys_llm.data.validation import (
@@ -149,7 +150,14 @@ def _convert(
     row_key = user_schema.row_key if user_schema.row_key in available else None
     columns = list(dict.fromkeys(wanted + ([config.split_by] if config.split_by else []) + ([row_key] if row_key else [])))
 
-    plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key)
+    column_types = None  # of the extra and split columns of a CSV: the reader's, from the first block
+    try:
+        plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key)
+    except ColumnTypeChanged as error:  # a later block does not fit them: read again with the whole file's
+        column_types = csv_column_types(data_path, error.columns, config)
+        if column_types is None:
+            raise
+        plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key, column_types)
     for spec in user_schema.fields:
         if spec.value_text and plans[spec.name].mode == "vocab":
             vocabulary = plans[spec.name].vocabulary
@@ -165,7 +173,7 @@ def _convert(
     schema = _output_schema(user_schema, plans, out_dir, user_texts)
     bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress, **interval_options())
     try:
-        _write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar)
+        _write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar, column_types)
     finally:
         bar.close()
     return schema
@@ -279,14 +287,16 @@ def _write_splits(
     split_rows: Optional[np.ndarray],
     config: TabularConfig,
     bar: tqdm,
+    column_types: Optional[Dict[str, pa.DataType]] = None,
 ) -> None:
-    """Streams the source block by block into one Parquet file per split under ``schema.root``."""
+    """Streams the source block by block into one Parquet file per split under ``schema.root``
+    (``column_types``: of a CSV's extra and split columns, as :func:`read_blocks` takes them)."""
     writers: List[SplitWriter] = []
     keys: List[np.ndarray] = []  # the row keys read from the data, checked for repeats at the end
     starts: List[Tuple[int, str, int]] = []  # (row, file, row in the file) at which each block starts
     row = 0
     with contextlib.ExitStack() as open_writers:  # each writer is closed, or on an error its .tmp removed
-        for file_path, file_row, block in read_blocks(data_path, user_schema, columns, config, row_key):
+        for file_path, file_row, block in read_blocks(data_path, user_schema, columns, config, row_key, column_types):
             starts.append((row, file_path, file_row))
             out = _convert_block(block, schema, plans, config, file_path, file_row, row_key, row)
             if row_key:

@@ -50,15 +50,53 @@ def _csv_columns(path: str, delimiter: str) -> List[str]:
         return next(csv.reader(handle, delimiter=delimiter), [])
 
 
+class ColumnTypeChanged(DataError):
+    """A CSV extra or split column whose type, inferred from the file's first block, does not hold a cell of a
+    later block (an empty column there and ``hello`` later, integers there and ``3.5`` later). Reading the file
+    again with the types :func:`csv_column_types` infers over the whole file converts it.
+
+    Attributes:
+        columns (List[str]): the columns whose types the reader inferred (the extra and split columns).
+    """
+
+    def __init__(self, message: str, columns: List[str]) -> None:
+        super().__init__(message)
+        self.columns = columns
+
+
+def csv_column_types(path: str, columns: List[str], config: TabularConfig) -> Optional[Dict[str, pa.DataType]]:
+    """The types pyarrow's CSV reader infers for ``columns`` over the whole CSV ``path`` (the streaming reader of
+    :func:`read_blocks` infers them from the first block alone); None when the file cannot be read so (the
+    streaming reader names why). Holds those columns of every row in memory while it reads."""
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=config.delimiter, newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(include_columns=columns, strings_can_be_null=False),
+        )
+    except pa.ArrowException:
+        return None
+    return {name: table.schema.field(name).type for name in columns}
+
+
 def read_blocks(
-    path: str, schema: DatasetSchema, columns: List[str], config: TabularConfig, row_key: Optional[str] = None
+    path: str,
+    schema: DatasetSchema,
+    columns: List[str],
+    config: TabularConfig,
+    row_key: Optional[str] = None,
+    column_types: Optional[Dict[str, pa.DataType]] = None,
 ) -> Iterator[Tuple[str, int, pa.RecordBatch]]:
     """``(file, row, batch)``: record batches of the wanted columns, from a Parquet file/directory or a
     CSV with a header, each with the file it comes from and the row of that file it starts at (what
     messages name: a directory's file, not the directory and a row counted over its files).
 
     In a CSV, field columns are read as strings (dense ones as floats) and the row key column
-    ``row_key`` as strings, parsed later with messages naming the row.
+    ``row_key`` as strings, parsed later with messages naming the row. The other columns (extra and
+    split columns) are read as ``column_types`` gives (:func:`csv_column_types`), else with the types
+    the CSV reader infers from the first block: a later cell those types do not hold raises
+    :class:`ColumnTypeChanged`.
     """
     if is_parquet(path):
         files = parquet_files(path)
@@ -83,6 +121,8 @@ def read_blocks(
     types[schema.label] = pa.float64()
     if row_key and row_key != config.split_by:  # a split column keeps its inferred (numeric) type to sort by
         types[row_key] = pa.string()
+    inferred = [name for name in columns if name not in types]  # extra and split columns
+    types.update({name: dtype for name, dtype in (column_types or {}).items() if name in inferred})
     bad: List[str] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -105,7 +145,12 @@ def read_blocks(
             yield path, row, _missing_as_null(batch, config.missing_tokens)
             row += batch.num_rows
     except pa.ArrowInvalid as error:
-        raise DataError(bad[0] if bad else _conversion_error(path, schema, config, str(error))) from error
+        if bad:
+            raise DataError(bad[0]) from error
+        message = _conversion_error(path, schema, config, str(error))
+        if _failing_column(path, config, str(error)) in [name for name in inferred if name not in types]:
+            raise ColumnTypeChanged(message, inferred) from error
+        raise DataError(message) from error
 
 
 def common_types(path: str, files: List[str], roles: Dict[str, str]) -> Dict[str, pa.DataType]:
@@ -152,6 +197,16 @@ def _cast_columns(batch: pa.RecordBatch, types: Dict[str, pa.DataType], path: st
                                 f"type it has in the other files ({error}); expected one type in every file") from error
         arrays.append(column)
     return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+def _failing_column(path: str, config: TabularConfig, message: str) -> Optional[str]:
+    """The column of a CSV conversion error ``message`` of pyarrow's (None for another message)."""
+    match = _CONVERSION.search(message)
+    if match is None:
+        return None
+    header = _csv_columns(path, config.delimiter)
+    index = int(match.group(1))
+    return header[index] if index < len(header) else None
 
 
 def _conversion_error(path: str, schema: DatasetSchema, config: TabularConfig, message: str) -> str:

@@ -245,9 +245,15 @@ def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.nda
 
 
 def plan_fields(
-    path: str, schema: DatasetSchema, config: TabularConfig, columns: List[str], row_key: Optional[str] = None
+    path: str,
+    schema: DatasetSchema,
+    config: TabularConfig,
+    columns: List[str],
+    row_key: Optional[str] = None,
+    column_types: Optional[Dict[str, pa.DataType]] = None,
 ) -> Tuple[Dict[str, FieldPlan], Optional[pa.Array]]:
-    """First pass: token kinds and vocabularies of string fields, and the split column.
+    """First pass: token kinds and vocabularies of string fields, and the split column (``column_types``: of a
+    CSV's extra and split columns, as :func:`~recsys_llm.data.tabular.source.read_blocks` takes them).
 
     Parquet sources get their footers checked first (:func:`_check_parquet_types`); the pass is
     skipped (integer ids everywhere, random split) when their categorical columns are all of
@@ -267,7 +273,7 @@ def plan_fields(
     string_fields: Dict[str, FieldSpec] = {}
     counts: Dict[str, _TokenCounts] = {}
     split_values: List[pa.Array] = []
-    for file_path, row, block in read_blocks(path, schema, columns, config, row_key):
+    for file_path, row, block in read_blocks(path, schema, columns, config, row_key, column_types):
         for spec in schema.categorical_fields:
             flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row)
             if pa.types.is_integer(flat.type):
