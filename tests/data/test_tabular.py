@@ -744,6 +744,8 @@ def test_a_column_twice_in_a_csv_header_is_refused_naming_it(tmp_path):
      r"column 'ts' named by --split-by \(TabularConfig\.split_by\) occurs more than once"),
     ("city,clicked,event,event", {"row_key": "event"}, TabularConfig(),
      r"column\(s\) \['event'\] named in .*schema\.yaml occur more than once"),
+    ("city,clicked,row_id,row_id", {}, TabularConfig(),  # the row key without row_key in the schema
+     r"column 'row_id', read as the row key as .*schema\.yaml names no row_key, occurs more than once"),
 ])
 def test_a_split_column_or_row_key_twice_in_a_csv_header_is_refused_not_read_from_the_first(
     tmp_path, header, raw, config, message

@@ -137,6 +137,9 @@ def _convert(
     if config.split_by and available.count(config.split_by) > 1:
         raise DataError(f"{data_path}: column {config.split_by!r} named by --split-by (TabularConfig.split_by) occurs "
                         "more than once in the file; expected it once (rename or drop the copies)")
+    if not row_key_named and available.count(user_schema.row_key) > 1:  # row_id, read as the row key when present
+        raise DataError(f"{data_path}: column {user_schema.row_key!r}, read as the row key as {schema_path} names no "
+                        "row_key, occurs more than once in the file; expected it once (rename or drop the copies)")
     if row_key_named and user_schema.row_key not in available:
         raise DataError(
             f"{data_path}: missing row key column {user_schema.row_key!r} named by row_key in {schema_path}; "
