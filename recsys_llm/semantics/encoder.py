@@ -28,6 +28,7 @@ from recsys_llm.semantics.model_loading import (
     load_model,
     load_tokenizer,
     position_limited,
+    require_attention_mask,
     resolve_device,
     resolve_dtype,
     tokenizer_fits_model,
@@ -156,6 +157,7 @@ class TextEncoder:
         if batch_size <= 0 or max_length <= 0:
             raise ValueError(f"batch_size and max_length must be > 0, got {batch_size}, {max_length}")
         tokenizer_fits_model(tokenizer, model, model_id)
+        require_attention_mask(tokenizer, model_id)
         check_max_length(tokenizer, max_length, model_id)
         self._model = model.eval()
         self._tokenizer = tokenizer

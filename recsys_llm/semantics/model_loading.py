@@ -179,6 +179,20 @@ def tokenizer_fits_model(tokenizer: Any, model: nn.Module, where: str) -> None:
     tokenizer_fits(tokenizer, embedding_rows(model), where, "the model's embedding table has {rows} rows")
 
 
+def require_attention_mask(tokenizer: Any, where: str) -> None:
+    """Refuses a tokenizer that returns no ``attention_mask`` (FNet's): batches are padded, and the model and
+    the pooling read the mask to leave the padding out.
+
+    Raises:
+        ValueError: ``attention_mask`` is not among the tokenizer's ``model_input_names``, naming ``where``.
+    """
+    names = list(getattr(tokenizer, "model_input_names", None) or [])
+    if "attention_mask" not in names:
+        raise ValueError(f"{where}: the tokenizer returns no attention_mask (its model_input_names are {names}); "
+                         "expected a model whose tokenizer masks the padding (batches are padded, and the model and "
+                         "the pooling leave the padding out by the mask)")
+
+
 @contextlib.contextmanager
 def _no_remote_code_question(trust_remote_code: bool) -> Iterator[None]:
     """Unless ``trust_remote_code``, transformers refuses a model directory's code instead of asking on stdin
@@ -211,8 +225,8 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
 
     Raises:
         FileNotFoundError: no directory, no ``config.json``, or no tokenizer file.
-        ValueError: a damaged ``config.json``, a tokenizer that does not load, or one far
-            smaller or larger than the model's vocabulary.
+        ValueError: a damaged ``config.json``, a tokenizer that does not load, one far
+            smaller or larger than the model's vocabulary, or one that returns no attention mask.
     """
     from transformers import AutoTokenizer
 
@@ -233,6 +247,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
             "its tokenizer files are missing or belong to another model"
         )
     tokenizer_fits(tokenizer, vocab_size, model_path, "config.json has vocab_size {rows}")
+    require_attention_mask(tokenizer, model_path)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:

@@ -3,10 +3,11 @@ what is missing or damaged; device, dtype and text length."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
-from transformers import AutoModel, BertConfig
+from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from recsys_llm.semantics.encoder import TextEncoder, default_model_path
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_dtype
@@ -378,6 +379,29 @@ def test_added_special_tokens_past_the_embedding_table_are_allowed(tmp_path) -> 
     tokenizer.save_pretrained(path)
     assert len(tokenizer) == tiny_vocab_size() + 1
     assert TextEncoder(path).encode(SAMPLE_TEXTS[:2], progress=False).shape == (2, 32)
+
+
+def test_a_tokenizer_that_returns_no_attention_mask_is_refused_naming_the_directory(tmp_path) -> None:
+    """FNet's tokenizer returns no attention_mask (the model masks no padding): encoding failed with a bare
+    KeyError: 'attention_mask'."""
+    from transformers import FNetConfig, FNetModel
+
+    torch.manual_seed(0)
+    model = FNetModel(FNetConfig(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, max_position_embeddings=128, pad_token_id=0))
+    path = save_with_tokenizer(model, tmp_path / "fnet")
+    config_path = os.path.join(path, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump({**config, "model_input_names": ["input_ids", "token_type_ids"]}, handle)
+    message = ("the tokenizer returns no attention_mask (its model_input_names are ['input_ids', 'token_type_ids']); "
+               "expected a model whose tokenizer masks the padding")
+    with pytest.raises(ValueError, match=rf"^{path}: {re.escape(message)}"):
+        TextEncoder(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with pytest.raises(ValueError, match=rf"^fnet-tiny: {re.escape(message)}"):
+        TextEncoder.from_model(model, tokenizer, model_id="fnet-tiny")
 
 
 def test_a_vision_language_model_that_reads_text_alone_is_not_refused(tmp_path) -> None:
