@@ -14,7 +14,8 @@ Overrides on the command line are ``section.key=value`` (nested: ``elec.distill.
 the value is parsed as YAML (``3``, ``0.5``, ``true``, ``[64, 32]``) and then converted to the
 field's declared type, so ``train.epochs=3`` is an int and ``model.mlp_layer_sizes=[64,32]``
 a tuple; a string setting written as a number is its text (``train.run_dir=2024_01``, not
-202401). Unknown sections or keys are errors that list the allowed ones.
+202401), and a number setting not written in decimal digits (``010``, ``0x10``, ``1:30``, which
+YAML 1.1 reads as 8, 16 and 90) is an error. Unknown sections or keys are errors that list the allowed ones.
 
 Example::
 
@@ -293,6 +294,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, int) and value in (0, 1):  # an unquoted 0 / 1, which YAML reads as an integer
             return bool(value)
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, float):
+        _check_written_in_decimal(value, where)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.lstrip("-").isdigit()):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -317,6 +320,32 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         return build_dataclass(annotation, value, where)
     return value
+
+
+# how YAML 1.1 reads a number not written in decimal digits: the base it names, by the text's start
+_NON_DECIMAL = (("0x", "hexadecimal"), ("0b", "binary"), ("0", "octal"))
+
+
+def _check_written_in_decimal(value: Any, where: str) -> None:
+    """Raises when a number setting's YAML text is no decimal number: YAML 1.1 reads ``010`` as the
+    octal 8, ``0x10`` as 16, ``0b11`` as 3 and ``1:30`` as the base-60 90, not the number meant.
+
+    Raises:
+        ConfigError: naming the setting, its text and the number YAML made of it.
+    """
+    text = getattr(value, "yaml_text", None)
+    if text is None:
+        return
+    digits = text.lstrip("+-").replace("_", "").lower()
+    if ":" in digits:
+        base = "base-60"
+    elif isinstance(value, int) and digits != "0":
+        base = next((name for prefix, name in _NON_DECIMAL if digits.startswith(prefix)), None)
+    else:
+        base = None
+    if base:
+        raise ConfigError(f"{where}: {text} is the {base} {value!r} to YAML 1.1; write it in decimal digits "
+                          "without leading zeros")
 
 
 def build_dataclass(cls: Type[T], raw: Any, where: str) -> T:

@@ -109,6 +109,25 @@ class TestLoadConfig:
         assert LLaCTRConfig.from_dict(load_config(saved).llactr) == llactr
         assert load_config(saved).train.run_dir == "2024_01" and config_differences(config, load_config(saved)) == []
 
+    @pytest.mark.parametrize("override, read_as", [
+        ("train.epochs=010", "the octal 8"), ("train.seed=0x10", "the hexadecimal 16"),
+        ("train.epochs=0b11", "the binary 3"), ("train.max_steps=1:30", "the base-60 90"),
+        ("optim.dense_lr=010", "the octal 8"), ("optim.dense_lr=1:30.5", "the base-60 90.5"),
+    ])
+    def test_a_number_setting_written_other_than_in_decimal_is_refused(self, tmp_path, override: str,
+                                                                        read_as: str) -> None:
+        """YAML 1.1 reads ``010`` as the octal 8, ``0x10`` as 16 and ``1:30`` as 90: a number setting so
+        written (``train.epochs=010`` meaning 10) silently became another number."""
+        key, text = override.split("=")
+        with pytest.raises(ConfigError, match=f"{key}: {text} is {read_as} to YAML 1.1; write it in decimal"):
+            load_config(None, [override])
+        path = tmp_path / "config.yaml"
+        section, name = key.split(".")
+        path.write_text(f"{section}:\n  {name}: {text}\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=f"{path}: {key}: {text} is {read_as}"):
+            load_config(str(path))
+        assert load_config(None, [f"{key}=10", "train.epochs=1_000"]).train.epochs == 1000  # decimal digits still
+
     @pytest.mark.parametrize("text, value", [("0", False), ("1", True)])
     def test_a_boolean_override_of_0_or_1_is_read_as_the_coercion_means(self, text: str, value: bool) -> None:
         """YAML reads an unquoted 0 / 1 as an integer: the coercion takes "0" / "1" as booleans, so these too."""
