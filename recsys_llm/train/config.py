@@ -492,12 +492,14 @@ def _expand_home_in_paths(raw: Dict[str, Any]) -> None:
 
 def _generate_only_where_the_file_said(raw: Dict[str, Any], from_file: Dict[str, Any], overrides: Sequence[str]) -> None:
     """Sets ``data.synthetic_rows`` to 0 when the overrides point ``data.schema`` at another file
-    but do not name ``data.synthetic_rows``: the file's value was meant for its own data location,
-    and kept it would turn a mistyped path to other data into freshly generated synthetic data."""
+    but do not set ``data.synthetic_rows`` (``data.synthetic_rows=500``, or ``data={..., synthetic_rows:
+    500}``): the file's value was meant for its own data location, and kept it would turn a mistyped
+    path to other data into freshly generated synthetic data."""
     data, file_data = raw.get("data"), from_file.get("data")
     if not isinstance(data, dict) or not isinstance(file_data, dict):
         return
-    if any(override.split("=", 1)[0].strip() == "data.synthetic_rows" for override in overrides):
+    overridden = apply_overrides({}, overrides).get("data")  # what the overrides alone set
+    if isinstance(overridden, dict) and "synthetic_rows" in overridden:
         return
     if _schema_location(data.get("schema")) != _schema_location(file_data.get("schema")):
         data["synthetic_rows"] = 0

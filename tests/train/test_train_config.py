@@ -417,6 +417,8 @@ def test_a_config_file_generates_synthetic_data_only_where_its_own_data_schema_p
     assert load_config(path, ["data.schema=data/critoe/schema.json"]).data.synthetic_rows == 0
     moved = load_config(path, ["data.schema=/tmp/elsewhere", "data.synthetic_rows=500"])  # asked for there
     assert moved.data.synthetic_rows == 500
+    whole = load_config(path, ["data={schema: /tmp/elsewhere, synthetic_rows: 500}"])  # the section at once
+    assert whole.data.synthetic_rows == 500
     assert load_config(path, ["train.epochs=1"]).data.synthetic_rows == 200_000
     # asked for with the file's own value (the demo's --data-dir), or the same file spelled otherwise
     assert load_config(path, ["data.schema=/tmp/x", "data.synthetic_rows=200000"]).data.synthetic_rows == 200_000
