@@ -8,7 +8,8 @@ headers, as in RecBole's ``ml-100k`` / ``ml-1m`` downloads. A leading UTF-8 byte
 is ignored; blank lines are skipped (error messages still name the line as an editor counts it);
 white space around a cell is dropped (``"1 "`` is user ``1``); an id repeated in ``.item`` or ``.user``
 is an error (no row silently replaces another), as is an empty user or item id. A release year
-written as a float (``release_year:float``, ``1995.0``) is the year ``1995``.
+written as a float (``release_year:float``, ``1995.0``) is the year ``1995``, and a whole-number age so
+written (``age:float``, ``24.0``; ML-1M's code ``1.0``) the age ``24`` (the code ``1``).
 
 Output (the usual CTR protocol for MovieLens):
 
@@ -55,6 +56,8 @@ from recsys_llm.progress import interval_options
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 #: a release year: four digits, or as a float column writes them (``release_year:float``): 1995.0
 _YEAR = r"^([0-9]{4})(\.0*)?$"
+#: a whole number as a float column writes it (``age:float``): 24.0 is the age 24, 1.0 ML-1M's age code 1
+_WHOLE_NUMBER = r"^([0-9]+)\.0*$"
 #: pyarrow's message for a cell that is not UTF-8; its column counts from 0, its row counts the header
 #: as row 1 and skips blank lines
 _INVALID_UTF8 = re.compile(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to string: invalid UTF8 data")
@@ -342,6 +345,9 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
                                          "release_year": ("token", "float"), "genre|class": ("token_seq", "token")})
     users = read_atomic_file(user_path, {"user_id": ("token",), "age": ("token", "float"), "gender": ("token",),
                                          "occupation": ("token",), "zip_code": ("token",)})
+    # an age:float column's 24.0 is the age 24 (its text, order and ML-1M code), as in an age:token column
+    users = users.set_column(users.column_names.index("age"), "age",
+                             pc.replace_substring_regex(users["age"], _WHOLE_NUMBER, r"\1"))
     for path, table, column in ((inter_path, inter, "user_id"), (inter_path, inter, "item_id"),
                                 (item_path, items, "item_id"), (user_path, users, "user_id")):
         _check_ids_present(path, table, column)

@@ -388,3 +388,28 @@ def test_release_years_of_a_float_column_keep_their_year(tmp_path):
         assert got.load_value_text(name).equals(want.load_value_text(name))
     for split in want.splits:
         assert pq.read_table(got.split_path(split)).equals(pq.read_table(want.split_path(split)))
+
+
+def test_ages_of_a_float_column_read_as_whole_years_and_ml1m_codes(tmp_path):
+    """RecBole's ``age:float`` is accepted; a float column written by pandas holds ``24.0``, which became
+    "A 24.0 year old woman" (ages in lexicographic order: 24.0, 30.0, 7.0), and ML-1M's codes written
+    as ``1.0`` were no codes any more ("A 1.0 year old woman, occupation: 10")."""
+    lines = [f"{1 + i % 3}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)]
+    float_header = _USER_HEADER.replace("age:token", "age:float")
+    for users in ("1\t24\tF\twriter\t12345\n2\t7\tM\tother\t54321\n3\t30\tM\tother\t55117\n",
+                  "1\t1\tF\t10\t48067\n2\t56\tM\t16\t70072\n3\t25\tM\t0\t55117\n"):
+        tokens, floats = tmp_path / "tokens", tmp_path / "floats"
+        for raw in (tokens, floats):
+            raw.mkdir(exist_ok=True)
+            _write_raw(raw, lines)
+        (tokens / "x.user").write_text(_USER_HEADER + users)
+        (floats / "x.user").write_text(float_header + re.sub(r"^(\d+\t\d+)", r"\1.0", users, flags=re.M))
+        want = prepare_movielens(str(tokens), str(tmp_path / "out-tokens"))
+        got = prepare_movielens(str(floats), str(tmp_path / "out-floats"))
+        assert got.fields == want.fields
+        for name in ("user_id", "age", "occupation"):
+            assert got.load_value_text(name).equals(want.load_value_text(name)), name
+        for split in want.splits:
+            assert pq.read_table(got.split_path(split)).equals(pq.read_table(want.split_path(split)))
+    assert got.load_value_text("user_id")["text"][1].as_py() == ("A woman aged under 18, occupation: K-12 student, "
+                                                                 "zip code 48067.")
