@@ -203,6 +203,16 @@ def _numbers(table: pa.Table, column: str, path: str) -> np.ndarray:
     return pc.cast(pc.utf8_trim_whitespace(strings), pa.float64()).to_numpy()
 
 
+def _check_timestamps(path: str, table: pa.Table, timestamp: np.ndarray) -> None:
+    """Raises if a timestamp (``timestamp``: the column of ``table`` as :func:`_numbers` read it) is
+    infinite (``1e400``) or beyond int64, naming its line: it would be stored as a made-up int64."""
+    bad = ~(np.abs(timestamp) < 2.0**63)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise DataError(f"{path}, line {_file_lines(path, [first])[0]}: column 'timestamp' is "
+                        f"{table['timestamp'][first].as_py()!r}; expected a number of seconds within int64's range")
+
+
 def _check_ids_present(path: str, table: pa.Table, column: str) -> None:
     """Raises if an id cell of ``column`` is empty or blank, naming its line: read as the token ``''`` it
     would be one made-up user (or movie) shared by every such row, pooling their histories."""
@@ -355,6 +365,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
 
     rating = _numbers(inter, "rating", inter_path)
     timestamp = _numbers(inter, "timestamp", inter_path)
+    _check_timestamps(inter_path, inter, timestamp)
     keep = rating != 3
     order = np.argsort(timestamp[keep], kind="stable")
     kept = inter.filter(pa.array(keep)).take(pa.array(order))

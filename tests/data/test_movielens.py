@@ -133,6 +133,17 @@ def test_non_numeric_rating_names_file_and_line(tmp_path):
         prepare_movielens(str(tmp_path), str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("stamp", ["1e400", "9.3e18", "-1e19"])
+def test_a_timestamp_beyond_int64_names_file_and_line(tmp_path, stamp):
+    """``1e400`` reads as infinity and ``9.3e18`` lies beyond int64: both were written as garbage
+    timestamps (only a RuntimeWarning), ordering the splits by a made-up time."""
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)]
+               + [f"1\t2\t5\t{stamp}\n"])
+    with pytest.raises(DataError, match=rf"x\.inter, line 22: column 'timestamp' is '{stamp}'; expected a "
+                                        r"number of seconds within int64's range"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
 def test_missing_column_in_header(tmp_path):
     _write_raw(tmp_path, ["1\t1\t4\t100\n"])
     (tmp_path / "x.user").write_text("user_id:token\tage:token\n1\t30\n")
