@@ -201,6 +201,9 @@ class DatasetSchema:
             raise SchemaError(f"schema {self.name!r}: duplicate field names {duplicates}")
         if self.label in names:
             raise SchemaError(f"schema {self.name!r}: the label {self.label!r} is also listed as an input field")
+        repeated = sorted({c for c in self.extra_columns if self.extra_columns.count(c) > 1})
+        if repeated:
+            raise SchemaError(f"schema {self.name!r}: extra_columns lists {repeated} more than once; list each column once")
         listed_twice = [c for c in self.extra_columns if c in names or c == self.label]
         if listed_twice:
             raise SchemaError(

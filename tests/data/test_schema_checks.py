@@ -172,3 +172,16 @@ def test_a_column_listed_as_field_and_extra_column_is_refused() -> None:
     with pytest.raises(SchemaError, match=r"extra_columns \['day', 'label'\] are also fields or the label"):
         DatasetSchema("t", fields, extra_columns=["timestamp", "day", "label"])
     DatasetSchema("t", fields, extra_columns=["timestamp"])
+
+
+def test_an_extra_column_listed_twice_is_refused(tmp_path) -> None:
+    """``extra_columns: [ts, ts]`` was taken and written into the prepared data's schema.json as it was."""
+    fields = [FieldSpec("user_id", "sparse", 10)]
+    with pytest.raises(SchemaError, match=r"schema 't': extra_columns lists \['ts'\] more than once; list each "
+                                          r"column once"):
+        DatasetSchema("t", fields, extra_columns=["ts", "day", "ts"])
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps({"name": "t", "extra_columns": ["ts", "ts"], "fields": [{"name": "user_id",
+                                "kind": "sparse", "cardinality": 10}]}))
+    with pytest.raises(SchemaError, match=r"extra_columns lists \['ts'\] more than once"):
+        DatasetSchema.load(str(path))
