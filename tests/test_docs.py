@@ -293,7 +293,7 @@ def test_the_guides_raw_criteo_recipe_gives_the_prepared_rows(tmp_path, monkeypa
     prepare_criteo(str(tmp_path / "day_0"), str(tmp_path / "data" / "criteo"), CriteoConfig(hash_size=sizes))
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(_usage_block("hash_strings"), scope)
+    exec(_usage_block("from recsys_llm.data.criteo import SPARSE_NAMES"), scope)
     prepared = pq.read_table(tmp_path / "data" / "criteo" / "train.parquet").slice(0, 3)
     assert prepared["row_id"].to_pylist() == [0, 1, 2]  # the recipe's first three lines
     expected_dense = torch.tensor(np.stack([prepared[name].to_numpy() for name in DENSE_NAMES], axis=1))
@@ -332,3 +332,52 @@ def test_the_guides_serving_recipe_gives_the_students_probabilities(tmp_path, mo
         expected = torch.sigmoid(student.predict(batch).logits)
     assert scope["probabilities"].shape == (8,)
     torch.testing.assert_close(scope["probabilities"], expected)
+
+
+def test_the_guides_raw_tabular_recipe_gives_the_prepared_ids(tmp_path, monkeypatch) -> None:
+    """docs/usage.md §1's recipe for a serving process that receives raw values of ``prepare tabular`` fields (its
+    own schema example): integer ids, a vocabulary, strings hashed with the field's position among all fields (a
+    dense field before it counts), and a hashed field whose values are all integers, folded rather than hashed."""
+    import csv
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys_llm.data.hashing import hash_strings
+    from recsys_llm.data.tabular import prepare_tabular
+
+    schema_yaml = [b for b in re.findall(r"```yaml\n(.*?)```", _read("docs", "usage.md"), re.S) if "shop-clicks" in b]
+    assert len(schema_yaml) == 1
+    (tmp_path / "shop.yaml").write_text(schema_yaml[0])
+    rng = np.random.default_rng(0)
+
+    def prepare(queries: list) -> dict:
+        rows = [{"event_id": 1000 + i, "user": f" {rng.integers(0, 100)}", "city": ["Paris", " Lyon", "Nice ", ""][i % 4],
+                 "categories": "toys|books", "price": 1.5, "query": queries[i], "clicked": i % 2}
+                for i in range(len(queries))]
+        with open(tmp_path / "clicks.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        prepare_tabular(str(tmp_path / "clicks.csv"), str(tmp_path / "shop.yaml"), str(tmp_path / "data" / "shop"))
+        prepared = pa.concat_tables(pq.read_table(tmp_path / "data" / "shop" / f"{split}.parquet")
+                                    for split in ("train", "valid", "test"))
+        by_key = {row["event_id"]: row for row in rows}
+        return {name: ([by_key[key][name] for key in prepared["event_id"].to_pylist()], prepared[name].to_pylist())
+                for name in ("user", "city", "query")}
+
+    monkeypatch.chdir(tmp_path)
+    texts = prepare([["red shoes", "", " 42", "blue hat"][i % 4] for i in range(200)])
+    scope: dict = {}
+    exec(_usage_block("HASHED_STRINGS"), scope)
+    for name, (raw, prepared) in texts.items():
+        assert scope["sparse_ids"](name, raw).tolist() == prepared, name
+    assert all((id_ > 0) == (value != "") for value, id_ in zip(*texts["query"]))  # hashed: in [1, cardinality)
+
+    numbers = prepare([str(int(rng.integers(0, 10**6))) for _ in range(200)])  # every value an integer: folded
+    exec(_usage_block("HASHED_STRINGS"), scope)
+    scope["HASHED_STRINGS"] = set()
+    raw, prepared = numbers["query"]
+    assert scope["sparse_ids"]("query", raw).tolist() == prepared == [int(value) % 1000 for value in raw]
+    assert hash_strings(pa.array(raw), 1000, salt=4).tolist() != prepared  # the same data prepared as text differs
