@@ -381,3 +381,40 @@ def test_the_guides_raw_tabular_recipe_gives_the_prepared_ids(tmp_path, monkeypa
     raw, prepared = numbers["query"]
     assert scope["sparse_ids"]("query", raw).tolist() == prepared == [int(value) % 1000 for value in raw]
     assert hash_strings(pa.array(raw), 1000, salt=4).tolist() != prepared  # the same data prepared as text differs
+
+
+def test_the_gpu_tables_cpu_column_names_the_cpu_of_each_json() -> None:
+    """docs/results.md's "On a GPU" table sets the H200 figures beside those of benchmarks/results/<name>.json,
+    which came from two machines (elec's from an Intel Xeon, llactr's and train_throughput's from an AMD EPYC):
+    each row's CPU cell names the CPU its JSON records (``machine.cpu_model``) and quotes its value."""
+    import json
+
+    figures = {"project pipeline / hand-written TorchRec loop": ("train_throughput", "ratio_vs_torchrec_loop"),
+               "training with FRE + FIE / plain backbone": ("llactr", "train_ratio_vs_backbone"),
+               "serving / plain backbone": ("llactr", "serve_ratio_vs_backbone"),
+               "instance-level / field-level LLM cost": ("llactr", "llm_cost_ratio_instance_vs_field"),
+               "student serving / plain backbone": ("elec", "student_serve_ratio_vs_backbone"),
+               "student / gain network with an online LLM": ("elec", "student_speedup_vs_gain_online_llm"),
+               "joint KD training / plain backbone": ("elec", "kd_train_ratio_vs_backbone")}
+    page = _read("docs", "results.md")
+    section = page[page.index("\n## On a GPU"):]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in rows[0]]
+    assert header[:3] == ["benchmark", "figure", "H200"] and "2-core CPU" in header[3], header
+    checked = set()
+    for cells in rows[1:]:
+        name, label, cpu = cells[0].strip(), cells[1].strip(), cells[3].strip()
+        if label not in figures:
+            continue
+        assert figures[label][0] == name, (label, name)
+        with open(os.path.join(REPO, "benchmarks", "results", f"{name}.json"), encoding="utf-8") as handle:
+            record = json.load(handle)
+        model = record["machine"]["cpu_model"]
+        named = "AMD EPYC" if model.startswith("AMD EPYC") else "Intel Xeon" if "Xeon" in model else model
+        others = {"AMD EPYC", "Intel Xeon"} - {named}
+        assert named in cpu and not any(other in cpu for other in others), (label, cpu, model)
+        number = re.match(r"[-+]?\d+(?:\.(\d+))?", cpu)
+        assert number and float(number.group(0)) == round(record[figures[label][1]], len(number.group(1) or "")), (
+            label, cpu)
+        checked.add(label)
+    assert checked == set(figures), sorted(set(figures) - checked)
