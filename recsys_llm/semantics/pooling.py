@@ -12,6 +12,7 @@ Example::
 """
 
 import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -127,9 +128,28 @@ def sentence_transformers_pooling(model_path: str) -> Optional[str]:
     return SENTENCE_TRANSFORMERS_POOLINGS.get(mode) if mode is not None else None
 
 
+def warn_of_modules_not_applied(model_path: str) -> None:
+    """Warns, naming ``modules.json``, when a sentence-transformers directory lists a ``Dense`` module (sentence-t5,
+    LaBSE, distiluse): the vectors are the pooled hidden states before it, not what the model's ``encode`` gives."""
+    modules_path = os.path.join(model_path, "modules.json")
+    if not os.path.isfile(modules_path):
+        return
+    modules = read_json_file(modules_path, "; the model directory is damaged")
+    dense = [str(m.get("path", "")) for m in (modules if isinstance(modules, list) else [])
+             if isinstance(m, dict) and str(m.get("type", "")).endswith(".Dense")]
+    if dense:
+        warnings.warn(
+            f"{modules_path}: lists Dense module(s) {dense}, which are not applied: the vectors are the model's "
+            "pooled hidden states (its hidden size), not the projected ones sentence-transformers' encode gives",
+            stacklevel=3,
+        )
+
+
 def directory_pooling(pooling: str, model_path: str) -> str:
     """``pooling``; for ``auto``, the pooling a sentence-transformers directory declares, when it declares one
-    computed here (:func:`sentence_transformers_pooling`), else ``auto`` (left to :func:`resolve_pooling`)."""
+    computed here (:func:`sentence_transformers_pooling`), else ``auto`` (left to :func:`resolve_pooling`).
+    Warns when the directory lists modules after pooling that are not applied (:func:`warn_of_modules_not_applied`)."""
+    warn_of_modules_not_applied(model_path)
     if pooling != "auto":
         return pooling
     return sentence_transformers_pooling(model_path) or pooling

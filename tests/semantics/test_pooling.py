@@ -132,6 +132,20 @@ def test_auto_pooling_reads_the_pooling_mode_newer_sentence_transformers_write(t
     assert TextEncoder(path).pooling == expected
 
 
+def test_a_dense_module_that_is_not_applied_is_warned_about(tiny_bert_dir, tmp_path) -> None:
+    """sentence-t5, LaBSE and distiluse project the pooled state with a Dense module that is not applied here:
+    their vectors silently differed from the model's own (another width, too)."""
+    path = copy_model_dir(tiny_bert_dir, tmp_path / "st")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
+    (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
+    with pytest.warns(UserWarning, match=r"modules\.json: lists Dense module\(s\) \['2_Dense'\], which are not "
+                                         r"applied: the vectors are the model's pooled hidden states"):
+        encoder = TextEncoder(path, pooling="mean")
+    assert encoder.dim == 32
+
+
 def test_dim_is_the_width_of_the_hidden_states(tmp_path) -> None:
     for name, model in (("opt", tiny_opt_projected()), ("gemma3", tiny_gemma3_multimodal())):
         encoder = TextEncoder(save_with_tokenizer(model, tmp_path / name))
