@@ -542,6 +542,20 @@ def test_extra_and_split_columns_take_their_types_from_the_whole_csv_not_its_fir
         assert _rows_of(schema, "note")[300] == "hello" and _rows_of(schema, "score")[310] == 3.5
 
 
+def test_a_row_of_another_column_count_is_named_when_a_column_changes_type_past_the_first_block(tmp_path):
+    """Reading the file again for the whole file's types failed at the row of 4 columns, so the error was the
+    type change ("'hello' is not a null like the column's first rows"), which converts, not the row that does not."""
+    path = tmp_path / "d.csv"
+    path.write_text("user,note,clicked\n" + "".join(
+        f"{i % 50},{'hello' if i == 1000 else ''},{i % 2}{',extra' if i == 1500 else ''}\n" for i in range(1600)))
+    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked", "extra_columns": ["note"],
+                                          "fields": [{"name": "user", "kind": "sparse", "cardinality": 100}]})
+    for block_bytes in (None, 2000):  # one block, and 'hello' past the first
+        config = TabularConfig() if block_bytes is None else TabularConfig(block_bytes=block_bytes)
+        with pytest.raises(DataError, match=r"d\.csv, line 1502: 4 columns, expected 3: '0,,0,extra'"):
+            prepare_tabular(str(path), schema_path, str(tmp_path / "out"), config)
+
+
 def test_a_dictionary_encoded_split_column_is_ranked_by_its_values(tmp_path):
     """pandas writes a category column as a Parquet dictionary, which Arrow cannot sort as it is."""
     order = np.random.default_rng(0).permutation(40)

@@ -67,12 +67,14 @@ class ColumnTypeChanged(DataError):
 def csv_column_types(path: str, columns: List[str], config: TabularConfig) -> Optional[Dict[str, pa.DataType]]:
     """The types pyarrow's CSV reader infers for ``columns`` over the whole CSV ``path`` (the streaming reader of
     :func:`read_blocks` infers them from the first block alone); None when the file cannot be read so (the
-    streaming reader names why). Holds those columns of every row in memory while it reads."""
+    streaming reader names why). A row of another column count is skipped here: the streaming reader, reading
+    with these types, names it. Holds those columns of every row in memory while it reads."""
     try:
         table = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=config.delimiter, newlines_in_values=True),
+            parse_options=pacsv.ParseOptions(delimiter=config.delimiter, newlines_in_values=True,
+                                             invalid_row_handler=lambda row: "skip"),
             convert_options=pacsv.ConvertOptions(include_columns=columns, strings_can_be_null=False),
         )
     except pa.ArrowException:
