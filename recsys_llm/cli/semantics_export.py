@@ -79,7 +79,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from recsys_llm.atomic_dir import check_replaceable
-    from recsys_llm.data.parquet_files import read_schema_and_check
+    from recsys_llm.data.parquet_files import parquet_files, read_schema_and_check
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.data.validation import check_labels, check_no_nulls
     from recsys_llm.semantics.ctr_llm import (
@@ -123,7 +123,8 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     split_path = schema.split_path(args.split)
     # as train reads it: a missing column or an empty file is named (no rows would save untrained heads)
     read_schema_and_check(schema, split_path)
-    table = pq.read_table(split_path, columns=[*renderer.field_names, schema.label], memory_map=True)
+    # a directory's *.parquet files (as train reads it), not a *.tmp a killed write left beside them
+    table = pq.read_table(parquet_files(split_path), columns=[*renderer.field_names, schema.label], memory_map=True)
     # as train reads them (BCEWithLogitsLoss takes a rating, and a null's NaN, without a word)
     label_column = table.column(schema.label).combine_chunks()
     check_no_nulls(split_path, schema.label, label_column, 0, "0 or 1")

@@ -224,3 +224,22 @@ def test_an_adapt_and_export_written_inside_the_model_directory_agree_and_resume
     capsys.readouterr()
     assert main(export) == 0, capsys.readouterr().err
     assert os.path.isfile(os.path.join(vectors, last))
+
+
+def test_adapt_reads_a_split_directory_s_parquet_files_only(tmp_path) -> None:
+    """A split directory is its *.parquet files (data.parquet_files), as train and export read it: a temp file a
+    killed write left beside them is no data, and adapt read the directory whole, failing on it with Arrow's
+    "magic bytes not found"."""
+    data = _data(str(tmp_path / "data"))
+    os.makedirs(os.path.join(data, "train"))
+    os.replace(os.path.join(data, "train.parquet"), os.path.join(data, "train", "part-0.parquet"))
+    with open(os.path.join(data, "train", "part-1.parquet.0123abcd.tmp"), "wb") as handle:
+        handle.write(b"PAR1 cut short")
+    schema = DatasetSchema.load(os.path.join(data, "schema.json"))
+    schema.splits["train"] = "train"
+    schema.save(os.path.join(data, "schema.json"))
+    llm = str(tmp_path / "llm")
+    assert main(["semantics", "adapt", "--schema", data, "--output-dir", llm, "--model",
+                 save_tiny_bert(str(tmp_path / "bert")), "--tuning", "heads", "--representation-dim", "4",
+                 "--hidden-dim", "8", "--batch-size", "8"]) == 0
+    assert os.path.isfile(os.path.join(llm, "heads.safetensors"))
