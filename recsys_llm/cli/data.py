@@ -118,7 +118,7 @@ def _config(args: argparse.Namespace):
                          label_threshold=args.label_threshold, fill_missing_dense=args.fill_missing_dense,
                          sequence_separator=args.sequence_separator, delimiter=args.delimiter,
                          rows_per_group=args.rows_per_group, missing_tokens=("",) + tuple(args.missing_token),
-                         vocabulary_fields=tuple(args.vocabulary))
+                         vocabulary_fields=tuple(args.vocabulary), hash_fields=tuple(args.hash))
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -198,6 +198,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="map this sparse/sequence field through a vocabulary built from the data even when "
                               "its values are (mostly) integers, e.g. zip codes (repeatable) (default: none: "
                               "integer values are ids as they are)")
+    tabular.add_argument("--hash", action="append", default=[], metavar="FIELD",
+                         help="hash the values of this \"hashed\": true field as text even when every value is an "
+                              "integer, so that one non-integer value in other data cannot switch every id of the "
+                              "field (repeatable) (default: none: a hashed field whose values are all integers takes "
+                              "them as ids, folded modulo its cardinality; one other value hashes them all)")
 
     for parser in (synthetic, movielens, criteo, tabular):
         show_defaults(parser)  # their --help shows every default, as the semantics group's does

@@ -37,11 +37,15 @@ class PrepareReport:
         schema (DatasetSchema): the written schema (``schema.root`` is the output directory).
         rows (Dict[str, int]): rows per split.
         click_rate (Dict[str, float]): mean label per split.
+        field_ways (Dict[str, str]): ``prepare tabular``'s way of each sparse and sequence field's ids
+            (:func:`~recsys_llm.data.tabular.convert.field_way`), which ``schema.json`` does not record;
+            empty for the other sources.
     """
 
     schema: DatasetSchema
     rows: Dict[str, int]
     click_rate: Dict[str, float]
+    field_ways: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         """A short human-readable table of splits and fields."""
@@ -51,7 +55,8 @@ class PrepareReport:
         for spec in self.schema.fields:
             size = f"{spec.cardinality:,d}{' (hashed)' if spec.hashed else ''}" if spec.is_categorical else "-"
             text = "  text" if spec.value_text else ""
-            lines.append(f"  {spec.name:<20} {spec.kind.value:<8} {size:>20}{text}  {spec.description}")
+            way = f"  ids: {self.field_ways[spec.name]}" if spec.name in self.field_ways else ""
+            lines.append(f"  {spec.name:<20} {spec.kind.value:<8} {size:>20}{text}{way}  {spec.description}")
         return "\n".join(lines)
 
 
@@ -91,6 +96,7 @@ def prepare_dataset(
         report = prepare_dataset("movielens", "data/ml-100k", input_path="../shared/data/ml-100k")
         print(report.summary())
     """
+    field_ways: Dict[str, str] = {}
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     if source != "synthetic" and not input_path:
@@ -113,8 +119,8 @@ def prepare_dataset(
         if not schema_path:
             raise ValueError("prepare tabular needs a schema file (JSON/YAML) describing the fields")
         schema = prepare_tabular(input_path, schema_path, out_dir, _source_config(source, config, TabularConfig),
-                                 progress=progress)
-    return check_prepared(schema)
+                                 progress=progress, field_ways=field_ways)
+    return dataclasses.replace(check_prepared(schema), field_ways=field_ways)
 
 
 def _source_config(source: str, config: Optional[SourceConfig], expected: Type[C]) -> Optional[C]:

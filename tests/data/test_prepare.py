@@ -238,3 +238,22 @@ def test_an_empty_sequence_separator_is_named_by_its_flag(tmp_path, capsys):
     assert "argument --sequence-separator: expected a non-empty separator of sequence tokens, e.g. '|', got ''" in \
         capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_prepare_tabular_reports_the_way_of_each_field_and_takes_hash(tmp_path, capsys):
+    """Whether a hashed field's integers were ids or hashed as text depends on the data; the report says which."""
+    (tmp_path / "d.csv").write_text("u,q,clicked\n" + "".join(f"{i % 4},{100 + i},{i % 2}\n" for i in range(40)))
+    (tmp_path / "s.json").write_text(json.dumps({"name": "t", "label": "clicked",
+                                                 "fields": [{"name": "u", "kind": "sparse", "cardinality": 5},
+                                                            {"name": "q", "kind": "sparse", "cardinality": 20,
+                                                             "hashed": True}]}))
+    args = ["prepare", "tabular", "--input", str(tmp_path / "d.csv"), "--schema", str(tmp_path / "s.json"), "--quiet"]
+    assert _run(args + ["--out", str(tmp_path / "ids")]) == 0
+    printed = capsys.readouterr().out
+    assert "ids: integer ids  " in printed and "ids: integer ids mod 20" in printed
+    assert _run(args + ["--out", str(tmp_path / "hashed"), "--hash", "q"]) == 0
+    assert "ids: hashed text (--hash)" in capsys.readouterr().out
+    assert _run(args + ["--out", str(tmp_path / "no"), "--hash", "u"]) == 2
+    assert "--hash u (TabularConfig.hash_fields): field 'u' is not hashed in" in capsys.readouterr().err
+    report = prepare_dataset("synthetic", str(tmp_path / "syn"), config=SyntheticConfig(num_rows=100), progress=False)
+    assert report.field_ways == {} and "ids:" not in report.summary()

@@ -1048,3 +1048,92 @@ def test_a_nan_label_is_an_error_with_a_label_threshold_too(tmp_path):
     pq.write_table(table.set_column(table.column_names.index("clicked"), "clicked", labels), data)
     with pytest.raises(DataError, match=r"d\.parquet: column 'clicked', row 2: label nan is not a number"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(label_threshold=3))
+
+
+def _coded(tmp_path, codes):
+    """A CSV ``user,code,price,clicked`` whose ``code`` (position 1 of 3 fields) is a hashed sparse field of 50 ids;
+    returns (data, schema) paths."""
+    lines = ["user,code,price,clicked"] + [f"{i % 7},{c},0.5,{i % 2}" for i, c in enumerate(codes)]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    raw = {"name": "t", "label": "clicked",
+           "fields": [{"name": "user", "kind": "sparse", "cardinality": 10},
+                      {"name": "code", "kind": "sparse", "cardinality": 50, "hashed": True},
+                      {"name": "price", "kind": "dense"}]}
+    return str(tmp_path / "d.csv"), _schema_file(tmp_path, raw)
+
+
+def _ids_by_code(schema, codes):
+    """{code value: id} read back from the prepared splits (rows matched by their row_id)."""
+    rows = {name: _all(schema, name) for name in ("row_id", "code")}
+    return {codes[int(r)]: int(i) for r, i in zip(rows["row_id"], rows["code"])}
+
+
+def test_hash_fields_hash_an_all_integer_hashed_column_as_docs_usage_computes(tmp_path):
+    """Without --hash, a hashed field whose values are all integers takes them as ids (mod cardinality), and
+    one non-integer value in other data switches every id to a hash of the text; --hash makes it the hash
+    always, the ids docs/usage.md's recipe computes (hash_strings of the trimmed text, salt = field position)."""
+    from recsys_llm.data.hashing import hash_strings
+
+    codes = [str(1000 + 37 * i) for i in range(60)]
+    data, schema_path = _coded(tmp_path, codes)
+    plain = prepare_tabular(data, schema_path, str(tmp_path / "plain"))
+    assert _ids_by_code(plain, codes) == {c: int(c) % 50 for c in codes}
+    ways = {}
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(hash_fields=("code",)),
+                             field_ways=ways)
+    expected = hash_strings(pa.array(codes, pa.string()), 50, salt=[f.name for f in schema.fields].index("code"))
+    assert _ids_by_code(schema, codes) == dict(zip(codes, expected.tolist()))
+    assert ways == {"user": "integer ids", "code": "hashed text (--hash)"}
+    # the same ids from a Parquet column of integers, and from data holding one non-integer value
+    pq.write_table(pa.table({"user": [i % 7 for i in range(60)], "code": [int(c) for c in codes],
+                             "price": [0.5] * 60, "clicked": [i % 2 for i in range(60)]}), tmp_path / "d.parquet")
+    from_parquet = prepare_tabular(str(tmp_path / "d.parquet"), schema_path, str(tmp_path / "pq"),
+                                   TabularConfig(hash_fields=("code",)))
+    assert _ids_by_code(from_parquet, codes) == dict(zip(codes, expected.tolist()))
+    data, _ = _coded(tmp_path, codes[:-1] + ["x7"])
+    mixed = prepare_tabular(data, schema_path, str(tmp_path / "mixed"), TabularConfig(hash_fields=("code",)))
+    assert {c: i for c, i in _ids_by_code(mixed, codes[:-1] + ["x7"]).items() if c != "x7"} == \
+        dict(zip(codes[:-1], expected[:-1].tolist()))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(hash_fields=("user",)), r"^--hash user \(TabularConfig\.hash_fields\): field 'user' is not hashed in "
+                                           r".*schema\.json; expected \"hashed\": true"),
+    (dict(hash_fields=("price",)), r"^--hash price \(TabularConfig\.hash_fields\): .*schema\.json has no sparse "
+                                            r"or sequence field 'price'"),
+    (dict(hash_fields=("code",), vocabulary_fields=("code",)),
+     r"^--hash code \(TabularConfig\.hash_fields\): field 'code' is also in --vocabulary"),
+], ids=["not-hashed", "not-a-field", "also-vocabulary"])
+def test_hash_fields_must_name_a_hashed_field_not_also_in_vocabulary_fields(tmp_path, options, message):
+    data, schema_path = _coded(tmp_path, [str(i) for i in range(40)])
+    with pytest.raises(ValueError, match=message):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(**options))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"TabularConfig\.hash_fields='code': expected a tuple of strings"):
+        TabularConfig(hash_fields="code")
+
+
+def test_field_ways_name_the_way_each_field_took(tmp_path):
+    """The prepared schema.json does not say whether a hashed field's values were ids or hashed text."""
+    data, schema_path = _coded(tmp_path, [str(i) for i in range(39)] + ["x"])
+    ways = {}
+    prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(vocabulary_fields=("user",)), field_ways=ways)
+    assert ways == {"user": "vocabulary (--vocabulary)", "code": "hashed text"}
+    data, schema_path = _coded(tmp_path, [str(i) for i in range(40)])
+    prepare_tabular(data, schema_path, str(tmp_path / "out"), field_ways=ways)
+    assert ways == {"user": "integer ids", "code": "integer ids mod 50"}
+
+
+def test_hash_fields_hash_a_parquet_directory_mixing_integer_and_string_ids_as_text(tmp_path):
+    """Files of integer ids and files of strings in one hashed field: refused (naming --hash), or hashed as text."""
+    from recsys_llm.data.hashing import hash_strings
+
+    fields = [{"name": "city", "kind": "sparse", "cardinality": 10, "hashed": True}]
+    parts = [{"city": pa.array([1, 2] * 20)}, {"city": pa.array(["paris", "1"] * 20)}]
+    data, schema_path = _parquet_case(tmp_path, parts, fields, name="dir")
+    with pytest.raises(DataError, match=r"dir: column 'city' has type string .* \(write the column with one type, or "
+                                        r"pass --hash city \(TabularConfig\.hash_fields\)"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(hash_fields=("city",)))
+    one, two, paris = hash_strings(pa.array(["1", "2", "paris"]), 10, salt=0).tolist()
+    assert _rows_of(schema, "city")[:2] + _rows_of(schema, "city")[40:42] == [one, two, paris, one]

@@ -35,6 +35,9 @@ class TabularConfig:
         vocabulary_fields (Tuple[str, ...]): categorical fields whose values are mapped through
             a vocabulary built from the data even when they are (mostly) integers, e.g. zip codes.
             Without it, a column of integer ids with a few other values is an error.
+        hash_fields (Tuple[str, ...]): ``hashed`` fields whose values are hashed as text even when
+            every value is an integer (which would otherwise be taken as ids, folded modulo the
+            cardinality), so one non-integer value in new data cannot switch every id of the field.
     """
 
     split_by: Optional[str] = None
@@ -48,6 +51,7 @@ class TabularConfig:
     block_bytes: int = 16 << 20
     missing_tokens: Tuple[str, ...] = ("",)
     vocabulary_fields: Tuple[str, ...] = ()
+    hash_fields: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_split_fractions(self.split_fractions, "TabularConfig.split_fractions")
@@ -60,7 +64,7 @@ class TabularConfig:
             raise ValueError(f"TabularConfig.sequence_separator={self.sequence_separator!r}: expected a non-empty string")
         if not isinstance(self.delimiter, str) or len(self.delimiter) != 1:
             raise ValueError(f"TabularConfig.delimiter={self.delimiter!r}: expected one character, e.g. ',' or '\\t'")
-        for option in ("missing_tokens", "vocabulary_fields"):
+        for option in ("missing_tokens", "vocabulary_fields", "hash_fields"):
             value = getattr(self, option)
             if isinstance(value, str) or not all(isinstance(t, str) for t in value):
                 raise ValueError(f"TabularConfig.{option}={value!r}: expected a tuple of strings, e.g. ('', 'NA')")

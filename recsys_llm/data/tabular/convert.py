@@ -42,6 +42,7 @@ def prepare_tabular(
     out_dir: str,
     config: Optional[TabularConfig] = None,
     progress: bool = False,
+    field_ways: Optional[Dict[str, str]] = None,
 ) -> DatasetSchema:
     """Converts a user's CSV/Parquet data with a user-written schema into validated splits.
 
@@ -57,6 +58,8 @@ def prepare_tabular(
             absent, empty or an earlier prepared data set.
         config (Optional[TabularConfig]): split and parsing options.
         progress (bool): show a tqdm bar over rows.
+        field_ways (Optional[Dict[str, str]]): when given, filled with the way each sparse and sequence
+            field's values became ids (:func:`field_way`), which the prepared schema does not record.
 
     Returns:
         DatasetSchema: the written schema.
@@ -90,6 +93,19 @@ def prepare_tabular(
                           "of its own holding a unique integer per row")
     if user_schema.row_key in user_schema.extra_columns:  # written once, as the row key
         user_schema.extra_columns = [c for c in user_schema.extra_columns if c != user_schema.row_key]
+    for name in config.hash_fields:
+        spec = next((f for f in user_schema.categorical_fields if f.name == name), None)
+        if spec is None:
+            raise ValueError(f"--hash {name} (TabularConfig.hash_fields): {schema_path} has no sparse or sequence "
+                             f"field {name!r}; its categorical fields: {user_schema.sparse_feature_names}")
+        if not spec.hashed:
+            raise ValueError(f"--hash {name} (TabularConfig.hash_fields): field {name!r} is not hashed in "
+                             f"{schema_path}; expected \"hashed\": true for it in the schema (its table then takes "
+                             "ids hashed into its cardinality)")
+        if name in config.vocabulary_fields:
+            raise ValueError(f"--hash {name} (TabularConfig.hash_fields): field {name!r} is also in --vocabulary "
+                             "(TabularConfig.vocabulary_fields); a field is either hashed or mapped through a "
+                             "vocabulary (drop one of the two)")
     for name in config.vocabulary_fields:
         spec = next((f for f in user_schema.categorical_fields if f.name == name), None)
         if spec is None:
@@ -105,10 +121,28 @@ def prepare_tabular(
     value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
     # checked before any row is read, and written into the prepared directory as checked
     user_texts = {spec.name: _user_value_text(user_schema, spec.name) for spec in user_schema.fields if spec.value_text}
-    return write_prepared(
+    plans: Dict[str, FieldPlan] = {}
+    schema = write_prepared(
         out_dir, data_path, [data_path, schema_path] + value_texts,
-        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, user_texts, row_key_named),
+        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, user_texts, row_key_named,
+                             plans),
     )
+    if field_ways is not None:
+        field_ways.update({spec.name: field_way(spec, plans[spec.name], config)
+                           for spec in user_schema.categorical_fields})
+    return schema
+
+
+def field_way(spec: FieldSpec, plan: FieldPlan, config: TabularConfig) -> str:
+    """How the values of categorical field ``spec`` became ids under ``plan`` (for the prepare report):
+    ``vocabulary``, ``hashed text`` (:func:`~recsys_llm.data.hashing.hash_strings`), ``integer ids``
+    or, for a hashed field, ``integer ids mod <cardinality>``; ``(--vocabulary)`` or ``(--hash)``
+    when an option asked for it."""
+    if plan.mode == "vocab":
+        return "vocabulary" + (" (--vocabulary)" if spec.name in config.vocabulary_fields else "")
+    if plan.mode == "hash":
+        return "hashed text" + (" (--hash)" if spec.name in config.hash_fields else "")
+    return f"integer ids mod {spec.cardinality}" if spec.hashed else "integer ids"
 
 
 def _convert(
@@ -120,9 +154,11 @@ def _convert(
     progress: bool,
     user_texts: Dict[str, pa.Table],
     row_key_named: bool = False,
+    plans_out: Optional[Dict[str, FieldPlan]] = None,
 ) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved).
-    ``user_texts``: per field with its own value-text file, that file as :func:`_user_value_text` checked it."""
+    ``user_texts``: per field with its own value-text file, that file as :func:`_user_value_text` checked it;
+    ``plans_out``: when given, filled with each categorical field's plan."""
     available = source_columns(data_path, config)
     wanted = [f.name for f in user_schema.fields] + [user_schema.label] + list(user_schema.extra_columns)
     missing = [c for c in wanted if c not in available]
@@ -161,6 +197,8 @@ def _convert(
         if column_types is None:
             raise
         plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key, column_types)
+    if plans_out is not None:
+        plans_out.update(plans)
     for spec in user_schema.fields:
         if spec.value_text and plans[spec.name].mode == "vocab":
             vocabulary = plans[spec.name].vocabulary

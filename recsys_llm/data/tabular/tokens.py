@@ -65,11 +65,12 @@ def _check_token_column(path: str, spec: FieldSpec, dtype: pa.DataType, separato
 def _check_parquet_types(path: str, schema: DatasetSchema, config: TabularConfig, columns: List[str]) -> Dict[str, str]:
     """Checks the footer of every Parquet file of ``path``: the ``columns``, and categorical columns
     of a type that fits their field and of one token type in every file (``"integer"`` ids or
-    ``"string"`` tokens; a ``vocabulary_fields`` field may mix them: its values are read as text).
+    ``"string"`` tokens; a ``vocabulary_fields`` or ``hash_fields`` field may mix them: its values are
+    read as text).
 
     Returns:
         Dict[str, str]: the token type of every categorical field: ``"integer"``, ``"string"`` or
-        ``"mixed"`` (a ``vocabulary_fields`` field whose files differ).
+        ``"mixed"`` (a ``vocabulary_fields`` or ``hash_fields`` field whose files differ).
     """
     files = parquet_files(path)
     first: Dict[str, Tuple[str, pa.DataType, str]] = {}  # field -> (token type, Arrow type, file) of its first file
@@ -90,10 +91,11 @@ def _check_parquet_types(path: str, schema: DatasetSchema, config: TabularConfig
             kind = _token_type(dtype)
             first_kind, first_type, first_file = first.setdefault(spec.name, (kind, dtype, file_path))
             kinds[spec.name] = kinds.get(spec.name, kind) if kind == first_kind else "mixed"
-            if kind == first_kind or spec.name in config.vocabulary_fields:
+            if kind == first_kind or spec.name in config.vocabulary_fields or spec.name in config.hash_fields:
                 continue
-            hint = "" if spec.hashed else (f", or pass --vocabulary {spec.name} (TabularConfig.vocabulary_fields) to "
-                                            "read every value as text through a vocabulary")
+            hint = (f", or pass --hash {spec.name} (TabularConfig.hash_fields) to hash every value as text"
+                    if spec.hashed else f", or pass --vocabulary {spec.name} (TabularConfig.vocabulary_fields) to "
+                    "read every value as text through a vocabulary")
             raise DataError(
                 f"{path}: column {spec.name!r} has type {dtype} ({_TOKEN_WORDS[kind]}) in {file_path} but {first_type} "
                 f"({_TOKEN_WORDS[first_kind]}) in {first_file}; expected integer ids in every file or string tokens in "
@@ -257,7 +259,7 @@ def plan_fields(
 
     Parquet sources get their footers checked first (:func:`_check_parquet_types`); the pass is
     skipped (integer ids everywhere, random split) when their categorical columns are all of
-    integer (or floating) type in every file.
+    integer (or floating) type in every file. A ``hash_fields`` field is hashed whatever its values.
 
     Raises:
         DataError: a column of integer ids with a few other values (``3.5``, ``bob``), naming the
@@ -265,17 +267,20 @@ def plan_fields(
             Parquet column of a type that does not fit its field, or of integer ids in one file
             and string tokens in another.
     """
-    forced = set(config.vocabulary_fields)
+    forced, hashed = set(config.vocabulary_fields), set(config.hash_fields)
+    plans = {spec.name: FieldPlan("hash" if spec.name in hashed else "ids") for spec in schema.categorical_fields}
     if is_parquet(path):
         kinds = _check_parquet_types(path, schema, config, columns)
         if not config.split_by and not forced and all(kinds[s.name] == "integer" for s in schema.categorical_fields):
-            return {spec.name: FieldPlan("ids") for spec in schema.categorical_fields}, None
+            return plans, None
     string_fields: Dict[str, FieldSpec] = {}
     counts: Dict[str, _TokenCounts] = {}
     split_values: List[pa.Array] = []
     for file_path, row, block in read_blocks(path, schema, columns, config, row_key, column_types):
         for spec in schema.categorical_fields:
             flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row)
+            if spec.name in hashed:  # read for its UTF-8 check only: the field is hashed whatever its values
+                continue
             if pa.types.is_integer(flat.type):
                 if spec.name not in forced:
                     continue
@@ -284,7 +289,6 @@ def plan_fields(
             _count_tokens(counts.setdefault(spec.name, _TokenCounts()), flat, lengths, file_path, row)
         if config.split_by:
             split_values.append(block.column(config.split_by))
-    plans = {spec.name: FieldPlan("ids") for spec in schema.categorical_fields}
     for name, spec in string_fields.items():
         count = counts[name]
         markers = count.not_integer & NULL_MARKERS
@@ -329,6 +333,8 @@ def token_ids(flat: pa.Array, plan: FieldPlan, spec: FieldSpec, salt: int) -> np
     whose values above ``2**63 - 1`` :func:`~recsys_llm.data.validation.check_ids` names as they
     are (or folds, for a hashed field) rather than letting them wrap to negative ids."""
     if plan.mode == "hash":
+        if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
+            flat = pc.cast(flat, pa.string())  # integer ids hashed as their text (hash_fields)
         return hash_strings(flat, spec.cardinality, salt=salt)
     if plan.mode == "vocab":
         if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
