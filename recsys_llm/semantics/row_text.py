@@ -144,7 +144,8 @@ class RowTextRenderer:
         value or id is written ``unknown``; an empty or null sequence ``none``.
         """
         if spec.kind == FieldKind.DENSE:
-            rounded = pc.round(pc.cast(column, pa.float64()), ndigits=self._config.dense_decimals)
+            # unsafe: an integer above 2**53 (a timestamp in ns) is its nearest float, as training reads it
+            rounded = pc.round(pc.cast(column, pa.float64(), safe=False), ndigits=self._config.dense_decimals)
             return pc.fill_null(pc.cast(rounded, pa.string()), NULL_TEXT)
         if spec.kind == FieldKind.SPARSE:
             return pa.chunked_array([self._id_text(spec, chunk) for chunk in column.chunks], type=pa.string())

@@ -53,6 +53,13 @@ class TestRowTextRenderer:
         assert texts == ["user name is unknown. item id is 1. genres is Drama, unknown. age is 1.",
                          "user name is Alice. item id is unknown. genres is unknown. age is unknown."]
 
+    def test_an_integer_dense_value_beyond_2_to_the_53_is_written_as_a_number(self, tmp_path):
+        """An int64 dense column (training takes it, as float32) holding a value above 2**53 (a timestamp in
+        nanoseconds) failed in Arrow's cast ('Integer value ... not in range'), naming neither field nor file."""
+        table = pa.table({"age": pa.array([1_700_000_000_123_456_789, 7], pa.int64())})
+        texts = RowTextRenderer(make_schema(str(tmp_path)), RowTextConfig(fields=["age"])).render(table).to_pylist()
+        assert texts == ["age is 1.7000000001234568e+18.", "age is 7."]
+
     def test_a_value_ending_its_own_sentence_keeps_one_full_stop(self, tmp_path):
         schema = make_schema(str(tmp_path))
         pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Acme Inc.", "Help!", "a.b"]}),
