@@ -48,6 +48,19 @@ def check_row_template(template: Any, what: str) -> None:
         raise SchemaError(f"{what} needs exactly one '{{value}}': {template!r}")
 
 
+def check_entity_fields(fields: Optional[List[str]]) -> None:
+    """Refuses entity text fields (``semantics export --entity-fields``) that name a field more than once
+    (its sentence would be written twice, or its column read twice).
+
+    Raises:
+        SchemaError: naming the fields, the option and the repeated names.
+    """
+    twice = sorted({name for name in fields or [] if fields.count(name) > 1})
+    if twice:
+        raise SchemaError(f"entity text fields {fields} (semantics export --entity-fields) name "
+                          f"{', '.join(map(repr, twice))} more than once; name each field once")
+
+
 @dataclasses.dataclass
 class RowTextConfig:
     """How a row is written.
@@ -223,6 +236,7 @@ class RowTextRenderer:
         key_spec = self._schema.field(key_field)
         if key_spec.kind != FieldKind.SPARSE:
             raise SchemaError(f"entity key {key_field!r} must be a sparse field, it is {key_spec.kind.value}")
+        check_entity_fields(fields)
         fields = fields or [key_field]
         specs = [self._schema.field(n) for n in fields]
         others = [n for n in fields if n != key_field]

@@ -62,7 +62,7 @@ from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.progress import interval_options
-from recsys_llm.semantics.row_text import RowTextRenderer
+from recsys_llm.semantics.row_text import RowTextRenderer, check_entity_fields
 from recsys_llm.semantics.vector_projection import load_projection
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
@@ -713,8 +713,9 @@ def export_rows(
 
     Raises:
         ValueError: an unknown granularity, a schema without a row key (``row``), a missing,
-            non-sparse or hashed entity field or an entity text field the schema lacks (``entity``), a split
-            that is neither a split of the schema nor a Parquet path, or a file without a column.
+            non-sparse or hashed entity field or an entity text field the schema lacks or that is named
+            twice (``entity``), a split that is neither a split of the schema nor a Parquet path, or a
+            file without a column.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -740,6 +741,7 @@ def export_rows(
             "its cardinality, so one table row stands for several entities and no entity table holds one vector "
             "per id; export per-row vectors for it (--granularity row), or name a field that is not hashed"
         )
+    check_entity_fields(entity_fields)
     for name in entity_fields or []:
         schema.field(name)  # a column that is no field (the label) has no description to write
     columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))

@@ -402,6 +402,8 @@ def test_a_bad_export_setting_is_named_before_the_llm_loads(tmp_path, tiny_schem
                                                              "is a dense field"),
     (["--granularity", "entity", "--entity-field", "color", "--entity-fields", "color", "label"],
      "schema 'tiny' has no field 'label'"),
+    (["--granularity", "entity", "--entity-field", "color", "--entity-fields", "color", "price", "price"],
+     "entity text fields ['color', 'price', 'price'] (semantics export --entity-fields) name 'price' more than once"),
 ])
 def test_the_splits_and_fields_an_export_reads_are_checked_before_the_llm_loads(tmp_path, tiny_schema, capsys,
                                                                                 monkeypatch, flags, expected) -> None:

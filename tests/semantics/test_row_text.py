@@ -110,6 +110,15 @@ class TestRowTextRenderer:
         users = renderer.entity_text(rows(), "user_id").column("text").to_pylist()
         assert users == ["user name is Alice.", "user name is Bob.", "user name is Carl.", "user name is 5."]
 
+    def test_an_entity_text_field_named_twice_is_refused_naming_it(self, tmp_path):
+        """`--entity-fields item_id genres genres` failed, after the LLM had loaded, with pyarrow's KeyError
+        ('Field "genres" exists 2 times in schema'); `--entity-fields item_id item_id` wrote the sentence twice."""
+        renderer = RowTextRenderer(make_schema(str(tmp_path)))
+        for fields, twice in ((["item_id", "genres", "genres"], "'genres'"), (["item_id", "item_id"], "'item_id'")):
+            with pytest.raises(SchemaError, match=rf"^entity text fields .* \(semantics export --entity-fields\) "
+                                                  rf"name {twice} more than once; name each field once$"):
+                renderer.entity_text(rows(), "item_id", fields)
+
 
 class TestRowTextConfig:
     """A template is filled by replacing {description} and {value}: any other {...} would reach the LLM."""
