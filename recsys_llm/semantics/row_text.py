@@ -153,7 +153,8 @@ class RowTextRenderer:
         """The value text of one column: (N,) strings.
 
         Sparse ids are mapped through the value-text file (or written as numbers when the
-        field has none); sequences join the texts of their ids; dense values are rounded. A null
+        field has none); sequences join the texts of their first ``max_length`` ids (all without
+        one), as training reads them; dense values are rounded. A null
         value or id is written ``unknown``; an empty or null sequence ``none``.
         """
         if spec.kind == FieldKind.DENSE:
@@ -164,6 +165,8 @@ class RowTextRenderer:
             return pa.chunked_array([self._id_text(spec, chunk) for chunk in column.chunks], type=pa.string())
         chunks = []
         for chunk in column.chunks:  # list<int64>
+            if spec.max_length:  # its first max_length ids, as training and serving read it
+                chunk = pc.list_slice(chunk, 0, spec.max_length)
             lengths = pc.fill_null(pc.list_value_length(chunk), 0).to_numpy(zero_copy_only=False)
             offsets = offsets_from_lengths(lengths).astype(np.int32)
             texts = self._id_text(spec, pc.list_flatten(chunk))

@@ -60,6 +60,14 @@ class TestRowTextRenderer:
         texts = RowTextRenderer(make_schema(str(tmp_path)), RowTextConfig(fields=["age"])).render(table).to_pylist()
         assert texts == ["age is 1.7000000001234568e+18.", "age is 7."]
 
+    def test_a_sequence_is_written_up_to_its_max_length_as_training_reads_it(self, tmp_path):
+        """A list longer than the field's max_length (prepare keeps it; training and serving read its first
+        max_length ids) was written whole: the text named ids the model never sees, and a long one pushed the
+        fields after it past --max-length tokens."""
+        table = pa.table({"genres": pa.array([[2, 1, 0, 1, 2], [1], None], pa.list_(pa.int64()))})
+        texts = RowTextRenderer(make_schema(str(tmp_path)), RowTextConfig(fields=["genres"])).render(table)
+        assert texts.to_pylist() == ["genres is Horror, Comedy, Drama.", "genres is Comedy.", "genres is none."]
+
     def test_a_value_ending_its_own_sentence_keeps_one_full_stop(self, tmp_path):
         schema = make_schema(str(tmp_path))
         pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Acme Inc.", "Help!", "a.b"]}),
