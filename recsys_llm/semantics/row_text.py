@@ -129,7 +129,8 @@ class RowTextRenderer:
             self._value_table(spec)
 
     def _value_table(self, spec: FieldSpec) -> Optional[pa.Table]:
-        """The value text of a sparse or sequence field as ``id`` (int64), ``text`` (string); None without one."""
+        """The value text of a sparse or sequence field as ``id`` (int64), ``text`` (string, null where the file's
+        is blank); None without one."""
         if spec.name not in self._value_text:
             table = self._schema.load_value_text(spec.name) if spec.is_categorical else None
             if table is not None:
@@ -137,7 +138,10 @@ class RowTextRenderer:
                 if not pa.types.is_integer(ids.type):
                     raise SchemaError(
                         f"{self._schema.value_text_path(spec.name)}: column 'id' must be int64, got {ids.type}")
-                table = pa.table({"id": pc.cast(ids, pa.int64()), "text": pc.cast(table.column("text"), pa.string())})
+                text = pc.cast(table.column("text"), pa.string())
+                # a blank text ("", " ") is none: the id is then written as one without value text
+                text = pc.if_else(pc.equal(pc.utf8_trim_whitespace(text), ""), pa.scalar(None, pa.string()), text)
+                table = pa.table({"id": pc.cast(ids, pa.int64()), "text": text})
             self._value_text[spec.name] = table
         return self._value_text[spec.name]
 

@@ -68,6 +68,18 @@ class TestRowTextRenderer:
         texts = RowTextRenderer(make_schema(str(tmp_path)), RowTextConfig(fields=["genres"])).render(table)
         assert texts.to_pylist() == ["genres is Horror, Comedy, Drama.", "genres is Comedy.", "genres is none."]
 
+    def test_a_blank_value_text_is_an_id_without_value_text(self, tmp_path):
+        """An empty or blank text in a value-text file (prepare accepts it) was written as it was: 'user name is .',
+        a sentence without a value (SSFT's value sampling already skips such texts)."""
+        schema = make_schema(str(tmp_path))
+        pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["", " \t", "Carl"]}),
+                       os.path.join(str(tmp_path), "text", "user.parquet"))
+        table = pa.table({"user_id": pa.array([0, 1, 2], pa.int64())})
+        texts = RowTextRenderer(schema, RowTextConfig(fields=["user_id"])).render(table).to_pylist()
+        assert texts == ["user name is 0.", "user name is 1.", "user name is Carl."]
+        config = RowTextConfig(fields=["user_id"], missing_value="n/a")
+        assert RowTextRenderer(schema, config).render(table).to_pylist()[:2] == ["user name is n/a.", "user name is n/a."]
+
     def test_a_value_ending_its_own_sentence_keeps_one_full_stop(self, tmp_path):
         schema = make_schema(str(tmp_path))
         pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Acme Inc.", "Help!", "a.b"]}),
