@@ -67,8 +67,8 @@ class RowTextConfig:
 
     Args:
         template (str): one sentence per field; ``{description}`` is the field description
-            (the field name when empty) and ``{value}`` its value text (exactly once); no other
-            placeholder is allowed.
+            (without surrounding spaces; the field name when blank) and ``{value}`` its value text
+            (exactly once); no other placeholder is allowed.
         separator (str): between sentences.
         fields (Optional[List[str]]): fields to render, in order; None renders all fields.
         dense_decimals (int): dense values are rounded to this many decimals.
@@ -197,7 +197,7 @@ class RowTextRenderer:
     def sentence(self, spec: FieldSpec, column: pa.ChunkedArray) -> pa.ChunkedArray:
         """``template`` applied to every value of the column: (N,) strings."""
         template = self._config.template_for(spec.name)
-        description = spec.description or spec.name
+        description = spec.description.strip() or spec.name  # as LLaCTR's field text reads it
         prefix, suffix = template.split("{value}")
         prefix = prefix.replace("{description}", description)
         suffix = suffix.replace("{description}", description)

@@ -80,6 +80,15 @@ class TestRowTextRenderer:
         config = RowTextConfig(fields=["user_id"], missing_value="n/a")
         assert RowTextRenderer(schema, config).render(table).to_pylist()[:2] == ["user name is n/a.", "user name is n/a."]
 
+    def test_a_description_is_written_without_surrounding_spaces_and_a_blank_one_is_the_name(self, tmp_path):
+        """A YAML block description ('description: >' ends in a newline) was written as it was ('user name\\n is
+        Alice.'), and a blank one gave ' is 3.'; LLaCTR's field text strips it and takes the name for a blank one."""
+        schema = make_schema(str(tmp_path))
+        schema.fields[0] = dataclasses.replace(schema.fields[0], description="user name\n")
+        schema.fields[1] = dataclasses.replace(schema.fields[1], description="  ")
+        texts = RowTextRenderer(schema, RowTextConfig(fields=["user_id", "item_id"])).render(rows()).to_pylist()
+        assert texts[0] == "user name is Alice. item_id is 3."
+
     def test_a_value_ending_its_own_sentence_keeps_one_full_stop(self, tmp_path):
         schema = make_schema(str(tmp_path))
         pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Acme Inc.", "Help!", "a.b"]}),
