@@ -32,7 +32,7 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 def check_row_template(template: Any, what: str) -> None:
     """Refuses a row-text template with other placeholders than ``{description}`` and ``{value}``,
-    or without exactly one ``{value}`` (templates are filled by plain replacement, not
+    another brace, or without exactly one ``{value}`` (templates are filled by plain replacement, not
     ``str.format``: any other ``{...}`` would reach the LLM literally).
 
     Raises:
@@ -44,6 +44,10 @@ def check_row_template(template: Any, what: str) -> None:
     if unknown:
         names = ", ".join("{" + name + "}" for name in unknown)
         raise SchemaError(f"{what} {template!r}: unknown placeholder {names}; use {{description}} and {{value}}")
+    rest = _PLACEHOLDER.sub("", template)
+    if "{" in rest or "}" in rest:  # a placeholder missing a brace would reach the LLM literally
+        raise SchemaError(f"{what} {template!r}: unmatched '{{' or '}}' outside {{description}} and {{value}}; "
+                          "a template holds no other braces")
     if template.count("{value}") != 1:
         raise SchemaError(f"{what} needs exactly one '{{value}}': {template!r}")
 

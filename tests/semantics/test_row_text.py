@@ -158,6 +158,16 @@ class TestRowTextConfig:
                                               r"use \{description\} and \{value\}$"):
             RowTextConfig(template=template)
 
+    @pytest.mark.parametrize("template", ["{description is {value}.", "{description} is {value}}.", "{{value}}"])
+    def test_an_unmatched_brace_is_refused_when_the_config_is_made(self, template):
+        """A placeholder missing a brace ('{description is {value}.') was taken: every row text began with the
+        literal '{description is', sent to the LLM."""
+        with pytest.raises(SchemaError, match=r"^row-text template '.*': unmatched '\{' or '\}' outside "
+                                              r"\{description\} and \{value\}"):
+            RowTextConfig(template=template)
+        with pytest.raises(SchemaError, match=r"^row-text template for field 'age' "):
+            RowTextConfig(templates={"age": template})
+
     def test_a_field_named_twice_is_refused_naming_it(self):
         """`semantics adapt --fields color color` failed in pyarrow's read ('Field "color" exists 2 times in
         schema'), which named neither the option nor the row text."""
