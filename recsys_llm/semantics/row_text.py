@@ -186,8 +186,13 @@ class RowTextRenderer:
     def _id_text(self, spec: FieldSpec, ids: pa.Array) -> pa.Array:
         """The text of each id (N,): its value text, else ``missing_value`` or the number; a null id ``unknown``
         (a null would make its whole row's text null)."""
-        ids = pc.cast(ids, pa.int64())
-        as_number = pc.cast(ids, pa.string())
+        if pa.types.is_uint64(ids.type):  # a hashed field's id may be above 2**63 - 1 (training folds it)
+            as_number = pc.cast(ids, pa.string())  # its own digits
+            # the int64 of the same bits, as training reads it (a negative id: no value text has it)
+            ids = pc.cast(ids, pa.int64(), safe=False)
+        else:
+            ids = pc.cast(ids, pa.int64())
+            as_number = pc.cast(ids, pa.string())
         table = self._value_table(spec)
         if table is None:
             return pc.fill_null(as_number, NULL_TEXT)

@@ -89,6 +89,21 @@ class TestRowTextRenderer:
         texts = RowTextRenderer(schema, RowTextConfig(fields=["user_id", "item_id"])).render(rows()).to_pylist()
         assert texts[0] == "user name is Alice. item_id is 3."
 
+    def test_a_uint64_id_above_2_to_the_63_of_a_hashed_field_is_written_as_its_number(self, tmp_path):
+        """A hashed field's uint64 column (training folds its ids, those above 2**63 - 1 included) failed in
+        Arrow's cast to int64 ('Integer value ... not in range'), naming neither field nor file."""
+        schema = make_schema(str(tmp_path))
+        for index in range(3):
+            schema.fields[index] = dataclasses.replace(schema.fields[index], hashed=True)
+        big = 2**64 - 1
+        table = pa.table({"user_id": pa.array([big, 1], pa.uint64()), "item_id": pa.array([big, 3], pa.uint64()),
+                          "genres": pa.array([[big, 2], [1]], pa.list_(pa.uint64()))})
+        config = RowTextConfig(fields=["user_id", "item_id", "genres"])
+        assert RowTextRenderer(schema, config).render(table).to_pylist() == [
+            f"user name is {big}. item id is {big}. genres is {big}, Horror.",
+            "user name is Bob. item id is 3. genres is Comedy.",
+        ]
+
     def test_a_value_ending_its_own_sentence_keeps_one_full_stop(self, tmp_path):
         schema = make_schema(str(tmp_path))
         pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Acme Inc.", "Help!", "a.b"]}),
