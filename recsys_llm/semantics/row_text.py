@@ -124,7 +124,12 @@ class RowTextRenderer:
     def __init__(self, schema: DatasetSchema, config: Optional[RowTextConfig] = None) -> None:
         self._schema = schema
         self._config = config or RowTextConfig()
-        names = self._config.fields if self._config.fields is not None else [f.name for f in schema.fields]
+        field_names = [f.name for f in schema.fields]
+        names = self._config.fields if self._config.fields is not None else field_names
+        unknown = [name for name in self._config.templates if name not in field_names]
+        if unknown:  # a misspelt field name: its template would never be used
+            raise SchemaError(f"row-text templates name {unknown}, no field of schema {schema.name!r} (fields "
+                              f"{field_names}); name fields of the schema")
         self._fields: List[FieldSpec] = [schema.field(n) for n in names]
         # field name -> (id, text) table, None when the field has no value text; the configured fields'
         # are read here (a bad file is named at once), other fields' (an entity's text) when first needed

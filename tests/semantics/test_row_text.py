@@ -104,6 +104,14 @@ class TestRowTextRenderer:
             "user name is Bob. item id is 3. genres is Comedy.",
         ]
 
+    def test_a_per_field_template_of_a_field_the_schema_lacks_is_refused_naming_it(self, tmp_path):
+        """A per-field template under a misspelt field name ('user' for 'user_id') was never used, without a word:
+        the field kept the default template."""
+        config = RowTextConfig(templates={"user": "the user is {value}", "age": "aged {value}"})
+        with pytest.raises(SchemaError, match=r"^row-text templates name \['user'\], no field of schema 't' "
+                                              r"\(fields \['user_id', 'item_id', 'genres', 'age'\]\)"):
+            RowTextRenderer(make_schema(str(tmp_path)), config)
+
     def test_a_value_ending_its_own_sentence_keeps_one_full_stop(self, tmp_path):
         schema = make_schema(str(tmp_path))
         pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": ["Acme Inc.", "Help!", "a.b"]}),
