@@ -45,13 +45,15 @@ SSFT_INPUT = "The feature is: {value}. The candidate set is: [{fields}]"
 
 # PromptTemplates attribute -> (placeholders it may use, placeholders it must use)
 TEMPLATE_PLACEHOLDERS = {
-    "field": (("name", "description", "kind"), ()),
-    "field_without_description": (("name", "description", "kind"), ()),
+    "field": (("name", "description", "kind"), ()),  # and {name} or {description}: _DISTINGUISHING
+    "field_without_description": (("name", "description", "kind"), ("name",)),  # its description is blank
     "instruction": ((), ()),  # inserted as it is, never formatted: a '{...}' would reach the LLM literally
     "input": (("value", "fields"), ("value",)),
     "prompt": (("instruction", "input"), ("input",)),
 }
 _TEMPLATE_OPTIONS = {"field": " (--field-template)"}
+# PromptTemplates attribute -> placeholders of which it must use one: without them every field's text is the same
+_DISTINGUISHING = {"field": ("name", "description")}
 
 
 def _placeholders(template: str) -> List[str]:
@@ -66,7 +68,8 @@ def _placeholders(template: str) -> List[str]:
 
 
 def check_template(attribute: str, template: Any) -> None:
-    """Refuses a :class:`PromptTemplates` template with unknown or missing placeholders.
+    """Refuses a :class:`PromptTemplates` template with unknown or missing placeholders (a field text
+    without the field's name or description: every field's would be the same).
 
     Raises:
         ValueError: naming the attribute, the template and the placeholders it may use.
@@ -87,6 +90,10 @@ def check_template(attribute: str, template: Any) -> None:
     missing = [n for n in required if n not in names]
     if missing:
         raise ValueError(f"{where} {template!r}: needs the placeholder {{{missing[0]}}}; {use}")
+    distinguishing = _DISTINGUISHING.get(attribute, ())
+    if distinguishing and not set(distinguishing) & set(names):
+        listed = " or ".join("{" + n + "}" for n in distinguishing)
+        raise ValueError(f"{where} {template!r}: needs {listed}, or every field's text is the same; {use}")
     try:
         template.format(**{name: "x" for name in allowed})
     except (ValueError, KeyError, IndexError, AttributeError) as error:
@@ -98,8 +105,10 @@ class PromptTemplates:
     """The text templates of LLaCTR (all ``str.format`` strings).
 
     Args:
-        field (str): field text; placeholders ``{name}``, ``{description}``, ``{kind}``.
-        field_without_description (str): used when the field has no description (same placeholders).
+        field (str): field text; placeholders ``{name}``, ``{description}`` (one of these two at least),
+            ``{kind}``.
+        field_without_description (str): used when the field has no description (same placeholders,
+            ``{name}`` required).
         instruction (str): SSFT instruction, used as it is (no placeholders).
         input (str): SSFT input; placeholders ``{value}`` (required), ``{fields}`` (comma-joined names).
         prompt (str): wrapper; placeholders ``{instruction}``, ``{input}`` (required).

@@ -78,6 +78,13 @@ class TestPromptTemplateChecks:
         (dict(instruction="Choose from {fields}"), r"PromptTemplates.instruction .*unknown placeholder \{fields\}; "
                                                   r"it takes no placeholders"),
         (dict(field="{name"), r"PromptTemplates.field \(--field-template\) '\{name': not a str.format template"),
+        # without the field's name or description every field's text, and so its vector, is the same
+        (dict(field="name: description"), r"^PromptTemplates.field \(--field-template\) 'name: description': needs "
+                                          r"\{name\} or \{description\}, or every field's text is the same; use "),
+        (dict(field="{kind} field"), r"PromptTemplates.field \(--field-template\) '\{kind\} field': needs \{name\} "
+                                     r"or \{description\}"),
+        (dict(field_without_description="{description} {kind}"),
+         r"PromptTemplates.field_without_description '\{description\} \{kind\}': needs the placeholder \{name\}"),
         (dict(number_format="{:d}"), r"PromptTemplates.number_format '\{:d\}': expected one positional field"),
     ])
     def test_refused(self, settings, message) -> None:
