@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from recsys_llm.data.parquet_files import parquet_files
-from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError
+from recsys_llm.data.schema import MISSING_ID, DatasetSchema, FieldKind, FieldSpec, SchemaError
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -214,7 +214,8 @@ def distinct_values(
 
     Returns:
         List[str]: texts from the field's ``value_text`` file, formatted numbers (dense),
-        or raw id tokens (categorical without text).
+        or raw id tokens (categorical without text). Id 0, the missing value of every prepared
+        field (its text ``unknown``, the same in every field), is no value of the field and left out.
     """
     spec = schema.field(field_name)
     if spec.kind == FieldKind.DENSE:
@@ -222,11 +223,12 @@ def distinct_values(
         texts = sorted({templates.number_format.format(float(v)) for v in numbers})
     elif spec.value_text:
         table = schema.load_value_text(field_name)
+        table = table.filter(pc.not_equal(table.column("id"), MISSING_ID))
         # as RowTextRenderer reads it: a text column of numbers (years, codes) is their text
         column = pc.cast(table.column("text"), pa.string()).combine_chunks().drop_null()
         texts = sorted(t for t in pc.unique(column).to_pylist() if t and t.strip())
     else:
-        ids = rng.sample(range(spec.cardinality), min(limit, spec.cardinality))
+        ids = rng.sample(range(MISSING_ID + 1, spec.cardinality), min(limit, spec.cardinality - 1))
         return [str(i) for i in ids]
     rng.shuffle(texts)
     return texts[:limit]

@@ -37,6 +37,15 @@ class TestTemplates:
         assert len(set(ids)) == 20 and all(0 <= int(i) < 300 for i in ids)  # raw id tokens
         assert distinct_values(tiny_schema, "color", 10, random.Random(0)) == colors  # seeded
 
+    def test_the_missing_id_is_no_value_of_a_field(self, tiny_schema: DatasetSchema) -> None:
+        """Id 0 is the missing value of every prepared field ("unknown", the same text in each): sampled as a value,
+        SSFT taught the first field with that text to own it and held it out as a "value" to retrieve."""
+        texts = ["unknown"] + [f"shade {i}" for i in range(1, 4)]
+        pq.write_table(pa.table({"id": pa.array(range(4), pa.int64()), "text": texts}), tiny_schema.value_text_path("color"))
+        assert sorted(distinct_values(tiny_schema, "color", 10, random.Random(0))) == ["shade 1", "shade 2", "shade 3"]
+        ids = distinct_values(tiny_schema, "user_id", 300, random.Random(0))
+        assert sorted(int(i) for i in ids) == list(range(1, 300))
+
     def test_value_texts_of_numbers_are_their_text(self, tiny_schema: DatasetSchema) -> None:
         """A value-text column of numbers (years) is read as text, as ELEC's row text reads it; it used to fail
         with AttributeError: 'int' object has no attribute 'strip'."""
