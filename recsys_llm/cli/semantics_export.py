@@ -175,7 +175,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.granularity == "row" and given:  # a forgotten --granularity entity would export a vector per row
         raise ValueError(f"semantics export {' and '.join(given)}: only with --granularity entity; --granularity row "
                          "(the default) gives every row a vector: add --granularity entity, or leave them out")
-    splits: List[str] = args.splits or sorted(schema.splits)
+    splits: List[str] = args.splits or list(schema.splits)  # the schema's order: an entity's first row is from train
     rank, world = rank_and_world()
     device = resolve_device(args.device)  # before the LLM loads
     check_export_dir(args.output_dir)  # before the LLM loads
@@ -420,7 +420,9 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--llm", required=True, help="directory written by 'semantics adapt'")
     export.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     export.add_argument("--output-dir", required=True, help="chunked Parquet vectors + manifest (resumable)")
-    export.add_argument("--splits", nargs="*", default=None, help="splits to cover (default: all)")
+    export.add_argument("--splits", nargs="*", default=None,
+                        help="splits to cover (default: all, in the schema's order; an entity's text is that of its "
+                             "first row in them)")
     export.add_argument("--granularity", default="row", choices=["row", "entity"],
                         help="a vector per row (keyed by the schema's row key) or per id of --entity-field")
     export.add_argument("--output", default="representation", choices=["representation", "pooled"],

@@ -116,6 +116,21 @@ def test_splits_leaving_one_out_are_refused_with_an_attach_dir_before_the_export
     assert not os.path.exists(vectors) and not os.path.exists(attached)
 
 
+def test_an_entity_s_text_comes_from_its_first_training_row(adapted, tmp_path) -> None:
+    """The splits were read in sorted order, ``test`` before ``train``: an item's text came from its first test row
+    where it had one, so the vectors of a test item's (here: its first user's) text went into training."""
+    from recsys_llm.semantics.vector_reader import read_vectors
+
+    entity = ("--granularity", "entity", "--entity-field", "item_id", "--entity-fields", "item_id", "user_id")
+    every_split, train_only = str(tmp_path / "every_split"), str(tmp_path / "train_only")
+    assert main(_export(adapted, every_split, *entity)) == 0
+    assert main(_export(adapted, train_only, *entity, "--splits", "train")) == 0
+    keys, vectors = read_vectors(every_split)
+    train_keys, train_vectors = read_vectors(train_only)
+    np.testing.assert_array_equal(keys, train_keys)  # every item of the test split is in train
+    np.testing.assert_array_equal(vectors, train_vectors)
+
+
 def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -> Dict[str, object]:
     import recsys_llm.semantics.vector_export as vector_export
 
