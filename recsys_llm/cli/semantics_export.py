@@ -22,9 +22,9 @@ Example::
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
+import warnings
 from typing import Any, Dict, List
 
 from recsys_llm.cli.data import integer_at_least, number_above
@@ -152,6 +152,39 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CutTextCounter:
+    """``model.encode`` for an export, counting the texts longer than the model's ``max_length``.
+
+    ``semantics adapt`` warns of the row texts it cuts, but only of its sample, and an entity
+    export encodes other texts (an entity's fields alone) than the rows it was tuned on.
+    """
+
+    def __init__(self, model: Any, output: str) -> None:
+        from recsys_llm.semantics.model_loading import position_limited
+
+        self._model, self._output = model, output
+        self._limit = position_limited(model.llm, model.config.max_length)
+        self.texts = self.longer = 0
+
+    def __call__(self, texts: List[str]) -> Any:
+        """Vectors (N, D) of ``texts`` (N,)."""
+        from recsys_llm.semantics.ctr_llm import count_longer_texts
+
+        self.texts += len(texts)
+        self.longer += count_longer_texts(self._model.tokenizer, texts, self._limit)
+        return self._model.encode(texts, output=self._output)
+
+    def warn_of_cut_texts(self) -> None:
+        if self.longer:
+            warnings.warn(
+                f"semantics export: {self.longer} of the {self.texts} texts encoded here are longer than the LLM's "
+                f"max_length {self._limit} tokens (semantics adapt --max-length) and were cut at their end: their "
+                "vectors miss the fields written last; adapt with a larger --max-length, or write fewer fields "
+                "(--fields, --entity-fields)",
+                stacklevel=2,
+            )
+
+
 def _export(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.ctr_llm import load_ctr_llm
@@ -199,12 +232,13 @@ def _export(args: argparse.Namespace) -> int:
         check_run_dir_shared(args.output_dir, setting="--output-dir",
                              use="Every rank writes its chunks into --output-dir, and rank 0 attaches them all")
     model = load_ctr_llm(args.llm, trust_remote_code=args.trust_remote_code).to(device)
+    encode = _CutTextCounter(model, args.output)
     written = export_schema_vectors(
-        schema, splits, renderer,
-        functools.partial(model.encode, output=args.output), args.output_dir, model.provenance(args.output), config,
+        schema, splits, renderer, encode, args.output_dir, model.provenance(args.output), config,
         granularity=args.granularity, entity_field=args.entity_field, entity_fields=args.entity_fields, rank=rank,
         world_size=world, progress=rank == 0,  # one bar: the ranks' bars would overwrite each other's line
     )
+    encode.warn_of_cut_texts()
     print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
     if own_group:
         _wait_for_other_ranks(args.attach_timeout)

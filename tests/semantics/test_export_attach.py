@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 import time
+import warnings
 from typing import Dict, List
 
 import numpy as np
@@ -129,6 +130,24 @@ def test_an_entity_s_text_comes_from_its_first_training_row(adapted, tmp_path) -
     train_keys, train_vectors = read_vectors(train_only)
     np.testing.assert_array_equal(keys, train_keys)  # every item of the test split is in train
     np.testing.assert_array_equal(vectors, train_vectors)
+
+
+def test_texts_the_export_cuts_are_warned_about(adapted, tmp_path) -> None:
+    """``adapt`` warned of the texts it cut, but only of its sample; an entity export encodes other texts (the entity's
+    fields alone), and nothing said that their vectors missed the fields written last."""
+    short = str(tmp_path / "short_llm")
+    with pytest.warns(UserWarning, match="longer than max_length 8 tokens"):
+        assert main(["semantics", "adapt", "--schema", adapted["data"], "--output-dir", short, "--model",
+                     save_tiny_bert(str(tmp_path / "bert")), "--tuning", "heads", "--representation-dim", "4",
+                     "--hidden-dim", "8", "--batch-size", "8", "--max-length", "8"]) == 0
+    export = ["semantics", "export", "--schema", adapted["data"], "--llm", short, "--chunk-rows", "8"]
+    items = ("--granularity", "entity", "--entity-field", "item_id", "--entity-fields", "item_id", "user_id")
+    with pytest.warns(UserWarning, match=r"semantics export: 5 of the 5 texts encoded here are longer than the LLM's "
+                                         r"max_length 8 tokens \(semantics adapt --max-length\) and were cut"):
+        assert main(export + ["--output-dir", str(tmp_path / "items"), *items]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # texts that fit are not warned about
+        assert main(_export(adapted, str(tmp_path / "fitting"), *items)) == 0
 
 
 def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -> Dict[str, object]:
