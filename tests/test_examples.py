@@ -236,6 +236,8 @@ def test_offline_jobs_on_rank_0_of_torchrun_export_every_item_alone(tmp_path, mo
     monkeypatch.setattr(semantics_export, "_poll_for_chunks", lambda directory, timeout_s: poll(directory, 0.0))
     monkeypatch.setenv("RANK", "0")  # rank 0 of 2, in the example's process group
     monkeypatch.setenv("WORLD_SIZE", "2")
+    if dist.is_initialized():  # a 1-rank group an in-process run_training of an earlier test left
+        dist.destroy_process_group()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         offline_llm_jobs.prepare(str(tmp_path / "jobs"), 16000, llm)

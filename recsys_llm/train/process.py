@@ -15,6 +15,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def give_rank_its_own_stream(rank: int, device: torch.device) -> None:
+    """Reseeds torch's RNG (and ``device``'s, a GPU) of rank r > 0 from a draw of it plus r; rank 0 keeps its stream.
+
+    Every rank is seeded alike (``train.seed``) and ranks past 0 draw alike up to training (their
+    table shards come from streams of their own), so ranks 1, 2, ... drew the same dropout masks
+    at every step. A 1-rank run is unchanged.
+    """
+    if rank == 0:
+        return
+    seed = int(torch.randint(0, 2**62, ())) + rank
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None
+                                      else torch.cuda.current_device()].manual_seed(seed)
+
+
 def set_cpu_float_mode(train_cfg: TrainConfig) -> bool:
     """Sets whether CPU float math flushes subnormal numbers to zero: ``train.flush_denormal``.
 

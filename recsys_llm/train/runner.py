@@ -73,7 +73,7 @@ from recsys_llm.train.distributed import (
 )
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
-from recsys_llm.train.process import seed_everything, set_cpu_float_mode
+from recsys_llm.train.process import give_rank_its_own_stream, seed_everything, set_cpu_float_mode
 from recsys_llm.train.resume import (
     budget_spent,
     check_resumable_position,
@@ -287,6 +287,7 @@ def _train_in_run_dir(
 
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
     if latest is None:
+        give_rank_its_own_stream(ctx.rank, ctx.device)  # dropout masks; a resume restores each rank's from its checkpoint
         # records before it are a job's that was killed before its first checkpoint: superseded
         log.write({"event": STARTED_EVENT, "global_step": 0, "epoch": 0})
     else:

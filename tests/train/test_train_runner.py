@@ -56,6 +56,34 @@ def _train(overrides: List[str]) -> Dict[str, Any]:
     return run_training(load_config(DEEPFM_CONFIG, overrides))
 
 
+def _dropout_draws(overrides: List[str]) -> List[List[float]]:
+    """What the RNG would draw next (dropout's source) after each of the run's steps."""
+    import torch
+
+    draws: List[List[float]] = []
+
+    def peek(_state: TrainState) -> None:
+        state = torch.get_rng_state()
+        draws.append(torch.rand(4).tolist())
+        torch.set_rng_state(state)
+
+    run_training(load_config(DEEPFM_CONFIG, overrides), on_step=peek)
+    return draws
+
+
+@pytest.mark.multiprocess
+def test_ranks_draw_dropout_masks_of_their_own(synthetic_dir: str, tmp_path) -> None:
+    """Every rank is seeded with train.seed; ranks past 0 draw their table shards from forked streams and so drew
+    alike up to training: ranks 1 and 2 drew the same dropout masks at every step, for other rows."""
+    overrides = _overrides(synthetic_dir, str(tmp_path / "run"), 128, ["model.dropout=0.2", "train.max_steps=2",
+                                                                       "train.epochs=1"])
+    draws = run_multiprocess(_dropout_draws, world_size=3, overrides=overrides)
+    assert [len(d) for d in draws] == [2, 2, 2]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert all(x != y for x, y in zip(draws[a], draws[b])), (a, b, draws)
+
+
 @pytest.mark.multiprocess
 def test_deepfm_two_ranks_shards_tables_over_both_and_agrees_with_one_rank(synthetic_dir: str, tmp_path) -> None:
     two_dir, one_dir = str(tmp_path / "two"), str(tmp_path / "one")
