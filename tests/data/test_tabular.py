@@ -992,6 +992,23 @@ def test_a_fields_own_value_text_is_not_silently_replaced_by_a_vocabulary(tmp_pa
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_hashed_fields_own_value_text_is_not_silently_left_describing_no_id(tmp_path):
+    """Its text is keyed by the column's ids: hashed as text (by --hash, or because some value is no integer), the
+    values got other ids, and the prepared value text described none of them."""
+    (tmp_path / "d.csv").write_text("city,clicked\n" + "".join(f"{i % 5},{i % 2}\n" for i in range(39)) + "rome,1\n")
+    pq.write_table(pa.table({"id": pa.array(range(10)), "text": [f"city {i}" for i in range(10)]}), tmp_path / "cities.parquet")
+    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked",
+                                          "fields": [dict(SPARSE[0], hashed=True, value_text="cities.parquet")]})
+    with pytest.raises(DataError, match=r"d\.csv: column 'city' of hashed field 'city' holds values that are not integer "
+                                        r"ids, so all its values would be hashed as text, but the field has its own "
+                                        r"value_text .*cities\.parquet, keyed by the column's ids"):
+        prepare_tabular(str(tmp_path / "d.csv"), schema_path, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"--hash city \(TabularConfig\.hash_fields\): field 'city' has its own "
+                                         r"value_text .*cities\.parquet"):
+        prepare_tabular(str(tmp_path / "d.csv"), schema_path, str(tmp_path / "out"), TabularConfig(hash_fields=("city",)))
+    assert not os.path.exists(tmp_path / "out")
+
+
 def _raw_strings(values, list_length=None):
     """A string array of the bytes ``values`` as they are (a writer that does not check UTF-8), in lists of
     ``list_length`` when given."""

@@ -102,6 +102,10 @@ def prepare_tabular(
             raise ValueError(f"--hash {name} (TabularConfig.hash_fields): field {name!r} is not hashed in "
                              f"{schema_path}; expected \"hashed\": true for it in the schema (its table then takes "
                              "ids hashed into its cardinality)")
+        if spec.value_text:
+            raise ValueError(f"--hash {name} (TabularConfig.hash_fields): field {name!r} has its own value_text "
+                             f"{user_schema.value_text_path(name)} in {schema_path}, keyed by the column's ids; hashing "
+                             "would give its values other ids, which that text does not describe (drop one of the two)")
         if name in config.vocabulary_fields:
             raise ValueError(f"--hash {name} (TabularConfig.hash_fields): field {name!r} is also in --vocabulary "
                              "(TabularConfig.vocabulary_fields); a field is either hashed or mapped through a "
@@ -208,6 +212,13 @@ def _convert(
                 f"{example!r}) and would be mapped through a vocabulary, but field "
                 f"{spec.name!r} has its own value_text {user_schema.value_text_path(spec.name)}, keyed by the column's "
                 "ids; expected integer ids (or drop value_text from the field: the vocabulary becomes its value text)"
+            )
+        if spec.value_text and plans[spec.name].mode == "hash" and spec.name not in config.hash_fields:
+            raise DataError(
+                f"{data_path}: column {spec.name!r} of hashed field {spec.name!r} holds values that are not integer "
+                f"ids, so all its values would be hashed as text, but the field has its own value_text "
+                f"{user_schema.value_text_path(spec.name)}, keyed by the column's ids, which would describe no id; "
+                "expected integer ids (or drop value_text from the field)"
             )
     total = len(split_values) if split_values is not None else None
     split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
