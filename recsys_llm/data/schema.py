@@ -69,10 +69,10 @@ class FieldKind(str, enum.Enum):
     SEQUENCE = "sequence"
 
 
-#: the keys a schema file may hold at its top level
 #: The id of a missing value in every sparse and sequence field of prepared data (text ``unknown``).
 MISSING_ID = 0
 
+#: the keys a schema file may hold at its top level
 SCHEMA_KEYS = ("name", "label", "row_key", "splits", "extra_columns", "fields")
 
 

@@ -26,10 +26,16 @@ def own_random_stream(name: str) -> Iterator[None]:
     """
     seed = int.from_bytes(hashlib.sha256(f"{torch.initial_seed()}:{name}".encode()).digest()[:8], "little") >> 1
     default = torch.get_default_device()
-    # only the default GPU's stream: torch.manual_seed would reseed every GPU's, which fork_rng does not restore
     gpus = [default.index if default.index is not None else torch.cuda.current_device()] if default.type == "cuda" else []
     with torch.random.fork_rng(devices=gpus):
-        torch.random.default_generator.manual_seed(seed)
-        for index in gpus:
-            torch.cuda.default_generators[index].manual_seed(seed)
+        seed_torch_streams(seed, default)
         yield
+
+
+def seed_torch_streams(seed: int, device: torch.device) -> None:
+    """Seeds torch's CPU RNG and, for a GPU ``device``, that GPU's alone (``torch.manual_seed`` would seed every
+    GPU's, which ``torch.random.fork_rng(devices=[device])`` does not restore)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None
+                                      else torch.cuda.current_device()].manual_seed(seed)

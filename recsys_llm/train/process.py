@@ -5,6 +5,7 @@ import random
 import numpy as np
 import torch
 
+from recsys_llm.modules.random_stream import seed_torch_streams
 from recsys_llm.train.config import TrainConfig
 
 
@@ -24,11 +25,7 @@ def give_rank_its_own_stream(rank: int, device: torch.device) -> None:
     """
     if rank == 0:
         return
-    seed = int(torch.randint(0, 2**62, ())) + rank
-    torch.random.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.default_generators[device.index if device.index is not None
-                                      else torch.cuda.current_device()].manual_seed(seed)
+    seed_torch_streams(int(torch.randint(0, 2**62, ())) + rank, device)
 
 
 def set_cpu_float_mode(train_cfg: TrainConfig) -> bool:
