@@ -94,10 +94,7 @@ def prepare_tabular(
     if user_schema.row_key in user_schema.extra_columns:  # written once, as the row key
         user_schema.extra_columns = [c for c in user_schema.extra_columns if c != user_schema.row_key]
     for name in config.hash_fields:
-        spec = next((f for f in user_schema.categorical_fields if f.name == name), None)
-        if spec is None:
-            raise ValueError(f"--hash {name} (TabularConfig.hash_fields): {schema_path} has no sparse or sequence "
-                             f"field {name!r}; its categorical fields: {user_schema.sparse_feature_names}")
+        spec = _option_field(f"--hash {name} (TabularConfig.hash_fields)", name, user_schema, schema_path)
         if not spec.hashed:
             raise ValueError(f"--hash {name} (TabularConfig.hash_fields): field {name!r} is not hashed in "
                              f"{schema_path}; expected \"hashed\": true for it in the schema (its table then takes "
@@ -111,10 +108,7 @@ def prepare_tabular(
                              "(TabularConfig.vocabulary_fields); a field is either hashed or mapped through a "
                              "vocabulary (drop one of the two)")
     for name in config.vocabulary_fields:
-        spec = next((f for f in user_schema.categorical_fields if f.name == name), None)
-        if spec is None:
-            raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): {schema_path} has no sparse or "
-                             f"sequence field {name!r}; its categorical fields: {user_schema.sparse_feature_names}")
+        spec = _option_field(f"--vocabulary {name} (TabularConfig.vocabulary_fields)", name, user_schema, schema_path)
         if spec.hashed:
             raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): field {name!r} is hashed in "
                              f"{schema_path}; a field is either hashed or mapped through a vocabulary")
@@ -135,6 +129,20 @@ def prepare_tabular(
         field_ways.update({spec.name: field_way(spec, plans[spec.name], config)
                            for spec in user_schema.categorical_fields})
     return schema
+
+
+def _option_field(option: str, name: str, user_schema: DatasetSchema, schema_path: str) -> FieldSpec:
+    """The sparse or sequence field ``name`` of ``user_schema`` that ``option`` (``--hash query
+    (TabularConfig.hash_fields)``, say) names.
+
+    Raises:
+        ValueError: the schema has no such field, naming ``option`` and the schema's categorical fields.
+    """
+    spec = next((f for f in user_schema.categorical_fields if f.name == name), None)
+    if spec is None:
+        raise ValueError(f"{option}: {schema_path} has no sparse or sequence field {name!r}; its categorical fields: "
+                         f"{user_schema.sparse_feature_names}")
+    return spec
 
 
 def field_way(spec: FieldSpec, plan: FieldPlan, config: TabularConfig) -> str:
