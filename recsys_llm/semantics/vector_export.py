@@ -285,7 +285,7 @@ class VectorExport:
             "num_rows": num_rows,
             "keys_sha256": hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()[:16],
             "texts_check": "chunk",  # each chunk's TEXTS_KEY, checked by _check_finished_chunks
-            "num_chunks": (num_rows + self._config.chunk_rows - 1) // self._config.chunk_rows,
+            "num_chunks": self._num_chunks(num_rows),
             "key_column": self._config.key_column,
             "vector_column": self._config.vector_column,
         }
@@ -344,7 +344,7 @@ class VectorExport:
         from recsys_llm.semantics.vector_reader import read_chunk_schema  # it imports this module
 
         chunk_rows = self._config.chunk_rows
-        for index in range(rank, (len(keys) + chunk_rows - 1) // chunk_rows, world_size):
+        for index in range(rank, self._num_chunks(len(keys)), world_size):
             path = chunk_path(self._directory, index)
             if not os.path.exists(path):
                 continue
@@ -372,10 +372,13 @@ class VectorExport:
             raise ValueError(f"texts({start}, {stop}) returned {len(chunk_texts)} texts, expected {stop - start}")
         return chunk_texts
 
+    def _num_chunks(self, num_rows: int) -> int:
+        return (num_rows + self._config.chunk_rows - 1) // self._config.chunk_rows
+
     def pending_chunks(self, num_rows: int, rank: int = 0, world_size: int = 1) -> List[int]:
         """Chunks of this rank whose file does not exist yet."""
-        num_chunks = (num_rows + self._config.chunk_rows - 1) // self._config.chunk_rows
-        return [i for i in range(rank, num_chunks, world_size) if not os.path.exists(chunk_path(self._directory, i))]
+        return [i for i in range(rank, self._num_chunks(num_rows), world_size)
+                if not os.path.exists(chunk_path(self._directory, i))]
 
     def _encode(
         self,
