@@ -5,6 +5,8 @@ from the global random stream in module order: a module drawn from that stream b
 the backbone (LLaCTR's FRE / FIE, an ELEC teacher or KD projection) would shift every table and
 dense weight after it, so an enhanced model would start from other weights than the plain model
 of the same seed, and a comparison would measure the initial weights as well as the method.
+
+On several ranks, each rank past 0 also draws from a stream of its own (:func:`give_rank_its_own_stream`).
 """
 
 import contextlib
@@ -39,3 +41,15 @@ def seed_torch_streams(seed: int, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.default_generators[device.index if device.index is not None
                                       else torch.cuda.current_device()].manual_seed(seed)
+
+
+def give_rank_its_own_stream(rank: int, device: torch.device) -> None:
+    """Reseeds torch's RNG (and ``device``'s, a GPU) of rank r > 0 from a draw of it plus r; rank 0 keeps its stream.
+
+    Every rank is seeded alike (``train.seed``): the sharding draws each rank's table shards so (in a
+    fork of the RNG), and training its dropout masks, which ranks 1, 2, ... otherwise drew alike at
+    every step. A 1-rank run is unchanged.
+    """
+    if rank == 0:
+        return
+    seed_torch_streams(int(torch.randint(0, 2**62, ())) + rank, device)

@@ -5,7 +5,6 @@ import random
 import numpy as np
 import torch
 
-from recsys_llm.modules.random_stream import seed_torch_streams
 from recsys_llm.train.config import TrainConfig
 
 
@@ -14,18 +13,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     random.seed(seed)
-
-
-def give_rank_its_own_stream(rank: int, device: torch.device) -> None:
-    """Reseeds torch's RNG (and ``device``'s, a GPU) of rank r > 0 from a draw of it plus r; rank 0 keeps its stream.
-
-    Every rank is seeded alike (``train.seed``) and ranks past 0 draw alike up to training (their
-    table shards come from streams of their own), so ranks 1, 2, ... drew the same dropout masks
-    at every step. A 1-rank run is unchanged.
-    """
-    if rank == 0:
-        return
-    seed_torch_streams(int(torch.randint(0, 2**62, ())) + rank, device)
 
 
 def set_cpu_float_mode(train_cfg: TrainConfig) -> bool:

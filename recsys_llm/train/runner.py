@@ -45,6 +45,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.modules.random_stream import give_rank_its_own_stream
 from recsys_llm.train.checkpoint import (
     STOP_BUDGET,
     STOP_PATIENCE,
@@ -73,7 +74,7 @@ from recsys_llm.train.distributed import (
 )
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
-from recsys_llm.train.process import give_rank_its_own_stream, seed_everything, set_cpu_float_mode
+from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.resume import (
     budget_spent,
     check_resumable_position,

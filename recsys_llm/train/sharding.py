@@ -72,7 +72,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.embedding import FILLED_BEFORE_SHARDING
-from recsys_llm.modules.random_stream import seed_torch_streams
+from recsys_llm.modules.random_stream import give_rank_its_own_stream
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "row_wise_adagrad": trec_optim.RowWiseAdagrad,
@@ -545,7 +545,7 @@ def _table_init_stream_of_this_rank(device: torch.device) -> Iterator[None]:
         yield
         return
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        seed_torch_streams(int(torch.randint(0, 2**62, ())) + rank, device)
+        give_rank_its_own_stream(rank, device)
         yield
 
 
