@@ -975,13 +975,19 @@ def test_a_label_other_than_0_or_1_points_at_label_threshold(tmp_path, labels, s
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
 
 
+def _city_with_value_text(tmp_path, cities, field):
+    """``d.csv`` (columns city, clicked: ``cities``, clicks alternating from 0) and a schema giving ``field`` the value
+    text ``cities.parquet`` (ids 0-9, ``city {id}``); returns the schema's path."""
+    (tmp_path / "d.csv").write_text("city,clicked\n" + "".join(f"{city},{i % 2}\n" for i, city in enumerate(cities)))
+    pq.write_table(pa.table({"id": pa.array(range(10)), "text": [f"city {i}" for i in range(10)]}), tmp_path / "cities.parquet")
+    return _schema_file(tmp_path, {"name": "t", "label": "clicked", "fields": [dict(field, value_text="cities.parquet")]})
+
+
 def test_a_fields_own_value_text_is_not_silently_replaced_by_a_vocabulary(tmp_path):
     """Its text is keyed by the column's ids: a column of other strings ('u7', pandas' '7.0' in a CSV) would be
     renumbered through a vocabulary and the user's text dropped."""
-    (tmp_path / "d.csv").write_text("city,clicked\n" + "".join(f"{i % 5}{'.0' if i else ''},{i % 2}\n" for i in range(40)))
-    pq.write_table(pa.table({"id": pa.array(range(10)), "text": [f"city {i}" for i in range(10)]}), tmp_path / "cities.parquet")
-    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked",
-                                          "fields": [dict(SPARSE[0], value_text="cities.parquet")]})
+    cities = [f"{i % 5}{'.0' if i else ''}" for i in range(40)]
+    schema_path = _city_with_value_text(tmp_path, cities, SPARSE[0])
     with pytest.raises(DataError, match=r"d\.csv: column 'city' holds strings that are not integer ids \(such as '0\.0'\) "
                                         r"and would be mapped through a vocabulary, but field 'city' has its own value_text "
                                         r".*cities\.parquet, keyed by the column's ids; expected integer ids"):
@@ -995,10 +1001,7 @@ def test_a_fields_own_value_text_is_not_silently_replaced_by_a_vocabulary(tmp_pa
 def test_a_hashed_fields_own_value_text_is_not_silently_left_describing_no_id(tmp_path):
     """Its text is keyed by the column's ids: hashed as text (by --hash, or because some value is no integer), the
     values got other ids, and the prepared value text described none of them."""
-    (tmp_path / "d.csv").write_text("city,clicked\n" + "".join(f"{i % 5},{i % 2}\n" for i in range(39)) + "rome,1\n")
-    pq.write_table(pa.table({"id": pa.array(range(10)), "text": [f"city {i}" for i in range(10)]}), tmp_path / "cities.parquet")
-    schema_path = _schema_file(tmp_path, {"name": "t", "label": "clicked",
-                                          "fields": [dict(SPARSE[0], hashed=True, value_text="cities.parquet")]})
+    schema_path = _city_with_value_text(tmp_path, [str(i % 5) for i in range(39)] + ["rome"], dict(SPARSE[0], hashed=True))
     with pytest.raises(DataError, match=r"d\.csv: column 'city' of hashed field 'city' holds values that are not integer "
                                         r"ids, so all its values would be hashed as text, but the field has its own "
                                         r"value_text .*cities\.parquet, keyed by the column's ids"):
