@@ -75,9 +75,10 @@ class _ProjectedFieldKL(torch.autograd.Function):
     Autograd's version builds and walks several (B, F, D) intermediates, and the
     projection, log-softmax and permutation of the targets are half a dozen more nodes for
     a few hundred numbers. This one makes two passes over (B, F, D) forward (log softmax,
-    its sum over the batch) and two backward (exp, one fused multiply-add):
+    its sum over the batch) and one backward (log softmax's own backward kernel):
 
-    * d/dx_{b,f} = m_f (softmax(x_{b,f}) - p_f) / (B N)
+    * d/dx_{b,f} = m_f (softmax(x_{b,f}) - p_f) / (B N), which is log softmax's backward of the
+      constant -m_f p_f / (B N) (its sum over the D entries of a field is -m_f / (B N))
     * d/dlog p_f = m_f p_f (log p_f + 1 - mean_b log softmax(x_{b,f})) / N, then through
       the log-softmax and the Linear to W and c
 
@@ -96,32 +97,30 @@ class _ProjectedFieldKL(torch.autograd.Function):
     ) -> torch.Tensor:
         batch_size = fields.size(0)
         log_p = F.log_softmax(torch.addmm(bias, field_vectors, weight.t()), dim=-1)  # (F, D)
-        p = log_p.exp()
-        weighted_p = p * field_weight.unsqueeze(-1)  # (F, D)
+        weighted_p = log_p.exp().mul_(field_weight.unsqueeze(-1))  # (F, D)
         log_q = F.log_softmax(fields, dim=-1)  # (B, F, D)
         # summed in the projection's precision at least: rounded to bf16, a sum over B rows loses about 1/256
         # of itself, and the mean log q that W's gradient reads would be that far off
-        log_q_sum = log_q.sum(dim=0, dtype=torch.promote_types(log_q.dtype, p.dtype))  # (F, D)
-        ctx.save_for_backward(log_q, log_q_sum, p, weighted_p, log_p, field_weight, field_vectors)
-        cross = (weighted_p * log_q_sum).sum()
-        # B = 0: both terms are 0 (log_q_sum is a sum over no row), and so is the loss
-        return (batch_size * (weighted_p * log_p).sum() - cross) / (max(batch_size, 1) * field_weight.sum())
+        log_q_sum = log_q.sum(dim=0, dtype=torch.promote_types(log_q.dtype, log_p.dtype))  # (F, D)
+        gap = torch.sub(log_p * batch_size, log_q_sum)  # (F, D): B (log p_f - mean_b log q_{b,f}); 0 when B = 0
+        count = field_weight.sum()
+        ctx.save_for_backward(log_q, gap, weighted_p, log_p, count, field_vectors)
+        return torch.dot(weighted_p.to(gap.dtype).flatten(), gap.flatten()) / (max(batch_size, 1) * count)
 
     @staticmethod
     @_first_order_only
     def backward(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
-        log_q, log_q_sum, p, weighted_p, log_p, field_weight, field_vectors = ctx.saved_tensors
+        log_q, gap, weighted_p, log_p, count, field_vectors = ctx.saved_tensors
         batch_size = log_q.size(0)
         if batch_size == 0:  # the loss is 0 whatever W and c are
-            grad_weight = field_vectors.new_zeros(p.size(1), field_vectors.size(1)).to(p.dtype)
-            return torch.zeros_like(log_q), None, grad_weight, p.new_zeros(p.size(1)), None
-        count = field_weight.sum()
-        scale = grad / (batch_size * count)
-        # s (m_f q - weighted_p_f) as one multiply-add over (B, F, D)
-        grad_fields = torch.addcmul(weighted_p * -scale, log_q.exp(), (field_weight * scale).unsqueeze(-1))
-        grad_log_p = (weighted_p * (log_p + 1 - log_q_sum / batch_size) * (grad / count)).to(p.dtype)  # (F, D)
-        grad_logits = grad_log_p - p * grad_log_p.sum(dim=-1, keepdim=True)  # (F, D), through log_softmax
-        return grad_fields.to(log_q.dtype), None, grad_logits.t() @ field_vectors, grad_logits.sum(dim=0), None
+            grad_weight = field_vectors.new_zeros(log_p.size(1), field_vectors.size(1)).to(log_p.dtype)
+            return torch.zeros_like(log_q), None, grad_weight, log_p.new_zeros(log_p.size(1)), None
+        per_field = grad / count
+        constant = (weighted_p * (per_field / -batch_size)).to(log_q.dtype).expand_as(log_q)  # (B, F, D), a view
+        grad_fields = torch._log_softmax_backward_data(constant, log_q, -1, log_q.dtype)
+        grad_log_p = (gap / batch_size + 1).mul_(weighted_p).mul_(per_field).to(log_p.dtype)  # (F, D)
+        grad_logits = torch._log_softmax_backward_data(grad_log_p, log_p, -1, log_p.dtype)  # (F, D)
+        return grad_fields, None, grad_logits.t() @ field_vectors, grad_logits.sum(dim=0), None
 
 
 def check_finite_vectors(term: str, field_vectors: torch.Tensor, feature_names: List[str]) -> None:
