@@ -14,15 +14,16 @@ import dataclasses
 import os
 from typing import Dict, Optional, Type, TypeVar, Union
 
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from recsys_llm.data.criteo import CriteoConfig, prepare_criteo
 from recsys_llm.data.movielens import MovieLensConfig, prepare_movielens
-from recsys_llm.data.parquet_files import read_schema_and_check
+from recsys_llm.data.parquet_files import read_schema_and_check, resolve_paths
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import SyntheticConfig, generate_synthetic
 from recsys_llm.data.tabular import TabularConfig, prepare_tabular
+from recsys_llm.data.validation import open_parquet, read_row_group
 
 SOURCES = ("synthetic", "movielens", "criteo", "tabular")
 SourceConfig = Union[SyntheticConfig, MovieLensConfig, CriteoConfig, TabularConfig]
@@ -61,14 +62,23 @@ class PrepareReport:
 
 
 def check_prepared(schema: DatasetSchema) -> PrepareReport:
-    """Footer check of every split plus its label mean (reads only the label column)."""
+    """Footer check of every split plus its label mean (reads only the label column, a row group at a time)."""
     rows, rate = {}, {}
     for split in schema.splits:
         path = schema.split_path(split)
         rows[split] = read_schema_and_check(schema, path)
-        labels = pq.read_table(path, columns=[schema.label])[schema.label].to_numpy()
-        rate[split] = float(labels.mean()) if labels.size else 0.0
+        rate[split] = label_sum(schema, path) / rows[split] if rows[split] else 0.0
     return PrepareReport(schema, rows, rate)
+
+
+def label_sum(schema: DatasetSchema, path: str) -> float:
+    """Sum of the label column of a split's file or directory, read one row group at a time."""
+    total = 0.0
+    for file_path in resolve_paths(schema, path):
+        handle = open_parquet(file_path)
+        for group in range(handle.num_row_groups):
+            total += pc.sum(read_row_group(handle, file_path, group, [schema.label]).column(0)).as_py() or 0
+    return total
 
 
 def prepare_dataset(

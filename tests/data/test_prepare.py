@@ -28,6 +28,27 @@ def test_prepare_synthetic_cli(tmp_path, capsys):
     assert 0.1 < report.click_rate["train"] < 0.6
 
 
+def test_click_rate_is_the_label_mean_of_every_row_group_and_file(tmp_path):
+    """The label column is summed a row group at a time (not read whole), over every file of a split directory."""
+    import os
+
+    out = str(tmp_path / "syn")
+    assert _run(["prepare", "synthetic", "--out", out, "--rows", "2000", "--quiet", "--rows-per-group", "170"]) == 0
+    schema = DatasetSchema.load(out)
+    labels = pq.read_table(schema.split_path("train"), columns=[schema.label]).column(0).to_numpy()
+    folder = os.path.join(out, "train_parts")
+    os.makedirs(folder)
+    table = pq.read_table(schema.split_path("train"))
+    pq.write_table(table.slice(0, 700), os.path.join(folder, "a.parquet"), row_group_size=300)
+    pq.write_table(table.slice(700), os.path.join(folder, "b.parquet"), row_group_size=250)
+    os.remove(schema.split_path("train"))
+    schema.splits["train"] = "train_parts"
+
+    report = check_prepared(schema)
+    assert report.rows["train"] == 1600
+    assert report.click_rate["train"] == pytest.approx(float(labels.mean()), abs=1e-12)
+
+
 def test_prepare_tabular_cli_error_names_file(tmp_path, capsys):
     (tmp_path / "d.csv").write_text("u,clicked\n1,0\n2,7\n")
     (tmp_path / "s.json").write_text(json.dumps({"name": "t", "label": "clicked",
