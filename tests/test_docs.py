@@ -335,9 +335,10 @@ def test_the_guides_serving_recipe_gives_the_students_probabilities(tmp_path, mo
 
 
 def test_the_guides_raw_tabular_recipe_gives_the_prepared_ids(tmp_path, monkeypatch) -> None:
-    """docs/usage.md §1's recipe for a serving process that receives raw values of ``prepare tabular`` fields (its
+    """docs/usage.md §1's example for a serving process that receives raw values of ``prepare tabular`` fields (its
     own schema example): integer ids, a vocabulary, strings hashed with the field's position among all fields (a
-    dense field before it counts), and a hashed field whose values are all integers, folded rather than hashed."""
+    dense field before it counts), and a hashed field whose values are all integers, folded rather than hashed; the
+    prepared schema records each way."""
     import csv
 
     import numpy as np
@@ -370,16 +371,18 @@ def test_the_guides_raw_tabular_recipe_gives_the_prepared_ids(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     texts = prepare([["red shoes", "", " 42", "blue hat"][i % 4] for i in range(200)])
     scope: dict = {}
-    exec(_usage_block("HASHED_STRINGS"), scope)
+    exec(_usage_block("raw_value_ids(schema, "), scope)
+    schema, raw_value_ids = scope["schema"], scope["raw_value_ids"]
+    assert schema.ids["query"] == "hashed_text" and schema.ids["city"] == "vocabulary"
     for name, (raw, prepared) in texts.items():
-        assert scope["sparse_ids"](name, raw).tolist() == prepared, name
+        assert raw_value_ids(schema, name, raw)[0].tolist() == prepared, name
     assert all((id_ > 0) == (value != "") for value, id_ in zip(*texts["query"]))  # hashed: in [1, cardinality)
 
     numbers = prepare([str(int(rng.integers(0, 10**6))) for _ in range(200)])  # every value an integer: folded
-    exec(_usage_block("HASHED_STRINGS"), scope)
-    scope["HASHED_STRINGS"] = set()
+    schema = scope["DatasetSchema"].load("data/shop/schema.json")
+    assert schema.ids["query"] == "integer"
     raw, prepared = numbers["query"]
-    assert scope["sparse_ids"]("query", raw).tolist() == prepared == [int(value) % 1000 for value in raw]
+    assert raw_value_ids(schema, "query", raw)[0].tolist() == prepared == [int(value) % 1000 for value in raw]
     assert hash_strings(pa.array(raw), 1000, salt=4).tolist() != prepared  # the same data prepared as text differs
 
 

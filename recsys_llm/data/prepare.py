@@ -39,8 +39,8 @@ class PrepareReport:
         rows (Dict[str, int]): rows per split.
         click_rate (Dict[str, float]): mean label per split.
         field_ways (Dict[str, str]): ``prepare tabular``'s way of each sparse and sequence field's ids
-            (:func:`~recsys_llm.data.tabular.convert.field_way`), which ``schema.json`` does not record;
-            empty for the other sources.
+            (:func:`~recsys_llm.data.tabular.convert.field_way`: ``schema.ids`` plus the option that asked
+            for it); empty for the other sources.
     """
 
     schema: DatasetSchema

@@ -73,7 +73,11 @@ class FieldKind(str, enum.Enum):
 MISSING_ID = 0
 
 #: the keys a schema file may hold at its top level
-SCHEMA_KEYS = ("name", "label", "row_key", "splits", "extra_columns", "fields")
+SCHEMA_KEYS = ("name", "label", "row_key", "splits", "extra_columns", "fields", "ids")
+
+#: how ``prepare tabular`` turned a categorical field's values into ids (``DatasetSchema.ids``): through
+#: a vocabulary (its value-text file), hashed as text, or read as integer ids (folded if ``hashed``)
+ID_WAYS = ("vocabulary", "hashed_text", "integer")
 
 
 def _a(value: Any) -> str:
@@ -185,6 +189,10 @@ class DatasetSchema:
         splits (Dict[str, str]): split name -> Parquet file or directory, relative to ``root``.
         extra_columns (List[str]): other columns kept in the files (e.g. ``is_cold_item``).
         root (str): directory of the schema file; relative paths resolve against it.
+        ids (Dict[str, str]): categorical field -> how ``prepare tabular`` made its ids from the
+            source's values, one of :data:`ID_WAYS` (what
+            :func:`~recsys_llm.data.tabular.raw_values.raw_value_ids` repeats for raw values at
+            serving time); written by ``prepare tabular`` only, empty for the other sources.
     """
 
     name: str
@@ -194,6 +202,7 @@ class DatasetSchema:
     splits: Dict[str, str] = dataclasses.field(default_factory=dict)
     extra_columns: List[str] = dataclasses.field(default_factory=list)
     root: str = "."
+    ids: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for split in self.splits:
@@ -213,6 +222,13 @@ class DatasetSchema:
                 f"schema {self.name!r}: extra_columns {listed_twice} are also fields or the label; an extra column "
                 "is carried as it is, a field is encoded and the label read: list each column once"
             )
+        categorical = {f.name for f in self.fields if f.is_categorical}
+        for field, way in self.ids.items():
+            if field not in categorical:
+                raise SchemaError(f"schema {self.name!r}: ids names {field!r}, which is not a sparse or sequence field "
+                                  f"of the schema ({sorted(categorical)})")
+            if way not in ID_WAYS:
+                raise SchemaError(f"schema {self.name!r}: ids.{field}: expected one of {list(ID_WAYS)}, got {way!r}")
 
     # ---- views -------------------------------------------------------------------------
     @property
@@ -285,6 +301,7 @@ class DatasetSchema:
             "splits": dict(self.splits),
             "extra_columns": list(self.extra_columns),
             "fields": [f.to_dict() for f in self.fields],
+            **({"ids": dict(self.ids)} if self.ids else {}),
         }
 
     def relocated(self, root: str, splits: Dict[str, str], extra_columns: Sequence[str] = ()) -> "DatasetSchema":
@@ -360,6 +377,10 @@ class DatasetSchema:
                               f"got {_a(extra_columns)}")
         for i, column in enumerate(extra_columns):
             _checked_str(column, source, f"extra_columns[{i}]")
+        ids = raw.get("ids", {})
+        if not isinstance(ids, dict):
+            raise SchemaError(f"{source}: ids={ids!r}: expected a mapping of field name -> one of {list(ID_WAYS)}, "
+                              f"got {_a(ids)}")
         try:
             return cls(
                 name=_checked_str(raw.get("name", os.path.basename(root)), source, "name"),
@@ -369,6 +390,7 @@ class DatasetSchema:
                 splits=dict(splits),
                 extra_columns=list(extra_columns),
                 root=root,
+                ids=dict(ids),
             )
         except SchemaError as error:
             if str(error).startswith(source):

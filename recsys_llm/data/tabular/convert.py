@@ -22,7 +22,8 @@ from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig
 from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types, first_line, read_blocks,
                                             repeated_columns, source_columns)
 from recsys_llm.data.tabular.splits import random_split, split_of_rows
-from recsys_llm.data.tabular.tokens import INTEGER_PATTERN, FieldPlan, field_tokens, plan_fields, token_ids
+from recsys_llm.data.tabular.tokens import (ID_WAY_OF_PLAN, INTEGER_PATTERN, FieldPlan, field_tokens, plan_fields,
+                                            token_ids)
 from recsys_llm.data.validation import (
     DataError,
     check_dense,
@@ -59,7 +60,8 @@ def prepare_tabular(
         config (Optional[TabularConfig]): split and parsing options.
         progress (bool): show a tqdm bar over rows.
         field_ways (Optional[Dict[str, str]]): when given, filled with the way each sparse and sequence
-            field's values became ids (:func:`field_way`), which the prepared schema does not record.
+            field's values became ids, as the prepare report prints it (:func:`field_way`); the prepared
+            schema records it too (``DatasetSchema.ids``), without the option that asked for it.
 
     Returns:
         DatasetSchema: the written schema.
@@ -78,6 +80,10 @@ def prepare_tabular(
     path = schema_file(schema_path)
     raw = load_raw(path)
     user_schema = DatasetSchema.from_dict(raw, root=os.path.dirname(os.path.abspath(path)), source=path)
+    if user_schema.ids:
+        raise SchemaError(f"{path}: ids is what prepare tabular writes into the prepared schema.json (how it made each "
+                          "field's ids); expected it left out of the schema it reads: choose a field's way with --hash "
+                          "FIELD or --vocabulary FIELD (TabularConfig.hash_fields, vocabulary_fields)")
     if not user_schema.categorical_fields:  # else only train would find it: every model embeds categorical fields
         what = "fields is empty" if not user_schema.fields else f"fields {user_schema.dense_feature_names} are all dense"
         raise SchemaError(f"{path}: {what}; expected at least one sparse or sequence field (the models embed them; "
@@ -334,6 +340,7 @@ def _output_schema(
         splits={"train": "train.parquet", "valid": "valid.parquet", "test": "test.parquet"},
         extra_columns=list(user_schema.extra_columns),
         root=os.path.abspath(out_dir),
+        ids={name: ID_WAY_OF_PLAN[plan.mode] for name, plan in plans.items()},
     )
 
 

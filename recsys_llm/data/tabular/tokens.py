@@ -218,6 +218,10 @@ class FieldPlan:
     missing: Optional[pa.Array] = None  # "ids": missing-value markers among the integers (id 0)
 
 
+#: ``FieldPlan.mode`` -> how the prepared schema records it (``DatasetSchema.ids``, one of ``schema.ID_WAYS``)
+ID_WAY_OF_PLAN = {"vocab": "vocabulary", "hash": "hashed_text", "ids": "integer"}
+
+
 @dataclasses.dataclass
 class _TokenCounts:
     """What the first pass saw of a string field's tokens."""

@@ -1,0 +1,120 @@
+"""``raw_value_ids`` gives raw values the ids ``prepare tabular`` wrote for them, in every way it makes ids."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys_llm.data.schema import DatasetSchema, SchemaError
+from recsys_llm.data.tabular import TabularConfig, prepare_tabular
+from recsys_llm.data.tabular.raw_values import raw_value_ids
+from recsys_llm.data.validation import DataError
+
+SCHEMA = """
+name: shop
+label: clicked
+fields:
+  - {name: user, kind: sparse, cardinality: 50}
+  - {name: city, kind: sparse, cardinality: 10, description: "city of the shopper"}
+  - {name: query, kind: sparse, cardinality: 97, hashed: true, description: "search query"}
+  - {name: item, kind: sparse, cardinality: 7, hashed: true}
+  - {name: code, kind: sparse, cardinality: 40, hashed: true}
+  - {name: tags, kind: sequence, cardinality: 10, max_length: 4}
+  - {name: price, kind: dense}
+"""
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A CSV whose fields take every way (vocabulary, hashed text, integer ids, folded integer ids, --hash)."""
+    rng = np.random.default_rng(0)
+    rows = 120
+    cities = ["Paris", " Lyon", "Nice", "", "Lille"]
+    queries = ["red shoes", "bag", "", "blue hat", "NA"]
+    tags = ["a|b", "", "c", "b| a|d", "d|NA"]
+    lines = ["user,city,query,item,code,tags,price,clicked"]
+    for row in range(rows):
+        user = "NA" if row % 17 == 0 else str(int(rng.integers(0, 50)))
+        lines.append(",".join([user, cities[row % 5], queries[row % 4 + (row % 3 == 0)], str(int(rng.integers(0, 10**6))),
+                               str(int(rng.integers(0, 1000))), tags[row % 5], f"{rng.random():.3f}",
+                               str(int(rng.integers(0, 2)))]))
+    folder = tmp_path_factory.mktemp("shop")
+    (folder / "shop.csv").write_text("\n".join(lines) + "\n")
+    (folder / "shop.yaml").write_text(SCHEMA)
+    schema = prepare_tabular(str(folder / "shop.csv"), str(folder / "shop.yaml"), str(folder / "out"),
+                             TabularConfig(hash_fields=["code"]))
+    raw = pa.csv.read_csv(str(folder / "shop.csv"), convert_options=pa.csv.ConvertOptions(
+        column_types={name: pa.string() for name in ("user", "city", "query", "item", "code", "tags")},
+        strings_can_be_null=False))
+    written = pa.concat_tables([pq.read_table(schema.split_path(s)) for s in schema.splits]).sort_by("row_id")
+    return schema, raw, written
+
+
+def test_the_prepared_schema_records_each_fields_way(prepared):
+    schema, _, _ = prepared
+    assert schema.ids == {"user": "integer", "city": "vocabulary", "query": "hashed_text", "item": "integer",
+                          "code": "hashed_text", "tags": "vocabulary"}
+    assert DatasetSchema.load(schema.root).ids == schema.ids
+
+
+@pytest.mark.parametrize("field", ["user", "city", "query", "item", "code"])
+def test_raw_values_get_the_ids_prepare_wrote(prepared, field):
+    schema, raw, written = prepared
+    ids, lengths = raw_value_ids(schema, field, raw.column(field).to_pylist())
+    assert lengths is None and ids.dtype == np.int64
+    np.testing.assert_array_equal(ids, written.column(field).to_numpy())
+
+
+def test_sequence_values_get_the_ids_prepare_wrote(prepared):
+    schema, raw, written = prepared
+    flat, lengths = raw_value_ids(schema, "tags", raw.column("tags").to_pylist())
+    column = written.column("tags").combine_chunks()
+    np.testing.assert_array_equal(lengths, pa.compute.list_value_length(column).to_numpy())
+    np.testing.assert_array_equal(flat, column.flatten().to_numpy())
+    as_lists, list_lengths = raw_value_ids(schema, "tags", [["b", " a"], None, ["d", "", "z"]])
+    np.testing.assert_array_equal(list_lengths, [2, 0, 2])
+    vocabulary = schema.load_value_text("tags").column("text").to_pylist()
+    assert as_lists.tolist() == [vocabulary.index("b"), vocabulary.index("a"), vocabulary.index("d"), 0]
+
+
+def test_python_values_and_unknown_ones(prepared):
+    schema, _, _ = prepared
+    vocabulary = schema.load_value_text("city").column("text").to_pylist()
+    ids, _ = raw_value_ids(schema, "city", ["Paris", " Lyon ", None, "Berlin"])
+    assert ids.tolist() == [vocabulary.index("Paris"), vocabulary.index("Lyon"), 0, 0]
+    assert raw_value_ids(schema, "item", [3, 10**6 + 3, None])[0].tolist() == [3, (10**6 + 3) % 7, 0]
+
+
+def test_bad_values_and_fields_are_named(prepared):
+    schema, _, _ = prepared
+    with pytest.raises(DataError, match=r"raw values of field 'user'.*row 1.*50"):
+        raw_value_ids(schema, "user", ["3", "77"])
+    with pytest.raises(DataError, match=r"raw values of field 'item': expected integer ids.*\(ids: integer\).*'bag'"):
+        raw_value_ids(schema, "item", ["3", "bag"])
+    with pytest.raises(ValueError, match="field 'price' of schema 'shop' is dense"):
+        raw_value_ids(schema, "price", [1.0])
+    schema.ids.pop("city")
+    try:
+        with pytest.raises(ValueError, match=r"does not record how field 'city'.*prepare tabular"):
+            raw_value_ids(schema, "city", ["Paris"])
+    finally:
+        schema.ids["city"] = "vocabulary"
+
+
+def test_ids_in_a_schema_are_checked(tmp_path):
+    fields = [{"name": "u", "kind": "sparse", "cardinality": 5}, {"name": "p", "kind": "dense"}]
+    with pytest.raises(SchemaError, match=r"ids.u: expected one of \['vocabulary', 'hashed_text', 'integer'\]"):
+        DatasetSchema.from_dict({"fields": fields, "ids": {"u": "hash"}})
+    with pytest.raises(SchemaError, match=r"ids names 'p', which is not a sparse or sequence field"):
+        DatasetSchema.from_dict({"fields": fields, "ids": {"p": "integer"}})
+    with pytest.raises(SchemaError, match=r"ids=\['u'\]: expected a mapping"):
+        DatasetSchema.from_dict({"fields": fields, "ids": ["u"]})
+
+
+def test_prepare_tabular_refuses_ids_in_the_schema_it_reads(tmp_path):
+    (tmp_path / "d.csv").write_text("u,clicked\n1,0\n2,1\n")
+    (tmp_path / "s.yaml").write_text("label: clicked\nfields: [{name: u, kind: sparse, cardinality: 5}]\n"
+                                     "ids: {u: integer}\n")
+    with pytest.raises(SchemaError, match=r"s.yaml: ids is what prepare tabular writes .* --hash FIELD or --vocabulary"):
+        prepare_tabular(str(tmp_path / "d.csv"), str(tmp_path / "s.yaml"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
