@@ -75,7 +75,10 @@ Ids go through the training reader's rules first (`config.json`, `id_rules`): id
 `hashed` field are folded into its table, sequences keep their first `max_length` ids, a row of
 a sparse (single-id) field holds exactly one id (send a missing value as id 0, as in the
 training data, not as an empty bag), and any other id outside its table is a ValueError naming
-the feature and row. The EBC lookup runs
+the feature and row. Raw values of data prepared by `recsys-llm prepare tabular` (strings, a
+field's own numbers) get their ids from
+`recsys_llm.data.tabular.raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)`,
+in the way that data's `schema.json` records for each field (`ids`). The EBC lookup runs
 eagerly; everything after it is `dense_program.pt2` (`torch.export.load`), inputs
 `(dense (B, {num_dense}), pooled (B, {pooled}))`.
 
