@@ -85,6 +85,21 @@ def test_python_values_and_unknown_ones(prepared):
     assert raw_value_ids(schema, "item", [3, 10**6 + 3, None])[0].tolist() == [3, (10**6 + 3) % 7, 0]
 
 
+def test_missing_empty_mixed_and_unsigned_values(prepared):
+    """Values as a caller has them, not as a typed column: all missing (pyarrow infers no type), none, several
+    Python types in one field (read as their texts, as a CSV holds them), integers beyond int64 (a uint64 column's,
+    folded as the int64 of the same bits)."""
+    schema, _, _ = prepared
+    assert raw_value_ids(schema, "city", [None, None])[0].tolist() == [0, 0]
+    ids, lengths = raw_value_ids(schema, "city", [])
+    assert ids.shape == (0,) and ids.dtype == np.int64 and lengths is None
+    flat, lengths = raw_value_ids(schema, "tags", [None, None])
+    assert flat.size == 0 and lengths.tolist() == [0, 0]
+    assert raw_value_ids(schema, "user", [3, "4", None])[0].tolist() == [3, 4, 0]
+    assert raw_value_ids(schema, "code", [5, "5"])[0].tolist() == raw_value_ids(schema, "code", ["5", "5"])[0].tolist()
+    assert raw_value_ids(schema, "item", [2**64 - 1])[0].tolist() == [(2**64 - 1 - 2**64) % 7]
+
+
 def test_bad_values_and_fields_are_named(prepared):
     schema, _, _ = prepared
     with pytest.raises(DataError, match=r"raw values of field 'user'.*row 1.*50"):

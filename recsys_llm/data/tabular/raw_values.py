@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.tabular.tokens import ID_WAY_OF_PLAN, NULL_MARKERS, FieldPlan, field_tokens, token_ids
 from recsys_llm.data.validation import DataError, check_ids, offsets_from_lengths
 
@@ -75,7 +75,8 @@ def raw_value_ids(
     elif plan.mode == "ids":
         plan.missing = pa.array(sorted(NULL_MARKERS), pa.string())
     where = f"raw values of field {field!r}"
-    flat, lengths = field_tokens(pa.array(values), spec, sequence_separator, where, 0, plan.missing)
+    array = _arrow_values(values, sequence=spec.kind == FieldKind.SEQUENCE)
+    flat, lengths = field_tokens(array, spec, sequence_separator, where, 0, plan.missing)
     try:
         ids = token_ids(flat, plan, spec, salt=[f.name for f in schema.fields].index(field))
     except pa.ArrowInvalid as error:  # a value that is no integer, for a field prepared from integer ids
@@ -83,3 +84,23 @@ def raw_value_ids(
                         f"(ids: integer); {error}") from None
     offsets = None if lengths is None else offsets_from_lengths(lengths)
     return check_ids(where, spec, ids, offsets, 0).astype(np.int64, copy=False), lengths
+
+
+def _arrow_values(values: Sequence[object], sequence: bool) -> pa.Array:
+    """``values`` as one Arrow array, as a column of the source would hold them: pyarrow's own type when it
+    infers one; strings (a number as its text, as a CSV holds it) for values of several Python types; uint64
+    for integers beyond int64; strings (lists of strings for a sequence field) when every value is missing."""
+    try:
+        array = pa.array(values)
+    except OverflowError:  # integers beyond int64, which a uint64 column holds
+        array = pa.array(values, pa.uint64())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # several Python types in one field: their texts
+
+        def text(value: object) -> object:
+            return None if value is None else str(value)
+
+        values = [[text(t) for t in v] if isinstance(v, (list, tuple)) else text(v) for v in values]
+        array = pa.array(values)
+    if pa.types.is_null(array.type):  # every value missing, or no value
+        array = pa.array([None] * len(array), pa.list_(pa.string()) if sequence else pa.string())
+    return array
