@@ -222,13 +222,19 @@ class DatasetSchema:
                 f"schema {self.name!r}: extra_columns {listed_twice} are also fields or the label; an extra column "
                 "is carried as it is, a field is encoded and the label read: list each column once"
             )
-        categorical = {f.name for f in self.fields if f.is_categorical}
+        categorical = {f.name: f for f in self.fields if f.is_categorical}
         for field, way in self.ids.items():
             if field not in categorical:
                 raise SchemaError(f"schema {self.name!r}: ids names {field!r}, which is not a sparse or sequence field "
                                   f"of the schema ({sorted(categorical)})")
             if way not in ID_WAYS:
                 raise SchemaError(f"schema {self.name!r}: ids.{field}: expected one of {list(ID_WAYS)}, got {way!r}")
+            if way == "vocabulary" and not categorical[field].value_text:
+                raise SchemaError(f"schema {self.name!r}: ids.{field} is vocabulary, but field {field!r} has no "
+                                  "value_text, the file that holds its vocabulary")
+            if way == "hashed_text" and not categorical[field].hashed:
+                raise SchemaError(f"schema {self.name!r}: ids.{field} is hashed_text, but field {field!r} is not "
+                                  "hashed (\"hashed\": true)")
 
     # ---- views -------------------------------------------------------------------------
     @property

@@ -75,7 +75,8 @@ class _ProjectedFieldKL(torch.autograd.Function):
     Autograd's version builds and walks several (B, F, D) intermediates, and the
     projection, log-softmax and permutation of the targets are half a dozen more nodes for
     a few hundred numbers. This one makes two passes over (B, F, D) forward (log softmax,
-    its sum over the batch) and one backward (log softmax's own backward kernel):
+    its sum over the batch) and, backward, log softmax's own backward kernel (which first makes
+    the constant below contiguous) instead of an exp and a multiply-add:
 
     * d/dx_{b,f} = m_f (softmax(x_{b,f}) - p_f) / (B N), which is log softmax's backward of the
       constant -m_f p_f / (B N) (its sum over the D entries of a field is -m_f / (B N))
@@ -116,7 +117,7 @@ class _ProjectedFieldKL(torch.autograd.Function):
             grad_weight = field_vectors.new_zeros(log_p.size(1), field_vectors.size(1)).to(log_p.dtype)
             return torch.zeros_like(log_q), None, grad_weight, log_p.new_zeros(log_p.size(1)), None
         per_field = grad / count
-        constant = (weighted_p * (per_field / -batch_size)).to(log_q.dtype).expand_as(log_q)  # (B, F, D), a view
+        constant = (weighted_p * (per_field / -batch_size)).to(log_q.dtype).expand_as(log_q)  # (B, F, D)
         grad_fields = torch._log_softmax_backward_data(constant, log_q, -1, log_q.dtype)
         grad_log_p = (gap / batch_size + 1).mul_(weighted_p).mul_(per_field).to(log_p.dtype)  # (F, D)
         grad_logits = torch._log_softmax_backward_data(grad_log_p, log_p, -1, log_p.dtype)  # (F, D)

@@ -98,14 +98,40 @@ def test_missing_empty_mixed_and_unsigned_values(prepared):
     assert raw_value_ids(schema, "user", [3, "4", None])[0].tolist() == [3, 4, 0]
     assert raw_value_ids(schema, "code", [5, "5"])[0].tolist() == raw_value_ids(schema, "code", ["5", "5"])[0].tolist()
     assert raw_value_ids(schema, "item", [2**64 - 1])[0].tolist() == [(2**64 - 1 - 2**64) % 7]
+    assert raw_value_ids(schema, "tags", [[2**64 - 1]])[0].tolist() == [0]  # a token the vocabulary lacks
+
+
+def test_a_value_gets_its_id_whatever_the_other_values_of_the_call(prepared):
+    """A value's id does not depend on its batch: a whole float is its digits and NaN missing, alone (a float
+    column) or beside strings (their texts); only empty or missing lists of a sequence field are no error."""
+    schema, _, _ = prepared
+    for field, value in (("city", 3.0), ("query", 42.0), ("code", 7.0), ("user", 3.0), ("query", float("nan"))):
+        alone = raw_value_ids(schema, field, [value])[0].tolist()
+        assert raw_value_ids(schema, field, [value, "7"])[0].tolist()[:1] == alone, (field, value)
+    assert raw_value_ids(schema, "query", [float("nan"), "x"])[0].tolist()[0] == 0
+    for rows in ([[], []], [[], None], [[None]]):
+        flat, lengths = raw_value_ids(schema, "tags", rows)
+        assert flat.size == 0 and lengths.tolist() == [0] * len(rows)
+    big = raw_value_ids(schema, "query", [10**20])[0]
+    assert big.tolist() == raw_value_ids(schema, "query", [str(10**20)])[0].tolist()
+    with pytest.raises(DataError, match=r"raw values of field 'user', row 1: '18446744073709551615' is beyond int64"):
+        raw_value_ids(schema, "user", [-1, 2**64 - 1])
 
 
 def test_bad_values_and_fields_are_named(prepared):
     schema, _, _ = prepared
     with pytest.raises(DataError, match=r"raw values of field 'user'.*row 1.*50"):
         raw_value_ids(schema, "user", ["3", "77"])
-    with pytest.raises(DataError, match=r"raw values of field 'item': expected integer ids.*\(ids: integer\).*'bag'"):
+    with pytest.raises(DataError, match=r"raw values of field 'item', row 1: 'bag' is not an integer id.*\(ids: integer\)"):
         raw_value_ids(schema, "item", ["3", "bag"])
+    with pytest.raises(DataError, match=r"field 'tags', row 1: 'b\|c' is not a list, and other rows are"):
+        raw_value_ids(schema, "tags", [["a"], "b|c"])
+    with pytest.raises(DataError, match=r"field 'city', row 0: 1.5 is not a whole number"):
+        raw_value_ids(schema, "city", [1.5, "Paris"])
+    with pytest.raises(DataError, match=r"field 'city', row 0: True \(bool\)"):
+        raw_value_ids(schema, "city", [True, "Paris"])
+    with pytest.raises(TypeError, match=r"field 'city': expected one value per row .* got one str 'Paris'"):
+        raw_value_ids(schema, "city", "Paris")
     with pytest.raises(ValueError, match="field 'price' of schema 'shop' is dense"):
         raw_value_ids(schema, "price", [1.0])
     schema.ids.pop("city")
@@ -124,6 +150,10 @@ def test_ids_in_a_schema_are_checked(tmp_path):
         DatasetSchema.from_dict({"fields": fields, "ids": {"p": "integer"}})
     with pytest.raises(SchemaError, match=r"ids=\['u'\]: expected a mapping"):
         DatasetSchema.from_dict({"fields": fields, "ids": ["u"]})
+    with pytest.raises(SchemaError, match=r"ids.u is vocabulary, but field 'u' has no value_text"):
+        DatasetSchema.from_dict({"fields": fields, "ids": {"u": "vocabulary"}})
+    with pytest.raises(SchemaError, match=r"ids.u is hashed_text, but field 'u' is not hashed"):
+        DatasetSchema.from_dict({"fields": fields, "ids": {"u": "hashed_text"}})
 
 
 def test_prepare_tabular_refuses_ids_in_the_schema_it_reads(tmp_path):

@@ -13,14 +13,17 @@ Example::
     flat, lengths = raw_value_ids(schema, "categories", ["shoes|bags", None])  # a sequence field
 """
 
+import math
+import re
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 
 from recsys_llm.data.schema import DatasetSchema, FieldKind
-from recsys_llm.data.tabular.tokens import ID_WAY_OF_PLAN, NULL_MARKERS, FieldPlan, field_tokens, token_ids
-from recsys_llm.data.validation import DataError, check_ids, offsets_from_lengths
+from recsys_llm.data.tabular.tokens import (ID_WAY_OF_PLAN, INTEGER_PATTERN, NULL_MARKERS, FieldPlan, field_tokens,
+                                            token_ids)
+from recsys_llm.data.validation import DataError, check_ids, describe_row, offsets_from_lengths, row_of_value
 
 _PLAN_OF_ID_WAY = {way: mode for mode, way in ID_WAY_OF_PLAN.items()}
 
@@ -75,32 +78,82 @@ def raw_value_ids(
     elif plan.mode == "ids":
         plan.missing = pa.array(sorted(NULL_MARKERS), pa.string())
     where = f"raw values of field {field!r}"
-    array = _arrow_values(values, sequence=spec.kind == FieldKind.SEQUENCE)
+    array = _arrow_values(values, where, sequence=spec.kind == FieldKind.SEQUENCE)
     flat, lengths = field_tokens(array, spec, sequence_separator, where, 0, plan.missing)
+    offsets = None if lengths is None else offsets_from_lengths(lengths)
     try:
         ids = token_ids(flat, plan, spec, salt=[f.name for f in schema.fields].index(field))
-    except pa.ArrowInvalid as error:  # a value that is no integer, for a field prepared from integer ids
-        raise DataError(f"{where}: expected integer ids, the way schema {schema.name!r} records for the field "
-                        f"(ids: integer); {error}") from None
-    offsets = None if lengths is None else offsets_from_lengths(lengths)
+    except pa.ArrowInvalid:  # a value that is no integer (or beyond int64), for a field prepared from integer ids
+        texts = flat.cast(pa.string()).to_pylist()
+        index, what = _first_bad_integer(texts)
+        raise DataError(f"{where}, {describe_row(row_of_value(offsets, index))}: {texts[index]!r} {what}, the way "
+                        f"schema {schema.name!r} records for the field (ids: integer)") from None
     return check_ids(where, spec, ids, offsets, 0).astype(np.int64, copy=False), lengths
 
 
-def _arrow_values(values: Sequence[object], sequence: bool) -> pa.Array:
+def _first_bad_integer(texts: Sequence[Optional[str]]) -> Tuple[int, str]:
+    """Index of the first text that an int64 id cannot hold, and why."""
+    for index, text in enumerate(texts):
+        if text is not None and not re.match(INTEGER_PATTERN, text):
+            return index, "is not an integer id"
+    for index, text in enumerate(texts):
+        if text is not None and not -2**63 <= int(text) < 2**63:
+            return index, "is beyond int64 (beside a negative id, so not read as uint64)"
+    return 0, "cannot be read as int64 ids"
+
+
+def _arrow_values(values: Sequence[object], where: str, sequence: bool) -> pa.Array:
     """``values`` as one Arrow array, as a column of the source would hold them: pyarrow's own type when it
-    infers one; strings (a number as its text, as a CSV holds it) for values of several Python types; uint64
-    for integers beyond int64; strings (lists of strings for a sequence field) when every value is missing."""
-    try:
-        array = pa.array(values)
-    except OverflowError:  # integers beyond int64, which a uint64 column holds
-        array = pa.array(values, pa.uint64())
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # several Python types in one field: their texts
-
-        def text(value: object) -> object:
-            return None if value is None else str(value)
-
-        values = [[text(t) for t in v] if isinstance(v, (list, tuple)) else text(v) for v in values]
-        array = pa.array(values)
+    infers one (uint64 for integers beyond int64); the values' texts when they are of several Python types
+    (:func:`_token_text`); strings (lists of strings for a sequence field) when every value is missing."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{where}: expected one value per row (a list or array), got one {type(values).__name__} "
+                        f"{values!r:.40}; pass [{values!r:.40}] for one row")
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        array = values
+    else:
+        try:
+            array = pa.array(values)
+        except OverflowError:  # integers beyond int64, which a uint64 column holds; else their texts
+            try:
+                array = pa.array(values, pa.list_(pa.uint64()) if sequence else pa.uint64())
+            except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
+                array = _texts(values, where, sequence)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # several Python types in one field
+            array = _texts(values, where, sequence)
     if pa.types.is_null(array.type):  # every value missing, or no value
         array = pa.array([None] * len(array), pa.list_(pa.string()) if sequence else pa.string())
+    elif sequence and pa.types.is_list(array.type) and pa.types.is_null(array.type.value_type):
+        array = array.cast(pa.list_(pa.string()))  # only empty or missing lists
     return array
+
+
+def _texts(values: Sequence[object], where: str, sequence: bool) -> pa.Array:
+    """Values of several Python types as the strings a CSV would hold (lists of them for a sequence given
+    as lists)."""
+    if sequence and any(isinstance(v, (list, tuple)) for v in values):
+        joined = [row for row, v in enumerate(values) if not isinstance(v, (list, tuple)) and v is not None]
+        if joined:
+            raise DataError(f"{where}, {describe_row(joined[0])}: {values[joined[0]]!r} is not a list, and other rows "
+                            "are; give a sequence field's rows all as lists or all as joined strings")
+        return pa.array([None if v is None else [_token_text(t, where, row) for t in v] for row, v in enumerate(values)],
+                        pa.list_(pa.string()))
+    return pa.array([_token_text(v, where, row) for row, v in enumerate(values)], pa.string())
+
+
+def _token_text(value: object, where: str, row: int) -> Optional[str]:
+    """A value's text as the conversion reads a typed column: an integer or a whole float as its digits (a float
+    column's ``42.0`` is id or token ``42``), NaN and None missing; a fraction or a bool is refused, as there."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}, {describe_row(row)}: {value!r} ({type(value).__name__}); expected an integer id, "
+                        "a whole number or a string")
+    if isinstance(value, float) and not value.is_integer():
+        raise DataError(f"{where}, {describe_row(row)}: {value!r} is not a whole number; expected an integer id or "
+                        "a string")
+    return str(int(value))

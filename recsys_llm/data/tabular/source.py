@@ -38,8 +38,9 @@ def is_parquet(path: str) -> bool:
 
 
 def first_line(path: str) -> Optional[int]:
-    """Line of data row 0 in a CSV (the header is line 1); None for Parquet (rows have no lines)."""
-    return None if is_parquet(path) else 2
+    """Line of data row 0 in a CSV (the header is line 1); None for Parquet, or for rows that are not read from
+    a file (``raw_value_ids``' values): their rows have no lines."""
+    return None if is_parquet(path) or not os.path.isfile(path) else 2
 
 
 def _csv_columns(path: str, delimiter: str) -> List[str]:
