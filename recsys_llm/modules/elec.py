@@ -315,6 +315,16 @@ def _teacher_mismatch_hint(path: str, model_config: Optional[ModelConfig] = None
     return "; " + "; ".join(hints)
 
 
+def teacher_part(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A frozen teacher's tensors in ``state``: a gain run's state as it is, or, from the whole state of a
+    distillation run (``export --state-only`` of a joint or frozen run: ``teacher.*``, ``student.*``, ...), its
+    teacher's, keys relative to ``teacher.`` (the values stay as ``state`` gives them: lazy reads stay lazy)."""
+    keys = list(state)
+    if not (any(k.startswith("teacher.") for k in keys) and any(k.startswith("student.") for k in keys)):
+        return state
+    return {key[len("teacher."):]: state[key] for key in keys if key.startswith("teacher.")}
+
+
 def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Optional[str] = None,
                     model_config: Optional[ModelConfig] = None) -> Dict[str, int]:
     """Fills what training does not: entity vectors and (frozen mode) the teacher's weights.
@@ -324,7 +334,8 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
     them (``semantics export`` does), the entity field and ``schema_fingerprint``: ids of
     another data set would land on the wrong rows.
 
-    A frozen teacher's state must fit the teacher this config builds, tensor for tensor; when it
+    A frozen teacher's state (a gain run's ``export --state-only``, or a distillation run's, whose teacher
+    part is read: :func:`teacher_part`) must fit the teacher this config builds, tensor for tensor; when it
     does not, the error names the model settings (``model_config``) or schema the export's
     ``config.json`` records otherwise.
 
@@ -359,7 +370,8 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         source = f"elec.teacher_checkpoint {config.teacher_checkpoint}"
         with open_state_file(config.teacher_checkpoint) as state:  # each rank reads only its shards' rows
             try:
-                report["teacher_tensors"] = load_full_state(model, state, prefix="teacher.", source=source)
+                report["teacher_tensors"] = load_full_state(model, teacher_part(state), prefix="teacher.",
+                                                            source=source)
             # the state lacks a tensor, has one of another shape, or an extra one (not a NaN or a damaged
             # file: the ValueErrors of open_state_file's reads, which no model setting explains)
             except (KeyError, StateMismatchError) as error:

@@ -136,6 +136,7 @@ def check_elec_settings_are_read(elec: ELECConfig) -> None:
         ConfigError: naming the setting and what to change.
     """
     distill = elec.task == "distill"
+    _check_distill_settings_are_read(elec)
     if distill and elec.distill.mode != "frozen" and elec.teacher_checkpoint:
         raise ConfigError(
             f"elec.teacher_checkpoint={elec.teacher_checkpoint} is read only by elec.distill.mode 'frozen', and the mode "
@@ -166,6 +167,27 @@ def check_elec_settings_are_read(elec: ELECConfig) -> None:
         raise ConfigError(
             f"elec.expected_provenance={elec.expected_provenance} is checked on entity vector exports only, and none "
             f"is read ({why}): the vectors would not be checked; leave it out (elec.expected_provenance={{}})"
+        )
+
+
+def _check_distill_settings_are_read(elec: ELECConfig) -> None:
+    """The part of :func:`check_elec_settings_are_read` on distillation weights that leave a run without its
+    point: a joint teacher that never trains, a student without a distillation term. (Settings of another task
+    or mode stay allowed: one config file serves the teacher and its students.)"""
+    settings = elec.distill
+    if elec.task != "distill":
+        return
+    if settings.mode == "joint" and settings.teacher_loss_weight == 0:
+        raise ConfigError(
+            "elec.distill.teacher_loss_weight=0 in mode 'joint': the teacher's own loss is all it trains on, so it "
+            "would keep its random initial weights and the student would learn from them; give it a weight > 0 "
+            "(default 1.0), or distil a trained gain network (elec.distill.mode=frozen, elec.teacher_checkpoint)"
+        )
+    if settings.alpha == 0 and settings.beta == 0:
+        raise ConfigError(
+            "elec.distill.alpha=0 and elec.distill.beta=0: no distillation term, so the student trains on its labels "
+            "alone, the plain backbone with a teacher run beside it for nothing; give alpha (score KD) or beta "
+            "(representation KD) a weight > 0, or train the plain backbone (no elec section)"
         )
 
 

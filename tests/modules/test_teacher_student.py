@@ -109,6 +109,24 @@ class TestTeacherStudentTask:
         for k, v in task.teacher.state_dict().items():
             assert torch.equal(v, before[k]), k
 
+    def test_a_joint_runs_teacher_is_a_frozen_teacher(self, tmp_path):
+        """A distillation run's whole state (``export --state-only`` of a joint run: teacher.*, student.*, repr_kd.*)
+        gives its teacher, as ``teacher-outputs`` takes it for an offline student; it was refused, naming model
+        settings that were not the cause."""
+        from safetensors.torch import save_file
+
+        joint = _elec("joint")
+        _train(joint, steps=2)
+        export = tmp_path / "joint_state"
+        export.mkdir()
+        save_file({k: v.contiguous() for k, v in joint.state_dict().items()}, str(export / "model.safetensors"))
+        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(export),
+                            distill=TeacherStudentConfig(mode="frozen"))
+        frozen = build_elec_task(config, SCHEMA, MODEL, device=CPU)
+        assert load_elec_state(frozen, config)["teacher_tensors"] == len(joint.teacher.state_dict())
+        for key, value in joint.teacher.state_dict().items():
+            assert torch.equal(frozen.teacher.state_dict()[key], value), key
+
     def test_a_frozen_teacher_builds_no_autograd_graph(self):
         """Its outputs enter the loss detached, so a graph through it would only cost memory and time."""
         task = build_elec_task(ELECConfig(task="distill", vector_dim=8, teacher_checkpoint="unused",

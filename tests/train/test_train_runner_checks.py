@@ -166,7 +166,8 @@ def test_a_new_offline_student_run_refuses_entity_exports_it_would_not_read(tmp_
 
 def test_a_new_run_refuses_elec_settings_it_would_not_read(tmp_path) -> None:
     """A teacher checkpoint beside a joint teacher (trained from scratch) or an offline student, and entity tables
-    beside per-row vectors, were silently ignored (and recorded in plugins.json as the run's)."""
+    beside per-row vectors, were silently ignored (and recorded in plugins.json as the run's); a joint teacher with
+    no loss weight, and a student with no KD weight, trained without error."""
     from recsys_llm.modules.elec import ELECConfig
     from recsys_llm.train.runner import run_training
     from recsys_llm.train.task_builder import check_elec_settings_are_read
@@ -192,7 +193,18 @@ def test_a_new_run_refuses_elec_settings_it_would_not_read(tmp_path) -> None:
         unfilled = ELECConfig.from_dict({**trains_tables, "vector_source": "entity_table", "entity_field": "item_id"})
         with pytest.raises(ConfigError, match=r"elec.entity_tables: fields \['item_id'\] name no export directory"):
             check_elec_settings_are_read(unfilled)
+    # a joint teacher that never trains (the student learnt from its random weights), a student without KD
+    never_trains = ELECConfig.from_dict({"task": "distill", "distill": {"mode": "joint", "teacher_loss_weight": 0}})
+    with pytest.raises(ConfigError, match=r"teacher_loss_weight=0 in mode 'joint': .* keep its random initial weights"):
+        check_elec_settings_are_read(never_trains)
+    no_kd = ELECConfig.from_dict({"task": "distill", "distill": {"mode": "frozen", "alpha": 0, "beta": 0},
+                                  "teacher_checkpoint": "t"})
+    with pytest.raises(ConfigError, match=r"alpha=0 and elec.distill.beta=0: no distillation term"):
+        check_elec_settings_are_read(no_kd)
     for fine in ({"task": "distill", "distill": {"mode": "frozen"}, "teacher_checkpoint": "t"},
+                 {"task": "distill", "distill": {"mode": "frozen", "teacher_loss_weight": 0}, "teacher_checkpoint": "t"},
+                 {"task": "distill", "distill": {"mode": "joint", "alpha": 0}},
+                 {"task": "gain", "distill": {"alpha": 0, "beta": 0}},
                  {"task": "gain", "teacher_checkpoint": "t"},  # one config file for the teacher and its student
                  {"task": "distill", "distill": {"mode": "frozen"}, "teacher_checkpoint": "t",  # the teacher's tables
                   "vector_source": "entity_table", "entity_field": "item_id"},
