@@ -119,6 +119,7 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, f
     # the pair weights are constants of the program, not rebuilt per request
     targets = {str(node.target) for node in served.dense_program.graph.nodes if node.op == "call_function"}
     assert not any(op in target for target in targets for op in ("triu", "index_put", "ones_like", "addmv")), targets
+    assert not _device_pinned(served.dense_program)
     for seed, size in ((7, 1), (8, 33)):
         batch = make_batch(size, seed)
         with torch.no_grad():
@@ -304,6 +305,15 @@ def test_entity_table_gain_network_serves_without_the_llm(tmp_path):
         expected = gain.predict(batch).logits
     torch.testing.assert_close(served.logits(batch.dense_features, batch.sparse_features), expected)
     assert "No LLM runs at inference" in (tmp_path / "gain" / "INFERENCE.md").read_text()
+    assert not _device_pinned(served.dense_program)
+
+
+def _device_pinned(program) -> list:
+    """The nodes of a served program that demand a tensor's export-time device: torch.export records one for a
+    ``.to()`` that was a no-op when traced (FIE's serving matrix, a gain network's vectors), and it refused every
+    request of a ServedModel moved with ``.to("cuda")``."""
+    return [node.format_node() for node in program.graph.nodes
+            if node.op == "call_function" and node.kwargs.get("device") is not None]
 
 
 def test_the_inference_example_runs_as_written_without_llm_packages(tmp_path):
@@ -756,3 +766,48 @@ def test_a_float64_example_dense_batch_exports_the_program_served_in_float32(tmp
     with torch.no_grad():
         expected = student.predict(batch).logits
     assert torch.equal(served.logits(batch.dense_features.double(), batch.sparse_features), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("model_name", ["deepfm", "dcnv2"])
+def test_a_served_model_moved_to_cuda_serves_cuda_requests(tmp_path, model_name):
+    """usage.md: a model moved with ``served.to("cuda")`` takes CUDA requests; only its id rules were run on a GPU.
+    DCNv2 keeps FIE as a matrix of its program (not folded), whose export-time device the program once checked."""
+    from recsys_llm.models.registry import build_backbone
+    from recsys_llm.models.task import CTRTask
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+    torch.manual_seed(0)
+    fie = FieldInteractionEnhancement(torch.randn(2, 6), ["item_id", "user_id"], weight=0.5)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS[model_name], SCHEMA, device=CPU), logit_terms={"fie": fie}).eval()
+    fie.freeze()
+    example = make_batch(4, 100)
+    export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features, schema=SCHEMA)
+    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    batch = make_batch(9, 3)
+    expected = served.logits(batch.dense_features, batch.sparse_features)
+    served.to("cuda")
+    got = served.logits(batch.dense_features.cuda(), batch.sparse_features.to("cuda"))
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_inference_notes_promise_id_rules_only_where_the_export_recorded_them(tmp_path):
+    """An export given no schema records no id rules (``id_rules: null``): its INFERENCE.md said hashed ids are
+    folded and sequences cut, which that ServedModel does not do; ids outside their tables are still refused."""
+    torch.manual_seed(0)
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    export_task(student, str(tmp_path / "rules"), example.dense_features, example.sparse_features, schema=SCHEMA)
+    export_task(student, str(tmp_path / "none"), example.dense_features, example.sparse_features)
+    with_rules = (tmp_path / "rules" / "INFERENCE.md").read_text()
+    without = (tmp_path / "none" / "INFERENCE.md").read_text()
+    assert "Ids go through the training reader's rules first" in with_rules and "recorded no id rules" not in with_rules
+    assert "recorded no id rules" in without and "rules first" not in without
+    served = ServedModel.load(str(tmp_path / "none"), trust_program=True)
+    batch = make_batch(2, 1)
+    out_of_range = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id", "genres"], values=torch.tensor([1, 2, 3, 12, 0]),
+        lengths=torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="item_id"):
+        served.logits(batch.dense_features, out_of_range)

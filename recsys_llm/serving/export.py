@@ -71,11 +71,7 @@ the dense features must be `(batch_size, {num_dense})` and finite (NaN / inf is 
 naming the row). Dense features of another real dtype (float64, integers) are converted to
 float32.
 
-Ids go through the training reader's rules first (`config.json`, `id_rules`): ids of a
-`hashed` field are folded into its table, sequences keep their first `max_length` ids, a row of
-a sparse (single-id) field holds exactly one id (send a missing value as id 0, as in the
-training data, not as an empty bag), and any other id outside its table is a ValueError naming
-the feature and row. Raw values of data prepared by `recsys-llm prepare tabular` (strings, a
+{id_rules} Raw values of data prepared by `recsys-llm prepare tabular` (strings, a
 field's own numbers) get their ids from
 `recsys_llm.data.tabular.raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)`,
 in the way that data's `schema.json` records for each field (`ids`). The EBC lookup runs
@@ -93,6 +89,20 @@ program gives logits; their sigmoid is what `predict` returns); the id rules abo
 and the request checks are then the caller's job (an id outside its table fails deep in FBGEMM
 on CPU, and may read another row on GPU).
 """
+
+
+ID_RULES_NOTE = """Ids go through the training reader's rules first (`config.json`, `id_rules`): ids of a
+`hashed` field are folded into its table, sequences keep their first `max_length` ids, a row of
+a sparse (single-id) field holds exactly one id (send a missing value as id 0, as in the
+training data, not as an empty bag), and any other id outside its table is a ValueError naming
+the feature and row."""
+
+NO_ID_RULES_NOTE = """This export recorded no id rules (`config.json`: `id_rules` is null, the export
+was given no schema): an id outside its table is a ValueError naming the feature and row, but
+hashed ids are not folded, sequences are not cut to their `max_length` and a sparse field's
+bag may be empty. Send ids as the training reader gave them (folded, at most `max_length` per
+sequence, one per row of a sparse field: id 0 for a missing value), or export again with the
+schema (`recsys-llm export` passes the run's)."""
 
 
 WEIGHTED_INFERENCE_NOTE = """
@@ -409,6 +419,19 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+def _drop_metadata_asserts(program: torch.export.ExportedProgram) -> int:
+    """Removes the program's checks of a tensor's export-time dtype and device (``aten._assert_tensor_metadata``,
+    which ``torch.export`` records for a ``.to()`` that was a no-op when traced, e.g. FIE's serving matrix or a
+    gain network's vectors cast to the embeddings' dtype): they pin the program to the export's device, so a
+    ``ServedModel`` moved with ``.to("cuda")`` would refuse every request. ``ServedModel`` checks the request's
+    own dtypes. Returns the number removed."""
+    graph = program.graph_module.graph
+    asserts = [node for node in graph.nodes if node.target is torch.ops.aten._assert_tensor_metadata.default]
+    for node in asserts:
+        graph.erase_node(node)
+    return len(asserts)
+
+
 def export_task(
     task: nn.Module,
     directory: str,
@@ -485,6 +508,7 @@ def export_task(
                 program = torch.export.export(
                     head, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
                 )
+            _drop_metadata_asserts(program)
             # drop what the logits do not need (e.g. a folded FM's representation)
             program.graph_module.graph.eliminate_dead_code()
             program.graph_module.recompile()
@@ -523,7 +547,8 @@ def export_task(
         with open(os.path.join(tmp, "INFERENCE.md"), "w", encoding="utf-8") as handle:
             handle.write(INFERENCE_EXAMPLE.format(path=os.path.abspath(directory), features=feature_names,
                                                   num_dense=config["num_dense_features"], pooled=config["pooled_dim"],
-                                                  weights=WEIGHTS_ARGUMENT if weighted else ""))
+                                                  weights=WEIGHTS_ARGUMENT if weighted else "",
+                                                  id_rules=ID_RULES_NOTE if config[ID_RULES_KEY] else NO_ID_RULES_NOTE))
             if weighted:
                 handle.write(WEIGHTED_INFERENCE_NOTE)
             if semantic_tables:
