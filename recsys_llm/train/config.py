@@ -653,10 +653,12 @@ def check_plugin_history(saved_plugins: Mapping[str, Any], current_plugins: Mapp
 MODEL_SECTIONS = ("model.", "llactr.", "elec.")  # what a checkpoint's tensors depend on
 # settings of those sections that shape no tensor and no prediction (loss weights, regularisation,
 # data pairing); not llactr.lambda_fie, which scales FIE's logit term (and the weights export folds), nor
-# model.dropout, whose 0 builds torchrec's MLP and > 0 Perceptron + Dropout layers: other state-dict keys
+# model.dropout, whose 0 builds torchrec's MLP and > 0 Perceptron + Dropout layers: other state-dict keys, nor
+# elec.distill.beta, whose 0 builds no representation-KD projection
 TRAINING_ONLY_KEYS = frozenset({
     "model.embedding_init_scale", "llactr.lambda_fre", "llactr.fre_field_reduction",
-    "elec.distill.alpha", "elec.distill.temperature", "elec.distill.score_kd", "elec.distill.teacher_loss_weight",
+    "elec.distill.alpha", "elec.distill.temperature", "elec.distill.score_kd", "elec.distill.repr_kd",
+    "elec.distill.teacher_loss_weight",
     "elec.distill.swap_fields", "elec.distill.swap_catalog", "elec.teacher_checkpoint", "elec.expected_provenance",
 })
 

@@ -274,6 +274,10 @@ def test_evaluate_and_export_refuse_another_lambda_fie_but_not_other_loss_weight
     # dropout shapes no prediction, but 0 and > 0 build MLPs with other state-dict keys
     with pytest.raises(ConfigError, match=r"model.dropout: 0.0 -> 0.1"):
         check_same_model(load_config(saved, ["model.dropout=0.1"]), saved)
+    # the representation-KD kind compares the same tensors (its projection exists for both kinds)
+    distilled = ["model.name=fm", "elec.task=distill", "elec.vector_dim=8"]
+    save_config(load_config(None, distilled + ["elec.distill.repr_kd=mse"]), str(tmp_path / "config.yaml"))
+    check_same_model(load_config(None, distilled + ["elec.distill.repr_kd=cosine"]), saved)
 
 
 def test_resume_allows_budget_and_path_spellings_but_not_model_changes(tmp_path, monkeypatch) -> None:
