@@ -811,3 +811,18 @@ def test_the_inference_notes_promise_id_rules_only_where_the_export_recorded_the
         lengths=torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.int32))
     with pytest.raises(ValueError, match="item_id"):
         served.logits(batch.dense_features, out_of_range)
+
+
+def test_a_request_on_another_device_than_the_model_is_named(tmp_path):
+    """It failed deep in torchrec or the program, naming neither device."""
+    torch.manual_seed(0)
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    export_task(student, str(tmp_path / "export"), example.dense_features, example.sparse_features, schema=SCHEMA)
+    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    batch = make_batch(2, 1)
+    with pytest.raises(ValueError, match=r"sparse features: on meta, the model on cpu; move the request \(.to\('cpu'\)\)"):
+        served.logits(batch.dense_features, batch.sparse_features.to("meta"))
+    with pytest.raises(ValueError, match=r"dense features: on meta, the model on cpu"):
+        served.logits(batch.dense_features.to("meta"), batch.sparse_features)
+    assert served.logits(batch.dense_features, batch.sparse_features).shape == (2,)

@@ -367,6 +367,15 @@ class ServedModel(nn.Module):
         return KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=features.lengths(),
                                  weights=converted, stride=batch_size)
 
+    def _check_device(self, dense_features: Any, sparse_features: KeyedJaggedTensor) -> None:
+        """Raises ValueError when a request's tensors are not on the model's device (torchrec or the program would
+        fail deep inside, naming neither)."""
+        device = next(self.embedding_bag_collection.parameters()).device
+        for what, tensor in (("sparse features", sparse_features.values()), ("dense features", dense_features)):
+            if isinstance(tensor, torch.Tensor) and tensor.device != device:
+                raise ValueError(f"{what}: on {tensor.device}, the model on {device}; move the request "
+                                 f"(.to({str(device)!r})) or the model (served.to({str(tensor.device)!r}))")
+
     @torch.no_grad()
     def logits(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """(B, Dd), KJT of raw ids -> logits (B,).
@@ -395,6 +404,7 @@ class ServedModel(nn.Module):
         if not isinstance(sparse_features, KeyedJaggedTensor):
             raise TypeError(f"sparse_features: expected a KeyedJaggedTensor of the features {self.feature_names}, "
                             f"got {type(sparse_features).__name__}")
+        self._check_device(dense_features, sparse_features)
         if self._config.get(WEIGHTED_KEY, False) and sparse_features.weights_or_none() is None:
             raise ValueError(f"sparse features: no weights; this model's tables pool per-id weights (its EBC was "
                              f"is_weighted=True in training): pass weights=, one float per id of {self.feature_names}")
