@@ -109,6 +109,7 @@ def test_a_value_gets_its_id_whatever_the_other_values_of_the_call(prepared):
         alone = raw_value_ids(schema, field, [value])[0].tolist()
         assert raw_value_ids(schema, field, [value, "7"])[0].tolist()[:1] == alone, (field, value)
     assert raw_value_ids(schema, "query", [float("nan"), "x"])[0].tolist()[0] == 0
+    assert raw_value_ids(schema, "user", [np.int64(3), "4", np.float32(5.0)])[0].tolist() == [3, 4, 5]
     for rows in ([[], []], [[], None], [[None]]):
         flat, lengths = raw_value_ids(schema, "tags", rows)
         assert flat.size == 0 and lengths.tolist() == [0] * len(rows)

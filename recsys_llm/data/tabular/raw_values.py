@@ -14,6 +14,7 @@ Example::
 """
 
 import math
+import numbers
 import re
 from typing import Optional, Sequence, Tuple
 
@@ -146,14 +147,14 @@ def _texts(values: Sequence[object], where: str, sequence: bool) -> pa.Array:
 def _token_text(value: object, where: str, row: int) -> Optional[str]:
     """A value's text as the conversion reads a typed column: an integer or a whole float as its digits (a float
     column's ``42.0`` is id or token ``42``), NaN and None missing; a fraction or a bool is refused, as there."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
         return None
     if isinstance(value, str):
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):  # numpy's numbers count
         raise DataError(f"{where}, {describe_row(row)}: {value!r} ({type(value).__name__}); expected an integer id, "
                         "a whole number or a string")
-    if isinstance(value, float) and not value.is_integer():
+    if not isinstance(value, numbers.Integral) and not float(value).is_integer():
         raise DataError(f"{where}, {describe_row(row)}: {value!r} is not a whole number; expected an integer id or "
                         "a string")
     return str(int(value))
