@@ -57,6 +57,7 @@ from recsys_llm.semantics.model_loading import (
     load_model,
     load_tokenizer,
     position_limited,
+    runs_own_code,
     tokenizer_fits_model,
 )
 from recsys_llm.semantics.pooling import hidden_states, hidden_width, pool
@@ -347,6 +348,8 @@ class CTRAdaptedLLM(nn.Module):
             **({"output": "pooled", "dim": str(hidden_width(self.llm))} if output == "pooled" else {}),
             # float32 adds no key, so exports written before the setting existed keep their provenance
             **({"llm_dtype": self.config.llm_dtype} if self.config.llm_dtype != "float32" else {}),
+            # the model directory's own code computed the vectors (trust_remote_code): other vectors from the same files
+            **({"own_code": "true"} if runs_own_code(self.llm) else {}),
         }
 
 
@@ -403,7 +406,7 @@ def check_tune_checkpoint(checkpoint: TuneCheckpoint, texts: Sequence[str],
     if not checkpoint.resume:
         return
     _, sample_texts, sample_labels = _tuning_rows(texts, labels, config)
-    signature = resume_signature(config, sample_texts, sample_labels, checkpoint.settings)
+    signature = resume_signature(config, sample_texts, sample_labels, checkpoint.settings, own_code=None)
     TuneCheckpointer(checkpoint, signature, config.epochs).precheck()
 
 
@@ -464,8 +467,8 @@ def tune_ctr_llm(
     losses: List[float] = []
     first_epoch, first_step = 0, 0
     if checkpoint is not None:
-        saver = TuneCheckpointer(checkpoint, resume_signature(config, sample_texts, sample_labels, checkpoint.settings),
-                              config.epochs)
+        signature = resume_signature(config, sample_texts, sample_labels, checkpoint.settings, runs_own_code(model.llm))
+        saver = TuneCheckpointer(checkpoint, signature, config.epochs)
         resumed = saver.load(model, optimizer, generator) if checkpoint.resume else None
         if resumed is not None:
             first_epoch, first_step, losses = resumed

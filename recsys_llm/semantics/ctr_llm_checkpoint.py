@@ -132,10 +132,17 @@ def _rows_digest(texts: Sequence[str], labels: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
+# in a resume signature when the base model directory's own code ran (or None: not known yet)
+OWN_CODE_KEY = "own_code"
+
+
 def resume_signature(config: "CTRLLMConfig", texts: Sequence[str], labels: np.ndarray,
-                      settings: Dict[str, Any]) -> Dict[str, Any]:
+                      settings: Dict[str, Any], own_code: Optional[bool] = False) -> Dict[str, Any]:
     """What a resumed tuning must share with its checkpoint: the settings less ``epochs`` (more may
-    follow), the base model's files, the sampled rows (texts and labels) and the caller's ``settings``.
+    follow), the base model's files and whether their directory's own code runs (``own_code``:
+    ``trust_remote_code``, :func:`~recsys_llm.semantics.model_loading.runs_own_code`), the sampled rows
+    (texts and labels) and the caller's ``settings``. ``own_code`` None: not known yet (no model loaded), and
+    not compared.
 
     The base model's files are those at the top of its directory, all that the CTR-adapted LLM loads: a
     checkpoint or output kept in a subdirectory of it (``--output-dir <model>/ctr_llm``) is not the model's.
@@ -146,6 +153,8 @@ def resume_signature(config: "CTRLLMConfig", texts: Sequence[str], labels: np.nd
     signature["base_model_fingerprint"] = (model_dir_fingerprint(path, subdirectories=False) if os.path.isdir(path)
                                            else None)
     signature["rows_sha256"] = _rows_digest(texts, labels)
+    if own_code is not False:  # True, or None (unknown); not False: checkpoints written before it keep their signature
+        signature[OWN_CODE_KEY] = own_code
     return json.loads(json.dumps({**signature, **settings}))  # as state.json gives it back (tuples as lists)
 
 
@@ -201,11 +210,16 @@ class TuneCheckpointer:
                 and isinstance(state.get("losses"), list)):
             raise damaged_checkpoint_file(state_file, "expected a JSON object with epoch, step, losses and signature",
                                           ADAPT_CHECKPOINT)
-        signature = state.pop("signature")
-        if signature != self._signature:
+        signature, expected = state.pop("signature"), self._signature
+        unknown = [OWN_CODE_KEY] if expected.get(OWN_CODE_KEY, False) is None else []  # before the model loads
+        files = signature.get("base_model_fingerprint")
+        if files and files == expected.get("base_model_fingerprint"):  # the same files, wherever the model lies now
+            unknown.append("model_path")
+        signature, expected = ({k: v for k, v in d.items() if k not in unknown} for d in (signature, expected))
+        if signature != expected:
             raise ValueError(
                 f"{path}: checkpoint was made with other settings "
-                f"({'; '.join(setting_differences(signature, self._signature))}); use the same settings, another "
+                f"({'; '.join(setting_differences(signature, expected))}); use the same settings, another "
                 "--output-dir, or --no-resume to adapt again from scratch"
             )
         epoch, step = state["epoch"], state["step"]

@@ -25,6 +25,7 @@ from recsys_llm.progress import interval_options
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, tokenizer_fingerprint
 from recsys_llm.semantics.model_loading import (
     check_max_length,
+    code_mark,
     load_model,
     load_tokenizer,
     position_limited,
@@ -180,13 +181,14 @@ class TextEncoder:
     @property
     def model_hash(self) -> str:
         """Fingerprint of the weights/config and tokenizer (directory file hashes, or a hash of the parameter
-        values and of what the tokenizer makes of text: another tokenizer gives other vectors)."""
+        values and of what the tokenizer makes of text: another tokenizer gives other vectors), marked when the
+        model directory's own code runs (:func:`~recsys_llm.semantics.model_loading.runs_own_code`)."""
         if self._model_hash is None:
             if self._model_path is not None:
-                self._model_hash = model_dir_fingerprint(self._model_path)
+                self._model_hash = model_dir_fingerprint(self._model_path) + code_mark(self._model)
             else:
                 both = f"{module_fingerprint(self._model)}+{tokenizer_fingerprint(self._tokenizer)}"
-                self._model_hash = hashlib.sha256(both.encode()).hexdigest()[:16]
+                self._model_hash = hashlib.sha256(both.encode()).hexdigest()[:16] + code_mark(self._model)
         return self._model_hash
 
     @property

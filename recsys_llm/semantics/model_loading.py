@@ -315,6 +315,23 @@ def _require_loaded_weights(model_path: str, model: nn.Module, used: nn.Module, 
         )
 
 
+#: appended to a model's fingerprint when the model directory's own code computes it (see :func:`runs_own_code`)
+OWN_CODE_MARK = "+own-code"
+
+
+def runs_own_code(model: nn.Module) -> bool:
+    """Whether the model (or a module in it, under a peft wrapper too) is the model directory's own code, loaded
+    with ``trust_remote_code`` from its ``auto_map``, rather than transformers' class for its model type: for a
+    model type transformers knows, the same files give other vectors either way, so caches, provenance and
+    resumes tell the two apart (:data:`OWN_CODE_MARK`)."""
+    return any(type(module).__module__.startswith("transformers_modules") for module in model.modules())
+
+
+def code_mark(model: nn.Module) -> str:
+    """:data:`OWN_CODE_MARK` for a model the directory's own code computes (:func:`runs_own_code`), else ``""``."""
+    return OWN_CODE_MARK if runs_own_code(model) else ""
+
+
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Loads a base model (no LM head) offline with ``AutoModel`` (or the ``*EncoderModel`` class its config
     names: T5EncoderModel); of an encoder-decoder model (T5, sentence-T5), its encoder.

@@ -65,7 +65,7 @@ from recsys_llm.progress import interval_options
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
 from recsys_llm.semantics.lora_targets import default_target_modules
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, read_json_file
-from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype, runs_own_code
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
 from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
@@ -203,6 +203,20 @@ class SSFTExample(NamedTuple):
     prompt: str
     label: int
     value: str
+
+
+def _check_distinct_field_texts(fields: Sequence[FieldSpec], texts: Sequence[str]) -> None:
+    """Raises ValueError naming fields whose field texts (the InfoNCE keys) are the same text: each would be the
+    other's positive and negative at once, and neither could be retrieved."""
+    first: Dict[str, str] = {}
+    for spec, text in zip(fields, texts):
+        if text in first:
+            raise ValueError(
+                f"SSFT: fields {first[text]!r} and {spec.name!r} have the same field text {text!r}, the key InfoNCE "
+                "tells fields apart by; give them distinct descriptions, or a field template that holds {name} "
+                "(--field-template)"
+            )
+        first[text] = spec.name
 
 
 def build_examples(
@@ -379,6 +393,7 @@ class SSFTTrainer:
                 "(describe the fields in the schema or set include_fields_without_description)"
             )
         self._field_texts = [field_text(f, config.templates) for f in self._fields]
+        _check_distinct_field_texts(self._fields, self._field_texts)
         self._train, self._valid = build_examples(schema, self._fields, config)
         self._data_digest = examples_digest(self._field_texts, self._train, self._valid)
         self._model_path = config.model_path or default_model_path()
@@ -650,6 +665,8 @@ class SSFTTrainer:
                 "field_texts": self._field_texts,
                 "schema_fingerprint": self._schema.fingerprint(),
                 "templates": dataclasses.asdict(self._config.templates),
+                # only when true: adapters tuned before it was recorded, or on transformers' class, say nothing
+                **({"own_code": True} if runs_own_code(self._encoder.model) else {}),
             }
             with open(os.path.join(tmp, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
                 json.dump(info, handle, indent=2)

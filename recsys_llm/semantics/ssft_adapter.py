@@ -29,7 +29,8 @@ from recsys_llm.semantics.model_dir import (
     read_json_file,
     safetensors_damage,
 )
-from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+from recsys_llm.semantics.model_loading import (code_mark, load_model, load_tokenizer, resolve_device, resolve_dtype,
+                                                runs_own_code)
 from recsys_llm.semantics.train_checkpoint import CHECKPOINT_STATE_FILE
 
 SSFT_INFO_FILE = "ssft.json"
@@ -160,6 +161,16 @@ def load_tuned_encoder(
     torch_device = resolve_device(device)
     tokenizer = load_tokenizer(base_path, trust_remote_code)
     base = load_model(base_path, torch_device, resolve_dtype(dtype, torch_device), trust_remote_code)
+    tuned_with_own_code = bool(info.get("own_code", False))
+    if runs_own_code(base) != tuned_with_own_code:
+        raise ValueError(
+            f"{adapter_dir}: the adapter was tuned on "
+            + ("the model directory's own code (--trust-remote-code), and transformers' own class is loaded now: pass "
+               "--trust-remote-code (trust_remote_code=True) to encode with the model it was tuned on"
+               if tuned_with_own_code else
+               "transformers' own class for the model, and the directory's own code is loaded now "
+               "(--trust-remote-code): leave it out to encode with the model it was tuned on")
+        )
     try:
         # torch_device: peft would otherwise load the adapter onto the current CUDA device
         model = PeftModel.from_pretrained(base, adapter_dir, torch_device=str(torch_device)).merge_and_unload()
@@ -186,6 +197,6 @@ def load_tuned_encoder(
     encoder = TextEncoder.from_model(
         model, tokenizer, pooling=info["pooling"], batch_size=batch_size, max_length=info["max_length"],
         model_id=f"{base_path}{ADAPTER_ID_MARK}{info['adapter_hash']}",
-        model_hash=f"{base_hash}+{info['adapter_hash']}+{adapter_files}",
+        model_hash=f"{base_hash}+{info['adapter_hash']}+{adapter_files}{code_mark(model)}",
     )
     return encoder, info

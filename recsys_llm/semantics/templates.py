@@ -25,7 +25,7 @@ import hashlib
 import json
 import random
 import string
-from typing import Any, List
+from typing import Any, Dict, Iterable, List
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -194,6 +194,15 @@ def _dense_values(schema: DatasetSchema, spec: FieldSpec, max_scan_rows: int) ->
     return pc.unique(pa.chunked_array(chunks).combine_chunks().drop_null())
 
 
+def _distinct_ignoring_case(texts: Iterable[str]) -> List[str]:
+    """Sorted texts, one of each set that differ only in case or spacing (``Comedy``, ``comedy``, `` COMEDY``): an
+    uncased tokenizer (MiniLM's) reads them as one text, which SSFT would otherwise hold out and train on alike."""
+    kept: Dict[str, str] = {}
+    for text in sorted(texts):
+        kept.setdefault(" ".join(text.split()).casefold(), text)
+    return sorted(kept.values())
+
+
 def distinct_values(
     schema: DatasetSchema,
     field_name: str,
@@ -226,7 +235,7 @@ def distinct_values(
         table = table.filter(pc.not_equal(table.column("id"), MISSING_ID))
         # as RowTextRenderer reads it: a text column of numbers (years, codes) is their text
         column = pc.cast(table.column("text"), pa.string()).combine_chunks().drop_null()
-        texts = sorted(t for t in pc.unique(column).to_pylist() if t and t.strip())
+        texts = _distinct_ignoring_case(t for t in pc.unique(column).to_pylist() if t and t.strip())
     else:
         ids = rng.sample(range(MISSING_ID + 1, spec.cardinality), min(limit, spec.cardinality - 1))
         return [str(i) for i in ids]

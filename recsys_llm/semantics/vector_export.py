@@ -48,7 +48,7 @@ import json
 import os
 import re
 import secrets
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -110,6 +110,12 @@ PROVENANCE_DEFAULTS = {"output": "representation", "llm_dtype": "float32"}
 DERIVED_PROVENANCE_KEYS = ("dim",)
 
 
+def same_model_files(first: Dict[str, Any], second: Dict[str, Any]) -> bool:
+    """Whether two provenances record the same known ``revision``: the base model's files, whatever its path."""
+    revision = first.get("revision")
+    return revision not in (None, "", "unknown") and revision == second.get("revision")
+
+
 def check_provenance(found: Dict[str, str], expected: Dict[str, str], source: str, complete: bool = False) -> None:
     """Raises :class:`ProvenanceError` when an expected key is absent or differs.
 
@@ -120,9 +126,13 @@ def check_provenance(found: Dict[str, str], expected: Dict[str, str], source: st
         complete (bool): ``expected`` is a whole provenance (a resumed export's): keys only
             ``found`` has differ too.
 
-    The error names the differing settings first and what follows from them (``dim``) last.
+    The error names the differing settings first and what follows from them (``dim``) last. ``model`` (the
+    base model's path, its last two parts) is a name: where both sides record the same ``revision`` (the
+    fingerprint of the model's files), the files are the same wherever they lie, and ``model`` is not compared.
     """
     keys = list(expected) + ([k for k in found if k not in expected] if complete else [])
+    if same_model_files(found, expected):
+        keys = [k for k in keys if k != "model"]
 
     def value(provenance: Dict[str, str], key: str) -> Optional[str]:
         return provenance.get(key, PROVENANCE_DEFAULTS.get(key))

@@ -314,11 +314,14 @@ def changed_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[
     """The entity tables whose export (``elec.entity_vectors``: provenance, key hash and count) now
     differs from the one a run recorded, e.g. ``"item_id (model: 'a' -> 'b')"``; fields that only one
     record has (an export not named, or a run written before the record existed) are not compared."""
+    from recsys_llm.semantics.vector_export import same_model_files
+
     saved = (saved_plugins.get("elec") or {}).get("entity_vectors") or {}
     current = json.loads(json.dumps((current_plugins.get("elec") or {}).get("entity_vectors") or {}, default=str))
     changes = []
     for field in sorted(set(saved) & set(current)):
-        keys = sorted(set(saved[field]) | set(current[field]))
+        moved = same_model_files(saved[field], current[field])  # the base model moved: its path is only a name
+        keys = sorted(key for key in set(saved[field]) | set(current[field]) if not (moved and key == "model"))
         differing = [f"{key}: {saved[field].get(key)!r} -> {current[field].get(key)!r}" for key in keys
                      if saved[field].get(key) != current[field].get(key)]
         if differing:

@@ -226,6 +226,20 @@ def test_an_adapt_written_inside_its_model_directory_resumes(tmp_path, killed_ad
         _assert_bit_identical(load_file(os.path.join(out, name)), load_file(os.path.join(straight, name)))
 
 
+def test_an_adapt_resumes_after_its_base_model_moved(tmp_path, killed_adapt, tiny_bert_dir, capsys) -> None:
+    """The same files at another path (``base_model_fingerprint``): the resume was refused (model_path: a -> b)."""
+    from tests.tiny_models import copy_model_dir
+
+    schema_root, out, _ = _copy_killed(killed_adapt, tmp_path)
+    moved = copy_model_dir(tiny_bert_dir, tmp_path / "moved" / "bert")
+    adapt = ["semantics", "adapt", "--schema", schema_root, *ADAPT_ARGS]
+    assert main([*adapt, "--model", moved, "--output-dir", out]) == 0, _error_line(capsys)
+    straight = str(tmp_path / "straight")
+    assert main([*adapt, "--model", tiny_bert_dir, "--output-dir", straight]) == 0
+    for name in ("llm_tuned.safetensors", "heads.safetensors"):
+        _assert_bit_identical(load_file(os.path.join(out, name)), load_file(os.path.join(straight, name)))
+
+
 @pytest.mark.parametrize("change,expected", [
     (["--lr", "0.002"], "other settings (learning_rate: 0.001 -> 0.002)"),
     (["--sample-rows", "12"], "rows_sha256: "),

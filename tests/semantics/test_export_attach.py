@@ -277,3 +277,34 @@ def test_adapt_reads_a_split_directory_s_parquet_files_only(tmp_path) -> None:
                  save_tiny_bert(str(tmp_path / "bert")), "--tuning", "heads", "--representation-dim", "4",
                  "--hidden-dim", "8", "--batch-size", "8"]) == 0
     assert os.path.isfile(os.path.join(llm, "heads.safetensors"))
+
+
+def test_an_export_resumes_after_its_base_model_moved(tmp_path) -> None:
+    """The base model's path in the vectors' provenance (``model``) is a name: with the same files (``revision``) at
+    another path, the export resumes; it was refused (model: stored 'models/bert', expected 'elsewhere/bert-copy')."""
+    import json
+    import shutil
+
+    from recsys_llm.semantics.vector_export import ProvenanceError, check_provenance
+
+    data, llm = _data(str(tmp_path / "data")), str(tmp_path / "llm")
+    bert = save_tiny_bert(str(tmp_path / "models" / "bert"))
+    assert main(["semantics", "adapt", "--schema", data, "--output-dir", llm, "--model", bert, "--tuning", "heads",
+                 "--representation-dim", "4", "--hidden-dim", "8", "--batch-size", "8"]) == 0
+    vectors = str(tmp_path / "vectors")
+    export = ["semantics", "export", "--schema", data, "--llm", llm, "--output-dir", vectors, "--chunk-rows", "8"]
+    assert main(export) == 0
+    whole = pq.read_table(os.path.join(vectors, "chunk-00003.parquet"))
+    os.remove(os.path.join(vectors, "chunk-00003.parquet"))  # as if killed before the last chunk
+    moved = shutil.copytree(bert, str(tmp_path / "elsewhere" / "bert-copy"))
+    shutil.rmtree(bert)
+    with open(os.path.join(llm, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    with open(os.path.join(llm, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump({**config, "model_path": moved}, handle)
+    assert main(export) == 0
+    assert pq.read_table(os.path.join(vectors, "chunk-00003.parquet")).equals(whole)
+    # other files under the same name are still other vectors
+    with pytest.raises(ProvenanceError, match=r"revision: stored 'a', expected 'b'"):
+        check_provenance({"model": "m/x", "revision": "a"}, {"model": "m/x", "revision": "b"}, "vectors")
+    check_provenance({"model": "m/x", "revision": "a"}, {"model": "n/y", "revision": "a"}, "vectors")

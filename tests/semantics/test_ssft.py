@@ -211,3 +211,18 @@ def test_metrics_json_of_a_run_without_held_out_values_is_strict_json(tmp_path, 
     text = (out / "metrics.json").read_text()
     metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
     assert metrics["after"]["accuracy"] is None
+
+
+def test_fields_with_the_same_field_text_are_refused(tmp_path) -> None:
+    """Two fields whose field texts (InfoNCE's keys) are one text: each is the other's positive and negative,
+    neither can be retrieved; it tuned without a word."""
+    import dataclasses
+
+    from tests.semantics.conftest import make_schema
+
+    schema = make_schema(str(tmp_path / "data"))
+    schema.fields[0] = dataclasses.replace(schema.fields[0], description="a place")  # color
+    schema.fields[1] = dataclasses.replace(schema.fields[1], description="a place")  # city
+    config = SSFTConfig(templates=PromptTemplates(field="{description}"))
+    with pytest.raises(ValueError, match=r"fields 'color' and 'city' have the same field text 'a place'.*\{name\}"):
+        SSFTTrainer(config, schema, str(tmp_path / "out"))

@@ -46,6 +46,15 @@ class TestTemplates:
         ids = distinct_values(tiny_schema, "user_id", 300, random.Random(0))
         assert sorted(int(i) for i in ids) == list(range(1, 300))
 
+    def test_values_differing_only_in_case_or_spacing_are_one_value(self, tiny_schema: DatasetSchema) -> None:
+        """An uncased tokenizer (MiniLM's) reads "Comedy" and "COMEDY" as one text: SSFT could hold one out and
+        train on the other, and count the retrieval of a value it had trained on as held out."""
+        texts = ["unknown", "Comedy", "comedy", " COMEDY ", "Drama", "drama  noir", "Drama noir"]
+        pq.write_table(pa.table({"id": pa.array(range(len(texts)), pa.int64()), "text": texts}),
+                       tiny_schema.value_text_path("color"))
+        values = distinct_values(tiny_schema, "color", 10, random.Random(0))
+        assert sorted(values) == [" COMEDY ", "Drama", "Drama noir"]
+
     def test_value_texts_of_numbers_are_their_text(self, tiny_schema: DatasetSchema) -> None:
         """A value-text column of numbers (years) is read as text, as ELEC's row text reads it; it used to fail
         with AttributeError: 'int' object has no attribute 'strip'."""

@@ -157,7 +157,7 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         out = str(tmp_path / "vec")
         keys, texts = _keys_texts(30)
         config = VectorExportConfig(chunk_rows=10, batch_size=10)
-        other = {**PROVENANCE, "model": "other"}
+        other = {**PROVENANCE, "model": "other", "revision": "r2"}  # another model: other files
         other_done = []
 
         def after_the_other_export(publish):
@@ -959,7 +959,8 @@ def test_a_chunk_of_another_export_is_refused_by_the_entity_table_reader_too(tmp
     keys, texts = _keys_texts(4)
     config = VectorExportConfig(chunk_rows=2)
     VectorExport(ours, PROVENANCE, config).run(keys, texts, CountingEncoder(), progress=False)
-    VectorExport(theirs, dict(PROVENANCE, model="other"), config).run(keys, texts, CountingEncoder(), progress=False)
+    another_model = dict(PROVENANCE, model="other", revision="r2")
+    VectorExport(theirs, another_model, config).run(keys, texts, CountingEncoder(), progress=False)
     os.replace(chunk_path(theirs, 1), chunk_path(ours, 1))
     foreign = rf"{re.escape(chunk_path(ours, 1))}: vectors do not match .*model: stored 'other', expected 'tiny'"
     with pytest.raises(ProvenanceError, match=foreign):

@@ -1,0 +1,107 @@
+"""A model directory whose config.json brings its own code (``auto_map``) for a model type transformers knows loads
+either way: its code with ``trust_remote_code``, transformers' class without. The same files then give other vectors,
+so the encode cache, the vector provenance, an SSFT adapter and a CTR-LLM tuning's resume tell the two apart."""
+
+import json
+import os
+import warnings
+
+import pytest
+
+from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig
+from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
+from recsys_llm.semantics.model_loading import runs_own_code
+from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer
+from recsys_llm.semantics.ssft_adapter import load_tuned_encoder
+from recsys_llm.semantics.templates import PromptTemplates
+from tests.tiny_models import save_tiny_bert
+
+OWN_CODE = '''
+from transformers import BertModel
+
+
+class DoubledBert(BertModel):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.last_hidden_state = out.last_hidden_state * 2 + 1
+        return out
+'''
+
+
+@pytest.fixture(scope="module")
+def bert_with_own_code(tmp_path_factory) -> str:
+    path = save_tiny_bert(str(tmp_path_factory.mktemp("own_code") / "bert"))
+    with open(os.path.join(path, "modeling_doubled.py"), "w", encoding="utf-8") as handle:
+        handle.write(OWN_CODE)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["auto_map"] = {"AutoModel": "modeling_doubled.DoubledBert"}
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    return path
+
+
+def test_the_encode_cache_and_provenance_tell_the_models_own_code_from_transformers_class(
+        bert_with_own_code, tiny_schema, tmp_path):
+    cache = str(tmp_path / "cache")
+    stored = {}
+    for trust in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the untrusted load warns that the directory's code is not run
+            stored[trust] = encode_field_vectors(
+                FieldVectorConfig(model_path=bert_with_own_code, trust_remote_code=trust, cache_dir=cache), tiny_schema,
+                str(tmp_path / f"fields_{trust}.safetensors"))
+    # the untrusted encode got the trusted one's cached vectors
+    assert not stored[True].vectors.allclose(stored[False].vectors)
+    assert stored[True].provenance.model_hash != stored[False].provenance.model_hash
+    assert stored[True].provenance.model_hash.endswith("+own-code")
+
+
+def test_ctr_llm_provenance_says_the_models_own_code_ran(bert_with_own_code):
+    config = CTRLLMConfig(model_path=bert_with_own_code, representation_dim=8, hidden_dim=16)
+    trusted = CTRAdaptedLLM.from_config(config, trust_remote_code=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        native = CTRAdaptedLLM.from_config(config)
+    assert runs_own_code(trusted.llm) and not runs_own_code(native.llm)
+    assert trusted.provenance()["own_code"] == "true" and "own_code" not in native.provenance()
+    assert {k: v for k, v in trusted.provenance().items() if k != "own_code"} == native.provenance()  # all else alike
+
+
+def test_an_ssft_adapter_is_encoded_with_the_code_it_was_tuned_on(bert_with_own_code, tiny_schema, tmp_path):
+    short = PromptTemplates(prompt="### Input:\n{input}\n\n### Response:\n")
+    config = SSFTConfig(model_path=bert_with_own_code, samples_train=4, samples_valid=1, epochs=1, batch_size=8,
+                        templates=short, seed=0, trust_remote_code=True)
+    metrics = SSFTTrainer(config, tiny_schema, str(tmp_path / "ssft")).run()
+    adapter = metrics["adapter_dir"]
+    with open(os.path.join(adapter, "ssft.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["own_code"] is True
+    encoder, _ = load_tuned_encoder(adapter, trust_remote_code=True)
+    assert encoder.model_hash.endswith("+own-code")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"tuned on the model directory's own code \(--trust-remote-code\), and "
+                                             r"transformers' own class is loaded now: pass --trust-remote-code"):
+            load_tuned_encoder(adapter)
+
+
+def test_a_ctr_llm_tuning_resumes_only_with_the_code_it_started_with(bert_with_own_code, tmp_path):
+    from recsys_llm.semantics.ctr_llm import check_tune_checkpoint, tune_ctr_llm
+    from recsys_llm.semantics.ctr_llm_checkpoint import TuneCheckpoint
+
+    texts = [f"user id is {i % 5}." for i in range(8)]
+    labels = [float(i % 2) for i in range(8)]
+    config = CTRLLMConfig(model_path=bert_with_own_code, representation_dim=4, hidden_dim=8, batch_size=4,
+                          max_length=16, epochs=1)
+    directory = str(tmp_path / "checkpoint")
+    tune_ctr_llm(CTRAdaptedLLM.from_config(config, trust_remote_code=True), texts, labels, config, progress=False,
+                 checkpoint=TuneCheckpoint(directory, every_steps=1))
+    more = CTRLLMConfig(**{**config.__dict__, "epochs": 2})
+    check_tune_checkpoint(TuneCheckpoint(directory), texts, labels, more)  # before a model loads: cannot tell
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        native = CTRAdaptedLLM.from_config(more)
+    with pytest.raises(ValueError, match=r"checkpoint was made with other settings \(own_code"):
+        tune_ctr_llm(native, texts, labels, more, progress=False, checkpoint=TuneCheckpoint(directory))
+    assert tune_ctr_llm(CTRAdaptedLLM.from_config(more, trust_remote_code=True), texts, labels, more, progress=False,
+                        checkpoint=TuneCheckpoint(directory))  # the same code: resumes
