@@ -120,6 +120,8 @@ class TrainState:
         table_optimizer_step (int): the fused table kernels' step counter (FBGEMM's ``iter``:
             one per training forward, as evaluation puts it back; fused Adam's bias correction
             reads it), set by :meth:`CheckpointManager.save` and restored by :func:`load_checkpoint`.
+        validated_step (int): global step of the last validation (-1: none yet, or a checkpoint written
+            before it was recorded): a job resumed at that step trains nothing new to validate.
     """
 
     epoch: int = 0
@@ -133,6 +135,7 @@ class TrainState:
     finished: bool = False
     stop_reason: str = ""
     table_optimizer_step: int = 0
+    validated_step: int = -1
 
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)

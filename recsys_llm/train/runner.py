@@ -346,7 +346,10 @@ def _train_in_run_dir(
         last = budget_spent(state, train_cfg)
         if last:  # set before validating: a best/ checkpoint holds the same state as the one below
             state.finished, state.stop_reason = True, STOP_BUDGET
-        if "valid" in readers and (last or (epoch_done and state.epoch % max(1, train_cfg.eval_every) == 0)):
+        due = "valid" in readers and (last or (epoch_done and state.epoch % max(1, train_cfg.eval_every) == 0))
+        # not again at a step already validated: a job resumed there with a budget it has spent trains nothing,
+        # and the same weights scored again would count as an evaluation without progress (patience)
+        if due and state.validated_step != state.global_step:
             valid = _validate(model, optimizer, readers["valid"], ctx, state, best, log, train_cfg)
         checkpoints.save(model, optimizer, state)
         if ctx.is_main and train_cfg.progress and (stats is not None and stats.steps or valid is not None):
@@ -431,6 +434,7 @@ def _validate(
     """Validates; a better AUC saves the model to ``best/``, ``train.patience`` evaluations
     without one finish the run (``state`` is updated in place). Returns the validation metrics."""
     valid = evaluate(model, reader, ctx.device, CTRMetrics(), description="valid", progress=train_cfg.progress)
+    state.validated_step = state.global_step
     log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
     auc = valid["auc"]
     if math.isnan(auc) and ctx.is_main:

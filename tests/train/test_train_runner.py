@@ -241,6 +241,33 @@ def test_a_run_killed_after_its_max_steps_checkpoint_resumes_without_another_ste
         assert not [e for e in out[f"{name}_events"] if e["event"] in ("train", "epoch")], name
 
 
+def _resume_a_validated_epoch_end_with_a_spent_budget(schema_dir: str, root: str) -> Dict[str, Any]:
+    killed, straight = os.path.join(root, "killed"), os.path.join(root, "straight")
+    probe = _run(schema_dir, os.path.join(root, "probe"), ["train.epochs=1"])  # the steps of one epoch
+    # killed in epoch 1: its newest checkpoint is epoch 0's end, taken after that epoch's validation
+    _run_killed(schema_dir, killed, ["train.patience=1"], global_step=probe["global_step"] + 1)
+    out = {"lowered": _run(schema_dir, killed, ["train.patience=1", "train.epochs=1"])}
+    out["lowered_events"] = _after_last_resume(_events(killed))
+    out["extended"] = _run(schema_dir, killed, ["train.patience=1", "train.epochs=2"])
+    out["straight"] = _run(schema_dir, straight, ["train.patience=1", "train.epochs=1"])
+    out["steps_per_epoch"] = probe["global_step"]
+    return out
+
+
+def test_a_resume_at_a_validated_step_with_its_budget_spent_does_not_validate_again(synthetic_dir: str,
+                                                                                  tmp_path) -> None:
+    """Resumed at a validated epoch end with the budget lowered to it, a job validated the same weights again: a
+    second valid record, an evaluation "without a better AUC" that used up patience 1, and a run stopped early for
+    good (a later, larger budget trained nothing)."""
+    (out,) = run_multiprocess(_resume_a_validated_epoch_end_with_a_spent_budget, world_size=1,
+                              schema_dir=synthetic_dir, root=str(tmp_path))
+    lowered, straight = out["lowered"], out["straight"]
+    assert not [e for e in out["lowered_events"] if e["event"] in ("valid", "early_stop")], out["lowered_events"]
+    assert lowered["stopped_early"] is False and lowered["valid"] == straight["valid"]
+    assert lowered["test"] == straight["test"]
+    assert out["extended"]["global_step"] == 2 * out["steps_per_epoch"] and out["extended"]["epochs"] == 2
+
+
 def _kill_while_validating_at_max_steps(schema_dir: str, root: str) -> Dict[str, Any]:
     from recsys_llm.train import runner
 
