@@ -9,7 +9,8 @@ part in the feature interactions exactly like EBC fields.
 """
 
 import abc
-from typing import Dict, List, NamedTuple, Optional, Tuple
+import contextlib
+from typing import ContextManager, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -164,6 +165,12 @@ class CTRBackbone(nn.Module, abc.ABC):
         extra_fields: Optional[torch.Tensor],
     ) -> "tuple[torch.Tensor, torch.Tensor]":
         """Returns ``(logits (B,), representation (B, H))``."""
+
+
+def built_on(device: Optional[torch.device]) -> ContextManager[object]:
+    """Builds modules that take no ``device`` (torchrec's cross nets and interaction) on ``device``, so their
+    start draws from its random stream as the other dense modules' does; None: the default device."""
+    return torch.device(device) if device is not None else contextlib.nullcontext()
 
 
 def check_one_table_per_feature(configs: "List[EmbeddingBagConfig]", owner: str) -> None:

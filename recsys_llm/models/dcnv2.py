@@ -9,7 +9,7 @@ from torchrec.modules.crossnet import CrossNet, LowRankCrossNet
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys_llm.models.base import CTRBackbone, stack_fields
+from recsys_llm.models.base import CTRBackbone, built_on, stack_fields
 from recsys_llm.models.fields import resolve_extra_fields
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.mlp import build_mlp, check_layer_sizes
@@ -85,11 +85,13 @@ class DCNv2(CTRBackbone):
         self._config = config if config is not None else DCNv2Config()
         cfg = self._config
         in_features = self.num_fields * self.embedding_dim + num_dense_features  # K
-        if cfg.low_rank > 0:
-            crossnet: nn.Module = LowRankCrossNet(in_features, cfg.cross_layers, low_rank=cfg.low_rank)
-        else:
-            crossnet = CrossNet(in_features, cfg.cross_layers)
-        self.crossnet = crossnet.to(device) if device is not None else crossnet
+        # built on the dense device (torchrec's cross nets take none): its start draws from that device's
+        # random stream, as the MLP's and the head's do
+        with built_on(device):
+            if cfg.low_rank > 0:
+                self.crossnet: nn.Module = LowRankCrossNet(in_features, cfg.cross_layers, low_rank=cfg.low_rank)
+            else:
+                self.crossnet = CrossNet(in_features, cfg.cross_layers)
         self.mlp = build_mlp(in_features, cfg.mlp_layer_sizes, cfg.dropout, device)
         self._parallel = cfg.structure == "parallel"
         self._representation_dim = cfg.mlp_layer_sizes[-1] + (in_features if self._parallel else 0)

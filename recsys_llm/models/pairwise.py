@@ -117,6 +117,8 @@ class PairWeightFolding:
 
     folded_pair_weight: Optional[torch.Tensor]
     constant_own_pair_weights: bool = False  # True where own_pair_weights is a constant (FM, DeepFM)
+    # how many times the folded weights were removed: what was folded before a removal is no longer in them
+    fold_generation: int = 0
     dense_fields: Optional[torch.nn.Module]
     feature_names: List[str]
     num_fields: int
@@ -147,6 +149,7 @@ class PairWeightFolding:
         """
         if pair_weights is None:
             self.folded_pair_weight = None
+            self.fold_generation += 1
             return
         num_sparse = len(self.feature_names)
         if tuple(pair_weights.shape) != (num_sparse, num_sparse):

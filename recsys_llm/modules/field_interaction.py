@@ -184,6 +184,7 @@ class FieldInteractionEnhancement(nn.Module):
         self._serving_keys: Optional[Tuple[str, ...]] = None
         self._folded_into: Optional["weakref.ref[nn.Module]"] = None  # a weak reference: not a submodule
         self._folded_matrix: Optional[torch.Tensor] = None  # what fold_into added to that backbone
+        self._folded_generation = 0  # that backbone's fold_generation then: a later removal took the fold out
         rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)  # (P,), (P,)
         normed = F.normalize(field_vectors.detach().float(), dim=-1)  # (N, d_llm)
         similarity = (normed @ normed.t())[rows, cols]  # (P,)
@@ -295,6 +296,7 @@ class FieldInteractionEnhancement(nn.Module):
         backbone.fold_pair_weights(folded)
         self._folded_into = weakref.ref(backbone)
         self._folded_matrix = folded
+        self._folded_generation = backbone.fold_generation
         return True
 
     @torch.no_grad()
@@ -310,7 +312,9 @@ class FieldInteractionEnhancement(nn.Module):
     def _folded_backbone(self) -> Optional[nn.Module]:
         """The backbone this term is folded into, while its folded weights are in place."""
         backbone = self._folded_into() if self._folded_into is not None else None
-        if backbone is None or backbone.folded_pair_weight is None:  # gone, or unfolded since
+        # gone, or its folds removed since (this term's with them, whatever was folded after)
+        if (backbone is None or backbone.folded_pair_weight is None
+                or backbone.fold_generation != self._folded_generation):
             self._folded_into, self._folded_matrix = None, None
             return None
         return backbone

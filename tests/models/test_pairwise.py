@@ -99,6 +99,29 @@ class TestPairWeightFolding:
                 torch.testing.assert_close(output.logits + fie(output), expected)
                 torch.nn.init.normal_(fie.pair_weight.weight)
 
+    def test_a_fold_removed_is_gone_whatever_was_folded_after(self, schema, kjt, dense, name: str) -> None:
+        """A term folded, its fold removed, another term folded: the first believed itself still folded (it refused
+        to run, and freezing it again subtracted its old weights from the other term's fold)."""
+        model = self._backbone(schema, name)
+        first = FieldInteractionEnhancement(torch.randn(2, 6), ["item_id", "user_id"], weight=0.7)
+        second = FieldInteractionEnhancement(torch.randn(2, 6), ["genres", "user_id"], weight=0.7)
+        for term in (first, second):
+            torch.nn.init.normal_(term.pair_weight.weight)
+            term.freeze()
+        with torch.no_grad():
+            output = model(dense, kjt)
+            expected = output.logits + second(output)
+            assert first.fold_into(model)
+            model.fold_pair_weights(None)
+            assert second.fold_into(model)
+            with_second = model(dense, kjt).logits
+            torch.testing.assert_close(with_second, expected, rtol=1e-5, atol=1e-5)
+            first(output)  # not folded: it runs
+            torch.nn.init.normal_(first.pair_weight.weight)
+            first.freeze()  # refreshes its own fold only, and it has none
+            torch.testing.assert_close(model(dense, kjt).logits, with_second)
+            assert first.fold_into(model)  # folds again
+
     def test_folds_add_up_and_are_checked(self, schema, kjt, dense, name: str) -> None:
         model = self._backbone(schema, name)
         num_sparse = len(model.feature_names)
