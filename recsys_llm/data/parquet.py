@@ -88,12 +88,15 @@ def _balanced_ranges(units: List[_Unit], world_size: int) -> List[List[_Unit]]:
 def _check_extra_kinds(
     path: str, arrow_schema: pa.Schema, extras: Sequence[str], seen: Dict[str, Tuple[str, str, pa.DataType]]
 ) -> None:
-    """Raises if an extra column is of another kind (integer, float, vector) in ``path`` than in the
-    files before it (recorded in ``seen``): its batches would change dtype (int64 / float32, or
+    """Raises if an extra column is of no kind a batch carries (strings), or of another kind (integer, float,
+    vector) in ``path`` than in the files before it (recorded in ``seen``): its batches would change dtype (int64 / float32, or
     float64 where a batch mixes rows of both files), or holds fixed-size vectors of another length. Widening
     within a kind (int32, int64) is fine."""
     for name in extras:
         dtype = arrow_schema.field(name).type
+        if extra_kind(dtype) == "other":  # the footer says it: refused here, not at the first batch (after sharding)
+            raise DataError(f"{path}: extra column {name!r} has Arrow type {dtype}; expected numbers or fixed-size "
+                            "float lists")
         kind, first, first_type = seen.setdefault(name, (extra_kind(dtype), path, dtype))
         if extra_kind(dtype) != kind:
             raise DataError(

@@ -31,7 +31,8 @@ def parquet_files(path: str) -> List[str]:
 
 
 def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str]]) -> List[str]:
-    """Split name, file, directory of ``*.parquet`` or list of those -> sorted list of files."""
+    """Split name, file, directory of ``*.parquet`` or list of those -> their files (a directory's sorted), in
+    the order named; a file named twice (a directory and a file in it) is a DataError."""
     items = [split_or_paths] if isinstance(split_or_paths, str) else list(split_or_paths)
     paths: List[str] = []
     for item in items:
@@ -42,6 +43,13 @@ def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str
                 f"{item}: no such Parquet file or directory (and not a split of schema {schema.name!r}: {sorted(schema.splits)})"
             )
         paths += parquet_files(item)
+    named = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in named:  # its rows would be read twice (a directory and a file in it, one file named twice)
+            raise DataError(f"{path}: named twice among the split's files {items} (also as {named[real]}); expected "
+                            "each file once")
+        named[real] = path
     return paths
 
 

@@ -98,6 +98,13 @@ class TestExtraKinds:
                                             r"but .*part0\.parquet has int64 \(integer\); expected one kind"):
             ParquetBatchReader(SCHEMA, str(tmp_path / "split"), 3, extras=["weight"], prefetch=0)
 
+    def test_a_string_extra_is_refused_when_the_reader_is_built(self, tmp_path):
+        """It was refused at the first batch, in training after the model was built and sharded."""
+        path = str(tmp_path / "a.parquet")
+        _write(path, np.ones((4, 3), np.float32), np.array(["a", "b", "c", "d"]))
+        with pytest.raises(DataError, match=r"a\.parquet: extra column 'weight' has Arrow type string; expected numbers"):
+            ParquetBatchReader(SCHEMA, path, 3, extras=["weight"], prefetch=0)
+
     def test_integer_widths_and_vector_value_types_may_differ_between_files(self, tmp_path):
         (tmp_path / "split").mkdir()
         for index, (weight, vectors) in enumerate([(np.ones(4, np.int32), np.ones((4, 3), np.float32)),
@@ -140,3 +147,14 @@ class TestIntegerVectors:
         pq.write_table(pq.read_table(path).slice(0, 2), ok)
         batch = next(iter(ParquetBatchReader(SCHEMA, ok, 4, extras=["ids"], prefetch=0)))
         assert batch.extras["ids"].tolist() == [[1.0, 2.0], [3.0, 16777216.0]]
+
+
+def test_a_file_named_twice_is_refused_not_read_twice(tmp_path):
+    """A directory and a file in it (or one file twice) read its rows twice, row keys and all."""
+    (tmp_path / "split").mkdir()
+    path = str(tmp_path / "split" / "a.parquet")
+    _write(path, np.ones((4, 3), np.float32), np.ones(4, np.float32))
+    for named in ([str(tmp_path / "split"), path], [path, path]):
+        with pytest.raises(DataError, match=r"a\.parquet: named twice among the split's files .* expected each file once"):
+            ParquetBatchReader(SCHEMA, named, 4, prefetch=0)
+    assert sum(len(b.labels) for b in ParquetBatchReader(SCHEMA, [path], 4, prefetch=0)) == 4
