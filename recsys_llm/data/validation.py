@@ -232,6 +232,23 @@ def check_dense(
         )
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(path: str, column: str, values: np.ndarray, row_offset: int,
+                        first_line: Optional[int] = None) -> None:
+    """Raises on a finite dense value beyond float32's range, where it would become inf (the prepared data stores
+    float32, and batches carry it). ``values``: (N,) finite float64 of rows from ``row_offset`` on."""
+    outside = np.abs(values) > _FLOAT32_MAX
+    if outside.any():
+        first = int(np.argmax(outside))
+        raise DataError(
+            f"{_where(path, column, row_offset, first, first_line)}: dense feature {values[first].item()!r} is outside "
+            f"the float32 range (+-{_FLOAT32_MAX:.4g}), where it would become inf; expected a finite float32 value "
+            "(scale the column, e.g. log(1 + x), when preparing the data)"
+        )
+
+
 def check_finite_extra(path: str, name: str, values: np.ndarray, row_offset: int) -> None:
     """Raises on NaN or +-inf in an extra float column (e.g. an attached ``llm_vector``),
     naming the file, column and first such row. ``values``: (N, w) float32."""

@@ -158,3 +158,22 @@ def test_a_file_named_twice_is_refused_not_read_twice(tmp_path):
         with pytest.raises(DataError, match=r"a\.parquet: named twice among the split's files .* expected each file once"):
             ParquetBatchReader(SCHEMA, named, 4, prefetch=0)
     assert sum(len(b.labels) for b in ParquetBatchReader(SCHEMA, [path], 4, prefetch=0)) == 4
+
+
+def test_a_dense_value_beyond_float32_is_named_as_stored(tmp_path):
+    """1e300 in a float64 dense column was reported as "dense feature is inf" (the float32 it became), with numpy's
+    overflow warning; the file holds no inf."""
+    import warnings
+
+    path = str(tmp_path / "a.parquet")
+    _write(path, np.ones((4, 3), np.float32), np.ones(4, np.float32))
+    table = pq.read_table(path)
+    table = table.set_column(table.schema.get_field_index("x"), "x", pa.array([0.5, 1e300, 0.5, 0.5]))
+    pq.write_table(table, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow RuntimeWarning either
+        with pytest.raises(DataError, match=r"a\.parquet: column 'x', row 1: dense feature 1e\+300 is outside the "
+                                            r"float32 range"):
+            list(ParquetBatchReader(SCHEMA, path, 4, prefetch=0))
+        batches = list(ParquetBatchReader(SCHEMA, path, 4, prefetch=0, validate=False))
+    assert torch.isinf(batches[0].dense_features[1, 0])

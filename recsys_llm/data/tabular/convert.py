@@ -27,6 +27,7 @@ from recsys_llm.data.tabular.tokens import (ID_WAY_OF_PLAN, INTEGER_PATTERN, Fie
 from recsys_llm.data.validation import (
     DataError,
     check_dense,
+    check_float32_range,
     check_ids,
     check_labels,
     check_no_nulls,
@@ -488,22 +489,6 @@ def _is_number(dtype: pa.DataType) -> bool:
     return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype)
 
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _check_float32_range(path: str, column: str, values: np.ndarray, row: int, line: Optional[int]) -> None:
-    """Raises on a finite dense value beyond float32's range (the prepared data stores float32, where
-    it would become inf). ``values``: (N,) finite float64 of a block whose first row is ``row``."""
-    outside = np.abs(values) > _FLOAT32_MAX
-    if outside.any():
-        first = int(np.argmax(outside))
-        raise DataError(
-            f"{path}: column {column!r}, {describe_row(row + first, line)}: dense feature {values[first].item()!r} is "
-            f"outside the float32 range (+-{_FLOAT32_MAX:.4g}), where it would be stored as inf; expected a finite "
-            "float32 value (scale the column, e.g. log(1 + x), when preparing the data)"
-        )
-
-
 def _convert_block(
     block: pa.RecordBatch,
     schema: DatasetSchema,
@@ -541,7 +526,7 @@ def _convert_block(
                 check_no_nulls(path, spec.name, values, row, f"a finite float ({FILL_HINT})", line)
                 values = values.to_numpy(zero_copy_only=False)
             check_dense(path, spec.name, values, row, line, FILL_HINT)
-            _check_float32_range(path, spec.name, values, row, line)
+            check_float32_range(path, spec.name, values, row, line)
             out[spec.name] = values.astype(np.float32)
             continue
         # plan_fields, the first pass, checked every block's strings for UTF-8
