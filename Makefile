@@ -3,7 +3,7 @@
 #   make test   -> installs and runs the whole test suite
 VENV ?= .venv
 PYTHON ?= python3
-# quoted, as VENV below: a venv path with spaces stays one word in the shell
+# quoted, as VENV below, DATA_DIR and RUNS_DIR: a path with spaces stays one word in the shell
 PY := "$(VENV)/bin/python"
 DATA_DIR ?= data
 RUNS_DIR ?= runs
@@ -14,7 +14,7 @@ install:
 	PYTHON="$(PYTHON)" VENV="$(VENV)" bash scripts/install.sh
 
 demo: install
-	$(PY) -m recsys_llm.cli demo --data-dir $(DATA_DIR)/synthetic --run-dir $(RUNS_DIR)/demo
+	$(PY) -m recsys_llm.cli demo --data-dir "$(DATA_DIR)/synthetic" --run-dir "$(RUNS_DIR)/demo"
 
 test: install
 	@$(PY) -m pytest -q tests; code=$$?; \
@@ -25,4 +25,4 @@ bench: install
 	$(PY) benchmarks/run_all.py --quick
 
 clean:
-	rm -rf $(RUNS_DIR) benchmarks/results/*.tmp .pytest_cache
+	rm -rf "$(RUNS_DIR)" benchmarks/results/*.tmp .pytest_cache

@@ -56,6 +56,13 @@ case "$VARIANT" in
   *) echo "[install] error: RECSYS_LLM_VARIANT is '$VARIANT'; expected cuda or cpu (or unset: picked by nvidia-smi)" >&2
      exit 2 ;;
 esac
+# refused before anything changes: the venv of an earlier install still works
+if [ "$VARIANT" = cuda ] && [ -z "$CUDA_INDEX" ]; then
+  echo "[install] error: the NVIDIA driver supports CUDA $DRIVER_CUDA, and torch $TORCH_VERSION's CUDA" \
+       "builds need 12.6 or newer: update the driver, set TORCH_CUDA_INDEX_URL to an index with a build for it," \
+       "or install the CPU build (RECSYS_LLM_VARIANT=cpu)" >&2
+  exit 1
+fi
 
 # what was installed: a run that would install another variant, other versions or from another
 # CUDA index (a driver update, TORCH_CUDA_INDEX_URL) does not skip
@@ -103,12 +110,6 @@ echo "[install] variant: $VARIANT (torch $TORCH_VERSION, fbgemm-gpu $FBGEMM_VERS
 # deletes the other's files too, so both go and the chosen one is installed afresh below
 "${PIP[@]}" uninstall --yes --quiet fbgemm-gpu fbgemm-gpu-cpu 2>/dev/null || true
 if [ "$VARIANT" = cuda ]; then
-  if [ -z "$CUDA_INDEX" ]; then
-    echo "[install] error: the NVIDIA driver supports CUDA $DRIVER_CUDA, and torch $TORCH_VERSION's CUDA" \
-         "builds need 12.6 or newer: update the driver, set TORCH_CUDA_INDEX_URL to an index with a build for it," \
-         "or install the CPU build (RECSYS_LLM_VARIANT=cpu)" >&2
-    exit 1
-  fi
   echo "[install] CUDA build of torch and fbgemm-gpu from $CUDA_INDEX" \
        "(the driver supports CUDA ${DRIVER_CUDA:-?}; TORCH_CUDA_INDEX_URL overrides)"
   if [ "$CUDA_INDEX" = "$PYPI_INDEX" ]; then

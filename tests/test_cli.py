@@ -273,6 +273,24 @@ def test_ctrl_c_inside_a_distributed_checkpoint_save_exits_as_ctrl_c(monkeypatch
     assert exited.value.code == 143
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_ctrl_c_ends_with_one_line_and_the_code_of_sigint(monkeypatch, capsys, wrapped) -> None:
+    """It ended with a traceback and exit code 1, a crash's, where SIGTERM ends silently with 143."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from recsys_llm.cli import data
+
+    def interrupted(*args, **kwargs):
+        raise CheckpointException("save failed", {0: (KeyboardInterrupt(), None)}) if wrapped else KeyboardInterrupt()
+
+    monkeypatch.setattr(data, "prepare_dataset", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"])
+    assert exited.value.code == 130
+    err = capsys.readouterr().err
+    assert "recsys-llm prepare: interrupted (Ctrl-C)" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("command, line", [
     (["train"], "train a model from a config file (torchrun-ready)"),
     (["prepare", "movielens"], "MovieLens in RecBole atomic format (.inter/.item/.user)"),

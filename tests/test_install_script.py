@@ -74,6 +74,8 @@ def fake_install_env(tmp_path: Path, driver_cuda: Optional[str]) -> dict:
     site = tmp_path / "site"
     # `-c "import torch..."` runs with the fake torch of ``fake_torch`` when there is one; all else succeeds
     python.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path / 'python.log'}'\n"
+                      # FAIL_PIP_ON: a pip command holding that text fails (an install cut off half way)
+                      "if [ -n \"$FAIL_PIP_ON\" ]; then case \"$*\" in *\"$FAIL_PIP_ON\"*) exit 1 ;; esac; fi\n"
                       f"if [ \"$1\" = -c ] && [ -d '{site / 'torch'}' ]; then\n"
                       f"  case \"$2\" in \"import torch\"*) PYTHONPATH='{site}' exec '{sys.executable}' \"$@\" ;; esac\n"
                       f"fi\n")
@@ -94,19 +96,31 @@ def run_install(tmp_path: Path, env: dict, **extra: str) -> subprocess.Completed
 
 
 def test_a_failed_install_leaves_no_stamp_that_skips_the_next_run(tmp_path: Path) -> None:
-    env = fake_install_env(tmp_path, driver_cuda="12.4")
+    env = fake_install_env(tmp_path, driver_cuda="12.8")
     first = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu")
     assert first.returncode == 0, first.stderr
     assert "[install] done." in first.stdout
-    # the CUDA variant removes fbgemm-gpu(-cpu), then stops: the driver is too old for every CUDA build
-    failed = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda")
-    assert failed.returncode == 1
+    # the CUDA install fails half way (fbgemm-gpu(-cpu) removed, the new one not installed)
+    failed = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda", FAIL_PIP_ON="fbgemm-gpu==")
+    assert failed.returncode != 0
     assert "uninstall --yes --quiet fbgemm-gpu fbgemm-gpu-cpu" in (tmp_path / "python.log").read_text()
     # so the CPU variant must be installed again, not skipped as up to date
     again = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu")
     assert again.returncode == 0, again.stderr
     assert "skipping" not in again.stdout
     assert "fbgemm-gpu-cpu==" in (tmp_path / "python.log").read_text()
+
+
+def test_a_driver_too_old_for_every_cuda_build_is_refused_before_the_venv_changes(tmp_path: Path) -> None:
+    """The refusal came after pip was upgraded and fbgemm-gpu(-cpu) uninstalled: a working CPU venv lost torchrec."""
+    env = fake_install_env(tmp_path, driver_cuda="12.4")
+    assert run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu").returncode == 0
+    refused = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda")
+    assert refused.returncode == 1 and "need 12.6 or newer" in refused.stderr
+    log = tmp_path / "python.log"
+    assert not log.exists() or "pip" not in log.read_text()  # no pip command ran
+    again = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu")
+    assert again.returncode == 0 and "skipping" in again.stdout  # the earlier install stands
 
 
 def test_a_second_run_with_another_cuda_index_installs_from_it(tmp_path: Path) -> None:
@@ -379,3 +393,15 @@ def test_make_passes_a_venv_path_with_a_space_whole(tmp_path: Path) -> None:
     assert f"VENV={venv}" in install
     demo = shlex.split(next(line for line in lines if "recsys_llm.cli demo" in line))
     assert demo[0] == f"{venv}/bin/python"
+
+
+def test_make_passes_run_and_data_paths_with_a_space_whole(tmp_path: Path) -> None:
+    """``make clean RUNS_DIR="my runs"`` would have removed ./my and ./runs."""
+    runs, data = tmp_path / "my runs", tmp_path / "my data"
+    for target, marker in (("clean", "rm -rf"), ("demo", "recsys_llm.cli demo")):
+        result = subprocess.run(["make", "-n", "-C", str(REPO_ROOT), target, f"RUNS_DIR={runs}", f"DATA_DIR={data}"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        words = shlex.split(next(line for line in result.stdout.splitlines() if marker in line))
+        assert str(runs) in words or f"{runs}/demo" in words, words
+        assert target == "clean" or f"{data}/synthetic" in words
