@@ -21,6 +21,7 @@ from recsys_llm.data.validation import (
     check_labels,
     check_no_null_elements,
     check_no_nulls,
+    describe_row,
     offsets_from_lengths,
     row_of_value,
 )
@@ -267,7 +268,10 @@ class ChunkConverter:
             lengths = pc.list_value_length(array).to_numpy()
             width = int(lengths[0]) if lengths.size else 0
             if lengths.size and (lengths != width).any():
-                raise DataError(f"{path}: extra column {name!r}: rows have different vector lengths; expected a fixed size")
+                first = int(np.argmax(lengths != width))
+                raise DataError(f"{path}: extra column {name!r}, {describe_row(row_offset + first)}: a vector of "
+                                f"length {int(lengths[first])}, where row {row_offset} has {width}; expected one size "
+                                "in every row")
             flat = pc.list_flatten(array).to_numpy(zero_copy_only=False)
             if flat.dtype.kind in "iu":
                 _check_exact_in_float32(path, name, flat, lengths, row_offset)

@@ -177,3 +177,14 @@ def test_a_dense_value_beyond_float32_is_named_as_stored(tmp_path):
             list(ParquetBatchReader(SCHEMA, path, 4, prefetch=0))
         batches = list(ParquetBatchReader(SCHEMA, path, 4, prefetch=0, validate=False))
     assert torch.isinf(batches[0].dense_features[1, 0])
+
+
+def test_a_vector_extra_of_another_length_names_its_row(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    _write(path, np.ones((4, 3), np.float32), np.ones(4, np.float32))
+    table = pq.read_table(path)
+    ragged = pa.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0, 3.0], [1.0, 2.0]], pa.list_(pa.float32()))
+    pq.write_table(table.append_column("ragged", ragged), path)
+    with pytest.raises(DataError, match=r"a\.parquet: extra column 'ragged', row 2: a vector of length 3, where row 0 "
+                                        r"has 2; expected one size"):
+        list(ParquetBatchReader(SCHEMA, path, 4, extras=["ragged"], prefetch=0))
