@@ -170,8 +170,9 @@ class IdRules:
         if values.dtype not in ID_DTYPES or values.dim() != 1:
             raise ValueError(f"sparse features: ids (values) are a {values.dtype} tensor of shape {tuple(values.shape)}; "
                              "expected a 1-D integer tensor (torch.int64 or torch.int32) of raw ids")
-        if lengths.dtype not in ID_DTYPES:
-            raise ValueError(f"sparse features: lengths are {lengths.dtype}; expected torch.int32 or torch.int64 counts")
+        if lengths.dtype not in ID_DTYPES or lengths.dim() != 1:
+            raise ValueError(f"sparse features: lengths are a {lengths.dtype} tensor of shape {tuple(lengths.shape)}; "
+                             "expected a 1-D torch.int32 or torch.int64 tensor of counts")
         strides = features.stride_per_key()
         if lengths.numel() != sum(strides):
             raise ValueError(f"sparse features: {lengths.numel()} lengths for {len(strides)} features; expected one "

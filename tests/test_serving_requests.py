@@ -94,6 +94,8 @@ BAD_REQUESTS: Dict[str, Tuple[Callable[[], Tuple[object, object]], str]] = {
                                 r"sparse features: lengths sum to .* but there are .* ids"),
     "float ids": (lambda: (DENSE, KeyedJaggedTensor.from_lengths_sync(KEYS, SPARSE.values().float(), SPARSE.lengths())),
                   r"sparse features: ids \(values\) are a torch\.float32 tensor .*; expected a 1-D integer tensor"),
+    "2-D lengths": (lambda: (DENSE, KeyedJaggedTensor(KEYS, SPARSE.values(), lengths=SPARSE.lengths().view(-1, 1))),
+                    r"sparse features: lengths are a torch\.int32 tensor of shape \(\d+, 1\); expected a 1-D"),
     "lengths not summing to the ids": (
         lambda: (DENSE, KeyedJaggedTensor(KEYS, SPARSE.values()[:-1], lengths=SPARSE.lengths())),
         rf"sparse features: lengths sum to {SPARSE.values().numel()} but there are {SPARSE.values().numel() - 1} ids"),
