@@ -199,6 +199,11 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
             raise ValueError("pin_memory=True needs CUDA (page-locked memory speeds up copies to a GPU); none is visible")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 (batches prepared ahead; 0: none), got {prefetch}")
+        if shuffle_buffer_rows is not None and shuffle_buffer_rows <= 0:
+            raise ValueError(f"shuffle_buffer_rows must be > 0 (rows mixed together; None: the default), got "
+                             f"{shuffle_buffer_rows}")
         self._schema = schema
         self._extras = list(extras)
         self._transform = transform

@@ -188,3 +188,14 @@ def test_a_vector_extra_of_another_length_names_its_row(tmp_path):
     with pytest.raises(DataError, match=r"a\.parquet: extra column 'ragged', row 2: a vector of length 3, where row 0 "
                                         r"has 2; expected one size"):
         list(ParquetBatchReader(SCHEMA, path, 4, extras=["ragged"], prefetch=0))
+
+
+@pytest.mark.parametrize("setting, message", [({"prefetch": -1}, r"prefetch must be >= 0"),
+                                              ({"shuffle_buffer_rows": 0}, r"shuffle_buffer_rows must be > 0"),
+                                              ({"shuffle_buffer_rows": -8}, r"shuffle_buffer_rows must be > 0")])
+def test_reader_settings_out_of_range_are_refused(tmp_path, setting, message):
+    """0 rows fell back to the default, fewer shuffled each row group alone, a negative prefetch read without one."""
+    path = str(tmp_path / "a.parquet")
+    _write(path, np.ones((4, 3), np.float32), np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=message):
+        ParquetBatchReader(SCHEMA, path, 4, shuffle=True, **setting)
