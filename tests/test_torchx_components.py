@@ -287,6 +287,8 @@ class TestBenchComponent:
         script_at = words.index("benchmarks/train_throughput.py")
         assert words[script_at + 1:] == ["--json", "out/train_throughput.json", "--plot", "out/train_throughput.png", "--quick"]
         assert app.roles[0].name == "bench"
+        root = command_of(from_cli("bench", ["--name", "elec", "--results_dir", "/", "--", "--quick"]))
+        assert "/elec.json" in root and "/elec.png" in root  # not ./elec.json
 
     def test_multi_worker_runs_are_refused(self) -> None:
         """Every benchmark compares single-rank runs (scaling starts its own ranks): ``--nproc_per_node 2`` scheduled

@@ -11,6 +11,7 @@ This file is loaded by torchx with ``exec`` (not imported), so it depends on tor
 """
 
 import inspect
+import posixpath
 import re
 from typing import Dict, List, Optional
 
@@ -87,13 +88,13 @@ def bench(
             f"{misplaced} among the job's arguments never reach the component: torchx hands the job every argument "
             "after the first positional one (or --); put the component's options before them"
         )
-    results = results_dir.rstrip("/") or "."
+    results = results_dir or "."  # joined below: "/" stays the root, "out/" gives out/NAME.json
     worker_env = dict(env or {})
     app = ddp(
         "--json",
-        f"{results}/{name}.json",
+        posixpath.join(results, f"{name}.json"),
         "--plot",
-        f"{results}/{name}.png",
+        posixpath.join(results, f"{name}.png"),
         *script_args,
         script=f"benchmarks/{name}.py",
         image=image,
