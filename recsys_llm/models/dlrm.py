@@ -6,7 +6,6 @@ import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM, DLRM_DCN, InteractionArch, InteractionDCNArch, OverArch, choose
 from torchrec.modules.crossnet import LowRankCrossNet
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.data.schema import DatasetSchema
@@ -159,11 +158,26 @@ def build_dlrm(
     # on the dense device: torchrec builds the interaction (DCN's cross net, DLRM's triu_indices) without one, and
     # the cross net's start then drew from the CPU's random stream while the MLPs drew from the dense device's
     with built_on(dense_device):
-        dlrm = _torchrec_dlrm(ebc, dense_in, dense_sizes, over_sizes, dcn, dcn_num_layers, dcn_low_rank_dim,
-                              dense_device)
-    if num_extra_fields > 0:
-        num_fields = len(dlrm.sparse_arch.sparse_feature_names) + num_extra_fields
-        with built_on(dense_device):
+        if dcn:
+            dlrm: DLRM = DLRM_DCN(
+                embedding_bag_collection=ebc,
+                dense_in_features=dense_in,
+                dense_arch_layer_sizes=dense_sizes,
+                over_arch_layer_sizes=over_sizes,
+                dcn_num_layers=dcn_num_layers,
+                dcn_low_rank_dim=dcn_low_rank_dim,
+                dense_device=dense_device,
+            )
+        else:
+            dlrm = DLRM(
+                embedding_bag_collection=ebc,
+                dense_in_features=dense_in,
+                dense_arch_layer_sizes=dense_sizes,
+                over_arch_layer_sizes=over_sizes,
+                dense_device=dense_device,
+            )
+        if num_extra_fields > 0:
+            num_fields = len(dlrm.sparse_arch.sparse_feature_names) + num_extra_fields
             if dcn:
                 crossnet = LowRankCrossNet(
                     in_features=(num_fields + 1) * embedding_dim, num_layers=dcn_num_layers, low_rank=dcn_low_rank_dim
@@ -173,27 +187,5 @@ def build_dlrm(
             else:
                 dlrm.inter_arch = InteractionArch(num_sparse_features=num_fields)
                 over_in = embedding_dim + choose(num_fields, 2) + num_fields
-        dlrm.over_arch = OverArch(in_features=over_in, layer_sizes=over_sizes, device=dense_device)
+            dlrm.over_arch = OverArch(in_features=over_in, layer_sizes=over_sizes, device=dense_device)
     return dlrm
-
-
-def _torchrec_dlrm(ebc: EmbeddingBagCollection, dense_in: int, dense_sizes: List[int], over_sizes: List[int], dcn: bool,
-                   dcn_num_layers: int, dcn_low_rank_dim: int, dense_device: Optional[torch.device]) -> DLRM:
-    """torchrec's ``DLRM_DCN`` (``dcn``) or ``DLRM`` on ``ebc``."""
-    if dcn:
-        return DLRM_DCN(
-            embedding_bag_collection=ebc,
-            dense_in_features=dense_in,
-            dense_arch_layer_sizes=dense_sizes,
-            over_arch_layer_sizes=over_sizes,
-            dcn_num_layers=dcn_num_layers,
-            dcn_low_rank_dim=dcn_low_rank_dim,
-            dense_device=dense_device,
-        )
-    return DLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=dense_in,
-        dense_arch_layer_sizes=dense_sizes,
-        over_arch_layer_sizes=over_sizes,
-        dense_device=dense_device,
-    )

@@ -198,9 +198,9 @@ def _distinct_ignoring_case(texts: Iterable[str]) -> List[str]:
     """Sorted texts, one of each set that differ only in case or spacing (``Comedy``, ``comedy``, `` COMEDY``): an
     uncased tokenizer (MiniLM's) reads them as one text, which SSFT would otherwise hold out and train on alike."""
     kept: Dict[str, str] = {}
-    for text in sorted(texts):
+    for text in sorted(texts):  # the first of each set in sorted order, so the kept texts are sorted too
         kept.setdefault(" ".join(text.split()).casefold(), text)
-    return sorted(kept.values())
+    return list(kept.values())
 
 
 def distinct_values(
