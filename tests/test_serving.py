@@ -678,6 +678,48 @@ def test_a_dense_part_torch_export_cannot_capture_warns(tmp_path, monkeypatch):
     assert config["dense_program"] is None
 
 
+def test_a_failed_capture_keeps_an_earlier_servable_export(tmp_path, monkeypatch):
+    """A capture that failed replaced a working artifact with one ServedModel cannot load (a warning, exit 0)."""
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 0)
+    out = str(tmp_path / "export")
+    export_task(student, out, example.dense_features, example.sparse_features)
+    before = {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(out)}
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot capture this")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    with pytest.raises(FileExistsError, match=r"export: torch.export could not capture the dense part \(RuntimeError: "
+                                              r"cannot capture this\); .*export holds an earlier export with a dense "
+                                              r"program, left as it was"):
+        export_task(student, out, example.dense_features, example.sparse_features)
+    assert {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    ServedModel.load(out, trust_program=True).logits(example.dense_features, example.sparse_features)
+    with pytest.warns(UserWarning, match="could not capture the dense part"):  # elsewhere the weights-only artifact
+        assert export_task(student, str(tmp_path / "weights"), example.dense_features,
+                           example.sparse_features)["dense_program"] is None
+    with pytest.warns(UserWarning, match="could not capture the dense part"):  # over a weights-only one: no loss
+        export_task(student, str(tmp_path / "weights"), example.dense_features, example.sparse_features)
+
+
+def test_a_re_export_refuses_a_directory_with_files_an_export_does_not_write(tmp_path):
+    """A re-export swapped the directory whole: a user's notes beside the earlier export were deleted."""
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 0)
+    out = tmp_path / "export"
+    export_task(student, str(out), example.dense_features, example.sparse_features)
+    (out / "NOTES.txt").write_text("approved for canary\n")
+    with pytest.raises(FileExistsError, match=r"export: an earlier export, but it also holds NOTES.txt, which an "
+                                              r"export does not write; the new export replaces the directory whole "
+                                              r"and would delete them"):
+        export_task(student, str(out), example.dense_features, example.sparse_features)
+    assert (out / "NOTES.txt").read_text() == "approved for canary\n"
+    (out / "NOTES.txt").unlink()
+    export_task(student, str(out), example.dense_features, example.sparse_features)  # an export's own files only
+
+
 def test_export_writes_the_tables_without_copying_them(tmp_path, monkeypatch):
     """A large model's tables are held once by the task while written, not cloned first (a
     Criteo model of 26 tables of 1M rows took 4.4x its size in RAM to export)."""

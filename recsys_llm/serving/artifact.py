@@ -8,6 +8,11 @@ STATE_FILE = "model.safetensors"
 EXPORT_MARKER_FILES = ("config.json", STATE_FILE)  # every export has them (state-only ones too)
 STATE_ONLY_PROGRAM = "none (state only)"  # config.json's dense_program of a `recsys-llm export --state-only`
 SEMANTIC_TABLES_FILE = "semantic_tables.json"  # frozen entity-vector tables of a gain network
+TABLES_FILE = "tables.json"
+PROGRAM_FILE = "dense_program.pt2"
+INFERENCE_FILE = "INFERENCE.md"
+# every file an export (or a state-only export) writes: a re-export replaces these, and refuses a directory with others
+EXPORT_FILES = ("config.json", STATE_FILE, TABLES_FILE, SEMANTIC_TABLES_FILE, PROGRAM_FILE, INFERENCE_FILE)
 ID_RULES_KEY = "id_rules"  # config.json: per feature, hashed / max_length / single_id (None: not recorded)
 EXPORT_ID_KEY = "export_id"  # ties an artifact's files together (absent from artifacts before 2026-12)
 VERSIONS_KEY = "versions"  # config.json: torch, torchrec, fbgemm_gpu, recsys_llm that exported (absent before 2026-12)

@@ -26,13 +26,17 @@ from recsys_llm.semantics.model_dir import file_sha256
 from recsys_llm.serving.artifact import (
     DENSE_DTYPE,
     DIGESTS_KEY,
+    EXPORT_FILES,
     EXPORT_ID_KEY,
     EXPORT_MARKER_FILES,
     FORBIDDEN_PARTS,
     FORMAT_VERSION,
     ID_RULES_KEY,
+    INFERENCE_FILE,
+    PROGRAM_FILE,
     SEMANTIC_TABLES_FILE,
     STATE_FILE,
+    TABLES_FILE,
     VERSIONS_KEY,
     WEIGHTED_KEY,
 )
@@ -258,35 +262,48 @@ def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
 EXPORT_CONFIG_KEYS = ("state", "dense_program")  # in every export's config.json (state-only ones too)
 
 
-def check_export_output(directory: str) -> None:
-    """Raises unless ``directory`` may take an export: absent, empty, or an earlier export.
+def check_export_output(directory: str) -> Optional[Dict[str, Any]]:
+    """Raises unless ``directory`` may take an export: absent, empty, or an earlier export holding
+    only the files an export writes (a re-export replaces the directory whole).
 
     An earlier export holds ``config.json`` and ``model.safetensors``, and so does a Hugging
     Face model directory (the LLM of ``semantics encode``): it is told by its ``config.json``,
     which must be an export's (``state`` and ``dense_program`` keys), or the export would
     replace the model directory, its tokenizer files included.
 
+    Returns:
+        Optional[Dict[str, Any]]: the earlier export's ``config.json``, None where there is none.
+
     Raises:
         FileExistsError: ``directory`` holds other files, or ``config.json`` and
-            ``model.safetensors`` with a ``config.json`` that is not an export's.
+            ``model.safetensors`` with a ``config.json`` that is not an export's, or an earlier
+            export beside files an export does not write (a user's notes, a copied schema...).
     """
     check_replaceable(directory, "export", EXPORT_MARKER_FILES)
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
-        return
+        return None
     try:
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
     except (OSError, ValueError):
         config = None
+    entries = sorted(os.listdir(directory))
     if not isinstance(config, dict) or not all(key in config for key in EXPORT_CONFIG_KEYS):
-        entries = sorted(os.listdir(directory))
         raise FileExistsError(
             f"{directory}: holds {' and '.join(EXPORT_MARKER_FILES)} but is not an earlier export: {path} has no "
             f"{' and '.join(repr(key) for key in EXPORT_CONFIG_KEYS)} keys (a Hugging Face model directory?); "
             f"writing the export there would replace its {len(entries)} entries ({', '.join(entries[:5])}"
             f"{', ...' if len(entries) > 5 else ''}); choose another output directory"
         )
+    foreign = [name for name in entries if name not in EXPORT_FILES]
+    if foreign:
+        raise FileExistsError(
+            f"{directory}: an earlier export, but it also holds {', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}, which an export does not write; the new export replaces the "
+            "directory whole and would delete them: move them out or choose another output directory"
+        )
+    return config
 
 
 def _semantic_ebc(task: nn.Module) -> Optional[EmbeddingBagCollection]:
@@ -468,10 +485,14 @@ def export_task(
             another dense width than the backbone's, sparse features lacking a feature the tables read, of
             another batch size than the dense ones or without per-id weights for weighted tables (with them
             for unweighted ones), or teacher / LLM parts.
+        FileExistsError: ``directory`` may not take an export (:func:`check_export_output`), or
+            ``torch.export`` could not capture the dense part and ``directory`` holds an earlier export
+            with a dense program, which a weights-only artifact would replace (it is left as it was).
     """
     _check_exportable(task, example_dense, example_sparse)
     check_servable(task)
-    check_export_output(directory)
+    earlier = check_export_output(directory)
+    earlier_program = earlier.get("dense_program") == PROGRAM_FILE if earlier is not None else False
     example_dense = example_dense.to(DENSE_DTYPE)  # the program's input dtype, whatever the example's
     ebc = task.model.embedding_bag_collection
     semantic = _semantic_ebc(task)
@@ -488,12 +509,12 @@ def export_task(
         state = state_to_write(task)
         export_id = uuid.uuid4().hex  # in config.json, the state file and the program: they belong together
         save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id})
-        with open(os.path.join(tmp, "tables.json"), "w", encoding="utf-8") as handle:
+        with open(os.path.join(tmp, TABLES_FILE), "w", encoding="utf-8") as handle:
             json.dump(tables, handle, indent=2)
         if semantic_tables:
             with open(os.path.join(tmp, SEMANTIC_TABLES_FILE), "w", encoding="utf-8") as handle:
                 json.dump(semantic_tables, handle, indent=2)
-        program_status: Optional[str] = "dense_program.pt2"
+        program_status: Optional[str] = PROGRAM_FILE
         reason = ""
         head = DenseHead(task, folded).eval()
         with torch.no_grad():
@@ -512,14 +533,20 @@ def export_task(
             # drop what the logits do not need (e.g. a folded FM's representation)
             program.graph_module.graph.eliminate_dead_code()
             program.graph_module.recompile()
-            torch.export.save(program, os.path.join(tmp, "dense_program.pt2"), extra_files={EXPORT_ID_KEY: export_id})
+            torch.export.save(program, os.path.join(tmp, PROGRAM_FILE), extra_files={EXPORT_ID_KEY: export_id})
         except Exception as error:  # torch.export could not capture this backbone
+            if earlier_program:  # a servable artifact is not swapped for one ServedModel cannot load
+                raise FileExistsError(
+                    f"export: torch.export could not capture the dense part ({telling_line(error)}); {directory} "
+                    f"holds an earlier export with a dense program, left as it was (the new one would hold the "
+                    "weights and tables only, which ServedModel cannot load): choose another output directory for it"
+                ) from error
             program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
             warnings.warn(f"export: torch.export could not capture the dense part ({telling_line(error)}); "
                           f"{directory} holds the weights and tables but no dense program, so ServedModel cannot "
                           f"load it: serve it eagerly by loading {STATE_FILE} (serving.load_state_file) into the "
                           "task built by the model's own code (config.json: dense_program_error)", stacklevel=2)
-        written = [STATE_FILE, "tables.json"] + ([SEMANTIC_TABLES_FILE] if semantic_tables else [])
+        written = [STATE_FILE, TABLES_FILE] + ([SEMANTIC_TABLES_FILE] if semantic_tables else [])
         written += [program_status] if program_status is not None else []
         config = {
             "format_version": FORMAT_VERSION,
@@ -529,7 +556,7 @@ def export_task(
             "pooled_dim": int(pooled.size(1)),
             WEIGHTED_KEY: weighted,
             "state": STATE_FILE,
-            "tables": "tables.json",
+            "tables": TABLES_FILE,
             "semantic_tables": SEMANTIC_TABLES_FILE if semantic_tables else None,
             "dense_program": program_status,
             "dense_program_error": reason,
@@ -544,7 +571,7 @@ def export_task(
         }
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
-        with open(os.path.join(tmp, "INFERENCE.md"), "w", encoding="utf-8") as handle:
+        with open(os.path.join(tmp, INFERENCE_FILE), "w", encoding="utf-8") as handle:
             handle.write(INFERENCE_EXAMPLE.format(path=os.path.abspath(directory), features=feature_names,
                                                   num_dense=config["num_dense_features"], pooled=config["pooled_dim"],
                                                   weights=WEIGHTS_ARGUMENT if weighted else "",
