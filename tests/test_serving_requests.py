@@ -281,7 +281,8 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
     "truncated model.safetensors": (_truncate("model.safetensors"), "model.safetensors", r"SafetensorError"),
     "config.json not JSON": (_not_json, "config.json", r"not valid JSON \(JSONDecodeError"),
     "config.json without its state key": (_without_state_key, "config.json", r"lacks the keys \['state'\]"),
-    "truncated dense_program.pt2": (_truncate("dense_program.pt2"), "dense_program.pt2", r"BadZipFile"),
+    "truncated dense_program.pt2": (_truncate("dense_program.pt2"), "dense_program.pt2",
+                                    r"bytes changed after the export \(sha256"),
     "a weight changed in model.safetensors": (_changed_weight("model.safetensors"), "model.safetensors",
                                               r"bytes changed after the export \(sha256"),
     "a weight of model.safetensors made NaN": (_weight_made_nan("model.safetensors"), "model.safetensors",
@@ -347,6 +348,40 @@ class TestDamagedArtifacts:
         save_file(state, path)
         _without_digests_and_export_ids(directory)
         with pytest.raises(ValueError, match=rf"{re.escape(path)}: tensor '{re.escape(key)}' holds 1 non-finite"):
+            ServedModel.load(directory, trust_program=True)
+
+    def test_a_changed_program_is_refused_before_torch_export_load_runs_it(self, artifact, tmp_path, monkeypatch):
+        """torch.export.load evaluates code stored in the file: the digest and the export id were checked after it."""
+        loads = []
+        real_load = torch.export.load
+        monkeypatch.setattr(torch.export, "load", lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
+        for damage, cause in [(_edited_program(b"size()[0] == L['dense", b"size()[0c == L['dense"),
+                               r"bytes changed after the export \(sha256"),
+                              (_truncate("dense_program.pt2"), r"bytes changed after the export \(sha256")]:
+            directory = str(tmp_path / f"copy{len(loads)}")
+            shutil.rmtree(directory, ignore_errors=True)
+            shutil.copytree(artifact[0], directory)
+            damage(directory)
+            with pytest.raises(ValueError, match=cause):
+                ServedModel.load(directory, trust_program=True)
+        other, mixed = str(tmp_path / "other"), str(tmp_path / "mixed")  # the program of another export, copied in
+        export_task(artifact[1], other, *request(4, 100), schema=SCHEMA)
+        shutil.copytree(artifact[0], mixed)
+        shutil.copy(os.path.join(other, "dense_program.pt2"), mixed)
+        with pytest.raises(ValueError, match=r"dense_program.pt2: written by another export .* the artifact mixes"):
+            ServedModel.load(mixed, trust_program=True)
+        assert loads == []
+        ServedModel.load(artifact[0], trust_program=True)
+        assert len(loads) == 1
+
+    def test_a_cut_program_of_an_artifact_without_digests_is_named(self, artifact, tmp_path):
+        directory = str(tmp_path / "copy")
+        shutil.copytree(artifact[0], directory)
+        _truncate("dense_program.pt2")(directory)
+        _without_digests_and_export_ids(directory)
+        path = re.escape(os.path.join(directory, "dense_program.pt2"))
+        with pytest.raises(ValueError, match=rf"^{path}: cannot be read as a torch.export program \(RuntimeError: "
+                                             r"PytorchStreamReader failed reading zip archive"):
             ServedModel.load(directory, trust_program=True)
 
     def test_tables_of_another_dtype_are_refused_not_served_as_they_are(self, artifact, tmp_path):

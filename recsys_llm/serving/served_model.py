@@ -11,6 +11,8 @@ from typing import Any, Dict, List, NoReturn, Optional
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.export.pt2_archive import PT2ArchiveReader
+from torch.export.pt2_archive.constants import EXTRA_DIR
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -76,6 +78,18 @@ def _check_digest(directory: str, config: Dict[str, Any], name: str) -> None:
     if actual != expected:
         _raise_damaged(path, f"its bytes changed after the export (sha256 {actual[:16]}..., config.json recorded "
                              f"{str(expected)[:16]}...; a copy cut short, a flipped bit or an edit)")
+
+
+def _program_export_id(path: str) -> Optional[str]:
+    """The export id ``export_task`` stored among a program's extra files, read from the archive's zip
+    entries alone (nothing in the file runs); None where it has none (artifacts before export ids).
+
+    Raises:
+        RuntimeError: ``path`` is no readable zip archive (torch's stream reader).
+    """
+    reader = PT2ArchiveReader(path)
+    name = f"{EXTRA_DIR}{EXPORT_ID_KEY}"
+    return reader.read_string(name) if name in reader.get_file_names() else None
 
 
 def _check_file_names(config_path: str, config: Dict[str, Any]) -> None:
@@ -276,16 +290,18 @@ class ServedModel(nn.Module):
                                  "semantic_table.embedding_bag_collection.", weighted)
         if not os.path.isfile(program_path):
             _raise_damaged(program_path, "file missing")
-        program_extra = {EXPORT_ID_KEY: ""}  # filled by load: "" when the program has none
+        # the export id and the digest before torch.export.load, which runs code stored in the file
         try:
-            program = torch.export.load(program_path, extra_files=program_extra).module()
+            program_export_id = _program_export_id(program_path)
+        except ARTIFACT_READ_ERRORS as error:
+            _check_digest(directory, config, config["dense_program"])  # a copy cut short, where a digest is recorded
+            _raise_damaged(program_path, "cannot be read as a torch.export program", error)
+        check_same_export(config_path, config, program_path, program_export_id)
+        _check_digest(directory, config, config["dense_program"])  # after the export id: "mixes two exports" says more
+        try:
+            program = torch.export.load(program_path).module()
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(program_path, "cannot be read as a torch.export program", error)
-        except Exception:  # changed bytes fail in other ways too (a SpecViolationError, a guard's SyntaxError)
-            _check_digest(directory, config, config["dense_program"])  # they are the reason, where recorded
-            raise
-        check_same_export(config_path, config, program_path, program_extra[EXPORT_ID_KEY] or None)
-        _check_digest(directory, config, config["dense_program"])  # after the export id: "mixes two exports" says more
         return cls(ebc, program, config, semantic)
 
     def _checked_dense(self, dense_features: torch.Tensor, batch_size: int) -> torch.Tensor:
