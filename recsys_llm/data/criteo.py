@@ -386,7 +386,8 @@ def _convert(batch: pa.RecordBatch, path: str, line: int, config: CriteoConfig, 
         columns[name] = np.log1p(np.maximum(values, 0.0)).astype(np.float32)
     for index, (name, size) in enumerate(zip(SPARSE_NAMES, config.field_hash_sizes())):
         _check_hex(batch.column(name), path, line, name)
-        columns[name] = hash_strings(batch.column(name), size, salt=index)
+        # 68FD1E64 is the token 68fd1e64 (Criteo writes lower case; a re-export may not)
+        columns[name] = hash_strings(pc.ascii_lower(batch.column(name)), size, salt=index)
     return columns
 
 

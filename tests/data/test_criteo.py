@@ -301,6 +301,19 @@ def test_categorical_value_that_is_not_hex_names_line_and_column(tmp_path, value
     prepare_criteo(_write(tmp_path / "ok.tsv", rows), str(tmp_path / "out"), CriteoConfig(hash_size=64, block_bytes=4096))
 
 
+def test_upper_case_hex_is_the_same_token_as_lower_case(tmp_path):
+    """68FD1E64 and 68fd1e64 are one value: upper case (a re-exported file) was hashed to another id."""
+    rows = _lines(200)
+    config = CriteoConfig(hash_size=1 << 20)
+    lower = prepare_criteo(_write(tmp_path / "lower.tsv", rows), str(tmp_path / "lower"), config)
+    upper = prepare_criteo(_write(tmp_path / "upper.tsv", [r[:14] + [c.upper() for c in r[14:]] for r in rows]),
+                           str(tmp_path / "upper"), config)
+    assert any(c != c.upper() for r in rows for c in r[14:])
+    for split in lower.splits:
+        want, have = pq.read_table(lower.split_path(split)), pq.read_table(upper.split_path(split))
+        assert all(have[name].equals(want[name]) for name in SPARSE_NAMES), split
+
+
 def test_a_first_line_with_a_bad_label_is_refused_not_skipped_as_a_header(tmp_path):
     rows = _lines(20)
     rows[0][0] = "x"  # its other cells are data: not a header

@@ -354,12 +354,17 @@ def test_movielens_1m_age_and_occupation_codes_become_their_words(tmp_path):
                                                                  "aged 56 or older"]
     assert schema.load_value_text("occupation")["text"].to_pylist() == ["unknown", "other or not specified",
                                                                         "K-12 student", "self-employed"]
+    # the field texts say groups (they were "age of the user in years"): the LLM reads them
+    assert schema.field("age").description == "age group of the user"
+    assert schema.field("user_age").description.startswith("youngest age of the user's age group in years")
     # ML-100K's users.dat holds ages in years and occupations as words: read as they are
     (tmp_path / "x.user").write_text(_USER_HEADER + "1\t18\tF\twriter\t12345\n2\t25\tM\t10\t54321\n")
     schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"))
     assert schema.load_value_text("user_id")["text"].to_pylist()[1] == ("A 18 year old woman, occupation: writer, "
                                                                         "zip code 12345.")
     assert schema.load_value_text("occupation")["text"].to_pylist() == ["unknown", "10", "writer"]
+    assert (schema.field("age").description, schema.field("user_age").description) == (
+        "age of the user in years", "age of the user in years divided by 100")
 
 
 def test_cells_with_stray_spaces_convert_as_without_them(tmp_path):
