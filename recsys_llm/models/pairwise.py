@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import torch
 
+from recsys_llm.models.once_differentiable import first_order_only
+
 
 def pair_sum_forward(fields: torch.Tensor, pair_matrix: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
     """``(sum_ij M_ij <x_{b,i}, x_{b,j}>, G)``: (B,) and the per-sample Gram G (B, K * K), for
@@ -53,7 +55,7 @@ class _WeightedPairSum(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("the weighted pair-sum kernel (weighted_pair_sum)")
     def backward(ctx, grad: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         return pair_sum_backward(grad, *ctx.saved_tensors)
 

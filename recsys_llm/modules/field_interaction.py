@@ -23,6 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.base import CTROutput, fields_in_key_order, has_one_dim, key_positions
+from recsys_llm.models.once_differentiable import first_order_only
 from recsys_llm.modules.field_semantics import check_finite_vectors
 from recsys_llm.models.pairwise import PairWeightFolding, pair_sum_backward, pair_sum_forward, weighted_pair_sum
 
@@ -75,7 +76,7 @@ class _SemanticPairSum(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("FIE's pair-sum kernel (semantic_pair_sum)")
     def backward(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
         fields, pair_matrix, gram, similarity, flat_pairs = ctx.saved_tensors
         grad_fields, grad_matrix = pair_sum_backward(grad, fields, pair_matrix, gram)

@@ -14,8 +14,7 @@ comparable across data sets with different field counts **(ours)**). A training-
 regularizer: no serving cost. Fields without a vector are skipped.
 """
 
-import functools
-from typing import Any, Callable, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,47 +24,13 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.base import CTROutput, fields_in_key_order
+from recsys_llm.models.once_differentiable import first_order_only
 from recsys_llm.semantics.store import first_non_finite_row
 
 # a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
 torch.fx.wrap("fields_in_key_order")
 
 FIELD_REDUCTIONS = ("sum", "mean")
-
-
-class _NoSecondOrder(torch.autograd.Function):
-    """Identity on a gradient computed without a graph; differentiating through it raises."""
-
-    @staticmethod
-    def forward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.view_as(grad)
-
-    @staticmethod
-    def backward(ctx, _: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(
-            "trying to differentiate twice FRE's KL kernel (projected_field_kl), whose backward is first order "
-            "only (@once_differentiable): a gradient penalty or Hessian through the FRE loss term is not supported"
-        )
-
-
-def _first_order_only(backward: Callable[..., Tuple[Optional[torch.Tensor], ...]]) -> Callable[..., Any]:
-    """``once_differentiable``, that also refuses a double backward when the incoming gradient is a constant.
-
-    ``once_differentiable`` marks its gradients only when the incoming gradient requires grad. FRE enters
-    the loss linearly (``loss = BCE + lambda * KL``), so under ``create_graph=True`` its incoming gradient
-    is a constant, and a gradient penalty would silently leave out the KL's second order (which is not
-    zero). Here the gradients are marked whenever a graph is being built.
-    """
-    once = torch.autograd.function.once_differentiable(backward)
-
-    @functools.wraps(backward)
-    def wrapper(ctx: Any, *grads: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        outputs = once(ctx, *grads)
-        if not torch.is_grad_enabled() or any(g.requires_grad for g in grads if g is not None):
-            return outputs  # no graph wanted, or marked by once_differentiable
-        return tuple(None if out is None else _NoSecondOrder.apply(out.requires_grad_()) for out in outputs)
-
-    return wrapper
 
 
 class _ProjectedFieldKL(torch.autograd.Function):
@@ -109,8 +74,13 @@ class _ProjectedFieldKL(torch.autograd.Function):
         return torch.dot(weighted_p.to(gap.dtype).flatten(), gap.flatten()) / (max(batch_size, 1) * count)
 
     @staticmethod
-    @_first_order_only
+    @first_order_only("FRE's KL kernel (projected_field_kl)")
     def backward(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
+        with torch.autocast(grad.device.type, enabled=False):  # a backward run inside autocast: the forward's dtypes
+            return _ProjectedFieldKL._gradients(ctx, grad)
+
+    @staticmethod
+    def _gradients(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
         log_q, gap, weighted_p, log_p, count, field_vectors = ctx.saved_tensors
         batch_size = log_q.size(0)
         if batch_size == 0:  # the loss is 0 whatever W and c are
@@ -168,7 +138,13 @@ def projected_field_kl(
         vectors_by_key = field_vectors.new_zeros(num_keys, field_vectors.size(1))
         vectors_by_key.index_copy_(0, positions, field_vectors)  # (K, d_llm)
         key_weight = field_vectors.new_zeros(num_keys).index_fill_(0, positions, 1.0)  # (K,)
-    return _ProjectedFieldKL.apply(fields, vectors_by_key, weight, bias, key_weight)
+    # autocast would run the projection in bf16 / fp16 beside the float32 vectors (the backward then mixed dtypes);
+    # the kernel computes in float32 there, as autocast runs a log softmax
+    device_type = fields.device.type
+    if torch.is_autocast_enabled(device_type):
+        fields = fields.float()
+    with torch.autocast(device_type, enabled=False):
+        return _ProjectedFieldKL.apply(fields, vectors_by_key, weight, bias, key_weight)
 
 
 class FieldRepresentationEnhancement(nn.Module):

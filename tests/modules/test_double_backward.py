@@ -1,7 +1,7 @@
 """Hand-written autograd Functions of the models (FRE's KL, the pairwise sums) are first-order
 only: a double backward through them raises instead of giving wrong second derivatives
-(the pairwise sums when the incoming gradient requires grad, as in a gradient penalty through
-BCE; FRE's KL also when it enters the loss linearly, as it does). FM's interaction
+(also when they enter the loss linearly, as FRE's KL does and FIE's term in a linear logit, where
+``once_differentiable`` let a constant incoming gradient through). FM's interaction
 kernel is twice differentiable, as the autograd formula it replaced was.
 """
 
@@ -63,6 +63,39 @@ def test_semantic_pair_sum_refuses_double_backward():
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
     with pytest.raises(RuntimeError, match="once_differentiable"):
         _second_order(loss, fields)
+
+
+@pytest.mark.parametrize("kernel", ["weighted_pair_sum", "semantic_pair_sum"])
+def test_pair_sums_entering_the_logit_linearly_refuse_a_gradient_penalty(kernel):
+    """A penalty on a logit linear in the pair sum: its incoming gradient is a constant, and the penalty's
+    gradient silently left out the pair sum's second order (off by 13 in a penalty of FIE's logit)."""
+    fields = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    linear = torch.nn.Linear(6, 6).double()
+    flat_pairs = torch.tensor([1, 2, 3, 6, 7, 11])
+    pair_sum = {
+        "weighted_pair_sum": lambda x: weighted_pair_sum(x, torch.randn(4, 4, dtype=torch.float64)),
+        "semantic_pair_sum": lambda x: semantic_pair_sum(x, torch.randn(6, dtype=torch.float64), linear.weight,
+                                                         linear.bias, flat_pairs, 0.5),
+    }[kernel]
+    loss = pair_sum(fields).sum() + fields.pow(3).sum()
+    with pytest.raises(RuntimeError, match=rf"differentiate twice .*\({kernel}\)"):
+        _second_order(loss, fields)
+    (grad,) = torch.autograd.grad(loss, fields, create_graph=True)  # a graph never differentiated again: fine
+    loss.backward()
+    torch.testing.assert_close(grad.detach(), fields.grad)
+
+
+def test_frozen_fie_entering_the_logit_linearly_refuses_a_gradient_penalty():
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+    from tests.modules.llactr_helpers import FEATURES, make_ebc, make_kjt
+
+    fie = FieldInteractionEnhancement(torch.randn(3, 16), FEATURES, 0.2)
+    for frozen in (False, True):
+        if frozen:
+            fie.freeze()
+        pooled = make_ebc(8)(make_kjt(4))
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            _second_order(fie.logit(pooled).sum(), pooled.values())
 
 
 def _explicit_fm(fields: torch.Tensor) -> torch.Tensor:

@@ -264,3 +264,33 @@ def test_half_precision_fields_give_the_projection_autograds_gradient(dtype, tol
     (got,) = torch.autograd.grad(loss, projection.weight)
     assert float((got.double() - expected).norm() / expected.norm()) < tolerance
     torch.testing.assert_close(loss.double(), reference, rtol=tolerance / 5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward after autocast", "backward inside"])
+def test_fre_and_fie_train_under_autocast(dtype, backward_inside) -> None:
+    """Mixed precision: autocast ran FRE's projection in half precision beside the float32 field vectors, and
+    the first backward failed ('expected m1 and m2 to have the same dtype')."""
+    from recsys_llm.data.batch import Batch
+    from recsys_llm.models import DeepFM, DeepFMConfig
+    from recsys_llm.models.task import CTRTask
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+    torch.manual_seed(0)
+    task = CTRTask(DeepFM(make_ebc(8), 2, DeepFMConfig(mlp_layer_sizes=(8,))),
+                   logit_terms={"fie": FieldInteractionEnhancement(torch.randn(3, 16), FEATURES, 0.2)},
+                   loss_terms={"fre": FieldRepresentationEnhancement(torch.randn(3, 16), FEATURES, 8, 0.1)})
+    batch = Batch(torch.rand(4, 2), make_kjt(4), torch.ones(4))
+    expected = task.loss_terms["fre"](task.model(batch.dense_features, batch.sparse_features), batch)
+    with torch.autocast("cpu", dtype=dtype):
+        loss, _ = task(batch)
+        fre = task.loss_terms["fre"](task.model(batch.dense_features, batch.sparse_features), batch)
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    assert fre.dtype == torch.float32
+    torch.testing.assert_close(fre, expected)  # computed in float32: the same value as without autocast
+    grads = {name: p.grad for name, p in task.named_parameters()}
+    assert grads["loss_terms.fre.projection.weight"] is not None
+    assert all(g is None or (g.dtype == torch.float32 and bool(torch.isfinite(g).all())) for g in grads.values())
