@@ -393,7 +393,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         renderer = RowTextRenderer(schema)
         columns = [schema.row_key, *renderer.field_names]
         with watch("llm_load"):
-            llm = load_ctr_llm(sizes, args.llm, work_dir, args.seed)
+            # on the run's device, as `semantics export` runs it there: the online gain network's LLM of a GPU server
+            llm = load_ctr_llm(sizes, args.llm, work_dir, args.seed).to(device)
 
         # KD training batches: train rows in file order, LLM vectors of a pool of them.
         train_batches = train_split_batches(schema, sizes.batch_size, sizes.memory_batches)
@@ -440,6 +441,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "llm_setup": f"CTRAdaptedLLM(tuning='heads', pooling={llm.config.pooling!r}, representation_dim="
                      f"{sizes.vector_dim}, max_length={sizes.max_length}); untuned (inference cost does not depend "
                      "on the weights; 'heads' = no adapter layers, the cost of a LoRA model after merging)",
+        "llm_device": str(next(llm.parameters()).device),
         "llm_load_seconds": watch.seconds["llm_load"],
         "llm_pool_encode_texts_per_second": len(pool_texts) / watch.seconds["pool_encode"],
         "mean_row_text_tokens": sum(len(t) for t in tokens) / len(tokens),

@@ -540,7 +540,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "instance_timed_rows": instance["timed_rows"],
         "instance_scaled_to_rows": INSTANCE_SCALED_TO_ROWS,
         "instance_scaling": "timed on instance_timed_rows rows of the train split and scaled linearly to "
-                            "instance_scaled_to_rows; model loading counted once (not scaled)",
+                            "instance_scaled_to_rows; model loading counted once (not scaled); row texts cut at "
+                            f"`semantics adapt`'s default max_length ({sizes.max_length} tokens; see "
+                            "instance.mean_row_text_tokens uncut), which understates the instance side",
+        # both sides on the CPU (SSFT and the field encode run with device='cpu', as the instance side), whatever
+        # --device the CTR training used: the ratio compares the same LLM on the same hardware
+        "llm_device": "cpu",
         "instance_seconds_scaled": instance_total,
         "instance": instance,
         "field_seconds_timed": field["seconds"],

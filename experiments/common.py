@@ -11,6 +11,7 @@ import json
 import math
 import os
 import statistics
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
@@ -263,7 +264,13 @@ def run_variant(
             return finished_results(other)
     if prepare is not None:
         prepare()
-    return run_training(config)
+    started = time.perf_counter()
+    results = run_training(config)
+    # one line per run: the drivers train with the progress bar off, and a table is up to hundreds of runs
+    aucs = [results.get(split, {}).get("auc") for split in ("valid", "test")]
+    valid, test = (f"{auc:.4f}" if isinstance(auc, float) else str(auc) for auc in aucs)  # None: never validated
+    print(f"[run] {run_dir}: valid AUC {valid}, test AUC {test} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return results
 
 
 def _differences(config: ExperimentConfig, run_dir: str) -> List[str]:
@@ -356,11 +363,14 @@ def markdown_table(table: Dict[str, Dict], columns: Sequence[str], baseline: Opt
     """Rows = variants; cells = mean ± std; ``Δ AUC`` relative to ``baseline`` when given."""
     header = ["variant"] + list(columns) + (["Δ AUC vs " + baseline] if baseline else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    # a cell over fewer values than the others (a seed's metric missing) says so
+    most = max((row[c].get("n", 0) for row in table.values() for c in columns if row.get(c)), default=0)
     for variant, row in table.items():
         cells = [variant]
         for column in columns:
             cell = row.get(column)
-            cells.append("–" if cell is None else f"{cell['mean']:.4f} ± {cell['std']:.4f}")
+            fewer = f" (n={cell['n']})" if cell is not None and cell.get("n", most) < most else ""
+            cells.append("–" if cell is None else f"{cell['mean']:.4f} ± {cell['std']:.4f}{fewer}")
         if baseline:
             base = table.get(baseline, {}).get("auc", {}).get("mean")
             mine = row["auc"]["mean"]

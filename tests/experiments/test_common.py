@@ -10,6 +10,7 @@ from experiments.common import (
     SYNTHETIC_ROWS,
     _same_experiment,
     base_config_path,
+    markdown_table,
     model_overrides,
     prepared_schema,
     tune_on_validation,
@@ -289,3 +290,27 @@ def test_synthetic_data_of_another_size_is_refused_not_reported_as_the_tables_da
     generate_synthetic(str(tmp_path / "synthetic"), 2_000, seed=0)
     with pytest.raises(SystemExit, match=f"synthetic data of 2000 rows; the tables are for {SYNTHETIC_ROWS} rows"):
         prepared_schema("synthetic", str(tmp_path), raw="unused")
+
+
+def test_a_table_cell_over_fewer_seeds_says_how_many():
+    """A seed whose metric was missing dropped out of the mean silently, under a header saying three seeds."""
+    runs = {"plain": [_result(0.7, 0.70), _result(0.7, 0.72), _result(0.7, 0.74)],
+            "fre": [_result(0.7, 0.71), {"valid": {"auc": 0.7}, "test": {"auc": None, "logloss": 0.5}},
+                    _result(0.7, 0.73)]}
+    lines = markdown_table(summarize(runs), ["auc", "logloss"], baseline="plain").splitlines()
+    assert lines[2] == "| plain | 0.7200 ± 0.0200 | 0.5000 ± 0.0000 | +0.00% |"
+    assert lines[3].startswith("| fre | 0.7200 ± 0.0141 (n=2) | 0.5000 ± 0.0000 | ")
+
+
+def test_each_trained_run_prints_one_line(tmp_path, capsys):
+    """The drivers train with the progress bar off: a table of hundreds of runs printed nothing until its pick."""
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    data = str(tmp_path / "data")
+    generate_synthetic(data, 300, seed=0)
+    run_dir = str(tmp_path / "run")
+    overrides = [f"data.schema={data}", "train.epochs=1", "data.batch_size=64", "model.mlp_layer_sizes=[8]"]
+    results = run_variant(base_config_path("synthetic", "deepfm"), overrides, run_dir)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[run] "))
+    assert line.startswith(f"[run] {run_dir}: valid AUC {results['valid']['auc']:.4f}, test AUC "
+                           f"{results['test']['auc']:.4f} (")
