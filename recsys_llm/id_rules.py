@@ -182,10 +182,19 @@ class IdRules:
             key, row = IdRules._bag_of(features, first)
             raise ValueError(f"sparse features: feature {key!r}, row {row}: length {int(lengths[first])}; "
                              "expected a count >= 0")
-        total = sum(features.length_per_key())  # per key from the lengths (from_lengths_sync keeps it)
+        # per key from the lengths; a KJT built with length_per_key= keeps that one, which slices the ids per feature
+        if len(set(strides)) == 1:  # one B for every key: one reduction
+            counted = [int(n) for n in lengths.view(len(strides), strides[0]).sum(dim=1).tolist()]
+        else:
+            counted = [int(part.sum()) for part in lengths.split(strides)]
+        total = sum(counted)
         if total != values.numel():
             raise ValueError(f"sparse features: lengths sum to {total} but there are {values.numel()} ids (values); "
                              "expected the lengths to count every id, one length per (feature, row)")
+        given = features.length_per_key()
+        if list(given) != counted:
+            raise ValueError(f"sparse features: length_per_key is {list(given)} but the lengths count {counted} ids per "
+                             f"feature ({features.keys()}); expected them to agree (or leave length_per_key out)")
         if weights is not None and weights.numel() != values.numel():
             raise ValueError(f"sparse features: {weights.numel()} weights for {values.numel()} ids; expected one each")
 

@@ -99,6 +99,10 @@ BAD_REQUESTS: Dict[str, Tuple[Callable[[], Tuple[object, object]], str]] = {
     "lengths not summing to the ids": (
         lambda: (DENSE, KeyedJaggedTensor(KEYS, SPARSE.values()[:-1], lengths=SPARSE.lengths())),
         rf"sparse features: lengths sum to {SPARSE.values().numel()} but there are {SPARSE.values().numel() - 1} ids"),
+    "length_per_key disagreeing with the lengths": (  # the ids were sliced per feature by it: other ids, silently
+        lambda: (DENSE, KeyedJaggedTensor(KEYS, SPARSE.values(), lengths=SPARSE.lengths(), length_per_key=[
+            n + shift for n, shift in zip(SPARSE.length_per_key(), [1, -1, 0])])),
+        r"sparse features: length_per_key is \[5, 3, \d+\] but the lengths count \[4, 4, \d+\] ids per feature"),
     "negative length": (lambda: (DENSE, KeyedJaggedTensor.from_lengths_sync(
                             KEYS, torch.tensor([1, 2, 3, 4, 1, 2, 3, 4, 0, 1]),
                             torch.tensor([1] * 8 + [3, -1, 0, 0], dtype=torch.int32))),
