@@ -40,6 +40,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     import torch
 
     from recsys_llm.data.parquet import ParquetBatchReader
+    from recsys_llm.modules.elec import ELECConfig, gain_shape_settings
     from recsys_llm.modules.teacher_student import TeacherStudentTask
     from recsys_llm.serving import (
         check_export_output,
@@ -72,9 +73,11 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         _say(f"writing {output} ({size / 2**30:.2f} GiB of weights"
              f"{'' if state_only else ', then the dense part traced with torch.export'})")
     if ctx.is_main and state_only:
-        written = _write_state(full, output, {"checkpoint": os.path.abspath(checkpoint),
-                                              "checkpoint_sha256": checkpoint_digests(checkpoint),
-                                              "model": config.model.to_dict(), "schema_fingerprint": schema.fingerprint()})
+        metadata = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": checkpoint_digests(checkpoint),
+                    "model": config.model.to_dict(), "schema_fingerprint": schema.fingerprint()}
+        if config.elec is not None:  # what shapes the gain network: a frozen-teacher run names what differs
+            metadata["elec"] = gain_shape_settings(ELECConfig.from_dict(config.elec, source="elec"))
+        written = _write_state(full, output, metadata)
     elif ctx.is_main:
         if isinstance(task, TeacherStudentTask):  # its tables on meta, filled below
             served, state = task.student, sub_state(full, "student.")

@@ -283,13 +283,34 @@ def entity_vectors_record(config: ELECConfig) -> Dict[str, Dict[str, Any]]:
     return record
 
 
+def gain_shape_settings(config: ELECConfig) -> Dict[str, Any]:
+    """The elec settings that shape a gain network's tensors (and so a frozen teacher's): what
+    ``export --state-only`` records (``metadata.elec``) for a frozen-teacher run to compare."""
+    return {
+        "vector_source": config.vector_source,
+        "entity_fields": sorted(config.entity_tables) if config.vector_source == "entity_table" else [],
+        "vector_dim": config.vector_dim,
+        "num_injected_fields": config.num_injected_fields,
+    }
+
+
 def _teacher_mismatch_hint(path: str, model_config: Optional[ModelConfig] = None,
-                           schema_fingerprint: Optional[str] = None) -> str:
+                           schema_fingerprint: Optional[str] = None, elec_config: Optional[ELECConfig] = None) -> str:
     """``"; ..."``: why a frozen teacher's state may not fit the teacher this config builds, from the
-    export's ``config.json`` (``metadata.model``, ``metadata.schema_fingerprint``): the model settings
-    that differ from ``model_config``, another schema, or else the elec settings to compare."""
+    export's ``config.json`` (``metadata.model``, ``metadata.elec``, ``metadata.schema_fingerprint``): the
+    model and elec settings that differ from ``model_config`` and ``elec_config``, another schema, or else
+    the elec settings to compare."""
     metadata = _export_metadata(path)
     hints = []
+    recorded_elec = metadata.get("elec") if isinstance(metadata.get("elec"), dict) else {}
+    if elec_config is not None and recorded_elec:
+        current_elec = gain_shape_settings(elec_config)
+        names = {"entity_fields": "the fields of elec.entity_tables / elec.entity_field"}
+        differing = [f"{names.get(key, 'elec.' + key)} {value!r} (here {current_elec[key]!r})"
+                     for key, value in recorded_elec.items() if key in current_elec and current_elec[key] != value]
+        if differing:
+            hints.append(f"the state was exported from a gain network of other elec settings (config.json "
+                         f"metadata.elec): {', '.join(differing)}; build the teacher with the same settings")
     recorded = metadata.get("model") if isinstance(metadata.get("model"), dict) else {}
     if model_config is not None and recorded:
         current = model_config.to_dict()
@@ -310,6 +331,8 @@ def _teacher_mismatch_hint(path: str, model_config: Optional[ModelConfig] = None
                      f"{trained_on}, this data set's is {schema_fingerprint}): train the student on the teacher's data")
     if not hints:
         settings = "the model settings match the state's, so " if model_config is not None and recorded else ""
+        if recorded_elec and elec_config is not None:
+            settings = "the model and elec settings match the state's, so " if settings else settings
         hints.append(f"{settings}build the teacher with the gain run's settings: model.*, and elec.vector_source, the "
                      "fields of elec.entity_tables / elec.entity_field, elec.vector_dim and elec.num_injected_fields")
     return "; " + "; ".join(hints)
@@ -375,7 +398,7 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
             # the state lacks a tensor, has one of another shape, or an extra one (not a NaN or a damaged
             # file: the ValueErrors of open_state_file's reads, which no model setting explains)
             except (KeyError, StateMismatchError) as error:
-                hint = _teacher_mismatch_hint(config.teacher_checkpoint, model_config, schema_fingerprint)
+                hint = _teacher_mismatch_hint(config.teacher_checkpoint, model_config, schema_fingerprint, config)
                 raise type(error)(f"{error.args[0]}{hint}") from None
     if config.vector_source != "entity_table" or (is_distill and config.distill.mode == "offline"):
         return report

@@ -189,6 +189,31 @@ class TestTeacherStudentTask:
         for k, v in task.teacher.state_dict().items():  # refused before anything was copied
             assert torch.equal(v, before[k]), k
 
+    def test_a_frozen_teacher_of_other_recorded_elec_settings_names_them(self, tmp_path):
+        """export --state-only records the elec settings that shape the gain network (metadata.elec): the refusal
+        names the ones that differ instead of listing every setting to compare."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from recsys_llm.modules.elec import gain_shape_settings
+
+        entity = ELECConfig(task="gain", vector_dim=8, vector_source="entity_table", entity_field="item_id",
+                            entity_vectors="unused")
+        gain = build_gain_network(entity, SCHEMA, MODEL, device=CPU)
+        export = tmp_path / "gain_on_items"
+        export.mkdir()
+        save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, str(export / "model.safetensors"))
+        (export / "config.json").write_text(json.dumps({"metadata": {"model": MODEL.to_dict(),
+                                                                     "elec": gain_shape_settings(entity)}}))
+        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(export),
+                            distill=TeacherStudentConfig(mode="frozen"))
+        with pytest.raises(ValueError, match=r"the state was exported from a gain network of other elec settings "
+                                             r"\(config.json metadata.elec\): elec.vector_source 'entity_table' \(here "
+                                             r"'extras'\), the fields of elec.entity_tables / elec.entity_field "
+                                             r"\['item_id'\] \(here \[\]\); build the teacher with the same settings$"):
+            load_elec_state(build_elec_task(config, SCHEMA, MODEL, device=CPU), config, model_config=MODEL)
+
     def test_a_frozen_teacher_with_nan_weights_gets_no_settings_hint(self, tmp_path):
         """NaN in the teacher's state is no mismatch of settings: the refusal says so alone."""
         import json

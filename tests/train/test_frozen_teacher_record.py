@@ -87,7 +87,8 @@ def _scenario(work: str) -> Dict[str, Any]:
     teacher = os.path.join(work, "teacher_state")
     _export(base, first_gain, teacher)
     with open(os.path.join(teacher, "config.json"), encoding="utf-8") as handle:
-        out["exported_digests"] = json.load(handle)["metadata"]["checkpoint_sha256"]
+        metadata = json.load(handle)["metadata"]
+    out["exported_digests"], out["exported_elec"] = metadata["checkpoint_sha256"], metadata["elec"]
     out["first_digests"] = checkpoint_digests(resolve_checkpoint(first_gain))
     out["other_digests"] = checkpoint_digests(resolve_checkpoint(other_gain))
 
@@ -133,6 +134,9 @@ def test_the_export_and_the_student_record_which_trained_teacher(scenario: Dict[
     assert scenario["first_digests"] != scenario["other_digests"]  # another seed: another trained state
     assert scenario["recorded"]["checkpoint_sha256"] == scenario["first_digests"]
     assert scenario["recorded"]["export"].endswith("teacher_state")
+    # what shapes the gain network, for a frozen-teacher run of other settings to name
+    assert scenario["exported_elec"] == {"vector_source": "entity_table", "entity_fields": ["item_id"],
+                                         "vector_dim": 8, "num_injected_fields": 1}
 
 
 @pytest.mark.multiprocess
