@@ -438,6 +438,9 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
             own = os.path.join(path, "config.yaml")  # a run directory: its own config
             raise ConfigError(f"{path}: a directory; expected a YAML config file"
                               + (f", e.g. {own}" if os.path.isfile(own) else ""))
+        if os.path.islink(path) and not os.path.exists(path):  # configs/ copied with `cp -r`: a dangling link
+            raise ConfigError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist from here; "
+                              "copy config directories with `cp -rL` (the link's file itself), or name that file")
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
         text = read_utf8_text(path, "config", ConfigError)

@@ -172,6 +172,18 @@ class TestLoadConfig:
         with pytest.raises(ConfigError, match=r"run: a directory; expected a YAML config file, e\.g\. .*run/config\.yaml"):
             load_config(str(tmp_path / "run"))
 
+    def test_a_dangling_link_says_so(self, tmp_path) -> None:
+        """configs/synthetic_deepfm.yaml links to the package's copy: `cp -r configs .` copies a dangling link,
+        which was 'config file not found' beside the file `ls` lists."""
+        import shutil
+
+        shutil.copytree(os.path.join(REPO, "configs"), tmp_path / "configs", symlinks=True)  # as `cp -r` copies
+        with pytest.raises(ConfigError, match=r"configs/synthetic_deepfm\.yaml: a symbolic link to "
+                                              r"\.\./recsys_llm/configs/synthetic_deepfm\.yaml, which does not exist "
+                                              r"from here; copy config directories with `cp -rL`"):
+            load_config(str(tmp_path / "configs" / "synthetic_deepfm.yaml"))
+        load_config(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"))
+
     def test_a_key_written_twice_is_refused_naming_its_path_and_both_lines(self, tmp_path) -> None:
         bad = tmp_path / "twice.yaml"
         bad.write_text("data:\n  batch_size: 512\n  batch_size: 1024\n")  # PyYAML alone trains with 1024
