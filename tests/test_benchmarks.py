@@ -141,7 +141,7 @@ def test_llactr_ratios_come_from_rounds_and_scaled_costs(tmp_path_factory: pytes
     assert payload["llm_cost_ratio_instance_vs_field"] == pytest.approx(scaled / field["seconds_at_default_s"])
 
 
-def test_llactr_batch_size_and_backbones_override_the_mode(capsys: pytest.CaptureFixture) -> None:
+def test_llactr_batch_size_and_backbones_override_the_mode(capsys: pytest.CaptureFixture, tmp_path) -> None:
     from benchmarks import llactr
 
     argv = ["--quick", "--batch-size", "4096", "--backbones", "fm"]
@@ -153,7 +153,7 @@ def test_llactr_batch_size_and_backbones_override_the_mode(capsys: pytest.Captur
     assert exit_info.value.code == 2
     assert "--batch-size must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # at start, not after the LLM work, when the batches cannot be cut
-        llactr.main(["--smoke", "--batch-size", "2048", "--json", "/tmp/unused.json"])
+        llactr.main(["--smoke", "--batch-size", "2048", "--json", str(tmp_path / "unused.json")])
     assert exit_info.value.code == 2
     assert "--batch-size 2048: the smoke mode's 2,400 train rows make fewer than its 2 batches; at most 1200" in (
         capsys.readouterr().err)

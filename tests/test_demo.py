@@ -53,7 +53,7 @@ def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_pat
 
 def test_writing_the_outputs_leaves_the_calling_program_s_matplotlib_backend_alone(tmp_path) -> None:
     """A notebook calling the demo keeps its inline backend: the picture is drawn on a Figure of its own."""
-    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib  # scripts/install.sh installs it (the bench extra): a broken install fails here, not skips
     results = {name: {"test": {"auc": 0.6 + 0.01 * i, "cold/auc": 0.55}} for i, name in enumerate([PLAIN, STUDENT])}
     backend = matplotlib.get_backend()
     matplotlib.use("svg")  # stands for a notebook's backend
@@ -337,7 +337,7 @@ def test_a_model_directory_whose_tokenizer_cannot_load_is_refused_before_any_tra
 def test_outputs_that_fail_while_written_keep_the_earlier_ones_whole(tmp_path, monkeypatch) -> None:
     """A full disk (or Ctrl-C) while ``demo_results.{json,png}`` are written again leaves the earlier
     files as they were, not emptied or cut short, and no temp file beside them."""
-    figure = pytest.importorskip("matplotlib.figure")
+    import matplotlib.figure as figure
     import recsys_llm.demo as demo
 
     results = {name: {"test": {"auc": 0.6 + 0.01 * i, "cold/auc": 0.55}} for i, name in enumerate([PLAIN, STUDENT])}

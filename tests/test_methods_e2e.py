@@ -112,7 +112,8 @@ def test_llactr_section_trains_fre_and_fie_and_records_provenance(small_syntheti
     names = schema.sparse_feature_names
     vectors = str(tmp_path / "fields.safetensors")
     provenance = VectorProvenance(model_id="test", model_hash="h", pooling="mean", template="{name}: {description}")
-    save_vectors(vectors, torch.randn(len(names), 24), names, provenance.for_schema(schema))
+    save_vectors(vectors, torch.randn(len(names), 24, generator=torch.Generator().manual_seed(0)), names,
+                 provenance.for_schema(schema))
     run_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
     (result,) = run_multiprocess(_train_and_export_llactr, world_size=1, schema_path=small_synthetic, run_dir=run_dir,
                                  vectors=vectors, export_dir=export_dir)

@@ -169,9 +169,9 @@ def test_gain_network_and_pairs_are_refused(tmp_path):
     assert not os.path.exists(str(tmp_path / "x"))
 
 
-def test_the_student_s_state_is_gathered_without_the_teacher_s(tmp_path):
-    """`export` of a distilled student gathered the whole pair into rank 0's memory (the teacher's tables, entity
-    vectors among them, can be many times the student's) and then kept the student's alone."""
+def test_the_student_s_state_is_taken_without_the_teacher_s(tmp_path):
+    """The prefix keeps exactly the student's tensors (unsharded here; that the teacher's sharded tables are not
+    gathered at all is shown on 2 ranks: test_semantic_table's test_two_ranks_load_own_shards_...)."""
     pair = build_elec_task(ELECConfig(task="distill", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
     whole = unsharded_state_dict(pair)
     student = unsharded_state_dict(pair, prefix="student.")

@@ -235,7 +235,8 @@ def test_fre_and_fie_train_on_two_ranks_with_sharded_tables(tmp_path) -> None:
     names = [f.name for f in schema.categorical_fields]
     provenance = VectorProvenance(model_id="random", model_hash="r", pooling="mean", template="{name}")
     vectors_path = str(tmp_path / "fields.safetensors")
-    save_vectors(vectors_path, torch.randn(len(names), 16), names, provenance.for_schema(schema))
+    save_vectors(vectors_path, torch.randn(len(names), 16, generator=torch.Generator().manual_seed(0)), names,
+                 provenance.for_schema(schema))
     results = run_multiprocess(_sharded_llactr, world_size=2, schema_path=data, vectors_path=vectors_path, steps=3)
     for result in results:
         assert result["steps"] == 3 and result["not_pipelined"] == []

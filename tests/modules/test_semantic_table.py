@@ -185,6 +185,16 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
     from recsys_llm.serving import ServedModel, export_task, sub_state, unsharded_state_dict
 
     full = unsharded_state_dict(model)  # collective: every rank takes part, rank 0 gets it all
+    # export gathers the student alone: the teacher's sharded tables never travel (a spy counts the gathers)
+    import recsys_llm.serving.state as state_module
+
+    gather, gathered = state_module._gather_shards_to_cpu, []
+    state_module._gather_shards_to_cpu = lambda value, dst: gathered.append(tuple(value.size())) or gather(value, dst)
+    try:
+        student_only = unsharded_state_dict(model, prefix="student.")
+    finally:
+        state_module._gather_shards_to_cpu = gather
+    sharded = [state_module.strip_wrappers(k) for k, v in model.state_dict().items() if isinstance(v, ShardedTensor)]
     model.eval()
     with torch.no_grad():
         _, (_, dmp_logits, _) = model(batches[0])
@@ -201,6 +211,12 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
     return {
         "filled": filled,
         "export_equal": export_equal,
+        "student_gathers": len(gathered),
+        "student_sharded": sum(name.startswith("student.") for name in sharded),
+        "sharded": len(sharded),
+        "student_only_equal": None if ctx.rank else (
+            sorted(student_only) == sorted(k for k in full if k.startswith("student."))
+            and all(torch.equal(v, full[k]) for k, v in student_only.items())),
         "local": local,
         "unchanged": unchanged,
         "student_changed": student_changed,
@@ -224,6 +240,9 @@ class TestShardedSemanticTable:
         results = run_multiprocess(_sharded_joint_kd, world_size=2, vector_dir=str(tmp_path / "items"),
                                    export_dir=str(tmp_path / "export"))
         assert results[0]["export_equal"] is True  # gathered student export == DMP student predictions
+        assert results[0]["student_only_equal"] is True
+        for result in results:  # the student's sharded tables gathered, none of the teacher's
+            assert 0 < result["student_gathers"] == result["student_sharded"] < result["sharded"], result
         covered = np.zeros((NUM_ITEMS, DIM), dtype=int)
         for rank, result in enumerate(results):
             assert result["steps"] == 6 and result["samples"] == 6 * 16  # 8 rows + 8 swapped rows per batch

@@ -4,7 +4,6 @@ and on several ranks only once every rank has finished."""
 import hashlib
 import os
 import re
-import time
 import warnings
 from typing import Dict, List
 
@@ -153,7 +152,8 @@ def test_texts_the_export_cuts_are_warned_about(adapted, tmp_path) -> None:
 def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -> Dict[str, object]:
     import recsys_llm.semantics.vector_export as vector_export
 
-    args = _export(adapted, vectors, "--attach-dir", attached, "--attach-timeout", "300")
+    # a day: a rank 0 that waited for the timeout instead of the failure would hang past pytest's --timeout
+    args = _export(adapted, vectors, "--attach-dir", attached, "--attach-timeout", "86400")
     if os.environ["RANK"] == "1":  # this rank dies in its export
         def fail(*_args, **_kwargs):
             raise RuntimeError("rank 1 died")
@@ -164,13 +164,12 @@ def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -
         except RuntimeError as exc:
             return {"error": str(exc)}
         return {"error": None}
-    start = time.monotonic()
     try:
         main(args)
         error = None
     except RuntimeError as exc:
         error = str(exc)
-    return {"error": error, "seconds": time.monotonic() - start}
+    return {"error": error}
 
 
 @pytest.mark.multiprocess
@@ -180,7 +179,6 @@ def test_rank_0_does_not_wait_for_a_rank_that_died(adapted, tmp_path) -> None:
                                     vectors=str(tmp_path / "vectors"), attached=attached)
     assert rank1["error"] == "rank 1 died"
     assert rank0["error"] is not None and "another rank failed" in rank0["error"]
-    assert rank0["seconds"] < 120  # not --attach-timeout's 300 s
     assert not os.path.exists(attached)
 
 

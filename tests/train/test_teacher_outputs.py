@@ -121,11 +121,14 @@ def test_the_copy_is_flushed_to_disk_before_it_is_renamed_into_place(tmp_path, m
     is, or a power loss could leave an empty ``<split>.parquet`` that no run writes again."""
     source, target = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
     pq.write_table(pa.table({"x": np.arange(3.0)}), source)
-    synced = []
-    fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), fsync(fd))[1])
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.stat(a).st_ino)), replace(a, b))[1])
     write_with_columns(source, target, np.zeros(3, np.float32), np.zeros((3, 2), np.float32), None, None)
-    assert os.stat(target).st_ino in synced  # the renamed file's inode was fsynced
+    inode = os.stat(target).st_ino
+    assert ("replace", inode) in events and ("fsync", inode) in events
+    assert events.index(("fsync", inode)) < events.index(("replace", inode))  # its bytes on disk before its name
 
 
 def test_a_rank_without_rows_does_not_turn_off_the_row_key_check(tmp_path) -> None:
