@@ -230,6 +230,7 @@ def _train_that_fails_after_the_group_starts(run_dir: str) -> "tuple[int, bool]"
     return code, dist.is_initialized()
 
 
+@pytest.mark.multiprocess
 def test_a_command_that_fails_leaves_no_process_group_behind(tmp_path) -> None:
     """A process that exits with a live gloo group can abort in its destructor ("terminate called
     without an active exception", exit code 134 instead of 2)."""

@@ -593,6 +593,7 @@ def _dmp_export(directory: str):
     return "exported"
 
 
+@pytest.mark.multiprocess
 def test_export_names_what_it_cannot_export(tmp_path):
     """A sharded model, weights on meta, a batch of 1, a module that is no CTRTask: refused, nothing written."""
     from tests.multiprocess import run_multiprocess

@@ -30,6 +30,7 @@ class TestBuildEmbeddingBagCollection:
         pooled = ebc(kjt).values().view(4, 3, 4)
         torch.testing.assert_close(pooled, explicit_fields(ebc, TINY_IDS))
 
+    @pytest.mark.multiprocess
     def test_init_scale_bounds_every_table_also_when_sharded(self, schema: DatasetSchema) -> None:
         from tests.multiprocess import run_multiprocess
 

@@ -194,6 +194,7 @@ def _resume_over_entity_vectors_exported_again(work: str) -> Dict[str, Any]:
     return {"recorded": recorded, "again_step": again["global_step"], "refusal": refusal}
 
 
+@pytest.mark.multiprocess
 def test_a_resume_over_entity_vectors_exported_again_by_another_model_is_refused(tmp_path) -> None:
     (out,) = run_multiprocess(_resume_over_entity_vectors_exported_again, world_size=1, work=str(tmp_path))
     assert out["recorded"]["item_id"]["model"] == "a" and out["recorded"]["item_id"]["keys_sha256"]

@@ -320,6 +320,7 @@ def _two_teachers_into_one_output(root: str) -> Dict[str, Any]:
     return {"other": other[0], "recorded": recorded, "first": first, "entries": sorted(os.listdir(out))}
 
 
+@pytest.mark.multiprocess
 def test_a_teacher_outputs_run_into_an_output_another_run_writes_is_refused(tmp_path) -> None:
     """Two runs (two teachers) launched into one --output-dir both passed the check of the empty directory: the
     copies were one teacher's, or some of each, and teacher.json named whichever wrote it last."""

@@ -229,6 +229,7 @@ def _kill_after_the_max_steps_checkpoint(schema_dir: str, root: str) -> Dict[str
     return out
 
 
+@pytest.mark.multiprocess
 def test_a_run_killed_after_its_max_steps_checkpoint_resumes_without_another_step(synthetic_dir: str,
                                                                                  tmp_path) -> None:
     (out,) = run_multiprocess(_kill_after_the_max_steps_checkpoint, world_size=1, schema_dir=synthetic_dir,
@@ -254,6 +255,7 @@ def _resume_a_validated_epoch_end_with_a_spent_budget(schema_dir: str, root: str
     return out
 
 
+@pytest.mark.multiprocess
 def test_a_resume_at_a_validated_step_with_its_budget_spent_does_not_validate_again(synthetic_dir: str,
                                                                                   tmp_path) -> None:
     """Resumed at a validated epoch end with the budget lowered to it, a job validated the same weights again: a
@@ -286,6 +288,7 @@ def _kill_while_validating_at_max_steps(schema_dir: str, root: str) -> Dict[str,
     return out
 
 
+@pytest.mark.multiprocess
 def test_a_run_killed_after_its_max_steps_epoch_record_keeps_it(synthetic_dir: str, tmp_path) -> None:
     """The resume (at max_steps: no step) marked that epoch record redone but wrote none: the run's
     records had no epoch, and results.json no samples/s."""
@@ -307,6 +310,7 @@ def _kill_after_a_max_steps_checkpoint_on_an_epochs_last_step(schema_dir: str, r
             "extended": _run(schema_dir, root, budget + ["train.max_steps=0"])}
 
 
+@pytest.mark.multiprocess
 def test_a_run_killed_after_its_max_steps_checkpoint_on_an_epochs_last_step_resumes_past_that_epoch(
         synthetic_dir: str, tmp_path) -> None:
     """It stayed in the epoch it had finished: an extension validated that step again, which
@@ -326,6 +330,7 @@ def _extend_a_run_finished_mid_epoch(schema_dir: str, root: str) -> Dict[str, An
     return out
 
 
+@pytest.mark.multiprocess
 def test_a_run_finished_mid_epoch_and_extended_keeps_the_validation_it_finished_with(synthetic_dir: str,
                                                                                      tmp_path) -> None:
     """The extension marked the step-5 epoch, valid and test records redone but wrote none at step 5:
@@ -350,6 +355,7 @@ def _extend_a_finished_run(schema_dir: str, root: str) -> Dict[str, Any]:
     return out
 
 
+@pytest.mark.multiprocess
 def test_a_finished_run_resumed_with_more_epochs_trains_them(synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_extend_a_finished_run, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
     steps_per_epoch = out["one"]["global_step"]
@@ -384,6 +390,7 @@ def _train_without_improving(schema_dir: str, root: str) -> Dict[str, Any]:
             "events": _events(run_dir)}
 
 
+@pytest.mark.multiprocess
 def test_a_run_whose_validation_auc_stops_improving_stops_early_after_patience_evaluations(synthetic_dir: str,
                                                                                          tmp_path) -> None:
     (out,) = run_multiprocess(_train_without_improving, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
@@ -416,6 +423,7 @@ def _best_before_the_last_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
     return {"first": first, "resumed": resumed, "events": _events(run_dir)}
 
 
+@pytest.mark.multiprocess
 def test_the_test_split_is_scored_with_the_best_checkpoint_not_the_last_weights(synthetic_dir: str,
                                                                                tmp_path) -> None:
     (out,) = run_multiprocess(_best_before_the_last_epoch, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
@@ -441,6 +449,7 @@ def _lose_the_periodic_checkpoints(schema_dir: str, root: str) -> Dict[str, Any]
     return out
 
 
+@pytest.mark.multiprocess
 def test_a_run_with_only_its_best_checkpoint_resumes_from_it(synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_lose_the_periodic_checkpoints, world_size=1, schema_dir=synthetic_dir,
                               root=str(tmp_path))
@@ -513,6 +522,7 @@ def _kill_in_the_final_saves(schema_dir: str, root: str) -> Dict[str, Any]:
     return out
 
 
+@pytest.mark.multiprocess
 def test_a_run_killed_in_its_final_saves_resumes_to_the_run_directory_of_an_uninterrupted_run(
         synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_kill_in_the_final_saves, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
@@ -571,6 +581,7 @@ def _kill_before_the_first_checkpoint_then_start_again(schema_dir: str, root: st
     return {"killed": killed, "events": _events(run_dir), "standing": read_metrics(run_dir)}
 
 
+@pytest.mark.multiprocess
 def test_a_job_after_one_killed_before_its_first_checkpoint_marks_the_earlier_records_superseded(
         synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_kill_before_the_first_checkpoint_then_start_again, world_size=1,
@@ -618,6 +629,7 @@ def _resume_on_an_epochs_last_step(schema_dir: str, root: str) -> Dict[str, Any]
     return out
 
 
+@pytest.mark.multiprocess
 def test_an_epoch_resumed_at_its_end_counts_in_no_loss_or_throughput(synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_resume_on_an_epochs_last_step, world_size=1, schema_dir=synthetic_dir,
                               root=str(tmp_path))
@@ -652,6 +664,7 @@ def _kill_after_validating_on_a_checkpointed_last_step(schema_dir: str, root: st
     return {"steps_per_epoch": steps_per_epoch, "events": _events(run_dir), "standing": read_metrics(run_dir)}
 
 
+@pytest.mark.multiprocess
 def test_epoch_end_records_written_after_the_checkpoint_resumed_from_stand_once(synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_kill_after_validating_on_a_checkpointed_last_step, world_size=1,
                               schema_dir=synthetic_dir, root=str(tmp_path))
@@ -674,6 +687,7 @@ def _resume_with_another_batch_size(schema_dir: str, root: str) -> Dict[str, Any
             "batches_of_512": batches_of_512}
 
 
+@pytest.mark.multiprocess
 def test_a_resume_with_another_batch_size_goes_on_from_the_same_row(synthetic_dir: str, tmp_path) -> None:
     """4 steps of 1024 rows are 8 steps of 512: the resumed epoch skips exactly those rows."""
     (out,) = run_multiprocess(_resume_with_another_batch_size, world_size=1, schema_dir=synthetic_dir,
@@ -712,6 +726,7 @@ def _resume_on_data_prepared_again(root: str, rows: int, seed: int) -> Dict[str,
     (2000, 1, "the data of split(s) ['train', 'valid', 'test'] in"),  # same fields and sizes, other rows
     (2000, 0, None),  # the same data written again: the run goes on
 ])
+@pytest.mark.multiprocess
 def test_a_resume_on_data_prepared_again_is_refused_before_anything_is_written(tmp_path, rows, seed, refusal) -> None:
     (out,) = run_multiprocess(_resume_on_data_prepared_again, world_size=1, root=str(tmp_path), rows=rows, seed=seed)
     if refusal is None:
@@ -737,6 +752,7 @@ def _second_job_in_a_run_dir(schema_dir: str, root: str) -> Dict[str, Any]:
     return {"error": error, "steps_after": again["global_step"]}
 
 
+@pytest.mark.multiprocess
 def test_a_second_job_in_a_run_dir_in_use_is_refused(synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_second_job_in_a_run_dir, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
     assert out["error"] is not None and "another job is training in this train.run_dir" in out["error"]
@@ -771,6 +787,7 @@ def _job_ending_while_another_starts(schema_dir: str, root: str) -> Dict[str, An
     return {"error": error, "checkpoints": left, "other_config_kept": config(run_dir) == config(other)}
 
 
+@pytest.mark.multiprocess
 def test_a_job_whose_run_dir_got_checkpoints_between_its_checks_and_its_lock_is_refused(synthetic_dir: str,
                                                                                           tmp_path) -> None:
     """Two jobs launched at once into one run_dir: the first ends before the second takes the lock. The second
@@ -918,6 +935,7 @@ def _refusals(schema_dir: str, root: str) -> Dict[str, Any]:
     return out
 
 
+@pytest.mark.multiprocess
 def test_a_mistyped_split_and_a_run_dir_without_its_config_are_refused_and_leave_nothing(synthetic_dir: str,
                                                                                        tmp_path) -> None:
     (out,) = run_multiprocess(_refusals, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
@@ -1010,6 +1028,7 @@ def _resume_without_a_valid_split(schema_dir: str, root: str) -> Dict[str, Any]:
     return _run(data, run_dir, ["train.epochs=1", "train.max_steps=2", "data.valid_split=", "data.test_split="])
 
 
+@pytest.mark.multiprocess
 def test_a_run_without_a_valid_split_resumes_with_other_evaluation_splits(synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_resume_without_a_valid_split, world_size=1, schema_dir=synthetic_dir,
                               root=str(tmp_path))
@@ -1084,6 +1103,7 @@ def _resume_with_a_batch_size_that_shuffles_otherwise(root: str) -> Optional[str
     return None
 
 
+@pytest.mark.multiprocess
 def test_a_mid_epoch_resume_with_a_batch_size_that_shuffles_otherwise_is_refused_unless_told(tmp_path, capsys) -> None:
     """Above 8,192 rows a batch size sets the shuffle buffer (``max(8 x batch, 65,536)`` rows), so the epoch's
     rows come in another order: the rows a resume skips would be others than those trained on."""
@@ -1130,6 +1150,7 @@ def _evaluate_on_missing_data(schema_dir: str, root: str) -> Dict[str, Any]:
     return {"error": error, "generated": os.path.exists(missing)}
 
 
+@pytest.mark.multiprocess
 def test_a_trained_run_is_not_evaluated_on_data_generated_for_it(synthetic_dir: str, tmp_path) -> None:
     """data.synthetic_rows generates data for training; a trained run reads the data it trained on."""
     (out,) = run_multiprocess(_evaluate_on_missing_data, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
@@ -1173,6 +1194,7 @@ def _run_with_a_failing_picture(schema_dir: str, run_dir: str) -> Dict[str, Any]
     return {"results": results, "warnings": [str(w.message) for w in caught]}
 
 
+@pytest.mark.multiprocess
 def test_a_picture_that_cannot_be_drawn_does_not_fail_the_run(synthetic_dir: str, tmp_path) -> None:
     """The run is finished when the picture is drawn: a failure there is a warning on rank 0, and
     every rank still meets the others at the end."""
@@ -1213,6 +1235,7 @@ def _one_class_run(schema_dir: str, root: str) -> Dict[str, Any]:
             "reused": finished_results(run_dir), "evaluated": evaluated}
 
 
+@pytest.mark.multiprocess
 def test_a_one_class_validation_split_is_warned_about_and_results_json_stays_strict_json(synthetic_dir: str,
                                                                                            tmp_path) -> None:
     """Valid and test splits of one class: the undefined valid AUC ended runs on patience without a word,
@@ -1239,6 +1262,7 @@ def _evaluate_as_trained_with_cuda_adam(schema_dir: str, root: str) -> Dict[str,
     return {"adam": run_evaluation(config, run_dir), "sgd": run_evaluation(as_trained, run_dir)}
 
 
+@pytest.mark.multiprocess
 def test_a_run_trained_with_a_cuda_only_table_optimizer_evaluates_on_cpu(synthetic_dir: str, tmp_path) -> None:
     """Evaluation and export never step the tables, yet were refused with 'pick one of those, or train on CUDA'."""
     (results,) = run_multiprocess(_evaluate_as_trained_with_cuda_adam, world_size=1, schema_dir=synthetic_dir,

@@ -567,6 +567,7 @@ def _shard_with(schema_path: str, sharding: ShardingConfig) -> str:
      "table 't_user_id': no allowed sharding type runs on cpu with an allowed compute kernel (sharding types "
      "['table_wise'], compute kernels ['dense']); data_parallel runs only the 'dense' kernel"),
 ])
+@pytest.mark.multiprocess
 def test_a_plan_the_cpu_cannot_run_is_named(synthetic_dir: str, sharding: ShardingConfig, message: str) -> None:
     (error,) = run_multiprocess(_shard_with, world_size=1, schema_path=synthetic_dir, sharding=sharding)
     assert message in error
