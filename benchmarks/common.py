@@ -396,9 +396,13 @@ def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: 
     """Measures every contender ``repeats`` times, interleaved, so drift hits all alike (a
     progress bar on rank 0 shows each measurement's figure as it comes).
 
-    The order rotates every round and reverses after each full rotation (A B C, B C A, C A B,
-    C B A, A C B, B A C, ...), so no contender always runs in the same position: a machine that
-    speeds up or slows down within a round does not favour one of them.
+    The orders are the rows of a Williams design (a balanced Latin square), reversed after each
+    full pass: every contender runs once in each position per ``len(contenders)`` rounds, so a
+    machine that speeds up or slows down within a round favours none of them, and its predecessor
+    changes from round to round (with an even count, each contender follows each other one once
+    per pass; with an odd count, per two passes), so none always runs after, say, the one that
+    evicts the caches. Two contenders: A B, B A, B A, A B; three: A B C, B C A, C A B, C B A,
+    A C B, B A C.
 
     Args:
         contenders: name -> a callable that runs one measurement and returns its figure.
@@ -413,10 +417,15 @@ def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: 
     names = list(contenders)
     results: Dict[str, List[float]] = {name: [] for name in names}
     bar = tqdm(total=repeats * len(names), desc=description, unit="measurement", leave=False, disable=not is_rank_zero())
+    count = len(names)
+    first = [0]  # 0, 1, n-1, 2, n-2, ...: consecutive differences +1, -2, +3, ... (mod n)
+    low, high = 1, count - 1
+    while len(first) < count:
+        first.append(low if len(first) % 2 else high)
+        low, high = (low + 1, high) if len(first) % 2 == 0 else (low, high - 1)
     for round_index in range(repeats):
-        shift = round_index % len(names)
-        order = names[shift:] + names[:shift]
-        if (round_index // len(names)) % 2 == 1:
+        order = [names[(position + round_index) % count] for position in first]
+        if (round_index // count) % 2 == 1:
             order.reverse()
         for name in order:
             results[name].append(float(contenders[name]()))

@@ -300,6 +300,22 @@ class TestCommon:
         common.interleaved_repeats({n: (lambda n=n: two.append(n) or 0.0) for n in "ab"}, repeats=4)
         assert two == list("ab" "ba" "ba" "ab")
 
+    @pytest.mark.parametrize("count", [4, 5])
+    def test_interleaved_repeats_vary_who_runs_before_whom(self, count: int) -> None:
+        """With 5 contenders (ELEC's serving) the rotation put each one after the same other one in every round
+        it did not open (the student always after the online LLM)."""
+        calls = []
+        names = "abcde"[:count]
+        common.interleaved_repeats({n: (lambda n=n: calls.append(n) or 0.0) for n in names}, repeats=count)
+        rounds = [calls[i:i + count] for i in range(0, count * count, count)]
+        for name in names:
+            assert sorted(r.index(name) for r in rounds) == list(range(count))  # each position once
+        pairs = [(r[i], r[i + 1]) for r in rounds for i in range(count - 1)]
+        if count % 2 == 0:  # a Williams design: each ordered pair adjacent exactly once
+            assert sorted(pairs) == sorted((a, b) for a in names for b in names if a != b)
+        else:
+            assert all(len({a for a, b in pairs if b == name}) >= 2 for name in names)
+
     def test_timed_steps_runs_warmup_then_measured(self) -> None:
         calls = []
         seconds = common.timed_steps(lambda: calls.append(1), warmup_steps=3, measured_steps=5)
