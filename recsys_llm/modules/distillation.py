@@ -14,6 +14,8 @@ from torch import nn
 from recsys_llm.data.validation import check_number
 
 SCORE_KD_KINDS = ("bce", "kl")
+# |teacher logit / T| beyond it the teacher's entropy is 0 in float32 and float64 alike; the KL term clamps to it
+_ENTROPY_LOGIT_LIMIT = 1e4
 REPR_KD_KINDS = ("mse", "cosine")
 
 
@@ -60,12 +62,17 @@ class ScoreDistillation(nn.Module):
             torch.Tensor: scalar loss.
         """
         t = self._temperature
-        student = student_logits / t  # (B,)
-        teacher = teacher_logits.detach().to(student.dtype) / t  # (B,)
+        # in float32 at least: under autocast a bf16 student rounded the teacher's target to bf16, and near the
+        # teacher the KD gradient q - p was mostly that rounding
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        student = student_logits.to(dtype) / t  # (B,)
+        teacher = teacher_logits.detach().to(dtype) / t  # (B,)
         target = torch.sigmoid(teacher)  # (B,) p
         loss = F.binary_cross_entropy_with_logits(student, target, reduction="none")  # (B,)
         if self._kind == "kl":
-            entropy = F.binary_cross_entropy_with_logits(teacher, target, reduction="none")  # (B,) H(p)
+            # a teacher logit of +-inf (an fp16 overflow) is p = 1 or 0 with entropy 0, not inf - inf = NaN
+            finite = teacher.clamp(-_ENTROPY_LOGIT_LIMIT, _ENTROPY_LOGIT_LIMIT)
+            entropy = F.binary_cross_entropy_with_logits(finite, target, reduction="none")  # (B,) H(p)
             loss = loss - entropy
         return loss.mean() * (t * t)
 
@@ -131,7 +138,8 @@ class RepresentationDistillation(nn.Module):
         """
         _check_widths(student, teacher, self._dims)
         projected = self.projection(student)  # (B, H_t)
-        teacher = teacher.detach().to(projected.dtype)
+        dtype = torch.promote_types(projected.dtype, torch.float32)  # the targets not rounded to a bf16 student's
+        projected, teacher = projected.to(dtype), teacher.detach().to(dtype)
         if self._kind == "mse":
             return F.mse_loss(projected, teacher)
         return (1.0 - F.cosine_similarity(projected, teacher, dim=-1)).mean()

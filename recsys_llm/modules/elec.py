@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.registry import ModelConfig, build_backbone
 from recsys_llm.models.task import CTRTask
@@ -164,6 +164,13 @@ def build_gain_network(
             f"elec.entity_tables: fields {dense} are dense (a float value per row, no ids), so they key no entity "
             "vector table; name the sparse id field of the entity (e.g. item_id), the one its vectors were exported "
             "for (`semantics export --granularity entity --entity-field`)"
+        )
+    sequences = [name for name in config.entity_tables if schema.field(name).kind == FieldKind.SEQUENCE]
+    if sequences:  # the table would sum the vectors of a row's ids: a vector growing with the sequence's length
+        raise ValueError(
+            f"elec.entity_tables: fields {sequences} are sequence fields (several ids per row); entity vectors are "
+            "keyed by the ids of a sparse field, one id per row (the user or item id, e.g. 'item_id'), as "
+            "`semantics export --entity-field` requires"
         )
     hashed = [name for name in config.entity_tables if schema.field(name).hashed]
     if hashed:

@@ -32,6 +32,28 @@ class TestScoreDistillation:
         # d/dzs of mean BCE = (sigmoid(zs) - sigmoid(zt)) / B
         torch.testing.assert_close(zs.grad, (torch.sigmoid(zs) - torch.sigmoid(zt)).detach() / 2)
 
+    def test_kl_of_an_infinite_teacher_logit_is_finite(self):
+        """A teacher logit of +-inf (fp16 overflow) made the entropy inf - inf: a NaN loss, a finite gradient."""
+        zs = torch.zeros(2, requires_grad=True)
+        for kind in ("bce", "kl"):
+            loss = ScoreDistillation(1.0, kind)(zs, torch.tensor([float("inf"), -float("inf")]))
+            assert math.isfinite(float(loss)), kind
+        torch.testing.assert_close(ScoreDistillation(1.0, "kl")(zs, torch.tensor([float("inf"), -float("inf")])),
+                                   torch.tensor(math.log(2.0)))  # KL(1 || 0.5) = log 2 per row
+
+    @pytest.mark.parametrize("kind", ["bce", "kl"])
+    def test_a_half_precision_student_distils_against_float32_targets(self, kind):
+        """Under autocast a bf16 student rounded the float32 teacher's target to bf16: near the teacher the
+        gradient q - p was mostly rounding."""
+        torch.manual_seed(3)
+        teacher = torch.randn(4096) * 3
+        student = (teacher + 0.01 * torch.randn(4096)).bfloat16().requires_grad_()
+        loss = ScoreDistillation(2.0, kind)(student, teacher)
+        assert loss.dtype == torch.float32
+        (grad,) = torch.autograd.grad(loss, student)
+        exact = (torch.sigmoid(student.detach().float() / 2) - torch.sigmoid(teacher / 2)) * 2 / 4096
+        assert float((grad.float() - exact).norm() / exact.norm()) < 0.02  # bf16 rounding of the gradient alone
+
     def test_bad_settings(self):
         with pytest.raises(ValueError, match="temperature"):
             ScoreDistillation(0.0)
@@ -70,6 +92,15 @@ class TestRepresentationDistillation:
             with pytest.raises(ValueError, match=r"the student's \(B, 4\) and the teacher's \(B, 6\) representations "
                                                  r"of the same B rows, got \(5, 4\) and"):
                 kd(torch.randn(5, 4), teacher)
+
+    def test_a_half_precision_student_is_compared_with_float32_targets(self):
+        torch.manual_seed(4)
+        kd = RepresentationDistillation(16, 16)
+        teacher = torch.randn(512, 16)
+        student = (teacher + 0.01 * torch.randn(512, 16)).bfloat16()
+        loss = kd(student, teacher)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, ((student.float() - teacher) ** 2).mean())
 
     def test_training_the_projection_lowers_the_loss(self):
         torch.manual_seed(4)

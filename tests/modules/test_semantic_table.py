@@ -98,6 +98,21 @@ class TestSemanticTable:
         with pytest.raises(ValueError, match=r"elec.entity_tables: fields \['item_id'\] are hashed"):
             build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"])
 
+    def test_a_sequence_entity_field_is_refused_by_name(self):
+        """Its table summed the vectors of a row's ids (the backbone mean-pools the field): an LLM vector that grew
+        with the sequence's length."""
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+        from recsys_llm.models.registry import SMOKE_CONFIGS
+        from recsys_llm.modules.elec import ELECConfig, build_gain_network
+
+        schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), FieldSpec("history", "sequence", 8, max_length=4),
+                                     FieldSpec("age", "dense")])
+        config = ELECConfig(task="gain", vector_dim=8, vector_source="entity_table", entity_field="history",
+                            entity_vectors="unused")
+        with pytest.raises(ValueError, match=r"elec.entity_tables: fields \['history'\] are sequence fields \(several "
+                                             r"ids per row\); entity vectors are keyed by the ids of a sparse field"):
+            build_gain_network(config, schema, SMOKE_CONFIGS["deepfm"])
+
     def test_a_dense_entity_field_is_refused_by_name(self):
         """A dense field has no ids to key vectors by (it was a ZeroDivisionError in torchrec's table init)."""
         from recsys_llm.data.schema import DatasetSchema, FieldSpec
