@@ -86,6 +86,9 @@ def _a(value: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _checked_int(value: Any, where: str, key: str, minimum: int, meaning: str = "") -> int:
     """``value`` as a Python int, refusing strings, floats and bools (``true`` is no count)."""
     expected = f"expected an integer >= {minimum}{meaning}"
@@ -96,6 +99,8 @@ def _checked_int(value: Any, where: str, key: str, minimum: int, meaning: str = 
         raise SchemaError(f"{where}: {key}={value!r}: {expected}, got {_a(value)}{hint}")
     if value < minimum:
         raise SchemaError(f"{where}: {key}={value!r}: {expected}")
+    if value > _INT64_MAX:  # ids and lengths are int64 tensors: a larger count trains nothing
+        raise SchemaError(f"{where}: {key}={value!r}: expected an integer of at most 2**63 - 1 ({_INT64_MAX})")
     return int(value)
 
 
@@ -158,6 +163,9 @@ class FieldSpec:
         object.__setattr__(self, "cardinality", _checked_int(self.cardinality, where, "cardinality", minimum, meaning))
         if not isinstance(self.hashed, bool):
             raise SchemaError(f"{where}: hashed={self.hashed!r}: expected true or false, got {_a(self.hashed)}")
+        if self.hashed and self.cardinality < 2:  # id 0 is the missing value: one more row for the hashed values
+            raise SchemaError(f"{where}: cardinality={self.cardinality} with hashed=true: expected at least 2 (id 0 "
+                              "is kept for a missing value, values hash into [1, cardinality))")
         if self.description is None:  # YAML's empty `description:`: no description
             object.__setattr__(self, "description", "")
         _checked_str(self.description, where, "description", empty=True)

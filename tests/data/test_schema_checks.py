@@ -185,3 +185,18 @@ def test_an_extra_column_listed_twice_is_refused(tmp_path) -> None:
                                 "kind": "sparse", "cardinality": 10}]}))
     with pytest.raises(SchemaError, match=r"extra_columns lists \['ts'\] more than once"):
         DatasetSchema.load(str(path))
+
+
+def test_a_count_beyond_int64_and_a_hashed_field_of_one_row_are_refused_naming_the_field() -> None:
+    """cardinality 10**23 was written into schema.json (a data set no table can hold) or crashed the hashing with
+    an OverflowError; hashed with cardinality 1 failed in the hashing without naming the field."""
+    with pytest.raises(SchemaError, match=r"field 'query': cardinality=100000000000000000000000: expected an integer "
+                                          r"of at most 2\*\*63 - 1"):
+        FieldSpec("query", "sparse", 10**23, hashed=True)
+    with pytest.raises(SchemaError, match=r"field 'tags': max_length=9223372036854775808: expected an integer of at "
+                                          r"most 2\*\*63 - 1"):
+        FieldSpec("tags", "sequence", 10, max_length=2**63)
+    with pytest.raises(SchemaError, match=r"field 'query': cardinality=1 with hashed=true: expected at least 2 \(id 0 "
+                                          r"is kept for a missing value"):
+        FieldSpec("query", "sparse", 1, hashed=True)
+    assert FieldSpec("query", "sparse", 2**63 - 1, hashed=True).cardinality == 2**63 - 1

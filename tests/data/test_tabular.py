@@ -198,6 +198,22 @@ def test_a_compressed_csv_is_read_as_the_csv_it_holds(tmp_path, suffix, compress
         assert pq.read_table(schema.split_path(split)).equals(pq.read_table(expected.split_path(split)))
 
 
+@pytest.mark.parametrize("case", ["cut short", "cut in its header", "plain text named .gz"])
+def test_a_damaged_compressed_csv_is_named_not_a_traceback(tmp_path, case):
+    """pyarrow's bare OSError (Truncated compressed stream, zlib inflate failed) came out as a traceback."""
+    plain = _csv(tmp_path / "clicks.csv", _rows(3000))
+    packed = str(tmp_path / "clicks.csv.gz")
+    with open(plain, "rb") as source, pa.CompressedOutputStream(packed, "gzip") as target:
+        target.write(source.read())
+    data = open(packed, "rb").read()
+    damaged = {"cut short": data[: len(data) // 2], "cut in its header": data[:12],
+               "plain text named .gz": open(plain, "rb").read()}[case]
+    with open(packed, "wb") as handle:
+        handle.write(damaged)
+    with pytest.raises(DataError, match=r"clicks\.csv\.gz: cannot be read \(.*\); expected a complete file"):
+        prepare_tabular(packed, _schema_file(tmp_path), str(tmp_path / "out"), TabularConfig(split_by="ts"))
+
+
 # ---- the output is written whole or not at all ------------------------------------------------------
 def _snapshot(directory):
     """Relative path -> bytes of every file under ``directory``."""
@@ -481,7 +497,7 @@ def test_a_word_in_the_split_column_is_refused_not_ranked_as_text(tmp_path):
     rows = _rows()
     rows["ts"] = ["yesterday" if i == 5 else str(i) for i in range(200)]
     with pytest.raises(DataError, match=rf"d\.csv: column 'ts', {_ROW_5}: 'yesterday' is not a number as 199 of "
-                                        r"the column's 200 values are; expected one sortable type .*numbers, or "
+                                        r"the column's other 199 values are; expected one sortable type .*numbers, or "
                                         r"ISO-8601 dates/timestamps"):
         prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"),
                         TabularConfig(split_by="ts"))
@@ -489,9 +505,37 @@ def test_a_word_in_the_split_column_is_refused_not_ranked_as_text(tmp_path):
     # past the first block, from which pyarrow types the column as integers: read with the whole file's type, alike
     rows["ts"] = ["yesterday" if i == 150 else str(i) for i in range(200)]
     with pytest.raises(DataError, match=r"d\.csv: column 'ts', data row 150 \(line 152 .*\): 'yesterday' is not a "
-                                        r"number as 199 of the column's 200 values are; expected one sortable type"):
+                                        r"number as 199 of the column's other 199 values are; expected one sortable "
+                                        r"type"):
         prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"),
                         TabularConfig(split_by="ts", block_bytes=2000))
+
+
+def test_a_split_column_of_no_time_order_is_refused_naming_its_type(tmp_path):
+    """A list column was a traceback (Sorting not supported), a struct one "Must specify one or more sort keys", and
+    a binary one was ranked by its bytes (x1 < x10 < x100 < x2)."""
+    raw = {"name": "t", "label": "clicked", "extra_columns": ["when"],
+           "fields": [{"name": "day", "kind": "sparse", "cardinality": 300}]}
+    base = {"day": [str(i + 1) for i in range(200)], "clicked": [i % 2 for i in range(200)]}
+    for name, column, message in [
+        ("list", pa.array([[i] for i in range(200)]), r"split column 'when' has type list<element: int64>; expected"),
+        ("struct", pa.array([{"t": i} for i in range(200)]), r"split column 'when' has type struct<t: int64>; expected"),
+        ("binary", pa.array([f"x{i}".encode() for i in range(200)], pa.binary()),
+         r"column 'when', row 0: 'x0' is neither a number nor an ISO-8601 date/timestamp"),
+        ("date", pa.array(["2024-13-45" if i == 7 else f"2024-01-{1 + i % 28:02d}" for i in range(200)]),
+         r"'2024-13-45' is not an ISO-8601 date/timestamp without a zone offset as 199 of the column's other 199 "
+         r"values are"),
+    ]:
+        pq.write_table(pa.table({"when": column, **base}), tmp_path / f"{name}.parquet")
+        with pytest.raises(DataError, match=rf"{name}\.parquet: .*{message}"):
+            prepare_tabular(str(tmp_path / f"{name}.parquet"), _schema_file(tmp_path, raw), str(tmp_path / name),
+                            TabularConfig(split_by="when"))
+    # a binary column of numbers is ranked by their values, as a text column of them is
+    pq.write_table(pa.table({"when": pa.array([str(199 - i).encode() for i in range(200)], pa.binary()), **base}),
+                   tmp_path / "numbers.parquet")
+    schema = prepare_tabular(str(tmp_path / "numbers.parquet"), _schema_file(tmp_path, raw), str(tmp_path / "n"),
+                             TabularConfig(split_by="when"))
+    assert sorted(pq.read_table(schema.split_path("test"))["day"].to_pylist()) == list(range(1, 21))
 
 
 def test_a_text_split_column_of_numbers_or_iso_timestamps_is_ranked_by_value(tmp_path):

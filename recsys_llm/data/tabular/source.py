@@ -43,12 +43,24 @@ def first_line(path: str) -> Optional[int]:
     return None if is_parquet(path) or not os.path.isfile(path) else 2
 
 
+def unreadable(path: str, error: OSError) -> DataError:
+    """The error of a file that fails while it is decompressed or read (pyarrow's bare ``OSError: Truncated
+    compressed stream`` of a cut-short ``.csv.gz``, ``zlib inflate failed`` of a plain file named ``.gz``)."""
+    return DataError(f"{path}: cannot be read ({error}); expected a complete file (a compressed one cut short, e.g. "
+                     "by an interrupted download, or not in the format its suffix names)")
+
+
 def _csv_columns(path: str, delimiter: str) -> List[str]:
     """The header's column names, quoted ones unquoted and a UTF-8 byte order mark dropped
     (as pyarrow's CSV reader reads them: Excel's "CSV UTF-8" starts with one)."""
-    with io.TextIOWrapper(pa.input_stream(path, compression="detect"), encoding="utf-8-sig", errors="replace",
-                          newline="") as handle:  # a .csv.gz decompressed, as pyarrow's CSV reader reads it
-        return next(csv.reader(handle, delimiter=delimiter), [])
+    try:
+        with io.TextIOWrapper(pa.input_stream(path, compression="detect"), encoding="utf-8-sig", errors="replace",
+                              newline="") as handle:  # a .csv.gz decompressed, as pyarrow's CSV reader reads it
+            return next(csv.reader(handle, delimiter=delimiter), [])
+    except OSError as error:
+        if error.errno is not None:  # the file system's (absent, unreadable): named as it is
+            raise
+        raise unreadable(path, error) from error
 
 
 class ColumnTypeChanged(DataError):
@@ -147,6 +159,10 @@ def read_blocks(
         for batch in reader:
             yield path, row, _missing_as_null(batch, config.missing_tokens)
             row += batch.num_rows
+    except OSError as error:  # decompression, not conversion (pyarrow's ArrowIOError is one)
+        if error.errno is not None:
+            raise
+        raise unreadable(path, error) from error
     except pa.ArrowInvalid as error:
         if bad:
             raise DataError(bad[0]) from error

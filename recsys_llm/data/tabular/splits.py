@@ -39,8 +39,18 @@ def _sort_keys(values: pa.ChunkedArray, path: str, column: str) -> pa.ChunkedArr
     """
     if pa.types.is_dictionary(values.type):  # pandas' category: ranked by its values (Arrow sorts no dictionary)
         values = pc.cast(values, values.type.value_type)
+    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):  # text stored as bytes: its text
+        try:
+            values = pc.cast(values, pa.large_string())
+        except pa.ArrowInvalid as error:
+            raise DataError(f"{path}: split column {column!r} is binary and not UTF-8 text ({error}); expected "
+                            f"{SPLIT_TYPES}") from error
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        return values
+        if pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_decimal(values.type) \
+                or pa.types.is_timestamp(values.type) or pa.types.is_date(values.type):
+            return values
+        # a list, struct, bool or time of day is no time order (a list or struct is not even sortable)
+        raise DataError(f"{path}: split column {column!r} has type {values.type}; expected {SPLIT_TYPES}")
     text = pc.utf8_trim_whitespace(values)
     targets = (pa.int64(), pa.float64(), pa.timestamp("us"), pa.timestamp("us", "UTC"))
     for target in targets:
@@ -50,12 +60,13 @@ def _sort_keys(values: pa.ChunkedArray, path: str, column: str) -> pa.ChunkedArr
             pass
     times = pc.match_substring_regex(text, _ISO_TIME)
     zoned = pc.and_(times, pc.match_substring_regex(text, _ZONE))
-    kinds = [  # (cells of the kind, their type, the kind in words)
-        (pc.sum(pc.match_substring_regex(text, _NUMBER)).as_py(), targets[1], "a number"),
-        (pc.sum(times).as_py() - pc.sum(zoned).as_py(), targets[2], "an ISO-8601 date/timestamp without a zone offset"),
-        (pc.sum(zoned).as_py(), targets[3], "an ISO-8601 timestamp with a zone offset"),
+    kinds = [  # (cells of the kind, their type, the kind in words, which cells look like the kind)
+        (pc.match_substring_regex(text, _NUMBER), targets[1], "a number"),
+        (pc.and_(times, pc.invert(zoned)), targets[2], "an ISO-8601 date/timestamp without a zone offset"),
+        (zoned, targets[3], "an ISO-8601 timestamp with a zone offset"),
     ]
-    count, target, kind = max(kinds, key=lambda k: k[0])  # the first of equals
+    kinds = [(pc.sum(looks).as_py() or 0, target, kind, looks) for looks, target, kind in kinds]
+    count, target, kind, looks = max(kinds, key=lambda k: k[0])  # the first of equals
     if not count:
         raise DataError(f"{path}: column {column!r}, {describe_row(0, first_line(path))}: {values[0].as_py()!r} is "
                         f"neither a number nor an ISO-8601 date/timestamp, nor is any other cell; expected {SPLIT_TYPES}")
@@ -68,8 +79,9 @@ def _sort_keys(values: pa.ChunkedArray, path: str, column: str) -> pa.ChunkedArr
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             high = middle
     row = high - 1
+    others = count - int(bool(looks[row].as_py()))  # 2024-13-45 looks like a date and is none
     raise DataError(f"{path}: column {column!r}, {describe_row(row, first_line(path))}: {values[row].as_py()!r} is "
-                    f"not {kind} as {count} of the column's {len(text)} values are; expected {SPLIT_TYPES}")
+                    f"not {kind} as {others} of the column's other {len(text) - 1} values are; expected {SPLIT_TYPES}")
 
 
 def split_bounds(fractions: Sequence[float], total: int) -> List[int]:
