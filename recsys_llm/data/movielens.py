@@ -38,6 +38,7 @@ import collections
 import dataclasses
 import os
 import re
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -265,6 +266,26 @@ def _year(token: Optional[str]) -> Optional[str]:
     return match.group(1) if match else None
 
 
+def _warn_unread(path: str, column: str, values: pa.Array, parsed: np.ndarray, effect: str) -> None:
+    """Warns when cells of ``column`` that are not empty did not read as numbers (``parsed`` False): they
+    count as missing (``effect``), not as the value they may mean."""
+    unread = [value for value, ok in zip(values.to_pylist(), parsed) if not ok and value not in (None, "")]
+    if unread:
+        shown = ", ".join(repr(v) for v in list(dict.fromkeys(unread))[:3])
+        warnings.warn(f"{path}: {len(unread)} {column} value(s) are not numbers ({shown}); read as missing ({effect})",
+                      stacklevel=3)
+
+
+def _warn_absent(inter_path: str, path: str, entity: str, ids: pa.ChunkedArray, known: np.ndarray) -> None:
+    """Warns when ratings name ids that ``path`` lacks: they get attribute id 0 and the text 'unknown {entity}'."""
+    if not known.all():
+        absent = list(dict.fromkeys(ids.filter(pa.array(~known)).to_pylist()))
+        shown = ", ".join(repr(v) for v in absent[:3])
+        warnings.warn(f"{inter_path}: {int((~known).sum())} rating(s) of {len(absent)} {entity}(s) absent from {path} "
+                      f"({shown}{', ...' if len(absent) > 3 else ''}): their attributes are missing (id 0) and their "
+                      f"text 'unknown {entity}'", stacklevel=3)
+
+
 def _lookup(table_ids: np.ndarray, keys: np.ndarray, values: np.ndarray, default: object) -> np.ndarray:
     """values[k] for the row whose key is k, for every id in ``table_ids`` (default when missing)."""
     out = np.full(len(table_ids), default, dtype=values.dtype)
@@ -366,6 +387,11 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     rating = _numbers(inter, "rating", inter_path)
     timestamp = _numbers(inter, "timestamp", inter_path)
     _check_timestamps(inter_path, inter, timestamp)
+    off_scale = (rating < 0.5) | (rating > 5)
+    if off_scale.any():
+        shown = ", ".join(f"{v:g}" for v in list(dict.fromkeys(rating[off_scale].tolist()))[:3])
+        warnings.warn(f"{inter_path}: {int(off_scale.sum())} rating(s) outside MovieLens' scale of 0.5 to 5 "
+                      f"({shown}): each is read as a click above 3 and a non-click below", stacklevel=2)
     keep = rating != 3
     order = np.argsort(timestamp[keep], kind="stable")
     kept = inter.filter(pa.array(keep)).take(pa.array(order))
@@ -398,6 +424,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     age_numeric = pc.match_substring_regex(users["age"], _NUMBER).to_numpy(zero_copy_only=False)
     age_values = np.where(age_numeric, pc.cast(pc.if_else(pa.array(age_numeric), users["age"], "0"), pa.float64()).to_numpy(), 0.0)
     user_age = _lookup(np.arange(num_users + 1), user_key, age_values / 100.0, 0.0).astype(np.float32)
+    _warn_unread(user_path, "age", users["age"], age_numeric, "user_age 0")
 
     # item attributes
     item_year_id = _lookup(np.arange(num_items + 1), item_key, _encode(items["release_year"], attribute_vocab["release_year"]), 0)
@@ -406,6 +433,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
         year_numeric, pc.cast(pc.if_else(pa.array(year_numeric), items["release_year"], "1900"), pa.float64()).to_numpy(), 1900.0
     )
     movie_year = _lookup(np.arange(num_items + 1), item_key, (year_values - 1900.0) / 100.0, 0.0).astype(np.float32)
+    _warn_unread(item_path, "release_year", items["release_year"], year_numeric, "movie_year 0")
     genre_rows = [g.split() for g in items["genre"].to_pylist()]  # one list of genre tokens per .item row
     genre_vocab = _vocabulary(pa.array([g for row in genre_rows for g in row], pa.string()))
     genre_index = {g: i + 1 for i, g in enumerate(genre_vocab.to_pylist())}
@@ -499,6 +527,8 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     # ---- rows ----
     user = _encode(kept["user_id"], user_vocab)
     item = _encode(kept["item_id"], item_vocab)
+    _warn_absent(inter_path, user_path, "user", kept["user_id"], np.isin(user, user_key))
+    _warn_absent(inter_path, item_path, "movie", kept["item_id"], np.isin(item, item_key))
     n = kept.num_rows
     seq_len = genre_len[item]
     seq_off = offsets_from_lengths(seq_len)  # (n + 1,)

@@ -429,3 +429,27 @@ def test_ages_of_a_float_column_read_as_whole_years_and_ml1m_codes(tmp_path):
             assert pq.read_table(got.split_path(split)).equals(pq.read_table(want.split_path(split)))
     assert got.load_value_text("user_id")["text"][1].as_py() == ("A woman aged under 18, occupation: K-12 student, "
                                                                  "zip code 48067.")
+
+
+def test_what_the_conversion_reads_as_missing_or_off_the_scale_is_warned_about(tmp_path, recwarn):
+    """A user or movie the ratings name but the .user / .item file lacks, an age or year that is no number and a
+    rating off the 0.5-5 scale were converted without a word (an unknown user, user_age 0, a click)."""
+    lines = [f"{1 + i % 2}\t{1 + i % 3 // 2}\t{[1, 4, 5][i % 3]}\t{1000 - i}\n" for i in range(40)]
+    lines[5] = "5000\t1\t4\t500\n"
+    lines[6] = "2\t9999\t99\t501\n"
+    _write_raw(tmp_path, lines)
+    (tmp_path / "x.user").write_text(_USER_HEADER + "1\told\tF\twriter\t12345\n2\t40\tM\tother\t54321\n")
+    (tmp_path / "x.item").write_text(_ITEM_HEADER + "1\tA Movie\t199x\tDrama\n2\tB Movie\t2001\tAction\n"
+                                                    "3\tC Movie\t\tHorror\n")
+    schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+    said = [str(w.message) for w in recwarn.list]
+    expected = [r"x\.inter: 1 rating\(s\) outside MovieLens' scale of 0\.5 to 5 \(99\): each is read as a click",
+                r"x\.user: 1 age value\(s\) are not numbers \('old'\); read as missing \(user_age 0\)",
+                r"x\.item: 1 release_year value\(s\) are not numbers \('199x'\); read as missing \(movie_year 0\)",
+                r"x\.inter: 1 rating\(s\) of 1 user\(s\) absent from .*x\.user \('5000'\): their attributes are "
+                r"missing \(id 0\) and their text 'unknown user'",
+                r"x\.inter: 1 rating\(s\) of 1 movie\(s\) absent from .*x\.item \('9999'\)"]
+    for pattern in expected:
+        assert any(re.search(pattern, message) for message in said), (pattern, said)
+    assert len(said) == len(expected)  # the empty year of movie 3 is missing, not unread
+    assert schema.field("user_id").cardinality == 4  # users 1, 2 and 5000, and id 0
