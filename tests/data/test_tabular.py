@@ -1,5 +1,6 @@
 """Bring-your-own data: CSV/Parquet + user schema file -> validated Parquet splits."""
 
+import copy
 import decimal
 import json
 import os
@@ -1201,3 +1202,20 @@ def test_hash_fields_hash_a_parquet_directory_mixing_integer_and_string_ids_as_t
     schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(hash_fields=("city",)))
     one, two, paris = hash_strings(pa.array(["1", "2", "paris"]), 10, salt=0).tolist()
     assert _rows_of(schema, "city")[:2] + _rows_of(schema, "city")[40:42] == [one, two, paris, one]
+
+
+def test_a_sequence_joined_by_another_separator_is_warned_about(tmp_path, recwarn):
+    """cats written as toys;books with the default '|' became one value per row ('toys;books') without a word."""
+    rows = _rows()
+    rows["cats"] = [c.replace("|", ";") for c in rows["cats"]]
+    raw = copy.deepcopy(SCHEMA)
+    raw["fields"][3]["cardinality"] = 100
+    prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path, raw), str(tmp_path / "out"),
+                    TabularConfig(split_by="ts"))
+    (message,) = [str(w.message) for w in recwarn.list if "sequence field" in str(w.message)]
+    assert re.search(r"d\.csv: no cell of sequence field 'cats' holds the separator '\|' \(--sequence-separator\), so "
+                     r"each row has one value at most, while \d+ of its \d+ values hold ';' \(e\.g\. '.*;.*'\); if they "
+                     r"are joined by ';', pass --sequence-separator ';'", message), message
+    prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path, raw), str(tmp_path / "semi"),
+                    TabularConfig(split_by="ts", sequence_separator=";"))
+    assert len([w for w in recwarn.list if "sequence field" in str(w.message)]) == 1  # none with the right one

@@ -3,6 +3,7 @@ each field (ids, hash or a vocabulary built from the data), and the ids of a blo
 
 import dataclasses
 import re
+import warnings
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
@@ -280,9 +281,12 @@ def plan_fields(
     string_fields: Dict[str, FieldSpec] = {}
     counts: Dict[str, _TokenCounts] = {}
     split_values: List[pa.Array] = []
+    split_cells: Set[str] = set()  # sequence fields of which a text cell held the separator
     for file_path, row, block in read_blocks(path, schema, columns, config, row_key, column_types):
         for spec in schema.categorical_fields:
             flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row)
+            if lengths is not None and len(lengths) and int(lengths.max()) > 1:
+                split_cells.add(spec.name)
             if spec.name in hashed:  # read for its UTF-8 check only: the field is hashed whatever its values
                 continue
             if pa.types.is_integer(flat.type):
@@ -294,6 +298,8 @@ def plan_fields(
         if config.split_by:
             split_values.append(block.column(config.split_by))
     for name, spec in string_fields.items():
+        if spec.kind == FieldKind.SEQUENCE and name not in split_cells:
+            _warn_unsplit(path, name, counts[name].seen, config.sequence_separator)
         count = counts[name]
         markers = count.not_integer & NULL_MARKERS
         if name in forced:
@@ -319,6 +325,19 @@ def plan_fields(
             plans[name] = _vocabulary_plan(path, spec, count.seen)
     split = pa.chunked_array(split_values) if config.split_by and split_values else None
     return plans, split
+
+
+def _warn_unsplit(path: str, name: str, seen: Set[str], separator: str) -> None:
+    """Warns when no cell of the text sequence field ``name`` held ``separator`` (every row one value at most)
+    while most of its values hold another separator: the tokens of a file joined otherwise became one value each."""
+    for other in (",", ";", "|", "/"):
+        holding = sorted(value for value in seen if other in value) if other != separator else []
+        if seen and 2 * len(holding) >= len(seen):
+            warnings.warn(f"{path}: no cell of sequence field {name!r} holds the separator {separator!r} "
+                          f"(--sequence-separator), so each row has one value at most, while {len(holding)} of its "
+                          f"{len(seen)} values hold {other!r} (e.g. {holding[0]!r}); if they are joined by {other!r}, "
+                          f"pass --sequence-separator {other!r}", stacklevel=3)
+            return
 
 
 def _vocabulary_plan(path: str, spec: FieldSpec, seen: Set[str]) -> FieldPlan:
