@@ -1219,3 +1219,27 @@ def test_a_sequence_joined_by_another_separator_is_warned_about(tmp_path, recwar
     prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path, raw), str(tmp_path / "semi"),
                     TabularConfig(split_by="ts", sequence_separator=";"))
     assert len([w for w in recwarn.list if "sequence field" in str(w.message)]) == 1  # none with the right one
+
+
+@pytest.mark.parametrize("case, hint", [
+    ("empty", r"the file is empty \(no header line\); the file has columns \[\]"),
+    ("json lines", r"the file looks like JSON \(lines\); prepare tabular reads CSV or Parquet"),
+    ("utf-16", r"the file looks UTF-16 encoded; expected UTF-8 text"),
+    ("tab separated", r"the header is one column holding '\\t': pass --delimiter '\\t'"),
+])
+def test_a_file_that_is_no_csv_of_its_delimiter_says_what_it_looks_like(tmp_path, case, hint):
+    """Each listed nonsense columns ('{"event_id": 0', '\\x00u\\x00s\\x00e\\x00r') or 'the file has columns []'."""
+    path = tmp_path / "clicks.csv"
+    plain = open(_csv(tmp_path / "plain.csv", _rows(5)), encoding="utf-8").read()
+    path.write_bytes({"empty": b"", "json lines": b'{"user": 1, "clicked": 0}\n{"user": 2, "clicked": 1}\n',
+                      "utf-16": plain.encode("utf-16"), "tab separated": plain.replace(",", "\t").encode()}[case])
+    with pytest.raises(DataError, match=rf"clicks\.csv: missing column\(s\) .*{hint}"):
+        prepare_tabular(str(path), _schema_file(tmp_path), str(tmp_path / "out"))
+
+
+def test_a_floating_id_beyond_int64_is_named_so(tmp_path):
+    rows = _rows(20)
+    table = pa.table({**{k: v for k, v in rows.items() if k != "user"}, "user": [1e20] + [float(u) for u in rows["user"][1:]]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"column 'user', row 0: 1e\+20 is beyond int64; expected integer ids"):
+        prepare_tabular(str(tmp_path / "d.parquet"), _schema_file(tmp_path), str(tmp_path / "out"))

@@ -19,8 +19,8 @@ from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_a
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError, load_raw, schema_file
 from recsys_llm.data.synthetic import write_value_text
 from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig
-from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types, first_line, read_blocks,
-                                            repeated_columns, source_columns)
+from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types, first_line, is_parquet,
+                                            read_blocks, repeated_columns, source_columns)
 from recsys_llm.data.tabular.splits import random_split, split_of_rows
 from recsys_llm.data.tabular.tokens import (ID_WAY_OF_PLAN, INTEGER_PATTERN, FieldPlan, field_tokens, plan_fields,
                                             token_ids)
@@ -183,7 +183,8 @@ def _convert(
     missing = [c for c in wanted if c not in available]
     if missing:
         raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; "
-                        f"{_near_names(missing, available)}the file has columns {available}")
+                        f"{_near_names(missing, available)}{_format_hint(data_path, available, config)}"
+                        f"the file has columns {available}")
     # the row key and split column too: of two columns of one name the CSV reader silently takes the first
     repeated = repeated_columns(available, wanted + ([user_schema.row_key] if row_key_named else []))
     if repeated:
@@ -307,6 +308,25 @@ def value_text_file(field_name: str) -> str:
     if safe != field_name or safe.startswith("."):
         safe = f"{safe.lstrip('.')}-{hashlib.sha256(field_name.encode()).hexdigest()[:8]}"
     return f"text/{safe}.parquet"
+
+
+def _format_hint(path: str, available: List[str], config: TabularConfig) -> str:
+    """Why a CSV's header may not be the columns it holds: an empty file, a JSON-lines or UTF-16 file (read as
+    CSV), or another delimiter than ``config.delimiter``; ``""`` when none of these shows."""
+    if is_parquet(path):
+        return ""
+    if not available:
+        return "the file is empty (no header line); "
+    with pa.input_stream(path, compression="detect") as handle:  # a .csv.gz as its CSV
+        head = handle.read(4)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in head:
+        return "the file looks UTF-16 encoded; expected UTF-8 text (save it as UTF-8); "
+    if available[0].lstrip("\ufeff").lstrip().startswith(("{", "[")):
+        return "the file looks like JSON (lines); prepare tabular reads CSV or Parquet; "
+    other = next((d for d in ("\t", ";", "|", ",") if d != config.delimiter and d in available[0]), None)
+    if len(available) == 1 and other:
+        return f"the header is one column holding {other!r}: pass --delimiter {other!r}; "
+    return ""
 
 
 def _near_names(missing: List[str], available: List[str]) -> str:

@@ -124,9 +124,12 @@ def _whole_numbers(flat: pa.Array, path: str, spec: FieldSpec, lengths: Optional
     if not ok.all():
         index = int(np.argmin(ok))
         bad_row = row + row_of_value(None if lengths is None else offsets_from_lengths(lengths), index)
+        value = values[index].item()
+        # 1e20 is whole and too large; inf and 3.5 are no whole numbers
+        problem = "beyond int64" if np.isfinite(value) and value == np.floor(value) else "not a whole number"
         raise DataError(
-            f"{path}: column {spec.name!r}, {describe_row(bad_row, first_line(path))}: {values[index].item()!r} is not "
-            f"a whole number; expected integer ids in {spec.kind.value} field {spec.name!r} (a floating column may "
+            f"{path}: column {spec.name!r}, {describe_row(bad_row, first_line(path))}: {value!r} is {problem}; "
+            f"expected integer ids in {spec.kind.value} field {spec.name!r} (a floating column may "
             "hold whole numbers, and NaN or null for missing)"
         )
     return pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing)
