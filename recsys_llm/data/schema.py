@@ -171,6 +171,13 @@ class FieldSpec:
         _checked_str(self.description, where, "description", empty=True)
         _checked_str(self.value_text, where, "value_text", optional=True)
         object.__setattr__(self, "max_length", _checked_int(self.max_length, where, "max_length", 0))
+        # keys another kind reads: here a sign of the wrong kind, not a setting
+        if kind == FieldKind.DENSE and self.cardinality:
+            raise SchemaError(f"{where}: cardinality={self.cardinality} on a dense field (one float per row, no ids); "
+                              "a field of ids is kind: sparse (or sequence)")
+        if kind != FieldKind.SEQUENCE and self.max_length:
+            raise SchemaError(f"{where}: max_length={self.max_length} on a {kind.value} field (one value per row); "
+                              "a field of several ids per row is kind: sequence")
         if self.embedding_dim is not None:
             object.__setattr__(self, "embedding_dim", _checked_int(self.embedding_dim, where, "embedding_dim", 1))
 

@@ -108,7 +108,8 @@ def _check_spec_vs_written(path: str, schema: DatasetSchema, metadata: Optional[
 def check_column_type(path: str, spec: FieldSpec, dtype: pa.DataType) -> None:
     """Raises if a column's Arrow type does not fit its field's kind, naming file, column and type."""
     if not _type_ok(spec, dtype):
-        other = [k.value for k in FieldKind if _type_ok(FieldSpec(spec.name, k, cardinality=1), dtype)]
+        other = [k.value for k in FieldKind
+                 if _type_ok(FieldSpec(spec.name, k, cardinality=0 if k == FieldKind.DENSE else 1), dtype)]
         hint = f" (it looks like a {other[0]} field: schema/data mismatch?)" if other else ""
         raise DataError(
             f"{path}: column {spec.name!r} ({spec.kind.value} field) has Arrow type {dtype}; "

@@ -75,7 +75,7 @@ class TestFieldValueTypes:
 
         schema = DatasetSchema.load(_write(tmp_path, _with_field(0, hashed=True, embedding_dim=8), "s.json"))
         assert schema.field("user").hashed is True and schema.field("cats").max_length == 3
-        spec = FieldSpec("x", "sparse", np.int64(5), max_length=np.int32(2))
+        spec = FieldSpec("x", "sequence", np.int64(5), max_length=np.int32(2))
         assert type(spec.cardinality) is int and type(spec.max_length) is int
 
 
@@ -200,3 +200,13 @@ def test_a_count_beyond_int64_and_a_hashed_field_of_one_row_are_refused_naming_t
                                           r"is kept for a missing value"):
         FieldSpec("query", "sparse", 1, hashed=True)
     assert FieldSpec("query", "sparse", 2**63 - 1, hashed=True).cardinality == 2**63 - 1
+
+
+def test_a_key_of_another_kind_is_refused_as_a_sign_of_the_wrong_kind() -> None:
+    """cardinality on a dense field and max_length on a sparse one were accepted and meant nothing."""
+    with pytest.raises(SchemaError, match=r"field 'price': cardinality=100 on a dense field \(one float per row, no "
+                                          r"ids\); a field of ids is kind: sparse"):
+        FieldSpec("price", "dense", 100)
+    with pytest.raises(SchemaError, match=r"field 'tags': max_length=3 on a sparse field \(one value per row\); a "
+                                          r"field of several ids per row is kind: sequence"):
+        FieldSpec("tags", "sparse", 10, max_length=3)

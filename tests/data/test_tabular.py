@@ -707,7 +707,10 @@ def test_a_missing_marker_in_a_csv_sequence_of_integer_ids_is_dropped(tmp_path):
      r"per row \(a list column fits a sequence field\)"),
 ])
 def test_a_column_of_the_wrong_shape_for_its_field_is_refused_naming_file_column_and_type(tmp_path, column, kind, message):
-    data, schema_path = _parquet_case(tmp_path, {"cats": column}, [dict(SEQ[0], kind=kind)])
+    field = dict(SEQ[0], kind=kind)
+    if kind != "sequence":
+        del field["max_length"]  # a sparse field's max_length is refused by the schema check first
+    data, schema_path = _parquet_case(tmp_path, {"cats": column}, [field])
     with pytest.raises(DataError, match=message):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
 
@@ -1243,3 +1246,12 @@ def test_a_floating_id_beyond_int64_is_named_so(tmp_path):
     pq.write_table(table, tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"column 'user', row 0: 1e\+20 is beyond int64; expected integer ids"):
         prepare_tabular(str(tmp_path / "d.parquet"), _schema_file(tmp_path), str(tmp_path / "out"))
+
+
+def test_splits_in_the_schema_it_reads_are_refused(tmp_path):
+    """A top-level splits: in the input schema was accepted and meant nothing: the conversion writes its own."""
+    raw = dict(SCHEMA, splits={"train": "mine.parquet"})
+    with pytest.raises(SchemaError, match=r"schema\.json: splits is what prepare tabular writes into the prepared "
+                                          r"schema\.json .*expected it left out of the schema it reads"):
+        prepare_tabular(_csv(tmp_path / "d.csv", _rows()), _schema_file(tmp_path, raw), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")

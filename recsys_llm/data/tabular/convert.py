@@ -85,6 +85,10 @@ def prepare_tabular(
         raise SchemaError(f"{path}: ids is what prepare tabular writes into the prepared schema.json (how it made each "
                           "field's ids); expected it left out of the schema it reads: choose a field's way with --hash "
                           "FIELD or --vocabulary FIELD (TabularConfig.hash_fields, vocabulary_fields)")
+    if isinstance(raw, dict) and raw.get("splits"):  # the splits are the ones this conversion writes
+        raise SchemaError(f"{path}: splits is what prepare tabular writes into the prepared schema.json (train / valid / "
+                          "test files it makes); expected it left out of the schema it reads: choose the split with "
+                          "--split-by COLUMN or --split TRAIN VALID TEST")
     if not user_schema.categorical_fields:  # else only train would find it: every model embeds categorical fields
         what = "fields is empty" if not user_schema.fields else f"fields {user_schema.dense_feature_names} are all dense"
         raise SchemaError(f"{path}: {what}; expected at least one sparse or sequence field (the models embed them; "
