@@ -59,6 +59,26 @@ def _train(task, steps: int = 5):
     return loss, detached, logits, labels
 
 
+
+def _exported_item_table_gain(tmp_path, with_elec: bool) -> str:
+    """``export --state-only`` of a gain network on an item entity table, as a directory; its config.json records
+    the model settings, and the elec settings when ``with_elec`` (exports before 2026-12-05 did not)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from recsys_llm.modules.elec import gain_shape_settings
+
+    entity = ELECConfig(task="gain", vector_dim=8, vector_source="entity_table", entity_field="item_id",
+                        entity_vectors="unused")
+    gain = build_gain_network(entity, SCHEMA, MODEL, device=CPU)
+    export = tmp_path / "gain_on_items"
+    export.mkdir()
+    save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, str(export / "model.safetensors"))
+    metadata = {"model": MODEL.to_dict(), **({"elec": gain_shape_settings(entity)} if with_elec else {})}
+    (export / "config.json").write_text(json.dumps({"metadata": metadata}), encoding="utf-8")
+    return str(export)
+
 class TestTeacherStudentTask:
     def test_joint_trains_both_and_kd_does_not_touch_teacher(self):
         task = _elec("joint")
@@ -166,18 +186,8 @@ class TestTeacherStudentTask:
     def test_a_frozen_teacher_of_other_elec_settings_is_refused_not_loaded(self, tmp_path):
         """A gain network on an item entity table has the same tensors as one reading per-row vectors, plus its
         table: loaded into the latter, the table was dropped and the teacher scored other vectors than it learnt."""
-        import json
-
-        from safetensors.torch import save_file
-
-        entity = ELECConfig(task="gain", vector_dim=8, vector_source="entity_table", entity_field="item_id",
-                            entity_vectors="unused")
-        gain = build_gain_network(entity, SCHEMA, MODEL, device=CPU)
-        export = tmp_path / "gain_on_items"
-        export.mkdir()
-        save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, str(export / "model.safetensors"))
-        (export / "config.json").write_text(json.dumps({"metadata": {"model": MODEL.to_dict()}}), encoding="utf-8")
-        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(export),
+        export = _exported_item_table_gain(tmp_path, with_elec=False)
+        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=export,
                             distill=TeacherStudentConfig(mode="frozen"))  # per-row vectors
         task = build_elec_task(config, SCHEMA, MODEL, device=CPU)
         before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
@@ -192,21 +202,8 @@ class TestTeacherStudentTask:
     def test_a_frozen_teacher_of_other_recorded_elec_settings_names_them(self, tmp_path):
         """export --state-only records the elec settings that shape the gain network (metadata.elec): the refusal
         names the ones that differ instead of listing every setting to compare."""
-        import json
-
-        from safetensors.torch import save_file
-
-        from recsys_llm.modules.elec import gain_shape_settings
-
-        entity = ELECConfig(task="gain", vector_dim=8, vector_source="entity_table", entity_field="item_id",
-                            entity_vectors="unused")
-        gain = build_gain_network(entity, SCHEMA, MODEL, device=CPU)
-        export = tmp_path / "gain_on_items"
-        export.mkdir()
-        save_file({k: v.contiguous() for k, v in gain.state_dict().items()}, str(export / "model.safetensors"))
-        (export / "config.json").write_text(json.dumps({"metadata": {"model": MODEL.to_dict(),
-                                                                     "elec": gain_shape_settings(entity)}}))
-        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=str(export),
+        export = _exported_item_table_gain(tmp_path, with_elec=True)
+        config = ELECConfig(task="distill", vector_dim=8, teacher_checkpoint=export,
                             distill=TeacherStudentConfig(mode="frozen"))
         with pytest.raises(ValueError, match=r"the state was exported from a gain network of other elec settings "
                                              r"\(config.json metadata.elec\): elec.vector_source 'entity_table' \(here "
