@@ -59,7 +59,6 @@ def _train(task, steps: int = 5):
     return loss, detached, logits, labels
 
 
-
 def _exported_item_table_gain(tmp_path, with_elec: bool) -> str:
     """``export --state-only`` of a gain network on an item entity table, as a directory; its config.json records
     the model settings, and the elec settings when ``with_elec`` (exports before 2026-12-05 did not)."""
