@@ -1255,3 +1255,11 @@ def test_splits_in_the_schema_it_reads_are_refused(tmp_path):
                                           r"schema\.json .*expected it left out of the schema it reads"):
         prepare_tabular(_csv(tmp_path / "d.csv", _rows()), _schema_file(tmp_path, raw), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_schema_naming_no_label_says_the_default_is_missing(tmp_path):
+    """It said the column 'label' was "named in" a schema that names none."""
+    raw = {k: v for k, v in SCHEMA.items() if k != "label"}
+    with pytest.raises(DataError, match=r"d\.csv: no column 'label', the label column .*schema\.json names by not naming "
+                                        r"one \(the default\); expected the 0/1 click column named with label: COLUMN"):
+        prepare_tabular(_csv(tmp_path / "d.csv", _rows()), _schema_file(tmp_path, raw), str(tmp_path / "out"))

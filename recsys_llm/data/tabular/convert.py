@@ -134,7 +134,7 @@ def prepare_tabular(
     schema = write_prepared(
         out_dir, data_path, [data_path, schema_path] + value_texts,
         lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, user_texts, row_key_named,
-                             plans),
+                             plans, label_named=isinstance(raw, dict) and "label" in raw),
     )
     if field_ways is not None:
         field_ways.update({spec.name: field_way(spec, plans[spec.name], config)
@@ -178,14 +178,20 @@ def _convert(
     user_texts: Dict[str, pa.Table],
     row_key_named: bool = False,
     plans_out: Optional[Dict[str, FieldPlan]] = None,
+    label_named: bool = True,
 ) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved).
     ``user_texts``: per field with its own value-text file, that file as :func:`_user_value_text` checked it;
-    ``plans_out``: when given, filled with each categorical field's plan."""
+    ``plans_out``: when given, filled with each categorical field's plan; ``label_named``: the schema file names its
+    label column (else it is the default ``label``)."""
     available = source_columns(data_path, config)
     wanted = [f.name for f in user_schema.fields] + [user_schema.label] + list(user_schema.extra_columns)
     missing = [c for c in wanted if c not in available]
     if missing:
+        if user_schema.label in missing and not label_named:
+            raise DataError(f"{data_path}: no column {user_schema.label!r}, the label column {schema_path} names by not "
+                            "naming one (the default); expected the 0/1 click column named with label: COLUMN in the "
+                            f"schema; {_near_names(missing, available)}the file has columns {available}")
         raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; "
                         f"{_near_names(missing, available)}{_format_hint(data_path, available, config)}"
                         f"the file has columns {available}")
