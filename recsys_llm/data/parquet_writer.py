@@ -157,6 +157,9 @@ def check_inputs_outside(out_dir: str, inputs: Sequence[str]) -> None:
         root = os.path.realpath(directory)
         for path in inputs:
             real = os.path.realpath(path)
+            if real == root and directory == out_dir and not os.path.isdir(real):
+                raise ValueError(f"{out_dir}: the output is the input file {path} itself; expected a directory for "
+                                 "the prepared data set (e.g. data/NAME)")
             if real == root or real.startswith(root + os.sep):
                 raise ValueError(
                     f"{out_dir}: the output directory holds the input {path}; writing the data set there would "

@@ -276,6 +276,9 @@ def test_unrelated_directory_and_inputs_inside_the_output_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"out: the output directory holds the input .*again\.csv"):
         prepare_tabular(inside, schema_path, str(out))
     assert os.path.exists(inside)
+    with pytest.raises(ValueError, match=r"a\.csv: the output is the input file .*a\.csv itself; expected a directory"):
+        prepare_tabular(data, schema_path, data)  # --out the input (it said "the output directory holds the input")
+    assert os.path.isfile(data)
 
 
 def test_zero_split_share_is_refused_naming_the_option():
