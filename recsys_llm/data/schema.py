@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from recsys_llm.atomic_dir import write_text_atomically
+from recsys_llm.error_text import one_line
 from recsys_llm.paths import is_plain_file_name
 
 
@@ -510,4 +511,5 @@ def load_raw(path: str) -> Any:
             return yaml.load(text, Loader=UniqueKeyLoader)
         return json.loads(text, object_pairs_hook=_unique_json_object)
     except Exception as error:  # json.JSONDecodeError / yaml.YAMLError / a repeated key
-        raise SchemaError(f"{path}: not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: {error}") from error
+        raise SchemaError(f"{path}: not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: "
+                          f"{one_line(error)}") from error

@@ -210,3 +210,14 @@ def test_a_key_of_another_kind_is_refused_as_a_sign_of_the_wrong_kind() -> None:
     with pytest.raises(SchemaError, match=r"field 'tags': max_length=3 on a sparse field \(one value per row\); a "
                                           r"field of several ids per row is kind: sequence"):
         FieldSpec("tags", "sparse", 10, max_length=3)
+
+
+def test_a_schema_that_is_no_yaml_is_one_line(tmp_path) -> None:
+    """PyYAML's message spans lines (the text, a caret): the CLI's one-line error was several."""
+    from recsys_llm.data.schema import load_raw
+
+    path = tmp_path / "shop.yaml"
+    path.write_text("name: [unclosed\nfields: 3\n")
+    with pytest.raises(SchemaError, match=r"shop\.yaml: not valid YAML: while parsing a flow sequence") as caught:
+        load_raw(str(path))
+    assert "\n" not in str(caught.value)
