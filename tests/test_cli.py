@@ -242,7 +242,7 @@ def test_a_command_that_fails_leaves_no_process_group_behind(tmp_path) -> None:
 
 @pytest.mark.parametrize("failure, line", [
     (OSError(30, "Read-only file system", "/data/out"), "[Errno 30] Read-only file system: '/data/out'"),
-    (OSError(28, "No space left on device"), "[Errno 28] No space left on device"),
+    (OSError(28, "No space left on device"), "[Errno 28] No space left on device (writing /nonexistent/out)"),
     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
      "a file could not be written whole ([enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598): "
      "check the free space and quota where the command writes"),

@@ -175,10 +175,18 @@ def _wrapped_failures(error: BaseException) -> List[BaseException]:
             if isinstance(pair, tuple) and pair and isinstance(pair[0], BaseException)]
 
 
-def _environment_error_line(error: BaseException) -> Optional[str]:
-    """One line for a failure of the disk the command writes to (full, over quota, read-only), else None."""
+OUTPUT_OPTIONS = ("out", "output", "output_dir", "attach_dir")  # where the commands write, by argparse dest
+
+
+def _environment_error_line(error: BaseException, args: Optional[argparse.Namespace] = None) -> Optional[str]:
+    """One line for a failure of the disk the command writes to (full, over quota, read-only), else None; an
+    error that names no file (pyarrow's "[Errno 28] Error writing bytes to file") gets the command's output."""
     for candidate in [error, *_wrapped_failures(error)]:
         if isinstance(candidate, OSError) and candidate.errno in ENVIRONMENT_ERRNOS:
+            output = next((value for value in (getattr(args, name, None) for name in OUTPUT_OPTIONS)
+                           if isinstance(value, str) and value), None)
+            if candidate.filename is None and output is not None:
+                return f"{candidate} (writing {output})"
             return str(candidate)
         if SHORT_WRITE_MARK in str(candidate):
             return (f"a file could not be written whole ({one_line(candidate)}): check the free space and quota "
@@ -289,7 +297,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
             raise SystemExit(128 + signal.SIGINT) from None
         if interruption is not None:
             raise interruption from None
-        line = _environment_error_line(error)
+        line = _environment_error_line(error, args)
         if line is None or _traceback_asked():
             if isinstance(error, Exception):
                 record_for_launcher()
