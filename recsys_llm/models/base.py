@@ -360,7 +360,9 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
         raise TypeError(
             f"expected the pooled embeddings as a KeyedTensor (ebc(kjt), or CTROutput.embeddings), whose keys name "
             f"the fields; got a tensor of shape {tuple(embeddings.shape)} without them (torchrec DLRM's "
-            "sparse_arch(kjt) stacks the fields unnamed): pass dlrm.sparse_arch.embedding_bag_collection(kjt)"
+            "sparse_arch(kjt) stacks the fields unnamed): wrap the DLRM in models.dlrm.DLRMBackbone, whose "
+            "CTROutput.embeddings come from the model's own lookup (calling dlrm.sparse_arch.embedding_bag_collection "
+            "again looks every id up twice, which TrainPipelineSparseDist refuses)"
         )
     if has_one_dim(embeddings):
         lengths = embeddings.length_per_key()

@@ -37,6 +37,17 @@ def _checked_vector(vector: torch.Tensor, width: int, who: str) -> torch.Tensor:
     return vector
 
 
+@torch.fx.wrap  # a leaf of the pipeline's trace, as _checked_vector
+def _checked_dense(dense_features: torch.Tensor, width: int) -> torch.Tensor:
+    """``dense_features`` (B, width); another shape is a ValueError naming DLRMDenseInjection's dense width."""
+    if dense_features.dim() != 2 or dense_features.size(1) != width:
+        raise ValueError(
+            f"DLRMDenseInjection: dense features are {tuple(dense_features.shape)}, expected (B, {width}) "
+            "(num_dense_features: the DLRM's dense_in_features less the injected width)"
+        )
+    return dense_features
+
+
 class VectorFieldInjection(nn.Module):
     r"""Projects an LLM vector to ``num_fields`` extra field embeddings (the gain network's
     input of ELEC, Dong, Ouyang, Liu, SIGIR 2025).
@@ -158,11 +169,7 @@ class DLRMDenseInjection(nn.Module):
             torch.Tensor: logits (B,).
         """
         vector = _checked_vector(vector, self._in_dim, "DLRMDenseInjection").to(dense_features.dtype)
-        if dense_features.dim() != 2 or dense_features.size(1) != self._num_dense:
-            raise ValueError(
-                f"DLRMDenseInjection: dense features are {tuple(dense_features.shape)}, expected (B, {self._num_dense}) "
-                "(num_dense_features: the DLRM's dense_in_features less the injected width)"
-            )
+        dense_features = _checked_dense(dense_features, self._num_dense)
         if self.projection is not None:
             vector = self.projection(vector)  # (B, P)
         dense = torch.cat([dense_features, vector], dim=1)  # (B, Dd + P)

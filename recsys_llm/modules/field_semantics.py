@@ -160,9 +160,11 @@ class FieldRepresentationEnhancement(nn.Module):
             \mathrm{KL}\big(\mathrm{softmax}(W v_f + c) \,\|\, \mathrm{softmax}(e_{b,f})\big)
 
     with R = 1 for ``field_reduction="sum"`` (the public code) and R = F for ``"mean"``.
-    Works on any EBC output (a backbone's ``CTROutput.embeddings``, or an unmodified
-    torchrec ``DLRM``'s ``sparse_arch.embedding_bag_collection(kjt)``); keys without a
-    vector are ignored. Its only parameters are a dense Linear, so DMP wraps it in DDP
+    Works on any EBC output (a backbone's ``CTROutput.embeddings``; for an unmodified
+    torchrec ``DLRM``, that of :class:`~recsys_llm.models.dlrm.DLRMBackbone` wrapping it, whose
+    one lookup feeds both the DLRM and this term: calling ``dlrm.sparse_arch.embedding_bag_collection``
+    a second time doubles the lookups, and ``TrainPipelineSparseDist`` refuses a sharded EBC called
+    twice); keys without a vector are ignored. Its only parameters are a dense Linear, so DMP wraps it in DDP
     like any dense module.
 
     Args:

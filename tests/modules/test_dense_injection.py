@@ -83,6 +83,22 @@ class TestDLRMDenseInjection:
         unprojected = DLRMDenseInjection(DLRM(ebc, 3 + 6, [16, 8], [8, 1]), in_dim=6)
         assert unprojected(dense, kjt, vector).shape == (4,)
 
+    def test_it_traces_for_the_training_pipeline(self):
+        """TrainPipelineSparseDist traces the model: the dense-width check was Python control flow on a traced
+        shape ('symbolically traced variables cannot be used as inputs to control flow'), so a DMP-sharded
+        DLRMDenseInjection failed on its first pipelined step."""
+        torch.manual_seed(0)
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name="t_user", embedding_dim=8, num_embeddings=10, feature_names=["user_id"]),
+            EmbeddingBagConfig(name="t_item", embedding_dim=8, num_embeddings=12, feature_names=["item_id"]),
+        ])
+        model = DLRMDenseInjection(DLRM(ebc, 3 + 5, [16, 8], [8, 1]), in_dim=6, projected_dim=5)
+        traced = torchrec.fx.symbolic_trace(model)
+        dense, vector, kjt = torch.randn(4, 3), torch.randn(4, 6), _kjt(4)
+        torch.testing.assert_close(traced(dense, kjt, vector), model(dense, kjt, vector))
+        with pytest.raises(ValueError, match=r"DLRMDenseInjection: dense features are \(4, 2\), expected \(B, 3\)"):
+            traced(dense[:, :2], kjt, vector)  # still checked when traced
+
     def test_too_narrow_dlrm_rejected(self):
         ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=4,
                                                                 feature_names=["user_id"])])
