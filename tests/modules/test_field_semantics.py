@@ -197,10 +197,14 @@ def test_the_unnamed_fields_of_dlrms_sparse_arch_are_named() -> None:
     fre = FieldRepresentationEnhancement(torch.randn(3, 10), FEATURES, 8)
     fie = FieldInteractionEnhancement(torch.randn(3, 10), FEATURES)
     for call in (fre.loss, fie.logit):
-        with pytest.raises(TypeError, match=r"got a tensor of shape \(4, 3, 8\) without them .* pass "
-                                            r"dlrm\.sparse_arch\.embedding_bag_collection\(kjt\)"):
+        with pytest.raises(TypeError, match=r"got a tensor of shape \(4, 3, 8\) without them .* wrap the DLRM in "
+                                            r"models\.dlrm\.DLRMBackbone, whose CTROutput\.embeddings come from the "
+                                            r"model's own lookup"):
             call(dlrm.sparse_arch(make_kjt()))
-    assert fre.loss(dlrm.sparse_arch.embedding_bag_collection(make_kjt())).dim() == 0
+    from recsys_llm.models.dlrm import DLRMBackbone
+
+    output = DLRMBackbone(dlrm, num_dense_features=2)(torch.rand(4, 2), make_kjt())
+    assert fre.loss(output.embeddings).dim() == 0 and fie.logit(output.embeddings).shape == (4,)
 
 
 @pytest.mark.parametrize("field_reduction", ["sum", "mean"])
