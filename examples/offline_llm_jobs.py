@@ -25,7 +25,7 @@ def prepare(work: str, rows: int, llm: Optional[str]) -> None:
     data, ctr_llm, model = f"{work}/data", f"{work}/ctr_llm", ["--model", llm] if llm else []
     jobs = [["prepare", "synthetic", "--out", data, "--rows", str(rows), "--quiet"],
             ["semantics", "adapt", "--schema", data, "--output-dir", ctr_llm, "--tuning", "heads",
-             "--sample-rows", "512", "--max-length", "96", "--representation-dim", str(LLM_DIM), *model],
+             "--sample-rows", "512", "--fields", "item_id", "item_category", "--representation-dim", str(LLM_DIM), *model],
             # Item vectors joined to the splits: one chunk holds every item the generator makes (at most 500,000), so
             # rank 0 writes them all alone under torchrun too (a chunk of rank 1's would never come).
             ["semantics", "export", "--schema", data, "--llm", ctr_llm, "--output-dir", f"{work}/vectors", "--granularity",
