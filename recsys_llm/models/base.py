@@ -152,6 +152,7 @@ class CTRBackbone(nn.Module, abc.ABC):
             CTROutput: logits (B,), representation (B, H), pooled embeddings.
         """
         check_id_weights(sparse_features, self._weighted, type(self).__name__)
+        check_feature_keys(sparse_features, self._feature_names, type(self).__name__)
         dense_features = checked_dense_dtype(dense_features, type(self).__name__)
         embeddings = self.embedding_bag_collection(sparse_features)
         logits, representation = self.interact(dense_features, embeddings, extra_fields)
@@ -239,6 +240,17 @@ def check_id_weights(features: KeyedJaggedTensor, weighted: bool, model: str) ->
             "torchrec's sharded lookup would pool the weights and the unsharded (and served) one ignore them; build "
             "the EBC with is_weighted=True to use them, or leave them out of the KeyedJaggedTensor"
         )
+
+
+@torch.fx.wrap
+def check_feature_keys(features: KeyedJaggedTensor, feature_names: List[str], model: str) -> None:
+    """Raises ValueError naming the features of ``model``'s tables that ``features`` lack (torchrec's unsharded
+    lookup failed with a bare KeyError, the sharded one with "'city' is not in list"). A leaf of the training
+    pipeline's fx trace; a pipelined, sharded lookup distributes the ids before the model runs, and fails first."""
+    missing = [name for name in feature_names if name not in features.keys()]
+    if missing:
+        raise ValueError(f"{model}: the sparse features lack {missing}, which its tables read; expected a "
+                         f"KeyedJaggedTensor with the keys {feature_names} (in any order; others are ignored)")
 
 
 @torch.fx.wrap

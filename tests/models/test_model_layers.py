@@ -81,3 +81,19 @@ class TestBuildMLP:
     def test_bad_settings(self, sizes, dropout) -> None:
         with pytest.raises(ValueError):
             build_mlp(3, sizes, dropout)
+
+
+def test_sparse_features_lacking_a_table_feature_are_named() -> None:
+    """torchrec's unsharded lookup failed with a bare KeyError: 'genres'."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+    from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("genres", "sequence", 5, max_length=2),
+                                 FieldSpec("age", "dense")])
+    backbone = build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("cpu"))
+    kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "city"], torch.tensor([1, 2, 3, 4]), torch.ones(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"DeepFM: the sparse features lack \['genres'\], which its tables read; "
+                                         r"expected a KeyedJaggedTensor with the keys \['user_id', 'genres'\]"):
+        backbone(torch.rand(2, 1), kjt)
