@@ -145,7 +145,7 @@ def test_dense_value_that_is_not_an_integer_names_line_and_column(tmp_path, valu
     rows = _lines(20)
     rows[12][5] = value
     raw = _write(tmp_path / "bad.tsv", rows)
-    with pytest.raises(DataError, match=rf"bad\.tsv, line 13, column I5: -?(inf|3\.5|nan) is not an integer count"):
+    with pytest.raises(DataError, match=r"bad\.tsv, line 13, column I5: -?(inf|3\.5|nan) is not an integer count"):
         prepare_criteo(raw, str(tmp_path / "out"))
     rows[12][5] = "12.0"  # a whole number written as a float is a count
     prepare_criteo(_write(tmp_path / "ok.tsv", rows), str(tmp_path / "out"), CriteoConfig(hash_size=64))
