@@ -147,14 +147,12 @@ def dense_column(path: str, spec: FieldSpec, array: pa.Array, row_offset: int, v
     if validate:
         check_no_nulls(path, spec.name, array, row_offset, "a finite float")
     raw = array.to_numpy(zero_copy_only=False)
-    if validate and raw.dtype == np.float64:  # named as stored: 1e300 is no inf, it only becomes one in float32
-        check_dense(path, spec.name, raw, row_offset)
-        check_float32_range(path, spec.name, raw, row_offset)
-    with np.errstate(over="ignore"):  # unvalidated: beyond float32 is inf, as the cast makes it
-        values = raw.astype(np.float32, copy=False)
     if validate:
-        check_dense(path, spec.name, values, row_offset)
-    return values
+        check_dense(path, spec.name, raw, row_offset)
+        if raw.dtype == np.float64:  # named as stored: 1e300 is no inf, it only becomes one in float32
+            check_float32_range(path, spec.name, raw, row_offset)
+    with np.errstate(over="ignore"):  # unvalidated: beyond float32 is inf, as the cast makes it
+        return raw.astype(np.float32, copy=False)
 
 
 def categorical_column(
