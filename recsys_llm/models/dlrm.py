@@ -157,25 +157,13 @@ def build_dlrm(
     dense_in = len(schema.dense_fields)
     # on the dense device: torchrec builds the interaction (DCN's cross net, DLRM's triu_indices) without one, and
     # the cross net's start then drew from the CPU's random stream while the MLPs drew from the dense device's
+    arch = dict(embedding_bag_collection=ebc, dense_in_features=dense_in, dense_arch_layer_sizes=dense_sizes,
+                over_arch_layer_sizes=over_sizes, dense_device=dense_device)
     with built_on(dense_device):
         if dcn:
-            dlrm: DLRM = DLRM_DCN(
-                embedding_bag_collection=ebc,
-                dense_in_features=dense_in,
-                dense_arch_layer_sizes=dense_sizes,
-                over_arch_layer_sizes=over_sizes,
-                dcn_num_layers=dcn_num_layers,
-                dcn_low_rank_dim=dcn_low_rank_dim,
-                dense_device=dense_device,
-            )
+            dlrm: DLRM = DLRM_DCN(**arch, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
         else:
-            dlrm = DLRM(
-                embedding_bag_collection=ebc,
-                dense_in_features=dense_in,
-                dense_arch_layer_sizes=dense_sizes,
-                over_arch_layer_sizes=over_sizes,
-                dense_device=dense_device,
-            )
+            dlrm = DLRM(**arch)
         if num_extra_fields > 0:
             num_fields = len(dlrm.sparse_arch.sparse_feature_names) + num_extra_fields
             if dcn:
