@@ -436,17 +436,15 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def _drop_metadata_asserts(program: torch.export.ExportedProgram) -> int:
+def _drop_metadata_asserts(program: torch.export.ExportedProgram) -> None:
     """Removes the program's checks of a tensor's export-time dtype and device (``aten._assert_tensor_metadata``,
     which ``torch.export`` records for a ``.to()`` that was a no-op when traced, e.g. FIE's serving matrix or a
     gain network's vectors cast to the embeddings' dtype): they pin the program to the export's device, so a
     ``ServedModel`` moved with ``.to("cuda")`` would refuse every request. ``ServedModel`` checks the request's
-    own dtypes. Returns the number removed."""
+    own dtypes."""
     graph = program.graph_module.graph
-    asserts = [node for node in graph.nodes if node.target is torch.ops.aten._assert_tensor_metadata.default]
-    for node in asserts:
+    for node in [node for node in graph.nodes if node.target is torch.ops.aten._assert_tensor_metadata.default]:
         graph.erase_node(node)
-    return len(asserts)
 
 
 def export_task(
