@@ -69,7 +69,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is first used
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

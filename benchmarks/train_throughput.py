@@ -55,7 +55,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is first used
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
