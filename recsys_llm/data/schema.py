@@ -310,9 +310,17 @@ class DatasetSchema:
         written elsewhere (``semantics export --attach-dir``, ``teacher-outputs``) keep the
         fingerprint and the vectors made for the original stay valid.
         """
-        fields = [{k: v for k, v in f.to_dict().items() if k != "value_text"} for f in self.fields]
-        payload = json.dumps({"fields": fields, "label": self.label}, sort_keys=True)
+        payload = json.dumps(self.fingerprinted(), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def fingerprinted(self) -> Dict[str, Any]:
+        """What :meth:`fingerprint` hashes: ``{"fields": [field dicts without value_text], "label": ...}``.
+
+        Vector files and runs record it beside the fingerprint, so a mismatch can name the fields
+        that differ (:func:`~recsys_llm.data.schema_changes.schema_changes`).
+        """
+        fields = [{k: v for k, v in f.to_dict().items() if k != "value_text"} for f in self.fields]
+        return {"fields": fields, "label": self.label}
 
     # ---- io ----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

@@ -31,6 +31,7 @@ from safetensors.torch import save
 
 from recsys_llm.atomic_dir import check_no_file_above, write_bytes_atomically
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema_changes import schema_changes
 from recsys_llm.semantics.encoder import text_list
 
 FORMAT_VERSION = "1"
@@ -59,6 +60,9 @@ class VectorProvenance:
         extra (Dict[str, Any]): anything else (JSON-serialisable), e.g. SSFT metrics.
         max_length (Optional[int]): tokens per text the encoder cut the texts at (None: not
             recorded, files of older versions).
+        schema_contents (Dict[str, Any]): what the schema fingerprint hashes
+            (``DatasetSchema.fingerprinted()``), so a mismatch names the fields that differ;
+            empty in files of older versions.
     """
 
     model_id: str
@@ -75,12 +79,13 @@ class VectorProvenance:
     )
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
     max_length: Optional[int] = None
+    schema_contents: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def for_schema(self, schema: DatasetSchema) -> "VectorProvenance":
-        """A copy tied to ``schema`` (name, fingerprint, field list)."""
+        """A copy tied to ``schema`` (name, fingerprint, field list, what the fingerprint hashes)."""
         return dataclasses.replace(
             self, schema_name=schema.name, schema_fingerprint=schema.fingerprint(),
-            schema_fields=[f.name for f in schema.fields],
+            schema_fields=[f.name for f in schema.fields], schema_contents=schema.fingerprinted(),
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -216,9 +221,13 @@ def _check_schema(path: str, provenance: VectorProvenance, schema: DatasetSchema
             f"with fields {provenance.schema_fields}"
         )
         names = [f.name for f in schema.fields]
-        same_names = list(provenance.schema_fields or []) == names
-        what_differs = (" (the same field names: their kinds, sizes or descriptions, or the label, differ)"
-                        if same_names else "")
+        changes = schema_changes(provenance.schema_contents, schema)
+        if changes:
+            what_differs = f" ({'; '.join(changes)})"
+        elif list(provenance.schema_fields or []) == names:  # a file of an older version
+            what_differs = " (the same field names: their kinds, sizes or descriptions, or the label, differ)"
+        else:
+            what_differs = ""
         raise VectorProvenanceError(
             f"vectors in {path} were made for {made_for}; the current schema {schema.name!r} has fingerprint "
             f"{current} with fields {names}{what_differs}. Re-encode them for this schema "

@@ -16,6 +16,7 @@ import numpy as np
 from recsys_llm.atomic_dir import try_lock
 from recsys_llm.data.parquet_files import split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema_changes import schema_changes
 from recsys_llm.data.validation import check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
@@ -41,6 +42,7 @@ SHARED_CHECK_WAIT_S = 60.0
 # parts of the llactr record that describe where and when, not which, vectors
 VECTOR_RECORD_PLACE_KEYS = frozenset({"config", "vectors", "created_at", "created_by"})
 SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in PLUGINS_FILE: the data set's schema the run trained on
+SCHEMA_CONTENTS_KEY = "schema_contents"  # in PLUGINS_FILE: what that fingerprint hashes (DatasetSchema.fingerprinted)
 DATA_FINGERPRINTS_KEY = "data_fingerprints"  # in PLUGINS_FILE: split -> the Parquet footers' hash of its files
 
 
@@ -73,7 +75,9 @@ def data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
     saved = read_run_record(plugins)
     schema = DatasetSchema.load(schema_file)
     if saved.get(SCHEMA_FINGERPRINT_KEY) not in (None, schema.fingerprint()):
-        return [f"the schema of {schema.root}: fingerprint {saved[SCHEMA_FINGERPRINT_KEY]} -> {schema.fingerprint()}"]
+        changes = schema_changes(saved.get(SCHEMA_CONTENTS_KEY), schema)
+        return [f"the schema of {schema.root}: fingerprint {saved[SCHEMA_FINGERPRINT_KEY]} -> {schema.fingerprint()}"
+                + (f" ({'; '.join(changes)})" if changes else "")]
     changed = changed_splits(saved, data_fingerprints(config, schema))
     if not changed:
         return []
@@ -484,21 +488,23 @@ def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
 def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: str) -> None:
     """Raises ConfigError when the run of ``saved_config`` trained on data of another schema
     (e.g. the same directory prepared again with other sizes)."""
-    trained_on = _trained_schema_fingerprint(saved_config)
+    record = _trained_schema_record(saved_config)
+    trained_on = record.get(SCHEMA_FINGERPRINT_KEY)
     if trained_on is not None and trained_on != schema.fingerprint():
+        changes = schema_changes(record.get(SCHEMA_CONTENTS_KEY), schema) or ["other fields, sizes or descriptions"]
         raise ConfigError(
             f"{what}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
-            f"{schema.fingerprint()} (other fields, sizes or descriptions): use data prepared like the training data"
+            f"{schema.fingerprint()} ({'; '.join(changes)}): use data prepared like the training data"
         )
 
 
-def _trained_schema_fingerprint(saved_config: Optional[str]) -> Optional[str]:
-    """The schema fingerprint in ``plugins.json`` beside a run's ``config.yaml`` (None for a bare
-    checkpoint, or a run written before runs recorded it)."""
+def _trained_schema_record(saved_config: Optional[str]) -> Dict[str, Any]:
+    """The ``plugins.json`` beside a run's ``config.yaml``, whose schema fingerprint and contents
+    the checks read (empty for a bare checkpoint; a run written before runs recorded them lacks them)."""
     plugins = os.path.join(os.path.dirname(saved_config), PLUGINS_FILE) if saved_config else None
     if plugins is None or not os.path.isfile(plugins):
-        return None
-    return read_run_record(plugins).get(SCHEMA_FINGERPRINT_KEY)
+        return {}
+    return read_run_record(plugins)
 
 
 # what each record of a run directory is for, in the error for a damaged one

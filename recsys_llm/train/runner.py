@@ -90,6 +90,7 @@ from recsys_llm.train.run_records import (
     REDONE_KEY,
     RESULTS_FILE,
     RESUMED_EVENT,
+    SCHEMA_CONTENTS_KEY,
     SCHEMA_FINGERPRINT_KEY,
     STARTED_EVENT,
     check_run_dir_is_ours,
@@ -281,7 +282,8 @@ def _train_in_run_dir(
     if ctx.is_main:
         save_config(config, saved_config)
         write_text_atomically(os.path.join(run_dir, PLUGINS_FILE), json.dumps(
-            {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), DATA_FINGERPRINTS_KEY: fingerprints, **built.plugins},
+            {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), SCHEMA_CONTENTS_KEY: schema.fingerprinted(),
+             DATA_FINGERPRINTS_KEY: fingerprints, **built.plugins},
             indent=2, sort_keys=True, default=str))
         write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan))
     log = _RunLog(os.path.join(run_dir, METRICS_FILE), ctx.is_main)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torchrec.models.dlrm import DLRM
@@ -154,12 +156,27 @@ class TestBuildLLaCTRTerms:
         _, loss_terms, _ = build_llactr_terms(LLaCTRConfig(path, fields=["genre"], use_fie=False), schema, backbone)
         assert loss_terms["fre"].feature_names == ["genre"]
 
-    def test_vectors_of_another_schema_are_rejected(self, tmp_path) -> None:
+    def test_vectors_of_another_schema_are_rejected_naming_what_differs(self, tmp_path) -> None:
         path = _vectors(tmp_path, _schema())
         changed = _schema(genre_text="main genre")
         with pytest.raises(VectorProvenanceError, match="were made for schema 'toy'.*current schema 'toy' has fingerprint"
-                                                        ".*the same field names: their kinds, sizes or descriptions"):
+                                                        r".*\(genre: description 'genre of the item' -> 'main genre'\)"):
             build_llactr_terms(LLaCTRConfig(path), changed, LinearBackbone(make_ebc(), 1))
+        grown = _schema()
+        grown.fields[0] = FieldSpec("user_id", cardinality=30, description="user id")
+        grown.fields.append(FieldSpec("city", cardinality=5, description="city"))
+        with pytest.raises(VectorProvenanceError, match=r"\(field 'city' only in the current schema; "
+                                                        r"user_id: cardinality 20 -> 30\)"):
+            build_llactr_terms(LLaCTRConfig(path), grown, LinearBackbone(make_ebc(), 1))
+
+    def test_vectors_of_an_older_version_say_what_may_differ(self, tmp_path) -> None:
+        """A file written before provenance recorded the schema's contents: the fields are not named."""
+        path = str(tmp_path / "fields.safetensors")
+        provenance = VectorProvenance(model_id="tiny", model_hash="h", pooling="mean", template="{name}: {description}")
+        provenance = dataclasses.replace(provenance.for_schema(_schema()), schema_contents={})
+        save_vectors(path, torch.randn(4, 12), ["user_id", "genre", "item_id", "price"], provenance)
+        with pytest.raises(VectorProvenanceError, match="the same field names: their kinds, sizes or descriptions"):
+            build_llactr_terms(LLaCTRConfig(path), _schema(genre_text="main genre"), LinearBackbone(make_ebc(), 1))
 
     def test_config_errors(self) -> None:
         with pytest.raises(ValueError, match="unknown keys \\['lambda'\\]"):

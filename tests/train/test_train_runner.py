@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -722,7 +723,7 @@ def _resume_on_data_prepared_again(root: str, rows: int, seed: int) -> Dict[str,
 
 
 @pytest.mark.parametrize("rows, seed, refusal", [
-    (20_000, 0, "trained on data with schema fingerprint"),  # larger id tables: another schema
+    (20_000, 0, "trained on data with schema fingerprint"),  # larger id tables: another schema, named below
     (2000, 1, "the data of split(s) ['train', 'valid', 'test'] in"),  # same fields and sizes, other rows
     (2000, 0, None),  # the same data written again: the run goes on
 ])
@@ -733,6 +734,8 @@ def test_a_resume_on_data_prepared_again_is_refused_before_anything_is_written(t
         assert out["error"] is None
         return
     assert out["error"] is not None and refusal in out["error"]
+    if rows == 20_000:  # the record of the schema's contents names what differs
+        assert re.search(r"\(user_id: cardinality \d+ -> \d+; item_id: cardinality \d+ -> \d+", out["error"])
     assert out["run_files_unchanged"]
 
 

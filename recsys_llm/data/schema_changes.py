@@ -1,0 +1,49 @@
+"""What differs between the schema a vector file or run was made for and the current one.
+
+Both record :meth:`DatasetSchema.fingerprinted <recsys_llm.data.schema.DatasetSchema.fingerprinted>`
+beside the fingerprint; a fingerprint mismatch then names the fields and settings that differ
+instead of two hashes.
+"""
+
+from typing import Any, Dict, List, Mapping
+
+from recsys_llm.data.schema import DatasetSchema
+
+
+def _fields_by_name(recorded: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    return {str(field.get("name")): dict(field) for field in recorded.get("fields", []) if isinstance(field, Mapping)}
+
+
+def _shown(field: Mapping[str, Any], key: str) -> str:
+    """The setting as the message shows it: its repr, or ``unset`` (FieldSpec.to_dict leaves defaults out)."""
+    return repr(field[key]) if key in field else "unset"
+
+
+def schema_changes(recorded: Mapping[str, Any], schema: DatasetSchema) -> List[str]:
+    """One line per difference between a recorded ``fingerprinted()`` mapping and ``schema``'s.
+
+    Fields only one side has, the settings of a field that differ (``item_id: cardinality 1682 ->
+    1700``; recorded first), the label, and the order of the fields both have. Empty when
+    the two are the same, or ``recorded`` is no such mapping (written by an older version).
+
+    Example::
+
+        schema_changes(provenance.schema_contents, DatasetSchema.load("data/ml-100k"))
+        # ["field 'genre' only in the current schema", "item_id: cardinality 1682 -> 1700"]
+    """
+    if not isinstance(recorded, Mapping) or not isinstance(recorded.get("fields"), list):
+        return []
+    current = schema.fingerprinted()
+    before, after = _fields_by_name(recorded), _fields_by_name(current)
+    changes = [f"field {name!r} only in the recorded schema" for name in before if name not in after]
+    changes += [f"field {name!r} only in the current schema" for name in after if name not in before]
+    for name in (name for name in after if name in before):
+        keys = sorted(set(before[name]) | set(after[name]))
+        changes += [f"{name}: {key} {_shown(before[name], key)} -> {_shown(after[name], key)}"
+                    for key in keys if _shown(before[name], key) != _shown(after[name], key)]
+    if recorded.get("label") != current["label"]:
+        changes.append(f"label {recorded.get('label')!r} -> {current['label']!r}")
+    common_before, common_after = [n for n in before if n in after], [n for n in after if n in before]
+    if common_before != common_after:
+        changes.append(f"field order {common_before} -> {common_after}")
+    return changes
