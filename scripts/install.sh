@@ -5,7 +5,8 @@
 # The CUDA build of torch and fbgemm-gpu comes from one index, picked by the CUDA version the
 # driver supports (nvidia-smi's "CUDA Version"): PyPI's wheels are CUDA 13.0 builds, for a driver
 # of CUDA 13 or newer (or none visible, e.g. an image build); a CUDA 12.8+ / 12.6+ driver gets
-# PyTorch's cu128 / cu126 index. TORCH_CUDA_INDEX_URL names the index instead;
+# PyTorch's cu128 / cu126 index; a GPU whose driver names no CUDA version, or one older than 12.6,
+# is refused. TORCH_CUDA_INDEX_URL names the index instead;
 # TORCH_CPU_INDEX_URL where the CPU torch build comes from when the configured sources lack it.
 # A second run skips what is already installed (stamp file keyed by this script, setup.py, the
 # variant, the versions and, for CUDA, the index).
@@ -20,9 +21,28 @@ TORCHREC_VERSION=${TORCHREC_VERSION:-1.8.0}
 PYPI_INDEX=https://pypi.org/simple
 PYTORCH_INDEX=https://download.pytorch.org/whl
 
-# "13.0" from nvidia-smi's header; empty when there is no driver to ask
+# nvidia-smi with its arguments, given up after RECSYS_LLM_SMI_TIMEOUT_S (30) seconds: a hung driver would
+# hang the install, and make test with it
+SMI_TIMEOUT_S=${RECSYS_LLM_SMI_TIMEOUT_S:-30}
+smi() {
+  command -v nvidia-smi >/dev/null 2>&1 || return 127
+  if command -v timeout >/dev/null 2>&1; then timeout "$SMI_TIMEOUT_S" nvidia-smi "$@"; else nvidia-smi "$@"; fi
+}
+
+# whether nvidia-smi lists a GPU
+gpu_listed() {
+  local code=0
+  smi -L >/dev/null 2>&1 || code=$?
+  if [ "$code" -eq 124 ]; then
+    echo "[install] warning: nvidia-smi -L gave no answer in $SMI_TIMEOUT_S s: taken as no GPU" \
+         "(RECSYS_LLM_VARIANT=cuda|cpu decides without asking it)" >&2
+  fi
+  return "$code"
+}
+
+# "13.0" from nvidia-smi's header; empty when there is no driver to ask, or its header names none
 driver_cuda_version() {
-  { nvidia-smi 2>/dev/null || true; } | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -1
+  { smi 2>/dev/null || true; } | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -1
 }
 
 # the index of the CUDA builds for a driver of CUDA $1; empty when torch $TORCH_VERSION has none for it
@@ -38,30 +58,45 @@ cuda_index() {
   fi
 }
 
-DRIVER_CUDA=$(driver_cuda_version)
-CUDA_INDEX=$(cuda_index "$DRIVER_CUDA")
+# sets DRIVER_CUDA and CUDA_INDEX (empty: no CUDA build fits) and, when there is none, WHY_NO_INDEX;
+# a GPU whose driver names no CUDA version gets no index: PyPI's CUDA 13 builds would fail on a CUDA 12 driver
+choose_cuda_index() {
+  DRIVER_CUDA=$(driver_cuda_version)
+  CUDA_INDEX=$(cuda_index "$DRIVER_CUDA")
+  WHY_NO_INDEX="the driver supports CUDA $DRIVER_CUDA"
+  if [ -z "$DRIVER_CUDA" ] && [ -z "${TORCH_CUDA_INDEX_URL:-}" ] && gpu_listed; then
+    CUDA_INDEX=""
+    WHY_NO_INDEX="nvidia-smi lists a GPU but its header names no CUDA version it supports ('CUDA Version: x.y')"
+  fi
+}
+
 if [ "${1:-}" = --print-cuda-index ]; then
-  echo "${CUDA_INDEX:-none: the driver supports CUDA $DRIVER_CUDA}"
+  choose_cuda_index
+  echo "${CUDA_INDEX:-none: $WHY_NO_INDEX}"
   exit 0
 fi
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  VARIANT=cuda
-else
-  VARIANT=cpu
+# nvidia-smi is asked only when the variant is not given
+VARIANT=${RECSYS_LLM_VARIANT:-}
+if [ -z "$VARIANT" ]; then
+  if gpu_listed; then VARIANT=cuda; else VARIANT=cpu; fi
 fi
-VARIANT=${RECSYS_LLM_VARIANT:-$VARIANT}
 case "$VARIANT" in
   cuda | cpu) ;;
   *) echo "[install] error: RECSYS_LLM_VARIANT is '$VARIANT'; expected cuda or cpu (or unset: picked by nvidia-smi)" >&2
      exit 2 ;;
 esac
-# refused before anything changes: the venv of an earlier install still works
-if [ "$VARIANT" = cuda ] && [ -z "$CUDA_INDEX" ]; then
-  echo "[install] error: the NVIDIA driver supports CUDA $DRIVER_CUDA, and torch $TORCH_VERSION's CUDA" \
-       "builds need 12.6 or newer: update the driver, set TORCH_CUDA_INDEX_URL to an index with a build for it," \
-       "or install the CPU build (RECSYS_LLM_VARIANT=cpu)" >&2
-  exit 1
+DRIVER_CUDA=""
+CUDA_INDEX=""
+if [ "$VARIANT" = cuda ]; then
+  choose_cuda_index
+  # refused before anything changes: the venv of an earlier install still works
+  if [ -z "$CUDA_INDEX" ]; then
+    echo "[install] error: $WHY_NO_INDEX, and torch $TORCH_VERSION's CUDA builds need 12.6 or newer: update the" \
+         "driver, set TORCH_CUDA_INDEX_URL to an index with a build for it, or install the CPU build" \
+         "(RECSYS_LLM_VARIANT=cpu)" >&2
+    exit 1
+  fi
 fi
 
 # what was installed: a run that would install another variant, other versions or from another
@@ -158,7 +193,7 @@ echo "torch==$(torch_version)" > "$keep_torch"
 "${PIP[@]}" install -c "$keep_torch" -e ".[dev,bench]"
 "$VENV/bin/python" -c "import recsys_llm.env as e; e.check_versions(verbose=True)"
 if [ "$VARIANT" = cuda ] && ! "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 || true)
+  driver=$(smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 || true)
   echo "[install] warning: the CUDA build is installed but torch sees no GPU (driver: ${driver:-none found});" \
        "torch $TORCH_VERSION needs an NVIDIA driver for CUDA $(torch_cuda). Training with device auto falls back to CPU." >&2
 fi

@@ -405,3 +405,45 @@ def test_make_passes_run_and_data_paths_with_a_space_whole(tmp_path: Path) -> No
         words = shlex.split(next(line for line in result.stdout.splitlines() if marker in line))
         assert str(runs) in words or f"{runs}/demo" in words, words
         assert target == "clean" or f"{data}/synthetic" in words
+
+
+def _nvidia_smi(tmp_path: Path, body: str) -> dict:
+    """Environment whose ``nvidia-smi`` runs ``body`` (sh), for ``--print-cuda-index`` or a ``fake_install_env`` run."""
+    env = fake_install_env(tmp_path, driver_cuda=None)
+    (tmp_path / "bin" / "nvidia-smi").write_text(f"#!/bin/sh\n{body}\n")
+    return env
+
+
+# lists a GPU, but the header names no CUDA version (a driver that does not say, or garbage)
+GPU_WITHOUT_CUDA_VERSION = ('case "$1" in -L) echo "GPU 0: NVIDIA H100 (UUID: GPU-1)" ;; '
+                            '*) echo "| NVIDIA-SMI 580.1   Driver Version: 580.1   CUDA Version: N/A |" ;; esac')
+
+
+def test_a_gpu_whose_driver_names_no_cuda_version_is_refused_before_the_venv_changes(tmp_path: Path) -> None:
+    """PyPI's CUDA 13 builds were installed, and the stamp written, whatever CUDA the driver supports."""
+    env = _nvidia_smi(tmp_path, GPU_WITHOUT_CUDA_VERSION)
+    printed = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "install.sh"), "--print-cuda-index"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert printed.stdout.strip() == ("none: nvidia-smi lists a GPU but its header names no CUDA version it supports "
+                                      "('CUDA Version: x.y')")
+    refused = run_install(tmp_path, env)
+    assert refused.returncode == 1 and "set TORCH_CUDA_INDEX_URL" in refused.stderr
+    log = tmp_path / "python.log"
+    assert not log.exists() or "pip" not in log.read_text()  # no pip command ran
+    mirror = "https://mirror.example/whl/cu129"
+    chosen = run_install(tmp_path, env, TORCH_CUDA_INDEX_URL=mirror)  # the user names the index
+    assert chosen.returncode == 0, chosen.stderr
+    assert f"--index-url {mirror}" in log.read_text()
+
+
+def test_a_hung_nvidia_smi_is_given_up_and_not_asked_when_the_variant_is_given(tmp_path: Path) -> None:
+    """A hung driver hung the install (and make test), even with RECSYS_LLM_VARIANT=cpu."""
+    env = _nvidia_smi(tmp_path, f"touch '{tmp_path / 'asked'}'; exec sleep 600")
+    given = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu")
+    assert given.returncode == 0, given.stderr
+    assert not (tmp_path / "asked").exists()
+    (tmp_path / "venv" / ".recsys_llm_installed").unlink()
+    picked = run_install(tmp_path, env, RECSYS_LLM_SMI_TIMEOUT_S="1")
+    assert picked.returncode == 0, picked.stderr
+    assert "nvidia-smi -L gave no answer in 1 s: taken as no GPU" in picked.stderr
+    assert "[install] variant: cpu" in picked.stdout
