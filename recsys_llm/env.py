@@ -10,10 +10,15 @@ from importlib import metadata
 from typing import Dict, Sequence
 
 # torchrec release -> (fbgemm-gpu release, torch minor versions known to work with it): the whole
-# test suite passed on each. 1.8.0 is what scripts/install.sh installs.
+# test suite passed on each, with the CPU build (fbgemm-gpu-cpu). 1.8.0 is what scripts/install.sh installs.
 KNOWN_GOOD: Dict[str, tuple] = {
     "1.8.0": ("1.8.0", ("2.13",)),
     "1.9.2": ("1.9.0", ("2.14",)),
+}
+# the same for CUDA builds (fbgemm-gpu) that ran on a GPU: the demo and tests/train/test_cuda.py on an
+# H200 (docs/results.md, "On a GPU"), not the whole suite
+RAN_ON_A_GPU: Dict[str, tuple] = {
+    "1.6.1": ("1.6.0", ("2.11",)),
 }
 
 
@@ -61,13 +66,28 @@ def check_versions(verbose: bool = False) -> Dict[str, str]:
             "(fbgemm-gpu-cpu on a machine without CUDA). Install a matching set, or run "
             "scripts/install.sh, which creates .venv with the first one."
         ) from error
-    known = KNOWN_GOOD.get(release(versions["torchrec"]))
-    torch_minor = ".".join(release(versions["torch"]).split(".")[:2])
     if verbose:
-        good = bool(known) and release(fbgemm) == known[0] and torch_minor in known[1]
-        status = "known good" if good else f"not verified; known to work: {known_good_text()}"
-        print(f"[recsys_llm] {summary} ({status})")
+        print(f"[recsys_llm] {summary} ({_verified_status(versions, fbgemm)})")
     return versions
+
+
+def _listed(table: Dict[str, tuple], versions: Dict[str, str], fbgemm: str) -> bool:
+    """Whether torch, ``fbgemm`` and torchrec, by release, are a set of ``table``."""
+    known = table.get(release(versions["torchrec"]))
+    torch_minor = ".".join(release(versions["torch"]).split(".")[:2])
+    return bool(known) and release(fbgemm) == known[0] and torch_minor in known[1]
+
+
+def _verified_status(versions: Dict[str, str], fbgemm: str) -> str:
+    """What is known of the installed set: ``known good``, or how far it was checked (a CUDA build,
+    ``fbgemm-gpu``, is not known good because the CPU build of its versions passed the suite)."""
+    if not versions["fbgemm-gpu"]:  # the CPU build
+        return "known good" if _listed(KNOWN_GOOD, versions, fbgemm) else f"not verified; known to work: {known_good_text()}"
+    if _listed(RAN_ON_A_GPU, versions, fbgemm):
+        return "CUDA build: ran the demo and tests/train/test_cuda.py on a GPU, not the whole suite"
+    if _listed(KNOWN_GOOD, versions, fbgemm):
+        return "CUDA build, not verified on a GPU: the whole suite passed with the CPU build of these versions"
+    return f"CUDA build, not verified; the CPU builds known to work: {known_good_text()}"
 
 
 def source_commit(ignore: Sequence[str] = ()) -> str:

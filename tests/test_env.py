@@ -31,16 +31,27 @@ def test_an_unverified_stack_is_reported_with_the_known_good_ones(
     assert "not verified; known to work: torch 1.0 + fbgemm-gpu 0.0.1 + torchrec 0.0.1" in capsys.readouterr().out
 
 
-def test_cuda_builds_of_a_known_good_stack_are_reported_known_good(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    """PyTorch's CUDA index gives local versions (``fbgemm-gpu 1.8.0+cu128``, ``torchrec 1.8.0+cu128``):
-    the release is what ``KNOWN_GOOD`` lists, so scripts/install.sh's CUDA stack is not "not verified"."""
-    torchrec, (fbgemm, torch_minors) = next(iter(env.KNOWN_GOOD.items()))
+def _cuda_stack(monkeypatch: pytest.MonkeyPatch, torch_minor: str, fbgemm: str, torchrec: str) -> None:
+    """PyTorch's CUDA index gives local versions (``fbgemm-gpu 1.8.0+cu128``), PyPI's none."""
     monkeypatch.setattr(env, "installed_versions", lambda: {
-        "torch": f"{torch_minors[0]}.0+cu128", "fbgemm-gpu": f"{fbgemm}+cu128", "fbgemm-gpu-cpu": "",
+        "torch": f"{torch_minor}.0+cu128", "fbgemm-gpu": f"{fbgemm}+cu128", "fbgemm-gpu-cpu": "",
         "torchrec": f"{torchrec}+cu128",
     })
+
+
+def test_cuda_builds_say_how_far_they_were_verified(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The CUDA build of a set whose CPU build passed the suite (what scripts/install.sh installs on a GPU) was called
+    known good, and the set that ran on the H200 not verified."""
+    torchrec, (fbgemm, torch_minors) = next(iter(env.KNOWN_GOOD.items()))
+    _cuda_stack(monkeypatch, torch_minors[0], fbgemm, torchrec)
     env.check_versions(verbose=True)
     out = capsys.readouterr().out
-    assert f"fbgemm-gpu {fbgemm}+cu128, torchrec {torchrec}+cu128 (known good)" in out, out
+    assert (f"fbgemm-gpu {fbgemm}+cu128, torchrec {torchrec}+cu128 (CUDA build, not verified on a GPU: the whole "
+            "suite passed with the CPU build of these versions)") in out, out
+    torchrec, (fbgemm, torch_minors) = next(iter(env.RAN_ON_A_GPU.items()))
+    _cuda_stack(monkeypatch, torch_minors[0], fbgemm, torchrec)
+    env.check_versions(verbose=True)
+    assert "(CUDA build: ran the demo and tests/train/test_cuda.py on a GPU, not the whole suite)" in capsys.readouterr().out
+    _cuda_stack(monkeypatch, "1.0", "0.0.1", "0.0.1")
+    env.check_versions(verbose=True)
+    assert "(CUDA build, not verified; the CPU builds known to work: torch 2.13" in capsys.readouterr().out
