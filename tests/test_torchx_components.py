@@ -290,6 +290,14 @@ class TestBenchComponent:
         root = command_of(from_cli("bench", ["--name", "elec", "--results_dir", "/", "--", "--quick"]))
         assert "/elec.json" in root and "/elec.png" in root  # not ./elec.json
 
+    def test_results_go_beside_the_committed_figures_by_default(self) -> None:
+        """The default was benchmarks/results: a run (local_cwd, Slurm: in the checkout) wrote over the committed
+        JSONs the README quotes (a GPU run over the CPU figures), and tests/test_docs.py failed."""
+        words = command_of(from_cli("bench", ["--name", "llactr", "--", "--quick"]))
+        assert "benchmarks/results/torchx/llactr.json" in words and "benchmarks/results/torchx/llactr.png" in words
+        assert "benchmarks/results/torchx/" in (REPO_ROOT / ".gitignore").read_text().split()  # nor committed
+        assert "benchmarks/results/torchx" in (REPO_ROOT / ".dockerignore").read_text().split()  # nor in images
+
     def test_multi_worker_runs_are_refused(self) -> None:
         """Every benchmark compares single-rank runs (scaling starts its own ranks): ``--nproc_per_node 2`` scheduled
         two workers that each stopped with "train_throughput compares single-rank runs; run it without torchrun"."""

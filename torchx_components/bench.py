@@ -2,7 +2,8 @@
 
 Built on :func:`torchx.components.dist.ddp` with one torchrun worker: every benchmark
 compares single-rank runs, and ``scaling``'s table growth starts its own 2 ranks. Each
-script writes a JSON (with machine and version info) and a PNG under ``results_dir``. Launch::
+script writes a JSON (with machine and version info) and a PNG under ``results_dir``
+(``benchmarks/results/torchx``, left out of git and images). Launch::
 
     torchx run -s local_cwd torchx_components/bench.py:bench \\
         --name train_throughput -- --quick
@@ -26,7 +27,7 @@ BENCHMARKS = ("elec", "llactr", "peers", "scaling", "train_throughput")
 def bench(
     name: str,
     *script_args: str,
-    results_dir: str = "benchmarks/results",
+    results_dir: str = "benchmarks/results/torchx",
     nnodes: int = 1,
     nproc_per_node: int = 1,
     cpu: int = 2,
@@ -46,7 +47,8 @@ def bench(
     Args:
         name: benchmark script name without .py: elec, llactr, peers, scaling or train_throughput
         script_args: extra script arguments, after -- (e.g. -- --quick --device cuda)
-        results_dir: directory for the JSON and PNG results
+        results_dir: directory for the JSON and PNG results (not benchmarks/results, whose committed
+            figures the README quotes)
         nnodes: number of hosts (replicas of the role): 1, every benchmark runs as one process
         nproc_per_node: worker processes per host: 1 (scaling starts its own ranks)
         cpu: CPUs per host
