@@ -60,7 +60,7 @@ from recsys_llm.atomic_dir import (
     is_temp_file_of,
     write_text_atomically,
 )
-from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.progress import interval_options
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
 from recsys_llm.semantics.lora_targets import default_target_modules
@@ -69,7 +69,9 @@ from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resol
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
 from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
-from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
+from recsys_llm.semantics.templates import (
+    PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt, value_identity,
+)
 from recsys_llm.semantics.train_checkpoint import (
     CHECKPOINT_OPTIMIZER_FILE,
     CHECKPOINT_RNG_FILE,
@@ -229,8 +231,9 @@ def build_examples(
     Up to ``S_train + S_valid`` distinct values are sampled per field; of the n sampled,
     ``S_valid`` are held out, but of a field too small for both at most what it can spare:
     ``min(S_valid, max(1, n // 5, n - S_train))`` (none when n < 2), and up to ``S_train`` of
-    the rest are for training. A value text that occurs in several fields is kept only for
-    the first (its answer would be ambiguous). A field left without values (none in the data,
+    the rest are for training. A value text that occurs in several fields, in any case or
+    spacing (:func:`~recsys_llm.semantics.templates.value_identity`), is kept only for the
+    first (its answer would be ambiguous). A field left without values (none in the data,
     or all kept for earlier fields) is warned about: it is tuned only as a wrong answer.
 
     Returns:
@@ -245,10 +248,10 @@ def build_examples(
         values = distinct_values(schema, spec.name, config.samples_train + config.samples_valid, rng, config.templates)
         if not values:
             empty.append(f"{spec.name!r} (no value in the data)")
-        elif not set(values) - seen:
+        elif not {value_identity(v) for v in values} - seen:
             empty.append(f"{spec.name!r} (its sampled values are all values of earlier fields)")
-        values = [v for v in values if v not in seen]
-        seen.update(values)
+        values = [v for v in values if value_identity(v) not in seen]  # Comedy of one field, comedy of another
+        seen.update(value_identity(v) for v in values)
         n = len(values)
         n_valid = 0 if n < 2 else min(config.samples_valid, max(1, n // 5, n - config.samples_train))
         for i, value in enumerate(values[: n_valid + config.samples_train]):
@@ -256,6 +259,7 @@ def build_examples(
             (valid if i < n_valid else train).append(example)
     if not train:
         raise ValueError(f"schema {schema.name!r}: no field values to tune on (fields {names})")
+    _warn_of_bare_ids(schema, fields)
     if empty:
         warnings.warn(
             f"schema {schema.name!r}: SSFT has no value to tune on for field(s) {', '.join(empty)}: they are only "
@@ -264,6 +268,22 @@ def build_examples(
             stacklevel=2,
         )
     return train, valid
+
+
+def _warn_of_bare_ids(schema: DatasetSchema, fields: Sequence[FieldSpec]) -> None:
+    """Warns of categorical fields without value texts whose SSFT values no model can tell apart by reading them:
+    bare ids of two or more such fields (the same kind of number in each), or a hashed field's hash buckets. One id
+    field alone (a user id, as in the public code) is left to tell by its numbers."""
+    bare = [f for f in fields if f.kind != FieldKind.DENSE and not f.value_text]
+    if len(bare) > 1 or any(f.hashed for f in bare):
+        names = ", ".join(f"{f.name!r}{' (hashed)' if f.hashed else ''}" for f in bare)
+        warnings.warn(
+            f"schema {schema.name!r}: field(s) {names} have no value texts (value_text): SSFT reads their ids as the "
+            "feature values, numbers alike in each of them (hash buckets for a hashed one), so their tuning and "
+            "held-out accuracy mean little. Give them value texts (the raw values), or leave their descriptions "
+            "out to leave them out of SSFT",
+            stacklevel=3,
+        )
 
 
 def examples_digest(field_texts: Sequence[str], train: Sequence[SSFTExample], valid: Sequence[SSFTExample]) -> str:
@@ -352,14 +372,24 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor
     return F.cross_entropy(logits, labels)
 
 
-def retrieval_metrics(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> Dict[str, float]:
-    """Field-retrieval accuracy (nearest field by cosine) and InfoNCE loss."""
+def retrieval_metrics(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> Dict[str, Any]:
+    """Field-retrieval accuracy (nearest field by cosine) and InfoNCE loss of (N, H) ``queries`` against (F, H) ``keys``.
+
+    Returns:
+        Dict[str, Any]: ``accuracy`` over the N examples, ``per_field`` accuracy by field index (the fields
+        with examples), ``macro_accuracy`` (their mean: fields count alike, whatever their number of
+        values), ``chance`` (1 / F, what guessing gets), ``loss`` and ``count`` (N).
+    """
+    chance = 1.0 / keys.size(0)
     if queries.numel() == 0:
-        return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
+        return {"accuracy": float("nan"), "macro_accuracy": float("nan"), "chance": chance, "per_field": {},
+                "loss": float("nan"), "count": 0}
     sims = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).t()  # (N, F)
-    accuracy = (sims.argmax(dim=1) == labels).float().mean().item()
+    hits = (sims.argmax(dim=1) == labels).float()  # (N,)
+    per_field = {int(field): hits[labels == field].mean().item() for field in labels.unique()}
     loss = F.cross_entropy(sims / temperature, labels).item()
-    return {"accuracy": accuracy, "loss": loss, "count": int(labels.numel())}
+    return {"accuracy": hits.mean().item(), "macro_accuracy": sum(per_field.values()) / len(per_field),
+            "chance": chance, "per_field": per_field, "loss": loss, "count": int(labels.numel())}
 
 
 class SSFTTrainer:
@@ -474,7 +504,9 @@ class SSFTTrainer:
         keys = self._encoder.encode(self._field_texts, progress=False)  # (F, H)
         queries = self._encoder.encode([e.prompt for e in examples], progress=False)  # (N, H)
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)
-        return retrieval_metrics(queries, keys, labels, self._config.temperature)
+        metrics = retrieval_metrics(queries, keys, labels, self._config.temperature)
+        metrics["per_field"] = {self.fields[index]: accuracy for index, accuracy in metrics["per_field"].items()}
+        return metrics
 
     # ---- training --------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> float:

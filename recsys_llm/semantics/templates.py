@@ -178,14 +178,18 @@ def _first_split(schema: DatasetSchema) -> str:
     raise SchemaError(f"schema {schema.name!r} has no splits to read dense values from")
 
 
-def _dense_values(schema: DatasetSchema, spec: FieldSpec, max_scan_rows: int) -> pa.Array:
+def _column_values(schema: DatasetSchema, spec: FieldSpec, max_scan_rows: int) -> pa.Array:
+    """The distinct non-null values of the field's column in the first ``max_scan_rows`` rows of the train
+    split (a sequence field's ids, flattened)."""
     path = _first_split(schema)
     dataset = ds.dataset(parquet_files(path), format="parquet")  # a directory's *.parquet files, not its *.tmp
     if spec.name not in dataset.schema.names:
-        raise SchemaError(f"{path}: no column {spec.name!r} for dense field {spec.name!r}")
+        raise SchemaError(f"{path}: no column {spec.name!r} for {spec.kind.value} field {spec.name!r}")
     chunks, seen = [], 0
     for batch in dataset.to_batches(columns=[spec.name]):
-        chunks.append(batch.column(0))
+        column = batch.column(0)
+        chunks.append(pc.list_flatten(column) if pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+                      else column)
         seen += batch.num_rows
         if seen >= max_scan_rows:
             break
@@ -194,12 +198,17 @@ def _dense_values(schema: DatasetSchema, spec: FieldSpec, max_scan_rows: int) ->
     return pc.unique(pa.chunked_array(chunks).combine_chunks().drop_null())
 
 
+def value_identity(text: str) -> str:
+    """What tells two value texts apart for SSFT: ``Comedy``, ``comedy`` and `` COMEDY`` are one value, as an uncased
+    tokenizer (MiniLM's) reads them as one text, which SSFT would otherwise hold out and train on alike."""
+    return " ".join(text.split()).casefold()
+
+
 def _distinct_ignoring_case(texts: Iterable[str]) -> List[str]:
-    """Sorted texts, one of each set that differ only in case or spacing (``Comedy``, ``comedy``, `` COMEDY``): an
-    uncased tokenizer (MiniLM's) reads them as one text, which SSFT would otherwise hold out and train on alike."""
+    """Sorted texts, one of each set with the same :func:`value_identity`."""
     kept: Dict[str, str] = {}
     for text in sorted(texts):  # the first of each set in sorted order, so the kept texts are sorted too
-        kept.setdefault(" ".join(text.split()).casefold(), text)
+        kept.setdefault(value_identity(text), text)
     return list(kept.values())
 
 
@@ -219,16 +228,18 @@ def distinct_values(
         limit (int): how many values at most.
         rng (random.Random): source of the sample (seeded by the caller).
         templates (PromptTemplates): ``number_format`` for dense values.
-        max_scan_rows (int): rows of the train split scanned for dense values.
+        max_scan_rows (int): rows of the train split scanned for dense values and for the ids of
+            a categorical field without value texts.
 
     Returns:
         List[str]: texts from the field's ``value_text`` file, formatted numbers (dense),
-        or raw id tokens (categorical without text). Id 0, the missing value of every prepared
-        field (its text ``unknown``, the same in every field), is no value of the field and left out.
+        or the ids that occur in the train split (categorical without text; a hashed field's are
+        hash buckets). Id 0, the missing value of every prepared field (its text ``unknown``, the
+        same in every field), is no value of the field and left out.
     """
     spec = schema.field(field_name)
     if spec.kind == FieldKind.DENSE:
-        numbers = _dense_values(schema, spec, max_scan_rows).to_pylist()
+        numbers = _column_values(schema, spec, max_scan_rows).to_pylist()
         texts = sorted({templates.number_format.format(float(v)) for v in numbers})
     elif spec.value_text:
         table = schema.load_value_text(field_name)
@@ -236,8 +247,8 @@ def distinct_values(
         # as RowTextRenderer reads it: a text column of numbers (years, codes) is their text
         column = pc.cast(table.column("text"), pa.string()).combine_chunks().drop_null()
         texts = _distinct_ignoring_case(t for t in pc.unique(column).to_pylist() if t and t.strip())
-    else:
-        ids = rng.sample(range(MISSING_ID + 1, spec.cardinality), min(limit, spec.cardinality - 1))
-        return [str(i) for i in ids]
+    else:  # ids of the data, not of the table's range: most ids of a hashed field's buckets never occur
+        ids = sorted(int(i) for i in _column_values(schema, spec, max_scan_rows).to_pylist() if i != MISSING_ID)
+        texts = [str(i) for i in ids]
     rng.shuffle(texts)
     return texts[:limit]

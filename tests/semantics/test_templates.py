@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.templates import PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt
 
 
@@ -34,7 +34,7 @@ class TestTemplates:
         prices = distinct_values(tiny_schema, "price", 500, random.Random(0))
         assert len(prices) == 100 and "12.5" in prices  # distinct values of the train split, formatted
         ids = distinct_values(tiny_schema, "user_id", 20, random.Random(0))
-        assert len(set(ids)) == 20 and all(0 <= int(i) < 300 for i in ids)  # raw id tokens
+        assert len(set(ids)) == 20 and {int(i) for i in ids} <= {(7 * i) % 300 for i in range(200)}  # ids of the data
         assert distinct_values(tiny_schema, "color", 10, random.Random(0)) == colors  # seeded
 
     def test_the_missing_id_is_no_value_of_a_field(self, tiny_schema: DatasetSchema) -> None:
@@ -44,7 +44,7 @@ class TestTemplates:
         pq.write_table(pa.table({"id": pa.array(range(4), pa.int64()), "text": texts}), tiny_schema.value_text_path("color"))
         assert sorted(distinct_values(tiny_schema, "color", 10, random.Random(0))) == ["shade 1", "shade 2", "shade 3"]
         ids = distinct_values(tiny_schema, "user_id", 300, random.Random(0))
-        assert sorted(int(i) for i in ids) == list(range(1, 300))
+        assert sorted(int(i) for i in ids) == sorted({(7 * i) % 300 for i in range(200)} - {0})  # 0 is among the data's
 
     def test_values_differing_only_in_case_or_spacing_are_one_value(self, tiny_schema: DatasetSchema) -> None:
         """An uncased tokenizer (MiniLM's) reads "Comedy" and "COMEDY" as one text: SSFT could hold one out and
@@ -113,3 +113,12 @@ class TestPromptTemplateChecks:
         templates = PromptTemplates(field="{name!r} ({kind:>6}): {description}", input="{value} of [{fields}]",
                                     prompt="{input}\n", number_format="{:.2f}")
         assert ssft_prompt("3", ["a", "b"], templates) == "3 of [a, b]\n"
+
+
+def test_ids_of_a_sequence_field_without_texts_are_the_ids_in_its_lists(tmp_path) -> None:
+    pq.write_table(pa.table({"tags": pa.array([[3, 5], None, [], [5, 0, 9]], pa.list_(pa.int64())),
+                             "label": pa.array([0, 1, 0, 1], pa.int64())}), str(tmp_path / "train.parquet"))
+    schema = DatasetSchema(name="seq", fields=[FieldSpec("tags", "sequence", cardinality=1000, max_length=4,
+                                                         description="tags")],
+                           splits={"train": "train.parquet"}, root=str(tmp_path))
+    assert sorted(distinct_values(schema, "tags", 10, random.Random(0))) == ["3", "5", "9"]  # not 0, the missing id
