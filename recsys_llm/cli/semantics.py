@@ -81,7 +81,8 @@ def _tune(args: argparse.Namespace) -> int:
 
     config = SSFTConfig(
         model_path=args.model, samples_train=args.samples_train, samples_valid=args.samples_valid,
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         temperature=args.temperature, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_target_modules=args.target_modules, pooling=args.pooling, max_length=args.max_length,
         include_fields_without_description=args.include_fields_without_description, seed=args.seed,
@@ -131,6 +132,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     tune.add_argument("--epochs", type=int, default=2, help="passes over the training prompts")
     tune.add_argument("--batch-size", type=int, default=16, help="prompts per step")
     tune.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LoRA weights")
+    tune.add_argument("--lr-schedule", default="constant",
+                      help="learning rate over the tune's steps after --warmup-steps: constant, linear (decays to 0; "
+                           "the public code's) or cosine")
+    tune.add_argument("--warmup-steps", type=int, default=0,
+                      help="steps of linear warmup from 0 (the public code: 20, with --batch-size 128)")
     tune.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     tune.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature")
     tune.add_argument("--lora-r", type=int, default=8, help="LoRA rank")

@@ -122,6 +122,49 @@ class TestSSFT:
         with pytest.raises(ValueError, match=r"other settings \(learning_rate: 0.003 -> 0.0001\)"):
             SSFTTrainer(_config(tiny_llama_dir, epochs=3, learning_rate=1e-4, **small), tiny_schema, resumed_dir).run()
 
+    def test_the_learning_rate_follows_its_schedule_and_resumes_where_it_stopped(self, tmp_path, tiny_llama_dir,
+                                                                                 tiny_schema) -> None:
+        """The public code warms up and decays the rate (HF Trainer); SSFT only had a constant one."""
+        from safetensors.torch import load_file
+
+        settings = dict(samples_train=8, samples_valid=2, batch_size=8, epochs=2, lr_schedule="linear", warmup_steps=3)
+        straight = SSFTTrainer(_config(tiny_llama_dir, **settings), tiny_schema, str(tmp_path / "straight"))
+        steps = straight._steps_per_epoch() * 2
+        rates = []
+        step = straight._steps.step
+
+        def recording_step():
+            rates.append(straight._optimizer.param_groups[0]["lr"])
+            step()
+
+        straight._steps.step = recording_step
+        straight.run()
+        expected = [3e-3 * (s / 3 if s < 3 else (steps - s) / (steps - 3)) for s in range(steps)]
+        assert rates == pytest.approx(expected)
+
+        interrupted = SSFTTrainer(_config(tiny_llama_dir, **settings), tiny_schema, str(tmp_path / "resumed"))
+        train_epoch = interrupted.train_epoch
+
+        def killed_in_the_second_epoch(epoch: int) -> float:
+            if epoch == 1:
+                raise KeyboardInterrupt
+            return train_epoch(epoch)
+
+        interrupted.train_epoch = killed_in_the_second_epoch
+        with pytest.raises(KeyboardInterrupt):
+            interrupted.run()
+        SSFTTrainer(_config(tiny_llama_dir, **settings), tiny_schema, str(tmp_path / "resumed")).run()
+        adapters = [load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+                    for name in ("straight", "resumed")]
+        assert adapters[0].keys() == adapters[1].keys()
+        for key in adapters[0]:
+            torch.testing.assert_close(adapters[1][key], adapters[0][key], rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"other settings \(lr_schedule: 'linear' -> 'cosine'\)"):
+            SSFTTrainer(_config(tiny_llama_dir, **{**settings, "lr_schedule": "cosine", "epochs": 3}), tiny_schema,
+                        str(tmp_path / "resumed")).run()
+        with pytest.raises(ValueError, match=r"lr_schedule \(semantics tune --lr-schedule\) must be one of"):
+            SSFTConfig(lr_schedule="step")
+
     def test_each_epoch_reads_every_prompt_once_in_its_own_order(self, tmp_path, tiny_llama_dir, tiny_schema) -> None:
         trainer = SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2), tiny_schema,
                               str(tmp_path / "ssft"))
