@@ -620,6 +620,31 @@ def _recorded_base(directory: str, key: str) -> Tuple[Optional[str], str]:
     return provenance[key], str(provenance.get("model", "?"))
 
 
+def check_base_code(directory: str, model: CTRAdaptedLLM) -> None:
+    """Refuses a base model computed by other code than the CTR-adapted LLM in ``directory`` was tuned on: the
+    model directory's own code (``trust_remote_code``) and transformers' class for its model type give other
+    hidden states from the same files, so the tuned tensors would meet another model. ``provenance.json``
+    records ``own_code`` when the own code ran (saves without ``provenance.json`` are not checked).
+
+    Raises:
+        ValueError: naming the code it was tuned on and how to load that one.
+    """
+    provenance_path = os.path.join(directory, "provenance.json")
+    if not os.path.isfile(provenance_path):
+        return
+    provenance = read_json_file(provenance_path, ctr_llm_damage(directory))
+    tuned_with_own_code = isinstance(provenance, dict) and provenance.get("own_code") == "true"
+    if runs_own_code(model.llm) != tuned_with_own_code:
+        raise ValueError(
+            f"{directory}: adapted on "
+            + ("the base model directory's own code (--trust-remote-code), and transformers' own class is loaded "
+               "now: pass --trust-remote-code (trust_remote_code=True) to run the model it was adapted on"
+               if tuned_with_own_code else
+               "transformers' own class for the base model, and the directory's own code is loaded now "
+               "(--trust-remote-code): leave it out to run the model it was adapted on")
+        )
+
+
 def check_base_tokenizer(directory: str, model: CTRAdaptedLLM) -> None:
     """Refuses a tokenizer of the base model other than the one the CTR-adapted LLM in ``directory`` was
     tuned with: its heads and LoRA tensors were tuned on that tokenizer's ids, and the same weights
@@ -657,8 +682,8 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
         FileNotFoundError: ``directory`` is not a saved CTR-adapted LLM, ``llm_tuned.safetensors`` is
             missing, or the base model is gone.
         ValueError: a damaged (truncated, not JSON / safetensors, tensors that do not fit) file of
-            ``directory``, named with what to do, or a base model (or its tokenizer) other than the one it
-            was adapted on.
+            ``directory``, named with what to do, or a base model (its files, its code or its tokenizer)
+            other than the one it was adapted on.
     """
     if not all(os.path.isfile(os.path.join(directory, name)) for name in CTR_LLM_FILES):
         raise FileNotFoundError(
@@ -673,6 +698,7 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
     tuned = _read_ctr_llm_tensors(directory, "llm_tuned.safetensors")
     heads = _read_ctr_llm_tensors(directory, "heads.safetensors")
     model = CTRAdaptedLLM.from_config(config, trust_remote_code)
+    check_base_code(directory, model)
     check_base_tokenizer(directory, model)
     named = dict(model.llm.named_parameters())
     unknown = sorted(set(tuned) - set(named))

@@ -105,3 +105,21 @@ def test_a_ctr_llm_tuning_resumes_only_with_the_code_it_started_with(bert_with_o
         tune_ctr_llm(native, texts, labels, more, progress=False, checkpoint=TuneCheckpoint(directory))
     assert tune_ctr_llm(CTRAdaptedLLM.from_config(more, trust_remote_code=True), texts, labels, more, progress=False,
                         checkpoint=TuneCheckpoint(directory))  # the same code: resumes
+
+
+@pytest.mark.parametrize("adapted_with_own_code", [True, False])
+def test_a_saved_ctr_llm_loads_only_with_the_code_it_was_adapted_on(bert_with_own_code, tmp_path,
+                                                                     adapted_with_own_code):
+    """`semantics export` ran a CTR-LLM adapted on transformers' class with the directory's own code (or the
+    other way round): exit 0, vectors 0.4 off, no word (an SSFT adapter was refused already)."""
+    from recsys_llm.semantics.ctr_llm import load_ctr_llm, save_ctr_llm
+
+    config = CTRLLMConfig(model_path=bert_with_own_code, representation_dim=8, hidden_dim=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrusted load warns that the directory's code is not run
+        save_ctr_llm(CTRAdaptedLLM.from_config(config, trust_remote_code=adapted_with_own_code), str(tmp_path / "llm"))
+        with pytest.raises(ValueError, match=r"llm: adapted on .*(pass --trust-remote-code \(trust_remote_code=True\)|leave it out) to run the "
+                                             "model it was adapted on"):
+            load_ctr_llm(str(tmp_path / "llm"), trust_remote_code=not adapted_with_own_code)
+        loaded = load_ctr_llm(str(tmp_path / "llm"), trust_remote_code=adapted_with_own_code)
+    assert runs_own_code(loaded.llm) == adapted_with_own_code
