@@ -185,10 +185,10 @@ class TextEncoder:
         model directory's own code runs (:func:`~recsys_llm.semantics.model_loading.runs_own_code`)."""
         if self._model_hash is None:
             if self._model_path is not None:
-                self._model_hash = model_dir_fingerprint(self._model_path) + code_mark(self._model)
+                self._model_hash = model_dir_fingerprint(self._model_path) + code_mark(self._model, self._tokenizer)
             else:
                 both = f"{module_fingerprint(self._model)}+{tokenizer_fingerprint(self._tokenizer)}"
-                self._model_hash = hashlib.sha256(both.encode()).hexdigest()[:16] + code_mark(self._model)
+                self._model_hash = hashlib.sha256(both.encode()).hexdigest()[:16] + code_mark(self._model, self._tokenizer)
         return self._model_hash
 
     @property

@@ -10,6 +10,7 @@ Example::
 """
 
 import contextlib
+import json
 import os
 import pickle
 import warnings
@@ -234,6 +235,8 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     config = read_model_config(model_path)
     require_native_model(model_path, config, trust_remote_code)
     _require_tokenizer_files(model_path, config)
+    if not trust_remote_code:
+        _warn_of_own_tokenizer_code(model_path)
     try:
         with _no_remote_code_question(trust_remote_code):
             tokenizer = AutoTokenizer.from_pretrained(
@@ -318,6 +321,13 @@ def _require_loaded_weights(model_path: str, model: nn.Module, used: nn.Module, 
 
 #: appended to a model's fingerprint when the model directory's own code computes it (see :func:`runs_own_code`)
 OWN_CODE_MARK = "+own-code"
+#: appended when the directory's own tokenizer code (tokenizer_config.json's auto_map) tokenizes the texts
+OWN_TOKENIZER_CODE_MARK = "+own-tokenizer-code"
+
+
+def _is_own_code(obj: Any) -> bool:
+    """Whether ``obj``'s class comes from a model directory's code (transformers loads it into ``transformers_modules``)."""
+    return type(obj).__module__.startswith("transformers_modules")
 
 
 def runs_own_code(model: nn.Module) -> bool:
@@ -325,12 +335,32 @@ def runs_own_code(model: nn.Module) -> bool:
     with ``trust_remote_code`` from its ``auto_map``, rather than transformers' class for its model type: for a
     model type transformers knows, the same files give other vectors either way, so caches, provenance and
     resumes tell the two apart (:data:`OWN_CODE_MARK`)."""
-    return any(type(module).__module__.startswith("transformers_modules") for module in model.modules())
+    return any(_is_own_code(module) for module in model.modules())
 
 
-def code_mark(model: nn.Module) -> str:
-    """:data:`OWN_CODE_MARK` for a model the directory's own code computes (:func:`runs_own_code`), else ``""``."""
-    return OWN_CODE_MARK if runs_own_code(model) else ""
+def code_mark(model: nn.Module, tokenizer: Any = None) -> str:
+    """:data:`OWN_CODE_MARK` for a model the directory's own code computes (:func:`runs_own_code`), and
+    :data:`OWN_TOKENIZER_CODE_MARK` for a ``tokenizer`` of its own code: the same files tokenized or computed
+    otherwise give other vectors, which a cache keyed by the files alone would mix up."""
+    return ((OWN_CODE_MARK if runs_own_code(model) else "")
+            + (OWN_TOKENIZER_CODE_MARK if tokenizer is not None and _is_own_code(tokenizer) else ""))
+
+
+def _warn_of_own_tokenizer_code(model_path: str) -> None:
+    """Warns, as :func:`~recsys_llm.semantics.model_dir.require_native_model` does of a model's, when
+    ``tokenizer_config.json`` brings the directory's own tokenizer code (``auto_map``) that is not run."""
+    path = os.path.join(model_path, "tokenizer_config.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            auto_map = json.load(handle).get("auto_map")
+    except (OSError, ValueError, AttributeError):  # no such file, or none transformers reads either
+        return
+    if auto_map:
+        warnings.warn(
+            f"{path}: the directory's own tokenizer code (auto_map: {auto_map}) is not run: a tokenizer transformers "
+            "builds from the files is loaded, and may tokenize otherwise; pass --trust-remote-code (semantics tune, "
+            "encode, adapt, export), or trust_remote_code=True in Python, to run that code if you trust it"
+        )
 
 
 def _requested_attention(config: Any) -> List[str]:

@@ -197,6 +197,6 @@ def load_tuned_encoder(
     encoder = TextEncoder.from_model(
         model, tokenizer, pooling=info["pooling"], batch_size=batch_size, max_length=info["max_length"],
         model_id=f"{base_path}{ADAPTER_ID_MARK}{info['adapter_hash']}",
-        model_hash=f"{base_hash}+{info['adapter_hash']}+{adapter_files}{code_mark(model)}",
+        model_hash=f"{base_hash}+{info['adapter_hash']}+{adapter_files}{code_mark(model, tokenizer)}",
     )
     return encoder, info

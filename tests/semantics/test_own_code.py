@@ -123,3 +123,42 @@ def test_a_saved_ctr_llm_loads_only_with_the_code_it_was_adapted_on(bert_with_ow
             load_ctr_llm(str(tmp_path / "llm"), trust_remote_code=not adapted_with_own_code)
         loaded = load_ctr_llm(str(tmp_path / "llm"), trust_remote_code=adapted_with_own_code)
     assert runs_own_code(loaded.llm) == adapted_with_own_code
+
+
+OWN_TOKENIZER_CODE = '''
+from transformers import BertTokenizerFast
+
+
+class PrefixingTokenizer(BertTokenizerFast):
+    def __call__(self, text=None, *args, **kwargs):
+        if isinstance(text, str):
+            text = "query: " + text
+        elif isinstance(text, list):
+            text = ["query: " + t for t in text]
+        return super().__call__(text, *args, **kwargs)
+'''
+
+
+def test_a_tokenizer_of_the_directorys_own_code_is_warned_of_and_keeps_its_own_cache_entries(tiny_bert_dir,
+                                                                                               tiny_schema, tmp_path):
+    """tokenizer_config.json's auto_map: without --trust-remote-code skipped without a word; with it, the vectors'
+    model_hash (the encode cache key) was the untrusted run's, so --cache-dir gave back the other tokenizer's vectors."""
+    from tests.tiny_models import copy_model_dir
+
+    path = copy_model_dir(tiny_bert_dir, tmp_path / "bert")
+    with open(os.path.join(path, "tokenization_prefixing.py"), "w", encoding="utf-8") as handle:
+        handle.write(OWN_TOKENIZER_CODE)
+    config_path = os.path.join(path, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        tokenizer_config = json.load(handle)
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_prefixing.PrefixingTokenizer"]}
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(tokenizer_config, handle)
+    cache = str(tmp_path / "cache")
+    with pytest.warns(UserWarning, match=rf"^{config_path}: the directory's own tokenizer code .* is not run"):
+        untrusted = encode_field_vectors(FieldVectorConfig(model_path=path, cache_dir=cache), tiny_schema,
+                                         str(tmp_path / "untrusted.safetensors"))
+    trusted = encode_field_vectors(FieldVectorConfig(model_path=path, cache_dir=cache, trust_remote_code=True),
+                                   tiny_schema, str(tmp_path / "trusted.safetensors"))
+    assert trusted.provenance.model_hash == untrusted.provenance.model_hash + "+own-tokenizer-code"
+    assert not trusted.vectors.allclose(untrusted.vectors)  # encoded with the prefix, not read from the cache
