@@ -318,6 +318,7 @@ def fit_prompts(
     tokenizer: Any,
     max_length: int,
     taken: Optional[Set[str]] = None,
+    requested_max_length: Optional[int] = None,
 ) -> Tuple[List[SSFTExample], int]:
     """Shortens the value of every prompt longer than ``max_length`` tokens until the prompt fits.
 
@@ -331,6 +332,8 @@ def fit_prompts(
     Args:
         taken (Optional[Set[str]]): the values prompts keep, here and in other example lists
             (training and held-out); None -> those of ``examples``. Each shortened value kept is added.
+        requested_max_length (Optional[int]): ``--max-length`` as asked, when the model's positions
+            capped it at ``max_length`` (the error then says that raising it cannot help).
 
     Returns:
         Tuple[List[SSFTExample], int]: the examples (in order) and how many were shortened or left out.
@@ -349,9 +352,13 @@ def fit_prompts(
     if any(size > max_length for size in lengths):
         bare = length(ssft_prompt("", names, templates))
         if bare > max_length:
+            capped = requested_max_length is not None and requested_max_length > max_length
+            remedy = (f"the model's positions cap --max-length {requested_max_length} there: use a model with more "
+                      "positions, fewer fields, or shorter prompt templates (PromptTemplates in Python)" if capped else
+                      "raise --max-length (SSFTConfig.max_length)")
             raise ValueError(
                 f"SSFT prompt without its value is {bare} tokens, more than max_length {max_length} (its instruction "
-                f"and candidate set of {len(names)} fields alone); raise --max-length (SSFTConfig.max_length)"
+                f"and candidate set of {len(names)} fields alone); {remedy}"
             )
     fitted: List[SSFTExample] = []
     changed = 0
@@ -452,7 +459,7 @@ class SSFTTrainer:
         names = [f.name for f in self._fields]
         limit = self._encoder.max_length  # --max-length capped at the model's positions: where the encoder cuts
         taken = {e.value for e in self._train + self._valid}  # a shortened value is none of these
-        fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, limit, taken)
+        fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, limit, taken, config.max_length)
                for examples in (self._train, self._valid)]
         (self._train, shortened_train), (self._valid, shortened_valid) = fit
         self._shortened = shortened_train + shortened_valid
