@@ -49,11 +49,11 @@ from torchrec.models.dlrm import DLRM
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.models.dlrm import DLRMBackbone
-from recsys_llm.models.task import CTRTask
-from recsys_llm.modules.dense_injection import DLRMDenseInjectionBackbone, VectorFieldInjection
-from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
-from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
+from recsys_llm.models import CTRTask, DLRMBackbone
+from recsys_llm.modules import (
+    DLRMDenseInjectionBackbone, LLaCTRConfig, TeacherStudentConfig, TeacherStudentTask, VectorFieldInjection,
+    build_llactr_terms,
+)
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch

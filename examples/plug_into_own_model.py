@@ -52,11 +52,10 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedTensor
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.models.base import CTRBackbone
-from recsys_llm.models.task import CTRTask
-from recsys_llm.modules.dense_injection import VectorFieldInjection
-from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
-from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
+from recsys_llm.models import CTRBackbone, CTRTask
+from recsys_llm.modules import (
+    LLaCTRConfig, TeacherStudentConfig, TeacherStudentTask, VectorFieldInjection, build_llactr_terms,
+)
 from recsys_llm.serving import ServedModel, export_task, materialize_meta, sub_state, unsharded_state_dict
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics

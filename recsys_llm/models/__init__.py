@@ -2,7 +2,8 @@
 
 Every backbone is a :class:`CTRBackbone`: ``forward(dense (B, Dd), kjt, extra_fields
 (B, E, D) | None) -> CTROutput(logits (B,), representation (B, H), pooled embeddings)``.
-Build one by name with :func:`build_backbone` (``SMOKE_CONFIGS`` holds tiny ones).
+Build one by name with :func:`build_backbone` (``SMOKE_CONFIGS`` holds tiny ones);
+:class:`CTRTask` adds the loss (BCE plus any loss terms) and extra logit terms.
 
 =========  ==========================================  ==============================
 model      dense features enter as                      representation (H)
@@ -29,10 +30,12 @@ from recsys_llm.models.finalmlp import FinalMLP, FinalMLPConfig
 from recsys_llm.models.fm import FM, FMConfig
 from recsys_llm.models.fwfm import FwFM, FwFMConfig
 from recsys_llm.models.registry import MODEL_NAMES, SMOKE_CONFIGS, ModelConfig, build_backbone
+from recsys_llm.models.task import CTRTask
 
 __all__ = [
     "CTRBackbone",
     "CTROutput",
+    "CTRTask",
     "DCNv2",
     "DCNv2Config",
     "DLRMBackbone",
