@@ -423,10 +423,15 @@ def test_the_dense_program_is_loaded_only_when_trusted(tmp_path):
     served = ServedModel.load(out, trust_program=True)  # asked for: the program's code runs
     served.logits(example.dense_features, example.sparse_features)
     assert marker.exists()
-    # an inference module as torch users treat one: eval() is accepted (a torch.export module refuses train())
+    # an inference module as torch users treat one: eval() is accepted (a torch.export module refuses train()),
+    # calling it gives its logits, and a model holding it can switch its own mode (train(True) raised)
     assert not served.training and served.eval() is served and not served.training
-    with pytest.raises(RuntimeError, match="ServedModel serves a program exported in eval mode and cannot train"):
-        served.train()
+    torch.testing.assert_close(served(example.dense_features, example.sparse_features),
+                               served.logits(example.dense_features, example.sparse_features), rtol=0, atol=0)
+    holder = torch.nn.ModuleDict({"served": served, "head": torch.nn.Linear(1, 1)})
+    with pytest.warns(UserWarning, match="ServedModel serves a program exported in eval mode and cannot train"):
+        holder.train()
+    assert holder["head"].training and not served.training
 
 
 def _sparse_safetensors(path: str, rows: int, cols: int) -> None:

@@ -192,15 +192,12 @@ class ServedModel(nn.Module):
         self.train(False)
 
     def train(self, mode: bool = True) -> "ServedModel":
-        """Inference only: ``eval()`` / ``train(False)`` are accepted and change nothing (the
-        dense program was exported in eval mode, and a ``torch.export`` module refuses ``train``).
-
-        Raises:
-            RuntimeError: ``mode`` is True.
-        """
+        """Inference only: it stays in eval mode (the dense program was exported in it, and a ``torch.export``
+        module refuses ``train``). ``train(True)`` warns and changes nothing, so a module that holds it (a
+        frozen scorer inside another model) still switches its own mode."""
         if mode:
-            raise RuntimeError("ServedModel serves a program exported in eval mode and cannot train; train the "
-                               "task (`recsys-llm train`) and export it again")
+            warnings.warn("ServedModel serves a program exported in eval mode and cannot train: it stays in eval "
+                          "mode (train the task with `recsys-llm train` and export it again)", stacklevel=2)
         self.training = False
         for tables in (self.embedding_bag_collection, self.semantic_embedding_bag_collection):
             if tables is not None:
@@ -437,6 +434,10 @@ class ServedModel(nn.Module):
             return self.dense_program(dense_features, pooled)
         vectors = self.semantic_embedding_bag_collection(sparse_features).values()  # (B, K * d)
         return self.dense_program(dense_features, pooled, vectors)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """``served(dense, kjt)``: :meth:`logits` (B,), through the module call (hooks run)."""
+        return self.logits(dense_features, sparse_features)
 
     def predict(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Click probabilities (B,)."""
