@@ -128,7 +128,15 @@ class SemanticTable(nn.Module):
         Returns:
             torch.Tensor: (B, K * d) vectors, detached (the table never trains).
         """
-        pooled = self.embedding_bag_collection(features).to_dict()
+        tables = self.embedding_bag_collection
+        if isinstance(tables, EmbeddingBagCollection) and any(w.is_meta for w in tables.parameters()):  # unsharded
+            raise RuntimeError(
+                f"SemanticTable {self._feature_names}: its tables are on the meta device (the default, for "
+                "DistributedModelParallel to allocate the shards): shard the model (train.sharding.shard_model), or "
+                "build it with device=torch.device('cpu') and load the vectors (load_semantic_vectors) to use it "
+                "unsharded; on meta it would give vectors without values"
+            )
+        pooled = tables(features).to_dict()
         vectors = [pooled[name] for name in self._feature_names]  # K x (B, d)
         return torch.cat(vectors, dim=1).detach() if len(vectors) > 1 else vectors[0].detach()
 

@@ -649,3 +649,11 @@ def test_distinct_rows_counts_the_union_of_row_ranges():
     assert distinct_rows([(0, 10), (0, 10)]) == 10  # two column shards of the same rows
     assert distinct_rows([(20, 30), (0, 10)]) == 20  # row-wise shards with a gap
     assert distinct_rows([(0, 10), (5, 25), (20, 30), (0, 4)]) == 30
+
+
+def test_an_unsharded_table_left_on_meta_is_refused_instead_of_giving_vectors_without_values() -> None:
+    """Built with the default device (meta, for DMP) and called as it was, it returned a meta tensor."""
+    kjt = KeyedJaggedTensor.from_lengths_sync(["item_id"], torch.tensor([1, 2]), torch.ones(2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"SemanticTable \['item_id'\]: its tables are on the meta device"):
+        SemanticTable({"item_id": NUM_ITEMS}, 8)(kjt)
+    assert SemanticTable({"item_id": NUM_ITEMS}, 8, device=torch.device("cpu"))(kjt).shape == (2, 8)
