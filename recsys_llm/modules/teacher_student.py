@@ -23,14 +23,14 @@ Modes:
   the sharder gives them no optimizer state; DDP only sees the student's parameters).
 * ``offline``: no teacher module; logits and representations come from
   ``batch.extras["teacher_logits"]`` (B,) and ``["teacher_representation"]`` (B, H_t),
-  written beforehand by :func:`write_teacher_outputs` + :func:`attach_columns`.
+  written beforehand by ``recsys-llm teacher-outputs`` (a trained run), or by
+  :func:`write_teacher_columns` + :func:`attach_columns` (one's own loop).
 
 ``forward`` is torch.fx traceable (the mode is a Python constant, no data-dependent
 control flow), as ``TrainPipelineSparseDist`` requires.
 """
 
 import dataclasses
-import os
 from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -356,7 +356,7 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
 
 
 @torch.no_grad()
-def write_teacher_outputs(
+def write_teacher_columns(
     teacher: nn.Module,
     batches: Iterable[Batch],
     output_path: str,
@@ -364,12 +364,16 @@ def write_teacher_outputs(
     with_representation: bool = True,
     progress: bool = True,
 ) -> int:
-    """Runs a trained teacher over batches and writes its outputs by row key (offline mode).
+    """Runs a trained teacher over batches of one's own loop and writes its outputs by row key (offline mode).
+
+    For a run of ``recsys-llm train``, ``recsys-llm teacher-outputs``
+    (:func:`recsys_llm.train.teacher_outputs.write_teacher_outputs`) does this sharded, for whole splits.
 
     Columns: ``row_key`` (int64), ``teacher_logits`` (float32) and, if asked,
     ``teacher_representation`` (fixed_size_list<float32, H_t>). Join them into a copy of
     the split with :func:`attach_columns` so the reader yields them as extras. The teacher
-    runs in eval mode and gets its own mode back afterwards; a failure leaves no file.
+    runs in eval mode and gets its own mode back afterwards; a failure leaves no file
+    (:func:`~recsys_llm.atomic_dir.write_file_atomically`).
 
     Args:
         teacher (nn.Module): ``predict(batch) -> CTROutput``.
@@ -384,18 +388,16 @@ def write_teacher_outputs(
     Returns:
         int: rows written.
     """
-    was_training = teacher.training
-    teacher.eval()
-    tmp = f"{output_path}.tmp"
-    writer: Optional[pq.ParquetWriter] = None
     rows = 0
-    written = False
-    try:
+
+    def write(handle: Any) -> None:
+        nonlocal rows
+        writer: Optional[pq.ParquetWriter] = None
         for batch in tqdm(batches, desc="teacher outputs", disable=not progress, **interval_options()):
             keys = batch.extras.get(row_key, batch.extras.get(ROW_ID_EXTRA))
             if keys is None:
                 where = " or ".join(f"extras[{key!r}]" for key in dict.fromkeys([row_key, ROW_ID_EXTRA]))
-                raise KeyError(f"write_teacher_outputs: batch has no {where} (row keys); extras: {sorted(batch.extras)}")
+                raise KeyError(f"write_teacher_columns: batch has no {where} (row keys); extras: {sorted(batch.extras)}")
             output = teacher.predict(batch)
             columns = {
                 row_key: pa.array(keys.cpu().numpy().astype(np.int64)),
@@ -406,19 +408,19 @@ def write_teacher_outputs(
                 columns["teacher_representation"] = pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)), rep.shape[1])
             table = pa.table(columns)
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
+                writer = pq.ParquetWriter(handle, table.schema)
             writer.write_table(table)
             rows += table.num_rows
         if writer is None:
-            raise ValueError("write_teacher_outputs: no batches")
+            raise ValueError("write_teacher_columns: no batches")
         writer.close()
-        os.replace(tmp, output_path)
-        written = True
+
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        write_file_atomically(output_path, write)
     finally:
         teacher.train(was_training)
-        if writer is not None and not written:
-            writer.close()
-            os.remove(tmp)
     return rows
 
 

@@ -19,7 +19,7 @@ from recsys_llm.modules.teacher_student import (
     TeacherStudentTask,
     attach_columns,
     load_full_state,
-    write_teacher_outputs,
+    write_teacher_columns,
 )
 
 CPU = torch.device("cpu")
@@ -379,7 +379,7 @@ class TestOfflineOutputs:
         task = _elec("joint")
         batches = [make_batch(8, seed=s) for s in range(3)]
         out = str(tmp_path / "teacher.parquet")
-        assert write_teacher_outputs(task.teacher, batches, out, progress=False) == 24
+        assert write_teacher_columns(task.teacher, batches, out, progress=False) == 24
         table = pq.read_table(out)
         assert table.schema.field("teacher_representation").type.list_size == task.teacher.model.representation_dim
         split = str(tmp_path / "split.parquet")
@@ -414,13 +414,13 @@ class TestOfflineOutputs:
         assert pq.read_table(copy).column("teacher_logits").to_pylist() == [1.0] * 4
 
     def test_a_row_key_of_another_name_is_read_from_the_readers_row_id_and_repeated_keys_are_refused(self, tmp_path):
-        """The reader carries any row key as ``extras["row_id"]``: ``write_teacher_outputs(row_key=
+        """The reader carries any row key as ``extras["row_id"]``: ``write_teacher_columns(row_key=
         "impression")`` refused its batches, so the pair of functions could not join on such a split;
         and a columns file with a key twice was joined on its first row silently."""
         task = _elec("joint")
         batches = [make_batch(8, seed=s) for s in range(2)]
         out = str(tmp_path / "teacher.parquet")
-        assert write_teacher_outputs(task.teacher, batches, out, row_key="impression", progress=False) == 16
+        assert write_teacher_columns(task.teacher, batches, out, row_key="impression", progress=False) == 16
         split = str(tmp_path / "split.parquet")
         keys = np.concatenate([b.extras["row_id"].numpy() for b in batches])
         pq.write_table(pa.table({"impression": keys, "label": np.zeros(16)}), split)
@@ -436,12 +436,12 @@ class TestOfflineOutputs:
         task = _elec("joint")
         task.teacher.train()  # e.g. a joint teacher between training epochs: its dropout stays on afterwards
         out = str(tmp_path / "teacher.parquet")
-        assert write_teacher_outputs(task.teacher, [make_batch(8)], out, progress=False) == 8
+        assert write_teacher_columns(task.teacher, [make_batch(8)], out, progress=False) == 8
         assert task.teacher.training
         no_row_ids = make_batch(8, seed=1)
         del no_row_ids.extras["row_id"]
         with pytest.raises(KeyError, match="no extras\\['row_id'\\] \\(row keys\\)"):
-            write_teacher_outputs(task.teacher, [make_batch(8, seed=2), no_row_ids], str(tmp_path / "failed.parquet"),
+            write_teacher_columns(task.teacher, [make_batch(8, seed=2), no_row_ids], str(tmp_path / "failed.parquet"),
                                   progress=False)
         assert task.teacher.training
         assert sorted(os.listdir(tmp_path)) == ["teacher.parquet"]
