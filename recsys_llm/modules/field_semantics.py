@@ -217,10 +217,6 @@ class FieldRepresentationEnhancement(nn.Module):
     def feature_names(self) -> List[str]:
         return self._feature_names
 
-    def target_log_probs(self) -> torch.Tensor:
-        """log softmax(W v_f + c): (F, D)."""
-        return F.log_softmax(self.projection(self.field_vectors), dim=-1)  # (F, D)
-
     def loss(self, embeddings: KeyedTensor) -> torch.Tensor:
         """
         Args:
