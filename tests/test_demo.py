@@ -138,6 +138,26 @@ def test_demo_checks_the_llm_before_any_training(tmp_path, capsys) -> None:
     assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
 
 
+def test_an_llm_whose_hidden_states_no_table_can_hold_is_refused_before_any_training(tmp_path, capsys) -> None:
+    """A hidden size of 30 went through the plain and LLaCTR runs, adapt and both exports, then failed on the
+    entity tables' multiple of 4, suggesting options demo does not have."""
+    from transformers import BertConfig, BertModel
+
+    from recsys_llm.cli import main as cli_main
+    from tests.tiny_models import make_tokenizer
+
+    llm = str(tmp_path / "bert30")
+    tokenizer = make_tokenizer(with_mask=True)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=30, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, pad_token_id=tokenizer.pad_token_id)).save_pretrained(llm)
+    tokenizer.save_pretrained(llm)
+    data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
+    code = cli_main(["demo", "--rows", "3000", "--data-dir", data_dir, "--run-dir", run_root, "--llm", llm, *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--llm {llm}: its hidden states are 30 wide" in err, err
+    assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
+
+
 @pytest.mark.parametrize("flag", ["--run-dir", "--data-dir"])
 def test_a_directory_under_a_file_is_named_before_any_work(tmp_path, capsys, flag) -> None:
     """A --run-dir under a file failed with '[Errno 20] Not a directory' after the data was generated."""
