@@ -152,7 +152,16 @@ def directory_pooling(pooling: str, model_path: str) -> str:
     warn_of_modules_not_applied(model_path)
     if pooling != "auto":
         return pooling
-    return sentence_transformers_pooling(model_path) or pooling
+    declared = sentence_transformers_pooling(model_path)
+    config_path = _pooling_config_path(model_path)
+    if declared is None and config_path is not None:
+        warnings.warn(
+            f"{config_path}: the pooling it declares (max, mean_sqrt_len, weighted mean, or several modes) is not "
+            "computed here: the model's default pooling is used (mean for an encoder, the last token for a decoder), "
+            "so the vectors differ from the model's own encode; pass --pooling mean|last_token|cls to choose",
+            stacklevel=2,
+        )
+    return declared or pooling
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
