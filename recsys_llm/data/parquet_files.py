@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import DataError, check_file_schema, open_parquet
+from recsys_llm.file_hash import file_sha256
 
 
 def parquet_files(path: str) -> List[str]:
@@ -53,17 +54,40 @@ def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str
     return paths
 
 
-def split_fingerprint(schema: DatasetSchema, split: str) -> str:
+# splits up to this size are also fingerprinted by their bytes (about 0.3 s at most)
+CONTENT_FINGERPRINT_MAX_BYTES = 256 * 2**20
+
+
+def split_fingerprint(schema: DatasetSchema, split: str,
+                      content_max_bytes: int = CONTENT_FINGERPRINT_MAX_BYTES) -> str:
     """A hash of the Parquet footers of ``split``'s files (row counts, row groups, sizes, column
-    statistics), read without any row data: the same for a copy or an identical re-preparation
-    of the data, different for other rows (new data behind the same fields and sizes)."""
-    digest = hashlib.sha256()
+    statistics), read without any row data, and for a split of at most ``content_max_bytes``
+    ``+`` a hash of its files' bytes: the same for a copy or an identical re-preparation of the
+    data, different for other rows (new data behind the same fields and sizes). The footers alone
+    miss rows changed within the same statistics (two labels swapped); the bytes do not, where
+    reading them is cheap. Compare two with :func:`same_split_fingerprint`."""
+    footers, contents = hashlib.sha256(), hashlib.sha256()
     root = schema.split_path(split)
-    for path in resolve_paths(schema, split):
+    paths = resolve_paths(schema, split)
+    for path in paths:
         metadata = pq.ParquetFile(path).metadata.to_dict()
-        digest.update(os.path.relpath(path, root).encode())
-        digest.update(json.dumps(metadata, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+        footers.update(os.path.relpath(path, root).encode())
+        footers.update(json.dumps(metadata, sort_keys=True, default=str).encode())
+    if sum(os.path.getsize(path) for path in paths) > content_max_bytes:
+        return footers.hexdigest()[:16]
+    for path in paths:
+        contents.update(f"{os.path.relpath(path, root)}:{file_sha256(path)}\n".encode())
+    return f"{footers.hexdigest()[:16]}+{contents.hexdigest()[:16]}"
+
+
+def same_split_fingerprint(first: str, second: str) -> bool:
+    """Whether two :func:`split_fingerprint` values say the same data: their footer hashes agree, and their
+    content hashes too where both have one (a split over the size limit, or a record of an older version,
+    has none)."""
+    first_footers, _, first_contents = str(first).partition("+")
+    second_footers, _, second_contents = str(second).partition("+")
+    return first_footers == second_footers and (not first_contents or not second_contents
+                                                or first_contents == second_contents)
 
 
 def read_schema_and_check(schema: DatasetSchema, path: str, extras: Sequence[str] = ()) -> int:

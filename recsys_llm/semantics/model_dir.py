@@ -13,14 +13,7 @@ from typing import Any, Callable, List, Mapping, Optional
 import torch
 from torch import nn
 
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from recsys_llm.file_hash import file_sha256
 
 
 @functools.lru_cache(maxsize=64)

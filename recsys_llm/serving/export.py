@@ -22,7 +22,7 @@ from recsys_llm.id_rules import id_rules
 from recsys_llm.models.base import CTROutput, check_id_weights
 from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
-from recsys_llm.semantics.model_dir import file_sha256
+from recsys_llm.file_hash import file_sha256
 from recsys_llm.serving.artifact import (
     DENSE_DTYPE,
     DIGESTS_KEY,

@@ -32,7 +32,7 @@ from recsys_llm.serving.artifact import (
     VERSIONS_KEY,
     WEIGHTED_KEY,
 )
-from recsys_llm.semantics.model_dir import file_sha256
+from recsys_llm.file_hash import file_sha256
 from recsys_llm.serving.export import library_versions, rows_per_feature
 from recsys_llm.serving.state import require_finite, check_same_export
 

@@ -84,7 +84,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from recsys_llm.atomic_dir import fsync_directory, write_text_atomically
 from recsys_llm.error_text import weights_only_reason
 from recsys_llm.paths import is_plain_file_name
-from recsys_llm.semantics.model_dir import file_sha256
+from recsys_llm.file_hash import file_sha256
 from recsys_llm.train.distributed import barrier, collective_device
 from recsys_llm.train.sharding import embedding_kernels
 

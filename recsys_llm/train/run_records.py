@@ -14,7 +14,7 @@ from typing import IO, Any, Dict, Iterable, List, Optional
 import numpy as np
 
 from recsys_llm.atomic_dir import try_lock
-from recsys_llm.data.parquet_files import split_fingerprint
+from recsys_llm.data.parquet_files import same_split_fingerprint, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.schema_changes import schema_changes
 from recsys_llm.data.validation import check_number
@@ -57,7 +57,7 @@ def changed_splits(saved_record: Dict[str, Any], current: Dict[str, str]) -> Lis
     """The splits of ``current`` (:func:`data_fingerprints`) whose fingerprint differs from the one
     ``saved_record`` (a run's ``plugins.json``) holds; splits it has none for (older runs) are not compared."""
     saved = saved_record.get(DATA_FINGERPRINTS_KEY) or {}
-    return [split for split in current if split in saved and saved[split] != current[split]]
+    return [split for split in current if split in saved and not same_split_fingerprint(saved[split], current[split])]
 
 
 def data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:

@@ -48,7 +48,7 @@ from recsys_llm.atomic_dir import (
     write_text_atomically,
 )
 from recsys_llm.data.parquet import ParquetBatchReader
-from recsys_llm.data.parquet_files import resolve_paths, split_fingerprint
+from recsys_llm.data.parquet_files import resolve_paths, same_split_fingerprint, split_fingerprint
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.teacher_student import TeacherStudentTask
@@ -156,7 +156,7 @@ def check_same_teacher(output_dir: str, record: Dict[str, Any]) -> None:
     if isinstance(saved_data, dict) and isinstance(current_data, dict):
         copied = {name[: -len(".parquet")] if name.endswith(".parquet") else name for name in finished}
         changed = sorted(split for split in copied if split in saved_data and split in current_data
-                         and saved_data[split] != current_data[split])
+                         and not same_split_fingerprint(saved_data[split], current_data[split]))
         if changed:
             raise ValueError(
                 f"{output_dir}: holds teacher outputs of split(s) {changed} copied from other data than those splits "

@@ -313,3 +313,28 @@ def test_null_in_a_sparse_column_names_file_column_and_row_without_validation(tm
     for validate in (True, False):
         with pytest.raises(DataError, match=r"n\.parquet: column 'u', row 3: null value; expected an id in \[0, 7\)"):
             list(ParquetBatchReader(schema, path, 4, prefetch=0, validate=validate))
+
+
+def test_a_split_rewritten_with_the_same_footers_but_other_rows_has_another_fingerprint(tmp_path) -> None:
+    """Two labels swapped and the file written again by the same writer: the footers (row counts, sizes, column
+    statistics) came out byte for byte the same, and a resume trained on the other labels without a word."""
+    from recsys_llm.data.parquet_files import same_split_fingerprint, split_fingerprint
+
+    schema = DatasetSchema(name="toy", fields=[FieldSpec("item_id", cardinality=10)], splits={"train": "train.parquet"},
+                           root=str(tmp_path))
+    labels = [0, 1] * 50
+
+    def write(labels) -> str:
+        pq.write_table(pa.table({"item_id": pa.array([i % 10 for i in range(100)], pa.int64()),
+                                 "label": pa.array(labels, pa.int64())}), str(tmp_path / "train.parquet"))
+        return split_fingerprint(schema, "train")
+
+    before = write(labels)
+    footers = pq.ParquetFile(str(tmp_path / "train.parquet")).metadata.to_dict()
+    swapped = write([1, 0] + labels[2:])
+    assert pq.ParquetFile(str(tmp_path / "train.parquet")).metadata.to_dict() == footers  # what was compared
+    assert not same_split_fingerprint(before, swapped)
+    assert same_split_fingerprint(before, write(labels))  # the same rows written again: the same data
+    footers_only = split_fingerprint(schema, "train", content_max_bytes=0)  # a split over the limit
+    assert "+" not in footers_only and same_split_fingerprint(footers_only, before)
+    assert same_split_fingerprint(before.partition("+")[0], swapped)  # a record of an older version: footers only
