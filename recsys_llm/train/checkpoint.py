@@ -576,14 +576,19 @@ class CheckpointManager:
         return final
 
     def _remove_leftovers(self) -> None:
-        """Removes what an interrupted save left: ``.tmp`` and ``.deleting`` directories, and
-        ``ckpt-N.prev`` whose ``ckpt-N`` is complete (a ``.prev`` without one is that step's
-        checkpoint and stays)."""
+        """Removes what an interrupted save left: ``.tmp`` and ``.deleting`` directories, the temp
+        file of a ``latest`` rewrite (``latest.<id>.tmp``), and ``ckpt-N.prev`` whose ``ckpt-N`` is
+        complete (a ``.prev`` without one is that step's checkpoint and stays)."""
         for name in os.listdir(self._directory):
             path = os.path.join(self._directory, name)
             superseded = name.endswith(PREVIOUS_SUFFIX) and is_complete(path[: -len(PREVIOUS_SUFFIX)])
-            if name.endswith((".tmp", DELETING_SUFFIX)) or superseded:
+            if not (name.endswith((".tmp", DELETING_SUFFIX)) or superseded):
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
+            else:  # rmtree refuses a file, and ignore_errors kept it there for good
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
     def _prune(self) -> None:
         """Removes all but the newest ``keep`` complete checkpoints, each renamed out of the

@@ -281,6 +281,9 @@ class TestCheckpointDirectory:
         _write_fake(directory, "ckpt-00000020.tmp", complete=True)
         with open(os.path.join(directory, "latest"), "w", encoding="utf-8") as handle:
             handle.write("ckpt-00000010\n")
+        # the temp file of a latest rewrite a kill left (rmtree refused the file, so it stayed for good)
+        with open(os.path.join(directory, "latest.1a2b3c4d.tmp"), "w", encoding="utf-8") as handle:
+            handle.write("ckpt-0000")
         CheckpointManager(directory, keep=1).complete_interrupted_save()
         assert sorted(os.listdir(directory)) == ["ckpt-00000020", "latest"]
         assert open(os.path.join(directory, "latest"), encoding="utf-8").read() == "ckpt-00000020\n"
