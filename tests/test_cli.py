@@ -259,6 +259,19 @@ def test_a_disk_that_takes_no_more_writes_is_one_line(monkeypatch, capsys, failu
     assert f"recsys-llm prepare: error: {line}\n" in err and "Traceback" not in err
 
 
+def test_a_full_disk_under_training_names_the_run_directory(monkeypatch, capsys, tmp_path) -> None:
+    """`recsys-llm train: error: [Errno 28] No space left on device`: train has no --output, so nothing was named."""
+    from recsys_llm.train import runner
+
+    def fails(config):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "run_training", fails)
+    run_dir = str(tmp_path / "run")
+    assert main(["train", "--config", os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), f"train.run_dir={run_dir}"]) == 2
+    assert f"recsys-llm train: error: [Errno 28] No space left on device (writing {run_dir})\n" in capsys.readouterr().err
+
+
 def test_ctrl_c_inside_a_distributed_checkpoint_save_exits_as_ctrl_c(monkeypatch) -> None:
     """torch.distributed.checkpoint wraps a SIGTERM's SystemExit (and Ctrl-C) into its CheckpointException."""
     from torch.distributed.checkpoint.api import CheckpointException

@@ -175,7 +175,8 @@ def _wrapped_failures(error: BaseException) -> List[BaseException]:
             if isinstance(pair, tuple) and pair and isinstance(pair[0], BaseException)]
 
 
-OUTPUT_OPTIONS = ("out", "output", "output_dir", "attach_dir")  # where the commands write, by argparse dest
+# where the commands write, by argparse dest (train sets run_dir from its config: train.run_dir)
+OUTPUT_OPTIONS = ("out", "output", "output_dir", "attach_dir", "run_dir")
 
 
 def _environment_error_line(error: BaseException, args: Optional[argparse.Namespace] = None) -> Optional[str]:

@@ -64,6 +64,7 @@ def _train(args: argparse.Namespace) -> int:
 
     check_versions()
     config = load_config(args.config, args.overrides)
+    args.run_dir = config.train.run_dir  # named by an error of the disk it writes to (full, read-only)
     results = run_training(config)
     if is_main_process():
         print(results_table(results))
