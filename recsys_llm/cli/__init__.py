@@ -293,8 +293,9 @@ def _run_command(argv: Optional[List[str]]) -> int:
                             error if isinstance(error, KeyboardInterrupt) else None)
         if isinstance(interruption, KeyboardInterrupt) and not _traceback_asked():
             # one line and the shell's code for SIGINT, as SIGTERM ends with 143 (a crash's 1 said something failed)
-            print(f"recsys-llm {args.command}: interrupted (Ctrl-C); what it had written whole stays, a half-written "
-                  "output was removed: run the same command again to go on", file=sys.stderr, flush=True)
+            print(f"recsys-llm {args.command}: interrupted (Ctrl-C); what it had written whole stays, and what it "
+                  "left half written is never read (removed now, or by the next run): run the same command again to "
+                  "go on", file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.SIGINT) from None
         if interruption is not None:
             raise interruption from None
