@@ -26,6 +26,7 @@ from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerp
 from recsys_llm.semantics.model_loading import (
     check_max_length,
     code_mark,
+    encoder_of,
     load_model,
     load_tokenizer,
     position_limited,
@@ -131,7 +132,8 @@ class TextEncoder:
         model_id: Optional[str] = None,
         model_hash: Optional[str] = None,
     ) -> "TextEncoder":
-        """Wraps an already loaded (e.g. peft-tuned) model; it stays on its device and dtype. As with
+        """Wraps an already loaded (e.g. peft-tuned) model, with or without a head (of an encoder-decoder,
+        its encoder); it stays on its device and dtype. As with
         :func:`~recsys_llm.semantics.model_loading.load_tokenizer`, a text longer than ``max_length`` is
         cut at its end whatever the tokenizer's ``truncation_side`` was (it is set to ``right``).
 
@@ -143,6 +145,7 @@ class TextEncoder:
                 tokenizer gives other vectors; costly for large models: pass one when you have it).
         """
         encoder = cls.__new__(cls)
+        model = encoder_of(model)  # of a whole encoder-decoder (T5Model), the encoder that reads the text
         first = next(model.parameters())
         encoder._device = first.device
         if tokenizer.pad_token is None:

@@ -193,12 +193,16 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 
 def _is_base_model(model: nn.Module) -> bool:
+    """Whether the model (under a peft wrapper) returns ``last_hidden_state``: not one with a head, which
+    transformers names ``*For<Task>`` (ForCausalLM, ForMaskedLM, ForSequenceClassification, ...) or ``*LMHeadModel``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return not type(base).__name__.endswith(("ForCausalLM", "ForMaskedLM", "LMHeadModel"))
+    name = type(base).__name__
+    return "For" not in name and not name.endswith("LMHeadModel")
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last-layer hidden states of a base model, a ``*ForCausalLM`` or a peft wrapper of either.
+    """Last-layer hidden states of a base model, a model with a head (``*ForCausalLM``, ``*ForSequenceClassification``,
+    ...) or a peft wrapper of either.
 
     Returns:
         torch.Tensor: (B, L, H).

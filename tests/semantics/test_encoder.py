@@ -76,6 +76,21 @@ class TestTextEncoder:
         torch.testing.assert_close(wrapped.encode(SAMPLE_TEXTS), expected, atol=1e-5, rtol=1e-4)
         assert len(wrapped.model_hash) == 16
 
+    def test_from_a_loaded_model_with_a_head_or_a_decoder(self, tiny_bert_dir: str, tmp_path) -> None:
+        """A *ForSequenceClassification model failed with AttributeError: last_hidden_state, and a whole T5Model
+        with a ValueError (it wants decoder inputs): the loaders take the base model, or the encoder, of both."""
+        from transformers import AutoModelForSequenceClassification, T5Model
+
+        from tests.tiny_models import save_tiny_t5
+
+        tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+        classifier = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+        torch.testing.assert_close(TextEncoder.from_model(classifier, tokenizer).encode(SAMPLE_TEXTS),
+                                   TextEncoder(tiny_bert_dir).encode(SAMPLE_TEXTS), atol=1e-5, rtol=1e-4)
+        t5 = save_tiny_t5(str(tmp_path / "t5"))
+        whole = TextEncoder.from_model(T5Model.from_pretrained(t5), AutoTokenizer.from_pretrained(t5))
+        torch.testing.assert_close(whole.encode(SAMPLE_TEXTS), TextEncoder(t5).encode(SAMPLE_TEXTS), atol=1e-5, rtol=1e-4)
+
     def test_a_loaded_tokenizer_set_to_truncate_on_the_left_cuts_texts_at_their_end(self, tiny_llama_dir: str) -> None:
         """from_model kept a tokenizer's ``truncation_side: left`` (load_tokenizer sets it right): a long text
         was cut at its start, where the docs and the cut-off warnings say the end is cut."""
