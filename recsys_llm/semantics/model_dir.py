@@ -72,6 +72,13 @@ def read_model_config(model_path: str) -> dict:
                 f"{model_path}: a PEFT adapter directory (adapter_config.json), not a model; an SSFT adapter goes "
                 "to `semantics encode --adapter`, which loads the base model it names"
             )
+        inner = _sentence_transformers_model_dir(model_path)
+        if inner is not None:
+            raise FileNotFoundError(
+                f"{model_path}: a sentence-transformers directory whose model lies in {inner} (modules.json), not "
+                f"beside it: pass {inner}, and --pooling as its Pooling module declares (this directory's "
+                "pooling is read only where the model lies at its top)"
+            )
         raise FileNotFoundError(
             f"{model_path}: not a Hugging Face model directory (no config.json); pass the directory that holds "
             "config.json, the weights and the tokenizer files"
@@ -83,6 +90,22 @@ def read_model_config(model_path: str) -> dict:
             "saved by `semantics adapt` goes to `semantics export --llm`)"
         )
     return config
+
+
+def _sentence_transformers_model_dir(model_path: str) -> Optional[str]:
+    """The sub-directory holding the model of a sentence-transformers directory of the older layout
+    (``modules.json`` listing a Transformer module at ``0_Transformer``), when it has a ``config.json``."""
+    try:
+        with open(os.path.join(model_path, "modules.json"), encoding="utf-8") as handle:
+            modules = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    for module in modules if isinstance(modules, list) else []:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Transformer") and module.get("path"):
+            inner = os.path.join(model_path, str(module["path"]))
+            if os.path.isfile(os.path.join(inner, "config.json")):
+                return inner
+    return None
 
 
 def config_vocab_size(config: dict) -> Optional[int]:

@@ -212,6 +212,18 @@ class TestModelDirectoryChecks:
             with pytest.raises(FileNotFoundError, match=expected):
                 TextEncoder(path)
 
+    def test_a_sentence_transformers_directory_with_its_model_in_a_sub_directory_names_it(self, tiny_bert_dir: str,
+                                                                                         tmp_path) -> None:
+        """The older layout (0_Transformer/): "no config.json", without a word of where the model lies."""
+        outer = tmp_path / "st"
+        inner = copy_model_dir(tiny_bert_dir, outer / "0_Transformer")
+        (outer / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        with pytest.raises(FileNotFoundError, match=rf"^{outer}: a sentence-transformers directory whose model lies in "
+                                                    rf"{inner} \(modules.json\), not beside it: pass {inner}"):
+            TextEncoder(str(outer))
+
     def test_a_file_of_the_model_is_named_as_a_file(self, tiny_bert_dir: str) -> None:
         """The path of a model's config.json or weights is no model directory: it exists, so 'not found' misled."""
         for name in ("config.json", "model.safetensors"):
