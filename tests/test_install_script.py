@@ -277,7 +277,7 @@ def test_a_python_without_torch_wheels_is_an_error_naming_it(tmp_path: Path, ver
 
 
 def test_the_peer_venv_takes_the_torch_of_the_venv_make_uses(tmp_path: Path) -> None:
-    # `make bench VENV=...` (the Makefile and .ci/run take VENV) installed .venv's torch, or PyPI's 2.13.0 (a CUDA
+    # `make bench VENV=...` (the Makefile takes VENV) installed .venv's torch, or PyPI's 2.13.0 (a CUDA
     # build of several GB) without a .venv, into the peer venv instead of the CPU build of the venv in use
     venv_python = tmp_path / "venv" / "bin" / "python"
     venv_python.parent.mkdir(parents=True)
