@@ -4,9 +4,10 @@ Shared by the semantics tests and the end-to-end method tests. The vocabulary co
 prompt templates, a few field words and the numbers 0-299; anything else is ``[UNK]``.
 """
 
+import json
 import os
 import shutil
-from typing import List
+from typing import Any, List, Tuple
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -144,3 +145,14 @@ SAMPLE_TEXTS = ["shade 3", "town 17 of the user", "price", "user id 250 shade 9 
 def copy_model_dir(source: str, target: "os.PathLike[str] | str") -> str:
     """A copy of a saved model directory (the session fixtures stay untouched)."""
     return shutil.copytree(source, str(target))
+
+
+def copy_model_dir_with_config(source: str, target: "os.PathLike[str] | str", **changes: Any) -> Tuple[str, str]:
+    """A copy of a saved model directory whose ``config.json`` has ``changes`` set; ``(directory, config.json)``."""
+    path = copy_model_dir(source, target)
+    config_path = os.path.join(path, "config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump({**config, **changes}, handle)
+    return path, config_path

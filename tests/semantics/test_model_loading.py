@@ -14,6 +14,7 @@ from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resol
 from tests.tiny_models import (
     SAMPLE_TEXTS,
     copy_model_dir,
+    copy_model_dir_with_config,
     save_tiny_smolvlm,
     save_tiny_t5,
     save_tiny_t5_encoder,
@@ -128,12 +129,8 @@ class TestModelDirectoryChecks:
             raise RuntimeError("no hub here")
 
         monkeypatch.setattr(hub_kernels, "get_kernel", fetch)
-        path = copy_model_dir(tiny_bert_dir, tmp_path / "kernel")
-        config_path = os.path.join(path, "config.json")
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        with open(config_path, "w", encoding="utf-8") as handle:
-            json.dump({**config, "attn_implementation": implementation}, handle)
+        path, config_path = copy_model_dir_with_config(tiny_bert_dir, tmp_path / "kernel",
+                                                       attn_implementation=implementation)
         with pytest.raises(ValueError, match=rf"^{config_path}: attn_implementation names the attention kernel "
                                              r"'(kernels-community/flash-attn2|someone/attention@main)' of the Hugging "
                                              r"Face Hub.*--trust-remote-code"):
@@ -153,12 +150,8 @@ class TestModelDirectoryChecks:
 
         fetched = []
         monkeypatch.setattr(hub_kernels, "get_kernel", lambda repo_id, **kwargs: fetched.append(repo_id))
-        path = copy_model_dir(tiny_llama_dir, tmp_path / "flash")
-        config_path = os.path.join(path, "config.json")
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        with open(config_path, "w", encoding="utf-8") as handle:
-            json.dump({**config, "attn_implementation": implementation}, handle)
+        path, config_path = copy_model_dir_with_config(tiny_llama_dir, tmp_path / "flash",
+                                                       attn_implementation=implementation)
         with pytest.warns(UserWarning, match=rf"^{config_path}: attn_implementation '{implementation}' cannot run here "
                                              r"\(on a CPU; .*the model runs with 'sdpa'"):
             model = load_model(path, torch.device("cpu"), torch.float32)

@@ -267,13 +267,9 @@ def test_a_prompt_that_cannot_fit_is_refused(tmp_path, tiny_llama_dir, tiny_sche
 def test_a_prompt_longer_than_the_models_positions_says_raising_max_length_cannot_help(tmp_path, tiny_llama_dir,
                                                                                       tiny_schema) -> None:
     """BART of 128 positions, --max-length 480: the error said "raise --max-length", capped at 128 whatever it is."""
-    from tests.tiny_models import copy_model_dir
+    from tests.tiny_models import copy_model_dir_with_config
 
-    path = copy_model_dir(tiny_llama_dir, tmp_path / "short")
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump({**config, "max_position_embeddings": 20}, handle)
+    path, _ = copy_model_dir_with_config(tiny_llama_dir, tmp_path / "short", max_position_embeddings=20)
     with pytest.raises(ValueError, match=r"more than max_length 20 .*; the model's positions cap --max-length 480 "
                                          r"there: use a model with more positions"):
         SSFTTrainer(_config(path, samples_train=8, samples_valid=2, max_length=480), tiny_schema, str(tmp_path / "ssft"))
