@@ -51,8 +51,8 @@ its tables start uniform in ±sqrt(3)·1e-4, the spread of DeepCTR's N(0, 1e-4)
 not normal; the project averages the BCE over the batch, DeepCTR-Torch sums it (Adagrad and
 Adam are invariant to that scale, up to epsilon).
 
-Without the peer venv the script stops with exit status 2 and says how to create it (no JSON
-is written: a missing peer is not a result). Pass ``--peer-python`` to use another interpreter.
+Without the peer venv the script stops with exit status 75 (``MISSING_PEER_EXIT``) and says how to
+create it (no JSON is written: a missing peer is not a result); ``run_all.py`` reports it skipped. Pass ``--peer-python`` to use another interpreter.
 
 Usage::
 
@@ -99,7 +99,8 @@ DEEPCTR_INIT_STD = 1e-4  # deepctr_torch.models.DeepFM(init_std=0.0001), the def
 PEER_SCRIPT = BENCH_DIR / "peer_deepctr.py"
 DEFAULT_PEER_VENV = REPO_ROOT / ".venv-peers"
 CONTENDERS = ("project", "deepctr_fit", "deepctr_loop")
-MISSING_PEER_EXIT = 2
+# EX_TEMPFAIL (sysexits.h): not an argument error (2); run_all.py reports the script skipped, not failed
+MISSING_PEER_EXIT = 75
 
 
 @dataclasses.dataclass(frozen=True)

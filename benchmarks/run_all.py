@@ -69,6 +69,11 @@ def discover(bench_dir: Path = BENCH_DIR) -> List[str]:
     )
 
 
+# a script that cannot run here (peers.py without its peer venv) exits with this (EX_TEMPFAIL): skipped, not failed
+SKIP_EXIT = 75
+SKIPPED = "skipped (what it compares with is not installed here)"
+
+
 def run_one(name: str, mode: str, device: str, results_dir: Path, timeout_s: int,
             bench_dir: Path = BENCH_DIR) -> Dict[str, Any]:
     """Runs one script in a subprocess; returns its name, status, wall time and output tail."""
@@ -85,7 +90,8 @@ def run_one(name: str, mode: str, device: str, results_dir: Path, timeout_s: int
                                start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
-        status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
+        status = ("ok" if process.returncode == 0 else SKIPPED if process.returncode == SKIP_EXIT
+                  else f"failed (exit {process.returncode})")
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
@@ -95,8 +101,10 @@ def run_one(name: str, mode: str, device: str, results_dir: Path, timeout_s: int
     # the one-line summary ends with "(mode=..., device=...)"; other "[name]" lines are progress or warnings
     summary = [line for line in output.splitlines() if line.startswith(f"[{name}]") and "(mode=" in line]
     print(summary[-1] if summary else f"[run_all] {name}: {status}", flush=True)
-    if status != "ok":
+    if status not in ("ok", SKIPPED):
         print("\n".join(output.splitlines()[-30:]), file=sys.stderr, flush=True)
+    elif status == SKIPPED:  # what it needs, and how to get it
+        print("\n".join(output.splitlines()[-3:]), file=sys.stderr, flush=True)
     return {"name": name, "status": status, "seconds": round(seconds, 1)}
 
 
@@ -261,7 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         readme = args.readme if args.readme is not None else BENCH_DIR / "README.md"
         update_readme(readme, results_root if under_root else chosen)
         print(f"[run_all] wrote {readme}", flush=True)
-    return 0 if all(s["status"] == "ok" for s in statuses) else 1
+    return 0 if all(s["status"] in ("ok", SKIPPED) for s in statuses) else 1
 
 
 if __name__ == "__main__":

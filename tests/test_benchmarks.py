@@ -558,3 +558,17 @@ def test_run_all_timeout_stops_the_processes_a_benchmark_started(tmp_path: Path)
     else:
         os.kill(pid, 9)
         pytest.fail(f"process {pid} started by the benchmark still runs after its timeout")
+
+
+def test_run_all_reports_a_benchmark_whose_peer_is_missing_skipped_not_failed(tmp_path: Path, capsys) -> None:
+    """`make bench` without the registry (no peer venv) ended in a make error, though every other result was
+    written: peers.py exited 2, argparse's code, and run_all counted it failed."""
+    (tmp_path / "needs_peer.py").write_text(f"import sys\nprint('make it: bash scripts/peer_venv.sh', file=sys.stderr)\n"
+                                             f"sys.exit({peers.MISSING_PEER_EXIT})\n")
+    (tmp_path / "broken.py").write_text("raise SystemExit(3)\n")
+    assert run_all.run_one("needs_peer", "quick", "cpu", tmp_path, timeout_s=60, bench_dir=tmp_path)["status"] == (
+        run_all.SKIPPED)
+    assert "bash scripts/peer_venv.sh" in capsys.readouterr().err
+    assert run_all.run_one("broken", "quick", "cpu", tmp_path, timeout_s=60, bench_dir=tmp_path)["status"] == (
+        "failed (exit 3)")
+    assert peers.MISSING_PEER_EXIT == run_all.SKIP_EXIT
