@@ -24,6 +24,10 @@ PYTORCH_INDEX=https://download.pytorch.org/whl
 # nvidia-smi with its arguments, given up after RECSYS_LLM_SMI_TIMEOUT_S (30) seconds: a hung driver would
 # hang the install, and make test with it
 SMI_TIMEOUT_S=${RECSYS_LLM_SMI_TIMEOUT_S:-30}
+if ! [[ "$SMI_TIMEOUT_S" =~ ^[1-9][0-9]*$ ]]; then
+  echo "[install] error: RECSYS_LLM_SMI_TIMEOUT_S is '$SMI_TIMEOUT_S'; expected a whole number of seconds > 0" >&2
+  exit 2
+fi
 smi() {
   command -v nvidia-smi >/dev/null 2>&1 || return 127
   if command -v timeout >/dev/null 2>&1; then timeout "$SMI_TIMEOUT_S" nvidia-smi "$@"; else nvidia-smi "$@"; fi

@@ -145,7 +145,8 @@ class TextEncoder:
                 tokenizer gives other vectors; costly for large models: pass one when you have it).
         """
         encoder = cls.__new__(cls)
-        model = encoder_of(model)  # of a whole encoder-decoder (T5Model), the encoder that reads the text
+        if not hasattr(model, "get_base_model"):  # a peft model wraps what the loader gave: its encoder already
+            model = encoder_of(model)  # of a whole encoder-decoder (T5Model), the encoder that reads the text
         first = next(model.parameters())
         encoder._device = first.device
         if tokenizer.pad_token is None:

@@ -10,6 +10,7 @@ Example::
 """
 
 import contextlib
+import importlib.util
 import json
 import os
 import pickle
@@ -375,19 +376,28 @@ def _requested_attention(config: Any) -> List[str]:
     return found
 
 
+def _flash_attention_installed(version: int) -> bool:
+    """Whether transformers finds the package of flash attention ``version`` (``flash-attn`` for 2), as it checks
+    before fetching a kernel from the Hub in its place; a transformers without that table (4.56) fetches none."""
+    try:
+        from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
+    except ImportError:
+        return importlib.util.find_spec("flash_attn") is not None
+    known = FLASH_ATTENTION_COMPATIBILITY_MATRIX.get(version)
+    return bool(known and known["general_availability_check"]())
+
+
 def _attention_in_place_of_flash(model_path: str, config: Any, device: torch.device,
                                  trust_remote_code: bool) -> Optional[str]:
     """``"sdpa"`` (warned) when ``config.json`` asks for a flash attention (``flash_attention_2``, ...) that cannot run
     here: on a CPU, or without its ``flash-attn`` package, where transformers would fetch a kernel's code from the
     Hugging Face Hub in its place (code from outside transformers runs only with ``trust_remote_code``). sdpa is the
     same attention, computed by torch. None: the config's own choice stands."""
-    from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
-
     for requested in _requested_attention(config):
         version = requested.removeprefix("flash_attention_")
-        if not version.isdigit() or int(version) not in FLASH_ATTENTION_COMPATIBILITY_MATRIX:
+        if requested == version or not version.isdigit():
             continue
-        installed = FLASH_ATTENTION_COMPATIBILITY_MATRIX[int(version)]["general_availability_check"]()
+        installed = _flash_attention_installed(int(version))
         if device.type != "cpu" and (installed or trust_remote_code):
             continue
         why = "on a CPU" if device.type == "cpu" else "without the flash-attn package its version needs"

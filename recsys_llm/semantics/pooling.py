@@ -12,6 +12,7 @@ Example::
 """
 
 import os
+import re
 import warnings
 from typing import Any, Optional
 
@@ -197,7 +198,7 @@ def _is_base_model(model: nn.Module) -> bool:
     transformers names ``*For<Task>`` (ForCausalLM, ForMaskedLM, ForSequenceClassification, ...) or ``*LMHeadModel``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
-    return "For" not in name and not name.endswith("LMHeadModel")
+    return not re.search(r"[a-z0-9]For[A-Z]", name) and not name.endswith("LMHeadModel")  # not RoFormerModel
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

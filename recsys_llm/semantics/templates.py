@@ -188,8 +188,9 @@ def _column_values(schema: DatasetSchema, spec: FieldSpec, max_scan_rows: int) -
     chunks, seen = [], 0
     for batch in dataset.to_batches(columns=[spec.name]):
         column = batch.column(0)
-        chunks.append(pc.list_flatten(column) if pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
-                      else column)
+        listed = (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+                  or pa.types.is_fixed_size_list(column.type))
+        chunks.append(pc.list_flatten(column) if listed else column)
         seen += batch.num_rows
         if seen >= max_scan_rows:
             break
@@ -248,7 +249,9 @@ def distinct_values(
         column = pc.cast(table.column("text"), pa.string()).combine_chunks().drop_null()
         texts = _distinct_ignoring_case(t for t in pc.unique(column).to_pylist() if t and t.strip())
     else:  # ids of the data, not of the table's range: most ids of a hashed field's buckets never occur
-        ids = sorted(int(i) for i in _column_values(schema, spec, max_scan_rows).to_pylist() if i != MISSING_ID)
-        texts = [str(i) for i in ids]
+        ids = {int(i) for i in _column_values(schema, spec, max_scan_rows).to_pylist()}
+        if spec.hashed:  # the buckets the reader folds them into (IdRules: a non-negative remainder)
+            ids = {i % spec.cardinality for i in ids}
+        texts = [str(i) for i in sorted(ids - {MISSING_ID})]
     rng.shuffle(texts)
     return texts[:limit]

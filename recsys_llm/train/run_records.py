@@ -39,8 +39,9 @@ SHARED_CHECK_FILE = ".shared-check"
 # seconds a rank waits for rank 0's file to show (a network file system may list a new file late)
 SHARED_CHECK_WAIT_ENV = "RECSYS_LLM_SHARED_DIR_WAIT_S"
 SHARED_CHECK_WAIT_S = 60.0
-# parts of the llactr record that describe where and when, not which, vectors
-VECTOR_RECORD_PLACE_KEYS = frozenset({"config", "vectors", "created_at", "created_by"})
+# parts of the llactr record that describe where and when, not which, vectors; and schema_contents, which
+# follows from the schema_fingerprint compared beside it (a file of an older version records it empty)
+VECTOR_RECORD_PLACE_KEYS = frozenset({"config", "vectors", "created_at", "created_by", "schema_contents"})
 SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in PLUGINS_FILE: the data set's schema the run trained on
 SCHEMA_CONTENTS_KEY = "schema_contents"  # in PLUGINS_FILE: what that fingerprint hashes (DatasetSchema.fingerprinted)
 DATA_FINGERPRINTS_KEY = "data_fingerprints"  # in PLUGINS_FILE: split -> the Parquet footers' hash of its files

@@ -204,6 +204,9 @@ def test_vectors_encoded_at_another_max_length_are_named_as_other_vectors(tmp_pa
         records[max_length] = {"llactr": stored.provenance.to_dict()}
     assert records[4]["llactr"]["max_length"] == 4
     assert changed_field_vectors(records[4], records[256]) == ["max_length"]
+    # a run that trained with a file of an older version (no schema_contents), the same vectors written again now
+    older = {"llactr": {**records[4]["llactr"], "schema_contents": {}}}
+    assert changed_field_vectors(older, records[4]) == []
 
 
 def test_an_adapter_whose_base_model_moved_encodes_with_model_naming_where_it_is(tmp_path, tiny_llama_dir,

