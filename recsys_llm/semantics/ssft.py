@@ -643,7 +643,9 @@ class SSFTTrainer:
             differing += [k for k in ("base_hash", "fields") if signature.get(k) != current[k]]
             if DATA_DIGEST_KEY in current and signature[DATA_DIGEST_KEY] != current[DATA_DIGEST_KEY]:
                 differing.append(f"{DATA_DIGEST_KEY}: the field texts or the sampled values differ (the schema's "
-                                 "descriptions, value texts or data changed)")
+                                 "descriptions, value texts or data changed, or a newer recsys_llm samples them "
+                                 "otherwise: since 2026-12-05 the ids of fields without value texts come from the "
+                                 "data, and values differing only in case count as one)")
             pooling = current.get(RESOLVED_POOLING_KEY)
             if pooling is not None and signature[RESOLVED_POOLING_KEY] != pooling:
                 differing.append(f"{RESOLVED_POOLING_KEY}: {signature[RESOLVED_POOLING_KEY]!r} -> {pooling!r}")
