@@ -588,3 +588,18 @@ def test_the_default_is_a_worker_per_gpu_of_the_host() -> None:
         assert workers(load(name)(*args, gpu=8, nproc_per_node=2)) == "2", name  # fewer, when asked
     for job in ("tune", "encode", "adapt"):  # one process whatever the host has
         assert workers(load("encode")(job, gpu=8)) == "1", job
+
+
+@pytest.mark.parametrize("name, first", [("train", ["--config", "c.yaml"]), ("trained", ["--job", "evaluate",
+                         "--checkpoint", "runs/x"]), ("encode", ["--job", "encode"]), ("bench", ["--name", "llactr"])])
+def test_negative_resources_and_unknown_rendezvous_backends_are_refused(name: str, first: List[str]) -> None:
+    """--cpu=-3 --memMB=-5 --max_retries=-1 gave a Volcano job with no resource request and maxRetry -1, and an
+    unknown --rdzv_backend failed inside torchrun on the cluster."""
+    with pytest.raises(ValueError, match=r"cpu=-3, memMB=-5: expected >= 0"):
+        from_cli(name, [*first, "--cpu", "-3", "--memMB", "-5"])
+    if name == "bench":  # one process, no rendezvous
+        return
+    with pytest.raises(ValueError, match=r"max_retries=-1: expected >= 0"):
+        from_cli(name, [*first, "--max_retries", "-1"])
+    with pytest.raises(ValueError, match=r"rdzv_backend='etcdx': expected one of"):
+        from_cli(name, [*first, "--rdzv_backend", "etcdx"])

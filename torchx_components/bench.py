@@ -90,6 +90,9 @@ def bench(
             f"{misplaced} among the job's arguments never reach the component: torchx hands the job every argument "
             "after the first positional one (or --); put the component's options before them"
         )
+    negative = [f"{name}={value}" for name, value in {"cpu": cpu, "gpu": gpu, "memMB": memMB}.items() if value < 0]
+    if negative:  # a negative request reached the scheduler as none (Volcano: limits {})
+        raise ValueError(f"{', '.join(negative)}: expected >= 0")
     results = results_dir or "."  # joined below: "/" stays the root, "out/" gives out/NAME.json
     worker_env = dict(env or {})
     app = ddp(

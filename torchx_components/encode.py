@@ -21,6 +21,8 @@ from torchx.components.dist import ddp
 
 SEMANTICS_JOBS = ("tune", "encode", "adapt", "export")
 
+RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")  # the rendezvous backends torchrun knows
+
 
 def encode(
     job: str,
@@ -72,6 +74,12 @@ def encode(
         raise ValueError(
             f"nnodes and nproc_per_node must be >= 1, got nnodes={nnodes}, nproc_per_node={nproc_per_node}"
         )
+    counts = {"cpu": cpu, "gpu": gpu, "memMB": memMB, "max_retries": max_retries}
+    negative = [f"{name}={value}" for name, value in counts.items() if value < 0]
+    if negative:  # a negative request reached the scheduler as none (Volcano: limits {}, maxRetry -1)
+        raise ValueError(f"{', '.join(negative)}: expected >= 0 (0: the default)")
+    if rdzv_backend not in RDZV_BACKENDS:
+        raise ValueError(f"rdzv_backend={rdzv_backend!r}: expected one of {RDZV_BACKENDS} (torchrun's)")
     # sized for the host's workers: fixed defaults gave --gpu 8 alone the CPUs and memory of one worker
     cpu = cpu or 4 * nproc_per_node
     memMB = memMB or 16384 * nproc_per_node
