@@ -1266,3 +1266,20 @@ def test_a_schema_naming_no_label_says_the_default_is_missing(tmp_path):
     with pytest.raises(DataError, match=r"d\.csv: no column 'label', the label column .*schema\.json names by not naming "
                                         r"one \(the default\); expected the 0/1 click column named with label: COLUMN"):
         prepare_tabular(_csv(tmp_path / "d.csv", _rows()), _schema_file(tmp_path, raw), str(tmp_path / "out"))
+
+
+def test_a_hashed_fields_first_pass_keeps_a_sample_not_every_value(monkeypatch) -> None:
+    """A hashed field of strings kept every distinct value in the first pass (4M unique URLs: 1.7 GB against 0.84 GB
+    with --hash), though no vocabulary is made of it; its plan follows from the counts alone."""
+    from recsys_llm.data.tabular import tokens
+
+    monkeypatch.setattr(tokens, "HASHED_SAMPLE", 50)
+    counts = tokens._TokenCounts(bounded=True)
+    for start in (0, 500):
+        urls = pa.array([f"https://x/{i}" for i in range(start, start + 500)] + ["NA", "7"])
+        tokens._count_tokens(counts, urls, None, "f.csv", start)
+    assert len(counts.seen) == 50 and counts.not_integer == {"NA"}
+    assert counts.others == 1000 and counts.integers == 2 and counts.first_other == ("https://x/0", "f.csv", 0)
+    unbounded = tokens._TokenCounts()
+    tokens._count_tokens(unbounded, urls, None, "f.csv", 0)
+    assert len(unbounded.seen) == 502

@@ -226,11 +226,21 @@ class FieldPlan:
 ID_WAY_OF_PLAN = {"vocab": "vocabulary", "hash": "hashed_text", "ids": "integer"}
 
 
+# distinct tokens a hashed field's first pass keeps, as a sample (its plan needs no vocabulary)
+HASHED_SAMPLE = 10_000
+
+
 @dataclasses.dataclass
 class _TokenCounts:
-    """What the first pass saw of a string field's tokens."""
+    """What the first pass saw of a string field's tokens.
 
-    seen: Set[str] = dataclasses.field(default_factory=set)  # distinct non-null tokens
+    ``bounded`` (a hashed field: no vocabulary is made of it): ``seen`` keeps a sample of at most
+    :data:`HASHED_SAMPLE` tokens and ``not_integer`` the missing-value markers only, so memory does
+    not grow with the field's distinct values (10^8 URLs); the counts decide its plan alike.
+    """
+
+    bounded: bool = False
+    seen: Set[str] = dataclasses.field(default_factory=set)  # distinct non-null tokens (a sample when bounded)
     not_integer: Set[str] = dataclasses.field(default_factory=set)  # distinct tokens that are no integer
     integers: int = 0  # integer tokens
     others: int = 0  # tokens that are neither an integer nor a missing-value marker
@@ -241,9 +251,14 @@ def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.nda
     """Adds a block's string tokens (``flat``; ``lengths`` per row for sequences) whose first row is ``row``
     of file ``path``."""
     flat_valid = flat.drop_null()
-    counts.seen.update(pc.unique(flat_valid).to_pylist())
+    if not counts.bounded or len(counts.seen) < HASHED_SAMPLE:
+        distinct = pc.unique(flat_valid)
+        counts.seen.update(distinct.slice(0, HASHED_SAMPLE).to_pylist() if counts.bounded else distinct.to_pylist())
     is_integer = pc.fill_null(pc.match_substring_regex(flat, INTEGER_PATTERN), False)
-    counts.not_integer.update(pc.unique(flat.filter(pc.invert(is_integer)).drop_null()).to_pylist())
+    not_integer = flat.filter(pc.invert(is_integer)).drop_null()
+    if counts.bounded:  # the markers decide the plan; the other tokens only count
+        not_integer = not_integer.filter(pc.is_in(not_integer, value_set=pa.array(sorted(NULL_MARKERS), flat.type)))
+    counts.not_integer.update(pc.unique(not_integer).to_pylist())
     counts.integers += int(pc.sum(is_integer).as_py() or 0)
     marker = pc.fill_null(pc.is_in(flat, value_set=pa.array(sorted(NULL_MARKERS), flat.type)), False)
     other = np.asarray(pc.and_(pc.and_(flat.is_valid(), pc.invert(is_integer)), pc.invert(marker)), dtype=bool)
@@ -297,7 +312,8 @@ def plan_fields(
                     continue
                 flat = pc.cast(flat, pa.string())
             string_fields[spec.name] = spec
-            _count_tokens(counts.setdefault(spec.name, _TokenCounts()), flat, lengths, file_path, row)
+            bounded = spec.hashed and spec.name not in forced
+            _count_tokens(counts.setdefault(spec.name, _TokenCounts(bounded)), flat, lengths, file_path, row)
         if config.split_by:
             split_values.append(block.column(config.split_by))
     for name, spec in string_fields.items():
@@ -307,9 +323,9 @@ def plan_fields(
         markers = count.not_integer & NULL_MARKERS
         if name in forced:
             plans[name] = _vocabulary_plan(path, spec, count.seen)
-        elif not count.not_integer:
+        elif not count.not_integer and not count.others:
             plans[name] = FieldPlan("ids")
-        elif count.not_integer == markers and len(count.seen) > len(markers):
+        elif not count.others and count.integers:
             # integer ids with a missing-value marker (R writes NA): missing, not a vocabulary
             plans[name] = FieldPlan("ids", missing=pa.array(sorted(markers), pa.string()))
         elif spec.hashed:
