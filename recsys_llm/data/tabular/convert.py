@@ -221,12 +221,12 @@ def _convert(
 
     column_types = None  # of the extra and split columns of a CSV: the reader's, from the first block
     try:
-        plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key)
+        plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key, progress=progress)
     except ColumnTypeChanged as error:  # a later block does not fit them: read again with the whole file's
         column_types = csv_column_types(data_path, error.columns, config)
         if column_types is None:
             raise
-        plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key, column_types)
+        plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key, column_types, progress)
     if plans_out is not None:
         plans_out.update(plans)
     for spec in user_schema.fields:

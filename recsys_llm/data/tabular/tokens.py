@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm import tqdm
 
 from recsys_llm.data.hashing import hash_strings
 from recsys_llm.data.parquet_files import parquet_files
@@ -16,6 +17,7 @@ from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.tabular.config import TabularConfig
 from recsys_llm.data.tabular.source import first_line, is_parquet, null_where_in, read_blocks, repeated_columns
 from recsys_llm.data.validation import DataError, describe_row, offsets_from_lengths, open_parquet, row_of_value
+from recsys_llm.progress import interval_options
 
 INTEGER_PATTERN = r"^\s*-?\d+\s*$"
 # pyarrow's CSV missing-value markers: in a column of integer ids they mean missing (id 0)
@@ -276,9 +278,11 @@ def plan_fields(
     columns: List[str],
     row_key: Optional[str] = None,
     column_types: Optional[Dict[str, pa.DataType]] = None,
+    progress: bool = False,
 ) -> Tuple[Dict[str, FieldPlan], Optional[pa.Array]]:
     """First pass: token kinds and vocabularies of string fields, and the split column (``column_types``: of a
-    CSV's extra and split columns, as :func:`~recsys_llm.data.tabular.source.read_blocks` takes them).
+    CSV's extra and split columns, as :func:`~recsys_llm.data.tabular.source.read_blocks` takes them);
+    ``progress``: a tqdm bar over the rows read.
 
     Parquet sources get their footers checked first (:func:`_check_parquet_types`); the pass is
     skipped (integer ids everywhere, random split) when their categorical columns are all of
@@ -300,22 +304,27 @@ def plan_fields(
     counts: Dict[str, _TokenCounts] = {}
     split_values: List[pa.Array] = []
     split_cells: Set[str] = set()  # sequence fields of which a text cell held the separator
-    for file_path, row, block in read_blocks(path, schema, columns, config, row_key, column_types):
-        for spec in schema.categorical_fields:
-            flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row)
-            if lengths is not None and len(lengths) and int(lengths.max()) > 1:
-                split_cells.add(spec.name)
-            if spec.name in hashed:  # read for its UTF-8 check only: the field is hashed whatever its values
-                continue
-            if pa.types.is_integer(flat.type):
-                if spec.name not in forced:
+    bar = tqdm(desc="tabular rows (first pass)", unit="row", disable=not progress, **interval_options())
+    try:
+        for file_path, row, block in read_blocks(path, schema, columns, config, row_key, column_types):
+            bar.update(block.num_rows)
+            for spec in schema.categorical_fields:
+                flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row)
+                if lengths is not None and len(lengths) and int(lengths.max()) > 1:
+                    split_cells.add(spec.name)
+                if spec.name in hashed:  # read for its UTF-8 check only: the field is hashed whatever its values
                     continue
-                flat = pc.cast(flat, pa.string())
-            string_fields[spec.name] = spec
-            bounded = spec.hashed and spec.name not in forced
-            _count_tokens(counts.setdefault(spec.name, _TokenCounts(bounded)), flat, lengths, file_path, row)
-        if config.split_by:
-            split_values.append(block.column(config.split_by))
+                if pa.types.is_integer(flat.type):
+                    if spec.name not in forced:
+                        continue
+                    flat = pc.cast(flat, pa.string())
+                string_fields[spec.name] = spec
+                bounded = spec.hashed and spec.name not in forced
+                _count_tokens(counts.setdefault(spec.name, _TokenCounts(bounded)), flat, lengths, file_path, row)
+            if config.split_by:
+                split_values.append(block.column(config.split_by))
+    finally:
+        bar.close()
     for name, spec in string_fields.items():
         if spec.kind == FieldKind.SEQUENCE and name not in split_cells:
             _warn_unsplit(path, name, counts[name].seen, config.sequence_separator)
