@@ -150,9 +150,12 @@ def build_llactr_terms(
     dims = embedded_features(backbone)
     unusable = [name for name in config.fields if name not in stored.keys or name not in dims]
     if unusable:
+        left_out = [name for name in unusable if name in stored.provenance.left_out]
+        why = (f"; `semantics encode` left out {left_out} (no description in the schema): describe them, or encode "
+               "with --include-fields-without-description" if left_out else "")
         raise ValueError(
             f"llactr.fields: {unusable} are not both in {config.vectors_path} (fields {stored.keys}) and embedded by "
-            f"the model (features {sorted(dims)})"
+            f"the model (features {sorted(dims)}){why}"
         )
     wanted = set(config.fields or stored.keys)
     used: List[str] = [k for k in stored.keys if k in dims and k in wanted]

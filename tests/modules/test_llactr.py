@@ -126,6 +126,12 @@ class TestBuildLLaCTRTerms:
         assert provenance["fields_used"] == ["genre", "item_id"] and provenance["fields_skipped"] == ["user_id", "price"]
         with pytest.raises(ValueError, match=r"llactr.fields: \['price', 'nope'\] are not both in .* and embedded"):
             build_llactr_terms(LLaCTRConfig(_vectors(tmp_path, schema), fields=["item_id", "price", "nope"]), schema, ebc)
+        # a field the encode left out for want of a description: said so (it is embedded by the model)
+        path = str(tmp_path / "without_genre.safetensors")
+        provenance = VectorProvenance(model_id="tiny", model_hash="h", pooling="mean", template="t", left_out=["genre"])
+        save_vectors(path, torch.randn(2, 12), ["user_id", "item_id"], provenance.for_schema(schema))
+        with pytest.raises(ValueError, match=r"`semantics encode` left out \['genre'\] \(no description in the schema\)"):
+            build_llactr_terms(LLaCTRConfig(path, fields=["genre", "item_id"]), schema, ebc)
 
     @pytest.mark.parametrize("normalize", [False, True])
     def test_each_term_takes_the_vectors_of_its_own_fields(self, tmp_path, normalize) -> None:
