@@ -1286,8 +1286,10 @@ def test_a_hashed_fields_first_pass_keeps_a_sample_not_every_value(monkeypatch) 
 
 
 def test_the_first_pass_shows_its_progress(tmp_path, capsys) -> None:
-    """The pass that reads the tokens (8 of 12.5 s on 4M rows) drew nothing: the command seemed to hang."""
+    """The pass that reads the tokens (8 of 12.5 s on 4M rows) drew nothing: the command seemed to hang; and the
+    second pass of a random split had no total (no percentage, no time left)."""
     data = _csv(tmp_path / "d.csv", _rows(300))
     prepare_tabular(data, _schema_file(tmp_path), str(tmp_path / "out"), TabularConfig(), progress=True)
     err = capsys.readouterr().err
     assert re.search(r"tabular rows \(first pass\): 300row", err), err
+    assert re.search(r"tabular rows: 100%.*300/300", err), err

@@ -221,12 +221,13 @@ def _convert(
 
     column_types = None  # of the extra and split columns of a CSV: the reader's, from the first block
     try:
-        plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key, progress=progress)
+        plans, split_values, rows = plan_fields(data_path, user_schema, config, columns, row_key, progress=progress)
     except ColumnTypeChanged as error:  # a later block does not fit them: read again with the whole file's
         column_types = csv_column_types(data_path, error.columns, config)
         if column_types is None:
             raise
-        plans, split_values = plan_fields(data_path, user_schema, config, columns, row_key, column_types, progress)
+        plans, split_values, rows = plan_fields(data_path, user_schema, config, columns, row_key, column_types,
+                                                progress)
     if plans_out is not None:
         plans_out.update(plans)
     for spec in user_schema.fields:
@@ -246,7 +247,7 @@ def _convert(
                 f"{user_schema.value_text_path(spec.name)}, keyed by the column's ids, which would describe no id; "
                 "expected integer ids (or drop value_text from the field)"
             )
-    total = len(split_values) if split_values is not None else None
+    total = len(split_values) if split_values is not None else rows
     split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
     schema = _output_schema(user_schema, plans, out_dir, user_texts)
     bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress, **interval_options())

@@ -4,7 +4,7 @@ each field (ids, hash or a vocabulary built from the data), and the ids of a blo
 import dataclasses
 import re
 import warnings
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -271,6 +271,15 @@ def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.nda
         counts.first_other = (flat[index].as_py(), path, row + row_of_value(offsets, index))
 
 
+class FirstPass(NamedTuple):
+    """What :func:`plan_fields` learned: each categorical field's plan, the split column's values (None without
+    ``split_by``), and the source's rows (the second pass's total)."""
+
+    plans: Dict[str, FieldPlan]
+    split_values: Optional[pa.Array]
+    rows: int
+
+
 def plan_fields(
     path: str,
     schema: DatasetSchema,
@@ -279,7 +288,7 @@ def plan_fields(
     row_key: Optional[str] = None,
     column_types: Optional[Dict[str, pa.DataType]] = None,
     progress: bool = False,
-) -> Tuple[Dict[str, FieldPlan], Optional[pa.Array]]:
+) -> "FirstPass":
     """First pass: token kinds and vocabularies of string fields, and the split column (``column_types``: of a
     CSV's extra and split columns, as :func:`~recsys_llm.data.tabular.source.read_blocks` takes them);
     ``progress``: a tqdm bar over the rows read.
@@ -299,7 +308,7 @@ def plan_fields(
     if is_parquet(path):
         kinds = _check_parquet_types(path, schema, config, columns)
         if not config.split_by and not forced and all(kinds[s.name] == "integer" for s in schema.categorical_fields):
-            return plans, None
+            return FirstPass(plans, None, sum(open_parquet(f).metadata.num_rows for f in parquet_files(path)))
     string_fields: Dict[str, FieldSpec] = {}
     counts: Dict[str, _TokenCounts] = {}
     split_values: List[pa.Array] = []
@@ -352,7 +361,7 @@ def plan_fields(
         else:
             plans[name] = _vocabulary_plan(path, spec, count.seen)
     split = pa.chunked_array(split_values) if config.split_by and split_values else None
-    return plans, split
+    return FirstPass(plans, split, bar.n)
 
 
 def _warn_unsplit(path: str, name: str, seen: Set[str], separator: str) -> None:
