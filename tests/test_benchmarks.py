@@ -572,3 +572,14 @@ def test_run_all_reports_a_benchmark_whose_peer_is_missing_skipped_not_failed(tm
     assert run_all.run_one("broken", "quick", "cpu", tmp_path, timeout_s=60, bench_dir=tmp_path)["status"] == (
         "failed (exit 3)")
     assert peers.MISSING_PEER_EXIT == run_all.SKIP_EXIT
+
+
+def test_run_all_ends_well_when_the_only_other_status_is_a_skip(tmp_path: Path, monkeypatch) -> None:
+    statuses = {"a": "ok", "b": run_all.SKIPPED}
+    monkeypatch.setattr(run_all, "discover", lambda *args, **kwargs: sorted(statuses))
+    monkeypatch.setattr(run_all, "run_one", lambda name, *args, **kwargs: {"name": name, "status": statuses[name],
+                                                                           "seconds": 0.0})
+    argv = ["--smoke", "--results-dir", str(tmp_path), "--readme", str(tmp_path / "README.md")]
+    assert run_all.main(argv) == 0
+    statuses["a"] = "failed (exit 1)"
+    assert run_all.main(argv) == 1

@@ -447,5 +447,6 @@ def test_a_hung_nvidia_smi_is_given_up_and_not_asked_when_the_variant_is_given(t
     assert picked.returncode == 0, picked.stderr
     assert "nvidia-smi -L gave no answer in 1 s: taken as no GPU" in picked.stderr
     assert "[install] variant: cpu" in picked.stdout
-    refused = run_install(tmp_path, env, RECSYS_LLM_SMI_TIMEOUT_S="abc")  # timeout's 125 read as "no GPU"
-    assert refused.returncode == 2 and "RECSYS_LLM_SMI_TIMEOUT_S is 'abc'" in refused.stderr
+    for bad in ("abc", "0"):  # timeout's 125 (or no limit at all) read as "no GPU"
+        refused = run_install(tmp_path, env, RECSYS_LLM_SMI_TIMEOUT_S=bad)
+        assert refused.returncode == 2 and f"RECSYS_LLM_SMI_TIMEOUT_S is '{bad}'" in refused.stderr

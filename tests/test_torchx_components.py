@@ -599,7 +599,7 @@ def test_negative_resources_and_unknown_rendezvous_backends_are_refused(name: st
         from_cli(name, [*first, "--cpu", "-3", "--memMB", "-5"])
     if name == "bench":  # one process, no rendezvous
         return
-    with pytest.raises(ValueError, match=r"max_retries=-1: expected >= 0"):
-        from_cli(name, [*first, "--max_retries", "-1"])
+    with pytest.raises(ValueError, match=r"gpu=-1, max_retries=-1: expected >= 0"):
+        from_cli(name, [*first, "--gpu", "-1", "--max_retries", "-1"])
     with pytest.raises(ValueError, match=r"rdzv_backend='etcdx': expected one of"):
         from_cli(name, [*first, "--rdzv_backend", "etcdx"])

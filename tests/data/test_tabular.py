@@ -1293,3 +1293,22 @@ def test_the_first_pass_shows_its_progress(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert re.search(r"tabular rows \(first pass\): 300row", err), err
     assert re.search(r"tabular rows: 100%.*300/300", err), err
+
+
+def test_the_plan_of_a_hashed_field_follows_from_its_tokens_whatever_their_number(tmp_path, monkeypatch) -> None:
+    """Bounded counts (a sample) must plan as the full ones did: a column of markers only is hashed (no id among
+    them), integer ids with a missing-value marker stay ids."""
+    from recsys_llm.data.tabular import tokens
+
+    monkeypatch.setattr(tokens, "HASHED_SAMPLE", 5)
+    raw = copy.deepcopy(SCHEMA)
+    raw["fields"][2]["cardinality"] = 1000  # query: hashed
+    rows = _rows(200)
+    markers = dict(rows, query=["NA"] * 200)
+    schema = prepare_tabular(_csv(tmp_path / "m.csv", markers), _schema_file(tmp_path, raw), str(tmp_path / "m"),
+                             TabularConfig())
+    assert schema.ids["query"] == "hashed_text"
+    numbers = dict(rows, query=[str(i) if i % 7 else "NA" for i in range(200)])  # integer ids with a marker
+    schema = prepare_tabular(_csv(tmp_path / "n.csv", numbers), _schema_file(tmp_path, raw), str(tmp_path / "n"),
+                             TabularConfig())
+    assert schema.ids["query"] == "integer"

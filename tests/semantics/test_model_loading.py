@@ -4,6 +4,7 @@ what is missing or damaged; device, dtype and text length."""
 import json
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -466,3 +467,46 @@ def test_a_tokenizer_saved_to_truncate_on_the_left_cuts_texts_at_their_end(tiny_
     assert tokenizer.truncation_side == "right"
     full = tokenizer("red blue green town city")["input_ids"]
     assert tokenizer("red blue green town city", truncation=True, max_length=3)["input_ids"] == full[:3]
+
+
+@pytest.mark.parametrize("config, device, installed, trusted, expected", [
+    ({"attn_implementation": "flash_attention_2"}, "cpu", True, True, "sdpa"),  # no flash attention on a CPU at all
+    ({"attn_implementation": "flash_attention_2"}, "cuda", False, False, "sdpa"),  # the Hub's kernel in its place
+    ({"attn_implementation": "flash_attention_2"}, "cuda", False, True, None),  # asked for: transformers decides
+    ({"attn_implementation": "flash_attention_2"}, "cuda", True, False, None),  # flash-attn is there
+    ({"text_config": {"attn_implementation": "flash_attention_3"}}, "cpu", False, False, "sdpa"),  # in a sub-config
+    ({"attn_implementation": "sdpa"}, "cpu", False, False, None),
+])
+def test_which_flash_attention_requests_load_with_sdpa(monkeypatch, config, device, installed, trusted, expected) -> None:
+    from recsys_llm.semantics import model_loading
+
+    monkeypatch.setattr(model_loading, "_flash_attention_installed", lambda version: installed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert model_loading._attention_in_place_of_flash("m", config, torch.device(device), trusted) == expected
+
+
+def test_without_transformers_table_flash_attention_is_there_when_flash_attn_imports(monkeypatch) -> None:
+    import importlib.util
+
+    from transformers import modeling_flash_attention_utils
+
+    from recsys_llm.semantics.model_loading import _flash_attention_installed
+
+    monkeypatch.delattr(modeling_flash_attention_utils, "FLASH_ATTENTION_COMPATIBILITY_MATRIX")
+    for present in (False, True):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, present=present: object() if present else None)
+        assert _flash_attention_installed(2) is present
+
+
+def test_a_package_the_model_needs_that_is_missing_is_one_line(tiny_bert_dir, monkeypatch) -> None:
+    from recsys_llm.semantics import model_loading
+
+    class Needs:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise ImportError("FlashAttention2 has been toggled on, but the package is not installed")
+
+    monkeypatch.setattr(model_loading, "_model_class", lambda config: Needs)
+    with pytest.raises(ValueError, match=rf"^{tiny_bert_dir}: cannot build the model \(FlashAttention2 has been"):
+        load_model(tiny_bert_dir, torch.device("cpu"), torch.float32)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import warnings
 
@@ -336,3 +337,63 @@ def test_an_encoder_decoder_model_is_tuned_into_an_adapter(tmp_path, tiny_schema
     assert os.path.isfile(os.path.join(metrics["adapter_dir"], "adapter_config.json"))
     encoder, _ = load_tuned_encoder(metrics["adapter_dir"])
     assert encoder.encode(["shade 3"], progress=False).shape == (1, 16)
+
+
+@pytest.mark.parametrize("schedule, rate", [
+    ("cosine", lambda s, n: 0.5 * (1 + math.cos(math.pi * (s - 2) / (n - 2))) if s >= 2 else s / 2),
+    ("constant", lambda s, n: min(1.0, s / 2)),
+])
+def test_each_schedule_follows_its_curve_after_the_warmup(tmp_path, tiny_llama_dir, tiny_schema, schedule, rate) -> None:
+    trainer = SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, batch_size=8, epochs=2,
+                                  lr_schedule=schedule, warmup_steps=2), tiny_schema, str(tmp_path / "ssft"))
+    steps = 2 * trainer._steps_per_epoch()
+    rates = []
+    for _ in range(steps):
+        rates.append(trainer._optimizer.param_groups[0]["lr"])
+        trainer._optimizer.step()
+        trainer._scheduler.step()
+    assert rates == pytest.approx([3e-3 * rate(s, steps) for s in range(steps)])
+
+
+def test_a_checkpoint_of_a_version_without_schedules_resumes(tmp_path, tiny_llama_dir, tiny_schema) -> None:
+    """Its signature has no lr_schedule / warmup_steps: those of the constant rate it trained with."""
+    out = str(tmp_path / "ssft")
+    small = dict(samples_train=8, samples_valid=2, lora_dropout=0.0)
+    SSFTTrainer(_config(tiny_llama_dir, epochs=1, **small), tiny_schema, out).run()
+    state_path = os.path.join(out, "checkpoint", "state.json")
+    with open(state_path, encoding="utf-8") as handle:
+        state = json.load(handle)
+    for key in ("lr_schedule", "warmup_steps"):
+        del state["signature"]["config"][key]
+    with open(state_path, "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+    assert SSFTTrainer(_config(tiny_llama_dir, epochs=2, **small), tiny_schema, out).run()["epochs"] == 2
+
+
+def test_the_cli_passes_the_schedule_on(monkeypatch, tiny_schema, tmp_path) -> None:
+    from recsys_llm.cli import main
+    from recsys_llm.semantics import ssft
+
+    seen = {}
+
+    class Recording:
+        def __init__(self, config, schema, output_dir):
+            seen["config"] = config
+
+        def run(self):
+            raise SystemExit(0)
+
+    monkeypatch.setattr(ssft, "SSFTTrainer", Recording)
+    with pytest.raises(SystemExit):
+        main(["semantics", "tune", "--schema", os.path.join(tiny_schema.root, "schema.json"), "--output-dir",
+              str(tmp_path / "o"), "--lr-schedule", "linear", "--warmup-steps", "5"])
+    assert seen["config"].lr_schedule == "linear" and seen["config"].warmup_steps == 5
+
+
+def test_one_hashed_field_of_bare_ids_is_warned_about(tiny_schema) -> None:
+    import dataclasses
+
+    hashed = dataclasses.replace(tiny_schema.field("user_id"), hashed=True)
+    fields = [f for f in select_fields(tiny_schema) if f.name != "user_id"] + [hashed]
+    with pytest.warns(UserWarning, match=r"field\(s\) 'user_id' \(hashed\) have no value texts"):
+        build_examples(tiny_schema, fields, SSFTConfig(samples_valid=2))

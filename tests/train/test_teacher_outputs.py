@@ -329,3 +329,15 @@ def test_a_teacher_outputs_run_into_an_output_another_run_writes_is_refused(tmp_
                             "(it holds .lock there); wait for it to end (or stop it), or use another --output-dir")
     assert out["recorded"].startswith(out["first"])
     assert out["entries"] == ["schema.json", "teacher.json", "test.parquet", "train.parquet", "valid.parquet"]
+
+
+def test_copies_recorded_by_an_older_version_compare_their_sources_footers_only(tmp_path) -> None:
+    """A teacher.json written before splits were also fingerprinted by their bytes holds the footers' hash alone."""
+    (tmp_path / "train.parquet").write_bytes(b"a finished copy")
+    (tmp_path / TEACHER_FILE).write_text(json.dumps({"checkpoint": "run", "sha256": {"state": "s"},
+                                                     DATA_FINGERPRINTS_KEY: {"train": "aaaa"}}))
+    check_same_teacher(str(tmp_path), {"checkpoint": "run", "sha256": {"state": "s"},
+                                       DATA_FINGERPRINTS_KEY: {"train": "aaaa+bbbb"}})
+    with pytest.raises(ValueError, match=r"split\(s\) \['train'\] copied from other data"):
+        check_same_teacher(str(tmp_path), {"checkpoint": "run", "sha256": {"state": "s"},
+                                           DATA_FINGERPRINTS_KEY: {"train": "zzzz+bbbb"}})

@@ -284,7 +284,12 @@ class TestCheckpointDirectory:
         # the temp file of a latest rewrite a kill left (rmtree refused the file, so it stayed for good)
         with open(os.path.join(directory, "latest.1a2b3c4d.tmp"), "w", encoding="utf-8") as handle:
             handle.write("ckpt-0000")
+        outside = tmp_path.parent / f"{tmp_path.name}-outside"  # a link among the leftovers: the link goes, not its target
+        outside.mkdir()
+        (outside / "keep").write_text("x")
+        os.symlink(outside, os.path.join(directory, "ckpt-00000030.tmp"))
         CheckpointManager(directory, keep=1).complete_interrupted_save()
+        assert (outside / "keep").exists()
         assert sorted(os.listdir(directory)) == ["ckpt-00000020", "latest"]
         assert open(os.path.join(directory, "latest"), encoding="utf-8").read() == "ckpt-00000020\n"
         assert read_train_state(os.path.join(directory, "ckpt-00000020")).global_step == 20

@@ -372,3 +372,31 @@ def test_a_new_run_refuses_expected_provenance_where_no_entity_export_is_read() 
     check_elec_settings_are_read(ELECConfig.from_dict({"task": "gain", "vector_source": "entity_table",
                                                        "entity_tables": {"item_id": "vectors/items"},
                                                        "expected_provenance": {"model": "minilm"}}))
+
+
+def test_a_run_record_of_an_older_version_compares_the_footers_only(synthetic_schema) -> None:
+    """Records written before splits were also fingerprinted by their bytes hold the footers' hash alone."""
+    from recsys_llm.train.run_records import DATA_FINGERPRINTS_KEY, changed_splits
+
+    current = {"train": "aaaa+bbbb", "valid": "cccc+dddd"}
+    older = {DATA_FINGERPRINTS_KEY: {"train": "aaaa", "valid": "cccc"}}
+    assert changed_splits(older, current) == []
+    assert changed_splits({DATA_FINGERPRINTS_KEY: {"train": "aaaa+eeee", "valid": "xxxx"}}, current) == ["train", "valid"]
+
+
+def test_a_finished_run_on_a_schema_changed_since_names_what_changed(synthetic_schema, tmp_path) -> None:
+    import json
+
+    from recsys_llm.train.config import DataConfig, ExperimentConfig
+    from recsys_llm.train.run_records import PLUGINS_FILE, SCHEMA_CONTENTS_KEY, SCHEMA_FINGERPRINT_KEY, data_differences
+
+    recorded = synthetic_schema.fingerprinted()
+    first = recorded["fields"][0]
+    recorded["fields"][0] = {**first, "cardinality": first["cardinality"] - 1}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / PLUGINS_FILE).write_text(json.dumps({SCHEMA_FINGERPRINT_KEY: "0123456789abcdef",
+                                                    SCHEMA_CONTENTS_KEY: recorded}))
+    (line,) = data_differences(ExperimentConfig(data=DataConfig(schema=synthetic_schema.root)), str(run_dir))
+    assert line.startswith(f"the schema of {synthetic_schema.root}: fingerprint 0123456789abcdef -> ")
+    assert f"({first['name']}: cardinality {first['cardinality'] - 1} -> {first['cardinality']})" in line
