@@ -33,7 +33,6 @@ one-line error (exit code 2 from the CLI).
 import json
 import os
 import textwrap
-import types
 from typing import Any, Dict, List, Optional, Sequence
 
 from recsys_llm.atomic_dir import check_no_file_above, save_figure_atomically, write_text_atomically
@@ -185,17 +184,19 @@ def _llm_record(llm: Optional[str]) -> Dict[str, Any]:
         FileNotFoundError, ValueError: no model directory there (``read_model_config``), its weights
             are missing or damaged (``require_weight_files``), it has no tokenizer that loads (or a
             model type this transformers does not know, ``load_tokenizer``), its config names an
-            attention kernel of the Hub (``require_no_hub_kernel``), or its hidden states are not a
-            multiple of 4 wide (the demo's entity tables hold them).
+            attention kernel of the Hub (``require_no_hub_kernel``), it is a text-image dual encoder
+            (``require_text_forward``), or its hidden states are not a multiple of 4 wide (the demo's
+            entity tables hold them).
     """
-    from transformers import AutoConfig
+    import torch
+    from transformers import AutoConfig, AutoModel
 
     from recsys_llm.models.embedding import EMBEDDING_DIM_MULTIPLE
     from recsys_llm.semantics.encoder import default_model_path
     from recsys_llm.semantics.model_dir import (
         model_dir_fingerprint, read_model_config, require_no_hub_kernel, require_weight_files,
     )
-    from recsys_llm.semantics.model_loading import load_tokenizer
+    from recsys_llm.semantics.model_loading import load_tokenizer, require_text_forward
     from recsys_llm.semantics.pooling import hidden_width
 
     path = os.path.realpath(llm or default_model_path())
@@ -203,7 +204,10 @@ def _llm_record(llm: Optional[str]) -> Dict[str, Any]:
     require_weight_files(path)  # and one without whole weights (an interrupted download)
     load_tokenizer(path)  # and one without its tokenizer files (a model saved without them)
     require_no_hub_kernel(path, config, trust_remote_code=False)
-    width = hidden_width(types.SimpleNamespace(config=AutoConfig.from_pretrained(path, local_files_only=True)))
+    with torch.device("meta"):  # the model's modules without its weights: what it is, at no cost
+        skeleton = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    require_text_forward(path, skeleton)  # a text-image dual encoder (CLIP) failed after the plain run
+    width = hidden_width(skeleton)
     if width % EMBEDDING_DIM_MULTIPLE:
         raise ValueError(
             f"--llm {path}: its hidden states are {width} wide, and the demo puts them into frozen entity tables, "

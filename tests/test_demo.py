@@ -158,6 +158,24 @@ def test_an_llm_whose_hidden_states_no_table_can_hold_is_refused_before_any_trai
     assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
 
 
+def test_a_text_image_model_is_refused_before_any_training(tmp_path, capsys) -> None:
+    """CLIP passed the demo's first checks and failed only after the plain DeepFM had trained (minutes at 200k rows)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from recsys_llm.cli import main as cli_main
+    from tests.tiny_models import save_with_tokenizer, tiny_vocab_size
+
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    llm = save_with_tokenizer(CLIPModel(CLIPConfig(text_config=dict(**tower, vocab_size=tiny_vocab_size()),
+                                                   vision_config=dict(**tower, image_size=16, patch_size=8))),
+                              tmp_path / "clip")
+    data_dir, run_root = str(tmp_path / "data"), str(tmp_path / "runs")
+    code = cli_main(["demo", "--rows", "3000", "--data-dir", data_dir, "--run-dir", run_root, "--llm", llm, *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{llm}: CLIPModel is a text-image dual encoder whose forward needs images" in err, err
+    assert not os.path.exists(data_dir) and not os.path.exists(run_root)  # nothing generated or trained
+
+
 @pytest.mark.parametrize("flag", ["--run-dir", "--data-dir"])
 def test_a_directory_under_a_file_is_named_before_any_work(tmp_path, capsys, flag) -> None:
     """A --run-dir under a file failed with '[Errno 20] Not a directory' after the data was generated."""

@@ -281,7 +281,7 @@ def _model_class(config: dict) -> Any:
     return transformers.AutoModel
 
 
-def _require_text_forward(model_path: str, model: nn.Module) -> None:
+def require_text_forward(model_path: str, model: nn.Module) -> None:
     """Refuses a text-image dual encoder (CLIP, SigLIP, ALIGN: a ``text_model``, a ``vision_model`` and
     ``get_text_features``): its forward needs images. Vision-language models whose forward reads text
     alone (Idefics3, SmolVLM) have the two towers but no ``get_text_features``."""
@@ -444,7 +444,7 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
             f"({telling_line(error)}); nothing from them ran. Use the model's .safetensors weights, or a copy of "
             "the model from a source you trust"
         ) from error
-    _require_text_forward(model_path, model)
+    require_text_forward(model_path, model)
     used = encoder_of(model)
     _require_loaded_weights(model_path, model, used, loading_info.get("missing_keys") or [])
     return used.to(device)
