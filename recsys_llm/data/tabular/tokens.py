@@ -257,12 +257,11 @@ def _count_tokens(counts: _TokenCounts, flat: pa.Array, lengths: Optional[np.nda
         distinct = pc.unique(flat_valid)
         counts.seen.update(distinct.slice(0, HASHED_SAMPLE).to_pylist() if counts.bounded else distinct.to_pylist())
     is_integer = pc.fill_null(pc.match_substring_regex(flat, INTEGER_PATTERN), False)
-    not_integer = flat.filter(pc.invert(is_integer)).drop_null()
-    if counts.bounded:  # the markers decide the plan; the other tokens only count
-        not_integer = not_integer.filter(pc.is_in(not_integer, value_set=pa.array(sorted(NULL_MARKERS), flat.type)))
-    counts.not_integer.update(pc.unique(not_integer).to_pylist())
-    counts.integers += int(pc.sum(is_integer).as_py() or 0)
     marker = pc.fill_null(pc.is_in(flat, value_set=pa.array(sorted(NULL_MARKERS), flat.type)), False)
+    # bounded: the markers decide the plan; the other tokens only count
+    kept = pc.and_(pc.invert(is_integer), marker) if counts.bounded else pc.invert(is_integer)
+    counts.not_integer.update(pc.unique(flat.filter(kept).drop_null()).to_pylist())
+    counts.integers += int(pc.sum(is_integer).as_py() or 0)
     other = np.asarray(pc.and_(pc.and_(flat.is_valid(), pc.invert(is_integer)), pc.invert(marker)), dtype=bool)
     counts.others += int(other.sum())
     if counts.first_other is None and other.any():
