@@ -92,20 +92,33 @@ def read_model_config(model_path: str) -> dict:
     return config
 
 
+def sentence_transformers_modules(model_path: str, kind: Optional[str] = None) -> List[str]:
+    """The paths (relative to ``model_path``; ``""`` for the directory itself) of the modules that a
+    sentence-transformers ``modules.json`` lists, in its order: those of type
+    ``sentence_transformers.models.{kind}`` (``Transformer``, ``Pooling``, ``Dense``, ...), or all (None);
+    [] without one.
+
+    Raises:
+        ValueError: ``modules.json`` is not valid JSON.
+    """
+    modules_path = os.path.join(model_path, "modules.json")
+    if not os.path.isfile(modules_path):
+        return []
+    modules = read_json_file(modules_path, "; the model directory is damaged")
+    return [m.get("path", "") for m in (modules if isinstance(modules, list) else [])
+            if isinstance(m, dict) and isinstance(m.get("path", ""), str)
+            and (kind is None or str(m.get("type", "")).endswith(f".{kind}"))]
+
+
 def _sentence_transformers_model_dir(model_path: str) -> Optional[str]:
     """The sub-directory holding the model of a sentence-transformers directory of the older layout
     (``modules.json`` listing a Transformer module at ``0_Transformer``), when it has a ``config.json``."""
     try:
-        with open(os.path.join(model_path, "modules.json"), encoding="utf-8") as handle:
-            modules = json.load(handle)
-    except (OSError, ValueError):
+        paths = sentence_transformers_modules(model_path, "Transformer")
+    except (OSError, ValueError):  # the error at hand is the missing config.json, not this file
         return None
-    for module in modules if isinstance(modules, list) else []:
-        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Transformer") and module.get("path"):
-            inner = os.path.join(model_path, str(module["path"]))
-            if os.path.isfile(os.path.join(inner, "config.json")):
-                return inner
-    return None
+    inner = [os.path.join(model_path, path) for path in paths if path]
+    return next((path for path in inner if os.path.isfile(os.path.join(path, "config.json"))), None)
 
 
 def config_vocab_size(config: dict) -> Optional[int]:
@@ -193,17 +206,13 @@ def model_module_dirs(model_path: str) -> List[str]:
     that is not a list of modules). Any other subdirectory (``onnx/``, ``openvino/`` of a hub download, or
     outputs kept in the model directory) is not read when the model loads.
     """
-    path = os.path.join(model_path, "modules.json")
-    if not os.path.isfile(path):
-        return []
     try:
-        modules = read_json_file(path)
+        paths = sentence_transformers_modules(model_path)
     except ValueError:  # a damaged modules.json is hashed as it is, and named where the pooling is read
         return []
     names = set()
-    for module in modules if isinstance(modules, list) else []:
-        sub = module.get("path") if isinstance(module, dict) else None
-        if not isinstance(sub, str) or not sub or os.path.isabs(sub):
+    for sub in paths:
+        if not sub or os.path.isabs(sub):
             continue
         sub = os.path.normpath(sub)
         if sub.split(os.sep)[0] not in ("..", ".") and os.path.isdir(os.path.join(model_path, sub)):

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from recsys_llm.semantics.model_dir import read_json_file
+from recsys_llm.semantics.model_dir import read_json_file, sentence_transformers_modules
 
 
 POOLINGS = ("auto", "mean", "last_token", "cls")
@@ -97,15 +97,9 @@ SENTENCE_TRANSFORMERS_MODE_KEYS = {
 
 def _pooling_config_path(model_path: str) -> Optional[str]:
     """The ``config.json`` of the Pooling module a sentence-transformers ``modules.json`` lists, when both exist."""
-    modules_path = os.path.join(model_path, "modules.json")
-    if not os.path.isfile(modules_path):
-        return None
-    modules = read_json_file(modules_path, "; the model directory is damaged")
-    for module in modules if isinstance(modules, list) else []:
-        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Pooling"):
-            path = os.path.join(model_path, str(module.get("path", "")), "config.json")
-            return path if os.path.isfile(path) else None
-    return None
+    pooling = sentence_transformers_modules(model_path, "Pooling")[:1]
+    path = os.path.join(model_path, pooling[0], "config.json") if pooling else None
+    return path if path is not None and os.path.isfile(path) else None
 
 
 def sentence_transformers_pooling(model_path: str) -> Optional[str]:
@@ -132,15 +126,10 @@ def sentence_transformers_pooling(model_path: str) -> Optional[str]:
 def warn_of_modules_not_applied(model_path: str) -> None:
     """Warns, naming ``modules.json``, when a sentence-transformers directory lists a ``Dense`` module (sentence-t5,
     LaBSE, distiluse): the vectors are the pooled hidden states before it, not what the model's ``encode`` gives."""
-    modules_path = os.path.join(model_path, "modules.json")
-    if not os.path.isfile(modules_path):
-        return
-    modules = read_json_file(modules_path, "; the model directory is damaged")
-    dense = [str(m.get("path", "")) for m in (modules if isinstance(modules, list) else [])
-             if isinstance(m, dict) and str(m.get("type", "")).endswith(".Dense")]
+    dense = sentence_transformers_modules(model_path, "Dense")
     if dense:
         warnings.warn(
-            f"{modules_path}: lists Dense module(s) {dense}, which are not applied: the vectors are the model's "
+            f"{os.path.join(model_path, 'modules.json')}: lists Dense module(s) {dense}, which are not applied: the vectors are the model's "
             "pooled hidden states (its hidden size), not the projected ones sentence-transformers' encode gives",
             stacklevel=3,
         )
