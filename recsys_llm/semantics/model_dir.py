@@ -378,6 +378,19 @@ def require_native_model(model_path: str, config: Mapping[str, Any], trust_remot
     )
 
 
+def requested_attention(config: Any) -> List[str]:
+    """Every ``attn_implementation`` that ``config.json`` (a mapping) or its sub-configs name (alone, or
+    per sub-config in a dict)."""
+    if not isinstance(config, dict):
+        return []
+    found = []
+    for key, value in config.items():
+        if key == "attn_implementation":
+            found += [v for v in (value.values() if isinstance(value, dict) else [value]) if isinstance(v, str)]
+        found += requested_attention(value)
+    return found
+
+
 def require_no_hub_kernel(model_path: str, config: Mapping[str, Any], trust_remote_code: bool) -> None:
     """Raises when ``config.json`` (or one of its sub-configs) sets ``attn_implementation`` to an attention
     kernel of the Hugging Face Hub (``org/repo[@revision][:function]``, alone or per sub-config in a
@@ -394,19 +407,7 @@ def require_no_hub_kernel(model_path: str, config: Mapping[str, Any], trust_remo
         from transformers.integrations.hub_kernels import is_kernel
     except ImportError:  # a transformers without hub kernels
         return
-
-    def named(node: Any) -> List[str]:
-        if isinstance(node, dict):
-            found = []
-            for key, value in node.items():
-                if key == "attn_implementation":
-                    values = value.values() if isinstance(value, dict) else [value]
-                    found += [v for v in values if isinstance(v, str) and is_kernel(v.split("|")[-1])]
-                found += named(value)
-            return found
-        return []
-
-    kernels = named(dict(config))
+    kernels = [name for name in requested_attention(dict(config)) if is_kernel(name.split("|")[-1])]
     if kernels:
         raise ValueError(
             f"{os.path.join(model_path, 'config.json')}: attn_implementation names the attention kernel "

@@ -15,7 +15,7 @@ import json
 import os
 import pickle
 import warnings
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from recsys_llm.error_text import one_line, telling_line
 from recsys_llm.semantics.model_dir import (
     config_vocab_size,
     read_model_config,
+    requested_attention,
     require_native_model,
     require_no_hub_kernel,
     require_weight_files,
@@ -364,18 +365,6 @@ def _warn_of_own_tokenizer_code(model_path: str) -> None:
         )
 
 
-def _requested_attention(config: Any) -> List[str]:
-    """Every ``attn_implementation`` that ``config.json`` (a mapping) or its sub-configs name."""
-    if not isinstance(config, dict):
-        return []
-    found = []
-    for key, value in config.items():
-        if key == "attn_implementation":
-            found += [v for v in (value.values() if isinstance(value, dict) else [value]) if isinstance(v, str)]
-        found += _requested_attention(value)
-    return found
-
-
 def _flash_attention_installed(version: int) -> bool:
     """Whether transformers finds the package of flash attention ``version`` (``flash-attn`` for 2), as it checks
     before fetching a kernel from the Hub in its place; a transformers without that table (4.56) fetches none."""
@@ -393,7 +382,7 @@ def _attention_in_place_of_flash(model_path: str, config: Any, device: torch.dev
     here: on a CPU, or without its ``flash-attn`` package, where transformers would fetch a kernel's code from the
     Hugging Face Hub in its place (code from outside transformers runs only with ``trust_remote_code``). sdpa is the
     same attention, computed by torch. None: the config's own choice stands."""
-    for requested in _requested_attention(config):
+    for requested in requested_attention(config):
         version = requested.removeprefix("flash_attention_")
         if requested == version or not version.isdigit():
             continue

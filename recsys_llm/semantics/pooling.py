@@ -143,8 +143,8 @@ def directory_pooling(pooling: str, model_path: str) -> str:
     if pooling != "auto":
         return pooling
     declared = sentence_transformers_pooling(model_path)
-    config_path = _pooling_config_path(model_path)
-    if declared is None and config_path is not None:
+    config_path = _pooling_config_path(model_path) if declared is None else None
+    if config_path is not None:
         warnings.warn(
             f"{config_path}: the pooling it declares (max, mean_sqrt_len, weighted mean, or several modes) is not "
             "computed here: the model's default pooling is used (mean for an encoder, the last token for a decoder), "
