@@ -63,7 +63,8 @@ def _is_integer(dtype: pa.DataType) -> bool:
     return pa.types.is_integer(dtype)
 
 
-def _is_list(dtype: pa.DataType) -> bool:
+def is_list_type(dtype: pa.DataType) -> bool:
+    """Whether ``dtype`` is an Arrow list of any kind (list, large list, fixed-size list): a sequence field's column."""
     return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
 
 
@@ -79,7 +80,7 @@ def _type_ok(spec: FieldSpec, dtype: pa.DataType) -> bool:
     if spec.kind == FieldKind.SPARSE:
         return _is_integer(dtype)
     if spec.kind == FieldKind.SEQUENCE:
-        return _is_list(dtype) and _is_integer(dtype.value_type)
+        return is_list_type(dtype) and _is_integer(dtype.value_type)
     return pa.types.is_floating(dtype) or _is_integer(dtype)
 
 

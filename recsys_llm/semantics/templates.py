@@ -33,6 +33,7 @@ import pyarrow.dataset as ds
 
 from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.schema import MISSING_ID, DatasetSchema, FieldKind, FieldSpec, SchemaError
+from recsys_llm.data.validation import is_list_type
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -188,9 +189,7 @@ def _column_values(schema: DatasetSchema, spec: FieldSpec, max_scan_rows: int) -
     chunks, seen = [], 0
     for batch in dataset.to_batches(columns=[spec.name]):
         column = batch.column(0)
-        listed = (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
-                  or pa.types.is_fixed_size_list(column.type))
-        chunks.append(pc.list_flatten(column) if listed else column)
+        chunks.append(pc.list_flatten(column) if is_list_type(column.type) else column)
         seen += batch.num_rows
         if seen >= max_scan_rows:
             break

@@ -16,17 +16,15 @@ from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.tabular.config import TabularConfig
 from recsys_llm.data.tabular.source import first_line, is_parquet, null_where_in, read_blocks, repeated_columns
-from recsys_llm.data.validation import DataError, describe_row, offsets_from_lengths, open_parquet, row_of_value
+from recsys_llm.data.validation import (
+    DataError, describe_row, is_list_type, offsets_from_lengths, open_parquet, row_of_value,
+)
 from recsys_llm.progress import interval_options
 
 INTEGER_PATTERN = r"^\s*-?\d+\s*$"
 # pyarrow's CSV missing-value markers: in a column of integer ids they mean missing (id 0)
 NULL_MARKERS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
                           "<NA>", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"})
-
-
-def _is_list(dtype: pa.DataType) -> bool:
-    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
 
 
 def _is_text(dtype: pa.DataType) -> bool:
@@ -39,7 +37,7 @@ _TOKEN_WORDS = {"integer": "integer ids", "string": "string tokens"}  # a token 
 def _token_type(dtype: pa.DataType) -> Optional[str]:
     """What a categorical column's values are: ``"integer"`` ids (integers, or floats holding whole
     numbers), ``"string"`` tokens, or None (another type); lists and dictionaries by their values."""
-    if _is_list(dtype):
+    if is_list_type(dtype):
         dtype = dtype.value_type
     if pa.types.is_dictionary(dtype):
         dtype = dtype.value_type
@@ -53,11 +51,11 @@ def _check_token_column(path: str, spec: FieldSpec, dtype: pa.DataType, separato
     a sparse field, a list (or a string of tokens joined by ``separator``) for a sequence field."""
     where = f"{path}: column {spec.name!r} ({spec.kind.value} field) has type {dtype}"
     scalar = dtype.value_type if pa.types.is_dictionary(dtype) else dtype  # a string column may be dictionary-encoded
-    if spec.kind == FieldKind.SEQUENCE and not _is_list(dtype) and not _is_text(scalar):
+    if spec.kind == FieldKind.SEQUENCE and not is_list_type(dtype) and not _is_text(scalar):
         raise DataError(f"{where}; expected a list column (e.g. list<int64> or list<string>) or a string column of "
                         f"tokens joined by {separator!r} (--sequence-separator, TabularConfig.sequence_separator); "
                         "a column of one value per row fits a sparse field")
-    if spec.kind == FieldKind.SPARSE and _is_list(dtype):
+    if spec.kind == FieldKind.SPARSE and is_list_type(dtype):
         raise DataError(f"{where}; expected one integer id or string token per row (a list column fits a "
                         "sequence field)")
     if _token_type(dtype) is None:
@@ -142,7 +140,7 @@ def _check_utf8(array: pa.Array, path: str, spec: FieldSpec, row: int) -> None:
     strings or lists of them) that is not UTF-8: Parquet readers do not check it, and pyarrow's text
     functions or Python's decoding would fail on it without naming the file or column."""
     values, offsets = array, None
-    if _is_list(array.type):
+    if is_list_type(array.type):
         if not (_is_text(array.type.value_type) or pa.types.is_dictionary(array.type.value_type)):
             return
         values = _decoded(pc.list_flatten(array))
