@@ -47,3 +47,10 @@ def schema_changes(recorded: Mapping[str, Any], schema: DatasetSchema) -> List[s
     if common_before != common_after:
         changes.append(f"field order {common_before} -> {common_after}")
     return changes
+
+
+def schema_change_note(recorded: Any, schema: DatasetSchema, otherwise: str = "") -> str:
+    """``" (change; change)"``: the :func:`schema_changes` of ``recorded`` for a message, or ``otherwise`` when it
+    names none (a record of an older version)."""
+    changes = schema_changes(recorded, schema)
+    return f" ({'; '.join(changes)})" if changes else otherwise

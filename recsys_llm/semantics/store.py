@@ -31,7 +31,7 @@ from safetensors.torch import save
 
 from recsys_llm.atomic_dir import check_no_file_above, write_bytes_atomically
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.data.schema_changes import schema_changes
+from recsys_llm.data.schema_changes import schema_change_note
 from recsys_llm.semantics.encoder import text_list
 
 FORMAT_VERSION = "1"
@@ -221,13 +221,10 @@ def _check_schema(path: str, provenance: VectorProvenance, schema: DatasetSchema
             f"with fields {provenance.schema_fields}"
         )
         names = [f.name for f in schema.fields]
-        changes = schema_changes(provenance.schema_contents, schema)
-        if changes:
-            what_differs = f" ({'; '.join(changes)})"
-        elif list(provenance.schema_fields or []) == names:  # a file of an older version
-            what_differs = " (the same field names: their kinds, sizes or descriptions, or the label, differ)"
-        else:
-            what_differs = ""
+        same_names = list(provenance.schema_fields or []) == names  # said of a file of an older version
+        what_differs = schema_change_note(
+            provenance.schema_contents, schema,
+            " (the same field names: their kinds, sizes or descriptions, or the label, differ)" if same_names else "")
         raise VectorProvenanceError(
             f"vectors in {path} were made for {made_for}; the current schema {schema.name!r} has fingerprint "
             f"{current} with fields {names}{what_differs}. Re-encode them for this schema "

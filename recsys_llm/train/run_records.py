@@ -16,7 +16,7 @@ import numpy as np
 from recsys_llm.atomic_dir import try_lock
 from recsys_llm.data.parquet_files import same_split_fingerprint, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.data.schema_changes import schema_changes
+from recsys_llm.data.schema_changes import schema_change_note
 from recsys_llm.data.validation import check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
@@ -76,9 +76,8 @@ def data_differences(config: ExperimentConfig, run_dir: str) -> List[str]:
     saved = read_run_record(plugins)
     schema = DatasetSchema.load(schema_file)
     if saved.get(SCHEMA_FINGERPRINT_KEY) not in (None, schema.fingerprint()):
-        changes = schema_changes(saved.get(SCHEMA_CONTENTS_KEY), schema)
         return [f"the schema of {schema.root}: fingerprint {saved[SCHEMA_FINGERPRINT_KEY]} -> {schema.fingerprint()}"
-                + (f" ({'; '.join(changes)})" if changes else "")]
+                + schema_change_note(saved.get(SCHEMA_CONTENTS_KEY), schema)]
     changed = changed_splits(saved, data_fingerprints(config, schema))
     if not changed:
         return []
@@ -492,10 +491,10 @@ def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: s
     record = _trained_schema_record(saved_config)
     trained_on = record.get(SCHEMA_FINGERPRINT_KEY)
     if trained_on is not None and trained_on != schema.fingerprint():
-        changes = schema_changes(record.get(SCHEMA_CONTENTS_KEY), schema) or ["other fields, sizes or descriptions"]
+        changes = schema_change_note(record.get(SCHEMA_CONTENTS_KEY), schema, " (other fields, sizes or descriptions)")
         raise ConfigError(
             f"{what}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
-            f"{schema.fingerprint()} ({'; '.join(changes)}): use data prepared like the training data"
+            f"{schema.fingerprint()}{changes}: use data prepared like the training data"
         )
 
 
