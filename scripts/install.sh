@@ -141,6 +141,23 @@ rm -f "$stamp"
 PIP=("$VENV/bin/python" -m pip)  # an array: a path with spaces stays one word
 "${PIP[@]}" install --quiet --upgrade pip wheel setuptools
 
+# --isolated (the CUDA installs from $CUDA_INDEX below) leaves out pip.conf and PIP_* variables, so that no
+# CPU wheel they point at (find-links, extra indexes) stands in for the CUDA build; their network settings
+# (certificate, proxy, trusted hosts, timeout, retries) are passed on as options
+isolated_network_options() {
+  local line key value host
+  ISOLATED=(--isolated)
+  while IFS= read -r line; do
+    key=${line%%=*}; key=${key#*.}
+    value=${line#*=}; value=${value#\'}; value=${value%\'}
+    case "$key" in
+      cert|client-cert|proxy|retries) ISOLATED+=("--$key" "$value") ;;
+      timeout|default-timeout) ISOLATED+=(--timeout "$value") ;;
+      trusted-host) for host in ${value//\\n/ }; do ISOLATED+=(--trusted-host "$host"); done ;;
+    esac
+  done < <("${PIP[@]}" config list 2>/dev/null | grep -E '^(global|install|:env:)\.' || true)
+}
+
 torch_cuda() { "$VENV/bin/python" -c "import torch; print(torch.version.cuda)" 2>/dev/null || echo missing; }
 torch_version() { "$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || echo missing; }
 
@@ -149,6 +166,7 @@ echo "[install] variant: $VARIANT (torch $TORCH_VERSION, fbgemm-gpu $FBGEMM_VERS
 # deletes the other's files too, so both go and the chosen one is installed afresh below
 "${PIP[@]}" uninstall --yes --quiet fbgemm-gpu fbgemm-gpu-cpu 2>/dev/null || true
 if [ "$VARIANT" = cuda ]; then
+  isolated_network_options
   echo "[install] CUDA build of torch and fbgemm-gpu from $CUDA_INDEX" \
        "(the driver supports CUDA ${DRIVER_CUDA:-?}; TORCH_CUDA_INDEX_URL overrides)"
   if [ "$CUDA_INDEX" = "$PYPI_INDEX" ]; then
@@ -168,7 +186,7 @@ if [ "$VARIANT" = cuda ]; then
     case "$have_cuda" in None) here="a CPU build" ;; missing) here="none" ;; *) here="$have_version, a CUDA $have_cuda build" ;; esac
     echo "[install] installing torch's CUDA build from $CUDA_INDEX (torch here: $here)"
     "${PIP[@]}" uninstall --yes --quiet torch 2>/dev/null || true
-    "${PIP[@]}" install --isolated --index-url "$CUDA_INDEX" "torch==$TORCH_VERSION"
+    "${PIP[@]}" install "${ISOLATED[@]}" --index-url "$CUDA_INDEX" "torch==$TORCH_VERSION"
   fi
   if [ "$(torch_cuda)" = None ]; then
     echo "[install] error: torch $TORCH_VERSION is still a CPU build; set TORCH_CUDA_INDEX_URL to an index with the CUDA build" >&2
@@ -177,7 +195,7 @@ if [ "$VARIANT" = cuda ]; then
   if [ "$CUDA_INDEX" = "$PYPI_INDEX" ]; then
     "${PIP[@]}" install --no-deps "fbgemm-gpu==$FBGEMM_VERSION"
   else
-    "${PIP[@]}" install --no-deps --isolated --index-url "$CUDA_INDEX" "fbgemm-gpu==$FBGEMM_VERSION"
+    "${PIP[@]}" install --no-deps "${ISOLATED[@]}" --index-url "$CUDA_INDEX" "fbgemm-gpu==$FBGEMM_VERSION"
   fi
   "${PIP[@]}" install --no-deps "torchrec==$TORCHREC_VERSION"
 else

@@ -76,6 +76,9 @@ def fake_install_env(tmp_path: Path, driver_cuda: Optional[str]) -> dict:
     python.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path / 'python.log'}'\n"
                       # FAIL_PIP_ON: a pip command holding that text fails (an install cut off half way)
                       "if [ -n \"$FAIL_PIP_ON\" ]; then case \"$*\" in *\"$FAIL_PIP_ON\"*) exit 1 ;; esac; fi\n"
+                      # FAKE_PIP_CONFIG: what `pip config list` prints (the settings of pip.conf and PIP_*)
+                      "if [ -n \"$FAKE_PIP_CONFIG\" ]; then case \"$*\" in *\"pip config list\"*)"
+                      " printf '%s\\n' \"$FAKE_PIP_CONFIG\"; exit 0 ;; esac; fi\n"
                       f"if [ \"$1\" = -c ] && [ -d '{site / 'torch'}' ]; then\n"
                       f"  case \"$2\" in \"import torch\"*) PYTHONPATH='{site}' exec '{sys.executable}' \"$@\" ;; esac\n"
                       f"fi\n")
@@ -450,3 +453,18 @@ def test_a_hung_nvidia_smi_is_given_up_and_not_asked_when_the_variant_is_given(t
     for bad in ("abc", "0"):  # timeout's 125 (or no limit at all) read as "no GPU"
         refused = run_install(tmp_path, env, RECSYS_LLM_SMI_TIMEOUT_S=bad)
         assert refused.returncode == 2 and f"RECSYS_LLM_SMI_TIMEOUT_S is '{bad}'" in refused.stderr
+
+
+def test_the_isolated_cuda_installs_keep_the_network_settings_of_the_pip_config(tmp_path: Path) -> None:
+    """--isolated keeps find-links' CPU wheels out of the CUDA install; it also dropped pip.conf's proxy and certificate."""
+    env = fake_install_env(tmp_path, driver_cuda="12.8")
+    config = "\n".join(["global.cert='/etc/corp/ca.pem'", "global.find-links='/opt/wheels'",
+                        "install.trusted-host='mirror.corp\\nindex.corp'", ":env:.proxy='http://proxy.corp:3128'",
+                        ":env:.default-timeout='120'"])
+    result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda", FAKE_PIP_CONFIG=config)
+    assert result.returncode == 0, result.stderr
+    options = ("--isolated --cert /etc/corp/ca.pem --trusted-host mirror.corp --trusted-host index.corp"
+               " --proxy http://proxy.corp:3128 --timeout 120 --index-url https://download.pytorch.org/whl/cu128")
+    log = (tmp_path / "python.log").read_text()
+    assert f"{options} torch==" in log and f"--no-deps {options} fbgemm-gpu==" in log
+    assert "/opt/wheels" not in log
