@@ -1,13 +1,17 @@
 """Where a resumed run goes on: its newest checkpoint, its budget, and its reader position under
 another world size or batch size."""
 
-from typing import Optional
+import json
+from typing import Any, Dict, Optional
+
+from torchrec.distributed.types import ShardingPlan
 
 from recsys_llm.data.parquet import ParquetBatchReader, default_shuffle_buffer_rows
 from recsys_llm.train.checkpoint import STOP_BUDGET, CheckpointManager, TrainState, read_train_state
 from recsys_llm.train.config import ConfigError, TrainConfig
 from recsys_llm.train.distributed import DistContext
 from recsys_llm.train.process import seed_everything
+from recsys_llm.train.sharding import table_placements
 
 
 def budget_spent(state: TrainState, train_cfg: TrainConfig) -> bool:
@@ -132,3 +136,45 @@ def state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed: 
     state.world_size, state.batch_size = ctx.world_size, batch_size
     seed_everything(seed + state.global_step + ctx.rank)
     return state
+
+
+def column_shards(placement: Dict[str, Any]) -> int:
+    """How many column ranges a table's shards split it into (``table_placements``' entry of one
+    table): more than 1 only for the column-wise types."""
+    return len({tuple(shard["offsets"][1:]) for shard in placement.get("shards") or []}) or 1
+
+
+def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_optimizer: str) -> None:
+    """Raises when this job's plan splits a table's columns into other shards than the plan its
+    checkpoints were saved under (``sharding_plan.json``), and the table optimizer is
+    ``row_wise_adagrad``: its state holds one value per row of each column shard (rows x shards),
+    which DCP cannot reshard (it loads rows and columns of tables into any plan). The planner may
+    split otherwise on another world size or device (on CUDA a table wider than FBGEMM's kernels
+    take is always column-wise). A run without a readable record is left to the checkpoint's load.
+
+    Raises:
+        ConfigError: naming each such table, its split then and now, and what keeps the split.
+    """
+    if sparse_optimizer != "row_wise_adagrad":
+        return
+    try:
+        with open(saved_plan_path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
+        return
+    if not isinstance(saved, dict):
+        return
+    changes = []
+    for table, placement in sorted(table_placements(plan).items()):
+        before = saved.get(table)
+        if isinstance(before, dict) and column_shards(before) != column_shards(placement):
+            changes.append(f"{table!r} {column_shards(before)} ({before.get('sharding_type')}) -> "
+                           f"{column_shards(placement)} ({placement['sharding_type']})")
+    if changes:
+        raise ConfigError(
+            f"{saved_plan_path}: this job's sharding plan splits the columns of tables into other shards than the "
+            f"plan the run's checkpoints were saved under ({'; '.join(changes)} column shards), and the "
+            "row_wise_adagrad state of a table has one value per row of each column shard, which cannot be "
+            "loaded into another split; resume on the world size and device the run was saved on (the planner "
+            "then splits as before), or use another train.run_dir for a new run"
+        )

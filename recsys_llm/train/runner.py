@@ -78,6 +78,7 @@ from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.resume import (
     budget_spent,
     check_resumable_position,
+    check_same_column_split,
     reopen_for_budget,
     resume_point,
     state_for_world,
@@ -224,6 +225,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         check_resumable(config, saved_config)
         check_trained_on(schema, saved_config, run_dir)
         check_resumable_position(read_train_state(latest), ctx, train_cfg, readers["train"], config.data.shuffle)
+        check_same_column_split(os.path.join(run_dir, "sharding_plan.json"), plan, config.optim.sparse)
         saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
         if os.path.isfile(saved_plugins):
             saved_record = read_run_record(saved_plugins)

@@ -400,3 +400,39 @@ def test_a_finished_run_on_a_schema_changed_since_names_what_changed(synthetic_s
     (line,) = data_differences(ExperimentConfig(data=DataConfig(schema=synthetic_schema.root)), str(run_dir))
     assert line.startswith(f"the schema of {synthetic_schema.root}: fingerprint 0123456789abcdef -> ")
     assert f"({first['name']}: cardinality {first['cardinality'] - 1} -> {first['cardinality']})" in line
+
+
+def _resume_after_a_plan_record_of_other_column_shards(schema_dir: str, run_dir: str) -> str:
+    """Trains 2 steps, then records in sharding_plan.json that ``t_user_id`` was saved in two column shards, as a
+    run on another world size or device is, and resumes; returns the refusal."""
+    import json
+
+    from recsys_llm.train.runner import run_training
+
+    overrides = [f"train.run_dir={run_dir}", "train.epochs=1", "train.progress=false", "data.validate=false"]
+    run_training(_config(schema_dir, *overrides, "train.max_steps=2"))
+    record_path = os.path.join(run_dir, "sharding_plan.json")
+    with open(record_path, encoding="utf-8") as handle:
+        record = json.load(handle)
+    width = record["t_user_id"]["shards"][0]["sizes"][1]
+    record["t_user_id"]["sharding_type"] = "column_wise"
+    record["t_user_id"]["shards"] = [{"rank": 0, "offsets": [0, 0], "sizes": [1, width // 2]},
+                                     {"rank": 0, "offsets": [0, width // 2], "sizes": [1, width - width // 2]}]
+    with open(record_path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+    try:
+        run_training(_config(schema_dir, *overrides, "train.max_steps=4"))
+    except ConfigError as error:
+        return str(error)
+    return ""
+
+
+@pytest.mark.multiprocess
+def test_a_resume_under_a_plan_that_splits_columns_otherwise_is_refused_before_loading(synthetic_dir: str,
+                                                                                      tmp_path) -> None:
+    from tests.multiprocess import run_multiprocess
+
+    refusal, = run_multiprocess(_resume_after_a_plan_record_of_other_column_shards, world_size=1,
+                                schema_dir=synthetic_dir, run_dir=str(tmp_path / "run"))
+    assert "'t_user_id' 2 (column_wise) -> 1 (table_wise) column shards" in refusal, refusal
+    assert refusal.startswith(str(tmp_path / "run" / "sharding_plan.json"))

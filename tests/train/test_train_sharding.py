@@ -641,3 +641,51 @@ def test_build_topology_is_the_factory_s_and_matches_a_direct_one(
     assert [d.storage for d in topology.devices] == [d.storage for d in direct.devices]
     assert topology.hbm_mem_bw == direct.hbm_mem_bw and topology.ddr_mem_bw == direct.ddr_mem_bw
     assert topology.intra_host_bw == direct.intra_host_bw and topology.inter_host_bw == direct.inter_host_bw
+
+
+def _split_changes(schema_path: str) -> Dict[str, Any]:
+    """A table-wise plan's record against a column-wise plan of the same wide tables, as a resume compares them."""
+    import json
+    import os
+    import tempfile
+
+    from recsys_llm.train.config import ConfigError
+    from recsys_llm.train.resume import check_same_column_split
+    from recsys_llm.train.sharding import describe_plan
+
+    ctx = init_distributed("cpu")
+    schema = DatasetSchema.load(schema_path)
+    wide = dataclasses.replace(SMOKE_CONFIGS["fm"], embedding_dim=256)  # two column shards (torchrec splits by 128)
+
+    def plan_with(kind: str) -> Any:
+        task = CTRTask(build_backbone(wide, schema, device=torch.device("meta")))
+        sharding = ShardingConfig(sharding_types=["table_wise", "column_wise"],
+                                  table_constraints={"t_user_id": {"sharding_types": [kind]}})
+        return shard_model(task, ctx.device, ctx.world_size, sharding, OptimizerConfig(), batch_size=64)[1]
+
+    table_wise, column_wise = plan_with("table_wise"), plan_with("column_wise")
+    saved = os.path.join(tempfile.mkdtemp(), "sharding_plan.json")
+    with open(saved, "w", encoding="utf-8") as handle:
+        handle.write(describe_plan(table_wise))
+    outcome: Dict[str, Any] = {"same": None, "adagrad": None}
+    check_same_column_split(saved, table_wise, "row_wise_adagrad")  # the same split resumes
+    check_same_column_split(saved, column_wise, "adagrad")  # element-wise state reshards like the table
+    try:
+        check_same_column_split(saved, column_wise, "row_wise_adagrad")
+    except ConfigError as error:
+        outcome["refused"] = str(error)
+    outcome["record"] = {t: p["sharding_type"] for t, p in json.loads(describe_plan(column_wise)).items()}
+    return outcome
+
+
+@pytest.mark.multiprocess
+def test_a_resume_whose_plan_splits_a_tables_columns_otherwise_is_refused_naming_the_table(synthetic_dir: str) -> None:
+    """row_wise_adagrad keeps one value per row of each column shard: DCP failed to load it into another split with
+    "a checkpoint of another model or code version (Size mismatch ...)", where only the plan had changed (another
+    world size or device: on CUDA a table wider than FBGEMM's kernels take is always column-wise)."""
+    outcome, = run_multiprocess(_split_changes, world_size=1, schema_path=synthetic_dir)
+    assert outcome["record"]["t_user_id"] == "column_wise"
+    message = outcome["refused"]
+    assert "'t_user_id' 1 (table_wise) -> 2 (column_wise) column shards" in message, message
+    assert "t_item_id" not in message and "row_wise_adagrad" in message
+    assert "resume on the world size and device the run was saved on" in message
