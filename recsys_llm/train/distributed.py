@@ -18,6 +18,8 @@ import dataclasses
 import datetime
 import itertools
 import os
+import re
+import warnings
 from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
@@ -178,6 +180,27 @@ def launch_ranks() -> Tuple[int, int, int]:
     return rank, world_size, _env_int("LOCAL_RANK", rank, minimum=0)
 
 
+# the variables other launchers give the ranks per host in (torchrec's get_local_size reads the first
+# three after LOCAL_WORLD_SIZE; Slurm's is "8" or "8(x2)")
+LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
+                        "SLURM_NTASKS_PER_NODE")
+
+
+def ranks_per_host(world_size: int) -> int:
+    """The ranks per host when ``LOCAL_WORLD_SIZE`` (torchrun's) is not set: another launcher's
+    variable (``LOCAL_SIZE_VARIABLES``), else ``world_size`` (one host), with a warning when that
+    is more than one rank. The planner groups a host's ranks (hierarchical sharding types), and
+    torchrec's runtime reads ``LOCAL_WORLD_SIZE`` for the same groups."""
+    for name in LOCAL_SIZE_VARIABLES:
+        match = re.fullmatch(r"\s*(\d+)(\(x\d+\))?\s*", os.environ.get(name, ""))
+        if match and 0 < int(match.group(1)) <= world_size and world_size % int(match.group(1)) == 0:
+            return int(match.group(1))
+    if world_size > 1:
+        warnings.warn(f"LOCAL_WORLD_SIZE is not set (a launcher other than torchrun): the sharding planner takes all "
+                      f"{world_size} ranks for one host; set LOCAL_WORLD_SIZE to the ranks per host", stacklevel=3)
+    return world_size
+
+
 def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
     """Initialises the default process group (idempotent) and returns this rank's context.
 
@@ -200,7 +223,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         torch.cuda.set_device(torch_device)
     chosen_backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(ranks_per_host(world_size)))
         # NCCL bound to this rank's GPU: the communicator forms at once, and no collective has to guess
         # the device from the global rank (wrong where a launcher maps ranks to GPUs otherwise)
         bound_device = torch_device if chosen_backend == "nccl" else None

@@ -105,3 +105,27 @@ def test_training_figures_are_taken_over_every_rank() -> None:
     from tests.multiprocess import run_multiprocess
 
     assert run_multiprocess(_rank_counts_and_losses, world_size=2) == [[103.0, 0.75], [103.0, 0.75]]
+
+
+@pytest.mark.parametrize("env, expected, warned", [
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 4, False),  # mpirun
+    ({"SLURM_NTASKS_PER_NODE": "8(x2)"}, 8, False),  # srun, 2 nodes x 8
+    ({"SLURM_NTASKS_PER_NODE": "3"}, 16, True),  # does not divide the world: not this job's layout
+    ({}, 16, True),  # nothing says: one host, and the user is told
+])
+def test_the_ranks_per_host_come_from_the_launcher_when_torchrun_gives_none(monkeypatch, env, expected, warned) -> None:
+    """Before, a launcher other than torchrun (srun, mpirun) got LOCAL_WORLD_SIZE = WORLD_SIZE: all ranks on one host,
+    so hierarchical plans (table_row_wise) grouped ranks of several hosts as one host's."""
+    import warnings
+
+    from recsys_llm.train.distributed import LOCAL_SIZE_VARIABLES, ranks_per_host
+
+    for name in LOCAL_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ranks_per_host(16) == expected
+    assert any("set LOCAL_WORLD_SIZE to the ranks per host" in str(w.message) for w in caught) == warned
+    assert ranks_per_host(1) == 1
