@@ -58,6 +58,7 @@ Example::
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -355,8 +356,12 @@ def _set_rng_state(state: Dict[str, torch.Tensor]) -> None:
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), meta[0], meta[1], float(state["numpy_gauss"][0])))
     gauss = float(state["python_gauss"][0]) if "python_gauss" in state else None
     random.setstate((int(state["python_meta"][0]), tuple(int(v) for v in state["python"].tolist()), gauss))
-    if "cuda" in state and torch.cuda.is_initialized():  # the model is on the GPU by now
-        torch.cuda.set_rng_state(state["cuda"])
+    if torch.cuda.is_initialized():  # the model is on the GPU by now
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+        else:  # saved by a CPU job: every rank's GPU stream is still train.seed's, and would draw the same dropout
+            cpu_state = state["torch"].numpy().tobytes()  # each rank's own (give_rank_its_own_stream)
+            torch.cuda.manual_seed(int.from_bytes(hashlib.sha256(cpu_state).digest()[:8], "little") >> 1)
 
 
 def _counting_kernels(model: nn.Module) -> List[Any]:

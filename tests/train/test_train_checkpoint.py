@@ -694,3 +694,23 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint_that_looks_compl
     assert not is_complete(str(tmp_path / "ckpt-00000010"))
     manager.save(model, None, TrainState(global_step=30))  # the next save removes the leftover
     assert sorted(os.listdir(tmp_path)) == ["ckpt-00000030", "latest"]
+
+
+def test_a_cpu_checkpoint_resumed_on_gpus_gives_each_ranks_gpu_a_stream_of_its_own(monkeypatch) -> None:
+    """A CPU job's RNG files hold no CUDA state: the GPU job that resumed it kept every rank's GPU stream at
+    train.seed's, so all ranks drew the same dropout masks. The GPU stream is now seeded from the rank's own CPU
+    state (no GPU here: torch.cuda's two calls are stood in for)."""
+    from recsys_llm.train import checkpoint
+
+    states = []
+    for rank_seed in (0, 1):  # two ranks' CPU states
+        torch.manual_seed(rank_seed)
+        states.append(checkpoint._rng_state())
+    seeds = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: pytest.fail("a CPU checkpoint has no CUDA state"))
+    for state in states + states[:1]:
+        checkpoint._set_rng_state(state)
+    assert seeds[0] != seeds[1] and seeds[0] == seeds[2]  # per rank, and the same on a second resume
+    assert torch.equal(torch.get_rng_state(), states[0]["torch"])  # the CPU stream is the saved one, no draw taken
