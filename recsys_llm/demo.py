@@ -287,11 +287,17 @@ def run_demo(
     Raises:
         ConfigError: ``run_root`` holds outputs made with other settings or another LLM, or an override
             sets what a flag sets (``FLAG_SETTINGS``).
+        ValueError: ``with_llm`` under a launcher of several ranks (the LLM steps run in one process).
         FileNotFoundError: ``llm`` is no model directory (checked before any training).
         NotADirectoryError: ``run_root`` or ``data_dir`` is (or lies under) a file (checked before any work).
         DemoStepError: an LLM step failed.
     """
     _check_overrides(overrides)
+    world_size = launch_ranks()[1]
+    if with_llm and world_size > 1:
+        raise ValueError(f"demo: its LLM steps (semantics encode, adapt) run in one process, and under torchrun each "
+                         f"of the {world_size} ranks would run them whole and write the same outputs: run the demo "
+                         "without torchrun, or with --no-llm (the plain DeepFM alone trains on every rank)")
     for flag, path in (("--run-dir", run_root), ("--data-dir", data_dir)):
         if os.path.exists(path) and not os.path.isdir(path):
             raise NotADirectoryError(f"{flag} {path}: a file; expected a directory (absent or one of this command's)")

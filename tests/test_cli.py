@@ -594,3 +594,23 @@ def test_help_imports_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "loaded: []"
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["semantics", "tune", "--schema", "none", "--output-dir", "out"], "semantics tune"),
+    (["semantics", "encode", "--schema", "none", "--output", "out.safetensors"], "semantics encode"),
+    (["semantics", "adapt", "--schema", "none", "--output-dir", "out"], "semantics adapt"),
+    (["demo", "--data-dir", "data", "--run-dir", "runs"], "demo"),
+])
+def test_one_process_llm_commands_refuse_several_ranks_before_any_work(argv, command, monkeypatch, tmp_path,
+                                                                        capsys) -> None:
+    """Under `torchrun --nproc_per_node 2`, every rank ran the whole tune / encode / adapt (the demo's too) and wrote the
+    same output (adapt's second rank then failed on the first one's lock, as "another semantics adapt")."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"error: {command}" in error and "under torchrun each of the 2 ranks" in error, error
+    assert "without torchrun" in error
+    assert os.listdir(tmp_path) == []  # nothing written

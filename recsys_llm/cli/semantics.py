@@ -45,6 +45,22 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
         action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
+def refuse_several_ranks(command: str) -> None:
+    """Raises under a launcher of several ranks (torchrun's ``WORLD_SIZE`` > 1): ``command`` runs in one process,
+    and every rank would do the whole job and write the same output.
+
+    Raises:
+        ValueError: naming the command, the world size and the LLM step that does split over ranks.
+    """
+    from recsys_llm.train.distributed import launch_ranks
+
+    world_size = launch_ranks()[1]
+    if world_size > 1:
+        raise ValueError(f"{command} runs in one process, on one device; under torchrun each of the {world_size} ranks "
+                         "would do the whole job and write the same output: run it without torchrun (`semantics "
+                         "export` is the LLM step that splits its rows over ranks)")
+
+
 def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     """The options ``tune`` (``training``) and ``encode`` share; ``encode``'s max length defaults to None (256, or
     the adapter's)."""
@@ -79,6 +95,7 @@ def _tune(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer
 
+    refuse_several_ranks("semantics tune")
     config = SSFTConfig(
         model_path=args.model, samples_train=args.samples_train, samples_valid=args.samples_valid,
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, lr_schedule=args.lr_schedule,
@@ -102,6 +119,7 @@ def _encode(args: argparse.Namespace) -> int:
     from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
     from recsys_llm.semantics.store import check_cache_dir, check_vector_output
 
+    refuse_several_ranks("semantics encode")
     check_vector_output(args.output)  # before any work: only its own earlier vector file is replaced
     check_cache_dir(args.cache_dir)
     config = FieldVectorConfig(

@@ -28,7 +28,7 @@ import warnings
 from typing import Any, Dict, List
 
 from recsys_llm.cli.data import integer_at_least, number_above
-from recsys_llm.cli.semantics import TRUST_REMOTE_CODE_HELP
+from recsys_llm.cli.semantics import TRUST_REMOTE_CODE_HELP, refuse_several_ranks
 
 ROW_TEXT_FILE = "row_text.json"
 ADAPTED_ON_FILE = "adapted_on.json"  # the schema, row-text fields and split a CTR-adapted LLM was tuned on
@@ -66,6 +66,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from recsys_llm.atomic_dir import check_replaceable, file_locked
     from recsys_llm.semantics.ctr_llm import CTR_LLM_FILES
 
+    refuse_several_ranks("semantics adapt")
     check_replaceable(args.output_dir, "saved CTR-adapted LLM", CTR_LLM_FILES)  # before any work
     output = os.path.abspath(args.output_dir).rstrip(os.sep)
     os.makedirs(os.path.dirname(output), exist_ok=True)
