@@ -61,8 +61,9 @@ def resolve_device(device: Optional[str], setting: str = "--device") -> torch.de
     the process sees a single GPU.
 
     Raises:
-        ValueError: naming ``setting``: ``device`` is no device name torch knows, or a GPU
-            (``cuda``, ``cuda:N``) this process does not see.
+        ValueError: naming ``setting``: ``device`` is no device name torch knows, a GPU
+            (``cuda``, ``cuda:N``) this process does not see, or one GPU (``cuda:N``) for several
+            ranks of a host.
     """
     if not device:
         resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,6 +75,10 @@ def resolve_device(device: Optional[str], setting: str = "--device") -> torch.de
                              "cuda:0") from None
     if resolved.type != "cuda":
         return resolved
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if resolved.index is not None and ranks_here > 1:
+        raise ValueError(f"{setting} {device!r} names one GPU for all {ranks_here} ranks of this host (torchrun's "
+                         "LOCAL_WORLD_SIZE): pass cuda, which gives each rank its own (cuda:LOCAL_RANK)")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if resolved.index is None and visible:
         try:  # the trainer's choice of GPU

@@ -479,3 +479,18 @@ def test_a_second_adapt_into_the_same_output_is_refused_before_the_llm_loads(tmp
     assert code == 2
     assert f"error: {out}: another semantics adapt is writing this output" in _error_line(capsys)
     assert not os.path.exists(out) and not os.path.exists(f"{out}.checkpoint")
+
+
+def test_one_gpu_named_for_several_ranks_of_a_host_is_refused(tiny_schema, tiny_bert_dir, tmp_path, capsys,
+                                                               monkeypatch) -> None:
+    """`torchrun --nproc_per_node 8 ... semantics export --device cuda:1` put all eight ranks on GPU 1 (a bare cuda
+    gives each rank its own)."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    out = str(tmp_path / "out")
+    code = main(["semantics", "export", "--schema", tiny_schema.root, "--device", "cuda:1", "--llm", tiny_bert_dir,
+                 "--output-dir", out])
+    line = _error_line(capsys)
+    assert code == 2 and line == ("recsys-llm semantics: error: --device 'cuda:1' names one GPU for all 8 ranks of this "
+                                  "host (torchrun's LOCAL_WORLD_SIZE): pass cuda, which gives each rank its own "
+                                  "(cuda:LOCAL_RANK)"), line
+    assert not os.path.exists(out)
