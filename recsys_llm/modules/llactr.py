@@ -78,7 +78,11 @@ class LLaCTRConfig:
         (the last also when the config is built directly)."""
         from recsys_llm.train.config import ConfigError, build_dataclass
 
-        if "vectors_path" not in raw:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known) if isinstance(raw, Mapping) else []
+        if unknown:  # first: a misspelt vectors_path is named, not reported as missing
+            raise ConfigError(f"{source}: unknown keys {unknown}; allowed: {sorted(known)}")
+        if isinstance(raw, Mapping) and "vectors_path" not in raw:
             raise ConfigError(f"{source}: 'vectors_path' (path of the field-vector file) is required")
         config = build_dataclass(cls, raw, source)
         if not config.vectors_path:

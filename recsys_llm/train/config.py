@@ -416,9 +416,29 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<config>") -> ExperimentConfig:
     """Validates and types a raw mapping (see :func:`build_dataclass`); errors start with ``source``."""
     try:
-        return build_dataclass(ExperimentConfig, raw, "")
-    except ConfigError as error:
+        config = build_dataclass(ExperimentConfig, raw, "")
+        _parse_plugin_sections(config)
+    except ValueError as error:  # ConfigError, and the plug-in configs' own checks
         raise ConfigError(f"{source}: {error}") from error
+    return config
+
+
+def _parse_plugin_sections(config: ExperimentConfig) -> None:
+    """Checks the free-form ``llactr`` / ``elec`` sections as the trainer will parse them, so that a
+    bad key or value there is named with the config file or override, before any other work.
+
+    Raises:
+        ValueError: both sections are set, or a section has unknown keys or bad values.
+    """
+    from recsys_llm.modules.elec import ELECConfig
+    from recsys_llm.modules.llactr import LLaCTRConfig
+
+    if config.llactr and config.elec:
+        raise ConfigError("'llactr' and 'elec' sections are both set; train one method per run")
+    if config.llactr:
+        LLaCTRConfig.from_dict(config.llactr, source="llactr")
+    if config.elec:
+        ELECConfig.from_dict(config.elec, source="elec")
 
 
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> ExperimentConfig:

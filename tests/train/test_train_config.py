@@ -24,7 +24,8 @@ class TestLoadConfig:
                 "train.resume=false",
                 "data.schema=123",
                 "sharding.frozen_tables=[t_item_id]",
-                "llactr.fre.weight=0.5",
+                "llactr.lambda_fre=0.5",
+                "llactr.vectors_path=fields.safetensors",
             ],
         )
         assert config.train.epochs == 7 and isinstance(config.train.epochs, int)
@@ -34,7 +35,7 @@ class TestLoadConfig:
         assert config.train.resume is False
         assert config.data.schema == "123"
         assert config.sharding.frozen_tables == ["t_item_id"]
-        assert config.llactr == {"fre": {"weight": 0.5}}
+        assert config.llactr == {"lambda_fre": 0.5, "vectors_path": "fields.safetensors"}  # parsed by the trainer
         # untouched values come from the file
         assert config.model.name == "deepfm" and config.sharding.sharding_types == ["table_wise", "row_wise"]
 
@@ -201,7 +202,7 @@ class TestLoadConfig:
                                    "(save the config as UTF-8)")
 
     def test_round_trip_through_yaml(self, tmp_path) -> None:
-        config = load_config(None, ["model.name=dcnv2", "model.cross_layers=2", "elec.alpha=0.3", "data.schema=x"])
+        config = load_config(None, ["model.name=dcnv2", "model.cross_layers=2", "elec.distill.alpha=0.3", "data.schema=x"])
         path = str(tmp_path / "config.yaml")
         save_config(config, path)
         assert load_config(path) == config
@@ -453,3 +454,19 @@ def test_a_home_relative_path_setting_is_expanded(tmp_path, monkeypatch) -> None
     assert config.train.run_dir == str(tmp_path / "home" / "runs" / "x")
     assert config.data.schema == str(tmp_path / "home" / "data" / "schema.json")
     assert config.elec["entity_tables"] == {"item_id": str(tmp_path / "home" / "vectors" / "items")}
+
+
+def test_a_plugin_section_mistake_is_named_with_the_config_file_before_any_work(tmp_path) -> None:
+    """`llactr: {vectors_pth: ...}` said only that vectors_path is required, and every llactr / elec mistake came
+    without the file's name, after the process group was set up."""
+    path = tmp_path / "c.yaml"
+    path.write_text("llactr: {vectors_pth: x.safetensors}\n")
+    with pytest.raises(ConfigError) as typo:
+        load_config(str(path))
+    assert str(typo.value).startswith(f"{path}: llactr: unknown keys ['vectors_pth']; allowed: ["), typo.value
+    path.write_text("elec: {task: gain, distill: {alpah: 1}}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: elec.distill: unknown keys \['alpah'\]"):
+        load_config(str(path))
+    path.write_text("llactr: {lambda_fre: 0.1}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: llactr: 'vectors_path' \(path of the field-vector file\) is required"):
+        load_config(str(path))

@@ -124,21 +124,25 @@ def test_a_damaged_results_json_is_named(tmp_path) -> None:
 
 def test_a_bad_plugin_value_is_refused_before_the_data_is_made(tmp_path) -> None:
     """``data.synthetic_rows`` generates missing data first; a bad ``elec`` value used to be
-    refused only after that (when the task was built)."""
+    refused only after that (when the task was built). Loading the config names it with the override; a config
+    built in Python is refused by the trainer before the data is made."""
+    import dataclasses
+
     from recsys_llm.train.runner import run_training
 
     data = str(tmp_path / "data")
-    config = load_config(DEEPFM_CONFIG, [f"data.schema={data}", "data.synthetic_rows=2000",
-                                         f"train.run_dir={tmp_path / 'run'}", "elec.vector_dim=0"])
+    base = [f"data.schema={data}", "data.synthetic_rows=2000", f"train.run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=r"^command-line override\(s\) .*elec.vector_dim=0: elec.vector_dim must be an "
+                                          "integer >= 1, got 0"):
+        load_config(DEEPFM_CONFIG, [*base, "elec.vector_dim=0"])
+    with pytest.raises(ConfigError, match="'llactr' and 'elec' sections are both set"):
+        load_config(DEEPFM_CONFIG, [*base, "elec.task=gain", "llactr.vectors_path=fields.safetensors"])
+    config = load_config(DEEPFM_CONFIG, base)
     with pytest.raises(ValueError, match="elec.vector_dim must be an integer >= 1, got 0"):
-        run_training(config)
-    assert not os.path.exists(data) and not os.path.exists(tmp_path / "run")
-    both = load_config(DEEPFM_CONFIG, [f"data.schema={data}", "data.synthetic_rows=2000",
-                                       f"train.run_dir={tmp_path / 'run'}", "elec.task=gain",
-                                       "llactr.vectors_path=fields.safetensors"])
+        run_training(dataclasses.replace(config, elec={"vector_dim": 0}))
     with pytest.raises(ValueError, match="'llactr' and 'elec' sections are both set"):
-        run_training(both)
-    assert not os.path.exists(data)
+        run_training(dataclasses.replace(config, elec={"task": "gain"}, llactr={"vectors_path": "fields.safetensors"}))
+    assert not os.path.exists(data) and not os.path.exists(tmp_path / "run")
 
 
 def test_a_new_offline_student_run_refuses_entity_exports_it_would_not_read(tmp_path) -> None:
