@@ -60,6 +60,10 @@ def _row_text_config(args: argparse.Namespace):
     return config
 
 
+# the splits `train` validates and tests on by default (data.valid_split / data.test_split)
+HELD_OUT_SPLITS = ("valid", "test")
+
+
 def _adapt(args: argparse.Namespace) -> int:
     """``semantics adapt``, holding ``<output-dir>.lock`` beside its output: a second adapt into the same
     output would share its checkpoint (``<output-dir>.checkpoint``) and swap its own files over this one's."""
@@ -122,6 +126,10 @@ def _adapt_locked(args: argparse.Namespace) -> int:
               "entity_table), whose FBGEMM kernels need a multiple of 4", flush=True)
     renderer = RowTextRenderer(schema, text_config)
     split_path = schema.split_path(args.split)
+    if args.split in HELD_OUT_SPLITS:
+        warnings.warn(f"--split {args.split}: its labels reach the LLM and every vector exported from it, so a CTR "
+                      f"model validated or tested on {args.split!r} with those vectors is scored on labels it has "
+                      "seen; tune on the training split", stacklevel=2)
     # as train reads it: a missing column or an empty file is named (no rows would save untrained heads)
     read_schema_and_check(schema, split_path)
     # a directory's *.parquet files (as train reads it), not a *.tmp a killed write left beside them
@@ -408,7 +416,7 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--schema", required=True, help="schema.json (or its directory)")
     adapt.add_argument("--split", default="train",
                        help="split to tune on (its labels reach the LLM and every vector exported from it: "
-                            "never a split the CTR models are validated or tested on)")
+                            "never a split the CTR models are validated or tested on: valid and test are warned of)")
     adapt.add_argument("--output-dir", required=True, help="where the adapter, heads and settings go")
     adapt.add_argument("--model", "--llm", dest="model", default=None,
                        help="local Hugging Face model directory (default: offline MiniLM)")

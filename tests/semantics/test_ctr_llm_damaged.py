@@ -4,6 +4,7 @@ with one ``error:`` line naming that file and saying to run ``semantics adapt`` 
 
 import json
 import os
+import warnings
 import re
 import shutil
 from typing import Dict
@@ -168,3 +169,28 @@ def test_target_modules_without_names_is_refused_by_the_parser(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["semantics", "adapt", "--schema", "s", "--output-dir", "o", "--target-modules"])
     assert "--target-modules: expected at least one argument" in capsys.readouterr().err
+
+
+def test_adapting_on_a_held_out_split_is_warned_of(tmp_path) -> None:
+    """`--split valid` tuned the LLM on the labels the CTR models are validated on, without a word (its help says
+    never to)."""
+    data = str(tmp_path / "data")
+    os.makedirs(data)
+    rng = np.random.default_rng(0)
+    for split in ("train", "valid"):
+        pq.write_table(pa.table({"user_id": pa.array(rng.integers(0, 3, 8), pa.int64()),
+                                 "label": pa.array(rng.integers(0, 2, 8), pa.int64())}),
+                       os.path.join(data, f"{split}.parquet"))
+    DatasetSchema("t", [FieldSpec("user_id", "sparse", 3, description="user id")],
+                  splits={"train": "train.parquet", "valid": "valid.parquet"}, root=data).save(
+        os.path.join(data, "schema.json"))
+    bert = save_tiny_bert(str(tmp_path / "bert"))
+    for split, warned in (("valid", True), ("train", False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["semantics", "adapt", "--schema", data, "--split", split, "--output-dir",
+                         str(tmp_path / split), "--model", bert, "--representation-dim", "4", "--hidden-dim", "8",
+                         "--batch-size", "8", "--max-length", "16"]) == 0
+        said = [str(w.message) for w in caught if "labels reach the LLM" in str(w.message)]
+        assert bool(said) == warned, said
+        assert not said or said[0].startswith("--split valid: its labels reach the LLM")
