@@ -614,3 +614,30 @@ def test_one_process_llm_commands_refuse_several_ranks_before_any_work(argv, com
     assert f"error: {command}" in error and "under torchrun each of the 2 ranks" in error, error
     assert "without torchrun" in error
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_a_home_tilde_after_an_options_equals_sign_is_expanded(tmp_path, monkeypatch, capsys) -> None:
+    """bash leaves `--out=~/data` unexpanded: prepare made a directory named `~` in the working directory (whose
+    `rm -rf ~` then removes the home directory)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["prepare", "synthetic", "--rows", "100", "--out=~/data"]) == 0
+    assert (home / "data" / "schema.json").is_file() and not (work / "~").exists()
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(monkeypatch, capsys) -> None:
+    """The version check imports torch, fbgemm and torchrec (seconds): a Ctrl-C there printed a traceback."""
+    import recsys_llm.env
+
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(recsys_llm.env, "check_versions", interrupted)
+    monkeypatch.delenv("RECSYS_LLM_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "synthetic", "--rows", "100", "--out", "never"])
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "recsys-llm prepare: interrupted (Ctrl-C) before it began\n"

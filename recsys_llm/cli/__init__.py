@@ -257,6 +257,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             os.environ.pop(key, None)
 
 
+def expand_home(args: argparse.Namespace) -> None:
+    """Expands a leading ``~`` (``~`` or ``~/...``) in the options' values as the shell would have:
+    bash leaves ``--out=~/data`` as it is, and the command would make a directory named ``~``."""
+    def expanded(value: Any) -> Any:
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            return os.path.expanduser(value)
+        return [expanded(item) for item in value] if isinstance(value, list) else value
+
+    for name, value in vars(args).items():
+        setattr(args, name, expanded(value))
+
+
 def _run_command(argv: Optional[List[str]]) -> int:
     from recsys_llm.env import check_versions
 
@@ -267,12 +279,18 @@ def _run_command(argv: Optional[List[str]]) -> int:
         if any("=" in item and not item.startswith("-") for item in unknown):
             hint = " (section.key=value overrides go after all options, in one run at the end of the command)"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    expand_home(args)
     try:  # the commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
         check_versions()
     except RuntimeError as error:
         if _traceback_asked():
             raise
         return _error_exit("", error)
+    except KeyboardInterrupt:  # in the seconds torch takes to import: nothing written yet
+        if _traceback_asked():
+            raise
+        print(f"recsys-llm {args.command}: interrupted (Ctrl-C) before it began", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
     quiet_upstream_notices()
     restore_sigterm = exit_on_sigterm()
     # a command called inside a running program's group (the examples, the demo) must leave it be

@@ -213,14 +213,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 0, "max_steps": 0, "patience": 0,
                     "checkpoint_every": 0}
-        wrong = [f"{name}={getattr(self, name)} (must be >= {low})" for name, low in at_least.items()
+        wrong = [f"train.{name}={getattr(self, name)} (must be >= {low})" for name, low in at_least.items()
                  if getattr(self, name) < low]
         if self.device not in DEVICES:
-            wrong.append(f"device={self.device!r} (must be one of {', '.join(DEVICES)})")
+            wrong.append(f"train.device={self.device!r} (must be one of {', '.join(DEVICES)})")
         if not str(self.run_dir).strip():
-            wrong.append("run_dir='' (must name a directory)")
+            wrong.append("train.run_dir='' (must name a directory)")
         elif os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
-            wrong.append(f"run_dir={self.run_dir!r} (is a file, must be a directory)")
+            wrong.append(f"train.run_dir={self.run_dir!r} (is a file, must be a directory)")
         if wrong:
             raise ValueError(f"{', '.join(wrong)}")
 

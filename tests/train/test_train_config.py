@@ -62,7 +62,7 @@ class TestLoadConfig:
             # checked only once generating, as SyntheticConfig.seed / num_rows: settings no config names
             ("data.synthetic_seed=-1", "data.synthetic_seed=-1 (must be >= 0)"),
             ("data.synthetic_rows=5", "data.synthetic_rows=5 (must be 0 for none, or >= 10 rows to generate)"),
-            ("train.device=gpu", "train: device='gpu' (must be one of auto, cpu, cuda)"),
+            ("train.device=gpu", "train.device='gpu' (must be one of auto, cpu, cuda)"),
             ("sharding.compute_device=gpu", "sharding.compute_device must be 'auto', 'cpu' or 'cuda', got 'gpu'"),
             ("optim.sparse_lr=-1", "optim.sparse_lr must be a finite number > 0, got -1.0"),
             ("optim.dense_lr=.nan", "optim.dense_lr must be a finite number > 0, got nan"),
