@@ -182,7 +182,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--output", required=True, help="export directory")
     export.add_argument("--state-only", action="store_true",
                         help="write the whole task's state dict only (e.g. a gain network for elec.teacher_checkpoint)")
-    export.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    export.add_argument("overrides", nargs="*",
+                        help="config overrides section.key=value (value parsed as YAML), e.g. data.eval_batch_size=8192")
     export.set_defaults(func=_export)
 
     outputs = subparsers.add_parser(
@@ -194,6 +195,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     outputs.add_argument("--output-dir", required=True, help="where the split copies and schema.json go")
     outputs.add_argument("--splits", nargs="*", default=None, help="splits to cover (default: all)")
     outputs.add_argument("--batch-size", type=integer_at_least(1), default=4096, help="rows per teacher call")
-    outputs.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    outputs.add_argument("overrides", nargs="*",
+                        help="config overrides section.key=value (value parsed as YAML), e.g. data.eval_batch_size=8192")
     outputs.set_defaults(func=_teacher_outputs)
     show_defaults(outputs)  # --batch-size

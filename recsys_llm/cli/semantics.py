@@ -45,6 +45,10 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
         action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
+# the default LoRA targets (semantics.lora_targets.QUERY_VALUE_NAMES, which imports torch), as --help lists them
+LORA_TARGET_HELP = "q_proj v_proj / query value / c_attn / query_key_value / Wqkv / q_lin v_lin / query_proj value_proj / qkv_proj / q v"
+
+
 def refuse_several_ranks(command: str) -> None:
     """Raises under a launcher of several ranks (torchrun's ``WORLD_SIZE`` > 1): ``command`` runs in one process,
     and every rank would do the whole job and write the same output.
@@ -162,8 +166,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     tune.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     tune.add_argument("--target-modules", nargs="+", default=None,
                       help="LoRA target modules (default: the attention query/value projections as the model "
-                           "names them: q_proj v_proj / query value / c_attn / query_key_value / Wqkv; a model "
-                           "without them needs this option)")
+                           f"names them: {LORA_TARGET_HELP}; a model without them needs this option)")
     tune.add_argument("--seed", type=int, default=0, help="sampling, shuffling and LoRA initialisation")
     tune.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     tune.set_defaults(func=_tune)

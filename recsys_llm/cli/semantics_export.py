@@ -28,7 +28,7 @@ import warnings
 from typing import Any, Dict, List
 
 from recsys_llm.cli.data import integer_at_least, number_above
-from recsys_llm.cli.semantics import TRUST_REMOTE_CODE_HELP, refuse_several_ranks
+from recsys_llm.cli.semantics import LORA_TARGET_HELP, TRUST_REMOTE_CODE_HELP, refuse_several_ranks
 
 ROW_TEXT_FILE = "row_text.json"
 ADAPTED_ON_FILE = "adapted_on.json"  # the schema, row-text fields and split a CTR-adapted LLM was tuned on
@@ -425,8 +425,7 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
                             "prediction layer")
     adapt.add_argument("--target-modules", nargs="+", default=None,
                        help="--tuning lora: LoRA target modules (default: the attention query/value projections "
-                            "as the model names them: q_proj v_proj / query value / c_attn / query_key_value / "
-                            "Wqkv; else peft's default for the architecture)")
+                            f"as the model names them: {LORA_TARGET_HELP}; else peft's default for the architecture)")
     adapt.add_argument("--lora-r", type=int, default=None, help="--tuning lora: LoRA rank (default: 8)")
     adapt.add_argument("--last-k", type=int, default=None, help="--tuning last_k: layers unfrozen (default: 1)")
     adapt.add_argument("--representation-dim", type=int, default=128, help="size of r (multiple of 4 for tables)")

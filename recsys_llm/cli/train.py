@@ -101,7 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
     if os.path.isdir(args.config):
         raise ValueError(f"--config {args.config}: a directory; expected the demo's YAML config file")
     if not os.path.isfile(args.config):
-        raise FileNotFoundError(f"{args.config}: demo config not found (pass --config)")
+        raise FileNotFoundError(f"--config {args.config}: demo config not found")
     results = run_demo(args.config, args.data_dir, args.run_dir, args.rows, args.overrides, llm=args.llm,
                        with_llm=not args.no_llm)
     if is_main_process():
@@ -130,7 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser("evaluate", help="evaluate a checkpoint on a split")
     evaluate.add_argument("--config", default=None, help=RUN_CONFIG_HELP)
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
-    evaluate.add_argument("--split", default=None, help="split name (default: data.test_split)")
+    evaluate.add_argument("--split", default=None,
+                          help="split name, or a Parquet file or directory of the schema's columns (default: data.test_split)")
     evaluate.add_argument("overrides", nargs="*", help=overrides_help)
     evaluate.set_defaults(func=_evaluate)
 

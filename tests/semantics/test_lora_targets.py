@@ -45,3 +45,11 @@ def test_lora_targets_of_a_multimodal_model_are_in_its_language_model() -> None:
     adapted = get_peft_model(model, LoraConfig(target_modules=default_target_modules(model)))
     names = [name for name, _ in adapted.named_parameters() if "lora_A" in name]
     assert len(names) == 4 and all(".language_model." in name for name in names), names
+
+
+def test_the_help_lists_every_default_target_family() -> None:
+    """`--target-modules --help` (kept free of torch) listed five of the nine families tried."""
+    from recsys_llm.cli.semantics import LORA_TARGET_HELP
+    from recsys_llm.semantics.lora_targets import QUERY_VALUE_NAMES
+
+    assert LORA_TARGET_HELP.split(" / ") == [" ".join(family) for family in QUERY_VALUE_NAMES]
