@@ -369,8 +369,8 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
 
 def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
-    steps = tqdm(total=4, desc="movielens", disable=not progress, **interval_options())
     inter_path, item_path, user_path = (_find(raw_dir, s) for s in (".inter", ".item", ".user"))
+    steps = tqdm(total=4, desc="movielens", disable=not progress, **interval_options())  # once the files are there
     inter = read_atomic_file(inter_path, {"user_id": ("token",), "item_id": ("token",), "rating": ("float",), "timestamp": ("float",)})
     items = read_atomic_file(item_path, {"item_id": ("token",), "movie_title": ("token_seq", "token"),
                                          "release_year": ("token", "float"), "genre|class": ("token_seq", "token")})
