@@ -111,14 +111,16 @@ def signals_deferred() -> Iterator[None]:
 
 
 LOCK_FILE = ".lock"  # in an output a job fills in place: locked by the job writing there (directory_locked)
+SWAP_LOCK_SUFFIX = ".lock"  # beside an output swapped in whole: ``.<name>.lock``, held by its writer (atomic_directory)
 
 
-def try_lock(path: str) -> Optional[IO[str]]:
+def try_lock(path: str, wait: bool = False) -> Optional[IO[str]]:
     """The file ``path`` (created) opened with an exclusive flock(2) lock on it, held until the
-    handle is closed or its process ends (even by SIGKILL); None when another process holds it."""
+    handle is closed or its process ends (even by SIGKILL); None when another process holds it
+    (``wait``: once the other process lets it go)."""
     handle = open(path, "a", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         return None
@@ -139,16 +141,19 @@ def directory_locked(directory: str, refusal: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def file_locked(path: str, refusal: str) -> Iterator[None]:
+def file_locked(path: str, refusal: str, wait: bool = False) -> Iterator[None]:
     """Holds an exclusive lock on the file ``path`` (created) in the block, removing the file at its
     end. The lock is flock(2)'s: its process ending (even by SIGKILL) releases it, so the file a
     killed job leaves is no lock; other hosts see it on NFSv4, maybe not on other network file systems.
 
+    Args:
+        wait (bool): wait for another process holding the lock to let it go, instead of refusing.
+
     Raises:
-        FileExistsError: ``refusal``, when another process holds the lock.
+        FileExistsError: ``refusal``, when another process holds the lock (and ``wait`` is False).
     """
     while True:
-        handle = try_lock(path)
+        handle = try_lock(path, wait)
         if handle is None:
             raise FileExistsError(refusal)
         try:
@@ -350,40 +355,46 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
         marker_files (Sequence[str]): files every ``kind`` directory has; an existing
             non-empty ``directory`` without them is refused (:func:`check_replaceable`).
 
-    On an exception inside the block (Ctrl-C, and SIGTERM in the ``recsys-llm`` commands,
-    included) the temp directory is removed and ``directory`` is left as it was. A process
-    killed outright (SIGKILL, a lost machine) leaves its temp directory: the next run names
-    such leftovers (it cannot tell them from another run's that is still writing).
+    The writer holds ``.<name>.lock`` beside ``directory`` in the block: a second writer of the same
+    output is refused (``FileExistsError``) before it starts. On an exception inside the block
+    (Ctrl-C, and SIGTERM in the ``recsys-llm`` commands, included) the temp directory is removed
+    and ``directory`` is left as it was. A process killed outright (SIGKILL, a lost machine) leaves
+    its temp directory: the next run names such leftovers.
     """
     directory = os.path.normpath(directory)  # ``out/`` is ``out``: its earlier copy goes to ``out.old`` beside it
     if os.path.islink(directory):  # ``current -> v3``: written at v3, the link kept (as open() writes a link's file)
         directory = os.path.realpath(directory)
-    old = f"{directory}.old"
-    if not os.path.exists(directory) and os.path.isdir(old) and holds_files(old, marker_files):
-        os.replace(old, directory)  # a process killed between the two renames of its swap
-        print(f"[recsys_llm] {directory}: put back from {old}, where an earlier {kind} killed while swapping in "
-              "its output had left it", file=sys.stderr)
-    check_replaceable(directory, kind, marker_files)
-    try:
-        check_replaceable(old, kind, marker_files)  # the swap removes it too
-    except FileExistsError as error:
-        raise FileExistsError(f"{error}; if it is what is left of an earlier {kind} (versions before 2026-12-03 "
-                              "could leave it partly deleted when killed), delete it") from None
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    prefix = f".{os.path.basename(os.path.normpath(directory))}."
-    # its temp dirs (prefix + mkdtemp's letters) and removal leftovers, not those of a sibling named
-    # like it plus a suffix (``<directory>.checkpoint``: ``.<name>.checkpoint.removing-*``)
-    own_leftover = re.compile(re.escape(prefix) + r"\w+(-\w+)?")
-    leftovers = sorted(name for name in os.listdir(parent)
-                       if own_leftover.fullmatch(name) and os.path.isdir(os.path.join(parent, name)))
-    if leftovers:
-        print(f"[recsys_llm] {parent}: {', '.join(leftovers)} left by an earlier {kind} of {directory} that was "
-              "killed (or is still running); delete them once no other run writes there", file=sys.stderr)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
-        yield tmp
-        replace_directory(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    lock = os.path.join(parent, f".{os.path.basename(directory)}{SWAP_LOCK_SUFFIX}")
+    # two writers of one output would interleave their checks and renames (a finished output thrown
+    # away, a swap reported failed that had succeeded): the second is refused before any work
+    with file_locked(lock, f"{directory}: another {kind} is writing it (it holds {lock}); wait for it to end, or "
+                           "write elsewhere"):
+        old = f"{directory}.old"
+        if not os.path.exists(directory) and os.path.isdir(old) and holds_files(old, marker_files):
+            os.replace(old, directory)  # a process killed between the two renames of its swap
+            print(f"[recsys_llm] {directory}: put back from {old}, where an earlier {kind} killed while swapping in "
+                  "its output had left it", file=sys.stderr)
+        check_replaceable(directory, kind, marker_files)
+        try:
+            check_replaceable(old, kind, marker_files)  # the swap removes it too
+        except FileExistsError as error:
+            raise FileExistsError(f"{error}; if it is what is left of an earlier {kind} (versions before 2026-12-03 "
+                                  "could leave it partly deleted when killed), delete it") from None
+        prefix = f".{os.path.basename(os.path.normpath(directory))}."
+        # its temp dirs (prefix + mkdtemp's letters) and removal leftovers, not those of a sibling named
+        # like it plus a suffix (``<directory>.checkpoint``: ``.<name>.checkpoint.removing-*``)
+        own_leftover = re.compile(re.escape(prefix) + r"\w+(-\w+)?")
+        leftovers = sorted(name for name in os.listdir(parent)
+                           if own_leftover.fullmatch(name) and os.path.isdir(os.path.join(parent, name)))
+        if leftovers:
+            print(f"[recsys_llm] {parent}: {', '.join(leftovers)} left by an earlier {kind} of {directory} that was "
+                  "killed; delete them", file=sys.stderr)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        try:
+            yield tmp
+            replace_directory(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

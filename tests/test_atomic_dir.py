@@ -69,7 +69,7 @@ def test_temp_directories_of_a_killed_run_are_named(tmp_path, capsys) -> None:
             handle.write("{}")
     err = capsys.readouterr().err
     assert f"{tmp_path}: .out.k1ll3d left by an earlier export of {tmp_path / 'out'} that was killed" in err
-    assert leftover.is_dir()  # named, not removed: another run may still be writing it
+    assert leftover.is_dir()  # named, not removed
 
 
 def test_leftovers_of_a_sibling_named_like_the_output_are_not_called_its_own(tmp_path, capsys) -> None:
@@ -288,3 +288,38 @@ def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, below):
         check_own_entries(directory, "vector export", lambda name: True, "chunk-*.parquet")
     assert str(refused.value) == expected
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_second_writer_of_one_output_is_refused_before_it_starts(tmp_path):
+    """Two writers of one output interleaved their checks and renames: 'Directory not empty' tracebacks, a finished
+    output thrown away, a swap reported failed that had succeeded, a false 'put back from out.old'."""
+    out = str(tmp_path / "out")
+    with atomic_directory(out, "export", ["config.json"]) as tmp:
+        with pytest.raises(FileExistsError, match=f"^{out}: another export is writing it \\(it holds "
+                                                  f"{tmp_path / '.out.lock'}\\); wait for it to end"):
+            with atomic_directory(out, "export", ["config.json"]):
+                pytest.fail("the second writer ran")
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+            handle.write("{}")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the first one's output; its lock file went with it
+    with atomic_directory(out, "export", ["config.json"]) as tmp:  # the next writer takes it
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+            handle.write("[]")
+    assert (tmp_path / "out" / "config.json").read_text() == "[]"
+
+
+def test_jobs_that_start_together_generate_the_synthetic_data_once(tmp_path, capsys):
+    """Experiments started side by side on one data directory each generated it and swapped it in (and, with
+    the swap locked, all but one would be refused): the others now wait and read it."""
+    import threading
+
+    from recsys_llm.train.run_data import _generate_once
+
+    schema_file = str(tmp_path / "data" / "synthetic" / "schema.json")
+    jobs = [threading.Thread(target=_generate_once, args=(schema_file, 200, 0)) for _ in range(3)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert capsys.readouterr().out.count("generating 200 rows") == 1
+    assert os.path.isfile(schema_file) and sorted(os.listdir(tmp_path / "data")) == ["synthetic"]

@@ -46,18 +46,29 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate
     # rank 0 alone decides whether to generate; every rank then meets at the barrier, also one
     # that already sees the schema (a slower rank, or a node-local path)
     if ctx.is_main and not os.path.exists(schema_file):
-        from recsys_llm.data.parquet_writer import write_prepared
-        from recsys_llm.data.synthetic import generate_synthetic
+        _generate_once(schema_file, config.data.synthetic_rows, config.data.synthetic_seed)
+    barrier()
+    return DatasetSchema.load(schema_file)
 
-        rows, seed = config.data.synthetic_rows, config.data.synthetic_seed
+
+def _generate_once(schema_file: str, rows: int, seed: int) -> None:
+    """Generates the synthetic data of ``schema_file``'s directory unless another job (that started at the
+    same time, e.g. an experiment's runs side by side) made it while this one waited for it."""
+    from recsys_llm.atomic_dir import file_locked
+    from recsys_llm.data.parquet_writer import write_prepared
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    directory = os.path.dirname(os.path.abspath(schema_file))
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    with file_locked(os.path.join(parent, f".{name}.generating.lock"), "", wait=True):
+        if os.path.exists(schema_file):
+            return
         # a mistyped or unmounted data.schema lands here too: say so, and never write into a
         # directory that holds something else (write_prepared refuses it)
         print(f"[recsys_llm] {schema_file} not found: generating {rows} rows of the embedded synthetic data "
               "there (data.synthetic_rows; set it to 0 to require existing data)", flush=True)
-        write_prepared(os.path.dirname(schema_file), "synthetic", [],
-                       lambda tmp: generate_synthetic(tmp, rows, seed=seed, progress=True))
-    barrier()
-    return DatasetSchema.load(schema_file)
+        write_prepared(directory, "synthetic", [], lambda tmp: generate_synthetic(tmp, rows, seed=seed, progress=True))
 
 
 def check_split_names(config: ExperimentConfig, schema: DatasetSchema) -> None:
