@@ -661,8 +661,29 @@ def load_checkpoint(
         TrainState: the saved training position.
     """
     # a copy under a name of its own (``models/deepfm_v1``) loads too; a ``.tmp`` directory is a save in progress
+    if not os.path.isdir(path):  # it was there when the command resolved it
+        raise _removed_while_read(path)
     if os.path.normpath(path).endswith(".tmp") or not os.path.isfile(os.path.join(path, TRAIN_STATE_FILE)):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {TRAIN_STATE_FILE} or a .tmp directory)")
+    try:
+        return _load_complete_checkpoint(path, model, optimizer, restore_rng)
+    except (Exception, CheckpointException) as error:
+        if not os.path.isdir(path):
+            raise _removed_while_read(path) from error
+        raise
+
+
+def _removed_while_read(path: str) -> FileNotFoundError:
+    """The error for a checkpoint directory gone while a job loaded it: a training job still running in
+    its run directory prunes all but its newest checkpoints (and replaces its best one)."""
+    return FileNotFoundError(f"{path}: removed while this job read it, by the training job still running in its run "
+                             "directory (which keeps only its newest checkpoints, train.keep_checkpoints, and its "
+                             "best one); run again, which reads the newest, or copy a checkpoint out of the run first")
+
+
+def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[CombinedOptimizer],
+                              restore_rng: bool) -> TrainState:
+    """:func:`load_checkpoint` of a directory that holds a complete checkpoint."""
     state = read_train_state(path)
     materialised: List[KeyedOptimizerWrapper] = []
     if optimizer is not None:

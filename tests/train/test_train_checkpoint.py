@@ -714,3 +714,25 @@ def test_a_cpu_checkpoint_resumed_on_gpus_gives_each_ranks_gpu_a_stream_of_its_o
         checkpoint._set_rng_state(state)
     assert seeds[0] != seeds[1] and seeds[0] == seeds[2]  # per rank, and the same on a second resume
     assert torch.equal(torch.get_rng_state(), states[0]["torch"])  # the CPU stream is the saved one, no draw taken
+
+
+def test_a_checkpoint_pruned_while_it_loads_is_named_as_removed_not_damaged(tmp_path, monkeypatch) -> None:
+    """`evaluate` / `export` of a run still training: its trainer pruned the checkpoint they had resolved, and the
+    load said 'a damaged or incomplete checkpoint; delete its checkpoint directory'."""
+    from recsys_llm.train import checkpoint as module
+
+    _state_only_dcp(monkeypatch)
+    saved = CheckpointManager(str(tmp_path)).save(nn.Linear(2, 1), None, TrainState(global_step=3))
+    read_metadata = module._SafeFileSystemReader.read_metadata
+
+    def pruned_meanwhile(reader):
+        shutil.rmtree(saved)  # what the trainer's prune does between the command's resolve and its read
+        return read_metadata(reader)
+
+    monkeypatch.setattr(module._SafeFileSystemReader, "read_metadata", pruned_meanwhile)
+    for _ in range(2):  # pruned during the load, then already gone when the load starts
+        with pytest.raises(FileNotFoundError) as error:
+            load_checkpoint(saved, nn.Linear(2, 1))
+        message = str(error.value)
+        assert message.startswith(f"{saved}: removed while this job read it, by the training job"), message
+        assert "damaged" not in message and "delete" not in message
