@@ -29,12 +29,15 @@ def write_file_atomically(path: str, write: Callable[[IO[Any]], None], binary: b
     """Calls ``write`` on ``<path>.<id>.tmp`` (bytes, or text in UTF-8), flushes and fsyncs it, and renames it
     over ``path``; a failure (a full disk, Ctrl-C) removes the temp file and leaves ``path`` as it was.
     The temp file is the writer's own: two processes writing ``path`` at once leave one's content whole
-    (the last renamed), never a mix of both.
+    (the last renamed), never a mix of both. A ``path`` that is a symbolic link is written where it points,
+    the link kept (as ``open(path, "w")`` and :func:`atomic_directory` do).
 
     Example::
 
         write_file_atomically("split.parquet", lambda handle: pq.write_table(table, handle))
     """
+    if os.path.islink(path):  # ``current.safetensors -> v3.safetensors``: v3 is rewritten
+        path = os.path.realpath(path)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as handle:

@@ -323,3 +323,15 @@ def test_jobs_that_start_together_generate_the_synthetic_data_once(tmp_path, cap
         job.join()
     assert capsys.readouterr().out.count("generating 200 rows") == 1
     assert os.path.isfile(schema_file) and sorted(os.listdir(tmp_path / "data")) == ["synthetic"]
+
+
+def test_a_file_written_through_a_symlink_is_written_where_it_points(tmp_path):
+    """`semantics encode --output current.safetensors` (a link to v3.safetensors) replaced the link with a file and
+    left v3 with its old vectors; a directory output is written through its link (test above)."""
+    from recsys_llm.atomic_dir import write_text_atomically
+
+    (tmp_path / "v3.json").write_text("old")
+    os.symlink("v3.json", tmp_path / "current.json")
+    write_text_atomically(str(tmp_path / "current.json"), "new")
+    assert os.path.islink(tmp_path / "current.json") and (tmp_path / "v3.json").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["current.json", "v3.json"]
