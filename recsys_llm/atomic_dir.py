@@ -250,6 +250,22 @@ def holds_files(directory: str, marker_files: Sequence[str]) -> bool:
     return all(os.path.isfile(os.path.join(directory, name)) for name in marker_files)
 
 
+def check_writable(path: str) -> None:
+    """Raises when the file ``path`` cannot be written where it goes: its nearest existing directory
+    (where a temp file is made and renamed) refuses this user's writes, or lies on a read-only mount,
+    which a command would otherwise find only once its work is done.
+
+    Raises:
+        PermissionError: naming ``path`` and that directory.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: cannot be written: {parent} is not writable here (permissions, or a "
+                              "read-only mount); choose another path")
+
+
 def check_no_file_above(directory: str) -> str:
     """Raises when the nearest existing directory above ``directory`` (absent) is a file, where
     making ``directory`` would fail only once its contents are ready ('[Errno 17] File exists').

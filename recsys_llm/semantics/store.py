@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from recsys_llm.atomic_dir import check_no_file_above, write_bytes_atomically
+from recsys_llm.atomic_dir import check_no_file_above, check_writable, write_bytes_atomically
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.schema_changes import schema_change_note
 from recsys_llm.semantics.encoder import text_list
@@ -167,12 +167,15 @@ def check_vector_output(path: str) -> None:
     Raises:
         FileExistsError: ``path`` is a directory, or a file of something else (a config, a
             foreign ``.safetensors``), which writing the vectors would destroy, or lies under a file.
+        PermissionError: its directory cannot be written (found before the encode, not after it).
     """
     if os.path.isdir(path):
         raise FileExistsError(f"{path}: is a directory; expected a .safetensors file path")
     if not os.path.exists(path):
         check_no_file_above(path)  # the directories made for it: under a directory, not a file
+        check_writable(path)
         return
+    check_writable(os.path.realpath(path))
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}

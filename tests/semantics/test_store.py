@@ -285,3 +285,19 @@ def test_a_cache_file_recording_max_length_in_extra_still_matches(tmp_path) -> N
     assert load_vectors(path, expected={"max_length": 256}).provenance.max_length is None
     with pytest.raises(VectorProvenanceError, match="max_length=256, expected 128"):
         load_vectors(path, expected={"max_length": 128})
+
+
+def test_an_output_directory_that_cannot_be_written_is_named_before_the_encode(tmp_path, monkeypatch) -> None:
+    """`semantics encode --output ro/v.safetensors` encoded every field, then failed on its temp file's name
+    ('Permission denied: ro/v.safetensors.1592cbf8.tmp'). Root writes anywhere but on a read-only mount, so the
+    directory's refusal is stood in for."""
+    from recsys_llm.semantics.store import check_vector_output
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and access(path, mode))
+    for target in (locked / "v.safetensors", locked / "new" / "v.safetensors"):
+        with pytest.raises(PermissionError, match=f"^{target}: cannot be written: {locked} is not writable here"):
+            check_vector_output(str(target))
+    check_vector_output(str(tmp_path / "v.safetensors"))  # a writable directory passes
