@@ -166,6 +166,11 @@ def test_overrides_among_the_options_are_named_with_where_they_go(capsys) -> Non
         main(["train", "--config", "c.yaml", "--bogus"])
     err = capsys.readouterr().err
     assert "unrecognized arguments: --bogus" in err and "overrides go after" not in err
+    # the sub-command's own usage and name (it was the top level's list of commands)
+    assert err.startswith("usage: recsys-llm train [-h] --config CONFIG") and "recsys-llm train: error:" in err
+    with pytest.raises(SystemExit):
+        main(["semantics", "encode", "--schema", "s", "--output", "o", "--bogus"])
+    assert "recsys-llm semantics encode: error: unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_sigterm_during_prepare_removes_the_half_written_output(tmp_path) -> None:

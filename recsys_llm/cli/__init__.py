@@ -67,7 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    _name_own_parsers(parser)
     return parser
+
+
+def _name_own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Gives every sub-command's parser the default ``command_parser`` (itself), so that an argument
+    only known after parsing is refused with that sub-command's usage line, not the top level's."""
+    for action in parser._actions:  # argparse keeps its sub-parsers nowhere public
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_parser in action.choices.values():
+                sub_parser.set_defaults(command_parser=sub_parser)
+                _name_own_parsers(sub_parser)
 
 
 # upstream notices a user of the commands cannot act on (the library leaves them on)
@@ -278,7 +289,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
         hint = ""
         if any("=" in item and not item.startswith("-") for item in unknown):
             hint = " (section.key=value overrides go after all options, in one run at the end of the command)"
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     expand_home(args)
     try:  # the commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
         check_versions()
