@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import typing
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
@@ -489,9 +490,19 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
     if file_error == merged_error:  # the file's own mistake, which no override changes
         raise ConfigError(file_error)
     # caused by the overrides, or a file mistake left after an override fixed another one
-    label = f"command-line override(s) {' '.join(overrides)}"
+    label = f"command-line override(s) {' '.join(_overrides_of(merged_error[len(source):], overrides))}"
     raise ConfigError(label + merged_error[len(source):] if file_error is None
                       else f"{source} with {label}{merged_error[len(source):]}")
+
+
+def _overrides_of(error: str, overrides: Sequence[str]) -> List[str]:
+    """The overrides whose key the error (``": train.epochs: expected ..."``) is about, a section of it or a
+    key in it; all of them when it names none (the demo adds overrides of its own to the user's)."""
+    match = re.match(r"[:\s]*([\w.]+)", error)
+    named = match.group(1) if match else ""
+    own = [item for item in overrides
+           if (key := item.split("=", 1)[0].strip()) == named or key.startswith(f"{named}.") or named.startswith(f"{key}.")]
+    return own or list(overrides)
 
 
 def _expand_home_in_paths(raw: Dict[str, Any]) -> None:

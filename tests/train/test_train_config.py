@@ -470,3 +470,13 @@ def test_a_plugin_section_mistake_is_named_with_the_config_file_before_any_work(
     path.write_text("llactr: {lambda_fre: 0.1}\n")
     with pytest.raises(ConfigError, match=rf"^{path}: llactr: 'vectors_path' \(path of the field-vector file\) is required"):
         load_config(str(path))
+
+
+def test_an_override_error_names_the_overrides_it_is_about() -> None:
+    """It listed every override, the demo's own data.schema / data.synthetic_rows before the one the user typed."""
+    config = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_config(config, ["data.schema=x", "data.synthetic_rows=2000", "train.epochs=abc"])
+    assert str(error.value) == "command-line override(s) train.epochs=abc: train.epochs: expected an integer, got 'abc'"
+    with pytest.raises(ConfigError, match=r"^command-line override\(s\) data.bogus=1 data.schema=x: data: unknown keys"):
+        load_config(config, ["data.bogus=1", "data.schema=x", "train.epochs=2"])
