@@ -369,7 +369,10 @@ def build_dataclass(cls: Type[T], raw: Any, where: str) -> T:
                and field.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{where or 'top level'}: missing key(s) {missing}; expected them beside {sorted(raw)}")
-    kwargs = {name: _coerce(value, hints[name], _key(where, name)) for name, value in raw.items()}
+    # a section left empty in YAML (``model:`` alone reads as null) is a section left out: its defaults
+    kwargs = {name: _coerce(value, hints[name], _key(where, name)) for name, value in raw.items()
+              if not (value is None and (dataclasses.is_dataclass(hints[name]) or typing.get_origin(hints[name]) is dict)
+                      and fields[name].default_factory is not dataclasses.MISSING)}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:

@@ -7,7 +7,14 @@ from typing import Any, Dict
 import pytest
 
 from recsys_llm.modules.llactr import LLaCTRConfig
-from recsys_llm.train.config import ConfigError, ExperimentConfig, config_differences, load_config, save_config
+from recsys_llm.train.config import (
+    ConfigError,
+    ExperimentConfig,
+    TrainConfig,
+    config_differences,
+    load_config,
+    save_config,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -480,3 +487,12 @@ def test_an_override_error_names_the_overrides_it_is_about() -> None:
     assert str(error.value) == "command-line override(s) train.epochs=abc: train.epochs: expected an integer, got 'abc'"
     with pytest.raises(ConfigError, match=r"^command-line override\(s\) data.bogus=1 data.schema=x: data: unknown keys"):
         load_config(config, ["data.bogus=1", "data.schema=x", "train.epochs=2"])
+
+
+def test_a_section_left_empty_is_a_section_left_out(tmp_path) -> None:
+    """`model:` alone (YAML's null) was 'model: missing key(s) ['name']; expected them beside []', though a config
+    without a model section trains DeepFM."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {schema: x}\nmodel:\nllactr:\ntrain:\n")
+    config = load_config(str(path))
+    assert config.model.name == "deepfm" and config.llactr == {} and config.train.epochs == TrainConfig().epochs
