@@ -646,3 +646,11 @@ def test_ctrl_c_while_torch_imports_is_one_line(monkeypatch, capsys) -> None:
         main(["prepare", "synthetic", "--rows", "100", "--out", "never"])
     assert exit_info.value.code == 128 + signal.SIGINT
     assert capsys.readouterr().err == "recsys-llm prepare: interrupted (Ctrl-C) before it began\n"
+
+
+def test_version_is_printed_without_a_command(capsys) -> None:
+    from recsys_llm import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"recsys-llm {__version__}\n"

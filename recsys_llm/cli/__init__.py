@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="recsys-llm", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from recsys_llm import __version__
+
+    parser.add_argument("--version", action="version", version=f"recsys-llm {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
