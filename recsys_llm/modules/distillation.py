@@ -31,12 +31,14 @@ class ScoreDistillation(nn.Module):
         \\mathcal{L}_{kl} = T^2 \\cdot \\overline{p \\log\\frac{p}{q} + (1-p)\\log\\frac{1-p}{1-q}}
 
     (mean over the batch; the :math:`T^2` keeps gradient sizes comparable across T, as in
-    Hinton et al. 2015). KL is BCE minus the teacher's entropy: same gradient, zero at
-    :math:`q = p`.
+    Hinton et al. 2015, and is left out with ``scale_by_temperature=False``). KL is BCE minus
+    the teacher's entropy: same gradient, zero at :math:`q = p`.
 
     Args:
         temperature (float): T > 0.
         kind (str): ``bce`` or ``kl``.
+        scale_by_temperature (bool): multiply the term by :math:`T^2` **(ours**: the paper names
+            no scaling).
 
     Example::
 
@@ -44,13 +46,14 @@ class ScoreDistillation(nn.Module):
         loss = kd(torch.randn(32), torch.randn(32))  # scalar, from student and teacher logits (B,)
     """
 
-    def __init__(self, temperature: float = 1.0, kind: str = "bce") -> None:
+    def __init__(self, temperature: float = 1.0, kind: str = "bce", scale_by_temperature: bool = True) -> None:
         super().__init__()
         check_number("ScoreDistillation: temperature", temperature, above=0)  # NaN too: every loss would be NaN
         if kind not in SCORE_KD_KINDS:
             raise ValueError(f"ScoreDistillation: kind must be one of {SCORE_KD_KINDS}, got {kind!r}")
         self._temperature = temperature
         self._kind = kind
+        self._scale = temperature * temperature if scale_by_temperature else 1.0
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """
@@ -74,7 +77,7 @@ class ScoreDistillation(nn.Module):
             finite = teacher.clamp(-_ENTROPY_LOGIT_LIMIT, _ENTROPY_LOGIT_LIMIT)
             entropy = F.binary_cross_entropy_with_logits(finite, target, reduction="none")  # (B,) H(p)
             loss = loss - entropy
-        return loss.mean() * (t * t)
+        return loss.mean() * self._scale
 
 
 @torch.fx.wrap  # a leaf of the pipeline's trace: it reads the widths at run time

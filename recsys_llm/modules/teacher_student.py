@@ -75,6 +75,8 @@ class TeacherStudentConfig:
         alpha (float): weight of score-level KD (>= 0).
         beta (float): weight of representation-level KD (>= 0; 0 disables it).
         temperature (float): score KD temperature T (> 0).
+        temperature_scaling (bool): **(ours)** multiply score KD by T² (Hinton et al.), so ``alpha``
+            keeps its scale across temperatures.
         score_kd (str): ``bce`` or ``kl``.
         repr_kd (str): ``mse`` or ``cosine``.
         teacher_loss_weight (float): gamma, weight of the teacher's BCE in joint mode (>= 0).
@@ -94,6 +96,7 @@ class TeacherStudentConfig:
     alpha: float = 1.0
     beta: float = 0.1
     temperature: float = 1.0
+    temperature_scaling: bool = True
     score_kd: str = "bce"
     repr_kd: str = "mse"
     teacher_loss_weight: float = 1.0
@@ -200,7 +203,7 @@ class TeacherStudentTask(nn.Module):
         # stream the plain backbone's tables of the same seed draw from (recsys_llm.modules.elec.build_elec_task)
         self.student = student
         self.teacher = teacher
-        self.score_kd = ScoreDistillation(config.temperature, config.score_kd)
+        self.score_kd = ScoreDistillation(config.temperature, config.score_kd, config.temperature_scaling)
         self.repr_kd: Optional[RepresentationDistillation] = None
         if config.beta > 0:
             if teacher_dim <= 0:

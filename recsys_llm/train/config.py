@@ -694,7 +694,8 @@ MODEL_SECTIONS = ("model.", "llactr.", "elec.")  # what a checkpoint's tensors d
 # elec.distill.beta, whose 0 builds no representation-KD projection
 TRAINING_ONLY_KEYS = frozenset({
     "model.embedding_init_scale", "llactr.lambda_fre", "llactr.fre_field_reduction",
-    "elec.distill.alpha", "elec.distill.temperature", "elec.distill.score_kd", "elec.distill.repr_kd",
+    "elec.distill.alpha", "elec.distill.temperature", "elec.distill.temperature_scaling", "elec.distill.score_kd",
+    "elec.distill.repr_kd",
     "elec.distill.teacher_loss_weight",
     "elec.distill.swap_fields", "elec.distill.swap_catalog", "elec.teacher_checkpoint", "elec.expected_provenance",
 })

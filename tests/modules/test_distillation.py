@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from recsys_llm.modules.distillation import RepresentationDistillation, ScoreDistillation
+from recsys_llm.train.config import ConfigError, load_config
 
 
 class TestScoreDistillation:
@@ -115,3 +116,15 @@ class TestRepresentationDistillation:
             loss.backward()
             optimizer.step()
         assert loss.detach().item() < 0.05 * first and not math.isnan(loss.detach().item())
+
+
+def test_score_kd_without_temperature_scaling_is_the_term_at_its_size_at_t() -> None:
+    """elec.distill.temperature_scaling (ours): the T² of Hinton et al. is a choice the paper does not make."""
+    zs, zt = torch.randn(16, generator=torch.Generator().manual_seed(1)), torch.randn(16)
+    for kind in ("bce", "kl"):
+        scaled = ScoreDistillation(3.0, kind)(zs, zt)
+        torch.testing.assert_close(ScoreDistillation(3.0, kind, scale_by_temperature=False)(zs, zt), scaled / 9.0)
+    config = load_config(None, ["elec.task=distill", "elec.distill.temperature_scaling=false", "data.schema=x"])
+    assert config.elec["distill"]["temperature_scaling"] is False  # a config key; refused when mistyped
+    with pytest.raises(ConfigError, match="temperature_scaling"):
+        load_config(None, ["elec.task=distill", "elec.distill.temperature_scaling=maybe", "data.schema=x"])
