@@ -26,7 +26,8 @@ from recsys_llm.data.validation import offsets_from_lengths
 
 
 ROW_TEMPLATE_PLACEHOLDERS = ("description", "value")
-NULL_TEXT = "unknown"  # the value text of a null: a dense value, a sparse id or an id inside a sequence
+NULL_TEXT = "unknown"  # default value text of a null: a dense value, a sparse id or an id inside a sequence
+EMPTY_SEQUENCE_TEXT = "none"  # default value text of an empty or null sequence
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
@@ -79,6 +80,8 @@ class RowTextConfig:
         list_separator (str): between the value texts of a sequence field.
         missing_value (Optional[str]): text of an id without value text; None writes the id.
         templates (Dict[str, str]): per-field template overrides (field name -> template).
+        null_text (str): **(ours)** text of a null value or id.
+        empty_sequence_text (str): **(ours)** text of an empty or null sequence.
     """
 
     template: str = "{description} is {value}."
@@ -88,6 +91,8 @@ class RowTextConfig:
     list_separator: str = ", "
     missing_value: Optional[str] = None
     templates: Dict[str, str] = dataclasses.field(default_factory=dict)
+    null_text: str = NULL_TEXT
+    empty_sequence_text: str = EMPTY_SEQUENCE_TEXT
 
     def __post_init__(self) -> None:
         check_row_template(self.template, "row-text template")
@@ -110,6 +115,10 @@ class RowTextConfig:
         given in another order are the same settings."""
         settings = dataclasses.asdict(self)
         settings["templates"] = dict(sorted(settings["templates"].items()))
+        # settings added later count only when set otherwise: the vectors of earlier versions keep their fingerprint
+        for name, default in (("null_text", NULL_TEXT), ("empty_sequence_text", EMPTY_SEQUENCE_TEXT)):
+            if settings[name] == default:
+                del settings[name]
         return repr(sorted(settings.items()))
 
 
@@ -168,12 +177,13 @@ class RowTextRenderer:
         Sparse ids are mapped through the value-text file (or written as numbers when the
         field has none); sequences join the texts of their first ``max_length`` ids (all without
         one), as training reads them; dense values are rounded. A null
-        value or id is written ``unknown``; an empty or null sequence ``none``.
+        value or id is written ``null_text`` (``unknown``); an empty or null sequence ``empty_sequence_text``
+        (``none``).
         """
         if spec.kind == FieldKind.DENSE:
             # unsafe: an integer above 2**53 (a timestamp in ns) is its nearest float, as training reads it
             rounded = pc.round(pc.cast(column, pa.float64(), safe=False), ndigits=self._config.dense_decimals)
-            return pc.fill_null(pc.cast(rounded, pa.string()), NULL_TEXT)
+            return pc.fill_null(pc.cast(rounded, pa.string()), self._config.null_text)
         if spec.kind == FieldKind.SPARSE:
             return pa.chunked_array([self._id_text(spec, chunk) for chunk in column.chunks], type=pa.string())
         chunks = []
@@ -185,11 +195,11 @@ class RowTextRenderer:
             texts = self._id_text(spec, pc.list_flatten(chunk))
             lists = pa.ListArray.from_arrays(pa.array(offsets), texts)
             joined = pc.binary_join(lists, self._config.list_separator)
-            chunks.append(pc.if_else(pc.equal(joined, ""), "none", joined))
+            chunks.append(pc.if_else(pc.equal(joined, ""), self._config.empty_sequence_text, joined))
         return pa.chunked_array(chunks, type=pa.string())
 
     def _id_text(self, spec: FieldSpec, ids: pa.Array) -> pa.Array:
-        """The text of each id (N,): its value text, else ``missing_value`` or the number; a null id ``unknown``
+        """The text of each id (N,): its value text, else ``missing_value`` or the number; a null id ``null_text``
         (a null would make its whole row's text null)."""
         if pa.types.is_uint64(ids.type):  # a hashed field's id may be above 2**63 - 1 (training folds it)
             as_number = pc.cast(ids, pa.string())  # its own digits
@@ -200,13 +210,13 @@ class RowTextRenderer:
             as_number = pc.cast(ids, pa.string())
         table = self._value_table(spec)
         if table is None:
-            return pc.fill_null(as_number, NULL_TEXT)
+            return pc.fill_null(as_number, self._config.null_text)
         index = pc.index_in(ids, value_set=table.column("id"))  # (N,) row of each id, null if absent
         text = pc.take(table.column("text"), index)
         fallback = as_number if self._config.missing_value is None else pa.scalar(self._config.missing_value)
         text = pc.coalesce(text, fallback)
         text = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
-        return pc.if_else(pc.is_valid(ids), text, NULL_TEXT)
+        return pc.if_else(pc.is_valid(ids), text, self._config.null_text)
 
     def sentence(self, spec: FieldSpec, column: pa.ChunkedArray) -> pa.ChunkedArray:
         """``template`` applied to every value of the column: (N,) strings."""

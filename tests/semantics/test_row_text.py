@@ -53,6 +53,16 @@ class TestRowTextRenderer:
         assert texts == ["user name is unknown. item id is 1. genres is Drama, unknown. age is 1.",
                          "user name is Alice. item id is unknown. genres is unknown. age is unknown."]
 
+    def test_the_texts_of_nulls_and_empty_sequences_are_settings(self, tmp_path):
+        """`unknown` and `none` are our choices (METHODS.md asks such choices to be options); the defaults keep the
+        fingerprint of earlier versions' vector files."""
+        config = RowTextConfig(null_text="not given", empty_sequence_text="nothing")
+        texts = RowTextRenderer(make_schema(str(tmp_path)), config).render(rows()).to_pylist()
+        assert texts[1] == "user name is Carl. item id is 3. genres is nothing. age is 2."
+        assert texts[2] == "user name is Bob. item id is 1. genres is Horror. age is not given."
+        assert RowTextConfig().fingerprint() == RowTextConfig(null_text="unknown", empty_sequence_text="none").fingerprint()
+        assert "null_text" not in RowTextConfig().fingerprint() and "not given" in config.fingerprint()
+
     def test_an_integer_dense_value_beyond_2_to_the_53_is_written_as_a_number(self, tmp_path):
         """An int64 dense column (training takes it, as float32) holding a value above 2**53 (a timestamp in
         nanoseconds) failed in Arrow's cast ('Integer value ... not in range'), naming neither field nor file."""
@@ -126,7 +136,9 @@ class TestRowTextRenderer:
         other = RowTextConfig(templates={"a": "{value} a", "b": "{value} b"})
         assert one.fingerprint() == other.fingerprint()
         assert one.fingerprint() != RowTextConfig(templates={"a": "{value} a"}).fingerprint()
-        assert RowTextConfig().fingerprint() == repr(sorted(dataclasses.asdict(RowTextConfig()).items()))  # as before
+        assert RowTextConfig().fingerprint() == (  # as before, and as vector files of earlier versions record it
+            "[('dense_decimals', 3), ('fields', None), ('list_separator', ', '), ('missing_value', None), "
+            "('separator', ' '), ('template', '{description} is {value}.'), ('templates', {})]")
 
     def test_sliced_input_and_templates(self, tmp_path):
         config = RowTextConfig(fields=["genres", "user_id"], separator=" | ", missing_value="?",
