@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import math
 import time
-from typing import Callable, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -161,6 +161,7 @@ def train_epoch(
     """
     model.train()
     iterator = iter(batches)
+    source = iterator  # closed at the end: an exception's traceback would keep a reader's prefetch thread alive
     if skip_batches:
         # Consume (and drop) batches already trained on before the interruption.
         iterator = itertools.islice(iterator, skip_batches, None)
@@ -218,6 +219,7 @@ def train_epoch(
         pipelined_ids = {id(m) for m in pipeline._pipelined_modules}  # noqa: SLF001 (no public accessor)
         pipelined = [name for name, m in model.named_modules() if id(m) in pipelined_ids]
         pipeline.detach()
+        _close(source)
     if steps:
         check_finite_loss(loss_sum, f"{description}: by step {step}")
     trained_samples = sum(counting.samples_seen[:steps])
@@ -235,6 +237,14 @@ def train_epoch(
 
 
 @torch.no_grad()
+def _close(batches: Iterator[Any]) -> None:
+    """Closes a generator of batches (a reader's: its prefetch thread ends, its buffers and file go), which a
+    loop left by an exception would otherwise keep alive as long as the exception's traceback lives."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+
+
 def evaluate(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -272,17 +282,20 @@ def evaluate(
         pairs, total = batches.padded(), batches.padded_len
     else:
         pairs = ((batch, True) for batch in batches)
-    with table_step_counters_kept(model):  # FBGEMM counts these forwards as optimizer steps otherwise
-        for batch, real in tqdm(pairs, total=total, desc=description, disable=not (progress and is_main_process()),
-                                dynamic_ncols=True, leave=False, **interval_options()):
-            batch = batch.to(device, non_blocking=True)
-            _, (loss, logits, labels) = model(batch)
-            if not real:  # a repeat that keeps this rank's collectives in step with the others
-                continue
-            metrics.update(logits, labels, batch_extras(batch))
-            # a batch's loss is its rows' mean: weighted by its rows, a partial batch counts as its rows do
-            loss_sum += loss.detach().double().sum() * labels.numel()
-            rows += labels.numel()
+    try:
+        with table_step_counters_kept(model):  # FBGEMM counts these forwards as optimizer steps otherwise
+            for batch, real in tqdm(pairs, total=total, desc=description, disable=not (progress and is_main_process()),
+                                    dynamic_ncols=True, leave=False, **interval_options()):
+                batch = batch.to(device, non_blocking=True)
+                _, (loss, logits, labels) = model(batch)
+                if not real:  # a repeat that keeps this rank's collectives in step with the others
+                    continue
+                metrics.update(logits, labels, batch_extras(batch))
+                # a batch's loss is its rows' mean: weighted by its rows, a partial batch counts as its rows do
+                loss_sum += loss.detach().double().sum() * labels.numel()
+                rows += labels.numel()
+    finally:
+        _close(pairs)
     results = metrics.compute()
     totals = torch.stack([loss_sum, torch.tensor(float(rows), dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized():

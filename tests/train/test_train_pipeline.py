@@ -192,3 +192,42 @@ def test_the_evaluation_loss_is_the_mean_over_rows_whatever_the_batches(syntheti
     for result in results:  # a plain CTRTask's loss is the BCE, which logloss averages over every row
         assert result["loss"] == pytest.approx(result["logloss"], rel=1e-6), result
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6), results  # float32 batch means
+
+
+def _threads_kept_by_an_exception(schema_path: str) -> Dict[str, Any]:
+    """A training epoch and an evaluation left by an exception, the exceptions kept (as a notebook keeps the last
+    one, or a sweep its failures): their readers' prefetch threads (each holding a shuffle buffer and an open
+    Parquet file) stayed alive, blocked, as long as the tracebacks did."""
+    import threading
+
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    kept = []
+
+    def interrupted(step: int, loss: torch.Tensor) -> bool:
+        raise KeyboardInterrupt()
+
+    reader = ParquetBatchReader(schema, "train", 64, shuffle=True, prefetch=2)
+    try:
+        train_epoch(model, optimizer, reader, ctx.device, on_step=interrupted, progress=False)
+    except KeyboardInterrupt as error:
+        kept.append(error)
+    after_training = sum(thread.name == "parquet-prefetch" for thread in threading.enumerate())
+
+    class Failing(CTRMetrics):
+        def update(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("metrics failed")
+
+    try:
+        evaluate(model, ParquetBatchReader(schema, "valid", 64, equal_batches=False, prefetch=2), ctx.device,
+                 Failing(), progress=False)
+    except RuntimeError as error:
+        kept.append(error)
+    after_evaluation = sum(thread.name == "parquet-prefetch" for thread in threading.enumerate())
+    return {"after_training": after_training, "after_evaluation": after_evaluation, "kept": len(kept)}
+
+
+@pytest.mark.multiprocess
+def test_loops_left_by_an_exception_stop_their_readers_threads(synthetic_dir: str) -> None:
+    (result,) = run_multiprocess(_threads_kept_by_an_exception, world_size=1, schema_path=synthetic_dir)
+    assert result == {"after_training": 0, "after_evaluation": 0, "kept": 2}, result
