@@ -16,7 +16,9 @@ Example::
     kjt = rules(kjt)  # ids as the reader would have given them
 """
 
+import contextlib
 import itertools
+from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +27,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.data.schema import FieldKind
 
 ID_DTYPES = (torch.int64, torch.int32)  # what embedding_bag takes as ids and offsets
+KEY_ORDERS_CACHED = 64  # key orders whose row bounds stay cached (per device); the oldest goes first
+# of one key order: (K,) table rows, hashed positions, K max lengths, (K,) one-id keys (None: none)
+_KeyOrderRules = Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]
 
 
 def id_rules(schema: Any, feature_names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
@@ -65,9 +70,7 @@ class IdRules:
         self._hashed = {k: bool(v) for k, v in hashed.items()}
         self._max_length = {k: int(v) for k, v in max_length.items() if v}
         self._single_id = {k for k, v in (single_id or {}).items() if v}
-        self._per_keys: Dict[
-            Tuple[Tuple[str, ...], torch.device], Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]
-        ] = {}
+        self._per_keys: "OrderedDict[Tuple[Tuple[str, ...], torch.device], _KeyOrderRules]" = OrderedDict()
 
     @classmethod
     def from_config(cls, rules: Optional[Mapping[str, Mapping[str, Any]]], rows: Mapping[str, int]) -> "IdRules":
@@ -100,6 +103,9 @@ class IdRules:
                     f"sparse features: {', '.join(problems)}; expected each of this model's features once, in any "
                     f"order: {list(self._rows)}"
                 )
+            if len(self._per_keys) >= KEY_ORDERS_CACHED:  # clients that send keys in ever other orders: bounded
+                with contextlib.suppress(KeyError):  # another thread's request took the oldest first
+                    self._per_keys.popitem(last=False)
             self._per_keys[(keys, device)] = (
                 torch.tensor([self._rows[k] for k in keys], dtype=torch.int64, device=device),
                 [i for i, k in enumerate(keys) if self._hashed.get(k, False)],

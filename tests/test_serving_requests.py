@@ -598,3 +598,21 @@ def test_a_state_only_export_is_named_as_such_not_as_another_format(tmp_path):
     with pytest.raises(ValueError, match=r"teacher: a `recsys-llm export --state-only` directory: the trained task's "
                                          r"weights only \(model\.safetensors\), no tables\.json or dense program"):
         ServedModel.load(str(tmp_path / "teacher"), trust_program=True)
+
+
+def test_the_rules_of_key_orders_stay_bounded_whatever_orders_clients_send() -> None:
+    """One cache entry per key order a client sent (keys built from a set, or per-request JSON): 2.3 KB each, up
+    to F! of them, an RSS that grew without end."""
+    import itertools
+
+    from recsys_llm.id_rules import KEY_ORDERS_CACHED, IdRules
+
+    names = [f"f{i}" for i in range(6)]
+    rules = IdRules({name: 10 for name in names}, {}, {})
+    orders = list(itertools.islice(itertools.permutations(names), 3 * KEY_ORDERS_CACHED))
+    for keys in orders:
+        kjt = KeyedJaggedTensor.from_lengths_sync(list(keys), torch.arange(6), torch.ones(6, dtype=torch.int64))
+        checked = rules(kjt)
+        assert torch.equal(checked.values(), torch.arange(6))
+    assert len(rules._per_keys) == KEY_ORDERS_CACHED  # the newest orders
+    assert (tuple(orders[-1]), torch.device("cpu")) in rules._per_keys
