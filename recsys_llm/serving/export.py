@@ -82,14 +82,17 @@ in the way that data's `schema.json` records for each field (`ids`). The EBC loo
 eagerly; everything after it is `dense_program.pt2` (`torch.export.load`), inputs
 `(dense (B, {num_dense}), pooled (B, {pooled}))`.
 
-What the serving process needs: torch, torchrec and fbgemm-gpu (the versions in `config.json`,
-`versions`), safetensors, and recsys_llm for `ServedModel` (its request checks and id rules),
+What the serving process needs: torch, torchrec and its FBGEMM build (`fbgemm-gpu-cpu` on a CPU host,
+`fbgemm-gpu` on a GPU one, both `pip install --no-deps`: torchrec's own requirement pulls the CUDA build;
+the versions in `config.json`, `versions`), torchrec's pure-Python dependencies (tensordict,
+pyre-extensions, numpy, tqdm), safetensors, and recsys_llm for `ServedModel` (its request checks and id rules),
 which imports pyarrow and pyyaml but no LLM package (transformers, peft) and no torchx:
 `pip install --no-deps` it next to those. Without recsys_llm, torch and torchrec alone load the
 artifact: an `EmbeddingBagCollection` built from `tables.json` with the `model.embedding_bag_collection.*`
 weights of `model.safetensors` (`safetensors.torch.load_file`), then
-`torch.sigmoid(torch.export.load("dense_program.pt2").module()(dense, ebc(kjt).values()))` (the
-program gives logits; their sigmoid is what `predict` returns); the id rules above
+`torch.sigmoid(torch.export.load("dense_program.pt2").module()(dense, ebc(kjt).values()))` under
+`torch.no_grad()` (the program gives logits; their sigmoid is what `predict` returns; the KJT's keys
+in `feature_names` order); the dense program alone needs torch only; the id rules above
 and the request checks are then the caller's job (an id outside its table fails deep in FBGEMM
 on CPU, and may read another row on GPU).
 """

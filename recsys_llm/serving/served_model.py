@@ -165,6 +165,19 @@ def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: D
     return ebc.eval()
 
 
+def _finite_logits(logits: torch.Tensor, dense_features: torch.Tensor) -> torch.Tensor:
+    """``logits`` (B,) when all are finite; else a ValueError naming the first row: finite dense values far
+    beyond what training saw (1e20) overflow the model's float32 arithmetic into NaN / inf."""
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
+        largest = float(dense_features[row].abs().max()) if dense_features.numel() else 0.0
+        raise ValueError(f"row {row}: the model's logit is {float(logits[row])} for finite inputs (its largest dense "
+                         f"value is {largest:.3g} in absolute value): values this far beyond the training data "
+                         "overflow the model's float32 arithmetic; scale the dense features as the training data was")
+    return logits
+
+
 class ServedModel(nn.Module):
     """An exported model for inference: eager EBC lookups + the exported dense program.
 
@@ -431,9 +444,11 @@ class ServedModel(nn.Module):
             sparse_features = self._weights_in_table_dtype(sparse_features, batch_size, request)
         pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
         if self.semantic_embedding_bag_collection is None:
-            return self.dense_program(dense_features, pooled)
-        vectors = self.semantic_embedding_bag_collection(sparse_features).values()  # (B, K * d)
-        return self.dense_program(dense_features, pooled, vectors)
+            logits = self.dense_program(dense_features, pooled)
+        else:
+            vectors = self.semantic_embedding_bag_collection(sparse_features).values()  # (B, K * d)
+            logits = self.dense_program(dense_features, pooled, vectors)
+        return _finite_logits(logits, dense_features)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """``served(dense, kjt)``: :meth:`logits` (B,), through the module call (hooks run)."""
