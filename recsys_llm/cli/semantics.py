@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import os
 import sys
 
 GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
@@ -50,16 +51,20 @@ LORA_TARGET_HELP = "q_proj v_proj / query value / c_attn / query_key_value / Wqk
 
 
 def refuse_several_ranks(command: str) -> None:
-    """Raises under a launcher of several ranks (torchrun's ``WORLD_SIZE`` > 1): ``command`` runs in one process,
-    and every rank would do the whole job and write the same output.
+    """Raises when torchrun started ``command`` on each of several ranks (``TORCHELASTIC_RUN_ID`` set,
+    ``WORLD_SIZE`` > 1, no process group yet): it runs in one process, and every rank would do the whole
+    job and write the same output. A program that set up its ranks' group and calls the command on one
+    of them (the examples' rank 0) goes on.
 
     Raises:
         ValueError: naming the command, the world size and the LLM step that does split over ranks.
     """
+    import torch.distributed as dist
+
     from recsys_llm.train.distributed import launch_ranks
 
     world_size = launch_ranks()[1]
-    if world_size > 1:
+    if world_size > 1 and "TORCHELASTIC_RUN_ID" in os.environ and not dist.is_initialized():
         raise ValueError(f"{command} runs in one process, on one device; under torchrun each of the {world_size} ranks "
                          "would do the whole job and write the same output: run it without torchrun (`semantics "
                          "export` is the LLM step that splits its rows over ranks)")

@@ -103,7 +103,7 @@ def test_a_truncated_json_file_is_named(adapted, copy, tmp_path, capsys, name) -
 @pytest.mark.parametrize("name,content,message", [
     ("row_text.json", [1, 2], "expected a JSON object, got list"),
     ("row_text.json", {"template": "{description} is {value}.", "colour": 1},
-     "unknown keys ['colour']; row-text settings are ['dense_decimals', 'fields', "),
+     "unknown keys ['colour']; row-text settings are ['dense_decimals', 'empty_sequence_text', 'fields', "),
     ("adapted_on.json", {"schema": "t"}, "expected the list of fields the LLM was adapted on under 'fields', got None"),
 ])
 def test_a_json_file_of_other_content_is_named(adapted, copy, tmp_path, capsys, name, content, message) -> None:
@@ -159,8 +159,8 @@ def test_adapt_help_says_which_modules_lora_targets_by_default(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: peft's)" not in text
     assert ("--target-modules TARGET_MODULES [TARGET_MODULES ...] --tuning lora: LoRA target modules (default: the attention "
-            "query/value projections as the model names them: q_proj v_proj / query value / c_attn / query_key_value / Wqkv; "
-            "else peft's default for the architecture)") in text
+            "query/value projections as the model names them: q_proj v_proj / query value / c_attn / query_key_value / Wqkv / "
+            "q_lin v_lin / query_proj value_proj / qkv_proj / q v; else peft's default for the architecture)") in text
 
 
 def test_target_modules_without_names_is_refused_by_the_parser(capsys) -> None:
