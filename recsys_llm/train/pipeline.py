@@ -236,7 +236,6 @@ def train_epoch(
     )
 
 
-@torch.no_grad()
 def _close(batches: Iterator[Any]) -> None:
     """Closes a generator of batches (a reader's: its prefetch thread ends, its buffers and file go), which a
     loop left by an exception would otherwise keep alive as long as the exception's traceback lives."""
@@ -245,6 +244,7 @@ def _close(batches: Iterator[Any]) -> None:
         close()
 
 
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     batches: Iterable[Batch],

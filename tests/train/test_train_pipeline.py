@@ -231,3 +231,21 @@ def _threads_kept_by_an_exception(schema_path: str) -> Dict[str, Any]:
 def test_loops_left_by_an_exception_stop_their_readers_threads(synthetic_dir: str) -> None:
     (result,) = run_multiprocess(_threads_kept_by_an_exception, world_size=1, schema_path=synthetic_dir)
     assert result == {"after_training": 0, "after_evaluation": 0, "kept": 2}, result
+
+
+def _grad_mode_in_evaluation(schema_path: str) -> List[bool]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, _ = _model(schema)
+    seen: List[bool] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.is_grad_enabled()))
+    reader = ParquetBatchReader(schema, "valid", 256, equal_batches=False)
+    evaluate(model, reader, ctx.device, CTRMetrics(), progress=False)
+    return seen
+
+
+@pytest.mark.multiprocess
+def test_evaluation_builds_no_autograd_graph(synthetic_dir: str) -> None:
+    """A helper written between evaluate and its @torch.no_grad() took the decorator: every validation and test pass
+    built a training step's graph (its memory at data.eval_batch_size)."""
+    (seen,) = run_multiprocess(_grad_mode_in_evaluation, world_size=1, schema_path=synthetic_dir)
+    assert seen and not any(seen), seen
