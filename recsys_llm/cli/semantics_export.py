@@ -144,7 +144,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     # the split whose labels the LLM saw (experiments.elec_vector_auc reads it to tell the tuned rows apart)
     adapted_on = {"schema": schema.name, "schema_fingerprint": schema.fingerprint(), "fields": renderer.field_names,
                   "split": args.split}
-    row_text = dataclasses.asdict(text_config)
+    row_text = text_config.recorded()  # as earlier versions recorded it, where the settings added since are defaults
     # the rows are sampled here: the checkpoint records the sample size asked for, and what wrote the texts
     checkpoint.settings = {"sample_rows": config.sample_rows, **adapted_on,
                            **{f"row_text.{key}": value for key, value in row_text.items()}}

@@ -28,6 +28,8 @@ from recsys_llm.data.validation import offsets_from_lengths
 ROW_TEMPLATE_PLACEHOLDERS = ("description", "value")
 NULL_TEXT = "unknown"  # default value text of a null: a dense value, a sparse id or an id inside a sequence
 EMPTY_SEQUENCE_TEXT = "none"  # default value text of an empty or null sequence
+# RowTextConfig settings added after files recorded the others, with their defaults (RowTextConfig.recorded)
+LATER_SETTINGS = {"null_text": NULL_TEXT, "empty_sequence_text": EMPTY_SEQUENCE_TEXT}
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
@@ -110,15 +112,21 @@ class RowTextConfig:
         check_row_template(template, f"row-text template for field {field_name!r}")
         return template
 
+    def recorded(self) -> Dict[str, Any]:
+        """The settings as files record them (``row_text.json``, a tuning checkpoint, a vector file's
+        fingerprint): a setting added after such files were written is left out where it holds its
+        default, so the files of earlier versions still match, and they read these."""
+        settings = dataclasses.asdict(self)
+        for name, default in LATER_SETTINGS.items():
+            if settings[name] == default:
+                del settings[name]
+        return settings
+
     def fingerprint(self) -> str:
         """A stable string of the settings (part of a vector file's provenance); per-field templates
         given in another order are the same settings."""
-        settings = dataclasses.asdict(self)
+        settings = self.recorded()
         settings["templates"] = dict(sorted(settings["templates"].items()))
-        # settings added later count only when set otherwise: the vectors of earlier versions keep their fingerprint
-        for name, default in (("null_text", NULL_TEXT), ("empty_sequence_text", EMPTY_SEQUENCE_TEXT)):
-            if settings[name] == default:
-                del settings[name]
         return repr(sorted(settings.items()))
 
 

@@ -62,6 +62,11 @@ class TestRowTextRenderer:
         assert texts[2] == "user name is Bob. item id is 1. genres is Horror. age is not given."
         assert RowTextConfig().fingerprint() == RowTextConfig(null_text="unknown", empty_sequence_text="none").fingerprint()
         assert "null_text" not in RowTextConfig().fingerprint() and "not given" in config.fingerprint()
+        # row_text.json and an interrupted adapt's checkpoint record the settings as before (a checkpoint of an
+        # earlier version was refused as "made with other settings (row_text.null_text: None -> 'unknown')")
+        assert sorted(RowTextConfig().recorded()) == ["dense_decimals", "fields", "list_separator", "missing_value",
+                                                      "separator", "template", "templates"]
+        assert config.recorded()["null_text"] == "not given" and RowTextConfig(**config.recorded()) == config
 
     def test_an_integer_dense_value_beyond_2_to_the_53_is_written_as_a_number(self, tmp_path):
         """An int64 dense column (training takes it, as float32) holding a value above 2**53 (a timestamp in
