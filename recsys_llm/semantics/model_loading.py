@@ -54,6 +54,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+def _one_gpu_for_every_rank(index: int) -> bool:
+    """Whether torchrun started this command on each of several ranks of this host and the GPU ``index``
+    asked for on the command line is not this rank's (``LOCAL_RANK``): every rank would take it. A program
+    that set up its ranks' group chooses each rank's device itself."""
+    import torch.distributed as dist
+
+    try:
+        ranks_here, local_rank = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:  # the process group's set-up names a malformed launch variable
+        return False
+    return ("TORCHELASTIC_RUN_ID" in os.environ and ranks_here > 1 and index != local_rank
+            and not (dist.is_available() and dist.is_initialized()))
+
+
 def resolve_device(device: Optional[str], setting: str = "--device") -> torch.device:
     """``device`` as given (None: CUDA when available, else CPU). A bare ``cuda`` is this
     process's GPU, chosen as the trainer chooses it (``train.distributed.select_device``):
@@ -75,10 +89,9 @@ def resolve_device(device: Optional[str], setting: str = "--device") -> torch.de
                              "cuda:0") from None
     if resolved.type != "cuda":
         return resolved
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    if resolved.index is not None and ranks_here > 1:
-        raise ValueError(f"{setting} {device!r} names one GPU for all {ranks_here} ranks of this host (torchrun's "
-                         "LOCAL_WORLD_SIZE): pass cuda, which gives each rank its own (cuda:LOCAL_RANK)")
+    if resolved.index is not None and _one_gpu_for_every_rank(resolved.index):
+        raise ValueError(f"{setting} {device!r} names one GPU for all {os.environ['LOCAL_WORLD_SIZE']} ranks torchrun "
+                         "started on this host: pass cuda, which gives each rank its own (cuda:LOCAL_RANK)")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if resolved.index is None and visible:
         try:  # the trainer's choice of GPU

@@ -485,12 +485,24 @@ def test_one_gpu_named_for_several_ranks_of_a_host_is_refused(tiny_schema, tiny_
                                                                monkeypatch) -> None:
     """`torchrun --nproc_per_node 8 ... semantics export --device cuda:1` put all eight ranks on GPU 1 (a bare cuda
     gives each rank its own)."""
+    from recsys_llm.semantics.model_loading import resolve_device
+
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     out = str(tmp_path / "out")
     code = main(["semantics", "export", "--schema", tiny_schema.root, "--device", "cuda:1", "--llm", tiny_bert_dir,
                  "--output-dir", out])
     line = _error_line(capsys)
-    assert code == 2 and line == ("recsys-llm semantics: error: --device 'cuda:1' names one GPU for all 8 ranks of this "
-                                  "host (torchrun's LOCAL_WORLD_SIZE): pass cuda, which gives each rank its own "
-                                  "(cuda:LOCAL_RANK)"), line
+    assert code == 2 and line == ("recsys-llm semantics: error: --device 'cuda:1' names one GPU for all 8 ranks torchrun "
+                                  "started on this host: pass cuda, which gives each rank its own (cuda:LOCAL_RANK)"), line
     assert not os.path.exists(out)
+    # this rank's own GPU (cuda:$LOCAL_RANK), and outside torchrun, are no such mistake: the GPU's presence is checked
+    if torch.cuda.is_available() and torch.cuda.device_count() > 3:
+        return  # a host with those GPUs serves them
+    for env, device in (({}, "cuda:3"), ({"TORCHELASTIC_RUN_ID": None}, "cuda:1")):
+        for name, value in env.items():
+            monkeypatch.delenv(name)
+        with pytest.raises(ValueError) as error:
+            resolve_device(device)
+        assert "names one GPU" not in str(error.value) and "GPU(s)" in str(error.value), error.value
