@@ -27,7 +27,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.data.schema import FieldKind
 
 ID_DTYPES = (torch.int64, torch.int32)  # what embedding_bag takes as ids and offsets
-KEY_ORDERS_CACHED = 64  # key orders whose row bounds stay cached (per device); the oldest goes first
+KEY_ORDERS_CACHED = 64  # key orders whose row bounds stay cached (per device); the least recently used goes
 # of one key order: (K,) table rows, hashed positions, K max lengths, (K,) one-id keys (None: none)
 _KeyOrderRules = Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]
 
@@ -85,34 +85,37 @@ class IdRules:
             {name: rule.get("single_id", False) for name, rule in rules.items()},
         )
 
-    def _per_key(
-        self, keys: Tuple[str, ...], device: torch.device
-    ) -> Tuple[torch.Tensor, List[int], List[int], Optional[torch.Tensor]]:
+    def _per_key(self, keys: Tuple[str, ...], device: torch.device) -> _KeyOrderRules:
         """(K,) table rows, the positions of hashed keys, the K max lengths and (K,) which keys
         take one id per row (None: none does), of a key order, tensors on ``device`` (cached).
 
         Raises:
             ValueError: ``keys`` lack one of the model's features or repeat one.
         """
-        if (keys, device) not in self._per_keys:
-            missing = [k for k in self._rows if k not in keys]
-            repeated = sorted({k for k in keys if keys.count(k) > 1})
-            if missing or repeated:
-                problems = [f"{what} {names}" for what, names in (("missing", missing), ("repeated", repeated)) if names]
-                raise ValueError(
-                    f"sparse features: {', '.join(problems)}; expected each of this model's features once, in any "
-                    f"order: {list(self._rows)}"
-                )
-            if len(self._per_keys) >= KEY_ORDERS_CACHED:  # clients that send keys in ever other orders: bounded
-                with contextlib.suppress(KeyError):  # another thread's request took the oldest first
-                    self._per_keys.popitem(last=False)
-            self._per_keys[(keys, device)] = (
-                torch.tensor([self._rows[k] for k in keys], dtype=torch.int64, device=device),
-                [i for i, k in enumerate(keys) if self._hashed.get(k, False)],
-                [self._max_length.get(k, 0) for k in keys],
-                torch.tensor([k in self._single_id for k in keys], device=device) if self._single_id else None,
+        cached = self._per_keys.get((keys, device))
+        if cached is not None:
+            with contextlib.suppress(KeyError):  # another request thread's insert dropped it meanwhile
+                self._per_keys.move_to_end((keys, device))  # the least recently used order goes first
+            return cached
+        missing = [k for k in self._rows if k not in keys]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if missing or repeated:
+            problems = [f"{what} {names}" for what, names in (("missing", missing), ("repeated", repeated)) if names]
+            raise ValueError(
+                f"sparse features: {', '.join(problems)}; expected each of this model's features once, in any "
+                f"order: {list(self._rows)}"
             )
-        return self._per_keys[(keys, device)]
+        rules = (
+            torch.tensor([self._rows[k] for k in keys], dtype=torch.int64, device=device),
+            [i for i, k in enumerate(keys) if self._hashed.get(k, False)],
+            [self._max_length.get(k, 0) for k in keys],
+            torch.tensor([k in self._single_id for k in keys], device=device) if self._single_id else None,
+        )
+        if len(self._per_keys) >= KEY_ORDERS_CACHED:  # clients that send keys in ever other orders: bounded
+            with contextlib.suppress(KeyError):  # another request thread took the oldest first
+                self._per_keys.popitem(last=False)
+        self._per_keys[(keys, device)] = rules
+        return rules
 
     def __call__(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """
