@@ -383,6 +383,7 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     directory = os.path.normpath(directory)  # ``out/`` is ``out``: its earlier copy goes to ``out.old`` beside it
     if os.path.islink(directory):  # ``current -> v3``: written at v3, the link kept (as open() writes a link's file)
         directory = os.path.realpath(directory)
+    check_replaceable(directory, kind, marker_files)  # again once locked; here before anything is made
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     lock = os.path.join(parent, f".{os.path.basename(directory)}{SWAP_LOCK_SUFFIX}")

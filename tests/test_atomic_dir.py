@@ -287,7 +287,11 @@ def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, below):
     with pytest.raises(FileExistsError) as refused:
         check_own_entries(directory, "vector export", lambda name: True, "chunk-*.parquet")
     assert str(refused.value) == expected
-    assert (tmp_path / "afile").read_text() == "mine"
+    with pytest.raises(FileExistsError) as refused:  # its lock beside the output is made only after the check
+        with atomic_directory(directory, "export", ["config.json"]):
+            pytest.fail("the block ran")
+    assert str(refused.value) == expected
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
 
 
 def test_a_second_writer_of_one_output_is_refused_before_it_starts(tmp_path):
