@@ -13,6 +13,7 @@ filled and resumed in place checks its directory with :func:`check_own_entries` 
 """
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import uuid
+import warnings
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 
@@ -113,6 +115,8 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(number)
 
 
+# flock(2)'s errors on a file system that has no locks (not another holder's: BlockingIOError)
+UNLOCKABLE_ERRNOS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
 LOCK_FILE = ".lock"  # in an output a job fills in place: locked by the job writing there (directory_locked)
 SWAP_LOCK_SUFFIX = ".lock"  # beside an output swapped in whole: ``.<name>.lock``, held by its writer (atomic_directory)
 
@@ -127,6 +131,13 @@ def try_lock(path: str, wait: bool = False) -> Optional[IO[str]]:
     except BlockingIOError:
         handle.close()
         return None
+    except OSError as error:
+        if error.errno not in UNLOCKABLE_ERRNOS:
+            handle.close()
+            raise
+        # Lustre without its flock option, NFSv3 without lockd: the job goes on unguarded, as before locks existed
+        warnings.warn(f"{path}: this file system takes no locks ({os.strerror(error.errno)}); nothing stops a "
+                      "second job from writing the same output at the same time", stacklevel=3)
     return handle
 
 

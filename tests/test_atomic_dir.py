@@ -339,3 +339,23 @@ def test_a_file_written_through_a_symlink_is_written_where_it_points(tmp_path):
     write_text_atomically(str(tmp_path / "current.json"), "new")
     assert os.path.islink(tmp_path / "current.json") and (tmp_path / "v3.json").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["current.json", "v3.json"]
+
+
+def test_a_file_system_without_locks_is_warned_of_and_the_write_goes_on(tmp_path, monkeypatch):
+    """flock(2) fails with ENOLCK / ENOSYS on Lustre without its flock option or NFSv3 without lockd: every prepare,
+    export and train there failed on the lock meant to keep two writers apart."""
+    import errno
+    import fcntl
+
+    from recsys_llm import atomic_dir
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(atomic_dir.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="this file system takes no locks"):
+        with atomic_directory(str(tmp_path / "out"), "export", ["config.json"]) as tmp:
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+                handle.write("{}")
+    assert (tmp_path / "out" / "config.json").is_file()
+    monkeypatch.setattr(atomic_dir.fcntl, "flock", fcntl.flock)
