@@ -67,6 +67,33 @@ def tables_dir(args: argparse.Namespace) -> str:
     return args.tables_out or args.out
 
 
+def check_tables_replaceable(args: argparse.Namespace, name: str, backbones: List[str]) -> None:
+    """Refuses, before any work, to write ``<name>.json / .md / .png`` over a table of other settings:
+    a ``--quick`` smoke run, other seeds, or backbones this run leaves out (a committed table of
+    ``results/`` would become a smoke run's, or one backbone's, without a word).
+
+    Raises:
+        SystemExit: naming the file, what differs, and where this run's table can go instead.
+    """
+    path = os.path.join(tables_dir(args), f"{name}.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+    except (OSError, ValueError):
+        return  # none yet (or unreadable: the run replaces it)
+    differences = []
+    if bool(recorded.get("quick", False)) != bool(args.quick):
+        differences.append(f"quick {bool(recorded.get('quick', False))} -> {bool(args.quick)}")
+    if recorded.get("seeds") is not None and list(recorded["seeds"]) != list(args.seeds):
+        differences.append(f"seeds {recorded['seeds']} -> {list(args.seeds)}")
+    left_out = sorted(set(recorded.get("table") or {}) - set(backbones))
+    if left_out:
+        differences.append(f"backbones {left_out} of it not run here")
+    if differences:
+        raise SystemExit(f"{path}: holds a table of other settings ({'; '.join(differences)}); this run's table would "
+                         "replace it: give --tables-out DIR (or another --out) for this one, or delete that table")
+
+
 def add_tune_on_argument(parser: argparse.ArgumentParser) -> None:
     """``--tune-on``, for the tables that pick weights with :func:`tune_on_validation`."""
     parser.add_argument(
@@ -167,9 +194,8 @@ def run_cli_step(argv: Sequence[str], done_file: Optional[str]) -> None:
     status = cli_main(list(argv))
     if status != 0:
         raise SystemExit(f"recsys-llm {' '.join(argv[:2])} failed with status {status}")
-    if record is not None:
-        with open(record, "w", encoding="utf-8") as handle:
-            json.dump(list(argv), handle, indent=1)
+    if record is not None:  # whole or absent: a kill while writing it must not leave a record that fails every rerun
+        write_text_atomically(record, json.dumps(list(argv), indent=1))
 
 
 TUNE_ON = ("all-seeds", "first-seed")

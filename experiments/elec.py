@@ -1,6 +1,7 @@
 """ELEC on >= 3 backbones: plain vs gain network vs students (joint, offline, and on label-free pairs).
 
-Run: ``.venv/bin/python -m experiments.elec [--data ml100k|synthetic] [--quick]``. Writes
+Run: ``.venv/bin/python -m experiments.elec [--data ml100k|synthetic]`` (a smoke run: ``--quick --out
+DIR``; a table of other settings in ``--out``, the committed ones included, is never replaced). Writes
 ``results/elec_{data}.{json,md,png}``; run directories, the CTR-adapted LLM, its vectors and
 the split copies go to ``results/runs/elec_{data}/`` and a rerun skips every finished step.
 
@@ -59,6 +60,7 @@ from recsys_llm.train.checkpoint import checkpoint_digests, resolve_checkpoint
 from experiments.common import (
     add_tune_on_argument,
     base_config_path,
+    check_tables_replaceable,
     experiment_args,
     markdown_table,
     model_overrides,
@@ -296,13 +298,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     name = f"elec_{args.data}"
+    backbones = args.backbones or list(BACKBONES)
+    check_tables_replaceable(args, name, backbones)
     work = os.path.abspath(os.path.join(args.out, "runs", name))
     sample_rows = args.sample_rows or (256 if args.quick else 1000)
     base_schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
     entities = args.entities or (["item_id"] if args.data == "ml100k" else ["user_id", "item_id"])
     schema, vector_overrides = llm_steps(base_schema, work, args.granularity, entities, sample_rows, args.quick,
                                          args.row_fields, args.max_length)
-    backbones = args.backbones or list(BACKBONES)
     # swapped pairs need vectors that follow the swapped ids: entity tables (several entities), one of them the item's
     swap_fields = ITEM_FIELDS.get(args.data, ()) if args.granularity == "entity" and len(entities) > 1 \
         and "item_id" in entities else ()

@@ -1,6 +1,7 @@
 """LLaCTR on every backbone: plain vs +FRE vs +FIE vs +both, 3 seeds, lambdas tuned on validation.
 
-Run: ``.venv/bin/python -m experiments.llactr [--data ml100k|synthetic] [--quick]``. Writes
+Run: ``.venv/bin/python -m experiments.llactr [--data ml100k|synthetic]`` (a smoke run: ``--quick --out
+DIR``; a table of other settings in ``--out``, the committed ones included, is never replaced). Writes
 ``results/llactr_{data}.{json,md,png}``; run directories go to ``results/runs/llactr_{data}/``
 and a rerun skips every finished step (SSFT, field vectors, training runs).
 
@@ -46,6 +47,7 @@ from recsys_llm.semantics.store import load_vectors, save_vectors
 from experiments.common import (
     add_tune_on_argument,
     base_config_path,
+    check_tables_replaceable,
     experiment_args,
     markdown_table,
     model_overrides,
@@ -198,14 +200,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "the same shape (runs and tables named *_random*)")
     args = parser.parse_args(argv)
     started = time.time()
+    name, run_suffix = f"llactr_{args.data}", ""
+    if args.field_vectors == "random":
+        name, run_suffix = f"{name}_random_vectors", "_random"
+    backbones = args.backbones or list(BACKBONES)
+    check_tables_replaceable(args, name, backbones)
     work = os.path.abspath(os.path.join(args.out, "runs", f"llactr_{args.data}"))
     schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
     vectors, ssft_metrics_path = llm_steps(schema, work, args.quick, args.ssft_budget, SSFT_MAX_LENGTH[args.data])
-    name, run_suffix = f"llactr_{args.data}", ""
     if args.field_vectors == "random":
         vectors = random_field_vectors(vectors, os.path.join(work, "fields_random.safetensors"))
-        name, run_suffix = f"{name}_random_vectors", "_random"
-    backbones = args.backbones or list(BACKBONES)
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
     for backbone in backbones:

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from experiments.common import (
     base_config_path,
+    check_tables_replaceable,
     experiment_args,
     markdown_table,
     plot_auc,
@@ -28,8 +29,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.data != "ml100k":  # the shared parser offers the synthetic data too; this table is ML-100K's
         parser.error(f"--data {args.data}: this table trains on ML-100K only (--data ml100k)")
-    schema = prepared_schema("ml100k", args.data_dir, args.raw)
     backbones = args.backbones or list(BACKBONES)
+    check_tables_replaceable(args, "ml100k_backbones", backbones)
+    schema = prepared_schema("ml100k", args.data_dir, args.raw)
     tables = {}
     for backbone in backbones:
         runs = []

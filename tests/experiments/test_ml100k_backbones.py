@@ -31,3 +31,32 @@ def test_the_table_records_a_quick_run_and_its_command(tmp_path, monkeypatch) ->
     assert payload["quick"] is True
     assert payload["command"] == "python -m experiments.ml100k_backbones " + " ".join(argv)
     assert payload["table"]["fm"]["auc"] == {"mean": 0.75, "std": 0.0, "n": 2}
+
+
+def test_a_table_of_other_settings_is_not_replaced_before_any_work(tmp_path, monkeypatch, capsys) -> None:
+    """With the default --out, a smoke run (`--quick --backbones fm --seeds 0`) replaced the committed six-backbone,
+    three-seed results/ml100k_backbones.* with its one quick row, without a word."""
+    import json
+
+    import experiments.ml100k_backbones as script
+
+    result = {"valid": {"auc": 0.7}, "test": {"auc": 0.75, "logloss": 0.5}}
+    trained = []
+    monkeypatch.setattr(script, "prepared_schema", lambda data, data_dir, raw: "schema.json")
+    monkeypatch.setattr(script, "run_variant", lambda config, overrides, run_dir: trained.append(run_dir) or result)
+    assert main(["--backbones", "fm", "fwfm", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "ml100k_backbones.json").read_text(encoding="utf-8")
+    trained.clear()
+    for argv, difference in ((["--quick", "--backbones", "fm", "fwfm", "--seeds", "0", "1"], "quick False -> True"),
+                             (["--backbones", "fm", "fwfm", "--seeds", "0"], "seeds [0, 1] -> [0]"),
+                             (["--backbones", "fm", "--seeds", "0", "1"], "backbones ['fwfm'] of it not run here")):
+        with pytest.raises(SystemExit) as refused:
+            main([*argv, "--out", str(tmp_path)])
+        assert str(refused.value).startswith(f"{tmp_path / 'ml100k_backbones.json'}: holds a table of other settings ("
+                                             f"{difference})"), refused.value
+    assert not trained and (tmp_path / "ml100k_backbones.json").read_text(encoding="utf-8") == table
+    # elsewhere it goes, and the same settings (or more backbones) replace it
+    assert main(["--quick", "--backbones", "fm", "--seeds", "0", "--out", str(tmp_path), "--tables-out",
+                 str(tmp_path / "quick")]) == 0
+    assert json.loads((tmp_path / "quick" / "ml100k_backbones.json").read_text(encoding="utf-8"))["quick"] is True
+    assert main(["--backbones", "fm", "fwfm", "dcnv2", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
