@@ -94,6 +94,12 @@ KD_CHOICE = "(alpha, beta) of the student from {0.5, 1.0} x {0.0, 0.1} (swapped 
 KD_LOSSES = "score KD = BCE on teacher probabilities (T = 1), representation KD = MSE after a learned projection"
 
 
+def default_max_length(granularity: str, entities: Sequence[str]) -> int:
+    """The LLM's tokens per text when ``--max-length`` is not given: 64 for row text or several
+    entities' texts, else 48."""
+    return 64 if granularity == "row" or len(entities) > 1 else 48
+
+
 def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str], sample_rows: int,
               quick: bool, row_fields: Sequence[str] = ROW_FIELDS, max_length: Optional[int] = None
               ) -> Tuple[str, List[str]]:
@@ -111,8 +117,7 @@ def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str],
     llm_dir = os.path.join(work, "ctr_llm")
     attach_dir = os.path.join(work, "attached")
     fields = list(row_fields) if granularity == "row" else list(entities)
-    long_text = granularity == "row" or len(entities) > 1
-    max_length = max_length or (64 if long_text else 48)
+    max_length = max_length or default_max_length(granularity, entities)
     run_cli_step(
         ["semantics", "adapt", "--schema", schema, "--output-dir", llm_dir, "--fields", *fields,
          "--representation-dim", str(VECTOR_DIM), "--hidden-dim", "128", "--sample-rows", str(sample_rows),
@@ -358,7 +363,7 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "granularity": args.granularity,
         "entities": list(entities) if args.granularity == "entity" else None,
         "row_fields": list(args.row_fields) if args.granularity == "row" else None,
-        "llm_max_length": args.max_length,
+        "llm_max_length": args.max_length or default_max_length(args.granularity, entities),  # the one used
         "llm_sample_rows": sample_rows,
         "vector_dim": vector_dim,
         "selection": selection,

@@ -271,6 +271,9 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "relative_auc_gain_vs_plain": gains,
         "mean_relative_auc_gain_vs_plain": mean_gains,
         "ssft": {k: ssft.get(k) for k in ("before", "after", "epochs", "num_train", "num_valid")},
+        # the settings whose defaults changed since tables were made: the command alone no longer says them
+        "ssft_budget": list(args.ssft_budget or (QUICK_SSFT_BUDGET if args.quick else SSFT_BUDGET)),
+        "ssft_max_length": SSFT_MAX_LENGTH[args.data],
         "field_vectors": vectors,
         "field_vectors_kind": args.field_vectors,
         "runtime_s": time.time() - started,
