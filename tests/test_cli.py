@@ -615,6 +615,10 @@ def test_one_process_llm_commands_refuse_several_ranks_before_any_work(argv, com
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun started the command on each rank
+    import torch.distributed
+
+    # as in a fresh torchrun worker (an earlier test of this process may have left its group of one)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert f"error: {command}" in error and "under torchrun each of the 2 ranks" in error, error
