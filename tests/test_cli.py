@@ -615,6 +615,7 @@ def test_one_process_llm_commands_refuse_several_ranks_before_any_work(argv, com
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun started the command on each rank
+
     import torch.distributed
 
     # as in a fresh torchrun worker (an earlier test of this process may have left its group of one)
@@ -624,6 +625,10 @@ def test_one_process_llm_commands_refuse_several_ranks_before_any_work(argv, com
     assert f"error: {command}" in error and "under torchrun each of the 2 ranks" in error, error
     assert "without torchrun" in error
     assert os.listdir(tmp_path) == []  # nothing written
+    if command != "demo":  # a program that set up its ranks' group calls the command on the ranks it chooses
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        main(argv)
+        assert "under torchrun each" not in capsys.readouterr().err
 
 
 def test_a_home_tilde_after_an_options_equals_sign_is_expanded(tmp_path, monkeypatch, capsys) -> None:
