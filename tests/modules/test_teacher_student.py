@@ -563,3 +563,10 @@ class TestTorchRecBatch:
         task = _elec("joint")  # the gain network reads llm_vector
         with pytest.raises(KeyError, match=r"no extra 'llm_vector' for the field injection \(its extras: \[\]\)"):
             task(self._torchrec_batch())
+
+
+def test_temperature_scaling_reaches_the_tasks_score_kd() -> None:
+    """elec.distill.temperature_scaling=false: the joint task's score-KD term is the one at T, not times T²."""
+    student, teacher = torch.randn(16, generator=torch.Generator().manual_seed(1)), torch.randn(16)
+    terms = {scaling: _elec("joint", temperature_scaling=scaling).score_kd(student, teacher) for scaling in (True, False)}
+    torch.testing.assert_close(terms[False], terms[True] / 4.0)  # T = 2
