@@ -29,7 +29,7 @@ import json
 import os
 import re
 import typing
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
+from typing import TYPE_CHECKING, Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import yaml
 
@@ -38,6 +38,10 @@ from recsys_llm.data.schema import UniqueKeyLoader, read_utf8_text, schema_file
 from recsys_llm.error_text import one_line
 from recsys_llm.models.registry import ModelConfig
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig
+
+if TYPE_CHECKING:  # the plug-in configs import modules/, which import this module
+    from recsys_llm.modules.elec import ELECConfig
+    from recsys_llm.modules.llactr import LLaCTRConfig
 
 T = TypeVar("T")
 
@@ -421,15 +425,15 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<config>") -> Experi
     """Validates and types a raw mapping (see :func:`build_dataclass`); errors start with ``source``."""
     try:
         config = build_dataclass(ExperimentConfig, raw, "")
-        _parse_plugin_sections(config)
+        parse_plugin_sections(config)
     except ValueError as error:  # ConfigError, and the plug-in configs' own checks
         raise ConfigError(f"{source}: {error}") from error
     return config
 
 
-def _parse_plugin_sections(config: ExperimentConfig) -> None:
-    """Checks the free-form ``llactr`` / ``elec`` sections as the trainer will parse them, so that a
-    bad key or value there is named with the config file or override, before any other work.
+def parse_plugin_sections(config: ExperimentConfig) -> "Tuple[Optional[LLaCTRConfig], Optional[ELECConfig]]":
+    """The ``llactr`` and ``elec`` sections as their configs (None where a section is empty); loading a
+    config checks them so, and the trainer parses them again for a config built in Python.
 
     Raises:
         ValueError: both sections are set, or a section has unknown keys or bad values.
@@ -438,11 +442,9 @@ def _parse_plugin_sections(config: ExperimentConfig) -> None:
     from recsys_llm.modules.llactr import LLaCTRConfig
 
     if config.llactr and config.elec:
-        raise ConfigError("'llactr' and 'elec' sections are both set; train one method per run")
-    if config.llactr:
-        LLaCTRConfig.from_dict(config.llactr, source="llactr")
-    if config.elec:
-        ELECConfig.from_dict(config.elec, source="elec")
+        raise ConfigError("config: 'llactr' and 'elec' sections are both set; train one method per run")
+    llactr = LLaCTRConfig.from_dict(config.llactr, source="llactr") if config.llactr else None
+    return llactr, ELECConfig.from_dict(config.elec, source="elec") if config.elec else None
 
 
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> ExperimentConfig:

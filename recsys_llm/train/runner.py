@@ -60,6 +60,7 @@ from recsys_llm.train.config import (
     TrainConfig,
     check_plugin_history,
     check_resumable,
+    parse_plugin_sections,
     save_config,
 )
 from recsys_llm.train.curves import plot_training_curves
@@ -115,7 +116,6 @@ from recsys_llm.train.task_builder import (
     check_elec_settings_are_read,
     check_offline_reads_no_vectors,
     load_plugin_state,
-    parse_plugin_sections,
     swapped_pairs,
 )
 

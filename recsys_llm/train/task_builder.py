@@ -2,7 +2,7 @@
 teacher-student pair, and what the plug-ins need besides (extra columns, entity vectors, swapped pairs)."""
 
 import dataclasses
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,8 +21,8 @@ from recsys_llm.modules.elec import (
     frozen_teacher_record,
     load_elec_state,
 )
-from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
-from recsys_llm.train.config import ConfigError, ExperimentConfig
+from recsys_llm.modules.llactr import build_llactr_terms
+from recsys_llm.train.config import ConfigError, ExperimentConfig, parse_plugin_sections
 
 
 class BuiltTask(NamedTuple):
@@ -88,20 +88,6 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
         return BuiltTask(CTRTask(backbone), {})
     logit_terms, loss_terms, provenance = build_llactr_terms(llactr, schema, backbone, device)
     return BuiltTask(CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms), {"llactr": provenance})
-
-
-def parse_plugin_sections(config: ExperimentConfig) -> Tuple[Optional[LLaCTRConfig], Optional[ELECConfig]]:
-    """The ``llactr`` and ``elec`` sections as their configs (None where a section is empty).
-
-    ``run_training`` calls it before any data is read or generated, so a bad value costs nothing.
-
-    Raises:
-        ValueError: both sections are set, or a section has unknown keys or bad values.
-    """
-    if config.llactr and config.elec:
-        raise ValueError("config: 'llactr' and 'elec' sections are both set; train one method per run")
-    llactr = LLaCTRConfig.from_dict(config.llactr, source="llactr") if config.llactr else None
-    return llactr, ELECConfig.from_dict(config.elec, source="elec") if config.elec else None
 
 
 def check_offline_reads_no_vectors(elec: ELECConfig) -> None:
