@@ -426,6 +426,10 @@ class ServedModel(nn.Module):
 
         Returns:
             torch.Tensor: logits (B,).
+
+        Raises:
+            ValueError: a request that does not fit (above), or finite inputs the model overflows on (a
+                NaN / inf logit, named with its row).
         """
         if not isinstance(sparse_features, KeyedJaggedTensor):
             raise TypeError(f"sparse_features: expected a KeyedJaggedTensor of the features {self.feature_names}, "

@@ -661,8 +661,9 @@ def load_checkpoint(
         TrainState: the saved training position.
     """
     # a copy under a name of its own (``models/deepfm_v1``) loads too; a ``.tmp`` directory is a save in progress
-    if not os.path.isdir(path):  # it was there when the command resolved it
-        raise _removed_while_read(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory (if a training job runs in its run directory, "
+                                "it may have removed it since: it keeps only its newest checkpoints; run again)")
     if os.path.normpath(path).endswith(".tmp") or not os.path.isfile(os.path.join(path, TRAIN_STATE_FILE)):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {TRAIN_STATE_FILE} or a .tmp directory)")
     try:

@@ -141,7 +141,9 @@ def train_epoch(
     Args:
         model (nn.Module): the DMP-wrapped task; ``model(batch) -> (loss, (loss, logits, labels))``.
         optimizer (torch.optim.Optimizer): the combined optimizer (fused tables + dense).
-        batches (Iterable[Batch]): this rank's batches for the epoch.
+        batches (Iterable[Batch]): this rank's batches for the epoch. A generator (a reader's epoch) is
+            closed when the epoch ends, finished, stopped by ``on_step`` or left by an exception: its
+            prefetch thread, buffers and file go at once.
         device (torch.device): where batches are copied.
         skip_batches (int): batches to pass over first (resuming mid-epoch); not trained on.
         on_step (Optional[StepCallback]): called after each step with the step index within

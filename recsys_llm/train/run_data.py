@@ -61,7 +61,10 @@ def _generate_once(schema_file: str, rows: int, seed: int) -> None:
     directory = os.path.dirname(os.path.abspath(schema_file))
     parent, name = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
-    with file_locked(os.path.join(parent, f".{name}.generating.lock"), "", wait=True):
+    lock = os.path.join(parent, f".{name}.generating.lock")
+    if os.path.exists(lock):  # maybe another job's, generating now (or a killed one's: no lock then, no wait)
+        print(f"[recsys_llm] {schema_file}: waiting for the job that holds {lock} to generate it", flush=True)
+    with file_locked(lock, "", wait=True):
         if os.path.exists(schema_file):
             return
         # a mistyped or unmounted data.schema lands here too: say so, and never write into a
