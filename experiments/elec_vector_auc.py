@@ -1,6 +1,7 @@
-"""How much ELEC's row vector r says about clicks by itself, per split, and on the rows its
-CTR-adapted LLM was tuned on versus the other rows of that split (``train`` unless
-``semantics adapt --split`` named another: ``adapted_on.json`` records it).
+"""How much ELEC's row vector r says about clicks by itself, per split and on the LLM's tuning rows.
+
+Per split, and on the rows its CTR-adapted LLM was tuned on versus the other rows of that split
+(``train`` unless ``semantics adapt --split`` named another: ``adapted_on.json`` records it).
 
 Run after ``python -m experiments.elec --granularity row ... --out DIR``::
 
@@ -15,6 +16,7 @@ the others is label leakage: r of a row the LLM was tuned on has seen that row's
 import argparse
 import json
 import os
+import sys
 from typing import Dict, Optional
 
 import numpy as np
@@ -25,6 +27,7 @@ from torchmetrics.functional.classification import binary_auroc
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.cli.semantics_export import ADAPTED_ON_FILE
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.env import source_commit
 from recsys_llm.semantics.ctr_llm import load_ctr_llm, sample_indices
 from recsys_llm.semantics.vector_export import read_manifest
 from recsys_llm.semantics.vector_reader import ExportLookup
@@ -89,7 +92,9 @@ def main() -> None:
     args = parser.parse_args()
     result = vector_auc(args.run, DatasetSchema.load(args.schema))
     path = args.json or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.run))), "vector_auc.json")
-    write_text_atomically(path, json.dumps(result, indent=2))
+    recorded = {**result, "command": "python -m experiments.elec_vector_auc " + " ".join(sys.argv[1:]),
+                "git_commit": source_commit(ignore=("results",))}
+    write_text_atomically(path, json.dumps(recorded, indent=2))
     for name, value in result.items():
         auc = "–" if value["auc"] is None else f"{value['auc']:.4f}"
         print(f"{name:>22}: AUC {auc} over {value['rows']} rows")
