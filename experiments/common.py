@@ -117,6 +117,8 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
         if data == "synthetic":
             _check_synthetic_rows(out)
         return os.path.join(out, "schema.json")
+    if os.path.exists(os.path.join(out, "schema.json")) and data == "ml100k":
+        _check_default_conversion(out)  # prepared again below with the defaults: never over other settings' data
     if data == "ml100k":
         from recsys_llm.data.movielens import prepare_movielens
 
@@ -128,6 +130,20 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
 
         generate_synthetic(out, SYNTHETIC_ROWS, seed=0, progress=True)
     return os.path.join(out, "schema.json")
+
+
+def _check_default_conversion(data_dir: str) -> None:
+    """Raises ``SystemExit`` when ``data_dir`` holds ML-100K prepared with other settings than the defaults
+    (a ``history`` field: ``prepare movielens --history-length``), which preparing it again would replace."""
+    from recsys_llm.data.schema import DatasetSchema
+
+    fields = [field.name for field in DatasetSchema.load(os.path.join(data_dir, "schema.json")).fields]
+    if "history" in fields:
+        raise SystemExit(
+            f"{data_dir}: ML-100K prepared with a history field (prepare movielens --history-length) and no item "
+            "catalogue; preparing it again here would write the default conversion over it: prepare it again with its "
+            f"own settings (`recsys-llm prepare movielens --input RAW --out {data_dir} --history-length N`)"
+        )
 
 
 def _check_synthetic_rows(data_dir: str) -> None:

@@ -314,3 +314,18 @@ def test_each_trained_run_prints_one_line(tmp_path, capsys):
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[run] "))
     assert line.startswith(f"[run] {run_dir}: valid AUC {results['valid']['auc']:.4f}, test AUC "
                            f"{results['test']['auc']:.4f} (")
+
+
+def test_ml100k_prepared_with_a_history_is_never_prepared_again_with_the_defaults(tmp_path):
+    """Data of an earlier version (no item catalogue) is prepared again with the default conversion: over a
+    `--history-length` data set that lost its history field and the tables trained on it their meaning."""
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+
+    out = tmp_path / "ml-100k"
+    out.mkdir()
+    DatasetSchema("ml-100k", [FieldSpec("user_id", "sparse", 10), FieldSpec("history", "sequence", 20, max_length=5)],
+                  splits={"train": "train.parquet"}, root=str(out)).save(str(out / "schema.json"))
+    before = (out / "schema.json").read_bytes()
+    with pytest.raises(SystemExit, match="ML-100K prepared with a history field .* --history-length N"):
+        prepared_schema("ml100k", str(tmp_path), raw="unused")
+    assert (out / "schema.json").read_bytes() == before
