@@ -209,7 +209,8 @@ class TestLoadConfig:
                                    "(save the config as UTF-8)")
 
     def test_round_trip_through_yaml(self, tmp_path) -> None:
-        config = load_config(None, ["model.name=dcnv2", "model.cross_layers=2", "elec.distill.alpha=0.3", "data.schema=x"])
+        config = load_config(None, ["model.name=dcnv2", "model.cross_layers=2", "elec.task=distill", "elec.distill.alpha=0.3",
+                                    "data.schema=x"])
         path = str(tmp_path / "config.yaml")
         save_config(config, path)
         assert load_config(path) == config
@@ -496,3 +497,13 @@ def test_a_section_left_empty_is_a_section_left_out(tmp_path) -> None:
     path.write_text("data: {schema: x}\nmodel:\nllactr:\ntrain:\n")
     config = load_config(str(path))
     assert config.model.name == "deepfm" and config.llactr == {} and config.train.epochs == TrainConfig().epochs
+
+
+def test_an_override_that_would_turn_elec_on_without_a_task_is_refused() -> None:
+    """`elec.distill.alpha=0.5` on a config without ELEC made a distillation run, whose first complaint was a missing
+    llm_vector column of the data."""
+    config = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
+    with pytest.raises(ConfigError, match=r"^command-line override\(s\) elec.distill.alpha=0.5: .* has no elec section, "
+                                          r"so they would turn ELEC on with its default task"):
+        load_config(config, ["train.epochs=1", "elec.distill.alpha=0.5"])
+    assert load_config(config, ["elec.task=distill", "elec.distill.alpha=0.5"]).elec["distill"] == {"alpha": 0.5}

@@ -134,7 +134,7 @@ def test_a_bad_plugin_value_is_refused_before_the_data_is_made(tmp_path) -> None
     base = [f"data.schema={data}", "data.synthetic_rows=2000", f"train.run_dir={tmp_path / 'run'}"]
     with pytest.raises(ConfigError, match=r"^command-line override\(s\) .*elec.vector_dim=0: elec.vector_dim must be an "
                                           "integer >= 1, got 0"):
-        load_config(DEEPFM_CONFIG, [*base, "elec.vector_dim=0"])
+        load_config(DEEPFM_CONFIG, [*base, "elec.task=gain", "elec.vector_dim=0"])
     with pytest.raises(ConfigError, match="'llactr' and 'elec' sections are both set"):
         load_config(DEEPFM_CONFIG, [*base, "elec.task=gain", "llactr.vectors_path=fields.safetensors"])
     config = load_config(DEEPFM_CONFIG, base)
