@@ -226,6 +226,11 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         check_trained_on(schema, saved_config, run_dir)
         check_resumable_position(read_train_state(latest), ctx, train_cfg, readers["train"], config.data.shuffle)
         check_same_column_split(os.path.join(run_dir, "sharding_plan.json"), plan, config.optim.sparse)
+        for saves in (checkpoints.directory, best.directory):  # found at the first save otherwise, after training
+            if os.path.isdir(saves) and not os.access(saves, os.W_OK | os.X_OK):
+                raise PermissionError(f"{saves}: not writable here (permissions, or a read-only mount), so the resumed "
+                                      "run would fail at its first checkpoint: make it writable, or use another "
+                                      "train.run_dir")
         saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
         if os.path.isfile(saved_plugins):
             saved_record = read_run_record(saved_plugins)

@@ -440,3 +440,35 @@ def test_a_resume_under_a_plan_that_splits_columns_otherwise_is_refused_before_l
                                 schema_dir=synthetic_dir, run_dir=str(tmp_path / "run"))
     assert "'t_user_id' 2 (column_wise) -> 1 (table_wise) column shards" in refusal, refusal
     assert refusal.startswith(str(tmp_path / "run" / "sharding_plan.json"))
+
+
+def _resume_into_unwritable_checkpoints(schema_dir: str, run_dir: str) -> str:
+    """Trains 2 steps, then resumes with ``checkpoints/`` refused to this user (root writes anywhere but on a
+    read-only mount, so the refusal is stood in for); returns the error."""
+    from recsys_llm.train.runner import run_training
+
+    overrides = [f"train.run_dir={run_dir}", "train.epochs=1", "train.progress=false", "data.validate=false"]
+    run_training(_config(schema_dir, *overrides, "train.max_steps=2"))
+    saves = os.path.join(run_dir, "checkpoints")
+    access = os.access
+    os.access = lambda path, mode: os.path.abspath(path) != os.path.abspath(saves) and access(path, mode)
+    try:
+        run_training(_config(schema_dir, *overrides, "train.max_steps=4"))
+    except PermissionError as error:
+        return str(error)
+    finally:
+        os.access = access
+    return ""
+
+
+@pytest.mark.multiprocess
+def test_a_resume_into_checkpoints_it_cannot_write_is_refused_before_training(synthetic_dir: str, tmp_path) -> None:
+    """It trained until its first save, then failed on 'checkpoints/ckpt-00000027.tmp: Permission denied'."""
+    from tests.multiprocess import run_multiprocess
+
+    refusal, = run_multiprocess(_resume_into_unwritable_checkpoints, world_size=1, schema_dir=synthetic_dir,
+                                run_dir=str(tmp_path / "run"))
+    assert refusal.startswith(f"{tmp_path / 'run' / 'checkpoints'}: not writable here (permissions, or a read-only "
+                              "mount), so the resumed run would fail at its first checkpoint"), refusal
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8")
+    assert metrics.count('"event": "resumed"') == 0  # refused before the run's records changed
