@@ -490,6 +490,10 @@ def test_one_gpu_named_for_several_ranks_of_a_host_is_refused(tiny_schema, tiny_
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    import torch.distributed
+
+    # as in a fresh torchrun worker (an earlier test of this process may have left its group of one)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     out = str(tmp_path / "out")
     code = main(["semantics", "export", "--schema", tiny_schema.root, "--device", "cuda:1", "--llm", tiny_bert_dir,
                  "--output-dir", out])
