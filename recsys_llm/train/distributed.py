@@ -223,7 +223,8 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         torch.cuda.set_device(torch_device)
     chosen_backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        os.environ.setdefault("LOCAL_WORLD_SIZE", str(ranks_per_host(world_size)))
+        if "LOCAL_WORLD_SIZE" not in os.environ:  # torchrun's, when it launched (setdefault would ask, and warn)
+            os.environ["LOCAL_WORLD_SIZE"] = str(ranks_per_host(world_size))
         # NCCL bound to this rank's GPU: the communicator forms at once, and no collective has to guess
         # the device from the global rank (wrong where a launcher maps ranks to GPUs otherwise)
         bound_device = torch_device if chosen_backend == "nccl" else None

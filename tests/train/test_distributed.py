@@ -129,3 +129,24 @@ def test_the_ranks_per_host_come_from_the_launcher_when_torchrun_gives_none(monk
         assert ranks_per_host(16) == expected
     assert any("set LOCAL_WORLD_SIZE to the ranks per host" in str(w.message) for w in caught) == warned
     assert ranks_per_host(1) == 1
+
+
+def test_a_torchrun_launch_is_not_warned_of_as_another_launcher() -> None:
+    """`setdefault("LOCAL_WORLD_SIZE", str(ranks_per_host(...)))` asked ranks_per_host, which warned on every rank of a
+    torchrun or torchx launch that LOCAL_WORLD_SIZE was not set, though torchrun had set it."""
+    code = (
+        "import os, warnings\n"
+        "os.environ.update(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0', LOCAL_WORLD_SIZE='2')\n"
+        "from recsys_llm.train import distributed\n"
+        "distributed.dist.init_process_group = lambda **kwargs: None  # the rendezvous of the other rank is not the test\n"
+        "distributed._rendezvous_store = lambda rank, world_size: None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    distributed.init_distributed('cpu')\n"
+        "print([str(w.message) for w in caught if 'LOCAL_WORLD_SIZE' in str(w.message)])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__))))})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
