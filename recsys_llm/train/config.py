@@ -409,6 +409,9 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
             value = yaml.load(text, Loader=_ConfigLoader) if text.strip() else ""
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: value is not valid YAML: {one_line(error)}") from error
+        if isinstance(value, dict) and any(isinstance(k, str) and ":" in k and v is None for k, v in value.items()):
+            raise ConfigError(f"override {override!r}: YAML reads {{a:b}} as the key 'a:b' with no value; write a space "
+                              f"after each colon ({{a: b}}), or one override per key ({key.strip()}.a=b)")
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)

@@ -507,3 +507,12 @@ def test_an_override_that_would_turn_elec_on_without_a_task_is_refused() -> None
                                           r"so they would turn ELEC on with its default task"):
         load_config(config, ["train.epochs=1", "elec.distill.alpha=0.5"])
     assert load_config(config, ["elec.task=distill", "elec.distill.alpha=0.5"]).elec["distill"] == {"alpha": 0.5}
+
+
+def test_a_mapping_override_without_yaml_s_space_after_the_colon_is_named() -> None:
+    """`elec.entity_tables={user_id:runs/u}` is the key 'user_id:runs/u' to YAML: the error named a field
+    'user_id:runs/u' with no export directory."""
+    config = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
+    with pytest.raises(ConfigError, match=r"YAML reads \{a:b\} as the key 'a:b' with no value; write a space after each "
+                                          r"colon \(\{a: b\}\), or one override per key \(elec.entity_tables.a=b\)"):
+        load_config(config, ["elec.task=gain", "elec.entity_tables={user_id:runs/u,item_id:runs/i}"])
