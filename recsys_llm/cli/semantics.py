@@ -21,7 +21,6 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import os
 import sys
 
 GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
@@ -59,12 +58,10 @@ def refuse_several_ranks(command: str) -> None:
     Raises:
         ValueError: naming the command, the world size and the LLM step that does split over ranks.
     """
-    import torch.distributed as dist
-
-    from recsys_llm.train.distributed import launch_ranks
+    from recsys_llm.train.distributed import launch_ranks, started_by_torchrun_on_each_rank
 
     world_size = launch_ranks()[1]
-    if world_size > 1 and "TORCHELASTIC_RUN_ID" in os.environ and not dist.is_initialized():
+    if world_size > 1 and started_by_torchrun_on_each_rank():
         raise ValueError(f"{command} runs in one process, on one device; under torchrun each of the {world_size} ranks "
                          "would do the whole job and write the same output: run it without torchrun (`semantics "
                          "export` is the LLM step that splits its rows over ranks)")

@@ -29,7 +29,7 @@ from recsys_llm.semantics.model_dir import (
     require_no_hub_kernel,
     require_weight_files,
 )
-from recsys_llm.train.distributed import select_device
+from recsys_llm.train.distributed import select_device, started_by_torchrun_on_each_rank
 
 
 def computes_in_bf16(device: torch.device) -> bool:
@@ -58,14 +58,11 @@ def _one_gpu_for_every_rank(index: int) -> bool:
     """Whether torchrun started this command on each of several ranks of this host and the GPU ``index``
     asked for on the command line is not this rank's (``LOCAL_RANK``): every rank would take it. A program
     that set up its ranks' group chooses each rank's device itself."""
-    import torch.distributed as dist
-
     try:
         ranks_here, local_rank = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:  # the process group's set-up names a malformed launch variable
         return False
-    return ("TORCHELASTIC_RUN_ID" in os.environ and ranks_here > 1 and index != local_rank
-            and not (dist.is_available() and dist.is_initialized()))
+    return ranks_here > 1 and index != local_rank and started_by_torchrun_on_each_rank()
 
 
 def resolve_device(device: Optional[str], setting: str = "--device") -> torch.device:

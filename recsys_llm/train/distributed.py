@@ -68,7 +68,7 @@ def select_device(local_rank: int, device: str = "auto") -> torch.device:
         raise ValueError(f"device 'cuda' (train.device) requested, but torch ({torch.__version__}, {build}) sees no "
                          "GPU; use device 'auto' or 'cpu', or install the CUDA variant (RECSYS_LLM_VARIANT=cuda make install)")
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    under_torchrun = TORCHRUN_RUN_ID in os.environ
     return torch.device("cuda", gpu_index(local_rank, local_world_size, count, under_torchrun))
 
 
@@ -161,6 +161,16 @@ def _env_int(name: str, default: int, minimum: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {minimum} (torchrun sets "
                          "RANK, WORLD_SIZE and LOCAL_RANK for each process; unset them to run as one process)")
     return value
+
+
+TORCHRUN_RUN_ID = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent (and so torchx) in each worker it starts
+
+
+def started_by_torchrun_on_each_rank() -> bool:
+    """Whether torchrun started this process as one of its workers and no process group exists yet: the
+    command itself is every rank's program (a program that set up its ranks' group and calls a command on
+    the ranks it chooses is not)."""
+    return TORCHRUN_RUN_ID in os.environ and not (dist.is_available() and dist.is_initialized())
 
 
 def launch_ranks() -> Tuple[int, int, int]:
