@@ -397,7 +397,8 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     check_replaceable(directory, kind, marker_files)  # again once locked; here before anything is made
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    lock = os.path.join(parent, f".{os.path.basename(directory)}{SWAP_LOCK_SUFFIX}")
+    name = os.path.basename(directory)
+    lock = os.path.join(parent, f".{name}{SWAP_LOCK_SUFFIX}")
     # two writers of one output would interleave their checks and renames (a finished output thrown
     # away, a swap reported failed that had succeeded): the second is refused before any work
     with file_locked(lock, f"{directory}: another {kind} is writing it (it holds {lock}); wait for it to end, or "
@@ -413,7 +414,7 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
         except FileExistsError as error:
             raise FileExistsError(f"{error}; if it is what is left of an earlier {kind} (versions before 2026-12-03 "
                                   "could leave it partly deleted when killed), delete it") from None
-        prefix = f".{os.path.basename(os.path.normpath(directory))}."
+        prefix = f".{name}."
         # its temp dirs (prefix + mkdtemp's letters) and removal leftovers, not those of a sibling named
         # like it plus a suffix (``<directory>.checkpoint``: ``.<name>.checkpoint.removing-*``)
         own_leftover = re.compile(re.escape(prefix) + r"\w+(-\w+)?")

@@ -482,8 +482,8 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
     from_file = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
     if not from_file.get("elec") and isinstance(raw.get("elec"), dict) and raw["elec"] and "task" not in raw["elec"]:
-        set_here = [item for item in overrides if item.strip().startswith("elec")]
-        raise ConfigError(f"command-line override(s) {' '.join(set_here)}: {source} has no elec section, so they would "
+        raise ConfigError(f"command-line override(s) {' '.join(_overrides_of('elec', overrides))}: {source} has no "
+                          "elec section, so they would "
                           "turn ELEC on with its default task (distill); name it too (elec.task=gain or "
                           "elec.task=distill), or leave them out for a model without ELEC")
     _expand_home_in_paths(raw)
