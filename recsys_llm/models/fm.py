@@ -42,7 +42,7 @@ class _SumSquareInteraction(torch.autograd.Function):
         fields, total = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the gradient's own graph runs through fields
             return (fields.sum(dim=-2, keepdim=True) - fields) * grad.unsqueeze(-2)
-        return (total.unsqueeze(-2) - fields).mul_(grad.unsqueeze(-2))  # sum_j e_j - e_i, times g
+        return (total.unsqueeze(-2) - fields) * grad.unsqueeze(-2)  # sum_j e_j - e_i, times g
 
 
 @torch.fx.wrap

@@ -37,7 +37,7 @@ def pair_sum_backward(
     * d/dM = sum_b g_b G_b, G_b = x_b x_b^T: (K, K)
     """
     symmetric = pair_matrix + pair_matrix.t()  # (K, K)
-    grad_fields = torch.matmul(symmetric, fields).mul_(grad.view(-1, 1, 1))  # (B, K, D)
+    grad_fields = torch.matmul(symmetric, fields) * grad.view(-1, 1, 1)  # (B, K, D)
     return grad_fields, (grad @ gram).view_as(pair_matrix)
 
 

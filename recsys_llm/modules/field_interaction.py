@@ -71,14 +71,14 @@ class _SemanticPairSum(torch.autograd.Function):
     ) -> torch.Tensor:
         pair_matrix = _semantic_pair_matrix(fields, similarity, weight, bias, flat_pairs, scale)  # (K, K)
         out, gram = pair_sum_forward(fields, pair_matrix)  # (B,), (B, K * K)
-        ctx.save_for_backward(fields, pair_matrix, gram, similarity, flat_pairs)
+        ctx.save_for_backward(fields, pair_matrix, gram, similarity, flat_pairs, weight, bias)
         ctx.scale = scale
         return out
 
     @staticmethod
     @first_order_only("FIE's pair-sum kernel (semantic_pair_sum)")
     def backward(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
-        fields, pair_matrix, gram, similarity, flat_pairs = ctx.saved_tensors
+        fields, pair_matrix, gram, similarity, flat_pairs, _, _ = ctx.saved_tensors
         grad_fields, grad_matrix = pair_sum_backward(grad, fields, pair_matrix, gram)
         grad_pairs = grad_matrix.view(-1).index_select(0, flat_pairs).mul_(ctx.scale).to(similarity.dtype)  # (P,)
         return grad_fields, None, torch.outer(grad_pairs, similarity), grad_pairs, None, None

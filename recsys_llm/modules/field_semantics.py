@@ -70,7 +70,7 @@ class _ProjectedFieldKL(torch.autograd.Function):
         log_q_sum = log_q.sum(dim=0, dtype=torch.promote_types(log_q.dtype, log_p.dtype))  # (F, D)
         gap = torch.sub(log_p * batch_size, log_q_sum)  # (F, D): B (log p_f - mean_b log q_{b,f}); 0 when B = 0
         count = field_weight.sum()
-        ctx.save_for_backward(log_q, gap, weighted_p, log_p, count, field_vectors)
+        ctx.save_for_backward(log_q, gap, weighted_p, log_p, count, field_vectors, fields, weight, bias)
         return torch.dot(weighted_p.to(gap.dtype).flatten(), gap.flatten()) / (max(batch_size, 1) * count)
 
     @staticmethod
@@ -81,7 +81,7 @@ class _ProjectedFieldKL(torch.autograd.Function):
 
     @staticmethod
     def _gradients(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
-        log_q, gap, weighted_p, log_p, count, field_vectors = ctx.saved_tensors
+        log_q, gap, weighted_p, log_p, count, field_vectors, _, _, _ = ctx.saved_tensors
         batch_size = log_q.size(0)
         if batch_size == 0:  # the loss is 0 whatever W and c are
             grad_weight = field_vectors.new_zeros(log_p.size(1), field_vectors.size(1)).to(log_p.dtype)
@@ -89,7 +89,7 @@ class _ProjectedFieldKL(torch.autograd.Function):
         per_field = grad / count
         constant = (weighted_p * (per_field / -batch_size)).to(log_q.dtype).expand_as(log_q)  # (B, F, D)
         grad_fields = torch._log_softmax_backward_data(constant, log_q, -1, log_q.dtype)
-        grad_log_p = (gap / batch_size + 1).mul_(weighted_p).mul_(per_field).to(log_p.dtype)  # (F, D)
+        grad_log_p = ((gap / batch_size + 1).mul_(weighted_p) * per_field).to(log_p.dtype)  # (F, D)
         grad_logits = torch._log_softmax_backward_data(grad_log_p, log_p, -1, log_p.dtype)  # (F, D)
         return grad_fields, None, grad_logits.t() @ field_vectors, grad_logits.sum(dim=0), None
 

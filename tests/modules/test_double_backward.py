@@ -15,8 +15,13 @@ from recsys_llm.modules.field_semantics import projected_field_kl
 
 
 def _second_order(loss: torch.Tensor, inputs: torch.Tensor) -> None:
-    """A gradient penalty: differentiate the gradient's norm once more."""
+    """A gradient penalty: differentiate the gradient's norm once more, by ``backward()`` (every
+    leaf) and by ``autograd.grad`` with the inputs named (which reaches only the graph between
+    them: a refusal that hung off a leaf of its own was never reached, and the penalty silently
+    lost the kernel's second order)."""
     (grad,) = torch.autograd.grad(loss, inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(grad.pow(2).sum(), inputs, retain_graph=True)
     grad.pow(2).sum().backward()
 
 
@@ -98,6 +103,21 @@ def test_frozen_fie_entering_the_logit_linearly_refuses_a_gradient_penalty():
             _second_order(fie.logit(pooled).sum(), pooled.values())
 
 
+@pytest.mark.parametrize("kernel", ["weighted_pair_sum", "semantic_pair_sum", "projected_field_kl"])
+def test_hessian_through_a_first_order_kernel_is_refused(kernel):
+    """``torch.autograd.functional.hessian`` differentiates with the inputs named: it returned zeros."""
+    linear = torch.nn.Linear(6, 6).double()
+    weight, bias = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    term = {
+        "weighted_pair_sum": lambda x: weighted_pair_sum(x, torch.ones(4, 4, dtype=torch.float64)).sum(),
+        "semantic_pair_sum": lambda x: semantic_pair_sum(x, torch.ones(6, dtype=torch.float64), linear.weight,
+                                                         linear.bias, torch.tensor([1, 2, 3, 6, 7, 11]), 0.5).sum(),
+        "projected_field_kl": lambda x: projected_field_kl(x, torch.ones(4, 6, dtype=torch.float64), weight, bias),
+    }[kernel]
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.functional.hessian(term, torch.randn(2, 4, 5, dtype=torch.float64))
+
+
 def _explicit_fm(fields: torch.Tensor) -> torch.Tensor:
     count = fields.size(1)
     return sum(fields[:, i] * fields[:, j] for i in range(count) for j in range(i + 1, count))
@@ -124,3 +144,30 @@ def test_fm_interaction_works_under_torch_func():
     per_sample = torch.func.vmap(torch.func.grad(lambda f: fm_interaction(f).sum()))(fields)
     expected = torch.stack([torch.func.grad(lambda f: _explicit_fm(f).sum())(f) for f in fields])
     torch.testing.assert_close(per_sample, expected)
+
+
+def _explicit_pair_sum(fields: torch.Tensor, pair_matrix: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bid,bjd,ij->b", fields, fields, pair_matrix)
+
+
+@pytest.mark.parametrize("kernel", ["fm_interaction", "weighted_pair_sum", "semantic_pair_sum", "projected_field_kl"])
+def test_kernels_backward_under_batched_gradients(kernel):
+    """``jacobian(vectorize=True)`` and ``autograd.grad(is_grads_batched=True)`` run a backward on
+    vmapped gradients: an in-place multiply of the gradient into an unbatched tensor was refused by vmap."""
+    fields = torch.randn(3, 4, 2, dtype=torch.float64)
+    pair_matrix = torch.randn(4, 4, dtype=torch.float64)
+    linear = torch.nn.Linear(6, 6).double()
+    flat_pairs = torch.tensor([1, 2, 3, 6, 7, 11])
+    field_vectors, weight, bias = torch.randn(4, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64), \
+        torch.randn(2, dtype=torch.float64)
+    term = {
+        "fm_interaction": fm_interaction,
+        "weighted_pair_sum": lambda x: weighted_pair_sum(x, pair_matrix),
+        "semantic_pair_sum": lambda x: semantic_pair_sum(x, field_vectors.new_ones(6), linear.weight, linear.bias,
+                                                         flat_pairs, 0.5),
+        "projected_field_kl": lambda x: projected_field_kl(x, field_vectors, weight, bias),
+    }[kernel]
+    torch.testing.assert_close(
+        torch.autograd.functional.jacobian(term, fields, vectorize=True),
+        torch.autograd.functional.jacobian(term, fields),
+    )
