@@ -41,7 +41,9 @@ from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA, ChunkConverter, RowChunk, extra_kind
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.seeding import seed_entropy
-from recsys_llm.data.validation import DataError, check_file_schema, offsets_from_lengths, open_parquet, read_row_group
+from recsys_llm.data.validation import (
+    DataError, check_file_schema, check_split_has_rows, offsets_from_lengths, open_parquet, read_row_group
+)
 
 
 # =================================================================================================
@@ -227,7 +229,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         extra_kinds: Dict[str, Tuple[str, str, pa.DataType]] = {}  # extra -> (kind, first file, its type)
         for index, path in enumerate(self._paths):
             handle = open_parquet(path)
-            check_file_schema(path, schema, handle.schema_arrow, handle.metadata.num_rows, extras)
+            check_file_schema(path, schema, handle.schema_arrow, extras)
             _check_extra_kinds(path, handle.schema_arrow, self._extras, extra_kinds)
             has_key = bool(schema.row_key) and schema.row_key in handle.schema_arrow.names
             if row_key_present is None:
@@ -246,6 +248,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
                 f"{schema.row_key!r}) that batches carry as extras[{ROW_ID_EXTRA!r}]; expected extras other than "
                 f"{ROW_ID_EXTRA!r} (rename that column)"
             )
+        check_split_has_rows(self._paths, sum(unit.rows for unit in units))
         shards = _balanced_ranges([u for u in units if u.rows], world_size)
         self._units = shards[rank]
         self._rank_rows = [sum(u.rows for u in shard) for shard in shards]

@@ -10,7 +10,7 @@ from typing import List, Sequence, Union
 import pyarrow.parquet as pq
 
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.data.validation import DataError, check_file_schema, open_parquet
+from recsys_llm.data.validation import DataError, check_file_schema, check_split_has_rows, open_parquet
 from recsys_llm.file_hash import file_sha256
 
 
@@ -93,8 +93,9 @@ def same_split_fingerprint(first: str, second: str) -> bool:
 def read_schema_and_check(schema: DatasetSchema, path: str, extras: Sequence[str] = ()) -> int:
     """Cheap footer-only check of a split, file or directory against ``schema``.
 
-    Checks that every file opens, is not empty, has the schema's columns with the right
-    Arrow types and was written for the same field specs; reads no row data.
+    Checks that every file opens, has the schema's columns with the right Arrow types and was
+    written for the same field specs, and that the split has rows (a file of it may be empty);
+    reads no row data.
 
     Returns:
         int: total number of rows.
@@ -103,8 +104,10 @@ def read_schema_and_check(schema: DatasetSchema, path: str, extras: Sequence[str
         DataError: naming the file and column.
     """
     total = 0
-    for file_path in resolve_paths(schema, path):
+    paths = resolve_paths(schema, path)
+    for file_path in paths:
         handle = open_parquet(file_path)
-        check_file_schema(file_path, schema, handle.schema_arrow, handle.metadata.num_rows, extras)
+        check_file_schema(file_path, schema, handle.schema_arrow, extras)
         total += handle.metadata.num_rows
+    check_split_has_rows(paths, total)
     return total

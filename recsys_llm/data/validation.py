@@ -3,7 +3,7 @@
 Two levels, both cheap:
 
 * **metadata** (:func:`check_file_schema`): run once per file on the Parquet footer:
-  missing columns, wrong Arrow types, empty files, and a schema/data mismatch when the
+  missing columns, wrong Arrow types, a split without rows (its files may be empty), and a schema/data mismatch when the
   file was written for a different schema (``prepare`` stores the field specs it wrote
   with in the file's key-value metadata under :data:`FIELDS_METADATA_KEY`).
 * **values** (``check_*`` on numpy arrays): run per row group on the arrays the reader
@@ -20,6 +20,7 @@ what was expected, e.g.::
 
 import json
 import math
+import os
 import numbers
 import operator
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -122,17 +123,16 @@ def check_file_schema(
     path: str,
     schema: DatasetSchema,
     arrow_schema: pa.Schema,
-    num_rows: int,
     extras: Sequence[str] = (),
 ) -> None:
-    """Checks a file's footer against the schema: columns (present, each once), Arrow types, emptiness,
-    written specs.
+    """Checks a file's footer against the schema: columns (present, each once), Arrow types, written
+    specs. A file may be empty (an empty part of a directory that Spark or DuckDB wrote); a split
+    without rows is refused by :func:`check_split_has_rows`.
 
     Args:
         path (str): file name, used in messages.
         schema (DatasetSchema): what the data should look like.
         arrow_schema (pa.Schema): the file's Arrow schema (``ParquetFile.schema_arrow``).
-        num_rows (int): rows in the file (``ParquetFile.metadata.num_rows``).
         extras (Sequence[str]): extra columns the caller will read; they must exist.
 
     Raises:
@@ -168,9 +168,22 @@ def check_file_schema(
             f"{path}: row key column {schema.row_key!r} has Arrow type "
             f"{arrow_schema.field(schema.row_key).type}; expected int64"
         )
-    if num_rows == 0:
-        raise DataError(f"{path}: the file is empty (0 rows); expected at least one row")
     _check_spec_vs_written(path, schema, arrow_schema.metadata)
+
+
+def check_split_has_rows(paths: Sequence[str], num_rows: int) -> None:
+    """Raises unless a split's files (``paths``, at least one) hold ``num_rows`` > 0 rows between them.
+
+    Raises:
+        DataError: naming the file, or the files' directory and how many files it read.
+    """
+    if num_rows:
+        return
+    if len(paths) == 1:
+        raise DataError(f"{paths[0]}: the file is empty (0 rows); expected at least one row")
+    where = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in paths])
+    raise DataError(f"{where}: all {len(paths)} Parquet files of the split are empty (0 rows); expected at least "
+                    "one row")
 
 
 # ---- value checks (numpy, vectorised) -----------------------------------------------------------

@@ -51,6 +51,7 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import resolve_paths, same_split_fingerprint, split_fingerprint
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.validation import check_split_has_rows, open_parquet
 from recsys_llm.modules.teacher_student import TeacherStudentTask
 from recsys_llm.progress import interval_options
 from recsys_llm.train.checkpoint import checkpoint_digests
@@ -434,6 +435,34 @@ def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Outpu
     return error
 
 
+def split_copies(
+    schema: DatasetSchema, splits: Sequence[str], output_dir: str
+) -> Tuple[List[Tuple[str, str]], Dict[str, str]]:
+    """Where each split file's copy goes: a split of one file becomes ``<split>.parquet`` in ``output_dir``,
+    a directory's files go to ``<split>/`` under their own names; a file two splits name (valid = test) gets
+    a copy in each. An empty file of a directory gets no copy (it has no row to give outputs for).
+
+    Returns:
+        Tuple[List[Tuple[str, str]], Dict[str, str]]: ``(source file, its copy)`` pairs, and the new schema's
+        split paths (relative to ``output_dir``).
+
+    Raises:
+        DataError: a split without rows (naming its file, or its directory).
+    """
+    copies: List[Tuple[str, str]] = []
+    new_splits: Dict[str, str] = {}
+    for split in splits:
+        sources = resolve_paths(schema, split)
+        sizes = [open_parquet(source).metadata.num_rows for source in sources]
+        check_split_has_rows(sources, sum(sizes))
+        single = len(sources) == 1 and not os.path.isdir(schema.split_path(split))
+        split_dir = output_dir if single else os.path.join(output_dir, split)
+        copies += [(source, os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source)))
+                   for source, size in zip(sources, sizes) if size]
+        new_splits[split] = f"{split}.parquet" if single else split
+    return copies, new_splits
+
+
 def _earlier_copies(output_dir: str, schema: DatasetSchema, splits: Dict[str, str]) -> Dict[str, str]:
     """The splits other than ``splits`` that an earlier run of the same teacher copied into ``output_dir``
     (its ``schema.json`` names them, and they are there), so that a run over some splits keeps the
@@ -484,16 +513,7 @@ def write_teacher_outputs(
     if unknown:
         raise ValueError(f"teacher outputs --splits: {unknown} are no splits of schema {schema.name!r}; expected names "
                          f"among {sorted(schema.splits)}")
-    # (source file, its copy): a file two splits name (valid = test) gets a copy in each
-    copies: List[Tuple[str, str]] = []
-    new_splits: Dict[str, str] = {}
-    for split in splits or sorted(schema.splits):
-        sources = resolve_paths(schema, split)
-        single = len(sources) == 1 and not os.path.isdir(schema.split_path(split))
-        split_dir = output_dir if single else os.path.join(output_dir, split)
-        for source in sources:
-            copies.append((source, os.path.join(split_dir, f"{split}.parquet" if single else os.path.basename(source))))
-        new_splits[split] = f"{split}.parquet" if single else split
+    copies, new_splits = split_copies(schema, splits or sorted(schema.splits), output_dir)
     refusal: List[Optional[str]] = [None]
     # rank 0 holds the output directory from its checks until the schema is written: another run there (another
     # teacher's, checked against the same empty directory) would mix its copies with this one's

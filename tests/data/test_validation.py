@@ -133,6 +133,44 @@ def test_empty_file(tmp_path):
         _read_all(schema, path)
 
 
+def _split_with_empty_parts(directory: str, schema: DatasetSchema) -> str:
+    """A split directory as Spark or DuckDB write one: two parts with rows, an empty part with one empty
+    row group and an empty part without row groups."""
+    os.makedirs(directory)
+    table = pa.table(_columns(10)).cast(arrow_schema_for(schema))
+    pq.write_table(table.slice(0, 4), os.path.join(directory, "part-0.parquet"), row_group_size=3)
+    pq.write_table(table.slice(0, 0), os.path.join(directory, "part-1.parquet"))
+    pq.ParquetWriter(os.path.join(directory, "part-2.parquet"), table.schema).close()
+    pq.write_table(table.slice(4), os.path.join(directory, "part-3.parquet"), row_group_size=3)
+    return directory
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_empty_parts_of_a_split_directory_are_read_as_no_rows(tmp_path, world_size):
+    """One empty file refused the whole split (the part files of a directory may be empty)."""
+    schema = _schema()
+    path = _split_with_empty_parts(str(tmp_path / "train"), schema)
+    assert read_schema_and_check(schema, path) == 10
+    seen = [int(key) for rank in range(world_size)
+            for batch in ParquetBatchReader(schema, path, batch_size=2, rank=rank, world_size=world_size, prefetch=0,
+                                            extras=["row_id"], equal_batches=False)
+            for key in batch.extras["row_id"]]
+    assert sorted(seen) == list(range(10))
+
+
+def test_a_split_of_empty_files_is_refused(tmp_path):
+    schema = _schema()
+    directory = str(tmp_path / "train")
+    os.makedirs(directory)
+    for part in range(2):
+        pq.write_table(arrow_schema_for(schema).empty_table(), os.path.join(directory, f"part-{part}.parquet"))
+    expected = rf"{directory}: all 2 Parquet files of the split are empty \(0 rows\); expected at least one row"
+    with pytest.raises(DataError, match=expected):
+        read_schema_and_check(schema, directory)
+    with pytest.raises(DataError, match=expected):
+        _read_all(schema, directory)
+
+
 def test_corrupt_parquet(tmp_path):
     schema = _schema()
     path = _write(str(tmp_path / "corrupt.parquet"), schema)

@@ -341,3 +341,27 @@ def test_copies_recorded_by_an_older_version_compare_their_sources_footers_only(
     with pytest.raises(ValueError, match=r"split\(s\) \['train'\] copied from other data"):
         check_same_teacher(str(tmp_path), {"checkpoint": "run", "sha256": {"state": "s"},
                                            DATA_FINGERPRINTS_KEY: {"train": "zzzz+bbbb"}})
+
+
+def test_empty_parts_of_a_split_directory_get_no_copy_and_a_split_of_empty_files_is_refused(tmp_path) -> None:
+    """One empty part of a split directory (as Spark writes them) refused the whole command."""
+    from recsys_llm.data.schema import FieldSpec
+    from recsys_llm.data.validation import DataError
+    from recsys_llm.train.teacher_outputs import split_copies
+
+    data = tmp_path / "data"
+    for split in ("train", "valid"):
+        (data / split).mkdir(parents=True)
+    table = pa.table({"user_id": pa.array([1, 2], pa.int64()), "label": pa.array([0, 1], pa.int8())})
+    pq.write_table(table, data / "train" / "part-0.parquet")
+    pq.write_table(table.slice(0, 0), data / "train" / "part-1.parquet")
+    pq.ParquetWriter(str(data / "train" / "part-2.parquet"), table.schema).close()
+    pq.write_table(table.slice(0, 0), data / "valid" / "part-0.parquet")
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3)], splits={"train": "train", "valid": "valid"},
+                           root=str(data))
+    out = str(tmp_path / "out")
+    copies, new_splits = split_copies(schema, ["train"], out)
+    assert copies == [(str(data / "train" / "part-0.parquet"), os.path.join(out, "train", "part-0.parquet"))]
+    assert new_splits == {"train": "train"}
+    with pytest.raises(DataError, match=r"valid/part-0\.parquet: the file is empty \(0 rows\)"):
+        split_copies(schema, ["train", "valid"], out)
