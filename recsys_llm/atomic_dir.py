@@ -183,17 +183,18 @@ def file_locked(path: str, refusal: str, wait: bool = False) -> Iterator[None]:
         handle.close()
 
 
-def remove_directory(path: str) -> None:
+def remove_directory(path: str, owner: Optional[str] = None) -> None:
     """Removes the directory ``path``, if any, by renaming it to a hidden name beside it first:
-    a kill during the deletion leaves a hidden ``.<name>.removing-*`` directory that the next
-    run names, never a partly deleted ``path``."""
+    a kill during the deletion leaves a hidden ``.<owner>.removing-*`` directory that the next
+    run names, never a partly deleted ``path``. ``owner``: the output the leftover is named
+    after (default: ``path``'s name without a ``.old`` suffix)."""
     if os.path.islink(path):  # the link alone (rmtree refuses links; what it points at is not ours to delete)
         os.unlink(path)
         return
     if not os.path.exists(path):
         return
     parent, name = os.path.split(os.path.abspath(path))
-    trash = os.path.join(parent, f".{name.removesuffix('.old')}{REMOVING_SUFFIX}{uuid.uuid4().hex[:8]}")
+    trash = os.path.join(parent, f".{owner or name.removesuffix('.old')}{REMOVING_SUFFIX}{uuid.uuid4().hex[:8]}")
     os.replace(path, trash)
     shutil.rmtree(trash)
 
@@ -228,24 +229,32 @@ def fsync_tree(path: str) -> None:
         fsync_directory(root)
 
 
-def replace_directory(tmp: str, final: str) -> None:
+def swapped_out_path(directory: str) -> str:
+    """Where :func:`atomic_directory` keeps the previous ``directory`` during its swap: the hidden
+    ``.<name>.old`` beside it (a visible ``<name>.old`` may be a user's own backup copy)."""
+    parent, name = os.path.split(os.path.normpath(os.path.abspath(directory)))
+    return os.path.join(parent, f".{name}.old")
+
+
+def replace_directory(tmp: str, final: str, old: Optional[str] = None) -> None:
     """Moves the finished directory ``tmp`` to ``final``, with the permissions the umask gives
     new files and directories (``safetensors.save_file`` and ``mkdtemp`` make owner-only ones).
 
-    The previous ``final`` is renamed to ``final.old`` first and removed only after the
-    swap, so a reader (e.g. a resuming job) finds a complete copy at one of the two paths
-    at any moment; Ctrl-C and SIGTERM wait until both renames are done. A ``final.old``
+    The previous ``final`` is renamed to ``old`` (default ``final.old``) first and removed only
+    after the swap, so a reader (e.g. a resuming job) finds a complete copy at one of the two paths
+    at any moment; Ctrl-C and SIGTERM wait until both renames are done. An ``old``
     without ``final`` (a process killed outright between the renames) is the previous copy and
     goes back to ``final`` first; beside ``final`` it is a finished swap's, and is removed.
     ``tmp``'s files are flushed to disk before the swap, and the parent's entries after it.
     """
     final = os.path.normpath(final)  # ``out/``: its ``.old`` is ``out.old``, not ``out/.old`` (a rename into itself)
+    old = old or f"{final}.old"
+    owner = os.path.basename(final)
     _readable_by_umask(tmp)
     fsync_tree(tmp)
-    old = f"{final}.old"
     if os.path.exists(old):
         if os.path.exists(final):
-            remove_directory(old)
+            remove_directory(old, owner)
         else:
             os.replace(old, final)
     with signals_deferred():
@@ -253,7 +262,7 @@ def replace_directory(tmp: str, final: str) -> None:
             os.replace(final, old)
         os.replace(tmp, final)
     fsync_directory(os.path.dirname(os.path.abspath(final)))
-    remove_directory(old)
+    remove_directory(old, owner)
 
 
 def holds_files(directory: str, marker_files: Sequence[str]) -> bool:
@@ -403,20 +412,23 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     # away, a swap reported failed that had succeeded): the second is refused before any work
     with file_locked(lock, f"{directory}: another {kind} is writing it (it holds {lock}); wait for it to end, or "
                            "write elsewhere"):
-        old = f"{directory}.old"
-        if not os.path.exists(directory) and os.path.isdir(old) and holds_files(old, marker_files):
-            os.replace(old, directory)  # a process killed between the two renames of its swap
-            print(f"[recsys_llm] {directory}: put back from {old}, where an earlier {kind} killed while swapping in "
-                  "its output had left it", file=sys.stderr)
+        old = swapped_out_path(directory)
+        if os.path.isdir(old) and holds_files(old, marker_files):
+            if os.path.exists(directory):
+                remove_directory(old, name)  # a finished swap's, killed before it removed the previous copy
+            else:
+                os.replace(old, directory)  # a process killed between the two renames of its swap
+                print(f"[recsys_llm] {directory}: put back from {old}, where an earlier {kind} killed while swapping "
+                      "in its output had left it", file=sys.stderr)
         check_replaceable(directory, kind, marker_files)
         try:
             check_replaceable(old, kind, marker_files)  # the swap removes it too
         except FileExistsError as error:
-            raise FileExistsError(f"{error}; if it is what is left of an earlier {kind} (versions before 2026-12-03 "
-                                  "could leave it partly deleted when killed), delete it") from None
+            raise FileExistsError(f"{error}; if it is what is left of an earlier {kind} killed while it swapped "
+                                  "its output in, delete it") from None
         prefix = f".{name}."
-        # its temp dirs (prefix + mkdtemp's letters) and removal leftovers, not those of a sibling named
-        # like it plus a suffix (``<directory>.checkpoint``: ``.<name>.checkpoint.removing-*``)
+        # its temp dirs (prefix + mkdtemp's letters) and removal leftovers, not those of a sibling named like it plus a suffix (``<directory>.checkpoint``:
+        # ``.<name>.checkpoint.removing-*``)
         own_leftover = re.compile(re.escape(prefix) + r"\w+(-\w+)?")
         leftovers = sorted(name for name in os.listdir(parent)
                            if own_leftover.fullmatch(name) and os.path.isdir(os.path.join(parent, name)))
@@ -426,7 +438,7 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
         tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
         try:
             yield tmp
-            replace_directory(tmp, directory)
+            replace_directory(tmp, directory, old)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -52,13 +53,30 @@ def test_the_result_has_the_usual_permissions(tmp_path):
     assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o777 == 0o644
 
 
-def test_a_foreign_dot_old_directory_is_not_swept_away(tmp_path):
-    (tmp_path / "out.old").mkdir()
-    (tmp_path / "out.old" / "backup.txt").write_text("mine", encoding="utf-8")
-    with pytest.raises(FileExistsError, match=r"out.old: not empty and not an earlier output"):
+def test_a_users_dot_old_copy_of_the_output_is_left_alone(tmp_path):
+    """``cp -r out out.old`` before writing ``out`` again: the swap kept its previous copy at ``out.old``
+    and removed it afterwards, the user's backup with it."""
+    out = str(tmp_path / "out")
+    with atomic_directory(out, "output", ("a.txt",)) as tmp:
+        _write(tmp, "a.txt", "first")
+    shutil.copytree(out, f"{out}.old")
+    _write(f"{out}.old", "notes.txt", "mine")
+    for text in ("second", "third"):
+        with atomic_directory(out, "output", ("a.txt",)) as tmp:
+            _write(tmp, "a.txt", text)
+    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "third"
+    assert sorted(os.listdir(tmp_path / "out.old")) == ["a.txt", "notes.txt"]
+    assert (tmp_path / "out.old" / "a.txt").read_text(encoding="utf-8") == "first"
+    assert sorted(os.listdir(tmp_path)) == ["out", "out.old"]
+
+
+def test_a_foreign_swapped_out_directory_is_not_swept_away(tmp_path):
+    (tmp_path / ".out.old").mkdir()
+    (tmp_path / ".out.old" / "backup.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(FileExistsError, match=r"\.out\.old: not empty and not an earlier output"):
         with atomic_directory(str(tmp_path / "out"), "output", ("a.txt",)):
             raise AssertionError("the block must not run")
-    assert (tmp_path / "out.old" / "backup.txt").read_text(encoding="utf-8") == "mine"
+    assert (tmp_path / ".out.old" / "backup.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_temp_directories_of_a_killed_run_are_named(tmp_path, capsys) -> None:
@@ -118,7 +136,7 @@ def test_a_signal_between_the_two_renames_of_the_swap_waits_for_the_second(tmp_p
 
 
 def test_the_previous_copy_of_a_run_killed_between_the_renames_is_put_back(tmp_path, capsys):
-    old = tmp_path / "out.old"  # what a SIGKILL between the two renames leaves: no out, a complete out.old
+    old = tmp_path / ".out.old"  # what a SIGKILL between the two renames leaves: no out, a complete .out.old
     old.mkdir()
     _write(str(old), "a.txt", "first")
     with pytest.raises(RuntimeError, match="boom"):

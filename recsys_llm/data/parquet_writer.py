@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys_llm.atomic_dir import atomic_directory, holds_files
+from recsys_llm.atomic_dir import atomic_directory, holds_files, swapped_out_path
 from recsys_llm.data.parquet_files import read_schema_and_check, resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import DataError, field_specs_metadata, open_parquet
@@ -152,8 +152,9 @@ PREPARED_KIND = "prepared data set"
 
 
 def check_inputs_outside(out_dir: str, inputs: Sequence[str]) -> None:
-    """Raises if an input lies in ``out_dir`` (or its ``.old`` copy), which the swap would delete."""
-    for directory in (out_dir, f"{out_dir}.old"):
+    """Raises if an input lies in ``out_dir`` (or the copy an earlier swap left, ``.<name>.old``), which the
+    swap would delete."""
+    for directory in (out_dir, swapped_out_path(out_dir)):
         root = os.path.realpath(directory)
         for path in inputs:
             real = os.path.realpath(path)
@@ -226,7 +227,7 @@ def write_prepared(
 
     A failure (or interrupt) leaves an earlier ``out_dir`` as it was; a non-empty ``out_dir``
     that is not an earlier data set (no :data:`PREPARED_MARKER_FILES`), one holding an input, or
-    one (or its ``.old`` copy, which the swap puts back or removes) holding entries the earlier
+    one (or the hidden ``.<name>.old`` copy an earlier swap left, which this swap puts back or removes) holding entries the earlier
     data set did not write, is refused before ``write`` runs.
 
     Args:
@@ -248,7 +249,7 @@ def write_prepared(
         )
     check_inputs_outside(out_dir, inputs)
     check_nothing_else_in(out_dir)
-    check_nothing_else_in(f"{out_dir}.old")  # an earlier swap's copy: put back, or removed by this swap
+    check_nothing_else_in(swapped_out_path(out_dir))  # an earlier swap's copy: put back, or removed by this swap
     with atomic_directory(out_dir, PREPARED_KIND, PREPARED_MARKER_FILES) as tmp:
         schema = write(tmp)
         schema.root = tmp

@@ -105,19 +105,25 @@ def test_prepare_again_refuses_a_data_set_holding_other_files_and_keeps_them(tmp
 
 
 def test_prepare_again_refuses_an_old_copy_holding_other_files_and_keeps_them(tmp_path):
-    """``<out>.old`` (a swap killed between its renames) is put back or removed by the next swap, which
-    deleted what the user had put into it unchecked."""
+    """``.<out>.old`` (a swap killed between its renames) is put back or removed by the next swap, which
+    deleted what the user had put into it unchecked; a visible ``<out>.old`` is the user's, left alone."""
     import os
+    import shutil
 
     out = tmp_path / "syn"
     prepare_dataset("synthetic", str(out), config=SyntheticConfig(num_rows=200), progress=False)
-    os.replace(out, f"{out}.old")
-    (tmp_path / "syn.old" / "notes.txt").write_text("keep me")
+    shutil.copytree(out, f"{out}.old")  # a backup of one's own
+    os.replace(out, tmp_path / ".syn.old")
+    (tmp_path / ".syn.old" / "notes.txt").write_text("keep me")
     for _ in range(2):  # without <out>, then beside a new one
-        with pytest.raises(FileExistsError, match=r"syn\.old: holds an earlier prepared data set and also notes\.txt"):
+        with pytest.raises(FileExistsError, match=r"\.syn\.old: holds an earlier prepared data set and also notes\.txt"):
             prepare_dataset("synthetic", str(out), config=SyntheticConfig(num_rows=300), progress=False)
-        assert (tmp_path / "syn.old" / "notes.txt").read_text() == "keep me"
+        assert (tmp_path / ".syn.old" / "notes.txt").read_text() == "keep me"
         out.mkdir(exist_ok=True)
+    os.remove(tmp_path / ".syn.old" / "notes.txt")  # the earlier data set alone: removed by the swap
+    prepare_dataset("synthetic", str(out), config=SyntheticConfig(num_rows=300), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["syn", "syn.old"]
+    assert (tmp_path / "syn.old" / "schema.json").is_file()
 
 
 def test_prepare_again_through_a_trailing_slash_or_a_symlink(tmp_path):
