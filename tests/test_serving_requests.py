@@ -330,6 +330,16 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
                                   r"'state' is None; expected a file name inside"),
     "tables null in config.json": (_config_with("tables", None), "config.json",
                                    r"'tables' is None; expected a file name inside"),
+    # the digests were skipped, and a width failed only at the first request
+    "digests not an object": (_config_with("sha256", ["1", "2"]), "config.json",
+                              r"'sha256' is \['1', '2'\], expected an object of file name -> sha256"),
+    "dense width a string": (_config_with("num_dense_features", "3"), "config.json",
+                             r"'num_dense_features' is '3', expected an integer >= 0"),
+    "feature names not a list": (_config_with("feature_names", "user_id"), "config.json",
+                                 r"'feature_names' is 'user_id', expected a list of feature names"),
+    "config.json nested past the recursion limit": (
+        lambda d: open(os.path.join(d, "config.json"), "w").write("[" * 100_000 + "]" * 100_000), "config.json",
+        r"not valid JSON \(RecursionError"),
 }
 
 

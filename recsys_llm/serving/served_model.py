@@ -62,8 +62,23 @@ def _read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; nested past Python's limit
         _raise_damaged(path, "not valid JSON", error)
+
+
+def _check_config_types(config_path: str, config: Dict[str, Any]) -> None:
+    """Raises (damaged) when ``config.json``'s feature names, dense width or digests have another type
+    than ``export`` writes: a bad width would fail only at the first request, and digests that are not
+    a name -> sha256 object would skip every digest check."""
+    names = config["feature_names"]
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        _raise_damaged(config_path, f"'feature_names' is {names!r}, expected a list of feature names")
+    width = config["num_dense_features"]
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        _raise_damaged(config_path, f"'num_dense_features' is {width!r}, expected an integer >= 0")
+    digests = config.get(DIGESTS_KEY, {})
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        _raise_damaged(config_path, f"{DIGESTS_KEY!r} is {digests!r}, expected an object of file name -> sha256")
 
 
 def _check_digest(directory: str, config: Dict[str, Any], name: str) -> None:
@@ -262,6 +277,7 @@ class ServedModel(nn.Module):
         missing = [key for key in CONFIG_KEYS if key not in config]
         if missing:
             _raise_damaged(config_path, f"lacks the keys {missing}")
+        _check_config_types(config_path, config)
         _check_file_names(config_path, config)
         _warn_on_other_versions(directory, config)
         if config["dense_program"] is None:
