@@ -664,3 +664,15 @@ def test_version_is_printed_without_a_command(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"recsys-llm {__version__}\n"
+
+
+@pytest.mark.parametrize("kind, extra", [("criteo", []), ("movielens", []), ("tabular", ["--schema", "s.yaml"])])
+def test_a_second_input_is_refused_not_dropped(tmp_path, capsys, kind, extra) -> None:
+    """argparse kept the last --input: `prepare criteo --input day_0 --input day_1` converted day_1 alone."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", kind, "--input", "day_0", "--out", str(tmp_path / "out"), *extra, "--input", "day_1"])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"recsys-llm prepare {kind}: error: --input given twice (day_0, day_1); this converter "
+                           "reads one input: "), line
+    assert not (tmp_path / "out").exists()

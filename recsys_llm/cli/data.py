@@ -21,6 +21,21 @@ from recsys_llm.data.tabular import TabularConfig
 from recsys_llm.data.validation import check_split_fractions
 
 
+def _one_input(joined: str) -> type:
+    """An argparse action for ``--input`` that refuses a second one (argparse keeps the last, and the
+    data of the first was silently left out); ``joined`` says how to give several files at once."""
+
+    class OneInput(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object,
+                     option: Optional[str] = None) -> None:
+            earlier = getattr(namespace, self.dest, None)
+            if earlier is not None:
+                parser.error(f"{option} given twice ({earlier}, {value}); this converter reads one input: {joined}")
+            setattr(namespace, self.dest, value)
+
+    return OneInput
+
+
 def _fractions(text: str) -> tuple:
     """``--split`` value: three positive train,valid,test shares (checked before any work)."""
     try:
@@ -151,7 +166,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     movielens = sources.add_parser("movielens", help="MovieLens in RecBole atomic format (.inter/.item/.user)")
     common(movielens, 8192)
-    movielens.add_argument("--input", required=True, help="directory with the RecBole atomic files")
+    movielens.add_argument("--input", required=True, action=_one_input("the directory of the RecBole atomic files"),
+                           help="directory with the RecBole atomic files")
     movielens.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                            help="time-ordered train,valid,test shares (default: 0.8,0.1,0.1)")
     movielens.add_argument("--zip-prefix-length", type=integer_at_least(1), default=2, help="zip code characters kept")
@@ -162,6 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     criteo = sources.add_parser("criteo", help="Criteo TSV/CSV (label, I1..I13, C1..C26)")
     common(criteo, 65536)
     criteo.add_argument("--input", required=True,
+                        action=_one_input("join the day files first (cat day_0 day_1 > days.tsv; --split takes "
+                                          "shares in file order)"),
                         help="the raw Criteo file; .gz, .bz2, .zst, .lz4 are decompressed as read (e.g. day_0.gz)")
     criteo.add_argument("--hash-size", type=_hash_sizes, default=1_000_000,
                         help="rows per categorical table: one size, or 26 comma-separated sizes for C1..C26")
@@ -175,6 +193,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tabular = sources.add_parser("tabular", help="your CSV/Parquet + a JSON/YAML schema file")
     common(tabular, 65536)
     tabular.add_argument("--input", required=True,
+                         action=_one_input("a directory of Parquet files is one input, or join the CSV files first"),
                          help="CSV with header (.gz, .bz2, .zst, .lz4 are decompressed as read), Parquet file or directory")
     tabular.add_argument("--schema", required=True, help="schema file naming fields, label, row key, extras")
     tabular.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
