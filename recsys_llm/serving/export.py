@@ -78,7 +78,10 @@ float32.
 {id_rules} Raw values of data prepared by `recsys-llm prepare tabular` (strings, a
 field's own numbers) get their ids from
 `recsys_llm.data.tabular.raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)`,
-in the way that data's `schema.json` records for each field (`ids`). The EBC lookup runs
+in the way that data's `schema.json` records for each field (`ids`); raw rows of
+`recsys-llm prepare criteo` data get theirs from `recsys_llm.data.hashing.hash_strings` and their
+dense features as `log(1 + max(x, 0))` (the recipe: docs/usage.md, "prepare criteo turns a line
+into the model's inputs"). The EBC lookup runs
 eagerly; everything after it is `dense_program.pt2` (`torch.export.load`), inputs
 `(dense (B, {num_dense}), pooled (B, {pooled}))`.
 
