@@ -277,15 +277,19 @@ def load_vectors(
     try:
         keys = json.loads(metadata["keys"])
         raw_provenance = json.loads(metadata["provenance"])
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise VectorProvenanceError(f"{path}: metadata is not valid JSON ({error}): damaged, or not written by "
                                     "save_vectors") from error
-    if not isinstance(keys, list) or not isinstance(raw_provenance, dict):
-        raise VectorProvenanceError(f"{path}: metadata 'keys' is not a list or 'provenance' not an object: damaged, "
-                                    "or not written by save_vectors")
+    if (not isinstance(keys, list) or not all(isinstance(key, str) for key in keys)
+            or not isinstance(raw_provenance, dict)):
+        raise VectorProvenanceError(f"{path}: metadata 'keys' is not a list of field names or 'provenance' not an "
+                                    "object: damaged, or not written by save_vectors")
     provenance = VectorProvenance.from_dict(raw_provenance, source=path)
     if vectors.dim() != 2 or vectors.size(0) != len(keys):
         raise VectorProvenanceError(f"{path}: {len(keys)} keys but vectors of shape {tuple(vectors.shape)}")
+    if not vectors.is_floating_point():
+        raise VectorProvenanceError(f"{path}: vectors of dtype {vectors.dtype}; expected floating-point vectors "
+                                    "(save_vectors writes float32): not an encoder's output")
     bad = first_non_finite_row(vectors)
     if bad is not None:
         row, count, value = bad

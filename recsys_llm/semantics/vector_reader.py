@@ -104,7 +104,7 @@ def _columns(table: pa.Table, manifest: Dict[str, object], path: str) -> Tuple[n
     """
     key_column, vector_column = str(manifest["key_column"]), str(manifest["vector_column"])
     vectors = table.column(vector_column).combine_chunks()
-    if not pa.types.is_fixed_size_list(vectors.type):
+    if not pa.types.is_fixed_size_list(vectors.type) or not pa.types.is_floating(vectors.type.value_type):
         raise ValueError(f"{path}: column {vector_column!r} must be fixed_size_list<float>, got {vectors.type}")
     dim = vectors.type.list_size
     values = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)

@@ -301,3 +301,22 @@ def test_an_output_directory_that_cannot_be_written_is_named_before_the_encode(t
         with pytest.raises(PermissionError, match=f"^{target}: cannot be written: {locked} is not writable here"):
             check_vector_output(str(target))
     check_vector_output(str(tmp_path / "v.safetensors"))  # a writable directory passes
+
+
+@pytest.mark.parametrize("vectors, metadata, expected", [
+    (torch.ones(2, 3, dtype=torch.int64), None, r"vectors of dtype torch\.int64; expected floating-point vectors"),
+    (torch.ones(2, 3), {"keys": '[{"a": 1}, "b"]'}, r"metadata 'keys' is not a list of field names"),
+    (torch.ones(2, 3), {"keys": "[" * 100_000 + "]" * 100_000}, r"metadata is not valid JSON"),
+], ids=["integer vectors", "keys not names", "keys nested past the recursion limit"])
+def test_a_vector_file_of_other_types_is_refused_naming_it(tmp_path, vectors, metadata, expected) -> None:
+    """Integer vectors trained as if encoded; other keys gave a TypeError or a RecursionError traceback."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "fields.safetensors")
+    provenance = VectorProvenance(model_id="m", model_hash="h", pooling="mean", template="{name}")
+    save_file({"vectors": vectors}, path, metadata={"keys": json.dumps(["a", "b"]),
+                                                    "provenance": json.dumps(provenance.to_dict()), **(metadata or {})})
+    with pytest.raises(VectorProvenanceError, match=rf"^{path}: {expected}"):
+        load_vectors(path)

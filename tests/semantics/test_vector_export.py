@@ -1259,3 +1259,24 @@ def test_a_chunk_without_the_hash_of_its_texts_in_an_export_that_records_them_is
                                          r"encoded from .*delete it, and re-run to encode it again"):
         VectorExport(out, PROVENANCE, config).run(keys, texts, encoder, progress=False)
     assert encoder.calls == 0
+
+
+def test_a_chunk_of_integer_vectors_is_refused_naming_it(tmp_path):
+    """Integer vectors were read (and trained) as if encoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys_llm.semantics.vector_reader import read_vectors
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(4)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
+    chunk = sorted(p for p in os.listdir(out) if p.endswith(".parquet"))[0]
+    path = os.path.join(out, chunk)
+    table = pq.read_table(path)
+    column = table.schema.names.index("vector")
+    as_integers = pa.FixedSizeListArray.from_arrays(pa.array([1] * (2 * 8), pa.int64()), 8)
+    pq.write_table(table.set_column(column, table.schema.field(column).with_type(as_integers.type), as_integers), path)
+    with pytest.raises(ValueError, match=rf"{chunk}: column 'vector' must be fixed_size_list<float>, got "
+                                         r"fixed_size_list<\w+: int64>\[8\]"):
+        read_vectors(out)
