@@ -337,6 +337,10 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
                              r"'num_dense_features' is '3', expected an integer >= 0"),
     "feature names not a list": (_config_with("feature_names", "user_id"), "config.json",
                                  r"'feature_names' is 'user_id', expected a list of feature names"),
+    "an id rule not an object": (_config_with("id_rules", {"user_id": [1]}), "config.json",
+                                 r"'id_rules'\['user_id'\] is \[1\], expected an object of hashed"),
+    "an id rule's max length a string": (_config_with("id_rules", {"user_id": {"max_length": "3"}}), "config.json",
+                                         r"'id_rules'\['user_id'\] is \{'max_length': '3'\}, expected"),
     "config.json nested past the recursion limit": (
         lambda d: open(os.path.join(d, "config.json"), "w").write("[" * 100_000 + "]" * 100_000), "config.json",
         r"not valid JSON \(RecursionError"),
