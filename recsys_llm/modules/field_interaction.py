@@ -186,17 +186,34 @@ class FieldInteractionEnhancement(nn.Module):
         self._folded_into: Optional["weakref.ref[nn.Module]"] = None  # a weak reference: not a submodule
         self._folded_matrix: Optional[torch.Tensor] = None  # what fold_into added to that backbone
         self._folded_generation = 0  # that backbone's fold_generation then: a later removal took the fold out
-        rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)  # (P,), (P,)
+        # the constant buffers on the vectors' own device, also under torch.device("meta"): DMP zero-fills
+        # a buffer on meta (every pair would become (0, 0))
+        device = field_vectors.device
+        rows, cols = torch.triu_indices(num_fields, num_fields, offset=1, device=device)  # (P,), (P,)
         normed = F.normalize(field_vectors.detach().float(), dim=-1)  # (N, d_llm)
         similarity = (normed @ normed.t())[rows, cols]  # (P,)
+        self._similarity_on_cpu = similarity.cpu().clone()  # what reset_parameters writes back
         num_pairs = rows.numel()
         self.register_buffer("pair_rows", rows)
         self.register_buffer("pair_cols", cols)
         self.register_buffer("pair_similarity", similarity)
-        self.register_buffer("frozen_pair_weights", torch.zeros(num_pairs))
+        self.register_buffer("frozen_pair_weights", torch.zeros(num_pairs, device=device))
         self.pair_weight = nn.Linear(num_pairs, num_pairs)
         self.register_buffer("serving_pair_matrix", None, persistent=False)
         self.register_load_state_dict_post_hook(_refreeze_after_load)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Writes the constant buffers back (pair indices and similarities; zero frozen weights):
+        ``nn.Module.to_empty`` (meta-device initialisation) leaves every buffer uninitialised. The
+        pair-weight Linear resets itself; the term is unfrozen."""
+        num_fields = len(self._feature_names)
+        rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)
+        self.pair_rows.copy_(rows)
+        self.pair_cols.copy_(cols)
+        self.pair_similarity.copy_(self._similarity_on_cpu)
+        self.frozen_pair_weights.zero_()
+        self.unfreeze()
 
     @property
     def feature_names(self) -> List[str]:
@@ -207,10 +224,17 @@ class FieldInteractionEnhancement(nn.Module):
         return self._frozen
 
     def pair_weights(self) -> torch.Tensor:
-        """w = Linear(S): (P,), pairs in ``torch.triu_indices`` order (or the frozen copy)."""
+        """w = Linear(S): (P,), pairs in ``torch.triu_indices`` order (without a graph when frozen)."""
         if self._frozen:
-            return self.frozen_pair_weights
+            return self._frozen_weights()
         return self.pair_weight(self.pair_similarity)  # (P,)
+
+    def _frozen_weights(self) -> torch.Tensor:
+        """(P,) the frozen term's pair weights: the Linear's, computed without a graph. Not read from
+        ``frozen_pair_weights``, which a load that runs no load hook (``DistributedModelParallel.load_state_dict``,
+        an in-place ``torch.distributed.checkpoint.load``) leaves as it was while the Linear changes."""
+        with torch.no_grad():
+            return self.pair_weight(self.pair_similarity)
 
     @torch.no_grad()
     def weighted_pair_matrix(self, names: Sequence[str]) -> torch.Tensor:
@@ -236,14 +260,17 @@ class FieldInteractionEnhancement(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Stores the current pair weights as a constant buffer (eval / serving).
+        """Makes the pair weights constants (eval / serving): computed from the Linear without a graph,
+        and recorded in the ``frozen_pair_weights`` buffer.
 
-        The frozen flag is not part of the state dict: a term frozen before ``load_state_dict``
+        The frozen flag is not part of the state dict: a term frozen before its state is loaded
+        (``load_state_dict``, ``DistributedModelParallel.load_state_dict``, ``torch.distributed.checkpoint``)
         takes its frozen weights from the loaded Linear (they equal the saved frozen copy of a
         frozen run, whose Linear gets no gradient, and they are the trained weights of a run
-        that never froze, whose saved copy is zeros). Under DMP training, freeze before
-        ``shard_model`` if the weights should stay fixed: DDP's static graph expects the same
-        parameters to get gradients at every step.
+        that never froze, whose saved copy is zeros). A serving matrix (:meth:`set_serving_key_order`)
+        and a fold (:meth:`fold_into`) are refreshed by ``load_state_dict`` alone: set them after loading.
+        Under DMP training, freeze before ``shard_model`` if the weights should stay fixed: DDP's static
+        graph expects the same parameters to get gradients at every step.
         """
         self.frozen_pair_weights.copy_(self.pair_weight(self.pair_similarity))
         self._frozen = True
@@ -349,7 +376,7 @@ class FieldInteractionEnhancement(nn.Module):
             return weighted_pair_sum(fields, self.serving_pair_matrix.to(fields.dtype))
         num_keys = fields.size(1)
         if self._frozen:
-            pair_matrix = self._scatter_pairs(fields, positions, num_keys, self.frozen_pair_weights.to(fields.dtype))
+            pair_matrix = self._scatter_pairs(fields, positions, num_keys, self._frozen_weights().to(fields.dtype))
             # the Gram against a (K, K) weight matrix instead of gathering (B, P) pairs
             return self._weight * weighted_pair_sum(fields, pair_matrix)  # (B,)
         flat_pairs = positions[self.pair_rows] * num_keys + positions[self.pair_cols]  # (P,)

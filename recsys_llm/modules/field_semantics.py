@@ -95,7 +95,12 @@ class _ProjectedFieldKL(torch.autograd.Function):
 
 
 def check_finite_vectors(term: str, field_vectors: torch.Tensor, feature_names: List[str]) -> None:
-    """Raises ValueError naming the first field whose row of ``field_vectors`` (F, d_llm) holds NaN or inf."""
+    """Raises ValueError naming the first field whose row of ``field_vectors`` (F, d_llm) holds NaN or inf,
+    or when the vectors are on the meta device (they hold no values to build the term's constants from)."""
+    if field_vectors.is_meta:
+        raise ValueError(f"{term}: field_vectors are on the meta device; the term keeps constants computed from "
+                         "them: pass real vectors (load_vectors(...).vectors is on the CPU), also when the model is "
+                         "built under torch.device('meta')")
     found = first_non_finite_row(field_vectors.detach())
     if found is not None:
         row, count, value = found
@@ -210,8 +215,16 @@ class FieldRepresentationEnhancement(nn.Module):
         self._feature_names: List[str] = list(feature_names)
         # the kernel averages over fields; summing is the same times F
         self._weight = float(weight) * (len(feature_names) if field_reduction == "sum" else 1)
+        # on the vectors' own device, also under torch.device("meta") (DMP keeps a buffer that is not on meta)
         self.register_buffer("field_vectors", field_vectors.detach().float().clone())  # (F, d_llm)
+        self._vectors_on_cpu = field_vectors.detach().float().cpu().clone()  # what reset_parameters writes back
         self.projection = nn.Linear(field_vectors.size(1), embedding_dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Writes the field vectors back into their buffer: ``nn.Module.to_empty`` (meta-device
+        initialisation) leaves every buffer uninitialised. The projection resets itself."""
+        self.field_vectors.copy_(self._vectors_on_cpu)
 
     @property
     def feature_names(self) -> List[str]:

@@ -78,10 +78,15 @@ class TestFieldInteractionEnhancement:
         fie = FieldInteractionEnhancement(torch.randn(3, 7), FEATURES, weight=0.1)
         before = fie.logit(kt).detach()
         fie.freeze()
-        with torch.no_grad():
-            fie.pair_weight.weight.add_(1.0)
+        optimizer = torch.optim.Adam(fie.parameters(), lr=0.1)
+        for _ in range(2):  # no gradient reaches the Linear: the optimizer leaves the weights as they are
+            fie.logit(kt).sum().backward(retain_graph=True)
+            optimizer.step()
+        assert fie.pair_weight.weight.grad is None and fie.pair_weight.bias.grad is None
         torch.testing.assert_close(fie.logit(kt), before)
         assert fie.frozen and "frozen_pair_weights" in fie.state_dict()
+        with torch.no_grad():
+            fie.pair_weight.weight.add_(1.0)
         fie.unfreeze()
         assert not torch.allclose(fie.logit(kt), before)
 

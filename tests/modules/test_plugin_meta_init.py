@@ -1,0 +1,82 @@
+"""FRE and FIE built the way TorchRec models are (under ``torch.device("meta")``, materialised later) and loaded
+the way DMP and ``torch.distributed.checkpoint`` load (no ``load_state_dict`` hook runs)."""
+
+import pytest
+import torch
+
+from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
+from tests.modules.llactr_helpers import FEATURES, make_ebc, make_kjt
+
+VECTORS = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+
+
+def _terms():
+    return (FieldInteractionEnhancement(VECTORS, FEATURES, weight=0.1),
+            FieldRepresentationEnhancement(VECTORS, FEATURES, embedding_dim=8, weight=0.1))
+
+
+def _outputs(fie, fre, pooled):
+    return fie.logit(pooled), fre.loss(pooled)
+
+
+def test_terms_built_under_the_meta_device_keep_their_constants():
+    """DMP zero-fills a buffer on meta: FIE's pair indices were all (0, 0) and its similarities made up."""
+    torch.manual_seed(1)
+    reference = _terms()
+    with torch.device("meta"):
+        built = _terms()
+    for term, expected in zip(built, reference):
+        for name, buffer in term.named_buffers():
+            assert buffer.device.type == "cpu", name
+            torch.testing.assert_close(buffer, dict(expected.named_buffers())[name], msg=name)
+        assert all(param.is_meta for param in term.parameters())
+        term.to_empty(device="cpu")  # what DMP does to a module's meta parameters, here to all of it
+        for module in term.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # the meta-init convention (DMP calls it on meta-parameter modules)
+        term.load_state_dict(expected.state_dict())
+    pooled = make_ebc()(make_kjt())
+    for got, want in zip(_outputs(*built, pooled), _outputs(*reference, pooled)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("term", ["FIE", "FRE"])
+def test_meta_field_vectors_are_refused(term):
+    with pytest.raises(ValueError, match=rf"^{term}: field_vectors are on the meta device"):
+        with torch.device("meta"):
+            vectors = torch.randn(3, 7)
+            if term == "FIE":
+                FieldInteractionEnhancement(vectors, FEATURES)
+            else:
+                FieldRepresentationEnhancement(vectors, FEATURES, embedding_dim=8)
+
+
+def test_reset_parameters_after_to_empty_writes_the_constants_back():
+    fie, fre = _terms()
+    before = {name: buffer.clone() for term in (fie, fre) for name, buffer in term.named_buffers()}
+    for term in (fie, fre):
+        term.to_empty(device="cpu")
+        for buffer in term.buffers():
+            buffer.fill_(7)
+        term.reset_parameters()
+    after = {name: buffer for term in (fie, fre) for name, buffer in term.named_buffers()}
+    for name, buffer in before.items():
+        torch.testing.assert_close(after[name], buffer, msg=name)
+
+
+def test_a_frozen_fie_follows_a_load_that_runs_no_hook():
+    """DMP.load_state_dict calls each module's _load_from_state_dict and an in-place dcp.load copies into the
+    state dict's tensors: neither runs FIE's load hook, and a frozen term kept the weights it had (zeros when
+    the checkpoint came from a run that never froze)."""
+    torch.manual_seed(2)
+    pooled = make_ebc()(make_kjt())
+    trained, _ = _terms()
+    expected = trained.logit(pooled).detach()
+    served, _ = _terms()
+    served.freeze()
+    with torch.no_grad():
+        for name, tensor in served.state_dict().items():  # in place, as torch.distributed.checkpoint.load
+            tensor.copy_(trained.state_dict()[name])
+    assert not served.frozen_pair_weights.any()  # the checkpoint's copy, of a run that never froze
+    torch.testing.assert_close(served.logit(pooled), expected)
