@@ -247,7 +247,8 @@ def check_feature_keys(features: KeyedJaggedTensor, feature_names: List[str], mo
     """Raises ValueError naming the features of ``model``'s tables that ``features`` lack (torchrec's unsharded
     lookup failed with a bare KeyError, the sharded one with "'city' is not in list"). A leaf of the training
     pipeline's fx trace; a pipelined, sharded lookup distributes the ids before the model runs, and fails first."""
-    missing = [name for name in feature_names if name not in features.keys()]
+    present = set(features.keys())  # a list's `in` per feature made every forward quadratic in the features
+    missing = [name for name in feature_names if name not in present]
     if missing:
         raise ValueError(f"{model}: the sparse features lack {missing}, which its tables read; expected a "
                          f"KeyedJaggedTensor with the keys {feature_names} (in any order; others are ignored)")
