@@ -1,7 +1,8 @@
 """The ``Example::`` blocks of the plug-in surface (``recsys_llm.models``, ``recsys_llm.modules``) run.
 
-Each block runs in its module's namespace plus what the examples take as given, as torchrec's
-and FuxiCTR's do: torch, torchrec's EBC and KJT types, the public names of both packages, a
+Each block runs as a reader would paste it, in a namespace of what the examples take as given
+(not their own module's, whose private names a reader does not have), as torchrec's and
+FuxiCTR's do: torch, torchrec's EBC and KJT types, the public names of both packages, a
 ``schema``, its ``ebc``, and a batch's ``dense`` and ``kjt``. Blocks that need files or a
 process group are sketches, listed in ``SKETCHES`` with why.
 """
@@ -97,5 +98,5 @@ def test_the_plug_in_surface_has_examples() -> None:
 def test_the_example_runs(where: str) -> None:
     module_name, block = EXAMPLES[where]
     torch.manual_seed(0)
-    namespace = {**vars(importlib.import_module(module_name)), **_given()}
+    namespace = _given()
     exec(compile(block, f"<Example of {where}>", "exec"), namespace)  # noqa: S102 - the project's own docstrings

@@ -21,6 +21,7 @@ class DenseFieldEmbedding(nn.Module):
 
     Example::
 
+        from recsys_llm.models.fields import DenseFieldEmbedding
         dense_fields = DenseFieldEmbedding(num_dense_features=3, embedding_dim=8)
         fields = dense_fields(torch.rand(4, 3))  # (4, 3, 8)
     """

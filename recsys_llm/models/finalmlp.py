@@ -36,6 +36,7 @@ class FeatureGate(nn.Module):
 
     Example::
 
+        from recsys_llm.models.finalmlp import FeatureGate
         gate = FeatureGate(in_features=24, context_fields=[0], embedding_dim=8, hidden_sizes=[16])
         x_gated = gate(torch.rand(4, 24), torch.rand(4, 3, 8))  # (4, 24)
     """
@@ -95,6 +96,7 @@ class BilinearFusion(nn.Module):
 
     Example::
 
+        from recsys_llm.models.finalmlp import BilinearFusion
         fusion = BilinearFusion(dim1=32, dim2=16, num_heads=4)
         logits = fusion(torch.rand(8, 32), torch.rand(8, 16))  # (8,)
     """

@@ -28,6 +28,7 @@ class FirstOrder(nn.Module):
 
     Example::
 
+        from recsys_llm.models.first_order import FirstOrder
         first_order = FirstOrder(num_fields=3, embedding_dim=8, num_dense_features=2)
         y1 = first_order(torch.rand(4, 3, 8), torch.rand(4, 2))  # (4,)
     """

@@ -60,6 +60,7 @@ class CTRTask(nn.Module):
 
     Example::
 
+        from recsys_llm.data.batch import Batch
         ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
             name="t_item_id", embedding_dim=8, num_embeddings=100, feature_names=["item_id"])])
         fre = FieldRepresentationEnhancement(torch.randn(1, 384), ["item_id"], embedding_dim=8)

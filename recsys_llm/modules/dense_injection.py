@@ -127,6 +127,7 @@ class DLRMDenseInjection(nn.Module):
 
     Example::
 
+        from torchrec.models.dlrm import DLRM
         ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
             name="t_item_id", embedding_dim=16, num_embeddings=100, feature_names=["item_id"])])
         dlrm = DLRM(ebc, dense_in_features=13 + 16, dense_arch_layer_sizes=[64, 16],
@@ -194,6 +195,7 @@ class DLRMDenseInjectionBackbone(DLRMBackbone):
 
     Example::
 
+        from torchrec.models.dlrm import DLRM
         ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
             name="t_item_id", embedding_dim=16, num_embeddings=100, feature_names=["item_id"])])
         dlrm = DLRM(ebc, dense_in_features=3 + 16, dense_arch_layer_sizes=[32, 16],

@@ -175,6 +175,7 @@ class TeacherStudentTask(nn.Module):
 
     Example::
 
+        from recsys_llm.data.batch import Batch
         def tables(prefix: str) -> EmbeddingBagCollection:  # teacher and student need distinct names
             return EmbeddingBagCollection(tables=[EmbeddingBagConfig(
                 name=prefix + "item_id", embedding_dim=8, num_embeddings=100, feature_names=["item_id"])])
