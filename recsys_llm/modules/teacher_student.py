@@ -135,7 +135,11 @@ def freeze_teacher(teacher: nn.Module) -> None:
     Dense parameters get ``requires_grad=False`` (DDP then ignores them). EBC tables are
     marked ``frozen = True`` instead: ``recsys_llm.train.sharding`` gives them no optimizer
     state and no autograd after sharding (it needs their ``requires_grad`` until then).
-    The teacher also runs under ``no_grad``, so nothing of it is ever updated.
+    The teacher also runs under ``no_grad``, so nothing of it is ever updated. Sharded by
+    other code (your own planner and ``DistributedModelParallel``), the teacher's tables get
+    their fused optimizer's state (e.g. RowWiseAdagrad's per row) all the same, memory that is
+    never used: leave them out of the sharders' fused optimizer there, or shard with
+    ``recsys_llm.train.sharding.shard_model``.
     """
     table_params = set()
     for module in teacher.modules():
