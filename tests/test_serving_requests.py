@@ -653,3 +653,21 @@ def test_the_rules_of_key_orders_stay_bounded_whatever_orders_clients_send() -> 
             assert torch.equal(rules(kjt).values(), torch.arange(6))
     assert len(rules._per_keys) == KEY_ORDERS_CACHED  # the most recently used orders
     assert {(tuple(orders[-1]), torch.device("cpu")), (usual, torch.device("cpu"))} <= set(rules._per_keys)
+
+
+def test_the_usual_key_order_is_never_pushed_out_by_rare_ones() -> None:
+    """The cache drops the least recently used order: a usual order asked between rare ones keeps its entry (a
+    first-in-first-out cache rebuilt it every KEY_ORDERS_CACHED requests)."""
+    import itertools
+
+    from recsys_llm.id_rules import KEY_ORDERS_CACHED, IdRules
+
+    names = [f"f{i}" for i in range(6)]
+    rules = IdRules({name: 10 for name in names}, {}, {})
+    usual = ("f5", "f4", "f3", "f2", "f1", "f0")
+    cpu = torch.device("cpu")
+    first = rules._per_key(usual, cpu)
+    for keys in itertools.islice(itertools.permutations(names), 3 * KEY_ORDERS_CACHED):
+        if keys != usual:
+            rules._per_key(tuple(keys), cpu)
+        assert rules._per_key(usual, cpu) is first  # a hit every time, never rebuilt

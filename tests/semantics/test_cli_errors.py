@@ -510,3 +510,21 @@ def test_one_gpu_named_for_several_ranks_of_a_host_is_refused(tiny_schema, tiny_
         with pytest.raises(ValueError) as error:
             resolve_device(device)
         assert "names one GPU" not in str(error.value) and "GPU(s)" in str(error.value), error.value
+
+
+def test_a_gpu_named_under_torchrun_with_one_rank_per_host_is_no_such_mistake(monkeypatch) -> None:
+    """`torchrun --nproc_per_node 1 ... --device cuda:1`: one rank on the host takes GPU 1 alone; only several
+    ranks of one host sharing GPU N is refused."""
+    import torch.distributed
+
+    from recsys_llm.semantics.model_loading import resolve_device
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        pytest.skip("a host with that GPU serves it")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    with pytest.raises(ValueError) as error:
+        resolve_device("cuda:1")
+    assert "names one GPU" not in str(error.value) and "GPU(s)" in str(error.value), error.value

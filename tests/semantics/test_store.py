@@ -320,3 +320,18 @@ def test_a_vector_file_of_other_types_is_refused_naming_it(tmp_path, vectors, me
                                                     "provenance": json.dumps(provenance.to_dict()), **(metadata or {})})
     with pytest.raises(VectorProvenanceError, match=rf"^{path}: {expected}"):
         load_vectors(path)
+
+
+def test_an_earlier_vector_file_in_a_directory_that_cannot_be_written_is_named_before_the_encode(
+        tmp_path, monkeypatch) -> None:
+    """Re-encoding over an existing vector file checks its directory too (the file is replaced by a temp file's
+    rename there)."""
+    from recsys_llm.semantics.store import check_vector_output
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    (locked / "v.safetensors").write_bytes(b"x")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and access(path, mode))
+    with pytest.raises(PermissionError, match="is not writable here"):
+        check_vector_output(str(locked / "v.safetensors"))

@@ -150,3 +150,25 @@ def test_a_torchrun_launch_is_not_warned_of_as_another_launcher() -> None:
                               os.path.abspath(__file__))))})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_init_distributed_sets_local_world_size_from_another_launchers_variable() -> None:
+    """srun / mpirun set no LOCAL_WORLD_SIZE: init_distributed had it be WORLD_SIZE (every rank on one host), which
+    ranks_per_host alone (tested above) does not show: the process group's set-up must use it."""
+    code = (
+        "import os\n"
+        "os.environ.pop('LOCAL_WORLD_SIZE', None)\n"
+        "os.environ.update(RANK='0', WORLD_SIZE='4', LOCAL_RANK='0', SLURM_NTASKS_PER_NODE='2(x2)')\n"
+        "from recsys_llm.train import distributed\n"
+        "distributed.dist.init_process_group = lambda **kwargs: None  # the other ranks' rendezvous is not the test\n"
+        "distributed._rendezvous_store = lambda rank, world_size: None\n"
+        "distributed.init_distributed('cpu')\n"
+        "print(os.environ['LOCAL_WORLD_SIZE'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS",
+                                                            "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__))))})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "2", done.stdout

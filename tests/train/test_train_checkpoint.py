@@ -738,3 +738,20 @@ def test_a_checkpoint_pruned_while_it_loads_is_named_as_removed_not_damaged(tmp_
     with pytest.raises(FileNotFoundError) as error:  # gone before the load starts: maybe never there (a typo)
         load_checkpoint(saved, nn.Linear(2, 1))
     assert str(error.value).startswith(f"{saved}: no such checkpoint directory (if a training job runs"), error.value
+
+
+def test_a_cpu_checkpoint_of_a_later_step_gives_the_gpu_another_stream(monkeypatch) -> None:
+    """Two resumes of one rank at other steps (its CPU stream advanced) seed its GPU stream otherwise: a seed of the
+    rank alone (torch.initial_seed()) replayed the same dropout masks after every resume."""
+    from recsys_llm.train import checkpoint
+
+    torch.manual_seed(0)
+    early = checkpoint._rng_state()
+    torch.rand(100)
+    later = checkpoint._rng_state()
+    seeds = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
+    for state in (early, later):
+        checkpoint._set_rng_state(state)
+    assert seeds[0] != seeds[1], seeds
