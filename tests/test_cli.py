@@ -643,6 +643,18 @@ def test_a_home_tilde_after_an_options_equals_sign_is_expanded(tmp_path, monkeyp
     assert (home / "data" / "schema.json").is_file() and not (work / "~").exists()
 
 
+def test_expand_home_takes_a_bare_tilde_and_list_values_and_leaves_other_tildes() -> None:
+    import argparse
+
+    from recsys_llm.cli import expand_home
+
+    home = os.path.expanduser("~")
+    args = argparse.Namespace(out="~", splits=["~/a", "b", "~user"], llm="x~/y", steps=3, fields=None)
+    expand_home(args)
+    assert vars(args) == {"out": home, "splits": [os.path.join(home, "a"), "b", "~user"], "llm": "x~/y", "steps": 3,
+                          "fields": None}
+
+
 def test_ctrl_c_while_torch_imports_is_one_line(monkeypatch, capsys) -> None:
     """The version check imports torch, fbgemm and torchrec (seconds): a Ctrl-C there printed a traceback."""
     import recsys_llm.env
