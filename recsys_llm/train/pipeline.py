@@ -141,9 +141,10 @@ def train_epoch(
     Args:
         model (nn.Module): the DMP-wrapped task; ``model(batch) -> (loss, (loss, logits, labels))``.
         optimizer (torch.optim.Optimizer): the combined optimizer (fused tables + dense).
-        batches (Iterable[Batch]): this rank's batches for the epoch. A generator (a reader's epoch) is
-            closed when the epoch ends, finished, stopped by ``on_step`` or left by an exception: its
-            prefetch thread, buffers and file go at once.
+        batches (Iterable[Batch]): this rank's batches for the epoch. The iterator made here from an
+            iterable (a reader: its epoch's generator) is closed when the epoch ends, finished, stopped by
+            ``on_step`` or left by an exception: its prefetch thread, buffers and file go at once. An
+            iterator passed in is the caller's, left open (an endless stream may feed the next call).
         device (torch.device): where batches are copied.
         skip_batches (int): batches to pass over first (resuming mid-epoch); not trained on.
         on_step (Optional[StepCallback]): called after each step with the step index within
@@ -163,7 +164,9 @@ def train_epoch(
     """
     model.train()
     iterator = iter(batches)
-    source = iterator  # closed at the end: an exception's traceback would keep a reader's prefetch thread alive
+    # this function's own iterator is closed at the end: an exception's traceback would keep a reader's
+    # prefetch thread alive; one the caller passed is the caller's to close
+    source = iterator if iterator is not batches else None
     if skip_batches:
         # Consume (and drop) batches already trained on before the interruption.
         iterator = itertools.islice(iterator, skip_batches, None)
@@ -238,7 +241,7 @@ def train_epoch(
     )
 
 
-def _close(batches: Iterator[Any]) -> None:
+def _close(batches: Optional[Iterator[Any]]) -> None:
     """Closes a generator of batches (a reader's: its prefetch thread ends, its buffers and file go), which a
     loop left by an exception would otherwise keep alive as long as the exception's traceback lives."""
     close = getattr(batches, "close", None)

@@ -234,6 +234,33 @@ def test_loops_left_by_an_exception_stop_their_readers_threads(synthetic_dir: st
     assert result == {"after_training": 0, "after_evaluation": 0, "kept": 2}, result
 
 
+def _steps_of_two_epochs_on_one_stream(schema_path: str) -> List[int]:
+    """Two train_epoch calls, each stopped after 3 steps, fed by one endless stream the caller owns (as the
+    benchmarks feed their measurements); the second trained no step: the first had closed the stream."""
+    import itertools
+
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    reader = ParquetBatchReader(schema, "train", 64, shuffle=True)
+
+    def endless():
+        for epoch in itertools.count():
+            reader.set_epoch(epoch)
+            yield from reader
+
+    stream = endless()
+    steps = [train_epoch(model, optimizer, stream, ctx.device, on_step=lambda step, loss: step == 3,
+                         progress=False).steps for _ in range(2)]
+    stream.close()
+    return steps
+
+
+@pytest.mark.multiprocess
+def test_a_stream_the_caller_passes_is_left_open_for_the_next_epoch(synthetic_dir: str) -> None:
+    (steps,) = run_multiprocess(_steps_of_two_epochs_on_one_stream, world_size=1, schema_path=synthetic_dir)
+    assert steps == [3, 3], steps
+
+
 def _grad_mode_in_evaluation(schema_path: str) -> List[bool]:
     schema = DatasetSchema.load(schema_path)
     ctx, model, _ = _model(schema)
