@@ -87,6 +87,16 @@ class TestTrainComponent:
         values = macros.Values(img_root="", app_id="app-1", replica_id="2", rank0_env="TORCHX_RANK0_HOST")
         assert "${TORCHX_RANK0_HOST:=localhost}:29500" in values.apply(role).args[1]
 
+    def test_asking_for_gpus_makes_a_host_without_a_usable_one_an_error(self) -> None:
+        """--gpu 2 on a host whose torch sees no GPU (a CPU build in the image) trained on the CPU, without a word."""
+        for component, first in (("train", ["--config", "c.yaml"]), ("trained", ["--job", "evaluate",
+                                                                                  "--checkpoint", "runs/x"])):
+            with_gpus = command_of(from_cli(component, [*first, "--gpu", "2", "train.epochs=1"]))
+            assert with_gpus[-1] == "train.device=cuda", (component, with_gpus)
+            chosen = command_of(from_cli(component, [*first, "--gpu", "2", "train.device=cpu"]))
+            assert chosen.count("train.device=cpu") == 1 and "train.device=cuda" not in chosen
+            assert "train.device=cuda" not in command_of(from_cli(component, [*first, "train.epochs=1"]))
+
     def test_named_resource_takes_precedence(self) -> None:
         app = from_cli("train", ["--config", "c.yaml", "--named_resource", "aws_p4d.24xlarge", "--cpu", "1"])
         assert app.roles[0].resource.gpu == 8 and app.roles[0].resource.cpu == 96

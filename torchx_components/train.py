@@ -100,6 +100,10 @@ def train(
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ValueError(f"config overrides must look like key=value, got {bad}")
+    if host_gpus > 0 and not any(item.split("=", 1)[0] == "train.device" for item in overrides):
+        # GPUs asked for: a host without a usable one (a CPU build of torch in the image) fails at once, not
+        # trains on the CPU with the GPUs idle
+        overrides = (*overrides, "train.device=cuda")
     worker_env = dict(env or {})
     if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs
         host_cpus = specs.resource(h=named_resource).cpu if named_resource else cpu

@@ -114,6 +114,10 @@ def trained(
             f"{misplaced} among the job's arguments never reach the component: torchx hands the job every argument "
             "after the first positional one (or --); put the component's options before them"
         )
+    if host_gpus > 0 and not any(arg.split("=", 1)[0] == "train.device" for arg in job_args):
+        # GPUs asked for: a host without a usable one (a CPU build of torch in the image) fails at once, not
+        # runs on the CPU with the GPUs idle
+        job_args = (*job_args, "train.device=cuda")
     worker_env = dict(env or {})
     if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs
         host_cpus = specs.resource(h=named_resource).cpu if named_resource else cpu
