@@ -139,7 +139,7 @@ SIZES: Dict[str, Sizes] = {
     ),
     "smoke": Sizes(
         data_rows=3_000, backbones=("deepfm",), smoke_models=True, batch_size=128, memory_batches=2, warmup_steps=2,
-        measured_steps=2, repeats=1, serve_warmup=1, serve_steps=2, request_batch_size=8, request_batches=2,
+        measured_steps=2, repeats=2, serve_warmup=1, serve_steps=2, request_batch_size=8, request_batches=2,
         online_steps=1, vector_pool_rows=16, llm="tiny", vector_dim=16, max_length=64,
     ),
 }

@@ -157,7 +157,7 @@ SIZES: Dict[str, Sizes] = {
     ),
     "smoke": Sizes(
         data_rows=3_000, backbones=("deepfm",), smoke_models=True, batch_size=128, memory_batches=2, warmup_steps=2,
-        measured_steps=2, repeats=1, serve_repeats=1, serve_warmup=1, serve_steps=2, llm="tiny", ssft_samples_train=3,
+        measured_steps=2, repeats=2, serve_repeats=1, serve_warmup=1, serve_steps=2, llm="tiny", ssft_samples_train=3,
         ssft_samples_valid=1, ssft_epochs=1, instance_rows=16, instance_batch_size=8, encode_batch_size=8,
         max_length=64,
     ),

@@ -123,7 +123,7 @@ SIZES: Dict[str, Sizes] = {
     "quick": Sizes(memory_batches=8, parquet_batches=48, warmup_steps=4, measured_steps=16, repeats=5),
     "smoke": Sizes(
         num_tables=4, rows_per_table=1000, embedding_dim=8, num_dense=3, batch_size=128, memory_batches=2,
-        parquet_batches=3, warmup_steps=3, measured_steps=3, repeats=1, dense_arch=(16, 8), over_arch=(16, 1),
+        parquet_batches=3, warmup_steps=3, measured_steps=3, repeats=2, dense_arch=(16, 8), over_arch=(16, 1),
         dcn_num_layers=1, dcn_low_rank_dim=4,
     ),
 }
