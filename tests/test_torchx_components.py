@@ -96,6 +96,14 @@ class TestTrainComponent:
             chosen = command_of(from_cli(component, [*first, "--gpu", "2", "train.device=cpu"]))
             assert chosen.count("train.device=cpu") == 1 and "train.device=cuda" not in chosen
             assert "train.device=cuda" not in command_of(from_cli(component, [*first, "train.epochs=1"]))
+        # teacher-outputs' --splits takes every word after it: the override goes after a `--`
+        words = command_of(from_cli("trained", ["--job", "teacher-outputs", "--checkpoint", "runs/x", "--gpu", "2",
+                                                "--", "--output-dir", "t", "--splits", "train", "valid"]))
+        assert words[-5:] == ["--splits", "train", "valid", "--", "train.device=cuda"], words
+        from recsys_llm.cli import build_parser
+
+        parsed, unknown = build_parser().parse_known_args(words[words.index("teacher-outputs"):])
+        assert parsed.splits == ["train", "valid"] and parsed.overrides == ["train.device=cuda"] and not unknown
 
     def test_named_resource_takes_precedence(self) -> None:
         app = from_cli("train", ["--config", "c.yaml", "--named_resource", "aws_p4d.24xlarge", "--cpu", "1"])

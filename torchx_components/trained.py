@@ -117,7 +117,9 @@ def trained(
     if host_gpus > 0 and not any(arg.split("=", 1)[0] == "train.device" for arg in job_args):
         # GPUs asked for: a host without a usable one (a CPU build of torch in the image) fails at once, not
         # runs on the CPU with the GPUs idle
-        job_args = (*job_args, "train.device=cuda")
+        # after a `--` where teacher-outputs' --splits (which takes every word after it) may end the arguments
+        separator = ["--"] if "--splits" in job_args and "--" not in job_args else []
+        job_args = (*job_args, *separator, "train.device=cuda")
     worker_env = dict(env or {})
     if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs
         host_cpus = specs.resource(h=named_resource).cpu if named_resource else cpu

@@ -14,7 +14,7 @@ evaluation and serving. Fields without a vector take no part.
 """
 
 import weakref
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -224,17 +224,21 @@ class FieldInteractionEnhancement(nn.Module):
         return self._frozen
 
     def pair_weights(self) -> torch.Tensor:
-        """w = Linear(S): (P,), pairs in ``torch.triu_indices`` order (without a graph when frozen)."""
+        """w = Linear(S): (P,), pairs in ``torch.triu_indices`` order (or the frozen copy)."""
         if self._frozen:
-            return self._frozen_weights()
+            return self.frozen_pair_weights
         return self.pair_weight(self.pair_similarity)  # (P,)
 
-    def _frozen_weights(self) -> torch.Tensor:
-        """(P,) the frozen term's pair weights: the Linear's, computed without a graph. Not read from
-        ``frozen_pair_weights``, which a load that runs no load hook (``DistributedModelParallel.load_state_dict``,
-        an in-place ``torch.distributed.checkpoint.load``) leaves as it was while the Linear changes."""
-        with torch.no_grad():
-            return self.pair_weight(self.pair_similarity)
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A frozen term takes its frozen weights from the Linear's weights being loaded, here: loads that
+        call each module's ``_load_from_state_dict`` (``DistributedModelParallel.load_state_dict``) run no
+        ``load_state_dict`` hook, and load the Linear only after this module."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        weight, bias = state_dict.get(f"{prefix}pair_weight.weight"), state_dict.get(f"{prefix}pair_weight.bias")
+        if self._frozen and isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor):
+            with torch.no_grad():
+                loaded = torch.addmv(bias.to(self.pair_similarity), weight.to(self.pair_similarity), self.pair_similarity)
+                self.frozen_pair_weights.copy_(loaded)
 
     @torch.no_grad()
     def weighted_pair_matrix(self, names: Sequence[str]) -> torch.Tensor:
@@ -260,17 +264,17 @@ class FieldInteractionEnhancement(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Makes the pair weights constants (eval / serving): computed from the Linear without a graph,
-        and recorded in the ``frozen_pair_weights`` buffer.
+        """Stores the current pair weights as a constant buffer (eval / serving).
 
-        The frozen flag is not part of the state dict: a term frozen before its state is loaded
-        (``load_state_dict``, ``DistributedModelParallel.load_state_dict``, ``torch.distributed.checkpoint``)
-        takes its frozen weights from the loaded Linear (they equal the saved frozen copy of a
-        frozen run, whose Linear gets no gradient, and they are the trained weights of a run
-        that never froze, whose saved copy is zeros). A serving matrix (:meth:`set_serving_key_order`)
-        and a fold (:meth:`fold_into`) are refreshed by ``load_state_dict`` alone: set them after loading.
-        Under DMP training, freeze before ``shard_model`` if the weights should stay fixed: DDP's static
-        graph expects the same parameters to get gradients at every step.
+        The frozen flag is not part of the state dict: a term frozen before ``load_state_dict`` (or
+        ``DistributedModelParallel.load_state_dict``) takes its frozen weights from the loaded Linear (they
+        equal the saved frozen copy of a frozen run, whose Linear gets no gradient, and they are the trained
+        weights of a run that never froze, whose saved copy is zeros). An in-place
+        ``torch.distributed.checkpoint.load`` runs no module code: call :func:`refresh_after_load` after it.
+        A serving matrix (:meth:`set_serving_key_order`) and a fold (:meth:`fold_into`) follow
+        ``load_state_dict`` and :func:`refresh_after_load`: set them after other loads. Under DMP training,
+        freeze before ``shard_model`` if the weights should stay fixed: DDP's static graph expects the same
+        parameters to get gradients at every step.
         """
         self.frozen_pair_weights.copy_(self.pair_weight(self.pair_similarity))
         self._frozen = True
@@ -376,7 +380,7 @@ class FieldInteractionEnhancement(nn.Module):
             return weighted_pair_sum(fields, self.serving_pair_matrix.to(fields.dtype))
         num_keys = fields.size(1)
         if self._frozen:
-            pair_matrix = self._scatter_pairs(fields, positions, num_keys, self._frozen_weights().to(fields.dtype))
+            pair_matrix = self._scatter_pairs(fields, positions, num_keys, self.frozen_pair_weights.to(fields.dtype))
             # the Gram against a (K, K) weight matrix instead of gathering (B, P) pairs
             return self._weight * weighted_pair_sum(fields, pair_matrix)  # (B,)
         flat_pairs = positions[self.pair_rows] * num_keys + positions[self.pair_cols]  # (P,)

@@ -85,8 +85,9 @@ class TestFieldInteractionEnhancement:
         assert fie.pair_weight.weight.grad is None and fie.pair_weight.bias.grad is None
         torch.testing.assert_close(fie.logit(kt), before)
         assert fie.frozen and "frozen_pair_weights" in fie.state_dict()
-        with torch.no_grad():
+        with torch.no_grad():  # a change of the Linear (momentum or weight decay on zero gradients) is no change
             fie.pair_weight.weight.add_(1.0)
+        torch.testing.assert_close(fie.logit(kt), before)
         fie.unfreeze()
         assert not torch.allclose(fie.logit(kt), before)
 

@@ -65,10 +65,51 @@ def test_reset_parameters_after_to_empty_writes_the_constants_back():
         torch.testing.assert_close(after[name], buffer, msg=name)
 
 
-def test_a_frozen_fie_follows_a_load_that_runs_no_hook():
-    """DMP.load_state_dict calls each module's _load_from_state_dict and an in-place dcp.load copies into the
-    state dict's tensors: neither runs FIE's load hook, and a frozen term kept the weights it had (zeros when
-    the checkpoint came from a run that never froze)."""
+def _frozen_fie_loaded_by_dmp(trained_state, pooled_values, keys):
+    """A frozen FIE in a model that DistributedModelParallel wraps, loaded with DMP.load_state_dict (which calls
+    each module's _load_from_state_dict, parent before child, and runs no load_state_dict hook)."""
+    from torch import nn
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from recsys_llm.train.distributed import init_distributed
+
+    init_distributed("cpu")
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fie, _ = _terms()
+
+    model = Model()
+    model.fie.freeze()
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"))
+    dmp.load_state_dict({f"fie.{name}": value for name, value in trained_state.items()})
+    pooled = KeyedTensor.from_tensor_list(keys, list(pooled_values))
+    return model.fie.logit(pooled).detach()
+
+
+@pytest.mark.multiprocess
+def test_a_frozen_fie_takes_the_weights_dmp_loads():
+    """DMP.load_state_dict ran no hook: a frozen term kept the weights it had (zeros when the checkpoint came from a
+    run that never froze), and FIE added nothing to the logits."""
+    from tests.multiprocess import run_multiprocess
+
+    torch.manual_seed(2)
+    pooled = make_ebc()(make_kjt())
+    trained, _ = _terms()
+    expected = trained.logit(pooled).detach()
+    values = [pooled[key].detach() for key in pooled.keys()]
+    (served,) = run_multiprocess(_frozen_fie_loaded_by_dmp, world_size=1, trained_state=trained.state_dict(),
+                                 pooled_values=values, keys=pooled.keys())
+    torch.testing.assert_close(served, expected)
+
+
+def test_a_frozen_fie_after_an_in_place_load_is_refreshed_by_refresh_after_load():
+    """An in-place torch.distributed.checkpoint.load runs no module code: refresh_after_load brings the frozen
+    weights to the loaded Linear."""
+    from recsys_llm.modules.field_interaction import refresh_after_load
+
     torch.manual_seed(2)
     pooled = make_ebc()(make_kjt())
     trained, _ = _terms()
@@ -78,5 +119,5 @@ def test_a_frozen_fie_follows_a_load_that_runs_no_hook():
     with torch.no_grad():
         for name, tensor in served.state_dict().items():  # in place, as torch.distributed.checkpoint.load
             tensor.copy_(trained.state_dict()[name])
-    assert not served.frozen_pair_weights.any()  # the checkpoint's copy, of a run that never froze
+    refresh_after_load(served)
     torch.testing.assert_close(served.logit(pooled), expected)
