@@ -335,7 +335,7 @@ class ProjectSide:
 
         self._reader.set_epoch(epoch)
         begin = time.perf_counter()
-        stats = train_epoch(self.model, self.optimizer, iter(self._reader), self._device, on_step=on_step,
+        stats = train_epoch(self.model, self.optimizer, self._reader, self._device, on_step=on_step,
                             description="project deepfm", progress=False)
         self._synchronize()
         end = time.perf_counter()

@@ -400,7 +400,7 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
     and ``directory`` is left as it was. A process killed outright (SIGKILL, a lost machine) leaves
     its temp directory: the next run names such leftovers.
     """
-    directory = os.path.normpath(directory)  # ``out/`` is ``out``: its earlier copy goes to ``out.old`` beside it
+    directory = os.path.normpath(directory)  # ``out/`` is ``out``: its earlier copy goes to ``.out.old`` beside it
     if os.path.islink(directory):  # ``current -> v3``: written at v3, the link kept (as open() writes a link's file)
         directory = os.path.realpath(directory)
     check_replaceable(directory, kind, marker_files)  # again once locked; here before anything is made
@@ -426,12 +426,18 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
         except FileExistsError as error:
             raise FileExistsError(f"{error}; if it is what is left of an earlier {kind} killed while it swapped "
                                   "its output in, delete it") from None
+        legacy = f"{directory}.old"  # where versions before 2026-12-05 kept the previous output during a swap
+        if os.path.isdir(legacy) and holds_files(legacy, marker_files):
+            print(f"[recsys_llm] {legacy}: an earlier {kind}, left alone (a copy of your own, or what a version "
+                  f"before 2026-12-05 left when killed while swapping {directory} in); delete it if you do not "
+                  "need it", file=sys.stderr)
         prefix = f".{name}."
-        # its temp dirs (prefix + mkdtemp's letters) and removal leftovers, not those of a sibling named like it plus a suffix (``<directory>.checkpoint``:
+        # its temp dirs (prefix + mkdtemp's letters) and removal leftovers, not its swapped-out copy (removed by
+        # the swap) nor those of a sibling named like it plus a suffix (``<directory>.checkpoint``:
         # ``.<name>.checkpoint.removing-*``)
         own_leftover = re.compile(re.escape(prefix) + r"\w+(-\w+)?")
-        leftovers = sorted(name for name in os.listdir(parent)
-                           if own_leftover.fullmatch(name) and os.path.isdir(os.path.join(parent, name)))
+        leftovers = sorted(name for name in os.listdir(parent) if own_leftover.fullmatch(name)
+                           and os.path.join(parent, name) != old and os.path.isdir(os.path.join(parent, name)))
         if leftovers:
             print(f"[recsys_llm] {parent}: {', '.join(leftovers)} left by an earlier {kind} of {directory} that was "
                   "killed; delete them", file=sys.stderr)

@@ -70,6 +70,21 @@ def test_a_users_dot_old_copy_of_the_output_is_left_alone(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out", "out.old"]
 
 
+def test_an_old_copy_of_the_output_is_named_not_put_back_and_an_empty_swapped_out_one_is_no_leftover(tmp_path,
+                                                                                                        capsys):
+    """A version before the hidden .<name>.old kept the previous output at <name>.old: one it left when killed
+    is named (it may be a user's own copy, so it is neither put back nor removed)."""
+    (tmp_path / "out.old").mkdir()
+    _write(str(tmp_path / "out.old"), "a.txt", "earlier")
+    (tmp_path / ".out.old").mkdir()  # empty: removed by the swap, not a leftover to delete by hand
+    with atomic_directory(str(tmp_path / "out"), "output", ("a.txt",)) as tmp:
+        _write(tmp, "a.txt", "new")
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out.old'}: an earlier output, left alone" in err and "left by an earlier" not in err
+    assert sorted(os.listdir(tmp_path)) == ["out", "out.old"]
+    assert (tmp_path / "out.old" / "a.txt").read_text(encoding="utf-8") == "earlier"
+
+
 def test_a_foreign_swapped_out_directory_is_not_swept_away(tmp_path):
     (tmp_path / ".out.old").mkdir()
     (tmp_path / ".out.old" / "backup.txt").write_text("mine", encoding="utf-8")

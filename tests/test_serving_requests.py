@@ -341,6 +341,9 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
                                  r"'id_rules'\['user_id'\] is \[1\], expected an object of hashed"),
     "an id rule's max length a string": (_config_with("id_rules", {"user_id": {"max_length": "3"}}), "config.json",
                                          r"'id_rules'\['user_id'\] is \{'max_length': '3'\}, expected"),
+    "id rules a list": (_config_with("id_rules", []), "config.json", r"'id_rules' is \[\], expected an object"),
+    "an id rule's max length negative": (_config_with("id_rules", {"user_id": {"max_length": -1}}), "config.json",
+                                         r"'id_rules'\['user_id'\] is \{'max_length': -1\}, expected"),
     "config.json nested past the recursion limit": (
         lambda d: open(os.path.join(d, "config.json"), "w").write("[" * 100_000 + "]" * 100_000), "config.json",
         r"not valid JSON \(RecursionError"),

@@ -79,13 +79,13 @@ def _check_config_types(config_path: str, config: Dict[str, Any]) -> None:
     digests = config.get(DIGESTS_KEY, {})
     if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
         _raise_damaged(config_path, f"{DIGESTS_KEY!r} is {digests!r}, expected an object of file name -> sha256")
-    rules = config.get(ID_RULES_KEY) or {}
+    rules = config.get(ID_RULES_KEY)
     kinds = {"hashed": bool, "max_length": int, "single_id": bool}
-    for name, rule in rules.items() if isinstance(rules, dict) else [(None, rules)]:
+    for name, rule in (rules or {}).items() if isinstance(rules, dict) or rules is None else [(None, rules)]:
         if not isinstance(rule, dict) or any(
             not isinstance(rule.get(key, kind()), kind) or (kind is int and isinstance(rule.get(key), bool))
             for key, kind in kinds.items()
-        ):
+        ) or rule.get("max_length", 0) < 0:
             where = f"'{ID_RULES_KEY}'" + ("" if name is None else f"[{name!r}]")
             _raise_damaged(config_path, f"{where} is {rule!r}, expected an object of hashed (true / false), "
                                         "max_length (an integer) and single_id (true / false)")
