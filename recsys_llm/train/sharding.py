@@ -212,6 +212,26 @@ class ShardingConfig:
         ]
 
 
+def loadable_on_cpu(sharding: ShardingConfig) -> ShardingConfig:
+    """``sharding`` without what only CUDA plans (row-wise types, unified-memory kernels; a list left empty
+    lets the planner choose; ``compute_device="cuda"`` becomes ``auto``), for loading a run trained on GPUs
+    on a CPU host: any plan re-cuts its checkpoint, and the tables are never stepped there."""
+    cpu_kernels = [kernel for kernel in COMPUTE_KERNELS if kernel not in CUDA_ONLY_KERNELS]
+    allowed = {"sharding_types": CPU_SHARDING_TYPES, "compute_kernels": cpu_kernels}
+
+    def on_cpu(key: str, values: List[str]) -> List[str]:
+        return [value for value in values if value in allowed[key]]
+
+    return dataclasses.replace(
+        sharding,
+        sharding_types=on_cpu("sharding_types", sharding.sharding_types),
+        compute_kernels=on_cpu("compute_kernels", sharding.compute_kernels),
+        table_constraints={table: {key: on_cpu(key, values) for key, values in overrides.items()}
+                           for table, overrides in sharding.table_constraints.items()},
+        compute_device="auto" if sharding.compute_device == "cuda" else sharding.compute_device,
+    )
+
+
 def find_tables(model: nn.Module) -> Dict[str, Tuple[str, EmbeddingBagCollection]]:
     """Every EBC table of an unsharded model: table name -> (module path, EBC).
 

@@ -16,7 +16,7 @@ from recsys_llm.train.pipeline import evaluate
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
 from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors
-from recsys_llm.train.sharding import CPU_SPARSE_OPTIMIZERS, shard_model
+from recsys_llm.train.sharding import CPU_SPARSE_OPTIMIZERS, loadable_on_cpu, shard_model
 from recsys_llm.train.task_builder import build_task, check_plugin_columns, plugin_extras
 
 
@@ -53,7 +53,8 @@ def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
     world size: the shards are re-cut). Every weight comes from the checkpoint, frozen entity
     tables and a frozen teacher included, so their source files are not read again. The tables
     are never stepped, so a table optimizer that CPU kernels lack (a run trained on CUDA with
-    ``optim.sparse=adam``) does not keep a CPU host from evaluating or exporting the run.
+    ``optim.sparse=adam``), or sharding types and kernels they lack (row-wise, unified memory), do not
+    keep a CPU host from evaluating or exporting the run.
 
     Raises:
         ConfigError: LLaCTR vectors other than the run trained with (see
@@ -65,8 +66,8 @@ def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
     if run.ctx.device.type == "cpu" and optim.sparse not in CPU_SPARSE_OPTIMIZERS:
         # a run trained on CUDA with a table optimizer FBGEMM's CPU kernels lack: never stepped here
         optim = dataclasses.replace(optim, sparse="sgd")
-    model, _ = shard_model(built.task, run.ctx.device, run.ctx.world_size, config.sharding, optim,
-                           config.data.batch_size)
+    sharding = loadable_on_cpu(config.sharding) if run.ctx.device.type == "cpu" else config.sharding
+    model, _ = shard_model(built.task, run.ctx.device, run.ctx.world_size, sharding, optim, config.data.batch_size)
     load_checkpoint(run.checkpoint, model, None, restore_rng=False)
     return model
 

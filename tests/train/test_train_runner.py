@@ -1262,12 +1262,19 @@ def _evaluate_as_trained_with_cuda_adam(schema_dir: str, root: str) -> Dict[str,
     # the config of a run trained on CUDA with fused Adam tables, which FBGEMM's CPU kernels lack
     as_trained = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 1024, ["optim.sparse=sgd"]))
     config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 1024, ["optim.sparse=adam"]))
-    return {"adam": run_evaluation(config, run_dir), "sgd": run_evaluation(as_trained, run_dir)}
+    # and with sharding settings only CUDA plans: row-wise types, unified-memory kernels
+    cuda_sharding = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 1024, [
+        "optim.sparse=adam", "sharding.sharding_types=[row_wise]", "sharding.compute_kernels=[fused_uvm_caching]",
+        "sharding.table_constraints={t_user_id: {sharding_types: [table_row_wise, table_wise]}}",
+        "sharding.compute_device=cuda"]))
+    return {"adam": run_evaluation(config, run_dir), "sgd": run_evaluation(as_trained, run_dir),
+            "cuda_sharding": run_evaluation(cuda_sharding, run_dir)}
 
 
 @pytest.mark.multiprocess
-def test_a_run_trained_with_a_cuda_only_table_optimizer_evaluates_on_cpu(synthetic_dir: str, tmp_path) -> None:
-    """Evaluation and export never step the tables, yet were refused with 'pick one of those, or train on CUDA'."""
+def test_a_run_trained_with_cuda_only_settings_evaluates_on_cpu(synthetic_dir: str, tmp_path) -> None:
+    """Evaluation and export never step the tables, yet were refused with 'pick one of those, or train on CUDA'
+    (a CUDA-only table optimizer) and 'torchrec's CPU sharder offers only ...' (row-wise types, uvm kernels)."""
     (results,) = run_multiprocess(_evaluate_as_trained_with_cuda_adam, world_size=1, schema_dir=synthetic_dir,
                                   root=str(tmp_path))
-    assert results["adam"] == results["sgd"]
+    assert results["adam"] == results["sgd"] == results["cuda_sharding"]
