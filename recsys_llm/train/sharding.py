@@ -62,10 +62,13 @@ from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
     ParameterConstraints,
+    PlannerError,
+    PlannerErrorType,
     TopologyFactory,
     TrainerConfig,
 )
 from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -210,6 +213,22 @@ class ShardingConfig:
             (f"sharding.table_constraints.{table}.{key}", overrides.get(key, []))
             for table, overrides in self.table_constraints.items()
         ]
+
+
+def _no_room_message(task: nn.Module, world_size: int, compute_device: str, capacity: Optional[int],
+                     error: PlannerError) -> str:
+    """What a plan that found no room says: the largest tables' sizes against the memory of the ranks."""
+    sizes = {config.name: config.num_embeddings * config.embedding_dim * DATA_TYPE_NUM_BITS[config.data_type] // 8
+             for _, ebc in find_tables(task).values() for config in ebc.embedding_bag_configs()}
+    largest = sorted(sizes.items(), key=lambda item: -item[1])[:3]
+    where = "host memory" if compute_device == "cpu" else "GPU memory"
+    each = f" of {capacity / 2**30:.1f} GiB {where} each" if capacity else ""
+    shown = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in largest)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"sharding: the planner found no room for the tables on {world_size} rank(s){each} (the tables' weights "
+            f"{sum(sizes.values()) / 2**30:.2f} GiB in all, before optimizer state; the largest: {shown}); use "
+            f"more ranks or hosts, or smaller tables (fewer rows: --hash-size, the schema's cardinality; a smaller "
+            f"model.embedding_dim) (torchrec: {first})")
 
 
 def loadable_on_cpu(sharding: ShardingConfig) -> ShardingConfig:
@@ -406,11 +425,21 @@ def _check_plannable(constraints: Dict[str, ParameterConstraints], frozen: Set[s
         )
 
 
+def host_memory_per_rank(local_world_size: int) -> Optional[int]:
+    """Bytes of this host's physical memory per rank on it (torchrec's advice for the planner's DDR
+    capacity), or None where the OS does not say (the planner then assumes its default, 128 GB)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(1, local_world_size)
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def build_topology(
     world_size: int,
     compute_device: str,
     hbm_cap: Optional[int] = None,
     local_world_size: Optional[int] = None,
+    ddr_cap: Optional[int] = None,
 ) -> Topology:
     """The planner's ``Topology``, built as torchrec asks: through ``TopologyFactory.create_topology``
     (a ``Topology(...)`` constructed directly logs a warning that the job will fail). The same values
@@ -422,10 +451,11 @@ def build_topology(
         compute_device (str): ``"cpu"`` or ``"cuda"``.
         hbm_cap (Optional[int]): bytes of device memory per rank (default: torchrec's).
         local_world_size (Optional[int]): ranks per host (default: ``world_size``).
+        ddr_cap (Optional[int]): bytes of host memory per rank (default: torchrec's, 128 GB).
     """
     return TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size),
-        hardware_config=HardwareConfig(hbm_cap_bytes=hbm_cap),
+        hardware_config=HardwareConfig(hbm_cap_bytes=hbm_cap, ddr_cap_bytes=ddr_cap),
         kernel_config=KernelConfig(compute_device=compute_device),
     )
 
@@ -511,14 +541,24 @@ def shard_model(
     local_world_size = world_size
     if os.environ.get("WORLD_SIZE") == str(world_size):  # torchrun's job, not a smaller world asked for here
         local_world_size = min(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), world_size)
-    topology = build_topology(world_size, compute_device, hbm_cap=hbm_cap, local_world_size=local_world_size)
+    # on CPU the tables live in host memory: the planner's 128 GB default per rank let a table larger than the
+    # host plan, and fail only when DMP allocated it
+    ddr_cap = host_memory_per_rank(local_world_size) if compute_device == "cpu" else None
+    topology = build_topology(world_size, compute_device, hbm_cap=hbm_cap, local_world_size=local_world_size,
+                              ddr_cap=ddr_cap)
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
         constraints=constraints,
         debug=False,
     )
-    plan = planner.collective_plan(task, None, dist.GroupMember.WORLD)
+    try:
+        plan = planner.collective_plan(task, None, dist.GroupMember.WORLD)
+    except PlannerError as error:
+        if error.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
+            raise
+        capacity = ddr_cap if compute_device == "cpu" else hbm_cap
+        raise ValueError(_no_room_message(task, world_size, compute_device, capacity, error)) from None
     # one rank has nothing to all-reduce: DDP would only add hooks (~4% of a DeepFM step on CPU)
     # on 3+ ranks one bucket reduced in parameter order: the gradient sums do not depend on DDP's
     # bucket rebuild, so a resumed run is exact (_CanonicalAllReduce; a sum of two is exact anyway)

@@ -689,3 +689,38 @@ def test_a_resume_whose_plan_splits_a_tables_columns_otherwise_is_refused_naming
     assert "'t_user_id' 1 (table_wise) -> 2 (column_wise) column shards" in message, message
     assert "t_item_id" not in message and "row_wise_adagrad" in message
     assert "resume on the world size and device the run was saved on" in message
+
+
+class _BigTable(torch.nn.Module):
+    """One table of 4M x 16 float32 (256 MB), on meta: the planner sizes it without it being allocated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(
+            [EmbeddingBagConfig(name="big", embedding_dim=16, num_embeddings=4_000_000, feature_names=["big"])],
+            device=torch.device("meta"))
+
+    def forward(self, batch):  # noqa: ANN001, ANN201
+        return self.ebc(batch)
+
+
+def _planned_on_a_small_host() -> str:
+    from recsys_llm.train import sharding
+
+    ctx = init_distributed("cpu")
+    sharding.host_memory_per_rank = lambda local_world_size: 64 * 2**20  # a host of 64 MB per rank
+    try:
+        shard_model(_BigTable(), ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=8)
+    except ValueError as error:
+        return str(error)
+    return "planned"
+
+
+@pytest.mark.multiprocess
+def test_tables_larger_than_the_hosts_memory_are_refused_by_the_planner_naming_them() -> None:
+    """On CPU the planner took torchrec's 128 GB per rank, whatever the host had: a table larger than the host
+    planned, and the run died allocating it; one over 128 GB failed with the planner's traceback."""
+    (message,) = run_multiprocess(_planned_on_a_small_host, world_size=1)
+    assert message.startswith("sharding: the planner found no room for the tables on 1 rank(s) of 0.1 GiB host "
+                              "memory each (the tables' weights 0.24 GiB in all, before optimizer state; the "
+                              "largest: big 0.24 GiB); use more ranks or hosts"), message
