@@ -111,7 +111,7 @@ COMPUTE_KERNELS = ("dense", "fused", "fused_uvm_caching", "fused_uvm")
 CUDA_ONLY_KERNELS = ("fused_uvm_caching", "fused_uvm")
 # FBGEMM's CUDA embedding kernels take tables of at most this many columns (fbgemm_gpu codegen's
 # max_embedding_dim); a wider table trains on CUDA only split by columns (torchrec's column-wise
-# shards are 128 wide by default)
+# shards are of equal width, at least 128, dividing the table's: check_shard_widths)
 FBGEMM_CUDA_MAX_DIM = 2048
 COLUMN_SHARDING_TYPES = ("column_wise", "table_column_wise")
 
@@ -559,6 +559,8 @@ def shard_model(
             raise
         capacity = ddr_cap if compute_device == "cpu" else hbm_cap
         raise ValueError(_no_room_message(task, world_size, compute_device, capacity, error)) from None
+    if compute_device == "cuda":
+        check_shard_widths(plan)
     # one rank has nothing to all-reduce: DDP would only add hooks (~4% of a DeepFM step on CPU)
     # on 3+ ranks one bucket reduced in parameter order: the gradient sums do not depend on DDP's
     # bucket rebuild, so a resumed run is exact (_CanonicalAllReduce; a sum of two is exact anyway)
@@ -726,6 +728,25 @@ def _sharded_table_weights(model: nn.Module) -> Iterator[nn.Parameter]:
     for module in model.modules():
         if isinstance(module, ShardedEmbeddingBagCollection):
             yield from module.embedding_bags.parameters()
+
+
+def check_shard_widths(plan: ShardingPlan) -> None:
+    """Raises when a CUDA plan leaves a shard wider than FBGEMM's CUDA kernels take: torchrec splits a
+    table's columns only into equal shards of at least 128 that divide its width, so a table 2,053 wide
+    (no such divisor up to 2,048) stays one shard even where it may only be column-wise.
+
+    Raises:
+        ValueError: naming the table, its shard widths and what widths split.
+    """
+    for table, placement in table_placements(plan).items():
+        widths = sorted({shard["sizes"][1] for shard in placement["shards"]})
+        if widths and widths[-1] > FBGEMM_CUDA_MAX_DIM:
+            raise ValueError(
+                f"table {table!r}: the plan gives it shards {widths} wide ({placement['sharding_type']}), and "
+                f"FBGEMM's CUDA kernels take at most {FBGEMM_CUDA_MAX_DIM} columns; torchrec splits columns only "
+                "into equal shards of at least 128 that divide the width: give the table a width with such a "
+                "divisor up to 2,048 (e.g. a multiple of 128), e.g. by projecting the vectors it holds"
+            )
 
 
 def table_placements(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:

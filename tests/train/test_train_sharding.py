@@ -724,3 +724,32 @@ def test_tables_larger_than_the_hosts_memory_are_refused_by_the_planner_naming_t
     assert message.startswith("sharding: the planner found no room for the tables on 1 rank(s) of 0.1 GiB host "
                               "memory each (the tables' weights 0.24 GiB in all, before optimizer state; the "
                               "largest: big 0.24 GiB); use more ranks or hosts"), message
+
+
+class _WideTable(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(
+            [EmbeddingBagConfig(name="wide", embedding_dim=width, num_embeddings=1000, feature_names=["wide"])],
+            device=torch.device("meta"))
+
+
+@pytest.mark.parametrize("width, refused", [(2053, True), (4096, False), (2000, False)])
+def test_a_cuda_plan_with_a_shard_wider_than_fbgemm_takes_is_refused(width: int, refused: bool) -> None:
+    """Planned for CUDA (no GPU needed to plan): a 2,053-wide table allowed only column-wise stays one shard, as
+    torchrec splits columns into equal shards dividing the width; FBGEMM failed on it inside its kernels."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    from recsys_llm.train.sharding import build_topology, check_shard_widths
+
+    constraints = {"wide": ParameterConstraints(sharding_types=["column_wise"])}
+    planner = EmbeddingShardingPlanner(topology=build_topology(2, "cuda", hbm_cap=80 << 30), batch_size=256,
+                                       constraints=constraints)
+    plan = planner.plan(_WideTable(width), [EmbeddingBagCollectionSharder()])
+    if refused:
+        with pytest.raises(ValueError, match=r"^table 'wide': the plan gives it shards \[2053\] wide \(column_wise\)"):
+            check_shard_widths(plan)
+    else:
+        check_shard_widths(plan)
