@@ -14,6 +14,7 @@ Example::
 
 import hashlib
 import os
+import warnings
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -275,3 +276,41 @@ class TextEncoder:
         finally:
             self._model.train(was_training)
         return torch.stack(out)  # (N, H)
+
+
+def check_field_texts_fit(encoder: TextEncoder, names: Sequence[str], texts: Sequence[str], what: str,
+                          refuse_alike: bool) -> None:
+    """Warns naming the fields whose texts are longer than ``encoder.max_length`` tokens (the encoder cuts them
+    at their end, and a last-token vector is then read mid-text), and refuses (``refuse_alike``) or warns when
+    two fields' texts are the same tokens as the encoder reads them: their vectors would be one.
+
+    Args:
+        encoder (TextEncoder): what encodes the texts.
+        names (Sequence[str]): the fields, for messages.
+        texts (Sequence[str]): their texts, in the same order.
+        what (str): the command, for messages (``"semantics encode"``).
+        refuse_alike (bool): raise, not warn, on texts that are alike once cut (SSFT's InfoNCE keys).
+
+    Raises:
+        ValueError: ``refuse_alike`` and two fields whose texts are alike once cut.
+    """
+    limit = encoder.max_length
+    whole = encoder.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+    cut = [name for name, ids in zip(names, whole) if len(ids) > limit]
+    if cut:
+        warnings.warn(f"{what}: the text of field(s) {cut} is longer than max_length {limit} tokens and is cut at its "
+                      "end (the vector reads its first tokens only): shorten those descriptions or raise --max-length",
+                      stacklevel=3)
+    read = encoder.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]
+    first = {}
+    for name, ids in zip(names, read):
+        key = tuple(ids)
+        if key in first:
+            message = (f"{what}: fields {first[key]!r} and {name!r} have texts that are the same {len(ids)} tokens as "
+                       f"the encoder reads them (max_length {limit}): their vectors are one; give them distinct "
+                       "descriptions (distinct within their first tokens), or a field template that holds {name}")
+            if refuse_alike:
+                raise ValueError(message)
+            warnings.warn(message, stacklevel=3)
+        first.setdefault(key, name)
+

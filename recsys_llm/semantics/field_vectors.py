@@ -20,7 +20,7 @@ import warnings
 from typing import Dict, List, Optional
 
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields
+from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_field_texts_fit, check_number_fields
 from recsys_llm.semantics.pooling import POOLINGS
 from recsys_llm.semantics.ssft_adapter import is_tuned_base, load_tuned_encoder, read_adapter_info
 from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_encode, load_vectors, save_vectors
@@ -173,6 +173,7 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
         check_adapter_fields(config.adapter_dir, info, schema, [f.name for f in fields])
     encoder, templates, info = build_field_encoder(config)
     texts = [field_text(f, templates) for f in fields]
+    check_field_texts_fit(encoder, [f.name for f in fields], texts, "semantics encode", refuse_alike=False)
     if info and not config.override_templates:
         _warn_of_texts_not_tuned_on(config.adapter_dir, info, [f.name for f in fields], texts)
     vectors = cached_encode(encoder, texts, templates.template_id(), config.cache_dir)  # (F, d_llm)

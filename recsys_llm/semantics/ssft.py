@@ -62,7 +62,9 @@ from recsys_llm.atomic_dir import (
 )
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.progress import interval_options
-from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_number_fields, default_model_path
+from recsys_llm.semantics.encoder import (
+    NumberRule, TextEncoder, check_field_texts_fit, check_number_fields, default_model_path
+)
 from recsys_llm.semantics.lora_targets import default_target_modules
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, read_json_file
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype, runs_own_code
@@ -457,6 +459,7 @@ class SSFTTrainer:
             self._precheck_checkpoint()
         self._encoder = self._build_encoder()
         names = [f.name for f in self._fields]
+        check_field_texts_fit(self._encoder, names, self._field_texts, "SSFT", refuse_alike=True)  # InfoNCE keys
         limit = self._encoder.max_length  # --max-length capped at the model's positions: where the encoder cuts
         taken = {e.value for e in self._train + self._valid}  # a shortened value is none of these
         fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, limit, taken, config.max_length)

@@ -239,3 +239,25 @@ def test_an_adapter_whose_base_model_moved_encodes_with_model_naming_where_it_is
     other = save_tiny_bert(str(tmp_path / "other_model"))  # other files: still refused
     with pytest.raises(ValueError, match=r"--model .*other_model: the SSFT adapter .* was tuned with --model"):
         _run_cli([*encode, "--model", other, "--output", str(tmp_path / "other.safetensors")])
+
+
+def test_field_texts_cut_at_max_length_or_alike_are_named(tmp_path, tiny_llama_dir) -> None:
+    """Long field texts were cut without a word, and texts alike as the encoder reads them gave one vector."""
+    import dataclasses
+
+    from recsys_llm.semantics.templates import PromptTemplates
+
+    schema = make_schema(str(tmp_path / "data"))
+    shared = "shade town " * 20
+    schema.fields[0] = dataclasses.replace(schema.fields[0], description=shared + "colour")
+    schema.fields[1] = dataclasses.replace(schema.fields[1], description=shared + "city")
+    config = FieldVectorConfig(model_path=tiny_llama_dir, max_length=16,
+                               templates=PromptTemplates(field="{description} {name}"))
+    with pytest.warns(UserWarning) as caught:
+        stored = encode_field_vectors(config, schema, str(tmp_path / "fields.safetensors"))
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("semantics encode: the text of field(s) ['color', 'city'] is longer than max_length 16 "
+                            "tokens") for m in messages), messages
+    assert any(m.startswith("semantics encode: fields 'color' and 'city' have texts that are the same 16 tokens")
+               for m in messages), messages
+    assert torch.equal(stored.vectors[0], stored.vectors[1])  # what the warning says

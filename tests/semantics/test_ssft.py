@@ -397,3 +397,20 @@ def test_one_hashed_field_of_bare_ids_is_warned_about(tiny_schema) -> None:
     fields = [f for f in select_fields(tiny_schema) if f.name != "user_id"] + [hashed]
     with pytest.warns(UserWarning, match=r"field\(s\) 'user_id' \(hashed\) have no value texts"):
         build_examples(tiny_schema, fields, SSFTConfig(samples_valid=2))
+
+
+def test_fields_whose_texts_are_alike_once_cut_to_max_length_are_refused(tmp_path, tiny_llama_dir) -> None:
+    """Field texts that differ only past max_length tokens are one InfoNCE key as the encoder reads them: the
+    check of distinct texts compared the whole strings, and SSFT tuned without a word."""
+    import dataclasses
+
+    from tests.semantics.conftest import make_schema
+
+    schema = make_schema(str(tmp_path / "data"))
+    shared = "shade town " * 20
+    schema.fields[0] = dataclasses.replace(schema.fields[0], description=shared + "colour")  # color
+    schema.fields[1] = dataclasses.replace(schema.fields[1], description=shared + "city")  # city
+    config = SSFTConfig(model_path=tiny_llama_dir, max_length=16, templates=PromptTemplates(field="{description} {name}"))
+    with pytest.warns(UserWarning, match=r"SSFT: the text of field\(s\) \['color', 'city'\] is longer than max_length "):
+        with pytest.raises(ValueError, match=r"SSFT: fields 'color' and 'city' have texts that are the same 16 tokens"):
+            SSFTTrainer(config, schema, str(tmp_path / "out"))
