@@ -44,7 +44,7 @@ from tqdm import tqdm
 from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.error_text import one_line
 from recsys_llm.progress import interval_options
-from recsys_llm.semantics.encoder import NumberRule, check_number_fields, text_list
+from recsys_llm.semantics.encoder import NumberRule, check_every_text_has_tokens, check_number_fields, text_list
 from recsys_llm.semantics.lora_targets import default_target_modules, language_model_name
 from recsys_llm.semantics.model_dir import (
     model_dir_fingerprint,
@@ -279,11 +279,18 @@ class CTRAdaptedLLM(nn.Module):
         return self._tokenizer
 
     def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Right-padded ``input_ids`` and ``attention_mask`` (B, L) on the model's device.
+
+        Raises:
+            ValueError: a text has no tokens (it would get a zero vector).
+        """
+        texts = text_list(texts)
         # right padding: a text's positions, and so its vector, do not depend on its batch
         encoded = self._tokenizer(
-            text_list(texts), padding=True, truncation=True,
+            texts, padding=True, truncation=True,
             max_length=position_limited(self.llm, self.config.max_length), return_tensors="pt", padding_side="right",
         )
+        check_every_text_has_tokens(self.config.model_path, texts, encoded["attention_mask"])
         device = next(self.parameters()).device
         return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
 

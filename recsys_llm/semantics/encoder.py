@@ -240,13 +240,7 @@ class TextEncoder:
             return_tensors="pt", padding_side="right",
         )
         attention_mask = batch["attention_mask"]  # (B, L)
-        empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(
-                f"{self._model_id}: the text {texts[empty[0]][:80]!r} has no tokens (the tokenizer finds none in it "
-                "and adds no special tokens), so it has no vector; expected texts of at least one token: leave the "
-                "empty ones out, or give them text"
-            )
+        check_every_text_has_tokens(self._model_id, texts, attention_mask)
         return batch["input_ids"].to(self._device), attention_mask.to(self._device)
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -276,6 +270,19 @@ class TextEncoder:
         finally:
             self._model.train(was_training)
         return torch.stack(out)  # (N, H)
+
+
+def check_every_text_has_tokens(model_id: str, texts: Sequence[str], attention_mask: torch.Tensor) -> None:
+    """Raises ValueError naming the first of ``texts`` whose row of ``attention_mask`` (B, L) is all zeros: a text
+    the tokenizer finds no token in (an empty text, with a tokenizer that adds no special tokens) has nothing to
+    pool (a zero vector in a batch, a failed forward alone)."""
+    empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"{model_id}: the text {texts[empty[0]][:80]!r} has no tokens (the tokenizer finds none in it "
+            "and adds no special tokens), so it has no vector; expected texts of at least one token: leave the "
+            "empty ones out, or give them text"
+        )
 
 
 def check_field_texts_fit(encoder: TextEncoder, names: Sequence[str], texts: Sequence[str], what: str,

@@ -470,3 +470,16 @@ def test_training_mode_leaves_a_frozen_llm_without_dropout(tiny_bert_dir, tuning
     assert all(module.training == (tuning == "lora") for module in llm.llm.modules())
     llm.eval()
     assert not any(module.training for module in llm.modules())
+
+
+def test_a_text_without_tokens_is_refused_not_given_a_zero_vector(tmp_path):
+    """A tokenizer that adds no special tokens finds none in an empty text: in a batch it pooled to a zero vector, and a
+    batch of such texts failed in a reshape."""
+    from tests.tiny_models import save_tiny_llama
+
+    model = CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=save_tiny_llama(str(tmp_path / "llama")),
+                                                   pooling="last_token"))
+    assert not model.tokenizer("")["input_ids"]  # the case: no special token added to an empty text
+    for texts in (["", "price 3"], ["", ""]):
+        with pytest.raises(ValueError, match=r"the text '' has no tokens"):
+            model.encode(texts, output="pooled")
