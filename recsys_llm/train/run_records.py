@@ -17,7 +17,7 @@ from recsys_llm.atomic_dir import try_lock
 from recsys_llm.data.parquet_files import same_split_fingerprint, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.schema_changes import schema_change_note
-from recsys_llm.data.validation import check_number
+from recsys_llm.data.validation import DataError, check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig, schema_json_path
@@ -99,6 +99,25 @@ def check_same_data(saved_record: Dict[str, Any], current: Dict[str, str], schem
             f"{source}: the data of split(s) {changed} in {schema.root} changed since this run started (other rows "
             "under the same fields and sizes, e.g. prepared again); a resume would train on both. Restore the data "
             "the run started with, or train into another train.run_dir"
+        )
+
+
+def check_data_unchanged(config: ExperimentConfig, schema: DatasetSchema, started: Dict[str, str]) -> None:
+    """Raises when a split the run reads holds other data than when it started (``started``:
+    :func:`data_fingerprints` then): prepared again or its files replaced while it trained. Called
+    between epochs: the run would go on with other rows (or ranks with other row counts, which wait
+    on each other until the collective timeout) under the record of the first ones.
+
+    Raises:
+        DataError: naming the splits that changed.
+    """
+    changed = changed_splits({DATA_FINGERPRINTS_KEY: started}, data_fingerprints(config, schema))
+    if changed:
+        raise DataError(
+            f"{schema.root}: the data of split(s) {changed} changed while this run trained (prepared again, or files "
+            "replaced); it stops here, and its checkpoints hold what it trained on the data it started with: "
+            "restore that data and run the same command to resume, or train on the new data into another "
+            "train.run_dir"
         )
 
 

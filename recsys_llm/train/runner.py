@@ -97,6 +97,7 @@ from recsys_llm.train.run_records import (
     STARTED_EVENT,
     check_run_dir_is_ours,
     check_run_dir_shared,
+    check_data_unchanged,
     check_same_data,
     check_same_entity_vectors,
     check_same_field_vectors,
@@ -328,9 +329,17 @@ def _train_in_run_dir(
             on_step(state)
         return budget_spent(state, train_cfg)  # within an epoch, only max_steps can be spent
 
+    def data_unchanged() -> None:  # rank 0 reads the footers; its error stops every rank
+        run_on_every_rank(lambda: check_data_unchanged(config, schema, fingerprints) if ctx.is_main else None,
+                          "checking the data did not change while the run trained", ctx.device)
+
+    first_epoch = True
     while not state.finished:
         epoch_done = False
         epoch, stats, valid = state.epoch, None, None
+        if not first_epoch:  # the first one reads what the run just fingerprinted
+            data_unchanged()
+        first_epoch = False
         if not budget_spent(state, train_cfg):  # a resume at or past max_steps trains no further step
             train_reader.set_epoch(state.epoch)
             resumed_at = state.step_in_epoch  # > 0 only in the epoch a resumed run continues
@@ -381,6 +390,7 @@ def _train_in_run_dir(
         "valid": {"auc": None if state.best_metric == float("-inf") else state.best_metric},
     }
     if "test" in readers:
+        data_unchanged()
         results["test"] = evaluate(
             model, readers["test"], ctx.device, CTRMetrics(subsets), description="test",
             progress=train_cfg.progress,
