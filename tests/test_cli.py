@@ -264,6 +264,35 @@ def test_a_disk_that_takes_no_more_writes_is_one_line(monkeypatch, capsys, failu
     assert f"recsys-llm prepare: error: {line}\n" in err and "Traceback" not in err
 
 
+def _checkpoint_failure(*failures: BaseException) -> BaseException:
+    """What torch.distributed.checkpoint raises when ranks fail to save: its text holds every rank's traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException("save failed", {rank: (failure, "Traceback ...\n" * 40)
+                                               for rank, failure in enumerate(failures)})
+
+
+@pytest.mark.parametrize("failure, line", [
+    (lambda: _checkpoint_failure(RuntimeError("unexpected pos 704 vs 598"),
+                                 OSError(28, "No space left on device", "/runs/r/best/ckpt-00000032.tmp/__0_0.distcp")),
+     "[Errno 28] No space left on device: '/runs/r/best/ckpt-00000032.tmp/__0_0.distcp'"),
+    (lambda: _checkpoint_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")),
+     "a file could not be written whole ([enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598): "
+     "check the free space and quota where the command writes"),
+], ids=["a rank's full disk", "a short write"])
+def test_a_full_disk_in_a_checkpoint_save_is_the_failing_ranks_line(monkeypatch, capsys, failure, line) -> None:
+    """The CheckpointException's own text (every rank's traceback, 3,000 characters) was the 'one line'."""
+    from recsys_llm.cli import data
+
+    def fails(*args, **kwargs):
+        raise failure()
+
+    monkeypatch.setattr(data, "prepare_dataset", fails)
+    assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
+    err = capsys.readouterr().err
+    assert f"recsys-llm prepare: error: {line}\n" in err and "Traceback" not in err, err
+
+
 def test_a_full_disk_under_training_names_the_run_directory(monkeypatch, capsys, tmp_path) -> None:
     """`recsys-llm train: error: [Errno 28] No space left on device`: train has no --output, so nothing was named."""
     from recsys_llm.train import runner

@@ -196,13 +196,16 @@ OUTPUT_OPTIONS = ("out", "output", "output_dir", "attach_dir", "run_dir")
 def _environment_error_line(error: BaseException, args: Optional[argparse.Namespace] = None) -> Optional[str]:
     """One line for a failure of the disk the command writes to (full, over quota, read-only), else None; an
     error that names no file (pyarrow's "[Errno 28] Error writing bytes to file") gets the command's output."""
-    for candidate in [error, *_wrapped_failures(error)]:
+    # the wrapped failures first: a CheckpointException's own text holds every rank's traceback
+    candidates = [*_wrapped_failures(error), error]
+    for candidate in candidates:
         if isinstance(candidate, OSError) and candidate.errno in ENVIRONMENT_ERRNOS:
             output = next((value for value in (getattr(args, name, None) for name in OUTPUT_OPTIONS)
                            if isinstance(value, str) and value), None)
             if candidate.filename is None and output is not None:
                 return f"{candidate} (writing {output})"
             return str(candidate)
+    for candidate in candidates:
         if SHORT_WRITE_MARK in str(candidate):
             return (f"a file could not be written whole ({one_line(candidate)}): check the free space and quota "
                     "where the command writes")
