@@ -293,6 +293,27 @@ def test_a_full_disk_in_a_checkpoint_save_is_the_failing_ranks_line(monkeypatch,
     assert f"recsys-llm prepare: error: {line}\n" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("failure", [
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation to "
+    "complete",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234",
+])
+def test_a_collective_that_gave_up_on_another_rank_is_one_line(monkeypatch, capsys, failure) -> None:
+    """A stalled rank: the rank that waited for it printed gloo's traceback as the root cause, naming no timeout."""
+    from recsys_llm.cli import data
+
+    def fails(*args, **kwargs):
+        raise RuntimeError(failure)
+
+    monkeypatch.setattr(data, "prepare_dataset", fails)
+    monkeypatch.setenv("RECSYS_LLM_DIST_TIMEOUT_S", "30")
+    assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
+    err = capsys.readouterr().err
+    assert ("recsys-llm prepare: error: a collective gave up waiting for another rank, which stalled or died (the "
+            "other ranks' output and torchrun's summary name it; RECSYS_LLM_DIST_TIMEOUT_S=30 s is the wait): "
+            f"{failure}") in err and "Traceback" not in err, err
+
+
 def test_a_full_disk_under_training_names_the_run_directory(monkeypatch, capsys, tmp_path) -> None:
     """`recsys-llm train: error: [Errno 28] No space left on device`: train has no --output, so nothing was named."""
     from recsys_llm.train import runner

@@ -212,6 +212,22 @@ def _environment_error_line(error: BaseException, args: Optional[argparse.Namesp
     return None
 
 
+# what gloo and NCCL say when a collective gave up on a rank that stalled or died
+PEER_FAILURE_MARKS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+                      "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
+
+
+def _peer_failure_line(error: BaseException) -> Optional[str]:
+    """One line for a collective that gave up waiting on another rank (stalled or died), else None: its
+    traceback pointed at this rank, the one that waited."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not any(mark in text for mark in PEER_FAILURE_MARKS):
+        return None
+    wait = os.environ.get("RECSYS_LLM_DIST_TIMEOUT_S") or "3600"
+    return (f"a collective gave up waiting for another rank, which stalled or died (the other ranks' output and "
+            f"torchrun's summary name it; RECSYS_LLM_DIST_TIMEOUT_S={wait} s is the wait): {one_line(error)[:300]}")
+
+
 def _traceback_asked() -> bool:
     """Whether ``$RECSYS_LLM_TRACEBACK`` asks for the traceback instead of the one-line error."""
     return os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
@@ -334,7 +350,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
             raise SystemExit(128 + signal.SIGINT) from None
         if interruption is not None:
             raise interruption from None
-        line = _environment_error_line(error, args)
+        line = _environment_error_line(error, args) or _peer_failure_line(error)
         if line is None or _traceback_asked():
             if isinstance(error, Exception):
                 record_for_launcher()
