@@ -67,6 +67,7 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
+from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -215,8 +216,27 @@ class ShardingConfig:
         ]
 
 
+def _plan_on_rank_0(planner: EmbeddingShardingPlanner, task: nn.Module
+                    ) -> Tuple[Optional[ShardingPlan], Optional[Tuple[str, str]]]:
+    """``planner.plan`` on rank 0, broadcast to every rank, as ``collective_plan`` does, its refusal too:
+    ``collective_plan`` raised it on rank 0 alone, the other ranks waiting in the broadcast.
+
+    Returns:
+        Tuple: the plan, or None and the refusal as ``(PlannerErrorType value, message)``.
+    """
+    outcome: List[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("plan", planner.plan(task, get_default_sharders()))]
+        except PlannerError as error:
+            outcome = [("refused", (error.error_type.value, str(error)))]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    return (value, None) if kind == "plan" else (None, value)
+
+
 def _no_room_message(task: nn.Module, world_size: int, compute_device: str, capacity: Optional[int],
-                     error: PlannerError) -> str:
+                     error: str) -> str:
     """What a plan that found no room says: the largest tables' sizes against the memory of the ranks."""
     sizes = {config.name: config.num_embeddings * config.embedding_dim * DATA_TYPE_NUM_BITS[config.data_type] // 8
              for _, ebc in find_tables(task).values() for config in ebc.embedding_bag_configs()}
@@ -224,10 +244,11 @@ def _no_room_message(task: nn.Module, world_size: int, compute_device: str, capa
     where = "host memory" if compute_device == "cpu" else "GPU memory"
     each = f" of {capacity / 2**30:.1f} GiB {where} each" if capacity else ""
     shown = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in largest)
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = error.strip().splitlines()[0] if error.strip() else "PlannerError"
+    more = "more hosts" if compute_device == "cpu" else "more GPUs"  # on CPU a host's ranks share its memory
     return (f"sharding: the planner found no room for the tables on {world_size} rank(s){each} (the tables' weights "
             f"{sum(sizes.values()) / 2**30:.2f} GiB in all, before optimizer state; the largest: {shown}); use "
-            f"more ranks or hosts, or smaller tables (fewer rows: --hash-size, the schema's cardinality; a smaller "
+            f"{more}, or smaller tables (fewer rows: --hash-size, the schema's cardinality; a smaller "
             f"model.embedding_dim) (torchrec: {first})")
 
 
@@ -425,13 +446,25 @@ def _check_plannable(constraints: Dict[str, ParameterConstraints], frozen: Set[s
         )
 
 
-def host_memory_per_rank(local_world_size: int) -> Optional[int]:
-    """Bytes of this host's physical memory per rank on it (torchrec's advice for the planner's DDR
-    capacity), or None where the OS does not say (the planner then assumes its default, 128 GB)."""
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def host_memory() -> Optional[int]:
+    """Bytes of memory this process's host (or container: its cgroup's limit, where lower) has, or None
+    where the OS does not say (the planner then assumes its default, 128 GB per rank)."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(1, local_world_size)
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                limit = handle.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            return min(physical, int(limit))
+    return physical
 
 
 def build_topology(
@@ -542,8 +575,10 @@ def shard_model(
     if os.environ.get("WORLD_SIZE") == str(world_size):  # torchrun's job, not a smaller world asked for here
         local_world_size = min(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), world_size)
     # on CPU the tables live in host memory: the planner's 128 GB default per rank let a table larger than the
-    # host plan, and fail only when DMP allocated it
-    ddr_cap = host_memory_per_rank(local_world_size) if compute_device == "cpu" else None
+    # host plan, and fail only when DMP allocated it. Each rank may take the whole host: a table up to 128
+    # columns wide is never split on CPU (row-wise types need CUDA), so a share of the host would refuse tables
+    # that fit on one rank (the ranks of one host together are not checked against it)
+    ddr_cap = host_memory() if compute_device == "cpu" else None
     topology = build_topology(world_size, compute_device, hbm_cap=hbm_cap, local_world_size=local_world_size,
                               ddr_cap=ddr_cap)
     planner = EmbeddingShardingPlanner(
@@ -552,13 +587,14 @@ def shard_model(
         constraints=constraints,
         debug=False,
     )
-    try:
-        plan = planner.collective_plan(task, None, dist.GroupMember.WORLD)
-    except PlannerError as error:
-        if error.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
-            raise
-        capacity = ddr_cap if compute_device == "cpu" else hbm_cap
-        raise ValueError(_no_room_message(task, world_size, compute_device, capacity, error)) from None
+    plan, refusal = _plan_on_rank_0(planner, task)
+    if refusal is not None:
+        error_type, text = refusal
+        if error_type == PlannerErrorType.INSUFFICIENT_STORAGE.value or (
+                error_type == PlannerErrorType.STRICT_CONSTRAINTS.value and "does not fit on any rank" in text):
+            capacity = ddr_cap if compute_device == "cpu" else hbm_cap
+            raise ValueError(_no_room_message(task, world_size, compute_device, capacity, text))
+        raise PlannerError(text, PlannerErrorType(error_type))
     if compute_device == "cuda":
         check_shard_widths(plan)
     # one rank has nothing to all-reduce: DDP would only add hooks (~4% of a DeepFM step on CPU)

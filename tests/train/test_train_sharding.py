@@ -704,11 +704,11 @@ class _BigTable(torch.nn.Module):
         return self.ebc(batch)
 
 
-def _planned_on_a_small_host() -> str:
+def _planned_on_a_small_host(host_bytes: int = 64 * 2**20) -> str:
     from recsys_llm.train import sharding
 
     ctx = init_distributed("cpu")
-    sharding.host_memory_per_rank = lambda local_world_size: 64 * 2**20  # a host of 64 MB per rank
+    sharding.host_memory = lambda: host_bytes  # a host of 64 MB by default
     try:
         shard_model(_BigTable(), ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=8)
     except ValueError as error:
@@ -723,7 +723,7 @@ def test_tables_larger_than_the_hosts_memory_are_refused_by_the_planner_naming_t
     (message,) = run_multiprocess(_planned_on_a_small_host, world_size=1)
     assert message.startswith("sharding: the planner found no room for the tables on 1 rank(s) of 0.1 GiB host "
                               "memory each (the tables' weights 0.24 GiB in all, before optimizer state; the "
-                              "largest: big 0.24 GiB); use more ranks or hosts"), message
+                              "largest: big 0.24 GiB); use more hosts"), message
 
 
 class _WideTable(torch.nn.Module):
@@ -753,3 +753,15 @@ def test_a_cuda_plan_with_a_shard_wider_than_fbgemm_takes_is_refused(width: int,
             check_shard_widths(plan)
     else:
         check_shard_widths(plan)
+
+
+@pytest.mark.multiprocess
+def test_on_two_ranks_a_table_that_fits_one_rank_plans_and_one_that_fits_none_is_refused() -> None:
+    """A table up to 128 columns wide is never split on CPU: each rank may take the whole host (a host's memory
+    divided by its ranks refused a table one rank could hold), and a table no rank can hold is the planner's
+    'strict constraints ... does not fit on any rank', which was its traceback."""
+    fits = run_multiprocess(_planned_on_a_small_host, world_size=2, host_bytes=2**30)
+    assert fits == ["planned", "planned"], fits
+    refused = run_multiprocess(_planned_on_a_small_host, world_size=2)
+    assert refused[0].startswith("sharding: the planner found no room for the tables on 2 rank(s) of 0.1 GiB host "
+                                 "memory each"), refused
