@@ -123,13 +123,16 @@ def _refreeze_after_load(module: "FieldInteractionEnhancement", incompatible_key
 
 
 def refresh_after_load(module: "FieldInteractionEnhancement") -> None:
-    """After its state was loaded (``load_state_dict``, ``teacher_student.load_full_state``): a frozen
-    term's constant weights follow the loaded Linear, and so do its serving matrix and what it folded
-    into a backbone (frozen or not)."""
-    if module.frozen:
+    """After its state was loaded (``load_state_dict``, ``teacher_student.load_full_state``, an in-place
+    ``torch.distributed.checkpoint.load``): a frozen term keeps the frozen weights loaded with it, those of a
+    run that froze, or takes them from the loaded Linear where they are zeros (a run that never froze); its
+    serving matrix and what it folded into a backbone (frozen or not) follow."""
+    if module.frozen and not module.frozen_pair_weights.any():
         module.freeze()  # refreshes the serving matrix and the fold too
-    else:
-        module._refresh_fold()
+        return
+    if module.frozen and module._serving_keys is not None:
+        module.set_serving_key_order(module._serving_keys)
+    module._refresh_fold()
 
 
 class FieldInteractionEnhancement(nn.Module):
@@ -230,12 +233,15 @@ class FieldInteractionEnhancement(nn.Module):
         return self.pair_weight(self.pair_similarity)  # (P,)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        """A frozen term takes its frozen weights from the Linear's weights being loaded, here: loads that
-        call each module's ``_load_from_state_dict`` (``DistributedModelParallel.load_state_dict``) run no
-        ``load_state_dict`` hook, and load the Linear only after this module."""
+        """A frozen term loaded with zero frozen weights (a run that never froze) takes them from the Linear's
+        weights being loaded, here: loads that call each module's ``_load_from_state_dict``
+        (``DistributedModelParallel.load_state_dict``) run no ``load_state_dict`` hook, and load the Linear
+        only after this module. Non-zero ones (a run that froze) stay: its Linear may have moved since
+        (momentum or weight decay on zero gradients)."""
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         weight, bias = state_dict.get(f"{prefix}pair_weight.weight"), state_dict.get(f"{prefix}pair_weight.bias")
-        if self._frozen and isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor):
+        if (self._frozen and not self.frozen_pair_weights.any()
+                and isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)):
             with torch.no_grad():
                 loaded = torch.addmv(bias.to(self.pair_similarity), weight.to(self.pair_similarity), self.pair_similarity)
                 self.frozen_pair_weights.copy_(loaded)
@@ -267,10 +273,10 @@ class FieldInteractionEnhancement(nn.Module):
         """Stores the current pair weights as a constant buffer (eval / serving).
 
         The frozen flag is not part of the state dict: a term frozen before ``load_state_dict`` (or
-        ``DistributedModelParallel.load_state_dict``) takes its frozen weights from the loaded Linear (they
-        equal the saved frozen copy of a frozen run, whose Linear gets no gradient, and they are the trained
-        weights of a run that never froze, whose saved copy is zeros). An in-place
-        ``torch.distributed.checkpoint.load`` runs no module code: call :func:`refresh_after_load` after it.
+        ``DistributedModelParallel.load_state_dict``) keeps the frozen copy it loads, that of a run that froze,
+        and takes the loaded Linear's weights where that copy is zeros (the trained weights of a run that never
+        froze). An in-place ``torch.distributed.checkpoint.load`` runs no module code: call
+        :func:`refresh_after_load` after it.
         A serving matrix (:meth:`set_serving_key_order`) and a fold (:meth:`fold_into`) follow
         ``load_state_dict`` and :func:`refresh_after_load`: set them after other loads. Under DMP training,
         freeze before ``shard_model`` if the weights should stay fixed: DDP's static graph expects the same

@@ -121,3 +121,37 @@ def test_a_frozen_fie_after_an_in_place_load_is_refreshed_by_refresh_after_load(
             tensor.copy_(trained.state_dict()[name])
     refresh_after_load(served)
     torch.testing.assert_close(served.logit(pooled), expected)
+
+
+def test_a_frozen_runs_copy_is_kept_when_loaded_though_its_linear_moved():
+    """Adam with weight decay moves a frozen term's Linear on zero gradients (the frozen copy, not the Linear, is
+    what it trained with): loading its state rebuilt the copy from the moved Linear."""
+    from recsys_llm.modules.field_interaction import refresh_after_load
+
+    torch.manual_seed(3)
+    pooled = make_ebc()(make_kjt())
+    trained, _ = _terms()
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=0.1, weight_decay=0.1)
+    for frozen in (False, True, True, True):  # a step before freezing leaves gradients, zeroed, not None
+        if frozen and not trained.frozen:
+            trained.freeze()
+        optimizer.zero_grad(set_to_none=False)
+        trained.logit(pooled).sum().backward(retain_graph=True)
+        optimizer.step()
+    expected = trained.logit(pooled).detach()
+    state = trained.state_dict()
+    assert not torch.allclose(trained.pair_weight(trained.pair_similarity), trained.frozen_pair_weights)  # moved
+    for load in ("load_state_dict", "as DMP", "in place"):
+        served, _ = _terms()
+        served.freeze()
+        if load == "load_state_dict":
+            served.load_state_dict(state)
+        elif load == "as DMP":  # each module's _load_from_state_dict, the parent first, and no hook
+            served._load_from_state_dict(state, "", {}, True, [], [], [])
+            served.pair_weight._load_from_state_dict(state, "pair_weight.", {}, True, [], [], [])
+        else:
+            with torch.no_grad():
+                for name, tensor in served.state_dict().items():
+                    tensor.copy_(state[name])
+            refresh_after_load(served)
+        torch.testing.assert_close(served.logit(pooled), expected, msg=load)
