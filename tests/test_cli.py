@@ -314,6 +314,22 @@ def test_a_collective_that_gave_up_on_another_rank_is_one_line(monkeypatch, caps
             f"{failure}") in err and "Traceback" not in err, err
 
 
+def test_a_message_of_the_project_quoting_a_peer_failure_is_kept_whole(monkeypatch) -> None:
+    """An export's own error says more than the collective's (its finished chunks are kept): it is not replaced."""
+    from recsys_llm.cli import data
+
+    own = ("semantics export --attach-dir: another rank failed or did not finish within --attach-timeout 60 s "
+           "([../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234); its "
+           "finished chunks are kept: run the export again to finish it and attach")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError(own)
+
+    monkeypatch.setattr(data, "prepare_dataset", fails)
+    with pytest.raises(RuntimeError, match="its finished chunks are kept"):
+        main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"])
+
+
 def test_a_full_disk_under_training_names_the_run_directory(monkeypatch, capsys, tmp_path) -> None:
     """`recsys-llm train: error: [Errno 28] No space left on device`: train has no --output, so nothing was named."""
     from recsys_llm.train import runner

@@ -221,7 +221,10 @@ def _peer_failure_line(error: BaseException) -> Optional[str]:
     """One line for a collective that gave up waiting on another rank (stalled or died), else None: its
     traceback pointed at this rank, the one that waited."""
     text = str(error)
-    if not isinstance(error, RuntimeError) or not any(mark in text for mark in PEER_FAILURE_MARKS):
+    # gloo's own text ("[../third_party/gloo/...] Timed out ...") or NCCL's, not a message of this project's that
+    # quotes one (it says more: an export's "its finished chunks are kept")
+    raw = text.startswith("[") or "NCCL" in text.split(":")[0]
+    if not isinstance(error, RuntimeError) or not raw or not any(mark in text for mark in PEER_FAILURE_MARKS):
         return None
     wait = os.environ.get("RECSYS_LLM_DIST_TIMEOUT_S") or "3600"
     return (f"a collective gave up waiting for another rank, which stalled or died (the other ranks' output and "
