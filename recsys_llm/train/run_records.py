@@ -9,12 +9,12 @@ import os
 import socket
 import time
 import uuid
-from typing import IO, Any, Dict, Iterable, List, Optional
+from typing import IO, Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from recsys_llm.atomic_dir import try_lock
-from recsys_llm.data.parquet_files import same_split_fingerprint, split_fingerprint
+from recsys_llm.data.parquet_files import resolve_paths, same_split_fingerprint, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.schema_changes import schema_change_note
 from recsys_llm.data.validation import DataError, check_number
@@ -47,11 +47,26 @@ SCHEMA_CONTENTS_KEY = "schema_contents"  # in PLUGINS_FILE: what that fingerprin
 DATA_FINGERPRINTS_KEY = "data_fingerprints"  # in PLUGINS_FILE: split -> the Parquet footers' hash of its files
 
 
-def data_fingerprints(config: ExperimentConfig, schema: DatasetSchema) -> Dict[str, str]:
-    """Split name -> :func:`~recsys_llm.data.parquet_files.split_fingerprint` of every split the run reads."""
+def _read_splits(config: ExperimentConfig, schema: DatasetSchema) -> List[str]:
     data = config.data
     splits = [split for split in (data.train_split, data.valid_split, data.test_split) if split and split in schema.splits]
-    return {split: split_fingerprint(schema, split) for split in dict.fromkeys(splits)}
+    return list(dict.fromkeys(splits))
+
+
+def data_fingerprints(config: ExperimentConfig, schema: DatasetSchema) -> Dict[str, str]:
+    """Split name -> :func:`~recsys_llm.data.parquet_files.split_fingerprint` of every split the run reads."""
+    return {split: split_fingerprint(schema, split) for split in _read_splits(config, schema)}
+
+
+def split_file_stats(config: ExperimentConfig, schema: DatasetSchema) -> List[Tuple[str, int, int, int]]:
+    """(path, size, mtime in ns, inode) of every file of the splits the run reads: a cheap first look for a change
+    before :func:`data_fingerprints` reads their footers (and bytes)."""
+    stats = []
+    for split in _read_splits(config, schema):
+        for path in resolve_paths(schema, split):
+            status = os.stat(path)
+            stats.append((path, status.st_size, status.st_mtime_ns, status.st_ino))
+    return stats
 
 
 def changed_splits(saved_record: Dict[str, Any], current: Dict[str, str]) -> List[str]:

@@ -108,6 +108,7 @@ from recsys_llm.train.run_records import (
     lock_run_dir,
     read_run_record,
     resumed_frozen_teacher,
+    split_file_stats,
     strict_json,
 )
 from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_model
@@ -329,8 +330,16 @@ def _train_in_run_dir(
             on_step(state)
         return budget_spent(state, train_cfg)  # within an epoch, only max_steps can be spent
 
-    def data_unchanged() -> None:  # rank 0 reads the footers; its error stops every rank
-        run_on_every_rank(lambda: check_data_unchanged(config, schema, fingerprints) if ctx.is_main else None,
+    checked_stats: List[Any] = [None]  # the files' stats when the data was last found unchanged
+
+    def unchanged_since_start() -> None:
+        stats = split_file_stats(config, schema)
+        if stats != checked_stats[0]:  # only then read the footers (and bytes) again
+            check_data_unchanged(config, schema, fingerprints)
+            checked_stats[0] = stats
+
+    def data_unchanged() -> None:  # rank 0 looks; its error stops every rank
+        run_on_every_rank(lambda: unchanged_since_start() if ctx.is_main else None,
                           "checking the data did not change while the run trained", ctx.device)
 
     first_epoch = True

@@ -1310,3 +1310,22 @@ def test_data_replaced_while_the_run_trains_stops_it_at_the_next_epoch(synthetic
                                   root=str(tmp_path))
     assert message.startswith(f"{tmp_path / 'data'}: the data of split(s) ['train'] changed while this run trained"), \
         message
+
+
+def _full_data_checks_of_a_three_epoch_run(schema_dir: str, root: str) -> int:
+    from recsys_llm.train import runner
+
+    calls = []
+    full_check = runner.check_data_unchanged
+    runner.check_data_unchanged = lambda *args: calls.append(1) or full_check(*args)
+    _run(schema_dir, os.path.join(root, "run"), ["train.epochs=3"])
+    return len(calls)
+
+
+@pytest.mark.multiprocess
+def test_unchanged_data_is_fingerprinted_once_more_not_every_epoch(synthetic_dir: str, tmp_path) -> None:
+    """Each check between epochs read every split's footers and up to 256 MiB of its bytes: the files' stats come
+    first now, and the fingerprint only when they moved (or at the first check, which takes their baseline)."""
+    (calls,) = run_multiprocess(_full_data_checks_of_a_three_epoch_run, world_size=1, schema_dir=synthetic_dir,
+                                root=str(tmp_path))
+    assert calls == 1, calls
