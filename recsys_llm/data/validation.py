@@ -91,7 +91,7 @@ def _check_spec_vs_written(path: str, schema: DatasetSchema, metadata: Optional[
         return
     try:
         written = {f["name"]: f for f in json.loads(metadata[FIELDS_METADATA_KEY])}
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
         raise DataError(f"{path}: unreadable {FIELDS_METADATA_KEY.decode()} metadata: {error}") from error
     for spec in schema.fields:
         if spec.name not in written:

@@ -560,7 +560,7 @@ def load_manifest(path: str) -> Dict[str, object]:
     try:
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(
             f"{path}: damaged export manifest, not valid JSON ({error}); re-run the export into an empty --output-dir"
         ) from error

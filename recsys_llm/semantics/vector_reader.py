@@ -17,6 +17,7 @@ from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.semantics.vector_export import (
     MANIFEST,
     PROVENANCE_KEY,
+    ProvenanceError,
     check_provenance,
     chunk_path,
     read_manifest,
@@ -91,7 +92,14 @@ def _read_chunk(directory: str, manifest: Dict[str, object], index: int) -> Tupl
 def _check_chunk_provenance(table: pa.Table, manifest: Dict[str, object], path: str) -> None:
     """Raises :class:`ProvenanceError` when the chunk ``table`` read from ``path`` was written with
     another provenance than its export's manifest (a chunk of another export copied there)."""
-    stored = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
+    try:
+        stored = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
+    except (ValueError, RecursionError) as error:
+        raise ProvenanceError(f"{path}: its provenance metadata is not valid JSON ({type(error).__name__}: {error}): "
+                              "a damaged chunk; delete it and re-run the export") from error
+    if not isinstance(stored, dict):
+        raise ProvenanceError(f"{path}: its provenance metadata is a JSON {type(stored).__name__}, expected an "
+                              "object: a damaged chunk; delete it and re-run the export")
     check_provenance(stored, manifest["provenance"], path)
 
 

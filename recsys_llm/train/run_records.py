@@ -564,7 +564,7 @@ def read_run_record(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             record = json.load(handle)
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; nested past the limit
         raise damaged(f"not valid JSON ({telling_line(error)})") from error
     if not isinstance(record, dict):
         raise damaged(f"holds a JSON {type(record).__name__}, expected an object")

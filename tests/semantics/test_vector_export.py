@@ -1280,3 +1280,24 @@ def test_a_chunk_of_integer_vectors_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match=rf"{chunk}: column 'vector' must be fixed_size_list<float>, got "
                                          r"fixed_size_list<\w+: int64>\[8\]"):
         read_vectors(out)
+
+
+@pytest.mark.parametrize("provenance, expected", [
+    (b"{not json", r"its provenance metadata is not valid JSON \(JSONDecodeError"),
+    (b"[" * 100_000 + b"]" * 100_000, r"its provenance metadata is not valid JSON \(RecursionError"),
+    (b"[1, 2]", r"its provenance metadata is a JSON list, expected an object"),
+], ids=["not JSON", "nested past the recursion limit", "a list"])
+def test_a_chunk_of_damaged_provenance_is_named(tmp_path, provenance, expected):
+    """Named without the chunk ('Expecting property name ...'), or an AttributeError / RecursionError traceback."""
+    from recsys_llm.semantics.vector_export import PROVENANCE_KEY, ProvenanceError
+    from recsys_llm.semantics.vector_reader import read_vectors
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(4)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
+    chunk = sorted(p for p in os.listdir(out) if p.endswith(".parquet"))[0]
+    path = os.path.join(out, chunk)
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, PROVENANCE_KEY: provenance}), path)
+    with pytest.raises(ProvenanceError, match=rf"{chunk}: {expected}"):
+        read_vectors(out)

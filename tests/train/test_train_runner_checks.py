@@ -99,6 +99,7 @@ def _run_dir(tmp_path, plugins: str) -> str:
     ('{"a":\n}', r"not valid JSON \(JSONDecodeError: Expecting value: line 2 column 1 \(char 6\)\)"),
     ("{\n  ", r"not valid JSON \(JSONDecodeError: Expecting property name enclosed in double quotes: line 2"),
     ("[1, 2]", "holds a JSON list, expected an object"),
+    ("[" * 100_000 + "]" * 100_000, r"not valid JSON \(RecursionError"),
 ])
 def test_a_damaged_plugins_json_is_named_with_what_is_wrong(synthetic_schema, tmp_path, text, problem) -> None:
     """Before: ``recsys-llm train: error: Expecting value: line 2 column 1 (char 6)``, no file named."""
