@@ -1261,19 +1261,21 @@ def test_a_chunk_without_the_hash_of_its_texts_in_an_export_that_records_them_is
     assert encoder.calls == 0
 
 
-def test_a_chunk_of_integer_vectors_is_refused_naming_it(tmp_path):
-    """Integer vectors were read (and trained) as if encoded."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from recsys_llm.semantics.vector_reader import read_vectors
-
+def _an_export_and_its_first_chunk(tmp_path) -> "tuple[str, str, pa.Table]":
+    """(export directory, its first chunk's file name, that chunk's table) of a 4-row export in 2-row chunks."""
     out = str(tmp_path / "vec")
     keys, texts = _keys_texts(4)
     VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
     chunk = sorted(p for p in os.listdir(out) if p.endswith(".parquet"))[0]
+    return out, chunk, pq.read_table(os.path.join(out, chunk))
+
+
+def test_a_chunk_of_integer_vectors_is_refused_naming_it(tmp_path):
+    """Integer vectors were read (and trained) as if encoded."""
+    from recsys_llm.semantics.vector_reader import read_vectors
+
+    out, chunk, table = _an_export_and_its_first_chunk(tmp_path)
     path = os.path.join(out, chunk)
-    table = pq.read_table(path)
     column = table.schema.names.index("vector")
     as_integers = pa.FixedSizeListArray.from_arrays(pa.array([1] * (2 * 8), pa.int64()), 8)
     pq.write_table(table.set_column(column, table.schema.field(column).with_type(as_integers.type), as_integers), path)
@@ -1292,12 +1294,8 @@ def test_a_chunk_of_damaged_provenance_is_named(tmp_path, provenance, expected):
     from recsys_llm.semantics.vector_export import PROVENANCE_KEY, ProvenanceError
     from recsys_llm.semantics.vector_reader import read_vectors
 
-    out = str(tmp_path / "vec")
-    keys, texts = _keys_texts(4)
-    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
-    chunk = sorted(p for p in os.listdir(out) if p.endswith(".parquet"))[0]
+    out, chunk, table = _an_export_and_its_first_chunk(tmp_path)
     path = os.path.join(out, chunk)
-    table = pq.read_table(path)
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, PROVENANCE_KEY: provenance}), path)
     with pytest.raises(ProvenanceError, match=rf"{chunk}: {expected}"):
         read_vectors(out)
