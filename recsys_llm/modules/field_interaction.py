@@ -129,10 +129,8 @@ def refresh_after_load(module: "FieldInteractionEnhancement") -> None:
     serving matrix and what it folded into a backbone (frozen or not) follow."""
     if module.frozen and not module.frozen_pair_weights.any():
         module.freeze()  # refreshes the serving matrix and the fold too
-        return
-    if module.frozen and module._serving_keys is not None:
-        module.set_serving_key_order(module._serving_keys)
-    module._refresh_fold()
+    else:
+        module._follow_weights()
 
 
 class FieldInteractionEnhancement(nn.Module):
@@ -284,9 +282,14 @@ class FieldInteractionEnhancement(nn.Module):
         """
         self.frozen_pair_weights.copy_(self.pair_weight(self.pair_similarity))
         self._frozen = True
-        if self._serving_keys is not None:  # the serving matrix made from the weights before follows the new ones
+        self._follow_weights()
+
+    def _follow_weights(self) -> None:
+        """The serving matrix (set only while frozen) and what :meth:`fold_into` added to a backbone, made
+        from the weights before, follow the current ones."""
+        if self._serving_keys is not None:
             self.set_serving_key_order(self._serving_keys)
-        self._refresh_fold()  # and so does what fold_into added to a backbone
+        self._refresh_fold()
 
     def unfreeze(self) -> None:
         """Back to computing pair weights from the trainable Linear."""
