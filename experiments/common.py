@@ -117,10 +117,11 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
         if data == "synthetic":
             _check_synthetic_rows(out)
         return os.path.join(out, "schema.json")
-    if os.path.exists(os.path.join(out, "schema.json")) and data == "ml100k":
-        _check_default_conversion(out)  # prepared again below with the defaults: never over other settings' data
     if data == "ml100k":
         from recsys_llm.data.movielens import prepare_movielens
+
+        if os.path.exists(os.path.join(out, "schema.json")):
+            _check_default_conversion(out)  # prepared again below with the defaults: never over other settings' data
 
         if not os.path.exists(os.path.join(raw, "ml-100k.inter")):
             raise SystemExit(f"ML-100K raw files not found in {raw} (RecBole atomic format expected)")

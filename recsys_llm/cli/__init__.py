@@ -226,9 +226,11 @@ def _peer_failure_line(error: BaseException) -> Optional[str]:
     raw = text.startswith("[") or "NCCL" in text.split(":")[0]
     if not isinstance(error, RuntimeError) or not raw or not any(mark in text for mark in PEER_FAILURE_MARKS):
         return None
-    wait = os.environ.get("RECSYS_LLM_DIST_TIMEOUT_S") or "3600"
+    from recsys_llm.train.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV  # torch is loaded: a collective failed
+
+    wait = os.environ.get(TIMEOUT_ENV) or str(DEFAULT_TIMEOUT_S)
     return (f"a collective gave up waiting for another rank, which stalled or died (the other ranks' output and "
-            f"torchrun's summary name it; RECSYS_LLM_DIST_TIMEOUT_S={wait} s is the wait): {one_line(error)[:300]}")
+            f"torchrun's summary name it; {TIMEOUT_ENV}={wait} s is the wait): {one_line(error)[:300]}")
 
 
 def _traceback_asked() -> bool:

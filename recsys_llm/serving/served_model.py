@@ -80,15 +80,23 @@ def _check_config_types(config_path: str, config: Dict[str, Any]) -> None:
     if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
         _raise_damaged(config_path, f"{DIGESTS_KEY!r} is {digests!r}, expected an object of file name -> sha256")
     rules = config.get(ID_RULES_KEY)
-    kinds = {"hashed": bool, "max_length": int, "single_id": bool}
-    for name, rule in (rules or {}).items() if isinstance(rules, dict) or rules is None else [(None, rules)]:
-        if not isinstance(rule, dict) or any(
-            not isinstance(rule.get(key, kind()), kind) or (kind is int and isinstance(rule.get(key), bool))
-            for key, kind in kinds.items()
-        ) or rule.get("max_length", 0) < 0:
+    # None: an export before id rules were recorded; otherwise feature -> rule ('where' None: the whole value)
+    entries = [] if rules is None else rules.items() if isinstance(rules, dict) else [(None, rules)]
+    for name, rule in entries:
+        if not _is_id_rule(rule):
             where = f"'{ID_RULES_KEY}'" + ("" if name is None else f"[{name!r}]")
             _raise_damaged(config_path, f"{where} is {rule!r}, expected an object of hashed (true / false), "
                                         "max_length (an integer) and single_id (true / false)")
+
+
+def _is_id_rule(rule: Any) -> bool:
+    """Whether ``rule`` is one feature's id rule as ``export`` writes it: ``hashed`` and ``single_id``
+    booleans, ``max_length`` an integer >= 0 (each may be absent)."""
+    if not isinstance(rule, dict):
+        return False
+    flags_ok = all(isinstance(rule.get(key, False), bool) for key in ("hashed", "single_id"))
+    max_length = rule.get("max_length", 0)
+    return flags_ok and isinstance(max_length, int) and not isinstance(max_length, bool) and max_length >= 0
 
 
 def _check_digest(directory: str, config: Dict[str, Any], name: str) -> None:
