@@ -150,7 +150,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
                            **{f"row_text.{key}": value for key, value in row_text.items()}}
     tuned_config = dataclasses.replace(config, sample_rows=None)
     check_tune_checkpoint(checkpoint, texts, labels, tuned_config)  # before the LLM loads
-    model = CTRAdaptedLLM.from_config(config, args.trust_remote_code).to(device)
+    model = CTRAdaptedLLM.from_config(config, args.trust_remote_code, device)
     losses = tune_ctr_llm(model, texts, labels, tuned_config, checkpoint=checkpoint)
     save_ctr_llm(model, args.output_dir, extra_json={ROW_TEXT_FILE: row_text, ADAPTED_ON_FILE: adapted_on})
     remove_checkpoint(checkpoint.directory)
@@ -240,7 +240,7 @@ def _export(args: argparse.Namespace) -> int:
 
         check_run_dir_shared(args.output_dir, setting="--output-dir",
                              use="Every rank writes its chunks into --output-dir, and rank 0 attaches them all")
-    model = load_ctr_llm(args.llm, trust_remote_code=args.trust_remote_code).to(device)
+    model = load_ctr_llm(args.llm, trust_remote_code=args.trust_remote_code, device=device)
     encode = _CutTextCounter(model, args.output)
     written = export_schema_vectors(
         schema, splits, renderer, encode, args.output_dir, model.provenance(args.output), config,

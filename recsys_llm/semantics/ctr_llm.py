@@ -211,7 +211,8 @@ class CTRAdaptedLLM(nn.Module):
         return self
 
     @classmethod
-    def from_config(cls, config: CTRLLMConfig, trust_remote_code: bool = False) -> "CTRAdaptedLLM":
+    def from_config(cls, config: CTRLLMConfig, trust_remote_code: bool = False,
+                    device: Optional[torch.device] = None) -> "CTRAdaptedLLM":
         """Loads the base model and tokenizer from ``config.model_path`` (offline).
 
         Seeds torch's global random stream with ``config.seed`` first (``torch.manual_seed``): the
@@ -224,13 +225,18 @@ class CTRAdaptedLLM(nn.Module):
             trust_remote_code (bool): run the model directory's own code if its config asks
                 for it (off: such a model is refused); not saved with the adapted LLM, so
                 each load asks again.
+            device (Optional[torch.device]): where the base model's weights load, straight from
+                their files (no copy in host memory first); None: the CPU. The heads start on the
+                CPU's random stream whatever the device; LoRA's initial weights draw from the
+                device's.
         """
         torch.manual_seed(config.seed)
         # checks the directory and its files, pads decoders
         tokenizer = load_tokenizer(config.model_path, trust_remote_code)
         dtype = LLM_DTYPES[config.llm_dtype]
-        llm = load_model(config.model_path, torch.device("cpu"), dtype, trust_remote_code)  # its encoder if enc-dec
-        return cls(llm, tokenizer, config)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        llm = load_model(config.model_path, device, dtype, trust_remote_code)  # its encoder if enc-dec
+        return cls(llm, tokenizer, config).to(device)
 
     def _prepare_llm(self, llm: nn.Module) -> nn.Module:
         for param in llm.parameters():
@@ -675,7 +681,8 @@ def check_base_tokenizer(directory: str, model: CTRAdaptedLLM) -> None:
         )
 
 
-def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_code: bool = False) -> CTRAdaptedLLM:
+def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_code: bool = False,
+                 device: Optional[torch.device] = None) -> CTRAdaptedLLM:
     """Rebuilds a saved CTR-adapted LLM (weights only; nothing executed unless ``trust_remote_code``).
 
     Args:
@@ -684,6 +691,8 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
             its files must be those the LLM was adapted on (same fingerprint).
         trust_remote_code (bool): run the base model directory's own code if its config asks
             for it (off: such a model is refused).
+        device (Optional[torch.device]): where the model loads (the base model's weights straight
+            from their files, no copy in host memory first); None: the CPU.
 
     Raises:
         FileNotFoundError: ``directory`` is not a saved CTR-adapted LLM, ``llm_tuned.safetensors`` is
@@ -704,7 +713,7 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
     # both files are read before the base model loads: a damaged one is named at once
     tuned = _read_ctr_llm_tensors(directory, "llm_tuned.safetensors")
     heads = _read_ctr_llm_tensors(directory, "heads.safetensors")
-    model = CTRAdaptedLLM.from_config(config, trust_remote_code)
+    model = CTRAdaptedLLM.from_config(config, trust_remote_code, device)
     check_base_code(directory, model)
     check_base_tokenizer(directory, model)
     named = dict(model.llm.named_parameters())

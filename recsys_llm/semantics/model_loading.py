@@ -436,7 +436,9 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
     try:
         model, loading_info = _model_class(config).from_pretrained(
             model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
-            output_loading_info=True, **({"attn_implementation": attention} if attention else {}),
+            # straight onto the device: no whole copy in host memory first (one per rank under torchrun)
+            device_map={"": device}, output_loading_info=True,
+            **({"attn_implementation": attention} if attention else {}),
         )
     except (OSError, SafetensorError) as error:
         raise ValueError(f"{model_path}: cannot load the model weights ({one_line(error)})") from error

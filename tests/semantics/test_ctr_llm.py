@@ -95,6 +95,21 @@ class TestCTRAdaptedLLM:
         torch.testing.assert_close(loaded.encode(texts[:5]), model.encode(texts[:5]))
         assert loaded.provenance() == model.provenance()
 
+    @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a GPU"))])
+    def test_loads_straight_onto_the_device_asked_for(self, tmp_path, device):
+        """``semantics export`` loads the adapted LLM where it encodes (each rank's GPU under torchrun)."""
+        model, config = _tiny_bert_ctr_llm(tmp_path)
+        texts, labels = _data()
+        tune_ctr_llm(model, texts, labels, config, progress=False)
+        out = os.path.join(str(tmp_path), "saved")
+        save_ctr_llm(model, out)
+        loaded = load_ctr_llm(out, device=torch.device(device))
+        assert {p.device.type for p in loaded.parameters()} == {device}
+        assert {b.device.type for b in loaded.buffers()} <= {device}
+        torch.testing.assert_close(loaded.encode(texts[:5]).cpu(), model.encode(texts[:5]), atol=1e-5, rtol=1e-4)
+        assert loaded.provenance() == model.provenance()
+
     def test_pooled_output_is_the_tuned_llms_pooled_state(self, tmp_path):
         """``encode(output="pooled")``: (N, H) mean-pooled hidden states of the tuned LLM, named in the provenance."""
         from recsys_llm.semantics.pooling import hidden_states, pool
