@@ -568,7 +568,8 @@ class TestStateFiles:
         with pytest.raises(ValueError, match=rf"^{re.escape(path)}: damaged or incomplete state file \(SafetensorError"):
             _load_frozen_teacher(path)
 
-    @pytest.mark.parametrize("content", [b"hello world\n", b"user_id,item_id\n1,2\n", b"X\x01\x00\x00\x00\xb8"])
+    @pytest.mark.parametrize("content", [b"hello world\n", b"user_id,item_id\n1,2\n", b"X\x01\x00\x00\x00\xb8",
+                                         b"garbage" * 3])  # the last: torch's weights-only 'Unsupported operand
     def test_a_teacher_file_that_is_no_torch_save_file_is_named(self, tmp_path, content):  # text, CSV, bad UTF-8
         """A text file named as the teacher (a CSV, a note) raised a bare KeyError: 101, IndexError or
         UnicodeDecodeError from the unpickler, naming no file."""
@@ -578,6 +579,23 @@ class TestStateFiles:
         for load in (_load_frozen_teacher, load_state_file):
             with pytest.raises(ValueError, match=rf"^{re.escape(path)}: damaged or incomplete state file \("):
                 load(path)
+
+    @pytest.mark.parametrize("content, message", [
+        (torch.ones(3), "holds an object of type Tensor, expected a state dict {name: tensor}"),
+        ({"model": {"w": torch.ones(2)}, "epoch": 3}, "entry 'model' is of type dict, expected a state dict {name: tensor} "
+                                                      "only (a checkpoint that keeps the state dict under a key"),
+        ({"w": torch.ones(2), "step": 3}, "entry 'step' is of type int"),
+        ({0: torch.ones(2)}, "entry 0 is of type Tensor"),
+    ])
+    def test_a_torch_save_file_of_other_contents_than_a_state_dict_is_named(self, tmp_path, content, message):
+        """torch.load(weights_only=True) reads plain Python values and containers: they came back as the state."""
+        path = str(tmp_path / "teacher.pt")
+        torch.save(content, path)
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: {re.escape(message)}"):
+            load_state_file(path)
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: {re.escape(message)}"):
+            with open_state_file(path):
+                pass
 
 
 @pytest.mark.parametrize("lengths, message", [

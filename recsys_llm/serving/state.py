@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from recsys_llm.error_text import telling_line
+from recsys_llm.error_text import telling_line, weights_only_reason
 from recsys_llm.semantics.store import first_non_finite_row
 from recsys_llm.serving.artifact import EXPORT_ID_KEY, STATE_FILE
 from recsys_llm.train.distributed import collective_device
@@ -177,16 +177,23 @@ def _torch_load(path: str, mmap: bool) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if (weights_only_reason(error) or "").startswith("Unsupported operand"):  # no pickle at all: no object refused
+            raise _damaged_torch_save_file(path, error) from error
         raise pickle.UnpicklingError(
             f"{path}: refused: the file holds objects other than tensors ({telling_line(error)}); expected a state "
             "dict of tensors only (torch.load with weights_only=True, no code runs): write it with "
             "`recsys-llm export --state-only` or safetensors"
         ) from error
     except (RuntimeError, EOFError, KeyError, IndexError, ValueError) as error:
-        raise ValueError(
-            f"{path}: damaged or incomplete state file ({telling_line(error)}); expected a complete torch.save or "
-            ".safetensors file of tensors: write it again (`recsys-llm export --state-only`)"
-        ) from error
+        raise _damaged_torch_save_file(path, error) from error
+
+
+def _damaged_torch_save_file(path: str, error: BaseException) -> ValueError:
+    """The error for a file that is no complete ``torch.save`` file."""
+    return ValueError(
+        f"{path}: damaged or incomplete state file ({telling_line(error)}); expected a complete torch.save or "
+        ".safetensors file of tensors: write it again (`recsys-llm export --state-only`)"
+    )
 
 
 def _damaged_state_file(path: str, error: BaseException) -> ValueError:
@@ -220,12 +227,29 @@ def require_finite(path: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _require_tensor_dict(path: str, state: Any) -> Dict[str, torch.Tensor]:
+    """``state`` itself when it is a ``{name: tensor}`` dict, else a ValueError naming ``path`` and what it holds."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds an object of type {type(state).__name__}, expected a state dict {{name: tensor}} "
+                         "(model.state_dict(), or `recsys-llm export --state-only`)")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{path}: entry {key!r} is of type {type(value).__name__}, expected a state dict {{name: tensor}} only (a "
+                "checkpoint that keeps the state dict under a key beside other things: save that dict alone)"
+            )
+    return state
+
+
 def load_state_file(path: str) -> Dict[str, torch.Tensor]:
     """A state dict from an export directory or a ``.safetensors`` / ``torch.save`` file (weights only, no code).
 
     Raises:
-        pickle.UnpicklingError: a ``torch.save`` file holding other objects than tensors (named).
-        ValueError: a damaged file, or a tensor with NaN / inf values (named with its key).
+        FileNotFoundError: no such file, or a directory without ``model.safetensors``.
+        pickle.UnpicklingError: a ``torch.save`` file holding objects ``torch.load(weights_only=True)``
+            refuses (named; nothing from it runs).
+        ValueError: a damaged file, contents other than a ``{name: tensor}`` dict, or a tensor with NaN /
+            inf values (named with its key).
     """
     path = _state_path(path)
     if _is_safetensors(path):
@@ -234,10 +258,9 @@ def load_state_file(path: str) -> Dict[str, torch.Tensor]:
         except SafetensorError as error:
             raise _damaged_state_file(path, error) from error
     else:
-        state = _torch_load(path, mmap=False)
-    for key, value in state.items() if isinstance(state, dict) else ():
-        if isinstance(value, torch.Tensor):
-            require_finite(path, key, value)
+        state = _require_tensor_dict(path, _torch_load(path, mmap=False))
+    for key, value in state.items():
+        require_finite(path, key, value)
     return state
 
 
@@ -290,16 +313,16 @@ def open_state_file(path: str) -> Iterator[Mapping[str, Any]]:
         path (str): an export directory or a ``.safetensors`` / ``torch.save`` file.
 
     Raises:
-        pickle.UnpicklingError: a ``torch.save`` file holding other objects than tensors (named).
-        ValueError: a damaged file, or a part read that holds NaN / inf values.
+        FileNotFoundError: no such file, or a directory without ``model.safetensors``.
+        pickle.UnpicklingError: a ``torch.save`` file holding objects ``torch.load(weights_only=True)``
+            refuses (named; nothing from it runs).
+        ValueError: a damaged file, contents other than a ``{name: tensor}`` dict, or a part read that
+            holds NaN / inf values.
     """
     path = _state_path(path)
     if not _is_safetensors(path):
-        state = _torch_load(path, mmap=True)
-        if isinstance(state, dict):
-            state = {key: _CheckedTensor(value, str(key), path) if isinstance(value, torch.Tensor) else value
-                     for key, value in state.items()}
-        yield state
+        state = _require_tensor_dict(path, _torch_load(path, mmap=True))
+        yield {key: _CheckedTensor(value, key, path) for key, value in state.items()}
         return
     try:
         handle = safe_open(path, framework="pt", device="cpu")
