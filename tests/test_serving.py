@@ -153,6 +153,12 @@ def test_export_keeps_a_frozen_fie_as_it_was_and_refuses_a_folded_backbone(tmp_p
         torch.testing.assert_close(served, task.predict(batch).logits)  # served with the frozen weights
     torchrec.fx.symbolic_trace(fie)  # still traceable for the training pipeline
 
+    # a serving key order set before the export (the user's own) is set again after it
+    fie.set_serving_key_order(["user_id", "item_id"])
+    matrix = fie.serving_pair_matrix.clone()
+    export_task(task, str(tmp_path / "c"), example.dense_features, example.sparse_features)
+    assert fie.serving_key_order == ("user_id", "item_id") and torch.equal(fie.serving_pair_matrix, matrix)
+
     fie.fold_into(backbone)
     with pytest.raises(ValueError, match="already has pair weights folded in"):
         export_task(task, str(tmp_path / "b"), example.dense_features, example.sparse_features)

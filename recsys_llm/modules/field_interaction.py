@@ -224,6 +224,11 @@ class FieldInteractionEnhancement(nn.Module):
     def frozen(self) -> bool:
         return self._frozen
 
+    @property
+    def serving_key_order(self) -> Optional[Tuple[str, ...]]:
+        """The key order :meth:`set_serving_key_order` precomputed the serving matrix for; None: none."""
+        return self._serving_keys
+
     def pair_weights(self) -> torch.Tensor:
         """w = Linear(S): (P,), pairs in ``torch.triu_indices`` order (or the frozen copy)."""
         if self._frozen:

@@ -190,7 +190,7 @@ def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
     weights), their weight matrix precomputed in the unsharded EBC's key order, and, where the
     backbone has a pairwise term of its own (FM, FwFM, DeepFM: ``PairWeightFolding``), folded
     into it, so they cost nothing extra. Afterwards the task is as it was: backbone unfolded,
-    terms unfrozen if they were, their frozen-weight buffers restored.
+    terms unfrozen if they were, their frozen-weight buffers and serving key orders restored.
 
     Raises:
         ValueError: the backbone already has folded pair weights (its FIE would count twice).
@@ -209,7 +209,8 @@ def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
             "unfolded (export_task folds it), or the folded backbone without that term"
         )
     terms = {name: term for name, term in task.logit_terms.items() if isinstance(term, FieldInteractionEnhancement)}
-    before = {name: (term.frozen, term.frozen_pair_weights.clone()) for name, term in terms.items()}
+    before = {name: (term.frozen, term.frozen_pair_weights.clone(), term.serving_key_order)
+              for name, term in terms.items()}
     folded: List[str] = []
     try:
         for name, term in terms.items():
@@ -223,11 +224,12 @@ def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
         if isinstance(model, PairWeightFolding):
             model.fold_pair_weights(None)
         for name, term in terms.items():
-            was_frozen, frozen_weights = before[name]
+            was_frozen, frozen_weights, serving_keys = before[name]
             term.set_serving_key_order(None)
             if not was_frozen:
                 term.unfreeze()
             term.frozen_pair_weights.copy_(frozen_weights)
+            term.set_serving_key_order(serving_keys)  # None unless it was frozen with one
 
 
 def state_to_write(module: nn.Module) -> Dict[str, torch.Tensor]:

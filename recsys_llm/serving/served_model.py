@@ -447,7 +447,8 @@ class ServedModel(nn.Module):
         real dtype (float64, integers) are converted to float32 (the per-id weights of a weighted
         model to its tables' dtype, float32 unless they are FP16 / BF16); NaN / inf is refused (in
         dense features as the training reader refuses it; in weights, which would give NaN
-        predictions). Each problem is a ValueError saying what was expected.
+        predictions). Each problem is a ValueError saying what was expected; inputs of another type
+        than a tensor and a KJT, a TypeError.
 
         The ids then go through the training reader's rules (:class:`~recsys_llm.id_rules.IdRules`):
         hashed features folded, sequences cut to ``max_length``, a row without an id or with
@@ -462,6 +463,7 @@ class ServedModel(nn.Module):
             torch.Tensor: logits (B,).
 
         Raises:
+            TypeError: ``dense_features`` is no tensor, or ``sparse_features`` no ``KeyedJaggedTensor``.
             ValueError: a request that does not fit (above), or finite inputs the model overflows on (a
                 NaN / inf logit, named with its row).
         """
