@@ -49,10 +49,11 @@ def resolve_extra_fields(
 ) -> Optional[torch.Tensor]:
     """Checks ``extra_fields`` against the count the model was built for.
 
-    Raises when extra fields are declared but missing, or given as a tensor to a model
-    built without them. Returns None for a model without extra fields, so that tracing
-    such a model with a placeholder for ``extra_fields`` (``torch.fx.symbolic_trace``
-    proxies every argument) yields a graph that ignores it. Only static checks: fx-traceable.
+    Raises when extra fields are declared but missing, given as a tensor to a model built
+    without them, or given as a tensor of another number of fields than E. Returns None for a
+    model without extra fields, so that tracing such a model with a placeholder for
+    ``extra_fields`` (``torch.fx.symbolic_trace`` proxies every argument) yields a graph that
+    ignores it. Only static checks: fx-traceable (a proxy's shape is not checked).
 
     Args:
         extra_fields (Optional[torch.Tensor]): (B, E, D) or None.
@@ -68,4 +69,7 @@ def resolve_extra_fields(
         return None
     if extra_fields is None:
         raise ValueError(f"{owner} was built with num_extra_fields={num_extra_fields} but got extra_fields=None")
+    if isinstance(extra_fields, torch.Tensor) and (extra_fields.dim() != 3 or extra_fields.size(1) != num_extra_fields):
+        raise ValueError(f"{owner} was built with num_extra_fields={num_extra_fields}: extra_fields must be "
+                         f"(B, {num_extra_fields}, D), got {tuple(extra_fields.shape)}")
     return extra_fields

@@ -1,5 +1,7 @@
 """The small shared modules: dense fields, extra-field checks, first order, MLP builder."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -39,6 +41,19 @@ class TestResolveExtraFields:
     def test_declared_but_missing(self) -> None:
         with pytest.raises(ValueError, match="num_extra_fields=2 but got extra_fields=None"):
             resolve_extra_fields(None, 2, "M")
+
+    @pytest.mark.parametrize("shape", [(2, 2, 4), (2, 4), (2, 1, 1, 4)])
+    def test_another_number_of_fields_is_named(self, shape) -> None:
+        """A backbone built for E = 1 and given two fields failed in torch's cat or broadcast, naming no input."""
+        with pytest.raises(ValueError, match=rf"M was built with num_extra_fields=1: extra_fields must be \(B, 1, D\), "
+                                             rf"got {re.escape(str(shape))}"):
+            resolve_extra_fields(torch.rand(*shape), 1, "M")
+
+    def test_a_traced_placeholder_is_not_checked(self) -> None:
+        """``torch.fx`` proxies carry no shape: a model with extra fields stays traceable."""
+        graph = torch.fx.symbolic_trace(lambda extra: resolve_extra_fields(extra, 1, "M") * 2)
+        extra = torch.rand(2, 1, 4)
+        torch.testing.assert_close(graph(extra), extra * 2)
 
 
 class TestFirstOrder:
