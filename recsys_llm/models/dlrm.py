@@ -24,6 +24,11 @@ def require_dlrm(model: nn.Module, user: str) -> None:
         )
 
 
+def dense_input_width(dlrm: DLRM) -> int:
+    """The features a DLRM's bottom MLP (``dense_arch``) reads: its ``dense_in_features``."""
+    return next(m for m in dlrm.dense_arch.modules() if isinstance(m, nn.Linear)).in_features
+
+
 class DLRMBackbone(CTRBackbone):
     r"""Adapter running an unmodified torchrec ``DLRM`` (or ``DLRM_DCN``) as a backbone.
 
@@ -56,9 +61,18 @@ class DLRMBackbone(CTRBackbone):
         out = model(dense, kjt)  # logits (B,), representation (B, 16)
     """
 
+    # a subclass whose DLRM reads more than the data's dense features (an injected vector) checks the width itself
+    _dense_input_is_data: bool = True
+
     def __init__(self, dlrm: DLRM, num_dense_features: int, num_extra_fields: int = 0) -> None:
         require_dlrm(dlrm, type(self).__name__)
         super().__init__(dlrm.sparse_arch.embedding_bag_collection, num_dense_features, num_extra_fields)
+        if self._dense_input_is_data and dense_input_width(dlrm) != num_dense_features:
+            raise ValueError(
+                f"{type(self).__name__}: num_dense_features={num_dense_features}, but the DLRM's dense_arch reads "
+                f"{dense_input_width(dlrm)} features (its dense_in_features); give the data's dense feature count "
+                "and build the DLRM with it"
+            )
         expected_fields = len(self.feature_names) + num_extra_fields
         inter_fields = getattr(dlrm.inter_arch, "F", None)
         if inter_fields != expected_fields:

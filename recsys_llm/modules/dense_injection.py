@@ -23,7 +23,11 @@ from torchrec.models.dlrm import DLRM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_llm.data.validation import check_number
-from recsys_llm.models.dlrm import DLRMBackbone, require_dlrm
+from recsys_llm.models.base import checked_dense_dtype
+from recsys_llm.models.dlrm import DLRMBackbone, dense_input_width, require_dlrm
+
+# a leaf of the training pipeline's fx trace here too (the dtype is read at run time)
+torch.fx.wrap("checked_dense_dtype")
 
 
 @torch.fx.wrap  # a leaf of the pipeline's trace: it reads the vector's width at run time
@@ -145,11 +149,11 @@ class DLRMDenseInjection(nn.Module):
         self.dlrm = dlrm
         self._in_dim = in_dim
         self.projection = nn.Linear(in_dim, projected_dim) if projected_dim is not None else None
-        first = next(m for m in dlrm.dense_arch.modules() if isinstance(m, nn.Linear))
-        self._num_dense = first.in_features - (projected_dim if projected_dim is not None else in_dim)
+        width = dense_input_width(dlrm)
+        self._num_dense = width - (projected_dim if projected_dim is not None else in_dim)
         if self._num_dense < 0:
             raise ValueError(
-                f"DLRM dense input has {first.in_features} features, fewer than the injected "
+                f"DLRM dense input has {width} features, fewer than the injected "
                 f"{projected_dim if projected_dim is not None else in_dim}; build it with "
                 "dense_in_features = num_dense + injected width"
             )
@@ -169,8 +173,8 @@ class DLRMDenseInjection(nn.Module):
         Returns:
             torch.Tensor: logits (B,).
         """
+        dense_features = checked_dense_dtype(_checked_dense(dense_features, self._num_dense), "DLRMDenseInjection")
         vector = _checked_vector(vector, self._in_dim, "DLRMDenseInjection").to(dense_features.dtype)
-        dense_features = _checked_dense(dense_features, self._num_dense)
         if self.projection is not None:
             vector = self.projection(vector)  # (B, P)
         dense = torch.cat([dense_features, vector], dim=1)  # (B, Dd + P)
@@ -207,13 +211,15 @@ class DLRMDenseInjectionBackbone(DLRMBackbone):
         out = backbone(torch.rand(3, 3), kjt, extra)  # logits (3,), representation (3, 16)
     """
 
+    _dense_input_is_data = False  # the data's dense features and the injected vector: checked here
+
     def __init__(self, dlrm: DLRM, num_dense_features: int) -> None:
         super().__init__(dlrm, num_dense_features)
-        first = next(m for m in dlrm.dense_arch.modules() if isinstance(m, nn.Linear))
-        self._injected_width: int = first.in_features - num_dense_features
+        width = dense_input_width(dlrm)
+        self._injected_width: int = width - num_dense_features
         if self._injected_width <= 0:
             raise ValueError(
-                f"DLRMDenseInjectionBackbone: the DLRM's dense input has {first.in_features} features, no room "
+                f"DLRMDenseInjectionBackbone: the DLRM's dense input has {width} features, no room "
                 f"beyond the data's {num_dense_features}; build it with dense_in_features = num_dense + injected width"
             )
 

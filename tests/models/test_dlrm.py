@@ -65,6 +65,13 @@ class TestDLRMBackbone:
         with pytest.raises(ValueError, match="interacts 3 fields but the adapter needs 3 sparse \\+ 1 extra"):
             DLRMBackbone(_dlrm(schema, dcn=False), 2, num_extra_fields=1)
 
+    @pytest.mark.parametrize("num_dense", [1, 3])
+    def test_a_dense_count_other_than_the_dlrms_is_named(self, schema, num_dense: int) -> None:
+        """It was accepted: num_dense_features reported the wrong width and the first batch failed in a matmul."""
+        with pytest.raises(ValueError, match=rf"^DLRMBackbone: num_dense_features={num_dense}, but the DLRM's "
+                                             r"dense_arch reads 2 features \(its dense_in_features\)"):
+            DLRMBackbone(_dlrm(schema, dcn=False), num_dense)
+
 
 class TestBuildDLRM:
     def test_meta_tables_by_default(self, schema) -> None:

@@ -126,3 +126,6 @@ class TestDLRMDenseInjection:
             with pytest.raises(ValueError, match=r"^DLRMDenseInjection: dense features are \(4, 4\), expected \(B, 3\) "
                                                  r"\(num_dense_features"):
                 model(torch.randn(4, 4), kjt, torch.randn(4, 6))
+            # float64 (numpy's default) named as every backbone names it, not torch's bare dtype mismatch
+            with pytest.raises(TypeError, match=r"^DLRMDenseInjection: dense_features have dtype torch.float64"):
+                model(dense.double(), kjt, torch.randn(4, 6))
