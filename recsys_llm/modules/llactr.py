@@ -62,7 +62,7 @@ class LLaCTRConfig:
         # here, not only in from_dict: a config built in Python (LLaCTRConfig(path, lambda_fre=...)) is checked too
         for name in ("lambda_fre", "lambda_fie"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"llactr.{name}: expected a finite number >= 0, got {value!r}")
         if self.fre_field_reduction not in FIELD_REDUCTIONS:
             raise ValueError(

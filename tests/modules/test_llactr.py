@@ -200,7 +200,7 @@ class TestBuildLLaCTRTerms:
 
     def test_a_config_built_in_python_is_checked_as_a_config_file_is(self) -> None:
         # the usage guide builds LLaCTRConfig(path, ...) directly: a negative lambda would maximise its term
-        for key, bad in (("lambda_fre", -0.1), ("lambda_fie", float("nan"))):
+        for key, bad in (("lambda_fre", -0.1), ("lambda_fie", float("nan")), ("lambda_fre", True)):
             with pytest.raises(ValueError, match=f"llactr.{key}: expected a finite number >= 0, got {bad!r}"):
                 LLaCTRConfig("x", **{key: bad})
         with pytest.raises(ValueError, match="llactr.fre_field_reduction: expected one of .*got 'avg'"):
