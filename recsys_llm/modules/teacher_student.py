@@ -371,14 +371,16 @@ def write_teacher_columns(
     row_key: str = "row_id",
     with_representation: bool = True,
     progress: bool = True,
+    logits_column: str = TeacherStudentConfig.teacher_logits_key,
+    representation_column: str = TeacherStudentConfig.teacher_representation_key,
 ) -> int:
     """Runs a trained teacher over batches of one's own loop and writes its outputs by row key (offline mode).
 
     For a run of ``recsys-llm train``, ``recsys-llm teacher-outputs``
     (:func:`recsys_llm.train.teacher_outputs.write_teacher_outputs`) does this sharded, for whole splits.
 
-    Columns: ``row_key`` (int64), ``teacher_logits`` (float32) and, if asked,
-    ``teacher_representation`` (fixed_size_list<float32, H_t>). Join them into a copy of
+    Columns: ``row_key`` (int64), ``logits_column`` (float32) and, if asked,
+    ``representation_column`` (fixed_size_list<float32, H_t>). Join them into a copy of
     the split with :func:`attach_columns` so the reader yields them as extras. The teacher
     runs in eval mode and gets its own mode back afterwards; a failure leaves no file
     (:func:`~recsys_llm.atomic_dir.write_file_atomically`).
@@ -392,6 +394,10 @@ def write_teacher_columns(
         row_key (str): column name of the row keys (the split's row key column, to join on).
         with_representation (bool): also write the representations.
         progress (bool): tqdm bar.
+        logits_column (str): column of the teacher's logits: the student's
+            ``TeacherStudentConfig.teacher_logits_key``.
+        representation_column (str): column of its representations: the student's
+            ``TeacherStudentConfig.teacher_representation_key``.
 
     Returns:
         int: rows written.
@@ -409,11 +415,11 @@ def write_teacher_columns(
             output = teacher.predict(batch)
             columns = {
                 row_key: pa.array(keys.cpu().numpy().astype(np.int64)),
-                "teacher_logits": pa.array(output.logits.float().cpu().numpy()),
+                logits_column: pa.array(output.logits.float().cpu().numpy()),
             }
             if with_representation:
                 rep = output.representation.float().cpu().numpy()  # (B, H_t)
-                columns["teacher_representation"] = pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)), rep.shape[1])
+                columns[representation_column] = pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)), rep.shape[1])
             table = pa.table(columns)
             if writer is None:
                 writer = pq.ParquetWriter(handle, table.schema)

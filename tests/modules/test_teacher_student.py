@@ -395,6 +395,14 @@ class TestOfflineOutputs:
         with pytest.raises(ValueError, match="1 rows have no 'row_id'"):
             attach_columns(split, out, "row_id", copy)
 
+    def test_columns_named_as_the_students_extras_keys(self, tmp_path):
+        """A student configured with other extras keys reads columns of those names (they were always teacher_*)."""
+        task = _elec("joint")
+        out = str(tmp_path / "teacher.parquet")
+        write_teacher_columns(task.teacher, [make_batch(8, seed=0)], out, progress=False, logits_column="t_logit",
+                              representation_column="t_rep")
+        assert pq.read_table(out).column_names == ["row_id", "t_logit", "t_rep"]
+
     def test_a_failed_attach_keeps_the_earlier_copy_and_leaves_no_temp_file(self, tmp_path, monkeypatch):
         """A write that fails half way (a full disk, Ctrl-C) leaves the output as it was, and no ``.tmp``."""
         split, columns, copy = (str(tmp_path / name) for name in ("split.parquet", "cols.parquet", "copy.parquet"))
