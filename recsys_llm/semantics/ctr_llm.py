@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,7 +44,7 @@ from recsys_llm.atomic_dir import atomic_directory
 from recsys_llm.error_text import one_line
 from recsys_llm.progress import interval_options
 from recsys_llm.semantics.encoder import NumberRule, check_every_text_has_tokens, check_number_fields, text_list
-from recsys_llm.semantics.lora_targets import default_target_modules, language_model_name
+from recsys_llm.semantics.lora_targets import language_model_name, with_lora
 from recsys_llm.semantics.model_dir import (
     model_dir_fingerprint,
     model_weights_fingerprint,
@@ -242,31 +241,9 @@ class CTRAdaptedLLM(nn.Module):
         for param in llm.parameters():
             param.requires_grad_(False)
         if self.config.tuning == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            targets = self.config.lora_target_modules
-            if targets is None:
-                try:
-                    targets = default_target_modules(llm)  # the attention query/value projections, as SSFT
-                except ValueError as error:
-                    raise ValueError(f"{self.config.model_path}: {error}") from error
-            lora = LoraConfig(
-                r=self.config.lora_r,
-                lora_alpha=self.config.lora_alpha,
-                lora_dropout=self.config.lora_dropout,
-                target_modules=targets,
-            )
-            try:
-                return get_peft_model(llm, lora)
-            except ValueError as error:  # peft: "Target modules [...] not found in the base model", or none given
-                if not re.search(r"target[ _]modules", str(error), re.IGNORECASE):
-                    raise
-                linear = sorted({name.rsplit(".", 1)[-1] for name, module in llm.named_modules()
-                                 if isinstance(module, nn.Linear)})
-                raise ValueError(
-                    f"{self.config.model_path}: --target-modules {targets} (CTRLLMConfig.lora_target_modules) name "
-                    f"no module of {type(llm).__name__} to put LoRA on; its Linear modules are {linear}"
-                ) from error
+            config = self.config
+            return with_lora(llm, config.model_path, config.lora_r, config.lora_alpha, config.lora_dropout,
+                             config.lora_target_modules)  # None: the attention query/value projections, as SSFT
         if self.config.tuning == "last_k":
             layers = list(_transformer_layers(llm))
             if self.config.last_k_layers > len(layers):

@@ -1,12 +1,13 @@
-"""Where LoRA goes by default: the attention query / value projections, by each model family's naming.
+"""Where LoRA goes: by default the attention query / value projections, by each model family's naming.
 
 Example::
 
     LoraConfig(r=8, target_modules=default_target_modules(model))
+    tuned = with_lora(model, "/models/qwen", r=8, alpha=16, dropout=0.05)  # SSFT and the CTR-adapted LLM
 """
 
 import re
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -67,3 +68,38 @@ def default_target_modules(model: nn.Module) -> Union[List[str], str]:
     if language:
         return rf"{re.escape(language)}\..*\.({'|'.join(re.escape(t) for t in targets)})"
     return targets
+
+
+def with_lora(
+    model: nn.Module, model_path: str, r: int, alpha: int, dropout: float, targets: Optional[Sequence[str]] = None
+) -> nn.Module:
+    """``peft.get_peft_model`` with LoRA (rank ``r``, ``alpha``, ``dropout``) on ``targets``.
+
+    Args:
+        model (nn.Module): the base model (its parameters keep their ``requires_grad``).
+        model_path (str): where it was loaded from, for the messages.
+        targets (Optional[Sequence[str]]): module names; None: :func:`default_target_modules`.
+
+    Raises:
+        ValueError: no default target found, or ``targets`` name no module of the model; both name
+            ``--target-modules`` and the model's Linear modules.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if targets is None:
+        try:
+            targets = default_target_modules(model)
+        except ValueError as error:
+            raise ValueError(f"{model_path}: {error}") from error
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # peft: "Target modules [...] not found in the base model", or none given
+        if not re.search(r"target[ _]modules", str(error), re.IGNORECASE):
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, nn.Linear)})
+        raise ValueError(
+            f"{model_path}: --target-modules {targets} (lora_target_modules) name no module of "
+            f"{type(model).__name__} to put LoRA on; its Linear modules are {linear}"
+        ) from error

@@ -65,7 +65,7 @@ from recsys_llm.progress import interval_options
 from recsys_llm.semantics.encoder import (
     NumberRule, TextEncoder, check_field_texts_fit, check_number_fields, default_model_path
 )
-from recsys_llm.semantics.lora_targets import default_target_modules
+from recsys_llm.semantics.lora_targets import with_lora
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, read_json_file
 from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype, runs_own_code
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
@@ -504,22 +504,13 @@ class SSFTTrainer:
                 self._scheduler.step()
 
     def _build_encoder(self) -> TextEncoder:
-        from peft import LoraConfig, get_peft_model
-
         config = self._config
         torch.manual_seed(config.seed)
         device = resolve_device(config.device)
         tokenizer = load_tokenizer(self._model_path, config.trust_remote_code)
         base = load_model(self._model_path, device, resolve_dtype(config.dtype, device), config.trust_remote_code)
-        try:
-            targets = config.lora_target_modules or default_target_modules(base)
-        except ValueError as error:
-            raise ValueError(f"{self._model_path}: {error}") from error
-        lora = LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=targets, bias="none",
-        )
-        model = get_peft_model(base, lora)
+        model = with_lora(base, self._model_path, config.lora_r, config.lora_alpha, config.lora_dropout,
+                          config.lora_target_modules or None)
         return TextEncoder.from_model(
             model, tokenizer, pooling=directory_pooling(config.pooling, self._model_path),
             batch_size=config.eval_batch_size, max_length=config.max_length, model_id=os.path.abspath(self._model_path),

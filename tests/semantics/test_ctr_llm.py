@@ -419,7 +419,7 @@ def test_lora_target_modules_the_model_lacks_are_named_with_the_models_linear_mo
     config = CTRLLMConfig(model_path=tiny_bert_dir, representation_dim=8, hidden_dim=16,
                           lora_target_modules=["q_proj", "v_proj"])
     with pytest.raises(ValueError, match=rf"^{re.escape(tiny_bert_dir)}: --target-modules \['q_proj', 'v_proj'\] "
-                                         r"\(CTRLLMConfig.lora_target_modules\) name no module of BertModel .*"
+                                         r"\(lora_target_modules\) name no module of BertModel .*"
                                          r"its Linear modules are \[.*'query'.*'value'"):
         CTRAdaptedLLM.from_config(config)
 

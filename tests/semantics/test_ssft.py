@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import warnings
 
 import pyarrow as pa
@@ -193,6 +194,15 @@ class TestSSFT:
         assert any(".query.lora_A" in n for n, _ in trainer.encoder.model.named_parameters())
         metrics = trainer.run()
         assert metrics["after"]["loss"] < metrics["before"]["loss"]
+
+    def test_target_modules_the_model_lacks_are_named_with_its_linear_modules(self, tmp_path, tiny_bert_dir,
+                                                                              tiny_schema) -> None:
+        """As the CTR-adapted LLM names them: peft's own error named neither the option nor the model's modules."""
+        config = _config(tiny_bert_dir, lora_target_modules=["q_proj", "v_proj"])
+        with pytest.raises(ValueError, match=rf"^{re.escape(tiny_bert_dir)}: --target-modules \['q_proj', 'v_proj'\] "
+                                             r"\(lora_target_modules\) name no module of BertModel .*its Linear "
+                                             r"modules are \[.*'query'.*'value'"):
+            SSFTTrainer(config, tiny_schema, str(tmp_path / "bert"))
 
 
 @pytest.mark.parametrize("setting,value,message", [
