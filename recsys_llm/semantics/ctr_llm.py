@@ -70,22 +70,22 @@ BASE_WEIGHTS_KEY = "base_weights"
 # and that of the tokenizer it tuned on (check_base_tokenizer)
 BASE_TOKENIZER_KEY = "base_tokenizer"
 
-# CTRLLMConfig numbers: field -> (integer, minimum, above, below, `semantics adapt` option or "")
+# CTRLLMConfig numbers: field -> its rule (and `semantics adapt` option)
 _NUMBER_RULES: Dict[str, NumberRule] = {
-    "representation_dim": (True, 1, None, None, "--representation-dim"),
-    "hidden_dim": (True, 1, None, None, "--hidden-dim"),
-    "dropout": (False, 0, None, 1, ""),
-    "lora_r": (True, 1, None, None, "--lora-r"),
-    "lora_alpha": (False, None, 0, None, ""),
-    "lora_dropout": (False, 0, None, 1, ""),
-    "last_k_layers": (True, 1, None, None, "--last-k"),
-    "max_length": (True, 1, None, None, "--max-length"),
-    "batch_size": (True, 1, None, None, "--batch-size"),
-    "learning_rate": (False, None, 0, None, "--lr"),
-    "head_learning_rate": (False, None, 0, None, "--head-lr"),
-    "epochs": (True, 1, None, None, "--epochs"),
-    "sample_rows": (True, 1, None, None, "--sample-rows"),
-    "seed": (True, 0, None, None, "--seed"),
+    "representation_dim": NumberRule("--representation-dim", integer=True, minimum=1),
+    "hidden_dim": NumberRule("--hidden-dim", integer=True, minimum=1),
+    "dropout": NumberRule(minimum=0, below=1),
+    "lora_r": NumberRule("--lora-r", integer=True, minimum=1),
+    "lora_alpha": NumberRule(above=0),
+    "lora_dropout": NumberRule(minimum=0, below=1),
+    "last_k_layers": NumberRule("--last-k", integer=True, minimum=1),
+    "max_length": NumberRule("--max-length", integer=True, minimum=1),
+    "batch_size": NumberRule("--batch-size", integer=True, minimum=1),
+    "learning_rate": NumberRule("--lr", above=0),
+    "head_learning_rate": NumberRule("--head-lr", above=0),
+    "epochs": NumberRule("--epochs", integer=True, minimum=1),
+    "sample_rows": NumberRule("--sample-rows", integer=True, minimum=1),
+    "seed": NumberRule("--seed", integer=True, minimum=0),
 }
 
 

@@ -15,7 +15,7 @@ Example::
 import hashlib
 import os
 import warnings
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -39,8 +39,15 @@ from recsys_llm.semantics.model_loading import (
 from recsys_llm.semantics.pooling import directory_pooling, hidden_states, hidden_width, pool, resolve_pooling
 
 
-# a numeric setting's rule: (integer, minimum, above, below, command-line option or "")
-NumberRule = Tuple[bool, Optional[float], Optional[float], Optional[float], str]
+class NumberRule(NamedTuple):
+    """A numeric setting's rule for :func:`~recsys_llm.data.validation.check_number`: ``option``, its
+    command-line option ("" for none); ``integer``; bounds ``minimum`` (>=), ``above`` (>) and ``below`` (<)."""
+
+    option: str = ""
+    integer: bool = False
+    minimum: Optional[float] = None
+    above: Optional[float] = None
+    below: Optional[float] = None
 
 
 def check_number_fields(config: Any, rules: Mapping[str, NumberRule], command: str, optional: Sequence[str] = ()) -> None:
@@ -51,11 +58,11 @@ def check_number_fields(config: Any, rules: Mapping[str, NumberRule], command: s
     Raises:
         ValueError: the first field that does not fit its rule.
     """
-    for name, (integer, minimum, above, below, option) in rules.items():
-        where = f"{type(config).__name__}.{name}" + (f" ({command} {option})" if option else "")
+    for name, rule in rules.items():
+        where = f"{type(config).__name__}.{name}" + (f" ({command} {rule.option})" if rule.option else "")
         check_number(
-            where, getattr(config, name), integer=integer, minimum=minimum, above=above, below=below,
-            optional=name in optional,
+            where, getattr(config, name), integer=rule.integer, minimum=rule.minimum, above=rule.above,
+            below=rule.below, optional=name in optional,
         )
 
 

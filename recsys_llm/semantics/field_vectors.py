@@ -29,10 +29,10 @@ from recsys_llm.semantics.templates import PromptTemplates, field_text, select_f
 
 DEFAULT_MAX_LENGTH = 256  # tokens per field text of an untuned model
 
-# FieldVectorConfig numbers: field -> (integer, minimum, above, below, `semantics encode` option)
+# FieldVectorConfig numbers: field -> its rule (and `semantics encode` option)
 _NUMBER_RULES: Dict[str, NumberRule] = {
-    "batch_size": (True, 1, None, None, "--batch-size"),
-    "max_length": (True, 1, None, None, "--max-length"),
+    "batch_size": NumberRule("--batch-size", integer=True, minimum=1),
+    "max_length": NumberRule("--max-length", integer=True, minimum=1),
 }
 
 

@@ -113,22 +113,22 @@ def _is_ssft_entry(name: str) -> bool:
             or any(is_removal_leftover(name, kind) for kind in ("adapter", "checkpoint")))
 
 
-# SSFTConfig numbers: field -> (integer, minimum, above, below, `semantics tune` option or "")
+# SSFTConfig numbers: field -> its rule (and `semantics tune` option)
 _NUMBER_RULES: Dict[str, NumberRule] = {
-    "samples_train": (True, 1, None, None, "--samples-train"),
-    "samples_valid": (True, 0, None, None, "--samples-valid"),
-    "epochs": (True, 1, None, None, "--epochs"),
-    "batch_size": (True, 1, None, None, "--batch-size"),
-    "learning_rate": (False, None, 0, None, "--lr"),
-    "weight_decay": (False, 0, None, None, "--weight-decay"),
-    "temperature": (False, None, 0, None, "--temperature"),
-    "lora_r": (True, 1, None, None, "--lora-r"),
-    "lora_alpha": (False, None, 0, None, "--lora-alpha"),
-    "lora_dropout": (False, 0, None, 1, "--lora-dropout"),
-    "max_length": (True, 1, None, None, "--max-length"),
-    "seed": (True, 0, None, None, "--seed"),
-    "eval_batch_size": (True, 1, None, None, ""),
-    "warmup_steps": (True, 0, None, None, "--warmup-steps"),
+    "samples_train": NumberRule("--samples-train", integer=True, minimum=1),
+    "samples_valid": NumberRule("--samples-valid", integer=True, minimum=0),
+    "epochs": NumberRule("--epochs", integer=True, minimum=1),
+    "batch_size": NumberRule("--batch-size", integer=True, minimum=1),
+    "learning_rate": NumberRule("--lr", above=0),
+    "weight_decay": NumberRule("--weight-decay", minimum=0),
+    "temperature": NumberRule("--temperature", above=0),
+    "lora_r": NumberRule("--lora-r", integer=True, minimum=1),
+    "lora_alpha": NumberRule("--lora-alpha", above=0),
+    "lora_dropout": NumberRule("--lora-dropout", minimum=0, below=1),
+    "max_length": NumberRule("--max-length", integer=True, minimum=1),
+    "seed": NumberRule("--seed", integer=True, minimum=0),
+    "eval_batch_size": NumberRule(integer=True, minimum=1),
+    "warmup_steps": NumberRule("--warmup-steps", integer=True, minimum=0),
 }
 # learning-rate schedules over the tune's steps (transformers.get_scheduler's, with warmup_steps from 0)
 LR_SCHEDULES = ("constant", "linear", "cosine")
