@@ -135,7 +135,7 @@ def try_lock(path: str, wait: bool = False) -> Optional[IO[str]]:
         if error.errno not in UNLOCKABLE_ERRNOS:
             handle.close()
             raise
-        # Lustre without its flock option, NFSv3 without lockd: the job goes on unguarded, as before locks existed
+        # Lustre without its flock option, NFSv3 without lockd: the job goes on unguarded
         warnings.warn(f"{path}: this file system takes no locks ({os.strerror(error.errno)}); nothing stops a "
                       "second job from writing the same output at the same time", stacklevel=3)
     return handle
