@@ -71,10 +71,12 @@ def test_sequence_values_get_the_ids_prepare_wrote(prepared):
     column = written.column("tags").combine_chunks()
     np.testing.assert_array_equal(lengths, pa.compute.list_value_length(column).to_numpy())
     np.testing.assert_array_equal(flat, column.flatten().to_numpy())
-    as_lists, list_lengths = raw_value_ids(schema, "tags", [["b", " a"], None, ["d", "", "z"]])
-    np.testing.assert_array_equal(list_lengths, [2, 0, 2])
+    as_lists, list_lengths = raw_value_ids(schema, "tags", [["b", " a"], None, ["d", "", "z"], ["z"], ["z", "c"]])
     vocabulary = schema.load_value_text("tags").column("text").to_pylist()
-    assert as_lists.tolist() == [vocabulary.index("b"), vocabulary.index("a"), vocabulary.index("d"), 0]
+    # a token the vocabulary lacks ("z") is dropped as a missing one is: training never saw id 0 in a bag
+    np.testing.assert_array_equal(list_lengths, [2, 0, 1, 0, 1])
+    assert as_lists.tolist() == [vocabulary.index("b"), vocabulary.index("a"), vocabulary.index("d"),
+                                 vocabulary.index("c")]
 
 
 def test_python_values_and_unknown_ones(prepared):
@@ -98,7 +100,8 @@ def test_missing_empty_mixed_and_unsigned_values(prepared):
     assert raw_value_ids(schema, "user", [3, "4", None])[0].tolist() == [3, 4, 0]
     assert raw_value_ids(schema, "code", [5, "5"])[0].tolist() == raw_value_ids(schema, "code", ["5", "5"])[0].tolist()
     assert raw_value_ids(schema, "item", [2**64 - 1])[0].tolist() == [(2**64 - 1 - 2**64) % 7]
-    assert raw_value_ids(schema, "tags", [[2**64 - 1]])[0].tolist() == [0]  # a token the vocabulary lacks
+    flat, lengths = raw_value_ids(schema, "tags", [[2**64 - 1]])  # a token the vocabulary lacks: dropped
+    assert flat.size == 0 and lengths.tolist() == [0]
 
 
 def test_a_value_gets_its_id_whatever_the_other_values_of_the_call(prepared):

@@ -52,8 +52,9 @@ def raw_value_ids(
     Returns:
         Tuple[np.ndarray, Optional[np.ndarray]]: ``(ids, None)`` for a sparse field, ids (N,) int64
         with 0 for a missing value or, through a vocabulary, a value it does not hold; for a sequence
-        field ``(flat ids, lengths)``, lengths (N,) int64, missing tokens dropped (not cut to
-        ``max_length``: the reader and ``ServedModel`` keep the first ``max_length``).
+        field ``(flat ids, lengths)``, lengths (N,) int64, missing tokens and tokens the vocabulary does
+        not hold dropped (in the prepared data no sequence holds id 0, so its table row 0 is untrained;
+        not cut to ``max_length``: the reader and ``ServedModel`` keep the first ``max_length``).
 
     Raises:
         ValueError: ``field`` is no sparse or sequence field, or ``schema`` does not record its way (data
@@ -89,7 +90,17 @@ def raw_value_ids(
         index, what = _first_bad_integer(texts)
         raise DataError(f"{where}, {describe_row(row_of_value(offsets, index))}: {texts[index]!r} {what}, the way "
                         f"schema {schema.name!r} records for the field (ids: integer)") from None
-    return check_ids(where, spec, ids, offsets, 0).astype(np.int64, copy=False), lengths
+    ids = check_ids(where, spec, ids, offsets, 0).astype(np.int64, copy=False)
+    if lengths is not None and plan.mode == "vocab":
+        ids, lengths = _without_unknown_tokens(ids, lengths)
+    return ids, lengths
+
+
+def _without_unknown_tokens(ids: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A sequence field's flat ``ids`` (T,) and ``lengths`` (N,) without the tokens a vocabulary gave id 0."""
+    known = ids != 0
+    rows = np.repeat(np.arange(len(lengths)), lengths)  # (T,) row of each token
+    return ids[known], np.bincount(rows[known], minlength=len(lengths)).astype(np.int64)
 
 
 def _first_bad_integer(texts: Sequence[Optional[str]]) -> Tuple[int, str]:
