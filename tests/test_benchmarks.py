@@ -583,3 +583,12 @@ def test_run_all_ends_well_when_the_only_other_status_is_a_skip(tmp_path: Path, 
     assert run_all.main(argv) == 0
     statuses["a"] = "failed (exit 1)"
     assert run_all.main(argv) == 1
+
+
+@pytest.mark.parametrize("name", ["train_throughput", "llactr", "elec"])
+def test_smoke_runs_take_at_least_two_interleaved_rounds(name: str) -> None:
+    """What carries over between rounds (a stream a first round closed) shows only from the second one: with one
+    round, the smoke tests passed while every later round of the real benchmark trained no step."""
+    import importlib
+
+    assert importlib.import_module(f"benchmarks.{name}").SIZES["smoke"].repeats >= 2

@@ -297,6 +297,8 @@ def test_a_full_disk_in_a_checkpoint_save_is_the_failing_ranks_line(monkeypatch,
     "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation to "
     "complete",
     "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234",
+    "NCCL communicator was aborted on rank 1. Original reason for failure was: Watchdog caught collective operation "
+    "timeout",
 ])
 def test_a_collective_that_gave_up_on_another_rank_is_one_line(monkeypatch, capsys, failure) -> None:
     """A stalled rank: the rank that waited for it printed gloo's traceback as the root cause, naming no timeout."""

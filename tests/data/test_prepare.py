@@ -284,3 +284,14 @@ def test_prepare_tabular_reports_the_way_of_each_field_and_takes_hash(tmp_path, 
     assert "--hash u (TabularConfig.hash_fields): field 'u' is not hashed in" in capsys.readouterr().err
     report = prepare_dataset("synthetic", str(tmp_path / "syn"), config=SyntheticConfig(num_rows=100), progress=False)
     assert report.field_ways == {} and "ids:" not in report.summary()
+
+
+def test_an_input_inside_the_copy_an_earlier_swap_kept_is_refused(tmp_path):
+    """The next swap deletes the hidden ``.<out>.old`` that the last one kept: an input there would go with it."""
+    from recsys_llm.data.parquet_writer import check_inputs_outside
+
+    kept = tmp_path / ".out.old"
+    kept.mkdir()
+    with pytest.raises(ValueError, match="the output directory holds the input"):
+        check_inputs_outside(str(tmp_path / "out"), [str(kept / "rows.csv")])
+    check_inputs_outside(str(tmp_path / "out"), [str(tmp_path / "rows.csv")])

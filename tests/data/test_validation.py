@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 from typing import Dict
 
 import numpy as np
@@ -13,7 +14,7 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import read_schema_and_check
 from recsys_llm.data.parquet_writer import arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
-from recsys_llm.data.validation import DataError, check_number
+from recsys_llm.data.validation import FIELDS_METADATA_KEY, DataError, check_number
 
 
 def _schema(hashed: bool = False) -> DatasetSchema:
@@ -211,6 +212,18 @@ def test_schema_data_mismatch_written_specs(tmp_path):
     )
     with pytest.raises(DataError, match=r"f\.parquet: schema/data mismatch for field 'user_id'.*cardinality=50.*cardinality=10"):
         read_schema_and_check(edited, path)
+
+
+@pytest.mark.parametrize("metadata", [b"[" * 100_000 + b"]" * 100_000, b'{"a": 1}', b"3", b"[1]"])
+def test_unreadable_written_specs_are_named(tmp_path, metadata):
+    """The specs a file records, damaged (nested past the recursion limit, or JSON of another shape): one DataError
+    naming the file, not a RecursionError or TypeError traceback."""
+    schema = _schema()
+    path = str(tmp_path / "f.parquet")
+    table = pa.table(_columns()).cast(arrow_schema_for(schema))
+    pq.write_table(table.replace_schema_metadata({FIELDS_METADATA_KEY: metadata}), path)
+    with pytest.raises(DataError, match=rf"^{re.escape(path)}: unreadable recsys_llm.fields metadata"):
+        read_schema_and_check(schema, path)
 
 
 def test_schema_data_mismatch_kind(tmp_path):

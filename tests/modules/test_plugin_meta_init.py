@@ -65,6 +65,15 @@ def test_reset_parameters_after_to_empty_writes_the_constants_back():
         torch.testing.assert_close(after[name], buffer, msg=name)
 
 
+def test_reset_parameters_unfreezes_the_fie():
+    """Its frozen weights are reset to zeros: a term left frozen would add nothing to the logits."""
+    fie, _ = _terms()
+    fie.freeze()
+    fie.to_empty(device="cpu")
+    fie.reset_parameters()
+    assert not fie.frozen and fie.serving_key_order is None
+
+
 def _frozen_fie_loaded_by_dmp(trained_state, pooled_values, keys):
     """A frozen FIE in a model that DistributedModelParallel wraps, loaded with DMP.load_state_dict (which calls
     each module's _load_from_state_dict, parent before child, and runs no load_state_dict hook)."""

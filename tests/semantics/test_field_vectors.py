@@ -241,6 +241,22 @@ def test_an_adapter_whose_base_model_moved_encodes_with_model_naming_where_it_is
         _run_cli([*encode, "--model", other, "--output", str(tmp_path / "other.safetensors")])
 
 
+def test_a_field_text_of_exactly_max_length_tokens_is_not_cut(tiny_llama_dir) -> None:
+    import warnings
+
+    from recsys_llm.semantics.encoder import TextEncoder, check_field_texts_fit
+
+    text = "shade town " * 5 + "colour"
+    tokens = len(TextEncoder(tiny_llama_dir).tokenizer([text], truncation=False)["input_ids"][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_field_texts_fit(TextEncoder(tiny_llama_dir, max_length=tokens), ["color", "city"], [text, "a city"],
+                              "semantics encode", refuse_alike=True)
+    with pytest.warns(UserWarning, match=r"the text of field\(s\) \['color'\] is longer than max_length"):
+        check_field_texts_fit(TextEncoder(tiny_llama_dir, max_length=tokens - 1), ["color", "city"],
+                              [text, "a city"], "semantics encode", refuse_alike=True)
+
+
 def test_field_texts_cut_at_max_length_or_alike_are_named(tmp_path, tiny_llama_dir) -> None:
     """Long field texts were cut without a word, and texts alike as the encoder reads them gave one vector."""
     import dataclasses

@@ -622,6 +622,10 @@ def test_a_damaged_manifest_is_named(tmp_path):
     with pytest.raises(ValueError, match=damaged):  # a resume reads it too
         VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(),
                                                                            progress=False)
+    with open(manifest, "w", encoding="utf-8") as handle:  # nested past the recursion limit: not a traceback
+        handle.write("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"vec/manifest\.json: damaged export manifest, not valid JSON"):
+        read_manifest(out)
     with open(manifest, "w", encoding="utf-8") as handle:
         json.dump({"provenance": {}}, handle)
     with pytest.raises(ValueError, match=r"manifest\.json: damaged export manifest, expected a JSON object .* lacks "

@@ -473,3 +473,26 @@ def test_a_resume_into_checkpoints_it_cannot_write_is_refused_before_training(sy
                               "mount), so the resumed run would fail at its first checkpoint"), refusal
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8")
     assert metrics.count('"event": "resumed"') == 0  # refused before the run's records changed
+
+
+def test_a_split_files_stats_move_with_its_mtime_and_with_a_file_put_in_its_place(synthetic_dir: str, tmp_path) -> None:
+    """The first look for a change between epochs: a file rewritten to the same size, or copied back over itself
+    (same size and mtime, another inode), must not pass for the file the run started with."""
+    from types import SimpleNamespace
+
+    from recsys_llm.train.run_records import split_file_stats
+
+    data = str(tmp_path / "data")
+    shutil.copytree(synthetic_dir, data)
+    schema = DatasetSchema.load(data)
+    config = SimpleNamespace(data=SimpleNamespace(train_split="train", valid_split=None, test_split=None))
+    path = schema.split_path("train")
+    first = split_file_stats(config, schema)
+    assert split_file_stats(config, schema) == first
+    status = os.stat(path)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    assert split_file_stats(config, schema) != first
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    shutil.copy2(path, path + ".copy")
+    os.replace(path + ".copy", path)  # same bytes, size and mtime: another inode
+    assert os.stat(path).st_mtime_ns == status.st_mtime_ns and split_file_stats(config, schema) != first

@@ -734,8 +734,12 @@ class _WideTable(torch.nn.Module):
             device=torch.device("meta"))
 
 
-@pytest.mark.parametrize("width, refused", [(2053, True), (4096, False), (2000, False)])
-def test_a_cuda_plan_with_a_shard_wider_than_fbgemm_takes_is_refused(width: int, refused: bool) -> None:
+@pytest.mark.parametrize("sharding_type, width, refused", [
+    ("column_wise", 2053, True), ("column_wise", 4096, False), ("column_wise", 2000, False),
+    ("table_wise", 2048, False), ("table_wise", 2049, True),  # one shard, the whole table: at FBGEMM's limit
+])
+def test_a_cuda_plan_with_a_shard_wider_than_fbgemm_takes_is_refused(sharding_type: str, width: int,
+                                                                     refused: bool) -> None:
     """Planned for CUDA (no GPU needed to plan): a 2,053-wide table allowed only column-wise stays one shard, as
     torchrec splits columns into equal shards dividing the width; FBGEMM failed on it inside its kernels."""
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -744,12 +748,12 @@ def test_a_cuda_plan_with_a_shard_wider_than_fbgemm_takes_is_refused(width: int,
 
     from recsys_llm.train.sharding import build_topology, check_shard_widths
 
-    constraints = {"wide": ParameterConstraints(sharding_types=["column_wise"])}
+    constraints = {"wide": ParameterConstraints(sharding_types=[sharding_type])}
     planner = EmbeddingShardingPlanner(topology=build_topology(2, "cuda", hbm_cap=80 << 30), batch_size=256,
                                        constraints=constraints)
     plan = planner.plan(_WideTable(width), [EmbeddingBagCollectionSharder()])
     if refused:
-        with pytest.raises(ValueError, match=r"^table 'wide': the plan gives it shards \[2053\] wide \(column_wise\)"):
+        with pytest.raises(ValueError, match=rf"^table 'wide': the plan gives it shards \[{width}\] wide \({sharding_type}\)"):
             check_shard_widths(plan)
     else:
         check_shard_widths(plan)
@@ -763,5 +767,59 @@ def test_on_two_ranks_a_table_that_fits_one_rank_plans_and_one_that_fits_none_is
     fits = run_multiprocess(_planned_on_a_small_host, world_size=2, host_bytes=2**30)
     assert fits == ["planned", "planned"], fits
     refused = run_multiprocess(_planned_on_a_small_host, world_size=2)
-    assert refused[0].startswith("sharding: the planner found no room for the tables on 2 rank(s) of 0.1 GiB host "
-                                 "memory each"), refused
+    for message in refused:
+        assert message.startswith("sharding: the planner found no room for the tables on 2 rank(s) of 0.1 GiB host "
+                                  "memory each"), refused
+    # 200 MB a rank: the ranks together could hold the 0.24 GiB table, neither alone; torchrec refuses that under
+    # strict constraints ('does not fit on any rank'), not as short storage
+    strict = run_multiprocess(_planned_on_a_small_host, world_size=2, host_bytes=200 * 2**20)
+    for message in strict:
+        assert message.startswith("sharding: the planner found no room for the tables on 2 rank(s) of 0.2 GiB"), strict
+
+
+def _cuda_plan_of_a_wide_table(width: int) -> str:
+    from types import SimpleNamespace
+
+    ctx = init_distributed("cpu")
+    # the plan is made for an 80 GB GPU, which this host need not have: shard_model refuses before DMP places anything
+    torch.cuda.get_device_properties = lambda device: SimpleNamespace(total_memory=80 << 30)
+    constraints = {"wide": {"sharding_types": ["column_wise"]}}
+    try:
+        shard_model(_WideTable(width), torch.device("cuda"), ctx.world_size, ShardingConfig(table_constraints=constraints),
+                    OptimizerConfig(), batch_size=8)
+    except ValueError as error:
+        return str(error)
+    return "planned"
+
+
+@pytest.mark.multiprocess
+def test_shard_model_checks_the_shard_widths_of_a_cuda_plan() -> None:
+    (message,) = run_multiprocess(_cuda_plan_of_a_wide_table, world_size=1, width=2053)
+    assert message.startswith("table 'wide': the plan gives it shards [2053] wide (column_wise)"), message
+
+
+def test_a_plan_loadable_on_cpu_keeps_only_what_cpu_plans_take_table_by_table() -> None:
+    from recsys_llm.train.sharding import loadable_on_cpu
+
+    gpu_only = ShardingConfig(table_constraints={"t": {"sharding_types": ["row_wise", "table_wise"],
+                                                       "compute_kernels": ["fused_uvm", "fused"]}},
+                              compute_device="cuda")
+    on_cpu = loadable_on_cpu(gpu_only)
+    assert on_cpu.table_constraints == {"t": {"sharding_types": ["table_wise"], "compute_kernels": ["fused"]}}
+    assert on_cpu.compute_device == "auto"
+
+
+@pytest.mark.parametrize("limit, expected", [("1048576\n", 1048576), ("max\n", None), ("{physical_times_4}", None)])
+def test_host_memory_is_the_cgroup_limit_where_lower_than_the_hosts(tmp_path, monkeypatch, limit: str,
+                                                                    expected: Any) -> None:
+    """A container's limit (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``) where it is below the host's
+    memory; ``max`` (none) and a limit above the host's leave the host's."""
+    import os
+
+    from recsys_llm.train import sharding
+
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit_file = tmp_path / "memory.limit_in_bytes"
+    limit_file.write_text(limit.format(physical_times_4=physical * 4))
+    monkeypatch.setattr(sharding, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"), str(limit_file)))
+    assert sharding.host_memory() == (physical if expected is None else expected)
