@@ -321,19 +321,24 @@ _KEY_POSITIONS: Dict[Tuple[Tuple[str, ...], Tuple[str, ...], torch.device], torc
 
 
 def key_positions(keys: Tuple[str, ...], feature_names: Tuple[str, ...], device: torch.device) -> torch.Tensor:
-    """(F,) index of each feature name among ``keys``, cached per key order and device."""
+    """(F,) index of each feature name among ``keys``, cached per key order and device (eager calls only)."""
+    if torch.compiler.is_compiling():
+        # a constant of the compiled graph; the cache is not read: torch.compile would guard on its contents and
+        # compile again whenever an eager call added an entry, and a tensor made while torch.export traces is fake
+        return _key_positions(keys, feature_names, device)
     cache_key = (keys, feature_names, device)
     cached = _KEY_POSITIONS.get(cache_key)
-    if cached is not None:
-        return cached
+    if cached is None:
+        cached = _KEY_POSITIONS[cache_key] = _key_positions(keys, feature_names, device)
+    return cached
+
+
+def _key_positions(keys: Tuple[str, ...], feature_names: Tuple[str, ...], device: torch.device) -> torch.Tensor:
     position = {key: i for i, key in enumerate(keys)}
     missing = [name for name in feature_names if name not in position]
     if missing:
         raise KeyError(f"the pooled embeddings have no keys {missing}; their keys are {list(keys)}")
-    positions = torch.tensor([position[name] for name in feature_names], dtype=torch.long, device=device)
-    if not torch.compiler.is_compiling():  # a tensor made while torch.export traces is a fake one
-        _KEY_POSITIONS[cache_key] = positions
-    return positions
+    return torch.tensor([position[name] for name in feature_names], dtype=torch.long, device=device)
 
 
 def has_one_dim(embeddings: KeyedTensor) -> bool:
