@@ -10,7 +10,8 @@ inputs)`` and ``torch.autograd.functional.hessian``, which only walk the graph b
 penalty and the inputs, never reach it and return gradients without the kernel's part.
 :func:`first_order_only` computes the gradients without a graph and, whenever a graph is
 being built, passes them through an error node whose inputs are the forward's saved inputs
-and the incoming gradients: every differentiation of them raises.
+and the incoming gradients: every differentiation of them raises (in eager mode; under ``torch.compile``
+PyTorch refuses a double backward itself, and ``autograd.grad(..., allow_unused=True)`` gives None).
 
 Example::
 

@@ -279,7 +279,8 @@ class FieldInteractionEnhancement(nn.Module):
         ``DistributedModelParallel.load_state_dict``) keeps the frozen copy it loads, that of a run that froze,
         and takes the loaded Linear's weights where that copy is zeros (the trained weights of a run that never
         froze). An in-place ``torch.distributed.checkpoint.load`` runs no module code: call
-        :func:`refresh_after_load` after it.
+        :func:`refresh_after_load` after it. A module traced by ``torch.fx`` keeps the branch (frozen or not)
+        it was traced in: trace it again after freezing (``torch.compile`` recompiles by itself).
         A serving matrix (:meth:`set_serving_key_order`) and a fold (:meth:`fold_into`) follow
         ``load_state_dict`` and :func:`refresh_after_load`: set them after other loads. Under DMP training,
         freeze before ``shard_model`` if the weights should stay fixed: DDP's static graph expects the same
@@ -387,6 +388,7 @@ class FieldInteractionEnhancement(nn.Module):
         fields, positions = fields_in_key_order(embeddings, self._feature_names)  # (B, K, D), (N,)
         if (
             self.serving_pair_matrix is not None
+            and not isinstance(embeddings, torch.fx.Proxy)  # fx tracing: the frozen path below, the same numbers
             and has_one_dim(embeddings)
             and tuple(embeddings.keys()) == self._serving_keys
         ):

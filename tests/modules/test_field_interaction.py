@@ -178,6 +178,12 @@ class TestFieldInteractionEnhancement:
         traced = torchrec.fx.symbolic_trace(model)
         kjt = make_kjt()
         torch.testing.assert_close(traced(kjt), model(kjt))
+        # frozen with a serving key order (its shortcut read the keys of the traced KeyedTensor: a TraceError)
+        model.fie.freeze()
+        model.fie.set_serving_key_order(model.ebc(kjt).keys())
+        with torch.no_grad():
+            for trace in (torchrec.fx.symbolic_trace, torch.fx.symbolic_trace):
+                torch.testing.assert_close(trace(model)(kjt), model(kjt))
 
     def test_on_unmodified_torchrec_dlrm(self) -> None:
         torch.manual_seed(0)
