@@ -294,7 +294,7 @@ def labeled_bce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 class StateMismatchError(ValueError):
     """A full state that does not fit the model :func:`load_full_state` loads it into: a tensor of
-    another shape, or tensors the model has no place for (a ValueError: callers catching that keep working)."""
+    another shape, or tensors the model has no place for (a ValueError subclass)."""
 
 
 @torch.no_grad()
