@@ -205,6 +205,7 @@ def _export(args: argparse.Namespace) -> int:
         export_rows,
         export_schema_vectors,
         rank_and_world,
+        splits_of_an_earlier_row_export,
     )
     from recsys_llm.semantics.vector_projection import load_projection
 
@@ -217,7 +218,6 @@ def _export(args: argparse.Namespace) -> int:
     if args.granularity == "row" and given:  # a forgotten --granularity entity would export a vector per row
         raise ValueError(f"semantics export {' and '.join(given)}: only with --granularity entity; --granularity row "
                          "(the default) gives every row a vector: add --granularity entity, or leave them out")
-    splits: List[str] = args.splits or list(schema.splits)  # the schema's order: an entity's first row is from train
     rank, world = rank_and_world()
     device = resolve_device(args.device)  # before the LLM loads
     check_export_dir(args.output_dir)  # before the LLM loads
@@ -226,6 +226,14 @@ def _export(args: argparse.Namespace) -> int:
     if config.projection is not None:
         load_projection(config.projection)  # before the LLM loads: a wrong --projection path is named
     renderer = RowTextRenderer(schema, _row_text_config(args))
+    splits: List[str] = args.splits or list(schema.splits)  # the schema's order: an entity's first row is from train
+    earlier_order = None if args.splits else splits_of_an_earlier_row_export(args.output_dir, schema, renderer,
+                                                                             args.granularity)
+    if earlier_order is not None:
+        splits = earlier_order
+        warnings.warn(f"semantics export: {args.output_dir} holds an export made by a recsys_llm before 2026-12-05, "
+                      f"which read the splits sorted: it is resumed in that order, --splits {' '.join(splits)}",
+                      stacklevel=2)
     # before the LLM loads: a split, row key or entity field the data lacks is named
     export_rows(schema, splits, renderer, args.granularity, args.entity_field, args.entity_fields)
     _check_adapted_on(args.llm, schema, renderer.field_names)

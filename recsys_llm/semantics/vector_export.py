@@ -293,7 +293,7 @@ class VectorExport:
             "provenance": self._provenance,
             "chunk_rows": self._config.chunk_rows,
             "num_rows": num_rows,
-            "keys_sha256": hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()[:16],
+            "keys_sha256": keys_sha256(keys),
             "texts_check": "chunk",  # each chunk's TEXTS_KEY, checked by _check_finished_chunks
             "num_chunks": self._num_chunks(num_rows),
             "key_column": self._config.key_column,
@@ -759,6 +759,30 @@ def export_rows(
         schema.field(name)  # a column that is no field (the label) has no description to write
     columns = list(dict.fromkeys([entity_field, *(entity_fields or [])]))
     return SplitRows(schema, splits, columns, "the entity field / entity text fields")
+
+
+def keys_sha256(keys: Any) -> str:
+    """The manifest's ``keys_sha256``: of the export's keys (N,) in their order, as little-endian int64."""
+    return hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+def splits_of_an_earlier_row_export(directory: str, schema: DatasetSchema, renderer: RowTextRenderer,
+                                    granularity: str) -> Optional[List[str]]:
+    """The schema's splits in sorted order when ``directory`` holds a row export of them read in that order
+    (what ``semantics export`` read by default before 2026-12-05; the schema's own order since), else None:
+    resumed in the schema's order, its finished chunks would hold other rows than this run's."""
+    path = os.path.join(directory, MANIFEST)
+    in_schema_order, in_sorted_order = list(schema.splits), sorted(schema.splits)
+    if granularity != "row" or in_sorted_order == in_schema_order or not os.path.isfile(path):
+        return None
+    made = load_manifest(path).get("keys_sha256")
+
+    def digest(splits: List[str]) -> str:
+        return keys_sha256(export_rows(schema, splits, renderer, "row").column(schema.row_key))
+
+    if made != digest(in_schema_order) and made == digest(in_sorted_order):
+        return in_sorted_order
+    return None
 
 
 def export_schema_vectors(

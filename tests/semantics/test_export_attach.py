@@ -131,6 +131,22 @@ def test_an_entity_s_text_comes_from_its_first_training_row(adapted, tmp_path) -
     np.testing.assert_array_equal(vectors, train_vectors)
 
 
+def test_an_export_that_read_the_splits_sorted_resumes_in_that_order(adapted, tmp_path) -> None:
+    """Before 2026-12-05 ``semantics export`` read the splits sorted by default (test before train), since then in
+    the schema's order: the same command run again after an upgrade refused the export as one 'of other rows'."""
+    vectors, fresh = str(tmp_path / "vectors"), str(tmp_path / "fresh")
+    assert main(_export(adapted, vectors, "--splits", "test", "train")) == 0  # as the earlier default read them
+    before = _digests(vectors)
+    with pytest.warns(UserWarning, match=r"holds an export made by a recsys_llm before 2026-12-05, which read the "
+                                         r"splits sorted: it is resumed in that order, --splits test train"):
+        assert main(_export(adapted, vectors)) == 0
+    assert _digests(vectors) == before  # every chunk kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an export in the schema's order is resumed as it is, without a word
+        assert main(_export(adapted, fresh)) == 0
+        assert main(_export(adapted, fresh)) == 0
+
+
 def test_texts_the_export_cuts_are_warned_about(adapted, tmp_path) -> None:
     """``adapt`` warned of the texts it cut, but only of its sample; an entity export encodes other texts (the entity's
     fields alone), and nothing said that their vectors missed the fields written last."""
