@@ -171,3 +171,41 @@ def test_kernels_backward_under_batched_gradients(kernel):
         torch.autograd.functional.jacobian(term, fields, vectorize=True),
         torch.autograd.functional.jacobian(term, fields),
     )
+
+
+def _explicit_projected_kl(fields: torch.Tensor, field_vectors: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor) -> torch.Tensor:
+    log_p = torch.log_softmax(field_vectors @ weight.t() + bias, dim=-1)  # (F, D)
+    log_q = torch.log_softmax(fields, dim=-1)  # (B, F, D)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("kernel", ["weighted_pair_sum", "semantic_pair_sum", "projected_field_kl"])
+def test_first_order_kernels_work_under_torch_func(kernel):
+    """``torch.func.grad``, per-sample gradients (``vmap(grad(...))``) and ``jacrev`` (DP-SGD, influence
+    functions): the kernels refused any functorch transform (no ``setup_context``)."""
+    torch.manual_seed(0)
+    fields = torch.randn(3, 2, 4, 5, dtype=torch.float64)  # 3 samples of (2, 4, 5)
+    pair_matrix = torch.randn(4, 4, dtype=torch.float64)
+    weight, bias = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    field_vectors = torch.randn(4, 6, dtype=torch.float64)
+    linear = torch.nn.Linear(6, 6).double()
+    flat_pairs = torch.tensor([1, 2, 3, 6, 7, 11])  # the pairs i < j of a (4, 4) matrix
+    semantic_matrix = torch.zeros(16, dtype=torch.float64).index_copy(
+        0, flat_pairs, 0.5 * (linear.weight @ torch.ones(6, dtype=torch.float64) + linear.bias)).view(4, 4)
+    term, reference = {
+        "weighted_pair_sum": (lambda x: weighted_pair_sum(x, pair_matrix).sum(),
+                              lambda x: _explicit_pair_sum(x, pair_matrix).sum()),
+        "semantic_pair_sum": (lambda x: semantic_pair_sum(x, field_vectors.new_ones(6), linear.weight, linear.bias,
+                                                          flat_pairs, 0.5).sum(),
+                              lambda x: _explicit_pair_sum(x, semantic_matrix.detach()).sum()),
+        "projected_field_kl": (lambda x: projected_field_kl(x, field_vectors, weight, bias),
+                               lambda x: _explicit_projected_kl(x, field_vectors, weight, bias)),
+    }[kernel]
+    per_sample = torch.func.vmap(torch.func.grad(term))(fields)
+    expected = torch.stack([torch.func.grad(reference)(sample) for sample in fields])
+    torch.testing.assert_close(per_sample, expected)
+    torch.testing.assert_close(torch.func.grad(term)(fields[0]), expected[0])
+    torch.testing.assert_close(torch.func.jacrev(term)(fields[0]), expected[0])
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # still first order only
+        torch.func.grad(lambda x: torch.func.grad(term)(x).pow(2).sum())(fields[0])
