@@ -412,7 +412,7 @@ def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
     with atomic_directory(attach_dir, ATTACHED_KIND, ATTACHED_MARKER_FILES) as tmp:
         for split, name in new_splits.items():
             attach_vectors(schema.split_path(split), args.output_dir, key, os.path.join(tmp, name),
-                           column=args.column)
+                           column=args.column, progress=True)
         # split paths relative to the final directory (the temp one is its sibling)
         schema.relocated(attach_dir, new_splits, [args.column]).save(os.path.join(tmp, "schema.json"))
     print(json.dumps({"attached": splits, "schema": os.path.join(args.attach_dir, "schema.json")}))

@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.validation import first_non_finite_row
+from recsys_llm.progress import interval_options
 from recsys_llm.semantics.vector_export import (
     MANIFEST,
     PROVENANCE_KEY,
@@ -369,6 +371,7 @@ def attach_vectors(
     expected: Optional[Dict[str, str]] = None,
     batch_rows: int = 65536,
     cache_bytes: int = 1 << 30,
+    progress: bool = False,
 ) -> int:
     """Writes a copy of a split with the vectors as one more ``fixed_size_list<float>`` column.
 
@@ -388,6 +391,7 @@ def attach_vectors(
         expected (Optional[Dict[str, str]]): provenance the vectors must have.
         batch_rows (int): split rows per read and write.
         cache_bytes (int): export chunks kept in memory (see ``ExportLookup``).
+        progress (bool): a tqdm bar over the split's rows.
 
     Returns:
         int: number of rows written.
@@ -412,8 +416,11 @@ def attach_vectors(
     out_schema = schema.append(pa.field(column, value_type))
     tmp = f"{output_path}.tmp"
     rows = 0
+    total = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    bar = tqdm(total=total, unit="rows", desc=f"attaching vectors to {os.path.basename(output_path)}",
+               disable=not progress, **interval_options())
     try:
-        with pq.ParquetWriter(tmp, out_schema) as writer:
+        with bar, pq.ParquetWriter(tmp, out_schema) as writer:
             for path in files:
                 handle = pq.ParquetFile(path)
                 row_in_file = 0
@@ -431,6 +438,7 @@ def attach_vectors(
                     vectors = pa.FixedSizeListArray.from_arrays(values, value_type.list_size)
                     writer.write_batch(pa.RecordBatch.from_arrays(batch.columns + [vectors], schema=out_schema))
                     row_in_file += batch.num_rows
+                    bar.update(batch.num_rows)
                 rows += row_in_file
         os.replace(tmp, output_path)
     finally:

@@ -74,6 +74,14 @@ def test_a_failed_attach_leaves_the_earlier_attach_dir_as_it_was(adapted, tmp_pa
     assert _digests(attached) == before  # test.parquet was not replaced with the other column
 
 
+def test_attaching_shows_a_bar_over_each_splits_rows(adapted, tmp_path, capsys) -> None:
+    """The rewrite of every split with its vectors, the export's longest step at scale, said nothing."""
+    assert main(_export(adapted, str(tmp_path / "vectors"), "--attach-dir", str(tmp_path / "attached"))) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"attaching vectors to train\.parquet: 100%.* 24/24 ", err), err
+    assert re.search(r"attaching vectors to test\.parquet: 100%.* 8/8 ", err), err
+
+
 def test_an_attach_dir_holding_the_data_is_refused_before_any_work(adapted, tmp_path) -> None:
     vectors = str(tmp_path / "vectors")
     before = _digests(adapted["data"])
