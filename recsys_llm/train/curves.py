@@ -5,7 +5,8 @@ job's repeated steps replace the interrupted job's), so a run resumed any number
 one curve (an epoch resumed mid-way has the mean loss of its steps after the resume).
 ``run_training`` writes it at the end of every run, beside ``results.json``::
 
-    run_dir/training_curves.png   left: loss (every 50 steps, and each epoch's mean, over the ranks);
+    run_dir/training_curves.png   left: loss (the mean of every 50 steps, and each epoch's mean, over the ranks)
+                                  and validation LogLoss;
                                   right: validation AUC per evaluation (best marked), test AUC
 
 Example::
@@ -26,9 +27,10 @@ Curve = Tuple[List[int], List[float]]  # (global steps, values)
 
 def training_curves(records: List[Dict[str, Any]]) -> Dict[str, Curve]:
     """The curves of ``metrics.jsonl`` records: ``loss`` (``train`` events), ``epoch loss``
-    (``epoch`` events' mean loss, at the epoch's last step) and ``valid auc``; an empty curve
-    is left out."""
-    wanted = {"loss": ("train", "loss"), "epoch loss": ("epoch", "mean_loss"), "valid auc": ("valid", "auc")}
+    (``epoch`` events' mean loss, at the epoch's last step), ``valid logloss`` and ``valid auc``; an
+    empty curve is left out."""
+    wanted = {"loss": ("train", "loss"), "epoch loss": ("epoch", "mean_loss"), "valid logloss": ("valid", "logloss"),
+              "valid auc": ("valid", "auc")}
     curves: Dict[str, Curve] = {}
     for name, (event, key) in wanted.items():
         points = [(r["global_step"], r[key]) for r in records
@@ -57,11 +59,13 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
     figure = Figure(figsize=(10, 3.8))
     loss_axis, auc_axis = figure.subplots(1, 2)
     if "loss" in curves:  # a line through one point draws nothing: a run of 50 to 99 steps has one
-        loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1, label="training loss (every 50 steps)",
+        loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1, label="training loss, mean of 50 steps (BCE + loss terms)",
                        marker="." if len(curves["loss"][0]) == 1 else None)
     if "epoch loss" in curves:
         loss_axis.plot(*curves["epoch loss"], "o", color="tab:orange", label="epoch mean loss")
-    loss_axis.set(xlabel="global step", ylabel="loss", title="training loss")
+    if "valid logloss" in curves:  # beside the training loss: a gap that opens shows overfitting
+        loss_axis.plot(*curves["valid logloss"], "s--", color="tab:green", label="validation LogLoss")
+    loss_axis.set(xlabel="global step", ylabel="loss", title="loss")
     if "valid auc" in curves:
         steps, aucs = curves["valid auc"]
         auc_axis.plot(steps, aucs, "o-", color="tab:green", label="validation AUC")

@@ -123,6 +123,7 @@ from recsys_llm.train.task_builder import (
 
 # Called on every rank after each optimizer step (and after a checkpoint of that step).
 StepHook = Callable[[TrainState], None]
+LOSS_RECORD_STEPS = 50  # a `train` record of metrics.jsonl: the mean batch loss of this many steps
 
 
 class _RunLog:
@@ -317,12 +318,17 @@ def _train_in_run_dir(
     train_reader = readers["train"]
     throughput: List[float] = []
 
+    window: List[Any] = [0.0, 0]  # the losses' sum (on the device: no sync a step) and count since the last record
+
     def step_callback(step_in_epoch: int, loss: torch.Tensor) -> bool:
         state.step_in_epoch = step_in_epoch
         state.global_step += 1
-        if state.global_step % 50 == 0:  # the batch loss, averaged over the ranks' batches
-            mean_loss = mean_over_ranks(float(loss), ctx.device)
-            log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": mean_loss})
+        window[0], window[1] = window[0] + loss.detach(), window[1] + 1
+        if state.global_step % LOSS_RECORD_STEPS == 0:  # the mean batch loss of the window, over the ranks
+            mean_loss = mean_over_ranks(float(window[0]) / window[1], ctx.device)
+            log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": mean_loss,
+                       "steps": window[1]})
+            window[0], window[1] = 0.0, 0
         if train_cfg.checkpoint_every and state.global_step % train_cfg.checkpoint_every == 0:
             check_finite_loss(loss, f"step {state.global_step}")  # a NaN step makes every later loss NaN
             checkpoints.save(model, optimizer, state)

@@ -17,7 +17,7 @@ RECORDS = [
     {"event": "started", "global_step": 0, "epoch": 0},
     {"event": "train", "global_step": 50, "epoch": 0, "loss": 0.69},
     {"event": "epoch", "global_step": 80, "epoch": 1, "mean_loss": 0.66},
-    {"event": "valid", "global_step": 80, "epoch": 1, "auc": 0.61},
+    {"event": "valid", "global_step": 80, "epoch": 1, "auc": 0.61, "logloss": 0.64},
     {"event": "train", "global_step": 100, "epoch": 1, "loss": 0.9},  # the killed job's, after its checkpoint
     {"event": "resumed", "global_step": 80, "epoch": 1},
     {"event": "train", "global_step": 100, "epoch": 1, "loss": 0.62},
@@ -31,7 +31,7 @@ def test_the_curves_are_the_records_that_stand(tmp_path) -> None:
     _write_metrics(str(tmp_path), RECORDS)
     curves = training_curves(read_metrics(str(tmp_path)))
     assert curves == {"loss": ([50, 100], [0.69, 0.62]), "epoch loss": ([80, 160], [0.66, 0.6]),
-                      "valid auc": ([80], [0.61])}
+                      "valid logloss": ([80], [0.64]), "valid auc": ([80], [0.61])}
 
 
 def test_the_picture_is_a_png_in_the_run_dir_and_nothing_without_records(tmp_path) -> None:

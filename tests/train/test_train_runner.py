@@ -1332,3 +1332,20 @@ def test_unchanged_data_is_fingerprinted_once_more_not_every_epoch(synthetic_dir
     (calls,) = run_multiprocess(_full_data_checks_of_a_three_epoch_run, world_size=1, schema_dir=synthetic_dir,
                                 root=str(tmp_path))
     assert calls == 1, calls
+
+
+def _loss_records_of_one_epoch_of_50_steps(schema_dir: str, run_dir: str) -> List[Dict[str, Any]]:
+    _run(schema_dir, run_dir, ["train.epochs=1", "data.batch_size=192"])  # 9,600 train rows: 50 steps
+    return [e for e in _events(run_dir) if e["event"] in ("train", "epoch")]
+
+
+@pytest.mark.multiprocess
+def test_a_train_record_holds_the_mean_loss_of_its_50_steps(synthetic_dir: str, tmp_path) -> None:
+    """It held the loss of its one step: the curve of training_curves.png was single-batch noise (it could rise
+    while the epoch's mean fell)."""
+    (records,) = run_multiprocess(_loss_records_of_one_epoch_of_50_steps, world_size=1, schema_dir=synthetic_dir,
+                                  run_dir=str(tmp_path / "run"))
+    (train,) = [r for r in records if r["event"] == "train"]
+    (epoch,) = [r for r in records if r["event"] == "epoch"]
+    assert train["global_step"] == 50 and train["steps"] == 50 and epoch["steps"] == 50
+    assert train["loss"] == pytest.approx(epoch["mean_loss"], rel=1e-5)  # equal batches: the epoch's mean
