@@ -59,7 +59,8 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
     figure = Figure(figsize=(10, 3.8))
     loss_axis, auc_axis = figure.subplots(1, 2)
     if "loss" in curves:  # a line through one point draws nothing: a run of 50 to 99 steps has one
-        loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1, label="training loss, mean of 50 steps (BCE + loss terms)",
+        loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1,
+                       label="training loss, mean of 50 steps (BCE + loss terms)",
                        marker="." if len(curves["loss"][0]) == 1 else None)
     if "epoch loss" in curves:
         loss_axis.plot(*curves["epoch loss"], "o", color="tab:orange", label="epoch mean loss")
