@@ -592,8 +592,9 @@ class TestStateFiles:
 
     @pytest.mark.parametrize("content, message", [
         (torch.ones(3), "holds an object of type Tensor, expected a state dict {name: tensor}"),
-        ({"model": {"w": torch.ones(2)}, "epoch": 3}, "entry 'model' is of type dict, expected a state dict {name: tensor} "
-                                                      "only (a checkpoint that keeps the state dict under a key"),
+        ({"model": {"w": torch.ones(2)}, "epoch": 3},
+         "entry 'model' is of type dict, expected a state dict {name: tensor} only (a checkpoint that keeps the state "
+         "dict under a key"),
         ({"w": torch.ones(2), "step": 3}, "entry 'step' is of type int"),
         ({0: torch.ones(2)}, "entry 0 is of type Tensor"),
     ])

@@ -56,7 +56,8 @@ class _WeightedPairSum(torch.autograd.Function):
         return pair_sum_forward(fields, pair_matrix)  # (B, K, D), (K, K) -> (B,), (B, K * K)
 
     @staticmethod
-    def setup_context(ctx, inputs: "tuple[torch.Tensor, torch.Tensor]", output: "tuple[torch.Tensor, torch.Tensor]") -> None:
+    def setup_context(ctx, inputs: "tuple[torch.Tensor, torch.Tensor]",
+                      output: "tuple[torch.Tensor, torch.Tensor]") -> None:
         gram = output[1]
         ctx.mark_non_differentiable(gram)
         ctx.set_materialize_grads(False)  # no zeros made for the Gram's gradient

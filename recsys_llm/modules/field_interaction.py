@@ -44,7 +44,8 @@ def _semantic_pair_matrix(
     """(K, K) in ``fields``' dtype: ``scale * (weight @ similarity + bias)`` at ``flat_pairs``, zeros elsewhere."""
     num_keys = fields.size(1)
     pair_weights = torch.addmv(bias, weight, similarity).mul_(scale).to(fields.dtype)  # (P,)
-    pair_matrix = pair_weights.new_zeros(num_keys * num_keys).index_copy_(0, flat_pairs, pair_weights)  # not batched by vmap (fields may be)
+    # made from the weights, not the fields: not batched by torch.func.vmap where the fields are
+    pair_matrix = pair_weights.new_zeros(num_keys * num_keys).index_copy_(0, flat_pairs, pair_weights)
     return pair_matrix.view(num_keys, num_keys)
 
 

@@ -419,7 +419,8 @@ def write_teacher_columns(
             }
             if with_representation:
                 rep = output.representation.float().cpu().numpy()  # (B, H_t)
-                columns[representation_column] = pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)), rep.shape[1])
+                columns[representation_column] = pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)),
+                                                                                   rep.shape[1])
             table = pa.table(columns)
             if writer is None:
                 writer = pq.ParquetWriter(handle, table.schema)

@@ -230,13 +230,13 @@ def require_finite(path: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
 def _require_tensor_dict(path: str, state: Any) -> Dict[str, torch.Tensor]:
     """``state`` itself when it is a ``{name: tensor}`` dict, else a ValueError naming ``path`` and what it holds."""
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds an object of type {type(state).__name__}, expected a state dict {{name: tensor}} "
-                         "(model.state_dict(), or `recsys-llm export --state-only`)")
+        raise ValueError(f"{path}: holds an object of type {type(state).__name__}, expected a state dict "
+                         "{name: tensor} (model.state_dict(), or `recsys-llm export --state-only`)")
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(
-                f"{path}: entry {key!r} is of type {type(value).__name__}, expected a state dict {{name: tensor}} only (a "
-                "checkpoint that keeps the state dict under a key beside other things: save that dict alone)"
+                f"{path}: entry {key!r} is of type {type(value).__name__}, expected a state dict {{name: tensor}} "
+                "only (a checkpoint that keeps the state dict under a key beside other things: save that dict alone)"
             )
     return state
 

@@ -753,7 +753,8 @@ def test_a_cuda_plan_with_a_shard_wider_than_fbgemm_takes_is_refused(sharding_ty
                                        constraints=constraints)
     plan = planner.plan(_WideTable(width), [EmbeddingBagCollectionSharder()])
     if refused:
-        with pytest.raises(ValueError, match=rf"^table 'wide': the plan gives it shards \[{width}\] wide \({sharding_type}\)"):
+        with pytest.raises(ValueError,
+                           match=rf"^table 'wide': the plan gives it shards \[{width}\] wide \({sharding_type}\)"):
             check_shard_widths(plan)
     else:
         check_shard_widths(plan)
@@ -785,8 +786,8 @@ def _cuda_plan_of_a_wide_table(width: int) -> str:
     torch.cuda.get_device_properties = lambda device: SimpleNamespace(total_memory=80 << 30)
     constraints = {"wide": {"sharding_types": ["column_wise"]}}
     try:
-        shard_model(_WideTable(width), torch.device("cuda"), ctx.world_size, ShardingConfig(table_constraints=constraints),
-                    OptimizerConfig(), batch_size=8)
+        shard_model(_WideTable(width), torch.device("cuda"), ctx.world_size,
+                    ShardingConfig(table_constraints=constraints), OptimizerConfig(), batch_size=8)
     except ValueError as error:
         return str(error)
     return "planned"
