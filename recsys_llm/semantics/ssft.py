@@ -22,6 +22,7 @@ Output directory::
     checkpoint/     adapter + optimizer + torch RNG state (rng.safetensors) + state.json (with
                     the loss scale of a float16 model), replaced atomically after each epoch
     metrics.json    before/after accuracy and loss, per-epoch history
+    field_retrieval.png   each field's held-out retrieval accuracy before and after (with matplotlib)
 
 A run in an output directory with a checkpoint goes on from it (unless ``resume`` is off):
 the adapter, the AdamW state and the torch RNG states (CPU, and the CUDA device's; dropout
@@ -44,6 +45,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
@@ -71,6 +73,7 @@ from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resol
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
 from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
+from recsys_llm.semantics.ssft_figure import FIGURE_FILE, plot_field_retrieval
 from recsys_llm.semantics.templates import (
     PromptTemplates, distinct_values, field_text, select_fields, ssft_prompt, value_identity,
 )
@@ -104,12 +107,12 @@ SSFT_CHECKPOINT = CheckpointOwner("SSFT", "tune")
 # what an SSFT output directory holds (with the temp and previous copies of its swaps)
 SSFT_OUTPUT_ENTRIES = frozenset(
     name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
-) | {"metrics.json", LOCK_FILE}  # and metrics.json's temp files (_is_ssft_entry)
+) | {"metrics.json", FIGURE_FILE, LOCK_FILE}  # and the files' temp files (_is_ssft_entry)
 
 
 def _is_ssft_entry(name: str) -> bool:
     """An entry an SSFT output holds, or one its swaps leave when killed mid-deletion."""
-    return (name in SSFT_OUTPUT_ENTRIES or is_temp_file_of(name, "metrics.json")
+    return (name in SSFT_OUTPUT_ENTRIES or any(is_temp_file_of(name, file) for file in ("metrics.json", FIGURE_FILE))
             or any(is_removal_leftover(name, kind) for kind in ("adapter", "checkpoint")))
 
 
@@ -439,7 +442,7 @@ class SSFTTrainer:
 
     def __init__(self, config: SSFTConfig, schema: DatasetSchema, output_dir: str) -> None:
         check_own_entries(output_dir, "SSFT output", _is_ssft_entry,
-                          "adapter/, checkpoint/ and metrics.json")  # before the model is loaded
+                          f"adapter/, checkpoint/, metrics.json and {FIGURE_FILE}")  # before the model is loaded
         self._config = config
         self._schema = schema
         self._output_dir = output_dir
@@ -541,7 +544,7 @@ class SSFTTrainer:
         """Field-retrieval accuracy and InfoNCE loss on held-out (default) examples."""
         examples = self._valid if examples is None else examples
         keys = self._encoder.encode(self._field_texts, progress=False)  # (F, H)
-        queries = self._encoder.encode([e.prompt for e in examples], progress=False)  # (N, H)
+        queries = self._encoder.encode([e.prompt for e in examples])  # (N, H), with a bar
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)
         metrics = retrieval_metrics(queries, keys, labels, self._config.temperature)
         metrics["per_field"] = {self.fields[index]: accuracy for index, accuracy in metrics["per_field"].items()}
@@ -765,13 +768,19 @@ class SSFTTrainer:
         if state is None:
             state = {"epoch": 0, "before": self.evaluate(), "history": []}
         self._advance_lr_scheduler(state["epoch"])
+        after: Optional[Dict[str, Any]] = None  # the held-out scores of the weights trained last
         for epoch in range(state["epoch"], self._config.epochs):
             train_loss = self.train_epoch(epoch)
-            valid = self.evaluate()
-            state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, **{f"valid_{k}": v for k, v in valid.items()}})
+            after = self.evaluate()
+            state["history"].append({"epoch": epoch + 1, "train_loss": train_loss,
+                                     **{f"valid_{k}": v for k, v in after.items()}})
             state["epoch"] = epoch + 1
             self.save_checkpoint(state)
-        after = self.evaluate()
+            print(f"ssft epoch {epoch + 1}/{self._config.epochs}: train loss {train_loss:.4f}, held-out field "
+                  f"retrieval accuracy {after['accuracy']:.3f} (before tuning {state['before']['accuracy']:.3f}, "
+                  f"chance {after['chance']:.3f})", file=sys.stderr, flush=True)
+        if after is None:  # every epoch was trained by an earlier job
+            after = self.evaluate()
         adapter_dir = self.save_adapter()
         metrics = {
             "before": state["before"],
@@ -788,4 +797,5 @@ class SSFTTrainer:
         from recsys_llm.train.run_records import strict_json  # no held-out values: accuracy NaN, written null
 
         write_text_atomically(os.path.join(self._output_dir, "metrics.json"), json.dumps(strict_json(metrics), indent=2))
+        plot_field_retrieval(metrics, os.path.join(self._output_dir, FIGURE_FILE))
         return metrics

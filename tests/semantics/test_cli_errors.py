@@ -197,7 +197,8 @@ def test_a_tune_output_dir_of_other_files_is_refused_before_any_work(tmp_path, t
     assert code == 2
     assert _error_line(capsys) == (
         f"recsys-llm semantics: error: {work}: not empty and not an earlier SSFT output: 'notes.txt' is not one of "
-        "its entries (adapter/, checkpoint/ and metrics.json); writing the SSFT output there would mix it with "
+        "its entries (adapter/, checkpoint/, metrics.json and field_retrieval.png); writing the SSFT output there "
+        "would mix it with "
         "other files; choose another (or an empty) output directory")
     assert sorted(os.listdir(work)) == ["metrics.json", "notes.txt"]
     assert (work / "notes.txt").read_text(encoding="utf-8") == "mine"

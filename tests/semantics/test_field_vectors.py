@@ -38,8 +38,11 @@ class TestFieldVectors:
         out_dir, output = str(tmp_path / "ssft"), str(tmp_path / "tuned.safetensors")
         assert _run_cli(["semantics", "tune", "--schema", schema_path, "--model", tiny_llama_dir, "--output-dir", out_dir,
                          "--samples-train", "8", "--samples-valid", "2", "--epochs", "1", "--lr", "3e-3"]) == 0
-        summary = json.loads(capsys.readouterr().out)
+        captured = capsys.readouterr()
+        summary = json.loads(captured.out)
         assert summary["epochs"] == 1 and summary["num_valid"] == 8
+        assert (f"semantics tune: held-out field retrieval accuracy {summary['before']['accuracy']:.3f} -> "
+                f"{summary['after']['accuracy']:.3f} (chance 0.250); adapter: {summary['adapter_dir']}") in captured.err
         # the tune's output directory named for its adapter/: the error points at the adapter inside
         with pytest.raises(FileNotFoundError, match=f"{os.path.join(out_dir, 'adapter')} is the adapter that tune "
                                                      "output directory holds"):

@@ -187,13 +187,21 @@ class TestSSFT:
         assert all(sorted(order) == sorted(e.prompt for e in train) for order in orders)
         assert orders[0] != orders[1]  # reshuffled every epoch, not one order for all
 
-    def test_bert_style_encoder(self, tmp_path, tiny_bert_dir, tiny_schema) -> None:
+    def test_bert_style_encoder(self, tmp_path, tiny_bert_dir, tiny_schema, capsys) -> None:
         config = _config(tiny_bert_dir, epochs=2, samples_train=24, samples_valid=6)
         trainer = SSFTTrainer(config, tiny_schema, str(tmp_path / "bert"))
         assert trainer.encoder.pooling == "mean"
         assert any(".query.lora_A" in n for n, _ in trainer.encoder.model.named_parameters())
         metrics = trainer.run()
         assert metrics["after"]["loss"] < metrics["before"]["loss"]
+        # the last epoch's held-out scores are the final ones (not scored again), said after each epoch and drawn
+        assert metrics["after"]["accuracy"] == metrics["history"][-1]["valid_accuracy"]
+        err = capsys.readouterr().err
+        for epoch in metrics["history"]:
+            assert (f"ssft epoch {epoch['epoch']}/2: train loss {epoch['train_loss']:.4f}, held-out field retrieval "
+                    f"accuracy {epoch['valid_accuracy']:.3f} (before tuning {metrics['before']['accuracy']:.3f}") in err
+        with open(tmp_path / "bert" / "field_retrieval.png", "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
     def test_target_modules_the_model_lacks_are_named_with_its_linear_modules(self, tmp_path, tiny_bert_dir,
                                                                               tiny_schema) -> None:

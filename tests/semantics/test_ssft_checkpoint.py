@@ -447,4 +447,4 @@ def test_a_second_tune_into_an_output_a_tune_is_writing_is_refused(tmp_path, tin
     assert metrics["config"]["learning_rate"] == SMALL["learning_rate"]
     with open(os.path.join(out, "checkpoint", "state.json"), encoding="utf-8") as handle:
         assert json.load(handle)["signature"]["config"]["learning_rate"] == SMALL["learning_rate"]
-    assert sorted(os.listdir(out)) == ["adapter", "checkpoint", "metrics.json"]
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoint", "field_retrieval.png", "metrics.json"]
