@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import warnings
 from typing import Any, Dict, List
 
@@ -32,6 +33,7 @@ from recsys_llm.cli.semantics import LORA_TARGET_HELP, TRUST_REMOTE_CODE_HELP, r
 
 ROW_TEXT_FILE = "row_text.json"
 ADAPTED_ON_FILE = "adapted_on.json"  # the schema, row-text fields and split a CTR-adapted LLM was tuned on
+TUNING_FILE = "tuning.json"  # the BCE of every tuning step
 ATTACHED_KIND = "data set with attached vectors"
 ATTACHED_MARKER_FILES = ("schema.json",)
 
@@ -103,6 +105,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
         remove_checkpoint,
     )
     from recsys_llm.semantics.encoder import default_model_path
+    from recsys_llm.semantics.loss_figure import LOSS_FIGURE_FILE, plot_tuning_loss
     from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
 
@@ -152,12 +155,19 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     check_tune_checkpoint(checkpoint, texts, labels, tuned_config)  # before the LLM loads
     model = CTRAdaptedLLM.from_config(config, args.trust_remote_code, device)
     losses = tune_ctr_llm(model, texts, labels, tuned_config, checkpoint=checkpoint)
-    save_ctr_llm(model, args.output_dir, extra_json={ROW_TEXT_FILE: row_text, ADAPTED_ON_FILE: adapted_on})
+    steps_per_epoch = len(losses) // tuned_config.epochs
+    save_ctr_llm(model, args.output_dir,
+                 extra_json={ROW_TEXT_FILE: row_text, ADAPTED_ON_FILE: adapted_on,
+                             TUNING_FILE: {"losses": losses, "steps_per_epoch": steps_per_epoch}},
+                 extra_files={LOSS_FIGURE_FILE: lambda path: plot_tuning_loss(losses, steps_per_epoch, path)})
     remove_checkpoint(checkpoint.directory)
     window = max(1, len(losses) // 10)
+    loss_first, loss_last = float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
     print(json.dumps({"output_dir": args.output_dir, "rows": len(texts), "steps": len(losses),
-                      "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),
-                      "provenance": model.provenance()}, indent=2))
+                      "loss_first": loss_first, "loss_last": loss_last, "provenance": model.provenance()}, indent=2))
+    print(f"semantics adapt: BCE {loss_first:.4f} -> {loss_last:.4f} (mean of the first and last {window} of "
+          f"{len(losses)} steps; every step's in {TUNING_FILE}, drawn in {LOSS_FIGURE_FILE}); the adapted LLM: "
+          f"{args.output_dir}", file=sys.stderr)
     return 0
 
 

@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -491,17 +491,22 @@ def tune_ctr_llm(
 CTR_LLM_FILES = ("config.json", "heads.safetensors")  # every saved CTR-adapted LLM has them
 
 
-def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict[str, Any]] = None) -> None:
+def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict[str, Any]] = None,
+                 extra_files: Optional[Dict[str, Callable[[str], Any]]] = None) -> None:
     """Saves config, heads and tuned LLM tensors atomically (temp dir renamed into place).
 
     Files: ``config.json``, ``heads.safetensors``, ``llm_tuned.safetensors`` (LoRA adapters
-    or the unfrozen layers, by parameter name), ``provenance.json``, and one JSON file per
-    ``extra_json`` entry (file name -> content, e.g. the row-text settings), in the same swap.
+    or the unfrozen layers, by parameter name), ``provenance.json``, one JSON file per
+    ``extra_json`` entry (file name -> content, e.g. the row-text settings) and one file per
+    ``extra_files`` entry (file name -> a function writing the path it is given, e.g. a picture),
+    in the same swap.
     """
     with atomic_directory(directory, "saved CTR-adapted LLM", CTR_LLM_FILES) as tmp:
         for name, content in (extra_json or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as handle:
                 json.dump(content, handle, indent=2)
+        for name, write in (extra_files or {}).items():
+            write(os.path.join(tmp, name))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(dataclasses.asdict(model.config), handle, indent=2)
         save_file(_heads_state(model), os.path.join(tmp, "heads.safetensors"))

@@ -197,9 +197,19 @@ def test_the_cli_resumes_a_killed_adapt_to_the_uninterrupted_model(tmp_path, kil
     assert main([*adapt, "--output-dir", straight]) == 0
     straight_report = json.loads(capsys.readouterr().out)
     assert main([*adapt, "--output-dir", out]) == 0
-    resumed_report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    resumed_report = json.loads(captured.out)
     for key in ("steps", "loss_first", "loss_last", "provenance"):
         assert resumed_report[key] == straight_report[key], key
+    # every step's loss, the killed job's with the resumed one's, is kept and drawn
+    with open(os.path.join(out, "tuning.json"), encoding="utf-8") as handle:
+        tuning = json.load(handle)
+    with open(os.path.join(straight, "tuning.json"), encoding="utf-8") as handle:
+        assert json.load(handle) == tuning and len(tuning["losses"]) == resumed_report["steps"]
+    with open(os.path.join(out, "tuning_loss.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (f"semantics adapt: BCE {resumed_report['loss_first']:.4f} -> {resumed_report['loss_last']:.4f}"
+            in captured.err)
     for name in ("llm_tuned.safetensors", "heads.safetensors"):
         _assert_bit_identical(load_file(os.path.join(out, name)), load_file(os.path.join(straight, name)))
     # the checkpoint goes once the model is saved
