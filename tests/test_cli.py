@@ -404,7 +404,8 @@ def test_the_train_footer_gives_whole_samples_per_second() -> None:
     results = {"global_step": 16, "epochs": 1, "world_size": 1, "samples_per_second": 12005.1439, "run_dir": "runs/x",
                "test": {"auc": 0.64016, "logloss": 0.62, "ne": 0.98, "num_samples": 500.0}, "valid": {"auc": 0.58}}
     footer = results_table(results).splitlines()[-1]
-    assert footer == "steps 16, epochs 1, ranks 1, 12,005 samples/s, run dir runs/x", footer
+    assert footer == ("steps 16, epochs 1, ranks 1, 12,005 samples/s, run dir runs/x (results.json, "
+                      "training_curves.png)"), footer
     assert "0.6402" in results_table(results)  # the metrics keep four decimals
     assert "nan samples/s" not in results_table({**results, "samples_per_second": float("nan")})
 

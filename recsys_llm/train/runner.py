@@ -111,7 +111,7 @@ from recsys_llm.train.run_records import (
     split_file_stats,
     strict_json,
 )
-from recsys_llm.train.sharding import build_optimizer, describe_plan, shard_model
+from recsys_llm.train.sharding import build_optimizer, describe_plan, plan_line, shard_model
 from recsys_llm.train.task_builder import (
     BuiltTask,
     build_task,
@@ -296,6 +296,9 @@ def _train_in_run_dir(
              DATA_FINGERPRINTS_KEY: fingerprints, **built.plugins},
             indent=2, sort_keys=True, default=str))
         write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan))
+        if train_cfg.progress:
+            print(plan_line(plan, ctx.world_size, os.path.join(run_dir, "sharding_plan.json")), file=sys.stderr,
+                  flush=True)
     log = _RunLog(os.path.join(run_dir, METRICS_FILE), ctx.is_main)
 
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)

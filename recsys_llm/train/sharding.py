@@ -43,6 +43,7 @@ Example::
     print(describe_plan(plan))   # which ranks hold which table shards
 """
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -783,6 +784,19 @@ def check_shard_widths(plan: ShardingPlan) -> None:
                 "into equal shards of at least 128 that divide the width: give the table a width with such a "
                 "divisor up to 2,048 (e.g. a multiple of 128), e.g. by projecting the vectors it holds"
             )
+
+
+def plan_line(plan: ShardingPlan, world_size: int, where: str) -> str:
+    """One line on ``plan``: its tables by sharding type, the ranks, the weights in shards (replicated
+    tables have none), and ``where`` the plan is kept."""
+    placements = table_placements(plan)
+    types = collections.Counter(placement["sharding_type"] for placement in placements.values())
+    sharded = sum(shard["sizes"][0] * shard["sizes"][1] for placement in placements.values()
+                  for shard in placement["shards"])
+    by_type = ", ".join(f"{count} {kind.replace('_', '-')}" for kind, count in sorted(types.items()))
+    weights = f"{sharded / 1e6:.1f} M" if sharded >= 10**6 else f"{sharded:,}"
+    return (f"sharding: {len(placements)} table(s) over {world_size} rank(s) ({by_type}; {weights} weights in "
+            f"shards); the plan: {where}")
 
 
 def table_placements(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:

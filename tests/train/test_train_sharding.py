@@ -824,3 +824,18 @@ def test_host_memory_is_the_cgroup_limit_where_lower_than_the_hosts(tmp_path, mo
     limit_file.write_text(limit.format(physical_times_4=physical * 4))
     monkeypatch.setattr(sharding, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"), str(limit_file)))
     assert sharding.host_memory() == (physical if expected is None else expected)
+
+
+def test_the_plan_line_counts_tables_by_sharding_type_and_their_weights() -> None:
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    from recsys_llm.train.sharding import plan_line
+
+    planner = EmbeddingShardingPlanner(topology=build_topology(2, "cuda", hbm_cap=80 << 30), batch_size=256,
+                                       constraints={"wide": ParameterConstraints(sharding_types=["column_wise"])})
+    plan = planner.plan(_WideTable(512), [EmbeddingBagCollectionSharder()])
+    assert plan_line(plan, 2, "runs/x/sharding_plan.json") == (
+        "sharding: 1 table(s) over 2 rank(s) (1 column-wise; 512,000 weights in shards); the plan: "
+        "runs/x/sharding_plan.json")
