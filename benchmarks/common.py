@@ -306,9 +306,23 @@ def bar_chart(
     if not is_rank_zero():
         return
     plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(max(4.0, 1.4 * len(values) + 1.5), 3.6))
+    value_bars(axis, values, ylabel, title, errors)
+    _save(fig, path)
+
+
+def value_bars(
+    axis: Any,
+    values: Mapping[str, float],
+    ylabel: str,
+    title: str = "",
+    errors: Optional[Mapping[str, Tuple[float, float]]] = None,
+    log: bool = False,
+) -> None:
+    """:func:`bar_chart`'s bars on ``axis``, each labelled with its value; ``log``: a log scale (for
+    values orders of magnitude apart, e.g. a reader alone beside training loops)."""
     labels = list(values)
     heights = [float(values[k]) for k in labels]
-    fig, axis = plt.subplots(figsize=(max(4.0, 1.4 * len(labels) + 1.5), 3.6))
     yerr = None
     if errors:
         yerr = [
@@ -317,14 +331,16 @@ def bar_chart(
         ]
     bars = axis.bar(range(len(labels)), heights, yerr=yerr, capsize=4, color="#4C72B0")
     axis.set_xticks(range(len(labels)))
-    axis.set_xticklabels(labels, rotation=15, ha="right")
+    axis.set_xticklabels(labels, rotation=15, ha="right", fontsize=8)
     axis.set_ylabel(ylabel)
-    axis.set_title(title)
+    axis.set_title(title, fontsize=9)
+    if log:
+        axis.set_yscale("log")
+    axis.margins(y=0.25 if log else 0.12)  # room above the tallest bar for its label
     for label, bar, height in zip(labels, bars, heights):
         top = max(height, errors[label][1]) if errors and label in errors else height
         axis.annotate(f"{height:,.0f}" if height >= 100 else f"{height:.3g}",
                       (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom", fontsize=8)
-    _save(fig, path)
 
 
 def line_chart(

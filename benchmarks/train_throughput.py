@@ -64,21 +64,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     RATIO_METHOD,
-    bar_chart,
     best_of_rounds_ratio,
     device_synchronize,
     interleaved_repeats,
     median,
     parse_args,
     print_summary,
+    ratio_bars,
     result_payload,
     single_rank_context,
     timed_steps,
+    two_panel_figure,
+    value_bars,
     write_json,
 )
 
 NAME = "train_throughput"
 GOAL_RATIO_VS_TORCHREC_LOOP = 0.95
+
+
+def _ratio_label(key: str) -> str:
+    """A bar's label for a ``ratio_*`` figure of the JSON."""
+    name = key[len("ratio_"):]
+    if name == "vs_torchrec_loop":
+        return "project\nvs torchrec loop"
+    contender, baseline = name.split("_vs_")
+    if contender != "parquet":  # a reader variant: parquet_deep_prefetch
+        contender = contender.removeprefix("parquet_")
+    return f"{contender.replace('_', ' ')}\nvs {baseline}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,12 +456,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
         table=table,
     )
     write_json(args.json, payload)
-    bar_chart(
+    figures = {key: value for key, value in payload.items() if key.startswith("ratio_")}
+    two_panel_figure(
         args.plot,
-        medians,
-        ylabel="samples/s",
-        title=f"DLRM_DCN {sizes.num_tables}x{sizes.rows_per_table}x{sizes.embedding_dim}, batch {sizes.batch_size}",
-        errors={name: (min(values), max(values)) for name, values in rounds.items()},
+        lambda left: value_bars(
+            left, medians, ylabel="samples/s: median, bars min-max of rounds (log)",
+            title=f"DLRM_DCN {sizes.num_tables}x{sizes.rows_per_table}x{sizes.embedding_dim}, batch "
+                  f"{sizes.batch_size}; {context.device.type}, {args.mode}",
+            errors={name: (min(values), max(values)) for name, values in rounds.items()}, log=True),
+        lambda right: ratio_bars(right, {_ratio_label(key): value for key, value in figures.items()},
+                                 {_ratio_label("ratio_vs_torchrec_loop"): GOAL_RATIO_VS_TORCHREC_LOOP},
+                                 "ratios of the best rounds (the JSON's headline figures)"),
     )
     print_summary(NAME, payload)
     if args.mode != "smoke" and payload["ratio_vs_torchrec_loop"] < GOAL_RATIO_VS_TORCHREC_LOOP:
