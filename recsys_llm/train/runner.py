@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer
+from tqdm import tqdm
 
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.parquet import ParquetBatchReader
@@ -124,6 +125,7 @@ from recsys_llm.train.task_builder import (
 # Called on every rank after each optimizer step (and after a checkpoint of that step).
 StepHook = Callable[[TrainState], None]
 LOSS_RECORD_STEPS = 50  # a `train` record of metrics.jsonl: the mean batch loss of this many steps
+SLOW_SAVE_SECONDS = 10.0  # a mid-epoch checkpoint save that took this long is named under the progress bar
 
 
 class _RunLog:
@@ -334,7 +336,11 @@ def _train_in_run_dir(
             window[0], window[1] = 0.0, 0
         if train_cfg.checkpoint_every and state.global_step % train_cfg.checkpoint_every == 0:
             check_finite_loss(loss, f"step {state.global_step}")  # a NaN step makes every later loss NaN
-            checkpoints.save(model, optimizer, state)
+            started = time.perf_counter()
+            path = checkpoints.save(model, optimizer, state)
+            seconds = time.perf_counter() - started
+            if ctx.is_main and train_cfg.progress and seconds >= SLOW_SAVE_SECONDS:  # the bar stood still meanwhile
+                tqdm.write(f"step {state.global_step}: checkpoint saved in {seconds:.0f} s ({path})", file=sys.stderr)
         if on_step is not None:
             on_step(state)
         return budget_spent(state, train_cfg)  # within an epoch, only max_steps can be spent

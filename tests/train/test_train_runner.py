@@ -1349,3 +1349,25 @@ def test_a_train_record_holds_the_mean_loss_of_its_50_steps(synthetic_dir: str, 
     (epoch,) = [r for r in records if r["event"] == "epoch"]
     assert train["global_step"] == 50 and train["steps"] == 50 and epoch["steps"] == 50
     assert train["loss"] == pytest.approx(epoch["mean_loss"], rel=1e-5)  # equal batches: the epoch's mean
+
+
+def _stderr_of_a_run_whose_saves_count_as_slow(schema_dir: str, run_dir: str) -> str:
+    import contextlib
+    import io
+
+    from recsys_llm.train import runner
+
+    runner.SLOW_SAVE_SECONDS = 0.0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        _run(schema_dir, run_dir, ["train.epochs=1", "train.checkpoint_every=4", "train.progress=true"])
+    return err.getvalue()
+
+
+@pytest.mark.multiprocess
+def test_a_slow_mid_epoch_checkpoint_save_is_named_under_the_bar(synthetic_dir: str, tmp_path) -> None:
+    """At scale a save takes minutes, and the bar stood still without a word."""
+    (err,) = run_multiprocess(_stderr_of_a_run_whose_saves_count_as_slow, world_size=1, schema_dir=synthetic_dir,
+                              run_dir=str(tmp_path / "run"))
+    assert re.search(rf"step 4: checkpoint saved in \d+ s \({re.escape(str(tmp_path / 'run'))}/checkpoints/", err), err
+    assert "step 8: checkpoint saved in" in err
