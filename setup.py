@@ -24,6 +24,7 @@ setup(
         "pyarrow>=14",
         "numpy",
         "peft>=0.11",
+        "accelerate>=0.26",  # from_pretrained(device_map=...) under transformers 4.x (peft asks only for 0.21)
         "safetensors",
         "pyyaml",
         "tqdm",

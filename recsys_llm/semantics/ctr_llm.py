@@ -225,9 +225,8 @@ class CTRAdaptedLLM(nn.Module):
                 for it (off: such a model is refused); not saved with the adapted LLM, so
                 each load asks again.
             device (Optional[torch.device]): where the base model's weights load, straight from
-                their files (no copy in host memory first); None: the CPU. The heads start on the
-                CPU's random stream whatever the device; LoRA's initial weights draw from the
-                device's.
+                their files (no copy in host memory first); None: the CPU. The heads and LoRA start
+                on the CPU's random stream whatever the device.
         """
         torch.manual_seed(config.seed)
         # checks the directory and its files, pads decoders

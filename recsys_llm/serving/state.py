@@ -177,8 +177,12 @@ def _torch_load(path: str, mmap: bool) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if (weights_only_reason(error) or "").startswith("Unsupported operand"):  # no pickle at all: no object refused
-            raise _damaged_torch_save_file(path, error) from error
+        if (weights_only_reason(error) or "").startswith("Unsupported operand"):  # no object refused: other bytes
+            raise ValueError(
+                f"{path}: damaged or incomplete state file, or a torch.save of pickle protocol 0 or 1 "
+                f"({telling_line(error)}); expected a complete torch.save (default protocol) or .safetensors file of "
+                "tensors: write it again (`recsys-llm export --state-only`)"
+            ) from error
         raise pickle.UnpicklingError(
             f"{path}: refused: the file holds objects other than tensors ({telling_line(error)}); expected a state "
             "dict of tensors only (torch.load with weights_only=True, no code runs): write it with "

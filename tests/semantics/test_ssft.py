@@ -121,6 +121,12 @@ class TestSSFT:
         straight = SSFTTrainer(_config(tiny_llama_dir, epochs=2, **small), tiny_schema, straight_dir).run()
         assert resumed["epochs"] == 2 and resumed["history"][0] == first["history"][0]
         assert resumed["after"]["loss"] == pytest.approx(straight["after"]["loss"], rel=1e-4)
+        # no epoch left: the checkpoint's weights are scored once, for the final scores
+        again = SSFTTrainer(_config(tiny_llama_dir, epochs=2, **small), tiny_schema, resumed_dir)
+        scorings = []
+        evaluate = again.evaluate
+        again.evaluate = lambda *args: scorings.append(1) or evaluate(*args)
+        assert again.run()["after"]["loss"] == pytest.approx(resumed["after"]["loss"], rel=1e-4) and scorings == [1]
         with pytest.raises(ValueError, match=r"other settings \(learning_rate: 0.003 -> 0.0001\)"):
             SSFTTrainer(_config(tiny_llama_dir, epochs=3, learning_rate=1e-4, **small), tiny_schema, resumed_dir).run()
 
@@ -192,9 +198,13 @@ class TestSSFT:
         trainer = SSFTTrainer(config, tiny_schema, str(tmp_path / "bert"))
         assert trainer.encoder.pooling == "mean"
         assert any(".query.lora_A" in n for n, _ in trainer.encoder.model.named_parameters())
+        scorings = []
+        evaluate = trainer.evaluate
+        trainer.evaluate = lambda *args: scorings.append(1) or evaluate(*args)
         metrics = trainer.run()
         assert metrics["after"]["loss"] < metrics["before"]["loss"]
         # the last epoch's held-out scores are the final ones (not scored again), said after each epoch and drawn
+        assert len(scorings) == 1 + 2  # before tuning, after each epoch
         assert metrics["after"]["accuracy"] == metrics["history"][-1]["valid_accuracy"]
         err = capsys.readouterr().err
         for epoch in metrics["history"]:
