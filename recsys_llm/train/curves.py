@@ -2,7 +2,8 @@
 
 Drawn from the records of ``metrics.jsonl`` that stand (``run_records.read_metrics``: a resumed
 job's repeated steps replace the interrupted job's), so a run resumed any number of times gives
-one curve (an epoch resumed mid-way has the mean loss of its steps after the resume).
+one curve (an epoch resumed mid-way has the mean loss of its steps after the resume, as has the
+first 50-step record after the resume).
 ``run_training`` writes it at the end of every run, beside ``results.json``::
 
     run_dir/training_curves.png   left: loss (the mean of every 50 steps, and each epoch's mean, over the ranks)

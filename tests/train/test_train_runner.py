@@ -161,8 +161,13 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(synthetic_di
     assert results[0]["valid"] == results[1]["valid"]
     # the resumed run's picture is the straight run's: the killed job's steps after its checkpoint are not drawn
     curves = [training_curves(read_metrics(d)) for d in (killed_dir, straight_dir)]
-    assert sorted(curves[0]) == sorted(curves[1]) == ["epoch loss", "loss", "valid auc"]
-    assert curves[0]["loss"] == curves[1]["loss"] and curves[0]["valid auc"] == curves[1]["valid auc"]
+    assert sorted(curves[0]) == sorted(curves[1]) == ["epoch loss", "loss", "valid auc", "valid logloss"]
+    assert curves[0]["valid auc"] == curves[1]["valid auc"] and curves[0]["valid logloss"] == curves[1]["valid logloss"]
+    # a loss record is the mean of its 50 steps; the first one after the resume, of its steps after the resume
+    resumed_at = resumes[0]["global_step"]
+    assert curves[0]["loss"][0] == curves[1]["loss"][0]
+    for step, resumed_loss, straight_loss in zip(curves[0]["loss"][0], curves[0]["loss"][1], curves[1]["loss"][1]):
+        assert (resumed_loss == straight_loss) == (not step - 50 < resumed_at < step), (step, resumed_at)
     assert curves[0]["epoch loss"][0] == curves[1]["epoch loss"][0]  # the resumed epoch's mean: its steps after the resume
     assert all(os.path.isfile(os.path.join(d, CURVES_FILE)) for d in (killed_dir, straight_dir))
 
