@@ -32,15 +32,10 @@ Backward = Callable[..., Tuple[Optional[torch.Tensor], ...]]
 class _NoSecondOrder(torch.autograd.Function):
     """Identity on a gradient computed without a graph; differentiating through it raises."""
 
-    generate_vmap_rule = True  # torch.func transforms the kernels' backwards through it
-
     @staticmethod
-    def forward(grad: torch.Tensor, kernel: str, *anchors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, grad: torch.Tensor, kernel: str, *anchors: torch.Tensor) -> torch.Tensor:
+        ctx.kernel = kernel
         return grad.view_as(grad)
-
-    @staticmethod
-    def setup_context(ctx, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
-        ctx.kernel = inputs[1]
 
     @staticmethod
     def backward(ctx, *_: torch.Tensor):

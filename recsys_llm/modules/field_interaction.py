@@ -44,8 +44,7 @@ def _semantic_pair_matrix(
     """(K, K) in ``fields``' dtype: ``scale * (weight @ similarity + bias)`` at ``flat_pairs``, zeros elsewhere."""
     num_keys = fields.size(1)
     pair_weights = torch.addmv(bias, weight, similarity).mul_(scale).to(fields.dtype)  # (P,)
-    # made from the weights, not the fields: not batched by torch.func.vmap where the fields are
-    pair_matrix = pair_weights.new_zeros(num_keys * num_keys).index_copy_(0, flat_pairs, pair_weights)
+    pair_matrix = fields.new_zeros(num_keys * num_keys).index_copy_(0, flat_pairs, pair_weights)
     return pair_matrix.view(num_keys, num_keys)
 
 
@@ -58,40 +57,27 @@ class _SemanticPairSum(torch.autograd.Function):
 
     * d/dx: as :func:`~recsys_llm.models.pairwise.pair_sum_backward`
     * d/dw_p = lambda * (d/dM)[flat_p]; d/dW = (d/dw) S^T; d/dc = d/dw
-
-    The pair matrix and the Gram the backward reuses are outputs of their own, marked
-    non-differentiable (``setup_context``: ``torch.func`` transforms it).
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(
+        ctx,
         fields: torch.Tensor,  # (B, K, D)
         similarity: torch.Tensor,  # (P,)
         weight: torch.Tensor,  # (P, P)
         bias: torch.Tensor,  # (P,)
         flat_pairs: torch.Tensor,  # (P,) index of each pair (i, j) in the flattened (K, K) matrix
         scale: float,
-    ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    ) -> torch.Tensor:
         pair_matrix = _semantic_pair_matrix(fields, similarity, weight, bias, flat_pairs, scale)  # (K, K)
         out, gram = pair_sum_forward(fields, pair_matrix)  # (B,), (B, K * K)
-        return out, pair_matrix, gram
-
-    @staticmethod
-    def setup_context(ctx, inputs: "tuple[Any, ...]", output: "tuple[torch.Tensor, ...]") -> None:
-        fields, similarity, weight, bias, flat_pairs, scale = inputs
-        _, pair_matrix, gram = output
-        ctx.mark_non_differentiable(pair_matrix, gram)
-        ctx.set_materialize_grads(False)  # no zeros made for their gradients
         ctx.save_for_backward(fields, pair_matrix, gram, similarity, flat_pairs, weight, bias)
         ctx.scale = scale
+        return out
 
     @staticmethod
     @first_order_only("FIE's pair-sum kernel (semantic_pair_sum)")
-    def backward(ctx, grad: Optional[torch.Tensor], *_: Optional[torch.Tensor]) -> "tuple[Optional[torch.Tensor], ...]":
-        if grad is None:  # no gradient reached the sum (the pair matrix's and the Gram's never do)
-            return None, None, None, None, None, None
+    def backward(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
         fields, pair_matrix, gram, similarity, flat_pairs, _, _ = ctx.saved_tensors
         grad_fields, grad_matrix = pair_sum_backward(grad, fields, pair_matrix, gram)
         grad_pairs = grad_matrix.view(-1).index_select(0, flat_pairs).mul_(ctx.scale).to(similarity.dtype)  # (P,)
@@ -125,7 +111,7 @@ def semantic_pair_sum(
         torch.Tensor: (B,).
     """
     if torch.is_grad_enabled() and (fields.requires_grad or weight.requires_grad or bias.requires_grad):
-        return _SemanticPairSum.apply(fields, similarity, weight, bias, flat_pairs, scale)[0]
+        return _SemanticPairSum.apply(fields, similarity, weight, bias, flat_pairs, scale)
     with torch.no_grad():
         pair_matrix = _semantic_pair_matrix(fields, similarity, weight, bias, flat_pairs, scale)
     return weighted_pair_sum(fields, pair_matrix)

@@ -50,21 +50,17 @@ class _ProjectedFieldKL(torch.autograd.Function):
 
     An empty batch (B = 0) gives 0 and zero gradients: there is no sample to pull toward the
     targets, and a 0 / 0 would put NaN into W's gradient (all-reduced to every rank under DDP).
-
-    What the backward reuses is returned beside the loss, marked non-differentiable
-    (``setup_context``: ``torch.func`` transforms it).
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(
+        ctx,
         fields: torch.Tensor,  # (B, F, D)
         field_vectors: torch.Tensor,  # (F, d_llm), rows with m_f = 0 are ignored
         weight: torch.Tensor,  # (D, d_llm)
         bias: torch.Tensor,  # (D,)
         field_weight: torch.Tensor,  # (F,)
-    ) -> "tuple[torch.Tensor, ...]":
+    ) -> torch.Tensor:
         batch_size = fields.size(0)
         log_p = F.log_softmax(torch.addmm(bias, field_vectors, weight.t()), dim=-1)  # (F, D)
         weighted_p = log_p.exp().mul_(field_weight.unsqueeze(-1))  # (F, D)
@@ -74,22 +70,12 @@ class _ProjectedFieldKL(torch.autograd.Function):
         log_q_sum = log_q.sum(dim=0, dtype=torch.promote_types(log_q.dtype, log_p.dtype))  # (F, D)
         gap = torch.sub(log_p * batch_size, log_q_sum)  # (F, D): B (log p_f - mean_b log q_{b,f}); 0 when B = 0
         count = field_weight.sum()
-        loss = torch.dot(weighted_p.to(gap.dtype).flatten(), gap.flatten()) / (max(batch_size, 1) * count)
-        return loss, log_q, gap, weighted_p, log_p, count
-
-    @staticmethod
-    def setup_context(ctx, inputs: "tuple[torch.Tensor, ...]", output: "tuple[torch.Tensor, ...]") -> None:
-        fields, field_vectors, weight, bias, _ = inputs
-        saved = output[1:]  # log_q, gap, weighted_p, log_p, count
-        ctx.mark_non_differentiable(*saved)
-        ctx.set_materialize_grads(False)  # no zeros made for their gradients
-        ctx.save_for_backward(*saved, field_vectors, fields, weight, bias)
+        ctx.save_for_backward(log_q, gap, weighted_p, log_p, count, field_vectors, fields, weight, bias)
+        return torch.dot(weighted_p.to(gap.dtype).flatten(), gap.flatten()) / (max(batch_size, 1) * count)
 
     @staticmethod
     @first_order_only("FRE's KL kernel (projected_field_kl)")
-    def backward(ctx, grad: Optional[torch.Tensor], *_: Optional[torch.Tensor]) -> "tuple[Optional[torch.Tensor], ...]":
-        if grad is None:  # no gradient reached the loss (what it saves never gets one)
-            return None, None, None, None, None
+    def backward(ctx, grad: torch.Tensor) -> "tuple[Optional[torch.Tensor], ...]":
         with torch.autocast(grad.device.type, enabled=False):  # a backward run inside autocast: the forward's dtypes
             return _ProjectedFieldKL._gradients(ctx, grad)
 
@@ -163,7 +149,7 @@ def projected_field_kl(
     if torch.is_autocast_enabled(device_type):
         fields = fields.float()
     with torch.autocast(device_type, enabled=False):
-        return _ProjectedFieldKL.apply(fields, vectors_by_key, weight, bias, key_weight)[0]
+        return _ProjectedFieldKL.apply(fields, vectors_by_key, weight, bias, key_weight)
 
 
 class FieldRepresentationEnhancement(nn.Module):
