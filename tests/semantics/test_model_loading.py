@@ -510,3 +510,26 @@ def test_a_package_the_model_needs_that_is_missing_is_one_line(tiny_bert_dir, mo
     monkeypatch.setattr(model_loading, "_model_class", lambda config: Needs)
     with pytest.raises(ValueError, match=rf"^{tiny_bert_dir}: cannot build the model \(FlashAttention2 has been"):
         load_model(tiny_bert_dir, torch.device("cpu"), torch.float32)
+
+
+def test_the_weights_load_straight_onto_the_device_asked_for(tiny_bert_dir, monkeypatch) -> None:
+    """Through from_pretrained's device_map: loaded on the CPU and moved after, a model held a whole host-memory copy
+    per rank first (each GPU rank's, under torchrun). The real from_pretrained runs; its arguments are recorded."""
+    from transformers import BertModel
+
+    from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig
+
+    calls = []
+    real = BertModel.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        calls.append(kwargs.get("device_map"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(BertModel, "from_pretrained", classmethod(recording))
+    cpu = torch.device("cpu")
+    assert load_model(tiny_bert_dir, cpu, torch.float32).device == cpu and calls == [{"": cpu}]
+    first_cpu = torch.device("cpu", 0)  # another device than the CPU default from_config had
+    CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=tiny_bert_dir, representation_dim=4, hidden_dim=8),
+                              device=first_cpu)
+    assert calls[-1] == {"": first_cpu}

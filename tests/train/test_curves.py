@@ -71,3 +71,6 @@ def test_a_single_training_loss_record_is_drawn(tmp_path, monkeypatch) -> None:
     assert plot_training_curves(str(tmp_path))
     (line,) = [line for line in drawn[0].axes[0].get_lines() if line.get_label().startswith("training loss")]
     assert list(line.get_xdata()) == [50] and line.get_marker() not in ("None", "", None)
+    # the validation LogLoss beside it, a gap that opens showing overfitting
+    (valid,) = [line for line in drawn[0].axes[0].get_lines() if line.get_label() == "validation LogLoss"]
+    assert list(valid.get_xdata()) == [80] and list(valid.get_ydata()) == [0.64]

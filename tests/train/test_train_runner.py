@@ -1376,3 +1376,6 @@ def test_a_slow_mid_epoch_checkpoint_save_is_named_under_the_bar(synthetic_dir: 
                               run_dir=str(tmp_path / "run"))
     assert re.search(rf"step 4: checkpoint saved in \d+ s \({re.escape(str(tmp_path / 'run'))}/checkpoints/", err), err
     assert "step 8: checkpoint saved in" in err
+    # and before the first step, how the tables were sharded
+    assert re.search(r"sharding: \d+ table\(s\) over 1 rank\(s\) \([^;]+; [\d,.]+ (M )?weights in shards\); "
+                     rf"the plan: {re.escape(str(tmp_path / 'run' / 'sharding_plan.json'))}", err), err
