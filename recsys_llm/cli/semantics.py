@@ -155,7 +155,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
 
     tune = commands.add_parser("tune", help="SSFT: LoRA-tune an LLM to tell which field a value belongs to")
     _common(tune, training=True)
-    tune.add_argument("--output-dir", required=True, help="adapter/, checkpoint/, metrics.json and field_retrieval.png go here")
+    tune.add_argument("--output-dir", required=True,
+                      help="adapter/, checkpoint/, metrics.json and field_retrieval.png go here")
     tune.add_argument("--samples-train", type=int, default=1000, help="S_train distinct values per field")
     tune.add_argument("--samples-valid", type=int, default=100, help="S_valid held-out values per field")
     tune.add_argument("--epochs", type=int, default=2, help="passes over the training prompts")

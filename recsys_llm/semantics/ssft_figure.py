@@ -41,7 +41,8 @@ def plot_field_retrieval(metrics: Dict[str, Any], path: str) -> Optional[str]:
     axis.axhline(metrics["after"]["chance"], color="tab:red", linestyle="--", linewidth=1,
                  label=f"chance (1 / {len(metrics['fields'])} fields)")
     axis.set_xticks(list(positions), fields, rotation=45, ha="right", fontsize=8)
-    axis.set(ylim=(0, 1.5), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel="held-out field retrieval accuracy")  # legend above 1
+    # room above 1 for the legend
+    axis.set(ylim=(0, 1.5), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel="held-out field retrieval accuracy")
     axis.set_title(f"SSFT: the field each of {metrics['num_valid']} held-out prompts retrieves", fontsize=10)
     axis.legend(fontsize=8, loc="upper right")
     axis.grid(alpha=0.3, axis="y")
