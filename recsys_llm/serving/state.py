@@ -178,11 +178,7 @@ def _torch_load(path: str, mmap: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if (weights_only_reason(error) or "").startswith("Unsupported operand"):  # no object refused: other bytes
-            raise ValueError(
-                f"{path}: damaged or incomplete state file, or a torch.save of pickle protocol 0 or 1 "
-                f"({telling_line(error)}); expected a complete torch.save (default protocol) or .safetensors file of "
-                "tensors: write it again (`recsys-llm export --state-only`)"
-            ) from error
+            raise _damaged_torch_save_file(path, error, old_protocol=True) from error
         raise pickle.UnpicklingError(
             f"{path}: refused: the file holds objects other than tensors ({telling_line(error)}); expected a state "
             "dict of tensors only (torch.load with weights_only=True, no code runs): write it with "
@@ -192,11 +188,15 @@ def _torch_load(path: str, mmap: bool) -> Any:
         raise _damaged_torch_save_file(path, error) from error
 
 
-def _damaged_torch_save_file(path: str, error: BaseException) -> ValueError:
-    """The error for a file that is no complete ``torch.save`` file."""
+def _damaged_torch_save_file(path: str, error: BaseException, old_protocol: bool = False) -> ValueError:
+    """The error for a file that is no complete ``torch.save`` file; ``old_protocol``: or one of a pickle
+    protocol torch's weights-only unpickler does not read (0 or 1)."""
+    also, protocol = ("", "")
+    if old_protocol:
+        also, protocol = ", or a torch.save of pickle protocol 0 or 1", " (default protocol)"
     return ValueError(
-        f"{path}: damaged or incomplete state file ({telling_line(error)}); expected a complete torch.save or "
-        ".safetensors file of tensors: write it again (`recsys-llm export --state-only`)"
+        f"{path}: damaged or incomplete state file{also} ({telling_line(error)}); expected a complete "
+        f"torch.save{protocol} or .safetensors file of tensors: write it again (`recsys-llm export --state-only`)"
     )
 
 
