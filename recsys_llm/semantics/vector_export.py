@@ -776,9 +776,11 @@ def splits_of_an_earlier_row_export(directory: str, schema: DatasetSchema, rende
     if granularity != "row" or in_sorted_order == in_schema_order or not os.path.isfile(path):
         return None
     made = load_manifest(path).get("keys_sha256")
+    keys = {split: export_rows(schema, [split], renderer, "row").column(schema.row_key).to_numpy()
+            for split in in_schema_order}  # each split's keys read once, for both orders
 
     def digest(splits: List[str]) -> str:
-        return keys_sha256(export_rows(schema, splits, renderer, "row").column(schema.row_key))
+        return keys_sha256(np.concatenate([keys[split] for split in splits]))
 
     if made != digest(in_schema_order) and made == digest(in_sorted_order):
         return in_sorted_order
