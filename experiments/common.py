@@ -218,6 +218,26 @@ def run_cli_step(argv: Sequence[str], done_file: Optional[str]) -> None:
 TUNE_ON = ("all-seeds", "first-seed")
 
 
+class RunCounter:
+    """Numbers a table's training runs as they come, ``k/N`` with ``N`` planned up front
+    (runs finished earlier and runs reused from another table count too)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.count = 0
+
+    def next_label(self) -> str:
+        """The next run's ``k/N``."""
+        self.count += 1
+        return f"{self.count}/{self.total}"
+
+
+def tuning_runs(num_settings: int, num_seeds: int, tune_on: str) -> int:
+    """How many runs :func:`tune_on_validation` makes for ``num_settings`` settings and ``num_seeds`` seeds."""
+    tune_seeds = num_seeds if tune_on == "all-seeds" else min(num_seeds, 1)
+    return num_settings * tune_seeds + num_seeds - tune_seeds
+
+
 def tune_on_validation(
     settings: Sequence[str], seeds: Sequence[int], run: Callable[[str, int], Dict], tune_on: str
 ) -> Tuple[str, List[Dict], Dict[str, Optional[float]]]:
@@ -279,6 +299,7 @@ def run_variant(
     run_dir: str,
     prepare: Optional[Callable[[], None]] = None,
     reuse: Sequence[str] = (),
+    counter: Optional[RunCounter] = None,
 ) -> Dict:
     """One training run (or its saved results when ``run_dir/results.json`` exists).
 
@@ -290,7 +311,9 @@ def run_variant(
         reuse (Sequence[str]): finished run directories of other tables; one whose saved
             ``config.yaml`` equals this run's config (run dir and progress bar aside) is
             reused instead of training again.
+        counter (Optional[RunCounter]): numbers the run in its progress line (``[run 7/120]``).
     """
+    number = f" {counter.next_label()}" if counter is not None else ""
     config = load_config(config_path, list(overrides) + [f"train.run_dir={run_dir}", "train.progress=false"])
     finished = finished_results(run_dir)
     if finished is not None:
@@ -300,10 +323,11 @@ def run_variant(
                 f"{run_dir}: holds a finished run of other settings ({'; '.join(differences)}); "
                 "remove it or pass another --out"
             )
+        print(f"[done{number}] {run_dir}: finished earlier", flush=True)
         return finished
     for other in reuse:
         if _same_experiment(config, other):
-            print(f"[reuse] {run_dir}: identical finished run {other}", flush=True)
+            print(f"[reuse{number}] {run_dir}: identical finished run {other}", flush=True)
             return finished_results(other)
     if prepare is not None:
         prepare()
@@ -312,7 +336,8 @@ def run_variant(
     # one line per run: the drivers train with the progress bar off, and a table is up to hundreds of runs
     aucs = [results.get(split, {}).get("auc") for split in ("valid", "test")]
     valid, test = (f"{auc:.4f}" if isinstance(auc, float) else str(auc) for auc in aucs)  # None: never validated
-    print(f"[run] {run_dir}: valid AUC {valid}, test AUC {test} ({time.perf_counter() - started:.0f} s)", flush=True)
+    seconds = time.perf_counter() - started
+    print(f"[run{number}] {run_dir}: valid AUC {valid}, test AUC {test} ({seconds:.0f} s)", flush=True)
     return results
 
 

@@ -58,6 +58,7 @@ from recsys_llm.semantics.ctr_llm_checkpoint import adapt_checkpoint_dir, remove
 from recsys_llm.train.checkpoint import checkpoint_digests, resolve_checkpoint
 
 from experiments.common import (
+    RunCounter,
     add_tune_on_argument,
     base_config_path,
     check_tables_replaceable,
@@ -74,6 +75,7 @@ from experiments.common import (
     tables_dir,
     tune_on_validation,
     tuned_on,
+    tuning_runs,
     write_outputs,
 )
 
@@ -202,12 +204,23 @@ def export_frozen_teacher(gain_dir: str, state_dir: str) -> None:
         run_cli_step(command, done)
 
 
+def runs_per_backbone(num_seeds: int, tune_on: str, swap_fields: Sequence[str] = (),
+                      swap_catalog: Optional[str] = None) -> int:
+    """How many training runs :func:`run_backbone` makes: plain and gain on every seed, then each
+    student's grid (joint, the swapped-pair ones, offline)."""
+    students = [len(ALPHAS) * len(BETAS)] * 2
+    if swap_fields:
+        students += [len(SWAP_ALPHAS) * len(SWAP_BETAS)] * (2 if swap_catalog else 1)
+    return 2 * num_seeds + sum(tuning_runs(settings, num_seeds, tune_on) for settings in students)
+
+
 def run_backbone(
     data: str, backbone: str, schema: str, base_schema: str, seeds: Sequence[int], work: str, quick: bool,
     vector_overrides: Sequence[str] = (), swap_fields: Sequence[str] = (), swap_catalog: Optional[str] = None,
-    tune_on: str = "all-seeds",
+    tune_on: str = "all-seeds", counter: Optional[RunCounter] = None,
 ) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
-    """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``.
+    """All variants of one backbone (:func:`runs_per_backbone` runs, numbered by ``counter``); returns
+    ``({variant: [results per seed]}, {variant: choice})``.
 
     With ``swap_fields`` (entity-table vectors only), a student is distilled from the frozen
     gain network on swapped pairs too (``elec.distill.swap_fields``); with ``swap_catalog`` as
@@ -219,7 +232,7 @@ def run_backbone(
 
     def run(name: str, seed: int, extra: List[str], reuse: Sequence[str] = ()) -> Dict:
         run_dir = os.path.join(work, backbone, name, f"seed{seed}")
-        return run_variant(config, common + [f"train.seed={seed}"] + extra, run_dir, reuse=reuse)
+        return run_variant(config, common + [f"train.seed={seed}"] + extra, run_dir, reuse=reuse, counter=counter)
 
     # plain reads only the tabular columns: it trains on the original splits, so the runs of
     # experiments.ml100k_backbones with an identical config are reused
@@ -318,9 +331,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     swap_catalog = os.path.join(os.path.dirname(base_schema), ITEM_CATALOG)
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
+    counter = RunCounter(len(backbones) * runs_per_backbone(len(args.seeds), args.tune_on, swap_fields, swap_catalog))
     for backbone in backbones:
         runs, choices[backbone] = run_backbone(args.data, backbone, schema, base_schema, args.seeds, work, args.quick,
-                                               vector_overrides, swap_fields, swap_catalog, args.tune_on)
+                                               vector_overrides, swap_fields, swap_catalog, args.tune_on, counter)
         tables[backbone] = summarize(runs)
         report(args, name, tables, choices, schema, entities, sample_rows, used_vector_dim(vector_overrides), started,
                argv)  # partial tables as they come

@@ -45,6 +45,7 @@ from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS
 from recsys_llm.semantics.store import load_vectors, save_vectors
 
 from experiments.common import (
+    RunCounter,
     add_tune_on_argument,
     base_config_path,
     check_tables_replaceable,
@@ -61,6 +62,7 @@ from experiments.common import (
     tables_dir,
     tune_on_validation,
     tuned_on,
+    tuning_runs,
     write_outputs,
 )
 
@@ -145,18 +147,25 @@ def _grid(variant: str) -> List[Tuple[float, float]]:
     return [(a, b) for a in fre for b in fie]
 
 
+def runs_per_backbone(num_seeds: int, tune_on: str) -> int:
+    """How many training runs :func:`run_backbone` makes: plain on every seed, then each variant's grid."""
+    return num_seeds + sum(tuning_runs(len(_grid(variant)), num_seeds, tune_on) for variant in VARIANTS)
+
+
 def run_backbone(
     data: str, backbone: str, schema: str, vectors: str, seeds: Sequence[int], work: str, quick: bool,
     tune_on: str = "all-seeds", fre_field_reduction: str = "sum", run_suffix: str = "",
+    counter: Optional[RunCounter] = None,
 ) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict]]:
-    """All variants of one backbone; returns ``({variant: [results per seed]}, {variant: choice})``.
-    ``run_suffix`` is appended to the variants' run names (plain's runs are shared)."""
+    """All variants of one backbone (:func:`runs_per_backbone` runs, numbered by ``counter``); returns
+    ``({variant: [results per seed]}, {variant: choice})``. ``run_suffix`` is appended to the variants'
+    run names (plain's runs are shared)."""
     config = base_config_path(data, backbone)
     common = model_overrides(data, backbone) + [f"data.schema={schema}"] + (["train.epochs=2"] if quick else [])
 
     def run(name: str, seed: int, extra: List[str], reuse: Sequence[str] = ()) -> Dict:
         run_dir = os.path.join(work, backbone, name, f"seed{seed}")
-        return run_variant(config, common + [f"train.seed={seed}"] + extra, run_dir, reuse=reuse)
+        return run_variant(config, common + [f"train.seed={seed}"] + extra, run_dir, reuse=reuse, counter=counter)
 
     # plain runs of experiments.ml100k_backbones with an identical config are reused
     backbone_runs = os.path.join(os.path.dirname(work), f"{data}_backbones", backbone)
@@ -212,9 +221,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         vectors = random_field_vectors(vectors, os.path.join(work, "fields_random.safetensors"))
     tables: Dict[str, Dict] = {}
     choices: Dict[str, Dict] = {}
+    counter = RunCounter(len(backbones) * runs_per_backbone(len(args.seeds), args.tune_on))
     for backbone in backbones:
         runs, choices[backbone] = run_backbone(args.data, backbone, schema, vectors, args.seeds, work, args.quick,
-                                               args.tune_on, args.fre_field_reduction, run_suffix)
+                                               args.tune_on, args.fre_field_reduction, run_suffix, counter)
         tables[backbone] = summarize(runs)
         report(args, name, tables, choices, vectors, ssft_metrics_path, started, argv)  # partial tables as they come
     return 0

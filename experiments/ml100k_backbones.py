@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from experiments.common import (
+    RunCounter,
     base_config_path,
     check_tables_replaceable,
     experiment_args,
@@ -33,12 +34,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_tables_replaceable(args, "ml100k_backbones", backbones)
     schema = prepared_schema("ml100k", args.data_dir, args.raw)
     tables = {}
+    counter = RunCounter(len(backbones) * len(args.seeds))
     for backbone in backbones:
         runs = []
         for seed in args.seeds:
             overrides = [f"data.schema={schema}", f"train.seed={seed}"] + (["train.epochs=2"] if args.quick else [])
             run_dir = os.path.join(args.out, "runs", "ml100k_backbones", backbone, f"seed{seed}")
-            runs.append(run_variant(base_config_path("ml100k", backbone), overrides, run_dir))
+            runs.append(run_variant(base_config_path("ml100k", backbone), overrides, run_dir, counter=counter))
         tables[backbone] = summarize({backbone: runs})[backbone]
         print(f"[ml100k] {backbone}: AUC {tables[backbone]['auc']['mean']:.4f} ± {tables[backbone]['auc']['std']:.4f}", flush=True)
     markdown = markdown_table(tables, ["auc", "logloss"])

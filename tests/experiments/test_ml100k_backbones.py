@@ -24,7 +24,7 @@ def test_the_table_records_a_quick_run_and_its_command(tmp_path, monkeypatch) ->
 
     result = {"valid": {"auc": 0.7}, "test": {"auc": 0.75, "logloss": 0.5}}
     monkeypatch.setattr(script, "prepared_schema", lambda data, data_dir, raw: "schema.json")
-    monkeypatch.setattr(script, "run_variant", lambda config, overrides, run_dir: result)
+    monkeypatch.setattr(script, "run_variant", lambda config, overrides, run_dir, counter: result)
     argv = ["--quick", "--backbones", "fm", "--seeds", "0", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     payload = json.loads((tmp_path / "ml100k_backbones.json").read_text(encoding="utf-8"))
@@ -43,7 +43,8 @@ def test_a_table_of_other_settings_is_not_replaced_before_any_work(tmp_path, mon
     result = {"valid": {"auc": 0.7}, "test": {"auc": 0.75, "logloss": 0.5}}
     trained = []
     monkeypatch.setattr(script, "prepared_schema", lambda data, data_dir, raw: "schema.json")
-    monkeypatch.setattr(script, "run_variant", lambda config, overrides, run_dir: trained.append(run_dir) or result)
+    monkeypatch.setattr(script, "run_variant",
+                        lambda config, overrides, run_dir, counter: trained.append(run_dir) or result)
     assert main(["--backbones", "fm", "fwfm", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "ml100k_backbones.json").read_text(encoding="utf-8")
     trained.clear()
