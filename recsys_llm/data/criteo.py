@@ -149,14 +149,17 @@ def _count_data_lines(path: str, limit: Optional[int] = None, progress: bool = F
 
     One streaming pass, decompressing a compressed file. With ``limit`` it stops as soon as
     ``limit`` lines are known to come before a non-blank one and returns ``limit``, so
-    ``--max-rows`` does not read the rest of a large file. ``progress`` shows the bytes read.
+    ``--max-rows`` does not read the rest of a large file. ``progress`` shows the bytes of the file
+    read (compressed ones for a compressed file, so the bar has its total there too).
     """
     lines = last = 0  # newlines seen; number of the last line holding a non-blank byte
-    compressed = path.endswith(_COMPRESSED_SUFFIXES)
-    bar = tqdm(total=None if compressed else os.path.getsize(path), desc="counting lines", unit="B",
-               unit_scale=True, disable=not progress, **interval_options())
+    bar = tqdm(total=os.path.getsize(path), desc="counting lines", unit="B", unit_scale=True, disable=not progress,
+               **interval_options())
+    raw = pa.OSFile(path)
     try:
-        with _open(path) as handle:
+        # as _open, with the file itself at hand for its position
+        compressed = path.endswith(_COMPRESSED_SUFFIXES)
+        with raw, (pa.CompressedInputStream(raw, pa.Codec.detect(path).name) if compressed else raw) as handle:
             while limit is None or last < limit:
                 chunk = _read(handle, block, path)
                 if not chunk:
@@ -165,7 +168,7 @@ def _count_data_lines(path: str, limit: Optional[int] = None, progress: bool = F
                 if end:
                     last = lines + chunk.count(b"\n", 0, end) + 1
                 lines += chunk.count(b"\n")
-                bar.update(len(chunk))
+                bar.update(raw.tell() - bar.n)
     finally:
         bar.close()
     return last if limit is None else min(last, limit)

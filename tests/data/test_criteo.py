@@ -366,3 +366,15 @@ def test_the_command_takes_one_table_size_or_one_per_field(capsys):
     with pytest.raises(SystemExit):
         parse("10,20")
     assert "expected an integer >= 2, or 26 of them separated by commas (C1..C26), got '10,20'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".zst", ".lz4"])
+def test_line_count_of_a_compressed_file_shows_its_progress_to_the_end(tmp_path, capsys, suffix):
+    """A compressed day was counted without a total: the bar gave no percentage or time left for its first pass."""
+    from recsys_llm.data.criteo import _count_data_lines
+
+    path = str(tmp_path / f"day_0{suffix}")
+    with pa.output_stream(path, compression="detect") as out:
+        out.write(b"".join(b"%d\t%d\n" % (i % 2, i) for i in range(5000)))
+    assert _count_data_lines(path, block=1024, progress=True) == 5000
+    assert "counting lines: 100%" in capsys.readouterr().err
