@@ -27,7 +27,7 @@ import warnings
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 
-def write_file_atomically(path: str, write: Callable[[IO[Any]], None], binary: bool = True) -> None:
+def write_file_atomically(path: str, write: Callable[[IO[Any]], object], binary: bool = True) -> None:
     """Calls ``write`` on ``<path>.<id>.tmp`` (bytes, or text in UTF-8), flushes and fsyncs it, and renames it
     over ``path``; a failure (a full disk, Ctrl-C) removes the temp file and leaves ``path`` as it was.
     The temp file is the writer's own: two processes writing ``path`` at once leave one's content whole

@@ -23,7 +23,7 @@ Example::
     load_semantic_vectors(model, "semantic_user_id", "vectors/users", expected=provenance)
 """
 
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from recsys_llm.models.base import CTRBackbone, CTROutput, check_weighted_poolin
 from recsys_llm.models.embedding import mark_filled_tables, mark_tables_on_load, require_allocated
 from recsys_llm.models.task import CTRTask
 from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
+
+if TYPE_CHECKING:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 TABLE_PREFIX = "semantic_"
 
@@ -205,7 +208,7 @@ def check_same_weighting(model: nn.Module, semantic_table: SemanticTable) -> Non
         )
 
 
-def table_weights(model: nn.Module, table_name: str) -> List[Tuple[str, object]]:
+def table_weights(model: nn.Module, table_name: str) -> List[Tuple[str, Union[torch.Tensor, "ShardedTensor"]]]:
     """(state-dict key, weight) of every copy of the table ``table_name`` in ``model``: a tensor,
     or on a DMP model a ``ShardedTensor`` of this rank's shards."""
     suffix = f"embedding_bags.{table_name}.weight"

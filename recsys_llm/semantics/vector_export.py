@@ -524,7 +524,7 @@ class VectorExport:
 
 
 # ---- the manifest of a finished export --------------------------------------------------
-def read_manifest(directory: str, expected: Optional[Dict[str, str]] = None) -> Dict[str, object]:
+def read_manifest(directory: str, expected: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """The manifest of a finished export, checked for completeness and provenance.
 
     Raises:
@@ -551,7 +551,7 @@ def read_manifest(directory: str, expected: Optional[Dict[str, str]] = None) -> 
 MANIFEST_KEYS = ("provenance", "chunk_rows", "num_rows", "num_chunks", "key_column", "vector_column")
 
 
-def load_manifest(path: str) -> Dict[str, object]:
+def load_manifest(path: str) -> Dict[str, Any]:
     """The parsed ``manifest.json`` at ``path``.
 
     Raises:
