@@ -47,6 +47,7 @@ from recsys_llm.modules.teacher_student import (
     TeacherStudentTask,
     load_full_state,
 )
+from recsys_llm.typed_config import build_dataclass
 
 TASKS = ("gain", "distill")
 VECTOR_SOURCES = ("extras", "entity_table")
@@ -132,8 +133,6 @@ class ELECConfig:
     def from_dict(cls, raw: Mapping[str, Any], source: str = "elec") -> "ELECConfig":
         """From a config-file mapping, typed like the rest of the config (``elec.vector_dim=abc``
         is an error naming the key); unknown keys are an error naming them."""
-        from recsys_llm.train.config import build_dataclass
-
         return build_dataclass(cls, raw, source)
 
 

@@ -29,6 +29,7 @@ from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS, FieldRepresentationEnhancement
 from recsys_llm.modules.random_stream import own_random_stream
 from recsys_llm.semantics.store import load_vectors
+from recsys_llm.typed_config import ConfigError, build_dataclass
 
 
 @dataclasses.dataclass
@@ -76,8 +77,6 @@ class LLaCTRConfig:
         """From a config-file mapping, typed like the rest of the config; unknown keys, a
         missing or empty ``vectors_path`` and negative or non-finite lambdas are errors naming the key
         (the last also when the config is built directly)."""
-        from recsys_llm.train.config import ConfigError, build_dataclass
-
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known) if isinstance(raw, Mapping) else []
         if unknown:  # first: a misspelt vectors_path is named, not reported as missing
