@@ -286,7 +286,9 @@ class DatasetSchema:
         return os.path.join(self.root, spec.value_text) if spec.value_text else None
 
     def load_value_text(self, field_name: str) -> Optional[pa.Table]:
-        """Returns the id -> text table of a field (columns ``id``, ``text``), or None."""
+        """Returns the id -> text table of a field (columns ``id``, ``text``), or None. A ``text``
+        column of Arrow's ``string_view`` type comes back as ``string`` (pyarrow's filter and sort
+        kernels do not take it); other types are the readers' to check."""
         path = self.value_text_path(field_name)
         if path is None:
             return None
@@ -301,6 +303,8 @@ class DatasetSchema:
         missing = {"id", "text"} - set(table.column_names)
         if missing:
             raise SchemaError(f"{path}: value-text file of field {field_name!r} lacks columns {sorted(missing)}")
+        if pa.types.is_string_view(table.column("text").type):
+            table = table.set_column(table.column_names.index("text"), "text", table.column("text").cast(pa.string()))
         return table
 
     def fingerprint(self) -> str:
