@@ -9,7 +9,7 @@ from typing import List, Sequence, Union
 
 import pyarrow.parquet as pq
 
-from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema import DatasetSchema, schema_file
 from recsys_llm.data.validation import DataError, check_file_schema, check_split_has_rows, open_parquet
 from recsys_llm.file_hash import file_sha256
 
@@ -19,16 +19,37 @@ def parquet_files(path: str) -> List[str]:
     split directory holds; other files, such as ``*.tmp`` leftovers, are not data).
 
     Raises:
-        DataError: no such file or directory, or a directory without ``*.parquet`` files.
+        DataError: no such file or directory, a directory without ``*.parquet`` files, or a
+            prepared data set's directory that holds several of its splits' files (read as one
+            split, they would be mixed).
     """
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "*.parquet")))
         if not found:
             raise DataError(f"{path}: directory holds no *.parquet files")
+        splits = _splits_filed_in(path)
+        if len(splits) > 1:
+            raise DataError(f"{path}: a prepared data set's directory, holding the files of its splits {splits} "
+                            "(its schema.json); read as one split they would be mixed: name one split (e.g. "
+                            f"{splits[-1]!r}) or one of the files")
         return found
     if not os.path.exists(path):
         raise DataError(f"{path}: no such Parquet file or directory")
     return [path]
+
+
+def _splits_filed_in(directory: str) -> List[str]:
+    """The splits that ``directory/schema.json`` places as files directly in ``directory`` (none without one)."""
+    try:
+        with open(schema_file(directory), encoding="utf-8") as handle:
+            splits = json.load(handle).get("splits", {})
+    except (OSError, ValueError, AttributeError):  # no schema.json, or not one: then no data set's directory
+        return []
+    if not isinstance(splits, dict):
+        return []
+    return sorted(name for name, relative in splits.items() if isinstance(relative, str)
+                  and os.path.isfile(os.path.join(directory, relative))
+                  and os.path.dirname(os.path.normpath(relative)) == "")
 
 
 def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str]]) -> List[str]:

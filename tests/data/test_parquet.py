@@ -338,3 +338,29 @@ def test_a_split_rewritten_with_the_same_footers_but_other_rows_has_another_fing
     footers_only = split_fingerprint(schema, "train", content_max_bytes=0)  # a split over the limit
     assert "+" not in footers_only and same_split_fingerprint(footers_only, before)
     assert same_split_fingerprint(before.partition("+")[0], swapped)  # a record of an older version: footers only
+
+
+def test_a_data_sets_directory_read_as_one_split_is_refused_naming_its_splits(synthetic) -> None:
+    """`evaluate --split data/synthetic` scored train, valid and test together (every *.parquet in the directory)."""
+    from recsys_llm.data.parquet_files import parquet_files
+
+    with pytest.raises(DataError, match=r"a prepared data set's directory, holding the files of its splits "
+                                        r"\['test', 'train', 'valid'\] \(its schema.json\)"):
+        parquet_files(synthetic.root)
+    with pytest.raises(DataError, match="holding the files of its splits"):
+        ParquetBatchReader(synthetic, synthetic.root, batch_size=8)
+    assert parquet_files(synthetic.split_path("test")) == [synthetic.split_path("test")]
+
+
+def test_a_split_directory_beside_its_schema_is_read(tmp_path, synthetic) -> None:
+    """A data set of one split kept as the directory that also holds schema.json (splits: {train: "."}) is no mix."""
+    import json
+    import shutil
+
+    from recsys_llm.data.parquet_files import parquet_files
+
+    root = tmp_path / "one_split"
+    root.mkdir()
+    shutil.copy(synthetic.split_path("train"), root / "part-0.parquet")
+    (root / "schema.json").write_text(json.dumps({"splits": {"train": "."}}))
+    assert parquet_files(str(root)) == [str(root / "part-0.parquet")]
