@@ -270,15 +270,16 @@ def holds_files(directory: str, marker_files: Sequence[str]) -> bool:
     return all(os.path.isfile(os.path.join(directory, name)) for name in marker_files)
 
 
-def check_writable(path: str) -> None:
-    """Raises when the file ``path`` cannot be written where it goes: its nearest existing directory
-    (where a temp file is made and renamed) refuses this user's writes, or lies on a read-only mount,
-    which a command would otherwise find only once its work is done.
+def check_writable(path: str, in_place: bool = False) -> None:
+    """Raises when ``path`` cannot be written where it goes: the nearest existing directory of its parent
+    (where a temp file or directory is made and renamed), or with ``in_place`` of ``path`` itself (a
+    directory filled in place), refuses this user's writes, or lies on a read-only mount, which a
+    command would otherwise find only once its work is done.
 
     Raises:
         PermissionError: naming ``path`` and that directory.
     """
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.abspath(path) if in_place else os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -310,12 +311,15 @@ def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) ->
     Raises:
         FileExistsError: ``directory`` holds other files, which replacing it would delete, or is
             (or lies under) a file.
+        PermissionError: the directory it is swapped in from cannot be written (:func:`check_writable`).
     """
     if not os.path.isdir(directory):
         if os.path.exists(directory):
             raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
         check_no_file_above(directory)
+        check_writable(directory)
         return
+    check_writable(directory)
     entries = os.listdir(directory)
     if entries and not holds_files(directory, marker_files):
         raise FileExistsError(
@@ -341,12 +345,15 @@ def check_own_entries(directory: str, kind: str, is_own: Callable[[str], bool], 
     Raises:
         FileExistsError: ``directory`` is (or lies under) a file, or holds an entry of something
             else (the first, by name, is named).
+        PermissionError: ``directory`` cannot be written in (:func:`check_writable`).
     """
     if not os.path.isdir(directory):
         if os.path.exists(directory):
             raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
         check_no_file_above(directory)
+        check_writable(directory, in_place=True)
         return
+    check_writable(directory, in_place=True)
     foreign = sorted(name for name in os.listdir(directory) if not is_own(name))
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""

@@ -392,3 +392,23 @@ def test_a_file_system_without_locks_is_warned_of_and_the_write_goes_on(tmp_path
                 handle.write("{}")
     assert (tmp_path / "out" / "config.json").is_file()
     monkeypatch.setattr(atomic_dir.fcntl, "flock", fcntl.flock)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, monkeypatch):
+    """`export --output ro/student` loaded the checkpoint and traced the model, then failed on its temp directory.
+    Root writes anywhere but on a read-only mount, so the directory's refusal is stood in for."""
+    from recsys_llm.atomic_dir import check_own_entries, check_replaceable
+
+    locked = tmp_path / "ro"
+    (locked / "earlier").mkdir(parents=True)
+    (locked / "earlier" / "config.json").write_text("{}")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and access(path, mode))
+    for output in (locked / "new", locked / "a" / "b", locked / "earlier"):
+        with pytest.raises(PermissionError, match=f"^{output}: cannot be written: {locked} is not writable here"):
+            check_replaceable(str(output), "export", ["config.json"])
+    for output in (locked, locked / "new"):  # filled in place: the directory itself, or where it is made
+        with pytest.raises(PermissionError, match=f"^{output}: cannot be written: {locked} is not writable here"):
+            check_own_entries(str(output), "vector export", lambda name: True, "chunks")
+    check_replaceable(str(tmp_path / "free" / "new"), "export", ["config.json"])  # writable: passes
+    check_own_entries(str(locked / "earlier"), "vector export", lambda name: True, "chunks")
