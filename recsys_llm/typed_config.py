@@ -13,7 +13,8 @@ Example::
         alpha: float = 1.0
         layers: Tuple[int, ...] = (64,)
 
-    build_dataclass(Distill, {"alpha": "0.5", "layers": [32, 16]}, "elec.distill")  # Distill(alpha=0.5, layers=(32, 16))
+    build_dataclass(Distill, {"alpha": "0.5", "layers": [32, 16]}, "elec.distill")
+    # Distill(alpha=0.5, layers=(32, 16)); {"alpha": "x"}: ConfigError "elec.distill.alpha: expected a number, got 'x'"
 """
 
 import dataclasses

@@ -39,7 +39,7 @@ from recsys_llm.models.registry import ModelConfig
 from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig
 from recsys_llm.typed_config import ConfigError, build_dataclass
 
-if TYPE_CHECKING:  # the plug-in configs import modules/, which import this module
+if TYPE_CHECKING:  # the plug-in configs, imported where their sections are parsed
     from recsys_llm.modules.elec import ELECConfig
     from recsys_llm.modules.llactr import LLaCTRConfig
 
@@ -62,7 +62,8 @@ class _WrittenFloat(float):
 class _ConfigLoader(UniqueKeyLoader):
     """The config files' and overrides' YAML loader: :class:`UniqueKeyLoader` whose numbers keep
     the text they were written as, so a string setting (``train.run_dir: 2024_01``) is that text
-    (:func:`~recsys_llm.typed_config.coerce_value`), and a saved config writes them as they were read (:class:`_ConfigDumper`)."""
+    (:func:`~recsys_llm.typed_config.coerce_value`), and a saved config writes them as they were read
+    (:class:`_ConfigDumper`)."""
 
     def construct_written_int(self, node: yaml.ScalarNode) -> int:
         return _written(_WrittenInt(self.construct_yaml_int(node)), node.value)
