@@ -757,3 +757,13 @@ def test_a_second_input_is_refused_not_dropped(tmp_path, capsys, kind, extra) ->
     assert line.startswith(f"recsys-llm prepare {kind}: error: --input given twice (day_0, day_1); this converter "
                            "reads one input: "), line
     assert not (tmp_path / "out").exists()
+
+
+def test_the_semantics_group_alone_reports_a_user_error_in_one_line(tmp_path, capsys) -> None:
+    """`python -m recsys_llm.cli.semantics encode ...` (its documented entry point) printed a traceback for a
+    missing schema, where `recsys-llm semantics encode ...` prints one line and exits with 2."""
+    from recsys_llm.cli.semantics import main as semantics_main
+
+    missing = tmp_path / "nowhere" / "schema.json"
+    assert semantics_main(["encode", "--schema", str(missing), "--output", str(tmp_path / "v.safetensors")]) == 2
+    assert f"recsys-llm semantics: error: {missing}: schema file not found" in capsys.readouterr().err

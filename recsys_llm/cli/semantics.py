@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import sys
+from typing import List, Optional
 
 GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
 TRUST_REMOTE_CODE_HELP = ("run the model directory's own Python code when its config.json asks for it (auto_map); "
@@ -200,12 +201,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     return commands
 
 
-def main(argv=None) -> int:
-    """Runs the ``semantics`` group alone (``python -m recsys_llm.cli.semantics tune ...``)."""
-    parser = argparse.ArgumentParser(prog="recsys-llm")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["semantics", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the ``semantics`` group alone (``python -m recsys_llm.cli.semantics tune ...``), as
+    ``recsys-llm semantics ...`` runs it: a user error is its one line and exit code 2."""
+    from recsys_llm.cli import main as cli_main
+
+    return cli_main(["semantics", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
