@@ -22,12 +22,12 @@ import math
 import os
 from typing import Any, Dict, List
 
+from recsys_llm import PACKAGED_CONFIGS
 from recsys_llm.cli.data import integer_at_least
 from recsys_llm.cli.semantics import show_defaults
 
 # the package's copy of configs/synthetic_deepfm.yaml (package data, so a non-editable install has it too)
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                           "synthetic_deepfm.yaml")
+DEMO_CONFIG = os.path.join(PACKAGED_CONFIGS, "synthetic_deepfm.yaml")
 
 
 def _format_value(value: Any) -> str:

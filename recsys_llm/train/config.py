@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Collection, Dict, List, Mapping, Optional
 
 import yaml
 
+from recsys_llm import PACKAGED_CONFIGS
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.schema import UniqueKeyLoader, read_utf8_text, schema_file
 from recsys_llm.error_text import one_line
@@ -336,7 +337,9 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
             raise ConfigError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist from here; "
                               "copy config directories with `cp -rL` (the link's file itself), or name that file")
         if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found")
+            packaged = os.path.join(PACKAGED_CONFIGS, os.path.basename(path))
+            shipped = f"; the package ships this config as {packaged}" if os.path.isfile(packaged) else ""
+            raise ConfigError(f"{path}: config file not found{shipped}")
         text = read_utf8_text(path, "config", ConfigError)
         try:
             raw = yaml.load(text, Loader=_ConfigLoader) or {}  # a key written twice is an error, not last-wins

@@ -163,12 +163,25 @@ class TestLoadConfig:
             load_config(str(path))
 
     def test_missing_file_and_bad_yaml(self, tmp_path) -> None:
-        with pytest.raises(ConfigError, match="config file not found"):
+        with pytest.raises(ConfigError, match="config file not found$"):
             load_config(str(tmp_path / "absent.yaml"))
         bad = tmp_path / "bad.yaml"
         bad.write_text("train: [unclosed\n")
         with pytest.raises(ConfigError, match="not valid YAML"):
             load_config(str(bad))
+
+    def test_a_missing_config_the_package_ships_is_named_where_it_is_installed(self, tmp_path) -> None:
+        """Installed from a wheel, `--config configs/synthetic_deepfm.yaml` (the path of the docs) said only
+        'config file not found', though the package holds that config."""
+        import re
+
+        from recsys_llm import PACKAGED_CONFIGS
+
+        packaged = os.path.join(PACKAGED_CONFIGS, "synthetic_deepfm.yaml")
+        with pytest.raises(ConfigError, match=f"config file not found; the package ships this config as "
+                                              f"{re.escape(packaged)}$"):
+            load_config(str(tmp_path / "configs" / "synthetic_deepfm.yaml"))
+        assert load_config(packaged).model.name == "deepfm"
 
     def test_a_directory_is_named_as_one_not_as_a_missing_file(self, tmp_path) -> None:
         """``--config runs/x`` (a run directory) said 'config file not found', though the path exists."""
