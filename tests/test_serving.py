@@ -677,6 +677,8 @@ def test_an_example_batch_of_another_dense_width_is_refused_and_keeps_the_earlie
 
 
 def test_a_dense_part_torch_export_cannot_capture_warns(tmp_path, monkeypatch):
+    """The weights-only artifact it writes is refused by ServedModel with the capture's error and what to load
+    instead, not a TypeError from joining the directory with a null program name."""
     def refuse(*args, **kwargs):
         raise RuntimeError("cannot capture this\nsecond line")
 
@@ -688,6 +690,11 @@ def test_a_dense_part_torch_export_cannot_capture_warns(tmp_path, monkeypatch):
         config = export_task(build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU), str(tmp_path / "e"),
                              example.dense_features, example.sparse_features)
     assert config["dense_program"] is None
+    # config.json records the whole error (dense_program_error); the refusal quotes its first line, as the warning
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'e'))}: no dense program was exported "
+                                         r"\(RuntimeError: cannot capture this\); load model\.safetensors into the "
+                                         r"model code instead$"):
+        ServedModel.load(str(tmp_path / "e"), trust_program=True)
 
 
 def test_a_failed_capture_keeps_an_earlier_servable_export(tmp_path, monkeypatch):

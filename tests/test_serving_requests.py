@@ -130,6 +130,17 @@ BAD_REQUESTS: Dict[str, Tuple[Callable[[], Tuple[object, object]], str]] = {
                                r"dense_features row 0, column 2: value 1e\+300 \(as float32: inf\); expected finite"),
 }
 
+# inputs of another type than the (B, Dd) real tensor and the KJT: (make the request, error, message)
+REQUESTS_OF_ANOTHER_TYPE: Dict[str, Tuple[Callable[[], Tuple[object, object]], type, str]] = {
+    "numpy dense": (lambda: (DENSE.numpy(), SPARSE), TypeError,
+                    r"^dense_features: expected a \(B, 3\) float32 torch\.Tensor, got ndarray$"),
+    "complex dense": (lambda: (DENSE.to(torch.complex64), SPARSE), ValueError,
+                      r"^dense_features: dtype torch\.complex64; expected real numbers \(float32\)$"),
+    "dict sparse": (lambda: (DENSE, SPARSE.to_dict()), TypeError,
+                    r"^sparse_features: expected a KeyedJaggedTensor of the features \['user_id', 'item_id', "
+                    r"'genres'\], got dict$"),
+}
+
 
 class TestServedModelRequests:
     @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
@@ -144,6 +155,19 @@ class TestServedModelRequests:
         assert served.embedding_bag_collection.calls == served.dense_program.calls == 0
         served.predict(DENSE, SPARSE)  # the wrappers pass a valid request on
         assert served.embedding_bag_collection.calls == served.dense_program.calls == 1
+
+    @pytest.mark.parametrize("case", sorted(REQUESTS_OF_ANOTHER_TYPE))
+    def test_a_request_of_another_type_is_refused_before_the_model_runs(self, artifact, case):
+        """A numpy array, complex numbers or a dict of ids (what a JSON request decodes to) would fail deep in
+        torchrec or the program, or serve the real part of complex values silently."""
+        served = ServedModel.load(artifact[0], trust_program=True)
+        served.embedding_bag_collection = _Counting(served.embedding_bag_collection)
+        served.dense_program = _Counting(served.dense_program)
+        make, error, message = REQUESTS_OF_ANOTHER_TYPE[case]
+        dense, sparse = make()
+        with pytest.raises(error, match=message):
+            served.predict(dense, sparse)
+        assert served.embedding_bag_collection.calls == served.dense_program.calls == 0
 
     def test_spare_features_of_a_request_are_dropped(self, artifact):
         """A feature store often sends every feature it has: the model's own are served, as an EBC serves them."""
@@ -354,6 +378,12 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
                                        r"'id_rules'\['user_id'\] is \{'max_length': True\}, expected"),
     "an id rule's hashed flag a string": (_config_with("id_rules", {"user_id": {"hashed": "yes"}}), "config.json",
                                           r"'id_rules'\['user_id'\] is \{'hashed': 'yes'\}, expected"),
+    "config.json a list": (lambda d: open(os.path.join(d, "config.json"), "w").write('["user_id", "item_id"]'),
+                           "config.json", r"holds a JSON list, expected an object"),
+    "model.safetensors missing": (lambda d: os.remove(os.path.join(d, "model.safetensors")), "model.safetensors",
+                                  r"file missing"),
+    "dense_program.pt2 missing": (lambda d: os.remove(os.path.join(d, "dense_program.pt2")), "dense_program.pt2",
+                                  r"file missing"),
     "config.json nested past the recursion limit": (
         lambda d: open(os.path.join(d, "config.json"), "w").write("[" * 100_000 + "]" * 100_000), "config.json",
         r"not valid JSON \(RecursionError"),
@@ -371,6 +401,22 @@ def _without_digests_and_export_ids(directory: str) -> None:
         json.dump(config, handle)
 
 
+def _copy_of_format(version: int) -> Callable[[str, str], None]:
+    """Copies the artifact, its config.json recording another ``format_version``."""
+    def prepare(source: str, directory: str) -> None:
+        shutil.copytree(source, directory)
+        _config_with("format_version", version)(directory)
+    return prepare
+
+
+# (make the directory from the real artifact, error, message after "<directory>: ")
+NOT_AN_ARTIFACT_OF_THIS_FORMAT: Dict[str, Tuple[Callable[[str, str], None], type, str]] = {
+    "no directory": (lambda source, directory: None, FileNotFoundError,
+                     r"no such directory; expected an export artifact \(`recsys-llm export`\)"),
+    "another format version": (_copy_of_format(2), ValueError, r"export format 2, this code reads 1"),
+}
+
+
 class TestDamagedArtifacts:
     @pytest.mark.parametrize("case", sorted(DAMAGES))
     def test_a_damaged_artifact_is_one_value_error_naming_its_file(self, artifact, tmp_path, case):
@@ -381,6 +427,16 @@ class TestDamagedArtifacts:
         path = re.escape(os.path.join(directory, name))
         with pytest.raises(ValueError, match=rf"^{path}: .*{cause}.*the export artifact is damaged or incomplete: "
                                              r"export the model again \(`recsys-llm export"):
+            ServedModel.load(directory, trust_program=True)
+
+    @pytest.mark.parametrize("case", sorted(NOT_AN_ARTIFACT_OF_THIS_FORMAT))
+    def test_a_path_that_is_no_artifact_of_this_format_is_refused_naming_it(self, artifact, tmp_path, case):
+        """Not damage (no "export again" advice): a path that names no directory (a typo) is a FileNotFoundError,
+        and an artifact of another format_version (a newer or older recsys_llm) names both versions."""
+        directory = str(tmp_path / "copy")
+        prepare, error, message = NOT_AN_ARTIFACT_OF_THIS_FORMAT[case]
+        prepare(artifact[0], directory)
+        with pytest.raises(error, match=rf"^{re.escape(directory)}: {message}$"):
             ServedModel.load(directory, trust_program=True)
 
     def test_the_program_is_still_not_read_untrusted(self, artifact, tmp_path):

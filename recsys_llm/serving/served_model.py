@@ -299,8 +299,10 @@ class ServedModel(nn.Module):
         _check_file_names(config_path, config)
         _warn_on_other_versions(directory, config)
         if config["dense_program"] is None:
+            # its first line: config.json keeps the whole error (torch.export's run to many lines of advice)
+            reason = next(iter(str(config.get("dense_program_error")).splitlines()), "")
             raise ValueError(
-                f"{directory}: no dense program was exported ({config.get('dense_program_error')}); "
+                f"{directory}: no dense program was exported ({reason}); "
                 "load model.safetensors into the model code instead"
             )
         program_path = os.path.join(directory, config["dense_program"])

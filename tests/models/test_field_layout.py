@@ -24,6 +24,15 @@ class TestFieldsInKeyOrder:
         torch.testing.assert_close(fields, stack_fields(kt, ["c", "a"]))
         assert positions.tolist() == [0, 1]
 
+    def test_stacking_fields_of_different_widths_names_each_width(self) -> None:
+        """Fields whose embedding widths differ (a schema field's own embedding_dim) cannot be stacked: the error
+        names every field's width, not torch.stack's "stack expects each tensor to be equal size"."""
+        kt = _keyed(["a", "b", "c"], [4, 2, 4])
+        with pytest.raises(ValueError, match=r"^fields \['c', 'b', 'a'\] must share one embedding dim to be stacked, "
+                                             r"got \{'c': 4, 'b': 2, 'a': 4\}$"):
+            stack_fields(kt, ["c", "b", "a"])
+        assert stack_fields(kt, ["c", "a"]).shape == (3, 2, 4)  # the fields named are the ones that must agree
+
     def test_missing_key_names_it(self) -> None:
         with pytest.raises(KeyError, match=r"no keys \['z'\]; their keys are \['a', 'b'\]"):
             fields_in_key_order(_keyed(["a", "b"], [4, 4]), ["a", "z"])

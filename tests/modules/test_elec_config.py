@@ -66,6 +66,25 @@ def test_library_users_get_the_same_refusals():
         TeacherStudentConfig(teacher_loss_weight=-1.0)
 
 
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(task="teacher"), r"^elec\.task must be one of \('gain', 'distill'\), got 'teacher'$"),
+    (dict(vector_source="entity"), r"^elec\.vector_source must be one of \('extras', 'entity_table'\), "
+                                   r"got 'entity'$"),
+    (dict(vector_source="entity_table"), r"^elec\.vector_source 'entity_table' needs elec\.entity_field \(e\.g\. "
+                                         r"'item_id'\) or elec\.entity_tables \(\{field: vector directory\}\)$"),
+    (dict(distill=TeacherStudentConfig(mode="frozen")), r"^elec\.distill\.mode 'frozen' needs "
+                                                        r"elec\.teacher_checkpoint$"),
+    (dict(distill=TeacherStudentConfig(swap_fields=["item_id"])),
+     r"^elec\.distill\.swap_fields re-pairs rows, .*use vector_source 'entity_table'"),
+], ids=["task", "vector source", "entity table without fields", "frozen without teacher", "swap with extras"])
+def test_settings_that_cannot_build_a_task_are_refused_naming_the_key(settings, message):
+    """Caught when the config is made, naming the elec.* key and what it takes, not later while building,
+    loading or training the task."""
+    with pytest.raises(ValueError, match=message):
+        ELECConfig(**{"vector_dim": DIM, **settings})
+
+
 # ---- a frozen teacher's entity tables ----------------------------------------------------------
 def _export(directory: str, field: str, vectors: np.ndarray, provenance=None) -> str:
     ids = np.arange(len(vectors))

@@ -8,6 +8,17 @@ from recsys_llm.semantics.encoder import TextEncoder, default_model_path
 from tests.tiny_models import SAMPLE_TEXTS
 
 
+def _without_pad_token(model_dir: str, target) -> str:
+    """A copy of a saved decoder whose tokenizer and config.json name no pad token (as Llama's and GPT-2's)."""
+    from tests.tiny_models import copy_model_dir_with_config
+
+    path, _ = copy_model_dir_with_config(model_dir, target, pad_token_id=None)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(path)
+    return path
+
+
 class TestTextEncoder:
     def test_decoder_last_token_matches_single_text_forward(self, tiny_llama_dir: str) -> None:
         encoder = TextEncoder(tiny_llama_dir, batch_size=2)
@@ -22,6 +33,24 @@ class TestTextEncoder:
                 expected = model(input_ids=ids).last_hidden_state[0, -1]
             torch.testing.assert_close(vectors[i], expected, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(encoder.encode(SAMPLE_TEXTS), vectors, atol=0, rtol=0)  # deterministic
+
+    def test_a_decoder_tokenizer_without_a_pad_token_encodes_texts_of_any_lengths(self, tiny_llama_dir: str,
+                                                                                tmp_path) -> None:
+        """Llama's and GPT-2's tokenizers have no pad token: batching texts of different lengths raised
+        "Asking to pad but the tokenizer does not have a padding token". Batches are padded with the eos token,
+        which last-token pooling never reads: a text's vector is the same batched with longer ones or alone."""
+        path = _without_pad_token(tiny_llama_dir, tmp_path / "no_pad")
+        assert AutoTokenizer.from_pretrained(path).pad_token is None
+        encoder = TextEncoder(path, batch_size=len(SAMPLE_TEXTS))
+        assert encoder.pooling == "last_token"
+        vectors = encoder.encode(SAMPLE_TEXTS, progress=False)  # (5, 64), one padded batch
+        for i, text in enumerate(SAMPLE_TEXTS):
+            torch.testing.assert_close(vectors[i], encoder.encode([text], progress=False)[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(vectors, TextEncoder(tiny_llama_dir).encode(SAMPLE_TEXTS, progress=False),
+                                   atol=1e-5, rtol=1e-4)  # as with a pad token of its own
+        wrapped = TextEncoder.from_model(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                                         batch_size=len(SAMPLE_TEXTS))  # a model the caller loaded
+        torch.testing.assert_close(wrapped.encode(SAMPLE_TEXTS, progress=False), vectors, atol=1e-5, rtol=1e-4)
 
     def test_a_single_string_is_refused_not_split_into_characters(self, tiny_bert_dir: str) -> None:
         """encode("user id") for encode(["user id"]): list() made it 7 one-character texts, (7, H), silently."""

@@ -177,6 +177,47 @@ def test_a_damaged_checkpoint_file_is_named_and_nothing_is_changed(tmp_path, tun
     assert _snapshot(out) == before
 
 
+def _lora_of_another_rank(path: str) -> None:
+    """Rewrites the checkpoint's LoRA tensors one rank smaller (a checkpoint of another --lora-r), whole files."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(path)
+    save_file({key: (t[:-1] if "lora_A" in key else t[:, :-1]).contiguous() for key, t in tensors.items()}, path)
+
+
+def _an_optimizer_state_of_no_groups(path: str) -> None:
+    """Replaces the AdamW state by a readable optimizer state of no parameter group (another optimizer's)."""
+    torch.save({"state": {}, "param_groups": []}, path)
+
+
+@pytest.mark.parametrize("name, change, detail", [
+    ("adapter.safetensors", _lora_of_another_rank,
+     r"\d+ LoRA tensor\(s\) missing, unknown or of other shapes, e\.g\. \S+lora_\w+\.weight"),
+    ("optimizer.pt", _an_optimizer_state_of_no_groups,
+     r"not an AdamW state of this adapter: loaded state dict has a different number of parameter groups"),
+], ids=["LoRA of another rank", "optimizer of other groups"])
+def test_a_whole_checkpoint_file_the_model_cannot_take_is_named_and_nothing_is_changed(
+        tmp_path, tuned_once, tiny_bert_dir, capsys, name, change, detail) -> None:
+    """Files whose headers and pickles read fine but do not fit the model: LoRA tensors of other shapes failed
+    inside peft's loader (a size-mismatch RuntimeError), an optimizer state of other groups inside torch's
+    load_state_dict; each is the damaged-checkpoint error naming the file, and the tune output stays as it was."""
+    schema_root, tuned = tuned_once
+    out = str(tmp_path / "ssft")
+    shutil.copytree(tuned, out)
+    changed = os.path.join(out, "checkpoint", name)
+    change(changed)
+    before = _snapshot(out)
+    capsys.readouterr()
+    code = main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
+                 "--epochs", "2", *TUNE_ARGS])
+    assert code == 2
+    line = _error_line(capsys)
+    assert re.match(rf"recsys-llm semantics: error: {re.escape(changed)}: damaged or incomplete SSFT checkpoint file "
+                    rf"\({detail}.*\); delete {re.escape(os.path.join(out, 'checkpoint'))} to tune again from "
+                    r"scratch, or run `recsys-llm semantics tune` with --no-resume$", line), line
+    assert _snapshot(out) == before
+
+
 def test_an_adapter_recording_the_hash_over_every_subdirectory_of_its_model_still_encodes(tmp_path, tuned_once,
                                                                                            tiny_bert_dir) -> None:
     """Adapters tuned before the base model's hash left out folders the model does not load (a hub download's

@@ -626,6 +626,22 @@ def test_a_checkpoint_past_step_99_999_999_is_found_and_resumed_from(tmp_path, m
     assert load_checkpoint(newest, nn.Linear(2, 1)).global_step == 100_000_000
 
 
+def test_keep_checkpoints_0_keeps_every_checkpoint(tmp_path, monkeypatch) -> None:
+    """``train.keep_checkpoints=0`` documents "every one": none may be pruned (and the config accepts 0), while
+    ``keep=1`` still keeps the newest only."""
+    from recsys_llm.train.config import TrainConfig
+
+    _state_only_dcp(monkeypatch)
+    keep = TrainConfig(keep_checkpoints=0, run_dir=str(tmp_path / "run")).keep_checkpoints
+    manager = CheckpointManager(str(tmp_path / "all"), keep=keep)
+    model = nn.Linear(2, 1)
+    saved = [manager.save(model, None, TrainState(global_step=step)) for step in (1, 2, 3)]
+    assert manager.list_complete() == saved and manager.latest() == saved[-1]
+    newest_only = CheckpointManager(str(tmp_path / "one"), keep=1)
+    last = [newest_only.save(model, None, TrainState(global_step=step)) for step in (1, 2, 3)][-1]
+    assert newest_only.list_complete() == [last]
+
+
 @pytest.mark.parametrize("text", ["[]", "null", "7"])
 def test_a_train_state_that_is_no_json_object_is_named_as_damaged(tmp_path, text: str) -> None:
     path = _write_fake(str(tmp_path), "ckpt-00000010", complete=True)
