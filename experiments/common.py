@@ -223,13 +223,18 @@ class RunCounter:
     (runs finished earlier and runs reused from another table count too)."""
 
     def __init__(self, total: int) -> None:
-        self.total = total
-        self.count = 0
+        self._total = total
+        self._count = 0
+
+    @property
+    def total(self) -> int:
+        """``N``, the runs planned."""
+        return self._total
 
     def next_label(self) -> str:
         """The next run's ``k/N``."""
-        self.count += 1
-        return f"{self.count}/{self.total}"
+        self._count += 1
+        return f"{self._count}/{self._total}"
 
 
 def tuning_runs(num_settings: int, num_seeds: int, tune_on: str) -> int:

@@ -317,9 +317,9 @@ def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) ->
         if os.path.exists(directory):
             raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
         check_no_file_above(directory)
-        check_writable(directory)
+        check_writable(os.path.realpath(directory))  # a link to an output is written where it points
         return
-    check_writable(directory)
+    check_writable(os.path.realpath(directory))
     entries = os.listdir(directory)
     if entries and not holds_files(directory, marker_files):
         raise FileExistsError(
@@ -351,9 +351,9 @@ def check_own_entries(directory: str, kind: str, is_own: Callable[[str], bool], 
         if os.path.exists(directory):
             raise FileExistsError(f"{directory}: exists and is not a directory; choose another output path")
         check_no_file_above(directory)
-        check_writable(directory, in_place=True)
+        check_writable(os.path.realpath(directory), in_place=True)
         return
-    check_writable(directory, in_place=True)
+    check_writable(os.path.realpath(directory), in_place=True)
     foreign = sorted(name for name in os.listdir(directory) if not is_own(name))
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""

@@ -93,19 +93,22 @@ def _verified_status(versions: Dict[str, str], fbgemm: str) -> str:
 def source_commit(ignore: Sequence[str] = ()) -> str:
     """Short git commit of the checkout this package runs from, with ``+dirty`` when tracked
     files differ from it (paths in ``ignore``, relative to the repository root, do not count);
-    ``""`` outside a git checkout of this project: an installed package inside another project's
-    repository (its venv) is not that project's code. Recorded next to results so they can be traced to code."""
+    ``""`` where git does not track this package's files: outside a git checkout, or installed
+    inside another project's repository (its venv), whose commit says nothing of this code (a
+    checkout of this project inside a larger repository is tracked there: its commit is given).
+    Recorded next to results so they can be traced to code."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], cwd=root,
-                              capture_output=True, text=True, timeout=10)
-        lines = head.stdout.split("\n")
-        if head.returncode != 0 or len(lines) < 2 or os.path.realpath(lines[0]) != os.path.realpath(root):
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "--", os.path.abspath(__file__)], cwd=root,
+                                 capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or tracked.returncode != 0:
             return ""
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in ignore)],
             cwd=root, capture_output=True, text=True, timeout=10,
         )
-        return lines[1].strip() + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
+        return head.stdout.strip() + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return ""

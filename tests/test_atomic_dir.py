@@ -412,3 +412,10 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, mo
             check_own_entries(str(output), "vector export", lambda name: True, "chunks")
     check_replaceable(str(tmp_path / "free" / "new"), "export", ["config.json"])  # writable: passes
     check_own_entries(str(locked / "earlier"), "vector export", lambda name: True, "chunks")
+    # a link to an output is written where it points: its target's directory is the one that must be writable
+    (tmp_path / "free" / "v3").mkdir(parents=True)
+    os.symlink(tmp_path / "free" / "v3", locked / "current")
+    check_replaceable(str(locked / "current"), "export", ["config.json"])
+    os.symlink(locked / "earlier", tmp_path / "free" / "to_locked")
+    with pytest.raises(PermissionError, match=f"cannot be written: {locked} is not writable here"):
+        check_replaceable(str(tmp_path / "free" / "to_locked"), "export", ["config.json"])

@@ -60,28 +60,31 @@ def test_cuda_builds_say_how_far_they_were_verified(monkeypatch: pytest.MonkeyPa
 
 def test_the_commit_is_this_checkouts_not_that_of_a_repository_the_package_is_installed_in(tmp_path) -> None:
     """Installed into a venv inside a user's git repository, exports recorded the user's project commit as
-    `versions.recsys_llm_commit`."""
+    `versions.recsys_llm_commit`. A copy the repository tracks (a vendored checkout) is its code: its commit."""
     import importlib.util
     import shutil
     import subprocess
 
     import recsys_llm.env
 
-    def commit_seen_from(package_dir) -> str:
+    def copied_env(package_dir):
         package_dir.mkdir(parents=True)
         shutil.copy(recsys_llm.env.__file__, package_dir / "env.py")
         spec = importlib.util.spec_from_file_location("copied_env", package_dir / "env.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.source_commit()
+        return module
 
     project = tmp_path / "project"
     project.mkdir()
     git = ["git", "-c", "user.name=u", "-c", "user.email=u@x", "-c", "commit.gpgsign=false"]
     subprocess.run(git + ["init", "-q"], cwd=project, check=True)
     subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "user's project"], cwd=project, check=True)
-    assert commit_seen_from(project / ".venv" / "site" / "recsys_llm") == ""
-    assert commit_seen_from(tmp_path / "no_repository" / "recsys_llm") == ""
-    assert recsys_llm.env.source_commit().split("+")[0] == subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.dirname(recsys_llm.env.__file__)),
-        capture_output=True, text=True).stdout.strip()
+    assert copied_env(project / ".venv" / "site" / "recsys_llm").source_commit() == ""
+    assert copied_env(tmp_path / "no_repository" / "recsys_llm").source_commit() == ""
+    vendored = copied_env(project / "third_party" / "recsys_llm")
+    subprocess.run(git + ["add", "third_party"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "vendored"], cwd=project, check=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True,
+                            text=True).stdout.strip()
+    assert vendored.source_commit() == commit

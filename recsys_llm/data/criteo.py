@@ -120,9 +120,11 @@ def criteo_schema(config: CriteoConfig) -> DatasetSchema:
 _COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 
 
-def _open(path: str) -> pa.NativeFile:
-    """The file's bytes, decompressed when its name ends in a compression suffix (as ``pyarrow.csv`` reads it)."""
-    return pa.input_stream(path, compression="detect")
+def _open(path: str, opened: Optional[pa.NativeFile] = None) -> pa.NativeFile:
+    """The bytes of the file at ``path`` (read from ``opened``, that file opened, where given), decompressed
+    when its name ends in a compression suffix (as ``pyarrow.csv`` reads it)."""
+    codec = pa.Codec.detect(path).name if path.endswith(_COMPRESSED_SUFFIXES) else None
+    return pa.input_stream(path if opened is None else opened, compression=codec)
 
 
 def _read(handle: pa.NativeFile, size: int, path: str) -> bytes:
@@ -153,13 +155,11 @@ def _count_data_lines(path: str, limit: Optional[int] = None, progress: bool = F
     read (compressed ones for a compressed file, so the bar has its total there too).
     """
     lines = last = 0  # newlines seen; number of the last line holding a non-blank byte
+    raw = pa.OSFile(path)  # its position: the bytes of the file read, also of a compressed one
     bar = tqdm(total=os.path.getsize(path), desc="counting lines", unit="B", unit_scale=True, disable=not progress,
                **interval_options())
-    raw = pa.OSFile(path)
     try:
-        # as _open, with the file itself at hand for its position
-        compressed = path.endswith(_COMPRESSED_SUFFIXES)
-        with raw, (pa.CompressedInputStream(raw, pa.Codec.detect(path).name) if compressed else raw) as handle:
+        with raw, _open(path, raw) as handle:
             while limit is None or last < limit:
                 chunk = _read(handle, block, path)
                 if not chunk:

@@ -43,13 +43,14 @@ def _splits_filed_in(directory: str) -> List[str]:
     try:
         with open(schema_file(directory), encoding="utf-8") as handle:
             splits = json.load(handle).get("splits", {})
-    except (OSError, ValueError, AttributeError):  # no schema.json, or not one: then no data set's directory
+    except (OSError, ValueError, AttributeError, RecursionError):  # no schema.json, or not one: no data set's
         return []
     if not isinstance(splits, dict):
         return []
-    return sorted(name for name, relative in splits.items() if isinstance(relative, str)
-                  and os.path.isfile(os.path.join(directory, relative))
-                  and os.path.dirname(os.path.normpath(relative)) == "")
+    here = os.path.realpath(directory)
+    return sorted(name for name, path in splits.items() if isinstance(path, str)
+                  and os.path.isfile(os.path.join(directory, path))
+                  and os.path.realpath(os.path.dirname(os.path.join(directory, path))) == here)
 
 
 def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str]]) -> List[str]:

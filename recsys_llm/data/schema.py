@@ -303,7 +303,8 @@ class DatasetSchema:
         missing = {"id", "text"} - set(table.column_names)
         if missing:
             raise SchemaError(f"{path}: value-text file of field {field_name!r} lacks columns {sorted(missing)}")
-        if pa.types.is_string_view(table.column("text").type):
+        is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16 has the type
+        if is_string_view(table.column("text").type):
             table = table.set_column(table.column_names.index("text"), "text", table.column("text").cast(pa.string()))
         return table
 

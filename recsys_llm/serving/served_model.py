@@ -299,7 +299,7 @@ class ServedModel(nn.Module):
         _check_file_names(config_path, config)
         _warn_on_other_versions(directory, config)
         if config["dense_program"] is None:
-            # its first line: config.json keeps the whole error (torch.export's run to many lines of advice)
+            # its first line: config.json keeps the whole error (torch.export's runs to many lines of advice)
             reason = next(iter(str(config.get("dense_program_error")).splitlines()), "")
             raise ValueError(
                 f"{directory}: no dense program was exported ({reason}); "

@@ -352,6 +352,25 @@ def test_a_data_sets_directory_read_as_one_split_is_refused_naming_its_splits(sy
     assert parquet_files(synthetic.split_path("test")) == [synthetic.split_path("test")]
 
 
+@pytest.mark.parametrize("written", ["./{name}", "{root}/{name}", "../{base}/{name}"])
+def test_a_data_sets_splits_are_found_however_its_schema_writes_their_paths(tmp_path, synthetic, written) -> None:
+    import json
+    import shutil
+
+    from recsys_llm.data.parquet_files import parquet_files
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("train.parquet", "test.parquet"):
+        shutil.copy(synthetic.split_path("test"), root / name)
+    paths = {split: written.format(name=f"{split}.parquet", root=root, base=root.name) for split in ("train", "test")}
+    (root / "schema.json").write_text(json.dumps({"splits": paths}))
+    with pytest.raises(DataError, match=r"holding the files of its splits \['test', 'train'\]"):
+        parquet_files(str(root))
+    (root / "schema.json").write_text("[" * 100_000 + "]" * 100_000)  # no schema of a data set: read as a split
+    assert len(parquet_files(str(root))) == 2
+
+
 def test_a_split_directory_beside_its_schema_is_read(tmp_path, synthetic) -> None:
     """A data set of one split kept as the directory that also holds schema.json (splits: {train: "."}) is no mix."""
     import json

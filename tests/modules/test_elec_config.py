@@ -66,7 +66,6 @@ def test_library_users_get_the_same_refusals():
         TeacherStudentConfig(teacher_loss_weight=-1.0)
 
 
-
 @pytest.mark.parametrize("settings, message", [
     (dict(task="teacher"), r"^elec\.task must be one of \('gain', 'distill'\), got 'teacher'$"),
     (dict(vector_source="entity"), r"^elec\.vector_source must be one of \('extras', 'entity_table'\), "

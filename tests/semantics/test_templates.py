@@ -63,7 +63,8 @@ class TestTemplates:
         colors = distinct_values(tiny_schema, "color", 10, random.Random(0))
         assert len(set(colors)) == 10 and all(1900 <= int(c) < 2000 for c in colors)
 
-    @pytest.mark.parametrize("text_type", [pa.large_string(), pa.string_view(), pa.dictionary(pa.int32(), pa.string())])
+    @pytest.mark.parametrize("text_type", [pa.large_string(), pa.dictionary(pa.int32(), pa.string())]
+                             + ([pa.string_view()] if hasattr(pa, "string_view") else []))  # pyarrow >= 16
     def test_value_texts_of_other_string_types_are_read(self, tiny_schema: DatasetSchema, text_type) -> None:
         """A value-text file rewritten by another tool with string_view texts failed in SSFT with pyarrow's
         "Function 'array_take' has no kernel matching input types (string_view, uint16)"."""
@@ -71,7 +72,6 @@ class TestTemplates:
         pq.write_table(pa.table({"id": pa.array(range(4), pa.int64()), "text": texts}),
                        tiny_schema.value_text_path("color"))
         assert sorted(distinct_values(tiny_schema, "color", 10, random.Random(0))) == ["shade 1", "shade 2", "shade 3"]
-
 
     def test_dense_values_of_a_split_directory_read_its_parquet_files_only(self, tmp_path) -> None:
         """A split directory is its *.parquet files (data.parquet_files): a temp file a killed write left beside
