@@ -166,15 +166,21 @@ def test_a_damaged_checkpoint_file_is_named_and_nothing_is_changed(tmp_path, tun
     damaged = os.path.join(out, "checkpoint", name)
     assert os.path.isfile(damaged), os.listdir(os.path.join(out, "checkpoint"))
     _damage(damaged)
-    before = _snapshot(out)
-    capsys.readouterr()
-    code = main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
-                 "--epochs", "2", *TUNE_ARGS])
-    assert code == 2
-    line = _error_line(capsys)
+    line = _refused_resume(out, schema_root, tiny_bert_dir, capsys)
     assert line.startswith(f"recsys-llm semantics: error: {damaged}: "), line
     assert "damaged" in line and "--no-resume" in line and "delete" in line, line
+
+
+def _refused_resume(out: str, schema_root: str, model_dir: str, capsys) -> str:
+    """Resumes `semantics tune` into ``out``; checks it is refused (exit code 2) and leaves ``out`` as it
+    was, and returns the error line."""
+    before = _snapshot(out)
+    capsys.readouterr()
+    code = main(["semantics", "tune", "--schema", schema_root, "--model", model_dir, "--output-dir", out,
+                 "--epochs", "2", *TUNE_ARGS])
+    assert code == 2
     assert _snapshot(out) == before
+    return _error_line(capsys)
 
 
 def _lora_of_another_rank(path: str) -> None:
@@ -206,16 +212,10 @@ def test_a_whole_checkpoint_file_the_model_cannot_take_is_named_and_nothing_is_c
     shutil.copytree(tuned, out)
     changed = os.path.join(out, "checkpoint", name)
     change(changed)
-    before = _snapshot(out)
-    capsys.readouterr()
-    code = main(["semantics", "tune", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out,
-                 "--epochs", "2", *TUNE_ARGS])
-    assert code == 2
-    line = _error_line(capsys)
+    line = _refused_resume(out, schema_root, tiny_bert_dir, capsys)
     assert re.match(rf"recsys-llm semantics: error: {re.escape(changed)}: damaged or incomplete SSFT checkpoint file "
                     rf"\({detail}.*\); delete {re.escape(os.path.join(out, 'checkpoint'))} to tune again from "
                     r"scratch, or run `recsys-llm semantics tune` with --no-resume$", line), line
-    assert _snapshot(out) == before
 
 
 def test_an_adapter_recording_the_hash_over_every_subdirectory_of_its_model_still_encodes(tmp_path, tuned_once,
