@@ -344,12 +344,18 @@ def build_constraints(
         if name in frozen:
             kernels = list(override.get("compute_kernels", [])) or None  # the global list is for trained tables
             if kernels is not None and "fused" not in kernels:
-                raise ValueError(f"frozen table {name!r} needs the 'fused' compute kernel, config allows only {kernels}")
+                raise ValueError(f"sharding.table_constraints.{name}.compute_kernels={kernels}: {name!r} is a frozen "
+                                 "table (never trained), which runs on the 'fused' kernel; add 'fused' or drop the "
+                                 "setting")
             kernels = ["fused"]
             # Replicated (data_parallel) tables are trained through DDP, which needs gradients.
             sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t != "data_parallel"]
             if not sharding_types:
-                raise ValueError(f"frozen table {name!r} cannot be data_parallel; allow a sharded type")
+                key = (f"sharding.table_constraints.{name}.sharding_types" if "sharding_types" in override
+                       else "sharding.sharding_types")
+                raise ValueError(f"{key} allows only data_parallel for the frozen table {name!r}, which is never "
+                                 "trained (replicated tables train through DDP): allow a sharded type, e.g. "
+                                 "[table_wise, row_wise]")
         width = next(c.embedding_dim for c in tables[name][1].embedding_bag_configs() if c.name == name)
         if compute_device == "cuda" and width > FBGEMM_CUDA_MAX_DIM:
             sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t in COLUMN_SHARDING_TYPES]
@@ -595,7 +601,10 @@ def shard_model(
                 error_type == PlannerErrorType.STRICT_CONSTRAINTS.value and "does not fit on any rank" in text):
             capacity = ddr_cap if compute_device == "cpu" else hbm_cap
             raise ValueError(_no_room_message(task, world_size, compute_device, capacity, text))
-        raise PlannerError(text, PlannerErrorType(error_type))
+        # a refusal of the settings (constraints no plan meets), not a failure of the program
+        raise ValueError(f"sharding: torchrec's planner found no plan ({error_type}): {text}; change "
+                         "sharding.sharding_types, sharding.compute_kernels or sharding.table_constraints") \
+            from PlannerError(text, PlannerErrorType(error_type))
     if compute_device == "cuda":
         check_shard_widths(plan)
     # one rank has nothing to all-reduce: DDP would only add hooks (~4% of a DeepFM step on CPU)

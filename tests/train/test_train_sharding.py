@@ -342,7 +342,9 @@ class TestConstraints:
         # the global kernel list is for trained tables: a frozen one keeps 'fused' (its own override may not drop it)
         uvm = build_constraints(task, ShardingConfig(compute_kernels=["fused_uvm_caching"], frozen_tables=["t_item_id"]))
         assert uvm["t_item_id"].compute_kernels == ["fused"] and uvm["t_user_id"].compute_kernels == ["fused_uvm_caching"]
-        with pytest.raises(ValueError, match=r"frozen table 't_item_id' needs the 'fused' compute kernel"):
+        with pytest.raises(ValueError, match=r"^sharding\.table_constraints\.t_item_id\.compute_kernels="
+                                             r"\['fused_uvm'\]: 't_item_id' is a frozen table \(never trained\), "
+                                             r"which runs on the 'fused' kernel; add 'fused' or drop the setting$"):
             build_constraints(task, ShardingConfig(table_constraints={"t_item_id": {"compute_kernels": ["fused_uvm"]}},
                                                    frozen_tables=["t_item_id"]))
 
@@ -350,8 +352,13 @@ class TestConstraints:
         task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
         with pytest.raises(ValueError, match=r"frozen_tables names unknown tables \['t_nope'\]"):
             build_constraints(task, ShardingConfig(frozen_tables=["t_nope"]))
-        with pytest.raises(ValueError, match="frozen table 't_item_id' cannot be data_parallel"):
+        with pytest.raises(ValueError, match=r"^sharding\.sharding_types allows only data_parallel for the frozen "
+                                             r"table 't_item_id', which is never trained"):
             build_constraints(task, ShardingConfig(sharding_types=["data_parallel"], frozen_tables=["t_item_id"]))
+        with pytest.raises(ValueError, match=r"^sharding\.table_constraints\.t_item_id\.sharding_types allows only "
+                                             r"data_parallel for the frozen table 't_item_id'"):
+            only_replicated = {"t_item_id": {"sharding_types": ["data_parallel"]}}
+            build_constraints(task, ShardingConfig(table_constraints=only_replicated, frozen_tables=["t_item_id"]))
         with pytest.raises(ValueError, match="table_constraints.t_x: unknown keys"):
             ShardingConfig(table_constraints={"t_x": {"kernel": ["fused"]}})
 
