@@ -310,13 +310,24 @@ def _config_naming(key: str, name: Optional[str]) -> Callable[[str], None]:
     return damage
 
 
+def _without(key: str) -> Callable[[str], None]:
+    """Removes ``config.json``'s ``key``."""
+    return _config_with(key, _REMOVED)
+
+
+_REMOVED = object()
+
+
 def _config_with(key: str, value: object) -> Callable[[str], None]:
-    """Sets ``config.json``'s ``key`` to ``value``."""
+    """Sets ``config.json``'s ``key`` to ``value`` (removes it for ``_REMOVED``)."""
     def damage(directory: str) -> None:
         path = os.path.join(directory, "config.json")
         with open(path) as handle:
             config = json.load(handle)
-        config[key] = value
+        if value is _REMOVED:
+            del config[key]
+        else:
+            config[key] = value
         with open(path, "w") as handle:
             json.dump(config, handle)
     return damage
@@ -366,6 +377,8 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
     "an id rule's max length a string": (_config_with("id_rules", {"user_id": {"max_length": "3"}}), "config.json",
                                          r"'id_rules'\['user_id'\] is \{'max_length': '3'\}, expected"),
     "id rules a list": (_config_with("id_rules", []), "config.json", r"'id_rules' is \[\], expected an object"),
+    "no format_version": (_without("format_version"), "config.json",  # said "export format None, this code reads 1"
+                          r"no format_version: not an export's config\.json, or a damaged one"),
     "an id rule's max length negative": (_config_with("id_rules", {"user_id": {"max_length": -1}}), "config.json",
                                          r"'id_rules'\['user_id'\] is \{'max_length': -1\}, expected"),
     "dense width a bool": (_config_with("num_dense_features", True), "config.json",
@@ -413,7 +426,11 @@ def _copy_of_format(version: int) -> Callable[[str, str], None]:
 NOT_AN_ARTIFACT_OF_THIS_FORMAT: Dict[str, Tuple[Callable[[str, str], None], type, str]] = {
     "no directory": (lambda source, directory: None, FileNotFoundError,
                      r"no such directory; expected an export artifact \(`recsys-llm export`\)"),
-    "another format version": (_copy_of_format(2), ValueError, r"export format 2, this code reads 1"),
+    "another format version": (_copy_of_format(2), ValueError,
+                               r"export format 2, this code reads 1; export the run again with this version"),
+    "its config.json named": (lambda source, directory: shutil.copytree(source, os.path.dirname(directory)),
+                              NotADirectoryError, r"a file; expected an export artifact's directory \(`recsys-llm "
+                                                  r"export --output`\), e\.g\. \S+"),
 }
 
 
@@ -433,7 +450,7 @@ class TestDamagedArtifacts:
     def test_a_path_that_is_no_artifact_of_this_format_is_refused_naming_it(self, artifact, tmp_path, case):
         """Not damage (no "export again" advice): a path that names no directory (a typo) is a FileNotFoundError,
         and an artifact of another format_version (a newer or older recsys_llm) names both versions."""
-        directory = str(tmp_path / "copy")
+        directory = str(tmp_path / "copy" / ("config.json" if case == "its config.json named" else ""))
         prepare, error, message = NOT_AN_ARTIFACT_OF_THIS_FORMAT[case]
         prepare(artifact[0], directory)
         with pytest.raises(error, match=rf"^{re.escape(directory)}: {message}$"):

@@ -277,6 +277,9 @@ class ServedModel(nn.Module):
             ValueError: another format version, a ``--state-only`` export, no program was exported, or
                 the artifact is damaged or incomplete.
         """
+        if os.path.isfile(directory):
+            raise NotADirectoryError(f"{directory}: a file; expected an export artifact's directory (`recsys-llm "
+                                     f"export --output`), e.g. {os.path.dirname(directory) or '.'}")
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such directory; expected an export artifact (`recsys-llm export`)")
         config_path = os.path.join(directory, "config.json")
@@ -290,8 +293,11 @@ class ServedModel(nn.Module):
                 "the task built by the model's code (e.g. as elec.teacher_checkpoint), or export the run without "
                 "--state-only to serve it"
             )
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: export format {config.get('format_version')}, this code reads {FORMAT_VERSION}")
+        if "format_version" not in config:
+            _raise_damaged(config_path, "no format_version: not an export's config.json, or a damaged one")
+        if config["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"{directory}: export format {config['format_version']!r}, this code reads "
+                             f"{FORMAT_VERSION}; export the run again with this version")
         missing = [key for key in CONFIG_KEYS if key not in config]
         if missing:
             _raise_damaged(config_path, f"lacks the keys {missing}")

@@ -179,7 +179,8 @@ def teacher_of(task: nn.Module) -> nn.Module:
     task = get_unwrapped_module(task)
     if isinstance(task, TeacherStudentTask):
         if task.teacher is None:
-            raise ValueError("the run is an offline teacher-student run: it holds no teacher to run")
+            raise ValueError("an offline student's task (elec.distill.mode=offline), which holds no teacher to run; "
+                             "take the run of its teacher")
         return task.teacher
     if not hasattr(task, "predict"):
         raise ValueError(f"{type(task).__name__}: expected a CTRTask-like module with predict(batch)")
@@ -503,6 +504,11 @@ def write_teacher_outputs(
     Returns:
         Dict[str, Any]: ``{"schema": path, "representation_dim": H, "files": [...]}``.
     """
+    elec = config.elec or {}
+    if elec.get("task") == "distill" and (elec.get("distill") or {}).get("mode") == "offline":
+        raise ValueError(f"teacher outputs --checkpoint {checkpoint}: an offline student's run "
+                         "(elec.distill.mode=offline), which holds no teacher; pass the run of its teacher (elec.task="
+                         "gain), or of a joint or frozen distillation")
     run = open_trained_run(config, checkpoint)
     ctx, schema = run.ctx, run.schema
     if os.path.realpath(output_dir) == os.path.realpath(schema.root):

@@ -365,3 +365,20 @@ def test_empty_parts_of_a_split_directory_get_no_copy_and_a_split_of_empty_files
     assert new_splits == {"train": "train"}
     with pytest.raises(DataError, match=r"valid/part-0\.parquet: the file is empty \(0 rows\)"):
         split_copies(schema, ["train", "valid"], out)
+
+
+def test_an_offline_students_run_is_refused_before_it_is_loaded(tmp_path) -> None:
+    """`teacher-outputs --checkpoint <offline student run>` loaded the run, then said only "the run is an offline
+    teacher-student run", naming neither the run nor what to pass instead."""
+    from recsys_llm import PACKAGED_CONFIGS
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.teacher_outputs import write_teacher_outputs
+
+    config = load_config(os.path.join(PACKAGED_CONFIGS, "synthetic_deepfm.yaml"),
+                         ["elec.task=distill", "elec.distill.mode=offline", "elec.vector_dim=8"])
+    run = str(tmp_path / "no_run_is_opened")
+    with pytest.raises(ValueError, match=rf"^teacher outputs --checkpoint {run}: an offline student's run "
+                                         r"\(elec\.distill\.mode=offline\), which holds no teacher; pass the run of "
+                                         r"its teacher \(elec\.task=gain\)"):
+        write_teacher_outputs(config, run, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
