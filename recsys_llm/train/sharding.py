@@ -474,6 +474,22 @@ def host_memory() -> Optional[int]:
     return physical
 
 
+def planner_host_memory(compute_device: str, local_world_size: int) -> Optional[int]:
+    """Bytes of host memory per rank the planner may place tables in (None: its default, 128 GB).
+
+    On CPU the tables live in host memory, and each rank may take the whole host: a table up to
+    128 columns wide is never split on CPU (row-wise types need CUDA), so a share of the host would
+    refuse tables that fit on one rank (the ranks of one host together are not checked against it).
+    On CUDA only the unified-memory kernels (``fused_uvm*``) use it, and they split tables by rows:
+    each of the host's ``local_world_size`` ranks gets its share (the planner's default let one
+    8-GPU host plan 1 TB of such tables). Without the host's size, torchrec's default either way.
+    """
+    host = host_memory()
+    if host is None or compute_device == "cpu":
+        return host
+    return host // local_world_size
+
+
 def build_topology(
     world_size: int,
     compute_device: str,
@@ -581,11 +597,7 @@ def shard_model(
     local_world_size = world_size
     if os.environ.get("WORLD_SIZE") == str(world_size):  # torchrun's job, not a smaller world asked for here
         local_world_size = min(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), world_size)
-    # on CPU the tables live in host memory: the planner's 128 GB default per rank let a table larger than the
-    # host plan, and fail only when DMP allocated it. Each rank may take the whole host: a table up to 128
-    # columns wide is never split on CPU (row-wise types need CUDA), so a share of the host would refuse tables
-    # that fit on one rank (the ranks of one host together are not checked against it)
-    ddr_cap = host_memory() if compute_device == "cpu" else None
+    ddr_cap = planner_host_memory(compute_device, local_world_size)
     topology = build_topology(world_size, compute_device, hbm_cap=hbm_cap, local_world_size=local_world_size,
                               ddr_cap=ddr_cap)
     planner = EmbeddingShardingPlanner(

@@ -833,6 +833,36 @@ def test_host_memory_is_the_cgroup_limit_where_lower_than_the_hosts(tmp_path, mo
     assert sharding.host_memory() == (physical if expected is None else expected)
 
 
+def test_gpu_ranks_plan_unified_memory_tables_in_their_share_of_the_host(monkeypatch) -> None:
+    """On CUDA the planner's default host memory (128 GB per rank) let an 8-GPU host plan 1 TB of fused_uvm
+    tables, which failed only when DMP allocated them; on CPU each rank may take the whole host."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.constants import BATCH_SIZE
+    from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
+
+    from recsys_llm.train import sharding
+
+    monkeypatch.setattr(sharding, "host_memory", lambda: 64 * 2**30)
+    assert sharding.planner_host_memory("cuda", 8) == 8 * 2**30
+    assert sharding.planner_host_memory("cpu", 8) == 64 * 2**30
+    monkeypatch.setattr(sharding, "host_memory", lambda: None)  # a host that does not say: torchrec's default
+    assert sharding.planner_host_memory("cuda", 8) is None
+    # an 82 GB unified-memory table, row-wise on 8 GPUs: 10 GB a rank, more than an 8 GB share of a 64 GB host
+    table = EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=160_000_000, feature_names=["f"])
+    ebc = EmbeddingBagCollection(tables=[table], device=torch.device("meta"))
+    constraints = {"t": ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused_uvm"])}
+    for share, plans in ((8 * 2**30, False), (64 * 2**30, True)):
+        topology = sharding.build_topology(8, "cuda", hbm_cap=2**30, local_world_size=8, ddr_cap=share)
+        planner = EmbeddingShardingPlanner(topology=topology, batch_size=BATCH_SIZE, constraints=constraints)
+        try:
+            planner.plan(ebc, [EmbeddingBagCollectionSharder()])
+            planned = True
+        except PlannerError:
+            planned = False
+        assert planned is plans, share
+
+
 def test_the_plan_line_counts_tables_by_sharding_type_and_their_weights() -> None:
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner
