@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Type
 
 import torch
@@ -246,10 +247,16 @@ def _no_room_message(task: nn.Module, world_size: int, compute_device: str, capa
     each = f" of {capacity / 2**30:.1f} GiB {where} each" if capacity else ""
     shown = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in largest)
     first = error.strip().splitlines()[0] if error.strip() else "PlannerError"
+    # the planner's own totals: the ranks' memory less its reserve for dense parts and buffers, and what the tables
+    # need with optimizer state (device and host memory, GB), which the weights and the ranks' memory alone hide
+    totals = {what: found.group(1) for what in ("available", "requirement")
+              if (found := re.search(rf"Global storage {what} for model parallel: (Storage\([^)]*\))", error))}
+    planned = (f"; the planner's totals: {totals['available']} available to the tables after its reserve, "
+               f"{totals['requirement']} needed with optimizer state" if len(totals) == 2 else "")
     more = "more hosts" if compute_device == "cpu" else "more GPUs"  # on CPU a host's ranks share its memory
     return (f"sharding: the planner found no room for the tables on {world_size} rank(s){each} (the tables' weights "
-            f"{sum(sizes.values()) / 2**30:.2f} GiB in all, before optimizer state; the largest: {shown}); use "
-            f"{more}, or smaller tables (fewer rows: --hash-size, the schema's cardinality; a smaller "
+            f"{sum(sizes.values()) / 2**30:.2f} GiB in all, before optimizer state; the largest: {shown}{planned}); "
+            f"use {more}, or smaller tables (fewer rows: --hash-size, the schema's cardinality; a smaller "
             f"model.embedding_dim) (torchrec: {first})")
 
 
