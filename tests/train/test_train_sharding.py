@@ -879,3 +879,11 @@ def test_the_plan_line_counts_tables_by_sharding_type_and_their_weights() -> Non
     assert plan_line(plan, 2, "runs/x/sharding_plan.json") == (
         "sharding: 1 table(s) over 2 rank(s) (1 column-wise; 512,000 weights in shards); the plan: "
         "runs/x/sharding_plan.json")
+    # billions of weights (it said "20480.0 M")
+    table = EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=160_000_000, feature_names=["f"])
+    planner = EmbeddingShardingPlanner(topology=build_topology(8, "cuda", hbm_cap=80 << 30), batch_size=256,
+                                       constraints={"t": ParameterConstraints(sharding_types=["row_wise"])})
+    plan = planner.plan(EmbeddingBagCollection(tables=[table], device=torch.device("meta")),
+                        [EmbeddingBagCollectionSharder()])
+    assert plan_line(plan, 8, "p.json") == "sharding: 1 table(s) over 8 rank(s) (1 row-wise; 20.5 B weights in " \
+                                           "shards); the plan: p.json"
