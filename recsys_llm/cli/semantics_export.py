@@ -236,6 +236,10 @@ def _export(args: argparse.Namespace) -> int:
     if config.projection is not None:
         load_projection(config.projection)  # before the LLM loads: a wrong --projection path is named
     renderer = RowTextRenderer(schema, _row_text_config(args))
+    missing = [item for item in args.splits or [] if item not in schema.splits and not os.path.exists(item)]
+    if missing:  # before the LLM loads
+        raise ValueError(f"--splits {' '.join(missing)}: not splits of schema {schema.name!r} (splits: "
+                         f"{', '.join(sorted(schema.splits))}) nor Parquet files or directories")
     splits: List[str] = args.splits or list(schema.splits)  # the schema's order: an entity's first row is from train
     earlier_order = None if args.splits else splits_of_an_earlier_row_export(args.output_dir, schema, renderer,
                                                                              args.granularity)

@@ -149,7 +149,8 @@ def check_file_schema(
         asked = [name for name in missing if name in extras]
         what = "; ".join(
             part for part in (f"missing column(s) {by_schema} required by schema {schema.name!r}" if by_schema else "",
-                              f"missing extra column(s) {asked} asked for by the reader (extras)" if asked else "")
+                              f"missing extra column(s) {asked} the run reads (data.extras, or a "
+                              "plug-in's column)" if asked else "")
             if part
         )
         raise DataError(f"{path}: {what}; file columns: {sorted(columns)}{hint}")

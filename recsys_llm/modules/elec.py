@@ -418,7 +418,11 @@ def load_elec_state(model: nn.Module, config: ELECConfig, schema_fingerprint: Op
         )
     for field, directory in named.items():
         if not directory or not os.path.isdir(directory):
-            raise FileNotFoundError(f"elec entity vectors of {field!r}: export directory {directory!r} not found")
+            key = ("elec.entity_vectors" if field == config.entity_field and directory == config.entity_vectors
+                   else f"elec.entity_tables.{field}")
+            raise FileNotFoundError(
+                f"{key}={directory!r}: no such directory; expected a vector export of field {field!r}, written by "
+                f"`recsys-llm semantics export --granularity entity --entity-field {field} --output-dir DIR`")
         stored = read_manifest(directory)["provenance"]
         if stored.get("granularity", "entity") != "entity":
             # keyed by row keys: row k's vector would become entity k's wherever k is below the cardinality

@@ -147,6 +147,10 @@ class RowTextRenderer:
         if unknown:  # a misspelt field name: its template would never be used
             raise SchemaError(f"row-text templates name {unknown}, no field of schema {schema.name!r} (fields "
                               f"{field_names}); name fields of the schema")
+        absent = [name for name in names if name not in field_names]
+        if absent:  # a misspelt --fields
+            raise SchemaError(f"row-text fields (semantics adapt / export --fields) {absent}: no fields of schema "
+                              f"{schema.name!r} ({schema.root}); its fields: {', '.join(field_names)}")
         self._fields: List[FieldSpec] = [schema.field(n) for n in names]
         # field name -> (id, text) table, None when the field has no value text; the configured fields'
         # are read here (a bad file is named at once), other fields' (an entity's text) when first needed

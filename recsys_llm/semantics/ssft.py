@@ -360,7 +360,8 @@ def fit_prompts(
             capped = requested_max_length is not None and requested_max_length > max_length
             remedy = (f"the model's positions cap --max-length {requested_max_length} there: use a model with more "
                       "positions, fewer fields, or shorter prompt templates (PromptTemplates in Python)" if capped else
-                      "raise --max-length (SSFTConfig.max_length)")
+                      f"raise --max-length (SSFTConfig.max_length) above {bare} (a value's own tokens come on top), "
+                      "or shorten the field descriptions")
             raise ValueError(
                 f"SSFT prompt without its value is {bare} tokens, more than max_length {max_length} (its instruction "
                 f"and candidate set of {len(names)} fields alone); {remedy}"

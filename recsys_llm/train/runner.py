@@ -202,7 +202,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early
     readers = build_readers(config, schema, ctx, train_transform=swap)
     if len(readers["train"]) == 0:
-        raise ValueError(f"training split {config.data.train_split!r} gives 0 batches per rank at batch size {config.data.batch_size}")
+        raise ValueError(f"training split {config.data.train_split!r} gives 0 batches per rank at batch size "
+                         f"{config.data.batch_size} on {ctx.world_size} rank(s); lower data.batch_size or run fewer "
+                         "ranks")
 
     # swapped pairs double every training batch; the planner sizes for what a step really holds
     step_rows = config.data.batch_size * (2 if swap is not None else 1)

@@ -2,6 +2,7 @@
 load the sharded model, evaluate a split."""
 
 import dataclasses
+import os
 from typing import Any, Dict, NamedTuple, Optional
 
 from torch import nn
@@ -97,6 +98,9 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     data = config.data
     if split in schema.splits:
         check_plugin_columns(config, schema, [split])
+    elif not os.path.exists(split):  # before the model loads
+        raise ValueError(f"evaluate --split {split}: not a split of schema {schema.name!r} (splits: "
+                         f"{', '.join(sorted(schema.splits))}) nor a Parquet file or directory")
     extras = list(data.extras) + plugin_extras(config) + list(metric_subsets(config, schema).values())
     reader = ParquetBatchReader(
         schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,

@@ -66,8 +66,8 @@ def test_missing_column(tmp_path):
     with pytest.raises(DataError, match=r"f\.parquet.*missing column.*'price'"):
         _read_all(schema, path)
     path = _write(str(tmp_path / "g.parquet"), schema)
-    with pytest.raises(DataError, match=r"g\.parquet: missing extra column\(s\) \['llm_vec'\] asked for by the reader "
-                                        r"\(extras\); file columns"):
+    with pytest.raises(DataError, match=r"g\.parquet: missing extra column\(s\) \['llm_vec'\] the run reads "
+                                        r"\(data\.extras, or a plug-in's column\); file columns"):
         read_schema_and_check(schema, path, extras=["llm_vec"])
 
 

@@ -138,7 +138,9 @@ def test_a_frozen_teacher_checks_the_entity_exports_it_is_given_against_its_own_
 def test_a_frozen_teacher_refuses_entity_exports_it_does_not_read(trained_teacher, tmp_path):
     """Before: any path, even a missing one, was accepted, ignored, and recorded as the run's vectors."""
     tables, checkpoint = trained_teacher
-    with pytest.raises(FileNotFoundError, match=r"'user_id': export directory '/nonexistent' not found"):
+    with pytest.raises(FileNotFoundError, match=r"^elec\.entity_tables\.user_id='/nonexistent': no such directory; "
+                                                r"expected a vector export of field 'user_id', written by `recsys-llm "
+                                                r"semantics export --granularity entity --entity-field user_id"):
         _load(_frozen(checkpoint, {**tables, "user_id": "/nonexistent"}))
     other = _export(str(tmp_path / "other_users"), "user_id", np.ones((NUM_USERS, DIM), np.float32),
                     {"entity_field": "user_id", "schema": SCHEMA.fingerprint()})

@@ -396,7 +396,10 @@ def test_a_bad_export_setting_is_named_before_the_llm_loads(tmp_path, tiny_schem
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--splits", "valid"], "valid: no such Parquet file or directory (and not a split of schema 'tiny': ['train'])"),
+    (["--splits", "valid"], "--splits valid: not splits of schema 'tiny' (splits: train) nor Parquet files or "
+                            "directories"),
+    (["--fields", "color", "colour"], "row-text fields (semantics adapt / export --fields) ['colour']: no fields of "
+                                      "schema 'tiny'"),
     ([], "train.parquet: no column(s) ['row_id'] for the row key / row text fields"),
     (["--granularity", "entity", "--entity-field", "colour"], "no column(s) ['colour'] for the entity field"),
     (["--granularity", "entity", "--entity-field", "price"], "entity field 'price' (semantics export --entity-field) "

@@ -287,8 +287,9 @@ def test_values_shortened_to_one_text_give_no_repeated_prompt(tmp_path, tiny_lla
 
 
 def test_a_prompt_that_cannot_fit_is_refused(tmp_path, tiny_llama_dir, tiny_schema) -> None:
-    with pytest.raises(ValueError, match=r"SSFT prompt without its value is \d+ tokens, more than max_length 20 .*; "
-                                         r"raise --max-length"):
+    with pytest.raises(ValueError, match=r"SSFT prompt without its value is (\d+) tokens, more than max_length 20 "
+                                         r".*; raise --max-length \(SSFTConfig\.max_length\) above \1 \(a value's "
+                                         r"own tokens come on top\), or shorten the field descriptions$"):
         SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, max_length=20), tiny_schema,
                     str(tmp_path / "ssft"))
 

@@ -70,6 +70,11 @@ def test_evaluating_a_run_without_a_test_split_asks_for_the_split(synthetic_dir:
         trained_run.run_evaluation(_config(synthetic_dir, "data.test_split="), "runs/no_test")
     assert str(refused.value) == ("no split to evaluate: data.test_split is '' (the run reports no test split); "
                                   "name the split, e.g. evaluate --split valid")
+    # a split name the schema lacks (a typo) is named with the flag before the model loads
+    with pytest.raises(ValueError) as refused:
+        trained_run.run_evaluation(_config(synthetic_dir), "runs/x", "tset")
+    assert str(refused.value) == (f"evaluate --split tset: not a split of schema {synthetic_schema.name!r} (splits: "
+                                  "test, train, valid) nor a Parquet file or directory")
 
 
 def test_the_default_cold_item_column_may_be_absent(synthetic_dir: str, tmp_path) -> None:
