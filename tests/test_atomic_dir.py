@@ -419,3 +419,20 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, mo
     os.symlink(locked / "earlier", tmp_path / "free" / "to_locked")
     with pytest.raises(PermissionError, match=f"cannot be written: {locked} is not writable here"):
         check_replaceable(str(tmp_path / "free" / "to_locked"), "export", ["config.json"])
+
+
+def test_a_link_to_an_output_not_made_yet_is_checked_where_it_points(tmp_path, monkeypatch):
+    """``current -> v4`` before v4 exists: atomic_directory swaps v4 in beside its target, so the directory that
+    must be writable is the target's, not the link's (the link's was checked)."""
+    from recsys_llm.atomic_dir import check_replaceable
+
+    locked, free = tmp_path / "ro", tmp_path / "free"
+    locked.mkdir()
+    free.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and access(path, mode))
+    os.symlink(free / "v4", locked / "current")  # dangling: v4 is made by the export
+    check_replaceable(str(locked / "current"), "export", ["config.json"])
+    os.symlink(locked / "v4", free / "to_locked")
+    with pytest.raises(PermissionError, match=f"cannot be written: {locked} is not writable here"):
+        check_replaceable(str(free / "to_locked"), "export", ["config.json"])

@@ -1,4 +1,3 @@
-import os
 import sys
 
 import pytest
@@ -58,33 +57,51 @@ def test_cuda_builds_say_how_far_they_were_verified(monkeypatch: pytest.MonkeyPa
     assert "(CUDA build, not verified; the CPU builds known to work: torch 2.13" in capsys.readouterr().out
 
 
-def test_the_commit_is_this_checkouts_not_that_of_a_repository_the_package_is_installed_in(tmp_path) -> None:
-    """Installed into a venv inside a user's git repository, exports recorded the user's project commit as
-    `versions.recsys_llm_commit`. A copy the repository tracks (a vendored checkout) is its code: its commit."""
+def _copied_env(package_dir):
+    """``recsys_llm/env.py`` copied into ``package_dir`` (made here) and imported from there."""
     import importlib.util
     import shutil
-    import subprocess
 
     import recsys_llm.env
 
-    def copied_env(package_dir):
-        package_dir.mkdir(parents=True)
-        shutil.copy(recsys_llm.env.__file__, package_dir / "env.py")
-        spec = importlib.util.spec_from_file_location("copied_env", package_dir / "env.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    package_dir.mkdir(parents=True)
+    shutil.copy(recsys_llm.env.__file__, package_dir / "env.py")
+    spec = importlib.util.spec_from_file_location("copied_env", package_dir / "env.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_commit_is_this_checkouts_not_that_of_a_repository_the_package_is_installed_in(tmp_path) -> None:
+    """Installed into a venv inside a user's git repository, exports recorded the user's project commit as
+    `versions.recsys_llm_commit`. A copy the repository tracks (a vendored checkout) is its code: its commit."""
+    import subprocess
 
     project = tmp_path / "project"
     project.mkdir()
     git = ["git", "-c", "user.name=u", "-c", "user.email=u@x", "-c", "commit.gpgsign=false"]
     subprocess.run(git + ["init", "-q"], cwd=project, check=True)
     subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "user's project"], cwd=project, check=True)
-    assert copied_env(project / ".venv" / "site" / "recsys_llm").source_commit() == ""
-    assert copied_env(tmp_path / "no_repository" / "recsys_llm").source_commit() == ""
-    vendored = copied_env(project / "third_party" / "recsys_llm")
+    assert _copied_env(project / ".venv" / "site" / "recsys_llm").source_commit() == ""
+    assert _copied_env(tmp_path / "no_repository" / "recsys_llm").source_commit() == ""
+    vendored = _copied_env(project / "third_party" / "recsys_llm")
     subprocess.run(git + ["add", "third_party"], cwd=project, check=True)
     subprocess.run(git + ["commit", "-q", "-m", "vendored"], cwd=project, check=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True,
                             text=True).stdout.strip()
     assert vendored.source_commit() == commit
+
+
+def test_a_package_copied_untracked_beside_tracked_files_records_no_commit(tmp_path) -> None:
+    """What git tracks is this package's own file, not its directory's: a user's `vendor/` that commits a README
+    and holds an untracked copy of the package recorded the user's commit as this code's."""
+    import subprocess
+
+    project = tmp_path / "project"
+    (project / "vendor").mkdir(parents=True)
+    (project / "vendor" / "README").write_text("third-party code\n")
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@x", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=project, check=True)
+    subprocess.run(git + ["add", "vendor/README"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "user's project"], cwd=project, check=True)
+    assert _copied_env(project / "vendor" / "recsys_llm").source_commit() == ""

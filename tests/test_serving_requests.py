@@ -456,6 +456,14 @@ class TestDamagedArtifacts:
         with pytest.raises(error, match=rf"^{re.escape(directory)}: {message}$"):
             ServedModel.load(directory, trust_program=True)
 
+    def test_an_artifacts_file_named_instead_of_it_names_the_directory_to_load(self, artifact, tmp_path):
+        """`ServedModel.load(export/config.json)`: the example to pass instead is the artifact's directory."""
+        directory = str(tmp_path / "copy")
+        shutil.copytree(artifact[0], directory)
+        with pytest.raises(NotADirectoryError,
+                           match=rf"\(`recsys-llm export --output`\), e\.g\. {re.escape(directory)}$"):
+            ServedModel.load(os.path.join(directory, "config.json"), trust_program=True)
+
     def test_the_program_is_still_not_read_untrusted(self, artifact, tmp_path):
         directory = str(tmp_path / "copy")
         shutil.copytree(artifact[0], directory)

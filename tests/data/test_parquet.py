@@ -383,3 +383,55 @@ def test_a_split_directory_beside_its_schema_is_read(tmp_path, synthetic) -> Non
     shutil.copy(synthetic.split_path("train"), root / "part-0.parquet")
     (root / "schema.json").write_text(json.dumps({"splits": {"train": "."}}))
     assert parquet_files(str(root)) == [str(root / "part-0.parquet")]
+
+
+@pytest.mark.parametrize("written", ["{name}", "{name}/part-0.parquet"], ids=["split directories", "files below"])
+def test_a_data_sets_directory_whose_splits_lie_below_it_is_read_as_its_own_files(tmp_path, synthetic,
+                                                                                  written) -> None:
+    """Splits kept in subdirectories (train/, or train/part-0.parquet) are not filed in the data set's directory:
+    a *.parquet file beside schema.json is one split's data, not a mix of the splits below it."""
+    import json
+    import shutil
+
+    from recsys_llm.data.parquet_files import parquet_files
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        shutil.copy(synthetic.split_path("test"), root / split / "part-0.parquet")
+    shutil.copy(synthetic.split_path("test"), root / "extra.parquet")
+    (root / "schema.json").write_text(json.dumps({"splits": {s: written.format(name=s) for s in ("train", "test")}}))
+    assert parquet_files(str(root)) == [str(root / "extra.parquet")]
+
+
+def test_one_split_filed_beside_the_schema_is_no_mix(tmp_path, synthetic) -> None:
+    """Only several splits' files in one directory are mixed when it is read as a split: one is read."""
+    import json
+    import shutil
+
+    from recsys_llm.data.parquet_files import parquet_files
+
+    root = tmp_path / "data"
+    (root / "test").mkdir(parents=True)
+    shutil.copy(synthetic.split_path("train"), root / "train.parquet")
+    shutil.copy(synthetic.split_path("test"), root / "test" / "part-0.parquet")
+    (root / "schema.json").write_text(json.dumps({"splits": {"train": "train.parquet", "test": "test"}}))
+    assert parquet_files(str(root)) == [str(root / "train.parquet")]
+
+
+@pytest.mark.parametrize("splits", [["train", "test"], {"train": 3, "test": None}, "train.parquet"],
+                         ids=["a list", "paths not strings", "a string"])
+def test_a_schema_json_whose_splits_are_no_mapping_of_paths_is_no_data_sets(tmp_path, synthetic, splits) -> None:
+    """Another tool's schema.json beside Parquet files: its 'splits' are not read as ours (no TypeError or
+    AttributeError from reading them), and the directory is read as one split."""
+    import json
+    import shutil
+
+    from recsys_llm.data.parquet_files import parquet_files
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("train.parquet", "test.parquet"):
+        shutil.copy(synthetic.split_path("test"), root / name)
+    (root / "schema.json").write_text(json.dumps({"splits": splits}))
+    assert len(parquet_files(str(root))) == 2

@@ -74,3 +74,51 @@ def test_a_run_finished_earlier_is_numbered_and_named(tmp_path, capsys) -> None:
     counter.next_label()
     assert run_variant(base_config_path("ml100k", "fm"), [], str(run_dir), counter=counter) == result
     assert capsys.readouterr().out == f"[done 2/3] {run_dir}: finished earlier\n"
+
+
+@pytest.mark.parametrize("driver", ["ml100k_backbones", "llactr", "elec"])
+def test_a_drivers_runs_are_numbered_over_all_its_backbones(tmp_path, monkeypatch, driver) -> None:
+    """``N`` is the whole table's: every backbone's runs, numbered on from one backbone to the next."""
+    import importlib
+
+    import recsys_llm.train.teacher_outputs
+
+    script = importlib.import_module(f"experiments.{driver}")
+    labels = []
+    monkeypatch.setattr(script, "run_variant", _counting_run_variant(labels))
+    monkeypatch.setattr(script, "prepared_schema", lambda data, data_dir, raw: "schema.json")
+    if driver == "llactr":
+        monkeypatch.setattr(script, "llm_steps", lambda *args: ("fields.safetensors", "ssft.json"))
+    if driver == "elec":
+        monkeypatch.setattr(script, "llm_steps", lambda *args: ("schema.json", []))
+        monkeypatch.setattr(script, "export_frozen_teacher", lambda gain_dir, state_dir: None)
+        monkeypatch.setattr(recsys_llm.train.teacher_outputs, "write_teacher_outputs",
+                            lambda config, gain_dir, out_dir, progress: {"schema": "teacher_schema.json"})
+    if driver != "ml100k_backbones":
+        monkeypatch.setattr(script, "report", lambda *args: None)  # the tables of runs that trained nothing
+    assert script.main(["--quick", "--backbones", "deepfm", "dcnv2", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    per_backbone = {"ml100k_backbones": 2, "llactr": llactr_driver.runs_per_backbone(2, "all-seeds"),
+                    "elec": elec_driver.runs_per_backbone(2, "all-seeds")}[driver]  # ML-100K's one entity: no swaps
+    total = 2 * per_backbone
+    assert labels == [f"{k}/{total}" for k in range(1, total + 1)]
+
+
+def test_a_reused_run_and_a_new_run_are_numbered(tmp_path, monkeypatch, capsys) -> None:
+    """Each kind of run's line carries its ``k/N``: a table taking runs from another said only `[reuse]`."""
+    import experiments.common as common
+
+    result = {"valid": {"auc": 0.7}, "test": {"auc": 0.7, "logloss": 0.5}}
+    other = tmp_path / "backbones" / "fm" / "seed0"
+    os.makedirs(other)
+    save_config(load_config(base_config_path("ml100k", "fm"), [f"train.run_dir={other}"]), str(other / "config.yaml"))
+    (other / "results.json").write_text(json.dumps(result))
+    monkeypatch.setattr(common, "run_training", lambda config: result)
+    counter = RunCounter(2)
+    run_dir = tmp_path / "llactr" / "plain" / "seed0"
+    reused = run_variant(base_config_path("ml100k", "fm"), [], str(run_dir), reuse=[str(other)], counter=counter)
+    assert reused == result
+    assert run_variant(base_config_path("ml100k", "fm"), ["train.seed=1"], str(tmp_path / "new"), counter=counter) \
+        == result
+    reuse_line, trained = capsys.readouterr().out.splitlines()
+    assert reuse_line == f"[reuse 1/2] {run_dir}: identical finished run {other}"
+    assert trained.startswith(f"[run 2/2] {tmp_path / 'new'}: valid AUC 0.7000, test AUC 0.7000 ("), trained

@@ -4,6 +4,8 @@ A bad ``elec.*`` value must be the config error of ``recsys-llm train`` (exit co
 key, not a reshape / negative-dimension / planner error deep in building or sharding the task.
 """
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -152,6 +154,19 @@ def test_a_frozen_teacher_refuses_entity_exports_it_does_not_read(trained_teache
     with pytest.raises(ProvenanceError, match=r"items: vectors do not match .*entity_field: stored 'item_id', "
                                               r"expected 'user_id'"):
         _load(_frozen(checkpoint, {"user_id": tables["item_id"], "item_id": tables["user_id"]}))
+
+
+@pytest.mark.parametrize("settings, key", [
+    (dict(entity_field="user_id", entity_vectors="/nonexistent"), "elec.entity_vectors"),
+    (dict(entity_tables={"user_id": "/nonexistent"}), "elec.entity_tables.user_id"),
+], ids=["entity_vectors", "entity_tables"])
+def test_a_missing_entity_vector_directory_is_named_by_the_key_that_gave_it(settings, key):
+    """elec.entity_field + elec.entity_vectors (one entity) and elec.entity_tables (several) both name a directory;
+    the refusal names the key the user wrote, not always elec.entity_tables."""
+    config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", **settings)
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(key)}='/nonexistent': no such directory; expected a "
+                                                r"vector export of field 'user_id'"):
+        _load(config)
 
 
 def test_entity_vectors_of_another_width_than_elec_vector_dim_name_the_key(tmp_path):

@@ -128,6 +128,17 @@ class TestTeacherStudentTask:
         for k, v in task.teacher.state_dict().items():
             assert torch.equal(v, before[k]), k
 
+    def test_an_offline_students_task_gives_no_teacher_and_says_which_run_does(self):
+        """teacher_of is what teacher-outputs runs: an offline student holds no teacher (its run is refused before
+        loading; this is the library caller's refusal), and the message says what it is and what to take instead."""
+        from recsys_llm.train.teacher_outputs import teacher_of
+
+        with pytest.raises(ValueError, match=r"^an offline student's task \(elec\.distill\.mode=offline\), which "
+                                             r"holds no teacher to run; take the run of its teacher$"):
+            teacher_of(_elec("offline", teacher_representation_dim=8))
+        joint = _elec("joint")
+        assert teacher_of(joint) is joint.teacher
+
     def test_a_joint_runs_teacher_is_a_frozen_teacher(self, tmp_path):
         """A distillation run's whole state (``export --state-only`` of a joint run: teacher.*, student.*, repr_kd.*)
         gives its teacher, as ``teacher-outputs`` takes it for an offline student; it was refused, naming model

@@ -73,6 +73,15 @@ class TestTemplates:
                        tiny_schema.value_text_path("color"))
         assert sorted(distinct_values(tiny_schema, "color", 10, random.Random(0))) == ["shade 1", "shade 2", "shade 3"]
 
+    @pytest.mark.skipif(not hasattr(pa, "string_view"), reason="pyarrow < 16 has no string_view")
+    def test_string_view_texts_come_back_as_strings(self, tiny_schema: DatasetSchema) -> None:
+        """load_value_text promises ``string`` (the type every reader's kernels take), not another string type."""
+        texts = pa.array(["unknown", "shade 1"]).cast(pa.string_view())
+        pq.write_table(pa.table({"id": pa.array(range(2), pa.int64()), "text": texts}),
+                       tiny_schema.value_text_path("color"))
+        table = tiny_schema.load_value_text("color")
+        assert table.column("text").type == pa.string() and table.column("text").to_pylist() == ["unknown", "shade 1"]
+
     def test_dense_values_of_a_split_directory_read_its_parquet_files_only(self, tmp_path) -> None:
         """A split directory is its *.parquet files (data.parquet_files): a temp file a killed write left beside
         them is no data, and read as Parquet it failed with Arrow's "magic bytes not found"."""

@@ -382,3 +382,19 @@ def test_an_offline_students_run_is_refused_before_it_is_loaded(tmp_path) -> Non
                                          r"its teacher \(elec\.task=gain\)"):
         write_teacher_outputs(config, run, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("settings", [["elec.task=distill", "elec.distill.mode=joint"],
+                                      ["elec.task=gain", "elec.distill.mode=offline"]],
+                         ids=["a joint distillation", "a gain run (its distill section unused)"])
+def test_runs_that_hold_a_teacher_are_opened_not_refused_as_offline(tmp_path, settings) -> None:
+    """Only an offline student's run is refused up front: a joint run holds its teacher, and a gain run is one
+    whatever its unused elec.distill.mode says. Here the run is missing, which opening it names."""
+    from recsys_llm import PACKAGED_CONFIGS
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.teacher_outputs import write_teacher_outputs
+
+    config = load_config(os.path.join(PACKAGED_CONFIGS, "synthetic_deepfm.yaml"), settings + ["elec.vector_dim=8"])
+    run = str(tmp_path / "no_run")
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(run)}: no such checkpoint or run directory"):
+        write_teacher_outputs(config, run, str(tmp_path / "out"))

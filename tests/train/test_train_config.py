@@ -57,6 +57,8 @@ class TestLoadConfig:
             ("train.epochs=\u00b2", "train.epochs: expected an integer, got '\u00b2'"),  # str.isdigit, not int()
             ("optim.dense_lr=[1]", "optim.dense_lr: expected a number"),
             ("train.resume=maybe", "train.resume: expected true/false"),
+            # YAML's 0 and 1 are the only integers read as booleans
+            ("train.resume=2", "train.resume: expected true/false, got 2"),
             ("optim.sparse=lion", "optim.sparse must be one of"),
             ("sharding.sharding_types=[diagonal]", "sharding.sharding_types: unknown values ['diagonal']"),
             ("model.name=gpt", "unknown model 'gpt'"),

@@ -736,6 +736,55 @@ def test_tables_larger_than_the_hosts_memory_are_refused_by_the_planner_naming_t
                     r"use more hosts", message), message
 
 
+def _planner_refusing_the_settings() -> Any:
+    """shard_model whose planner refuses with another error than no room (as for constraints no plan meets)."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
+
+    def refuse(self, module, sharders):
+        raise PlannerError("Unable to find a plan for the model", PlannerErrorType.OTHER)
+
+    ctx = init_distributed("cpu")
+    EmbeddingShardingPlanner.plan = refuse
+    try:
+        shard_model(_BigTable(), ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=8)
+    except ValueError as error:
+        return str(error), type(error.__cause__).__name__
+    return "planned"
+
+
+@pytest.mark.multiprocess
+def test_a_planner_refusal_other_than_no_room_is_one_error_naming_the_settings() -> None:
+    """torchrec's PlannerError was raised as it came: a traceback, where the user's sharding settings are the cause."""
+    (outcome,) = run_multiprocess(_planner_refusing_the_settings, world_size=1)
+    assert outcome == ("sharding: torchrec's planner found no plan (other): Unable to find a plan for the model; "
+                       "change sharding.sharding_types, sharding.compute_kernels or sharding.table_constraints",
+                       "PlannerError"), outcome
+
+
+def _host_memory_asked() -> List[Any]:
+    from recsys_llm.train import sharding
+
+    ctx = init_distributed("cpu")
+    asked = []
+    planner_host_memory = sharding.planner_host_memory
+
+    def recorded(compute_device, local_world_size):
+        asked.append((compute_device, local_world_size))
+        return planner_host_memory(compute_device, local_world_size)
+
+    sharding.planner_host_memory = recorded
+    shard_model(_WideTable(16), ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=8)
+    return asked
+
+
+@pytest.mark.multiprocess
+def test_shard_model_asks_the_planners_host_memory_for_the_ranks_of_its_host() -> None:
+    """The host's memory is shared by its ranks (torchrun's LOCAL_WORLD_SIZE): a share of one rank gave each of
+    8 GPUs the whole host for unified-memory tables."""
+    assert run_multiprocess(_host_memory_asked, world_size=2) == [[("cpu", 2)], [("cpu", 2)]]
+
+
 class _WideTable(torch.nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
