@@ -30,6 +30,7 @@ Modes:
 control flow), as ``TrainPipelineSparseDist`` requires.
 """
 
+import contextlib
 import dataclasses
 from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
@@ -407,25 +408,32 @@ def write_teacher_columns(
     def write(handle: Any) -> None:
         nonlocal rows
         writer: Optional[pq.ParquetWriter] = None
-        for batch in tqdm(batches, desc="teacher outputs", disable=not progress, **interval_options()):
-            keys = batch.extras.get(row_key, batch.extras.get(ROW_ID_EXTRA))
-            if keys is None:
-                where = " or ".join(f"extras[{key!r}]" for key in dict.fromkeys([row_key, ROW_ID_EXTRA]))
-                raise KeyError(f"write_teacher_columns: batch has no {where} (row keys); extras: {sorted(batch.extras)}")
-            output = teacher.predict(batch)
-            columns = {
-                row_key: pa.array(keys.cpu().numpy().astype(np.int64)),
-                logits_column: pa.array(output.logits.float().cpu().numpy()),
-            }
-            if with_representation:
-                rep = output.representation.float().cpu().numpy()  # (B, H_t)
-                columns[representation_column] = pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)),
-                                                                                   rep.shape[1])
-            table = pa.table(columns)
-            if writer is None:
-                writer = pq.ParquetWriter(handle, table.schema)
-            writer.write_table(table)
-            rows += table.num_rows
+        try:
+            for batch in tqdm(batches, desc="teacher outputs", disable=not progress, **interval_options()):
+                keys = batch.extras.get(row_key, batch.extras.get(ROW_ID_EXTRA))
+                if keys is None:
+                    where = " or ".join(f"extras[{key!r}]" for key in dict.fromkeys([row_key, ROW_ID_EXTRA]))
+                    raise KeyError(f"write_teacher_columns: batch has no {where} (row keys); extras: "
+                                   f"{sorted(batch.extras)}")
+                output = teacher.predict(batch)
+                columns = {
+                    row_key: pa.array(keys.cpu().numpy().astype(np.int64)),
+                    logits_column: pa.array(output.logits.float().cpu().numpy()),
+                }
+                if with_representation:
+                    rep = output.representation.float().cpu().numpy()  # (B, H_t)
+                    columns[representation_column] = pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)),
+                                                                                       rep.shape[1])
+                table = pa.table(columns)
+                if writer is None:
+                    writer = pq.ParquetWriter(handle, table.schema)
+                writer.write_table(table)
+                rows += table.num_rows
+        except BaseException:
+            if writer is not None:  # closed here, not later by the garbage collector over the closed temp file
+                with contextlib.suppress(Exception):
+                    writer.close()
+            raise
         if writer is None:
             raise ValueError("write_teacher_columns: no batches")
         writer.close()

@@ -451,7 +451,10 @@ class TestOfflineOutputs:
             attach_columns(split, twice, "impression", str(tmp_path / "copy2.parquet"))
 
 
+    @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
     def test_the_teacher_keeps_its_mode_and_a_failed_write_leaves_no_file(self, tmp_path):
+        """The failed write's ParquetWriter was left to the garbage collector, which closed it over the temp file
+        already closed and removed ('Exception ignored in ParquetWriter.__del__: write to closed file')."""
         task = _elec("joint")
         task.teacher.train()  # e.g. a joint teacher between training epochs: its dropout stays on afterwards
         out = str(tmp_path / "teacher.parquet")
