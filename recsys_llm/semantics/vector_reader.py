@@ -416,7 +416,7 @@ def attach_vectors(
     out_schema = schema.append(pa.field(column, value_type))
     tmp = f"{output_path}.tmp"
     rows = 0
-    total = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    total = sum(pq.read_metadata(path).num_rows for path in files) if progress else None  # footers only
     bar = tqdm(total=total, unit="rows", desc=f"attaching vectors to {os.path.basename(output_path)}",
                disable=not progress, **interval_options())
     try:
