@@ -123,6 +123,12 @@ class TrainState:
             reads it), set by :meth:`CheckpointManager.save` and restored by :func:`load_checkpoint`.
         validated_step (int): global step of the last validation (-1: none yet, or a checkpoint written
             before it was recorded): a job resumed at that step trains nothing new to validate.
+        loss_window_sum (float): the sum of the batch losses since the last ``train`` record of
+            ``metrics.jsonl`` (their mean over the ranks), ``loss_window_steps`` steps of them.
+        epoch_loss_sum (float): the sum of the batch losses of ``epoch`` so far (their mean over the ranks),
+            ``epoch_loss_steps`` steps of them. These four let a resumed job's loss records be the
+            uninterrupted run's (:mod:`recsys_llm.train.loss_sums`); 0 in checkpoints written before
+            2026-12-06, whose resumed records count only the steps after the resume.
     """
 
     epoch: int = 0
@@ -137,6 +143,10 @@ class TrainState:
     stop_reason: str = ""
     table_optimizer_step: int = 0
     validated_step: int = -1
+    loss_window_sum: float = 0.0
+    loss_window_steps: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
 
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)

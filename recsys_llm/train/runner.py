@@ -70,10 +70,10 @@ from recsys_llm.train.distributed import (
     all_ranks_true,
     barrier,
     init_distributed,
-    mean_over_ranks,
     run_on_every_rank,
     sum_over_ranks,
 )
+from recsys_llm.train.loss_sums import LossSums
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
@@ -156,9 +156,11 @@ def _end_cut_off_line(path: str) -> None:
             handle.write(b"\n")
 
 
-def _epoch_record(stats: EpochStats, state: TrainState, world_size: int, resumed_at: int,
-                  samples: int) -> Dict[str, Any]:
-    """The ``epoch`` event; an epoch of 0 steps (a resume at its end) has no loss or throughput.
+def _epoch_record(stats: EpochStats, state: TrainState, world_size: int, resumed_at: int, samples: int,
+                  mean_loss: Optional[float], loss_steps: int) -> Dict[str, Any]:
+    """The ``epoch`` event: ``steps``, ``samples`` and ``samples_per_second`` are this job's (none in an epoch
+    of 0 steps, a resume at its end), ``mean_loss`` the epoch's over all its ``loss_steps`` steps, a killed
+    job's before the resume included.
 
     Args:
         samples (int): the rows every rank trained on (the ranks' last batches may differ by a row).
@@ -166,9 +168,8 @@ def _epoch_record(stats: EpochStats, state: TrainState, world_size: int, resumed
     trained = stats.steps > 0
     return {
         "event": "epoch", "epoch": state.epoch, "global_step": state.global_step, "steps": stats.steps,
-        "samples": samples, "mean_loss": stats.mean_loss if trained else None,
+        "samples": samples, "mean_loss": mean_loss, "loss_steps": loss_steps,
         "samples_per_second": stats.samples_per_second * world_size if trained else None,
-        # steps, samples and mean_loss count only the steps after the resume
         **({"resumed_at_step_in_epoch": resumed_at} if resumed_at else {}),
     }
 
@@ -325,19 +326,19 @@ def _train_in_run_dir(
     train_reader = readers["train"]
     throughput: List[float] = []
 
-    window: List[Any] = [0.0, 0]  # the losses' sum (on the device: no sync a step) and count since the last record
+    losses = LossSums.resumed_from(state)  # a checkpoint between two loss records carries their sums
 
     def step_callback(step_in_epoch: int, loss: torch.Tensor) -> bool:
         state.step_in_epoch = step_in_epoch
         state.global_step += 1
-        window[0], window[1] = window[0] + loss.detach(), window[1] + 1
+        losses.add(loss.detach())
         if state.global_step % LOSS_RECORD_STEPS == 0:  # the mean batch loss of the window, over the ranks
-            mean_loss = mean_over_ranks(float(window[0]) / window[1], ctx.device)
+            mean_loss, steps = losses.take_window(ctx.device)
             log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": mean_loss,
-                       "steps": window[1]})
-            window[0], window[1] = 0.0, 0
+                       "steps": steps})
         if train_cfg.checkpoint_every and state.global_step % train_cfg.checkpoint_every == 0:
             check_finite_loss(loss, f"step {state.global_step}")  # a NaN step makes every later loss NaN
+            losses.carry_into(state, ctx.device)
             started = time.perf_counter()
             path = checkpoints.save(model, optimizer, state)
             seconds = time.perf_counter() - started
@@ -377,16 +378,20 @@ def _train_in_run_dir(
                 description=f"epoch {state.epoch}",
                 progress=train_cfg.progress,
             )
-            stats = dataclasses.replace(stats, mean_loss=mean_over_ranks(stats.mean_loss, ctx.device))  # all rows'
+            epoch_loss = losses.epoch_mean(ctx.device)  # all rows' (and a killed job's steps before the resume)
+            stats = dataclasses.replace(stats, mean_loss=math.nan if epoch_loss is None else epoch_loss)
             if stats.steps:
                 throughput.append(stats.samples_per_second * ctx.world_size)
-            log.write(_epoch_record(stats, state, ctx.world_size, resumed_at, sum_over_ranks(stats.samples, ctx.device)))
+            log.write(_epoch_record(stats, state, ctx.world_size, resumed_at, sum_over_ranks(stats.samples, ctx.device),
+                                    epoch_loss, losses.epoch_steps))
             epoch_done = not stats.stopped_early or state.step_in_epoch >= len(train_reader)
         else:  # a checkpoint of the epoch's last step, the one train.max_steps ends on, is at that epoch's end
             epoch_done = state.step_in_epoch >= len(train_reader)
         if epoch_done:
             state.epoch += 1
             state.step_in_epoch = 0
+            losses.start_epoch()
+        losses.carry_into(state, ctx.device)  # the checkpoints below (best/ included) go on from these sums
         last = budget_spent(state, train_cfg)
         if last:  # set before validating: a best/ checkpoint holds the same state as the one below
             state.finished, state.stop_reason = True, STOP_BUDGET

@@ -20,7 +20,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS, generate_synthetic
 from recsys_llm.train.checkpoint import TrainState
 from recsys_llm.train.config import load_config
-from recsys_llm.train.run_records import METRICS_FILE
+from recsys_llm.train.run_records import METRICS_FILE, current_records
 from recsys_llm.train.runner import run_training
 from tests.multiprocess import run_multiprocess
 
@@ -143,6 +143,9 @@ def check_resumed_like_straight(runs: Dict[str, Any], mode: str) -> None:
     assert [e["global_step"] for e in resumed["events"] if e["event"] == "resumed"] == [KILL_AT]
     assert [e.get("resumed_at_step_in_epoch") for e in resumed["events"] if e["event"] == "epoch"][-1] > 0  # mid epoch
     assert resumed["result"]["test"] == straight["result"]["test"], mode
+    losses = [[(e["global_step"], e["mean_loss"], e["loss_steps"]) for e in current_records(run["events"])
+               if e["event"] == "epoch"] for run in (resumed, straight)]
+    assert losses[0] == losses[1], mode  # the resumed epoch's mean loss counts the steps before the kill
     assert resumed["result"]["valid"] == straight["result"]["valid"], mode
     assert sorted(resumed["weights"]) == sorted(straight["weights"])
     differ = [key for key, value in straight["weights"].items() if not torch.equal(value, resumed["weights"][key])]

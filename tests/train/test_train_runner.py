@@ -123,7 +123,7 @@ def _checkpoint_steps(run_dir: str) -> List[int]:
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(synthetic_dir: str, tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     overrides = lambda run_dir: _overrides(  # noqa: E731
-        synthetic_dir, run_dir, 64, ["train.epochs=2", "train.checkpoint_every=10"]
+        synthetic_dir, run_dir, 64, ["train.epochs=2", "train.checkpoint_every=15"]  # no step of 50 before 150
     )
     steps_per_epoch = 9_600 // 64
 
@@ -163,12 +163,11 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(synthetic_di
     curves = [training_curves(read_metrics(d)) for d in (killed_dir, straight_dir)]
     assert sorted(curves[0]) == sorted(curves[1]) == ["epoch loss", "loss", "valid auc", "valid logloss"]
     assert curves[0]["valid auc"] == curves[1]["valid auc"] and curves[0]["valid logloss"] == curves[1]["valid logloss"]
-    # a loss record is the mean of its 50 steps; the first one after the resume, of its steps after the resume
-    resumed_at = resumes[0]["global_step"]
-    assert curves[0]["loss"][0] == curves[1]["loss"][0]
-    for step, resumed_loss, straight_loss in zip(curves[0]["loss"][0], curves[0]["loss"][1], curves[1]["loss"][1]):
-        assert (resumed_loss == straight_loss) == (not step - 50 < resumed_at < step), (step, resumed_at)
-    assert curves[0]["epoch loss"][0] == curves[1]["epoch loss"][0]  # the resumed epoch's mean: its steps after the resume
+    # a loss record is the mean of its 50 steps, and the checkpoint carried the sums of those before the kill:
+    # the resumed job's records are the straight run's, to the bit on one rank
+    assert resumes[0]["global_step"] % 50 != 0  # the kill cut a 50-step window (and the epoch)
+    assert curves[0]["loss"] == curves[1]["loss"]
+    assert curves[0]["epoch loss"] == curves[1]["epoch loss"]
     assert all(os.path.isfile(os.path.join(d, CURVES_FILE)) for d in (killed_dir, straight_dir))
 
     # The same run directory with another setting: refused, naming it, before anything changes.
@@ -220,6 +219,34 @@ def _after_last_resume(events: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     starts = [i for i, event in enumerate(events) if event["event"] == "resumed"]
     assert starts, "the run did not resume"
     return events[starts[-1] + 1:]
+
+
+def _loss_records_straight_and_resumed(schema_dir: str, root: str) -> Dict[str, Any]:
+    budget = ["train.epochs=2", "train.checkpoint_every=60", "train.patience=0"]  # 75 steps an epoch on 2 ranks
+    out = {}
+    for how in ("straight", "resumed"):
+        run_dir = os.path.join(root, how)
+        config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 64, budget))
+        if how == "resumed":
+            with pytest.raises(_Killed):
+                run_training(config, on_step=_kill_at(60))  # cuts epoch 0 and the window of steps 51-100
+        run_training(config)
+        out[how] = [(e["event"], e["global_step"], e.get("loss", e.get("mean_loss")), e.get("steps"),
+                     e.get("loss_steps")) for e in read_metrics(run_dir) if e["event"] in ("train", "epoch")]
+    return out
+
+
+@pytest.mark.multiprocess
+def test_loss_records_of_a_run_resumed_on_two_ranks_are_the_uninterrupted_runs(synthetic_dir: str, tmp_path) -> None:
+    """The checkpoint carries the mean over the ranks of each rank's loss sums since the last records."""
+    out, _ = run_multiprocess(_loss_records_straight_and_resumed, world_size=2, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    straight, resumed = out["straight"], out["resumed"]
+    assert [r[:2] for r in straight] == [r[:2] for r in resumed] == [
+        ("train", 50), ("epoch", 75), ("train", 100), ("train", 150), ("epoch", 150)]
+    assert [r[2] for r in resumed] == pytest.approx([r[2] for r in straight], rel=1e-6)
+    assert [r[4] for r in resumed if r[0] == "epoch"] == [75, 75]  # the epoch's steps, before the kill included
+    assert [r[3] for r in resumed] == [50, 15, 50, 50, 75]  # the train records' window; the job's own epoch steps
 
 
 def _kill_after_the_max_steps_checkpoint(schema_dir: str, root: str) -> Dict[str, Any]:
@@ -632,16 +659,22 @@ def _resume_on_an_epochs_last_step(schema_dir: str, root: str) -> Dict[str, Any]
     _run_killed(schema_dir, run_dir, budget, global_step=steps_per_epoch)  # mid-epoch checkpoint, no epoch end
     out = {"steps_per_epoch": steps_per_epoch, "resumed": _run(schema_dir, run_dir, budget)}
     out["events"] = _after_last_resume(_events(run_dir))
+    _run(schema_dir, os.path.join(root, "straight"), budget)
+    out["straight_events"] = _events(os.path.join(root, "straight"))
     return out
 
 
 @pytest.mark.multiprocess
-def test_an_epoch_resumed_at_its_end_counts_in_no_loss_or_throughput(synthetic_dir: str, tmp_path) -> None:
+def test_an_epoch_resumed_at_its_end_counts_in_no_throughput_and_keeps_its_loss(synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_resume_on_an_epochs_last_step, world_size=1, schema_dir=synthetic_dir,
                               root=str(tmp_path))
     assert out["resumed"]["global_step"] == 2 * out["steps_per_epoch"]
     empty, trained = [e for e in out["events"] if e["event"] == "epoch"]
-    assert (empty["steps"], empty["mean_loss"], empty["samples_per_second"]) == (0, None, None)
+    assert (empty["steps"], empty["samples_per_second"]) == (0, None)
+    # the epoch's mean loss over its steps, all of them the killed job's, carried by the checkpoint
+    straight = [e for e in out["straight_events"] if e["event"] == "epoch"]
+    assert [(e["mean_loss"], e["loss_steps"]) for e in (empty, trained)] == [
+        (e["mean_loss"], out["steps_per_epoch"]) for e in straight]
     assert trained["steps"] == out["steps_per_epoch"] and trained["mean_loss"] > 0
     assert out["resumed"]["samples_per_second"] == pytest.approx(trained["samples_per_second"])
 
