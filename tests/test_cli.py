@@ -261,7 +261,7 @@ def test_a_disk_that_takes_no_more_writes_is_one_line(monkeypatch, capsys, failu
     monkeypatch.setattr(data, "prepare_dataset", fails)
     assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
     err = capsys.readouterr().err
-    assert f"recsys-llm prepare: error: {line}\n" in err and "Traceback" not in err
+    assert f"recsys-llm prepare synthetic: error: {line}\n" in err and "Traceback" not in err
 
 
 def _checkpoint_failure(*failures: BaseException) -> BaseException:
@@ -290,7 +290,7 @@ def test_a_full_disk_in_a_checkpoint_save_is_the_failing_ranks_line(monkeypatch,
     monkeypatch.setattr(data, "prepare_dataset", fails)
     assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
     err = capsys.readouterr().err
-    assert f"recsys-llm prepare: error: {line}\n" in err and "Traceback" not in err, err
+    assert f"recsys-llm prepare synthetic: error: {line}\n" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("failure", [
@@ -311,7 +311,7 @@ def test_a_collective_that_gave_up_on_another_rank_is_one_line(monkeypatch, caps
     monkeypatch.setenv("RECSYS_LLM_DIST_TIMEOUT_S", "30")
     assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
     err = capsys.readouterr().err
-    assert ("recsys-llm prepare: error: a collective gave up waiting for another rank, which stalled or died (the "
+    assert ("recsys-llm prepare synthetic: error: a collective gave up waiting for another rank, which stalled or died (the "
             "other ranks' output and torchrun's summary name it; RECSYS_LLM_DIST_TIMEOUT_S=30 s is the wait): "
             f"{failure}") in err and "Traceback" not in err, err
 
@@ -375,7 +375,7 @@ def test_ctrl_c_ends_with_one_line_and_the_code_of_sigint(monkeypatch, capsys, w
         main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"])
     assert exited.value.code == 130
     err = capsys.readouterr().err
-    assert "recsys-llm prepare: interrupted (Ctrl-C)" in err and "Traceback" not in err
+    assert "recsys-llm prepare synthetic: interrupted (Ctrl-C)" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("command, line", [
@@ -448,7 +448,7 @@ sys.exit(code)
 
 @pytest.mark.parametrize("traceback", ["", "1"])
 def test_the_project_s_own_warnings_are_one_line_and_a_library_s_keep_their_form(tmp_path, traceback) -> None:
-    """A warning of this package reads ``recsys-llm prepare: warning: ...``, not a file path and the
+    """A warning of this package reads ``recsys-llm prepare synthetic: warning: ...``, not a file path and the
     source line that raised it; a library's warning is left as Python prints it (and so is the
     project's with RECSYS_LLM_TRACEBACK=1)."""
     import subprocess
@@ -463,7 +463,7 @@ def test_the_project_s_own_warnings_are_one_line_and_a_library_s_keep_their_form
     if traceback:
         assert "validation.py:10: UserWarning: 3 of 3 row texts are cut" in err, err
     else:
-        assert "recsys-llm prepare: warning: 3 of 3 row texts are cut\n" in err, err
+        assert "recsys-llm prepare synthetic: warning: 3 of 3 row texts are cut\n" in err, err
         assert "validation.py" not in err, err
 
 
@@ -736,7 +736,7 @@ def test_ctrl_c_while_torch_imports_is_one_line(monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["prepare", "synthetic", "--rows", "100", "--out", "never"])
     assert exit_info.value.code == 128 + signal.SIGINT
-    assert capsys.readouterr().err == "recsys-llm prepare: interrupted (Ctrl-C) before it began\n"
+    assert capsys.readouterr().err == "recsys-llm prepare synthetic: interrupted (Ctrl-C) before it began\n"
 
 
 def test_version_is_printed_without_a_command(capsys) -> None:
@@ -766,4 +766,4 @@ def test_the_semantics_group_alone_reports_a_user_error_in_one_line(tmp_path, ca
 
     missing = tmp_path / "nowhere" / "schema.json"
     assert semantics_main(["encode", "--schema", str(missing), "--output", str(tmp_path / "v.safetensors")]) == 2
-    assert f"recsys-llm semantics: error: {missing}: schema file not found" in capsys.readouterr().err
+    assert f"recsys-llm semantics encode: error: {missing}: schema file not found" in capsys.readouterr().err

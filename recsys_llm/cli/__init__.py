@@ -307,6 +307,15 @@ def expand_home(args: argparse.Namespace) -> None:
         setattr(args, name, expanded(value))
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """The sub-command as typed, the way argparse's own usage errors name it: ``train``, ``semantics tune``,
+    ``prepare movielens``."""
+    command_parser = getattr(args, "command_parser", None)
+    if command_parser is None:
+        return args.command
+    return command_parser.prog.split(" ", 1)[1]
+
+
 def _run_command(argv: Optional[List[str]]) -> int:
     from recsys_llm.env import check_versions
 
@@ -318,6 +327,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
             hint = " (section.key=value overrides go after all options, in one run at the end of the command)"
         getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     expand_home(args)
+    command = _command_name(args)
     try:  # the commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
         check_versions()
     except RuntimeError as error:
@@ -327,14 +337,14 @@ def _run_command(argv: Optional[List[str]]) -> int:
     except KeyboardInterrupt:  # in the seconds torch takes to import: nothing written yet
         if _traceback_asked():
             raise
-        print(f"recsys-llm {args.command}: interrupted (Ctrl-C) before it began", file=sys.stderr, flush=True)
+        print(f"recsys-llm {command}: interrupted (Ctrl-C) before it began", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGINT) from None
     quiet_upstream_notices()
     restore_sigterm = exit_on_sigterm()
     # a command called inside a running program's group (the examples, the demo) must leave it be
     outer_group = "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized()
     caller_format = warnings.formatwarning  # put back at the end: a program calling main() keeps its own
-    warnings.formatwarning = project_warning_format(args.command, caller_format)
+    warnings.formatwarning = project_warning_format(command, caller_format)
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
@@ -342,14 +352,14 @@ def _run_command(argv: Optional[List[str]]) -> int:
             record_for_launcher()
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        return _error_exit(args.command, message)
+        return _error_exit(command, message)
     except BaseException as error:
         # Ctrl-C / SIGTERM during a checkpoint save: torch.distributed.checkpoint wraps it
         interruption = next((e for e in _wrapped_failures(error) if isinstance(e, (SystemExit, KeyboardInterrupt))),
                             error if isinstance(error, KeyboardInterrupt) else None)
         if isinstance(interruption, KeyboardInterrupt) and not _traceback_asked():
             # one line and the shell's code for SIGINT, as SIGTERM ends with 143 (a crash's 1 said something failed)
-            print(f"recsys-llm {args.command}: interrupted (Ctrl-C); what it had written whole stays, and what it "
+            print(f"recsys-llm {command}: interrupted (Ctrl-C); what it had written whole stays, and what it "
                   "left half written is never read (removed now, or by the next run): run the same command again to "
                   "go on", file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.SIGINT) from None
@@ -360,7 +370,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
             if isinstance(error, Exception):
                 record_for_launcher()
             raise
-        return _error_exit(args.command, line)
+        return _error_exit(command, line)
     finally:  # a command that ended normally has torn its own group down already
         warnings.formatwarning = caller_format
         if not outer_group and "torch.distributed" in sys.modules:

@@ -221,12 +221,12 @@ def _export(args: argparse.Namespace) -> int:
 
     schema = DatasetSchema.load(args.schema)
     if args.granularity == "entity" and args.entity_field is None:  # before the LLM loads
-        raise ValueError("semantics export --granularity entity needs --entity-field, the user or item id field "
+        raise ValueError("--granularity entity needs --entity-field, the user or item id field "
                          "whose ids get a vector each (e.g. --entity-field item_id)")
     given = [flag for flag, value in (("--entity-field", args.entity_field), ("--entity-fields", args.entity_fields))
              if value is not None]
     if args.granularity == "row" and given:  # a forgotten --granularity entity would export a vector per row
-        raise ValueError(f"semantics export {' and '.join(given)}: only with --granularity entity; --granularity row "
+        raise ValueError(f"{' and '.join(given)}: only with --granularity entity; --granularity row "
                          "(the default) gives every row a vector: add --granularity entity, or leave them out")
     rank, world = rank_and_world()
     device = resolve_device(args.device)  # before the LLM loads
@@ -404,7 +404,7 @@ def _wait_for_other_ranks(timeout_s: float) -> None:
         dist.barrier()
     except Exception as exc:  # gloo: connection closed by a dead peer, or its timeout
         raise RuntimeError(
-            f"semantics export --attach-dir: another rank failed or did not finish within --attach-timeout "
+            f"--attach-dir: another rank failed or did not finish within --attach-timeout "
             f"{timeout_s:g} s ({str(exc).splitlines()[0]}); its finished chunks are kept: run the export again "
             "to finish it and attach"
         ) from exc

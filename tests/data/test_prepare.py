@@ -57,7 +57,7 @@ def test_prepare_tabular_cli_error_names_file(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 2
     error = capsys.readouterr().err
-    assert error.startswith("recsys-llm prepare: error: ") and "d.csv: column 'clicked', data row 1 (line 3 if no blank line or multi-line cell precedes it): label 7.0" in error
+    assert error.startswith("recsys-llm prepare tabular: error: ") and "d.csv: column 'clicked', data row 1 (line 3 if no blank line or multi-line cell precedes it): label 7.0" in error
 
 
 def test_prepare_dataset_config_roundtrip(tmp_path):
@@ -247,7 +247,7 @@ def test_an_input_of_the_wrong_kind_is_one_line_naming_it(tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(["prepare", "criteo", "--input", str(folder), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert f"recsys-llm prepare: error: {folder}: is a directory; prepare criteo reads one" in err, err
+    assert f"recsys-llm prepare criteo: error: {folder}: is a directory; prepare criteo reads one" in err, err
     assert "Traceback" not in err and not out.exists()
 
 

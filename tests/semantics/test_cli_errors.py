@@ -19,7 +19,7 @@ def test_a_missing_model_directory_is_named(tmp_path, tiny_schema, capsys) -> No
     code = main(["semantics", "adapt", "--schema", tiny_schema.root, "--llm", missing,
                  "--output-dir", str(tmp_path / "out")])
     assert code == 2
-    assert _error_line(capsys) == f"recsys-llm semantics: error: {missing}: model directory not found " \
+    assert _error_line(capsys) == f"recsys-llm semantics adapt: error: {missing}: model directory not found " \
                                    "(models load offline from a local path)"
     assert not os.path.exists(tmp_path / "out")
 
@@ -53,7 +53,7 @@ def test_a_negative_representation_dim_is_named_before_any_work(tmp_path, tiny_s
     code = main(["semantics", "adapt", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
                  "--output-dir", str(tmp_path / "out"), "--representation-dim", "-3"])
     assert code == 2
-    assert _error_line(capsys) == ("recsys-llm semantics: error: CTRLLMConfig.representation_dim "
+    assert _error_line(capsys) == ("recsys-llm semantics adapt: error: CTRLLMConfig.representation_dim "
                                    "(semantics adapt --representation-dim) must be an integer >= 1, got -3")
     assert not os.path.exists(tmp_path / "out")
 
@@ -88,7 +88,7 @@ def test_an_unknown_row_text_placeholder_is_refused(tmp_path, tiny_schema, tiny_
     code = main(["semantics", "adapt", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
                  "--output-dir", str(tmp_path / "out"), "--template", "{descr} is {value}"])
     assert code == 2
-    assert _error_line(capsys) == ("recsys-llm semantics: error: row-text template '{descr} is {value}': unknown "
+    assert _error_line(capsys) == ("recsys-llm semantics adapt: error: row-text template '{descr} is {value}': unknown "
                                    "placeholder {descr}; use {description} and {value}")
 
 
@@ -118,7 +118,7 @@ def test_a_model_directory_that_is_not_a_whole_model_is_named(tmp_path, tiny_sch
     code = main(["semantics", "encode", "--schema", tiny_schema.root, "--model", model,
                  "--output", str(tmp_path / "f.safetensors")])
     assert code == 2
-    assert _error_line(capsys).startswith(f"recsys-llm semantics: error: {expected}")
+    assert _error_line(capsys).startswith(f"recsys-llm semantics encode: error: {expected}")
     assert not os.path.exists(tmp_path / "f.safetensors")
 
 
@@ -145,7 +145,7 @@ def test_an_encode_output_of_something_else_is_refused_before_encoding(tmp_path,
     code = main(["semantics", "encode", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
                  "--output", str(output)])
     assert code == 2
-    assert _error_line(capsys) == f"recsys-llm semantics: error: {output}: {expected}" + (
+    assert _error_line(capsys) == f"recsys-llm semantics encode: error: {output}: {expected}" + (
         "" if case == "directory" else " (no vector provenance in its metadata); writing the vectors there would "
                                        "replace it: choose another --output path, or delete the file first")
     assert {p: p.read_bytes() for p in [output, *output.glob("*")] if p.is_file()} == before
@@ -162,7 +162,7 @@ def test_an_encode_output_under_a_file_is_refused_before_encoding(tmp_path, tiny
     monkeypatch.setattr(field_vectors, "build_field_encoder", _no_work)
     code = main(["semantics", "encode", "--schema", tiny_schema.root, "--model", tiny_bert_dir, "--output", output])
     assert code == 2
-    assert _error_line(capsys) == (f"recsys-llm semantics: error: {output}: {tmp_path / 'afile'} is a file, not a "
+    assert _error_line(capsys) == (f"recsys-llm semantics encode: error: {output}: {tmp_path / 'afile'} is a file, not a "
                                    "directory; choose another output path")
     assert (tmp_path / "afile").read_text(encoding="utf-8") == "mine"
 
@@ -196,7 +196,7 @@ def test_a_tune_output_dir_of_other_files_is_refused_before_any_work(tmp_path, t
                  "--output-dir", str(work), "--epochs", "1"])
     assert code == 2
     assert _error_line(capsys) == (
-        f"recsys-llm semantics: error: {work}: not empty and not an earlier SSFT output: 'notes.txt' is not one of "
+        f"recsys-llm semantics tune: error: {work}: not empty and not an earlier SSFT output: 'notes.txt' is not one of "
         "its entries (adapter/, checkpoint/, metrics.json and field_retrieval.png); writing the SSFT output there "
         "would mix it with "
         "other files; choose another (or an empty) output directory")
@@ -232,7 +232,7 @@ def test_entity_export_without_entity_field_is_refused_before_the_llm_loads(tmp_
     code = main(["semantics", "export", "--schema", tiny_schema.root, "--llm", missing_llm,
                  "--output-dir", str(tmp_path / "vectors"), "--granularity", "entity"])
     assert code == 2
-    assert _error_line(capsys) == ("recsys-llm semantics: error: semantics export --granularity entity needs "
+    assert _error_line(capsys) == ("recsys-llm semantics export: error: --granularity entity needs "
                                    "--entity-field, the user or item id field whose ids get a vector each "
                                    "(e.g. --entity-field item_id)")
     assert not os.path.exists(tmp_path / "vectors")
@@ -247,7 +247,7 @@ def test_entity_flags_without_entity_granularity_are_refused_before_the_llm_load
     code = main(["semantics", "export", "--schema", tiny_schema.root, "--llm", str(tmp_path / "no_llm"),
                  "--output-dir", str(tmp_path / "vectors"), *flags])
     assert code == 2
-    assert _error_line(capsys) == (f"recsys-llm semantics: error: semantics export {named}: only with --granularity "
+    assert _error_line(capsys) == (f"recsys-llm semantics export: error: {named}: only with --granularity "
                                    "entity; --granularity row (the default) gives every row a vector: add "
                                    "--granularity entity, or leave them out")
     assert not os.path.exists(tmp_path / "vectors")
@@ -346,7 +346,7 @@ def test_a_device_this_machine_lacks_is_one_line_naming_the_flag(tmp_path, tiny_
     code = main(["semantics", command, "--schema", tiny_schema.root, "--device", device, *argv])
     line = _error_line(capsys)
     assert code == 2, line
-    assert line.startswith(f"recsys-llm semantics: error: --device {device!r}: "), line
+    assert line.startswith(f"recsys-llm semantics {command}: error: --device {device!r}: "), line
     assert "train.device" not in line
     assert not os.path.exists(out) and not os.path.exists(out + ".safetensors")
 
@@ -502,7 +502,7 @@ def test_one_gpu_named_for_several_ranks_of_a_host_is_refused(tiny_schema, tiny_
     code = main(["semantics", "export", "--schema", tiny_schema.root, "--device", "cuda:1", "--llm", tiny_bert_dir,
                  "--output-dir", out])
     line = _error_line(capsys)
-    assert code == 2 and line == ("recsys-llm semantics: error: --device 'cuda:1' names one GPU for all 8 ranks torchrun "
+    assert code == 2 and line == ("recsys-llm semantics export: error: --device 'cuda:1' names one GPU for all 8 ranks torchrun "
                                   "started on this host: pass cuda, which gives each rank its own (cuda:LOCAL_RANK)"), line
     assert not os.path.exists(out)
     # this rank's own GPU (cuda:$LOCAL_RANK), and outside torchrun, are no such mistake: the GPU's presence is checked

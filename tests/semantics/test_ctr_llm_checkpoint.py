@@ -272,7 +272,7 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path, killed_ad
     code = main(["semantics", "adapt", "--schema", schema_root, "--model", tiny_bert_dir, "--output-dir", out, *flat])
     assert code == 2
     line = _error_line(capsys)
-    assert line.startswith(f"recsys-llm semantics: error: {checkpoint}: "), line
+    assert line.startswith(f"recsys-llm semantics adapt: error: {checkpoint}: "), line
     assert expected in line and "--no-resume" in line, line
     assert _snapshot(checkpoint) == before and not os.path.exists(out)
 
@@ -326,7 +326,7 @@ def test_a_damaged_checkpoint_file_is_named_and_nothing_is_changed(tmp_path, kil
                  *ADAPT_ARGS])
     assert code == 2
     line = _error_line(capsys)
-    assert line.startswith(f"recsys-llm semantics: error: {damaged}: "), line
+    assert line.startswith(f"recsys-llm semantics adapt: error: {damaged}: "), line
     assert "damaged" in line and f"delete {checkpoint} to adapt again from scratch" in line, line
     assert "`recsys-llm semantics adapt` with --no-resume" in line, line
     assert _snapshot(checkpoint) == before and not os.path.exists(out)

@@ -64,9 +64,9 @@ def _export_error(adapted: Dict[str, str], llm: str, tmp_path, capsys) -> str:
     # after the base model's progress bar, when it loaded
     lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
     assert len(lines) == 2 and lines[1].startswith("(set RECSYS_LLM_TRACEBACK"), err
-    assert lines[0].startswith("recsys-llm semantics: error: "), err
+    assert lines[0].startswith("recsys-llm semantics export: error: "), err
     assert not os.path.exists(vectors)
-    return lines[0][len("recsys-llm semantics: error: "):]
+    return lines[0][len("recsys-llm semantics export: error: "):]
 
 
 def _truncate(path: str, size: int) -> None:

@@ -240,7 +240,7 @@ def test_an_output_dir_that_not_every_rank_sees_is_refused_before_the_llm_loads(
     them missing and say to re-run the export, which finds every rank's own chunks done."""
     rank0, rank1 = run_multiprocess(_export_from_own_working_dir, world_size=2, adapted=adapted, root=str(tmp_path))
     assert rank0["code"] == rank1["code"] == 2 and rank0["error"] == rank1["error"]
-    assert rank0["error"].startswith("recsys-llm semantics: error: vectors: --output-dir is not shared by every "
+    assert rank0["error"].startswith("recsys-llm semantics export: error: vectors: --output-dir is not shared by every "
                                      "rank: rank 1 on ")
     assert "Every rank writes its chunks into --output-dir, and rank 0 attaches them all: put it on a volume" in (
         rank0["error"])

@@ -167,7 +167,7 @@ def test_a_damaged_checkpoint_file_is_named_and_nothing_is_changed(tmp_path, tun
     assert os.path.isfile(damaged), os.listdir(os.path.join(out, "checkpoint"))
     _damage(damaged)
     line = _refused_resume(out, schema_root, tiny_bert_dir, capsys)
-    assert line.startswith(f"recsys-llm semantics: error: {damaged}: "), line
+    assert line.startswith(f"recsys-llm semantics tune: error: {damaged}: "), line
     assert "damaged" in line and "--no-resume" in line and "delete" in line, line
 
 
@@ -213,7 +213,7 @@ def test_a_whole_checkpoint_file_the_model_cannot_take_is_named_and_nothing_is_c
     changed = os.path.join(out, "checkpoint", name)
     change(changed)
     line = _refused_resume(out, schema_root, tiny_bert_dir, capsys)
-    assert re.match(rf"recsys-llm semantics: error: {re.escape(changed)}: damaged or incomplete SSFT checkpoint file "
+    assert re.match(rf"recsys-llm semantics tune: error: {re.escape(changed)}: damaged or incomplete SSFT checkpoint file "
                     rf"\({detail}.*\); delete {re.escape(os.path.join(out, 'checkpoint'))} to tune again from "
                     r"scratch, or run `recsys-llm semantics tune` with --no-resume$", line), line
 
@@ -265,7 +265,7 @@ def test_encode_with_a_damaged_adapter_file_is_named(tmp_path, tuned_once, capsy
     code = main(["semantics", "encode", "--schema", schema_root, "--adapter", adapter, "--output", output])
     assert code == 2
     line = _error_line(capsys)
-    assert line.startswith(f"recsys-llm semantics: error: {damaged}: "), line
+    assert line.startswith(f"recsys-llm semantics encode: error: {damaged}: "), line
     assert "damaged" in line and "semantics tune" in line, line
     if copied:
         assert "copy it again from the tune output it came from" in line and "--output-dir" not in line, line
@@ -295,7 +295,7 @@ def test_an_adapter_bin_holding_a_callable_is_refused_not_called_damaged(tmp_pat
     capsys.readouterr()
     assert main(["semantics", "encode", "--schema", schema_root, "--adapter", adapter, "--output", output]) == 2
     line = _error_line(capsys)
-    assert line.startswith(f"recsys-llm semantics: error: {bin_path}: refused: the adapter file holds objects other "
+    assert line.startswith(f"recsys-llm semantics encode: error: {bin_path}: refused: the adapter file holds objects other "
                            "than tensors (UnpicklingError: "), line
     assert "exec" in line and "weights_only" not in line and "damaged" not in line, line
     assert not marker.exists() and not os.path.exists(output)
@@ -318,7 +318,7 @@ def test_encode_with_an_adapter_config_peft_cannot_build_names_the_file(tmp_path
     capsys.readouterr()
     assert main(["semantics", "encode", "--schema", schema_root, "--adapter", adapter, "--output", output]) == 2
     line = _error_line(capsys)
-    assert line.startswith(f"recsys-llm semantics: error: {config_path}: damaged or incomplete SSFT adapter file "
+    assert line.startswith(f"recsys-llm semantics encode: error: {config_path}: damaged or incomplete SSFT adapter file "
                            "(peft cannot build the adapter it describes: "), line
     assert not os.path.exists(output)
 

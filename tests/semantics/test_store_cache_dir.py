@@ -51,6 +51,6 @@ def test_encode_names_the_option(tmp_path, tiny_schema, tiny_bert_dir, a_file, c
                  "--cache-dir", a_file])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert (f"recsys-llm semantics: error: --cache-dir {a_file}: is a file, expected a directory for the "
+    assert (f"recsys-llm semantics encode: error: --cache-dir {a_file}: is a file, expected a directory for the "
             "encoded-text cache") in err
     assert "File exists" not in err and not os.path.exists(output)
