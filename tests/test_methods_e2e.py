@@ -395,6 +395,7 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
         (report, *_) = run_multiprocess(_teacher_outputs, world_size=world_size, overrides=overrides,
                                         checkpoint=str(tmp_path / "run"), output_dir=out, batch_size=batch_size)
         outputs[world_size] = report
+        assert not [name for name in os.listdir(out) if name.endswith(".tmp")]  # rank 1's spills are gone
     assert len(outputs[2]["files"]) == 3
     for split, sharded_file, single_file in zip(sorted(schema.splits), outputs[2]["files"], outputs[1]["files"]):
         sharded, single = pq.read_table(sharded_file), pq.read_table(single_file)

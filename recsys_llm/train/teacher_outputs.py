@@ -12,13 +12,14 @@ writes copies of the split files with those two columns plus a schema that lists
 
 The teacher runs sharded, as it was trained: every rank loads its shards of the checkpoint
 and runs the teacher over its contiguous range of each file's rows (ranks with one batch
-fewer repeat one: ``ParquetBatchReader.padded``); rank 0 writes the file atomically, row
-group by row group, from its own outputs and then from each other rank's, received one rank
-at a time over a host-memory group, checking the row count (and the row keys when the
-schema has one). No table is ever gathered whole, and rank 0 holds two ranks' shares of a
-file's outputs at most, not the file's. Existing finished files are never rewritten, so
-a run resumes an earlier unfinished one in the same ``--output-dir``; a directory holding
-anything else is refused before the teacher is loaded. ``teacher.json`` records which checkpoint
+fewer repeat one: ``ParquetBatchReader.padded``), sending each batch's outputs to rank 0 over a
+host-memory group. Rank 0 writes the file atomically, row group by row group: its own outputs
+as they come, every other rank's, which follow its own in the file, through a spill file beside
+the copy (``<copy>.rank<r>.tmp``, an Arrow IPC stream) that it reads back once the teacher is
+done, checking the row count (and the row keys when the schema has one). No table or split's
+outputs are ever held whole: rank 0 holds a batch of each rank and a row group. Existing
+finished files are never rewritten, so a run resumes an earlier unfinished one in the same
+``--output-dir``; a directory holding anything else is refused before the teacher is loaded. ``teacher.json`` records which checkpoint
 wrote the copies (content hashes of its ``train_state.json`` and DCP ``.metadata``), so a resume
 with another teacher -- one trained again, or another run's -- is refused rather than left with
 copies of two teachers; and the data they were copied from (each split's Parquet-footer hash), so
@@ -28,7 +29,8 @@ a resume after the data was prepared again is refused rather than left with copi
 import contextlib
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import re
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -84,7 +86,8 @@ def check_output_dir(output_dir: str, schema: DatasetSchema) -> None:
     own |= {f"{name}.tmp" for name in own} | {LOCK_FILE}  # the lock file a killed run leaves (no lock)
 
     def is_own(name: str) -> bool:
-        return name in own or is_temp_file_of(name, SCHEMA_FILE) or is_temp_file_of(name, TEACHER_FILE)
+        return (name in own or is_temp_file_of(name, SCHEMA_FILE) or is_temp_file_of(name, TEACHER_FILE)
+                or any(_is_spill_of(name, f"{split}.parquet") for split in schema.splits))
 
     check_own_entries(output_dir, "data set with teacher outputs", is_own,
                       f"{SCHEMA_FILE}, {TEACHER_FILE} and the split copies {sorted(schema.splits)}")
@@ -187,8 +190,12 @@ def teacher_of(task: nn.Module) -> nn.Module:
     return task
 
 
+# each step's outputs on one rank, and whether they are real (a rank with a batch fewer repeats one as padding)
+Step = Tuple[Outputs, bool]
+
+
 @torch.no_grad()
-def predict_file(
+def predict_steps(
     teacher: nn.Module,
     schema: DatasetSchema,
     path: str,
@@ -198,60 +205,110 @@ def predict_file(
     device: torch.device = torch.device("cpu"),
     rank: int = 0,
     world_size: int = 1,
-) -> Outputs:
-    """This rank's teacher outputs for its contiguous range of the file's rows, in file order.
+) -> Iterator[Step]:
+    """This rank's teacher outputs for its contiguous range of the file's rows, in file order, a batch a step.
 
-    Collective when ``world_size > 1``: every rank runs the (sharded) teacher; a rank with
-    one batch fewer repeats one, marked as padding (``ParquetBatchReader.padded``).
+    Collective when ``world_size > 1``: every rank runs the (sharded) teacher the same number of steps; a
+    rank with one batch fewer repeats one, marked as padding (``ParquetBatchReader.padded``).
 
-    Returns:
-        Outputs: ``(logits (n,) float32, representations (n, H) float32, row keys (n,) int64
-        or None)``.
+    Yields:
+        Step: ``((logits (B,) float32, representations (B, H) float32, row keys (B,) int64 or None), real)``.
     """
     reader = ParquetBatchReader(schema, path, batch_size, rank=rank, world_size=world_size, extras=extras,
                                 shuffle=False, prefetch=2, equal_batches=False, pin_memory=device.type == "cuda")
-    logits: List[np.ndarray] = []
-    representations: List[np.ndarray] = []
-    keys: List[np.ndarray] = []
-    width = 0
     for batch, real in tqdm(reader.padded(), total=reader.padded_len, desc=os.path.basename(path),
                             disable=not progress, **interval_options()):
         output = teacher.predict(batch.to(device, non_blocking=True))
-        width = output.representation.size(1)
-        if real:
-            logits.append(output.logits.float().cpu().numpy())  # (B,)
-            representations.append(output.representation.float().cpu().numpy())  # (B, H)
-            if ROW_ID_EXTRA in batch.extras:
-                keys.append(batch.extras[ROW_ID_EXTRA].numpy().astype(np.int64, copy=False))
-    if not logits:
-        return np.zeros(0, np.float32), np.zeros((0, width), np.float32), None
-    return np.concatenate(logits), np.concatenate(representations), np.concatenate(keys) if keys else None
+        keys = batch.extras[ROW_ID_EXTRA].numpy().astype(np.int64, copy=False) if ROW_ID_EXTRA in batch.extras else None
+        yield (output.logits.float().cpu().numpy(), output.representation.float().cpu().numpy(), keys), real
 
 
-def send_outputs(outputs: Outputs, group: Optional[dist.ProcessGroup]) -> None:
-    """Sends this rank's outputs to rank 0 (:func:`receive_outputs`) over ``group``: a header
-    ``[n, H, has keys]``, then the arrays (none when n is 0)."""
-    logits, representations, keys = outputs
-    header = torch.tensor([len(logits), representations.shape[1], int(keys is not None)], dtype=torch.int64)
+def send_step(step: Step, group: Optional[dist.ProcessGroup]) -> None:
+    """Sends one step's outputs to rank 0 (:func:`receive_step`) over ``group``: a header
+    ``[n, H, has keys, real]``, then the arrays (none for padding)."""
+    (logits, representations, keys), real = step
+    header = torch.tensor([len(logits), representations.shape[1], int(keys is not None), int(real)], dtype=torch.int64)
     dist.send(header, dst=0, group=group)
-    if len(logits):
+    if real:
         dist.send(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dst=0, group=group)
         dist.send(torch.from_numpy(np.ascontiguousarray(representations, dtype=np.float32)), dst=0, group=group)
         if keys is not None:
             dist.send(torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64)), dst=0, group=group)
 
 
-def receive_outputs(source_rank: int, group: Optional[dist.ProcessGroup]) -> Outputs:
-    """Rank 0's side of :func:`send_outputs`: the outputs of ``source_rank``."""
-    header = torch.zeros(3, dtype=torch.int64)
+def receive_step(source_rank: int, group: Optional[dist.ProcessGroup]) -> Optional[Outputs]:
+    """Rank 0's side of :func:`send_step`: the outputs of ``source_rank``'s step, None for padding."""
+    header = torch.zeros(4, dtype=torch.int64)
     dist.recv(header, src=source_rank, group=group)
-    rows, width, has_keys = (int(v) for v in header)
+    rows, width, has_keys, real = (int(v) for v in header)
+    if not real:
+        return None
     logits, representations = torch.zeros(rows, dtype=torch.float32), torch.zeros(rows, width, dtype=torch.float32)
     keys = torch.zeros(rows, dtype=torch.int64) if has_keys else None
-    if rows:
-        for tensor in (logits, representations) + ((keys,) if keys is not None else ()):
-            dist.recv(tensor, src=source_rank, group=group)
+    for tensor in (logits, representations) + ((keys,) if keys is not None else ()):
+        dist.recv(tensor, src=source_rank, group=group)
     return logits.numpy(), representations.numpy(), keys.numpy() if keys is not None else None
+
+
+class OutputSpill:
+    """Another rank's outputs, kept on rank 0's disk beside the copy until the copy reaches that rank's
+    rows (they come after rank 0's own, which the teacher computes at the same time): an Arrow IPC stream
+    at ``path``, written and read back a batch at a time, so rank 0 holds one batch of them, not the file's.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sink: Optional[pa.NativeFile] = None
+        self._writer: Optional[pa.ipc.RecordBatchStreamWriter] = None
+
+    def append(self, outputs: Outputs) -> None:
+        """Adds ``outputs``: logits (n,), representations (n, H), row keys (n,) or None."""
+        logits, representations, keys = outputs
+        batch = pa.record_batch({
+            "logits": pa.array(logits, pa.float32()),
+            "representations": _fixed_size_lists(representations),
+            "keys": pa.nulls(len(logits), pa.int64()) if keys is None else pa.array(keys, pa.int64()),
+        })
+        if self._writer is None:
+            self._sink = pa.OSFile(self.path, "wb")
+            self._writer = pa.ipc.new_stream(self._sink, batch.schema)
+        self._writer.write_batch(batch)
+
+    def outputs(self) -> Iterator[Outputs]:
+        """The outputs appended, in order, a batch at a time (the spill is closed for writing first)."""
+        self._close()
+        if not os.path.exists(self.path):
+            return
+        with pa.OSFile(self.path, "rb") as source, pa.ipc.open_stream(source) as reader:
+            for batch in reader:
+                width = batch.schema.field("representations").type.list_size
+                representations = batch.column("representations").flatten().to_numpy().reshape(-1, width)
+                keys = batch.column("keys")
+                yield (batch.column("logits").to_numpy(), representations,
+                       None if keys.null_count else keys.to_numpy())
+
+    def remove(self) -> None:
+        """Closes and deletes the spill file."""
+        self._close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+
+
+def _fixed_size_lists(rows: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, H) float32 as an Arrow fixed-size list column of n rows."""
+    flat = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])
+
+
+def spill_path(target: str, rank: int) -> str:
+    """Where rank 0 keeps ``rank``'s outputs for the copy ``target`` until it writes them."""
+    return f"{target}.rank{rank}.tmp"
 
 
 class TeacherColumnsWriter:
@@ -360,12 +417,10 @@ class TeacherColumnsWriter:
     def _with_columns(table: pa.Table, logits: np.ndarray, representations: np.ndarray) -> pa.Table:
         """``table`` (n rows) with the logits (n,) and representations (n, H) appended, in place of
         an earlier teacher's columns of those names (a teacher trained on teacher-outputs copies)."""
-        flat = pa.array(np.ascontiguousarray(representations, dtype=np.float32).reshape(-1))
         earlier = [name for name in (LOGITS_COLUMN, REPRESENTATION_COLUMN) if name in table.column_names]
         table = table.drop_columns(earlier)
         table = table.append_column(LOGITS_COLUMN, pa.array(logits.astype(np.float32)))
-        return table.append_column(REPRESENTATION_COLUMN,
-                                   pa.FixedSizeListArray.from_arrays(flat, representations.shape[1]))
+        return table.append_column(REPRESENTATION_COLUMN, _fixed_size_lists(representations))
 
     def _write_group(
         self, group: int, logits: np.ndarray, representations: np.ndarray, keys: Optional[np.ndarray]
@@ -396,44 +451,83 @@ def write_with_columns(
         raise
 
 
-def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Outputs, world_size: int,
+def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Iterable[Step], world_size: int,
                     group: Optional[dist.ProcessGroup]) -> Optional[Exception]:
-    """Rank 0 writes the copy from its own outputs, then every other rank's, received one rank
-    at a time (so it holds its own share and one other rank's, not the file's outputs).
-    Every rank's outputs are received even after an error, so no rank is left waiting in
-    its send.
+    """Rank 0 writes the copy as the steps come: its own outputs straight into the copy, every other rank's
+    (received each step) into that rank's :class:`OutputSpill`, whose outputs follow rank 0's, rank by rank,
+    once the teacher is done. Rank 0 thus holds a batch of each rank and a row group, not the file's outputs.
+    Every step of every rank is received even after an error, so no rank is left waiting in its send.
+
+    Args:
+        own (Iterable[Step]): rank 0's steps (:func:`predict_steps`); the other ranks send theirs
+            (:func:`send_step`) as they compute them.
 
     Returns:
-        Optional[Exception]: what went wrong (the copy is then not written), or None.
+        Optional[Exception]: what went wrong (the copy is then not written, and no spill is left), or None.
     """
     error: Optional[Exception] = None
     writer: Optional[TeacherColumnsWriter] = None
-    try:
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            writer = TeacherColumnsWriter(source, target, row_key)
-            writer.add(*own)
-        except Exception as caught:
-            error = caught
-        for source_rank in range(1, world_size):
-            outputs = receive_outputs(source_rank, group)  # even after an error: no rank waits in its send
-            if error is None and writer is not None:
-                try:
-                    writer.add(*outputs)
-                except Exception as caught:
-                    error = caught
-        if error is None and writer is not None:
+    spills: List[OutputSpill] = []
+
+    def attempt(action: Callable[[], None]) -> None:
+        nonlocal error
+        if error is None:
             try:
-                writer.finish()
+                action()
             except Exception as caught:
                 error = caught
+
+    def open_copy() -> None:
+        nonlocal writer
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _remove_spills_of(target)  # a killed run's, perhaps of another world size
+        writer = TeacherColumnsWriter(source, target, row_key)
+        spills.extend(OutputSpill(spill_path(target, rank)) for rank in range(1, world_size))
+
+    def add_spilled() -> None:
+        for spill in spills:
+            for outputs in spill.outputs():
+                writer.add(*outputs)
+            spill.remove()
+
+    try:
+        attempt(open_copy)
+        for outputs, real in own:
+            if real:
+                attempt(lambda: writer.add(*outputs))
+            for rank in range(1, world_size):
+                theirs = receive_step(rank, group)  # even after an error: no rank waits in its send
+                if theirs is not None:
+                    attempt(lambda: spills[rank - 1].append(theirs))
+        attempt(add_spilled)
+        attempt(lambda: writer.finish())
     except BaseException:  # KeyboardInterrupt, SystemExit: no partial copy is left behind either
-        if writer is not None:
-            writer.abort()
+        _drop(writer, spills)
         raise
-    if error is not None and writer is not None:
-        writer.abort()
+    if error is not None:
+        _drop(writer, spills)
     return error
+
+
+def _drop(writer: Optional[TeacherColumnsWriter], spills: Sequence[OutputSpill]) -> None:
+    """Removes an unfinished copy's temp file and spills."""
+    if writer is not None:
+        writer.abort()
+    for spill in spills:
+        spill.remove()
+
+
+def _remove_spills_of(target: str) -> None:
+    """Removes the spills a killed run left for ``target``."""
+    directory, name = os.path.split(target)
+    for entry in os.listdir(directory):
+        if _is_spill_of(entry, name):
+            os.remove(os.path.join(directory, entry))
+
+
+def _is_spill_of(entry: str, name: str) -> bool:
+    """Whether the directory entry ``entry`` is a spill (:func:`spill_path`) of the copy named ``name``."""
+    return re.fullmatch(re.escape(name) + r"\.rank\d+\.tmp", entry) is not None
 
 
 def split_copies(
@@ -551,14 +645,14 @@ def write_teacher_outputs(
         if ctx.world_size > 1:
             dist.broadcast_object_list(pending, src=0, group=host)
         for source, target in pending[0]:
-            outputs = predict_file(teacher, schema, source, extras, batch_size, progress and ctx.is_main, ctx.device,
-                                   ctx.rank, ctx.world_size)
+            steps = predict_steps(teacher, schema, source, extras, batch_size, progress and ctx.is_main, ctx.device,
+                                  ctx.rank, ctx.world_size)
             error: Optional[Exception] = None
             if ctx.is_main:  # an error is told to every rank, so none waits for the next file
-                error = write_on_rank_0(source, target, schema.row_key, outputs, ctx.world_size, host)
+                error = write_on_rank_0(source, target, schema.row_key, steps, ctx.world_size, host)
             else:
-                send_outputs(outputs, host)
-            del outputs
+                for step in steps:
+                    send_step(step, host)
             failure = [None if error is None else f"{type(error).__name__}: {error}"]
             if ctx.world_size > 1:
                 dist.broadcast_object_list(failure, src=0, group=host)

@@ -20,7 +20,9 @@ from recsys_llm.train.teacher_outputs import (
     LOGITS_COLUMN,
     REPRESENTATION_COLUMN,
     TEACHER_FILE,
+    OutputSpill,
     TeacherColumnsWriter,
+    check_output_dir,
     check_same_teacher,
     source_fingerprints,
     teacher_record,
@@ -195,7 +197,7 @@ def test_an_interrupt_while_rank_0_writes_leaves_no_partial_copy(tmp_path, monke
     monkeypatch.setattr(TeacherColumnsWriter, "_write_group", interrupted_after_the_first_group)
     own = (np.zeros(10, np.float32), np.zeros((10, 2), np.float32), np.arange(10, dtype=np.int64))
     with pytest.raises(KeyboardInterrupt):
-        write_on_rank_0(source, target, "row_id", own, world_size=1, group=None)
+        write_on_rank_0(source, target, "row_id", [(own, True)], world_size=1, group=None)
     assert groups_written == [0] and os.listdir(tmp_path / "out") == []
 
 
@@ -398,3 +400,63 @@ def test_runs_that_hold_a_teacher_are_opened_not_refused_as_offline(tmp_path, se
     run = str(tmp_path / "no_run")
     with pytest.raises(FileNotFoundError, match=rf"^{re.escape(run)}: no such checkpoint or run directory"):
         write_teacher_outputs(config, run, str(tmp_path / "out"))
+
+
+def test_a_spill_gives_back_what_it_was_given_a_batch_at_a_time(tmp_path) -> None:
+    spill = OutputSpill(str(tmp_path / "copy.parquet.rank1.tmp"))
+    given = [(np.arange(n, dtype=np.float32), np.arange(3 * n, dtype=np.float32).reshape(n, 3),
+              np.arange(n, dtype=np.int64) + 100 * n) for n in (2, 5, 1)]
+    for outputs in given:
+        spill.append(outputs)
+    for (logits, representations, keys), (want_logits, want_representations, want_keys) in zip(spill.outputs(), given):
+        np.testing.assert_array_equal(logits, want_logits)
+        np.testing.assert_array_equal(representations, want_representations)
+        np.testing.assert_array_equal(keys, want_keys)
+    assert len(list(spill.outputs())) == 3
+    spill.remove()
+    assert os.listdir(tmp_path) == []
+    keyless = OutputSpill(str(tmp_path / "keyless"))
+    keyless.append((np.zeros(2, np.float32), np.zeros((2, 4), np.float32), None))
+    ((_, representations, keys),) = list(keyless.outputs())
+    assert representations.shape == (2, 4) and keys is None
+    assert list(OutputSpill(str(tmp_path / "never")).outputs()) == []  # a rank that sent no real batch
+
+
+def test_rank_0_writes_its_row_groups_as_its_steps_come(tmp_path, monkeypatch) -> None:
+    """Its outputs are not gathered first: when the teacher computes a batch, the row groups of the batches
+    before it are in the copy already (a split's outputs held whole took 0.8 KB a row: 80 GB at 100M rows)."""
+    source, target = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    pq.write_table(pa.table({"row_id": np.arange(40, dtype=np.int64)}), source, row_group_size=4)
+    written = []
+    write_group = TeacherColumnsWriter._write_group
+    monkeypatch.setattr(TeacherColumnsWriter, "_write_group",
+                        lambda self, group, *outputs: (written.append(group), write_group(self, group, *outputs)))
+
+    def steps():
+        for batch in range(10):
+            assert len(written) == batch  # every earlier batch's row group is written
+            rows = np.arange(4 * batch, 4 * batch + 4)
+            yield (rows.astype(np.float32), np.zeros((4, 2), np.float32), rows.astype(np.int64)), True
+        yield (np.zeros(4, np.float32), np.zeros((4, 2), np.float32), None), False  # padding: not written
+
+    assert write_on_rank_0(source, target, "row_id", steps(), world_size=1, group=None) is None
+    np.testing.assert_array_equal(pq.read_table(target).column(LOGITS_COLUMN).to_numpy(), np.arange(40))
+
+
+def test_spills_a_killed_run_left_are_its_own_entries_and_are_replaced(tmp_path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"row_id": np.arange(4, dtype=np.int64)}), str(data / "train.parquet"))
+    schema = DatasetSchema(name="tiny", splits={"train": "train.parquet"}, fields=[], root=str(data))
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / "train.parquet.tmp").write_bytes(b"a copy being written")
+    (out / "train.parquet.rank3.tmp").write_bytes(b"a spill of a run on 4 ranks")
+    check_output_dir(str(out), schema)
+    (out / "train.parquet.rank3.tmp.bak").write_bytes(b"something else")
+    with pytest.raises(FileExistsError, match=r"train\.parquet\.rank3\.tmp\.bak"):
+        check_output_dir(str(out), schema)
+    (out / "train.parquet.rank3.tmp.bak").unlink()
+    steps = [((np.zeros(4, np.float32), np.zeros((4, 2), np.float32), np.arange(4, dtype=np.int64)), True)]
+    assert write_on_rank_0(str(data / "train.parquet"), str(out / "train.parquet"), "row_id", steps, 1, None) is None
+    assert sorted(os.listdir(out)) == ["train.parquet"]
