@@ -447,8 +447,14 @@ def write_teacher_columns(
     return rows
 
 
+ATTACHED_ROWS_PER_GROUP = 65536  # row groups of the copy: the reader's unit, as the splits `prepare` writes
+
+
 def attach_columns(split_path: str, columns_path: str, key_column: str, output_path: str) -> int:
     """Writes a copy of a split with the columns of ``columns_path`` joined on ``key_column``.
+
+    The split is copied a row group at a time (of ``ATTACHED_ROWS_PER_GROUP`` rows); besides its key
+    column, only the columns to attach are held whole (the teacher outputs: rows x (H + 2) x 4 bytes).
 
     Raises:
         ValueError: a row of the split has no match, a key occurs twice in ``columns_path``, or a
@@ -457,25 +463,55 @@ def attach_columns(split_path: str, columns_path: str, key_column: str, output_p
     Returns:
         int: rows written.
     """
-    split = pq.read_table(split_path)
+    with pq.ParquetFile(split_path) as split:
+        return _attach_columns(split, split_path, columns_path, key_column, output_path)
+
+
+def _attach_columns(split: pq.ParquetFile, split_path: str, columns_path: str, key_column: str,
+                    output_path: str) -> int:
+    """:func:`attach_columns` of the open ``split``."""
     extra = pq.read_table(columns_path)
-    for path, table in ((split_path, split), (columns_path, extra)):
-        if key_column not in table.column_names:
-            raise ValueError(f"{path}: no key column {key_column!r}; columns {table.column_names}")
+    for path, names in ((split_path, split.schema_arrow.names), (columns_path, extra.column_names)):
+        if key_column not in names:
+            raise ValueError(f"{path}: no key column {key_column!r}; columns {names}")
     keys = extra.column(key_column)
     if pc.count_distinct(keys).as_py() != len(keys):  # index_in would take each key's first row
         counts = pc.value_counts(keys)
         repeated = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
         raise ValueError(f"{columns_path}: key {repeated!r} of column {key_column!r} occurs more than once; expected "
                          "one row per key")
-    index = pc.index_in(split.column(key_column), value_set=keys)  # (N,)
+    index = pc.index_in(split.read(columns=[key_column]).column(key_column), value_set=keys)  # (N,)
     if index.null_count:
         raise ValueError(f"{split_path}: {index.null_count} rows have no {key_column!r} in {columns_path}")
-    for name in extra.column_names:
-        if name == key_column:
-            continue
-        if name in split.column_names:
+    attached = [name for name in extra.column_names if name != key_column]
+    for name in attached:
+        if name in split.schema_arrow.names:
             raise ValueError(f"{split_path}: already has a column {name!r}")
-        split = split.append_column(name, pc.take(extra.column(name), index))
-    write_file_atomically(output_path, lambda handle: pq.write_table(split, handle))
-    return split.num_rows
+
+    def write(handle: Any) -> None:
+        start = 0
+        writer: Optional[pq.ParquetWriter] = None
+        try:
+            for batch in split.iter_batches(batch_size=ATTACHED_ROWS_PER_GROUP):
+                table = pa.Table.from_batches([batch])
+                rows = index.slice(start, batch.num_rows)
+                for name in attached:
+                    table = table.append_column(name, pc.take(extra.column(name), rows))
+                if writer is None:
+                    writer = pq.ParquetWriter(handle, table.schema)
+                writer.write_table(table, row_group_size=ATTACHED_ROWS_PER_GROUP)
+                start += batch.num_rows
+            if writer is None:  # a split without rows: its columns and the attached ones, no row
+                empty = pa.Table.from_batches([], split.schema_arrow)
+                for name in attached:
+                    empty = empty.append_column(extra.schema.field(name), extra.column(name).slice(0, 0))
+                writer = pq.ParquetWriter(handle, empty.schema)
+        except BaseException:
+            if writer is not None:  # closed here, not later by the garbage collector over the removed temp file
+                with contextlib.suppress(Exception):
+                    writer.close()
+            raise
+        writer.close()
+
+    write_file_atomically(output_path, write)
+    return split.metadata.num_rows

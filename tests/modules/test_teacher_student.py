@@ -1,5 +1,4 @@
 import dataclasses
-import contextlib
 import os
 
 import numpy as np
@@ -421,16 +420,42 @@ class TestOfflineOutputs:
         pq.write_table(pa.table({"row_id": np.arange(4), "teacher_logits": np.ones(4)}), columns)
         attach_columns(split, columns, "row_id", copy)
 
-        def half_written(table, where, **kwargs):  # a path or a file
-            with open(where, "wb") if isinstance(where, str) else contextlib.nullcontext(where) as handle:
-                handle.write(b"PAR1 half")
+        write_table = pq.ParquetWriter.write_table
+
+        def half_written(self, table, **kwargs):  # the first row group written, then the disk is full
+            write_table(self, table, **kwargs)
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(pq, "write_table", half_written)
+        monkeypatch.setattr(pq.ParquetWriter, "write_table", half_written)
         with pytest.raises(OSError, match="No space left"):
             attach_columns(split, columns, "row_id", copy)
         assert sorted(os.listdir(tmp_path)) == ["cols.parquet", "copy.parquet", "split.parquet"]
         assert pq.read_table(copy).column("teacher_logits").to_pylist() == [1.0] * 4
+
+    def test_the_split_is_copied_a_row_group_at_a_time(self, tmp_path, monkeypatch):
+        """Only its key column is read whole: the copy of a 3M-row split read it all (and the columns file,
+        and wrote row groups of 1M rows, which the reader reads whole)."""
+        from recsys_llm.modules import teacher_student
+
+        split, columns, copy = (str(tmp_path / name) for name in ("split.parquet", "cols.parquet", "copy.parquet"))
+        pq.write_table(pa.table({"row_id": np.arange(10), "label": np.arange(10.0)}), split, row_group_size=3)
+        pq.write_table(pa.table({"row_id": np.arange(10)[::-1].copy(), "t": np.arange(10.0)[::-1].copy()}), columns)
+        monkeypatch.setattr(teacher_student, "ATTACHED_ROWS_PER_GROUP", 4)
+        read = pq.ParquetFile.read
+
+        def key_column_only(self, columns=None, **kwargs):
+            assert columns == ["row_id"], columns
+            return read(self, columns=columns, **kwargs)
+
+        monkeypatch.setattr(pq.ParquetFile, "read", key_column_only)
+        assert attach_columns(split, columns, "row_id", copy) == 10
+        copied = pq.ParquetFile(copy)
+        assert [copied.metadata.row_group(i).num_rows for i in range(copied.num_row_groups)] == [4, 4, 2]
+        table = pq.read_table(copy)
+        assert table.column("t").to_pylist() == table.column("label").to_pylist() == list(np.arange(10.0))
+        pq.write_table(pa.table({"row_id": pa.array([], pa.int64()), "label": pa.array([], pa.float64())}), split)
+        assert attach_columns(split, columns, "row_id", copy) == 0
+        assert pq.read_table(copy).column_names == ["row_id", "label", "t"]
 
     def test_a_row_key_of_another_name_is_read_from_the_readers_row_id_and_repeated_keys_are_refused(self, tmp_path):
         """The reader carries any row key as ``extras["row_id"]``: ``write_teacher_columns(row_key=
