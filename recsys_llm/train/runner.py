@@ -202,10 +202,10 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     built = build_task(config, schema, ctx.device)
     swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early
     readers = build_readers(config, schema, ctx, train_transform=swap)
-    if len(readers["train"]) == 0:
-        raise ValueError(f"training split {config.data.train_split!r} gives 0 batches per rank at batch size "
-                         f"{config.data.batch_size} on {ctx.world_size} rank(s); lower data.batch_size or run fewer "
-                         "ranks")
+    if len(readers["train"]) == 0:  # a rank without rows (batches are not dropped), and the ranks train in step
+        rows = sum(readers["train"].rows_per_rank)
+        raise ValueError(f"training split {config.data.train_split!r} has {rows} row(s) for {ctx.world_size} ranks: "
+                         f"a rank gets none to train on; run at most {rows} rank(s), or train on more rows")
 
     # swapped pairs double every training batch; the planner sizes for what a step really holds
     step_rows = config.data.batch_size * (2 if swap is not None else 1)
