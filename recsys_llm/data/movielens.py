@@ -4,7 +4,11 @@ Input: a directory with ``<name>.inter`` (``user_id:token item_id:token rating:f
 timestamp:float``), ``<name>.item`` (``item_id:token movie_title:token_seq
 release_year:token genre|class:token_seq``) and ``<name>.user`` (``user_id:token
 age:token gender:token occupation:token zip_code:token``), tab separated with typed
-headers, as in RecBole's ``ml-100k`` / ``ml-1m`` downloads. A leading UTF-8 byte order mark
+headers, as in RecBole's ``ml-100k`` / ``ml-1m`` downloads, all named after one data set (``ml-1m.inter``
+beside ``ml-100k.item`` is an error). Without a ``.user`` file (RecBole's ``ml-20m`` / ``ml-25m``) the user
+attribute fields are left out and ``user_id`` has no value text, with a warning. Genres are split on white
+space, or on ``|`` in a file that writes them so (MovieLens' own ``Action|Comedy``); ``(no genres listed)`` is no
+genre. A column named twice in a header is an error. A leading UTF-8 byte order mark
 is ignored; blank lines are skipped (error messages still name the line as an editor counts it);
 white space around a cell is dropped (``"1 "`` is user ``1``); an id repeated in ``.item`` or ``.user``
 is an error (no row silently replaces another), as is an empty user or item id. A release year
@@ -18,13 +22,15 @@ Output (the usual CTR protocol for MovieLens):
   train/valid/test, so validation and test lie in the future of training;
 * every token remapped to a contiguous id starting at 1 (0 = padding/unknown);
 * fields: ``user_id``, ``item_id``, ``age``, ``gender``, ``occupation``, ``zip_prefix``,
-  ``release_year`` (sparse), ``genres`` (sequence), ``user_age`` and ``movie_year``
-  (dense, scaled to about [0, 1]); extra column ``timestamp``; with ``history_length`` N > 0
-  also ``history`` (sequence): the last N movies the user rated above 3 at an earlier
-  timestamp, most recent first (ratings of the same second are not each other's history);
+  ``release_year`` (sparse), ``genres`` (sequence), ``user_age`` and ``movie_year`` (dense, scaled to
+  about [0, 1]; the user's fields ``age`` .. ``zip_prefix`` and ``user_age`` only with a ``.user`` file);
+  extra column ``timestamp``; with ``history_length`` N > 0 also ``history`` (sequence): the last N
+  movies the user rated above 3 at an earlier timestamp, most recent first (ratings of the same second
+  are not each other's history);
 * value-text files: item = title + year + genres, user = age, gender, occupation and zip code
   (ML-1M's age and occupation codes, e.g. age 1 and occupation 10, as the words of its README:
-  "under 18", "K-12 student");
+  "under 18", "K-12 student", when most users' values are its codes; a value that is none is warned
+  about and written as its code, "occupation: code 21"); a movie without a title is "A movie without a title";
 * the item catalogue ``item_catalog.parquet``: every movie of the ``.item`` file (rated or
   not) with its ``ITEM_FIELDS`` columns, for ``elec.distill.swap_catalog``.
 
@@ -72,6 +78,9 @@ ML1M_OCCUPATION_WORDS = (
     "lawyer", "programmer", "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer",
     "tradesman/craftsman", "unemployed", "writer",
 )
+_ML1M_OCCUPATIONS = {str(code): words for code, words in enumerate(ML1M_OCCUPATION_WORDS)}
+#: a movie without a genre in RecBole's ml-20m / ml-25m (and MovieLens' own movies.csv)
+NO_GENRES = "(no genres listed)"
 # the movie's side of a row (what ``elec.distill.swap_fields`` re-pairs); the rest is the user's
 ITEM_FIELDS = ("item_id", "release_year", "genres", "movie_year")
 
@@ -129,6 +138,9 @@ def read_atomic_file(path: str, required: Dict[str, Tuple[str, ...]]) -> pa.Tabl
         if ":" not in cell:
             raise DataError(f"{path}, line 1: header column {position + 1} {cell!r} is not 'name:type' (RecBole atomic format)")
         name, kind = cell.rsplit(":", 1)
+        if name in types:  # pyarrow would refuse the table with 'Field ... exists 2 times', naming no file
+            raise DataError(f"{path}, line 1: header column {position + 1} {cell!r} repeats column {name!r} (column "
+                            f"{names.index(name) + 1}); expected each column once")
         names.append(name)
         types[name] = kind
     bad_lines: List[str] = []
@@ -327,19 +339,208 @@ def liked_before(user: np.ndarray, item: np.ndarray, liked: np.ndarray, timestam
     return lengths, np.asarray(items, dtype=np.int64)
 
 
-def _find(raw_dir: str, suffix: str) -> str:
-    """The one ``*<suffix>`` file of ``raw_dir``; none, or several (RecBole's benchmark files
-    ``x.train.inter`` / ``x.valid.inter`` / ``x.test.inter``, two data sets), is an error."""
+def _find(raw_dir: str, suffix: str, required: bool = True) -> Optional[str]:
+    """The one ``*<suffix>`` file of ``raw_dir`` (None when there is none and it is not ``required``); none, or
+    several (RecBole's benchmark files ``x.train.inter`` / ``x.valid.inter`` / ``x.test.inter``, two data
+    sets), is an error."""
     if os.path.isfile(raw_dir):
         raise DataError(f"{raw_dir}: a file; expected the directory that holds it with the other RecBole atomic files "
                         f"(.inter/.item/.user): --input {os.path.dirname(raw_dir) or '.'}")
     candidates = sorted(f for f in os.listdir(raw_dir) if f.endswith(suffix))
+    if not candidates and not required:
+        return None
     if not candidates:
-        raise DataError(f"{raw_dir}: no *{suffix} file (expected RecBole atomic files .inter/.item/.user)")
+        raise DataError(f"{raw_dir}: no *{suffix} file (expected RecBole atomic files .inter/.item, and .user if the "
+                        "data set has one)")
     if len(candidates) > 1:
         raise DataError(f"{raw_dir}: several *{suffix} files ({', '.join(candidates)}); expected one (one data set "
                         "per directory, as RecBole atomic files <name>.inter/.item/.user, all interactions in one .inter)")
     return os.path.join(raw_dir, candidates[0])
+
+
+def _find_files(raw_dir: str) -> Tuple[str, str, Optional[str]]:
+    """The ``.inter``, ``.item`` and ``.user`` files of ``raw_dir`` (the ``.user`` None where the data set has
+    none: RecBole's ml-20m, ml-25m); files of two data sets (``ml-1m.inter`` beside ``ml-100k.item``) are an
+    error."""
+    inter_path, item_path = _find(raw_dir, ".inter"), _find(raw_dir, ".item")
+    user_path = _find(raw_dir, ".user", required=False)
+    files = [os.path.basename(p) for p in (inter_path, item_path, user_path) if p]
+    stems = [os.path.splitext(f)[0] for f in files]
+    if len(set(stems)) > 1:
+        named = ", ".join(f"{f} (name {s!r})" for f, s in zip(files, stems))
+        raise DataError(f"{raw_dir}: atomic files of different data sets: {named}; expected the files of one data set, "
+                        "all named <name>.inter/.item/.user with the same <name> (move the others out)")
+    return inter_path, item_path, user_path
+
+
+def _read_users(path: str) -> pa.Table:
+    """The ``.user`` file, its ages read as whole numbers: an ``age:float`` column's ``24.0`` is the age 24 (its
+    text, order and ML-1M code), as in an ``age:token`` column."""
+    users = read_atomic_file(path, {"user_id": ("token",), "age": ("token", "float"), "gender": ("token",),
+                                    "occupation": ("token",), "zip_code": ("token",)})
+    return users.set_column(users.column_names.index("age"), "age",
+                            pc.replace_substring_regex(users["age"], _WHOLE_NUMBER, r"\1"))
+
+
+def _warn_no_user_file(raw_dir: str) -> None:
+    """Says that a data set without a ``.user`` file (RecBole's ml-20m, ml-25m) gets no user attribute fields."""
+    warnings.warn(f"{raw_dir}: no *.user file (as in RecBole's ml-20m / ml-25m): user attributes are absent, so the "
+                  "fields age, gender, occupation, zip_prefix and user_age are left out and user_id has no value text "
+                  "(its id is its text)", stacklevel=4)
+
+
+# ---- user side -----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _UserSide:
+    """What the ``.user`` file adds to the conversion; per-user arrays are indexed by the new user id (0 = unknown).
+
+    Attributes:
+        keys (np.ndarray): (users of the file,) the new id of each row of the file.
+        sparse_fields (List[FieldSpec]): ``age``, ``gender``, ``occupation``, ``zip_prefix``.
+        dense_fields (List[FieldSpec]): ``user_age``.
+        columns (Dict[str, np.ndarray]): field -> (num_users + 1,) its id (sparse) or value (dense) of each user.
+        user_text (List[str]): (num_users + 1,) the text of each user.
+        value_texts (Dict[str, List[str]]): sparse field -> the texts of its ids 1.. (id 0, 'unknown', not included).
+    """
+
+    keys: np.ndarray
+    sparse_fields: List[FieldSpec]
+    dense_fields: List[FieldSpec]
+    columns: Dict[str, np.ndarray]
+    user_text: List[str]
+    value_texts: Dict[str, List[str]]
+
+
+def _ml1m_coded(user_path: str, users: pa.Table) -> bool:
+    """Whether the ``.user`` file holds MovieLens-1M's age and occupation codes (its README's: age 1, 18, .., 56,
+    occupation 0 to 20), read as their words: more than half of the users' ages, and of their occupations, are
+    codes (empty cells left out). ML-100K's ages in years and occupation words are not. Warns naming the values
+    that are no codes when they are read so."""
+    outside: Dict[str, List[str]] = {}
+    for column, codes in (("age", ML1M_AGE_WORDS), ("occupation", _ML1M_OCCUPATIONS)):
+        present = [value for value in users[column].to_pylist() if value]
+        outside[column] = [value for value in present if value not in codes]
+        if len(outside[column]) * 2 >= len(present):
+            return False
+    if outside["age"] or outside["occupation"]:
+        shown = "; ".join(f"{column} {', '.join(repr(v) for v in list(dict.fromkeys(values))[:3])}"
+                          f"{', ...' if len(set(values)) > 3 else ''}" for column, values in outside.items() if values)
+        examples = [repr(_age_words(v, True)) for v in outside["age"][:1]]
+        examples += [repr(_occupation_words(v, True)) for v in outside["occupation"][:1]]
+        warnings.warn(f"{user_path}: ages and occupations read as MovieLens-1M's codes (the words of its README, e.g. "
+                      f"age 1 'under 18', occupation 10 'K-12 student'), but {sum(map(len, outside.values()))} "
+                      f"value(s) are none of its codes ({shown}): their texts name the code ({', '.join(examples)})",
+                      stacklevel=5)
+    return True
+
+
+def _age_words(age: str, coded: bool) -> str:
+    """An age as the user text writes it: ML-1M's code as its group (``aged under 18``), else in years."""
+    if not coded:
+        return f"{age} years old"
+    if age in ML1M_AGE_WORDS:
+        return f"aged {ML1M_AGE_WORDS[age]}"
+    return f"of age code {age}" if age else "of unknown age"
+
+
+def _occupation_words(job: str, coded: bool) -> str:
+    """An occupation as the user text writes it: ML-1M's code as its words (``K-12 student``), else as it is."""
+    if not coded:
+        return job
+    if job in _ML1M_OCCUPATIONS:
+        return _ML1M_OCCUPATIONS[job]
+    return f"code {job}" if job else "unknown"
+
+
+def _user_text(age: str, gender: str, job: str, zip_code: str, coded: bool) -> str:
+    """One user's text: ``A 24 year old man, occupation: technician, zip code 85711.`` (ML-100K),
+    ``A woman aged under 18, occupation: K-12 student, zip code 48067.`` (ML-1M's codes)."""
+    gender_words = GENDER_WORDS.get(gender, gender)
+    who = f"{gender_words} {_age_words(age, coded)}" if coded else f"{age} year old {gender_words}"
+    return f"A {who}, occupation: {_occupation_words(job, coded)}, zip code {zip_code}."
+
+
+def _user_side(user_path: str, users: pa.Table, user_vocab: pa.Array, config: MovieLensConfig) -> _UserSide:
+    """The user attribute fields, their values per user and their texts, from the ``.user`` file ``users``."""
+    num_users = len(user_vocab)
+    keys = _encode(users["user_id"], user_vocab)
+    _check_unique(user_path, "user_id", users["user_id"], keys)
+    raw = {"age": users["age"], "gender": users["gender"], "occupation": users["occupation"],
+           "zip_prefix": pc.utf8_slice_codeunits(users["zip_code"], 0, config.zip_prefix_length)}
+    vocab = {name: _vocabulary(column) for name, column in raw.items()}
+    columns = {name: _lookup(np.arange(num_users + 1), keys, _encode(column, vocab[name]), 0)
+               for name, column in raw.items()}
+    age_numeric = pc.match_substring_regex(users["age"], _NUMBER).to_numpy(zero_copy_only=False)
+    ages = pc.cast(pc.if_else(pa.array(age_numeric), users["age"], "0"), pa.float64()).to_numpy()
+    age_values = np.where(age_numeric, ages, 0.0)
+    columns["user_age"] = _lookup(np.arange(num_users + 1), keys, age_values / 100.0, 0.0).astype(np.float32)
+    _warn_unread(user_path, "age", users["age"], age_numeric, "user_age 0")
+
+    coded = _ml1m_coded(user_path, users)
+    user_text = ["unknown user"] * (num_users + 1)
+    for new_id, *cells in zip(keys, *(users[c].to_pylist() for c in ("age", "gender", "occupation", "zip_code"))):
+        user_text[new_id] = _user_text(*cells, coded=coded)
+    value_texts = {
+        "age": [_age_words(a, coded) for a in vocab["age"].to_pylist()],
+        "gender": [GENDER_WORDS.get(g, g) for g in vocab["gender"].to_pylist()],
+        "occupation": [_occupation_words(o, coded) for o in vocab["occupation"].to_pylist()],
+        "zip_prefix": [f"zip code starting with {z}" for z in vocab["zip_prefix"].to_pylist()],
+    }
+    sparse_fields = [
+        FieldSpec("age", FieldKind.SPARSE, len(vocab["age"]) + 1,
+                  description="age group of the user" if coded else "age of the user in years",
+                  value_text="text/age.parquet"),
+        FieldSpec("gender", FieldKind.SPARSE, len(vocab["gender"]) + 1, description="gender of the user",
+                  value_text="text/gender.parquet"),
+        FieldSpec("occupation", FieldKind.SPARSE, len(vocab["occupation"]) + 1, description="occupation of the user",
+                  value_text="text/occupation.parquet"),
+        FieldSpec("zip_prefix", FieldKind.SPARSE, len(vocab["zip_prefix"]) + 1,
+                  description="leading digits of the user's zip code (region)", value_text="text/zip_prefix.parquet"),
+    ]
+    user_age = ("youngest age of the user's age group in years divided by 100 (0.01: under 18)" if coded
+                else "age of the user in years divided by 100")
+    dense_fields = [FieldSpec("user_age", FieldKind.DENSE, description=user_age)]
+    return _UserSide(keys, sparse_fields, dense_fields, columns, user_text, value_texts)
+
+
+# ---- item side -----------------------------------------------------------------------------------------
+def _genre_lists(genres: pa.ChunkedArray) -> List[List[str]]:
+    """The genres of each ``.item`` row: its cell split on ``|`` where a cell of the column holds one (MovieLens'
+    own ``Action|Comedy``, whose genre names may hold spaces), else on white space (RecBole's ``Action Comedy``);
+    ``(no genres listed)`` (ML-20M and later) is no genre."""
+    cells = genres.to_pylist()
+    piped = any("|" in cell for cell in cells)
+
+    def split(cell: str) -> List[str]:
+        if cell == NO_GENRES:
+            return []
+        return [g.strip() for g in cell.split("|") if g.strip()] if piped else cell.split()
+
+    return [split(cell) for cell in cells]
+
+
+def _item_text(items: pa.Table, item_key: np.ndarray, genre_rows: List[List[str]], num_items: int) -> List[str]:
+    """(num_items + 1,) the text of each movie: ``Toy Story (1995). Genres: Animation, Children's, Comedy.``;
+    one without a title is ``A movie without a title (1995). ...``, one the ``.item`` file lacks ``unknown movie``."""
+    item_text = ["unknown movie"] * (num_items + 1)
+    titles = items["movie_title"].to_pylist()
+    years = items["release_year"].to_pylist()
+    for row, new_id in enumerate(item_key):
+        year = _year(years[row])
+        genres = ", ".join(genre_rows[row]) or "unknown"
+        title = titles[row] or "A movie without a title"
+        item_text[new_id] = f"{title}{f' ({year})' if year else ''}. Genres: {genres}."
+    return item_text
+
+
+def _warn_untitled(item_path: str, items: pa.Table) -> None:
+    """Warns of movies whose title is empty: their text has none (``A movie without a title (1995). ...``)."""
+    untitled = items["item_id"].filter(pc.equal(items["movie_title"], "")).to_pylist()
+    if untitled:
+        shown = ", ".join(repr(v) for v in untitled[:3])
+        warnings.warn(f"{item_path}: {len(untitled)} movie(s) with an empty movie_title (item_id {shown}"
+                      f"{', ...' if len(untitled) > 3 else ''}): their text reads 'A movie without a title'",
+                      stacklevel=4)
 
 
 def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConfig] = None, progress: bool = False) -> DatasetSchema:
@@ -350,7 +551,8 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
     earlier output as it was (:func:`~recsys_llm.data.parquet_writer.write_prepared`).
 
     Args:
-        raw_dir (str): directory with ``*.inter``, ``*.item`` and ``*.user``.
+        raw_dir (str): directory with ``*.inter``, ``*.item`` and, where the data set has one, ``*.user``
+            (all named after one data set); without a ``.user`` file the user attribute fields are left out.
         out_dir (str): output directory (``train/valid/test.parquet``, ``text/``, ``item_catalog.parquet``,
             ``schema.json``); absent, empty or an earlier prepared data set.
         config (Optional[MovieLensConfig]): conversion options.
@@ -369,19 +571,17 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
 
 def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
-    inter_path, item_path, user_path = (_find(raw_dir, s) for s in (".inter", ".item", ".user"))
+    inter_path, item_path, user_path = _find_files(raw_dir)
     steps = tqdm(total=4, desc="movielens", disable=not progress, **interval_options())  # once the files are there
     inter = read_atomic_file(inter_path, {"user_id": ("token",), "item_id": ("token",), "rating": ("float",), "timestamp": ("float",)})
     items = read_atomic_file(item_path, {"item_id": ("token",), "movie_title": ("token_seq", "token"),
                                          "release_year": ("token", "float"), "genre|class": ("token_seq", "token")})
-    users = read_atomic_file(user_path, {"user_id": ("token",), "age": ("token", "float"), "gender": ("token",),
-                                         "occupation": ("token",), "zip_code": ("token",)})
-    # an age:float column's 24.0 is the age 24 (its text, order and ML-1M code), as in an age:token column
-    users = users.set_column(users.column_names.index("age"), "age",
-                             pc.replace_substring_regex(users["age"], _WHOLE_NUMBER, r"\1"))
-    for path, table, column in ((inter_path, inter, "user_id"), (inter_path, inter, "item_id"),
-                                (item_path, items, "item_id"), (user_path, users, "user_id")):
+    users = _read_users(user_path) if user_path else None
+    id_columns = [(inter_path, inter, "user_id"), (inter_path, inter, "item_id"), (item_path, items, "item_id")]
+    for path, table, column in id_columns + ([(user_path, users, "user_id")] if users is not None else []):
         _check_ids_present(path, table, column)
+    if users is None:
+        _warn_no_user_file(raw_dir)
     steps.update()
 
     rating = _numbers(inter, "rating", inter_path)
@@ -399,42 +599,23 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     if kept.num_rows < 10:
         raise DataError(f"{inter_path}: only {kept.num_rows} ratings other than 3; expected at least 10 to split 8:1:1")
 
-    user_vocab = _vocabulary(users["user_id"], inter["user_id"])
+    user_vocab = _vocabulary(inter["user_id"], *([users["user_id"]] if users is not None else []))
     item_vocab = _vocabulary(items["item_id"], inter["item_id"])
     num_users, num_items = len(user_vocab), len(item_vocab)
-    user_key = _encode(users["user_id"], user_vocab)
+    user_side = _user_side(user_path, users, user_vocab, config) if users is not None else None
     item_key = _encode(items["item_id"], item_vocab)
-    _check_unique(user_path, "user_id", users["user_id"], user_key)
     _check_unique(item_path, "item_id", items["item_id"], item_key)
 
-    # user attributes, indexed by the new user id (0 = unknown)
-    zip_prefix = pc.utf8_slice_codeunits(users["zip_code"], 0, config.zip_prefix_length)
-    attribute_vocab = {
-        "age": _vocabulary(users["age"]),
-        "gender": _vocabulary(users["gender"]),
-        "occupation": _vocabulary(users["occupation"]),
-        "zip_prefix": _vocabulary(zip_prefix),
-        "release_year": _vocabulary(items["release_year"]),
-    }
-    user_attr = {
-        name: _lookup(np.arange(num_users + 1), user_key, _encode(column, attribute_vocab[name]), 0)
-        for name, column in (("age", users["age"]), ("gender", users["gender"]), ("occupation", users["occupation"]),
-                             ("zip_prefix", zip_prefix))
-    }
-    age_numeric = pc.match_substring_regex(users["age"], _NUMBER).to_numpy(zero_copy_only=False)
-    age_values = np.where(age_numeric, pc.cast(pc.if_else(pa.array(age_numeric), users["age"], "0"), pa.float64()).to_numpy(), 0.0)
-    user_age = _lookup(np.arange(num_users + 1), user_key, age_values / 100.0, 0.0).astype(np.float32)
-    _warn_unread(user_path, "age", users["age"], age_numeric, "user_age 0")
-
     # item attributes
-    item_year_id = _lookup(np.arange(num_items + 1), item_key, _encode(items["release_year"], attribute_vocab["release_year"]), 0)
+    year_vocab = _vocabulary(items["release_year"])
+    item_year_id = _lookup(np.arange(num_items + 1), item_key, _encode(items["release_year"], year_vocab), 0)
     year_numeric = pc.match_substring_regex(items["release_year"], _YEAR).to_numpy(zero_copy_only=False)
     year_values = np.where(
         year_numeric, pc.cast(pc.if_else(pa.array(year_numeric), items["release_year"], "1900"), pa.float64()).to_numpy(), 1900.0
     )
     movie_year = _lookup(np.arange(num_items + 1), item_key, (year_values - 1900.0) / 100.0, 0.0).astype(np.float32)
     _warn_unread(item_path, "release_year", items["release_year"], year_numeric, "movie_year 0")
-    genre_rows = [g.split() for g in items["genre"].to_pylist()]  # one list of genre tokens per .item row
+    genre_rows = _genre_lists(items["genre"])  # one list of genre tokens per .item row
     genre_vocab = _vocabulary(pa.array([g for row in genre_rows for g in row], pa.string()))
     genre_index = {g: i + 1 for i, g in enumerate(genre_vocab.to_pylist())}
     genres_of = [[] for _ in range(num_items + 1)]  # new item id -> genre ids
@@ -447,38 +628,12 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     steps.update()
 
     # ---- text ----
-    # ML-1M's codes (every age one of its 7 and every occupation one of its 21) become their words;
-    # ML-100K's ages in years and occupation words are read as they are
-    coded = (set(attribute_vocab["age"].to_pylist()) <= set(ML1M_AGE_WORDS)
-             and set(attribute_vocab["occupation"].to_pylist()) <= {str(i) for i in range(len(ML1M_OCCUPATION_WORDS))})
-
-    def age_words(age: str) -> str:
-        return f"aged {ML1M_AGE_WORDS[age]}" if coded else f"{age} years old"
-
-    def occupation_words(job: str) -> str:
-        return ML1M_OCCUPATION_WORDS[int(job)] if coded else job
-
-    item_text = ["unknown movie"] * (num_items + 1)
-    titles = items["movie_title"].to_pylist()
-    years = items["release_year"].to_pylist()
-    for row, new_id in enumerate(item_key):
-        year = _year(years[row])
-        genres = ", ".join(genre_rows[row]) or "unknown"
-        item_text[new_id] = f"{titles[row]}{f' ({year})' if year else ''}. Genres: {genres}."
-    user_text = ["unknown user"] * (num_users + 1)
-    for row, (new_id, age, gender, job, zipc) in enumerate(
-        zip(user_key, *(users[c].to_pylist() for c in ("age", "gender", "occupation", "zip_code")))
-    ):
-        who = (f"{GENDER_WORDS.get(gender, gender)} {age_words(age)}" if coded
-               else f"{age} year old {GENDER_WORDS.get(gender, gender)}")
-        user_text[new_id] = f"A {who}, occupation: {occupation_words(job)}, zip code {zipc}."
+    item_text = _item_text(items, item_key, genre_rows, num_items)
+    _warn_untitled(item_path, items)
     attribute_text = {
-        "age": [age_words(a) for a in attribute_vocab["age"].to_pylist()],
-        "gender": [GENDER_WORDS.get(g, g) for g in attribute_vocab["gender"].to_pylist()],
-        "occupation": [occupation_words(o) for o in attribute_vocab["occupation"].to_pylist()],
-        "zip_prefix": [f"zip code starting with {z}" for z in attribute_vocab["zip_prefix"].to_pylist()],
+        **(user_side.value_texts if user_side else {}),
         "release_year": [f"released in {_year(y)}" if _year(y) else "unknown release year"
-                         for y in attribute_vocab["release_year"].to_pylist()],
+                         for y in year_vocab.to_pylist()],
         "genres": genre_vocab.to_pylist(),
     }
 
@@ -486,28 +641,18 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
         name=os.path.basename(os.path.normpath(raw_dir)),
         fields=[
             FieldSpec("user_id", FieldKind.SPARSE, num_users + 1, description="id of the user who rated the movie",
-                      value_text="text/user_id.parquet"),
+                      value_text="text/user_id.parquet" if user_side else None),
             FieldSpec("item_id", FieldKind.SPARSE, num_items + 1, description="id of the rated movie; its text is title, year and genres",
                       value_text="text/item_id.parquet"),
-            FieldSpec("age", FieldKind.SPARSE, len(attribute_vocab["age"]) + 1,
-                      description="age group of the user" if coded else "age of the user in years",
-                      value_text="text/age.parquet"),
-            FieldSpec("gender", FieldKind.SPARSE, len(attribute_vocab["gender"]) + 1, description="gender of the user",
-                      value_text="text/gender.parquet"),
-            FieldSpec("occupation", FieldKind.SPARSE, len(attribute_vocab["occupation"]) + 1, description="occupation of the user",
-                      value_text="text/occupation.parquet"),
-            FieldSpec("zip_prefix", FieldKind.SPARSE, len(attribute_vocab["zip_prefix"]) + 1,
-                      description="leading digits of the user's zip code (region)", value_text="text/zip_prefix.parquet"),
-            FieldSpec("release_year", FieldKind.SPARSE, len(attribute_vocab["release_year"]) + 1,
+            *(user_side.sparse_fields if user_side else []),
+            FieldSpec("release_year", FieldKind.SPARSE, len(year_vocab) + 1,
                       description="year the movie was released", value_text="text/release_year.parquet"),
             FieldSpec("genres", FieldKind.SEQUENCE, len(genre_vocab) + 1, max_length=max_genres,
                       description="genres of the movie", value_text="text/genres.parquet"),
             *([FieldSpec("history", FieldKind.SEQUENCE, num_items + 1, max_length=config.history_length,
                          description="movies the user rated above 3 before this rating, most recent first",
                          value_text="text/history.parquet")] if config.history_length else []),
-            FieldSpec("user_age", FieldKind.DENSE,
-                      description="youngest age of the user's age group in years divided by 100 (0.01: under 18)"
-                      if coded else "age of the user in years divided by 100"),
+            *(user_side.dense_fields if user_side else []),
             FieldSpec("movie_year", FieldKind.DENSE, description="release year of the movie minus 1900, divided by 100"),
         ],
         label="label",
@@ -516,7 +661,8 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
         extra_columns=["timestamp"],
         root=os.path.abspath(out_dir),
     )
-    write_value_text(os.path.join(out_dir, "text", "user_id.parquet"), user_text)
+    if user_side:
+        write_value_text(os.path.join(out_dir, "text", "user_id.parquet"), user_side.user_text)
     write_value_text(os.path.join(out_dir, "text", "item_id.parquet"), item_text)
     if config.history_length:
         write_value_text(os.path.join(out_dir, "text", "history.parquet"), item_text)
@@ -527,7 +673,8 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     # ---- rows ----
     user = _encode(kept["user_id"], user_vocab)
     item = _encode(kept["item_id"], item_vocab)
-    _warn_absent(inter_path, user_path, "user", kept["user_id"], np.isin(user, user_key))
+    if user_side:
+        _warn_absent(inter_path, user_path, "user", kept["user_id"], np.isin(user, user_side.keys))
     _warn_absent(inter_path, item_path, "movie", kept["item_id"], np.isin(item, item_key))
     n = kept.num_rows
     seq_len = genre_len[item]
@@ -537,15 +684,11 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
         "row_id": np.arange(n, dtype=np.int64),
         "user_id": user,
         "item_id": item,
-        "age": user_attr["age"][user],
-        "gender": user_attr["gender"][user],
-        "occupation": user_attr["occupation"][user],
-        "zip_prefix": user_attr["zip_prefix"][user],
+        **{name: values[user] for name, values in (user_side.columns if user_side else {}).items()},
         "release_year": item_year_id[item],
         "genres": list_array(seq_len, genre_flat_new[gather]),
         **({"history": list_array(*liked_before(user, item, rating > 3, timestamp, config.history_length))}
            if config.history_length else {}),
-        "user_age": user_age[user],
         "movie_year": movie_year[item],
         "label": (rating > 3).astype(np.int8),
         "timestamp": timestamp.astype(np.int64),
