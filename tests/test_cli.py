@@ -1,5 +1,6 @@
 """The ``recsys-llm`` entry point itself (sub-commands have their own tests)."""
 
+import contextlib
 import json
 import os
 import re
@@ -262,6 +263,27 @@ def test_a_disk_that_takes_no_more_writes_is_one_line(monkeypatch, capsys, failu
     assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
     err = capsys.readouterr().err
     assert f"recsys-llm prepare synthetic: error: {line}\n" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("failure", [ValueError("bad.csv: column 'x': expected numbers"), KeyboardInterrupt()])
+def test_an_error_or_interruption_under_a_progress_bar_starts_a_line_of_its_own(monkeypatch, capsys, failure) -> None:
+    """The bar's carriage return left the cursor at its end: the line read ``movielens:   0%|    | 0/4 [00:00<?,
+    ?it/s]recsys-llm prepare movielens: error: ...``."""
+    from tqdm import tqdm
+
+    from recsys_llm.cli import data
+
+    def fails_under_a_bar(*args, **kwargs):
+        bar = tqdm(total=4, desc="movielens", file=sys.stderr)
+        bar.update()
+        raise failure
+
+    monkeypatch.setattr(data, "prepare_dataset", fails_under_a_bar)
+    with pytest.raises(SystemExit) if isinstance(failure, KeyboardInterrupt) else contextlib.nullcontext():
+        main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"])
+    lines = re.split(r"[\r\n]", capsys.readouterr().err)
+    assert any(line.startswith(("recsys-llm prepare synthetic: error: bad.csv",
+                                "recsys-llm prepare synthetic: interrupted (Ctrl-C)")) for line in lines), lines
 
 
 def _checkpoint_failure(*failures: BaseException) -> BaseException:

@@ -238,10 +238,22 @@ def _traceback_asked() -> bool:
     return os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
 
 
+def _close_progress_bars() -> None:
+    """Closes the tqdm bars a failed command left open, so that what is printed next starts a line of its own
+    (not after ``movielens:  25%|##5    |``, where the bar's carriage return left the cursor)."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _error_exit(command: str, message: object) -> int:
     """Prints ``recsys-llm <command>: error: <message>`` (``recsys-llm: error: ...`` without a
     command) and the traceback hint, leaves the same line for the launcher
     (:func:`record_for_launcher`); returns exit code 2."""
+    _close_progress_bars()
     line = f"recsys-llm{' ' + command if command else ''}: error: {message}"
     print(line, file=sys.stderr)
     print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
@@ -358,6 +370,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
         interruption = next((e for e in _wrapped_failures(error) if isinstance(e, (SystemExit, KeyboardInterrupt))),
                             error if isinstance(error, KeyboardInterrupt) else None)
         if isinstance(interruption, KeyboardInterrupt) and not _traceback_asked():
+            _close_progress_bars()
             # one line and the shell's code for SIGINT, as SIGTERM ends with 143 (a crash's 1 said something failed)
             print(f"recsys-llm {command}: interrupted (Ctrl-C); what it had written whole stays, and what it "
                   "left half written is never read (removed now, or by the next run): run the same command again to "
