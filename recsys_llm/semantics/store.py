@@ -16,6 +16,7 @@ Example::
     stored.vectors  # (2, 384)
 """
 
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -139,8 +140,9 @@ def save_vectors(path: str, vectors: torch.Tensor, keys: Sequence[str], provenan
     keys = [str(k) for k in keys]
     if vectors.dim() != 2 or vectors.size(0) != len(keys):
         raise ValueError(f"{path}: need vectors of shape (len(keys)={len(keys)}, d), got {tuple(vectors.shape)}")
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{path}: keys must be distinct, got duplicates {sorted({k for k in keys if keys.count(k) > 1})}")
+    repeated = sorted(key for key, count in collections.Counter(keys).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{path}: keys must be distinct, got duplicates {repeated}")
     bad = first_non_finite_row(vectors.detach())
     if bad is not None:
         row, count, value = bad
