@@ -335,3 +335,11 @@ def test_an_earlier_vector_file_in_a_directory_that_cannot_be_written_is_named_b
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and access(path, mode))
     with pytest.raises(PermissionError, match="is not writable here"):
         check_vector_output(str(locked / "v.safetensors"))
+
+
+def test_repeated_keys_are_named_once_each_and_nothing_is_written(tmp_path) -> None:
+    path = str(tmp_path / "v.safetensors")
+    provenance = VectorProvenance(model_id="m", model_hash="h", pooling="mean", template="{name}")
+    with pytest.raises(ValueError, match=r"v\.safetensors: keys must be distinct, got duplicates \['a', 'c'\]"):
+        save_vectors(path, torch.zeros(5, 2), ["c", "a", "b", "a", "c"], provenance)
+    assert not os.path.exists(path)
