@@ -417,16 +417,15 @@ def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
     whole or not at all: a failure on any split leaves an earlier ``--attach-dir`` as it was."""
     from recsys_llm.atomic_dir import atomic_directory
     from recsys_llm.semantics.vector_export import read_manifest
-    from recsys_llm.semantics.vector_reader import attach_vectors
+    from recsys_llm.semantics.vector_reader import attach_vectors_to_splits
 
     read_manifest(args.output_dir)  # complete: every rank's chunks are there
     attach_dir = os.path.realpath(args.attach_dir)
     key = schema.row_key if args.granularity == "row" else args.entity_field
     new_splits = {split: f"{split}.parquet" for split in splits}
     with atomic_directory(attach_dir, ATTACHED_KIND, ATTACHED_MARKER_FILES) as tmp:
-        for split, name in new_splits.items():
-            attach_vectors(schema.split_path(split), args.output_dir, key, os.path.join(tmp, name),
-                           column=args.column, progress=True)
+        copies = [(schema.split_path(split), os.path.join(tmp, name)) for split, name in new_splits.items()]
+        attach_vectors_to_splits(copies, args.output_dir, key, column=args.column, progress=True)  # keys read once
         # split paths relative to the final directory (the temp one is its sibling)
         schema.relocated(attach_dir, new_splits, [args.column]).save(os.path.join(tmp, "schema.json"))
     print(json.dumps({"attached": splits, "schema": os.path.join(args.attach_dir, "schema.json")}))

@@ -643,6 +643,7 @@ class SplitRows:
         self._schema = pa.schema([field.with_nullable(True) for field in first])
         self._groups = groups
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # (G + 1,)
+        self._decoded: Optional[Tuple[int, pa.Table]] = None  # the last row group read: (its index, its columns)
 
     @property
     def num_rows(self) -> int:
@@ -656,21 +657,27 @@ class SplitRows:
         return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=self._schema.field(name).type)
 
     def rows(self, start: int, stop: int) -> pa.Table:
-        """The ``columns`` of rows ``[start, stop)``: only the row groups they lie in are read."""
+        """The ``columns`` of rows ``[start, stop)``: only the row groups they lie in are read,
+        and the last one read is kept, so ranges read in order decode each row group once."""
         first = int(np.searchsorted(self._starts, start, side="right")) - 1
         pieces = []
         group = max(first, 0)
-        handles: Dict[int, pq.ParquetFile] = {}
         while group < len(self._groups) and self._starts[group] < stop:
-            file, index = self._groups[group]
-            if file not in handles:
-                handles[file] = pq.ParquetFile(self._files[file])
-            table = handles[file].read_row_group(index, columns=self._columns)
+            table = self._row_group(group)
             begin = max(start - int(self._starts[group]), 0)
             end = min(stop - int(self._starts[group]), table.num_rows)
-            pieces.append(table.slice(begin, end - begin).cast(self._schema))
+            pieces.append(table.slice(begin, end - begin))
             group += 1
         return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
+
+    def _row_group(self, group: int) -> pa.Table:
+        """The ``columns`` of row group ``group`` (an index of ``self._groups``), cast to the
+        splits' schema: read, or the last one read."""
+        if self._decoded is None or self._decoded[0] != group:
+            file, index = self._groups[group]
+            table = pq.ParquetFile(self._files[file]).read_row_group(index, columns=self._columns)
+            self._decoded = (group, table.cast(self._schema))
+        return self._decoded[1]
 
     def first_rows(self, key: str) -> pa.Table:
         """The ``columns`` of the first row (in row order) of every distinct non-null id of

@@ -5,7 +5,7 @@ import collections
 import json
 import logging
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -284,10 +284,12 @@ class ExportLookup:
 
     Every chunk's keys are read and sorted once (about 24 bytes per vector: keys, order,
     sorted keys); vectors are read a chunk at a time (provenance-checked) and kept while
-    they fit in ``cache_bytes`` (least recently used chunks are dropped first). Rows in
-    export order (row vectors) read each chunk once; an export within ``cache_bytes``
-    (entity vectors) is read once in all. A larger export looked up in random key order is
-    read again for every batch of rows: give it a ``cache_bytes`` above its size.
+    they fit in ``cache_bytes`` (least recently used chunks are dropped first). While the
+    positions asked for never step back (row vectors attached in export order, across
+    calls), a chunk is dropped once a later one is read: each chunk is read once and at
+    most one is kept. Once they step back, chunks are kept as above: an export within
+    ``cache_bytes`` (entity vectors) is read once in all; a larger one looked up in random
+    key order is read again for every batch of rows: give it a ``cache_bytes`` above its size.
     """
 
     def __init__(self, directory: str, manifest: Dict[str, object], cache_bytes: int) -> None:
@@ -295,6 +297,8 @@ class ExportLookup:
         self._manifest = manifest
         self._cache_bytes = cache_bytes
         self._cache: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
+        self._in_order = True  # no position asked for so far stepped back: chunks behind the last are done with
+        self._last_position = -1
         key_column = str(manifest["key_column"])
         keys = _chunk_keys(directory, manifest)
         self._chunk_starts = np.cumsum([0] + [len(k) for k in keys[:-1]])  # (C,) first position of each chunk
@@ -320,17 +324,30 @@ class ExportLookup:
         """Vectors (N, d) at export ``positions`` (N,), all valid; (0, d) float32 for no positions."""
         if not len(positions):
             return np.zeros((0, vector_dim(self._directory)), np.float32)
-        chunks = np.searchsorted(self._chunk_starts, positions, side="right") - 1
+        self._note_order(positions)
+        chunks = np.searchsorted(self._chunk_starts, positions, side="right") - 1  # (N,)
+        order = np.argsort(chunks, kind="stable")  # (N,) positions grouped by chunk, chunks ascending
+        touched, counts = np.unique(chunks[order], return_counts=True)  # (T,) each
         out = None
-        for chunk in np.unique(chunks):
-            rows = chunks == chunk
+        for chunk, rows in zip(touched, np.split(order, np.cumsum(counts)[:-1])):
             block = self._chunk(int(chunk))
             if out is None:
                 out = np.empty((len(positions), block.shape[1]), dtype=block.dtype)
             out[rows] = block[positions[rows] - self._chunk_starts[chunk]]
         return out
 
+    def _note_order(self, positions: np.ndarray) -> None:
+        """Leaves in-order reading, for good, when ``positions`` (N,) (N > 0) step back, within
+        them or from the last position of the previous call."""
+        self._in_order = (self._in_order and int(positions[0]) >= self._last_position
+                          and bool(np.all(positions[1:] >= positions[:-1])))
+        self._last_position = int(positions[-1])
+
     def _chunk(self, index: int) -> np.ndarray:
+        """Vectors (n, d) of chunk ``index``, from the cache or read (and cached)."""
+        if self._in_order:
+            for done in [i for i in self._cache if i < index]:
+                del self._cache[done]
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
@@ -378,7 +395,8 @@ def attach_vectors(
     The Parquet reader then yields them as ``batch.extras[column]``. ``key_column`` is the
     row key for per-row vectors, or the entity field (e.g. ``item_id``) for per-entity ones.
     The split is streamed ``batch_rows`` at a time and the export read a chunk at a time,
-    so neither is held whole.
+    so neither is held whole. For several splits, :func:`attach_vectors_to_splits` reads the
+    export's keys once for all of them.
 
     Args:
         split_path (str): the split's Parquet file, or a directory of ``*.parquet`` files
@@ -400,20 +418,79 @@ def attach_vectors(
         ValueError: a key of the split has no vector, or the split's files differ in their
             column names or types (nullability alone may differ).
     """
+    return attach_vectors_to_splits([(split_path, output_path)], vector_dir, key_column, column, expected,
+                                    batch_rows, cache_bytes, progress)[0]
+
+
+def attach_vectors_to_splits(
+    copies: Sequence[Tuple[str, str]],
+    vector_dir: str,
+    key_column: str,
+    column: str = "llm_vector",
+    expected: Optional[Dict[str, str]] = None,
+    batch_rows: int = 65536,
+    cache_bytes: int = 1 << 30,
+    progress: bool = False,
+) -> List[int]:
+    """:func:`attach_vectors` for several splits, in order, with one :class:`ExportLookup`: the
+    export's keys are read and sorted once, and per-row vectors attached in export order
+    read each chunk once in all (and hold one at a time).
+
+    Args:
+        copies (Sequence[Tuple[str, str]]): ``(split_path, output_path)`` of each split.
+        vector_dir, key_column, column, expected, batch_rows, cache_bytes, progress: as
+            :func:`attach_vectors`.
+
+    Returns:
+        List[int]: rows written to each copy.
+
+    Raises:
+        ValueError: as :func:`attach_vectors`; every split's columns are checked before the
+            export's keys are read.
+    """
     manifest = read_manifest(vector_dir, expected)
-    files = parquet_files(split_path)
-    schema = _files_schema(files)
-    if key_column not in schema.names:
-        raise ValueError(f"{files[0]}: no column {key_column!r} to join vectors on; columns {schema.names}")
-    if column in schema.names:
-        raise ValueError(f"{files[0]}: already has a column {column!r}")
+    split_files = [parquet_files(split_path) for split_path, _ in copies]
+    schemas = [_split_schema(files, key_column, column) for files in split_files]
     value_type = read_chunk_schema(_first_chunk(vector_dir, manifest)).field(str(manifest["vector_column"])).type
     export_bytes = int(manifest["num_rows"]) * value_type.list_size * value_type.value_type.bit_width // 8
     if export_bytes > cache_bytes:
         logger.warning("%s: %.1f GiB of vectors, above attach_vectors' cache_bytes (%.1f GiB): keys in random order "
                        "re-read chunks for every batch", vector_dir, export_bytes / 2**30, cache_bytes / 2**30)
     lookup = ExportLookup(vector_dir, manifest, cache_bytes)
-    out_schema = schema.append(pa.field(column, value_type))
+    return [
+        _write_copy(files, schema.append(pa.field(column, value_type)), output_path, lookup, vector_dir, key_column,
+                    batch_rows, progress)
+        for (_, output_path), files, schema in zip(copies, split_files, schemas)
+    ]
+
+
+def _split_schema(files: List[str], key_column: str, column: str) -> pa.Schema:
+    """The columns of a split's ``files`` (see :func:`_files_schema`).
+
+    Raises:
+        ValueError: as :func:`_files_schema`, or the split lacks ``key_column`` or already has ``column``.
+    """
+    schema = _files_schema(files)
+    if key_column not in schema.names:
+        raise ValueError(f"{files[0]}: no column {key_column!r} to join vectors on; columns {schema.names}")
+    if column in schema.names:
+        raise ValueError(f"{files[0]}: already has a column {column!r}")
+    return schema
+
+
+def _write_copy(
+    files: List[str],
+    out_schema: pa.Schema,
+    output_path: str,
+    lookup: ExportLookup,
+    vector_dir: str,
+    key_column: str,
+    batch_rows: int,
+    progress: bool,
+) -> int:
+    """Writes the rows of a split's ``files`` with their vectors (``out_schema``'s last column) to
+    ``output_path``, atomically (see :func:`attach_vectors`); returns the rows written."""
+    value_type = out_schema.field(len(out_schema) - 1).type
     tmp = f"{output_path}.tmp"
     rows = 0
     total = sum(pq.read_metadata(path).num_rows for path in files) if progress else None  # footers only

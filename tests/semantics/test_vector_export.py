@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import weakref
 
 import numpy as np
 import pyarrow as pa
@@ -605,6 +606,127 @@ def test_the_lookup_gives_no_positions_zero_vectors_of_the_export_width(tmp_path
     assert lookup.vectors(lookup.positions(np.array([101, 107]))).shape == (2, 3)
 
 
+def _export_of(out: str, keys: np.ndarray, chunk_rows: int = 4, dim: int = 3) -> None:
+    """An export of ``keys`` (N,), a text per row, in chunks of ``chunk_rows``."""
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=chunk_rows)).run(
+        pa.array(keys, pa.int64()), lambda a, b: [f"row {i}" for i in range(a, b)], CountingEncoder(dim=dim),
+        progress=False)
+
+
+def test_the_lookup_gives_each_key_s_vector_across_many_chunks(tmp_path):
+    """Keys in export order, then repeated keys in random order, over an export of many tiny chunks and a
+    cache of about three of them: each key's stored vector, as a search of every key gives."""
+    from recsys_llm.semantics.vector_export import read_manifest
+    from recsys_llm.semantics.vector_reader import ExportLookup
+
+    out = str(tmp_path / "vec")
+    rng = np.random.default_rng(0)
+    _export_of(out, rng.permutation(1000)[:203] * 7 + 5)  # unique keys, not sorted: 51 chunks
+    all_keys, all_vectors = read_vectors(out)
+    lookup = ExportLookup(out, read_manifest(out), cache_bytes=3 * 4 * 3 * 4)
+    batches = np.array_split(all_keys, 9) + [rng.choice(all_keys, size) for size in (1, 2, 50, 500)]
+    for asked in batches:
+        reference = np.stack([all_vectors[np.flatnonzero(all_keys == key)[0]] for key in asked])  # (B, 3)
+        np.testing.assert_array_equal(lookup.vectors(lookup.positions(asked)), reference)
+
+
+class _CountedPositions(np.ndarray):
+    """Export positions that count the entries of the index arrays they are read with."""
+
+    entries_read = 0
+
+    def __getitem__(self, index):
+        if isinstance(index, np.ndarray):
+            _CountedPositions.entries_read += index.size
+        return super().__getitem__(index)
+
+
+def test_the_lookup_gathers_each_position_once_however_many_chunks_it_touches(tmp_path):
+    """B random keys over T chunks: each position is read once, not scanned once per chunk (B x T)."""
+    from recsys_llm.semantics.vector_export import read_manifest
+    from recsys_llm.semantics.vector_reader import ExportLookup
+
+    out = str(tmp_path / "vec")
+    _export_of(out, np.arange(2000))  # 500 chunks
+    lookup = ExportLookup(out, read_manifest(out), cache_bytes=1 << 30)
+    asked = np.random.default_rng(0).integers(0, 2000, 1000)
+    positions = lookup.positions(asked).view(_CountedPositions)
+    _CountedPositions.entries_read = 0
+    got = lookup.vectors(positions)
+    assert _CountedPositions.entries_read <= 2 * len(asked)
+    np.testing.assert_array_equal(got, read_vectors(out)[1][asked])
+
+
+def _counting_chunk_reads(monkeypatch) -> dict:
+    """Counts, from now on, the reads of chunk files' keys and vectors, and the most chunks' vectors alive
+    at once (held by a lookup or its caller): ``{"keys": [path], "vectors": [index], "most_held": int}``."""
+    from recsys_llm.semantics import vector_reader
+
+    reads = {"keys": [], "vectors": [], "most_held": 0}
+    held = []  # weak references to every chunk's vectors read
+    read_table, read_chunk = vector_reader.read_chunk_table, vector_reader._read_chunk
+
+    def counting_read_table(path, columns=None):
+        if columns is not None:
+            reads["keys"].append(path)
+        return read_table(path, columns)
+
+    def counting_read_chunk(directory, manifest, index):
+        keys, vectors = read_chunk(directory, manifest, index)
+        reads["vectors"].append(index)
+        held.append(weakref.ref(vectors))
+        reads["most_held"] = max(reads["most_held"], sum(ref() is not None for ref in held))
+        return keys, vectors
+
+    monkeypatch.setattr(vector_reader, "read_chunk_table", counting_read_table)
+    monkeypatch.setattr(vector_reader, "_read_chunk", counting_read_chunk)
+    return reads
+
+
+def test_attaching_row_vectors_to_splits_reads_each_chunk_once_and_holds_two_at_most(tmp_path, monkeypatch):
+    """Per-row vectors attached to three splits in export order, chunks holding rows of two splits: the
+    export's keys are read once for all splits, each chunk's vectors once, and no more than two chunks'
+    are held at a time; the copies are those each split attached alone gets."""
+    from recsys_llm.semantics.vector_reader import attach_vectors_to_splits
+
+    out = str(tmp_path / "vec")
+    keys = np.arange(30, dtype=np.int64) * 3 + 100
+    _export_of(out, keys)  # 8 chunks
+    _, vectors = read_vectors(out)
+    copies, alone = [], []
+    for name, start, stop in (("train", 0, 11), ("valid", 11, 20), ("test", 20, 30)):
+        split = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.table({"row_id": keys[start:stop], "label": np.arange(start, stop) % 2}), split)
+        copies.append((split, str(tmp_path / f"{name}_vec.parquet")))
+        alone.append(str(tmp_path / f"{name}_alone.parquet"))
+        attach_vectors(split, out, "row_id", alone[-1], batch_rows=3)
+        np.testing.assert_array_equal(np.array(pq.read_table(alone[-1]).column("llm_vector").to_pylist(),
+                                               dtype=np.float32), vectors[start:stop])
+    reads = _counting_chunk_reads(monkeypatch)
+    assert attach_vectors_to_splits(copies, out, "row_id", batch_rows=3) == [11, 9, 10]
+    assert sorted(reads["keys"]) == [chunk_path(out, index) for index in range(8)]
+    assert reads["vectors"] == list(range(8))
+    assert reads["most_held"] <= 2
+    for (_, copy), reference in zip(copies, alone):
+        assert pq.read_table(copy).equals(pq.read_table(reference))
+
+
+def test_attaching_entity_vectors_in_random_order_reads_each_chunk_once(tmp_path, monkeypatch):
+    """Entity vectors looked up in random order stay cached (within cache_bytes): each chunk is read once."""
+    out = str(tmp_path / "vec")
+    keys = np.arange(40, dtype=np.int64) * 5
+    _export_of(out, keys)  # 10 chunks
+    _, vectors = read_vectors(out)
+    rows = np.random.default_rng(0).integers(0, 40, 200)
+    split, copy = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    pq.write_table(pa.table({"item_id": keys[rows]}), split)
+    reads = _counting_chunk_reads(monkeypatch)
+    assert attach_vectors(split, out, "item_id", copy, batch_rows=7) == 200
+    assert sorted(reads["vectors"]) == list(range(10))
+    np.testing.assert_array_equal(np.array(pq.read_table(copy).column("llm_vector").to_pylist(), dtype=np.float32),
+                                  vectors[rows])
+
+
 def test_a_damaged_manifest_is_named(tmp_path):
     from recsys_llm.semantics.vector_export import read_manifest
 
@@ -890,6 +1012,7 @@ def test_split_rows_read_only_the_row_groups_of_the_asked_rows_across_files_and_
     original = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group",
                         lambda self, i, *args, **kwargs: read.append(i) or original(self, i, *args, **kwargs))
+    kept = None  # the row group the previous call read last
     for start, stop in ((0, 14), (3, 8), (4, 5), (10, 12), (13, 14)):
         read.clear()
         got = rows.rows(start, stop)
@@ -897,7 +1020,27 @@ def test_split_rows_read_only_the_row_groups_of_the_asked_rows_across_files_and_
         np.testing.assert_array_equal(got.column("item_id").to_numpy(), ids[start:stop] % 4)
         # groups: [0,2) [2,4) [4,5) | [5,7) [7,9) [9,11) | [11,14)
         starts = [0, 2, 4, 5, 7, 9, 11, 14]
-        assert len(read) == sum(1 for a, b in zip(starts, starts[1:]) if a < stop and b > start)
+        overlapped = [g for g, (a, b) in enumerate(zip(starts, starts[1:])) if a < stop and b > start]
+        assert len(read) == len([g for g in overlapped if g != kept])
+        kept = overlapped[-1]
+
+
+def test_split_rows_read_in_chunks_decode_each_row_group_once(tmp_path, monkeypatch):
+    """A row export renders chunks smaller than the splits' row groups, in row order: each row group is
+    decoded once, not once per chunk that lies in it."""
+    schema = make_schema(str(tmp_path))
+    ids = np.arange(70, dtype=np.int64)
+    pq.write_table(pa.table({"row_id": ids, "item_id": ids % 4}), str(tmp_path / "train.parquet"), row_group_size=16)
+    schema.splits = {"train": "train.parquet"}
+    rows = SplitRows(schema, ["train"], ["row_id", "item_id"], "the test")
+    read = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *args, **kwargs: read.append(i) or original(self, i, *args, **kwargs))
+    got = pa.concat_tables([rows.rows(start, min(start + 6, 70)) for start in range(0, 70, 6)])
+    assert read == [0, 1, 2, 3, 4]  # groups of 16 rows (the last of 6), each decoded once
+    np.testing.assert_array_equal(got.column("row_id").to_numpy(), ids)
+    np.testing.assert_array_equal(got.column("item_id").to_numpy(), ids % 4)
 
 
 def test_first_rows_are_each_entitys_first_row_read_a_row_group_at_a_time(tmp_path, monkeypatch):
