@@ -19,10 +19,10 @@ the copy (``<copy>.rank<r>.tmp``, an Arrow IPC stream) that it reads back once t
 done, checking the row count (and the row keys when the schema has one). No table or split's
 outputs are ever held whole: rank 0 holds a batch of each rank and a row group. Existing
 finished files are never rewritten, so a run resumes an earlier unfinished one in the same
-``--output-dir``; a directory holding anything else is refused before the teacher is loaded. ``teacher.json`` records which checkpoint
-wrote the copies (content hashes of its ``train_state.json`` and DCP ``.metadata``), so a resume
-with another teacher -- one trained again, or another run's -- is refused rather than left with
-copies of two teachers; and the data they were copied from (each split's Parquet-footer hash), so
+``--output-dir``; a directory holding anything else is refused before the teacher is loaded.
+``teacher.json`` records which checkpoint wrote the copies (content hashes of its
+``train_state.json`` and DCP ``.metadata``), so a resume with another teacher -- one trained
+again, or another run's -- is refused rather than left with copies of two teachers; and the data they were copied from (each split's Parquet-footer hash), so
 a resume after the data was prepared again is refused rather than left with copies of both.
 """
 
