@@ -278,14 +278,16 @@ def _year(token: Optional[str]) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def _warn_unread(path: str, column: str, values: pa.Array, parsed: np.ndarray, effect: str) -> None:
+def _warn_unread(path: str, column: str, values: pa.Array, parsed: np.ndarray, effect: str,
+                 stacklevel: int = 3) -> None:
     """Warns when cells of ``column`` that are not empty did not read as numbers (``parsed`` False): they
-    count as missing (``effect``), not as the value they may mean."""
+    count as missing (``effect``), not as the value they may mean. The warnings of the conversion name
+    :func:`prepare_movielens`'s line (``stacklevel`` 3 from a helper :func:`_convert` calls)."""
     unread = [value for value, ok in zip(values.to_pylist(), parsed) if not ok and value not in (None, "")]
     if unread:
         shown = ", ".join(repr(v) for v in list(dict.fromkeys(unread))[:3])
         warnings.warn(f"{path}: {len(unread)} {column} value(s) are not numbers ({shown}); read as missing ({effect})",
-                      stacklevel=3)
+                      stacklevel=stacklevel)
 
 
 def _warn_absent(inter_path: str, path: str, entity: str, ids: pa.ChunkedArray, known: np.ndarray) -> None:
@@ -386,7 +388,7 @@ def _warn_no_user_file(raw_dir: str) -> None:
     """Says that a data set without a ``.user`` file (RecBole's ml-20m, ml-25m) gets no user attribute fields."""
     warnings.warn(f"{raw_dir}: no *.user file (as in RecBole's ml-20m / ml-25m): user attributes are absent, so the "
                   "fields age, gender, occupation, zip_prefix and user_age are left out and user_id has no value text "
-                  "(its id is its text)", stacklevel=4)
+                  "(its id is its text)", stacklevel=3)
 
 
 # ---- user side -----------------------------------------------------------------------------------------
@@ -430,7 +432,7 @@ def _ml1m_coded(user_path: str, users: pa.Table) -> bool:
         warnings.warn(f"{user_path}: ages and occupations read as MovieLens-1M's codes (the words of its README, e.g. "
                       f"age 1 'under 18', occupation 10 'K-12 student'), but {sum(map(len, outside.values()))} "
                       f"value(s) are none of its codes ({shown}): their texts name the code ({', '.join(examples)})",
-                      stacklevel=5)
+                      stacklevel=4)
     return True
 
 
@@ -474,7 +476,7 @@ def _user_side(user_path: str, users: pa.Table, user_vocab: pa.Array, config: Mo
     ages = pc.cast(pc.if_else(pa.array(age_numeric), users["age"], "0"), pa.float64()).to_numpy()
     age_values = np.where(age_numeric, ages, 0.0)
     columns["user_age"] = _lookup(np.arange(num_users + 1), keys, age_values / 100.0, 0.0).astype(np.float32)
-    _warn_unread(user_path, "age", users["age"], age_numeric, "user_age 0")
+    _warn_unread(user_path, "age", users["age"], age_numeric, "user_age 0", stacklevel=4)
 
     coded = _ml1m_coded(user_path, users)
     user_text = ["unknown user"] * (num_users + 1)
@@ -540,7 +542,7 @@ def _warn_untitled(item_path: str, items: pa.Table) -> None:
         shown = ", ".join(repr(v) for v in untitled[:3])
         warnings.warn(f"{item_path}: {len(untitled)} movie(s) with an empty movie_title (item_id {shown}"
                       f"{', ...' if len(untitled) > 3 else ''}): their text reads 'A movie without a title'",
-                      stacklevel=4)
+                      stacklevel=3)
 
 
 def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConfig] = None, progress: bool = False) -> DatasetSchema:

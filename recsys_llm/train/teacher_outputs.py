@@ -480,7 +480,6 @@ def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Itera
     def open_copy() -> None:
         nonlocal writer
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        _remove_spills_of(target)  # a killed run's, perhaps of another world size
         writer = TeacherColumnsWriter(source, target, row_key)
         spills.extend(OutputSpill(spill_path(target, rank)) for rank in range(1, world_size))
 
@@ -517,12 +516,14 @@ def _drop(writer: Optional[TeacherColumnsWriter], spills: Sequence[OutputSpill])
         spill.remove()
 
 
-def _remove_spills_of(target: str) -> None:
-    """Removes the spills a killed run left for ``target``."""
-    directory, name = os.path.split(target)
-    for entry in os.listdir(directory):
-        if _is_spill_of(entry, name):
-            os.remove(os.path.join(directory, entry))
+def remove_spills(output_dir: str, schema: DatasetSchema) -> None:
+    """Removes the spills (:func:`spill_path`) a killed run left in ``output_dir`` and its split directories,
+    of any split and world size: a run over other splits would keep them, each up to a copy's outputs."""
+    directories = [output_dir] + [os.path.join(output_dir, split) for split in schema.splits]
+    for directory in filter(os.path.isdir, directories):
+        for entry in os.listdir(directory):
+            if re.fullmatch(r".+\.parquet\.rank\d+\.tmp", entry):
+                os.remove(os.path.join(directory, entry))
 
 
 def _is_spill_of(entry: str, name: str) -> bool:
@@ -626,6 +627,7 @@ def write_teacher_outputs(
             record = teacher_record(run.checkpoint, source_fingerprints(schema))
             check_same_teacher(output_dir, record)
             os.makedirs(output_dir, exist_ok=True)
+            remove_spills(output_dir, schema)
             write_text_atomically(os.path.join(output_dir, TEACHER_FILE), json.dumps(record, indent=2) + "\n")
         except (OSError, ValueError) as error:
             refusal = [str(error)]

@@ -199,3 +199,23 @@ def test_an_empty_title_is_warned_about_and_written_as_such(tmp_path):
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and re.search(r"x\.item: 1 movie\(s\) with an empty movie_title \(item_id '2'\)", said[0])
     assert schema.load_value_text("item_id")["text"][2].as_py() == "A movie without a title (2001). Genres: Action."
+
+
+def test_every_warning_of_the_conversion_names_the_line_of_prepare_movielens(tmp_path) -> None:
+    """Not a helper's line, nor parquet_writer.py's (``RECSYS_LLM_TRACEBACK=1`` shows where a warning came from)."""
+    import inspect
+
+    from recsys_llm.data import movielens
+
+    lines, first = inspect.getsourcelines(movielens.prepare_movielens)
+    items = "1\t\t1999\tDrama\n2\tB\t2001\tAction\n3\tC\t1980\tHorror\n"  # an empty title
+    users = "1\t1\tF\t10\t1\n2\tx\tM\t21\t2\n3\t25\tM\t3\t3\n"  # ML-1M codes, an age that is no number, code 21
+    caught = []
+    for name, user_rows in (("no_users", None), ("codes", users)):
+        _write(tmp_path / name, "x", items=items, users=user_rows)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            prepare_movielens(str(tmp_path / name), str(tmp_path / f"{name}_out"))
+        caught += record
+    assert len(caught) == 5, [str(w.message) for w in caught]  # no .user, untitled x2, age not a number, codes
+    assert {(w.filename, first <= w.lineno < first + len(lines)) for w in caught} == {(movielens.__file__, True)}

@@ -24,6 +24,7 @@ from recsys_llm.train.teacher_outputs import (
     TeacherColumnsWriter,
     check_output_dir,
     check_same_teacher,
+    remove_spills,
     source_fingerprints,
     teacher_record,
     write_on_rank_0,
@@ -443,7 +444,8 @@ def test_rank_0_writes_its_row_groups_as_its_steps_come(tmp_path, monkeypatch) -
     np.testing.assert_array_equal(pq.read_table(target).column(LOGITS_COLUMN).to_numpy(), np.arange(40))
 
 
-def test_spills_a_killed_run_left_are_its_own_entries_and_are_replaced(tmp_path) -> None:
+def test_spills_a_killed_run_left_are_its_own_entries_and_are_removed(tmp_path) -> None:
+    """Of any split and world size: a run over other splits than the killed one's kept them for good."""
     data = tmp_path / "data"
     data.mkdir()
     pq.write_table(pa.table({"row_id": np.arange(4, dtype=np.int64)}), str(data / "train.parquet"))
@@ -457,6 +459,10 @@ def test_spills_a_killed_run_left_are_its_own_entries_and_are_replaced(tmp_path)
     with pytest.raises(FileExistsError, match=r"train\.parquet\.rank3\.tmp\.bak"):
         check_output_dir(str(out), schema)
     (out / "train.parquet.rank3.tmp.bak").unlink()
-    steps = [((np.zeros(4, np.float32), np.zeros((4, 2), np.float32), np.arange(4, dtype=np.int64)), True)]
-    assert write_on_rank_0(str(data / "train.parquet"), str(out / "train.parquet"), "row_id", steps, 1, None) is None
-    assert sorted(os.listdir(out)) == ["train.parquet"]
+    (out / "valid").mkdir()
+    (out / "valid" / "part-0.parquet.rank1.tmp").write_bytes(b"a spill of a split directory's file")
+    (out / "valid" / "part-0.parquet").write_bytes(b"a finished copy")
+    remove_spills(str(out), DatasetSchema(name="tiny", splits={"train": "train.parquet", "valid": "valid"}, fields=[],
+                                          root=str(data)))
+    assert sorted(os.listdir(out)) == ["train.parquet.tmp", "valid"]
+    assert os.listdir(out / "valid") == ["part-0.parquet"]
