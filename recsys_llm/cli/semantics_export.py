@@ -83,12 +83,10 @@ def _adapt(args: argparse.Namespace) -> int:
 
 def _adapt_locked(args: argparse.Namespace) -> int:
     import numpy as np
-    import pyarrow.parquet as pq
 
     from recsys_llm.atomic_dir import check_replaceable
-    from recsys_llm.data.parquet_files import parquet_files, read_schema_and_check
+    from recsys_llm.data.parquet_files import check_split_labels, read_schema_and_check
     from recsys_llm.data.schema import DatasetSchema
-    from recsys_llm.data.validation import check_labels, check_no_nulls
     from recsys_llm.semantics.ctr_llm import (
         CTR_LLM_FILES,
         CTRAdaptedLLM,
@@ -108,6 +106,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     from recsys_llm.semantics.loss_figure import LOSS_FIGURE_FILE, plot_tuning_loss
     from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
+    from recsys_llm.semantics.vector_export import SplitRows
 
     check_replaceable(args.output_dir, "saved CTR-adapted LLM", CTR_LLM_FILES)  # before any work
     checkpoint = TuneCheckpoint(adapt_checkpoint_dir(args.output_dir), every_steps=args.checkpoint_every,
@@ -135,13 +134,12 @@ def _adapt_locked(args: argparse.Namespace) -> int:
                       "seen; tune on the training split", stacklevel=2)
     # as train reads it: a missing column or an empty file is named (no rows would save untrained heads)
     read_schema_and_check(schema, split_path)
-    # a directory's *.parquet files (as train reads it), not a *.tmp a killed write left beside them
-    table = pq.read_table(parquet_files(split_path), columns=[*renderer.field_names, schema.label], memory_map=True)
     # as train reads them (BCEWithLogitsLoss takes a rating, and a null's NaN, without a word)
-    label_column = table.column(schema.label).combine_chunks()
-    check_no_nulls(split_path, schema.label, label_column, 0, "0 or 1")
-    check_labels(split_path, schema.label, label_column.to_numpy(zero_copy_only=False), 0)
-    rows = table.take(sample_indices(table.num_rows, config))  # render only the sample
+    check_split_labels(schema, args.split)
+    # a directory's *.parquet files (as train reads it), not a *.tmp a killed write left beside them; only the
+    # sample's row groups are read, and only its rows rendered
+    split_rows = SplitRows(schema, [args.split], [*renderer.field_names, schema.label], "semantics adapt")
+    rows = split_rows.take(sample_indices(split_rows.num_rows, config))
     texts = renderer.render(rows).to_pylist()
     labels = np.asarray(rows.column(schema.label).to_numpy(zero_copy_only=False), dtype=np.float32)
     # the split whose labels the LLM saw (experiments.elec_vector_auc reads it to tell the tuned rows apart)

@@ -10,7 +10,15 @@ from typing import List, Sequence, Union
 import pyarrow.parquet as pq
 
 from recsys_llm.data.schema import DatasetSchema, schema_file
-from recsys_llm.data.validation import DataError, check_file_schema, check_split_has_rows, open_parquet
+from recsys_llm.data.validation import (
+    DataError,
+    check_file_schema,
+    check_labels,
+    check_no_nulls,
+    check_split_has_rows,
+    open_parquet,
+    read_row_group,
+)
 from recsys_llm.file_hash import file_sha256
 
 
@@ -74,6 +82,22 @@ def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str
                             "each file once")
         named[real] = path
     return paths
+
+
+def check_split_labels(schema: DatasetSchema, split: str) -> None:
+    """Raises unless every label of ``split`` is 0 or 1 (no null), as training reads them; one row group at a time.
+
+    Raises:
+        DataError: naming the file, the label column and the row of the first bad label.
+    """
+    for path in resolve_paths(schema, split):
+        handle = open_parquet(path)
+        offset = 0
+        for group in range(handle.num_row_groups):
+            labels = read_row_group(handle, path, group, [schema.label]).column(0).combine_chunks()
+            check_no_nulls(path, schema.label, labels, offset, "0 or 1")
+            check_labels(path, schema.label, labels.to_numpy(zero_copy_only=False), offset)
+            offset += len(labels)
 
 
 # splits up to this size are also fingerprinted by their bytes (about 0.3 s at most)

@@ -670,6 +670,15 @@ class SplitRows:
             group += 1
         return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
 
+    def take(self, indices: np.ndarray) -> pa.Table:
+        """The ``columns`` of the rows at ``indices`` ((n,), sorted ascending), in that order: only the row
+        groups holding one are read, each once."""
+        groups = np.searchsorted(self._starts, indices, side="right") - 1  # (n,) ascending
+        touched, first = np.unique(groups, return_index=True)
+        pieces = [self._row_group(int(group)).take(pa.array(rows - self._starts[group]))
+                  for group, rows in zip(touched, np.split(indices, first[1:]))]
+        return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
+
     def _row_group(self, group: int) -> pa.Table:
         """The ``columns`` of row group ``group`` (an index of ``self._groups``), cast to the
         splits' schema: read, or the last one read."""
