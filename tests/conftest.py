@@ -25,3 +25,21 @@ def no_flushed_subnormals_after_a_test():
     process (``train.flush_denormal``); each test starts with torch's default."""
     yield
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_after_a_test():
+    """An in-process ``run_training`` (``init_distributed``) leaves its 1-rank gloo group and ``LOCAL_WORLD_SIZE``
+    in the process, even when it refuses the config; each test starts without them (a test asserting that no
+    group was made, e.g. tests/train/test_distributed.py, failed after such a test in another order)."""
+    import torch.distributed as dist
+
+    had_group = dist.is_available() and dist.is_initialized()
+    local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
+    yield
+    if not had_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if local_world_size is None:
+        os.environ.pop("LOCAL_WORLD_SIZE", None)
+    else:
+        os.environ["LOCAL_WORLD_SIZE"] = local_world_size

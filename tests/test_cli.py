@@ -286,6 +286,23 @@ def test_an_error_or_interruption_under_a_progress_bar_starts_a_line_of_its_own(
                                 "recsys-llm prepare synthetic: interrupted (Ctrl-C)")) for line in lines), lines
 
 
+def test_a_program_calling_main_keeps_its_warning_filters_and_log_levels(tmp_path) -> None:
+    """``main`` hid torchrec's advisories (warning filters, three loggers at ERROR) for the rest of the process."""
+    import logging
+    import warnings
+
+    from recsys_llm.cli import UPSTREAM_ADVISORY_LOGGERS, UPSTREAM_NOTICES
+
+    def hiding_a_notice() -> list:  # the filters of UPSTREAM_NOTICES (imports of torch and numpy add their own)
+        return [f for f in warnings.filters if f[1] is not None and any(f[1].search(m) for m, _ in UPSTREAM_NOTICES)]
+
+    levels = {name: logging.getLogger(name).level for name in UPSTREAM_ADVISORY_LOGGERS}
+    assert hiding_a_notice() == []
+    assert main(["prepare", "synthetic", "--out", str(tmp_path / "data"), "--rows", "300", "--quiet"]) == 0
+    assert {name: logging.getLogger(name).level for name in UPSTREAM_ADVISORY_LOGGERS} == levels
+    assert hiding_a_notice() == []
+
+
 def _checkpoint_failure(*failures: BaseException) -> BaseException:
     """What torch.distributed.checkpoint raises when ranks fail to save: its text holds every rank's traceback."""
     from torch.distributed.checkpoint.api import CheckpointException

@@ -105,13 +105,26 @@ UPSTREAM_ADVISORY_LOGGERS = (
 )
 
 
-def quiet_upstream_notices() -> None:
+def quiet_upstream_notices() -> Callable[[], None]:
     """Hides ``UPSTREAM_NOTICES`` and the planner's and torch.fx's advisory log lines (the
-    planner is built as torchrec's own examples build it) around the progress bars."""
+    planner is built as torchrec's own examples build it) around the progress bars; returns what
+    puts the caller's warning filters and those loggers' levels back (a program calling ``main``
+    keeps its own)."""
+    caught = warnings.catch_warnings()
+    caught.__enter__()
     for message, category in UPSTREAM_NOTICES:
         warnings.filterwarnings("ignore", message=f".*{re.escape(message)}", category=category)
-    for logger in UPSTREAM_ADVISORY_LOGGERS:
-        logging.getLogger(logger).setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in UPSTREAM_ADVISORY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+
+    def restore() -> None:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        caught.__exit__(None, None, None)
+
+    return restore
 
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,7 +364,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
             raise
         print(f"recsys-llm {command}: interrupted (Ctrl-C) before it began", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGINT) from None
-    quiet_upstream_notices()
+    restore_notices = quiet_upstream_notices()
     restore_sigterm = exit_on_sigterm()
     # a command called inside a running program's group (the examples, the demo) must leave it be
     outer_group = "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized()
@@ -391,6 +404,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
 
             leave_process_group()
         restore_sigterm()  # the calling program's own handler again, as its warning format
+        restore_notices()
 
 
 if __name__ == "__main__":

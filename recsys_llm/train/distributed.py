@@ -243,7 +243,15 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
                                 device_id=bound_device)
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        chosen_backend = str(dist.get_backend())
+        existing = str(dist.get_backend())
+        if chosen_backend not in re.split(r"[:,]", existing):  # "gloo", "nccl", or "cpu:gloo,cuda:nccl"
+            raise ValueError(
+                f"this process already has a process group of backend {existing!r} (an earlier run's in the same "
+                f"process, or the caller's), but this one computes on {torch_device.type} and needs "
+                f"{chosen_backend!r}: call recsys_llm.train.distributed.leave_process_group() before it, or run it "
+                "in a new process"
+            )
+        chosen_backend = existing
     return DistContext(rank, world_size, local_rank, torch_device, chosen_backend)
 
 

@@ -172,3 +172,31 @@ def test_init_distributed_sets_local_world_size_from_another_launchers_variable(
                               os.path.abspath(__file__))))})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "2", done.stdout
+
+
+ANOTHER_BACKEND = """
+from recsys_llm.train.distributed import init_distributed, leave_process_group
+
+init_distributed("cpu")
+init_distributed("cpu")  # the same backend: the group is reused
+try:
+    init_distributed("cpu", backend="nccl")
+except ValueError as error:
+    print(error)
+leave_process_group()
+print(init_distributed("cpu", backend="gloo").backend)
+leave_process_group()
+"""
+
+
+def test_a_group_of_another_backend_in_the_process_is_refused_not_reused() -> None:
+    """A CPU run then a CUDA run in one process (a notebook): the second took the first's gloo group for NCCL's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-c", ANOTHER_BACKEND], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    refusal, backend = done.stdout.strip().splitlines()
+    assert refusal == ("this process already has a process group of backend 'gloo' (an earlier run's in the same "
+                       "process, or the caller's), but this one computes on cpu and needs 'nccl': call "
+                       "recsys_llm.train.distributed.leave_process_group() before it, or run it in a new process")
+    assert backend == "gloo"
