@@ -219,3 +219,46 @@ def test_every_warning_of_the_conversion_names_the_line_of_prepare_movielens(tmp
         caught += record
     assert len(caught) == 5, [str(w.message) for w in caught]  # no .user, untitled x2, age not a number, codes
     assert {(w.filename, first <= w.lineno < first + len(lines)) for w in caught} == {(movielens.__file__, True)}
+
+
+# ---- pinned by a mutation check of the converter's user and item sides --------------------------------------
+def test_a_repeated_header_column_is_named_with_the_column_it_repeats(tmp_path):
+    """The message counts header columns from 1, as its 'header column 5' does: the first 'class' is column 4."""
+    raw = tmp_path / "raw"
+    _write(raw, "x", users=_USERS)
+    (raw / "x.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\t"
+                                "class:token_seq\n" + "".join(f"{i}\tM{i}\t1999\tDrama\tDrama\n" for i in (1, 2, 3)))
+    with pytest.raises(DataError, match=r"x\.item, line 1: header column 5 'class:token_seq' repeats column 'class' "
+                                        r"\(column 4\); expected each column once$"):
+        prepare_movielens(str(raw), str(tmp_path / "out"))
+
+
+def test_empty_ml1m_cells_are_unknown_and_an_occupation_alone_outside_the_codes_is_warned_about(tmp_path):
+    """An empty age or occupation cell is no value, not one outside ML-1M's README: it is not counted against
+    the codes nor named in the warning, and its text says 'unknown' (not 'age code ' / 'code '). An occupation
+    outside the codes with every age a code is warned about as an age would be."""
+    raw = tmp_path / "raw"
+    _write(raw, "ml-1m", items=_ITEMS, users="1\t1\tF\t10\t48067\n2\t\tM\t\t70072\n3\t25\tM\t21\t55117\n"
+                                             "4\t56\tF\t0\t12345\n5\t18\tM\t4\t22222\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        schema = prepare_movielens(str(raw), str(tmp_path / "out"))
+    said = [str(w.message) for w in caught if "MovieLens-1M" in str(w.message)]
+    assert len(said) == 1 and re.search(r"ml-1m\.user: ages and occupations read as MovieLens-1M's codes .*, but 1 "
+                                        r"value\(s\) are none of its codes \(occupation '21'\): their texts name the "
+                                        r"code \('code 21'\)$", said[0]), said
+    assert schema.load_value_text("user_id")["text"].to_pylist()[1:4] == [
+        "A woman aged under 18, occupation: K-12 student, zip code 48067.",
+        "A man of unknown age, occupation: unknown, zip code 70072.",
+        "A man aged 25 to 34, occupation: code 21, zip code 55117."]
+
+
+def test_pipe_separated_genres_lose_the_spaces_around_each_pipe(tmp_path):
+    """'Action | Comedy' is the genres 'Action' and 'Comedy', the same as 'Action|Comedy' (not ' Comedy')."""
+    raw = tmp_path / "raw"
+    _write(raw, "x", items="1\tA Movie\t1999\tAction | Comedy\n2\tB Movie\t2001\tComedy|Science Fiction\n"
+                           "3\tC Movie\t1980\tDrama\n", users=_USERS)
+    schema = prepare_movielens(str(raw), str(tmp_path / "out"))
+    assert schema.load_value_text("genres")["text"].to_pylist() == ["unknown", "Action", "Comedy", "Drama",
+                                                                    "Science Fiction"]
+    assert schema.load_value_text("item_id")["text"].to_pylist()[1] == "A Movie (1999). Genres: Action, Comedy."

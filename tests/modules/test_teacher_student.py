@@ -432,6 +432,42 @@ class TestOfflineOutputs:
         assert sorted(os.listdir(tmp_path)) == ["cols.parquet", "copy.parquet", "split.parquet"]
         assert pq.read_table(copy).column("teacher_logits").to_pylist() == [1.0] * 4
 
+    def test_a_failed_attach_closes_its_parquet_writer_itself(self, tmp_path, monkeypatch):
+        """The writer of a copy that failed half way is closed before its temp file goes: left to the garbage
+        collector, its close wrote to the closed file and raised 'write to closed file' where nothing catches it."""
+        import gc
+        import sys
+
+        split, columns, copy = (str(tmp_path / name) for name in ("split.parquet", "cols.parquet", "copy.parquet"))
+        pq.write_table(pa.table({"row_id": np.arange(4), "label": np.zeros(4)}), split)
+        pq.write_table(pa.table({"row_id": np.arange(4), "teacher_logits": np.ones(4)}), columns)
+        write_table = pq.ParquetWriter.write_table
+
+        def half_written(self, table, **kwargs):
+            write_table(self, table, **kwargs)
+            raise OSError(28, "No space left on device")
+
+        unraisable = []
+        monkeypatch.setattr(sys, "unraisablehook", lambda failure: unraisable.append(repr(failure.exc_value)))
+        monkeypatch.setattr(pq.ParquetWriter, "write_table", half_written)
+        try:
+            attach_columns(split, columns, "row_id", copy)
+        except OSError as error:
+            assert "No space left" in str(error)
+        else:
+            raise AssertionError("the full disk was not raised")
+        gc.collect()
+        assert unraisable == [] and sorted(os.listdir(tmp_path)) == ["cols.parquet", "split.parquet"]
+
+    def test_a_column_the_split_already_has_is_refused_and_nothing_is_written(self, tmp_path):
+        """A split that holds an earlier teacher's column would get a second column of the same name."""
+        split, columns, copy = (str(tmp_path / name) for name in ("split.parquet", "cols.parquet", "copy.parquet"))
+        pq.write_table(pa.table({"row_id": np.arange(4), "teacher_logits": np.zeros(4)}), split)
+        pq.write_table(pa.table({"row_id": np.arange(4), "teacher_logits": np.ones(4)}), columns)
+        with pytest.raises(ValueError, match=r"split\.parquet: already has a column 'teacher_logits'$"):
+            attach_columns(split, columns, "row_id", copy)
+        assert not os.path.exists(copy)
+
     def test_the_split_is_copied_a_row_group_at_a_time(self, tmp_path, monkeypatch):
         """Only its key column is read whole: the copy of a 3M-row split read it all (and the columns file,
         and wrote row groups of 1M rows, which the reader reads whole)."""

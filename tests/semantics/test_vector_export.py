@@ -1468,3 +1468,32 @@ def test_a_chunk_of_damaged_provenance_is_named(tmp_path, provenance, expected):
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, PROVENANCE_KEY: provenance}), path)
     with pytest.raises(ProvenanceError, match=rf"{chunk}: {expected}"):
         read_vectors(out)
+
+
+def test_a_lookup_that_steps_back_into_the_previous_calls_positions_keeps_its_chunks_from_then_on(tmp_path,
+                                                                                                 monkeypatch):
+    """In-order reading ends at a call that starts before the previous call's last position, not only before
+    its first: read on in order, the chunks behind were dropped and read again by every later call."""
+    from recsys_llm.semantics.vector_export import read_manifest
+    from recsys_llm.semantics.vector_reader import ExportLookup
+
+    out = str(tmp_path / "vec")
+    _export_of(out, np.arange(12, dtype=np.int64) * 3)  # 3 chunks of 4
+    _, vectors = read_vectors(out)
+    lookup = ExportLookup(out, read_manifest(out), cache_bytes=1 << 30)
+    reads = _counting_chunk_reads(monkeypatch)
+    for positions in ([0, 1, 2, 3, 4], [2, 3, 8], list(range(12))):  # the 2nd steps back to 2 (< 4, >= 0)
+        np.testing.assert_array_equal(lookup.vectors(np.array(positions)), vectors[positions])
+    assert reads["vectors"] == [0, 1, 0, 2]  # chunk 0 dropped while in order; after the step back, all kept
+
+
+def test_attaching_to_a_split_that_already_has_the_column_is_refused_before_anything_is_written(tmp_path):
+    """The copy would hold two columns of that name, which no reader can select."""
+    out = str(tmp_path / "vec")
+    keys = np.arange(6, dtype=np.int64)
+    _export_of(out, keys)
+    split, copy = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    pq.write_table(pa.table({"row_id": keys, "llm_vector": np.zeros(6)}), split)
+    with pytest.raises(ValueError, match=r"split\.parquet: already has a column 'llm_vector'$"):
+        attach_vectors(split, out, "row_id", copy)
+    assert sorted(os.listdir(tmp_path)) == ["split.parquet", "vec"]

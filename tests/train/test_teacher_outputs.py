@@ -466,3 +466,115 @@ def test_spills_a_killed_run_left_are_its_own_entries_and_are_removed(tmp_path) 
                                           root=str(data)))
     assert sorted(os.listdir(out)) == ["train.parquet.tmp", "valid"]
     assert os.listdir(out / "valid") == ["part-0.parquet"]
+
+
+def _rank_steps(rank: int, bad_keys: bool = False):
+    """Rank ``rank``'s steps over rows 0..14 of a split, 6 a rank in batches of 3 (rank 2 has 3 rows: its
+    second step is padding); ``bad_keys``: rank 0's second batch names its rows in another order."""
+    for batch in range(2):
+        rows = np.arange(6 * rank + 3 * batch, 6 * rank + 3 * batch + 3)
+        keys = rows[::-1].copy() if bad_keys and batch == 1 else rows
+        yield ((rows.astype(np.float32), np.stack([rows, -rows], axis=1).astype(np.float32), keys.astype(np.int64)),
+               rank < 2 or batch == 0)
+
+
+def _copies_written_from_three_ranks(source: str, out: str) -> Optional[Dict[str, Any]]:
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.teacher_outputs import send_step
+
+    ctx = init_distributed("cpu")
+    found: Dict[str, Any] = {}
+    for name, bad_keys in (("good", False), ("bad", True)):
+        target = os.path.join(out, f"{name}.parquet")
+        if ctx.rank == 0:
+            error = write_on_rank_0(source, target, "row_id", _rank_steps(0, bad_keys), ctx.world_size, None)
+            found[name] = None if error is None else str(error)
+            found[f"{name} entries"] = sorted(os.listdir(out))
+        else:
+            for step in _rank_steps(ctx.rank):
+                send_step(step, None)
+    if ctx.rank == 0:
+        copy = pq.read_table(os.path.join(out, "good.parquet"))
+        found["logits"] = copy.column(LOGITS_COLUMN).to_pylist()
+        found["representations"] = copy.column(REPRESENTATION_COLUMN).to_pylist()
+        return found
+    return None
+
+
+@pytest.mark.multiprocess
+def test_rank_0_writes_the_other_ranks_spilled_outputs_in_rank_order_and_leaves_no_spill(tmp_path) -> None:
+    """Three ranks, the last with a padding step: the copy holds rank 0's rows, then rank 1's, then rank 2's
+    (each other rank's spill read back in rank order), and no spill is left beside it; a copy that fails
+    (rank 0's row keys out of order, after every rank's first batch was spilled) leaves neither the copy
+    nor any spill, not only the copy."""
+    source = str(tmp_path / "split.parquet")
+    pq.write_table(pa.table({"row_id": np.arange(15, dtype=np.int64)}), source, row_group_size=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    found = run_multiprocess(_copies_written_from_three_ranks, world_size=3, source=source, out=str(out))[0]
+    assert found["good"] is None and found["good entries"] == ["good.parquet"]
+    assert found["logits"] == list(range(15))
+    assert found["representations"] == [[row, -row] for row in range(15)]
+    assert re.search(r"split\.parquet: row group 1: row keys 'row_id' differ from the reader's order", found["bad"])
+    assert found["bad entries"] == ["good.parquet"]  # no bad.parquet, .tmp or bad.parquet.rank<r>.tmp
+
+
+def _outputs_over_a_killed_runs_spills(root: str) -> Dict[str, Any]:
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.train import teacher_outputs
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.runner import run_training
+
+    data, run, out = (os.path.join(root, name) for name in ("data", "teacher", "teacher_data"))
+    generate_synthetic(data, 2000, seed=0)
+    config = load_config(DEEPFM_CONFIG, [
+        f"data.schema={data}", "data.batch_size=256", "data.synthetic_rows=0", "train.epochs=1", "train.max_steps=1",
+        "train.progress=false", "train.device=cpu", f"train.run_dir={run}"])
+    run_training(config)
+    os.makedirs(out)
+    for name in ("valid.parquet.rank1.tmp", "train.parquet.rank12.tmp"):  # a killed run's, on 2 and on 13 ranks
+        with open(os.path.join(out, name), "wb") as handle:
+            handle.write(b"spilled outputs")
+    teacher_outputs.write_teacher_outputs(config, run, out, splits=["train"], progress=False)
+    return {"entries": sorted(os.listdir(out))}
+
+
+@pytest.mark.multiprocess
+def test_a_teacher_outputs_run_removes_the_spills_a_killed_run_left(tmp_path) -> None:
+    """A run over other splits, or on another world size, than the killed one's never writes those spills
+    again: each could hold a copy's outputs, and they stayed in --output-dir for good."""
+    (out,) = run_multiprocess(_outputs_over_a_killed_runs_spills, world_size=1, root=str(tmp_path))
+    assert out["entries"] == ["schema.json", "teacher.json", "train.parquet"]
+
+
+class _RowIdTeacher:
+    """A stand-in teacher whose logit is each row's label and whose representation is (B, 2) of ones."""
+
+    def predict(self, batch: Any) -> Any:
+        import torch
+
+        rows = batch.batch_size
+        return type("Output", (), {"logits": batch.labels.float(), "representation": torch.ones(rows, 2)})()
+
+
+def test_each_step_carries_its_rows_keys_and_a_rank_with_a_batch_fewer_pads(tmp_path) -> None:
+    """The row keys travel with every step (rank 0's copy checks them against the split: without them a
+    teacher's outputs in another row order were written unchecked); the rank with one batch fewer repeats
+    one, marked not real."""
+    import torch
+
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.train.teacher_outputs import predict_steps
+
+    generate_synthetic(str(tmp_path), 100, seed=0)
+    schema = DatasetSchema.load(str(tmp_path / "schema.json"))
+    path = schema.split_path("train")
+    pq.write_table(pq.read_table(path).slice(0, 65), path)  # 32 rows for rank 0, 33 for rank 1
+    row_ids = pq.read_table(path).column("row_id").to_numpy()
+    shares = []
+    for rank in (0, 1):
+        steps = list(predict_steps(_RowIdTeacher(), schema, path, [], 16, False, torch.device("cpu"), rank, 2))
+        shares.append([(keys, real) for (_, _, keys), real in steps])
+    assert [[real for _, real in share] for share in shares] == [[True, True, False], [True, True, True]]
+    got = np.concatenate([keys for share in shares for keys, real in share if real])
+    np.testing.assert_array_equal(got, row_ids)

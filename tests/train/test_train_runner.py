@@ -1412,3 +1412,80 @@ def test_a_slow_mid_epoch_checkpoint_save_is_named_under_the_bar(synthetic_dir: 
     # and before the first step, how the tables were sharded
     assert re.search(r"sharding: \d+ table\(s\) over 1 rank\(s\) \([^;]+; [\d,.]+ (M )?weights in shards\); "
                      rf"the plan: {re.escape(str(tmp_path / 'run' / 'sharding_plan.json'))}", err), err
+
+
+def _two_epochs_of_one_loss_window_each(schema_dir: str, root: str) -> List[Any]:
+    run_dir = os.path.join(root, "run")
+    _train(_overrides(schema_dir, run_dir, 192, ["train.epochs=2"]))  # 9,600 rows: 50 steps an epoch
+    return [(e["event"], e["global_step"], e.get("loss", e.get("mean_loss")), e.get("steps"))
+            for e in _events(run_dir) if e["event"] in ("train", "epoch")]
+
+
+@pytest.mark.multiprocess
+def test_a_loss_record_is_the_mean_of_its_own_window_not_of_every_step_before(synthetic_dir: str, tmp_path) -> None:
+    """Epochs of 50 steps, the record's window: each ``train`` record is its epoch's ``mean_loss``. A window sum
+    that was not emptied at its record made every later record the sum since the start over 50 steps."""
+    (records,) = run_multiprocess(_two_epochs_of_one_loss_window_each, world_size=1, schema_dir=synthetic_dir,
+                                  root=str(tmp_path))
+    assert [(event, step, steps) for event, step, _, steps in records] == [
+        ("train", 50, 50), ("epoch", 50, 50), ("train", 100, 50), ("epoch", 100, 50)]
+    window_means, epoch_means = [r[2] for r in records if r[0] == "train"], [r[2] for r in records if r[0] == "epoch"]
+    assert window_means == pytest.approx(epoch_means, rel=1e-6)
+    assert window_means[1] < 0.9 * 2 * window_means[0]  # not the first window's sum counted again
+
+
+def _resume_at_an_epochs_end_from_a_checkpoint_without_loss_sums(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.train.checkpoint import TRAIN_STATE_FILE
+
+    schema = DatasetSchema.load(os.path.join(schema_dir, "schema.json"))
+    steps_per_epoch = len(ParquetBatchReader(schema, "train", 1024))
+    budget = ["train.epochs=2", f"train.checkpoint_every={steps_per_epoch}"]
+    run_dir = os.path.join(root, "run")
+    _run_killed(schema_dir, run_dir, budget, global_step=steps_per_epoch)  # a checkpoint of epoch 0's last step
+    path = os.path.join(run_dir, "checkpoints", f"ckpt-{steps_per_epoch:08d}", TRAIN_STATE_FILE)
+    with open(path, encoding="utf-8") as handle:
+        state = json.load(handle)
+    for key in ("loss_window_sum", "loss_window_steps", "epoch_loss_sum", "epoch_loss_steps"):
+        del state[key]  # as a checkpoint written before they were carried
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+    _run(schema_dir, run_dir, budget)
+    return {"steps_per_epoch": steps_per_epoch, "events": _after_last_resume(_events(run_dir))}
+
+
+@pytest.mark.multiprocess
+def test_an_epoch_resumed_at_its_end_from_a_checkpoint_without_loss_sums_has_no_mean_loss(synthetic_dir: str,
+                                                                                          tmp_path) -> None:
+    """An older checkpoint carries no loss sums: the resumed epoch has no step to average, and its record says
+    so (mean_loss null over 0 loss_steps), not a mean loss of 0; the next epoch's mean is over its own steps."""
+    (out,) = run_multiprocess(_resume_at_an_epochs_end_from_a_checkpoint_without_loss_sums, world_size=1,
+                              schema_dir=synthetic_dir, root=str(tmp_path))
+    empty, trained = [e for e in out["events"] if e["event"] == "epoch"]
+    assert (empty["epoch"], empty["steps"], empty["mean_loss"], empty["loss_steps"]) == (0, 0, None, 0)
+    assert (trained["epoch"], trained["loss_steps"]) == (1, out["steps_per_epoch"]) and trained["mean_loss"] > 0
+
+
+def _loss_records_resumed_from_an_epoch_end_checkpoint(schema_dir: str, root: str) -> Dict[str, Any]:
+    budget = ["train.epochs=2", "train.checkpoint_every=0"]  # 38 steps an epoch: checkpoints at epoch ends only
+    out = {}
+    for how in ("straight", "resumed"):
+        run_dir = os.path.join(root, how)
+        config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 256, budget))
+        if how == "resumed":
+            with pytest.raises(_Killed):
+                run_training(config, on_step=_kill_at(45))  # resumes from step 38's, in the window of steps 1-50
+        run_training(config)
+        out[how] = [(e["event"], e["global_step"], e.get("loss", e.get("mean_loss")), e.get("loss_steps"))
+                    for e in read_metrics(run_dir) if e["event"] in ("train", "epoch")]
+    return out
+
+
+@pytest.mark.multiprocess
+def test_an_epoch_end_checkpoint_carries_the_loss_window_that_runs_on_past_it(synthetic_dir: str, tmp_path) -> None:
+    """The loss window crosses the epoch boundary: the checkpoint at the epoch's end carries its steps so far
+    (the sums as they stand after the epoch record), so the record at step 50 after a resume from it is the
+    uninterrupted run's, not the mean of the steps after the resume."""
+    (out,) = run_multiprocess(_loss_records_resumed_from_an_epoch_end_checkpoint, world_size=1,
+                              schema_dir=synthetic_dir, root=str(tmp_path))
+    assert [r[:2] for r in out["resumed"]] == [("epoch", 38), ("train", 50), ("epoch", 76)]
+    assert out["resumed"] == out["straight"]
