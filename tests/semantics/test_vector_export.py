@@ -1065,6 +1065,21 @@ def test_split_rows_take_reads_only_the_row_groups_of_the_rows_asked_for(tmp_pat
     assert rows.take(np.zeros(0, np.int64)).num_rows == 0
 
 
+def test_split_rows_across_files_that_differ_in_nullability_alone_come_as_one_table(tmp_path):
+    """A split re-saved by another tool may declare a column not-null in one file and nullable in another:
+    rows of both are cast to one schema (pyarrow refuses to concatenate the two)."""
+    schema = make_schema(str(tmp_path))
+    os.makedirs(tmp_path / "train")
+    for part, nullable in enumerate((False, True)):
+        fields = pa.schema([pa.field("row_id", pa.int64(), nullable=nullable)])
+        pq.write_table(pa.table({"row_id": np.arange(3 * part, 3 * part + 3)}, schema=fields),
+                       str(tmp_path / "train" / f"part-{part}.parquet"))
+    schema.splits = {"train": "train"}
+    rows = SplitRows(schema, ["train"], ["row_id"], "the test")
+    assert rows.rows(1, 5).column("row_id").to_pylist() == [1, 2, 3, 4]
+    assert rows.take(np.array([0, 5])).column("row_id").to_pylist() == [0, 5]
+
+
 def test_first_rows_are_each_entitys_first_row_read_a_row_group_at_a_time(tmp_path, monkeypatch):
     """An entity export takes each id's attributes from its first row, as a group-by over all
     rows does, but holds only the distinct ids' rows: one row group is read at a time."""
