@@ -504,17 +504,11 @@ def test_a_split_files_stats_move_with_its_mtime_and_with_a_file_put_in_its_plac
 
 
 def _train_on_one_training_row(root: str) -> str:
-    import pyarrow.parquet as pq
-
-    from recsys_llm.data.synthetic import generate_synthetic
     from recsys_llm.train.runner import run_training
 
-    data = os.path.join(root, "data")
-    generate_synthetic(data, 400, seed=0)
-    train = os.path.join(data, "train.parquet")
-    pq.write_table(pq.read_table(train).slice(0, 1), train)
     try:
-        run_training(_config(data, "train.progress=false", f"train.run_dir={os.path.join(root, 'run')}"))
+        run_training(_config(os.path.join(root, "data"), "train.progress=false",
+                             f"train.run_dir={os.path.join(root, 'run')}"))
     except ValueError as error:
         return str(error)
     return "no error"
@@ -523,8 +517,14 @@ def _train_on_one_training_row(root: str) -> str:
 @pytest.mark.multiprocess
 def test_a_training_split_that_gives_a_rank_no_batch_is_refused_before_the_run_directory(tmp_path) -> None:
     """One training row on two ranks: rank 1 has no row, and the ranks train in step (equal batch counts)."""
+    import pyarrow.parquet as pq
+
+    from recsys_llm.data.synthetic import generate_synthetic
     from tests.multiprocess import run_multiprocess
 
+    generate_synthetic(str(tmp_path / "data"), 400, seed=0)  # here: the ranks would each write it, over each other
+    train = str(tmp_path / "data" / "train.parquet")
+    pq.write_table(pq.read_table(train).slice(0, 1), train)
     errors = run_multiprocess(_train_on_one_training_row, world_size=2, root=str(tmp_path))
     assert errors == ["training split 'train' has 1 row(s) for 2 ranks: a rank gets none to train on; run at most "
                       "1 rank(s), or train on more rows"] * 2
