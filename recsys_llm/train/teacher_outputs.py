@@ -339,6 +339,11 @@ class TeacherColumnsWriter:
         self._width = 0
 
     @property
+    def rows_to_come(self) -> int:
+        """Rows of the source whose outputs were not given yet."""
+        return self._rows - self._received
+
+    @property
     def pending_rows(self) -> int:
         """Outputs given but not yet written (less than the next row group's rows)."""
         return self._pending_rows
@@ -452,7 +457,7 @@ def write_with_columns(
 
 
 def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Iterable[Step], world_size: int,
-                    group: Optional[dist.ProcessGroup]) -> Optional[Exception]:
+                    group: Optional[dist.ProcessGroup], progress: bool = False) -> Optional[Exception]:
     """Rank 0 writes the copy as the steps come: its own outputs straight into the copy, every other rank's
     (received each step) into that rank's :class:`OutputSpill`, whose outputs follow rank 0's, rank by rank,
     once the teacher is done. Rank 0 thus holds a batch of each rank and a row group, not the file's outputs.
@@ -461,6 +466,7 @@ def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Itera
     Args:
         own (Iterable[Step]): rank 0's steps (:func:`predict_steps`); the other ranks send theirs
             (:func:`send_step`) as they compute them.
+        progress (bool): a bar over the rows read back from the spills (most of the file's on many ranks).
 
     Returns:
         Optional[Exception]: what went wrong (the copy is then not written, and no spill is left), or None.
@@ -484,10 +490,13 @@ def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Itera
         spills.extend(OutputSpill(spill_path(target, rank)) for rank in range(1, world_size))
 
     def add_spilled() -> None:
-        for spill in spills:
-            for outputs in spill.outputs():
-                writer.add(*outputs)
-            spill.remove()
+        with tqdm(total=writer.rows_to_come, desc=f"{os.path.basename(target)}: other ranks' rows", unit="row",
+                  disable=not (progress and spills), **interval_options()) as bar:
+            for spill in spills:
+                for outputs in spill.outputs():
+                    writer.add(*outputs)
+                    bar.update(len(outputs[0]))
+                spill.remove()
 
     try:
         attempt(open_copy)
@@ -651,7 +660,7 @@ def write_teacher_outputs(
                                   ctx.rank, ctx.world_size)
             error: Optional[Exception] = None
             if ctx.is_main:  # an error is told to every rank, so none waits for the next file
-                error = write_on_rank_0(source, target, schema.row_key, steps, ctx.world_size, host)
+                error = write_on_rank_0(source, target, schema.row_key, steps, ctx.world_size, host, progress)
             else:
                 for step in steps:
                     send_step(step, host)

@@ -4,6 +4,8 @@ teacher's two columns, row by row.
 The whole ``teacher-outputs`` command (sharded teacher, two ranks) runs in ``tests/test_methods_e2e.py``.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -487,8 +489,12 @@ def _copies_written_from_three_ranks(source: str, out: str) -> Optional[Dict[str
     for name, bad_keys in (("good", False), ("bad", True)):
         target = os.path.join(out, f"{name}.parquet")
         if ctx.rank == 0:
-            error = write_on_rank_0(source, target, "row_id", _rank_steps(0, bad_keys), ctx.world_size, None)
+            shown = io.StringIO()
+            with contextlib.redirect_stderr(shown):
+                error = write_on_rank_0(source, target, "row_id", _rank_steps(0, bad_keys), ctx.world_size, None,
+                                        progress=True)
             found[name] = None if error is None else str(error)
+            found[f"{name} bar"] = shown.getvalue()
             found[f"{name} entries"] = sorted(os.listdir(out))
         else:
             for step in _rank_steps(ctx.rank):
@@ -513,6 +519,7 @@ def test_rank_0_writes_the_other_ranks_spilled_outputs_in_rank_order_and_leaves_
     out.mkdir()
     found = run_multiprocess(_copies_written_from_three_ranks, world_size=3, source=source, out=str(out))[0]
     assert found["good"] is None and found["good entries"] == ["good.parquet"]
+    assert "good.parquet: other ranks' rows: 100%" in found["good bar"] and "9/9" in found["good bar"]
     assert found["logits"] == list(range(15))
     assert found["representations"] == [[row, -row] for row in range(15)]
     assert re.search(r"split\.parquet: row group 1: row keys 'row_id' differ from the reader's order", found["bad"])
