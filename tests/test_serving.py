@@ -222,8 +222,9 @@ def test_cli_export_of_a_trained_run(tmp_path):
                      r"traced with torch.export\)", exported.stderr)  # progress of a step that takes minutes at scale
     assert json.loads(exported.stdout)["output"] == f"{tmp_path}/export"  # stdout is the JSON alone (| jq)
     assert "inference example: " in exported.stderr
-    evaluated = run("evaluate", "--checkpoint", f"{tmp_path}/run/best", "--split", "valid")
+    evaluated = run("evaluate", "--checkpoint", f"{tmp_path}/run/best", "--split", "valid", "train.progress=true")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"[recsys_llm] evaluate: loading {tmp_path}/run/best/ckpt-" in evaluated.stderr  # minutes at scale, said
     assert json.loads(evaluated.stdout[evaluated.stdout.index("{"):])["split"] == "valid"
     bare = shutil.copytree(f"{tmp_path}/run/best", f"{tmp_path}/bare")  # a checkpoint outside its run directory
     refused = run("evaluate", "--checkpoint", os.path.join(bare, next(n for n in os.listdir(bare) if n.startswith("ckpt-"))))

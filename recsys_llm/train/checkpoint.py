@@ -66,7 +66,7 @@ import pickle
 import random
 import re
 import shutil
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -497,11 +497,14 @@ class CheckpointManager:
     Args:
         directory (str): the run's checkpoint directory (created if missing).
         keep (int): complete checkpoints to keep (older ones are deleted; 0 keeps all).
+        before_save (Optional[Callable[[str], None]]): called on every rank with the checkpoint's path
+            before it is written (a note in the log: a large model's save takes minutes).
     """
 
-    def __init__(self, directory: str, keep: int = 2) -> None:
+    def __init__(self, directory: str, keep: int = 2, before_save: Optional[Callable[[str], None]] = None) -> None:
         self._directory = directory
         self._keep = keep
+        self._before_save = before_save
 
     @property
     def directory(self) -> str:
@@ -572,6 +575,8 @@ class CheckpointManager:
         name = _checkpoint_name(state.global_step)
         final = os.path.join(self._directory, name)
         tmp = final + ".tmp"
+        if self._before_save is not None:
+            self._before_save(final)
         if _rank() == 0:
             os.makedirs(self._directory, exist_ok=True)
             self._remove_leftovers()

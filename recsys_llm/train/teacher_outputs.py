@@ -22,14 +22,16 @@ finished files are never rewritten, so a run resumes an earlier unfinished one i
 ``--output-dir``; a directory holding anything else is refused before the teacher is loaded.
 ``teacher.json`` records which checkpoint wrote the copies (content hashes of its
 ``train_state.json`` and DCP ``.metadata``), so a resume with another teacher -- one trained
-again, or another run's -- is refused rather than left with copies of two teachers; and the data they were copied from (each split's Parquet-footer hash), so
-a resume after the data was prepared again is refused rather than left with copies of both.
+again, or another run's -- is refused rather than left with copies of two teachers; and the data
+they were copied from (each split's Parquet-footer hash), so a resume after the data was prepared
+again is refused rather than left with copies of both.
 """
 
 import contextlib
 import json
 import os
 import re
+import sys
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -646,6 +648,9 @@ def write_teacher_outputs(
         held.close()
         raise ValueError(refusal[0])
     with held:
+        if ctx.is_main and progress:  # building the shards and loading them takes minutes for large tables
+            print(f"[recsys_llm] teacher-outputs: loading {run.checkpoint} on {ctx.world_size} rank(s)",
+                  file=sys.stderr, flush=True)
         model = load_trained_model(config, run)
         model.eval()
         teacher = teacher_of(model)

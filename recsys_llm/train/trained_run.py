@@ -3,6 +3,7 @@ load the sharded model, evaluate a split."""
 
 import dataclasses
 import os
+import sys
 from typing import Any, Dict, NamedTuple, Optional
 
 from torch import nn
@@ -107,6 +108,9 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
         extras=sorted(set(extras)), validate=data.validate, prefetch=data.prefetch, pin_memory=ctx.device.type == "cuda",
         equal_batches=False,
     )
+    if ctx.is_main and config.train.progress:  # building the shards and loading them takes minutes for large tables
+        print(f"[recsys_llm] evaluate: loading {run.checkpoint} on {ctx.world_size} rank(s)", file=sys.stderr,
+              flush=True)
     model = load_trained_model(config, run)
     results = evaluate(model, reader, ctx.device, CTRMetrics(metric_subsets(config, schema)), description=split,
                        progress=config.train.progress)

@@ -1489,3 +1489,36 @@ def test_an_epoch_end_checkpoint_carries_the_loss_window_that_runs_on_past_it(sy
                               schema_dir=synthetic_dir, root=str(tmp_path))
     assert [r[:2] for r in out["resumed"]] == [("epoch", 38), ("train", 50), ("epoch", 76)]
     assert out["resumed"] == out["straight"]
+
+
+def _train_a_large_model_in_the_log(schema_dir: str, run_dir: str) -> str:
+    """What rank 0 prints while a model above the noted sizes (here: any) shards and saves."""
+    import contextlib
+    import io
+
+    from recsys_llm.train import runner
+
+    runner.NOTED_STATE_BYTES, runner.NOTED_TABLE_WEIGHTS = 0, 0
+    shown = io.StringIO()
+    with contextlib.redirect_stderr(shown):
+        _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=3", "train.checkpoint_every=2",
+                                   "train.progress=true"])
+    return shown.getvalue()
+
+
+@pytest.mark.multiprocess
+def test_a_large_models_sharding_and_checkpoint_saves_are_said_before_they_take_their_time(synthetic_dir: str,
+                                                                                            tmp_path) -> None:
+    """A 1.6 GB model's log stood at 'valid:   0%' through 18 s of saves, and said nothing while it sharded."""
+    run_dir = str(tmp_path / "run")
+    (shown,) = run_multiprocess(_train_a_large_model_in_the_log, world_size=1, schema_dir=synthetic_dir,
+                                run_dir=run_dir)
+    lines = shown.splitlines()
+    assert any(re.fullmatch(r"sharding: planning \d+ tables \(\d+M weights\) on 1 rank\(s\) and building their "
+                            r"shards", line) for line in lines), shown
+    saves = [line for line in lines if line.startswith("saving ")]
+    assert [line.split()[1] for line in saves] == [
+        os.path.join(run_dir, "checkpoints", "ckpt-00000002"), os.path.join(run_dir, "best", "ckpt-00000003"),
+        os.path.join(run_dir, "checkpoints", "ckpt-00000003")], saves
+    assert all(re.search(r" \(\d+\.\d GiB on rank 0\)$", line) for line in saves), saves
+    assert shown.index("sharding: planning") < shown.index("sharding:", shown.index("sharding: planning") + 1)
