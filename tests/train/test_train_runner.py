@@ -221,19 +221,25 @@ def _after_last_resume(events: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return events[starts[-1] + 1:]
 
 
-def _loss_records_straight_and_resumed(schema_dir: str, root: str) -> Dict[str, Any]:
-    budget = ["train.epochs=2", "train.checkpoint_every=60", "train.patience=0"]  # 75 steps an epoch on 2 ranks
+def _loss_records(schema_dir: str, root: str, batch_size: int, budget: List[str], kill_at: int) -> Dict[str, Any]:
+    """``(event, global_step, loss or mean_loss, steps, loss_steps)`` of the ``train`` and ``epoch`` records of a
+    straight run and of one killed after step ``kill_at`` and resumed."""
     out = {}
     for how in ("straight", "resumed"):
         run_dir = os.path.join(root, how)
-        config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 64, budget))
+        config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, batch_size, budget))
         if how == "resumed":
             with pytest.raises(_Killed):
-                run_training(config, on_step=_kill_at(60))  # cuts epoch 0 and the window of steps 51-100
+                run_training(config, on_step=_kill_at(kill_at))
         run_training(config)
         out[how] = [(e["event"], e["global_step"], e.get("loss", e.get("mean_loss")), e.get("steps"),
                      e.get("loss_steps")) for e in read_metrics(run_dir) if e["event"] in ("train", "epoch")]
     return out
+
+
+def _loss_records_straight_and_resumed(schema_dir: str, root: str) -> Dict[str, Any]:
+    budget = ["train.epochs=2", "train.checkpoint_every=60", "train.patience=0"]  # 75 steps an epoch on 2 ranks
+    return _loss_records(schema_dir, root, 64, budget, kill_at=60)  # cuts epoch 0 and the window of steps 51-100
 
 
 @pytest.mark.multiprocess
@@ -1467,17 +1473,7 @@ def test_an_epoch_resumed_at_its_end_from_a_checkpoint_without_loss_sums_has_no_
 
 def _loss_records_resumed_from_an_epoch_end_checkpoint(schema_dir: str, root: str) -> Dict[str, Any]:
     budget = ["train.epochs=2", "train.checkpoint_every=0"]  # 38 steps an epoch: checkpoints at epoch ends only
-    out = {}
-    for how in ("straight", "resumed"):
-        run_dir = os.path.join(root, how)
-        config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, run_dir, 256, budget))
-        if how == "resumed":
-            with pytest.raises(_Killed):
-                run_training(config, on_step=_kill_at(45))  # resumes from step 38's, in the window of steps 1-50
-        run_training(config)
-        out[how] = [(e["event"], e["global_step"], e.get("loss", e.get("mean_loss")), e.get("loss_steps"))
-                    for e in read_metrics(run_dir) if e["event"] in ("train", "epoch")]
-    return out
+    return _loss_records(schema_dir, root, 256, budget, kill_at=45)  # resumes from step 38's, in the window 1-50
 
 
 @pytest.mark.multiprocess
