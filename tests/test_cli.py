@@ -152,7 +152,9 @@ def test_a_teacher_outputs_dir_of_other_files_is_refused_before_the_teacher_is_l
     (junk / "teacher.json").write_text(json.dumps(teacher_outputs.teacher_record(str(tmp_path / "run"))),
                                        encoding="utf-8")  # written by the same teacher checkpoint
     assert _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, junk) == 2
-    assert capsys.readouterr().err.splitlines()[0] == "recsys-llm teacher-outputs: error: model loaded"
+    assert capsys.readouterr().err.splitlines()[:2] == [  # it went on to load the teacher
+        f"[recsys_llm] teacher-outputs: loading {tmp_path / 'run'} on 1 rank(s)",
+        "recsys-llm teacher-outputs: error: model loaded"]
 
 
 def test_overrides_among_the_options_are_named_with_where_they_go(capsys) -> None:
