@@ -18,7 +18,7 @@ from recsys_llm.file_hash import file_sha256
 
 @functools.lru_cache(maxsize=64)
 def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(path)
+    return file_sha256(path, description=f"hashing {os.path.basename(path)} (the vectors' provenance)")
 
 
 def file_fingerprint(path: str) -> str:

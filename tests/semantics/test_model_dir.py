@@ -61,3 +61,24 @@ def test_a_sentence_transformers_models_module_folders_are_part_of_its_fingerpri
     assert mean == model_dir_walk_fingerprint(model)  # unchanged for a directory holding only its modules
     _write(os.path.join(model, "1_Pooling", "config.json"), json.dumps({"pooling_mode_cls_token": True}))
     assert model_dir_fingerprint(model) != mean
+
+
+def test_hashing_a_large_model_file_shows_a_bar_on_rank_0_only(tmp_path, tiny_bert_dir, capsys, monkeypatch) -> None:
+    """A 16 GB model's files took about 35 s to hash before each LLM command's work, with nothing in the log."""
+    import hashlib
+    import shutil
+
+    from recsys_llm import file_hash
+    from recsys_llm.semantics import model_dir
+
+    monkeypatch.setattr(file_hash, "BAR_BYTES", 0)  # every file counts as large
+    copy = shutil.copytree(tiny_bert_dir, tmp_path / "model")
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        model_dir._cached_file_hash.cache_clear()
+        model_dir.model_dir_fingerprint(str(copy))
+        err = capsys.readouterr().err
+        assert ("hashing config.json (the vectors' provenance)" in err) == shown, err
+    weights = next(str(path) for path in copy.iterdir() if path.suffix == ".safetensors")
+    with open(weights, "rb") as handle:
+        assert file_hash.file_sha256(weights, chunk=1000, description="x") == hashlib.sha256(handle.read()).hexdigest()
