@@ -218,8 +218,9 @@ def predict_steps(
     """
     reader = ParquetBatchReader(schema, path, batch_size, rank=rank, world_size=world_size, extras=extras,
                                 shuffle=False, prefetch=2, equal_batches=False, pin_memory=device.type == "cuda")
-    for batch, real in tqdm(reader.padded(), total=reader.padded_len, desc=os.path.basename(path),
-                            disable=not progress, **interval_options()):
+    label = os.path.basename(path) + (f": rank {rank}'s share" if world_size > 1 else "")
+    for batch, real in tqdm(reader.padded(), total=reader.padded_len, desc=label, unit="batch", disable=not progress,
+                            **interval_options()):
         output = teacher.predict(batch.to(device, non_blocking=True))
         keys = batch.extras[ROW_ID_EXTRA].numpy().astype(np.int64, copy=False) if ROW_ID_EXTRA in batch.extras else None
         yield (output.logits.float().cpu().numpy(), output.representation.float().cpu().numpy(), keys), real
