@@ -33,6 +33,12 @@ def arrow_schema_for(schema: DatasetSchema, extra_types: Optional[Dict[str, pa.D
     return pa.schema(columns, metadata=field_specs_metadata(schema.fields))
 
 
+def vector_array(rows: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa.FixedSizeListArray:
+    """A fixed_size_list<``value_type``>[d] Arrow array of the vectors ``rows`` (N, d), one per row."""
+    flat = np.ascontiguousarray(rows, dtype=value_type.to_pandas_dtype()).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), rows.shape[1])
+
+
 LIST_IDS_PER_ARRAY = int(np.iinfo(np.int32).max)  # a list<...> array's offsets are int32
 
 

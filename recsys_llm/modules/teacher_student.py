@@ -47,6 +47,7 @@ from tqdm import tqdm
 from recsys_llm.atomic_dir import write_file_atomically
 from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
+from recsys_llm.data.parquet_writer import vector_array
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.embedding import mark_filled_tables, require_allocated
@@ -422,8 +423,7 @@ def write_teacher_columns(
                 }
                 if with_representation:
                     rep = output.representation.float().cpu().numpy()  # (B, H_t)
-                    columns[representation_column] = pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)),
-                                                                                       rep.shape[1])
+                    columns[representation_column] = vector_array(rep)
                 table = pa.table(columns)
                 if writer is None:
                     writer = pq.ParquetWriter(handle, table.schema)

@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries, write_file_atomically
 from recsys_llm.data.parquet_files import resolve_paths
+from recsys_llm.data.parquet_writer import vector_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.progress import interval_options
@@ -509,9 +510,7 @@ class VectorExport:
                 path = chunk_path(self._directory, index)
                 chunk_keys = keys.slice(start, stop - start)
                 vectors = self._encode(chunk_texts, encode_fn, chunk_keys, path, bar.update)  # (n, d)
-                column = pa.FixedSizeListArray.from_arrays(
-                    pa.array(vectors.reshape(-1), type=DTYPES[self._config.dtype][1]), vectors.shape[1]
-                )
+                column = vector_array(vectors, DTYPES[self._config.dtype][1])
                 table = pa.table({self._config.key_column: chunk_keys, self._config.vector_column: column})
                 texts_sha256 = _hash_texts(hashlib.sha256(), chunk_texts).encode()
                 table = table.replace_schema_metadata({PROVENANCE_KEY: provenance, TEXTS_KEY: texts_sha256})

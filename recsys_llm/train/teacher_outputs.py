@@ -52,6 +52,7 @@ from recsys_llm.atomic_dir import (
     write_text_atomically,
 )
 from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet_writer import vector_array
 from recsys_llm.data.parquet_files import resolve_paths, same_split_fingerprint, split_fingerprint
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
@@ -269,7 +270,7 @@ class OutputSpill:
         logits, representations, keys = outputs
         batch = pa.record_batch({
             "logits": pa.array(logits, pa.float32()),
-            "representations": _fixed_size_lists(representations),
+            "representations": vector_array(representations),
             "keys": pa.nulls(len(logits), pa.int64()) if keys is None else pa.array(keys, pa.int64()),
         })
         if self._writer is None:
@@ -301,12 +302,6 @@ class OutputSpill:
             self._writer.close()
             self._sink.close()
             self._writer = self._sink = None
-
-
-def _fixed_size_lists(rows: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, H) float32 as an Arrow fixed-size list column of n rows."""
-    flat = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])
 
 
 def spill_path(target: str, rank: int) -> str:
@@ -428,7 +423,7 @@ class TeacherColumnsWriter:
         earlier = [name for name in (LOGITS_COLUMN, REPRESENTATION_COLUMN) if name in table.column_names]
         table = table.drop_columns(earlier)
         table = table.append_column(LOGITS_COLUMN, pa.array(logits.astype(np.float32)))
-        return table.append_column(REPRESENTATION_COLUMN, _fixed_size_lists(representations))
+        return table.append_column(REPRESENTATION_COLUMN, vector_array(representations))
 
     def _write_group(
         self, group: int, logits: np.ndarray, representations: np.ndarray, keys: Optional[np.ndarray]
