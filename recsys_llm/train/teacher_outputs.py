@@ -304,8 +304,11 @@ class OutputSpill:
             self._writer = self._sink = None
 
 
+_SPILL_SUFFIX = r"\.rank\d+\.tmp"  # what a spill's name adds to its copy's (a pattern)
+
+
 def spill_path(target: str, rank: int) -> str:
-    """Where rank 0 keeps ``rank``'s outputs for the copy ``target`` until it writes them."""
+    """Where rank 0 keeps ``rank``'s outputs for the copy ``target`` until it writes them (``_SPILL_SUFFIX``)."""
     return f"{target}.rank{rank}.tmp"
 
 
@@ -529,13 +532,13 @@ def remove_spills(output_dir: str, schema: DatasetSchema) -> None:
     directories = [output_dir] + [os.path.join(output_dir, split) for split in schema.splits]
     for directory in filter(os.path.isdir, directories):
         for entry in os.listdir(directory):
-            if re.fullmatch(r".+\.parquet\.rank\d+\.tmp", entry):
+            if re.fullmatch(r".+\.parquet" + _SPILL_SUFFIX, entry):
                 os.remove(os.path.join(directory, entry))
 
 
 def _is_spill_of(entry: str, name: str) -> bool:
     """Whether the directory entry ``entry`` is a spill (:func:`spill_path`) of the copy named ``name``."""
-    return re.fullmatch(re.escape(name) + r"\.rank\d+\.tmp", entry) is not None
+    return re.fullmatch(re.escape(name) + _SPILL_SUFFIX, entry) is not None
 
 
 def split_copies(
