@@ -5,8 +5,9 @@ import glob
 import hashlib
 import json
 import os
-from typing import List, Sequence, Union
+from typing import Iterator, List, Sequence, Tuple, Union
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_llm.data.schema import DatasetSchema, schema_file
@@ -84,20 +85,27 @@ def resolve_paths(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str
     return paths
 
 
+def label_row_groups(schema: DatasetSchema, split: Union[str, Sequence[str]]) -> Iterator[Tuple[str, int, pa.Array]]:
+    """``(file, its row of the group's first label, the group's labels)`` of every row group of ``split`` (a split
+    name, file or directory: :func:`resolve_paths`), read one row group at a time."""
+    for path in resolve_paths(schema, split):
+        handle = open_parquet(path)
+        offset = 0
+        for group in range(handle.num_row_groups):
+            labels = read_row_group(handle, path, group, [schema.label]).column(0).combine_chunks()
+            yield path, offset, labels
+            offset += len(labels)
+
+
 def check_split_labels(schema: DatasetSchema, split: str) -> None:
     """Raises unless every label of ``split`` is 0 or 1 (no null), as training reads them; one row group at a time.
 
     Raises:
         DataError: naming the file, the label column and the row of the first bad label.
     """
-    for path in resolve_paths(schema, split):
-        handle = open_parquet(path)
-        offset = 0
-        for group in range(handle.num_row_groups):
-            labels = read_row_group(handle, path, group, [schema.label]).column(0).combine_chunks()
-            check_no_nulls(path, schema.label, labels, offset, "0 or 1")
-            check_labels(path, schema.label, labels.to_numpy(zero_copy_only=False), offset)
-            offset += len(labels)
+    for path, offset, labels in label_row_groups(schema, split):
+        check_no_nulls(path, schema.label, labels, offset, "0 or 1")
+        check_labels(path, schema.label, labels.to_numpy(zero_copy_only=False), offset)
 
 
 # splits up to this size are also fingerprinted by their bytes (about 0.3 s at most)

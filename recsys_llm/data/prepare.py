@@ -18,12 +18,11 @@ import pyarrow.compute as pc
 
 from recsys_llm.data.criteo import CriteoConfig, prepare_criteo
 from recsys_llm.data.movielens import MovieLensConfig, prepare_movielens
-from recsys_llm.data.parquet_files import read_schema_and_check, resolve_paths
+from recsys_llm.data.parquet_files import label_row_groups, read_schema_and_check
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import SyntheticConfig, generate_synthetic
 from recsys_llm.data.tabular import TabularConfig, prepare_tabular
-from recsys_llm.data.validation import open_parquet, read_row_group
 
 SOURCES = ("synthetic", "movielens", "criteo", "tabular")
 SourceConfig = Union[SyntheticConfig, MovieLensConfig, CriteoConfig, TabularConfig]
@@ -73,12 +72,7 @@ def check_prepared(schema: DatasetSchema) -> PrepareReport:
 
 def label_sum(schema: DatasetSchema, path: str) -> float:
     """Sum of the label column of a split's file or directory, read one row group at a time."""
-    total = 0.0
-    for file_path in resolve_paths(schema, path):
-        handle = open_parquet(file_path)
-        for group in range(handle.num_row_groups):
-            total += pc.sum(read_row_group(handle, file_path, group, [schema.label]).column(0)).as_py() or 0
-    return total
+    return float(sum(pc.sum(labels).as_py() or 0 for _, _, labels in label_row_groups(schema, path)))
 
 
 def prepare_dataset(
