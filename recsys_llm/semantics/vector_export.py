@@ -643,6 +643,7 @@ class SplitRows:
         self._groups = groups
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # (G + 1,)
         self._decoded: Optional[Tuple[int, pa.Table]] = None  # the last row group read: (its index, its columns)
+        self._opened: Optional[Tuple[int, pq.ParquetFile]] = None  # the file it came from: (its index, it open)
 
     @property
     def num_rows(self) -> int:
@@ -683,8 +684,9 @@ class SplitRows:
         splits' schema: read, or the last one read."""
         if self._decoded is None or self._decoded[0] != group:
             file, index = self._groups[group]
-            table = pq.ParquetFile(self._files[file]).read_row_group(index, columns=self._columns)
-            self._decoded = (group, table.cast(self._schema))
+            if self._opened is None or self._opened[0] != file:  # its footer is parsed once for its row groups
+                self._opened = (file, pq.ParquetFile(self._files[file]))
+            self._decoded = (group, self._opened[1].read_row_group(index, columns=self._columns).cast(self._schema))
         return self._decoded[1]
 
     def first_rows(self, key: str) -> pa.Table:

@@ -1033,12 +1033,16 @@ def test_split_rows_read_in_chunks_decode_each_row_group_once(tmp_path, monkeypa
     pq.write_table(pa.table({"row_id": ids, "item_id": ids % 4}), str(tmp_path / "train.parquet"), row_group_size=16)
     schema.splits = {"train": "train.parquet"}
     rows = SplitRows(schema, ["train"], ["row_id", "item_id"], "the test")
-    read = []
-    original = pq.ParquetFile.read_row_group
+    read, opened = [], []
+    original, init = pq.ParquetFile.read_row_group, pq.ParquetFile.__init__
     monkeypatch.setattr(pq.ParquetFile, "read_row_group",
                         lambda self, i, *args, **kwargs: read.append(i) or original(self, i, *args, **kwargs))
+    monkeypatch.setattr(pq.ParquetFile, "__init__",
+                        lambda self, source, *args, **kwargs: opened.append(source) or init(self, source, *args,
+                                                                                            **kwargs))
     got = pa.concat_tables([rows.rows(start, min(start + 6, 70)) for start in range(0, 70, 6)])
     assert read == [0, 1, 2, 3, 4]  # groups of 16 rows (the last of 6), each decoded once
+    assert len(opened) == 1  # and the file's footer parsed once for them all
     np.testing.assert_array_equal(got.column("row_id").to_numpy(), ids)
     np.testing.assert_array_equal(got.column("item_id").to_numpy(), ids % 4)
 
