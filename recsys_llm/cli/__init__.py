@@ -334,11 +334,8 @@ def expand_home(args: argparse.Namespace) -> None:
 
 def _command_name(args: argparse.Namespace) -> str:
     """The sub-command as typed, the way argparse's own usage errors name it: ``train``, ``semantics tune``,
-    ``prepare movielens``."""
-    command_parser = getattr(args, "command_parser", None)
-    if command_parser is None:
-        return args.command
-    return command_parser.prog.split(" ", 1)[1]
+    ``prepare movielens`` (from the prog of the parser that read it: :func:`_name_own_parsers`)."""
+    return args.command_parser.prog.split(" ", 1)[1]
 
 
 def _run_command(argv: Optional[List[str]]) -> int:
