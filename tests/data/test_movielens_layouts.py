@@ -6,11 +6,13 @@ it is (each one a defect of the review's report), except where noted.
 
 import re
 import warnings
+from typing import List, Tuple
 
 import pyarrow.parquet as pq
 import pytest
 
 from recsys_llm.data.movielens import prepare_movielens
+from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import DataError
 
 _INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
@@ -27,6 +29,14 @@ def _write(directory, stem, inter=_RATINGS, items=None, users=None):
         (directory / f"{stem}.item").write_text(_ITEM_HEADER + items)
     if users is not None:
         (directory / f"{stem}.user").write_text(_USER_HEADER + users)
+
+
+def _converted(raw, out) -> Tuple[DatasetSchema, List[warnings.WarningMessage]]:
+    """``prepare_movielens(raw, out)``'s schema and every warning it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        schema = prepare_movielens(str(raw), str(out))
+    return schema, caught
 
 
 _ITEMS = "1\tA Movie\t1999\tDrama\n2\tB Movie\t2001\tAction\n3\tC Movie\t1980\tHorror\n"
@@ -62,9 +72,7 @@ def test_pipe_separated_genres_are_split_or_warned_about(tmp_path):
     raw = tmp_path / "raw"
     _write(raw, "x", items="1\tA Movie\t1999\tAction|Comedy\n2\tB Movie\t2001\tAction\n3\tC\t1980\tComedy|Drama\n",
            users=_USERS)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        schema = prepare_movielens(str(raw), str(tmp_path / "out"))
+    schema, caught = _converted(raw, tmp_path / "out")
     genres = schema.load_value_text("genres")["text"].to_pylist()
     assert not any("|" in g for g in genres) or any("|" in str(w.message) for w in caught), genres
 
@@ -86,9 +94,7 @@ def test_one_ml1m_code_outside_the_readme_is_warned_about(tmp_path):
     an age of 1 year, 'age of the user in years') without a word. Expected: a warning naming the value(s)."""
     raw = tmp_path / "raw"
     _write(raw, "ml-1m", items=_ITEMS, users="1\t1\tF\t10\t48067\n2\t56\tM\t16\t70072\n3\t25\tM\t21\t55117\n")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        schema = prepare_movielens(str(raw), str(tmp_path / "out"))
+    schema, caught = _converted(raw, tmp_path / "out")
     text = schema.load_value_text("user_id")["text"].to_pylist()[1]
     assert text.startswith("A woman aged under 18") or any("21" in str(w.message) for w in caught), text
 
@@ -129,9 +135,7 @@ def test_without_a_user_file_the_user_attribute_fields_are_left_out_and_said_so(
     user's text would say nothing: its id is its text), and one warning saying so."""
     raw = tmp_path / "ml-20m"
     _write(raw, "ml-20m", items=_ITEMS)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        schema = prepare_movielens(str(raw), str(tmp_path / "out"))
+    schema, caught = _converted(raw, tmp_path / "out")
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and re.search(r"ml-20m: no \*\.user file .*user attributes are absent", said[0]), said
     assert schema.sparse_feature_names == ["user_id", "item_id", "release_year", "genres"]
@@ -176,9 +180,7 @@ def test_ml1m_codes_outside_the_readme_are_named_and_written_as_codes(tmp_path):
     raw = tmp_path / "raw"
     _write(raw, "ml-1m", items=_ITEMS, users="1\t1\tF\t10\t48067\n2\t30\tM\t16\t70072\n3\t25\tM\t21\t55117\n"
                                              "4\t56\tF\t0\t12345\n")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        schema = prepare_movielens(str(raw), str(tmp_path / "out"))
+    schema, caught = _converted(raw, tmp_path / "out")
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and re.search(r"ml-1m\.user: ages and occupations read as MovieLens-1M's codes .*2 value\(s\) "
                                         r"are none of its codes \(age '30'; occupation '21'\)", said[0]), said
@@ -193,9 +195,7 @@ def test_ml1m_codes_outside_the_readme_are_named_and_written_as_codes(tmp_path):
 def test_an_empty_title_is_warned_about_and_written_as_such(tmp_path):
     raw = tmp_path / "raw"
     _write(raw, "x", items="1\tA Movie\t1999\tDrama\n2\t\t2001\tAction\n3\tC Movie\t1980\tHorror\n", users=_USERS)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        schema = prepare_movielens(str(raw), str(tmp_path / "out"))
+    schema, caught = _converted(raw, tmp_path / "out")
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and re.search(r"x\.item: 1 movie\(s\) with an empty movie_title \(item_id '2'\)", said[0])
     assert schema.load_value_text("item_id")["text"][2].as_py() == "A movie without a title (2001). Genres: Action."
@@ -213,10 +213,7 @@ def test_every_warning_of_the_conversion_names_the_line_of_prepare_movielens(tmp
     caught = []
     for name, user_rows in (("no_users", None), ("codes", users)):
         _write(tmp_path / name, "x", items=items, users=user_rows)
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            prepare_movielens(str(tmp_path / name), str(tmp_path / f"{name}_out"))
-        caught += record
+        caught += _converted(tmp_path / name, tmp_path / f"{name}_out")[1]
     assert len(caught) == 5, [str(w.message) for w in caught]  # no .user, untitled x2, age not a number, codes
     assert {(w.filename, first <= w.lineno < first + len(lines)) for w in caught} == {(movielens.__file__, True)}
 
@@ -240,9 +237,7 @@ def test_empty_ml1m_cells_are_unknown_and_an_occupation_alone_outside_the_codes_
     raw = tmp_path / "raw"
     _write(raw, "ml-1m", items=_ITEMS, users="1\t1\tF\t10\t48067\n2\t\tM\t\t70072\n3\t25\tM\t21\t55117\n"
                                              "4\t56\tF\t0\t12345\n5\t18\tM\t4\t22222\n")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        schema = prepare_movielens(str(raw), str(tmp_path / "out"))
+    schema, caught = _converted(raw, tmp_path / "out")
     said = [str(w.message) for w in caught if "MovieLens-1M" in str(w.message)]
     assert len(said) == 1 and re.search(r"ml-1m\.user: ages and occupations read as MovieLens-1M's codes .*, but 1 "
                                         r"value\(s\) are none of its codes \(occupation '21'\): their texts name the "
