@@ -124,7 +124,7 @@ def test_an_unknown_split_is_refused_before_teacher_json_is_written_and_the_teac
     out = tmp_path / "out"
     assert _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, out, ["--splits", "train", "test"]) == 2
     assert capsys.readouterr().err.splitlines()[0] == (
-        "recsys-llm teacher-outputs: error: teacher outputs --splits: ['test'] are no splits of schema 't'; expected "
+        "recsys-llm teacher-outputs: error: --splits: ['test'] are no splits of schema 't'; expected "
         "names among ['train', 'valid']")
     assert not out.exists()
 

@@ -409,7 +409,7 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
     failed = run_multiprocess(_teacher_outputs_failing_on_rank_0, world_size=2, overrides=overrides,
                               checkpoint=str(tmp_path / "run"), output_dir=str(tmp_path / "failed"), batch_size=batch_size)
     assert failed[0] == "OSError: [Errno 28] No space left on device", failed
-    assert failed[1].startswith("RuntimeError: teacher outputs: rank 0 failed to write") and "Errno 28" in failed[1], failed
+    assert failed[1].startswith("RuntimeError: rank 0 failed to write") and "Errno 28" in failed[1], failed
     # finished copies of another trained teacher: rank 0 alone reads teacher.json, and every rank stops with its refusal
     from recsys_llm.train.teacher_outputs import TEACHER_FILE
 

@@ -611,18 +611,18 @@ def write_teacher_outputs(
     """
     elec = config.elec or {}
     if elec.get("task") == "distill" and (elec.get("distill") or {}).get("mode") == "offline":
-        raise ValueError(f"teacher outputs --checkpoint {checkpoint}: an offline student's run "
+        raise ValueError(f"--checkpoint {checkpoint}: an offline student's run "
                          "(elec.distill.mode=offline), which holds no teacher; pass the run of its teacher (elec.task="
                          "gain), or of a joint or frozen distillation")
     run = open_trained_run(config, checkpoint)
     ctx, schema = run.ctx, run.schema
     if os.path.realpath(output_dir) == os.path.realpath(schema.root):
-        raise ValueError(f"teacher outputs: --output-dir {output_dir} is the input data's own directory; "
+        raise ValueError(f"--output-dir {output_dir}: is the input data's own directory; "
                          "the copies with teacher columns need another directory")
     check_output_dir(output_dir, schema)  # before the teacher is loaded
     unknown = [split for split in splits or () if split not in schema.splits]  # before teacher.json and the teacher
     if unknown:
-        raise ValueError(f"teacher outputs --splits: {unknown} are no splits of schema {schema.name!r}; expected names "
+        raise ValueError(f"--splits: {unknown} are no splits of schema {schema.name!r}; expected names "
                          f"among {sorted(schema.splits)}")
     copies, new_splits = split_copies(schema, splits or sorted(schema.splits), output_dir)
     refusal: List[Optional[str]] = [None]
@@ -674,7 +674,7 @@ def write_teacher_outputs(
             if error is not None:
                 raise error
             if failure[0] is not None:
-                raise RuntimeError(f"teacher outputs: rank 0 failed to write {target}: {failure[0]}")
+                raise RuntimeError(f"rank 0 failed to write {target}: {failure[0]}")
         report: Dict[str, Any] = {"schema": os.path.join(output_dir, SCHEMA_FILE),
                                   "files": [target for _, target in copies]}
         if ctx.is_main:

@@ -100,7 +100,7 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     if split in schema.splits:
         check_plugin_columns(config, schema, [split])
     elif not os.path.exists(split):  # before the model loads
-        raise ValueError(f"evaluate --split {split}: not a split of schema {schema.name!r} (splits: "
+        raise ValueError(f"--split {split}: not a split of schema {schema.name!r} (splits: "
                          f"{', '.join(sorted(schema.splits))}) nor a Parquet file or directory")
     extras = list(data.extras) + plugin_extras(config) + list(metric_subsets(config, schema).values())
     reader = ParquetBatchReader(

@@ -382,7 +382,7 @@ def test_an_offline_students_run_is_refused_before_it_is_loaded(tmp_path) -> Non
     config = load_config(os.path.join(PACKAGED_CONFIGS, "synthetic_deepfm.yaml"),
                          ["elec.task=distill", "elec.distill.mode=offline", "elec.vector_dim=8"])
     run = str(tmp_path / "no_run_is_opened")
-    with pytest.raises(ValueError, match=rf"^teacher outputs --checkpoint {run}: an offline student's run "
+    with pytest.raises(ValueError, match=rf"^--checkpoint {run}: an offline student's run "
                                          r"\(elec\.distill\.mode=offline\), which holds no teacher; pass the run of "
                                          r"its teacher \(elec\.task=gain\)"):
         write_teacher_outputs(config, run, str(tmp_path / "out"))

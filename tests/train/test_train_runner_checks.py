@@ -73,7 +73,7 @@ def test_evaluating_a_run_without_a_test_split_asks_for_the_split(synthetic_dir:
     # a split name the schema lacks (a typo) is named with the flag before the model loads
     with pytest.raises(ValueError) as refused:
         trained_run.run_evaluation(_config(synthetic_dir), "runs/x", "tset")
-    assert str(refused.value) == (f"evaluate --split tset: not a split of schema {synthetic_schema.name!r} (splits: "
+    assert str(refused.value) == (f"--split tset: not a split of schema {synthetic_schema.name!r} (splits: "
                                   "test, train, valid) nor a Parquet file or directory")
 
 
