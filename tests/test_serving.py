@@ -404,7 +404,7 @@ def _add_guard(program_path: str, guard: str) -> None:
         for entry, data in entries.items():
             archive.writestr(entry, data)
     # a crafted artifact comes with a config.json that matches it: the SHA-256 catches damage, not intent
-    from recsys_llm.semantics.model_dir import file_sha256
+    from recsys_llm.file_hash import file_sha256
 
     config_path = os.path.join(os.path.dirname(program_path), "config.json")
     with open(config_path) as handle:

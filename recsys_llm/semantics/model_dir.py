@@ -2,29 +2,40 @@
 files, code it would run) and the fingerprints that tie vectors to the exact model that made them."""
 
 import fnmatch
-import functools
 import hashlib
 import json
 import os
 import struct
 import warnings
-from typing import Any, Callable, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from recsys_llm.file_hash import file_sha256
+from recsys_llm.file_hash import files_sha256
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_file_hash(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(path, description=f"hashing {os.path.basename(path)} (the vectors' provenance)")
+# (absolute path, size, mtime in ns) -> sha256 of the files hashed in this process
+_FILE_HASHES: Dict[Tuple[str, int, int], str] = {}
+
+
+def _file_hashes(paths: Sequence[str], what: str) -> List[str]:
+    """sha256 of each of ``paths``, memoised on its size and mtime; those not hashed before in this process are
+    hashed side by side (:func:`recsys_llm.file_hash.files_sha256`) under a bar naming ``what``."""
+    keys = []
+    for path in paths:
+        stat = os.stat(path)
+        keys.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+    missing = [key for key in dict.fromkeys(keys) if key not in _FILE_HASHES]
+    if missing:
+        found = files_sha256([key[0] for key in missing], description=f"hashing {what} (the vectors' provenance)")
+        _FILE_HASHES.update(zip(missing, found))
+    return [_FILE_HASHES[key] for key in keys]
 
 
 def file_fingerprint(path: str) -> str:
     """sha256 of one file's bytes (memoised on its size and mtime, as :func:`model_dir_fingerprint`)."""
-    stat = os.stat(path)
-    return _cached_file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    return _file_hashes([path], os.path.basename(path))[0]
 
 
 # Files whose content defines what a model directory computes (weights, config, tokenizer).
@@ -259,17 +270,21 @@ def model_dir_walk_fingerprint(model_path: str) -> str:
 def _walk_fingerprint(model_path: str, descend: Callable[[str], bool]) -> str:
     """sha256 over the fingerprinted files of ``model_path`` and of the subdirectories (by relative path,
     hidden ones never) ``descend`` takes, walked in sorted order."""
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(model_path):
+    files = []
+    for root, dirs, names in os.walk(model_path):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and descend(os.path.relpath(os.path.join(root, d), model_path)))
-        for name in sorted(files):
-            if not name.endswith(_FINGERPRINT_SUFFIXES) or name.startswith(".") or name == "README.md":
-                continue
-            path = os.path.join(root, name)
-            stat = os.stat(path)
-            rel = os.path.relpath(path, model_path)
-            digest.update(f"{rel}:{_cached_file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+        files += [os.path.join(root, name) for name in sorted(names)
+                  if name.endswith(_FINGERPRINT_SUFFIXES) and not name.startswith(".") and name != "README.md"]
+    return _files_fingerprint(model_path, files)
+
+
+def _files_fingerprint(model_path: str, files: Sequence[str]) -> str:
+    """16 hex digits of sha256 over ``files`` (paths in ``model_path``, in this order) and their paths in it."""
+    digest = hashlib.sha256()
+    what = f"{len(files)} files of {os.path.basename(os.path.normpath(model_path))}"
+    for path, sha256 in zip(files, _file_hashes(files, what)):
+        digest.update(f"{os.path.relpath(path, model_path)}:{sha256}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -288,13 +303,9 @@ def model_weights_fingerprint(model_path: str) -> str:
         str: 16 hex digits.
     """
     require_model_dir(model_path)
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(model_path)):
-        path = os.path.join(model_path, name)
-        if os.path.isfile(path) and any(fnmatch.fnmatch(name, pattern) for pattern in _WEIGHT_FILE_PATTERNS):
-            stat = os.stat(path)
-            digest.update(f"{name}:{_cached_file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
-    return digest.hexdigest()[:16]
+    files = [os.path.join(model_path, name) for name in sorted(os.listdir(model_path))
+             if any(fnmatch.fnmatch(name, pattern) for pattern in _WEIGHT_FILE_PATTERNS)]
+    return _files_fingerprint(model_path, [path for path in files if os.path.isfile(path)])
 
 
 # text whose tokens tell tokenizers apart beyond their vocabularies: case, accents, digits, punctuation,

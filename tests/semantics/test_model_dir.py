@@ -75,10 +75,32 @@ def test_hashing_a_large_model_file_shows_a_bar_on_rank_0_only(tmp_path, tiny_be
     copy = shutil.copytree(tiny_bert_dir, tmp_path / "model")
     for rank, shown in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
-        model_dir._cached_file_hash.cache_clear()
+        model_dir._FILE_HASHES.clear()
         model_dir.model_dir_fingerprint(str(copy))
         err = capsys.readouterr().err
-        assert ("hashing config.json (the vectors' provenance)" in err) == shown, err
+        files = sum(1 for path in copy.iterdir() if path.suffix in (".json", ".safetensors", ".txt"))
+        assert (f"hashing {files} files of model (the vectors' provenance)" in err) == shown, err
     weights = next(str(path) for path in copy.iterdir() if path.suffix == ".safetensors")
     with open(weights, "rb") as handle:
         assert file_hash.file_sha256(weights, chunk=1000, description="x") == hashlib.sha256(handle.read()).hexdigest()
+
+
+def test_files_hashed_side_by_side_keep_their_order(tmp_path, monkeypatch) -> None:
+    """A model's weight shards are hashed on several threads; each hash must stay with its file."""
+    import hashlib
+
+    from recsys_llm import file_hash
+
+    monkeypatch.setattr(file_hash.os, "cpu_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    paths = []
+    for index, size in enumerate((3_000_000, 10, 0, 700_001, 1)):
+        paths.append(str(tmp_path / f"part-{index}.safetensors"))
+        with open(paths[-1], "wb") as handle:
+            handle.write(bytes([index]) * size)
+    expected = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            expected.append(hashlib.sha256(handle.read()).hexdigest())
+    assert file_hash.files_sha256(paths, chunk=4096) == expected
+    assert file_hash.files_sha256(paths[::-1], chunk=4096) == expected[::-1]
