@@ -154,7 +154,7 @@ class CTRBackbone(nn.Module, abc.ABC):
         check_id_weights(sparse_features, self._weighted, type(self).__name__)
         check_feature_keys(sparse_features, self._feature_names, type(self).__name__)
         dense_features = checked_dense_dtype(dense_features, type(self).__name__)
-        embeddings = self.embedding_bag_collection(sparse_features)
+        embeddings = pooled_in_float32(self.embedding_bag_collection(sparse_features))
         logits, representation = self.interact(dense_features, embeddings, extra_fields)
         return CTROutput(one_logit_per_row(logits, type(self).__name__), representation, embeddings)
 
@@ -267,6 +267,21 @@ def checked_dense_dtype(dense_features: torch.Tensor, model: str) -> torch.Tenso
             "ParquetBatchReader gives them: convert them with .float() (numpy arrays are float64 by default)"
         )
     return dense_features
+
+
+@torch.fx.wrap
+def pooled_in_float32(embeddings: KeyedTensor) -> KeyedTensor:
+    """``embeddings`` with float32 values: as they are when they already are (float32 tables, and FP16 tables
+    sharded by DMP, whose FBGEMM kernels give float32), else a copy cast to float32 (an unsharded EBC of FP16
+    tables, as export and ``ServedModel`` run it, pools in float16), so the dense part computes in float32.
+
+    A leaf of the training pipeline's fx trace: the dtype is looked at at run time.
+    """
+    values = embeddings.values()  # (B, sum of table dims)
+    if values.dtype == torch.float32:
+        return embeddings
+    return KeyedTensor(keys=embeddings.keys(), length_per_key=embeddings.length_per_key(), values=values.float(),
+                       key_dim=embeddings.key_dim())
 
 
 @torch.fx.wrap

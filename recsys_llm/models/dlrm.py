@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM, DLRM_DCN, InteractionArch, InteractionDCNArch, OverArch, choose
 from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_llm.data.schema import DatasetSchema
@@ -125,6 +126,7 @@ def build_dlrm(
     dense_device: Optional[torch.device] = None,
     table_prefix: str = "t_",
     embedding_init_scale: Optional[float] = None,
+    embedding_data_type: DataType = DataType.FP32,
 ) -> DLRM:
     """Builds torchrec's ``DLRM`` (or ``DLRM_DCN``) for a data set, sized for E extra fields.
 
@@ -146,6 +148,7 @@ def build_dlrm(
         dense_device (Optional[torch.device]): device of the dense arches.
         table_prefix (str): table name prefix.
         embedding_init_scale (Optional[float]): uniform init bound of the tables (None: torchrec's default).
+        embedding_data_type (DataType): the tables' weight dtype (``FP32`` or ``FP16``).
 
     Returns:
         DLRM: a torchrec ``DLRM`` or ``DLRM_DCN``.
@@ -167,7 +170,7 @@ def build_dlrm(
             "from those fields, or make it the model's embedding_dim"
         )
     ebc = build_embedding_bag_collection(schema, embedding_dim, device=device, table_prefix=table_prefix,
-                                         init_scale=embedding_init_scale)
+                                         init_scale=embedding_init_scale, data_type=embedding_data_type)
     dense_in = len(schema.dense_fields)
     # on the dense device: torchrec builds the interaction (DCN's cross net, DLRM's triu_indices) without one, and
     # the cross net's start then drew from the CPU's random stream while the MLPs drew from the dense device's

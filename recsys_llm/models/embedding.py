@@ -4,7 +4,7 @@ from typing import Any, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_llm.data.schema import DatasetSchema, FieldKind
@@ -13,10 +13,17 @@ from recsys_llm.data.validation import check_number
 # FBGEMM's table-batched kernels (used for every table under DistributedModelParallel)
 # need the local column count to be a multiple of 4.
 EMBEDDING_DIM_MULTIPLE = 4
+# ``model.embedding_dtype`` -> the tables' torchrec ``data_type``. FBGEMM's CPU kernels take FP16 weights
+# (optimizer state stays float32) but not BF16 ("split_embedding_cpu_forward_2" not implemented for 'BFloat16')
+EMBEDDING_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
 
 def embedding_bag_configs(
-    schema: DatasetSchema, embedding_dim: int, table_prefix: str = "t_", init_scale: Optional[float] = None
+    schema: DatasetSchema,
+    embedding_dim: int,
+    table_prefix: str = "t_",
+    init_scale: Optional[float] = None,
+    data_type: DataType = DataType.FP32,
 ) -> List[EmbeddingBagConfig]:
     """One ``EmbeddingBagConfig`` per categorical field of ``schema``, in schema order.
 
@@ -31,6 +38,8 @@ def embedding_bag_configs(
         init_scale (Optional[float]): initialise every table uniform in [-s, s] (torchrec's
             ``weight_init_min/max``, honoured by sharded FBGEMM tables too); None keeps
             torchrec's default of ±sqrt(1 / rows), which is large for small tables.
+        data_type (DataType): the weights' dtype, ``FP32`` or ``FP16`` (half the table memory;
+            see ``model.embedding_dtype``).
 
     Returns:
         List[EmbeddingBagConfig]: ``feature_names == [field.name]`` for each table.
@@ -58,6 +67,7 @@ def embedding_bag_configs(
                 num_embeddings=spec.cardinality,
                 feature_names=[spec.name],
                 pooling=pooling,
+                data_type=data_type,
                 **bounds,
             )
         )
@@ -70,6 +80,7 @@ def build_embedding_bag_collection(
     device: Optional[torch.device] = torch.device("meta"),
     table_prefix: str = "t_",
     init_scale: Optional[float] = None,
+    data_type: DataType = DataType.FP32,
 ) -> EmbeddingBagCollection:
     """The EBC of a backbone; on ``meta`` by default so the planner allocates shards only.
 
@@ -81,6 +92,7 @@ def build_embedding_bag_collection(
         table_prefix (str): table name = prefix + field name (distinct prefixes keep a
             teacher's and a student's tables apart).
         init_scale (Optional[float]): uniform init bound of every table (None: torchrec's default).
+        data_type (DataType): the weights' dtype, ``FP32`` or ``FP16``.
 
     Returns:
         EmbeddingBagCollection: pooled output keys = ``schema.sparse_feature_names``.
@@ -90,7 +102,7 @@ def build_embedding_bag_collection(
         ebc = build_embedding_bag_collection(schema, embedding_dim=16, device=torch.device("cpu"))
         pooled = ebc(kjt)  # KeyedTensor, each key (B, 16)
     """
-    configs = embedding_bag_configs(schema, embedding_dim, table_prefix, init_scale)
+    configs = embedding_bag_configs(schema, embedding_dim, table_prefix, init_scale, data_type)
     return EmbeddingBagCollection(tables=configs, device=device)
 
 

@@ -12,7 +12,7 @@ from recsys_llm.models.dcnv2 import STRUCTURES as DCN_STRUCTURES
 from recsys_llm.models.dcnv2 import DCNv2, DCNv2Config
 from recsys_llm.models.deepfm import DeepFM, DeepFMConfig
 from recsys_llm.models.dlrm import DLRMBackbone, build_dlrm
-from recsys_llm.models.embedding import EMBEDDING_DIM_MULTIPLE, build_embedding_bag_collection
+from recsys_llm.models.embedding import EMBEDDING_DIM_MULTIPLE, EMBEDDING_DTYPES, build_embedding_bag_collection
 from recsys_llm.models.finalmlp import FinalMLP, FinalMLPConfig
 from recsys_llm.models.fm import FM, FMConfig
 from recsys_llm.models.fwfm import FwFM, FwFMConfig
@@ -48,6 +48,10 @@ class ModelConfig:
         embedding_init_scale (Optional[float]): tables initialised uniform in [-s, s]
             (e.g. 1.7e-4 for the std 1e-4 of DeepCTR / FuxiCTR); None: torchrec's default
             ±sqrt(1 / rows).
+        embedding_dtype (str): the weights' dtype of the backbone's tables: ``fp32``, or ``fp16``
+            (torchrec ``DataType.FP16``: half the table memory; FBGEMM's fused kernels keep the
+            optimizer state in float32 and give the pooled embeddings in float32; such tables
+            are never replicated, ``data_parallel``). Frozen entity tables stay float32.
 
     Example::
 
@@ -70,6 +74,7 @@ class ModelConfig:
     finalmlp_context2: Tuple[str, ...] = ()
     dense_arch_hidden: Tuple[int, ...] = (64,)
     embedding_init_scale: Optional[float] = None
+    embedding_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
@@ -100,6 +105,9 @@ class ModelConfig:
                 raise ValueError(f"model.{key} is empty; model {self.name!r} builds an MLP from it: expected at "
                                  "least one layer size, e.g. [256, 128]")
         check_number("model.embedding_init_scale", self.embedding_init_scale, above=0, optional=True)
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"model.embedding_dtype: expected one of {list(EMBEDDING_DTYPES)}, got "
+                             f"{self.embedding_dtype!r}")
         check_number("model.cross_layers", self.cross_layers, integer=True, minimum=1)
         check_number("model.low_rank", self.low_rank, integer=True, minimum=0)
         if self.dcn_structure not in DCN_STRUCTURES:
@@ -136,7 +144,8 @@ def _build_fm_family(
     table_prefix: str,
 ) -> CTRBackbone:
     ebc = build_embedding_bag_collection(schema, config.embedding_dim, device=device, table_prefix=table_prefix,
-                                         init_scale=config.embedding_init_scale)
+                                         init_scale=config.embedding_init_scale,
+                                         data_type=EMBEDDING_DTYPES[config.embedding_dtype])
     num_dense = len(schema.dense_fields)
     if config.name == "fm":
         return FM(ebc, num_dense, FMConfig(config.dense_as_fields), num_extra_fields, dense_device)
@@ -182,6 +191,7 @@ def _build_dlrm(
         dense_device=dense_device,
         table_prefix=table_prefix,
         embedding_init_scale=config.embedding_init_scale,
+        embedding_data_type=EMBEDDING_DTYPES[config.embedding_dtype],
     )
     return DLRMBackbone(dlrm, len(schema.dense_fields), num_extra_fields)
 

@@ -173,6 +173,8 @@ class DenseHead(nn.Module):
         Returns:
             torch.Tensor: logits (B,).
         """
+        if pooled.dtype != torch.float32:  # FP16 tables pool in float16 unsharded: float32 as in training
+            pooled = pooled.float()  # (B, sum of table dims)
         embeddings = KeyedTensor(keys=self._keys, length_per_key=self._lengths, values=pooled)
         extra_fields = self.task.field_injection(vectors) if vectors is not None else None  # (B, E, D)
         logits, representation = self.task.model.interact(dense_features, embeddings, extra_fields)

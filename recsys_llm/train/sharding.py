@@ -71,7 +71,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingPlan
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -331,12 +331,13 @@ def build_constraints(
     model: nn.Module, config: ShardingConfig, compute_device: str = "cpu"
 ) -> Dict[str, ParameterConstraints]:
     """Planner constraints per table from the config (frozen tables: fused kernel, never replicated;
-    on CUDA, tables wider than FBGEMM's kernels take: split by columns).
+    trained FP16 tables: never replicated, as only the fused kernels step them with float32 optimizer
+    state; on CUDA, tables wider than FBGEMM's kernels take: split by columns).
 
     Raises:
         ValueError: unknown table names, a frozen table without the fused kernel or a sharded
-            type, or on CUDA a table wider than ``FBGEMM_CUDA_MAX_DIM`` whose allowed types
-            include no column-wise one.
+            type, an FP16 table allowed only ``data_parallel``, or on CUDA a table wider than
+            ``FBGEMM_CUDA_MAX_DIM`` whose allowed types include no column-wise one.
     """
     tables = find_tables(model)
     unknown = sorted(set(config.table_constraints) - set(tables))
@@ -363,7 +364,20 @@ def build_constraints(
                 raise ValueError(f"{key} allows only data_parallel for the frozen table {name!r}, which is never "
                                  "trained (replicated tables train through DDP): allow a sharded type, e.g. "
                                  "[table_wise, row_wise]")
-        width = next(c.embedding_dim for c in tables[name][1].embedding_bag_configs() if c.name == name)
+        table = next(c for c in tables[name][1].embedding_bag_configs() if c.name == name)
+        width = table.embedding_dim
+        if table.data_type != DataType.FP32 and name not in frozen:
+            # replicated, a table is a plain float16 parameter that DDP and a torch optimizer step in float16
+            # (the loss was NaN within the first steps, row-wise Adagrad on CPU); FBGEMM's fused kernels keep
+            # float32 optimizer state for FP16 weights
+            sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t != "data_parallel"]
+            if not sharding_types:
+                key = (f"sharding.table_constraints.{name}.sharding_types" if "sharding_types" in override
+                       else "sharding.sharding_types")
+                raise ValueError(f"{key} allows only data_parallel for {name!r}, a {table.data_type.name} table "
+                                 "(model.embedding_dtype), which trains only on FBGEMM's fused kernels (float32 "
+                                 "optimizer state): allow a sharded type, e.g. [table_wise, column_wise], or use "
+                                 "model.embedding_dtype=fp32")
         if compute_device == "cuda" and width > FBGEMM_CUDA_MAX_DIM:
             sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t in COLUMN_SHARDING_TYPES]
             if not sharding_types:
