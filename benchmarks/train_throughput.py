@@ -262,10 +262,10 @@ def build_torchrec_loop(schema, sizes: Sizes, device, lr: Dict[str, float], batc
     return lambda: pipeline.progress(iterator)
 
 
-def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float]):
+def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float], embedding_dtype: str = "fp32"):
     """The project's stack exactly as ``recsys_llm.train.runner.run_training`` builds it:
     ``build_task`` (``CTRTask`` around ``DLRMBackbone(DLRM_DCN)``), ``shard_model``,
-    ``build_optimizer``. Returns ``(model, optimizer)``."""
+    ``build_optimizer``; tables of ``model.embedding_dtype`` ``embedding_dtype``. Returns ``(model, optimizer)``."""
     from recsys_llm.models.registry import ModelConfig
     from recsys_llm.train.config import DataConfig, ExperimentConfig
     from recsys_llm.train.task_builder import build_task
@@ -280,6 +280,7 @@ def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float]):
             dense_arch_hidden=tuple(sizes.dense_arch[:-1]),
             cross_layers=sizes.dcn_num_layers,
             low_rank=sizes.dcn_low_rank_dim,
+            embedding_dtype=embedding_dtype,
         ),
         optim=OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=lr["sparse"], dense="adam", dense_lr=lr["dense"]),
     )
