@@ -808,3 +808,32 @@ def test_the_semantics_group_alone_reports_a_user_error_in_one_line(tmp_path, ca
     missing = tmp_path / "nowhere" / "schema.json"
     assert semantics_main(["encode", "--schema", str(missing), "--output", str(tmp_path / "v.safetensors")]) == 2
     assert f"recsys-llm semantics encode: error: {missing}: schema file not found" in capsys.readouterr().err
+
+
+def test_the_planner_names_no_data_parallel_table_as_lacking_a_sharding_spec(caplog) -> None:
+    """torchrec's check of its plan logged one root-logger warning per data-parallel table ("Sharding spec not
+    found for model.embedding_bag_collection.t_f7.weight"): 500 lines before the first step with 500 fields."""
+    import logging
+
+    from torchrec.distributed.planner.planners import validate_rank_assignment
+    from torchrec.distributed.planner.types import Topology
+    from torchrec.distributed.types import ParameterSharding, ShardingPlan
+
+    from recsys_llm.cli import quiet_upstream_notices
+
+    replicated = ParameterSharding(sharding_type="data_parallel", compute_kernel="dense", ranks=[0])
+    plan = ShardingPlan({"model.embedding_bag_collection": {f"t_f{k}": replicated for k in range(3)}})
+    topology = Topology(world_size=1, compute_device="cpu")
+    caplog.clear()  # the Topology's own advice to build it through TopologyFactory
+    restore = quiet_upstream_notices()
+    try:
+        with caplog.at_level(logging.WARNING):
+            validate_rank_assignment(plan, topology)
+            logging.warning("a line of the caller's own")
+    finally:
+        restore()
+    assert [record.getMessage() for record in caplog.records] == ["a line of the caller's own"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the caller's root logger is its own again
+        validate_rank_assignment(plan, topology)
+    assert len(caplog.records) == 3

@@ -103,11 +103,21 @@ UPSTREAM_ADVISORY_LOGGERS = (
     "torchrec.distributed.planner.storage_reservations",  # dense size estimate in dry runs
     "torchrec.distributed.utils",  # "Sharding Type is data_parallel, caching params will be ignored", per table
 )
+# upstream lines logged through the root logger (``logging.warning``), which no logger's level can hide alone:
+# the planner's check of its plan names every data-parallel table, one line each (500 for 500 fields), as
+# having no sharding spec, which no data-parallel table has
+UPSTREAM_ROOT_NOTICES = ("Sharding spec not found for ",)
+
+
+def _not_an_upstream_root_notice(record: logging.LogRecord) -> bool:
+    """Root-logger filter: False for a record whose message starts with one of ``UPSTREAM_ROOT_NOTICES``."""
+    return not (record.levelno < logging.ERROR and str(record.msg).startswith(UPSTREAM_ROOT_NOTICES))
 
 
 def quiet_upstream_notices() -> Callable[[], None]:
     """Hides ``UPSTREAM_NOTICES`` and the planner's and torch.fx's advisory log lines (the
-    planner is built as torchrec's own examples build it) around the progress bars; returns what
+    planner is built as torchrec's own examples build it; ``UPSTREAM_ROOT_NOTICES`` on the root logger)
+    around the progress bars; returns what
     puts the caller's warning filters and those loggers' levels back (a program calling ``main``
     keeps its own)."""
     caught = warnings.catch_warnings()
@@ -118,10 +128,12 @@ def quiet_upstream_notices() -> Callable[[], None]:
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    logging.getLogger().addFilter(_not_an_upstream_root_notice)
 
     def restore() -> None:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        logging.getLogger().removeFilter(_not_an_upstream_root_notice)
         caught.__exit__(None, None, None)
 
     return restore

@@ -121,6 +121,45 @@ def embedded_features(model: nn.Module) -> Dict[str, int]:
     return {name: config.embedding_dim for config in configs for name in config.feature_names}
 
 
+# FIE's Linear(P, P) while training: its weight, its gradient and an Adam optimizer's two moments
+FIE_TRAINING_COPIES = 4
+
+
+def check_fie_fits(num_fields: int, device: Optional[torch.device] = None) -> None:
+    """Refuses FIE over more fields than the memory it would train in holds.
+
+    FIE's Linear(P, P) on the P = F (F - 1) / 2 field pairs has P^2 + P weights, about F^4 / 4:
+    100 fields 24.5 million (98 MB in float32), 200 fields 396 million (1.6 GB), 500 fields
+    15.6 billion (62 GB), held about ``FIE_TRAINING_COPIES`` times while training. Without this
+    check such a term fails in torch's allocator (or the process is killed) without naming FIE.
+
+    Args:
+        num_fields (int): F, the fields FIE pairs.
+        device (Optional[torch.device]): where its weights train; a CUDA device's memory, else
+            the host's (its cgroup limit where lower; no check where the OS does not say).
+
+    Raises:
+        ValueError: naming F, P, the bytes, the memory and what to change.
+    """
+    num_pairs = num_fields * (num_fields - 1) // 2
+    needed = FIE_TRAINING_COPIES * (num_pairs * num_pairs + num_pairs) * 4  # float32 bytes
+    if device is not None and torch.device(device).type == "cuda":
+        memory: Optional[int] = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        where = f"{device}'s"
+    else:
+        from recsys_llm.train.sharding import host_memory  # a layer up, read only here
+
+        memory, where = host_memory(), "the host's"
+    if memory is not None and needed > memory:
+        raise ValueError(
+            f"FIE over {num_fields} fields learns a Linear(P, P) on their P = {num_pairs:,} field pairs: "
+            f"{num_pairs * num_pairs:,} weights, about {needed / 2**30:,.1f} GiB while training (weight, gradient "
+            f"and Adam's two moments in float32), over {where} {memory / 2**30:,.1f} GiB; its size grows as F^4: "
+            "name fewer fields in llactr.fields (LLaCTRConfig.fields; 100 fields take about 0.4 GiB), or set "
+            "llactr.use_fie=false (FRE alone is linear in the fields)"
+        )
+
+
 def build_llactr_terms(
     config: LLaCTRConfig,
     schema: DatasetSchema,
@@ -142,6 +181,9 @@ def build_llactr_terms(
     Returns:
         Tuple: ``(logit_terms {"fie": ...}, loss_terms {"fre": ...}, provenance)``; a term
         is absent when switched off.
+
+    Raises:
+        ValueError: FIE's Linear(P, P) over the fields used would not fit where it trains (:func:`check_fie_fits`).
     """
     try:
         stored = load_vectors(config.vectors_path, schema=schema)
@@ -192,6 +234,7 @@ def build_llactr_terms(
                 f"model (features {sorted(dims)}) and wanted; use FRE alone (llactr.use_fie=false) or vectors of more "
                 "of the model's fields"
             )
+        check_fie_fits(len(used), device if device is not None else torch.get_default_device())
         with own_random_stream("llactr.fie"), torch.device("cpu"):
             logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)
     if device is None and torch.get_default_device().type != "cpu":  # built on CPU above, under another default

@@ -69,7 +69,9 @@ from recsys_llm.semantics.encoder import (
 )
 from recsys_llm.semantics.lora_targets import with_lora
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, read_json_file
-from recsys_llm.semantics.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype, runs_own_code
+from recsys_llm.semantics.model_loading import (
+    load_model, load_tokenizer, position_limited, resolve_device, resolve_dtype, runs_own_code,
+)
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
 from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
@@ -324,6 +326,7 @@ def fit_prompts(
     max_length: int,
     taken: Optional[Set[str]] = None,
     requested_max_length: Optional[int] = None,
+    position_limit: Optional[int] = None,
 ) -> Tuple[List[SSFTExample], int]:
     """Shortens the value of every prompt longer than ``max_length`` tokens until the prompt fits.
 
@@ -339,6 +342,8 @@ def fit_prompts(
             (training and held-out); None -> those of ``examples``. Each shortened value kept is added.
         requested_max_length (Optional[int]): ``--max-length`` as asked, when the model's positions
             capped it at ``max_length`` (the error then says that raising it cannot help).
+        position_limit (Optional[int]): the model's own position limit, past which no ``--max-length``
+            goes (the error says so when the prompt without its value is longer); None: not known.
 
     Returns:
         Tuple[List[SSFTExample], int]: the examples (in order) and how many were shortened or left out.
@@ -358,10 +363,18 @@ def fit_prompts(
         bare = length(ssft_prompt("", names, templates))
         if bare > max_length:
             capped = requested_max_length is not None and requested_max_length > max_length
-            remedy = (f"the model's positions cap --max-length {requested_max_length} there: use a model with more "
-                      "positions, fewer fields, or shorter prompt templates (PromptTemplates in Python)" if capped else
-                      f"raise --max-length (SSFTConfig.max_length) above {bare} (a value's own tokens come on top), "
-                      "or shorten the field descriptions")
+            # the candidate set lists every field's name: with many fields it outgrows any --max-length
+            shorter = ("fewer fields (a field without a description is left out), shorter field names (the candidate "
+                       "set lists them), or shorter prompt templates (PromptTemplates in Python)")
+            if capped:
+                remedy = (f"the model's positions cap --max-length {requested_max_length} there: use a model with "
+                          f"more positions, {shorter}")
+            elif position_limit is not None and bare > position_limit:
+                remedy = (f"the model's {position_limit} positions cannot hold it, whatever --max-length: use a model "
+                          f"with more positions, {shorter}")
+            else:
+                remedy = (f"raise --max-length (SSFTConfig.max_length) above {bare} (a value's own tokens come on "
+                          "top), or shorten the field names (the candidate set lists them)")
             raise ValueError(
                 f"SSFT prompt without its value is {bare} tokens, more than max_length {max_length} (its instruction "
                 f"and candidate set of {len(names)} fields alone); {remedy}"
@@ -466,7 +479,9 @@ class SSFTTrainer:
         check_field_texts_fit(self._encoder, names, self._field_texts, "SSFT", refuse_alike=True)  # InfoNCE keys
         limit = self._encoder.max_length  # --max-length capped at the model's positions: where the encoder cuts
         taken = {e.value for e in self._train + self._valid}  # a shortened value is none of these
-        fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, limit, taken, config.max_length)
+        positions = position_limited(self._encoder.model, sys.maxsize)  # the model's own limit, if it has one
+        fit = [fit_prompts(examples, names, config.templates, self._encoder.tokenizer, limit, taken, config.max_length,
+                           positions if positions < sys.maxsize else None)
                for examples in (self._train, self._valid)]
         (self._train, shortened_train), (self._valid, shortened_valid) = fit
         self._shortened = shortened_train + shortened_valid

@@ -112,7 +112,9 @@ from recsys_llm.train.run_records import (
     split_file_stats,
     strict_json,
 )
-from recsys_llm.train.sharding import build_optimizer, describe_plan, find_tables, plan_line, shard_model
+from recsys_llm.train.sharding import (
+    build_optimizer, describe_plan, find_tables, plan_line, shard_model, table_weights,
+)
 from recsys_llm.train.task_builder import (
     BuiltTask,
     build_task,
@@ -234,8 +236,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     # swapped pairs double every training batch; the planner sizes for what a step really holds
     step_rows = config.data.batch_size * (2 if swap is not None else 1)
     tables = find_tables(built.task)
-    weights = sum(table.num_embeddings * table.embedding_dim
-                  for _, ebc in tables.values() for table in ebc.embedding_bag_configs())
+    weights = table_weights(tables)
     if ctx.is_main and train_cfg.progress and weights >= NOTED_TABLE_WEIGHTS:
         print(f"sharding: planning {len(tables)} tables ({weights / 1e6:,.0f}M weights) on {ctx.world_size} rank(s) "
               "and building their shards", file=sys.stderr, flush=True)

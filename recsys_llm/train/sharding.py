@@ -312,6 +312,14 @@ def find_tables(model: nn.Module) -> Dict[str, Tuple[str, EmbeddingBagCollection
     return tables
 
 
+def table_weights(tables: Dict[str, Tuple[str, EmbeddingBagCollection]]) -> int:
+    """Weights of the tables of :func:`find_tables`, each table once (rows x dim summed over tables): every
+    table of an EBC names that EBC, so summing each entry's EBC counted an EBC of T tables T times."""
+    ebcs = {id(ebc): ebc for _, ebc in tables.values()}  # each EBC once
+    return sum(config.num_embeddings * config.embedding_dim
+               for ebc in ebcs.values() for config in ebc.embedding_bag_configs())
+
+
 def frozen_table_names(model: nn.Module, config: ShardingConfig) -> Set[str]:
     """Tables listed in ``config.frozen_tables`` plus all tables of EBCs with ``frozen = True``.
 

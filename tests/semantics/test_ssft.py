@@ -289,7 +289,8 @@ def test_values_shortened_to_one_text_give_no_repeated_prompt(tmp_path, tiny_lla
 def test_a_prompt_that_cannot_fit_is_refused(tmp_path, tiny_llama_dir, tiny_schema) -> None:
     with pytest.raises(ValueError, match=r"SSFT prompt without its value is (\d+) tokens, more than max_length 20 "
                                          r".*; raise --max-length \(SSFTConfig\.max_length\) above \1 \(a value's "
-                                         r"own tokens come on top\), or shorten the field descriptions$"):
+                                         r"own tokens come on top\), or shorten the field names \(the candidate set "
+                                         r"lists them\)$"):
         SSFTTrainer(_config(tiny_llama_dir, samples_train=8, samples_valid=2, max_length=20), tiny_schema,
                     str(tmp_path / "ssft"))
 
@@ -303,6 +304,20 @@ def test_a_prompt_longer_than_the_models_positions_says_raising_max_length_canno
     with pytest.raises(ValueError, match=r"more than max_length 20 .*; the model's positions cap --max-length 480 "
                                          r"there: use a model with more positions"):
         SSFTTrainer(_config(path, samples_train=8, samples_valid=2, max_length=480), tiny_schema, str(tmp_path / "ssft"))
+
+
+def test_a_candidate_set_longer_than_the_models_positions_is_refused_as_such(tmp_path, tiny_llama_dir,
+                                                                              tiny_schema) -> None:
+    """The candidate set lists every field's name (500 fields: 1,942 MiniLM tokens): the error said "raise
+    --max-length above 1942" of a model of 512 positions, and "shorten the field descriptions", which no prompt
+    holds."""
+    from tests.tiny_models import copy_model_dir_with_config
+
+    path, _ = copy_model_dir_with_config(tiny_llama_dir, tmp_path / "short", max_position_embeddings=20)
+    with pytest.raises(ValueError, match=r"more than max_length 16 .*; the model's 20 positions cannot hold it, "
+                                         r"whatever --max-length: use a model with more positions, fewer fields .*, "
+                                         r"shorter field names \(the candidate set lists them\)"):
+        SSFTTrainer(_config(path, samples_train=8, samples_valid=2, max_length=16), tiny_schema, str(tmp_path / "ssft"))
 
 
 def test_prompts_fit_the_model_positions_when_max_length_is_larger(tmp_path, tiny_llama_dir, tiny_schema) -> None:

@@ -29,6 +29,7 @@ from recsys_llm.train.sharding import (
     ranks_holding_tables,
     shard_model,
     table_placements,
+    table_weights,
 )
 from tests.multiprocess import run_multiprocess
 
@@ -376,6 +377,17 @@ class TestConstraints:
             shard_model(task, torch.device("cpu"), 1, ShardingConfig(), OptimizerConfig(), batch_size=8)
         del backbone.wrapped
         assert set(find_tables(task)) == {c.name for c in ebc.embedding_bag_configs()}
+
+    def test_table_weights_count_each_table_once(self) -> None:
+        """The runner's 'sharding: planning N tables (XM weights)' summed each table's EBC: an EBC of T tables
+        T times (500 fields: 500x the weights, and the note shown for models far below its threshold)."""
+        def ebc(prefix: str, rows: List[int]) -> EmbeddingBagCollection:
+            tables = [EmbeddingBagConfig(name=f"{prefix}{k}", embedding_dim=8, num_embeddings=n,
+                                         feature_names=[f"{prefix}{k}"]) for k, n in enumerate(rows)]
+            return EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+
+        model = torch.nn.ModuleDict({"a": ebc("a", [4, 5, 6]), "b": ebc("b", [10])})
+        assert table_weights(find_tables(model)) == (4 + 5 + 6 + 10) * 8
 
     def test_a_dense_buffer_on_meta_is_refused_before_sharding(self, synthetic_schema: DatasetSchema) -> None:
         """A torchrec DLRM built whole under ``torch.device("meta")``: DMP gave its interaction's ``triu_indices``
