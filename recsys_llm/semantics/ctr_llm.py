@@ -488,6 +488,7 @@ def tune_ctr_llm(
 
 
 CTR_LLM_FILES = ("config.json", "heads.safetensors")  # every saved CTR-adapted LLM has them
+PEFT_ADAPTER_DIR = "adapter"  # with LoRA: peft's adapter directory of the tuned LLM (save_ctr_llm)
 
 
 def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict[str, Any]] = None,
@@ -495,7 +496,10 @@ def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict
     """Saves config, heads and tuned LLM tensors atomically (temp dir renamed into place).
 
     Files: ``config.json``, ``heads.safetensors``, ``llm_tuned.safetensors`` (LoRA adapters
-    or the unfrozen layers, by parameter name), ``provenance.json``, one JSON file per
+    or the unfrozen layers, by parameter name), with LoRA ``adapter/`` too (the same LoRA tensors as
+    peft's own adapter directory, ``adapter_config.json`` and ``adapter_model.safetensors``, which
+    ``peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base), "<dir>/adapter")`` loads without
+    recsys_llm; :func:`load_ctr_llm` reads ``llm_tuned.safetensors``), ``provenance.json``, one JSON file per
     ``extra_json`` entry (file name -> content, e.g. the row-text settings) and one file per
     ``extra_files`` entry (file name -> a function writing the path it is given, e.g. a picture),
     in the same swap.
@@ -510,6 +514,8 @@ def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict
             json.dump(dataclasses.asdict(model.config), handle, indent=2)
         save_file(_heads_state(model), os.path.join(tmp, "heads.safetensors"))
         save_file(model.trainable_llm_state(), os.path.join(tmp, "llm_tuned.safetensors"))
+        if model.config.tuning == "lora":  # the LoRA part as peft writes it, for peft and transformers users
+            model.llm.save_pretrained(os.path.join(tmp, PEFT_ADAPTER_DIR))
         base = model.config.model_path
         base_weights = {BASE_WEIGHTS_KEY: model_weights_fingerprint(base)} if os.path.isdir(base) else {}
         base_tokenizer = {BASE_TOKENIZER_KEY: tokenizer_fingerprint(model.tokenizer)}

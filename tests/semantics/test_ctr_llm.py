@@ -498,3 +498,34 @@ def test_a_text_without_tokens_is_refused_not_given_a_zero_vector(tmp_path):
     for texts in (["", "price 3"], ["", ""]):
         with pytest.raises(ValueError, match=r"the text '' has no tokens"):
             model.encode(texts, output="pooled")
+
+
+def test_a_lora_adapted_llm_holds_a_peft_adapter_that_peft_and_transformers_load_alone(tmp_path):
+    """The LoRA tensors were saved under peft's in-memory names only (llm_tuned.safetensors, '.default.' in every
+    key, no adapter_config.json): PeftModel.from_pretrained could not load the adapted LLM without recsys_llm."""
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    model, config = _tiny_bert_ctr_llm(tmp_path)
+    with torch.no_grad():  # LoRA's B starts at zero: an adapter that changes the hidden states
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.1)
+    out = str(tmp_path / "ctr_llm")
+    save_ctr_llm(model, out)
+    adapter = os.path.join(out, "adapter")
+    with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["base_model_name_or_path"] == config.model_path
+    texts = ["user id is 3. genre is comedy.", "genre is drama."]
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(config.model_path), adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = peft_model(**encoded).last_hidden_state  # (2, T, H)
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)  # mean pooling, as config.json's pooling says
+    loaded = load_ctr_llm(out)
+    torch.testing.assert_close(pooled, loaded.encode(texts, output="pooled"))
+    untuned = AutoModel.from_pretrained(config.model_path).eval()
+    with torch.no_grad():
+        assert not torch.allclose(untuned(**encoded).last_hidden_state, hidden, atol=1e-3)
