@@ -60,12 +60,14 @@ from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingB
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
 from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
     ParameterConstraints,
     PlannerError,
     PlannerErrorType,
+    Proposer,
     TopologyFactory,
     TrainerConfig,
 )
@@ -162,6 +164,10 @@ class OptimizerConfig:
         check_number("optim.weight_decay", self.weight_decay, minimum=0)
 
 
+# proposals in a row rated worse than the best before a greedy proposer stops (ShardingConfig.proposer_patience)
+DEFAULT_PROPOSER_PATIENCE = 10
+
+
 @dataclasses.dataclass
 class ShardingConfig:
     """How the planner may place tables.
@@ -184,6 +190,11 @@ class ShardingConfig:
             ``data_parallel``, tables in parameter order too), so a resumed run goes on
             bit for bit; False: DDP's own buckets, whose all-reduces overlap the backward but reduce
             in another order after DDP rebuilds them, so a resume drifts in the last bits.
+        proposer_patience (int): torchrec's greedy proposers stop after this many proposals in a row
+            that rate worse than their best (``GreedyProposer(threshold=...)``); 0: they try every
+            option of every table (torchrec's default), a search whose time grows with the square of
+            the table count (500 tables: about 90 s on one core; the plans rated the same on 26 to
+            200 tables, 2 CPU and 8 GPU ranks, at a tenth of the time or less).
     """
 
     sharding_types: List[str] = dataclasses.field(default_factory=list)
@@ -192,8 +203,10 @@ class ShardingConfig:
     frozen_tables: List[str] = dataclasses.field(default_factory=list)
     compute_device: str = "auto"
     exact_dense_reduction: bool = True
+    proposer_patience: int = DEFAULT_PROPOSER_PATIENCE
 
     def __post_init__(self) -> None:
+        check_number("sharding.proposer_patience", self.proposer_patience, integer=True, minimum=0)
         if self.compute_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"sharding.compute_device must be 'auto', 'cpu' or 'cuda', got {self.compute_device!r}")
         for table, overrides in self.table_constraints.items():
@@ -258,6 +271,13 @@ def _no_room_message(task: nn.Module, world_size: int, compute_device: str, capa
             f"{sum(sizes.values()) / 2**30:.2f} GiB in all, before optimizer state; the largest: {shown}{planned}); "
             f"use {more}, or smaller tables (fewer rows: --hash-size, the schema's cardinality; a smaller "
             f"model.embedding_dim) (torchrec: {first})")
+
+
+def planner_proposers(patience: int) -> List[Proposer]:
+    """torchrec's default proposers (grid search, greedy by depth and by sum, uniform), the greedy ones
+    stopping after ``patience`` proposals in a row rated worse than their best (0: never)."""
+    return [GridSearchProposer(), GreedyProposer(threshold=patience or None),
+            GreedyProposer(use_depth=False, threshold=patience or None), UniformProposer()]
 
 
 def loadable_on_cpu(sharding: ShardingConfig) -> ShardingConfig:
@@ -633,6 +653,7 @@ def shard_model(
         topology=topology,
         batch_size=batch_size,
         constraints=constraints,
+        proposer=planner_proposers(sharding.proposer_patience),
         debug=False,
     )
     plan, refusal = _plan_on_rank_0(planner, task)

@@ -948,3 +948,54 @@ def test_the_plan_line_counts_tables_by_sharding_type_and_their_weights() -> Non
                         [EmbeddingBagCollectionSharder()])
     assert plan_line(plan, 8, "p.json") == "sharding: 1 table(s) over 8 rank(s) (1 row-wise; 20.5 B weights in " \
                                            "shards); the plan: p.json"
+
+
+class _ManyTables(torch.nn.Module):
+    """``count`` tables of 10 to 10^7 rows and 16 / 32 / 64 columns (drawn with ``seed``), on meta."""
+
+    def __init__(self, count: int, seed: int = 0) -> None:
+        super().__init__()
+        import random
+
+        draw = random.Random(seed)
+        self.ebc = EmbeddingBagCollection([
+            EmbeddingBagConfig(name=f"t{k}", embedding_dim=draw.choice([16, 32, 64]),
+                               num_embeddings=int(10 ** draw.uniform(1, 7)), feature_names=[f"f{k}"])
+            for k in range(count)], device=torch.device("meta"))
+
+
+@pytest.mark.parametrize("world_size, device, hbm_gib", [(2, "cpu", None), (8, "cuda", 80), (8, "cuda", 1.6)])
+def test_patient_proposers_find_the_exhaustive_plan_in_fewer_proposals(world_size: int, device: str,
+                                                                       hbm_gib: float) -> None:
+    """torchrec's greedy proposers try every option of every table: planning grew with the square of the table
+    count (500 tables: 92 s on one core, before the first step). With a patience of 10 they stop early."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.perf_models import NoopPerfModel
+
+    from recsys_llm.train.sharding import DEFAULT_PROPOSER_PATIENCE, planner_proposers
+
+    topology = build_topology(world_size, device, hbm_cap=int(hbm_gib * 2**30) if hbm_gib else None,
+                              local_world_size=world_size)
+    found = {}
+    for patience in (0, DEFAULT_PROPOSER_PATIENCE):
+        planner = EmbeddingShardingPlanner(topology=topology, batch_size=4096, proposer=planner_proposers(patience))
+        plan = planner.plan(_ManyTables(60), [EmbeddingBagCollectionSharder()])
+        found[patience] = (planner._num_proposals, NoopPerfModel(topology).rate(planner._best_plan), plan)
+    assert found[DEFAULT_PROPOSER_PATIENCE][0] * 4 < found[0][0], found
+    assert found[DEFAULT_PROPOSER_PATIENCE][1] == pytest.approx(found[0][1], rel=1e-9)
+    assert str(found[DEFAULT_PROPOSER_PATIENCE][2]) == str(found[0][2])
+
+
+def test_shard_model_plans_with_the_configured_patience(monkeypatch, synthetic_schema: DatasetSchema) -> None:
+    with pytest.raises(ValueError, match=r"sharding.proposer_patience"):
+        ShardingConfig(proposer_patience=-1)
+    from recsys_llm.train import sharding
+
+    asked = []
+    original = sharding.planner_proposers
+    monkeypatch.setattr(sharding, "planner_proposers", lambda patience: asked.append(patience) or original(patience))
+    init_distributed()
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+    shard_model(task, torch.device("cpu"), 1, ShardingConfig(proposer_patience=3), OptimizerConfig(), batch_size=8)
+    assert asked == [3]
