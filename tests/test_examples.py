@@ -243,6 +243,6 @@ def test_offline_jobs_on_rank_0_of_torchrun_export_every_item_alone(tmp_path, mo
         offline_llm_jobs.prepare(str(tmp_path / "jobs"), 16000, llm)
     finally:
         dist.destroy_process_group()
-    with open(tmp_path / "jobs" / "vectors" / "manifest.json", encoding="utf-8") as handle:
+    with open(tmp_path / "jobs" / "vectors" / "_manifest.json", encoding="utf-8") as handle:
         assert json.load(handle)["num_rows"] > 4096  # more items than one chunk of the default --chunk-rows
     assert os.path.isfile(tmp_path / "jobs" / "fields.safetensors")

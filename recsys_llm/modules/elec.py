@@ -276,14 +276,14 @@ def entity_vectors_record(config: ELECConfig) -> Dict[str, Dict[str, Any]]:
     per named field whose export exists, its provenance (model, adapter, template, schema, ...) with
     the hash and count of its keys, so that a resume or a reused run can tell vectors exported again
     by another model from the ones it trained with. Where the export lies does not count."""
-    from recsys_llm.semantics.vector_export import MANIFEST, load_manifest
+    from recsys_llm.semantics.vector_export import load_manifest, manifest_path
 
     if config.vector_source != "entity_table" or (config.task == "distill" and config.distill.mode == "offline"):
         return {}
     record: Dict[str, Dict[str, Any]] = {}
     for field, directory in config.entity_tables.items():
-        if directory and os.path.isfile(os.path.join(directory, MANIFEST)):
-            manifest = load_manifest(os.path.join(directory, MANIFEST))
+        if directory and os.path.isfile(manifest_path(directory)):
+            manifest = load_manifest(manifest_path(directory))
             record[field] = {**dict(manifest.get("provenance") or {}), "num_rows": manifest.get("num_rows"),
                              "keys_sha256": manifest.get("keys_sha256")}
     return record

@@ -68,7 +68,9 @@ from recsys_llm.semantics.vector_projection import load_projection
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
 TEXTS_KEY = b"recsys_llm.texts_sha256"  # a chunk's schema metadata: the hash of its texts (texts_sha256)
-MANIFEST = "manifest.json"
+# "_" first: pyarrow (pq.read_table of the directory), pandas, Spark and Dask read the chunks beside it and skip it
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # the manifest of exports written before 2026-12-06
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
 
@@ -162,9 +164,17 @@ def chunk_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"chunk-{index:05d}.parquet")
 
 
+def manifest_path(directory: str) -> str:
+    """The manifest of the export in ``directory``: ``MANIFEST``, or where only an export written before
+    2026-12-06 lies there, its ``LEGACY_MANIFEST`` (read, and resumed, under that name)."""
+    legacy = os.path.join(directory, LEGACY_MANIFEST)
+    current = os.path.join(directory, MANIFEST)
+    return legacy if os.path.exists(legacy) and not os.path.exists(current) else current
+
+
 # what an export directory holds: the manifest, the chunks, the temp files of both, and the file of a
 # shared-directory check a killed torchrun export left (train.run_records.check_run_dir_shared)
-_EXPORT_ENTRY = re.compile(r"(manifest\.json|chunk-\d{5,}\.parquet)(\.[0-9a-f]+\.tmp)?|\.shared-check-[0-9a-f]+")
+_EXPORT_ENTRY = re.compile(r"(_?manifest\.json|chunk-\d{5,}\.parquet)(\.[0-9a-f]+\.tmp)?|\.shared-check-[0-9a-f]+")
 
 
 def _create_manifest(path: str, manifest: Dict[str, object]) -> bool:
@@ -203,7 +213,7 @@ def check_export_dir(directory: str) -> None:
     """
     check_own_entries(directory, "vector export", lambda name: _EXPORT_ENTRY.fullmatch(name) is not None,
                       f"{MANIFEST}, chunk-NNNNN.parquet files")
-    manifest = os.path.join(directory, MANIFEST)
+    manifest = manifest_path(directory)
     if os.path.exists(manifest):
         load_manifest(manifest)
 
@@ -300,7 +310,7 @@ class VectorExport:
             "key_column": self._config.key_column,
             "vector_column": self._config.vector_column,
         }
-        path = os.path.join(self._directory, MANIFEST)
+        path = manifest_path(self._directory)
         # one made by an earlier export, or first by another rank or an export launched here at the same time
         if os.path.exists(path) or not _create_manifest(path, manifest):
             existing = load_manifest(path)
@@ -531,7 +541,7 @@ def read_manifest(directory: str, expected: Optional[Dict[str, str]] = None) -> 
         ValueError: chunks are missing (the export has not finished).
         ProvenanceError: provenance differs from ``expected``.
     """
-    path = os.path.join(directory, MANIFEST)
+    path = manifest_path(directory)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a vector export directory")
     manifest = load_manifest(path)
@@ -788,7 +798,7 @@ def splits_of_an_earlier_row_export(directory: str, schema: DatasetSchema, rende
     """The schema's splits in sorted order when ``directory`` holds a row export of them read in that order
     (what ``semantics export`` read by default before 2026-12-05; the schema's own order since), else None:
     resumed in the schema's order, its finished chunks would hold other rows than this run's."""
-    path = os.path.join(directory, MANIFEST)
+    path = manifest_path(directory)
     in_schema_order, in_sorted_order = list(schema.splits), sorted(schema.splits)
     if granularity != "row" or in_sorted_order == in_schema_order or not os.path.isfile(path):
         return None

@@ -273,7 +273,7 @@ def test_an_adapt_and_export_written_inside_the_model_directory_agree_and_resume
     assert main(export) == 0
     with open(os.path.join(llm, "provenance.json"), encoding="utf-8") as handle:
         adapted = json.load(handle)["revision"]
-    with open(os.path.join(vectors, "manifest.json"), encoding="utf-8") as handle:
+    with open(os.path.join(vectors, "_manifest.json"), encoding="utf-8") as handle:
         assert json.load(handle)["provenance"]["revision"] == adapted
     last = sorted(name for name in os.listdir(vectors) if name.startswith("chunk-"))[-1]
     os.remove(os.path.join(vectors, last))  # as a killed export leaves it

@@ -135,7 +135,7 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
 
         def after_the_other_host(publish):
             def publish_after_the_other_host(source, target):
-                if source.startswith(os.path.join(out, "manifest.json")) and not other_host_done:
+                if source.startswith(os.path.join(out, "_manifest.json")) and not other_host_done:
                     other_host_done.append(None)  # rank 1, same pid, writes between rank 0's write and its rename
                     other_host_done[0] = VectorExport(out, PROVENANCE, config).run(
                         keys, texts, CountingEncoder(), rank=1, world_size=2, progress=False)
@@ -163,7 +163,7 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
 
         def after_the_other_export(publish):
             def publish_after_the_other_export(source, target):
-                if source.startswith(os.path.join(out, "manifest.json")) and not other_done:
+                if source.startswith(os.path.join(out, "_manifest.json")) and not other_done:
                     other_done.append(None)  # it checked the directory, and wrote all, while this one wrote its manifest
                     other_done[0] = VectorExport(out, other, config).run(keys, texts, CountingEncoder(dim=4),
                                                                          progress=False)
@@ -198,7 +198,7 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         with pytest.raises(ValueError, match=r"texts\(5, 10\) returned 4 texts, expected 5"):
             VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(
                 keys, lambda a, b: texts(a, b)[: 4 if a == 5 else None], encoder, progress=False)
-        assert encoder.calls == 1 and sorted(os.listdir(out)) == ["chunk-00000.parquet", "manifest.json"]
+        assert encoder.calls == 1 and sorted(os.listdir(out)) == ["_manifest.json", "chunk-00000.parquet"]
 
     def test_wrong_provenance_rejected(self, tmp_path):
         out = str(tmp_path / "vec")
@@ -390,7 +390,7 @@ class TestSemanticsCLI:
         args = ["semantics", "export", "--schema", str(data), "--llm", llm, "--output-dir", vec, "--chunk-rows", "16",
                 "--attach-dir", attached]
         assert main(args) == 0
-        manifest = json.load(open(os.path.join(vec, "manifest.json")))
+        manifest = json.load(open(os.path.join(vec, "_manifest.json")))
         assert manifest["num_chunks"] == 4 and manifest["provenance"]["granularity"] == "row"
         assert manifest["provenance"]["llm_dtype"] == "bfloat16"  # the vectors of a bf16 LLM say so
         mtimes = [os.stat(chunk_path(vec, i)).st_mtime_ns for i in range(4)]
@@ -733,12 +733,12 @@ def test_a_damaged_manifest_is_named(tmp_path):
     out = str(tmp_path / "vec")
     keys, texts = _keys_texts(4)
     VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
-    manifest = os.path.join(out, "manifest.json")
+    manifest = os.path.join(out, "_manifest.json")
     with open(manifest, encoding="utf-8") as handle:
         good = json.load(handle)
     with open(manifest, "w", encoding="utf-8") as handle:
         handle.write("{'provenance': ")  # cut short, and not JSON quoting
-    damaged = r"vec/manifest\.json: damaged export manifest, not valid JSON \(Expecting property name"
+    damaged = r"vec/_manifest\.json: damaged export manifest, not valid JSON \(Expecting property name"
     with pytest.raises(ValueError, match=damaged):
         read_manifest(out)
     with pytest.raises(ValueError, match=damaged):  # a resume reads it too
@@ -746,7 +746,7 @@ def test_a_damaged_manifest_is_named(tmp_path):
                                                                            progress=False)
     with open(manifest, "w", encoding="utf-8") as handle:  # nested past the recursion limit: not a traceback
         handle.write("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(ValueError, match=r"vec/manifest\.json: damaged export manifest, not valid JSON"):
+    with pytest.raises(ValueError, match=r"vec/_manifest\.json: damaged export manifest, not valid JSON"):
         read_manifest(out)
     with open(manifest, "w", encoding="utf-8") as handle:
         json.dump({"provenance": {}}, handle)
@@ -851,7 +851,7 @@ def test_an_output_dir_of_other_files_is_refused_before_any_work_and_left_as_it_
     (junk / "notes.txt").write_text("mine", encoding="utf-8")
     encoder = CountingEncoder()
     with pytest.raises(FileExistsError, match=r"junk: not empty and not an earlier vector export: 'notes\.txt' is "
-                                              r"not one of its entries \(manifest\.json, chunk-NNNNN\.parquet"):
+                                              r"not one of its entries \(_manifest\.json, chunk-NNNNN\.parquet"):
         export_schema_vectors(schema, ["train"], renderer, encoder, str(junk), PROVENANCE, config, progress=False)
     os.remove(junk / "notes.txt")
     with open(junk / "manifest.json", "w", encoding="utf-8") as handle:
@@ -878,7 +878,7 @@ def test_a_resume_with_another_output_names_it_before_the_width(tmp_path):
     keys, texts = _keys_texts(4)
     pooled = dict(PROVENANCE, dim="384", output="pooled")
     VectorExport(out, pooled, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
-    message = (r"vec/manifest\.json: vectors do not match the expected provenance \(output: stored 'pooled', "
+    message = (r"vec/_manifest\.json: vectors do not match the expected provenance \(output: stored 'pooled', "
                r"expected 'representation'; dim: stored '384', expected '128'\): it was exported with other settings")
     with pytest.raises(ProvenanceError, match=message):
         VectorExport(out, dict(PROVENANCE, dim="128"), VectorExportConfig(chunk_rows=2)).run(
@@ -1300,7 +1300,7 @@ def test_an_export_of_no_keys_is_refused_and_an_older_one_is_named(tmp_path):
     with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as handle:
         json.dump({"provenance": PROVENANCE, "chunk_rows": 2, "num_rows": 0, "num_chunks": 0, "key_column": "key",
                    "vector_column": "vector"}, handle)
-    empty = r"vec: an export of no vectors \(num_rows 0 in its manifest\.json\)"
+    empty = r"vec: an export of no vectors \(num_rows 0 in its _manifest\.json\)"
     with pytest.raises(ValueError, match=empty):
         vector_dim(out)
     split = str(tmp_path / "split.parquet")
@@ -1418,10 +1418,11 @@ def test_an_export_whose_manifest_hashes_all_texts_resumes_and_is_refused_over_o
     digest = hashlib.sha256()
     for text in texts(0, 20):
         digest.update(len(text.encode()).to_bytes(8, "little") + text.encode())
-    with open(os.path.join(out, "manifest.json")) as handle:
+    with open(os.path.join(out, "_manifest.json")) as handle:
         manifest = json.load(handle)
     del manifest["texts_check"]
     manifest["texts_sha256"] = digest.hexdigest()[:16]
+    os.remove(os.path.join(out, "_manifest.json"))  # exports of that time named it manifest.json
     with open(os.path.join(out, "manifest.json"), "w") as handle:
         json.dump(manifest, handle)
     os.remove(chunk_path(out, 1))
@@ -1432,6 +1433,17 @@ def test_an_export_whose_manifest_hashes_all_texts_resumes_and_is_refused_over_o
     assert encoder.calls == 0
     assert VectorExport(out, PROVENANCE, config).run(keys, texts, encoder, progress=False) == [1]
     assert encoder.texts == 10 and len(read_vectors(out, expected=PROVENANCE)[0]) == 20
+    assert "_manifest.json" not in os.listdir(out)  # resumed under the name it was made with
+
+
+def test_pyarrow_reads_an_export_directory_as_one_table(tmp_path):
+    """The manifest was named manifest.json: pq.read_table (and pandas, Spark, Dask) of the directory stopped at it
+    ("Parquet magic bytes not found"); named _manifest.json it is skipped, as pyarrow skips '_' and '.' files."""
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(25)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, CountingEncoder(), progress=False)
+    table = pq.read_table(out)
+    assert table.num_rows == 25 and sorted(table.column("key").to_pylist()) == sorted(keys.tolist())
 
 
 def test_a_chunk_without_the_hash_of_its_texts_in_an_export_that_records_them_is_named(tmp_path):
