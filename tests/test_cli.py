@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 import pytest
+from safetensors import SafetensorError
 
 from recsys_llm.cli import PROGRESS_INTERVAL_ENV, main
 
@@ -251,9 +252,15 @@ def test_a_command_that_fails_leaves_no_process_group_behind(tmp_path) -> None:
 @pytest.mark.parametrize("failure, line", [
     (OSError(30, "Read-only file system", "/data/out"), "[Errno 30] Read-only file system: '/data/out'"),
     (OSError(28, "No space left on device"), "[Errno 28] No space left on device (writing /nonexistent/out)"),
+    # past ``ulimit -f`` (Python ignores SIGXFSZ): pyarrow's text, as prepare got it
+    (OSError(27, "Error writing bytes to file. Detail: [errno 27] File too large"),
+     "[Errno 27] Error writing bytes to file. Detail: [errno 27] File too large (writing /nonexistent/out)"),
+    # safetensors' save_file (export's model.safetensors on a full disk) raises no OSError
+    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     "Error while serializing: I/O error: No space left on device (os error 28) (writing /nonexistent/out)"),
     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
      "a file could not be written whole ([enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598): "
-     "check the free space and quota where the command writes"),
+     "check the free space, quota and file-size limit (ulimit -f) where the command writes"),
 ])
 def test_a_disk_that_takes_no_more_writes_is_one_line(monkeypatch, capsys, failure, line) -> None:
     from recsys_llm.cli import data
@@ -319,7 +326,7 @@ def _checkpoint_failure(*failures: BaseException) -> BaseException:
      "[Errno 28] No space left on device: '/runs/r/best/ckpt-00000032.tmp/__0_0.distcp'"),
     (lambda: _checkpoint_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")),
      "a file could not be written whole ([enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598): "
-     "check the free space and quota where the command writes"),
+     "check the free space, quota and file-size limit (ulimit -f) where the command writes"),
 ], ids=["a rank's full disk", "a short write"])
 def test_a_full_disk_in_a_checkpoint_save_is_the_failing_ranks_line(monkeypatch, capsys, failure, line) -> None:
     """The CheckpointException's own text (every rank's traceback, 3,000 characters) was the 'one line'."""

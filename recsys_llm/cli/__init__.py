@@ -162,10 +162,13 @@ USER_ERRORS = (
     ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
     pickle.UnpicklingError,  # a refused checkpoint .metadata
 )
-# an OSError of these is about where the command writes, not a bug: one line too
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# an OSError of these is about where the command writes, not a bug: one line too (EFBIG: past a file-size
+# limit, ``ulimit -f`` or the file system's largest file; Python ignores SIGXFSZ, so the write fails)
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 # what torch's zip writer says when a write comes up short (a full disk), without the OSError
 SHORT_WRITE_MARK = "unexpected pos"
+# how a Rust library (safetensors' SafetensorError) ends an I/O error's text, its only trace of the errno
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 TRACEBACK_ENV = "RECSYS_LLM_TRACEBACK"
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # set by torchrun's agent (and so torchx) for each worker
 PROGRESS_INTERVAL_ENV = MININTERVAL_ENV  # the project's bars read it when made (recsys_llm.progress)
@@ -219,21 +222,26 @@ OUTPUT_OPTIONS = ("out", "output", "output_dir", "attach_dir", "run_dir")
 
 
 def _environment_error_line(error: BaseException, args: Optional[argparse.Namespace] = None) -> Optional[str]:
-    """One line for a failure of the disk the command writes to (full, over quota, read-only), else None; an
-    error that names no file (pyarrow's "[Errno 28] Error writing bytes to file") gets the command's output."""
+    """One line for a failure of the disk the command writes to (full, over quota, read-only, a file past the
+    file-size limit), else None; an error that names no file (pyarrow's "[Errno 28] Error writing bytes to file",
+    safetensors' "... (os error 28)") gets the command's output."""
     # the wrapped failures first: a CheckpointException's own text holds every rank's traceback
     candidates = [*_wrapped_failures(error), error]
+    output = next((value for value in (getattr(args, name, None) for name in OUTPUT_OPTIONS)
+                   if isinstance(value, str) and value), None)
     for candidate in candidates:
         if isinstance(candidate, OSError) and candidate.errno in ENVIRONMENT_ERRNOS:
-            output = next((value for value in (getattr(args, name, None) for name in OUTPUT_OPTIONS)
-                           if isinstance(value, str) and value), None)
             if candidate.filename is None and output is not None:
                 return f"{candidate} (writing {output})"
             return str(candidate)
+    for candidate in _wrapped_failures(error) or [error]:  # not the wrapper's text: every rank's traceback
+        rust_errno = RUST_OS_ERROR.search(str(candidate))
+        if rust_errno and int(rust_errno.group(1)) in ENVIRONMENT_ERRNOS:
+            return f"{one_line(candidate)}{f' (writing {output})' if output is not None else ''}"
     for candidate in candidates:
         if SHORT_WRITE_MARK in str(candidate):
-            return (f"a file could not be written whole ({one_line(candidate)}): check the free space and quota "
-                    "where the command writes")
+            return (f"a file could not be written whole ({one_line(candidate)}): check the free space, quota and "
+                    "file-size limit (ulimit -f) where the command writes")
     return None
 
 
