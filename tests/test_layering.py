@@ -16,7 +16,7 @@ PACKAGE = os.path.join(REPO, "recsys_llm")
 # lowest first; a module imports at module level only from its own layer or one below it
 LAYERS = ("leaf", "data", "models", "semantics", "modules", "train", "serving", "cli")
 LEAF_MODULES = {"recsys_llm", "recsys_llm.atomic_dir", "recsys_llm.error_text", "recsys_llm.file_hash",
-                "recsys_llm.paths", "recsys_llm.env", "recsys_llm.progress", "recsys_llm.typed_config",
+                "recsys_llm.paths", "recsys_llm.env", "recsys_llm.host_memory", "recsys_llm.progress", "recsys_llm.typed_config",
                 "recsys_llm.train.distributed"}
 DATA_LEVEL_MODULES = {"recsys_llm.id_rules"}  # the id rules of the data's fields, shared by reader and serving
 

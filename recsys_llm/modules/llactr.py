@@ -24,6 +24,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.host_memory import host_memory
 from recsys_llm.models.base import check_one_table_per_feature
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS, FieldRepresentationEnhancement
@@ -147,8 +148,6 @@ def check_fie_fits(num_fields: int, device: Optional[torch.device] = None) -> No
         memory: Optional[int] = torch.cuda.get_device_properties(torch.device(device)).total_memory
         where = f"{device}'s"
     else:
-        from recsys_llm.train.sharding import host_memory  # a layer up, read only here
-
         memory, where = host_memory(), "the host's"
     if memory is not None and needed > memory:
         raise ValueError(

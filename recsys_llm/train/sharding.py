@@ -79,6 +79,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys_llm.data.validation import check_number
+from recsys_llm.host_memory import host_memory
 from recsys_llm.models.embedding import FILLED_BEFORE_SHARDING
 from recsys_llm.modules.random_stream import give_rank_its_own_stream
 
@@ -500,27 +501,6 @@ def _check_plannable(constraints: Dict[str, ParameterConstraints], frozen: Set[s
             f"sharded types 'fused' (on CUDA also {list(CUDA_ONLY_KERNELS)}), and row-wise types need CUDA: change "
             f"sharding.sharding_types / sharding.compute_kernels, or sharding.table_constraints.{name}"
         )
-
-
-CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-
-
-def host_memory() -> Optional[int]:
-    """Bytes of memory this process's host (or container: its cgroup's limit, where lower) has, or None
-    where the OS does not say (the planner then assumes its default, 128 GB per rank)."""
-    try:
-        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-    for path in CGROUP_MEMORY_LIMITS:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                limit = handle.read().strip()
-        except OSError:
-            continue
-        if limit.isdigit():
-            return min(physical, int(limit))
-    return physical
 
 
 def planner_host_memory(compute_device: str, local_world_size: int) -> Optional[int]:

@@ -165,10 +165,10 @@ class TestBuildLLaCTRTerms:
     def test_fie_over_more_fields_than_memory_holds_is_refused_naming_its_size(self, tmp_path, monkeypatch) -> None:
         """FIE's Linear(P, P) grows as F^4: over 500 fields it asked torch's allocator for 62 GB, which failed
         without naming FIE (or the process was killed at the first optimizer step)."""
+        from recsys_llm.modules import llactr
         from recsys_llm.modules.llactr import check_fie_fits
-        from recsys_llm.train import sharding
 
-        monkeypatch.setattr(sharding, "host_memory", lambda: 64 << 30)  # a host of 64 GiB
+        monkeypatch.setattr(llactr, "host_memory", lambda: 64 << 30)  # a host of 64 GiB
         check_fie_fits(100)  # 24.5 million weights
         with pytest.raises(ValueError, match=r"FIE over 500 fields learns a Linear\(P, P\) on their P = 124,750 "
                                              r"field pairs: 15,562,562,500 weights, about 231.9 GiB while training "
@@ -177,12 +177,12 @@ class TestBuildLLaCTRTerms:
         schema = _schema()
         path = _vectors(tmp_path, schema)
         backbone = LinearBackbone(make_ebc(), 1)
-        monkeypatch.setattr(sharding, "host_memory", lambda: 100)  # 3 fields, 3 pairs: 192 bytes
+        monkeypatch.setattr(llactr, "host_memory", lambda: 100)  # 3 fields, 3 pairs: 192 bytes
         with pytest.raises(ValueError, match=r"FIE over 3 fields .* P = 3 field pairs"):
             build_llactr_terms(LLaCTRConfig(path), schema, backbone)
         _, loss_terms, _ = build_llactr_terms(LLaCTRConfig(path, use_fie=False), schema, backbone)
         assert list(loss_terms) == ["fre"]
-        monkeypatch.setattr(sharding, "host_memory", lambda: None)  # the OS does not say: no check
+        monkeypatch.setattr(llactr, "host_memory", lambda: None)  # the OS does not say: no check
         assert "fie" in build_llactr_terms(LLaCTRConfig(path), schema, backbone)[0]
 
     def test_vectors_of_another_schema_are_rejected_naming_what_differs(self, tmp_path) -> None:

@@ -888,13 +888,13 @@ def test_host_memory_is_the_cgroup_limit_where_lower_than_the_hosts(tmp_path, mo
     memory; ``max`` (none) and a limit above the host's leave the host's."""
     import os
 
-    from recsys_llm.train import sharding
+    from recsys_llm import host_memory
 
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     limit_file = tmp_path / "memory.limit_in_bytes"
     limit_file.write_text(limit.format(physical_times_4=physical * 4))
-    monkeypatch.setattr(sharding, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"), str(limit_file)))
-    assert sharding.host_memory() == (physical if expected is None else expected)
+    monkeypatch.setattr(host_memory, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"), str(limit_file)))
+    assert host_memory.host_memory() == (physical if expected is None else expected)
 
 
 def test_gpu_ranks_plan_unified_memory_tables_in_their_share_of_the_host(monkeypatch) -> None:
