@@ -157,6 +157,52 @@ def test_weights_are_served_in_the_dtype_of_half_precision_tables(tmp_path):
     assert torch.equal(served.logits(request.dense_features, request.sparse_features), expected)
 
 
+def test_half_precision_tables_take_the_readers_float32_weights_unsharded(tmp_path):
+    """The training reader's weights are float32 (what sharded FBGEMM tables take): the unsharded task of FP16
+    tables (evaluation, ``export_task``'s lookup of the example) gave them to ``embedding_bag`` as they were, a
+    RuntimeError ("Expected tensor for argument #1 'weight' to have the same type ...")."""
+    from torchrec.modules.embedding_configs import DataType
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=10, feature_names=[f],
+                                 data_type=DataType.FP16) for f in FEATURES]
+    task = CTRTask(_Concat(EmbeddingBagCollection(tables=tables, is_weighted=True))).eval()
+    example, request = _request(4, 0), _request(6, 2)  # float32 weights
+    export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
+    served = ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    sparse = request.sparse_features
+    half = KeyedJaggedTensor.from_lengths_sync(keys=sparse.keys(), values=sparse.values(), lengths=sparse.lengths(),
+                                               weights=sparse.weights().half())
+    with torch.no_grad():
+        expected = task.predict(request).logits
+        assert torch.equal(task.predict(Batch(request.dense_features, half, request.labels, {})).logits, expected)
+    assert torch.equal(served.logits(request.dense_features, sparse), expected)
+
+
+def test_a_weighted_gain_network_of_fp16_tables_serves_its_float32_entity_table(tmp_path):
+    """Served, the request's weights went to both EBCs in the backbone's dtype: float16 ones reached the float32
+    entity table, a RuntimeError inside ``embedding_bag``; each EBC now takes them in its own tables' dtype."""
+    from torchrec.modules.embedding_configs import DataType
+
+    from recsys_llm.serving import materialize_meta
+    from tests.modules.test_semantic_table import _weighted_batch, _weighted_gain_network
+
+    task = materialize_meta(_weighted_gain_network(True, torch.device("cpu"), DataType.FP16), torch.device("cpu")).eval()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, weight in task.named_parameters():
+            if "embedding_bags" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+    assert {p.dtype for p in task.model.embedding_bag_collection.parameters()} == {torch.float16}
+    example = _weighted_batch(0)
+    export_task(task, str(tmp_path / "gain"), example.dense_features, example.sparse_features)
+    served = ServedModel.load(str(tmp_path / "gain"), trust_program=True)
+    request = _weighted_batch(1)
+    with torch.no_grad():
+        expected = task.predict(request).logits
+    torch.testing.assert_close(served.logits(request.dense_features, request.sparse_features), expected)
+
+
 def test_a_nan_or_inf_weight_is_refused_naming_its_feature_and_position(tmp_path):
     """As a NaN dense feature is: not a NaN probability (nor inf from a float64 beyond float32's range)."""
     _, served = _exported_weighted_task(tmp_path)

@@ -154,7 +154,11 @@ class CTRBackbone(nn.Module, abc.ABC):
         check_id_weights(sparse_features, self._weighted, type(self).__name__)
         check_feature_keys(sparse_features, self._feature_names, type(self).__name__)
         dense_features = checked_dense_dtype(dense_features, type(self).__name__)
-        embeddings = pooled_in_float32(self.embedding_bag_collection(sparse_features))
+        if self._weighted and isinstance(self.embedding_bag_collection, EmbeddingBagCollection):
+            # unsharded (evaluation, export): torch's embedding_bag takes weights only in the table's dtype;
+            # sharded, FBGEMM's kernels take float32 weights for FP16 tables
+            sparse_features = weights_in_table_dtype(sparse_features, self.embedding_bag_collection)
+        embeddings = self.embedding_bag_collection(sparse_features)
         logits, representation = self.interact(dense_features, embeddings, extra_fields)
         return CTROutput(one_logit_per_row(logits, type(self).__name__), representation, embeddings)
 
@@ -269,19 +273,34 @@ def checked_dense_dtype(dense_features: torch.Tensor, model: str) -> torch.Tenso
     return dense_features
 
 
-@torch.fx.wrap
-def pooled_in_float32(embeddings: KeyedTensor) -> KeyedTensor:
-    """``embeddings`` with float32 values: as they are when they already are (float32 tables, and FP16 tables
-    sharded by DMP, whose FBGEMM kernels give float32), else a copy cast to float32 (an unsharded EBC of FP16
-    tables, as export and ``ServedModel`` run it, pools in float16), so the dense part computes in float32.
+def weights_in_table_dtype(features: KeyedJaggedTensor, ebc: nn.Module) -> KeyedJaggedTensor:
+    """``features`` with its per-id weights in the dtype of the unsharded ``ebc``'s tables, as torch's
+    ``embedding_bag`` takes them (FP16 tables of a weighted EBC refused the reader's float32 weights); as it is
+    without weights, when they already are in that dtype, or when the tables hold several dtypes.
 
-    A leaf of the training pipeline's fx trace: the dtype is looked at at run time.
+    Args:
+        features (KeyedJaggedTensor): ids, lengths and per-id weights (N,).
+        ebc (nn.Module): an unsharded ``EmbeddingBagCollection`` (a module without parameters: as it is).
+
+    Returns:
+        KeyedJaggedTensor: the same ids and lengths.
     """
-    values = embeddings.values()  # (B, sum of table dims)
-    if values.dtype == torch.float32:
-        return embeddings
-    return KeyedTensor(keys=embeddings.keys(), length_per_key=embeddings.length_per_key(), values=values.float(),
-                       key_dim=embeddings.key_dim())
+    dtypes = {p.dtype for p in ebc.parameters()}
+    return _weights_in_dtype(features, dtypes.pop() if len(dtypes) == 1 else None)
+
+
+@torch.fx.wrap
+def _weights_in_dtype(features: KeyedJaggedTensor, dtype: Optional[torch.dtype]) -> KeyedJaggedTensor:
+    weights = features.weights_or_none()  # (N,)
+    if dtype is None or weights is None or weights.dtype == dtype:
+        return features
+    if features.variable_stride_per_key():
+        return KeyedJaggedTensor(keys=features.keys(), values=features.values(), weights=weights.to(dtype),
+                                 lengths=features.lengths(), offsets=features.offsets_or_none(),
+                                 stride_per_key_per_rank=features.stride_per_key_per_rank(),
+                                 inverse_indices=features.inverse_indices_or_none())
+    return KeyedJaggedTensor(keys=features.keys(), values=features.values(), weights=weights.to(dtype),
+                             lengths=features.lengths(), offsets=features.offsets_or_none(), stride=features.stride())
 
 
 @torch.fx.wrap

@@ -19,7 +19,7 @@ from recsys_llm.atomic_dir import atomic_directory, check_replaceable
 from recsys_llm.env import installed_versions, source_commit
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import id_rules
-from recsys_llm.models.base import CTROutput, check_id_weights
+from recsys_llm.models.base import CTROutput, check_id_weights, weights_in_table_dtype
 from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.file_hash import file_sha256
@@ -173,8 +173,6 @@ class DenseHead(nn.Module):
         Returns:
             torch.Tensor: logits (B,).
         """
-        if pooled.dtype != torch.float32:  # FP16 tables pool in float16 unsharded: float32 as in training
-            pooled = pooled.float()  # (B, sum of table dims)
         embeddings = KeyedTensor(keys=self._keys, length_per_key=self._lengths, values=pooled)
         extra_fields = self.task.field_injection(vectors) if vectors is not None else None  # (B, E, D)
         logits, representation = self.task.model.interact(dense_features, embeddings, extra_fields)
@@ -526,10 +524,11 @@ def export_task(
         reason = ""
         head = DenseHead(task, folded).eval()
         with torch.no_grad():
-            pooled = ebc(example_sparse).values()  # (B, sum dims)
+            # per-id weights in each EBC's table dtype, as ServedModel gives them (FP16 tables take float16 ones)
+            pooled = ebc(weights_in_table_dtype(example_sparse, ebc)).values()  # (B, sum dims)
             inputs = (example_dense, pooled)
             if semantic is not None:
-                inputs = inputs + (semantic(example_sparse).values(),)  # (B, K * d)
+                inputs = inputs + (semantic(weights_in_table_dtype(example_sparse, semantic)).values(),)  # (B, K * d)
         try:
             batch = torch.export.Dim("batch", min=1)
             # no_grad: the inference kernels (e.g. of weighted_pair_sum)

@@ -398,8 +398,9 @@ class ServedModel(nn.Module):
                              "training (fill or drop NaN / inf before the request)")
         return converted
 
-    def _weights_in_table_dtype(self, features: KeyedJaggedTensor, batch_size: int,
-                                request: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    @staticmethod
+    def _weights_in_table_dtype(features: KeyedJaggedTensor, batch_size: int, request: KeyedJaggedTensor,
+                                ebc: nn.Module) -> KeyedJaggedTensor:
         """``features`` with its per-id weights in the tables' dtype (``embedding_bag`` refuses weights of
         another dtype than its table): float32, or float16 / bfloat16 for tables of that ``data_type``;
         float64 (numpy's default), float16 and integer weights are converted, as dense features are.
@@ -408,13 +409,15 @@ class ServedModel(nn.Module):
             features (KeyedJaggedTensor): the request after the id rules (sequences cut to ``max_length``).
             batch_size (int): B.
             request (KeyedJaggedTensor): the request as sent, to name a bad weight by its place there.
+            ebc (nn.Module): the EBC the weights are for (the backbone's tables may be FP16 while a gain
+                network's entity tables are float32: each gets the weights in its own dtype).
 
         Raises:
             ValueError: complex weights, or a NaN / inf weight (after the conversion), named by feature, its
                 position among that feature's weights in the request, and row.
         """
         weights = features.weights()  # (N,)
-        dtype = next(self.embedding_bag_collection.parameters()).dtype
+        dtype = next(ebc.parameters()).dtype
         if weights.dtype.is_complex:
             raise ValueError(f"sparse features: weights are {weights.dtype}; expected real per-id weights (float32)")
         converted = weights.to(dtype)  # (N,)
@@ -488,13 +491,18 @@ class ServedModel(nn.Module):
             raise ValueError(f"sparse features: batch sizes {sorted(strides)} differ per feature; expected one B for all")
         batch_size = strides.pop()
         dense_features = self._checked_dense(dense_features, batch_size)  # (B, Dd) float32
+        semantic = self.semantic_embedding_bag_collection
+        semantic_features = sparse_features
         if self._config.get(WEIGHTED_KEY, False):
-            sparse_features = self._weights_in_table_dtype(sparse_features, batch_size, request)
+            if semantic is not None:
+                semantic_features = self._weights_in_table_dtype(sparse_features, batch_size, request, semantic)
+            sparse_features = self._weights_in_table_dtype(sparse_features, batch_size, request,
+                                                           self.embedding_bag_collection)
         pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
-        if self.semantic_embedding_bag_collection is None:
+        if semantic is None:
             logits = self.dense_program(dense_features, pooled)
         else:
-            vectors = self.semantic_embedding_bag_collection(sparse_features).values()  # (B, K * d)
+            vectors = semantic(semantic_features).values()  # (B, K * d)
             logits = self.dense_program(dense_features, pooled, vectors)
         return _finite_logits(logits, dense_features)
 

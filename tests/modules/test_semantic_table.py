@@ -560,10 +560,12 @@ def test_each_rank_reads_only_the_columns_of_its_shards(tmp_path):
     assert alone["filled"] == alone["checked"] == BIG_ITEMS
 
 
-def _weighted_gain_network(table_weighted: bool, device: torch.device):
-    """A gain network over a weighted EBC (``is_weighted=True``) and an entity table of ``item_id``."""
+def _weighted_gain_network(table_weighted: bool, device: torch.device, data_type=None):
+    """A gain network over a weighted EBC (``is_weighted=True``; its tables of ``data_type``, default FP32) and an
+    entity table of ``item_id``."""
     from torch import nn
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.modules.embedding_configs import DataType
 
     from recsys_llm.models.base import CTRBackbone
     from recsys_llm.modules.dense_injection import VectorFieldInjection
@@ -584,8 +586,8 @@ def _weighted_gain_network(table_weighted: bool, device: torch.device):
             return self.head(hidden).squeeze(-1), hidden
 
     torch.manual_seed(0)
-    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=NUM_ITEMS, feature_names=[f])
-              for f in ("user_id", "item_id")]
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=NUM_ITEMS, feature_names=[f],
+                                 data_type=data_type or DataType.FP32) for f in ("user_id", "item_id")]
     with torch.device(device):
         backbone = Concat(EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device("meta")))
         injection = VectorFieldInjection(8, 8)

@@ -55,7 +55,8 @@ def test_embedding_dtype_sets_the_tables_data_type(synthetic_schema: DatasetSche
 
 def test_an_unsharded_backbone_of_fp16_tables_computes_its_dense_part_in_float32(synthetic_dir: str,
                                                                                synthetic_schema: DatasetSchema) -> None:
-    """Unsharded (as export runs it), an FP16 EBC pools in float16: DeepFM's float32 MLP refused it."""
+    """Unsharded (as export and evaluation run it), torchrec's EBC gives the float32 sums of float16 rows: the
+    dense part computes in float32 as under DMP, whose FBGEMM kernels give float32 too."""
     torch.manual_seed(0)
     backbone = build_backbone(ModelConfig(name="deepfm", embedding_dtype="fp16"), synthetic_schema,
                               device=torch.device("cpu")).eval()
