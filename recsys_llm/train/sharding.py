@@ -49,7 +49,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Type
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -386,27 +386,19 @@ def build_constraints(
                                  "setting")
             kernels = ["fused"]
             # Replicated (data_parallel) tables are trained through DDP, which needs gradients.
-            sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t != "data_parallel"]
-            if not sharding_types:
-                key = (f"sharding.table_constraints.{name}.sharding_types" if "sharding_types" in override
-                       else "sharding.sharding_types")
-                raise ValueError(f"{key} allows only data_parallel for the frozen table {name!r}, which is never "
-                                 "trained (replicated tables train through DDP): allow a sharded type, e.g. "
-                                 "[table_wise, row_wise]")
+            sharding_types = _without_data_parallel(
+                sharding_types, override, name, f"the frozen table {name!r}, which is never trained (replicated "
+                "tables train through DDP): allow a sharded type, e.g. [table_wise, row_wise]")
         table = next(c for c in tables[name][1].embedding_bag_configs() if c.name == name)
         width = table.embedding_dim
         if table.data_type != DataType.FP32 and name not in frozen:
             # replicated, a table is a plain float16 parameter that DDP and a torch optimizer step in float16
             # (the loss was NaN within the first steps, row-wise Adagrad on CPU); FBGEMM's fused kernels keep
             # float32 optimizer state for FP16 weights
-            sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t != "data_parallel"]
-            if not sharding_types:
-                key = (f"sharding.table_constraints.{name}.sharding_types" if "sharding_types" in override
-                       else "sharding.sharding_types")
-                raise ValueError(f"{key} allows only data_parallel for {name!r}, a {table.data_type.name} table "
-                                 "(model.embedding_dtype), which trains only on FBGEMM's fused kernels (float32 "
-                                 "optimizer state): allow a sharded type, e.g. [table_wise, column_wise], or use "
-                                 "model.embedding_dtype=fp32")
+            sharding_types = _without_data_parallel(
+                sharding_types, override, name, f"{name!r}, a {table.data_type.name} table (model.embedding_dtype), "
+                "which trains only on FBGEMM's fused kernels (float32 optimizer state): allow a sharded type, e.g. "
+                "[table_wise, column_wise], or use model.embedding_dtype=fp32")
         if compute_device == "cuda" and width > FBGEMM_CUDA_MAX_DIM:
             sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t in COLUMN_SHARDING_TYPES]
             if not sharding_types:
@@ -418,6 +410,22 @@ def build_constraints(
             continue
         constraints[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
     return constraints
+
+
+def _without_data_parallel(sharding_types: Optional[List[str]], override: Mapping[str, List[str]], name: str,
+                           table: str) -> List[str]:
+    """The allowed sharding types of table ``name`` (``sharding_types``; None: all) but ``data_parallel``.
+
+    Raises:
+        ValueError: ``data_parallel`` was the only one: naming the setting that allows it, then ``table``
+            (what the table is and what to change).
+    """
+    kept = [t for t in (sharding_types or SHARDING_TYPES) if t != "data_parallel"]
+    if not kept:
+        key = (f"sharding.table_constraints.{name}.sharding_types" if "sharding_types" in override
+               else "sharding.sharding_types")
+        raise ValueError(f"{key} allows only data_parallel for {table}")
+    return kept
 
 
 def _table_optimizer_kwargs(optim: OptimizerConfig) -> Dict[str, Any]:
