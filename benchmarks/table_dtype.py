@@ -44,7 +44,14 @@ from benchmarks.common import (  # noqa: E402
     value_bars,
     write_json,
 )
-from benchmarks.train_throughput import SIZES, ProjectLoop, build_project_model, make_batches, make_schema  # noqa: E402
+from benchmarks.train_throughput import (  # noqa: E402
+    LEARNING_RATES,
+    SIZES,
+    ProjectLoop,
+    build_project_model,
+    make_batches,
+    make_schema,
+)
 
 NAME = "table_dtype"
 DTYPES = ("fp32", "fp16")
@@ -80,16 +87,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     context = single_rank_context(args)
     device = context.device
     synchronize = device_synchronize(device)
-    lr = {"sparse": 0.05, "dense": 1e-3}
     schema = make_schema(sizes)
-    batches = make_batches(schema, sizes, args.seed)
-    if device.type == "cuda":
-        batches = [b.pin_memory() for b in batches]
+    batches = make_batches(schema, sizes, args.seed, pin_memory=device.type == "cuda")
 
     loops, memory = {}, {}
     for dtype in DTYPES:
         torch.manual_seed(args.seed)
-        model, optimizer = build_project_model(schema, sizes, device, lr, embedding_dtype=dtype)
+        model, optimizer = build_project_model(schema, sizes, device, LEARNING_RATES, embedding_dtype=dtype)
         memory[dtype] = table_bytes(model)
         loops[f"{dtype}_tables"] = ProjectLoop(model, optimizer, device, itertools.cycle(batches), sizes, synchronize)
     rounds = interleaved_repeats(loops, sizes.repeats)

@@ -80,6 +80,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 NAME = "train_throughput"
+LEARNING_RATES = {"sparse": 0.05, "dense": 1e-3}  # fused RowWiseAdagrad of the tables, Adam of the dense part
 GOAL_RATIO_VS_TORCHREC_LOOP = 0.95
 
 
@@ -152,8 +153,9 @@ def make_schema(sizes: Sizes):
     return DatasetSchema(name="dlrm_dcn_bench", fields=fields, label="label", row_key=None)
 
 
-def make_batches(schema, sizes: Sizes, seed: int) -> List:
-    """``sizes.memory_batches`` random batches: dense U(0,1), one uniform id per field, 0/1 labels."""
+def make_batches(schema, sizes: Sizes, seed: int, pin_memory: bool = False) -> List:
+    """``sizes.memory_batches`` random batches: dense U(0,1), one uniform id per field, 0/1 labels; in pinned
+    memory with ``pin_memory`` (for a CUDA device)."""
     import torch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -171,7 +173,7 @@ def make_batches(schema, sizes: Sizes, seed: int) -> List:
         )
         labels = torch.randint(0, 2, (batch_size,), generator=generator).float()  # (B,)
         batches.append(Batch(dense, kjt, labels))
-    return batches
+    return [batch.pin_memory() for batch in batches] if pin_memory else batches
 
 
 def write_parquet(schema, batches: List, num_batches: int, path: str) -> str:
@@ -370,12 +372,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     context = single_rank_context(args)
     device = context.device
     synchronize = device_synchronize(device)
-    lr = {"sparse": 0.05, "dense": 1e-3}
+    lr = LEARNING_RATES
 
     schema = make_schema(sizes)
-    batches = make_batches(schema, sizes, args.seed)
-    if device.type == "cuda":
-        batches = [b.pin_memory() for b in batches]
+    batches = make_batches(schema, sizes, args.seed, pin_memory=device.type == "cuda")
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
         parquet_path = write_parquet(schema, batches, sizes.parquet_batches, os.path.join(tmp, "train.parquet"))
         # Read the way the trainer reads its train split (DataConfig defaults: shuffled, validated).
