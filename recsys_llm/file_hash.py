@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional, Sequence
 
@@ -36,13 +37,20 @@ def files_sha256(paths: Sequence[str], description: Optional[str] = None, chunk:
     sizes = [os.path.getsize(path) for path in paths]
     shown = description is not None and sum(sizes) >= BAR_BYTES and os.environ.get("RANK", "0") == "0"
     # the ranks of one host hash the same files at the same time: each takes its share of the cores
-    threads = min(len(paths), max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = min(len(paths), max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     with tqdm(total=sum(sizes), desc=description, unit="B", unit_scale=True, leave=False, disable=not shown,
               **interval_options()) as bar:
         if threads <= 1:
             return [_sha256(path, chunk, bar.update) for path in paths]
+        lock = threading.Lock()  # tqdm's update adds to its count unlocked: threads would lose blocks
+
+        def counted(size: int) -> None:
+            with lock:
+                bar.update(size)
+
         with ThreadPoolExecutor(threads, thread_name_prefix="sha256") as pool:
-            return list(pool.map(lambda path: _sha256(path, chunk, bar.update), paths))
+            return list(pool.map(lambda path: _sha256(path, chunk, counted), paths))
 
 
 def _sha256(path: str, chunk: int, on_block: Callable[[int], object]) -> str:

@@ -320,6 +320,15 @@ def _checkpoint_failure(*failures: BaseException) -> BaseException:
                                                for rank, failure in enumerate(failures)})
 
 
+def _checkpoint_failure_with_tracebacks(*failures: BaseException) -> BaseException:
+    """As :func:`_checkpoint_failure`, each rank's traceback ending in its error's text, as torch formats them."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException("save failed", {
+        rank: (failure, "Traceback ...\n" * 40 + f"{type(failure).__name__}: {failure}\n")
+        for rank, failure in enumerate(failures)})
+
+
 @pytest.mark.parametrize("failure, line", [
     (lambda: _checkpoint_failure(RuntimeError("unexpected pos 704 vs 598"),
                                  OSError(28, "No space left on device", "/runs/r/best/ckpt-00000032.tmp/__0_0.distcp")),
@@ -327,7 +336,10 @@ def _checkpoint_failure(*failures: BaseException) -> BaseException:
     (lambda: _checkpoint_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")),
      "a file could not be written whole ([enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598): "
      "check the free space, quota and file-size limit (ulimit -f) where the command writes"),
-], ids=["a rank's full disk", "a short write"])
+    (lambda: _checkpoint_failure_with_tracebacks(SafetensorError("Error while serializing: I/O error: No space left "
+                                                                 "on device (os error 28)")),
+     "Error while serializing: I/O error: No space left on device (os error 28) (writing /nonexistent/out)"),
+], ids=["a rank's full disk", "a short write", "a rank's full disk in safetensors"])
 def test_a_full_disk_in_a_checkpoint_save_is_the_failing_ranks_line(monkeypatch, capsys, failure, line) -> None:
     """The CheckpointException's own text (every rank's traceback, 3,000 characters) was the 'one line'."""
     from recsys_llm.cli import data
@@ -844,3 +856,17 @@ def test_the_planner_names_no_data_parallel_table_as_lacking_a_sharding_spec(cap
     with caplog.at_level(logging.WARNING):  # the caller's root logger is its own again
         validate_rank_assignment(plan, topology)
     assert len(caplog.records) == 3
+
+
+@pytest.mark.parametrize("text", [
+    "Error while deserializing header: I/O error: No such file or directory (os error 2)",
+    "Error while serializing: I/O error: Permission denied (os error 13)",
+])
+def test_a_rust_io_error_of_another_errno_is_no_disk_line(text) -> None:
+    """Only a full disk, a quota, a read-only file system or a file past the size limit is about where the command
+    writes; safetensors' other I/O errors (a missing or unreadable file) are not given the disk's one line."""
+    from recsys_llm.cli import _environment_error_line
+
+    assert _environment_error_line(SafetensorError(text)) is None
+    assert _environment_error_line(SafetensorError(text.replace("(os error 2)", "(os error 122)")
+                                                   .replace("(os error 13)", "(os error 27)"))) is not None

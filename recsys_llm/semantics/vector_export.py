@@ -2,8 +2,10 @@
 
 Layout of an export directory::
 
-    manifest.json          provenance, chunk size, number of rows/chunks, a hash of the keys in order, dim, dtype,
-                           and texts_check "chunk": each chunk records a hash of its texts
+    _manifest.json         provenance, chunk size, number of rows/chunks, a hash of the keys in order, dim, dtype,
+                           and texts_check "chunk": each chunk records a hash of its texts ("_" first: pyarrow,
+                           pandas, Spark and Dask read the directory as one table of the chunks; an export
+                           written before 2026-12-06 has manifest.json, read and resumed under that name)
     chunk-00000.parquet    columns: key (int64), vector (fixed_size_list<float32|float16, d>)
     chunk-00001.parquet    ... each with the provenance and the hash of its texts in the Parquet schema metadata
 
@@ -208,8 +210,8 @@ def check_export_dir(directory: str) -> None:
 
     Raises:
         FileExistsError: ``directory`` holds an entry an export does not write (named).
-        ValueError: its ``manifest.json`` is not an export manifest (damaged, or another
-            program's).
+        ValueError: its manifest (:func:`manifest_path`) is not an export manifest (damaged, or
+            another program's).
     """
     check_own_entries(directory, "vector export", lambda name: _EXPORT_ENTRY.fullmatch(name) is not None,
                       f"{MANIFEST}, chunk-NNNNN.parquet files")
@@ -543,7 +545,8 @@ def read_manifest(directory: str, expected: Optional[Dict[str, str]] = None) -> 
     """
     path = manifest_path(directory)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a vector export directory")
+        raise FileNotFoundError(f"{directory}: no {MANIFEST} (nor the {LEGACY_MANIFEST} of an export written before "
+                                "2026-12-06); not a vector export directory")
     manifest = load_manifest(path)
     if expected is not None:
         check_provenance(manifest["provenance"], expected, path)
@@ -561,7 +564,7 @@ MANIFEST_KEYS = ("provenance", "chunk_rows", "num_rows", "num_chunks", "key_colu
 
 
 def load_manifest(path: str) -> Dict[str, Any]:
-    """The parsed ``manifest.json`` at ``path``.
+    """The parsed export manifest at ``path`` (:func:`manifest_path`).
 
     Raises:
         ValueError: it is not a JSON object with the manifest's keys (a damaged file).

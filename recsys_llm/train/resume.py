@@ -150,7 +150,9 @@ def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_opt
     ``row_wise_adagrad``: its state holds one value per row of each column shard (rows x shards),
     which DCP cannot reshard (it loads rows and columns of tables into any plan). The planner may
     split otherwise on another world size or device (on CUDA a table wider than FBGEMM's kernels
-    take is always column-wise). A run without a readable record is left to the checkpoint's load.
+    take is always column-wise), or with another ``sharding.proposer_patience`` (runs saved before
+    2026-12-06 were planned with the exhaustive search, 0). A run without a readable record is left to
+    the checkpoint's load.
 
     Raises:
         ConfigError: naming each such table, its split then and now, and what keeps the split.
@@ -176,5 +178,6 @@ def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_opt
             f"plan the run's checkpoints were saved under ({'; '.join(changes)} column shards), and the "
             "row_wise_adagrad state of a table has one value per row of each column shard, which cannot be "
             "loaded into another split; resume on the world size and device the run was saved on (the planner "
-            "then splits as before), or use another train.run_dir for a new run"
+            "then splits as before; a run saved before 2026-12-06 was planned by the exhaustive search, "
+            "sharding.proposer_patience=0), or use another train.run_dir for a new run"
         )

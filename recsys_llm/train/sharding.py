@@ -396,7 +396,7 @@ def build_constraints(
             # (the loss was NaN within the first steps, row-wise Adagrad on CPU); FBGEMM's fused kernels keep
             # float32 optimizer state for FP16 weights
             sharding_types = _without_data_parallel(
-                sharding_types, override, name, f"{name!r}, a {table.data_type.name} table (model.embedding_dtype), "
+                sharding_types, override, name, f"{name!r}, a table of {table.data_type.name} weights (model.embedding_dtype), "
                 "which trains only on FBGEMM's fused kernels (float32 optimizer state): allow a sharded type, e.g. "
                 "[table_wise, column_wise], or use model.embedding_dtype=fp32")
         if compute_device == "cuda" and width > FBGEMM_CUDA_MAX_DIM:

@@ -185,6 +185,16 @@ class TestBuildLLaCTRTerms:
         monkeypatch.setattr(llactr, "host_memory", lambda: None)  # the OS does not say: no check
         assert "fie" in build_llactr_terms(LLaCTRConfig(path), schema, backbone)[0]
 
+    def test_fie_size_counts_the_weight_and_bias_four_times_in_float32(self, monkeypatch) -> None:
+        """3 fields, P = 3 pairs: Linear(3, 3) holds 9 weights and 3 biases, 4 copies of 4 bytes: 192 bytes."""
+        from recsys_llm.modules import llactr
+
+        monkeypatch.setattr(llactr, "host_memory", lambda: 192)
+        llactr.check_fie_fits(3)
+        monkeypatch.setattr(llactr, "host_memory", lambda: 191)
+        with pytest.raises(ValueError, match=r"FIE over 3 fields .* P = 3 field pairs: 9 weights"):
+            llactr.check_fie_fits(3)
+
     def test_vectors_of_another_schema_are_rejected_naming_what_differs(self, tmp_path) -> None:
         path = _vectors(tmp_path, _schema())
         changed = _schema(genre_text="main genre")

@@ -144,6 +144,7 @@ def test_an_export_that_read_the_splits_sorted_resumes_in_that_order(adapted, tm
     the schema's order: the same command run again after an upgrade refused the export as one 'of other rows'."""
     vectors, fresh = str(tmp_path / "vectors"), str(tmp_path / "fresh")
     assert main(_export(adapted, vectors, "--splits", "test", "train")) == 0  # as the earlier default read them
+    os.rename(os.path.join(vectors, "_manifest.json"), os.path.join(vectors, "manifest.json"))  # as it was named then
     before = _digests(vectors)
     with pytest.warns(UserWarning, match=r"holds an export made by a recsys_llm before 2026-12-05, which read the "
                                          r"splits sorted: it is resumed in that order, --splits test train"):

@@ -91,7 +91,7 @@ def test_files_hashed_side_by_side_keep_their_order(tmp_path, monkeypatch) -> No
 
     from recsys_llm import file_hash
 
-    monkeypatch.setattr(file_hash.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(file_hash.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     paths = []
     for index, size in enumerate((3_000_000, 10, 0, 700_001, 1)):
@@ -104,3 +104,82 @@ def test_files_hashed_side_by_side_keep_their_order(tmp_path, monkeypatch) -> No
             expected.append(hashlib.sha256(handle.read()).hexdigest())
     assert file_hash.files_sha256(paths, chunk=4096) == expected
     assert file_hash.files_sha256(paths[::-1], chunk=4096) == expected[::-1]
+
+
+def _sha256_of(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def _fingerprint_of(model: str, files: list) -> str:
+    """The recorded formula: 16 hex digits of sha256 over "<path in the model>:<sha256 of the file>\\n", in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(f"{rel}:{_sha256_of(os.path.join(model, rel))}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def test_fingerprints_hashed_side_by_side_are_those_recorded_before(tmp_path, monkeypatch) -> None:
+    """Exports, SSFT adapters and CTR-adapted LLMs record these fingerprints: hashing the files on several threads
+    must give the same digits, or everything recorded before is refused as made by another model."""
+    import json
+
+    from recsys_llm import file_hash
+    from recsys_llm.semantics import model_dir
+
+    monkeypatch.setattr(file_hash.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    model = str(tmp_path / "model")
+    for rel, text in (("config.json", "{}"), ("model-00001-of-00002.safetensors", "a" * 5000),
+                      ("model-00002-of-00002.safetensors", "b" * 7), ("tokenizer.json", "{\"v\": 1}"),
+                      ("README.md", "card"), (".cache.json", "{}"), ("notes.csv", "x"),
+                      ("1_Pooling/config.json", "{\"pooling_mode_mean_tokens\": true}"), ("onnx/model.bin", "o")):
+        _write(os.path.join(model, rel), text)
+    _write(os.path.join(model, "modules.json"), json.dumps([
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    model_dir._FILE_HASHES.clear()
+    top = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "modules.json",
+           "tokenizer.json"]
+    assert model_dir.model_dir_fingerprint(model) == _fingerprint_of(model, top + ["1_Pooling/config.json"])
+    assert model_dir.model_dir_fingerprint(model, subdirectories=False) == _fingerprint_of(model, top)
+    weights = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert model_dir.model_weights_fingerprint(model) == _fingerprint_of(model, weights)
+    assert model_dir.file_fingerprint(os.path.join(model, "tokenizer.json")) == _sha256_of(
+        os.path.join(model, "tokenizer.json"))
+
+
+def test_one_bar_counts_every_byte_of_the_files_hashed_together(tmp_path, monkeypatch) -> None:
+    """The bar is shown when the files add up to BAR_BYTES (a model's shards, each below it), and counts them all."""
+    from recsys_llm import file_hash
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total: int, disable: bool, **_: object) -> None:
+            self.total, self.shown, self.counted = total, not disable, 0
+            bars.append(self)
+
+        def update(self, n: int) -> None:
+            self.counted += n
+
+        def __enter__(self) -> "Bar":
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            return None
+
+    monkeypatch.setattr(file_hash, "tqdm", Bar)
+    monkeypatch.setattr(file_hash, "BAR_BYTES", 100)
+    monkeypatch.setenv("RANK", "0")
+    paths = []
+    for index in range(3):
+        paths.append(str(tmp_path / f"shard-{index}.safetensors"))
+        with open(paths[-1], "wb") as handle:
+            handle.write(b"x" * 60)  # each below BAR_BYTES, together above
+    file_hash.files_sha256(paths, description="hashing", chunk=16)
+    file_hash.files_sha256(paths[:1], description="hashing", chunk=16)
+    assert [(bar.total, bar.shown, bar.counted) for bar in bars] == [(180, True, 180), (60, False, 60)]

@@ -1528,3 +1528,33 @@ def test_attaching_to_a_split_that_already_has_the_column_is_refused_before_anyt
     with pytest.raises(ValueError, match=r"split\.parquet: already has a column 'llm_vector'$"):
         attach_vectors(split, out, "row_id", copy)
     assert sorted(os.listdir(tmp_path)) == ["split.parquet", "vec"]
+
+
+def test_an_export_written_with_manifest_json_is_read_checked_and_recorded_under_that_name(tmp_path):
+    """Exports written before 2026-12-06 hold manifest.json: it is read (and a damaged one named before any work),
+    an ELEC run on its entity vectors records the same provenance as before, and where both names are there the
+    new one is the export's."""
+    import shutil
+
+    from recsys_llm.modules.elec import ELECConfig, entity_vectors_record
+    from recsys_llm.semantics.vector_export import check_export_dir, manifest_path, read_manifest
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(4)
+    provenance = dict(PROVENANCE, granularity="entity")
+    VectorExport(out, provenance, VectorExportConfig(chunk_rows=2)).run(keys, texts, CountingEncoder(), progress=False)
+    elec = ELECConfig.from_dict({"task": "gain", "vector_dim": 8, "vector_source": "entity_table",
+                                 "entity_field": "item_id", "entity_vectors": out}, "elec")
+    recorded = entity_vectors_record(elec)
+    assert recorded["item_id"]["num_rows"] == 4
+    current, legacy = os.path.join(out, "_manifest.json"), os.path.join(out, "manifest.json")
+    shutil.copyfile(current, legacy)
+    assert manifest_path(out) == current  # both: the new name's
+    os.remove(current)
+    assert manifest_path(out) == legacy
+    assert read_manifest(out, expected=provenance)["num_rows"] == 4
+    assert entity_vectors_record(elec) == recorded  # a run recorded with the old name resumes with it
+    with open(legacy, "w", encoding="utf-8") as handle:
+        handle.write("{'provenance': ")
+    with pytest.raises(ValueError, match=r"vec/manifest\.json: damaged export manifest, not valid JSON"):
+        check_export_dir(out)

@@ -531,3 +531,24 @@ def test_a_mapping_override_without_yaml_s_space_after_the_colon_is_named() -> N
     with pytest.raises(ConfigError, match=r"YAML reads \{a:b\} as the key 'a:b' with no value; write a space after each "
                                           r"colon \(\{a: b\}\), or one override per key \(elec.entity_tables.a=b\)"):
         load_config(config, ["elec.task=gain", "elec.entity_tables={user_id:runs/u,item_id:runs/i}"])
+
+
+def test_a_run_saved_before_embedding_dtype_and_proposer_patience_resumes_and_may_change_the_patience(tmp_path) -> None:
+    """A run directory written before ``model.embedding_dtype`` and ``sharding.proposer_patience`` existed has neither
+    in its config.yaml: it resumes under their defaults (float32 tables, as it trained); the patience, which changes
+    only how long the planner searches, may change on a resume; the tables' dtype may not."""
+    import yaml
+
+    from recsys_llm.train.config import check_resumable, save_config
+
+    path = str(tmp_path / "config.yaml")
+    save_config(load_config(None, ["model.name=fm", "train.run_dir=r"]), path)
+    with open(path, encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    del raw["model"]["embedding_dtype"], raw["sharding"]["proposer_patience"]  # as runs of that time saved it
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(raw, handle)
+    check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r"]), path)
+    check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r", "sharding.proposer_patience=0"]), path)
+    with pytest.raises(ConfigError, match=r"model\.embedding_dtype: 'fp32' -> 'fp16'"):
+        check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r", "model.embedding_dtype=fp16"]), path)

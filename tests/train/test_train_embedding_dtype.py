@@ -71,8 +71,8 @@ def test_fp16_tables_are_never_replicated(synthetic_schema: DatasetSchema) -> No
     task = CTRTask(build_backbone(ModelConfig(name="deepfm", embedding_dtype="fp16"), synthetic_schema))
     constraints = build_constraints(task, ShardingConfig())
     assert constraints and all("data_parallel" not in c.sharding_types for c in constraints.values())
-    with pytest.raises(ValueError, match=r"sharding.sharding_types allows only data_parallel for 't_user_id', a FP16 "
-                                         r"table \(model.embedding_dtype\)"):
+    with pytest.raises(ValueError, match=r"sharding.sharding_types allows only data_parallel for 't_user_id', a table of "
+                                         r"FP16 weights \(model.embedding_dtype\)"):
         build_constraints(task, ShardingConfig(sharding_types=["data_parallel"]))
     fp32 = CTRTask(build_backbone(ModelConfig(name="deepfm"), synthetic_schema))
     assert build_constraints(fp32, ShardingConfig()) == {}  # fp32 tables: the planner's choice, as before

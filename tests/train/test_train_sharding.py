@@ -709,6 +709,7 @@ def test_a_resume_whose_plan_splits_a_tables_columns_otherwise_is_refused_naming
     assert "'t_user_id' 1 (table_wise) -> 2 (column_wise) column shards" in message, message
     assert "t_item_id" not in message and "row_wise_adagrad" in message
     assert "resume on the world size and device the run was saved on" in message
+    assert "sharding.proposer_patience=0" in message  # what planned the runs saved before the patience
 
 
 class _BigTable(torch.nn.Module):
@@ -999,3 +1000,17 @@ def test_shard_model_plans_with_the_configured_patience(monkeypatch, synthetic_s
     task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
     shard_model(task, torch.device("cpu"), 1, ShardingConfig(proposer_patience=3), OptimizerConfig(), batch_size=8)
     assert asked == [3]
+
+
+def test_planner_proposers_are_torchrecs_own_with_the_greedy_ones_patient() -> None:
+    """The same proposers, in the same order, as the planner builds without ``proposer=`` (grid search finds the
+    best plan of few tables, uniform the all-of-one-type plans); patience 0 leaves the greedy ones exhaustive."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+
+    from recsys_llm.train.sharding import planner_proposers
+
+    default = EmbeddingShardingPlanner(topology=build_topology(1, "cpu"))._proposers
+    for patience, threshold in ((0, None), (7, 7)):
+        proposers = planner_proposers(patience)
+        assert [type(p) for p in proposers] == [type(p) for p in default]
+        assert [(p._use_depth, p._threshold) for p in proposers[1:3]] == [(True, threshold), (False, threshold)]
