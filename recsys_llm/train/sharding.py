@@ -82,6 +82,7 @@ from recsys_llm.data.validation import check_number
 from recsys_llm.host_memory import host_memory
 from recsys_llm.models.embedding import FILLED_BEFORE_SHARDING
 from recsys_llm.modules.random_stream import give_rank_its_own_stream
+from recsys_llm.train.dense_reduction import ONE_BUCKET_MB, reduce_in_parameter_order
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "row_wise_adagrad": trec_optim.RowWiseAdagrad,
@@ -187,8 +188,8 @@ class ShardingConfig:
         frozen_tables (List[str]): table names that never train (see module docstring).
         compute_device (str): ``auto`` | ``cpu`` | ``cuda`` for the planner's topology.
         exact_dense_reduction (bool): on three or more ranks, all-reduce the dense gradients in
-            one bucket in parameter order (:class:`_CanonicalAllReduce`; the gradients of replicated,
-            ``data_parallel``, tables in parameter order too), so a resumed run goes on
+            one bucket in parameter order (:class:`~recsys_llm.train.dense_reduction.CanonicalAllReduce`;
+            the gradients of replicated, ``data_parallel``, tables in parameter order too), so a resumed run goes on
             bit for bit; False: DDP's own buckets, whose all-reduces overlap the backward but reduce
             in another order after DDP rebuilds them, so a resume drifts in the last bits.
         proposer_patience (int): torchrec's greedy proposers stop after this many proposals in a row
@@ -659,14 +660,14 @@ def shard_model(
         check_shard_widths(plan)
     # one rank has nothing to all-reduce: DDP would only add hooks (~4% of a DeepFM step on CPU)
     # on 3+ ranks one bucket reduced in parameter order: the gradient sums do not depend on DDP's
-    # bucket rebuild, so a resumed run is exact (_CanonicalAllReduce; a sum of two is exact anyway)
+    # bucket rebuild, so a resumed run is exact (CanonicalAllReduce; a sum of two is exact anyway)
     canonical = world_size > 2 and sharding.exact_dense_reduction
     wrapper = DefaultDataParallelWrapper(bucket_cap_mb=ONE_BUCKET_MB) if canonical else None
     with _table_init_stream_of_this_rank(device):  # DMP initialises this rank's table shards
         model = DistributedModelParallel(task, device=device, plan=plan, init_data_parallel=world_size > 1,
                                          init_parameters=True, data_parallel_wrapper=wrapper)
     if canonical:
-        _reduce_in_parameter_order(model)
+        reduce_in_parameter_order(model)
     placements = table_placements(plan)
     not_fused = sorted(t for t in frozen if placements[t]["compute_kernel"] != "fused")
     if not_fused:
@@ -705,71 +706,6 @@ def _table_init_stream_of_this_rank(device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         give_rank_its_own_stream(rank, device)
         yield
-
-
-# DDP's bucket cap for several ranks: every dense gradient in one bucket (see _CanonicalAllReduce)
-ONE_BUCKET_MB = 1 << 20
-
-
-class _CanonicalAllReduce:
-    """DDP comm hook: all-reduces the gradients in parameter order, whatever DDP's bucket order.
-
-    A ring all-reduce adds an element's ``world_size`` values in an order set by the element's
-    offset in the buffer. DDP reduces the first step in parameter order and then rebuilds its
-    buckets in the order the gradients became ready, so the first step after a resume reduced
-    in another layout than the uninterrupted run's step at that point. On three or more ranks
-    (a sum of two values does not depend on their order) that changed the last bits of the
-    gradients and the resumed run drifted from the uninterrupted one. With one bucket
-    (``ONE_BUCKET_MB``) holding every dense gradient, copying them into parameter order before
-    the all-reduce makes every step reduce in the same layout.
-    """
-
-    def __init__(self, ddp: nn.parallel.DistributedDataParallel) -> None:
-        self.group = ddp.process_group
-        self.module = ddp.module
-        # the bucket's parameters' storages -> their positions in parameter order; recomputed (a walk
-        # over every parameter of the module) only when those storages change, not at every step
-        self._layout: Optional[Tuple[Tuple[int, ...], List[int]]] = None
-
-    def _order(self, params: List[torch.Tensor]) -> List[int]:
-        """Positions in ``params`` (the bucket's parameters) sorted by the module's parameter order."""
-        pointers = tuple(p.data_ptr() for p in params)
-        if self._layout is None or self._layout[0] != pointers:
-            # a parameter's storage may be replaced (a checkpoint loaded by assignment): looked up again then
-            index = {p.data_ptr(): i for i, p in enumerate(self.module.parameters()) if p.requires_grad}
-            self._layout = (pointers, sorted(range(len(params)), key=lambda i: index[pointers[i]]))
-        return self._layout[1]
-
-    def __call__(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        buffer, grads = bucket.buffer(), bucket.gradients()  # the gradients are views of the buffer
-        order = self._order(bucket.parameters())
-        flat = torch.cat([grads[i].reshape(-1) for i in order]).div_(dist.get_world_size(self.group))
-
-        def unpack(fut: torch.futures.Future[List[torch.Tensor]]) -> torch.Tensor:
-            reduced, offset = fut.value()[0], 0
-            for i in order:
-                grads[i].copy_(reduced[offset:offset + grads[i].numel()].view_as(grads[i]))
-                offset += grads[i].numel()
-            return buffer
-
-        return dist.all_reduce(flat, group=self.group, async_op=True).get_future().then(unpack)
-
-
-def _hook(state: _CanonicalAllReduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    return state(bucket)
-
-
-def _reduce_in_parameter_order(model: nn.Module) -> None:
-    """Registers :class:`_CanonicalAllReduce` on the DDP wrapper of ``model``'s dense part and on the
-    DDP torchrec wraps each sharded EBC's ``data_parallel`` lookup in (kept in the plain list
-    ``_lookups``, which ``modules()`` does not walk)."""
-    wrappers = {id(m): m for m in model.modules() if isinstance(m, nn.parallel.DistributedDataParallel)}
-    for module in model.modules():
-        for lookup in getattr(module, "_lookups", None) or []:
-            if isinstance(lookup, nn.parallel.DistributedDataParallel):
-                wrappers.setdefault(id(lookup), lookup)
-    for ddp in wrappers.values():
-        ddp.register_comm_hook(_CanonicalAllReduce(ddp), _hook)
 
 
 def dense_buffers_on_meta(model: nn.Module) -> List[str]:
