@@ -355,7 +355,7 @@ def rank_share(plan, rank: int) -> Dict[str, float]:
     Returns:
         Dict[str, float]: ``rows_on_rank``, ``rows_total``, ``weight_mb_on_rank``.
     """
-    from recsys_llm.train.sharding import table_placements
+    from recsys_llm.train.plan_report import table_placements
 
     rows_on_rank = rows_total = elements_on_rank = 0
     for info in table_placements(plan).values():

@@ -11,7 +11,7 @@ from recsys_llm.train.checkpoint import STOP_BUDGET, CheckpointManager, TrainSta
 from recsys_llm.train.config import ConfigError, TrainConfig
 from recsys_llm.train.distributed import DistContext
 from recsys_llm.train.process import seed_everything
-from recsys_llm.train.sharding import table_placements
+from recsys_llm.train.plan_report import table_placements
 
 
 def budget_spent(state: TrainState, train_cfg: TrainConfig) -> bool:

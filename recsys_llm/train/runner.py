@@ -112,9 +112,8 @@ from recsys_llm.train.run_records import (
     split_file_stats,
     strict_json,
 )
-from recsys_llm.train.sharding import (
-    build_optimizer, describe_plan, find_tables, plan_line, shard_model, table_weights,
-)
+from recsys_llm.train.plan_report import describe_plan, plan_line
+from recsys_llm.train.sharding import build_optimizer, find_tables, shard_model, table_weights
 from recsys_llm.train.task_builder import (
     BuiltTask,
     build_task,

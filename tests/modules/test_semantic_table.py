@@ -153,7 +153,8 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
     from recsys_llm.modules.teacher_student import TeacherStudentConfig
     from recsys_llm.train.distributed import init_distributed
     from recsys_llm.train.pipeline import train_epoch
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model, table_placements
+    from recsys_llm.train.plan_report import table_placements
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     ctx = init_distributed("cpu")

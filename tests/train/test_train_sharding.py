@@ -18,6 +18,7 @@ from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
 from recsys_llm.models.task import CTRTask
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.pipeline import train_epoch
+from recsys_llm.train.plan_report import ranks_holding_tables, table_placements
 from recsys_llm.train.sharding import (
     OptimizerConfig,
     ShardingConfig,
@@ -26,9 +27,7 @@ from recsys_llm.train.sharding import (
     build_topology,
     embedding_kernels,
     find_tables,
-    ranks_holding_tables,
     shard_model,
-    table_placements,
     table_weights,
 )
 from tests.multiprocess import run_multiprocess
@@ -671,7 +670,7 @@ def _split_changes(schema_path: str) -> Dict[str, Any]:
 
     from recsys_llm.train.config import ConfigError
     from recsys_llm.train.resume import check_same_column_split
-    from recsys_llm.train.sharding import describe_plan
+    from recsys_llm.train.plan_report import describe_plan
 
     ctx = init_distributed("cpu")
     schema = DatasetSchema.load(schema_path)
@@ -933,7 +932,7 @@ def test_the_plan_line_counts_tables_by_sharding_type_and_their_weights() -> Non
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.types import ParameterConstraints
 
-    from recsys_llm.train.sharding import plan_line
+    from recsys_llm.train.plan_report import plan_line
 
     planner = EmbeddingShardingPlanner(topology=build_topology(2, "cuda", hbm_cap=80 << 30), batch_size=256,
                                        constraints={"wide": ParameterConstraints(sharding_types=["column_wise"])})
