@@ -369,7 +369,7 @@ def test_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(tmp_path,
 
     import torch.distributed.checkpoint as dcp
 
-    from recsys_llm.train.checkpoint import _MetadataUnpickler
+    from recsys_llm.train.checkpoint_reader import MetadataUnpickler
 
     path = tmp_path / "ckpt-00000001"
     dcp.save({"model": nn.Linear(2, 2).state_dict()}, checkpoint_id=str(path), no_dist=True)
@@ -378,7 +378,7 @@ def test_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(tmp_path,
     nn.init.constant_(other.weight, 7.0)
     dcp.save({"model": other.state_dict()}, checkpoint_id=str(tmp_path / "elsewhere"), no_dist=True)
     with open(path / ".metadata", "rb") as handle:
-        metadata = _MetadataUnpickler(handle, "x").load()
+        metadata = MetadataUnpickler(handle, "x").load()
     for info in metadata.storage_data.values():
         outside = tmp_path / "elsewhere" / info.relative_path
         info.relative_path = str(outside) if where == "absolute" else os.path.relpath(outside, path)
@@ -558,13 +558,13 @@ def test_a_checkpoint_with_weights_the_model_lacks_is_refused_not_loaded_in_part
 
 
 def test_missing_optimizer_state_names_the_table_optimizer_as_the_likely_cause() -> None:
-    from recsys_llm.train.checkpoint import _damaged
+    from recsys_llm.train.checkpoint_reader import damaged_checkpoint_error
 
     error = RuntimeError("Missing key in checkpoint state_dict: optim.model.ebc.embedding_bags.t_item.weight.momentum1.")
-    message = str(_damaged("runs/x/ckpt-00000005", error))
+    message = str(damaged_checkpoint_error("runs/x/ckpt-00000005", error))
     assert "another model or code version" in message
     assert "another optim.sparse, or a table replicated (data_parallel)" in message
-    assert "another optim.sparse" not in str(_damaged("p", RuntimeError("Missing key in checkpoint state_dict: model.w.")))
+    assert "another optim.sparse" not in str(damaged_checkpoint_error("p", RuntimeError("Missing key in checkpoint state_dict: model.w.")))
 
 
 @pytest.mark.multiprocess
@@ -739,13 +739,13 @@ def test_a_checkpoint_pruned_while_it_loads_is_named_as_removed_not_damaged(tmp_
 
     _state_only_dcp(monkeypatch)
     saved = CheckpointManager(str(tmp_path)).save(nn.Linear(2, 1), None, TrainState(global_step=3))
-    read_metadata = module._SafeFileSystemReader.read_metadata
+    read_metadata = module.SafeFileSystemReader.read_metadata
 
     def pruned_meanwhile(reader):
         shutil.rmtree(saved)  # what the trainer's prune does between the command's resolve and its read
         return read_metadata(reader)
 
-    monkeypatch.setattr(module._SafeFileSystemReader, "read_metadata", pruned_meanwhile)
+    monkeypatch.setattr(module.SafeFileSystemReader, "read_metadata", pruned_meanwhile)
     with pytest.raises(FileNotFoundError) as error:
         load_checkpoint(saved, nn.Linear(2, 1))
     message = str(error.value)
