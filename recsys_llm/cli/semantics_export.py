@@ -106,7 +106,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     from recsys_llm.semantics.loss_figure import LOSS_FIGURE_FILE, plot_tuning_loss
     from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
-    from recsys_llm.semantics.vector_export import SplitRows
+    from recsys_llm.semantics.schema_export import SplitRows
 
     check_replaceable(args.output_dir, "saved CTR-adapted LLM", CTR_LLM_FILES)  # before any work
     checkpoint = TuneCheckpoint(adapt_checkpoint_dir(args.output_dir), every_steps=args.checkpoint_every,
@@ -207,14 +207,8 @@ def _export(args: argparse.Namespace) -> int:
     from recsys_llm.semantics.ctr_llm import load_ctr_llm
     from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
-    from recsys_llm.semantics.vector_export import (
-        VectorExportConfig,
-        check_export_dir,
-        export_rows,
-        export_schema_vectors,
-        rank_and_world,
-        splits_of_an_earlier_row_export,
-    )
+    from recsys_llm.semantics.schema_export import export_rows, export_schema_vectors, splits_of_an_earlier_row_export
+    from recsys_llm.semantics.vector_export import VectorExportConfig, check_export_dir, rank_and_world
     from recsys_llm.semantics.vector_projection import load_projection
 
     schema = DatasetSchema.load(args.schema)

@@ -255,7 +255,8 @@ def test_entity_flags_without_entity_granularity_are_refused_before_the_llm_load
 
 def test_the_library_names_the_flag_of_a_missing_entity_field(tmp_path, tiny_schema) -> None:
     from recsys_llm.semantics.row_text import RowTextRenderer
-    from recsys_llm.semantics.vector_export import VectorExportConfig, export_schema_vectors
+    from recsys_llm.semantics.schema_export import export_schema_vectors
+    from recsys_llm.semantics.vector_export import VectorExportConfig
 
     with pytest.raises(ValueError, match=r"needs entity_field \(semantics export --entity-field\)"):
         export_schema_vectors(tiny_schema, ["train"], RowTextRenderer(tiny_schema),

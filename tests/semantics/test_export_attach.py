@@ -175,7 +175,7 @@ def test_texts_the_export_cuts_are_warned_about(adapted, tmp_path) -> None:
 
 
 def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -> Dict[str, object]:
-    import recsys_llm.semantics.vector_export as vector_export
+    import recsys_llm.semantics.schema_export as schema_export
 
     # a day: a rank 0 that waited for the timeout instead of the failure would hang past pytest's --timeout
     args = _export(adapted, vectors, "--attach-dir", attached, "--attach-timeout", "86400")
@@ -183,7 +183,7 @@ def _export_on_two_ranks(adapted: Dict[str, str], vectors: str, attached: str) -
         def fail(*_args, **_kwargs):
             raise RuntimeError("rank 1 died")
 
-        vector_export.export_schema_vectors = fail
+        schema_export.export_schema_vectors = fail
         try:
             main(args)
         except RuntimeError as exc:

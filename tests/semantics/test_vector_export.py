@@ -14,14 +14,8 @@ import torch
 
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.row_text import RowTextRenderer
-from recsys_llm.semantics.vector_export import (
-    ProvenanceError,
-    SplitRows,
-    VectorExport,
-    VectorExportConfig,
-    chunk_path,
-    export_schema_vectors,
-)
+from recsys_llm.semantics.schema_export import SplitRows, export_schema_vectors
+from recsys_llm.semantics.vector_export import ProvenanceError, VectorExport, VectorExportConfig, chunk_path
 from recsys_llm.semantics.vector_projection import fit_projection, save_projection
 from recsys_llm.semantics.vector_reader import attach_vectors, read_vector_rows, read_vectors
 from recsys_llm.train.run_records import SHARED_CHECK_FILE
