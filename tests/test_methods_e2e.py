@@ -333,14 +333,14 @@ def _teacher_outputs(overrides: List[str], checkpoint: str, output_dir: str, bat
 def _teacher_outputs_failing_on_rank_0(overrides: List[str], checkpoint: str, output_dir: str, batch_size: int) -> str:
     """The error each rank ends with when rank 0 cannot write a copy (a full disk, simulated)."""
     os.environ["RECSYS_LLM_DIST_TIMEOUT_S"] = "120"  # a rank left waiting fails the test instead of hanging it
-    from recsys_llm.train import teacher_outputs
+    from recsys_llm.train import teacher_output_stream
 
     if os.environ["RANK"] == "0":
         def disk_full(*args: Any, **kwargs: Any) -> None:
             raise OSError(28, "No space left on device")
 
         # at rank 0's own outputs, before rank 1's are received: rank 1 must not be left in its send
-        teacher_outputs.TeacherColumnsWriter.add = disk_full
+        teacher_output_stream.TeacherColumnsWriter.add = disk_full
     try:
         _teacher_outputs(overrides, checkpoint, output_dir, batch_size)
     except Exception as error:  # noqa: BLE001 - the message is the result

@@ -17,20 +17,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.train.teacher_outputs import (
-    DATA_FINGERPRINTS_KEY,
+from recsys_llm.train.teacher_output_stream import (
     LOGITS_COLUMN,
     REPRESENTATION_COLUMN,
-    TEACHER_FILE,
     OutputSpill,
     TeacherColumnsWriter,
-    check_output_dir,
-    check_same_teacher,
     remove_spills,
-    source_fingerprints,
-    teacher_record,
     write_on_rank_0,
     write_with_columns,
+)
+from recsys_llm.train.teacher_outputs import (
+    DATA_FINGERPRINTS_KEY,
+    TEACHER_FILE,
+    check_output_dir,
+    check_same_teacher,
+    source_fingerprints,
+    teacher_record,
 )
 from tests.multiprocess import run_multiprocess
 
@@ -482,7 +484,7 @@ def _rank_steps(rank: int, bad_keys: bool = False):
 
 def _copies_written_from_three_ranks(source: str, out: str) -> Optional[Dict[str, Any]]:
     from recsys_llm.train.distributed import init_distributed
-    from recsys_llm.train.teacher_outputs import send_step
+    from recsys_llm.train.teacher_output_stream import send_step
 
     ctx = init_distributed("cpu")
     found: Dict[str, Any] = {}
@@ -571,7 +573,7 @@ def test_each_step_carries_its_rows_keys_and_a_rank_with_a_batch_fewer_pads(tmp_
     import torch
 
     from recsys_llm.data.synthetic import generate_synthetic
-    from recsys_llm.train.teacher_outputs import predict_steps
+    from recsys_llm.train.teacher_output_stream import predict_steps
 
     generate_synthetic(str(tmp_path), 100, seed=0)
     schema = DatasetSchema.load(str(tmp_path / "schema.json"))
