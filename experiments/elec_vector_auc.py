@@ -28,7 +28,8 @@ from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.cli.semantics_export import ADAPTED_ON_FILE
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.env import source_commit
-from recsys_llm.semantics.ctr_llm import load_ctr_llm, sample_indices
+from recsys_llm.semantics.ctr_llm import sample_indices
+from recsys_llm.semantics.ctr_llm_store import load_ctr_llm
 from recsys_llm.semantics.vector_export import read_manifest
 from recsys_llm.semantics.vector_reader import ExportLookup
 

@@ -46,7 +46,7 @@ def _row_text_config(args: argparse.Namespace):
     llm = getattr(args, "llm", None)
     config = RowTextConfig()
     if llm and os.path.exists(os.path.join(llm, ROW_TEXT_FILE)):
-        from recsys_llm.semantics.ctr_llm import ctr_llm_damage, read_ctr_llm_json
+        from recsys_llm.semantics.ctr_llm_store import ctr_llm_damage, read_ctr_llm_json
 
         saved = read_ctr_llm_json(llm, ROW_TEXT_FILE)
         settings = {f.name for f in dataclasses.fields(RowTextConfig)}
@@ -70,7 +70,7 @@ def _adapt(args: argparse.Namespace) -> int:
     """``semantics adapt``, holding ``<output-dir>.lock`` beside its output: a second adapt into the same
     output would share its checkpoint (``<output-dir>.checkpoint``) and swap its own files over this one's."""
     from recsys_llm.atomic_dir import check_replaceable, file_locked
-    from recsys_llm.semantics.ctr_llm import CTR_LLM_FILES
+    from recsys_llm.semantics.ctr_llm_store import CTR_LLM_FILES
 
     refuse_several_ranks("semantics adapt")
     check_replaceable(args.output_dir, "saved CTR-adapted LLM", CTR_LLM_FILES)  # before any work
@@ -88,14 +88,13 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     from recsys_llm.data.parquet_files import check_split_labels, read_schema_and_check
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.ctr_llm import (
-        CTR_LLM_FILES,
         CTRAdaptedLLM,
         CTRLLMConfig,
         check_tune_checkpoint,
         sample_indices,
-        save_ctr_llm,
         tune_ctr_llm,
     )
+    from recsys_llm.semantics.ctr_llm_store import CTR_LLM_FILES, save_ctr_llm
     from recsys_llm.semantics.ctr_llm_checkpoint import (
         TuneCheckpoint,
         adapt_checkpoint_dir,
@@ -204,7 +203,7 @@ class _CutTextCounter:
 
 def _export(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
-    from recsys_llm.semantics.ctr_llm import load_ctr_llm
+    from recsys_llm.semantics.ctr_llm_store import load_ctr_llm
     from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
     from recsys_llm.semantics.schema_export import export_rows, export_schema_vectors, splits_of_an_earlier_row_export
@@ -275,7 +274,7 @@ def _export(args: argparse.Namespace) -> int:
 def _check_adapted_on(llm_dir: str, schema, fields: List[str]) -> None:
     """Refuses row text of fields the CTR-adapted LLM was not tuned on (an LLM adapted on another data
     set); LLMs saved before ``adapted_on.json`` existed are not checked."""
-    from recsys_llm.semantics.ctr_llm import ctr_llm_damage, read_ctr_llm_json
+    from recsys_llm.semantics.ctr_llm_store import ctr_llm_damage, read_ctr_llm_json
 
     path = os.path.join(llm_dir, ADAPTED_ON_FILE)
     if not os.path.isfile(path):

@@ -414,9 +414,9 @@ def test_the_splits_and_fields_an_export_reads_are_checked_before_the_llm_loads(
                                                                                 monkeypatch, flags, expected) -> None:
     """A split name, row key column or entity field the data lacks (a typo) was named only after the LLM had
     loaded."""
-    from recsys_llm.semantics import ctr_llm
+    from recsys_llm.semantics import ctr_llm_store
 
-    monkeypatch.setattr(ctr_llm, "load_ctr_llm", lambda *args, **kwargs: pytest.fail("the LLM was loaded"))
+    monkeypatch.setattr(ctr_llm_store, "load_ctr_llm", lambda *args, **kwargs: pytest.fail("the LLM was loaded"))
     code = main(["semantics", "export", "--schema", tiny_schema.root, "--llm", str(tmp_path / "llm"),
                  "--output-dir", str(tmp_path / "vectors"), *flags])
     line = _error_line(capsys)

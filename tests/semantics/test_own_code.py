@@ -112,7 +112,7 @@ def test_a_saved_ctr_llm_loads_only_with_the_code_it_was_adapted_on(bert_with_ow
                                                                      adapted_with_own_code):
     """`semantics export` ran a CTR-LLM adapted on transformers' class with the directory's own code (or the
     other way round): exit 0, vectors 0.4 off, no word (an SSFT adapter was refused already)."""
-    from recsys_llm.semantics.ctr_llm import load_ctr_llm, save_ctr_llm
+    from recsys_llm.semantics.ctr_llm_store import load_ctr_llm, save_ctr_llm
 
     config = CTRLLMConfig(model_path=bert_with_own_code, representation_dim=8, hidden_dim=16)
     with warnings.catch_warnings():
