@@ -51,6 +51,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set,
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import optim as trec_optim
@@ -70,7 +71,7 @@ from torchrec.distributed.planner.types import (
     TrainerConfig,
 )
 from torchrec.distributed.sharding_plan import get_default_sharders
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import CacheParams, ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -167,6 +168,64 @@ class OptimizerConfig:
 
 # proposals in a row rated worse than the best before a greedy proposer stops (ShardingConfig.proposer_patience)
 DEFAULT_PROPOSER_PATIENCE = 10
+# FusedParamsConfig.bounds_check_mode -> FBGEMM's mode ('': FBGEMM's default, WARNING)
+BOUNDS_CHECK_MODES: Dict[str, BoundsCheckMode] = {
+    "fatal": BoundsCheckMode.FATAL,
+    "warning": BoundsCheckMode.WARNING,
+    "ignore": BoundsCheckMode.IGNORE,
+    "none": BoundsCheckMode.NONE,
+}
+
+
+@dataclasses.dataclass
+class FusedParamsConfig:
+    """FBGEMM table-batched-embedding settings of every table (torchrec's ``fused_params``).
+
+    They reach torchrec as per-table ``ParameterConstraints`` (``cache_params``,
+    ``stochastic_rounding``, ``bounds_check_mode``), the route torchrec 1.8 prefers to a sharder's
+    ``fused_params``: the planner prices them (a UVM-cached table's GPU memory follows its cache
+    size), writes them into each ``ParameterSharding`` of the plan, and DMP hands them to the
+    tables' FBGEMM kernels. A setting left at its default keeps torchrec's and FBGEMM's own.
+
+    Args:
+        cache_load_factor (float): for ``fused_uvm_caching`` tables (CUDA), the share of each
+            table's rows the GPU caches, strictly between 0 and 1 (0: torchrec's 0.2). Other kernels
+            ignore it.
+        stochastic_rounding (Optional[bool]): whether FBGEMM rounds the updates of FP16 tables
+            stochastically (``model.embedding_dtype=fp16``; CUDA kernels); None: FBGEMM's default
+            (True); False: round to nearest (repeatable).
+        bounds_check_mode (str): what FBGEMM does with an id outside its table: ``fatal`` (raise),
+            ``warning`` (log once, look up row 0), ``ignore`` (row 0), ``none`` (no check: fastest,
+            for ids known to be in range); '': FBGEMM's default (``warning``).
+
+    Example::
+
+        fused = FusedParamsConfig(cache_load_factor=0.1, bounds_check_mode="fatal")
+        fused.constraint_kwargs()   # {"cache_params": CacheParams(load_factor=0.1), "bounds_check_mode": ...}
+    """
+
+    cache_load_factor: float = 0.0
+    stochastic_rounding: Optional[bool] = None
+    bounds_check_mode: str = ""
+
+    def __post_init__(self) -> None:
+        # 0: torchrec's default; torchrec refuses a cache of every row (that is the 'fused' kernel)
+        check_number("sharding.fused_params.cache_load_factor", self.cache_load_factor, minimum=0, below=1)
+        if self.bounds_check_mode not in ("", *BOUNDS_CHECK_MODES):
+            raise ValueError(f"sharding.fused_params.bounds_check_mode must be '' (FBGEMM's default) or one of "
+                             f"{list(BOUNDS_CHECK_MODES)}, got {self.bounds_check_mode!r}")
+
+    def constraint_kwargs(self) -> Dict[str, Any]:
+        """The set settings as keyword arguments of one table's ``ParameterConstraints`` (a fresh
+        ``CacheParams`` each call); empty when every setting is at its default."""
+        kwargs: Dict[str, Any] = {}
+        if self.cache_load_factor > 0:
+            kwargs["cache_params"] = CacheParams(load_factor=self.cache_load_factor)
+        if self.stochastic_rounding is not None:
+            kwargs["stochastic_rounding"] = self.stochastic_rounding
+        if self.bounds_check_mode:
+            kwargs["bounds_check_mode"] = BOUNDS_CHECK_MODES[self.bounds_check_mode]
+        return kwargs
 
 
 @dataclasses.dataclass
@@ -196,6 +255,8 @@ class ShardingConfig:
             option of every table (torchrec's default), a search whose time grows with the square of
             the table count (500 tables on 2 ranks: 16 s, 0.9 s with 10; on 26 to 500 tables, 2 CPU
             and 8 GPU ranks, the plans of 10 rated the same as the exhaustive ones).
+        fused_params (FusedParamsConfig): FBGEMM kernel settings of every table (UVM cache size,
+            stochastic rounding, bounds checks).
     """
 
     sharding_types: List[str] = dataclasses.field(default_factory=list)
@@ -205,6 +266,7 @@ class ShardingConfig:
     compute_device: str = "auto"
     exact_dense_reduction: bool = True
     proposer_patience: int = DEFAULT_PROPOSER_PATIENCE
+    fused_params: FusedParamsConfig = dataclasses.field(default_factory=FusedParamsConfig)
 
     def __post_init__(self) -> None:
         check_number("sharding.proposer_patience", self.proposer_patience, integer=True, minimum=0)
@@ -361,7 +423,8 @@ def build_constraints(
 ) -> Dict[str, ParameterConstraints]:
     """Planner constraints per table from the config (frozen tables: fused kernel, never replicated;
     trained FP16 tables: never replicated, as only the fused kernels step them with float32 optimizer
-    state; on CUDA, tables wider than FBGEMM's kernels take: split by columns).
+    state; on CUDA, tables wider than FBGEMM's kernels take: split by columns; every table:
+    ``config.fused_params``).
 
     Raises:
         ValueError: unknown table names, a frozen table without the fused kernel or a sharded
@@ -406,9 +469,10 @@ def build_constraints(
                     f"table {name!r} is {width} wide, and FBGEMM's CUDA kernels take at most {FBGEMM_CUDA_MAX_DIM} "
                     f"columns: allow a column-wise type for it (sharding.table_constraints.{name}.sharding_types="
                     "[column_wise]), or make it narrower (LLM vectors: `semantics export --projection`)")
-        if sharding_types is None and kernels is None:
+        fused = config.fused_params.constraint_kwargs()
+        if sharding_types is None and kernels is None and not fused:
             continue
-        constraints[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
+        constraints[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels, **fused)
     return constraints
 
 

@@ -552,3 +552,27 @@ def test_a_run_saved_before_embedding_dtype_and_proposer_patience_resumes_and_ma
     check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r", "sharding.proposer_patience=0"]), path)
     with pytest.raises(ConfigError, match=r"model\.embedding_dtype: 'fp32' -> 'fp16'"):
         check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r", "model.embedding_dtype=fp16"]), path)
+
+
+def test_a_run_saved_before_fused_params_resumes_and_may_change_its_cache_and_bounds_checks(tmp_path) -> None:
+    """``sharding.fused_params``: a run saved without it resumes under its defaults (FBGEMM's own settings); the UVM
+    cache size and the bounds checks change how the kernels run, not what trains, and may change on a resume; the
+    rounding of FP16 updates may not."""
+    import yaml
+
+    from recsys_llm.train.config import check_resumable, save_config
+
+    path = str(tmp_path / "config.yaml")
+    save_config(load_config(None, ["model.name=fm", "train.run_dir=r"]), path)
+    with open(path, encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    del raw["sharding"]["fused_params"]  # as runs saved it before the setting
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(raw, handle)
+    check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r"]), path)
+    check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r",
+                                       "sharding.fused_params.cache_load_factor=0.1",
+                                       "sharding.fused_params.bounds_check_mode=none"]), path)
+    with pytest.raises(ConfigError, match=r"sharding\.fused_params\.stochastic_rounding: None -> False"):
+        check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r",
+                                           "sharding.fused_params.stochastic_rounding=false"]), path)

@@ -1013,3 +1013,95 @@ def test_planner_proposers_are_torchrecs_own_with_the_greedy_ones_patient() -> N
         proposers = planner_proposers(patience)
         assert [type(p) for p in proposers] == [type(p) for p in default]
         assert [(p._use_depth, p._threshold) for p in proposers[1:3]] == [(True, threshold), (False, threshold)]
+
+
+class _Tables(torch.nn.Module):
+    """An EBC alone, its pooled embeddings the output."""
+
+    def __init__(self, ebc: EmbeddingBagCollection) -> None:
+        super().__init__()
+        self.ebc = ebc
+
+    def forward(self, features: KeyedJaggedTensor) -> Any:
+        return self.ebc(features)
+
+
+class TestFusedParams:
+    """``sharding.fused_params``: FBGEMM kernel settings that reach the plan, the planner's sizes and the kernels."""
+
+    def test_settings_reach_every_tables_fbgemm_kernel(self, synthetic_schema: DatasetSchema) -> None:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+        from recsys_llm.train.sharding import FusedParamsConfig
+
+        def kernels(fused: FusedParamsConfig) -> Dict[str, Any]:
+            init_distributed()
+            task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+            sharding = ShardingConfig(sharding_types=["table_wise"], fused_params=fused)
+            model, plan = shard_model(task, torch.device("cpu"), 1, sharding, OptimizerConfig(), batch_size=8)
+            found = [kernel.emb_module for _, kernel in embedding_kernels(model)]
+            assert found
+            return {"plan": plan, "rounding": {m.stochastic_rounding for m in found},
+                    "bounds": {BoundsCheckMode(m.bounds_check_mode_int) for m in found}}
+
+        default = kernels(FusedParamsConfig())
+        assert default["rounding"] == {True} and default["bounds"] == {BoundsCheckMode.WARNING}  # FBGEMM's own
+        assert all(p.stochastic_rounding is None for m in default["plan"].plan.values() for p in m.values())
+        chosen = kernels(FusedParamsConfig(stochastic_rounding=False, bounds_check_mode="fatal", cache_load_factor=0.5))
+        assert chosen["rounding"] == {False} and chosen["bounds"] == {BoundsCheckMode.FATAL}
+        shardings = [p for module in chosen["plan"].plan.values() for p in module.values()]
+        assert shardings and all(p.cache_params.load_factor == 0.5 and p.stochastic_rounding is False
+                                 and p.bounds_check_mode == BoundsCheckMode.FATAL for p in shardings)
+
+    def test_fatal_bounds_checks_stop_an_id_outside_its_table(self) -> None:
+        from recsys_llm.train.sharding import FusedParamsConfig
+
+        init_distributed()
+        table = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+        for mode, raises in (("", False), ("fatal", True)):
+            # FBGEMM's warning mode rewrites an id outside the table to 0 in the batch itself: a fresh batch each time
+            outside = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([3, 10]),
+                                                          lengths=torch.tensor([1, 1]))
+            task = _Tables(EmbeddingBagCollection(tables=[table], device=torch.device("meta")))
+            sharding = ShardingConfig(sharding_types=["table_wise"],
+                                      fused_params=FusedParamsConfig(bounds_check_mode=mode))
+            model, _ = shard_model(task, torch.device("cpu"), 1, sharding, OptimizerConfig(), batch_size=2)
+            if raises:
+                with pytest.raises(RuntimeError, match="idx < num_rows"):
+                    model(outside).values()  # the lookup runs when the output is read
+            else:
+                assert model(outside).values().shape == (2, 8)  # FBGEMM's default looks up row 0 instead
+
+    def test_a_smaller_uvm_cache_plans_a_table_the_default_cache_does_not_fit(self) -> None:
+        """On CUDA (planned here without a GPU) a ``fused_uvm_caching`` table takes GPU memory for its cache:
+        torchrec's default of a fifth of a 4 GB table does not fit in 0.5 GB, a twentieth does."""
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+        from torchrec.distributed.planner import EmbeddingShardingPlanner
+        from torchrec.distributed.planner.types import PlannerError
+
+        from recsys_llm.train.sharding import FusedParamsConfig
+
+        table = EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=8_000_000, feature_names=["f"])
+        model = _Tables(EmbeddingBagCollection(tables=[table], device=torch.device("meta")))
+
+        def plan(cache_load_factor: float) -> Any:
+            sharding = ShardingConfig(sharding_types=["table_wise"], compute_kernels=["fused_uvm_caching"],
+                                      fused_params=FusedParamsConfig(cache_load_factor=cache_load_factor))
+            planner = EmbeddingShardingPlanner(topology=build_topology(1, "cuda", hbm_cap=2**29), batch_size=512,
+                                               constraints=build_constraints(model, sharding, "cuda"))
+            return planner.plan(model, [EmbeddingBagCollectionSharder()])
+
+        with pytest.raises(PlannerError, match="insufficient storage"):
+            plan(0.0)
+        assert plan(0.05).plan["ebc"]["t"].cache_params.load_factor == 0.05
+
+    def test_settings_are_checked(self) -> None:
+        from recsys_llm.train.sharding import FusedParamsConfig
+
+        with pytest.raises(ValueError, match=r"sharding.fused_params.cache_load_factor must be a finite number >= 0 "
+                                             r"and < 1, got 1"):
+            FusedParamsConfig(cache_load_factor=1)
+        with pytest.raises(ValueError, match=r"bounds_check_mode must be '' \(FBGEMM's default\) or one of \['fatal', "
+                                             r"'warning', 'ignore', 'none'\], got 'strict'"):
+            FusedParamsConfig(bounds_check_mode="strict")
+        assert FusedParamsConfig().constraint_kwargs() == {}
