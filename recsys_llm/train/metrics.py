@@ -59,11 +59,14 @@ def binary_metrics(
 
     Returns:
         Dict[str, float]: ``auc`` and ``ne`` (both NaN when only one class is present: the
-        entropy NE divides by is 0), ``logloss``, ``num_samples``, ``ctr``.
+        entropy NE divides by is 0), ``logloss``, ``num_samples``, ``ctr``, and ``calibration``:
+        the predicted clicks over the clicks, sum(p) / sum(y), as torchrec's ``CalibrationMetric``
+        (1 when the model predicts as many clicks as there are; NaN without a click).
     """
     n = labels.numel()
     if n == 0:
-        return {"auc": math.nan, "logloss": math.nan, "ne": math.nan, "num_samples": 0.0, "ctr": math.nan}
+        return {"auc": math.nan, "logloss": math.nan, "ne": math.nan, "num_samples": 0.0, "ctr": math.nan,
+                "calibration": math.nan}
     probabilities = probabilities.double()
     labels = labels.double()
     positives = labels.sum()
@@ -72,7 +75,9 @@ def binary_metrics(
     p = probabilities.clamp(_ETA, 1.0 - _ETA)
     logloss = float(-(labels * p.log() + (1.0 - labels) * (1.0 - p).log()).mean())
     ne = math.nan if one_class else _normalized_entropy(probabilities, labels)
-    return {"auc": auc, "logloss": logloss, "ne": ne, "num_samples": float(n), "ctr": float(positives / n)}
+    calibration = float(probabilities.sum() / positives) if positives > 0 else math.nan
+    return {"auc": auc, "logloss": logloss, "ne": ne, "num_samples": float(n), "ctr": float(positives / n),
+            "calibration": calibration}
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

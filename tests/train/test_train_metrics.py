@@ -39,6 +39,19 @@ class TestBinaryMetrics:
         assert out["ne"] == pytest.approx(logloss / entropy, rel=1e-6)
         assert out["num_samples"] == 500 and out["ctr"] == pytest.approx(ctr)
 
+    def test_calibration_is_predicted_over_actual_clicks_as_torchrec_computes_it(self) -> None:
+        """The predicted clicks over the clicks: torchrec's CalibrationMetric, which a CTR model's users watch beside
+        AUC and NE (a model can rank well and still predict twice the clicks)."""
+        from torchrec.metrics.calibration import compute_calibration
+
+        probabilities = torch.tensor([0.1, 0.4, 0.8, 0.3, 0.9], dtype=torch.float64)
+        labels = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0])
+        out = binary_metrics(probabilities, labels)
+        assert out["calibration"] == pytest.approx(2.5 / 2.0)
+        torchrec_value = compute_calibration(probabilities.sum(), labels.double().sum())
+        assert out["calibration"] == pytest.approx(float(torchrec_value))
+        assert math.isnan(binary_metrics(probabilities, torch.zeros(5))["calibration"])  # no click: undefined
+
     def test_one_class_gives_nan_auc(self) -> None:
         out = binary_metrics(torch.full((4,), 0.3), torch.ones(4))
         assert math.isnan(out["auc"]) and out["logloss"] > 0
@@ -103,7 +116,7 @@ def test_a_subset_of_every_row_gives_the_whole_sets_metrics_with_extreme_logits(
     metrics.update(logits, labels, {"every_row": torch.ones(6)})
     out = metrics.compute()
     assert out["auc"] == pytest.approx(_pairwise_auc(logits, labels), abs=1e-6)
-    for metric in ("auc", "logloss", "ne", "num_samples", "ctr"):
+    for metric in ("auc", "logloss", "ne", "num_samples", "ctr", "calibration"):
         assert out[f"all/{metric}"] == out[metric], metric
 
 
