@@ -200,7 +200,8 @@ def field_level_work(schema, llm_path: str, sizes: Sizes, work_dir: str, seed: i
         vector file path (used by FRE/FIE below).
     """
     from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
-    from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer, build_examples
+    from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer
+    from recsys_llm.semantics.ssft_examples import build_examples
 
     config = SSFTConfig(
         model_path=llm_path, samples_train=sizes.ssft_samples_train, samples_valid=sizes.ssft_samples_valid,

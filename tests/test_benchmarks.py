@@ -110,7 +110,9 @@ def test_llactr_data_holds_the_default_s_of_every_id_field(mode: str, tmp_path: 
     give user_id and item_id their S training values, as the instance side's 1M rows would."""
     from benchmarks import llactr
     from recsys_llm.data.synthetic import generate_synthetic
-    from recsys_llm.semantics.ssft import SSFTConfig, build_examples, select_fields
+    from recsys_llm.semantics.ssft import SSFTConfig
+    from recsys_llm.semantics.ssft_examples import build_examples
+    from recsys_llm.semantics.templates import select_fields
 
     schema = generate_synthetic(str(tmp_path / "data"), llactr.SIZES[mode].data_rows, seed=0)
     default = SSFTConfig()

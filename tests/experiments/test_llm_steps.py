@@ -139,7 +139,8 @@ def test_the_synthetic_tables_ssft_prompts_keep_their_values(tmp_path) -> None:
     from recsys_llm.data.synthetic import generate_synthetic
     from recsys_llm.semantics.encoder import default_model_path
     from recsys_llm.semantics.model_loading import load_tokenizer
-    from recsys_llm.semantics.ssft import SSFTConfig, build_examples, fit_prompts
+    from recsys_llm.semantics.ssft import SSFTConfig
+    from recsys_llm.semantics.ssft_examples import build_examples, fit_prompts
     from recsys_llm.semantics.templates import PromptTemplates, select_fields
 
     generate_synthetic(str(tmp_path / "data"), 20_000, seed=0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer, build_examples, infonce_loss, retrieval_metrics
+from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer, infonce_loss, retrieval_metrics
+from recsys_llm.semantics.ssft_examples import build_examples
 from recsys_llm.semantics.templates import PromptTemplates, select_fields
 
 # A 2-layer random model routes the value token to the last position within a few dozen
