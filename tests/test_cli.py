@@ -436,6 +436,10 @@ def test_ctrl_c_ends_with_one_line_and_the_code_of_sigint(monkeypatch, capsys, w
     assert exited.value.code == 130
     err = capsys.readouterr().err
     assert "recsys-llm prepare synthetic: interrupted (Ctrl-C)" in err and "Traceback" not in err
+    monkeypatch.setenv("RANK", "1")  # torchrun's other ranks get the same Ctrl-C: rank 0 alone says so
+    with pytest.raises(SystemExit) as exited:
+        main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"])
+    assert exited.value.code == 130 and "interrupted" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, line", [

@@ -379,7 +379,8 @@ def _run_command(argv: Optional[List[str]]) -> int:
     except KeyboardInterrupt:  # in the seconds torch takes to import: nothing written yet
         if _traceback_asked():
             raise
-        print(f"recsys-llm {command}: interrupted (Ctrl-C) before it began", file=sys.stderr, flush=True)
+        if _launch_number("RANK", 0) == 0:  # rank 0 speaks for the ranks torchrun started
+            print(f"recsys-llm {command}: interrupted (Ctrl-C) before it began", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGINT) from None
     restore_notices = quiet_upstream_notices()
     restore_sigterm = exit_on_sigterm()
@@ -401,10 +402,12 @@ def _run_command(argv: Optional[List[str]]) -> int:
                             error if isinstance(error, KeyboardInterrupt) else None)
         if isinstance(interruption, KeyboardInterrupt) and not _traceback_asked():
             _close_progress_bars()
-            # one line and the shell's code for SIGINT, as SIGTERM ends with 143 (a crash's 1 said something failed)
-            print(f"recsys-llm {command}: interrupted (Ctrl-C); what it had written whole stays, and what it "
-                  "left half written is never read (removed now, or by the next run): run the same command again to "
-                  "go on", file=sys.stderr, flush=True)
+            # one line and the shell's code for SIGINT, as SIGTERM ends with 143 (a crash's 1 said something failed);
+            # Ctrl-C reaches every rank torchrun started on the terminal: rank 0 says it for them all
+            if _launch_number("RANK", 0) == 0:
+                print(f"recsys-llm {command}: interrupted (Ctrl-C); what it had written whole stays, and what it "
+                      "left half written is never read (removed now, or by the next run): run the same command again "
+                      "to go on", file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.SIGINT) from None
         if interruption is not None:
             raise interruption from None
