@@ -60,6 +60,7 @@ from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
@@ -168,6 +169,8 @@ class OptimizerConfig:
 
 # proposals in a row rated worse than the best before a greedy proposer stops (ShardingConfig.proposer_patience)
 DEFAULT_PROPOSER_PATIENCE = 10
+# the share of a rank's memory the planner leaves free beyond its estimates (torchrec's default)
+DEFAULT_STORAGE_RESERVATION = 0.15
 # FusedParamsConfig.bounds_check_mode -> FBGEMM's mode ('': FBGEMM's default, WARNING)
 BOUNDS_CHECK_MODES: Dict[str, BoundsCheckMode] = {
     "fatal": BoundsCheckMode.FATAL,
@@ -257,6 +260,11 @@ class ShardingConfig:
             and 8 GPU ranks, the plans of 10 rated the same as the exhaustive ones).
         fused_params (FusedParamsConfig): FBGEMM kernel settings of every table (UVM cache size,
             stochastic rounding, bounds checks).
+        storage_reservation (float): the share of each GPU's memory the planner keeps free beyond its
+            estimate of the dense parameters and batches (torchrec's ``HeuristicalStorageReservation``;
+            0.15, torchrec's default): lower it to fit larger tables where the estimate is known to be
+            generous, raise it where other work shares the GPU. torchrec reserves none of the host's
+            memory, so on CPU it changes nothing.
     """
 
     sharding_types: List[str] = dataclasses.field(default_factory=list)
@@ -267,9 +275,11 @@ class ShardingConfig:
     exact_dense_reduction: bool = True
     proposer_patience: int = DEFAULT_PROPOSER_PATIENCE
     fused_params: FusedParamsConfig = dataclasses.field(default_factory=FusedParamsConfig)
+    storage_reservation: float = DEFAULT_STORAGE_RESERVATION
 
     def __post_init__(self) -> None:
         check_number("sharding.proposer_patience", self.proposer_patience, integer=True, minimum=0)
+        check_number("sharding.storage_reservation", self.storage_reservation, minimum=0, below=1)
         if self.compute_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"sharding.compute_device must be 'auto', 'cpu' or 'cuda', got {self.compute_device!r}")
         for table, overrides in self.table_constraints.items():
@@ -706,6 +716,7 @@ def shard_model(
         batch_size=batch_size,
         constraints=constraints,
         proposer=planner_proposers(sharding.proposer_patience),
+        storage_reservation=HeuristicalStorageReservation(percentage=sharding.storage_reservation),
         debug=False,
     )
     plan, refusal = _plan_on_rank_0(planner, task)

@@ -1105,3 +1105,40 @@ class TestFusedParams:
                                              r"'warning', 'ignore', 'none'\], got 'strict'"):
             FusedParamsConfig(bounds_check_mode="strict")
         assert FusedParamsConfig().constraint_kwargs() == {}
+
+
+def test_the_storage_reservation_is_the_share_of_memory_the_planner_keeps_free(monkeypatch,
+                                                                               synthetic_schema: DatasetSchema) -> None:
+    """torchrec's planner keeps 15% of each GPU's memory free beyond its estimates; a table that fits the rest
+    is planned with less reserved and refused with more (``sharding.storage_reservation``)."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+    from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
+
+    from recsys_llm.train import sharding
+
+    with pytest.raises(ValueError, match=r"sharding.storage_reservation"):
+        ShardingConfig(storage_reservation=1.0)
+    table = torch.nn.ModuleDict({"ebc": EmbeddingBagCollection([EmbeddingBagConfig(
+        name="t", embedding_dim=64, num_embeddings=100_000, feature_names=["f"])], device=torch.device("meta"))})
+    # planned for one GPU of 40 MB (no GPU needed to plan): the table's 25.6 MB and its optimizer state
+    topology = build_topology(1, "cuda", hbm_cap=40 << 20)
+
+    def plan(reserved: float) -> Any:
+        planner = EmbeddingShardingPlanner(topology=topology, batch_size=256,
+                                           storage_reservation=HeuristicalStorageReservation(percentage=reserved),
+                                           constraints={"t": ParameterConstraints(compute_kernels=["fused"])})
+        return planner.plan(table, [EmbeddingBagCollectionSharder()])
+
+    assert plan(0.15) is not None
+    with pytest.raises(PlannerError):
+        plan(0.5)
+    asked = []
+    original = sharding.HeuristicalStorageReservation
+    monkeypatch.setattr(sharding, "HeuristicalStorageReservation",
+                        lambda percentage: asked.append(percentage) or original(percentage=percentage))
+    init_distributed()
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+    shard_model(task, torch.device("cpu"), 1, ShardingConfig(storage_reservation=0.3), OptimizerConfig(), batch_size=8)
+    assert asked == [0.3]
