@@ -443,6 +443,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
     "train.reshard_mid_epoch", "train.flush_denormal", "sharding.proposer_patience", "sharding.storage_reservation",
+    "sharding.plan_file",
     "sharding.fused_params.cache_load_factor", "sharding.fused_params.bounds_check_mode",
     "data.batch_size", "data.eval_batch_size", "data.validate", "data.prefetch", "data.synthetic_rows",
     "data.valid_split", "data.test_split",
@@ -455,7 +456,7 @@ MOVABLE_PATH_KEYS = {"llactr.vectors_path": "llactr"}
 PLUGINS_FILE = "plugins.json"  # beside a run's config.yaml: what its plug-ins were built from
 # paths compared as the files they name (relative to the working directory, or absolute)
 PATH_KEYS = ("data.schema", "llactr.vectors_path", "elec.entity_vectors", "elec.teacher_checkpoint",
-             "elec.distill.swap_catalog")
+             "elec.distill.swap_catalog", "sharding.plan_file")
 
 
 def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:

@@ -47,7 +47,7 @@ import contextlib
 import dataclasses
 import os
 import re
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set, Tuple, Type
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -83,6 +83,7 @@ from recsys_llm.host_memory import host_memory
 from recsys_llm.models.embedding import FILLED_BEFORE_SHARDING
 from recsys_llm.modules.random_stream import give_rank_its_own_stream
 from recsys_llm.train.dense_reduction import ONE_BUCKET_MB, reduce_in_parameter_order
+from recsys_llm.train.plan_file import read_plan_file, with_constraint_settings
 from recsys_llm.train.plan_report import table_placements
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
@@ -260,6 +261,8 @@ class ShardingConfig:
             and 8 GPU ranks, the plans of 10 rated the same as the exhaustive ones).
         fused_params (FusedParamsConfig): FBGEMM kernel settings of every table (UVM cache size,
             stochastic rounding, bounds checks).
+        plan_file (str): a run's ``sharding_plan.json`` to shard as it says instead of planning
+            (:mod:`recsys_llm.train.plan_file`); '': the planner's plan.
         storage_reservation (float): the share of each GPU's memory the planner keeps free beyond its
             estimate of the dense parameters and batches (torchrec's ``HeuristicalStorageReservation``;
             0.15, torchrec's default): lower it to fit larger tables where the estimate is known to be
@@ -276,6 +279,7 @@ class ShardingConfig:
     proposer_patience: int = DEFAULT_PROPOSER_PATIENCE
     fused_params: FusedParamsConfig = dataclasses.field(default_factory=FusedParamsConfig)
     storage_reservation: float = DEFAULT_STORAGE_RESERVATION
+    plan_file: str = ""
 
     def __post_init__(self) -> None:
         check_number("sharding.proposer_patience", self.proposer_patience, integer=True, minimum=0)
@@ -304,22 +308,29 @@ class ShardingConfig:
         ]
 
 
-def _plan_on_rank_0(planner: EmbeddingShardingPlanner, task: nn.Module
-                    ) -> Tuple[Optional[ShardingPlan], Optional[Tuple[str, str]]]:
-    """``planner.plan`` on rank 0, broadcast to every rank, as ``collective_plan`` does, its refusal too:
-    ``collective_plan`` raised it on rank 0 alone, the other ranks waiting in the broadcast.
+def _plan_on_rank_0(make_plan: Callable[[], ShardingPlan]) -> Tuple[Optional[ShardingPlan], Optional[Tuple[str, str]]]:
+    """``make_plan()`` (the planner's ``plan``, or :func:`~recsys_llm.train.plan_file.read_plan_file`) on rank 0,
+    broadcast to every rank, as ``collective_plan`` does, its refusal too: ``collective_plan`` raised it on rank
+    0 alone, the other ranks waiting in the broadcast.
 
     Returns:
-        Tuple: the plan, or None and the refusal as ``(PlannerErrorType value, message)``.
+        Tuple: the plan, or None and the planner's refusal as ``(PlannerErrorType value, message)``.
+
+    Raises:
+        ValueError: on every rank, a plan file refused on rank 0 (its message).
     """
     outcome: List[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            outcome = [("plan", planner.plan(task, get_default_sharders()))]
+            outcome = [("plan", make_plan())]
         except PlannerError as error:
             outcome = [("refused", (error.error_type.value, str(error)))]
+        except (OSError, ValueError) as error:  # a plan file missing or refused
+            outcome = [("error", str(error))]
     dist.broadcast_object_list(outcome, src=0)
     kind, value = outcome[0]
+    if kind == "error":
+        raise ValueError(value)
     return (value, None) if kind == "plan" else (None, value)
 
 
@@ -469,9 +480,9 @@ def build_constraints(
             # (the loss was NaN within the first steps, row-wise Adagrad on CPU); FBGEMM's fused kernels keep
             # float32 optimizer state for FP16 weights
             sharding_types = _without_data_parallel(
-                sharding_types, override, name, f"{name!r}, a table of {table.data_type.name} weights (model.embedding_dtype), "
-                "which trains only on FBGEMM's fused kernels (float32 optimizer state): allow a sharded type, e.g. "
-                "[table_wise, column_wise], or use model.embedding_dtype=fp32")
+                sharding_types, override, name, f"{name!r}, a table of {table.data_type.name} weights "
+                "(model.embedding_dtype), which trains only on FBGEMM's fused kernels (float32 optimizer state): "
+                "allow a sharded type, e.g. [table_wise, column_wise], or use model.embedding_dtype=fp32")
         if compute_device == "cuda" and width > FBGEMM_CUDA_MAX_DIM:
             sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t in COLUMN_SHARDING_TYPES]
             if not sharding_types:
@@ -711,15 +722,24 @@ def shard_model(
     ddr_cap = planner_host_memory(compute_device, local_world_size)
     topology = build_topology(world_size, compute_device, hbm_cap=hbm_cap, local_world_size=local_world_size,
                               ddr_cap=ddr_cap)
-    planner = EmbeddingShardingPlanner(
-        topology=topology,
-        batch_size=batch_size,
-        constraints=constraints,
-        proposer=planner_proposers(sharding.proposer_patience),
-        storage_reservation=HeuristicalStorageReservation(percentage=sharding.storage_reservation),
-        debug=False,
-    )
-    plan, refusal = _plan_on_rank_0(planner, task)
+    if sharding.plan_file:
+        def make_plan() -> ShardingPlan:
+            plan = read_plan_file(sharding.plan_file, find_tables(task), world_size, local_world_size, compute_device,
+                                  constraints)
+            return with_constraint_settings(plan, constraints)
+    else:
+        planner = EmbeddingShardingPlanner(
+            topology=topology,
+            batch_size=batch_size,
+            constraints=constraints,
+            proposer=planner_proposers(sharding.proposer_patience),
+            storage_reservation=HeuristicalStorageReservation(percentage=sharding.storage_reservation),
+            debug=False,
+        )
+
+        def make_plan() -> ShardingPlan:
+            return planner.plan(task, get_default_sharders())
+    plan, refusal = _plan_on_rank_0(make_plan)
     if refusal is not None:
         error_type, text = refusal
         if error_type == PlannerErrorType.INSUFFICIENT_STORAGE.value or (
