@@ -177,7 +177,7 @@ def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_opt
             f"{saved_plan_path}: this job's sharding plan splits the columns of tables into other shards than the "
             f"plan the run's checkpoints were saved under ({'; '.join(changes)} column shards), and the "
             "row_wise_adagrad state of a table has one value per row of each column shard, which cannot be "
-            "loaded into another split; resume on the world size and device the run was saved on (the planner "
-            "then splits as before; a run saved before 2026-12-06 was planned by the exhaustive search, "
-            "sharding.proposer_patience=0), or use another train.run_dir for a new run"
+            "loaded into another split; resume on the world size and device the run was saved on with the run's "
+            f"own plan (sharding.plan_file={saved_plan_path}; a run saved before 2026-12-06 was planned by the "
+            "exhaustive search, sharding.proposer_patience=0), or use another train.run_dir for a new run"
         )
