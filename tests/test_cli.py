@@ -474,6 +474,18 @@ def test_the_train_footer_gives_whole_samples_per_second() -> None:
     assert "nan samples/s" not in results_table({**results, "samples_per_second": float("nan")})
 
 
+def test_the_train_table_gives_each_test_sets_calibration() -> None:
+    """Calibration (predicted over actual clicks) beside AUC, LogLoss and NE, for all test rows and cold items."""
+    from recsys_llm.cli.train import results_table
+
+    test = {"auc": 0.64, "logloss": 0.62, "ne": 0.98, "calibration": 1.2345, "num_samples": 500.0,
+            "cold/auc": 0.6, "cold/logloss": 0.7, "cold/ne": 0.99, "cold/calibration": 0.8765, "cold/num_samples": 20.0}
+    lines = results_table({"test": test, "valid": {"auc": 0.58}}).splitlines()
+    assert lines[0].split() == ["set", "AUC", "LogLoss", "NE", "Calibration", "samples"]
+    assert lines[2].split()[-2:] == ["1.2345", "500"] and lines[3].split()[-2:] == ["0.8765", "20"]
+    assert lines[4].split() == ["valid", "(best)", "0.5800", "-", "-", "-", "-"]
+
+
 def test_a_program_that_calls_main_gets_its_own_sigterm_handler_back(monkeypatch, tmp_path) -> None:
     """The examples and the demo call main() inside a running program (a notebook's kernel, a
     script): SIGTERM ends the command, then the program's own handler is back in place."""

@@ -179,6 +179,28 @@ def test_half_precision_tables_take_the_readers_float32_weights_unsharded(tmp_pa
     assert torch.equal(served.logits(request.dense_features, sparse), expected)
 
 
+def test_weights_take_the_dtype_of_one_dtypes_tables_and_keep_the_batch_layout() -> None:
+    """``weights_in_table_dtype``: float16 weights for FP16 tables, a variable batch size per feature kept as it is;
+    the features as they are when the EBC holds tables of two dtypes (no one dtype to give the weights)."""
+    from torchrec.modules.embedding_configs import DataType
+
+    from recsys_llm.models.base import weights_in_table_dtype
+
+    def ebc(*dtypes: DataType) -> EmbeddingBagCollection:
+        return EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=10,
+                                                                 feature_names=[f], data_type=dtype)
+                                              for f, dtype in zip(FEATURES, dtypes)], is_weighted=True)
+
+    features = KeyedJaggedTensor(keys=FEATURES, values=torch.arange(5), weights=torch.full((5,), 0.3),
+                                 lengths=torch.ones(5, dtype=torch.int64), stride_per_key_per_rank=[[2], [3]])
+    half = weights_in_table_dtype(features, ebc(DataType.FP16, DataType.FP16))
+    assert half.weights().dtype == torch.float16 and torch.equal(half.values(), features.values())
+    assert half.variable_stride_per_key() and half.stride_per_key_per_rank() == [[2], [3]]
+    float64 = KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=torch.arange(4), lengths=torch.ones(4).long(),
+                                                  weights=torch.full((4,), 0.3, dtype=torch.float64))
+    assert weights_in_table_dtype(float64, ebc(DataType.FP16, DataType.FP32)) is float64
+
+
 def test_a_weighted_gain_network_of_fp16_tables_serves_its_float32_entity_table(tmp_path):
     """Served, the request's weights went to both EBCs in the backbone's dtype: float16 ones reached the float32
     entity table, a RuntimeError inside ``embedding_bag``; each EBC now takes them in its own tables' dtype."""

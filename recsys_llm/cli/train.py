@@ -37,15 +37,16 @@ def _format_value(value: Any) -> str:
 
 
 def results_table(results: Dict[str, Any]) -> str:
-    """A small text table: split/subset rows x AUC, LogLoss, NE, samples."""
-    rows: List[List[str]] = [["set", "AUC", "LogLoss", "NE", "samples"]]
+    """A small text table: split/subset rows x AUC, LogLoss, NE, calibration, samples."""
+    rows: List[List[str]] = [["set", "AUC", "LogLoss", "NE", "Calibration", "samples"]]
     test = results.get("test", {})
     for prefix, label in (("", "test (all)"), ("cold/", "test (cold items)")):
         if f"{prefix}auc" in test:
-            rows.append([label] + [_format_value(test.get(f"{prefix}{m}")) for m in ("auc", "logloss", "ne")]
+            metrics = ("auc", "logloss", "ne", "calibration")  # calibration: '-' in results saved before it
+            rows.append([label] + [_format_value(test.get(f"{prefix}{m}")) for m in metrics]
                         + [_format_value(int(test.get(f"{prefix}num_samples", 0)))])
     if results.get("valid", {}).get("auc") is not None:
-        rows.append(["valid (best)", _format_value(results["valid"]["auc"]), "-", "-", "-"])
+        rows.append(["valid (best)", _format_value(results["valid"]["auc"]), "-", "-", "-", "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

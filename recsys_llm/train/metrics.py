@@ -1,4 +1,4 @@
-"""CTR metrics over all ranks: exact AUC, LogLoss, NE, also per subset (e.g. cold items).
+"""CTR metrics over all ranks: exact AUC, LogLoss, NE, calibration, also per subset (e.g. cold items).
 
 Each rank keeps its own predictions and labels; ``compute()`` all-gathers them (sizes may
 differ per rank) and every rank then computes the same numbers from the full set:

@@ -40,7 +40,7 @@ Example::
     model, plan = shard_model(task, torch.device("cpu"), world_size=2,
                               sharding=ShardingConfig(), optim=OptimizerConfig())
     optimizer = build_optimizer(model, OptimizerConfig())
-    print(describe_plan(plan))   # which ranks hold which table shards
+    print(describe_plan(plan))   # recsys_llm.train.plan_report: which ranks hold which table shards
 """
 
 import contextlib

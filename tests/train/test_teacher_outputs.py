@@ -1,4 +1,4 @@
-"""``teacher_outputs.TeacherColumnsWriter`` / ``write_with_columns``: a copy of a split with the
+"""``teacher_output_stream.TeacherColumnsWriter`` / ``write_with_columns``: a copy of a split with the
 teacher's two columns, row by row.
 
 The whole ``teacher-outputs`` command (sharded teacher, two ranks) runs in ``tests/test_methods_e2e.py``.

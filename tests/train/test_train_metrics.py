@@ -51,6 +51,15 @@ class TestBinaryMetrics:
         torchrec_value = compute_calibration(probabilities.sum(), labels.double().sum())
         assert out["calibration"] == pytest.approx(float(torchrec_value))
         assert math.isnan(binary_metrics(probabilities, torch.zeros(5))["calibration"])  # no click: undefined
+        # the predictions as they are (LogLoss clamps them away from 0 and 1; torchrec's calibration does not)
+        assert binary_metrics(torch.zeros(4, dtype=torch.float64), torch.tensor([1.0, 0.0, 0.0, 0.0]))["calibration"] == 0.0
+
+    def test_no_rows_give_every_metric_as_nan(self) -> None:
+        """An empty set (e.g. a subset no row of the test split is in) has the keys of any other, each NaN."""
+        out = binary_metrics(torch.zeros(0), torch.zeros(0))
+        assert set(out) == set(binary_metrics(torch.tensor([0.2, 0.7]), torch.tensor([0.0, 1.0])))
+        assert out["num_samples"] == 0.0
+        assert all(math.isnan(value) for key, value in out.items() if key != "num_samples"), out
 
     def test_one_class_gives_nan_auc(self) -> None:
         out = binary_metrics(torch.full((4,), 0.3), torch.ones(4))

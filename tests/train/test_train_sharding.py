@@ -20,6 +20,7 @@ from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.pipeline import train_epoch
 from recsys_llm.train.plan_report import ranks_holding_tables, table_placements
 from recsys_llm.train.sharding import (
+    FusedParamsConfig,
     OptimizerConfig,
     ShardingConfig,
     build_constraints,
@@ -879,6 +880,9 @@ def test_a_plan_loadable_on_cpu_keeps_only_what_cpu_plans_take_table_by_table() 
     on_cpu = loadable_on_cpu(gpu_only)
     assert on_cpu.table_constraints == {"t": {"sharding_types": ["table_wise"], "compute_kernels": ["fused"]}}
     assert on_cpu.compute_device == "auto"
+    # the kernels' settings stay the run's own (the CPU kernels take the bounds checks and ignore the cache size)
+    fused = FusedParamsConfig(cache_load_factor=0.1, stochastic_rounding=False, bounds_check_mode="fatal")
+    assert loadable_on_cpu(dataclasses.replace(gpu_only, fused_params=fused)).fused_params == fused
 
 
 @pytest.mark.parametrize("limit, expected", [("1048576\n", 1048576), ("max\n", None), ("{physical_times_4}", None)])
@@ -1032,8 +1036,6 @@ class TestFusedParams:
     def test_settings_reach_every_tables_fbgemm_kernel(self, synthetic_schema: DatasetSchema) -> None:
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 
-        from recsys_llm.train.sharding import FusedParamsConfig
-
         def kernels(fused: FusedParamsConfig) -> Dict[str, Any]:
             init_distributed()
             task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
@@ -1054,8 +1056,6 @@ class TestFusedParams:
                                  and p.bounds_check_mode == BoundsCheckMode.FATAL for p in shardings)
 
     def test_fatal_bounds_checks_stop_an_id_outside_its_table(self) -> None:
-        from recsys_llm.train.sharding import FusedParamsConfig
-
         init_distributed()
         table = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
         for mode, raises in (("", False), ("fatal", True)):
@@ -1079,8 +1079,6 @@ class TestFusedParams:
         from torchrec.distributed.planner import EmbeddingShardingPlanner
         from torchrec.distributed.planner.types import PlannerError
 
-        from recsys_llm.train.sharding import FusedParamsConfig
-
         table = EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=8_000_000, feature_names=["f"])
         model = _Tables(EmbeddingBagCollection(tables=[table], device=torch.device("meta")))
 
@@ -1095,8 +1093,39 @@ class TestFusedParams:
             plan(0.0)
         assert plan(0.05).plan["ebc"]["t"].cache_params.load_factor == 0.05
 
+    def test_every_table_gets_them_beside_its_frozen_and_wide_table_constraints(self, synthetic_schema: DatasetSchema
+                                                                                  ) -> None:
+        """A table with no other constraint gets one of its own for the settings (torchrec's ``fused_params``
+        reach a table only through its constraint); a frozen table keeps its 'fused' kernel and a table wider than
+        FBGEMM's CUDA kernels its column-wise types, each with the settings too."""
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+        fused = FusedParamsConfig(cache_load_factor=0.1, stochastic_rounding=False, bounds_check_mode="fatal")
+
+        def with_settings(constraints: Dict[str, Any]) -> bool:
+            return all(c.cache_params.load_factor == 0.1 and c.stochastic_rounding is False
+                       and c.bounds_check_mode == BoundsCheckMode.FATAL for c in constraints.values())
+
+        task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+        constraints = build_constraints(task, ShardingConfig(frozen_tables=["t_item_id"], fused_params=fused))
+        assert set(constraints) == set(find_tables(task)) and with_settings(constraints)
+        assert constraints["t_item_id"].compute_kernels == ["fused"]
+        assert "data_parallel" not in constraints["t_item_id"].sharding_types
+        assert all(c.sharding_types is None and c.compute_kernels is None
+                   for name, c in constraints.items() if name != "t_item_id")  # the planner's choice, as without
+        wide = build_constraints(_WideTables(), ShardingConfig(fused_params=fused), "cuda")
+        assert set(wide) == {"t_item_vector", "t_user"} and with_settings(wide)
+        assert wide["t_item_vector"].sharding_types == ["column_wise", "table_column_wise"]
+        assert wide["t_item_vector"].cache_params is not wide["t_user"].cache_params  # one CacheParams per table
+
+    @pytest.mark.parametrize("mode", ["fatal", "warning", "ignore", "none"])
+    def test_each_bounds_check_mode_is_fbgemms_of_that_name(self, mode: str) -> None:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+        assert FusedParamsConfig(bounds_check_mode=mode).constraint_kwargs() == {
+            "bounds_check_mode": BoundsCheckMode[mode.upper()]}
+
     def test_settings_are_checked(self) -> None:
-        from recsys_llm.train.sharding import FusedParamsConfig
 
         with pytest.raises(ValueError, match=r"sharding.fused_params.cache_load_factor must be a finite number >= 0 "
                                              r"and < 1, got 1"):
