@@ -272,3 +272,34 @@ def test_a_weighted_table_that_pools_other_than_sum_is_refused_before_training()
     _Concat(EmbeddingBagCollection(tables=tables))  # unweighted: MEAN is fine
     with pytest.raises(ValueError, match=r"SemanticTable \['item_id'\]: .* tables \{'semantic_item_id': 'MEAN'\}"):
         SemanticTable({"item_id": 10}, 8, pooling=PoolingType.MEAN, device=torch.device("cpu"), is_weighted=True)
+
+
+def test_sharded_fp16_tables_pool_the_readers_float32_weights_unrounded() -> None:
+    """Under DMP, FBGEMM's kernels take float32 per-id weights for FP16 tables: the backbone gives them as they
+    are (it converts them to the table dtype only for an unsharded EBC, whose ``embedding_bag`` takes no other)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torchrec.modules.embedding_configs import DataType
+
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+
+    init_distributed()
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=10, feature_names=[f],
+                                 data_type=DataType.FP16) for f in FEATURES]
+    task = CTRTask(_Concat(EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device("meta"))))
+    model, _ = shard_model(task, torch.device("cpu"), 1, ShardingConfig(sharding_types=["table_wise"]),
+                           OptimizerConfig(), batch_size=8)
+    request = _request(6, 2)  # float32 weights in [0, 3): float16 keeps 11 bits of them
+    with torch.no_grad():
+        pooled = model.module.predict(request).embeddings.to_dict()
+    state = model.state_dict()
+    kjt = request.sparse_features.to_dict()
+    for name in FEATURES:
+        table = next(v for k, v in state.items() if k.endswith(f"t_{name}.weight"))
+        rows = (table.local_shards()[0].tensor if isinstance(table, ShardedTensor) else table).double()  # (10, 8)
+        bags = kjt[name]
+        ids, weights = bags.values(), bags.weights().double()
+        expected = torch.zeros(6, 8, dtype=torch.float64)
+        expected.index_add_(0, torch.repeat_interleave(torch.arange(6), bags.lengths()), rows[ids] * weights[:, None])
+        torch.testing.assert_close(pooled[name].double(), expected, atol=2e-6, rtol=0)
