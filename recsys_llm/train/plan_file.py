@@ -10,6 +10,7 @@ Example::
 """
 
 import json
+import os
 from typing import Any, Callable, Dict, List, Mapping
 
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -99,6 +100,9 @@ def _read_placements(path: str) -> Dict[str, Dict[str, Any]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"sharding.plan_file {path}: no such file (a run writes its plan to "
                                 "<train.run_dir>/sharding_plan.json)") from None
+    except IsADirectoryError:  # a run directory given for its plan
+        raise ValueError(f"sharding.plan_file {path}: a directory, not a file (a run's plan is "
+                         f"{os.path.join(path, 'sharding_plan.json')})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"sharding.plan_file {path}: not valid JSON ({error})") from error
     if not isinstance(placements, dict) or not all(

@@ -56,7 +56,8 @@ def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
     tables and a frozen teacher included, so their source files are not read again. The tables
     are never stepped, so a table optimizer that CPU kernels lack (a run trained on CUDA with
     ``optim.sparse=adam``), or sharding types and kernels they lack (row-wise, unified memory), do not
-    keep a CPU host from evaluating or exporting the run.
+    keep a CPU host from evaluating or exporting the run; nor does the ``sharding.plan_file`` it trained with
+    (its ranks, or a file since moved): the tables are planned afresh.
 
     Raises:
         ConfigError: LLaCTR vectors other than the run trained with (see
@@ -69,6 +70,9 @@ def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
         # a run trained on CUDA with a table optimizer FBGEMM's CPU kernels lack: never stepped here
         optim = dataclasses.replace(optim, sparse="sgd")
     sharding = loadable_on_cpu(config.sharding) if run.ctx.device.type == "cpu" else config.sharding
+    # planned afresh: the run's sharding.plan_file placed its tables on its training ranks (maybe more than this
+    # job's, and the file may have moved since), while any plan re-cuts the checkpoint
+    sharding = dataclasses.replace(sharding, plan_file="")
     model, _ = shard_model(built.task, run.ctx.device, run.ctx.world_size, sharding, optim, config.data.batch_size)
     load_checkpoint(run.checkpoint, model, None, restore_rng=False)
     return model

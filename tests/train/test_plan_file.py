@@ -94,6 +94,9 @@ def test_a_plan_file_that_does_not_fit_the_model_or_job_is_refused_naming_the_ta
     placements = json.loads(describe_plan(planned))
     name = sorted(placements)[0]
     assert "no such file" in _refusal(synthetic_schema, str(tmp_path / "absent.json"))
+    # a run directory given for its plan: "[Errno 21] Is a directory" named neither the setting nor the file
+    assert _refusal(synthetic_schema, str(tmp_path)) == (f"sharding.plan_file {tmp_path}: a directory, not a file "
+                                                         f"(a run's plan is {tmp_path / 'sharding_plan.json'})")
     assert "not valid JSON" in _refusal(synthetic_schema, _bad_json(tmp_path))
     fewer = {key: value for key, value in placements.items() if key != name}
     assert f"the model's tables it lacks: [{name!r}]" in _refusal(synthetic_schema, _write(str(tmp_path / "a"), fewer))

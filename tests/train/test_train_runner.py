@@ -1518,3 +1518,42 @@ def test_a_large_models_sharding_and_checkpoint_saves_are_said_before_they_take_
         os.path.join(run_dir, "checkpoints", "ckpt-00000003")], saves
     assert all(re.search(r" \(\d+\.\d GiB on rank 0\)$", line) for line in saves), saves
     assert shown.index("sharding: planning") < shown.index("sharding:", shown.index("sharding: planning") + 1)
+
+
+def _evaluate_a_run_pinned_to_a_plan_file(schema_dir: str, root: str) -> Dict[str, Any]:
+    import shutil
+
+    from recsys_llm.train.trained_run import run_evaluation
+
+    planned, pinned = os.path.join(root, "planned"), os.path.join(root, "pinned")
+    _run(schema_dir, planned, ["train.epochs=1", "train.max_steps=2"])
+    plan_file = os.path.join(root, "plan.json")
+    shutil.copy(os.path.join(planned, "sharding_plan.json"), plan_file)
+    extra = ["train.epochs=1", "train.max_steps=2", f"sharding.plan_file={plan_file}"]
+    _run(schema_dir, pinned, extra)
+    config = load_config(os.path.join(pinned, "config.yaml"))  # what evaluate / export read: the run's own
+    assert config.sharding.plan_file == plan_file
+    results = {"own": run_evaluation(config, pinned)}
+    with open(plan_file, encoding="utf-8") as handle:  # as a plan of a 2-rank run: every table on rank 1
+        placements = json.load(handle)
+    for placement in placements.values():
+        placement["ranks"] = [1]
+        for shard in placement["shards"]:
+            shard["rank"] = 1
+    with open(plan_file, "w", encoding="utf-8") as handle:
+        json.dump(placements, handle)
+    results["two_ranks"] = run_evaluation(config, pinned)
+    os.remove(plan_file)
+    results["moved"] = run_evaluation(config, pinned)
+    return results
+
+
+@pytest.mark.multiprocess
+def test_a_run_pinned_to_a_plan_file_evaluates_on_other_ranks_and_without_the_file(synthetic_dir: str,
+                                                                                    tmp_path) -> None:
+    """evaluate / export of a run trained with sharding.plan_file (kept in its config.yaml) applied that plan:
+    a 2-rank run's was refused on 1 rank ('on ranks [1], but the job has 1 rank(s)'), and a moved file was
+    refused too, though the checkpoint loads on any number of ranks."""
+    (results,) = run_multiprocess(_evaluate_a_run_pinned_to_a_plan_file, world_size=1, schema_dir=synthetic_dir,
+                                  root=str(tmp_path))
+    assert results["own"] == results["two_ranks"] == results["moved"]
