@@ -16,10 +16,13 @@ def plan_line(plan: ShardingPlan, world_size: int, where: str) -> str:
     sharded = sum(shard["sizes"][0] * shard["sizes"][1] for placement in placements.values()
                   for shard in placement["shards"])
     by_type = ", ".join(f"{count} {kind.replace('_', '-')}" for kind, count in sorted(types.items()))
-    weights = (f"{sharded / 1e9:.1f} B" if sharded >= 10**9 else f"{sharded / 1e6:.1f} M" if sharded >= 10**6
-               else f"{sharded:,}")
-    return (f"sharding: {len(placements)} table(s) over {world_size} rank(s) ({by_type}; {weights} weights in "
-            f"shards); the plan: {where}")
+    return (f"sharding: {len(placements)} table(s) over {world_size} rank(s) ({by_type}; {weights_text(sharded)} "
+            f"weights in shards); the plan: {where}")
+
+
+def weights_text(count: int) -> str:
+    """A count of weights for a log line: ``1.2 B``, ``3.4 M`` or ``12,345``."""
+    return f"{count / 1e9:.1f} B" if count >= 10**9 else f"{count / 1e6:.1f} M" if count >= 10**6 else f"{count:,}"
 
 
 def table_placements(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:

@@ -112,7 +112,7 @@ from recsys_llm.train.run_records import (
     split_file_stats,
     strict_json,
 )
-from recsys_llm.train.plan_report import describe_plan, plan_line
+from recsys_llm.train.plan_report import describe_plan, plan_line, weights_text
 from recsys_llm.train.sharding import build_optimizer, find_tables, shard_model, table_weights
 from recsys_llm.train.task_builder import (
     BuiltTask,
@@ -237,7 +237,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     tables = find_tables(built.task)
     weights = table_weights(tables)
     if ctx.is_main and train_cfg.progress and weights >= NOTED_TABLE_WEIGHTS:
-        print(f"sharding: planning {len(tables)} tables ({weights / 1e6:,.0f}M weights) on {ctx.world_size} rank(s) "
+        print(f"sharding: planning {len(tables)} tables ({weights_text(weights)} weights) on {ctx.world_size} rank(s) "
               "and building their shards", file=sys.stderr, flush=True)
     model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, step_rows)
     optimizer = build_optimizer(model, config.optim)
