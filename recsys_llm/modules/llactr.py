@@ -137,25 +137,29 @@ def check_fie_fits(num_fields: int, device: Optional[torch.device] = None) -> No
     Args:
         num_fields (int): F, the fields FIE pairs.
         device (Optional[torch.device]): where its weights train; a CUDA device's memory, else
-            the host's (its cgroup limit where lower; no check where the OS does not say).
+            the host's (its cgroup limit where lower; no check where the OS does not say), shared by
+            the ranks torchrun starts on it (``LOCAL_WORLD_SIZE``), each holding a copy of the term.
 
     Raises:
         ValueError: naming F, P, the bytes, the memory and what to change.
     """
     num_pairs = num_fields * (num_fields - 1) // 2
     needed = FIE_TRAINING_COPIES * (num_pairs * num_pairs + num_pairs) * 4  # float32 bytes
+    shared_by = 1
     if device is not None and torch.device(device).type == "cuda":
         memory: Optional[int] = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        where = f"{device}'s"
+        owner = f"{device}'s"
     else:
-        memory, where = host_memory(), "the host's"
-    if memory is not None and needed > memory:
+        memory, owner = host_memory(), "the host's"
+        shared_by = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # every rank trains its own copy
+    if memory is not None and needed > memory // shared_by:
+        room = f"{owner} {memory / 2**30:,.1f} GiB" + (f", shared by {shared_by} ranks" if shared_by > 1 else "")
         raise ValueError(
             f"FIE over {num_fields} fields learns a Linear(P, P) on their P = {num_pairs:,} field pairs: "
             f"{num_pairs * num_pairs:,} weights, about {needed / 2**30:,.1f} GiB while training (weight, gradient "
-            f"and Adam's two moments in float32), over {where} {memory / 2**30:,.1f} GiB; its size grows as F^4: "
-            "name fewer fields in llactr.fields (LLaCTRConfig.fields; 100 fields take about 0.4 GiB), or set "
-            "llactr.use_fie=false (FRE alone is linear in the fields)"
+            f"and Adam's two moments in float32), over {room}; its size grows as F^4: name fewer fields in "
+            "llactr.fields (LLaCTRConfig.fields; 100 fields take about 0.4 GiB), or set llactr.use_fie=false (FRE "
+            "alone is linear in the fields)"
         )
 
 

@@ -194,6 +194,11 @@ class TestBuildLLaCTRTerms:
         monkeypatch.setattr(llactr, "host_memory", lambda: 191)
         with pytest.raises(ValueError, match=r"FIE over 3 fields .* P = 3 field pairs: 9 weights"):
             llactr.check_fie_fits(3)
+        monkeypatch.setattr(llactr, "host_memory", lambda: 2 * 192)
+        llactr.check_fie_fits(3)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # three ranks on the host, a copy each: 128 bytes for one
+        with pytest.raises(ValueError, match=r"over the host's 0.0 GiB, shared by 3 ranks; "):
+            llactr.check_fie_fits(3)
 
     def test_vectors_of_another_schema_are_rejected_naming_what_differs(self, tmp_path) -> None:
         path = _vectors(tmp_path, _schema())
