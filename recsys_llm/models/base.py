@@ -294,13 +294,12 @@ def _weights_in_dtype(features: KeyedJaggedTensor, dtype: Optional[torch.dtype])
     weights = features.weights_or_none()  # (N,)
     if dtype is None or weights is None or weights.dtype == dtype:
         return features
-    if features.variable_stride_per_key():
-        return KeyedJaggedTensor(keys=features.keys(), values=features.values(), weights=weights.to(dtype),
-                                 lengths=features.lengths(), offsets=features.offsets_or_none(),
-                                 stride_per_key_per_rank=features.stride_per_key_per_rank(),
-                                 inverse_indices=features.inverse_indices_or_none())
+    variable = features.variable_stride_per_key()
     return KeyedJaggedTensor(keys=features.keys(), values=features.values(), weights=weights.to(dtype),
-                             lengths=features.lengths(), offsets=features.offsets_or_none(), stride=features.stride())
+                             lengths=features.lengths(), offsets=features.offsets_or_none(),
+                             stride=None if variable else features.stride(),
+                             stride_per_key_per_rank=features.stride_per_key_per_rank() if variable else None,
+                             inverse_indices=features.inverse_indices_or_none())
 
 
 @torch.fx.wrap
