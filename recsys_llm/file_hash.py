@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence
 
 from tqdm import tqdm
 
+from recsys_llm.host_memory import ranks_on_host
 from recsys_llm.progress import interval_options
 
 # files this large hashed with a description show a bar (an 8B model's weights take about 35 s on one core)
@@ -38,7 +39,7 @@ def files_sha256(paths: Sequence[str], description: Optional[str] = None, chunk:
     shown = description is not None and sum(sizes) >= BAR_BYTES and os.environ.get("RANK", "0") == "0"
     # the ranks of one host hash the same files at the same time: each takes its share of the cores
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = min(len(paths), max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    threads = min(len(paths), max(1, cores // ranks_on_host()))
     with tqdm(total=sum(sizes), desc=description, unit="B", unit_scale=True, leave=False, disable=not shown,
               **interval_options()) as bar:
         if threads <= 1:

@@ -1,5 +1,5 @@
-"""How much memory this process's host (or its container) has: what the planner and the size checks of
-large plug-in terms plan against."""
+"""How much memory this process's host (or its container) has, and how many ranks share the host: what the
+planner and the size checks of large plug-in terms plan against, and what each rank takes of the host's cores."""
 
 import os
 from typing import Optional
@@ -23,3 +23,9 @@ def host_memory() -> Optional[int]:
         if limit.isdigit():
             return min(physical, int(limit))
     return physical
+
+
+def ranks_on_host() -> int:
+    """The ranks torchrun started on this host (``LOCAL_WORLD_SIZE``), each with its own share of the host's
+    memory and cores; 1 without torchrun."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -24,7 +24,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.host_memory import host_memory
+from recsys_llm.host_memory import host_memory, ranks_on_host
 from recsys_llm.models.base import check_one_table_per_feature
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS, FieldRepresentationEnhancement
@@ -151,7 +151,7 @@ def check_fie_fits(num_fields: int, device: Optional[torch.device] = None) -> No
         owner = f"{device}'s"
     else:
         memory, owner = host_memory(), "the host's"
-        shared_by = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # every rank trains its own copy
+        shared_by = ranks_on_host()  # every rank trains its own copy
     if memory is not None and needed > memory // shared_by:
         room = f"{owner} {memory / 2**30:,.1f} GiB" + (f", shared by {shared_by} ranks" if shared_by > 1 else "")
         raise ValueError(
