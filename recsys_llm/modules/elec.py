@@ -282,8 +282,9 @@ def entity_vectors_record(config: ELECConfig) -> Dict[str, Dict[str, Any]]:
         return {}
     record: Dict[str, Dict[str, Any]] = {}
     for field, directory in config.entity_tables.items():
-        if directory and os.path.isfile(manifest_path(directory)):
-            manifest = load_manifest(manifest_path(directory))
+        path = manifest_path(directory) if directory else ""
+        if path and os.path.isfile(path):
+            manifest = load_manifest(path)
             record[field] = {**dict(manifest.get("provenance") or {}), "num_rows": manifest.get("num_rows"),
                              "keys_sha256": manifest.get("keys_sha256")}
     return record

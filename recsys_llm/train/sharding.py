@@ -359,9 +359,10 @@ def _no_room_message(task: nn.Module, world_size: int, compute_device: str, capa
 
 def planner_proposers(patience: int) -> List[Proposer]:
     """torchrec's default proposers (grid search, greedy by depth and by sum, uniform), the greedy ones
-    stopping after ``patience`` proposals in a row rated worse than their best (0: never)."""
-    return [GridSearchProposer(), GreedyProposer(threshold=patience or None),
-            GreedyProposer(use_depth=False, threshold=patience or None), UniformProposer()]
+    stopping after ``patience`` proposals in a row rated worse than their best (0: never, as torchrec reads
+    a threshold of 0)."""
+    return [GridSearchProposer(), GreedyProposer(threshold=patience),
+            GreedyProposer(use_depth=False, threshold=patience), UniformProposer()]
 
 
 def loadable_on_cpu(sharding: ShardingConfig) -> ShardingConfig:
