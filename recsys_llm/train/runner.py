@@ -147,8 +147,10 @@ def _local_state_bytes(model: nn.Module) -> int:
 
 def _save_note(model: nn.Module, ctx: DistContext, train_cfg: TrainConfig) -> Optional[Callable[[str], None]]:
     """What announces a checkpoint save on rank 0, for a model whose state is ``NOTED_STATE_BYTES`` or more."""
+    if not (ctx.is_main and train_cfg.progress):  # the state dict is walked only where the note can show
+        return None
     size = _local_state_bytes(model)
-    if not (ctx.is_main and train_cfg.progress and size >= NOTED_STATE_BYTES):
+    if size < NOTED_STATE_BYTES:
         return None
     return lambda path: tqdm.write(f"saving {path} ({size / 2**30:.1f} GiB on rank 0)", file=sys.stderr)
 
