@@ -143,7 +143,9 @@ def _encode(args: argparse.Namespace) -> int:
     )
     stored = encode_field_vectors(config, DatasetSchema.load(args.schema), args.output)
     provenance = dataclasses.asdict(stored.provenance)
-    provenance.pop("extra")
+    # the file's metadata keeps all of it; the summary names the schema once (the fields are listed above it)
+    for repeated in ("extra", "schema_fields", "schema_contents"):
+        provenance.pop(repeated, None)
     print(json.dumps({"output": args.output, "fields": stored.keys, "shape": list(stored.vectors.shape),
                       "provenance": provenance}, indent=2))
     return 0

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from recsys_llm.cli import main
 from recsys_llm.cli import semantics as semantics_cli
 from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
 from recsys_llm.semantics.store import VectorProvenanceError, load_vectors
@@ -280,3 +281,16 @@ def test_field_texts_cut_at_max_length_or_alike_are_named(tmp_path, tiny_llama_d
     assert any(m.startswith("semantics encode: fields 'color' and 'city' have texts that are the same 16 tokens")
                for m in messages), messages
     assert torch.equal(stored.vectors[0], stored.vectors[1])  # what the warning says
+
+
+def test_encode_prints_a_summary_that_names_each_field_once(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
+    """The summary lists the fields and the provenance without the schema's own copy (kept in the file)."""
+    output = str(tmp_path / "f.safetensors")
+    assert main(["semantics", "encode", "--schema", tiny_schema.root, "--model", tiny_bert_dir,
+                 "--output", output]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    stored = load_vectors(output)
+    assert summary["fields"] == stored.keys and summary["shape"] == list(stored.vectors.shape)
+    assert summary["provenance"]["schema_fingerprint"] == stored.provenance.schema_fingerprint
+    assert not {"schema_fields", "schema_contents", "extra"} & set(summary["provenance"])
+    assert stored.provenance.schema_contents and stored.provenance.schema_fields  # the file keeps them
