@@ -443,7 +443,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
     "train.reshard_mid_epoch", "train.flush_denormal", "sharding.proposer_patience", "sharding.storage_reservation",
-    "sharding.plan_file",
+    "sharding.plan_file", "sharding.measure_pooling",
     "sharding.fused_params.cache_load_factor", "sharding.fused_params.bounds_check_mode",
     "data.batch_size", "data.eval_batch_size", "data.validate", "data.prefetch", "data.synthetic_rows",
     "data.valid_split", "data.test_split",

@@ -1,7 +1,8 @@
 """A sharding plan read from a file (``sharding.plan_file``) instead of planned: the placements of a run's
 ``sharding_plan.json`` (:func:`recsys_llm.train.plan_report.describe_plan`), rebuilt with torchrec's own plan
-generators (``table_wise``, ``column_wise``, ``row_wise``, ``data_parallel``) and checked to give the same
-shards, ranks and kernels. A job restarted on the same ranks then shards exactly as the file says, whatever
+generators (``table_wise``, ``column_wise``, ``row_wise``, ``table_row_wise``, ``data_parallel``; a
+``table_column_wise`` placement through ``column_wise``, see :func:`_table_column_wise`) and checked to give the
+same shards, ranks and kernels. A job restarted on the same ranks then shards exactly as the file says, whatever
 the planner would choose now (another torchrec, another ``sharding.proposer_patience``), and pays no planning.
 
 Example::
@@ -13,6 +14,7 @@ import json
 import os
 from typing import Any, Callable, Dict, List, Mapping
 
+from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import (
     ParameterShardingGenerator,
@@ -20,9 +22,10 @@ from torchrec.distributed.sharding_plan import (
     construct_module_sharding_plan,
     data_parallel,
     row_wise,
+    table_row_wise,
     table_wise,
 )
-from torchrec.distributed.types import EmbeddingModuleShardingPlan, ShardingPlan
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ParameterSharding, ShardingPlan
 
 from recsys_llm.train.plan_report import table_placements
 
@@ -32,13 +35,45 @@ def _column_ranks(placement: Mapping[str, Any]) -> List[int]:
     return [shard["rank"] for shard in sorted(placement["shards"], key=lambda shard: shard["offsets"][1])]
 
 
-# sharding type -> the torchrec generator that places a table as the file's placement says
-_GENERATORS: Dict[str, Callable[[Mapping[str, Any]], ParameterShardingGenerator]] = {
-    "data_parallel": lambda placement: data_parallel(),
-    "table_wise": lambda placement: table_wise(rank=placement["ranks"][0], compute_kernel=placement["compute_kernel"]),
-    "column_wise": lambda placement: column_wise(ranks=_column_ranks(placement),
-                                                 compute_kernel=placement["compute_kernel"]),
-    "row_wise": lambda placement: row_wise(compute_kernel=placement["compute_kernel"]),
+def _with_kernel(generator: ParameterShardingGenerator, kernel: str, sharding_type: str) -> ParameterShardingGenerator:
+    """``generator`` whose placements name ``kernel`` and ``sharding_type``: torchrec's ``table_row_wise`` takes no
+    kernel (it picks ``fused`` for a table with a fused optimizer, as every sharded table here has), and it has no
+    ``table_column_wise`` generator."""
+    def generate(param: nn.Parameter, local_size: int, world_size: int, device_type: str,
+                 sharder: ModuleSharder[nn.Module]) -> ParameterSharding:
+        sharding = generator(param, local_size, world_size, device_type, sharder)
+        sharding.compute_kernel, sharding.sharding_type = kernel, sharding_type
+        return sharding
+
+    return generate
+
+
+def _table_row_wise(placement: Mapping[str, Any], local_world_size: int) -> ParameterShardingGenerator:
+    """torchrec's ``table_row_wise`` on the host of the placement's first rank (its rows split over that host's
+    ``local_world_size`` ranks; the check of :func:`read_plan_file` refuses ranks it does not give back)."""
+    host = min(placement["ranks"], default=0) // local_world_size
+    return _with_kernel(table_row_wise(host_index=host), placement["compute_kernel"], "table_row_wise")
+
+
+def _table_column_wise(placement: Mapping[str, Any]) -> ParameterShardingGenerator:
+    """torchrec's ``column_wise`` on the placement's ranks in column order, named ``table_column_wise``: torchrec 1.8
+    has no generator of its own for it, and cuts both types' columns alike (``calculate_shard_sizes_and_offsets``;
+    its EBC sharder builds both as column-wise shardings, ``TwCwPooledEmbeddingSharding`` being a
+    ``CwPooledEmbeddingSharding``). The planner puts such shards on the ranks of one host; the file's ranks are
+    rebuilt as written."""
+    return _with_kernel(column_wise(ranks=_column_ranks(placement)), placement["compute_kernel"], "table_column_wise")
+
+
+# sharding type -> the generator that places a table as the file's placement says (given the ranks per host)
+_GENERATORS: Dict[str, Callable[[Mapping[str, Any], int], ParameterShardingGenerator]] = {
+    "data_parallel": lambda placement, _: data_parallel(),
+    "table_wise": lambda placement, _: table_wise(rank=placement["ranks"][0],
+                                                  compute_kernel=placement["compute_kernel"]),
+    "column_wise": lambda placement, _: column_wise(ranks=_column_ranks(placement),
+                                                    compute_kernel=placement["compute_kernel"]),
+    "row_wise": lambda placement, _: row_wise(compute_kernel=placement["compute_kernel"]),
+    "table_row_wise": _table_row_wise,
+    "table_column_wise": lambda placement, _: _table_column_wise(placement),
 }
 PLACEMENT_KEYS = ("module", "sharding_type", "compute_kernel", "ranks", "shards")
 
@@ -63,8 +98,9 @@ def read_plan_file(path: str, tables: Mapping[str, Any], world_size: int, local_
         FileNotFoundError: no file at ``path``.
         ValueError: naming ``path`` and what differs: not a JSON object of placements, tables the model lacks
             or the file lacks, a module path other than the table's, ranks outside the job, a sharding type or
-            kernel the constraints do not allow, a type it cannot rebuild (``table_row_wise``,
-            ``table_column_wise``), or shards that torchrec's generators do not give back.
+            kernel the constraints do not allow, a type it cannot rebuild (e.g. ``grid_shard``), or shards that
+            torchrec's generators do not give back (a ``table_row_wise`` table's rows on ranks other than one
+            host's, as ``local_world_size`` groups them).
     """
     placements = _read_placements(path)
     missing, unknown = sorted(set(tables) - set(placements)), sorted(set(placements) - set(tables))
@@ -75,7 +111,8 @@ def read_plan_file(path: str, tables: Mapping[str, Any], world_size: int, local_
     for name, placement in placements.items():
         module_path, ebc = tables[name]
         _check_placement(path, name, placement, module_path, world_size, constraints.get(name))
-        by_module.setdefault(module_path, {})[name] = _GENERATORS[placement["sharding_type"]](placement)
+        generator = _GENERATORS[placement["sharding_type"]](placement, local_world_size)
+        by_module.setdefault(module_path, {})[name] = generator
     modules = {module_path: ebc for module_path, ebc in tables.values()}
     plan = ShardingPlan({
         module_path: construct_module_sharding_plan(modules[module_path], generators, local_size=local_world_size,
@@ -86,8 +123,9 @@ def read_plan_file(path: str, tables: Mapping[str, Any], world_size: int, local_
         if {key: rebuilt[name][key] for key in PLACEMENT_KEYS} != {key: placement[key] for key in PLACEMENT_KEYS}:
             raise ValueError(
                 f"sharding.plan_file {path}: table {name!r}'s placement ({placement['sharding_type']} on ranks "
-                f"{placement['ranks']}) cannot be rebuilt as written on {world_size} rank(s) (torchrec places it "
-                f"{rebuilt[name]['shards']}); write it from a run on {world_size} rank(s)"
+                f"{placement['ranks']}) cannot be rebuilt as written on {world_size} rank(s), "
+                f"{local_world_size} a host (torchrec places it {rebuilt[name]['shards']}); write it from a run on "
+                f"{world_size} rank(s) ({local_world_size} a host: LOCAL_WORLD_SIZE)"
             )
     return plan
 

@@ -3,7 +3,7 @@ shards, the ranks holding each table, and the JSON of ``run_dir/sharding_plan.js
 
 import collections
 import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping, Optional
 
 from torchrec.distributed.types import ShardingPlan
 
@@ -63,6 +63,12 @@ def ranks_holding_tables(plan: ShardingPlan, world_size: int) -> Dict[int, List[
     return holding
 
 
-def describe_plan(plan: ShardingPlan) -> str:
-    """The plan as indented JSON (written to the run directory as ``sharding_plan.json``)."""
-    return json.dumps(table_placements(plan), indent=2, sort_keys=True)
+def describe_plan(plan: ShardingPlan, pooling_factors: Optional[Mapping[str, List[float]]] = None) -> str:
+    """The plan as indented JSON (written to the run directory as ``sharding_plan.json``), each table's
+    ``pooling_factors`` (the mean ids per bag of its features the planner priced it by:
+    :func:`~recsys_llm.train.pooling_factors.table_pooling_factors`) added where given."""
+    placements = table_placements(plan)
+    for table, factors in (pooling_factors or {}).items():
+        if table in placements:
+            placements[table]["pooling_factors"] = list(factors)
+    return json.dumps(placements, indent=2, sort_keys=True)

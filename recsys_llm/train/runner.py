@@ -44,6 +44,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import write_text_atomically
+from recsys_llm.data.ids_per_bag import mean_ids_per_bag
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.modules.random_stream import give_rank_its_own_stream
@@ -113,6 +114,7 @@ from recsys_llm.train.run_records import (
     strict_json,
 )
 from recsys_llm.train.plan_report import describe_plan, plan_line, weights_text
+from recsys_llm.train.pooling_factors import table_pooling_factors
 from recsys_llm.train.sharding import build_optimizer, find_tables, shard_model, table_weights
 from recsys_llm.train.task_builder import (
     BuiltTask,
@@ -241,7 +243,13 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     if ctx.is_main and train_cfg.progress and weights >= NOTED_TABLE_WEIGHTS:
         print(f"sharding: planning {len(tables)} tables ({weights_text(weights)} weights) on {ctx.world_size} rank(s) "
               "and building their shards", file=sys.stderr, flush=True)
-    model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, step_rows)
+    # the planner (rank 0) prices each multi-hot table by the ids its bags hold in the training split
+    measured = ctx.is_main and config.sharding.measure_pooling and not config.sharding.plan_file
+    ids_per_bag = run_on_every_rank(lambda: mean_ids_per_bag(schema, config.data.train_split) if measured else None,
+                                    "measuring the ids per bag of the training split", ctx.device)
+    pooling = table_pooling_factors(tables, ids_per_bag) if ids_per_bag is not None else {}
+    model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, step_rows,
+                              ids_per_bag)
     optimizer = build_optimizer(model, config.optim)
     note = _save_note(model, ctx, train_cfg)
     checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
@@ -292,7 +300,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
                              "locking train.run_dir", ctx.device)
     try:
         return _train_in_run_dir(config, ctx, schema, built, readers, model, plan, optimizer, checkpoints, best, latest,
-                                 saved_config, fingerprints, on_step)
+                                 saved_config, fingerprints, on_step, pooling)
     finally:
         if lock is not None:
             lock.close()  # closing the file releases its lock
@@ -323,9 +331,10 @@ def _train_in_run_dir(
     config: ExperimentConfig, ctx: DistContext, schema: DatasetSchema, built: BuiltTask,
     readers: Dict[str, ParquetBatchReader], model: nn.Module, plan: Any, optimizer: Any, checkpoints: CheckpointManager,
     best: CheckpointManager, latest: Optional[str], saved_config: str, fingerprints: Dict[str, str],
-    on_step: Optional[StepHook],
+    on_step: Optional[StepHook], pooling: Dict[str, List[float]],
 ) -> Dict[str, Any]:
-    """:func:`run_training` from the first write into ``train.run_dir`` on (rank 0 holds its lock)."""
+    """:func:`run_training` from the first write into ``train.run_dir`` on (rank 0 holds its lock); ``pooling``:
+    each table's pooling factors as the planner took them (for ``sharding_plan.json``)."""
     train_cfg = config.train
     run_dir = train_cfg.run_dir
     if ctx.is_main:
@@ -334,7 +343,7 @@ def _train_in_run_dir(
             {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), SCHEMA_CONTENTS_KEY: schema.fingerprinted(),
              DATA_FINGERPRINTS_KEY: fingerprints, **built.plugins},
             indent=2, sort_keys=True, default=str))
-        write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan))
+        write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan, pooling))
         if train_cfg.progress:
             print(plan_line(plan, ctx.world_size, os.path.join(run_dir, "sharding_plan.json")), file=sys.stderr,
                   flush=True)

@@ -85,6 +85,7 @@ from recsys_llm.modules.random_stream import give_rank_its_own_stream
 from recsys_llm.train.dense_reduction import ONE_BUCKET_MB, reduce_in_parameter_order
 from recsys_llm.train.plan_file import read_plan_file, with_constraint_settings
 from recsys_llm.train.plan_report import table_placements
+from recsys_llm.train.pooling_factors import ONE_ID_PER_BAG, table_pooling_factors
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "row_wise_adagrad": trec_optim.RowWiseAdagrad,
@@ -268,6 +269,10 @@ class ShardingConfig:
             0.15, torchrec's default): lower it to fit larger tables where the estimate is known to be
             generous, raise it where other work shares the GPU. torchrec reserves none of the host's
             memory, so on CPU it changes nothing.
+        measure_pooling (bool): give the planner each multi-hot (sequence) feature's mean ids per bag, measured
+            on the training split (``ParameterConstraints.pooling_factors``; :mod:`recsys_llm.train.pooling_factors`),
+            so it prices the lookups and batches of those tables by the ids they pool; False: 1.0 for every
+            feature (torchrec's default, as runs were planned before this setting existed).
     """
 
     sharding_types: List[str] = dataclasses.field(default_factory=list)
@@ -280,6 +285,7 @@ class ShardingConfig:
     fused_params: FusedParamsConfig = dataclasses.field(default_factory=FusedParamsConfig)
     storage_reservation: float = DEFAULT_STORAGE_RESERVATION
     plan_file: str = ""
+    measure_pooling: bool = True
 
     def __post_init__(self) -> None:
         check_number("sharding.proposer_patience", self.proposer_patience, integer=True, minimum=0)
@@ -441,12 +447,15 @@ def frozen_table_names(model: nn.Module, config: ShardingConfig) -> Set[str]:
 
 
 def build_constraints(
-    model: nn.Module, config: ShardingConfig, compute_device: str = "cpu"
+    model: nn.Module, config: ShardingConfig, compute_device: str = "cpu",
+    ids_per_bag: Optional[Mapping[str, float]] = None,
 ) -> Dict[str, ParameterConstraints]:
     """Planner constraints per table from the config (frozen tables: fused kernel, never replicated;
     trained FP16 tables: never replicated, as only the fused kernels step them with float32 optimizer
     state; on CUDA, tables wider than FBGEMM's kernels take: split by columns; every table:
-    ``config.fused_params``).
+    ``config.fused_params``), each with its features' ``pooling_factors``: ``ids_per_bag`` (feature ->
+    mean ids per bag, :func:`~recsys_llm.data.ids_per_bag.mean_ids_per_bag`), 1.0 for a feature not in it.
+    A table left to the planner's defaults (no setting, one id per bag) gets no constraint.
 
     Raises:
         ValueError: unknown table names, a frozen table without the fused kernel or a sharded
@@ -458,6 +467,7 @@ def build_constraints(
     if unknown:
         raise ValueError(f"sharding.table_constraints names unknown tables {unknown}; tables: {sorted(tables)}")
     frozen = frozen_table_names(model, config)
+    pooling = table_pooling_factors(tables, ids_per_bag or {})
     constraints: Dict[str, ParameterConstraints] = {}
     for name in tables:
         override = config.table_constraints.get(name, {})
@@ -492,9 +502,11 @@ def build_constraints(
                     f"columns: allow a column-wise type for it (sharding.table_constraints.{name}.sharding_types="
                     "[column_wise]), or make it narrower (LLM vectors: `semantics export --projection`)")
         fused = config.fused_params.constraint_kwargs()
-        if sharding_types is None and kernels is None and not fused:
+        one_id = all(factor == ONE_ID_PER_BAG for factor in pooling[name])
+        if sharding_types is None and kernels is None and not fused and one_id:
             continue
-        constraints[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels, **fused)
+        constraints[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels,
+                                                 pooling_factors=pooling[name], **fused)
     return constraints
 
 
@@ -646,6 +658,7 @@ def shard_model(
     sharding: ShardingConfig,
     optim: OptimizerConfig,
     batch_size: Optional[int] = None,
+    ids_per_bag: Optional[Mapping[str, float]] = None,
 ) -> Tuple[DistributedModelParallel, ShardingPlan]:
     """Plans and shards ``task``; the default process group must exist.
 
@@ -662,6 +675,8 @@ def shard_model(
         sharding (ShardingConfig): planner constraints and frozen tables.
         optim (OptimizerConfig): the fused table optimizer to attach.
         batch_size (Optional[int]): per-rank batch size for the planner's cost model.
+        ids_per_bag (Optional[Mapping[str, float]]): feature -> mean ids per bag for the planner's cost model
+            (:func:`build_constraints`); None: one per bag.
 
     Returns:
         Tuple[DistributedModelParallel, ShardingPlan]: the sharded model and its plan.
@@ -706,7 +721,7 @@ def shard_model(
             f"optim.sparse={optim.sparse!r}: FBGEMM's CPU embedding kernels implement only "
             f"{sorted(CPU_SPARSE_OPTIMIZERS)}; pick one of those, or train on CUDA"
         )
-    constraints = build_constraints(task, sharding, compute_device)
+    constraints = build_constraints(task, sharding, compute_device, ids_per_bag)
     _check_plannable(constraints, frozen, compute_device)
     if not (dist.is_available() and dist.is_initialized()):  # before the task is changed (fused optimizers)
         raise RuntimeError(
