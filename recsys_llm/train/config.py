@@ -192,6 +192,10 @@ class TrainConfig:
             threads only if no multi-threaded op ran before): Adam's moments of weights that stop
             getting gradients (after a dead ReLU unit) decay into subnormals, on which CPU
             arithmetic is many times slower; a DCNv2 step went from 9 to 20 ms.
+        metrics_window (int): windowed training metrics (torchrec's AUC, NE and calibration of the last this
+            many training samples over all ranks, :mod:`recsys_llm.train.train_metrics`) on the progress bar and
+            in ``metrics.jsonl``; at least ``data.batch_size`` x ranks (0: none).
+        metrics_every (int): compute them every this many steps (>= 1; a collective, the only host sync they add).
     """
 
     epochs: int = 1
@@ -207,10 +211,12 @@ class TrainConfig:
     progress: bool = True
     reshard_mid_epoch: bool = False
     flush_denormal: bool = True
+    metrics_window: int = 0
+    metrics_every: int = 50
 
     def __post_init__(self) -> None:
         at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 0, "max_steps": 0, "patience": 0,
-                    "checkpoint_every": 0}
+                    "checkpoint_every": 0, "metrics_window": 0, "metrics_every": 1}
         wrong = [f"train.{name}={getattr(self, name)} (must be >= {low})" for name, low in at_least.items()
                  if getattr(self, name) < low]
         if self.device not in DEVICES:
@@ -442,8 +448,8 @@ def save_config(config: ExperimentConfig, path: str) -> None:
 RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
-    "train.reshard_mid_epoch", "train.flush_denormal", "sharding.proposer_patience", "sharding.storage_reservation",
-    "sharding.plan_file", "sharding.measure_pooling",
+    "train.reshard_mid_epoch", "train.flush_denormal", "train.metrics_window", "train.metrics_every",
+    "sharding.proposer_patience", "sharding.storage_reservation", "sharding.plan_file", "sharding.measure_pooling",
     "sharding.fused_params.cache_load_factor", "sharding.fused_params.bounds_check_mode",
     "data.batch_size", "data.eval_batch_size", "data.validate", "data.prefetch", "data.synthetic_rows",
     "data.valid_split", "data.test_split",

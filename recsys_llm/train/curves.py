@@ -8,7 +8,8 @@ first 50-step record after the resume).
 
     run_dir/training_curves.png   left: loss (the mean of every 50 steps, and each epoch's mean, over the ranks)
                                   and validation LogLoss;
-                                  right: validation AUC per evaluation (best marked), test AUC
+                                  right: validation AUC per evaluation (best marked), test AUC, and
+                                  with train.metrics_window the windowed training AUC
 
 Example::
 
@@ -19,7 +20,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from recsys_llm.atomic_dir import save_figure_atomically
-from recsys_llm.train.run_records import read_metrics
+from recsys_llm.train.run_records import TRAIN_WINDOW_EVENT, read_metrics
 
 CURVES_FILE = "training_curves.png"
 
@@ -28,10 +29,10 @@ Curve = Tuple[List[int], List[float]]  # (global steps, values)
 
 def training_curves(records: List[Dict[str, Any]]) -> Dict[str, Curve]:
     """The curves of ``metrics.jsonl`` records: ``loss`` (``train`` events), ``epoch loss``
-    (``epoch`` events' mean loss, at the epoch's last step), ``valid logloss`` and ``valid auc``; an
-    empty curve is left out."""
+    (``epoch`` events' mean loss, at the epoch's last step), ``valid logloss``, ``valid auc`` and ``train window
+    auc`` (``train_window`` events: ``train.metrics_window``); an empty curve is left out."""
     wanted = {"loss": ("train", "loss"), "epoch loss": ("epoch", "mean_loss"), "valid logloss": ("valid", "logloss"),
-              "valid auc": ("valid", "auc")}
+              "valid auc": ("valid", "auc"), "train window auc": (TRAIN_WINDOW_EVENT, "auc")}
     curves: Dict[str, Curve] = {}
     for name, (event, key) in wanted.items():
         points = [(r["global_step"], r[key]) for r in records
@@ -68,6 +69,10 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
     if "valid logloss" in curves:  # beside the training loss: a gap that opens shows overfitting
         loss_axis.plot(*curves["valid logloss"], "s--", color="tab:green", label="validation LogLoss")
     loss_axis.set(xlabel="global step", ylabel="loss", title="loss")
+    if "train window auc" in curves:  # beside the validation AUC: a gap that opens shows overfitting
+        steps, aucs = curves["train window auc"]
+        auc_axis.plot(steps, aucs, color="tab:blue", linewidth=1, label="training AUC, torchrec window",
+                      marker="." if len(steps) == 1 else None)
     if "valid auc" in curves:
         steps, aucs = curves["valid auc"]
         auc_axis.plot(steps, aucs, "o-", color="tab:green", label="validation AUC")

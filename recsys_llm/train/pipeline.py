@@ -18,11 +18,12 @@ Example::
     results = evaluate(model, valid_reader, device, CTRMetrics())
 """
 
+import collections
 import dataclasses
 import itertools
 import math
 import time
-from typing import Any, Callable, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,11 +33,13 @@ from torchrec.distributed.types import ShardedModule
 from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch, batch_extras
+from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.progress import interval_options
 from recsys_llm.train.checkpoint import table_step_counters_kept
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
 from recsys_llm.train.metrics import CTRMetrics
+from recsys_llm.train.train_metrics import WindowedTrainMetrics
 
 # on_step(step_in_epoch, loss) -> True to stop the epoch now (max_steps reached, ...). ``loss`` is
 # the step's detached 0-dim loss tensor, still on the device: reading it (``float(loss)``) waits
@@ -111,15 +114,20 @@ def sharded_module_names(model: nn.Module) -> List[str]:
 
 
 class _Counting(Iterator[Batch]):
-    """Wraps an iterator and counts the samples it hands to the pipeline."""
+    """Wraps an iterator and counts the samples it hands to the pipeline; with ``keep_weights``, also queues
+    each batch's ``label_weight`` extra (None without one), in the order the pipeline's outputs come back."""
 
-    def __init__(self, batches: Iterator[Batch]) -> None:
+    def __init__(self, batches: Iterator[Batch], keep_weights: bool = False) -> None:
         self._batches = batches
+        self._keep_weights = keep_weights
         self.samples_seen: List[int] = []
+        self.label_weights: Deque[Optional[torch.Tensor]] = collections.deque()
 
     def __next__(self) -> Batch:
         batch = next(self._batches)
         self.samples_seen.append(batch.labels.size(0))  # torchrec's own Batch has no batch_size
+        if self._keep_weights:
+            self.label_weights.append(batch_extras(batch).get(LABEL_WEIGHT_KEY))
         return batch
 
 
@@ -133,6 +141,7 @@ def train_epoch(
     total: Optional[int] = None,
     description: str = "train",
     progress: bool = True,
+    window_metrics: Optional[WindowedTrainMetrics] = None,
 ) -> EpochStats:
     """Trains over ``batches`` with a fresh ``TrainPipelineSparseDist``.
 
@@ -152,6 +161,9 @@ def train_epoch(
         total (Optional[int]): batches in the epoch, for the progress bar.
         description (str): progress bar label.
         progress (bool): show a tqdm bar (rank 0 only).
+        window_metrics (Optional[WindowedTrainMetrics]): updated with every step's logits and labels (weighted
+            by the batch's ``label_weight`` where it has one) before ``on_step``; its computes (collective, every
+            ``train.metrics_every`` steps) show on the bar. None: no logits read, no cost.
 
     Returns:
         EpochStats: steps, samples, throughput, mean loss, pipelined modules.
@@ -170,7 +182,7 @@ def train_epoch(
     if skip_batches:
         # Consume (and drop) batches already trained on before the interruption.
         iterator = itertools.islice(iterator, skip_batches, None)
-    counting = _Counting(iterator)
+    counting = _Counting(iterator, keep_weights=window_metrics is not None)
     pipeline = TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
     bar = tqdm(
         total=None if total is None else max(0, total - skip_batches),
@@ -184,6 +196,7 @@ def train_epoch(
     steps = 0
     loss_sum = torch.zeros((), device=device)
     window: List[torch.Tensor] = []
+    postfix: Dict[str, str] = {}  # the bar's: the loss, then the windowed training metrics
     # a NaN loss makes NaN weights, which a checkpoint would keep: one CPU process checks every
     # step (free); on GPU or several ranks, where a check waits for the device or the other
     # ranks, the running sum every LOSS_READ_EVERY steps and at the end, and the runner checks
@@ -196,7 +209,7 @@ def train_epoch(
     try:
         while True:
             try:
-                loss, _, _ = pipeline.progress(counting)
+                loss, logits, labels = pipeline.progress(counting)
             except StopIteration:
                 break
             step += 1
@@ -208,10 +221,19 @@ def train_epoch(
             if steps % check_every == 0:
                 check_finite_loss(loss_sum, f"{description}: step {step}")
             bar.update(1)
+            if window_metrics is not None:  # the batch's label weights are pinned on CUDA: an async copy
+                weights = counting.label_weights.popleft()
+                weights = None if weights is None else weights.to(labels.device, non_blocking=True)
+                computed = window_metrics.update(logits, labels, weights)
+                if computed is not None and not bar.disable:
+                    postfix.update({f"window_{name}": f"{value:.4f}" for name, value in computed.items()})
+                    bar.set_postfix(postfix, refresh=False)
             if not bar.disable:  # a hidden bar reads no loss (no device sync)
                 window.append(loss_value)
                 if len(window) == LOSS_READ_EVERY:
-                    bar.set_postfix(loss=f"{float(torch.stack(window).mean()):.4f}", refresh=False)
+                    postfix = {"loss": f"{float(torch.stack(window).mean()):.4f}",
+                               **{key: text for key, text in postfix.items() if key != "loss"}}
+                    bar.set_postfix(postfix, refresh=False)
                     window.clear()
             if on_step is not None and on_step(step, loss_value):
                 stopped = True

@@ -28,6 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 # metrics.jsonl: the first record of every job, started from scratch or resumed from a checkpoint
 STARTED_EVENT = "started"
 RESUMED_EVENT = "resumed"
+TRAIN_WINDOW_EVENT = "train_window"  # windowed training metrics (train.metrics_window) at a global step
 REDONE_KEY = "redone"  # of a resumed record: events at its step that the killed job wrote after the checkpoint
 # what a run directory holds once its checks have passed (config.yaml and results.json are
 # common names, so they do not mark a directory as a run's)

@@ -97,6 +97,7 @@ from recsys_llm.train.run_records import (
     SCHEMA_CONTENTS_KEY,
     SCHEMA_FINGERPRINT_KEY,
     STARTED_EVENT,
+    TRAIN_WINDOW_EVENT,
     check_data_unchanged,
     check_run_dir_is_ours,
     check_run_dir_shared,
@@ -124,6 +125,7 @@ from recsys_llm.train.task_builder import (
     load_plugin_state,
     swapped_pairs,
 )
+from recsys_llm.train.train_metrics import WindowedTrainMetrics
 
 # Called on every rank after each optimizer step (and after a checkpoint of that step).
 StepHook = Callable[[TrainState], None]
@@ -243,6 +245,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     if ctx.is_main and train_cfg.progress and weights >= NOTED_TABLE_WEIGHTS:
         print(f"sharding: planning {len(tables)} tables ({weights_text(weights)} weights) on {ctx.world_size} rank(s) "
               "and building their shards", file=sys.stderr, flush=True)
+    # before sharding and before anything is written: a window smaller than a step's rows is refused at once
+    windowed = None if not train_cfg.metrics_window else WindowedTrainMetrics(
+        train_cfg.metrics_window, train_cfg.metrics_every, step_rows, ctx.world_size, ctx.rank, ctx.device)
     # the planner (rank 0) prices each multi-hot table by the ids its bags hold in the training split
     measured = ctx.is_main and config.sharding.measure_pooling and not config.sharding.plan_file
     ids_per_bag = run_on_every_rank(lambda: mean_ids_per_bag(schema, config.data.train_split) if measured else None,
@@ -300,7 +305,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
                              "locking train.run_dir", ctx.device)
     try:
         return _train_in_run_dir(config, ctx, schema, built, readers, model, plan, optimizer, checkpoints, best, latest,
-                                 saved_config, fingerprints, on_step, pooling)
+                                 saved_config, fingerprints, on_step, pooling, windowed)
     finally:
         if lock is not None:
             lock.close()  # closing the file releases its lock
@@ -331,10 +336,11 @@ def _train_in_run_dir(
     config: ExperimentConfig, ctx: DistContext, schema: DatasetSchema, built: BuiltTask,
     readers: Dict[str, ParquetBatchReader], model: nn.Module, plan: Any, optimizer: Any, checkpoints: CheckpointManager,
     best: CheckpointManager, latest: Optional[str], saved_config: str, fingerprints: Dict[str, str],
-    on_step: Optional[StepHook], pooling: Dict[str, List[float]],
+    on_step: Optional[StepHook], pooling: Dict[str, List[float]], windowed: Optional[WindowedTrainMetrics],
 ) -> Dict[str, Any]:
     """:func:`run_training` from the first write into ``train.run_dir`` on (rank 0 holds its lock); ``pooling``:
-    each table's pooling factors as the planner took them (for ``sharding_plan.json``)."""
+    each table's pooling factors as the planner took them (for ``sharding_plan.json``); ``windowed``: the windowed
+    training metrics (``train.metrics_window``), whose window starts empty in every job."""
     train_cfg = config.train
     run_dir = train_cfg.run_dir
     if ctx.is_main:
@@ -370,6 +376,8 @@ def _train_in_run_dir(
     throughput: List[float] = []
 
     losses = LossSums.resumed_from(state)  # a checkpoint between two loss records carries their sums
+    if windowed is not None:
+        windowed.steps = state.global_step  # computes on the global steps that are multiples of metrics_every
 
     def step_callback(step_in_epoch: int, loss: torch.Tensor) -> bool:
         state.step_in_epoch = step_in_epoch
@@ -379,6 +387,9 @@ def _train_in_run_dir(
             mean_loss, steps = losses.take_window(ctx.device)
             log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": mean_loss,
                        "steps": steps})
+        if windowed is not None and windowed.computed is not None:  # computed at this step, over the ranks
+            log.write({"event": TRAIN_WINDOW_EVENT, "global_step": state.global_step, "epoch": state.epoch,
+                       **windowed.computed})
         if train_cfg.checkpoint_every and state.global_step % train_cfg.checkpoint_every == 0:
             check_finite_loss(loss, f"step {state.global_step}")  # a NaN step makes every later loss NaN
             losses.carry_into(state, ctx.device)
@@ -420,6 +431,7 @@ def _train_in_run_dir(
                 total=len(train_reader),
                 description=f"epoch {state.epoch}",
                 progress=train_cfg.progress,
+                window_metrics=windowed,
             )
             epoch_loss = losses.epoch_mean(ctx.device)  # all rows' (and a killed job's steps before the resume)
             stats = dataclasses.replace(stats, mean_loss=math.nan if epoch_loss is None else epoch_loss)
