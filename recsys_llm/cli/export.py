@@ -23,7 +23,8 @@ from typing import Any, Dict
 from recsys_llm.cli.data import integer_at_least
 
 
-def export_run(config: Any, checkpoint: str, output: str, state_only: bool = False) -> Dict[str, Any]:
+def export_run(config: Any, checkpoint: str, output: str, state_only: bool = False,
+               table_dtype: str = "trained") -> Dict[str, Any]:
     """Exports the served part of a trained run (collective: call on every rank).
 
     Args:
@@ -33,6 +34,8 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         state_only (bool): write the whole trained task's full state dict only
             (``model.safetensors``), e.g. a gain network to load as a frozen teacher
             (``elec.teacher_checkpoint``); no serving program.
+        table_dtype (str): the served tables' dtype (``--table-dtype``): ``"trained"`` (as trained) or ``"int8"``
+            (quantized rows with a per-row scale and bias, :mod:`recsys_llm.serving.quantized_tables`).
 
     Returns:
         Dict[str, Any]: the artifact's ``config.json`` on rank 0, ``{}`` elsewhere.
@@ -50,11 +53,16 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         sub_state,
         unsharded_state_dict,
     )
+    from recsys_llm.serving.quantized_tables import TRAINED, check_table_dtype
     from recsys_llm.train.checkpoint import checkpoint_digests
     from recsys_llm.train.distributed import barrier
     from recsys_llm.train.task_builder import build_task
     from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 
+    check_table_dtype(table_dtype)  # before any work (every rank)
+    if state_only and table_dtype != TRAINED:
+        raise ValueError(f"export: --table-dtype {table_dtype} applies to a served export; --state-only writes the "
+                         "trained task's weights as they are (for elec.teacher_checkpoint): drop one of the two")
     check_export_output(output)  # before any work (every rank)
     run = open_trained_run(config, checkpoint)
     ctx, schema, checkpoint = run.ctx, run.schema, run.checkpoint
@@ -98,7 +106,8 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
             "checkpoint_sha256": checkpoint_digests(checkpoint),  # which trained state (a retrained one differs)
             "world_size_at_export": ctx.world_size,
         }
-        written = export_task(served, output, example.dense_features, example.sparse_features, metadata, schema)
+        written = export_task(served, output, example.dense_features, example.sparse_features, metadata, schema,
+                              table_dtype=table_dtype)
     barrier()
     return written
 
@@ -134,10 +143,11 @@ def _export(args: argparse.Namespace) -> int:
 
     check_versions()
     config = load_config(args.config or trained_run_config(args.checkpoint), args.overrides)
-    written = export_run(config, args.checkpoint, args.output, state_only=args.state_only)
+    written = export_run(config, args.checkpoint, args.output, state_only=args.state_only,
+                         table_dtype=args.table_dtype)
     if is_main_process():
         keys = ["dense_program", "num_parameters", "num_state_tensors"]
-        keys += [] if args.state_only else ["feature_names"]
+        keys += [] if args.state_only else ["feature_names", "table_dtype"]
         print(json.dumps({"output": args.output, **{k: written[k] for k in keys}}, indent=2))
         if not args.state_only:
             # stdout is the JSON alone (``| jq``); the hint goes beside the progress lines
@@ -182,6 +192,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--output", required=True, help="export directory")
     export.add_argument("--state-only", action="store_true",
                         help="write the whole task's state dict only (e.g. a gain network for elec.teacher_checkpoint)")
+    export.add_argument("--table-dtype", default="trained", metavar="{trained,int8}",
+                        help="the served tables' dtype: trained (default: as trained, FP32 or FP16) or int8 (8-bit "
+                             "rows with a per-row scale and bias, served by torchrec's quantized "
+                             "EmbeddingBagCollection on CPU: about a third of FP32's bytes)")
     export.add_argument("overrides", nargs="*",
                         help="config overrides section.key=value (value parsed as YAML), e.g. data.eval_batch_size=8192")
     export.set_defaults(func=_export)

@@ -35,11 +35,15 @@ from recsys_llm.serving.artifact import (
     INFERENCE_FILE,
     PROGRAM_FILE,
     SEMANTIC_TABLES_FILE,
+    SEMANTIC_TABLES_PREFIX,
     STATE_FILE,
+    TABLE_DTYPE_KEY,
     TABLES_FILE,
+    TABLES_PREFIX,
     VERSIONS_KEY,
     WEIGHTED_KEY,
 )
+from recsys_llm.serving.quantized_tables import TRAINED, check_table_dtype, quantized_ebc, quantized_state
 
 
 INFERENCE_EXAMPLE = """# Inference with an exported model
@@ -130,6 +134,20 @@ an unweighted EBC ignores the weights and serves other predictions.
 WEIGHTS_ARGUMENT = """
     # one weight per id, same order as values: this model's tables pool weighted sums
     weights=torch.ones(len(features) * batch_size),"""
+
+
+QUANTIZED_INFERENCE_NOTE = """
+The tables are quantized (`recsys-llm export --table-dtype {table_dtype}`; `tables.json`: `data_type`
+{data_type}, `trained_data_type` what they were in training): each row is D uint8 values `q` with a float16
+scale and bias, `row = q * scale + bias` (`model.safetensors`: `...embedding_bags.<table>.weight`,
+`.weight_qscale`, `.weight_qbias`, the state dict of torchrec's quantized EmbeddingBagCollection with split
+scale / bias). `ServedModel` looks them up with torchrec's `torchrec.quant.embedding_modules.EmbeddingBagCollection`
+(FBGEMM's `IntNBitTableBatchedEmbeddingBagsCodegen`), on CPU. Without recsys_llm, build that module from
+`tables.json` (`data_type=DataType.{data_type}`, `quant_state_dict_split_scale_bias=True`,
+`device=torch.device("cpu")`) and `load_state_dict` those tensors into it, in place of the float EBC above; it
+groups its tables by pooling (SUM tables first), so give the program its output in `feature_names` order:
+`torch.cat([kt[name] for name in feature_names], dim=1)` for its KeyedTensor `kt`.
+"""
 
 
 SEMANTIC_INFERENCE_NOTE = """
@@ -253,7 +271,10 @@ def state_to_write(module: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
+def _table_dicts(ebc: EmbeddingBagCollection, table_dtype: str = TRAINED) -> List[Dict[str, Any]]:
+    """``tables.json``'s entries of ``ebc``: ``data_type`` is the served weights' (FP32, FP16, BF16 as trained;
+    INT8 when ``table_dtype`` quantizes them, with the training one as ``trained_data_type``)."""
+    quantized = table_dtype != TRAINED
     return [
         {
             "name": c.name,
@@ -261,10 +282,26 @@ def _table_dicts(ebc: EmbeddingBagCollection) -> List[Dict[str, Any]]:
             "embedding_dim": c.embedding_dim,
             "feature_names": list(c.feature_names),
             "pooling": c.pooling.name,
-            "data_type": c.data_type.name,  # the weights' dtype (FP32, FP16, BF16): the served tables take it
+            "data_type": table_dtype.upper() if quantized else c.data_type.name,
+            **({"trained_data_type": c.data_type.name} if quantized else {}),
         }
         for c in ebc.embedding_bag_configs()
     ]
+
+
+def _with_quantized_tables(state: Dict[str, torch.Tensor], task: nn.Module,
+                           table_dtype: str) -> Dict[str, torch.Tensor]:
+    """``state`` with each EBC's float table weights replaced by their quantized rows, scales and biases
+    (:func:`~recsys_llm.serving.quantized_tables.quantized_ebc`), under the same module prefix."""
+    ebcs = {TABLES_PREFIX: task.model.embedding_bag_collection}
+    semantic = _semantic_ebc(task)
+    if semantic is not None:
+        ebcs[SEMANTIC_TABLES_PREFIX] = semantic
+    for prefix, ebc in ebcs.items():
+        tables = f"{prefix}embedding_bags."
+        state = {key: value for key, value in state.items() if not key.startswith(tables)}
+        state.update(quantized_state(quantized_ebc(ebc, table_dtype), prefix))
+    return state
 
 
 EXPORT_CONFIG_KEYS = ("state", "dense_program")  # in every export's config.json (state-only ones too)
@@ -462,6 +499,7 @@ def export_task(
     example_sparse: KeyedJaggedTensor,
     metadata: Optional[Dict[str, Any]] = None,
     schema: Optional[Any] = None,
+    table_dtype: str = TRAINED,
 ) -> Dict[str, Any]:
     """Writes the serving artifact of an unsharded ``CTRTask`` (atomically).
 
@@ -478,6 +516,11 @@ def export_task(
             ``max_length`` and single-id kind per feature go to ``config.json`` (``id_rules``), so ``ServedModel``
             treats raw request ids as the reader treated the training ids (without it: bounds
             checks only).
+        table_dtype (str): the served tables' dtype (``recsys-llm export --table-dtype``): ``"trained"``
+            keeps them as trained (FP32 / FP16); ``"int8"`` quantizes every table, the entity tables of a gain
+            network too, to 8-bit rows with a per-row scale and bias, torchrec inference's quantized tables
+            (:mod:`recsys_llm.serving.quantized_tables`; ``tables.json``: ``data_type`` INT8 and
+            ``trained_data_type``; ``config.json``: ``table_dtype``).
 
     Returns:
         Dict[str, Any]: the written ``config.json`` (``dense_program`` None, with a warning, when
@@ -490,11 +533,12 @@ def export_task(
             backbone EBC, a weight still on the meta device, an example batch of fewer than 2 rows or of
             another dense width than the backbone's, sparse features lacking a feature the tables read, of
             another batch size than the dense ones or without per-id weights for weighted tables (with them
-            for unweighted ones), or teacher / LLM parts.
+            for unweighted ones), teacher / LLM parts, or a ``table_dtype`` other than ``"trained"`` / ``"int8"``.
         FileExistsError: ``directory`` may not take an export (:func:`check_export_output`), or
             ``torch.export`` could not capture the dense part and ``directory`` holds an earlier export
             with a dense program, which a weights-only artifact would replace (it is left as it was).
     """
+    check_table_dtype(table_dtype)
     _check_exportable(task, example_dense, example_sparse)
     check_servable(task)
     earlier = check_export_output(directory)
@@ -506,13 +550,15 @@ def export_task(
     if semantic is not None and bool(semantic.is_weighted()) != weighted:  # SemanticTableTask refuses this
         raise ValueError(f"export: the backbone's tables have is_weighted={weighted}, the entity tables "
                          f"is_weighted={semantic.is_weighted()}; they read one request and must agree")
-    tables = _table_dicts(ebc)
-    semantic_tables = _table_dicts(semantic) if semantic is not None else []
+    tables = _table_dicts(ebc, table_dtype)
+    semantic_tables = _table_dicts(semantic, table_dtype) if semantic is not None else []
     feature_names = [f for t in tables for f in t["feature_names"]]  # the pooled embeddings' keys, in order
     with _eval_mode(task), atomic_directory(directory, "export", EXPORT_MARKER_FILES) as tmp, \
             serving_form(task, feature_names) as folded:
         # the state as served: frozen logit-term weights included
         state = state_to_write(task)
+        if table_dtype != TRAINED:  # the tables as served: quantized rows, scales and biases in their place
+            state = _with_quantized_tables(state, task, table_dtype)
         export_id = uuid.uuid4().hex  # in config.json, the state file and the program: they belong together
         save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id})
         with open(os.path.join(tmp, TABLES_FILE), "w", encoding="utf-8") as handle:
@@ -562,6 +608,7 @@ def export_task(
             "num_dense_features": int(example_dense.size(1)),
             "pooled_dim": int(pooled.size(1)),
             WEIGHTED_KEY: weighted,
+            TABLE_DTYPE_KEY: table_dtype,
             "state": STATE_FILE,
             "tables": TABLES_FILE,
             "semantic_tables": SEMANTIC_TABLES_FILE if semantic_tables else None,
@@ -585,6 +632,8 @@ def export_task(
                                                   id_rules=ID_RULES_NOTE if config[ID_RULES_KEY] else NO_ID_RULES_NOTE))
             if weighted:
                 handle.write(WEIGHTED_INFERENCE_NOTE)
+            if table_dtype != TRAINED:
+                handle.write(QUANTIZED_INFERENCE_NOTE.format(table_dtype=table_dtype, data_type=tables[0]["data_type"]))
             if semantic_tables:
                 handle.write(SEMANTIC_INFERENCE_NOTE.format(tables=[t["name"] for t in semantic_tables]))
     return config

@@ -6,7 +6,7 @@ import math
 import os
 import warnings
 import zipfile
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,14 +26,26 @@ from recsys_llm.serving.artifact import (
     EXPORT_ID_KEY,
     FORMAT_VERSION,
     ID_RULES_KEY,
+    SEMANTIC_TABLES_PREFIX,
     STATE_FILE,
     STATE_ONLY_PROGRAM,
+    TABLE_DTYPE_KEY,
+    TABLES_PREFIX,
     VERSION_CHECKED,
     VERSIONS_KEY,
     WEIGHTED_KEY,
 )
 from recsys_llm.file_hash import file_sha256
 from recsys_llm.serving.export import library_versions, rows_per_feature
+from recsys_llm.serving.quantized_tables import (
+    QUANTIZED_DATA_TYPES,
+    empty_quantized_ebc,
+    is_quantized,
+    pooled_in_order,
+    pooling_weight_dtype,
+    table_order_keys,
+    tables_device,
+)
 from recsys_llm.serving.state import require_finite, check_same_export
 
 
@@ -161,40 +173,45 @@ def _warn_on_other_versions(directory: str, config: Dict[str, Any]) -> None:
 
 
 def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: Dict[str, torch.Tensor],
-              prefix: str, weighted: bool = False) -> EmbeddingBagCollection:
+              prefix: str, weighted: bool = False) -> nn.Module:
     """An EBC from an artifact's table list, its weights taken from ``state`` under ``prefix``; ``weighted``:
     it pools the request's per-id weights (the exported EBC had ``is_weighted=True``). Each table's weights
-    have its ``data_type`` (FP32 where ``tables.json`` records none, as before it was recorded)."""
+    have its ``data_type`` (FP32 where ``tables.json`` records none, as before it was recorded); INT8 tables
+    (``export --table-dtype int8``) are torchrec's quantized EBC (``recsys_llm.serving.quantized_tables``)."""
     path = os.path.join(directory, tables_file)
     tables = _read_json(path)
     _check_digest(directory, config, tables_file)
     try:
-        ebc = EmbeddingBagCollection(
-            tables=[
-                EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
-                                   feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]],
-                                   data_type=DataType[t.get("data_type", DataType.FP32.name)])
-                for t in tables
-            ],
-            is_weighted=weighted,
-            device=torch.device("meta"),  # no storage: the tables become the loaded tensors themselves
-        )
+        configs = [
+            EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
+                               feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]],
+                               data_type=DataType[t.get("data_type", DataType.FP32.name)])
+            for t in tables
+        ]
+        quantized = [c.data_type in QUANTIZED_DATA_TYPES for c in configs]
+        if any(quantized) and not all(quantized):  # export quantizes every table or none
+            raise ValueError(f"data_types {[c.data_type.name for c in configs]} mix quantized and float tables")
+        if any(quantized):  # allocated on CPU, filled by load_state_dict below
+            ebc: nn.Module = empty_quantized_ebc(configs, weighted)
+        else:  # no storage: the tables become the loaded tensors themselves
+            ebc = EmbeddingBagCollection(tables=configs, is_weighted=weighted, device=torch.device("meta"))
     except ARTIFACT_READ_ERRORS as error:
         _raise_damaged(path, "not a list of tables (name, embedding_dim, num_embeddings, feature_names, pooling, "
                              "data_type)", error)
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    dtypes = {key: value.dtype for key, value in ebc.state_dict().items()}  # (meta) each table's data_type
+    dtypes = {key: value.dtype for key, value in ebc.state_dict().items()}  # each table's data_type
     other = {k: v.dtype for k, v in weights.items() if k in dtypes and v.dtype != dtypes[k]}
     if other:  # taken as they are (assign), not cast into the tables' dtype
         expected = sorted({str(dtypes[k]).replace("torch.", "") for k in other})
         _raise_damaged(os.path.join(directory, STATE_FILE),
                        f"table weights {[f'{k} ({dtype})' for k, dtype in list(other.items())[:3]]} are not "
                        f"{' / '.join(expected)}, as export writes them ({tables_file}: data_type)")
-    try:
-        ebc.load_state_dict(weights, assign=True)
+    try:  # a quant EBC's rows are copied into FBGEMM's (padded) layout
+        ebc.load_state_dict(weights, assign=not is_quantized(ebc))
     except RuntimeError as error:  # missing / unexpected keys, other shapes
         _raise_damaged(os.path.join(directory, STATE_FILE), f"its tables do not match {tables_file}", error)
-    ebc._device = torch.device("cpu")  # torchrec keeps the construction device apart from the weights
+    if not is_quantized(ebc):
+        ebc._device = torch.device("cpu")  # torchrec keeps the construction device apart from the weights
     return ebc.eval()
 
 
@@ -215,19 +232,20 @@ class ServedModel(nn.Module):
     """An exported model for inference: eager EBC lookups + the exported dense program.
 
     Args:
-        ebc (EmbeddingBagCollection): the tables with trained weights.
+        ebc (nn.Module): the tables with trained weights: an ``EmbeddingBagCollection``, or torchrec's quantized
+            one for an artifact of INT8 tables (``export --table-dtype int8``; it serves on CPU).
         dense_program (nn.Module): ``(dense, pooled[, vectors]) -> logits`` (``torch.export`` module).
         config (Dict[str, Any]): the artifact's ``config.json``.
-        semantic_ebc (Optional[EmbeddingBagCollection]): a gain network's frozen entity-vector
+        semantic_ebc (Optional[nn.Module]): a gain network's frozen entity-vector
             tables (their LLM vectors were computed offline, once per entity).
     """
 
     def __init__(
         self,
-        ebc: EmbeddingBagCollection,
+        ebc: nn.Module,
         dense_program: nn.Module,
         config: Dict[str, Any],
-        semantic_ebc: Optional[EmbeddingBagCollection] = None,
+        semantic_ebc: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         self.embedding_bag_collection = ebc
@@ -235,6 +253,9 @@ class ServedModel(nn.Module):
         self.dense_program = dense_program
         self._config = config
         self._id_rules = IdRules.from_config(config.get(ID_RULES_KEY), rows_per_feature(ebc, semantic_ebc))
+        # the pooled keys in table order, as the program takes them (a quant EBC groups its tables by pooling)
+        self._pooled_keys = table_order_keys(ebc)
+        self._vector_keys = table_order_keys(semantic_ebc) if semantic_ebc is not None else []
         self.train(False)
 
     def train(self, mode: bool = True) -> "ServedModel":
@@ -249,6 +270,19 @@ class ServedModel(nn.Module):
             if tables is not None:
                 tables.train(False)
         return self
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "ServedModel":
+        """``to`` / ``cuda`` / ``half`` ...; refused for quantized tables, which serve on CPU in float32: torchrec's
+        quantized EBC keeps its FBGEMM rows outside the module tree, so ``.to("cuda")`` would move copies only."""
+        tables = (self.embedding_bag_collection, self.semantic_embedding_bag_collection)
+        if any(is_quantized(ebc) for ebc in tables):
+            moved = fn(torch.zeros(1))
+            if moved.device.type != "cpu" or moved.dtype != torch.float32:
+                raise ValueError(f"ServedModel: its tables are quantized ({TABLE_DTYPE_KEY} "
+                                 f"{self._config.get(TABLE_DTYPE_KEY)!r}) and serve on CPU in float32; it stays there "
+                                 f"(asked for {moved.device.type} / {moved.dtype}): export with "
+                                 "`--table-dtype trained` to serve on a GPU")
+        return super()._apply(fn, recurse)
 
     @property
     def feature_names(self) -> List[str]:
@@ -335,11 +369,10 @@ class ServedModel(nn.Module):
         weighted = config.get(WEIGHTED_KEY, False)
         if not isinstance(weighted, bool):
             _raise_damaged(config_path, f"{WEIGHTED_KEY!r} is {weighted!r}, expected true or false")
-        ebc = _load_ebc(directory, config, config["tables"], state, "model.embedding_bag_collection.", weighted)
+        ebc = _load_ebc(directory, config, config["tables"], state, TABLES_PREFIX, weighted)
         semantic = None
         if config.get("semantic_tables"):
-            semantic = _load_ebc(directory, config, config["semantic_tables"], state,
-                                 "semantic_table.embedding_bag_collection.", weighted)
+            semantic = _load_ebc(directory, config, config["semantic_tables"], state, SEMANTIC_TABLES_PREFIX, weighted)
         if not os.path.isfile(program_path):
             _raise_damaged(program_path, "file missing")
         # the export id and the digest before torch.export.load, which runs code stored in the file
@@ -417,7 +450,7 @@ class ServedModel(nn.Module):
                 position among that feature's weights in the request, and row.
         """
         weights = features.weights()  # (N,)
-        dtype = next(ebc.parameters()).dtype
+        dtype = pooling_weight_dtype(ebc)
         if weights.dtype.is_complex:
             raise ValueError(f"sparse features: weights are {weights.dtype}; expected real per-id weights (float32)")
         converted = weights.to(dtype)  # (N,)
@@ -441,7 +474,7 @@ class ServedModel(nn.Module):
     def _check_device(self, dense_features: Any, sparse_features: KeyedJaggedTensor) -> None:
         """Raises ValueError when a request's tensors are not on the model's device (torchrec or the program would
         fail deep inside, naming neither)."""
-        device = next(self.embedding_bag_collection.parameters()).device
+        device = tables_device(self.embedding_bag_collection)
         for what, tensor in (("sparse features", sparse_features.values()), ("dense features", dense_features)):
             if isinstance(tensor, torch.Tensor) and tensor.device != device:
                 raise ValueError(f"{what}: on {tensor.device}, the model on {device}; move the request "
@@ -498,11 +531,11 @@ class ServedModel(nn.Module):
                 semantic_features = self._weights_in_table_dtype(sparse_features, batch_size, request, semantic)
             sparse_features = self._weights_in_table_dtype(sparse_features, batch_size, request,
                                                            self.embedding_bag_collection)
-        pooled = self.embedding_bag_collection(sparse_features).values()  # (B, sum dims)
+        pooled = pooled_in_order(self.embedding_bag_collection(sparse_features), self._pooled_keys)  # (B, sum dims)
         if semantic is None:
             logits = self.dense_program(dense_features, pooled)
         else:
-            vectors = semantic(semantic_features).values()  # (B, K * d)
+            vectors = pooled_in_order(semantic(semantic_features), self._vector_keys)  # (B, K * d)
             logits = self.dense_program(dense_features, pooled, vectors)
         return _finite_logits(logits, dense_features)
 

@@ -1,0 +1,155 @@
+"""Quantized serving tables, the ``torchrec.inference`` way: INT8 rows with a per-row scale and bias.
+
+``export_task(..., table_dtype="int8")`` (``recsys-llm export --table-dtype int8``) quantizes every
+table of the artifact with ``torchrec.inference.modules.quantize_embeddings``: each float32 / float16
+row ``w`` (D,) becomes ``q = round((w - bias) / scale)`` in ``[0, 255]`` (D bytes) with ``scale =
+(max(w) - min(w)) / 255`` and ``bias = min(w)`` kept as float16, so a looked-up row is ``q * scale + bias``
+(error at most ``scale / 2`` per value, plus the float16 rounding of scale and bias). The artifact holds
+the state dict torchrec's quantized ``EmbeddingBagCollection`` writes with split scale / bias (torchrec
+inference's default, ``FUSED_PARAM_QUANT_STATE_DICT_SPLIT_SCALE_BIAS``)::
+
+    <prefix>embedding_bags.<table>.weight          (rows, D) uint8
+    <prefix>embedding_bags.<table>.weight_qscale   (rows, 1) float16
+    <prefix>embedding_bags.<table>.weight_qbias    (rows, 1) float16
+
+plain tensors that safetensors stores and reads without running code. ``ServedModel`` loads them
+into a ``torchrec.quant.embedding_modules.EmbeddingBagCollection``, whose lookup is FBGEMM's
+``IntNBitTableBatchedEmbeddingBagsCodegen`` (one kernel for all tables of a pooling, CPU or GPU).
+
+Example::
+
+    quantized = quantized_ebc(ebc, "int8")  # a torchrec quant EBC; ebc is left as it was
+    pooled = quantized(kjt).values()  # (B, sum of dims) float32, as ebc(kjt).values() within the scales
+"""
+
+import copy
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.inference.modules import quantize_embeddings
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
+from torchrec.quant.embedding_modules import MODULE_ATTR_QUANT_STATE_DICT_SPLIT_SCALE_BIAS
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+# ``export --table-dtype`` values: "trained" keeps the tables' training dtype (FP32 / FP16); the others quantize
+TRAINED = "trained"
+QUANTIZED_DTYPES: Dict[str, torch.dtype] = {"int8": torch.qint8}  # torchrec's quantization dtype of each value
+TABLE_DTYPES = (TRAINED, *QUANTIZED_DTYPES)
+QUANTIZED_DATA_TYPES = (DataType.INT8,)  # tables.json data_types ServedModel serves with a quant EBC
+
+
+def check_table_dtype(table_dtype: str, owner: str = "export") -> Optional[torch.dtype]:
+    """The quantization dtype of a ``table_dtype`` value (``--table-dtype``), None for ``"trained"``.
+
+    Raises:
+        ValueError: another value, naming the flag and the values it takes.
+    """
+    if table_dtype == TRAINED:
+        return None
+    if isinstance(table_dtype, str) and table_dtype in QUANTIZED_DTYPES:
+        return QUANTIZED_DTYPES[table_dtype]
+    raise ValueError(f"{owner}: table_dtype (--table-dtype) is {table_dtype!r}; expected one of {list(TABLE_DTYPES)} "
+                     f"({TRAINED!r}: the tables as trained, FP32 or FP16; 'int8': rows quantized to 8 bits with a "
+                     "per-row scale and bias, served by torchrec's quantized EmbeddingBagCollection)")
+
+
+def quantized_ebc(ebc: EmbeddingBagCollection, table_dtype: str) -> QuantEmbeddingBagCollection:
+    """``ebc``'s tables quantized by ``torchrec.inference.modules.quantize_embeddings``, on CPU.
+
+    ``ebc`` is left as it was: its tables are read, not moved or changed, and the attributes the
+    quantization sets on it (``qconfig``, the split scale / bias flag) are removed again.
+
+    Args:
+        ebc (EmbeddingBagCollection): unsharded tables, float32 or float16, on CPU.
+        table_dtype (str): a quantized value of :data:`TABLE_DTYPES` (``"int8"``).
+
+    Returns:
+        QuantEmbeddingBagCollection: same tables, features and pooling; KJT -> KeyedTensor (B, sum of dims)
+        float32. Its state dict holds split scale / bias (module docstring).
+    """
+    dtype = check_table_dtype(table_dtype)
+    if dtype is None:
+        raise ValueError(f"quantized_ebc: table_dtype {table_dtype!r} keeps the tables as trained; nothing to quantize")
+    holder = nn.Module()
+    holder.ebc = ebc  # quantize_embeddings swaps the EBC children of a module, not the module it is given
+    setattr(ebc, MODULE_ATTR_QUANT_STATE_DICT_SPLIT_SCALE_BIAS, True)
+    try:
+        quantize_embeddings(holder, dtype=dtype, inplace=True, output_dtype=torch.float32)
+    finally:
+        delattr(ebc, MODULE_ATTR_QUANT_STATE_DICT_SPLIT_SCALE_BIAS)
+        for module in ebc.modules():
+            if "qconfig" in vars(module):
+                delattr(module, "qconfig")
+    return holder.ebc.eval()
+
+
+def empty_quantized_ebc(configs: List[EmbeddingBagConfig], weighted: bool) -> QuantEmbeddingBagCollection:
+    """A quant EBC of ``configs`` (their ``data_type`` INT8) on CPU, its rows allocated but not filled: load the
+    state dict :func:`quantized_ebc` wrote (split scale / bias) with ``load_state_dict`` (copied into FBGEMM's row
+    layout, each row padded to its alignment)."""
+    ebc = QuantEmbeddingBagCollection(copy.deepcopy(configs), is_weighted=weighted, device=torch.device("cpu"),
+                                      quant_state_dict_split_scale_bias=True)
+    return ebc.eval()
+
+
+def quantized_state(ebc: QuantEmbeddingBagCollection, prefix: str) -> Dict[str, torch.Tensor]:
+    """``ebc``'s state dict under ``prefix`` as the artifact stores it: contiguous copies (the tensors are views of
+    FBGEMM's padded rows), (rows, D) uint8 weights, (rows, 1) float16 scales and biases."""
+    return {f"{prefix}{key}": value.detach().clone(memory_format=torch.contiguous_format)
+            for key, value in ebc.state_dict().items()}
+
+
+def is_quantized(ebc: Optional[nn.Module]) -> bool:
+    """Whether ``ebc`` is torchrec's quantized EBC (its tables are buffers, it has no parameters)."""
+    return isinstance(ebc, QuantEmbeddingBagCollection)
+
+
+def pooling_weight_dtype(ebc: nn.Module) -> torch.dtype:
+    """The dtype ``ebc`` takes per-id weights in: its tables' for a float EBC (``embedding_bag``),
+    float32 for a quant EBC (FBGEMM's kernel)."""
+    if is_quantized(ebc):
+        return torch.float32
+    return next(ebc.parameters()).dtype
+
+
+def tables_device(ebc: nn.Module) -> torch.device:
+    """The device ``ebc`` looks its tables up on."""
+    tensor = next(ebc.buffers()) if is_quantized(ebc) else next(ebc.parameters())
+    return tensor.device
+
+
+def table_bytes(ebc: nn.Module) -> int:
+    """Bytes of ``ebc``'s table weights as held for lookups (a quant EBC's rows padded by FBGEMM's alignment)."""
+    if is_quantized(ebc):
+        return sum(int(module.weights_host.numel()) for module in ebc._emb_modules)
+    return sum(p.numel() * p.element_size() for p in ebc.parameters())
+
+
+def table_order_keys(ebc: nn.Module) -> List[str]:
+    """The pooled embeddings' keys of ``ebc`` in the order of its tables, as a float EBC gives them (and the
+    dense program takes them)."""
+    return [name for names in get_embedding_names_by_table(ebc.embedding_bag_configs()) for name in names]
+
+
+def pooled_in_order(pooled: KeyedTensor, keys: Sequence[str]) -> torch.Tensor:
+    """``pooled``'s values (B, sum of dims) with its keys in the order of ``keys`` (:func:`table_order_keys`).
+
+    torchrec's quant EBC groups its tables by pooling (every SUM table, then every MEAN one): where a MEAN table
+    (a sequence field) comes before a SUM table, its columns come out elsewhere than the float EBC's.
+    """
+    if pooled.keys() == list(keys):
+        return pooled.values()
+    columns = _columns(tuple(pooled.keys()), tuple(pooled.length_per_key()), tuple(keys))  # (sum of dims,)
+    return pooled.values().index_select(1, columns.to(pooled.values().device))  # (B, sum of dims)
+
+
+@functools.lru_cache(maxsize=32)
+def _columns(have: Tuple[str, ...], lengths: Tuple[int, ...], want: Tuple[str, ...]) -> torch.Tensor:
+    """Column indices that take a KeyedTensor of keys ``have`` (widths ``lengths``) to the key order ``want``."""
+    starts = dict(zip(have, [sum(lengths[:i]) for i in range(len(have))]))
+    widths = dict(zip(have, lengths))
+    return torch.cat([torch.arange(starts[key], starts[key] + widths[key]) for key in want])

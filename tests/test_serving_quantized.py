@@ -1,0 +1,217 @@
+"""Serving with INT8 tables (``export_task(..., table_dtype="int8")``, ``recsys-llm export --table-dtype int8``)."""
+
+import copy
+import json
+import os
+from typing import Dict
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torchrec.modules.embedding_configs import DataType
+
+from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.models.registry import SMOKE_CONFIGS
+from recsys_llm.modules.elec import build_student
+from recsys_llm.serving import ServedModel, export_task
+from recsys_llm.serving.quantized_tables import quantized_ebc
+from tests.test_serving import CPU, SCHEMA, _trained_pair, make_batch
+from tests.test_serving_weighted import _request, _weighted_task
+
+# served INT8 logits vs served float32 logits of the small trained models here (measured: at most 4e-3); a row's
+# values are off by at most half its quantization step, (max - min) / 255 / 2, plus float16 scale / bias rounding
+LOGIT_TOLERANCE = 2e-2
+
+
+def _dequantized(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The float32 tables an artifact's INT8 rows stand for: ``q * scale + bias`` per row, keyed as the float EBC's."""
+    tables = {}
+    for key in state:
+        if key.startswith(prefix) and key.endswith(".weight"):
+            scale, bias = state[f"{key}_qscale"].float(), state[f"{key}_qbias"].float()  # (rows, 1) each
+            tables[key[len(prefix):]] = state[key].float() * scale + bias  # (rows, D)
+    return tables
+
+
+def _student(model_name: str):
+    task = _trained_pair(model_name)
+    student = build_student(SCHEMA, SMOKE_CONFIGS[model_name], device=CPU)
+    student.load_state_dict(task.student.state_dict())
+    return student.eval()
+
+
+@pytest.mark.parametrize("model_name", ["deepfm", "dcnv2"])
+def test_int8_tables_serve_the_float_model_of_their_dequantized_rows(tmp_path, model_name):
+    """The INT8 artifact's logits are the trained model's on ``q * scale + bias`` tables (1e-5), and within
+    ``LOGIT_TOLERANCE`` of the float32 artifact's."""
+    student = _student(model_name)
+    example = make_batch(4, 100)
+    export_task(student, str(tmp_path / "fp32"), example.dense_features, example.sparse_features, schema=SCHEMA)
+    export_task(student, str(tmp_path / "int8"), example.dense_features, example.sparse_features, schema=SCHEMA,
+                table_dtype="int8")
+    fp32 = ServedModel.load(str(tmp_path / "fp32"), trust_program=True)
+    int8 = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
+    reference = copy.deepcopy(student)
+    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    reference.model.embedding_bag_collection.load_state_dict(_dequantized(state, "model.embedding_bag_collection."))
+    for size, seed in ((1, 7), (33, 8)):
+        batch = make_batch(size, seed)
+        with torch.no_grad():
+            expected = reference.predict(batch).logits
+        served = int8.logits(batch.dense_features, batch.sparse_features)
+        torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
+        float32 = fp32.logits(batch.dense_features, batch.sparse_features)
+        assert 0 < float((served - float32).abs().max()) <= LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("model_name", ["deepfm", "dlrm"])
+def test_a_sequence_table_before_sparse_ones_keeps_its_columns(tmp_path, model_name):
+    """torchrec's quant EBC groups its tables by pooling (SUM tables, then MEAN ones): a sequence field's columns
+    went last, and the program read another field's embedding in their place (logits off by 0.26 on the synthetic
+    data, whose item_tags sits between sparse fields)."""
+    schema = DatasetSchema("m", [FieldSpec("user_id", "sparse", 10), FieldSpec("genres", "sequence", 5, max_length=3),
+                                 FieldSpec("item_id", "sparse", 12), FieldSpec("age", "dense")])
+    torch.manual_seed(0)
+    student = build_student(schema, SMOKE_CONFIGS[model_name], device=CPU).eval()
+    example = make_batch(4, 100)
+    export_task(student, str(tmp_path / "int8"), example.dense_features, example.sparse_features, schema=schema,
+                table_dtype="int8")
+    served = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
+    reference = copy.deepcopy(student)
+    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    reference.model.embedding_bag_collection.load_state_dict(_dequantized(state, "model.embedding_bag_collection."))
+    batch = make_batch(17, 5)
+    with torch.no_grad():
+        expected = reference.predict(batch).logits
+    torch.testing.assert_close(served.logits(batch.dense_features, batch.sparse_features), expected, rtol=0, atol=1e-5)
+
+
+def test_the_artifact_records_int8_tables_and_holds_a_third_of_their_bytes(tmp_path):
+    student = _student("deepfm")
+    ebc = student.model.embedding_bag_collection
+    ebc.embedding_bags["student_user_id"].half()  # a table trained in FP16 (model.embedding_dtype=fp16)
+    ebc.embedding_bag_configs()[0].data_type = DataType.FP16
+    example = make_batch(4, 100)
+    trained = export_task(student, str(tmp_path / "trained"), example.dense_features, example.sparse_features)
+    config = export_task(student, str(tmp_path / "int8"), example.dense_features, example.sparse_features,
+                         table_dtype="int8")
+    assert trained["table_dtype"] == "trained" and config["table_dtype"] == "int8"
+    with open(tmp_path / "int8" / "tables.json") as handle:
+        tables = json.load(handle)
+    assert [t["data_type"] for t in tables] == ["INT8"] * 3
+    assert [t["trained_data_type"] for t in tables] == ["FP16", "FP32", "FP32"]
+    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    rows = {key: value for key, value in state.items() if ".embedding_bags." in key}
+    assert {str(v.dtype) for k, v in rows.items() if k.endswith(".weight")} == {"torch.uint8"}
+    assert {str(v.dtype) for k, v in rows.items() if not k.endswith(".weight")} == {"torch.float16"}
+    assert rows["model.embedding_bag_collection.embedding_bags.student_item_id.weight"].shape == (12, 8)
+    trained_state = load_file(str(tmp_path / "trained" / "model.safetensors"))
+    float_bytes = sum(v.numel() * v.element_size() for k, v in trained_state.items() if ".student_item_id." in k)
+    int8_bytes = sum(v.numel() * v.element_size() for k, v in rows.items() if ".student_item_id." in k)
+    assert int8_bytes / float_bytes == (8 + 4) / (8 * 4)  # D bytes + float16 scale and bias, for 4 D
+    assert "--table-dtype int8" in (tmp_path / "int8" / "INFERENCE.md").read_text()
+    served = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
+    assert served.logits(example.dense_features, example.sparse_features).shape == (4,)
+
+
+def test_a_weighted_model_serves_int8_tables_with_the_request_weights(tmp_path):
+    task = _weighted_task()
+    example = _request(4, 0)
+    export_task(task, str(tmp_path / "int8"), example.dense_features, example.sparse_features, table_dtype="int8")
+    served = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
+    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    reference = copy.deepcopy(task)
+    reference.model.embedding_bag_collection.load_state_dict(_dequantized(state, "model.embedding_bag_collection."))
+    request = _request(16, 1)
+    with torch.no_grad():
+        expected = reference.predict(request).logits
+        float32 = task.predict(request).logits
+    sparse = request.sparse_features
+    as_float64 = type(sparse).from_lengths_sync(keys=sparse.keys(), values=sparse.values(), lengths=sparse.lengths(),
+                                                weights=sparse.weights().double())
+    got = served.logits(request.dense_features, as_float64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert float((got - float32).abs().max()) <= LOGIT_TOLERANCE
+    unweighted = _request(2, 3, weighted=False)
+    with pytest.raises(ValueError, match="no weights"):
+        served.logits(unweighted.dense_features, unweighted.sparse_features)
+
+
+def test_a_gain_network_serves_int8_entity_tables(tmp_path):
+    """Every table of the artifact is quantized, the entity vectors' too."""
+    from recsys_llm.serving import materialize_meta
+    from tests.modules.test_semantic_table import _weighted_batch, _weighted_gain_network
+
+    task = materialize_meta(_weighted_gain_network(True, CPU), CPU).eval()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, weight in task.named_parameters():
+            if "embedding_bags" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+    example = _weighted_batch(0)
+    export_task(task, str(tmp_path / "gain"), example.dense_features, example.sparse_features, table_dtype="int8")
+    with open(tmp_path / "gain" / "semantic_tables.json") as handle:
+        assert {t["data_type"] for t in json.load(handle)} == {"INT8"}
+    state = load_file(str(tmp_path / "gain" / "model.safetensors"))
+    reference = copy.deepcopy(task)
+    for prefix, ebc in (("model.", reference.model), ("semantic_table.", reference.semantic_table)):
+        ebc.embedding_bag_collection.load_state_dict(_dequantized(state, f"{prefix}embedding_bag_collection."))
+    served = ServedModel.load(str(tmp_path / "gain"), trust_program=True)
+    request = _weighted_batch(1)
+    with torch.no_grad():
+        expected = reference.predict(request).logits
+    torch.testing.assert_close(served.logits(request.dense_features, request.sparse_features), expected,
+                               rtol=0, atol=1e-5)
+
+
+def test_a_bad_table_dtype_is_named_with_its_flag(tmp_path):
+    from recsys_llm.cli.export import export_run
+
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    for bad in ("int4", "INT8", "fp16", None):
+        with pytest.raises(ValueError, match=r"table_dtype \(--table-dtype\) is .*; expected one of \['trained', "
+                                             r"'int8'\]"):
+            export_task(student, str(tmp_path / "out"), example.dense_features, example.sparse_features,
+                        table_dtype=bad)
+    assert not os.path.exists(tmp_path / "out")
+    # the CLI refuses it before it opens the run (no config, no checkpoint needed to get there)
+    with pytest.raises(ValueError, match=r"--table-dtype"):
+        export_run(None, str(tmp_path / "no-run"), str(tmp_path / "out"), table_dtype="int4")
+    with pytest.raises(ValueError, match=r"--table-dtype int8 applies to a served export; --state-only"):
+        export_run(None, str(tmp_path / "no-run"), str(tmp_path / "out"), state_only=True, table_dtype="int8")
+
+
+def test_int8_tables_stay_on_cpu_and_a_damaged_table_file_is_named(tmp_path):
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    out = tmp_path / "int8"
+    export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype="int8")
+    served = ServedModel.load(str(out), trust_program=True)
+    with pytest.raises(ValueError, match=r"tables are quantized \(table_dtype 'int8'\) and serve on CPU in float32"):
+        served.to("meta")
+    with pytest.raises(ValueError, match="serve on CPU in float32"):
+        served.half()
+    assert served.logits(example.dense_features, example.sparse_features).shape == (4,)
+    # scales stored as float32 (not what export writes) are damage, not cast silently
+    state = load_file(str(out / "model.safetensors"))
+    key = "model.embedding_bag_collection.embedding_bags.student_user_id.weight_qscale"
+    state[key] = state[key].float()
+    config = json.loads((out / "config.json").read_text())
+    config.pop("sha256")
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(state, str(out / "model.safetensors"), metadata={"export_id": config["export_id"]})
+    with pytest.raises(ValueError, match=r"student_user_id.weight_qscale \(torch.float32\).* are not float16"):
+        ServedModel.load(str(out), trust_program=True)
+
+
+def test_quantizing_leaves_the_float_tables_as_they_were():
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    ebc = student.model.embedding_bag_collection
+    before = {key: value.clone() for key, value in ebc.state_dict().items()}
+    quantized = quantized_ebc(ebc, "int8")
+    assert all(torch.equal(before[key], value) for key, value in ebc.state_dict().items())
+    assert not [name for name, module in ebc.named_modules() if "qconfig" in vars(module)]
+    assert not [name for name in vars(ebc) if "quant" in name]
+    batch = make_batch(8, 1)
+    assert quantized(batch.sparse_features).values().shape == ebc(batch.sparse_features).values().shape
