@@ -1,20 +1,36 @@
-"""Training with FP16 tables (``model.embedding_dtype=fp16``) vs FP32 tables: samples/s and table memory.
+"""FP16 vs FP32 tables in training, INT8 vs FP32 tables in serving: samples/s, table memory, artifact size.
 
-Two copies of the project's stack train the same model side by side in one process, in interleaved
-rounds (as in ``train_throughput.py``): torchrec's ``DLRM_DCN`` (26 tables x 100k rows x 16, batch
-4096, fused RowWiseAdagrad for the tables, Adam for the dense part, ``TrainPipelineSparseDist``,
+Training: two copies of the project's stack train the same model side by side in one process, in
+interleaved rounds (as in ``train_throughput.py``): torchrec's ``DLRM_DCN`` (26 tables x 100k rows x 16,
+batch 4096, fused RowWiseAdagrad for the tables, Adam for the dense part, ``TrainPipelineSparseDist``,
 ``DistributedModelParallel`` over 1 rank), built by ``build_task`` / ``shard_model`` /
 ``build_optimizer`` and trained by ``recsys_llm.train.pipeline.train_epoch`` on the same prebuilt
 batches; one with FP32 tables, one with FP16 tables.
 
+Serving: the FP32-tables model, as trained by those rounds, is gathered unsharded
+(``serving.unsharded_state_dict``) into the same task built on CPU and exported twice with
+``serving.export_task``: ``table_dtype="trained"`` (FP32 tables, eager EBC) and ``"int8"`` (rows
+quantized to 8 bits with a float16 scale and bias, torchrec's quantized EBC; ``recsys-llm export
+--table-dtype int8``). Both artifacts are loaded with ``ServedModel`` and ``ServedModel.logits`` is timed
+on CPU (where the exported artifacts serve, whatever ``--device`` trained) over the same prebuilt
+request batches (the training batches), in interleaved rounds.
+
 Figures (top level of the JSON):
 
-* ``ratio_fp16_vs_fp32_tables``: samples/s of the FP16 tables' run / the FP32 tables' run (best rounds);
+* ``ratio_fp16_vs_fp32_tables``: training samples/s of the FP16 tables' run / the FP32 tables' run (best rounds);
 * ``table_bytes_ratio_fp16_vs_fp32``: bytes of the sharded tables' weights, FP16 / FP32 (the
-  optimizer state, float32 in both, is in ``details``).
+  optimizer state, float32 in both, is in ``details``);
+* ``serve_ratio_int8_vs_fp32_tables``: ``ServedModel.logits`` samples/s of the INT8 artifact / the FP32
+  one (best rounds);
+* ``artifact_bytes_ratio_int8_vs_fp32``: bytes of the artifacts' ``model.safetensors``, INT8 / FP32.
+
+``details.serve`` holds the served tables' bytes in memory and their ratio (``quantized_tables.table_bytes``:
+FBGEMM pads each INT8 row, D bytes + a 4-byte scale and bias, to its alignment), the max and mean
+|logit difference| of the two served models over the request batches, and the per-round samples/s and ratios.
 
 FP16 tables halve the weights' memory; FBGEMM converts each row it reads and writes, which the
 ratio of samples/s shows (on CPU that conversion costs time; on CUDA it is expected to be near free).
+INT8 serving tables cut the artifact and the tables' memory; on CPU the dequantizing lookup is not faster.
 
 Usage::
 
@@ -23,22 +39,27 @@ Usage::
 
 import dataclasses
 import itertools
+import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     RATIO_METHOD,
     best_of_rounds_ratio,
+    cycling_step,
     device_synchronize,
     interleaved_repeats,
     median,
     parse_args,
+    per_round_ratios,
     print_summary,
     ratio_bars,
     result_payload,
+    samples_per_second,
     single_rank_context,
     two_panel_figure,
     value_bars,
@@ -48,13 +69,38 @@ from benchmarks.train_throughput import (  # noqa: E402
     LEARNING_RATES,
     SIZES,
     ProjectLoop,
+    Sizes,
     build_project_model,
     make_batches,
     make_schema,
+    project_config,
 )
 
 NAME = "table_dtype"
 DTYPES = ("fp32", "fp16")
+SERVE_DTYPES = {"fp32": "trained", "int8": "int8"}  # served contender -> export_task's table_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSizes:
+    """Serving measurement of one mode (the requests are the mode's prebuilt training batches, cycled).
+
+    Args:
+        warmup_steps (int): untimed ``ServedModel.logits`` calls before each measurement.
+        measured_steps (int): timed calls per measurement.
+        repeats (int): interleaved rounds.
+    """
+
+    warmup_steps: int = 10
+    measured_steps: int = 100
+    repeats: int = 8
+
+
+SERVE_SIZES: Dict[str, ServeSizes] = {
+    "full": ServeSizes(),
+    "quick": ServeSizes(warmup_steps=4, measured_steps=32, repeats=6),
+    "smoke": ServeSizes(warmup_steps=1, measured_steps=2, repeats=2),
+}
 
 
 def table_bytes(model: Any) -> Dict[str, int]:
@@ -76,6 +122,128 @@ def table_bytes(model: Any) -> Dict[str, int]:
     return {"weights": weights, "optimizer_state": state}
 
 
+def served_task(model: Any, schema: Any, sizes: Sizes) -> Any:
+    """The trained FP32-tables model gathered unsharded into the same task built on CPU, in eval mode, as
+    ``recsys-llm export`` builds it (``serving.unsharded_state_dict``, ``materialize_meta``, ``load_state_dict``).
+
+    Args:
+        model: the DMP-wrapped task trained with FP32 tables.
+        schema: the data's ``DatasetSchema``.
+        sizes (Sizes): the mode's sizes.
+
+    Returns:
+        CTRTask: unsharded, on CPU.
+    """
+    import torch
+
+    from recsys_llm.serving import materialize_meta, unsharded_state_dict
+    from recsys_llm.train.task_builder import build_task
+
+    cpu = torch.device("cpu")
+    state = unsharded_state_dict(model)
+    task = materialize_meta(build_task(project_config(sizes, LEARNING_RATES, "fp32"), schema, cpu).task, cpu)
+    task.load_state_dict(state, assign=True)
+    return task.eval()
+
+
+def export_and_load(task: Any, schema: Any, example: Any, work_dir: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    """Exports ``task`` once per :data:`SERVE_DTYPES` entry and loads each artifact with ``ServedModel``.
+
+    Args:
+        task: the unsharded CPU task (:func:`served_task`).
+        schema: the data's ``DatasetSchema`` (its id rules go into the artifacts).
+        example: a ``Batch`` for ``torch.export``.
+        work_dir (str): where the artifacts go.
+
+    Returns:
+        Tuple: ``({name: ServedModel}, {name: bytes of its model.safetensors})``.
+
+    Raises:
+        RuntimeError: ``torch.export`` could not capture the dense part (nothing to serve).
+    """
+    from recsys_llm.serving import STATE_FILE, ServedModel, export_task
+
+    served, artifact_bytes = {}, {}
+    for name, table_dtype in SERVE_DTYPES.items():
+        directory = os.path.join(work_dir, f"export_{name}")
+        config = export_task(task, directory, example.dense_features, example.sparse_features, schema=schema,
+                             table_dtype=table_dtype)
+        if config["dense_program"] is None:
+            raise RuntimeError(f"{NAME}: torch.export did not capture the dense part ({config}); nothing to serve")
+        served[name] = ServedModel.load(directory, trust_program=True)
+        artifact_bytes[name] = os.path.getsize(os.path.join(directory, STATE_FILE))
+    return served, artifact_bytes
+
+
+def logit_differences(served: Dict[str, Any], batches: List[Any]) -> Dict[str, float]:
+    """Max and mean |logit difference| of the INT8 and the FP32 served model over ``batches`` (all rows)."""
+    import torch
+
+    differences = torch.cat([(served["int8"].logits(b.dense_features, b.sparse_features)
+                              - served["fp32"].logits(b.dense_features, b.sparse_features)).abs() for b in batches])
+    return {"max": float(differences.max()), "mean": float(differences.mean()), "rows": int(differences.numel())}
+
+
+def serve_comparison(model: Any, schema: Any, sizes: Sizes, serve_sizes: ServeSizes, batches: List[Any]
+                     ) -> Dict[str, Any]:
+    """Exports the trained FP32-tables ``model`` with FP32 and with INT8 tables, times ``ServedModel.logits`` of
+    both over ``batches`` in interleaved rounds and compares their tables, artifacts and logits.
+
+    Returns:
+        Dict[str, Any]: ``rounds`` (name -> samples/s per round), ``artifact_bytes``, ``table_bytes`` (in memory,
+        name -> bytes), ``logit_abs_difference`` (``max``, ``mean``, ``rows``).
+    """
+    from recsys_llm.serving.quantized_tables import table_bytes as served_table_bytes
+
+    task = served_task(model, schema, sizes)
+    with tempfile.TemporaryDirectory(prefix=f"{NAME}_") as work_dir:  # the artifacts stay until the rounds end
+        served, artifact_bytes = export_and_load(task, schema, batches[0], work_dir)
+        del task
+
+        def step(name: str) -> Callable[[], Any]:
+            served_model = served[name]
+            return cycling_step(lambda batch: served_model.logits(batch.dense_features, batch.sparse_features),
+                                batches)
+
+        rounds = interleaved_repeats(
+            {name: samples_per_second(step(name), sizes.batch_size, serve_sizes.warmup_steps,
+                                      serve_sizes.measured_steps) for name in served},
+            serve_sizes.repeats, f"{NAME} serve")
+        return {
+            "rounds": rounds,
+            "artifact_bytes": artifact_bytes,
+            "table_bytes": {name: served_table_bytes(s.embedding_bag_collection) for name, s in served.items()},
+            "logit_abs_difference": logit_differences(served, batches),
+        }
+
+
+def plot(path: Path, payload: Dict[str, Any]) -> None:
+    """The PNG of a result ``payload``: samples/s of the four contenders (train FP32 / FP16, serve FP32 / INT8;
+    median, bars min-max of rounds) and the ratios to FP32 tables. Drawn from the JSON alone."""
+    details, serve = payload["details"], payload["details"]["serve"]
+    sizes = details["sizes"]
+    bars: Dict[str, float] = {}
+    spans: Dict[str, Tuple[float, float]] = {}
+    phases = {"train": details["samples_per_second_rounds"], "serve": serve["samples_per_second_rounds"]}
+    for phase, rounds in phases.items():
+        for name, values in rounds.items():
+            label = f"{phase} {name.split('_')[0]}"
+            bars[label], spans[label] = median(values), (min(values), max(values))
+    ratios = {"train samples/s\nfp16 / fp32": payload["ratio_fp16_vs_fp32_tables"],
+              "table bytes\nfp16 / fp32": payload["table_bytes_ratio_fp16_vs_fp32"],
+              "serve samples/s\nint8 / fp32": payload["serve_ratio_int8_vs_fp32_tables"],
+              "served tables\nint8 / fp32": serve["table_bytes_ratio_int8_vs_fp32"],
+              "artifact bytes\nint8 / fp32": payload["artifact_bytes_ratio_int8_vs_fp32"]}
+    two_panel_figure(
+        path,
+        lambda left: value_bars(
+            left, bars, ylabel="samples/s: median, bars min-max of rounds", log=True, errors=spans,
+            title=f"DLRM_DCN {sizes['num_tables']}x{sizes['rows_per_table']}x{sizes['embedding_dim']}, batch "
+                  f"{sizes['batch_size']}; train {payload['device']}, serve {serve['device']}; {payload['mode']}"),
+        lambda right: ratio_bars(right, ratios, {}, "FP16 (train) / INT8 (serve) tables vs FP32 tables"),
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(NAME, __doc__, argv)
     sizes = SIZES[args.mode]
@@ -90,43 +258,59 @@ def main(argv: Optional[List[str]] = None) -> dict:
     schema = make_schema(sizes)
     batches = make_batches(schema, sizes, args.seed, pin_memory=device.type == "cuda")
 
-    loops, memory = {}, {}
+    loops, memory, models = {}, {}, {}
     for dtype in DTYPES:
         torch.manual_seed(args.seed)
         model, optimizer = build_project_model(schema, sizes, device, LEARNING_RATES, embedding_dtype=dtype)
         memory[dtype] = table_bytes(model)
+        models[dtype] = model
         loops[f"{dtype}_tables"] = ProjectLoop(model, optimizer, device, itertools.cycle(batches), sizes, synchronize)
-    rounds = interleaved_repeats(loops, sizes.repeats)
+    rounds = interleaved_repeats(loops, sizes.repeats, f"{NAME} train")
+    serve_sizes = SERVE_SIZES[args.mode]
+    serve = serve_comparison(models["fp32"], schema, sizes, serve_sizes, batches)
+    serve_rounds = {f"{name}_tables": values for name, values in serve["rounds"].items()}
 
     medians = {name: median(values) for name, values in rounds.items()}
+    serve_medians = {name: median(values) for name, values in serve_rounds.items()}
+    served_bytes, artifact_bytes = serve["table_bytes"], serve["artifact_bytes"]
     payload = result_payload(
         args,
         {"ratio_fp16_vs_fp32_tables": best_of_rounds_ratio(rounds["fp16_tables"], rounds["fp32_tables"]),
-         "table_bytes_ratio_fp16_vs_fp32": memory["fp16"]["weights"] / memory["fp32"]["weights"]},
+         "table_bytes_ratio_fp16_vs_fp32": memory["fp16"]["weights"] / memory["fp32"]["weights"],
+         "serve_ratio_int8_vs_fp32_tables": best_of_rounds_ratio(serve_rounds["int8_tables"],
+                                                                 serve_rounds["fp32_tables"]),
+         "artifact_bytes_ratio_int8_vs_fp32": artifact_bytes["int8"] / artifact_bytes["fp32"]},
         details={
             "samples_per_second_median": medians,
             "samples_per_second_rounds": rounds,
             "table_bytes": memory,
+            "serve": {
+                "samples_per_second_median": serve_medians,
+                "samples_per_second_rounds": serve_rounds,
+                "ratio_rounds": per_round_ratios(serve_rounds["int8_tables"], serve_rounds["fp32_tables"]),
+                "table_bytes": served_bytes,
+                "table_bytes_ratio_int8_vs_fp32": served_bytes["int8"] / served_bytes["fp32"],
+                "artifact_bytes": artifact_bytes,
+                "logit_abs_difference": serve["logit_abs_difference"],
+                "sizes": dataclasses.asdict(serve_sizes),
+                "device": "cpu",  # exported artifacts are unsharded and served on CPU, whatever --device trained
+                "setup": "the FP32-tables model as trained above -> unsharded_state_dict -> the same CTRTask on CPU "
+                         "-> export_task(table_dtype='trained' | 'int8') -> ServedModel.load -> ServedModel.logits "
+                         "on the prebuilt training batches (cycled)",
+            },
             "ratio_method": RATIO_METHOD,
             "sizes": dataclasses.asdict(sizes),
             "model": "torchrec DLRM_DCN, fused RowWiseAdagrad (tables) + Adam (dense), TrainPipelineSparseDist, "
-                     "DMP 1 rank; model.embedding_dtype fp32 vs fp16",
+                     "DMP 1 rank; model.embedding_dtype fp32 vs fp16; served: export_task trained (fp32) vs int8",
         },
-        table=[{"tables": name, "samples/s (median)": round(medians[name], 1),
-                "table weights (MB)": round(memory[name.split("_")[0]]["weights"] / 2**20, 2)} for name in medians],
+        table=[{"phase": "train", "tables": name.split("_")[0], "samples/s (median)": round(medians[name], 1),
+                "table weights (MB)": round(memory[name.split("_")[0]]["weights"] / 2**20, 2)} for name in medians]
+        + [{"phase": "serve", "tables": name.split("_")[0], "samples/s (median)": round(serve_medians[name], 1),
+            "table weights (MB)": round(served_bytes[name.split("_")[0]] / 2**20, 2),
+            "model.safetensors (MB)": round(artifact_bytes[name.split("_")[0]] / 2**20, 2)} for name in serve_medians],
     )
     write_json(args.json, payload)
-    two_panel_figure(
-        args.plot,
-        lambda left: value_bars(
-            left, medians, ylabel="samples/s: median, bars min-max of rounds",
-            title=f"DLRM_DCN {sizes.num_tables}x{sizes.rows_per_table}x{sizes.embedding_dim}, batch "
-                  f"{sizes.batch_size}; {device.type}, {args.mode}",
-            errors={name: (min(values), max(values)) for name, values in rounds.items()}),
-        lambda right: ratio_bars(right, {"samples/s\nfp16 vs fp32": payload["ratio_fp16_vs_fp32_tables"],
-                                         "table bytes\nfp16 vs fp32": payload["table_bytes_ratio_fp16_vs_fp32"]},
-                                 {}, "FP16 tables / FP32 tables"),
-    )
+    plot(args.plot, payload)
     print_summary(NAME, payload)
     teardown_distributed()
     return payload

@@ -264,16 +264,14 @@ def build_torchrec_loop(schema, sizes: Sizes, device, lr: Dict[str, float], batc
     return lambda: pipeline.progress(iterator)
 
 
-def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float], embedding_dtype: str = "fp32"):
-    """The project's stack exactly as ``recsys_llm.train.runner.run_training`` builds it:
-    ``build_task`` (``CTRTask`` around ``DLRMBackbone(DLRM_DCN)``), ``shard_model``,
-    ``build_optimizer``; tables of ``model.embedding_dtype`` ``embedding_dtype``. Returns ``(model, optimizer)``."""
+def project_config(sizes: Sizes, lr: Dict[str, float], embedding_dtype: str = "fp32"):
+    """The ``ExperimentConfig`` of the project's ``DLRM_DCN`` run at ``sizes``: tables of ``model.embedding_dtype``
+    ``embedding_dtype``, fused RowWiseAdagrad (tables) and Adam (dense) at ``lr``."""
     from recsys_llm.models.registry import ModelConfig
     from recsys_llm.train.config import DataConfig, ExperimentConfig
-    from recsys_llm.train.task_builder import build_task
-    from recsys_llm.train.sharding import OptimizerConfig, build_optimizer, shard_model
+    from recsys_llm.train.sharding import OptimizerConfig
 
-    config = ExperimentConfig(
+    return ExperimentConfig(
         data=DataConfig(batch_size=sizes.batch_size),
         model=ModelConfig(
             name="dlrm_dcn",
@@ -286,6 +284,17 @@ def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float], embe
         ),
         optim=OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=lr["sparse"], dense="adam", dense_lr=lr["dense"]),
     )
+
+
+def build_project_model(schema, sizes: Sizes, device, lr: Dict[str, float], embedding_dtype: str = "fp32"):
+    """The project's stack exactly as ``recsys_llm.train.runner.run_training`` builds it:
+    ``build_task`` (``CTRTask`` around ``DLRMBackbone(DLRM_DCN)``), ``shard_model``,
+    ``build_optimizer``; tables of ``model.embedding_dtype`` ``embedding_dtype`` (:func:`project_config`).
+    Returns ``(model, optimizer)``."""
+    from recsys_llm.train.task_builder import build_task
+    from recsys_llm.train.sharding import build_optimizer, shard_model
+
+    config = project_config(sizes, lr, embedding_dtype)
     task = build_task(config, schema, device).task
     model, _plan = shard_model(task, device, 1, config.sharding, config.optim, config.data.batch_size)
     return model, build_optimizer(model, config.optim)

@@ -24,6 +24,8 @@ REQUIRED_KEYS = {
     "elec": ["student_serve_ratio_vs_backbone", "student_speedup_vs_gain_online_llm", "kd_train_ratio_vs_backbone",
              "gain_entity_tables_serve_ratio_vs_backbone"],
     "peers": ["train_speedup_vs_deepctr_torch", "auc_diff_vs_deepctr_torch"],
+    "table_dtype": ["ratio_fp16_vs_fp32_tables", "table_bytes_ratio_fp16_vs_fp32", "serve_ratio_int8_vs_fp32_tables",
+                    "artifact_bytes_ratio_int8_vs_fp32"],
 }
 MACHINE_KEYS = ["cpu_model", "usable_cores", "torch_threads", "gpu", "versions"]
 
@@ -181,6 +183,33 @@ def test_elec_student_is_served_exported_and_ratios_come_from_rounds(tmp_path_fa
         assert all(result["pipelined_all_sharded_modules"].values()), name
         # the student is the plain architecture; the gain network adds the vector injection
         assert result["parameters"]["student"] == result["parameters"]["plain"] < result["parameters"]["gain"]
+
+
+@pytest.mark.slow
+def test_table_dtype_serves_int8_and_fp32_exports_of_the_trained_model(tmp_path_factory: pytest.TempPathFactory
+                                                                       ) -> None:
+    """The serving figures come from interleaved rounds of the two exported artifacts; the INT8 one is smaller on
+    disk and in memory and its logits stay close to the FP32 one's."""
+    from benchmarks import table_dtype
+
+    payload = _smoke_payload("table_dtype", tmp_path_factory)
+    serve = payload["details"]["serve"]
+    rounds = serve["samples_per_second_rounds"]
+    assert set(rounds) == {"fp32_tables", "int8_tables"}
+    assert all(len(v) == table_dtype.SERVE_SIZES["smoke"].repeats and min(v) > 0 for v in rounds.values())
+    assert payload["serve_ratio_int8_vs_fp32_tables"] == pytest.approx(max(rounds["int8_tables"])
+                                                                      / max(rounds["fp32_tables"]))
+    assert serve["ratio_rounds"] == pytest.approx([a / b for a, b in zip(rounds["int8_tables"],
+                                                                          rounds["fp32_tables"])])
+    assert payload["artifact_bytes_ratio_int8_vs_fp32"] == pytest.approx(
+        serve["artifact_bytes"]["int8"] / serve["artifact_bytes"]["fp32"])
+    assert 0 < payload["artifact_bytes_ratio_int8_vs_fp32"] < 0.6  # D bytes + 4 per row vs 4 * D
+    assert 0 < serve["table_bytes_ratio_int8_vs_fp32"] < 1
+    difference = serve["logit_abs_difference"]
+    sizes = payload["details"]["sizes"]
+    assert difference["rows"] == sizes["batch_size"] * sizes["memory_batches"]  # every request batch, every row
+    assert 0 <= difference["mean"] <= difference["max"] < 0.1
+    assert [row["phase"] for row in payload["table"]] == ["train", "train", "serve", "serve"]
 
 
 @pytest.mark.slow
@@ -587,10 +616,13 @@ def test_run_all_ends_well_when_the_only_other_status_is_a_skip(tmp_path: Path, 
     assert run_all.main(argv) == 1
 
 
-@pytest.mark.parametrize("name", ["train_throughput", "llactr", "elec"])
+@pytest.mark.parametrize("name", ["train_throughput", "llactr", "elec", "table_dtype"])
 def test_smoke_runs_take_at_least_two_interleaved_rounds(name: str) -> None:
     """What carries over between rounds (a stream a first round closed) shows only from the second one: with one
     round, the smoke tests passed while every later round of the real benchmark trained no step."""
     import importlib
 
-    assert importlib.import_module(f"benchmarks.{name}").SIZES["smoke"].repeats >= 2
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert module.SIZES["smoke"].repeats >= 2
+    if hasattr(module, "SERVE_SIZES"):  # table_dtype's serving rounds
+        assert module.SERVE_SIZES["smoke"].repeats >= 2
