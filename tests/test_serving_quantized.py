@@ -215,3 +215,26 @@ def test_quantizing_leaves_the_float_tables_as_they_were():
     assert not [name for name in vars(ebc) if "quant" in name]
     batch = make_batch(8, 1)
     assert quantized(batch.sparse_features).values().shape == ebc(batch.sparse_features).values().shape
+
+
+@pytest.mark.parametrize("value", [-7e4, 2e7])
+def test_a_row_beyond_float16s_range_is_refused_at_export_naming_table_and_row(tmp_path, value):
+    """A row whose minimum is below float16's -65504 (its bias) or whose range passes 255 x 65504 (its scale) has
+    no 8-bit form: the export wrote an infinite scale or bias, whose lookups are NaN, and ServedModel.load then
+    refused the artifact as "diverged or damaged". The export names the table and the row instead, and writes
+    nothing; the same row above 65504 with a small minimum quantizes (a finite scale)."""
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    ebc = student.model.embedding_bag_collection
+    with torch.no_grad():
+        ebc.embedding_bags["student_user_id"].weight[3, 0] = value
+    example = make_batch(4, 100)
+    out = tmp_path / "int8"
+    with pytest.raises(ValueError, match=r"table 'student_user_id' has 1 row\(s\) out of float16's range \(first: "
+                                         r"row 3, .*--table-dtype trained"):
+        export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype="int8")
+    assert not out.exists()
+    with torch.no_grad():
+        ebc.embedding_bags["student_user_id"].weight[3, 0] = 7e4
+    export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype="int8")
+    served = ServedModel.load(str(out), trust_program=True)
+    assert torch.isfinite(served.logits(example.dense_features, example.sparse_features)).all()

@@ -84,7 +84,33 @@ def quantized_ebc(ebc: EmbeddingBagCollection, table_dtype: str) -> QuantEmbeddi
         for module in ebc.modules():
             if "qconfig" in vars(module):
                 delattr(module, "qconfig")
+    _check_scales_finite(holder.ebc, ebc, table_dtype)
     return holder.ebc.eval()
+
+
+def _check_scales_finite(quantized: QuantEmbeddingBagCollection, ebc: EmbeddingBagCollection,
+                         table_dtype: str) -> None:
+    """Raises where a row's float16 scale or bias came out infinite: a row whose minimum is below float16's
+    -65504, or whose range is above 255 x 65504, has no 8-bit form (its lookups would be NaN, and
+    ``ServedModel.load`` would refuse the artifact as diverged or damaged).
+
+    Raises:
+        ValueError: naming the table, the first such row, its value range and ``--table-dtype trained``.
+    """
+    for key, value in quantized.state_dict().items():
+        if not key.endswith(("_qscale", "_qbias")):
+            continue
+        bad = (~torch.isfinite(value.reshape(-1))).nonzero()
+        if bad.numel() == 0:
+            continue
+        table = key.split(".")[-2]  # embedding_bags.<table>.weight_qscale
+        row = int(bad[0])
+        weights = ebc.embedding_bags[table].weight[row].detach().float()  # (D,)
+        raise ValueError(
+            f"export: --table-dtype {table_dtype}: table {table!r} has {bad.numel()} row(s) out of float16's range "
+            f"(first: row {row}, values {float(weights.min()):.6g} to {float(weights.max()):.6g}), whose "
+            "quantization scale or bias (float16, at most 65504) would be infinite and its lookups NaN; export "
+            "it with --table-dtype trained")
 
 
 def empty_quantized_ebc(configs: List[EmbeddingBagConfig], weighted: bool) -> QuantEmbeddingBagCollection:
