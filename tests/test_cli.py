@@ -886,3 +886,24 @@ def test_a_rust_io_error_of_another_errno_is_no_disk_line(text) -> None:
     assert _environment_error_line(SafetensorError(text)) is None
     assert _environment_error_line(SafetensorError(text.replace("(os error 2)", "(os error 122)")
                                                    .replace("(os error 13)", "(os error 27)"))) is not None
+
+
+
+def test_a_message_that_names_its_command_is_not_prefixed_twice(capsys) -> None:
+    """export_task's errors and warnings start with 'export: ' for Python callers; the CLI's line names the
+    command once (a message naming another command keeps its prefix)."""
+    from recsys_llm.cli import _error_exit, project_warning_format
+
+    assert _error_exit("export", ValueError("export: table_dtype (--table-dtype) is 'int4'")) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "recsys-llm export: error: table_dtype (--table-dtype) is 'int4'"
+    _error_exit("evaluate", ValueError("export: kept"))
+    assert capsys.readouterr().err.splitlines()[0] == "recsys-llm evaluate: error: export: kept"
+    formatted = project_warning_format("semantics encode", None)(
+        "semantics encode: the text of field(s) ['a'] is longer", UserWarning, cli_init_file(), 1)
+    assert formatted == "recsys-llm semantics encode: warning: the text of field(s) ['a'] is longer\n"
+
+
+def cli_init_file() -> str:
+    import recsys_llm.cli
+
+    return recsys_llm.cli.__file__

@@ -142,6 +142,14 @@ def quiet_upstream_notices() -> Callable[[], None]:
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def without_command(message: object, command: str) -> str:
+    """``message`` without a leading ``<command>: ``: the package's messages name their command for Python
+    callers (``export: ...``), which the CLI's ``recsys-llm <command>: error:`` names already."""
+    text = str(message)
+    prefix = f"{command}: "
+    return text[len(prefix):] if command and text.startswith(prefix) else text
+
+
 def project_warning_format(command: str, fallback: Any) -> Any:
     """A ``warnings.formatwarning`` that shows a warning raised in this package as one line,
     ``recsys-llm <command>: warning: <message>`` (the way errors are shown), instead of Python's
@@ -151,7 +159,7 @@ def project_warning_format(command: str, fallback: Any) -> Any:
 
     def formatwarning(message: Any, category: Any, filename: str, lineno: int, line: Optional[str] = None) -> str:
         if not _traceback_asked() and os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep):
-            return f"recsys-llm {command}: warning: {message}\n"
+            return f"recsys-llm {command}: warning: {without_command(message, command)}\n"
         return fallback(message, category, filename, lineno, line)
 
     return formatwarning
@@ -287,7 +295,7 @@ def _error_exit(command: str, message: object) -> int:
     command) and the traceback hint, leaves the same line for the launcher
     (:func:`record_for_launcher`); returns exit code 2."""
     _close_progress_bars()
-    line = f"recsys-llm{' ' + command if command else ''}: error: {message}"
+    line = f"recsys-llm{' ' + command if command else ''}: error: {without_command(message, command)}"
     print(line, file=sys.stderr)
     print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
     record_for_launcher(line)
