@@ -767,7 +767,7 @@ def test_one_process_llm_commands_refuse_several_ranks_before_any_work(argv, com
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     assert main(argv) == 2
     error = capsys.readouterr().err
-    assert f"error: {command}" in error and "under torchrun each of the 2 ranks" in error, error
+    assert error.startswith(f"recsys-llm {command}: error: ") and "under torchrun each of the 2 ranks" in error, error
     assert "without torchrun" in error
     assert os.listdir(tmp_path) == []  # nothing written
     if command != "demo":  # a program that set up its ranks' group calls the command on the ranks it chooses
