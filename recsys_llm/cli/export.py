@@ -78,7 +78,8 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     written: Dict[str, Any] = {}
     if ctx.is_main:
         size = sum(v.numel() * v.element_size() for v in full.values())
-        _say(f"writing {output} ({size / 2**30:.2f} GiB of weights"
+        quantizing = "" if table_dtype == TRAINED else f", the tables quantized to {table_dtype} (about a third)"
+        _say(f"writing {output} ({size / 2**30:.2f} GiB of trained weights{quantizing}"
              f"{'' if state_only else ', then the dense part traced with torch.export'})")
     if ctx.is_main and state_only:
         metadata = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": checkpoint_digests(checkpoint),

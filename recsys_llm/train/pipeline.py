@@ -41,6 +41,8 @@ from recsys_llm.train.distributed import all_ranks_true, is_main_process
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.train_metrics import WindowedTrainMetrics
 
+# the progress bar's names of the windowed training metrics (train_metrics.WindowedTrainMetrics)
+WINDOW_BAR_KEYS = {"auc": "auc_w", "ne": "ne_w", "calibration": "cal_w"}
 # on_step(step_in_epoch, loss) -> True to stop the epoch now (max_steps reached, ...). ``loss`` is
 # the step's detached 0-dim loss tensor, still on the device: reading it (``float(loss)``) waits
 # for the step to finish, so callbacks read it only when they log.
@@ -226,7 +228,8 @@ def train_epoch(
                 weights = None if weights is None else weights.to(labels.device, non_blocking=True)
                 computed = window_metrics.update(logits, labels, weights)
                 if computed is not None and not bar.disable:
-                    postfix.update({f"window_{name}": f"{value:.4f}" for name, value in computed.items()})
+                    # short keys: beside tqdm's own ~50 columns the bar fits a 100-column terminal
+                    postfix.update({WINDOW_BAR_KEYS[name]: f"{value:.3f}" for name, value in computed.items()})
                     bar.set_postfix(postfix, refresh=False)
             if not bar.disable:  # a hidden bar reads no loss (no device sync)
                 window.append(loss_value)
