@@ -238,3 +238,55 @@ def test_a_row_beyond_float16s_range_is_refused_at_export_naming_table_and_row(t
     export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype="int8")
     served = ServedModel.load(str(out), trust_program=True)
     assert torch.isfinite(served.logits(example.dense_features, example.sparse_features)).all()
+
+
+def test_a_table_file_mixing_int8_and_float_tables_is_named(tmp_path):
+    """export quantizes every table or none: a tables.json of both is damage, named as such."""
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    out = tmp_path / "int8"
+    export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype="int8")
+    tables = json.loads((out / "tables.json").read_text())
+    tables[0]["data_type"] = "FP32"
+    (out / "tables.json").write_text(json.dumps(tables))
+    config = json.loads((out / "config.json").read_text())
+    config.pop("sha256")
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tables.json: not a list of tables .*mix quantized and float tables"):
+        ServedModel.load(str(out), trust_program=True)
+
+
+def test_int8_tables_refuse_an_id_out_of_range_naming_the_feature(tmp_path):
+    """FBGEMM's INT8 kernel checks no bounds: ServedModel's own id check stands before it, for one row too."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    export_task(student, str(tmp_path / "int8"), example.dense_features, example.sparse_features, table_dtype="int8")
+    served = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
+    request = make_batch(1, 3)
+    assert served.logits(request.dense_features, request.sparse_features).shape == (1,)
+    sparse = request.sparse_features
+    for bad in (12, -1):  # item_id has 12 rows
+        values = sparse.values().clone()
+        values[1] = bad  # item_id of the one row
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=sparse.keys(), values=values, lengths=sparse.lengths())
+        with pytest.raises(ValueError, match=rf"feature 'item_id', row 0 of the batch: id {bad} is outside its "
+                                             r"table's \[0, 12\)"):
+            served.logits(request.dense_features, kjt)
+
+
+def test_pooled_columns_are_put_in_table_order_whatever_the_widths():
+    """A quant EBC's KeyedTensor (SUM tables first) put back in table order, tables of other widths included."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from recsys_llm.serving.quantized_tables import pooled_in_order
+
+    columns = {"genres": torch.arange(0, 4.0), "user_id": torch.arange(10, 12.0), "item_id": torch.arange(20, 28.0)}
+    have = ["user_id", "item_id", "genres"]  # as the quant EBC groups them
+    pooled = KeyedTensor(keys=have, length_per_key=[columns[k].numel() for k in have],
+                         values=torch.cat([columns[k] for k in have]).repeat(3, 1))  # (3, 14)
+    want = ["genres", "user_id", "item_id"]
+    expected = torch.cat([columns[k] for k in want]).repeat(3, 1)  # (3, 14)
+    assert torch.equal(pooled_in_order(pooled, want), expected)
+    assert torch.equal(pooled_in_order(pooled, have), pooled.values())

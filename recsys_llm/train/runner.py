@@ -115,7 +115,7 @@ from recsys_llm.train.run_records import (
     strict_json,
 )
 from recsys_llm.train.plan_report import describe_plan, plan_line, weights_text
-from recsys_llm.train.pooling_factors import table_pooling_factors
+from recsys_llm.train.pooling_factors import planned_without_pooling_factors, table_pooling_factors
 from recsys_llm.train.sharding import build_optimizer, find_tables, shard_model, table_weights
 from recsys_llm.train.task_builder import (
     BuiltTask,
@@ -248,10 +248,14 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     # before sharding and before anything is written: a window smaller than a step's rows is refused at once
     windowed = None if not train_cfg.metrics_window else WindowedTrainMetrics(
         train_cfg.metrics_window, train_cfg.metrics_every, step_rows, ctx.world_size, ctx.rank, ctx.device)
-    # the planner (rank 0) prices each multi-hot table by the ids its bags hold in the training split
+    # the planner (rank 0) prices each multi-hot table by the ids its bags hold in the training split; a resume
+    # only where its run was planned so (a run planned before sharding.measure_pooling keeps its plan)
     measured = ctx.is_main and config.sharding.measure_pooling and not config.sharding.plan_file
-    ids_per_bag = run_on_every_rank(lambda: mean_ids_per_bag(schema, config.data.train_split) if measured else None,
-                                    "measuring the ids per bag of the training split", ctx.device)
+    saved_plan = os.path.join(run_dir, "sharding_plan.json")
+    ids_per_bag = run_on_every_rank(
+        lambda: mean_ids_per_bag(schema, config.data.train_split)
+        if measured and not (train_cfg.resume and planned_without_pooling_factors(saved_plan)) else None,
+        "measuring the ids per bag of the training split", ctx.device)
     pooling = table_pooling_factors(tables, ids_per_bag) if ids_per_bag is not None else {}
     model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, step_rows,
                               ids_per_bag)

@@ -272,7 +272,9 @@ class ShardingConfig:
         measure_pooling (bool): give the planner each multi-hot (sequence) feature's mean ids per bag, measured
             on the training split (``ParameterConstraints.pooling_factors``; :mod:`recsys_llm.train.pooling_factors`),
             so it prices the lookups and batches of those tables by the ids they pool; False: 1.0 for every
-            feature (torchrec's default, as runs were planned before this setting existed).
+            feature (torchrec's default, as runs were planned before this setting existed). A resume of a run
+            planned without them plans without them
+            (:func:`~recsys_llm.train.pooling_factors.planned_without_pooling_factors`).
     """
 
     sharding_types: List[str] = dataclasses.field(default_factory=list)

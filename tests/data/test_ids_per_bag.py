@@ -48,3 +48,14 @@ class TestMeanIdsPerBag:
         os.remove(os.path.join(str(tmp_path), "train.parquet"))
         with pytest.raises(DataError, match="train.parquet: no such Parquet file"):
             mean_ids_per_bag(schema, "train")
+
+    def test_a_split_without_rows_has_no_ids_per_bag(self, tmp_path) -> None:
+        schema = _schema(str(tmp_path))
+        empty = pq.read_table(os.path.join(str(tmp_path), "train.parquet")).slice(0, 0)
+        pq.write_table(empty, os.path.join(str(tmp_path), "train.parquet"))
+        assert mean_ids_per_bag(schema, "train") == {"tags": 0.0, "history": 0.0}
+
+    def test_max_rows_of_one_reads_the_first_row_group_and_none_or_less_reads_all(self, tmp_path) -> None:
+        schema = _schema(str(tmp_path), rows_per_group=1)  # rows 0..4 one a group: tags 0, 0, 1, 2, 3 ids
+        assert mean_ids_per_bag(schema, "train", max_rows=1) == {"tags": 0.0, "history": 4.0}
+        assert mean_ids_per_bag(schema, "train", max_rows=0) == {"tags": 6 / 5, "history": 4.0}

@@ -90,6 +90,7 @@ class TestPoolingFactors:
         written = json.loads(describe_plan(plan, factors))
         assert written["t_item_tags"]["pooling_factors"] == [1.5] and written["t_user_id"]["pooling_factors"] == [1.0]
         assert json.loads(describe_plan(plan)) == table_placements(plan)  # without factors: as before
+        assert json.loads(describe_plan(plan, {"t_not_planned": [2.0]})) == table_placements(plan)
 
 
 def _run(overrides: List[str]) -> None:
@@ -108,3 +109,77 @@ def test_a_runs_sharding_plan_json_holds_the_measured_factors(synthetic_dir: str
     measured = mean_ids_per_bag(DatasetSchema.load(synthetic_dir), "train")["item_tags"]
     assert plan["t_item_tags"]["pooling_factors"] == [measured]
     assert {tuple(p["pooling_factors"]) for name, p in plan.items() if name != "t_item_tags"} == {(1.0,)}
+
+
+def test_a_saved_plan_without_factors_is_one_planned_without_them(tmp_path) -> None:
+    from recsys_llm.train.pooling_factors import planned_without_pooling_factors
+
+    path = str(tmp_path / "sharding_plan.json")
+    assert not planned_without_pooling_factors(path)  # no run yet: a new run measures
+    placement = {"module": "model.ebc", "sharding_type": "table_wise", "compute_kernel": "fused", "ranks": [0],
+                 "shards": []}
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"t_user_id": placement, "t_item_tags": placement}, handle)
+    assert planned_without_pooling_factors(path)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"t_user_id": {**placement, "pooling_factors": [1.0]}, "t_item_tags": placement}, handle)
+    assert not planned_without_pooling_factors(path)
+    for damaged in ("{", "[]", "{}"):
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(damaged)
+        assert not planned_without_pooling_factors(path)
+
+
+@pytest.mark.multiprocess
+def test_a_resume_plans_with_factors_only_where_its_run_was_planned_with_them(synthetic_dir: str, tmp_path) -> None:
+    """A run planned without factors (before sharding.measure_pooling, or with it false) resumes planned without
+    them: factors it was not planned with could move a table of its checkpoints (replicated <-> sharded: no load)."""
+    def overrides(run_dir: str, steps: int, *extra: str) -> List[str]:
+        return [f"data.schema={synthetic_dir}", "data.batch_size=256", "data.eval_batch_size=1024",
+                "data.synthetic_rows=0", "train.epochs=1", f"train.max_steps={steps}", "train.patience=0",
+                "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}", *extra]
+
+    def saved(run_dir: str) -> Dict[str, dict]:
+        with open(os.path.join(run_dir, "sharding_plan.json"), encoding="utf-8") as handle:
+            return json.load(handle)
+
+    unmeasured, measured = str(tmp_path / "unmeasured"), str(tmp_path / "measured")
+    run_multiprocess(_run, world_size=1, overrides=overrides(unmeasured, 2, "sharding.measure_pooling=false"))
+    run_multiprocess(_run, world_size=1, overrides=overrides(measured, 2))
+    # a plan read from a file is no plan made with factors: it records none (and measures nothing)
+    from_file = str(tmp_path / "from_file")
+    plan_file = os.path.join(str(tmp_path), "plan.json")
+    with open(plan_file, "w", encoding="utf-8") as handle:
+        json.dump(saved(measured), handle)
+    run_multiprocess(_run, world_size=1, overrides=overrides(from_file, 2, f"sharding.plan_file={plan_file}"))
+    assert not [name for name, p in saved(from_file).items() if "pooling_factors" in p]
+    run_multiprocess(_run, world_size=1, overrides=overrides(unmeasured, 3))  # measure_pooling's default: true
+    run_multiprocess(_run, world_size=1, overrides=overrides(measured, 3))
+    assert not [name for name, p in saved(unmeasured).items() if "pooling_factors" in p]
+    assert saved(measured)["t_item_tags"]["pooling_factors"][0] > 1.0
+
+
+def _planner_constraints(schema_path: str) -> Dict[str, Optional[List[float]]]:
+    """Table -> the pooling factors of the constraints shard_model hands torchrec's planner (None: no constraint)."""
+    from recsys_llm.train import sharding
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.sharding import OptimizerConfig, shard_model
+
+    seen: Dict[str, Optional[List[float]]] = {}
+
+    class Recording(sharding.EmbeddingShardingPlanner):
+        def __init__(self, *args, constraints=None, **kwargs) -> None:
+            seen.update({name: list(c.pooling_factors) for name, c in (constraints or {}).items()})
+            super().__init__(*args, constraints=constraints, **kwargs)
+
+    sharding.EmbeddingShardingPlanner = Recording
+    ctx = init_distributed("cpu")
+    shard_model(_task(DatasetSchema.load(schema_path)), ctx.device, ctx.world_size, ShardingConfig(),
+                OptimizerConfig(), batch_size=BATCH, ids_per_bag={"item_tags": 3.0})
+    return seen
+
+
+@pytest.mark.multiprocess
+def test_shard_model_hands_the_planner_the_factors(synthetic_dir: str) -> None:
+    (seen,) = run_multiprocess(_planner_constraints, world_size=1, schema_path=synthetic_dir)
+    assert seen == {"t_item_tags": [3.0]}

@@ -268,6 +268,10 @@ def test_config_differences_name_every_changed_setting() -> None:
         "model.embedding_dim: 16 -> 8",
     ]
     assert config_differences(saved, saved) == []
+    # what only shows or plans the run (windowed training metrics, the planner's pooling factors) may change
+    shown = load_config(None, common + ["model.embedding_dim=16", "train.run_dir=a", "train.metrics_window=4096",
+                                        "train.metrics_every=7", "sharding.measure_pooling=false"])
+    assert config_differences(saved, shown, RESUME_FREE_KEYS) == []
     # a plug-in key set to its default is the same setting as one left out
     explicit = load_config(None, ["model.name=fm", "elec.task=distill", "elec.distill.mode=joint"])
     assert config_differences(load_config(None, ["model.name=fm", "elec.task=distill"]), explicit) == []

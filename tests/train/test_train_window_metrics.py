@@ -12,7 +12,7 @@ from recsys_llm.train.curves import training_curves
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import binary_metrics
 from recsys_llm.train.run_records import TRAIN_WINDOW_EVENT, read_metrics
-from recsys_llm.train.train_metrics import WindowedTrainMetrics
+from recsys_llm.train.train_metrics import WindowedTrainMetrics, check_window
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,6 +79,21 @@ class TestWindowedTrainMetrics:
     def test_a_window_smaller_than_a_step_over_the_ranks_is_refused_naming_the_key(self) -> None:
         with pytest.raises(ConfigError, match=r"train\.metrics_window=8 .* at least 16 samples"):
             WindowedTrainMetrics(window=8, every=1, batch_size=8, world_size=2, rank=0, device=torch.device("cpu"))
+        # each rank's share is rounded up, as torchrec rounds it: 15 samples on 2 ranks keep 8 a rank
+        check_window(15, 8, 2)
+        with pytest.raises(ConfigError, match=r"train\.metrics_window=14 .* at least 16 samples"):
+            check_window(14, 8, 2)
+
+    def test_a_computation_every_zero_steps_is_refused_naming_the_key(self) -> None:
+        with pytest.raises(ConfigError, match=r"train\.metrics_every=0 \(must be >= 1 step\)"):
+            WindowedTrainMetrics(window=8, every=0, batch_size=8, world_size=1, rank=0, device=torch.device("cpu"))
+
+    def test_a_window_of_one_batch_holds_the_last_batch(self) -> None:
+        stream = _stream(batches=3, batch_size=8, seed=4)
+        metrics = WindowedTrainMetrics(window=8, every=3, batch_size=8, world_size=1, rank=0,
+                                       device=torch.device("cpu"))
+        values = [metrics.update(logits, labels) for logits, labels in stream][-1]
+        _assert_close(values, _exact(*stream[-1]))
 
 
 def _two_rank_window(every: int) -> Dict[str, Any]:
@@ -194,3 +209,58 @@ def test_a_run_records_the_window_every_metrics_every_steps_and_none_by_default(
         return [(r["event"], r["global_step"]) for r in records if r["event"] != TRAIN_WINDOW_EVENT]
     assert others(windowed) == others(plain)
     assert training_curves(windowed)["train window auc"] == ([5, 10], [r["auc"] for r in records])
+
+
+def _train_steps(schema_dir: str, run_dir: str, steps: int) -> List[Dict[str, Any]]:
+    return _train(schema_dir, run_dir, [f"train.max_steps={steps}", "train.metrics_window=2048",
+                                        "train.metrics_every=5"])
+
+
+@pytest.mark.multiprocess
+def test_a_resumed_run_computes_the_window_on_the_same_global_steps(synthetic_dir: str, tmp_path) -> None:
+    """The job resumed at step 7 computes at step 10 (a multiple of train.metrics_every), not 5 steps after it."""
+    run_dir = str(tmp_path / "run")
+    run_multiprocess(_train_steps, world_size=1, schema_dir=synthetic_dir, run_dir=run_dir, steps=7)
+    (records,) = run_multiprocess(_train_steps, world_size=1, schema_dir=synthetic_dir, run_dir=run_dir, steps=12)
+    assert [r["global_step"] for r in records if r["event"] == TRAIN_WINDOW_EVENT] == [5, 10]
+
+
+def _bar_postfixes(schema_path: str) -> List[Dict[str, str]]:
+    """Every postfix rank 0's progress bar was given over 40 steps (windowed metrics every 3)."""
+    from tqdm import tqdm
+
+    from recsys_llm.data.parquet import ParquetBatchReader
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+    from recsys_llm.models.task import CTRTask
+    from recsys_llm.train import pipeline
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+
+    postfixes: List[Dict[str, str]] = []
+
+    class Recording(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs) -> None:
+            postfixes.append(dict(ordered_dict or {}, **kwargs))
+            super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    pipeline.tqdm = Recording
+    schema = DatasetSchema.load(schema_path)
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("meta")))
+    model, _ = shard_model(task, ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=64)
+    batches = list(ParquetBatchReader(schema, "train", 64))[:40]
+    metrics = WindowedTrainMetrics(window=256, every=3, batch_size=64, world_size=1, rank=0, device=ctx.device)
+    pipeline.train_epoch(model, build_optimizer(model, OptimizerConfig()), batches, ctx.device, progress=True,
+                         window_metrics=metrics)
+    return postfixes
+
+
+@pytest.mark.multiprocess
+def test_the_bar_shows_the_loss_beside_the_last_windowed_metrics(synthetic_dir: str) -> None:
+    (postfixes,) = run_multiprocess(_bar_postfixes, world_size=1, schema_path=synthetic_dir)
+    assert list(postfixes[0]) == ["auc_w", "ne_w", "cal_w"]  # step 3, before any loss read
+    at_loss_reads = [p for p in postfixes if "loss" in p]
+    assert len(at_loss_reads) >= 2  # steps 20 and 40 (LOSS_READ_EVERY)
+    assert all(list(p) == ["loss", "auc_w", "ne_w", "cal_w"] for p in at_loss_reads)
+    assert all(list(p)[0] == "loss" for p in postfixes[postfixes.index(at_loss_reads[0]):])  # kept after
