@@ -19,7 +19,7 @@ Example::
 
 import dataclasses
 import typing
-from typing import Any, Dict, List, Mapping, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Tuple, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -34,11 +34,13 @@ def setting_text(value: Any) -> str:
 
 
 def coerce_value(value: Any, annotation: Any, where: str) -> Any:
-    """Converts a YAML value to ``annotation`` (int, float, bool, str, Optional, List, Tuple, Dict, Any)."""
+    """Converts a YAML value to ``annotation`` (int, float, bool, str, Literal, Optional, List, Tuple, Dict, Any)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if annotation is Any:
         return value
+    if origin is typing.Literal:
+        return _literal(value, args, where)
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
@@ -95,6 +97,26 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         return build_dataclass(annotation, value, where)
     return value
+
+
+def _literal(value: Any, choices: Tuple[Any, ...], where: str) -> Any:
+    """The choice of a ``Literal`` setting ``value`` names: a string choice by its text, a bool choice as a bool
+    setting reads it (``true``, ``no``, ``1``, ...), e.g. ``Literal["auto", True, False]``.
+
+    Raises:
+        ConfigError: naming the setting, its choices and the value.
+    """
+    for choice in choices:
+        if isinstance(choice, bool):
+            try:
+                if coerce_value(value, bool, where) is choice:
+                    return choice
+            except ConfigError:
+                continue
+        elif isinstance(value, str) and not isinstance(value, bool) and value == choice:
+            return choice
+    names = [str(choice).lower() if isinstance(choice, bool) else str(choice) for choice in choices]
+    raise ConfigError(f"{where}: expected {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
 
 
 # how YAML 1.1 reads a number not written in decimal digits: the base it names, by the text's start

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import TYPE_CHECKING, Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Collection, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import yaml
 
@@ -196,6 +196,9 @@ class TrainConfig:
             many training samples over all ranks, :mod:`recsys_llm.train.train_metrics`) on the progress bar and
             in ``metrics.jsonl``; at least ``data.batch_size`` x ranks (0: none).
         metrics_every (int): compute them every this many steps (>= 1; a collective, the only host sync they add).
+        pipelined_eval (Literal["auto", True, False]): validation, test and ``evaluate`` through torchrec's
+            ``EvalPipelineSparseDist`` (the next batch's copy to the device and sparse all-to-all overlap the
+            current forward; the same metrics as the plain loop); ``auto``: on CUDA, not on CPU, where it was slower.
     """
 
     epochs: int = 1
@@ -213,12 +216,15 @@ class TrainConfig:
     flush_denormal: bool = True
     metrics_window: int = 0
     metrics_every: int = 50
+    pipelined_eval: Literal["auto", True, False] = "auto"
 
     def __post_init__(self) -> None:
         at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 0, "max_steps": 0, "patience": 0,
                     "checkpoint_every": 0, "metrics_window": 0, "metrics_every": 1}
         wrong = [f"train.{name}={getattr(self, name)} (must be >= {low})" for name, low in at_least.items()
                  if getattr(self, name) < low]
+        if not (self.pipelined_eval == "auto" or isinstance(self.pipelined_eval, bool)):  # a config built in Python
+            wrong.append(f"train.pipelined_eval={self.pipelined_eval!r} (must be 'auto', True or False)")
         if self.device not in DEVICES:
             wrong.append(f"train.device={self.device!r} (must be one of {', '.join(DEVICES)})")
         if not str(self.run_dir).strip():
@@ -449,6 +455,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
     "train.reshard_mid_epoch", "train.flush_denormal", "train.metrics_window", "train.metrics_every",
+    "train.pipelined_eval",
     "sharding.proposer_patience", "sharding.storage_reservation", "sharding.plan_file", "sharding.measure_pooling",
     "sharding.fused_params.cache_load_factor", "sharding.fused_params.bounds_check_mode",
     "data.batch_size", "data.eval_batch_size", "data.validate", "data.prefetch", "data.synthetic_rows",

@@ -1,11 +1,13 @@
-"""Train and eval loops: ``TrainPipelineSparseDist`` for training, a plain loop for eval.
+"""Train and eval loops: ``TrainPipelineSparseDist`` for training; for eval a plain loop or ``EvalPipelineSparseDist``.
 
 Training runs on torchrec's ``TrainPipelineSparseDist``: while batch *i* runs forward and
 backward, the sparse all-to-all of batch *i+1* is already in flight. Each call of
 :func:`train_epoch` builds a fresh pipeline over a fresh iterator and detaches it at the
 end, restoring the model's original forwards. That avoids the known desync of one pipeline
 switched between train and eval (its prefetched batches belong to the old iterator), and
-lets evaluation run as a plain ``torch.no_grad()`` loop on the same DMP model.
+lets :func:`evaluate` run on the same DMP model as a plain ``torch.no_grad()`` loop or, with
+``pipelined=True``, through a fresh ``EvalPipelineSparseDist`` of its own, detached the same way
+(:mod:`recsys_llm.train.eval_forwards`).
 
 The pipeline finds the sharded modules by fx-tracing the model; a module whose KJT input is
 modified on the way is silently run unpipelined (torchrec logs "will NOT be pipelined").
@@ -38,6 +40,7 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.progress import interval_options
 from recsys_llm.train.checkpoint import table_step_counters_kept
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
+from recsys_llm.train.eval_forwards import pipelined_forwards, plain_forwards
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.train_metrics import WindowedTrainMetrics
 
@@ -283,8 +286,9 @@ def evaluate(
     total: Optional[int] = None,
     description: str = "eval",
     progress: bool = True,
+    pipelined: bool = False,
 ) -> dict:
-    """Plain (non-pipelined) evaluation loop; returns ``metrics.compute()`` over all ranks.
+    """Evaluation loop; returns ``metrics.compute()`` over all ranks.
 
     Args:
         model (nn.Module): the DMP-wrapped task (not attached to a pipeline).
@@ -296,6 +300,8 @@ def evaluate(
         total (Optional[int]): batches, for the progress bar (a reader knows its own).
         description (str): progress bar label.
         progress (bool): show a tqdm bar (rank 0 only).
+        pipelined (bool): the forwards run through torchrec's ``EvalPipelineSparseDist``
+            (:func:`~recsys_llm.train.eval_forwards.pipelined_forwards`; the same results), else one by one.
 
     Returns:
         dict: AUC, LogLoss, NE, ... (see :class:`CTRMetrics`) plus ``loss`` (BCE + terms, each
@@ -312,20 +318,20 @@ def evaluate(
         pairs, total = batches.padded(), batches.padded_len
     else:
         pairs = ((batch, True) for batch in batches)
-    try:
-        with table_step_counters_kept(model):  # FBGEMM counts these forwards as optimizer steps otherwise
-            for batch, real in tqdm(pairs, total=total, desc=description, disable=not (progress and is_main_process()),
-                                    dynamic_ncols=True, leave=False, **interval_options()):
-                batch = batch.to(device, non_blocking=True)
-                _, (loss, logits, labels) = model(batch)
-                if not real:  # a repeat that keeps this rank's collectives in step with the others
+    steps = (pipelined_forwards if pipelined else plain_forwards)(model, pairs, device)
+    with table_step_counters_kept(model):  # FBGEMM counts these forwards as optimizer steps otherwise
+        try:
+            for step in tqdm(steps, total=total, desc=description, disable=not (progress and is_main_process()),
+                             dynamic_ncols=True, leave=False, **interval_options()):
+                if not step.real:  # a repeat that keeps this rank's collectives in step with the others
                     continue
-                metrics.update(logits, labels, batch_extras(batch))
+                metrics.update(step.logits, step.labels, step.extras)
                 # a batch's loss is its rows' mean: weighted by its rows, a partial batch counts as its rows do
-                loss_sum += loss.detach().double().sum() * labels.numel()
-                rows += labels.numel()
-    finally:
-        _close(pairs)
+                loss_sum += step.loss.detach().double().sum() * step.labels.numel()
+                rows += step.labels.numel()
+        finally:
+            _close(steps)  # first: the pipeline's loading thread may be reading the pairs
+            _close(pairs)
     results = metrics.compute()
     totals = torch.stack([loss_sum, torch.tensor(float(rows), dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized():

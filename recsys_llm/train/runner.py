@@ -74,6 +74,7 @@ from recsys_llm.train.distributed import (
     run_on_every_rank,
     sum_over_ranks,
 )
+from recsys_llm.train.eval_forwards import use_pipelined_eval
 from recsys_llm.train.loss_sums import LossSums
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
@@ -483,7 +484,7 @@ def _train_in_run_dir(
         data_unchanged()
         results["test"] = evaluate(
             model, readers["test"], ctx.device, CTRMetrics(subsets), description="test",
-            progress=train_cfg.progress,
+            progress=train_cfg.progress, pipelined=use_pipelined_eval(train_cfg.pipelined_eval, ctx.device),
         )
         log.write({"event": "test", "global_step": state.global_step, **results["test"]})
     if ctx.is_main:
@@ -542,7 +543,8 @@ def _validate(
 ) -> Dict[str, float]:
     """Validates; a better AUC saves the model to ``best/``, ``train.patience`` evaluations
     without one finish the run (``state`` is updated in place). Returns the validation metrics."""
-    valid = evaluate(model, reader, ctx.device, CTRMetrics(), description="valid", progress=train_cfg.progress)
+    valid = evaluate(model, reader, ctx.device, CTRMetrics(), description="valid", progress=train_cfg.progress,
+                     pipelined=use_pipelined_eval(train_cfg.pipelined_eval, ctx.device))
     state.validated_step = state.global_step
     log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
     auc = valid["auc"]

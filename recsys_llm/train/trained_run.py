@@ -13,6 +13,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
 from recsys_llm.train.config import ExperimentConfig, check_same_model
 from recsys_llm.train.distributed import DistContext, init_distributed
+from recsys_llm.train.eval_forwards import use_pipelined_eval
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
@@ -117,7 +118,8 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
               flush=True)
     model = load_trained_model(config, run)
     results = evaluate(model, reader, ctx.device, CTRMetrics(metric_subsets(config, schema)), description=split,
-                       progress=config.train.progress)
+                       progress=config.train.progress,
+                       pipelined=use_pipelined_eval(config.train.pipelined_eval, ctx.device))
     results["checkpoint"] = run.checkpoint
     results["split"] = split
     return results

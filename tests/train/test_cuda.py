@@ -6,6 +6,7 @@ forked after fbgemm-gpu's CUDA build was imported cannot initialise CUDA):
 
 * planner + DMP shard the tables onto the GPU, the fused TBE kernels train them, a frozen
   table stays unchanged and holds no optimizer state, and every sharded EBC is pipelined;
+* ``evaluate(pipelined=True)`` (``train.pipelined_eval=auto`` on CUDA) gives the plain loop's metrics;
 * every method mode of ``recsys-llm train`` (LLaCTR, the ELEC gain network, the joint,
   frozen-teacher, offline and swapped-pair students) killed mid-epoch resumes to the
   uninterrupted run, weights bit for bit.
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from tests.multiprocess import run_multiprocess
+from tests.train.test_eval_forwards import _both_ways, _check_identical
 from tests.train.test_method_resume import MODES, _all_modes, check_resumed_like_straight
 from tests.train.test_train_sharding import _shard_and_train, check_rank_trained_and_froze
 
@@ -34,6 +36,13 @@ def test_nccl_shards_trains_and_freezes_tables_on_the_gpu(synthetic_dir: str) ->
     assert all(kernel == "fused" for _, kernel in result["placements"].values()), result["placements"]
     check_rank_trained_and_froze(result, frozen, steps=4)
     assert {"t_user_id", "t_item_id"} <= {t for t, changed in result["changed"].items() if changed}
+
+
+def test_pipelined_evaluation_gives_the_plain_loops_metrics_on_the_gpu(synthetic_dir: str) -> None:
+    """The CUDA default (train.pipelined_eval=auto): EvalPipelineSparseDist's copy stream and loading thread."""
+    results = run_multiprocess(_both_ways, world_size=1, schema_path=synthetic_dir, split="valid", batch_size=7,
+                               device="cuda", start_method="spawn")
+    _check_identical(results)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,246 @@
+"""evaluate(pipelined=True): torchrec's EvalPipelineSparseDist gives the plain loop's metrics, and training after it."""
+
+import json
+import math
+import os
+import threading
+import time
+from typing import Any, Dict, List
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+from recsys_llm.models.task import CTRTask
+from recsys_llm.train.config import ConfigError, TrainConfig, load_config
+from recsys_llm.train.distributed import init_distributed
+from recsys_llm.train.eval_forwards import use_pipelined_eval
+from recsys_llm.train.metrics import CTRMetrics
+from recsys_llm.train.pipeline import evaluate, sharded_module_names, train_epoch
+from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, embedding_kernels, shard_model
+from tests.multiprocess import run_multiprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SUBSETS = {"cold": "is_cold_item"}
+# tables split over the ranks: the evaluation's sparse input all-to-all carries ids between them
+SHARDING = ShardingConfig(sharding_types=["table_wise", "row_wise"])
+
+
+def _model(schema: DatasetSchema, device: str = "cpu"):
+    ctx = init_distributed(device)
+    torch.manual_seed(0)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("meta")))
+    model, _ = shard_model(task, ctx.device, ctx.world_size, SHARDING, OptimizerConfig(), batch_size=64)
+    return ctx, model, build_optimizer(model, OptimizerConfig())
+
+
+def _pipelined_forward_kinds(model: nn.Module) -> List[List[bool]]:
+    """Per forward of ``model``: whether each sharded module runs torchrec's PipelinedForward (a hook's record)."""
+    seen: List[List[bool]] = []
+    modules = [model.get_submodule(name) for name in sharded_module_names(model)]
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append([type(m.forward).__name__ == "PipelinedForward" for m in modules]))
+    return seen
+
+
+def _same(a: Dict[str, float], b: Dict[str, float]) -> bool:
+    """Equal dicts, NaN equal to NaN (a subset of one class has no AUC)."""
+    return a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def _both_ways(schema_path: str, split: str, batch_size: int, device: str = "cpu") -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema, device)
+    train = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size)
+    train_epoch(model, optimizer, list(train)[:10], ctx.device, progress=False)
+    kinds = _pipelined_forward_kinds(model)
+    out: Dict[str, Any] = {}
+    for pipelined in (False, True, False):
+        reader = ParquetBatchReader(schema, split, batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                                    extras=["is_cold_item"], equal_batches=False)
+        kinds.clear()
+        out[f"pipelined={pipelined}"] = evaluate(model, reader, ctx.device, CTRMetrics(SUBSETS), progress=False,
+                                                 pipelined=pipelined)
+        out[f"kinds pipelined={pipelined}"] = list(kinds)
+    out["own_batches"], out["steps"] = len(reader), reader.padded_len
+    return out
+
+
+def _check_identical(results: List[Dict[str, Any]]) -> None:
+    for result in results:
+        plain, pipelined = result["pipelined=False"], result["pipelined=True"]
+        assert _same(plain, pipelined), (plain, pipelined)
+        assert plain["num_samples"] > 0 and plain["cold/num_samples"] > 0 and not math.isnan(plain["cold/auc"])
+        assert len(result["kinds pipelined=True"]) == result["steps"]  # one forward per step, repeats included
+        assert all(all(kinds) and kinds for kinds in result["kinds pipelined=True"]), result["kinds pipelined=True"]
+        assert not any(any(kinds) for kinds in result["kinds pipelined=False"])  # the pipeline was detached
+        assert _same(results[0]["pipelined=True"], result["pipelined=True"])  # every rank reports the same
+
+
+@pytest.mark.multiprocess
+def test_pipelined_evaluation_gives_the_plain_loops_metrics_on_one_rank(synthetic_dir: str) -> None:
+    # batches of 7 rows: a partial last batch of 3
+    results = run_multiprocess(_both_ways, world_size=1, schema_path=synthetic_dir, split="valid", batch_size=7)
+    _check_identical(results)
+    assert results[0]["pipelined=True"]["num_samples"] == 1200
+
+
+@pytest.mark.multiprocess
+def test_pipelined_evaluation_gives_the_plain_loops_metrics_on_two_ranks_of_uneven_rows(synthetic_dir: str,
+                                                                                       tmp_path) -> None:
+    """The ranks hold 3 and 2 batches: the rank with fewer repeats its last one unscored, which the pipeline's
+    outputs (the model's alone) do not tell apart: its flag travels beside them."""
+    path = str(tmp_path / "rows.parquet")
+    table = pq.read_table(os.path.join(synthetic_dir, "valid.parquet")).slice(0, 401)
+    pq.write_table(table, path, row_group_size=128)
+    results = run_multiprocess(_both_ways, world_size=2, schema_path=synthetic_dir, split=path, batch_size=100)
+    assert {r["steps"] for r in results} == {3} and sorted(r["own_batches"] for r in results) == [2, 3], results
+    _check_identical(results)
+    assert results[0]["pipelined=True"]["num_samples"] == 401
+
+
+def _train_eval_train(schema_path: str) -> Dict[str, Any]:
+    """Per evaluation path: train 6 steps, validate, train 6 steps, validate; the losses of every step."""
+    schema = DatasetSchema.load(schema_path)
+    out: Dict[str, Any] = {}
+    for pipelined in (False, True):
+        ctx, model, optimizer = _model(schema)
+        reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True,
+                                    seed=3)
+        losses: List[float] = []
+        evaluations, counters = [], []
+        for epoch in range(2):
+            reader.set_epoch(epoch)
+            stats = train_epoch(model, optimizer, reader, ctx.device, progress=False,
+                                on_step=lambda step, loss: losses.append(float(loss)) or step == 6)
+            assert stats.pipelined_modules == stats.sharded_modules and stats.steps == 6
+            before = [int(kernel.emb_module.iter) for _, kernel in embedding_kernels(model)]
+            valid = ParquetBatchReader(schema, "valid", 100, rank=ctx.rank, world_size=ctx.world_size,
+                                       equal_batches=False)
+            evaluations.append(evaluate(model, valid, ctx.device, CTRMetrics(), progress=False, pipelined=pipelined))
+            counters.append((before, [int(kernel.emb_module.iter) for _, kernel in embedding_kernels(model)]))
+            assert model.training
+        out[f"pipelined={pipelined}"] = {"losses": losses, "evaluations": evaluations, "counters": counters}
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_training_after_a_pipelined_evaluation_is_training_after_a_plain_one(synthetic_dir: str,
+                                                                             world_size: int) -> None:
+    """train, evaluate, train, evaluate: the eval pipeline hands the model back to the next training pipeline
+    with its own forwards and its tables' step counters as they were, so every loss is the plain path's."""
+    for result in run_multiprocess(_train_eval_train, world_size=world_size, schema_path=synthetic_dir):
+        plain, pipelined = result["pipelined=False"], result["pipelined=True"]
+        assert len(plain["losses"]) == 12 and plain["losses"] == pipelined["losses"], result
+        assert all(_same(a, b) for a, b in zip(plain["evaluations"], pipelined["evaluations"])), result
+        assert all(before == after and 6 * (i + 1) in before for i, (before, after) in enumerate(pipelined["counters"]))
+
+
+def _threads_after_a_failed_evaluation(schema_path: str) -> Dict[str, int]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, _ = _model(schema)
+
+    class Failing(CTRMetrics):
+        def update(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("metrics failed")
+
+    reader = ParquetBatchReader(schema, "valid", 64, equal_batches=False, prefetch=2)
+    with pytest.raises(RuntimeError, match="metrics failed"):
+        evaluate(model, reader, ctx.device, Failing(), progress=False, pipelined=True)
+    # torchrec's loading thread, stopped, ends on its own (it cannot be joined)
+    for _ in range(100):
+        names = [thread.name for thread in threading.enumerate()]
+        if "DataLoadingThread" not in names:
+            break
+        time.sleep(0.05)
+    # the model is usable again: its forwards are its own
+    plain = evaluate(model, ParquetBatchReader(schema, "valid", 64, equal_batches=False), ctx.device, CTRMetrics(),
+                     progress=False)
+    return {"prefetch": names.count("parquet-prefetch"), "loading": names.count("DataLoadingThread"),
+            "rows": int(plain["num_samples"])}
+
+
+@pytest.mark.multiprocess
+def test_a_failed_pipelined_evaluation_stops_its_threads_and_detaches(synthetic_dir: str) -> None:
+    (result,) = run_multiprocess(_threads_after_a_failed_evaluation, world_size=1, schema_path=synthetic_dir)
+    assert result == {"prefetch": 0, "loading": 0, "rows": 1200}, result
+
+
+def _grad_mode(schema_path: str) -> List[bool]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, _ = _model(schema)
+    seen: List[bool] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.is_grad_enabled()))
+    evaluate(model, ParquetBatchReader(schema, "valid", 256, equal_batches=False), ctx.device, CTRMetrics(),
+             progress=False, pipelined=True)
+    return seen
+
+
+@pytest.mark.multiprocess
+def test_pipelined_evaluation_builds_no_autograd_graph(synthetic_dir: str) -> None:
+    (seen,) = run_multiprocess(_grad_mode, world_size=1, schema_path=synthetic_dir)
+    assert seen and not any(seen), seen
+
+
+class TestPipelinedEvalSetting:
+    @pytest.mark.parametrize("text,value", [("auto", "auto"), ("true", True), ("false", False), ("yes", True),
+                                            ("0", False)])
+    def test_values(self, text: str, value: Any) -> None:
+        assert load_config(None, [f"train.pipelined_eval={text}"]).train.pipelined_eval == value
+
+    @pytest.mark.parametrize("text", ["maybe", "Auto", "2", "[true]"])
+    def test_a_bad_value_names_the_key(self, text: str) -> None:
+        with pytest.raises(ConfigError, match=r"train\.pipelined_eval: expected auto, true or false, got"):
+            load_config(None, [f"train.pipelined_eval={text}"])
+
+    def test_a_config_built_in_python_is_checked(self) -> None:
+        with pytest.raises(ValueError, match=r"train\.pipelined_eval='on' \(must be 'auto', True or False\)"):
+            TrainConfig(pipelined_eval="on")  # type: ignore[arg-type]
+
+    def test_auto_is_on_for_cuda_only(self) -> None:
+        assert use_pipelined_eval("auto", torch.device("cuda", 0))
+        assert not use_pipelined_eval("auto", torch.device("cpu"))
+        assert use_pipelined_eval(True, torch.device("cpu")) and not use_pipelined_eval(False, torch.device("cuda"))
+
+    def test_a_resume_may_change_it(self) -> None:
+        from recsys_llm.train.config import RESUME_FREE_KEYS, config_differences
+
+        saved, current = load_config(None), load_config(None, ["train.pipelined_eval=true"])
+        assert config_differences(saved, current, RESUME_FREE_KEYS) == []
+        assert config_differences(saved, current) == ["train.pipelined_eval: 'auto' -> True"]
+
+
+def _run(schema_dir: str, run_dir: str, pipelined_eval: str) -> Dict[str, Any]:
+    """A short run; records which evaluation forwards it ran."""
+    from recsys_llm.train import pipeline
+    from recsys_llm.train.runner import run_training
+
+    used: List[str] = []
+    for name in ("plain_forwards", "pipelined_forwards"):
+        original = getattr(pipeline, name)
+        setattr(pipeline, name, lambda *args, _name=name, _original=original: used.append(_name) or _original(*args))
+    overrides = [f"data.schema={schema_dir}", "data.batch_size=256", "data.eval_batch_size=300",
+                 "data.synthetic_rows=0", "train.epochs=2", "train.patience=0", "train.progress=false", "train.device=cpu",
+                 f"train.run_dir={run_dir}", f"train.pipelined_eval={pipelined_eval}"]
+    results = run_training(load_config(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), overrides))
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    valid = [{k: v for k, v in r.items() if k not in ("time", "seconds")} for r in records if r["event"] == "valid"]
+    epochs = [r["mean_loss"] for r in records if r["event"] == "epoch"]
+    return {"test": results["test"], "valid": valid, "epochs": epochs, "used": used}
+
+
+@pytest.mark.multiprocess
+def test_a_run_validates_and_tests_through_the_pipeline_the_setting_names(synthetic_dir: str, tmp_path) -> None:
+    runs = {setting: run_multiprocess(_run, world_size=2, schema_dir=synthetic_dir, run_dir=str(tmp_path / setting),
+                                      pipelined_eval=setting) for setting in ("auto", "true")}
+    for setting, used in (("auto", "plain_forwards"), ("true", "pipelined_forwards")):  # auto: plain on CPU
+        assert all(rank["used"] == [used] * 3 for rank in runs[setting]), runs[setting]  # 2 validations, 1 test
+    plain, pipelined = runs["auto"][0], runs["true"][0]
+    assert len(plain["valid"]) == 2 and plain["valid"] == pipelined["valid"] and plain["epochs"] == pipelined["epochs"]
+    assert _same(plain["test"], pipelined["test"])
