@@ -71,7 +71,6 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import CacheParams, ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -86,6 +85,7 @@ from recsys_llm.train.dense_reduction import ONE_BUCKET_MB, reduce_in_parameter_
 from recsys_llm.train.plan_file import read_plan_file, with_constraint_settings
 from recsys_llm.train.plan_report import table_placements
 from recsys_llm.train.pooling_factors import ONE_ID_PER_BAG, table_pooling_factors
+from recsys_llm.train.qcomms import QCommsSettings, qcomm_sharders
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "row_wise_adagrad": trec_optim.RowWiseAdagrad,
@@ -275,6 +275,10 @@ class ShardingConfig:
             feature (torchrec's default, as runs were planned before this setting existed). A resume of a run
             planned without them plans without them
             (:func:`~recsys_llm.train.pooling_factors.planned_without_pooling_factors`).
+        qcomms (QCommsSettings): precision of the sharded tables' embedding all-to-all / reduce-scatter in the
+            forward and of their gradients in the backward (torchrec's ``QCommsConfig``,
+            :mod:`recsys_llm.train.qcomms`); ``fp16`` / ``bf16`` halve those bytes. Replicated tables and one
+            rank are unaffected.
     """
 
     sharding_types: List[str] = dataclasses.field(default_factory=list)
@@ -288,6 +292,7 @@ class ShardingConfig:
     storage_reservation: float = DEFAULT_STORAGE_RESERVATION
     plan_file: str = ""
     measure_pooling: bool = True
+    qcomms: QCommsSettings = dataclasses.field(default_factory=QCommsSettings)
 
     def __post_init__(self) -> None:
         check_number("sharding.proposer_patience", self.proposer_patience, integer=True, minimum=0)
@@ -740,6 +745,8 @@ def shard_model(
     ddr_cap = planner_host_memory(compute_device, local_world_size)
     topology = build_topology(world_size, compute_device, hbm_cap=hbm_cap, local_world_size=local_world_size,
                               ddr_cap=ddr_cap)
+    # planned and sharded with the same sharders: the planner prices the quantized collectives DMP builds
+    sharders = qcomm_sharders(sharding.qcomms, world_size)
     if sharding.plan_file:
         def make_plan() -> ShardingPlan:
             plan = read_plan_file(sharding.plan_file, find_tables(task), world_size, local_world_size, compute_device,
@@ -756,7 +763,7 @@ def shard_model(
         )
 
         def make_plan() -> ShardingPlan:
-            return planner.plan(task, get_default_sharders())
+            return planner.plan(task, sharders)
     plan, refusal = _plan_on_rank_0(make_plan)
     if refusal is not None:
         error_type, text = refusal
@@ -777,7 +784,7 @@ def shard_model(
     wrapper = DefaultDataParallelWrapper(bucket_cap_mb=ONE_BUCKET_MB) if canonical else None
     with _table_init_stream_of_this_rank(device):  # DMP initialises this rank's table shards
         model = DistributedModelParallel(task, device=device, plan=plan, init_data_parallel=world_size > 1,
-                                         init_parameters=True, data_parallel_wrapper=wrapper)
+                                         init_parameters=True, data_parallel_wrapper=wrapper, sharders=sharders)
     if canonical:
         reduce_in_parameter_order(model)
     placements = table_placements(plan)
