@@ -249,14 +249,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     # before sharding and before anything is written: a window smaller than a step's rows is refused at once
     windowed = None if not train_cfg.metrics_window else WindowedTrainMetrics(
         train_cfg.metrics_window, train_cfg.metrics_every, step_rows, ctx.world_size, ctx.rank, ctx.device)
-    # the planner (rank 0) prices each multi-hot table by the ids its bags hold in the training split; a resume
-    # only where its run was planned so (a run planned before sharding.measure_pooling keeps its plan)
-    measured = ctx.is_main and config.sharding.measure_pooling and not config.sharding.plan_file
-    saved_plan = os.path.join(run_dir, "sharding_plan.json")
-    ids_per_bag = run_on_every_rank(
-        lambda: mean_ids_per_bag(schema, config.data.train_split)
-        if measured and not (train_cfg.resume and planned_without_pooling_factors(saved_plan)) else None,
-        "measuring the ids per bag of the training split", ctx.device)
+    # the planner (rank 0) prices each multi-hot table by the ids its bags hold in the training split
+    ids_per_bag = run_on_every_rank(lambda: _ids_per_bag_to_plan_with(config, schema) if ctx.is_main else None,
+                                    "measuring the ids per bag of the training split", ctx.device)
     pooling = table_pooling_factors(tables, ids_per_bag) if ids_per_bag is not None else {}
     model, plan = shard_model(built.task, ctx.device, ctx.world_size, config.sharding, config.optim, step_rows,
                               ids_per_bag)
@@ -314,6 +309,19 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     finally:
         if lock is not None:
             lock.close()  # closing the file releases its lock
+
+
+def _ids_per_bag_to_plan_with(config: ExperimentConfig, schema: DatasetSchema) -> Optional[Dict[str, float]]:
+    """Each multi-hot field's mean ids per bag in the training split, for the planner's pooling factors; None
+    (one per bag) with ``sharding.measure_pooling`` off, with a plan file (nothing is planned), and on a resume
+    of a run planned without them (its plan then stays as it was: new factors could move a table)."""
+    sharding = config.sharding
+    if not sharding.measure_pooling or sharding.plan_file:
+        return None
+    saved_plan = os.path.join(config.train.run_dir, "sharding_plan.json")
+    if config.train.resume and planned_without_pooling_factors(saved_plan):
+        return None
+    return mean_ids_per_bag(schema, config.data.train_split)
 
 
 def _lock_as_checked(run_dir: str, checkpoints: CheckpointManager, best: CheckpointManager,
