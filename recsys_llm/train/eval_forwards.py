@@ -22,7 +22,7 @@ Example::
 
 import collections
 import threading
-from typing import Deque, Dict, Iterator, NamedTuple, Tuple, Union
+from typing import Deque, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -73,12 +73,21 @@ class _Tagged(Iterator[TorchRecBatch]):
         self._lock = threading.Lock()
         self._closed = False
         self.tags: Deque[Tuple[bool, Dict[str, torch.Tensor]]] = collections.deque()  # appends are thread-safe
+        # what reading the pairs raised (a data error, say): kept for the main thread to raise once the batches read
+        # before it have run, as the plain loop would; torchrec's loading thread would log it as an ERROR line first
+        self.error: Optional[Exception] = None
 
     def __next__(self) -> TorchRecBatch:
         with self._lock:
-            if self._closed:
+            if self._closed or self.error is not None:
                 raise StopIteration
-            batch, real = next(self._pairs)
+            try:
+                batch, real = next(self._pairs)
+            except StopIteration:
+                raise
+            except Exception as error:  # noqa: BLE001 - raised again in the main thread
+                self.error = error
+                raise StopIteration from None
             self.tags.append((real, batch_extras(batch)))
         return batch
 
@@ -94,7 +103,9 @@ def pipelined_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bo
     """The model's forwards of the pairs' batches through a fresh ``EvalPipelineSparseDist`` (call under
     ``torch.no_grad()``, the model in eval mode). Its end, an exception or closing the generator stops the
     pipeline's loading thread and waits out a read of ``pairs`` it may be doing (``pairs`` may be closed next),
-    then detaches the pipeline: the model's sharded modules get their own forwards back.
+    then detaches the pipeline: the model's sharded modules get their own forwards back. An exception reading
+    ``pairs`` (a data error) is raised here, in the caller's thread, after the steps of the pairs read before it, as
+    the plain loop raises it (torchrec's loading thread, left to catch it, would log it as an ERROR line too).
 
     The extras of an :class:`EvalStep` are the batch's CPU tensors copied to the device once more (the
     pipeline's copy of the batch stays inside it)."""
@@ -106,6 +117,8 @@ def pipelined_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bo
             try:
                 loss, logits, labels = pipeline.progress(tagged)
             except StopIteration:
+                if tagged.error is not None:  # the pairs failed: the batches before ran, as in the plain loop
+                    raise tagged.error from None
                 return
             real, extras = tagged.tags.popleft()
             # the CPU extras (pinned on CUDA): an async copy, as the batch's own were

@@ -1,6 +1,7 @@
 """evaluate(pipelined=True): torchrec's EvalPipelineSparseDist gives the plain loop's metrics, and training after it."""
 
 import json
+import logging
 import math
 import os
 import threading
@@ -169,6 +170,48 @@ def _threads_after_a_failed_evaluation(schema_path: str) -> Dict[str, int]:
 def test_a_failed_pipelined_evaluation_stops_its_threads_and_detaches(synthetic_dir: str) -> None:
     (result,) = run_multiprocess(_threads_after_a_failed_evaluation, world_size=1, schema_path=synthetic_dir)
     assert result == {"prefetch": 0, "loading": 0, "rows": 1200}, result
+
+
+def _evaluations_of_failing_pairs(schema_path: str) -> Dict[str, Any]:
+    """Per loop: the forwards run and the warnings and errors logged by torchrec's pipeline module when the data
+    fails at its third batch (a data error's ValueError), and the rows of a plain evaluation after it."""
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, _ = _model(schema)
+    batches = list(ParquetBatchReader(schema, "valid", 64, equal_batches=False))[:2]
+    forwards: List[int] = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    records: List[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    upstream = logging.getLogger("torchrec.distributed.train_pipeline.utils")
+    upstream.addHandler(handler)
+
+    def failing():
+        yield from batches
+        raise ValueError("valid.parquet: column 'item_id', row 130: id 99999 is >= cardinality 101")
+
+    out: Dict[str, Any] = {}
+    try:
+        for pipelined in (False, True):
+            forwards.clear()
+            with pytest.raises(ValueError, match="row 130: id 99999"):
+                evaluate(model, failing(), ctx.device, CTRMetrics(), progress=False, pipelined=pipelined)
+            out[f"pipelined={pipelined}"] = {"forwards": len(forwards), "logged": [
+                record.getMessage() for record in records if record.levelno >= logging.WARNING]}
+    finally:
+        upstream.removeHandler(handler)
+    out["rows after"] = int(evaluate(model, ParquetBatchReader(schema, "valid", 64, equal_batches=False), ctx.device,
+                                     CTRMetrics(), progress=False)["num_samples"])
+    return out
+
+
+@pytest.mark.multiprocess
+def test_a_data_error_in_a_pipelined_evaluation_is_raised_as_the_plain_loop_raises_it(synthetic_dir: str) -> None:
+    """The pipeline's loading thread reads the data; its error is raised in the caller's thread after the batches
+    read before it ran, and torchrec logs no ERROR line of its own first (the CLI shows errors as one line)."""
+    (result,) = run_multiprocess(_evaluations_of_failing_pairs, world_size=1, schema_path=synthetic_dir)
+    assert result["pipelined=True"] == result["pipelined=False"] == {"forwards": 2, "logged": []}, result
+    assert result["rows after"] == 1200, result
 
 
 def _grad_mode(schema_path: str) -> List[bool]:
