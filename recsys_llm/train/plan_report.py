@@ -8,16 +8,17 @@ from typing import Any, Dict, List, Mapping, Optional
 from torchrec.distributed.types import ShardingPlan
 
 
-def plan_line(plan: ShardingPlan, world_size: int, where: str) -> str:
+def plan_line(plan: ShardingPlan, world_size: int, where: str, comms: str = "") -> str:
     """One line on ``plan``: its tables by sharding type, the ranks, the weights in shards (replicated
-    tables have none), and ``where`` the plan is kept."""
+    tables have none), ``comms`` (how the embeddings travel, where not float32: :func:`~recsys_llm.train.qcomms.
+    comms_text`), and ``where`` the plan is kept."""
     placements = table_placements(plan)
     types = collections.Counter(placement["sharding_type"] for placement in placements.values())
     sharded = sum(shard["sizes"][0] * shard["sizes"][1] for placement in placements.values()
                   for shard in placement["shards"])
     by_type = ", ".join(f"{count} {kind.replace('_', '-')}" for kind, count in sorted(types.items()))
     return (f"sharding: {len(placements)} table(s) over {world_size} rank(s) ({by_type}; {weights_text(sharded)} "
-            f"weights in shards); the plan: {where}")
+            f"weights in shards{'; ' + comms if comms else ''}); the plan: {where}")
 
 
 def weights_text(count: int) -> str:

@@ -66,6 +66,19 @@ class QCommsSettings:
         return (self.forward_precision, self.backward_precision) != ("fp32", "fp32")
 
 
+def comms_text(qcomms: QCommsSettings, world_size: int) -> str:
+    """How the sharded tables' embeddings travel, for the plan's log line: ``embeddings sent in fp16, their
+    gradients in bf16``; '' where nothing is quantized (float32, or one rank, which sends nothing)."""
+    if qcomms_codecs_apply(qcomms, world_size):
+        return f"embeddings sent in {qcomms.forward_precision}, their gradients in {qcomms.backward_precision}"
+    return ""
+
+
+def qcomms_codecs_apply(qcomms: QCommsSettings, world_size: int) -> bool:
+    """Whether the sharders carry codecs: a narrower precision, and ranks to send to."""
+    return qcomms.quantized and world_size > 1
+
+
 def qcomm_codecs_registry(qcomms: QCommsSettings, world_size: int) -> Optional[Dict[str, QuantizedCommCodecs]]:
     """CommOp name -> FBGEMM codecs of ``qcomms``, for a sharder's ``qcomm_codecs_registry``; None (plain float32
     collectives) where nothing is quantized or one rank has no one to send to.
@@ -73,7 +86,7 @@ def qcomm_codecs_registry(qcomms: QCommsSettings, world_size: int) -> Optional[D
     Built like torchrec's ``get_qcomm_codecs_registry`` but without its gloo fallback of ``bf16`` to ``fp16``:
     torch's gloo backend sends bfloat16 (two gloo ranks: all-to-all and reduce-scatter, torch 2.13).
     """
-    if not qcomms.quantized or world_size == 1:
+    if not qcomms_codecs_apply(qcomms, world_size):
         return None
     config = QCommsConfig(forward_precision=CommType(qcomms.forward_precision),
                           backward_precision=CommType(qcomms.backward_precision))

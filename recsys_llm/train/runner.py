@@ -117,6 +117,7 @@ from recsys_llm.train.run_records import (
 )
 from recsys_llm.train.plan_report import describe_plan, plan_line, weights_text
 from recsys_llm.train.pooling_factors import planned_without_pooling_factors, table_pooling_factors
+from recsys_llm.train.qcomms import comms_text
 from recsys_llm.train.sharding import build_optimizer, find_tables, shard_model, table_weights
 from recsys_llm.train.task_builder import (
     BuiltTask,
@@ -364,7 +365,8 @@ def _train_in_run_dir(
             indent=2, sort_keys=True, default=str))
         write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan, pooling))
         if train_cfg.progress:
-            print(plan_line(plan, ctx.world_size, os.path.join(run_dir, "sharding_plan.json")), file=sys.stderr,
+            print(plan_line(plan, ctx.world_size, os.path.join(run_dir, "sharding_plan.json"),
+                            comms_text(config.sharding.qcomms, ctx.world_size)), file=sys.stderr,
                   flush=True)
     log = _RunLog(os.path.join(run_dir, METRICS_FILE), ctx.is_main)
 

@@ -952,6 +952,13 @@ def test_the_plan_line_counts_tables_by_sharding_type_and_their_weights() -> Non
                         [EmbeddingBagCollectionSharder()])
     assert plan_line(plan, 8, "p.json") == "sharding: 1 table(s) over 8 rank(s) (1 row-wise; 20.5 B weights in " \
                                            "shards); the plan: p.json"
+    from recsys_llm.train.qcomms import QCommsSettings, comms_text
+
+    quantized = QCommsSettings(forward_precision="fp16", backward_precision="bf16")
+    assert plan_line(plan, 8, "p.json", comms_text(quantized, 8)) == (
+        "sharding: 1 table(s) over 8 rank(s) (1 row-wise; 20.5 B weights in shards; embeddings sent in fp16, their "
+        "gradients in bf16); the plan: p.json")
+    assert comms_text(quantized, 1) == "" and comms_text(QCommsSettings(), 8) == ""
 
 
 class _ManyTables(torch.nn.Module):
