@@ -108,7 +108,9 @@ def pipelined_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bo
     the plain loop raises it (torchrec's loading thread, left to catch it, would log it as an ERROR line too).
 
     The extras of an :class:`EvalStep` are the batch's CPU tensors copied to the device once more (the
-    pipeline's copy of the batch stays inside it)."""
+    pipeline's copy of the batch stays inside it). torchrec's loading thread never sees such an exception, so it
+    cannot skip the batch of one marked retryable (``is_retryable``), as it would: the plain loop's rows are
+    scored, or its error raised."""
     tagged = _Tagged(pairs)
     # the optimizer is only stepped in training: EvalPipelineSparseDist.progress never reads it
     pipeline = EvalPipelineSparseDist(model, None, device)  # type: ignore[arg-type]
@@ -117,13 +119,13 @@ def pipelined_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bo
             try:
                 loss, logits, labels = pipeline.progress(tagged)
             except StopIteration:
-                if tagged.error is not None:  # the pairs failed: the batches before ran, as in the plain loop
-                    raise tagged.error from None
-                return
+                break
             real, extras = tagged.tags.popleft()
             # the CPU extras (pinned on CUDA): an async copy, as the batch's own were
             extras = {key: value.to(labels.device, non_blocking=True) for key, value in extras.items()}
             yield EvalStep(loss, logits, labels, extras, real)
+        if tagged.error is not None:  # the pairs failed: the batches before ran, as in the plain loop
+            raise tagged.error  # outside the except block: with its own cause, not chained to the StopIteration
     finally:
         # torchrec's DataLoadingThread cannot be joined (its ``_stop`` flag shadows the method Thread.join calls):
         # stopped, it ends on its own, and the closed tags wait for a read of the pairs it may be doing

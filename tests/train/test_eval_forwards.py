@@ -205,6 +205,68 @@ def _evaluations_of_failing_pairs(schema_path: str) -> Dict[str, Any]:
     return out
 
 
+def _a_failure_while_the_loading_thread_reads(schema_path: str) -> str:
+    """The metrics fail while torchrec's loading thread is inside a (slow) read of the next batch."""
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, _ = _model(schema)
+    batches = list(ParquetBatchReader(schema, "valid", 100, equal_batches=False))[:3]
+    reading = threading.Event()
+
+    def slow() -> Any:
+        yield from batches[:2]
+        reading.set()
+        time.sleep(1.0)  # the loading thread is in this read when the metrics fail
+        yield batches[2]
+
+    class Failing(CTRMetrics):
+        def update(self, *args: Any, **kwargs: Any) -> None:
+            assert reading.wait(10)
+            raise RuntimeError("metrics failed")
+
+    try:
+        evaluate(model, slow(), ctx.device, Failing(), progress=False, pipelined=True)
+    except Exception as error:  # noqa: BLE001 (the test reports it)
+        return repr(error)
+    return "no error"
+
+
+@pytest.mark.multiprocess
+def test_a_failed_pipelined_evaluation_waits_for_a_read_in_progress_before_it_closes_the_batches(
+        synthetic_dir: str) -> None:
+    """Closing the batches' generator while the loading thread runs it would raise 'generator already executing'
+    in place of the evaluation's own error."""
+    (error,) = run_multiprocess(_a_failure_while_the_loading_thread_reads, world_size=1, schema_path=synthetic_dir)
+    assert error == "RuntimeError('metrics failed')", error
+
+
+class _Flaky(OSError):
+    """A read error marked retryable, as some storage clients' are: torchrec's loading thread skips its batch."""
+
+    is_retryable = True
+
+
+def _evaluations_of_a_failing_read(schema_path: str) -> Dict[str, str]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, _ = _model(schema)
+    batches = list(ParquetBatchReader(schema, "valid", 100, equal_batches=False))
+
+    def failing(cause: bool) -> Any:
+        yield batches[0]
+        if cause:
+            raise ValueError("bad row group") from _Flaky("connection reset")
+        raise _Flaky("connection reset")
+
+    out: Dict[str, str] = {}
+    for cause in (False, True):
+        for pipelined in (False, True):
+            try:
+                rows = evaluate(model, failing(cause), ctx.device, CTRMetrics(), progress=False, pipelined=pipelined)
+                out[f"cause={cause} pipelined={pipelined}"] = f"no error: {rows['num_samples']:.0f} rows"
+            except Exception as error:  # noqa: BLE001 (the test reports it)
+                out[f"cause={cause} pipelined={pipelined}"] = f"{error!r} <- {error.__cause__!r}"
+    return out
+
+
 @pytest.mark.multiprocess
 def test_a_data_error_in_a_pipelined_evaluation_is_raised_as_the_plain_loop_raises_it(synthetic_dir: str) -> None:
     """The pipeline's loading thread reads the data; its error is raised in the caller's thread after the batches
@@ -212,6 +274,19 @@ def test_a_data_error_in_a_pipelined_evaluation_is_raised_as_the_plain_loop_rais
     (result,) = run_multiprocess(_evaluations_of_failing_pairs, world_size=1, schema_path=synthetic_dir)
     assert result["pipelined=True"] == result["pipelined=False"] == {"forwards": 2, "logged": []}, result
     assert result["rows after"] == 1200, result
+
+
+@pytest.mark.multiprocess
+def test_a_read_error_marked_retryable_fails_the_pipelined_evaluation_as_the_plain_one(synthetic_dir: str) -> None:
+    """torchrec's loading thread skips the batch of an error with a true ``is_retryable`` (its own or its cause's)
+    and reads on: the evaluation would score the rows before it only, without an error (and on several ranks this
+    one would run fewer collective forwards). The pipeline never sees the error: it is raised as the plain loop
+    raises it."""
+    (out,) = run_multiprocess(_evaluations_of_a_failing_read, world_size=1, schema_path=synthetic_dir)
+    assert out["cause=False pipelined=False"] == "_Flaky('connection reset') <- None", out
+    assert out["cause=True pipelined=False"] == "ValueError('bad row group') <- _Flaky('connection reset')", out
+    for cause in (False, True):
+        assert out[f"cause={cause} pipelined=True"] == out[f"cause={cause} pipelined=False"], out
 
 
 def _grad_mode(schema_path: str) -> List[bool]:
@@ -262,6 +337,7 @@ def _run(schema_dir: str, run_dir: str, pipelined_eval: str) -> Dict[str, Any]:
     """A short run; records which evaluation forwards it ran."""
     from recsys_llm.train import pipeline
     from recsys_llm.train.runner import run_training
+    from recsys_llm.train.trained_run import run_evaluation
 
     used: List[str] = []
     for name in ("plain_forwards", "pipelined_forwards"):
@@ -270,12 +346,14 @@ def _run(schema_dir: str, run_dir: str, pipelined_eval: str) -> Dict[str, Any]:
     overrides = [f"data.schema={schema_dir}", "data.batch_size=256", "data.eval_batch_size=300",
                  "data.synthetic_rows=0", "train.epochs=2", "train.patience=0", "train.progress=false", "train.device=cpu",
                  f"train.run_dir={run_dir}", f"train.pipelined_eval={pipelined_eval}"]
-    results = run_training(load_config(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), overrides))
+    config = load_config(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), overrides)
+    results = run_training(config)
+    evaluated = run_evaluation(config, run_dir)  # the evaluate command's
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle]
     valid = [{k: v for k, v in r.items() if k not in ("time", "seconds")} for r in records if r["event"] == "valid"]
     epochs = [r["mean_loss"] for r in records if r["event"] == "epoch"]
-    return {"test": results["test"], "valid": valid, "epochs": epochs, "used": used}
+    return {"test": results["test"], "valid": valid, "epochs": epochs, "used": used, "evaluated": evaluated}
 
 
 @pytest.mark.multiprocess
@@ -283,7 +361,59 @@ def test_a_run_validates_and_tests_through_the_pipeline_the_setting_names(synthe
     runs = {setting: run_multiprocess(_run, world_size=2, schema_dir=synthetic_dir, run_dir=str(tmp_path / setting),
                                       pipelined_eval=setting) for setting in ("auto", "true")}
     for setting, used in (("auto", "plain_forwards"), ("true", "pipelined_forwards")):  # auto: plain on CPU
-        assert all(rank["used"] == [used] * 3 for rank in runs[setting]), runs[setting]  # 2 validations, 1 test
+        # 2 validations, 1 test, then the evaluate command's
+        assert all(rank["used"] == [used] * 4 for rank in runs[setting]), runs[setting]
     plain, pipelined = runs["auto"][0], runs["true"][0]
     assert len(plain["valid"]) == 2 and plain["valid"] == pipelined["valid"] and plain["epochs"] == pipelined["epochs"]
     assert _same(plain["test"], pipelined["test"])
+    assert _same({k: v for k, v in plain["evaluated"].items() if k != "checkpoint"},
+                 {k: v for k, v in pipelined["evaluated"].items() if k != "checkpoint"})
+
+
+class TestTaggedPairs:
+    """The pairs' side queue, read by torchrec's loading thread (``next``) and closed by the main thread."""
+
+    @staticmethod
+    def _batch(rows: int) -> Any:
+        from torchrec.datasets.utils import Batch as TorchRecBatch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["a"], values=torch.zeros(rows, dtype=torch.long),
+                                                  lengths=torch.ones(rows, dtype=torch.int32))
+        return TorchRecBatch(torch.zeros(rows, 1), kjt, torch.zeros(rows))
+
+    def test_flags_queue_in_read_order_and_a_closed_queue_reads_no_further_pair(self) -> None:
+        from recsys_llm.train.eval_forwards import _Tagged
+
+        pairs = iter([(self._batch(1), True), (self._batch(2), False), (self._batch(3), True)])
+        tagged = _Tagged(pairs)
+        assert [next(tagged).labels.numel() for _ in range(2)] == [1, 2]
+        assert [real for real, _ in tagged.tags] == [True, False]
+        tagged.close()
+        with pytest.raises(StopIteration):
+            next(tagged)
+        assert next(pairs)[0].labels.numel() == 3  # left unread
+
+    def test_close_waits_for_a_read_in_progress(self) -> None:
+        """The pairs may be closed once ``close`` returns: a generator another thread is running cannot be."""
+        from recsys_llm.train.eval_forwards import _Tagged
+
+        reading, release = threading.Event(), threading.Event()
+
+        def slow_pairs() -> Any:
+            reading.set()
+            release.wait(10)
+            yield self._batch(1), True
+
+        tagged = _Tagged(slow_pairs())
+        loader = threading.Thread(target=lambda: next(tagged))
+        loader.start()
+        assert reading.wait(10)
+        closer = threading.Thread(target=tagged.close)
+        closer.start()
+        closer.join(0.2)
+        assert closer.is_alive()  # waits for the read
+        release.set()
+        closer.join(10)
+        loader.join(10)
+        assert not closer.is_alive() and len(tagged.tags) == 1

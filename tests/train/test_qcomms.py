@@ -171,6 +171,36 @@ def test_fp32_or_one_rank_sends_plain_float32() -> None:
         == torch.bfloat16
 
 
+def test_every_embedding_collective_and_sharder_carries_the_codecs() -> None:
+    """Row-wise tables reduce-scatter their pooled embeddings, EmbeddingCollections (sequence embeddings) and
+    feature-processed EBCs have sharders of their own: each gets the codecs (CUDA plans, or models, the CPU tests'
+    table-wise and column-wise EBCs do not reach); the other default sharders stay torchrec's."""
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.fp_embeddingbag import FeatureProcessedEmbeddingBagCollectionSharder
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    registry = qcomm_codecs_registry(QCommsSettings("bf16", "fp16"), 2)
+    assert registry is not None
+    assert set(registry) == {"POOLED_EMBEDDINGS_ALL_TO_ALL", "POOLED_EMBEDDINGS_REDUCE_SCATTER",
+                             "SEQUENCE_EMBEDDINGS_ALL_TO_ALL"}
+    assert all((pair.forward.quantized_dtype, pair.backward.quantized_dtype) == (torch.bfloat16, torch.float16)
+               for pair in registry.values())
+    # either direction alone quantizes: float32 pooled embeddings forward, bf16 gradients back
+    backward_only = qcomm_codecs_registry(QCommsSettings("fp32", "bf16"), 2)
+    assert backward_only is not None and QCommsSettings("fp32", "bf16").quantized
+    pair = backward_only["POOLED_EMBEDDINGS_ALL_TO_ALL"]
+    assert (pair.forward.quantized_dtype, pair.backward.quantized_dtype) == (torch.float32, torch.bfloat16)
+    sharders = qcomm_sharders(QCommsSettings("bf16", "fp16"), 2)
+    assert [type(s) for s in sharders] == [type(s) for s in get_default_sharders()]
+    quantized = (EmbeddingBagCollectionSharder, FeatureProcessedEmbeddingBagCollectionSharder,
+                 EmbeddingCollectionSharder)
+    for sharder in sharders:
+        codecs = getattr(sharder, "qcomm_codecs_registry", None) or {}
+        dtypes = {op: (pair.forward.quantized_dtype, pair.backward.quantized_dtype) for op, pair in codecs.items()}
+        expected = {op: (torch.bfloat16, torch.float16) for op in registry} if type(sharder) in quantized else {}
+        assert dtypes == expected, type(sharder).__name__
+
+
 @pytest.mark.parametrize("override, message", [
     ("sharding.qcomms.forward_precision=fp8", r"sharding\.qcomms\.forward_precision must be one of .*got 'fp8'"),
     ("sharding.qcomms.backward_precision=FP16", r"sharding\.qcomms\.backward_precision must be one of .*'FP16'"),
