@@ -458,9 +458,6 @@ RESUME_FREE_KEYS = frozenset({
     "train.pipelined_eval",
     "sharding.proposer_patience", "sharding.storage_reservation", "sharding.plan_file", "sharding.measure_pooling",
     "sharding.fused_params.cache_load_factor", "sharding.fused_params.bounds_check_mode",
-    # the precision of the tables' embedding messages, not of anything the checkpoint holds: like the device and the
-    # number of ranks (one rank sends nothing), where the run goes on may decide it
-    "sharding.qcomms.forward_precision", "sharding.qcomms.backward_precision",
     "data.batch_size", "data.eval_batch_size", "data.validate", "data.prefetch", "data.synthetic_rows",
     "data.valid_split", "data.test_split",
 })

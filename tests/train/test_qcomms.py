@@ -211,17 +211,20 @@ def test_bad_settings_are_refused_naming_the_key(override: str, message: str) ->
         load_config(None, [override])
 
 
-def test_a_resume_may_change_the_comms_precision(tmp_path) -> None:
-    """The precision of the messages is no tensor of the checkpoint: a resume may change it, and a run saved before
-    the setting (no ``sharding.qcomms`` in its config.yaml) resumes under float32 messages, as it trained."""
+def test_a_resume_keeps_the_comms_precision_of_its_run(tmp_path) -> None:
+    """The planner prices the narrower messages, so another precision could plan a table otherwise (replicated then,
+    sharded now), whose checkpoint would not load; and a bf16 backward changes what trains: a resume keeps the
+    run's own, and a run saved before the setting (no ``sharding.qcomms`` in its config.yaml) resumes under
+    float32 messages, as it trained."""
     import yaml
 
     from recsys_llm.train.config import check_resumable, save_config
 
     path = str(tmp_path / "config.yaml")
     save_config(load_config(None, ["model.name=fm", "train.run_dir=r"]), path)
-    check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r", "sharding.qcomms.forward_precision=fp16",
-                                       "sharding.qcomms.backward_precision=bf16"]), path)
+    with pytest.raises(ConfigError, match=r"sharding\.qcomms\.backward_precision: 'fp32' -> 'bf16'"):
+        check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r",
+                                           "sharding.qcomms.backward_precision=bf16"]), path)
     with open(path, encoding="utf-8") as handle:
         raw = yaml.safe_load(handle)
     del raw["sharding"]["qcomms"]  # as runs saved it before the setting
