@@ -344,8 +344,8 @@ def _run(schema_dir: str, run_dir: str, pipelined_eval: str) -> Dict[str, Any]:
         original = getattr(pipeline, name)
         setattr(pipeline, name, lambda *args, _name=name, _original=original: used.append(_name) or _original(*args))
     overrides = [f"data.schema={schema_dir}", "data.batch_size=256", "data.eval_batch_size=300",
-                 "data.synthetic_rows=0", "train.epochs=2", "train.patience=0", "train.progress=false", "train.device=cpu",
-                 f"train.run_dir={run_dir}", f"train.pipelined_eval={pipelined_eval}"]
+                 "data.synthetic_rows=0", "train.epochs=2", "train.patience=0", "train.progress=false",
+                 "train.device=cpu", f"train.run_dir={run_dir}", f"train.pipelined_eval={pipelined_eval}"]
     config = load_config(os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), overrides)
     results = run_training(config)
     evaluated = run_evaluation(config, run_dir)  # the evaluate command's
