@@ -19,7 +19,7 @@ Example::
 
 import dataclasses
 import typing
-from typing import Any, Dict, List, Mapping, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -145,9 +145,11 @@ def _check_written_in_decimal(value: Any, where: str) -> None:
                           "without leading zeros")
 
 
-def build_dataclass(cls: Type[T], raw: Any, where: str) -> T:
+def build_dataclass(cls: Type[T], raw: Any, where: str, init_vars: Optional[Mapping[str, Any]] = None) -> T:
     """Builds dataclass ``cls`` from a mapping, converting every field to its declared type; an error
     of ``cls`` naming its field as ``{cls.__name__}.{field}`` names it as ``{where}.{field}``.
+    ``init_vars``: values of ``cls``'s ``dataclasses.InitVar`` parameters (never settings of ``raw``),
+    e.g. the dotted key its ``__post_init__`` names in its errors.
 
     Raises:
         ConfigError: ``raw`` is not a mapping, has unknown keys, or a value has the wrong type.
@@ -170,7 +172,7 @@ def build_dataclass(cls: Type[T], raw: Any, where: str) -> T:
               if not (value is None and fields[name].default_factory is not dataclasses.MISSING
                       and (dataclasses.is_dataclass(hints[name]) or typing.get_origin(hints[name]) is dict))}
     try:
-        return cls(**kwargs)
+        return cls(**kwargs, **(init_vars or {}))
     except (TypeError, ValueError) as error:
         message = str(error)  # already naming the key (e.g. "optim.dense_lr must be ...") or not
         own = f"{cls.__name__}."  # "TeacherStudentConfig.alpha must be ..." -> "elec.distill.alpha must be ..."

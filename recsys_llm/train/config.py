@@ -450,7 +450,8 @@ def save_config(config: ExperimentConfig, path: str) -> None:
 
 
 # settings a resumed run may change: where and how it runs, its budget and its evaluation, not
-# what it trains (a new batch size is converted: ``resume.state_for_world``)
+# what it trains (a new batch size is converted: ``resume.state_for_world``); a ``*`` part stands for
+# any one part of a key (a table name: config_differences)
 RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
@@ -458,6 +459,8 @@ RESUME_FREE_KEYS = frozenset({
     "train.pipelined_eval",
     "sharding.proposer_patience", "sharding.storage_reservation", "sharding.plan_file", "sharding.measure_pooling",
     "sharding.fused_params.cache_load_factor", "sharding.fused_params.bounds_check_mode",
+    "sharding.table_constraints.*.fused_params.cache_load_factor",
+    "sharding.table_constraints.*.fused_params.bounds_check_mode",
     "data.batch_size", "data.eval_batch_size", "data.validate", "data.prefetch", "data.synthetic_rows",
     "data.valid_split", "data.test_split",
 })
@@ -508,16 +511,26 @@ def config_differences(
     saved: ExperimentConfig, current: ExperimentConfig, ignore: Collection[str] = (), movable: Collection[str] = ()
 ) -> List[str]:
     """``"key: saved -> current"`` for every setting (dotted key) that differs, ``ignore`` (keys or
-    sections) left out, and the ``movable`` path keys too where both configs set them (a path
+    sections; a ``*`` part matches any one part of a key, ``sharding.table_constraints.*.fused_params``)
+    left out, and the ``movable`` path keys too where both configs set them (a path
     may change, not whether it is set); plug-in settings count with their defaults, paths as the
     files they name."""
     old, new = _comparable(saved), _comparable(current)
     return [
         f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
         for key in sorted(set(old) | set(new))
-        if not any(key == skip or key.startswith(f"{skip}.") for skip in ignore) and old.get(key) != new.get(key)
+        if not any(_key_within(key, skip) for skip in ignore) and old.get(key) != new.get(key)
         and not (key in movable and old.get(key) and new.get(key))
     ]
+
+
+def _key_within(key: str, skip: str) -> bool:
+    """Whether dotted ``key`` is ``skip`` or a key inside it; a ``*`` part of ``skip`` matches any one part of
+    ``key`` (``sharding.table_constraints.*.fused_params.cache_load_factor``: that setting of every table)."""
+    if "*" not in skip:
+        return key == skip or key.startswith(f"{skip}.")
+    parts, pattern = key.split("."), skip.split(".")
+    return len(parts) >= len(pattern) and all(want in ("*", part) for want, part in zip(pattern, parts))
 
 
 def _movable_beside(saved_path: str) -> List[str]:

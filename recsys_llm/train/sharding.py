@@ -86,6 +86,7 @@ from recsys_llm.train.plan_file import read_plan_file, with_constraint_settings
 from recsys_llm.train.plan_report import table_placements
 from recsys_llm.train.pooling_factors import ONE_ID_PER_BAG, table_pooling_factors
 from recsys_llm.train.qcomms import QCommsSettings, qcomm_sharders
+from recsys_llm.typed_config import ConfigError, build_dataclass, coerce_value
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "row_wise_adagrad": trec_optim.RowWiseAdagrad,
@@ -180,6 +181,9 @@ BOUNDS_CHECK_MODES: Dict[str, BoundsCheckMode] = {
     "ignore": BoundsCheckMode.IGNORE,
     "none": BoundsCheckMode.NONE,
 }
+FUSED_PARAMS_KEY = "sharding.fused_params"  # the global FusedParamsConfig's dotted key
+# the keys of one table's block of sharding.table_constraints
+TABLE_CONSTRAINT_KEYS = ("compute_kernels", "fused_params", "sharding_types")
 
 
 @dataclasses.dataclass
@@ -202,6 +206,12 @@ class FusedParamsConfig:
         bounds_check_mode (str): what FBGEMM does with an id outside its table: ``fatal`` (raise),
             ``warning`` (log once, look up row 0), ``ignore`` (row 0), ``none`` (no check: fastest,
             for ids known to be in range); '': FBGEMM's default (``warning``).
+        config_key (str): the dotted key of these settings that errors name (no setting itself):
+            ``sharding.fused_params``, or a table's ``sharding.table_constraints.<table>.fused_params``.
+
+    One table's own settings (``sharding.table_constraints.<table>.fused_params``) are a
+    ``FusedParamsConfig`` too: each one set there (not at its default) replaces the global one for that
+    table (:meth:`ShardingConfig.fused_params_of`).
 
     Example::
 
@@ -212,13 +222,24 @@ class FusedParamsConfig:
     cache_load_factor: float = 0.0
     stochastic_rounding: Optional[bool] = None
     bounds_check_mode: str = ""
+    config_key: dataclasses.InitVar[str] = FUSED_PARAMS_KEY
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, config_key: str) -> None:
         # 0: torchrec's default; torchrec refuses a cache of every row (that is the 'fused' kernel)
-        check_number("sharding.fused_params.cache_load_factor", self.cache_load_factor, minimum=0, below=1)
+        check_number(f"{config_key}.cache_load_factor", self.cache_load_factor, minimum=0, below=1)
         if self.bounds_check_mode not in ("", *BOUNDS_CHECK_MODES):
-            raise ValueError(f"sharding.fused_params.bounds_check_mode must be '' (FBGEMM's default) or one of "
+            raise ValueError(f"{config_key}.bounds_check_mode must be '' (FBGEMM's default) or one of "
                              f"{list(BOUNDS_CHECK_MODES)}, got {self.bounds_check_mode!r}")
+
+    def over(self, default: "FusedParamsConfig") -> "FusedParamsConfig":
+        """Each of these settings that is set (not at its default), ``default``'s where it is not: a table's own
+        settings over the global ones."""
+        return FusedParamsConfig(
+            cache_load_factor=self.cache_load_factor or default.cache_load_factor,
+            stochastic_rounding=default.stochastic_rounding if self.stochastic_rounding is None
+            else self.stochastic_rounding,
+            bounds_check_mode=self.bounds_check_mode or default.bounds_check_mode,
+        )
 
     def constraint_kwargs(self) -> Dict[str, Any]:
         """The set settings as keyword arguments of one table's ``ParameterConstraints`` (a fresh
@@ -246,8 +267,11 @@ class ShardingConfig:
         compute_kernels (List[str]): compute kernels allowed for trained tables (empty: any):
             ``dense``, ``fused``, and on CUDA ``fused_uvm_caching`` / ``fused_uvm`` (tables larger
             than GPU memory, kept in host memory, hot rows cached on the GPU / none cached).
-        table_constraints (Dict[str, Dict[str, List[str]]]): per table name, overrides of
-            ``sharding_types`` / ``compute_kernels``.
+        table_constraints (Dict[str, Dict[str, Any]]): per table name, overrides of
+            ``sharding_types`` / ``compute_kernels`` (lists), and ``fused_params``: a mapping of
+            :class:`FusedParamsConfig`'s settings that replace the global ones for that table (a huge
+            ``fused_uvm_caching`` table with a small cache beside hot tables), as torchrec's per-table
+            ``ParameterConstraints`` set them. Held as lists and a ``FusedParamsConfig``.
         frozen_tables (List[str]): table names that never train (see module docstring).
         compute_device (str): ``auto`` | ``cpu`` | ``cuda`` for the planner's topology.
         exact_dense_reduction (bool): on three or more ranks, all-reduce the dense gradients in
@@ -283,7 +307,7 @@ class ShardingConfig:
 
     sharding_types: List[str] = dataclasses.field(default_factory=list)
     compute_kernels: List[str] = dataclasses.field(default_factory=list)
-    table_constraints: Dict[str, Dict[str, List[str]]] = dataclasses.field(default_factory=dict)
+    table_constraints: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     frozen_tables: List[str] = dataclasses.field(default_factory=list)
     compute_device: str = "auto"
     exact_dense_reduction: bool = True
@@ -299,18 +323,19 @@ class ShardingConfig:
         check_number("sharding.storage_reservation", self.storage_reservation, minimum=0, below=1)
         if self.compute_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"sharding.compute_device must be 'auto', 'cpu' or 'cuda', got {self.compute_device!r}")
-        for table, overrides in self.table_constraints.items():
-            unknown = set(overrides) - {"sharding_types", "compute_kernels"}
-            if unknown:
-                raise ValueError(
-                    f"sharding.table_constraints.{table}: unknown keys {sorted(unknown)}; "
-                    "allowed: ['compute_kernels', 'sharding_types']"
-                )
+        self.table_constraints = {table: _table_overrides(table, overrides)
+                                  for table, overrides in self.table_constraints.items()}
         for key, known in (("sharding_types", SHARDING_TYPES), ("compute_kernels", COMPUTE_KERNELS)):
             for name, values in self.allowed_lists(key):
                 bad = [v for v in values if v not in known]
                 if bad:
                     raise ValueError(f"{name}: unknown values {bad}; allowed: {list(known)}")
+
+    def fused_params_of(self, table: str) -> FusedParamsConfig:
+        """``table``'s FBGEMM settings: each one its ``table_constraints`` block's ``fused_params`` sets (not at
+        its default) over the global ``fused_params``."""
+        own = self.table_constraints.get(table, {}).get("fused_params")
+        return self.fused_params if own is None else own.over(self.fused_params)
 
     def allowed_lists(self, key: str) -> List[Tuple[str, List[str]]]:
         """``(config key, values)`` of ``key`` (``sharding_types`` or ``compute_kernels``): the
@@ -319,6 +344,31 @@ class ShardingConfig:
             (f"sharding.table_constraints.{table}.{key}", overrides.get(key, []))
             for table, overrides in self.table_constraints.items()
         ]
+
+
+def _table_overrides(table: str, overrides: Any) -> Dict[str, Any]:
+    """One table's block of ``sharding.table_constraints`` with its lists as lists of strings and its
+    ``fused_params`` as a :class:`FusedParamsConfig` (checked as the global one, errors naming the table's key).
+
+    Raises:
+        ValueError: not a mapping, an unknown key, or a value of the wrong type or out of range.
+    """
+    where = f"sharding.table_constraints.{table}"
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {overrides!r}")
+    unknown = set(overrides) - set(TABLE_CONSTRAINT_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown, key=str)}; allowed: {list(TABLE_CONSTRAINT_KEYS)}")
+    checked: Dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key != "fused_params":
+            checked[key] = coerce_value(value, List[str], f"{where}.{key}")
+        elif isinstance(value, FusedParamsConfig):
+            checked[key] = value
+        else:
+            checked[key] = build_dataclass(FusedParamsConfig, value, f"{where}.fused_params",
+                                           init_vars={"config_key": f"{where}.fused_params"})
+    return checked
 
 
 def _plan_on_rank_0(make_plan: Callable[[], ShardingPlan]) -> Tuple[Optional[ShardingPlan], Optional[Tuple[str, str]]]:
@@ -392,7 +442,8 @@ def loadable_on_cpu(sharding: ShardingConfig) -> ShardingConfig:
         sharding,
         sharding_types=on_cpu("sharding_types", sharding.sharding_types),
         compute_kernels=on_cpu("compute_kernels", sharding.compute_kernels),
-        table_constraints={table: {key: on_cpu(key, values) for key, values in overrides.items()}
+        table_constraints={table: {key: value if key == "fused_params" else on_cpu(key, value)
+                                   for key, value in overrides.items()}
                            for table, overrides in sharding.table_constraints.items()},
         compute_device="auto" if sharding.compute_device == "cuda" else sharding.compute_device,
     )
@@ -460,8 +511,9 @@ def build_constraints(
     """Planner constraints per table from the config (frozen tables: fused kernel, never replicated;
     trained FP16 tables: never replicated, as only the fused kernels step them with float32 optimizer
     state; on CUDA, tables wider than FBGEMM's kernels take: split by columns; every table:
-    ``config.fused_params``), each with its features' ``pooling_factors``: ``ids_per_bag`` (feature ->
-    mean ids per bag, :func:`~recsys_llm.data.ids_per_bag.mean_ids_per_bag`), 1.0 for a feature not in it.
+    ``config.fused_params``, its own ``table_constraints`` block's over them), each with its features'
+    ``pooling_factors``: ``ids_per_bag`` (feature -> mean ids per bag,
+    :func:`~recsys_llm.data.ids_per_bag.mean_ids_per_bag`), 1.0 for a feature not in it.
     A table left to the planner's defaults (no setting, one id per bag) gets no constraint.
 
     Raises:
@@ -508,7 +560,7 @@ def build_constraints(
                     f"table {name!r} is {width} wide, and FBGEMM's CUDA kernels take at most {FBGEMM_CUDA_MAX_DIM} "
                     f"columns: allow a column-wise type for it (sharding.table_constraints.{name}.sharding_types="
                     "[column_wise]), or make it narrower (LLM vectors: `semantics export --projection`)")
-        fused = config.fused_params.constraint_kwargs()
+        fused = config.fused_params_of(name).constraint_kwargs()
         one_id = all(factor == ONE_ID_PER_BAG for factor in pooling[name])
         if sharding_types is None and kernels is None and not fused and one_id:
             continue
@@ -517,7 +569,7 @@ def build_constraints(
     return constraints
 
 
-def _without_data_parallel(sharding_types: Optional[List[str]], override: Mapping[str, List[str]], name: str,
+def _without_data_parallel(sharding_types: Optional[List[str]], override: Mapping[str, Any], name: str,
                            table: str) -> List[str]:
     """The allowed sharding types of table ``name`` (``sharding_types``; None: all) but ``data_parallel``.
 

@@ -48,6 +48,34 @@ def test_a_plan_written_by_a_run_shards_the_same_way(tmp_path, synthetic_schema:
         assert describe_plan(loaded) == describe_plan(planned)
 
 
+def test_a_plan_file_takes_each_tables_fbgemm_settings_its_own_or_the_global_ones(
+        tmp_path, synthetic_schema: DatasetSchema) -> None:
+    """A plan file holds no FBGEMM settings: each table gets those of the config as a planned one would, a table's
+    own ``sharding.table_constraints.<table>.fused_params`` over the global ``sharding.fused_params``
+    (``plan_file.with_constraint_settings``)."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+    from recsys_llm.train.sharding import FusedParamsConfig
+
+    init_distributed()
+    _, planned = shard_model(_task(synthetic_schema), torch.device("cpu"), 1, TABLE_WISE, OptimizerConfig(),
+                             batch_size=8)
+    path = str(tmp_path / "sharding_plan.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(describe_plan(planned))
+    own = {"t_item_id": {"fused_params": {"cache_load_factor": 0.05, "stochastic_rounding": True,
+                                          "bounds_check_mode": "none"}}}
+    sharding = ShardingConfig(plan_file=path, table_constraints=own, fused_params=FusedParamsConfig(
+        cache_load_factor=0.2, stochastic_rounding=False, bounds_check_mode="fatal"))
+    _, loaded = shard_model(_task(synthetic_schema), torch.device("cpu"), 1, sharding, OptimizerConfig(),
+                            batch_size=8)
+    assert describe_plan(loaded) == describe_plan(planned)
+    settings = {name: (p.cache_params.load_factor, p.stochastic_rounding, p.bounds_check_mode)
+                for module in loaded.plan.values() for name, p in module.items()}
+    assert settings.pop("t_item_id") == (0.05, True, BoundsCheckMode.NONE)
+    assert settings and set(settings.values()) == {(0.2, False, BoundsCheckMode.FATAL)}
+
+
 def _shard_as_written(schema_path: str, plan_path: str) -> Dict[str, Any]:
     init_distributed("cpu")
     schema = DatasetSchema.load(os.path.join(schema_path, "schema.json"))

@@ -580,3 +580,33 @@ def test_a_run_saved_before_fused_params_resumes_and_may_change_its_cache_and_bo
     with pytest.raises(ConfigError, match=r"sharding\.fused_params\.stochastic_rounding: None -> False"):
         check_resumable(load_config(None, ["model.name=fm", "train.run_dir=r",
                                            "sharding.fused_params.stochastic_rounding=false"]), path)
+
+
+def test_a_tables_own_cache_and_bounds_checks_may_change_on_a_resume_its_rounding_may_not(tmp_path) -> None:
+    """``sharding.table_constraints.<table>.fused_params`` resumes as the global ``sharding.fused_params`` does:
+    a table's cache size and bounds checks may be set, changed or dropped on a resume, its rounding of FP16
+    updates may not, nor the table's other constraints; the saved config reads back as the same settings."""
+    from recsys_llm.train.config import check_resumable, save_config
+    from recsys_llm.train.sharding import FusedParamsConfig
+
+    own = "sharding.table_constraints.t_item_id.fused_params"
+    run = ["model.name=fm", "train.run_dir=r", f"{own}.cache_load_factor=0.1", f"{own}.stochastic_rounding=false"]
+    path = str(tmp_path / "config.yaml")
+    saved = load_config(None, run)
+    save_config(saved, path)
+    assert load_config(path).sharding.table_constraints == saved.sharding.table_constraints == {
+        "t_item_id": {"fused_params": FusedParamsConfig(cache_load_factor=0.1, stochastic_rounding=False)}}
+    check_resumable(load_config(None, run), path)
+    check_resumable(load_config(None, [*run, f"{own}.cache_load_factor=0.05", f"{own}.bounds_check_mode=fatal",
+                                       "sharding.table_constraints.t_user_id.fused_params.cache_load_factor=0.3",
+                                       "sharding.table_constraints.t_user_id.fused_params.bounds_check_mode=none"]),
+                    path)
+    with pytest.raises(ConfigError, match=rf"{own}\.stochastic_rounding: False -> True"):
+        check_resumable(load_config(None, [*run, f"{own}.stochastic_rounding=true"]), path)
+    with pytest.raises(ConfigError, match=r"sharding\.table_constraints\.t_user_id\.fused_params\.stochastic_rounding: "
+                                          r"'<unset>' -> False"):
+        check_resumable(load_config(None, [*run, "sharding.table_constraints.t_user_id.fused_params."
+                                                 "stochastic_rounding=false"]), path)
+    with pytest.raises(ConfigError, match=r"sharding\.table_constraints\.t_item_id\.sharding_types: '<unset>' -> "):
+        check_resumable(load_config(None, [*run, "sharding.table_constraints.t_item_id.sharding_types=[table_wise]"]),
+                        path)

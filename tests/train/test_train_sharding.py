@@ -883,6 +883,9 @@ def test_a_plan_loadable_on_cpu_keeps_only_what_cpu_plans_take_table_by_table() 
     # the kernels' settings stay the run's own (the CPU kernels take the bounds checks and ignore the cache size)
     fused = FusedParamsConfig(cache_load_factor=0.1, stochastic_rounding=False, bounds_check_mode="fatal")
     assert loadable_on_cpu(dataclasses.replace(gpu_only, fused_params=fused)).fused_params == fused
+    own = {"t": {"compute_kernels": ["fused_uvm_caching"], "fused_params": {"cache_load_factor": 0.05}}}
+    assert loadable_on_cpu(ShardingConfig(table_constraints=own)).table_constraints == {
+        "t": {"compute_kernels": [], "fused_params": FusedParamsConfig(cache_load_factor=0.05)}}
 
 
 @pytest.mark.parametrize("limit, expected", [("1048576\n", 1048576), ("max\n", None), ("{physical_times_4}", None)])
@@ -1124,6 +1127,75 @@ class TestFusedParams:
         assert set(wide) == {"t_item_vector", "t_user"} and with_settings(wide)
         assert wide["t_item_vector"].sharding_types == ["column_wise", "table_column_wise"]
         assert wide["t_item_vector"].cache_params is not wide["t_user"].cache_params  # one CacheParams per table
+
+    def test_a_tables_own_settings_replace_the_global_ones_for_that_table_alone(self, synthetic_schema: DatasetSchema
+                                                                               ) -> None:
+        """``sharding.table_constraints.<table>.fused_params``: torchrec's per-table ``ParameterConstraints``; each
+        setting a table's block sets replaces the global one for that table, one it leaves at its default keeps the
+        global one, and the other tables keep the global ones."""
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+        def settings(constraint: Any) -> Any:
+            cache = constraint.cache_params.load_factor if constraint.cache_params else None
+            return cache, constraint.stochastic_rounding, constraint.bounds_check_mode
+
+        task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+        glob = FusedParamsConfig(cache_load_factor=0.2, stochastic_rounding=False, bounds_check_mode="fatal")
+        own = {"t_item_id": {"fused_params": {"cache_load_factor": 0.05, "stochastic_rounding": True,
+                                              "bounds_check_mode": "none"}},
+               "t_user_id": {"sharding_types": ["table_wise"], "fused_params": {"bounds_check_mode": "ignore"}}}
+        constraints = build_constraints(task, ShardingConfig(fused_params=glob, table_constraints=own))
+        assert settings(constraints["t_item_id"]) == (0.05, True, BoundsCheckMode.NONE)
+        assert settings(constraints["t_user_id"]) == (0.2, False, BoundsCheckMode.IGNORE)
+        assert constraints["t_user_id"].sharding_types == ["table_wise"]
+        others = [name for name in find_tables(task) if name not in own]
+        assert others and all(settings(constraints[name]) == (0.2, False, BoundsCheckMode.FATAL) for name in others)
+        # without global settings only the table with its own has a constraint (the others: the planner's defaults)
+        alone = build_constraints(task, ShardingConfig(table_constraints={"t_item_id": own["t_item_id"]}))
+        assert set(alone) == {"t_item_id"} and settings(alone["t_item_id"]) == (0.05, True, BoundsCheckMode.NONE)
+
+    def test_a_tables_own_settings_reach_the_plan_and_its_fbgemm_kernel(self, synthetic_schema: DatasetSchema
+                                                                        ) -> None:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+        init_distributed()
+        task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
+        own = {"t_item_id": {"fused_params": {"stochastic_rounding": False, "bounds_check_mode": "fatal",
+                                              "cache_load_factor": 0.5}}}
+        sharding = ShardingConfig(sharding_types=["table_wise"], table_constraints=own)
+        model, plan = shard_model(task, torch.device("cpu"), 1, sharding, OptimizerConfig(), batch_size=8)
+        shardings = {name: p for module in plan.plan.values() for name, p in module.items()}
+        assert shardings["t_item_id"].cache_params.load_factor == 0.5
+        assert shardings["t_item_id"].stochastic_rounding is False
+        assert shardings["t_item_id"].bounds_check_mode == BoundsCheckMode.FATAL
+        others = [p for name, p in shardings.items() if name != "t_item_id"]
+        assert others and all(p.cache_params is None and p.stochastic_rounding is None
+                              and p.bounds_check_mode is None for p in others)
+        kernels = {name: kernel.emb_module for _, kernel in embedding_kernels(model)
+                   for name in (config.name for config in kernel.config.embedding_tables)}
+        assert BoundsCheckMode(kernels["t_item_id"].bounds_check_mode_int) == BoundsCheckMode.FATAL
+        assert kernels["t_item_id"].stochastic_rounding is False
+        assert all(BoundsCheckMode(kernels[name].bounds_check_mode_int) == BoundsCheckMode.WARNING
+                   and kernels[name].stochastic_rounding is True for name in shardings if name != "t_item_id")
+
+    def test_a_tables_own_settings_are_checked_naming_their_full_key(self) -> None:
+        key = r"sharding\.table_constraints\.t_item_id\.fused_params"
+        for settings, message in (
+                ({"cache_load_factor": 1}, rf"^{key}\.cache_load_factor must be a finite number >= 0 and < 1, got 1"),
+                ({"bounds_check_mode": "strict"}, rf"^{key}\.bounds_check_mode must be '' \(FBGEMM's default\)"),
+                ({"stochastic_rounding": "maybe"}, rf"^{key}\.stochastic_rounding: expected true/false, got 'maybe'"),
+                ({"cache_size": 0.1}, rf"^{key}: unknown keys \['cache_size'\]; allowed: \['bounds_check_mode', "
+                                      r"'cache_load_factor', 'stochastic_rounding'\]"),
+                (0.1, rf"^{key}: expected a mapping, got 0.1")):
+            with pytest.raises(ValueError, match=message):
+                ShardingConfig(table_constraints={"t_item_id": {"fused_params": settings}})
+        with pytest.raises(ValueError, match=r"^sharding\.table_constraints\.t_item_id: unknown keys \['cache'\]; "
+                                             r"allowed: \['compute_kernels', 'fused_params', 'sharding_types'\]"):
+            ShardingConfig(table_constraints={"t_item_id": {"cache": {"cache_load_factor": 0.1}}})
+        parsed = ShardingConfig(table_constraints={"t": {"fused_params": {"stochastic_rounding": "false"},
+                                                         "sharding_types": "table_wise"}})
+        assert parsed.table_constraints == {"t": {"fused_params": FusedParamsConfig(stochastic_rounding=False),
+                                                  "sharding_types": ["table_wise"]}}
 
     @pytest.mark.parametrize("mode", ["fatal", "warning", "ignore", "none"])
     def test_each_bounds_check_mode_is_fbgemms_of_that_name(self, mode: str) -> None:
