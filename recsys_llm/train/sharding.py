@@ -323,6 +323,10 @@ class ShardingConfig:
         check_number("sharding.storage_reservation", self.storage_reservation, minimum=0, below=1)
         if self.compute_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"sharding.compute_device must be 'auto', 'cpu' or 'cuda', got {self.compute_device!r}")
+        if self.fused_params is None or isinstance(self.fused_params, Mapping):
+            # a config built in Python with a mapping (as a table's own fused_params may be): checked and held as
+            # a FusedParamsConfig, which a table's own settings fall back to (fused_params_of)
+            self.fused_params = build_dataclass(FusedParamsConfig, self.fused_params, FUSED_PARAMS_KEY)
         self.table_constraints = {table: _table_overrides(table, overrides)
                                   for table, overrides in self.table_constraints.items()}
         for key, known in (("sharding_types", SHARDING_TYPES), ("compute_kernels", COMPUTE_KERNELS)):

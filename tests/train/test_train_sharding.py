@@ -1197,6 +1197,21 @@ class TestFusedParams:
         assert parsed.table_constraints == {"t": {"fused_params": FusedParamsConfig(stochastic_rounding=False),
                                                   "sharding_types": ["table_wise"]}}
 
+    def test_global_settings_given_as_a_mapping_in_python_are_held_as_a_fused_params_config(self) -> None:
+        """A config built in Python may give ``fused_params`` as a mapping, as a table's own may be: it is checked
+        and held as a ``FusedParamsConfig``, which a table's own settings fall back to."""
+        sharding = ShardingConfig(fused_params={"bounds_check_mode": "fatal", "stochastic_rounding": False},
+                                  table_constraints={"t": {"fused_params": {"cache_load_factor": 0.05}}})
+        assert sharding.fused_params == FusedParamsConfig(stochastic_rounding=False, bounds_check_mode="fatal")
+        assert sharding.fused_params_of("t") == FusedParamsConfig(cache_load_factor=0.05, stochastic_rounding=False,
+                                                                  bounds_check_mode="fatal")
+        assert sharding.fused_params_of("u") == sharding.fused_params
+        assert ShardingConfig(fused_params=None).fused_params == FusedParamsConfig()
+        with pytest.raises(ValueError, match=r"^sharding\.fused_params\.bounds_check_mode must be ''"):
+            ShardingConfig(fused_params={"bounds_check_mode": "strict"})
+        with pytest.raises(ValueError, match=r"^sharding\.fused_params: unknown keys \['cache'\]"):
+            ShardingConfig(fused_params={"cache": 0.1})
+
     @pytest.mark.parametrize("mode", ["fatal", "warning", "ignore", "none"])
     def test_each_bounds_check_mode_is_fbgemms_of_that_name(self, mode: str) -> None:
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
