@@ -610,3 +610,26 @@ def test_a_tables_own_cache_and_bounds_checks_may_change_on_a_resume_its_roundin
     with pytest.raises(ConfigError, match=r"sharding\.table_constraints\.t_item_id\.sharding_types: '<unset>' -> "):
         check_resumable(load_config(None, [*run, "sharding.table_constraints.t_item_id.sharding_types=[table_wise]"]),
                         path)
+
+
+def test_a_star_part_of_an_ignored_section_stands_for_any_one_table() -> None:
+    """``config_differences``' ``ignore`` takes a section with a ``*`` part (``sharding.table_constraints.*.fused_params``):
+    every setting inside it, of every table, is left out, and nothing beside it (a table's other constraints)."""
+    own = "sharding.table_constraints.{}.fused_params.{}"
+    saved = load_config(None, ["model.name=fm", own.format("t_item_id", "stochastic_rounding=false")])
+    current = load_config(None, ["model.name=fm", own.format("t_item_id", "stochastic_rounding=true"),
+                                 own.format("t_user_id", "cache_load_factor=0.3"),
+                                 "sharding.table_constraints.t_user_id.sharding_types=[table_wise]"])
+    assert config_differences(saved, current, ["sharding.table_constraints.*.fused_params"]) == [
+        "sharding.table_constraints.t_user_id.sharding_types: '<unset>' -> ['table_wise']"]
+    assert config_differences(saved, current, ["sharding.table_constraints.*"]) == []
+    assert config_differences(saved, current, ["sharding.table_constraints.*.fused_params.stochastic_rounding"]) == [
+        "sharding.table_constraints.t_user_id.fused_params.bounds_check_mode: '<unset>' -> ''",
+        "sharding.table_constraints.t_user_id.fused_params.cache_load_factor: '<unset>' -> 0.3",
+        "sharding.table_constraints.t_user_id.sharding_types: '<unset>' -> ['table_wise']"]
+    # a ``*`` stands for exactly one part (not several: a table's settings are not the global ones), and a part
+    # matches a whole part of the key, not its beginning
+    everything = config_differences(saved, current)
+    assert len(everything) == 4
+    assert config_differences(saved, current, ["sharding.*.cache_load_factor", "sharding.table_constraints.*.fused",
+                                               "sharding.table_constraints.t_user_id.sharding"]) == everything

@@ -1192,6 +1192,10 @@ class TestFusedParams:
         with pytest.raises(ValueError, match=r"^sharding\.table_constraints\.t_item_id: unknown keys \['cache'\]; "
                                              r"allowed: \['compute_kernels', 'fused_params', 'sharding_types'\]"):
             ShardingConfig(table_constraints={"t_item_id": {"cache": {"cache_load_factor": 0.1}}})
+        # a table's block that is no mapping is named as such (not read as a set of unknown keys)
+        with pytest.raises(ValueError, match=r"^sharding\.table_constraints\.t_item_id: expected a mapping, "
+                                             r"got \['table_wise'\]$"):
+            ShardingConfig(table_constraints={"t_item_id": ["table_wise"]})
         parsed = ShardingConfig(table_constraints={"t": {"fused_params": {"stochastic_rounding": "false"},
                                                          "sharding_types": "table_wise"}})
         assert parsed.table_constraints == {"t": {"fused_params": FusedParamsConfig(stochastic_rounding=False),
