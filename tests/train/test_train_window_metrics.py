@@ -133,29 +133,35 @@ class _Recording(WindowedTrainMetrics):
         return super().update(logits, labels, weights)
 
 
+def _one_rank_deepfm(schema: Any) -> Tuple[Any, Any, Any]:
+    """``(context, sharded model, optimizer)`` of the smoke DeepFM on one CPU rank, tables planned by default."""
+    from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+    from recsys_llm.models.task import CTRTask
+    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("meta")))
+    model, _ = shard_model(task, ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=64)
+    return ctx, model, build_optimizer(model, OptimizerConfig())
+
+
 def _steps_handed_to_the_metrics(schema_path: str) -> Dict[str, Any]:
     import dataclasses
 
     from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.data.schema import DatasetSchema
-    from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
-    from recsys_llm.models.task import CTRTask
     from recsys_llm.train.pipeline import train_epoch
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
 
     schema = DatasetSchema.load(schema_path)
-    ctx = init_distributed("cpu")
-    torch.manual_seed(0)
-    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("meta")))
-    model, _ = shard_model(task, ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=64)
+    ctx, model, optimizer = _one_rank_deepfm(schema)
     batches = list(ParquetBatchReader(schema, "train", 64))[:5]
     # a weight per batch that tells them apart: the pipeline runs a step behind the batches it has pulled
     batches = [dataclasses.replace(b, extras={**b.extras, LABEL_WEIGHT_KEY: torch.full((64,), float(i + 1))})
                for i, b in enumerate(batches)]
     metrics = _Recording()
-    train_epoch(model, build_optimizer(model, OptimizerConfig()), batches, ctx.device, progress=False,
-                window_metrics=metrics)
+    train_epoch(model, optimizer, batches, ctx.device, progress=False, window_metrics=metrics)
     return {"labels": [b.labels for b in batches], "seen": metrics.seen, "steps": metrics.steps}
 
 
@@ -231,10 +237,7 @@ def _bar_postfixes(schema_path: str) -> List[Dict[str, str]]:
 
     from recsys_llm.data.parquet import ParquetBatchReader
     from recsys_llm.data.schema import DatasetSchema
-    from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
-    from recsys_llm.models.task import CTRTask
     from recsys_llm.train import pipeline
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
 
     postfixes: List[Dict[str, str]] = []
 
@@ -245,14 +248,10 @@ def _bar_postfixes(schema_path: str) -> List[Dict[str, str]]:
 
     pipeline.tqdm = Recording
     schema = DatasetSchema.load(schema_path)
-    ctx = init_distributed("cpu")
-    torch.manual_seed(0)
-    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], schema, device=torch.device("meta")))
-    model, _ = shard_model(task, ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=64)
+    ctx, model, optimizer = _one_rank_deepfm(schema)
     batches = list(ParquetBatchReader(schema, "train", 64))[:40]
     metrics = WindowedTrainMetrics(window=256, every=3, batch_size=64, world_size=1, rank=0, device=ctx.device)
-    pipeline.train_epoch(model, build_optimizer(model, OptimizerConfig()), batches, ctx.device, progress=True,
-                         window_metrics=metrics)
+    pipeline.train_epoch(model, optimizer, batches, ctx.device, progress=True, window_metrics=metrics)
     return postfixes
 
 
