@@ -323,10 +323,9 @@ class ShardingConfig:
         check_number("sharding.storage_reservation", self.storage_reservation, minimum=0, below=1)
         if self.compute_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"sharding.compute_device must be 'auto', 'cpu' or 'cuda', got {self.compute_device!r}")
-        if self.fused_params is None or isinstance(self.fused_params, Mapping):
-            # a config built in Python with a mapping (as a table's own fused_params may be): checked and held as
-            # a FusedParamsConfig, which a table's own settings fall back to (fused_params_of)
-            self.fused_params = build_dataclass(FusedParamsConfig, self.fused_params, FUSED_PARAMS_KEY)
+        # a config built in Python may give a mapping (as a table's own fused_params may be): checked and held as
+        # a FusedParamsConfig, which a table's own settings fall back to (fused_params_of)
+        self.fused_params = _as_fused_params(self.fused_params, FUSED_PARAMS_KEY)
         self.table_constraints = {table: _table_overrides(table, overrides)
                                   for table, overrides in self.table_constraints.items()}
         for key, known in (("sharding_types", SHARDING_TYPES), ("compute_kernels", COMPUTE_KERNELS)):
@@ -365,14 +364,23 @@ def _table_overrides(table: str, overrides: Any) -> Dict[str, Any]:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown, key=str)}; allowed: {list(TABLE_CONSTRAINT_KEYS)}")
     checked: Dict[str, Any] = {}
     for key, value in overrides.items():
-        if key != "fused_params":
-            checked[key] = coerce_value(value, List[str], f"{where}.{key}")
-        elif isinstance(value, FusedParamsConfig):
-            checked[key] = value
+        if key == "fused_params":
+            checked[key] = _as_fused_params(value, f"{where}.fused_params")
         else:
-            checked[key] = build_dataclass(FusedParamsConfig, value, f"{where}.fused_params",
-                                           init_vars={"config_key": f"{where}.fused_params"})
+            checked[key] = coerce_value(value, List[str], f"{where}.{key}")
     return checked
+
+
+def _as_fused_params(value: Any, key: str) -> FusedParamsConfig:
+    """``value`` as a checked :class:`FusedParamsConfig`: as it is, or built from a mapping (None: the defaults),
+    its errors naming ``key`` (``sharding.fused_params`` or a table's ``...<table>.fused_params``).
+
+    Raises:
+        ConfigError: not a mapping, an unknown key, or a value of the wrong type or out of range.
+    """
+    if isinstance(value, FusedParamsConfig):
+        return value
+    return build_dataclass(FusedParamsConfig, value, key, init_vars={"config_key": key})
 
 
 def _plan_on_rank_0(make_plan: Callable[[], ShardingPlan]) -> Tuple[Optional[ShardingPlan], Optional[Tuple[str, str]]]:
