@@ -37,7 +37,7 @@ from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.schema import UniqueKeyLoader, read_utf8_text, schema_file
 from recsys_llm.error_text import one_line
 from recsys_llm.models.registry import ModelConfig
-from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig
+from recsys_llm.train.sharding import FusedParamsConfig, OptimizerConfig, ShardingConfig
 from recsys_llm.typed_config import ConfigError, build_dataclass
 
 if TYPE_CHECKING:  # the plug-in configs, imported where their sections are parsed
@@ -498,9 +498,13 @@ def _with_plugin_defaults(config: ExperimentConfig) -> Dict[str, Any]:
 
 
 def _comparable(config: ExperimentConfig) -> Dict[str, Any]:
-    """Dotted key -> value, plug-in defaults filled in and paths resolved (``data.schema`` may
-    name the data directory)."""
+    """Dotted key -> value, plug-in defaults filled in, paths resolved (``data.schema`` may
+    name the data directory) and a table's fused_params left at their defaults left out."""
     flat = _flatten(_with_plugin_defaults(config))
+    unset = dataclasses.asdict(FusedParamsConfig())
+    for key in [key for key in flat if _key_within(key, "sharding.table_constraints.*.fused_params")]:
+        if flat[key] == unset[key.rsplit(".", 1)[1]]:  # left to the global setting: as if the block lacked it
+            del flat[key]
     for key, value in flat.items():
         if (key in PATH_KEYS or key.startswith("elec.entity_tables.")) and isinstance(value, str) and value:
             flat[key] = os.path.realpath(schema_file(value) if key == "data.schema" else value)

@@ -624,12 +624,22 @@ def test_a_star_part_of_an_ignored_section_stands_for_any_one_table() -> None:
         "sharding.table_constraints.t_user_id.sharding_types: '<unset>' -> ['table_wise']"]
     assert config_differences(saved, current, ["sharding.table_constraints.*"]) == []
     assert config_differences(saved, current, ["sharding.table_constraints.*.fused_params.stochastic_rounding"]) == [
-        "sharding.table_constraints.t_user_id.fused_params.bounds_check_mode: '<unset>' -> ''",
         "sharding.table_constraints.t_user_id.fused_params.cache_load_factor: '<unset>' -> 0.3",
         "sharding.table_constraints.t_user_id.sharding_types: '<unset>' -> ['table_wise']"]
     # a ``*`` stands for exactly one part (not several: a table's settings are not the global ones), and a part
     # matches a whole part of the key, not its beginning
     everything = config_differences(saved, current)
-    assert len(everything) == 4
+    assert len(everything) == 3
     assert config_differences(saved, current, ["sharding.*.cache_load_factor", "sharding.table_constraints.*.fused",
                                                "sharding.table_constraints.t_user_id.sharding"]) == everything
+
+
+def test_a_new_table_block_differs_only_by_what_it_sets() -> None:
+    """A table's fused_params block that only one config has lists the settings it sets, not the ones it leaves
+    unset (``bounds_check_mode`` ``''``, ``stochastic_rounding`` ``None``); set to a value, each one is listed."""
+    own = "sharding.table_constraints.t_user_id.fused_params."
+    saved = load_config(None, ["model.name=fm"])
+    assert config_differences(saved, load_config(None, ["model.name=fm", f"{own}cache_load_factor=0.1"])) == [
+        f"{own}cache_load_factor: '<unset>' -> 0.1"]
+    assert config_differences(load_config(None, ["model.name=fm", f"{own}bounds_check_mode=fatal"]), saved) == [
+        f"{own}bounds_check_mode: 'fatal' -> '<unset>'"]
