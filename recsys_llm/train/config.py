@@ -499,11 +499,13 @@ def _with_plugin_defaults(config: ExperimentConfig) -> Dict[str, Any]:
 
 def _comparable(config: ExperimentConfig) -> Dict[str, Any]:
     """Dotted key -> value, plug-in defaults filled in, paths resolved (``data.schema`` may
-    name the data directory) and a table's fused_params left at their defaults left out."""
+    name the data directory) and a table's fused_params that change nothing (left unset, or set as the global
+    ones are) left out."""
     flat = _flatten(_with_plugin_defaults(config))
     unset = dataclasses.asdict(FusedParamsConfig())
     for key in [key for key in flat if _key_within(key, "sharding.table_constraints.*.fused_params")]:
-        if flat[key] == unset[key.rsplit(".", 1)[1]]:  # left to the global setting: as if the block lacked it
+        setting = key.rsplit(".", 1)[1]
+        if flat[key] in (unset[setting], flat[f"sharding.fused_params.{setting}"]):  # the global setting's effect
             del flat[key]
     for key, value in flat.items():
         if (key in PATH_KEYS or key.startswith("elec.entity_tables.")) and isinstance(value, str) and value:

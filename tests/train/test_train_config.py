@@ -643,3 +643,16 @@ def test_a_new_table_block_differs_only_by_what_it_sets() -> None:
         f"{own}cache_load_factor: '<unset>' -> 0.1"]
     assert config_differences(load_config(None, ["model.name=fm", f"{own}bounds_check_mode=fatal"]), saved) == [
         f"{own}bounds_check_mode: 'fatal' -> '<unset>'"]
+
+
+def test_a_table_setting_that_repeats_the_global_one_is_no_difference() -> None:
+    """A table's fused_params set as the global ones are change nothing, so a resume that adds them is no other
+    run; a table setting that differs from the global one still counts."""
+    own = "sharding.table_constraints.t_user_id.fused_params."
+    saved = load_config(None, ["model.name=fm", "sharding.fused_params.stochastic_rounding=false"])
+    same = load_config(None, ["model.name=fm", "sharding.fused_params.stochastic_rounding=false",
+                              f"{own}stochastic_rounding=false"])
+    assert config_differences(saved, same) == []
+    other = load_config(None, ["model.name=fm", "sharding.fused_params.stochastic_rounding=false",
+                               f"{own}stochastic_rounding=true"])
+    assert config_differences(saved, other) == [f"{own}stochastic_rounding: '<unset>' -> True"]
