@@ -545,7 +545,8 @@ def shard_for_training(task: Any, device: Any, batch_size: int) -> Tuple[Any, An
     Returns:
         Tuple: ``(DMP model, combined optimizer)``.
     """
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+    from recsys_llm.train.sharding import build_optimizer, shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
     optim = OptimizerConfig()
     model, _ = shard_model(task, device, 1, ShardingConfig(), optim, batch_size)

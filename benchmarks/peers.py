@@ -289,7 +289,7 @@ def project_config(sizes: Sizes):
     """The experiment config of the project's DeepFM (what ``recsys-llm train`` would read)."""
     from recsys_llm.models.registry import ModelConfig
     from recsys_llm.train.config import DataConfig, ExperimentConfig
-    from recsys_llm.train.sharding import OptimizerConfig
+    from recsys_llm.train.sharding_config import OptimizerConfig
 
     return ExperimentConfig(
         data=DataConfig(batch_size=sizes.batch_size),

@@ -399,7 +399,8 @@ def tables_rank(rank: int, sizes: Sizes, ports: Any, out_dir: str, seed: int) ->
     from benchmarks.train_throughput import Sizes as ThroughputSizes
     from benchmarks.train_throughput import make_batches, make_schema
     from recsys_llm.train.distributed import init_distributed, teardown_distributed
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+    from recsys_llm.train.sharding import build_optimizer, shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
     torch.set_num_threads(1)
     context = init_distributed("cpu")

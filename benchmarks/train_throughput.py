@@ -269,7 +269,7 @@ def project_config(sizes: Sizes, lr: Dict[str, float], embedding_dtype: str = "f
     ``embedding_dtype``, fused RowWiseAdagrad (tables) and Adam (dense) at ``lr``."""
     from recsys_llm.models.registry import ModelConfig
     from recsys_llm.train.config import DataConfig, ExperimentConfig
-    from recsys_llm.train.sharding import OptimizerConfig
+    from recsys_llm.train.sharding_config import OptimizerConfig
 
     return ExperimentConfig(
         data=DataConfig(batch_size=sizes.batch_size),

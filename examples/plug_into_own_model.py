@@ -60,7 +60,8 @@ from recsys_llm.serving import ServedModel, export_task, materialize_meta, sub_s
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
-from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+from recsys_llm.train.sharding import build_optimizer, shard_model
+from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
 from offline_llm_jobs import LLM_DIM, offline_outputs  # next to this script
 

@@ -112,7 +112,7 @@ def test_the_guides_recipe_for_torchrecs_deepfm_gives_its_logits_and_shards_once
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from recsys_llm.models.base import CTRBackbone
-    from recsys_llm.train.sharding import find_tables
+    from recsys_llm.train.planner_inputs import find_tables
     from recsys_llm.models.task import CTRTask
 
     blocks = [b for b in re.findall(r"```python\n(.*?)```", _read("docs", "usage.md"), re.S) if "DeepFMBackbone" in b]

@@ -592,7 +592,8 @@ def test_files_of_two_exports_copied_together_are_refused(tmp_path):
 
 def _dmp_export(directory: str):
     from recsys_llm.train.distributed import init_distributed
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+    from recsys_llm.train.sharding import shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
     ctx = init_distributed("cpu")
     model, _ = shard_model(build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=torch.device("meta")), ctx.device, 1,

@@ -281,7 +281,8 @@ def test_sharded_fp16_tables_pool_the_readers_float32_weights_unrounded() -> Non
     from torchrec.modules.embedding_configs import DataType
 
     from recsys_llm.train.distributed import init_distributed
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+    from recsys_llm.train.sharding import shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
     init_distributed()
     torch.manual_seed(0)

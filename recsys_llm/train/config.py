@@ -37,7 +37,7 @@ from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.schema import UniqueKeyLoader, read_utf8_text, schema_file
 from recsys_llm.error_text import one_line
 from recsys_llm.models.registry import ModelConfig
-from recsys_llm.train.sharding import FusedParamsConfig, OptimizerConfig, ShardingConfig
+from recsys_llm.train.sharding_config import FusedParamsConfig, OptimizerConfig, ShardingConfig
 from recsys_llm.typed_config import ConfigError, build_dataclass
 
 if TYPE_CHECKING:  # the plug-in configs, imported where their sections are parsed

@@ -84,12 +84,12 @@ def read_plan_file(path: str, tables: Mapping[str, Any], world_size: int, local_
 
     Args:
         path (str): a ``sharding_plan.json`` (table -> module, sharding type, compute kernel, ranks, shards).
-        tables (Mapping[str, Any]): :func:`recsys_llm.train.sharding.find_tables` of the model.
+        tables (Mapping[str, Any]): :func:`recsys_llm.train.planner_inputs.find_tables` of the model.
         world_size (int): ranks of the job.
         local_world_size (int): ranks per host.
         device_type (str): ``cpu`` or ``cuda``.
         constraints (Mapping[str, ParameterConstraints]): the tables' constraints
-            (:func:`recsys_llm.train.sharding.build_constraints`): a placement they do not allow is refused.
+            (:func:`recsys_llm.train.planner_inputs.build_constraints`): a placement they do not allow is refused.
 
     Returns:
         ShardingPlan: the file's placements; each table's shards, ranks and kernel as the file gives them.

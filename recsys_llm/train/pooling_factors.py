@@ -29,7 +29,7 @@ def table_pooling_factors(tables: Mapping[str, Tuple[str, Any]],
     sparse field's one id, or a feature not read from the data).
 
     Args:
-        tables (Mapping[str, Tuple[str, Any]]): :func:`recsys_llm.train.sharding.find_tables` of the model
+        tables (Mapping[str, Tuple[str, Any]]): :func:`recsys_llm.train.planner_inputs.find_tables` of the model
             (table -> module path, EmbeddingBagCollection).
         ids_per_bag (Mapping[str, float]): feature (field) -> mean ids per bag.
 

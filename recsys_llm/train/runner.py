@@ -116,9 +116,10 @@ from recsys_llm.train.run_records import (
     strict_json,
 )
 from recsys_llm.train.plan_report import describe_plan, plan_line, weights_text
+from recsys_llm.train.planner_inputs import find_tables, table_weights
 from recsys_llm.train.pooling_factors import planned_without_pooling_factors, table_pooling_factors
 from recsys_llm.train.qcomms import comms_text
-from recsys_llm.train.sharding import build_optimizer, find_tables, shard_model, table_weights
+from recsys_llm.train.sharding import build_optimizer, shard_model
 from recsys_llm.train.task_builder import (
     BuiltTask,
     build_task,

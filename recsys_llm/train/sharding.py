@@ -1,13 +1,15 @@
 """Planner + DistributedModelParallel + fused table optimizers + dense optimizer.
 
 The recipe torchrec's own DLRM example follows, packaged so every task of the
-project (plain backbones, LLaCTR, ELEC teacher-student pairs) is sharded the same way:
+project (plain backbones, LLaCTR, ELEC teacher-student pairs) is sharded the same way
+(its settings: :mod:`recsys_llm.train.sharding_config`; what the planner is given:
+:mod:`recsys_llm.train.planner_inputs`):
 
 1. fused table optimizers are attached to every trainable EBC table with
    ``_apply_optimizer_in_backward`` *before* sharding, so the sharder builds FBGEMM
    TBEs that update the rows inside the backward pass (no gradient tensors for tables);
 2. ``EmbeddingShardingPlanner`` proposes a plan for a ``Topology(world_size, compute_device)``
-   built by torchrec's ``TopologyFactory`` (``build_topology``),
+   built by torchrec's ``TopologyFactory`` (``planner_inputs.build_topology``),
    optionally constrained per table (sharding types, compute kernels);
 3. ``DistributedModelParallel`` shards the EBCs and materialises any table that was
    created on the ``meta`` device shard by shard (each rank allocates only its own shards; a
@@ -44,87 +46,55 @@ Example::
 """
 
 import contextlib
-import dataclasses
 import os
 import re
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import optim as trec_optim
 from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingBag
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
+from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-from torchrec.distributed.planner.types import (
-    HardwareConfig,
-    KernelConfig,
-    ParameterConstraints,
-    PlannerError,
-    PlannerErrorType,
-    Proposer,
-    TopologyFactory,
-    TrainerConfig,
-)
-from torchrec.distributed.types import CacheParams, ShardingPlan
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, PlannerErrorType
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from recsys_llm.data.validation import check_number
-from recsys_llm.host_memory import host_memory
 from recsys_llm.models.embedding import FILLED_BEFORE_SHARDING
 from recsys_llm.modules.random_stream import give_rank_its_own_stream
 from recsys_llm.train.dense_reduction import ONE_BUCKET_MB, reduce_in_parameter_order
 from recsys_llm.train.plan_file import read_plan_file, with_constraint_settings
 from recsys_llm.train.plan_report import table_placements
-from recsys_llm.train.pooling_factors import ONE_ID_PER_BAG, table_pooling_factors
-from recsys_llm.train.qcomms import QCommsSettings, qcomm_sharders
-from recsys_llm.typed_config import ConfigError, build_dataclass, coerce_value
-
-SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
-    "row_wise_adagrad": trec_optim.RowWiseAdagrad,
-    "adagrad": trec_optim.Adagrad,
-    "adam": trec_optim.Adam,
-    "sgd": trec_optim.SGD,
-}
-# the fused table optimizers FBGEMM's CPU kernels implement (exact row-wise Adagrad, Adagrad, SGD)
-CPU_SPARSE_OPTIMIZERS = frozenset({"row_wise_adagrad", "adagrad", "sgd"})
-# the table optimizers for tables without a fused kernel (torchrec.optim's SGD, Adagrad and
-# Adam are placeholders that only name a fused FBGEMM optimizer)
-UNFUSED_SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
-    "row_wise_adagrad": trec_optim.RowWiseAdagrad,
-    "adagrad": torch.optim.Adagrad,
-    "adam": torch.optim.Adam,
-    "sgd": torch.optim.SGD,
-}
-DENSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adagrad": torch.optim.Adagrad,
-    "sgd": torch.optim.SGD,
-}
-# devices on which torch's fused (single-kernel) implementation of each dense optimizer exists
-FUSED_DENSE_DEVICES: Dict[str, FrozenSet[str]] = {
-    "adam": frozenset({"cpu", "cuda"}),
-    "adagrad": frozenset({"cpu"}),
-    "sgd": frozenset({"cpu", "cuda"}),
-}
-SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise", "table_column_wise")
-CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")  # torchrec 1.8's CPU sharder
-COMPUTE_KERNELS = ("dense", "fused", "fused_uvm_caching", "fused_uvm")
-# rows in host memory reached over unified memory (with an HBM cache of hot rows): CUDA only
-CUDA_ONLY_KERNELS = ("fused_uvm_caching", "fused_uvm")
-# FBGEMM's CUDA embedding kernels take tables of at most this many columns (fbgemm_gpu codegen's
-# max_embedding_dim); a wider table trains on CUDA only split by columns (torchrec's column-wise
-# shards are of equal width, at least 128, dividing the table's: check_shard_widths)
-FBGEMM_CUDA_MAX_DIM = 2048
-COLUMN_SHARDING_TYPES = ("column_wise", "table_column_wise")
+from recsys_llm.train.planner_inputs import (
+    build_constraints,
+    build_topology,
+    find_tables,
+    frozen_table_names,
+    planner_host_memory,
+    planner_proposers,
+)
+from recsys_llm.train.qcomms import qcomm_sharders
+from recsys_llm.train.sharding_config import (
+    COMPUTE_KERNELS,
+    CPU_SHARDING_TYPES,
+    CPU_SPARSE_OPTIMIZERS,
+    CUDA_ONLY_KERNELS,
+    DENSE_OPTIMIZERS,
+    FBGEMM_CUDA_MAX_DIM,
+    FUSED_DENSE_DEVICES,
+    SHARDING_TYPES,
+    SPARSE_OPTIMIZERS,
+    UNFUSED_SPARSE_OPTIMIZERS,
+    OptimizerConfig,
+    ShardingConfig,
+)
 
 
 def _sharder_kernels(sharding_type: str, compute_device: str) -> Tuple[str, ...]:
@@ -136,251 +106,6 @@ def _sharder_kernels(sharding_type: str, compute_device: str) -> Tuple[str, ...]
     if compute_device == "cpu":
         return ("fused",) if sharding_type in CPU_SHARDING_TYPES else ()
     return ("fused",) + CUDA_ONLY_KERNELS
-
-
-@dataclasses.dataclass
-class OptimizerConfig:
-    """Table (fused, in-backward) and dense optimizers.
-
-    Args:
-        sparse (str): ``row_wise_adagrad`` | ``adagrad`` | ``adam`` | ``sgd`` for EBC tables
-            (fused into the backward; replicated tables run it as a torch optimizer).
-        sparse_lr (float): learning rate of the table optimizer.
-        dense (str): ``adam`` | ``adagrad`` | ``sgd`` for everything else.
-        dense_lr (float): learning rate of the dense optimizer.
-        eps (float): epsilon of Adagrad/Adam (tables and dense).
-        weight_decay (float): L2 weight decay of the dense parameters (tables take none: FBGEMM's
-            fused CPU kernels ignore it, and a table must train alike whatever its placement).
-    """
-
-    sparse: str = "row_wise_adagrad"
-    sparse_lr: float = 0.05
-    dense: str = "adam"
-    dense_lr: float = 1e-3
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.sparse not in SPARSE_OPTIMIZERS:
-            raise ValueError(f"optim.sparse must be one of {sorted(SPARSE_OPTIMIZERS)}, got {self.sparse!r}")
-        if self.dense not in DENSE_OPTIMIZERS:
-            raise ValueError(f"optim.dense must be one of {sorted(DENSE_OPTIMIZERS)}, got {self.dense!r}")
-        for name in ("sparse_lr", "dense_lr", "eps"):
-            check_number(f"optim.{name}", getattr(self, name), above=0)
-        check_number("optim.weight_decay", self.weight_decay, minimum=0)
-
-
-# proposals in a row rated worse than the best before a greedy proposer stops (ShardingConfig.proposer_patience)
-DEFAULT_PROPOSER_PATIENCE = 10
-# the share of a rank's memory the planner leaves free beyond its estimates (torchrec's default)
-DEFAULT_STORAGE_RESERVATION = 0.15
-# FusedParamsConfig.bounds_check_mode -> FBGEMM's mode ('': FBGEMM's default, WARNING)
-BOUNDS_CHECK_MODES: Dict[str, BoundsCheckMode] = {
-    "fatal": BoundsCheckMode.FATAL,
-    "warning": BoundsCheckMode.WARNING,
-    "ignore": BoundsCheckMode.IGNORE,
-    "none": BoundsCheckMode.NONE,
-}
-FUSED_PARAMS_KEY = "sharding.fused_params"  # the global FusedParamsConfig's dotted key
-# the keys of one table's block of sharding.table_constraints
-TABLE_CONSTRAINT_KEYS = ("compute_kernels", "fused_params", "sharding_types")
-
-
-@dataclasses.dataclass
-class FusedParamsConfig:
-    """FBGEMM table-batched-embedding settings of every table (torchrec's ``fused_params``).
-
-    They reach torchrec as per-table ``ParameterConstraints`` (``cache_params``,
-    ``stochastic_rounding``, ``bounds_check_mode``), the route torchrec 1.8 prefers to a sharder's
-    ``fused_params``: the planner prices them (a UVM-cached table's GPU memory follows its cache
-    size), writes them into each ``ParameterSharding`` of the plan, and DMP hands them to the
-    tables' FBGEMM kernels. A setting left at its default keeps torchrec's and FBGEMM's own.
-
-    Args:
-        cache_load_factor (float): for ``fused_uvm_caching`` tables (CUDA), the share of each
-            table's rows the GPU caches, strictly between 0 and 1 (0: torchrec's 0.2). Other kernels
-            ignore it.
-        stochastic_rounding (Optional[bool]): whether FBGEMM rounds the updates of FP16 tables
-            stochastically (``model.embedding_dtype=fp16``; CUDA kernels); None: FBGEMM's default
-            (True); False: round to nearest (repeatable).
-        bounds_check_mode (str): what FBGEMM does with an id outside its table: ``fatal`` (raise),
-            ``warning`` (log once, look up row 0), ``ignore`` (row 0), ``none`` (no check: fastest,
-            for ids known to be in range); '': FBGEMM's default (``warning``).
-        config_key (str): the dotted key of these settings that errors name (no setting itself):
-            ``sharding.fused_params``, or a table's ``sharding.table_constraints.<table>.fused_params``.
-
-    One table's own settings (``sharding.table_constraints.<table>.fused_params``) are a
-    ``FusedParamsConfig`` too: each one set there (not at its default) replaces the global one for that
-    table (:meth:`ShardingConfig.fused_params_of`).
-
-    Example::
-
-        fused = FusedParamsConfig(cache_load_factor=0.1, bounds_check_mode="fatal")
-        fused.constraint_kwargs()   # {"cache_params": CacheParams(load_factor=0.1), "bounds_check_mode": ...}
-    """
-
-    cache_load_factor: float = 0.0
-    stochastic_rounding: Optional[bool] = None
-    bounds_check_mode: str = ""
-    config_key: dataclasses.InitVar[str] = FUSED_PARAMS_KEY
-
-    def __post_init__(self, config_key: str) -> None:
-        # 0: torchrec's default; torchrec refuses a cache of every row (that is the 'fused' kernel)
-        check_number(f"{config_key}.cache_load_factor", self.cache_load_factor, minimum=0, below=1)
-        if self.bounds_check_mode not in ("", *BOUNDS_CHECK_MODES):
-            raise ValueError(f"{config_key}.bounds_check_mode must be '' (FBGEMM's default) or one of "
-                             f"{list(BOUNDS_CHECK_MODES)}, got {self.bounds_check_mode!r}")
-
-    def over(self, default: "FusedParamsConfig") -> "FusedParamsConfig":
-        """Each of these settings that is set (not at its default), ``default``'s where it is not: a table's own
-        settings over the global ones."""
-        return FusedParamsConfig(
-            cache_load_factor=self.cache_load_factor or default.cache_load_factor,
-            stochastic_rounding=default.stochastic_rounding if self.stochastic_rounding is None
-            else self.stochastic_rounding,
-            bounds_check_mode=self.bounds_check_mode or default.bounds_check_mode,
-        )
-
-    def constraint_kwargs(self) -> Dict[str, Any]:
-        """The set settings as keyword arguments of one table's ``ParameterConstraints`` (a fresh
-        ``CacheParams`` each call); empty when every setting is at its default."""
-        kwargs: Dict[str, Any] = {}
-        if self.cache_load_factor > 0:
-            kwargs["cache_params"] = CacheParams(load_factor=self.cache_load_factor)
-        if self.stochastic_rounding is not None:
-            kwargs["stochastic_rounding"] = self.stochastic_rounding
-        if self.bounds_check_mode:
-            kwargs["bounds_check_mode"] = BOUNDS_CHECK_MODES[self.bounds_check_mode]
-        return kwargs
-
-
-@dataclasses.dataclass
-class ShardingConfig:
-    """How the planner may place tables.
-
-    Args:
-        sharding_types (List[str]): sharding types allowed for every table (empty: planner's
-            choice). E.g. ``["table_wise", "row_wise"]`` forbids replication. torchrec's CPU
-            sharder offers data_parallel, table_wise, column_wise and table_column_wise only
-            (row-wise types need CUDA), so on CPU that example plans table-wise. On CUDA a
-            table wider than ``FBGEMM_CUDA_MAX_DIM`` may only be column-wise.
-        compute_kernels (List[str]): compute kernels allowed for trained tables (empty: any):
-            ``dense``, ``fused``, and on CUDA ``fused_uvm_caching`` / ``fused_uvm`` (tables larger
-            than GPU memory, kept in host memory, hot rows cached on the GPU / none cached).
-        table_constraints (Dict[str, Dict[str, Any]]): per table name, overrides of
-            ``sharding_types`` / ``compute_kernels`` (lists), and ``fused_params``: a mapping of
-            :class:`FusedParamsConfig`'s settings that replace the global ones for that table (a huge
-            ``fused_uvm_caching`` table with a small cache beside hot tables), as torchrec's per-table
-            ``ParameterConstraints`` set them. Held as lists and a ``FusedParamsConfig``.
-        frozen_tables (List[str]): table names that never train (see module docstring).
-        compute_device (str): ``auto`` | ``cpu`` | ``cuda`` for the planner's topology.
-        exact_dense_reduction (bool): on three or more ranks, all-reduce the dense gradients in
-            one bucket in parameter order (:class:`~recsys_llm.train.dense_reduction.CanonicalAllReduce`;
-            the gradients of replicated, ``data_parallel``, tables in parameter order too), so a resumed run goes on
-            bit for bit; False: DDP's own buckets, whose all-reduces overlap the backward but reduce
-            in another order after DDP rebuilds them, so a resume drifts in the last bits.
-        proposer_patience (int): torchrec's greedy proposers stop after this many proposals in a row
-            that rate worse than their best (``GreedyProposer(threshold=...)``); 0: they try every
-            option of every table (torchrec's default), a search whose time grows with the square of
-            the table count (500 tables on 2 ranks: 16 s, 0.9 s with 10; on 26 to 500 tables, 2 CPU
-            and 8 GPU ranks, the plans of 10 rated the same as the exhaustive ones).
-        fused_params (FusedParamsConfig): FBGEMM kernel settings of every table (UVM cache size,
-            stochastic rounding, bounds checks).
-        plan_file (str): a run's ``sharding_plan.json`` to shard as it says instead of planning
-            (:mod:`recsys_llm.train.plan_file`); '': the planner's plan.
-        storage_reservation (float): the share of each GPU's memory the planner keeps free beyond its
-            estimate of the dense parameters and batches (torchrec's ``HeuristicalStorageReservation``;
-            0.15, torchrec's default): lower it to fit larger tables where the estimate is known to be
-            generous, raise it where other work shares the GPU. torchrec reserves none of the host's
-            memory, so on CPU it changes nothing.
-        measure_pooling (bool): give the planner each multi-hot (sequence) feature's mean ids per bag, measured
-            on the training split (``ParameterConstraints.pooling_factors``; :mod:`recsys_llm.train.pooling_factors`),
-            so it prices the lookups and batches of those tables by the ids they pool; False: 1.0 for every
-            feature (torchrec's default, as runs were planned before this setting existed). A resume of a run
-            planned without them plans without them
-            (:func:`~recsys_llm.train.pooling_factors.planned_without_pooling_factors`).
-        qcomms (QCommsSettings): precision of the sharded tables' embedding all-to-all / reduce-scatter in the
-            forward and of their gradients in the backward (torchrec's ``QCommsConfig``,
-            :mod:`recsys_llm.train.qcomms`); ``fp16`` / ``bf16`` halve those bytes. Replicated tables and one
-            rank are unaffected.
-    """
-
-    sharding_types: List[str] = dataclasses.field(default_factory=list)
-    compute_kernels: List[str] = dataclasses.field(default_factory=list)
-    table_constraints: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
-    frozen_tables: List[str] = dataclasses.field(default_factory=list)
-    compute_device: str = "auto"
-    exact_dense_reduction: bool = True
-    proposer_patience: int = DEFAULT_PROPOSER_PATIENCE
-    fused_params: FusedParamsConfig = dataclasses.field(default_factory=FusedParamsConfig)
-    storage_reservation: float = DEFAULT_STORAGE_RESERVATION
-    plan_file: str = ""
-    measure_pooling: bool = True
-    qcomms: QCommsSettings = dataclasses.field(default_factory=QCommsSettings)
-
-    def __post_init__(self) -> None:
-        check_number("sharding.proposer_patience", self.proposer_patience, integer=True, minimum=0)
-        check_number("sharding.storage_reservation", self.storage_reservation, minimum=0, below=1)
-        if self.compute_device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"sharding.compute_device must be 'auto', 'cpu' or 'cuda', got {self.compute_device!r}")
-        # a config built in Python may give a mapping (as a table's own fused_params may be): checked and held as
-        # a FusedParamsConfig, which a table's own settings fall back to (fused_params_of)
-        self.fused_params = _as_fused_params(self.fused_params, FUSED_PARAMS_KEY)
-        self.table_constraints = {table: _table_overrides(table, overrides)
-                                  for table, overrides in self.table_constraints.items()}
-        for key, known in (("sharding_types", SHARDING_TYPES), ("compute_kernels", COMPUTE_KERNELS)):
-            for name, values in self.allowed_lists(key):
-                bad = [v for v in values if v not in known]
-                if bad:
-                    raise ValueError(f"{name}: unknown values {bad}; allowed: {list(known)}")
-
-    def fused_params_of(self, table: str) -> FusedParamsConfig:
-        """``table``'s FBGEMM settings: each one its ``table_constraints`` block's ``fused_params`` sets (not at
-        its default) over the global ``fused_params``."""
-        own = self.table_constraints.get(table, {}).get("fused_params")
-        return self.fused_params if own is None else own.over(self.fused_params)
-
-    def allowed_lists(self, key: str) -> List[Tuple[str, List[str]]]:
-        """``(config key, values)`` of ``key`` (``sharding_types`` or ``compute_kernels``): the
-        global list, then each table's override (empty where a table has none)."""
-        return [(f"sharding.{key}", getattr(self, key))] + [
-            (f"sharding.table_constraints.{table}.{key}", overrides.get(key, []))
-            for table, overrides in self.table_constraints.items()
-        ]
-
-
-def _table_overrides(table: str, overrides: Any) -> Dict[str, Any]:
-    """One table's block of ``sharding.table_constraints`` with its lists as lists of strings and its
-    ``fused_params`` as a :class:`FusedParamsConfig` (checked as the global one, errors naming the table's key).
-
-    Raises:
-        ValueError: not a mapping, an unknown key, or a value of the wrong type or out of range.
-    """
-    where = f"sharding.table_constraints.{table}"
-    if not isinstance(overrides, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {overrides!r}")
-    unknown = set(overrides) - set(TABLE_CONSTRAINT_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown, key=str)}; allowed: {list(TABLE_CONSTRAINT_KEYS)}")
-    checked: Dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key == "fused_params":
-            checked[key] = _as_fused_params(value, f"{where}.fused_params")
-        else:
-            checked[key] = coerce_value(value, List[str], f"{where}.{key}")
-    return checked
-
-
-def _as_fused_params(value: Any, key: str) -> FusedParamsConfig:
-    """``value`` as a checked :class:`FusedParamsConfig`: as it is, or built from a mapping (None: the defaults),
-    its errors naming ``key`` (``sharding.fused_params`` or a table's ``...<table>.fused_params``).
-
-    Raises:
-        ConfigError: not a mapping, an unknown key, or a value of the wrong type or out of range.
-    """
-    if isinstance(value, FusedParamsConfig):
-        return value
-    return build_dataclass(FusedParamsConfig, value, key, init_vars={"config_key": key})
 
 
 def _plan_on_rank_0(make_plan: Callable[[], ShardingPlan]) -> Tuple[Optional[ShardingPlan], Optional[Tuple[str, str]]]:
@@ -430,171 +155,6 @@ def _no_room_message(task: nn.Module, world_size: int, compute_device: str, capa
             f"{sum(sizes.values()) / 2**30:.2f} GiB in all, before optimizer state; the largest: {shown}{planned}); "
             f"use {more}, or smaller tables (fewer rows: --hash-size, the schema's cardinality; a smaller "
             f"model.embedding_dim) (torchrec: {first})")
-
-
-def planner_proposers(patience: int) -> List[Proposer]:
-    """torchrec's default proposers (grid search, greedy by depth and by sum, uniform), the greedy ones
-    stopping after ``patience`` proposals in a row rated worse than their best (0: never, as torchrec reads
-    a threshold of 0)."""
-    return [GridSearchProposer(), GreedyProposer(threshold=patience),
-            GreedyProposer(use_depth=False, threshold=patience), UniformProposer()]
-
-
-def loadable_on_cpu(sharding: ShardingConfig) -> ShardingConfig:
-    """``sharding`` without what only CUDA plans (row-wise types, unified-memory kernels; a list left empty
-    lets the planner choose; ``compute_device="cuda"`` becomes ``auto``), for loading a run trained on GPUs
-    on a CPU host: any plan re-cuts its checkpoint, and the tables are never stepped there."""
-    cpu_kernels = [kernel for kernel in COMPUTE_KERNELS if kernel not in CUDA_ONLY_KERNELS]
-    allowed = {"sharding_types": CPU_SHARDING_TYPES, "compute_kernels": cpu_kernels}
-
-    def on_cpu(key: str, values: List[str]) -> List[str]:
-        return [value for value in values if value in allowed[key]]
-
-    return dataclasses.replace(
-        sharding,
-        sharding_types=on_cpu("sharding_types", sharding.sharding_types),
-        compute_kernels=on_cpu("compute_kernels", sharding.compute_kernels),
-        table_constraints={table: {key: value if key == "fused_params" else on_cpu(key, value)
-                                   for key, value in overrides.items()}
-                           for table, overrides in sharding.table_constraints.items()},
-        compute_device="auto" if sharding.compute_device == "cuda" else sharding.compute_device,
-    )
-
-
-def find_tables(model: nn.Module) -> Dict[str, Tuple[str, EmbeddingBagCollection]]:
-    """Every EBC table of an unsharded model: table name -> (module path, EBC).
-
-    Raises:
-        ValueError: two EBCs define a table of the same name (the planner keys constraints by name),
-            or one EBC is registered under two module paths (e.g. a torchrec model kept whole
-            inside an adapter that also holds its EBC): DMP would shard it once, log errors for
-            the other path, and every gathered state dict and export would hold its tables twice.
-    """
-    paths: Dict[int, str] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, EmbeddingBagCollection):
-            first = paths.setdefault(id(module), path)
-            if first != path:
-                raise ValueError(
-                    f"one EmbeddingBagCollection is registered twice, at {first!r} and {path!r}; each table needs "
-                    "one path for the planner: register the wrapped model's other modules (its arches) instead of "
-                    "the whole model, as recsys_llm.models.dlrm.DLRMBackbone does for torchrec's DLRM"
-                )
-    tables: Dict[str, Tuple[str, EmbeddingBagCollection]] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, EmbeddingBagCollection):
-            for config in module.embedding_bag_configs():
-                if config.name in tables:
-                    raise ValueError(
-                        f"table name {config.name!r} is used by both {tables[config.name][0]!r} and {path!r}; "
-                        "table names must be unique across the model"
-                    )
-                tables[config.name] = (path, module)
-    return tables
-
-
-def table_weights(tables: Dict[str, Tuple[str, EmbeddingBagCollection]]) -> int:
-    """Weights of the tables of :func:`find_tables`, each table once (rows x dim summed over tables): every
-    table of an EBC names that EBC, so summing each entry's EBC counted an EBC of T tables T times."""
-    ebcs = {id(ebc): ebc for _, ebc in tables.values()}  # each EBC once
-    return sum(config.num_embeddings * config.embedding_dim
-               for ebc in ebcs.values() for config in ebc.embedding_bag_configs())
-
-
-def frozen_table_names(model: nn.Module, config: ShardingConfig) -> Set[str]:
-    """Tables listed in ``config.frozen_tables`` plus all tables of EBCs with ``frozen = True``.
-
-    Raises:
-        ValueError: a listed frozen table does not exist.
-    """
-    tables = find_tables(model)
-    missing = sorted(set(config.frozen_tables) - set(tables))
-    if missing:
-        raise ValueError(f"sharding.frozen_tables names unknown tables {missing}; tables: {sorted(tables)}")
-    frozen = set(config.frozen_tables)
-    frozen |= {name for name, (_, ebc) in tables.items() if getattr(ebc, "frozen", False)}
-    return frozen
-
-
-def build_constraints(
-    model: nn.Module, config: ShardingConfig, compute_device: str = "cpu",
-    ids_per_bag: Optional[Mapping[str, float]] = None,
-) -> Dict[str, ParameterConstraints]:
-    """Planner constraints per table from the config (frozen tables: fused kernel, never replicated;
-    trained FP16 tables: never replicated, as only the fused kernels step them with float32 optimizer
-    state; on CUDA, tables wider than FBGEMM's kernels take: split by columns; every table:
-    ``config.fused_params``, its own ``table_constraints`` block's over them), each with its features'
-    ``pooling_factors``: ``ids_per_bag`` (feature -> mean ids per bag,
-    :func:`~recsys_llm.data.ids_per_bag.mean_ids_per_bag`), 1.0 for a feature not in it.
-    A table left to the planner's defaults (no setting, one id per bag) gets no constraint.
-
-    Raises:
-        ValueError: unknown table names, a frozen table without the fused kernel or a sharded
-            type, an FP16 table allowed only ``data_parallel``, or on CUDA a table wider than
-            ``FBGEMM_CUDA_MAX_DIM`` whose allowed types include no column-wise one.
-    """
-    tables = find_tables(model)
-    unknown = sorted(set(config.table_constraints) - set(tables))
-    if unknown:
-        raise ValueError(f"sharding.table_constraints names unknown tables {unknown}; tables: {sorted(tables)}")
-    frozen = frozen_table_names(model, config)
-    pooling = table_pooling_factors(tables, ids_per_bag or {})
-    constraints: Dict[str, ParameterConstraints] = {}
-    for name in tables:
-        override = config.table_constraints.get(name, {})
-        sharding_types = list(override.get("sharding_types", config.sharding_types)) or None
-        kernels = list(override.get("compute_kernels", config.compute_kernels)) or None
-        if name in frozen:
-            kernels = list(override.get("compute_kernels", [])) or None  # the global list is for trained tables
-            if kernels is not None and "fused" not in kernels:
-                raise ValueError(f"sharding.table_constraints.{name}.compute_kernels={kernels}: {name!r} is a frozen "
-                                 "table (never trained), which runs on the 'fused' kernel; add 'fused' or drop the "
-                                 "setting")
-            kernels = ["fused"]
-            # Replicated (data_parallel) tables are trained through DDP, which needs gradients.
-            sharding_types = _without_data_parallel(
-                sharding_types, override, name, f"the frozen table {name!r}, which is never trained (replicated "
-                "tables train through DDP): allow a sharded type, e.g. [table_wise, row_wise]")
-        table = next(c for c in tables[name][1].embedding_bag_configs() if c.name == name)
-        width = table.embedding_dim
-        if table.data_type != DataType.FP32 and name not in frozen:
-            # replicated, a table is a plain float16 parameter that DDP and a torch optimizer step in float16
-            # (the loss was NaN within the first steps, row-wise Adagrad on CPU); FBGEMM's fused kernels keep
-            # float32 optimizer state for FP16 weights
-            sharding_types = _without_data_parallel(
-                sharding_types, override, name, f"{name!r}, a table of {table.data_type.name} weights "
-                "(model.embedding_dtype), which trains only on FBGEMM's fused kernels (float32 optimizer state): "
-                "allow a sharded type, e.g. [table_wise, column_wise], or use model.embedding_dtype=fp32")
-        if compute_device == "cuda" and width > FBGEMM_CUDA_MAX_DIM:
-            sharding_types = [t for t in (sharding_types or SHARDING_TYPES) if t in COLUMN_SHARDING_TYPES]
-            if not sharding_types:
-                raise ValueError(
-                    f"table {name!r} is {width} wide, and FBGEMM's CUDA kernels take at most {FBGEMM_CUDA_MAX_DIM} "
-                    f"columns: allow a column-wise type for it (sharding.table_constraints.{name}.sharding_types="
-                    "[column_wise]), or make it narrower (LLM vectors: `semantics export --projection`)")
-        fused = config.fused_params_of(name).constraint_kwargs()
-        one_id = all(factor == ONE_ID_PER_BAG for factor in pooling[name])
-        if sharding_types is None and kernels is None and not fused and one_id:
-            continue
-        constraints[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels,
-                                                 pooling_factors=pooling[name], **fused)
-    return constraints
-
-
-def _without_data_parallel(sharding_types: Optional[List[str]], override: Mapping[str, Any], name: str,
-                           table: str) -> List[str]:
-    """The allowed sharding types of table ``name`` (``sharding_types``; None: all) but ``data_parallel``.
-
-    Raises:
-        ValueError: ``data_parallel`` was the only one: naming the setting that allows it, then ``table``
-            (what the table is and what to change).
-    """
-    kept = [t for t in (sharding_types or SHARDING_TYPES) if t != "data_parallel"]
-    if not kept:
-        key = (f"sharding.table_constraints.{name}.sharding_types" if "sharding_types" in override
-               else "sharding.sharding_types")
-        raise ValueError(f"{key} allows only data_parallel for {table}")
-    return kept
 
 
 def _table_optimizer_kwargs(optim: OptimizerConfig) -> Dict[str, Any]:
@@ -678,48 +238,6 @@ def _check_plannable(constraints: Dict[str, ParameterConstraints], frozen: Set[s
             f"sharded types 'fused' (on CUDA also {list(CUDA_ONLY_KERNELS)}), and row-wise types need CUDA: change "
             f"sharding.sharding_types / sharding.compute_kernels, or sharding.table_constraints.{name}"
         )
-
-
-def planner_host_memory(compute_device: str, local_world_size: int) -> Optional[int]:
-    """Bytes of host memory per rank the planner may place tables in (None: its default, 128 GB).
-
-    On CPU the tables live in host memory, and each rank may take the whole host: a table up to
-    128 columns wide is never split on CPU (row-wise types need CUDA), so a share of the host would
-    refuse tables that fit on one rank (the ranks of one host together are not checked against it).
-    On CUDA only the unified-memory kernels (``fused_uvm*``) use it, and they split tables by rows:
-    each of the host's ``local_world_size`` ranks gets its share (the planner's default let one
-    8-GPU host plan 1 TB of such tables). Without the host's size, torchrec's default either way.
-    """
-    host = host_memory()
-    if host is None or compute_device == "cpu":
-        return host
-    return host // local_world_size
-
-
-def build_topology(
-    world_size: int,
-    compute_device: str,
-    hbm_cap: Optional[int] = None,
-    local_world_size: Optional[int] = None,
-    ddr_cap: Optional[int] = None,
-) -> Topology:
-    """The planner's ``Topology``, built as torchrec asks: through ``TopologyFactory.create_topology``
-    (a ``Topology(...)`` constructed directly logs a warning that the job will fail). The same values
-    as ``Topology(world_size, compute_device, hbm_cap=..., local_world_size=...)``: torchrec's default
-    bandwidths and capacities where none is given.
-
-    Args:
-        world_size (int): ranks the plan is for.
-        compute_device (str): ``"cpu"`` or ``"cuda"``.
-        hbm_cap (Optional[int]): bytes of device memory per rank (default: torchrec's).
-        local_world_size (Optional[int]): ranks per host (default: ``world_size``).
-        ddr_cap (Optional[int]): bytes of host memory per rank (default: torchrec's, 128 GB).
-    """
-    return TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size),
-        hardware_config=HardwareConfig(hbm_cap_bytes=hbm_cap, ddr_cap_bytes=ddr_cap),
-        kernel_config=KernelConfig(compute_device=compute_device),
-    )
 
 
 def shard_model(

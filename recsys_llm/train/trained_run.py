@@ -19,7 +19,8 @@ from recsys_llm.train.pipeline import evaluate
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
 from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors
-from recsys_llm.train.sharding import CPU_SPARSE_OPTIMIZERS, loadable_on_cpu, shard_model
+from recsys_llm.train.sharding import shard_model
+from recsys_llm.train.sharding_config import CPU_SPARSE_OPTIMIZERS, loadable_on_cpu
 from recsys_llm.train.task_builder import build_task, check_plugin_columns, plugin_extras
 
 

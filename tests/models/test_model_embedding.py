@@ -63,7 +63,8 @@ class TestBuildEmbeddingBagCollection:
 def _largest_sharded_weight(schema: DatasetSchema, init_scale: float) -> float:
     """One rank: the largest |weight| of the table-wise sharded (FBGEMM) tables built with ``init_scale``."""
     from recsys_llm.train.distributed import init_distributed
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+    from recsys_llm.train.sharding import shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
     ctx = init_distributed("cpu")
     sharded, _ = shard_model(build_embedding_bag_collection(schema, 8, init_scale=init_scale), ctx.device, 1,

@@ -254,7 +254,8 @@ def _sharded_llactr(schema_path: str, vectors_path: str, steps: int):
     from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
     from recsys_llm.train.distributed import init_distributed
     from recsys_llm.train.pipeline import train_epoch
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+    from recsys_llm.train.sharding import build_optimizer, shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
     messages = []
 

@@ -154,7 +154,8 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
     from recsys_llm.train.distributed import init_distributed
     from recsys_llm.train.pipeline import train_epoch
     from recsys_llm.train.plan_report import table_placements
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+    from recsys_llm.train.sharding import build_optimizer, shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     ctx = init_distributed("cpu")
@@ -504,7 +505,8 @@ def _load_column_shards(vector_dir: str):
     from recsys_llm.modules.elec import check_teacher_vectors
     from recsys_llm.modules.semantic_table import table_weights
     from recsys_llm.train.distributed import init_distributed
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+    from recsys_llm.train.sharding import shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
     ctx = init_distributed("cpu")
 
@@ -618,7 +620,8 @@ def test_an_entity_table_must_be_weighted_like_the_backbone():
 def _sharded_weighted_gain_network() -> dict:
     from recsys_llm.serving import materialize_meta, unsharded_state_dict
     from recsys_llm.train.distributed import init_distributed
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, shard_model
+    from recsys_llm.train.sharding import shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
     ctx = init_distributed("cpu")
     optim = OptimizerConfig(sparse="row_wise_adagrad")

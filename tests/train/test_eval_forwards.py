@@ -22,7 +22,8 @@ from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.eval_forwards import use_pipelined_eval
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, sharded_module_names, train_epoch
-from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, embedding_kernels, shard_model
+from recsys_llm.train.sharding import build_optimizer, embedding_kernels, shard_model
+from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

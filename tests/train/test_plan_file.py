@@ -17,7 +17,9 @@ from recsys_llm.models.task import CTRTask
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.plan_file import read_plan_file
 from recsys_llm.train.plan_report import describe_plan, table_placements
-from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, find_tables, shard_model
+from recsys_llm.train.planner_inputs import find_tables
+from recsys_llm.train.sharding import shard_model
+from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
 
 TABLE_WISE = ShardingConfig(sharding_types=["table_wise"])  # plans whose tables have shards to rewrite
@@ -55,7 +57,7 @@ def test_a_plan_file_takes_each_tables_fbgemm_settings_its_own_or_the_global_one
     (``plan_file.with_constraint_settings``)."""
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 
-    from recsys_llm.train.sharding import FusedParamsConfig
+    from recsys_llm.train.sharding_config import FusedParamsConfig
 
     init_distributed()
     _, planned = shard_model(_task(synthetic_schema), torch.device("cpu"), 1, TABLE_WISE, OptimizerConfig(),

@@ -17,9 +17,10 @@ from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
 from recsys_llm.models.task import CTRTask
 from recsys_llm.train.config import load_config
 from recsys_llm.train.plan_report import describe_plan, table_placements
+from recsys_llm.train.planner_inputs import build_constraints, build_topology, find_tables
 from recsys_llm.train.pooling_factors import table_pooling_factors
 from recsys_llm.train.runner import run_training
-from recsys_llm.train.sharding import ShardingConfig, build_constraints, build_topology, find_tables
+from recsys_llm.train.sharding_config import ShardingConfig
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -163,7 +164,8 @@ def _planner_constraints(schema_path: str) -> Dict[str, Optional[List[float]]]:
     """Table -> the pooling factors of the constraints shard_model hands torchrec's planner (None: no constraint)."""
     from recsys_llm.train import sharding
     from recsys_llm.train.distributed import init_distributed
-    from recsys_llm.train.sharding import OptimizerConfig, shard_model
+    from recsys_llm.train.sharding import shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig
 
     seen: Dict[str, Optional[List[float]]] = {}
 

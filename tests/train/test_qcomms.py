@@ -19,7 +19,8 @@ from recsys_llm.train.config import ConfigError, load_config
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.plan_report import table_placements
 from recsys_llm.train.qcomms import QCommsSettings, qcomm_codecs_registry, qcomm_sharders
-from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+from recsys_llm.train.sharding import build_optimizer, shard_model
+from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
 
 BATCH = 8  # rows per rank and step

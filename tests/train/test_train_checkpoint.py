@@ -18,7 +18,8 @@ from recsys_llm.train.checkpoint import CheckpointManager, TrainState, is_comple
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
-from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, embedding_kernels, shard_model
+from recsys_llm.train.sharding import build_optimizer, embedding_kernels, shard_model
+from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
 
 OPTIM = OptimizerConfig(sparse="row_wise_adagrad", sparse_lr=0.1, dense="adam", dense_lr=0.01)

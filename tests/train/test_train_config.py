@@ -587,7 +587,7 @@ def test_a_tables_own_cache_and_bounds_checks_may_change_on_a_resume_its_roundin
     a table's cache size and bounds checks may be set, changed or dropped on a resume, its rounding of FP16
     updates may not, nor the table's other constraints; the saved config reads back as the same settings."""
     from recsys_llm.train.config import check_resumable, save_config
-    from recsys_llm.train.sharding import FusedParamsConfig
+    from recsys_llm.train.sharding_config import FusedParamsConfig
 
     own = "sharding.table_constraints.t_item_id.fused_params"
     run = ["model.name=fm", "train.run_dir=r", f"{own}.cache_load_factor=0.1", f"{own}.stochastic_rounding=false"]

@@ -20,9 +20,10 @@ from recsys_llm.models.registry import ModelConfig, build_backbone
 from recsys_llm.models.task import CTRTask
 from recsys_llm.train.checkpoint import CheckpointManager
 from recsys_llm.train.config import ConfigError, load_config
+from recsys_llm.train.planner_inputs import build_constraints
 from recsys_llm.train.run_records import read_metrics
 from recsys_llm.train.runner import run_training
-from recsys_llm.train.sharding import ShardingConfig, build_constraints
+from recsys_llm.train.sharding_config import ShardingConfig
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

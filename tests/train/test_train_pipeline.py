@@ -17,7 +17,8 @@ from recsys_llm.models.task import CTRTask
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import NonFiniteLossError, evaluate, train_epoch
-from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+from recsys_llm.train.sharding import build_optimizer, shard_model
+from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1507,7 +1507,7 @@ def _table_weights_of_the_run(schema_dir: str) -> str:
     import torch
 
     from recsys_llm.train.plan_report import weights_text
-    from recsys_llm.train.sharding import find_tables, table_weights
+    from recsys_llm.train.planner_inputs import find_tables, table_weights
     from recsys_llm.train.task_builder import build_task
 
     config = load_config(DEEPFM_CONFIG, _overrides(schema_dir, "unused", 1024, []))

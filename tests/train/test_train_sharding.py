@@ -19,18 +19,9 @@ from recsys_llm.models.task import CTRTask
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.pipeline import train_epoch
 from recsys_llm.train.plan_report import ranks_holding_tables, table_placements
-from recsys_llm.train.sharding import (
-    FusedParamsConfig,
-    OptimizerConfig,
-    ShardingConfig,
-    build_constraints,
-    build_optimizer,
-    build_topology,
-    embedding_kernels,
-    find_tables,
-    shard_model,
-    table_weights,
-)
+from recsys_llm.train.planner_inputs import build_constraints, build_topology, find_tables, table_weights
+from recsys_llm.train.sharding import build_optimizer, embedding_kernels, shard_model
+from recsys_llm.train.sharding_config import FusedParamsConfig, OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
 
 NOT_PIPELINED = "will NOT be pipelined"
@@ -622,7 +613,7 @@ def test_on_cuda_a_table_wider_than_fbgemm_takes_is_split_by_columns() -> None:
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.sharding_plan import get_default_sharders
 
-    from recsys_llm.train.sharding import FBGEMM_CUDA_MAX_DIM
+    from recsys_llm.train.sharding_config import FBGEMM_CUDA_MAX_DIM
 
     model = _WideTables()
     assert build_constraints(model, ShardingConfig(), "cpu") == {}  # no limit on CPU
@@ -726,10 +717,10 @@ class _BigTable(torch.nn.Module):
 
 
 def _planned_on_a_small_host(host_bytes: int = 64 * 2**20) -> str:
-    from recsys_llm.train import sharding
+    from recsys_llm.train import planner_inputs
 
     ctx = init_distributed("cpu")
-    sharding.host_memory = lambda: host_bytes  # a host of 64 MB by default
+    planner_inputs.host_memory = lambda: host_bytes  # a host of 64 MB by default
     try:
         shard_model(_BigTable(), ctx.device, ctx.world_size, ShardingConfig(), OptimizerConfig(), batch_size=8)
     except ValueError as error:
@@ -818,7 +809,8 @@ def test_a_cuda_plan_with_a_shard_wider_than_fbgemm_takes_is_refused(sharding_ty
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.types import ParameterConstraints
 
-    from recsys_llm.train.sharding import build_topology, check_shard_widths
+    from recsys_llm.train.planner_inputs import build_topology
+    from recsys_llm.train.sharding import check_shard_widths
 
     constraints = {"wide": ParameterConstraints(sharding_types=[sharding_type])}
     planner = EmbeddingShardingPlanner(topology=build_topology(2, "cuda", hbm_cap=80 << 30), batch_size=256,
@@ -872,7 +864,7 @@ def test_shard_model_checks_the_shard_widths_of_a_cuda_plan() -> None:
 
 
 def test_a_plan_loadable_on_cpu_keeps_only_what_cpu_plans_take_table_by_table() -> None:
-    from recsys_llm.train.sharding import loadable_on_cpu
+    from recsys_llm.train.sharding_config import loadable_on_cpu
 
     gpu_only = ShardingConfig(table_constraints={"t": {"sharding_types": ["row_wise", "table_wise"],
                                                        "compute_kernels": ["fused_uvm", "fused"]}},
@@ -912,19 +904,19 @@ def test_gpu_ranks_plan_unified_memory_tables_in_their_share_of_the_host(monkeyp
     from torchrec.distributed.planner.constants import BATCH_SIZE
     from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 
-    from recsys_llm.train import sharding
+    from recsys_llm.train import planner_inputs
 
-    monkeypatch.setattr(sharding, "host_memory", lambda: 64 * 2**30)
-    assert sharding.planner_host_memory("cuda", 8) == 8 * 2**30
-    assert sharding.planner_host_memory("cpu", 8) == 64 * 2**30
-    monkeypatch.setattr(sharding, "host_memory", lambda: None)  # a host that does not say: torchrec's default
-    assert sharding.planner_host_memory("cuda", 8) is None
+    monkeypatch.setattr(planner_inputs, "host_memory", lambda: 64 * 2**30)
+    assert planner_inputs.planner_host_memory("cuda", 8) == 8 * 2**30
+    assert planner_inputs.planner_host_memory("cpu", 8) == 64 * 2**30
+    monkeypatch.setattr(planner_inputs, "host_memory", lambda: None)  # a host that does not say: torchrec's default
+    assert planner_inputs.planner_host_memory("cuda", 8) is None
     # an 82 GB unified-memory table, row-wise on 8 GPUs: 10 GB a rank, more than an 8 GB share of a 64 GB host
     table = EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=160_000_000, feature_names=["f"])
     ebc = EmbeddingBagCollection(tables=[table], device=torch.device("meta"))
     constraints = {"t": ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused_uvm"])}
     for share, plans in ((8 * 2**30, False), (64 * 2**30, True)):
-        topology = sharding.build_topology(8, "cuda", hbm_cap=2**30, local_world_size=8, ddr_cap=share)
+        topology = planner_inputs.build_topology(8, "cuda", hbm_cap=2**30, local_world_size=8, ddr_cap=share)
         planner = EmbeddingShardingPlanner(topology=topology, batch_size=BATCH_SIZE, constraints=constraints)
         try:
             planner.plan(ebc, [EmbeddingBagCollectionSharder()])
@@ -987,7 +979,8 @@ def test_patient_proposers_find_the_exhaustive_plan_in_fewer_proposals(world_siz
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.perf_models import NoopPerfModel
 
-    from recsys_llm.train.sharding import DEFAULT_PROPOSER_PATIENCE, planner_proposers
+    from recsys_llm.train.planner_inputs import planner_proposers
+    from recsys_llm.train.sharding_config import DEFAULT_PROPOSER_PATIENCE
 
     topology = build_topology(world_size, device, hbm_cap=int(hbm_gib * 2**30) if hbm_gib else None,
                               local_world_size=world_size)
@@ -1020,7 +1013,7 @@ def test_planner_proposers_are_torchrecs_own_with_the_greedy_ones_patient() -> N
     best plan of few tables, uniform the all-of-one-type plans); patience 0 leaves the greedy ones exhaustive."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner
 
-    from recsys_llm.train.sharding import planner_proposers
+    from recsys_llm.train.planner_inputs import planner_proposers
 
     default = EmbeddingShardingPlanner(topology=build_topology(1, "cpu"))._proposers
     for patience, threshold in ((0, None), (7, 7)):

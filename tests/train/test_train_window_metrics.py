@@ -137,7 +137,8 @@ def _one_rank_deepfm(schema: Any) -> Tuple[Any, Any, Any]:
     """``(context, sharded model, optimizer)`` of the smoke DeepFM on one CPU rank, tables planned by default."""
     from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
     from recsys_llm.models.task import CTRTask
-    from recsys_llm.train.sharding import OptimizerConfig, ShardingConfig, build_optimizer, shard_model
+    from recsys_llm.train.sharding import build_optimizer, shard_model
+    from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
     ctx = init_distributed("cpu")
     torch.manual_seed(0)
