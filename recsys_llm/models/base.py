@@ -10,7 +10,7 @@ part in the feature interactions exactly like EBC fields.
 
 import abc
 import contextlib
-from typing import ContextManager, Dict, List, NamedTuple, Optional, Tuple
+from typing import ContextManager, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -153,7 +153,8 @@ class CTRBackbone(nn.Module, abc.ABC):
         """
         check_id_weights(sparse_features, self._weighted, type(self).__name__)
         check_feature_keys(sparse_features, self._feature_names, type(self).__name__)
-        dense_features = checked_dense_dtype(dense_features, type(self).__name__)
+        dense_features = checked_dense_width(checked_dense_dtype(dense_features, type(self).__name__),
+                                             self._num_dense_features, type(self).__name__)
         if self._weighted and isinstance(self.embedding_bag_collection, EmbeddingBagCollection):
             # unsharded (evaluation, export): torch's embedding_bag takes weights only in the table's dtype;
             # sharded, FBGEMM's kernels take float32 weights for FP16 tables
@@ -269,6 +270,22 @@ def checked_dense_dtype(dense_features: torch.Tensor, model: str) -> torch.Tenso
         raise TypeError(
             f"{model}: dense_features have dtype {dense_features.dtype}; expected torch.float32 (B, Dd), as "
             "ParquetBatchReader gives them: convert them with .float() (numpy arrays are float64 by default)"
+        )
+    return dense_features
+
+
+@torch.fx.wrap
+def checked_dense_width(dense_features: torch.Tensor, width: int, model: str) -> torch.Tensor:
+    """``dense_features`` (B, ``width``) as they are; raises ValueError, naming ``model`` and ``width``, for another
+    shape (the dense layers would fail with torch's bare "mat1 and mat2 shapes cannot be multiplied").
+
+    A leaf of the training pipeline's fx trace: the shape is checked at run time.
+    """
+    if dense_features.dim() != 2 or dense_features.size(1) != width:
+        raise ValueError(
+            f"{model}: dense_features are {tuple(dense_features.shape)}, expected (B, {width}): it was built with "
+            f"num_dense_features={width}, the data's dense features (without an injected LLM vector, which "
+            "CTRTask's field_injection adds)"
         )
     return dense_features
 
@@ -406,6 +423,12 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
         raise TypeError(
             "expected the pooled embeddings (a KeyedTensor: ebc(kjt), or CTROutput.embeddings), got the "
             "KeyedJaggedTensor of ids; pass it through the EmbeddingBagCollection first"
+        )
+    if isinstance(embeddings, Mapping):  # else: 'dict' object has no attribute 'length_per_key'
+        raise TypeError(
+            f"expected the pooled embeddings as a KeyedTensor (ebc(kjt), or CTROutput.embeddings), got a "
+            f"{type(embeddings).__name__} of keys {list(embeddings)[:8]}: pass the KeyedTensor itself, not its "
+            "to_dict() (its keys and widths are read from it)"
         )
     if isinstance(embeddings, torch.Tensor):  # else: 'Tensor' object has no attribute 'length_per_key'
         raise TypeError(

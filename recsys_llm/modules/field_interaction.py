@@ -24,7 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.base import CTROutput, fields_in_key_order, has_one_dim, key_positions
 from recsys_llm.models.once_differentiable import first_order_only
-from recsys_llm.modules.field_semantics import check_finite_vectors
+from recsys_llm.modules.field_semantics import check_feature_name_list, check_finite_vectors
 from recsys_llm.models.pairwise import PairWeightFolding, pair_sum_backward, pair_sum_forward, weighted_pair_sum
 
 # a leaf of the training pipeline's fx trace (it reads the KeyedTensor's key order)
@@ -170,6 +170,7 @@ class FieldInteractionEnhancement(nn.Module):
 
     def __init__(self, field_vectors: torch.Tensor, feature_names: List[str], weight: float = 0.1) -> None:
         super().__init__()
+        check_feature_name_list("FIE", feature_names)
         num_fields = len(feature_names)
         if field_vectors.dim() != 2 or field_vectors.size(0) != num_fields or num_fields < 2:
             raise ValueError(

@@ -108,6 +108,14 @@ def check_finite_vectors(term: str, field_vectors: torch.Tensor, feature_names: 
                          f"({count} of {len(feature_names)} field vectors are not finite)")
 
 
+def check_feature_name_list(term: str, feature_names: List[str]) -> None:
+    """Raises TypeError, naming ``term``, when ``feature_names`` is one string: it would be read as one field per
+    character (``"item_id"`` as seven fields), with an error about missing keys only at the first batch."""
+    if isinstance(feature_names, str):
+        raise TypeError(f"{term}: feature_names must be a list of field names, got the string {feature_names!r} "
+                        f"(for one field: [{feature_names!r}])")
+
+
 @torch.fx.wrap
 def projected_field_kl(
     fields: torch.Tensor,
@@ -203,6 +211,7 @@ class FieldRepresentationEnhancement(nn.Module):
         super().__init__()
         if field_reduction not in FIELD_REDUCTIONS:
             raise ValueError(f"FRE field_reduction: expected one of {FIELD_REDUCTIONS}, got {field_reduction!r}")
+        check_feature_name_list("FRE", feature_names)
         if field_vectors.dim() != 2 or field_vectors.size(0) != len(feature_names) or not feature_names:
             raise ValueError(
                 f"FRE needs field_vectors of shape (len(feature_names)={len(feature_names)} > 0, d_llm), "

@@ -154,6 +154,21 @@ def freeze_teacher(teacher: nn.Module) -> None:
     teacher.eval()
 
 
+def _require_task(module: nn.Module, role: str, loss_terms: bool, representation: bool) -> None:
+    """Raises TypeError, naming ``role``, unless ``module`` has what :class:`TeacherStudentTask` reads of a
+    ``CTRTask``: ``predict(batch)``, ``loss_terms`` where asked, ``model.representation_dim`` where asked (a
+    backbone or a torchrec DLRM passed as it is failed with "object has no attribute 'model'")."""
+    lacks = [name for name, needed in (("predict", True), ("loss_terms", loss_terms)) if needed and not
+             hasattr(module, name)]
+    if representation and not hasattr(getattr(module, "model", None), "representation_dim"):
+        lacks.append("model.representation_dim")
+    if lacks:
+        raise TypeError(
+            f"TeacherStudentTask: the {role} is a {type(module).__name__}, which lacks {lacks}; expected a CTRTask: "
+            "wrap a backbone as CTRTask(backbone) (a torchrec DLRM as CTRTask(DLRMBackbone(dlrm, num_dense_features)))"
+        )
+
+
 class TeacherStudentTask(nn.Module):
     r"""ELEC's pseudo-siamese training (Dong, Ouyang, Liu, SIGIR 2025): the student (and in
     joint mode the teacher) with score + representation KD.
@@ -203,7 +218,9 @@ class TeacherStudentTask(nn.Module):
         else:
             if teacher is None:
                 raise ValueError(f"{config.mode} distillation needs a teacher module")
+            _require_task(teacher, "teacher", loss_terms=config.mode == "joint", representation=True)
             teacher_dim = int(teacher.model.representation_dim)
+        _require_task(student, "student", loss_terms=True, representation=config.beta > 0)
         if config.mode == "frozen":
             freeze_teacher(teacher)
         # the student first: DMP materialises tables in module order, so the student's draw from the

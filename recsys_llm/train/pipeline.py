@@ -37,6 +37,7 @@ from tqdm import tqdm
 from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.models.base import CTRBackbone, check_feature_keys
 from recsys_llm.progress import interval_options
 from recsys_llm.train.checkpoint import table_step_counters_kept
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
@@ -118,18 +119,40 @@ def sharded_module_names(model: nn.Module) -> List[str]:
     return [name for name, module in model.named_modules() if isinstance(module, ShardedModule)]
 
 
+def features_read(model: nn.Module) -> Dict[str, List[str]]:
+    """The sparse features each backbone of ``model`` (a ``CTRBackbone``, DMP-wrapped or not) reads, by its
+    class and module path without the DMP / DDP wrappers (``DLRMBackbone at student.model``): a teacher-student
+    pair has two."""
+    found: Dict[str, List[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CTRBackbone):
+            parts = name.split(".")
+            while parts and parts[0] in ("_dmp_wrapped_module", "module"):
+                parts.pop(0)
+            found[" at ".join([type(module).__name__] + [".".join(parts)] * bool(parts))] = module.feature_names
+    return found
+
+
 class _Counting(Iterator[Batch]):
     """Wraps an iterator and counts the samples it hands to the pipeline; with ``keep_weights``, also queues
-    each batch's ``label_weight`` extra (None without one), in the order the pipeline's outputs come back."""
+    each batch's ``label_weight`` extra (None without one), in the order the pipeline's outputs come back.
 
-    def __init__(self, batches: Iterator[Batch], keep_weights: bool = False) -> None:
+    With ``features`` (backbone name -> the features its tables read), a batch whose KeyedJaggedTensor lacks
+    one is refused naming it before the pipeline distributes its ids: torchrec's sharded input
+    distribution failed first, with "Number of KJT dists (1) does not match number of kjt dist forwards"."""
+
+    def __init__(self, batches: Iterator[Batch], keep_weights: bool = False,
+                 features: Optional[Dict[str, List[str]]] = None) -> None:
         self._batches = batches
         self._keep_weights = keep_weights
+        self._features = features or {}
         self.samples_seen: List[int] = []
         self.label_weights: Deque[Optional[torch.Tensor]] = collections.deque()
 
     def __next__(self) -> Batch:
         batch = next(self._batches)
+        for owner, names in self._features.items():
+            check_feature_keys(batch.sparse_features, names, owner)
         self.samples_seen.append(batch.labels.size(0))  # torchrec's own Batch has no batch_size
         if self._keep_weights:
             self.label_weights.append(batch_extras(batch).get(LABEL_WEIGHT_KEY))
@@ -187,7 +210,7 @@ def train_epoch(
     if skip_batches:
         # Consume (and drop) batches already trained on before the interruption.
         iterator = itertools.islice(iterator, skip_batches, None)
-    counting = _Counting(iterator, keep_weights=window_metrics is not None)
+    counting = _Counting(iterator, keep_weights=window_metrics is not None, features=features_read(model))
     pipeline = TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
     bar = tqdm(
         total=None if total is None else max(0, total - skip_batches),

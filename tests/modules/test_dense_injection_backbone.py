@@ -77,3 +77,29 @@ class TestDLRMDenseInjectionBackbone:
         with pytest.raises(KeyError, match=r"the batch has no extra 'llm_vector' for the field injection \(its extras: "
                                            r"\['other'\]\); .*extras=\['llm_vector'\]"):
             task.predict(Batch(batch.dense_features, batch.sparse_features, batch.labels, {"other": torch.zeros(4, 6)}))
+
+
+def test_dense_features_of_another_width_are_named_with_the_width_the_backbone_was_built_for() -> None:
+    """A batch with the injected vector already in its dense features (or a dense column more or less) failed in
+    the bottom MLP with torch's bare "mat1 and mat2 shapes cannot be multiplied (4x9 and 8x16)"."""
+    backbone = DLRMDenseInjectionBackbone(_dlrm(3 + 5), num_dense_features=3)
+    task = CTRTask(backbone, field_injection=VectorFieldInjection(6, backbone.injected_width))
+    batch = _batch()
+    batch.dense_features = torch.randn(4, 4)
+    with pytest.raises(ValueError, match=r"DLRMDenseInjectionBackbone: dense_features are \(4, 4\), expected \(B, 3\)"
+                                         r": it was built with num_dense_features=3"):
+        task(batch)
+    with pytest.raises(ValueError, match=r"DLRMBackbone: dense_features are \(4, 2\), expected \(B, 3\)"):
+        DLRMBackbone(_dlrm(3), num_dense_features=3)(torch.randn(4, 2), batch.sparse_features)
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_a_backbone_given_where_a_ctr_task_is_expected_is_named(role: str) -> None:
+    """TeacherStudentTask(DLRMBackbone(...), ...) failed with "'DLRMBackbone' object has no attribute 'model'"."""
+    teacher = CTRTask(DLRMBackbone(_dlrm(3, "teacher_"), 3))
+    student = CTRTask(DLRMBackbone(_dlrm(3, "student_"), 3))
+    given = {"teacher": teacher, "student": student}
+    given[role] = given[role].model  # the bare backbone
+    with pytest.raises(TypeError, match=rf"TeacherStudentTask: the {role} is a DLRMBackbone, which lacks \['predict', "
+                                        r"'loss_terms', 'model.representation_dim'\]; expected a CTRTask"):
+        TeacherStudentTask(given["teacher"], given["student"], TeacherStudentConfig(mode="joint"))

@@ -232,3 +232,15 @@ def test_the_serving_matrix_follows_the_embeddings_dtype_as_the_frozen_weights_d
         served = fie.logit(kt)
     assert served.dtype == dtype
     torch.testing.assert_close(served.float(), frozen.float(), rtol=2e-2, atol=2e-3)  # bf16: other rounding
+
+
+def test_feature_names_given_as_one_string_and_a_dict_of_embeddings_are_refused_naming_what_is_expected() -> None:
+    """A string was read as one field per character ("abc": fields a, b, c), and pooled.to_dict() failed with
+    "'dict' object has no attribute 'length_per_key'"."""
+    with pytest.raises(TypeError, match=r"FIE: feature_names must be a list of field names, got the string 'abc'"):
+        FieldInteractionEnhancement(torch.randn(3, 8), "abc")
+    names = ["a", "b", "c"]
+    fie = FieldInteractionEnhancement(torch.randn(3, 8), names)
+    pooled = KeyedTensor.from_tensor_list(names, [torch.randn(2, 4) for _ in names])
+    with pytest.raises(TypeError, match=r"got a dict of keys \['a', 'b', 'c'\]: pass the KeyedTensor itself"):
+        fie.logit(pooled.to_dict())

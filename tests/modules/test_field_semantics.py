@@ -298,3 +298,9 @@ def test_fre_and_fie_train_under_autocast(dtype, backward_inside) -> None:
     grads = {name: p.grad for name, p in task.named_parameters()}
     assert grads["loss_terms.fre.projection.weight"] is not None
     assert all(g is None or (g.dtype == torch.float32 and bool(torch.isfinite(g).all())) for g in grads.values())
+
+
+def test_feature_names_given_as_one_string_are_refused() -> None:
+    """A string was read as one field per character: "abc" made three fields a, b and c."""
+    with pytest.raises(TypeError, match=r"FRE: feature_names must be a list of field names, got the string 'abc'"):
+        FieldRepresentationEnhancement(torch.randn(3, 8), "abc", embedding_dim=4)

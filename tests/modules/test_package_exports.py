@@ -22,3 +22,15 @@ def test_unknown_names_and_the_task_of_the_models_package() -> None:
     from recsys_llm.models.task import CTRTask as defined
 
     assert CTRTask is defined
+
+
+@pytest.mark.parametrize("name, module", [("load_full_state", "teacher_student"),
+                                          ("write_teacher_columns", "teacher_student"),
+                                          ("attach_columns", "teacher_student"),
+                                          ("load_semantic_vectors", "semantic_table"),
+                                          ("refresh_after_load", "field_interaction")])
+def test_the_functions_the_plug_ins_need_import_from_the_package(name: str, module: str) -> None:
+    """docs/usage.md's recipes load a gain network's state (load_full_state), fill semantic tables
+    (load_semantic_vectors) and refresh FIE after an in-place load; only the classes imported from the package."""
+    assert name in recsys_llm.modules.__all__
+    assert getattr(recsys_llm.modules, name) is getattr(importlib.import_module(f"recsys_llm.modules.{module}"), name)

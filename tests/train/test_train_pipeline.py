@@ -278,3 +278,29 @@ def test_evaluation_builds_no_autograd_graph(synthetic_dir: str) -> None:
     built a training step's graph (its memory at data.eval_batch_size)."""
     (seen,) = run_multiprocess(_grad_mode_in_evaluation, world_size=1, schema_path=synthetic_dir)
     assert seen and not any(seen), seen
+
+
+def _batch_lacking_a_feature(schema_path: str) -> Dict[str, Any]:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    batches = list(ParquetBatchReader(schema, "train", 64))[:3]
+    kjt = batches[1].sparse_features
+    dropped = kjt.keys()[-1]
+    kept = {key: value for key, value in kjt.to_dict().items() if key != dropped}
+    batches[1].sparse_features = KeyedJaggedTensor.from_jt_dict(kept)
+    try:
+        train_epoch(model, optimizer, batches, ctx.device, progress=False)
+    except ValueError as error:
+        return {"error": str(error), "dropped": dropped}
+    return {"error": None, "dropped": dropped}
+
+
+@pytest.mark.multiprocess
+def test_a_batch_lacking_a_feature_is_named_before_the_sharded_input_distribution(synthetic_dir: str) -> None:
+    """torchrec's pipeline distributed the ids first and failed with "Number of KJT dists (1) does not match
+    number of kjt dist forwards provided (0)", naming neither the feature nor the model."""
+    (result,) = run_multiprocess(_batch_lacking_a_feature, world_size=1, schema_path=synthetic_dir)
+    assert result["error"] is not None, result
+    assert result["error"].startswith(f"DeepFM at model: the sparse features lack ['{result['dropped']}']"), result
