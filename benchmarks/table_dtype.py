@@ -1,4 +1,4 @@
-"""FP16 vs FP32 tables in training, INT8 vs FP32 tables in serving: samples/s, table memory, artifact size.
+"""FP16 vs FP32 tables in training, INT8 and INT4 vs FP32 tables in serving: samples/s, table memory, artifact size.
 
 Training: two copies of the project's stack train the same model side by side in one process, in
 interleaved rounds (as in ``train_throughput.py``): torchrec's ``DLRM_DCN`` (26 tables x 100k rows x 16,
@@ -8,12 +8,12 @@ batch 4096, fused RowWiseAdagrad for the tables, Adam for the dense part, ``Trai
 batches; one with FP32 tables, one with FP16 tables.
 
 Serving: the FP32-tables model, as trained by those rounds, is gathered unsharded
-(``serving.unsharded_state_dict``) into the same task built on CPU and exported twice with
-``serving.export_task``: ``table_dtype="trained"`` (FP32 tables, eager EBC) and ``"int8"`` (rows
+(``serving.unsharded_state_dict``) into the same task built on CPU and exported three times with
+``serving.export_task``: ``table_dtype="trained"`` (FP32 tables, eager EBC), ``"int8"`` (rows
 quantized to 8 bits with a float16 scale and bias, torchrec's quantized EBC; ``recsys-llm export
---table-dtype int8``). Both artifacts are loaded with ``ServedModel`` and ``ServedModel.logits`` is timed
-on CPU (where the exported artifacts serve, whatever ``--device`` trained) over the same prebuilt
-request batches (the training batches), in interleaved rounds.
+--table-dtype int8``) and ``"int4"`` (4 bits, two values a byte, the same way). The artifacts are loaded with
+``ServedModel`` and ``ServedModel.logits`` is timed on CPU (where the exported artifacts serve, whatever
+``--device`` trained) over the same prebuilt request batches (the training batches), in interleaved rounds.
 
 Figures (top level of the JSON):
 
@@ -22,15 +22,18 @@ Figures (top level of the JSON):
   optimizer state, float32 in both, is in ``details``);
 * ``serve_ratio_int8_vs_fp32_tables``: ``ServedModel.logits`` samples/s of the INT8 artifact / the FP32
   one (best rounds);
-* ``artifact_bytes_ratio_int8_vs_fp32``: bytes of the artifacts' ``model.safetensors``, INT8 / FP32.
+* ``artifact_bytes_ratio_int8_vs_fp32``: bytes of the artifacts' ``model.safetensors``, INT8 / FP32;
+* ``serve_ratio_int4_vs_fp32_tables``, ``artifact_bytes_ratio_int4_vs_fp32``: the same for the INT4 artifact.
 
-``details.serve`` holds the served tables' bytes in memory and their ratio (``quantized_tables.table_bytes``:
-FBGEMM pads each INT8 row, D bytes + a 4-byte scale and bias, to its alignment), the max and mean
-|logit difference| of the two served models over the request batches, and the per-round samples/s and ratios.
+``details.serve`` holds the served tables' bytes in memory and their ratios to FP32's (``quantized_tables.table_bytes``:
+FBGEMM pads each quantized row, D (INT8) or D / 2 (INT4) bytes + a 4-byte scale and bias, to its alignment of 16
+bytes), the max and mean |logit difference| of each quantized served model and the FP32 one over the request batches
+(``logit_abs_difference``: INT8's; ``logit_abs_difference_int4``), and the per-round samples/s and ratios
+(``ratio_rounds``: INT8 / FP32; ``ratio_rounds_int4``).
 
 FP16 tables halve the weights' memory; FBGEMM converts each row it reads and writes, which the
 ratio of samples/s shows (on CPU that conversion costs time; on CUDA it is expected to be near free).
-INT8 serving tables cut the artifact and the tables' memory; on CPU the dequantizing lookup is not faster.
+INT8 and INT4 serving tables cut the artifact and the tables' memory; on CPU the dequantizing lookup is not faster.
 
 Usage::
 
@@ -78,7 +81,7 @@ from benchmarks.train_throughput import (  # noqa: E402
 
 NAME = "table_dtype"
 DTYPES = ("fp32", "fp16")
-SERVE_DTYPES = {"fp32": "trained", "int8": "int8"}  # served contender -> export_task's table_dtype
+SERVE_DTYPES = {"fp32": "trained", "int8": "int8", "int4": "int4"}  # served contender -> export_task's table_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,23 +178,24 @@ def export_and_load(task: Any, schema: Any, example: Any, work_dir: str) -> Tupl
     return served, artifact_bytes
 
 
-def logit_differences(served: Dict[str, Any], batches: List[Any]) -> Dict[str, float]:
-    """Max and mean |logit difference| of the INT8 and the FP32 served model over ``batches`` (all rows)."""
+def logit_differences(served: Dict[str, Any], batches: List[Any], name: str) -> Dict[str, float]:
+    """Max and mean |logit difference| of the served model ``name`` (``"int8"``, ``"int4"``) and the FP32 one over
+    ``batches`` (all rows)."""
     import torch
 
-    differences = torch.cat([(served["int8"].logits(b.dense_features, b.sparse_features)
+    differences = torch.cat([(served[name].logits(b.dense_features, b.sparse_features)
                               - served["fp32"].logits(b.dense_features, b.sparse_features)).abs() for b in batches])
     return {"max": float(differences.max()), "mean": float(differences.mean()), "rows": int(differences.numel())}
 
 
 def serve_comparison(model: Any, schema: Any, sizes: Sizes, serve_sizes: ServeSizes, batches: List[Any]
                      ) -> Dict[str, Any]:
-    """Exports the trained FP32-tables ``model`` with FP32 and with INT8 tables, times ``ServedModel.logits`` of
-    both over ``batches`` in interleaved rounds and compares their tables, artifacts and logits.
+    """Exports the trained FP32-tables ``model`` with FP32, INT8 and INT4 tables, times ``ServedModel.logits`` of
+    each over ``batches`` in interleaved rounds and compares their tables, artifacts and logits.
 
     Returns:
         Dict[str, Any]: ``rounds`` (name -> samples/s per round), ``artifact_bytes``, ``table_bytes`` (in memory,
-        name -> bytes), ``logit_abs_difference`` (``max``, ``mean``, ``rows``).
+        name -> bytes), ``logit_abs_difference`` (quantized name -> ``max``, ``mean``, ``rows``).
     """
     from recsys_llm.serving.quantized_tables import table_bytes as served_table_bytes
 
@@ -213,13 +217,14 @@ def serve_comparison(model: Any, schema: Any, sizes: Sizes, serve_sizes: ServeSi
             "rounds": rounds,
             "artifact_bytes": artifact_bytes,
             "table_bytes": {name: served_table_bytes(s.embedding_bag_collection) for name, s in served.items()},
-            "logit_abs_difference": logit_differences(served, batches),
+            "logit_abs_difference": {name: logit_differences(served, batches, name) for name in served
+                                     if name != "fp32"},
         }
 
 
 def plot(path: Path, payload: Dict[str, Any]) -> None:
-    """The PNG of a result ``payload``: samples/s of the four contenders (train FP32 / FP16, serve FP32 / INT8;
-    median, bars min-max of rounds) and the ratios to FP32 tables. Drawn from the JSON alone."""
+    """The PNG of a result ``payload``: samples/s of the five contenders (train FP32 / FP16, serve FP32 / INT8 /
+    INT4; median, bars min-max of rounds) and the ratios to FP32 tables. Drawn from the JSON alone."""
     details, serve = payload["details"], payload["details"]["serve"]
     sizes = details["sizes"]
     bars: Dict[str, float] = {}
@@ -229,18 +234,20 @@ def plot(path: Path, payload: Dict[str, Any]) -> None:
         for name, values in rounds.items():
             label = f"{phase} {name.split('_')[0]}"
             bars[label], spans[label] = median(values), (min(values), max(values))
-    ratios = {"train samples/s\nfp16 / fp32": payload["ratio_fp16_vs_fp32_tables"],
-              "table bytes\nfp16 / fp32": payload["table_bytes_ratio_fp16_vs_fp32"],
-              "serve samples/s\nint8 / fp32": payload["serve_ratio_int8_vs_fp32_tables"],
-              "served tables\nint8 / fp32": serve["table_bytes_ratio_int8_vs_fp32"],
-              "artifact bytes\nint8 / fp32": payload["artifact_bytes_ratio_int8_vs_fp32"]}
+    ratios = {"train\nspeed\nfp16": payload["ratio_fp16_vs_fp32_tables"],
+              "tables\nbytes\nfp16": payload["table_bytes_ratio_fp16_vs_fp32"]}
+    for name in ("int8", "int4"):  # short labels: eight bars share the panel
+        ratios.update({f"serve\nspeed\n{name}": payload[f"serve_ratio_{name}_vs_fp32_tables"],
+                       f"tables\nin mem.\n{name}": serve[f"table_bytes_ratio_{name}_vs_fp32"],
+                       f"artifact\nbytes\n{name}": payload[f"artifact_bytes_ratio_{name}_vs_fp32"]})
     two_panel_figure(
         path,
         lambda left: value_bars(
             left, bars, ylabel="samples/s: median, bars min-max of rounds", log=True, errors=spans,
             title=f"DLRM_DCN {sizes['num_tables']}x{sizes['rows_per_table']}x{sizes['embedding_dim']}, batch "
                   f"{sizes['batch_size']}; train {payload['device']}, serve {serve['device']}; {payload['mode']}"),
-        lambda right: ratio_bars(right, ratios, {}, "FP16 (train) / INT8 (serve) tables vs FP32 tables"),
+        lambda right: ratio_bars(right, ratios, {}, "FP16 (train) / INT8, INT4 (serve) tables vs FP32 tables: "
+                                                     "samples/s (speed), bytes"),
     )
 
 
@@ -279,7 +286,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
          "table_bytes_ratio_fp16_vs_fp32": memory["fp16"]["weights"] / memory["fp32"]["weights"],
          "serve_ratio_int8_vs_fp32_tables": best_of_rounds_ratio(serve_rounds["int8_tables"],
                                                                  serve_rounds["fp32_tables"]),
-         "artifact_bytes_ratio_int8_vs_fp32": artifact_bytes["int8"] / artifact_bytes["fp32"]},
+         "artifact_bytes_ratio_int8_vs_fp32": artifact_bytes["int8"] / artifact_bytes["fp32"],
+         "serve_ratio_int4_vs_fp32_tables": best_of_rounds_ratio(serve_rounds["int4_tables"],
+                                                                 serve_rounds["fp32_tables"]),
+         "artifact_bytes_ratio_int4_vs_fp32": artifact_bytes["int4"] / artifact_bytes["fp32"]},
         details={
             "samples_per_second_median": medians,
             "samples_per_second_rounds": rounds,
@@ -288,20 +298,24 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 "samples_per_second_median": serve_medians,
                 "samples_per_second_rounds": serve_rounds,
                 "ratio_rounds": per_round_ratios(serve_rounds["int8_tables"], serve_rounds["fp32_tables"]),
+                "ratio_rounds_int4": per_round_ratios(serve_rounds["int4_tables"], serve_rounds["fp32_tables"]),
                 "table_bytes": served_bytes,
                 "table_bytes_ratio_int8_vs_fp32": served_bytes["int8"] / served_bytes["fp32"],
+                "table_bytes_ratio_int4_vs_fp32": served_bytes["int4"] / served_bytes["fp32"],
                 "artifact_bytes": artifact_bytes,
-                "logit_abs_difference": serve["logit_abs_difference"],
+                "logit_abs_difference": serve["logit_abs_difference"]["int8"],
+                "logit_abs_difference_int4": serve["logit_abs_difference"]["int4"],
                 "sizes": dataclasses.asdict(serve_sizes),
                 "device": "cpu",  # exported artifacts are unsharded and served on CPU, whatever --device trained
                 "setup": "the FP32-tables model as trained above -> unsharded_state_dict -> the same CTRTask on CPU "
-                         "-> export_task(table_dtype='trained' | 'int8') -> ServedModel.load -> ServedModel.logits "
-                         "on the prebuilt training batches (cycled)",
+                         "-> export_task(table_dtype='trained' | 'int8' | 'int4') -> ServedModel.load -> "
+                         "ServedModel.logits on the prebuilt training batches (cycled)",
             },
             "ratio_method": RATIO_METHOD,
             "sizes": dataclasses.asdict(sizes),
             "model": "torchrec DLRM_DCN, fused RowWiseAdagrad (tables) + Adam (dense), TrainPipelineSparseDist, "
-                     "DMP 1 rank; model.embedding_dtype fp32 vs fp16; served: export_task trained (fp32) vs int8",
+                     "DMP 1 rank; model.embedding_dtype fp32 vs fp16; served: export_task trained (fp32) vs int8 "
+                     "vs int4",
         },
         table=[{"phase": "train", "tables": name.split("_")[0], "samples/s (median)": round(medians[name], 1),
                 "table weights (MB)": round(memory[name.split("_")[0]]["weights"] / 2**20, 2)} for name in medians]

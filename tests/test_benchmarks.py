@@ -186,16 +186,17 @@ def test_elec_student_is_served_exported_and_ratios_come_from_rounds(tmp_path_fa
 
 
 @pytest.mark.slow
-def test_table_dtype_serves_int8_and_fp32_exports_of_the_trained_model(tmp_path_factory: pytest.TempPathFactory
-                                                                       ) -> None:
-    """The serving figures come from interleaved rounds of the two exported artifacts; the INT8 one is smaller on
-    disk and in memory and its logits stay close to the FP32 one's."""
+def test_table_dtype_serves_int8_int4_and_fp32_exports_of_the_trained_model(tmp_path_factory: pytest.TempPathFactory
+                                                                            ) -> None:
+    """The serving figures come from interleaved rounds of the three exported artifacts; the INT8 one is smaller on
+    disk and in memory than the FP32 one, the INT4 one smaller on disk than the INT8 one, and their logits stay
+    close to the FP32 one's."""
     from benchmarks import table_dtype
 
     payload = _smoke_payload("table_dtype", tmp_path_factory)
     serve = payload["details"]["serve"]
     rounds = serve["samples_per_second_rounds"]
-    assert set(rounds) == {"fp32_tables", "int8_tables"}
+    assert set(rounds) == {"fp32_tables", "int8_tables", "int4_tables"}
     assert all(len(v) == table_dtype.SERVE_SIZES["smoke"].repeats and min(v) > 0 for v in rounds.values())
     assert payload["serve_ratio_int8_vs_fp32_tables"] == pytest.approx(max(rounds["int8_tables"])
                                                                       / max(rounds["fp32_tables"]))
@@ -205,11 +206,22 @@ def test_table_dtype_serves_int8_and_fp32_exports_of_the_trained_model(tmp_path_
         serve["artifact_bytes"]["int8"] / serve["artifact_bytes"]["fp32"])
     assert 0 < payload["artifact_bytes_ratio_int8_vs_fp32"] < 0.6  # D bytes + 4 per row vs 4 * D
     assert 0 < serve["table_bytes_ratio_int8_vs_fp32"] < 1
+    assert payload["serve_ratio_int4_vs_fp32_tables"] == pytest.approx(max(rounds["int4_tables"])
+                                                                      / max(rounds["fp32_tables"]))
+    assert serve["ratio_rounds_int4"] == pytest.approx([a / b for a, b in zip(rounds["int4_tables"],
+                                                                               rounds["fp32_tables"])])
+    assert payload["artifact_bytes_ratio_int4_vs_fp32"] == pytest.approx(
+        serve["artifact_bytes"]["int4"] / serve["artifact_bytes"]["fp32"])
+    # D / 2 bytes + 4 per row vs 4 * D (the dense part's float32 weights are in both)
+    assert 0 < payload["artifact_bytes_ratio_int4_vs_fp32"] < payload["artifact_bytes_ratio_int8_vs_fp32"]
+    assert 0 < serve["table_bytes_ratio_int4_vs_fp32"] <= serve["table_bytes_ratio_int8_vs_fp32"]
     difference = serve["logit_abs_difference"]
     sizes = payload["details"]["sizes"]
     assert difference["rows"] == sizes["batch_size"] * sizes["memory_batches"]  # every request batch, every row
     assert 0 <= difference["mean"] <= difference["max"] < 0.1
-    assert [row["phase"] for row in payload["table"]] == ["train", "train", "serve", "serve"]
+    int4 = serve["logit_abs_difference_int4"]
+    assert int4["rows"] == difference["rows"] and 0 <= int4["mean"] <= int4["max"] < 0.5
+    assert [row["phase"] for row in payload["table"]] == ["train", "train", "serve", "serve", "serve"]
 
 
 @pytest.mark.slow

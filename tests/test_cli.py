@@ -894,8 +894,8 @@ def test_a_message_that_names_its_command_is_not_prefixed_twice(capsys) -> None:
     command once (a message naming another command keeps its prefix)."""
     from recsys_llm.cli import _error_exit, project_warning_format
 
-    assert _error_exit("export", ValueError("export: table_dtype (--table-dtype) is 'int4'")) == 2
-    assert capsys.readouterr().err.splitlines()[0] == "recsys-llm export: error: table_dtype (--table-dtype) is 'int4'"
+    assert _error_exit("export", ValueError("export: table_dtype (--table-dtype) is 'int2'")) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "recsys-llm export: error: table_dtype (--table-dtype) is 'int2'"
     _error_exit("evaluate", ValueError("export: kept"))
     assert capsys.readouterr().err.splitlines()[0] == "recsys-llm evaluate: error: export: kept"
     formatted = project_warning_format("semantics encode", None)(

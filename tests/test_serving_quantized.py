@@ -1,4 +1,5 @@
-"""Serving with INT8 tables (``export_task(..., table_dtype="int8")``, ``recsys-llm export --table-dtype int8``)."""
+"""Serving with INT8 / INT4 tables (``export_task(..., table_dtype="int8" | "int4")``, ``recsys-llm export
+--table-dtype int8 | int4``)."""
 
 import copy
 import json
@@ -14,22 +15,34 @@ from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS
 from recsys_llm.modules.elec import build_student
 from recsys_llm.serving import ServedModel, export_task
-from recsys_llm.serving.quantized_tables import quantized_ebc
+from recsys_llm.serving.quantized_tables import quantized_ebc, quantized_state
 from tests.test_serving import CPU, SCHEMA, _trained_pair, make_batch
 from tests.test_serving_weighted import _request, _weighted_task
 
-# served INT8 logits vs served float32 logits of the small trained models here (measured: at most 4e-3); a row's
-# values are off by at most half its quantization step, (max - min) / 255 / 2, plus float16 scale / bias rounding
-LOGIT_TOLERANCE = 2e-2
+# served quantized logits vs served float32 logits of the small trained models here (logits up to 1.5). A row's
+# values are off by at most half its quantization step, (max - min) / L / 2 with L = 255 (INT8) or 15 (INT4), plus
+# float16 scale / bias rounding: INT4's step is 17x INT8's. Measured on these tests' requests (1 to 33 rows): INT8
+# at most 7.5e-3, INT4 at most 0.034 (DeepFM; 0.022 the weighted model; 0.068 over 256 rows of DeepFM)
+LOGIT_TOLERANCE = {"int8": 2e-2, "int4": 0.1}
+QUANTIZED = ("int8", "int4")
 
 
-def _dequantized(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    """The float32 tables an artifact's INT8 rows stand for: ``q * scale + bias`` per row, keyed as the float EBC's."""
+def _unpacked(rows: torch.Tensor, table_dtype: str) -> torch.Tensor:
+    """An artifact's stored rows as their values ``q`` (rows, D) float32: INT8 rows as they are, INT4 bytes
+    (rows, D / 2) as two values each, value 2j in the low 4 bits of byte j, value 2j + 1 in the high 4 bits."""
+    if table_dtype == "int8":
+        return rows.float()
+    return torch.stack((rows & 15, rows >> 4), dim=-1).flatten(1).float()  # (rows, D)
+
+
+def _dequantized(state: Dict[str, torch.Tensor], prefix: str, table_dtype: str = "int8") -> Dict[str, torch.Tensor]:
+    """The float32 tables an artifact's quantized rows stand for: ``q * scale + bias`` per row, keyed as the float
+    EBC's."""
     tables = {}
     for key in state:
         if key.startswith(prefix) and key.endswith(".weight"):
             scale, bias = state[f"{key}_qscale"].float(), state[f"{key}_qbias"].float()  # (rows, 1) each
-            tables[key[len(prefix):]] = state[key].float() * scale + bias  # (rows, D)
+            tables[key[len(prefix):]] = _unpacked(state[key], table_dtype) * scale + bias  # (rows, D)
     return tables
 
 
@@ -40,32 +53,52 @@ def _student(model_name: str):
     return student.eval()
 
 
+@pytest.mark.parametrize("table_dtype", QUANTIZED)
 @pytest.mark.parametrize("model_name", ["deepfm", "dcnv2"])
-def test_int8_tables_serve_the_float_model_of_their_dequantized_rows(tmp_path, model_name):
-    """The INT8 artifact's logits are the trained model's on ``q * scale + bias`` tables (1e-5), and within
-    ``LOGIT_TOLERANCE`` of the float32 artifact's."""
+def test_quantized_tables_serve_the_float_model_of_their_dequantized_rows(tmp_path, model_name, table_dtype):
+    """The INT8 / INT4 artifact's logits are the trained model's on ``q * scale + bias`` tables (1e-5: an INT4
+    byte unpacked in another order would serve other rows), and within ``LOGIT_TOLERANCE`` of the float32
+    artifact's."""
     student = _student(model_name)
     example = make_batch(4, 100)
     export_task(student, str(tmp_path / "fp32"), example.dense_features, example.sparse_features, schema=SCHEMA)
-    export_task(student, str(tmp_path / "int8"), example.dense_features, example.sparse_features, schema=SCHEMA,
-                table_dtype="int8")
+    export_task(student, str(tmp_path / table_dtype), example.dense_features, example.sparse_features, schema=SCHEMA,
+                table_dtype=table_dtype)
     fp32 = ServedModel.load(str(tmp_path / "fp32"), trust_program=True)
-    int8 = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
+    quantized = ServedModel.load(str(tmp_path / table_dtype), trust_program=True)
     reference = copy.deepcopy(student)
-    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
-    reference.model.embedding_bag_collection.load_state_dict(_dequantized(state, "model.embedding_bag_collection."))
+    state = load_file(str(tmp_path / table_dtype / "model.safetensors"))
+    reference.model.embedding_bag_collection.load_state_dict(
+        _dequantized(state, "model.embedding_bag_collection.", table_dtype))
     for size, seed in ((1, 7), (33, 8)):
         batch = make_batch(size, seed)
         with torch.no_grad():
             expected = reference.predict(batch).logits
-        served = int8.logits(batch.dense_features, batch.sparse_features)
+        served = quantized.logits(batch.dense_features, batch.sparse_features)
         torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
         float32 = fp32.logits(batch.dense_features, batch.sparse_features)
-        assert 0 < float((served - float32).abs().max()) <= LOGIT_TOLERANCE
+        assert 0 < float((served - float32).abs().max()) <= LOGIT_TOLERANCE[table_dtype]
 
 
-@pytest.mark.parametrize("model_name", ["deepfm", "dlrm"])
-def test_a_sequence_table_before_sparse_ones_keeps_its_columns(tmp_path, model_name):
+@pytest.mark.parametrize("table_dtype", QUANTIZED)
+def test_the_stored_rows_are_the_float_rows_within_half_a_step(table_dtype):
+    """Each value of an artifact's rows, unpacked (INT4: low 4 bits first) and dequantized, is within half its row's
+    quantization step of the float table (float16 rounding of scale and bias aside): bytes packed or unpacked in
+    another order are off by up to the row's whole range."""
+    torch.manual_seed(0)
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    ebc = student.model.embedding_bag_collection
+    state = quantized_state(quantized_ebc(ebc, table_dtype), "")
+    dequantized = _dequantized(state, "", table_dtype)
+    for name, bag in ebc.embedding_bags.items():
+        key = f"embedding_bags.{name}.weight"
+        scale = state[f"{key}_qscale"].float()  # (rows, 1)
+        assert state[key].shape == (bag.weight.size(0), bag.weight.size(1) // (2 if table_dtype == "int4" else 1))
+        assert bool(((dequantized[key] - bag.weight).abs() <= 0.52 * scale).all()), name
+
+
+@pytest.mark.parametrize("model_name,table_dtype", [("deepfm", "int8"), ("dlrm", "int8"), ("deepfm", "int4")])
+def test_a_sequence_table_before_sparse_ones_keeps_its_columns(tmp_path, model_name, table_dtype):
     """torchrec's quant EBC groups its tables by pooling (SUM tables, then MEAN ones): a sequence field's columns
     went last, and the program read another field's embedding in their place (logits off by 0.26 on the synthetic
     data, whose item_tags sits between sparse fields)."""
@@ -74,12 +107,13 @@ def test_a_sequence_table_before_sparse_ones_keeps_its_columns(tmp_path, model_n
     torch.manual_seed(0)
     student = build_student(schema, SMOKE_CONFIGS[model_name], device=CPU).eval()
     example = make_batch(4, 100)
-    export_task(student, str(tmp_path / "int8"), example.dense_features, example.sparse_features, schema=schema,
-                table_dtype="int8")
-    served = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
+    export_task(student, str(tmp_path / "out"), example.dense_features, example.sparse_features, schema=schema,
+                table_dtype=table_dtype)
+    served = ServedModel.load(str(tmp_path / "out"), trust_program=True)
     reference = copy.deepcopy(student)
-    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
-    reference.model.embedding_bag_collection.load_state_dict(_dequantized(state, "model.embedding_bag_collection."))
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
+    reference.model.embedding_bag_collection.load_state_dict(
+        _dequantized(state, "model.embedding_bag_collection.", table_dtype))
     batch = make_batch(17, 5)
     with torch.no_grad():
         expected = reference.predict(batch).logits
@@ -114,14 +148,57 @@ def test_the_artifact_records_int8_tables_and_holds_a_third_of_their_bytes(tmp_p
     assert served.logits(example.dense_features, example.sparse_features).shape == (4,)
 
 
-def test_a_weighted_model_serves_int8_tables_with_the_request_weights(tmp_path):
+def test_the_artifact_records_int4_tables_and_holds_an_eighth_of_their_bytes_plus_scales(tmp_path):
+    """INT4 rows are D / 2 bytes of two packed values (torchrec's ``UInt4Tensor`` holds them as (rows, D)), stored as
+    those bytes: an eighth of FP32's 4 D bytes, plus the 4 bytes of the row's float16 scale and bias."""
+    student = _student("deepfm")
+    ebc = student.model.embedding_bag_collection
+    ebc.embedding_bags["student_user_id"].half()  # a table trained in FP16 (model.embedding_dtype=fp16)
+    ebc.embedding_bag_configs()[0].data_type = DataType.FP16
+    example = make_batch(4, 100)
+    trained = export_task(student, str(tmp_path / "trained"), example.dense_features, example.sparse_features)
+    config = export_task(student, str(tmp_path / "int4"), example.dense_features, example.sparse_features,
+                         table_dtype="int4")
+    assert trained["table_dtype"] == "trained" and config["table_dtype"] == "int4"
+    with open(tmp_path / "int4" / "tables.json") as handle:
+        tables = json.load(handle)
+    assert [t["data_type"] for t in tables] == ["INT4"] * 3
+    assert [t["trained_data_type"] for t in tables] == ["FP16", "FP32", "FP32"]
+    assert [t["embedding_dim"] for t in tables] == [8] * 3  # the values' D, not the bytes'
+    state = load_file(str(tmp_path / "int4" / "model.safetensors"))
+    rows = {key: value for key, value in state.items() if ".embedding_bags." in key}
+    assert {str(v.dtype) for k, v in rows.items() if k.endswith(".weight")} == {"torch.uint8"}
+    assert {str(v.dtype) for k, v in rows.items() if not k.endswith(".weight")} == {"torch.float16"}
+    assert rows["model.embedding_bag_collection.embedding_bags.student_item_id.weight"].shape == (12, 4)
+    trained_state = load_file(str(tmp_path / "trained" / "model.safetensors"))
+    float_bytes = sum(v.numel() * v.element_size() for k, v in trained_state.items() if ".student_item_id." in k)
+    int4_bytes = sum(v.numel() * v.element_size() for k, v in rows.items() if ".student_item_id." in k)
+    assert int4_bytes / float_bytes == (8 / 2 + 4) / (8 * 4)  # D / 2 bytes + float16 scale and bias, for 4 D
+    assert "--table-dtype int4" in (tmp_path / "int4" / "INFERENCE.md").read_text()
+    served = ServedModel.load(str(tmp_path / "int4"), trust_program=True)
+    assert served.logits(example.dense_features, example.sparse_features).shape == (4,)
+    # rows stored unpacked, one value a byte (not what export writes), are damage, named as such
+    key = "model.embedding_bag_collection.embedding_bags.student_item_id.weight"
+    state[key] = _unpacked(state[key], "int4").to(torch.uint8)  # (12, 8)
+    config = json.loads((tmp_path / "int4" / "config.json").read_text())
+    config.pop("sha256")
+    (tmp_path / "int4" / "config.json").write_text(json.dumps(config))
+    save_file(state, str(tmp_path / "int4" / "model.safetensors"), metadata={"export_id": config["export_id"]})
+    with pytest.raises(ValueError, match=r"model.safetensors: its tables do not match tables.json") as raised:
+        ServedModel.load(str(tmp_path / "int4"), trust_program=True)
+    assert "student_item_id.weight: copying a param with shape torch.Size([12, 16])" in str(raised.value.__cause__)
+
+
+@pytest.mark.parametrize("table_dtype", QUANTIZED)
+def test_a_weighted_model_serves_quantized_tables_with_the_request_weights(tmp_path, table_dtype):
     task = _weighted_task()
     example = _request(4, 0)
-    export_task(task, str(tmp_path / "int8"), example.dense_features, example.sparse_features, table_dtype="int8")
-    served = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
-    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    export_task(task, str(tmp_path / "out"), example.dense_features, example.sparse_features, table_dtype=table_dtype)
+    served = ServedModel.load(str(tmp_path / "out"), trust_program=True)
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
     reference = copy.deepcopy(task)
-    reference.model.embedding_bag_collection.load_state_dict(_dequantized(state, "model.embedding_bag_collection."))
+    reference.model.embedding_bag_collection.load_state_dict(
+        _dequantized(state, "model.embedding_bag_collection.", table_dtype))
     request = _request(16, 1)
     with torch.no_grad():
         expected = reference.predict(request).logits
@@ -131,13 +208,14 @@ def test_a_weighted_model_serves_int8_tables_with_the_request_weights(tmp_path):
                                                 weights=sparse.weights().double())
     got = served.logits(request.dense_features, as_float64)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    assert float((got - float32).abs().max()) <= LOGIT_TOLERANCE
+    assert float((got - float32).abs().max()) <= LOGIT_TOLERANCE[table_dtype]
     unweighted = _request(2, 3, weighted=False)
     with pytest.raises(ValueError, match="no weights"):
         served.logits(unweighted.dense_features, unweighted.sparse_features)
 
 
-def test_a_gain_network_serves_int8_entity_tables(tmp_path):
+@pytest.mark.parametrize("table_dtype", QUANTIZED)
+def test_a_gain_network_serves_quantized_entity_tables(tmp_path, table_dtype):
     """Every table of the artifact is quantized, the entity vectors' too."""
     from recsys_llm.serving import materialize_meta
     from tests.modules.test_semantic_table import _weighted_batch, _weighted_gain_network
@@ -149,13 +227,15 @@ def test_a_gain_network_serves_int8_entity_tables(tmp_path):
             if "embedding_bags" in name:
                 weight.copy_(torch.randn(weight.shape, generator=generator))
     example = _weighted_batch(0)
-    export_task(task, str(tmp_path / "gain"), example.dense_features, example.sparse_features, table_dtype="int8")
+    export_task(task, str(tmp_path / "gain"), example.dense_features, example.sparse_features,
+                table_dtype=table_dtype)
     with open(tmp_path / "gain" / "semantic_tables.json") as handle:
-        assert {t["data_type"] for t in json.load(handle)} == {"INT8"}
+        assert {t["data_type"] for t in json.load(handle)} == {table_dtype.upper()}
     state = load_file(str(tmp_path / "gain" / "model.safetensors"))
     reference = copy.deepcopy(task)
     for prefix, ebc in (("model.", reference.model), ("semantic_table.", reference.semantic_table)):
-        ebc.embedding_bag_collection.load_state_dict(_dequantized(state, f"{prefix}embedding_bag_collection."))
+        ebc.embedding_bag_collection.load_state_dict(
+            _dequantized(state, f"{prefix}embedding_bag_collection.", table_dtype))
     served = ServedModel.load(str(tmp_path / "gain"), trust_program=True)
     request = _weighted_batch(1)
     with torch.no_grad():
@@ -169,17 +249,55 @@ def test_a_bad_table_dtype_is_named_with_its_flag(tmp_path):
 
     student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
     example = make_batch(4, 100)
-    for bad in ("int4", "INT8", "fp16", None):
+    for bad in ("int2", "INT8", "INT4", "fp16", None):
         with pytest.raises(ValueError, match=r"table_dtype \(--table-dtype\) is .*; expected one of \['trained', "
-                                             r"'int8'\]"):
+                                             r"'int8', 'int4'\]"):
             export_task(student, str(tmp_path / "out"), example.dense_features, example.sparse_features,
                         table_dtype=bad)
     assert not os.path.exists(tmp_path / "out")
     # the CLI refuses it before it opens the run (no config, no checkpoint needed to get there)
     with pytest.raises(ValueError, match=r"--table-dtype"):
-        export_run(None, str(tmp_path / "no-run"), str(tmp_path / "out"), table_dtype="int4")
-    with pytest.raises(ValueError, match=r"--table-dtype int8 applies to a served export; --state-only"):
-        export_run(None, str(tmp_path / "no-run"), str(tmp_path / "out"), state_only=True, table_dtype="int8")
+        export_run(None, str(tmp_path / "no-run"), str(tmp_path / "out"), table_dtype="int2")
+    for table_dtype in QUANTIZED:
+        with pytest.raises(ValueError, match=rf"--table-dtype {table_dtype} applies to a served export; --state-only"):
+            export_run(None, str(tmp_path / "no-run"), str(tmp_path / "out"), state_only=True, table_dtype=table_dtype)
+
+
+def _weighted_task_of_dim(dim: int):
+    """``_weighted_task``'s model with tables of width ``dim`` (recsys-llm's own configs take multiples of 4 only)."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    from recsys_llm.models.task import CTRTask
+    from tests.test_serving_weighted import FEATURES, _Concat
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim if f == FEATURES[-1] else 8, num_embeddings=10,
+                                 feature_names=[f]) for f in FEATURES]
+    return CTRTask(_Concat(EmbeddingBagCollection(tables=tables, is_weighted=True))).eval()
+
+
+def test_a_table_dim_the_dtype_cannot_take_is_refused_before_anything_is_written(tmp_path):
+    """FBGEMM's row-wise quantizer needs a row's packed values to fill whole 2-byte words (it failed with "ncols needs
+    to be multiple of 2 Bytes"): INT4 takes dims that are multiples of 4, INT8 even ones. The export names the table,
+    its dim and the rule, and leaves an earlier export in the directory as it was."""
+    from tests.test_serving_weighted import FEATURES
+
+    example = _request(4, 0)
+    out = tmp_path / "out"
+    export_task(_weighted_task_of_dim(8), str(out), example.dense_features, example.sparse_features)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    task = _weighted_task_of_dim(6)
+    with pytest.raises(ValueError, match=rf"--table-dtype int4: table\(s\) 't_{FEATURES[-1]}' \(embedding_dim 6\) "
+                                         r"cannot be INT4: .*embedding_dim must be a multiple of 4; export with "
+                                         r"--table-dtype int8 or trained"):
+        export_task(task, str(out), example.dense_features, example.sparse_features, table_dtype="int4")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    export_task(task, str(tmp_path / "int8"), example.dense_features, example.sparse_features, table_dtype="int8")
+    with pytest.raises(ValueError, match=r"\(embedding_dim 5\) cannot be INT8: .*a multiple of 2; export with "
+                                         r"--table-dtype trained"):
+        export_task(_weighted_task_of_dim(5), str(out), example.dense_features, example.sparse_features,
+                    table_dtype="int8")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
 def test_int8_tables_stay_on_cpu_and_a_damaged_table_file_is_named(tmp_path):
@@ -205,11 +323,12 @@ def test_int8_tables_stay_on_cpu_and_a_damaged_table_file_is_named(tmp_path):
         ServedModel.load(str(out), trust_program=True)
 
 
-def test_quantizing_leaves_the_float_tables_as_they_were():
+@pytest.mark.parametrize("table_dtype", QUANTIZED)
+def test_quantizing_leaves_the_float_tables_as_they_were(table_dtype):
     student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
     ebc = student.model.embedding_bag_collection
     before = {key: value.clone() for key, value in ebc.state_dict().items()}
-    quantized = quantized_ebc(ebc, "int8")
+    quantized = quantized_ebc(ebc, table_dtype)
     assert all(torch.equal(before[key], value) for key, value in ebc.state_dict().items())
     assert not [name for name, module in ebc.named_modules() if "qconfig" in vars(module)]
     assert not [name for name in vars(ebc) if "quant" in name]
@@ -217,25 +336,25 @@ def test_quantizing_leaves_the_float_tables_as_they_were():
     assert quantized(batch.sparse_features).values().shape == ebc(batch.sparse_features).values().shape
 
 
-@pytest.mark.parametrize("value", [-7e4, 2e7])
-def test_a_row_beyond_float16s_range_is_refused_at_export_naming_table_and_row(tmp_path, value):
-    """A row whose minimum is below float16's -65504 (its bias) or whose range passes 255 x 65504 (its scale) has
-    no 8-bit form: the export wrote an infinite scale or bias, whose lookups are NaN, and ServedModel.load then
-    refused the artifact as "diverged or damaged". The export names the table and the row instead, and writes
-    nothing; the same row above 65504 with a small minimum quantizes (a finite scale)."""
+@pytest.mark.parametrize("value,table_dtype", [(-7e4, "int8"), (2e7, "int8"), (2e7, "int4")])
+def test_a_row_beyond_float16s_range_is_refused_at_export_naming_table_and_row(tmp_path, value, table_dtype):
+    """A row whose minimum is below float16's -65504 (its bias) or whose range passes L x 65504 (its scale; L 255
+    for INT8, 15 for INT4) has no such form: the export wrote an infinite scale or bias, whose lookups are NaN, and
+    ServedModel.load then refused the artifact as "diverged or damaged". The export names the table and the row
+    instead, and writes nothing; the same row above 65504 with a small minimum quantizes (a finite scale)."""
     student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
     ebc = student.model.embedding_bag_collection
     with torch.no_grad():
         ebc.embedding_bags["student_user_id"].weight[3, 0] = value
     example = make_batch(4, 100)
-    out = tmp_path / "int8"
+    out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"table 'student_user_id' has 1 row\(s\) out of float16's range \(first: "
                                          r"row 3, .*--table-dtype trained"):
-        export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype="int8")
+        export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype=table_dtype)
     assert not out.exists()
     with torch.no_grad():
         ebc.embedding_bags["student_user_id"].weight[3, 0] = 7e4
-    export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype="int8")
+    export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype=table_dtype)
     served = ServedModel.load(str(out), trust_program=True)
     assert torch.isfinite(served.logits(example.dense_features, example.sparse_features)).all()
 

@@ -34,8 +34,8 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         state_only (bool): write the whole trained task's full state dict only
             (``model.safetensors``), e.g. a gain network to load as a frozen teacher
             (``elec.teacher_checkpoint``); no serving program.
-        table_dtype (str): the served tables' dtype (``--table-dtype``): ``"trained"`` (as trained) or ``"int8"``
-            (quantized rows with a per-row scale and bias, :mod:`recsys_llm.serving.quantized_tables`).
+        table_dtype (str): the served tables' dtype (``--table-dtype``): ``"trained"`` (as trained), ``"int8"`` or
+            ``"int4"`` (quantized rows with a per-row scale and bias, :mod:`recsys_llm.serving.quantized_tables`).
 
     Returns:
         Dict[str, Any]: the artifact's ``config.json`` on rank 0, ``{}`` elsewhere.
@@ -78,7 +78,9 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     written: Dict[str, Any] = {}
     if ctx.is_main:
         size = sum(v.numel() * v.element_size() for v in full.values())
-        quantizing = "" if table_dtype == TRAINED else f", the tables quantized to {table_dtype} (about a third)"
+        row_bytes = {"int8": "D + 4", "int4": "D / 2 + 4"}.get(table_dtype)  # values, then float16 scale and bias
+        quantizing = "" if row_bytes is None else (f", the tables quantized to {table_dtype} ({row_bytes} bytes a row "
+                                                   "for FP32's 4 D)")
         _say(f"writing {output} ({size / 2**30:.2f} GiB of trained weights{quantizing}"
              f"{'' if state_only else ', then the dense part traced with torch.export'})")
     if ctx.is_main and state_only:
@@ -193,10 +195,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--output", required=True, help="export directory")
     export.add_argument("--state-only", action="store_true",
                         help="write the whole task's state dict only (e.g. a gain network for elec.teacher_checkpoint)")
-    export.add_argument("--table-dtype", default="trained", metavar="{trained,int8}",
-                        help="the served tables' dtype: trained (default: as trained, FP32 or FP16) or int8 (8-bit "
+    export.add_argument("--table-dtype", default="trained", metavar="{trained,int8,int4}",
+                        help="the served tables' dtype: trained (default: as trained, FP32 or FP16), int8 (8-bit "
                              "rows with a per-row scale and bias, served by torchrec's quantized "
-                             "EmbeddingBagCollection on CPU: about a third of FP32's bytes)")
+                             "EmbeddingBagCollection on CPU: D + 4 bytes a row for FP32's 4 D) or int4 (4-bit "
+                             "values, two a byte, the same way: D / 2 + 4 bytes a row)")
     export.add_argument("overrides", nargs="*",
                         help="config overrides section.key=value (value parsed as YAML), e.g. data.eval_batch_size=8192")
     export.set_defaults(func=_export)

@@ -4,7 +4,7 @@
 
     model.safetensors     full (unsharded) state dict of the task: weights only
     tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling,
-                          data type: as trained, or INT8 with ``--table-dtype int8``)
+                          data type: as trained, or INT8 / INT4 with ``--table-dtype int8 | int4``)
     dense_program.pt2     torch.export program of everything after the EBC lookup:
                           (dense (B, Dd), pooled (B, F * D)) -> logits (B,)
     config.json           format version, export id, SHA-256 of the files above, library versions
@@ -38,8 +38,8 @@ Example (inference)::
 
 Modules: ``artifact`` (file names and format constants), ``state`` (gathering a sharded
 model's state dict; reading an artifact's weights safely), ``export`` (:func:`export_task`),
-``served_model`` (:class:`ServedModel`), ``quantized_tables`` (INT8 tables, ``export --table-dtype int8``,
-torchrec's quantized EBC); the artifact's other file names and keys are in
+``served_model`` (:class:`ServedModel`), ``quantized_tables`` (INT8 / INT4 tables, ``export --table-dtype
+int8 | int4``, torchrec's quantized EBC); the artifact's other file names and keys are in
 ``recsys_llm.serving.artifact``.
 """
 

@@ -18,7 +18,8 @@ EXPORT_ID_KEY = "export_id"  # ties an artifact's files together (absent from ar
 VERSIONS_KEY = "versions"  # config.json: torch, torchrec, fbgemm_gpu, recsys_llm that exported (absent before 2026-12)
 VERSION_CHECKED = ("torch", "torchrec", "fbgemm_gpu")  # ServedModel.load warns when these differ
 WEIGHTED_KEY = "weighted"  # config.json: the tables (and entity tables) pool per-id weights (is_weighted EBCs; absent: False)
-# config.json: the tables' serving dtype, `export --table-dtype` ("trained", "int8"; absent before 2026-12: "trained")
+# config.json: the tables' serving dtype, `export --table-dtype` ("trained", "int8", "int4"; absent before 2026-12:
+# "trained")
 TABLE_DTYPE_KEY = "table_dtype"
 DIGESTS_KEY = "sha256"  # config.json: file name -> SHA-256 of its bytes as exported (absent from older artifacts)
 TABLES_PREFIX = "model.embedding_bag_collection."  # state-dict prefix of the backbone's tables (tables.json)

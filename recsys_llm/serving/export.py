@@ -43,7 +43,13 @@ from recsys_llm.serving.artifact import (
     VERSIONS_KEY,
     WEIGHTED_KEY,
 )
-from recsys_llm.serving.quantized_tables import TRAINED, check_table_dtype, quantized_ebc, quantized_state
+from recsys_llm.serving.quantized_tables import (
+    TRAINED,
+    check_quantizable,
+    check_table_dtype,
+    quantized_ebc,
+    quantized_state,
+)
 
 
 INFERENCE_EXAMPLE = """# Inference with an exported model
@@ -138,15 +144,17 @@ WEIGHTS_ARGUMENT = """
 
 QUANTIZED_INFERENCE_NOTE = """
 The tables are quantized (`recsys-llm export --table-dtype {table_dtype}`; `tables.json`: `data_type`
-{data_type}, `trained_data_type` what they were in training): each row is D uint8 values `q` with a float16
-scale and bias, `row = q * scale + bias` (`model.safetensors`: `...embedding_bags.<table>.weight`,
+{data_type}, `trained_data_type` what they were in training): each row is D values `q` (INT8: D uint8; INT4:
+D / 2 uint8 bytes of two 4-bit values, value 2j in the low 4 bits of byte j, value 2j + 1 in its high 4 bits)
+with a float16 scale and bias, `row = q * scale + bias` (`model.safetensors`: `...embedding_bags.<table>.weight`,
 `.weight_qscale`, `.weight_qbias`, the state dict of torchrec's quantized EmbeddingBagCollection with split
 scale / bias). `ServedModel` looks them up with torchrec's `torchrec.quant.embedding_modules.EmbeddingBagCollection`
 (FBGEMM's `IntNBitTableBatchedEmbeddingBagsCodegen`), on CPU. Without recsys_llm, build that module from
 `tables.json` (`data_type=DataType.{data_type}`, `quant_state_dict_split_scale_bias=True`,
-`device=torch.device("cpu")`) and `load_state_dict` those tensors into it, in place of the float EBC above; it
-groups its tables by pooling (SUM tables first), so give the program its output in `feature_names` order:
-`torch.cat([kt[name] for name in feature_names], dim=1)` for its KeyedTensor `kt`.
+`device=torch.device("cpu")`) and `load_state_dict` those tensors into it (an INT4 weight wrapped as
+`torchrec.tensor_types.UInt4Tensor(weight)`, the (rows, D) form that module holds it in), in place of the float
+EBC above; it groups its tables by pooling (SUM tables first), so give the program its output in `feature_names`
+order: `torch.cat([kt[name] for name in feature_names], dim=1)` for its KeyedTensor `kt`.
 """
 
 
@@ -273,7 +281,7 @@ def state_to_write(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 def _table_dicts(ebc: EmbeddingBagCollection, table_dtype: str = TRAINED) -> List[Dict[str, Any]]:
     """``tables.json``'s entries of ``ebc``: ``data_type`` is the served weights' (FP32, FP16, BF16 as trained;
-    INT8 when ``table_dtype`` quantizes them, with the training one as ``trained_data_type``)."""
+    INT8 / INT4 when ``table_dtype`` quantizes them, with the training one as ``trained_data_type``)."""
     quantized = table_dtype != TRAINED
     return [
         {
@@ -517,10 +525,10 @@ def export_task(
             treats raw request ids as the reader treated the training ids (without it: bounds
             checks only).
         table_dtype (str): the served tables' dtype (``recsys-llm export --table-dtype``): ``"trained"``
-            keeps them as trained (FP32 / FP16); ``"int8"`` quantizes every table, the entity tables of a gain
-            network too, to 8-bit rows with a per-row scale and bias, torchrec inference's quantized tables
-            (:mod:`recsys_llm.serving.quantized_tables`; ``tables.json``: ``data_type`` INT8 and
-            ``trained_data_type``; ``config.json``: ``table_dtype``).
+            keeps them as trained (FP32 / FP16); ``"int8"`` / ``"int4"`` quantizes every table, the entity tables
+            of a gain network too, to 8-bit / 4-bit rows with a per-row scale and bias, torchrec inference's
+            quantized tables (:mod:`recsys_llm.serving.quantized_tables`; ``tables.json``: ``data_type`` INT8 /
+            INT4 and ``trained_data_type``; ``config.json``: ``table_dtype``).
 
     Returns:
         Dict[str, Any]: the written ``config.json`` (``dense_program`` None, with a warning, when
@@ -533,7 +541,9 @@ def export_task(
             backbone EBC, a weight still on the meta device, an example batch of fewer than 2 rows or of
             another dense width than the backbone's, sparse features lacking a feature the tables read, of
             another batch size than the dense ones or without per-id weights for weighted tables (with them
-            for unweighted ones), teacher / LLM parts, or a ``table_dtype`` other than ``"trained"`` / ``"int8"``.
+            for unweighted ones), teacher / LLM parts, a ``table_dtype`` other than ``"trained"`` / ``"int8"`` /
+            ``"int4"``, or a table whose dim that dtype cannot take (INT4: a multiple of 4; INT8: even;
+            :func:`~recsys_llm.serving.quantized_tables.check_quantizable`), all before anything is written.
         FileExistsError: ``directory`` may not take an export (:func:`check_export_output`), or
             ``torch.export`` could not capture the dense part and ``directory`` holds an earlier export
             with a dense program, which a weights-only artifact would replace (it is left as it was).
@@ -550,6 +560,9 @@ def export_task(
     if semantic is not None and bool(semantic.is_weighted()) != weighted:  # SemanticTableTask refuses this
         raise ValueError(f"export: the backbone's tables have is_weighted={weighted}, the entity tables "
                          f"is_weighted={semantic.is_weighted()}; they read one request and must agree")
+    for tables_of in (ebc, semantic):  # a dim the dtype cannot take, before anything is written
+        if tables_of is not None:
+            check_quantizable(tables_of, table_dtype)
     tables = _table_dicts(ebc, table_dtype)
     semantic_tables = _table_dicts(semantic, table_dtype) if semantic is not None else []
     feature_names = [f for t in tables for f in t["feature_names"]]  # the pooled embeddings' keys, in order

@@ -1,24 +1,29 @@
-"""Quantized serving tables, the ``torchrec.inference`` way: INT8 rows with a per-row scale and bias.
+"""Quantized serving tables, the ``torchrec.inference`` way: INT8 or INT4 rows with a per-row scale and bias.
 
-``export_task(..., table_dtype="int8")`` (``recsys-llm export --table-dtype int8``) quantizes every
-table of the artifact with ``torchrec.inference.modules.quantize_embeddings``: each float32 / float16
-row ``w`` (D,) becomes ``q = round((w - bias) / scale)`` in ``[0, 255]`` (D bytes) with ``scale =
-(max(w) - min(w)) / 255`` and ``bias = min(w)`` kept as float16, so a looked-up row is ``q * scale + bias``
-(error at most ``scale / 2`` per value, plus the float16 rounding of scale and bias). The artifact holds
-the state dict torchrec's quantized ``EmbeddingBagCollection`` writes with split scale / bias (torchrec
-inference's default, ``FUSED_PARAM_QUANT_STATE_DICT_SPLIT_SCALE_BIAS``)::
+``export_task(..., table_dtype="int8" | "int4")`` (``recsys-llm export --table-dtype int8 | int4``) quantizes every
+table of the artifact with ``torchrec.inference.modules.quantize_embeddings`` (``torch.qint8`` / ``torch.quint4x2``,
+FBGEMM's ``FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf``): each float32 / float16 row ``w`` (D,) becomes
+``q = round((w - bias) / scale)`` in ``[0, L]`` with ``L = 2**bits - 1`` (255 for INT8, 15 for INT4), ``scale =
+(max(w) - min(w)) / L`` and ``bias = min(w)`` kept as float16, so a looked-up row is ``q * scale + bias`` (error
+at most ``scale / 2`` per value, plus the float16 rounding of scale and bias). INT8 rows are D bytes; INT4 rows
+D / 2 bytes, two values a byte, value ``2j`` in the low 4 bits of byte ``j`` and value ``2j + 1`` in its high 4 bits.
+The artifact holds the state dict torchrec's quantized ``EmbeddingBagCollection`` writes with split scale / bias
+(torchrec inference's default, ``FUSED_PARAM_QUANT_STATE_DICT_SPLIT_SCALE_BIAS``)::
 
-    <prefix>embedding_bags.<table>.weight          (rows, D) uint8
+    <prefix>embedding_bags.<table>.weight          (rows, D) uint8; INT4: (rows, D / 2) uint8, packed
     <prefix>embedding_bags.<table>.weight_qscale   (rows, 1) float16
     <prefix>embedding_bags.<table>.weight_qbias    (rows, 1) float16
 
-plain tensors that safetensors stores and reads without running code. ``ServedModel`` loads them
-into a ``torchrec.quant.embedding_modules.EmbeddingBagCollection``, whose lookup is FBGEMM's
+plain tensors that safetensors stores and reads without running code (the quant EBC holds an INT4 table's
+weight as torchrec's ``UInt4Tensor``, a (rows, D) view of those packed bytes that safetensors cannot write: its
+bytes are stored, and wrapped in a ``UInt4Tensor`` again on load, the table's ``data_type`` INT4 in
+``tables.json`` saying so). ``ServedModel`` loads them into a
+``torchrec.quant.embedding_modules.EmbeddingBagCollection``, whose lookup is FBGEMM's
 ``IntNBitTableBatchedEmbeddingBagsCodegen`` (one kernel for all tables of a pooling, CPU or GPU).
 
 Example::
 
-    quantized = quantized_ebc(ebc, "int8")  # a torchrec quant EBC; ebc is left as it was
+    quantized = quantized_ebc(ebc, "int4")  # a torchrec quant EBC; ebc is left as it was
     pooled = quantized(kjt).values()  # (B, sum of dims) float32, as ebc(kjt).values() within the scales
 """
 
@@ -29,17 +34,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torchrec.inference.modules import quantize_embeddings
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType, EmbeddingBagConfig, dtype_to_data_type
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.quant.embedding_modules import MODULE_ATTR_QUANT_STATE_DICT_SPLIT_SCALE_BIAS
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
+from torchrec.tensor_types import UInt4Tensor
 
 # ``export --table-dtype`` values: "trained" keeps the tables' training dtype (FP32 / FP16); the others quantize
 TRAINED = "trained"
-QUANTIZED_DTYPES: Dict[str, torch.dtype] = {"int8": torch.qint8}  # torchrec's quantization dtype of each value
+# torchrec's quantization dtype of each value
+QUANTIZED_DTYPES: Dict[str, torch.dtype] = {"int8": torch.qint8, "int4": torch.quint4x2}
 TABLE_DTYPES = (TRAINED, *QUANTIZED_DTYPES)
-QUANTIZED_DATA_TYPES = (DataType.INT8,)  # tables.json data_types ServedModel serves with a quant EBC
+QUANTIZED_DATA_TYPES = (DataType.INT8, DataType.INT4)  # tables.json data_types ServedModel serves with a quant EBC
 
 
 def check_table_dtype(table_dtype: str, owner: str = "export") -> Optional[torch.dtype]:
@@ -53,8 +60,34 @@ def check_table_dtype(table_dtype: str, owner: str = "export") -> Optional[torch
     if isinstance(table_dtype, str) and table_dtype in QUANTIZED_DTYPES:
         return QUANTIZED_DTYPES[table_dtype]
     raise ValueError(f"{owner}: table_dtype (--table-dtype) is {table_dtype!r}; expected one of {list(TABLE_DTYPES)} "
-                     f"({TRAINED!r}: the tables as trained, FP32 or FP16; 'int8': rows quantized to 8 bits with a "
-                     "per-row scale and bias, served by torchrec's quantized EmbeddingBagCollection)")
+                     f"({TRAINED!r}: the tables as trained, FP32 or FP16; 'int8' / 'int4': rows quantized to 8 / 4 "
+                     "bits with a per-row scale and bias, served by torchrec's quantized EmbeddingBagCollection)")
+
+
+def check_quantizable(ebc: EmbeddingBagCollection, table_dtype: str) -> None:
+    """Raises where a table of ``ebc`` has no ``table_dtype`` form; nothing for ``"trained"``.
+
+    FBGEMM's row-wise quantizer writes a row's packed values, then its float16 scale and bias, and needs the
+    values to fill whole 2-byte words: ``embedding_dim * bits`` a multiple of 16 (INT8: an even dim; INT4, two
+    values a byte: a multiple of 4). Checked on the configs alone (tables on the meta device too).
+
+    Raises:
+        ValueError: naming each such table, its dim, the rule and the ``--table-dtype`` values it fits.
+    """
+    dtype = check_table_dtype(table_dtype)
+    if dtype is None:
+        return
+    bits = DATA_TYPE_NUM_BITS[dtype_to_data_type(dtype)]
+    multiple = 16 // bits
+    bad = [c for c in ebc.embedding_bag_configs() if c.embedding_dim % multiple]
+    if bad:
+        fits = ["int8"] if all(c.embedding_dim % 2 == 0 for c in bad) else []
+        tables = ", ".join(f"{c.name!r} (embedding_dim {c.embedding_dim})" for c in bad)
+        raise ValueError(
+            f"export: --table-dtype {table_dtype}: table(s) {tables} cannot be {table_dtype.upper()}: FBGEMM's "
+            f"row-wise quantizer packs a row's {bits}-bit values into whole 2-byte words (then its float16 scale "
+            f"and bias), so embedding_dim must be a multiple of {multiple}; export with "
+            f"--table-dtype {' or '.join(fits + ['trained'])}, or train with such a dim")
 
 
 def quantized_ebc(ebc: EmbeddingBagCollection, table_dtype: str) -> QuantEmbeddingBagCollection:
@@ -65,15 +98,20 @@ def quantized_ebc(ebc: EmbeddingBagCollection, table_dtype: str) -> QuantEmbeddi
 
     Args:
         ebc (EmbeddingBagCollection): unsharded tables, float32 or float16, on CPU.
-        table_dtype (str): a quantized value of :data:`TABLE_DTYPES` (``"int8"``).
+        table_dtype (str): a quantized value of :data:`TABLE_DTYPES` (``"int8"``, ``"int4"``).
 
     Returns:
         QuantEmbeddingBagCollection: same tables, features and pooling; KJT -> KeyedTensor (B, sum of dims)
         float32. Its state dict holds split scale / bias (module docstring).
+
+    Raises:
+        ValueError: ``"trained"``, another value, a table whose dim the dtype cannot take (:func:`check_quantizable`)
+            or a row out of float16's range.
     """
     dtype = check_table_dtype(table_dtype)
     if dtype is None:
         raise ValueError(f"quantized_ebc: table_dtype {table_dtype!r} keeps the tables as trained; nothing to quantize")
+    check_quantizable(ebc, table_dtype)
     holder = nn.Module()
     holder.ebc = ebc  # quantize_embeddings swaps the EBC children of a module, not the module it is given
     setattr(ebc, MODULE_ATTR_QUANT_STATE_DICT_SPLIT_SCALE_BIAS, True)
@@ -91,8 +129,8 @@ def quantized_ebc(ebc: EmbeddingBagCollection, table_dtype: str) -> QuantEmbeddi
 def _check_scales_finite(quantized: QuantEmbeddingBagCollection, ebc: EmbeddingBagCollection,
                          table_dtype: str) -> None:
     """Raises where a row's float16 scale or bias came out infinite: a row whose minimum is below float16's
-    -65504, or whose range is above 255 x 65504, has no 8-bit form (its lookups would be NaN, and
-    ``ServedModel.load`` would refuse the artifact as diverged or damaged).
+    -65504, or whose range is above L x 65504 (L: 255 for INT8, 15 for INT4), has no such form (its lookups would
+    be NaN, and ``ServedModel.load`` would refuse the artifact as diverged or damaged).
 
     Raises:
         ValueError: naming the table, the first such row, its value range and ``--table-dtype trained``.
@@ -114,9 +152,8 @@ def _check_scales_finite(quantized: QuantEmbeddingBagCollection, ebc: EmbeddingB
 
 
 def empty_quantized_ebc(configs: List[EmbeddingBagConfig], weighted: bool) -> QuantEmbeddingBagCollection:
-    """A quant EBC of ``configs`` (their ``data_type`` INT8) on CPU, its rows allocated but not filled: load the
-    state dict :func:`quantized_ebc` wrote (split scale / bias) with ``load_state_dict`` (copied into FBGEMM's row
-    layout, each row padded to its alignment)."""
+    """A quant EBC of ``configs`` (their ``data_type`` INT8 or INT4) on CPU, its rows allocated but not filled: fill
+    it with :func:`load_quantized_state`."""
     ebc = QuantEmbeddingBagCollection(copy.deepcopy(configs), is_weighted=weighted, device=torch.device("cpu"),
                                       quant_state_dict_split_scale_bias=True)
     return ebc.eval()
@@ -124,9 +161,23 @@ def empty_quantized_ebc(configs: List[EmbeddingBagConfig], weighted: bool) -> Qu
 
 def quantized_state(ebc: QuantEmbeddingBagCollection, prefix: str) -> Dict[str, torch.Tensor]:
     """``ebc``'s state dict under ``prefix`` as the artifact stores it: contiguous copies (the tensors are views of
-    FBGEMM's padded rows), (rows, D) uint8 weights, (rows, 1) float16 scales and biases."""
-    return {f"{prefix}{key}": value.detach().clone(memory_format=torch.contiguous_format)
-            for key, value in ebc.state_dict().items()}
+    FBGEMM's padded rows), (rows, D) uint8 weights ((rows, D / 2) packed bytes of an INT4 table's ``UInt4Tensor``),
+    (rows, 1) float16 scales and biases."""
+    return {f"{prefix}{key}": (value.view(torch.uint8) if isinstance(value, UInt4Tensor) else value).detach()
+            .clone(memory_format=torch.contiguous_format) for key, value in ebc.state_dict().items()}
+
+
+def load_quantized_state(ebc: QuantEmbeddingBagCollection, state: Dict[str, torch.Tensor]) -> None:
+    """Copies ``state`` (as :func:`quantized_state` wrote it, without its prefix) into ``ebc``'s FBGEMM rows (each
+    padded to its alignment): an INT4 table's (rows, D / 2) uint8 bytes become torchrec's ``UInt4Tensor`` (rows, D)
+    again, the form the quant EBC holds them in (another shape is a ``load_state_dict`` RuntimeError).
+
+    Raises:
+        RuntimeError: missing or unexpected keys, or weights of another shape than ``ebc``'s tables.
+    """
+    packed = {key for key, value in ebc.state_dict().items() if isinstance(value, UInt4Tensor)}
+    ebc.load_state_dict({key: UInt4Tensor(value) if key in packed and value.dtype == torch.uint8 and value.dim() == 2
+                         else value for key, value in state.items()})
 
 
 def is_quantized(ebc: Optional[nn.Module]) -> bool:

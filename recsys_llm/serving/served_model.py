@@ -41,6 +41,7 @@ from recsys_llm.serving.quantized_tables import (
     QUANTIZED_DATA_TYPES,
     empty_quantized_ebc,
     is_quantized,
+    load_quantized_state,
     pooled_in_order,
     pooling_weight_dtype,
     table_order_keys,
@@ -176,8 +177,9 @@ def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: D
               prefix: str, weighted: bool = False) -> nn.Module:
     """An EBC from an artifact's table list, its weights taken from ``state`` under ``prefix``; ``weighted``:
     it pools the request's per-id weights (the exported EBC had ``is_weighted=True``). Each table's weights
-    have its ``data_type`` (FP32 where ``tables.json`` records none, as before it was recorded); INT8 tables
-    (``export --table-dtype int8``) are torchrec's quantized EBC (``recsys_llm.serving.quantized_tables``)."""
+    have its ``data_type`` (FP32 where ``tables.json`` records none, as before it was recorded); INT8 / INT4 tables
+    (``export --table-dtype int8 | int4``) are torchrec's quantized EBC (``recsys_llm.serving.quantized_tables``;
+    an INT4 table's packed bytes are wrapped in torchrec's ``UInt4Tensor`` again, no code from the file runs)."""
     path = os.path.join(directory, tables_file)
     tables = _read_json(path)
     _check_digest(directory, config, tables_file)
@@ -207,7 +209,10 @@ def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: D
                        f"table weights {[f'{k} ({dtype})' for k, dtype in list(other.items())[:3]]} are not "
                        f"{' / '.join(expected)}, as export writes them ({tables_file}: data_type)")
     try:  # a quant EBC's rows are copied into FBGEMM's (padded) layout
-        ebc.load_state_dict(weights, assign=not is_quantized(ebc))
+        if is_quantized(ebc):
+            load_quantized_state(ebc, weights)
+        else:
+            ebc.load_state_dict(weights, assign=True)
     except RuntimeError as error:  # missing / unexpected keys, other shapes
         _raise_damaged(os.path.join(directory, STATE_FILE), f"its tables do not match {tables_file}", error)
     if not is_quantized(ebc):
@@ -233,7 +238,7 @@ class ServedModel(nn.Module):
 
     Args:
         ebc (nn.Module): the tables with trained weights: an ``EmbeddingBagCollection``, or torchrec's quantized
-            one for an artifact of INT8 tables (``export --table-dtype int8``; it serves on CPU).
+            one for an artifact of INT8 / INT4 tables (``export --table-dtype int8 | int4``; it serves on CPU).
         dense_program (nn.Module): ``(dense, pooled[, vectors]) -> logits`` (``torch.export`` module).
         config (Dict[str, Any]): the artifact's ``config.json``.
         semantic_ebc (Optional[nn.Module]): a gain network's frozen entity-vector
