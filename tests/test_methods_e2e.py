@@ -52,8 +52,9 @@ def _common(schema: str, run_dir: str) -> List[str]:
 
 def _train_and_export_llactr(schema_path: str, run_dir: str, vectors: str, export_dir: str) -> Dict[str, Any]:
     """Trains DeepFM + FRE + FIE, exports it, and compares the served logits with the task's."""
-    from recsys_llm.serving import materialize_meta
+    from recsys_llm.serving import materialize_meta, unsharded_state_dict
     from recsys_llm.train.task_builder import build_task
+    from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 
     overrides = _common(schema_path, run_dir) + [
         f"llactr.vectors_path={vectors}", "llactr.lambda_fre=0.1", "llactr.lambda_fie=0.1",
@@ -62,16 +63,17 @@ def _train_and_export_llactr(schema_path: str, run_dir: str, vectors: str, expor
     assert cli_main(["export", "--config", CONFIG, "--checkpoint", run_dir, "--output", export_dir, *overrides]) == 0
     config, schema = load_config(CONFIG, overrides), DatasetSchema.load(schema_path)
     task = materialize_meta(build_task(config, schema, torch.device("cpu")).task, torch.device("cpu"))
-    task.load_state_dict(load_state_file(export_dir))  # FIE unfrozen, unfolded: computed from its Linear
+    # the checkpoint the export read, as the trainer's sharded model predicts with it
+    trained = load_trained_model(config, open_trained_run(config, run_dir)).eval()
+    # the run's whole state, as export gathers it (the artifact leaves FRE and the folded FIE out): FIE unfrozen,
+    # unfolded, computed from its Linear
+    task.load_state_dict(unsharded_state_dict(trained))
+    result["artifact_keys"] = sorted(load_state_file(export_dir))
     batch = next(iter(ParquetBatchReader(schema, "test", 64)))
     with torch.no_grad():
         result["task_logits"] = task.eval().predict(batch).logits
         result["plain_logits"] = task.model(batch.dense_features, batch.sparse_features).logits
     result["served_logits"] = ServedModel.load(export_dir, trust_program=True).logits(batch.dense_features, batch.sparse_features)
-    # the checkpoint the export read, as the trainer's sharded model predicts with it
-    from recsys_llm.train.trained_run import load_trained_model, open_trained_run
-
-    trained = load_trained_model(config, open_trained_run(config, run_dir)).eval()
     with torch.no_grad():
         result["checkpoint_logits"] = trained.module.predict(batch).logits
     with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as handle:
@@ -120,6 +122,8 @@ def test_llactr_section_trains_fre_and_fie_and_records_provenance(small_syntheti
     assert result["test"]["auc"] > 0.5
     with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as handle:
         assert json.load(handle)["folded_logit_terms"] == ["fie"]  # DeepFM: FIE inside its FM part
+    # training-only: FRE, and the FIE folded into the program's backbone
+    assert not [key for key in result["artifact_keys"] if key.startswith(("loss_terms.", "logit_terms."))]
     torch.testing.assert_close(result["served_logits"], result["task_logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result["served_logits"], result["checkpoint_logits"], rtol=1e-5, atol=1e-5)
     schema_fields = {f.name: f for f in schema.fields}

@@ -114,7 +114,10 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, f
     assert any("logit_terms.fie" in n for n in program_names) == (not folded)  # a folded FIE is in the backbone
     with torch.no_grad():
         served_weights = fie.pair_weight(fie.pair_similarity)
-    torch.testing.assert_close(load_state_file(out)["logit_terms.fie.frozen_pair_weights"], served_weights)
+    state = load_state_file(out)
+    assert ("logit_terms.fie.frozen_pair_weights" in state) == (not folded)  # a folded FIE is in the program only
+    if not folded:
+        torch.testing.assert_close(state["logit_terms.fie.frozen_pair_weights"], served_weights)
     served = ServedModel.load(out, trust_program=True)
     # the pair weights are constants of the program, not rebuilt per request
     targets = {str(node.target) for node in served.dense_program.graph.nodes if node.op == "call_function"}
@@ -128,6 +131,107 @@ def test_exported_llactr_task_serves_the_frozen_fie_term(tmp_path, model_name, f
         assert not torch.allclose(expected, plain)  # the FIE term is there
         torch.testing.assert_close(served.logits(batch.dense_features, batch.sparse_features), expected)
 
+
+
+FRE_KEYS = {"loss_terms.fre.field_vectors", "loss_terms.fre.projection.weight", "loss_terms.fre.projection.bias"}
+FIE_KEYS = {f"logit_terms.fie.{name}" for name in ("pair_rows", "pair_cols", "pair_similarity", "frozen_pair_weights",
+                                                   "pair_weight.weight", "pair_weight.bias")}
+TABLE_KEYS = {f"model.embedding_bag_collection.embedding_bags.t_{f}.weight" for f in ("user_id", "item_id", "genres")}
+
+
+def _llactr_task(model_name: str, seed: int = 0, steps: int = 3):
+    """A CTRTask of ``model_name`` + FIE (logit term) + FRE (loss term), ``steps`` steps trained, in eval mode."""
+    from recsys_llm.models.registry import build_backbone
+    from recsys_llm.models.task import CTRTask
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+    from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
+
+    torch.manual_seed(seed)
+    backbone = build_backbone(SMOKE_CONFIGS[model_name], SCHEMA, device=CPU)
+    names = ["item_id", "user_id"]  # genres left out
+    fie = FieldInteractionEnhancement(torch.randn(2, 6), names, weight=0.5)
+    fre = FieldRepresentationEnhancement(torch.randn(2, 6), names, SMOKE_CONFIGS[model_name].embedding_dim)
+    task = CTRTask(backbone, logit_terms={"fie": fie}, loss_terms={"fre": fre})
+    optimizer = torch.optim.Adam(task.parameters(), lr=0.05)
+    for step in range(steps):
+        loss, _ = task(make_batch(16, step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return task.eval()
+
+
+def _as_written_before(out: str, task) -> None:
+    """Rewrites the artifact ``out`` of ``task`` as exports wrote it before they left the training-only parts out:
+    the whole task's state as served (FIE frozen), with the same export id, its digest recorded again."""
+    from safetensors.torch import save_file
+
+    from recsys_llm.file_hash import file_sha256
+    from recsys_llm.serving.export import serving_form, state_to_write
+
+    path = os.path.join(out, "model.safetensors")
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    with serving_form(task, config["feature_names"]):
+        state = state_to_write(task)
+    save_file(state, path, metadata={"export_id": config["export_id"]})
+    config["sha256"]["model.safetensors"] = file_sha256(path)
+    config["num_state_tensors"] = len(state)
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+
+
+@pytest.mark.parametrize("model_name, left_out", [("fm", FRE_KEYS | FIE_KEYS), ("dcnv2", FRE_KEYS)])
+def test_the_artifact_holds_no_training_only_tensor(tmp_path, model_name, left_out):
+    """model.safetensors held FRE's LLM field vectors and projection, and a folded FIE term's pair-weight network,
+    which neither ServedModel (it reads the tables) nor the program reads; a DCNv2's FIE, a logit term of the
+    program, stays. An artifact written before, with the whole state, still loads and serves the same logits."""
+    task = _llactr_task(model_name)
+    example = make_batch(4, 100)
+    out = str(tmp_path / "export")
+    config = export_task(task, out, example.dense_features, example.sparse_features)
+    assert config["folded_logit_terms"] == (["fie"] if model_name == "fm" else [])
+    state = load_state_file(out)
+    assert not left_out & set(state)
+    assert set(state) == set(task.state_dict()) - left_out and config["num_state_tensors"] == len(state)
+    assert TABLE_KEYS <= set(state) and (FIE_KEYS <= set(state)) == (model_name == "dcnv2")
+    served = ServedModel.load(out, trust_program=True)
+    batches = [make_batch(size, seed) for seed, size in ((7, 1), (8, 33))]
+    logits = [served.logits(batch.dense_features, batch.sparse_features) for batch in batches]
+    with torch.no_grad():
+        for batch, served_logits in zip(batches, logits):
+            expected = task.predict(batch).logits
+            if model_name == "fm":  # the folded pairs are added in another order
+                torch.testing.assert_close(served_logits, expected)
+            else:
+                assert torch.equal(served_logits, expected)
+
+    _as_written_before(out, task)
+    assert left_out <= set(load_state_file(out))
+    before = ServedModel.load(out, trust_program=True)
+    for batch, served_logits in zip(batches, logits):
+        assert torch.equal(before.logits(batch.dense_features, batch.sparse_features), served_logits)
+
+
+def test_a_weights_only_artifact_keeps_the_whole_state_for_the_model_code(tmp_path, monkeypatch):
+    """Without a dense program the state is served by the model's own code, whose load_state_dict wants every
+    tensor: FRE's, and the FIE term's that the model code does not fold, are kept."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot capture this")
+
+    task = _llactr_task("fm")
+    monkeypatch.setattr(torch.export, "export", refuse)
+    example = make_batch(4, 100)
+    with pytest.warns(UserWarning, match="could not capture the dense part"):
+        config = export_task(task, str(tmp_path / "e"), example.dense_features, example.sparse_features)
+    assert config["dense_program"] is None and config["folded_logit_terms"] == []
+    state = load_state_file(str(tmp_path / "e"))
+    assert FRE_KEYS | FIE_KEYS <= set(state) and set(state) == set(task.state_dict())
+    model_code = _llactr_task("fm", seed=1, steps=0)
+    model_code.load_state_dict(state)  # strict
+    batch = make_batch(9, 3)
+    with torch.no_grad():
+        assert torch.equal(model_code.predict(batch).logits, task.predict(batch).logits)
 
 def test_export_keeps_a_frozen_fie_as_it_was_and_refuses_a_folded_backbone(tmp_path):
     import torchrec.fx

@@ -2,7 +2,10 @@
 
 ``export_task`` writes a directory::
 
-    model.safetensors     full (unsharded) state dict of the task: weights only
+    model.safetensors     (unsharded) state dict of the task as served, weights only: less its
+                          training-only parts (loss terms such as LLaCTR's FRE, logit terms
+                          folded into the backbone such as FIE on FM), which serving never reads;
+                          the whole task's when there is no dense program
     tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling,
                           data type: as trained, or INT8 / INT4 with ``--table-dtype int8 | int4``)
     dense_program.pt2     torch.export program of everything after the EBC lookup:
@@ -25,7 +28,7 @@ serving host with torchrec's inference sharding it would be a TBE lookup) becaus
 ``torch.export`` does not capture KeyedJaggedTensor inputs; the dense part is one
 exported program, no Python model code needed. When ``torch.export`` cannot capture a
 backbone, ``dense_program`` is ``null`` in ``config.json`` (with the reason) and the
-state dict serves through the model code.
+state dict, then the whole task's, serves through the model code.
 
 Only the student of a ``TeacherStudentTask`` is exported (keys ``student.*``): the
 artifact holds no teacher, LLM, injection or semantic-table parameter, and

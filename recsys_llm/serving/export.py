@@ -107,7 +107,10 @@ weights of `model.safetensors` (`safetensors.torch.load_file`), then
 `torch.no_grad()` (the program gives logits; their sigmoid is what `predict` returns; the KJT's keys
 in `feature_names` order); the dense program alone needs torch only; the id rules above
 and the request checks are then the caller's job (an id outside its table fails deep in FBGEMM
-on CPU, and may read another row on GPU).
+on CPU, and may read another row on GPU). Besides the tables, `model.safetensors` holds the dense
+weights the program was captured with, less the training-only parts serving never reads (loss
+terms such as LLaCTR's FRE with its LLM field vectors; a logit term folded into the backbone's pair
+weights, `config.json`: `folded_logit_terms`); the whole trained state is `recsys-llm export --state-only`'s.
 """
 
 
@@ -467,15 +470,46 @@ def _tables_left_out(module: nn.Module) -> "contextlib.AbstractContextManager[No
 
 
 def _training_parts_left_out(task: nn.Module, folded: Sequence[str]) -> "contextlib.AbstractContextManager[None]":
-    """``task`` without its loss terms and its folded logit terms for the block: the program never calls
-    them (FRE is a training loss; a folded FIE term is part of the backbone's pairwise weights), yet it
-    held FRE's LLM field vectors and projection, and the folded term's pair-weight network."""
+    """``task`` without its loss terms and its folded logit terms for the block: serving never calls
+    them (FRE is a training loss; a folded FIE term is part of the backbone's pairwise weights), yet the
+    program, and the state file, held FRE's LLM field vectors and projection, and the folded term's
+    pair-weight network (:func:`_artifact_state`)."""
     children: List[Tuple[nn.Module, str]] = []
     if isinstance(getattr(task, "loss_terms", None), nn.Module):
         children.append((task, "loss_terms"))
     terms = getattr(task, "logit_terms", None)
     children += [(terms, name) for name in folded if terms is not None and name in terms]
     return _children_left_out(children)
+
+
+def _artifact_state(task: nn.Module, folded: Sequence[str], with_program: bool,
+                    table_dtype: str = TRAINED) -> Dict[str, torch.Tensor]:
+    """What ``model.safetensors`` holds: ``task``'s state as served (in :func:`serving_form`: frozen logit-term
+    weights included), as :func:`state_to_write` gives it.
+
+    With a dense program, the training-only parts are left out, as they are of the program
+    (:func:`_training_parts_left_out`: the loss terms, e.g. FRE's (F, d_llm) LLM field vectors and its
+    projection, and the logit terms ``folded`` into the backbone, e.g. FIE's pair-weight network):
+    ``ServedModel`` reads the tables from the state and the program holds the dense weights. Without one the
+    whole task's state is kept: it is served by loading it into the task built by the model's own code, whose
+    ``load_state_dict`` wants every tensor (and the unfolded FIE term's weights).
+
+    Args:
+        task (nn.Module): the ``CTRTask`` being exported, in :func:`serving_form`.
+        folded (Sequence[str]): the logit terms folded into the backbone.
+        with_program (bool): ``torch.export`` captured the dense part.
+        table_dtype (str): ``"trained"``, or ``"int8"`` / ``"int4"``: the tables' quantized rows, scales and biases
+            replace their float weights (:func:`_with_quantized_tables`).
+
+    Returns:
+        Dict[str, torch.Tensor]: state-dict key -> tensor, on CPU.
+    """
+    parts = _training_parts_left_out(task, folded) if with_program else contextlib.nullcontext()
+    with parts:
+        state = state_to_write(task)
+    if table_dtype != TRAINED:
+        state = _with_quantized_tables(state, task, table_dtype)
+    return state
 
 
 @contextlib.contextmanager
@@ -568,12 +602,7 @@ def export_task(
     feature_names = [f for t in tables for f in t["feature_names"]]  # the pooled embeddings' keys, in order
     with _eval_mode(task), atomic_directory(directory, "export", EXPORT_MARKER_FILES) as tmp, \
             serving_form(task, feature_names) as folded:
-        # the state as served: frozen logit-term weights included
-        state = state_to_write(task)
-        if table_dtype != TRAINED:  # the tables as served: quantized rows, scales and biases in their place
-            state = _with_quantized_tables(state, task, table_dtype)
         export_id = uuid.uuid4().hex  # in config.json, the state file and the program: they belong together
-        save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id})
         with open(os.path.join(tmp, TABLES_FILE), "w", encoding="utf-8") as handle:
             json.dump(tables, handle, indent=2)
         if semantic_tables:
@@ -612,6 +641,9 @@ def export_task(
                           f"{directory} holds the weights and tables but no dense program, so ServedModel cannot "
                           f"load it: serve it eagerly by loading {STATE_FILE} (serving.load_state_file) into the "
                           "task built by the model's own code (config.json: dense_program_error)", stacklevel=2)
+        # after the capture: what the state holds depends on whether a program serves the dense part
+        state = _artifact_state(task, folded, program_status is not None, table_dtype)
+        save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id})
         written = [STATE_FILE, TABLES_FILE] + ([SEMANTIC_TABLES_FILE] if semantic_tables else [])
         written += [program_status] if program_status is not None else []
         config = {
