@@ -30,9 +30,11 @@ exported program, no Python model code needed. When ``torch.export`` cannot capt
 backbone, ``dense_program`` is ``null`` in ``config.json`` (with the reason) and the
 state dict, then the whole task's, serves through the model code.
 
-Only the student of a ``TeacherStudentTask`` is exported (keys ``student.*``): the
-artifact holds no teacher, LLM, injection or semantic-table parameter, and
-:func:`export_task` refuses a task that reads LLM vectors.
+Only the student of a ``TeacherStudentTask`` is exported (keys ``student.*``): its
+artifact holds no teacher, LLM, injection or semantic-table parameter. :func:`export_task`
+refuses a task that reads LLM vectors from the rows (a gain network on row vectors); a gain
+network on entity tables is exported with its injection and its frozen tables
+(``semantic_tables.json``), and serves without an LLM.
 
 Example (inference)::
 
