@@ -37,8 +37,13 @@ def weights_only_reason(error: BaseException) -> Optional[str]:
     return None
 
 
+# nn.Module.load_state_dict's RuntimeError: this line, then one line per missing / unexpected key or size mismatch
+_STATE_DICT_ERRORS = "Error(s) in loading state_dict"
+
+
 def telling_line(error: BaseException) -> str:
-    """``error`` as ``Type: message``, cut to its most telling line (at most 500 characters)."""
+    """``error`` as ``Type: message``, cut to its most telling line (at most 500 characters; a ``load_state_dict``
+    error's first two: the first names no key)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # torch.load's weights-only refusal opens with advice; the reason is on a later line
     reason = weights_only_reason(error)
@@ -46,4 +51,6 @@ def telling_line(error: BaseException) -> str:
         reason = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line), None)
         if reason is not None:  # drop its advice to allowlist the global: the file is refused, not to be trusted
             reason = reason.split(" Please ")[0]
+    if reason is None and len(lines) > 1 and lines[0].startswith(_STATE_DICT_ERRORS):
+        reason = f"{lines[0]} {lines[1]}"  # its first line names no key: the first missing key or size mismatch
     return f"{type(error).__name__}: {reason or (lines[0] if lines else '')}"[:500]

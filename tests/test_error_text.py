@@ -42,3 +42,16 @@ def test_a_weights_only_refusal_gives_its_reason_without_torchs_advice(tmp_path,
 def test_other_errors_are_no_weights_only_refusal() -> None:
     assert weights_only_reason(ValueError("PytorchStreamReader failed reading zip archive")) is None
     assert telling_line(ValueError("first\nsecond")) == "ValueError: first"
+
+
+def test_a_load_state_dict_error_keeps_its_first_missing_key_or_size_mismatch() -> None:
+    """``load_state_dict``'s first line names no key ("Error(s) in loading state_dict for Linear:"): a damaged
+    artifact's refusal said nothing more about what does not fit."""
+    with pytest.raises(RuntimeError) as mismatch:
+        torch.nn.Linear(2, 3).load_state_dict({"weight": torch.zeros(3, 4), "bias": torch.zeros(3)})
+    assert telling_line(mismatch.value) == (
+        "RuntimeError: Error(s) in loading state_dict for Linear: size mismatch for weight: copying a param with shape "
+        "torch.Size([3, 4]) from checkpoint, the shape in current model is torch.Size([3, 2]).")
+    with pytest.raises(RuntimeError) as missing:
+        torch.nn.Linear(2, 3).load_state_dict({"weight": torch.zeros(3, 2)})
+    assert telling_line(missing.value).endswith('Linear: Missing key(s) in state_dict: "bias".')

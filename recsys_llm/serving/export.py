@@ -152,12 +152,56 @@ D / 2 uint8 bytes of two 4-bit values, value 2j in the low 4 bits of byte j, val
 with a float16 scale and bias, `row = q * scale + bias` (`model.safetensors`: `...embedding_bags.<table>.weight`,
 `.weight_qscale`, `.weight_qbias`, the state dict of torchrec's quantized EmbeddingBagCollection with split
 scale / bias). `ServedModel` looks them up with torchrec's `torchrec.quant.embedding_modules.EmbeddingBagCollection`
-(FBGEMM's `IntNBitTableBatchedEmbeddingBagsCodegen`), on CPU. Without recsys_llm, build that module from
-`tables.json` (`data_type=DataType.{data_type}`, `quant_state_dict_split_scale_bias=True`,
-`device=torch.device("cpu")`) and `load_state_dict` those tensors into it (an INT4 weight wrapped as
-`torchrec.tensor_types.UInt4Tensor(weight)`, the (rows, D) form that module holds it in), in place of the float
-EBC above; it groups its tables by pooling (SUM tables first), so give the program its output in `feature_names`
-order: `torch.cat([kt[name] for name in feature_names], dim=1)` for its KeyedTensor `kt`.
+(FBGEMM's `IntNBitTableBatchedEmbeddingBagsCodegen`), on CPU. Without recsys_llm, that module takes the place of
+the float EBC above (a gain network's entity tables, `semantic_tables.json`, are quantized too). It groups its
+tables by pooling (SUM tables first), so its output goes to the program in the tables' order, by name. After the
+example above (its `kjt` and `dense`), with torch, torchrec and safetensors alone:
+
+```python
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.tensor_types import UInt4Tensor
+
+directory = {path!r}
+with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+    config = json.load(handle)
+state = load_file(os.path.join(directory, "model.safetensors"))
+
+
+def quantized_tables(tables_file, prefix):
+    # the quant EBC of `tables_file` with its weights (`prefix` stripped), and its pooled keys in table order
+    with open(os.path.join(directory, tables_file), encoding="utf-8") as handle:
+        tables = json.load(handle)
+    ebc = QuantEmbeddingBagCollection(
+        [EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
+                            feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]],
+                            data_type=DataType[t["data_type"]]) for t in tables],
+        is_weighted=config["weighted"], device=torch.device("cpu"), quant_state_dict_split_scale_bias=True)
+    int4 = {{f"embedding_bags.{{t['name']}}.weight" for t in tables if t["data_type"] == "INT4"}}
+    # an INT4 weight is stored as its (rows, D / 2) bytes; the module holds it as a UInt4Tensor (rows, D)
+    ebc.load_state_dict({{key[len(prefix):]: UInt4Tensor(value) if key[len(prefix):] in int4 else value
+                         for key, value in state.items() if key.startswith(prefix)}})
+    return ebc, [name for t in tables for name in t["feature_names"]]
+
+
+ebc, keys = quantized_tables(config["tables"], "model.embedding_bag_collection.")
+program = torch.export.load(os.path.join(directory, config["dense_program"])).module()
+with torch.no_grad():
+    pooled = ebc(kjt)  # a KeyedTensor
+    inputs = (dense, torch.cat([pooled[key] for key in keys], dim=1))  # (B, {pooled})
+    if config["semantic_tables"]:  # a gain network: its entity tables' vectors are the third input
+        entity_ebc, entity_keys = quantized_tables(config["semantic_tables"],
+                                                   "semantic_table.embedding_bag_collection.")
+        vectors = entity_ebc(kjt)
+        inputs += (torch.cat([vectors[key] for key in entity_keys], dim=1),)
+    probabilities_without_recsys_llm = torch.sigmoid(program(*inputs))  # what served.predict gives
+print(probabilities_without_recsys_llm)
+```
 """
 
 
@@ -678,7 +722,9 @@ def export_task(
             if weighted:
                 handle.write(WEIGHTED_INFERENCE_NOTE)
             if table_dtype != TRAINED:
-                handle.write(QUANTIZED_INFERENCE_NOTE.format(table_dtype=table_dtype, data_type=tables[0]["data_type"]))
+                handle.write(QUANTIZED_INFERENCE_NOTE.format(table_dtype=table_dtype, data_type=tables[0]["data_type"],
+                                                             path=os.path.abspath(directory),
+                                                             pooled=config["pooled_dim"]))
             if semantic_tables:
                 handle.write(SEMANTIC_INFERENCE_NOTE.format(tables=[t["name"] for t in semantic_tables]))
     return config

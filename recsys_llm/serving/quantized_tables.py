@@ -170,14 +170,29 @@ def quantized_state(ebc: QuantEmbeddingBagCollection, prefix: str) -> Dict[str, 
 def load_quantized_state(ebc: QuantEmbeddingBagCollection, state: Dict[str, torch.Tensor]) -> None:
     """Copies ``state`` (as :func:`quantized_state` wrote it, without its prefix) into ``ebc``'s FBGEMM rows (each
     padded to its alignment): an INT4 table's (rows, D / 2) uint8 bytes become torchrec's ``UInt4Tensor`` (rows, D)
-    again, the form the quant EBC holds them in (another shape is a ``load_state_dict`` RuntimeError).
+    again, the form the quant EBC holds them in.
+
+    Keys and shapes are checked in the stored form first: ``load_state_dict`` named an INT4 table's shapes in
+    ``UInt4Tensor``'s (rows, D) view (a stored (500, 8) as ``[500, 16]``), and its first line named nothing.
 
     Raises:
-        RuntimeError: missing or unexpected keys, or weights of another shape than ``ebc``'s tables.
+        RuntimeError: missing or unexpected keys, or a tensor of another shape than ``ebc``'s tables store (the
+            key, its shape and the one expected: (rows, D) INT8 / (rows, D / 2) INT4 weights, (rows, 1) scales).
     """
-    packed = {key for key, value in ebc.state_dict().items() if isinstance(value, UInt4Tensor)}
-    ebc.load_state_dict({key: UInt4Tensor(value) if key in packed and value.dtype == torch.uint8 and value.dim() == 2
-                         else value for key, value in state.items()})
+    held = ebc.state_dict()
+    packed = {key for key, value in held.items() if isinstance(value, UInt4Tensor)}
+    expected = {key: tuple((value.view(torch.uint8) if key in packed else value).shape) for key, value in held.items()}
+    wrong = [f"{key} is {tuple(value.shape)}, expected {expected[key]}"
+             f"{' (an INT4 table stores (rows, D / 2) packed bytes)' if key in packed else ''}"
+             for key, value in state.items() if key in expected and tuple(value.shape) != expected[key]]
+    problems = {"missing": sorted(set(expected) - set(state)), "unexpected": sorted(set(state) - set(expected)),
+                "other shapes": wrong}
+    found = [f"{kind}: {'; '.join(items[:3])}{' ...' if len(items) > 3 else ''}" for kind, items in problems.items()
+             if items]
+    if found:
+        raise RuntimeError(f"quantized tables: {'; '.join(found)}")
+    ebc.load_state_dict({key: UInt4Tensor(value) if key in packed and value.dtype == torch.uint8 else value
+                         for key, value in state.items()})
 
 
 def is_quantized(ebc: Optional[nn.Module]) -> bool:
