@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Any, Dict
 
+from tqdm import tqdm
+
 from recsys_llm.cli.data import integer_at_least
 
 
@@ -81,7 +83,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         row_bytes = {"int8": "D + 4", "int4": "D / 2 + 4"}.get(table_dtype)  # values, then float16 scale and bias
         quantizing = "" if row_bytes is None else (f", the tables quantized to {table_dtype} ({row_bytes} bytes a row "
                                                    "for FP32's 4 D)")
-        _say(f"writing {output} ({size / 2**30:.2f} GiB of trained weights{quantizing}"
+        _say(f"writing {output} ({tqdm.format_sizeof(size, 'B', 1024)} of trained weights{quantizing}"
              f"{'' if state_only else ', then the dense part traced with torch.export'})")
     if ctx.is_main and state_only:
         metadata = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": checkpoint_digests(checkpoint),

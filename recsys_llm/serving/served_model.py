@@ -286,7 +286,7 @@ class ServedModel(nn.Module):
                 raise ValueError(f"ServedModel: its tables are quantized ({TABLE_DTYPE_KEY} "
                                  f"{self._config.get(TABLE_DTYPE_KEY)!r}) and serve on CPU in float32; it stays there "
                                  f"(asked for {moved.device.type} / {moved.dtype}): export with "
-                                 "`--table-dtype trained` to serve on a GPU")
+                                 "`--table-dtype trained` to serve on a GPU or in another dtype")
         return super()._apply(fn, recurse)
 
     @property
