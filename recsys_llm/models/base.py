@@ -259,6 +259,20 @@ def check_feature_keys(features: KeyedJaggedTensor, feature_names: List[str], mo
                          f"KeyedJaggedTensor with the keys {feature_names} (in any order; others are ignored)")
 
 
+def features_read(model: nn.Module) -> Dict[str, List[str]]:
+    """The sparse features each backbone of ``model`` (a ``CTRBackbone``, DMP-wrapped or not) reads, by its
+    class and module path without the DMP / DDP wrappers (``DLRMBackbone at student.model``): a teacher-student
+    pair has two. Check a batch against them (:func:`check_feature_keys`) before a pipeline distributes its ids."""
+    found: Dict[str, List[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CTRBackbone):
+            parts = name.split(".")
+            while parts and parts[0] in ("_dmp_wrapped_module", "module"):
+                parts.pop(0)
+            found[" at ".join([type(module).__name__] + [".".join(parts)] * bool(parts))] = module.feature_names
+    return found
+
+
 @torch.fx.wrap
 def checked_dense_dtype(dense_features: torch.Tensor, model: str) -> torch.Tensor:
     """``dense_features`` (B, Dd) as they are; raises TypeError, naming ``model``, when they are not float32

@@ -22,7 +22,7 @@ Example::
 
 import collections
 import threading
-from typing import Deque, Dict, Iterator, NamedTuple, Optional, Tuple, Union
+from typing import Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from torchrec.datasets.utils import Batch as TorchRecBatch
 from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
 
 from recsys_llm.data.batch import batch_extras
+from recsys_llm.models.base import check_feature_keys, features_read
 
 
 class EvalStep(NamedTuple):
@@ -66,10 +67,14 @@ def plain_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bool]]
 
 class _Tagged(Iterator[TorchRecBatch]):
     """Hands the pairs' batches to the pipeline (its loading thread calls ``next``) and queues each pair's
-    ``real`` flag and CPU extras, in the order the pipeline's outputs come back."""
+    ``real`` flag and CPU extras, in the order the pipeline's outputs come back. A batch lacking a feature of
+    ``features`` (backbone name -> the features its tables read) is a read error, named before the pipeline
+    distributes its ids (torchrec's sharded input distribution failed first, naming none)."""
 
-    def __init__(self, pairs: Iterator[Tuple[TorchRecBatch, bool]]) -> None:
+    def __init__(self, pairs: Iterator[Tuple[TorchRecBatch, bool]],
+                 features: Optional[Dict[str, List[str]]] = None) -> None:
         self._pairs = pairs
+        self._features = features or {}
         self._lock = threading.Lock()
         self._closed = False
         self.tags: Deque[Tuple[bool, Dict[str, torch.Tensor]]] = collections.deque()  # appends are thread-safe
@@ -83,6 +88,8 @@ class _Tagged(Iterator[TorchRecBatch]):
                 raise StopIteration
             try:
                 batch, real = next(self._pairs)
+                for owner, names in self._features.items():
+                    check_feature_keys(batch.sparse_features, names, owner)
             except StopIteration:
                 raise
             except Exception as error:  # noqa: BLE001 - raised again in the main thread
@@ -111,7 +118,7 @@ def pipelined_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bo
     pipeline's copy of the batch stays inside it). torchrec's loading thread never sees such an exception, so it
     cannot skip the batch of one marked retryable (``is_retryable``), as it would: the plain loop's rows are
     scored, or its error raised."""
-    tagged = _Tagged(pairs)
+    tagged = _Tagged(pairs, features_read(model))
     # the optimizer is only stepped in training: EvalPipelineSparseDist.progress never reads it
     pipeline = EvalPipelineSparseDist(model, None, device)  # type: ignore[arg-type]
     try:

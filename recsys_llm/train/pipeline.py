@@ -37,7 +37,7 @@ from tqdm import tqdm
 from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.data.parquet import ParquetBatchReader
-from recsys_llm.models.base import CTRBackbone, check_feature_keys
+from recsys_llm.models.base import check_feature_keys, features_read
 from recsys_llm.progress import interval_options
 from recsys_llm.train.checkpoint import table_step_counters_kept
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
@@ -117,20 +117,6 @@ class EpochStats:
 def sharded_module_names(model: nn.Module) -> List[str]:
     """Paths of the torchrec sharded modules (sharded EBCs) inside a DMP model."""
     return [name for name, module in model.named_modules() if isinstance(module, ShardedModule)]
-
-
-def features_read(model: nn.Module) -> Dict[str, List[str]]:
-    """The sparse features each backbone of ``model`` (a ``CTRBackbone``, DMP-wrapped or not) reads, by its
-    class and module path without the DMP / DDP wrappers (``DLRMBackbone at student.model``): a teacher-student
-    pair has two."""
-    found: Dict[str, List[str]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, CTRBackbone):
-            parts = name.split(".")
-            while parts and parts[0] in ("_dmp_wrapped_module", "module"):
-                parts.pop(0)
-            found[" at ".join([type(module).__name__] + [".".join(parts)] * bool(parts))] = module.feature_names
-    return found
 
 
 class _Counting(Iterator[Batch]):
