@@ -76,6 +76,12 @@ MISSING_ID = 0
 #: the keys a schema file may hold at its top level
 SCHEMA_KEYS = ("name", "label", "row_key", "splits", "extra_columns", "fields", "ids")
 
+#: the settings of a field that its LLM field vector depends on (:meth:`DatasetSchema.semantic_fingerprint`): the name
+#: and description (the text it is encoded from) and the kind (a field template may read it; ids or a number). Not
+#: ``cardinality``, ``hashed`` or ``max_length`` (how many ids, how they are folded, how many a row keeps: the
+#: tables', not the text's), ``embedding_dim`` (the model's width) or ``value_text`` (where the values' texts lie)
+SEMANTIC_FIELD_KEYS = ("name", "kind", "description")
+
 #: how ``prepare tabular`` turned a categorical field's values into ids (``DatasetSchema.ids``): through
 #: a vocabulary (its value-text file), hashed as text, or read as integer ids (folded if ``hashed``)
 ID_WAYS = ("vocabulary", "hashed_text", "integer")
@@ -309,7 +315,8 @@ class DatasetSchema:
         return table
 
     def fingerprint(self) -> str:
-        """Hash of everything a model or vector file depends on: field names, kinds, sizes, descriptions.
+        """Hash of everything a model or vector file depends on: field names, kinds, sizes, descriptions
+        (a field-vector file, one vector per field, is checked against :meth:`semantic_fingerprint`).
 
         Where files live is left out (``value_text`` paths, splits), so copies of the data
         written elsewhere (``semantics export --attach-dir``, ``teacher-outputs``) keep the
@@ -325,6 +332,21 @@ class DatasetSchema:
         that differ (:func:`~recsys_llm.data.schema_changes.schema_changes`).
         """
         fields = [{k: v for k, v in f.to_dict().items() if k != "value_text"} for f in self.fields]
+        return {"fields": fields, "label": self.label}
+
+    def semantic_fingerprint(self) -> str:
+        """Hash of what one LLM vector per field depends on: each field's name, kind and description
+        (:data:`SEMANTIC_FIELD_KEYS`), their order, and the label; not the sizes of the fields' tables.
+
+        A schema whose item table grew (a daily retrain) keeps it, so its field vectors
+        (``semantics encode``) stay valid; vectors of ids or rows depend on :meth:`fingerprint`.
+        """
+        payload = json.dumps(self.semantic_fingerprinted(), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def semantic_fingerprinted(self) -> Dict[str, Any]:
+        """What :meth:`semantic_fingerprint` hashes: ``{"fields": [{name, kind, description}], "label": ...}``."""
+        fields = [{k: v for k, v in f.to_dict().items() if k in SEMANTIC_FIELD_KEYS} for f in self.fields]
         return {"fields": fields, "label": self.label}
 
     # ---- io ----------------------------------------------------------------------------

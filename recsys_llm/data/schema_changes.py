@@ -5,7 +5,7 @@ beside the fingerprint; a fingerprint mismatch then names the fields and setting
 instead of two hashes.
 """
 
-from typing import Any, Dict, List, Mapping
+from typing import Any, Collection, Dict, List, Mapping, Optional
 
 from recsys_llm.data.schema import DatasetSchema
 
@@ -19,12 +19,15 @@ def _shown(field: Mapping[str, Any], key: str) -> str:
     return repr(field[key]) if key in field else "unset"
 
 
-def schema_changes(recorded: Mapping[str, Any], schema: DatasetSchema) -> List[str]:
+def schema_changes(recorded: Mapping[str, Any], schema: DatasetSchema,
+                   settings: Optional[Collection[str]] = None) -> List[str]:
     """One line per difference between a recorded ``fingerprinted()`` mapping and ``schema``'s.
 
     Fields only one side has, the settings of a field that differ (``item_id: cardinality 1682 ->
     1700``; recorded first), the label, and the order of the fields both have. Empty when
     the two are the same, or ``recorded`` is no such mapping (written by an older version).
+    ``settings`` names the field settings compared (e.g. :data:`~recsys_llm.data.schema.SEMANTIC_FIELD_KEYS`,
+    what field vectors depend on); None compares them all.
 
     Example::
 
@@ -38,7 +41,7 @@ def schema_changes(recorded: Mapping[str, Any], schema: DatasetSchema) -> List[s
     changes = [f"field {name!r} only in the recorded schema" for name in before if name not in after]
     changes += [f"field {name!r} only in the current schema" for name in after if name not in before]
     for name in (name for name in after if name in before):
-        keys = sorted(set(before[name]) | set(after[name]))
+        keys = sorted(key for key in set(before[name]) | set(after[name]) if settings is None or key in settings)
         changes += [f"{name}: {key} {_shown(before[name], key)} -> {_shown(after[name], key)}"
                     for key in keys if _shown(before[name], key) != _shown(after[name], key)]
     if recorded.get("label") != current["label"]:
@@ -49,8 +52,9 @@ def schema_changes(recorded: Mapping[str, Any], schema: DatasetSchema) -> List[s
     return changes
 
 
-def schema_change_note(recorded: Any, schema: DatasetSchema, otherwise: str = "") -> str:
-    """``" (change; change)"``: the :func:`schema_changes` of ``recorded`` for a message, or ``otherwise`` when it
-    names none (a record of an older version)."""
-    changes = schema_changes(recorded, schema)
+def schema_change_note(recorded: Any, schema: DatasetSchema, otherwise: str = "",
+                       settings: Optional[Collection[str]] = None) -> str:
+    """``" (change; change)"``: the :func:`schema_changes` of ``recorded`` (``settings``: the field settings
+    compared, None: all) for a message, or ``otherwise`` when it names none (a record of an older version)."""
+    changes = schema_changes(recorded, schema, settings)
     return f" ({'; '.join(changes)})" if changes else otherwise

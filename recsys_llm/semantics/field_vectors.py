@@ -4,7 +4,9 @@ Each field with text (a schema description, or any field when asked) is written 
 ``templates.field`` (default ``"{name}: {description}"``) and encoded by the tuned
 (SSFT adapter) or untuned model; decoders pool the last token, encoders average. The
 result is saved with :func:`recsys_llm.semantics.store.save_vectors`: model id and
-hash, pooling, template, schema fingerprint and fields, and the fields left out.
+hash, pooling, template, schema fingerprints and fields, and the fields left out; they are
+checked against the schema's ``semantic_fingerprint`` (names, kinds, descriptions, order, label),
+which a table grown since leaves as it was.
 
 Example::
 

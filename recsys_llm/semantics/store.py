@@ -2,7 +2,7 @@
 
 A vector file is one safetensors file: the tensor ``vectors`` (N, d) plus metadata
 ``keys`` (the N row names, e.g. field names) and ``provenance`` (JSON: model id and
-weights hash, pooling, template, schema name, fingerprint and fields, the command that
+weights hash, pooling, template, schema name, fingerprints and fields, the command that
 made it). Loading checks the provenance against what the caller expects and raises
 :class:`VectorProvenanceError` naming the item that differs: vectors made for another
 schema, model or template are never reused silently.
@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from recsys_llm.atomic_dir import check_no_file_above, check_writable, write_bytes_atomically
-from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema import SEMANTIC_FIELD_KEYS, DatasetSchema
 from recsys_llm.data.schema_changes import schema_change_note
 from recsys_llm.semantics.encoder import text_list
 
@@ -64,6 +64,9 @@ class VectorProvenance:
         schema_contents (Dict[str, Any]): what the schema fingerprint hashes
             (``DatasetSchema.fingerprinted()``), so a mismatch names the fields that differ;
             empty in files of older versions.
+        schema_semantic_fingerprint (str): ``DatasetSchema.semantic_fingerprint()`` (the fields' names,
+            kinds, descriptions and order, the label: not their sizes), what a file keyed by field is
+            checked against; '' in files of older versions, checked against ``schema_fingerprint``.
     """
 
     model_id: str
@@ -81,12 +84,14 @@ class VectorProvenance:
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
     max_length: Optional[int] = None
     schema_contents: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    schema_semantic_fingerprint: str = ""
 
     def for_schema(self, schema: DatasetSchema) -> "VectorProvenance":
-        """A copy tied to ``schema`` (name, fingerprint, field list, what the fingerprint hashes)."""
+        """A copy tied to ``schema`` (name, fingerprints, field list, what the fingerprint hashes)."""
         return dataclasses.replace(
             self, schema_name=schema.name, schema_fingerprint=schema.fingerprint(),
             schema_fields=[f.name for f in schema.fields], schema_contents=schema.fingerprinted(),
+            schema_semantic_fingerprint=schema.semantic_fingerprint(),
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -219,22 +224,30 @@ def check_cache_dir(cache_dir: Optional[str]) -> None:
 
 
 def _check_schema(path: str, provenance: VectorProvenance, schema: DatasetSchema) -> None:
-    current = schema.fingerprint()
-    if provenance.schema_fingerprint != current:
-        made_for = (
-            f"schema {provenance.schema_name!r} (fingerprint {provenance.schema_fingerprint or 'none'}) "
-            f"with fields {provenance.schema_fields}"
-        )
-        names = [f.name for f in schema.fields]
-        same_names = list(provenance.schema_fields or []) == names  # said of a file of an older version
-        what_differs = schema_change_note(
-            provenance.schema_contents, schema,
-            " (the same field names: their kinds, sizes or descriptions, or the label, differ)" if same_names else "")
-        raise VectorProvenanceError(
-            f"vectors in {path} were made for {made_for}; the current schema {schema.name!r} has fingerprint "
-            f"{current} with fields {names}{what_differs}. Re-encode them for this schema "
-            "(`recsys-llm semantics encode`)."
-        )
+    """Raises unless the vectors (keyed by field) were made for ``schema``: for its fields' names, kinds,
+    descriptions and order and its label (``schema_semantic_fingerprint``; a grown table changes none), or, in
+    a file of an older version that lacks it, for all of the schema (``schema_fingerprint``: sizes too)."""
+    semantic = bool(provenance.schema_semantic_fingerprint)
+    recorded = provenance.schema_semantic_fingerprint if semantic else provenance.schema_fingerprint
+    current = schema.semantic_fingerprint() if semantic else schema.fingerprint()
+    if recorded == current:
+        return
+    fingerprint = "field-vector fingerprint" if semantic else "fingerprint"
+    what = ": the names, kinds, descriptions and order of the fields, and the label" if semantic else ""
+    made_for = (f"schema {provenance.schema_name!r} ({fingerprint} {recorded or 'none'}{what}) "
+                f"with fields {provenance.schema_fields}")
+    names = [f.name for f in schema.fields]
+    same_names = list(provenance.schema_fields or []) == names  # said of a file of an older version
+    settings = "kinds or descriptions" if semantic else "kinds, sizes or descriptions"
+    what_differs = schema_change_note(
+        provenance.schema_contents, schema,
+        f" (the same field names: their {settings}, or the label, differ)" if same_names else "",
+        SEMANTIC_FIELD_KEYS if semantic else None)
+    raise VectorProvenanceError(
+        f"vectors in {path} were made for {made_for}; the current schema {schema.name!r} has {fingerprint} "
+        f"{current} with fields {names}{what_differs}. Re-encode them for this schema "
+        "(`recsys-llm semantics encode`)."
+    )
 
 
 def load_vectors(
@@ -247,7 +260,9 @@ def load_vectors(
     Args:
         path (str): a file written by :func:`save_vectors`.
         schema (Optional[DatasetSchema]): when given, the file must have been made for a
-            schema with the same fingerprint, and every key must be one of its fields.
+            schema with the same semantic fingerprint (fields' names, kinds, descriptions and order,
+            and label; a file of an older version: the same fingerprint, sizes too), and every key
+            must be one of its fields.
         expected (Optional[Mapping[str, Any]]): provenance items that must match exactly,
             e.g. ``{"pooling": "last_token", "model_hash": "ab12"}``.
 

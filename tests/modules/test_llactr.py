@@ -203,24 +203,91 @@ class TestBuildLLaCTRTerms:
     def test_vectors_of_another_schema_are_rejected_naming_what_differs(self, tmp_path) -> None:
         path = _vectors(tmp_path, _schema())
         changed = _schema(genre_text="main genre")
-        with pytest.raises(VectorProvenanceError, match="were made for schema 'toy'.*current schema 'toy' has fingerprint"
-                                                        r".*\(genre: description 'genre of the item' -> 'main genre'\)"):
+        with pytest.raises(VectorProvenanceError, match="were made for schema 'toy' .*current schema 'toy' has "
+                                                        r"field-vector fingerprint .*\(genre: description "
+                                                        r"'genre of the item' -> 'main genre'\)"):
             build_llactr_terms(LLaCTRConfig(path), changed, LinearBackbone(make_ebc(), 1))
         grown = _schema()
         grown.fields[0] = FieldSpec("user_id", cardinality=30, description="user id")
         grown.fields.append(FieldSpec("city", cardinality=5, description="city"))
-        with pytest.raises(VectorProvenanceError, match=r"\(field 'city' only in the current schema; "
-                                                        r"user_id: cardinality 20 -> 30\)"):
+        # the field added is named; the grown table is not what the field vectors differ in
+        with pytest.raises(VectorProvenanceError, match=r"\(field 'city' only in the current schema\)\. Re-encode"):
             build_llactr_terms(LLaCTRConfig(path), grown, LinearBackbone(make_ebc(), 1))
+
+    @pytest.mark.parametrize("change, named", [
+        (lambda fields: [dataclasses.replace(fields[0], name="customer_id"), *fields[1:]],
+         r"field 'user_id' only in the recorded schema; field 'customer_id' only in the current schema"),
+        (lambda fields: [*fields[:2], dataclasses.replace(fields[2], description="main genre"), fields[3]],
+         r"genre: description 'genre of the item' -> 'main genre'"),
+        (lambda fields: [fields[1], fields[0], *fields[2:]],
+         r"field order \['user_id', 'item_id', 'genre', 'price'\] -> \['item_id', 'user_id', 'genre', 'price'\]"),
+        (lambda fields: [*fields[:3], FieldSpec("price", "sparse", 50, description="price")],
+         r"price: kind 'dense' -> 'sparse'"),  # its size follows from its kind
+    ], ids=["renamed", "described_otherwise", "reordered", "other_kind"])
+    def test_field_vectors_of_other_field_names_texts_order_or_kinds_are_refused(self, tmp_path, change,
+                                                                                  named) -> None:
+        """What a field vector means (its field's name, kind and description, the fields' order) still ties
+        the file to the schema: each change is named."""
+        path = _vectors(tmp_path, _schema())
+        changed = _schema()
+        changed.fields = change(changed.fields)
+        with pytest.raises(VectorProvenanceError, match=rf"field-vector fingerprint .*\({named}\)\. Re-encode them"):
+            build_llactr_terms(LLaCTRConfig(path, use_fie=False), changed, LinearBackbone(make_ebc(), 1))
+
+    def test_field_vectors_train_under_a_schema_whose_tables_grew(self, tmp_path) -> None:
+        """An item table that grows with each retrain (cardinality, or hashed into more buckets) changes nothing a
+        field vector depends on: the file encoded for the old schema trains the model of the new one, whose table
+        has the new size. They were refused ('user_id: cardinality 20 -> 30. Re-encode'), which with a 7B LLM
+        meant SSFT and encode on a GPU for every retrain."""
+        from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+
+        schema = _schema()
+        path = _vectors(tmp_path, schema)
+        grown = _schema()
+        grown.fields[0] = FieldSpec("user_id", cardinality=300, description="user id")
+        grown.fields[1] = FieldSpec("item_id", cardinality=64, hashed=True, description="item id")
+        assert grown.fingerprint() != schema.fingerprint()
+        torch.manual_seed(0)
+        backbone = build_backbone(SMOKE_CONFIGS["deepfm"], grown, device=torch.device("cpu"))
+        rows = {c.name: c.num_embeddings for c in backbone.embedding_bag_collection.embedding_bag_configs()}
+        assert rows["t_user_id"] == 300 and rows["t_item_id"] == 64
+        logit_terms, loss_terms, provenance = build_llactr_terms(LLaCTRConfig(path), grown, backbone)
+        assert provenance["schema_fingerprint"] == schema.fingerprint()  # the record of the file, as it was made
+        assert provenance["schema_semantic_fingerprint"] == grown.semantic_fingerprint()
+        task = CTRTask(backbone, logit_terms=logit_terms, loss_terms=loss_terms)
+        optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+        kjt = make_kjt()
+        ids = kjt.values().clone()
+        ids[0] = 299  # a user of the grown table (the batch's first id is user_id's)
+        kjt = type(kjt).from_lengths_sync(keys=kjt.keys(), values=ids, lengths=kjt.lengths())
+        loss, _ = task(Batch(torch.randn(4, 1), kjt, torch.tensor([0.0, 1.0, 1.0, 0.0])))
+        loss.backward()
+        optimizer.step()
+        assert backbone.embedding_bag_collection.embedding_bags["t_user_id"].weight.grad[299].abs().sum() > 0
 
     def test_vectors_of_an_older_version_say_what_may_differ(self, tmp_path) -> None:
         """A file written before provenance recorded the schema's contents: the fields are not named."""
         path = str(tmp_path / "fields.safetensors")
         provenance = VectorProvenance(model_id="tiny", model_hash="h", pooling="mean", template="{name}: {description}")
-        provenance = dataclasses.replace(provenance.for_schema(_schema()), schema_contents={})
+        provenance = dataclasses.replace(provenance.for_schema(_schema()), schema_contents={},
+                                         schema_semantic_fingerprint="")
         save_vectors(path, torch.randn(4, 12), ["user_id", "genre", "item_id", "price"], provenance)
         with pytest.raises(VectorProvenanceError, match="the same field names: their kinds, sizes or descriptions"):
             build_llactr_terms(LLaCTRConfig(path), _schema(genre_text="main genre"), LinearBackbone(make_ebc(), 1))
+
+    def test_vectors_of_an_older_version_keep_the_check_of_the_whole_schema(self, tmp_path) -> None:
+        """A file written before field-vector files recorded the fingerprint of what they depend on has only the
+        schema's fingerprint, which covers the tables' sizes: a grown table is refused as before, named."""
+        path = str(tmp_path / "fields.safetensors")
+        provenance = VectorProvenance(model_id="tiny", model_hash="h", pooling="mean", template="{name}: {description}")
+        provenance = dataclasses.replace(provenance.for_schema(_schema()), schema_semantic_fingerprint="")
+        save_vectors(path, torch.randn(4, 12), ["user_id", "genre", "item_id", "price"], provenance)
+        build_llactr_terms(LLaCTRConfig(path), _schema(), LinearBackbone(make_ebc(), 1))  # its own schema
+        grown = _schema()
+        grown.fields[0] = FieldSpec("user_id", cardinality=30, description="user id")
+        with pytest.raises(VectorProvenanceError, match=r"current schema 'toy' has fingerprint [0-9a-f]+ with fields "
+                                                        r".*\(user_id: cardinality 20 -> 30\)\. Re-encode"):
+            build_llactr_terms(LLaCTRConfig(path), grown, LinearBackbone(make_ebc(), 1))
 
     def test_config_errors(self) -> None:
         with pytest.raises(ValueError, match="unknown keys \\['lambda'\\]"):

@@ -383,6 +383,28 @@ def test_entity_vectors_of_another_schema_or_field_are_refused(tmp_path):
         load_elec_state(users_task, as_users, schema.fingerprint())
 
 
+def test_entity_vectors_under_a_schema_whose_tables_grew_are_refused(tmp_path):
+    """Unlike field vectors (one per field: a grown table changes none), entity vectors are one per id: a schema
+    whose tables grew is another schema for them, checked against the whole fingerprint."""
+    import dataclasses
+
+    from recsys_llm.models.registry import SMOKE_CONFIGS
+    from recsys_llm.modules.elec import ELECConfig, build_gain_network, load_elec_state
+
+    schema = _items_schema()
+    _export_ones(str(tmp_path / "items"), {**PROVENANCE, "entity_field": "item_id", "schema": schema.fingerprint()},
+                 np.arange(NUM_ITEMS))
+    grown = dataclasses.replace(schema, fields=[
+        dataclasses.replace(f, cardinality=f.cardinality + 5) if f.name == "item_id" else f for f in schema.fields])
+    assert grown.semantic_fingerprint() == schema.semantic_fingerprint()  # the same fields, texts and kinds
+    config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
+                        entity_vectors=str(tmp_path / "items"))
+    task = build_gain_network(config, grown, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
+    with pytest.raises(ProvenanceError, match=rf"schema: stored '{schema.fingerprint()}', "
+                                              rf"expected '{grown.fingerprint()}'"):
+        load_elec_state(task, config, grown.fingerprint())
+
+
 def test_per_row_vectors_named_as_entity_vectors_are_refused(tmp_path):
     """A `semantics export --granularity row` directory (keyed by row keys) named as elec.entity_vectors
     used to be loaded as item vectors whenever its row keys fell below the field's cardinality: row k's

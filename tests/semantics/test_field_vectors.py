@@ -294,3 +294,25 @@ def test_encode_prints_a_summary_that_names_each_field_once(tmp_path, tiny_schem
     assert summary["provenance"]["schema_fingerprint"] == stored.provenance.schema_fingerprint
     assert not {"schema_fields", "schema_contents", "extra"} & set(summary["provenance"])
     assert stored.provenance.schema_contents and stored.provenance.schema_fields  # the file keeps them
+
+
+def test_encoded_field_vectors_load_under_a_schema_whose_tables_grew(tmp_path, tiny_schema, tiny_bert_dir) -> None:
+    """`semantics encode` records the fingerprint of what field vectors depend on (names, kinds, descriptions,
+    their order, the label); a table grown since (more users, more hash buckets) keeps it, another text does not."""
+    import dataclasses
+
+    output = str(tmp_path / "fields.safetensors")
+    stored = encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), tiny_schema, output)
+    assert stored.provenance.schema_semantic_fingerprint == tiny_schema.semantic_fingerprint()
+    grown = dataclasses.replace(tiny_schema, fields=[
+        dataclasses.replace(f, cardinality=f.cardinality * 10) if f.name in ("user_id", "C1") else f
+        for f in tiny_schema.fields])
+    assert grown.fingerprint() != tiny_schema.fingerprint()
+    again = load_vectors(output, schema=grown)
+    assert again.keys == stored.keys
+    torch.testing.assert_close(again.vectors, stored.vectors, atol=0, rtol=0)
+    described = dataclasses.replace(grown, fields=[
+        dataclasses.replace(f, description="town of the user") if f.name == "city" else f for f in grown.fields])
+    with pytest.raises(VectorProvenanceError, match=r"\(city: description 'city of the user' -> 'town of the user'\)\. "
+                                                    r"Re-encode them for this schema"):
+        load_vectors(output, schema=described)

@@ -783,6 +783,56 @@ def test_a_resume_on_data_prepared_again_is_refused_before_anything_is_written(t
     assert out["run_files_unchanged"]
 
 
+def _llactr_on_grown_tables(root: str) -> Dict[str, Any]:
+    import torch
+
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.semantics.store import VectorProvenance, save_vectors
+
+    data, fields = os.path.join(root, "data"), os.path.join(root, "fields.safetensors")
+    generate_synthetic(data, 2000, seed=0)
+    before = DatasetSchema.load(data)
+    names = before.sparse_feature_names
+    provenance = VectorProvenance(model_id="test", model_hash="h", pooling="mean", template="{name}: {description}")
+    save_vectors(fields, torch.randn(len(names), 12, generator=torch.Generator().manual_seed(0)), names,
+                 provenance.for_schema(before))
+    llactr = [f"llactr.vectors_path={fields}", "llactr.lambda_fre=0.1", "llactr.lambda_fie=0.1", "train.epochs=1"]
+    first, second = os.path.join(root, "first"), os.path.join(root, "second")
+    _run(data, first, [*llactr, "train.max_steps=1"])
+    shutil.rmtree(data)
+    generate_synthetic(data, 20_000, seed=0)  # prepared again for a retrain: larger id tables
+    grown = DatasetSchema.load(data)
+    _run(data, second, [*llactr, "train.max_steps=1"])
+    with open(os.path.join(second, "sharding_plan.json"), encoding="utf-8") as handle:
+        plan = json.load(handle)
+    with open(os.path.join(second, "plugins.json"), encoding="utf-8") as handle:
+        plugins = json.load(handle)
+    try:  # the first run's checkpoint holds tables of the old sizes
+        _run(data, first, [*llactr, "train.max_steps=2"])
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    return {"before": before.to_dict(), "grown": grown.to_dict(), "plan": plan, "plugins": plugins, "error": error,
+            "fingerprints": [before.fingerprint(), grown.fingerprint()]}
+
+
+@pytest.mark.multiprocess
+def test_field_vectors_train_a_new_run_on_grown_tables_but_no_resume_of_the_old_one(tmp_path) -> None:
+    """Field vectors encoded before the id tables grew train a new run on the grown data (its tables of the new
+    sizes), without encoding again; the run that trained on the old tables still does not resume on the new."""
+    (out,) = run_multiprocess(_llactr_on_grown_tables, world_size=1, root=str(tmp_path))
+    before, grown = ({f["name"]: f for f in schema["fields"]} for schema in (out["before"], out["grown"]))
+    assert grown["item_id"]["cardinality"] > before["item_id"]["cardinality"]
+    sizes = {table: [shard["sizes"] for shard in placement["shards"]] for table, placement in out["plan"].items()}
+    for name in ("user_id", "item_id"):
+        assert sum(rows for rows, _ in sizes[f"t_{name}"]) == grown[name]["cardinality"], sizes
+    assert out["plugins"]["schema_fingerprint"] == out["fingerprints"][1]  # the run's schema: the grown one
+    assert out["plugins"]["llactr"]["schema_fingerprint"] == out["fingerprints"][0]  # the file's, as it was made
+    assert out["plugins"]["llactr"]["fields_used"]
+    assert out["error"] is not None and "trained on data with schema fingerprint" in out["error"]
+    assert re.search(r"item_id: cardinality \d+ -> \d+", out["error"])
+
+
 def _second_job_in_a_run_dir(schema_dir: str, root: str) -> Dict[str, Any]:
     from recsys_llm.train.run_records import lock_run_dir
 
@@ -1052,6 +1102,48 @@ def test_evaluate_and_export_check_the_vectors_against_the_run_they_load(tmp_pat
                                           r"v.safetensors holds now \(differing: fields_used\); its checkpoint holds"):
         check_trained_with_these_vectors(str(checkpoint), reordered)
     check_trained_with_these_vectors(str(tmp_path / "bare" / "ckpt-1"), reordered)  # no run record: nothing to check
+
+
+def test_field_vectors_loaded_under_grown_tables_are_the_vectors_the_run_trained_with(tmp_path) -> None:
+    """The same file read under a schema whose table grew records what it recorded (the same vectors: a run's
+    vector check passes), while evaluate and export still refuse the grown schema (the checkpoint's tables have the
+    old sizes); a file encoded with another field text is other vectors."""
+    import dataclasses
+
+    import torch
+
+    from recsys_llm.data.schema import FieldSpec
+    from recsys_llm.semantics.store import VectorProvenance, load_vectors, save_vectors
+    from recsys_llm.train.run_records import check_same_field_vectors, check_trained_on
+
+    schema = DatasetSchema("toy", [FieldSpec("user_id", cardinality=20, description="user id"),
+                                   FieldSpec("item_id", cardinality=20, description="item id")])
+    grown = dataclasses.replace(schema, fields=[schema.fields[0],
+                                                dataclasses.replace(schema.fields[1], cardinality=90)])
+    path = str(tmp_path / "v.safetensors")
+    provenance = VectorProvenance(model_id="m", model_hash="h", pooling="mean", template="{name}: {description}")
+    save_vectors(path, torch.randn(2, 4), ["user_id", "item_id"], provenance.for_schema(schema))
+
+    def record(schema_now: DatasetSchema, vectors: str = path) -> Dict[str, Any]:
+        return {"llactr": {"vectors": vectors, **load_vectors(vectors, schema=schema_now).provenance.to_dict()}}
+
+    saved = json.loads(json.dumps(record(schema)))  # as plugins.json holds it
+    check_same_field_vectors(saved, record(grown), "run/plugins.json")
+    described = dataclasses.replace(grown, fields=[schema.fields[0], dataclasses.replace(grown.fields[1],
+                                                                                         description="the item")])
+    other = str(tmp_path / "other.safetensors")
+    save_vectors(other, torch.randn(2, 4), ["user_id", "item_id"], provenance.for_schema(described))
+    with pytest.raises(ConfigError, match=r"other field vectors .*\(differing: .*schema_semantic_fingerprint"):
+        check_same_field_vectors(saved, record(described, other), "run/plugins.json")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n", encoding="utf-8")
+    trained_on = {"schema_fingerprint": schema.fingerprint(), "schema_contents": schema.fingerprinted()}
+    (run / "plugins.json").write_text(json.dumps({**trained_on, **saved}), encoding="utf-8")
+    check_trained_on(schema, str(run / "config.yaml"), "ckpt")
+    with pytest.raises(ConfigError, match=r"ckpt: trained on data with schema fingerprint .*\(item_id: cardinality "
+                                          r"20 -> 90\)"):
+        check_trained_on(grown, str(run / "config.yaml"), "ckpt")
 
 
 @pytest.mark.multiprocess
