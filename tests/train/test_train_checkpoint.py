@@ -127,6 +127,40 @@ def test_resume_is_exact_and_reshards_to_one_rank(synthetic_dir: str, tmp_path) 
         assert single[key] == pytest.approx(at_save[key], abs=1e-6), key
 
 
+def _save_after_three_steps_on_one_rank(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _fresh(schema, seed=0)
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
+    _losses(model, optimizer, reader, skip=0, stop=3)
+    CheckpointManager(ckpt_dir, keep=1).save(model, optimizer, TrainState(epoch=1, global_step=3, world_size=1,
+                                                                          batch_size=64))
+    valid = ParquetBatchReader(schema, "valid", 256, rank=ctx.rank, world_size=ctx.world_size)
+    return evaluate(model, valid, ctx.device, CTRMetrics(), progress=False)
+
+
+def _resume_with_optimizer(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _fresh(schema, seed=99)
+    state = load_checkpoint(CheckpointManager(ckpt_dir).latest(), model, optimizer)  # restore_rng as the runner's
+    valid = ParquetBatchReader(schema, "valid", 256, rank=ctx.rank, world_size=ctx.world_size)
+    return {"state": state, "valid": evaluate(model, valid, ctx.device, CTRMetrics(), progress=False)}
+
+
+@pytest.mark.multiprocess
+def test_a_one_rank_checkpoint_resumes_on_two_ranks(synthetic_dir: str, tmp_path) -> None:
+    """A run scaled up at an epoch boundary: the checkpoint holds ``rank00000.pt`` only, and under another world
+    size no rank's RNG file is read (the ranks reseed), so rank 1 must not ask for a ``rank00001.pt`` and refuse
+    the checkpoint as damaged; the tables and their optimizer state are re-cut to 2 ranks' shards."""
+    ckpt_dir = str(tmp_path / "checkpoints")
+    (at_save,) = run_multiprocess(_save_after_three_steps_on_one_rank, world_size=1, schema_path=synthetic_dir,
+                                  ckpt_dir=ckpt_dir)
+    resumed = run_multiprocess(_resume_with_optimizer, world_size=2, schema_path=synthetic_dir, ckpt_dir=ckpt_dir)
+    for result in resumed:
+        assert (result["state"].epoch, result["state"].global_step, result["state"].world_size) == (1, 3, 1)
+        for key in ("auc", "logloss", "ne", "num_samples"):
+            assert result["valid"][key] == pytest.approx(at_save[key], abs=1e-6), key
+
+
 class _LateTermTask(_DLRMTask):
     """A logit shift that joins the loss only once ``use_shift`` is set: no gradient reaches it before."""
 
@@ -239,6 +273,56 @@ def test_the_fused_table_optimizers_step_counter_is_restored(synthetic_dir: str,
         assert result["loaded"] == [counted] * len(result["at_save"])
 
 
+def _table_optimizer_step_counted_on_rank_1_only(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    import json
+
+    from recsys_llm.train.plan_report import describe_plan
+
+    schema = DatasetSchema.load(schema_path)
+    ctx = init_distributed("cpu")
+    planned = ShardingConfig(sharding_types=["table_wise"], frozen_tables=["t_device"])
+    _, plan = shard_model(_DLRMTask(schema), ctx.device, ctx.world_size, planned, OPTIM, batch_size=64)
+    placements = json.loads(describe_plan(plan))
+    for table, placement in placements.items():  # rank 0 holds the frozen table only, rank 1 the trained ones
+        rank = 0 if table == "t_device" else 1
+        placement["ranks"] = [rank]
+        for shard in placement["shards"]:
+            shard["rank"] = rank
+    plan_file = os.path.join(os.path.dirname(ckpt_dir), f"plan_{ctx.rank}.json")
+    with open(plan_file, "w", encoding="utf-8") as handle:
+        json.dump(placements, handle)
+    pinned = ShardingConfig(sharding_types=["table_wise"], frozen_tables=["t_device"], plan_file=plan_file)
+
+    def fresh(seed: int):  # noqa: ANN202
+        torch.manual_seed(seed)
+        model, _ = shard_model(_DLRMTask(schema), ctx.device, ctx.world_size, pinned, OPTIM, batch_size=64)
+        return model, build_optimizer(model, OPTIM)
+
+    model, optimizer = fresh(0)
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
+    _losses(model, optimizer, reader, skip=0, stop=3)
+    manager = CheckpointManager(ckpt_dir, keep=1)
+    manager.save(model, optimizer, TrainState(epoch=0, step_in_epoch=3, global_step=3, world_size=ctx.world_size,
+                                              batch_size=64))
+    at_save = _table_optimizer_steps(model)
+    model2, optimizer2 = fresh(123)
+    state = load_checkpoint(manager.latest(), model2, optimizer2)
+    return {"at_save": at_save, "loaded": _table_optimizer_steps(model2), "saved": state.table_optimizer_step}
+
+
+@pytest.mark.multiprocess
+def test_the_table_optimizers_step_counter_is_saved_when_rank_0_holds_no_trained_table(synthetic_dir: str,
+                                                                                     tmp_path) -> None:
+    """Rank 0 writes ``train_state.json``, and the step counter it records is the largest over the ranks: a rank 0
+    holding only a frozen table (whose counter stays 0) recorded 0, and the resumed fused optimizers restarted
+    their bias correction at step 0."""
+    at_save, at_load = run_multiprocess(_table_optimizer_step_counted_on_rank_1_only, world_size=2,
+                                        schema_path=synthetic_dir, ckpt_dir=str(tmp_path / "checkpoints"))
+    assert at_save["at_save"] == [0] and 3 in at_load["at_save"]  # the placement the test is about
+    assert at_save["saved"] == at_load["saved"] == 3
+    assert at_load["loaded"] == [3] * len(at_load["at_save"])
+
+
 def _write_fake(directory: str, name: str, complete: bool) -> str:
     path = os.path.join(directory, name)
     os.makedirs(path)
@@ -336,6 +420,9 @@ class TestCheckpointDirectory:
         assert TrainState.from_json(TrainState().to_json(), "x").best_metric == float("-inf")
         with pytest.raises(ValueError, match="unknown train-state keys"):
             TrainState.from_json('{"epochs": 1}', "state.json")
+        # JSON's true is a Python int too: a step or an epoch that is a bool is a damaged file, not step 1
+        with pytest.raises(ValueError, match="train-state key 'global_step' must be int, got True"):
+            TrainState.from_json('{"global_step": true}', "state.json")
 
 
 class _RunsCodeWhenUnpickled:
@@ -410,6 +497,40 @@ def test_a_crafted_rng_file_is_refused_without_advice_to_load_it(tmp_path, monke
     assert not marker.exists()
 
 
+def test_a_crafted_dcp_payload_is_refused_without_running_code(tmp_path) -> None:
+    """DCP keeps what is not a tensor as a pickle in its data files and hands it to the load planner: a crafted
+    checkpoint whose weight is such a payload must be read by ``torch.load(weights_only=True)``, which refuses it
+    before anything in it runs."""
+    import torch.distributed.checkpoint as dcp
+
+    path = tmp_path / "ckpt-00000001"
+    marker = tmp_path / "code_ran"
+    dcp.save({"model": {"weight": _RunsCodeWhenUnpickled(str(marker)), "bias": torch.zeros(1)}},
+             checkpoint_id=str(path), no_dist=True)
+    (path / "train_state.json").write_text(TrainState(global_step=1).to_json(), encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        load_checkpoint(str(path), nn.Linear(2, 1), restore_rng=False)
+    assert str(refused.value).startswith(f"{path}: refused: holds objects other than tensors ("), refused.value
+    assert not marker.exists()
+
+
+def test_crafted_metadata_naming_a_torch_function_is_refused_without_running_it(tmp_path) -> None:
+    """Of ``torch``'s own names the metadata unpickler takes its dtypes only: ``torch.load`` (which would unpickle
+    any file with ``weights_only=False``) or ``torch.save`` (which writes any file) named by a crafted ``.metadata``
+    must be refused before it is called."""
+    import pickle
+
+    path = tmp_path / "ckpt-00000001"
+    path.mkdir()
+    marker = tmp_path / "code_ran"
+    # protocol 0 by hand: torch.save({}, marker), named as the global ``torch.save``
+    (path / ".metadata").write_bytes(b"ctorch\nsave\n(}V" + str(marker).encode() + b"\ntR.")
+    (path / "train_state.json").write_text(TrainState(global_step=1).to_json(), encoding="utf-8")
+    with pytest.raises(pickle.UnpicklingError, match=r"\.metadata: refers to torch\.save, which is not part of"):
+        load_checkpoint(str(path), nn.Linear(2, 2), restore_rng=False)
+    assert not marker.exists()
+
+
 def _state_only_dcp(monkeypatch: pytest.MonkeyPatch) -> None:
     """Saves and loads a plain module's weights through the real protocol (no optimizer)."""
     from recsys_llm.train import checkpoint
@@ -465,9 +586,13 @@ class TestSameStepResave:
         directory = str(tmp_path)
         _write_fake(directory, "ckpt-00000010.prev", complete=True)
         assert CheckpointManager(directory).list_complete() == [os.path.join(directory, "ckpt-00000010.prev")]
+        # but the step is not saved: a run's final save of it must still be made (a .prev may be the step's
+        # mid-epoch checkpoint, set aside by the epoch-end save a kill cut short)
+        assert not CheckpointManager(directory).holds_step(10)
         final = _write_fake(directory, "ckpt-00000010", complete=True)  # renamed in; killed before the removal
         older = _write_fake(directory, "ckpt-00000005.prev", complete=True)
         assert CheckpointManager(directory).list_complete() == [older, final]
+        assert CheckpointManager(directory).holds_step(10)
 
 
 def test_rng_files_are_synced_to_disk(tmp_path, monkeypatch) -> None:
@@ -486,6 +611,33 @@ def test_rng_files_are_synced_to_disk(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(checkpoint.os, "fsync", recording_fsync)
     CheckpointManager(str(tmp_path)).save(nn.Linear(2, 1), None, TrainState(global_step=3))
     assert any(path.endswith(os.path.join("ckpt-00000003.tmp", "rank00000.pt")) for path in synced), synced
+
+
+def test_a_save_syncs_each_directory_before_what_follows_depends_on_it(tmp_path, monkeypatch) -> None:
+    """A new name (a file's, a rename's) reaches the disk only with its directory's fsync: ``ckpt-N.tmp`` is synced
+    holding ``train_state.json`` before it is renamed ``ckpt-N`` (else a power cut could keep the rename and lose
+    that file: the step's checkpoint looks half written), and the checkpoint directory after that rename, while the
+    step's earlier copy ``ckpt-N.prev`` still exists (else a power cut could keep the earlier copy's removal and
+    lose the new name: no checkpoint of the step at all)."""
+    from recsys_llm.train import checkpoint
+
+    _state_only_dcp(monkeypatch)
+    manager = CheckpointManager(str(tmp_path), keep=1)
+    model = nn.Linear(2, 1)
+    manager.save(model, None, TrainState(global_step=10, epoch=0, step_in_epoch=10))
+    synced: List[Any] = []
+    fsync_directory = checkpoint.fsync_directory
+
+    def recording_fsync_directory(path: str) -> None:
+        synced.append((os.path.normpath(path), sorted(os.listdir(path))))
+        fsync_directory(path)
+
+    monkeypatch.setattr(checkpoint, "fsync_directory", recording_fsync_directory)
+    manager.save(model, None, TrainState(global_step=10, epoch=1))  # the same step again: its checkpoint set aside
+    tmp = str(tmp_path / "ckpt-00000010.tmp")
+    assert any(path == tmp and "train_state.json" in names for path, names in synced), synced
+    assert any(path == str(tmp_path) and {"ckpt-00000010", "ckpt-00000010.prev"} <= set(names)
+               for path, names in synced), synced
 
 
 def _truncate(path: str) -> None:
@@ -772,3 +924,32 @@ def test_a_cpu_checkpoint_of_a_later_step_gives_the_gpu_another_stream(monkeypat
     for state in (early, later):
         checkpoint._set_rng_state(state)
     assert seeds[0] != seeds[1], seeds
+
+
+def test_a_resume_restores_the_numpy_and_python_rng_streams_too(tmp_path, monkeypatch) -> None:
+    """Exact continuation restores every RNG a training step may draw from (a data transform or a plug-in drawing
+    from numpy's or Python's global RNG drew other numbers after a resume), with the second Gaussian of a pair
+    that numpy and Python keep for their next Gaussian draw."""
+    import random
+
+    import numpy as np
+
+    _state_only_dcp(monkeypatch)
+    saved_model, loaded_model = nn.Linear(2, 1), nn.Linear(2, 1)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0.0, 1.0)  # each leaves its pair's second value for the next Gaussian draw
+    np.random.standard_normal()
+    checkpoint = CheckpointManager(str(tmp_path)).save(saved_model, None, TrainState(global_step=1))
+
+    def draws() -> List[Any]:
+        return [random.gauss(0.0, 1.0), random.random(), float(np.random.standard_normal()), float(np.random.rand()),
+                torch.rand(2).tolist()]
+
+    expected = draws()
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    load_checkpoint(checkpoint, loaded_model)
+    assert draws() == expected

@@ -255,6 +255,24 @@ def test_loss_records_of_a_run_resumed_on_two_ranks_are_the_uninterrupted_runs(s
     assert [r[3] for r in resumed] == [50, 15, 50, 50, 75]  # the train records' window; the job's own epoch steps
 
 
+def _loss_records_with_dropout_straight_and_resumed(schema_dir: str, root: str) -> Dict[str, Any]:
+    budget = ["train.epochs=1", "train.checkpoint_every=10", "model.dropout=0.2"]  # 38 steps an epoch on 2 ranks
+    return _loss_records(schema_dir, root, 128, budget, kill_at=10)
+
+
+@pytest.mark.multiprocess
+def test_a_run_with_dropout_resumed_on_two_ranks_draws_the_uninterrupted_runs_masks(synthetic_dir: str,
+                                                                                    tmp_path) -> None:
+    """A resume on the world size of its checkpoint restores every rank's RNG state from it: the masks dropout
+    draws after the resume, and so the epoch's losses, are the uninterrupted run's (a rank reseeded after the
+    load, as a new run seeds ranks past 0, drew others)."""
+    out, _ = run_multiprocess(_loss_records_with_dropout_straight_and_resumed, world_size=2, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    straight, resumed = out["straight"], out["resumed"]
+    assert [r[:2] for r in straight] == [r[:2] for r in resumed] == [("epoch", 38)]
+    assert [r[2] for r in resumed] == pytest.approx([r[2] for r in straight], rel=1e-6)
+
+
 def _kill_after_the_max_steps_checkpoint(schema_dir: str, root: str) -> Dict[str, Any]:
     budget = ["train.epochs=1", "train.checkpoint_every=5"]
     killed, lower = os.path.join(root, "killed"), os.path.join(root, "lower")
@@ -1227,6 +1245,26 @@ def test_a_resume_with_a_batch_size_that_splits_a_batch_says_which_rows_repeat(c
     split = state_for_world(TrainState(step_in_epoch=100, world_size=1, batch_size=256), ctx, 300, seed=0)
     assert split.step_in_epoch == 85  # 25,600 rows read: 85 batches of 300, and 100 rows read again
     assert "100 of them do not fill a batch and are read again" in capsys.readouterr().out
+
+
+def test_a_resume_under_another_world_size_gives_each_rank_a_stream_of_its_own() -> None:
+    """Under another world size no rank's RNG state is restored (its ranks are others than the checkpoint's): each
+    rank is reseeded from train.seed, the step and its rank, so the ranks draw dropout masks of their own, not all
+    train.seed's alike, and a second resume at the same step draws the same ones again."""
+    import torch
+
+    from recsys_llm.train.distributed import DistContext
+    from recsys_llm.train.resume import state_for_world
+
+    def draws(rank: int, global_step: int) -> List[float]:
+        torch.manual_seed(0)  # every rank starts from train.seed alike
+        ctx = DistContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+        state_for_world(TrainState(epoch=1, global_step=global_step, world_size=1, batch_size=64), ctx, 64, seed=5)
+        return torch.rand(4).tolist()
+
+    assert draws(0, 30) != draws(1, 30)
+    assert draws(0, 30) == draws(0, 30)
+    assert draws(0, 30) != draws(0, 31)  # a later resume goes on from another stream, not the first one's again
 
 
 def _resume_with_a_batch_size_that_shuffles_otherwise(root: str) -> Optional[str]:
