@@ -30,7 +30,7 @@ import hashlib
 import json
 import numbers
 import os
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -198,6 +198,11 @@ class FieldSpec:
         return out
 
 
+def _short_hash(contents: Mapping[str, Any]) -> str:
+    """The first 16 hex digits of the SHA-256 of ``contents`` as sorted JSON: a schema fingerprint."""
+    return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclasses.dataclass
 class DatasetSchema:
     """All fields of a data set plus where its splits live.
@@ -322,8 +327,7 @@ class DatasetSchema:
         written elsewhere (``semantics export --attach-dir``, ``teacher-outputs``) keep the
         fingerprint and the vectors made for the original stay valid.
         """
-        payload = json.dumps(self.fingerprinted(), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return _short_hash(self.fingerprinted())
 
     def fingerprinted(self) -> Dict[str, Any]:
         """What :meth:`fingerprint` hashes: ``{"fields": [field dicts without value_text], "label": ...}``.
@@ -341,8 +345,7 @@ class DatasetSchema:
         A schema whose item table grew (a daily retrain) keeps it, so its field vectors
         (``semantics encode``) stay valid; vectors of ids or rows depend on :meth:`fingerprint`.
         """
-        payload = json.dumps(self.semantic_fingerprinted(), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return _short_hash(self.semantic_fingerprinted())
 
     def semantic_fingerprinted(self) -> Dict[str, Any]:
         """What :meth:`semantic_fingerprint` hashes: ``{"fields": [{name, kind, description}], "label": ...}``."""
