@@ -55,3 +55,6 @@ def test_a_load_state_dict_error_keeps_its_first_missing_key_or_size_mismatch() 
     with pytest.raises(RuntimeError) as missing:
         torch.nn.Linear(2, 3).load_state_dict({"weight": torch.zeros(3, 2)})
     assert telling_line(missing.value).endswith('Linear: Missing key(s) in state_dict: "bias".')
+    # a state-dict error without its detail line (as a wrapper may re-raise it) is its one line, not an IndexError
+    alone = RuntimeError("Error(s) in loading state_dict for Linear:")
+    assert telling_line(alone) == "RuntimeError: Error(s) in loading state_dict for Linear:"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torchrec.modules.embedding_configs import DataType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS
@@ -485,3 +486,68 @@ def test_a_quantized_table_of_another_shape_is_named_in_its_stored_shape(tmp_pat
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"quantized tables: missing: embedding_bags.student_item_id.weight\)"):
         ServedModel.load(str(out), trust_program=True)
+
+
+def test_quantized_ebc_checks_the_dims_itself_and_suggests_only_a_dtype_every_named_table_takes():
+    """``quantized_ebc`` is public: a dim INT4 cannot take is refused by it too (not only by ``export_task``), naming
+    each such table; INT8 is suggested only when every one of them is even (a dim of 5 takes trained alone)."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    def tables(*dims):
+        return EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=5, feature_names=[f"f{i}"])
+            for i, dim in enumerate(dims)])
+
+    with pytest.raises(ValueError, match=r"table\(s\) 't1' \(embedding_dim 6\) cannot be INT4: .*multiple of 4; "
+                                         r"export with --table-dtype int8 or trained"):
+        quantized_ebc(tables(8, 6), "int4")
+    with pytest.raises(ValueError, match=r"table\(s\) 't1' \(embedding_dim 6\), 't2' \(embedding_dim 5\) cannot be "
+                                         r"INT4: .*; export with --table-dtype trained, or train with such a dim"):
+        quantized_ebc(tables(8, 6, 5), "int4")
+
+
+def test_a_dim_the_dtype_cannot_take_is_refused_before_the_dense_part_is_traced(tmp_path, monkeypatch):
+    """torch.export of the dense part takes minutes at scale: a table of a dim INT4 cannot take is refused before it
+    runs (``quantized_ebc`` refuses it too, but only after the capture)."""
+    traced = []
+    export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *args, **kwargs: traced.append(1) or export(*args, **kwargs))
+    example = _request(4, 0)
+    with pytest.raises(ValueError, match=r"table\(s\) 't_tags' \(embedding_dim 6\) cannot be INT4"):
+        export_task(_weighted_task_of_dim(6), str(tmp_path / "out"), example.dense_features, example.sparse_features,
+                    table_dtype="int4")
+    assert traced == [] and not os.path.exists(tmp_path / "out")
+
+
+def test_loading_quantized_rows_names_each_kind_of_mismatch_in_the_stored_form():
+    """``load_quantized_state``'s refusal names unexpected keys as it names missing ones (torch's strict load named
+    neither on its first line), lists three keys of a kind then "...", and gives the INT4 packing hint to INT4
+    tables only (an INT8 table stores (rows, D)); the state as written loads to the same lookups."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    from recsys_llm.serving.quantized_tables import empty_quantized_ebc, load_quantized_state
+
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=5,
+                                                            feature_names=[f"f{i}"]) for i in range(2)])
+    quantized = quantized_ebc(ebc, "int8")
+    state = quantized_state(quantized, "")
+    weight = "embedding_bags.t1.weight"
+
+    def load(tensors):
+        loaded = empty_quantized_ebc(quantized.embedding_bag_configs(), weighted=False)
+        load_quantized_state(loaded, tensors)
+        return loaded
+
+    with pytest.raises(RuntimeError, match=r"^quantized tables: unexpected: embedding_bags.t2.weight$"):
+        load({**state, "embedding_bags.t2.weight": state[weight]})
+    with pytest.raises(RuntimeError, match=rf"^quantized tables: missing: {weight}; {weight}_qbias; {weight}_qscale$"):
+        load({key: value for key, value in state.items() if not key.startswith(weight)})  # one table: three keys
+    with pytest.raises(RuntimeError, match=r"^quantized tables: missing: embedding_bags.t0.weight; "
+                                           r"embedding_bags.t0.weight_qbias; embedding_bags.t0.weight_qscale \.\.\.$"):
+        load({})
+    with pytest.raises(RuntimeError, match=rf"^quantized tables: other shapes: {weight} is \(4, 8\), "
+                                           r"expected \(5, 8\)$"):
+        load({**state, weight: state[weight][:-1].clone()})
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f0", "f1"], torch.tensor([0, 4, 2, 1, 3, 4]),
+                                              torch.ones(6, dtype=torch.int32))
+    assert torch.equal(load(state)(kjt).values(), quantized(kjt).values())

@@ -266,7 +266,7 @@ def features_read(model: nn.Module) -> Dict[str, List[str]]:
     found: Dict[str, List[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, CTRBackbone):
-            parts = name.split(".")
+            parts = name.split(".") if name else []  # "": the model is the backbone itself
             while parts and parts[0] in ("_dmp_wrapped_module", "module"):
                 parts.pop(0)
             found[" at ".join([type(module).__name__] + [".".join(parts)] * bool(parts))] = module.feature_names

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torchrec
@@ -7,6 +9,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
+from recsys_llm.models.base import CTROutput
 from recsys_llm.models.dlrm import DLRMBackbone
 from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.dense_injection import DLRMDenseInjectionBackbone, VectorFieldInjection
@@ -91,6 +94,10 @@ def test_dense_features_of_another_width_are_named_with_the_width_the_backbone_w
         task(batch)
     with pytest.raises(ValueError, match=r"DLRMBackbone: dense_features are \(4, 2\), expected \(B, 3\)"):
         DLRMBackbone(_dlrm(3), num_dense_features=3)(torch.randn(4, 2), batch.sparse_features)
+    # (B, 3, 1) has the width as its second size, and a (3,) vector has no second size: neither is (B, 3)
+    for shape in ((4, 3, 1), (3,)):
+        with pytest.raises(ValueError, match=rf"DLRMBackbone: dense_features are {re.escape(str(shape))}, expected"):
+            DLRMBackbone(_dlrm(3), num_dense_features=3)(torch.randn(shape), batch.sparse_features)
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])
@@ -103,3 +110,32 @@ def test_a_backbone_given_where_a_ctr_task_is_expected_is_named(role: str) -> No
     with pytest.raises(TypeError, match=rf"TeacherStudentTask: the {role} is a DLRMBackbone, which lacks \['predict', "
                                         r"'loss_terms', 'model.representation_dim'\]; expected a CTRTask"):
         TeacherStudentTask(given["teacher"], given["student"], TeacherStudentConfig(mode="joint"))
+
+
+class _OwnTask(torch.nn.Module):
+    """A task of one's own with what TeacherStudentTask reads of a CTRTask (``predict``, ``loss_terms`` unless
+    ``loss_terms=False``, ``model``), which is no CTRTask: its ``model`` may be a torchrec DLRM as it is."""
+
+    def __init__(self, model: torch.nn.Module, loss_terms: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        if loss_terms:
+            self.loss_terms = torch.nn.ModuleDict()
+
+    def predict(self, batch: Batch) -> CTROutput:
+        if isinstance(self.model, DLRM):  # (B, 1) logits alone
+            return CTROutput(self.model(batch.dense_features, batch.sparse_features).squeeze(-1), None, None)
+        return self.model(batch.dense_features, batch.sparse_features)
+
+
+def test_a_task_of_ones_own_needs_only_what_its_role_reads() -> None:
+    """A frozen teacher is read by ``predict`` and ``model.representation_dim`` alone (no ``loss_terms``), a student
+    without representation KD (beta 0) by ``predict`` and ``loss_terms`` alone; representation KD needs the
+    student's ``model.representation_dim``, a ``model`` without one (a torchrec DLRM) is refused naming it."""
+    teacher = _OwnTask(DLRMBackbone(_dlrm(3, "teacher_"), 3), loss_terms=False)
+    student = _OwnTask(_dlrm(3, "student_"))
+    task = TeacherStudentTask(teacher, student, TeacherStudentConfig(mode="frozen", beta=0.0))
+    loss, _ = task(_batch())
+    assert torch.isfinite(loss)
+    with pytest.raises(TypeError, match=r"the student is a _OwnTask, which lacks \['model.representation_dim'\]"):
+        TeacherStudentTask(teacher, student, TeacherStudentConfig(mode="frozen", beta=0.1))

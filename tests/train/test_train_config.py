@@ -656,3 +656,15 @@ def test_a_table_setting_that_repeats_the_global_one_is_no_difference() -> None:
     other = load_config(None, ["model.name=fm", "sharding.fused_params.stochastic_rounding=false",
                                f"{own}stochastic_rounding=true"])
     assert config_differences(saved, other) == [f"{own}stochastic_rounding: '<unset>' -> True"]
+
+
+def test_a_table_block_is_compared_setting_by_setting_with_the_global_one_of_the_same_name() -> None:
+    """Under a global bounds_check_mode of ``fatal``, a table repeating it is no difference and a new table block
+    setting only its cache lists only that: the table's unset bounds_check_mode (``''``) and stochastic_rounding
+    (None) leave the global ones in force, whatever they are."""
+    own = "sharding.table_constraints.t_user_id.fused_params."
+    fatal = ["model.name=fm", "sharding.fused_params.bounds_check_mode=fatal"]
+    saved = load_config(None, fatal)
+    assert config_differences(saved, load_config(None, fatal + [f"{own}bounds_check_mode=fatal"])) == []
+    assert config_differences(saved, load_config(None, fatal + [f"{own}cache_load_factor=0.1"])) == [
+        f"{own}cache_load_factor: '<unset>' -> 0.1"]

@@ -305,12 +305,48 @@ def _batch_lacking_a_feature(schema_path: str) -> Dict[str, Any]:
 
 
 @pytest.mark.multiprocess
-def test_a_batch_lacking_a_feature_is_named_before_the_sharded_input_distribution(synthetic_dir: str) -> None:
+@pytest.mark.parametrize("world_size", [1, 2])  # 2: DDP wraps the task too (_dmp_wrapped_module.module.model)
+def test_a_batch_lacking_a_feature_is_named_before_the_sharded_input_distribution(synthetic_dir: str,
+                                                                                   world_size: int) -> None:
     """torchrec's pipelines (training and evaluation) distributed the ids first and failed with "Number of KJT dists
-    (1) does not match number of kjt dist forwards provided (0)", naming neither the feature nor the model."""
-    (result,) = run_multiprocess(_batch_lacking_a_feature, world_size=1, schema_path=synthetic_dir)
-    lacking = f"the sparse features lack ['{result['dropped']}']"
-    assert (result["errors"]["train"] or "").startswith(f"DeepFM at model: {lacking}"), result
-    # torchrec's EvalPipelineSparseDist distributes the ids first too; the plain loop's backbone checks them itself
-    assert (result["errors"]["pipelined eval"] or "").startswith(f"DeepFM at model: {lacking}"), result
-    assert (result["errors"]["plain eval"] or "").startswith(f"DeepFM: {lacking}"), result
+    (1) does not match number of kjt dist forwards provided (0)", naming neither the feature nor the model; the model
+    is named by its path without the DMP and DDP wrappers."""
+    results = run_multiprocess(_batch_lacking_a_feature, world_size=world_size, schema_path=synthetic_dir)
+    for result in results:
+        lacking = f"the sparse features lack ['{result['dropped']}']"
+        assert (result["errors"]["train"] or "").startswith(f"DeepFM at model: {lacking}"), result
+        # torchrec's EvalPipelineSparseDist distributes the ids first too; the plain loop's backbone checks them
+        assert (result["errors"]["pipelined eval"] or "").startswith(f"DeepFM at model: {lacking}"), result
+        assert (result["errors"]["plain eval"] or "").startswith(f"DeepFM: {lacking}"), result
+
+
+def test_every_backbone_of_a_pair_has_its_features_checked_and_is_named_by_its_path() -> None:
+    """A teacher-student pair has two backbones: a batch lacking a feature that the teacher alone reads is refused
+    naming the teacher (every backbone is checked, not the first); a backbone on its own is named without a path."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.models.dlrm import DLRM
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_llm.data.batch import Batch
+    from recsys_llm.models.dlrm import DLRMBackbone
+    from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
+    from recsys_llm.models.base import features_read
+    from recsys_llm.train.pipeline import _Counting
+
+    def task(prefix: str, features: List[str]) -> CTRTask:
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f"{prefix}{f}", embedding_dim=8, num_embeddings=10,
+                                                                feature_names=[f]) for f in features])
+        return CTRTask(DLRMBackbone(DLRM(ebc, 2, [8, 8], [8, 1]), num_dense_features=2))
+
+    student = task("student_", ["user_id", "item_id"])
+    pair = TeacherStudentTask(task("teacher_", ["user_id", "item_id", "tag"]), student,
+                              TeacherStudentConfig(mode="joint"))
+    read = features_read(pair)
+    assert read == {"DLRMBackbone at student.model": ["user_id", "item_id"],
+                    "DLRMBackbone at teacher.model": ["user_id", "item_id", "tag"]}
+    assert features_read(student.model) == {"DLRMBackbone": ["user_id", "item_id"]}
+    kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "item_id"], torch.tensor([1, 2, 3, 4]),
+                                              torch.ones(4, dtype=torch.int32))
+    batch = Batch(torch.randn(2, 2), kjt, torch.tensor([0.0, 1.0]), {})
+    with pytest.raises(ValueError, match=r"^DLRMBackbone at teacher.model: the sparse features lack \['tag'\]"):
+        next(_Counting(iter([batch]), features=read))
