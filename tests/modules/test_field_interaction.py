@@ -112,6 +112,25 @@ class TestFieldInteractionEnhancement:
         again.freeze()
         torch.testing.assert_close(again.frozen_pair_weights, trained.frozen_pair_weights)
 
+    def test_a_frozen_runs_weights_survive_loading_into_a_frozen_term(self) -> None:
+        """A run that froze keeps serving its frozen weights when loaded into a frozen term (load_state_dict and its
+        post hook), even after its Linear moved (momentum or weight decay on zero gradients): not Linear(S) again."""
+        torch.manual_seed(0)
+        kt = make_ebc()(make_kjt())
+        vectors = torch.randn(3, 7)
+        trained = FieldInteractionEnhancement(vectors, FEATURES, weight=0.1)
+        trained.freeze()
+        with torch.no_grad():
+            trained.pair_weight.weight.add_(1.0)  # moved after freezing
+        frozen = trained.frozen_pair_weights.clone()
+        expected = 0.1 * sum(frozen[p] * (kt[FEATURES[i]] * kt[FEATURES[j]]).sum(-1)
+                             for p, (i, j) in enumerate([(0, 1), (0, 2), (1, 2)]))
+        served = FieldInteractionEnhancement(vectors, FEATURES, weight=0.1)
+        served.freeze()
+        served.load_state_dict(trained.state_dict())
+        torch.testing.assert_close(served.frozen_pair_weights, frozen)
+        torch.testing.assert_close(served.logit(kt), expected)
+
     def test_field_vectors_must_be_finite(self) -> None:
         vectors = torch.randn(3, 7)
         vectors[2, 4] = float("nan")

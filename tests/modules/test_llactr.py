@@ -53,6 +53,26 @@ class TestBuildLLaCTRTerms:
         assert loss_terms["fre"].projection.weight.grad is not None
         assert logit_terms["fie"].pair_weight.weight.grad is not None
 
+    def test_each_lambda_weighs_its_own_term(self, tmp_path) -> None:
+        """llactr.lambda_fre weighs FRE's KL and llactr.lambda_fie FIE's pair sum, each its own (not the other's)."""
+        schema = _schema()
+        config = LLaCTRConfig(_vectors(tmp_path, schema), lambda_fre=0.2, lambda_fie=0.05)
+        logit_terms, loss_terms, _ = build_llactr_terms(config, schema, LinearBackbone(make_ebc(dim=8), 1))
+        fie, fre = logit_terms["fie"], loss_terms["fre"]
+        torch.manual_seed(0)
+        kt = make_ebc(dim=8)(make_kjt())
+        names, vectors = fie.feature_names, fre.field_vectors  # the same fields, in the vector file's order
+        pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+        similarity = torch.stack([torch.cosine_similarity(vectors[i], vectors[j], dim=0) for i, j in pairs])
+        w = fie.pair_weight.weight @ similarity + fie.pair_weight.bias
+        pair_sum = sum(w[p] * (kt[names[i]] * kt[names[j]]).sum(-1) for p, (i, j) in enumerate(pairs))
+        torch.testing.assert_close(fie.logit(kt), 0.05 * pair_sum, rtol=1e-5, atol=1e-6)
+        kl = 0.0
+        for f, name in enumerate(fre.feature_names):  # KL summed over fields (fre_field_reduction "sum"), batch mean
+            p = torch.softmax(fre.projection(vectors[f]), dim=-1)
+            kl = kl + (p * (p.log() - torch.log_softmax(kt[name], dim=-1))).sum(-1).mean()
+        torch.testing.assert_close(fre.loss(kt), 0.2 * kl)
+
     def test_building_the_terms_leaves_the_random_stream_to_the_backbone(self, tmp_path, monkeypatch) -> None:
         # the tables are materialised after the terms are built (by DMP, from meta): terms that drew their
         # initial weights from the global stream gave lambda 0 (or FIE-only vs FRE + FIE) other tables

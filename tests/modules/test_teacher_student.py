@@ -104,6 +104,34 @@ class TestTeacherStudentTask:
                     + 0.25 * bce(t_out.logits, batch.labels))
         torch.testing.assert_close(loss, expected)
 
+    def test_loss_holds_each_networks_own_loss_terms(self):
+        """The student's loss_terms (e.g. FRE) always, the teacher's in joint mode times gamma, each on its own
+        output."""
+        from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
+
+        task = _elec("joint", teacher_loss_weight=0.25)
+        names = ["user_id", "item_id"]
+        for network, weight in ((task.student, 0.3), (task.teacher, 0.7)):
+            network.loss_terms["fre"] = FieldRepresentationEnhancement(
+                torch.randn(2, 5), names, network.model.embedding_dim, weight)
+        batch = make_batch()
+        loss, _ = task(batch)
+        t_out, s_out = task.teacher.predict(batch), task.student.predict(batch)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+        def fre(network, output):  # the FRE term written out: KL summed over fields, mean over the batch
+            term, kl = network.loss_terms["fre"], 0.0
+            for f, name in enumerate(names):
+                p = torch.softmax(term.projection(term.field_vectors[f]), dim=-1)
+                kl = kl + (p * (p.log() - torch.log_softmax(output.embeddings[name], dim=-1))).sum(-1).mean()
+            return kl
+
+        expected = (bce(s_out.logits, batch.labels) + 0.3 * fre(task.student, s_out)
+                    + 1.0 * task.score_kd(s_out.logits, t_out.logits)
+                    + 0.5 * task.repr_kd(s_out.representation, t_out.representation)
+                    + 0.25 * (bce(t_out.logits, batch.labels) + 0.7 * fre(task.teacher, t_out)))
+        torch.testing.assert_close(loss, expected)
+
     def test_frozen_teacher_unchanged_and_has_no_trainable_params(self, tmp_path):
         gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, MODEL, device=CPU)
         export = str(tmp_path / "gain_state.safetensors")
