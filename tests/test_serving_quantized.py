@@ -122,71 +122,52 @@ def test_a_sequence_table_before_sparse_ones_keeps_its_columns(tmp_path, model_n
     torch.testing.assert_close(served.logits(batch.dense_features, batch.sparse_features), expected, rtol=0, atol=1e-5)
 
 
-def test_the_artifact_records_int8_tables_and_holds_a_third_of_their_bytes(tmp_path):
+@pytest.mark.parametrize("table_dtype, row_bytes", [("int8", 8), ("int4", 8 // 2)])
+def test_the_artifact_records_quantized_tables_and_holds_their_bytes(tmp_path, table_dtype, row_bytes):
+    """A quantized row is D bytes (INT8) or D / 2 bytes of two packed values (INT4; torchrec's ``UInt4Tensor`` holds
+    them as (rows, D)), stored as those bytes, plus the 4 bytes of the row's float16 scale and bias: a third / a
+    fifth of FP32's 4 D bytes at D = 8; tables.json records the served and the trained dtype."""
     student = _student("deepfm")
     ebc = student.model.embedding_bag_collection
     ebc.embedding_bags["student_user_id"].half()  # a table trained in FP16 (model.embedding_dtype=fp16)
     ebc.embedding_bag_configs()[0].data_type = DataType.FP16
     example = make_batch(4, 100)
     trained = export_task(student, str(tmp_path / "trained"), example.dense_features, example.sparse_features)
-    config = export_task(student, str(tmp_path / "int8"), example.dense_features, example.sparse_features,
-                         table_dtype="int8")
-    assert trained["table_dtype"] == "trained" and config["table_dtype"] == "int8"
-    with open(tmp_path / "int8" / "tables.json") as handle:
+    config = export_task(student, str(tmp_path / table_dtype), example.dense_features, example.sparse_features,
+                         table_dtype=table_dtype)
+    assert trained["table_dtype"] == "trained" and config["table_dtype"] == table_dtype
+    with open(tmp_path / table_dtype / "tables.json") as handle:
         tables = json.load(handle)
-    assert [t["data_type"] for t in tables] == ["INT8"] * 3
-    assert [t["trained_data_type"] for t in tables] == ["FP16", "FP32", "FP32"]
-    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
-    rows = {key: value for key, value in state.items() if ".embedding_bags." in key}
-    assert {str(v.dtype) for k, v in rows.items() if k.endswith(".weight")} == {"torch.uint8"}
-    assert {str(v.dtype) for k, v in rows.items() if not k.endswith(".weight")} == {"torch.float16"}
-    assert rows["model.embedding_bag_collection.embedding_bags.student_item_id.weight"].shape == (12, 8)
-    trained_state = load_file(str(tmp_path / "trained" / "model.safetensors"))
-    float_bytes = sum(v.numel() * v.element_size() for k, v in trained_state.items() if ".student_item_id." in k)
-    int8_bytes = sum(v.numel() * v.element_size() for k, v in rows.items() if ".student_item_id." in k)
-    assert int8_bytes / float_bytes == (8 + 4) / (8 * 4)  # D bytes + float16 scale and bias, for 4 D
-    assert "--table-dtype int8" in (tmp_path / "int8" / "INFERENCE.md").read_text()
-    served = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
-    assert served.logits(example.dense_features, example.sparse_features).shape == (4,)
-
-
-def test_the_artifact_records_int4_tables_and_holds_an_eighth_of_their_bytes_plus_scales(tmp_path):
-    """INT4 rows are D / 2 bytes of two packed values (torchrec's ``UInt4Tensor`` holds them as (rows, D)), stored as
-    those bytes: an eighth of FP32's 4 D bytes, plus the 4 bytes of the row's float16 scale and bias."""
-    student = _student("deepfm")
-    ebc = student.model.embedding_bag_collection
-    ebc.embedding_bags["student_user_id"].half()  # a table trained in FP16 (model.embedding_dtype=fp16)
-    ebc.embedding_bag_configs()[0].data_type = DataType.FP16
-    example = make_batch(4, 100)
-    trained = export_task(student, str(tmp_path / "trained"), example.dense_features, example.sparse_features)
-    config = export_task(student, str(tmp_path / "int4"), example.dense_features, example.sparse_features,
-                         table_dtype="int4")
-    assert trained["table_dtype"] == "trained" and config["table_dtype"] == "int4"
-    with open(tmp_path / "int4" / "tables.json") as handle:
-        tables = json.load(handle)
-    assert [t["data_type"] for t in tables] == ["INT4"] * 3
+    assert [t["data_type"] for t in tables] == [table_dtype.upper()] * 3
     assert [t["trained_data_type"] for t in tables] == ["FP16", "FP32", "FP32"]
     assert [t["embedding_dim"] for t in tables] == [8] * 3  # the values' D, not the bytes'
-    state = load_file(str(tmp_path / "int4" / "model.safetensors"))
+    state = load_file(str(tmp_path / table_dtype / "model.safetensors"))
     rows = {key: value for key, value in state.items() if ".embedding_bags." in key}
     assert {str(v.dtype) for k, v in rows.items() if k.endswith(".weight")} == {"torch.uint8"}
     assert {str(v.dtype) for k, v in rows.items() if not k.endswith(".weight")} == {"torch.float16"}
-    assert rows["model.embedding_bag_collection.embedding_bags.student_item_id.weight"].shape == (12, 4)
+    assert rows["model.embedding_bag_collection.embedding_bags.student_item_id.weight"].shape == (12, row_bytes)
     trained_state = load_file(str(tmp_path / "trained" / "model.safetensors"))
     float_bytes = sum(v.numel() * v.element_size() for k, v in trained_state.items() if ".student_item_id." in k)
-    int4_bytes = sum(v.numel() * v.element_size() for k, v in rows.items() if ".student_item_id." in k)
-    assert int4_bytes / float_bytes == (8 / 2 + 4) / (8 * 4)  # D / 2 bytes + float16 scale and bias, for 4 D
-    assert "--table-dtype int4" in (tmp_path / "int4" / "INFERENCE.md").read_text()
-    served = ServedModel.load(str(tmp_path / "int4"), trust_program=True)
+    quantized_bytes = sum(v.numel() * v.element_size() for k, v in rows.items() if ".student_item_id." in k)
+    assert quantized_bytes / float_bytes == (row_bytes + 4) / (8 * 4)  # the values + float16 scale and bias, for 4 D
+    assert f"--table-dtype {table_dtype}" in (tmp_path / table_dtype / "INFERENCE.md").read_text()
+    served = ServedModel.load(str(tmp_path / table_dtype), trust_program=True)
     assert served.logits(example.dense_features, example.sparse_features).shape == (4,)
-    # rows stored unpacked, one value a byte (not what export writes), are damage, named as such
+
+
+def test_int4_rows_stored_unpacked_are_damage_named_in_their_stored_shape(tmp_path):
+    """Rows stored one value a byte (not the packed bytes export writes) are refused as damage, named in their stored
+    shape (torch's own text gave UInt4Tensor's view of them: "torch.Size([12, 16])")."""
+    student = _student("deepfm")
+    example = make_batch(4, 100)
+    export_task(student, str(tmp_path / "int4"), example.dense_features, example.sparse_features, table_dtype="int4")
+    state = load_file(str(tmp_path / "int4" / "model.safetensors"))
     key = "model.embedding_bag_collection.embedding_bags.student_item_id.weight"
     state[key] = _unpacked(state[key], "int4").to(torch.uint8)  # (12, 8)
     config = json.loads((tmp_path / "int4" / "config.json").read_text())
     config.pop("sha256")
     (tmp_path / "int4" / "config.json").write_text(json.dumps(config))
     save_file(state, str(tmp_path / "int4" / "model.safetensors"), metadata={"export_id": config["export_id"]})
-    # named in their stored shape (torch's own text gave UInt4Tensor's view of them: "torch.Size([12, 16])")
     with pytest.raises(ValueError, match=r"model.safetensors: its tables do not match tables.json .*"
                                          r"student_item_id.weight is \(12, 8\), expected \(12, 4\)"):
         ServedModel.load(str(tmp_path / "int4"), trust_program=True)
