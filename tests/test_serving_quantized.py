@@ -201,16 +201,7 @@ def test_a_weighted_model_serves_quantized_tables_with_the_request_weights(tmp_p
 @pytest.mark.parametrize("table_dtype", QUANTIZED)
 def test_a_gain_network_serves_quantized_entity_tables(tmp_path, table_dtype):
     """Every table of the artifact is quantized, the entity vectors' too."""
-    from recsys_llm.serving import materialize_meta
-    from tests.modules.test_semantic_table import _weighted_batch, _weighted_gain_network
-
-    task = materialize_meta(_weighted_gain_network(True, CPU), CPU).eval()
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for name, weight in task.named_parameters():
-            if "embedding_bags" in name:
-                weight.copy_(torch.randn(weight.shape, generator=generator))
-    example = _weighted_batch(0)
+    task, example, request = _gain_network()
     export_task(task, str(tmp_path / "gain"), example.dense_features, example.sparse_features,
                 table_dtype=table_dtype)
     with open(tmp_path / "gain" / "semantic_tables.json") as handle:
@@ -221,7 +212,6 @@ def test_a_gain_network_serves_quantized_entity_tables(tmp_path, table_dtype):
         ebc.embedding_bag_collection.load_state_dict(
             _dequantized(state, f"{prefix}embedding_bag_collection.", table_dtype))
     served = ServedModel.load(str(tmp_path / "gain"), trust_program=True)
-    request = _weighted_batch(1)
     with torch.no_grad():
         expected = reference.predict(request).logits
     torch.testing.assert_close(served.logits(request.dense_features, request.sparse_features), expected,
