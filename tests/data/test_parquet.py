@@ -105,6 +105,18 @@ def test_sequences_truncated_and_vector_extras(tmp_path):
     np.testing.assert_allclose(extras["llm_vector"].numpy(), vectors)
 
 
+def test_a_null_list_is_an_empty_sequence(tmp_path):
+    """A null sequence cell (a user without history) is a bag of no ids, and the rows after it keep their own ids,
+    cut to max_length as any row."""
+    schema = DatasetSchema("s", [FieldSpec("g", FieldKind.SEQUENCE, 7, max_length=2)], row_key=None)
+    path = str(tmp_path / "null_lists.parquet")
+    pq.write_table(pa.table({"g": pa.array([[1, 2], None, [3], None, [4, 5, 6]], pa.list_(pa.int64())),
+                             "label": pa.array([0, 1, 0, 1, 0], pa.int8())}), path)
+    (batch,) = ParquetBatchReader(schema, path, batch_size=5, prefetch=0)
+    assert batch.sparse_features["g"].lengths().tolist() == [2, 0, 1, 0, 2]
+    assert batch.sparse_features["g"].values().tolist() == [1, 2, 3, 4, 5]
+
+
 def test_a_list_column_past_arrows_int32_offsets_is_written_in_pieces(tmp_path):
     """Arrow's list offsets are int32: past the limit (2**31 - 1 ids; a small one here), ``list_array``
     gives whole-row pieces, which SplitWriter writes and the reader reads back as they were."""
@@ -126,8 +138,9 @@ def test_a_list_column_past_arrows_int32_offsets_is_written_in_pieces(tmp_path):
 
 
 # (3, 533): ranks of 1066, 1067 and 1067 rows make 2, 3 and 3 batches; all ranks are capped at 2
+# (3, 11, True): 96, 97 and 97 full batches, capped at 96; (2, 100, True): 1600 rows a rank, its last batch full
 @pytest.mark.parametrize("world_size,batch_size,drop_last", [(2, 128, False), (3, 100, False), (3, 100, True), (4, 64, False),
-                                                             (3, 533, False)])
+                                                             (3, 533, False), (3, 11, True), (2, 100, True)])
 def test_rank_sharding_equal_batches_and_disjoint_rows(synthetic, world_size, batch_size, drop_last):
     readers = [ParquetBatchReader(synthetic, "train", batch_size, rank=r, world_size=world_size, drop_last=drop_last)
                for r in range(world_size)]
@@ -157,6 +170,40 @@ def test_padded_passes_see_every_row_once_in_equal_steps(tmp_path, synthetic, ro
     assert pads == sum(readers[0].padded_len - n for n in readers[0].batches_per_rank) > 0
 
 
+def test_a_cap_of_no_batch_holds_on_a_rank_with_a_full_batch(tmp_path, synthetic):
+    """9 rows on 2 ranks (4 and 5) in 5-row batches with drop_last: rank 0 makes no batch, so rank 1, which holds
+    one full batch, makes none either (it would run a step's collectives alone)."""
+    path = str(tmp_path / "nine.parquet")
+    pq.write_table(pq.read_table(synthetic.split_path("train")).slice(0, 9), path)
+    readers = [ParquetBatchReader(synthetic, path, 5, rank=r, world_size=2, drop_last=True, prefetch=0)
+               for r in range(2)]
+    assert [len(r) for r in readers] == [0, 0] and [len(list(r)) for r in readers] == [0, 0]
+    assert [r.dropped_rows for r in readers] == [4, 5]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_batches_with_is_the_length_of_a_reader_of_that_shape(synthetic, drop_last):
+    """The steps of an epoch in a job of another shape, from a reader of this one: 3200 rows on 3 ranks are shares
+    of 1066 and 1067 rows, so 533-row batches make 2 steps (the smallest share's), not 3."""
+    reader = ParquetBatchReader(synthetic, "train", 64, drop_last=drop_last, prefetch=0)
+    for world_size, batch_size in [(1, 64), (3, 533), (3, 11), (4, 100)]:
+        other = ParquetBatchReader(synthetic, "train", batch_size, world_size=world_size, drop_last=drop_last)
+        assert reader.batches_with(world_size, batch_size) == len(other), (world_size, batch_size)
+
+
+def test_a_bad_value_in_a_row_group_two_ranks_share_is_named_by_its_row_in_the_file(tmp_path):
+    """A rank whose range starts inside a row group keeps a slice of it: a bad value there is named by its row in
+    the file, not in the slice."""
+    schema = DatasetSchema("s", [FieldSpec("u", FieldKind.SPARSE, 7)], row_key=None)
+    path = str(tmp_path / "one.parquet")
+    labels = [0, 1] * 5
+    labels[7] = 3
+    pq.write_table(pa.table({"u": pa.array(np.arange(10) % 7, pa.int64()), "label": pa.array(labels, pa.int8())}), path)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    with pytest.raises(DataError, match=r"one\.parquet: column 'label', row 7: label 3 is not a click label"):
+        list(ParquetBatchReader(schema, path, 4, rank=1, world_size=2, prefetch=0))  # rows 5..9 of the group
+
+
 def test_fewer_row_groups_than_ranks_uses_row_ranges(tmp_path, synthetic):
     table = pq.read_table(synthetic.split_path("valid"))  # 400 rows
     path = str(tmp_path / "one_group.parquet")
@@ -183,6 +230,35 @@ def test_shuffle_is_seeded_per_epoch(synthetic):
     assert reader.shuffle_buffer_rows == 1000
     assert ParquetBatchReader(synthetic, "train", 256).shuffle_buffer_rows == 65536  # max(8 * batch, 65,536)
     assert ParquetBatchReader(synthetic, "train", 16384).shuffle_buffer_rows == 8 * 16384
+
+
+def test_shuffling_takes_the_row_groups_in_an_order_drawn_per_epoch(tmp_path, synthetic):
+    """With a shuffle buffer of one row group's rows, each buffer mixes one row group (every batch's rows come from
+    one group), and the groups come in a random order: an epoch need not start with the file's first group."""
+    path = str(tmp_path / "groups.parquet")
+    pq.write_table(pq.read_table(synthetic.split_path("train")).slice(0, 2800), path, row_group_size=700)
+    reader = ParquetBatchReader(synthetic, path, 100, shuffle=True, seed=4, shuffle_buffer_rows=700, prefetch=0)
+    first_groups = set()
+    for epoch in range(4):
+        reader.set_epoch(epoch)
+        groups = [set((batch.extras["row_id"].numpy() // 700).tolist()) for batch in reader]
+        assert len(groups) == 28 and all(len(group) == 1 for group in groups)
+        first_groups |= groups[0]
+    assert len(first_groups) > 1
+
+
+def test_each_rank_shuffles_with_its_own_draw(tmp_path, synthetic):
+    """The shuffle is seeded by (seed, epoch, rank): two ranks with shares of the same shape do not put their rows
+    in the same order (the rows at equal places of each share would always share a step)."""
+    path = str(tmp_path / "two.parquet")
+    pq.write_table(pq.read_table(synthetic.split_path("train")).slice(0, 1400), path, row_group_size=700)
+    places = []
+    for rank in range(2):
+        reader = ParquetBatchReader(synthetic, path, 100, rank=rank, world_size=2, shuffle=True, seed=1,
+                                    shuffle_buffer_rows=700, prefetch=0)
+        places.append(_concat(list(reader))[3]["row_id"].numpy() - 700 * rank)
+        np.testing.assert_array_equal(np.sort(places[-1]), np.arange(700))
+    assert not np.array_equal(places[0], places[1])
 
 
 def test_a_negative_seed_shuffles_like_any_other(synthetic):
@@ -337,6 +413,7 @@ def test_a_split_rewritten_with_the_same_footers_but_other_rows_has_another_fing
     assert same_split_fingerprint(before, write(labels))  # the same rows written again: the same data
     footers_only = split_fingerprint(schema, "train", content_max_bytes=0)  # a split over the limit
     assert "+" not in footers_only and same_split_fingerprint(footers_only, before)
+    assert same_split_fingerprint(before, footers_only)  # either way round
     assert same_split_fingerprint(before.partition("+")[0], swapped)  # a record of an older version: footers only
 
 

@@ -160,23 +160,37 @@ def test_a_file_named_twice_is_refused_not_read_twice(tmp_path):
     assert sum(len(b.labels) for b in ParquetBatchReader(SCHEMA, [path], 4, prefetch=0)) == 4
 
 
-def test_a_dense_value_beyond_float32_is_named_as_stored(tmp_path):
+@pytest.mark.parametrize("value", [1e300, -1e300])
+def test_a_dense_value_beyond_float32_is_named_as_stored(tmp_path, value):
     """1e300 in a float64 dense column was reported as "dense feature is inf" (the float32 it became), with numpy's
-    overflow warning; the file holds no inf."""
+    overflow warning; the file holds no inf. -1e300 would become -inf alike."""
+    import re
     import warnings
 
     path = str(tmp_path / "a.parquet")
     _write(path, np.ones((4, 3), np.float32), np.ones(4, np.float32))
     table = pq.read_table(path)
-    table = table.set_column(table.schema.get_field_index("x"), "x", pa.array([0.5, 1e300, 0.5, 0.5]))
+    table = table.set_column(table.schema.get_field_index("x"), "x", pa.array([0.5, value, 0.5, 0.5]))
     pq.write_table(table, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow RuntimeWarning either
-        with pytest.raises(DataError, match=r"a\.parquet: column 'x', row 1: dense feature 1e\+300 is outside the "
-                                            r"float32 range"):
+        message = rf"a\.parquet: column 'x', row 1: dense feature {re.escape(repr(value))} is outside the float32 range"
+        with pytest.raises(DataError, match=message):
             list(ParquetBatchReader(SCHEMA, path, 4, prefetch=0))
         batches = list(ParquetBatchReader(SCHEMA, path, 4, prefetch=0, validate=False))
     assert torch.isinf(batches[0].dense_features[1, 0])
+
+
+@pytest.mark.parametrize("dtype", [pa.float32(), pa.int64()])
+def test_a_null_in_an_extra_column_names_file_column_and_row(tmp_path, dtype):
+    """An extra column is carried as it is: a null in it (a teacher output missing for a row) is refused, with or
+    without validation, naming the row; it became NaN in a float column and a garbage integer in an int64 one."""
+    path = str(tmp_path / "a.parquet")
+    _write(path, np.ones((10, 3), np.float32), pa.array([1, 1, 1, 1, 1, 1, None, 1, 1, 1], dtype))
+    for validate in (True, False):
+        with pytest.raises(DataError, match=r"a\.parquet: column 'weight', row 6: null value; expected a value in "
+                                            r"every row"):
+            list(ParquetBatchReader(SCHEMA, path, 4, extras=["weight"], prefetch=0, validate=validate))
 
 
 def test_a_vector_extra_of_another_length_names_its_row(tmp_path):

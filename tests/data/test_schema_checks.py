@@ -174,6 +174,18 @@ def test_a_column_listed_as_field_and_extra_column_is_refused() -> None:
     DatasetSchema("t", fields, extra_columns=["timestamp"])
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"fields": BASE["fields"] + [{"name": "user", "kind": "dense"}]},
+     r"schema 'shop': duplicate field names \['user'\]"),
+    ({"label": "price"}, r"schema 'shop': the label 'price' is also listed as an input field"),
+], ids=["field twice", "label as field"])
+def test_a_column_read_twice_by_the_schema_is_refused_naming_the_file_and_column(tmp_path, edit, message) -> None:
+    """A field listed twice (or the label also listed as a field) reads one column as two inputs: the second
+    spec silently replaced the first, or the label was fed to the model as a feature."""
+    with pytest.raises(SchemaError, match=r"shop\.yaml: " + message):
+        DatasetSchema.load(_write(tmp_path, {**copy.deepcopy(BASE), **edit}))
+
+
 def test_an_extra_column_listed_twice_is_refused(tmp_path) -> None:
     """``extra_columns: [ts, ts]`` was taken and written into the prepared data's schema.json as it was."""
     fields = [FieldSpec("user_id", "sparse", 10)]

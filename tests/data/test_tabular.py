@@ -385,6 +385,18 @@ def test_a_repeated_row_key_is_refused_naming_the_key_and_rows(tmp_path):
         prepare_tabular(str(tmp_path / "d.parquet"), schema_path, str(tmp_path / "out"))
 
 
+def test_a_row_key_repeated_next_to_itself_among_increasing_keys_is_refused(tmp_path):
+    """Keys in increasing order but for one repeated in the next row: the quick path for increasing keys takes
+    only strictly increasing ones as unique."""
+    keys = [str(k) for k in range(100, 140)]
+    keys[5] = "104"
+    data, schema_path = _keyed(tmp_path, "d.csv", keys)
+    with pytest.raises(DataError, match=r"d\.csv: row key column 'event_id': key 104 is repeated, in data row 4 .* and "
+                                        r"data row 5 "):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("stray", ["3.5", "bob"])
 def test_a_stray_cell_in_an_integer_id_column_is_an_error_not_a_vocabulary(tmp_path, stray):
     users = [str(i % 7) for i in range(40)]
@@ -868,6 +880,15 @@ def test_a_dense_value_beyond_float32_is_refused_not_written_as_inf(tmp_path, fi
                                         r"range .*; expected a finite float32 value"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(fill_missing_dense=fill))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_fill_missing_dense_replaces_nan_and_inf_too(tmp_path):
+    """--fill-missing-dense replaces missing and NaN/inf dense values (as the hint says), not only nulls."""
+    price = pa.array([0.5, None, float("nan"), float("inf"), float("-inf")] + [0.5] * 35)
+    data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20), "price": price},
+                                      SPARSE + [{"name": "price", "kind": "dense"}])
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(fill_missing_dense=-1.0))
+    assert _rows_of(schema, "price")[:6] == [0.5, -1.0, -1.0, -1.0, -1.0, 0.5]
 
 
 def test_a_uint64_row_key_above_the_int64_range_names_the_file_column_and_row(tmp_path):

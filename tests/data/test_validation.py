@@ -1,5 +1,6 @@
 """One test per bad-input case: every error names the file, the column and what was expected."""
 
+import dataclasses
 import math
 import os
 import re
@@ -76,6 +77,69 @@ def test_wrong_dtype(tmp_path):
     path = _write(str(tmp_path / "f.parquet"), schema, user_id=pa.array([str(i) for i in range(6)]))
     with pytest.raises(DataError, match=r"f\.parquet.*column 'user_id'.*type string.*expected an integer column"):
         _read_all(schema, path)
+
+
+@pytest.mark.parametrize("column, values, message", [
+    ("label", pa.array(["0", "1"] * 3), r"label column 'label' has Arrow type string; expected 0/1 integers"),
+    ("row_id", pa.array(np.arange(6, dtype=np.float64)),
+     r"row key column 'row_id' has Arrow type double; expected int64"),
+    ("tags", pa.array([["1", "2"]] * 6, pa.list_(pa.string())),
+     r"column 'tags' \(sequence field\) has Arrow type list<\w+: string>; expected a list of integers"),
+], ids=["label", "row key", "sequence"])
+def test_a_column_of_the_wrong_type_is_refused_from_the_footer(tmp_path, column, values, message):
+    """Before any row is read, naming the file, the column and its type: string labels failed only at the first
+    batch, float row keys were carried as floats and the string ids of a sequence were read as numbers."""
+    schema = _schema()
+    path = _write(str(tmp_path / "f.parquet"), schema, **{column: values})
+    with pytest.raises(DataError, match=rf"f\.parquet: {message}"):
+        read_schema_and_check(schema, path)
+    with pytest.raises(DataError, match=rf"f\.parquet: {message}"):
+        ParquetBatchReader(schema, path, batch_size=4)
+
+
+def test_an_integer_dense_column_is_read_as_float32(tmp_path):
+    """A dense field takes any numeric column (a count stored as int32), carried as float32."""
+    schema = _schema()
+    price = np.array([0, 3, 7, 1, 2, 5], np.int32)
+    path = _write(str(tmp_path / "f.parquet"), schema, price=price)
+    assert read_schema_and_check(schema, path) == 6
+    dense = np.concatenate([b.dense_features.numpy() for b in _read_all(schema, path)])
+    assert dense.dtype == np.float32
+    np.testing.assert_array_equal(dense[:, 0], price.astype(np.float32))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_or_inf_in_a_float16_dense_column(tmp_path, bad):
+    """A half-float column is checked by its exponent bits (numpy's isfinite is slow on float16): NaN and inf are
+    still found and named."""
+    schema = _schema()
+    price = np.linspace(0, 1, 6).astype(np.float16)
+    price[4] = bad
+    path = _write(str(tmp_path / "f.parquet"), schema, price=pa.array(price))
+    with pytest.raises(DataError, match=r"f\.parquet: column 'price', row 4: dense feature is .*expected a finite "
+                                        r"float"):
+        _read_all(schema, path)
+
+
+def test_a_null_inside_a_list_is_named_by_its_position_in_that_row(tmp_path):
+    """The position counts within the row's own list, not from the first id of the row group."""
+    schema = _schema()
+    tags = pa.array([[0, 1], [2, 3], [4, None], [0], [1], [2]], pa.list_(pa.int64()))
+    path = _write(str(tmp_path / "f.parquet"), schema, tags=tags)
+    with pytest.raises(DataError, match=r"f\.parquet: column 'tags', row 2: null value at position 1 of the list; "
+                                        r"expected an id in \[0, 5\)"):
+        _read_all(schema, path)
+
+
+def test_check_split_labels_names_the_row_of_a_bad_label_in_a_later_row_group(tmp_path):
+    """check_split_labels (run before an LLM is tuned on a split) reads a row group at a time; a bad label is named
+    by its row in the file."""
+    from recsys_llm.data.parquet_files import check_split_labels
+
+    schema = _schema()
+    path = _write(str(tmp_path / "f.parquet"), schema, label=np.array([0, 1, 0, 1, 5, 0], dtype=np.int8))
+    with pytest.raises(DataError, match=r"f\.parquet: column 'label', row 4: label 5 is not a click label"):
+        check_split_labels(schema, path)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -182,6 +246,33 @@ def test_corrupt_parquet(tmp_path):
         _read_all(schema, path)
 
 
+def test_a_corrupt_row_group_is_named_with_its_file_when_read(tmp_path):
+    """The footer opens, but a later row group's page header is damaged: pyarrow's thrift error becomes a DataError
+    naming the file and the row group, after the batches of the row group before it."""
+    schema = _schema()
+    path = _write(str(tmp_path / "corrupt.parquet"), schema)
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(open(path, "rb").read())
+    data[offset:offset + 8] = b"\xff" * 8
+    with open(path, "wb") as handle:
+        handle.write(bytes(data))
+    assert read_schema_and_check(schema, path) == 6  # the footer still reads
+    batches = iter(ParquetBatchReader(schema, path, batch_size=3, prefetch=0))
+    assert next(batches).batch_size == 3
+    with pytest.raises(DataError, match=r"corrupt\.parquet: row group 1 cannot be decoded \(corrupt Parquet\?\)"):
+        next(batches)
+
+
+def test_a_file_removed_after_the_reader_was_made_is_named(tmp_path):
+    """The reader opens each file again every epoch: one deleted since is named as not found, not as corrupt."""
+    schema = _schema()
+    path = _write(str(tmp_path / "gone.parquet"), schema)
+    reader = ParquetBatchReader(schema, path, batch_size=4, prefetch=0)
+    os.remove(path)
+    with pytest.raises(DataError, match=r"gone\.parquet: Parquet file not found"):
+        list(reader)
+
+
 def test_corrupt_parquet_not_parquet_at_all(tmp_path):
     path = str(tmp_path / "notes.parquet")
     with open(path, "w") as handle:
@@ -212,6 +303,23 @@ def test_schema_data_mismatch_written_specs(tmp_path):
     )
     with pytest.raises(DataError, match=r"f\.parquet: schema/data mismatch for field 'user_id'.*cardinality=50.*cardinality=10"):
         read_schema_and_check(edited, path)
+
+
+@pytest.mark.parametrize("index, edit, message", [
+    (1, {"max_length": 3}, r"field 'tags': the schema says max_length=3 but the file was written with max_length=2"),
+    (0, {"hashed": True}, r"field 'user_id': the schema says hashed=True but the file was written with hashed=False"),
+    (0, {"kind": FieldKind.DENSE, "cardinality": 0},
+     r"field 'user_id': the schema says kind='dense' but the file was written with kind='sparse'"),
+], ids=["max_length", "hashed", "kind"])
+def test_schema_data_mismatch_of_every_written_spec(tmp_path, index, edit, message):
+    """Each spec the file records is compared, not only the cardinality: a changed max_length, hashed or kind
+    (an id column read as a dense float) is a schema/data mismatch."""
+    written = _schema()
+    path = _write(str(tmp_path / "f.parquet"), written)
+    fields = list(written.fields)
+    fields[index] = dataclasses.replace(fields[index], **edit)
+    with pytest.raises(DataError, match=r"f\.parquet: schema/data mismatch for " + message):
+        read_schema_and_check(DatasetSchema(name="tiny", fields=fields), path)
 
 
 @pytest.mark.parametrize("metadata", [b"[" * 100_000 + b"]" * 100_000, b'{"a": 1}', b"3", b"[1]"])
