@@ -213,8 +213,13 @@ def build_llactr_terms(
             f"{config.vectors_path}: none of its fields {stored.keys} is embedded by the model "
             f"(features {sorted(dims)})"
         )
-    index = torch.tensor([stored.keys.index(k) for k in used], dtype=torch.long)
+    # on the vectors' device: under an ambient torch.device("meta") a meta index selected uninitialised memory
+    index = torch.tensor([stored.keys.index(k) for k in used], dtype=torch.long, device=stored.vectors.device)
     vectors = stored.vectors.index_select(0, index)  # (F, d_llm)
+    target = device if device is not None else torch.get_default_device()
+    # built on CPU from their own random streams, then moved; for meta (materialised later, e.g. by DMP) built
+    # there, where the terms keep their constants (field vectors, pair indices) on CPU and their weights on meta
+    build_on = torch.device("meta") if target.type == "meta" else torch.device("cpu")
     logit_terms: Dict[str, nn.Module] = {}
     loss_terms: Dict[str, nn.Module] = {}
     used_dims = {dims[k] for k in used}
@@ -226,7 +231,7 @@ def build_llactr_terms(
         )
     if config.use_fre:
         fre_vectors = F.normalize(vectors, dim=-1) if config.normalize_vectors else vectors
-        with own_random_stream("llactr.fre"), torch.device("cpu"):  # built on CPU, then moved
+        with own_random_stream("llactr.fre"), build_on:
             loss_terms["fre"] = FieldRepresentationEnhancement(
                 fre_vectors, used, next(iter(used_dims)), config.lambda_fre, config.fre_field_reduction
             )
@@ -237,14 +242,12 @@ def build_llactr_terms(
                 f"model (features {sorted(dims)}) and wanted; use FRE alone (llactr.use_fie=false) or vectors of more "
                 "of the model's fields"
             )
-        check_fie_fits(len(used), device if device is not None else torch.get_default_device())
-        with own_random_stream("llactr.fie"), torch.device("cpu"):
+        check_fie_fits(len(used), target)
+        with own_random_stream("llactr.fie"), build_on:
             logit_terms["fie"] = FieldInteractionEnhancement(vectors, used, config.lambda_fie)
-    if device is None and torch.get_default_device().type != "cpu":  # built on CPU above, under another default
-        device = torch.get_default_device()
-    if device is not None:
-        logit_terms = {name: term.to(device) for name, term in logit_terms.items()}
-        loss_terms = {name: term.to(device) for name, term in loss_terms.items()}
+    if target.type not in ("cpu", "meta"):
+        logit_terms = {name: term.to(target) for name, term in logit_terms.items()}
+        loss_terms = {name: term.to(target) for name, term in loss_terms.items()}
     provenance = {
         "vectors": os.path.abspath(config.vectors_path),
         "config": dataclasses.asdict(config),

@@ -100,6 +100,24 @@ class TestBuildLLaCTRTerms:
             logit_terms, loss_terms, _ = build_llactr_terms(LLaCTRConfig(path), schema, backbone)
         assert logit_terms["fie"].pair_weight.weight.is_meta and loss_terms["fre"].projection.weight.is_meta
 
+    def test_terms_built_under_the_meta_device_hold_the_files_vectors(self, tmp_path) -> None:
+        """Under an ambient ``torch.device("meta")`` the fields' vectors were picked with a meta index, which
+        selected uninitialised memory (now and then NaN, refused; else garbage), and the terms' constants were moved
+        to meta, where DMP zero-fills them; they stay on CPU with the file's values, the weights on meta."""
+        schema = _schema()
+        path = _vectors(tmp_path, schema)
+        backbone = LinearBackbone(make_ebc(dim=8), num_dense_features=1)
+        reference_logit, reference_loss, _ = build_llactr_terms(LLaCTRConfig(path), schema, backbone)
+        for device in (None, torch.device("cpu")):
+            with torch.device("meta"):
+                logit_terms, loss_terms, _ = build_llactr_terms(LLaCTRConfig(path), schema, backbone, device)
+            for name, term in {**logit_terms, **loss_terms}.items():
+                expected = {**reference_logit, **reference_loss}[name]
+                for key, buffer in term.named_buffers():
+                    assert buffer.device.type == "cpu", (device, name, key)
+                    assert torch.equal(buffer, dict(expected.named_buffers())[key]), (device, name, key)
+                assert all(param.is_meta == (device is None) for param in term.parameters()), (device, name)
+
     def test_ablation_switches_and_dlrm(self, tmp_path) -> None:
         schema = _schema()
         path = _vectors(tmp_path, schema)
