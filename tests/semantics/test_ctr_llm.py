@@ -82,6 +82,21 @@ class TestCTRAdaptedLLM:
         else:
             assert trainable and all(".1." in n for n in trainable)  # only the last of 2 layers
 
+    def test_the_heads_and_the_llm_step_at_their_own_learning_rates(self, tmp_path):
+        """--head-lr moves the MLP and prediction heads, --lr the LLM's LoRA weights: after one AdamW step (whose
+        first update is about lr per weight) each part has moved by its own rate, not the other's."""
+        config = CTRLLMConfig(model_path=_tiny_model_dir(tmp_path, "bert"), representation_dim=8, hidden_dim=16,
+                              lora_target_modules=["query", "value"], batch_size=16, sample_rows=16, epochs=1,
+                              learning_rate=1e-6, head_learning_rate=1e-2, max_length=32)
+        model = CTRAdaptedLLM.from_config(config)
+        heads = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("llm.")}
+        lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        assert len(tune_ctr_llm(model, *_data(), config, progress=False)) == 1
+        params = dict(model.named_parameters())
+        moved_heads = max(float((params[n] - p).abs().max()) for n, p in heads.items())
+        moved_lora = max(float((params[n] - p).abs().max()) for n, p in lora.items())
+        assert 0.5e-2 < moved_heads < 1.5e-2 and 0 < moved_lora < 1e-5, (moved_heads, moved_lora)
+
     def test_save_load_roundtrip(self, tmp_path):
         model, config = _tiny_bert_ctr_llm(tmp_path)
         texts, labels = _data()

@@ -34,6 +34,21 @@ class TestFieldVectors:
         with pytest.raises(VectorProvenanceError, match="were made for schema 'tiny'"):
             load_vectors(output, schema=make_schema(str(tmp_path / "other"), name="other", descriptions=False))
 
+    def test_the_provenance_records_the_field_template(self, tmp_path, tiny_bert_dir, tiny_schema) -> None:
+        """Field vectors of another field template are other vectors: their file records the templates' id, so a
+        reader expecting the default template refuses them."""
+        from recsys_llm.semantics.templates import PromptTemplates
+
+        default, other = PromptTemplates(), PromptTemplates(field="the field {name} holds {description}")
+        for name, templates in (("default", default), ("other", other)):
+            stored = encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir, templates=templates), tiny_schema,
+                                          str(tmp_path / f"{name}.safetensors"))
+            assert stored.provenance.template == templates.template_id()
+        assert default.template_id() != other.template_id()
+        load_vectors(str(tmp_path / "default.safetensors"), expected={"template": default.template_id()})
+        with pytest.raises(VectorProvenanceError, match="template="):
+            load_vectors(str(tmp_path / "other.safetensors"), expected={"template": default.template_id()})
+
     def test_cli_tune_then_encode(self, tmp_path, tiny_llama_dir, tiny_schema, capsys) -> None:
         schema_path = os.path.join(tiny_schema.root, "schema.json")
         out_dir, output = str(tmp_path / "ssft"), str(tmp_path / "tuned.safetensors")

@@ -61,6 +61,19 @@ def test_auto_pooling_of_an_encoder_decoder_models_encoder_is_mean() -> None:
     assert resolve_pooling("auto", LlamaConfig(), no_mask) == "last_token"
 
 
+def test_auto_pooling_of_an_unknown_model_type_follows_its_tokenizers_mask_token() -> None:
+    """A model type neither list knows, with no architecture to tell: a tokenizer without a mask token is a
+    decoder's (last token), one with a mask token an encoder's (mean)."""
+    from transformers import PretrainedConfig
+
+    from tests.tiny_models import make_tokenizer
+
+    unknown = PretrainedConfig()
+    assert resolve_pooling("auto", unknown, make_tokenizer(with_mask=False)) == "last_token"
+    assert resolve_pooling("auto", unknown, make_tokenizer(with_mask=True)) == "mean"
+    assert resolve_pooling("auto", unknown) == "mean"
+
+
 def _tiny_t5gemma() -> torch.nn.Module:
     from transformers import T5GemmaConfig, T5GemmaModel
 

@@ -40,6 +40,14 @@ class TestRowTextRenderer:
         assert texts[2] == "user name is Bob. item id is 1. genres is Horror. age is unknown."
         assert texts[3].startswith("user name is 5.")  # id without value text: the number
 
+    def test_the_description_is_filled_in_after_the_value_too(self, tmp_path):
+        """A template may name the field after its value: "{description}" is filled in on both sides of "{value}",
+        not left as the placeholder."""
+        config = RowTextConfig(fields=["user_id", "age"], template="{value} is the {description}.",
+                               templates={"age": "{description} {value} ({description})."})
+        texts = RowTextRenderer(make_schema(str(tmp_path)), config).render(rows()).to_pylist()
+        assert texts[0] == "Alice is the user name. age 1.235 (age)."
+
     def test_a_null_id_is_written_unknown_as_a_null_dense_value_is(self, tmp_path):
         """A null sparse id, or a null id inside a list, made the whole row's text None (the LLM's tokenizer
         then failed on it), with a value-text file or without."""

@@ -11,7 +11,7 @@ import torch
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer, infonce_loss, retrieval_metrics
-from recsys_llm.semantics.ssft_examples import build_examples
+from recsys_llm.semantics.ssft_examples import build_examples, examples_digest
 from recsys_llm.semantics.templates import PromptTemplates, select_fields
 
 # A 2-layer random model routes the value token to the last position within a few dozen
@@ -27,6 +27,18 @@ def _config(model_dir: str, **overrides) -> SSFTConfig:
 
 
 class TestExamples:
+    def test_the_examples_digest_covers_the_held_out_prompts(self, tiny_schema: DatasetSchema) -> None:
+        """A resume is refused over other data (the digest is in the checkpoint's signature): held-out values
+        that changed, or moved to training, would make the "before" and "after" accuracies incomparable."""
+        config = SSFTConfig(samples_train=8, samples_valid=2)
+        train, valid = build_examples(tiny_schema, select_fields(tiny_schema), config)
+        texts = ["a", "b", "c", "d"]
+        digest = examples_digest(texts, train, valid)
+        assert examples_digest(texts, train, valid[:-1]) != digest
+        assert examples_digest(texts, train + valid[-1:], valid[:-1]) != digest
+        assert examples_digest(texts, train, list(reversed(valid))) != digest
+        assert examples_digest(list(texts), list(train), list(valid)) == digest
+
     def test_disjoint_train_and_held_out_values(self, tiny_schema: DatasetSchema) -> None:
         fields = select_fields(tiny_schema)
         train, valid = build_examples(tiny_schema, fields, SSFTConfig(samples_train=30, samples_valid=5))
@@ -92,6 +104,15 @@ class TestExamples:
         empty = retrieval_metrics(torch.zeros(0, 3), keys, torch.zeros(0, dtype=torch.long), 0.02)
         assert empty["count"] == 0 and empty["per_field"] == {} and empty["chance"] == pytest.approx(1 / 3)
 
+    def test_infonce_of_bfloat16_states_is_computed_in_float32(self) -> None:
+        """An LLM in bfloat16 gives bfloat16 states: the cosines, divided by a temperature of 0.02, are computed in
+        float32 (bfloat16 rounding, times 50, would move the loss)."""
+        torch.manual_seed(0)
+        q, k, y = torch.randn(8, 64).bfloat16(), torch.randn(5, 64).bfloat16(), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+        expected = infonce_loss(q.float(), k.float(), y, 0.02)
+        torch.testing.assert_close(infonce_loss(q, k, y, 0.02), expected, atol=1e-5, rtol=1e-5)
+        assert infonce_loss(q, k, y, 0.02).dtype == torch.float32
+
     def test_infonce_matches_formula(self) -> None:
         torch.manual_seed(0)
         q, k, y = torch.randn(3, 5), torch.randn(4, 5), torch.tensor([0, 3, 1])
@@ -99,6 +120,15 @@ class TestExamples:
         sims = torch.exp(qn @ kn.t() / 0.02)
         expected = -torch.log(sims[torch.arange(3), y] / sims.sum(dim=1)).mean()
         torch.testing.assert_close(infonce_loss(q, k, y, 0.02), expected)
+
+    def test_the_held_out_loss_is_the_training_infonce_at_the_same_temperature(self) -> None:
+        """metrics.json's held-out loss (before / after, per epoch) is the loss training lowers: InfoNCE at the
+        configured temperature, comparable with the training loss."""
+        torch.manual_seed(0)
+        q, k, y = torch.randn(6, 5), torch.randn(4, 5), torch.tensor([0, 3, 1, 2, 2, 0])
+        for temperature in (0.02, 0.5):
+            loss = retrieval_metrics(q, k, y, temperature)["loss"]
+            assert loss == pytest.approx(infonce_loss(q, k, y, temperature).item(), rel=1e-5)
 
 
 class TestSSFT:
@@ -113,6 +143,18 @@ class TestSSFT:
         with open(os.path.join(out, "metrics.json")) as handle:
             assert json.load(handle)["after"] == after
         assert set(after["per_field"]) == {"color", "city", "user_id", "price"} and after["chance"] == 0.25
+
+    def test_before_and_after_are_scored_on_the_same_held_out_prompts(self, tmp_path, tiny_llama_dir,
+                                                                     tiny_schema) -> None:
+        """The accuracy before tuning is the untuned model's on the held-out values, as the one after is: scored on
+        training prompts it would be no baseline for the held-out accuracy after tuning."""
+        trainer = SSFTTrainer(_config(tiny_llama_dir, epochs=1, samples_train=8, samples_valid=2), tiny_schema,
+                              str(tmp_path / "ssft"))
+        untuned = trainer.evaluate()
+        metrics = trainer.run()
+        assert metrics["num_valid"] == 4 * 2 and metrics["num_train"] == 4 * 8
+        assert metrics["before"]["count"] == metrics["after"]["count"] == metrics["num_valid"]
+        assert metrics["before"]["loss"] == pytest.approx(untuned["loss"], rel=1e-5)
 
     def test_resume_continues_where_it_stopped(self, tmp_path, tiny_llama_dir, tiny_schema) -> None:
         small = dict(samples_train=8, samples_valid=2, lora_dropout=0.0)

@@ -1,4 +1,5 @@
 import os
+import warnings
 from typing import List
 
 import pytest
@@ -6,7 +7,9 @@ import torch
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.encoder import TextEncoder
-from recsys_llm.semantics.store import VectorProvenance, VectorProvenanceError, cached_encode, load_vectors, save_vectors
+from recsys_llm.semantics.store import (
+    VectorProvenance, VectorProvenanceError, cached_encode, load_vectors, save_vectors, texts_hash,
+)
 from tests.semantics.conftest import make_schema
 
 
@@ -160,6 +163,46 @@ class TestCachedEncode:
             again = cached_encode(encoder, texts, "t1", str(tmp_path / "a"), progress=False)
         assert CountingEncoder.calls == 3
         torch.testing.assert_close(again, expected, atol=0, rtol=0)
+
+    def test_each_template_and_text_set_keeps_its_own_cache_entry(self, tmp_path, tiny_llama_dir: str) -> None:
+        """The template and the texts are in the key (the file name): going back and forth between two templates
+        or two text sets hits the cache, not one shared file replaced (with a warning) on every switch."""
+        encoder = CountingEncoder(tiny_llama_dir)
+        CountingEncoder.calls = 0
+        texts, fewer = ["shade 1", "town 2", "price"], ["shade 1", "town 2"]
+        calls = [(texts, "t1"), (texts, "t2"), (fewer, "t1")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(2):
+                for chosen, template in calls:
+                    cached_encode(encoder, chosen, template, str(tmp_path), progress=False)
+        assert CountingEncoder.calls == 3 and len(list(tmp_path.glob("*.safetensors"))) == 3
+
+    def test_a_cache_file_of_another_template_copied_under_this_key_is_encoded_again(self, tmp_path,
+                                                                                      tiny_llama_dir) -> None:
+        """The template recorded in a cache file is read back: one renamed from another template's entry is not
+        taken for this one."""
+        import shutil
+
+        encoder = CountingEncoder(tiny_llama_dir)
+        CountingEncoder.calls = 0
+        texts = ["shade 1", "town 2"]
+        cached_encode(encoder, texts, "t1", str(tmp_path / "a"), progress=False)
+        (path,) = (tmp_path / "a").glob("*.safetensors")
+        cached_encode(encoder, texts, "t2", str(tmp_path / "b"), progress=False)
+        (other,) = (tmp_path / "b").glob("*.safetensors")
+        shutil.copyfile(other, path)
+        with pytest.warns(UserWarning, match=r"template='t2', expected 't1'; the texts are encoded again"):
+            cached_encode(encoder, texts, "t1", str(tmp_path / "a"), progress=False)
+        assert CountingEncoder.calls == 3
+        assert load_vectors(str(path)).provenance.template == "t1"
+
+    def test_the_texts_hash_tells_where_one_text_ends(self) -> None:
+        """Texts are hashed length-prefixed: ["ab"] and ["a", "b"] (or a text moved across a boundary) are other
+        texts, and must not share a cache key."""
+        hashes = {texts_hash(["ab"]), texts_hash(["a", "b"]), texts_hash(["a", "b", ""]), texts_hash(["ab", ""])}
+        assert len(hashes) == 4
+        assert texts_hash(["a", "b"]) == texts_hash(["a", "b"])
 
 
     def test_a_single_string_is_refused_with_or_without_a_cache(self, tmp_path, tiny_llama_dir: str) -> None:

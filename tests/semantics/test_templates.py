@@ -16,6 +16,20 @@ class TestTemplates:
         assert "### Input:\nThe feature is: shade 3. The candidate set is: [color, city]\n" in prompt
         assert prompt.endswith("### Response:\n")
 
+    def test_the_template_id_tells_every_template_apart(self) -> None:
+        """template_id keys the encode cache and the vectors' provenance: a change of any one template, the number
+        format of dense values included, is another id."""
+        import dataclasses
+
+        base = PromptTemplates()
+        changed = dict(field="{name} - {description}", field_without_description="field {name}",
+                       instruction="Name the field.", input="Value: {value}", prompt="{instruction} {input}",
+                       number_format="{:.2f}")
+        assert set(changed) == {f.name for f in dataclasses.fields(PromptTemplates)}
+        ids = {base.template_id()} | {dataclasses.replace(base, **{k: v}).template_id() for k, v in changed.items()}
+        assert len(ids) == 1 + len(changed)
+        assert PromptTemplates().template_id() == base.template_id()
+
     def test_field_text_uses_description_or_name(self, tiny_schema: DatasetSchema) -> None:
         templates = PromptTemplates()
         assert field_text(tiny_schema.field("city"), templates) == "city: city of the user"

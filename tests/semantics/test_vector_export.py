@@ -16,7 +16,7 @@ from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.semantics.row_text import RowTextRenderer
 from recsys_llm.semantics.schema_export import SplitRows, export_schema_vectors
 from recsys_llm.semantics.vector_export import ProvenanceError, VectorExport, VectorExportConfig, chunk_path
-from recsys_llm.semantics.vector_projection import fit_projection, save_projection
+from recsys_llm.semantics.vector_projection import fit_projection, load_projection, save_projection
 from recsys_llm.semantics.vector_reader import attach_vectors, read_vector_rows, read_vectors
 from recsys_llm.train.run_records import SHARED_CHECK_FILE
 
@@ -211,6 +211,32 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         with pytest.raises(ProvenanceError, match="chunk-00001"):
             read_vectors(out)
 
+    def test_every_setting_of_the_provenance_is_compared_on_read(self, tmp_path):
+        """Vectors made with another template, pooling, model, dtype or projection than the reader expects are
+        refused, naming the setting: each key of the stored provenance is compared, none skipped."""
+        out = str(tmp_path / "vec")
+        keys, texts = _keys_texts(6)
+        provenance = dict(PROVENANCE, template="row-v1", granularity="row")
+        export = VectorExport(out, provenance, VectorExportConfig(chunk_rows=4))
+        export.run(keys, texts, CountingEncoder(), progress=False)
+        assert {"template", "pooling", "model", "dtype", "projection"} <= set(export.provenance)
+        read_vectors(out, expected=export.provenance)
+        for key, stored in export.provenance.items():
+            with pytest.raises(ProvenanceError, match=rf"{key}: stored {re.escape(repr(stored))}, expected 'other'"):
+                read_vectors(out, expected={key: "other"})
+
+    def test_an_unknown_revision_does_not_stand_for_the_same_model_files(self, tmp_path):
+        """Only a known revision (a fingerprint of the files) lets another model path pass: two exports whose
+        revision is unknown (or not recorded) say nothing of their files, so their model paths are compared."""
+        for revision in ("unknown", ""):
+            out = str(tmp_path / f"vec{revision}")
+            keys, texts = _keys_texts(4)
+            VectorExport(out, dict(PROVENANCE, revision=revision), VectorExportConfig(chunk_rows=4)).run(
+                keys, texts, CountingEncoder(), progress=False)
+            with pytest.raises(ProvenanceError, match="model: stored 'tiny', expected 'other'"):
+                read_vectors(out, expected={"model": "other", "revision": revision})
+        read_vectors(out, expected={"model": "tiny", "revision": ""})
+
     def test_fp16_and_projection(self, tmp_path):
         keys, texts = _keys_texts(40)
         sample = CountingEncoder()(texts(0, 40))
@@ -235,6 +261,22 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         attached = pq.read_table(copy).column("llm_vector")
         assert attached.type == pa.list_(pa.float16(), 3)  # the export's dtype, as stored
         np.testing.assert_array_equal(np.array(attached.to_pylist(), dtype=np.float16), vectors[::-1])
+
+    def test_float16_storage_rounds_the_projected_float32_vectors_once(self, tmp_path):
+        """The projection is applied to the encoder's float32 vectors and only its result is cast to float16:
+        each stored value is the float32 projection rounded to the nearest float16 (within half its spacing)."""
+        keys, texts = _keys_texts(40)
+        sample = CountingEncoder()(texts(0, 40))
+        proj = str(tmp_path / "pca.safetensors")
+        save_projection(proj, *fit_projection(sample, 3))
+        mean, components, _ = load_projection(proj)
+        out = str(tmp_path / "vec")
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=16, dtype="float16", projection=proj)).run(
+            keys, texts, CountingEncoder(), progress=False)
+        _, vectors = read_vectors(out)
+        exact = ((sample - mean) @ components).numpy()  # (40, 3) float32
+        error = np.abs(vectors.astype(np.float64) - exact.astype(np.float64))
+        assert (error <= np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64) / 2 + 1e-6).all(), error.max()
 
     def test_read_rows_and_attach(self, tmp_path):
         out = str(tmp_path / "vec")
