@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
@@ -279,6 +280,35 @@ def test_gain_network_and_pairs_are_refused(tmp_path):
     assert not os.path.exists(str(tmp_path / "x"))
 
 
+def test_a_task_holding_teacher_or_llm_parts_is_refused_before_anything_is_written(tmp_path):
+    """A student that still holds a teacher's (or an LLM's) modules is no servable task: refused by name, as its
+    artifact would carry their weights or need them at inference."""
+    example = make_batch(4, 0)
+    for part in ("teacher", "llm"):
+        task = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
+        setattr(task, part, nn.Linear(2, 2))
+        with pytest.raises(ValueError, match=rf"export: the task holds teacher/LLM parts \['{part}'\]; export the "
+                                             r"student only"):
+            export_task(task, str(tmp_path / "x"), example.dense_features, example.sparse_features)
+    assert not os.path.exists(str(tmp_path / "x"))
+
+
+def test_a_feature_feeding_tables_of_several_sizes_takes_ids_the_smallest_holds():
+    """A gain network's entity table may hold fewer rows than the backbone's table of the same feature: the
+    served id bound is the smaller one, or an id past it would index outside the entity table."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    from recsys_llm.serving.export import rows_per_feature
+
+    def tables(rows: int, name: str) -> EmbeddingBagCollection:
+        config = EmbeddingBagConfig(name=name, embedding_dim=4, num_embeddings=rows, feature_names=["item_id"])
+        return EmbeddingBagCollection(tables=[config], device=torch.device("meta"))
+
+    backbone, entities = tables(12, "t_item"), tables(7, "semantic_item")
+    assert rows_per_feature(backbone, entities) == rows_per_feature(entities, backbone) == {"item_id": 7}
+    assert rows_per_feature(backbone, None) == {"item_id": 12}
+
+
 def test_the_student_s_state_is_taken_without_the_teacher_s(tmp_path):
     """The prefix keeps exactly the student's tensors (unsharded here; that the teacher's sharded tables are not
     gathered at all is shown on 2 ranks: test_semantic_table's test_two_ranks_load_own_shards_...)."""
@@ -289,6 +319,16 @@ def test_the_student_s_state_is_taken_without_the_teacher_s(tmp_path):
     assert sorted(student) == sorted(name for name in whole if name.startswith("student."))
     for name, value in student.items():
         torch.testing.assert_close(value, whole[name])
+
+
+def test_the_gathered_state_s_names_lose_the_dmp_and_ddp_wrappers():
+    """A sharded model's keys carry DMP's ``_dmp_wrapped_module.`` and its DDP's ``module.``: the exported state's
+    names are the plain task's, which the task built by the model's code loads."""
+    from recsys_llm.serving.state import strip_wrappers
+
+    assert strip_wrappers("_dmp_wrapped_module.module.model.over.weight") == "model.over.weight"
+    assert strip_wrappers("module.model.over.weight") == "model.over.weight"
+    assert strip_wrappers("model.module_x.weight") == "model.module_x.weight"
 
 
 def test_a_teacher_student_pair_is_refused_naming_its_student(tmp_path):

@@ -117,6 +117,13 @@ BAD_REQUESTS: Dict[str, Tuple[Callable[[], Tuple[object, object]], str]] = {
                                 r"sparse features: batch sizes \[3, 4\] differ per feature; expected one B for all"),
     "dense width": (lambda: (DENSE[:, :2], SPARSE),
                     r"dense_features: expected \(B, 3\) with B = 4, the sparse features' batch size, got \(4, 2\)"),
+    "dense wider than the model": (lambda: (torch.cat([DENSE, DENSE[:, :1]], dim=1), SPARSE),
+                                   r"dense_features: expected \(B, 3\) with B = 4, the sparse features' batch size, "
+                                   r"got \(4, 4\)"),
+    "an id beyond what the lengths count": (  # the id past the last bag was dropped silently
+        lambda: (DENSE, KeyedJaggedTensor(KEYS, torch.cat([SPARSE.values(), torch.tensor([1])]),
+                                          lengths=SPARSE.lengths())),
+        rf"sparse features: lengths sum to {SPARSE.values().numel()} but there are {SPARSE.values().numel() + 1} ids"),
     "dense batch size": (lambda: (torch.zeros(5, 3), SPARSE),
                          r"dense_features: expected \(B, 3\) with B = 4.*got \(5, 3\)"),
     "1-D dense": (lambda: (DENSE[:, 0], SPARSE), r"dense_features: expected \(B, 3\) with B = 4.*got \(4,\)"),
@@ -283,6 +290,18 @@ def _edited_program(old: bytes, new: bytes) -> Callable[[str], None]:
     return damage
 
 
+def _edited(name: str, old: bytes, new: bytes) -> Callable[[str], None]:
+    """Replaces ``old`` by ``new`` in the artifact's file ``name`` (an edit that leaves it readable)."""
+    def damage(directory: str) -> None:
+        path = os.path.join(directory, name)
+        with open(path, "rb") as handle:
+            data = handle.read()
+        assert data.count(old) >= 1
+        with open(path, "wb") as handle:
+            handle.write(data.replace(old, new))
+    return damage
+
+
 def _without_state_key(directory: str) -> None:
     path = os.path.join(directory, "config.json")
     with open(path) as handle:
@@ -356,6 +375,11 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
     "a guard changed in dense_program.pt2": (  # torch.export.load raised SyntaxError
         _edited_program(b"size()[0] == L['dense", b"size()[0c == L['dense"), "dense_program.pt2",
         r"bytes changed after the export \(sha256"),
+    # SUM -> MEAN loads (same shapes) and serves other predictions: only the digest tells
+    "a table's pooling changed in tables.json": (_edited("tables.json", b'"pooling": "SUM"', b'"pooling": "MEAN"'),
+                                                 "tables.json", r"bytes changed after the export \(sha256"),
+    "weighted a string": (_config_with("weighted", "false"), "config.json",  # a truthy string: weighted tables
+                          r"'weighted' is 'false', expected true or false"),
     "tables.json missing": (lambda d: os.remove(os.path.join(d, "tables.json")), "tables.json", r"file missing"),
     "state named outside the artifact": (_config_naming("state", "../outside.safetensors"), "config.json",
                                          r"'state' is '\.\./outside\.safetensors'; expected a file name inside"),
@@ -557,6 +581,18 @@ def test_an_artifact_of_other_library_versions_loads_with_a_warning(artifact, tm
     assert served.logits(dense, sparse).shape == (3,)  # a warning, not a refusal
 
 
+def test_versions_differing_only_in_a_local_build_tag_load_without_a_warning(artifact, tmp_path, recwarn):
+    """An artifact exported on a GPU host (torch 2.x+cu126) and served on a CPU one (2.x+cpu) has the same
+    releases: no warning, which would otherwise fire on every such host and hide a real difference."""
+    directory = str(tmp_path / "copy")
+    shutil.copytree(artifact[0], directory)
+    with open(os.path.join(directory, "config.json")) as handle:
+        versions = json.load(handle)["versions"]
+    _config_with("versions", {**versions, "torch": versions["torch"].split("+")[0] + "+cu126"})(directory)
+    ServedModel.load(directory, trust_program=True)
+    assert not [w for w in recwarn if "exported with" in str(w.message)]
+
+
 def _gain_state(bad_key_suffix: str, value: float) -> Tuple[Dict[str, torch.Tensor], str]:
     torch.manual_seed(0)
     gain = build_gain_network(ELECConfig(task="gain", vector_dim=8), SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU)
@@ -670,6 +706,16 @@ class TestStateFiles:
         for load in (_load_frozen_teacher, load_state_file):
             with pytest.raises(ValueError, match=rf"^{re.escape(path)}: damaged or incomplete state file[ ,(]"):
                 load(path)
+
+    def test_a_text_file_with_a_brace_where_a_safetensors_header_opens_is_not_read_as_one(self, tmp_path):
+        """A file is told to be safetensors by its bytes only with a ``{`` at byte 8 after a header length that
+        fits in the file: a CSV with a brace there is named as the torch.save file it was given as."""
+        path = str(tmp_path / "teacher.pt")
+        with open(path, "wb") as handle:
+            handle.write(b"user_id,{item_id}\n1,2\n")
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: damaged or incomplete state file.*; expected a "
+                                             r"complete torch\.save"):
+            load_state_file(path)
 
     def test_a_torch_save_of_an_old_pickle_protocol_is_named_as_such(self, tmp_path):
         """torch's weights-only unpickler reads no protocol 0 or 1: 'write it again' alone would not help."""

@@ -240,6 +240,21 @@ def test_a_nan_or_inf_weight_is_refused_naming_its_feature_and_position(tmp_path
             served.logits(request.dense_features, as_sent)
 
 
+def test_weights_of_another_count_than_the_ids_are_refused(tmp_path):
+    """One weight per id: a request with one weight too few or too many is named, not pooled with weights
+    shifted onto other ids or failing deep inside embedding_bag."""
+    _, served = _exported_weighted_task(tmp_path)
+    request = _request(6, 2)
+    sparse = request.sparse_features
+    ids = sparse.values().numel()
+    for weights in (sparse.weights()[:-1], torch.cat([sparse.weights(), torch.ones(1)])):
+        as_sent = KeyedJaggedTensor(keys=sparse.keys(), values=sparse.values(), lengths=sparse.lengths(),
+                                    weights=weights)
+        with pytest.raises(ValueError, match=rf"^sparse features: {weights.numel()} weights for {ids} ids; "
+                                             r"expected one each$"):
+            served.logits(request.dense_features, as_sent)
+
+
 def test_a_nan_weight_after_a_sequence_cut_to_max_length_is_named_at_its_place_in_the_request(tmp_path):
     """The weights are checked after the id rules: a sequence cut to ``max_length`` shifted the weights after it,
     and the error named another weight than the NaN one the request holds."""

@@ -228,6 +228,9 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
     return {
         "filled": filled,
         "export_equal": export_equal,
+        # the teacher's column-wise sharded entity table as gathered whole on rank 0 (each rank holds half its columns)
+        "semantic_gathered": None if ctx.rank else next(
+            v for k, v in full.items() if k.endswith("embedding_bags.semantic_item_id.weight")).numpy().tolist(),
         "student_gathers": len(gathered),
         "student_sharded": sum(name.startswith("student.") for name in sharded),
         "sharded": len(sharded),
@@ -258,6 +261,8 @@ class TestShardedSemanticTable:
                                    export_dir=str(tmp_path / "export"))
         assert results[0]["export_equal"] is True  # gathered student export == DMP student predictions
         assert results[0]["student_only_equal"] is True
+        # unsharded_state_dict gathers every shard of a column-wise table, the one at a column offset too
+        np.testing.assert_allclose(np.array(results[0]["semantic_gathered"]), table, rtol=1e-6)
         for result in results:  # the student's sharded tables gathered, none of the teacher's
             assert 0 < result["student_gathers"] == result["student_sharded"] < result["sharded"], result
         covered = np.zeros((NUM_ITEMS, DIM), dtype=int)
