@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 from typing import Any, Dict
 
 import pytest
@@ -15,6 +16,7 @@ from recsys_llm.train.config import (
     load_config,
     save_config,
 )
+from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -668,3 +670,115 @@ def test_a_table_block_is_compared_setting_by_setting_with_the_global_one_of_the
     assert config_differences(saved, load_config(None, fatal + [f"{own}bounds_check_mode=fatal"])) == []
     assert config_differences(saved, load_config(None, fatal + [f"{own}cache_load_factor=0.1"])) == [
         f"{own}cache_load_factor: '<unset>' -> 0.1"]
+
+
+class TestTypedValues:
+    """What :func:`recsys_llm.typed_config.coerce_value` takes for a setting's declared type, and how a refusal
+    names the key, through :func:`load_config` (its own tests: none beside these)."""
+
+    @pytest.mark.parametrize("text, value", [("yes", True), ("no", False), ("True", True), ("FALSE", False),
+                                             ("1", True), ("0", False)])
+    def test_a_quoted_boolean_setting_reads_each_spelling_as_it_says(self, text: str, value: bool) -> None:
+        """Protects the text spellings a bool setting takes (a quoted 'no' is False, not True)."""
+        config = load_config(None, [f"train.resume='{text}'", f"data.shuffle='{text}'"])
+        assert config.train.resume is value and config.data.shuffle is value
+
+    @pytest.mark.parametrize("text", ["on", "off", "y", "maybe"])
+    def test_a_quoted_boolean_setting_refuses_other_text(self, text: str) -> None:
+        """Protects against a bool setting guessing at text outside its six spellings (a quoted 'on' read as False)."""
+        with pytest.raises(ConfigError, match=f"train.resume: expected true/false, got '{text}'"):
+            load_config(None, [f"train.resume='{text}'"])
+
+    @pytest.mark.parametrize("override, message", [
+        ("train.epochs=true", "train.epochs: expected an integer, got True"),
+        ("optim.dense_lr=yes", "optim.dense_lr: expected a number, got True"),
+    ])
+    def test_a_number_setting_refuses_a_boolean(self, override: str, message: str) -> None:
+        """Protects against ``train.epochs=true`` training 1 epoch, ``optim.dense_lr=yes`` a rate of 1.0."""
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+
+    def test_a_literal_setting_takes_its_choices_and_names_them_when_refusing(self) -> None:
+        """Protects the ``Literal`` check: train.pipelined_eval takes auto or a boolean spelling, and names its
+        choices otherwise (not only TrainConfig's own later check)."""
+        assert load_config(None, ["train.pipelined_eval=auto"]).train.pipelined_eval == "auto"
+        assert load_config(None, ["train.pipelined_eval=no"]).train.pipelined_eval is False
+        assert load_config(None, ["train.pipelined_eval='1'"]).train.pipelined_eval is True
+        with pytest.raises(ConfigError, match=r"train\.pipelined_eval: expected auto, true or false, got 'maybe'"):
+            load_config(None, ["train.pipelined_eval=maybe"])
+
+    @pytest.mark.parametrize("override, message", [
+        ("sharding.frozen_tables=[a, [b]]", r"sharding\.frozen_tables\[1\]: expected a string, got \['b'\]"),
+        ("sharding.table_constraints.t_item_id=3",
+         r"sharding\.table_constraints\.t_item_id: expected a mapping, got 3"),
+    ])
+    def test_an_item_of_a_list_or_mapping_setting_is_named_by_its_index_or_key(self, override: str,
+                                                                                message: str) -> None:
+        """Protects the error's key path inside a list (``[1]``) and a mapping (``.t_item_id``)."""
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train..epochs=3", "empty key component"), ("=3", "empty key component"),
+    ("train.epochs.x=1", r"train\.epochs is not a section"),
+])
+def test_an_override_of_no_key_or_inside_a_value_is_named(override: str, message: str) -> None:
+    """Protects apply_overrides' own refusals: an empty part of the key, and a key inside a value that is no
+    section (``train.epochs.x=1``, or ``llactr=5`` then ``llactr.x=1``, which would silently drop the 5)."""
+    with pytest.raises(ConfigError, match=rf"override '{re.escape(override)}': {message}"):
+        load_config(None, ["train.epochs=3", override])
+    with pytest.raises(ConfigError, match=r"override 'llactr\.x=1': llactr is not a section"):
+        load_config(None, ["llactr=5", "llactr.x=1"])
+
+
+def test_a_config_file_whose_top_level_is_no_mapping_is_named(tmp_path) -> None:
+    """Protects the top-level check: a YAML list or scalar is a ConfigError naming the file, not an AttributeError."""
+    for text in ("- data\n- train\n", "just text\n"):
+        path = tmp_path / "list.yaml"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: top level must be a mapping of sections"):
+            load_config(str(path))
+
+
+RESUME_FREE_OVERRIDES = {
+    "train.run_dir": "elsewhere", "train.resume": "false", "train.device": "cpu", "train.progress": "false",
+    "train.keep_checkpoints": "5", "train.epochs": "9", "train.max_steps": "100", "train.patience": "0",
+    "train.eval_every": "2", "train.checkpoint_every": "10", "train.reshard_mid_epoch": "true",
+    "train.flush_denormal": "false", "train.metrics_window": "4096", "train.metrics_every": "3",
+    "train.pipelined_eval": "true", "sharding.proposer_patience": "0", "sharding.storage_reservation": "0.3",
+    "sharding.plan_file": "plan.json", "sharding.measure_pooling": "false",
+    "sharding.fused_params.cache_load_factor": "0.5", "sharding.fused_params.bounds_check_mode": "fatal",
+    "data.batch_size": "7", "data.eval_batch_size": "3", "data.validate": "false", "data.prefetch": "0",
+    "data.synthetic_rows": "100", "data.valid_split": "", "data.test_split": "",
+}
+
+
+@pytest.mark.parametrize("key", sorted(RESUME_FREE_OVERRIDES))
+def test_each_resume_free_setting_may_change_on_a_resume(key: str) -> None:
+    """Protects every entry of RESUME_FREE_KEYS: a resume changing that setting alone (train.pipelined_eval,
+    data.test_split, ...) is no difference to refuse."""
+    from recsys_llm.train.config import RESUME_FREE_KEYS
+
+    assert set(RESUME_FREE_OVERRIDES) == {free for free in RESUME_FREE_KEYS if "*" not in free}
+    saved, current = load_config(None), load_config(None, [f"{key}={RESUME_FREE_OVERRIDES[key]}"])
+    assert config_differences(saved, current) != []  # the override changes the setting
+    assert config_differences(saved, current, RESUME_FREE_KEYS) == []
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ShardingConfig(proposer_patience=2.5), r"sharding\.proposer_patience must be an integer >= 0, got 2\.5"),
+    (lambda: ShardingConfig(storage_reservation=1.0), r"sharding\.storage_reservation must be a finite number >= 0 "
+                                                      r"and < 1, got 1\.0"),
+    (lambda: ShardingConfig(compute_kernels=["table_wise"]), r"sharding\.compute_kernels: unknown values "
+                                                             r"\['table_wise'\]; allowed: \['dense'"),
+    (lambda: ShardingConfig(sharding_types=["fused"]), r"sharding\.sharding_types: unknown values \['fused'\]"),
+    (lambda: OptimizerConfig(dense="row_wise_adagrad"), r"optim\.dense must be one of \['adagrad', 'adam', 'sgd'\], "
+                                                        r"got 'row_wise_adagrad'"),
+])
+def test_sharding_and_optimizer_settings_are_checked_against_their_own_bounds_and_names(build, message) -> None:
+    """Protects the bounds and vocabularies of ShardingConfig / OptimizerConfig as a config built in Python meets
+    them: an integer patience, a reservation below the whole memory, a kernel list of kernels (not sharding types),
+    a dense optimizer torch has (row-wise Adagrad is a table optimizer only)."""
+    with pytest.raises(ValueError, match=message):
+        build()
