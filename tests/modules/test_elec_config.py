@@ -252,3 +252,18 @@ def test_the_vector_becomes_fields_of_the_width_the_schema_gives_the_tables(sour
                                               torch.ones(4, dtype=torch.int32))
     batch = Batch(torch.rand(2, 1), kjt, torch.tensor([1.0, 0.0]), {"llm_vector": torch.randn(2, DIM)})
     assert gain.predict(batch).logits.shape == (2,)
+
+
+def test_a_frozen_teacher_refuses_an_export_with_an_id_beyond_its_table(trained_teacher, tmp_path):
+    """The teacher's vectors plus one of id NUM_USERS (one past the table's last row): no shard holds that row, so
+    comparing shard by shard never reads it; the export is refused by its id range, not passed as the teacher's."""
+    from recsys_llm.semantics.vector_reader import read_vectors
+
+    tables, checkpoint = trained_teacher
+    keys, vectors = read_vectors(tables["user_id"])
+    held = vectors[np.argsort(keys)]
+    longer = _export(str(tmp_path / "more_users"), "user_id", np.concatenate([held, held[:1]]),
+                     {"entity_field": "user_id", "schema": SCHEMA.fingerprint()})
+    with pytest.raises(ValueError, match=rf"more_users': holds vectors of ids 0..{NUM_USERS}, but the teacher's table "
+                                         rf"'semantic_user_id' has rows 0..{NUM_USERS - 1}"):
+        _load(_frozen(checkpoint, {**tables, "user_id": longer}))

@@ -690,3 +690,72 @@ def test_an_unsharded_table_left_on_meta_is_refused_instead_of_giving_vectors_wi
     with pytest.raises(RuntimeError, match=r"SemanticTable \['item_id'\]: its tables are on the meta device"):
         SemanticTable({"item_id": NUM_ITEMS}, 8)(kjt)
     assert SemanticTable({"item_id": NUM_ITEMS}, 8, device=torch.device("cpu"))(kjt).shape == (2, 8)
+
+
+def _sparse_item_vectors(directory: str, ids) -> np.ndarray:
+    """An export of the vectors of ``ids`` alone (chunks of 2): the (NUM_ITEMS, DIM) table it stands for,
+    zero on the rows of the other ids."""
+    table = np.zeros((NUM_ITEMS, DIM), np.float32)
+    table[ids] = np.random.default_rng(3).normal(size=(len(ids), DIM)).astype(np.float32)
+    VectorExport(directory, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+        pa.array(ids, pa.int64()), lambda a, b: [str(i) for i in ids[a:b]],
+        lambda texts: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+    return table
+
+
+def test_rows_without_an_exported_vector_are_zero_not_left_as_initialised(tmp_path):
+    """load_semantic_vectors zeroes the rows of ids the export has no vector for: left with their random
+    initial values, entities never exported would get a made-up vector."""
+    out = str(tmp_path / "items")
+    table = _sparse_item_vectors(out, [9, 1, 6])
+    module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
+    assert load_semantic_vectors(module, "semantic_item_id", out) == NUM_ITEMS
+    weight = module.embedding_bag_collection.embedding_bags["semantic_item_id"].weight
+    np.testing.assert_allclose(weight.detach().numpy(), table, rtol=1e-6)
+
+
+def _load_row_shards(vector_dir: str):
+    """One rank holding a table in two row-wise shards (rows 0..4 and 5..11), filled with 7 before loading."""
+    from torch import nn
+    from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+
+    from recsys_llm.train.distributed import init_distributed
+
+    init_distributed("cpu")
+    shards = [Shard(torch.full((rows, DIM), 7.0), ShardMetadata([row, 0], [rows, DIM], "rank:0/cpu"))
+              for row, rows in ((0, 5), (5, NUM_ITEMS - 5))]
+    weight = init_from_local_shards(shards, NUM_ITEMS, DIM)
+
+    class Holder(nn.Module):
+        def state_dict(self, *args, **kwargs):
+            return {"ebc.embedding_bags.semantic_item_id.weight": weight}
+
+    filled = load_semantic_vectors(Holder(), "semantic_item_id", vector_dir)
+    shards = [(shard.metadata.shard_offsets[0], shard.tensor.numpy()) for shard in weight.local_shards()]
+    return {"filled": filled, "shards": shards}
+
+
+def test_row_wise_shards_are_filled_with_the_vectors_of_their_own_rows(tmp_path):
+    """Each row-wise shard holds the ids from its row offset on: filled from the export's rows at that offset,
+    not from row 0 (the column-wise tests hold every shard at row 0)."""
+    from tests.multiprocess import run_multiprocess
+
+    out = str(tmp_path / "items")
+    table = _sparse_item_vectors(out, [9, 1, 6, 3])
+    (result,) = run_multiprocess(_load_row_shards, world_size=1, vector_dir=out)
+    assert result["filled"] == NUM_ITEMS and [row for row, _ in result["shards"]] == [0, 5]
+    for row, values in result["shards"]:
+        np.testing.assert_allclose(values, table[row : row + len(values)], rtol=1e-6)
+
+
+def test_an_export_wider_than_the_table_is_refused_not_cut_to_its_width(tmp_path):
+    """Vectors of 8 columns loaded into a table of 4: refused by their width, not cut to their first 4 columns
+    (a column-wise shard reads the columns of its own range: cut vectors would fill every shard silently)."""
+    out = str(tmp_path / "wide")
+    wide = np.random.default_rng(4).normal(size=(NUM_ITEMS, 8)).astype(np.float32)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=5)).run(
+        pa.array(np.arange(NUM_ITEMS), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+        lambda texts: torch.from_numpy(wide[[int(t) for t in texts]]), progress=False)
+    module = SemanticTable({"item_id": NUM_ITEMS}, 4, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"wide/.*: vectors have dim 8, the table expects 4"):
+        load_semantic_vectors(module, "semantic_item_id", out)

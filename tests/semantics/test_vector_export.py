@@ -1594,3 +1594,43 @@ def test_an_export_written_with_manifest_json_is_read_checked_and_recorded_under
         handle.write("{'provenance': ")
     with pytest.raises(ValueError, match=r"vec/manifest\.json: damaged export manifest, not valid JSON"):
         check_export_dir(out)
+
+
+def test_export_lookup_finds_no_vector_for_a_key_between_or_beyond_the_exported_ones(tmp_path):
+    """A key missing from the export (between two exported keys, or a uint64 key above 2**63 that
+    wraps to an exported negative int64 key) has no position: it is never given a neighbour's vector."""
+    from recsys_llm.semantics.vector_export import read_manifest
+    from recsys_llm.semantics.vector_reader import ExportLookup
+
+    out = str(tmp_path / "vec")
+    texts = ["a", "b", "c"]
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+        pa.array([-1, 100, 102], pa.int64()), lambda a, b: texts[a:b], CountingEncoder(dim=4), progress=False)
+    lookup = ExportLookup(out, read_manifest(out), 1 << 20)
+    assert lookup.positions(np.array([102, 101, 100, -1, 99], np.int64)).tolist() == [2, -1, 1, 0, -1]
+    assert lookup.positions(np.array([2**64 - 1, 100], np.uint64)).tolist() == [-1, 1]  # 2**64 - 1 wraps to -1
+    split, copy = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+    pq.write_table(pa.table({"item_id": pa.array([100, 101], pa.int64())}), split)
+    with pytest.raises(ValueError, match=r"1 rows \(of rows 0-1\) have a 'item_id' with no vector .*item_id=101"):
+        attach_vectors(split, out, "item_id", copy)
+
+
+@pytest.mark.parametrize("granularity", ["row", "entity"])
+def test_an_export_records_the_schema_fingerprint_it_was_read_with(tmp_path, granularity):
+    """``semantics export`` records the schema's fingerprint in the provenance: load_elec_state compares it only
+    where an export records it, so an export without it would let another data set's ids fill the table."""
+    schema = make_schema(str(tmp_path))
+    pq.write_table(pa.table({"row_id": pa.array([10, 11], pa.int64()), "user_id": pa.array([0, 2], pa.int64()),
+                             "item_id": pa.array([3, 1], pa.int64()),
+                             "genres": pa.array([[0], []], pa.list_(pa.int64())),
+                             "age": pa.array([1.0, 2.0], pa.float32()), "label": pa.array([1, 0], pa.int64())}),
+                   str(tmp_path / "train.parquet"))
+    schema.splits = {"train": "train.parquet"}
+    out = str(tmp_path / "vec")
+    export_schema_vectors(schema, ["train"], RowTextRenderer(schema), CountingEncoder(), out, PROVENANCE,
+                          VectorExportConfig(), granularity=granularity,
+                          entity_field="item_id" if granularity == "entity" else None, progress=False)
+    from recsys_llm.semantics.vector_export import read_manifest
+
+    stored = read_manifest(out)["provenance"]
+    assert stored["schema"] == schema.fingerprint() and stored["granularity"] == granularity
