@@ -155,6 +155,7 @@ class CTRBackbone(nn.Module, abc.ABC):
         check_feature_keys(sparse_features, self._feature_names, type(self).__name__)
         dense_features = checked_dense_width(checked_dense_dtype(dense_features, type(self).__name__),
                                              self._num_dense_features, type(self).__name__)
+        check_batch_rows(dense_features, sparse_features, extra_fields, type(self).__name__)
         if self._weighted and isinstance(self.embedding_bag_collection, EmbeddingBagCollection):
             # unsharded (evaluation, export): torch's embedding_bag takes weights only in the table's dtype;
             # sharded, FBGEMM's kernels take float32 weights for FP16 tables
@@ -257,6 +258,25 @@ def check_feature_keys(features: KeyedJaggedTensor, feature_names: List[str], mo
     if missing:
         raise ValueError(f"{model}: the sparse features lack {missing}, which its tables read; expected a "
                          f"KeyedJaggedTensor with the keys {feature_names} (in any order; others are ignored)")
+
+
+@torch.fx.wrap
+def check_batch_rows(dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor,
+                     extra_fields: Optional[torch.Tensor], model: str) -> None:
+    """Raises ValueError naming the row counts when ``dense_features`` (B, Dd), the KJT's stride B and
+    ``extra_fields`` (B, E, D) disagree (torch failed later with a bare "The size of tensor a (5) must match the
+    size of tensor b (4)"). Shapes only, no device sync; a KJT of variable stride per feature (VBE) is not
+    compared. A leaf of the training pipeline's fx trace.
+    """
+    rows = {"dense_features": dense_features.size(0)}
+    if not sparse_features.variable_stride_per_key():
+        rows["sparse_features (the KeyedJaggedTensor's stride)"] = sparse_features.stride()
+    if extra_fields is not None:
+        rows["extra_fields (the injected LLM vectors)"] = extra_fields.size(0)
+    if len(set(rows.values())) > 1:
+        counts = ", ".join(f"{name} {count}" for name, count in rows.items())
+        raise ValueError(f"{model}: the batch's parts have different row counts: {counts}; each holds one row "
+                         "per sample (build the KeyedJaggedTensor with stride=B, lengths of B per key)")
 
 
 def features_read(model: nn.Module) -> Dict[str, List[str]]:

@@ -175,6 +175,26 @@ class TestMistakesAreNamed:
         torch.testing.assert_close(traced(batch.dense_features, batch.sparse_features).logits,
                                    Concatenating(_ebc())(batch.dense_features, batch.sparse_features).logits)
 
+    def test_parts_of_a_batch_with_other_row_counts_are_named(self) -> None:
+        """Dense features, the KJT and the injected vectors of another batch size failed in torch.cat with
+        "Sizes of tensors must match except in dimension 1", naming no part; a KJT of variable stride is not
+        compared (VBE)."""
+        import torchrec.fx
+
+        batch = _batch()
+        with pytest.raises(ValueError, match=r"^Concatenating: the batch's parts have different row counts: "
+                                             r"dense_features 5, sparse_features \(the KeyedJaggedTensor's stride\) 6;"):
+            Concatenating(_ebc())(batch.dense_features[:5], batch.sparse_features)
+        traced = torchrec.fx.symbolic_trace(Concatenating(_ebc()), concrete_args={"extra_fields": None})  # a leaf
+        with pytest.raises(ValueError, match=r"^Concatenating: the batch's parts have different row counts"):
+            traced(batch.dense_features[1:], batch.sparse_features)
+        with pytest.raises(ValueError, match=r"dense_features 6, sparse_features \(the KeyedJaggedTensor's stride\) "
+                                             r"6, extra_fields \(the injected LLM vectors\) 3;"):
+            Concatenating(_ebc(), injected_width=4)(batch.dense_features, batch.sparse_features, torch.randn(3, 1, 4))
+        logits = Concatenating(_ebc(), injected_width=4)(batch.dense_features, batch.sparse_features,
+                                                         torch.randn(6, 1, 4)).logits
+        assert logits.shape == (6,)
+
     def test_a_term_in_the_wrong_dict_is_named_not_broadcast(self) -> None:
         """FRE's scalar as a logit term would shift every logit; a per-row loss would make the loss (B,)."""
         from recsys_llm.modules.field_interaction import FieldInteractionEnhancement

@@ -320,6 +320,34 @@ def test_a_batch_lacking_a_feature_is_named_before_the_sharded_input_distributio
         assert (result["errors"]["plain eval"] or "").startswith(f"DeepFM: {lacking}"), result
 
 
+def _batch_of_fewer_dense_rows(schema_path: str) -> Dict[str, Optional[str]]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    batches = list(ParquetBatchReader(schema, "train", 64))[:3]
+    batches[1].dense_features = batches[1].dense_features[:-1]
+    errors: Dict[str, Optional[str]] = {}
+    runs = {"train": lambda: train_epoch(model, optimizer, batches, ctx.device, progress=False),
+            "pipelined eval": lambda: evaluate(model, batches, ctx.device, CTRMetrics(), progress=False,
+                                               pipelined=True)}
+    for name, run in runs.items():
+        try:
+            run()
+            errors[name] = None
+        except ValueError as error:
+            errors[name] = str(error)
+    return errors
+
+
+@pytest.mark.multiprocess
+def test_a_batch_whose_parts_differ_in_rows_is_named_in_the_pipelines(synthetic_dir: str) -> None:
+    """63 dense rows beside a KJT of 64 failed inside the backbone with torch's bare "The size of tensor a (64) must
+    match the size of tensor b (63)"; the sharded, pipelined loops now name the parts and their row counts."""
+    (errors,) = run_multiprocess(_batch_of_fewer_dense_rows, world_size=1, schema_path=synthetic_dir)
+    expected = ("DeepFM: the batch's parts have different row counts: dense_features 63, sparse_features (the "
+                "KeyedJaggedTensor's stride) 64")
+    assert all((error or "").startswith(expected) for error in errors.values()), errors
+
+
 def test_every_backbone_of_a_pair_has_its_features_checked_and_is_named_by_its_path() -> None:
     """A teacher-student pair has two backbones: a batch lacking a feature that the teacher alone reads is refused
     naming the teacher (every backbone is checked, not the first); a backbone on its own is named without a path."""
