@@ -293,15 +293,20 @@ def changed_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[s
     """The provenance entries (model, SSFT adapter, template, schema, ...) of an LLaCTR run's vector
     file in which ``current_plugins`` differs from the ``saved_plugins`` a run recorded (``llactr``),
     sorted; where the file lies and when it was written, where the model and the adapter lay when both
-    records' ``model_hash`` (their files' hash) is the same, and entries only one record has (written by
-    another version), are not compared."""
+    records' ``model_hash`` (their files' hash) is the same, the schema's full fingerprint when both records'
+    ``schema_semantic_fingerprint`` is the same (a file encoded again after a table grew), and entries only one
+    record has (written by another version), are not compared."""
     saved, current = saved_plugins.get("llactr"), current_plugins.get("llactr")
     if not saved or not current:
         return []
     current = json.loads(json.dumps(current, default=str))  # as plugins.json stores it
     if saved.get("model_hash") and saved.get("model_hash") == current.get("model_hash"):  # the same model files
         saved, current = _without_model_places(saved), _without_model_places(current)
-    keys = sorted((set(saved) & set(current)) - VECTOR_RECORD_PLACE_KEYS)
+    ignored = set(VECTOR_RECORD_PLACE_KEYS)
+    if saved.get("schema_semantic_fingerprint") and \
+            saved.get("schema_semantic_fingerprint") == current.get("schema_semantic_fingerprint"):
+        ignored.add("schema_fingerprint")  # encoded again under a grown table: the same fields' texts
+    keys = sorted((set(saved) & set(current)) - ignored)
     return [key for key in keys if saved[key] != current[key]]
 
 

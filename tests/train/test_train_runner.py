@@ -1125,7 +1125,8 @@ def test_evaluate_and_export_check_the_vectors_against_the_run_they_load(tmp_pat
 def test_field_vectors_loaded_under_grown_tables_are_the_vectors_the_run_trained_with(tmp_path) -> None:
     """The same file read under a schema whose table grew records what it recorded (the same vectors: a run's
     vector check passes), while evaluate and export still refuse the grown schema (the checkpoint's tables have the
-    old sizes); a file encoded with another field text is other vectors."""
+    old sizes); so does the file encoded again after the table grew; a file encoded with another field text is other
+    vectors."""
     import dataclasses
 
     import torch
@@ -1147,6 +1148,10 @@ def test_field_vectors_loaded_under_grown_tables_are_the_vectors_the_run_trained
 
     saved = json.loads(json.dumps(record(schema)))  # as plugins.json holds it
     check_same_field_vectors(saved, record(grown), "run/plugins.json")
+    encoded_again = str(tmp_path / "again.safetensors")  # a daily job encoding the same fields after a table grew
+    save_vectors(encoded_again, torch.randn(2, 4), ["user_id", "item_id"], provenance.for_schema(grown))
+    check_same_field_vectors(saved, record(schema, encoded_again), "run/plugins.json")
+    check_same_field_vectors(saved, record(grown, encoded_again), "run/plugins.json")
     described = dataclasses.replace(grown, fields=[schema.fields[0], dataclasses.replace(grown.fields[1],
                                                                                          description="the item")])
     other = str(tmp_path / "other.safetensors")
