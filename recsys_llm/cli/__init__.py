@@ -24,7 +24,7 @@ from recsys_llm.progress import MAXINTERVAL_ENV, MININTERVAL_ENV
 
 DESCRIPTION = "LLM knowledge for sharded TorchRec CTR models (LLaCTR, ELEC), without an LLM at serving time."
 EPILOG = """workflows:
-  plain:   prepare -> train -> evaluate / export
+  plain:   prepare -> train -> evaluate / export -> score
   LLaCTR:  prepare -> semantics tune -> semantics encode -> train (llactr.vectors_path=...) -> export
   ELEC:    prepare -> semantics adapt -> semantics export -> train (elec.task=gain)
            -> train (elec.task=distill) [or teacher-outputs -> train (offline)] -> export the student
@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "recsys_llm.cli.train",  # train, evaluate, demo
     "recsys_llm.cli.semantics",  # semantics tune | encode | export
     "recsys_llm.cli.export",  # export (serving artifact of a student)
+    "recsys_llm.cli.score",  # score (a split through an exported artifact)
 )
 
 

@@ -1,0 +1,108 @@
+"""Offline scoring with an exported artifact: every row of a Parquet split through :class:`ServedModel`, the
+way serving scores a request, with AUC / LogLoss against the split's labels and, optionally, each row's score
+written to Parquet (``recsys-llm score``).
+
+It answers what a checkpoint's ``recsys-llm evaluate`` cannot: what the served artifact itself predicts, e.g.
+with INT8 / INT4 tables (``export --table-dtype``), after it was copied to another host, or on a day's new
+data, with no training code, run config or LLM::
+
+    recsys-llm score --artifact exports/student --data data/synthetic --split test --output scores.parquet
+"""
+
+import contextlib
+import os
+import time
+from typing import Any, Dict, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet_writer import SplitWriter
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.progress import interval_options
+from recsys_llm.serving.served_model import ServedModel
+from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN
+from recsys_llm.train.metrics import CTRMetrics
+
+ROW_ID_EXTRA = "row_id"  # ParquetBatchReader's extra of the schema's row key
+SCORE_COLUMNS = ("label", "logit", "probability")
+
+
+def score_columns(schema: DatasetSchema, with_row_key: bool) -> pa.Schema:
+    """The Arrow schema of a scores file: the split's row key (when its files have one), then
+    :data:`SCORE_COLUMNS`, float32."""
+    key = [pa.field(schema.row_key, pa.int64())] if with_row_key and schema.row_key else []
+    return pa.schema(key + [pa.field(name, pa.float32()) for name in SCORE_COLUMNS])
+
+
+def check_scores_output(output: str) -> None:
+    """Raises FileExistsError for an ``output`` that exists (scores are never written over), and
+    FileNotFoundError for one whose directory does not."""
+    if os.path.lexists(output):
+        raise FileExistsError(f"{output}: exists; the scores are written to a new file (remove it, or pass another "
+                              "--output)")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{output}: its directory {parent} does not exist")
+
+
+@torch.no_grad()
+def score_split(
+    served: ServedModel,
+    schema: DatasetSchema,
+    split: str,
+    batch_size: int = 8192,
+    output: Optional[str] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Scores every row of ``split`` with ``served``, in the files' row order.
+
+    Args:
+        served (ServedModel): a loaded artifact (``ServedModel.load``).
+        schema (DatasetSchema): the data's schema; its features must be the artifact's.
+        split (str): a split name of the schema, a Parquet file or a directory of them.
+        batch_size (int): rows per ``served.logits`` call.
+        output (Optional[str]): a new Parquet file for each row's row key (when the files have the
+            schema's), label, logit and probability (float32), written atomically; None: metrics only.
+        progress (bool): a tqdm bar over the batches.
+
+    Returns:
+        Dict[str, Any]: ``split``, ``rows``, ``samples_per_s`` (``served.logits`` alone), the metrics of
+        :class:`~recsys_llm.train.metrics.CTRMetrics` (``auc``, ``logloss``, ...; ``cold/...`` when the data
+        marks cold items), and ``output``.
+
+    Raises:
+        ValueError: the schema's sparse features are not the artifact's (named), or a batch the artifact
+            refuses (``ServedModel.logits``).
+        FileExistsError: ``output`` exists (checked before anything is read).
+    """
+    if output is not None:
+        check_scores_output(output)
+    missing = sorted(set(served.feature_names) - set(schema.sparse_feature_names))
+    if missing:
+        raise ValueError(f"{schema.name}: the schema has no sparse features {missing}, which the artifact reads "
+                         f"(it serves {served.feature_names}); score data prepared with the schema it was trained on")
+    subsets = {"cold": DEFAULT_COLD_ITEM_COLUMN} if DEFAULT_COLD_ITEM_COLUMN in schema.extra_columns else {}
+    reader = ParquetBatchReader(schema, split, batch_size, extras=list(subsets.values()), equal_batches=False)
+    metrics = CTRMetrics(subsets)
+    with_row_key = bool(schema.row_key) and schema.row_key in pq.read_schema(reader.paths[0]).names
+    rows, seconds = 0, 0.0
+    # on an error the writer removes its temp file: nothing appears at ``output``
+    with SplitWriter(output, score_columns(schema, with_row_key)) if output else contextlib.nullcontext() as writer:
+        for batch in tqdm(reader, desc=f"score {split}", unit="batch", disable=not progress, **interval_options()):
+            start = time.perf_counter()
+            logits = served.logits(batch.dense_features, batch.sparse_features)  # (B,)
+            seconds += time.perf_counter() - start
+            metrics.update(logits, batch.labels, batch.extras)
+            rows += logits.numel()
+            if writer is not None:
+                columns = {"label": batch.labels.numpy(), "logit": logits.numpy(),
+                           "probability": torch.sigmoid(logits).numpy()}
+                if with_row_key:
+                    columns[schema.row_key] = batch.extras[ROW_ID_EXTRA].numpy()
+                writer.write(columns)
+    return {"split": split, "rows": rows, "samples_per_s": rows / seconds if seconds else 0.0,
+            **metrics.compute(), "output": output}

@@ -1,0 +1,138 @@
+"""``recsys-llm score``: a Parquet split through an exported artifact, as serving scores it."""
+
+import dataclasses
+import json
+import os
+from typing import Dict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys_llm.cli import main as cli_main
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet_files import resolve_paths
+from recsys_llm.data.validation import field_specs_metadata
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.synthetic import generate_synthetic
+from recsys_llm.models.registry import SMOKE_CONFIGS
+from recsys_llm.modules.elec import build_student
+from recsys_llm.serving import ServedModel, export_task
+from recsys_llm.serving.scoring import score_split
+from recsys_llm.train.metrics import binary_metrics
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
+    """2,000 synthetic rows (several row groups per split) and an artifact of a small DeepFM trained a few steps."""
+    root = tmp_path_factory.mktemp("scoring")
+    data = str(root / "data")
+    generate_synthetic(data, 2_000, seed=0, rows_per_group=128)
+    schema = DatasetSchema.load(data)
+    torch.manual_seed(0)
+    task = build_student(schema, SMOKE_CONFIGS["deepfm"], device=CPU)
+    optimizer = torch.optim.Adam(task.parameters(), lr=0.01)
+    for batch in list(ParquetBatchReader(schema, "train", 256))[:4]:
+        loss, _ = task(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    task.eval()
+    example = next(iter(ParquetBatchReader(schema, "train", 8)))
+    artifact = str(root / "artifact")
+    export_task(task, artifact, example.dense_features, example.sparse_features, {}, schema)
+    with torch.no_grad():
+        logits = torch.cat([task.predict(batch).logits for batch in ParquetBatchReader(schema, "test", 100)])
+    torch.save(logits, str(root / "task_logits.pt"))
+    return {"data": data, "artifact": artifact, "task_logits": str(root / "task_logits.pt")}
+
+
+def _split_table(schema: DatasetSchema, split: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(path) for path in resolve_paths(schema, split)])
+
+
+def test_every_row_is_scored_in_file_order_as_the_trained_task_scores_it(exported: Dict[str, str], tmp_path) -> None:
+    schema = DatasetSchema.load(exported["data"])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    output = str(tmp_path / "scores.parquet")
+    report = score_split(served, schema, "test", batch_size=64, output=output, progress=False)
+    scores, split = pq.read_table(output), _split_table(schema, "test")
+    assert scores.column_names == ["row_id", "label", "logit", "probability"]
+    assert scores.num_rows == report["rows"] == split.num_rows
+    assert scores["row_id"].to_pylist() == split["row_id"].to_pylist()
+    assert scores["label"].to_pylist() == split["label"].cast(pa.float32()).to_pylist()
+    logits = torch.tensor(scores["logit"].to_numpy())
+    torch.testing.assert_close(logits, torch.load(exported["task_logits"], weights_only=True))
+    torch.testing.assert_close(torch.tensor(scores["probability"].to_numpy()), torch.sigmoid(logits))
+    labels = torch.tensor(scores["label"].to_numpy())
+    expected = binary_metrics(torch.sigmoid(logits.double()), labels, logits)
+    assert report["auc"] == pytest.approx(expected["auc"]) and report["logloss"] == pytest.approx(expected["logloss"])
+    cold = torch.tensor(split["is_cold_item"].to_numpy()).bool()
+    assert report["cold/num_samples"] == int(cold.sum()) > 0
+    assert report["cold/auc"] == pytest.approx(binary_metrics(torch.sigmoid(logits[cold].double()), labels[cold],
+                                                              logits[cold])["auc"])
+    assert report["split"] == "test" and report["output"] == output and report["samples_per_s"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["scores.parquet"]  # no temp file left
+
+
+def test_an_existing_output_is_refused_before_anything_is_read_and_left_as_it_was(exported: Dict[str, str],
+                                                                                  tmp_path) -> None:
+    schema = DatasetSchema.load(exported["data"])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    output = tmp_path / "scores.parquet"
+    output.write_bytes(b"yesterday's scores")
+    with pytest.raises(FileExistsError, match=r"scores.parquet: exists; the scores are written to a new file"):
+        score_split(served, schema, "test", output=str(output), progress=False)
+    assert output.read_bytes() == b"yesterday's scores"
+    with pytest.raises(FileNotFoundError, match=r"its directory .*no_such_dir does not exist"):
+        score_split(served, schema, "test", output=str(tmp_path / "no_such_dir" / "s.parquet"), progress=False)
+
+
+def test_a_batch_the_artifact_refuses_leaves_no_scores_file(exported: Dict[str, str], tmp_path) -> None:
+    """Data of a grown item table (an id beyond the artifact's rows, in the split's last row group) is refused
+    by the artifact naming the feature; the rows scored before it are not left behind as a partial file."""
+    schema = DatasetSchema.load(exported["data"])
+    item = schema.field("item_id")
+    grown = dataclasses.replace(schema, fields=[dataclasses.replace(f, cardinality=f.cardinality + 10)
+                                                if f.name == "item_id" else f for f in schema.fields])
+    table = _split_table(schema, "test")
+    items = table["item_id"].to_pylist()
+    items[-1] = item.cardinality + 5
+    split = str(tmp_path / "grown_test.parquet")
+    table = table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items, pa.int64()))
+    pq.write_table(table.replace_schema_metadata(field_specs_metadata(grown.fields)), split, row_group_size=128)
+    output = tmp_path / "out" / "scores.parquet"
+    output.parent.mkdir()
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    with pytest.raises(ValueError, match=r"item_id"):
+        score_split(served, grown, split, batch_size=64, output=str(output), progress=False)
+    assert os.listdir(output.parent) == []
+
+
+def test_a_schema_without_the_artifacts_features_is_named(exported: Dict[str, str]) -> None:
+    schema = DatasetSchema.load(exported["data"])
+    renamed = dataclasses.replace(schema, fields=[dataclasses.replace(f, name="movie_id") if f.name == "item_id" else f
+                                                  for f in schema.fields])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    with pytest.raises(ValueError, match=r"the schema has no sparse features \['item_id'\], which the artifact reads"):
+        score_split(served, renamed, "test", progress=False)
+
+
+def test_the_command_asks_for_trust_in_the_program_and_prints_the_metrics(exported: Dict[str, str], tmp_path,
+                                                                            capsys) -> None:
+    output = str(tmp_path / "scores.parquet")
+    arguments = ["score", "--artifact", exported["artifact"], "--data", exported["data"], "--output", output,
+                 "--no-progress"]
+    assert cli_main(arguments) == 2
+    assert "here: pass --trust-program" in capsys.readouterr().err
+    assert not os.path.exists(output)
+    assert cli_main(arguments + ["--trust-program"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["artifact"] == exported["artifact"] and report["rows"] == pq.read_metadata(output).num_rows
+    logits = torch.tensor(pq.read_table(output)["logit"].to_numpy())
+    torch.testing.assert_close(logits, torch.load(exported["task_logits"], weights_only=True))
+    assert cli_main(arguments + ["--trust-program"]) == 2  # the scores are there now: not written over
+    assert "exists" in capsys.readouterr().err
