@@ -4,6 +4,7 @@ program of its dense part)."""
 import contextlib
 import json
 import os
+import shlex
 import uuid
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -78,6 +79,9 @@ dense = torch.zeros(batch_size, {num_dense})  # dense features in schema order, 
 probabilities = served.predict(dense, kjt)  # (batch_size,)
 print(probabilities)
 ```
+
+A whole Parquet split of the data's schema, with AUC / LogLoss and each row's score:
+`recsys-llm score --artifact {shell_path} --data <prepared data> --split test --trust-program --output scores.parquet`.
 
 A request is checked before the model runs: the KeyedJaggedTensor must hold each feature
 once (any order; features the model does not have are ignored, as an EBC ignores them), integer ids and one length per (feature, row) summing to the number of ids;
@@ -716,6 +720,7 @@ def export_task(
             json.dump(config, handle, indent=2)
         with open(os.path.join(tmp, INFERENCE_FILE), "w", encoding="utf-8") as handle:
             handle.write(INFERENCE_EXAMPLE.format(path=os.path.abspath(directory), features=feature_names,
+                                                  shell_path=shlex.quote(os.path.abspath(directory)),
                                                   num_dense=config["num_dense_features"], pooled=config["pooled_dim"],
                                                   weights=WEIGHTS_ARGUMENT if weighted else "",
                                                   id_rules=ID_RULES_NOTE if config[ID_RULES_KEY] else NO_ID_RULES_NOTE))
