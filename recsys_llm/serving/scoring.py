@@ -21,13 +21,13 @@ from tqdm import tqdm
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_writer import SplitWriter
+from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.progress import interval_options
 from recsys_llm.serving.served_model import ServedModel
 from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN
 from recsys_llm.train.metrics import CTRMetrics
 
-ROW_ID_EXTRA = "row_id"  # ParquetBatchReader's extra of the schema's row key
 SCORE_COLUMNS = ("label", "logit", "probability")
 
 
