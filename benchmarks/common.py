@@ -54,13 +54,6 @@ VERSION_PACKAGES = (
 MODES = ("full", "quick", "smoke")
 
 
-def ensure_repo_on_path() -> None:
-    """Lets ``python benchmarks/x.py`` import ``recsys_llm`` from this checkout."""
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
 def build_parser(name: str, description: Optional[str]) -> argparse.ArgumentParser:
     """The arguments every benchmark accepts; scripts may add their own before parsing.
 
@@ -343,31 +336,6 @@ def value_bars(
                       (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom", fontsize=8)
 
 
-def line_chart(
-    path: Path,
-    series: Mapping[str, Tuple[Sequence[float], Sequence[float]]],
-    xlabel: str,
-    ylabel: str,
-    title: str = "",
-    log_x: bool = False,
-) -> None:
-    """One line per entry: ``{label: (xs, ys)}`` (e.g. samples/s against batch size)."""
-    if not is_rank_zero():
-        return
-    plt = _pyplot()
-    fig, axis = plt.subplots(figsize=(5.5, 3.6))
-    for label, (xs, ys) in series.items():
-        axis.plot(list(xs), list(ys), marker="o", label=label)
-    if log_x:
-        axis.set_xscale("log")
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    _save(fig, path)
-
-
 def print_summary(name: str, payload: Mapping[str, Any]) -> str:
     """Prints (rank 0) and returns one line: the benchmark, its top-level figures and the mode."""
     figures = [
@@ -467,6 +435,13 @@ def all_finite(payload: Mapping[str, Any], keys: Sequence[str]) -> bool:
 
 
 # ---- shared by the method benchmarks (llactr, elec, peers) ----------------------------------
+def model_config(name: str, smoke: bool) -> "ModelConfig":  # noqa: F821 (imported in the body)
+    """The registry's config of backbone ``name``: its tiny ``SMOKE_CONFIGS`` entry (``smoke``) or its defaults."""
+    from recsys_llm.models.registry import SMOKE_CONFIGS, ModelConfig
+
+    return SMOKE_CONFIGS[name] if smoke else ModelConfig(name=name)
+
+
 def per_round_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> List[float]:
     """Ratios of figures measured in the same round (back to back, sharing the machine's load)."""
     if len(numerator) != len(denominator):

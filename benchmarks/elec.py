@@ -65,6 +65,7 @@ from benchmarks.common import (  # noqa: E402
     interleaved_repeats,
     llm_name,
     median,
+    model_config,
     parse_args,
     per_round_ratios,
     print_summary,
@@ -199,13 +200,6 @@ def with_vectors(batches: List, pool, batch_size: int, key: str) -> List:
 
 
 # ---- the tasks -----------------------------------------------------------------------------------
-def model_config(name: str, sizes: Sizes):
-    """The registry's tiny smoke config (smoke mode) or its defaults."""
-    from recsys_llm.models.registry import SMOKE_CONFIGS, ModelConfig
-
-    return SMOKE_CONFIGS[name] if sizes.smoke_models else ModelConfig(name=name)
-
-
 def elec_config(sizes: Sizes):
     """Joint teacher-student distillation with the default KD weights, vectors from ``extras``."""
     from recsys_llm.modules.elec import ELECConfig
@@ -219,7 +213,8 @@ def build_plain(name: str, sizes: Sizes, schema, tables_device, dense_device=Non
     from recsys_llm.models.registry import build_backbone
     from recsys_llm.models.task import CTRTask
 
-    return CTRTask(build_backbone(model_config(name, sizes), schema, device=tables_device, dense_device=dense_device))
+    return CTRTask(build_backbone(model_config(name, sizes.smoke_models), schema, device=tables_device,
+                                  dense_device=dense_device))
 
 
 def build_kd(name: str, sizes: Sizes, schema, device):
@@ -228,8 +223,8 @@ def build_kd(name: str, sizes: Sizes, schema, device):
 
     from recsys_llm.modules.elec import build_elec_task
 
-    return build_elec_task(elec_config(sizes), schema, model_config(name, sizes), device=torch.device("meta"),
-                           dense_device=device)
+    return build_elec_task(elec_config(sizes), schema, model_config(name, sizes.smoke_models),
+                           device=torch.device("meta"), dense_device=device)
 
 
 def served_tasks(name: str, sizes: Sizes, schema, plain_dmp, kd_dmp) -> Dict[str, Any]:
@@ -240,7 +235,7 @@ def served_tasks(name: str, sizes: Sizes, schema, plain_dmp, kd_dmp) -> Dict[str
     from recsys_llm.serving import sub_state, unsharded_state_dict
 
     cpu = torch.device("cpu")
-    config, model = elec_config(sizes), model_config(name, sizes)
+    config, model = elec_config(sizes), model_config(name, sizes.smoke_models)
     plain = build_plain(name, sizes, schema, cpu)
     plain.load_state_dict(unsharded_state_dict(plain_dmp))
     full = unsharded_state_dict(kd_dmp)

@@ -75,6 +75,7 @@ from benchmarks.common import (  # noqa: E402
     interleaved_repeats,
     llm_name,
     median,
+    model_config,
     parse_args,
     per_round_ratios,
     print_summary,
@@ -313,13 +314,6 @@ def instance_level_work(schema, llm_path: str, sizes: Sizes, work_dir: str, seed
 
 
 # ---- throughput: the two tasks ------------------------------------------------------------------
-def model_config(name: str, sizes: Sizes):
-    """The registry's tiny smoke config (smoke mode) or its defaults."""
-    from recsys_llm.models.registry import SMOKE_CONFIGS, ModelConfig
-
-    return SMOKE_CONFIGS[name] if sizes.smoke_models else ModelConfig(name=name)
-
-
 def build_task(name: str, sizes: Sizes, schema, vectors_path: Optional[str], device, tables_device,
                with_fre: bool = True):
     """``CTRTask`` of backbone ``name``, plain (``vectors_path`` None) or with FIE (+ FRE)."""
@@ -327,7 +321,7 @@ def build_task(name: str, sizes: Sizes, schema, vectors_path: Optional[str], dev
     from recsys_llm.modules.llactr import LLaCTRConfig, build_llactr_terms
     from recsys_llm.models.task import CTRTask
 
-    backbone = build_backbone(model_config(name, sizes), schema, device=tables_device, dense_device=device)
+    backbone = build_backbone(model_config(name, sizes.smoke_models), schema, device=tables_device, dense_device=device)
     if vectors_path is None:
         return CTRTask(backbone)
     config = LLaCTRConfig(vectors_path=vectors_path, use_fre=with_fre, use_fie=True)

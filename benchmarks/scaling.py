@@ -61,6 +61,7 @@ from benchmarks.common import (  # noqa: E402
     cycling_step,
     interleaved_repeats,
     median,
+    model_config,
     parse_args,
     print_summary,
     resolve_device,
@@ -193,9 +194,7 @@ class PeakRss:
 # ---- shared model bits ----------------------------------------------------------------------------
 def backbone_config(sizes: Sizes, embedding_dim: Optional[int] = None, name: str = "deepfm"):
     """The registry's backbone ``name`` (DeepFM by default): its defaults, or its tiny smoke config."""
-    from recsys_llm.models.registry import SMOKE_CONFIGS, ModelConfig
-
-    config = SMOKE_CONFIGS[name] if sizes.smoke_models else ModelConfig(name=name)
+    config = model_config(name, sizes.smoke_models)
     return dataclasses.replace(config, embedding_dim=embedding_dim) if embedding_dim else config
 
 

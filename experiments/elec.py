@@ -103,8 +103,7 @@ def default_max_length(granularity: str, entities: Sequence[str]) -> int:
 
 
 def llm_steps(schema: str, work: str, granularity: str, entities: Sequence[str], sample_rows: int,
-              quick: bool, row_fields: Sequence[str] = ROW_FIELDS, max_length: Optional[int] = None
-              ) -> Tuple[str, List[str]]:
+              row_fields: Sequence[str] = ROW_FIELDS, max_length: Optional[int] = None) -> Tuple[str, List[str]]:
     """CTR-adapted LLM and its vectors (each step skipped when done).
 
     ``row_fields`` are the fields a row's text is made of (row granularity); ``max_length`` is
@@ -322,8 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sample_rows = args.sample_rows or (256 if args.quick else 1000)
     base_schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
     entities = args.entities or (["item_id"] if args.data == "ml100k" else ["user_id", "item_id"])
-    schema, vector_overrides = llm_steps(base_schema, work, args.granularity, entities, sample_rows, args.quick,
-                                         args.row_fields, args.max_length)
+    schema, vector_overrides = llm_steps(base_schema, work, args.granularity, entities, sample_rows, args.row_fields,
+                                         args.max_length)
     # swapped pairs need vectors that follow the swapped ids: entity tables (several entities), one of them the item's
     swap_fields = ITEM_FIELDS.get(args.data, ()) if args.granularity == "entity" and len(entities) > 1 \
         and "item_id" in entities else ()

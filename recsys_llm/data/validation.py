@@ -60,10 +60,6 @@ def read_row_group(handle: pq.ParquetFile, path: str, index: int, columns: Seque
 
 
 # ---- metadata checks ----------------------------------------------------------------------------
-def _is_integer(dtype: pa.DataType) -> bool:
-    return pa.types.is_integer(dtype)
-
-
 def is_list_type(dtype: pa.DataType) -> bool:
     """Whether ``dtype`` is an Arrow list of any kind (list, large list, fixed-size list): a sequence field's column."""
     return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
@@ -79,10 +75,10 @@ def _expected_type(spec: FieldSpec) -> str:
 
 def _type_ok(spec: FieldSpec, dtype: pa.DataType) -> bool:
     if spec.kind == FieldKind.SPARSE:
-        return _is_integer(dtype)
+        return pa.types.is_integer(dtype)
     if spec.kind == FieldKind.SEQUENCE:
-        return is_list_type(dtype) and _is_integer(dtype.value_type)
-    return pa.types.is_floating(dtype) or _is_integer(dtype)
+        return is_list_type(dtype) and pa.types.is_integer(dtype.value_type)
+    return pa.types.is_floating(dtype) or pa.types.is_integer(dtype)
 
 
 def _check_spec_vs_written(path: str, schema: DatasetSchema, metadata: Optional[Dict[bytes, bytes]]) -> None:
@@ -162,9 +158,9 @@ def check_file_schema(
     for spec in schema.fields:
         check_column_type(path, spec, arrow_schema.field(spec.name).type)
     label_type = arrow_schema.field(schema.label).type
-    if not (_is_integer(label_type) or pa.types.is_floating(label_type) or pa.types.is_boolean(label_type)):
+    if not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type) or pa.types.is_boolean(label_type)):
         raise DataError(f"{path}: label column {schema.label!r} has Arrow type {label_type}; expected 0/1 integers")
-    if schema.row_key and schema.row_key in columns and not _is_integer(arrow_schema.field(schema.row_key).type):
+    if schema.row_key and schema.row_key in columns and not pa.types.is_integer(arrow_schema.field(schema.row_key).type):
         raise DataError(
             f"{path}: row key column {schema.row_key!r} has Arrow type "
             f"{arrow_schema.field(schema.row_key).type}; expected int64"

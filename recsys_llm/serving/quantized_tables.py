@@ -49,7 +49,7 @@ TABLE_DTYPES = (TRAINED, *QUANTIZED_DTYPES)
 QUANTIZED_DATA_TYPES = (DataType.INT8, DataType.INT4)  # tables.json data_types ServedModel serves with a quant EBC
 
 
-def check_table_dtype(table_dtype: str, owner: str = "export") -> Optional[torch.dtype]:
+def check_table_dtype(table_dtype: str) -> Optional[torch.dtype]:
     """The quantization dtype of a ``table_dtype`` value (``--table-dtype``), None for ``"trained"``.
 
     Raises:
@@ -59,7 +59,7 @@ def check_table_dtype(table_dtype: str, owner: str = "export") -> Optional[torch
         return None
     if isinstance(table_dtype, str) and table_dtype in QUANTIZED_DTYPES:
         return QUANTIZED_DTYPES[table_dtype]
-    raise ValueError(f"{owner}: table_dtype (--table-dtype) is {table_dtype!r}; expected one of {list(TABLE_DTYPES)} "
+    raise ValueError(f"export: table_dtype (--table-dtype) is {table_dtype!r}; expected one of {list(TABLE_DTYPES)} "
                      f"({TRAINED!r}: the tables as trained, FP32 or FP16; 'int8' / 'int4': rows quantized to 8 / 4 "
                      "bits with a per-row scale and bias, served by torchrec's quantized EmbeddingBagCollection)")
 

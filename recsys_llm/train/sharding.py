@@ -193,13 +193,12 @@ def embedding_kernels(model: nn.Module) -> Iterator[Tuple[str, BatchedFusedEmbed
                     yield f"{path}._lookups.{index}.{inner}", kernel
 
 
-def _freeze_sharded(model: DistributedModelParallel, frozen: Set[str]) -> List[str]:
-    """Turns off the backward of every TBE that holds only frozen tables; returns those tables.
+def _freeze_sharded(model: DistributedModelParallel, frozen: Set[str]) -> None:
+    """Turns off the backward of every TBE that holds only frozen tables.
 
     Raises:
         RuntimeError: a TBE mixes frozen and trained tables.
     """
-    done: List[str] = []
     for path, module in embedding_kernels(model):
         names = [config.name for config in module.config.embedding_tables]
         frozen_here = [n for n in names if n in frozen]
@@ -211,8 +210,6 @@ def _freeze_sharded(model: DistributedModelParallel, frozen: Set[str]) -> List[s
                 f"{sorted(set(names) - frozen)}; put frozen tables in their own EmbeddingBagCollection"
             )
         module.emb_module.placeholder_autograd_tensor.requires_grad_(False)
-        done.extend(names)
-    return sorted(set(done))
 
 
 def _check_plannable(constraints: Dict[str, ParameterConstraints], frozen: Set[str], compute_device: str) -> None:

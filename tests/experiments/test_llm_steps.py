@@ -30,7 +30,7 @@ def test_elec_row_vectors_read_the_chosen_fields_at_the_chosen_length(tmp_path) 
     generate_synthetic(str(tmp_path / "data"), 600, seed=0)
     with pytest.warns(UserWarning, match=r"32 of 32 row texts are longer than max_length 40 tokens"):
         schema_path, overrides = elec_llm_steps(str(tmp_path / "data" / "schema.json"), str(tmp_path / "work"), "row",
-                                                ["user_id"], 32, True, ["user_id", "item_id"], 40)
+                                                ["user_id"], 32, ["user_id", "item_id"], 40)
     assert overrides == []  # row vectors are attached to copies of the splits
     llm_dir = tmp_path / "work" / "ctr_llm"
     assert json.loads((llm_dir / "row_text.json").read_text(encoding="utf-8"))["fields"] == ["user_id", "item_id"]
@@ -46,7 +46,7 @@ def test_elec_row_vectors_read_the_chosen_fields_at_the_chosen_length(tmp_path) 
     with open(os.path.join(leftover, "state.json"), "w", encoding="utf-8") as handle:
         handle.write("{}")
     elec_llm_steps(str(tmp_path / "data" / "schema.json"), str(tmp_path / "work"), "row",
-                   ["user_id"], 32, True, ["user_id", "item_id"], 40)
+                   ["user_id"], 32, ["user_id", "item_id"], 40)
     assert not os.path.exists(leftover)
 
 
@@ -121,13 +121,13 @@ def test_elec_refuses_attached_vectors_of_an_llm_adapted_again(tmp_path) -> None
 
     generate_synthetic(str(tmp_path / "data"), 600, seed=0)
     schema, work = str(tmp_path / "data" / "schema.json"), str(tmp_path / "work")
-    attached, _ = elec_llm_steps(schema, work, "entity", ["item_id"], 32, True)
-    assert elec_llm_steps(schema, work, "entity", ["item_id"], 32, True)[0] == attached  # done: skipped
+    attached, _ = elec_llm_steps(schema, work, "entity", ["item_id"], 32)
+    assert elec_llm_steps(schema, work, "entity", ["item_id"], 32)[0] == attached  # done: skipped
     shutil.rmtree(os.path.join(work, "ctr_llm"))
     with pytest.raises(SystemExit, match=r"attached/schema.json: the splits there carry vectors exported from another "
                                          r"CTR-adapted LLM \(weights_sha256 \w+\) than .*ctr_llm holds now "
                                          r"\(weights_sha256 \w+\).* delete .*vectors and .*attached"):
-        elec_llm_steps(schema, work, "entity", ["item_id"], 48, True)
+        elec_llm_steps(schema, work, "entity", ["item_id"], 48)
 
 
 def test_the_synthetic_tables_ssft_prompts_keep_their_values(tmp_path) -> None:

@@ -146,10 +146,6 @@ def test_fm_interaction_works_under_torch_func():
     torch.testing.assert_close(per_sample, expected)
 
 
-def _explicit_pair_sum(fields: torch.Tensor, pair_matrix: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("bid,bjd,ij->b", fields, fields, pair_matrix)
-
-
 @pytest.mark.parametrize("kernel", ["fm_interaction", "weighted_pair_sum", "semantic_pair_sum", "projected_field_kl"])
 def test_kernels_backward_under_batched_gradients(kernel):
     """``jacobian(vectorize=True)`` and ``autograd.grad(is_grads_batched=True)`` run a backward on
