@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is first used
     import torch
 
+    from recsys_llm.models.registry import ModelConfig
+
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_no_file_above, save_figure_atomically, write_text_atomically
@@ -435,7 +437,7 @@ def all_finite(payload: Mapping[str, Any], keys: Sequence[str]) -> bool:
 
 
 # ---- shared by the method benchmarks (llactr, elec, peers) ----------------------------------
-def model_config(name: str, smoke: bool) -> "ModelConfig":  # noqa: F821 (imported in the body)
+def model_config(name: str, smoke: bool) -> "ModelConfig":
     """The registry's config of backbone ``name``: its tiny ``SMOKE_CONFIGS`` entry (``smoke``) or its defaults."""
     from recsys_llm.models.registry import SMOKE_CONFIGS, ModelConfig
 
