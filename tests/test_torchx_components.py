@@ -621,3 +621,61 @@ def test_negative_resources_and_unknown_rendezvous_backends_are_refused(name: st
         from_cli(name, [*first, "--gpu", "-1", "--max_retries", "-1"])
     with pytest.raises(ValueError, match=r"rdzv_backend='etcdx': expected one of"):
         from_cli(name, [*first, "--rdzv_backend", "etcdx"])
+
+
+def test_rendezvous_retries_env_mounts_and_job_name_reach_the_role() -> None:
+    """Every option a component takes is handed on to dist.ddp: a dropped one fell back to torchx's default
+    without a word (port 29500, no retries, no mounts, the default job name)."""
+    mount = ["type=bind,src=/data,dst=/data"]
+    cases = [("train", ["--config", "c.yaml"], "trainer"),
+             ("trained", ["--job", "evaluate", "--checkpoint", "r"], "evaluate"),
+             ("encode", ["--job", "export"], "semantics")]
+    for name, first, role_name in cases:
+        app = from_cli(name, [*first, "--nnodes", "2", "--rdzv_backend", "static", "--rdzv_port", "29611",
+                              "--max_retries", "2", "--env", "A=1", "--mounts", *mount, "--job_name", "exp/run-7"])
+        role = app.roles[0]
+        words = command_of(app)
+        assert words[words.index("--rdzv_backend") + 1] == "static", name
+        values = macros.Values(img_root="", app_id="a", replica_id="1", rank0_env="RANK0")
+        assert "${RANK0:=localhost}:29611" in values.apply(role).args[1], name
+        assert role.port_map == {"c10d": 29611}, name
+        assert (role.name, role.max_retries, role.env["A"], app.name) == (role_name, 2, "1", "run-7"), name
+        assert role.env["TORCHX_TRACKING_EXPERIMENT_NAME"] == "exp", name
+        assert [m.dst_path for m in role.mounts] == ["/data"], name
+    app = from_cli("bench", ["--name", "llactr", "--env", "A=1", "--mounts", *mount, "--job_name", "exp/b", "--",
+                             "--quick"])
+    role = app.roles[0]
+    assert (role.env["A"], app.name, [m.dst_path for m in role.mounts]) == ("1", "b", ["/data"])
+
+
+def test_an_override_without_a_key_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"config overrides must look like key=value, got \['=1'\]"):
+        from_cli("train", ["--config", "c.yaml", "train.epochs=1", "=1"])
+
+
+def test_a_named_resource_without_gpus_runs_its_workers_on_the_cpu() -> None:
+    """aws_m5.2xlarge (8 CPUs, no GPU): two CPU workers are fine, each with half the CPUs, and no CUDA device."""
+    for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r")), ("encode", ("export",))):
+        role = load(name)(*args, nproc_per_node=2, named_resource="aws_m5.2xlarge").roles[0]
+        words = shlex.split(role.args[1])
+        assert role.resource.gpu == 0 and role.env["OMP_NUM_THREADS"] == "4", name
+        assert words[words.index("--nproc_per_node") + 1] == "2" and "train.device=cuda" not in words, name
+    assert load("bench")("llactr", named_resource="aws_m5.2xlarge").roles[0].resource.gpu == 0
+
+
+def test_a_named_resources_gpus_ask_for_cuda_in_every_job() -> None:
+    """The named resource sets the host's GPUs, whatever --gpu says: its jobs need CUDA as --gpu's do."""
+    for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r"))):
+        words = command_of(load(name)(*args, named_resource="aws_p4d.24xlarge"))
+        assert words[-1] == "train.device=cuda", name
+
+
+def test_the_cuda_override_after_splits_and_a_separator_adds_no_second_separator() -> None:
+    words = command_of(load("trained")("teacher-outputs", "runs/r", "--splits", "train", "--", "elec.task=gain", gpu=2))
+    assert words[words.index("teacher-outputs"):] == ["teacher-outputs", "--checkpoint", "runs/r", "--splits", "train",
+                                                      "--", "elec.task=gain", "train.device=cuda"]
+
+
+def test_a_negative_gpu_count_of_a_benchmark_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^gpu=-1: expected >= 0$"):
+        from_cli("bench", ["--name", "llactr", "--gpu", "-1"])

@@ -378,3 +378,30 @@ def test_line_count_of_a_compressed_file_shows_its_progress_to_the_end(tmp_path,
         out.write(b"".join(b"%d\t%d\n" % (i % 2, i) for i in range(5000)))
     assert _count_data_lines(path, block=1024, progress=True) == 5000
     assert "counting lines: 100%" in capsys.readouterr().err
+
+
+def test_max_rows_counts_data_lines_after_a_header(tmp_path):
+    """--max-rows 10 of Kaggle's train.csv (header and Id column) converts its first 10 rows, not 9."""
+    rows = [[str(i)] + r for i, r in enumerate(_lines(50, seed=1))]
+    raw = _write(tmp_path / "train.csv", rows, ",", ["Id", "Label"] + DENSE_NAMES + SPARSE_NAMES)
+    schema = prepare_criteo(raw, str(tmp_path / "out"), CriteoConfig(hash_size=64, max_rows=10,
+                                                                      split_fractions=(0.6, 0.2, 0.2)))
+    table = pa.concat_tables([pq.read_table(schema.split_path(s)) for s in schema.splits])
+    assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == [6, 2, 2]
+    np.testing.assert_array_equal(table["label"].to_numpy(), [int(r[1]) for r in rows[:10]])
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 64])
+def test_the_first_lines_end_at_the_last_newline_kept(size):
+    """A read that holds exactly the lines still to pass on, and the start of the next one, stops after their
+    newline: the next line is not parsed (it may be cut short, or beyond --max-rows)."""
+    from recsys_llm.data.criteo import _FirstLines
+
+    lines = _FirstLines(pa.BufferReader(b"a\nb\nc\nd\n"), 2, "day_0")
+    got = b""
+    while True:
+        chunk = lines.read(size)
+        if not chunk:
+            break
+        got += chunk
+    assert got == b"a\nb\n"

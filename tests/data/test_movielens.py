@@ -453,3 +453,74 @@ def test_what_the_conversion_reads_as_missing_or_off_the_scale_is_warned_about(t
         assert any(re.search(pattern, message) for message in said), (pattern, said)
     assert len(said) == len(expected)  # the empty year of movie 3 is missing, not unread
     assert schema.field("user_id").cardinality == 4  # users 1, 2 and 5000, and id 0
+
+
+def _rows(schema):
+    """Every row of the three splits, in split and row order."""
+    return [row for split in ("train", "valid", "test") for row in pq.read_table(schema.split_path(split)).to_pylist()]
+
+
+def test_ratings_of_one_second_keep_their_file_order(tmp_path):
+    """Rows are sorted by timestamp with ties in file order (a stable sort): an unstable one reordered the ratings
+    of a second, which moves rows across a split bound and reorders the likes a history lists."""
+    lines = [f"{1 + i % 2}\t{1 + i % 3}\t{[1, 4, 5, 2][i % 4]}\t{100 + (i * 7) % 3}\n" for i in range(40)]
+    _write_raw(tmp_path, lines)
+    schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+    raw = [line.split("\t") for line in lines]
+    expected = sorted(((int(t), int(u), int(i), int(r) > 3) for u, i, r, t in raw), key=lambda row: row[0])
+    got = [(row["timestamp"], row["user_id"], row["item_id"], bool(row["label"])) for row in _rows(schema)]
+    assert got == expected
+
+
+def test_a_half_star_rating_above_3_is_a_click(tmp_path):
+    """label = rating > 3 on ML-20M's half-star scale too: 3.5 is a click, 2.5 is none."""
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{[3.5, 2.5, 3][i % 3]}\t{100 + i}\n" for i in range(30)])
+    labels = [row["label"] for row in _rows(prepare_movielens(str(tmp_path), str(tmp_path / "out")))]
+    assert labels == [1, 0] * 10
+
+
+def test_fewer_than_10_ratings_other_than_3_are_refused(tmp_path):
+    """Nine rows cannot be split 8:1:1 with a row in each split."""
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{[4, 3][i % 2]}\t{100 + i}\n" for i in range(18)])
+    with pytest.raises(DataError, match=r"x\.inter: only 9 ratings other than 3; expected at least 10"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_zip_prefix_length_sets_the_characters_kept(tmp_path):
+    from recsys_llm.cli import main
+    from recsys_llm.data.schema import DatasetSchema
+
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    out = str(tmp_path / "out")
+    assert main(["prepare", "movielens", "--input", str(tmp_path), "--out", out, "--zip-prefix-length", "3",
+                 "--quiet"]) == 0
+    assert DatasetSchema.load(out).load_value_text("zip_prefix")["text"].to_pylist() == [
+        "unknown", "zip code starting with 123", "zip code starting with 543"]
+
+
+def test_two_inter_files_are_refused_naming_them(tmp_path):
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    (tmp_path / "y.inter").write_text((tmp_path / "x.inter").read_text())
+    with pytest.raises(DataError, match=r"several \*\.inter files \(x\.inter, y\.inter\); expected one"):
+        prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_movies_without_any_genre_still_give_genres_a_length_of_one(tmp_path):
+    """Every movie '(no genres listed)': the sequence field keeps max_length 1 (0 is a field without room for an id)."""
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(20)])
+    (tmp_path / "x.item").write_text(_ITEM_HEADER + "".join(f"{i}\tMovie {i}\t1999\t(no genres listed)\n"
+                                                            for i in (1, 2, 3)))
+    schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+    assert (schema.field("genres").cardinality, schema.field("genres").max_length) == (1, 1)
+    assert next(iter(ParquetBatchReader(schema, "train", 4))).sparse_features["genres"].lengths().tolist() == [0] * 4
+
+
+def test_each_row_carries_its_own_users_and_movies_attributes(tmp_path):
+    """user_age is the user's age / 100 and release_year the year of the row's movie (not of another id)."""
+    _write_raw(tmp_path, [f"{1 + i % 2}\t{1 + i % 3}\t{4 + i % 2}\t{100 + i}\n" for i in range(30)])
+    schema = prepare_movielens(str(tmp_path), str(tmp_path / "out"))
+    years = schema.load_value_text("release_year")["text"].to_pylist()
+    movie_years = {1: "released in 1999", 2: "released in 2001", 3: "released in 1980"}
+    for row in _rows(schema):
+        assert row["user_age"] == pytest.approx({1: 0.30, 2: 0.40}[row["user_id"]])
+        assert years[row["release_year"]] == movie_years[row["item_id"]]

@@ -295,3 +295,59 @@ def test_an_input_inside_the_copy_an_earlier_swap_kept_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the output directory holds the input"):
         check_inputs_outside(str(tmp_path / "out"), [str(kept / "rows.csv")])
     check_inputs_outside(str(tmp_path / "out"), [str(tmp_path / "rows.csv")])
+
+
+def test_the_summary_marks_hashed_fields(tmp_path):
+    from recsys_llm.data.criteo import DENSE_NAMES, SPARSE_NAMES, CriteoConfig
+
+    raw = tmp_path / "day_0"
+    raw.write_text("".join("\t".join([str(i % 2)] + ["1"] * len(DENSE_NAMES) + ["68fd1e64"] * len(SPARSE_NAMES)) + "\n"
+                           for i in range(20)))
+    summary = prepare_dataset("criteo", str(tmp_path / "out"), input_path=str(raw), config=CriteoConfig(hash_size=64),
+                              progress=False).summary()
+    assert [line.split()[:4] for line in summary.splitlines() if line.split()[0] in ("I1", "C1")] == [
+        ["I1", "dense", "-", "anonymised"], ["C1", "sparse", "64", "(hashed)"]]
+
+
+@pytest.mark.parametrize("source", ["movielens", "criteo", "tabular"])
+def test_an_input_that_does_not_exist_is_named_before_any_work(tmp_path, source):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=rf"^{missing}: input not found$"):
+        prepare_dataset(source, str(tmp_path / "out"), input_path=missing, schema_path=str(tmp_path / "s.json"),
+                        progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_every_flag_reaches_the_config_of_its_source():
+    """Each option of ``prepare SOURCE`` ends up in the config the converter gets (none silently left at its
+    default)."""
+    from recsys_llm.cli import build_parser
+    from recsys_llm.cli.data import _config
+    from recsys_llm.data.criteo import CriteoConfig
+    from recsys_llm.data.tabular import TabularConfig
+
+    def config(argv):
+        return _config(build_parser().parse_args(["prepare", *argv, "--out", "o"]))
+
+    assert config(["synthetic", "--rows", "500", "--seed", "4", "--users", "7", "--items", "5", "--rows-per-group", "9",
+                   "--cold-item-fraction", "0.2"]) == SyntheticConfig(500, 4, 7, 5, 9, 0.2)
+    assert config(["movielens", "--input", "x", "--split", "0.6,0.2,0.2", "--zip-prefix-length", "3",
+                   "--rows-per-group", "9", "--history-length", "0"]) == MovieLensConfig((0.6, 0.2, 0.2), 3, 9, 0)
+    assert config(["criteo", "--input", "x", "--hash-size", "64", "--delimiter", ",", "--split", "0.6,0.2,0.2",
+                   "--rows-per-group", "9", "--max-rows", "100"]) == CriteoConfig(64, ",", (0.6, 0.2, 0.2), 9,
+                                                                                 max_rows=100)
+    got = config(["tabular", "--input", "x", "--schema", "s", "--split", "0.6,0.2,0.2", "--split-by", "ts",
+                  "--seed", "4", "--label-threshold", "3", "--fill-missing-dense", "0", "--sequence-separator", ";",
+                  "--delimiter", "tab", "--rows-per-group", "9", "--missing-token", "NA", "--missing-token", "null",
+                  "--vocabulary", "zip", "--hash", "q"])
+    assert got == TabularConfig(split_by="ts", split_fractions=(0.6, 0.2, 0.2), seed=4, label_threshold=3.0,
+                                fill_missing_dense=0.0, sequence_separator=";", delimiter="\t", rows_per_group=9,
+                                missing_tokens=("", "NA", "null"), vocabulary_fields=("zip",), hash_fields=("q",))
+
+
+def test_a_cold_item_fraction_of_one_is_refused_by_the_flag(tmp_path, capsys):
+    """[0, 1): every item cold would leave training without its items (argparse names the flag, before any work)."""
+    with pytest.raises(SystemExit):
+        _run(["prepare", "synthetic", "--out", str(tmp_path / "out"), "--cold-item-fraction", "1", "--quiet"])
+    assert "argument --cold-item-fraction: expected a finite number >= 0 and < 1, got '1'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -137,3 +137,82 @@ def test_a_fraction_below_one_never_makes_every_item_cold(tmp_path, num_items, f
     assert train["is_cold_item"].to_numpy().sum() == 0
     cold_items = set(catalog["item_id"].to_numpy()[catalog["is_cold_item"].to_numpy().astype(bool)].tolist())
     assert not cold_items & set(train["item_id"].to_numpy().tolist())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_cold_share_of_items_is_exact_and_drawn_from_real_item_ids(tmp_path, seed) -> None:
+    """round(0.9 * 10) = 9 of the items 1..10 are cold, whatever the seed (never the padding id 0)."""
+    schema = generate_synthetic(str(tmp_path / "out"), 1000, seed=seed, num_items=10, cold_item_fraction=0.9)
+    catalog = pq.read_table(os.path.join(schema.root, ITEM_CATALOG))
+    assert int(catalog["is_cold_item"].to_numpy().sum()) == 9
+
+
+def test_splits_and_chunks_are_drawn_apart_and_the_seed_makes_the_world(tmp_path, monkeypatch) -> None:
+    """Each split and each chunk of a split has its own random stream (valid is no copy of test, nor a chunk
+    of the one before), and the seed draws the users and items too, not only the impressions."""
+    import recsys_llm.data.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic, "CHUNK_ROWS", 1000)
+    schema = generate_synthetic(str(tmp_path / "a"), 10_000, seed=3)
+    tables = {s: pq.read_table(schema.split_path(s)) for s in schema.splits}
+    assert [t.num_rows for t in tables.values()] == [8000, 1000, 1000]
+    columns = ("user_id", "item_id", "hour_of_day", "label")
+    assert not all(tables["valid"][c].equals(tables["test"][c]) for c in columns)
+    train = tables["train"]
+    assert not all(train.slice(0, 1000)[c].equals(train.slice(1000, 1000)[c]) for c in columns)
+    other = generate_synthetic(str(tmp_path / "b"), 10_000, seed=4)
+    for name in ("user_id", "item_id"):
+        assert not schema.load_value_text(name).equals(other.load_value_text(name)), name
+
+
+@pytest.mark.parametrize("num_rows, sizes", [(15, [12, 1, 2]), (19, [15, 1, 3]), (10, [8, 1, 1])])
+def test_the_test_split_takes_the_rows_the_others_leave(tmp_path, num_rows, sizes) -> None:
+    schema = generate_synthetic(str(tmp_path / "out"), num_rows, seed=0)
+    assert [pq.read_metadata(schema.split_path(s)).num_rows for s in schema.splits] == sizes
+
+
+def test_hours_and_devices_are_ids_from_1_that_name_their_text(data) -> None:
+    """Id 0 is the unknown value: hour h is id h + 1 (text "h:00, ..."), device d id d + 1."""
+    schema, tables = data
+    hours = np.concatenate([t["hour_of_day"].to_numpy() for t in tables.values()])
+    devices = np.concatenate([t["device"].to_numpy() for t in tables.values()])
+    assert (hours.min(), hours.max(), devices.min(), devices.max()) == (1, 24, 1, 3)
+    assert schema.load_value_text("hour_of_day")["text"][1].as_py() == "0:00, in the night"
+    assert schema.load_value_text("device")["text"][1].as_py() == "mobile phone"
+
+
+def test_the_users_text_names_the_attributes_its_rows_carry(data) -> None:
+    """"A female engineer aged 25 to 34 who ...": the gender, occupation and age group of the user's fields."""
+    schema, tables = data
+    text = {name: schema.load_value_text(name)["text"].to_pylist()
+            for name in ("user_id", "user_gender", "user_occupation", "user_age_bucket")}
+    rows = tables["train"].slice(0, 2000).to_pydict()
+    for i in range(len(rows["user_id"])):
+        words = [text[name][rows[name][i]] for name in ("user_gender", "user_occupation", "user_age_bucket")]
+        assert text["user_id"][rows["user_id"][i]].startswith("A {} {} {} who".format(*words)), i
+
+
+def test_the_tag_field_has_room_for_every_items_tags(data) -> None:
+    schema, tables = data
+    lengths = [len(tags) for t in tables.values() for tags in t["item_tags"].to_pylist()]
+    assert max(lengths) == schema.field("item_tags").max_length == 3
+
+
+def test_activity_is_a_logarithm(data) -> None:
+    """user_activity_log is log(activity) of a lognormal(0, 0.8) activity: about normal(0, 0.8) over the users
+    (negative for the less active ones), one value per user."""
+    _, tables = data
+    values, users = tables["train"]["user_activity_log"].to_numpy(), tables["train"]["user_id"].to_numpy()
+    ids, first = np.unique(users, return_index=True)
+    per_user = values[first]
+    assert (per_user < 0).mean() > 0.3 and 0.6 < per_user.std() < 1.0, (per_user.mean(), per_user.std())
+    assert all(len(np.unique(values[users == u])) == 1 for u in ids[:50])
+
+
+def test_default_world_size_follows_the_rows() -> None:
+    from recsys_llm.data.synthetic import SyntheticConfig
+
+    assert (SyntheticConfig(num_rows=1000).users, SyntheticConfig(num_rows=1000).items) == (200, 100)
+    assert (SyntheticConfig(num_rows=1_000_000).users, SyntheticConfig(num_rows=1_000_000).items) == (25_000, 10_000)
+    assert (SyntheticConfig(num_rows=1000, num_users=7, num_items=5).users,
+            SyntheticConfig(num_rows=1000, num_users=7, num_items=5).items) == (7, 5)
