@@ -290,6 +290,12 @@ def _batch_lacking_a_feature(schema_path: str) -> Dict[str, Any]:
     dropped = kjt.keys()[-1]
     kept = {key: value for key, value in kjt.to_dict().items() if key != dropped}
     batches[1].sparse_features = KeyedJaggedTensor.from_jt_dict(kept)
+    return {"errors": _errors_of_each_loop(ctx, model, optimizer, batches), "dropped": dropped}
+
+
+def _errors_of_each_loop(ctx: Any, model: Any, optimizer: Any, batches: List[Any]) -> Dict[str, Optional[str]]:
+    """The ValueError each loop over ``batches`` ends with (None: it ran through): training, pipelined and plain
+    evaluation."""
     errors: Dict[str, Optional[str]] = {}
     runs = {"train": lambda: train_epoch(model, optimizer, batches, ctx.device, progress=False),
             "pipelined eval": lambda: evaluate(model, batches, ctx.device, CTRMetrics(), progress=False,
@@ -301,7 +307,7 @@ def _batch_lacking_a_feature(schema_path: str) -> Dict[str, Any]:
             errors[name] = None
         except ValueError as error:
             errors[name] = str(error)
-    return {"errors": errors, "dropped": dropped}
+    return errors
 
 
 @pytest.mark.multiprocess
@@ -325,23 +331,13 @@ def _batch_of_fewer_dense_rows(schema_path: str) -> Dict[str, Optional[str]]:
     ctx, model, optimizer = _model(schema)
     batches = list(ParquetBatchReader(schema, "train", 64))[:3]
     batches[1].dense_features = batches[1].dense_features[:-1]
-    errors: Dict[str, Optional[str]] = {}
-    runs = {"train": lambda: train_epoch(model, optimizer, batches, ctx.device, progress=False),
-            "pipelined eval": lambda: evaluate(model, batches, ctx.device, CTRMetrics(), progress=False,
-                                               pipelined=True)}
-    for name, run in runs.items():
-        try:
-            run()
-            errors[name] = None
-        except ValueError as error:
-            errors[name] = str(error)
-    return errors
+    return _errors_of_each_loop(ctx, model, optimizer, batches)
 
 
 @pytest.mark.multiprocess
 def test_a_batch_whose_parts_differ_in_rows_is_named_in_the_pipelines(synthetic_dir: str) -> None:
     """63 dense rows beside a KJT of 64 failed inside the backbone with torch's bare "The size of tensor a (64) must
-    match the size of tensor b (63)"; the sharded, pipelined loops now name the parts and their row counts."""
+    match the size of tensor b (63)"; the sharded loops, pipelined or not, now name the parts and their row counts."""
     (errors,) = run_multiprocess(_batch_of_fewer_dense_rows, world_size=1, schema_path=synthetic_dir)
     expected = ("DeepFM: the batch's parts have different row counts: dense_features 63, sparse_features (the "
                 "KeyedJaggedTensor's stride) 64")
