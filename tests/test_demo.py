@@ -40,6 +40,8 @@ def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_pat
     student_test = out["results"][STUDENT]["test"]  # the exported student scored the test split as served
     assert student_test["served/auc"] == pytest.approx(student_test["auc"], abs=1e-6), student_test
     assert student_test["served/cold/auc"] == pytest.approx(student_test["cold/auc"], abs=1e-6), student_test
+    assert student_test["served/logloss"] == pytest.approx(student_test["logloss"], abs=1e-5), student_test
+    assert student_test["served/cold/logloss"] == pytest.approx(student_test["cold/logloss"], abs=1e-5), student_test
     assert "dense_program.pt2" in os.listdir(os.path.join(run_root, "served"))
     adapted_on = json.load(open(os.path.join(run_root, "llm", "ctr_llm", "adapted_on.json"), encoding="utf-8"))
     assert adapted_on["fields"] == ADAPT_FIELDS  # the text the entity exports read, not every field of the row

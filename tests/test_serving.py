@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 
 import pytest
@@ -479,6 +480,8 @@ def test_the_inference_example_runs_as_written_without_llm_packages(tmp_path):
     export_task(student, out, example.dense_features, example.sparse_features, schema=SCHEMA)
     text = open(os.path.join(out, "INFERENCE.md"), encoding="utf-8").read()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    score_line = re.search(r"`(recsys-llm score [^`]*)`", text).group(1)  # the shell line holds the path as one word
+    assert shlex.split(score_line)[:4] == ["recsys-llm", "score", "--artifact", out], score_line
     blocker = (
         "import sys\n"
         "class Block:\n"

@@ -19,7 +19,7 @@ from recsys_llm.data.synthetic import generate_synthetic
 from recsys_llm.models.registry import SMOKE_CONFIGS
 from recsys_llm.modules.elec import build_student
 from recsys_llm.serving import ServedModel, export_task
-from recsys_llm.serving.scoring import score_split
+from recsys_llm.serving.scoring import score_columns, score_split
 from recsys_llm.train.metrics import binary_metrics
 
 CPU = torch.device("cpu")
@@ -136,3 +136,78 @@ def test_the_command_asks_for_trust_in_the_program_and_prints_the_metrics(export
     torch.testing.assert_close(logits, torch.load(exported["task_logits"], weights_only=True))
     assert cli_main(arguments + ["--trust-program"]) == 2  # the scores are there now: not written over
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_split_whose_files_have_no_row_key_is_scored_without_one(exported: Dict[str, str], tmp_path) -> None:
+    """Scores of a day's file without the schema's row key column hold label, logit and probability alone."""
+    schema = DatasetSchema.load(exported["data"])
+    table = _split_table(schema, "test")
+    split = str(tmp_path / "no_key.parquet")
+    pq.write_table(table.drop(["row_id"]), split, row_group_size=128)
+    output = str(tmp_path / "scores.parquet")
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    report = score_split(served, schema, split, batch_size=64, output=output, progress=False)
+    scores = pq.read_table(output)
+    assert scores.column_names == ["label", "logit", "probability"] and report["rows"] == table.num_rows
+    torch.testing.assert_close(torch.tensor(scores["logit"].to_numpy()),
+                               torch.load(exported["task_logits"], weights_only=True))
+
+
+def test_a_dangling_link_at_the_output_is_refused_and_left_as_it_was(exported: Dict[str, str], tmp_path) -> None:
+    schema = DatasetSchema.load(exported["data"])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    output = tmp_path / "scores.parquet"
+    output.symlink_to(tmp_path / "elsewhere.parquet")
+    with pytest.raises(FileExistsError, match=r"scores.parquet: exists"):
+        score_split(served, schema, "test", output=str(output), progress=False)
+    assert output.is_symlink() and sorted(os.listdir(tmp_path)) == ["scores.parquet"]
+
+
+def test_samples_per_second_count_rows_over_the_artifacts_time_and_the_bar_shows_only_when_asked(
+        exported: Dict[str, str], capsys) -> None:
+    """The artifact's calls take part of the call's wall time: at least rows / wall time samples per second."""
+    import time
+
+    schema = DatasetSchema.load(exported["data"])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    start = time.perf_counter()
+    report = score_split(served, schema, "test", batch_size=64, progress=False)
+    wall = time.perf_counter() - start
+    assert report["samples_per_s"] >= report["rows"] / wall > 0
+    assert capsys.readouterr().err == ""
+    score_split(served, schema, "test", batch_size=64, progress=True)
+    assert "score test" in capsys.readouterr().err
+
+
+def test_the_command_refuses_an_existing_output_before_loading_the_artifact(exported: Dict[str, str], tmp_path,
+                                                                             capsys) -> None:
+    """The output is checked first: an existing file is named even where the artifact would not load."""
+    output = tmp_path / "scores.parquet"
+    output.write_bytes(b"yesterday's scores")
+    arguments = ["score", "--artifact", exported["artifact"], "--data", exported["data"], "--output", str(output)]
+    assert cli_main(arguments) == 2  # no --trust-program: the artifact would be refused
+    err = capsys.readouterr().err
+    assert "exists" in err and "--trust-program" not in err, err
+    assert output.read_bytes() == b"yesterday's scores"
+
+
+def test_the_scores_schema_has_a_row_key_only_where_the_schema_and_its_files_have_one(exported: Dict[str, str]) -> None:
+    schema = DatasetSchema.load(exported["data"])
+    assert score_columns(schema, True).names == ["row_id", "label", "logit", "probability"]
+    assert score_columns(schema, False).names == ["label", "logit", "probability"]
+    assert score_columns(dataclasses.replace(schema, row_key=None), True).names == ["label", "logit", "probability"]
+    assert set(score_columns(schema, True).types) == {pa.int64(), pa.float32()}
+
+
+def test_the_command_passes_its_batch_size_and_progress_on(exported: Dict[str, str], tmp_path, capsys) -> None:
+    import math
+
+    rows = _split_table(DatasetSchema.load(exported["data"]), "test").num_rows
+    arguments = ["score", "--artifact", exported["artifact"], "--data", exported["data"], "--trust-program",
+                 "--batch-size", "64"]
+    assert cli_main(arguments + ["--progress"]) == 0
+    batches = math.ceil(rows / 64)  # not the default's one batch
+    err = capsys.readouterr().err
+    assert batches > 1 and f" {batches}/{batches} " in err, err
+    assert cli_main(arguments + ["--no-progress"]) == 0
+    assert "score test" not in capsys.readouterr().err

@@ -1169,6 +1169,40 @@ def test_field_vectors_loaded_under_grown_tables_are_the_vectors_the_run_trained
         check_trained_on(grown, str(run / "config.yaml"), "ckpt")
 
 
+
+def test_vectors_of_records_without_a_semantic_fingerprint_still_compare_the_schema_fingerprint(tmp_path) -> None:
+    """The full schema fingerprint is passed over only where both records hold the same semantic fingerprint: records
+    of an older version (no ``schema_semantic_fingerprint``), or one record lacking it, still compare the schema's."""
+    import dataclasses
+
+    import torch
+
+    from recsys_llm.data.schema import FieldSpec
+    from recsys_llm.semantics.store import VectorProvenance, load_vectors, save_vectors
+    from recsys_llm.train.run_records import changed_field_vectors
+
+    schema = DatasetSchema("toy", [FieldSpec("user_id", cardinality=20, description="user id"),
+                                   FieldSpec("item_id", cardinality=20, description="item id")])
+    grown = dataclasses.replace(schema, fields=[schema.fields[0],
+                                                dataclasses.replace(schema.fields[1], cardinality=90)])
+    provenance = VectorProvenance(model_id="m", model_hash="h", pooling="mean", template="{name}: {description}")
+    records = {}
+    for name, schema_now in (("old", schema), ("grown", grown)):
+        path = str(tmp_path / f"{name}.safetensors")
+        save_vectors(path, torch.randn(2, 4), ["user_id", "item_id"], provenance.for_schema(schema_now))
+        records[name] = json.loads(json.dumps({"llactr": load_vectors(path, schema=schema_now).provenance.to_dict()}))
+    assert records["old"]["llactr"]["schema_semantic_fingerprint"] == \
+        records["grown"]["llactr"]["schema_semantic_fingerprint"]
+    assert changed_field_vectors(records["old"], records["grown"]) == []  # the same fields' texts
+
+    def older(record: Dict[str, Any]) -> Dict[str, Any]:
+        return {"llactr": {key: value for key, value in record["llactr"].items()
+                           if key != "schema_semantic_fingerprint"}}
+
+    assert "schema_fingerprint" in changed_field_vectors(older(records["old"]), older(records["grown"]))
+    assert "schema_fingerprint" in changed_field_vectors(older(records["old"]), records["grown"])
+
+
 @pytest.mark.multiprocess
 def test_a_finished_mid_epoch_run_of_two_ranks_evaluates_on_one(synthetic_dir: str, tmp_path) -> None:
     """A run that stopped at max_steps mid-epoch trains no further row: another world size is fine."""
