@@ -13,9 +13,9 @@ import torch
 from recsys_llm.cli import main as cli_main
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import resolve_paths
-from recsys_llm.data.validation import field_specs_metadata
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import generate_synthetic
+from recsys_llm.data.validation import field_specs_metadata
 from recsys_llm.models.registry import SMOKE_CONFIGS
 from recsys_llm.modules.elec import build_student
 from recsys_llm.serving import ServedModel, export_task
@@ -211,3 +211,69 @@ def test_the_command_passes_its_batch_size_and_progress_on(exported: Dict[str, s
     assert batches > 1 and f" {batches}/{batches} " in err, err
     assert cli_main(arguments + ["--no-progress"]) == 0
     assert "score test" not in capsys.readouterr().err
+
+
+def test_dense_features_in_another_order_or_number_are_refused_before_any_row_is_scored(exported: Dict[str, str],
+                                                                                        tmp_path) -> None:
+    """The program reads the dense features by column: a schema listing them in another order scored every row
+    silently wrong (no shape differs); one with fewer failed on the first batch without naming the schema."""
+    schema = DatasetSchema.load(exported["data"])
+    dense = [f for f in schema.fields if f.kind == "dense"]
+    assert len(dense) >= 2
+    others = [f for f in schema.fields if f.kind != "dense"]
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    assert served.dense_feature_names == [f.name for f in dense]
+    swapped = dataclasses.replace(schema, fields=others + dense[::-1])
+    output = tmp_path / "scores.parquet"
+    with pytest.raises(ValueError, match=r"schema.json: the schema's dense features .* are not the artifact's"):
+        score_split(served, swapped, "test", output=str(output), progress=False)
+    assert not output.exists()
+    # an artifact exported before the names were recorded: their number is still checked
+    old = tmp_path / "old_artifact"
+    old.mkdir()
+    for name in os.listdir(exported["artifact"]):
+        (old / name).write_bytes(open(os.path.join(exported["artifact"], name), "rb").read())
+    config = json.loads((old / "config.json").read_text())
+    del config["dense_feature_names"]
+    (old / "config.json").write_text(json.dumps(config))
+    fewer = dataclasses.replace(schema, fields=others + dense[1:])
+    with pytest.raises(ValueError, match=rf"the schema has {len(dense) - 1} dense features .*; the artifact reads "
+                                         rf"{len(dense)}"):
+        score_split(ServedModel.load(str(old), trust_program=True), fewer, "test", progress=False)
+
+
+@pytest.mark.parametrize("marker", ["config.yaml", "train_state.json"])
+def test_a_run_or_checkpoint_directory_as_artifact_says_to_export_it(tmp_path, marker: str) -> None:
+    (tmp_path / marker).write_text("{}")
+    with pytest.raises(ValueError, match=r"a training run or checkpoint directory, not an export artifact: export it "
+                                         r"first \(`recsys-llm export --checkpoint"):
+        ServedModel.load(str(tmp_path), trust_program=True)
+
+
+def test_a_split_of_one_class_prints_strict_json_with_null_auc(exported: Dict[str, str], tmp_path, capsys) -> None:
+    """As `evaluate` prints it: strict JSON parsers (jq, JavaScript) refuse the NaN that json.dumps writes."""
+    schema = DatasetSchema.load(exported["data"])
+    table = _split_table(schema, "test")
+    index = table.column_names.index(schema.label)
+    table = table.set_column(index, schema.label, pa.array([0] * table.num_rows, table.schema.field(index).type))
+    split = str(tmp_path / "no_clicks.parquet")
+    pq.write_table(table, split)
+    assert cli_main(["score", "--artifact", exported["artifact"], "--data", exported["data"], "--split", split,
+                     "--trust-program", "--no-progress"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    report = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert report["auc"] is None and report["rows"] == table.num_rows and report["logloss"] > 0
+
+
+def test_an_artifact_of_weighted_tables_is_refused_before_any_row_naming_what_the_split_lacks(
+        exported: Dict[str, str], tmp_path) -> None:
+    """It failed on the first batch with ServedModel's message to a Python caller ("pass weights=")."""
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    served._config = {**served._config, "weighted": True}  # as a weighted EBC's export records it
+    output = tmp_path / "scores.parquet"
+    with pytest.raises(ValueError, match=r"tables pool per-id weights .* a Parquet split holds ids without weights"):
+        score_split(served, DatasetSchema.load(exported["data"]), "test", output=str(output), progress=False)
+    assert not output.exists()

@@ -17,6 +17,7 @@ def _score(args: argparse.Namespace) -> int:
     from recsys_llm.env import check_versions
     from recsys_llm.serving import ServedModel
     from recsys_llm.serving.scoring import check_scores_output, score_split
+    from recsys_llm.train.run_records import strict_json
 
     check_versions()
     if args.output is not None:
@@ -28,7 +29,8 @@ def _score(args: argparse.Namespace) -> int:
         raise PermissionError(f"{error}; here: pass --trust-program") from None
     report = score_split(served, schema, args.split, batch_size=args.batch_size, output=args.output,
                          progress=args.progress)
-    print(json.dumps({"artifact": args.artifact, **report}, indent=2))
+    # a split of one class has no AUC: null, as `evaluate` prints it (strict JSON has no NaN)
+    print(json.dumps(strict_json({"artifact": args.artifact, **report}), indent=2))
     return 0
 
 

@@ -26,6 +26,7 @@ from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.file_hash import file_sha256
 from recsys_llm.serving.artifact import (
     DENSE_DTYPE,
+    DENSE_NAMES_KEY,
     DIGESTS_KEY,
     EXPORT_FILES,
     EXPORT_ID_KEY,
@@ -699,6 +700,8 @@ def export_task(
             EXPORT_ID_KEY: export_id,
             "feature_names": feature_names,
             "num_dense_features": int(example_dense.size(1)),
+            # their names in the program's column order: ``recsys-llm score`` checks a data set's against them
+            DENSE_NAMES_KEY: list(schema.dense_feature_names) if schema is not None else None,
             "pooled_dim": int(pooled.size(1)),
             WEIGHTED_KEY: weighted,
             TABLE_DTYPE_KEY: table_dtype,

@@ -49,6 +49,20 @@ def check_scores_output(output: str) -> None:
         raise FileNotFoundError(f"{output}: its directory {parent} does not exist")
 
 
+def check_dense_features(served: ServedModel, schema: DatasetSchema) -> None:
+    """Raises ValueError when ``schema``'s dense features are not the ones the artifact reads, in its column
+    order (the program reads them by position: another order would score every row silently wrong), or, for an
+    artifact that does not record their names (exported before 2026-12-06), not as many."""
+    where = os.path.join(schema.root, "schema.json")
+    names, expected = schema.dense_feature_names, served.dense_feature_names
+    if expected is not None and names != expected:
+        raise ValueError(f"{where}: the schema's dense features {names} are not the artifact's {expected}, in this "
+                         "order (it reads them by column); score data prepared with the schema it was trained on")
+    if expected is None and len(names) != served.num_dense_features:
+        raise ValueError(f"{where}: the schema has {len(names)} dense features {names}; the artifact reads "
+                         f"{served.num_dense_features}; score data prepared with the schema it was trained on")
+
+
 @torch.no_grad()
 def score_split(
     served: ServedModel,
@@ -75,8 +89,9 @@ def score_split(
         marks cold items), and ``output``.
 
     Raises:
-        ValueError: the schema's sparse features are not the artifact's (named), or a batch the artifact
-            refuses (``ServedModel.logits``).
+        ValueError: the schema's sparse features are not the artifact's (named), nor its dense features
+            (:func:`check_dense_features`), an artifact of weighted tables (a split holds no per-id weights),
+            or a batch the artifact refuses (``ServedModel.logits``).
         FileExistsError: ``output`` exists (checked before anything is read).
     """
     if output is not None:
@@ -85,6 +100,11 @@ def score_split(
     if missing:
         raise ValueError(f"{schema.name}: the schema has no sparse features {missing}, which the artifact reads "
                          f"(it serves {served.feature_names}); score data prepared with the schema it was trained on")
+    check_dense_features(served, schema)
+    if served.weighted:
+        raise ValueError("the artifact's tables pool per-id weights (config.json: weighted), and a Parquet split holds "
+                         "ids without weights: score it in Python, ServedModel.logits with the KeyedJaggedTensor's "
+                         "weights")
     subsets = {"cold": DEFAULT_COLD_ITEM_COLUMN} if DEFAULT_COLD_ITEM_COLUMN in schema.extra_columns else {}
     reader = ParquetBatchReader(schema, split, batch_size, extras=list(subsets.values()), equal_batches=False)
     metrics = CTRMetrics(subsets)

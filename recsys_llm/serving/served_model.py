@@ -22,6 +22,7 @@ from recsys_llm.id_rules import IdRules
 from recsys_llm.paths import is_plain_file_name
 from recsys_llm.serving.artifact import (
     DENSE_DTYPE,
+    DENSE_NAMES_KEY,
     DIGESTS_KEY,
     EXPORT_ID_KEY,
     FORMAT_VERSION,
@@ -54,6 +55,8 @@ from recsys_llm.serving.state import require_finite, check_same_export
 # deserializer, a table list or state dict that does not fit); OS errors such as EACCES are not in it
 ARTIFACT_READ_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, EOFError,
                         zipfile.BadZipFile, SafetensorError)
+# what a run directory (config.yaml, checkpoints/), its best/ (latest) or one checkpoint (train_state.json) holds
+RUN_DIR_MARKERS = ("config.yaml", "train_state.json", "checkpoints", "latest")
 CONFIG_KEYS = ("feature_names", "num_dense_features", "state", "tables", "dense_program")  # besides format_version
 FILE_KEYS = ("state", "tables", "semantic_tables", "dense_program")  # config.json keys that name artifact files
 OPTIONAL_FILE_KEYS = ("semantic_tables", "dense_program")  # null: no such file (no entity tables; no program)
@@ -293,6 +296,23 @@ class ServedModel(nn.Module):
     def feature_names(self) -> List[str]:
         return list(self._config["feature_names"])
 
+    @property
+    def weighted(self) -> bool:
+        """The tables pool per-id weights (``config.json`` ``weighted``): a request's KJT carries them."""
+        return bool(self._config.get(WEIGHTED_KEY, False))
+
+    @property
+    def num_dense_features(self) -> int:
+        """Columns of the dense features a request carries."""
+        return int(self._config["num_dense_features"])
+
+    @property
+    def dense_feature_names(self) -> Optional[List[str]]:
+        """The dense features' names in column order, as exported; None for an artifact exported without a
+        schema or before they were recorded (2026-12-06)."""
+        names = self._config.get(DENSE_NAMES_KEY)
+        return list(names) if isinstance(names, list) else None
+
     @classmethod
     def load(cls, directory: str, trust_program: bool = False) -> "ServedModel":
         """Loads an artifact: the tables from ``model.safetensors``, the dense part from
@@ -313,8 +333,8 @@ class ServedModel(nn.Module):
         Raises:
             FileNotFoundError: ``directory`` is no directory.
             PermissionError: ``trust_program`` is False.
-            ValueError: another format version, a ``--state-only`` export, no program was exported, or
-                the artifact is damaged or incomplete.
+            ValueError: another format version, a ``--state-only`` export, a training run or checkpoint
+                directory (export it first), no program was exported, or the artifact is damaged or incomplete.
         """
         if os.path.isfile(directory):
             raise NotADirectoryError(f"{directory}: a file; expected an export artifact's directory (`recsys-llm "
@@ -322,6 +342,10 @@ class ServedModel(nn.Module):
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such directory; expected an export artifact (`recsys-llm export`)")
         config_path = os.path.join(directory, "config.json")
+        if not os.path.lexists(config_path) and any(os.path.lexists(os.path.join(directory, name))
+                                                    for name in RUN_DIR_MARKERS):
+            raise ValueError(f"{directory}: a training run or checkpoint directory, not an export artifact: export it "
+                             f"first (`recsys-llm export --checkpoint {directory} --output DIR`) and load DIR")
         config = _read_json(config_path)
         if not isinstance(config, dict):
             _raise_damaged(config_path, f"holds a JSON {type(config).__name__}, expected an object")
