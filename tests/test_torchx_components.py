@@ -407,20 +407,21 @@ def test_kubernetes_training_examples_keep_the_run_dir_on_a_mounted_volume() -> 
 
 def test_local_examples_make_what_the_later_ones_read() -> None:
     """The local_cwd commands of docs/launch.md run in order: the LLM that ``encode --job export`` reads
-    (``--llm``) and the run that ``trained`` reads (``--checkpoint``) come from an earlier command."""
+    (``--llm``), the run that ``trained`` reads (``--checkpoint``) and the artifact that ``score`` reads
+    (``--artifact``) come from an earlier command."""
     docs = (REPO_ROOT / "docs" / "launch.md").read_text().replace("\\\n", " ")
     written, checked = set(), 0
     for line in docs.splitlines():
         if "torchx run -s local_cwd" not in line or "--help" in line:
             continue
         words = shlex.split(line.split("#")[0])
-        for flag in ("--llm", "--checkpoint"):
+        for flag in ("--llm", "--checkpoint", "--artifact"):
             if flag in words:
                 checked += 1
                 assert words[words.index(flag) + 1] in written, (flag, line)
         written.update(words[i + 1] for i, word in enumerate(words[:-1]) if word in ("--output-dir", "--output"))
         written.update(word.split("=", 1)[1] for word in words if word.startswith("train.run_dir="))
-    assert checked >= 2
+    assert checked >= 4
 
 
 def tiny_config(tmp_path: Path) -> Path:
