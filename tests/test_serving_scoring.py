@@ -242,7 +242,7 @@ def test_dense_features_in_another_order_or_number_are_refused_before_any_row_is
         score_split(ServedModel.load(str(old), trust_program=True), fewer, "test", progress=False)
 
 
-@pytest.mark.parametrize("marker", ["config.yaml", "train_state.json"])
+@pytest.mark.parametrize("marker", ["config.yaml", "train_state.json", "ckpt-00000010"])  # a run, a checkpoint, best/
 def test_a_run_or_checkpoint_directory_as_artifact_says_to_export_it(tmp_path, marker: str) -> None:
     (tmp_path / marker).write_text("{}")
     with pytest.raises(ValueError, match=r"a training run or checkpoint directory, not an export artifact: export it "

@@ -55,8 +55,10 @@ from recsys_llm.serving.state import require_finite, check_same_export
 # deserializer, a table list or state dict that does not fit); OS errors such as EACCES are not in it
 ARTIFACT_READ_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, EOFError,
                         zipfile.BadZipFile, SafetensorError)
-# what a run directory (config.yaml, checkpoints/), its best/ (latest) or one checkpoint (train_state.json) holds
+# what a run directory (config.yaml, checkpoints/), its best/ (latest, ckpt-N/) or one checkpoint (train_state.json)
+# holds
 RUN_DIR_MARKERS = ("config.yaml", "train_state.json", "checkpoints", "latest")
+CHECKPOINT_PREFIX = "ckpt-"
 CONFIG_KEYS = ("feature_names", "num_dense_features", "state", "tables", "dense_program")  # besides format_version
 FILE_KEYS = ("state", "tables", "semantic_tables", "dense_program")  # config.json keys that name artifact files
 OPTIONAL_FILE_KEYS = ("semantic_tables", "dense_program")  # null: no such file (no entity tables; no program)
@@ -342,8 +344,8 @@ class ServedModel(nn.Module):
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such directory; expected an export artifact (`recsys-llm export`)")
         config_path = os.path.join(directory, "config.json")
-        if not os.path.lexists(config_path) and any(os.path.lexists(os.path.join(directory, name))
-                                                    for name in RUN_DIR_MARKERS):
+        if not os.path.lexists(config_path) and any(name in RUN_DIR_MARKERS or name.startswith(CHECKPOINT_PREFIX)
+                                                    for name in os.listdir(directory)):
             raise ValueError(f"{directory}: a training run or checkpoint directory, not an export artifact: export it "
                              f"first (`recsys-llm export --checkpoint {directory} --output DIR`) and load DIR")
         config = _read_json(config_path)
