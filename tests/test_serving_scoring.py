@@ -15,7 +15,7 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import generate_synthetic
-from recsys_llm.data.validation import field_specs_metadata
+from recsys_llm.data.validation import DataError, field_specs_metadata
 from recsys_llm.models.registry import SMOKE_CONFIGS
 from recsys_llm.modules.elec import build_student
 from recsys_llm.serving import ServedModel, export_task
@@ -277,3 +277,53 @@ def test_an_artifact_of_weighted_tables_is_refused_before_any_row_naming_what_th
     with pytest.raises(ValueError, match=r"tables pool per-id weights .* a Parquet split holds ids without weights"):
         score_split(served, DatasetSchema.load(exported["data"]), "test", output=str(output), progress=False)
     assert not output.exists()
+
+
+def test_rows_without_labels_are_scored_without_metrics(exported: Dict[str, str], tmp_path, capsys) -> None:
+    """A day's traffic before its clicks: files without the label column get their scores, and no metrics."""
+    schema = DatasetSchema.load(exported["data"])
+    table = _split_table(schema, "test")
+    split = str(tmp_path / "unlabeled.parquet")
+    pq.write_table(table.drop([schema.label]), split, row_group_size=128)
+    output = str(tmp_path / "scores.parquet")
+    arguments = ["score", "--artifact", exported["artifact"], "--data", exported["data"], "--split", split,
+                 "--output", output, "--trust-program", "--no-progress"]
+    assert cli_main(arguments) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["labeled"] is False and report["rows"] == table.num_rows
+    assert "auc" not in report and "cold/auc" not in report
+    scores = pq.read_table(output)
+    assert scores.column_names == ["row_id", "logit", "probability"]
+    assert scores["row_id"].to_pylist() == table["row_id"].to_pylist()
+    torch.testing.assert_close(torch.tensor(scores["logit"].to_numpy()),
+                               torch.load(exported["task_logits"], weights_only=True))
+
+
+def test_a_split_whose_later_file_lacks_the_labels_of_the_first_is_refused_naming_it(exported: Dict[str, str],
+                                                                                      tmp_path) -> None:
+    schema = DatasetSchema.load(exported["data"])
+    table = _split_table(schema, "test")
+    split = tmp_path / "day"
+    split.mkdir()
+    pq.write_table(table.slice(0, 100), str(split / "part-0.parquet"))
+    pq.write_table(table.slice(100).drop([schema.label]), str(split / "part-1.parquet"))
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    with pytest.raises(DataError, match=r"part-1.parquet: missing column\(s\) \['label'\]"):
+        score_split(served, schema, str(split), progress=False)
+
+
+def test_a_reader_without_labels_reads_files_with_or_without_them_and_gives_nan_labels(exported: Dict[str, str],
+                                                                                        tmp_path) -> None:
+    schema = DatasetSchema.load(exported["data"])
+    table = _split_table(schema, "test")
+    unlabeled = str(tmp_path / "unlabeled.parquet")
+    pq.write_table(table.drop([schema.label]), unlabeled)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['label'\]"):
+        ParquetBatchReader(schema, unlabeled, 64)
+    for split in (unlabeled, "test"):
+        batches = list(ParquetBatchReader(schema, split, 64, labels=False))
+        labeled = list(ParquetBatchReader(schema, "test", 64))
+        assert all(torch.isnan(batch.labels).all() for batch in batches)
+        for batch, reference in zip(batches, labeled):
+            torch.testing.assert_close(batch.dense_features, reference.dense_features)
+            assert batch.sparse_features.values().tolist() == reference.sparse_features.values().tolist()

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="split name of the schema, or a Parquet file or directory of its columns")
     score.add_argument("--output", default=None,
                        help="a new Parquet file for each row's row key, label, logit and probability (default: none, "
-                            "metrics only)")
+                            "metrics only); files without the label column are scored without metrics")
     score.add_argument("--batch-size", type=integer_at_least(1), default=8192, help="rows per call of the artifact")
     score.add_argument("--trust-program", action="store_true",
                        help="load the artifact's dense_program.pt2, a torch.export program (code: torch.export.load "

@@ -165,6 +165,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         equal_batches (bool): cap every rank at the smallest rank's batch count (default).
             ``False``: every row of this rank's range, so batch counts may differ by one
             across ranks; iterate :meth:`padded` to keep the ranks in step.
+        labels (bool): read the label column (default). ``False``: rows to score (``recsys-llm score``), whose
+            files need no label column; ``batch.labels`` is NaN.
 
     Example::
 
@@ -193,6 +195,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         pin_memory: bool = False,
         transform: Optional[Callable[[Batch, int, int], Batch]] = None,
         equal_batches: bool = True,
+        labels: bool = True,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -208,6 +211,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
                              f"{shuffle_buffer_rows}")
         self._schema = schema
         self._extras = list(extras)
+        self._labels = labels
         self._transform = transform
         self._equal_batches = equal_batches
         self._batch_size = batch_size
@@ -229,7 +233,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         extra_kinds: Dict[str, Tuple[str, str, pa.DataType]] = {}  # extra -> (kind, first file, its type)
         for index, path in enumerate(self._paths):
             handle = open_parquet(path)
-            check_file_schema(path, schema, handle.schema_arrow, extras)
+            check_file_schema(path, schema, handle.schema_arrow, extras, with_label=labels)
             _check_extra_kinds(path, handle.schema_arrow, self._extras, extra_kinds)
             has_key = bool(schema.row_key) and schema.row_key in handle.schema_arrow.names
             if row_key_present is None:
@@ -254,7 +258,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         self._rank_rows = [sum(u.rows for u in shard) for shard in shards]
         self._batches_per_rank = [(rows // batch_size if drop_last else -(-rows // batch_size)) for rows in self._rank_rows]
         self._num_batches = min(self._batches_per_rank) if equal_batches else self._batches_per_rank[rank]
-        self._converter = ChunkConverter(schema, extras, schema.row_key if row_key_present else None, validate)
+        self._converter = ChunkConverter(schema, extras, schema.row_key if row_key_present else None, validate,
+                                         with_label=labels)
 
     # ---- sizes ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -293,7 +298,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         for _ in range(self.padded_len - self._num_batches):
             if last is None:
                 first = ParquetBatchReader(self._schema, self._paths, 1, extras=self._extras, prefetch=0,
-                                           transform=self._transform)
+                                           transform=self._transform, labels=self._labels)
                 last = next(iter(first))
             yield last, False
 

@@ -215,15 +215,17 @@ def _check_exact_in_float32(path: str, name: str, flat: np.ndarray, lengths: np.
 class ChunkConverter:
     """Converts Arrow tables of one file to :class:`RowChunk` s, validating values on the way."""
 
-    def __init__(self, schema: DatasetSchema, extras: Sequence[str], row_key: Optional[str], validate: bool) -> None:
+    def __init__(self, schema: DatasetSchema, extras: Sequence[str], row_key: Optional[str], validate: bool,
+                 with_label: bool = True) -> None:
         self._schema = schema
+        self._with_label = with_label
         self._extras = list(extras)
         self._row_key = row_key
         self._validate = validate
         self._widths: Dict[str, Tuple[int, str]] = {}  # vector extra -> (width, file it was first read from)
 
     def columns(self) -> List[str]:
-        names = [f.name for f in self._schema.fields] + [self._schema.label]
+        names = [f.name for f in self._schema.fields] + [self._schema.label] * self._with_label
         if self._row_key:
             names.append(self._row_key)
         return names + [e for e in self._extras if e not in names]
@@ -242,12 +244,15 @@ class ChunkConverter:
             ids.append(values)
             offsets.append(off)
 
-        label_array = table.column(self._schema.label).combine_chunks()
-        if self._validate:
-            check_no_nulls(path, self._schema.label, label_array, row_offset, "0 or 1")
-        labels = label_array.to_numpy(zero_copy_only=False)
-        if self._validate:
-            check_labels(path, self._schema.label, labels, row_offset)
+        if self._with_label:
+            label_array = table.column(self._schema.label).combine_chunks()
+            if self._validate:
+                check_no_nulls(path, self._schema.label, label_array, row_offset, "0 or 1")
+            labels = label_array.to_numpy(zero_copy_only=False)
+            if self._validate:
+                check_labels(path, self._schema.label, labels, row_offset)
+        else:  # rows to score: no label read
+            labels = np.full(n, np.nan, dtype=np.float32)
 
         extras: Dict[str, np.ndarray] = {}
         if self._row_key:

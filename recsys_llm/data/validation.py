@@ -120,6 +120,7 @@ def check_file_schema(
     schema: DatasetSchema,
     arrow_schema: pa.Schema,
     extras: Sequence[str] = (),
+    with_label: bool = True,
 ) -> None:
     """Checks a file's footer against the schema: columns (present, each once), Arrow types, written
     specs. A file may be empty (an empty part of a directory that Spark or DuckDB wrote); a split
@@ -130,12 +131,13 @@ def check_file_schema(
         schema (DatasetSchema): what the data should look like.
         arrow_schema (pa.Schema): the file's Arrow schema (``ParquetFile.schema_arrow``).
         extras (Sequence[str]): extra columns the caller will read; they must exist.
+        with_label (bool): the caller reads the label column (False: rows to score, with or without one).
 
     Raises:
         DataError: naming the file, the column and what was expected.
     """
     columns = set(arrow_schema.names)
-    wanted = [f.name for f in schema.fields] + [schema.label] + list(extras)
+    wanted = [f.name for f in schema.fields] + [schema.label] * with_label + list(extras)
     missing = [name for name in wanted if name not in columns]
     if missing:
         known = set(wanted) | {schema.row_key} | set(schema.extra_columns)
@@ -157,7 +159,7 @@ def check_file_schema(
                         "(rename or drop the copies)")
     for spec in schema.fields:
         check_column_type(path, spec, arrow_schema.field(spec.name).type)
-    label_type = arrow_schema.field(schema.label).type
+    label_type = arrow_schema.field(schema.label).type if with_label else pa.int8()
     if not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type) or pa.types.is_boolean(label_type)):
         raise DataError(f"{path}: label column {schema.label!r} has Arrow type {label_type}; expected 0/1 integers")
     if schema.row_key and schema.row_key in columns and not pa.types.is_integer(arrow_schema.field(schema.row_key).type):

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.parquet_writer import SplitWriter
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
@@ -31,11 +32,12 @@ from recsys_llm.train.metrics import CTRMetrics
 SCORE_COLUMNS = ("label", "logit", "probability")
 
 
-def score_columns(schema: DatasetSchema, with_row_key: bool) -> pa.Schema:
+def score_columns(schema: DatasetSchema, with_row_key: bool, with_label: bool = True) -> pa.Schema:
     """The Arrow schema of a scores file: the split's row key (when its files have one), then
-    :data:`SCORE_COLUMNS`, float32."""
+    :data:`SCORE_COLUMNS` (without ``label`` for rows without one), float32."""
     key = [pa.field(schema.row_key, pa.int64())] if with_row_key and schema.row_key else []
-    return pa.schema(key + [pa.field(name, pa.float32()) for name in SCORE_COLUMNS])
+    names = [name for name in SCORE_COLUMNS if with_label or name != "label"]
+    return pa.schema(key + [pa.field(name, pa.float32()) for name in names])
 
 
 def check_scores_output(output: str) -> None:
@@ -80,11 +82,13 @@ def score_split(
         split (str): a split name of the schema, a Parquet file or a directory of them.
         batch_size (int): rows per ``served.logits`` call.
         output (Optional[str]): a new Parquet file for each row's row key (when the files have the
-            schema's), label, logit and probability (float32), written atomically; None: metrics only.
+            schema's), label (when they have one), logit and probability (float32), written atomically; None:
+            metrics only.
         progress (bool): a tqdm bar over the batches.
 
     Returns:
-        Dict[str, Any]: ``split``, ``rows``, ``samples_per_s`` (``served.logits`` alone), the metrics of
+        Dict[str, Any]: ``split``, ``rows``, ``samples_per_s`` (``served.logits`` alone), ``labeled`` (the
+        split's first file has the label column: else its rows are scored without metrics), the metrics of
         :class:`~recsys_llm.train.metrics.CTRMetrics` (``auc``, ``logloss``, ...; ``cold/...`` when the data
         marks cold items), and ``output``.
 
@@ -105,24 +109,30 @@ def score_split(
         raise ValueError("the artifact's tables pool per-id weights (config.json: weighted), and a Parquet split holds "
                          "ids without weights: score it in Python, ServedModel.logits with the KeyedJaggedTensor's "
                          "weights")
-    subsets = {"cold": DEFAULT_COLD_ITEM_COLUMN} if DEFAULT_COLD_ITEM_COLUMN in schema.extra_columns else {}
-    reader = ParquetBatchReader(schema, split, batch_size, extras=list(subsets.values()), equal_batches=False)
+    first_file = pq.read_schema(resolve_paths(schema, split)[0]).names
+    labeled = schema.label in first_file  # else rows to score (a day's traffic before its clicks)
+    cold = labeled and DEFAULT_COLD_ITEM_COLUMN in schema.extra_columns
+    subsets = {"cold": DEFAULT_COLD_ITEM_COLUMN} if cold else {}
+    reader = ParquetBatchReader(schema, split, batch_size, extras=list(subsets.values()), equal_batches=False,
+                                labels=labeled)
     metrics = CTRMetrics(subsets)
-    with_row_key = bool(schema.row_key) and schema.row_key in pq.read_schema(reader.paths[0]).names
+    with_row_key = bool(schema.row_key) and schema.row_key in first_file
     rows, seconds = 0, 0.0
+    columns_out = score_columns(schema, with_row_key, labeled)
     # on an error the writer removes its temp file: nothing appears at ``output``
-    with SplitWriter(output, score_columns(schema, with_row_key)) if output else contextlib.nullcontext() as writer:
+    with SplitWriter(output, columns_out) if output else contextlib.nullcontext() as writer:
         for batch in tqdm(reader, desc=f"score {split}", unit="batch", disable=not progress, **interval_options()):
             start = time.perf_counter()
             logits = served.logits(batch.dense_features, batch.sparse_features)  # (B,)
             seconds += time.perf_counter() - start
-            metrics.update(logits, batch.labels, batch.extras)
+            if labeled:
+                metrics.update(logits, batch.labels, batch.extras)
             rows += logits.numel()
             if writer is not None:
                 columns = {"label": batch.labels.numpy(), "logit": logits.numpy(),
                            "probability": torch.sigmoid(logits).numpy()}
                 if with_row_key:
                     columns[schema.row_key] = batch.extras[ROW_ID_EXTRA].numpy()
-                writer.write(columns)
-    return {"split": split, "rows": rows, "samples_per_s": rows / seconds if seconds else 0.0,
-            **metrics.compute(), "output": output}
+                writer.write({name: columns[name] for name in columns_out.names})
+    return {"split": split, "rows": rows, "samples_per_s": rows / seconds if seconds else 0.0, "labeled": labeled,
+            **(metrics.compute() if labeled else {}), "output": output}
