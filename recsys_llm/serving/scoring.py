@@ -51,18 +51,28 @@ def check_scores_output(output: str) -> None:
         raise FileNotFoundError(f"{output}: its directory {parent} does not exist")
 
 
-def check_dense_features(served: ServedModel, schema: DatasetSchema) -> None:
-    """Raises ValueError when ``schema``'s dense features are not the ones the artifact reads, in its column
-    order (the program reads them by position: another order would score every row silently wrong), or, for an
-    artifact that does not record their names (exported before 2026-12-06), not as many."""
+def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
+    """Raises ValueError, naming ``schema``'s file, unless its rows fit the artifact: every sparse feature the
+    artifact reads, the dense features it reads in its column order (the program reads them by position: another
+    order would score every row silently wrong; an artifact that does not record their names, exported before
+    2026-12-06, is checked for their number), and tables without per-id weights (a split holds none)."""
     where = os.path.join(schema.root, "schema.json")
+    hint = "score data prepared with the schema it was trained on"
+    missing = sorted(set(served.feature_names) - set(schema.sparse_feature_names))
+    if missing:
+        raise ValueError(f"{where}: the schema has no sparse features {missing}, which the artifact reads (it serves "
+                         f"{served.feature_names}); {hint}")
     names, expected = schema.dense_feature_names, served.dense_feature_names
     if expected is not None and names != expected:
         raise ValueError(f"{where}: the schema's dense features {names} are not the artifact's {expected}, in this "
-                         "order (it reads them by column); score data prepared with the schema it was trained on")
+                         f"order (it reads them by column); {hint}")
     if expected is None and len(names) != served.num_dense_features:
         raise ValueError(f"{where}: the schema has {len(names)} dense features {names}; the artifact reads "
-                         f"{served.num_dense_features}; score data prepared with the schema it was trained on")
+                         f"{served.num_dense_features}; {hint}")
+    if served.weighted:
+        raise ValueError("the artifact's tables pool per-id weights (config.json: weighted), and a Parquet split holds "
+                         "ids without weights: score it in Python, ServedModel.logits with the KeyedJaggedTensor's "
+                         "weights")
 
 
 @torch.no_grad()
@@ -93,22 +103,13 @@ def score_split(
         marks cold items), and ``output``.
 
     Raises:
-        ValueError: the schema's sparse features are not the artifact's (named), nor its dense features
-            (:func:`check_dense_features`), an artifact of weighted tables (a split holds no per-id weights),
-            or a batch the artifact refuses (``ServedModel.logits``).
+        ValueError: rows of ``schema`` that do not fit the artifact (:func:`check_artifact_fits`), or a batch
+            the artifact refuses (``ServedModel.logits``).
         FileExistsError: ``output`` exists (checked before anything is read).
     """
     if output is not None:
         check_scores_output(output)
-    missing = sorted(set(served.feature_names) - set(schema.sparse_feature_names))
-    if missing:
-        raise ValueError(f"{schema.name}: the schema has no sparse features {missing}, which the artifact reads "
-                         f"(it serves {served.feature_names}); score data prepared with the schema it was trained on")
-    check_dense_features(served, schema)
-    if served.weighted:
-        raise ValueError("the artifact's tables pool per-id weights (config.json: weighted), and a Parquet split holds "
-                         "ids without weights: score it in Python, ServedModel.logits with the KeyedJaggedTensor's "
-                         "weights")
+    check_artifact_fits(served, schema)
     first_file = pq.read_schema(resolve_paths(schema, split)[0]).names
     labeled = schema.label in first_file  # else rows to score (a day's traffic before its clicks)
     cold = labeled and DEFAULT_COLD_ITEM_COLUMN in schema.extra_columns
