@@ -6,8 +6,8 @@
 * ``evaluate --checkpoint C [--config X]``: metrics of a checkpoint (or run directory) on a split;
   the config defaults to the run's own ``config.yaml``.
 * ``demo``: generates the embedded synthetic data if missing and trains DeepFM on it plain,
-  with LLaCTR, with ELEC's gain network and as ELEC's student (``recsys_llm.demo``), then
-  prints the comparison.
+  with LLaCTR, with ELEC's gain network and as ELEC's student (``recsys_llm.demo``), exports the
+  student and scores the test split with it as served, then prints the comparison.
 
 Example::
 
@@ -139,7 +139,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
         help="generate the synthetic data if missing; train DeepFM plain, with LLaCTR, with ELEC and as ELEC student; "
-             "compare",
+             "export and score the student as served; compare",
     )
     demo.add_argument("--config", default=DEMO_CONFIG,
                       help="demo config (default: the package's copy of configs/synthetic_deepfm.yaml)")
