@@ -159,10 +159,12 @@ def check_file_schema(
                         "(rename or drop the copies)")
     for spec in schema.fields:
         check_column_type(path, spec, arrow_schema.field(spec.name).type)
-    label_type = arrow_schema.field(schema.label).type if with_label else pa.int8()
-    if not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type) or pa.types.is_boolean(label_type)):
+    label_type = arrow_schema.field(schema.label).type if with_label else None
+    if label_type is not None and not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type)
+                                       or pa.types.is_boolean(label_type)):
         raise DataError(f"{path}: label column {schema.label!r} has Arrow type {label_type}; expected 0/1 integers")
-    if schema.row_key and schema.row_key in columns and not pa.types.is_integer(arrow_schema.field(schema.row_key).type):
+    row_key_type = arrow_schema.field(schema.row_key).type if schema.row_key in columns else None
+    if row_key_type is not None and not pa.types.is_integer(row_key_type):
         raise DataError(
             f"{path}: row key column {schema.row_key!r} has Arrow type "
             f"{arrow_schema.field(schema.row_key).type}; expected int64"
