@@ -183,7 +183,8 @@ class TestMistakesAreNamed:
 
         batch = _batch()
         with pytest.raises(ValueError, match=r"^Concatenating: the batch's parts have different row counts: "
-                                             r"dense_features 5, sparse_features \(the KeyedJaggedTensor's stride\) 6;"):
+                                             r"dense_features 5, sparse_features \(the KeyedJaggedTensor's "
+                                             r"stride\) 6;"):
             Concatenating(_ebc())(batch.dense_features[:5], batch.sparse_features)
         traced = torchrec.fx.symbolic_trace(Concatenating(_ebc()), concrete_args={"extra_fields": None})  # a leaf
         with pytest.raises(ValueError, match=r"^Concatenating: the batch's parts have different row counts"):
