@@ -224,6 +224,33 @@ class TestHierarchicalPlacements:
                                              r"rebuilt as written on 4 rank\(s\), 2 a host"):
             read_plan_file(path, find_tables(_TwoTables()), 4, 2, "cpu", {})
 
+    def test_table_wise_placements_are_rebuilt_on_the_files_ranks(self, tmp_path) -> None:
+        written = {"t": _placement("table_wise", [_shard(3, [ROWS, WIDTH], [0, 0])]),
+                   "u": _placement("table_wise", [_shard(1, [ROWS, WIDTH], [0, 0])])}
+        plan = read_plan_file(_write(str(tmp_path / "plan.json"), written), find_tables(_TwoTables()), 4, 2, "cpu", {})
+        assert table_placements(plan) == written
+
+    def test_a_rank_module_or_kernel_other_than_the_jobs_is_refused_naming_the_table(self, tmp_path) -> None:
+        tables, u = find_tables(_TwoTables()), _placement("table_wise", [_shard(0, [ROWS, WIDTH], [0, 0])])
+        past_the_last = _write(str(tmp_path / "rank.json"), {"t": _placement("table_wise", [_shard(4, [ROWS, WIDTH],
+                                                                                                   [0, 0])]), "u": u})
+        with pytest.raises(ValueError, match=r"table 't': on ranks \[4\], but the job has 4 rank\(s\) \(0 to 3\)$"):
+            read_plan_file(past_the_last, tables, 4, 2, "cpu", {})
+        elsewhere = _write(str(tmp_path / "module.json"), {"t": {**TABLE_ROW_WISE_HOST_1, "module": "other"}, "u": u})
+        with pytest.raises(ValueError, match=r"table 't': in module 'other', but the model holds it in 'ebc'$"):
+            read_plan_file(elsewhere, tables, 4, 2, "cpu", {})
+        dense = _write(str(tmp_path / "kernel.json"), {"t": {**TABLE_ROW_WISE_HOST_1, "compute_kernel": "dense"}, "u": u})
+        with pytest.raises(ValueError, match=r"table 't': the 'dense' kernel, which its settings do not allow "
+                                             r"\(allowed: \['fused'\]\)$"):
+            read_plan_file(dense, tables, 4, 2, "cpu", {"t": ParameterConstraints(compute_kernels=["fused"])})
+
+    def test_a_placement_without_every_key_of_a_runs_plan_is_refused(self, tmp_path) -> None:
+        shardless = {key: value for key, value in TABLE_ROW_WISE_HOST_1.items() if key != "shards"}
+        path = _write(str(tmp_path / "plan.json"), {"t": shardless, "u": TABLE_COLUMN_WISE})
+        with pytest.raises(ValueError, match=r"plan\.json: expected a JSON object of table -> placement with "
+                                             r"\['module', 'sharding_type', 'compute_kernel', 'ranks', 'shards'\]"):
+            read_plan_file(path, find_tables(_TwoTables()), 4, 2, "cpu", {})
+
     def test_a_type_the_tables_settings_do_not_allow_is_refused(self, tmp_path) -> None:
         path = _write(str(tmp_path / "plan.json"), {"t": TABLE_ROW_WISE_HOST_1, "u": TABLE_COLUMN_WISE})
         allowed = {"t": ParameterConstraints(sharding_types=["table_wise", "row_wise"])}

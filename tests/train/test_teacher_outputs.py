@@ -233,6 +233,9 @@ def test_a_resume_with_another_teacher_checkpoint_is_refused(tmp_path) -> None:
                                          r"train_state\.json\): a resume would mix the outputs of "
                                          r"two teachers; use a new --output-dir, or delete it"):
         check_same_teacher(str(out), retrained)
+    unrelated = {**first, "sha256": {"model.pt": "0" * 64}}  # no identity file of both: not the same teacher
+    with pytest.raises(ValueError, match=r"\(differing: no file of both to compare\): a resume would mix"):
+        check_same_teacher(str(out), unrelated)
     (out / TEACHER_FILE).unlink()  # copies of an older version, which wrote no record
     with pytest.raises(ValueError, match=r"teacher: holds teacher outputs \(train\.parquet\) without teacher\.json "
                                          r"\(written by an older version\)"):
@@ -372,6 +375,11 @@ def test_empty_parts_of_a_split_directory_get_no_copy_and_a_split_of_empty_files
     assert new_splits == {"train": "train"}
     with pytest.raises(DataError, match=r"valid/part-0\.parquet: the file is empty \(0 rows\)"):
         split_copies(schema, ["train", "valid"], out)
+    # a directory of one file is still a directory: its copy goes under <split>/ by its own name
+    (data / "train" / "part-1.parquet").unlink()
+    (data / "train" / "part-2.parquet").unlink()
+    assert split_copies(schema, ["train"], out) == (
+        [(str(data / "train" / "part-0.parquet"), os.path.join(out, "train", "part-0.parquet"))], {"train": "train"})
 
 
 def test_an_offline_students_run_is_refused_before_it_is_loaded(tmp_path) -> None:
@@ -389,6 +397,24 @@ def test_an_offline_students_run_is_refused_before_it_is_loaded(tmp_path) -> Non
                                          r"its teacher \(elec\.task=gain\)"):
         write_teacher_outputs(config, run, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_teacher_of_an_offline_students_task_is_refused_naming_the_mode() -> None:
+    """An offline student's task holds no teacher: ``teacher_of`` says so, not None to run."""
+    import torch
+
+    from recsys_llm.data.schema import FieldSpec
+    from recsys_llm.models.registry import SMOKE_CONFIGS
+    from recsys_llm.modules.elec import ELECConfig, build_elec_task
+    from recsys_llm.modules.teacher_student import TeacherStudentConfig
+    from recsys_llm.train.teacher_outputs import teacher_of
+
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("age", "dense")])
+    student = build_elec_task(ELECConfig(task="distill", vector_dim=8, distill=TeacherStudentConfig(
+        mode="offline", beta=0.0)), schema, SMOKE_CONFIGS["deepfm"], device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^an offline student's task \(elec\.distill\.mode=offline\), which holds "
+                                         r"no teacher to run"):
+        teacher_of(student)
 
 
 @pytest.mark.parametrize("settings", [["elec.task=distill", "elec.distill.mode=joint"],
@@ -545,15 +571,21 @@ def _outputs_over_a_killed_runs_spills(root: str) -> Dict[str, Any]:
         with open(os.path.join(out, name), "wb") as handle:
             handle.write(b"spilled outputs")
     teacher_outputs.write_teacher_outputs(config, run, out, splits=["train"], progress=False)
-    return {"entries": sorted(os.listdir(out))}
+    copy = os.stat(os.path.join(out, "train.parquet"))
+    teacher_outputs.write_teacher_outputs(config, run, out, splits=["train"], progress=False)  # nothing left to write
+    again = os.stat(os.path.join(out, "train.parquet"))
+    return {"entries": sorted(os.listdir(out)),
+            "rewritten": (again.st_ino, again.st_mtime_ns) != (copy.st_ino, copy.st_mtime_ns)}
 
 
 @pytest.mark.multiprocess
 def test_a_teacher_outputs_run_removes_the_spills_a_killed_run_left(tmp_path) -> None:
     """A run over other splits, or on another world size, than the killed one's never writes those spills
-    again: each could hold a copy's outputs, and they stayed in --output-dir for good."""
+    again: each could hold a copy's outputs, and they stayed in --output-dir for good. A run again over a
+    finished copy leaves it as it is (a resume writes only the copies not there yet)."""
     (out,) = run_multiprocess(_outputs_over_a_killed_runs_spills, world_size=1, root=str(tmp_path))
     assert out["entries"] == ["schema.json", "teacher.json", "train.parquet"]
+    assert not out["rewritten"]
 
 
 class _RowIdTeacher:

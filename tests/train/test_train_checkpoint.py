@@ -756,6 +756,52 @@ def _dense_comm_hooks(schema_path: str) -> Dict[bool, int]:
     return hooks
 
 
+class _LayersLastFirst(nn.Module):
+    """Layers run from the last registered to the first: their gradients become ready in parameter order, so DDP
+    rebuilds its bucket (first laid out in reverse parameter order) in another order after the first step."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(self.layers):
+            x = layer(x).tanh()
+        return x
+
+
+def _grads_with_and_without_canonical_all_reduce() -> List[bool]:
+    """Each step's gradients under DDP's own all-reduce and under CanonicalAllReduce, of a module with a frozen
+    layer between trained ones (no gradient in the bucket), over steps in which DDP rebuilds its bucket."""
+    from recsys_llm.train.dense_reduction import ONE_BUCKET_MB, reduce_in_parameter_order
+
+    ctx = init_distributed("cpu")
+    grads: Dict[bool, List[List[torch.Tensor]]] = {}
+    for canonical in (False, True):
+        torch.manual_seed(0)
+        module = _LayersLastFirst(nn.Linear(4, 2), nn.Linear(5, 4), nn.Linear(3, 5))
+        module.layers[1].requires_grad_(False)
+        ddp = nn.parallel.DistributedDataParallel(module, bucket_cap_mb=ONE_BUCKET_MB)
+        if canonical:
+            reduce_in_parameter_order(ddp)
+        torch.manual_seed(1 + ctx.rank)  # each rank its own batches
+        grads[canonical] = []
+        for _ in range(3):
+            ddp.zero_grad()
+            ddp(torch.randn(6, 3)).square().sum().backward()
+            grads[canonical].append([p.grad.clone() for p in module.parameters() if p.requires_grad])
+    hooked = len(ddp._comm_hooks) == 1
+    return [hooked, all(torch.equal(a, b) for plain, exact in zip(grads[False], grads[True])
+                        for a, b in zip(plain, exact))]
+
+
+@pytest.mark.multiprocess
+def test_canonical_all_reduce_gives_each_parameter_ddps_average_of_its_gradients() -> None:
+    """On two ranks a sum is exact whatever its order: CanonicalAllReduce must give every trained parameter the
+    same mean gradient as DDP's own all-reduce, also once DDP rebuilt its bucket in another order."""
+    assert run_multiprocess(_grads_with_and_without_canonical_all_reduce, world_size=2) == [[True, True]] * 2
+
+
 @pytest.mark.multiprocess
 def test_exact_dense_reduction_can_be_switched_off_for_ddps_own_buckets(synthetic_dir: str) -> None:
     """``sharding.exact_dense_reduction=false`` keeps DDP's buckets (their all-reduces overlap the

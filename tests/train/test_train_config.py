@@ -63,6 +63,9 @@ class TestLoadConfig:
             ("train.resume=2", "train.resume: expected true/false, got 2"),
             ("optim.sparse=lion", "optim.sparse must be one of"),
             ("sharding.sharding_types=[diagonal]", "sharding.sharding_types: unknown values ['diagonal']"),
+            # a table's own lists are checked as the global ones, naming the table's key
+            ("sharding.table_constraints.t_user_id.compute_kernels=[fast]",
+             "sharding.table_constraints.t_user_id.compute_kernels: unknown values ['fast']"),
             ("model.name=gpt", "unknown model 'gpt'"),
             ("train.epochs", "must look like section.key=value"),
             ("data.batch_size=0", "data.batch_size=0 (must be >= 1)"),

@@ -19,7 +19,13 @@ from recsys_llm.models.task import CTRTask
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.pipeline import train_epoch
 from recsys_llm.train.plan_report import ranks_holding_tables, table_placements
-from recsys_llm.train.planner_inputs import build_constraints, build_topology, find_tables, table_weights
+from recsys_llm.train.planner_inputs import (
+    build_constraints,
+    build_topology,
+    find_tables,
+    frozen_table_names,
+    table_weights,
+)
 from recsys_llm.train.sharding import build_optimizer, embedding_kernels, shard_model
 from recsys_llm.train.sharding_config import FusedParamsConfig, OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
@@ -341,6 +347,15 @@ class TestConstraints:
             build_constraints(task, ShardingConfig(table_constraints={"t_item_id": {"compute_kernels": ["fused_uvm"]}},
                                                    frozen_tables=["t_item_id"]))
 
+    def test_the_tables_of_an_ebc_marked_frozen_are_frozen_as_listed_ones(self) -> None:
+        model = _WideTables()
+        model.ebc.frozen = True  # as a semantic table's or a teacher's EBC is marked
+        assert frozen_table_names(model, ShardingConfig()) == {"t_item_vector", "t_user"}
+        constraints = build_constraints(model, ShardingConfig(), "cpu")
+        assert {name: c.compute_kernels for name, c in constraints.items()} == {"t_item_vector": ["fused"],
+                                                                                 "t_user": ["fused"]}
+        assert "data_parallel" not in constraints["t_user"].sharding_types
+
     def test_errors_name_the_table(self, synthetic_schema: DatasetSchema) -> None:
         task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
         with pytest.raises(ValueError, match=r"frozen_tables names unknown tables \['t_nope'\]"):
@@ -354,6 +369,16 @@ class TestConstraints:
             build_constraints(task, ShardingConfig(table_constraints=only_replicated, frozen_tables=["t_item_id"]))
         with pytest.raises(ValueError, match="table_constraints.t_x: unknown keys"):
             ShardingConfig(table_constraints={"t_x": {"kernel": ["fused"]}})
+        with pytest.raises(ValueError, match=r"^sharding\.table_constraints names unknown tables \['t_nope'\]"):
+            build_constraints(task, ShardingConfig(table_constraints={"t_nope": {"sharding_types": ["table_wise"]}}))
+
+    def test_a_table_name_two_ebcs_use_is_refused_naming_both_paths(self) -> None:
+        model = _WideTables()
+        model.other = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="t_user", embedding_dim=8, num_embeddings=10, feature_names=["other_user"])], device=torch.device("meta"))
+        with pytest.raises(ValueError, match=r"^table name 't_user' is used by both 'ebc' and 'other'; table names "
+                                             r"must be unique across the model$"):
+            find_tables(model)
 
     def test_an_ebc_registered_at_two_paths_is_refused(self, synthetic_schema: DatasetSchema) -> None:
         """An adapter that keeps a torchrec model whole and also holds its EBC: one table, two paths."""
@@ -632,6 +657,16 @@ def test_on_cuda_a_table_wider_than_fbgemm_takes_is_split_by_columns() -> None:
     plan = planner.plan(model, get_default_sharders())
     shards = plan.plan["ebc"]["t_item_vector"].sharding_spec.shards
     assert len(shards) > 1 and max(shard.shard_sizes[1] for shard in shards) <= FBGEMM_CUDA_MAX_DIM
+
+
+def test_on_cuda_a_table_as_wide_as_fbgemm_takes_is_left_to_the_planner() -> None:
+    from recsys_llm.train.sharding_config import FBGEMM_CUDA_MAX_DIM
+
+    model = _WideTables()
+    model.ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        name="t_item_vector", embedding_dim=FBGEMM_CUDA_MAX_DIM, num_embeddings=1000, feature_names=["item"])],
+        device=torch.device("meta"))
+    assert build_constraints(model, ShardingConfig(), "cuda") == {}
 
 
 @pytest.mark.parametrize("compute_device, hbm_cap, local_world_size", [("cpu", None, None), ("cuda", 80 * 1024**3, 2)])
@@ -947,6 +982,9 @@ def test_the_plan_line_counts_tables_by_sharding_type_and_their_weights() -> Non
                         [EmbeddingBagCollectionSharder()])
     assert plan_line(plan, 8, "p.json") == "sharding: 1 table(s) over 8 rank(s) (1 row-wise; 20.5 B weights in " \
                                            "shards); the plan: p.json"
+    from recsys_llm.train.plan_report import weights_text
+
+    assert [weights_text(n) for n in (999_999, 10**6, 10**9)] == ["999,999", "1.0 M", "1.0 B"]
     from recsys_llm.train.qcomms import QCommsSettings, comms_text
 
     quantized = QCommsSettings(forward_precision="fp16", backward_precision="bf16")
