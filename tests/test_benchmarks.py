@@ -418,7 +418,12 @@ class TestCommon:
         # one quiet round of the plain contender among busy ones: the ratio is not to be trusted
         assert common.best_of_rounds_ratio([14.5, 13.0, 12.0], [138.0, 9.6, 11.1]) == pytest.approx(14.5 / 138.0)
         assert "the machine was busy" in capsys.readouterr().err
-        with pytest.raises(ValueError):
+        # the warning starts where the best round is more than 1.5 times the median one
+        common.best_of_rounds_ratio([10.0, 10.0, 14.0], [10.0, 10.0, 10.0])
+        assert capsys.readouterr().err == ""
+        common.best_of_rounds_ratio([10.0, 10.0, 10.0], [10.0, 10.0, 16.0])
+        assert "the machine was busy" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="positive values"):
             common.geometric_mean([1.0, 0.0])
 
     def test_cycling_step_and_stopwatch(self) -> None:
@@ -435,6 +440,36 @@ class TestCommon:
         assert common.all_finite({"a": 1.0, "b": 2}, ["a", "b"])
         assert not common.all_finite({"a": math.nan}, ["a"])
         assert not common.all_finite({"a": 1.0}, ["a", "missing"])
+
+    def test_the_median_of_rounds_is_the_middle_round(self) -> None:
+        """A round slowed by background load moves a mean, not the median the tables report."""
+        assert common.median([3.0, 1.0, 10.0]) == 3.0
+        assert common.median([4.0, 1.0, 2.0, 10.0]) == 3.0  # even count: the mean of the two middle rounds
+        with pytest.raises(ValueError, match="empty"):
+            common.median([])
+
+    def test_timed_steps_are_seconds_per_measured_step_and_samples_per_second_scale_by_the_batch(self) -> None:
+        import time
+
+        # the warmup steps are neither timed nor counted: one measured step of at least 10 ms
+        assert common.timed_steps(lambda: time.sleep(0.01), warmup_steps=9, measured_steps=1) >= 0.01
+        # a step of 1000 rows taking 10 ms (more under load) is at most 100k samples/s, far above 1000
+        speed = common.samples_per_second(lambda: time.sleep(0.01), batch_size=1000, warmup_steps=1,
+                                          measured_steps=2)()
+        assert 1000.0 < speed <= 100_000.0
+
+    def test_the_payload_and_summary_hold_every_figure_as_a_float_and_no_flag(self, capsys) -> None:
+        import argparse
+
+        import torch
+
+        args = argparse.Namespace(name="demo", mode="smoke", device="cpu")
+        payload = common.result_payload(args, {"speedup": torch.tensor(2.5), "rows": 3})
+        assert payload["speedup"] == 2.5 and type(payload["speedup"]) is float and type(payload["rows"]) is float
+        assert payload["flush_denormal"] is False
+        line = common.print_summary("demo", {**payload, "flush_denormal": True})
+        assert line == "[demo] speedup=2.5 rows=3 (mode=smoke: tiny sizes, a smoke test, not a measurement, device=cpu)"
+        assert capsys.readouterr().out == line + "\n"
 
 
 class TestRunAll:

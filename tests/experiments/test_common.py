@@ -1,6 +1,7 @@
 """The table driver's helpers: backbone overrides, validation picks, gains, reuse of identical runs."""
 
 import json
+import math
 import os
 import shutil
 
@@ -11,6 +12,7 @@ from experiments.common import (
     _same_experiment,
     base_config_path,
     markdown_table,
+    mean_std,
     model_overrides,
     prepared_schema,
     tune_on_validation,
@@ -65,6 +67,13 @@ def test_tune_on_validation_rejects_bad_arguments():
         tune_on_validation(["a"], [0], run, "test-set")
     with pytest.raises(ValueError, match="no settings"):
         tune_on_validation([], [0], run, "all-seeds")
+    with pytest.raises(ValueError, match="no seeds"):
+        tune_on_validation(["a"], [], run, "all-seeds")
+
+
+def test_a_tie_in_validation_auc_picks_the_first_setting_of_the_grid():
+    run, _ = _recording_run({"a": {0: 0.7}, "b": {0: 0.7}, "c": {0: 0.7}}, {s: {0: 0.5} for s in "abc"})
+    assert tune_on_validation(["b", "c", "a"], [0], run, "all-seeds")[0] == "b"
 
 
 def test_a_setting_without_validation_auc_ranks_last_and_reports_none():
@@ -329,3 +338,32 @@ def test_ml100k_prepared_with_a_history_is_never_prepared_again_with_the_default
     with pytest.raises(SystemExit, match="ML-100K prepared with a history field .* --history-length N"):
         prepared_schema("ml100k", str(tmp_path), raw="unused")
     assert (out / "schema.json").read_bytes() == before
+
+
+def test_mean_std_is_the_mean_and_sample_std_of_the_seeds_with_a_number():
+    """A seed whose metric is missing (None) or undefined (NaN: one class in the split) is left out and counted."""
+    out = mean_std([0.70, 0.71, 0.75, float("nan"), None])
+    assert out["n"] == 3
+    assert out["mean"] == pytest.approx(0.72)  # the mean, not the median (0.71)
+    assert out["std"] == pytest.approx(((0.02 ** 2 + 0.01 ** 2 + 0.03 ** 2) / 2) ** 0.5)  # n - 1
+    nothing = mean_std([float("nan"), None])
+    assert nothing["n"] == 0 and math.isnan(nothing["mean"]) and math.isnan(nothing["std"])
+
+
+def test_a_table_row_shows_its_gain_over_the_baseline():
+    table = summarize({"plain": [_result(0.7, 0.80)], "better": [_result(0.7, 0.84)], "worse": [_result(0.7, 0.76)]})
+    lines = markdown_table(table, ["auc"], baseline="plain").splitlines()
+    assert lines[3:] == ["| better | 0.8400 ± 0.0000 | +5.00% |", "| worse | 0.7600 ± 0.0000 | -5.00% |"]
+
+
+def test_summarize_reports_test_metrics_cold_items_too_and_the_validation_auc_apart():
+    def result(valid, test, cold):
+        return {"valid": {"auc": valid, "logloss": 0.4, "cold/auc": 0.5, "cold/logloss": 0.9},
+                "test": {"auc": test, "logloss": 0.5, "cold/auc": cold, "cold/logloss": 0.7}}
+
+    table = summarize({"x": [result(0.70, 0.80, 0.60), result(0.72, 0.82, 0.64)], "y": [_result(0.7, 0.8)]})
+    row = table["x"]
+    assert (row["auc"]["mean"], row["logloss"]["mean"]) == (pytest.approx(0.81), 0.5)
+    assert (row["cold/auc"]["mean"], row["cold/logloss"]["mean"]) == (pytest.approx(0.62), 0.7)
+    assert row["valid_auc"]["mean"] == pytest.approx(0.71) and row["valid_auc"]["n"] == 2
+    assert set(table["y"]) == {"auc", "logloss", "valid_auc"}  # no cold-item metrics, no cold columns

@@ -74,3 +74,28 @@ def test_a_single_training_loss_record_is_drawn(tmp_path, monkeypatch) -> None:
     # the validation LogLoss beside it, a gap that opens showing overfitting
     (valid,) = [line for line in drawn[0].axes[0].get_lines() if line.get_label() == "validation LogLoss"]
     assert list(valid.get_xdata()) == [80] and list(valid.get_ydata()) == [0.64]
+
+
+def test_the_best_validation_auc_and_the_last_test_auc_are_marked(tmp_path, monkeypatch) -> None:
+    """The star marks the best validation AUC (the checkpoint the test AUC is of), and the test line is the
+    last test record's: a run trained on for more epochs is tested again on its new best model."""
+    from recsys_llm.train import curves
+
+    drawn = []
+    monkeypatch.setattr(curves, "save_figure_atomically", lambda figure, path, **kwargs: drawn.append(figure))
+    records = [
+        {"event": "valid", "global_step": 80, "epoch": 1, "auc": 0.61, "logloss": 0.64},
+        {"event": "valid", "global_step": 160, "epoch": 2, "auc": 0.67, "logloss": 0.6},
+        {"event": "valid", "global_step": 240, "epoch": 3, "auc": 0.65, "logloss": 0.62},
+        {"event": "test", "global_step": 240, "auc": 0.63},
+        {"event": "valid", "global_step": 320, "epoch": 4, "auc": 0.64, "logloss": 0.63},
+        {"event": "test", "global_step": 320, "auc": 0.66},
+    ]
+    _write_metrics(str(tmp_path), records)
+    assert plot_training_curves(str(tmp_path))
+    auc_axis = drawn[0].axes[1]
+    (best,) = [line for line in auc_axis.get_lines() if line.get_label().startswith("best")]
+    assert list(best.get_xdata()) == [160] and list(best.get_ydata()) == [0.67]
+    assert best.get_label() == "best 0.6700"
+    (test,) = [line for line in auc_axis.get_lines() if line.get_label().startswith("test AUC")]
+    assert list(test.get_ydata()) == [0.66, 0.66] and test.get_label() == "test AUC 0.6600 (best model)"

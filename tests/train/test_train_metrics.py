@@ -152,3 +152,37 @@ def test_the_auc_is_exact_over_many_ties() -> None:
     logits, labels, _ = _data(3000, 3)
     out = binary_metrics(torch.sigmoid(logits.double()), labels)
     assert out["auc"] == pytest.approx(_pairwise_auc(logits, labels), rel=1e-12)
+
+
+def test_the_logloss_of_logits_beyond_float32s_reach_is_that_of_the_logits() -> None:
+    """sigmoid(20) is 1 - 2e-9 in float64 but 1.0 in float32: a float32 sigmoid clamped it to 1 - 1e-12 and
+    counted 27.6 nats for a negative at logit 20 instead of its 20."""
+    logits = torch.tensor([20.0, -20.0, 0.0, 1.0])
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    metrics = CTRMetrics()
+    metrics.update(logits, labels)
+    out = metrics.compute()
+    expected = float(torch.nn.functional.binary_cross_entropy_with_logits(logits.double(), labels.double()))
+    assert out["logloss"] == pytest.approx(expected, rel=1e-9)
+    assert out["ne"] == pytest.approx(expected / math.log(2), rel=1e-9)  # half clicks: the entropy is log 2
+
+
+def test_a_reset_starts_every_set_anew_subsets_included() -> None:
+    """``evaluate`` resets one CTRMetrics before each evaluation: the next compute is that of the new rows alone."""
+    logits, labels, cold = _data(300, 4)
+    metrics = CTRMetrics({"cold": "is_cold_item"})
+    metrics.update(logits[:100], labels[:100], {"is_cold_item": cold[:100]})
+    metrics.compute()
+    metrics.reset()
+    metrics.update(logits[100:], labels[100:], {"is_cold_item": cold[100:]})
+    fresh = CTRMetrics({"cold": "is_cold_item"})
+    fresh.update(logits[100:], labels[100:], {"is_cold_item": cold[100:]})
+    assert metrics.compute() == fresh.compute()
+
+
+def test_one_row_has_its_logloss_and_calibration_and_no_auc() -> None:
+    """A subset of a single row (e.g. one cold item in a small test split) still has a LogLoss."""
+    out = binary_metrics(torch.tensor([0.25], dtype=torch.float64), torch.tensor([1.0]))
+    assert out["logloss"] == pytest.approx(math.log(4)) and out["calibration"] == pytest.approx(0.25)
+    assert out["num_samples"] == 1.0 and out["ctr"] == 1.0
+    assert math.isnan(out["auc"]) and math.isnan(out["ne"])
