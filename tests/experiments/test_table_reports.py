@@ -2,7 +2,6 @@
 (per backbone, their mean, on cold items, vs the gain network) are those of the summarized test means."""
 
 import argparse
-import itertools
 import json
 import os
 
