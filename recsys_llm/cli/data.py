@@ -6,6 +6,7 @@ Examples::
     recsys-llm prepare movielens --input ../shared/data/ml-100k --out data/ml-100k
     recsys-llm prepare criteo --input train.txt --out data/criteo --hash-size 1000000
     recsys-llm prepare tabular --input clicks.csv --schema clicks.yaml --out data/clicks --split-by ts
+    recsys-llm prepare tabular --input day2.csv --like data/clicks --out data/clicks-day2
 """
 
 import argparse
@@ -129,16 +130,45 @@ def _config(args: argparse.Namespace):
     if args.source == "criteo":
         return CriteoConfig(hash_size=args.hash_size, delimiter=args.delimiter, split_fractions=args.split,
                             rows_per_group=args.rows_per_group, max_rows=args.max_rows)
-    return TabularConfig(split_by=args.split_by, split_fractions=args.split, seed=args.seed,
+    defaults = TabularConfig()
+    return TabularConfig(split_by=args.split_by, split_fractions=args.split or defaults.split_fractions,
+                         seed=defaults.seed if args.seed is None else args.seed,
                          label_threshold=args.label_threshold, fill_missing_dense=args.fill_missing_dense,
                          sequence_separator=args.sequence_separator, delimiter=args.delimiter,
                          rows_per_group=args.rows_per_group, missing_tokens=("",) + tuple(args.missing_token),
-                         vocabulary_fields=tuple(args.vocabulary), hash_fields=tuple(args.hash))
+                         vocabulary_fields=tuple(args.vocabulary or ()), hash_fields=tuple(args.hash or ()))
+
+
+#: ``prepare tabular`` options that the earlier preparation decides, refused with ``--like``
+_LIKE_REFUSED = {"schema": "--schema", "split": "--split", "split_by": "--split-by", "seed": "--seed",
+                 "vocabulary": "--vocabulary", "hash": "--hash"}
+
+
+def _check_like_options(args: argparse.Namespace) -> None:
+    """Raises ValueError for ``prepare tabular`` options that do not fit ``--like`` (or its absence): with
+    ``--like``, those the earlier preparation decided (:data:`_LIKE_REFUSED`); without it, ``--split-name``,
+    and a missing ``--schema``."""
+    if args.like is None:
+        if args.split_name is not None:
+            raise ValueError("prepare tabular: --split-name names the one split of new rows prepared with --like "
+                             "PREPARED_DIR; expected it only with --like")
+        if args.schema is None:
+            raise ValueError("prepare tabular: expected --schema FILE (the fields of the data), or --like "
+                             "PREPARED_DIR to prepare new rows into an earlier output's schema and ids")
+        return
+    given = [flag for name, flag in _LIKE_REFUSED.items() if getattr(args, name) not in (None, [])]
+    if given:
+        raise ValueError(f"prepare tabular --like {args.like}: {', '.join(given)} decided by the earlier preparation "
+                         "(its schema, splits and ids, which the new rows keep); expected them left out")
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    like = {}
+    if args.source == "tabular":
+        _check_like_options(args)
+        like = {"like_dir": args.like, "split_name": args.split_name}
     report = prepare_dataset(args.source, args.out, getattr(args, "input", None), getattr(args, "schema", None),
-                             _config(args), progress=not args.quiet)
+                             _config(args), progress=not args.quiet, **like)
     print(report.summary())
     return 0
 
@@ -195,13 +225,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tabular.add_argument("--input", required=True,
                          action=_one_input("a directory of Parquet files is one input, or join the CSV files first"),
                          help="CSV with header (.gz, .bz2, .zst, .lz4 are decompressed as read), Parquet file or directory")
-    tabular.add_argument("--schema", required=True, help="schema file naming fields, label, row key, extras")
-    tabular.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
+    tabular.add_argument("--schema", default=None,
+                         help="schema file naming fields, label, row key, extras (required unless --like)")
+    tabular.add_argument("--like", default=None, metavar="PREPARED_DIR",
+                         help="prepare the new rows of --input into the schema and ids of this earlier prepare "
+                              "tabular output, as one split, so that a model trained on it scores them (no --schema, "
+                              "--split, --split-by, --seed, --vocabulary, --hash: the earlier preparation decided "
+                              "them); the label column is optional (default: none)")
+    tabular.add_argument("--split-name", default=None, metavar="NAME",
+                         help="with --like, the name of the one split written, NAME.parquet (default: test)")
+    tabular.add_argument("--split", type=_fractions, default=None,
                          help="train,valid,test shares (default: 0.8,0.1,0.1)")
     tabular.add_argument("--split-by", default=None,
                          help="column for a time-ordered split, holding numbers or ISO-8601 dates/timestamps "
                               "(default: random)")
-    tabular.add_argument("--seed", type=integer_at_least(0), default=0, help="seed of the random split")
+    tabular.add_argument("--seed", type=integer_at_least(0), default=None, help="seed of the random split (default: 0)")
     tabular.add_argument("--label-threshold", type=_number(), default=None,
                          help="label = value > threshold (default: none: labels must be 0/1)")
     tabular.add_argument("--fill-missing-dense", type=_number(), default=None,
@@ -213,11 +251,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="a CSV cell of a string column read as missing besides the empty cell, e.g. NA "
                               "(repeatable) (default: none: only the empty cell is missing, NA, null, N/A are "
                               "values)")
-    tabular.add_argument("--vocabulary", action="append", default=[], metavar="FIELD",
+    tabular.add_argument("--vocabulary", action="append", default=None, metavar="FIELD",
                          help="map this sparse/sequence field through a vocabulary built from the data even when "
                               "its values are (mostly) integers, e.g. zip codes (repeatable) (default: none: "
                               "integer values are ids as they are)")
-    tabular.add_argument("--hash", action="append", default=[], metavar="FIELD",
+    tabular.add_argument("--hash", action="append", default=None, metavar="FIELD",
                          help="hash the values of this \"hashed\": true field as text even when every value is an "
                               "integer, so that one non-integer value in other data cannot switch every id of the "
                               "field (repeatable) (default: none: a hashed field whose values are all integers takes "

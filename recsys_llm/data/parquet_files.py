@@ -144,8 +144,11 @@ def same_split_fingerprint(first: str, second: str) -> bool:
                                                 or first_contents == second_contents)
 
 
-def read_schema_and_check(schema: DatasetSchema, path: str, extras: Sequence[str] = ()) -> int:
-    """Cheap footer-only check of a split, file or directory against ``schema``.
+def read_schema_and_check(
+    schema: DatasetSchema, path: str, extras: Sequence[str] = (), with_label: bool = True
+) -> int:
+    """Cheap footer-only check of a split, file or directory against ``schema`` (``with_label``: with its label
+    column; False: rows to score, with or without one).
 
     Checks that every file opens, has the schema's columns with the right Arrow types and was
     written for the same field specs, and that the split has rows (a file of it may be empty);
@@ -161,7 +164,7 @@ def read_schema_and_check(schema: DatasetSchema, path: str, extras: Sequence[str
     paths = resolve_paths(schema, path)
     for file_path in paths:
         handle = open_parquet(file_path)
-        check_file_schema(file_path, schema, handle.schema_arrow, extras)
+        check_file_schema(file_path, schema, handle.schema_arrow, extras, with_label=with_label)
         total += handle.metadata.num_rows
     check_split_has_rows(paths, total)
     return total

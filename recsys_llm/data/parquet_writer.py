@@ -16,8 +16,10 @@ from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import DataError, field_specs_metadata, open_parquet
 
 
-def arrow_schema_for(schema: DatasetSchema, extra_types: Optional[Dict[str, pa.DataType]] = None) -> pa.Schema:
-    """The Arrow schema ``prepare`` writes for a data set (row key, fields, label, extras).
+def arrow_schema_for(schema: DatasetSchema, extra_types: Optional[Dict[str, pa.DataType]] = None,
+                     with_label: bool = True) -> pa.Schema:
+    """The Arrow schema ``prepare`` writes for a data set (row key, fields, label, extras); without the
+    label column when not ``with_label`` (rows to score).
 
     Types: sparse int64, sequence list<int64>, dense float32, label int8, row key int64.
     The field specs are recorded in the metadata so a reader can detect a schema/data mismatch.
@@ -27,7 +29,8 @@ def arrow_schema_for(schema: DatasetSchema, extra_types: Optional[Dict[str, pa.D
         columns.append(pa.field(schema.row_key, pa.int64(), nullable=False))
     kind_types = {FieldKind.SPARSE: pa.int64(), FieldKind.SEQUENCE: pa.list_(pa.int64()), FieldKind.DENSE: pa.float32()}
     columns += [pa.field(f.name, kind_types[f.kind]) for f in schema.fields]
-    columns.append(pa.field(schema.label, pa.int8()))
+    if with_label:
+        columns.append(pa.field(schema.label, pa.int8()))
     for name, dtype in (extra_types or {}).items():
         columns.append(pa.field(name, dtype))
     return pa.schema(columns, metadata=field_specs_metadata(schema.fields))
@@ -188,14 +191,14 @@ def _prepared_entries(out_dir: str) -> Optional[set]:
     return tops | {"schema.json"}
 
 
-def check_nothing_else_in(out_dir: str) -> None:
-    """Raises when the earlier data set in ``out_dir`` also holds entries ``prepare`` did not write
-    (notes, vectors, runs put there): replacing the data set would delete them.
+def check_nothing_else_in(out_dir: str, marker_files: Sequence[str] = PREPARED_MARKER_FILES) -> None:
+    """Raises when the earlier data set in ``out_dir`` (one holding ``marker_files``) also holds entries
+    ``prepare`` did not write (notes, vectors, runs put there): replacing the data set would delete them.
 
     Raises:
         FileExistsError: naming ``out_dir`` and those entries.
     """
-    if not (os.path.isdir(out_dir) and holds_files(out_dir, PREPARED_MARKER_FILES)):
+    if not (os.path.isdir(out_dir) and holds_files(out_dir, marker_files)):
         return  # absent, empty or not a data set: atomic_directory's own check
     own = _prepared_entries(out_dir)
     if own is None:
@@ -209,8 +212,9 @@ def check_nothing_else_in(out_dir: str) -> None:
         )
 
 
-def check_split_rows(schema: DatasetSchema, source: str) -> None:
-    """Raises unless every split of a just-written data set (``schema.root``) has rows and fits ``schema``.
+def check_split_rows(schema: DatasetSchema, source: str, with_label: bool = True) -> None:
+    """Raises unless every split of a just-written data set (``schema.root``) has rows and fits ``schema``
+    (``with_label``: with its label column; False: rows to score, written without one).
 
     Raises:
         DataError: an empty split (naming ``source`` and the split), or a footer mismatch.
@@ -222,11 +226,12 @@ def check_split_rows(schema: DatasetSchema, source: str) -> None:
             raise DataError(f"{source}: split {split!r} received no rows of {sum(rows.values())}; "
                             "use more data or other split_fractions")
     for split in schema.splits:
-        read_schema_and_check(schema, split)
+        read_schema_and_check(schema, split, with_label=with_label)
 
 
 def write_prepared(
-    out_dir: str, source: str, inputs: Sequence[str], write: Callable[[str], DatasetSchema]
+    out_dir: str, source: str, inputs: Sequence[str], write: Callable[[str], DatasetSchema], with_label: bool = True,
+    marker_files: Sequence[str] = PREPARED_MARKER_FILES,
 ) -> DatasetSchema:
     """Writes a data set whole or not at all: ``write(tmp)`` fills a temp directory, which
     replaces ``out_dir`` only after every split has rows and fits the schema.
@@ -242,6 +247,9 @@ def write_prepared(
         inputs (Sequence[str]): files/directories the conversion reads.
         write (Callable[[str], DatasetSchema]): writes splits, value text etc. into the given
             directory and returns the schema; ``schema.json`` is saved here, after the checks.
+        with_label (bool): the splits hold the label column (False: rows to score, without one).
+        marker_files (Sequence[str]): files an earlier output of this kind holds, which may be replaced
+            (:data:`PREPARED_MARKER_FILES`; ``prepare tabular --like`` writes ``schema.json`` and one split).
 
     Returns:
         DatasetSchema: the schema, rooted at ``out_dir``.
@@ -254,12 +262,12 @@ def write_prepared(
             f"{os.path.join(out_dir, 'data')}"
         )
     check_inputs_outside(out_dir, inputs)
-    check_nothing_else_in(out_dir)
-    check_nothing_else_in(swapped_out_path(out_dir))  # an earlier swap's copy: put back, or removed by this swap
-    with atomic_directory(out_dir, PREPARED_KIND, PREPARED_MARKER_FILES) as tmp:
+    check_nothing_else_in(out_dir, marker_files)
+    check_nothing_else_in(swapped_out_path(out_dir), marker_files)  # an earlier swap's copy: put back, or removed
+    with atomic_directory(out_dir, PREPARED_KIND, marker_files) as tmp:
         schema = write(tmp)
         schema.root = tmp
-        check_split_rows(schema, source)
+        check_split_rows(schema, source, with_label)
         schema.save(os.path.join(tmp, "schema.json"))
     schema.root = out_dir
     return schema

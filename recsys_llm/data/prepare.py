@@ -15,14 +15,15 @@ import os
 from typing import Dict, Optional, Type, TypeVar, Union
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from recsys_llm.data.criteo import CriteoConfig, prepare_criteo
 from recsys_llm.data.movielens import MovieLensConfig, prepare_movielens
-from recsys_llm.data.parquet_files import label_row_groups, read_schema_and_check
+from recsys_llm.data.parquet_files import label_row_groups, read_schema_and_check, resolve_paths
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import SyntheticConfig, generate_synthetic
-from recsys_llm.data.tabular import TabularConfig, prepare_tabular
+from recsys_llm.data.tabular import TabularConfig, prepare_tabular, prepare_tabular_like
 
 SOURCES = ("synthetic", "movielens", "criteo", "tabular")
 SourceConfig = Union[SyntheticConfig, MovieLensConfig, CriteoConfig, TabularConfig]
@@ -36,7 +37,8 @@ class PrepareReport:
     Args:
         schema (DatasetSchema): the written schema (``schema.root`` is the output directory).
         rows (Dict[str, int]): rows per split.
-        click_rate (Dict[str, float]): mean label per split.
+        click_rate (Dict[str, Optional[float]]): mean label per split; None for a split without labels
+            (rows to score, ``prepare tabular --like`` of rows without the label column).
         field_ways (Dict[str, str]): ``prepare tabular``'s way of each sparse and sequence field's ids
             (:func:`~recsys_llm.data.tabular.convert.field_way`: ``schema.ids`` plus the option that asked
             for it); empty for the other sources.
@@ -44,14 +46,16 @@ class PrepareReport:
 
     schema: DatasetSchema
     rows: Dict[str, int]
-    click_rate: Dict[str, float]
+    click_rate: Dict[str, Optional[float]]
     field_ways: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         """A short human-readable table of splits and fields."""
         lines = [f"data set {self.schema.name!r} in {self.schema.root}"]
         for split, rows in self.rows.items():
-            lines.append(f"  {split:<6} {rows:>12,d} rows   click rate {self.click_rate[split]:.3f}")
+            rate = self.click_rate[split]
+            clicks = "no labels (rows to score)" if rate is None else f"click rate {rate:.3f}"
+            lines.append(f"  {split:<6} {rows:>12,d} rows   {clicks}")
         for spec in self.schema.fields:
             size = f"{spec.cardinality:,d}{' (hashed)' if spec.hashed else ''}" if spec.is_categorical else "-"
             text = "  text" if spec.value_text else ""
@@ -61,12 +65,15 @@ class PrepareReport:
 
 
 def check_prepared(schema: DatasetSchema) -> PrepareReport:
-    """Footer check of every split plus its label mean (reads only the label column, a row group at a time)."""
-    rows, rate = {}, {}
+    """Footer check of every split plus its label mean (reads only the label column, a row group at a time);
+    a split whose first file has no label column (rows to score) gets no click rate (None)."""
+    rows: Dict[str, int] = {}
+    rate: Dict[str, Optional[float]] = {}
     for split in schema.splits:
         path = schema.split_path(split)
-        rows[split] = read_schema_and_check(schema, path)
-        rate[split] = label_sum(schema, path) / rows[split] if rows[split] else 0.0
+        labeled = schema.label in pq.read_schema(resolve_paths(schema, path)[0]).names
+        rows[split] = read_schema_and_check(schema, path, with_label=labeled)
+        rate[split] = (label_sum(schema, path) / rows[split] if rows[split] else 0.0) if labeled else None
     return PrepareReport(schema, rows, rate)
 
 
@@ -82,6 +89,8 @@ def prepare_dataset(
     schema_path: Optional[str] = None,
     config: Optional[SourceConfig] = None,
     progress: bool = True,
+    like_dir: Optional[str] = None,
+    split_name: Optional[str] = None,
 ) -> PrepareReport:
     """Converts one source into ``out_dir`` and checks the result.
 
@@ -94,6 +103,13 @@ def prepare_dataset(
         config (Optional[SourceConfig]): the source's config dataclass (defaults when None);
             another source's config is a TypeError.
         progress (bool): tqdm bars.
+        like_dir (Optional[str]): ``tabular`` only: an earlier ``prepare tabular`` output whose schema and ids
+            the new rows are prepared into, as one split (:func:`~recsys_llm.data.tabular.like.prepare_tabular_like`;
+            no schema file then).
+        split_name (Optional[str]): with ``like_dir``, the name of that split (None: ``test``).
+
+    Returns:
+        PrepareReport: rows and click rate per split, and the ways of the fields' ids.
 
     Example::
 
@@ -110,7 +126,19 @@ def prepare_dataset(
     if source == "criteo" and os.path.isdir(input_path):
         raise ValueError(f"{input_path}: is a directory; prepare criteo reads one file of rows (e.g. train.txt or "
                          "day_0.gz): pass that file")
-    if source == "synthetic":
+    if like_dir is not None and source != "tabular":
+        raise ValueError(f"prepare {source}: like_dir (--like) prepares new rows like an earlier prepare tabular "
+                         "output; expected source tabular")
+    if split_name is not None and like_dir is None:
+        raise ValueError("split_name (--split-name) names the one split of new rows prepared like an earlier output; "
+                         "expected it only with like_dir (--like)")
+    if like_dir is not None:
+        if schema_path:
+            raise ValueError(f"prepare tabular --like {like_dir}: the schema is the earlier output's; expected no "
+                             f"schema file (--schema {schema_path})")
+        schema = prepare_tabular_like(input_path, like_dir, out_dir, _source_config(source, config, TabularConfig),
+                                      split_name or "test", progress=progress, field_ways=field_ways)
+    elif source == "synthetic":
         c = _source_config(source, config, SyntheticConfig) or SyntheticConfig()
         schema = write_prepared(out_dir, "synthetic", [],
                                 lambda tmp: generate_synthetic(tmp, c.num_rows, progress=progress, config=c))

@@ -62,5 +62,6 @@ and the vocabularies are held in memory. The output is written whole or not at a
 """
 from recsys_llm.data.tabular.config import TabularConfig
 from recsys_llm.data.tabular.convert import prepare_tabular
+from recsys_llm.data.tabular.like import prepare_tabular_like
 
-__all__ = ["TabularConfig", "prepare_tabular"]
+__all__ = ["TabularConfig", "prepare_tabular", "prepare_tabular_like"]

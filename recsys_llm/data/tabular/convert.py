@@ -23,7 +23,7 @@ from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types,
                                             read_blocks, repeated_columns, source_columns)
 from recsys_llm.data.tabular.splits import random_split, split_of_rows
 from recsys_llm.data.tabular.tokens import (ID_WAY_OF_PLAN, INTEGER_PATTERN, FieldPlan, field_tokens, plan_fields,
-                                            token_ids)
+                                            token_ids, without_unknown_tokens)
 from recsys_llm.data.validation import (
     DataError,
     check_dense,
@@ -387,9 +387,13 @@ def _write_splits(
     config: TabularConfig,
     bar: tqdm,
     column_types: Optional[Dict[str, pa.DataType]] = None,
+    with_label: bool = True,
+    utf8_checked: bool = True,
 ) -> None:
     """Streams the source block by block into one Parquet file per split under ``schema.root``
-    (``column_types``: of a CSV's extra and split columns, as :func:`read_blocks` takes them)."""
+    (``column_types``: of a CSV's extra and split columns, as :func:`read_blocks` takes them). A schema of one
+    split takes every row; ``with_label``: the source has the label column (False: rows to score, written
+    without one); ``utf8_checked``: a first pass (:func:`plan_fields`) checked the strings for UTF-8."""
     writers: List[SplitWriter] = []
     keys: List[np.ndarray] = []  # the row keys read from the data, checked for repeats at the end
     starts: List[Tuple[int, str, int]] = []  # (row, file, row in the file) at which each block starts
@@ -397,15 +401,19 @@ def _write_splits(
     with contextlib.ExitStack() as open_writers:  # each writer is closed, or on an error its .tmp removed
         for file_path, file_row, block in read_blocks(data_path, user_schema, columns, config, row_key, column_types):
             starts.append((row, file_path, file_row))
-            out = _convert_block(block, schema, plans, config, file_path, file_row, row_key, row)
+            out = _convert_block(block, schema, plans, config, file_path, file_row, row_key, row, with_label=with_label,
+                                 utf8_checked=utf8_checked)
             if row_key:
                 keys.append(out[schema.row_key])
             if not writers:
                 extra_types = {name: block.column(name).type for name in schema.extra_columns}
-                arrow_schema = arrow_schema_for(schema, extra_types)
+                arrow_schema = arrow_schema_for(schema, extra_types, with_label=with_label)
                 writers = open_split_writers(open_writers, schema, arrow_schema, config.rows_per_group)
             n = block.num_rows
-            split = split_rows[row : row + n] if split_rows is not None else random_split(np.arange(row, row + n), config)
+            if split_rows is not None:
+                split = split_rows[row : row + n]
+            else:
+                split = np.zeros(n, np.int64) if len(writers) == 1 else random_split(np.arange(row, row + n), config)
             table = pa.table(out)
             for index, writer in enumerate(writers):
                 selected = np.nonzero(split == index)[0]
@@ -529,12 +537,17 @@ def _convert_block(
     row: int,
     row_key: Optional[str],
     source_row: Optional[int] = None,
+    with_label: bool = True,
+    utf8_checked: bool = True,
 ) -> Dict[str, object]:
     """One block of source rows -> output columns, validated (row numbers count data rows from 0).
 
     ``row``: the block's first row in the file ``path`` (what messages name); ``source_row``: its first row
     in the whole source, a directory's files one after another (the row_id written without a row key;
-    None: ``row``).
+    None: ``row``); ``with_label``: the block holds the label column (False: no label is written);
+    ``utf8_checked``: a first pass over the same rows checked their strings for UTF-8 (else checked here).
+    Tokens of a sequence field that its vocabulary does not hold (new data prepared ``--like`` an earlier
+    output) are dropped, as a missing token is.
     """
     out: Dict[str, object] = {}
     n = block.num_rows
@@ -562,7 +575,7 @@ def _convert_block(
             continue
         # plan_fields, the first pass, checked every block's strings for UTF-8
         flat, lengths = field_tokens(array, spec, config.sequence_separator, path, row, plans[spec.name].missing,
-                                     utf8_checked=True)
+                                     utf8_checked=utf8_checked)
         offsets = None if lengths is None else offsets_from_lengths(lengths)
         try:
             ids = token_ids(flat, plans[spec.name], spec, salt)
@@ -570,7 +583,20 @@ def _convert_block(
             raise DataError(_beyond_int64(flat, spec, offsets, path, row, line)
                             or f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
         ids = check_ids(path, spec, ids, offsets, row, line)
+        if lengths is not None and plans[spec.name].mode == "vocab":
+            ids, lengths = without_unknown_tokens(ids, lengths)
         out[spec.name] = ids if lengths is None else list_array(lengths, ids)
+    if with_label:
+        out[schema.label] = _labels(block, schema, config, path, row, line)
+    for name in schema.extra_columns:
+        out[name] = block.column(name)
+    return out
+
+
+def _labels(block: pa.RecordBatch, schema: DatasetSchema, config: TabularConfig, path: str, row: int,
+            line: Optional[int]) -> np.ndarray:
+    """(N,) int8 0/1 labels of a block whose first row is ``row`` (``value > config.label_threshold`` when it is
+    set); missing or other values raise a DataError naming ``path``, the label column and the row."""
     labels = block.column(schema.label)
     check_no_nulls(path, schema.label, labels, row, "0 or 1", line)
     if not (_is_number(labels.type) or pa.types.is_boolean(labels.type)):
@@ -586,7 +612,4 @@ def _convert_block(
         values = (values > config.label_threshold).astype(np.float64)
     check_labels(path, schema.label, values, row, line,
                  "or pass --label-threshold T, TabularConfig.label_threshold in Python, for label = value > T")
-    out[schema.label] = values.astype(np.int8)
-    for name in schema.extra_columns:
-        out[name] = block.column(name)
-    return out
+    return values.astype(np.int8)

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.tabular.tokens import (ID_WAY_OF_PLAN, INTEGER_PATTERN, NULL_MARKERS, FieldPlan, field_tokens,
-                                            token_ids)
+                                            token_ids, without_unknown_tokens)
 from recsys_llm.data.validation import DataError, check_ids, describe_row, offsets_from_lengths, row_of_value
 
 _PLAN_OF_ID_WAY = {way: mode for mode, way in ID_WAY_OF_PLAN.items()}
@@ -66,19 +66,7 @@ def raw_value_ids(
     if not spec.is_categorical:
         raise ValueError(f"raw_value_ids: field {field!r} of schema {schema.name!r} is dense; its values are the "
                          "model's input as they are")
-    way = schema.ids.get(field)
-    if way is None:
-        raise ValueError(
-            f"raw_value_ids: schema {schema.name!r} ({schema.root}) does not record how field {field!r}'s values "
-            "became ids (its 'ids' key): it is written by `recsys-llm prepare tabular`; prepare the data again with "
-            "it, or see docs/usage.md for the other sources' ids"
-        )
-    plan = FieldPlan(_PLAN_OF_ID_WAY[way])
-    if plan.mode == "vocab":
-        texts = schema.load_value_text(field).sort_by("id")
-        plan.vocabulary = texts.column("text").combine_chunks()[1:]  # id 0: unknown
-    elif plan.mode == "ids":
-        plan.missing = pa.array(sorted(NULL_MARKERS), pa.string())
+    plan = prepared_plan(schema, field, "raw_value_ids")
     where = f"raw values of field {field!r}"
     array = _arrow_values(values, where, sequence=spec.kind == FieldKind.SEQUENCE)
     flat, lengths = field_tokens(array, spec, sequence_separator, where, 0, plan.missing)
@@ -92,15 +80,42 @@ def raw_value_ids(
                         f"schema {schema.name!r} records for the field (ids: integer)") from None
     ids = check_ids(where, spec, ids, offsets, 0).astype(np.int64, copy=False)
     if lengths is not None and plan.mode == "vocab":
-        ids, lengths = _without_unknown_tokens(ids, lengths)
+        ids, lengths = without_unknown_tokens(ids, lengths)
     return ids, lengths
 
 
-def _without_unknown_tokens(ids: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """A sequence field's flat ``ids`` (T,) and ``lengths`` (N,) without the tokens a vocabulary gave id 0."""
-    known = ids != 0
-    rows = np.repeat(np.arange(len(lengths)), lengths)  # (T,) row of each token
-    return ids[known], np.bincount(rows[known], minlength=len(lengths)).astype(np.int64)
+def prepared_plan(schema: DatasetSchema, field: str, caller: str = "prepared_plan") -> FieldPlan:
+    """The plan that turns raw values of ``field`` into the ids ``prepare tabular`` gave them, rebuilt from the
+    way the prepared ``schema`` records for it (``DatasetSchema.ids``): its vocabulary (the field's value-text
+    file, id 0 for a value it does not hold), hashing as text, or integer ids (any of the CSV reader's
+    missing-value markers missing).
+
+    Args:
+        schema (DatasetSchema): a schema written by ``prepare tabular``.
+        field (str): a sparse or sequence field of ``schema``.
+        caller (str): what asks, named in the message (``raw_value_ids``, ``prepare tabular --like``).
+
+    Returns:
+        FieldPlan: the plan for :func:`~recsys_llm.data.tabular.tokens.token_ids`.
+
+    Raises:
+        ValueError: ``schema`` does not record the field's way (data prepared by another source, or by
+            ``prepare tabular`` before it recorded it).
+    """
+    way = schema.ids.get(field)
+    if way is None:
+        raise ValueError(
+            f"{caller}: schema {schema.name!r} ({schema.root}) does not record how field {field!r}'s values "
+            "became ids (its 'ids' key): it is written by `recsys-llm prepare tabular`; prepare the data again with "
+            "it, or see docs/usage.md for the other sources' ids"
+        )
+    plan = FieldPlan(_PLAN_OF_ID_WAY[way])
+    if plan.mode == "vocab":
+        texts = schema.load_value_text(field).sort_by("id")
+        plan.vocabulary = texts.column("text").combine_chunks()[1:]  # id 0: unknown
+    elif plan.mode == "ids":
+        plan.missing = pa.array(sorted(NULL_MARKERS), pa.string())
+    return plan
 
 
 def _first_bad_integer(texts: Sequence[Optional[str]]) -> Tuple[int, str]:

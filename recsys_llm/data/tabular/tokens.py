@@ -222,6 +222,16 @@ class FieldPlan:
     missing: Optional[pa.Array] = None  # "ids": missing-value markers among the integers (id 0)
 
 
+def without_unknown_tokens(ids: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A sequence field's flat ``ids`` (T,) and ``lengths`` (N,) without the tokens a vocabulary gave id 0
+    (values it does not hold); returns ``(ids, lengths)``, lengths (N,) int64."""
+    known = ids != 0
+    if known.all():
+        return ids, lengths
+    rows = np.repeat(np.arange(len(lengths)), lengths)  # (T,) row of each token
+    return ids[known], np.bincount(rows[known], minlength=len(lengths)).astype(np.int64)
+
+
 #: ``FieldPlan.mode`` -> how the prepared schema records it (``DatasetSchema.ids``, one of ``schema.ID_WAYS``)
 ID_WAY_OF_PLAN = {"vocab": "vocabulary", "hash": "hashed_text", "ids": "integer"}
 

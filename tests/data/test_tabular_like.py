@@ -1,0 +1,200 @@
+"""``prepare tabular --like``: new raw rows prepared into the id space of an earlier ``prepare tabular`` output."""
+
+import json
+import os
+from typing import Dict
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from recsys_llm.cli import main as cli_main
+from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.prepare import prepare_dataset
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.synthetic import generate_synthetic
+from recsys_llm.data.tabular import TabularConfig, prepare_tabular, prepare_tabular_like
+from recsys_llm.data.tabular.raw_values import raw_value_ids
+from recsys_llm.data.validation import DataError
+from recsys_llm.models.registry import SMOKE_CONFIGS
+from recsys_llm.modules.elec import build_student
+from recsys_llm.serving import export_task
+
+SCHEMA = {
+    "name": "shop",
+    "label": "clicked",
+    "row_key": "impression",
+    "extra_columns": ["ts"],
+    "fields": [
+        {"name": "user", "kind": "sparse", "cardinality": 100, "description": "shopper id"},
+        {"name": "city", "kind": "sparse", "cardinality": 10, "description": "city of the shopper"},
+        {"name": "query", "kind": "sparse", "cardinality": 50, "hashed": True, "description": "search query"},
+        {"name": "cats", "kind": "sequence", "cardinality": 8, "max_length": 3, "description": "product categories"},
+        {"name": "price", "kind": "dense", "description": "price"},
+    ],
+}
+CITIES = ["Paris", "Lyon", "Nice", "Lille"]
+CATS = ["shoes", "bags", "hats", "coats", "socks"]
+# new rows: an unseen city (Berlin), new queries, an unseen category (boots), a missing city and sequence
+NEW = {
+    "user": [3, 7, 99, 0],
+    "city": ["Paris", "Berlin", "", "Lille"],
+    "query": ["q1", "a brand new query", "q499", ""],
+    "cats": ["shoes|boots", "boots", "", "hats|socks|bags"],
+    "price": [1.5, 2.5, 0.25, 9.0],
+}
+CPU = torch.device("cpu")
+
+
+def _csv(path, rows) -> str:
+    names = list(rows)
+    with open(path, "w") as handle:
+        handle.write(",".join(names) + "\n")
+        for i in range(len(rows[names[0]])):
+            handle.write(",".join(str(rows[k][i]) for k in names) + "\n")
+    return str(path)
+
+
+def _old_rows(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "impression": np.arange(1000, 1000 + n),
+        "user": rng.integers(0, 100, n),
+        "city": [CITIES[i] for i in rng.integers(0, 4, n)],
+        "query": [f"q{i}" for i in rng.integers(0, 500, n)],
+        "cats": ["|".join(CATS[j] for j in rng.choice(5, size=k, replace=False)) for k in rng.integers(1, 4, n)],
+        "price": rng.random(n).round(3),
+        "clicked": rng.integers(0, 2, n),
+        "ts": rng.permutation(n),
+    }
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
+    """A prepared tabular data set (vocabulary, hashed, integer-id, sequence and dense fields, a row key) and an
+    artifact of a small DeepFM trained a few steps on it."""
+    root = tmp_path_factory.mktemp("like")
+    schema_path = str(root / "shop.yaml")
+    with open(schema_path, "w") as handle:
+        yaml.safe_dump(SCHEMA, handle)
+    data = str(root / "shop")
+    prepare_tabular(_csv(root / "old.csv", _old_rows()), schema_path, data)
+    schema = DatasetSchema.load(data)
+    torch.manual_seed(0)
+    task = build_student(schema, SMOKE_CONFIGS["deepfm"], device=CPU)
+    optimizer = torch.optim.Adam(task.parameters(), lr=0.01)
+    for batch in list(ParquetBatchReader(schema, "train", 64))[:3]:
+        loss, _ = task(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    task.eval()
+    example = next(iter(ParquetBatchReader(schema, "train", 8)))
+    artifact = str(root / "artifact")
+    export_task(task, artifact, example.dense_features, example.sparse_features, {}, schema)
+    return {"data": data, "schema": schema_path, "artifact": artifact}
+
+
+def test_new_rows_get_the_earlier_ids_and_schema(earlier: Dict[str, str], tmp_path) -> None:
+    out = str(tmp_path / "day2")
+    ways: Dict[str, str] = {}
+    schema = prepare_tabular_like(_csv(tmp_path / "new.csv", NEW), earlier["data"], out, field_ways=ways)
+    old = DatasetSchema.load(earlier["data"])
+    saved = DatasetSchema.load(out)
+    assert saved.fingerprint() == schema.fingerprint() == old.fingerprint()
+    assert saved.ids == old.ids == {"user": "integer", "city": "vocabulary", "query": "hashed_text",
+                                    "cats": "vocabulary"}
+    assert saved.splits == {"test": "test.parquet"} and saved.row_key == "impression" and saved.extra_columns == []
+    assert ways == {"user": "integer ids", "city": "vocabulary", "query": "hashed text", "cats": "vocabulary"}
+    assert sorted(os.listdir(out)) == ["schema.json", "test.parquet", "text"]
+    for name in ("city", "cats"):  # the vocabularies, copied as they are
+        assert pq.read_table(saved.value_text_path(name)).equals(pq.read_table(old.value_text_path(name)))
+    table = pq.read_table(os.path.join(out, "test.parquet"))
+    assert table.column_names == ["impression", "user", "city", "query", "cats", "price"]  # no label column
+    assert table["impression"].to_pylist() == [0, 1, 2, 3]  # no row key in the input: rows numbered
+    for name in ("user", "city", "query"):
+        expected, _ = raw_value_ids(old, name, [v if v != "" else None for v in NEW[name]])
+        assert table[name].to_pylist() == expected.tolist()
+    city = table["city"].to_pylist()
+    assert city[1] == 0 and city[2] == 0 and city[0] > 0  # Berlin unseen, a missing city: 0
+    flat, lengths = raw_value_ids(old, "cats", [v or None for v in NEW["cats"]])
+    assert [len(c) for c in table["cats"].to_pylist()] == lengths.tolist() == [1, 0, 0, 3]  # boots dropped
+    assert [i for c in table["cats"].to_pylist() for i in c] == flat.tolist()
+    assert table["price"].to_pylist() == NEW["price"]
+
+
+def test_labeled_rows_with_a_row_key_keep_them(earlier: Dict[str, str], tmp_path) -> None:
+    rows = dict(NEW, impression=[7, 5, 9, 1], clicked=[0, 3, 1, 0], ts=[1, 2, 3, 4])
+    path = _csv(tmp_path / "new.csv", rows)
+    with pytest.raises(DataError, match=r"new\.csv: column 'clicked', data row 1.*3"):
+        prepare_tabular_like(path, earlier["data"], str(tmp_path / "bad"))
+    out = str(tmp_path / "day2")
+    report = prepare_dataset("tabular", out, path, config=TabularConfig(label_threshold=0.5), like_dir=earlier["data"],
+                             split_name="day2", progress=False)
+    assert report.rows == {"day2": 4} and report.click_rate == {"day2": 0.5}
+    table = pq.read_table(os.path.join(out, "day2.parquet"))
+    assert table["impression"].to_pylist() == [7, 5, 9, 1] and table["clicked"].to_pylist() == [0, 1, 1, 0]
+    assert table["ts"].to_pylist() == [1, 2, 3, 4] and report.schema.extra_columns == ["ts"]
+    # written again over its earlier output
+    prepare_tabular_like(path, earlier["data"], out, TabularConfig(label_threshold=0.5), split_name="day2")
+    assert sorted(os.listdir(out)) == ["day2.parquet", "schema.json", "text"]
+
+
+def test_an_integer_id_outside_the_table_names_file_column_and_row(earlier: Dict[str, str], tmp_path) -> None:
+    path = _csv(tmp_path / "new.csv", dict(NEW, user=[3, 7, 100, 0]))
+    with pytest.raises(DataError, match=r"new\.csv: column 'user'.*data row 2.*100"):
+        prepare_tabular_like(path, earlier["data"], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['price'\]"):
+        prepare_tabular_like(_csv(tmp_path / "no_price.csv", {k: v for k, v in NEW.items() if k != "price"}),
+                             earlier["data"], str(tmp_path / "out"))
+
+
+def test_the_artifact_scores_the_new_rows(earlier: Dict[str, str], tmp_path, capsys) -> None:
+    out = str(tmp_path / "day2")
+    new = _csv(tmp_path / "new.csv", NEW)
+    assert cli_main(["prepare", "tabular", "--input", new, "--like", earlier["data"], "--out", out, "--quiet"]) == 0
+    assert "no labels" in capsys.readouterr().out
+    assert cli_main(["score", "--artifact", earlier["artifact"], "--data", out, "--split", "test",
+                     "--trust-program"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["labeled"] is False and report["rows"] == 4 and "auc" not in report
+    labeled = _csv(tmp_path / "labeled.csv", dict(NEW, clicked=[0, 1, 1, 0]))
+    out2 = str(tmp_path / "day2-labeled")
+    assert cli_main(["prepare", "tabular", "--input", labeled, "--like", earlier["data"], "--out", out2,
+                     "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli_main(["score", "--artifact", earlier["artifact"], "--data", out2, "--split", "test",
+                     "--trust-program"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["labeled"] is True and 0.0 <= report["auc"] <= 1.0 and report["logloss"] > 0
+
+
+@pytest.mark.parametrize("option", [["--schema", "x.yaml"], ["--split", "0.5,0.25,0.25"], ["--split-by", "ts"],
+                                    ["--seed", "1"], ["--vocabulary", "user"], ["--hash", "query"]])
+def test_options_the_earlier_preparation_decided_are_refused(earlier: Dict[str, str], tmp_path, capsys,
+                                                             option) -> None:
+    new = _csv(tmp_path / "new.csv", NEW)
+    code = cli_main(["prepare", "tabular", "--input", new, "--like", earlier["data"], "--out", str(tmp_path / "o"),
+                     "--quiet", *option])
+    assert code != 0 and f"{option[0]} decided by the earlier preparation" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_split_name_without_like_and_like_of_other_data_are_refused(earlier: Dict[str, str], tmp_path,
+                                                                    capsys) -> None:
+    new = _csv(tmp_path / "new.csv", NEW)
+    code = cli_main(["prepare", "tabular", "--input", new, "--schema", earlier["schema"], "--out",
+                     str(tmp_path / "o"), "--split-name", "day2", "--quiet"])
+    assert code != 0 and "--split-name" in capsys.readouterr().err
+    code = cli_main(["prepare", "tabular", "--input", new, "--out", str(tmp_path / "o"), "--quiet"])
+    assert code != 0 and "--schema" in capsys.readouterr().err
+    synthetic = str(tmp_path / "synthetic")
+    generate_synthetic(synthetic, 100, seed=0)
+    with pytest.raises(ValueError, match=r"synthetic.*does not record how field\(s\)"):
+        prepare_tabular_like(new, synthetic, str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="--vocabulary"):
+        prepare_tabular_like(new, earlier["data"], str(tmp_path / "o"), TabularConfig(vocabulary_fields=("user",)))
+    assert not os.path.exists(tmp_path / "o")
