@@ -16,13 +16,10 @@ from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import generate_synthetic
 from recsys_llm.data.validation import DataError, field_specs_metadata
-from recsys_llm.models.registry import SMOKE_CONFIGS
-from recsys_llm.modules.elec import build_student
-from recsys_llm.serving import ServedModel, export_task
+from recsys_llm.serving import ServedModel
 from recsys_llm.serving.scoring import score_columns, score_split
 from recsys_llm.train.metrics import binary_metrics
-
-CPU = torch.device("cpu")
+from tests.small_artifact import export_small_deepfm
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +29,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
     data = str(root / "data")
     generate_synthetic(data, 2_000, seed=0, rows_per_group=128)
     schema = DatasetSchema.load(data)
-    torch.manual_seed(0)
-    task = build_student(schema, SMOKE_CONFIGS["deepfm"], device=CPU)
-    optimizer = torch.optim.Adam(task.parameters(), lr=0.01)
-    for batch in list(ParquetBatchReader(schema, "train", 256))[:4]:
-        loss, _ = task(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    task.eval()
-    example = next(iter(ParquetBatchReader(schema, "train", 8)))
     artifact = str(root / "artifact")
-    export_task(task, artifact, example.dense_features, example.sparse_features, {}, schema)
+    task = export_small_deepfm(schema, artifact, batch_size=256, steps=4)
     with torch.no_grad():
         logits = torch.cat([task.predict(batch).logits for batch in ParquetBatchReader(schema, "test", 100)])
     torch.save(logits, str(root / "task_logits.pt"))

@@ -7,20 +7,16 @@ from typing import Dict
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 
 from recsys_llm.cli import main as cli_main
-from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.prepare import prepare_dataset
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import generate_synthetic
 from recsys_llm.data.tabular import TabularConfig, prepare_tabular, prepare_tabular_like
 from recsys_llm.data.tabular.raw_values import raw_value_ids
 from recsys_llm.data.validation import DataError
-from recsys_llm.models.registry import SMOKE_CONFIGS
-from recsys_llm.modules.elec import build_student
-from recsys_llm.serving import export_task
+from tests.small_artifact import export_small_deepfm
 
 SCHEMA = {
     "name": "shop",
@@ -45,7 +41,6 @@ NEW = {
     "cats": ["shoes|boots", "boots", "", "hats|socks|bags"],
     "price": [1.5, 2.5, 0.25, 9.0],
 }
-CPU = torch.device("cpu")
 
 
 def _csv(path, rows) -> str:
@@ -81,19 +76,8 @@ def earlier(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
         yaml.safe_dump(SCHEMA, handle)
     data = str(root / "shop")
     prepare_tabular(_csv(root / "old.csv", _old_rows()), schema_path, data)
-    schema = DatasetSchema.load(data)
-    torch.manual_seed(0)
-    task = build_student(schema, SMOKE_CONFIGS["deepfm"], device=CPU)
-    optimizer = torch.optim.Adam(task.parameters(), lr=0.01)
-    for batch in list(ParquetBatchReader(schema, "train", 64))[:3]:
-        loss, _ = task(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    task.eval()
-    example = next(iter(ParquetBatchReader(schema, "train", 8)))
     artifact = str(root / "artifact")
-    export_task(task, artifact, example.dense_features, example.sparse_features, {}, schema)
+    export_small_deepfm(DatasetSchema.load(data), artifact, batch_size=64, steps=3)
     return {"data": data, "schema": schema_path, "artifact": artifact}
 
 
