@@ -191,9 +191,9 @@ def _convert(
         if user_schema.label in missing and not label_named:
             raise DataError(f"{data_path}: no column {user_schema.label!r}, the label column {schema_path} names by not "
                             "naming one (the default); expected the 0/1 click column named with label: COLUMN in the "
-                            f"schema; {_near_names(missing, available)}the file has columns {available}")
+                            f"schema; {near_names(missing, available)}the file has columns {available}")
         raise DataError(f"{data_path}: missing column(s) {missing} named in {schema_path}; "
-                        f"{_near_names(missing, available)}{_format_hint(data_path, available, config)}"
+                        f"{near_names(missing, available)}{format_hint(data_path, available, config)}"
                         f"the file has columns {available}")
     # the row key and split column too: of two columns of one name the CSV reader silently takes the first
     repeated = repeated_columns(available, wanted + ([user_schema.row_key] if row_key_named else []))
@@ -209,12 +209,12 @@ def _convert(
     if row_key_named and user_schema.row_key not in available:
         raise DataError(
             f"{data_path}: missing row key column {user_schema.row_key!r} named by row_key in {schema_path}; "
-            f"{_near_names([user_schema.row_key], available)}the file has columns {available} (drop row_key from the "
+            f"{near_names([user_schema.row_key], available)}the file has columns {available} (drop row_key from the "
             "schema to number the rows as row_id)"
         )
     if config.split_by and config.split_by not in available:
         raise DataError(f"{data_path}: missing column {config.split_by!r} named by --split-by "
-                        f"(TabularConfig.split_by); {_near_names([config.split_by], available)}the file has columns "
+                        f"(TabularConfig.split_by); {near_names([config.split_by], available)}the file has columns "
                         f"{available}")
     row_key = user_schema.row_key if user_schema.row_key in available else None
     columns = list(dict.fromkeys(wanted + ([config.split_by] if config.split_by else []) + ([row_key] if row_key else [])))
@@ -252,7 +252,7 @@ def _convert(
     schema = _output_schema(user_schema, plans, out_dir, user_texts)
     bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress, **interval_options())
     try:
-        _write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar, column_types)
+        write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar, column_types)
     finally:
         bar.close()
     return schema
@@ -321,7 +321,7 @@ def value_text_file(field_name: str) -> str:
     return f"text/{safe}.parquet"
 
 
-def _format_hint(path: str, available: List[str], config: TabularConfig) -> str:
+def format_hint(path: str, available: List[str], config: TabularConfig) -> str:
     """Why a CSV's header may not be the columns it holds: an empty file, a JSON-lines or UTF-16 file (read as
     CSV), or another delimiter than ``config.delimiter``; ``""`` when none of these shows."""
     if is_parquet(path):
@@ -340,7 +340,7 @@ def _format_hint(path: str, available: List[str], config: TabularConfig) -> str:
     return ""
 
 
-def _near_names(missing: List[str], available: List[str]) -> str:
+def near_names(missing: List[str], available: List[str]) -> str:
     """``"the file has 'User ' for 'user' (...); "`` for each missing column that a column of the file names
     but for case and surrounding spaces; ``""`` when none does."""
     near = [f"{a!r} for {m!r}" for m in missing for a in available if a != m and a.strip().lower() == m.strip().lower()]
@@ -376,7 +376,7 @@ def _output_schema(
     )
 
 
-def _write_splits(
+def write_splits(
     data_path: str,
     user_schema: DatasetSchema,
     schema: DatasetSchema,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema, check_split_name
 from recsys_llm.data.tabular.config import TabularConfig
-from recsys_llm.data.tabular.convert import _format_hint, _near_names, _write_splits, field_way
+from recsys_llm.data.tabular.convert import format_hint, near_names, write_splits, field_way
 from recsys_llm.data.tabular.raw_values import prepared_plan
 from recsys_llm.data.tabular.source import ColumnTypeChanged, csv_column_types, repeated_columns, source_columns
 from recsys_llm.data.tabular.tokens import FieldPlan
@@ -95,7 +95,7 @@ def prepare_tabular_like(
     missing = [name for name in wanted if name not in available]
     if missing:
         raise DataError(f"{data_path}: missing column(s) {missing}, field(s) of the earlier schema {like.name!r} "
-                        f"({like_dir}); {_near_names(missing, available)}{_format_hint(data_path, available, config)}"
+                        f"({like_dir}); {near_names(missing, available)}{format_hint(data_path, available, config)}"
                         f"the file has columns {available}")
     with_label = like.label in available
     row_key = like.row_key if like.row_key and like.row_key in available else None
@@ -143,7 +143,7 @@ def _write_like(
     while True:
         bar = tqdm(desc="tabular rows", unit="row", disable=not progress, **interval_options())
         try:
-            _write_splits(data_path, like, schema, plans, columns, row_key, None, config, bar, column_types,
+            write_splits(data_path, like, schema, plans, columns, row_key, None, config, bar, column_types,
                           with_label=with_label, utf8_checked=False)
             return schema
         except ColumnTypeChanged as error:  # an extra column whose type the first block did not show: read again
