@@ -144,6 +144,12 @@ def same_split_fingerprint(first: str, second: str) -> bool:
                                                 or first_contents == second_contents)
 
 
+def first_file_columns(schema: DatasetSchema, split_or_paths: Union[str, Sequence[str]]) -> List[str]:
+    """The column names of the first file of a split (name, file, directory or list, as :func:`resolve_paths`
+    takes it), from its footer: whether the split has labels or row keys (its files agree, as the reader checks)."""
+    return list(open_parquet(resolve_paths(schema, split_or_paths)[0]).schema_arrow.names)
+
+
 def read_schema_and_check(
     schema: DatasetSchema, path: str, extras: Sequence[str] = (), with_label: bool = True
 ) -> int:

@@ -15,11 +15,10 @@ import os
 from typing import Dict, Optional, Type, TypeVar, Union
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from recsys_llm.data.criteo import CriteoConfig, prepare_criteo
 from recsys_llm.data.movielens import MovieLensConfig, prepare_movielens
-from recsys_llm.data.parquet_files import label_row_groups, read_schema_and_check, resolve_paths
+from recsys_llm.data.parquet_files import first_file_columns, label_row_groups, read_schema_and_check
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import SyntheticConfig, generate_synthetic
@@ -71,7 +70,7 @@ def check_prepared(schema: DatasetSchema) -> PrepareReport:
     rate: Dict[str, Optional[float]] = {}
     for split in schema.splits:
         path = schema.split_path(split)
-        labeled = schema.label in pq.read_schema(resolve_paths(schema, path)[0]).names
+        labeled = schema.label in first_file_columns(schema, path)
         rows[split] = read_schema_and_check(schema, path, with_label=labeled)
         rate[split] = (label_sum(schema, path) / rows[split] if rows[split] else 0.0) if labeled else None
     return PrepareReport(schema, rows, rate)

@@ -15,12 +15,11 @@ import time
 from typing import Any, Dict, Optional
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from recsys_llm.data.parquet import ParquetBatchReader
-from recsys_llm.data.parquet_files import resolve_paths
+from recsys_llm.data.parquet_files import first_file_columns
 from recsys_llm.data.parquet_writer import SplitWriter
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
@@ -110,7 +109,7 @@ def score_split(
     if output is not None:
         check_scores_output(output)
     check_artifact_fits(served, schema)
-    first_file = pq.read_schema(resolve_paths(schema, split)[0]).names
+    first_file = first_file_columns(schema, split)
     labeled = schema.label in first_file  # else rows to score (a day's traffic before its clicks)
     cold = labeled and DEFAULT_COLD_ITEM_COLUMN in schema.extra_columns
     subsets = {"cold": DEFAULT_COLD_ITEM_COLUMN} if cold else {}
