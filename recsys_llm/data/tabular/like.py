@@ -16,6 +16,7 @@ import os
 import shutil
 from typing import Dict, List, Optional
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from recsys_llm.data.parquet_writer import write_prepared
@@ -139,18 +140,17 @@ def _write_like(
     schema = dataclasses.replace(like, splits={split_name: f"{split_name}.parquet"}, extra_columns=list(extras),
                                  root=os.path.abspath(out_dir), ids=dict(like.ids))
     with_label = like.label in columns
-    column_types = None
-    while True:
-        bar = tqdm(desc="tabular rows", unit="row", disable=not progress, **interval_options())
-        try:
+
+    def write(column_types: Optional[Dict[str, pa.DataType]]) -> None:
+        with tqdm(desc="tabular rows", unit="row", disable=not progress, **interval_options()) as bar:
             write_splits(data_path, like, schema, plans, columns, row_key, None, config, bar, column_types,
-                          with_label=with_label, utf8_checked=False)
-            return schema
-        except ColumnTypeChanged as error:  # an extra column whose type the first block did not show: read again
-            if column_types is not None:
-                raise
-            column_types = csv_column_types(data_path, error.columns, config)
-            if column_types is None:
-                raise
-        finally:
-            bar.close()
+                         with_label=with_label, utf8_checked=False)
+
+    try:
+        write(None)
+    except ColumnTypeChanged as error:  # an extra column whose type the first block did not show: read again
+        column_types = csv_column_types(data_path, error.columns, config)
+        if column_types is None:
+            raise
+        write(column_types)
+    return schema
