@@ -145,16 +145,10 @@ _LIKE_REFUSED = {"schema": "--schema", "split": "--split", "split_by": "--split-
 
 
 def _check_like_options(args: argparse.Namespace) -> None:
-    """Raises ValueError for ``prepare tabular`` options that do not fit ``--like`` (or its absence): with
-    ``--like``, those the earlier preparation decided (:data:`_LIKE_REFUSED`); without it, ``--split-name``,
-    and a missing ``--schema``."""
+    """Raises ValueError for the ``prepare tabular`` options the earlier preparation decided (:data:`_LIKE_REFUSED`)
+    given with ``--like``, even at their default values (``prepare_dataset`` refuses the other misfits: a
+    missing schema, ``--split-name`` without ``--like``)."""
     if args.like is None:
-        if args.split_name is not None:
-            raise ValueError("prepare tabular: --split-name names the one split of new rows prepared with --like "
-                             "PREPARED_DIR; expected it only with --like")
-        if args.schema is None:
-            raise ValueError("prepare tabular: expected --schema FILE (the fields of the data), or --like "
-                             "PREPARED_DIR to prepare new rows into an earlier output's schema and ids")
         return
     given = [flag for name, flag in _LIKE_REFUSED.items() if getattr(args, name) not in (None, [])]
     if given:

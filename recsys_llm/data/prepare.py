@@ -148,7 +148,9 @@ def prepare_dataset(
         schema = prepare_criteo(input_path, out_dir, _source_config(source, config, CriteoConfig), progress=progress)
     else:
         if not schema_path:
-            raise ValueError("prepare tabular needs a schema file (JSON/YAML) describing the fields")
+            raise ValueError("prepare tabular needs a schema file (JSON/YAML, --schema FILE) describing the fields, or "
+                             "like_dir (--like PREPARED_DIR) to prepare new rows into an earlier output's schema and "
+                             "ids")
         schema = prepare_tabular(input_path, schema_path, out_dir, _source_config(source, config, TabularConfig),
                                  progress=progress, field_ways=field_ways)
     return dataclasses.replace(check_prepared(schema), field_ways=field_ways)
