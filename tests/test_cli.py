@@ -486,6 +486,16 @@ def test_the_train_table_gives_each_test_sets_calibration() -> None:
     assert lines[4].split() == ["valid", "(best)", "0.5800", "-", "-", "-", "-"]
 
 
+def test_the_train_table_of_a_run_without_valid_and_test_splits_says_so() -> None:
+    from recsys_llm.cli.train import results_table
+
+    results = {"global_step": 40, "epochs": 2, "world_size": 1, "samples_per_second": 1000.0, "run_dir": "runs/day2",
+               "valid": {"auc": None}}
+    lines = results_table(results).splitlines()
+    assert len(lines) == 2 and "no valid or test split" in lines[0] and "evaluate --split" in lines[0]
+    assert lines[1].startswith("steps 40, epochs 2")
+
+
 def test_a_program_that_calls_main_gets_its_own_sigterm_handler_back(monkeypatch, tmp_path) -> None:
     """The examples and the demo call main() inside a running program (a notebook's kernel, a
     script): SIGTERM ends the command, then the program's own handler is back in place."""

@@ -246,3 +246,14 @@ def test_offline_jobs_on_rank_0_of_torchrun_export_every_item_alone(tmp_path, mo
     with open(tmp_path / "jobs" / "vectors" / "_manifest.json", encoding="utf-8") as handle:
         assert json.load(handle)["num_rows"] > 4096  # more items than one chunk of the default --chunk-rows
     assert os.path.isfile(tmp_path / "jobs" / "fields.safetensors")
+
+
+def test_daily_training_from_yesterdays_weights_scores_the_next_day_best(tmp_path) -> None:
+    """``examples/daily_training.py``: day 2's run started from day 1's weights and optimizer state scores day 3
+    better than day 1's model and than a run on day 2 alone (the data and seeds are the example's own)."""
+    _examples_on_path()
+    import daily_training
+
+    scores = daily_training.main(str(tmp_path / "daily"), rows=20_000, epochs=2)
+    assert scores["day2_from_day1"]["ne"] < scores["day2"]["ne"] < scores["day1"]["ne"]
+    assert scores["day2_from_day1"]["auc"] > scores["day2"]["auc"] > scores["day1"]["auc"]

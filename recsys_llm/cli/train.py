@@ -50,6 +50,8 @@ def results_table(results: Dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if len(rows) == 1:  # a run without valid and test splits (a day's data, prepared --like, to train on)
+        lines = ["no valid or test split: evaluate the run on another split with `recsys-llm evaluate --split`"]
     throughput = results.get("samples_per_second")
     throughput = f"{throughput:,.0f}" if isinstance(throughput, float) and math.isfinite(throughput) else "-"
     footer = (f"steps {results.get('global_step')}, epochs {results.get('epochs')}, ranks {results.get('world_size')}, "

@@ -199,6 +199,12 @@ class TrainConfig:
         pipelined_eval (Literal["auto", True, False]): validation, test and ``evaluate`` through torchrec's
             ``EvalPipelineSparseDist`` (the next batch's copy to the device and sparse all-to-all overlap the
             current forward; the same metrics as the plain loop); ``auto``: on CUDA, not on CPU, where it was slower.
+        init_from (str): a new run starts from the weights of this run directory (its best, else latest,
+            checkpoint) or checkpoint, trained with the same model settings on data of the same schema
+            (``prepare tabular --like``); '': fresh weights. Only a run without checkpoints of its own reads it
+            (a resume goes on from its own): :mod:`recsys_llm.train.init_from`.
+        init_optimizer (bool): with ``init_from``, also take its table and dense optimizer states (the
+            same ``optim.sparse`` / ``optim.dense``); False: fresh optimizer state.
     """
 
     epochs: int = 1
@@ -217,6 +223,8 @@ class TrainConfig:
     metrics_window: int = 0
     metrics_every: int = 50
     pipelined_eval: Literal["auto", True, False] = "auto"
+    init_from: str = ""
+    init_optimizer: bool = True
 
     def __post_init__(self) -> None:
         at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 0, "max_steps": 0, "patience": 0,
@@ -450,13 +458,14 @@ def save_config(config: ExperimentConfig, path: str) -> None:
 
 
 # settings a resumed run may change: where and how it runs, its budget and its evaluation, not
-# what it trains (a new batch size is converted: ``resume.state_for_world``); a ``*`` part stands for
+# what it trains (a new batch size is converted: ``resume.state_for_world``; the weights a run started
+# from are in its own checkpoints, so train.init_from is read only before its first); a ``*`` part stands for
 # any one part of a key (a table name: config_differences)
 RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
     "train.reshard_mid_epoch", "train.flush_denormal", "train.metrics_window", "train.metrics_every",
-    "train.pipelined_eval",
+    "train.pipelined_eval", "train.init_from", "train.init_optimizer",
     "sharding.proposer_patience", "sharding.storage_reservation", "sharding.plan_file", "sharding.measure_pooling",
     "sharding.fused_params.cache_load_factor", "sharding.fused_params.bounds_check_mode",
     "sharding.table_constraints.*.fused_params.cache_load_factor",
@@ -613,9 +622,10 @@ TRAINING_ONLY_KEYS = frozenset({
 })
 
 
-def check_same_model(config: ExperimentConfig, saved_path: Optional[str]) -> None:
+def check_same_model(config: ExperimentConfig, saved_path: Optional[str], advice: str = "") -> None:
     """Raises when ``config`` builds another model than the run saved at ``saved_path`` (for
-    evaluate / export, which load that run's checkpoint); no-op without a saved config.
+    evaluate / export, which load that run's checkpoint, and a run that starts from it); no-op
+    without a saved config. ``advice``: what to do instead (default: pass that run's config).
 
     Raises:
         ConfigError: naming the model / llactr / elec settings that differ.
@@ -627,5 +637,5 @@ def check_same_model(config: ExperimentConfig, saved_path: Optional[str]) -> Non
     if differences:
         raise ConfigError(
             f"{saved_path}: the checkpoint's run had other model settings ({'; '.join(differences)}); "
-            f"pass its own config (--config {saved_path}) or the same overrides"
+            f"{advice or f'pass its own config (--config {saved_path}) or the same overrides'}"
         )

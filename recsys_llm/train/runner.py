@@ -75,6 +75,7 @@ from recsys_llm.train.distributed import (
     sum_over_ranks,
 )
 from recsys_llm.train.eval_forwards import use_pipelined_eval
+from recsys_llm.train.init_from import INIT_FROM_KEY, check_init_source, load_init_source
 from recsys_llm.train.loss_sums import LossSums
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
@@ -264,6 +265,12 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     best = CheckpointManager(os.path.join(run_dir, "best"), keep=1, before_save=note)
     earlier = resume_point(checkpoints, best)
     latest = earlier if train_cfg.resume else None
+    init_record: Optional[Dict[str, Any]] = None
+    if earlier is None:  # a run with checkpoints of its own goes on from them
+        init = run_on_every_rank(lambda: check_init_source(config, schema, plan, built.plugins),
+                                 "checking train.init_from", ctx.device)
+        if init is not None:  # before the plug-in weights: frozen ones come from their own files
+            init_record = load_init_source(init, model, optimizer)
     if latest is None:
         # a resumed run takes these weights from its checkpoint, so their source files (teacher
         # checkpoint, entity vectors) need not be where they were when it started
@@ -291,6 +298,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
         if os.path.isfile(saved_plugins):
             saved_record = read_run_record(saved_plugins)
+            init_record = saved_record.get(INIT_FROM_KEY)  # kept: the weights this run started from
             check_plugin_history(saved_record, built.plugins, saved_plugins)
             check_same_field_vectors(saved_record, built.plugins, saved_plugins)
             check_same_entity_vectors(saved_record, built.plugins, saved_plugins)
@@ -307,7 +315,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
                              "locking train.run_dir", ctx.device)
     try:
         return _train_in_run_dir(config, ctx, schema, built, readers, model, plan, optimizer, checkpoints, best, latest,
-                                 saved_config, fingerprints, on_step, pooling, windowed)
+                                 saved_config, fingerprints, on_step, pooling, windowed, init_record)
     finally:
         if lock is not None:
             lock.close()  # closing the file releases its lock
@@ -352,17 +360,20 @@ def _train_in_run_dir(
     readers: Dict[str, ParquetBatchReader], model: nn.Module, plan: Any, optimizer: Any, checkpoints: CheckpointManager,
     best: CheckpointManager, latest: Optional[str], saved_config: str, fingerprints: Dict[str, str],
     on_step: Optional[StepHook], pooling: Dict[str, List[float]], windowed: Optional[WindowedTrainMetrics],
+    init_record: Optional[Dict[str, Any]],
 ) -> Dict[str, Any]:
     """:func:`run_training` from the first write into ``train.run_dir`` on (rank 0 holds its lock); ``pooling``:
     each table's pooling factors as the planner took them (for ``sharding_plan.json``); ``windowed``: the windowed
-    training metrics (``train.metrics_window``), whose window starts empty in every job."""
+    training metrics (``train.metrics_window``), whose window starts empty in every job; ``init_record``: where a
+    new run's weights came from (``train.init_from``), kept in ``plugins.json``."""
     train_cfg = config.train
     run_dir = train_cfg.run_dir
     if ctx.is_main:
         save_config(config, saved_config)
         write_text_atomically(os.path.join(run_dir, PLUGINS_FILE), json.dumps(
             {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), SCHEMA_CONTENTS_KEY: schema.fingerprinted(),
-             DATA_FINGERPRINTS_KEY: fingerprints, **built.plugins},
+             DATA_FINGERPRINTS_KEY: fingerprints, **built.plugins,
+             **({INIT_FROM_KEY: init_record} if init_record is not None else {})},
             indent=2, sort_keys=True, default=str))
         write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan, pooling))
         if train_cfg.progress:
@@ -375,7 +386,12 @@ def _train_in_run_dir(
     if latest is None:
         give_rank_its_own_stream(ctx.rank, ctx.device)  # dropout masks; a resume restores each rank's from its checkpoint
         # records before it are a job's that was killed before its first checkpoint: superseded
-        log.write({"event": STARTED_EVENT, "global_step": 0, "epoch": 0})
+        log.write({"event": STARTED_EVENT, "global_step": 0, "epoch": 0,
+                   **({INIT_FROM_KEY: init_record["checkpoint"]} if init_record is not None else {})})
+        if ctx.is_main and init_record is not None:
+            what = "weights and optimizer state" if init_record["optimizer"] else "weights"
+            print(f"starting {run_dir} from the {what} of {init_record['checkpoint']} (its step "
+                  f"{init_record['global_step']})", flush=True)
     else:
         state = state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size,
                                  train_cfg.seed, readers["train"])
