@@ -2,7 +2,8 @@
 
 Three days of a shop's clicks are written as CSV files (users' and products' own appeal and the price decide
 the clicks, so what a model learns about a product on one day still holds the next; day 2 brings a new
-city). Day 1 is prepared as usual, days 2 and 3 ``--like`` day 1 (the same ids and schema fingerprint).
+city). Day 1 is prepared as usual, day 2 ``--like`` day 1 (the same ids and schema fingerprint; the new city
+takes a free id of its table: ``--grow-vocabulary``), and day 3 ``--like`` day 2.
 Three runs, each scored on day 3 with ``recsys-llm evaluate --split``:
 
 * ``day1``: trained on day 1;
@@ -71,10 +72,10 @@ def main(work: str, rows: int, epochs: int) -> Dict[str, Dict[str, float]]:
     day1, day2, day3 = write_days(work, rows)
     run(["prepare", "tabular", "--input", day1, "--schema", f"{work}/shop.yaml", "--out", f"{work}/data/day1",
          "--quiet"])
-    for csv, split in ((day2, "train"), (day3, "test")):
-        name = os.path.splitext(os.path.basename(csv))[0]
-        run(["prepare", "tabular", "--input", csv, "--like", f"{work}/data/day1", "--out", f"{work}/data/{name}",
-             "--split-name", split, "--quiet"])
+    # day 2's new city takes a free id of its table; day 3 is prepared like day 2, so it gets the same one
+    run(["prepare", "tabular", "--input", day2, "--like", f"{work}/data/day1", "--out", f"{work}/data/day2",
+         "--split-name", "train", "--grow-vocabulary", "--quiet"])
+    run(["prepare", "tabular", "--input", day3, "--like", f"{work}/data/day2", "--out", f"{work}/data/day3", "--quiet"])
     common = ["--config", DEMO_CONFIG, "data.synthetic_rows=0", f"train.epochs={epochs}", "train.progress=false"]
     day_two = ["data.valid_split=", "data.test_split="]  # the day's data holds one split, train
     runs = {"day1": [f"data.schema={work}/data/day1"],

@@ -160,7 +160,7 @@ def _prepare(args: argparse.Namespace) -> int:
     like = {}
     if args.source == "tabular":
         _check_like_options(args)
-        like = {"like_dir": args.like, "split_name": args.split_name}
+        like = {"like_dir": args.like, "split_name": args.split_name, "grow_vocabulary": args.grow_vocabulary}
     report = prepare_dataset(args.source, args.out, getattr(args, "input", None), getattr(args, "schema", None),
                              _config(args), progress=not args.quiet, **like)
     print(report.summary())
@@ -228,6 +228,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "them); the label column is optional (default: none)")
     tabular.add_argument("--split-name", default=None, metavar="NAME",
                          help="with --like, the name of the one split written, NAME.parquet (default: test)")
+    tabular.add_argument("--grow-vocabulary", action="store_true",
+                         help="with --like, values a vocabulary field's vocabulary lacks take the free ids of its "
+                              "table (cardinality beyond the values it holds), most frequent first, instead of id 0; "
+                              "the output's value-text files hold them (for training on the new rows: "
+                              "train.init_from)")
     tabular.add_argument("--split", type=_fractions, default=None,
                          help="train,valid,test shares (default: 0.8,0.1,0.1)")
     tabular.add_argument("--split-by", default=None,

@@ -90,6 +90,7 @@ def prepare_dataset(
     progress: bool = True,
     like_dir: Optional[str] = None,
     split_name: Optional[str] = None,
+    grow_vocabulary: bool = False,
 ) -> PrepareReport:
     """Converts one source into ``out_dir`` and checks the result.
 
@@ -106,6 +107,8 @@ def prepare_dataset(
             the new rows are prepared into, as one split (:func:`~recsys_llm.data.tabular.like.prepare_tabular_like`;
             no schema file then).
         split_name (Optional[str]): with ``like_dir``, the name of that split (None: ``test``).
+        grow_vocabulary (bool): with ``like_dir``, values a vocabulary lacks take its table's free ids instead of
+            id 0 (:mod:`~recsys_llm.data.tabular.growth`).
 
     Returns:
         PrepareReport: rows and click rate per split, and the ways of the fields' ids.
@@ -131,12 +134,16 @@ def prepare_dataset(
     if split_name is not None and like_dir is None:
         raise ValueError("split_name (--split-name) names the one split of new rows prepared like an earlier output; "
                          "expected it only with like_dir (--like)")
+    if grow_vocabulary and like_dir is None:
+        raise ValueError("grow_vocabulary (--grow-vocabulary) gives the new values of rows prepared like an earlier "
+                         "output ids of their own; expected it only with like_dir (--like)")
     if like_dir is not None:
         if schema_path:
             raise ValueError(f"prepare tabular --like {like_dir}: the schema is the earlier output's; expected no "
                              f"schema file (--schema {schema_path})")
         schema = prepare_tabular_like(input_path, like_dir, out_dir, _source_config(source, config, TabularConfig),
-                                      split_name or "test", progress=progress, field_ways=field_ways)
+                                      split_name or "test", progress=progress, field_ways=field_ways,
+                                      grow_vocabulary=grow_vocabulary)
     elif source == "synthetic":
         c = _source_config(source, config, SyntheticConfig) or SyntheticConfig()
         schema = write_prepared(out_dir, "synthetic", [],

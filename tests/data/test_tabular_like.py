@@ -287,3 +287,65 @@ def test_decided_options_given_at_their_default_values_are_accepted(earlier: Dic
                            vocabulary_fields=tuple([]))
     schema = prepare_tabular_like(_csv(tmp_path / "new.csv", NEW), earlier["data"], str(tmp_path / "o"), config)
     assert schema.splits == {"test": "test.parquet"}
+
+
+# a day that brings two new cities (Berlin twice, Rome once) and new categories (boots twice, caps once)
+GROWING = {
+    "user": [3, 7, 99, 0, 5],
+    "city": ["Paris", "Berlin", "Rome", "Berlin", ""],
+    "query": ["q1", "q2", "q3", "q4", "q5"],
+    "cats": ["shoes|boots", "boots", "caps", "", "hats"],
+    "price": [1.0, 2.0, 3.0, 4.0, 5.0],
+}
+
+
+def test_grown_vocabularies_give_new_values_the_free_ids_most_frequent_first(earlier: Dict[str, str],
+                                                                              tmp_path) -> None:
+    """``--grow-vocabulary``: the values a vocabulary lacks take ids V+1.. of the field's table (Berlin, seen twice,
+    before Rome); the earlier ids and the fingerprint stay; the value-text files hold the new values, so a later
+    day prepared like the grown output gives them the same ids."""
+    old = DatasetSchema.load(earlier["data"])
+    out, ways = str(tmp_path / "day2"), {}
+    prepare_tabular_like(_csv(tmp_path / "day2.csv", GROWING), earlier["data"], out, split_name="train",
+                         field_ways=ways, grow_vocabulary=True)
+    grown = DatasetSchema.load(out)
+    assert grown.fingerprint() == old.fingerprint()
+    cities = pq.read_table(old.value_text_path("city"))["text"].to_pylist()  # unknown + the 4 earlier cities
+    assert pq.read_table(grown.value_text_path("city"))["text"].to_pylist() == cities + ["Berlin", "Rome"]
+    assert ways["city"] == "vocabulary, 2 new values, ids 5-6" and ways["cats"] == "vocabulary, 2 new values, ids 6-7"
+    assert ways["user"] == "integer ids" and ways["query"] == "hashed text"
+    table = pq.read_table(os.path.join(out, "train.parquet"))
+    assert table["city"].to_pylist() == [cities.index("Paris"), 5, 6, 5, 0]
+    shoes = pq.read_table(old.value_text_path("cats"))["text"].to_pylist().index("shoes")
+    assert table["cats"].to_pylist() == [[shoes, 6], [6], [7], [], [raw_value_ids(old, "cats", ["hats"])[0][0]]]
+    day3 = str(tmp_path / "day3")
+    prepare_tabular_like(_csv(tmp_path / "day3.csv", dict(GROWING, city=["Rome", "Berlin", "Nice", "Oslo", "Rome"])),
+                         out, day3)
+    assert pq.read_table(os.path.join(day3, "test.parquet"))["city"].to_pylist() == [6, 5, cities.index("Nice"), 0, 6]
+    assert raw_value_ids(DatasetSchema.load(day3), "city", ["Berlin", "Oslo"])[0].tolist() == [5, 0]
+
+
+def test_new_values_past_the_tables_free_ids_get_id_0_with_a_warning(earlier: Dict[str, str], tmp_path) -> None:
+    """cats holds 5 values in a table of 8 rows: 2 ids are free, so the third new category gets id 0, said once."""
+    rows = dict(GROWING, cats=["boots", "boots|caps", "caps|scarves", "boots", "scarves|belts"])
+    out, ways = str(tmp_path / "day2"), {}
+    with pytest.warns(UserWarning, match=r"field 'cats' met 4 values .* 2 more than its table has free ids "
+                                         r"\(cardinality 8\); they get id 0"):
+        prepare_tabular_like(_csv(tmp_path / "day2.csv", rows), earlier["data"], out, field_ways=ways,
+                             grow_vocabulary=True)
+    assert ways["cats"] == "vocabulary, 2 new values, ids 6-7; 2 more beyond the 8 ids -> 0"
+    texts = pq.read_table(DatasetSchema.load(out).value_text_path("cats"))["text"].to_pylist()
+    assert texts[6:] == ["boots", "caps"]  # boots in 3 rows, caps and scarves in 2 (the tie by value), belts in 1
+    # a sequence drops the tokens left at id 0, as without growth
+    assert pq.read_table(os.path.join(out, "test.parquet"))["cats"].to_pylist() == [[6], [6, 7], [7], [6], []]
+
+
+def test_grow_vocabulary_is_refused_without_like(earlier: Dict[str, str], tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match=r"grow_vocabulary \(--grow-vocabulary\).*only with like_dir \(--like\)"):
+        prepare_dataset("tabular", str(tmp_path / "out"), _csv(tmp_path / "day2.csv", GROWING),
+                        schema_path=earlier["schema"], grow_vocabulary=True, progress=False)
+    argv = ["prepare", "tabular", "--input", str(tmp_path / "day2.csv"), "--like", earlier["data"], "--out",
+            str(tmp_path / "cli"), "--grow-vocabulary", "--quiet"]
+    assert cli_main(argv) == 0
+    assert "city                 sparse" in capsys.readouterr().out
+    assert raw_value_ids(DatasetSchema.load(str(tmp_path / "cli")), "city", ["Rome"])[0].tolist() == [6]

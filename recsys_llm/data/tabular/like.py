@@ -14,15 +14,18 @@ output holds one split, the earlier schema (fingerprint included) and its value-
 import dataclasses
 import os
 import shutil
-from typing import Dict, List, Optional
+import warnings
+from typing import Dict, List, Optional, Set
 
 import pyarrow as pa
 from tqdm import tqdm
 
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema, check_split_name
+from recsys_llm.data.synthetic import write_value_text
 from recsys_llm.data.tabular.config import TabularConfig
 from recsys_llm.data.tabular.convert import format_hint, near_names, write_splits, field_way
+from recsys_llm.data.tabular.growth import grow_vocabularies
 from recsys_llm.data.tabular.raw_values import prepared_plan
 from recsys_llm.data.tabular.source import ColumnTypeChanged, csv_column_types, repeated_columns, source_columns
 from recsys_llm.data.tabular.tokens import FieldPlan
@@ -42,6 +45,7 @@ def prepare_tabular_like(
     split_name: str = "test",
     progress: bool = False,
     field_ways: Optional[Dict[str, str]] = None,
+    grow_vocabulary: bool = False,
 ) -> DatasetSchema:
     """Prepares the rows of ``data_path`` into the id space of the earlier ``prepare tabular`` output ``like_dir``.
 
@@ -61,6 +65,9 @@ def prepare_tabular_like(
         progress (bool): a tqdm bar over rows.
         field_ways (Optional[Dict[str, str]]): when given, filled with each categorical field's way, as the
             prepare report prints it.
+        grow_vocabulary (bool): values a vocabulary lacks take the free ids of the field's table
+            (:func:`~recsys_llm.data.tabular.growth.grow_vocabularies`; the output's value-text files hold them)
+            instead of id 0; one more pass over the rows.
 
     Returns:
         DatasetSchema: the written schema: the earlier one (same fields, label, row key, ``ids``, hence the same
@@ -106,14 +113,24 @@ def prepare_tabular_like(
     if repeated:
         raise DataError(f"{data_path}: column(s) {repeated} of the earlier schema {like.name!r} occur more than once "
                         "in the file; expected each column once (rename or drop the copies)")
+    growth = grow_vocabularies(data_path, like, plans, config, progress) if grow_vocabulary else {}
+    for name, grown in growth.items():
+        if grown.left_out:
+            warnings.warn(f"{data_path}: field {name!r} met {grown.added + grown.left_out} values its vocabulary "
+                          f"({like_dir}) lacks, {grown.left_out} more than its table has free ids (cardinality "
+                          f"{like.field(name).cardinality:,d}); they get id 0. Prepare the earlier data with a larger "
+                          "cardinality to leave room for new values", stacklevel=2)
     split_file = f"{split_name}.parquet"
     schema = write_prepared(
         out_dir, data_path, [data_path, like_dir],
-        lambda tmp: _write_like(data_path, like, tmp, plans, columns, row_key, extras, config, split_name, progress),
+        lambda tmp: _write_like(data_path, like, tmp, plans, columns, row_key, extras, config, split_name, progress,
+                                set(growth)),
         with_label=with_label, marker_files=("schema.json", split_file),
     )
     if field_ways is not None:
-        field_ways.update({spec.name: field_way(spec, plans[spec.name], config) for spec in like.categorical_fields})
+        field_ways.update({spec.name: field_way(spec, plans[spec.name], config)
+                           + (f", {growth[spec.name].describe(spec.cardinality)}" if spec.name in growth else "")
+                           for spec in like.categorical_fields})
     return schema
 
 
@@ -128,15 +145,19 @@ def _write_like(
     config: TabularConfig,
     split_name: str,
     progress: bool,
+    grown: Set[str],
 ) -> DatasetSchema:
     """Writes the one split and the earlier value-text files into the fresh directory ``out_dir``; returns the
     schema rooted there (not yet saved). ``columns``: the source columns read; ``extras``: the earlier extra
-    columns among them."""
+    columns among them; ``grown``: the fields whose vocabularies took new values (their files hold them)."""
     for spec in like.fields:
         if spec.value_text:  # the same relative path, so the schema names it as the earlier one does
             target = os.path.join(out_dir, spec.value_text)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copyfile(like.value_text_path(spec.name), target)
+            if spec.name in grown:
+                write_value_text(target, ["unknown"] + plans[spec.name].vocabulary.to_pylist())
+            else:
+                shutil.copyfile(like.value_text_path(spec.name), target)
     schema = dataclasses.replace(like, splits={split_name: f"{split_name}.parquet"}, extra_columns=list(extras),
                                  root=os.path.abspath(out_dir), ids=dict(like.ids))
     with_label = like.label in columns
