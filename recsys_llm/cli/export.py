@@ -87,7 +87,8 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
              f"{'' if state_only else ', then the dense part traced with torch.export'})")
     if ctx.is_main and state_only:
         metadata = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": checkpoint_digests(checkpoint),
-                    "model": config.model.to_dict(), "schema_fingerprint": schema.fingerprint()}
+                    "model": config.model.to_dict(), "schema_fingerprint": schema.fingerprint(),
+                    "vocabularies": schema.vocabulary_records()}
         if config.elec is not None:  # what shapes the gain network: a frozen-teacher run names what differs
             metadata["elec"] = gain_shape_settings(ELECConfig.from_dict(config.elec, source="elec"))
         written = _write_state(full, output, metadata)
@@ -106,6 +107,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         metadata = {
             "schema": schema.name,
             "schema_fingerprint": schema.fingerprint(),
+            "vocabularies": schema.vocabulary_records(),  # which ids meant which values (score checks them)
             "model": config.model.to_dict(),
             "checkpoint": os.path.abspath(checkpoint),
             "checkpoint_sha256": checkpoint_digests(checkpoint),  # which trained state (a retrained one differs)

@@ -319,6 +319,44 @@ class DatasetSchema:
             table = table.set_column(table.column_names.index("text"), "text", table.column("text").cast(pa.string()))
         return table
 
+    def vocabulary_records(self) -> Dict[str, Dict[str, Any]]:
+        """Which value each id of a vocabulary field means: ``{field: {"ids": N, "digest": d}}``, ``d`` a digest of
+        the ``N`` rows (``id``, ``text``) of its value-text file, for the fields ``ids`` records as ``vocabulary``
+        whose file is there.
+
+        :meth:`fingerprint` leaves the vocabularies out (it covers sizes, not which value got which id), so data of
+        the same source prepared afresh instead of ``--like`` keeps it while its ids mean other values (a value
+        first seen on a later day sorts in between the earlier ones). Runs and exports record these
+        (:meth:`changed_vocabularies` checks data against them).
+        """
+        records = {}
+        for name in self._vocabulary_fields():
+            table = self.load_value_text(name).sort_by("id")
+            records[name] = {"ids": table.num_rows, "digest": _vocabulary_digest(table, table.num_rows)}
+        return records
+
+    def changed_vocabularies(self, recorded: Mapping[str, Any]) -> List[str]:
+        """The fields of ``recorded`` (:meth:`vocabulary_records` of the data a model trained on) whose recorded ids
+        mean other values in this schema's vocabularies, or that hold fewer ids. A vocabulary that grew
+        (``prepare tabular --like --grow-vocabulary``) keeps its earlier ids and passes; a record that is no such
+        mapping is left unchecked."""
+        ours = set(self._vocabulary_fields())
+        changed = []
+        for name, record in sorted(recorded.items()):
+            if name not in ours or not isinstance(record, dict) or not isinstance(record.get("ids"), int):
+                continue
+            table = self.load_value_text(name).sort_by("id")
+            count = record["ids"]
+            if table.num_rows < count or _vocabulary_digest(table, count) != record.get("digest"):
+                changed.append(name)
+        return changed
+
+    def _vocabulary_fields(self) -> List[str]:
+        """The fields ``ids`` records as ``vocabulary`` whose value-text file is there."""
+        return [name for name, way in sorted(self.ids.items())
+                if way == "vocabulary" and self.value_text_path(name) is not None
+                and os.path.isfile(self.value_text_path(name))]
+
     def fingerprint(self) -> str:
         """Hash of everything a model or vector file depends on: field names, kinds, sizes, descriptions
         (a field-vector file, one vector per field, is checked against :meth:`semantic_fingerprint`).
@@ -551,3 +589,12 @@ def load_raw(path: str) -> Any:
     except Exception as error:  # json.JSONDecodeError / yaml.YAMLError / a repeated key
         raise SchemaError(f"{path}: not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: "
                           f"{one_line(error)}") from error
+
+
+def _vocabulary_digest(table: pa.Table, count: int) -> str:
+    """A digest of the first ``count`` rows (``id``, ``text``) of a value-text table sorted by id."""
+    digest = hashlib.sha256()
+    head = table.slice(0, count)
+    for value_id, text in zip(head.column("id").to_pylist(), head.column("text").to_pylist()):
+        digest.update(f"{value_id}\t{text}\n".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:16]

@@ -54,7 +54,8 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
     """Raises ValueError, naming ``schema``'s file, unless its rows fit the artifact: every sparse feature the
     artifact reads, the dense features it reads in its column order (the program reads them by position: another
     order would score every row silently wrong; an artifact that does not record their names, exported before
-    2026-12-06, is checked for their number), and tables without per-id weights (a split holds none)."""
+    2026-12-06, is checked for their number), the vocabularies the model was trained on (where the artifact records
+    them), and tables without per-id weights (a split holds none)."""
     where = os.path.join(schema.root, "schema.json")
     hint = "score data prepared with the schema it was trained on"
     missing = sorted(set(served.feature_names) - set(schema.sparse_feature_names))
@@ -68,6 +69,12 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
     if expected is None and len(names) != served.num_dense_features:
         raise ValueError(f"{where}: the schema has {len(names)} dense features {names}; the artifact reads "
                          f"{served.num_dense_features}; {hint}")
+    other = schema.changed_vocabularies(served.vocabularies)
+    if other:
+        raise ValueError(f"{where}: the vocabulary of field(s) {other} is not the one the artifact's model was trained "
+                         "on, so the same values would read other rows of its tables (data prepared afresh, not "
+                         "--like the training data); prepare the rows with `recsys-llm prepare tabular --input FILE "
+                         "--like TRAINING_DATA --out DIR`")
     if served.weighted:
         raise ValueError("the artifact's tables pool per-id weights (config.json: weighted), and a Parquet split holds "
                          "ids without weights: score it in Python, ServedModel.logits with the KeyedJaggedTensor's "

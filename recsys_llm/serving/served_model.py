@@ -315,6 +315,14 @@ class ServedModel(nn.Module):
         names = self._config.get(DENSE_NAMES_KEY)
         return list(names) if isinstance(names, list) else None
 
+    @property
+    def vocabularies(self) -> Dict[str, Any]:
+        """Which value each id of the vocabularies the model was trained on meant (``config.json``
+        ``metadata.vocabularies``, :meth:`~recsys_llm.data.schema.DatasetSchema.vocabulary_records`); empty for an
+        artifact exported before they were recorded."""
+        recorded = (self._config.get("metadata") or {}).get("vocabularies")
+        return dict(recorded) if isinstance(recorded, dict) else {}
+
     @classmethod
     def load(cls, directory: str, trust_program: bool = False) -> "ServedModel":
         """Loads an artifact: the tables from ``model.safetensors``, the dense part from

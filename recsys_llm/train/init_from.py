@@ -66,7 +66,11 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
     train_cfg = config.train
     if not train_cfg.init_from:
         return None
-    checkpoint = resolve_checkpoint(train_cfg.init_from)
+    try:
+        checkpoint = resolve_checkpoint(train_cfg.init_from)
+    except FileNotFoundError as error:  # name the setting: a daily job passes several paths
+        raise FileNotFoundError(f"train.init_from={train_cfg.init_from}: {error}; expected the run directory of the "
+                                "run to start from (or a checkpoint inside it)") from error
     saved_config = run_config_of(checkpoint)
     if saved_config is None:
         raise FileNotFoundError(

@@ -87,12 +87,16 @@ def check_split_names(config: ExperimentConfig, schema: DatasetSchema) -> None:
             f"data.train_split={data.train_split!r}: {schema.root} has no such split (it has "
             f"{sorted(schema.splits)}); expected the split to train on"
         )
-    for name, split in (("valid", data.valid_split), ("test", data.test_split)):
-        if split and split not in schema.splits:
-            raise ConfigError(
-                f"data.{name}_split={split!r}: {schema.root} has no such split (it has {sorted(schema.splits)}); "
-                f"set data.{name}_split='' to train without a {name} split"
-            )
+    absent = [(name, split) for name, split in (("valid", data.valid_split), ("test", data.test_split))
+              if split and split not in schema.splits]
+    if absent:  # both at once: a day's data prepared --like holds one split, and lacks either
+        settings = " and ".join(f"data.{name}_split={split!r}" for name, split in absent)
+        clear = " ".join(f"data.{name}_split=''" for name, _ in absent)
+        without = " or ".join(f"a {name}" for name, _ in absent)
+        raise ConfigError(
+            f"{settings}: {schema.root} has no such split (it has {sorted(schema.splits)}); "
+            f"set {clear} to train without {without} split"
+        )
 
 
 def build_readers(

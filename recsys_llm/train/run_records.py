@@ -20,7 +20,7 @@ from recsys_llm.data.schema_changes import schema_change_note
 from recsys_llm.data.validation import DataError, check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
-from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig, schema_json_path
+from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig, load_config, schema_json_path
 from recsys_llm.train.distributed import host_group
 
 RESULTS_FILE = "results.json"
@@ -46,6 +46,7 @@ VECTOR_RECORD_PLACE_KEYS = frozenset({"config", "vectors", "created_at", "create
 SCHEMA_FINGERPRINT_KEY = "schema_fingerprint"  # in PLUGINS_FILE: the data set's schema the run trained on
 SCHEMA_CONTENTS_KEY = "schema_contents"  # in PLUGINS_FILE: what that fingerprint hashes (DatasetSchema.fingerprinted)
 DATA_FINGERPRINTS_KEY = "data_fingerprints"  # in PLUGINS_FILE: split -> the Parquet footers' hash of its files
+VOCABULARIES_KEY = "vocabularies"  # in PLUGINS_FILE: DatasetSchema.vocabulary_records, which ids meant which
 
 
 def _read_splits(config: ExperimentConfig, schema: DatasetSchema) -> List[str]:
@@ -527,7 +528,8 @@ def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
 
 def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: str) -> None:
     """Raises ConfigError when the run of ``saved_config`` trained on data of another schema
-    (e.g. the same directory prepared again with other sizes)."""
+    (e.g. the same directory prepared again with other sizes), or on other vocabularies (the same source
+    prepared afresh instead of ``prepare tabular --like``; runs record them under :data:`VOCABULARIES_KEY`)."""
     record = _trained_schema_record(saved_config)
     trained_on = record.get(SCHEMA_FINGERPRINT_KEY)
     if trained_on is not None and trained_on != schema.fingerprint():
@@ -535,6 +537,15 @@ def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: s
         raise ConfigError(
             f"{what}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
             f"{schema.fingerprint()}{changes}: use data prepared like the training data"
+        )
+    recorded = record.get(VOCABULARIES_KEY)
+    other = schema.changed_vocabularies(recorded) if isinstance(recorded, dict) else []
+    if other:
+        trained_dir = os.path.dirname(schema_json_path(load_config(saved_config).data.schema))
+        raise ConfigError(
+            f"{what}: the vocabulary of field(s) {other} in {schema.root} is not the one the run trained on, so "
+            f"the same values would read other rows of its tables (data prepared afresh, not --like the training "
+            f"data); prepare the rows with `recsys-llm prepare tabular --input FILE --like {trained_dir} --out DIR`"
         )
 
 

@@ -100,6 +100,7 @@ from recsys_llm.train.run_records import (
     SCHEMA_FINGERPRINT_KEY,
     STARTED_EVENT,
     TRAIN_WINDOW_EVENT,
+    VOCABULARIES_KEY,
     check_data_unchanged,
     check_run_dir_is_ours,
     check_run_dir_shared,
@@ -372,7 +373,8 @@ def _train_in_run_dir(
         save_config(config, saved_config)
         write_text_atomically(os.path.join(run_dir, PLUGINS_FILE), json.dumps(
             {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), SCHEMA_CONTENTS_KEY: schema.fingerprinted(),
-             DATA_FINGERPRINTS_KEY: fingerprints, **built.plugins,
+             DATA_FINGERPRINTS_KEY: fingerprints, VOCABULARIES_KEY: schema.vocabulary_records(),
+             **built.plugins,
              **({INIT_FROM_KEY: init_record} if init_record is not None else {})},
             indent=2, sort_keys=True, default=str))
         write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan, pooling))

@@ -9,6 +9,7 @@ from typing import Any, Dict, NamedTuple, Optional
 from torch import nn
 
 from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.parquet_files import first_file_columns
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
 from recsys_llm.train.config import ExperimentConfig, check_same_model
@@ -80,6 +81,17 @@ def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
     return model
 
 
+def _check_split_prepared_like(split: str, run: TrainedRun) -> None:
+    """Refuses a ``--split`` path beside a ``schema.json`` (a prepared output: the directory, or the one holding
+    the file) of another schema or other vocabularies than the run trained on, which would read other rows of its
+    tables for the same values (:func:`~recsys_llm.train.run_records.check_trained_on`)."""
+    directory = split if os.path.isdir(split) else os.path.dirname(os.path.abspath(split))
+    if os.path.abspath(directory) == os.path.abspath(run.schema.root):
+        return
+    if os.path.isfile(os.path.join(directory, "schema.json")):
+        check_trained_on(DatasetSchema.load(directory), run_config_of(run.checkpoint), f"--split {split}")
+
+
 def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[str] = None) -> Dict[str, Any]:
     """Loads ``checkpoint`` (any world size: shards are re-cut) and evaluates one split (every rank).
 
@@ -97,8 +109,10 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     """
     split = split or config.data.test_split
     if not split:  # else read as a Parquet path '', which names neither the setting nor the flag
-        raise ValueError("no split to evaluate: data.test_split is '' (the run reports no test split); name the split, "
-                         "e.g. evaluate --split valid")
+        raise ValueError("no split to evaluate: data.test_split is '' (the run reports no test split); name a split "
+                         "of the run's data or a Parquet file or directory, e.g. evaluate --split "
+                         "data/day3/test.parquet (the next day's rows prepared with `prepare tabular --like` the "
+                         "run's data)")
     run = open_trained_run(config, checkpoint)
     ctx, schema = run.ctx, run.schema
     seed_everything(config.train.seed)
@@ -108,6 +122,13 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     elif not os.path.exists(split):  # before the model loads
         raise ValueError(f"--split {split}: not a split of schema {schema.name!r} (splits: "
                          f"{', '.join(sorted(schema.splits))}) nor a Parquet file or directory")
+    else:  # a file or directory of other prepared data: its ids must mean what the run's meant
+        _check_split_prepared_like(split, run)
+    if schema.label not in first_file_columns(schema, split):  # before the model loads
+        raise ValueError(f"--split {split}: its rows have no label column {schema.label!r}, so there is nothing to "
+                         "evaluate against; to score rows without labels, export the run (`recsys-llm export "
+                         f"--checkpoint {checkpoint} --output ARTIFACT`) and run `recsys-llm score --artifact ARTIFACT "
+                         "--data DIR`")
     extras = list(data.extras) + plugin_extras(config) + list(metric_subsets(config, schema).values())
     reader = ParquetBatchReader(
         schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from typing import Dict
 
 import numpy as np
@@ -17,6 +18,10 @@ from recsys_llm.data.synthetic import generate_synthetic
 from recsys_llm.data.tabular import TabularConfig, prepare_tabular, prepare_tabular_like
 from recsys_llm.data.tabular.raw_values import raw_value_ids
 from recsys_llm.data.validation import DataError
+from recsys_llm.serving.scoring import check_artifact_fits
+from recsys_llm.serving.served_model import ServedModel
+from recsys_llm.train.config import PLUGINS_FILE, ConfigError, load_config, save_config
+from recsys_llm.train.run_records import SCHEMA_FINGERPRINT_KEY, VOCABULARIES_KEY, check_trained_on
 from tests.small_artifact import export_small_deepfm
 
 SCHEMA = {
@@ -32,6 +37,8 @@ SCHEMA = {
         {"name": "price", "kind": "dense", "description": "price"},
     ],
 }
+DEEPFM_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "configs", "synthetic_deepfm.yaml")
 CITIES = ["Paris", "Lyon", "Nice", "Lille"]
 CATS = ["shoes", "bags", "hats", "coats", "socks"]
 # new rows: an unseen city (Berlin), new queries, an unseen category (boots), a missing city and sequence
@@ -92,7 +99,9 @@ def test_new_rows_get_the_earlier_ids_and_schema(earlier: Dict[str, str], tmp_pa
     assert saved.ids == old.ids == {"user": "integer", "city": "vocabulary", "query": "hashed_text",
                                     "cats": "vocabulary"}
     assert saved.splits == {"test": "test.parquet"} and saved.row_key == "impression" and saved.extra_columns == []
-    assert ways == {"user": "integer ids", "city": "vocabulary", "query": "hashed text", "cats": "vocabulary"}
+    # the values the earlier vocabularies lack (Berlin; boots twice), read as unknown, are counted in the report
+    assert ways == {"user": "integer ids", "city": "vocabulary (1 of 3 values not in it: id 0, unknown)",
+                    "query": "hashed text", "cats": "vocabulary (2 of 6 values not in it: id 0, unknown)"}
     assert sorted(os.listdir(out)) == ["schema.json", "test.parquet", "text"]
     for name in ("city", "cats"):  # the vocabularies, copied as they are
         assert pq.read_table(saved.value_text_path(name)).equals(pq.read_table(old.value_text_path(name)))
@@ -310,6 +319,9 @@ def test_grown_vocabularies_give_new_values_the_free_ids_most_frequent_first(ear
                          field_ways=ways, grow_vocabulary=True)
     grown = DatasetSchema.load(out)
     assert grown.fingerprint() == old.fingerprint()
+    # a run of the earlier data may train on it (its ids kept their values); the grown ids mean nothing earlier
+    assert grown.changed_vocabularies(old.vocabulary_records()) == []
+    assert old.changed_vocabularies(grown.vocabulary_records()) == ["cats", "city"]
     cities = pq.read_table(old.value_text_path("city"))["text"].to_pylist()  # unknown + the 4 earlier cities
     assert pq.read_table(grown.value_text_path("city"))["text"].to_pylist() == cities + ["Berlin", "Rome"]
     assert ways["city"] == "vocabulary, 2 new values, ids 5-6" and ways["cats"] == "vocabulary, 2 new values, ids 6-7"
@@ -333,7 +345,8 @@ def test_new_values_past_the_tables_free_ids_get_id_0_with_a_warning(earlier: Di
                                          r"\(cardinality 8\); they get id 0"):
         prepare_tabular_like(_csv(tmp_path / "day2.csv", rows), earlier["data"], out, field_ways=ways,
                              grow_vocabulary=True)
-    assert ways["cats"] == "vocabulary, 2 new values, ids 6-7; 2 more beyond the 8 ids -> 0"
+    # 8 tokens written: scarves (twice) and belts, left out, are 3 of them
+    assert ways["cats"] == "vocabulary, 2 new values, ids 6-7 (3 of 8 values not in it: id 0, unknown)"
     texts = pq.read_table(DatasetSchema.load(out).value_text_path("cats"))["text"].to_pylist()
     assert texts[6:] == ["boots", "caps"]  # boots in 3 rows, caps and scarves in 2 (the tie by value), belts in 1
     # a sequence drops the tokens left at id 0, as without growth
@@ -349,3 +362,44 @@ def test_grow_vocabulary_is_refused_without_like(earlier: Dict[str, str], tmp_pa
     assert cli_main(argv) == 0
     assert "city                 sparse" in capsys.readouterr().out
     assert raw_value_ids(DatasetSchema.load(str(tmp_path / "cli")), "city", ["Rome"])[0].tolist() == [6]
+
+
+def test_data_prepared_afresh_instead_of_like_is_refused_where_its_ids_would_mean_other_values(
+        earlier: Dict[str, str], tmp_path) -> None:
+    """The same source prepared afresh keeps the schema fingerprint (sizes, not vocabularies) while a value first
+    seen on the new day (Berlin, boots) sorts in between the earlier ones: a run or artifact of the earlier data
+    refuses it, naming the fields and ``--like``; data prepared ``--like`` passes."""
+    old = DatasetSchema.load(earlier["data"])
+    labeled = _csv(tmp_path / "new.csv", dict(NEW, clicked=[0, 1, 1, 0]))
+    like = prepare_tabular_like(labeled, earlier["data"], str(tmp_path / "like"), split_name="train")
+    rows = _old_rows(seed=1)
+    rows["city"][:3], rows["cats"][:3] = ["Berlin"] * 3, ["boots"] * 3
+    fresh_dir = str(tmp_path / "fresh")
+    prepare_tabular(_csv(tmp_path / "day2.csv", rows), earlier["schema"], fresh_dir)
+    fresh = DatasetSchema.load(fresh_dir)
+    assert fresh.fingerprint() == like.fingerprint() == old.fingerprint()
+    assert set(old.vocabulary_records()) == {"city", "cats"}  # not the integer or hashed fields
+    assert like.vocabulary_records() == old.vocabulary_records() != fresh.vocabulary_records()
+    assert fresh.changed_vocabularies(old.vocabulary_records()) == ["cats", "city"]
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved_config = str(run_dir / "config.yaml")
+    save_config(load_config(DEEPFM_CONFIG, [f"data.schema={earlier['data']}"]), saved_config)
+    record = {SCHEMA_FINGERPRINT_KEY: old.fingerprint()}
+    (run_dir / PLUGINS_FILE).write_text(json.dumps(record))
+    check_trained_on(fresh, saved_config, "train.init_from=runs/day1")  # a run written before they were recorded
+    (run_dir / PLUGINS_FILE).write_text(json.dumps({**record, VOCABULARIES_KEY: old.vocabulary_records()}))
+    check_trained_on(like, saved_config, "train.init_from=runs/day1")
+    with pytest.raises(ConfigError, match=r"train\.init_from=runs/day1: the vocabulary of field\(s\) \['cats', "
+                                          r"'city'\] in .*fresh is not the one the run trained on.*--like "
+                                          + re.escape(earlier["data"])):
+        check_trained_on(fresh, saved_config, "train.init_from=runs/day1")
+
+    served = ServedModel.load(earlier["artifact"], trust_program=True)
+    check_artifact_fits(served, fresh)  # an artifact exported before they were recorded
+    served._config["metadata"] = {"vocabularies": old.vocabulary_records()}  # as `recsys-llm export` records them
+    check_artifact_fits(served, like)
+    with pytest.raises(ValueError, match=r"fresh/schema\.json: the vocabulary of field\(s\) \['cats', 'city'\] is "
+                                         r"not the one the artifact's model was trained on.*--like"):
+        check_artifact_fits(served, fresh)

@@ -135,5 +135,6 @@ def test_a_run_that_cannot_start_from_train_init_from_is_refused_before_it_write
     assert "train.init_optimizer=false" in errors["optimizer"]
     assert "schema fingerprint" in errors["schema"] and "train.init_from=" in errors["schema"]
     assert errors["bare"].startswith("FileNotFoundError") and "outside its run directory" in errors["bare"]
-    assert "no such checkpoint or run directory" in errors["missing"]
+    nowhere = os.path.join(str(tmp_path), "nowhere")
+    assert f"train.init_from={nowhere}: {nowhere}: no such checkpoint or run directory; expected" in errors["missing"]
     assert all(errors[f"{name}_left"] == "False" for name in ("model", "optimizer", "schema", "bare", "missing"))

@@ -2,19 +2,21 @@
 column, a damaged ``plugins.json`` / ``results.json`` in a run directory, a run directory that
 not every rank sees; and the readers the config asks for."""
 
+import dataclasses
 import os
 import re
 import shutil
 import threading
 from typing import List
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.config import ConfigError, load_config
 from recsys_llm.train.distributed import DistContext
-from recsys_llm.train.run_data import build_readers, metric_subsets
+from recsys_llm.train.run_data import build_readers, check_split_names, metric_subsets
 from recsys_llm.train.run_records import check_trained_on, finished_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,7 +59,7 @@ def test_a_mistyped_cold_item_column_is_refused_naming_the_columns(synthetic_dir
 
 
 def test_evaluating_a_run_without_a_test_split_asks_for_the_split(synthetic_dir: str, synthetic_schema,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A run trained with ``data.test_split=`` has no default split to evaluate: the '' was read as a Parquet
     path (": no such Parquet file or directory"), naming neither the setting nor ``evaluate --split``."""
     from recsys_llm.train import trained_run
@@ -68,13 +70,22 @@ def test_evaluating_a_run_without_a_test_split_asks_for_the_split(synthetic_dir:
     monkeypatch.setattr(trained_run, "load_trained_model", lambda config, run: pytest.fail("no split: no model"))
     with pytest.raises(ValueError) as refused:
         trained_run.run_evaluation(_config(synthetic_dir, "data.test_split="), "runs/no_test")
-    assert str(refused.value) == ("no split to evaluate: data.test_split is '' (the run reports no test split); "
-                                  "name the split, e.g. evaluate --split valid")
+    assert str(refused.value) == (
+        "no split to evaluate: data.test_split is '' (the run reports no test split); name a split of the run's data "
+        "or a Parquet file or directory, e.g. evaluate --split data/day3/test.parquet (the next day's rows prepared "
+        "with `prepare tabular --like` the run's data)")
     # a split name the schema lacks (a typo) is named with the flag before the model loads
     with pytest.raises(ValueError) as refused:
         trained_run.run_evaluation(_config(synthetic_dir), "runs/x", "tset")
     assert str(refused.value) == (f"--split tset: not a split of schema {synthetic_schema.name!r} (splits: "
                                   "test, train, valid) nor a Parquet file or directory")
+    # rows without labels (a day to score) are pointed to export and score before the model loads
+    rows = str(tmp_path / "to_score.parquet")
+    pq.write_table(pq.read_table(synthetic_schema.split_path("test")).drop_columns([synthetic_schema.label]), rows)
+    with pytest.raises(ValueError, match=rf"--split {re.escape(rows)}: its rows have no label column "
+                                         rf"{synthetic_schema.label!r}.*recsys-llm export --checkpoint runs/x "
+                                         r"--output ARTIFACT`\) and run `recsys-llm score"):
+        trained_run.run_evaluation(_config(synthetic_dir), "runs/x", rows)
 
 
 def test_the_default_cold_item_column_may_be_absent(synthetic_dir: str, tmp_path) -> None:
@@ -529,3 +540,19 @@ def test_a_training_split_that_gives_a_rank_no_batch_is_refused_before_the_run_d
     assert errors == ["training split 'train' has 1 row(s) for 2 ranks: a rank gets none to train on; run at most "
                       "1 rank(s), or train on more rows"] * 2
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_days_data_without_valid_and_test_splits_names_both_settings_at_once(synthetic_dir: str,
+                                                                              synthetic_schema) -> None:
+    """A day prepared ``--like`` holds one split: the valid and the test split are named in one refusal (before,
+    clearing ``data.valid_split`` only led to a second refusal for ``data.test_split``)."""
+    day = dataclasses.replace(synthetic_schema, splits={"train": synthetic_schema.splits["train"]})
+    with pytest.raises(ConfigError) as refused:
+        check_split_names(_config(synthetic_dir), day)
+    assert str(refused.value) == (
+        f"data.valid_split='valid' and data.test_split='test': {day.root} has no such split (it has ['train']); "
+        "set data.valid_split='' data.test_split='' to train without a valid or a test split")
+    with pytest.raises(ConfigError, match=r"^data\.test_split='test': .*set data\.test_split='' to train without a "
+                                          r"test split$"):
+        check_split_names(_config(synthetic_dir, "data.valid_split="), day)
+    check_split_names(_config(synthetic_dir, "data.valid_split=", "data.test_split="), day)

@@ -156,13 +156,16 @@ def _option_field(option: str, name: str, user_schema: DatasetSchema, schema_pat
     return spec
 
 
-def field_way(spec: FieldSpec, plan: FieldPlan, config: TabularConfig) -> str:
+def field_way(spec: FieldSpec, plan: FieldPlan, config: TabularConfig, grown: str = "") -> str:
     """How the values of categorical field ``spec`` became ids under ``plan`` (for the prepare report):
     ``vocabulary``, ``hashed text`` (:func:`~recsys_llm.data.hashing.hash_strings`), ``integer ids``
     or, for a hashed field, ``integer ids mod <cardinality>``; ``(--vocabulary)`` or ``(--hash)``
-    when an option asked for it."""
+    when an option asked for it; ``grown``: what ``--grow-vocabulary`` added (``2 new values, ids 5-6``); a
+    vocabulary that lacked some written values (``--like``) says how many."""
     if plan.mode == "vocab":
-        return "vocabulary" + (" (--vocabulary)" if spec.name in config.vocabulary_fields else "")
+        unseen = f" ({plan.unseen:,} of {plan.values:,} values not in it: id 0, unknown)" if plan.unseen else ""
+        return ("vocabulary" + (" (--vocabulary)" if spec.name in config.vocabulary_fields else "")
+                + (f", {grown}" if grown else "") + unseen)
     if plan.mode == "hash":
         return "hashed text" + (" (--hash)" if spec.name in config.hash_fields else "")
     return f"integer ids mod {spec.cardinality}" if spec.hashed else "integer ids"
@@ -583,6 +586,10 @@ def _convert_block(
             raise DataError(_beyond_int64(flat, spec, offsets, path, row, line)
                             or f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
         ids = check_ids(path, spec, ids, offsets, row, line)
+        if plans[spec.name].mode == "vocab":  # values the vocabulary lacks got id 0, as missing ones do
+            given = pc.is_valid(flat).to_numpy(zero_copy_only=False)
+            plans[spec.name].values += int(given.sum())
+            plans[spec.name].unseen += int((given & (ids == 0)).sum())
         if lengths is not None and plans[spec.name].mode == "vocab":
             ids, lengths = without_unknown_tokens(ids, lengths)
         out[spec.name] = ids if lengths is None else list_array(lengths, ids)

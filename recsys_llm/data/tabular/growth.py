@@ -33,14 +33,13 @@ class Growth:
     first_id: int
     left_out: int
 
-    def describe(self, cardinality: int) -> str:
-        """The prepare report's words, e.g. ``3 new values, ids 41-43; 2 more beyond the 44 ids -> 0``."""
+    def describe(self) -> str:
+        """The prepare report's words, e.g. ``3 new values, ids 41-43`` (the values left out are counted with the
+        others the vocabulary lacks: :func:`~recsys_llm.data.tabular.convert.field_way`)."""
         text = f"{self.added} new value{'s' * (self.added != 1)}"
         if self.added:
             last = self.first_id + self.added - 1
             text += f", id{'s' * (self.added != 1)} {self.first_id}{f'-{last}' if last != self.first_id else ''}"
-        if self.left_out:
-            text += f"; {self.left_out} more beyond the {cardinality:,d} ids -> 0"
         return text
 
 

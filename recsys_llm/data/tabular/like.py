@@ -128,8 +128,8 @@ def prepare_tabular_like(
         with_label=with_label, marker_files=("schema.json", split_file),
     )
     if field_ways is not None:
-        field_ways.update({spec.name: field_way(spec, plans[spec.name], config)
-                           + (f", {growth[spec.name].describe(spec.cardinality)}" if spec.name in growth else "")
+        field_ways.update({spec.name: field_way(spec, plans[spec.name], config,
+                                                growth[spec.name].describe() if spec.name in growth else "")
                            for spec in like.categorical_fields})
     return schema
 
@@ -173,5 +173,7 @@ def _write_like(
         column_types = csv_column_types(data_path, error.columns, config)
         if column_types is None:
             raise
+        for plan in plans.values():  # the rows are written again from the first
+            plan.values = plan.unseen = 0
         write(column_types)
     return schema

@@ -220,6 +220,10 @@ class FieldPlan:
     mode: str  # "ids" (integers), "hash" or "vocab"
     vocabulary: Optional[pa.Array] = None
     missing: Optional[pa.Array] = None  # "ids": missing-value markers among the integers (id 0)
+    # "vocab": the values (tokens) written so far that were not missing, and those of them the vocabulary lacks
+    # (id 0: new data prepared --like an earlier output; the prepare report names them)
+    values: int = dataclasses.field(default=0, compare=False)
+    unseen: int = dataclasses.field(default=0, compare=False)
 
 
 def without_unknown_tokens(ids: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
