@@ -61,7 +61,8 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
     Raises:
         FileNotFoundError: no checkpoint there, or one without its run's ``config.yaml``.
         ConfigError: another model or schema, other LLaCTR field vectors, or (with
-            ``train.init_optimizer``) another kind of optimizer or column split.
+            ``train.init_optimizer``) another kind of optimizer, a table trained here that it kept
+            frozen, or another column split.
     """
     train_cfg = config.train
     if not train_cfg.init_from:
@@ -83,16 +84,26 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
     check_trained_on(schema, saved_config, f"train.init_from={train_cfg.init_from}")
     check_trained_with_these_vectors(checkpoint, plugins)
     if train_cfg.init_optimizer:
-        saved_optim = load_config(saved_config).optim
+        saved = load_config(saved_config)
+        saved_optim = saved.optim
         changed = [f"optim.{kind}: {getattr(saved_optim, kind)!r} -> {getattr(config.optim, kind)!r}"
                    for kind in OPTIMIZER_KINDS if getattr(saved_optim, kind) != getattr(config.optim, kind)]
+        # a frozen table trains by plain SGD at lr 0, which keeps no state: none to go on with here
+        thawed = [] if config.optim.sparse == "sgd" else sorted(
+            set(saved.sharding.frozen_tables) - set(config.sharding.frozen_tables))
+        if thawed:
+            changed.append(f"sharding.frozen_tables: {', '.join(thawed)} frozen there (no optimizer state), trained "
+                           "here")
         if changed:
             raise ConfigError(
                 f"train.init_from={train_cfg.init_from}: its run trained with another optimizer "
                 f"({'; '.join(changed)}), whose state this run cannot take; set train.init_optimizer=false to start "
                 "from its weights with fresh optimizer state, or use the same optimizers"
             )
-        check_same_column_split(os.path.join(run_dir_of(checkpoint), "sharding_plan.json"), plan, config.optim.sparse)
+        saved_plan = os.path.join(run_dir_of(checkpoint), "sharding_plan.json")
+        check_same_column_split(saved_plan, plan, config.optim.sparse, advice=(
+            f"set train.init_optimizer=false to start from its weights with fresh optimizer state, or shard as it "
+            f"was (on its world size and device, sharding.plan_file={saved_plan})"))
     return InitSource(checkpoint, train_cfg.init_optimizer)
 
 

@@ -144,7 +144,8 @@ def column_shards(placement: Dict[str, Any]) -> int:
     return len({tuple(shard["offsets"][1:]) for shard in placement.get("shards") or []}) or 1
 
 
-def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_optimizer: str) -> None:
+def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_optimizer: str,
+                            advice: str = "") -> None:
     """Raises when this job's plan splits a table's columns into other shards than the plan its
     checkpoints were saved under (``sharding_plan.json``), and the table optimizer is
     ``row_wise_adagrad``: its state holds one value per row of each column shard (rows x shards),
@@ -152,7 +153,7 @@ def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_opt
     split otherwise on another world size or device (on CUDA a table wider than FBGEMM's kernels
     take is always column-wise), or with another ``sharding.proposer_patience`` (runs saved before
     2026-12-06 were planned with the exhaustive search, 0). A run without a readable record is left to
-    the checkpoint's load.
+    the checkpoint's load. ``advice``: what to do instead (default: resume as the run was saved).
 
     Raises:
         ConfigError: naming each such table, its split then and now, and what keeps the split.
@@ -177,7 +178,11 @@ def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_opt
             f"{saved_plan_path}: this job's sharding plan splits the columns of tables into other shards than the "
             f"plan the run's checkpoints were saved under ({'; '.join(changes)} column shards), and the "
             "row_wise_adagrad state of a table has one value per row of each column shard, which cannot be "
-            "loaded into another split; resume on the world size and device the run was saved on with the run's "
-            f"own plan (sharding.plan_file={saved_plan_path}; a run saved before 2026-12-06 was planned by the "
-            "exhaustive search, sharding.proposer_patience=0), or use another train.run_dir for a new run"
+            f"loaded into another split; {advice or _RESUME_AS_SAVED.format(plan=saved_plan_path)}"
         )
+
+
+# check_same_column_split's advice to a resume
+_RESUME_AS_SAVED = ("resume on the world size and device the run was saved on with the run's own plan "
+                    "(sharding.plan_file={plan}; a run saved before 2026-12-06 was planned by the exhaustive search, "
+                    "sharding.proposer_patience=0), or use another train.run_dir for a new run")

@@ -1,11 +1,15 @@
 """``train.init_from``: a new run starts from another run's weights (and optimizer state)."""
 
+import contextlib
+import glob
+import io
 import json
 import os
 import shutil
 from typing import Any, Dict, List
 
 import pytest
+import torch
 
 from recsys_llm.train.config import ConfigError, load_config
 from recsys_llm.train.init_from import INIT_FROM_KEY
@@ -44,6 +48,7 @@ def _continue_on_the_next_day(schema_dir: str, root: str) -> Dict[str, Any]:
     out["day2_started"] = _events(day2)[0]
     out["weights_only"] = _run(schema_dir, os.path.join(root, "weights_only"),
                                [f"train.init_from={day1}", "train.init_optimizer=false"])
+    out["weights_only_record"] = _record(os.path.join(root, "weights_only"))[INIT_FROM_KEY]
     out["fresh"] = _run(schema_dir, os.path.join(root, "fresh"))
     # the finished run given a second epoch goes on from its own checkpoint, not from train.init_from again
     out["day2_extended"] = _run(schema_dir, day2, [f"train.init_from={day1}", "train.epochs=2"])
@@ -65,6 +70,7 @@ def test_a_run_started_from_another_runs_weights_and_optimizer_state_goes_on_as_
     record = out["day2_record"]
     assert record["checkpoint"] == os.path.join(str(tmp_path), "day1", "checkpoints", f"ckpt-{steps:08d}")
     assert record["global_step"] == steps and record["optimizer"] is True
+    assert out["weights_only_record"]["optimizer"] is False
     assert set(record["digests"]) and all(len(digest) == 64 for digest in record["digests"].values())
     started = {key: value for key, value in out["day2_started"].items() if key != "time"}
     assert started == {"event": "started", "global_step": 0, "epoch": 0, INIT_FROM_KEY: record["checkpoint"]}
@@ -108,9 +114,20 @@ def _refusals(schema_dir: str, root: str) -> Dict[str, str]:
     schema["fields"][0]["description"] = "another meaning"
     with open(schema_file, "w", encoding="utf-8") as handle:
         json.dump(schema, handle)
+    split = shutil.copytree(day1, os.path.join(root, "split"))  # as if its plan had split a table's columns
+    with open(os.path.join(split, "sharding_plan.json"), encoding="utf-8") as handle:
+        plan = json.load(handle)
+    table = plan["t_device"]
+    rows, dim = table["shards"][0]["sizes"]
+    table["sharding_type"] = "column_wise"
+    table["shards"] = [{"offsets": [0, col], "rank": 0, "sizes": [rows, dim // 2]} for col in (0, dim // 2)]
+    with open(os.path.join(split, "sharding_plan.json"), "w", encoding="utf-8") as handle:
+        json.dump(plan, handle)
     cases = {
         "model": (schema_dir, [f"train.init_from={day1}", "model.embedding_dim=8"]),
         "optimizer": (schema_dir, [f"train.init_from={day1}", "optim.sparse=adagrad"]),
+        "dense_optimizer": (schema_dir, [f"train.init_from={day1}", "optim.dense=adagrad"]),
+        "column_split": (schema_dir, [f"train.init_from={split}"]),
         "schema": (other_schema, [f"train.init_from={day1}"]),
         "bare": (schema_dir, [f"train.init_from={bare}"]),
         "missing": (schema_dir, [f"train.init_from={os.path.join(root, 'nowhere')}"]),
@@ -133,8 +150,195 @@ def test_a_run_that_cannot_start_from_train_init_from_is_refused_before_it_write
     assert "model.embedding_dim: 16 -> 8" in errors["model"] and "train.init_from unset" in errors["model"]
     assert "optim.sparse: 'row_wise_adagrad' -> 'adagrad'" in errors["optimizer"]
     assert "train.init_optimizer=false" in errors["optimizer"]
+    assert "optim.dense: 'adam' -> 'adagrad'" in errors["dense_optimizer"]
+    assert "column shards" in errors["column_split"] and "set train.init_optimizer=false" in errors["column_split"]
+    assert "resume" not in errors["column_split"]  # a new run
     assert "schema fingerprint" in errors["schema"] and "train.init_from=" in errors["schema"]
     assert errors["bare"].startswith("FileNotFoundError") and "outside its run directory" in errors["bare"]
     nowhere = os.path.join(str(tmp_path), "nowhere")
     assert f"train.init_from={nowhere}: {nowhere}: no such checkpoint or run directory; expected" in errors["missing"]
-    assert all(errors[f"{name}_left"] == "False" for name in ("model", "optimizer", "schema", "bare", "missing"))
+    assert all(errors[f"{name}_left"] == "False"
+               for name in ("model", "optimizer", "dense_optimizer", "column_split", "schema", "bare", "missing"))
+
+
+def _frozen_tables(schema_dir: str, root: str) -> Dict[str, str]:
+    day1 = os.path.join(root, "day1")
+    _run(schema_dir, day1, ["sharding.frozen_tables=[t_item_id]"])
+    out = {}
+    try:
+        _run(schema_dir, os.path.join(root, "thawed"), [f"train.init_from={day1}"])
+    except ConfigError as error:
+        out["thawed"] = str(error)
+    out["thawed_left"] = str(os.path.exists(os.path.join(root, "thawed")))
+    weights_only = _run(schema_dir, os.path.join(root, "weights_only"),
+                        [f"train.init_from={day1}", "train.init_optimizer=false"])
+    out["weights_only"] = str(weights_only["global_step"])
+    # a table trained there and frozen here: its optimizer state is not needed
+    frozen = _run(schema_dir, os.path.join(root, "frozen"), [f"train.init_from={day1}",
+                                                             "sharding.frozen_tables=[t_item_id,t_user_id]"])
+    out["frozen"] = str(frozen["global_step"])
+    sgd = ["optim.sparse=sgd", "optim.sparse_lr=0.1"]
+    _run(schema_dir, os.path.join(root, "day1_sgd"), ["sharding.frozen_tables=[t_item_id]", *sgd])
+    thawed_sgd = _run(schema_dir, os.path.join(root, "thawed_sgd"),
+                      [f"train.init_from={os.path.join(root, 'day1_sgd')}", *sgd])
+    out["thawed_sgd"] = str(thawed_sgd["global_step"])
+    return out
+
+
+@pytest.mark.multiprocess
+def test_a_run_that_trains_a_table_its_init_run_kept_frozen_takes_no_optimizer_state_for_it(
+        synthetic_dir: str, tmp_path) -> None:
+    """A frozen table has no optimizer state: taking the others' is refused up front, not by a failed load."""
+    (out,) = run_multiprocess(_frozen_tables, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    assert "sharding.frozen_tables: t_item_id frozen there" in out["thawed"]
+    assert "train.init_optimizer=false" in out["thawed"] and out["thawed_left"] == "False"
+    assert int(out["weights_only"]) > 0 and int(out["frozen"]) > 0
+    assert int(out["thawed_sgd"]) > 0  # table SGD keeps no state to miss
+
+
+def _resume_without_init_source(schema_dir: str, root: str) -> Dict[str, Any]:
+    day1, day2 = os.path.join(root, "day1"), os.path.join(root, "day2")
+    steps = _run(schema_dir, day1)["global_step"]
+    os.chdir(root)  # a relative train.init_from: the record names the checkpoint wherever the next job runs
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _run(schema_dir, day2, ["train.init_from=day1"])
+    record = _record(day2)[INIT_FROM_KEY]
+    shutil.move(day1, os.path.join(root, "moved"))  # yesterday's run cleaned up
+    resumed = _run(schema_dir, day2, ["train.init_from=day1", "train.epochs=2"])  # not read: the run is gone
+    again = _run(schema_dir, day2, ["train.epochs=3"])  # train.init_from no longer given
+    return {"steps": steps, "record": record, "resumed": resumed["global_step"], "again": again["global_step"],
+            "kept": _record(day2)[INIT_FROM_KEY],
+            "printed": printed.getvalue()}
+
+
+@pytest.mark.multiprocess
+def test_a_started_run_resumes_from_its_own_checkpoints_once_its_init_run_is_gone(synthetic_dir: str,
+                                                                                   tmp_path) -> None:
+    """A resume reads neither train.init_from nor the run it names, and keeps the record of its start."""
+    (out,) = run_multiprocess(_resume_without_init_source, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    assert out["resumed"] == 2 * out["steps"] and out["again"] == 3 * out["steps"]
+    assert out["kept"] == out["record"] and out["record"]["checkpoint"].startswith(str(tmp_path / "day1"))
+    assert (f"from the weights and optimizer state of {out['record']['checkpoint']} (its step {out['steps']})"
+            in out["printed"])
+
+
+def _method_run(schema: str, run_dir: str, extra: List[str]) -> Dict[str, Any]:
+    return run_training(load_config(DEEPFM_CONFIG, [
+        f"data.schema={schema}", "data.batch_size=256", "data.eval_batch_size=512", "data.synthetic_rows=0",
+        "data.valid_split=", "train.epochs=1", "train.checkpoint_every=0", "train.progress=false",
+        "train.device=cpu", f"train.run_dir={run_dir}", "model.mlp_layer_sizes=[16]", "model.embedding_dim=8",
+        *extra,
+    ]))
+
+
+def _llactr_vectors(root: str) -> Dict[str, str]:
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.semantics.store import VectorProvenance, save_vectors
+
+    data = os.path.join(root, "data")
+    generate_synthetic(data, 1_000, seed=1, rows_per_group=512)
+    schema = DatasetSchema.load(os.path.join(data, "schema.json"))
+    names = schema.sparse_feature_names
+    vectors = torch.randn(len(names), 12, generator=torch.Generator().manual_seed(0))
+    files = {}
+    for name, model_id in (("trained", "encoder-a"), ("other", "encoder-b")):
+        provenance = VectorProvenance(model_id=model_id, model_hash=model_id, pooling="mean", template="{name}")
+        files[name] = os.path.join(root, f"{name}.safetensors")
+        save_vectors(files[name], vectors, names, provenance.for_schema(schema))
+    files["moved"] = shutil.copy(files["trained"], os.path.join(root, "moved.safetensors"))
+    llactr = ["llactr.lambda_fre=0.1", "llactr.lambda_fie=0.1"]
+    day1 = os.path.join(root, "day1")
+    _method_run(data, day1, [f"llactr.vectors_path={files['trained']}", *llactr])
+    out = {}
+    for name in ("moved", "other"):
+        try:
+            _method_run(data, os.path.join(root, name),
+                        [f"llactr.vectors_path={files[name]}", *llactr, f"train.init_from={day1}"])
+            out[name] = "started"
+        except ConfigError as error:
+            out[name] = str(error)
+        out[f"{name}_left"] = str(os.path.exists(os.path.join(root, name)))
+    return out
+
+
+@pytest.mark.multiprocess
+def test_a_run_with_other_llactr_field_vectors_than_its_init_run_is_refused(tmp_path) -> None:
+    """The checkpoint's FRE / FIE buffers hold the vectors that run trained with: a moved file is fine."""
+    (out,) = run_multiprocess(_llactr_vectors, world_size=1, root=str(tmp_path))
+    assert out["moved"] == "started"
+    assert "other field vectors" in out["other"] and "model_id" in out["other"] and out["other_left"] == "False"
+
+
+def _frozen_teacher(root: str) -> Dict[str, Any]:
+    import numpy as np
+    import pyarrow as pa
+
+    from recsys_llm.cli.export import export_run
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
+    from recsys_llm.serving import load_state_file
+
+    data = os.path.join(root, "data")
+    generate_synthetic(data, 1_000, seed=1, rows_per_group=512)
+    items = DatasetSchema.load(os.path.join(data, "schema.json")).field("item_id").cardinality
+    table = np.random.default_rng(0).normal(size=(items, 8)).astype(np.float32)
+    entity = os.path.join(root, "items")
+    VectorExport(entity, {"model": "random", "granularity": "entity"}, VectorExportConfig(chunk_rows=512)).run(
+        pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+        lambda texts: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+    elec = ["elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
+            f"elec.entity_vectors={entity}"]
+    teachers = []
+    for seed in (0, 1):
+        gain = [*elec, "elec.task=gain", f"train.seed={seed}"]
+        _method_run(data, os.path.join(root, f"gain{seed}"), gain)
+        teachers.append(os.path.join(root, f"teacher{seed}"))
+        export_run(load_config(DEEPFM_CONFIG, [f"data.schema={data}", "model.mlp_layer_sizes=[16]",
+                                               "model.embedding_dim=8", *gain]),
+                   os.path.join(root, f"gain{seed}"), teachers[-1], state_only=True)
+    weights = {}
+    for day, teacher, extra in (("day1", teachers[0], []), ("day2", teachers[1], [f"train.init_from={root}/day1"])):
+        frozen = [*elec, "elec.task=distill", "elec.distill.mode=frozen", f"elec.teacher_checkpoint={teacher}"]
+        _method_run(data, os.path.join(root, day), [*frozen, *extra])
+        export_run(load_config(DEEPFM_CONFIG, [f"data.schema={data}", "model.mlp_layer_sizes=[16]",
+                                               "model.embedding_dim=8", *frozen]),
+                   os.path.join(root, day), os.path.join(root, f"{day}_state"), state_only=True)
+        weights[day] = load_state_file(os.path.join(root, f"{day}_state"))
+    second = load_state_file(teachers[1])
+    names = [name for name in weights["day2"] if name.startswith("teacher.")]
+    return {"teacher_tensors": len(names),
+            "own_teacher": all(torch.equal(weights["day2"][name], second[name[len("teacher."):]]) for name in names),
+            "init_runs_teacher": all(torch.equal(weights["day2"][name], weights["day1"][name]) for name in names)}
+
+
+@pytest.mark.multiprocess
+def test_a_frozen_teacher_comes_from_the_new_runs_teacher_checkpoint_not_from_its_init_run(tmp_path) -> None:
+    """train.init_from loads before the plug-in weights: the frozen teacher (entity table included) is the one named."""
+    (out,) = run_multiprocess(_frozen_teacher, world_size=1, root=str(tmp_path))
+    assert out["teacher_tensors"] > 0
+    assert out["own_teacher"] and not out["init_runs_teacher"]
+
+
+def _from_runs_with_other_rng_states(schema_dir: str, root: str) -> Dict[str, Any]:
+    day1 = os.path.join(root, "day1")
+    dropout = ["model.dropout=0.3"]
+    _run(schema_dir, day1, dropout)
+    other = shutil.copytree(day1, os.path.join(root, "other_rng"))  # the same weights, another RNG state saved
+    for rng_file in glob.glob(os.path.join(other, "*", "*", "rank*.pt")):
+        state = torch.load(rng_file, weights_only=True)
+        state["torch"] = torch.Generator().manual_seed(12345).get_state()
+        torch.save(state, rng_file)
+    return {name: _run(schema_dir, os.path.join(root, f"from_{name}"), [f"train.init_from={source}", *dropout])["test"]
+            for name, source in (("day1", day1), ("other", other))}
+
+
+@pytest.mark.multiprocess
+def test_a_run_started_from_another_run_draws_its_own_dropout_masks(synthetic_dir: str, tmp_path) -> None:
+    """The RNG states of the run it starts from are not restored: train.seed alone decides the new run's draws."""
+    (out,) = run_multiprocess(_from_runs_with_other_rng_states, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    assert out["day1"] == out["other"]

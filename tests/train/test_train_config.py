@@ -302,6 +302,11 @@ def test_evaluate_and_export_refuse_a_config_of_another_model(tmp_path) -> None:
     without_llactr = load_config(None, ["model.name=deepfm"])
     with pytest.raises(ConfigError, match=r"other model settings \(.*vectors_path: '\S*v.safetensors' -> '<unset>'"):
         check_same_model(without_llactr, saved)
+    default_advice = r"16 -> 4\); pass its own config \(--config \S*config.yaml\) or the same overrides$"
+    with pytest.raises(ConfigError, match=default_advice):  # evaluate / export
+        check_same_model(load_config(saved, ["model.embedding_dim=4"]), saved)
+    with pytest.raises(ConfigError, match=r"16 -> 4\); do this instead$"):  # a new run's own advice replaces it
+        check_same_model(load_config(saved, ["model.embedding_dim=4"]), saved, advice="do this instead")
     unrelated = run_config_of(str(tmp_path / "other_run" / "checkpoints" / "ckpt-1"))
     check_same_model(without_llactr, unrelated)  # no run config there: nothing to compare
 
