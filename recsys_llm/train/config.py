@@ -622,17 +622,20 @@ TRAINING_ONLY_KEYS = frozenset({
 })
 
 
-def check_same_model(config: ExperimentConfig, saved_path: Optional[str], advice: str = "") -> None:
+def check_same_model(config: ExperimentConfig, saved_path: Optional[str], advice: str = "",
+                     free: Collection[str] = ()) -> None:
     """Raises when ``config`` builds another model than the run saved at ``saved_path`` (for
     evaluate / export, which load that run's checkpoint, and a run that starts from it); no-op
-    without a saved config. ``advice``: what to do instead (default: pass that run's config).
+    without a saved config. ``advice``: what to do instead (default: pass that run's config);
+    ``free``: more settings (keys or sections) that may differ.
 
     Raises:
         ConfigError: naming the model / llactr / elec settings that differ.
     """
     if saved_path is None:
         return
-    differences = config_differences(load_config(saved_path), config, TRAINING_ONLY_KEYS, _movable_beside(saved_path))
+    differences = config_differences(load_config(saved_path), config, TRAINING_ONLY_KEYS | set(free),
+                                     _movable_beside(saved_path))
     differences = [d for d in differences if d.startswith(MODEL_SECTIONS)]
     if differences:
         raise ConfigError(

@@ -38,6 +38,9 @@ from recsys_llm.train.run_records import check_trained_on, check_trained_with_th
 INIT_FROM_KEY = "init_from"
 #: optimizer settings that shape the saved optimizer state (learning rates, eps and decay do not)
 OPTIMIZER_KINDS = ("sparse", "dense")
+#: model settings a new run may change from its init run: the files of frozen weights it loads afresh (the next
+#: day's entity vectors, with vectors for its new ids; of the width ``elec.vector_dim`` keeps)
+INIT_FREE_KEYS = ("elec.entity_vectors", "elec.entity_tables")
 
 
 class InitSource(NamedTuple):
@@ -80,7 +83,7 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
             "checkpoint inside it"
         )
     advice = "set them as that run did, or leave train.init_from unset to start from fresh weights"
-    check_same_model(config, saved_config, advice=advice)
+    check_same_model(config, saved_config, advice=advice, free=INIT_FREE_KEYS)
     check_trained_on(schema, saved_config, f"train.init_from={train_cfg.init_from}")
     check_trained_with_these_vectors(checkpoint, plugins)
     if train_cfg.init_optimizer:

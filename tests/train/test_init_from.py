@@ -342,3 +342,42 @@ def test_a_run_started_from_another_run_draws_its_own_dropout_masks(synthetic_di
     (out,) = run_multiprocess(_from_runs_with_other_rng_states, world_size=1, schema_dir=synthetic_dir,
                               root=str(tmp_path))
     assert out["day1"] == out["other"]
+
+
+def _entity_vectors_of_the_next_day(root: str) -> Dict[str, Any]:
+    import numpy as np
+    import pyarrow as pa
+
+    from recsys_llm.cli.export import export_run
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
+    from recsys_llm.serving import load_state_file
+
+    data = os.path.join(root, "data")
+    generate_synthetic(data, 1_000, seed=1, rows_per_group=512)
+    items = DatasetSchema.load(os.path.join(data, "schema.json")).field("item_id").cardinality
+    tables, weights = {}, {}
+    for day, seed in (("day1", 0), ("day2", 1)):  # the next day's export: other vectors, in another directory
+        tables[day] = np.random.default_rng(seed).normal(size=(items, 8)).astype(np.float32)
+        VectorExport(os.path.join(root, f"items_{day}"), {"model": "random", "granularity": "entity"},
+                     VectorExportConfig(chunk_rows=512)).run(
+            pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+            lambda texts, table=tables[day]: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+        gain = ["elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
+                f"elec.entity_vectors={root}/items_{day}", "elec.task=gain"]
+        _method_run(data, os.path.join(root, day), [*gain, *([f"train.init_from={root}/day1"] if day == "day2" else [])])
+        export_run(load_config(DEEPFM_CONFIG, [f"data.schema={data}", "model.mlp_layer_sizes=[16]",
+                                               "model.embedding_dim=8", *gain]),
+                   os.path.join(root, day), os.path.join(root, f"{day}_state"), state_only=True)
+        state = load_state_file(os.path.join(root, f"{day}_state"))
+        (weights[day],) = [tensor for name, tensor in state.items() if "semantic_item_id" in name]
+    return {day: np.allclose(weights["day2"].numpy(), tables[day]) for day in tables}
+
+
+@pytest.mark.multiprocess
+def test_a_run_started_from_another_reads_its_own_days_entity_vectors(tmp_path) -> None:
+    """elec.entity_vectors may name the next day's export (vectors for its new items): its frozen table is that
+    file's, not the init run's."""
+    (out,) = run_multiprocess(_entity_vectors_of_the_next_day, world_size=1, root=str(tmp_path))
+    assert out == {"day1": False, "day2": True}
