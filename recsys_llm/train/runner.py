@@ -403,7 +403,7 @@ def _train_in_run_dir(
         log.write({"event": RESUMED_EVENT, "checkpoint": latest, "global_step": state.global_step,
                    "epoch": state.epoch, REDONE_KEY: redone})
         if ctx.is_main:
-            print(f"resuming {run_dir} from {latest}: epoch {state.epoch}, step {state.global_step}", flush=True)
+            print(_resume_line(run_dir, latest, state), flush=True)
 
     subsets = metric_subsets(config, schema)
     train_reader = readers["train"]
@@ -525,6 +525,19 @@ def _train_in_run_dir(
             warnings.warn(f"{run_dir}: training_curves.png not written: {type(error).__name__}: {error}", stacklevel=2)
     barrier()
     return results
+
+
+def _resume_line(run_dir: str, checkpoint: str, state: TrainState) -> str:
+    """What a job says when it goes on from ``checkpoint``: where, or, for a run that is finished (and stays so
+    under this job's budget), that it trains nothing and how to go on."""
+    if not state.finished:
+        return f"resuming {run_dir} from {checkpoint}: epoch {state.epoch}, step {state.global_step}"
+    why = {STOP_BUDGET: "its train.epochs / train.max_steps used up",
+           STOP_PATIENCE: "stopped early: train.patience"}.get(state.stop_reason, "finished")
+    more = ("raise train.epochs or train.max_steps to train on, or use " if state.stop_reason == STOP_BUDGET
+            else "use ")
+    return (f"{run_dir} is finished ({why}, epoch {state.epoch}, step {state.global_step}): nothing to train (its "
+            f"best model is tested again); {more}another train.run_dir for a new run")
 
 
 def _complete_final_saves(

@@ -1740,3 +1740,17 @@ def test_a_run_pinned_to_a_plan_file_evaluates_on_other_ranks_and_without_the_fi
     (results,) = run_multiprocess(_evaluate_a_run_pinned_to_a_plan_file, world_size=1, schema_dir=synthetic_dir,
                                   root=str(tmp_path))
     assert results["own"] == results["two_ranks"] == results["moved"]
+
+
+def test_a_job_on_a_finished_run_says_it_trains_nothing_and_how_to_go_on() -> None:
+    """Running a finished run's command again trains nothing: the line says so instead of 'resuming'."""
+    from recsys_llm.train.runner import _resume_line
+
+    going_on = _resume_line("runs/a", "runs/a/checkpoints/ckpt-10", TrainState(epoch=1, global_step=10))
+    assert going_on == "resuming runs/a from runs/a/checkpoints/ckpt-10: epoch 1, step 10"
+    spent = _resume_line("runs/a", "c", TrainState(epoch=2, global_step=20, finished=True, stop_reason=STOP_BUDGET))
+    assert spent.startswith("runs/a is finished (its train.epochs / train.max_steps used up, epoch 2, step 20): "
+                            "nothing to train") and "raise train.epochs or train.max_steps" in spent
+    patient = _resume_line("runs/a", "c", TrainState(epoch=2, global_step=20, finished=True, stop_reason=STOP_PATIENCE))
+    assert "stopped early: train.patience" in patient and "raise" not in patient
+    assert "another train.run_dir for a new run" in patient
