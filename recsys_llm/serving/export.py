@@ -45,6 +45,7 @@ from recsys_llm.serving.artifact import (
     VERSIONS_KEY,
     WEIGHTED_KEY,
 )
+from recsys_llm.serving.raw_ids import RAW_IDS_DIR, RAW_IDS_KEY, write_raw_id_ways
 from recsys_llm.serving.quantized_tables import (
     TRAINED,
     check_quantizable,
@@ -91,9 +92,9 @@ naming the row). Dense features of another real dtype (float64, integers) are co
 float32.
 
 {id_rules} Raw values of data prepared by `recsys-llm prepare tabular` (strings, a
-field's own numbers) get their ids from
-`recsys_llm.data.tabular.raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)`,
-in the way that data's `schema.json` records for each field (`ids`); raw rows of
+field's own numbers) get their ids from the artifact itself, `ids, lengths = served.raw_value_ids(field, values)`
+(its `ids/` holds the training data's vocabularies and the way each field's values became ids; the same as
+`recsys_llm.data.tabular.raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)`); raw rows of
 `recsys-llm prepare criteo` data get theirs from `recsys_llm.data.hashing.hash_strings` and their
 dense features as `log(1 + max(x, 0))` (the recipe: docs/usage.md, "prepare criteo turns a line
 into the model's inputs"). The EBC lookup runs
@@ -695,6 +696,8 @@ def export_task(
         save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id})
         written = [STATE_FILE, TABLES_FILE] + ([SEMANTIC_TABLES_FILE] if semantic_tables else [])
         written += [program_status] if program_status is not None else []
+        id_ways = write_raw_id_ways(schema, tmp) if schema is not None else []
+        written += id_ways
         config = {
             "format_version": FORMAT_VERSION,
             EXPORT_ID_KEY: export_id,
@@ -712,6 +715,7 @@ def export_task(
             "dense_program_error": reason,
             "folded_logit_terms": folded if program_status is not None else [],
             ID_RULES_KEY: id_rules(schema, _kjt_keys(tables, semantic_tables)) if schema is not None else None,
+            RAW_IDS_KEY: RAW_IDS_DIR if id_ways else None,  # raw values -> ids (ServedModel.raw_value_ids)
             # checked by ServedModel.load: a bit flipped in a weight loads without any other error
             DIGESTS_KEY: {name: file_sha256(os.path.join(tmp, name)) for name in written},
             VERSIONS_KEY: {**library_versions(), "recsys_llm_commit": source_commit()},

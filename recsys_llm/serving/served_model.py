@@ -6,7 +6,9 @@ import math
 import os
 import warnings
 import zipfile
-from typing import Any, Callable, Dict, List, NoReturn, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+
+import numpy as np
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,6 +19,8 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.tabular.raw_values import raw_value_ids
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import IdRules
 from recsys_llm.paths import is_plain_file_name
@@ -48,6 +52,7 @@ from recsys_llm.serving.quantized_tables import (
     table_order_keys,
     tables_device,
 )
+from recsys_llm.serving.raw_ids import RAW_IDS_DIR, RAW_IDS_KEY, load_raw_id_ways
 from recsys_llm.serving.state import require_finite, check_same_export
 
 
@@ -105,6 +110,25 @@ def _check_config_types(config_path: str, config: Dict[str, Any]) -> None:
             where = f"'{ID_RULES_KEY}'" + ("" if name is None else f"[{name!r}]")
             _raise_damaged(config_path, f"{where} is {rule!r}, expected an object of hashed (true / false), "
                                         "max_length (an integer) and single_id (true / false)")
+
+
+def _load_raw_id_ways(directory: str, config_path: str, config: Dict[str, Any]) -> Optional[DatasetSchema]:
+    """The training data's id ways the artifact holds (``raw_ids``, :mod:`~recsys_llm.serving.raw_ids`), their
+    files checked against their digests; None for an artifact without them."""
+    recorded = config.get(RAW_IDS_KEY)
+    if recorded not in (None, RAW_IDS_DIR):
+        _raise_damaged(config_path, f"{RAW_IDS_KEY!r} is {recorded!r}; expected {RAW_IDS_DIR!r} or null")
+    if recorded is None:
+        return None
+    for name in sorted(config.get(DIGESTS_KEY, {})):
+        if name.startswith(f"{RAW_IDS_DIR}/"):
+            if not os.path.isfile(os.path.join(directory, name)):
+                _raise_damaged(os.path.join(directory, name), "file missing")
+            _check_digest(directory, config, name)
+    try:
+        return load_raw_id_ways(directory, recorded)
+    except (OSError, ValueError) as error:  # SchemaError is a ValueError
+        _raise_damaged(os.path.join(directory, recorded, "schema.json"), "cannot be read as the data's id ways", error)
 
 
 def _is_id_rule(rule: Any) -> bool:
@@ -266,7 +290,30 @@ class ServedModel(nn.Module):
         # the pooled keys in table order, as the program takes them (a quant EBC groups its tables by pooling)
         self._pooled_keys = table_order_keys(ebc)
         self._vector_keys = table_order_keys(semantic_ebc) if semantic_ebc is not None else []
+        # the training data's way from raw values to ids, when the artifact holds it (ServedModel.load sets it)
+        self.raw_id_ways: Optional[DatasetSchema] = None
         self.train(False)
+
+    def raw_value_ids(self, field: str, values: Sequence[object],
+                      sequence_separator: str = "|") -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The ids the model was trained on for raw values of one sparse or sequence field (strings, the source's
+        own numbers; None for a missing value), from the training data's vocabularies and ways the artifact holds
+        (``ids/``), as :func:`~recsys_llm.data.tabular.raw_values.raw_value_ids` gives them from the prepared data.
+
+        Returns:
+            Tuple[np.ndarray, Optional[np.ndarray]]: ``(ids (N,) int64, None)`` for a sparse field, ``(flat ids,
+            lengths (N,))`` for a sequence field; a value the vocabulary lacks gets id 0 (a sequence drops it).
+
+        Raises:
+            ValueError: the artifact holds no id ways (its data was not prepared by ``prepare tabular``, or it
+                was exported before artifacts held them), or a field or value the preparation would refuse.
+        """
+        if self.raw_id_ways is None:
+            raise ValueError("this artifact holds no way from raw values to ids (config.json: raw_ids null): its "
+                             "training data was not prepared by `recsys-llm prepare tabular`, or it was exported "
+                             "before artifacts held them; export the run again, or use recsys_llm.data.tabular."
+                             "raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)")
+        return raw_value_ids(self.raw_id_ways, field, values, sequence_separator)
 
     def train(self, mode: bool = True) -> "ServedModel":
         """Inference only: it stays in eval mode (the dense program was exported in it, and a ``torch.export``
@@ -426,7 +473,9 @@ class ServedModel(nn.Module):
             program = torch.export.load(program_path).module()
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(program_path, "cannot be read as a torch.export program", error)
-        return cls(ebc, program, config, semantic)
+        served = cls(ebc, program, config, semantic)
+        served.raw_id_ways = _load_raw_id_ways(directory, config_path, config)
+        return served
 
     def _checked_dense(self, dense_features: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The request's dense features as the program takes them: (B, Dd) float32, all finite.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import re
 from typing import Dict
 
@@ -403,3 +404,43 @@ def test_data_prepared_afresh_instead_of_like_is_refused_where_its_ids_would_mea
     with pytest.raises(ValueError, match=r"fresh/schema\.json: the vocabulary of field\(s\) \['cats', 'city'\] is "
                                          r"not the one the artifact's model was trained on.*--like"):
         check_artifact_fits(served, fresh)
+
+
+def test_the_artifact_turns_raw_values_into_the_ids_its_model_was_trained_on(earlier: Dict[str, str],
+                                                                             tmp_path) -> None:
+    """An export of ``prepare tabular`` data holds its id ways (``ids/``): raw values get the prepared data's ids
+    from the artifact alone; a changed vocabulary file there is damage."""
+    from recsys_llm.serving import ServedModel
+
+    old = DatasetSchema.load(earlier["data"])
+    artifact = str(tmp_path / "artifact")
+    shutil.copytree(earlier["artifact"], artifact)
+    served = ServedModel.load(artifact, trust_program=True)
+    assert served.raw_id_ways.root == os.path.join(artifact, "ids")  # the copy's own files, not the data's
+    assert sorted(os.listdir(os.path.join(artifact, "ids"))) == ["schema.json", "text"]
+    for field, values in (("city", ["Paris", "Berlin", None, " Lyon"]), ("user", [3, "7", None]),
+                          ("query", ["red shoes", "", "q1"])):
+        assert served.raw_value_ids(field, values)[0].tolist() == raw_value_ids(old, field, values)[0].tolist()
+    flat, lengths = served.raw_value_ids("cats", ["shoes|boots", None, "hats|bags"])
+    expected_flat, expected_lengths = raw_value_ids(old, "cats", ["shoes|boots", None, "hats|bags"])
+    assert flat.tolist() == expected_flat.tolist() and lengths.tolist() == expected_lengths.tolist()
+    assert served.raw_id_ways.fingerprint() == old.fingerprint() and served.raw_id_ways.splits == {}
+    texts = os.path.join(artifact, "ids", "text", "city.parquet")
+    table = pq.read_table(texts)
+    pq.write_table(table.set_column(1, "text", pa.array(["unknown", "Lyon", "Lille", "Nice", "Paris"])), texts)
+    with pytest.raises(ValueError, match=r"ids/text/city\.parquet: its bytes changed after the export"):
+        ServedModel.load(artifact, trust_program=True)
+
+
+def test_an_artifact_of_data_without_id_ways_says_where_raw_ids_come_from(tmp_path) -> None:
+    from recsys_llm.serving import ServedModel
+
+    data = str(tmp_path / "synthetic")
+    generate_synthetic(data, 600, seed=0, rows_per_group=256)
+    artifact = str(tmp_path / "artifact")
+    export_small_deepfm(DatasetSchema.load(data), artifact, batch_size=64, steps=1)
+    served = ServedModel.load(artifact, trust_program=True)
+    assert served.raw_id_ways is None and not os.path.exists(os.path.join(artifact, "ids"))
+    with pytest.raises(ValueError, match=r"no way from raw values to ids \(config\.json: raw_ids null\).*"
+                                         r"raw_value_ids\(DatasetSchema\.load\(<prepared data>\)"):
+        served.raw_value_ids("user_id", [1, 2])
