@@ -87,27 +87,33 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
     check_trained_on(schema, saved_config, f"train.init_from={train_cfg.init_from}")
     check_trained_with_these_vectors(checkpoint, plugins)
     if train_cfg.init_optimizer:
-        saved = load_config(saved_config)
-        saved_optim = saved.optim
-        changed = [f"optim.{kind}: {getattr(saved_optim, kind)!r} -> {getattr(config.optim, kind)!r}"
-                   for kind in OPTIMIZER_KINDS if getattr(saved_optim, kind) != getattr(config.optim, kind)]
-        # a frozen table trains by plain SGD at lr 0, which keeps no state: none to go on with here
-        thawed = [] if config.optim.sparse == "sgd" else sorted(
-            set(saved.sharding.frozen_tables) - set(config.sharding.frozen_tables))
-        if thawed:
-            changed.append(f"sharding.frozen_tables: {', '.join(thawed)} frozen there (no optimizer state), trained "
-                           "here")
-        if changed:
-            raise ConfigError(
-                f"train.init_from={train_cfg.init_from}: its run trained with another optimizer "
-                f"({'; '.join(changed)}), whose state this run cannot take; set train.init_optimizer=false to start "
-                "from its weights with fresh optimizer state, or use the same optimizers"
-            )
-        saved_plan = os.path.join(run_dir_of(checkpoint), "sharding_plan.json")
-        check_same_column_split(saved_plan, plan, config.optim.sparse, advice=(
-            f"set train.init_optimizer=false to start from its weights with fresh optimizer state, or shard as it "
-            f"was (on its world size and device, sharding.plan_file={saved_plan})"))
+        _check_optimizer_state_fits(config, load_config(saved_config), plan,
+                                    os.path.join(run_dir_of(checkpoint), "sharding_plan.json"))
     return InitSource(checkpoint, train_cfg.init_optimizer)
+
+
+def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfig, plan: ShardingPlan,
+                                saved_plan: str) -> None:
+    """Raises ConfigError unless this run's optimizers can take the state of the run ``saved`` configured (its
+    ``sharding_plan.json`` at ``saved_plan``): the same kinds, no table it kept frozen trained now, the same column
+    split of each table (row-wise Adagrad)."""
+    init_from = config.train.init_from
+    changed = [f"optim.{kind}: {getattr(saved.optim, kind)!r} -> {getattr(config.optim, kind)!r}"
+               for kind in OPTIMIZER_KINDS if getattr(saved.optim, kind) != getattr(config.optim, kind)]
+    # a frozen table trains by plain SGD at lr 0, which keeps no state: none to go on with here
+    thawed = [] if config.optim.sparse == "sgd" else sorted(
+        set(saved.sharding.frozen_tables) - set(config.sharding.frozen_tables))
+    if thawed:
+        changed.append(f"sharding.frozen_tables: {', '.join(thawed)} frozen there (no optimizer state), trained here")
+    if changed:
+        raise ConfigError(
+            f"train.init_from={init_from}: its run trained with another optimizer ({'; '.join(changed)}), whose "
+            "state this run cannot take; set train.init_optimizer=false to start from its weights with fresh "
+            "optimizer state, or use the same optimizers"
+        )
+    check_same_column_split(saved_plan, plan, config.optim.sparse, advice=(
+        f"set train.init_optimizer=false to start from its weights with fresh optimizer state, or shard as it "
+        f"was (on its world size and device, sharding.plan_file={saved_plan})"))
 
 
 def load_init_source(source: InitSource, model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]:
