@@ -313,6 +313,12 @@ def _user_value_text(user_schema: DatasetSchema, field: str) -> pa.Table:
     return pa.table(columns)
 
 
+def write_vocabulary(path: str, vocabulary: pa.Array) -> None:
+    """A vocabulary field's value-text file: id 0 ``unknown`` (a missing value, or one the vocabulary lacks), then
+    the ``vocabulary``'s values as ids 1..V."""
+    write_value_text(path, ["unknown"] + vocabulary.to_pylist())
+
+
 def value_text_file(field_name: str) -> str:
     """``text/<field>.parquet``, the value-text file of a field in a prepared directory. A field
     (column) name that is not a plain file name (``a/b``, ``../../x``, ``.x``) gets its unsafe
@@ -361,7 +367,7 @@ def _output_schema(
         plan = plans.get(spec.name)
         if plan is not None and plan.mode == "vocab":
             value_text = value_text_file(spec.name)
-            write_value_text(os.path.join(out_dir, value_text), ["unknown"] + plan.vocabulary.to_pylist())
+            write_vocabulary(os.path.join(out_dir, value_text), plan.vocabulary)
         elif value_text:
             value_text = value_text_file(spec.name)
             os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)

@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema, check_split_name
-from recsys_llm.data.synthetic import write_value_text
 from recsys_llm.data.tabular.config import TabularConfig
-from recsys_llm.data.tabular.convert import format_hint, near_names, write_splits, field_way
+from recsys_llm.data.tabular.convert import field_way, format_hint, near_names, write_splits, write_vocabulary
 from recsys_llm.data.tabular.growth import grow_vocabularies
 from recsys_llm.data.tabular.raw_values import prepared_plan
 from recsys_llm.data.tabular.source import ColumnTypeChanged, csv_column_types, repeated_columns, source_columns
@@ -155,7 +154,7 @@ def _write_like(
             target = os.path.join(out_dir, spec.value_text)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             if spec.name in grown:
-                write_value_text(target, ["unknown"] + plans[spec.name].vocabulary.to_pylist())
+                write_vocabulary(target, plans[spec.name].vocabulary)
             else:
                 shutil.copyfile(like.value_text_path(spec.name), target)
     schema = dataclasses.replace(like, splits={split_name: f"{split_name}.parquet"}, extra_columns=list(extras),
