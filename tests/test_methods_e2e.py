@@ -28,6 +28,7 @@ from recsys_llm.semantics.store import VectorProvenance, save_vectors
 from recsys_llm.serving import ServedModel, load_state_file
 from recsys_llm.train.config import ConfigError, load_config
 from recsys_llm.train.runner import run_training
+from tests.entity_vectors import export_entity_table
 from tests.multiprocess import run_multiprocess
 from tests.tiny_models import save_tiny_bert
 
@@ -289,17 +290,11 @@ def _swapped_pairs_student(schema_path: str, run_dir: str, vectors: str) -> Dict
 @pytest.mark.multiprocess
 def test_elec_student_learns_on_catalogue_pairs_with_two_ranks(small_synthetic: str, tmp_path) -> None:
     import numpy as np
-    import pyarrow as pa
-
-    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
 
     schema = DatasetSchema.load(small_synthetic)
     items = schema.field("item_id").cardinality
-    table = np.random.default_rng(0).normal(size=(items, 16)).astype(np.float32)
     vectors = str(tmp_path / "items")
-    VectorExport(vectors, {"model": "random", "granularity": "entity"}, VectorExportConfig(chunk_rows=512)).run(
-        pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
-        lambda texts: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+    export_entity_table(vectors, np.random.default_rng(0).normal(size=(items, 16)))
     run_dir = str(tmp_path / "run")
     results = run_multiprocess(_swapped_pairs_student, world_size=2, schema_path=small_synthetic, run_dir=run_dir,
                                vectors=vectors)

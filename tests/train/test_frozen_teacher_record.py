@@ -10,7 +10,6 @@ import shutil
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from recsys_llm.data.schema import DatasetSchema
@@ -18,6 +17,7 @@ from recsys_llm.data.synthetic import generate_synthetic
 from recsys_llm.train.checkpoint import TrainState, checkpoint_digests, resolve_checkpoint
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, load_config
 from recsys_llm.train.runner import run_training
+from tests.entity_vectors import export_entity_table
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,17 +36,12 @@ def _kill_at_step_5(state: TrainState) -> None:
 def _prepared(work: str) -> Tuple[List[str], str, str]:
     """Synthetic data with an entity table, and two trained gain networks (seeds 0 and 1): the
     overrides every run shares and the two gain run directories."""
-    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
-
     data = os.path.join(work, "data")
     generate_synthetic(data, 1_000, seed=1, rows_per_group=512)
     schema_path = os.path.join(data, "schema.json")
     items = DatasetSchema.load(schema_path).field("item_id").cardinality
-    table = np.random.default_rng(0).normal(size=(items, 8)).astype(np.float32)
     entity = os.path.join(work, "items")
-    VectorExport(entity, {"model": "random", "granularity": "entity"}, VectorExportConfig(chunk_rows=512)).run(
-        pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
-        lambda texts: __import__("torch").from_numpy(table[[int(t) for t in texts]]), progress=False)
+    export_entity_table(entity, np.random.default_rng(0).normal(size=(items, 8)))
     base = [f"data.schema={schema_path}", "data.batch_size=128", "data.eval_batch_size=512", "data.synthetic_rows=0",
             "train.epochs=1", "train.patience=0", "train.progress=false", "train.device=cpu",
             "train.checkpoint_every=5", "model.mlp_layer_sizes=[16]", "model.embedding_dim=8",

@@ -14,6 +14,7 @@ import torch
 from recsys_llm.train.config import ConfigError, load_config
 from recsys_llm.train.init_from import INIT_FROM_KEY
 from recsys_llm.train.runner import run_training
+from tests.entity_vectors import export_entity_table
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -274,22 +275,17 @@ def test_a_run_with_other_llactr_field_vectors_than_its_init_run_is_refused(tmp_
 
 def _frozen_teacher(root: str) -> Dict[str, Any]:
     import numpy as np
-    import pyarrow as pa
 
     from recsys_llm.cli.export import export_run
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.data.synthetic import generate_synthetic
-    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
     from recsys_llm.serving import load_state_file
 
     data = os.path.join(root, "data")
     generate_synthetic(data, 1_000, seed=1, rows_per_group=512)
     items = DatasetSchema.load(os.path.join(data, "schema.json")).field("item_id").cardinality
-    table = np.random.default_rng(0).normal(size=(items, 8)).astype(np.float32)
     entity = os.path.join(root, "items")
-    VectorExport(entity, {"model": "random", "granularity": "entity"}, VectorExportConfig(chunk_rows=512)).run(
-        pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
-        lambda texts: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+    export_entity_table(entity, np.random.default_rng(0).normal(size=(items, 8)))
     elec = ["elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
             f"elec.entity_vectors={entity}"]
     teachers = []
@@ -346,12 +342,10 @@ def test_a_run_started_from_another_run_draws_its_own_dropout_masks(synthetic_di
 
 def _entity_vectors_of_the_next_day(root: str) -> Dict[str, Any]:
     import numpy as np
-    import pyarrow as pa
 
     from recsys_llm.cli.export import export_run
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.data.synthetic import generate_synthetic
-    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
     from recsys_llm.serving import load_state_file
 
     data = os.path.join(root, "data")
@@ -359,11 +353,8 @@ def _entity_vectors_of_the_next_day(root: str) -> Dict[str, Any]:
     items = DatasetSchema.load(os.path.join(data, "schema.json")).field("item_id").cardinality
     tables, weights = {}, {}
     for day, seed in (("day1", 0), ("day2", 1)):  # the next day's export: other vectors, in another directory
-        tables[day] = np.random.default_rng(seed).normal(size=(items, 8)).astype(np.float32)
-        VectorExport(os.path.join(root, f"items_{day}"), {"model": "random", "granularity": "entity"},
-                     VectorExportConfig(chunk_rows=512)).run(
-            pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
-            lambda texts, table=tables[day]: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+        tables[day] = export_entity_table(os.path.join(root, f"items_{day}"),
+                                          np.random.default_rng(seed).normal(size=(items, 8)))
         gain = ["elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
                 f"elec.entity_vectors={root}/items_{day}", "elec.task=gain"]
         _method_run(data, os.path.join(root, day), [*gain, *([f"train.init_from={root}/day1"] if day == "day2" else [])])

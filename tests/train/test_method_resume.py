@@ -12,7 +12,6 @@ import os
 from typing import Any, Dict, List
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -22,6 +21,7 @@ from recsys_llm.train.checkpoint import TrainState
 from recsys_llm.train.config import load_config
 from recsys_llm.train.run_records import METRICS_FILE, current_records
 from recsys_llm.train.runner import run_training
+from tests.entity_vectors import export_entity_table
 from tests.multiprocess import run_multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,7 +79,6 @@ def _straight_and_resumed(name: str, overrides: List[str], work: str) -> Dict[st
 
 def _all_modes(work: str, device: str = "cpu") -> Dict[str, Any]:
     from recsys_llm.semantics.store import VectorProvenance, save_vectors
-    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
     from recsys_llm.cli.export import export_run
     from recsys_llm.train.teacher_outputs import write_teacher_outputs
 
@@ -95,11 +94,8 @@ def _all_modes(work: str, device: str = "cpu") -> Dict[str, Any]:
     save_vectors(fields, torch.randn(len(names), 12, generator=torch.Generator().manual_seed(0)), names,
                  provenance.for_schema(schema))
     items = schema.field("item_id").cardinality
-    table = np.random.default_rng(0).normal(size=(items, 8)).astype(np.float32)
     entity = os.path.join(work, "items")
-    VectorExport(entity, {"model": "random", "granularity": "entity"}, VectorExportConfig(chunk_rows=512)).run(
-        pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
-        lambda texts: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+    export_entity_table(entity, np.random.default_rng(0).normal(size=(items, 8)))
 
     elec = ["elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
             f"elec.entity_vectors={entity}"]
@@ -160,12 +156,7 @@ def test_a_method_run_killed_mid_epoch_resumes_to_the_uninterrupted_run(trained_
 
 
 def _item_export(directory: str, items: int, model: str, seed: int) -> None:
-    from recsys_llm.semantics.vector_export import VectorExport, VectorExportConfig
-
-    table = np.random.default_rng(seed).normal(size=(items, 8)).astype(np.float32)
-    VectorExport(directory, {"model": model, "granularity": "entity"}, VectorExportConfig(chunk_rows=512)).run(
-        pa.array(np.arange(items), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
-        lambda texts: torch.from_numpy(table[[int(t) for t in texts]]), progress=False)
+    export_entity_table(directory, np.random.default_rng(seed).normal(size=(items, 8)), model)
 
 
 def _resume_over_entity_vectors_exported_again(work: str) -> Dict[str, Any]:
