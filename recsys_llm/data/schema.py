@@ -337,19 +337,25 @@ class DatasetSchema:
 
     def changed_vocabularies(self, recorded: Mapping[str, Any]) -> List[str]:
         """The fields of ``recorded`` (:meth:`vocabulary_records` of the data a model trained on) whose recorded ids
-        mean other values in this schema's vocabularies, or that hold fewer ids. A vocabulary that grew
-        (``prepare tabular --like --grow-vocabulary``) keeps its earlier ids and passes; a record that is no such
-        mapping is left unchecked."""
+        mean other values in this schema's vocabularies, or that hold fewer ids, or whose ids this schema records
+        another way (``integer``: the same source prepared without ``--vocabulary``); and, where ``recorded`` holds
+        some vocabulary, this schema's vocabulary fields it lacks (their ids were another way's: ``--vocabulary``
+        now, not then). A vocabulary that grew (``prepare tabular --like --grow-vocabulary``) keeps its earlier ids
+        and passes; a record that is no such mapping is left unchecked."""
         ours = set(self._vocabulary_fields())
-        changed = []
+        changed = sorted(ours - set(recorded)) if recorded else []
         for name, record in sorted(recorded.items()):
-            if name not in ours or not isinstance(record, dict) or not isinstance(record.get("ids"), int):
+            if not isinstance(record, dict) or not isinstance(record.get("ids"), int):
+                continue
+            if name not in ours:
+                if self.ids.get(name, "vocabulary") != "vocabulary":
+                    changed.append(name)
                 continue
             table = self.load_value_text(name).sort_by("id")
             count = record["ids"]
             if table.num_rows < count or _vocabulary_digest(table, count) != record.get("digest"):
                 changed.append(name)
-        return changed
+        return sorted(changed)
 
     def _vocabulary_fields(self) -> List[str]:
         """The fields ``ids`` records as ``vocabulary`` whose value-text file is there."""

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import warnings
 import re
 from typing import Dict
 
@@ -19,6 +20,7 @@ from recsys_llm.data.synthetic import generate_synthetic
 from recsys_llm.data.tabular import TabularConfig, prepare_tabular, prepare_tabular_like
 from recsys_llm.data.tabular.raw_values import raw_value_ids
 from recsys_llm.data.validation import DataError
+from recsys_llm.file_hash import file_sha256
 from recsys_llm.serving.scoring import check_artifact_fits
 from recsys_llm.serving.served_model import ServedModel
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, load_config, save_config
@@ -444,3 +446,201 @@ def test_an_artifact_of_data_without_id_ways_says_where_raw_ids_come_from(tmp_pa
     with pytest.raises(ValueError, match=r"no way from raw values to ids \(config\.json: raw_ids null\).*"
                                          r"raw_value_ids\(DatasetSchema\.load\(<prepared data>\)"):
         served.raw_value_ids("user_id", [1, 2])
+
+
+def test_tied_new_values_take_ids_in_value_order_and_growth_that_fits_warns_nothing(earlier: Dict[str, str],
+                                                                                    tmp_path) -> None:
+    """Rome is seen before Berlin and as often: the tie goes by value (Berlin first), not by first sight; every new
+    value finds a free id, so no warning."""
+    rows = dict(GROWING, city=["Rome", "Berlin", "Berlin", "Rome", "Oslo"])
+    out = str(tmp_path / "day2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_tabular_like(_csv(tmp_path / "day2.csv", rows), earlier["data"], out, grow_vocabulary=True)
+    texts = pq.read_table(DatasetSchema.load(out).value_text_path("city"))["text"].to_pylist()
+    assert texts[5:] == ["Berlin", "Rome", "Oslo"]
+    assert pq.read_table(os.path.join(out, "test.parquet"))["city"].to_pylist() == [6, 5, 5, 6, 7]
+
+
+def test_growth_counts_a_values_rows_over_every_block_and_the_report_counts_a_reread_once(
+        earlier: Dict[str, str], tmp_path) -> None:
+    """Berlin fills the first 300 rows and one in the last block, Rome the 99 between: read in small blocks,
+    Berlin still counts 301 rows and comes first. An extra column whose type changes late has the rows written
+    again: the report counts each value once."""
+    n = 400
+    rows = {name: [values[i % 4] for i in range(n)] for name, values in NEW.items()}
+    rows["city"] = ["Berlin" if i < 300 or i == n - 1 else "Rome" for i in range(n)]
+    rows["cats"] = [["boots", "caps|shoes", "belts" if i % 8 == 2 else "boots", ""][i % 4] for i in range(n)]
+    rows.update(clicked=[i % 2 for i in range(n)], ts=[3.5 if i == 350 else i for i in range(n)])
+    out, ways = str(tmp_path / "out"), {}
+    with pytest.warns(UserWarning, match=r"field 'cats' met 3 values .* 1 more than its table has free ids"):
+        schema = prepare_tabular_like(_csv(tmp_path / "new.csv", rows), earlier["data"], out,
+                                      TabularConfig(block_bytes=2000), field_ways=ways, grow_vocabulary=True)
+    assert pq.read_table(schema.value_text_path("city"))["text"].to_pylist()[5:] == ["Berlin", "Rome"]
+    assert pq.read_table(schema.value_text_path("cats"))["text"].to_pylist()[6:] == ["boots", "caps"]
+    # boots in 150 rows, caps 100, belts 50 (left out); 400 tokens written
+    assert ways["city"] == "vocabulary, 2 new values, ids 5-6"
+    assert ways["cats"] == "vocabulary, 2 new values, ids 6-7 (50 of 400 values not in it: id 0, unknown)"
+    table = pq.read_table(schema.split_path("test"))
+    assert table.num_rows == n and table["city"].to_pylist()[298:302] == [5, 5, 6, 6]
+
+
+def test_an_integer_vocabulary_field_grows_by_its_values_text(earlier: Dict[str, str], tmp_path) -> None:
+    """A field of integers prepared ``--vocabulary`` maps their text: new users 100 and 99 of a Parquet file, tied,
+    take the next free ids in text order ("100" < "99"), as the values are cast before they are counted. Fields
+    whose values are all known report no growth. Data of the same rows prepared without ``--vocabulary`` (raw
+    integer ids) is refused where a run or artifact of the vocabulary data meets it, and the other way round, though
+    the fingerprint stays."""
+    old_rows = _old_rows()
+    old_rows["user"] = old_rows["user"] % 50
+    data = str(tmp_path / "shop")
+    prepare_tabular(_csv(tmp_path / "old.csv", old_rows), earlier["schema"], data,
+                    TabularConfig(vocabulary_fields=("user",)))
+    old = DatasetSchema.load(data)
+    held = old.load_value_text("user").num_rows - 1  # the values it holds, besides unknown
+    rows = dict(GROWING, user=[3, 100, 7, 99, 0], city=["Paris", "Lyon", "Nice", "Lille", ""],
+                cats=["shoes|bags", "hats", "", "coats", "socks"])
+    out, ways, day2 = str(tmp_path / "day2"), {}, str(tmp_path / "day2.parquet")
+    pq.write_table(pa.table(rows), day2)  # user read as integers (a CSV's categorical columns are read as text)
+    prepare_tabular_like(day2, data, out, field_ways=ways, grow_vocabulary=True)
+    assert ways["user"] == f"vocabulary, 2 new values, ids {held + 1}-{held + 2}"
+    assert ways["city"] == ways["cats"] == "vocabulary"
+    expected, _ = raw_value_ids(old, "user", [3, 7, 0])
+    table = pq.read_table(os.path.join(out, "test.parquet"))
+    assert table["user"].to_pylist() == [expected[0], held + 1, expected[1], held + 2, expected[2]]
+
+    raw = str(tmp_path / "raw")
+    prepare_tabular(_csv(tmp_path / "old.csv", old_rows), earlier["schema"], raw)
+    raw_ids = DatasetSchema.load(raw)
+    assert raw_ids.ids["user"] == "integer" and raw_ids.fingerprint() == old.fingerprint()
+    assert raw_ids.changed_vocabularies(old.vocabulary_records()) == ["user"]
+    assert old.changed_vocabularies(raw_ids.vocabulary_records()) == ["user"]  # integer ids then, a vocabulary now
+    assert DatasetSchema.load(out).changed_vocabularies(old.vocabulary_records()) == []
+
+
+def test_a_full_table_grows_no_further_and_a_single_new_value_is_reported_as_one(earlier: Dict[str, str],
+                                                                                 tmp_path) -> None:
+    """Day 2 fills the cats table (2 free ids); day 3, grown like day 2, finds none free: 0 new values, the new
+    category at id 0. Its one new city (Oslo) takes id 7, said in the singular."""
+    day2 = str(tmp_path / "day2")
+    prepare_tabular_like(_csv(tmp_path / "day2.csv", GROWING), earlier["data"], day2, grow_vocabulary=True)
+    rows = dict(GROWING, city=["Paris", "Rome", "Berlin", "Oslo", "Lyon"], cats=["belts", "boots", "", "", "caps"])
+    day3, ways = str(tmp_path / "day3"), {}
+    with pytest.warns(UserWarning, match=r"field 'cats' met 1 value.* 1 more than its table has free ids"):
+        prepare_tabular_like(_csv(tmp_path / "day3.csv", rows), day2, day3, field_ways=ways, grow_vocabulary=True)
+    assert ways["city"] == "vocabulary, 1 new value, id 7"
+    assert ways["cats"] == "vocabulary, 0 new values (1 of 3 values not in it: id 0, unknown)"
+    assert pq.read_table(os.path.join(day3, "test.parquet"))["cats"].to_pylist() == [[], [6], [], [], [7]]
+    assert pq.read_table(os.path.join(day3, "test.parquet"))["city"].to_pylist()[1:4] == [6, 5, 7]
+
+
+def test_vocabulary_records_check_every_id_and_skip_what_they_cannot_read(earlier: Dict[str, str], tmp_path) -> None:
+    """A vocabulary that differs only in its last value is changed; records that are no ``{ids, digest}`` mapping,
+    or of a field the data lacks, are left unchecked; a vocabulary field whose value-text file is gone is not
+    recorded."""
+    old = DatasetSchema.load(earlier["data"])
+    records = old.vocabulary_records()
+    assert records["city"]["ids"] == len(CITIES) + 1
+    data = str(tmp_path / "shop")
+    shutil.copytree(earlier["data"], data)
+    texts = old.load_value_text("city")
+    assert texts["text"].to_pylist()[-1] == "Paris"
+    pq.write_table(texts.set_column(1, "text", pa.array(texts["text"].to_pylist()[:-1] + ["Rome"])),
+                   DatasetSchema.load(data).value_text_path("city"))
+    copy = DatasetSchema.load(data)
+    assert copy.changed_vocabularies(records) == ["city"]
+    assert copy.changed_vocabularies({"city": "junk", "cats": {"digest": "x"}, "gone": {"ids": 2, "digest": "x"},
+                                      "user": None}) == []
+    os.remove(copy.value_text_path("city"))
+    assert set(DatasetSchema.load(data).vocabulary_records()) == {"cats"}
+
+
+def test_an_artifacts_id_ways_elsewhere_missing_or_unreadable_are_damage(earlier: Dict[str, str], tmp_path) -> None:
+    """``raw_ids`` names the artifact's own ``ids`` (no other directory), each of its files must be there, its
+    ``schema.json`` is among the digests, and one that is no schema (its digest rewritten to match) is named as the
+    damage."""
+    from recsys_llm.serving.artifact import DIGESTS_KEY
+
+    def broken(name: str, change) -> str:
+        artifact = str(tmp_path / name)
+        shutil.copytree(earlier["artifact"], artifact)
+        with open(os.path.join(artifact, "config.json")) as handle:
+            config = json.load(handle)
+        change(artifact, config)
+        with open(os.path.join(artifact, "config.json"), "w") as handle:
+            json.dump(config, handle)
+        return artifact
+
+    elsewhere = broken("elsewhere", lambda artifact, config: config.update(raw_ids="ids/text"))
+    with pytest.raises(ValueError, match=r"config\.json: 'raw_ids' is 'ids/text'; expected 'ids' or null"):
+        ServedModel.load(elsewhere, trust_program=True)
+    missing = broken("missing", lambda artifact, config: os.remove(os.path.join(artifact, "ids", "text",
+                                                                                "city.parquet")))
+    with pytest.raises(ValueError, match=r"ids/text/city\.parquet: file missing; the export artifact is damaged"):
+        ServedModel.load(missing, trust_program=True)
+
+    def unreadable(artifact: str, config: Dict) -> None:
+        path = os.path.join(artifact, "ids", "schema.json")
+        with open(path, "w") as handle:
+            handle.write("{")
+        config[DIGESTS_KEY]["ids/schema.json"] = file_sha256(path)
+
+    with pytest.raises(ValueError, match=r"ids/schema\.json: cannot be read as the data's id ways .*damaged"):
+        ServedModel.load(broken("unreadable", unreadable), trust_program=True)
+
+    def edited(artifact: str, config: Dict) -> None:  # city's ids read as hashed text: the digest tells
+        path = os.path.join(artifact, "ids", "schema.json")
+        with open(path) as handle:
+            ways = json.load(handle)
+        ways["ids"]["city"] = "hashed_text"
+        with open(path, "w") as handle:
+            json.dump(ways, handle)
+
+    with pytest.raises(ValueError, match=r"ids/schema\.json: its bytes changed after the export"):
+        ServedModel.load(broken("edited", edited), trust_program=True)
+
+
+def test_a_run_and_its_exports_record_the_vocabularies_it_trained_on(earlier: Dict[str, str], tmp_path) -> None:
+    """plugins.json, the artifact's and the state-only export's config.json record the training data's
+    vocabularies, so the run, its artifact and a resume check data against them (not only a hand-written record)."""
+    from recsys_llm.train.runner import run_training
+
+    old = DatasetSchema.load(earlier["data"])
+    run_dir = str(tmp_path / "run")
+    overrides = [f"data.schema={earlier['data']}", "data.batch_size=64", "data.synthetic_rows=0", "train.max_steps=2",
+                 "train.epochs=1", "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}",
+                 "model.mlp_layer_sizes=[8]", "model.embedding_dim=4"]
+    run_training(load_config(DEEPFM_CONFIG, overrides))
+    with open(os.path.join(run_dir, PLUGINS_FILE)) as handle:
+        assert json.load(handle)[VOCABULARIES_KEY] == old.vocabulary_records()
+    for output, flags in (("artifact", []), ("state", ["--state-only"])):
+        assert cli_main(["export", "--config", DEEPFM_CONFIG, "--checkpoint", run_dir, "--output",
+                         str(tmp_path / output), *flags, *overrides]) == 0
+        with open(os.path.join(tmp_path, output, "config.json")) as handle:
+            assert json.load(handle)["metadata"]["vocabularies"] == old.vocabulary_records(), output
+    assert ServedModel.load(str(tmp_path / "artifact"), trust_program=True).vocabularies == old.vocabulary_records()
+
+    # evaluate --split of other prepared data: refused, as a directory or a file, where its ids mean other values
+    from recsys_llm.train.trained_run import run_evaluation
+
+    rows = _old_rows(seed=1)
+    rows["city"][:3] = ["Berlin"] * 3
+    fresh = str(tmp_path / "fresh")
+    prepare_tabular(_csv(tmp_path / "day2.csv", rows), earlier["schema"], fresh)
+    config = load_config(DEEPFM_CONFIG, overrides)
+    for split in (fresh, os.path.join(fresh, "test.parquet")):
+        with pytest.raises(ConfigError, match=rf"--split {re.escape(split)}: the vocabulary of field\(s\) "
+                                              r"\['city'\] in .*fresh is not the one the run trained on"):
+            run_evaluation(config, run_dir, split)
+    like = prepare_tabular_like(_csv(tmp_path / "new.csv", dict(NEW, clicked=[0, 1, 1, 0])), earlier["data"],
+                                str(tmp_path / "like"))
+    assert "auc" in run_evaluation(config, run_dir, like.split_path("test"))
+
+
+def test_the_artifacts_raw_ids_split_a_sequence_at_the_separator_given(earlier: Dict[str, str]) -> None:
+    """``ServedModel.raw_value_ids(..., sequence_separator=";")`` splits the tokens as the prepared data's ways do."""
+    served = ServedModel.load(earlier["artifact"], trust_program=True)
+    flat, lengths = served.raw_value_ids("cats", ["shoes;boots", "hats;bags"], sequence_separator=";")
+    expected_flat, expected_lengths = raw_value_ids(DatasetSchema.load(earlier["data"]), "cats",
+                                                    ["shoes|boots", "hats|bags"])
+    assert flat.tolist() == expected_flat.tolist() and lengths.tolist() == expected_lengths.tolist() == [1, 2]
