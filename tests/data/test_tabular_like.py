@@ -604,37 +604,41 @@ def test_a_run_and_its_exports_record_the_vocabularies_it_trained_on(earlier: Di
     """plugins.json, the artifact's and the state-only export's config.json record the training data's
     vocabularies, so the run, its artifact and a resume check data against them (not only a hand-written record)."""
     from recsys_llm.train.runner import run_training
+    from recsys_llm.train.distributed import teardown_distributed
 
-    old = DatasetSchema.load(earlier["data"])
-    run_dir = str(tmp_path / "run")
-    overrides = [f"data.schema={earlier['data']}", "data.batch_size=64", "data.synthetic_rows=0", "train.max_steps=2",
-                 "train.epochs=1", "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}",
-                 "model.mlp_layer_sizes=[8]", "model.embedding_dim=4"]
-    run_training(load_config(DEEPFM_CONFIG, overrides))
-    with open(os.path.join(run_dir, PLUGINS_FILE)) as handle:
-        assert json.load(handle)[VOCABULARIES_KEY] == old.vocabulary_records()
-    for output, flags in (("artifact", []), ("state", ["--state-only"])):
-        assert cli_main(["export", "--config", DEEPFM_CONFIG, "--checkpoint", run_dir, "--output",
-                         str(tmp_path / output), *flags, *overrides]) == 0
-        with open(os.path.join(tmp_path, output, "config.json")) as handle:
-            assert json.load(handle)["metadata"]["vocabularies"] == old.vocabulary_records(), output
-    assert ServedModel.load(str(tmp_path / "artifact"), trust_program=True).vocabularies == old.vocabulary_records()
+    try:  # run_training and evaluate start a 1-rank process group in this process
+        old = DatasetSchema.load(earlier["data"])
+        run_dir = str(tmp_path / "run")
+        overrides = [f"data.schema={earlier['data']}", "data.batch_size=64", "data.synthetic_rows=0", "train.max_steps=2",
+                     "train.epochs=1", "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}",
+                     "model.mlp_layer_sizes=[8]", "model.embedding_dim=4"]
+        run_training(load_config(DEEPFM_CONFIG, overrides))
+        with open(os.path.join(run_dir, PLUGINS_FILE)) as handle:
+            assert json.load(handle)[VOCABULARIES_KEY] == old.vocabulary_records()
+        for output, flags in (("artifact", []), ("state", ["--state-only"])):
+            assert cli_main(["export", "--config", DEEPFM_CONFIG, "--checkpoint", run_dir, "--output",
+                             str(tmp_path / output), *flags, *overrides]) == 0
+            with open(os.path.join(tmp_path, output, "config.json")) as handle:
+                assert json.load(handle)["metadata"]["vocabularies"] == old.vocabulary_records(), output
+        assert ServedModel.load(str(tmp_path / "artifact"), trust_program=True).vocabularies == old.vocabulary_records()
 
-    # evaluate --split of other prepared data: refused, as a directory or a file, where its ids mean other values
-    from recsys_llm.train.trained_run import run_evaluation
+        # evaluate --split of other prepared data: refused, as a directory or a file, where its ids mean other values
+        from recsys_llm.train.trained_run import run_evaluation
 
-    rows = _old_rows(seed=1)
-    rows["city"][:3] = ["Berlin"] * 3
-    fresh = str(tmp_path / "fresh")
-    prepare_tabular(_csv(tmp_path / "day2.csv", rows), earlier["schema"], fresh)
-    config = load_config(DEEPFM_CONFIG, overrides)
-    for split in (fresh, os.path.join(fresh, "test.parquet")):
-        with pytest.raises(ConfigError, match=rf"--split {re.escape(split)}: the vocabulary of field\(s\) "
-                                              r"\['city'\] in .*fresh is not the one the run trained on"):
-            run_evaluation(config, run_dir, split)
-    like = prepare_tabular_like(_csv(tmp_path / "new.csv", dict(NEW, clicked=[0, 1, 1, 0])), earlier["data"],
-                                str(tmp_path / "like"))
-    assert "auc" in run_evaluation(config, run_dir, like.split_path("test"))
+        rows = _old_rows(seed=1)
+        rows["city"][:3] = ["Berlin"] * 3
+        fresh = str(tmp_path / "fresh")
+        prepare_tabular(_csv(tmp_path / "day2.csv", rows), earlier["schema"], fresh)
+        config = load_config(DEEPFM_CONFIG, overrides)
+        for split in (fresh, os.path.join(fresh, "test.parquet")):
+            with pytest.raises(ConfigError, match=rf"--split {re.escape(split)}: the vocabulary of field\(s\) "
+                                                  r"\['city'\] in .*fresh is not the one the run trained on"):
+                run_evaluation(config, run_dir, split)
+        like = prepare_tabular_like(_csv(tmp_path / "new.csv", dict(NEW, clicked=[0, 1, 1, 0])), earlier["data"],
+                                    str(tmp_path / "like"))
+        assert "auc" in run_evaluation(config, run_dir, like.split_path("test"))
+    finally:
+        teardown_distributed()
 
 
 def test_the_artifacts_raw_ids_split_a_sequence_at_the_separator_given(earlier: Dict[str, str]) -> None:
