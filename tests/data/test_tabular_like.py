@@ -609,9 +609,9 @@ def test_a_run_and_its_exports_record_the_vocabularies_it_trained_on(earlier: Di
     try:  # run_training and evaluate start a 1-rank process group in this process
         old = DatasetSchema.load(earlier["data"])
         run_dir = str(tmp_path / "run")
-        overrides = [f"data.schema={earlier['data']}", "data.batch_size=64", "data.synthetic_rows=0", "train.max_steps=2",
-                     "train.epochs=1", "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}",
-                     "model.mlp_layer_sizes=[8]", "model.embedding_dim=4"]
+        overrides = [f"data.schema={earlier['data']}", "data.batch_size=64", "data.synthetic_rows=0",
+                     "train.max_steps=2", "train.epochs=1", "train.progress=false", "train.device=cpu",
+                     f"train.run_dir={run_dir}", "model.mlp_layer_sizes=[8]", "model.embedding_dim=4"]
         run_training(load_config(DEEPFM_CONFIG, overrides))
         with open(os.path.join(run_dir, PLUGINS_FILE)) as handle:
             assert json.load(handle)[VOCABULARIES_KEY] == old.vocabulary_records()
