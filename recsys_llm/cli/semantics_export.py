@@ -476,7 +476,7 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--output-dir", required=True, help="chunked Parquet vectors + manifest (resumable)")
     export.add_argument("--splits", nargs="*", default=None,
                         help="splits to cover (default: all, in the schema's order; an entity's text is that of its "
-                             "first row in them)")
+                             "first row in them), or Parquet files of the same ids (an earlier day's, prepared --like)")
     export.add_argument("--granularity", default="row", choices=["row", "entity"],
                         help="a vector per row (keyed by the schema's row key) or per id of --entity-field")
     export.add_argument("--output", default="representation", choices=["representation", "pooled"],

@@ -357,6 +357,24 @@ class DatasetSchema:
                 changed.append(name)
         return sorted(changed)
 
+    def grown_vocabularies(self, recorded: Mapping[str, Any], model: str) -> List[str]:
+        """One note per field of ``recorded`` (:meth:`vocabulary_records` of the data a model trained on) whose
+        vocabulary here holds values added since (``--grow-vocabulary``): ``model`` never trained their rows."""
+        notes = []
+        for name in self._vocabulary_fields():
+            record = recorded.get(name)
+            if not isinstance(record, dict) or not isinstance(record.get("ids"), int):
+                continue
+            count, now = record["ids"], self.load_value_text(name).num_rows
+            if now > count:
+                notes.append(
+                    f"{os.path.join(self.root, 'schema.json')}: the vocabulary of {name!r} holds {now - count} values "
+                    f"(ids {count}..{now - 1}) added after {model} was trained (--grow-vocabulary); rows with them "
+                    "read table rows it never trained (their initial weights, not id 0's): score them with a model "
+                    "trained on such rows, or prepare them --like the training data without --grow-vocabulary "
+                    "(id 0, unknown)")
+        return notes
+
     def _vocabulary_fields(self) -> List[str]:
         """The fields ``ids`` records as ``vocabulary`` whose value-text file is there."""
         return [name for name, way in sorted(self.ids.items())

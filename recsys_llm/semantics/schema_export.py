@@ -3,6 +3,7 @@ texts an export covers (a row's, or an entity's: a user's or an item's), and the
 (:func:`export_schema_vectors`, what ``recsys-llm semantics export`` runs) through
 :class:`~recsys_llm.semantics.vector_export.VectorExport`."""
 
+import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -286,6 +287,9 @@ def export_schema_vectors(
     else:
         provenance["entity_field"] = entity_field
         provenance["entity_fields"] = ",".join(entity_fields or [entity_field])
+        vocabulary = schema.vocabulary_records().get(entity_field)
+        if vocabulary is not None:  # which value each id meant: training checks its data still means it
+            provenance["vocabulary"] = json.dumps(vocabulary, sort_keys=True)
         entities = renderer.entity_text(rows.first_rows(entity_field), entity_field, entity_fields)
         keys = entities.column("id")
         text_column = entities.column("text")

@@ -313,9 +313,21 @@ class VectorExport:
         # one made by an earlier export, or first by another rank or an export launched here at the same time
         if os.path.exists(path) or not _create_manifest(path, manifest):
             existing = load_manifest(path)
+            if "vocabulary" in self._provenance and "vocabulary" not in existing["provenance"]:
+                # begun before exports recorded their vocabulary: resumed in that form (training checks it not)
+                self._provenance = {k: v for k, v in self._provenance.items() if k != "vocabulary"}
+                manifest["provenance"] = self._provenance
             try:
                 check_provenance(existing["provenance"], self._provenance, path, complete=True)
             except ProvenanceError as error:
+                theirs, ours = existing["provenance"].get("vocabulary"), self._provenance.get("vocabulary")
+                if theirs != ours and theirs is not None and ours is not None:
+                    raise ProvenanceError(
+                        f"{self._directory}: holds an export of data whose entity ids mean other values (its "
+                        f"vocabulary {theirs}, this data's {ours}: a later day's grown vocabulary, or data prepared "
+                        "again), which this one cannot resume or reuse: use another --output-dir (or delete this one "
+                        "to replace it)"
+                    ) from error
                 raise ProvenanceError(
                     f"{error}: it was exported with other settings than this run's; re-run with them to resume "
                     "it, or use another --output-dir"
@@ -339,6 +351,12 @@ class VectorExport:
                 theirs = ", ".join(f"{k}={existing[k]!r}" for k in differs)
                 ours = ", ".join(f"{k}={manifest[k]!r}" for k in differs)
                 done = all(os.path.exists(chunk_path(self._directory, i)) for i in range(int(existing["num_chunks"])))
+                if done and "num_rows" in differs:
+                    raise ValueError(
+                        f"{self._directory}: holds a finished export of num_rows={existing['num_rows']} rows or "
+                        f"entities; this run's data and --splits give num_rows={num_rows} (other data, e.g. a later "
+                        "day's, or other --splits): use another --output-dir (or delete this one to replace it)"
+                    )
                 if done:
                     raise ValueError(
                         f"{self._directory}: holds a finished export made with {theirs}; this run has {ours}. "

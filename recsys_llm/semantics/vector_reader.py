@@ -228,6 +228,15 @@ def _iter_chunk_keys(directory: str, manifest: Dict[str, object]) -> Iterator[np
         yield column
 
 
+def ids_without_vector(directory: str, ids: np.ndarray) -> np.ndarray:
+    """The ``ids`` a finished export holds no vector for, sorted (its keys read a chunk at a time)."""
+    manifest = read_manifest(directory)
+    missing = np.unique(np.asarray(ids, dtype=np.int64))
+    for column in _iter_chunk_keys(directory, manifest):
+        missing = missing[~np.isin(missing, column)]
+    return missing
+
+
 def key_range(directory: str, expected: Optional[Dict[str, str]] = None) -> Tuple[int, int]:
     """Smallest and largest key of a finished export ((0, -1) when it holds no vector).
 

@@ -12,6 +12,7 @@ data, with no training code, run config or LLM::
 import contextlib
 import os
 import time
+import warnings
 from typing import Any, Dict, Optional
 
 import pyarrow as pa
@@ -75,6 +76,8 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
                          "on, so the same values would read other rows of its tables (data prepared afresh, not "
                          "--like the training data); prepare the rows with `recsys-llm prepare tabular --input FILE "
                          "--like TRAINING_DATA --out DIR`")
+    for note in schema.grown_vocabularies(served.vocabularies or {}, "the artifact's model"):
+        warnings.warn(note, stacklevel=2)
     if served.weighted:
         raise ValueError("the artifact's tables pool per-id weights (config.json: weighted), and a Parquet split holds "
                          "ids without weights: score it in Python, ServedModel.logits with the KeyedJaggedTensor's "

@@ -549,6 +549,12 @@ def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: s
         )
 
 
+def trained_vocabularies(saved_config: Optional[str]) -> Dict[str, Any]:
+    """The vocabularies the run of ``saved_config`` trained on (``plugins.json``; empty where it records none)."""
+    recorded = _trained_schema_record(saved_config).get(VOCABULARIES_KEY)
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def _trained_schema_record(saved_config: Optional[str]) -> Dict[str, Any]:
     """The ``plugins.json`` beside a run's ``config.yaml``, whose schema fingerprint and contents
     the checks read (empty for a bare checkpoint; a run written before runs recorded them lacks them)."""

@@ -127,6 +127,7 @@ from recsys_llm.train.task_builder import (
     build_task,
     check_elec_settings_are_read,
     check_offline_reads_no_vectors,
+    entity_vector_gaps,
     load_plugin_state,
     swapped_pairs,
 )
@@ -277,6 +278,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         # checkpoint, entity vectors) need not be where they were when it started
         # a bad vector or teacher file can fail on the one rank that reads its rows
         run_on_every_rank(lambda: load_plugin_state(model, built, schema), "loading the plug-in weights", ctx.device)
+        if ctx.rank == 0:
+            for gap in entity_vector_gaps(built, schema):
+                warnings.warn(gap, stacklevel=2)
     saved_config = os.path.join(run_dir, "config.yaml")
     fingerprints = data_fingerprints(config, schema)
     # every rank, before anything in run_dir changes

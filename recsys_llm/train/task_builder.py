@@ -2,6 +2,8 @@
 teacher-student pair, and what the plug-ins need besides (extra columns, entity vectors, swapped pairs)."""
 
 import dataclasses
+import json
+import os
 from typing import Any, Dict, List, NamedTuple, Optional
 
 import pyarrow as pa
@@ -229,9 +231,69 @@ def plugin_extras(config: ExperimentConfig) -> List[str]:
     return [elec.vector_key] if elec.vector_source == "extras" else []
 
 
+def _entity_exports(built: BuiltTask) -> Dict[str, str]:
+    """The ELEC entity exports a run loads, entity field -> directory: none without entity tables, nor in offline
+    distillation, whose student reads no vectors."""
+    elec = built.elec
+    if elec is None or elec.vector_source != "entity_table" or (elec.task == "distill"
+                                                                and elec.distill.mode == "offline"):
+        return {}
+    return {field: directory for field, directory in elec.entity_tables.items() if directory}
+
+
+def check_entity_vocabularies(built: BuiltTask, schema: DatasetSchema) -> None:
+    """Refuses an ELEC entity export whose ids mean other values than in ``schema``'s vocabulary (the export
+    records the vocabulary it was made from: data of the same source prepared afresh, not ``--like``, keeps the
+    fingerprint while its ids mean other values); a vocabulary grown by ``--grow-vocabulary`` passes.
+
+    Raises:
+        ProvenanceError: naming the export, the field and the data.
+    """
+    from recsys_llm.semantics.vector_export import ProvenanceError, read_manifest
+
+    for field, directory in _entity_exports(built).items():
+        if not os.path.isdir(directory):
+            continue  # load_elec_state names it
+        recorded = read_manifest(directory)["provenance"].get("vocabulary")
+        if recorded is None:
+            continue  # exported before the record, or a field without a vocabulary
+        record = json.loads(recorded)
+        if field in schema.changed_vocabularies({field: record}):  # (it names the schema's other vocabularies too)
+            raise ProvenanceError(
+                f"elec entity vectors of {field!r} in {directory}: exported from data whose {record['ids']} ids of "
+                f"{field!r} mean other values than in {schema.root} (data of the same source prepared afresh "
+                "instead of --like, or an export of a later day's grown vocabulary), so vectors would land on "
+                f"other entities' ids; export them from this data (`recsys-llm semantics export --schema "
+                f"{schema.root} --granularity entity --entity-field {field} ...`)")
+
+
 def load_plugin_state(model: nn.Module, built: BuiltTask, schema: DatasetSchema) -> Dict[str, int]:
     """After sharding: fills what training does not (ELEC entity vectors of ``schema``, frozen teacher)."""
+    check_entity_vocabularies(built, schema)
     return load_elec_state(model, built.elec, schema.fingerprint(), built.model) if built.elec is not None else {}
+
+
+def entity_vector_gaps(built: BuiltTask, schema: DatasetSchema) -> List[str]:
+    """One warning per ELEC entity export that lacks vectors for some values of its field's vocabulary
+    (``prepare tabular`` data): those ids read a row of zeros, e.g. a day's export that leaves out the
+    items of earlier days that the grown vocabulary keeps."""
+    from recsys_llm.semantics.vector_reader import ids_without_vector
+
+    gaps = []
+    for field, directory in _entity_exports(built).items():
+        if schema.ids.get(field) != "vocabulary" or schema.value_text_path(field) is None:
+            continue
+        ids = schema.load_value_text(field).column("id").to_numpy()
+        ids = ids[ids != 0]  # id 0: unknown, the missing value
+        missing = ids_without_vector(directory, ids)
+        if len(missing):
+            shown = ", ".join(str(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            gaps.append(
+                f"elec entity vectors of {field!r} in {directory}: {len(missing)} of the {len(ids)} values of the "
+                f"field's vocabulary have no vector (ids {shown}) and read a row of zeros; `semantics export` "
+                "covers the ids of the splits it reads: to cover them, add the data they appear in to --splits "
+                "(Parquet files of the same ids, e.g. an earlier day's: --splits train data/day1/train.parquet)")
+    return gaps
 
 
 def swapped_pairs(built: BuiltTask, schema: DatasetSchema, seed: int, rank: int = 0) -> Optional[SwappedPairs]:

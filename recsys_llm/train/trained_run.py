@@ -4,6 +4,7 @@ load the sharded model, evaluate a split."""
 import dataclasses
 import os
 import sys
+import warnings
 from typing import Any, Dict, NamedTuple, Optional
 
 from torch import nn
@@ -19,7 +20,7 @@ from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
-from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors
+from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors, trained_vocabularies
 from recsys_llm.train.sharding import shard_model
 from recsys_llm.train.sharding_config import CPU_SPARSE_OPTIMIZERS, loadable_on_cpu
 from recsys_llm.train.task_builder import build_task, check_plugin_columns, plugin_extras
@@ -89,7 +90,12 @@ def _check_split_prepared_like(split: str, run: TrainedRun) -> None:
     if os.path.abspath(directory) == os.path.abspath(run.schema.root):
         return
     if os.path.isfile(os.path.join(directory, "schema.json")):
-        check_trained_on(DatasetSchema.load(directory), run_config_of(run.checkpoint), f"--split {split}")
+        schema = DatasetSchema.load(directory)
+        check_trained_on(schema, run_config_of(run.checkpoint), f"--split {split}")
+        if run.ctx.rank == 0:
+            recorded = trained_vocabularies(run_config_of(run.checkpoint))
+            for note in schema.grown_vocabularies(recorded, f"the model of {run.checkpoint}"):
+                warnings.warn(note, stacklevel=2)
 
 
 def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[str] = None) -> Dict[str, Any]:
