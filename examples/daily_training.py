@@ -10,8 +10,12 @@ Three runs, each scored on day 3 with ``recsys-llm evaluate --split``:
 * ``day2``: trained on day 2 alone, from fresh weights;
 * ``day2_from_day1``: trained on day 2 from day 1's weights and optimizer state (``train.init_from``).
 
+The last one is then exported and serves day 3 as a serving process would: ``recsys-llm score`` over the split,
+and ``ServedModel.raw_value_ids`` for raw values (the artifact holds the grown vocabularies).
+
 Run: ``python examples/daily_training.py [--work runs/daily] [--rows 20000] [--epochs 2]``; prints each run's
-AUC, LogLoss and NE on day 3 as JSON. A work directory used before is trained again from scratch.
+AUC, LogLoss and NE on day 3, and the served model's, as JSON. A work directory used before is trained again from
+scratch.
 """
 
 import argparse
@@ -27,6 +31,7 @@ import yaml
 
 from recsys_llm.cli import main as recsys_llm
 from recsys_llm.cli.train import DEMO_CONFIG
+from recsys_llm.serving import ServedModel
 
 SCHEMA = {"name": "shop", "label": "clicked", "row_key": "impression", "fields": [
     {"name": "user", "kind": "sparse", "cardinality": 201, "description": "shopper id"},
@@ -87,6 +92,12 @@ def main(work: str, rows: int, epochs: int) -> Dict[str, Dict[str, float]]:
         metrics = json.loads(run(["evaluate", "--checkpoint", f"{work}/runs/{name}", "--split",
                                   f"{work}/data/day3/test.parquet"]))
         scores[name] = {key: metrics[key] for key in ("auc", "logloss", "ne")}
+    served = f"{work}/served"
+    run(["export", "--checkpoint", f"{work}/runs/day2_from_day1", "--output", served])
+    metrics = json.loads(run(["score", "--artifact", served, "--data", f"{work}/data/day3", "--split", "test",
+                              "--trust-program"]))
+    city_ids, _ = ServedModel.load(served, trust_program=True).raw_value_ids("city", ["Berlin", "Paris", None])
+    scores["served"] = {**{key: metrics[key] for key in ("auc", "logloss", "ne")}, "city_ids": city_ids.tolist()}
     return scores
 
 

@@ -254,6 +254,12 @@ def test_daily_training_from_yesterdays_weights_scores_the_next_day_best(tmp_pat
     _examples_on_path()
     import daily_training
 
-    scores = daily_training.main(str(tmp_path / "daily"), rows=20_000, epochs=2)
+    with pytest.warns(UserWarning, match=r"the vocabulary of 'city' holds 1 value \(ids 5\.\.5\) added after the "
+                                         r"model of .*day1"):  # day 1's model on day 3, whose Berlin day 2 added
+        scores = daily_training.main(str(tmp_path / "daily"), rows=20_000, epochs=2)
     assert scores["day2_from_day1"]["ne"] < scores["day2"]["ne"] < scores["day1"]["ne"]
     assert scores["day2_from_day1"]["auc"] > scores["day2"]["auc"] > scores["day1"]["auc"]
+    # its artifact scores day 3 as evaluate did, and holds day 2's grown vocabulary (Berlin: the fifth city)
+    served = scores.pop("served")
+    assert served.pop("city_ids") == [5, 4, 0]
+    assert served == pytest.approx(scores["day2_from_day1"], rel=1e-6)

@@ -368,7 +368,8 @@ class DatasetSchema:
             count, now = record["ids"], self.load_value_text(name).num_rows
             if now > count:
                 notes.append(
-                    f"{os.path.join(self.root, 'schema.json')}: the vocabulary of {name!r} holds {now - count} values "
+                    f"{os.path.join(self.root, 'schema.json')}: the vocabulary of {name!r} holds {now - count} "
+                    f"value{'s' * (now - count != 1)} "
                     f"(ids {count}..{now - 1}) added after {model} was trained (--grow-vocabulary); rows with them "
                     "read table rows it never trained (their initial weights, not id 0's): score them with a model "
                     "trained on such rows, or prepare them --like the training data without --grow-vocabulary "
