@@ -24,7 +24,12 @@ from recsys_llm.file_hash import file_sha256
 from recsys_llm.serving.scoring import check_artifact_fits
 from recsys_llm.serving.served_model import ServedModel
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, load_config, save_config
-from recsys_llm.train.run_records import SCHEMA_FINGERPRINT_KEY, VOCABULARIES_KEY, check_trained_on
+from recsys_llm.train.run_records import (
+    SCHEMA_FINGERPRINT_KEY,
+    VOCABULARIES_KEY,
+    check_trained_on,
+    trained_vocabularies,
+)
 from tests.small_artifact import export_small_deepfm
 
 SCHEMA = {
@@ -392,7 +397,9 @@ def test_data_prepared_afresh_instead_of_like_is_refused_where_its_ids_would_mea
     record = {SCHEMA_FINGERPRINT_KEY: old.fingerprint()}
     (run_dir / PLUGINS_FILE).write_text(json.dumps(record))
     check_trained_on(fresh, saved_config, "train.init_from=runs/day1")  # a run written before they were recorded
+    assert trained_vocabularies(saved_config) == {}
     (run_dir / PLUGINS_FILE).write_text(json.dumps({**record, VOCABULARIES_KEY: old.vocabulary_records()}))
+    assert trained_vocabularies(saved_config) == old.vocabulary_records()
     check_trained_on(like, saved_config, "train.init_from=runs/day1")
     with pytest.raises(ConfigError, match=r"train\.init_from=runs/day1: the vocabulary of field\(s\) \['cats', "
                                           r"'city'\] in .*fresh is not the one the run trained on.*--like "
@@ -636,7 +643,19 @@ def test_a_run_and_its_exports_record_the_vocabularies_it_trained_on(earlier: Di
                 run_evaluation(config, run_dir, split)
         like = prepare_tabular_like(_csv(tmp_path / "new.csv", dict(NEW, clicked=[0, 1, 1, 0])), earlier["data"],
                                     str(tmp_path / "like"))
-        assert "auc" in run_evaluation(config, run_dir, like.split_path("test"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert "auc" in run_evaluation(config, run_dir, like.split_path("test"))
+        assert not [w for w in caught if "added after" in str(w.message)]
+        # a day grown --like (Berlin, boots): evaluated, with a warning naming the ids the run never trained
+        grown = prepare_tabular_like(_csv(tmp_path / "new.csv", dict(NEW, clicked=[0, 1, 1, 0])), earlier["data"],
+                                     str(tmp_path / "grown"), grow_vocabulary=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert "auc" in run_evaluation(config, run_dir, grown.split_path("test"))
+        notes = sorted(str(w.message) for w in caught if "added after" in str(w.message))
+        assert len(notes) == 2 and all(f"added after the model of {run_dir}" in n for n in notes), notes
+        assert "'cats' holds 1 value" in notes[0] and "'city' holds 1 value" in notes[1], notes
     finally:
         teardown_distributed()
 
@@ -648,3 +667,28 @@ def test_the_artifacts_raw_ids_split_a_sequence_at_the_separator_given(earlier: 
     expected_flat, expected_lengths = raw_value_ids(DatasetSchema.load(earlier["data"]), "cats",
                                                     ["shoes|boots", "hats|bags"])
     assert flat.tolist() == expected_flat.tolist() and lengths.tolist() == expected_lengths.tolist() == [1, 2]
+
+
+def test_scoring_rows_of_values_added_after_the_artifacts_model_trained_warns(earlier: Dict[str, str],
+                                                                              tmp_path) -> None:
+    """Rows prepared --like with --grow-vocabulary fit the artifact, with a warning naming the ids its model never
+    trained; rows prepared --like without growing it, and an artifact that records no vocabularies, warn not."""
+    old = DatasetSchema.load(earlier["data"])
+    new = _csv(tmp_path / "new.csv", dict(NEW, clicked=[0, 1, 1, 0]))
+    like = prepare_tabular_like(new, earlier["data"], str(tmp_path / "like"))
+    grown = prepare_tabular_like(new, earlier["data"], str(tmp_path / "grown"), grow_vocabulary=True)
+    served = ServedModel.load(earlier["artifact"], trust_program=True)
+
+    def notes(schema: DatasetSchema) -> list:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_artifact_fits(served, schema)
+        return sorted(str(w.message) for w in caught if "added after" in str(w.message))
+
+    assert notes(grown) == []  # an artifact exported before they were recorded
+    served._config["metadata"] = {"vocabularies": old.vocabulary_records()}
+    assert notes(like) == []
+    city = old.vocabulary_records()["city"]["ids"]
+    [cats, cities] = notes(grown)
+    assert "grown/schema.json: the vocabulary of 'cats'" in cats and "the artifact's model" in cats
+    assert "'city' holds 1 value" in cities and f"(ids {city}..{city}) added after" in cities
