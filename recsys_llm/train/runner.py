@@ -540,8 +540,8 @@ def _resume_line(run_dir: str, checkpoint: str, state: TrainState) -> str:
            STOP_PATIENCE: "stopped early: train.patience"}.get(state.stop_reason, "finished")
     more = ("raise train.epochs or train.max_steps to train on, or use " if state.stop_reason == STOP_BUDGET
             else "use ")
-    return (f"{run_dir} is finished ({why}, epoch {state.epoch}, step {state.global_step}): nothing to train (its "
-            f"best model is tested again); {more}another train.run_dir for a new run")
+    return (f"{run_dir} is finished ({why}, epoch {state.epoch}, step {state.global_step}): nothing to train (a test "
+            f"split scores its best model again); {more}another train.run_dir for a new run")
 
 
 def _complete_final_saves(
