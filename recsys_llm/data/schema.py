@@ -616,6 +616,14 @@ def load_raw(path: str) -> Any:
                           f"{one_line(error)}") from error
 
 
+def schema_beside(split_path: str) -> Optional[DatasetSchema]:
+    """The schema of the prepared output a Parquet path given as a split belongs to: the ``schema.json`` in the
+    directory itself, or beside the file; None where there is none (Parquet written otherwise)."""
+    directory = split_path if os.path.isdir(split_path) else os.path.dirname(os.path.abspath(split_path))
+    path = os.path.join(directory, "schema.json")
+    return DatasetSchema.load(path) if os.path.isfile(path) else None
+
+
 def _vocabulary_digest(table: pa.Table, count: int) -> str:
     """A digest of the first ``count`` rows (``id``, ``text``) of a value-text table sorted by id."""
     digest = hashlib.sha256()

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from recsys_llm.data.parquet_files import resolve_paths
-from recsys_llm.data.schema import DatasetSchema, FieldKind
+from recsys_llm.data.schema import DatasetSchema, FieldKind, schema_beside
 from recsys_llm.semantics.row_text import RowTextRenderer, check_entity_fields
 from recsys_llm.semantics.vector_export import (
     VectorExport,
@@ -157,6 +157,26 @@ class SplitRows:
         return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
 
 
+def _check_prepared_like(schema: DatasetSchema, path: str) -> None:
+    """Raises ValueError when the Parquet ``path`` belongs to a prepared output (a ``schema.json`` beside it) whose
+    ids mean other values than ``schema``'s: other fields or sizes, or vocabularies that are no prefix of
+    ``schema``'s (prepared afresh instead of ``--like``); an earlier day prepared ``--like`` passes."""
+    other = schema_beside(path)
+    if other is None or os.path.abspath(other.root) == os.path.abspath(schema.root):
+        return
+    if other.fingerprint() != schema.fingerprint():
+        changed = "its fields or sizes differ"
+    else:
+        fields = schema.changed_vocabularies(other.vocabulary_records())
+        changed = f"the vocabulary of field(s) {fields} differs" if fields else ""
+    if changed:
+        raise ValueError(
+            f"--splits {path}: prepared as {other.root} (schema {other.name!r}), and {changed} from {schema.root}'s, "
+            "so its ids would read other values' texts (data prepared afresh, not --like); read only files of "
+            "data prepared --like this data or one of the outputs it was prepared --like"
+        )
+
+
 def export_rows(
     schema: DatasetSchema,
     splits: Sequence[str],
@@ -187,6 +207,9 @@ def export_rows(
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    for split in splits:
+        if split not in schema.splits:
+            _check_prepared_like(schema, split)
     if granularity == "row":
         if schema.row_key is None:
             raise ValueError(f"schema {schema.name!r} has no row_key; per-row vectors need one")

@@ -11,7 +11,7 @@ from torch import nn
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import first_file_columns
-from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.schema import DatasetSchema, schema_beside
 from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
 from recsys_llm.train.config import ExperimentConfig, check_same_model
 from recsys_llm.train.distributed import DistContext, init_distributed
@@ -86,11 +86,8 @@ def _check_split_prepared_like(split: str, run: TrainedRun) -> None:
     """Refuses a ``--split`` path beside a ``schema.json`` (a prepared output: the directory, or the one holding
     the file) of another schema or other vocabularies than the run trained on, which would read other rows of its
     tables for the same values (:func:`~recsys_llm.train.run_records.check_trained_on`)."""
-    directory = split if os.path.isdir(split) else os.path.dirname(os.path.abspath(split))
-    if os.path.abspath(directory) == os.path.abspath(run.schema.root):
-        return
-    if os.path.isfile(os.path.join(directory, "schema.json")):
-        schema = DatasetSchema.load(directory)
+    schema = schema_beside(split)
+    if schema is not None and os.path.abspath(schema.root) != os.path.abspath(run.schema.root):
         check_trained_on(schema, run_config_of(run.checkpoint), f"--split {split}")
         if run.ctx.rank == 0:
             recorded = trained_vocabularies(run_config_of(run.checkpoint))

@@ -2,6 +2,7 @@
 and a warning names the vocabulary values an export has no vector for."""
 
 import json
+import dataclasses
 import os
 import types
 import warnings
@@ -273,3 +274,21 @@ def test_data_without_vocabulary_ids_has_no_gap_warning(tmp_path) -> None:
     assert days["day2"].value_text_path("item") is not None and entity_vector_gaps(_built(day2), days["day2"])
     days["day2"].ids = {}
     assert entity_vector_gaps(_built(day2), days["day2"]) == []
+
+
+def test_earlier_days_files_of_data_prepared_afresh_are_refused_as_splits(tmp_path) -> None:
+    """``--splits`` may add an earlier day's files prepared ``--like`` (its ids are a prefix of the grown vocabulary),
+    not files of data prepared afresh (its ids name other items) or of another schema."""
+    days = _days(str(tmp_path))
+    earlier = [os.path.join(str(tmp_path), "d1", f"{split}.parquet") for split in ("train", "valid", "test")]
+    _export(days["day2"], str(tmp_path / "with_day1"), ["train", *earlier])
+    fresh = os.path.join(str(tmp_path), "fresh", "train.parquet")
+    with pytest.raises(ValueError, match=r"--splits .*fresh/train\.parquet: prepared as .*fresh \(schema 'shop'\), and "
+                                         r"the vocabulary of field\(s\) \['item'\] differs from .*d2's"):
+        _export(days["day2"], str(tmp_path / "with_fresh"), ["train", fresh])
+    assert not os.path.exists(tmp_path / "with_fresh")
+    other = DatasetSchema.load(os.path.join(str(tmp_path), "fresh"))
+    other.fields[0] = dataclasses.replace(other.fields[0], cardinality=11)
+    other.save(os.path.join(str(tmp_path), "fresh", "schema.json"))
+    with pytest.raises(ValueError, match=r"its fields or sizes differ"):
+        _export(days["day2"], str(tmp_path / "with_other"), ["train", fresh])
