@@ -357,7 +357,8 @@ def _entity_vectors_of_the_next_day(root: str) -> Dict[str, Any]:
                                           np.random.default_rng(seed).normal(size=(items, 8)))
         gain = ["elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
                 f"elec.entity_vectors={root}/items_{day}", "elec.task=gain"]
-        _method_run(data, os.path.join(root, day), [*gain, *([f"train.init_from={root}/day1"] if day == "day2" else [])])
+        init = [f"train.init_from={root}/day1"] if day == "day2" else []
+        _method_run(data, os.path.join(root, day), [*gain, *init])
         export_run(load_config(DEEPFM_CONFIG, [f"data.schema={data}", "model.mlp_layer_sizes=[16]",
                                                "model.embedding_dim=8", *gain]),
                    os.path.join(root, day), os.path.join(root, f"{day}_state"), state_only=True)
