@@ -166,8 +166,7 @@ def check_file_schema(
     row_key_type = arrow_schema.field(schema.row_key).type if schema.row_key in columns else None
     if row_key_type is not None and not pa.types.is_integer(row_key_type):
         raise DataError(
-            f"{path}: row key column {schema.row_key!r} has Arrow type "
-            f"{arrow_schema.field(schema.row_key).type}; expected int64"
+            f"{path}: row key column {schema.row_key!r} has Arrow type {row_key_type}; expected int64"
         )
     _check_spec_vs_written(path, schema, arrow_schema.metadata)
 

@@ -9,7 +9,6 @@ import zipfile
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
-
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn

@@ -593,11 +593,10 @@ def _convert_block(
                             or f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
         ids = check_ids(path, spec, ids, offsets, row, line)
         if plans[spec.name].mode == "vocab":  # values the vocabulary lacks got id 0, as missing ones do
-            given = pc.is_valid(flat).to_numpy(zero_copy_only=False)
-            plans[spec.name].values += int(given.sum())
-            plans[spec.name].unseen += int((given & (ids == 0)).sum())
-        if lengths is not None and plans[spec.name].mode == "vocab":
-            ids, lengths = without_unknown_tokens(ids, lengths)
+            plans[spec.name].values += len(flat) - flat.null_count
+            plans[spec.name].unseen += int((ids == 0).sum()) - flat.null_count
+            if lengths is not None:
+                ids, lengths = without_unknown_tokens(ids, lengths)
         out[spec.name] = ids if lengths is None else list_array(lengths, ids)
     if with_label:
         out[schema.label] = _labels(block, schema, config, path, row, line)
