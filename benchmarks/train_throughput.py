@@ -316,16 +316,18 @@ class ProjectLoop:
         batches: endless batch iterator.
         sizes (Sizes): steps and batch size.
         synchronize: called before reading the clock (``device_synchronize(device)``).
+        autocast_dtype: ``train_epoch``'s (``torch.bfloat16``: ``train.mixed_precision=bf16``); None: float32.
     """
 
     def __init__(self, model, optimizer, device, batches: Iterator, sizes: Sizes,
-                 synchronize: Callable[[], None]) -> None:
+                 synchronize: Callable[[], None], autocast_dtype: Optional["torch.dtype"] = None) -> None:
         self._model = model
         self._optimizer = optimizer
         self._device = device
         self._batches = batches
         self._sizes = sizes
         self._synchronize = synchronize
+        self._autocast_dtype = autocast_dtype
         self.setup_seconds: List[float] = []
         self.pipelined_modules: List[str] = []
         self.sharded_modules: List[str] = []
@@ -352,7 +354,8 @@ class ProjectLoop:
 
         called = time.perf_counter()
         stats = train_epoch(self._model, self._optimizer, self._batches, self._device, on_step=on_step,
-                            description="project loop", progress=TrainConfig().progress)
+                            description="project loop", progress=TrainConfig().progress,
+                            autocast_dtype=self._autocast_dtype)
         if "stop" not in clock:
             raise RuntimeError(f"train_epoch stopped after {stats.steps} steps, before {warmup + measured}")
         self.setup_seconds.append(clock["first_step"] - called)

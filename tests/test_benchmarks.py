@@ -26,6 +26,7 @@ REQUIRED_KEYS = {
     "peers": ["train_speedup_vs_deepctr_torch", "auc_diff_vs_deepctr_torch"],
     "table_dtype": ["ratio_fp16_vs_fp32_tables", "table_bytes_ratio_fp16_vs_fp32", "serve_ratio_int8_vs_fp32_tables",
                     "artifact_bytes_ratio_int8_vs_fp32"],
+    "mixed_precision": ["ratio_bf16_vs_fp32", "auc_difference_bf16_vs_fp32", "runner_ratio_bf16_vs_fp32"],
 }
 MACHINE_KEYS = ["cpu_model", "usable_cores", "torch_threads", "gpu", "versions"]
 
@@ -183,6 +184,24 @@ def test_elec_student_is_served_exported_and_ratios_come_from_rounds(tmp_path_fa
         assert all(result["pipelined_all_sharded_modules"].values()), name
         # the student is the plain architecture; the gain network adds the vector injection
         assert result["parameters"]["student"] == result["parameters"]["plain"] < result["parameters"]["gain"]
+
+
+@pytest.mark.slow
+def test_mixed_precision_compares_rounds_of_both_precisions_and_two_trained_runs(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The training ratio comes from interleaved rounds of the two loops; the AUC difference and the runner's
+    ratio from two finished runs of the packaged DeepFM config, one per precision."""
+    from benchmarks import mixed_precision
+
+    payload = _smoke_payload("mixed_precision", tmp_path_factory)
+    rounds = payload["details"]["samples_per_second_rounds"]
+    assert set(rounds) == {"fp32", "bf16"}
+    assert all(len(v) == mixed_precision.SIZES["smoke"].repeats and min(v) > 0 for v in rounds.values())
+    assert payload["ratio_bf16_vs_fp32"] == pytest.approx(max(rounds["bf16"]) / max(rounds["fp32"]))
+    accuracy = payload["details"]["accuracy"]
+    assert set(accuracy) == {"fp32", "bf16"} and all(0.5 < run["test_auc"] < 1 for run in accuracy.values())
+    assert payload["auc_difference_bf16_vs_fp32"] == pytest.approx(accuracy["bf16"]["test_auc"]
+                                                                   - accuracy["fp32"]["test_auc"])
 
 
 @pytest.mark.slow
@@ -663,7 +682,7 @@ def test_run_all_ends_well_when_the_only_other_status_is_a_skip(tmp_path: Path, 
     assert run_all.main(argv) == 1
 
 
-@pytest.mark.parametrize("name", ["train_throughput", "llactr", "elec", "table_dtype"])
+@pytest.mark.parametrize("name", ["train_throughput", "llactr", "elec", "table_dtype", "mixed_precision"])
 def test_smoke_runs_take_at_least_two_interleaved_rounds(name: str) -> None:
     """What carries over between rounds (a stream a first round closed) shows only from the second one: with one
     round, the smoke tests passed while every later round of the real benchmark trained no step."""

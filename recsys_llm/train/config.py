@@ -37,6 +37,7 @@ from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.schema import UniqueKeyLoader, read_utf8_text, schema_file
 from recsys_llm.error_text import one_line
 from recsys_llm.models.registry import ModelConfig
+from recsys_llm.train.mixed_precision import AUTOCAST_DTYPES
 from recsys_llm.train.sharding_config import FusedParamsConfig, OptimizerConfig, ShardingConfig
 from recsys_llm.typed_config import ConfigError, build_dataclass
 
@@ -205,6 +206,11 @@ class TrainConfig:
             (a resume goes on from its own): :mod:`recsys_llm.train.init_from`.
         init_optimizer (bool): with ``init_from``, also take its table and dense optimizer states (the
             same ``optim.sparse`` / ``optim.dense``); False: fresh optimizer state.
+        mixed_precision (str): ``fp32``: every training forward in float32; ``bf16``: under
+            ``torch.autocast(dtype=torch.bfloat16)`` (matmuls and linears in bfloat16, the loss, reductions, weights,
+            optimizer states and tables in float32; torchrec's ``custom_model_fwd`` of ``TrainPipelineSparseDist``).
+            Evaluation, ``export`` and serving compute in float32. fp16 is not offered: it needs a gradient scaler,
+            which the tables' fused optimizers, applied in the backward pass, cannot take part in.
     """
 
     epochs: int = 1
@@ -225,6 +231,7 @@ class TrainConfig:
     pipelined_eval: Literal["auto", True, False] = "auto"
     init_from: str = ""
     init_optimizer: bool = True
+    mixed_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 0, "max_steps": 0, "patience": 0,
@@ -235,6 +242,10 @@ class TrainConfig:
             wrong.append(f"train.pipelined_eval={self.pipelined_eval!r} (must be 'auto', True or False)")
         if self.device not in DEVICES:
             wrong.append(f"train.device={self.device!r} (must be one of {', '.join(DEVICES)})")
+        if self.mixed_precision not in AUTOCAST_DTYPES:
+            wrong.append(f"train.mixed_precision={self.mixed_precision!r} (must be one of {', '.join(AUTOCAST_DTYPES)}"
+                         + ("; fp16 would need a gradient scaler, which the fused table optimizers cannot take part in"
+                            if self.mixed_precision == "fp16" else "") + ")")
         if not str(self.run_dir).strip():
             wrong.append("train.run_dir='' (must name a directory)")
         elif os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):

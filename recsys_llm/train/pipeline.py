@@ -43,6 +43,7 @@ from recsys_llm.train.checkpoint import table_step_counters_kept
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
 from recsys_llm.train.eval_forwards import pipelined_forwards, plain_forwards
 from recsys_llm.train.metrics import CTRMetrics
+from recsys_llm.train.mixed_precision import autocast_forward
 from recsys_llm.train.train_metrics import WindowedTrainMetrics
 
 # the progress bar's names of the windowed training metrics (train_metrics.WindowedTrainMetrics)
@@ -156,6 +157,7 @@ def train_epoch(
     description: str = "train",
     progress: bool = True,
     window_metrics: Optional[WindowedTrainMetrics] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> EpochStats:
     """Trains over ``batches`` with a fresh ``TrainPipelineSparseDist``.
 
@@ -178,6 +180,8 @@ def train_epoch(
         window_metrics (Optional[WindowedTrainMetrics]): updated with every step's logits and labels (weighted
             by the batch's ``label_weight`` where it has one) before ``on_step``; its computes (collective, every
             ``train.metrics_every`` steps) show on the bar. None: no logits read, no cost.
+        autocast_dtype (Optional[torch.dtype]): each forward under ``torch.autocast`` of this dtype
+            (``torch.bfloat16``; :mod:`recsys_llm.train.mixed_precision`); None: float32.
 
     Returns:
         EpochStats: steps, samples, throughput, mean loss, pipelined modules.
@@ -197,7 +201,8 @@ def train_epoch(
         # Consume (and drop) batches already trained on before the interruption.
         iterator = itertools.islice(iterator, skip_batches, None)
     counting = _Counting(iterator, keep_weights=window_metrics is not None, features=features_read(model))
-    pipeline = TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+    forward = None if autocast_dtype is None else autocast_forward(model, device, autocast_dtype)
+    pipeline = TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True, custom_model_fwd=forward)
     bar = tqdm(
         total=None if total is None else max(0, total - skip_batches),
         desc=description,

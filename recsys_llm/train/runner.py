@@ -78,6 +78,7 @@ from recsys_llm.train.eval_forwards import use_pipelined_eval
 from recsys_llm.train.init_from import INIT_FROM_KEY, check_init_source, load_init_source
 from recsys_llm.train.loss_sums import LossSums
 from recsys_llm.train.metrics import CTRMetrics
+from recsys_llm.train.mixed_precision import autocast_dtype
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.resume import (
@@ -227,6 +228,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     ctx = init_distributed(config.train.device)
     seed_everything(config.train.seed)
     train_cfg = config.train
+    autocast = autocast_dtype(train_cfg.mixed_precision, ctx.device)  # bf16 on a GPU without it: refused at once
     run_dir = train_cfg.run_dir  # created only once every check has passed: a refused run leaves nothing
     check_run_dir_shared(run_dir)  # before any rank decides from what it finds there (whether to resume, ...)
     check_run_dir_is_ours(run_dir)
@@ -320,7 +322,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
                              "locking train.run_dir", ctx.device)
     try:
         return _train_in_run_dir(config, ctx, schema, built, readers, model, plan, optimizer, checkpoints, best, latest,
-                                 saved_config, fingerprints, on_step, pooling, windowed, init_record)
+                                 saved_config, fingerprints, on_step, pooling, windowed, init_record, autocast)
     finally:
         if lock is not None:
             lock.close()  # closing the file releases its lock
@@ -365,12 +367,13 @@ def _train_in_run_dir(
     readers: Dict[str, ParquetBatchReader], model: nn.Module, plan: Any, optimizer: Any, checkpoints: CheckpointManager,
     best: CheckpointManager, latest: Optional[str], saved_config: str, fingerprints: Dict[str, str],
     on_step: Optional[StepHook], pooling: Dict[str, List[float]], windowed: Optional[WindowedTrainMetrics],
-    init_record: Optional[Dict[str, Any]],
+    init_record: Optional[Dict[str, Any]], autocast: Optional[torch.dtype],
 ) -> Dict[str, Any]:
     """:func:`run_training` from the first write into ``train.run_dir`` on (rank 0 holds its lock); ``pooling``:
     each table's pooling factors as the planner took them (for ``sharding_plan.json``); ``windowed``: the windowed
     training metrics (``train.metrics_window``), whose window starts empty in every job; ``init_record``: where a
-    new run's weights came from (``train.init_from``), kept in ``plugins.json``."""
+    new run's weights came from (``train.init_from``), kept in ``plugins.json``; ``autocast``: the training forwards'
+    autocast dtype (``train.mixed_precision``), None for float32."""
     train_cfg = config.train
     run_dir = train_cfg.run_dir
     if ctx.is_main:
@@ -470,6 +473,7 @@ def _train_in_run_dir(
                 description=f"epoch {state.epoch}",
                 progress=train_cfg.progress,
                 window_metrics=windowed,
+                autocast_dtype=autocast,
             )
             epoch_loss = losses.epoch_mean(ctx.device)  # all rows' (and a killed job's steps before the resume)
             stats = dataclasses.replace(stats, mean_loss=math.nan if epoch_loss is None else epoch_loss)

@@ -6,6 +6,7 @@ forked after fbgemm-gpu's CUDA build was imported cannot initialise CUDA):
 
 * planner + DMP shard the tables onto the GPU, the fused TBE kernels train them, a frozen
   table stays unchanged and holds no optimizer state, and every sharded EBC is pipelined;
+* ``train.mixed_precision=bf16``: the training forwards under CUDA autocast, the weights and evaluation float32;
 * ``evaluate(pipelined=True)`` (``train.pipelined_eval=auto`` on CUDA) gives the plain loop's metrics;
 * every method mode of ``recsys-llm train`` (LLaCTR, the ELEC gain network, the joint,
   frozen-teacher, offline and swapped-pair students) killed mid-epoch resumes to the
@@ -21,6 +22,7 @@ import torch
 
 from tests.multiprocess import run_multiprocess
 from tests.train.test_eval_forwards import _both_ways, _check_identical
+from tests.train.test_mixed_precision import _one_epoch, check_autocast_in_training_only
 from tests.train.test_method_resume import MODES, _all_modes, check_resumed_like_straight
 from tests.train.test_train_sharding import _shard_and_train, check_rank_trained_and_froze
 
@@ -36,6 +38,14 @@ def test_nccl_shards_trains_and_freezes_tables_on_the_gpu(synthetic_dir: str) ->
     assert all(kernel == "fused" for _, kernel in result["placements"].values()), result["placements"]
     check_rank_trained_and_froze(result, frozen, steps=4)
     assert {"t_user_id", "t_item_id"} <= {t for t, changed in result["changed"].items() if changed}
+
+
+def test_bf16_autocast_trains_on_the_gpu(synthetic_dir: str) -> None:
+    (bf16,) = run_multiprocess(_one_epoch, world_size=1, schema_dir=synthetic_dir, dtype=torch.bfloat16,
+                               device="cuda", start_method="spawn")
+    (fp32,) = run_multiprocess(_one_epoch, world_size=1, schema_dir=synthetic_dir, dtype=None, device="cuda",
+                               start_method="spawn")
+    check_autocast_in_training_only(bf16, fp32)
 
 
 def test_pipelined_evaluation_gives_the_plain_loops_metrics_on_the_gpu(synthetic_dir: str) -> None:

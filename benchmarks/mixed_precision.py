@@ -1,0 +1,190 @@
+"""bf16 autocast vs float32 training (``train.mixed_precision``): samples/s side by side, and the AUC of both.
+
+Throughput: two copies of the project's stack train the same model side by side in one process, in
+interleaved rounds (as in ``train_throughput.py``): torchrec's ``DLRM_DCN`` (26 tables x 100k rows x 16,
+batch 4096, fused RowWiseAdagrad for the tables, Adam for the dense part, ``TrainPipelineSparseDist``,
+``DistributedModelParallel`` over 1 rank), built by ``build_task`` / ``shard_model`` / ``build_optimizer`` and
+trained by ``recsys_llm.train.pipeline.train_epoch`` on the same prebuilt batches; one with every forward under
+``torch.autocast(dtype=torch.bfloat16)`` (``train.mixed_precision=bf16``), one in float32.
+
+Accuracy: ``recsys-llm train``'s runner (``run_training``) trains the packaged DeepFM config on the embedded
+synthetic data twice, ``train.mixed_precision`` fp32 and bf16, with the same seed; each run's test AUC and
+LogLoss (evaluation computes in float32 in both) and its own training samples/s.
+
+Figures (top level of the JSON):
+
+* ``ratio_bf16_vs_fp32``: DLRM_DCN training samples/s under bf16 autocast / float32 (best rounds);
+* ``auc_difference_bf16_vs_fp32``: DeepFM's test AUC trained with bf16 autocast minus float32's;
+* ``runner_ratio_bf16_vs_fp32``: the two DeepFM runs' training samples/s (one run each, not interleaved: read
+  it beside the ratio above, which is).
+
+The gain depends on the hardware's bfloat16 arithmetic: GPUs of compute capability 8.0 or newer and CPUs with
+AVX-512 BF16 or AMX multiply in bfloat16 natively; elsewhere autocast converts and can be slower than float32.
+``details.machine`` names the CPU.
+
+Usage::
+
+    python benchmarks/mixed_precision.py [--quick|--smoke] [--json PATH] [--plot PATH]
+"""
+
+import dataclasses
+import itertools
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    RATIO_METHOD,
+    best_of_rounds_ratio,
+    device_synchronize,
+    interleaved_repeats,
+    median,
+    parse_args,
+    per_round_ratios,
+    print_summary,
+    ratio_bars,
+    result_payload,
+    single_rank_context,
+    two_panel_figure,
+    value_bars,
+    write_json,
+)
+from benchmarks.train_throughput import (  # noqa: E402
+    LEARNING_RATES,
+    SIZES,
+    ProjectLoop,
+    build_project_model,
+    make_batches,
+    make_schema,
+)
+
+NAME = "mixed_precision"
+PRECISIONS = ("fp32", "bf16")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracySizes:
+    """The two DeepFM runs of one mode.
+
+    Args:
+        rows (int): rows of the generated synthetic data (train / valid / test 8:1:1).
+        epochs (int): training epochs of each run.
+    """
+
+    rows: int = 200_000
+    epochs: int = 3
+
+
+ACCURACY_SIZES: Dict[str, AccuracySizes] = {
+    "full": AccuracySizes(),
+    "quick": AccuracySizes(rows=100_000, epochs=2),
+    "smoke": AccuracySizes(rows=4_000, epochs=1),
+}
+
+
+def accuracy_runs(work_dir: str, sizes: AccuracySizes, seed: int, device: str) -> Dict[str, Dict[str, float]]:
+    """Trains the packaged DeepFM config on the synthetic data once per precision; returns precision ->
+    test AUC, test LogLoss and training samples/s."""
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.runner import run_training
+
+    data_dir = os.path.join(work_dir, "synthetic")
+    generate_synthetic(data_dir, sizes.rows, seed=seed)
+    runs = {}
+    for precision in PRECISIONS:
+        config = load_config(str(REPO / "configs" / "synthetic_deepfm.yaml"), [
+            f"data.schema={data_dir}", "data.synthetic_rows=0", f"train.epochs={sizes.epochs}", "train.patience=0",
+            f"train.seed={seed}", f"train.device={device}", f"train.mixed_precision={precision}",
+            f"train.run_dir={os.path.join(work_dir, 'runs', precision)}"])
+        results = run_training(config)
+        runs[precision] = {"test_auc": results["test"]["auc"], "test_logloss": results["test"]["logloss"],
+                           "samples_per_second": results["samples_per_second"]}
+    return runs
+
+
+def plot(path: Path, payload: Dict[str, Any]) -> None:
+    """The PNG of a result ``payload``: DLRM_DCN training samples/s per precision (median, bars min-max of rounds)
+    and the ratios and AUC of bf16 vs fp32. Drawn from the JSON alone."""
+    details = payload["details"]
+    sizes, rounds = details["sizes"], details["samples_per_second_rounds"]
+    bars = {name: median(values) for name, values in rounds.items()}
+    spans: Dict[str, Tuple[float, float]] = {name: (min(values), max(values)) for name, values in rounds.items()}
+    accuracy = details["accuracy"]
+    ratios = {"DLRM_DCN\ntraining\nsamples/s": payload["ratio_bf16_vs_fp32"],
+              "DeepFM run\ntraining\nsamples/s": payload["runner_ratio_bf16_vs_fp32"],
+              "DeepFM\ntest AUC": accuracy["bf16"]["test_auc"] / accuracy["fp32"]["test_auc"]}
+    two_panel_figure(
+        path,
+        lambda left: value_bars(
+            left, bars, ylabel="samples/s: median, bars min-max of rounds", errors=spans,
+            title=f"DLRM_DCN {sizes['num_tables']}x{sizes['rows_per_table']}x{sizes['embedding_dim']}, batch "
+                  f"{sizes['batch_size']}; {payload['device']}; {payload['mode']}"),
+        lambda right: ratio_bars(right, ratios, {}, "bf16 autocast vs float32 training"),
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(NAME, __doc__, argv)
+    sizes = SIZES[args.mode]
+
+    import torch
+
+    from recsys_llm.train.distributed import teardown_distributed
+
+    context = single_rank_context(args)
+    device = context.device
+    synchronize = device_synchronize(device)
+    schema = make_schema(sizes)
+    batches = make_batches(schema, sizes, args.seed, pin_memory=device.type == "cuda")
+
+    loops = {}
+    for precision, dtype in zip(PRECISIONS, (None, torch.bfloat16)):
+        torch.manual_seed(args.seed)
+        model, optimizer = build_project_model(schema, sizes, device, LEARNING_RATES)
+        loops[precision] = ProjectLoop(model, optimizer, device, itertools.cycle(batches), sizes, synchronize,
+                                       autocast_dtype=dtype)
+    rounds = interleaved_repeats(loops, sizes.repeats, f"{NAME} train")
+    with tempfile.TemporaryDirectory() as work_dir:
+        accuracy = accuracy_runs(work_dir, ACCURACY_SIZES[args.mode], args.seed, args.resolved_device)
+
+    medians = {name: median(values) for name, values in rounds.items()}
+    payload = result_payload(
+        args,
+        {"ratio_bf16_vs_fp32": best_of_rounds_ratio(rounds["bf16"], rounds["fp32"]),
+         "auc_difference_bf16_vs_fp32": accuracy["bf16"]["test_auc"] - accuracy["fp32"]["test_auc"],
+         "runner_ratio_bf16_vs_fp32": accuracy["bf16"]["samples_per_second"]
+         / accuracy["fp32"]["samples_per_second"]},
+        details={
+            "samples_per_second_median": medians,
+            "samples_per_second_rounds": rounds,
+            "ratio_rounds": per_round_ratios(rounds["bf16"], rounds["fp32"]),
+            "accuracy": accuracy,
+            "accuracy_sizes": dataclasses.asdict(ACCURACY_SIZES[args.mode]),
+            "ratio_method": RATIO_METHOD,
+            "sizes": dataclasses.asdict(sizes),
+            "model": "torchrec DLRM_DCN, fused RowWiseAdagrad (tables) + Adam (dense), TrainPipelineSparseDist, "
+                     "DMP 1 rank; train_epoch(autocast_dtype=None | torch.bfloat16); accuracy: "
+                     "configs/synthetic_deepfm.yaml through run_training, train.mixed_precision fp32 | bf16",
+        },
+        table=[{"model": "DLRM_DCN (interleaved rounds)", "precision": name,
+                "samples/s (median)": round(medians[name], 1)} for name in PRECISIONS]
+        + [{"model": "DeepFM run (synthetic data)", "precision": name,
+            "samples/s (median)": round(accuracy[name]["samples_per_second"], 1),
+            "test AUC": round(accuracy[name]["test_auc"], 4), "test LogLoss": round(accuracy[name]["test_logloss"], 4)}
+           for name in PRECISIONS],
+    )
+    write_json(args.json, payload)
+    plot(args.plot, payload)
+    print_summary(NAME, payload)
+    teardown_distributed()
+    return payload
+
+
+if __name__ == "__main__":
+    main()
