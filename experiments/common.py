@@ -69,7 +69,7 @@ def tables_dir(args: argparse.Namespace) -> str:
 
 def check_tables_replaceable(args: argparse.Namespace, name: str, backbones: List[str]) -> None:
     """Refuses, before any work, to write ``<name>.json / .md / .png`` over a table of other settings:
-    a ``--quick`` smoke run, other seeds, or backbones this run leaves out (a committed table of
+    a ``--quick`` smoke run, other seeds, another ``--mixed-precision``, or backbones this run leaves out (a committed table of
     ``results/`` would become a smoke run's, or one backbone's, without a word).
 
     Raises:
@@ -86,6 +86,9 @@ def check_tables_replaceable(args: argparse.Namespace, name: str, backbones: Lis
         differences.append(f"quick {bool(recorded.get('quick', False))} -> {bool(args.quick)}")
     if recorded.get("seeds") is not None and list(recorded["seeds"]) != list(args.seeds):
         differences.append(f"seeds {recorded['seeds']} -> {list(args.seeds)}")
+    precision = getattr(args, "mixed_precision", "fp32")
+    if recorded.get("mixed_precision", "fp32") != precision:
+        differences.append(f"mixed precision {recorded.get('mixed_precision', 'fp32')} -> {precision}")
     left_out = sorted(set(recorded.get("table") or {}) - set(backbones))
     if left_out:
         differences.append(f"backbones {left_out} of it not run here")

@@ -27,6 +27,8 @@ BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = experiment_args(__doc__.splitlines()[0], "results")
+    parser.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="train.mixed_precision of every run (bf16: forwards under bfloat16 autocast)")
     args = parser.parse_args(argv)
     if args.data != "ml100k":  # the shared parser offers the synthetic data too; this table is ML-100K's
         parser.error(f"--data {args.data}: this table trains on ML-100K only (--data ml100k)")
@@ -38,13 +40,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for backbone in backbones:
         runs = []
         for seed in args.seeds:
-            overrides = [f"data.schema={schema}", f"train.seed={seed}"] + (["train.epochs=2"] if args.quick else [])
+            overrides = [f"data.schema={schema}", f"train.seed={seed}", f"train.mixed_precision={args.mixed_precision}"
+                         ] + (["train.epochs=2"] if args.quick else [])
             run_dir = os.path.join(args.out, "runs", "ml100k_backbones", backbone, f"seed{seed}")
             runs.append(run_variant(base_config_path("ml100k", backbone), overrides, run_dir, counter=counter))
         tables[backbone] = summarize({backbone: runs})[backbone]
         print(f"[ml100k] {backbone}: AUC {tables[backbone]['auc']['mean']:.4f} ± {tables[backbone]['auc']['std']:.4f}", flush=True)
     markdown = markdown_table(tables, ["auc", "logloss"])
-    payload = {"seeds": args.seeds, "quick": args.quick, "table": tables,
+    payload = {"seeds": args.seeds, "quick": args.quick, "mixed_precision": args.mixed_precision, "table": tables,
                "command": "python -m experiments.ml100k_backbones " + " ".join(sys.argv[1:] if argv is None else argv)}
     write_outputs(tables_dir(args), "ml100k_backbones", payload, markdown)
     plot_auc(os.path.join(tables_dir(args), "ml100k_backbones.png"), {b: {"test": t} for b, t in tables.items()},
