@@ -28,7 +28,7 @@ def test_the_table_records_a_quick_run_and_its_command(tmp_path, monkeypatch) ->
     argv = ["--quick", "--backbones", "fm", "--seeds", "0", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     payload = json.loads((tmp_path / "ml100k_backbones.json").read_text(encoding="utf-8"))
-    assert payload["quick"] is True
+    assert payload["quick"] is True and payload["mixed_precision"] == "fp32"
     assert payload["command"] == "python -m experiments.ml100k_backbones " + " ".join(argv)
     assert payload["table"]["fm"]["auc"] == {"mean": 0.75, "std": 0.0, "n": 2}
 
@@ -50,7 +50,9 @@ def test_a_table_of_other_settings_is_not_replaced_before_any_work(tmp_path, mon
     trained.clear()
     for argv, difference in ((["--quick", "--backbones", "fm", "fwfm", "--seeds", "0", "1"], "quick False -> True"),
                              (["--backbones", "fm", "fwfm", "--seeds", "0"], "seeds [0, 1] -> [0]"),
-                             (["--backbones", "fm", "--seeds", "0", "1"], "backbones ['fwfm'] of it not run here")):
+                             (["--backbones", "fm", "--seeds", "0", "1"], "backbones ['fwfm'] of it not run here"),
+                             (["--backbones", "fm", "fwfm", "--seeds", "0", "1", "--mixed-precision", "bf16"],
+                              "mixed precision fp32 -> bf16")):
         with pytest.raises(SystemExit) as refused:
             main([*argv, "--out", str(tmp_path)])
         assert str(refused.value).startswith(f"{tmp_path / 'ml100k_backbones.json'}: holds a table of other settings ("
