@@ -21,7 +21,7 @@ from torchx import specs
 from torchx.components.dist import ddp
 
 # the scripts benchmarks/run_all.py runs (those defining main(argv)): the ones that take --json and --plot
-BENCHMARKS = ("elec", "llactr", "peers", "scaling", "table_dtype", "train_throughput")
+BENCHMARKS = ("elec", "llactr", "mixed_precision", "peers", "scaling", "table_dtype", "train_throughput")
 
 
 def bench(
@@ -45,7 +45,8 @@ def bench(
     Benchmarks compare side by side within one run, so figures are ratios on the same host.
 
     Args:
-        name: benchmark script name without .py: elec, llactr, peers, scaling, table_dtype or train_throughput
+        name: benchmark script name without .py: elec, llactr, mixed_precision, peers, scaling, table_dtype or
+            train_throughput
         script_args: extra script arguments, after -- (e.g. -- --quick --device cuda)
         results_dir: directory for the JSON and PNG results (not benchmarks/results, whose committed
             figures the README quotes)
