@@ -81,7 +81,8 @@ from benchmarks.train_throughput import (  # noqa: E402
 
 NAME = "table_dtype"
 DTYPES = ("fp32", "fp16")
-SERVE_DTYPES = {"fp32": "trained", "int8": "int8", "int4": "int4"}  # served contender -> export_task's table_dtype
+# served contender -> export_task's keyword arguments (the baseline, "fp32", exports as trained)
+SERVE_VARIANTS: Dict[str, Dict[str, str]] = {"fp32": {}, "int8": {"table_dtype": "int8"}, "int4": {"table_dtype": "int4"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,14 +150,17 @@ def served_task(model: Any, schema: Any, sizes: Sizes) -> Any:
     return task.eval()
 
 
-def export_and_load(task: Any, schema: Any, example: Any, work_dir: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
-    """Exports ``task`` once per :data:`SERVE_DTYPES` entry and loads each artifact with ``ServedModel``.
+def export_and_load(task: Any, schema: Any, example: Any, work_dir: str, variants: Dict[str, Dict[str, str]]
+                    ) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    """Exports ``task`` once per entry of ``variants`` and loads each artifact with ``ServedModel``.
 
     Args:
         task: the unsharded CPU task (:func:`served_task`).
         schema: the data's ``DatasetSchema`` (its id rules go into the artifacts).
         example: a ``Batch`` for ``torch.export``.
         work_dir (str): where the artifacts go.
+        variants (Dict[str, Dict[str, str]]): contender name -> ``export_task`` keyword arguments
+            (:data:`SERVE_VARIANTS`).
 
     Returns:
         Tuple: ``({name: ServedModel}, {name: bytes of its model.safetensors})``.
@@ -167,10 +171,10 @@ def export_and_load(task: Any, schema: Any, example: Any, work_dir: str) -> Tupl
     from recsys_llm.serving import STATE_FILE, ServedModel, export_task
 
     served, artifact_bytes = {}, {}
-    for name, table_dtype in SERVE_DTYPES.items():
+    for name, options in variants.items():
         directory = os.path.join(work_dir, f"export_{name}")
         config = export_task(task, directory, example.dense_features, example.sparse_features, schema=schema,
-                             table_dtype=table_dtype)
+                             **options)
         if config["dense_program"] is None:
             raise RuntimeError(f"{NAME}: torch.export did not capture the dense part ({config}); nothing to serve")
         served[name] = ServedModel.load(directory, trust_program=True)
@@ -179,8 +183,8 @@ def export_and_load(task: Any, schema: Any, example: Any, work_dir: str) -> Tupl
 
 
 def logit_differences(served: Dict[str, Any], batches: List[Any], name: str) -> Dict[str, float]:
-    """Max and mean |logit difference| of the served model ``name`` (``"int8"``, ``"int4"``) and the FP32 one over
-    ``batches`` (all rows)."""
+    """Max and mean |logit difference| of the served model ``name`` (``"int8"``, ``"int4"``, ...) and the
+    ``"fp32"`` one over ``batches`` (all rows)."""
     import torch
 
     differences = torch.cat([(served[name].logits(b.dense_features, b.sparse_features)
@@ -188,10 +192,11 @@ def logit_differences(served: Dict[str, Any], batches: List[Any], name: str) -> 
     return {"max": float(differences.max()), "mean": float(differences.mean()), "rows": int(differences.numel())}
 
 
-def serve_comparison(model: Any, schema: Any, sizes: Sizes, serve_sizes: ServeSizes, batches: List[Any]
-                     ) -> Dict[str, Any]:
-    """Exports the trained FP32-tables ``model`` with FP32, INT8 and INT4 tables, times ``ServedModel.logits`` of
-    each over ``batches`` in interleaved rounds and compares their tables, artifacts and logits.
+def serve_comparison(model: Any, schema: Any, sizes: Sizes, serve_sizes: ServeSizes, batches: List[Any],
+                     variants: Dict[str, Dict[str, str]] = SERVE_VARIANTS, name: str = NAME) -> Dict[str, Any]:
+    """Exports the trained FP32-tables ``model`` once per entry of ``variants`` (here: FP32, INT8 and INT4 tables),
+    times ``ServedModel.logits`` of each over ``batches`` in interleaved rounds and compares their tables, artifacts
+    and logits with the ``"fp32"`` entry's; ``name``: the benchmark's, in the progress bar.
 
     Returns:
         Dict[str, Any]: ``rounds`` (name -> samples/s per round), ``artifact_bytes``, ``table_bytes`` (in memory,
@@ -200,25 +205,26 @@ def serve_comparison(model: Any, schema: Any, sizes: Sizes, serve_sizes: ServeSi
     from recsys_llm.serving.quantized_tables import table_bytes as served_table_bytes
 
     task = served_task(model, schema, sizes)
-    with tempfile.TemporaryDirectory(prefix=f"{NAME}_") as work_dir:  # the artifacts stay until the rounds end
-        served, artifact_bytes = export_and_load(task, schema, batches[0], work_dir)
+    with tempfile.TemporaryDirectory(prefix=f"{name}_") as work_dir:  # the artifacts stay until the rounds end
+        served, artifact_bytes = export_and_load(task, schema, batches[0], work_dir, variants)
         del task
 
-        def step(name: str) -> Callable[[], Any]:
-            served_model = served[name]
+        def step(contender: str) -> Callable[[], Any]:
+            served_model = served[contender]
             return cycling_step(lambda batch: served_model.logits(batch.dense_features, batch.sparse_features),
                                 batches)
 
         rounds = interleaved_repeats(
-            {name: samples_per_second(step(name), sizes.batch_size, serve_sizes.warmup_steps,
-                                      serve_sizes.measured_steps) for name in served},
-            serve_sizes.repeats, f"{NAME} serve")
+            {contender: samples_per_second(step(contender), sizes.batch_size, serve_sizes.warmup_steps,
+                                           serve_sizes.measured_steps) for contender in served},
+            serve_sizes.repeats, f"{name} serve")
         return {
             "rounds": rounds,
             "artifact_bytes": artifact_bytes,
-            "table_bytes": {name: served_table_bytes(s.embedding_bag_collection) for name, s in served.items()},
-            "logit_abs_difference": {name: logit_differences(served, batches, name) for name in served
-                                     if name != "fp32"},
+            "table_bytes": {contender: served_table_bytes(s.embedding_bag_collection)
+                            for contender, s in served.items()},
+            "logit_abs_difference": {contender: logit_differences(served, batches, contender) for contender in served
+                                     if contender != "fp32"},
         }
 
 

@@ -26,7 +26,8 @@ REQUIRED_KEYS = {
     "peers": ["train_speedup_vs_deepctr_torch", "auc_diff_vs_deepctr_torch"],
     "table_dtype": ["ratio_fp16_vs_fp32_tables", "table_bytes_ratio_fp16_vs_fp32", "serve_ratio_int8_vs_fp32_tables",
                     "artifact_bytes_ratio_int8_vs_fp32"],
-    "mixed_precision": ["ratio_bf16_vs_fp32", "auc_difference_bf16_vs_fp32", "runner_ratio_bf16_vs_fp32"],
+    "mixed_precision": ["ratio_bf16_vs_fp32", "auc_difference_bf16_vs_fp32", "runner_ratio_bf16_vs_fp32",
+                        "serve_ratio_bf16_vs_fp32"],
 }
 MACHINE_KEYS = ["cpu_model", "usable_cores", "torch_threads", "gpu", "versions"]
 
@@ -189,8 +190,9 @@ def test_elec_student_is_served_exported_and_ratios_come_from_rounds(tmp_path_fa
 @pytest.mark.slow
 def test_mixed_precision_compares_rounds_of_both_precisions_and_two_trained_runs(
         tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The training ratio comes from interleaved rounds of the two loops; the AUC difference and the runner's
-    ratio from two finished runs of the packaged DeepFM config, one per precision."""
+    """The training and serving ratios come from interleaved rounds of the two loops and of the two exported
+    programs; the AUC difference and the runner's ratio from two finished runs of the packaged DeepFM config, one
+    per precision."""
     from benchmarks import mixed_precision
 
     payload = _smoke_payload("mixed_precision", tmp_path_factory)
@@ -202,6 +204,11 @@ def test_mixed_precision_compares_rounds_of_both_precisions_and_two_trained_runs
     assert set(accuracy) == {"fp32", "bf16"} and all(0.5 < run["test_auc"] < 1 for run in accuracy.values())
     assert payload["auc_difference_bf16_vs_fp32"] == pytest.approx(accuracy["bf16"]["test_auc"]
                                                                    - accuracy["fp32"]["test_auc"])
+    serve = payload["details"]["serve"]
+    served = serve["samples_per_second_rounds"]
+    assert set(served) == {"fp32", "bf16"} and all(min(v) > 0 for v in served.values())
+    assert payload["serve_ratio_bf16_vs_fp32"] == pytest.approx(max(served["bf16"]) / max(served["fp32"]))
+    assert 0 < serve["logit_abs_difference"]["max"] < 0.5  # the bf16 program computes, a little off float32
 
 
 @pytest.mark.slow

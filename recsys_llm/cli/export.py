@@ -26,7 +26,7 @@ from recsys_llm.cli.data import integer_at_least
 
 
 def export_run(config: Any, checkpoint: str, output: str, state_only: bool = False,
-               table_dtype: str = "trained") -> Dict[str, Any]:
+               table_dtype: str = "trained", mixed_precision: str = "fp32") -> Dict[str, Any]:
     """Exports the served part of a trained run (collective: call on every rank).
 
     Args:
@@ -38,6 +38,8 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
             (``elec.teacher_checkpoint``); no serving program.
         table_dtype (str): the served tables' dtype (``--table-dtype``): ``"trained"`` (as trained), ``"int8"`` or
             ``"int4"`` (quantized rows with a per-row scale and bias, :mod:`recsys_llm.serving.quantized_tables`).
+        mixed_precision (str): the dense program's precision (``--mixed-precision``): ``"fp32"``, or ``"bf16"``
+            (captured under CPU bfloat16 autocast, :class:`~recsys_llm.serving.export.AutocastHead`).
 
     Returns:
         Dict[str, Any]: the artifact's ``config.json`` on rank 0, ``{}`` elsewhere.
@@ -58,13 +60,17 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     from recsys_llm.serving.quantized_tables import TRAINED, check_table_dtype
     from recsys_llm.train.checkpoint import checkpoint_digests
     from recsys_llm.train.distributed import barrier
+    from recsys_llm.train.mixed_precision import autocast_dtype
     from recsys_llm.train.task_builder import build_task
     from recsys_llm.train.trained_run import load_trained_model, open_trained_run
 
     check_table_dtype(table_dtype)  # before any work (every rank)
-    if state_only and table_dtype != TRAINED:
-        raise ValueError(f"export: --table-dtype {table_dtype} applies to a served export; --state-only writes the "
-                         "trained task's weights as they are (for elec.teacher_checkpoint): drop one of the two")
+    autocast_dtype(mixed_precision, torch.device("cpu"), setting="export: --mixed-precision")
+    for option, value, default in (("--table-dtype", table_dtype, TRAINED),
+                                   ("--mixed-precision", mixed_precision, "fp32")):
+        if state_only and value != default:
+            raise ValueError(f"export: {option} {value} applies to a served export; --state-only writes the "
+                             "trained task's weights as they are (for elec.teacher_checkpoint): drop one of the two")
     check_export_output(output)  # before any work (every rank)
     run = open_trained_run(config, checkpoint)
     ctx, schema, checkpoint = run.ctx, run.schema, run.checkpoint
@@ -114,7 +120,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
             "world_size_at_export": ctx.world_size,
         }
         written = export_task(served, output, example.dense_features, example.sparse_features, metadata, schema,
-                              table_dtype=table_dtype)
+                              table_dtype=table_dtype, mixed_precision=mixed_precision)
     barrier()
     return written
 
@@ -151,10 +157,10 @@ def _export(args: argparse.Namespace) -> int:
     check_versions()
     config = load_config(args.config or trained_run_config(args.checkpoint), args.overrides)
     written = export_run(config, args.checkpoint, args.output, state_only=args.state_only,
-                         table_dtype=args.table_dtype)
+                         table_dtype=args.table_dtype, mixed_precision=args.mixed_precision)
     if is_main_process():
         keys = ["dense_program", "num_parameters", "num_state_tensors"]
-        keys += [] if args.state_only else ["feature_names", "table_dtype"]
+        keys += [] if args.state_only else ["feature_names", "table_dtype", "mixed_precision"]
         print(json.dumps({"output": args.output, **{k: written[k] for k in keys}}, indent=2))
         if not args.state_only:
             # stdout is the JSON alone (``| jq``); the hint goes beside the progress lines
@@ -204,6 +210,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "rows with a per-row scale and bias, served by torchrec's quantized "
                              "EmbeddingBagCollection on CPU: D + 4 bytes a row for FP32's 4 D) or int4 (4-bit "
                              "values, two a byte, the same way: D / 2 + 4 bytes a row)")
+    export.add_argument("--mixed-precision", default="fp32", metavar="{fp32,bf16}",
+                        help="the dense program's precision: fp32 (default: as `evaluate` computes), or bf16 (its "
+                             "matmuls and linears under CPU bfloat16 autocast: faster on CPUs with bfloat16 "
+                             "arithmetic, logits within about 1e-2 of fp32's; served on CPU)")
     export.add_argument("overrides", nargs="*",
                         help="config overrides section.key=value (value parsed as YAML), e.g. data.eval_batch_size=8192")
     export.set_defaults(func=_export)

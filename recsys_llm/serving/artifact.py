@@ -21,6 +21,9 @@ WEIGHTED_KEY = "weighted"  # config.json: the tables (and entity tables) pool pe
 # config.json: the tables' serving dtype, `export --table-dtype` ("trained", "int8", "int4"; absent before 2026-12:
 # "trained")
 TABLE_DTYPE_KEY = "table_dtype"
+# config.json: the dense program's precision, `export --mixed-precision` ("fp32", or "bf16": captured under CPU
+# bfloat16 autocast; absent before 2026-12-06: "fp32")
+MIXED_PRECISION_KEY = "mixed_precision"
 DENSE_NAMES_KEY = "dense_feature_names"  # config.json: the dense features in column order (absent from older artifacts)
 DIGESTS_KEY = "sha256"  # config.json: file name -> SHA-256 of its bytes as exported (absent from older artifacts)
 TABLES_PREFIX = "model.embedding_bag_collection."  # state-dict prefix of the backbone's tables (tables.json)

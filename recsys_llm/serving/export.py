@@ -39,12 +39,14 @@ from recsys_llm.serving.artifact import (
     SEMANTIC_TABLES_FILE,
     SEMANTIC_TABLES_PREFIX,
     STATE_FILE,
+    MIXED_PRECISION_KEY,
     TABLE_DTYPE_KEY,
     TABLES_FILE,
     TABLES_PREFIX,
     VERSIONS_KEY,
     WEIGHTED_KEY,
 )
+from recsys_llm.train.mixed_precision import autocast_dtype
 from recsys_llm.serving.raw_ids import RAW_IDS_DIR, RAW_IDS_KEY, write_raw_id_ways
 from recsys_llm.serving.quantized_tables import (
     TRAINED,
@@ -149,6 +151,15 @@ an unweighted EBC ignores the weights and serves other predictions.
 WEIGHTS_ARGUMENT = """
     # one weight per id, same order as values: this model's tables pool weighted sums
     weights=torch.ones(len(features) * batch_size),"""
+
+
+MIXED_PRECISION_INFERENCE_NOTE = """
+The dense program computes under CPU bfloat16 autocast (`recsys-llm export --mixed-precision bf16`; `config.json`:
+`mixed_precision`): its weights are float32 and its matmuls and linears run in bfloat16, which CPUs with bfloat16
+arithmetic (AVX-512 BF16, AMX) do several times faster; its logits are float32, within about 1e-2 of the float32
+program's. It serves on CPU: a GPU would not apply the program's CPU autocast, so `ServedModel` refuses `.to("cuda")`
+(export with `--mixed-precision fp32` for a GPU).
+"""
 
 
 QUANTIZED_INFERENCE_NOTE = """
@@ -259,6 +270,25 @@ class DenseHead(nn.Module):
         for name in self._terms:
             logits = logits + self.task.logit_terms[name](output)
         return logits
+
+
+class AutocastHead(nn.Module):
+    """A dense head whose forward runs under CPU ``torch.autocast`` (``export --mixed-precision bf16``): its
+    matmuls and linears in ``dtype``, reductions and element-wise sums as autocast leaves them (float32); the
+    logits (B,) come out in float32. ``torch.export`` records the autocast region in the program."""
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head = head
+        self._dtype = dtype
+
+    def forward(
+        self, dense_features: torch.Tensor, pooled: torch.Tensor, vectors: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """:meth:`DenseHead.forward`'s inputs and logits (B,), float32."""
+        with torch.autocast("cpu", dtype=self._dtype):
+            logits = self.head(dense_features, pooled, vectors)
+        return logits.float()
 
 
 @contextlib.contextmanager
@@ -592,6 +622,7 @@ def export_task(
     metadata: Optional[Dict[str, Any]] = None,
     schema: Optional[Any] = None,
     table_dtype: str = TRAINED,
+    mixed_precision: str = "fp32",
 ) -> Dict[str, Any]:
     """Writes the serving artifact of an unsharded ``CTRTask`` (atomically).
 
@@ -613,6 +644,10 @@ def export_task(
             of a gain network too, to 8-bit / 4-bit rows with a per-row scale and bias, torchrec inference's
             quantized tables (:mod:`recsys_llm.serving.quantized_tables`; ``tables.json``: ``data_type`` INT8 /
             INT4 and ``trained_data_type``; ``config.json``: ``table_dtype``).
+        mixed_precision (str): the dense program's precision (``recsys-llm export --mixed-precision``): ``"fp32"``,
+            or ``"bf16"``: captured under CPU bfloat16 autocast (:class:`AutocastHead`; weights stay float32,
+            matmuls and linears run in bfloat16: faster on CPUs with bfloat16 arithmetic, logits within about 1e-2
+            of float32's), served on CPU (``config.json``: ``mixed_precision``).
 
     Returns:
         Dict[str, Any]: the written ``config.json`` (``dense_program`` None, with a warning, when
@@ -633,6 +668,7 @@ def export_task(
             with a dense program, which a weights-only artifact would replace (it is left as it was).
     """
     check_table_dtype(table_dtype)
+    dense_autocast = autocast_dtype(mixed_precision, torch.device("cpu"), setting="export: mixed_precision")
     _check_exportable(task, example_dense, example_sparse)
     check_servable(task)
     earlier = check_export_output(directory)
@@ -661,6 +697,7 @@ def export_task(
         program_status: Optional[str] = PROGRAM_FILE
         reason = ""
         head = DenseHead(task, folded).eval()
+        captured = head if dense_autocast is None else AutocastHead(head, dense_autocast)
         with torch.no_grad():
             # per-id weights in each EBC's table dtype, as ServedModel gives them (FP16 tables take float16 ones)
             pooled = ebc(weights_in_table_dtype(example_sparse, ebc)).values()  # (B, sum dims)
@@ -672,7 +709,7 @@ def export_task(
             # no_grad: the inference kernels (e.g. of weighted_pair_sum)
             with torch.no_grad(), _tables_left_out(task), _training_parts_left_out(task, folded):
                 program = torch.export.export(
-                    head, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
+                    captured, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
                 )
             _drop_metadata_asserts(program)
             # drop what the logits do not need (e.g. a folded FM's representation)
@@ -708,6 +745,7 @@ def export_task(
             "pooled_dim": int(pooled.size(1)),
             WEIGHTED_KEY: weighted,
             TABLE_DTYPE_KEY: table_dtype,
+            MIXED_PRECISION_KEY: mixed_precision,
             "state": STATE_FILE,
             "tables": TABLES_FILE,
             "semantic_tables": SEMANTIC_TABLES_FILE if semantic_tables else None,
@@ -733,6 +771,8 @@ def export_task(
                                                   id_rules=ID_RULES_NOTE if config[ID_RULES_KEY] else NO_ID_RULES_NOTE))
             if weighted:
                 handle.write(WEIGHTED_INFERENCE_NOTE)
+            if dense_autocast is not None:
+                handle.write(MIXED_PRECISION_INFERENCE_NOTE)
             if table_dtype != TRAINED:
                 handle.write(QUANTIZED_INFERENCE_NOTE.format(table_dtype=table_dtype, data_type=tables[0]["data_type"],
                                                              path=os.path.abspath(directory),

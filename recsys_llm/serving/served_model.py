@@ -33,6 +33,7 @@ from recsys_llm.serving.artifact import (
     SEMANTIC_TABLES_PREFIX,
     STATE_FILE,
     STATE_ONLY_PROGRAM,
+    MIXED_PRECISION_KEY,
     TABLE_DTYPE_KEY,
     TABLES_PREFIX,
     VERSION_CHECKED,
@@ -329,16 +330,28 @@ class ServedModel(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "ServedModel":
         """``to`` / ``cuda`` / ``half`` ...; refused for quantized tables, which serve on CPU in float32: torchrec's
-        quantized EBC keeps its FBGEMM rows outside the module tree, so ``.to("cuda")`` would move copies only."""
+        quantized EBC keeps its FBGEMM rows outside the module tree, so ``.to("cuda")`` would move copies only; and
+        for a dense program captured under CPU bfloat16 autocast (``export --mixed-precision bf16``), whose autocast
+        region a GPU would not apply."""
         tables = (self.embedding_bag_collection, self.semantic_embedding_bag_collection)
-        if any(is_quantized(ebc) for ebc in tables):
+        quantized = any(is_quantized(ebc) for ebc in tables)
+        if quantized or self.mixed_precision != "fp32":
             moved = fn(torch.zeros(1))
             if moved.device.type != "cpu" or moved.dtype != torch.float32:
-                raise ValueError(f"ServedModel: its tables are quantized ({TABLE_DTYPE_KEY} "
-                                 f"{self._config.get(TABLE_DTYPE_KEY)!r}) and serve on CPU in float32; it stays there "
-                                 f"(asked for {moved.device.type} / {moved.dtype}): export with "
-                                 "`--table-dtype trained` to serve on a GPU or in another dtype")
+                why, how = ((f"its tables are quantized ({TABLE_DTYPE_KEY} {self._config.get(TABLE_DTYPE_KEY)!r})",
+                             "`--table-dtype trained`") if quantized else
+                            (f"its dense program runs under CPU autocast ({MIXED_PRECISION_KEY} "
+                             f"{self.mixed_precision!r})", "`--mixed-precision fp32`"))
+                raise ValueError(f"ServedModel: {why}, so it serves on CPU in float32; it stays there (asked for "
+                                 f"{moved.device.type} / {moved.dtype}): export with {how} to serve on a GPU or in "
+                                 "another dtype")
         return super()._apply(fn, recurse)
+
+    @property
+    def mixed_precision(self) -> str:
+        """The dense program's precision (``config.json`` ``mixed_precision``): ``fp32``, or ``bf16``: its matmuls
+        under CPU bfloat16 autocast (``export --mixed-precision bf16``)."""
+        return str(self._config.get(MIXED_PRECISION_KEY, "fp32"))
 
     @property
     def feature_names(self) -> List[str]:

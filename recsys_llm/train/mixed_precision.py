@@ -24,18 +24,22 @@ from recsys_llm.typed_config import ConfigError
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def autocast_dtype(mixed_precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``train.mixed_precision`` on ``device``; None for ``fp32``.
+def autocast_dtype(mixed_precision: str, device: torch.device,
+                   setting: str = "train.mixed_precision") -> Optional[torch.dtype]:
+    """The autocast dtype of ``mixed_precision`` (``fp32`` | ``bf16``) on ``device``; None for ``fp32``.
+
+    Args:
+        setting (str): the setting's name in errors (``export_task``'s ``mixed_precision``).
 
     Raises:
         ConfigError: an unknown name, or ``bf16`` on a GPU without bfloat16 support.
     """
     if mixed_precision not in AUTOCAST_DTYPES:
-        raise ConfigError(f"train.mixed_precision={mixed_precision!r} (must be one of {', '.join(AUTOCAST_DTYPES)})")
+        raise ConfigError(f"{setting}={mixed_precision!r} (must be one of {', '.join(AUTOCAST_DTYPES)})")
     dtype = AUTOCAST_DTYPES[mixed_precision]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"train.mixed_precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
-                          "arithmetic (NVIDIA: compute capability 8.0 or newer); use train.mixed_precision=fp32")
+        raise ConfigError(f"{setting}=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
+                          f"arithmetic (NVIDIA: compute capability 8.0 or newer); use {setting}=fp32")
     return dtype
 
 

@@ -1,0 +1,102 @@
+"""A dense program captured under CPU bfloat16 autocast (``export_task(..., mixed_precision="bf16")``,
+``recsys-llm export --mixed-precision bf16``)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from recsys_llm.models.registry import SMOKE_CONFIGS
+from recsys_llm.modules.elec import build_student
+from recsys_llm.serving import ServedModel, export_task
+from recsys_llm.typed_config import ConfigError
+from tests.test_serving import CPU, SCHEMA, _trained_pair, make_batch
+from tests.test_serving_quantized import _gain_network
+
+# served bf16-program logits vs the float32 program's, on these tests' small models (logits up to about 2): bfloat16
+# keeps 8 bits of mantissa, so each matmul's inputs are rounded by up to 2^-9 of their size
+LOGIT_TOLERANCE = 0.05
+
+
+def _student(model_name: str):
+    task = _trained_pair(model_name)
+    student = build_student(SCHEMA, SMOKE_CONFIGS[model_name], device=CPU)
+    student.load_state_dict(task.student.state_dict())
+    return student.eval()
+
+
+def _served_both_ways(task, example, directory) -> dict:
+    served = {}
+    for precision in ("fp32", "bf16"):
+        config = export_task(task, os.path.join(directory, precision), example.dense_features, example.sparse_features,
+                             mixed_precision=precision)
+        assert config["dense_program"] == "dense_program.pt2" and config["mixed_precision"] == precision
+        notes = open(os.path.join(directory, precision, "INFERENCE.md"), encoding="utf-8").read()
+        assert ("--mixed-precision bf16" in notes) == (precision == "bf16")
+        served[precision] = ServedModel.load(os.path.join(directory, precision), trust_program=True)
+    return served
+
+
+@pytest.mark.parametrize("model_name", ["deepfm", "dcnv2", "dlrm", "finalmlp"])
+def test_a_bf16_program_serves_the_float32_programs_logits_within_bf16_rounding(tmp_path, model_name):
+    task = _student(model_name)
+    served = _served_both_ways(task, make_batch(4, 100), str(tmp_path))
+    request = make_batch(33, 7)
+    logits = {name: model.logits(request.dense_features, request.sparse_features) for name, model in served.items()}
+    assert logits["bf16"].dtype == torch.float32 and served["bf16"].mixed_precision == "bf16"
+    assert not torch.equal(logits["bf16"], logits["fp32"])  # the autocast region is in the program
+    torch.testing.assert_close(logits["bf16"], logits["fp32"], rtol=0, atol=LOGIT_TOLERANCE)
+    with torch.no_grad():  # the float32 program is the trained model's
+        torch.testing.assert_close(logits["fp32"], task.predict(request).logits, rtol=0, atol=1e-6)
+
+
+def test_a_gain_network_on_entity_tables_and_int8_tables_serve_under_bf16(tmp_path):
+    task, example, request = _gain_network()
+    served = _served_both_ways(task, example, str(tmp_path))
+    logits = {name: model.logits(request.dense_features, request.sparse_features) for name, model in served.items()}
+    assert not torch.equal(logits["bf16"], logits["fp32"])
+    torch.testing.assert_close(logits["bf16"], logits["fp32"], rtol=0, atol=LOGIT_TOLERANCE)
+    export_task(task, str(tmp_path / "int8"), example.dense_features, example.sparse_features, table_dtype="int8",
+                mixed_precision="bf16")
+    both = ServedModel.load(str(tmp_path / "int8"), trust_program=True)
+    assert both.mixed_precision == "bf16"
+    torch.testing.assert_close(both.logits(request.dense_features, request.sparse_features), logits["fp32"], rtol=0,
+                               atol=LOGIT_TOLERANCE + 0.02)
+
+
+def test_a_bf16_program_stays_on_cpu_in_float32(tmp_path):
+    served = _served_both_ways(_student("deepfm"), make_batch(4, 100), str(tmp_path))
+    for move in (lambda model: model.to("meta"), lambda model: model.half(), lambda model: model.double()):
+        with pytest.raises(ValueError, match=r"its dense program runs under CPU autocast \(mixed_precision 'bf16'\), "
+                                             r"so it serves on CPU in float32; .*export with `--mixed-precision fp32`"):
+            move(served["bf16"])
+    served["fp32"].double()  # a float32 program moves as before
+
+
+def test_a_bad_mixed_precision_is_named_before_anything_is_written(tmp_path):
+    from recsys_llm.cli.export import export_run
+
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 100)
+    for bad in ("fp16", "BF16", None):
+        with pytest.raises(ConfigError, match=r"export: mixed_precision=.* \(must be one of fp32, bf16\)"):
+            export_task(student, str(tmp_path / "out"), example.dense_features, example.sparse_features,
+                        mixed_precision=bad)
+    assert not os.path.exists(tmp_path / "out")
+    # the CLI refuses it before it opens the run (no config, no checkpoint needed to get there)
+    with pytest.raises(ConfigError, match=r"export: --mixed-precision='fp16'"):
+        export_run(None, str(tmp_path / "no-run"), str(tmp_path / "out"), mixed_precision="fp16")
+    with pytest.raises(ValueError, match=r"--mixed-precision bf16 applies to a served export; --state-only"):
+        export_run(None, str(tmp_path / "no-run"), str(tmp_path / "out"), state_only=True, mixed_precision="bf16")
+
+
+def test_an_artifact_of_before_records_float32(tmp_path):
+    """Artifacts exported before ``mixed_precision`` was recorded serve their float32 program."""
+    export_task(_student("deepfm"), str(tmp_path / "a"), make_batch(4, 100).dense_features,
+                make_batch(4, 100).sparse_features)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    del config["mixed_precision"]
+    config.pop("sha256")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    assert ServedModel.load(str(tmp_path / "a"), trust_program=True).mixed_precision == "fp32"
