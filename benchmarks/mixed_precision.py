@@ -152,14 +152,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     from recsys_llm.train.distributed import teardown_distributed
 
+    from recsys_llm.train.mixed_precision import autocast_dtype
+
     context = single_rank_context(args)
     device = context.device
+    bf16 = autocast_dtype("bf16", device)  # refused, as `train` refuses it, on a GPU that only emulates bfloat16
     synchronize = device_synchronize(device)
     schema = make_schema(sizes)
     batches = make_batches(schema, sizes, args.seed, pin_memory=device.type == "cuda")
 
     loops, models = {}, {}
-    for precision, dtype in zip(PRECISIONS, (None, torch.bfloat16)):
+    for precision, dtype in zip(PRECISIONS, (None, bf16)):
         torch.manual_seed(args.seed)
         model, optimizer = build_project_model(schema, sizes, device, LEARNING_RATES)
         models[precision] = model

@@ -115,6 +115,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
             "schema_fingerprint": schema.fingerprint(),
             "vocabularies": schema.vocabulary_records(),  # which ids meant which values (score checks them)
             "model": config.model.to_dict(),
+            "training_mixed_precision": config.train.mixed_precision,  # the program's own: config.json mixed_precision
             "checkpoint": os.path.abspath(checkpoint),
             "checkpoint_sha256": checkpoint_digests(checkpoint),  # which trained state (a retrained one differs)
             "world_size_at_export": ctx.world_size,

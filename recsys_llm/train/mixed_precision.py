@@ -37,9 +37,12 @@ def autocast_dtype(mixed_precision: str, device: torch.device,
     if mixed_precision not in AUTOCAST_DTYPES:
         raise ConfigError(f"{setting}={mixed_precision!r} (must be one of {', '.join(AUTOCAST_DTYPES)})")
     dtype = AUTOCAST_DTYPES[mixed_precision]
-    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{setting}=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
-                          f"arithmetic (NVIDIA: compute capability 8.0 or newer); use {setting}=fp32")
+    if dtype is torch.bfloat16 and device.type == "cuda":
+        from recsys_llm.semantics.model_loading import computes_in_bf16  # not is_bf16_supported: it says yes to emulation
+
+        if not computes_in_bf16(device):
+            raise ConfigError(f"{setting}=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
+                              f"arithmetic (NVIDIA: compute capability 8.0 or newer); use {setting}=fp32")
     return dtype
 
 

@@ -395,7 +395,7 @@ def _train_in_run_dir(
     if latest is None:
         give_rank_its_own_stream(ctx.rank, ctx.device)  # dropout masks; a resume restores each rank's from its checkpoint
         # records before it are a job's that was killed before its first checkpoint: superseded
-        log.write({"event": STARTED_EVENT, "global_step": 0, "epoch": 0,
+        log.write({"event": STARTED_EVENT, "global_step": 0, "epoch": 0, "mixed_precision": train_cfg.mixed_precision,
                    **({INIT_FROM_KEY: init_record["checkpoint"]} if init_record is not None else {})})
         if ctx.is_main and init_record is not None:
             what = "weights and optimizer state" if init_record["optimizer"] else "weights"
@@ -515,6 +515,7 @@ def _train_in_run_dir(
         # a job that trained no step (a finished run run again, or one killed in its final saves) keeps the
         # figure of the last job that trained one
         "samples_per_second": float(np.mean(throughput)) if throughput else earlier_throughput(run_dir),
+        "mixed_precision": train_cfg.mixed_precision,  # what samples_per_second was trained in
         "valid": {"auc": None if state.best_metric == float("-inf") else state.best_metric},
     }
     if "test" in readers:

@@ -1,6 +1,7 @@
 """``train.mixed_precision=bf16``: training forwards under bfloat16 autocast, float32 weights and evaluation."""
 
 import os
+from types import SimpleNamespace
 from typing import Any, Dict, List
 
 import pytest
@@ -34,6 +35,22 @@ def test_mixed_precision_names_its_choices(tmp_path) -> None:
         TrainConfig(mixed_precision="fp16")
     with pytest.raises(ConfigError, match=r"train.mixed_precision='float16' \(must be one of fp32, bf16\)"):
         load_config(DEEPFM_CONFIG, ["train.mixed_precision=float16", f"train.run_dir={tmp_path / 'run'}"])
+
+
+def test_bf16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch) -> None:
+    # a V100 / T4 (compute capability 7.x): torch.cuda.is_bf16_supported() says True by default there (bfloat16
+    # tensors can be made), but it has no bfloat16 arithmetic; an A100 (8.0) has
+    major = {"value": 7}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+                        or major["value"] >= 8)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major["value"]))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    with pytest.raises(ConfigError, match=r"train.mixed_precision=bf16: Tesla V100-SXM2-16GB has no bfloat16 "):
+        autocast_dtype("bf16", torch.device("cuda", 0))
+    assert autocast_dtype("fp32", torch.device("cuda", 0)) is None
+    major["value"] = 8
+    assert autocast_dtype("bf16", torch.device("cuda", 0)) is torch.bfloat16
 
 
 def _one_epoch(schema_dir: str, dtype: Any, device: str = "cpu") -> Dict[str, Any]:
@@ -108,8 +125,16 @@ def _straight_resumed_and_fp32(schema_dir: str, root: str) -> Dict[str, Any]:
         if how == "resumed":
             with pytest.raises(_Killed):
                 run_training(config, on_step=_kill_at(20))
-        out[f"{how}_auc"] = run_training(config)["test"]["auc"]
+        results = run_training(config)
+        out[f"{how}_auc"], out[f"{how}_recorded"] = results["test"]["auc"], results["mixed_precision"]
         out[how] = [e["mean_loss"] for e in read_metrics(run_dir) if e["event"] == "epoch"]
+        out[f"{how}_started"] = [e.get("mixed_precision") for e in read_metrics(run_dir) if e["event"] == "started"]
+    from recsys_llm.cli.export import export_run
+
+    exported = export_run(load_config(DEEPFM_CONFIG, overrides(os.path.join(root, "straight"), "bf16")),
+                          os.path.join(root, "straight"), os.path.join(root, "export"))
+    out["export"] = {"program": exported.get("mixed_precision"),
+                     "trained": exported.get("metadata", {}).get("training_mixed_precision")}
     try:
         run_training(load_config(DEEPFM_CONFIG, overrides(os.path.join(root, "straight"), "fp32")
                                  + ["train.epochs=3"]))
@@ -126,3 +151,7 @@ def test_a_bf16_run_on_two_ranks_resumes_exactly_and_keeps_its_precision(synthet
     assert out["straight"] != out["fp32"] and out["straight"] == pytest.approx(out["fp32"], abs=0.01), out
     assert out["straight_auc"] == pytest.approx(out["fp32_auc"], abs=0.02) and out["straight_auc"] > 0.55, out
     assert "train.mixed_precision: 'bf16' -> 'fp32'" in out["refusal"], out["refusal"]
+    # results.json and the started event say what the run's samples/s were trained in
+    assert out["straight_recorded"] == out["resumed_recorded"] == "bf16" and out["fp32_recorded"] == "fp32"
+    assert out["straight_started"] == ["bf16"] and out["fp32_started"] == ["fp32"], out
+    assert out["export"] == {"program": "fp32", "trained": "bf16"}  # served in float32 unless asked
