@@ -184,12 +184,14 @@ def export_and_load(task: Any, schema: Any, example: Any, work_dir: str, variant
 
 def logit_differences(served: Dict[str, Any], batches: List[Any], name: str) -> Dict[str, float]:
     """Max and mean |logit difference| of the served model ``name`` (``"int8"``, ``"int4"``, ...) and the
-    ``"fp32"`` one over ``batches`` (all rows)."""
+    ``"fp32"`` one over ``batches`` (all rows), and the mean |logit| of the ``"fp32"`` one, their scale."""
     import torch
 
-    differences = torch.cat([(served[name].logits(b.dense_features, b.sparse_features)
-                              - served["fp32"].logits(b.dense_features, b.sparse_features)).abs() for b in batches])
-    return {"max": float(differences.max()), "mean": float(differences.mean()), "rows": int(differences.numel())}
+    baseline = torch.cat([served["fp32"].logits(b.dense_features, b.sparse_features) for b in batches])
+    differences = (torch.cat([served[name].logits(b.dense_features, b.sparse_features) for b in batches])
+                   - baseline).abs()
+    return {"max": float(differences.max()), "mean": float(differences.mean()), "rows": int(differences.numel()),
+            "fp32_abs_mean": float(baseline.abs().mean())}
 
 
 def serve_comparison(model: Any, schema: Any, sizes: Sizes, serve_sizes: ServeSizes, batches: List[Any],

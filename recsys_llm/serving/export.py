@@ -156,9 +156,10 @@ WEIGHTS_ARGUMENT = """
 MIXED_PRECISION_INFERENCE_NOTE = """
 The dense program computes under CPU bfloat16 autocast (`recsys-llm export --mixed-precision bf16`; `config.json`:
 `mixed_precision`): its weights are float32 and its matmuls and linears run in bfloat16, which CPUs with bfloat16
-arithmetic (AVX-512 BF16, AMX) do several times faster; its logits are float32, within about 1e-2 of the float32
-program's. It serves on CPU: a GPU would not apply the program's CPU autocast, so `ServedModel` refuses `.to("cuda")`
-(export with `--mixed-precision fp32` for a GPU).
+arithmetic (AVX-512 BF16, AMX) do about twice as fast; its logits are float32, within bfloat16's rounding of the
+float32 program's (a few hundredths at most on the project's ML-100K models). It serves on CPU: a GPU would not
+apply the program's CPU autocast, so `ServedModel` refuses `.to("cuda")` (export with `--mixed-precision fp32` for
+a GPU).
 """
 
 
@@ -646,8 +647,8 @@ def export_task(
             INT4 and ``trained_data_type``; ``config.json``: ``table_dtype``).
         mixed_precision (str): the dense program's precision (``recsys-llm export --mixed-precision``): ``"fp32"``,
             or ``"bf16"``: captured under CPU bfloat16 autocast (:class:`AutocastHead`; weights stay float32,
-            matmuls and linears run in bfloat16: faster on CPUs with bfloat16 arithmetic, logits within about 1e-2
-            of float32's), served on CPU (``config.json``: ``mixed_precision``).
+            matmuls and linears run in bfloat16: faster on CPUs with bfloat16 arithmetic, logits within bfloat16's
+            rounding of float32's), served on CPU (``config.json``: ``mixed_precision``).
 
     Returns:
         Dict[str, Any]: the written ``config.json`` (``dense_program`` None, with a warning, when
