@@ -15,8 +15,9 @@ project (plain backbones, LLaCTR, ELEC teacher-student pairs) is sharded the sam
    created on the ``meta`` device shard by shard (each rank allocates only its own shards; a
    table-wise shard is a whole table, and a ``data_parallel`` one is whole on every rank),
    then wraps the remaining dense part in DDP;
-4. the dense parameters get a ``KeyedOptimizerWrapper`` (Adam, Adagrad, SGD), combined
-   with ``model.fused_optimizer`` into one ``CombinedOptimizer`` the pipeline steps.
+4. the dense parameters get a ``KeyedOptimizerWrapper`` (Adam, Adagrad, SGD; clipping their gradients
+   first with ``optim.max_grad_norm``), combined with ``model.fused_optimizer`` into one
+   ``CombinedOptimizer`` the pipeline steps.
    Tables the plan replicates (``data_parallel``) or puts on the ``dense`` kernel have no
    fused optimizer (DDP all-reduces their gradients); they get the table optimizer
    (``optim.sparse``, its lr and eps; no weight decay, as no table gets any) as a non-fused
@@ -64,6 +65,7 @@ from torchrec.distributed.planner.types import ParameterConstraints, PlannerErro
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -429,7 +431,10 @@ def build_optimizer(model: DistributedModelParallel, optim: OptimizerConfig) -> 
     the plan left unfused (``data_parallel`` or the ``dense`` kernel) by ``optim.sparse``, the
     rest by ``optim.dense`` (frozen tables have ``requires_grad=False`` and are skipped). The
     unfused table optimizer is left out when the plan fuses every table, the dense one when the
-    model trains nothing but tables (torch refuses an optimizer without parameters).
+    model trains nothing but tables (torch refuses an optimizer without parameters). With
+    ``optim.max_grad_norm`` the dense one clips its gradients first (torchrec's ``GradientClippingOptimizer``;
+    the dense parameters are replicated, their gradients already averaged over the ranks, so the local norm
+    is the global one).
     """
     table_weights = {id(param) for param in _sharded_table_weights(model)}
     dense_params: Dict[str, nn.Parameter] = {}
@@ -449,7 +454,10 @@ def build_optimizer(model: DistributedModelParallel, optim: OptimizerConfig) -> 
         table_class, table_kwargs = UNFUSED_SPARSE_OPTIMIZERS[optim.sparse], _table_optimizer_kwargs(optim)
         optimizers.append(KeyedOptimizerWrapper(unfused_tables, lambda params: table_class(params, **table_kwargs)))
     if dense_params:
-        optimizers.append(KeyedOptimizerWrapper(dense_params, lambda params: optimizer_class(params, **kwargs)))
+        dense = KeyedOptimizerWrapper(dense_params, lambda params: optimizer_class(params, **kwargs))
+        if optim.max_grad_norm > 0:
+            dense = GradientClippingOptimizer(dense, clipping=GradientClipping.NORM, max_gradient=optim.max_grad_norm)
+        optimizers.append(dense)
     return CombinedOptimizer(optimizers)
 
 

@@ -78,6 +78,10 @@ class OptimizerConfig:
         eps (float): epsilon of Adagrad/Adam (tables and dense).
         weight_decay (float): L2 weight decay of the dense parameters (tables take none: FBGEMM's
             fused CPU kernels ignore it, and a table must train alike whatever its placement).
+        max_grad_norm (float): before each dense step, scale the dense parameters' gradients down to this
+            L2 norm over all of them when it is above (torchrec's ``GradientClippingOptimizer``, ``NORM``; Hugging
+            Face Trainer's ``max_grad_norm``); 0: no clipping. Tables are not clipped: their fused optimizers
+            step inside the backward, and a table must train alike whatever its placement.
     """
 
     sparse: str = "row_wise_adagrad"
@@ -86,6 +90,7 @@ class OptimizerConfig:
     dense_lr: float = 1e-3
     eps: float = 1e-8
     weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sparse not in SPARSE_OPTIMIZERS:
@@ -95,6 +100,7 @@ class OptimizerConfig:
         for name in ("sparse_lr", "dense_lr", "eps"):
             check_number(f"optim.{name}", getattr(self, name), above=0)
         check_number("optim.weight_decay", self.weight_decay, minimum=0)
+        check_number("optim.max_grad_norm", self.max_grad_norm, minimum=0)
 
 
 # proposals in a row rated worse than the best before a greedy proposer stops (ShardingConfig.proposer_patience)
