@@ -122,7 +122,7 @@ from recsys_llm.train.plan_report import describe_plan, plan_line, weights_text
 from recsys_llm.train.planner_inputs import find_tables, table_weights
 from recsys_llm.train.pooling_factors import planned_without_pooling_factors, table_pooling_factors
 from recsys_llm.train.qcomms import comms_text
-from recsys_llm.train.sharding import build_optimizer, shard_model
+from recsys_llm.train.sharding import build_optimizer, dense_gradient_norm, shard_model
 from recsys_llm.train.task_builder import (
     BuiltTask,
     build_task,
@@ -426,8 +426,9 @@ def _train_in_run_dir(
         losses.add(loss.detach())
         if state.global_step % LOSS_RECORD_STEPS == 0:  # the mean batch loss of the window, over the ranks
             mean_loss, steps = losses.take_window(ctx.device)
+            grad_norm = dense_gradient_norm(optimizer)  # with optim.max_grad_norm: this step's, before clipping
             log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": mean_loss,
-                       "steps": steps})
+                       "steps": steps, **({} if grad_norm is None else {"grad_norm": grad_norm})})
         if windowed is not None and windowed.computed is not None:  # computed at this step, over the ranks
             log.write({"event": TRAIN_WINDOW_EVENT, "global_step": state.global_step, "epoch": state.epoch,
                        **windowed.computed})

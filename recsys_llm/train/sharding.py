@@ -461,6 +461,15 @@ def build_optimizer(model: DistributedModelParallel, optim: OptimizerConfig) -> 
     return CombinedOptimizer(optimizers)
 
 
+def dense_gradient_norm(optimizer: CombinedOptimizer) -> Optional[float]:
+    """The L2 norm of the dense gradients of the last step, before clipping (reading it waits for that step); None
+    without ``optim.max_grad_norm`` (no norm is computed) or before the first step."""
+    for _, part in optimizer.optimizers:
+        if isinstance(part, GradientClippingOptimizer) and part.last_total_grad_norm is not None:
+            return float(part.last_total_grad_norm)
+    return None
+
+
 def _sharded_table_weights(model: nn.Module) -> Iterator[nn.Parameter]:
     """The table weights a sharded EBC registers (``embedding_bags.<table>.weight``), fused or not."""
     for module in model.modules():

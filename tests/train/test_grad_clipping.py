@@ -69,3 +69,29 @@ def test_max_grad_norm_must_be_a_finite_number_at_least_0() -> None:
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"optim.max_grad_norm must be a finite number >= 0"):
             OptimizerConfig(max_grad_norm=bad)
+
+
+def _train_records(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.train.config import load_config
+    from recsys_llm.train.run_records import read_metrics
+    from recsys_llm.train.runner import run_training
+
+    config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "configs", "synthetic_deepfm.yaml")
+    out = {}
+    for name, bound in (("clipped", 0.05), ("free", 0.0)):
+        run_dir = os.path.join(root, name)
+        run_training(load_config(config_path, [
+            f"data.schema={schema_dir}", "data.batch_size=128", "data.synthetic_rows=0", "train.epochs=1",
+            "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}", f"optim.max_grad_norm={bound}"]))
+        out[name] = [e for e in read_metrics(run_dir) if e["event"] == "train"]
+    return out
+
+
+@pytest.mark.multiprocess
+def test_a_clipped_run_records_the_dense_gradient_norm(synthetic_dir: str, tmp_path) -> None:
+    """metrics.jsonl's train records carry the step's dense gradient norm before clipping (Hugging Face's
+    grad_norm), where clipping computes it."""
+    (out,) = run_multiprocess(_train_records, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    assert out["clipped"] and all(0 < record["grad_norm"] < float("inf") for record in out["clipped"]), out
+    assert out["free"] and not any("grad_norm" in record for record in out["free"])
