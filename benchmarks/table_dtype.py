@@ -82,7 +82,8 @@ from benchmarks.train_throughput import (  # noqa: E402
 NAME = "table_dtype"
 DTYPES = ("fp32", "fp16")
 # served contender -> export_task's keyword arguments (the baseline, "fp32", exports as trained)
-SERVE_VARIANTS: Dict[str, Dict[str, str]] = {"fp32": {}, "int8": {"table_dtype": "int8"}, "int4": {"table_dtype": "int4"}}
+SERVE_VARIANTS: Dict[str, Dict[str, str]] = {"fp32": {}, "int8": {"table_dtype": "int8"},
+                                             "int4": {"table_dtype": "int4"}}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,8 +69,8 @@ def tables_dir(args: argparse.Namespace) -> str:
 
 def check_tables_replaceable(args: argparse.Namespace, name: str, backbones: List[str]) -> None:
     """Refuses, before any work, to write ``<name>.json / .md / .png`` over a table of other settings:
-    a ``--quick`` smoke run, other seeds, another ``--mixed-precision``, or backbones this run leaves out (a committed table of
-    ``results/`` would become a smoke run's, or one backbone's, without a word).
+    a ``--quick`` smoke run, other seeds, another ``--mixed-precision``, or backbones this run leaves out (a
+    committed table of ``results/`` would become a smoke run's, or one backbone's, without a word).
 
     Raises:
         SystemExit: naming the file, what differs, and where this run's table can go instead.

@@ -280,7 +280,8 @@ def test_int8_tables_stay_on_cpu_and_a_damaged_table_file_is_named(tmp_path):
     out = tmp_path / "int8"
     export_task(student, str(out), example.dense_features, example.sparse_features, table_dtype="int8")
     served = ServedModel.load(str(out), trust_program=True)
-    with pytest.raises(ValueError, match=r"tables are quantized \(table_dtype 'int8'\), so it serves on CPU in float32"):
+    with pytest.raises(ValueError, match=r"tables are quantized \(table_dtype 'int8'\), so it serves on CPU in "
+                                         r"float32"):
         served.to("meta")
     with pytest.raises(ValueError, match="serves on CPU in float32"):
         served.half()

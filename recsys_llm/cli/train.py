@@ -54,8 +54,10 @@ def results_table(results: Dict[str, Any]) -> str:
         lines = ["no valid or test split: evaluate the run on another split with `recsys-llm evaluate --split`"]
     throughput = results.get("samples_per_second")
     throughput = f"{throughput:,.0f}" if isinstance(throughput, float) and math.isfinite(throughput) else "-"
+    precision = " (bf16 autocast)" if results.get("mixed_precision") == "bf16" else ""
     footer = (f"steps {results.get('global_step')}, epochs {results.get('epochs')}, ranks {results.get('world_size')}, "
-              f"{throughput} samples/s{' (bf16 autocast)' if results.get('mixed_precision') == 'bf16' else ''}, run dir {results.get('run_dir')} (results.json, training_curves.png)")
+              f"{throughput} samples/s{precision}, run dir {results.get('run_dir')} "
+              "(results.json, training_curves.png)")
     return "\n".join(lines + [footer])
 
 

@@ -35,18 +35,17 @@ from recsys_llm.serving.artifact import (
     FORMAT_VERSION,
     ID_RULES_KEY,
     INFERENCE_FILE,
+    MIXED_PRECISION_KEY,
     PROGRAM_FILE,
     SEMANTIC_TABLES_FILE,
     SEMANTIC_TABLES_PREFIX,
     STATE_FILE,
-    MIXED_PRECISION_KEY,
     TABLE_DTYPE_KEY,
     TABLES_FILE,
     TABLES_PREFIX,
     VERSIONS_KEY,
     WEIGHTED_KEY,
 )
-from recsys_llm.train.mixed_precision import autocast_dtype
 from recsys_llm.serving.raw_ids import RAW_IDS_DIR, RAW_IDS_KEY, write_raw_id_ways
 from recsys_llm.serving.quantized_tables import (
     TRAINED,
@@ -55,6 +54,7 @@ from recsys_llm.serving.quantized_tables import (
     quantized_ebc,
     quantized_state,
 )
+from recsys_llm.train.mixed_precision import autocast_dtype
 
 
 INFERENCE_EXAMPLE = """# Inference with an exported model

@@ -11,7 +11,8 @@ checkpoints are those of a float32 run; evaluation and serving compute in float3
 Example::
 
     dtype = autocast_dtype("bf16", torch.device("cpu"))  # torch.bfloat16
-    pipeline = TrainPipelineSparseDist(model, optimizer, device, custom_model_fwd=autocast_forward(model, device, dtype))
+    forward = autocast_forward(model, device, dtype)
+    pipeline = TrainPipelineSparseDist(model, optimizer, device, custom_model_fwd=forward)
 """
 
 from typing import Any, Callable, Optional, Tuple
@@ -38,7 +39,8 @@ def autocast_dtype(mixed_precision: str, device: torch.device,
         raise ConfigError(f"{setting}={mixed_precision!r} (must be one of {', '.join(AUTOCAST_DTYPES)})")
     dtype = AUTOCAST_DTYPES[mixed_precision]
     if dtype is torch.bfloat16 and device.type == "cuda":
-        from recsys_llm.semantics.model_loading import computes_in_bf16  # not is_bf16_supported: it says yes to emulation
+        # not torch.cuda.is_bf16_supported(): it says yes to GPUs that only emulate bfloat16 (V100, T4)
+        from recsys_llm.semantics.model_loading import computes_in_bf16
 
         if not computes_in_bf16(device):
             raise ConfigError(f"{setting}=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
