@@ -201,6 +201,21 @@ class _CutTextCounter:
             )
 
 
+def _next_step(args: argparse.Namespace) -> str:
+    """One line on what the export holds and how training reads it (entity vectors) or the rows get it (row
+    vectors, exported without ``--attach-dir``)."""
+    from recsys_llm.semantics.vector_export import read_manifest
+
+    manifest = read_manifest(args.output_dir)
+    rows, dim = manifest.get("num_rows"), manifest["provenance"].get("dim")
+    if args.granularity == "entity":
+        return (f"semantics export: {rows} {args.entity_field} vectors of {dim} dims in {args.output_dir}; a gain "
+                f"network reads them with elec.task=gain elec.vector_source=entity_table elec.vector_dim={dim} "
+                f"elec.entity_tables.{args.entity_field}={args.output_dir}")
+    return (f"semantics export: {rows} row vectors of {dim} dims in {args.output_dir}; the same command with "
+            "--attach-dir DIR writes copies of the splits with them as a column, for training")
+
+
 def _export(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.ctr_llm_store import load_ctr_llm
@@ -262,6 +277,8 @@ def _export(args: argparse.Namespace) -> int:
     )
     encode.warn_of_cut_texts()
     print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
+    if world == 1 and not args.attach_dir:  # a finished export (ranks finish apart); stdout is the JSON alone
+        print(_next_step(args), file=sys.stderr)
     if own_group:
         _wait_for_other_ranks(args.attach_timeout)
     elif meet and rank == 0:

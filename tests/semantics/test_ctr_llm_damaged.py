@@ -4,9 +4,9 @@ with one ``error:`` line naming that file and saying to run ``semantics adapt`` 
 
 import json
 import os
-import warnings
 import re
 import shutil
+import warnings
 from typing import Dict
 
 import numpy as np
@@ -148,9 +148,16 @@ def test_head_tensors_that_do_not_fit_are_named(adapted, copy, tmp_path, capsys)
     assert "Missing key(s)" in _export_error(adapted, copy, tmp_path, capsys)
 
 
-def test_the_undamaged_llm_still_exports(adapted, tmp_path) -> None:
+def test_the_undamaged_llm_still_exports(adapted, tmp_path, capsys) -> None:
+    """... and says how a gain network reads the entity vectors."""
+    out = str(tmp_path / "vectors")
     assert main(["semantics", "export", "--schema", adapted["data"], "--llm", adapted["llm"], "--output-dir",
-                 str(tmp_path / "vectors"), "--granularity", "entity", "--entity-field", "item_id"]) == 0
+                 out, "--granularity", "entity", "--entity-field", "item_id"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout is the JSON alone
+    assert re.search(rf"semantics export: \d+ item_id vectors of (\d+) dims in {re.escape(out)}; a gain network reads "
+                     rf"them with elec.task=gain elec.vector_source=entity_table elec.vector_dim=\1 "
+                     rf"elec.entity_tables.item_id={re.escape(out)}", captured.err), captured.err
 
 
 def test_adapt_help_says_which_modules_lora_targets_by_default(capsys) -> None:
