@@ -1036,3 +1036,20 @@ def test_a_request_on_another_device_than_the_model_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"dense features: on meta, the model on cpu"):
         served.logits(batch.dense_features.to("meta"), batch.sparse_features)
     assert served.logits(batch.dense_features, batch.sparse_features).shape == (2,)
+
+
+def test_a_served_fie_term_loads_without_a_shared_storage_warning(tmp_path):
+    """FIE's pair indices were two views of one tensor, which torch.export.load of an artifact with an unfolded FIE
+    (DCNv2) warned of: "No complete tensor found in the group! ... may cause issues when your weights are not on
+    CPU"."""
+    import warnings
+
+    task = _llactr_task("dcnv2")
+    fie = task.logit_terms["fie"]
+    assert fie.pair_rows.untyped_storage().data_ptr() != fie.pair_cols.untyped_storage().data_ptr()
+    example = make_batch(4, 100)
+    export_task(task, str(tmp_path / "export"), example.dense_features, example.sparse_features)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ServedModel.load(str(tmp_path / "export"), trust_program=True)
+    assert not [w for w in caught if "complete tensor" in str(w.message)], [str(w.message) for w in caught]

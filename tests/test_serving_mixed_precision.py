@@ -100,3 +100,17 @@ def test_an_artifact_of_before_records_float32(tmp_path):
     config.pop("sha256")
     (tmp_path / "a" / "config.json").write_text(json.dumps(config))
     assert ServedModel.load(str(tmp_path / "a"), trust_program=True).mixed_precision == "fp32"
+
+
+@pytest.mark.parametrize("model_name", ["fm", "deepfm", "dcnv2"])
+def test_an_llactr_task_serves_its_fie_term_under_bf16(tmp_path, model_name):
+    """FIE folded into FM / DeepFM's own pairwise term, or a term of its own (DCNv2): both captured under autocast."""
+    from tests.test_serving import _llactr_task
+
+    task = _llactr_task(model_name)
+    served = _served_both_ways(task, make_batch(4, 100), str(tmp_path))
+    request = make_batch(33, 8)
+    logits = {name: model.logits(request.dense_features, request.sparse_features) for name, model in served.items()}
+    torch.testing.assert_close(logits["bf16"], logits["fp32"], rtol=0, atol=LOGIT_TOLERANCE)
+    with torch.no_grad():
+        torch.testing.assert_close(logits["fp32"], task.predict(request).logits)

@@ -196,8 +196,10 @@ class FieldInteractionEnhancement(nn.Module):
         similarity = (normed @ normed.t())[rows, cols]  # (P,)
         self._similarity_on_cpu = similarity.cpu().clone()  # what reset_parameters writes back
         num_pairs = rows.numel()
-        self.register_buffer("pair_rows", rows)
-        self.register_buffer("pair_cols", cols)
+        # copies: the two rows of triu_indices' (2, P) tensor share its storage, which torch.export.load of a served
+        # program warned of ("No complete tensor found in the group")
+        self.register_buffer("pair_rows", rows.clone())
+        self.register_buffer("pair_cols", cols.clone())
         self.register_buffer("pair_similarity", similarity)
         self.register_buffer("frozen_pair_weights", torch.zeros(num_pairs, device=device))
         self.pair_weight = nn.Linear(num_pairs, num_pairs)
