@@ -415,7 +415,12 @@ class SSFTTrainer:
             self._steps.zero_grad()
             self._steps.backward(loss)
             self._steps.step()
-            self._scheduler.step()
+            with warnings.catch_warnings():
+                # a float16 loss scaler skips a step whose gradients overflowed (the first ones, at its initial
+                # scale), and torch then warns of "lr_scheduler.step() before optimizer.step()"; the schedule follows
+                # the step count, as a resume puts it (_advance_lr_scheduler), so it steps anyway
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self._scheduler.step()
             total += loss.item()
             steps += 1
             bar.set_postfix(loss=f"{total / steps:.4f}", refresh=False)

@@ -60,7 +60,12 @@ class TestExactResume:
     def test_resumed_adapter_is_bit_identical_to_an_uninterrupted_one(self, tmp_path, tiny_bert_dir,
                                                                       tiny_schema, dtype) -> None:
         straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-        SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, dtype=dtype, **SMALL), tiny_schema, straight).run()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=2, dtype=dtype, **SMALL), tiny_schema,
+                        straight).run()
+        # float16: the loss scaler skips the first steps, whose gradients overflow; the schedule steps anyway
+        assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
         first = _adapter(straight)
         SSFTTrainer(SSFTConfig(model_path=tiny_bert_dir, epochs=1, dtype=dtype, **SMALL), tiny_schema, resumed).run()
         after_one = _adapter(resumed)
