@@ -3,6 +3,7 @@
 No timing assertions: the figures depend on the machine and its load.
 """
 
+import itertools
 import json
 import math
 import os
@@ -209,6 +210,9 @@ def test_mixed_precision_compares_rounds_of_both_precisions_and_two_trained_runs
     assert set(served) == {"fp32", "bf16"} and all(min(v) > 0 for v in served.values())
     assert payload["serve_ratio_bf16_vs_fp32"] == pytest.approx(max(served["bf16"]) / max(served["fp32"]))
     assert 0 < serve["logit_abs_difference"]["max"] < 0.5  # the bf16 program computes, a little off float32
+    assert serve["logit_abs_difference"]["fp32_abs_mean"] > 0
+    # the two DeepFM runs trained in their own precisions (same seed: two float32 runs would match exactly)
+    assert accuracy["bf16"]["test_logloss"] != accuracy["fp32"]["test_logloss"]
 
 
 @pytest.mark.slow
@@ -244,9 +248,10 @@ def test_table_dtype_serves_int8_int4_and_fp32_exports_of_the_trained_model(tmp_
     difference = serve["logit_abs_difference"]
     sizes = payload["details"]["sizes"]
     assert difference["rows"] == sizes["batch_size"] * sizes["memory_batches"]  # every request batch, every row
-    assert 0 <= difference["mean"] <= difference["max"] < 0.1
+    assert 0 <= difference["mean"] <= difference["max"] < 0.1 and difference["max"] > 0  # quantized: not exact
     int4 = serve["logit_abs_difference_int4"]
-    assert int4["rows"] == difference["rows"] and 0 <= int4["mean"] <= int4["max"] < 0.5
+    assert int4["rows"] == difference["rows"] and 0 <= int4["mean"] <= int4["max"] < 0.5 and int4["max"] > 0
+    assert difference["fp32_abs_mean"] == int4["fp32_abs_mean"] > 0
     assert [row["phase"] for row in payload["table"]] == ["train", "train", "serve", "serve", "serve"]
 
 
@@ -699,3 +704,50 @@ def test_smoke_runs_take_at_least_two_interleaved_rounds(name: str) -> None:
     assert module.SIZES["smoke"].repeats >= 2
     if hasattr(module, "SERVE_SIZES"):  # table_dtype's serving rounds
         assert module.SERVE_SIZES["smoke"].repeats >= 2
+
+
+def _project_loop_weights(dtype_name: str) -> dict:
+    """The dense weights of the smoke DLRM_DCN after one measurement of ``ProjectLoop`` with that autocast dtype."""
+    import torch
+
+    from benchmarks import train_throughput
+    from benchmarks.common import device_synchronize
+    from recsys_llm.train.distributed import init_distributed
+
+    sizes = train_throughput.SIZES["smoke"]
+    device = init_distributed("cpu").device
+    schema = train_throughput.make_schema(sizes)
+    batches = train_throughput.make_batches(schema, sizes, seed=0)
+    torch.manual_seed(0)
+    model, optimizer = train_throughput.build_project_model(schema, sizes, device, train_throughput.LEARNING_RATES)
+    loop = train_throughput.ProjectLoop(model, optimizer, device, itertools.cycle(batches), sizes,
+                                        device_synchronize(device), autocast_dtype=getattr(torch, dtype_name, None))
+    loop()
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "embedding_bags" not in name}
+
+
+@pytest.mark.multiprocess
+def test_project_loop_trains_under_its_autocast_dtype() -> None:
+    """The benchmark's bf16 contender really trains under autocast: from the same start on the same batches, its
+    weights end apart from the float32 one's (a loop that dropped the dtype measured float32 twice)."""
+    import torch
+
+    from tests.multiprocess import run_multiprocess
+
+    (bf16,) = run_multiprocess(_project_loop_weights, world_size=1, dtype_name="bfloat16")
+    (again,) = run_multiprocess(_project_loop_weights, world_size=1, dtype_name="bfloat16")
+    (fp32,) = run_multiprocess(_project_loop_weights, world_size=1, dtype_name="none")
+    assert all(torch.equal(bf16[name], again[name]) for name in bf16)  # the comparison is not noise
+    assert any(not torch.equal(bf16[name], fp32[name]) for name in bf16)
+
+
+def test_mixed_precision_serves_a_bf16_program_against_a_float32_one(tmp_path) -> None:
+    from benchmarks import mixed_precision, table_dtype
+    from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
+    from recsys_llm.models.task import CTRTask
+    from tests.test_serving import CPU, SCHEMA, make_batch
+
+    task = CTRTask(build_backbone(SMOKE_CONFIGS["deepfm"], SCHEMA, device=CPU)).eval()
+    served, _ = table_dtype.export_and_load(task, None, make_batch(4, 100), str(tmp_path),
+                                            mixed_precision.SERVE_VARIANTS)
+    assert {name: model.mixed_precision for name, model in served.items()} == {"fp32": "fp32", "bf16": "bf16"}

@@ -472,6 +472,9 @@ def test_the_train_footer_gives_whole_samples_per_second() -> None:
                       "training_curves.png)"), footer
     assert "0.6402" in results_table(results)  # the metrics keep four decimals
     assert "nan samples/s" not in results_table({**results, "samples_per_second": float("nan")})
+    bf16 = results_table({**results, "mixed_precision": "bf16"}).splitlines()[-1]
+    assert "12,005 samples/s (bf16 autocast), run dir runs/x" in bf16, bf16
+    assert results_table({**results, "mixed_precision": "fp32"}).splitlines()[-1] == footer
 
 
 def test_the_train_table_gives_each_test_sets_calibration() -> None:

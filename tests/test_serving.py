@@ -380,6 +380,15 @@ def test_cli_export_of_a_trained_run(tmp_path):
     probabilities = served.predict(batch.dense_features, batch.sparse_features)
     assert probabilities.shape == (64,) and ((probabilities > 0) & (probabilities < 1)).all()
     assert served.feature_names == schema.sparse_feature_names
+    # --mixed-precision bf16 reaches the program, and the printed JSON names it
+    exported = run("export", "--checkpoint", f"{tmp_path}/run", "--output", f"{tmp_path}/bf16", "--mixed-precision",
+                   "bf16")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert json.loads(exported.stdout)["mixed_precision"] == "bf16"
+    bf16 = ServedModel.load(f"{tmp_path}/bf16", trust_program=True)
+    assert bf16.mixed_precision == "bf16"
+    torch.testing.assert_close(bf16.predict(batch.dense_features, batch.sparse_features), probabilities, rtol=0,
+                               atol=0.01)
 
 
 def test_materialize_meta_keeps_real_tensors_and_non_persistent_buffers():

@@ -114,3 +114,12 @@ def test_an_llactr_task_serves_its_fie_term_under_bf16(tmp_path, model_name):
     torch.testing.assert_close(logits["bf16"], logits["fp32"], rtol=0, atol=LOGIT_TOLERANCE)
     with torch.no_grad():
         torch.testing.assert_close(logits["fp32"], task.predict(request).logits)
+
+
+def test_the_bf16_program_autocasts_to_bfloat16(tmp_path):
+    """The program's autocast region is bfloat16's (float16 autocast also stays within the logit tolerance)."""
+    served = _served_both_ways(_student("deepfm"), make_batch(4, 100), str(tmp_path))
+    graphs = {name: "\n".join(str(node.args) for node in model.dense_program.graph.nodes)
+              for name, model in served.items()}
+    assert "torch.bfloat16" in graphs["bf16"] and "torch.float16" not in graphs["bf16"], graphs["bf16"]
+    assert "torch.bfloat16" not in graphs["fp32"]

@@ -63,3 +63,19 @@ def test_a_table_of_other_settings_is_not_replaced_before_any_work(tmp_path, mon
                  str(tmp_path / "quick")]) == 0
     assert json.loads((tmp_path / "quick" / "ml100k_backbones.json").read_text(encoding="utf-8"))["quick"] is True
     assert main(["--backbones", "fm", "fwfm", "dcnv2", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+
+
+def test_mixed_precision_reaches_every_run_and_the_table(tmp_path, monkeypatch) -> None:
+    import json
+
+    import experiments.ml100k_backbones as script
+
+    result = {"valid": {"auc": 0.7}, "test": {"auc": 0.75, "logloss": 0.5}}
+    seen = []
+    monkeypatch.setattr(script, "prepared_schema", lambda data, data_dir, raw: "schema.json")
+    monkeypatch.setattr(script, "run_variant",
+                        lambda config, overrides, run_dir, counter: seen.append(list(overrides)) or result)
+    assert main(["--quick", "--backbones", "fm", "--seeds", "0", "--mixed-precision", "bf16", "--out",
+                 str(tmp_path)]) == 0
+    assert seen and all("train.mixed_precision=bf16" in overrides for overrides in seen), seen
+    assert json.loads((tmp_path / "ml100k_backbones.json").read_text(encoding="utf-8"))["mixed_precision"] == "bf16"

@@ -13,7 +13,7 @@ from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
 from recsys_llm.models.task import CTRTask
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.pipeline import train_epoch
-from recsys_llm.train.sharding import build_optimizer, shard_model
+from recsys_llm.train.sharding import build_optimizer, dense_gradient_norm, shard_model
 from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
 
@@ -39,13 +39,15 @@ def _one_step(schema_dir: str, max_grad_norm: float) -> Dict[str, Any]:
     optim = OptimizerConfig(sparse="sgd", sparse_lr=LR, dense="sgd", dense_lr=LR, max_grad_norm=max_grad_norm)
     model, _ = shard_model(task, ctx.device, ctx.world_size, ShardingConfig(), optim, batch_size=64)
     optimizer = build_optimizer(model, optim)
+    norm_before_any_step = dense_gradient_norm(optimizer)
     dense = {name: param for name, param in in_backward_optimizer_filter(model.named_parameters())
              if param.requires_grad and "embedding_bags" not in name}
     before = {name: param.detach().clone() for name, param in dense.items()}
     reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size)
     train_epoch(model, optimizer, list(reader)[:1], ctx.device, progress=False)
     change = torch.cat([(dense[name].detach() - before[name]).flatten() for name in dense])
-    return {"dense_change_norm": float(change.norm()), "tables": _local_tables(model)}
+    return {"dense_change_norm": float(change.norm()), "tables": _local_tables(model),
+            "grad_norm": dense_gradient_norm(optimizer), "grad_norm_before_any_step": norm_before_any_step}
 
 
 @pytest.mark.multiprocess
@@ -63,6 +65,10 @@ def test_the_dense_step_is_clipped_to_max_grad_norm_and_the_tables_are_not(synth
         tables = clipped[rank]["tables"]
         assert tables and tables.keys() == free[rank]["tables"].keys()
         assert all(torch.equal(tables[key], free[rank]["tables"][key]) for key in tables)
+        # the recorded norm is the gradient's before clipping: the unclipped SGD step is lr x that gradient
+        assert clipped[rank]["grad_norm"] == pytest.approx(free[rank]["dense_change_norm"] / LR, rel=1e-3)
+        assert clipped[rank]["grad_norm_before_any_step"] is None
+        assert free[rank]["grad_norm"] is None and free[rank]["grad_norm_before_any_step"] is None
 
 
 def test_max_grad_norm_must_be_a_finite_number_at_least_0() -> None:

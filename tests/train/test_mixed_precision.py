@@ -135,6 +135,9 @@ def _straight_resumed_and_fp32(schema_dir: str, root: str) -> Dict[str, Any]:
                           os.path.join(root, "straight"), os.path.join(root, "export"))
     out["export"] = {"program": exported.get("mixed_precision"),
                      "trained": exported.get("metadata", {}).get("training_mixed_precision")}
+    exported = export_run(load_config(DEEPFM_CONFIG, overrides(os.path.join(root, "straight"), "bf16")),
+                          os.path.join(root, "straight"), os.path.join(root, "export_bf16"), mixed_precision="bf16")
+    out["export_bf16"] = exported.get("mixed_precision")
     try:
         run_training(load_config(DEEPFM_CONFIG, overrides(os.path.join(root, "straight"), "fp32")
                                  + ["train.epochs=3"]))
@@ -155,3 +158,19 @@ def test_a_bf16_run_on_two_ranks_resumes_exactly_and_keeps_its_precision(synthet
     assert out["straight_recorded"] == out["resumed_recorded"] == "bf16" and out["fp32_recorded"] == "fp32"
     assert out["straight_started"] == ["bf16"] and out["fp32_started"] == ["fp32"], out
     assert out["export"] == {"program": "fp32", "trained": "bf16"}  # served in float32 unless asked
+    assert out["export_bf16"] == "bf16"  # export_run hands --mixed-precision on to export_task
+
+
+def test_a_run_on_a_gpu_without_bf16_arithmetic_is_refused_before_anything_is_written(tmp_path, monkeypatch) -> None:
+    """``run_training`` checks ``bf16`` against the device the run trains on (the rank's GPU), not the CPU."""
+    import recsys_llm.semantics.model_loading as model_loading
+    import recsys_llm.train.runner as runner
+
+    monkeypatch.setattr(runner, "init_distributed", lambda device: SimpleNamespace(
+        device=torch.device("cuda", 0), rank=0, world_size=1, is_main=True))
+    monkeypatch.setattr(model_loading, "computes_in_bf16", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    config = load_config(DEEPFM_CONFIG, ["train.mixed_precision=bf16", f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"train.mixed_precision=bf16: Tesla T4 has no bfloat16 arithmetic"):
+        run_training(config)
+    assert not (tmp_path / "run").exists()
