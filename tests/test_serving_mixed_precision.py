@@ -123,3 +123,13 @@ def test_the_bf16_program_autocasts_to_bfloat16(tmp_path):
               for name, model in served.items()}
     assert "torch.bfloat16" in graphs["bf16"] and "torch.float16" not in graphs["bf16"], graphs["bf16"]
     assert "torch.bfloat16" not in graphs["fp32"]
+
+
+def test_autocast_around_a_float32_artifact_gives_the_bf16_programs_logits(tmp_path):
+    """What a GPU server does with a float32 artifact (the bf16 program stays on CPU): autocast at request time
+    computes what the bf16 program captured."""
+    served = _served_both_ways(_student("dcnv2"), make_batch(4, 100), str(tmp_path))
+    request = make_batch(33, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        at_request = served["fp32"].logits(request.dense_features, request.sparse_features)
+    assert torch.equal(at_request.float(), served["bf16"].logits(request.dense_features, request.sparse_features))
