@@ -151,7 +151,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
     import torch
 
     from recsys_llm.train.distributed import teardown_distributed
-
     from recsys_llm.train.mixed_precision import autocast_dtype
 
     context = single_rank_context(args)
