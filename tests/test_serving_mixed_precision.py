@@ -67,7 +67,9 @@ def test_a_gain_network_on_entity_tables_and_int8_tables_serve_under_bf16(tmp_pa
 
 def test_a_bf16_program_stays_on_cpu_in_float32(tmp_path):
     served = _served_both_ways(_student("deepfm"), make_batch(4, 100), str(tmp_path))
-    for move in (lambda model: model.to("meta"), lambda model: model.half(), lambda model: model.double()):
+    # "cuda": refused on a GPU host, and on a torch without CUDA too (its own error was an AssertionError)
+    for move in (lambda model: model.to("meta"), lambda model: model.half(), lambda model: model.double(),
+                 lambda model: model.to("cuda")):
         with pytest.raises(ValueError, match=r"its dense program runs under CPU autocast \(mixed_precision 'bf16'\), "
                                              r"so it serves on CPU in float32; .*export with `--mixed-precision fp32`"):
             move(served["bf16"])
@@ -133,3 +135,32 @@ def test_autocast_around_a_float32_artifact_gives_the_bf16_programs_logits(tmp_p
     with torch.autocast("cpu", dtype=torch.bfloat16):
         at_request = served["fp32"].logits(request.dense_features, request.sparse_features)
     assert torch.equal(at_request.float(), served["bf16"].logits(request.dense_features, request.sparse_features))
+
+
+def test_a_full_rank_dcnv2_program_runs_its_cross_layers_as_gemms_outside_autograd(tmp_path):
+    """The packaged DCNv2 (``model.low_rank`` 0, torchrec's full-rank CrossNet) served under ``no_grad``: torch's
+    matmul of the (K, K) kernel with (B, K, 1) columns ran in the program as a ``bmm`` over the kernel expanded to
+    (B, K, K), in bfloat16 ~30x slower than the float32 program at batch 4096."""
+    import dataclasses
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    task = build_student(SCHEMA, dataclasses.replace(SMOKE_CONFIGS["dcnv2"], low_rank=0), device=CPU).eval()
+    served = _served_both_ways(task, make_batch(4, 100), str(tmp_path))
+    request = make_batch(33, 7)
+    for model in served.values():
+        with torch.no_grad(), Ops() as ops:
+            model.logits(request.dense_features, request.sparse_features)
+        assert "aten.bmm.default" not in ops.names, ops.names
+    logits = {name: model.logits(request.dense_features, request.sparse_features) for name, model in served.items()}
+    torch.testing.assert_close(logits["bf16"], logits["fp32"], rtol=0, atol=LOGIT_TOLERANCE)

@@ -214,7 +214,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--mixed-precision", default="fp32", metavar="{fp32,bf16}",
                         help="the dense program's precision: fp32 (default: as `evaluate` computes), or bf16 (its "
                              "matmuls and linears under CPU bfloat16 autocast: faster on CPUs with bfloat16 "
-                             "arithmetic, logits within bfloat16's rounding of fp32's; served on CPU)")
+                             "arithmetic, for backbones with MLPs or cross layers, logits within bfloat16's rounding "
+                             "of fp32's; served on CPU)")
     export.add_argument("overrides", nargs="*",
                         help="config overrides section.key=value (value parsed as YAML), e.g. data.eval_batch_size=8192")
     export.set_defaults(func=_export)

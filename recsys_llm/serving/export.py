@@ -156,10 +156,11 @@ WEIGHTS_ARGUMENT = """
 MIXED_PRECISION_INFERENCE_NOTE = """
 The dense program computes under CPU bfloat16 autocast (`recsys-llm export --mixed-precision bf16`; `config.json`:
 `mixed_precision`): its weights are float32 and its matmuls and linears run in bfloat16, which CPUs with bfloat16
-arithmetic (AVX-512 BF16, AMX) do about twice as fast; its logits are float32, within bfloat16's rounding of the
-float32 program's (a few hundredths at most on the project's ML-100K models). It serves on CPU: a GPU would not
-apply the program's CPU autocast, so `ServedModel` refuses `.to("cuda")`: for a GPU, export with `--mixed-precision
-fp32` and call it under `torch.autocast("cuda", dtype=torch.bfloat16)`, which computes what this program captured.
+arithmetic (AVX-512 BF16, AMX) do 2-3x as fast (FM and FwFM, without such work, serve slower); its logits are
+float32, within bfloat16's rounding of the float32 program's (a few hundredths at most on the project's ML-100K
+models). It serves on CPU: a GPU would not apply the program's CPU autocast, so `ServedModel` refuses `.to("cuda")`:
+for a GPU, export with `--mixed-precision fp32` and call it under `torch.autocast("cuda", dtype=torch.bfloat16)`,
+which computes what this program captured.
 """
 
 

@@ -336,15 +336,19 @@ class ServedModel(nn.Module):
         tables = (self.embedding_bag_collection, self.semantic_embedding_bag_collection)
         quantized = any(is_quantized(ebc) for ebc in tables)
         if quantized or self.mixed_precision != "fp32":
-            moved = fn(torch.zeros(1))
-            if moved.device.type != "cpu" or moved.dtype != torch.float32:
+            try:
+                moved = fn(torch.zeros(1))
+                asked, stays = f"{moved.device.type} / {moved.dtype}", (moved.device.type, moved.dtype) == (
+                    "cpu", torch.float32)
+            except (AssertionError, RuntimeError) as error:  # .to("cuda") with a torch built without CUDA
+                asked, stays = f"a device this torch cannot use: {telling_line(error)}", False
+            if not stays:
                 why, how = ((f"its tables are quantized ({TABLE_DTYPE_KEY} {self._config.get(TABLE_DTYPE_KEY)!r})",
                              "`--table-dtype trained`") if quantized else
                             (f"its dense program runs under CPU autocast ({MIXED_PRECISION_KEY} "
                              f"{self.mixed_precision!r})", "`--mixed-precision fp32`"))
                 raise ValueError(f"ServedModel: {why}, so it serves on CPU in float32; it stays there (asked for "
-                                 f"{moved.device.type} / {moved.dtype}): export with {how} to serve on a GPU or in "
-                                 "another dtype")
+                                 f"{asked}): export with {how} to serve on a GPU or in another dtype")
         return super()._apply(fn, recurse)
 
     @property
