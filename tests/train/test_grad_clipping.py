@@ -16,6 +16,7 @@ from recsys_llm.train.pipeline import train_epoch
 from recsys_llm.train.sharding import build_optimizer, dense_gradient_norm, shard_model
 from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
+from tests.train.test_train_runner import DEEPFM_CONFIG
 
 LR = 0.5
 
@@ -82,12 +83,10 @@ def _train_records(schema_dir: str, root: str) -> Dict[str, Any]:
     from recsys_llm.train.run_records import read_metrics
     from recsys_llm.train.runner import run_training
 
-    config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                               "configs", "synthetic_deepfm.yaml")
     out = {}
     for name, bound in (("clipped", 0.05), ("free", 0.0)):
         run_dir = os.path.join(root, name)
-        run_training(load_config(config_path, [
+        run_training(load_config(DEEPFM_CONFIG, [
             f"data.schema={schema_dir}", "data.batch_size=128", "data.synthetic_rows=0", "train.epochs=1",
             "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}", f"optim.max_grad_norm={bound}"]))
         out[name] = [e for e in read_metrics(run_dir) if e["event"] == "train"]

@@ -11,7 +11,6 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
 from recsys_llm.models.task import CTRTask
-from recsys_llm.train.checkpoint import TrainState
 from recsys_llm.train.config import ConfigError, TrainConfig, load_config
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
@@ -22,6 +21,7 @@ from recsys_llm.train.runner import run_training
 from recsys_llm.train.sharding import build_optimizer, shard_model
 from recsys_llm.train.sharding_config import OptimizerConfig, ShardingConfig
 from tests.multiprocess import run_multiprocess
+from tests.train.test_train_runner import _kill_at, _Killed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEEPFM_CONFIG = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
@@ -95,18 +95,6 @@ def test_train_epoch_runs_its_forwards_under_autocast_and_evaluates_in_float32(s
     (bf16,) = run_multiprocess(_one_epoch, world_size=1, schema_dir=synthetic_dir, dtype=torch.bfloat16)
     (fp32,) = run_multiprocess(_one_epoch, world_size=1, schema_dir=synthetic_dir, dtype=None)
     check_autocast_in_training_only(bf16, fp32)
-
-
-class _Killed(BaseException):
-    """Stands in for a SIGKILL right after the step's checkpoint was written."""
-
-
-def _kill_at(global_step: int):
-    def hook(state: TrainState) -> None:
-        if state.global_step == global_step:
-            raise _Killed()
-
-    return hook
 
 
 def _straight_resumed_and_fp32(schema_dir: str, root: str) -> Dict[str, Any]:
