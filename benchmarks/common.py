@@ -306,6 +306,19 @@ def bar_chart(
     _save(fig, path)
 
 
+def phase_round_bars(phases: Mapping[str, Mapping[str, Sequence[float]]]
+                     ) -> Tuple[Dict[str, float], Dict[str, Tuple[float, float]]]:
+    """``value_bars``' heights and spans of contenders measured in rounds, per phase: label ``"<phase> <name>"``
+    (the contender's name up to its first ``_``) -> the median of its rounds, and -> their (min, max)."""
+    bars: Dict[str, float] = {}
+    spans: Dict[str, Tuple[float, float]] = {}
+    for phase, rounds in phases.items():
+        for name, values in rounds.items():
+            label = f"{phase} {name.split('_')[0]}"
+            bars[label], spans[label] = median(values), (min(values), max(values))
+    return bars, spans
+
+
 def value_bars(
     axis: Any,
     values: Mapping[str, float],

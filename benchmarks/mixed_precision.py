@@ -41,7 +41,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,6 +53,7 @@ from benchmarks.common import (  # noqa: E402
     median,
     parse_args,
     per_round_ratios,
+    phase_round_bars,
     print_summary,
     ratio_bars,
     result_payload,
@@ -123,12 +124,8 @@ def plot(path: Path, payload: Dict[str, Any]) -> None:
     of rounds) and the ratios and AUC of bf16 vs fp32. Drawn from the JSON alone."""
     details = payload["details"]
     sizes = details["sizes"]
-    bars: Dict[str, float] = {}
-    spans: Dict[str, Tuple[float, float]] = {}
-    for phase, rounds in (("train", details["samples_per_second_rounds"]),
-                          ("serve", details["serve"]["samples_per_second_rounds"])):
-        for name, values in rounds.items():
-            bars[f"{phase} {name}"], spans[f"{phase} {name}"] = median(values), (min(values), max(values))
+    bars, spans = phase_round_bars({"train": details["samples_per_second_rounds"],
+                                    "serve": details["serve"]["samples_per_second_rounds"]})
     accuracy = details["accuracy"]
     ratios = {"DLRM_DCN\ntraining\nsamples/s": payload["ratio_bf16_vs_fp32"],
               "DLRM_DCN\nserving\nsamples/s": payload["serve_ratio_bf16_vs_fp32"],

@@ -59,6 +59,7 @@ from benchmarks.common import (  # noqa: E402
     median,
     parse_args,
     per_round_ratios,
+    phase_round_bars,
     print_summary,
     ratio_bars,
     result_payload,
@@ -236,13 +237,8 @@ def plot(path: Path, payload: Dict[str, Any]) -> None:
     INT4; median, bars min-max of rounds) and the ratios to FP32 tables. Drawn from the JSON alone."""
     details, serve = payload["details"], payload["details"]["serve"]
     sizes = details["sizes"]
-    bars: Dict[str, float] = {}
-    spans: Dict[str, Tuple[float, float]] = {}
-    phases = {"train": details["samples_per_second_rounds"], "serve": serve["samples_per_second_rounds"]}
-    for phase, rounds in phases.items():
-        for name, values in rounds.items():
-            label = f"{phase} {name.split('_')[0]}"
-            bars[label], spans[label] = median(values), (min(values), max(values))
+    bars, spans = phase_round_bars({"train": details["samples_per_second_rounds"],
+                                    "serve": serve["samples_per_second_rounds"]})
     ratios = {"train\nspeed\nfp16": payload["ratio_fp16_vs_fp32_tables"],
               "tables\nbytes\nfp16": payload["table_bytes_ratio_fp16_vs_fp32"]}
     for name in ("int8", "int4"):  # short labels: eight bars share the panel
