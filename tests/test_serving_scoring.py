@@ -1,9 +1,11 @@
 """``recsys-llm score``: a Parquet split through an exported artifact, as serving scores it."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
-from typing import Dict
+from typing import Any, Dict, List
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +21,7 @@ from recsys_llm.data.validation import DataError, field_specs_metadata
 from recsys_llm.serving import ServedModel
 from recsys_llm.serving.scoring import score_columns, score_split
 from recsys_llm.train.metrics import binary_metrics
+from tests.multiprocess import run_multiprocess
 from tests.small_artifact import export_small_deepfm
 
 
@@ -314,3 +317,88 @@ def test_a_reader_without_labels_reads_files_with_or_without_them_and_gives_nan_
         for batch, reference in zip(batches, labeled):
             torch.testing.assert_close(batch.dense_features, reference.dense_features)
             assert batch.sparse_features.values().tolist() == reference.sparse_features.values().tolist()
+
+
+def _score_with_the_command_as_a_torchrun_rank(arguments: List[str]) -> Dict[str, Any]:
+    """One rank: ``recsys-llm score`` as torchrun starts it on each rank (the command sets up the group)."""
+    os.environ["TORCHELASTIC_RUN_ID"] = "scoring-test"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli_main(arguments)
+    return {"code": code, "stdout": stdout.getvalue()}
+
+
+@pytest.mark.multiprocess
+def test_three_ranks_write_the_file_one_process_writes_and_rank_0_alone_prints_the_metrics(
+        exported: Dict[str, str], tmp_path) -> None:
+    """Each rank scores its contiguous share; rank 0 writes them all in row order: the one-process file."""
+    schema = DatasetSchema.load(exported["data"])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    alone = str(tmp_path / "alone.parquet")
+    expected = score_split(served, schema, "test", batch_size=64, output=alone, progress=False)
+    output = str(tmp_path / "ranks" / "scores.parquet")
+    os.makedirs(os.path.dirname(output))
+    arguments = ["score", "--artifact", exported["artifact"], "--data", exported["data"], "--output", output,
+                 "--batch-size", "64", "--trust-program", "--no-progress"]
+    results = run_multiprocess(_score_with_the_command_as_a_torchrun_rank, world_size=3, arguments=arguments)
+    assert [result["code"] for result in results] == [0, 0, 0]
+    assert [bool(result["stdout"]) for result in results] == [True, False, False]
+    report = json.loads(results[0]["stdout"])
+    assert report["rows"] == expected["rows"] and report["ranks"] == 3 and expected["ranks"] == 1
+    assert report["auc"] == pytest.approx(expected["auc"]) and report["logloss"] == pytest.approx(expected["logloss"])
+    assert report["cold/num_samples"] == expected["cold/num_samples"]
+    scores, one_process = pq.read_table(output), pq.read_table(alone)
+    assert scores.schema == one_process.schema
+    for name in ("row_id", "label"):
+        assert scores[name].to_pylist() == one_process[name].to_pylist()
+    for name in ("logit", "probability"):  # batches cut at other rows: the same values to float rounding
+        torch.testing.assert_close(torch.tensor(scores[name].to_numpy()), torch.tensor(one_process[name].to_numpy()))
+    assert os.listdir(os.path.dirname(output)) == ["scores.parquet"]  # no temp file left
+
+
+def _score_as_a_rank(schema_path: str, artifact: str, split: str, output: str) -> Dict[str, Any]:
+    """One rank: ``score_split`` in a gloo group; an error comes back as its type and message."""
+    from recsys_llm.train.distributed import init_distributed
+
+    init_distributed("cpu")
+    schema = DatasetSchema.load(schema_path)
+    try:
+        return score_split(ServedModel.load(artifact, trust_program=True), schema, split, batch_size=64,
+                           output=output, progress=False)
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+@pytest.mark.multiprocess
+def test_a_batch_one_rank_refuses_fails_every_rank_and_leaves_no_scores_file(exported: Dict[str, str],
+                                                                            tmp_path) -> None:
+    """The last rank's share holds an id beyond the schema's table: its reader names the file and column, the others
+    say that another rank failed (none waits for it), and rank 0 leaves nothing at the output."""
+    schema = DatasetSchema.load(exported["data"])
+    table = _split_table(schema, "test")
+    items = table["item_id"].to_pylist()
+    items[-1] = schema.field("item_id").cardinality + 5
+    split = str(tmp_path / "bad_test.parquet")
+    table = table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items, pa.int64()))
+    pq.write_table(table.replace_schema_metadata(field_specs_metadata(schema.fields)), split, row_group_size=128)
+    output = tmp_path / "out" / "scores.parquet"
+    output.parent.mkdir()
+    results = run_multiprocess(_score_as_a_rank, world_size=2, schema_path=exported["data"],
+                               artifact=exported["artifact"], split=split, output=str(output))
+    assert "failed on another rank" in results[0]["error"]
+    assert results[1]["error"].startswith("DataError: ") and f"{split}: column 'item_id'" in results[1]["error"]
+    assert os.listdir(output.parent) == []
+
+
+@pytest.mark.multiprocess
+def test_a_rank_without_rows_sends_none_and_the_file_holds_every_row(exported: Dict[str, str], tmp_path) -> None:
+    """Two rows on three ranks: rank 0's share is empty; it still writes the other ranks' rows."""
+    schema = DatasetSchema.load(exported["data"])
+    split = str(tmp_path / "two_rows.parquet")
+    pq.write_table(_split_table(schema, "test").slice(0, 2), split)
+    output = str(tmp_path / "scores.parquet")
+    results = run_multiprocess(_score_as_a_rank, world_size=3, schema_path=exported["data"],
+                               artifact=exported["artifact"], split=split, output=output)
+    assert [result["rows"] for result in results] == [2, 2, 2]
+    logits = torch.load(exported["task_logits"], weights_only=True)[:2]
+    torch.testing.assert_close(torch.tensor(pq.read_table(output)["logit"].to_numpy()), logits)

@@ -4,6 +4,7 @@
 Example::
 
     recsys-llm score --artifact exports/student --data data/synthetic --split test --output scores.parquet
+    torchrun --nproc_per_node 4 -m recsys_llm.cli score --artifact exports/student --data data/synthetic ...
 """
 
 import argparse
@@ -17,9 +18,17 @@ def _score(args: argparse.Namespace) -> int:
     from recsys_llm.env import check_versions
     from recsys_llm.serving import ServedModel
     from recsys_llm.serving.scoring import check_scores_output, score_split
+    from recsys_llm.train.distributed import (
+        init_distributed,
+        is_main_process,
+        started_by_torchrun_on_each_rank,
+        teardown_distributed,
+    )
     from recsys_llm.train.run_records import strict_json
 
     check_versions()
+    if started_by_torchrun_on_each_rank():  # each rank scores its share of the rows; rank 0 writes them all
+        init_distributed("cpu")
     if args.output is not None:
         check_scores_output(args.output)  # before the artifact is loaded
     schema = DatasetSchema.load(args.data)
@@ -29,8 +38,10 @@ def _score(args: argparse.Namespace) -> int:
         raise PermissionError(f"{error}; here: pass --trust-program") from None
     report = score_split(served, schema, args.split, batch_size=args.batch_size, output=args.output,
                          progress=args.progress)
-    # a split of one class has no AUC: null, as `evaluate` prints it (strict JSON has no NaN)
-    print(json.dumps(strict_json({"artifact": args.artifact, **report}), indent=2))
+    if is_main_process():
+        # a split of one class has no AUC: null, as `evaluate` prints it (strict JSON has no NaN)
+        print(json.dumps(strict_json({"artifact": args.artifact, **report}), indent=2))
+    teardown_distributed()
     return 0
 
 

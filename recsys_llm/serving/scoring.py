@@ -7,16 +7,23 @@ with INT8 / INT4 tables (``export --table-dtype``), after it was copied to anoth
 data, with no training code, run config or LLM::
 
     recsys-llm score --artifact exports/student --data data/synthetic --split test --output scores.parquet
+    torchrun --nproc_per_node 4 -m recsys_llm.cli score --artifact exports/student --data ... --output scores.parquet
+
+Under ``torchrun`` every rank scores its contiguous share of the rows with its own copy of the artifact (no
+collective per batch), and rank 0 writes every rank's scores into the one file, in the files' row order: the same
+file as one process writes. Only rank 0's host writes, so the ranks need no shared file system for the output.
 """
 
 import contextlib
 import os
 import time
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
+import numpy as np
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from recsys_llm.data.parquet import ParquetBatchReader
@@ -27,9 +34,18 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.progress import interval_options
 from recsys_llm.serving.served_model import ServedModel
 from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN
+from recsys_llm.train.distributed import (
+    host_group,
+    is_main_process,
+    mean_over_ranks,
+    run_on_every_rank,
+    sum_over_ranks,
+)
 from recsys_llm.train.metrics import CTRMetrics
 
 SCORE_COLUMNS = ("label", "logit", "probability")
+
+ScoreColumns = Dict[str, np.ndarray]  # a scores file's column name -> n values, in its Arrow type's numpy dtype
 
 
 def score_columns(schema: DatasetSchema, with_row_key: bool, with_label: bool = True) -> pa.Schema:
@@ -42,13 +58,20 @@ def score_columns(schema: DatasetSchema, with_row_key: bool, with_label: bool = 
 
 def check_scores_output(output: str) -> None:
     """Raises FileExistsError for an ``output`` that exists (scores are never written over), and
-    FileNotFoundError for one whose directory does not."""
-    if os.path.lexists(output):
-        raise FileExistsError(f"{output}: exists; the scores are written to a new file (remove it, or pass another "
-                              "--output)")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"{output}: its directory {parent} does not exist")
+    FileNotFoundError for one whose directory does not. Under a process group (collective) rank 0, which writes
+    the file, checks, and every rank raises: the others a RuntimeError that says so."""
+
+    def check_on_rank_0() -> None:
+        if not is_main_process():
+            return
+        if os.path.lexists(output):
+            raise FileExistsError(f"{output}: exists; the scores are written to a new file (remove it, or pass "
+                                  "another --output)")
+        parent = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"{output}: its directory {parent} does not exist")
+
+    run_on_every_rank(check_on_rank_0, "the --output check")
 
 
 def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
@@ -84,6 +107,32 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
                          "weights")
 
 
+def _numpy_dtype(field: pa.Field) -> np.dtype:
+    return np.dtype(field.type.to_pandas_dtype())
+
+
+def _send_scores(held: List[ScoreColumns], columns: pa.Schema, group: Optional[dist.ProcessGroup]) -> None:
+    """Sends this rank's scores to rank 0: their row count, then each column whole."""
+    count = sum(len(chunk[columns.names[0]]) for chunk in held)
+    dist.send(torch.tensor([count], dtype=torch.int64), 0, group=group)
+    for field in columns if count else ():
+        joined = np.concatenate([chunk[field.name] for chunk in held]).astype(_numpy_dtype(field), copy=False)
+        dist.send(torch.from_numpy(joined), 0, group=group)
+
+
+def _receive_scores(source: int, columns: pa.Schema, group: Optional[dist.ProcessGroup]) -> ScoreColumns:
+    """Rank 0's side of :func:`_send_scores` for rank ``source``."""
+    count = torch.zeros(1, dtype=torch.int64)
+    dist.recv(count, source, group=group)
+    received: ScoreColumns = {}
+    for field in columns:
+        column = torch.from_numpy(np.empty(int(count), dtype=_numpy_dtype(field)))
+        if count:
+            dist.recv(column, source, group=group)
+        received[field.name] = column.numpy()
+    return received
+
+
 @torch.no_grad()
 def score_split(
     served: ServedModel,
@@ -95,27 +144,33 @@ def score_split(
 ) -> Dict[str, Any]:
     """Scores every row of ``split`` with ``served``, in the files' row order.
 
+    Under a process group (``torchrun``; collective: call it on every rank) each rank scores its contiguous share of
+    the rows (``ParquetBatchReader``'s ranges), rank 0 writes every rank's scores to ``output`` in row order, and the
+    metrics are those of all the rows; every rank returns the same report.
+
     Args:
         served (ServedModel): a loaded artifact (``ServedModel.load``).
         schema (DatasetSchema): the data's schema; its features must be the artifact's.
         split (str): a split name of the schema, a Parquet file or a directory of them.
         batch_size (int): rows per ``served.logits`` call.
         output (Optional[str]): a new Parquet file for each row's row key (when the files have the
-            schema's), label (when they have one), logit and probability (float32), written atomically; None:
-            metrics only.
-        progress (bool): a tqdm bar over the batches.
+            schema's), label (when they have one), logit and probability (float32), written atomically (by rank 0);
+            None: metrics only.
+        progress (bool): a tqdm bar over the batches (rank 0's).
 
     Returns:
-        Dict[str, Any]: ``split``, ``rows``, ``samples_per_s`` (``served.logits`` alone), ``labeled`` (the
-        split's first file has the label column: else its rows are scored without metrics), the metrics of
-        :class:`~recsys_llm.train.metrics.CTRMetrics` (``auc``, ``logloss``, ...; ``cold/...`` when the data
-        marks cold items), and ``output``.
+        Dict[str, Any]: ``split``, ``rows``, ``ranks``, ``samples_per_s`` (``served.logits`` alone; summed over the
+        ranks), ``labeled`` (the split's first file has the label column: else its rows are scored without
+        metrics), the metrics of :class:`~recsys_llm.train.metrics.CTRMetrics` (``auc``, ``logloss``, ...;
+        ``cold/...`` when the data marks cold items), and ``output``.
 
     Raises:
         ValueError: rows of ``schema`` that do not fit the artifact (:func:`check_artifact_fits`), or a batch
             the artifact refuses (``ServedModel.logits``).
         FileExistsError: ``output`` exists (checked before anything is read).
     """
+    grouped = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
     if output is not None:
         check_scores_output(output)
     check_artifact_fits(served, schema)
@@ -124,25 +179,45 @@ def score_split(
     cold = labeled and DEFAULT_COLD_ITEM_COLUMN in schema.extra_columns
     subsets = {"cold": DEFAULT_COLD_ITEM_COLUMN} if cold else {}
     reader = ParquetBatchReader(schema, split, batch_size, extras=list(subsets.values()), equal_batches=False,
-                                labels=labeled)
+                                labels=labeled, rank=rank, world_size=world_size)
     metrics = CTRMetrics(subsets)
     with_row_key = bool(schema.row_key) and schema.row_key in first_file
-    rows, seconds = 0, 0.0
     columns_out = score_columns(schema, with_row_key, labeled)
-    # on an error the writer removes its temp file: nothing appears at ``output``
-    with SplitWriter(output, columns_out) if output else contextlib.nullcontext() as writer:
-        for batch in tqdm(reader, desc=f"score {split}", unit="batch", disable=not progress, **interval_options()):
+    held: List[ScoreColumns] = []  # another rank's scores, sent to rank 0 once they are all computed
+
+    def score_own_rows() -> "tuple[int, float]":
+        rows, seconds = 0, 0.0
+        for batch in tqdm(reader, desc=f"score {split}", unit="batch", disable=not (progress and rank == 0),
+                          **interval_options()):
             start = time.perf_counter()
             logits = served.logits(batch.dense_features, batch.sparse_features)  # (B,)
             seconds += time.perf_counter() - start
             if labeled:
                 metrics.update(logits, batch.labels, batch.extras)
             rows += logits.numel()
-            if writer is not None:
+            if output is not None:
                 columns = {"label": batch.labels.numpy(), "logit": logits.numpy(),
                            "probability": torch.sigmoid(logits).numpy()}
                 if with_row_key:
                     columns[schema.row_key] = batch.extras[ROW_ID_EXTRA].numpy()
-                writer.write({name: columns[name] for name in columns_out.names})
-    return {"split": split, "rows": rows, "samples_per_s": rows / seconds if seconds else 0.0, "labeled": labeled,
+                chunk = {name: columns[name] for name in columns_out.names}
+                if writer is not None:
+                    writer.write(chunk)
+                else:
+                    held.append(chunk)
+        return rows, seconds
+
+    # on an error the writer removes its temp file: nothing appears at ``output``
+    with SplitWriter(output, columns_out) if output and rank == 0 else contextlib.nullcontext() as writer:
+        rows, seconds = run_on_every_rank(score_own_rows, f"scoring {split}")
+        if output is not None and world_size > 1:
+            group = host_group()
+            if rank == 0:
+                for source in range(1, world_size):  # rank order is row order: each rank's range follows the last's
+                    writer.write(_receive_scores(source, columns_out, group))
+            else:
+                _send_scores(held, columns_out, group)
+    rate = rows / seconds if seconds else 0.0
+    return {"split": split, "rows": sum_over_ranks(rows), "ranks": world_size,
+            "samples_per_s": mean_over_ranks(rate) * world_size, "labeled": labeled,
             **(metrics.compute() if labeled else {}), "output": output}
