@@ -100,7 +100,8 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
                          "--like the training data); prepare the rows with `recsys-llm prepare tabular --input FILE "
                          "--like TRAINING_DATA --out DIR`")
     for note in schema.grown_vocabularies(served.vocabularies or {}, "the artifact's model"):
-        warnings.warn(note, stacklevel=2)
+        if is_main_process():  # once, not once a rank
+            warnings.warn(note, stacklevel=2)
     if served.weighted:
         raise ValueError("the artifact's tables pool per-id weights (config.json: weighted), and a Parquet split holds "
                          "ids without weights: score it in Python, ServedModel.logits with the KeyedJaggedTensor's "
