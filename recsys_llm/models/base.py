@@ -156,7 +156,10 @@ class CTRBackbone(nn.Module, abc.ABC):
         dense_features = checked_dense_width(checked_dense_dtype(dense_features, type(self).__name__),
                                              self._num_dense_features, type(self).__name__)
         check_batch_rows(dense_features, sparse_features, extra_fields, type(self).__name__)
-        if self._weighted and isinstance(self.embedding_bag_collection, EmbeddingBagCollection):
+        if not isinstance(self.embedding_bag_collection, EmbeddingBagCollection):  # sharded
+            if not isinstance(sparse_features, torch.fx.Proxy):  # eager (traced: the pipeline checks its batches)
+                check_sharded_key_order(sparse_features, self.embedding_bag_collection, type(self).__name__)
+        elif self._weighted:
             # unsharded (evaluation, export): torch's embedding_bag takes weights only in the table's dtype;
             # sharded, FBGEMM's kernels take float32 weights for FP16 tables
             sparse_features = weights_in_table_dtype(sparse_features, self.embedding_bag_collection)
@@ -257,7 +260,38 @@ def check_feature_keys(features: KeyedJaggedTensor, feature_names: List[str], mo
     missing = [name for name in feature_names if name not in present]
     if missing:
         raise ValueError(f"{model}: the sparse features lack {missing}, which its tables read; expected a "
-                         f"KeyedJaggedTensor with the keys {feature_names} (in any order; others are ignored)")
+                         f"KeyedJaggedTensor with the keys {feature_names} (in any order, the same in every batch "
+                         "of a sharded model; others are ignored)")
+
+
+def check_sharded_key_order(features: KeyedJaggedTensor, tables: nn.Module, model: str) -> None:
+    """Raises ValueError when ``tables``, a sharded EBC, would read ``features`` with the key order of an earlier
+    batch: torchrec's ``ShardedEmbeddingBagCollection`` fixes at its first batch where each feature stands among the
+    keys, and later permutes every batch by those positions, so keys in another order silently read other features'
+    ids. Nothing for an unsharded EBC (it looks keys up by name), before the first batch, or where torchrec keeps
+    that order in attributes of other names (another release)."""
+    if getattr(tables, "_has_uninitialized_input_dist", True) is not False:
+        return
+    shardings = getattr(tables, "_embedding_shardings", None)
+    if shardings is None or not hasattr(tables, "_has_features_permute"):
+        return
+    names = [name for sharding in shardings for name in sharding.feature_names()]
+    keys = features.keys()
+    if tables._has_features_permute:
+        positions = list(getattr(tables, "_features_order", []))
+        if len(positions) != len(names):
+            return
+    else:  # the first batch's keys were exactly these: its input distribution splits the keys as they come
+        positions = list(range(len(names)))
+        if len(keys) != len(names):
+            positions = []  # a different key count is a different layout
+    if positions and all(p < len(keys) and keys[p] == name for p, name in zip(positions, names)):
+        return
+    expected = ", ".join(f"{name!r} at {p}" for p, name in sorted(zip(positions, names)))
+    raise ValueError(f"{model}: its sharded tables read the sparse features by the positions they had among the keys "
+                     f"of the first batch (torchrec's ShardedEmbeddingBagCollection fixes them then: {expected}"
+                     f"{'' if tables._has_features_permute else f', and no other key'}); this batch's keys are "
+                     f"{keys}: build every KeyedJaggedTensor with the keys in one order")
 
 
 @torch.fx.wrap
@@ -279,18 +313,44 @@ def check_batch_rows(dense_features: torch.Tensor, sparse_features: KeyedJaggedT
                          "per sample (build the KeyedJaggedTensor with stride=B, lengths of B per key)")
 
 
+def _unwrapped_path(name: str) -> str:
+    """A module path without the leading DMP / DDP wrappers (``_dmp_wrapped_module.module.student.model``:
+    ``student.model``)."""
+    parts = name.split(".") if name else []
+    while parts and parts[0] in ("_dmp_wrapped_module", "module"):
+        parts.pop(0)
+    return ".".join(parts)
+
+
 def features_read(model: nn.Module) -> Dict[str, List[str]]:
     """The sparse features each backbone of ``model`` (a ``CTRBackbone``, DMP-wrapped or not) reads, by its
     class and module path without the DMP / DDP wrappers (``DLRMBackbone at student.model``): a teacher-student
-    pair has two. Check a batch against them (:func:`check_feature_keys`) before a pipeline distributes its ids."""
+    pair has two."""
     found: Dict[str, List[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, CTRBackbone):
-            parts = name.split(".") if name else []  # "": the model is the backbone itself
-            while parts and parts[0] in ("_dmp_wrapped_module", "module"):
-                parts.pop(0)
-            found[" at ".join([type(module).__name__] + [".".join(parts)] * bool(parts))] = module.feature_names
+            path = _unwrapped_path(name)  # "": the model is the backbone itself
+            found[" at ".join([type(module).__name__] + [path] * bool(path))] = module.feature_names
     return found
+
+
+class BatchFeatureCheck:
+    """Checks each batch's KeyedJaggedTensor against every backbone of ``model`` before a pipeline distributes its
+    ids (the checks in ``CTRBackbone.forward`` run too late there): the features each reads
+    (:func:`check_feature_keys`) and, for sharded tables, the key order their first batch fixed
+    (:func:`check_sharded_key_order`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._features = features_read(model)
+        # every sharded table collection: the backbones' and the frozen entity tables' (SemanticTable)
+        self._sharded = [(_unwrapped_path(name), module) for name, module in model.named_modules()
+                         if hasattr(module, "_embedding_shardings")]
+
+    def __call__(self, features: KeyedJaggedTensor) -> None:
+        for owner, names in self._features.items():
+            check_feature_keys(features, names, owner)
+        for owner, tables in self._sharded:
+            check_sharded_key_order(features, tables, owner)
 
 
 @torch.fx.wrap

@@ -32,7 +32,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.models.base import CTRBackbone, CTROutput, check_weighted_pooling
+from recsys_llm.models.base import CTRBackbone, CTROutput, check_sharded_key_order, check_weighted_pooling
 from recsys_llm.models.embedding import mark_filled_tables, mark_tables_on_load, require_allocated
 from recsys_llm.models.task import CTRTask
 from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
@@ -139,6 +139,8 @@ class SemanticTable(nn.Module):
                 "build it with device=torch.device('cpu') and load the vectors (load_semantic_vectors) to use it "
                 "unsharded; on meta it would give vectors without values"
             )
+        if not isinstance(tables, EmbeddingBagCollection) and not isinstance(features, torch.fx.Proxy):
+            check_sharded_key_order(features, tables, "SemanticTable")  # eager (traced: the pipeline checks)
         pooled = tables(features).to_dict()
         vectors = [pooled[name] for name in self._feature_names]  # K x (B, d)
         return torch.cat(vectors, dim=1).detach() if len(vectors) > 1 else vectors[0].detach()

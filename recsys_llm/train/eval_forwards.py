@@ -22,15 +22,16 @@ Example::
 
 import collections
 import threading
-from typing import Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Deque, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torchrec.datasets.utils import Batch as TorchRecBatch
 from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import batch_extras
-from recsys_llm.models.base import check_feature_keys, features_read
+from recsys_llm.models.base import BatchFeatureCheck
 
 
 class EvalStep(NamedTuple):
@@ -67,14 +68,15 @@ def plain_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bool]]
 
 class _Tagged(Iterator[TorchRecBatch]):
     """Hands the pairs' batches to the pipeline (its loading thread calls ``next``) and queues each pair's
-    ``real`` flag and CPU extras, in the order the pipeline's outputs come back. A batch lacking a feature of
-    ``features`` (backbone name -> the features its tables read) is a read error, named before the pipeline
-    distributes its ids (torchrec's sharded input distribution failed first, naming none)."""
+    ``real`` flag and CPU extras, in the order the pipeline's outputs come back. A batch that ``check_features``
+    refuses (:class:`~recsys_llm.models.base.BatchFeatureCheck`: a feature missing, keys in another order than the
+    sharded tables' first batch) is a read error, named before the pipeline distributes its ids (torchrec's sharded
+    input distribution failed first, naming none, or read other features' ids)."""
 
     def __init__(self, pairs: Iterator[Tuple[TorchRecBatch, bool]],
-                 features: Optional[Dict[str, List[str]]] = None) -> None:
+                 check_features: Optional[Callable[[KeyedJaggedTensor], None]] = None) -> None:
         self._pairs = pairs
-        self._features = features or {}
+        self._check_features = check_features
         self._lock = threading.Lock()
         self._closed = False
         self.tags: Deque[Tuple[bool, Dict[str, torch.Tensor]]] = collections.deque()  # appends are thread-safe
@@ -88,8 +90,8 @@ class _Tagged(Iterator[TorchRecBatch]):
                 raise StopIteration
             try:
                 batch, real = next(self._pairs)
-                for owner, names in self._features.items():
-                    check_feature_keys(batch.sparse_features, names, owner)
+                if self._check_features is not None:
+                    self._check_features(batch.sparse_features)
             except StopIteration:
                 raise
             except Exception as error:  # noqa: BLE001 - raised again in the main thread
@@ -118,7 +120,7 @@ def pipelined_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bo
     pipeline's copy of the batch stays inside it). torchrec's loading thread never sees such an exception, so it
     cannot skip the batch of one marked retryable (``is_retryable``), as it would: the plain loop's rows are
     scored, or its error raised."""
-    tagged = _Tagged(pairs, features_read(model))
+    tagged = _Tagged(pairs, BatchFeatureCheck(model))
     # the optimizer is only stepped in training: EvalPipelineSparseDist.progress never reads it
     pipeline = EvalPipelineSparseDist(model, None, device)  # type: ignore[arg-type]
     try:

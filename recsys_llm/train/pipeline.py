@@ -32,12 +32,13 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardedModule
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.data.parquet import ParquetBatchReader
-from recsys_llm.models.base import check_feature_keys, features_read
+from recsys_llm.models.base import BatchFeatureCheck
 from recsys_llm.progress import interval_options
 from recsys_llm.train.checkpoint import table_step_counters_kept
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
@@ -124,22 +125,23 @@ class _Counting(Iterator[Batch]):
     """Wraps an iterator and counts the samples it hands to the pipeline; with ``keep_weights``, also queues
     each batch's ``label_weight`` extra (None without one), in the order the pipeline's outputs come back.
 
-    With ``features`` (backbone name -> the features its tables read), a batch whose KeyedJaggedTensor lacks
-    one is refused naming it before the pipeline distributes its ids: torchrec's sharded input
-    distribution failed first, with "Number of KJT dists (1) does not match number of kjt dist forwards"."""
+    With ``check_features`` (:class:`~recsys_llm.models.base.BatchFeatureCheck`), a batch whose KeyedJaggedTensor
+    lacks a feature, or has its keys in another order than the sharded tables' first batch, is refused naming it
+    before the pipeline distributes its ids: torchrec's sharded input distribution failed first, with "Number of KJT
+    dists (1) does not match number of kjt dist forwards", or read other features' ids."""
 
     def __init__(self, batches: Iterator[Batch], keep_weights: bool = False,
-                 features: Optional[Dict[str, List[str]]] = None) -> None:
+                 check_features: Optional[Callable[[KeyedJaggedTensor], None]] = None) -> None:
         self._batches = batches
         self._keep_weights = keep_weights
-        self._features = features or {}
+        self._check_features = check_features
         self.samples_seen: List[int] = []
         self.label_weights: Deque[Optional[torch.Tensor]] = collections.deque()
 
     def __next__(self) -> Batch:
         batch = next(self._batches)
-        for owner, names in self._features.items():
-            check_feature_keys(batch.sparse_features, names, owner)
+        if self._check_features is not None:
+            self._check_features(batch.sparse_features)
         self.samples_seen.append(batch.labels.size(0))  # torchrec's own Batch has no batch_size
         if self._keep_weights:
             self.label_weights.append(batch_extras(batch).get(LABEL_WEIGHT_KEY))
@@ -200,7 +202,7 @@ def train_epoch(
     if skip_batches:
         # Consume (and drop) batches already trained on before the interruption.
         iterator = itertools.islice(iterator, skip_batches, None)
-    counting = _Counting(iterator, keep_weights=window_metrics is not None, features=features_read(model))
+    counting = _Counting(iterator, keep_weights=window_metrics is not None, check_features=BatchFeatureCheck(model))
     forward = None if autocast_dtype is None else autocast_forward(model, device, autocast_dtype)
     pipeline = TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True, custom_model_fwd=forward)
     bar = tqdm(

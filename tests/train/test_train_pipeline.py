@@ -326,6 +326,42 @@ def test_a_batch_lacking_a_feature_is_named_before_the_sharded_input_distributio
         assert (result["errors"]["plain eval"] or "").startswith(f"DeepFM: {lacking}"), result
 
 
+def _batch_with_keys_in_another_order(schema_path: str) -> Dict[str, Any]:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    batches = list(ParquetBatchReader(schema, "train", 64))[:4]
+    features = batches[3].sparse_features.to_dict()
+    batches[3].sparse_features = KeyedJaggedTensor.from_jt_dict({key: features[key] for key in reversed(features)})
+    errors = _errors_of_each_loop(ctx, model, optimizer, batches)
+    # one more key, unread, after those the tables read: the same positions, so the same ids are read
+    longer = dict(batches[0].sparse_features.to_dict())
+    longer["unread"] = longer[next(iter(longer))]
+    batches[0].sparse_features = KeyedJaggedTensor.from_jt_dict(longer)
+    return {"errors": errors, "longer": _errors_of_each_loop(ctx, model, optimizer, batches[:3])}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_batch_with_keys_in_another_order_than_the_first_is_refused_by_the_sharded_model(synthetic_dir: str,
+                                                                                          world_size: int) -> None:
+    """torchrec's sharded EBC fixes the keys' positions at its first batch and permutes later batches by them: the
+    reversed keys of a later batch silently read other features' ids (logits off by 1e-2 in a user's model). Each loop
+    now refuses such a batch, naming the sharded tables (pipelines) or the backbone (the plain loop)."""
+    results = run_multiprocess(_batch_with_keys_in_another_order, world_size=world_size, schema_path=synthetic_dir)
+    for result in results:
+        errors = result["errors"]
+        assert (errors["train"] or "").startswith("model.embedding_bag_collection: its sharded tables read the sparse "
+                                                  "features by the positions they had among the keys of the first "
+                                                  "batch"), errors
+        assert "build every KeyedJaggedTensor with the keys in one order" in errors["train"]
+        assert (errors["pipelined eval"] or "").startswith("model.embedding_bag_collection: its sharded"), errors
+        assert (errors["plain eval"] or "").startswith("DeepFM: its sharded tables read"), errors
+        if "and no other key" not in errors["train"]:  # positions kept: a key after them is read as one more, unread
+            assert result["longer"] == {"train": None, "pipelined eval": None, "plain eval": None}, result
+
+
 def _batch_of_fewer_dense_rows(schema_path: str) -> Dict[str, Optional[str]]:
     schema = DatasetSchema.load(schema_path)
     ctx, model, optimizer = _model(schema)
@@ -354,7 +390,7 @@ def test_every_backbone_of_a_pair_has_its_features_checked_and_is_named_by_its_p
     from recsys_llm.data.batch import Batch
     from recsys_llm.models.dlrm import DLRMBackbone
     from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask
-    from recsys_llm.models.base import features_read
+    from recsys_llm.models.base import BatchFeatureCheck, features_read
     from recsys_llm.train.pipeline import _Counting
 
     def task(prefix: str, features: List[str]) -> CTRTask:
@@ -373,4 +409,4 @@ def test_every_backbone_of_a_pair_has_its_features_checked_and_is_named_by_its_p
                                               torch.ones(4, dtype=torch.int32))
     batch = Batch(torch.randn(2, 2), kjt, torch.tensor([0.0, 1.0]), {})
     with pytest.raises(ValueError, match=r"^DLRMBackbone at teacher.model: the sparse features lack \['tag'\]"):
-        next(_Counting(iter([batch]), features=read))
+        next(_Counting(iter([batch]), check_features=BatchFeatureCheck(pair)))
