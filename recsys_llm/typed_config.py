@@ -175,8 +175,9 @@ def build_dataclass(cls: Type[T], raw: Any, where: str, init_vars: Optional[Mapp
         return cls(**kwargs, **(init_vars or {}))
     except (TypeError, ValueError) as error:
         message = str(error)  # already naming the key (e.g. "optim.dense_lr must be ...") or not
-        own = f"{cls.__name__}."  # "TeacherStudentConfig.alpha must be ..." -> "elec.distill.alpha must be ..."
-        if where and message.startswith(own):
+        # "TeacherStudentConfig.alpha must be ..." -> "elec.distill.alpha must be ..." (also from a base class's check)
+        own = next((f"{base.__name__}." for base in cls.__mro__ if message.startswith(f"{base.__name__}.")), None)
+        if where and own:
             message = f"{where}.{message[len(own):]}"
         named = message if not where or message.startswith(f"{where}.") else f"{where}: {message}"
         raise ConfigError(named) from error

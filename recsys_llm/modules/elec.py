@@ -56,6 +56,37 @@ STUDENT_PREFIX = "student_"
 
 
 @dataclasses.dataclass
+class ELECDistillConfig(TeacherStudentConfig):
+    """``elec.distill``: :class:`TeacherStudentConfig` plus the swapped pairs the runner makes of its training batches.
+
+    Args:
+        swap_fields (List[str]): **(ours)** fields re-paired across the rows of each training
+            batch to add B label-free rows (:class:`recsys_llm.data.pair_swap.SwappedPairs`):
+            BCE skips them, KD learns the teacher's scores on them. Empty: off. Needs the
+            teacher in the step (``joint`` or ``frozen``).
+        swap_catalog (Optional[str]): **(ours)** Parquet file with one row per entity and a
+            column per swap field: swapped rows draw their ``swap_fields`` from it (cold
+            entities included) instead of from other rows of the batch.
+
+    The runner swaps the batches (``train.task_builder.swapped_pairs``), the task only reads them; a loop of your
+    own passes its batches through ``SwappedPairs`` (``TeacherStudentConfig`` has no such setting to ignore).
+    """
+
+    swap_fields: List[str] = dataclasses.field(default_factory=list)
+    swap_catalog: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.swap_fields = [self.swap_fields] if isinstance(self.swap_fields, str) else list(self.swap_fields)
+        if self.swap_catalog and not self.swap_fields:
+            raise ValueError("elec.distill.swap_catalog is set but swap_fields is empty: name the catalogue's "
+                             "fields (e.g. the item fields) in swap_fields")
+        if self.swap_fields and self.mode == "offline":
+            raise ValueError("elec.distill.swap_fields needs the teacher to score the swapped rows during "
+                             "training: use mode 'joint' or 'frozen', not 'offline'")
+
+
+@dataclasses.dataclass
 class ELECConfig:
     """What to build.
 
@@ -82,7 +113,8 @@ class ELECConfig:
         teacher_checkpoint (Optional[str]): frozen mode: a gain-network export directory
             (``recsys-llm export``) or ``.safetensors`` state dict. Read by no other distill mode
             (a new such run is refused: ``task_builder.check_elec_settings_are_read``).
-        distill (TeacherStudentConfig): KD mode and weights.
+        distill (ELECDistillConfig): KD mode and weights, and swapped pairs (a ``TeacherStudentConfig`` is taken as
+            one without them).
     """
 
     task: str = "distill"
@@ -95,11 +127,13 @@ class ELECConfig:
     entity_tables: Dict[str, str] = dataclasses.field(default_factory=dict)
     expected_provenance: Dict[str, str] = dataclasses.field(default_factory=dict)
     teacher_checkpoint: Optional[str] = None
-    distill: TeacherStudentConfig = dataclasses.field(default_factory=TeacherStudentConfig)
+    distill: ELECDistillConfig = dataclasses.field(default_factory=ELECDistillConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.distill, Mapping):
-            self.distill = TeacherStudentConfig(**self.distill)
+            self.distill = ELECDistillConfig(**self.distill)
+        elif not isinstance(self.distill, ELECDistillConfig):
+            self.distill = ELECDistillConfig(**dataclasses.asdict(self.distill))
         if self.task not in TASKS:
             raise ValueError(f"elec.task must be one of {TASKS}, got {self.task!r}")
         if self.vector_source not in VECTOR_SOURCES:

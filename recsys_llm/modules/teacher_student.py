@@ -32,7 +32,7 @@ control flow), as ``TrainPipelineSparseDist`` requires.
 
 import contextlib
 import dataclasses
-from typing import Any, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -85,13 +85,9 @@ class TeacherStudentConfig:
         teacher_representation_dim (int): H_t for offline mode (read from the teacher otherwise).
         teacher_logits_key (str): extras key of offline teacher logits.
         teacher_representation_key (str): extras key of offline teacher representations.
-        swap_fields (List[str]): **(ours)** fields re-paired across the rows of each training
-            batch to add B label-free rows (:class:`recsys_llm.data.pair_swap.SwappedPairs`):
-            BCE skips them, KD learns the teacher's scores on them. Empty: off. Needs the
-            teacher in the step (``joint`` or ``frozen``).
-        swap_catalog (Optional[str]): **(ours)** Parquet file with one row per entity and a
-            column per swap field: swapped rows draw their ``swap_fields`` from it (cold
-            entities included) instead of from other rows of the batch.
+
+    Label-free rows to distil on are made from the batches, not by the task: see
+    :class:`recsys_llm.data.pair_swap.SwappedPairs` (the runner's ``elec.distill.swap_fields``).
     """
 
     mode: str = "joint"
@@ -105,8 +101,6 @@ class TeacherStudentConfig:
     teacher_representation_dim: int = 0
     teacher_logits_key: str = "teacher_logits"
     teacher_representation_key: str = "teacher_representation"
-    swap_fields: List[str] = dataclasses.field(default_factory=list)
-    swap_catalog: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -122,13 +116,6 @@ class TeacherStudentConfig:
             raise ValueError(f"TeacherStudentConfig.score_kd must be one of {SCORE_KD_KINDS}, got {self.score_kd!r}")
         if self.repr_kd not in REPR_KD_KINDS:
             raise ValueError(f"TeacherStudentConfig.repr_kd must be one of {REPR_KD_KINDS}, got {self.repr_kd!r}")
-        self.swap_fields = [self.swap_fields] if isinstance(self.swap_fields, str) else list(self.swap_fields)
-        if self.swap_catalog and not self.swap_fields:
-            raise ValueError("TeacherStudentConfig.swap_catalog is set but swap_fields is empty: name the catalogue's "
-                             "fields (e.g. the item fields) in swap_fields")
-        if self.swap_fields and self.mode == "offline":
-            raise ValueError("TeacherStudentConfig.swap_fields needs the teacher to score the swapped rows during "
-                             "training: use mode 'joint' or 'frozen', not 'offline'")
 
 
 def freeze_teacher(teacher: nn.Module) -> None:

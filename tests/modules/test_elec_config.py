@@ -13,7 +13,7 @@ import torch
 
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS
-from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, load_elec_state
+from recsys_llm.modules.elec import ELECConfig, ELECDistillConfig, build_elec_task, build_gain_network, load_elec_state
 from recsys_llm.modules.teacher_student import TeacherStudentConfig
 from recsys_llm.semantics.vector_export import ProvenanceError, VectorExport, VectorExportConfig
 from recsys_llm.train.config import ConfigError
@@ -76,7 +76,7 @@ def test_library_users_get_the_same_refusals():
                                          r"'item_id'\) or elec\.entity_tables \(\{field: vector directory\}\)$"),
     (dict(distill=TeacherStudentConfig(mode="frozen")), r"^elec\.distill\.mode 'frozen' needs "
                                                         r"elec\.teacher_checkpoint$"),
-    (dict(distill=TeacherStudentConfig(swap_fields=["item_id"])),
+    (dict(distill=ELECDistillConfig(swap_fields=["item_id"])),
      r"^elec\.distill\.swap_fields re-pairs rows, .*use vector_source 'entity_table'"),
 ], ids=["task", "vector source", "entity table without fields", "frozen without teacher", "swap with extras"])
 def test_settings_that_cannot_build_a_task_are_refused_naming_the_key(settings, message):

@@ -149,8 +149,7 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
     from recsys_llm.data.batch import Batch
     from recsys_llm.data.schema import DatasetSchema, FieldSpec
     from recsys_llm.models.registry import SMOKE_CONFIGS
-    from recsys_llm.modules.elec import ELECConfig, build_elec_task, load_elec_state
-    from recsys_llm.modules.teacher_student import TeacherStudentConfig
+    from recsys_llm.modules.elec import ELECConfig, ELECDistillConfig, build_elec_task, load_elec_state
     from recsys_llm.train.distributed import init_distributed
     from recsys_llm.train.pipeline import train_epoch
     from recsys_llm.train.plan_report import table_placements
@@ -163,7 +162,7 @@ def _sharded_joint_kd(vector_dir: str, export_dir: str):
                                  FieldSpec("age", "dense")])
     config = ELECConfig(task="distill", vector_dim=DIM, vector_source="entity_table", entity_field="item_id",
                         entity_vectors=vector_dir, expected_provenance=PROVENANCE,
-                        distill=TeacherStudentConfig(mode="joint", beta=0.5, swap_fields=["item_id"]))
+                        distill=ELECDistillConfig(mode="joint", beta=0.5, swap_fields=["item_id"]))
     torch.manual_seed(0)
     task = build_elec_task(config, schema, SMOKE_CONFIGS["deepfm"])
     from recsys_llm.data.pair_swap import SwappedPairs

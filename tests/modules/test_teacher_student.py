@@ -12,7 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_llm.data.batch import Batch
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS
-from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, load_elec_state
+from recsys_llm.modules.elec import ELECConfig, ELECDistillConfig, build_elec_task, build_gain_network, load_elec_state
 from recsys_llm.modules.teacher_student import (
     TeacherStudentConfig,
     TeacherStudentTask,
@@ -378,16 +378,25 @@ class TestTeacherStudentTask:
         torch.testing.assert_close(loss, expected)
 
     def test_swap_fields_need_a_teacher_and_entity_vectors(self):
-        with pytest.raises(ValueError, match="'joint' or 'frozen', not 'offline'"):
-            TeacherStudentConfig(mode="offline", swap_fields=["item_id"])
-        with pytest.raises(ValueError, match="swap_catalog is set but swap_fields is empty"):
-            TeacherStudentConfig(mode="frozen", swap_catalog="items.parquet")
+        with pytest.raises(ValueError, match=r"^elec\.distill\.swap_fields needs .*'joint' or 'frozen', not 'offline'"):
+            ELECDistillConfig(mode="offline", swap_fields=["item_id"])
+        with pytest.raises(ValueError, match=r"^elec\.distill\.swap_catalog is set but swap_fields is empty"):
+            ELECDistillConfig(mode="frozen", swap_catalog="items.parquet")
         with pytest.raises(ValueError, match="vector_source 'entity_table'"):
-            ELECConfig(task="distill", distill=TeacherStudentConfig(mode="joint", swap_fields=["item_id"]))
+            ELECConfig(task="distill", distill=ELECDistillConfig(mode="joint", swap_fields=["item_id"]))
         config = ELECConfig.from_dict({"task": "distill", "vector_source": "entity_table", "entity_field": "item_id",
-                                       "entity_vectors": "v", "distill": {"swap_fields": ["item_id"]}})
-        assert config.distill.swap_fields == ["item_id"]
-        assert TeacherStudentConfig(mode="joint", swap_fields="item_id").swap_fields == ["item_id"]
+                                       "entity_vectors": "v", "distill": {"swap_fields": ["item_id"], "alpha": 5}})
+        assert config.distill.swap_fields == ["item_id"] and config.distill.alpha == 5
+        assert ELECDistillConfig(mode="joint", swap_fields="item_id").swap_fields == ["item_id"]
+
+    def test_the_tasks_own_config_has_no_swap_setting_it_would_ignore(self):
+        """The swap is made of the batches (SwappedPairs), which the task never sees being made: a swap setting on
+        TeacherStudentConfig was accepted and ignored in a loop of one's own. ELECConfig takes a plain one too."""
+        with pytest.raises(TypeError, match="swap_fields"):
+            TeacherStudentConfig(mode="joint", swap_fields=["item_id"])
+        config = ELECConfig(task="distill", distill=TeacherStudentConfig(mode="joint", alpha=3.0))
+        assert isinstance(config.distill, ELECDistillConfig)
+        assert (config.distill.alpha, config.distill.swap_fields) == (3.0, [])
 
     @pytest.mark.parametrize("mode", ["joint", "frozen", "offline"])
     def test_fx_traceable(self, mode, tmp_path):
