@@ -63,7 +63,7 @@ class CTRBackbone(nn.Module, abc.ABC):
         self.embedding_bag_collection = embedding_bag_collection
         configs = embedding_bag_collection.embedding_bag_configs()
         check_one_table_per_feature(configs, type(self).__name__)
-        check_weighted_pooling(configs, bool(embedding_bag_collection.is_weighted()), type(self).__name__)
+        check_weighted_tables(configs, bool(embedding_bag_collection.is_weighted()), type(self).__name__)
         self._embedding_dims: Dict[str, int] = {n: c.embedding_dim for c in configs for n in c.feature_names}
         self._feature_names: List[str] = [n for c in configs for n in c.feature_names]
         self._num_dense_features = num_dense_features
@@ -208,12 +208,15 @@ def check_one_table_per_feature(configs: "List[EmbeddingBagConfig]", owner: str)
         )
 
 
-def check_weighted_pooling(configs: "List[EmbeddingBagConfig]", weighted: bool, owner: str) -> None:
-    """Raises ValueError naming the tables of a weighted EBC (``is_weighted=True``) that pool other than SUM.
+def check_weighted_tables(configs: "List[EmbeddingBagConfig]", weighted: bool, owner: str) -> None:
+    """Raises ValueError naming the tables of a weighted EBC (``is_weighted=True``) that pool other than SUM, or
+    that hold more than one ``data_type``.
 
-    torch's ``EmbeddingBag`` takes per-id weights in SUM mode only, so an unsharded weighted EBC with a
-    MEAN table fails at every lookup (``per_sample_weights is only supported for mode='sum'``), while
-    the sharded one trains: the model would train, then fail to export, to serve or to run unsharded.
+    torch's ``EmbeddingBag`` takes per-id weights in SUM mode only, and in its table's dtype, so an unsharded
+    weighted EBC with a MEAN table fails at every lookup (``per_sample_weights is only supported for mode='sum'``),
+    as does one whose FP16 and FP32 tables read the one weights tensor of a KeyedJaggedTensor (``weight ...
+    HalfTensor does not equal FloatTensor``), while the sharded one trains: the model would train, then fail to
+    export, to serve or to run unsharded.
     """
     if not weighted:
         return
@@ -224,6 +227,14 @@ def check_weighted_pooling(configs: "List[EmbeddingBagConfig]", weighted: bool, 
             "SUM; torch's unsharded EmbeddingBag takes per-id weights with SUM only, so the model would train "
             "sharded but fail to export, serve or run unsharded: build them with pooling=PoolingType.SUM (a weighted "
             "mean is SUM with weights 1/n per bag), or the EBC unweighted"
+        )
+    dtypes = {config.name: config.data_type.name for config in configs}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(
+            f"{owner}: its EmbeddingBagCollection is weighted (is_weighted=True), and its tables hold several "
+            f"data_types {dtypes}; torch's unsharded EmbeddingBag takes per-id weights in its table's dtype, and a "
+            "KeyedJaggedTensor has one weights tensor, so the model would train sharded but fail to export, serve or "
+            "run unsharded: build the tables with one data_type, or the EBC unweighted"
         )
 
 

@@ -32,7 +32,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.batch import Batch
-from recsys_llm.models.base import CTRBackbone, CTROutput, check_sharded_key_order, check_weighted_pooling
+from recsys_llm.models.base import CTRBackbone, CTROutput, check_sharded_key_order, check_weighted_tables
 from recsys_llm.models.embedding import mark_filled_tables, mark_tables_on_load, require_allocated
 from recsys_llm.models.task import CTRTask
 from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
@@ -101,7 +101,7 @@ class SemanticTable(nn.Module):
             )
             for name, num_embeddings in entities.items()
         ]
-        check_weighted_pooling(configs, is_weighted, f"SemanticTable {list(entities)}")
+        check_weighted_tables(configs, is_weighted, f"SemanticTable {list(entities)}")
         self.embedding_bag_collection = EmbeddingBagCollection(tables=configs, is_weighted=is_weighted, device=device)
         # Read by recsys_llm.train.sharding: no optimizer state, own TBE, no autograd after
         # sharding. The weights keep requires_grad until then (the sharder attaches its

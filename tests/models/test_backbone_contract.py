@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 import pytest
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -248,6 +248,18 @@ class TestMistakesAreNamed:
         shared = EmbeddingBagCollection(tables=[  # one table read by several features is fine
             EmbeddingBagConfig(name="t_ids", embedding_dim=8, num_embeddings=10, feature_names=["user_id", "city"])])
         assert Concatenating(shared).feature_names == ["user_id", "city"]
+
+    def test_a_weighted_ebc_of_fp16_and_fp32_tables_is_refused_naming_their_data_types(self) -> None:
+        """It trained sharded (FBGEMM takes float32 weights for any table), then failed unsharded, in evaluation,
+        export and serving, inside torch's embedding_bag ("HalfTensor does not equal FloatTensor")."""
+        tables = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=dim, num_embeddings=10, feature_names=[name],
+                                     data_type=DataType.FP16 if name == "user_id" else DataType.FP32)
+                  for name, dim in WIDTHS.items()]
+        with pytest.raises(ValueError, match=r"Concatenating: its EmbeddingBagCollection is weighted "
+                                             r"\(is_weighted=True\), and its tables hold several data_types "
+                                             r"\{'t_user_id': 'FP16', .*'FP32'.*\}; .* one data_type"):
+            Concatenating(EmbeddingBagCollection(tables=tables, is_weighted=True))
+        assert Concatenating(EmbeddingBagCollection(tables=tables)).feature_names == list(WIDTHS)  # unweighted: fine
 
     def test_weights_for_an_unweighted_ebc_are_named(self) -> None:
         """A sharded EBC would pool them, an unsharded or served one ignores them: refused, not half-used."""
