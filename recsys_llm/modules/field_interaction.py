@@ -122,11 +122,16 @@ def _refreeze_after_load(module: "FieldInteractionEnhancement", incompatible_key
     refresh_after_load(module)
 
 
-def refresh_after_load(module: "FieldInteractionEnhancement") -> None:
+def refresh_after_load(module: nn.Module) -> None:
     """After its state was loaded (``load_state_dict``, ``teacher_student.load_full_state``, an in-place
     ``torch.distributed.checkpoint.load``): a frozen term keeps the frozen weights loaded with it, those of a
     run that froze, or takes them from the loaded Linear where they are zeros (a run that never froze); its
-    serving matrix and what it folded into a backbone (frozen or not) follow."""
+    serving matrix and what it folded into a backbone (frozen or not) follow. ``module``: an FIE term, or a
+    model holding any (a ``DistributedModelParallel``, a ``TeacherStudentTask``): each of its terms."""
+    if not isinstance(module, FieldInteractionEnhancement):
+        for term in [m for m in module.modules() if isinstance(m, FieldInteractionEnhancement)]:
+            refresh_after_load(term)
+        return
     if module.frozen and not module.frozen_pair_weights.any():
         module.freeze()  # refreshes the serving matrix and the fold too
     else:

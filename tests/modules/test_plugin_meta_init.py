@@ -130,6 +130,15 @@ def test_a_frozen_fie_after_an_in_place_load_is_refreshed_by_refresh_after_load(
             tensor.copy_(trained.state_dict()[name])
     refresh_after_load(served)
     torch.testing.assert_close(served.logit(pooled), expected)
+    # or the model holding it (a DistributedModelParallel, a task): each of its FIE terms
+    held, _ = _terms()
+    held.freeze()
+    model = torch.nn.ModuleDict({"task": torch.nn.ModuleDict({"fie": held})})
+    with torch.no_grad():
+        for name, tensor in held.state_dict().items():
+            tensor.copy_(trained.state_dict()[name])
+    refresh_after_load(model)
+    torch.testing.assert_close(held.logit(pooled), expected)
 
 
 def test_a_frozen_runs_copy_is_kept_when_loaded_though_its_linear_moved():
