@@ -157,6 +157,7 @@ def open_split_writers(
 
 #: files every directory written by ``prepare`` holds; only such a directory is replaced
 PREPARED_MARKER_FILES = ("schema.json", "train.parquet", "valid.parquet", "test.parquet")
+ITEM_CATALOG_FILE = "item_catalog.parquet"  # the item catalogue prepare writes beside the splits (synthetic, movielens)
 PREPARED_KIND = "prepared data set"
 
 
@@ -178,9 +179,9 @@ def check_inputs_outside(out_dir: str, inputs: Sequence[str]) -> None:
 
 
 def _prepared_entries(out_dir: str) -> Optional[set]:
-    """Top-level entries of the earlier data set in ``out_dir`` that ``prepare`` wrote: ``schema.json``,
-    Parquet files (splits, the item catalogue) and what its ``schema.json`` names (split directories,
-    value texts); None when that ``schema.json`` cannot be read (nothing to tell them by)."""
+    """Top-level entries of the earlier data set in ``out_dir`` that ``prepare`` wrote: ``schema.json``, what it
+    names (splits, split directories, value texts) and the item catalogue (not other Parquet files: a scores file,
+    the user's raw rows); None when that ``schema.json`` cannot be read (nothing to tell them by)."""
     try:
         with open(os.path.join(out_dir, "schema.json"), encoding="utf-8") as handle:
             raw = json.load(handle)
@@ -188,7 +189,7 @@ def _prepared_entries(out_dir: str) -> Optional[set]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     tops = {os.path.normpath(path).split(os.sep)[0] for path in named if isinstance(path, str) and path}
-    return tops | {"schema.json"}
+    return tops | {"schema.json", ITEM_CATALOG_FILE}
 
 
 def check_nothing_else_in(out_dir: str, marker_files: Sequence[str] = PREPARED_MARKER_FILES) -> None:
@@ -203,7 +204,7 @@ def check_nothing_else_in(out_dir: str, marker_files: Sequence[str] = PREPARED_M
     own = _prepared_entries(out_dir)
     if own is None:
         return
-    foreign = sorted(name for name in os.listdir(out_dir) if name not in own and not name.endswith(".parquet"))
+    foreign = sorted(name for name in os.listdir(out_dir) if name not in own)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise FileExistsError(

@@ -606,6 +606,10 @@ def load_raw(path: str) -> Any:
     """
     if not os.path.exists(path):
         raise SchemaError(f"{path}: schema file not found")
+    with open(path, "rb") as handle:
+        if handle.read(4) == b"PAR1":  # a data file where a schema was expected (--data / --schema / data.schema)
+            raise SchemaError(f"{path}: a Parquet data file, not a schema; expected a schema file (JSON or YAML) or "
+                              "the prepared data's directory holding schema.json (a Parquet file of rows is a --split)")
     text = read_utf8_text(path, "schema", SchemaError)
     try:
         if path.endswith((".yaml", ".yml")):

@@ -12,7 +12,9 @@ TABLES_FILE = "tables.json"
 PROGRAM_FILE = "dense_program.pt2"
 INFERENCE_FILE = "INFERENCE.md"
 # every file an export (or a state-only export) writes: a re-export replaces these, and refuses a directory with others
-EXPORT_FILES = ("config.json", STATE_FILE, TABLES_FILE, SEMANTIC_TABLES_FILE, PROGRAM_FILE, INFERENCE_FILE)
+RAW_IDS_DIR = "ids"  # an export of `prepare tabular` data: each field's raw value -> id (ServedModel.raw_value_ids)
+EXPORT_FILES = ("config.json", STATE_FILE, TABLES_FILE, SEMANTIC_TABLES_FILE, PROGRAM_FILE, INFERENCE_FILE,
+                RAW_IDS_DIR)
 ID_RULES_KEY = "id_rules"  # config.json: per feature, hashed / max_length / single_id (None: not recorded)
 EXPORT_ID_KEY = "export_id"  # ties an artifact's files together (absent from artifacts before 2026-12)
 VERSIONS_KEY = "versions"  # config.json: torch, torchrec, fbgemm_gpu, recsys_llm that exported (absent before 2026-12)

@@ -17,10 +17,9 @@ from typing import List, Optional
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.tabular.convert import value_text_file
+from recsys_llm.serving.artifact import RAW_IDS_DIR
 
-#: the artifact's directory of the training data's id ways (``config.json``: ``raw_ids``)
-RAW_IDS_DIR = "ids"
-RAW_IDS_KEY = "raw_ids"
+RAW_IDS_KEY = "raw_ids"  # config.json: the artifact's directory of the training data's id ways (RAW_IDS_DIR)
 
 
 def write_raw_id_ways(schema: DatasetSchema, artifact_dir: str) -> List[str]:

@@ -102,6 +102,13 @@ def test_prepare_again_refuses_a_data_set_holding_other_files_and_keeps_them(tmp
     assert "also notes.txt, vectors, which prepare did not write" in error and "move them out" in error
     assert sorted(p.name for p in out.iterdir()) == sorted(written + ["notes.txt", "vectors"])
     assert (out / "notes.txt").read_text() == "keep me"
+    (out / "notes.txt").unlink()
+    (out / "vectors").rmdir()
+    # a Parquet file prepare did not write (a `score --output`, the raw rows) was taken for its own and deleted
+    (out / "scores.parquet").write_bytes(b"PAR1 the user's scores")
+    assert _run(["prepare", "synthetic", "--out", str(out), "--rows", "300", "--quiet"]) == 2
+    assert "also scores.parquet, which prepare did not write" in capsys.readouterr().err
+    assert (out / "scores.parquet").read_bytes() == b"PAR1 the user's scores"
 
 
 def test_prepare_again_refuses_an_old_copy_holding_other_files_and_keeps_them(tmp_path):

@@ -3,6 +3,8 @@
 import copy
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -157,6 +159,14 @@ class TestFileContent:
         path = tmp_path / "shop.json"
         path.write_text('{"label": "clicked", "label": "bought", "fields": []}')
         with pytest.raises(SchemaError, match=r"shop\.json: not valid JSON: key 'label' is written twice"):
+            DatasetSchema.load(str(path))
+
+    def test_a_parquet_file_given_as_the_schema_is_named_as_data(self, tmp_path):
+        """``score --data data/mine/test.parquet``, or --schema and --input swapped: it was called not UTF-8."""
+        path = tmp_path / "test.parquet"
+        pq.write_table(pa.table({"user_id": [1, 2]}), str(path))
+        with pytest.raises(SchemaError, match=r"test\.parquet: a Parquet data file, not a schema; expected a schema "
+                                              r"file \(JSON or YAML\) or the prepared data's directory"):
             DatasetSchema.load(str(path))
 
     def test_a_file_that_is_not_utf8_is_named(self, tmp_path):

@@ -149,6 +149,12 @@ def test_an_integer_id_outside_the_table_names_file_column_and_row(earlier: Dict
     with pytest.raises(DataError, match=r"new\.csv: column 'user'.*data row 2.*100"):
         prepare_tabular_like(path, earlier["data"], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+    # text in an integer-id field (the way the earlier schema records): arrow's parse error named no row
+    path = _csv(tmp_path / "text_id.csv", dict(NEW, user=[3, 7, "u182", 0]))
+    with pytest.raises(DataError, match=r"text_id\.csv: column 'user', data row 2.*'u182' is not an integer id; "
+                                        r"expected integer ids in \[0, \d+\)"):
+        prepare_tabular_like(path, earlier["data"], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
     with pytest.raises(DataError, match=r"missing column\(s\) \['price'\]"):
         prepare_tabular_like(_csv(tmp_path / "no_price.csv", {k: v for k, v in NEW.items() if k != "price"}),
                              earlier["data"], str(tmp_path / "out"))
@@ -439,6 +445,25 @@ def test_the_artifact_turns_raw_values_into_the_ids_its_model_was_trained_on(ear
     pq.write_table(table.set_column(1, "text", pa.array(["unknown", "Lyon", "Lille", "Nice", "Paris"])), texts)
     with pytest.raises(ValueError, match=r"ids/text/city\.parquet: its bytes changed after the export"):
         ServedModel.load(artifact, trust_program=True)
+
+
+def test_an_artifact_with_id_ways_is_exported_again_into_its_directory(earlier: Dict[str, str], tmp_path) -> None:
+    """A model trained again, exported into the same place (the daily loop): the earlier export's ``ids/`` was
+    taken for a file an export does not write, and every re-export of ``prepare tabular`` data was refused."""
+    from recsys_llm.serving import ServedModel
+
+    schema = DatasetSchema.load(earlier["data"])
+    artifact = str(tmp_path / "artifact")
+    def export_id() -> str:
+        with open(os.path.join(artifact, "config.json"), encoding="utf-8") as handle:
+            return json.load(handle)["export_id"]
+
+    export_small_deepfm(schema, artifact, batch_size=64, steps=3)
+    first = export_id()
+    export_small_deepfm(schema, artifact, batch_size=64, steps=4)
+    assert export_id() != first and sorted(os.listdir(os.path.join(artifact, "ids"))) == ["schema.json", "text"]
+    assert ServedModel.load(artifact, trust_program=True).raw_value_ids("city", ["Paris"])[0].tolist() == \
+        raw_value_ids(schema, "city", ["Paris"])[0].tolist()
 
 
 def test_an_artifact_of_data_without_id_ways_says_where_raw_ids_come_from(tmp_path) -> None:

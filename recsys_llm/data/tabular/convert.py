@@ -532,6 +532,23 @@ def _beyond_int64(
     return None
 
 
+def _not_integer(
+    flat: pa.Array, spec: FieldSpec, offsets: Optional[np.ndarray], path: str, row: int, line: Optional[int]
+) -> Optional[str]:
+    """The message naming the first token of ``flat`` that is no integer (a field whose way is integer ids, as a
+    ``--like`` schema records, given text such as ``u85``); None when there is none."""
+    for index, value in enumerate(flat.to_pylist()):
+        if value is None:
+            continue
+        try:
+            int(value)
+        except (TypeError, ValueError):
+            return (f"{path}: column {spec.name!r}, {describe_row(row + row_of_value(offsets, index), line)}: "
+                    f"{value!r} is not an integer id; expected integer ids in [0, {spec.cardinality}) in "
+                    f"{spec.kind.value} field {spec.name!r}, the way its schema records (ids: integer)")
+    return None
+
+
 def _is_number(dtype: pa.DataType) -> bool:
     """Integers, floats, or decimals (Spark and DuckDB write a ``DECIMAL(10, 2)`` price as decimal128)."""
     return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype)
@@ -590,6 +607,7 @@ def _convert_block(
             ids = token_ids(flat, plans[spec.name], spec, salt)
         except pa.ArrowInvalid as error:
             raise DataError(_beyond_int64(flat, spec, offsets, path, row, line)
+                            or _not_integer(flat, spec, offsets, path, row, line)
                             or f"{path}: column {spec.name!r}: cannot read ids: {error}") from error
         ids = check_ids(path, spec, ids, offsets, row, line)
         if plans[spec.name].mode == "vocab":  # values the vocabulary lacks got id 0, as missing ones do
