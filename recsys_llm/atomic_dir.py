@@ -53,6 +53,22 @@ def write_file_atomically(path: str, write: Callable[[IO[Any]], object], binary:
         raise
 
 
+def link_into_place(tmp: str, path: str) -> bool:
+    """Gives the finished file ``tmp`` the name ``path`` unless ``path`` exists by then (another process's file,
+    written at the same time): False then, both left as they are. Linked, not renamed, so an existing ``path`` is
+    never replaced; on a file system without hard links (some network and FUSE ones) renamed over it, after a
+    check that it is not there. The caller removes ``tmp`` (linked, it is a second name of ``path``)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links
+        if os.path.lexists(path):
+            return False
+        os.replace(tmp, path)
+    return True
+
+
 def is_temp_file_of(name: str, file_name: str) -> bool:
     """Whether the entry ``name`` is a temp file :func:`write_file_atomically` of ``file_name`` (in the same
     directory) leaves when killed outright: ``<file_name>.<id>.tmp``, or ``<file_name>.tmp`` of older versions."""

@@ -4,13 +4,14 @@ schema ``prepare`` writes, and the whole-or-nothing swap of the output directory
 import contextlib
 import json
 import os
+import uuid
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys_llm.atomic_dir import atomic_directory, holds_files, swapped_out_path
+from recsys_llm.atomic_dir import atomic_directory, holds_files, link_into_place, swapped_out_path
 from recsys_llm.data.parquet_files import read_schema_and_check, resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import DataError, field_specs_metadata, open_parquet
@@ -78,11 +79,14 @@ class SplitWriter:
     """Streams chunks of rows into one Parquet file with fixed-size row groups.
 
     Args:
-        path (str): output file (written to ``path + ".tmp"`` and renamed on ``close``).
+        path (str): output file (written to a temp file of this writer's own, ``<path>.<id>.tmp``, and renamed on
+            ``close``).
         arrow_schema (pa.Schema): see :func:`arrow_schema_for`.
         row_group_size (int): rows per row group.
         compression (str): Parquet codec; lz4 decodes about twice as fast as zstd for
             id columns, which matters when training is fed from Parquet.
+        replace (bool): an existing ``path`` is replaced; False: ``close`` raises FileExistsError when ``path``
+            exists by then (written meanwhile by another process), and leaves it as it is.
 
     Example::
 
@@ -90,10 +94,12 @@ class SplitWriter:
             writer.write({"row_id": ids, "user_id": users, ..., "label": labels})
     """
 
-    def __init__(self, path: str, arrow_schema: pa.Schema, row_group_size: int = 65536, compression: str = "lz4") -> None:
+    def __init__(self, path: str, arrow_schema: pa.Schema, row_group_size: int = 65536, compression: str = "lz4",
+                 replace: bool = True) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._path = path
-        self._tmp = f"{path}.tmp"
+        self._replace = replace
+        self._tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # its own: two writers of one path never share it
         self._schema = arrow_schema
         self._row_group_size = row_group_size
         self._writer = pq.ParquetWriter(self._tmp, arrow_schema, compression=compression)
@@ -131,7 +137,16 @@ class SplitWriter:
     def close(self) -> None:
         self._flush(final=True)
         self._writer.close()
-        os.replace(self._tmp, self._path)
+        if self._replace:
+            os.replace(self._tmp, self._path)
+            return
+        try:
+            if not link_into_place(self._tmp, self._path):
+                raise FileExistsError(f"{self._path}: appeared while this file was written (another process's?); "
+                                      "left as it is, and this one not written")
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(self._tmp)
 
     def __enter__(self) -> "SplitWriter":
         return self

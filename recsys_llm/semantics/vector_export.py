@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import check_own_entries, write_file_atomically
+from recsys_llm.atomic_dir import check_own_entries, link_into_place, write_file_atomically
 from recsys_llm.data.parquet_writer import vector_array
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.progress import interval_options
@@ -181,19 +181,12 @@ def _create_manifest(path: str, manifest: Dict[str, object]) -> bool:
     that of another export launched into the same directory at once), for the caller to check as an
     earlier one. The temp file is this call's own (random digits: ranks, and exports on other hosts, share
     the directory) and is linked, not renamed, into place, so one export's manifest neither replaces
-    another's (beside whose chunks this one's would be written) nor mixes with it. On a file system without
-    hard links it is renamed over ``path``."""
+    another's (beside whose chunks this one's would be written) nor mixes with it (:func:`link_into_place`)."""
     tmp = f"{path}.{secrets.randbelow(10 ** 12)}.tmp"  # a temp entry of _EXPORT_ENTRY
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links (some network and FUSE file systems)
-            os.replace(tmp, path)
-        return True
+        return link_into_place(tmp, path)
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)

@@ -208,8 +208,10 @@ def score_split(
                     held.append(chunk)
         return rows, seconds
 
-    # on an error the writer removes its temp file: nothing appears at ``output``
-    with SplitWriter(output, columns_out) if output and rank == 0 else contextlib.nullcontext() as writer:
+    # on an error the writer removes its temp file: nothing appears at ``output``; its temp file is its own and
+    # linked into place, so scores another process wrote there meanwhile are left as they are
+    opened = SplitWriter(output, columns_out, replace=False) if output and rank == 0 else None
+    with opened if opened is not None else contextlib.nullcontext() as writer:
         rows, seconds = run_on_every_rank(score_own_rows, f"scoring {split}")
         if output is not None and world_size > 1:
             group = host_group()

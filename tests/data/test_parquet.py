@@ -117,6 +117,27 @@ def test_a_null_list_is_an_empty_sequence(tmp_path):
     assert batch.sparse_features["g"].values().tolist() == [1, 2, 3, 4, 5]
 
 
+def test_two_writers_of_one_path_never_mix_and_one_that_must_not_replace_leaves_the_others_file(tmp_path):
+    """Two `score` runs into one --output shared the temp file ``<path>.tmp``: one left a file of both (lz4 data
+    that did not decode) and reported it written, the other failed renaming a temp file that was gone."""
+    import os
+
+    path = str(tmp_path / "scores.parquet")
+    columns = pa.schema([pa.field("logit", pa.float32())])
+    first = SplitWriter(path, columns, row_group_size=4, replace=False)
+    second = SplitWriter(path, columns, row_group_size=4, replace=False)
+    first.write({"logit": np.arange(10, dtype=np.float32)})
+    second.write({"logit": -np.arange(6, dtype=np.float32)})
+    first.close()
+    with pytest.raises(FileExistsError, match=r"scores\.parquet: appeared while this file was written"):
+        second.close()
+    assert pq.read_table(path)["logit"].to_pylist() == list(range(10))
+    assert os.listdir(tmp_path) == ["scores.parquet"]  # no temp file of either
+    with SplitWriter(path, columns) as writer:  # replace (the default, as prepare writes into its own directory)
+        writer.write({"logit": np.ones(3, dtype=np.float32)})
+    assert pq.read_table(path)["logit"].to_pylist() == [1.0] * 3 and os.listdir(tmp_path) == ["scores.parquet"]
+
+
 def test_a_list_column_past_arrows_int32_offsets_is_written_in_pieces(tmp_path):
     """Arrow's list offsets are int32: past the limit (2**31 - 1 ids; a small one here), ``list_array``
     gives whole-row pieces, which SplitWriter writes and the reader reads back as they were."""
