@@ -459,8 +459,11 @@ def _schema_location(value: Any) -> Any:
 
 def schema_json_path(schema: str) -> str:
     """The schema file ``data.schema`` names: itself when it ends in ``.json`` / ``.yaml`` /
-    ``.yml``, else ``schema.json`` in that data directory (which need not exist yet)."""
-    return schema if schema.endswith((".json", ".yaml", ".yml")) else os.path.join(schema, "schema.json")
+    ``.yml`` or is a file (a split's Parquet file is then named as data, not as a schema-less directory), else
+    ``schema.json`` in that data directory (which need not exist yet)."""
+    if schema.endswith((".json", ".yaml", ".yml")) or os.path.isfile(schema):
+        return schema
+    return os.path.join(schema, "schema.json")
 
 
 def save_config(config: ExperimentConfig, path: str) -> None:

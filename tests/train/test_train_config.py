@@ -381,6 +381,7 @@ def test_a_missing_schema_generates_synthetic_data_only_where_nothing_else_lives
     generated over a directory that holds other files."""
     import torch
 
+    from recsys_llm.data.schema import SchemaError
     from recsys_llm.train.distributed import DistContext
     from recsys_llm.train.run_data import load_or_generate_schema
 
@@ -392,6 +393,11 @@ def test_a_missing_schema_generates_synthetic_data_only_where_nothing_else_lives
     with pytest.raises(FileExistsError, match=r"mounted: not empty and not an earlier prepared data set"):
         load_or_generate_schema(config, ctx)
     assert sorted(os.listdir(other)) == ["clicks.csv"]
+    split = other / "train.parquet"  # a split given for the data: named as data, not as a directory
+    split.write_bytes(b"PAR1 rows")
+    with pytest.raises(SchemaError, match=r"train\.parquet: a Parquet data file, not a schema"):
+        load_or_generate_schema(load_config(None, [f"data.schema={split}", "data.synthetic_rows=300"]), ctx)
+    split.unlink()
     fresh = tmp_path / "fresh"
     schema = load_or_generate_schema(load_config(None, [f"data.schema={fresh}", "data.synthetic_rows=300"]), ctx)
     assert schema.root == str(fresh) and os.path.isfile(fresh / "train.parquet")
