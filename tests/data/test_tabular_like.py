@@ -116,6 +116,11 @@ def test_new_rows_get_the_earlier_ids_and_schema(earlier: Dict[str, str], tmp_pa
     table = pq.read_table(os.path.join(out, "test.parquet"))
     assert table.column_names == ["impression", "user", "city", "query", "cats", "price"]  # no label column
     assert table["impression"].to_pylist() == [0, 1, 2, 3]  # no row key in the input: rows numbered
+    # named as a split training reads, rows without labels are written with a warning (training failed on them later)
+    with pytest.warns(UserWarning, match=r"new\.csv: no label column 'clicked', so split 'train' is written without "
+                                         r"labels, as rows to score"):
+        prepare_tabular_like(_csv(tmp_path / "new.csv", NEW), earlier["data"], str(tmp_path / "train_day"),
+                             split_name="train")
     for name in ("user", "city", "query"):
         expected, _ = raw_value_ids(old, name, [v if v != "" else None for v in NEW[name]])
         assert table[name].to_pylist() == expected.tolist()

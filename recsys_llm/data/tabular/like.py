@@ -105,6 +105,9 @@ def prepare_tabular_like(
                         f"({like_dir}); {near_names(missing, available)}{format_hint(data_path, available, config)}"
                         f"the file has columns {available}")
     with_label = like.label in available
+    if not with_label and split_name in ("train", "valid"):  # the splits training reads; it failed there, later
+        warnings.warn(f"{data_path}: no label column {like.label!r}, so split {split_name!r} is written without labels, "
+                      "as rows to score (`recsys-llm score`); training and its validation read labels", stacklevel=2)
     row_key = like.row_key if like.row_key and like.row_key in available else None
     extras = [name for name in like.extra_columns if name in available and name != like.row_key]
     columns = list(dict.fromkeys(wanted + [like.label] * with_label + extras + ([row_key] if row_key else [])))
