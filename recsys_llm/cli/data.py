@@ -193,8 +193,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     movielens.add_argument("--input", required=True, action=_one_input("the directory of the RecBole atomic files"),
                            help="directory with the RecBole atomic files")
     movielens.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
-                           help="time-ordered train,valid,test shares, divided by their sum (8,1,1 is 0.8,0.1,0.1, "
-                                "the default)")
+                           help="time-ordered train,valid,test shares, divided by their sum, 8,1,1 as 0.8,0.1,0.1 "
+                                "(default: 0.8,0.1,0.1)")
     movielens.add_argument("--zip-prefix-length", type=integer_at_least(1), default=2, help="zip code characters kept")
     movielens.add_argument("--history-length", type=integer_at_least(0), default=0,
                            help="N > 0: a sequence field 'history' of the last N movies the user rated above 3 "
@@ -211,8 +211,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     criteo.add_argument("--delimiter", type=_delimiter, default=None,
                         help="column separator (default: ',' for .csv or .csv.gz, else tab; \\t or tab: a tab)")
     criteo.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
-                        help="train,valid,test shares in file order, divided by their sum (8,1,1 is 0.8,0.1,0.1, "
-                             "the default)")
+                        help="train,valid,test shares in file order, divided by their sum, 8,1,1 as 0.8,0.1,0.1 "
+                             "(default: 0.8,0.1,0.1)")
     criteo.add_argument("--max-rows", type=integer_at_least(1), default=None,
                         help="convert only the first rows; the rest of the file is not read (default: every row)")
 
@@ -236,7 +236,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "the output's value-text files hold them (for training on the new rows: "
                               "train.init_from)")
     tabular.add_argument("--split", type=_fractions, default=None,
-                         help="train,valid,test shares, divided by their sum (8,1,1 is 0.8,0.1,0.1, the default)")
+                         help="train,valid,test shares, divided by their sum, 8,1,1 as 0.8,0.1,0.1 "
+                              "(default: 0.8,0.1,0.1)")
     tabular.add_argument("--split-by", default=None,
                          help="column for a time-ordered split, holding numbers or ISO-8601 dates/timestamps "
                               "(default: random)")
