@@ -103,12 +103,22 @@ def _check_spec_vs_written(path: str, schema: DatasetSchema, metadata: Optional[
                 )
 
 
+def _holds_text(dtype: pa.DataType) -> bool:
+    """Strings (plain, large, dictionary-encoded), or lists of them."""
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_dictionary(dtype)
+
+
 def check_column_type(path: str, spec: FieldSpec, dtype: pa.DataType) -> None:
     """Raises if a column's Arrow type does not fit its field's kind, naming file, column and type."""
     if not _type_ok(spec, dtype):
         other = [k.value for k in FieldKind
                  if _type_ok(FieldSpec(spec.name, k, cardinality=0 if k == FieldKind.DENSE else 1), dtype)]
         hint = f" (it looks like a {other[0]} field: schema/data mismatch?)" if other else ""
+        if spec.kind != FieldKind.DENSE and _holds_text(dtype):
+            hint = (" (raw values, not ids: prepare the rows first, `recsys-llm prepare tabular --input FILE --like "
+                    "PREPARED_DATA --out DIR`, which gives them the prepared data's ids)")
         raise DataError(
             f"{path}: column {spec.name!r} ({spec.kind.value} field) has Arrow type {dtype}; "
             f"expected {_expected_type(spec)}{hint}"

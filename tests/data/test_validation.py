@@ -75,7 +75,9 @@ def test_missing_column(tmp_path):
 def test_wrong_dtype(tmp_path):
     schema = _schema()
     path = _write(str(tmp_path / "f.parquet"), schema, user_id=pa.array([str(i) for i in range(6)]))
-    with pytest.raises(DataError, match=r"f\.parquet.*column 'user_id'.*type string.*expected an integer column"):
+    with pytest.raises(DataError, match=r"f\.parquet.*column 'user_id'.*type string.*expected an integer column.* "
+                                        r"\(raw values, not ids: prepare the rows first, `recsys-llm prepare tabular "
+                                        r"--input FILE --like PREPARED_DATA"):
         _read_all(schema, path)
 
 
