@@ -421,8 +421,27 @@ def test_ctrl_c_inside_a_distributed_checkpoint_save_exits_as_ctrl_c(monkeypatch
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
+def test_sigterm_ends_with_one_line_and_its_code(monkeypatch, capsys, wrapped) -> None:
+    """A scheduler's cancel or a timeout ended the command with 143 and no word in its log."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from recsys_llm.cli import Terminated, data
+
+    def terminated(*args, **kwargs):
+        raise CheckpointException("save failed", {0: (Terminated(143), None)}) if wrapped else Terminated(143)
+
+    monkeypatch.setattr(data, "prepare_dataset", terminated)
+    with pytest.raises(SystemExit) as exited:
+        main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"])
+    assert exited.value.code == 143
+    err = capsys.readouterr().err
+    assert "recsys-llm prepare synthetic: stopped (SIGTERM); what it had written whole stays" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
 def test_ctrl_c_ends_with_one_line_and_the_code_of_sigint(monkeypatch, capsys, wrapped) -> None:
-    """It ended with a traceback and exit code 1, a crash's, where SIGTERM ends silently with 143."""
+    """It ended with a traceback and exit code 1, a crash's; SIGTERM ends with 143 and its own line."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     from recsys_llm.cli import data

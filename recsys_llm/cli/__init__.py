@@ -213,8 +213,12 @@ def exit_on_sigterm() -> Callable[[], None]:
     return restore
 
 
+class Terminated(SystemExit):
+    """The exit :func:`exit_on_sigterm`'s handler raises: code 128 + SIGTERM, as the shell reports a killed process."""
+
+
 def _exit_for_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    raise Terminated(128 + signum)
 
 
 def _wrapped_failures(error: BaseException) -> List[BaseException]:
@@ -408,7 +412,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
     except BaseException as error:
         # Ctrl-C / SIGTERM during a checkpoint save: torch.distributed.checkpoint wraps it
         interruption = next((e for e in _wrapped_failures(error) if isinstance(e, (SystemExit, KeyboardInterrupt))),
-                            error if isinstance(error, KeyboardInterrupt) else None)
+                            error if isinstance(error, (KeyboardInterrupt, Terminated)) else None)
         if isinstance(interruption, KeyboardInterrupt) and not _traceback_asked():
             _close_progress_bars()
             # one line and the shell's code for SIGINT, as SIGTERM ends with 143 (a crash's 1 said something failed);
@@ -419,6 +423,11 @@ def _run_command(argv: Optional[List[str]]) -> int:
                       "to go on", file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.SIGINT) from None
         if interruption is not None:
+            if isinstance(interruption, Terminated) and not _traceback_asked():
+                _close_progress_bars()
+                print(f"recsys-llm {command}: stopped (SIGTERM); what it had written whole stays, and what it left half "
+                      "written is never read (removed now, or by the next run): run the same command again to go on",
+                      file=sys.stderr, flush=True)
             raise interruption from None
         line = _environment_error_line(error, args) or _peer_failure_line(error)
         if line is None or _traceback_asked():
