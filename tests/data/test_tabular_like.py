@@ -116,6 +116,11 @@ def test_new_rows_get_the_earlier_ids_and_schema(earlier: Dict[str, str], tmp_pa
     table = pq.read_table(os.path.join(out, "test.parquet"))
     assert table.column_names == ["impression", "user", "city", "query", "cats", "price"]  # no label column
     assert table["impression"].to_pylist() == [0, 1, 2, 3]  # no row key in the input: rows numbered
+    # a vocabulary field none of whose values the vocabulary holds (another form of them): a warning, not only a count
+    with pytest.warns(UserWarning, match=r"new\.csv: none of the 4 values of field 'city' is in its vocabulary .*"
+                                         r"every one got id 0 \(unknown\); are they written in another form"):
+        prepare_tabular_like(_csv(tmp_path / "new.csv", dict(NEW, city=["1", "2", "3", "4"])), earlier["data"],
+                             str(tmp_path / "numbers"))
     # named as a split training reads, rows without labels are written with a warning (training failed on them later)
     with pytest.warns(UserWarning, match=r"new\.csv: no label column 'clicked', so split 'train' is written without "
                                          r"labels, as rows to score"):

@@ -129,6 +129,12 @@ def prepare_tabular_like(
                                 set(growth)),
         with_label=with_label, marker_files=("schema.json", split_file),
     )
+    for spec in like.categorical_fields:
+        plan = plans[spec.name]
+        if plan.mode == "vocab" and plan.values and plan.unseen == plan.values:
+            warnings.warn(f"{data_path}: none of the {plan.values:,} values of field {spec.name!r} is in its vocabulary "
+                          f"({like_dir}), so every one got id 0 (unknown); are they written in another form than the "
+                          "earlier data's (numbers where it had names, another spelling)?", stacklevel=2)
     if field_ways is not None:
         field_ways.update({spec.name: field_way(spec, plans[spec.name], config,
                                                 growth[spec.name].describe() if spec.name in growth else "")
