@@ -82,7 +82,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--max-length", type=int, default=max_length_default,
                         help="tokens per text" + ("" if max_length_default else " (default: 256, or the adapter's)"))
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,  # resolve_dtype's names
+    # --llm-dtype as adapt and export name it (export's own --dtype is its output vectors')
+    parser.add_argument("--dtype", "--llm-dtype", dest="dtype", default="auto", choices=DTYPE_NAMES,  # resolve_dtype's
                         help="auto (bf16 on an Ampere or newer / ROCm GPU, else fp32), float32, bfloat16, float16"
                              + (" (training scales the loss)" if training else ""))
     parser.add_argument("--include-fields-without-description", action="store_true",

@@ -72,7 +72,11 @@ def test_an_unknown_dtype_is_named_by_its_flag_before_any_work(tmp_path, command
     with pytest.raises(SystemExit) as exit_info:
         main(["semantics", *command, "--schema", str(tmp_path / "none"), "--dtype", "fp64"])
     assert exit_info.value.code == 2
-    assert "argument --dtype: invalid choice: 'fp64' (choose from" in capsys.readouterr().err
+    assert "argument --dtype/--llm-dtype: invalid choice: 'fp64' (choose from" in capsys.readouterr().err
+    # --llm-dtype, as adapt names it, is the same option
+    with pytest.raises(SystemExit):
+        main(["semantics", *command, "--schema", str(tmp_path / "none"), "--llm-dtype", "fp64"])
+    assert "argument --dtype/--llm-dtype: invalid choice: 'fp64'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["adapt", "--output-dir", "out"], ["export", "--llm", "m", "--output-dir", "v"]])
