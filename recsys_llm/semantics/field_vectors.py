@@ -138,16 +138,20 @@ def check_adapter_fields(adapter_dir: str, info: dict, schema: DatasetSchema, fi
         )
 
 
-def _warn_of_texts_not_tuned_on(adapter_dir: str, info: dict, names: List[str], texts: List[str]) -> None:
-    """Warns when a field's text (its description, edited since) is not the one the SSFT adapter was
-    tuned to map its values to; adapters saved before ``field_texts`` was recorded are not checked."""
+def _warn_of_texts_not_tuned_on(adapter_dir: str, info: dict, names: List[str], texts: List[str],
+                                overridden: bool) -> None:
+    """Warns when a field's text (its description, edited since, or another template: ``overridden``) is not the
+    one the SSFT adapter was tuned to map its values to; adapters saved before ``field_texts`` was recorded are not
+    checked."""
     tuned = dict(zip(info["fields"], info.get("field_texts") or []))
     changed = [name for name, text in zip(names, texts) if name in tuned and tuned[name] != text]
     if changed:
+        fix = ("leave --field-template out (FieldVectorConfig.override_templates) to encode with the adapter's own "
+               "template" if overridden else "tune it again on the schema's current descriptions")
         warnings.warn(
             f"{adapter_dir}: the SSFT adapter was tuned with other texts of the fields {changed} (e.g. "
             f"{tuned[changed[0]]!r}, now {texts[names.index(changed[0])]!r}): their vectors encode texts it never saw; "
-            "tune it again on the schema's current descriptions", stacklevel=3)
+            f"{fix}", stacklevel=3)
 
 
 def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, output: str) -> StoredVectors:
@@ -176,8 +180,8 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
     encoder, templates, info = build_field_encoder(config)
     texts = [field_text(f, templates) for f in fields]
     check_field_texts_fit(encoder, [f.name for f in fields], texts, "semantics encode", refuse_alike=False)
-    if info and not config.override_templates:
-        _warn_of_texts_not_tuned_on(config.adapter_dir, info, [f.name for f in fields], texts)
+    if info:
+        _warn_of_texts_not_tuned_on(config.adapter_dir, info, [f.name for f in fields], texts, config.override_templates)
     vectors = cached_encode(encoder, texts, templates.template_id(), config.cache_dir)  # (F, d_llm)
     extra = {"texts": texts, "templates": json.loads(templates.describe()), "dtype": encoder.dtype}
     if info:

@@ -103,6 +103,11 @@ class TestFieldVectors:
                                              rf"\['{tuned_name}'\] \(e\.g\. .*, now '{tuned_name}: a new description'\)"):
             _run_cli(["semantics", "encode", "--schema", edited_path, "--adapter", adapter,
                       "--output", str(tmp_path / "edited.safetensors")])
+        # another template than the adapter's, asked for: encoded so, with the same warning (it was silent)
+        with pytest.warns(UserWarning, match=r"adapter: the SSFT adapter was tuned with other texts of the fields .*"
+                                             r"now '.* \(field\)'\): .*leave --field-template out"):
+            _run_cli(["semantics", "encode", "--schema", schema_path, "--adapter", adapter, "--field-template",
+                      "{name} (field)", "--output", str(tmp_path / "template.safetensors")])
         # settings the adapter fixes: refused when they differ (before the model loads), accepted when the same
         from recsys_llm.semantics import field_vectors
 
