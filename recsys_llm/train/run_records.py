@@ -311,7 +311,13 @@ def changed_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[s
     return [key for key in keys if saved[key] != current[key]]
 
 
-def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
+# what check_same_field_vectors tells a resume to do; evaluate, export and train.init_from say their own
+NEW_VECTORS_ADVICE = ("Pass the vector file the run started with (llactr.vectors_path; moved is fine), or train the new "
+                      "vectors in another train.run_dir")
+
+
+def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str,
+                             advice: str = NEW_VECTORS_ADVICE) -> None:
     """Raises when an LLaCTR run's vector file (as a resume, evaluate or export names it) now holds
     other vectors than the run trained with.
 
@@ -322,16 +328,21 @@ def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dic
     only one of the two records has (written by another version) are not compared.
 
     Raises:
-        ConfigError: naming the file, the vectors' path and the entries that differ.
+        ConfigError: naming the file, the vectors' path, the entries that differ (with the two values of each
+        short one) and ``advice``.
     """
     differing = changed_field_vectors(saved_plugins, current_plugins)
     if differing:
+        saved, current = saved_plugins["llactr"], json.loads(json.dumps(current_plugins["llactr"], default=str))
+
+        def shown(key: str) -> str:
+            both = f"{saved[key]!r} -> {current[key]!r}"
+            return f"{key} {both}" if len(both) <= 120 else key
+
         raise ConfigError(
             f"{source}: this run trained with other field vectors than {current_plugins['llactr'].get('vectors')} "
-            f"holds now "
-            f"(differing: {', '.join(differing)}); its checkpoint holds the vectors it trained with. Pass the vector "
-            "file the run started with (llactr.vectors_path; moved is fine), or train the new vectors in another "
-            "train.run_dir"
+            f"holds now (differing: {', '.join(shown(key) for key in differing)}); its checkpoint holds the vectors "
+            f"it trained with. {advice}"
         )
 
 
@@ -426,14 +437,16 @@ def resumed_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[
     return {**current_plugins, "elec": elec}
 
 
-def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str, Any]) -> None:
+def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str, Any],
+                                     advice: str = "Pass the vector file the run trained with (llactr.vectors_path; "
+                                                   "moved is fine)") -> None:
     """:func:`check_same_field_vectors` against the ``plugins.json`` of the run that wrote
     ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``); nothing to check without one (the config
     checks then let no vector path change: ``config.MOVABLE_PATH_KEYS``)."""
     run_dir = run_dir_of(checkpoint)
     path = os.path.join(run_dir, PLUGINS_FILE) if run_dir is not None else None
     if path is not None and os.path.isfile(path):
-        check_same_field_vectors(read_run_record(path), current_plugins, path)
+        check_same_field_vectors(read_run_record(path), current_plugins, path, advice)
 
 
 def earlier_throughput(run_dir: str) -> Optional[float]:
