@@ -320,9 +320,12 @@ def check_field_texts_fit(encoder: TextEncoder, names: Sequence[str], texts: Seq
     for name, ids in zip(names, read):
         key = tuple(ids)
         if key in first:
+            both_cut = first[key] in cut and name in cut
+            fix = (f"raise --max-length (their texts are {len(whole[names.index(first[key])])} and "
+                   f"{len(whole[names.index(name)])} tokens whole, and differ past the first {limit})" if both_cut else
+                   "give them distinct descriptions, or a field template that holds {name}")
             message = (f"{what}: fields {first[key]!r} and {name!r} have texts that are the same {len(ids)} tokens as "
-                       f"the encoder reads them (max_length {limit}): their vectors are one; give them distinct "
-                       "descriptions (distinct within their first tokens), or a field template that holds {name}")
+                       f"the encoder reads them (max_length {limit}): their vectors are one; {fix}")
             if refuse_alike:
                 raise ValueError(message)
             warnings.warn(message, stacklevel=3)
