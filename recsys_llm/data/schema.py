@@ -322,7 +322,7 @@ class DatasetSchema:
     def vocabulary_records(self) -> Dict[str, Dict[str, Any]]:
         """Which value each id of a vocabulary field means: ``{field: {"ids": N, "digest": d}}``, ``d`` a digest of
         the ``N`` rows (``id``, ``text``) of its value-text file, for the fields ``ids`` records as ``vocabulary``
-        whose file is there.
+        whose file is there (in data without ``ids``, synthetic or MovieLens, every field with a value-text file).
 
         :meth:`fingerprint` leaves the vocabularies out (it covers sizes, not which value got which id), so data of
         the same source prepared afresh instead of ``--like`` keeps it while its ids mean other values (a value
@@ -377,10 +377,16 @@ class DatasetSchema:
         return notes
 
     def _vocabulary_fields(self) -> List[str]:
-        """The fields ``ids`` records as ``vocabulary`` whose value-text file is there."""
-        return [name for name, way in sorted(self.ids.items())
-                if way == "vocabulary" and self.value_text_path(name) is not None
-                and os.path.isfile(self.value_text_path(name))]
+        """The fields whose value-text file is there and says which value each id means: those ``ids`` records as
+        ``vocabulary`` (data of ``prepare tabular``); in data that records no ``ids`` (synthetic, MovieLens), every
+        field with a value-text file (its texts are what its ids mean: the same source prepared again with another
+        seed, or other rows, gives an id another item)."""
+        if self.ids:
+            names = [name for name, way in sorted(self.ids.items()) if way == "vocabulary"]
+        else:
+            names = sorted(field.name for field in self.fields if field.value_text)
+        return [name for name in names
+                if self.value_text_path(name) is not None and os.path.isfile(self.value_text_path(name))]
 
     def fingerprint(self) -> str:
         """Hash of everything a model or vector file depends on: field names, kinds, sizes, descriptions
