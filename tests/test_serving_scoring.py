@@ -102,6 +102,23 @@ def test_a_batch_the_artifact_refuses_leaves_no_scores_file(exported: Dict[str, 
     assert os.listdir(output.parent) == []
 
 
+def test_synthetic_data_generated_again_with_another_seed_is_refused_naming_its_fields(exported: Dict[str, str],
+                                                                                       tmp_path) -> None:
+    """The same schema, sizes and fingerprint, but each user and item id is another user and item (its value text):
+    such data was scored as if its ids meant what the model trained on, and so were entity vectors and evaluate."""
+    other = str(tmp_path / "seed1")
+    generate_synthetic(other, 2_000, seed=1, rows_per_group=128)
+    schema = DatasetSchema.load(other)
+    assert schema.fingerprint() == DatasetSchema.load(exported["data"]).fingerprint()
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    with pytest.raises(ValueError, match=r"seed1/schema\.json: the vocabulary of field\(s\) \['item_id', 'user_id'\] is "
+                                         r"not the one the artifact's model was trained on"):
+        score_split(served, schema, "test", progress=False)
+    generated_again = str(tmp_path / "seed0")  # the same seed and rows: the same ids, scored
+    generate_synthetic(generated_again, 2_000, seed=0, rows_per_group=128)
+    assert score_split(served, DatasetSchema.load(generated_again), "test", progress=False)["rows"] > 0
+
+
 def test_a_schema_without_the_artifacts_features_is_named(exported: Dict[str, str]) -> None:
     schema = DatasetSchema.load(exported["data"])
     renamed = dataclasses.replace(schema, fields=[dataclasses.replace(f, name="movie_id") if f.name == "item_id" else f

@@ -640,7 +640,8 @@ def export_task(
         schema (Optional[DatasetSchema]): the training data's schema; its ``hashed``,
             ``max_length`` and single-id kind per feature go to ``config.json`` (``id_rules``), so ``ServedModel``
             treats raw request ids as the reader treated the training ids (without it: bounds
-            checks only).
+            checks only), and its vocabulary records to ``metadata.vocabularies`` (unless ``metadata`` has them),
+            so ``recsys-llm score`` refuses data whose ids mean other values.
         table_dtype (str): the served tables' dtype (``recsys-llm export --table-dtype``): ``"trained"``
             keeps them as trained (FP32 / FP16); ``"int8"`` / ``"int4"`` quantizes every table, the entity tables
             of a gain network too, to 8-bit / 4-bit rows with a per-row scale and bias, torchrec inference's
@@ -761,7 +762,9 @@ def export_task(
             VERSIONS_KEY: {**library_versions(), "recsys_llm_commit": source_commit()},
             "num_parameters": int(sum(p.numel() for p in task.parameters())),
             "num_state_tensors": len(state),
-            "metadata": metadata or {},
+            # which ids meant which values, for ServedModel.vocabularies (score checks data against them)
+            "metadata": {**({"vocabularies": schema.vocabulary_records()} if schema is not None else {}),
+                         **(metadata or {})},
         }
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)

@@ -423,8 +423,10 @@ def test_data_prepared_afresh_instead_of_like_is_refused_where_its_ids_would_mea
         check_trained_on(fresh, saved_config, "train.init_from=runs/day1")
 
     served = ServedModel.load(earlier["artifact"], trust_program=True)
+    assert served.vocabularies == old.vocabulary_records()  # export_task records them from its schema
+    served._config["metadata"] = {}
     check_artifact_fits(served, fresh)  # an artifact exported before they were recorded
-    served._config["metadata"] = {"vocabularies": old.vocabulary_records()}  # as `recsys-llm export` records them
+    served._config["metadata"] = {"vocabularies": old.vocabulary_records()}
     check_artifact_fits(served, like)
     with pytest.raises(ValueError, match=r"fresh/schema\.json: the vocabulary of field\(s\) \['cats', 'city'\] is "
                                          r"not the one the artifact's model was trained on.*--like"):
@@ -720,6 +722,7 @@ def test_scoring_rows_of_values_added_after_the_artifacts_model_trained_warns(ea
             check_artifact_fits(served, schema)
         return sorted(str(w.message) for w in caught if "added after" in str(w.message))
 
+    served._config["metadata"] = {}
     assert notes(grown) == []  # an artifact exported before they were recorded
     served._config["metadata"] = {"vocabularies": old.vocabulary_records()}
     assert notes(like) == []
