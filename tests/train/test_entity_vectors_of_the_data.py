@@ -86,6 +86,29 @@ def test_an_entity_export_of_another_vocabulary_is_refused(tmp_path) -> None:
                               days["fresh"])
 
 
+def test_an_entity_export_of_synthetic_data_generated_with_another_seed_is_refused(tmp_path) -> None:
+    """Synthetic (and MovieLens) data records no ``ids``: its value texts say what each id means, and an export of
+    data generated with another seed (item 1 another title) was let through, as were evaluate and score."""
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    schemas = {}
+    for seed in (0, 7):
+        generate_synthetic(str(tmp_path / f"seed{seed}"), 400, seed=seed)
+        schemas[seed] = DatasetSchema.load(str(tmp_path / f"seed{seed}"))
+    assert schemas[0].fingerprint() == schemas[7].fingerprint()
+    out = str(tmp_path / "items")
+    export_schema_vectors(schemas[0], ["train"], RowTextRenderer(schemas[0]), lambda texts: torch.ones(len(texts), 4),
+                          out, {"model": "tiny", "revision": "r1", "pooling": "mean"}, VectorExportConfig(),
+                          granularity="entity", entity_field="item_id", progress=False)
+    built = types.SimpleNamespace(elec=ELECConfig.from_dict(
+        {"task": "gain", "vector_dim": 4, "vector_source": "entity_table", "entity_field": "item_id",
+         "entity_vectors": out}))
+    check_entity_vocabularies(built, schemas[0])
+    with pytest.raises(ProvenanceError, match=r"entity vectors of 'item_id' in .*items: exported from data whose \d+ "
+                                              r"ids of 'item_id' mean other values than in .*seed7"):
+        check_entity_vocabularies(built, schemas[7])
+
+
 def test_a_day_export_that_leaves_out_earlier_values_is_named(tmp_path) -> None:
     days = _days(str(tmp_path))
     day2 = _export(days["day2"], str(tmp_path / "v2"), ["train"])  # items a, c, d: not b and f of day 1
