@@ -225,8 +225,43 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     served = os.path.join(work, "served")
     assert cli_main(["export", "--config", CONFIG, "--checkpoint", offline_dir, "--output", served,
                      *offline_overrides]) == 0
+    other_vectors = _other_llms_vectors(gain_config, gain_dir, gain_overrides, frozen_overrides, work, attached)
     return {"gain": gain, "offline": offline, "joint": joint, "frozen": frozen, "teacher_schema": teacher_schema,
-            "served": served, "teacher_check": teacher_check, "other_teacher_refusal": other_teacher_refusal}
+            "served": served, "teacher_check": teacher_check, "other_teacher_refusal": other_teacher_refusal,
+            "other_vectors": other_vectors}
+
+
+def _other_llms_vectors(gain_config: Any, gain_dir: str, gain_overrides: List[str], frozen_overrides: List[str],
+                        work: str, attached: str) -> Dict[str, Any]:
+    """What evaluate and a frozen student say of the data with per-row vectors of another adapted LLM attached (the
+    attached copies' record of the export's provenance, as `semantics export --attach-dir` of another LLM writes)."""
+    from recsys_llm.semantics.vector_reader import ROW_VECTORS_METADATA_KEY
+    from recsys_llm.train.trained_run import run_evaluation
+
+    other = os.path.join(work, "attached_other_llm")
+    shutil.copytree(attached, other)
+    for name in os.listdir(other):
+        if name.endswith(".parquet"):
+            path = os.path.join(other, name)
+            table = pq.read_table(path)
+            record = json.loads(table.schema.metadata[ROW_VECTORS_METADATA_KEY])
+            record["weights_sha256"] = "another_adapted_llm"
+            metadata = {**table.schema.metadata, ROW_VECTORS_METADATA_KEY: json.dumps(record).encode()}
+            pq.write_table(table.replace_schema_metadata(metadata), path)
+    with open(os.path.join(gain_dir, "plugins.json"), encoding="utf-8") as handle:
+        result: Dict[str, Any] = {"recorded": json.load(handle)["elec"].get("row_vectors")}
+    data = [f"data.schema={os.path.join(other, 'schema.json')}"]
+    attempts = {"evaluate": lambda: run_evaluation(load_config(CONFIG, gain_overrides + data), gain_dir),
+                "frozen": lambda: run_training(load_config(CONFIG, frozen_overrides + data + [
+                    f"train.run_dir={os.path.join(work, 'frozen_other_llm')}"]))}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            result[name] = None
+        except ConfigError as error:
+            result[name] = str(error)
+    result["evaluate_same"] = run_evaluation(gain_config, gain_dir)["auc"]  # the vectors it trained on: evaluated
+    return result
 
 
 @pytest.mark.multiprocess
@@ -258,6 +293,14 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     assert not os.path.exists(os.path.join(work, "offline_wrong_dim"))
     resumed = out["frozen"]["resumed_without_teacher_file"]
     assert resumed["epochs"] == 3 and resumed["global_step"] > out["frozen"]["global_step"]
+    other = out["other_vectors"]
+    assert other["recorded"]["column"] == "llm_vector" and other["recorded"]["granularity"] == "row"
+    assert other["evaluate"].startswith(f"{os.path.join(work, 'gain', 'plugins.json')}: the data's per-row LLM "
+                                        "vectors are not the ones this run's network trained on (weights_sha256: ")
+    assert "-> 'another_adapted_llm'); attach the vectors it trained on" in other["evaluate"]
+    assert other["frozen"].startswith("elec.teacher_checkpoint=") and "the frozen teacher trained on other per-row " \
+        "LLM vectors than" in other["frozen"], other["frozen"]
+    assert not os.path.exists(os.path.join(work, "frozen_other_llm", "checkpoints")) and other["evaluate_same"] > 0.5
     state = load_state_file(out["served"])
     assert state and not any(("teacher" in k) or ("injection" in k) or ("semantic" in k) for k in state), sorted(state)
     served = ServedModel.load(out["served"], trust_program=True)

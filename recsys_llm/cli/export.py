@@ -59,6 +59,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     )
     from recsys_llm.serving.quantized_tables import TRAINED, check_table_dtype
     from recsys_llm.train.checkpoint import checkpoint_digests
+    from recsys_llm.train.run_records import trained_row_vectors
     from recsys_llm.train.distributed import barrier
     from recsys_llm.train.mixed_precision import autocast_dtype
     from recsys_llm.train.task_builder import build_task
@@ -97,6 +98,9 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
                     "vocabularies": schema.vocabulary_records()}
         if config.elec is not None:  # what shapes the gain network: a frozen-teacher run names what differs
             metadata["elec"] = gain_shape_settings(ELECConfig.from_dict(config.elec, source="elec"))
+            row_vectors = trained_row_vectors(checkpoint)
+            if row_vectors:  # the per-row LLM vectors it trained on: a frozen-teacher run's data must hold them
+                metadata["row_vectors"] = row_vectors
         written = _write_state(full, output, metadata)
     elif ctx.is_main:
         if isinstance(task, TeacherStudentTask):  # its tables on meta, filled below

@@ -376,6 +376,20 @@ class DatasetSchema:
                     "(id 0, unknown)")
         return notes
 
+    def other_ids_cause(self) -> str:
+        """For messages: how this data came to have ids that mean other values than a model's data of the same
+        fingerprint (:meth:`changed_vocabularies` named them)."""
+        if self.ids:
+            return "data of the same source prepared afresh, not --like the training data"
+        return "data generated or converted again otherwise: another seed, other rows or another source file"
+
+    def same_ids_advice(self, training_data: str) -> str:
+        """For messages: how to get rows into the ids of ``training_data`` (a directory, or a placeholder)."""
+        if self.ids:
+            return f"prepare the rows with `recsys-llm prepare tabular --input FILE --like {training_data} --out DIR`"
+        return (f"use the data the model trained on ({training_data}), or data prepared as it was (the same source "
+                "file, seed and rows)")
+
     def _vocabulary_fields(self) -> List[str]:
         """The fields whose value-text file is there and says which value each id means: those ``ids`` records as
         ``vocabulary`` (data of ``prepare tabular``); in data that records no ``ids`` (synthetic, MovieLens), every

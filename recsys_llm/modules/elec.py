@@ -298,11 +298,16 @@ def frozen_teacher_record(path: str) -> Dict[str, Any]:
     """What a frozen-teacher run records of ``elec.teacher_checkpoint`` (``plugins.json``:
     ``elec.frozen_teacher``): the export's path and the training checkpoint it was exported from
     with that checkpoint's digests (``checkpoint_sha256``, None for an export that has none), so
-    that a resume or a reused run can tell a re-exported retrained teacher from the one it learned from."""
+    that a resume or a reused run can tell a re-exported retrained teacher from the one it learned from; and,
+    where the export records them, the provenance of the per-row LLM vectors the teacher trained on
+    (``row_vectors``), which the student's data must hold."""
     metadata = _export_metadata(path)
     digests = metadata.get("checkpoint_sha256")
-    return {"export": os.path.abspath(path), "checkpoint": metadata.get("checkpoint"),
-            "checkpoint_sha256": digests if isinstance(digests, dict) and digests else None}
+    record = {"export": os.path.abspath(path), "checkpoint": metadata.get("checkpoint"),
+              "checkpoint_sha256": digests if isinstance(digests, dict) and digests else None}
+    if isinstance(metadata.get("row_vectors"), dict):
+        record["row_vectors"] = metadata["row_vectors"]
+    return record
 
 
 def entity_vectors_record(config: ELECConfig) -> Dict[str, Dict[str, Any]]:

@@ -172,8 +172,8 @@ def _check_prepared_like(schema: DatasetSchema, path: str) -> None:
     if changed:
         raise ValueError(
             f"--splits {path}: prepared as {other.root} (schema {other.name!r}), and {changed} from {schema.root}'s, "
-            "so its ids would read other values' texts (data prepared afresh, not --like); read only files of "
-            "data prepared --like this data or one of the outputs it was prepared --like"
+            f"so its ids would read other values' texts ({other.other_ids_cause()}); read only files of data whose "
+            f"ids are this data's: {other.same_ids_advice(schema.root)}"
         )
 
 

@@ -30,6 +30,24 @@ from recsys_llm.semantics.vector_export import (
 
 logger = logging.getLogger(__name__)
 
+# in the Parquet metadata of a split copy with attached per-row vectors: the export's provenance (which adapted LLM,
+# template, schema) and the column, so a model trained on them can tell vectors attached again from another LLM
+ROW_VECTORS_METADATA_KEY = b"recsys_llm.row_vectors"
+
+
+def attached_vectors_provenance(split_files: Sequence[str], column: str) -> Optional[Dict[str, str]]:
+    """The provenance of the per-row vectors ``semantics export --attach-dir`` attached as ``column`` to a split
+    (read from its first file's metadata), with ``column``; None when it records none (attached by an earlier
+    version, or by other means)."""
+    if not split_files:
+        return None
+    raw = (pq.read_schema(split_files[0]).metadata or {}).get(ROW_VECTORS_METADATA_KEY)
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("column") == column else None
+
 
 def iter_chunks(directory: str, expected: Optional[Dict[str, str]] = None):
     """Yields ``(keys (n,) int64 ndarray, vectors (n, d) ndarray)`` per chunk, provenance-checked."""
@@ -466,9 +484,14 @@ def attach_vectors_to_splits(
         logger.warning("%s: %.1f GiB of vectors, above attach_vectors' cache_bytes (%.1f GiB): keys in random order "
                        "re-read chunks for every batch", vector_dir, export_bytes / 2**30, cache_bytes / 2**30)
     lookup = ExportLookup(vector_dir, manifest, cache_bytes)
+    provenance = json.dumps({**dict(manifest.get("provenance") or {}), "column": column}, sort_keys=True).encode()
+
+    def with_vectors(schema: pa.Schema) -> pa.Schema:
+        return schema.append(pa.field(column, value_type)).with_metadata(
+            {**(schema.metadata or {}), ROW_VECTORS_METADATA_KEY: provenance})
+
     return [
-        _write_copy(files, schema.append(pa.field(column, value_type)), output_path, lookup, vector_dir, key_column,
-                    batch_rows, progress)
+        _write_copy(files, with_vectors(schema), output_path, lookup, vector_dir, key_column, batch_rows, progress)
         for (_, output_path), files, schema in zip(copies, split_files, schemas)
     ]
 

@@ -96,9 +96,8 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
     other = schema.changed_vocabularies(served.vocabularies)
     if other:
         raise ValueError(f"{where}: the vocabulary of field(s) {other} is not the one the artifact's model was trained "
-                         "on, so the same values would read other rows of its tables (data prepared afresh, not "
-                         "--like the training data); prepare the rows with `recsys-llm prepare tabular --input FILE "
-                         "--like TRAINING_DATA --out DIR`")
+                         f"on, so the same values would read other rows of its tables ({schema.other_ids_cause()}); "
+                         f"{schema.same_ids_advice('TRAINING_DATA')}")
     for note in schema.grown_vocabularies(served.vocabularies or {}, "the artifact's model"):
         if is_main_process():  # once, not once a rank
             warnings.warn(note, stacklevel=2)

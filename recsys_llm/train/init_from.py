@@ -85,9 +85,10 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
     advice = "set them as that run did, or leave train.init_from unset to start from fresh weights"
     check_same_model(config, saved_config, advice=advice, free=INIT_FREE_KEYS)
     check_trained_on(schema, saved_config, f"train.init_from={train_cfg.init_from}")
-    check_trained_with_these_vectors(checkpoint, plugins, "Pass the vector file that run trained with "
-                                     "(llactr.vectors_path), or leave train.init_from unset to train the new vectors "
-                                     "from fresh weights")
+    fresh = "leave train.init_from unset to train on the new vectors from fresh weights"
+    check_trained_with_these_vectors(checkpoint, plugins, f"Pass the vector file that run trained with "
+                                     f"(llactr.vectors_path), or {fresh}", f"attach the vectors that run trained on, "
+                                     f"or {fresh}")
     if train_cfg.init_optimizer:
         _check_optimizer_state_fits(config, load_config(saved_config), plan,
                                     os.path.join(run_dir_of(checkpoint), "sharding_plan.json"))

@@ -402,6 +402,38 @@ def check_same_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Di
         )
 
 
+def changed_row_vectors(saved: Optional[Dict[str, Any]], current: Optional[Dict[str, Any]]) -> List[str]:
+    """How the provenance of per-row LLM vectors attached to the data (``elec.row_vectors``:
+    :func:`~recsys_llm.semantics.vector_reader.attached_vectors_provenance`) differs from ``saved``, e.g.
+    ``["weights_sha256: 'a1' -> 'b2'"]``; nothing where either records none (data attached, or a run trained,
+    before the record existed). Where the base model lay is not compared when its files were the same."""
+    from recsys_llm.semantics.vector_export import same_model_files
+
+    if not saved or not current:
+        return []
+    moved = same_model_files(saved, current)
+    keys = sorted(key for key in set(saved) | set(current) if not (moved and key == "model"))
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+
+
+def check_same_row_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str,
+                           advice: str) -> None:
+    """Raises when the data's per-row LLM vectors (``semantics export --attach-dir``) are of another provenance
+    than those an ELEC run's network trained on (:func:`changed_row_vectors`): another adapted LLM's vectors,
+    attached again into the same directory, would be read as the ones its weights learned.
+
+    Raises:
+        ConfigError: naming the file, what differs and ``advice``.
+    """
+    changes = changed_row_vectors((saved_plugins.get("elec") or {}).get("row_vectors"),
+                                  (current_plugins.get("elec") or {}).get("row_vectors"))
+    if changes:
+        raise ConfigError(
+            f"{source}: the data's per-row LLM vectors are not the ones this run's network trained on "
+            f"({'; '.join(changes)}); {advice}"
+        )
+
+
 def check_same_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
     """Raises when a frozen-teacher run's ``elec.teacher_checkpoint`` (as a resume names it) now holds
     the export of another trained teacher than the run started with (:func:`changed_frozen_teacher`).
@@ -437,16 +469,30 @@ def resumed_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[
     return {**current_plugins, "elec": elec}
 
 
+def trained_row_vectors(checkpoint: str) -> Optional[Dict[str, Any]]:
+    """The provenance of the per-row LLM vectors the run that wrote ``checkpoint`` trained on (its ``plugins.json``:
+    ``elec.row_vectors``); None where it records none."""
+    run_dir = run_dir_of(checkpoint)
+    path = os.path.join(run_dir, PLUGINS_FILE) if run_dir is not None else None
+    if path is None or not os.path.isfile(path):
+        return None
+    return (read_run_record(path).get("elec") or {}).get("row_vectors")
+
+
 def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str, Any],
                                      advice: str = "Pass the vector file the run trained with (llactr.vectors_path; "
-                                                   "moved is fine)") -> None:
-    """:func:`check_same_field_vectors` against the ``plugins.json`` of the run that wrote
-    ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``); nothing to check without one (the config
-    checks then let no vector path change: ``config.MOVABLE_PATH_KEYS``)."""
+                                                   "moved is fine)",
+                                     row_advice: str = "attach the vectors it trained on (semantics export "
+                                                       "--attach-dir with its adapted LLM)") -> None:
+    """:func:`check_same_field_vectors` (``advice`` its way out) and :func:`check_same_row_vectors` (``row_advice``)
+    against the ``plugins.json`` of the run that wrote ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``);
+    nothing to check without one (the config checks then let no vector path change: ``config.MOVABLE_PATH_KEYS``)."""
     run_dir = run_dir_of(checkpoint)
     path = os.path.join(run_dir, PLUGINS_FILE) if run_dir is not None else None
     if path is not None and os.path.isfile(path):
-        check_same_field_vectors(read_run_record(path), current_plugins, path, advice)
+        saved = read_run_record(path)
+        check_same_field_vectors(saved, current_plugins, path, advice)
+        check_same_row_vectors(saved, current_plugins, path, row_advice)
 
 
 def earlier_throughput(run_dir: str) -> Optional[float]:
@@ -557,8 +603,8 @@ def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: s
         trained_dir = os.path.dirname(schema_json_path(load_config(saved_config).data.schema))
         raise ConfigError(
             f"{what}: the vocabulary of field(s) {other} in {schema.root} is not the one the run trained on, so "
-            f"the same values would read other rows of its tables (data prepared afresh, not --like the training "
-            f"data); prepare the rows with `recsys-llm prepare tabular --input FILE --like {trained_dir} --out DIR`"
+            f"the same values would read other rows of its tables ({schema.other_ids_cause()}); "
+            f"{schema.same_ids_advice(trained_dir)}"
         )
 
 

@@ -109,6 +109,7 @@ from recsys_llm.train.run_records import (
     check_same_entity_vectors,
     check_same_field_vectors,
     check_same_frozen_teacher,
+    check_same_row_vectors,
     check_trained_on,
     data_fingerprints,
     earlier_throughput,
@@ -309,6 +310,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
             check_plugin_history(saved_record, built.plugins, saved_plugins)
             check_same_field_vectors(saved_record, built.plugins, saved_plugins)
             check_same_entity_vectors(saved_record, built.plugins, saved_plugins)
+            check_same_row_vectors(saved_record, built.plugins, saved_plugins, "attach the vectors it started with "
+                                   "(semantics export --attach-dir with its adapted LLM), or train on these in another "
+                                   "train.run_dir")
             # each rank reads the teacher export's config.json: one that sees another teacher stops them all
             run_on_every_rank(lambda: check_same_frozen_teacher(saved_record, built.plugins, saved_plugins),
                               "checking the frozen teacher (elec.teacher_checkpoint)", ctx.device)

@@ -24,7 +24,9 @@ from recsys_llm.modules.elec import (
     load_elec_state,
 )
 from recsys_llm.modules.llactr import build_llactr_terms
+from recsys_llm.semantics.vector_reader import attached_vectors_provenance
 from recsys_llm.train.config import ConfigError, ExperimentConfig, parse_plugin_sections
+from recsys_llm.train.run_records import changed_row_vectors
 
 
 class BuiltTask(NamedTuple):
@@ -84,6 +86,18 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
         entity_vectors = entity_vectors_record(elec)
         if entity_vectors:
             record["entity_vectors"] = entity_vectors
+        row_vectors = (attached_vectors_provenance(resolve_paths(schema, config.data.train_split), elec.vector_key)
+                       if reads_row_vectors else None)
+        if row_vectors:  # which LLM's vectors the network reads (run_records.check_same_row_vectors)
+            record["row_vectors"] = row_vectors
+            taught_on = changed_row_vectors((record.get("frozen_teacher") or {}).get("row_vectors"), row_vectors)
+            if taught_on:
+                raise ConfigError(
+                    f"elec.teacher_checkpoint={elec.teacher_checkpoint}: the frozen teacher trained on other per-row "
+                    f"LLM vectors than {schema.root} holds ({'; '.join(taught_on)}): it would score rows by vectors "
+                    "it never saw; attach the vectors its gain run trained on (semantics export --attach-dir with "
+                    "that adapted LLM), or train a gain network on these"
+                )
         return BuiltTask(task, {"elec": record}, elec, config.model)
     backbone = build_backbone(config.model, schema, device=torch.device("meta"), dense_device=device)
     if llactr is None:
@@ -261,8 +275,8 @@ def check_entity_vocabularies(built: BuiltTask, schema: DatasetSchema) -> None:
         if field in schema.changed_vocabularies({field: record}):  # (it names the schema's other vocabularies too)
             raise ProvenanceError(
                 f"elec entity vectors of {field!r} in {directory}: exported from data whose {record['ids']} ids of "
-                f"{field!r} mean other values than in {schema.root} (data of the same source prepared afresh "
-                "instead of --like, or an export of a later day's grown vocabulary), so vectors would land on "
+                f"{field!r} mean other values than in {schema.root} ({schema.other_ids_cause()}; or an export of "
+                "a later day's grown vocabulary), so vectors would land on "
                 f"other entities' ids; export them from this data (`recsys-llm semantics export --schema "
                 f"{schema.root} --granularity entity --entity-field {field} ...`)")
 

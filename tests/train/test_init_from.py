@@ -272,7 +272,7 @@ def test_a_run_with_other_llactr_field_vectors_than_its_init_run_is_refused(tmp_
     (out,) = run_multiprocess(_llactr_vectors, world_size=1, root=str(tmp_path))
     assert out["moved"] == "started"
     assert "other field vectors" in out["other"] and "model_id" in out["other"]
-    assert "leave train.init_from unset to train the new vectors from fresh weights" in out["other"]
+    assert "leave train.init_from unset to train on the new vectors from fresh weights" in out["other"]
     assert out["other_left"] == "False"
 
 
