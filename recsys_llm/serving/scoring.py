@@ -10,8 +10,9 @@ data, with no training code, run config or LLM::
     torchrun --nproc_per_node 4 -m recsys_llm.cli score --artifact exports/student --data ... --output scores.parquet
 
 Under ``torchrun`` every rank scores its contiguous share of the rows with its own copy of the artifact (no
-collective per batch), and rank 0 writes every rank's scores into the one file, in the files' row order: the same
-file as one process writes. Only rank 0's host writes, so the ranks need no shared file system for the output.
+collective per batch), and rank 0 writes every rank's scores into the one file, in the files' row order: the rows
+one process writes, their scores to float rounding (the batches are cut elsewhere). Only rank 0's host writes, so
+the ranks need no shared file system for the output.
 """
 
 import contextlib
