@@ -415,6 +415,19 @@ def _attention_in_place_of_flash(model_path: str, config: Any, device: torch.dev
     return None
 
 
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """transformers' logging at ERROR within (its own verbosity put back after)."""
+    from transformers.utils import logging as transformers_logging
+
+    previous = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(previous)
+
+
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Loads a base model (no LM head) offline with ``AutoModel`` (or the ``*EncoderModel`` class its config
     names: T5EncoderModel); of an encoder-decoder model (T5, sentence-T5), its encoder.
@@ -434,12 +447,15 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
     require_weight_files(model_path)
     attention = _attention_in_place_of_flash(model_path, config, device, trust_remote_code)
     try:
-        model, loading_info = _model_class(config).from_pretrained(
-            model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
-            # straight onto the device: no whole copy in host memory first (one per rank under torchrun)
-            device_map={"": device}, output_loading_info=True,
-            **({"attn_implementation": attention} if attention else {}),
-        )
+        # transformers' load report (a table, in colour) lists a causal LM's lm_head as UNEXPECTED on every load of
+        # its base model; weights the model lacks are checked below (_require_loaded_weights) and named in one line
+        with _transformers_errors_only():
+            model, loading_info = _model_class(config).from_pretrained(
+                model_path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+                # straight onto the device: no whole copy in host memory first (one per rank under torchrun)
+                device_map={"": device}, output_loading_info=True,
+                **({"attn_implementation": attention} if attention else {}),
+            )
     except (OSError, SafetensorError) as error:
         raise ValueError(f"{model_path}: cannot load the model weights ({one_line(error)})") from error
     except ImportError as error:  # a package the model's config asks for (an attention kernel, ...) is missing

@@ -533,3 +533,20 @@ def test_the_weights_load_straight_onto_the_device_asked_for(tiny_bert_dir, monk
     CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=tiny_bert_dir, representation_dim=4, hidden_dim=8),
                               device=first_cpu)
     assert calls[-1] == {"": first_cpu}
+
+
+def test_a_causal_lm_loads_as_its_base_model_without_transformers_load_report(tmp_path, capfd) -> None:
+    """A decoder saved with its LM head (``*ForCausalLM``, as models are published) printed transformers' coloured
+    LOAD REPORT table ("lm_head.weight | UNEXPECTED") at every load; weights it lacks are checked by the project."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tiny_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    path = save_with_tokenizer(LlamaForCausalLM(config), tmp_path / "causal")
+    verbosity = transformers_logging.get_verbosity()
+    capfd.readouterr()
+    model = load_model(path, torch.device("cpu"), torch.float32)
+    assert "LOAD REPORT" not in capfd.readouterr().err and "lm_head" not in dict(model.named_parameters())
+    assert transformers_logging.get_verbosity() == verbosity  # put back
