@@ -49,6 +49,16 @@ class TestFieldVectors:
         with pytest.raises(VectorProvenanceError, match="template="):
             load_vectors(str(tmp_path / "other.safetensors"), expected={"template": default.template_id()})
 
+    def test_cli_tune_without_held_out_values_says_so(self, tmp_path, tiny_llama_dir, tiny_schema, capsys) -> None:
+        """``--samples-valid 0`` printed 'accuracy nan -> nan' and left no plot without a word."""
+        out_dir = str(tmp_path / "ssft")
+        assert _run_cli(["semantics", "tune", "--schema", tiny_schema.root, "--model", tiny_llama_dir, "--output-dir",
+                         out_dir, "--samples-train", "4", "--samples-valid", "0", "--epochs", "1"]) == 0
+        err = capsys.readouterr().err
+        assert "semantics tune: no held-out values (--samples-valid 0), so no field retrieval accuracy and no " \
+               "field_retrieval.png; adapter: " in err and "nan" not in err
+        assert not os.path.exists(os.path.join(out_dir, "field_retrieval.png"))
+
     def test_cli_tune_then_encode(self, tmp_path, tiny_llama_dir, tiny_schema, capsys) -> None:
         schema_path = os.path.join(tiny_schema.root, "schema.json")
         out_dir, output = str(tmp_path / "ssft"), str(tmp_path / "tuned.safetensors")
