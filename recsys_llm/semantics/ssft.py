@@ -625,9 +625,10 @@ class SSFTTrainer:
                                      **{f"valid_{k}": v for k, v in after.items()}})
             state["epoch"] = epoch + 1
             self.save_checkpoint(state)
-            print(f"ssft epoch {epoch + 1}/{self._config.epochs}: train loss {train_loss:.4f}, held-out field "
-                  f"retrieval accuracy {after['accuracy']:.3f} (before tuning {state['before']['accuracy']:.3f}, "
-                  f"chance {after['chance']:.3f})", file=sys.stderr, flush=True)
+            measured = (f", held-out field retrieval accuracy {after['accuracy']:.3f} (before tuning "
+                        f"{state['before']['accuracy']:.3f}, chance {after['chance']:.3f})" if self._valid else "")
+            print(f"ssft epoch {epoch + 1}/{self._config.epochs}: train loss {train_loss:.4f}{measured}",
+                  file=sys.stderr, flush=True)
         if after is None:  # every epoch was trained by an earlier job
             after = self.evaluate()
         adapter_dir = self.save_adapter()
