@@ -111,8 +111,8 @@ def test_synthetic_data_generated_again_with_another_seed_is_refused_naming_its_
     schema = DatasetSchema.load(other)
     assert schema.fingerprint() == DatasetSchema.load(exported["data"]).fingerprint()
     served = ServedModel.load(exported["artifact"], trust_program=True)
-    with pytest.raises(ValueError, match=r"seed1/schema\.json: the vocabulary of field\(s\) \['item_id', 'user_id'\] is "
-                                         r"not the one the artifact's model was trained on"):
+    with pytest.raises(ValueError, match=r"seed1/schema\.json: the vocabulary of field\(s\) \['item_id', 'user_id'\] "
+                                         r"is not the one the artifact's model was trained on"):
         score_split(served, schema, "test", progress=False)
     generated_again = str(tmp_path / "seed0")  # the same seed and rows: the same ids, scored
     generate_synthetic(generated_again, 2_000, seed=0, rows_per_group=128)

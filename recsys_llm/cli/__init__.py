@@ -425,8 +425,9 @@ def _run_command(argv: Optional[List[str]]) -> int:
         if interruption is not None:
             if isinstance(interruption, Terminated) and not _traceback_asked():
                 _close_progress_bars()
-                print(f"recsys-llm {command}: stopped (SIGTERM); what it had written whole stays, and what it left half "
-                      "written is never read (removed now, or by the next run): run the same command again to go on",
+                print(f"recsys-llm {command}: stopped (SIGTERM); what it had written whole stays, and what it left "
+                      "half written is never read (removed now, or by the next run): run the same command again to go "
+                      "on",
                       file=sys.stderr, flush=True)
             raise interruption from None
         line = _environment_error_line(error, args) or _peer_failure_line(error)

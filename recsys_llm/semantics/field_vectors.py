@@ -181,7 +181,8 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
     texts = [field_text(f, templates) for f in fields]
     check_field_texts_fit(encoder, [f.name for f in fields], texts, "semantics encode", refuse_alike=False)
     if info:
-        _warn_of_texts_not_tuned_on(config.adapter_dir, info, [f.name for f in fields], texts, config.override_templates)
+        _warn_of_texts_not_tuned_on(config.adapter_dir, info, [f.name for f in fields], texts,
+                                    config.override_templates)
     vectors = cached_encode(encoder, texts, templates.template_id(), config.cache_dir)  # (F, d_llm)
     extra = {"texts": texts, "templates": json.loads(templates.describe()), "dtype": encoder.dtype}
     if info:

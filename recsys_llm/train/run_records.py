@@ -312,8 +312,8 @@ def changed_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[s
 
 
 # what check_same_field_vectors tells a resume to do; evaluate, export and train.init_from say their own
-NEW_VECTORS_ADVICE = ("Pass the vector file the run started with (llactr.vectors_path; moved is fine), or train the new "
-                      "vectors in another train.run_dir")
+NEW_VECTORS_ADVICE = ("Pass the vector file the run started with (llactr.vectors_path; moved is fine), or train the "
+                      "new vectors in another train.run_dir")
 
 
 def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str,

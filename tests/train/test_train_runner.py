@@ -1082,8 +1082,9 @@ def test_a_resume_whose_vector_file_now_holds_other_vectors_is_refused() -> None
     check_same_field_vectors(saved, moved, "run/plugins.json")  # moved, or written again: the same vectors
     other = {"llactr": {**moved["llactr"], "extra": {"templates": {"field": "{name}: {description}"}}}}
     with pytest.raises(ConfigError, match=r"run/plugins.json: this run trained with other field vectors than "
-                                          r"elsewhere/v.safetensors holds now \(differing: extra \{'templates': \{'field': "
-                                          r"'\{name\}'\}\} -> \{'templates': \{'field': '\{name\}: \{description\}'\}\}\); "
+                                          r"elsewhere/v.safetensors holds now \(differing: extra \{'templates': "
+                                          r"\{'field': '\{name\}'\}\} -> \{'templates': \{'field': "
+                                          r"'\{name\}: \{description\}'\}\}\); "
                                           r"its checkpoint .* Pass the vector file the run started with"):
         check_same_field_vectors(saved, other, "run/plugins.json")
     check_same_field_vectors({}, other, "run/plugins.json")  # a run without llactr: nothing to compare
@@ -1106,7 +1107,8 @@ def test_vectors_encoded_again_from_the_same_model_files_at_another_path_are_the
     with pytest.raises(ConfigError, match=r"\(differing: extra \{.*'float32'\} -> \{.*'bfloat16'\}\)"):
         check_same_field_vectors(saved, other_dtype, "run/plugins.json")
     unhashed = {"llactr": {key: value for key, value in saved["llactr"].items() if key != "model_hash"}}
-    with pytest.raises(ConfigError, match=r"\(differing: model_id '/old/venv/minilm\+ssft:ab12' -> '/new'\)"):  # no hash to say they are the same files
+    # no hash to say they are the same files
+    with pytest.raises(ConfigError, match=r"\(differing: model_id '/old/venv/minilm\+ssft:ab12' -> '/new'\)"):
         check_same_field_vectors(unhashed, {"llactr": {**unhashed["llactr"], "model_id": "/new"}}, "run/plugins.json")
 
 
@@ -1123,7 +1125,8 @@ def test_evaluate_and_export_check_the_vectors_against_the_run_they_load(tmp_pat
     check_trained_with_these_vectors(str(checkpoint), {"llactr": {**trained, "vectors": "moved/v.safetensors"}})
     reordered = {"llactr": {**trained, "fields_used": ["item_id", "user_id"]}}
     with pytest.raises(ConfigError, match=r"run/plugins.json: this run trained with other field vectors than "
-                                          r"v.safetensors holds now \(differing: fields_used \['user_id', 'item_id'\] -> "
+                                          r"v.safetensors holds now \(differing: fields_used "
+                                          r"\['user_id', 'item_id'\] -> "
                                           r"\['item_id', 'user_id'\]\); its checkpoint .* the run trained with "
                                           r"\(llactr.vectors_path; moved is fine\)"):
         check_trained_with_these_vectors(str(checkpoint), reordered)

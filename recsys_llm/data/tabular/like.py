@@ -106,8 +106,9 @@ def prepare_tabular_like(
                         f"the file has columns {available}")
     with_label = like.label in available
     if not with_label and split_name in ("train", "valid"):  # the splits training reads; it failed there, later
-        warnings.warn(f"{data_path}: no label column {like.label!r}, so split {split_name!r} is written without labels, "
-                      "as rows to score (`recsys-llm score`); training and its validation read labels", stacklevel=2)
+        warnings.warn(f"{data_path}: no label column {like.label!r}, so split {split_name!r} is written without "
+                      "labels, as rows to score (`recsys-llm score`); training and its validation read labels",
+                      stacklevel=2)
     row_key = like.row_key if like.row_key and like.row_key in available else None
     extras = [name for name in like.extra_columns if name in available and name != like.row_key]
     columns = list(dict.fromkeys(wanted + [like.label] * with_label + extras + ([row_key] if row_key else [])))
@@ -132,9 +133,9 @@ def prepare_tabular_like(
     for spec in like.categorical_fields:
         plan = plans[spec.name]
         if plan.mode == "vocab" and plan.values and plan.unseen == plan.values:
-            warnings.warn(f"{data_path}: none of the {plan.values:,} values of field {spec.name!r} is in its vocabulary "
-                          f"({like_dir}), so every one got id 0 (unknown); are they written in another form than the "
-                          "earlier data's (numbers where it had names, another spelling)?", stacklevel=2)
+            warnings.warn(f"{data_path}: none of the {plan.values:,} values of field {spec.name!r} is in its "
+                          f"vocabulary ({like_dir}), so every one got id 0 (unknown); are they written in another form "
+                          "than the earlier data's (numbers where it had names, another spelling)?", stacklevel=2)
     if field_ways is not None:
         field_ways.update({spec.name: field_way(spec, plans[spec.name], config,
                                                 growth[spec.name].describe() if spec.name in growth else "")
