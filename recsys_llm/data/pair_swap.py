@@ -214,8 +214,17 @@ class SwappedPairs:
 
         Raises:
             ValueError: the KJT carries per-id weights and the swapped side comes from a catalogue
-                (which holds ids only).
+                (which holds ids only), or the extras hold per-row vectors ((B, d): they would stay with the
+                original rows).
         """
+        row_vectors = sorted(key for key, value in batch.extras.items() if value.dim() > 1)
+        if row_vectors:
+            raise ValueError(
+                f"swapped pairs: the batch carries per-row vectors in its extras {row_vectors} (B, d), which describe "
+                "each row's own pair: a swapped row would carry the vector of the row it came from, and a teacher "
+                "reading it would score the pair it never saw; swap rows whose LLM vectors come from entity tables "
+                "(SemanticTable, elec.vector_source=entity_table), or leave those extras out of the batches"
+            )
         size = batch.batch_size
         device = batch.labels.device
         features = batch.sparse_features.to_dict()

@@ -61,6 +61,16 @@ def test_swapped_rows_keep_the_user_side_and_take_the_item_side_of_another_row()
     assert torch.equal(doubled.extras["row_id"], torch.cat([batch.extras["row_id"]] * 2))
 
 
+def test_a_batch_with_per_row_vectors_in_its_extras_is_refused() -> None:
+    """A per-row LLM vector describes the row's own (user, item) pair: swapped rows kept it, and a teacher reading it
+    scored pairs by the vectors of others (the runner refuses swap_fields with such vectors; one's own loop did not)."""
+    batch = make_batch()
+    batch.extras["llm_vector"] = torch.randn(batch.batch_size, 4)
+    with pytest.raises(ValueError, match=r"swapped pairs: the batch carries per-row vectors in its extras "
+                                         r"\['llm_vector'\] \(B, d\).*entity tables"):
+        SwappedPairs(SCHEMA, ITEM_FIELDS, seed=3)(batch)
+
+
 def test_per_id_weights_move_with_their_ids_and_a_catalogue_without_them_is_refused(tmp_path) -> None:
     """A weighted model's KJT (is_weighted=True EBC): swapped rows keep the weights of the ids they take;
     without them a weighted EBC gets no weights (refused) and the student learns unweighted bags."""
