@@ -167,6 +167,8 @@ def render_results(results_dir: Path, readme_dir: Path) -> str:
     """The generated README part: per machine/device, per benchmark, figures and tables."""
     payloads = []
     for path in sorted(results_dir.rglob("*.json")):
+        if "torchx" in path.relative_to(results_dir).parts[:-1]:
+            continue  # torchx_components/bench.py's trial runs (git-ignored): not the published figures
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:

@@ -70,6 +70,9 @@ def run(args: List[str]) -> str:
 
 
 def main(work: str, rows: int, epochs: int) -> Dict[str, Dict[str, float]]:
+    if os.path.isdir(work) and os.listdir(work) and not os.path.isfile(os.path.join(work, "shop.yaml")):
+        raise SystemExit(f"{work}: a non-empty directory this example did not make (no shop.yaml): pass a new or "
+                         "empty --work (the example empties it first)")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     with open(os.path.join(work, "shop.yaml"), "w", encoding="utf-8") as handle:

@@ -553,6 +553,13 @@ class TestRunAll:
         assert run_all.main(["--readme-only", "--results-dir", str(tmp_path / "results"), "--readme", str(readme)]) == 0
         assert "No results yet" in readme.read_text()
 
+    def test_the_torchx_components_trial_results_are_not_published(self, tmp_path: Path) -> None:
+        """torchx_components/bench.py writes results/torchx/ (git-ignored); --readme-only published them beside the
+        committed figures."""
+        (tmp_path / "torchx").mkdir()
+        (tmp_path / "torchx" / "bad.json").write_text("{not json")  # not read at all
+        assert "No results yet" in run_all.render_results(tmp_path, tmp_path)
+
     def test_unreadable_result_json_names_the_file(self, tmp_path: Path) -> None:
         (tmp_path / "bad.json").write_text("{not json")
         with pytest.raises(ValueError, match="bad.json"):

@@ -263,3 +263,16 @@ def test_daily_training_from_yesterdays_weights_scores_the_next_day_best(tmp_pat
     served = scores.pop("served")
     assert served.pop("city_ids") == [5, 4, 0]
     assert served == pytest.approx(scores["day2_from_day1"], rel=1e-6)
+
+
+def test_daily_training_refuses_a_work_directory_it_did_not_make(tmp_path) -> None:
+    """It emptied any --work directory first: a user's files there (or the checkout, with --work .) were deleted."""
+    _examples_on_path()
+    import daily_training
+
+    work = tmp_path / "precious"
+    work.mkdir()
+    (work / "thesis.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match=r"precious: a non-empty directory this example did not make"):
+        daily_training.main(str(work), rows=100, epochs=1)
+    assert (work / "thesis.txt").read_text() == "keep me"

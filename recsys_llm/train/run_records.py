@@ -495,25 +495,28 @@ def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str,
         check_same_row_vectors(saved, current_plugins, path, row_advice)
 
 
-def earlier_throughput(run_dir: str) -> Optional[float]:
-    """``samples_per_second`` of the newest earlier job in ``run_dir`` that trained a step: the mean of its
-    epochs' figures in ``metrics.jsonl`` (as its ``results.json`` has it, or would have, had it not been killed
-    before writing them), else that of ``results.json``; None when neither records one."""
-    figures = [job for job in _epoch_throughputs(read_metrics(run_dir)) if job]
-    if figures:
-        return float(np.mean(figures[-1]))
+def earlier_throughput(run_dir: str) -> Tuple[Optional[float], Optional[int]]:
+    """``(samples_per_second, world_size)`` of the newest earlier job in ``run_dir`` that trained a step: the mean of
+    its epochs' figures in ``metrics.jsonl`` (as its ``results.json`` has it, or would have, had it not been killed
+    before writing them) and the ranks they were taken on (None in records written before 2026-12-06), else those
+    of ``results.json``; ``(None, None)`` when neither records one."""
+    jobs = [job for job in _epoch_throughputs(read_metrics(run_dir)) if job]
+    if jobs:
+        sizes = {size for _, size in jobs[-1] if size is not None}
+        return float(np.mean([figure for figure, _ in jobs[-1]])), (sizes.pop() if len(sizes) == 1 else None)
     earlier = finished_results(run_dir)
-    return earlier.get("samples_per_second") if earlier else None
+    return (earlier.get("samples_per_second"), earlier.get("world_size")) if earlier else (None, None)
 
 
-def _epoch_throughputs(records: List[Dict[str, Any]]) -> List[List[float]]:
-    """Per job (in order, split at its start record): the ``samples_per_second`` of its epochs that trained."""
-    jobs: List[List[float]] = [[]]
+def _epoch_throughputs(records: List[Dict[str, Any]]) -> List[List[Tuple[float, Optional[int]]]]:
+    """Per job (in order, split at its start record): ``(samples_per_second, world_size)`` of its epochs that
+    trained."""
+    jobs: List[List[Tuple[float, Optional[int]]]] = [[]]
     for record in records:
         if record.get("event") in (STARTED_EVENT, RESUMED_EVENT):
             jobs.append([])
         elif record.get("event") == "epoch" and record.get("samples_per_second") is not None:
-            jobs[-1].append(record["samples_per_second"])
+            jobs[-1].append((record["samples_per_second"], record.get("world_size")))
     return jobs
 
 

@@ -209,6 +209,7 @@ def _epoch_record(stats: EpochStats, state: TrainState, world_size: int, resumed
         "event": "epoch", "epoch": state.epoch, "global_step": state.global_step, "steps": stats.steps,
         "samples": samples, "mean_loss": mean_loss, "loss_steps": loss_steps,
         "samples_per_second": stats.samples_per_second * world_size if trained else None,
+        **({"world_size": world_size} if trained else {}),
         **({"resumed_at_step_in_epoch": resumed_at} if resumed_at else {}),
     }
 
@@ -388,11 +389,6 @@ def _train_in_run_dir(
              **built.plugins,
              **({INIT_FROM_KEY: init_record} if init_record is not None else {})},
             indent=2, sort_keys=True, default=str))
-        write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan, pooling))
-        if train_cfg.progress:
-            print(plan_line(plan, ctx.world_size, os.path.join(run_dir, "sharding_plan.json"),
-                            comms_text(config.sharding.qcomms, ctx.world_size)), file=sys.stderr,
-                  flush=True)
     log = _RunLog(os.path.join(run_dir, METRICS_FILE), ctx.is_main)
 
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
@@ -415,6 +411,14 @@ def _train_in_run_dir(
                    "epoch": state.epoch, REDONE_KEY: redone})
         if ctx.is_main:
             print(_resume_line(run_dir, latest, state), flush=True)
+    # the plan of the shards this job trains; a finished run run again (nothing to train, maybe on other ranks)
+    # keeps the plan it trained with
+    if ctx.is_main and (latest is None or not state.finished):
+        write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan, pooling))
+        if train_cfg.progress:
+            print(plan_line(plan, ctx.world_size, os.path.join(run_dir, "sharding_plan.json"),
+                            comms_text(config.sharding.qcomms, ctx.world_size)), file=sys.stderr,
+                  flush=True)
 
     subsets = metric_subsets(config, schema)
     train_reader = readers["train"]
@@ -510,16 +514,20 @@ def _train_in_run_dir(
     best_path = best.latest()
     if best_path is not None:
         load_checkpoint(best_path, model, None, restore_rng=False)
+    # a job that trained no step (a finished run run again, or one killed in its final saves) keeps the figure of
+    # the last job that trained one, and the ranks it trained on
+    if throughput:
+        samples_per_second, trained_on = float(np.mean(throughput)), ctx.world_size
+    else:
+        samples_per_second, trained_on = earlier_throughput(run_dir)
     results: Dict[str, Any] = {
         "run_dir": run_dir,
-        "world_size": ctx.world_size,
+        "world_size": trained_on or ctx.world_size,
         "global_step": state.global_step,
         "epochs": state.epoch,
         "best_step": state.best_step,
         "stopped_early": _stopped_early(state, train_cfg),
-        # a job that trained no step (a finished run run again, or one killed in its final saves) keeps the
-        # figure of the last job that trained one
-        "samples_per_second": float(np.mean(throughput)) if throughput else earlier_throughput(run_dir),
+        "samples_per_second": samples_per_second,
         "mixed_precision": train_cfg.mixed_precision,  # what samples_per_second was trained in
         "valid": {"auc": None if state.best_metric == float("-inf") else state.best_metric},
     }

@@ -424,6 +424,22 @@ def test_a_finished_run_resumed_with_more_epochs_trains_them(synthetic_dir: str,
     assert out["again"]["samples_per_second"] == out["extended"]["samples_per_second"] is not None
 
 
+@pytest.mark.multiprocess
+def test_a_finished_run_run_again_on_other_ranks_keeps_its_plan_and_the_ranks_it_trained_on(synthetic_dir: str,
+                                                                                            tmp_path) -> None:
+    """Run again on 1 rank, a run trained on 2 trains nothing: it rewrote sharding_plan.json with its own 1-rank plan
+    and results.json said world_size 1 beside the 2-rank throughput."""
+    run_dir = str(tmp_path / "run")
+    trained = run_multiprocess(_run, world_size=2, schema_dir=synthetic_dir, run_dir=run_dir, extra=["train.epochs=1"])
+    with open(os.path.join(run_dir, "sharding_plan.json"), encoding="utf-8") as handle:
+        plan = handle.read()
+    (again,) = run_multiprocess(_run, world_size=1, schema_dir=synthetic_dir, run_dir=run_dir, extra=["train.epochs=1"])
+    with open(os.path.join(run_dir, "sharding_plan.json"), encoding="utf-8") as handle:
+        assert handle.read() == plan
+    assert again["world_size"] == trained[0]["world_size"] == 2
+    assert again["samples_per_second"] == trained[0]["samples_per_second"]
+
+
 @pytest.mark.parametrize(
     "state, finished",
     [
