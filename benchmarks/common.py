@@ -56,6 +56,15 @@ VERSION_PACKAGES = (
 MODES = ("full", "quick", "smoke")
 
 
+def run_main(main: Callable[[], Any]) -> None:
+    """Runs a benchmark's ``main`` as its script does, under torch's ``record``: a failure under torchrun (the torchx
+    ``bench`` component) is written to the worker's error file, where torchrun's summary and ``torchx status`` show
+    it, not only to the job's log."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)()
+
+
 def build_parser(name: str, description: Optional[str]) -> argparse.ArgumentParser:
     """The arguments every benchmark accepts; scripts may add their own before parsing.
 

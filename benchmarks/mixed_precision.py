@@ -57,6 +57,7 @@ from benchmarks.common import (  # noqa: E402
     print_summary,
     ratio_bars,
     result_payload,
+    run_main,
     single_rank_context,
     two_panel_figure,
     value_bars,
@@ -219,4 +220,4 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

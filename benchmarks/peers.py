@@ -88,6 +88,7 @@ from benchmarks.common import (  # noqa: E402
     per_round_ratios,
     print_summary,
     result_payload,
+    run_main,
     single_rank_context,
     two_panel_figure,
     write_json,
@@ -554,4 +555,4 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

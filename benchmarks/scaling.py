@@ -66,6 +66,7 @@ from benchmarks.common import (  # noqa: E402
     print_summary,
     resolve_device,
     result_payload,
+    run_main,
     samples_per_second,
     served_logits,
     shard_for_training,
@@ -693,4 +694,4 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -63,6 +63,7 @@ from benchmarks.common import (  # noqa: E402
     print_summary,
     ratio_bars,
     result_payload,
+    run_main,
     samples_per_second,
     single_rank_context,
     two_panel_figure,
@@ -336,4 +337,4 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -72,6 +72,7 @@ from benchmarks.common import (  # noqa: E402
     print_summary,
     ratio_bars,
     result_payload,
+    run_main,
     single_rank_context,
     timed_steps,
     two_panel_figure,
@@ -490,4 +491,4 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -277,6 +277,22 @@ def test_peers_speedup_is_the_ratio_of_best_epochs(tmp_path_factory: pytest.Temp
     assert payload["auc_diff_vs_deepctr_torch"] == headline["auc_diff_vs_deepctr_fit"]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a host without a GPU")
+def test_a_failing_benchmark_leaves_its_error_where_torchrun_and_torchx_status_read_it(tmp_path: Path) -> None:
+    """Under the torchx bench component the scripts' failures reached only the log: torchrun's summary said
+    'To enable traceback see ...' and torchx status 'structured_error_msg: <NONE>'."""
+    error_file = tmp_path / "error.json"
+    process = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"), "--smoke", "--device", "cuda",
+         "--json", str(tmp_path / "t.json")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)},
+    )
+    assert process.returncode == 1 and not (tmp_path / "t.json").exists()
+    recorded = json.loads(error_file.read_text())["message"]["message"]
+    assert recorded == "RuntimeError: --device cuda: no GPU is visible (torch.cuda.is_available() is False)"
+
+
 def test_peers_without_peer_venv_stops_and_says_how_to_make_it(tmp_path: Path) -> None:
     process = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "peers.py"), "--smoke", "--peer-python",
