@@ -106,12 +106,15 @@ def add_tune_on_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def prepared_schema(data: str, data_dir: str, raw: str) -> str:
+def prepared_schema(data: str, data_dir: str, raw: str, with_history: bool = False) -> str:
     """Prepares ML-100K (or the embedded synthetic data) once; returns the schema path.
 
     Data written before the item catalogue existed is prepared again: the same rows, plus
     the catalogue. Synthetic data already there with another row count than the tables'
-    (``SYNTHETIC_ROWS``; e.g. a ``prepare synthetic --rows ...`` of one's own) is refused.
+    (``SYNTHETIC_ROWS``; e.g. a ``prepare synthetic --rows ...`` of one's own) is refused, and so is ML-100K
+    prepared with a ``history`` field (``prepare movielens --history-length``, the docs' own example) unless
+    ``with_history`` (the ELEC table whose row text holds the history): every model would read one more field, and
+    the table would be of another protocol than it says.
     """
     from recsys_llm.data.synthetic import ITEM_CATALOG
 
@@ -119,6 +122,12 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
     if all(os.path.exists(os.path.join(out, name)) for name in ("schema.json", ITEM_CATALOG)):
         if data == "synthetic":
             _check_synthetic_rows(out)
+        elif not with_history and _has_history(out):
+            raise SystemExit(
+                f"{out}: ML-100K prepared with a history field (prepare movielens --history-length); these tables "
+                "are of the default conversion, whose models read no history: give --data-dir a directory without "
+                "one (prepare movielens without --history-length there), or name history in elec's --row-fields"
+            )
         return os.path.join(out, "schema.json")
     if data == "ml100k":
         from recsys_llm.data.movielens import prepare_movielens
@@ -127,7 +136,8 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
             _check_default_conversion(out)  # prepared again below with the defaults: never over other settings' data
 
         if not os.path.exists(os.path.join(raw, "ml-100k.inter")):
-            raise SystemExit(f"ML-100K raw files not found in {raw} (RecBole atomic format expected)")
+            raise SystemExit(f"ML-100K raw files not found in {raw} (RecBole atomic format expected); pass --raw "
+                             "DIR, the directory holding ml-100k.inter, .item and .user")
         prepare_movielens(raw, out, progress=True)
     else:
         from recsys_llm.data.synthetic import generate_synthetic
@@ -136,13 +146,17 @@ def prepared_schema(data: str, data_dir: str, raw: str) -> str:
     return os.path.join(out, "schema.json")
 
 
+def _has_history(data_dir: str) -> bool:
+    """Whether the ML-100K in ``data_dir`` was prepared with a ``history`` field."""
+    from recsys_llm.data.schema import DatasetSchema
+
+    return any(field.name == "history" for field in DatasetSchema.load(os.path.join(data_dir, "schema.json")).fields)
+
+
 def _check_default_conversion(data_dir: str) -> None:
     """Raises ``SystemExit`` when ``data_dir`` holds ML-100K prepared with other settings than the defaults
     (a ``history`` field: ``prepare movielens --history-length``), which preparing it again would replace."""
-    from recsys_llm.data.schema import DatasetSchema
-
-    fields = [field.name for field in DatasetSchema.load(os.path.join(data_dir, "schema.json")).fields]
-    if "history" in fields:
+    if _has_history(data_dir):
         raise SystemExit(
             f"{data_dir}: ML-100K prepared with a history field (prepare movielens --history-length) and no item "
             "catalogue; preparing it again here would write the default conversion over it: prepare it again with its "

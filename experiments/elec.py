@@ -319,7 +319,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_tables_replaceable(args, name, backbones)
     work = os.path.abspath(os.path.join(args.out, "runs", name))
     sample_rows = args.sample_rows or (256 if args.quick else 1000)
-    base_schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw))
+    base_schema = os.path.abspath(prepared_schema(args.data, args.data_dir, args.raw,
+                                                  with_history="history" in args.row_fields))
     entities = args.entities or (["item_id"] if args.data == "ml100k" else ["user_id", "item_id"])
     schema, vector_overrides = llm_steps(base_schema, work, args.granularity, entities, sample_rows, args.row_fields,
                                          args.max_length)

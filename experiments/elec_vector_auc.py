@@ -91,7 +91,10 @@ def main() -> None:
     parser.add_argument("--schema", required=True, help="the data set's schema.json (or its directory)")
     parser.add_argument("--json", default=None, help="output (default: vector_auc.json two levels above --run)")
     args = parser.parse_args()
-    result = vector_auc(args.run, DatasetSchema.load(args.schema))
+    try:
+        result = vector_auc(args.run, DatasetSchema.load(args.schema))
+    except (ValueError, FileNotFoundError) as error:  # a run or data set it cannot read: one line, as the CLI's
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     path = args.json or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.run))), "vector_auc.json")
     recorded = {**result, "command": "python -m experiments.elec_vector_auc " + " ".join(sys.argv[1:]),
                 "git_commit": source_commit(ignore=("results",))}

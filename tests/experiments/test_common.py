@@ -340,6 +340,23 @@ def test_ml100k_prepared_with_a_history_is_never_prepared_again_with_the_default
     assert (out / "schema.json").read_bytes() == before
 
 
+def test_ml100k_prepared_with_a_history_is_refused_unless_the_table_reads_it(tmp_path):
+    """`prepare movielens --out data/ml-100k --history-length 10` (the docs' example) was read by every table
+    without a word: each model read one more field, and the table said nothing of it."""
+    from recsys_llm.data.schema import DatasetSchema, FieldSpec
+    from recsys_llm.data.synthetic import ITEM_CATALOG
+
+    out = tmp_path / "ml-100k"
+    out.mkdir()
+    DatasetSchema("ml-100k", [FieldSpec("user_id", "sparse", 10), FieldSpec("history", "sequence", 20, max_length=5)],
+                  splits={"train": "train.parquet"}, root=str(out)).save(str(out / "schema.json"))
+    (out / ITEM_CATALOG).write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"ml-100k: ML-100K prepared with a history field .*these tables are of the "
+                                         r"default conversion.*or name history in elec's --row-fields"):
+        prepared_schema("ml100k", str(tmp_path), raw="unused")
+    assert prepared_schema("ml100k", str(tmp_path), raw="unused", with_history=True) == str(out / "schema.json")
+
+
 def test_mean_std_is_the_mean_and_sample_std_of_the_seeds_with_a_number():
     """A seed whose metric is missing (None) or undefined (NaN: one class in the split) is left out and counted."""
     out = mean_std([0.70, 0.71, 0.75, float("nan"), None])

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from experiments.elec_vector_auc import vector_auc
 from recsys_llm.cli import main
@@ -106,3 +107,17 @@ def test_an_interrupted_write_leaves_the_earlier_vector_auc_json(tmp_path, monke
     with pytest.raises(TypeError):
         script.main()
     assert json.loads(path.read_text(encoding="utf-8")) == {"test": {"auc": 0.6, "rows": 12}}
+
+
+def test_a_run_it_cannot_read_is_one_error_line(tmp_path, monkeypatch, capsys) -> None:
+    """An entity-vector run (or no run) ended in a Python traceback, not the one line the commands print."""
+    import sys
+
+    from experiments import elec_vector_auc
+
+    monkeypatch.setattr(sys, "argv", ["elec_vector_auc", "--run", str(tmp_path / "none"), "--schema", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        elec_vector_auc.main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("elec_vector_auc: error: ") and "Traceback" not in err and len(err.splitlines()) == 1

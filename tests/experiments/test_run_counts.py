@@ -86,7 +86,7 @@ def test_a_drivers_runs_are_numbered_over_all_its_backbones(tmp_path, monkeypatc
     script = importlib.import_module(f"experiments.{driver}")
     labels = []
     monkeypatch.setattr(script, "run_variant", _counting_run_variant(labels))
-    monkeypatch.setattr(script, "prepared_schema", lambda data, data_dir, raw: "schema.json")
+    monkeypatch.setattr(script, "prepared_schema", lambda data, data_dir, raw, with_history=False: "schema.json")
     if driver == "llactr":
         monkeypatch.setattr(script, "llm_steps", lambda *args: ("fields.safetensors", "ssft.json"))
     if driver == "elec":
