@@ -469,14 +469,19 @@ def resumed_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[
     return {**current_plugins, "elec": elec}
 
 
+def _plugins_of(checkpoint: str) -> Optional[str]:
+    """The ``plugins.json`` of the run that wrote ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``); None
+    without one (a checkpoint outside a run directory, or a run of an earlier version)."""
+    run_dir = run_dir_of(checkpoint)
+    path = os.path.join(run_dir, PLUGINS_FILE) if run_dir is not None else None
+    return path if path is not None and os.path.isfile(path) else None
+
+
 def trained_row_vectors(checkpoint: str) -> Optional[Dict[str, Any]]:
     """The provenance of the per-row LLM vectors the run that wrote ``checkpoint`` trained on (its ``plugins.json``:
     ``elec.row_vectors``); None where it records none."""
-    run_dir = run_dir_of(checkpoint)
-    path = os.path.join(run_dir, PLUGINS_FILE) if run_dir is not None else None
-    if path is None or not os.path.isfile(path):
-        return None
-    return (read_run_record(path).get("elec") or {}).get("row_vectors")
+    path = _plugins_of(checkpoint)
+    return (read_run_record(path).get("elec") or {}).get("row_vectors") if path is not None else None
 
 
 def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str, Any],
@@ -487,9 +492,8 @@ def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str,
     """:func:`check_same_field_vectors` (``advice`` its way out) and :func:`check_same_row_vectors` (``row_advice``)
     against the ``plugins.json`` of the run that wrote ``checkpoint`` (``run_dir/{checkpoints,best}/ckpt-N``);
     nothing to check without one (the config checks then let no vector path change: ``config.MOVABLE_PATH_KEYS``)."""
-    run_dir = run_dir_of(checkpoint)
-    path = os.path.join(run_dir, PLUGINS_FILE) if run_dir is not None else None
-    if path is not None and os.path.isfile(path):
+    path = _plugins_of(checkpoint)
+    if path is not None:
         saved = read_run_record(path)
         check_same_field_vectors(saved, current_plugins, path, advice)
         check_same_row_vectors(saved, current_plugins, path, row_advice)
