@@ -172,7 +172,8 @@ def open_split_writers(
 
 #: files every directory written by ``prepare`` holds; only such a directory is replaced
 PREPARED_MARKER_FILES = ("schema.json", "train.parquet", "valid.parquet", "test.parquet")
-ITEM_CATALOG_FILE = "item_catalog.parquet"  # the item catalogue prepare writes beside the splits (synthetic, movielens)
+# every item with its item fields, cold items included (synthetic, movielens): ``elec.distill.swap_catalog``
+ITEM_CATALOG = "item_catalog.parquet"
 PREPARED_KIND = "prepared data set"
 
 
@@ -204,7 +205,7 @@ def _prepared_entries(out_dir: str) -> Optional[set]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     tops = {os.path.normpath(path).split(os.sep)[0] for path in named if isinstance(path, str) and path}
-    return tops | {"schema.json", ITEM_CATALOG_FILE}
+    return tops | {"schema.json", ITEM_CATALOG}
 
 
 def check_nothing_else_in(out_dir: str, marker_files: Sequence[str] = PREPARED_MARKER_FILES) -> None:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import write_file_atomically
-from recsys_llm.data.parquet_writer import ITEM_CATALOG_FILE, SplitWriter, arrow_schema_for, list_array
+from recsys_llm.data.parquet_writer import ITEM_CATALOG, SplitWriter, arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.validation import check_number
 from recsys_llm.progress import interval_options
@@ -88,8 +88,6 @@ CHUNK_ROWS = 1 << 18
 SPLIT_FRACTIONS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
 # the item's side of a row (what ``elec.distill.swap_fields`` re-pairs); the rest is user and context
 ITEM_FIELDS = ("item_id", "item_category", "item_tags", "item_price_log", "item_freshness")
-# every item with its ITEM_FIELDS (and ``is_cold_item``), cold items included: ``elec.distill.swap_catalog``
-ITEM_CATALOG = ITEM_CATALOG_FILE
 
 
 def topic_similarity() -> np.ndarray:
