@@ -117,7 +117,6 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
         metadata = {
             "schema": schema.name,
             "schema_fingerprint": schema.fingerprint(),
-            "vocabularies": schema.vocabulary_records(),  # which ids meant which values (score checks them)
             "model": config.model.to_dict(),
             "training_mixed_precision": config.train.mixed_precision,  # the program's own: config.json mixed_precision
             "checkpoint": os.path.abspath(checkpoint),

@@ -616,6 +616,14 @@ def _drop_metadata_asserts(program: torch.export.ExportedProgram) -> None:
         graph.erase_node(node)
 
 
+def _with_vocabularies(metadata: Dict[str, Any], schema: Optional[Any]) -> Dict[str, Any]:
+    """``metadata`` with ``schema``'s vocabulary records (which ids meant which values: ``ServedModel.vocabularies``,
+    which ``score`` checks data against) unless it has them, or there is no schema."""
+    if schema is None or "vocabularies" in metadata:
+        return metadata
+    return {"vocabularies": schema.vocabulary_records(), **metadata}
+
+
 def export_task(
     task: nn.Module,
     directory: str,
@@ -762,9 +770,7 @@ def export_task(
             VERSIONS_KEY: {**library_versions(), "recsys_llm_commit": source_commit()},
             "num_parameters": int(sum(p.numel() for p in task.parameters())),
             "num_state_tensors": len(state),
-            # which ids meant which values, for ServedModel.vocabularies (score checks data against them)
-            "metadata": {**({"vocabularies": schema.vocabulary_records()} if schema is not None else {}),
-                         **(metadata or {})},
+            "metadata": _with_vocabularies(metadata or {}, schema),
         }
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
