@@ -370,19 +370,24 @@ def changed_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[
     """The entity tables whose export (``elec.entity_vectors``: provenance, key hash and count) now
     differs from the one a run recorded, e.g. ``"item_id (model: 'a' -> 'b')"``; fields that only one
     record has (an export not named, or a run written before the record existed) are not compared."""
-    from recsys_llm.semantics.vector_export import same_model_files
-
     saved = (saved_plugins.get("elec") or {}).get("entity_vectors") or {}
     current = json.loads(json.dumps((current_plugins.get("elec") or {}).get("entity_vectors") or {}, default=str))
     changes = []
     for field in sorted(set(saved) & set(current)):
-        moved = same_model_files(saved[field], current[field])  # the base model moved: its path is only a name
-        keys = sorted(key for key in set(saved[field]) | set(current[field]) if not (moved and key == "model"))
-        differing = [f"{key}: {saved[field].get(key)!r} -> {current[field].get(key)!r}" for key in keys
-                     if saved[field].get(key) != current[field].get(key)]
+        differing = _provenance_changes(saved[field], current[field])
         if differing:
             changes.append(f"{field} ({'; '.join(differing)})")
     return changes
+
+
+def _provenance_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """``["key: 'saved' -> 'current'", ...]`` for each entry in which two vector provenances differ; where the base
+    model lay is not compared when both record the same files (it moved: its path is only a name)."""
+    from recsys_llm.semantics.vector_export import same_model_files
+
+    moved = same_model_files(saved, current)
+    keys = sorted(key for key in set(saved) | set(current) if not (moved and key == "model"))
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
 
 
 def check_same_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str) -> None:
@@ -407,13 +412,7 @@ def changed_row_vectors(saved: Optional[Dict[str, Any]], current: Optional[Dict[
     :func:`~recsys_llm.semantics.vector_reader.attached_vectors_provenance`) differs from ``saved``, e.g.
     ``["weights_sha256: 'a1' -> 'b2'"]``; nothing where either records none (data attached, or a run trained,
     before the record existed). Where the base model lay is not compared when its files were the same."""
-    from recsys_llm.semantics.vector_export import same_model_files
-
-    if not saved or not current:
-        return []
-    moved = same_model_files(saved, current)
-    keys = sorted(key for key in set(saved) | set(current) if not (moved and key == "model"))
-    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+    return _provenance_changes(saved, current) if saved and current else []
 
 
 def check_same_row_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str,
