@@ -126,13 +126,18 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
         except OSError as error:
             parser.error(f"{option} {path}: cannot write in {folder} ({error.strerror or error}); pass a path in "
                          f"a writable folder, e.g. /tmp/{name}{suffix}")
-    from recsys_llm.cli import quiet_upstream_notices
+    import torch
 
+    from recsys_llm.cli import quiet_upstream_notices, record_for_launcher
+
+    if args.device == "cuda" and not torch.cuda.is_available():  # one line now, as the other arguments' errors
+        message = ("--device cuda: no GPU is visible (torch.cuda.is_available() is False); pass --device cpu, or "
+                   "auto (cuda when one is visible)")
+        record_for_launcher(f"{parser.prog}: error: {message}")  # where torchrun's summary and torchx status read it
+        parser.error(message)
     quiet_upstream_notices()  # as the commands do: the figures, not torchrec's advisories, fill the log
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.name = name
-    import torch
-
     # before any multi-threaded op, so torch's worker threads inherit it (see train.flush_denormal);
     # set_flush_denormal answers whether the CPU has the mode at all
     args.flush_denormal = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals

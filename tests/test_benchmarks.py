@@ -288,9 +288,13 @@ def test_a_failing_benchmark_leaves_its_error_where_torchrun_and_torchx_status_r
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)},
     )
-    assert process.returncode == 1 and not (tmp_path / "t.json").exists()
-    recorded = json.loads(error_file.read_text())["message"]["message"]
-    assert recorded == "RuntimeError: --device cuda: no GPU is visible (torch.cuda.is_available() is False)"
+    assert process.returncode == 2 and not (tmp_path / "t.json").exists()
+    # one line, no traceback, in the log and in the error file
+    assert "Traceback" not in process.stderr
+    assert process.stderr.splitlines()[-1].startswith(
+        "benchmarks/train_throughput.py: error: --device cuda: no GPU is visible")
+    recorded = json.loads(error_file.read_text())["message"]
+    assert recorded == process.stderr.splitlines()[-1]
 
 
 def test_peers_without_peer_venv_stops_and_says_how_to_make_it(tmp_path: Path) -> None:
