@@ -450,7 +450,8 @@ def summarize(runs: Dict[str, List[Dict]], metrics: Sequence[str] = ("auc", "log
 
 
 def markdown_table(table: Dict[str, Dict], columns: Sequence[str], baseline: Optional[str] = None) -> str:
-    """Rows = variants; cells = mean ± std; ``Δ AUC`` relative to ``baseline`` when given."""
+    """Rows = variants; cells = mean ± std (the mean alone over one seed); ``Δ AUC`` relative to ``baseline`` when
+    given."""
     header = ["variant"] + list(columns) + (["Δ AUC vs " + baseline] if baseline else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     # a cell over fewer values than the others (a seed's metric missing) says so
@@ -460,7 +461,11 @@ def markdown_table(table: Dict[str, Dict], columns: Sequence[str], baseline: Opt
         for column in columns:
             cell = row.get(column)
             fewer = f" (n={cell['n']})" if cell is not None and cell.get("n", most) < most else ""
-            cells.append("–" if cell is None else f"{cell['mean']:.4f} ± {cell['std']:.4f}{fewer}")
+            if cell is None:
+                cells.append("–")
+            else:  # one seed has no spread to show (its std is 0 by definition, not measured)
+                spread = f" ± {cell['std']:.4f}" if cell.get("n", 2) > 1 else ""
+                cells.append(f"{cell['mean']:.4f}{spread}{fewer}")
         if baseline:
             base = table.get(baseline, {}).get("auc", {}).get("mean")
             mine = row["auc"]["mean"]
