@@ -640,7 +640,7 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     }
 
     schema = DatasetSchema(
-        name=os.path.basename(os.path.normpath(raw_dir)),
+        name=os.path.basename(os.path.abspath(raw_dir)),
         fields=[
             FieldSpec("user_id", FieldKind.SPARSE, num_users + 1, description="id of the user who rated the movie",
                       value_text="text/user_id.parquet" if user_side else None),

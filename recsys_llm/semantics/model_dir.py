@@ -282,7 +282,7 @@ def _walk_fingerprint(model_path: str, descend: Callable[[str], bool]) -> str:
 def _files_fingerprint(model_path: str, files: Sequence[str]) -> str:
     """16 hex digits of sha256 over ``files`` (paths in ``model_path``, in this order) and their paths in it."""
     digest = hashlib.sha256()
-    what = f"{len(files)} files of {os.path.basename(os.path.normpath(model_path))}"
+    what = f"{len(files)} files of {os.path.basename(os.path.abspath(model_path))}"
     for path, sha256 in zip(files, _file_hashes(files, what)):
         digest.update(f"{os.path.relpath(path, model_path)}:{sha256}\n".encode())
     return digest.hexdigest()[:16]

@@ -329,7 +329,7 @@ def _checkpoint_name(global_step: int) -> str:
 def is_complete(path: str) -> bool:
     """A finished checkpoint: named ``ckpt-N`` or ``ckpt-N.prev`` (not ``.tmp``) and holding
     ``train_state.json``."""
-    return bool(_CKPT_RE.match(os.path.basename(os.path.normpath(path)))) and os.path.isfile(
+    return bool(_CKPT_RE.match(os.path.basename(os.path.abspath(path)))) and os.path.isfile(
         os.path.join(path, TRAIN_STATE_FILE)
     )
 

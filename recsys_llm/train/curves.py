@@ -85,7 +85,7 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
-    figure.suptitle(os.path.basename(os.path.normpath(run_dir)))
+    figure.suptitle(os.path.basename(os.path.abspath(run_dir)))
     figure.tight_layout()
     path = os.path.join(run_dir, CURVES_FILE)
     save_figure_atomically(figure, path, dpi=100)

@@ -257,3 +257,12 @@ def test_pipe_separated_genres_lose_the_spaces_around_each_pipe(tmp_path):
     assert schema.load_value_text("genres")["text"].to_pylist() == ["unknown", "Action", "Comedy", "Drama",
                                                                     "Science Fiction"]
     assert schema.load_value_text("item_id")["text"].to_pylist()[1] == "A Movie (1999). Genres: Action, Comedy."
+
+
+def test_input_given_as_dot_names_the_data_set_by_its_directory(tmp_path, monkeypatch):
+    """`prepare movielens --input .` named the data set '.' (schema.json and the field-vector records carry it)."""
+    raw = tmp_path / "ml-small"
+    _write(raw, "ml-small", items=_ITEMS, users=_USERS)
+    monkeypatch.chdir(raw)
+    schema, _ = _converted(".", tmp_path / "out")
+    assert schema.name == "ml-small"
