@@ -341,6 +341,11 @@ def liked_before(user: np.ndarray, item: np.ndarray, liked: np.ndarray, timestam
     return lengths, np.asarray(items, dtype=np.int64)
 
 
+# the ratings of GroupLens' MovieLens downloads (ml-100k; ml-1m, ml-10m; ml-20m, ml-25m, ml-latest)
+GROUPLENS_RATING_FILES = ("u.data", "ratings.dat", "ratings.csv")
+RECBOLE_CONVERSION_TOOLS = "https://github.com/RUCAIBox/RecSysDatasets/tree/master/conversion_tools"
+
+
 def _find(raw_dir: str, suffix: str, required: bool = True) -> Optional[str]:
     """The one ``*<suffix>`` file of ``raw_dir`` (None when there is none and it is not ``required``); none, or
     several (RecBole's benchmark files ``x.train.inter`` / ``x.valid.inter`` / ``x.test.inter``, two data
@@ -352,8 +357,11 @@ def _find(raw_dir: str, suffix: str, required: bool = True) -> Optional[str]:
     if not candidates and not required:
         return None
     if not candidates:
+        grouplens = sorted(set(os.listdir(raw_dir)) & set(GROUPLENS_RATING_FILES))
+        hint = (f"; {grouplens[0]} is a file of GroupLens' own download, not a RecBole atomic file: convert the "
+                f"download first with RecBole's conversion tools ({RECBOLE_CONVERSION_TOOLS})" if grouplens else "")
         raise DataError(f"{raw_dir}: no *{suffix} file (expected RecBole atomic files .inter/.item, and .user if the "
-                        "data set has one)")
+                        f"data set has one){hint}")
     if len(candidates) > 1:
         raise DataError(f"{raw_dir}: several *{suffix} files ({', '.join(candidates)}); expected one (one data set "
                         "per directory, as RecBole atomic files <name>.inter/.item/.user, all interactions in one .inter)")

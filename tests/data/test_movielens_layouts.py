@@ -266,3 +266,14 @@ def test_input_given_as_dot_names_the_data_set_by_its_directory(tmp_path, monkey
     monkeypatch.chdir(raw)
     schema, _ = _converted(".", tmp_path / "out")
     assert schema.name == "ml-small"
+
+
+def test_grouplens_own_files_are_named_with_the_way_to_atomic_files(tmp_path):
+    """GroupLens' ml-100k.zip unpacked (u.data, u.item, u.user) got only 'no *.inter file'."""
+    raw = tmp_path / "ml-100k"
+    raw.mkdir()
+    for name in ("u.data", "u.item", "u.user"):
+        (raw / name).write_text("1\t1\t5\t881250949\n")
+    with pytest.raises(DataError, match=r"no \*\.inter file .*u\.data is a file of GroupLens' own download.*"
+                                        r"RecBole's conversion tools \(https://github\.com/RUCAIBox"):
+        prepare_movielens(str(raw), str(tmp_path / "out"))
