@@ -333,9 +333,10 @@ def run_demo(
     adapted = os.path.join(llm_dir, "ctr_llm")
     if not os.path.exists(os.path.join(adapted, "provenance.json")):
         # the text of the users' and items' fields the entity exports below read (at most 111 tokens of
-        # MiniLM: none is cut at the default --max-length 128)
+        # MiniLM: none is cut at the default --max-length 128); a checkpoint every 16 of its 63 steps (adapt's
+        # default, 200, saves only at the end of this one epoch): a Ctrl-C loses minutes less
         _cli(["semantics", "adapt", "--schema", schema, "--output-dir", adapted, "--sample-rows", "2000",
-              "--representation-dim", "64", "--fields", *ADAPT_FIELDS, *model_args])
+              "--representation-dim", "64", "--fields", *ADAPT_FIELDS, "--checkpoint-every", "16", *model_args])
     from recsys_llm.semantics.vector_reader import vector_dim
 
     entity_overrides = []
