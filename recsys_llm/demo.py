@@ -33,6 +33,7 @@ one-line error (exit code 2 from the CLI).
 """
 
 import json
+import math
 import os
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence
@@ -400,7 +401,33 @@ def comparison_table(results: Dict[str, Dict[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    noise = noise_line(plain)
+    return "\n".join(lines + ([noise] if noise else []))
+
+
+def auc_standard_error(auc: float, num_samples: float, ctr: float) -> float:
+    """The standard error of an AUC measured on ``num_samples`` rows with click rate ``ctr``
+    (Hanley & McNeil, 1982); NaN when it is undefined (one class, no rows)."""
+    positives, negatives = num_samples * ctr, num_samples * (1 - ctr)
+    if not (positives >= 1 and negatives >= 1) or math.isnan(auc):
+        return math.nan
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc))
+    return math.sqrt(max(variance, 0.0) / (positives * negatives))
+
+
+def noise_line(plain: Dict[str, float]) -> str:
+    """How large an AUC gain this test split can tell from noise: the plain model's AUC standard error on all
+    test rows and on the cold items (a demo of a few thousand ``--rows`` has gains of either sign)."""
+    parts = []
+    for prefix, rows in (("", "test rows"), ("cold/", "cold-item rows")):
+        if f"{prefix}num_samples" in plain:
+            error = auc_standard_error(plain[f"{prefix}auc"], plain[f"{prefix}num_samples"], plain[f"{prefix}ctr"])
+            parts.append(f"±{error:.4f} on {int(plain[f'{prefix}num_samples']):,} {rows}")
+    if not parts:
+        return ""
+    return (f"AUC standard error of {PLAIN} (Hanley & McNeil): {', '.join(parts)}; gains within about twice that "
+            "are noise")
 
 
 def tick_label(name: str, width: int = 20) -> str:

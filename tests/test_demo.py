@@ -1,8 +1,9 @@
 """``recsys-llm demo`` end to end on a small synthetic set with a tiny random BERT as the LLM."""
 
 import json
-import re
+import math
 import os
+import re
 import shutil
 from typing import Any, Dict
 
@@ -10,7 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_llm.data.synthetic import ITEM_CATALOG, ITEM_FIELDS
-from recsys_llm.demo import ADAPT_FIELDS, ELEC, LLACTR, PLAIN, STUDENT, comparison_table, run_demo, write_outputs
+from recsys_llm.demo import (
+    ADAPT_FIELDS,
+    ELEC,
+    LLACTR,
+    PLAIN,
+    STUDENT,
+    auc_standard_error,
+    comparison_table,
+    run_demo,
+    write_outputs,
+)
 from tests.multiprocess import run_multiprocess
 from tests.tiny_models import save_tiny_bert
 
@@ -34,6 +45,9 @@ def test_demo_generates_data_trains_four_variants_and_reports_cold_items(tmp_pat
     for name, result in out["results"].items():
         assert result["test"]["auc"] > 0.5 and "cold/auc" in result["test"], name
     assert all(name in out["table"] for name in (PLAIN, LLACTR, ELEC, STUDENT))
+    # the last line says how large a gain 3,000 rows can tell from noise
+    assert re.fullmatch(rf"AUC standard error of {re.escape(PLAIN)} .*: ±0\.\d{{4}} on \d+ test rows, ±0\.\d{{4}} on "
+                        r"\d+ cold-item rows; gains within about twice that are noise", out["table"].splitlines()[-1])
     with open(os.path.join(run_root, "demo_results.json"), encoding="utf-8") as handle:
         assert set(json.load(handle)) == {PLAIN, LLACTR, ELEC, STUDENT}
     assert os.path.exists(os.path.join(run_root, "demo_results.png"))
@@ -480,3 +494,19 @@ def test_an_unfinished_run_of_other_settings_is_refused_naming_the_demo_s_flag(t
     message = str(refused.value)
     assert "model.embedding_dim: 8 -> 16" in message and "pass another --run-dir" in message, message
     assert "train.run_dir" not in message
+
+
+def test_the_auc_standard_error_is_the_spread_of_aucs_of_samples_of_that_size() -> None:
+    """Hanley & McNeil's value (0.0445 for AUC 0.8 on 50 + 50 rows, their table), and close to the spread of AUCs
+    drawn at that size."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    assert auc_standard_error(0.8, 100, 0.5) == pytest.approx(0.0445, abs=5e-4)
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.arange(400) < 120).long()  # 120 clicks, CTR 0.3
+    aucs = [float(binary_auroc(torch.randn(400, generator=generator) + 1.2 * labels, labels)) for _ in range(500)]
+    mean_auc = sum(aucs) / len(aucs)
+    spread = (sum((a - mean_auc) ** 2 for a in aucs) / (len(aucs) - 1)) ** 0.5
+    assert auc_standard_error(mean_auc, 400, 0.3) == pytest.approx(spread, rel=0.15)
+    assert math.isnan(auc_standard_error(0.7, 10, 0.0)) and math.isnan(auc_standard_error(float("nan"), 10, 0.5))
