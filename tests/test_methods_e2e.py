@@ -236,6 +236,7 @@ def _other_llms_vectors(gain_config: Any, gain_dir: str, gain_overrides: List[st
     """What evaluate and a frozen student say of the data with per-row vectors of another adapted LLM attached (the
     attached copies' record of the export's provenance, as `semantics export --attach-dir` of another LLM writes)."""
     from recsys_llm.semantics.vector_reader import ROW_VECTORS_METADATA_KEY
+    from recsys_llm.train.teacher_outputs import write_teacher_outputs
     from recsys_llm.train.trained_run import run_evaluation
 
     other = os.path.join(work, "attached_other_llm")
@@ -251,7 +252,16 @@ def _other_llms_vectors(gain_config: Any, gain_dir: str, gain_overrides: List[st
     with open(os.path.join(gain_dir, "plugins.json"), encoding="utf-8") as handle:
         result: Dict[str, Any] = {"recorded": json.load(handle)["elec"].get("row_vectors")}
     data = [f"data.schema={os.path.join(other, 'schema.json')}"]
+    mixed = os.path.join(work, "attached_mixed")  # an attach stopped part-way: train's vectors, another LLM's valid
+    shutil.copytree(attached, mixed)
+    shutil.copy(os.path.join(other, "valid.parquet"), os.path.join(mixed, "valid.parquet"))
     attempts = {"evaluate": lambda: run_evaluation(load_config(CONFIG, gain_overrides + data), gain_dir),
+                "evaluate_file": lambda: run_evaluation(gain_config, gain_dir, os.path.join(other, "test.parquet")),
+                "mixed": lambda: run_training(load_config(CONFIG, gain_overrides + [
+                    f"data.schema={os.path.join(mixed, 'schema.json')}",
+                    f"train.run_dir={os.path.join(work, 'gain_mixed')}"])),
+                "teacher_outputs_mixed": lambda: write_teacher_outputs(load_config(CONFIG, gain_overrides + [
+                    f"data.schema={os.path.join(mixed, 'schema.json')}"]), gain_dir, os.path.join(work, "teacher_mixed")),
                 "frozen": lambda: run_training(load_config(CONFIG, frozen_overrides + data + [
                     f"train.run_dir={os.path.join(work, 'frozen_other_llm')}"]))}
     for name, attempt in attempts.items():
@@ -301,6 +311,15 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     assert other["frozen"].startswith("elec.teacher_checkpoint=") and "the frozen teacher trained on other per-row " \
         "LLM vectors than" in other["frozen"], other["frozen"]
     assert not os.path.exists(os.path.join(work, "frozen_other_llm", "checkpoints")) and other["evaluate_same"] > 0.5
+    assert other["evaluate_file"].startswith(f"split {os.path.join(work, 'attached_other_llm', 'test.parquet')}: "
+                                             "its per-row LLM vectors are not the ones the run of "), other
+    assert "-> 'another_adapted_llm')" in other["evaluate_file"]
+    assert "split 'valid' holds other per-row LLM vectors than split 'train'" in other["mixed"], other["mixed"]
+    assert not os.path.exists(os.path.join(work, "gain_mixed", "checkpoints"))
+    # the run's data mixed after training: teacher-outputs reads every split, and refuses before writing
+    assert other["teacher_outputs_mixed"].startswith("split valid: its per-row LLM vectors are not the ones the run "
+                                                     "of "), other["teacher_outputs_mixed"]
+    assert not os.path.exists(os.path.join(work, "teacher_mixed"))
     state = load_state_file(out["served"])
     assert state and not any(("teacher" in k) or ("injection" in k) or ("semantic" in k) for k in state), sorted(state)
     served = ServedModel.load(out["served"], trust_program=True)

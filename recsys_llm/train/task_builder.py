@@ -90,6 +90,17 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
                        if reads_row_vectors else None)
         if row_vectors:  # which LLM's vectors the network reads (run_records.check_same_row_vectors)
             record["row_vectors"] = row_vectors
+            for split in (config.data.valid_split, config.data.test_split):
+                if split and split in schema.splits:  # validated and tested on the vectors it trains on
+                    other = changed_row_vectors(
+                        row_vectors, attached_vectors_provenance(resolve_paths(schema, split), elec.vector_key))
+                    if other:
+                        raise ConfigError(
+                            f"{schema.root}: split {split!r} holds other per-row LLM vectors than split "
+                            f"{config.data.train_split!r} ({'; '.join(other)}): an attach into this directory "
+                            "stopped part-way, or its files were mixed; attach one export to every split again "
+                            "(semantics export --attach-dir)"
+                        )
             taught_on = changed_row_vectors((record.get("frozen_teacher") or {}).get("row_vectors"), row_vectors)
             if taught_on:
                 raise ConfigError(

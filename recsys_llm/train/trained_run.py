@@ -10,17 +10,19 @@ from typing import Any, Dict, NamedTuple, Optional
 from torch import nn
 
 from recsys_llm.data.parquet import ParquetBatchReader
-from recsys_llm.data.parquet_files import first_file_columns
+from recsys_llm.data.parquet_files import first_file_columns, resolve_paths
 from recsys_llm.data.schema import DatasetSchema, schema_beside
+from recsys_llm.semantics.vector_reader import attached_vectors_provenance
 from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
-from recsys_llm.train.config import ExperimentConfig, check_same_model
+from recsys_llm.train.config import ConfigError, ExperimentConfig, check_same_model
 from recsys_llm.train.distributed import DistContext, init_distributed
 from recsys_llm.train.eval_forwards import use_pipelined_eval
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
-from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors, trained_vocabularies
+from recsys_llm.train.run_records import (changed_row_vectors, check_trained_on, check_trained_with_these_vectors,
+                                          trained_row_vectors, trained_vocabularies)
 from recsys_llm.train.sharding import shard_model
 from recsys_llm.train.sharding_config import CPU_SPARSE_OPTIMIZERS, loadable_on_cpu
 from recsys_llm.train.task_builder import build_task, check_plugin_columns, plugin_extras
@@ -95,6 +97,30 @@ def _check_split_prepared_like(split: str, run: TrainedRun) -> None:
                 warnings.warn(note, stacklevel=2)
 
 
+def check_split_row_vectors(config: ExperimentConfig, split: str, run: TrainedRun) -> None:
+    """Refuses a split whose attached per-row LLM vectors (``semantics export --attach-dir``) are of another
+    provenance than those the run trained on (its ``plugins.json``: ``elec.row_vectors``). The train split's are
+    checked when the model is built (and named so there, when they differ too); ``split`` (a split of the run's data,
+    a file of another day) is the one a job on the trained run reads: its files may have been mixed since.
+
+    Raises:
+        ConfigError: naming the split and what differs.
+    """
+    trained = trained_row_vectors(run.checkpoint)
+    if not trained or not trained.get("column"):
+        return
+    column = str(trained["column"])
+    changes = changed_row_vectors(trained, attached_vectors_provenance(resolve_paths(run.schema, split), column))
+    train_split = config.data.train_split
+    if changes and train_split and not changed_row_vectors(
+            trained, attached_vectors_provenance(resolve_paths(run.schema, train_split), column)):
+        raise ConfigError(
+            f"split {split}: its per-row LLM vectors are not the ones the run of {run.checkpoint} trained on "
+            f"({'; '.join(changes)}); attach the vectors it trained on (semantics export --attach-dir with its "
+            "adapted LLM)"
+        )
+
+
 def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[str] = None) -> Dict[str, Any]:
     """Loads ``checkpoint`` (any world size: shards are re-cut) and evaluates one split (every rank).
 
@@ -127,6 +153,7 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
                          f"{', '.join(sorted(schema.splits))}) nor a Parquet file or directory")
     else:  # a file or directory of other prepared data: its ids must mean what the run's meant
         _check_split_prepared_like(split, run)
+    check_split_row_vectors(config, split, run)
     if schema.label not in first_file_columns(schema, split):  # before the model loads
         raise ValueError(f"--split {split}: its rows have no label column {schema.label!r}, so there is nothing to "
                          "evaluate against; to score rows without labels, export the run (`recsys-llm export "
