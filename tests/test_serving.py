@@ -15,6 +15,7 @@ from recsys_llm.models.registry import SMOKE_CONFIGS
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, build_student
 from recsys_llm.modules.teacher_student import TeacherStudentConfig
 from recsys_llm.serving import ServedModel, export_task, load_state_file, sub_state, unsharded_state_dict
+from tests.small_artifact import as_exported_before_config_digests, write_config_as_exported
 
 CPU = torch.device("cpu")
 SCHEMA = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("item_id", "sparse", 12),
@@ -179,8 +180,7 @@ def _as_written_before(out: str, task) -> None:
     save_file(state, path, metadata={"export_id": config["export_id"]})
     config["sha256"]["model.safetensors"] = file_sha256(path)
     config["num_state_tensors"] = len(state)
-    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2)
+    write_config_as_exported(os.path.join(out, "config.json"), config, indent=2)
 
 
 @pytest.mark.parametrize("model_name, left_out", [("fm", FRE_KEYS | FIE_KEYS), ("dcnv2", FRE_KEYS)])
@@ -566,8 +566,7 @@ def _add_guard(program_path: str, guard: str) -> None:
     with open(config_path) as handle:
         config = json.load(handle)
     config["sha256"][os.path.basename(program_path)] = file_sha256(program_path)
-    with open(config_path, "w") as handle:
-        json.dump(config, handle)
+    write_config_as_exported(config_path, config)
 
 
 def test_the_dense_program_is_loaded_only_when_trusted(tmp_path):
@@ -712,8 +711,7 @@ def test_served_model_takes_one_id_per_row_of_a_sparse_field(tmp_path, item_leng
         config = json.load(handle)
     for rule in config["id_rules"].values():
         del rule["single_id"]
-    with open(config_path, "w", encoding="utf-8") as handle:
-        json.dump(config, handle)
+    write_config_as_exported(config_path, config)
     assert ServedModel.load(out, trust_program=True).logits(dense, request).shape == (3,)
 
 
@@ -736,12 +734,9 @@ def test_files_of_two_exports_copied_together_are_refused(tmp_path):
                                              r"\(export_id \w+\) than .*config\.json \(\w+\); the artifact mixes"):
             ServedModel.load(mixed, trust_program=True)
     # an artifact from before export ids (config.json without one) loads as before
-    config_path = os.path.join(exports[1], "config.json")
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
+    config = as_exported_before_config_digests(exports[1])
     del config["export_id"]
-    with open(config_path, "w", encoding="utf-8") as handle:
-        json.dump(config, handle)
+    write_config_as_exported(os.path.join(exports[1], "config.json"), config)
     ServedModel.load(exports[1], trust_program=True).logits(example.dense_features, example.sparse_features)
 
 

@@ -11,6 +11,7 @@ from recsys_llm.models.registry import SMOKE_CONFIGS
 from recsys_llm.modules.elec import build_student
 from recsys_llm.serving import ServedModel, export_task
 from recsys_llm.typed_config import ConfigError
+from tests.small_artifact import write_config_as_exported
 from tests.test_serving import CPU, SCHEMA, _trained_pair, make_batch
 from tests.test_serving_quantized import _gain_network
 
@@ -100,7 +101,7 @@ def test_an_artifact_of_before_records_float32(tmp_path):
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     del config["mixed_precision"]
     config.pop("sha256")
-    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    write_config_as_exported(str(tmp_path / "a" / "config.json"), config)
     assert ServedModel.load(str(tmp_path / "a"), trust_program=True).mixed_precision == "fp32"
 
 

@@ -18,6 +18,7 @@ from recsys_llm.models.registry import SMOKE_CONFIGS
 from recsys_llm.modules.elec import build_student
 from recsys_llm.serving import ServedModel, export_task
 from recsys_llm.serving.quantized_tables import quantized_ebc, quantized_state
+from tests.small_artifact import write_config_as_exported
 from tests.test_serving import CPU, SCHEMA, _trained_pair, make_batch
 from tests.test_serving_weighted import _request, _weighted_task
 
@@ -166,7 +167,7 @@ def test_int4_rows_stored_unpacked_are_damage_named_in_their_stored_shape(tmp_pa
     state[key] = _unpacked(state[key], "int4").to(torch.uint8)  # (12, 8)
     config = json.loads((tmp_path / "int4" / "config.json").read_text())
     config.pop("sha256")
-    (tmp_path / "int4" / "config.json").write_text(json.dumps(config))
+    write_config_as_exported(str(tmp_path / "int4" / "config.json"), config)
     save_file(state, str(tmp_path / "int4" / "model.safetensors"), metadata={"export_id": config["export_id"]})
     with pytest.raises(ValueError, match=r"model.safetensors: its tables do not match tables.json .*"
                                          r"student_item_id.weight is \(12, 8\), expected \(12, 4\)"):
@@ -292,7 +293,7 @@ def test_int8_tables_stay_on_cpu_and_a_damaged_table_file_is_named(tmp_path):
     state[key] = state[key].float()
     config = json.loads((out / "config.json").read_text())
     config.pop("sha256")
-    (out / "config.json").write_text(json.dumps(config))
+    write_config_as_exported(str(out / "config.json"), config)
     save_file(state, str(out / "model.safetensors"), metadata={"export_id": config["export_id"]})
     with pytest.raises(ValueError, match=r"student_user_id.weight_qscale \(torch.float32\).* are not float16"):
         ServedModel.load(str(out), trust_program=True)
@@ -345,7 +346,7 @@ def test_a_table_file_mixing_int8_and_float_tables_is_named(tmp_path):
     (out / "tables.json").write_text(json.dumps(tables))
     config = json.loads((out / "config.json").read_text())
     config.pop("sha256")
-    (out / "config.json").write_text(json.dumps(config))
+    write_config_as_exported(str(out / "config.json"), config)
     with pytest.raises(ValueError, match=r"tables.json: not a list of tables .*mix quantized and float tables"):
         ServedModel.load(str(out), trust_program=True)
 
@@ -446,7 +447,7 @@ def test_a_quantized_table_of_another_shape_is_named_in_its_stored_shape(tmp_pat
     config = json.loads((out / "config.json").read_text())
     save_file(state, path, metadata={"export_id": config["export_id"]})
     config["sha256"]["model.safetensors"] = file_sha256(path)
-    (out / "config.json").write_text(json.dumps(config))
+    write_config_as_exported(str(out / "config.json"), config)
     with pytest.raises(ValueError, match=rf"model.safetensors: its tables do not match tables.json \(RuntimeError: "
                                          rf"quantized tables: other shapes: embedding_bags.student_item_id.weight is "
                                          rf"\({rows - 1}, {packed}\), expected \({rows}, {packed}\) \(an INT4 table "
@@ -455,7 +456,7 @@ def test_a_quantized_table_of_another_shape_is_named_in_its_stored_shape(tmp_pat
     del state[key]
     save_file(state, path, metadata={"export_id": config["export_id"]})
     config["sha256"]["model.safetensors"] = file_sha256(path)
-    (out / "config.json").write_text(json.dumps(config))
+    write_config_as_exported(str(out / "config.json"), config)
     with pytest.raises(ValueError, match=r"quantized tables: missing: embedding_bags.student_item_id.weight\)"):
         ServedModel.load(str(out), trust_program=True)
 

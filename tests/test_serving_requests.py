@@ -6,7 +6,7 @@ import os
 import pickle
 import re
 import shutil
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, load_elec_state
 from recsys_llm.modules.teacher_student import TeacherStudentConfig
 from recsys_llm.serving import ServedModel, export_task, load_state_file, open_state_file
+from tests.small_artifact import as_exported_before_config_digests, write_config_as_exported
 
 CPU = torch.device("cpu")
 KEYS = ["user_id", "item_id", "genres"]
@@ -307,8 +308,7 @@ def _without_state_key(directory: str) -> None:
     with open(path) as handle:
         config = json.load(handle)
     del config["state"]
-    with open(path, "w") as handle:
-        json.dump(config, handle)
+    write_config_as_exported(path, config)
 
 
 def _config_naming(key: str, name: Optional[str]) -> Callable[[str], None]:
@@ -324,8 +324,7 @@ def _config_naming(key: str, name: Optional[str]) -> Callable[[str], None]:
         else:
             shutil.copy(real, os.path.normpath(os.path.join(directory, name)))
             config[key] = name
-        with open(path, "w") as handle:
-            json.dump(config, handle)
+        write_config_as_exported(path, config)
     return damage
 
 
@@ -347,8 +346,19 @@ def _config_with(key: str, value: object) -> Callable[[str], None]:
             del config[key]
         else:
             config[key] = value
+        write_config_as_exported(path, config)
+    return damage
+
+
+def _edited_by_hand(change: Callable[[Dict[str, Any]], None]) -> Callable[[str], None]:
+    """Applies ``change`` to ``config.json``'s dict and writes it back as an editor would, its digest left as it was."""
+    def damage(directory: str) -> None:
+        path = os.path.join(directory, "config.json")
+        with open(path) as handle:
+            config = json.load(handle)
+        change(config)
         with open(path, "w") as handle:
-            json.dump(config, handle)
+            json.dump(config, handle, indent=2)
     return damage
 
 
@@ -358,6 +368,14 @@ def _not_json(directory: str) -> None:
 
 
 DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
+    # keys of valid types and values, edited after the export: the scores (or what is checked) changed silently
+    "an id rule edited by hand": (_edited_by_hand(lambda c: c["id_rules"]["user_id"].update(hashed=True)),
+                                  "config.json", r"its keys changed after the export \(config_sha256 does not match"),
+    "a feature added by hand": (_edited_by_hand(lambda c: c["feature_names"].append("zzz")), "config.json",
+                                r"its keys changed after the export"),
+    "its digest removed by hand": (_edited_by_hand(lambda c: c.pop("config_sha256")), "config.json",
+                                   r"has no config_sha256, which its export wrote \(model\.safetensors records it\): "
+                                   r"config\.json was edited after the export"),
     "truncated model.safetensors": (_truncate("model.safetensors"), "model.safetensors", r"SafetensorError"),
     "config.json not JSON": (_not_json, "config.json", r"not valid JSON \(JSONDecodeError"),
     "config.json without its state key": (_without_state_key, "config.json", r"lacks the keys \['state'\]"),
@@ -431,11 +449,9 @@ def _without_digests_and_export_ids(directory: str) -> None:
     """Makes ``directory``'s config.json look written before digests and export ids were recorded."""
     from recsys_llm.serving.artifact import DIGESTS_KEY, EXPORT_ID_KEY
 
-    with open(os.path.join(directory, "config.json")) as handle:
-        config = json.load(handle)
+    config = as_exported_before_config_digests(directory)
     del config[DIGESTS_KEY], config[EXPORT_ID_KEY]
-    with open(os.path.join(directory, "config.json"), "w") as handle:
-        json.dump(config, handle)
+    write_config_as_exported(os.path.join(directory, "config.json"), config)
 
 
 def _copy_of_format(version: int) -> Callable[[str, str], None]:
@@ -571,8 +587,7 @@ def test_an_artifact_of_other_library_versions_loads_with_a_warning(artifact, tm
     ServedModel.load(directory, trust_program=True)
     assert not [w for w in recwarn if "exported with" in str(w.message)]
     config["versions"].update(torch="1.0.0+cu999", torchrec="0.1.0")
-    with open(path, "w") as handle:
-        json.dump(config, handle)
+    write_config_as_exported(path, config)
     torch_version = re.escape(torch.__version__)
     with pytest.warns(UserWarning, match=rf"{re.escape(directory)}: exported with torch 1\.0\.0\+cu999, torchrec 0\.1\.0; "
                                          rf"this process has torch {torch_version}, torchrec .* export again"):

@@ -22,7 +22,7 @@ from recsys_llm.serving import ServedModel
 from recsys_llm.serving.scoring import score_columns, score_split
 from recsys_llm.train.metrics import binary_metrics
 from tests.multiprocess import run_multiprocess
-from tests.small_artifact import export_small_deepfm
+from tests.small_artifact import export_small_deepfm, write_config_as_exported
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_dense_features_in_another_order_or_number_are_refused_before_any_row_is
         (old / name).write_bytes(open(os.path.join(exported["artifact"], name), "rb").read())
     config = json.loads((old / "config.json").read_text())
     del config["dense_feature_names"]
-    (old / "config.json").write_text(json.dumps(config))
+    write_config_as_exported(str(old / "config.json"), config)
     fewer = dataclasses.replace(schema, fields=others + dense[1:])
     with pytest.raises(ValueError, match=rf"the schema has {len(dense) - 1} dense features .*; the artifact reads "
                                          rf"{len(dense)}"):

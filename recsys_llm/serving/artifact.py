@@ -1,5 +1,9 @@
 """File names, keys and format constants of a serving artifact (see :mod:`recsys_llm.serving`)."""
 
+import hashlib
+import json
+from typing import Any, Mapping
+
 import torch
 
 
@@ -28,7 +32,17 @@ TABLE_DTYPE_KEY = "table_dtype"
 MIXED_PRECISION_KEY = "mixed_precision"
 DENSE_NAMES_KEY = "dense_feature_names"  # config.json: the dense features in column order (absent from older artifacts)
 DIGESTS_KEY = "sha256"  # config.json: file name -> SHA-256 of its bytes as exported (absent from older artifacts)
+# config.json: the SHA-256 of its other keys (config_digest), and the state file's metadata key that says the export
+# wrote one (both absent before 2026-12-06)
+CONFIG_DIGEST_KEY = "config_sha256"
 TABLES_PREFIX = "model.embedding_bag_collection."  # state-dict prefix of the backbone's tables (tables.json)
 SEMANTIC_TABLES_PREFIX = "semantic_table.embedding_bag_collection."  # of a gain network's entity tables
 DENSE_DTYPE = torch.float32  # the dense features' dtype in training (ParquetBatchReader) and in the program
 FORBIDDEN_PARTS = ("teacher", "field_injection", "semantic_table", "llm", "repr_kd", "score_kd")
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """SHA-256 of ``config.json``'s keys other than :data:`CONFIG_DIGEST_KEY`, as canonical JSON (sorted keys, no
+    spaces): the same for the dict written and the dict read back."""
+    body = {key: value for key, value in config.items() if key != CONFIG_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

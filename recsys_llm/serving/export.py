@@ -25,6 +25,7 @@ from recsys_llm.models.pairwise import PairWeightFolding
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.file_hash import file_sha256
 from recsys_llm.serving.artifact import (
+    CONFIG_DIGEST_KEY,
     DENSE_DTYPE,
     DENSE_NAMES_KEY,
     DIGESTS_KEY,
@@ -45,6 +46,7 @@ from recsys_llm.serving.artifact import (
     TABLES_PREFIX,
     VERSIONS_KEY,
     WEIGHTED_KEY,
+    config_digest,
 )
 from recsys_llm.serving.raw_ids import RAW_IDS_DIR, RAW_IDS_KEY, write_raw_id_ways
 from recsys_llm.serving.quantized_tables import (
@@ -741,7 +743,8 @@ def export_task(
                           "task built by the model's own code (config.json: dense_program_error)", stacklevel=2)
         # after the capture: what the state holds depends on whether a program serves the dense part
         state = _artifact_state(task, folded, program_status is not None, table_dtype)
-        save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id})
+        # the flag: a config.json whose digest was removed is refused, not read as one written before digests
+        save_file(state, os.path.join(tmp, STATE_FILE), metadata={EXPORT_ID_KEY: export_id, CONFIG_DIGEST_KEY: "1"})
         written = [STATE_FILE, TABLES_FILE] + ([SEMANTIC_TABLES_FILE] if semantic_tables else [])
         written += [program_status] if program_status is not None else []
         id_ways = write_raw_id_ways(schema, tmp) if schema is not None else []
@@ -772,6 +775,7 @@ def export_task(
             "num_state_tensors": len(state),
             "metadata": _with_vocabularies(metadata or {}, schema),
         }
+        config[CONFIG_DIGEST_KEY] = config_digest(config)  # an edit of config.json changes scores silently otherwise
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
         with open(os.path.join(tmp, INFERENCE_FILE), "w", encoding="utf-8") as handle:

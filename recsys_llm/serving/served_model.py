@@ -24,6 +24,7 @@ from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import IdRules
 from recsys_llm.paths import is_plain_file_name
 from recsys_llm.serving.artifact import (
+    CONFIG_DIGEST_KEY,
     DENSE_DTYPE,
     DENSE_NAMES_KEY,
     DIGESTS_KEY,
@@ -39,6 +40,7 @@ from recsys_llm.serving.artifact import (
     VERSION_CHECKED,
     VERSIONS_KEY,
     WEIGHTED_KEY,
+    config_digest,
 )
 from recsys_llm.file_hash import file_sha256
 from recsys_llm.serving.export import library_versions, rows_per_feature
@@ -139,6 +141,16 @@ def _is_id_rule(rule: Any) -> bool:
     flags_ok = all(isinstance(rule.get(key, False), bool) for key in ("hashed", "single_id"))
     max_length = rule.get("max_length", 0)
     return flags_ok and isinstance(max_length, int) and not isinstance(max_length, bool) and max_length >= 0
+
+
+def _check_config_digest(config_path: str, config: Dict[str, Any]) -> None:
+    """Raises when ``config.json``'s keys are not those its export wrote (its ``config_sha256``): an edited id rule,
+    feature list or digest would otherwise change the scores, or what is checked, without a word. Artifacts written
+    before 2026-12-06 have no such digest (their state file has no flag saying one was written)."""
+    expected = config.get(CONFIG_DIGEST_KEY)
+    if expected is not None and expected != config_digest(config):
+        _raise_damaged(config_path, f"its keys changed after the export ({CONFIG_DIGEST_KEY} does not match them: an "
+                                    "edit or a flipped bit)")
 
 
 def _check_digest(directory: str, config: Dict[str, Any], name: str) -> None:
@@ -439,6 +451,7 @@ class ServedModel(nn.Module):
             _raise_damaged(config_path, f"lacks the keys {missing}")
         _check_config_types(config_path, config)
         _check_file_names(config_path, config)
+        _check_config_digest(config_path, config)
         _warn_on_other_versions(directory, config)
         if config["dense_program"] is None:
             # its first line: config.json keeps the whole error (torch.export's runs to many lines of advice)
@@ -461,10 +474,13 @@ class ServedModel(nn.Module):
         try:
             with safe_open(state_path, framework="pt") as handle:  # weights only
                 state = {key: handle.get_tensor(key) for key in handle.keys()}
-                state_export_id = (handle.metadata() or {}).get(EXPORT_ID_KEY)
+                state_metadata = handle.metadata() or {}
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(state_path, "cannot be read as the model's weights", error)
-        check_same_export(config_path, config, state_path, state_export_id)
+        check_same_export(config_path, config, state_path, state_metadata.get(EXPORT_ID_KEY))
+        if state_metadata.get(CONFIG_DIGEST_KEY) and CONFIG_DIGEST_KEY not in config:
+            _raise_damaged(config_path, f"has no {CONFIG_DIGEST_KEY}, which its export wrote ({STATE_FILE} records "
+                                        "it): config.json was edited after the export")
         _check_digest(directory, config, config["state"])  # before the values: a flipped bit is damage, not divergence
         for key, value in state.items():
             require_finite(state_path, key, value)

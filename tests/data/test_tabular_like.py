@@ -30,7 +30,7 @@ from recsys_llm.train.run_records import (
     check_trained_on,
     trained_vocabularies,
 )
-from tests.small_artifact import export_small_deepfm
+from tests.small_artifact import export_small_deepfm, write_config_as_exported
 
 SCHEMA = {
     "name": "shop",
@@ -611,8 +611,7 @@ def test_an_artifacts_id_ways_elsewhere_missing_or_unreadable_are_damage(earlier
         with open(os.path.join(artifact, "config.json")) as handle:
             config = json.load(handle)
         change(artifact, config)
-        with open(os.path.join(artifact, "config.json"), "w") as handle:
-            json.dump(config, handle)
+        write_config_as_exported(os.path.join(artifact, "config.json"), config)
         return artifact
 
     elsewhere = broken("elsewhere", lambda artifact, config: config.update(raw_ids="ids/text"))
