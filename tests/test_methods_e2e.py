@@ -13,7 +13,7 @@
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 import pytest
@@ -225,10 +225,34 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     served = os.path.join(work, "served")
     assert cli_main(["export", "--config", CONFIG, "--checkpoint", offline_dir, "--output", served,
                      *offline_overrides]) == 0
+    assert cli_main(["evaluate", "--checkpoint", offline_dir, "--student", *offline_overrides]) == 0
     other_vectors = _other_llms_vectors(gain_config, gain_dir, gain_overrides, frozen_overrides, work, attached)
+    offline["students_on_plain_rows"] = _students_on_plain_rows(
+        schema_path, {"offline": (load_config(CONFIG, offline_overrides), offline_dir),
+                      "joint": (load_config(CONFIG, _common(attached_schema, joint_dir) + [
+                          "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=joint"]), joint_dir),
+                      "gain": (gain_config, gain_dir)})
     return {"gain": gain, "offline": offline, "joint": joint, "frozen": frozen, "teacher_schema": teacher_schema,
             "served": served, "teacher_check": teacher_check, "other_teacher_refusal": other_teacher_refusal,
             "other_vectors": other_vectors}
+
+
+def _students_on_plain_rows(schema_path: str, runs: Dict[str, Tuple[Any, str]]) -> Dict[str, Any]:
+    """`evaluate --student` of each run on the plain test split (no LLM vector, no teacher output), and what a whole
+    distillation run's evaluation (or a gain network's --student) says of it."""
+    from recsys_llm.train.trained_run import run_evaluation
+
+    plain_test = DatasetSchema.load(schema_path).split_path("test")
+    result: Dict[str, Any] = {}
+    for name, (config, run_dir) in runs.items():
+        for student in (True, False):
+            try:
+                result[name, student] = run_evaluation(config, run_dir, plain_test, student=student)
+            except ValueError as error:  # ConfigError is one
+                result[name, student] = str(error)
+    config, run_dir = runs["offline"]
+    result["offline", "its test split"] = run_evaluation(config, run_dir, student=True)  # a split named, not a path
+    return result
 
 
 def _other_llms_vectors(gain_config: Any, gain_dir: str, gain_overrides: List[str], frozen_overrides: List[str],
@@ -320,6 +344,22 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     assert other["teacher_outputs_mixed"].startswith("split valid: its per-row LLM vectors are not the ones the run "
                                                      "of "), other["teacher_outputs_mixed"]
     assert not os.path.exists(os.path.join(work, "teacher_mixed"))
+    # the students alone on rows without LLM vectors or teacher outputs, as the served artifact scores them
+    from recsys_llm.serving.scoring import score_split
+
+    evaluated = out["offline"]["students_on_plain_rows"]
+    served_report = score_split(ServedModel.load(out["served"], trust_program=True), DatasetSchema.load(small_synthetic),
+                                "test", progress=False)
+    assert evaluated["offline", True]["model"] == "student"
+    assert evaluated["offline", True]["auc"] == pytest.approx(served_report["auc"], abs=1e-6)
+    assert evaluated["offline", True]["logloss"] == pytest.approx(served_report["logloss"], abs=1e-5)
+    assert evaluated["offline", True]["loss"] == pytest.approx(served_report["logloss"], abs=1e-5)  # no KD term
+    assert evaluated["offline", "its test split"]["auc"] == evaluated["offline", True]["auc"]  # the same rows
+    assert "no column(s) ['teacher_logits', 'teacher_representation'], which the distillation's teacher side reads; " \
+        "evaluate the student alone, as it serves, with evaluate --student" in evaluated["offline", False]
+    assert evaluated["joint", True]["auc"] > 0.5 and "no column(s) ['llm_vector']" in evaluated["joint", False]
+    assert evaluated["joint", True]["loss"] == pytest.approx(evaluated["joint", True]["logloss"], abs=1e-5)
+    assert evaluated["gain", True].startswith("--student: ") and "is no ELEC distillation run" in evaluated["gain", True]
     state = load_state_file(out["served"])
     assert state and not any(("teacher" in k) or ("injection" in k) or ("semantic" in k) for k in state), sorted(state)
     served = ServedModel.load(out["served"], trust_program=True)

@@ -87,7 +87,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     check_versions()
     config = load_config(args.config or trained_run_config(args.checkpoint), args.overrides)
-    results = run_evaluation(config, args.checkpoint, args.split)
+    results = run_evaluation(config, args.checkpoint, args.split, student=args.student)
     if is_main_process():
         print(json.dumps(strict_json(results), indent=2, sort_keys=True, default=float))  # NaN AUC: null
     teardown_distributed()
@@ -137,6 +137,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     evaluate.add_argument("--split", default=None,
                           help="split name, or a Parquet file or directory of the schema's columns (default: data.test_split)")
+    evaluate.add_argument("--student", action="store_true",
+                          help="of an ELEC distillation run: the student alone, as it serves (the split needs no LLM "
+                               "vectors or teacher outputs; loss without the KD terms)")
     evaluate.add_argument("overrides", nargs="*", help=overrides_help)
     evaluate.set_defaults(func=_evaluate)
 

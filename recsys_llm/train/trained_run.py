@@ -8,6 +8,7 @@ import warnings
 from typing import Any, Dict, NamedTuple, Optional
 
 from torch import nn
+from torchrec.distributed.model_parallel import get_unwrapped_module
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import first_file_columns, resolve_paths
@@ -121,7 +122,8 @@ def check_split_row_vectors(config: ExperimentConfig, split: str, run: TrainedRu
         )
 
 
-def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[str] = None) -> Dict[str, Any]:
+def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[str] = None,
+                   student: bool = False) -> Dict[str, Any]:
     """Loads ``checkpoint`` (any world size: shards are re-cut) and evaluates one split (every rank).
 
     Args:
@@ -129,13 +131,19 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
         checkpoint (str): a complete checkpoint directory, or a run directory (its best model,
             else its latest checkpoint).
         split (Optional[str]): split to evaluate (default ``data.test_split``).
+        student (bool): of an ELEC distillation run, the student alone, as it serves: the split needs no teacher
+            input (LLM vectors, offline teacher outputs), and ``loss`` is the student's BCE without the KD terms.
 
     Returns:
         Dict[str, Any]: metrics (with ``cold/*`` when the data marks cold items).
 
     Raises:
-        ValueError: no ``split`` given and ``data.test_split`` is '' (a run without a test split).
+        ValueError: no ``split`` given and ``data.test_split`` is '' (a run without a test split), or
+            ``student`` for a run that is no distillation.
     """
+    if student and (config.elec or {}).get("task") != "distill":
+        raise ValueError(f"--student: {checkpoint} is no ELEC distillation run (elec.task=distill), so it has no "
+                         "student apart from its model; evaluate it without --student")
     split = split or config.data.test_split
     if not split:  # else read as a Parquet path '', which names neither the setting nor the flag
         raise ValueError("no split to evaluate: data.test_split is '' (the run reports no test split); name a split "
@@ -146,20 +154,26 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     ctx, schema = run.ctx, run.schema
     seed_everything(config.train.seed)
     data = config.data
-    if split in schema.splits:
-        check_plugin_columns(config, schema, [split])
-    elif not os.path.exists(split):  # before the model loads
-        raise ValueError(f"--split {split}: not a split of schema {schema.name!r} (splits: "
-                         f"{', '.join(sorted(schema.splits))}) nor a Parquet file or directory")
-    else:  # a file or directory of other prepared data: its ids must mean what the run's meant
-        _check_split_prepared_like(split, run)
-    check_split_row_vectors(config, split, run)
+    if split not in schema.splits:
+        if not os.path.exists(split):  # before the model loads
+            raise ValueError(f"--split {split}: not a split of schema {schema.name!r} (splits: "
+                             f"{', '.join(sorted(schema.splits))}) nor a Parquet file or directory")
+        _check_split_prepared_like(split, run)  # a file or directory of other prepared data: ids as the run's
+    if not student:  # the student reads no teacher input
+        teacher_side = [name for name in plugin_extras(config) if name not in first_file_columns(schema, split)]
+        if teacher_side and config.elec.get("task") == "distill":
+            raise ConfigError(f"--split {split}: no column(s) {teacher_side}, which the distillation's teacher side "
+                              "reads; evaluate the student alone, as it serves, with evaluate --student")
+        if split in schema.splits:
+            check_plugin_columns(config, schema, [split])
+        check_split_row_vectors(config, split, run)
     if schema.label not in first_file_columns(schema, split):  # before the model loads
         raise ValueError(f"--split {split}: its rows have no label column {schema.label!r}, so there is nothing to "
                          "evaluate against; to score rows without labels, export the run (`recsys-llm export "
                          f"--checkpoint {checkpoint} --output ARTIFACT`) and run `recsys-llm score --artifact ARTIFACT "
                          "--data DIR`")
-    extras = list(data.extras) + plugin_extras(config) + list(metric_subsets(config, schema).values())
+    teacher_inputs = [] if student else plugin_extras(config)
+    extras = list(data.extras) + teacher_inputs + list(metric_subsets(config, schema).values())
     reader = ParquetBatchReader(
         schema, split, data.eval_batch_size or data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
         extras=sorted(set(extras)), validate=data.validate, prefetch=data.prefetch, pin_memory=ctx.device.type == "cuda",
@@ -169,9 +183,14 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
         print(f"[recsys_llm] evaluate: loading {run.checkpoint} on {ctx.world_size} rank(s)", file=sys.stderr,
               flush=True)
     model = load_trained_model(config, run)
-    results = evaluate(model, reader, ctx.device, CTRMetrics(metric_subsets(config, schema)), description=split,
+    # the student's own forward (a CTRTask: BCE and its own loss terms) on its sharded tables; one by one, as the
+    # training pipeline takes the whole model
+    evaluated = get_unwrapped_module(model).student if student else model
+    results = evaluate(evaluated, reader, ctx.device, CTRMetrics(metric_subsets(config, schema)), description=split,
                        progress=config.train.progress,
-                       pipelined=use_pipelined_eval(config.train.pipelined_eval, ctx.device))
+                       pipelined=not student and use_pipelined_eval(config.train.pipelined_eval, ctx.device))
     results["checkpoint"] = run.checkpoint
     results["split"] = split
+    if student:
+        results["model"] = "student"
     return results
