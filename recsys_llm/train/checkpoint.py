@@ -6,6 +6,7 @@ Layout of a checkpoint directory::
       ckpt-00000120/          a finished checkpoint (global step 120)
         .metadata, __0_0.distcp, __1_0.distcp   DCP: model + optimizer state, every rank's shards
         rank00000.pt, rank00001.pt               per-rank RNG states (tensors only)
+        files.sha256.json                        the SHA-256 of each file above, checked before a load
         train_state.json                         epoch, step in epoch, best AUC, ... (written last)
       ckpt-00000160.tmp/      a checkpoint being written: ignored, removed by the next save
       ckpt-00000120.prev/     a complete checkpoint of step 120 set aside while a new one of the
@@ -78,20 +79,24 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from recsys_llm.atomic_dir import fsync_directory, write_text_atomically
-from recsys_llm.file_hash import file_sha256
+from recsys_llm.file_hash import file_sha256, files_sha256
+from recsys_llm.paths import is_plain_file_name
 from recsys_llm.train.checkpoint_reader import (
     SafeFileSystemReader,
     WeightsOnlyLoadPlanner,
     damaged_checkpoint_error,
     require_no_weights_beyond,
 )
-from recsys_llm.train.distributed import barrier, collective_device
+from recsys_llm.train.distributed import barrier, collective_device, host_group
 from recsys_llm.train.sharding import embedding_kernels
 
 PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
 DELETING_SUFFIX = ".deleting"  # a pruned checkpoint, renamed before it is removed
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})(\.prev)?$")  # 8 digits, more past step 99,999,999
 TRAIN_STATE_FILE = "train_state.json"
+#: ``{file: sha256}`` of every other file of a checkpoint, written before ``train_state.json`` and checked on load:
+#: DCP keeps no checksums, so a flipped byte in a ``.distcp`` or rank file would otherwise load as a wrong weight
+DIGESTS_FILE = "files.sha256.json"
 LATEST_FILE = "latest"
 # what tells one trained state from another (step, best metric, the tensors' storage layout), small
 # enough to hash whole: teacher.json of teacher outputs and an export's config.json record their sha256
@@ -429,6 +434,7 @@ class CheckpointManager:
         _save_synced(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
         saved = dataclasses.replace(state, table_optimizer_step=_table_optimizer_step(model))  # collective
         barrier()
+        _write_digests(tmp)  # collective: every rank hashes a share of the files
         if _rank() == 0:
             write_text_atomically(os.path.join(tmp, TRAIN_STATE_FILE), saved.to_json())
             fsync_directory(tmp)
@@ -481,6 +487,60 @@ def _swap_into_place(tmp: str, final: str) -> None:
     fsync_directory(os.path.dirname(final))
     if os.path.exists(previous):
         shutil.rmtree(previous)
+
+
+def _shared_sha256(directory: str, names: List[str]) -> Dict[str, str]:
+    """SHA-256 of the files ``names`` of ``directory``, each rank hashing its share, every rank getting them all
+    (collective): a checkpoint of many GB is read once over the ranks, not once per rank."""
+    mine = names[_rank()::_world_size()]
+    digests = dict(zip(mine, files_sha256([os.path.join(directory, name) for name in mine])))
+    if _world_size() == 1:
+        return digests
+    shares: List[Any] = [None] * _world_size()
+    dist.all_gather_object(shares, digests, group=host_group())
+    return {name: digest for share in shares for name, digest in share.items()}
+
+
+def _write_digests(directory: str) -> None:
+    """Writes ``DIGESTS_FILE`` into the checkpoint being written in ``directory`` (rank 0): the SHA-256 of every
+    plain file its ranks wrote (collective)."""
+    names: List[Any] = [None]
+    if _rank() == 0:  # one listing for every rank
+        names[0] = sorted(name for name in os.listdir(directory) if name not in (TRAIN_STATE_FILE, DIGESTS_FILE)
+                          and os.path.isfile(os.path.join(directory, name)))
+    if _world_size() > 1:
+        dist.broadcast_object_list(names, src=0, group=host_group())
+    digests = _shared_sha256(directory, names[0])
+    if _rank() == 0:
+        text = json.dumps(digests, indent=1, sort_keys=True) + "\n"
+        write_text_atomically(os.path.join(directory, DIGESTS_FILE), text)
+
+
+def verify_digests(path: str) -> None:
+    """Checks the files of the checkpoint ``path`` against its ``DIGESTS_FILE`` (collective; a checkpoint saved
+    without one passes unchecked).
+
+    Raises:
+        ValueError: a file whose bytes differ from those saved (a damaged checkpoint), on every rank.
+    """
+    digests_file = os.path.join(path, DIGESTS_FILE)
+    if not os.path.isfile(digests_file):
+        return
+    try:
+        with open(digests_file, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+        if not isinstance(recorded, dict) or not all(
+                isinstance(name, str) and is_plain_file_name(name) and isinstance(digest, str)
+                for name, digest in recorded.items()):
+            raise ValueError("not a {file: sha256} object")
+    except (OSError, ValueError) as error:
+        raise damaged_checkpoint_error(digests_file, error) from error
+    # a missing file is left to the readers, whose errors say what it is (a copy without the hidden .metadata)
+    names = sorted(name for name in recorded if os.path.isfile(os.path.join(path, name)))
+    for name, digest in sorted(_shared_sha256(path, names).items()):
+        if digest != recorded[name]:
+            raise damaged_checkpoint_error(os.path.join(path, name),
+                                           ValueError(f"its sha256 differs from the one {DIGESTS_FILE} recorded"))
 
 
 def _save_synced(tensors: Dict[str, torch.Tensor], path: str) -> None:
@@ -544,6 +604,7 @@ def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[C
                               restore_rng: bool) -> TrainState:
     """:func:`load_checkpoint` of a directory that holds a complete checkpoint."""
     state = read_train_state(path)
+    verify_digests(path)
     materialised: List[KeyedOptimizerWrapper] = []
     if optimizer is not None:
         materialised = _materialise_dense_optimizer_state(optimizer)

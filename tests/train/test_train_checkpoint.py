@@ -1,5 +1,6 @@
 """DCP checkpoints: atomic directory protocol, exact continuation, resharding 2 -> 1 rank."""
 
+import json
 import os
 import shutil
 from typing import Any, Dict, List, Optional
@@ -14,7 +15,14 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.embedding import embedding_bag_configs
-from recsys_llm.train.checkpoint import CheckpointManager, TrainState, is_complete, load_checkpoint, read_train_state
+from recsys_llm.train.checkpoint import (
+    DIGESTS_FILE,
+    CheckpointManager,
+    TrainState,
+    is_complete,
+    load_checkpoint,
+    read_train_state,
+)
 from recsys_llm.train.distributed import init_distributed
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate, train_epoch
@@ -159,6 +167,46 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks(synthetic_dir: str, tmp_path
         assert (result["state"].epoch, result["state"].global_step, result["state"].world_size) == (1, 3, 1)
         for key in ("auc", "logloss", "ne", "num_samples"):
             assert result["valid"][key] == pytest.approx(at_save[key], abs=1e-6), key
+
+
+def _flip_a_byte(path: str) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(os.path.getsize(path) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0x40]))
+
+
+def _save_flip_load(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    """Saves on every rank, flips a byte of rank 1's tensor file (rank 0), loads on every rank: what each says."""
+    import torch.distributed as dist
+
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _fresh(schema, seed=0)
+    path = CheckpointManager(ckpt_dir, keep=1).save(model, optimizer, TrainState(global_step=1, world_size=2))
+    with open(os.path.join(path, DIGESTS_FILE), encoding="utf-8") as handle:
+        recorded = sorted(json.load(handle))
+    if ctx.rank == 0:
+        _flip_a_byte(os.path.join(path, "__1_0.distcp"))
+    dist.barrier()
+    try:
+        load_checkpoint(path, model, optimizer)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    return {"recorded": recorded, "refusal": refusal, "path": path}
+
+
+@pytest.mark.multiprocess
+def test_a_byte_flipped_in_one_ranks_file_is_refused_on_every_rank(synthetic_dir: str, tmp_path) -> None:
+    """The ranks hash a share of the files each, at save and at load; the one that finds the damage tells them all."""
+    results = run_multiprocess(_save_flip_load, world_size=2, schema_path=synthetic_dir,
+                               ckpt_dir=str(tmp_path / "checkpoints"))
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank00000.pt", "rank00001.pt"} <= set(results[0]["recorded"])
+    damaged = os.path.join(results[0]["path"], "__1_0.distcp")
+    for result in results:
+        assert result["refusal"] is not None and result["refusal"].startswith(f"{damaged}: cannot be read back"), result
+        assert "its sha256 differs from the one files.sha256.json recorded" in result["refusal"]
 
 
 class _LateTermTask(_DLRMTask):
@@ -488,6 +536,7 @@ def test_a_crafted_rng_file_is_refused_without_advice_to_load_it(tmp_path, monke
     path = manager.save(nn.Linear(2, 1), None, TrainState(global_step=1))
     marker = tmp_path / "code_ran"
     torch.save({"cpu": _RunsCodeWhenUnpickled(str(marker))}, os.path.join(path, "rank00000.pt"))
+    os.remove(os.path.join(path, DIGESTS_FILE))  # a crafted checkpoint records no digests to catch it by
     with pytest.raises(ValueError) as refused:
         load_checkpoint(path, nn.Linear(2, 1))
     message = str(refused.value)
@@ -999,3 +1048,19 @@ def test_a_resume_restores_the_numpy_and_python_rng_streams_too(tmp_path, monkey
     torch.manual_seed(7)
     load_checkpoint(checkpoint, loaded_model)
     assert draws() == expected
+
+
+@pytest.mark.parametrize("name", ["__0_0.distcp", "rank00000.pt", ".metadata"])
+def test_a_flipped_byte_in_a_saved_file_is_refused_naming_it(tmp_path, monkeypatch, name) -> None:
+    """DCP keeps no checksums: a byte flipped in a tensor's bytes would load as a wrong weight. The sha256 of
+    every file, recorded at save, catches it before anything loads."""
+    _state_only_dcp(monkeypatch)
+    manager = CheckpointManager(str(tmp_path), keep=1)
+    path = manager.save(nn.Linear(2, 1), None, TrainState(global_step=1))
+    target = os.path.join(path, name)
+    if not os.path.isfile(target):
+        pytest.skip(f"no {name} in this checkpoint")
+    _flip_a_byte(target)
+    with pytest.raises(ValueError, match="sha256 differs from the one files.sha256.json recorded") as refused:
+        load_checkpoint(path, nn.Linear(2, 1))
+    assert str(refused.value).startswith(f"{target}: cannot be read back"), refused.value
