@@ -31,7 +31,7 @@ from recsys_llm.train.checkpoint import (
     run_dir_of,
 )
 from recsys_llm.train.config import ConfigError, ExperimentConfig, check_same_model, load_config
-from recsys_llm.train.resume import check_same_column_split
+from recsys_llm.train.resume import check_same_table_state_layout
 from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors
 
 #: the key of ``plugins.json`` that records where a run's first weights came from
@@ -114,7 +114,7 @@ def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfi
             "state this run cannot take; set train.init_optimizer=false to start from its weights with fresh "
             "optimizer state, or use the same optimizers"
         )
-    check_same_column_split(saved_plan, plan, config.optim.sparse, advice=(
+    check_same_table_state_layout(saved_plan, plan, config.optim.sparse, advice=(
         f"set train.init_optimizer=false to start from its weights with fresh optimizer state, or shard as it "
         f"was (on its world size and device, sharding.plan_file={saved_plan})"))
 

@@ -144,21 +144,27 @@ def column_shards(placement: Dict[str, Any]) -> int:
     return len({tuple(shard["offsets"][1:]) for shard in placement.get("shards") or []}) or 1
 
 
-def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_optimizer: str,
-                            advice: str = "") -> None:
-    """Raises when this job's plan splits a table's columns into other shards than the plan its
-    checkpoints were saved under (``sharding_plan.json``), and the table optimizer is
-    ``row_wise_adagrad``: its state holds one value per row of each column shard (rows x shards),
-    which DCP cannot reshard (it loads rows and columns of tables into any plan). The planner may
-    split otherwise on another world size or device (on CUDA a table wider than FBGEMM's kernels
-    take is always column-wise), or with another ``sharding.proposer_patience`` (runs saved before
-    2026-12-06 were planned with the exhaustive search, 0). A run without a readable record is left to
-    the checkpoint's load. ``advice``: what to do instead (default: resume as the run was saved).
+def check_same_table_state_layout(saved_plan_path: str, plan: ShardingPlan, sparse_optimizer: str,
+                                  advice: str = "") -> None:
+    """Raises when the table optimizer's state saved under the plan of a run's checkpoints (``sharding_plan.json``)
+    cannot be loaded into this job's plan, which DCP's resharding of the tables' rows and columns does not cover:
+
+    * a table replicated (``data_parallel``) in one plan and sharded in the other, with any optimizer that keeps
+      state (not ``sgd``): a replicated table's state is a torch optimizer's (Adagrad's ``sum``, ``step``), a
+      sharded one's FBGEMM's (``momentum1``); with ``sharding.sharding_types`` empty the planner may choose
+      otherwise on another world size;
+    * with ``row_wise_adagrad``, a table whose columns are split into other shards: its state holds one value per
+      row of each column shard (rows x shards). The planner may split otherwise on another world size or device
+      (on CUDA a table wider than FBGEMM's kernels take is always column-wise), or with another
+      ``sharding.proposer_patience`` (runs saved before 2026-12-06 were planned with the exhaustive search, 0).
+
+    A run without a readable record is left to the checkpoint's load. ``advice``: what to do instead (default:
+    resume as the run was saved).
 
     Raises:
-        ConfigError: naming each such table, its split then and now, and what keeps the split.
+        ConfigError: naming each such table, its placement then and now, and what keeps it.
     """
-    if sparse_optimizer != "row_wise_adagrad":
+    if sparse_optimizer == "sgd":
         return
     try:
         with open(saved_plan_path, encoding="utf-8") as handle:
@@ -167,22 +173,33 @@ def check_same_column_split(saved_plan_path: str, plan: ShardingPlan, sparse_opt
         return
     if not isinstance(saved, dict):
         return
-    changes = []
-    for table, placement in sorted(table_placements(plan).items()):
-        before = saved.get(table)
-        if isinstance(before, dict) and column_shards(before) != column_shards(placement):
-            changes.append(f"{table!r} {column_shards(before)} ({before.get('sharding_type')}) -> "
-                           f"{column_shards(placement)} ({placement['sharding_type']})")
-    if changes:
+    placements = {table: (saved[table], placement) for table, placement in sorted(table_placements(plan).items())
+                  if isinstance(saved.get(table), dict)}
+    advice = advice or _RESUME_AS_SAVED.format(plan=saved_plan_path)
+    replicated = [f"{table!r} {before.get('sharding_type')} -> {now['sharding_type']}"
+                  for table, (before, now) in placements.items()
+                  if (before.get("sharding_type") == "data_parallel") != (now["sharding_type"] == "data_parallel")]
+    if replicated:
+        raise ConfigError(
+            f"{saved_plan_path}: this job's sharding plan replicates (data_parallel) tables that the plan the run's "
+            f"checkpoints were saved under shards, or the reverse ({'; '.join(replicated)}), and the "
+            f"{sparse_optimizer} state of a replicated table (a torch optimizer's) does not load into a sharded one "
+            "(FBGEMM's) or the reverse; the planner may choose otherwise on another world size or device unless "
+            f"sharding.sharding_types leaves data_parallel out (or allows only it); {advice}"
+        )
+    split = [f"{table!r} {column_shards(before)} ({before.get('sharding_type')}) -> "
+             f"{column_shards(now)} ({now['sharding_type']})"
+             for table, (before, now) in placements.items() if column_shards(before) != column_shards(now)]
+    if split and sparse_optimizer == "row_wise_adagrad":
         raise ConfigError(
             f"{saved_plan_path}: this job's sharding plan splits the columns of tables into other shards than the "
-            f"plan the run's checkpoints were saved under ({'; '.join(changes)} column shards), and the "
+            f"plan the run's checkpoints were saved under ({'; '.join(split)} column shards), and the "
             "row_wise_adagrad state of a table has one value per row of each column shard, which cannot be "
-            f"loaded into another split; {advice or _RESUME_AS_SAVED.format(plan=saved_plan_path)}"
+            f"loaded into another split; {advice}"
         )
 
 
-# check_same_column_split's advice to a resume
+# check_same_table_state_layout's advice to a resume
 _RESUME_AS_SAVED = ("resume on the world size and device the run was saved on with the run's own plan "
                     "(sharding.plan_file={plan}; a run saved before 2026-12-06 was planned by the exhaustive search, "
                     "sharding.proposer_patience=0), or use another train.run_dir for a new run")

@@ -84,7 +84,7 @@ from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.resume import (
     budget_spent,
     check_resumable_position,
-    check_same_column_split,
+    check_same_table_state_layout,
     reopen_for_budget,
     resume_point,
     state_for_world,
@@ -298,7 +298,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         check_resumable(config, saved_config)
         check_trained_on(schema, saved_config, run_dir)
         check_resumable_position(read_train_state(latest), ctx, train_cfg, readers["train"], config.data.shuffle)
-        check_same_column_split(os.path.join(run_dir, "sharding_plan.json"), plan, config.optim.sparse)
+        check_same_table_state_layout(os.path.join(run_dir, "sharding_plan.json"), plan, config.optim.sparse)
         for saves in (checkpoints.directory, best.directory):  # found at the first save otherwise, after training
             if os.path.isdir(saves) and not os.access(saves, os.W_OK | os.X_OK):
                 raise PermissionError(f"{saves}: not writable here (permissions, or a read-only mount), so the resumed "

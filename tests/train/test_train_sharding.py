@@ -696,7 +696,7 @@ def _split_changes(schema_path: str) -> Dict[str, Any]:
     import tempfile
 
     from recsys_llm.train.config import ConfigError
-    from recsys_llm.train.resume import check_same_column_split
+    from recsys_llm.train.resume import check_same_table_state_layout
     from recsys_llm.train.plan_report import describe_plan
 
     ctx = init_distributed("cpu")
@@ -714,13 +714,20 @@ def _split_changes(schema_path: str) -> Dict[str, Any]:
     with open(saved, "w", encoding="utf-8") as handle:
         handle.write(describe_plan(table_wise))
     outcome: Dict[str, Any] = {"same": None, "adagrad": None}
-    check_same_column_split(saved, table_wise, "row_wise_adagrad")  # the same split resumes
-    check_same_column_split(saved, column_wise, "adagrad")  # element-wise state reshards like the table
+    check_same_table_state_layout(saved, table_wise, "row_wise_adagrad")  # the same split resumes
+    check_same_table_state_layout(saved, column_wise, "adagrad")  # element-wise state reshards like the table
     try:
-        check_same_column_split(saved, column_wise, "row_wise_adagrad")
+        check_same_table_state_layout(saved, column_wise, "row_wise_adagrad")
     except ConfigError as error:
         outcome["refused"] = str(error)
     outcome["record"] = {t: p["sharding_type"] for t, p in json.loads(describe_plan(column_wise)).items()}
+    replicated = plan_with("data_parallel")
+    check_same_table_state_layout(saved, replicated, "sgd")  # SGD keeps no state: any placement loads
+    for optimizer in ("adagrad", "row_wise_adagrad"):
+        try:
+            check_same_table_state_layout(saved, replicated, optimizer)
+        except ConfigError as error:
+            outcome[f"replicated {optimizer}"] = str(error)
     return outcome
 
 
@@ -736,6 +743,10 @@ def test_a_resume_whose_plan_splits_a_tables_columns_otherwise_is_refused_naming
     assert "t_item_id" not in message and "row_wise_adagrad" in message
     assert "resume on the world size and device the run was saved on" in message
     assert "sharding.proposer_patience=0" in message  # what planned the runs saved before the patience
+    for optimizer in ("adagrad", "row_wise_adagrad"):  # a table replicated in one plan, sharded in the other
+        message = outcome[f"replicated {optimizer}"]
+        assert "'t_user_id' table_wise -> data_parallel" in message and optimizer in message, message
+        assert "t_item_id" not in message
 
 
 class _BigTable(torch.nn.Module):
