@@ -147,11 +147,12 @@ def _no_room_message(task: nn.Module, world_size: int, compute_device: str, capa
     shown = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in largest)
     first = error.strip().splitlines()[0] if error.strip() else "PlannerError"
     # the planner's own totals: the ranks' memory less its reserve for dense parts and buffers, and what the tables
-    # need with optimizer state (device and host memory, GB), which the weights and the ranks' memory alone hide
+    # need with optimizer state and their lookups' input / output buffers at this batch size (device and host memory,
+    # GB), which the weights and the ranks' memory alone hide
     totals = {what: found.group(1) for what in ("available", "requirement")
               if (found := re.search(rf"Global storage {what} for model parallel: (Storage\([^)]*\))", error))}
     planned = (f"; the planner's totals: {totals['available']} available to the tables after its reserve, "
-               f"{totals['requirement']} needed with optimizer state" if len(totals) == 2 else "")
+               f"{totals['requirement']} needed with optimizer state and lookup buffers" if len(totals) == 2 else "")
     more = "more hosts" if compute_device == "cpu" else "more GPUs"  # on CPU a host's ranks share its memory
     return (f"sharding: the planner found no room for the tables on {world_size} rank(s){each} (the tables' weights "
             f"{sum(sizes.values()) / 2**30:.2f} GiB in all, before optimizer state; the largest: {shown}{planned}); "

@@ -782,7 +782,8 @@ def test_tables_larger_than_the_hosts_memory_are_refused_by_the_planner_naming_t
     assert re.match(r"sharding: the planner found no room for the tables on 1 rank\(s\) of 0\.1 GiB host memory "
                     r"each \(the tables' weights 0\.24 GiB in all, before optimizer state; the largest: big 0\.24 "
                     r"GiB; the planner's totals: Storage\(hbm = 0\.0 GB, ddr = 0\.06\d* GB\) available to the tables "
-                    r"after its reserve, Storage\(hbm = 0\.0 GB, ddr = 0\.2\d* GB\) needed with optimizer state\); "
+                    r"after its reserve, Storage\(hbm = 0\.0 GB, ddr = 0\.2\d* GB\) needed with optimizer state and "
+                    r"lookup buffers\); "
                     r"use more hosts", message), message
 
 
