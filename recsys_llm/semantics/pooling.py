@@ -198,7 +198,11 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         torch.Tensor: (B, L, H).
     """
     if _is_base_model(model):
-        return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is not None:
+            return hidden
+        # a class of the directory's own code (--trust-remote-code) named like a base model but with a head
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     return out.hidden_states[-1]
 

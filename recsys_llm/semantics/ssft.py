@@ -73,7 +73,7 @@ from recsys_llm.semantics.model_loading import (
 )
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
-from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
+from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE, canonical_adapter_config
 from recsys_llm.semantics.ssft_examples import (
     SSFTExample,
     build_examples,
@@ -114,6 +114,9 @@ SSFT_CHECKPOINT = CheckpointOwner("SSFT", "tune")
 SSFT_OUTPUT_ENTRIES = frozenset(
     name + suffix for name in ("adapter", "checkpoint") for suffix in ("", ".tmp", ".old")
 ) | {"metrics.json", FIGURE_FILE, LOCK_FILE}  # and the files' temp files (_is_ssft_entry)
+
+
+SCHEDULE_EPOCHS_KEY = "schedule_epochs"  # state.json: the --epochs the learning-rate schedule spans
 
 
 def _is_ssft_entry(name: str) -> bool:
@@ -457,8 +460,9 @@ class SSFTTrainer:
             torch.save(self._optimizer.state_dict(), os.path.join(tmp, CHECKPOINT_OPTIMIZER_FILE))
             save_file(rng_state(device), os.path.join(tmp, CHECKPOINT_RNG_FILE))
             with open(os.path.join(tmp, CHECKPOINT_STATE_FILE), "w", encoding="utf-8") as handle:
-                json.dump({**state, **grad_scaler_state(self._steps), "signature": self._resume_signature()}, handle,
-                          indent=2)
+                # the epochs a decaying learning-rate schedule spans: a resume with other --epochs would change it
+                json.dump({**state, **grad_scaler_state(self._steps), SCHEDULE_EPOCHS_KEY: self._config.epochs,
+                           "signature": self._resume_signature()}, handle, indent=2)
 
     def _checkpoint_dir(self) -> Optional[str]:
         """``checkpoint/``, else ``checkpoint.old`` (a kill during the swap), when it holds a state; else None."""
@@ -498,6 +502,15 @@ class SSFTTrainer:
             raise ValueError(
                 f"{path}: checkpoint was made with other settings ({'; '.join(differing)}); "
                 "use the same settings, another output directory, or --no-resume"
+            )
+        scheduled = state.get(SCHEDULE_EPOCHS_KEY)  # absent in checkpoints of earlier versions
+        if (self._config.lr_schedule != "constant" and isinstance(scheduled, int)
+                and scheduled != self._config.epochs):
+            raise ValueError(
+                f"{path}: checkpoint was made with --lr-schedule {self._config.lr_schedule} over --epochs {scheduled}, "
+                f"not {self._config.epochs}: its learning rate decays over the steps of {scheduled} epoch(s), so going "
+                f"on with --epochs {self._config.epochs} would tune an adapter of neither schedule; use --epochs "
+                f"{scheduled}, another output directory, or --no-resume"
             )
         if state["epoch"] > self._config.epochs:
             raise ValueError(
@@ -583,6 +596,11 @@ class SSFTTrainer:
         final = os.path.join(self._output_dir, "adapter")
         with checkpoint_swap(final) as tmp:  # Ctrl-C or SIGTERM while writing: no half-written adapter.tmp is left
             self._encoder.model.save_pretrained(tmp)
+            config_path = os.path.join(tmp, "adapter_config.json")  # peft's set of target modules, in hash order
+            with open(config_path, encoding="utf-8") as handle:
+                adapter_config = canonical_adapter_config(json.load(handle))
+            with open(config_path, "w", encoding="utf-8") as handle:
+                json.dump(adapter_config, handle, indent=2, sort_keys=True)
             info = {
                 "base_model_path": os.path.abspath(self._model_path),
                 "base_model_hash": self._base_hash,

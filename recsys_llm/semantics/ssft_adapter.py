@@ -13,6 +13,7 @@ Example::
 """
 
 import hashlib
+import json
 import os
 import pickle
 from typing import Any, Dict, Optional, Tuple
@@ -41,6 +42,30 @@ ADAPTER_ID_MARK = "+ssft:"
 # what ssft.json must name for the adapter to be loaded and used
 _ADAPTER_INFO_KEYS = ("base_model_path", "base_model_hash", "adapter_hash", "pooling", "max_length", "fields",
                       "templates")
+
+
+def canonical_adapter_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """``adapter_config.json`` with ``target_modules`` sorted: peft writes that set in Python's hash
+    order, which differs from process to process (PYTHONHASHSEED) for the same adapter."""
+    modules = config.get("target_modules")
+    if isinstance(modules, list) and all(isinstance(m, str) for m in modules):
+        config = {**config, "target_modules": sorted(modules)}
+    return config
+
+
+def _adapter_file_fingerprint(path: str) -> str:
+    """:func:`file_fingerprint`, of ``adapter_config.json`` its canonical JSON (:func:`canonical_adapter_config`):
+    one adapter gives one hash however peft ordered its set of target modules."""
+    if os.path.basename(path) == "adapter_config.json":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            return file_fingerprint(path)
+        if isinstance(config, dict):
+            text = json.dumps(canonical_adapter_config(config), sort_keys=True)
+            return hashlib.sha256(text.encode()).hexdigest()
+    return file_fingerprint(path)
 
 
 def _damaged_adapter_file(path: str, detail: str) -> ValueError:
@@ -191,7 +216,7 @@ def load_tuned_encoder(
     # lora_alpha scales the weights merged in); ssft.json's adapter_hash says what was tuned, and files
     # copied or edited over it since must not hit the vectors cached for the old ones
     adapter_files = hashlib.sha256("".join(
-        f"{name}:{file_fingerprint(os.path.join(adapter_dir, name))}\n"
+        f"{name}:{_adapter_file_fingerprint(os.path.join(adapter_dir, name))}\n"
         for name in sorted(os.listdir(adapter_dir))
         if name.endswith((".safetensors", ".bin")) or name == "adapter_config.json").encode()).hexdigest()[:8]
     encoder = TextEncoder.from_model(

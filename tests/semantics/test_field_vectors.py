@@ -226,6 +226,24 @@ def test_an_edited_adapter_config_misses_the_encode_cache(tmp_path, tiny_llama_d
                                atol=0, rtol=0)
 
 
+def test_the_order_of_the_target_modules_in_adapter_config_keeps_the_model_hash(tmp_path, tiny_llama_dir) -> None:
+    """peft writes target_modules, a set, in Python's hash order (PYTHONHASHSEED): the same adapter saved by
+    two processes must give one model hash (one cache entry, vectors a resumed train run takes as its own)."""
+    from recsys_llm.semantics.ssft_adapter import load_tuned_encoder
+
+    adapter = str(tmp_path / "adapter")
+    _random_lora_adapter(tiny_llama_dir, adapter)
+    config_path = os.path.join(adapter, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    hashes = []
+    for modules in (["q_proj", "v_proj"], ["v_proj", "q_proj"]):
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump({**config, "target_modules": modules}, handle)
+        hashes.append(load_tuned_encoder(adapter)[0].model_hash)
+    assert hashes[0] == hashes[1]
+
+
 def test_vectors_encoded_at_another_max_length_are_named_as_other_vectors(tmp_path, tiny_llama_dir, tiny_schema) -> None:
     """Texts cut at another length give other vectors from the same model: a run's record must tell them
     apart (a resume, evaluate or a reused experiment run would take them as the vectors it trained with)."""

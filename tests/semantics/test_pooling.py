@@ -196,3 +196,21 @@ def test_which_models_return_their_last_hidden_state_by_class_name() -> None:
     assert _is_base_model(named("BertModel")) and _is_base_model(named("RoFormerModel"))  # "For" in a model's name
     assert not any(_is_base_model(named(name)) for name in (
         "LlamaForCausalLM", "BertForSequenceClassification", "GPT2LMHeadModel", "T5ForConditionalGeneration"))
+
+
+def test_hidden_states_of_a_head_model_named_like_a_base_model() -> None:
+    """A class of a directory's own code (--trust-remote-code) may be named ``SomethingModel`` yet return
+    a head's output (no ``last_hidden_state``): its last hidden states are read from ``hidden_states``."""
+    from types import SimpleNamespace
+
+    from recsys_llm.semantics.pooling import hidden_states
+
+    class OwnCodeModel(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, output_hidden_states=False):
+            hidden = input_ids.float().unsqueeze(-1).expand(-1, -1, 3)  # (B, L, 3)
+            return SimpleNamespace(logits=hidden.sum(-1), hidden_states=(hidden * 0, hidden) if output_hidden_states
+                                   else None)
+
+    ids = torch.tensor([[1, 2, 3]])
+    out = hidden_states(OwnCodeModel(), ids, torch.ones_like(ids))
+    assert torch.equal(out, ids.float().unsqueeze(-1).expand(-1, -1, 3))

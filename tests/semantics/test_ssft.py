@@ -213,6 +213,10 @@ class TestSSFT:
         with pytest.raises(ValueError, match=r"other settings \(lr_schedule: 'linear' -> 'cosine'\)"):
             SSFTTrainer(_config(tiny_llama_dir, **{**settings, "lr_schedule": "cosine", "epochs": 3}), tiny_schema,
                         str(tmp_path / "resumed")).run()
+        # more epochs would stretch the decay the first ones followed: an adapter of neither schedule
+        with pytest.raises(ValueError, match=r"--lr-schedule linear over --epochs 2, not 3"):
+            SSFTTrainer(_config(tiny_llama_dir, **{**settings, "epochs": 3}), tiny_schema,
+                        str(tmp_path / "resumed")).run()
         with pytest.raises(ValueError, match=r"lr_schedule \(semantics tune --lr-schedule\) must be one of"):
             SSFTConfig(lr_schedule="step")
 
