@@ -397,6 +397,9 @@ def cached_encode(
             warnings.warn(f"encode cache: {error}; the texts are encoded again and the cache file replaced", stacklevel=2)
         else:
             if stored.vectors.size(0) == len(texts):
+                if progress:  # otherwise nothing tells a hit from an encode with the same vectors
+                    print(f"[recsys_llm] encode cache: the vectors of the {len(texts)} texts read from {path}, not "
+                          "encoded again", file=sys.stderr, flush=True)
                 return stored.vectors
     vectors = encoder.encode(texts, progress=progress)
     bad = first_non_finite_row(vectors)

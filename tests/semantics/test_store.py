@@ -1,4 +1,5 @@
 import os
+import re
 import warnings
 from typing import List
 
@@ -71,13 +72,17 @@ class TestVectorStore:
 
 
 class TestCachedEncode:
-    def test_second_call_hits_cache(self, tmp_path, tiny_llama_dir: str) -> None:
+    def test_second_call_hits_cache(self, tmp_path, tiny_llama_dir: str, capsys) -> None:
         encoder = CountingEncoder(tiny_llama_dir)
         CountingEncoder.calls = 0
         texts = ["shade 1", "town 2", "price"]
         first = cached_encode(encoder, texts, "t1", str(tmp_path), progress=False)
-        second = cached_encode(encoder, texts, "t1", str(tmp_path), progress=False)
+        second = cached_encode(encoder, texts, "t1", str(tmp_path), progress=True)
         assert CountingEncoder.calls == 1
+        # a hit says so (with progress): its vectors are the same as an encode's
+        assert re.fullmatch(rf"\[recsys_llm\] encode cache: the vectors of the 3 texts read from "
+                            rf"{re.escape(str(tmp_path))}/\w+\.safetensors, not encoded again",
+                            capsys.readouterr().err.splitlines()[-1])
         torch.testing.assert_close(first, second, atol=0, rtol=0)
         cached_encode(encoder, texts, "t2", str(tmp_path), progress=False)  # other template: miss
         cached_encode(encoder, texts[:2], "t1", str(tmp_path), progress=False)  # other texts: miss
