@@ -107,6 +107,9 @@ from recsys_llm.semantics.train_checkpoint import (
 # missing from those of older versions)
 CHECKPOINT_ADAPTER_FILE = "adapter.safetensors"
 RESOLVED_POOLING_KEY = "resolved_pooling"  # in state.json's signature
+# also there: the dtype --dtype resolved to (auto: bf16 on a GPU that computes in it, else float32), compared instead
+# of the option as typed (auto, fp32 and float32 are one dtype on a CPU; auto is another on such a GPU)
+RESOLVED_DTYPE_KEY = "resolved_dtype"
 # in state.json's signature: what the tune reads of the schema and data (examples_digest)
 DATA_DIGEST_KEY = "data_sha256"
 SSFT_CHECKPOINT = CheckpointOwner("SSFT", "tune")
@@ -435,11 +438,12 @@ class SSFTTrainer:
 
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self._encoder.model).items()}
 
-    def _resume_signature(self, with_pooling: bool = True) -> Dict[str, Any]:
+    def _resume_signature(self, with_pooling: bool = True, with_dtype: bool = True) -> Dict[str, Any]:
         """What a resumed tune must share with the checkpoint (settings, base model, fields, and the digest of
         the field texts and sampled prompts, :func:`examples_digest`); ``with_pooling``: also the pooling
         ``auto`` resolved to (known once the model is loaded; the option alone would not tell a
-        change of what ``auto`` picks)."""
+        change of what ``auto`` picks); ``with_dtype``: the dtype ``--dtype`` resolved to on this device, in place
+        of the option as typed (checkpoints of earlier versions recorded the option only)."""
         config = self._config.to_dict()
         for key in ("epochs", "resume", "device", "eval_batch_size", "model_path"):  # the model: by base_hash
             config.pop(key)
@@ -447,6 +451,10 @@ class SSFTTrainer:
                      DATA_DIGEST_KEY: self._data_digest}
         if with_pooling:
             signature[RESOLVED_POOLING_KEY] = self._encoder.pooling
+        if with_dtype:
+            config.pop("dtype")
+            resolved = resolve_dtype(self._config.dtype, resolve_device(self._config.device))
+            signature[RESOLVED_DTYPE_KEY] = str(resolved).removeprefix("torch.")
         return signature
 
     def save_checkpoint(self, state: Dict[str, Any]) -> None:
@@ -480,7 +488,8 @@ class SSFTTrainer:
                                           "signature", SSFT_CHECKPOINT)
         signature = state.pop("signature")
         compare_pooling = with_pooling and RESOLVED_POOLING_KEY in signature  # earlier versions: the option only
-        current = self._resume_signature(compare_pooling)
+        compare_dtype = RESOLVED_DTYPE_KEY in signature  # likewise
+        current = self._resume_signature(compare_pooling, compare_dtype)
         if not compare_pooling:
             signature.pop(RESOLVED_POOLING_KEY, None)
         if DATA_DIGEST_KEY not in signature:  # earlier versions recorded no digest of the data
@@ -496,9 +505,10 @@ class SSFTTrainer:
                                  "descriptions, value texts or data changed, or a newer recsys_llm samples them "
                                  "otherwise: since 2026-12-05 the ids of fields without value texts come from the "
                                  "data, and values differing only in case count as one)")
-            pooling = current.get(RESOLVED_POOLING_KEY)
-            if pooling is not None and signature[RESOLVED_POOLING_KEY] != pooling:
-                differing.append(f"{RESOLVED_POOLING_KEY}: {signature[RESOLVED_POOLING_KEY]!r} -> {pooling!r}")
+            for resolved in (RESOLVED_POOLING_KEY, RESOLVED_DTYPE_KEY):
+                now = current.get(resolved)
+                if now is not None and signature[resolved] != now:
+                    differing.append(f"{resolved}: {signature[resolved]!r} -> {now!r}")
             raise ValueError(
                 f"{path}: checkpoint was made with other settings ({'; '.join(differing)}); "
                 "use the same settings, another output directory, or --no-resume"

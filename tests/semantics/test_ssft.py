@@ -217,6 +217,17 @@ class TestSSFT:
         with pytest.raises(ValueError, match=r"--lr-schedule linear over --epochs 2, not 3"):
             SSFTTrainer(_config(tiny_llama_dir, **{**settings, "epochs": 3}), tiny_schema,
                         str(tmp_path / "resumed")).run()
+        # the dtype is compared as resolved on this device: auto is float32 on a CPU, as fp32 and float32 are
+        from recsys_llm.semantics.model_loading import resolve_device, resolve_dtype
+
+        auto = str(resolve_dtype("auto", resolve_device(None))).removeprefix("torch.")  # bfloat16 on a recent GPU
+        other = "bfloat16" if auto == "float32" else "float32"
+        for same in {"float32": ("fp32", "float32"), "bfloat16": ("bf16", "bfloat16")}[auto]:
+            SSFTTrainer(_config(tiny_llama_dir, **{**settings, "dtype": same}), tiny_schema,
+                        str(tmp_path / "resumed")).run()
+        with pytest.raises(ValueError, match=rf"other settings \(resolved_dtype: '{auto}' -> '{other}'\)"):
+            SSFTTrainer(_config(tiny_llama_dir, **{**settings, "dtype": other}), tiny_schema,
+                        str(tmp_path / "resumed")).run()
         with pytest.raises(ValueError, match=r"lr_schedule \(semantics tune --lr-schedule\) must be one of"):
             SSFTConfig(lr_schedule="step")
 
