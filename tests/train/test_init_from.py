@@ -11,6 +11,8 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
+from recsys_llm.file_hash import file_sha256
+from recsys_llm.train.checkpoint import DIGESTS_FILE
 from recsys_llm.train.config import ConfigError, load_config
 from recsys_llm.train.init_from import INIT_FROM_KEY
 from recsys_llm.train.runner import run_training
@@ -331,6 +333,12 @@ def _from_runs_with_other_rng_states(schema_dir: str, root: str) -> Dict[str, An
         state = torch.load(rng_file, weights_only=True)
         state["torch"] = torch.Generator().manual_seed(12345).get_state()
         torch.save(state, rng_file)
+        digests_file = os.path.join(os.path.dirname(rng_file), DIGESTS_FILE)  # as that run's save would record it
+        with open(digests_file, encoding="utf-8") as handle:
+            digests = json.load(handle)
+        digests[os.path.basename(rng_file)] = file_sha256(rng_file)
+        with open(digests_file, "w", encoding="utf-8") as handle:
+            json.dump(digests, handle)
     return {name: _run(schema_dir, os.path.join(root, f"from_{name}"), [f"train.init_from={source}", *dropout])["test"]
             for name, source in (("day1", day1), ("other", other))}
 

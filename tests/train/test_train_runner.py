@@ -566,13 +566,19 @@ def _killed_in_a_save(directory: str, global_step: int, after_rename: bool) -> I
 
 def _saved_files(run_dir: str) -> Dict[str, str]:
     """Path -> content hash of every file of ``checkpoints/`` and ``best/`` but DCP's ``.metadata`` (it
-    records where the checkpoint was written)."""
+    records where the checkpoint was written), and of the files' digests less that file's."""
+    from recsys_llm.train.checkpoint import DIGESTS_FILE
+
     found = {}
     for sub in ("checkpoints", "best"):
         for root, _, files in os.walk(os.path.join(run_dir, sub)):
             for name in files:
                 path = os.path.join(root, name)
-                if name != ".metadata":
+                if name == DIGESTS_FILE:
+                    with open(path, encoding="utf-8") as handle:
+                        digests = {file: digest for file, digest in json.load(handle).items() if file != ".metadata"}
+                    found[os.path.relpath(path, run_dir)] = json.dumps(digests, sort_keys=True)
+                elif name != ".metadata":
                     found[os.path.relpath(path, run_dir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
     return found
 
