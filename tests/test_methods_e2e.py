@@ -284,8 +284,9 @@ def _other_llms_vectors(gain_config: Any, gain_dir: str, gain_overrides: List[st
                 "mixed": lambda: run_training(load_config(CONFIG, gain_overrides + [
                     f"data.schema={os.path.join(mixed, 'schema.json')}",
                     f"train.run_dir={os.path.join(work, 'gain_mixed')}"])),
-                "teacher_outputs_mixed": lambda: write_teacher_outputs(load_config(CONFIG, gain_overrides + [
-                    f"data.schema={os.path.join(mixed, 'schema.json')}"]), gain_dir, os.path.join(work, "teacher_mixed")),
+                "teacher_outputs_mixed": lambda: write_teacher_outputs(
+                    load_config(CONFIG, gain_overrides + [f"data.schema={os.path.join(mixed, 'schema.json')}"]),
+                    gain_dir, os.path.join(work, "teacher_mixed")),
                 "frozen": lambda: run_training(load_config(CONFIG, frozen_overrides + data + [
                     f"train.run_dir={os.path.join(work, 'frozen_other_llm')}"]))}
     for name, attempt in attempts.items():
@@ -348,8 +349,8 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     from recsys_llm.serving.scoring import score_split
 
     evaluated = out["offline"]["students_on_plain_rows"]
-    served_report = score_split(ServedModel.load(out["served"], trust_program=True), DatasetSchema.load(small_synthetic),
-                                "test", progress=False)
+    served_report = score_split(ServedModel.load(out["served"], trust_program=True),
+                                DatasetSchema.load(small_synthetic), "test", progress=False)
     assert evaluated["offline", True]["model"] == "student"
     assert evaluated["offline", True]["auc"] == pytest.approx(served_report["auc"], abs=1e-6)
     assert evaluated["offline", True]["logloss"] == pytest.approx(served_report["logloss"], abs=1e-5)
@@ -359,7 +360,8 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
         "evaluate the student alone, as it serves, with evaluate --student" in evaluated["offline", False]
     assert evaluated["joint", True]["auc"] > 0.5 and "no column(s) ['llm_vector']" in evaluated["joint", False]
     assert evaluated["joint", True]["loss"] == pytest.approx(evaluated["joint", True]["logloss"], abs=1e-5)
-    assert evaluated["gain", True].startswith("--student: ") and "is no ELEC distillation run" in evaluated["gain", True]
+    assert evaluated["gain", True].startswith("--student: ")
+    assert "is no ELEC distillation run" in evaluated["gain", True]
     state = load_state_file(out["served"])
     assert state and not any(("teacher" in k) or ("injection" in k) or ("semantic" in k) for k in state), sorted(state)
     served = ServedModel.load(out["served"], trust_program=True)
