@@ -595,6 +595,9 @@ def _redone_events(state: TrainState, train_cfg: TrainConfig, reopened: bool = F
     return ([] if budget_spent(state, train_cfg) else ["epoch"]) + ["valid", "early_stop", "test"]
 
 
+DIVERGED_LOGLOSS = 2 * math.log(2)  # a validation LogLoss above it (and NE above 1) is warned about as divergence
+
+
 def _validate(
     model: nn.Module,
     optimizer: CombinedOptimizer,
@@ -616,6 +619,14 @@ def _validate(
         warnings.warn(f"valid AUC at step {state.global_step} is undefined: the validation split holds rows of one "
                       "class only (or none); no checkpoint of it can be the best, and train.patience counts it as "
                       "an evaluation without a better AUC", stacklevel=2)
+    # far worse than the click rate alone (NE 1) and than 0.5 for every row (LogLoss ln 2), as a model that is only
+    # undertrained is not (NaN compares False)
+    if valid.get("ne", math.nan) > 1 and valid["logloss"] > DIVERGED_LOGLOSS and ctx.is_main:
+        warnings.warn(f"valid LogLoss at step {state.global_step} is {valid['logloss']:.4f} (NE {valid['ne']:.2f}), "
+                      f"far worse than the click rate alone (NE 1) or 0.5 for every row ({math.log(2):.4f}): the "
+                      "model has diverged: lower optim.dense_lr / optim.sparse_lr or set optim.max_grad_norm; with "
+                      "an FM-family backbone (fm, fwfm, deepfm) on dense values that are not standardised, such as "
+                      "Criteo's log(1 + x) counts, set model.dense_as_fields=false", stacklevel=2)
     if not math.isnan(auc) and auc > state.best_metric:
         state.best_metric, state.best_step, state.bad_evals = auc, state.global_step, 0
         best.save(model, optimizer, state)

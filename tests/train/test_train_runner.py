@@ -1787,3 +1787,26 @@ def test_a_job_on_a_finished_run_says_it_trains_nothing_and_how_to_go_on() -> No
     patient = _resume_line("runs/a", "c", TrainState(epoch=2, global_step=20, finished=True, stop_reason=STOP_PATIENCE))
     assert "stopped early: train.patience" in patient and "raise" not in patient
     assert "another train.run_dir for a new run" in patient
+
+
+def _diverging_and_short_runs(schema_dir: str, root: str) -> Dict[str, List[str]]:
+    import warnings
+
+    messages = {}
+    for name, extra in (("diverged", ["optim.dense_lr=50", "optim.sparse_lr=50"]), ("short", [])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _run(schema_dir, os.path.join(root, name), ["train.epochs=1", "train.max_steps=3", *extra])
+        messages[name] = [str(w.message) for w in caught if "diverged" in str(w.message)]
+    return messages
+
+
+@pytest.mark.multiprocess
+def test_a_diverged_model_is_warned_about_at_validation_and_a_short_run_is_not(synthetic_dir: str, tmp_path) -> None:
+    """A DeepFM on unstandardised dense values (Criteo's) ended with test LogLoss 3.2 and no word; a model only
+    undertrained (a few steps, near 0.5 for every row) is not called diverged."""
+    (out,) = run_multiprocess(_diverging_and_short_runs, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
+    assert len(out["diverged"]) == 1 and re.match(r"valid LogLoss at step 3 is \d+\.\d{4} \(NE \d+\.\d\d\), far worse "
+                                                  r"than the click rate alone", out["diverged"][0]), out
+    assert "model.dense_as_fields=false" in out["diverged"][0]
+    assert out["short"] == []
