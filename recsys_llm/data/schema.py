@@ -376,9 +376,16 @@ class DatasetSchema:
                     "(id 0, unknown)")
         return notes
 
-    def other_ids_cause(self) -> str:
+    def other_ids_cause(self, recorded: Optional[Mapping[str, Any]] = None) -> str:
         """For messages: how this data came to have ids that mean other values than a model's data of the same
-        fingerprint (:meth:`changed_vocabularies` named them)."""
+        fingerprint (:meth:`changed_vocabularies` named them against ``recorded``, where given)."""
+        shorter = [name for name, record in sorted((recorded or {}).items())
+                   if isinstance(record, dict) and isinstance(record.get("ids"), int)
+                   and name in self._vocabulary_fields() and self.load_value_text(name).num_rows < record["ids"]]
+        if self.ids and shorter:
+            return (f"the vocabulary of {shorter} here holds fewer ids than the model's, which grew since "
+                    "(--grow-vocabulary): data prepared --like an earlier day's data, whose ids cannot be checked "
+                    "against the model's; prepare it --like the model's own training data instead")
         if self.ids:
             return "data of the same source prepared afresh, not --like the training data"
         return "data generated or converted again otherwise: another seed, other rows or another source file"

@@ -97,7 +97,7 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
     other = schema.changed_vocabularies(served.vocabularies)
     if other:
         raise ValueError(f"{where}: the vocabulary of field(s) {other} is not the one the artifact's model was trained "
-                         f"on, so the same values would read other rows of its tables ({schema.other_ids_cause()}); "
+                         f"on, so the same values would read other rows of its tables ({schema.other_ids_cause(served.vocabularies)}); "
                          f"{schema.same_ids_advice('TRAINING_DATA')}")
     for note in schema.grown_vocabularies(served.vocabularies or {}, "the artifact's model"):
         if is_main_process():  # once, not once a rank

@@ -609,7 +609,7 @@ def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: s
         trained_dir = os.path.dirname(schema_json_path(load_config(saved_config).data.schema))
         raise ConfigError(
             f"{what}: the vocabulary of field(s) {other} in {schema.root} is not the one the run trained on, so "
-            f"the same values would read other rows of its tables ({schema.other_ids_cause()}); "
+            f"the same values would read other rows of its tables ({schema.other_ids_cause(recorded)}); "
             f"{schema.same_ids_advice(trained_dir)}"
         )
 

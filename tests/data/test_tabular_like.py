@@ -346,6 +346,10 @@ def test_grown_vocabularies_give_new_values_the_free_ids_most_frequent_first(ear
     # a run of the earlier data may train on it (its ids kept their values); the grown ids mean nothing earlier
     assert grown.changed_vocabularies(old.vocabulary_records()) == []
     assert old.changed_vocabularies(grown.vocabulary_records()) == ["cats", "city"]
+    # rows of an earlier day for a model of the grown data: said so, not "prepared afresh"
+    assert old.other_ids_cause(grown.vocabulary_records()).startswith(
+        "the vocabulary of ['cats', 'city'] here holds fewer ids than the model's, which grew since")
+    assert old.other_ids_cause() == "data of the same source prepared afresh, not --like the training data"
     cities = pq.read_table(old.value_text_path("city"))["text"].to_pylist()  # unknown + the 4 earlier cities
     assert pq.read_table(grown.value_text_path("city"))["text"].to_pylist() == cities + ["Berlin", "Rome"]
     assert ways["city"] == "vocabulary, 2 new values, ids 5-6" and ways["cats"] == "vocabulary, 2 new values, ids 6-7"
