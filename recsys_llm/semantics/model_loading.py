@@ -247,7 +247,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
         ValueError: a damaged ``config.json``, a tokenizer that does not load, one far
             smaller or larger than the model's vocabulary, or one that returns no attention mask.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
     config = read_model_config(model_path)
     require_native_model(model_path, config, trust_remote_code)
@@ -261,6 +261,9 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
             )
     except (OSError, ValueError) as error:
         raise ValueError(f"{model_path}: cannot load the tokenizer ({one_line(error)})") from error
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):  # a composite model's (RagTokenizer): no len, no batches
+        raise ValueError(f"{model_path}: its tokenizer is a {type(tokenizer).__name__}, not a text tokenizer "
+                         "(transformers' PreTrainedTokenizerBase); give the directory of one text model")
     vocab_size = config_vocab_size(config)
     if vocab_size is not None and len(tokenizer) < MIN_TOKENIZER_VOCAB_SHARE * vocab_size:
         raise ValueError(

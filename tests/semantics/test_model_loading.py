@@ -4,6 +4,7 @@ what is missing or damaged; device, dtype and text length."""
 import json
 import os
 import re
+import shutil
 import warnings
 
 import pytest
@@ -445,6 +446,22 @@ def test_a_tokenizer_that_returns_no_attention_mask_is_refused_naming_the_direct
     tokenizer = AutoTokenizer.from_pretrained(path)
     with pytest.raises(ValueError, match=rf"^fnet-tiny: {re.escape(message)}"):
         TextEncoder.from_model(model, tokenizer, model_id="fnet-tiny")
+
+
+def test_a_composite_models_tokenizer_is_refused_naming_the_directory(tiny_bert_dir: str, tmp_path) -> None:
+    """A RAG directory's RagTokenizer (two tokenizers in subfolders) has no len and encodes no batch: loading it
+    failed with a bare TypeError."""
+    path = str(tmp_path / "rag")
+    shutil.copytree(tiny_bert_dir, path)
+    for sub in ("question_encoder", "generator"):
+        shutil.copytree(tiny_bert_dir, os.path.join(path, sub))
+    config_path = os.path.join(path, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump({**config, "tokenizer_class": "RagTokenizer"}, handle)
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: its tokenizer is a RagTokenizer, not a text tokenizer"):
+        load_tokenizer(path)
 
 
 def test_a_vision_language_model_that_reads_text_alone_is_not_refused(tmp_path) -> None:
