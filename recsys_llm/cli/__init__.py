@@ -258,25 +258,30 @@ def _environment_error_line(error: BaseException, args: Optional[argparse.Namesp
     return None
 
 
-# what gloo and NCCL say when a collective gave up on a rank that stalled or died
-PEER_FAILURE_MARKS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                      "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
+# what gloo and NCCL say when a collective gave up on a rank that stalled (the first two: its timeout passed) or died
+PEER_TIMEOUT_MARKS = ("Timed out waiting", "Watchdog caught collective operation timeout")
+PEER_FAILURE_MARKS = PEER_TIMEOUT_MARKS + ("Connection closed by peer", "Connection reset by peer",
+                                           "NCCL communicator was aborted")
+# gloo's whole text, with no "[file:line]" prefix, for an asynchronous collective (torchrec's all-to-all in a
+# backward) whose peer stalled past the timeout
+GLOO_BARE_TIMEOUT = "Application timeout caused pair closure"
 
 
 def _peer_failure_line(error: BaseException) -> Optional[str]:
     """One line for a collective that gave up waiting on another rank (stalled or died), else None: its
     traceback pointed at this rank, the one that waited."""
     text = str(error)
-    # gloo's own text ("[../third_party/gloo/...] Timed out ...") or NCCL's, not a message of this project's that
-    # quotes one (it says more: an export's "its finished chunks are kept")
+    # gloo's own text ("[../third_party/gloo/...] Timed out ...", or the bare one) or NCCL's, not a message of this
+    # project's that quotes one (it says more: an export's "its finished chunks are kept")
     raw = text.startswith("[") or "NCCL" in text.split(":")[0]
-    if not isinstance(error, RuntimeError) or not raw or not any(mark in text for mark in PEER_FAILURE_MARKS):
+    timed_out = text.startswith(GLOO_BARE_TIMEOUT) or (raw and any(mark in text for mark in PEER_TIMEOUT_MARKS))
+    if not isinstance(error, RuntimeError) or not (timed_out or raw and any(m in text for m in PEER_FAILURE_MARKS)):
         return None
     from recsys_llm.train.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV  # torch is loaded: a collective failed
 
-    wait = os.environ.get(TIMEOUT_ENV) or str(DEFAULT_TIMEOUT_S)
+    wait = f"; {TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S} s is the wait" if timed_out else ""
     return (f"a collective gave up waiting for another rank, which stalled or died (the other ranks' output and "
-            f"torchrun's summary name it; {TIMEOUT_ENV}={wait} s is the wait): {one_line(error)[:300]}")
+            f"torchrun's summary name it{wait}): {one_line(error)[:300]}")
 
 
 def _traceback_asked() -> bool:
