@@ -13,7 +13,8 @@ differ per rank) and every rank then computes the same numbers from the full set
 A windowed ``torchrec.metrics.RecMetricModule`` would approximate AUC over a window of
 recent batches; a held-out AUC must be exact, so the full set is gathered (8 bytes per
 sample and rank: 10^7 validation rows take 80 MB), and ``compute`` takes float64 copies of it
-(sorted scores, ranks, the log-loss terms): about 200 bytes per sample at its peak.
+(sorted scores, ranks, the log-loss terms): about 75 bytes per sample at its peak, each temporary
+freed once used.
 
 Example::
 
@@ -73,34 +74,42 @@ def binary_metrics(
     positives = labels.sum()
     one_class = positives.item() in (0.0, float(n))
     auc = math.nan if one_class else _auc(probabilities if scores is None else scores, labels)
-    p = probabilities.clamp(_ETA, 1.0 - _ETA)
-    logloss = float(-(labels * p.log() + (1.0 - labels) * (1.0 - p).log()).mean())
-    ne = math.nan if one_class else _normalized_entropy(probabilities, labels)
     calibration = float(probabilities.sum() / positives) if positives > 0 else math.nan
+    # y log p + (1 - y) log(1 - p), its terms computed in place: a (N,) float64 copy less at a time
+    p = probabilities.clamp(_ETA, 1.0 - _ETA)
+    log_q = torch.sub(1.0, p).log_().mul_(torch.sub(1.0, labels))
+    logloss = float(-p.log().mul_(labels).add_(log_q).mean())
+    del log_q
+    ne = math.nan if one_class else _normalized_entropy(p, labels)
     return {"auc": auc, "logloss": logloss, "ne": ne, "num_samples": float(n), "ctr": float(positives / n),
             "calibration": calibration}
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Exact AUC of a set holding both classes: P(score of a positive > score of a negative), ties
-    counted half, from the positives' mean ranks (float64 (N,) labels; exact in float64 up to ~10^8 rows)."""
+    counted half, from the positives' mean ranks (float64 (N,) 0/1 labels; exact in float64 up to ~10^8 rows:
+    the ranks are halves of integers, whose sums are exact below 2^53). Each (N,) temporary is freed as soon
+    as it is used: a split of 10^8 rows holds several."""
     order = torch.argsort(scores)
     _, group, counts = torch.unique_consecutive(scores[order], return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    mean_ranks = ends - (counts.double() - 1.0) / 2.0  # 1-based, ties share their mean rank
+    positive = labels[order] > 0
+    del order
+    counts = counts.double()
+    mean_ranks = counts.cumsum(0).sub_(counts.sub_(1.0).div_(2.0))  # 1-based, ties share their mean rank
+    rank_sum = mean_ranks[group[positive]].sum()
     positives = labels.sum()
     negatives = labels.numel() - positives
-    rank_sum = (mean_ranks[group] * labels[order]).sum()
     return float((rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives))
 
 
-def _normalized_entropy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
-    """torchrec's NE of a set holding both classes (float64 (N,) probabilities and labels; left unchanged)."""
-    weights = torch.ones_like(labels)
+def _normalized_entropy(clamped: torch.Tensor, labels: torch.Tensor) -> float:
+    """torchrec's NE of a set holding both classes (float64 (N,) labels and probabilities clamped to
+    [``_ETA``, 1 - ``_ETA``], which torchrec's in-place clamp then leaves as they are)."""
     positives = labels.sum()
-    # a copy: torchrec clamps its float64 input in place, which would tie the caller's extreme probabilities
-    ce_sum = compute_cross_entropy(labels, probabilities.clone(), weights, _ETA).sum()
-    return float(compute_ne(ce_sum, weights.sum(), positives, labels.numel() - positives, _ETA))
+    weight = labels.new_ones(())  # every row weighs 1: a scalar broadcast, not an (N,) tensor of ones
+    ce_sum = compute_cross_entropy(labels, clamped, weight, _ETA).sum()
+    return float(compute_ne(ce_sum, labels.new_tensor(float(labels.numel())), positives,
+                            labels.numel() - positives, _ETA))
 
 
 class CTRMetrics:
