@@ -96,8 +96,9 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
                          f"{served.num_dense_features}; {hint}")
     other = schema.changed_vocabularies(served.vocabularies)
     if other:
+        cause = schema.other_ids_cause(served.vocabularies)
         raise ValueError(f"{where}: the vocabulary of field(s) {other} is not the one the artifact's model was trained "
-                         f"on, so the same values would read other rows of its tables ({schema.other_ids_cause(served.vocabularies)}); "
+                         f"on, so the same values would read other rows of its tables ({cause}); "
                          f"{schema.same_ids_advice('TRAINING_DATA')}")
     for note in schema.grown_vocabularies(served.vocabularies or {}, "the artifact's model"):
         if is_main_process():  # once, not once a rank
