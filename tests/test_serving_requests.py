@@ -853,3 +853,15 @@ def test_the_usual_key_order_is_never_pushed_out_by_rare_ones() -> None:
         if keys != usual:
             rules._per_key(tuple(keys), cpu)
         assert rules._per_key(usual, cpu) is first  # a hit every time, never rebuilt
+
+
+def test_an_artifact_with_metadata_keyed_by_integers_loads(artifact, tmp_path) -> None:
+    """JSON writes integer keys as strings, which sort otherwise ("10" before "2"): the digest of config.json's keys
+    was taken of the dict as given, and the artifact just exported was refused as edited."""
+    _, task = artifact
+    directory = str(tmp_path / "with_metadata")
+    dense, sparse = request(4, 100)
+    export_task(task, directory, dense, sparse, metadata={"thresholds": {2: 0.1, 10: 0.2}, "mixed": {1: "a", "b": 2}},
+                schema=SCHEMA)
+    served = ServedModel.load(directory, trust_program=True)
+    assert torch.isfinite(served.logits(dense, sparse)).all()

@@ -45,4 +45,6 @@ def config_digest(config: Mapping[str, Any]) -> str:
     """SHA-256 of ``config.json``'s keys other than :data:`CONFIG_DIGEST_KEY`, as canonical JSON (sorted keys, no
     spaces): the same for the dict written and the dict read back."""
     body = {key: value for key, value in config.items() if key != CONFIG_DIGEST_KEY}
+    # as JSON reads it back: a non-string key (a metadata dict keyed by ints) is a string there, sorted as one
+    body = json.loads(json.dumps(body))
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
