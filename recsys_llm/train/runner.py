@@ -129,6 +129,7 @@ from recsys_llm.train.task_builder import (
     build_task,
     check_elec_settings_are_read,
     check_offline_reads_no_vectors,
+    check_row_vectors_of_splits,
     entity_vector_gaps,
     load_plugin_state,
     swapped_pairs,
@@ -241,6 +242,7 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     schema = load_or_generate_schema(config, ctx)
     check_split_names(config, schema)  # before build_task: ELEC reads its vector width from the train split
     built = build_task(config, schema, ctx.device)
+    check_row_vectors_of_splits(config, schema, built)
     swap = swapped_pairs(built, schema, train_cfg.seed, ctx.rank)  # before sharding: a bad catalogue fails early
     readers = build_readers(config, schema, ctx, train_transform=swap)
     if len(readers["train"]) == 0:  # a rank without rows (batches are not dropped), and the ranks train in step

@@ -90,17 +90,6 @@ def build_task(config: ExperimentConfig, schema: DatasetSchema, device: torch.de
                        if reads_row_vectors else None)
         if row_vectors:  # which LLM's vectors the network reads (run_records.check_same_row_vectors)
             record["row_vectors"] = row_vectors
-            for split in (config.data.valid_split, config.data.test_split):
-                if split and split in schema.splits:  # validated and tested on the vectors it trains on
-                    other = changed_row_vectors(
-                        row_vectors, attached_vectors_provenance(resolve_paths(schema, split), elec.vector_key))
-                    if other:
-                        raise ConfigError(
-                            f"{schema.root}: split {split!r} holds other per-row LLM vectors than split "
-                            f"{config.data.train_split!r} ({'; '.join(other)}): an attach into this directory "
-                            "stopped part-way, or its files were mixed; attach one export to every split again "
-                            "(semantics export --attach-dir)"
-                        )
             taught_on = changed_row_vectors((record.get("frozen_teacher") or {}).get("row_vectors"), row_vectors)
             if taught_on:
                 raise ConfigError(
@@ -219,6 +208,31 @@ def extra_column_width(schema: DatasetSchema, split: str, column: str) -> int:
     if not pa.types.is_fixed_size_list(kind):
         raise ValueError(f"{path}: column {column!r} is {kind}, expected fixed_size_list<float>[d]")
     return int(kind.list_size)
+
+
+def check_row_vectors_of_splits(config: ExperimentConfig, schema: DatasetSchema, built: BuiltTask) -> None:
+    """Refuses, for a run that trains on per-row LLM vectors, a valid or test split whose attached vectors are of
+    another export than the train split's (an attach into the directory stopped part-way, or its files were mixed):
+    the run would validate and test on vectors it never trained on. (A job on a trained run checks the split it
+    reads: ``trained_run.check_split_row_vectors``.)
+
+    Raises:
+        ConfigError: naming the split and what differs.
+    """
+    row_vectors = (built.plugins.get("elec") or {}).get("row_vectors")
+    if not row_vectors:
+        return
+    column = str(row_vectors["column"])  # attached_vectors_provenance records it
+    for split in (config.data.valid_split, config.data.test_split):
+        if split and split in schema.splits:
+            other = changed_row_vectors(row_vectors, attached_vectors_provenance(resolve_paths(schema, split), column))
+            if other:
+                raise ConfigError(
+                    f"{schema.root}: split {split!r} holds other per-row LLM vectors than split "
+                    f"{config.data.train_split!r} ({'; '.join(other)}): an attach into this directory stopped "
+                    "part-way, or its files were mixed; attach one export to every split again "
+                    "(semantics export --attach-dir)"
+                )
 
 
 def check_plugin_columns(config: ExperimentConfig, schema: DatasetSchema, splits: List[str]) -> None:
