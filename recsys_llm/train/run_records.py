@@ -415,6 +415,18 @@ def changed_row_vectors(saved: Optional[Dict[str, Any]], current: Optional[Dict[
     return _provenance_changes(saved, current) if saved and current else []
 
 
+def split_row_vector_changes(reference: Optional[Dict[str, Any]], schema: DatasetSchema, split: str) -> List[str]:
+    """:func:`changed_row_vectors` of the per-row LLM vectors attached to ``split`` of ``schema`` (a split's name, or a
+    Parquet file or directory), in ``reference``'s column, against ``reference`` (a run's record of the vectors it
+    trained on, or its train split's); nothing where ``reference`` is None."""
+    if not reference or not reference.get("column"):
+        return []
+    from recsys_llm.semantics.vector_reader import attached_vectors_provenance
+
+    column = str(reference["column"])
+    return changed_row_vectors(reference, attached_vectors_provenance(resolve_paths(schema, split), column))
+
+
 def check_same_row_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any], source: str,
                            advice: str) -> None:
     """Raises when the data's per-row LLM vectors (``semantics export --attach-dir``) are of another provenance

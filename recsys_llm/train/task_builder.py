@@ -26,7 +26,7 @@ from recsys_llm.modules.elec import (
 from recsys_llm.modules.llactr import build_llactr_terms
 from recsys_llm.semantics.vector_reader import attached_vectors_provenance
 from recsys_llm.train.config import ConfigError, ExperimentConfig, parse_plugin_sections
-from recsys_llm.train.run_records import changed_row_vectors
+from recsys_llm.train.run_records import changed_row_vectors, split_row_vector_changes
 
 
 class BuiltTask(NamedTuple):
@@ -214,18 +214,15 @@ def check_row_vectors_of_splits(config: ExperimentConfig, schema: DatasetSchema,
     """Refuses, for a run that trains on per-row LLM vectors, a valid or test split whose attached vectors are of
     another export than the train split's (an attach into the directory stopped part-way, or its files were mixed):
     the run would validate and test on vectors it never trained on. (A job on a trained run checks the split it
-    reads: ``trained_run.check_split_row_vectors``.)
+    reads: ``trained_run.check_splits_row_vectors``.)
 
     Raises:
         ConfigError: naming the split and what differs.
     """
     row_vectors = (built.plugins.get("elec") or {}).get("row_vectors")
-    if not row_vectors:
-        return
-    column = str(row_vectors["column"])  # attached_vectors_provenance records it
     for split in (config.data.valid_split, config.data.test_split):
         if split and split in schema.splits:
-            other = changed_row_vectors(row_vectors, attached_vectors_provenance(resolve_paths(schema, split), column))
+            other = split_row_vector_changes(row_vectors, schema, split)
             if other:
                 raise ConfigError(
                     f"{schema.root}: split {split!r} holds other per-row LLM vectors than split "

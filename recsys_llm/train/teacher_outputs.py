@@ -62,7 +62,7 @@ from recsys_llm.train.teacher_output_stream import (
     send_step,
     write_on_rank_0,
 )
-from recsys_llm.train.trained_run import check_split_row_vectors, load_trained_model, open_trained_run
+from recsys_llm.train.trained_run import check_splits_row_vectors, load_trained_model, open_trained_run
 
 SCHEMA_FILE = "schema.json"
 # which checkpoint wrote the copies, from which data: {"checkpoint": path, "sha256": {file: digest},
@@ -269,8 +269,7 @@ def write_teacher_outputs(
     if unknown:
         raise ValueError(f"--splits: {unknown} are no splits of schema {schema.name!r}; expected names "
                          f"among {sorted(schema.splits)}")
-    for split in splits or sorted(schema.splits):  # before the teacher loads
-        check_split_row_vectors(config, split, run)
+    check_splits_row_vectors(config, splits or sorted(schema.splits), run)  # before the teacher loads
     copies, new_splits = split_copies(schema, splits or sorted(schema.splits), output_dir)
     refusal: List[Optional[str]] = [None]
     # rank 0 holds the output directory from its checks until the schema is written: another run there (another

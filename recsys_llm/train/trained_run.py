@@ -5,15 +5,14 @@ import dataclasses
 import os
 import sys
 import warnings
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Sequence
 
 from torch import nn
 from torchrec.distributed.model_parallel import get_unwrapped_module
 
 from recsys_llm.data.parquet import ParquetBatchReader
-from recsys_llm.data.parquet_files import first_file_columns, resolve_paths
+from recsys_llm.data.parquet_files import first_file_columns
 from recsys_llm.data.schema import DatasetSchema, schema_beside
-from recsys_llm.semantics.vector_reader import attached_vectors_provenance
 from recsys_llm.train.checkpoint import load_checkpoint, resolve_checkpoint, run_config_of
 from recsys_llm.train.config import ConfigError, ExperimentConfig, check_same_model
 from recsys_llm.train.distributed import DistContext, init_distributed
@@ -22,7 +21,7 @@ from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
-from recsys_llm.train.run_records import (changed_row_vectors, check_trained_on, check_trained_with_these_vectors,
+from recsys_llm.train.run_records import (check_trained_on, check_trained_with_these_vectors, split_row_vector_changes,
                                           trained_row_vectors, trained_vocabularies)
 from recsys_llm.train.sharding import shard_model
 from recsys_llm.train.sharding_config import CPU_SPARSE_OPTIMIZERS, loadable_on_cpu
@@ -98,23 +97,21 @@ def _check_split_prepared_like(split: str, run: TrainedRun) -> None:
                 warnings.warn(note, stacklevel=2)
 
 
-def check_split_row_vectors(config: ExperimentConfig, split: str, run: TrainedRun) -> None:
-    """Refuses a split whose attached per-row LLM vectors (``semantics export --attach-dir``) are of another
-    provenance than those the run trained on (its ``plugins.json``: ``elec.row_vectors``). The train split's are
-    checked when the model is built (and named so there, when they differ too); ``split`` (a split of the run's data,
-    a file of another day) is the one a job on the trained run reads: its files may have been mixed since.
+def check_splits_row_vectors(config: ExperimentConfig, splits: Sequence[str], run: TrainedRun) -> None:
+    """Refuses a split of ``splits`` whose attached per-row LLM vectors (``semantics export --attach-dir``) are of
+    another provenance than those the run trained on (its ``plugins.json``: ``elec.row_vectors``). The train split's
+    are checked when the model is built (and named so there, when they differ too); ``splits`` (of the run's data, or
+    a file of another day) are those a job on the trained run reads: their files may have been mixed since.
 
     Raises:
         ConfigError: naming the split and what differs.
     """
     trained = trained_row_vectors(run.checkpoint)
-    if not trained or not trained.get("column"):
-        return
-    column = str(trained["column"])
-    changes = changed_row_vectors(trained, attached_vectors_provenance(resolve_paths(run.schema, split), column))
+    changed = {split: split_row_vector_changes(trained, run.schema, split) for split in splits}
+    changed = {split: changes for split, changes in changed.items() if changes}
     train_split = config.data.train_split
-    if changes and train_split and not changed_row_vectors(
-            trained, attached_vectors_provenance(resolve_paths(run.schema, train_split), column)):
+    if changed and train_split and not split_row_vector_changes(trained, run.schema, train_split):
+        split, changes = next(iter(changed.items()))
         raise ConfigError(
             f"split {split}: its per-row LLM vectors are not the ones the run of {run.checkpoint} trained on "
             f"({'; '.join(changes)}); attach the vectors it trained on (semantics export --attach-dir with its "
@@ -141,7 +138,8 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
         ValueError: no ``split`` given and ``data.test_split`` is '' (a run without a test split), or
             ``student`` for a run that is no distillation.
     """
-    if student and (config.elec or {}).get("task") != "distill":
+    distillation = (config.elec or {}).get("task") == "distill"
+    if student and not distillation:
         raise ValueError(f"--student: {checkpoint} is no ELEC distillation run (elec.task=distill), so it has no "
                          "student apart from its model; evaluate it without --student")
     split = split or config.data.test_split
@@ -161,12 +159,12 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
         _check_split_prepared_like(split, run)  # a file or directory of other prepared data: ids as the run's
     if not student:  # the student reads no teacher input
         teacher_side = [name for name in plugin_extras(config) if name not in first_file_columns(schema, split)]
-        if teacher_side and config.elec.get("task") == "distill":
+        if teacher_side and distillation:
             raise ConfigError(f"--split {split}: no column(s) {teacher_side}, which the distillation's teacher side "
                               "reads; evaluate the student alone, as it serves, with evaluate --student")
         if split in schema.splits:
             check_plugin_columns(config, schema, [split])
-        check_split_row_vectors(config, split, run)
+        check_splits_row_vectors(config, [split], run)
     if schema.label not in first_file_columns(schema, split):  # before the model loads
         raise ValueError(f"--split {split}: its rows have no label column {schema.label!r}, so there is nothing to "
                          "evaluate against; to score rows without labels, export the run (`recsys-llm export "
