@@ -37,11 +37,30 @@ ROW_VECTORS_METADATA_KEY = b"recsys_llm.row_vectors"
 
 def attached_vectors_provenance(split_files: Sequence[str], column: str) -> Optional[Dict[str, str]]:
     """The provenance of the per-row vectors ``semantics export --attach-dir`` attached as ``column`` to a split
-    (read from its first file's metadata), with ``column``; None when it records none (attached by an earlier
-    version, or by other means)."""
-    if not split_files:
-        return None
-    raw = (pq.read_schema(split_files[0]).metadata or {}).get(ROW_VECTORS_METADATA_KEY)
+    (read from every file's metadata), with ``column``; None when it records none (attached by an earlier version,
+    or by other means).
+
+    Raises:
+        ValueError: the split's files record vectors of different exports (days attached with different adapted
+            LLMs, gathered in one directory), naming two such files and what differs.
+    """
+    records = [(path, _attached_vectors_record(path, column)) for path in split_files]
+    for path, record in records[1:]:
+        if record != records[0][1]:
+            first_path, first = records[0]
+            differing = sorted(key for key in set(first or {}) | set(record or {})
+                               if (first or {}).get(key) != (record or {}).get(key))
+            raise ValueError(
+                f"{path}: its {column!r} vectors are of another export than {first_path}'s (differing: "
+                f"{', '.join(differing)}); a model would read vectors of two adapted LLMs as one. Attach every file "
+                "of the split from the same export (semantics export --attach-dir)"
+            )
+    return records[0][1] if records else None
+
+
+def _attached_vectors_record(path: str, column: str) -> Optional[Dict[str, str]]:
+    """The row-vectors record of one Parquet file's metadata for ``column``; None where it holds none."""
+    raw = (pq.read_schema(path).metadata or {}).get(ROW_VECTORS_METADATA_KEY)
     try:
         record = json.loads(raw) if raw is not None else None
     except ValueError:

@@ -331,3 +331,33 @@ def test_an_export_resumes_after_its_base_model_moved(tmp_path) -> None:
     with pytest.raises(ProvenanceError, match=r"revision: stored 'a', expected 'b'"):
         check_provenance({"model": "m/x", "revision": "a"}, {"model": "m/x", "revision": "b"}, "vectors")
     check_provenance({"model": "m/x", "revision": "a"}, {"model": "n/y", "revision": "a"}, "vectors")
+
+
+def test_a_split_directory_of_days_attached_by_two_adapted_llms_is_refused(adapted, tmp_path) -> None:
+    """Each attach records its export's provenance in every file it writes; a split directory gathered from two
+    attaches (a day attached after the LLM was adapted again) was judged by its first file alone."""
+    from recsys_llm.data.parquet_files import parquet_files
+    from recsys_llm.semantics.vector_reader import attached_vectors_provenance
+
+    other_llm = str(tmp_path / "other_llm")
+    assert main(["semantics", "adapt", "--schema", adapted["data"], "--output-dir", other_llm, "--model",
+                 save_tiny_bert(str(tmp_path / "bert")), "--tuning", "heads", "--representation-dim", "4",
+                 "--hidden-dim", "6", "--batch-size", "8"]) == 0
+    days = tmp_path / "days"
+    days.mkdir()
+    for day, llm in (("day1", adapted["llm"]), ("day2", other_llm)):
+        attached = str(tmp_path / f"attached_{day}")
+        assert main(["semantics", "export", "--schema", adapted["data"], "--llm", llm, "--output-dir",
+                     str(tmp_path / f"vectors_{day}"), "--attach-dir", attached]) == 0
+        os.replace(os.path.join(attached, "train.parquet"), str(days / f"{day}.parquet"))
+        os.replace(os.path.join(attached, "test.parquet"), str(tmp_path / f"test_{day}.parquet"))
+
+    one_export = attached_vectors_provenance([str(days / "day1.parquet"), str(tmp_path / "test_day1.parquet")],
+                                             "llm_vector")
+    assert one_export is not None and one_export["column"] == "llm_vector"
+    with pytest.raises(ValueError) as refusal:
+        attached_vectors_provenance(parquet_files(str(days)), "llm_vector")
+    assert str(refusal.value).startswith(
+        f"{days / 'day2.parquet'}: its 'llm_vector' vectors are of another export than {days / 'day1.parquet'}'s "
+        "(differing: ")
+    assert "weights_sha256" in str(refusal.value)
