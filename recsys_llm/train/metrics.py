@@ -1,7 +1,7 @@
 """CTR metrics over all ranks: exact AUC, LogLoss, NE, calibration, also per subset (e.g. cold items).
 
-Each rank keeps its own predictions and labels; ``compute()`` all-gathers them (sizes may
-differ per rank) and every rank then computes the same numbers from the full set:
+Each rank keeps its own predictions and labels; ``compute()`` gathers them on rank 0 (sizes
+may differ per rank), which computes the numbers from the full set and sends them to every rank:
 
 * AUC: the Mann-Whitney statistic of the logits over all samples (exact, ties counted half;
   ranked by logit, as probabilities of logits beyond ~37 all round to 1.0 and would tie);
@@ -12,9 +12,9 @@ differ per rank) and every rank then computes the same numbers from the full set
 
 A windowed ``torchrec.metrics.RecMetricModule`` would approximate AUC over a window of
 recent batches; a held-out AUC must be exact, so the full set is gathered (8 bytes per
-sample and rank: 10^7 validation rows take 80 MB), and ``compute`` takes float64 copies of it
+sample: 10^7 validation rows take 80 MB), and ``compute`` takes float64 copies of it
 (sorted scores, ranks, the log-loss terms): about 75 bytes per sample at its peak, each temporary
-freed once used.
+freed once used, on rank 0 only (the other ranks of a host hold their own share).
 
 Example::
 
@@ -33,18 +33,25 @@ import torch.distributed as dist
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 
-from recsys_llm.train.distributed import collective_device
+from recsys_llm.train.distributed import collective_device, host_group
 
 _ETA = 1e-12
 
 
-def _all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenates a 1-d tensor of any length from every rank, in rank order, on ``tensor``'s
-    device (the gather itself runs on the process group's device: CUDA under NCCL)."""
+def _gather_variable_to_rank_0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0: the concatenation of a 1-d tensor of any length from every rank, in rank order, on ``tensor``'s
+    device (the gather itself runs on the process group's device: CUDA under NCCL); other ranks: ``tensor``."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
-    # torchmetrics' gather: sizes first, then every rank's tensor padded to the largest and cut back
-    return torch.cat(gather_all_tensors(tensor.to(collective_device()))).to(tensor.device)
+    local = tensor.to(collective_device())
+    sizes = [int(size) for size in gather_all_tensors(local.new_tensor([local.numel()], dtype=torch.int64))]
+    padded = torch.cat([local, local.new_zeros(max(sizes) - local.numel())])  # gather takes equal sizes
+    if dist.get_rank() != 0:
+        dist.gather(padded, dst=0)
+        return tensor
+    shares = [torch.empty_like(padded) for _ in sizes]
+    dist.gather(padded, shares, dst=0)
+    return torch.cat([share[:size] for share, size in zip(shares, sizes)]).to(tensor.device)
 
 
 def binary_metrics(
@@ -146,14 +153,28 @@ class CTRMetrics:
             self._masks[name].append(extras[key].detach().reshape(-1).bool())
 
     def compute(self) -> Dict[str, float]:
-        """Metrics over every sample seen by every rank (a collective: call on all ranks)."""
-        logits = _all_gather_variable(torch.cat(self._logits) if self._logits else torch.zeros(0)).cpu()
-        labels = _all_gather_variable(torch.cat(self._labels) if self._labels else torch.zeros(0)).cpu()
-        probabilities = torch.sigmoid(logits.double())
-        out = binary_metrics(probabilities, labels, logits)
-        for name in self._subsets:
-            local = torch.cat(self._masks[name]) if self._masks[name] else torch.zeros(0, dtype=torch.bool)
-            mask = _all_gather_variable(local.to(torch.uint8)).cpu().bool()
-            for metric, value in binary_metrics(probabilities[mask], labels[mask], logits[mask]).items():
-                out[f"{name}/{metric}"] = value
-        return out
+        """Metrics over every sample seen by every rank (a collective: call on all ranks; rank 0 computes them)."""
+        logits = _gather_variable_to_rank_0(torch.cat(self._logits) if self._logits else torch.zeros(0)).cpu()
+        labels = _gather_variable_to_rank_0(torch.cat(self._labels) if self._labels else torch.zeros(0)).cpu()
+        masks = {name: _gather_variable_to_rank_0(torch.cat(parts).to(torch.uint8) if parts
+                                                  else torch.zeros(0, dtype=torch.uint8)).cpu().bool()
+                 for name, parts in self._masks.items()}
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        out: List[Optional[Dict[str, float]]] = [None]
+        if not distributed or dist.get_rank() == 0:
+            out[0] = _metrics_with_subsets(logits, labels, masks)
+        if distributed:
+            dist.broadcast_object_list(out, src=0, group=host_group())
+        return out[0]
+
+
+def _metrics_with_subsets(logits: torch.Tensor, labels: torch.Tensor,
+                          masks: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """:func:`binary_metrics` of (N,) ``logits`` and ``labels``, and of each subset's (N,) bool mask as
+    ``"{name}/{metric}"``."""
+    probabilities = torch.sigmoid(logits.double())
+    out = binary_metrics(probabilities, labels, logits)
+    for name, mask in masks.items():
+        for metric, value in binary_metrics(probabilities[mask], labels[mask], logits[mask]).items():
+            out[f"{name}/{metric}"] = value
+    return out

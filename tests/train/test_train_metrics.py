@@ -103,9 +103,10 @@ def _ranked_metrics(sizes):
 
 
 @pytest.mark.multiprocess
-def test_metrics_over_two_ranks_equal_single_process() -> None:
-    sizes = [230, 170]
-    per_rank = run_multiprocess(_ranked_metrics, world_size=2, sizes=sizes)
+@pytest.mark.parametrize("sizes", [[230, 170], [0, 170, 40]])
+def test_metrics_over_ranks_equal_single_process(sizes) -> None:
+    """Rank 0 computes them from every rank's share (one of them may hold no row) and sends them to the others."""
+    per_rank = run_multiprocess(_ranked_metrics, world_size=len(sizes), sizes=sizes)
     logits, labels, cold = _data(sum(sizes), 2)
     single = CTRMetrics({"cold": "is_cold_item"})
     single.update(logits, labels, {"is_cold_item": cold})
