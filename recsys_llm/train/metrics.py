@@ -40,7 +40,7 @@ _ETA = 1e-12
 
 def _gather_variable_to_rank_0(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0: the concatenation of a 1-d tensor of any length from every rank, in rank order, on ``tensor``'s
-    device (the gather itself runs on the process group's device: CUDA under NCCL); other ranks: ``tensor``."""
+    device (the gather itself runs on the process group's device: CUDA under NCCL); other ranks: an empty tensor."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
     local = tensor.to(collective_device())
@@ -48,7 +48,7 @@ def _gather_variable_to_rank_0(tensor: torch.Tensor) -> torch.Tensor:
     padded = torch.cat([local, local.new_zeros(max(sizes) - local.numel())])  # gather takes equal sizes
     if dist.get_rank() != 0:
         dist.gather(padded, dst=0)
-        return tensor
+        return tensor[:0]
     shares = [torch.empty_like(padded) for _ in sizes]
     dist.gather(padded, shares, dst=0)
     return torch.cat([share[:size] for share, size in zip(shares, sizes)]).to(tensor.device)
