@@ -47,9 +47,11 @@ def write_file_atomically(path: str, write: Callable[[IO[Any]], object], binary:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.filename is None:  # a write or fsync that failed names no file
+            error.filename = path  # the file meant (a cache beside the output), not the command's output
         raise
 
 

@@ -436,3 +436,18 @@ def test_a_link_to_an_output_not_made_yet_is_checked_where_it_points(tmp_path, m
     os.symlink(locked / "v4", free / "to_locked")
     with pytest.raises(PermissionError, match=f"cannot be written: {locked} is not writable here"):
         check_replaceable(str(free / "to_locked"), "export", ["config.json"])
+
+
+def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch):
+    """A full disk in a write or fsync raises an OSError that names no file: the CLI's one line then named the
+    command's output (``semantics encode`` a full ``--cache-dir`` as its ``--output``, on another disk)."""
+    from recsys_llm.atomic_dir import write_text_atomically
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError) as caught:
+        write_text_atomically(str(tmp_path / "cache.bin"), "new")
+    assert caught.value.filename == str(tmp_path / "cache.bin") and caught.value.errno == 28
+    assert os.listdir(tmp_path) == []

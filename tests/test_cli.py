@@ -260,7 +260,7 @@ def test_a_command_that_fails_leaves_no_process_group_behind(tmp_path) -> None:
      "Error while serializing: I/O error: No space left on device (os error 28) (writing /nonexistent/out)"),
     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
      "a file could not be written whole ([enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598): "
-     "check the free space, quota and file-size limit (ulimit -f) where the command writes"),
+     "check the free space, quota and file-size limit (ulimit -f) where the command writes (/nonexistent/out)"),
 ])
 def test_a_disk_that_takes_no_more_writes_is_one_line(monkeypatch, capsys, failure, line) -> None:
     from recsys_llm.cli import data
@@ -335,7 +335,7 @@ def _checkpoint_failure_with_tracebacks(*failures: BaseException) -> BaseExcepti
      "[Errno 28] No space left on device: '/runs/r/best/ckpt-00000032.tmp/__0_0.distcp'"),
     (lambda: _checkpoint_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")),
      "a file could not be written whole ([enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598): "
-     "check the free space, quota and file-size limit (ulimit -f) where the command writes"),
+     "check the free space, quota and file-size limit (ulimit -f) where the command writes (/nonexistent/out)"),
     (lambda: _checkpoint_failure_with_tracebacks(SafetensorError("Error while serializing: I/O error: No space left "
                                                                  "on device (os error 28)")),
      "Error while serializing: I/O error: No space left on device (os error 28) (writing /nonexistent/out)"),
@@ -942,3 +942,15 @@ def cli_init_file() -> str:
     import recsys_llm.cli
 
     return recsys_llm.cli.__file__
+
+
+def test_a_full_disk_line_names_a_path_not_a_choice():
+    """``semantics export --output`` is representation or pooled: a full ``--attach-dir`` read "(writing
+    representation)"."""
+    import argparse
+
+    from recsys_llm.cli import _environment_error_line
+
+    args = argparse.Namespace(output="representation", output_dir="/runs/vec", attach_dir="/data/llm")
+    line = _environment_error_line(OSError(28, "Error writing bytes to file"), args)
+    assert line is not None and line.endswith("(writing /runs/vec)")

@@ -876,6 +876,35 @@ def test_a_failed_capture_keeps_an_earlier_servable_export(tmp_path, monkeypatch
         export_task(student, str(tmp_path / "weights"), example.dense_features, example.sparse_features)
 
 
+def test_a_full_disk_writing_the_dense_program_is_an_os_error_not_a_failed_capture(tmp_path, monkeypatch):
+    """ENOSPC writing dense_program.pt2 was taken for a failed capture: over an earlier export the error said
+    "torch.export could not capture the dense part", elsewhere a warning, and torch's zip writer then aborted the
+    process (exit 134) with the temp directory left behind."""
+    import builtins
+    import errno
+
+    from recsys_llm.serving import export as export_module
+
+    student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()
+    example = make_batch(4, 0)
+    out = str(tmp_path / "export")
+    export_task(student, out, example.dense_features, example.sparse_features)
+    before = {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(out)}
+
+    def full_disk_open(path, *args, **kwargs):
+        if str(path).endswith("dense_program.pt2"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "open", full_disk_open, raising=False)
+    for target in (out, str(tmp_path / "fresh")):
+        with pytest.raises(OSError) as caught:
+            export_task(student, target, example.dense_features, example.sparse_features)
+        assert caught.value.errno == errno.ENOSPC
+    assert {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(name for name in os.listdir(tmp_path) if not name.endswith(".lock")) == ["export"]
+
+
 def test_a_re_export_refuses_a_directory_with_files_an_export_does_not_write(tmp_path):
     """A re-export swapped the directory whole: a user's notes beside the earlier export were deleted."""
     student = build_student(SCHEMA, SMOKE_CONFIGS["deepfm"], device=CPU).eval()

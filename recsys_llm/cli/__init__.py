@@ -231,7 +231,8 @@ def _wrapped_failures(error: BaseException) -> List[BaseException]:
 
 
 # where the commands write, by argparse dest (train sets run_dir from its config: train.run_dir)
-OUTPUT_OPTIONS = ("out", "output", "output_dir", "attach_dir", "run_dir")
+# (output_dir before output: ``semantics export --output`` is a choice, representation or pooled, not a path)
+OUTPUT_OPTIONS = ("out", "output_dir", "output", "attach_dir", "run_dir")
 
 
 def _environment_error_line(error: BaseException, args: Optional[argparse.Namespace] = None) -> Optional[str]:
@@ -253,8 +254,9 @@ def _environment_error_line(error: BaseException, args: Optional[argparse.Namesp
             return f"{one_line(candidate)}{f' (writing {output})' if output is not None else ''}"
     for candidate in candidates:
         if SHORT_WRITE_MARK in str(candidate):
+            where = f" ({output})" if output is not None else ""
             return (f"a file could not be written whole ({one_line(candidate)}): check the free space, quota and "
-                    "file-size limit (ulimit -f) where the command writes")
+                    f"file-size limit (ulimit -f) where the command writes{where}")
     return None
 
 

@@ -569,6 +569,10 @@ def _write_copy(
                     bar.update(batch.num_rows)
                 rows += row_in_file
         os.replace(tmp, output_path)
+    except OSError as error:
+        if error.filename is None:  # pyarrow's "Error writing bytes to file" (a full disk) names no file
+            error.filename = output_path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

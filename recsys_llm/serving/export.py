@@ -2,6 +2,7 @@
 program of its dense part)."""
 
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -728,7 +729,11 @@ def export_task(
             # drop what the logits do not need (e.g. a folded FM's representation)
             program.graph_module.graph.eliminate_dead_code()
             program.graph_module.recompile()
-            torch.export.save(program, os.path.join(tmp, PROGRAM_FILE), extra_files={EXPORT_ID_KEY: export_id})
+            # into memory, written below outside this ``except``: a full disk or a file-size limit is not a failed
+            # capture (torch's zip writer fails a short write as "unexpected pos" and, writing a file, may abort
+            # the process when that writer is destroyed)
+            program_bytes = io.BytesIO()
+            torch.export.save(program, program_bytes, extra_files={EXPORT_ID_KEY: export_id})
         except Exception as error:  # torch.export could not capture this backbone
             if earlier_program:  # a servable artifact is not swapped for one ServedModel cannot load
                 raise FileExistsError(
@@ -741,6 +746,10 @@ def export_task(
                           f"{directory} holds the weights and tables but no dense program, so ServedModel cannot "
                           f"load it: serve it eagerly by loading {STATE_FILE} (serving.load_state_file) into the "
                           "task built by the model's own code (config.json: dense_program_error)", stacklevel=2)
+        if program_status is not None:
+            with open(os.path.join(tmp, PROGRAM_FILE), "wb") as handle:
+                handle.write(program_bytes.getbuffer())
+            del program_bytes
         # after the capture: what the state holds depends on whether a program serves the dense part
         state = _artifact_state(task, folded, program_status is not None, table_dtype)
         # the flag: a config.json whose digest was removed is refused, not read as one written before digests

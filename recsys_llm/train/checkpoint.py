@@ -430,14 +430,22 @@ class CheckpointManager:
             self._remove_leftovers()
             os.makedirs(tmp)
         barrier()
-        dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp)
-        _save_synced(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
-        saved = dataclasses.replace(state, table_optimizer_step=_table_optimizer_step(model))  # collective
-        barrier()
-        _write_digests(tmp)  # collective: every rank hashes a share of the files
+        try:
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp)
+            _save_synced(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
+            saved = dataclasses.replace(state, table_optimizer_step=_table_optimizer_step(model))  # collective
+            barrier()
+            _write_digests(tmp)  # collective: every rank hashes a share of the files
+            if _rank() == 0:
+                write_text_atomically(os.path.join(tmp, TRAIN_STATE_FILE), saved.to_json())
+                fsync_directory(tmp)
+        except BaseException:
+            # a failed save (a full disk, Ctrl-C) of one rank gives its space back at once: the half-written
+            # directory would hold it until the next save, and a rerun on that full disk fails before saving
+            if _world_size() == 1:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if _rank() == 0:
-            write_text_atomically(os.path.join(tmp, TRAIN_STATE_FILE), saved.to_json())
-            fsync_directory(tmp)
             _swap_into_place(tmp, final)
             self._point_latest_at(name)
             self._prune()

@@ -644,6 +644,34 @@ class TestSameStepResave:
         assert CheckpointManager(directory).holds_step(10)
 
 
+def test_a_save_that_fails_on_a_full_disk_gives_its_space_back_and_keeps_the_earlier_checkpoint(
+        tmp_path, monkeypatch) -> None:
+    """A save that ran out of space left its half-written ``ckpt-N.tmp`` holding that space until the next save: a
+    rerun on the still-full disk failed again before it came to save."""
+    import errno
+
+    from recsys_llm.train import checkpoint
+
+    _state_only_dcp(monkeypatch)
+    manager = CheckpointManager(str(tmp_path), keep=2)
+    model = nn.Linear(2, 1)
+    manager.save(model, None, TrainState(global_step=2))
+    before = {name: (tmp_path / "ckpt-00000002" / name).read_bytes() for name in os.listdir(tmp_path / "ckpt-00000002")}
+    save_synced = checkpoint._save_synced
+
+    def full_disk(tensors: Any, path: str) -> None:
+        save_synced(tensors, path)  # some bytes written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_save_synced", full_disk)
+    with pytest.raises(OSError):
+        manager.save(model, None, TrainState(global_step=4))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000002", "latest"]
+    assert {name: (tmp_path / "ckpt-00000002" / name).read_bytes()
+            for name in os.listdir(tmp_path / "ckpt-00000002")} == before
+    assert manager.latest() == str(tmp_path / "ckpt-00000002")
+
+
 def test_rng_files_are_synced_to_disk(tmp_path, monkeypatch) -> None:
     from recsys_llm.train import checkpoint
 
