@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 from typing import Sequence
 
@@ -181,7 +182,6 @@ def test_sigterm_during_prepare_removes_the_half_written_output(tmp_path) -> Non
     """A timeout or a scheduler's cancel sends SIGTERM: the command ends as on Ctrl-C, leaving no
     hidden temp directory beside the output and the earlier output intact."""
     import signal
-    import subprocess
     import sys
     import time
 
@@ -562,7 +562,6 @@ def test_the_project_s_own_warnings_are_one_line_and_a_library_s_keep_their_form
     """A warning of this package reads ``recsys-llm prepare synthetic: warning: ...``, not a file path and the
     source line that raised it; a library's warning is left as Python prints it (and so is the
     project's with RECSYS_LLM_TRACEBACK=1)."""
-    import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": REPO, "RECSYS_LLM_TRACEBACK": traceback}
@@ -676,7 +675,6 @@ def test_the_demo_s_default_config_ships_with_the_package(tmp_path) -> None:
     """After a non-editable ``pip install .`` ``recsys-llm demo`` refused with 'demo config not found': its default
     config was the repository's ``configs/synthetic_deepfm.yaml``, which the wheel does not hold. The default is the
     package's own copy (the same file as the repository's, which ``--config configs/...`` still reads)."""
-    import subprocess
 
     from recsys_llm.cli.train import DEMO_CONFIG
 
@@ -768,7 +766,6 @@ def test_semantics_export_and_the_demo_name_a_bad_launch_variable(monkeypatch, e
 def test_help_imports_no_torch() -> None:
     """Every ``--help`` took ~3 s (more on a loaded machine): the version check and the converters' imports
     loaded torch, fbgemm and torchrec before argparse printed a line."""
-    import subprocess
 
     probe = ("import sys\nfrom recsys_llm.cli import main\n"
              "for argv in (['--help'], ['train', '--help'], ['prepare', 'synthetic', '--help'], "
@@ -954,3 +951,11 @@ def test_a_full_disk_line_names_a_path_not_a_choice():
     args = argparse.Namespace(output="representation", output_dir="/runs/vec", attach_dir="/data/llm")
     line = _environment_error_line(OSError(28, "Error writing bytes to file"), args)
     assert line is not None and line.endswith("(writing /runs/vec)")
+
+
+@pytest.mark.parametrize("module", ["recsys_llm", "recsys_llm.cli"])
+def test_python_dash_m_runs_the_command(module: str) -> None:
+    """``python -m recsys_llm`` said "No module named recsys_llm.__main__" (a user's first guess at the command)."""
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "usage: recsys-llm" in done.stdout and "train" in done.stdout
