@@ -124,7 +124,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     if config.representation_dim % 4:
         print(f"[recsys_llm] note: --representation-dim {config.representation_dim} is no multiple of 4: its vectors "
               "can be row vectors (semantics export --attach-dir), not entity tables (elec.vector_source="
-              "entity_table), whose FBGEMM kernels need a multiple of 4", flush=True)
+              "entity_table), whose FBGEMM kernels need a multiple of 4", file=sys.stderr)
     renderer = RowTextRenderer(schema, text_config)
     split_path = schema.split_path(args.split)
     if args.split in HELD_OUT_SPLITS:

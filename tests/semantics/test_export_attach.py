@@ -361,3 +361,16 @@ def test_a_split_directory_of_days_attached_by_two_adapted_llms_is_refused(adapt
         f"{days / 'day2.parquet'}: its 'llm_vector' vectors are of another export than {days / 'day1.parquet'}'s "
         "(differing: ")
     assert "weights_sha256" in str(refusal.value)
+
+
+def test_adapt_s_note_goes_to_stderr_and_leaves_its_json_alone(adapted, tmp_path, capsys) -> None:
+    """The note on a --representation-dim no multiple of 4 came first on stdout: `... | jq` of the summary failed."""
+    import json
+
+    capsys.readouterr()
+    assert main(["semantics", "adapt", "--schema", adapted["data"], "--output-dir", str(tmp_path / "llm"), "--model",
+                 save_tiny_bert(str(tmp_path / "bert")), "--tuning", "heads", "--representation-dim", "6",
+                 "--hidden-dim", "8", "--batch-size", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["output_dir"] == str(tmp_path / "llm")
+    assert "--representation-dim 6 is no multiple of 4" in err
