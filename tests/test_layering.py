@@ -27,7 +27,7 @@ def layer_of(module: str) -> str:
     if module in DATA_LEVEL_MODULES:
         return "data"
     top = module.split(".")[1]
-    return "cli" if top == "demo" else top
+    return "cli" if top in ("demo", "__main__") else top  # python -m recsys_llm: the command
 
 
 def _module_level_nodes(tree: ast.Module) -> Iterator[ast.AST]:
