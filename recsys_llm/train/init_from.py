@@ -32,7 +32,11 @@ from recsys_llm.train.checkpoint import (
 )
 from recsys_llm.train.config import ConfigError, ExperimentConfig, check_same_model, load_config
 from recsys_llm.train.resume import check_same_table_state_layout
-from recsys_llm.train.run_records import check_trained_on, check_trained_with_these_vectors
+from recsys_llm.train.run_records import (
+    check_same_entity_vector_source,
+    check_trained_on,
+    check_trained_with_these_vectors,
+)
 
 #: the key of ``plugins.json`` that records where a run's first weights came from
 INIT_FROM_KEY = "init_from"
@@ -63,7 +67,8 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
 
     Raises:
         FileNotFoundError: no checkpoint there, or one without its run's ``config.yaml``.
-        ConfigError: another model or schema, other LLaCTR field vectors, or (with
+        ConfigError: another model or schema, other LLaCTR field vectors, ELEC entity vectors of another
+            adapted LLM (other ids are fine: the day's export), or (with
             ``train.init_optimizer``) another kind of optimizer, a table trained here that it kept
             frozen, or another column split.
     """
@@ -89,6 +94,11 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
     check_trained_with_these_vectors(checkpoint, plugins, f"Pass the vector file that run trained with "
                                      f"(llactr.vectors_path), or {fresh}", f"attach the vectors that run trained on, "
                                      f"or {fresh}")
+    elec = config.elec or {}
+    frozen_teacher = elec.get("task") == "distill" and (elec.get("distill") or {}).get("mode") == "frozen"
+    if not frozen_teacher:  # a frozen teacher's tables come from its own checkpoint, which the run may change
+        check_same_entity_vector_source(checkpoint, plugins, "Export the day's entities with the adapted LLM that "
+                                        f"run's vectors came from (semantics export --llm), or {fresh}")
     if train_cfg.init_optimizer:
         _check_optimizer_state_fits(config, load_config(saved_config), plan,
                                     os.path.join(run_dir_of(checkpoint), "sharding_plan.json"))

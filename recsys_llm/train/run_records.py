@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from typing import IO, Any, Dict, Iterable, List, Optional, Tuple
+from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -366,18 +366,29 @@ def changed_frozen_teacher(saved_plugins: Dict[str, Any], current_plugins: Dict[
     return f"{described(saved)} -> {described(current)} at {current.get('export')}"
 
 
-def changed_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any]) -> List[str]:
+def changed_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[str, Any],
+                           ignored: Sequence[str] = ()) -> List[str]:
     """The entity tables whose export (``elec.entity_vectors``: provenance, key hash and count) now
     differs from the one a run recorded, e.g. ``"item_id (model: 'a' -> 'b')"``; fields that only one
-    record has (an export not named, or a run written before the record existed) are not compared."""
+    record has (an export not named, or a run written before the record existed) are not compared, nor the
+    entries ``ignored`` (e.g. ``DAY_DEPENDENT_ENTITY_KEYS``)."""
     saved = (saved_plugins.get("elec") or {}).get("entity_vectors") or {}
     current = json.loads(json.dumps((current_plugins.get("elec") or {}).get("entity_vectors") or {}, default=str))
+
+    def compared(record: Dict[str, Any]) -> Dict[str, Any]:
+        return {key: value for key, value in record.items() if key not in ignored}
+
     changes = []
     for field in sorted(set(saved) & set(current)):
-        differing = _provenance_changes(saved[field], current[field])
+        differing = _provenance_changes(compared(saved[field]), compared(current[field]))
         if differing:
             changes.append(f"{field} ({'; '.join(differing)})")
     return changes
+
+
+#: entity-export provenance entries that follow the day's data, not the LLM that wrote the vectors: a run started
+#: from an earlier day's (``train.init_from``) names the day's export, which covers the grown vocabulary's new ids
+DAY_DEPENDENT_ENTITY_KEYS = ("keys_sha256", "num_rows", "vocabulary")
 
 
 def _provenance_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
@@ -493,6 +504,24 @@ def trained_row_vectors(checkpoint: str) -> Optional[Dict[str, Any]]:
     ``elec.row_vectors``); None where it records none."""
     path = _plugins_of(checkpoint)
     return (read_run_record(path).get("elec") or {}).get("row_vectors") if path is not None else None
+
+
+def check_same_entity_vector_source(checkpoint: str, current_plugins: Dict[str, Any], advice: str) -> None:
+    """Raises when the entity exports a run names are of another LLM (or pooling, template, ...) than those the
+    run that wrote ``checkpoint`` trained with (:func:`changed_entity_vectors` but for ``DAY_DEPENDENT_ENTITY_KEYS``);
+    exports of other ids (a later day's, covering its grown vocabulary) pass. Nothing to check without that run's ``plugins.json``.
+
+    Raises:
+        ConfigError: naming the file, the fields and what differs, with ``advice``.
+    """
+    path = _plugins_of(checkpoint)
+    if path is None:
+        return
+    changes = changed_entity_vectors(read_run_record(path), current_plugins, DAY_DEPENDENT_ENTITY_KEYS)
+    if changes:
+        raise ConfigError(
+            f"{path}: that run trained on entity vectors of another source than the exports named now "
+            f"({', '.join(changes)}): its weights read the other vectors' space. {advice}")
 
 
 def check_trained_with_these_vectors(checkpoint: str, current_plugins: Dict[str, Any],

@@ -313,6 +313,7 @@ def entity_vector_gaps(built: BuiltTask, schema: DatasetSchema) -> List[str]:
     """One warning per ELEC entity export that lacks vectors for some values of its field's vocabulary
     (``prepare tabular`` data): those ids read a row of zeros, e.g. a day's export that leaves out the
     items of earlier days that the grown vocabulary keeps."""
+    from recsys_llm.semantics.vector_export import read_manifest
     from recsys_llm.semantics.vector_reader import ids_without_vector
 
     gaps = []
@@ -324,11 +325,20 @@ def entity_vector_gaps(built: BuiltTask, schema: DatasetSchema) -> List[str]:
         missing = ids_without_vector(directory, ids)
         if len(missing):
             shown = ", ".join(str(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            recorded = read_manifest(directory)["provenance"].get("vocabulary")
+            exported_ids = json.loads(recorded).get("ids") if recorded else None
+            if exported_ids is not None and exported_ids < len(ids) + 1:  # an earlier day's export (+1: id 0)
+                way = (f"it was exported from data of {exported_ids} ids, before the vocabulary grew to "
+                       f"{len(ids) + 1} (an earlier day's export): export the entities again from {schema.root} "
+                       f"(`semantics export --schema {schema.root} --granularity entity --entity-field {field} --splits` "
+                       "with the earlier days' files first, then train) into a new --output-dir")
+            else:
+                way = ("`semantics export` covers the ids of the splits it reads: to cover them, add the data they "
+                       "appear in to --splits (Parquet files of the same ids, e.g. an earlier day's: --splits "
+                       "data/day1/train.parquet train)")
             gaps.append(
                 f"elec entity vectors of {field!r} in {directory}: {len(missing)} of the {len(ids)} values of the "
-                f"field's vocabulary have no vector (ids {shown}) and read a row of zeros; `semantics export` "
-                "covers the ids of the splits it reads: to cover them, add the data they appear in to --splits "
-                "(Parquet files of the same ids, e.g. an earlier day's: --splits train data/day1/train.parquet)")
+                f"field's vocabulary have no vector (ids {shown}) and read a row of zeros; {way}")
     return gaps
 
 

@@ -120,6 +120,15 @@ def test_a_day_export_that_leaves_out_earlier_values_is_named(tmp_path) -> None:
     assert entity_vector_gaps(_built(both), days["day2"]) == []
 
 
+def test_an_earlier_days_export_on_a_grown_vocabulary_is_named_as_such(tmp_path) -> None:
+    """Day 1's export named on day 2's data (forgotten re-export): adding splits cannot cover the new ids, so the
+    warning says to export again from the day's data."""
+    days = _days(str(tmp_path))
+    day1 = _export(days["day1"], str(tmp_path / "v1"), ["train", "valid", "test"])
+    [gap] = entity_vector_gaps(_built(day1), days["day2"])
+    assert "an earlier day's export" in gap and f"--schema {days['day2'].root}" in gap and "new --output-dir" in gap
+
+
 def test_ids_without_vector_reads_every_chunk(tmp_path) -> None:
     out = str(tmp_path / "vec")
     VectorExport(out, {"model": "tiny", "revision": "r1", "pooling": "mean"}, VectorExportConfig(chunk_rows=2)).run(

@@ -375,7 +375,18 @@ def _entity_vectors_of_the_next_day(root: str) -> Dict[str, Any]:
                    os.path.join(root, day), os.path.join(root, f"{day}_state"), state_only=True)
         state = load_state_file(os.path.join(root, f"{day}_state"))
         (weights[day],) = [tensor for name, tensor in state.items() if "semantic_item_id" in name]
-    return {day: np.allclose(weights["day2"].numpy(), tables[day]) for day in tables}
+    out: Dict[str, Any] = {day: np.allclose(weights["day2"].numpy(), tables[day]) for day in tables}
+    # the next day's export by another adapted LLM: vectors of another space than the one day 1's weights learned
+    export_entity_table(os.path.join(root, "items_other_llm"), np.random.default_rng(2).normal(size=(items, 8)),
+                        model="another_llm")
+    try:
+        _method_run(data, os.path.join(root, "day2_other_llm"), [
+            "elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
+            f"elec.entity_vectors={root}/items_other_llm", "elec.task=gain", f"train.init_from={root}/day1"])
+        out["other_llm"] = None
+    except ConfigError as error:
+        out["other_llm"] = str(error)
+    return out
 
 
 @pytest.mark.multiprocess
@@ -383,4 +394,27 @@ def test_a_run_started_from_another_reads_its_own_days_entity_vectors(tmp_path) 
     """elec.entity_vectors may name the next day's export (vectors for its new items): its frozen table is that
     file's, not the init run's."""
     (out,) = run_multiprocess(_entity_vectors_of_the_next_day, world_size=1, root=str(tmp_path))
-    assert out == {"day1": False, "day2": True}
+    assert {day: out[day] for day in ("day1", "day2")} == {"day1": False, "day2": True}
+    assert out["other_llm"] is not None and "item_id (model: 'random' -> 'another_llm')" in out["other_llm"], out
+    assert not os.path.exists(tmp_path / "day2_other_llm" / "checkpoints")
+
+
+def test_a_run_whose_entity_vectors_come_from_another_llm_than_its_init_runs_is_refused(tmp_path) -> None:
+    """The next day's export may cover other ids (its grown vocabulary), but vectors of another adapted LLM live in
+    another space than the one the init run's projection learned: refused, naming what differs."""
+    from recsys_llm.train.run_records import check_same_entity_vector_source
+
+    def plugins(**provenance: Any) -> Dict[str, Any]:
+        record = {"model": "llm", "weights_sha256": "a", "dim": "8", "keys_sha256": "k1", "num_rows": 250,
+                  "vocabulary": '{"ids": 251}', **provenance}
+        return {"elec": {"entity_vectors": {"item": record}}}
+
+    run_dir = tmp_path / "day1"
+    (run_dir / "best" / "ckpt-00000003").mkdir(parents=True)
+    (run_dir / "plugins.json").write_text(json.dumps(plugins()))
+    checkpoint = str(run_dir / "best" / "ckpt-00000003")
+    # the day's export: more ids, the same LLM
+    check_same_entity_vector_source(checkpoint, plugins(keys_sha256="k2", num_rows=300, vocabulary='{"ids": 301}'),
+                                    "advice")
+    with pytest.raises(ConfigError, match=r"item \(weights_sha256: 'a' -> 'b'\).*advice"):
+        check_same_entity_vector_source(checkpoint, plugins(weights_sha256="b", num_rows=300), "advice")
