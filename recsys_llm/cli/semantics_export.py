@@ -219,6 +219,7 @@ def _next_step(args: argparse.Namespace) -> str:
 def _export(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.ctr_llm_store import load_ctr_llm
+    from recsys_llm.semantics.entity_reuse import reused_from_record
     from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
     from recsys_llm.semantics.schema_export import export_rows, export_schema_vectors, splits_of_an_earlier_row_export
@@ -229,11 +230,13 @@ def _export(args: argparse.Namespace) -> int:
     if args.granularity == "entity" and args.entity_field is None:  # before the LLM loads
         raise ValueError("--granularity entity needs --entity-field, the user or item id field "
                          "whose ids get a vector each (e.g. --entity-field item_id)")
-    given = [flag for flag, value in (("--entity-field", args.entity_field), ("--entity-fields", args.entity_fields))
-             if value is not None]
+    given = [flag for flag, value in (("--entity-field", args.entity_field), ("--entity-fields", args.entity_fields),
+                                      ("--reuse", args.reuse)) if value is not None]
     if args.granularity == "row" and given:  # a forgotten --granularity entity would export a vector per row
         raise ValueError(f"{' and '.join(given)}: only with --granularity entity; --granularity row "
                          "(the default) gives every row a vector: add --granularity entity, or leave them out")
+    if args.reuse is not None:
+        reused_from_record(args.reuse)  # before the LLM loads: a wrong path or a row export is named
     rank, world = rank_and_world()
     device = resolve_device(args.device)  # before the LLM loads
     check_export_dir(args.output_dir)  # before the LLM loads
@@ -274,6 +277,7 @@ def _export(args: argparse.Namespace) -> int:
         schema, splits, renderer, encode, args.output_dir, model.provenance(args.output), config,
         granularity=args.granularity, entity_field=args.entity_field, entity_fields=args.entity_fields, rank=rank,
         world_size=world, progress=rank == 0,  # one bar: the ranks' bars would overwrite each other's line
+        reuse=args.reuse,
     )
     encode.warn_of_cut_texts()
     print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
@@ -504,6 +508,9 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
                              "--granularity entity)")
     export.add_argument("--entity-fields", nargs="*", default=None,
                         help="fields written into an entity's text (default: the --entity-field alone)")
+    export.add_argument("--reuse", default=None, metavar="EXPORT_DIR",
+                        help="an earlier day's entity export of the same --llm and settings: the ids it holds keep "
+                             "its vectors, only the new ids of the grown vocabulary are encoded")
     export.add_argument("--chunk-rows", type=integer_at_least(1), default=4096, help="rows per chunk (unit of resumption)")
     export.add_argument("--batch-size", type=integer_at_least(1), default=64, help="texts per encoder call")
     export.add_argument("--dtype", default="float32", choices=["float32", "float16"],

@@ -15,6 +15,7 @@ import torch
 
 from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind, schema_beside
+from recsys_llm.semantics.entity_reuse import REUSED_KEY, reused_from_record, reused_vectors
 from recsys_llm.semantics.row_text import RowTextRenderer, check_entity_fields
 from recsys_llm.semantics.vector_export import (
     VectorExport,
@@ -274,6 +275,7 @@ def export_schema_vectors(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     progress: bool = True,
+    reuse: Optional[str] = None,
 ) -> List[int]:
     """Exports row or entity vectors of a data set's splits (what the CLI runs).
 
@@ -293,11 +295,18 @@ def export_schema_vectors(
         rank (Optional[int]): this rank (default torchrun's).
         world_size (Optional[int]): ranks (default torchrun's).
         progress (bool): tqdm bar.
+        reuse (Optional[str]): an earlier entity export of the same LLM and settings whose vectors the ids it
+            holds keep (:mod:`~recsys_llm.semantics.entity_reuse`): only the other ids are encoded.
 
     Returns:
         List[int]: chunks written by this rank.
+
+    Raises:
+        ValueError: ``reuse`` with row granularity, or as :func:`~recsys_llm.semantics.entity_reuse.reused_vectors`.
     """
     check_export_dir(directory)  # before the splits are read
+    if reuse is not None and granularity != "entity":
+        raise ValueError(f"--reuse {reuse}: only with --granularity entity (a day's rows are new: none to reuse)")
     rows = export_rows(schema, splits, renderer, granularity, entity_field, entity_fields)
     provenance = dict(provenance, granularity=granularity, template=renderer.config.fingerprint(),
                       schema=schema.fingerprint())
@@ -320,5 +329,8 @@ def export_schema_vectors(
         def texts(start: int, stop: int) -> List[str]:
             return text_column.slice(start, stop - start).to_pylist()
 
+    if reuse is not None:
+        provenance[REUSED_KEY] = reused_from_record(reuse)
     export = VectorExport(directory, provenance, config)
-    return export.run(keys, texts, encode_fn, rank=rank, world_size=world_size, progress=progress)
+    reused = reused_vectors(reuse, export.provenance, schema, str(entity_field)) if reuse is not None else None
+    return export.run(keys, texts, encode_fn, rank=rank, world_size=world_size, progress=progress, reuse=reused)

@@ -457,6 +457,32 @@ class VectorExport:
             )
         return stored
 
+    def _chunk_vectors(
+        self,
+        texts: Sequence[str],
+        encode_fn: Callable[[List[str]], torch.Tensor],
+        keys: pa.Array,
+        path: str,
+        on_batch: Callable[[int], object],
+        reuse: Optional[Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]],
+    ) -> np.ndarray:
+        """Vectors (n, d) of one chunk: those ``reuse`` holds for its ``keys``, the others encoded from their
+        ``texts`` (:meth:`_encode`)."""
+        if reuse is None:
+            return self._encode(texts, encode_fn, keys, path, on_batch)
+        found, kept = reuse(keys.to_numpy(zero_copy_only=False))
+        on_batch(int(found.sum()))
+        new = np.flatnonzero(~found)
+        if not len(new):
+            return kept.astype(DTYPES[self._config.dtype][0], copy=False)
+        encoded = self._encode([texts[i] for i in new], encode_fn, keys.take(pa.array(new)), path, on_batch)
+        if len(kept) and kept.shape[1] != encoded.shape[1]:
+            raise ValueError(f"{path}: the reused vectors are {kept.shape[1]}-d, the encoder gives {encoded.shape[1]}-d "
+                             "ones; reuse an export of this model and --output")
+        out = np.empty((len(found), encoded.shape[1]), dtype=encoded.dtype)
+        out[found], out[new] = kept, encoded
+        return out
+
     def run(
         self,
         keys: pa.Array,
@@ -465,6 +491,7 @@ class VectorExport:
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         progress: bool = True,
+        reuse: Optional[Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = None,
     ) -> List[int]:
         """Encodes and writes this rank's missing chunks.
 
@@ -476,6 +503,9 @@ class VectorExport:
             rank (Optional[int]): this rank (default: torchrun's ``RANK``).
             world_size (Optional[int]): number of ranks (default: torchrun's ``WORLD_SIZE``).
             progress (bool): show a tqdm bar.
+            reuse (Optional[Callable]): ``keys (n,) -> (found (n,) bool, vectors (found.sum(), d))``, the vectors
+                kept from an earlier export (:func:`~recsys_llm.semantics.entity_reuse.reused_vectors`); only
+                the other keys' texts are encoded. None: every key's.
 
         Returns:
             List[int]: the chunks written by this call.
@@ -529,7 +559,7 @@ class VectorExport:
                 chunk_texts = self._chunk_texts(texts, start, stop)
                 path = chunk_path(self._directory, index)
                 chunk_keys = keys.slice(start, stop - start)
-                vectors = self._encode(chunk_texts, encode_fn, chunk_keys, path, bar.update)  # (n, d)
+                vectors = self._chunk_vectors(chunk_texts, encode_fn, chunk_keys, path, bar.update, reuse)  # (n, d)
                 column = vector_array(vectors, DTYPES[self._config.dtype][1])
                 table = pa.table({self._config.key_column: chunk_keys, self._config.vector_column: column})
                 texts_sha256 = _hash_texts(hashlib.sha256(), chunk_texts).encode()

@@ -19,6 +19,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.schema_changes import schema_change_note
 from recsys_llm.data.validation import DataError, check_number
 from recsys_llm.error_text import telling_line
+from recsys_llm.semantics.entity_reuse import REUSED_KEY
 from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig, load_config, schema_json_path
 from recsys_llm.train.distributed import host_group
@@ -388,7 +389,8 @@ def changed_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[
 
 #: entity-export provenance entries that follow the day's data, not the LLM that wrote the vectors: a run started
 #: from an earlier day's (``train.init_from``) names the day's export, which covers the grown vocabulary's new ids
-DAY_DEPENDENT_ENTITY_KEYS = ("keys_sha256", "num_rows", "vocabulary")
+#: (and may have reused the earlier export's vectors: ``semantics export --reuse``)
+DAY_DEPENDENT_ENTITY_KEYS = ("keys_sha256", "num_rows", "vocabulary", REUSED_KEY)
 
 
 def _provenance_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:

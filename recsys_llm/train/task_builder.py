@@ -331,7 +331,8 @@ def entity_vector_gaps(built: BuiltTask, schema: DatasetSchema) -> List[str]:
                 way = (f"it was exported from data of {exported_ids} ids, before the vocabulary grew to "
                        f"{len(ids) + 1} (an earlier day's export): export the entities again from {schema.root} "
                        f"(`semantics export --schema {schema.root} --granularity entity --entity-field {field} --splits` "
-                       "with the earlier days' files first, then train) into a new --output-dir")
+                       f"with the earlier days' files first, then train; `--reuse {directory}` encodes the new ids "
+                       "alone) into a new --output-dir")
             else:
                 way = ("`semantics export` covers the ids of the splits it reads: to cover them, add the data they "
                        "appear in to --splits (Parquet files of the same ids, e.g. an earlier day's: --splits "

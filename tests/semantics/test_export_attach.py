@@ -374,3 +374,20 @@ def test_adapt_s_note_goes_to_stderr_and_leaves_its_json_alone(adapted, tmp_path
     out, err = capsys.readouterr()
     assert json.loads(out)["output_dir"] == str(tmp_path / "llm")
     assert "--representation-dim 6 is no multiple of 4" in err
+
+
+def test_an_entity_export_reusing_an_earlier_one_gives_the_vectors_of_a_full_export(adapted, tmp_path) -> None:
+    """`--reuse` keeps the earlier export's vectors and encodes the other ids with the same adapted LLM: the result
+    is that of one export of every id (an entity's text is its id alone here, so no text changed between them)."""
+    from recsys_llm.semantics.vector_reader import read_vectors
+
+    entity = ("--granularity", "entity", "--entity-field", "item_id")
+    earlier, reusing, full = (str(tmp_path / name) for name in ("earlier", "reusing", "full"))
+    assert main(_export(adapted, earlier, *entity, "--splits", "test")) == 0
+    assert main(_export(adapted, reusing, *entity, "--reuse", earlier)) == 0
+    assert main(_export(adapted, full, *entity)) == 0
+    (keys, vectors), (earlier_keys, _) = read_vectors(reusing), read_vectors(earlier)
+    full_keys, full_vectors = read_vectors(full)
+    assert set(earlier_keys) < set(keys)
+    np.testing.assert_array_equal(keys, full_keys)
+    np.testing.assert_allclose(vectors, full_vectors, rtol=0, atol=1e-6)

@@ -16,7 +16,6 @@ import yaml
 
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.tabular.convert import prepare_tabular
-from recsys_llm.data.tabular.like import prepare_tabular_like
 from recsys_llm.modules.elec import ELECConfig
 from recsys_llm.semantics.row_text import RowTextRenderer
 from recsys_llm.semantics.schema_export import export_schema_vectors
@@ -30,32 +29,7 @@ from recsys_llm.semantics.vector_export import (
 )
 from recsys_llm.semantics.vector_reader import ids_without_vector
 from recsys_llm.train.task_builder import check_entity_vocabularies, entity_vector_gaps
-
-SCHEMA = {"name": "shop", "label": "clicked", "fields": [
-    {"name": "user", "kind": "sparse", "cardinality": 10, "description": "shopper id"},
-    {"name": "item", "kind": "sparse", "cardinality": 20, "description": "product"},
-]}
-
-
-def _csv(path: str, items: List[str]) -> str:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("user,item,clicked\n")
-        handle.writelines(f"u{k % 3},{item},{k % 2}\n" for k, item in enumerate(items))
-    return path
-
-
-def _days(root: str) -> dict:
-    """Day 1 (items b, d, f), day 2 grown --like day 1 (a, c and d: a and c new), day 2 prepared afresh."""
-    with open(os.path.join(root, "shop.yaml"), "w", encoding="utf-8") as handle:
-        yaml.safe_dump(SCHEMA, handle)
-    day1 = _csv(os.path.join(root, "day1.csv"), list("bdf" * 14))
-    day2 = _csv(os.path.join(root, "day2.csv"), list("acd" * 14))
-    out = {"day1": prepare_tabular(day1, os.path.join(root, "shop.yaml"), os.path.join(root, "d1"))}
-    out["day2"] = prepare_tabular_like(day2, os.path.join(root, "d1"), os.path.join(root, "d2"), split_name="train",
-                                       grow_vocabulary=True)
-    out["fresh"] = prepare_tabular(day2, os.path.join(root, "shop.yaml"), os.path.join(root, "fresh"))
-    return out
-
+from tests.grown_days import SHOP_SCHEMA, clicks_csv, grown_days as _days
 
 def _export(schema: DatasetSchema, out: str, splits: List[str]) -> str:
     export_schema_vectors(schema, splits, RowTextRenderer(schema), lambda texts: torch.ones(len(texts), 4), out,
@@ -282,8 +256,8 @@ def test_training_warns_of_the_values_its_entity_export_lacks(tmp_path) -> None:
 def test_the_gap_warning_shows_five_ids_at_most(tmp_path) -> None:
     """The warning names the first five ids without a vector, and '...' only where there are more."""
     with open(tmp_path / "shop.yaml", "w", encoding="utf-8") as handle:
-        yaml.safe_dump(SCHEMA, handle)
-    schema = prepare_tabular(_csv(str(tmp_path / "day.csv"), list("abcdefg" * 6)), str(tmp_path / "shop.yaml"),
+        yaml.safe_dump(SHOP_SCHEMA, handle)
+    schema = prepare_tabular(clicks_csv(str(tmp_path / "day.csv"), list("abcdefg" * 6)), str(tmp_path / "shop.yaml"),
                              str(tmp_path / "d"))
 
     def gap(keys: List[int]) -> str:

@@ -413,8 +413,9 @@ def test_a_run_whose_entity_vectors_come_from_another_llm_than_its_init_runs_is_
     (run_dir / "best" / "ckpt-00000003").mkdir(parents=True)
     (run_dir / "plugins.json").write_text(json.dumps(plugins()))
     checkpoint = str(run_dir / "best" / "ckpt-00000003")
-    # the day's export: more ids, the same LLM
-    check_same_entity_vector_source(checkpoint, plugins(keys_sha256="k2", num_rows=300, vocabulary='{"ids": 301}'),
-                                    "advice")
+    # the day's export: more ids, the same LLM (encoded afresh, or reusing day 1's vectors: semantics export --reuse)
+    for reused in ({}, {"reused_from": '{"keys_sha256": "k1", "num_rows": 250}'}):
+        check_same_entity_vector_source(
+            checkpoint, plugins(keys_sha256="k2", num_rows=300, vocabulary='{"ids": 301}', **reused), "advice")
     with pytest.raises(ConfigError, match=r"item \(weights_sha256: 'a' -> 'b'\).*advice"):
         check_same_entity_vector_source(checkpoint, plugins(weights_sha256="b", num_rows=300), "advice")
