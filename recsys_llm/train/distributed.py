@@ -19,6 +19,7 @@ import datetime
 import itertools
 import os
 import re
+import sys
 import warnings
 from typing import Callable, Optional, Tuple, TypeVar
 
@@ -238,6 +239,8 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         # NCCL bound to this rank's GPU: the communicator forms at once, and no collective has to guess
         # the device from the global rank (wrong where a launcher maps ranks to GPUs otherwise)
         bound_device = torch_device if chosen_backend == "nccl" else None
+        global _excepthook_before_group
+        _excepthook_before_group = sys.excepthook
         dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size,
                                 store=_rendezvous_store(rank, world_size), timeout=_collective_timeout(),
                                 device_id=bound_device)
@@ -255,11 +258,24 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
     return DistContext(rank, world_size, local_rank, torch_device, chosen_backend)
 
 
+# sys.excepthook before init_distributed's init_process_group wrapped it to prefix tracebacks with "[rank<N>]: ":
+# put back when the group goes, or each process group of a process that runs several (the CLI called in-process
+# by a script, a notebook) would add a prefix more
+_excepthook_before_group: Optional[Callable[..., object]] = None
+
+
+def _put_back_excepthook() -> None:
+    global _excepthook_before_group
+    if _excepthook_before_group is not None:
+        sys.excepthook, _excepthook_before_group = _excepthook_before_group, None
+
+
 def teardown_distributed() -> None:
     """Destroys the default process group if one exists."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _put_back_excepthook()
 
 
 def leave_process_group() -> None:
@@ -269,6 +285,7 @@ def leave_process_group() -> None:
     instead of exiting with its own code."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        _put_back_excepthook()
 
 
 _host_group: "Optional[tuple]" = None  # (the default group it was made for, the gloo group)

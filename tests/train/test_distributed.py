@@ -200,3 +200,42 @@ def test_a_group_of_another_backend_in_the_process_is_refused_not_reused() -> No
                        "process, or the caller's), but this one computes on cpu and needs 'nccl': call "
                        "recsys_llm.train.distributed.leave_process_group() before it, or run it in a new process")
     assert backend == "gloo"
+
+
+RANK_PREFIXES = """
+import io
+import sys
+
+from recsys_llm.train.distributed import init_distributed, teardown_distributed
+
+
+def last_traceback_line() -> str:
+    caught, stderr = io.StringIO(), sys.stderr
+    sys.stderr = caught
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            sys.excepthook(*sys.exc_info())
+    finally:
+        sys.stderr = stderr
+    return caught.getvalue().strip().splitlines()[-1]
+
+
+for _ in range(3):  # e.g. a script calling the CLI three times in one process
+    init_distributed("cpu")
+    inside = last_traceback_line()
+    teardown_distributed()
+print(inside)
+print(last_traceback_line())
+"""
+
+
+def test_each_process_group_prefixes_tracebacks_once() -> None:
+    """torch's init_process_group wraps sys.excepthook to prefix "[rank0]: ", and never unwraps it: a script that
+    ran seven commands in one process printed "[rank0]: " seven times on every line of a traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-c", RANK_PREFIXES], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["[rank0]: ValueError: boom", "ValueError: boom"]
