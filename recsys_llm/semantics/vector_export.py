@@ -477,8 +477,8 @@ class VectorExport:
             return kept.astype(DTYPES[self._config.dtype][0], copy=False)
         encoded = self._encode([texts[i] for i in new], encode_fn, keys.take(pa.array(new)), path, on_batch)
         if len(kept) and kept.shape[1] != encoded.shape[1]:
-            raise ValueError(f"{path}: the reused vectors are {kept.shape[1]}-d, the encoder gives {encoded.shape[1]}-d "
-                             "ones; reuse an export of this model and --output")
+            raise ValueError(f"{path}: the reused vectors are {kept.shape[1]}-d, the encoder gives "
+                             f"{encoded.shape[1]}-d ones; reuse an export of this model and --output")
         out = np.empty((len(found), encoded.shape[1]), dtype=encoded.dtype)
         out[found], out[new] = kept, encoded
         return out

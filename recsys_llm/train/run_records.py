@@ -511,7 +511,8 @@ def trained_row_vectors(checkpoint: str) -> Optional[Dict[str, Any]]:
 def check_same_entity_vector_source(checkpoint: str, current_plugins: Dict[str, Any], advice: str) -> None:
     """Raises when the entity exports a run names are of another LLM (or pooling, template, ...) than those the
     run that wrote ``checkpoint`` trained with (:func:`changed_entity_vectors` but for ``DAY_DEPENDENT_ENTITY_KEYS``);
-    exports of other ids (a later day's, covering its grown vocabulary) pass. Nothing to check without that run's ``plugins.json``.
+    exports of other ids (a later day's, covering its grown vocabulary) pass. Nothing to check without that run's
+    ``plugins.json``.
 
     Raises:
         ConfigError: naming the file, the fields and what differs, with ``advice``.

@@ -330,7 +330,8 @@ def entity_vector_gaps(built: BuiltTask, schema: DatasetSchema) -> List[str]:
             if exported_ids is not None and exported_ids < len(ids) + 1:  # an earlier day's export (+1: id 0)
                 way = (f"it was exported from data of {exported_ids} ids, before the vocabulary grew to "
                        f"{len(ids) + 1} (an earlier day's export): export the entities again from {schema.root} "
-                       f"(`semantics export --schema {schema.root} --granularity entity --entity-field {field} --splits` "
+                       f"(`semantics export --schema {schema.root} --granularity entity --entity-field {field} "
+                       "--splits` "
                        f"with the earlier days' files first, then train; `--reuse {directory}` encodes the new ids "
                        "alone) into a new --output-dir")
             else:
