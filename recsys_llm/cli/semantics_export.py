@@ -280,7 +280,10 @@ def _export(args: argparse.Namespace) -> int:
         reuse=args.reuse,
     )
     encode.warn_of_cut_texts()
-    print(json.dumps({"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}))
+    report = {"rank": rank, "world_size": world, "chunks_written": len(written), "output_dir": args.output_dir}
+    # one JSON line per rank (under torchrun, JSON Lines); rank 0's, with --attach-dir, once it has attached
+    if not (args.attach_dir and rank == 0):
+        print(json.dumps(report))
     if world == 1 and not args.attach_dir:  # a finished export (ranks finish apart); stdout is the JSON alone
         print(_next_step(args), file=sys.stderr)
     if own_group:
@@ -288,7 +291,8 @@ def _export(args: argparse.Namespace) -> int:
     elif meet and rank == 0:
         _poll_for_chunks(args.output_dir, args.attach_timeout)
     if args.attach_dir and rank == 0:
-        _attach(schema, splits, args)
+        report.update(_attach(schema, splits, args))
+        print(json.dumps(report))  # one document: the export's counts and what was attached
     return 0
 
 
@@ -424,9 +428,10 @@ def _wait_for_other_ranks(timeout_s: float) -> None:
         dist.destroy_process_group()
 
 
-def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
+def _attach(schema, splits: List[str], args: argparse.Namespace) -> Dict[str, Any]:
     """Copies of the splits with an ``llm_vector`` column, and a schema listing them, written
-    whole or not at all: a failure on any split leaves an earlier ``--attach-dir`` as it was."""
+    whole or not at all: a failure on any split leaves an earlier ``--attach-dir`` as it was; returns the
+    splits attached and the new schema's path, for the command's JSON."""
     from recsys_llm.atomic_dir import atomic_directory
     from recsys_llm.semantics.vector_export import read_manifest
     from recsys_llm.semantics.vector_reader import attach_vectors_to_splits
@@ -440,7 +445,7 @@ def _attach(schema, splits: List[str], args: argparse.Namespace) -> None:
         attach_vectors_to_splits(copies, args.output_dir, key, column=args.column, progress=True)  # keys read once
         # split paths relative to the final directory (the temp one is its sibling)
         schema.relocated(attach_dir, new_splits, [args.column]).save(os.path.join(tmp, "schema.json"))
-    print(json.dumps({"attached": splits, "schema": os.path.join(args.attach_dir, "schema.json")}))
+    return {"attached": splits, "schema": os.path.join(args.attach_dir, "schema.json")}
 
 
 def register(group_subparsers: argparse._SubParsersAction) -> None:

@@ -2,6 +2,7 @@
 another world size or batch size."""
 
 import json
+import sys
 from typing import Any, Dict, Optional
 
 from torchrec.distributed.types import ShardingPlan
@@ -132,7 +133,8 @@ def state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed: 
         state.step_in_epoch, left_over = divmod(samples, batch_size * ctx.world_size)
     if left_over and state.world_size == ctx.world_size and ctx.is_main:
         print(f"[recsys_llm] resuming {samples} rows into epoch {state.epoch} with data.batch_size={batch_size} "
-              f"(was {state.batch_size}): {left_over} of them do not fill a batch and are read again", flush=True)
+              f"(was {state.batch_size}): {left_over} of them do not fill a batch and are read again", file=sys.stderr,
+              flush=True)
     state.world_size, state.batch_size = ctx.world_size, batch_size
     seed_everything(seed + state.global_step + ctx.rank)
     return state

@@ -412,7 +412,7 @@ def _train_in_run_dir(
         log.write({"event": RESUMED_EVENT, "checkpoint": latest, "global_step": state.global_step,
                    "epoch": state.epoch, REDONE_KEY: redone})
         if ctx.is_main:
-            print(_resume_line(run_dir, latest, state), flush=True)
+            print(_resume_line(run_dir, latest, state), file=sys.stderr, flush=True)  # a notice, beside the bars
     # the plan of the shards this job trains; a finished run run again (nothing to train, maybe on other ranks)
     # keeps the plan it trained with
     if ctx.is_main and (latest is None or not state.finished):

@@ -1313,10 +1313,10 @@ def test_a_resume_with_a_batch_size_that_splits_a_batch_says_which_rows_repeat(c
 
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     exact = state_for_world(TrainState(step_in_epoch=4, world_size=1, batch_size=1024), ctx, 512, seed=0)
-    assert exact.step_in_epoch == 8 and capsys.readouterr().out == ""
+    assert exact.step_in_epoch == 8 and capsys.readouterr().err == ""
     split = state_for_world(TrainState(step_in_epoch=100, world_size=1, batch_size=256), ctx, 300, seed=0)
     assert split.step_in_epoch == 85  # 25,600 rows read: 85 batches of 300, and 100 rows read again
-    assert "100 of them do not fill a batch and are read again" in capsys.readouterr().out
+    assert "100 of them do not fill a batch and are read again" in capsys.readouterr().err  # a notice: stderr
 
 
 def test_a_resume_under_another_world_size_gives_each_rank_a_stream_of_its_own() -> None:
