@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is first used
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_no_file_above, save_figure_atomically, write_text_atomically
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -63,11 +63,12 @@ def run_main(main: Callable[[], Any]) -> None:
     it, not only to the job's log."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from recsys_llm.progress import MAXINTERVAL_ENV, MININTERVAL_ENV
+    from recsys_llm.progress import LINES_ENV, MAXINTERVAL_ENV, MININTERVAL_ENV
 
     if not sys.stderr.isatty():  # a log file: a progress line every 30 s, as the recsys-llm commands draw them
         os.environ.setdefault(MININTERVAL_ENV, "30")
         os.environ.setdefault(MAXINTERVAL_ENV, os.environ[MININTERVAL_ENV])
+        os.environ.setdefault(LINES_ENV, "1")
     record(main)()
 
 
@@ -439,7 +440,7 @@ def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: 
     names = list(contenders)
     results: Dict[str, List[float]] = {name: [] for name in names}
     bar = tqdm(total=repeats * len(names), desc=description, unit="measurement", leave=False, disable=not is_rank_zero(),
-               **interval_options())
+               **bar_options())
     count = len(names)
     first = [0]  # 0, 1, n-1, 2, n-2, ...: consecutive differences +1, -2, +3, ... (mod n)
     low, high = 1, count - 1

@@ -50,9 +50,17 @@ def write_file_atomically(path: str, write: Callable[[IO[Any]], object], binary:
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(error, OSError) and error.filename is None:  # a write or fsync that failed names no file
-            error.filename = path  # the file meant (a cache beside the output), not the command's output
+        if isinstance(error, OSError):
+            name_written_file(error, path)  # the file meant (a cache beside the output), not the command's output
         raise
+
+
+def name_written_file(error: OSError, path: str) -> None:
+    """Puts ``path`` on the OSError of a write that names no file (a full disk in ``write`` or ``fsync``,
+    pyarrow's "Error writing bytes to file"), so its one line says which file. One without an errno (a
+    library's ``OSError("message")``) is left as it is: a file name would replace its message."""
+    if error.filename is None and error.strerror is not None:
+        error.filename = path
 
 
 def link_into_place(tmp: str, path: str) -> bool:

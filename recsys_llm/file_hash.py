@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Sequence
 from tqdm import tqdm
 
 from recsys_llm.host_memory import ranks_on_host
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 # files this large hashed with a description show a bar (an 8B model's weights take about 35 s on one core)
 BAR_BYTES = 1 << 30
@@ -41,7 +41,7 @@ def files_sha256(paths: Sequence[str], description: Optional[str] = None, chunk:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = min(len(paths), max(1, cores // ranks_on_host()))
     with tqdm(total=sum(sizes), desc=description, unit="B", unit_scale=True, leave=False, disable=not shown,
-              **interval_options()) as bar:
+              **bar_options()) as bar:
         if threads <= 1:
             return [_sha256(path, chunk, bar.update) for path in paths]
         lock = threading.Lock()  # tqdm's update adds to its count unlocked: threads would lose blocks

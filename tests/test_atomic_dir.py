@@ -451,3 +451,10 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch):
         write_text_atomically(str(tmp_path / "cache.bin"), "new")
     assert caught.value.filename == str(tmp_path / "cache.bin") and caught.value.errno == 28
     assert os.listdir(tmp_path) == []
+
+    def fail_without_errno(fd: int) -> None:
+        raise OSError("the device went away")
+
+    monkeypatch.setattr(os, "fsync", fail_without_errno)
+    with pytest.raises(OSError, match=r"^the device went away$"):  # a file name would replace the message
+        write_text_atomically(str(tmp_path / "cache.bin"), "new")

@@ -26,7 +26,8 @@ def _environment_inside_a_command(monkeypatch) -> dict:
 
     def look(*args, **kwargs):
         seen.update({key: os.environ.get(key) for key in
-                     (PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")})
+                     (PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                      "RECSYS_LLM_PROGRESS_LINES")})
         raise ValueError("looked")  # a user error: the command ends with exit code 2
 
     monkeypatch.setattr(data, "prepare_dataset", look)
@@ -34,15 +35,40 @@ def _environment_inside_a_command(monkeypatch) -> dict:
     return seen
 
 
-def test_progress_bars_written_to_a_log_update_every_30_s(monkeypatch) -> None:
-    for key in (PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE"):
+def test_progress_bars_written_to_a_log_update_every_30_s_a_line_each(monkeypatch) -> None:
+    for key in (PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE", "RECSYS_LLM_PROGRESS_LINES"):
         monkeypatch.delenv(key, raising=False)  # restored after the test
     seen = _environment_inside_a_command(monkeypatch)  # pytest's captured stderr is not a terminal
     assert seen[PROGRESS_INTERVAL_ENV] == "30"
     assert seen["TQDM_MAXINTERVAL"] == "30"  # tqdm's monitor would otherwise refresh every 10 s
+    assert seen["RECSYS_LLM_PROGRESS_LINES"] == "1"
     assert seen["HF_HUB_OFFLINE"] == "1"
     # the calling program's environment is its own again
-    assert not {PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE"} & set(os.environ)
+    assert not {PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE", "RECSYS_LLM_PROGRESS_LINES"} & set(
+        os.environ)
+
+
+def test_a_bar_in_a_log_writes_each_update_as_a_line_of_its_own(monkeypatch, capsys) -> None:
+    """tqdm redraws a bar in place: in a log file a whole epoch's updates were one line, which tail, grep and log
+    collectors saw only when the epoch ended (and a nested bar's cursor moves were left in it)."""
+    import tqdm
+
+    from recsys_llm.progress import bar_options
+
+    monkeypatch.setenv("RECSYS_LLM_PROGRESS_LINES", "1")
+    monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "0")
+    with tqdm.tqdm(total=3, desc="outer", leave=False, **bar_options()) as outer:
+        for _ in range(3):
+            with tqdm.tqdm(total=2, desc="inner", leave=False, position=1, **bar_options()) as inner:
+                inner.update(2)
+            outer.update(1)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert all(line.strip() for line in lines) and lines[0].startswith("outer:   0%")
+    assert any(line.startswith("outer: 100%") and "3/3" in line for line in lines), lines
+    monkeypatch.delenv("RECSYS_LLM_PROGRESS_LINES")
+    assert "file" not in bar_options()  # a terminal, or a notebook: tqdm's own redraws
 
 
 def test_a_chosen_progress_interval_is_kept(monkeypatch) -> None:
@@ -63,18 +89,18 @@ def test_the_projects_bars_take_the_interval_set_after_tqdm_was_imported(monkeyp
 
     import tqdm
 
-    from recsys_llm.progress import interval_options
+    from recsys_llm.progress import bar_options
 
     monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "30")
     monkeypatch.setenv("TQDM_MAXINTERVAL", "30")
-    with tqdm.tqdm([], **interval_options()) as bar:
+    with tqdm.tqdm([], **bar_options()) as bar:
         assert (bar.mininterval, bar.maxinterval) == (30.0, 30.0)
     monkeypatch.delenv(PROGRESS_INTERVAL_ENV)
     monkeypatch.delenv("TQDM_MAXINTERVAL")
-    assert interval_options() == {"mininterval": 0.1, "maxinterval": 10.0}  # tqdm's, whatever it read at import
+    assert bar_options() == {"mininterval": 0.1, "maxinterval": 10.0}  # tqdm's, whatever it read at import
     monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "soon")
     with pytest.raises(ValueError, match=r"TQDM_MININTERVAL is 'soon'; expected seconds"):
-        interval_options()
+        bar_options()
     # every bar of the package takes them
     bars = 0
     for folder, _, files in os.walk(os.path.join(REPO, "recsys_llm")):
@@ -87,7 +113,7 @@ def test_the_projects_bars_take_the_interval_set_after_tqdm_was_imported(monkeyp
                     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "tqdm":
                         bars += 1
                         spread = [k.value for k in node.keywords if k.arg is None]
-                        assert any(isinstance(v, ast.Call) and getattr(v.func, "id", "") == "interval_options"
+                        assert any(isinstance(v, ast.Call) and getattr(v.func, "id", "") == "bar_options"
                                    for v in spread), f"{path}:{node.lineno}"
     assert bars >= 10
 

@@ -20,7 +20,7 @@ import warnings
 from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from recsys_llm.error_text import one_line
-from recsys_llm.progress import MAXINTERVAL_ENV, MININTERVAL_ENV
+from recsys_llm.progress import LINES_ENV, MAXINTERVAL_ENV, MININTERVAL_ENV
 
 DESCRIPTION = "LLM knowledge for sharded TorchRec CTR models (LLaCTR, ELEC), without an LLM at serving time."
 EPILOG = """workflows:
@@ -341,6 +341,7 @@ def _command_environment() -> Dict[str, str]:
         added[PROGRESS_INTERVAL_ENV] = os.environ.get(PROGRESS_INTERVAL_ENV, "30")
         # tqdm's monitor forces a refresh after maxinterval (10 s) without one: no sooner than the interval
         added[MAXINTERVAL_ENV] = added[PROGRESS_INTERVAL_ENV]
+        added[LINES_ENV] = "1"  # each update a line of its own, not redrawn in place on one endless line
     return {key: value for key, value in added.items() if key not in os.environ}
 
 

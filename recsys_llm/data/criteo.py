@@ -41,7 +41,7 @@ from recsys_llm.data.parquet_writer import arrow_schema_for, open_split_writers,
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.tabular.splits import split_bounds
 from recsys_llm.data.validation import DataError, check_labels, check_number, check_split_fractions
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -157,7 +157,7 @@ def _count_data_lines(path: str, limit: Optional[int] = None, progress: bool = F
     lines = last = 0  # newlines seen; number of the last line holding a non-blank byte
     raw = pa.OSFile(path)  # its position: the bytes of the file read, also of a compressed one
     bar = tqdm(total=os.path.getsize(path), desc="counting lines", unit="B", unit_scale=True, disable=not progress,
-               **interval_options())
+               **bar_options())
     try:
         with raw, _open(path, raw) as handle:
             while limit is None or last < limit:
@@ -335,7 +335,7 @@ def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> Dat
     schema = criteo_schema(config)
     schema.root = os.path.abspath(out_dir)
     arrow_schema = arrow_schema_for(schema)
-    bar = tqdm(total=total, desc="criteo rows", unit="row", disable=not progress, **interval_options())
+    bar = tqdm(total=total, desc="criteo rows", unit="row", disable=not progress, **bar_options())
     done = 0
     try:
         with contextlib.ExitStack() as open_writers:  # each writer is closed, or on an error its .tmp removed

@@ -58,7 +58,7 @@ from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.synthetic import ITEM_CATALOG, write_value_text
 from recsys_llm.data.tabular.splits import split_bounds
 from recsys_llm.data.validation import DataError, check_number, check_split_fractions, offsets_from_lengths
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 #: a release year: four digits, or as a float column writes them (``release_year:float``): 1995.0
@@ -582,7 +582,7 @@ def prepare_movielens(raw_dir: str, out_dir: str, config: Optional[MovieLensConf
 def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved)."""
     inter_path, item_path, user_path = _find_files(raw_dir)
-    steps = tqdm(total=4, desc="movielens", disable=not progress, **interval_options())  # once the files are there
+    steps = tqdm(total=4, desc="movielens", disable=not progress, **bar_options())  # once the files are there
     inter = read_atomic_file(inter_path, {"user_id": ("token",), "item_id": ("token",), "rating": ("float",), "timestamp": ("float",)})
     items = read_atomic_file(item_path, {"item_id": ("token",), "movie_title": ("token_seq", "token"),
                                          "release_year": ("token", "float"), "genre|class": ("token_seq", "token")})

@@ -33,7 +33,7 @@ from recsys_llm.atomic_dir import write_file_atomically
 from recsys_llm.data.parquet_writer import ITEM_CATALOG, SplitWriter, arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.validation import check_number
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 # ---- the world --------------------------------------------------------------------------------------
 TOPICS: Dict[str, List[str]] = {
@@ -463,7 +463,7 @@ def generate_synthetic(
     generator = _Generator(config, users, items)
     arrow_schema = arrow_schema_for(schema, {"is_cold_item": pa.int8()})
     bar = tqdm(total=num_rows, desc="synthetic rows", unit="row", disable=not progress,
-               **interval_options())
+               **bar_options())
     row_start = 0
     for index, (split, split_rows) in enumerate(split_sizes(num_rows).items()):
         path = os.path.join(out_dir, schema.splits[split])

@@ -59,7 +59,7 @@ from recsys_llm.modules.distillation import (
     ScoreDistillation,
 )
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement, refresh_after_load
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 MODES = ("joint", "frozen", "offline")
 
@@ -414,7 +414,7 @@ def write_teacher_columns(
         nonlocal rows
         writer: Optional[pq.ParquetWriter] = None
         try:
-            for batch in tqdm(batches, desc="teacher outputs", disable=not progress, **interval_options()):
+            for batch in tqdm(batches, desc="teacher outputs", disable=not progress, **bar_options()):
                 keys = batch.extras.get(row_key, batch.extras.get(ROW_ID_EXTRA))
                 if keys is None:
                     where = " or ".join(f"extras[{key!r}]" for key in dict.fromkeys([row_key, ROW_ID_EXTRA]))

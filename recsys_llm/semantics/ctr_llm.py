@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 from recsys_llm.semantics.encoder import NumberRule, check_every_text_has_tokens, check_number_fields, text_list
 from recsys_llm.semantics.lora_targets import language_model_name, with_lora
 from recsys_llm.semantics.model_dir import model_dir_fingerprint
@@ -449,7 +449,7 @@ def tune_ctr_llm(
             first_epoch, first_step, losses = resumed
     model.train()
     with tqdm(total=config.epochs * steps_per_epoch, initial=len(losses), desc="tune CTR-LLM",
-              disable=not progress, **interval_options()) as bar:
+              disable=not progress, **bar_options()) as bar:
         for epoch in range(first_epoch, config.epochs):
             order_state = generator.get_state()  # (G,) uint8: this epoch's order is drawn from it
             order = torch.randperm(len(index), generator=generator).numpy()  # (S,) positions in the sample

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recsys_llm.data.validation import check_number
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, tokenizer_fingerprint
 from recsys_llm.semantics.model_loading import (
     check_max_length,
@@ -269,7 +269,7 @@ class TextEncoder:
         starts = range(0, len(order), self._batch_size)
         try:
             for start in tqdm(starts, desc="encode", unit="batch", disable=not progress or len(starts) < 2,
-                              **interval_options()):
+                              **bar_options()):
                 index = order[start : start + self._batch_size]
                 vectors = self.embed([texts[i] for i in index]).float().cpu()  # (b, H)
                 for row, i in enumerate(index):

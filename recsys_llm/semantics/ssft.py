@@ -62,7 +62,7 @@ from recsys_llm.atomic_dir import (
     write_text_atomically,
 )
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 from recsys_llm.semantics.encoder import (
     NumberRule, TextEncoder, check_field_texts_fit, check_number_fields, default_model_path
 )
@@ -411,7 +411,7 @@ class SSFTTrainer:
         total, steps = 0.0, 0
         device = next(model.parameters()).device
         bar = tqdm(range(0, len(order), config.batch_size), desc=f"ssft epoch {epoch + 1}", unit="step",
-                   **interval_options())
+                   **bar_options())
         for start in bar:
             batch = [self._train[i] for i in order[start : start + config.batch_size]]
             labels = torch.tensor([e.label for e in batch], dtype=torch.long, device=device)

@@ -62,7 +62,7 @@ from tqdm import tqdm
 from recsys_llm.atomic_dir import check_own_entries, link_into_place, write_file_atomically
 from recsys_llm.data.parquet_writer import vector_array
 from recsys_llm.data.validation import first_non_finite_row
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 from recsys_llm.semantics.vector_projection import load_projection
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
@@ -552,7 +552,7 @@ class VectorExport:
         chunk_rows = self._config.chunk_rows
         rows = sum(min(chunk_rows, len(keys) - index * chunk_rows) for index in pending)
         description = f"export vectors (rank {rank}/{world_size})"
-        with tqdm(total=rows, desc=description, unit="row", disable=not progress, **interval_options()) as bar:
+        with tqdm(total=rows, desc=description, unit="row", disable=not progress, **bar_options()) as bar:
             for index in pending:
                 start = index * chunk_rows
                 stop = min(start + chunk_rows, len(keys))

@@ -13,9 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from recsys_llm.atomic_dir import name_written_file
 from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.validation import first_non_finite_row
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 from recsys_llm.semantics.vector_export import (
     MANIFEST,
     PROVENANCE_KEY,
@@ -546,7 +547,7 @@ def _write_copy(
     rows = 0
     total = sum(pq.read_metadata(path).num_rows for path in files) if progress else None  # footers only
     bar = tqdm(total=total, unit="rows", desc=f"attaching vectors to {os.path.basename(output_path)}",
-               disable=not progress, **interval_options())
+               disable=not progress, **bar_options())
     try:
         with bar, pq.ParquetWriter(tmp, out_schema) as writer:
             for path in files:
@@ -570,8 +571,7 @@ def _write_copy(
                 rows += row_in_file
         os.replace(tmp, output_path)
     except OSError as error:
-        if error.filename is None:  # pyarrow's "Error writing bytes to file" (a full disk) names no file
-            error.filename = output_path
+        name_written_file(error, output_path)
         raise
     finally:
         if os.path.exists(tmp):

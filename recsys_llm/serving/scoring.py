@@ -32,7 +32,7 @@ from recsys_llm.data.parquet_files import first_file_columns
 from recsys_llm.data.parquet_writer import SplitWriter
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 from recsys_llm.serving.served_model import ServedModel
 from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN
 from recsys_llm.train.distributed import (
@@ -190,7 +190,7 @@ def score_split(
     def score_own_rows() -> "tuple[int, float]":
         rows, seconds = 0, 0.0
         for batch in tqdm(reader, desc=f"score {split}", unit="batch", disable=not (progress and rank == 0),
-                          **interval_options()):
+                          **bar_options()):
             start = time.perf_counter()
             logits = served.logits(batch.dense_features, batch.sparse_features)  # (B,)
             seconds += time.perf_counter() - start

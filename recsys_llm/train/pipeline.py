@@ -39,7 +39,7 @@ from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.models.base import BatchFeatureCheck
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 from recsys_llm.train.checkpoint import table_step_counters_kept
 from recsys_llm.train.distributed import all_ranks_true, is_main_process
 from recsys_llm.train.eval_forwards import pipelined_forwards, plain_forwards
@@ -211,7 +211,7 @@ def train_epoch(
         disable=not (progress and is_main_process()),
         dynamic_ncols=True,
         leave=False,
-        **interval_options(),
+        **bar_options(),
     )
     step = skip_batches
     steps = 0
@@ -338,7 +338,7 @@ def evaluate(
     with table_step_counters_kept(model):  # FBGEMM counts these forwards as optimizer steps otherwise
         try:
             for step in tqdm(steps, total=total, desc=description, disable=not (progress and is_main_process()),
-                             dynamic_ncols=True, leave=False, **interval_options()):
+                             dynamic_ncols=True, leave=False, **bar_options()):
                 if not step.real:  # a repeat that keeps this rank's collectives in step with the others
                     continue
                 metrics.update(step.logits, step.labels, step.extras)

@@ -21,7 +21,7 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_writer import vector_array
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 LOGITS_COLUMN = "teacher_logits"
 REPRESENTATION_COLUMN = "teacher_representation"
@@ -57,7 +57,7 @@ def predict_steps(
                                 shuffle=False, prefetch=2, equal_batches=False, pin_memory=device.type == "cuda")
     label = os.path.basename(path) + (f": rank {rank}'s share" if world_size > 1 else "")
     for batch, real in tqdm(reader.padded(), total=reader.padded_len, desc=label, unit="batch", disable=not progress,
-                            **interval_options()):
+                            **bar_options()):
         output = teacher.predict(batch.to(device, non_blocking=True))
         keys = batch.extras[ROW_ID_EXTRA].numpy().astype(np.int64, copy=False) if ROW_ID_EXTRA in batch.extras else None
         yield (output.logits.float().cpu().numpy(), output.representation.float().cpu().numpy(), keys), real
@@ -328,7 +328,7 @@ def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Itera
 
     def add_spilled() -> None:
         with tqdm(total=writer.rows_to_come, desc=f"{os.path.basename(target)}: other ranks' rows", unit="row",
-                  disable=not (progress and spills), **interval_options()) as bar:
+                  disable=not (progress and spills), **bar_options()) as bar:
             for spill in spills:
                 for outputs in spill.outputs():
                     writer.add(*outputs)

@@ -35,7 +35,7 @@ from recsys_llm.data.validation import (
     offsets_from_lengths,
     row_of_value,
 )
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 
 def prepare_tabular(
@@ -253,7 +253,7 @@ def _convert(
     total = len(split_values) if split_values is not None else rows
     split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
     schema = _output_schema(user_schema, plans, out_dir, user_texts)
-    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress, **interval_options())
+    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress, **bar_options())
     try:
         write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar, column_types)
     finally:

@@ -21,7 +21,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.tabular.config import TabularConfig
 from recsys_llm.data.tabular.source import read_blocks
 from recsys_llm.data.tabular.tokens import FieldPlan, field_tokens
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ def grow_vocabularies(data_path: str, like: DatasetSchema, plans: Dict[str, Fiel
     if not fields:
         return {}
     counts: Dict[str, Counter[str]] = {spec.name: collections.Counter() for spec in fields}
-    with tqdm(desc="tabular rows (new values)", unit="row", disable=not progress, **interval_options()) as bar:
+    with tqdm(desc="tabular rows (new values)", unit="row", disable=not progress, **bar_options()) as bar:
         for file_path, row, block in read_blocks(data_path, like, [spec.name for spec in fields], config):
             bar.update(block.num_rows)
             for spec in fields:

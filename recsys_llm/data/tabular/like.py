@@ -29,7 +29,7 @@ from recsys_llm.data.tabular.raw_values import prepared_plan
 from recsys_llm.data.tabular.source import ColumnTypeChanged, csv_column_types, repeated_columns, source_columns
 from recsys_llm.data.tabular.tokens import FieldPlan
 from recsys_llm.data.validation import DataError
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 #: the ``TabularConfig`` options the earlier preparation decided (its splits, its ids), refused with ``--like``
 LIKE_DECIDED = {"split_by": "--split-by", "split_fractions": "--split", "seed": "--seed",
@@ -172,7 +172,7 @@ def _write_like(
     with_label = like.label in columns
 
     def write(column_types: Optional[Dict[str, pa.DataType]]) -> None:
-        with tqdm(desc="tabular rows", unit="row", disable=not progress, **interval_options()) as bar:
+        with tqdm(desc="tabular rows", unit="row", disable=not progress, **bar_options()) as bar:
             write_splits(data_path, like, schema, plans, columns, row_key, None, config, bar, column_types,
                          with_label=with_label, utf8_checked=False)
 

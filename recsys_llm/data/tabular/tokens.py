@@ -19,7 +19,7 @@ from recsys_llm.data.tabular.source import first_line, is_parquet, null_where_in
 from recsys_llm.data.validation import (
     DataError, describe_row, is_list_type, offsets_from_lengths, open_parquet, row_of_value,
 )
-from recsys_llm.progress import interval_options
+from recsys_llm.progress import bar_options
 
 INTEGER_PATTERN = r"^\s*-?\d+\s*$"
 # pyarrow's CSV missing-value markers: in a column of integer ids they mean missing (id 0)
@@ -324,7 +324,7 @@ def plan_fields(
     counts: Dict[str, _TokenCounts] = {}
     split_values: List[pa.Array] = []
     split_cells: Set[str] = set()  # sequence fields of which a text cell held the separator
-    bar = tqdm(desc="tabular rows (first pass)", unit="row", disable=not progress, **interval_options())
+    bar = tqdm(desc="tabular rows (first pass)", unit="row", disable=not progress, **bar_options())
     try:
         for file_path, row, block in read_blocks(path, schema, columns, config, row_key, column_types):
             bar.update(block.num_rows)
