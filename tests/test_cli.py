@@ -399,9 +399,11 @@ def test_a_collective_that_gave_up_on_another_rank_is_one_line(monkeypatch, caps
     monkeypatch.setenv("RECSYS_LLM_DIST_TIMEOUT_S", "30")
     assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
     err = capsys.readouterr().err
-    wait = "; RECSYS_LLM_DIST_TIMEOUT_S=30 s is the wait" if timed_out else ""
-    assert ("recsys-llm prepare synthetic: error: a collective gave up waiting for another rank, which stalled or died "
-            f"(the other ranks' output and torchrun's summary name it{wait}): {failure}") in err, err
+    cause = ("which stalled past RECSYS_LLM_DIST_TIMEOUT_S=30 s (torchrun's summary names this rank, the one that "
+             "waited; the stalled rank is the one whose output stopped first, and `py-spy dump --pid` on it shows "
+             "where it waits)") if timed_out else "which died (torchrun's summary names it)"
+    assert f"recsys-llm prepare synthetic: error: a collective gave up waiting for another rank, {cause}: {failure}" \
+        in err, err
     assert "Traceback" not in err
 
 

@@ -281,9 +281,13 @@ def _peer_failure_line(error: BaseException) -> Optional[str]:
         return None
     from recsys_llm.train.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV  # torch is loaded: a collective failed
 
-    wait = f"; {TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S} s is the wait" if timed_out else ""
-    return (f"a collective gave up waiting for another rank, which stalled or died (the other ranks' output and "
-            f"torchrun's summary name it{wait}): {one_line(error)[:300]}")
+    if timed_out:  # torchrun's summary names this rank, which waited: the stalled one raised nothing
+        cause = (f"which stalled past {TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S} s (torchrun's "
+                 "summary names this rank, the one that waited; the stalled rank is the one whose output stopped "
+                 "first, and `py-spy dump --pid` on it shows where it waits)")
+    else:
+        cause = "which died (torchrun's summary names it)"
+    return f"a collective gave up waiting for another rank, {cause}: {one_line(error)[:300]}"
 
 
 def _traceback_asked() -> bool:
