@@ -710,6 +710,34 @@ def test_run_all_reports_a_benchmark_whose_peer_is_missing_skipped_not_failed(tm
     assert peers.MISSING_PEER_EXIT == run_all.SKIP_EXIT
 
 
+def test_run_all_passes_a_benchmarks_progress_on_while_it_runs(tmp_path: Path, capsys) -> None:
+    """run_all kept a script's output until it ended: minutes of silence per benchmark, its progress thrown away."""
+    import threading
+    import time
+
+    go = tmp_path / "go"
+    (tmp_path / "waits.py").write_text(
+        "import os, sys, time\n"
+        "print('measuring: 1/3', file=sys.stderr, flush=True)\n"
+        f"deadline = time.time() + 30\nwhile not os.path.exists({str(go)!r}) and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "print('[waits] ratio=1 (mode=quick, device=cpu)')\n")
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(
+        run_all.run_one("waits", "quick", "cpu", tmp_path, timeout_s=60, bench_dir=tmp_path)))
+    runner.start()
+    seen = ""
+    for _ in range(400):
+        seen += capsys.readouterr().err
+        if "measuring: 1/3" in seen:
+            break
+        time.sleep(0.05)
+    go.touch()
+    runner.join()
+    assert "measuring: 1/3" in seen  # before the script went on
+    assert result["status"] == "ok" and "[waits] ratio=1 (mode=quick, device=cpu)" in capsys.readouterr().out
+
+
 def test_run_all_ends_well_when_the_only_other_status_is_a_skip(tmp_path: Path, monkeypatch) -> None:
     statuses = {"a": "ok", "b": run_all.SKIPPED}
     monkeypatch.setattr(run_all, "discover", lambda *args, **kwargs: sorted(statuses))
