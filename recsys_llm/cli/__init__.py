@@ -336,6 +336,44 @@ def record_for_launcher(line: Optional[str] = None) -> None:
         json.dump({"message": line, "timestamp": int(time.time())}, file)
 
 
+def _flushes_subnormals() -> bool:
+    """Whether this thread's float math flushes subnormal numbers to zero (``torch.set_flush_denormal``, which
+    reaches Python's and numpy's float math too)."""
+    return float.fromhex("0x1p-1060") * 1.0 == 0.0
+
+
+def keep_callers_process_state() -> Callable[[], None]:
+    """Saves the process-wide state a command changes (``train`` seeds the global RNGs and flushes subnormals,
+    ``train.flush_denormal``) and runs it with float32 as torch's default dtype; returns what puts the caller's
+    back, so that a program calling ``main`` several times keeps its own random streams, float math and default
+    dtype. Torch's state is kept where the caller had imported torch (a command that needs it imports it)."""
+    import random
+
+    import numpy as np
+
+    torch = sys.modules.get("torch")
+    python_rng, numpy_rng, flushing = random.getstate(), np.random.get_state(), _flushes_subnormals()
+    torch_rng = torch.get_rng_state() if torch is not None else None
+    cuda_rngs = torch.cuda.get_rng_state_all() if torch is not None and torch.cuda.is_initialized() else None
+    dtype = torch.get_default_dtype() if torch is not None else None
+    if torch is not None:
+        torch.set_default_dtype(torch.float32)  # the models and data are float32: a caller's float64 would mix
+
+    def restore() -> None:
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+        torch_now = sys.modules.get("torch")
+        if torch_now is not None:
+            torch_now.set_flush_denormal(flushing)
+        if torch_rng is not None:
+            torch_now.set_rng_state(torch_rng)
+            torch_now.set_default_dtype(dtype)
+        if cuda_rngs is not None:
+            torch_now.cuda.set_rng_state_all(cuda_rngs)
+
+    return restore
+
+
 def _command_environment() -> Dict[str, str]:
     """The environment variables a command runs with that are not set already."""
     added = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -409,8 +447,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
         raise SystemExit(128 + signal.SIGINT) from None
     restore_notices = quiet_upstream_notices()
     restore_sigterm = exit_on_sigterm()
-    # a command called inside a running program's group (the examples, the demo) must leave it be
-    outer_group = "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized()
+    restore_process_state = keep_callers_process_state()
     caller_format = warnings.formatwarning  # put back at the end: a program calling main() keeps its own
     warnings.formatwarning = project_warning_format(command, caller_format)
     try:
@@ -450,10 +487,11 @@ def _run_command(argv: Optional[List[str]]) -> int:
         return _error_exit(command, line)
     finally:  # a command that ended normally has torn its own group down already
         warnings.formatwarning = caller_format
-        if not outer_group and "torch.distributed" in sys.modules:
+        if "torch.distributed" in sys.modules:  # a group of the caller's (the examples, the demo) stays
             from recsys_llm.train.distributed import leave_process_group
 
             leave_process_group()
+        restore_process_state()  # the caller's RNGs, subnormal mode and default dtype
         restore_sigterm()  # the calling program's own handler again, as its warning format
         restore_notices()
 

@@ -385,9 +385,11 @@ def _join_ranks(rank: int, world_size: int, timeout_s: float) -> bool:
 
     import torch.distributed as dist
 
+    from recsys_llm.train.distributed import start_process_group
+
     if dist.is_initialized():
         return False
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    start_process_group(backend="gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 
@@ -416,6 +418,8 @@ def _wait_for_other_ranks(timeout_s: float) -> None:
     """
     import torch.distributed as dist
 
+    from recsys_llm.train.distributed import leave_process_group
+
     try:
         dist.barrier()
     except Exception as exc:  # gloo: connection closed by a dead peer, or its timeout
@@ -425,7 +429,7 @@ def _wait_for_other_ranks(timeout_s: float) -> None:
             "to finish it and attach"
         ) from exc
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _attach(schema, splits: List[str], args: argparse.Namespace) -> Dict[str, Any]:

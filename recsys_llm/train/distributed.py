@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Callable, Optional, Tuple, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -234,16 +234,17 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         torch.cuda.set_device(torch_device)
     chosen_backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        if "LOCAL_WORLD_SIZE" not in os.environ:  # torchrun's, when it launched (setdefault would ask, and warn)
+        set_local_world_size = "LOCAL_WORLD_SIZE" not in os.environ  # torchrun's, when it launched
+        if set_local_world_size:  # (setdefault would ask, and warn)
             os.environ["LOCAL_WORLD_SIZE"] = str(ranks_per_host(world_size))
         # NCCL bound to this rank's GPU: the communicator forms at once, and no collective has to guess
         # the device from the global rank (wrong where a launcher maps ranks to GPUs otherwise)
         bound_device = torch_device if chosen_backend == "nccl" else None
-        global _excepthook_before_group
-        _excepthook_before_group = sys.excepthook
-        dist.init_process_group(backend=chosen_backend, rank=rank, world_size=world_size,
-                                store=_rendezvous_store(rank, world_size), timeout=_collective_timeout(),
-                                device_id=bound_device)
+        start_process_group(backend=chosen_backend, rank=rank, world_size=world_size,
+                            store=_rendezvous_store(rank, world_size), timeout=_collective_timeout(),
+                            device_id=bound_device)
+        if set_local_world_size:
+            _started.set_env.append("LOCAL_WORLD_SIZE")
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         existing = str(dist.get_backend())
@@ -251,41 +252,69 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
             raise ValueError(
                 f"this process already has a process group of backend {existing!r} (an earlier run's in the same "
                 f"process, or the caller's), but this one computes on {torch_device.type} and needs "
-                f"{chosen_backend!r}: call recsys_llm.train.distributed.leave_process_group() before it, or run it "
-                "in a new process"
+                f"{chosen_backend!r}: call recsys_llm.train.distributed.leave_process_group() (an earlier run's) or "
+                "torch.distributed.destroy_process_group() (your own) before it, or run it in a new process"
             )
         chosen_backend = existing
     return DistContext(rank, world_size, local_rank, torch_device, chosen_backend)
 
 
-# sys.excepthook before init_distributed's init_process_group wrapped it to prefix tracebacks with "[rank<N>]: ":
-# put back when the group goes, or each process group of a process that runs several (the CLI called in-process
-# by a script, a notebook) would add a prefix more
-_excepthook_before_group: Optional[Callable[..., object]] = None
+@dataclasses.dataclass
+class _StartedGroup:
+    """The default process group this module started (:func:`start_process_group`), and what starting it changed
+    in the process, put back when it goes: a program running several jobs (the CLI called in-process, a notebook, a
+    search loop) keeps its own state, and a group of its own is never ended here."""
+
+    group: Optional[object] = None
+    # torch's init_process_group wraps sys.excepthook to prefix tracebacks with "[rank<N>]: " and never unwraps it:
+    # each group of such a process would add a prefix more
+    excepthook: Optional[Callable[..., object]] = None
+    set_env: List[str] = dataclasses.field(default_factory=list)  # variables init_distributed set (no launcher did)
 
 
-def _put_back_excepthook() -> None:
-    global _excepthook_before_group
-    if _excepthook_before_group is not None:
-        sys.excepthook, _excepthook_before_group = _excepthook_before_group, None
+_started = _StartedGroup()
+
+
+def start_process_group(**init_kwargs: Any) -> None:
+    """``torch.distributed.init_process_group(**init_kwargs)``, the group recorded as this module's own:
+    :func:`teardown_distributed` and :func:`leave_process_group` end it, and no group they did not start."""
+    global _started
+    excepthook = sys.excepthook
+    dist.init_process_group(**init_kwargs)
+    _started = _StartedGroup(group=dist.group.WORLD, excepthook=excepthook)
+
+
+def _started_here() -> bool:
+    """Whether the default process group is the one :func:`start_process_group` started."""
+    return dist.is_initialized() and _started.group is not None and dist.group.WORLD is _started.group
+
+
+def _forget_started_group() -> None:
+    """Puts back what starting the group changed (the excepthook, the variables init_distributed set)."""
+    global _started
+    if _started.excepthook is not None:
+        sys.excepthook = _started.excepthook
+    for name in _started.set_env:
+        os.environ.pop(name, None)
+    _started = _StartedGroup()
 
 
 def teardown_distributed() -> None:
-    """Destroys the default process group if one exists."""
-    if dist.is_initialized():
+    """Destroys the default process group if this module started it (a group the caller made stays)."""
+    if _started_here():
         dist.barrier()
         dist.destroy_process_group()
-        _put_back_excepthook()
+        _forget_started_group()
 
 
 def leave_process_group() -> None:
-    """Destroys the default process group, if any, without waiting for the other ranks: after an
-    error, which they may never reach. A process that exits with a live gloo group can abort in
+    """Destroys the default process group this module started, if any, without waiting for the other ranks: after
+    an error, which they may never reach. A process that exits with a live gloo group can abort in
     the group's destructor ("terminate called without an active exception", exit code 134)
-    instead of exiting with its own code."""
-    if dist.is_initialized():
+    instead of exiting with its own code. A group the caller made stays."""
+    if _started_here():
         dist.destroy_process_group()
-        _put_back_excepthook()
+        _forget_started_group()
 
 
 _host_group: "Optional[tuple]" = None  # (the default group it was made for, the gloo group)

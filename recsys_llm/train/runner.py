@@ -71,6 +71,7 @@ from recsys_llm.train.distributed import (
     all_ranks_true,
     barrier,
     init_distributed,
+    leave_process_group,
     run_on_every_rank,
     sum_over_ranks,
 )
@@ -226,7 +227,19 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         Dict[str, Any]: ``{"valid": best validation metrics, "test": test metrics (with
         ``cold/*``), "best_step", "global_step", "epochs", "samples_per_second", "world_size",
         "stopped_early", "run_dir"}``.
+
+    It starts a process group when the process has none (ended by ``teardown_distributed``; a run that fails ends
+    it), seeds the global random generators with ``train.seed`` and, with ``train.flush_denormal``, flushes
+    subnormal floats process-wide: ``recsys_llm.cli.main`` puts the caller's generators and float mode back.
     """
+    try:
+        return _run_training(config, on_step)
+    except BaseException:
+        leave_process_group()  # one this module started: a search loop's next trial starts as a new process would
+        raise
+
+
+def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict[str, Any]:
     set_cpu_float_mode(config.train)
     ctx = init_distributed(config.train.device)
     seed_everything(config.train.seed)

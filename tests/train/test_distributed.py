@@ -198,7 +198,8 @@ def test_a_group_of_another_backend_in_the_process_is_refused_not_reused() -> No
     refusal, backend = done.stdout.strip().splitlines()
     assert refusal == ("this process already has a process group of backend 'gloo' (an earlier run's in the same "
                        "process, or the caller's), but this one computes on cpu and needs 'nccl': call "
-                       "recsys_llm.train.distributed.leave_process_group() before it, or run it in a new process")
+                       "recsys_llm.train.distributed.leave_process_group() (an earlier run's) or "
+                       "torch.distributed.destroy_process_group() (your own) before it, or run it in a new process")
     assert backend == "gloo"
 
 
