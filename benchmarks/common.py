@@ -439,8 +439,8 @@ def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: 
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     names = list(contenders)
     results: Dict[str, List[float]] = {name: [] for name in names}
-    bar = tqdm(total=repeats * len(names), desc=description, unit="measurement", leave=False, disable=not is_rank_zero(),
-               **bar_options())
+    bar = tqdm(total=repeats * len(names), desc=description, unit="measurement", leave=False,
+               disable=not is_rank_zero(), **bar_options())
     count = len(names)
     first = [0]  # 0, 1, n-1, 2, n-2, ...: consecutive differences +1, -2, +3, ... (mod n)
     low, high = 1, count - 1

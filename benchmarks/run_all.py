@@ -26,10 +26,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -77,8 +76,8 @@ SKIPPED = "skipped (what it compares with is not installed here)"
 
 def run_one(name: str, mode: str, device: str, results_dir: Path, timeout_s: int,
             bench_dir: Path = BENCH_DIR) -> Dict[str, Any]:
-    """Runs one script in a subprocess, its stderr (progress, warnings) passed on as it comes; returns its name,
-    status and wall time."""
+    """Runs one script in a subprocess, its stderr (progress, warnings) this process's own, so its bars show as it
+    runs (redrawn on a terminal, a line each in a log); returns its name, status and wall time."""
     command = [sys.executable, str(bench_dir / f"{name}.py")]
     if mode != "full":
         command.append(f"--{mode}")
@@ -88,41 +87,22 @@ def run_one(name: str, mode: str, device: str, results_dir: Path, timeout_s: int
     start = time.perf_counter()
     # a session of its own: a timeout stops the ranks and peer processes the script started too, which
     # would otherwise run on and slow down the benchmarks measured after it
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    stdout: List[str] = []
-    readers = [_pump(process.stdout, stdout, echo=False), _pump(process.stderr, [], echo=True)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        process.wait(timeout=timeout_s)
+        stdout, _ = process.communicate(timeout=timeout_s)
         status = ("ok" if process.returncode == 0 else SKIPPED if process.returncode == SKIP_EXIT
                   else f"failed (exit {process.returncode})")
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stdout, _ = process.communicate()
         status = f"timed out after {timeout_s} s"
-    for reader in readers:
-        reader.join()
     seconds = time.perf_counter() - start
     # the one-line summary ends with "(mode=..., device=...)"; other "[name]" lines are progress or warnings
-    summary = [line for line in stdout if line.startswith(f"[{name}]") and "(mode=" in line]
-    print(summary[-1].rstrip("\n") if summary else f"[run_all] {name}: {status}", flush=True)
-    if status not in ("ok", SKIPPED) and stdout:  # its stderr was passed on already
-        print("".join(stdout[-30:]).rstrip("\n"), file=sys.stderr, flush=True)
+    summary = [line for line in stdout.splitlines() if line.startswith(f"[{name}]") and "(mode=" in line]
+    print(summary[-1] if summary else f"[run_all] {name}: {status}", flush=True)
+    if status not in ("ok", SKIPPED) and stdout.strip():  # its stderr is shown already
+        print("\n".join(stdout.splitlines()[-30:]), file=sys.stderr, flush=True)
     return {"name": name, "status": status, "seconds": round(seconds, 1)}
-
-
-def _pump(stream: IO[str], lines: List[str], echo: bool) -> threading.Thread:
-    """A thread that reads ``stream`` to its end into ``lines``, each also written to stderr with ``echo``."""
-    def read() -> None:
-        for line in stream:
-            lines.append(line)
-            if echo:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    return thread
 
 
 # ---- README generation ---------------------------------------------------------------------------

@@ -696,7 +696,7 @@ def test_run_all_timeout_stops_the_processes_a_benchmark_started(tmp_path: Path)
         pytest.fail(f"process {pid} started by the benchmark still runs after its timeout")
 
 
-def test_run_all_reports_a_benchmark_whose_peer_is_missing_skipped_not_failed(tmp_path: Path, capsys) -> None:
+def test_run_all_reports_a_benchmark_whose_peer_is_missing_skipped_not_failed(tmp_path: Path, capfd) -> None:
     """`make bench` without the registry (no peer venv) ended in a make error, though every other result was
     written: peers.py exited 2, argparse's code, and run_all counted it failed."""
     (tmp_path / "needs_peer.py").write_text(f"import sys\nprint('make it: bash scripts/peer_venv.sh', file=sys.stderr)\n"
@@ -704,13 +704,13 @@ def test_run_all_reports_a_benchmark_whose_peer_is_missing_skipped_not_failed(tm
     (tmp_path / "broken.py").write_text("raise SystemExit(3)\n")
     assert run_all.run_one("needs_peer", "quick", "cpu", tmp_path, timeout_s=60, bench_dir=tmp_path)["status"] == (
         run_all.SKIPPED)
-    assert "bash scripts/peer_venv.sh" in capsys.readouterr().err
+    assert "bash scripts/peer_venv.sh" in capfd.readouterr().err
     assert run_all.run_one("broken", "quick", "cpu", tmp_path, timeout_s=60, bench_dir=tmp_path)["status"] == (
         "failed (exit 3)")
     assert peers.MISSING_PEER_EXIT == run_all.SKIP_EXIT
 
 
-def test_run_all_passes_a_benchmarks_progress_on_while_it_runs(tmp_path: Path, capsys) -> None:
+def test_run_all_passes_a_benchmarks_progress_on_while_it_runs(tmp_path: Path, capfd) -> None:
     """run_all kept a script's output until it ended: minutes of silence per benchmark, its progress thrown away."""
     import threading
     import time
@@ -728,14 +728,14 @@ def test_run_all_passes_a_benchmarks_progress_on_while_it_runs(tmp_path: Path, c
     runner.start()
     seen = ""
     for _ in range(400):
-        seen += capsys.readouterr().err
+        seen += capfd.readouterr().err
         if "measuring: 1/3" in seen:
             break
         time.sleep(0.05)
     go.touch()
     runner.join()
     assert "measuring: 1/3" in seen  # before the script went on
-    assert result["status"] == "ok" and "[waits] ratio=1 (mode=quick, device=cpu)" in capsys.readouterr().out
+    assert result["status"] == "ok" and "[waits] ratio=1 (mode=quick, device=cpu)" in capfd.readouterr().out
 
 
 def test_run_all_ends_well_when_the_only_other_status_is_a_skip(tmp_path: Path, monkeypatch) -> None:

@@ -205,9 +205,11 @@ def _next_step(args: argparse.Namespace) -> str:
     """One line on what the export holds and how training reads it (entity vectors) or the rows get it (row
     vectors, exported without ``--attach-dir``)."""
     from recsys_llm.semantics.vector_export import read_manifest
+    from recsys_llm.semantics.vector_reader import vector_dim
 
     manifest = read_manifest(args.output_dir)
-    rows, dim = manifest.get("num_rows"), manifest["provenance"].get("dim")
+    # the chunks' width: the provenance's dim is the encoder's, before a --projection
+    rows, dim = manifest.get("num_rows"), vector_dim(args.output_dir)
     if args.granularity == "entity":
         return (f"semantics export: {rows} {args.entity_field} vectors of {dim} dims in {args.output_dir}; a gain "
                 f"network reads them with elec.task=gain elec.vector_source=entity_table elec.vector_dim={dim} "

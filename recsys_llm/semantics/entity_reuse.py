@@ -31,7 +31,10 @@ def reused_from_record(directory: str) -> str:
     Raises:
         ValueError: ``directory`` holds no finished export (naming it), or a row export.
     """
-    manifest = read_manifest(directory)
+    try:
+        manifest = read_manifest(directory)
+    except (FileNotFoundError, ValueError) as error:  # named as the option: the output directory is fine
+        raise type(error)(f"--reuse {error}") from error
     if manifest["provenance"].get("granularity") != "entity":
         raise ValueError(f"--reuse {directory}: an export of {manifest['provenance'].get('granularity')!r} "
                          "granularity; expected an entity export (--granularity entity) of an earlier day")
@@ -68,6 +71,12 @@ def reused_vectors(directory: str, provenance: Dict[str, str], schema: DatasetSc
             f"{schema.root} ({schema.other_ids_cause()}), so its vectors would land on other entities' ids; reuse "
             "an export of an earlier day of this data (prepared --like it), or export without --reuse")
     lookup = ExportLookup(directory, manifest, cache_bytes)
+    recorded_keys = manifest.get("keys_sha256")
+    if recorded_keys is not None and lookup.keys_sha256() != recorded_keys:  # the keys the chunks hold now
+        raise ProvenanceError(
+            f"--reuse {directory}: its chunks hold other keys than its manifest records (keys_sha256 "
+            f"{lookup.keys_sha256()}, recorded {recorded_keys}: chunks replaced or edited), so its vectors may land "
+            "on other entities' ids; reuse an export as it was written, or export without --reuse")
 
     def vectors_of(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         positions = lookup.positions(keys)

@@ -23,6 +23,7 @@ from recsys_llm.semantics.vector_export import (
     ProvenanceError,
     check_provenance,
     chunk_path,
+    keys_sha256,
     read_manifest,
     repeated_in_sorted,
     repeated_keys_error,
@@ -42,20 +43,26 @@ def attached_vectors_provenance(split_files: Sequence[str], column: str) -> Opti
     or by other means).
 
     Raises:
-        ValueError: the split's files record vectors of different exports (days attached with different adapted
-            LLMs, gathered in one directory), naming two such files and what differs.
+        ProvenanceError: the split's files record vectors of different exports (days attached with different
+            adapted LLMs, gathered in one directory) or one records none, naming two such files and what differs.
     """
     records = [(path, _attached_vectors_record(path, column)) for path in split_files]
     for path, record in records[1:]:
-        if record != records[0][1]:
-            first_path, first = records[0]
-            differing = sorted(key for key in set(first or {}) | set(record or {})
-                               if (first or {}).get(key) != (record or {}).get(key))
-            raise ValueError(
-                f"{path}: its {column!r} vectors are of another export than {first_path}'s (differing: "
-                f"{', '.join(differing)}); a model would read vectors of two adapted LLMs as one. Attach every file "
-                "of the split from the same export (semantics export --attach-dir)"
+        first_path, first = records[0]
+        if (first is None) != (record is None):  # one file records its vectors' export, the other none
+            recorded, bare = (first_path, path) if record is None else (path, first_path)
+            raise ProvenanceError(
+                f"{bare}: records no provenance of its {column!r} vectors (attached by an earlier version, or by "
+                f"other means), while {recorded} does: they cannot be told to come from the same adapted LLM. "
+                "Attach every file of the split from the same export (semantics export --attach-dir)"
             )
+        try:  # where the base model lay is only a name where both record the same files
+            check_provenance(record or {}, first or {}, path, complete=True)
+        except ProvenanceError as error:
+            raise ProvenanceError(
+                f"{error}, which {first_path} records: a model would read vectors of two adapted LLMs as one. "
+                "Attach every file of the split from the same export (semantics export --attach-dir)"
+            ) from error
     return records[0][1] if records else None
 
 
@@ -353,6 +360,12 @@ class ExportLookup:
         self._order = np.argsort(all_keys, kind="stable")
         self._sorted_keys = all_keys[self._order]
         require_unique_keys(self._sorted_keys, f"{directory}: key column {key_column!r}", is_sorted=True)
+
+    def keys_sha256(self) -> str:
+        """The hash of the chunks' keys in export order, as the manifest's ``keys_sha256`` records them."""
+        in_order = np.empty_like(self._sorted_keys)
+        in_order[self._order] = self._sorted_keys
+        return keys_sha256(in_order)
 
     def positions(self, keys: np.ndarray) -> np.ndarray:
         """Export position (N,) of each key; -1 where the export has no vector for it."""

@@ -108,3 +108,20 @@ def test_reuse_is_refused_for_row_exports_before_the_llm_loads(tmp_path, capsys)
                           str(tmp_path / "missing")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "v2")
+
+
+def test_an_export_whose_chunks_hold_other_keys_than_its_manifest_is_not_reused(tmp_path) -> None:
+    """A chunk replaced or edited (its keys reordered) would put its vectors on other ids, in an export whose
+    manifest then records them as this LLM's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    days = grown_days(str(tmp_path))
+    _export(days["day1"], str(tmp_path / "v1"), list(days["day1"].splits), _CountingEncoder(0.0))
+    path = os.path.join(str(tmp_path / "v1"), "chunk-00000.parquet")
+    table = pq.read_table(path)
+    keys = table.column("key").to_numpy()[::-1].copy()
+    pq.write_table(table.set_column(0, "key", pa.array(keys)).replace_schema_metadata(table.schema.metadata), path)
+    with pytest.raises(ProvenanceError, match=r"^--reuse .*v1: its chunks hold other keys than its manifest records"):
+        _export(days["day2"], str(tmp_path / "v2"), _earlier_days_then_train(str(tmp_path)), _CountingEncoder(5.0),
+                str(tmp_path / "v1"))

@@ -357,10 +357,10 @@ def test_a_split_directory_of_days_attached_by_two_adapted_llms_is_refused(adapt
     assert one_export is not None and one_export["column"] == "llm_vector"
     with pytest.raises(ValueError) as refusal:
         attached_vectors_provenance(parquet_files(str(days)), "llm_vector")
-    assert str(refusal.value).startswith(
-        f"{days / 'day2.parquet'}: its 'llm_vector' vectors are of another export than {days / 'day1.parquet'}'s "
-        "(differing: ")
-    assert "weights_sha256" in str(refusal.value)
+    assert str(refusal.value).startswith(f"{days / 'day2.parquet'}: vectors do not match the expected provenance (")
+    assert "weights_sha256: stored" in str(refusal.value)
+    assert f"which {days / 'day1.parquet'} records: a model would read vectors of two adapted LLMs" in str(
+        refusal.value)
 
 
 def test_adapt_s_note_goes_to_stderr_and_leaves_its_json_alone(adapted, tmp_path, capsys) -> None:
@@ -391,3 +391,35 @@ def test_an_entity_export_reusing_an_earlier_one_gives_the_vectors_of_a_full_exp
     assert set(earlier_keys) < set(keys)
     np.testing.assert_array_equal(keys, full_keys)
     np.testing.assert_allclose(vectors, full_vectors, rtol=0, atol=1e-6)
+
+
+def test_a_split_of_days_attached_with_the_base_model_moved_passes_and_one_without_a_record_is_named(tmp_path) -> None:
+    """The files of a split are of one export where their records differ in where the base model lay alone (the same
+    files, ``revision``: moved between days); a file recording nothing beside one that records is named as such."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys_llm.semantics.vector_reader import ROW_VECTORS_METADATA_KEY, attached_vectors_provenance
+
+    record = {"column": "llm_vector", "model": "models/bert", "revision": "r1", "weights_sha256": "w"}
+
+    def write(name: str, provenance) -> str:
+        table = pa.table({"x": [1]})
+        if provenance is not None:
+            table = table.replace_schema_metadata({ROW_VECTORS_METADATA_KEY: json.dumps(provenance).encode()})
+        path = str(tmp_path / name)
+        pq.write_table(table, path)
+        return path
+
+    day1 = write("day1.parquet", record)
+    moved = write("day2.parquet", dict(record, model="elsewhere/bert"))
+    assert attached_vectors_provenance([day1, moved], "llm_vector") == record
+    other = write("day3.parquet", dict(record, model="elsewhere/bert", revision="r2"))
+    with pytest.raises(ValueError, match=r"model: stored .*; revision: stored .r2., expected .r1."):
+        attached_vectors_provenance([day1, other], "llm_vector")
+    bare = write("day0.parquet", None)
+    with pytest.raises(ValueError) as refusal:
+        attached_vectors_provenance([bare, day1], "llm_vector")
+    assert str(refusal.value).startswith(f"{bare}: records no provenance of its 'llm_vector' vectors")
