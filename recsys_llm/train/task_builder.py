@@ -329,11 +329,10 @@ def entity_vector_gaps(built: BuiltTask, schema: DatasetSchema) -> List[str]:
             exported_ids = json.loads(recorded).get("ids") if recorded else None
             if exported_ids is not None and exported_ids < len(ids) + 1:  # an earlier day's export (+1: id 0)
                 way = (f"it was exported from data of {exported_ids} ids, before the vocabulary grew to "
-                       f"{len(ids) + 1} (an earlier day's export): export the entities again from {schema.root} "
-                       f"(`semantics export --schema {schema.root} --granularity entity --entity-field {field} "
-                       "--splits` "
-                       f"with the earlier days' files first, then train; `--reuse {directory}` encodes the new ids "
-                       "alone) into a new --output-dir")
+                       f"{len(ids) + 1} (an earlier day's export): export the day's entities with its adapted LLM, "
+                       f"`semantics export --schema {schema.root} --llm ADAPTED_LLM --granularity entity "
+                       f"--entity-field {field} --splits EARLIER_DAYS_FILES... train --reuse {directory} "
+                       "--output-dir NEW_DIR` (--reuse encodes the new ids alone)")
             else:
                 way = ("`semantics export` covers the ids of the splits it reads: to cover them, add the data they "
                        "appear in to --splits (Parquet files of the same ids, e.g. an earlier day's: --splits "

@@ -100,7 +100,7 @@ def test_an_earlier_days_export_on_a_grown_vocabulary_is_named_as_such(tmp_path)
     days = _days(str(tmp_path))
     day1 = _export(days["day1"], str(tmp_path / "v1"), ["train", "valid", "test"])
     [gap] = entity_vector_gaps(_built(day1), days["day2"])
-    assert "an earlier day's export" in gap and f"--schema {days['day2'].root}" in gap and "new --output-dir" in gap
+    assert "an earlier day's export" in gap and f"--schema {days['day2'].root}" in gap and "--reuse" in gap
 
 
 def test_ids_without_vector_reads_every_chunk(tmp_path) -> None:
