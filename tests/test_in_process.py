@@ -60,6 +60,20 @@ try:
 except Exception:
     pass
 print("no group left by a failed run:", not dist.is_initialized())
+
+from recsys_llm.train.distributed import init_distributed, teardown_distributed
+
+init_distributed("cpu")  # a program's group, started as the examples start theirs
+started = dist.group.WORLD
+assert main(train + [f"train.run_dir={work}/run4"]) == 0
+assert main(train + [f"train.run_dir={work}/run5", "data.valid_split=/nope"]) == 2
+try:
+    run_training(bad)
+except Exception:
+    pass
+print("a program's group kept by main:", dist.is_initialized() and dist.group.WORLD is started)
+teardown_distributed()
+print("and ended by its teardown:", not dist.is_initialized())
 """
 
 
@@ -72,6 +86,8 @@ def test_jobs_run_in_a_program_leave_its_state_as_it_was(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    checks = [line for line in done.stdout.splitlines() if line.startswith(("after main:", "own group", "no group"))]
+    checks = [line for line in done.stdout.splitlines()
+              if line.startswith(("after main:", "own group", "no group", "a program's", "and ended"))]
     assert checks == ["after main: True ", "own group kept by main: True", "own group kept by a failed run: True",
-                      "no group left by a failed run: True"]
+                      "no group left by a failed run: True", "a program's group kept by main: True",
+                      "and ended by its teardown: True"]

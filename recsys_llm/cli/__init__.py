@@ -374,6 +374,17 @@ def keep_callers_process_state() -> Callable[[], None]:
     return restore
 
 
+def _leave_callers_group_be() -> Callable[[], None]:
+    """:func:`recsys_llm.train.distributed.leave_existing_group_be` where torch is loaded and a group exists (a
+    program's that calls ``main``); nothing to keep otherwise (no torch import for a command that needs none)."""
+    torch_distributed = sys.modules.get("torch.distributed")
+    if torch_distributed is None or not torch_distributed.is_initialized():
+        return lambda: None
+    from recsys_llm.train.distributed import leave_existing_group_be
+
+    return leave_existing_group_be()
+
+
 def _command_environment() -> Dict[str, str]:
     """The environment variables a command runs with that are not set already."""
     added = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -448,6 +459,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
     restore_notices = quiet_upstream_notices()
     restore_sigterm = exit_on_sigterm()
     restore_process_state = keep_callers_process_state()
+    give_back_group = _leave_callers_group_be()
     caller_format = warnings.formatwarning  # put back at the end: a program calling main() keeps its own
     warnings.formatwarning = project_warning_format(command, caller_format)
     try:
@@ -491,6 +503,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
             from recsys_llm.train.distributed import leave_process_group
 
             leave_process_group()
+        give_back_group()
         restore_process_state()  # the caller's RNGs, subnormal mode and default dtype
         restore_sigterm()  # the calling program's own handler again, as its warning format
         restore_notices()

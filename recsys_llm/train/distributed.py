@@ -299,6 +299,24 @@ def _forget_started_group() -> None:
     _started = _StartedGroup()
 
 
+def leave_existing_group_be() -> Callable[[], None]:
+    """Until the returned function is called, :func:`teardown_distributed` and :func:`leave_process_group` leave
+    the process group that exists now as it is, even one this module started: a command run inside a program's
+    group (``recsys_llm.cli.main`` called by the examples, the demo, a job of one's own) ends only a group it starts
+    itself. The returned function gives the group back to this module where it still stands."""
+    global _started
+    if not dist.is_initialized():
+        return lambda: None
+    kept, _started = _started, _StartedGroup()
+
+    def give_back() -> None:
+        global _started
+        if kept.group is not None and dist.is_initialized() and dist.group.WORLD is kept.group:
+            _started = kept
+
+    return give_back
+
+
 def teardown_distributed() -> None:
     """Destroys the default process group if this module started it (a group the caller made stays)."""
     if _started_here():

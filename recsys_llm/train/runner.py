@@ -71,6 +71,7 @@ from recsys_llm.train.distributed import (
     all_ranks_true,
     barrier,
     init_distributed,
+    leave_existing_group_be,
     leave_process_group,
     run_on_every_rank,
     sum_over_ranks,
@@ -229,14 +230,18 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         "stopped_early", "run_dir"}``.
 
     It starts a process group when the process has none (ended by ``teardown_distributed``; a run that fails ends
-    it), seeds the global random generators with ``train.seed`` and, with ``train.flush_denormal``, flushes
-    subnormal floats process-wide: ``recsys_llm.cli.main`` puts the caller's generators and float mode back.
+    it, and leaves one that was there before it as it was), seeds the global random generators with
+    ``train.seed`` and, with ``train.flush_denormal``, flushes subnormal floats process-wide:
+    ``recsys_llm.cli.main`` puts the caller's generators and float mode back.
     """
+    give_back_group = leave_existing_group_be()
     try:
         return _run_training(config, on_step)
     except BaseException:
-        leave_process_group()  # one this module started: a search loop's next trial starts as a new process would
+        leave_process_group()  # the one it started: a search loop's next trial starts as a new process would
         raise
+    finally:
+        give_back_group()
 
 
 def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict[str, Any]:
