@@ -325,13 +325,21 @@ def entity_vector_gaps(built: BuiltTask, schema: DatasetSchema) -> List[str]:
         missing = ids_without_vector(directory, ids)
         if len(missing):
             shown = ", ".join(str(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
-            recorded = read_manifest(directory)["provenance"].get("vocabulary")
+            provenance = read_manifest(directory)["provenance"]
+            recorded = provenance.get("vocabulary")
+            # the settings --reuse compares that differ from the defaults (a command without them is refused)
+            settings = "".join(f" --{option} {provenance[option]}" for option, default in
+                               (("output", "representation"), ("dtype", "float32"))
+                               if provenance.get(option, default) != default)
+            text_fields = provenance.get("entity_fields", field).split(",")
+            settings += f" --entity-fields {' '.join(text_fields)}" if text_fields != [field] else ""
+            settings += " --projection PROJECTION_FILE" if provenance.get("projection", "none") != "none" else ""
             exported_ids = json.loads(recorded).get("ids") if recorded else None
             if exported_ids is not None and exported_ids < len(ids) + 1:  # an earlier day's export (+1: id 0)
                 way = (f"it was exported from data of {exported_ids} ids, before the vocabulary grew to "
                        f"{len(ids) + 1} (an earlier day's export): export the day's entities with its adapted LLM, "
                        f"`semantics export --schema {schema.root} --llm ADAPTED_LLM --granularity entity "
-                       f"--entity-field {field} --splits EARLIER_DAYS_FILES... train --reuse {directory} "
+                       f"--entity-field {field}{settings} --splits EARLIER_DAYS_FILES... train --reuse {directory} "
                        "--output-dir NEW_DIR` (--reuse encodes the new ids alone)")
             else:
                 way = ("`semantics export` covers the ids of the splits it reads: to cover them, add the data they "

@@ -31,9 +31,9 @@ from recsys_llm.semantics.vector_reader import ids_without_vector
 from recsys_llm.train.task_builder import check_entity_vocabularies, entity_vector_gaps
 from tests.grown_days import SHOP_SCHEMA, clicks_csv, grown_days as _days
 
-def _export(schema: DatasetSchema, out: str, splits: List[str]) -> str:
+def _export(schema: DatasetSchema, out: str, splits: List[str], **provenance: str) -> str:
     export_schema_vectors(schema, splits, RowTextRenderer(schema), lambda texts: torch.ones(len(texts), 4), out,
-                          {"model": "tiny", "revision": "r1", "pooling": "mean"}, VectorExportConfig(),
+                          {"model": "tiny", "revision": "r1", "pooling": "mean", **provenance}, VectorExportConfig(),
                           granularity="entity", entity_field="item", progress=False)
     return out
 
@@ -101,6 +101,10 @@ def test_an_earlier_days_export_on_a_grown_vocabulary_is_named_as_such(tmp_path)
     day1 = _export(days["day1"], str(tmp_path / "v1"), ["train", "valid", "test"])
     [gap] = entity_vector_gaps(_built(day1), days["day2"])
     assert "an earlier day's export" in gap and f"--schema {days['day2'].root}" in gap and "--reuse" in gap
+    assert "--output pooled" not in gap and "--output representation" not in gap  # the default needs none
+    pooled = _export(days["day1"], str(tmp_path / "pooled"), ["train", "valid", "test"], output="pooled")
+    [gap] = entity_vector_gaps(_built(pooled), days["day2"])
+    assert "--entity-field item --output pooled --splits" in gap  # without it, the command given is refused
 
 
 def test_ids_without_vector_reads_every_chunk(tmp_path) -> None:
