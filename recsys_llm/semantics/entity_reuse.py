@@ -13,11 +13,8 @@ from typing import Callable, Dict, Tuple
 import numpy as np
 
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.semantics.vector_export import ProvenanceError, check_provenance, read_manifest
+from recsys_llm.semantics.vector_export import REUSED_KEY, ProvenanceError, check_provenance, read_manifest
 from recsys_llm.semantics.vector_reader import ExportLookup
-
-#: the provenance entry of an export that reused an earlier one: that export's key count and key hash
-REUSED_KEY = "reused_from"
 #: provenance entries that follow the day's data (ids, schema), not what made the vectors
 _DAY_KEYS = ("vocabulary", "schema", REUSED_KEY)
 

@@ -66,6 +66,8 @@ from recsys_llm.progress import bar_options
 from recsys_llm.semantics.vector_projection import load_projection
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
+#: the provenance entry of an entity export that reused an earlier one's vectors (``semantics export --reuse``)
+REUSED_KEY = "reused_from"
 TEXTS_KEY = b"recsys_llm.texts_sha256"  # a chunk's schema metadata: the hash of its texts (texts_sha256)
 # "_" first: pyarrow (pq.read_table of the directory), pandas, Spark and Dask read the chunks beside it and skip it
 MANIFEST = "_manifest.json"
@@ -321,6 +323,14 @@ class VectorExport:
                         "again), which this one cannot resume or reuse: use another --output-dir (or delete this one "
                         "to replace it)"
                     ) from error
+                reused = existing["provenance"].get(REUSED_KEY)
+                if reused != self._provenance.get(REUSED_KEY):
+                    how = ("without --reuse: its finished chunks hold vectors encoded afresh; resume it without "
+                           "--reuse" if reused is None else
+                           f"with --reuse of an export {reused} that this run does not name: its finished chunks "
+                           "hold that export's vectors; resume it with the same --reuse")
+                    raise ProvenanceError(
+                        f"{self._directory}: holds an export begun {how}, or use another --output-dir") from error
                 raise ProvenanceError(
                     f"{error}: it was exported with other settings than this run's; re-run with them to resume "
                     "it, or use another --output-dir"

@@ -89,8 +89,14 @@ def test_an_export_begun_with_reuse_resumes_with_it_only(tmp_path) -> None:
     splits = _earlier_days_then_train(str(tmp_path))
     done = _export(days["day2"], str(tmp_path / "v2"), splits, _CountingEncoder(5.0), str(tmp_path / "v1"))
     os.remove(os.path.join(str(tmp_path / "v2"), "chunk-00002.parquet"))
-    with pytest.raises(ProvenanceError, match=REUSED_KEY):
+    with pytest.raises(ProvenanceError, match=r"v2: holds an export begun with --reuse of an export .* that this run "
+                                              r"does not name: .* resume it with the same --reuse"):
         _export(days["day2"], str(tmp_path / "v2"), splits, _CountingEncoder(5.0))
+    _export(days["day2"], str(tmp_path / "afresh"), splits, _CountingEncoder(5.0), chunk_rows=2)
+    os.remove(os.path.join(str(tmp_path / "afresh"), "chunk-00002.parquet"))
+    with pytest.raises(ProvenanceError, match=r"afresh: holds an export begun without --reuse: .* resume it without "
+                                              r"--reuse, or use another --output-dir"):
+        _export(days["day2"], str(tmp_path / "afresh"), splits, _CountingEncoder(5.0), str(tmp_path / "v1"))
     again = _CountingEncoder(5.0)
     resumed = _export(days["day2"], str(tmp_path / "v2"), splits, again, str(tmp_path / "v1"))
     assert resumed.keys() == done.keys() and all(np.array_equal(resumed[k], done[k]) for k in done)
