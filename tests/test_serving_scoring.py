@@ -119,6 +119,18 @@ def test_synthetic_data_generated_again_with_another_seed_is_refused_naming_its_
     assert score_split(served, DatasetSchema.load(generated_again), "test", progress=False)["rows"] > 0
 
 
+def test_data_prepared_with_other_table_sizes_is_refused_naming_the_fields(exported: Dict[str, str]) -> None:
+    """The same fields hashed into other table sizes (``prepare criteo --hash-size``) read other rows for every id:
+    scored, every row was silently wrong (AUC near 0.5); ``evaluate`` refuses such data too."""
+    schema = DatasetSchema.load(exported["data"])
+    resized = dataclasses.replace(schema, fields=[dataclasses.replace(f, cardinality=f.cardinality * 2)
+                                                  if f.name == "item_id" else f for f in schema.fields])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    with pytest.raises(ValueError, match=r"the artifact's tables do not have the sizes of the data's fields "
+                                         r"\(item_id: \d+ rows, the data's cardinality \d+\)"):
+        score_split(served, resized, "test", progress=False)
+
+
 def test_a_schema_without_the_artifacts_features_is_named(exported: Dict[str, str]) -> None:
     schema = DatasetSchema.load(exported["data"])
     renamed = dataclasses.replace(schema, fields=[dataclasses.replace(f, name="movie_id") if f.name == "item_id" else f

@@ -120,11 +120,25 @@ def criteo_schema(config: CriteoConfig) -> DatasetSchema:
 _COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 
 
+#: leading bytes of the compressed formats, for a compressed file whose name has no suffix
+#: (``day_0`` saved from a ``day_0.gz`` download): read as it is rather than refused as 3 columns of binary
+_MAGIC_CODECS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"))
+
+
+def _codec(path: str) -> Optional[str]:
+    """The compression of the file at ``path``: by its suffix, else by its first bytes; None when plain."""
+    if path.endswith(_COMPRESSED_SUFFIXES):
+        return pa.Codec.detect(path).name
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return next((codec for magic, codec in _MAGIC_CODECS if head.startswith(magic)), None)
+
+
 def _open(path: str, opened: Optional[pa.NativeFile] = None) -> pa.NativeFile:
     """The bytes of the file at ``path`` (read from ``opened``, that file opened, where given), decompressed
-    when its name ends in a compression suffix (as ``pyarrow.csv`` reads it)."""
-    codec = pa.Codec.detect(path).name if path.endswith(_COMPRESSED_SUFFIXES) else None
-    return pa.input_stream(path if opened is None else opened, compression=codec)
+    when its name ends in a compression suffix (as ``pyarrow.csv`` reads it) or its first bytes are a
+    compressed format's."""
+    return pa.input_stream(path if opened is None else opened, compression=_codec(path))
 
 
 def _read(handle: pa.NativeFile, size: int, path: str) -> bytes:

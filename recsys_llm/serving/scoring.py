@@ -33,6 +33,7 @@ from recsys_llm.data.parquet_writer import SplitWriter
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.progress import bar_options
+from recsys_llm.serving.export import rows_per_feature
 from recsys_llm.serving.served_model import ServedModel
 from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN
 from recsys_llm.train.distributed import (
@@ -94,6 +95,15 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
     if expected is None and len(names) != served.num_dense_features:
         raise ValueError(f"{where}: the schema has {len(names)} dense features {names}; the artifact reads "
                          f"{served.num_dense_features}; {hint}")
+    # a field's ids index a table of its cardinality rows: the same data prepared with other sizes (prepare criteo
+    # --hash-size, a schema's cardinality) reads other rows for every id, and would score every row silently wrong
+    fields = {spec.name: spec for spec in schema.categorical_fields}
+    resized = [f"{name}: {rows} rows, the data's cardinality {fields[name].cardinality}"
+               for name, rows in rows_per_feature(served.embedding_bag_collection).items()
+               if name in fields and fields[name].cardinality != rows]
+    if resized:
+        raise ValueError(f"{where}: the artifact's tables do not have the sizes of the data's fields "
+                         f"({'; '.join(resized)}), so its ids would read other rows; {hint}")
     other = schema.changed_vocabularies(served.vocabularies)
     if other:
         cause = schema.other_ids_cause(served.vocabularies)

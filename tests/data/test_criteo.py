@@ -209,6 +209,21 @@ def test_compressed_file_converts_like_the_plain_one(tmp_path, name):
         assert pq.read_table(got.split_path(split)).equals(pq.read_table(expected.split_path(split))), split
 
 
+@pytest.mark.parametrize("codec", ["gzip", "bz2"])
+def test_a_compressed_file_without_its_suffix_is_read_by_its_first_bytes(tmp_path, codec):
+    """``day_0`` saved from a ``day_0.gz`` download: read as it is, not refused as '3 columns' of binary."""
+    import bz2
+    import gzip
+
+    plain = _write(tmp_path / "plain.txt", _lines(60, seed=5))
+    packed = tmp_path / "day_0"
+    packed.write_bytes((gzip.compress if codec == "gzip" else bz2.compress)((tmp_path / "plain.txt").read_bytes()))
+    expected = prepare_criteo(plain, str(tmp_path / "out-plain"), CriteoConfig(hash_size=64))
+    got = prepare_criteo(str(packed), str(tmp_path / "out-packed"), CriteoConfig(hash_size=64, block_bytes=4096))
+    for split in expected.splits:
+        assert pq.read_table(got.split_path(split)).equals(pq.read_table(expected.split_path(split))), split
+
+
 @pytest.mark.parametrize("name", ["day_0.gz", "day_0.bz2"])
 def test_a_compressed_file_cut_short_is_named(tmp_path, name):
     """An interrupted download of a Terabyte day: pyarrow's bare ``OSError: Truncated compressed stream``
