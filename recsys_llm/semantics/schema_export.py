@@ -15,9 +15,10 @@ import torch
 
 from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind, schema_beside
-from recsys_llm.semantics.entity_reuse import REUSED_KEY, reused_from_record, reused_vectors
+from recsys_llm.semantics.entity_reuse import reused_from_record, reused_vectors
 from recsys_llm.semantics.row_text import RowTextRenderer, check_entity_fields
 from recsys_llm.semantics.vector_export import (
+    REUSED_KEY,
     VectorExport,
     VectorExportConfig,
     check_export_dir,

@@ -19,7 +19,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.schema_changes import schema_change_note
 from recsys_llm.data.validation import DataError, check_number
 from recsys_llm.error_text import telling_line
-from recsys_llm.semantics.entity_reuse import REUSED_KEY
+from recsys_llm.semantics.vector_export import REUSED_KEY
 from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig, load_config, schema_json_path
 from recsys_llm.train.distributed import host_group

@@ -11,7 +11,7 @@ import torch
 
 from recsys_llm.cli import main
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.semantics.entity_reuse import REUSED_KEY
+from recsys_llm.semantics.vector_export import REUSED_KEY
 from recsys_llm.semantics.row_text import RowTextRenderer
 from recsys_llm.semantics.schema_export import export_schema_vectors
 from recsys_llm.semantics.vector_export import ProvenanceError, VectorExportConfig, read_manifest
