@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -242,9 +242,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         bound_device = torch_device if chosen_backend == "nccl" else None
         start_process_group(backend=chosen_backend, rank=rank, world_size=world_size,
                             store=_rendezvous_store(rank, world_size), timeout=_collective_timeout(),
-                            device_id=bound_device)
-        if set_local_world_size:
-            _started.set_env.append("LOCAL_WORLD_SIZE")
+                            device_id=bound_device, set_env=["LOCAL_WORLD_SIZE"] if set_local_world_size else [])
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         existing = str(dist.get_backend())
@@ -275,13 +273,14 @@ class _StartedGroup:
 _started = _StartedGroup()
 
 
-def start_process_group(**init_kwargs: Any) -> None:
+def start_process_group(set_env: Sequence[str] = (), **init_kwargs: Any) -> None:
     """``torch.distributed.init_process_group(**init_kwargs)``, the group recorded as this module's own:
-    :func:`teardown_distributed` and :func:`leave_process_group` end it, and no group they did not start."""
+    :func:`teardown_distributed` and :func:`leave_process_group` end it, and no group they did not start;
+    ``set_env``: environment variables the caller set for it, removed with it."""
     global _started
     excepthook = sys.excepthook
     dist.init_process_group(**init_kwargs)
-    _started = _StartedGroup(group=dist.group.WORLD, excepthook=excepthook)
+    _started = _StartedGroup(group=dist.group.WORLD, excepthook=excepthook, set_env=list(set_env))
 
 
 def _started_here() -> bool:
