@@ -33,6 +33,10 @@ never leaves a moment without a complete checkpoint of that step: the old ``ckpt
 renamed ``ckpt-N.prev``, the new one renamed into place, and only then is ``.prev`` removed.
 A kill in between leaves ``ckpt-N.prev``, which loaders take as that step's checkpoint.
 
+A checkpoint of a state another directory already holds (``checkpoints/ckpt-N`` after the validation of step N
+saved ``best/ckpt-N``) hard-links that one's files (``same_state_as``): a checkpoint's files are never changed
+in place, so two names of one file are as safe as two copies, and the model is written once.
+
 Loading never executes code: DCP's ``.metadata`` pickle is read by an unpickler that
 knows only DCP's own metadata classes (plain ``pickle.load`` in DCP's reader would run any
 callable a crafted file names), DCP's non-tensor payloads by a load planner that calls
@@ -87,7 +91,7 @@ from recsys_llm.train.checkpoint_reader import (
     damaged_checkpoint_error,
     require_no_weights_beyond,
 )
-from recsys_llm.train.distributed import barrier, collective_device, host_group
+from recsys_llm.train.distributed import all_ranks_true, barrier, collective_device, host_group
 from recsys_llm.train.sharding import embedding_kernels
 
 PREVIOUS_SUFFIX = ".prev"  # a complete checkpoint set aside while one of the same step replaces it
@@ -414,8 +418,18 @@ class CheckpointManager:
         with open(path, encoding="utf-8") as handle:
             return handle.read().strip()
 
-    def save(self, model: nn.Module, optimizer: CombinedOptimizer, state: TrainState) -> str:
+    def save(self, model: nn.Module, optimizer: CombinedOptimizer, state: TrainState,
+             same_state_as: Optional[str] = None) -> str:
         """Saves a checkpoint (collective: every rank calls it at the same step).
+
+        Args:
+            model (nn.Module): the DMP model.
+            optimizer (CombinedOptimizer): its table and dense optimizers.
+            state (TrainState): where training stands.
+            same_state_as (Optional[str]): a complete checkpoint saved at this step with nothing trained since
+                (``best/``'s of the evaluation just made): where its ``train_state.json`` is the one this save
+                writes, its files are hard-linked here instead of the state being written again (a file system
+                without hard links gets the state written).
 
         Returns:
             str: the final checkpoint directory.
@@ -425,15 +439,28 @@ class CheckpointManager:
         tmp = final + ".tmp"
         if self._before_save is not None:
             self._before_save(final)
+        saved = dataclasses.replace(state, table_optimizer_step=_table_optimizer_step(model))  # collective
         if _rank() == 0:
             os.makedirs(self._directory, exist_ok=True)
             self._remove_leftovers()
             os.makedirs(tmp)
+        linked = same_state_as is not None and all_ranks_true(
+            _rank() != 0 or _linked_if_same_state(same_state_as, tmp, saved))
+        if not linked:
+            self._write(model, optimizer, saved, tmp)
+        if _rank() == 0:
+            _swap_into_place(tmp, final)
+            self._point_latest_at(name)
+            self._prune()
+        barrier()
+        return final
+
+    def _write(self, model: nn.Module, optimizer: CombinedOptimizer, saved: TrainState, tmp: str) -> None:
+        """Writes the checkpoint of ``saved`` into the empty directory ``tmp`` (collective)."""
         barrier()
         try:
             dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp)
             _save_synced(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
-            saved = dataclasses.replace(state, table_optimizer_step=_table_optimizer_step(model))  # collective
             barrier()
             _write_digests(tmp)  # collective: every rank hashes a share of the files
             if _rank() == 0:
@@ -445,12 +472,6 @@ class CheckpointManager:
             if _world_size() == 1:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if _rank() == 0:
-            _swap_into_place(tmp, final)
-            self._point_latest_at(name)
-            self._prune()
-        barrier()
-        return final
 
     def _remove_leftovers(self) -> None:
         """Removes what an interrupted save left: ``.tmp`` and ``.deleting`` directories, the temp
@@ -477,6 +498,27 @@ class CheckpointManager:
             doomed = old + DELETING_SUFFIX
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _linked_if_same_state(source: str, tmp: str, saved: TrainState) -> bool:
+    """Hard-links the files of the complete checkpoint ``source`` into the empty ``tmp`` when ``source`` holds
+    ``saved`` (its ``train_state.json`` reads the same); False, ``tmp`` emptied, where it does not or the file
+    system refuses a link. A checkpoint's files are never changed in place (saves write new directories and
+    rename them), so the two names of a file hold the same bytes for as long as both exist."""
+    try:
+        if not is_complete(source) or read_train_state(source).to_json() != saved.to_json():
+            return False
+        names = os.listdir(source)
+        if not all(os.path.isfile(os.path.join(source, name)) for name in names):
+            return False  # a layout of subdirectories this does not know: written afresh
+        for name in names:
+            os.link(os.path.join(source, name), os.path.join(tmp, name))
+    except (OSError, ValueError):  # EPERM / EXDEV / ENOTSUP where links are refused; an unreadable state
+        for name in os.listdir(tmp):
+            os.remove(os.path.join(tmp, name))
+        return False
+    fsync_directory(tmp)
+    return True
 
 
 def _swap_into_place(tmp: str, final: str) -> None:

@@ -526,7 +526,7 @@ def _train_in_run_dir(
         # and the same weights scored again would count as an evaluation without progress (patience)
         if due and state.validated_step != state.global_step:
             valid = _validate(model, optimizer, readers["valid"], ctx, state, best, log, train_cfg)
-        checkpoints.save(model, optimizer, state)
+        checkpoints.save(model, optimizer, state, same_state_as=best.latest())  # links a best/ one just saved
         if ctx.is_main and train_cfg.progress and (stats is not None and stats.steps or valid is not None):
             print(epoch_line(epoch, stats, ctx.world_size, valid, state, train_cfg), file=sys.stderr, flush=True)
     _complete_final_saves(model, optimizer, state, checkpoints, best)
@@ -593,7 +593,7 @@ def _complete_final_saves(
     """
     # one answer for all ranks (the save is collective): a shared file system may show them different states
     if not all_ranks_true(checkpoints.holds_step(state.global_step)):
-        checkpoints.save(model, optimizer, state)
+        checkpoints.save(model, optimizer, state, same_state_as=best.latest())
     checkpoints.complete_interrupted_save()
     best.complete_interrupted_save()
 

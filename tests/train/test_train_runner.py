@@ -438,6 +438,8 @@ def test_a_finished_run_run_again_on_other_ranks_keeps_its_plan_and_the_ranks_it
         assert handle.read() == plan
     assert again["world_size"] == trained[0]["world_size"] == 2
     assert again["samples_per_second"] == trained[0]["samples_per_second"]
+    assert trained[0]["best_step"] == trained[0]["global_step"]  # one epoch: its state saved once, on both ranks
+    assert _final_checkpoint_linked_to_best(run_dir, trained[0]["global_step"])
 
 
 @pytest.mark.parametrize(
@@ -583,6 +585,14 @@ def _saved_files(run_dir: str) -> Dict[str, str]:
     return found
 
 
+def _final_checkpoint_linked_to_best(run_dir: str, global_step: int) -> bool:
+    """Whether ``checkpoints/ckpt-N`` holds ``best/ckpt-N``'s files, hard-linked, not written a second time."""
+    name = f"ckpt-{global_step:08d}"
+    best, last = os.path.join(run_dir, "best", name), os.path.join(run_dir, "checkpoints", name)
+    return sorted(os.listdir(best)) == sorted(os.listdir(last)) and all(
+        os.path.samefile(os.path.join(best, file), os.path.join(last, file)) for file in os.listdir(best))
+
+
 def _kill_in_the_final_saves(schema_dir: str, root: str) -> Dict[str, Any]:
     steps_per_epoch = len(ParquetBatchReader(DatasetSchema.load(schema_dir), "train", 1024))
     # checkpoints/ holds a mid-epoch checkpoint before the final one, and none mid-epoch at the final step
@@ -608,8 +618,10 @@ def test_a_run_killed_in_its_final_saves_resumes_to_the_run_directory_of_an_unin
     straight, files = out["straight"], out["straight_files"]
     assert straight["best_step"] == straight["global_step"]  # the last validation saves best/ckpt-N
     assert sum(path.startswith("best/ckpt-") for path in files) > 0
+    assert _final_checkpoint_linked_to_best(straight["run_dir"], straight["global_step"])
     for directory, after_rename in FINAL_SAVE_KILLS:
         run = out[os.path.join(str(tmp_path), f"{directory}-{after_rename}")]
+        assert _final_checkpoint_linked_to_best(run["results"]["run_dir"], straight["global_step"])
         assert run["left"] != files, (directory, after_rename)  # the kill left the run directory behind
         assert run["files"] == files, (directory, after_rename)  # the same checkpoints, latest files, pruning
         results = run["results"]
