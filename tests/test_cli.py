@@ -987,3 +987,31 @@ def test_python_dash_m_runs_the_command(module: str) -> None:
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "usage: recsys-llm" in done.stdout and "train" in done.stdout
+
+
+def test_a_jupyter_kernel_gets_redrawn_bars_not_log_lines(monkeypatch) -> None:
+    """ipykernel's stderr is no TTY, yet a notebook applies carriage returns as a terminal does: treated as a log,
+    every training, valid and test bar left its first "0%" line in the cell (leave=False bars never ended it) and
+    updated only every 30 s."""
+    for key in (PROGRESS_INTERVAL_ENV, "TQDM_MAXINTERVAL", "HF_HUB_OFFLINE", "RECSYS_LLM_PROGRESS_LINES"):
+        monkeypatch.delenv(key, raising=False)
+    kernel_stream = type("OutStream", (), {"__module__": "ipykernel.iostream", "isatty": lambda self: False,
+                                           "write": lambda self, text: len(text), "flush": lambda self: None})
+    monkeypatch.setattr(sys, "stderr", kernel_stream())
+    seen = _environment_inside_a_command(monkeypatch)
+    assert seen["RECSYS_LLM_PROGRESS_LINES"] is None
+    assert seen[PROGRESS_INTERVAL_ENV] is None
+    assert seen["HF_HUB_OFFLINE"] == "1"
+
+
+def test_no_module_draws_notebook_widget_bars() -> None:
+    """``tqdm.auto`` in a Jupyter kernel draws ipywidgets bars where ipywidgets exist, which ignore
+    ``bar_options``' file and differ from every other bar of the package (``tqdm.tqdm``); without ipywidgets
+    it falls back to tqdm's own after a TqdmWarning: every bar of the package is tqdm's own."""
+    import recsys_llm
+
+    package = os.path.dirname(recsys_llm.__file__)
+    widget_bars = [os.path.relpath(os.path.join(root, name), package)
+                   for root, _, names in os.walk(package) for name in names if name.endswith(".py")
+                   if re.search(r"tqdm\.(auto|notebook|autonotebook)", open(os.path.join(root, name)).read())]
+    assert widget_bars == []

@@ -385,12 +385,27 @@ def _leave_callers_group_be() -> Callable[[], None]:
     return leave_existing_group_be()
 
 
+def _stderr_redraws_bars() -> bool:
+    """Whether ``sys.stderr`` shows a tqdm bar redrawn in place: a terminal, or a Jupyter kernel's output stream
+    (ipykernel's ``OutStream`` is no TTY, but the notebook applies the carriage returns, as a terminal does; as a
+    log it left each bar's first "0%" line, and nothing else until 30 s had passed)."""
+    stream = sys.stderr
+    if stream is None:
+        return False
+    if type(stream).__module__.split(".")[0] == "ipykernel":
+        return True
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or file-like stream without isatty
+        return False
+
+
 def _command_environment() -> Dict[str, str]:
     """The environment variables a command runs with that are not set already."""
     added = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if _launch_number("RANK", 0) > 0:  # torchrun: rank 0 alone draws bars on the shared terminal
         added["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' "Loading weights", per rank
-    if not sys.stderr.isatty():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
+    if not _stderr_redraws_bars():  # a log file (torchx, Slurm): a progress line every 30 s, not 10 a second
         added[PROGRESS_INTERVAL_ENV] = os.environ.get(PROGRESS_INTERVAL_ENV, "30")
         # tqdm's monitor forces a refresh after maxinterval (10 s) without one: no sooner than the interval
         added[MAXINTERVAL_ENV] = added[PROGRESS_INTERVAL_ENV]

@@ -19,7 +19,7 @@ from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from recsys_llm.data.validation import check_number
 from recsys_llm.progress import bar_options
