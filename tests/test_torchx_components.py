@@ -265,7 +265,8 @@ class TestEncodeComponent:
         assert role.name == "semantics" and role.resource.gpu == 2
         words = command_of(app)
         assert words[words.index("-m"):] == [
-            "-m", "recsys_llm.cli", "semantics", "export", "--schema", "data/s/schema.json", "--output", "v"
+            "-m", "recsys_llm.cli", "semantics", "export", "--device", "cuda", "--schema", "data/s/schema.json",
+            "--output", "v",
         ]
         assert words[words.index("--nproc_per_node") + 1] == "2"
         assert app.name == "semantics-export"
@@ -680,3 +681,35 @@ def test_the_cuda_override_after_splits_and_a_separator_adds_no_second_separator
 def test_a_negative_gpu_count_of_a_benchmark_is_refused() -> None:
     with pytest.raises(ValueError, match=r"^gpu=-1: expected >= 0$"):
         from_cli("bench", ["--name", "llactr", "--gpu", "-1"])
+
+
+@pytest.mark.parametrize("name, first", [("train", ["--config", "c.yaml"]), ("trained", ["--job", "evaluate",
+                         "--checkpoint", "runs/x"]), ("encode", ["--job", "export"])])
+def test_rendezvous_backends_and_ports_the_job_cannot_reach_are_refused(name: str, first: List[str]) -> None:
+    """dist.ddp points torchrun at rank 0's host:rdzv_port whatever the backend: --rdzv_backend etcd (no etcd server
+    there, no python-etcd in the image) and --rdzv_port 0 / 70000 on several hosts were accepted and failed in torchrun
+    on the cluster."""
+    for backend in ("etcd", "etcd-v2"):
+        with pytest.raises(ValueError, match=rf"rdzv_backend='{backend}': expected one of \('c10d', 'static'\)"):
+            from_cli(name, [*first, "--nnodes", "2", "--rdzv_backend", backend])
+    for port in ("0", "70000"):
+        with pytest.raises(ValueError, match=rf"rdzv_port={port}: expected a TCP port in 1..65535"):
+            from_cli(name, [*first, "--nnodes", "2", "--rdzv_port", port])
+    from_cli(name, [*first, "--rdzv_port", "0"])  # one host: ddp ignores the port (it takes any free one)
+
+
+def test_gpus_ask_for_cuda_in_the_llm_jobs_and_benchmarks() -> None:
+    """--gpu 1 with a CPU torch in the image ran SSFT / the vector export / a benchmark on the CPUs (their --device
+    defaults to CUDA only when one is visible), the GPUs idle, as train.device=cuda prevents for train and trained."""
+    for job in ("tune", "encode", "adapt", "export"):
+        words = command_of(load("encode")(job, "--schema", "s.json", gpu=1))
+        assert words[words.index(job):words.index(job) + 3] == [job, "--device", "cuda"], job
+        words = command_of(load("encode")(job, "--device=cuda:0", gpu=1))  # the job's own choice stays the only one
+        assert words.count("--device") + words.count("--device=cuda:0") == 1, job
+        assert "--device" not in command_of(load("encode")(job)), job  # no GPU asked for: the job's default
+    words = command_of(load("encode")("export", named_resource="aws_p4d.24xlarge"))
+    assert "--device" in words and words[words.index("--device") + 1] == "cuda"
+    words = command_of(load("bench")("llactr", "--quick", gpu=1))
+    assert words[-3:] == ["--device", "cuda", "--quick"]
+    assert command_of(load("bench")("llactr", "--device", "cpu", gpu=1)).count("--device") == 1
+    assert "--device" not in command_of(load("bench")("llactr", "--quick"))

@@ -94,6 +94,10 @@ def bench(
     negative = [f"{name}={value}" for name, value in {"cpu": cpu, "gpu": gpu, "memMB": memMB}.items() if value < 0]
     if negative:  # a negative request reached the scheduler as none (Volcano: limits {})
         raise ValueError(f"{', '.join(negative)}: expected >= 0")
+    host_gpus = specs.resource(h=named_resource).gpu if named_resource else gpu
+    if host_gpus > 0 and not any(arg.split("=", 1)[0] == "--device" for arg in script_args):
+        # GPUs asked for: a host whose torch sees none fails at once, not benchmarks its CPUs (--device auto)
+        script_args = ("--device", "cuda", *script_args)
     results = results_dir or "."  # joined below: "/" stays the root, "out/" gives out/NAME.json
     worker_env = dict(env or {})
     app = ddp(

@@ -21,7 +21,10 @@ from torchx.components.dist import ddp
 
 SEMANTICS_JOBS = ("tune", "encode", "adapt", "export")
 
-RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")  # the rendezvous backends torchrun knows
+# the rendezvous backends dist.ddp can point torchrun at: it gives every backend the endpoint rank 0's
+# host:rdzv_port (localhost:0 on one host), where only c10d and static have a store; etcd and etcd-v2 need an
+# etcd server there (and the python-etcd package), so they failed in torchrun on the cluster
+RDZV_BACKENDS = ("c10d", "static")
 
 
 def encode(
@@ -79,7 +82,10 @@ def encode(
     if negative:  # a negative request reached the scheduler as none (Volcano: limits {}, maxRetry -1)
         raise ValueError(f"{', '.join(negative)}: expected >= 0 (0: the default)")
     if rdzv_backend not in RDZV_BACKENDS:
-        raise ValueError(f"rdzv_backend={rdzv_backend!r}: expected one of {RDZV_BACKENDS} (torchrun's)")
+        raise ValueError(f"rdzv_backend={rdzv_backend!r}: expected one of {RDZV_BACKENDS} (dist.ddp points torchrun at "
+                         "rank 0's host, where no etcd server runs)")
+    if nnodes > 1 and not 0 < rdzv_port < 65536:  # other hosts dialed rank 0 on port 0 (or no port at all) until timeout
+        raise ValueError(f"rdzv_port={rdzv_port}: expected a TCP port in 1..65535 on rank 0's host (nnodes={nnodes})")
     # sized for the host's workers: fixed defaults gave --gpu 8 alone the CPUs and memory of one worker
     cpu = cpu or 4 * nproc_per_node
     memMB = memMB or 16384 * nproc_per_node
@@ -109,6 +115,10 @@ def encode(
             f"{misplaced} among the job's arguments never reach the component: torchx hands the job every argument "
             "after the first positional one (or --); put the component's options before them"
         )
+    if host_gpus > 0 and not any(arg.split("=", 1)[0] == "--device" for arg in job_args):
+        # GPUs asked for: a host whose torch sees none (a CPU build in the image) fails at once, not runs the LLM on
+        # its CPUs for hours with the GPUs idle; a bare cuda is each worker's own GPU (cuda:LOCAL_RANK)
+        job_args = ("--device", "cuda", *job_args)
     worker_env = dict(env or {})
     if nproc_per_node > 1:  # torchrun would give each worker one CPU thread: give it its share of the host's CPUs
         host_cpus = specs.resource(h=named_resource).cpu if named_resource else cpu

@@ -18,7 +18,10 @@ import torchx
 from torchx import specs
 from torchx.components.dist import ddp
 
-RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")  # the rendezvous backends torchrun knows
+# the rendezvous backends dist.ddp can point torchrun at: it gives every backend the endpoint rank 0's
+# host:rdzv_port (localhost:0 on one host), where only c10d and static have a store; etcd and etcd-v2 need an
+# etcd server there (and the python-etcd package), so they failed in torchrun on the cluster
+RDZV_BACKENDS = ("c10d", "static")
 
 
 def train(
@@ -75,7 +78,10 @@ def train(
     if negative:  # a negative request reached the scheduler as none (Volcano: limits {}, maxRetry -1)
         raise ValueError(f"{', '.join(negative)}: expected >= 0 (0: the default)")
     if rdzv_backend not in RDZV_BACKENDS:
-        raise ValueError(f"rdzv_backend={rdzv_backend!r}: expected one of {RDZV_BACKENDS} (torchrun's)")
+        raise ValueError(f"rdzv_backend={rdzv_backend!r}: expected one of {RDZV_BACKENDS} (dist.ddp points torchrun at "
+                         "rank 0's host, where no etcd server runs)")
+    if nnodes > 1 and not 0 < rdzv_port < 65536:  # other hosts dialed rank 0 on port 0 (or no port at all) until timeout
+        raise ValueError(f"rdzv_port={rdzv_port}: expected a TCP port in 1..65535 on rank 0's host (nnodes={nnodes})")
     # sized for the host's workers: fixed defaults gave --gpu 8 alone the CPUs and memory of one worker
     cpu = cpu or 2 * nproc_per_node
     memMB = memMB or 8192 * nproc_per_node
