@@ -19,6 +19,7 @@ Example::
 import collections
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -414,5 +415,16 @@ def cached_encode(
         model_id=encoder.model_id, model_hash=encoder.model_hash, pooling=encoder.pooling, template=template_id,
         extra={"texts_sha256": texts_hash(texts), "dtype": dtype}, max_length=encoder.max_length,
     )
-    save_vectors(path, vectors, [str(i) for i in range(len(texts))], provenance)
+    try:
+        save_vectors(path, vectors, [str(i) for i in range(len(texts))], provenance)
+    except OSError as error:  # a shared cache this user may read, not write: the vectors are still good
+        if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+            raise
+        _not_cached(cache_dir, error)
     return vectors
+
+
+def _not_cached(cache_dir: str, error: OSError) -> None:
+    """Warns that the vectors just encoded were not written to ``cache_dir`` (read-only for this user)."""
+    warnings.warn(f"encode cache: {cache_dir} cannot be written here ({error.strerror or error}): the vectors are "
+                  "used but not cached (its entries are still read)", stacklevel=3)

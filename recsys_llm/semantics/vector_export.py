@@ -577,7 +577,16 @@ class VectorExport:
                 for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
                     os.remove(stale)
                 # a chunk file that exists is complete: Ctrl-C, SIGTERM or a full disk leave no half-written one
-                write_file_atomically(path, lambda handle: pq.write_table(table, handle))
+                try:
+                    write_file_atomically(path, lambda handle: pq.write_table(table, handle))
+                except FileNotFoundError:
+                    if not os.path.isdir(self._directory):
+                        raise
+                    # another export of these settings (the manifest matched) into this --output-dir, started at
+                    # the same time, removed this temp file as a killed run's above: its chunk of the same rows
+                    # is whole once there, else this one is written again (removing no temp file this time)
+                    if not os.path.exists(path):
+                        write_file_atomically(path, lambda handle: pq.write_table(table, handle))
                 written.append(index)
         return written
 

@@ -525,6 +525,9 @@ def _train_in_run_dir(
         # not again at a step already validated: a job resumed there with a budget it has spent trains nothing,
         # and the same weights scored again would count as an evaluation without progress (patience)
         if due and state.validated_step != state.global_step:
+            # the valid split is read again here: one prepared again during the epoch would be scored (and could
+            # pick best/, spend patience) under the record of the data the run started with
+            data_unchanged()
             valid = _validate(model, optimizer, readers["valid"], ctx, state, best, log, train_cfg)
         checkpoints.save(model, optimizer, state, same_state_as=best.latest())  # links a best/ one just saved
         if ctx.is_main and train_cfg.progress and (stats is not None and stats.steps or valid is not None):

@@ -54,3 +54,49 @@ def test_encode_names_the_option(tmp_path, tiny_schema, tiny_bert_dir, a_file, c
     assert (f"recsys-llm semantics encode: error: --cache-dir {a_file}: is a file, expected a directory for the "
             "encoded-text cache") in err
     assert "File exists" not in err and not os.path.exists(output)
+
+
+class CountingEncoder:
+    model_hash, model_id, pooling, max_length, dtype = "h", "m", "mean", 16, "float32"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, texts, progress=True):
+        import torch
+
+        self.calls += 1
+        return torch.ones(len(texts), 3)
+
+
+@pytest.mark.parametrize("errno_name", ["EROFS", "EACCES"])
+def test_a_cache_this_user_cannot_write_gives_the_vectors_with_a_warning(tmp_path, monkeypatch, errno_name) -> None:
+    """A shared cache on a read-only mount (or another user's): its hits were read, but a miss encoded every text
+    and then ended the command with "[Errno 30] Read-only file system: '<cache>/<key>.safetensors.<id>.tmp'",
+    no --output written."""
+    import errno
+
+    from recsys_llm.semantics import store
+
+    def refused(path, *args, **kwargs):
+        code = getattr(errno, errno_name)
+        raise (PermissionError if code == errno.EACCES else OSError)(code, os.strerror(code), path + ".1234abcd.tmp")
+
+    monkeypatch.setattr(store, "save_vectors", refused)
+    encoder = CountingEncoder()
+    with pytest.warns(UserWarning, match=f"encode cache: {tmp_path} cannot be written here .*not cached"):
+        vectors = cached_encode(encoder, ["shade 1", "shade 2"], "t1", str(tmp_path), progress=False)
+    assert tuple(vectors.shape) == (2, 3) and encoder.calls == 1
+
+
+def test_a_full_cache_disk_still_ends_the_command(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from recsys_llm.semantics import store
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(store, "save_vectors", full)
+    with pytest.raises(OSError, match="No space left"):
+        cached_encode(CountingEncoder(), ["shade 1"], "t1", str(tmp_path), progress=False)

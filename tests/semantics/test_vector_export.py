@@ -628,6 +628,31 @@ class TestNonFiniteVectors:
             lookup.vectors(lookup.positions(np.array([109])))
 
 
+def test_a_second_export_into_the_same_dir_removing_this_one_s_temp_chunk_is_survived(tmp_path, monkeypatch):
+    """Two `semantics export` runs of one command into one --output-dir, started together: each removed the other's
+    in-flight chunk-N.parquet.<id>.tmp as a killed run's, and the one whose temp file went ended with a raw
+    "[Errno 2] No such file or directory: 'vec/chunk-00000.parquet.<id>.tmp' -> 'vec/chunk-00000.parquet'"."""
+    import recsys_llm.semantics.vector_export as vector_export
+
+    out = str(tmp_path / "vec")
+    keys, texts = _keys_texts(20)
+    real_write = pq.write_table
+    calls = []
+
+    def write_while_the_other_job_cleans(table, where, *args, **kwargs):
+        calls.append(where)
+        real_write(table, where, *args, **kwargs)
+        if len(calls) == 1:  # the other job's stale-temp glob removes this job's temp file of chunk 0
+            os.remove(where.name)
+
+    monkeypatch.setattr(vector_export.pq, "write_table", write_while_the_other_job_cleans)
+    written = VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=10)).run(keys, texts, CountingEncoder(),
+                                                                                  progress=False)
+    assert written == [0, 1]
+    assert sorted(os.listdir(out)) == ["_manifest.json", "chunk-00000.parquet", "chunk-00001.parquet"]
+    assert len(read_vectors(out)[0]) == 20
+
+
 def test_the_lookup_gives_no_positions_zero_vectors_of_the_export_width(tmp_path):
     from recsys_llm.semantics.vector_export import read_manifest
     from recsys_llm.semantics.vector_reader import ExportLookup

@@ -1573,6 +1573,41 @@ def test_data_replaced_while_the_run_trains_stops_it_at_the_next_epoch(synthetic
         message
 
 
+def _valid_split_replaced_during_the_first_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.data.synthetic import generate_synthetic
+    from recsys_llm.data.validation import DataError
+
+    data, other = os.path.join(root, "data"), os.path.join(root, "other")
+    shutil.copytree(schema_dir, data)
+    generate_synthetic(other, 12_000, seed=1, rows_per_group=1024)  # the same fields and sizes, other rows
+
+    def replace_valid_at_the_last_step_of_epoch_0(state: TrainState) -> None:
+        if state.global_step == 9:  # 9.6k rows / 1,024: 9 steps an epoch
+            shutil.copyfile(os.path.join(other, "valid.parquet"), os.path.join(data, "valid.parquet"))
+
+    run_dir = os.path.join(root, "run")
+    try:
+        _run(data, run_dir, ["train.epochs=2"], on_step=replace_valid_at_the_last_step_of_epoch_0)
+        message = "trained on"
+    except DataError as error:
+        message = str(error)
+    return {"message": message, "events": [e["event"] for e in _events(run_dir)],
+            "best": os.listdir(os.path.join(run_dir, "best")) if os.path.isdir(os.path.join(run_dir, "best")) else []}
+
+
+@pytest.mark.multiprocess
+def test_valid_split_replaced_during_an_epoch_is_not_validated_on(synthetic_dir: str, tmp_path) -> None:
+    """valid.parquet prepared again during epoch 0: the validation after it scored the new rows, wrote a `valid`
+    record, could save best/ and spend patience under the record of the old data, and the run stopped only at the
+    start of epoch 1 (the checkpoint it saved then carried that validation into the resume)."""
+    (found,) = run_multiprocess(_valid_split_replaced_during_the_first_epoch, world_size=1, schema_dir=synthetic_dir,
+                                root=str(tmp_path))
+    assert found["message"].startswith(f"{tmp_path / 'data'}: the data of split(s) ['valid'] changed while this run "
+                                       "trained"), found["message"]
+    assert "valid" not in found["events"], found["events"]
+    assert not [name for name in found["best"] if name.startswith("ckpt-")], found["best"]
+
+
 def _full_data_checks_of_a_three_epoch_run(schema_dir: str, root: str) -> int:
     from recsys_llm.train import runner
 
