@@ -420,11 +420,6 @@ def cached_encode(
     except OSError as error:  # a shared cache this user may read, not write: the vectors are still good
         if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
             raise
-        _not_cached(cache_dir, error)
+        warnings.warn(f"encode cache: {cache_dir} cannot be written here ({error.strerror or error}): the vectors "
+                      "are used but not cached (its entries are still read)", stacklevel=2)
     return vectors
-
-
-def _not_cached(cache_dir: str, error: OSError) -> None:
-    """Warns that the vectors just encoded were not written to ``cache_dir`` (read-only for this user)."""
-    warnings.warn(f"encode cache: {cache_dir} cannot be written here ({error.strerror or error}): the vectors are "
-                  "used but not cached (its entries are still read)", stacklevel=3)

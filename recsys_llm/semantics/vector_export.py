@@ -575,7 +575,8 @@ class VectorExport:
                 texts_sha256 = _hash_texts(hashlib.sha256(), chunk_texts).encode()
                 table = table.replace_schema_metadata({PROVENANCE_KEY: provenance, TEXTS_KEY: texts_sha256})
                 for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
-                    os.remove(stale)
+                    with contextlib.suppress(FileNotFoundError):  # or an export beside this one's, renamed meanwhile
+                        os.remove(stale)
                 # a chunk file that exists is complete: Ctrl-C, SIGTERM or a full disk leave no half-written one
                 try:
                     write_file_atomically(path, lambda handle: pq.write_table(table, handle))
