@@ -34,6 +34,18 @@ def parquet_files(path: str) -> List[str]:
     """
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "*.parquet")))
+        partitions, unnamed = _data_left_unread(path)
+        if partitions:  # Hive/Spark partitionBy: its rows (and the partition column, in the names) would be lost
+            raise DataError(f"{path}: holds Hive-style partition directories {partitions[:3]}"
+                            f"{' ...' if len(partitions) > 3 else ''}, which are not read (only the *.parquet files "
+                            "directly in the directory are, and a partition column lives only in the directory "
+                            "names); expected the files directly in it, with the partition column written into them "
+                            "(e.g. pyarrow.dataset.dataset(path, partitioning='hive') written out as one directory)")
+        if unnamed:  # a Parquet file of another name would be silently left out of the split
+            raise DataError(f"{path}: {os.path.join(path, unnamed[0])} is a Parquet file not named *.parquet"
+                            f"{f' (and {len(unnamed) - 1} more)' if len(unnamed) > 1 else ''}, which a directory's "
+                            "reading would leave out; expected every data file of the directory named *.parquet "
+                            "(rename it, or move it out)")
         if not found:
             raise DataError(f"{path}: directory holds no *.parquet files")
         splits = _splits_filed_in(path)
@@ -45,6 +57,31 @@ def parquet_files(path: str) -> List[str]:
     if not os.path.exists(path):
         raise DataError(f"{path}: no such Parquet file or directory")
     return [path]
+
+
+def _data_left_unread(directory: str) -> Tuple[List[str], List[str]]:
+    """Entries of ``directory`` that look like data but are not among its ``*.parquet`` files: Hive-style
+    partition directories (``dt=2026-12-01``), and files of another name that start and end with Parquet's magic
+    bytes (``*.pq``, ``*.PARQUET``, Hive's ``000000_0``). Names starting with ``.`` or ``_`` (Spark's ``_SUCCESS``,
+    ``.crc`` files, ``_temporary``) and ``*.tmp`` leftovers are not data."""
+    partitions, unnamed = [], []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith((".", "_")) or name.endswith((".parquet", ".tmp")):
+            continue
+        full = os.path.join(directory, name)
+        if os.path.isdir(full):
+            if "=" in name.strip("="):
+                partitions.append(name)
+            continue
+        try:
+            with open(full, "rb") as handle:
+                head = handle.read(4)
+                handle.seek(-4, os.SEEK_END)
+                if head == b"PAR1" and handle.read(4) == b"PAR1":
+                    unnamed.append(name)
+        except OSError:  # unreadable or shorter than 4 bytes: no Parquet file
+            continue
+    return partitions, unnamed
 
 
 def _splits_filed_in(directory: str) -> List[str]:

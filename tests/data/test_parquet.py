@@ -1,6 +1,7 @@
 """ParquetBatchReader: tensors equal pyarrow's ground truth; rank sharding; shuffle; extras."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -533,3 +534,36 @@ def test_a_schema_json_whose_splits_are_no_mapping_of_paths_is_no_data_sets(tmp_
         shutil.copy(synthetic.split_path("test"), root / name)
     (root / "schema.json").write_text(json.dumps({"splits": splits}))
     assert len(parquet_files(str(root))) == 2
+
+
+@pytest.mark.parametrize("entry", ["dt=2026-12-02/part-0.parquet", "b.pq", "c.PARQUET", "000000_0"],
+                         ids=["hive partition", "pq suffix", "upper case suffix", "hive file name"])
+def test_data_a_directory_would_leave_unread_is_refused_naming_it(tmp_path, entry) -> None:
+    """A directory read as one input takes its *.parquet files: a Hive partition directory beside them, or a
+    Parquet file of another name, would be left out without a word (its rows lost), so it is refused, naming it;
+    Spark's _SUCCESS, .crc files, _temporary and other (non-partition) subdirectories are not data."""
+    from recsys_llm.data.parquet_files import parquet_files
+
+    root = tmp_path / "data"
+    (root / "_temporary" / "0").mkdir(parents=True)
+    (root / "train").mkdir()
+    table = pa.table({"x": [1, 2]})
+    pq.write_table(table, root / "part-00000-c000.snappy.parquet")
+    pq.write_table(table, root / "_temporary" / "0" / "part-1.parquet")
+    (root / "_SUCCESS").write_bytes(b"")
+    (root / ".part-00000-c000.snappy.parquet.crc").write_bytes(b"crc")
+    assert parquet_files(str(root)) == [str(root / "part-00000-c000.snappy.parquet")]
+    (root / entry).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, root / entry)
+    with pytest.raises(DataError, match=re.escape(entry.split("/")[0])):
+        parquet_files(str(root))
+
+
+def test_a_directory_of_hive_partitions_alone_is_refused_as_such(tmp_path) -> None:
+    from recsys_llm.data.parquet_files import parquet_files
+
+    for day in ("dt=2026-12-01", "dt=2026-12-02"):
+        (tmp_path / day).mkdir()
+        pq.write_table(pa.table({"x": [1]}), tmp_path / day / "part-0.parquet")
+    with pytest.raises(DataError, match=r"Hive-style partition directories \['dt=2026-12-01', 'dt=2026-12-02'\]"):
+        parquet_files(str(tmp_path))

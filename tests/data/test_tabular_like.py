@@ -733,3 +733,24 @@ def test_scoring_rows_of_values_added_after_the_artifacts_model_trained_warns(ea
     [cats, cities] = notes(grown)
     assert "grown/schema.json: the vocabulary of 'cats'" in cats and "the artifact's model" in cats
     assert "'city' holds 1 value" in cities and f"(ids {city}..{city}) added after" in cities
+
+
+@pytest.mark.parametrize("first, later, message", [
+    ({}, {"price"}, r"b\.parquet: missing column\(s\) \['price'\] that .*a\.parquet has"),
+    ({"impression"}, set(), r"b\.parquet: has column\(s\) \['impression'\] of the earlier schema that .*a\.parquet lacks"),
+    ({"clicked"}, set(), r"b\.parquet: has column\(s\) \['clicked'\] of the earlier schema that .*a\.parquet lacks"),
+    (set(), {"clicked"}, r"b\.parquet: missing column\(s\) \['clicked'\] that .*a\.parquet has"),
+], ids=["field absent later", "row key only later", "label only later", "label only first"])
+def test_files_of_a_directory_with_other_columns_than_the_first_are_refused(earlier: Dict[str, str], tmp_path,
+                                                                             first, later, message) -> None:
+    """The columns are taken from the first file: a later file without one of them, or with a label, row key or
+    extra column the first lacks, is refused naming it (its labels or keys would be dropped, or a KeyError)."""
+    new = tmp_path / "new"
+    new.mkdir()
+    rows = {"user": [3, 7], "city": ["Paris", "Lyon"], "query": ["q1", "q2"], "cats": ["shoes", "hats"],
+            "price": [1.0, 2.0], "clicked": [1, 0], "impression": [5, 6]}
+    pq.write_table(pa.table({k: v for k, v in rows.items() if k not in first}), new / "a.parquet")
+    pq.write_table(pa.table({k: [v[0]] for k, v in rows.items() if k not in later}), new / "b.parquet")
+    with pytest.raises(DataError, match=message):
+        prepare_tabular_like(str(new), earlier["data"], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")

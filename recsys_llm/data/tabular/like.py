@@ -26,9 +26,11 @@ from recsys_llm.data.tabular.config import TabularConfig
 from recsys_llm.data.tabular.convert import field_way, format_hint, near_names, write_splits, write_vocabulary
 from recsys_llm.data.tabular.growth import grow_vocabularies
 from recsys_llm.data.tabular.raw_values import prepared_plan
-from recsys_llm.data.tabular.source import ColumnTypeChanged, csv_column_types, repeated_columns, source_columns
+from recsys_llm.data.parquet_files import parquet_files
+from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types, is_parquet, repeated_columns,
+                                            source_columns)
 from recsys_llm.data.tabular.tokens import FieldPlan
-from recsys_llm.data.validation import DataError
+from recsys_llm.data.validation import DataError, open_parquet
 from recsys_llm.progress import bar_options
 
 #: the ``TabularConfig`` options the earlier preparation decided (its splits, its ids), refused with ``--like``
@@ -105,13 +107,16 @@ def prepare_tabular_like(
                         f"({like_dir}); {near_names(missing, available)}{format_hint(data_path, available, config)}"
                         f"the file has columns {available}")
     with_label = like.label in available
+    row_key = like.row_key if like.row_key and like.row_key in available else None
+    extras = [name for name in like.extra_columns if name in available and name != like.row_key]
+    columns = list(dict.fromkeys(wanted + [like.label] * with_label + extras + ([row_key] if row_key else [])))
+    if is_parquet(data_path):  # the columns were taken from the first file: every other file must agree
+        optional = [name for name in [like.label, like.row_key] + list(like.extra_columns) if name]
+        _check_same_columns(data_path, columns, [name for name in optional if name not in columns])
     if not with_label and split_name in ("train", "valid"):  # the splits training reads; it failed there, later
         warnings.warn(f"{data_path}: no label column {like.label!r}, so split {split_name!r} is written without "
                       "labels, as rows to score (`recsys-llm score`); training and its validation read labels",
                       stacklevel=2)
-    row_key = like.row_key if like.row_key and like.row_key in available else None
-    extras = [name for name in like.extra_columns if name in available and name != like.row_key]
-    columns = list(dict.fromkeys(wanted + [like.label] * with_label + extras + ([row_key] if row_key else [])))
     repeated = repeated_columns(available, columns)
     if repeated:
         raise DataError(f"{data_path}: column(s) {repeated} of the earlier schema {like.name!r} occur more than once "
@@ -141,6 +146,24 @@ def prepare_tabular_like(
                                                 growth[spec.name].describe() if spec.name in growth else "")
                            for spec in like.categorical_fields})
     return schema
+
+
+def _check_same_columns(data_path: str, columns: List[str], left_out: List[str]) -> None:
+    """Raises unless every Parquet file of ``data_path`` has ``columns`` (what the first file has of the earlier
+    schema's) and none of ``left_out`` (the label, row key and extra columns the first file lacks, which would be
+    dropped from the other files' rows, or their keys replaced by row numbers), naming the file and the column."""
+    files = parquet_files(data_path)
+    for file_path in files[1:]:
+        names = open_parquet(file_path).schema_arrow.names
+        absent = [name for name in columns if name not in names]
+        if absent:
+            raise DataError(f"{file_path}: missing column(s) {absent} that {files[0]} has; expected the same columns "
+                            f"in every file of {data_path}")
+        more = [name for name in left_out if name in names]
+        if more:
+            raise DataError(f"{file_path}: has column(s) {more} of the earlier schema that {files[0]} lacks; expected "
+                            f"the same columns in every file of {data_path} (the label, row key and extra columns are "
+                            "read from every file or from none)")
 
 
 def _write_like(
