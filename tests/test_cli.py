@@ -1015,3 +1015,26 @@ def test_no_module_draws_notebook_widget_bars() -> None:
                    for root, _, names in os.walk(package) for name in names if name.endswith(".py")
                    if re.search(r"tqdm\.(auto|notebook|autonotebook)", open(os.path.join(root, name)).read())]
     assert widget_bars == []
+
+
+@pytest.mark.parametrize("signal_error", ["sigterm", "ctrl_c"])
+def test_an_interruption_that_a_cleanup_failure_replaced_still_exits_as_the_interruption(
+        monkeypatch, capsys, signal_error) -> None:
+    """A SIGTERM inside torchrec's pipeline fill made ``train_epoch``'s ``pipeline.detach()`` (in its ``finally``)
+    raise "AssertionError: Number of KJT dists (1) does not match ...": the job of a 30-kill loop exited 1 with a
+    traceback of 60 lines, a crash to a scheduler, instead of 143 and the one line of a SIGTERM."""
+    from recsys_llm.cli import Terminated, data
+
+    def interrupted_then_cleanup_fails(*args, **kwargs):
+        try:
+            raise Terminated(143) if signal_error == "sigterm" else KeyboardInterrupt()
+        finally:
+            raise AssertionError("Number of KJT dists (1) does not match number of kjt dist forwards provided (0)")
+
+    monkeypatch.setattr(data, "prepare_dataset", interrupted_then_cleanup_fails)
+    with pytest.raises(SystemExit) as exited:
+        main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"])
+    assert exited.value.code == (143 if signal_error == "sigterm" else 130)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "AssertionError" not in err
+    assert ("stopped (SIGTERM)" if signal_error == "sigterm" else "interrupted (Ctrl-C)") in err

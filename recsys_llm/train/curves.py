@@ -42,6 +42,15 @@ def training_curves(records: List[Dict[str, Any]]) -> Dict[str, Curve]:
     return curves
 
 
+MAX_MARKERS = 40  # per curve: 200 epochs' markers would hide the 50-step loss line beneath them
+
+
+def _marks(steps: List[int]) -> int:
+    """``markevery`` for a curve of these points: every point up to ``MAX_MARKERS`` of them, else evenly thinned (the
+    line still goes through every point)."""
+    return max(1, -(-len(steps) // MAX_MARKERS))
+
+
 def plot_training_curves(run_dir: str) -> Optional[str]:
     """Writes ``run_dir/training_curves.png`` (atomically) from the run's ``metrics.jsonl``.
 
@@ -63,11 +72,15 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
     if "loss" in curves:  # a line through one point draws nothing: a run of 50 to 99 steps has one
         loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1,
                        label="training loss, mean of 50 steps (BCE + loss terms)",
-                       marker="." if len(curves["loss"][0]) == 1 else None)
+                       marker="." if len(curves["loss"][0]) == 1 else None, zorder=3)  # over the epoch means
     if "epoch loss" in curves:
-        loss_axis.plot(*curves["epoch loss"], "o", color="tab:orange", label="epoch mean loss")
+        steps, losses = curves["epoch loss"]
+        thinned = _marks(steps) > 1  # markers alone, thinned, would leave epochs out: a line through them all
+        loss_axis.plot(steps, losses, "o-" if thinned else "o", color="tab:orange", label="epoch mean loss",
+                       markevery=_marks(steps), markersize=4 if thinned else 6, linewidth=1)
     if "valid logloss" in curves:  # beside the training loss: a gap that opens shows overfitting
-        loss_axis.plot(*curves["valid logloss"], "s--", color="tab:green", label="validation LogLoss")
+        loss_axis.plot(*curves["valid logloss"], "s--", color="tab:green", label="validation LogLoss",
+                       markevery=_marks(curves["valid logloss"][0]))
     loss_axis.set(xlabel="global step", ylabel="loss", title="loss")
     if "train window auc" in curves:  # beside the validation AUC: a gap that opens shows overfitting
         steps, aucs = curves["train window auc"]
@@ -75,7 +88,7 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
                       marker="." if len(steps) == 1 else None)
     if "valid auc" in curves:
         steps, aucs = curves["valid auc"]
-        auc_axis.plot(steps, aucs, "o-", color="tab:green", label="validation AUC")
+        auc_axis.plot(steps, aucs, "o-", color="tab:green", label="validation AUC", markevery=_marks(steps))
         best = max(range(len(aucs)), key=aucs.__getitem__)
         auc_axis.plot(steps[best], aucs[best], "*", markersize=14, color="tab:red", label=f"best {aucs[best]:.4f}")
     if test_auc is not None:

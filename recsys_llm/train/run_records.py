@@ -611,13 +611,28 @@ def current_records(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     job writes again). Files written before jobs logged ``started`` keep a killed first job's records.
     """
     kept: List[Dict[str, Any]] = []
+    in_order = True  # kept's steps never go down (as jobs write them): a resume drops only records at its end
     for record in records:
         if record.get("event") == STARTED_EVENT:
-            kept = []
+            kept, in_order = [], True
         elif record.get("event") == RESUMED_EVENT:
             step, redone = record.get("global_step", 0), set(record.get(REDONE_KEY, ()))
-            kept = [earlier for earlier in kept if earlier.get("global_step", 0) < step
-                    or (earlier.get("global_step", 0) == step and earlier.get("event") not in redone)]
+
+            def superseded(earlier: Dict[str, Any]) -> bool:
+                return earlier.get("global_step", 0) > step or (
+                    earlier.get("global_step", 0) == step and earlier.get("event") in redone)
+
+            if in_order:  # the superseded records are the last ones: a run resumed 1,000s of times stays linear
+                cut = len(kept)
+                while cut and kept[cut - 1].get("global_step", 0) >= step:
+                    cut -= 1
+                tail = kept[cut:]
+                del kept[cut:]  # in place: no copy of the records before the resume
+                kept.extend(earlier for earlier in tail if not superseded(earlier))
+            else:
+                kept = [earlier for earlier in kept if not superseded(earlier)]
+        if kept and record.get("global_step", 0) < kept[-1].get("global_step", 0):
+            in_order = False
         kept.append(record)
     return kept
 

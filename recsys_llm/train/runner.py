@@ -35,7 +35,7 @@ import os
 import sys
 import time
 import warnings
-from typing import IO, Any, Callable, Dict, List, Optional
+from typing import IO, Any, Callable, Dict, List, Optional, Set
 
 import numpy as np
 import torch
@@ -484,6 +484,7 @@ def _train_in_run_dir(
         run_on_every_rank(lambda: unchanged_since_start() if ctx.is_main else None,
                           "checking the data did not change while the run trained", ctx.device)
 
+    warned: Set[str] = set()  # the warnings of _validate this job gave: each once, not at every validation
     first_epoch = True
     while not state.finished:
         epoch_done = False
@@ -528,7 +529,8 @@ def _train_in_run_dir(
             # the valid split is read again here: one prepared again during the epoch would be scored (and could
             # pick best/, spend patience) under the record of the data the run started with
             data_unchanged()
-            valid = _validate(model, optimizer, readers["valid"], ctx, state, best, log, train_cfg)
+            valid = _validate(model, optimizer, readers["valid"], ctx, state, best, log, train_cfg,
+                              train_loss=None if stats is None else stats.mean_loss, warned=warned)
         checkpoints.save(model, optimizer, state, same_state_as=best.latest())  # links a best/ one just saved
         if ctx.is_main and train_cfg.progress and (stats is not None and stats.steps or valid is not None):
             print(epoch_line(epoch, stats, ctx.world_size, valid, state, train_cfg), file=sys.stderr, flush=True)
@@ -630,26 +632,47 @@ def _validate(
     best: CheckpointManager,
     log: _RunLog,
     train_cfg: TrainConfig,
+    train_loss: Optional[float] = None,
+    warned: Optional[Set[str]] = None,
 ) -> Dict[str, float]:
     """Validates; a better AUC saves the model to ``best/``, ``train.patience`` evaluations
-    without one finish the run (``state`` is updated in place). Returns the validation metrics."""
+    without one finish the run (``state`` is updated in place). Returns the validation metrics.
+
+    ``train_loss``: the mean training loss of the epoch just trained (None: none trained), which tells a model that
+    overfits (a low training loss) from one that diverged; ``warned``: the kinds of warning this job already gave,
+    each given once per job (a 1,000-epoch run would otherwise repeat one at every validation)."""
     valid = evaluate(model, reader, ctx.device, CTRMetrics(), description="valid", progress=train_cfg.progress,
                      pipelined=use_pipelined_eval(train_cfg.pipelined_eval, ctx.device))
     state.validated_step = state.global_step
     log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
     auc = valid["auc"]
-    if math.isnan(auc) and ctx.is_main:
+    warned = set() if warned is None else warned
+    if math.isnan(auc) and ctx.is_main and "one class" not in warned:
+        warned.add("one class")
         warnings.warn(f"valid AUC at step {state.global_step} is undefined: the validation split holds rows of one "
                       "class only (or none); no checkpoint of it can be the best, and train.patience counts it as "
                       "an evaluation without a better AUC", stacklevel=2)
     # far worse than the click rate alone (NE 1) and than 0.5 for every row (LogLoss ln 2), as a model that is only
     # undertrained is not (NaN compares False)
     if valid.get("ne", math.nan) > 1 and valid["logloss"] > DIVERGED_LOGLOSS and ctx.is_main:
-        warnings.warn(f"valid LogLoss at step {state.global_step} is {valid['logloss']:.4f} (NE {valid['ne']:.2f}), "
-                      f"far worse than the click rate alone (NE 1) or 0.5 for every row ({math.log(2):.4f}): the "
-                      "model has diverged: lower optim.dense_lr / optim.sparse_lr or set optim.max_grad_norm; with "
-                      "an FM-family backbone (fm, fwfm, deepfm) on dense values that are not standardised, such as "
-                      "Criteo's log(1 + x) counts, set model.dense_as_fields=false", stacklevel=2)
+        # a training loss far below ln 2 at the same time: the model memorised its training rows, it did not diverge
+        overfits = train_loss is not None and train_loss < math.log(2) / 2  # NaN compares False
+        kind = "overfits" if overfits else "diverged"
+        if kind not in warned:
+            warned.add(kind)
+            if overfits:
+                warnings.warn(f"valid LogLoss at step {state.global_step} is {valid['logloss']:.4f} (NE "
+                              f"{valid['ne']:.2f}), far worse than the click rate alone (NE 1), while the epoch's "
+                              f"training loss is {train_loss:.4f}: the model overfits its training split "
+                              "(train.patience stops a run after its best validation; fewer epochs, model.dropout); "
+                              "not repeated at this job's later validations", stacklevel=2)
+            else:
+                warnings.warn(f"valid LogLoss at step {state.global_step} is {valid['logloss']:.4f} (NE "
+                              f"{valid['ne']:.2f}), far worse than the click rate alone (NE 1) or 0.5 for every row "
+                              f"({math.log(2):.4f}): the model has diverged: lower optim.dense_lr / optim.sparse_lr "
+                              "or set optim.max_grad_norm; with an FM-family backbone (fm, fwfm, deepfm) on dense "
+                              "values that are not standardised, such as Criteo's log(1 + x) counts, set "
+                              "model.dense_as_fields=false", stacklevel=2)
     if not math.isnan(auc) and auc > state.best_metric:
         state.best_metric, state.best_step, state.bad_evals = auc, state.global_step, 0
         best.save(model, optimizer, state)

@@ -99,3 +99,41 @@ def test_the_best_validation_auc_and_the_last_test_auc_are_marked(tmp_path, monk
     assert best.get_label() == "best 0.6700"
     (test,) = [line for line in auc_axis.get_lines() if line.get_label().startswith("test AUC")]
     assert list(test.get_ydata()) == [0.66, 0.66] and test.get_label() == "test AUC 0.6600 (best model)"
+
+
+def test_a_200_epoch_run_keeps_its_loss_line_visible(tmp_path, monkeypatch) -> None:
+    """200 epochs drew 200 epoch-loss dots and 200 validation squares at full size, which hid the 50-step
+    training-loss line beneath them: markers are thinned to at most MAX_MARKERS a curve, the loss line drawn on top."""
+    import recsys_llm.train.curves as curves
+
+    records = [{"event": "started", "global_step": 0, "epoch": 0}]
+    for epoch in range(200):
+        step = (epoch + 1) * 100
+        records += [{"event": "train", "global_step": step - 50, "epoch": epoch, "loss": 0.5},
+                    {"event": "train", "global_step": step, "epoch": epoch, "loss": 0.4},
+                    {"event": "epoch", "global_step": step, "epoch": epoch, "mean_loss": 0.45},
+                    {"event": "valid", "global_step": step, "epoch": epoch + 1, "auc": 0.7, "logloss": 0.5}]
+    _write_metrics(str(tmp_path), records)
+    drawn = []
+    monkeypatch.setattr(curves, "save_figure_atomically", lambda figure, path, **kwargs: drawn.append(figure))
+    plot_training_curves(str(tmp_path))
+    loss_axis, auc_axis = drawn[0].axes
+    lines = {line.get_label(): line for axis in (loss_axis, auc_axis) for line in axis.get_lines()}
+    for label in ("epoch mean loss", "validation LogLoss", "validation AUC"):
+        every = lines[label].get_markevery()
+        shown = len(lines[label].get_xdata()[::every]) if isinstance(every, int) else len(lines[label].get_xdata())
+        assert shown <= curves.MAX_MARKERS, (label, shown)
+        assert len(lines[label].get_xdata()) == 200  # the line goes through every point
+    loss_line = lines["training loss, mean of 50 steps (BCE + loss terms)"]
+    assert loss_line.get_zorder() > lines["epoch mean loss"].get_zorder()
+
+
+def test_a_short_run_marks_every_point(tmp_path, monkeypatch) -> None:
+    import recsys_llm.train.curves as curves
+
+    _write_metrics(str(tmp_path), RECORDS)
+    drawn = []
+    monkeypatch.setattr(curves, "save_figure_atomically", lambda figure, path, **kwargs: drawn.append(figure))
+    plot_training_curves(str(tmp_path))
+    epoch_line = next(line for line in drawn[0].axes[0].get_lines() if line.get_label() == "epoch mean loss")
+    assert epoch_line.get_markevery() in (None, 1) and epoch_line.get_linestyle() == "None"
