@@ -589,8 +589,20 @@ def verify_digests(path: str) -> None:
     names = sorted(name for name in recorded if os.path.isfile(os.path.join(path, name)))
     for name, digest in sorted(_shared_sha256(path, names).items()):
         if digest != recorded[name]:
+            links = _link_count(os.path.join(path, name))
+            shared = (f"; the file is hard-linked into {links - 1} other checkpoint(s) of the run (best/ and "
+                      "checkpoints/ of one step share their files), which hold the same damaged bytes" if links > 1
+                      else "")
             raise damaged_checkpoint_error(os.path.join(path, name),
-                                           ValueError(f"its sha256 differs from the one {DIGESTS_FILE} recorded"))
+                                           ValueError(f"its sha256 differs from the one {DIGESTS_FILE} recorded{shared}"))
+
+
+def _link_count(path: str) -> int:
+    """The names ``path``'s file has (1 where it cannot be read)."""
+    try:
+        return os.stat(path).st_nlink
+    except OSError:
+        return 1
 
 
 def _save_synced(tensors: Dict[str, torch.Tensor], path: str) -> None:

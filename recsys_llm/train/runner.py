@@ -656,7 +656,10 @@ def _validate(
     # undertrained is not (NaN compares False)
     if valid.get("ne", math.nan) > 1 and valid["logloss"] > DIVERGED_LOGLOSS and ctx.is_main:
         # a training loss far below ln 2 at the same time: the model memorised its training rows, it did not diverge
-        overfits = train_loss is not None and train_loss < math.log(2) / 2  # NaN compares False
+        # "far below": under half the click rate's own LogLoss (NE = LogLoss / that; ln 2 at a 50% click rate), not
+        # ln 2 / 2, which a model diverged on training rows too stays under at a click rate of a few percent
+        click_rate_logloss = valid["logloss"] / valid["ne"]
+        overfits = train_loss is not None and train_loss < click_rate_logloss / 2  # NaN compares False
         kind = "overfits" if overfits else "diverged"
         if kind not in warned:
             warned.add(kind)

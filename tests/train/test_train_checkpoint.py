@@ -693,6 +693,28 @@ class TestSameStateAs:
         assert torch.equal(model_out.weight, model.weight)
         assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ckpt-00000010", "latest"]
 
+    def test_a_damaged_linked_file_is_said_to_be_shared(self, tmp_path, monkeypatch) -> None:
+        """A byte flipped in a linked checkpoint's file is flipped in best/'s too: the error says so, or "delete its
+        checkpoint directory to resume from the one before" sends the user to best/ckpt-N, the same damaged bytes."""
+        from recsys_llm.train.checkpoint import verify_digests
+
+        _state_only_dcp(monkeypatch)
+        model, state = nn.Linear(2, 1), TrainState(global_step=10, best_step=10)
+        best = CheckpointManager(str(tmp_path / "best"), keep=1).save(model, None, state)
+        saved = CheckpointManager(str(tmp_path / "checkpoints")).save(model, None, state, same_state_as=best)
+        name = next(name for name in json.load(open(os.path.join(saved, DIGESTS_FILE))))
+        with open(os.path.join(saved, name), "r+b") as handle:
+            first = handle.read(1)
+            handle.seek(0)
+            handle.write(bytes([first[0] ^ 0xFF]))
+        for path in (saved, best):
+            with pytest.raises(ValueError, match="hard-linked into 1 other checkpoint"):
+                verify_digests(path)
+        shutil.rmtree(best)  # the other name gone: nothing shared left to mention
+        with pytest.raises(ValueError, match="sha256 differs") as caught:
+            verify_digests(saved)
+        assert "hard-linked" not in str(caught.value)
+
 
 def test_a_save_that_fails_on_a_full_disk_gives_its_space_back_and_keeps_the_earlier_checkpoint(
         tmp_path, monkeypatch) -> None:

@@ -27,8 +27,8 @@ class _Log:
         pass
 
 
-def _validations(monkeypatch, train_losses):
-    valid = {"auc": 0.6, "logloss": 3.0, "ne": 5.0}
+def _validations(monkeypatch, train_losses, valid=None):
+    valid = valid or {"auc": 0.6, "logloss": 3.0, "ne": 5.0}
     monkeypatch.setattr(runner, "evaluate", lambda *args, **kwargs: dict(valid))
     ctx = types.SimpleNamespace(is_main=True, device=torch.device("cpu"))
     cfg = types.SimpleNamespace(progress=False, pipelined_eval="false", patience=0)
@@ -56,3 +56,15 @@ def test_a_diverged_model_is_warned_about_once_per_job(monkeypatch) -> None:
 def test_no_training_loss_known_keeps_the_divergence_warning(monkeypatch) -> None:
     messages = _validations(monkeypatch, [None, float("nan")])
     assert len(messages) == 1 and "diverged" in messages[0]
+
+
+def test_a_low_click_rate_does_not_pass_a_diverged_model_for_an_overfitting_one(monkeypatch) -> None:
+    """At a 2% click rate (LogLoss of the rate alone 0.098) a training loss of 0.3 is 3x worse than the rate alone:
+    the model diverged on its training rows too, though 0.3 is below ln 2 / 2."""
+    import math
+
+    entropy = -(0.02 * math.log(0.02) + 0.98 * math.log(0.98))
+    messages = _validations(monkeypatch, [0.3], valid={"auc": 0.6, "logloss": 2.0, "ne": 2.0 / entropy})
+    assert len(messages) == 1 and "diverged" in messages[0], messages
+    messages = _validations(monkeypatch, [0.01], valid={"auc": 0.6, "logloss": 2.0, "ne": 2.0 / entropy})
+    assert len(messages) == 1 and "overfits" in messages[0], messages
