@@ -29,6 +29,7 @@ def write_raw_id_ways(schema: DatasetSchema, artifact_dir: str) -> List[str]:
     if not schema.ids:
         return []
     out = os.path.join(artifact_dir, RAW_IDS_DIR)
+    os.makedirs(out, exist_ok=True)  # also without a vocabulary field (integer or hashed ids only)
     fields, written = [], []
     for spec in schema.fields:
         vocabulary = schema.ids.get(spec.name) == "vocabulary" and schema.value_text_path(spec.name) is not None

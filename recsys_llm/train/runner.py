@@ -563,6 +563,8 @@ def _train_in_run_dir(
             progress=train_cfg.progress, pipelined=use_pipelined_eval(train_cfg.pipelined_eval, ctx.device),
         )
         log.write({"event": "test", "global_step": state.global_step, **results["test"]})
+        if ctx.is_main:
+            warn_undefined_test_metrics(results["test"])
     if ctx.is_main:
         write_text_atomically(os.path.join(run_dir, RESULTS_FILE),  # strict JSON, as metrics.jsonl: NaN is null
                               json.dumps(strict_json(results), indent=2, sort_keys=True, default=float))
@@ -572,6 +574,16 @@ def _train_in_run_dir(
             warnings.warn(f"{run_dir}: training_curves.png not written: {type(error).__name__}: {error}", stacklevel=2)
     barrier()
     return results
+
+
+def warn_undefined_test_metrics(metrics: Dict[str, Any]) -> None:
+    """Says why the test AUC (and NE) is NaN, as ``_validate`` does for the validation split: a split of one class
+    (every label 1, say) has none, and the results table would otherwise print ``nan`` without a word."""
+    auc = metrics.get("auc")
+    if auc is not None and math.isnan(auc):
+        warnings.warn("test AUC and NE are undefined (nan; null in results.json): the test split's "
+                      f"{metrics.get('num_samples', 0):.0f} row(s) hold one class only (click rate "
+                      f"{metrics.get('ctr', math.nan):.3f}); its LogLoss and calibration stand", stacklevel=2)
 
 
 def _resume_line(run_dir: str, checkpoint: str, state: TrainState) -> str:
@@ -681,7 +693,10 @@ def _validate(
         best.save(model, optimizer, state)
     else:
         state.bad_evals += 1
-    if train_cfg.patience and state.bad_evals >= train_cfg.patience:
+    # a run that used up train.epochs / max_steps with this validation did not stop early: it stays open to a larger
+    # budget (its next evaluation without a better AUC stops it, as bad_evals stays counted)
+    budget_end = state.finished and state.stop_reason == STOP_BUDGET
+    if train_cfg.patience and state.bad_evals >= train_cfg.patience and not budget_end:
         log.write({"event": "early_stop", "global_step": state.global_step, "best_step": state.best_step})
         state.finished, state.stop_reason = True, STOP_PATIENCE
     return valid

@@ -167,3 +167,25 @@ def test_prepare_tabular_refuses_ids_in_the_schema_it_reads(tmp_path):
     with pytest.raises(SchemaError, match=r"s.yaml: ids is what prepare tabular writes .* --hash FIELD or --vocabulary"):
         prepare_tabular(str(tmp_path / "d.csv"), str(tmp_path / "s.yaml"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_export_id_ways_of_data_without_a_vocabulary_field(tmp_path):
+    """Data of integer ids and dense values only (no value-text file to copy) still gets ids/schema.json:
+    ``export`` of such a run failed on the missing ids/ directory."""
+    from recsys_llm.serving.raw_ids import load_raw_id_ways, write_raw_id_ways
+
+    lines = ["user,price,clicked"] + [f"{row % 9 + 1},{row / 10:.1f},{row % 2}" for row in range(30)]
+    (tmp_path / "clicks.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "clicks.yaml").write_text(
+        "name: clicks\nlabel: clicked\nfields:\n  - {name: user, kind: sparse, cardinality: 10}\n"
+        "  - {name: price, kind: dense}\n")
+    schema = prepare_tabular(str(tmp_path / "clicks.csv"), str(tmp_path / "clicks.yaml"), str(tmp_path / "out"),
+                             TabularConfig())
+    assert schema.ids == {"user": "integer"}
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    written = write_raw_id_ways(schema, str(artifact))
+    assert written == ["ids/schema.json"]
+    ways = load_raw_id_ways(str(artifact), written[0])
+    ids, _ = raw_value_ids(ways, "user", ["3", None])
+    assert ids.tolist() == [3, 0]

@@ -481,6 +481,27 @@ def test_a_run_whose_validation_auc_stops_improving_stops_early_after_patience_e
         (3 * steps_per_epoch, steps_per_epoch)]
 
 
+def _patience_used_up_at_the_last_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
+    run_dir = os.path.join(root, "run")
+    still = ["optim.sparse_lr=1e-30", "optim.dense_lr=1e-30", "train.patience=2", "data.batch_size=4096"]
+    finished = _run(schema_dir, run_dir, ["train.epochs=3", *still])
+    events = _events(run_dir)
+    extended = _run(schema_dir, run_dir, ["train.epochs=5", *still])
+    return {"finished": finished, "events": events, "extended": extended}
+
+
+@pytest.mark.multiprocess
+def test_a_run_whose_patience_runs_out_at_its_last_epoch_did_not_stop_early(synthetic_dir: str, tmp_path) -> None:
+    """The 2nd and 3rd validations are not better and train.epochs=3 ends there: the run used up its budget, it
+    did not stop early (a one-class validation split, whose AUC is never defined, always ends so); given 5 epochs it
+    trains on, and its 4th validation, again not better, stops it early (before the 5th epoch)."""
+    (out,) = run_multiprocess(_patience_used_up_at_the_last_epoch, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    assert out["finished"]["stopped_early"] is False and out["finished"]["epochs"] == 3
+    assert not [e for e in out["events"] if e["event"] == "early_stop"]
+    assert out["extended"]["epochs"] == 4 and out["extended"]["stopped_early"] is True
+
+
 def _best_before_the_last_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
     # the data with one more split, "seen": the training rows again
     with open(os.path.join(schema_dir, "schema.json"), encoding="utf-8") as handle:
