@@ -125,6 +125,7 @@ from recsys_llm.train.plan_report import describe_plan, plan_line, weights_text
 from recsys_llm.train.planner_inputs import find_tables, table_weights
 from recsys_llm.train.pooling_factors import planned_without_pooling_factors, table_pooling_factors
 from recsys_llm.train.qcomms import comms_text
+from recsys_llm.train.lr_schedule import ScheduledLearningRates
 from recsys_llm.train.sharding import build_optimizer, dense_gradient_norm, shard_model
 from recsys_llm.train.task_builder import (
     BuiltTask,
@@ -445,6 +446,10 @@ def _train_in_run_dir(
     throughput: List[float] = []
 
     losses = LossSums.resumed_from(state)  # a checkpoint between two loss records carries their sums
+    schedule = config.optim.lr_schedule
+    rates = ScheduledLearningRates(optimizer, schedule)
+    if not schedule.constant:
+        rates.set_for_step(state.global_step)  # the first step of this job (a resumed one's too)
     if windowed is not None:
         windowed.steps = state.global_step  # computes on the global steps that are multiples of metrics_every
 
@@ -456,7 +461,10 @@ def _train_in_run_dir(
             mean_loss, steps = losses.take_window(ctx.device)
             grad_norm = dense_gradient_norm(optimizer)  # with optim.max_grad_norm: this step's, before clipping
             log.write({"event": "train", "global_step": state.global_step, "epoch": state.epoch, "loss": mean_loss,
-                       "steps": steps, **({} if grad_norm is None else {"grad_norm": grad_norm})})
+                       "steps": steps, **({} if grad_norm is None else {"grad_norm": grad_norm}),
+                       **({} if schedule.constant else {"lr_scale": schedule.scale(state.global_step - 1)})})
+        if not schedule.constant:
+            rates.set_for_step(state.global_step)
         if windowed is not None and windowed.computed is not None:  # computed at this step, over the ranks
             log.write({"event": TRAIN_WINDOW_EVENT, "global_step": state.global_step, "epoch": state.epoch,
                        **windowed.computed})

@@ -22,6 +22,7 @@ from torchrec import optim as trec_optim
 from torchrec.distributed.types import CacheParams
 
 from recsys_llm.data.validation import check_number
+from recsys_llm.train.lr_schedule import LRSchedule
 from recsys_llm.train.qcomms import QCommsSettings
 from recsys_llm.typed_config import ConfigError, build_dataclass, coerce_value
 
@@ -82,6 +83,11 @@ class OptimizerConfig:
             L2 norm over all of them when it is above (torchrec's ``GradientClippingOptimizer``, ``NORM``; Hugging
             Face Trainer's ``max_grad_norm``); 0: no clipping. Tables are not clipped: their fused optimizers
             step inside the backward, and a table must train alike whatever its placement.
+        lr_warmup_steps (int): the first steps ramp every learning rate (tables and dense) linearly up to the
+            configured one (torchrec's DLRM example's ``--lr_warmup_steps``); 0: none.
+        lr_decay_start (int): the global step the decay begins at (``--lr_decay_start``).
+        lr_decay_steps (int): steps of a polynomial (power 2) decay of every learning rate, which then keeps its
+            last value (``--lr_decay_steps``); 0: none. See :mod:`recsys_llm.train.lr_schedule`.
     """
 
     sparse: str = "row_wise_adagrad"
@@ -91,6 +97,14 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_start: int = 0
+    lr_decay_steps: int = 0
+
+    @property
+    def lr_schedule(self) -> LRSchedule:
+        """The factors of the learning rates over the global step."""
+        return LRSchedule(self.lr_warmup_steps, self.lr_decay_start, self.lr_decay_steps)
 
     def __post_init__(self) -> None:
         if self.sparse not in SPARSE_OPTIMIZERS:
@@ -101,6 +115,7 @@ class OptimizerConfig:
             check_number(f"optim.{name}", getattr(self, name), above=0)
         check_number("optim.weight_decay", self.weight_decay, minimum=0)
         check_number("optim.max_grad_norm", self.max_grad_norm, minimum=0)
+        _ = self.lr_schedule  # raises naming a bad optim.lr_* setting
 
 
 # proposals in a row rated worse than the best before a greedy proposer stops (ShardingConfig.proposer_patience)
