@@ -248,7 +248,7 @@ def train_epoch(
                 computed = window_metrics.update(logits, labels, weights)
                 if computed is not None and not bar.disable:
                     # short keys: beside tqdm's own ~50 columns the bar fits a 100-column terminal
-                    postfix.update({WINDOW_BAR_KEYS[name]: f"{value:.3f}" for name, value in computed.items()})
+                    postfix.update({key: f"{computed[name]:.3f}" for name, key in WINDOW_BAR_KEYS.items()})
                     bar.set_postfix(postfix, refresh=False)
             if not bar.disable:  # a hidden bar reads no loss (no device sync)
                 window.append(loss_value)

@@ -1,4 +1,4 @@
-"""Windowed training metrics from torchrec's metric stack: AUC, NE and calibration of the last N samples.
+"""Windowed training metrics from torchrec's metric stack: AUC, NE, calibration and click rate of the last N samples.
 
 ``train.metrics_window`` > 0 turns them on: :func:`~recsys_llm.train.pipeline.train_epoch` hands every
 step's logits and labels to a torchrec ``RecMetricModule`` (built by ``generate_metric_module`` from a
@@ -33,6 +33,7 @@ Example::
             print(values["auc"], values["ne"], values["calibration"])
 """
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -43,7 +44,7 @@ from torchrec.metrics.metrics_namespace import MetricPrefix
 from recsys_llm.typed_config import ConfigError
 
 TASK = RecTaskInfo(name="train", label_name="label", prediction_name="prediction", weight_name="weight")
-WINDOW_METRICS = (RecMetricEnum.AUC, RecMetricEnum.NE, RecMetricEnum.CALIBRATION)
+WINDOW_METRICS = (RecMetricEnum.AUC, RecMetricEnum.NE, RecMetricEnum.CALIBRATION, RecMetricEnum.CTR)
 
 
 def check_window(window: int, batch_size: int, world_size: int) -> None:
@@ -68,7 +69,7 @@ def window_values(module: RecMetricModule) -> Dict[str, float]:
     its formulas; the local states are restored after.
 
     Returns:
-        Dict[str, float]: ``auc``, ``ne``, ``calibration`` (one task).
+        Dict[str, float]: ``auc``, ``ne``, ``calibration``, ``ctr`` (one task).
     """
     values: Dict[str, float] = {}
     for metric in module.rec_metrics.rec_metrics:
@@ -125,7 +126,8 @@ class WindowedTrainMetrics:
             weights (Optional[torch.Tensor]): (B,) row weights (0: not counted); None: ones.
 
         Returns:
-            Optional[Dict[str, float]]: ``auc``, ``ne``, ``calibration`` of the window at a computing step, else None.
+            Optional[Dict[str, float]]: ``auc``, ``ne``, ``calibration`` and ``ctr`` (its click rate) of the window at
+            a computing step, else None; a window of one class (``ctr`` 0 or 1) has no AUC or NE (NaN).
         """
         predictions = torch.sigmoid(logits.detach().reshape(-1).float())  # (B,)
         labels = labels.detach().reshape(-1).float()  # (B,)
@@ -133,4 +135,7 @@ class WindowedTrainMetrics:
         self._module.update({TASK.prediction_name: predictions, TASK.label_name: labels, TASK.weight_name: weights})
         self.steps += 1
         self.computed = window_values(self._module) if self.steps % self._every == 0 else None
+        if self.computed is not None and self.computed["ctr"] in (0.0, 1.0):
+            # one class: torchrec gives AUC 0.5 and an NE of ~1e12 (its entropy term is 0), held-out metrics NaN
+            self.computed.update(auc=math.nan, ne=math.nan)
         return self.computed

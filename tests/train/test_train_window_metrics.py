@@ -1,6 +1,7 @@
 """Windowed training metrics (``train.metrics_window``): torchrec's AUC / NE / calibration of the last samples,
 equal to the exact metrics of that window, the same on every rank, off by default, refused when mis-set."""
 
+import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -29,9 +30,9 @@ def _stream(batches: int, batch_size: int, seed: int) -> List[Tuple[torch.Tensor
 
 
 def _exact(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-    """The window's AUC (Mann-Whitney), NE and calibration, in float64 (:func:`binary_metrics`)."""
+    """The window's AUC (Mann-Whitney), NE, calibration and click rate, in float64 (:func:`binary_metrics`)."""
     values = binary_metrics(torch.sigmoid(logits.double()), labels, logits)
-    return {name: values[name] for name in ("auc", "ne", "calibration")}
+    return {name: values[name] for name in ("auc", "ne", "calibration", "ctr")}
 
 
 def _assert_close(got: Dict[str, float], want: Dict[str, float]) -> None:
@@ -51,6 +52,17 @@ class TestWindowedTrainMetrics:
         _assert_close(computed[2], _exact(logits[:24], labels[:24]))
         _assert_close(computed[5], _exact(logits[24:48], labels[24:48]))  # the first batches left the window
         assert metrics.computed is None  # step 7 computed nothing
+
+    def test_a_window_of_one_class_has_no_auc_or_ne(self) -> None:
+        """torchrec gives such a window AUC 0.5 and an NE of ~1e12 (its click rate's entropy is 0), which
+        metrics.jsonl recorded as numbers; held-out metrics of one class are NaN (null in the records)."""
+        metrics = WindowedTrainMetrics(window=8, every=1, batch_size=4, world_size=1, rank=0,
+                                       device=torch.device("cpu"))
+        values = metrics.update(torch.randn(4), torch.ones(4))
+        assert values["ctr"] == 1.0 and math.isnan(values["auc"]) and math.isnan(values["ne"]), values
+        assert values["calibration"] > 0
+        values = metrics.update(torch.randn(4), torch.zeros(4))  # the window holds both classes now
+        assert values["ctr"] == 0.5 and 0.0 <= values["auc"] <= 1.0 and 0.0 < values["ne"] < 100, values
 
     def test_auc_keeps_exactly_the_window_when_it_is_no_whole_number_of_batches(self) -> None:
         stream = _stream(batches=5, batch_size=8, seed=1)
