@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from tqdm import tqdm
 
+from recsys_llm.data.compressed import COMPRESSED_SUFFIXES, open_text
 from recsys_llm.data.hashing import hash_strings
 from recsys_llm.data.parquet_writer import arrow_schema_for, open_split_writers, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
@@ -116,29 +117,10 @@ def criteo_schema(config: CriteoConfig) -> DatasetSchema:
     )
 
 
-#: compressed inputs pyarrow opens by their name (Terabyte days are published as ``day_N.gz``)
-_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
-
-
-#: leading bytes of the compressed formats, for a compressed file whose name has no suffix
-#: (``day_0`` saved from a ``day_0.gz`` download): read as it is rather than refused as 3 columns of binary
-_MAGIC_CODECS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"))
-
-
-def _codec(path: str) -> Optional[str]:
-    """The compression of the file at ``path``: by its suffix, else by its first bytes; None when plain."""
-    if path.endswith(_COMPRESSED_SUFFIXES):
-        return pa.Codec.detect(path).name
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    return next((codec for magic, codec in _MAGIC_CODECS if head.startswith(magic)), None)
-
-
 def _open(path: str, opened: Optional[pa.NativeFile] = None) -> pa.NativeFile:
     """The bytes of the file at ``path`` (read from ``opened``, that file opened, where given), decompressed
-    when its name ends in a compression suffix (as ``pyarrow.csv`` reads it) or its first bytes are a
-    compressed format's."""
-    return pa.input_stream(path if opened is None else opened, compression=_codec(path))
+    when its name ends in a compression suffix (in any case) or its first bytes are a compressed format's."""
+    return open_text(path, opened)
 
 
 def _read(handle: pa.NativeFile, size: int, path: str) -> bytes:
@@ -154,10 +136,10 @@ def _read(handle: pa.NativeFile, size: int, path: str) -> bytes:
 def default_delimiter(path: str) -> str:
     """``","`` for a ``.csv`` file (also ``.csv.gz`` etc.), else tab."""
     name = path
-    for suffix in _COMPRESSED_SUFFIXES:
-        if name.endswith(suffix):
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
-    return "," if name.endswith(".csv") else "\t"
+    return "," if name.lower().endswith(".csv") else "\t"
 
 
 def _count_data_lines(path: str, limit: Optional[int] = None, progress: bool = False, block: int = 1 << 24) -> int:

@@ -199,6 +199,21 @@ def test_a_compressed_csv_is_read_as_the_csv_it_holds(tmp_path, suffix, compress
         assert pq.read_table(schema.split_path(split)).equals(pq.read_table(expected.split_path(split)))
 
 
+@pytest.mark.parametrize("name, compression", [("clicks.csv", "gzip"), ("CLICKS.CSV.GZ", "gzip"),
+                                               ("clicks.csv", "zstd"), ("clicks.txt", "bz2")])
+def test_a_compressed_csv_of_another_name_is_read_by_its_first_bytes(tmp_path, name, compression):
+    """A clicks.csv saved from a clicks.csv.gz download, or a Windows CLICKS.CSV.GZ, was read as columns of binary
+    ("missing column(s) ...; the file has columns ['\\x1f\\x8b...']"); prepare criteo already read such a file."""
+    plain = _csv(tmp_path / "plain.csv", _rows())
+    packed = str(tmp_path / name)
+    with open(plain, "rb") as source, pa.CompressedOutputStream(packed, compression) as target:
+        target.write(source.read())
+    expected = prepare_tabular(plain, _schema_file(tmp_path), str(tmp_path / "plain"), TabularConfig(split_by="ts"))
+    schema = prepare_tabular(packed, _schema_file(tmp_path), str(tmp_path / "packed"), TabularConfig(split_by="ts"))
+    for split in schema.splits:
+        assert pq.read_table(schema.split_path(split)).equals(pq.read_table(expected.split_path(split)))
+
+
 @pytest.mark.parametrize("case", ["cut short", "cut in its header", "plain text named .gz"])
 def test_a_damaged_compressed_csv_is_named_not_a_traceback(tmp_path, case):
     """pyarrow's bare OSError (Truncated compressed stream, zlib inflate failed) came out as a traceback."""
@@ -303,6 +318,34 @@ def test_csv_words_like_na_and_null_are_values_only_the_empty_cell_is_missing(tm
     schema = prepare_tabular(data, schema_path, str(tmp_path / "out2"),
                              TabularConfig(fill_missing_dense=0.0, missing_tokens=("", "NA", "N/A")))
     assert schema.load_value_text("country")["text"].to_pylist() == ["unknown", "DE", "null"]
+
+
+def test_a_missing_token_is_missing_in_numeric_columns_too(tmp_path):
+    """MySQL's SELECT ... INTO OUTFILE and PostgreSQL's text COPY write NULL as \\N: --missing-token '\\N' read it as
+    missing in string columns only, so a dense column's \\N stayed refused even with --fill-missing-dense."""
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "city", "kind": "sparse", "cardinality": 10},
+                                                       {"name": "price", "kind": "dense"}]}
+    schema_path = _schema_file(tmp_path, raw)
+    data = _city_data(tmp_path, "d.csv", ["Paris", "Lyon", "\\N", "Nice"] * 25, ["1.5", "\\N", "2.5", "3.5"] * 25)
+    with pytest.raises(DataError, match=r"d\.csv: column 'price', data row 1 .*'\\\\N' is not a number; .*--missing-token"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(fill_missing_dense=0.0))
+    with pytest.raises(DataError, match=r"d\.csv: column 'price', data row 1 .*null value"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"), TabularConfig(missing_tokens=("", "\\N")))
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"),
+                             TabularConfig(fill_missing_dense=-1.0, missing_tokens=("", "\\N")))
+    assert schema.load_value_text("city")["text"].to_pylist() == ["unknown", "Lyon", "Nice", "Paris"]
+    table = pa.concat_tables([pq.read_table(schema.split_path(s)) for s in schema.splits]).sort_by("row_id")
+    assert table["price"].to_pylist()[:4] == [1.5, -1.0, 2.5, 3.5] and table["city"].to_pylist()[2] == 0
+
+
+def test_a_latin1_header_is_named_not_utf8(tmp_path):
+    """A header written in Windows-1252 ('cit\\xe9') was only listed as 'cit\\ufffd' beside the missing 'cité'."""
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "cité", "kind": "sparse", "cardinality": 10},
+                                                       {"name": "price", "kind": "dense"}]}
+    path = tmp_path / "d.csv"
+    path.write_bytes("cité,price,clicked\nParis,1.5,1\nLyon,2.5,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"d\.csv: missing column\(s\) \['cité'\] .*the header is not UTF-8 .*iconv"):
+        prepare_tabular(str(path), _schema_file(tmp_path, raw), str(tmp_path / "out"))
 
 
 def test_a_missing_marker_among_integer_ids_is_missing_not_a_vocabulary(tmp_path):
@@ -1253,13 +1296,15 @@ def test_a_sequence_joined_by_another_separator_is_warned_about(tmp_path, recwar
     ("json lines", r"the file looks like JSON \(lines\); prepare tabular reads CSV or Parquet"),
     ("utf-16", r"the file looks UTF-16 encoded; expected UTF-8 text"),
     ("tab separated", r"the header is one column holding '\\t': pass --delimiter '\\t'"),
+    ("excel sep= line", r"the first line is Excel's delimiter line \('sep=;'\), not the header; .*delete that line"),
 ])
 def test_a_file_that_is_no_csv_of_its_delimiter_says_what_it_looks_like(tmp_path, case, hint):
     """Each listed nonsense columns ('{"event_id": 0', '\\x00u\\x00s\\x00e\\x00r') or 'the file has columns []'."""
     path = tmp_path / "clicks.csv"
     plain = open(_csv(tmp_path / "plain.csv", _rows(5)), encoding="utf-8").read()
     path.write_bytes({"empty": b"", "json lines": b'{"user": 1, "clicked": 0}\n{"user": 2, "clicked": 1}\n',
-                      "utf-16": plain.encode("utf-16"), "tab separated": plain.replace(",", "\t").encode()}[case])
+                      "utf-16": plain.encode("utf-16"), "tab separated": plain.replace(",", "\t").encode(),
+                      "excel sep= line": b"sep=;\n" + plain.replace(",", ";").encode()}[case])
     with pytest.raises(DataError, match=rf"clicks\.csv: missing column\(s\) .*{hint}"):
         prepare_tabular(str(path), _schema_file(tmp_path), str(tmp_path / "out"))
 

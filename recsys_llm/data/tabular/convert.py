@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from recsys_llm.data.compressed import open_text
 from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array, open_split_writers, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError, load_raw, schema_file
 from recsys_llm.data.synthetic import write_value_text
@@ -337,12 +338,19 @@ def format_hint(path: str, available: List[str], config: TabularConfig) -> str:
         return ""
     if not available:
         return "the file is empty (no header line); "
-    with pa.input_stream(path, compression="detect") as handle:  # a .csv.gz as its CSV
+    with open_text(path) as handle:  # a .csv.gz as its CSV
         head = handle.read(4)
     if head[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in head:
         return "the file looks UTF-16 encoded; expected UTF-8 text (save it as UTF-8); "
+    if any("\ufffd" in name for name in available):
+        return ("the header is not UTF-8 (a latin-1 or Windows-1252 export?); expected a UTF-8 file (re-save it as "
+                "UTF-8, e.g. iconv -f latin1 -t utf-8); ")
     if available[0].lstrip("\ufeff").lstrip().startswith(("{", "[")):
         return "the file looks like JSON (lines); prepare tabular reads CSV or Parquet; "
+    if available[0].lstrip("\ufeff").lower().startswith("sep=") and len(available) <= 2:
+        line = config.delimiter.join(available).lstrip("\ufeff")
+        return (f"the first line is Excel's delimiter line ({line!r}), not the header; expected the header on the "
+                "first line (delete that line, and pass --delimiter for a delimiter other than ','); ")
     other = next((d for d in ("\t", ";", "|", ",") if d != config.delimiter and d in available[0]), None)
     if len(available) == 1 and other:
         return f"the header is one column holding {other!r}: pass --delimiter {other!r}; "

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from recsys_llm.data.compressed import open_text
 from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.tabular.config import SPLIT_TYPES, TabularConfig
@@ -54,8 +55,8 @@ def _csv_columns(path: str, delimiter: str) -> List[str]:
     """The header's column names, quoted ones unquoted and a UTF-8 byte order mark dropped
     (as pyarrow's CSV reader reads them: Excel's "CSV UTF-8" starts with one)."""
     try:
-        with io.TextIOWrapper(pa.input_stream(path, compression="detect"), encoding="utf-8-sig", errors="replace",
-                              newline="") as handle:  # a .csv.gz decompressed, as pyarrow's CSV reader reads it
+        with io.TextIOWrapper(open_text(path), encoding="utf-8-sig", errors="replace",
+                              newline="") as handle:  # a .csv.gz decompressed, as read_blocks reads it
             return next(csv.reader(handle, delimiter=delimiter), [])
     except OSError as error:
         if error.errno is not None:  # the file system's (absent, unreadable): named as it is
@@ -83,14 +84,16 @@ def csv_column_types(path: str, columns: List[str], config: TabularConfig) -> Op
     streaming reader names why). A row of another column count is skipped here: the streaming reader, reading
     with these types, names it. Holds those columns of every row in memory while it reads."""
     try:
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=config.delimiter, newlines_in_values=True,
-                                             invalid_row_handler=lambda row: "skip"),
-            convert_options=pacsv.ConvertOptions(include_columns=columns, strings_can_be_null=False),
-        )
-    except pa.ArrowException:
+        with open_text(path) as stream:
+            table = pacsv.read_csv(
+                stream,
+                read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
+                parse_options=pacsv.ParseOptions(delimiter=config.delimiter, newlines_in_values=True,
+                                                 invalid_row_handler=lambda row: "skip"),
+                convert_options=pacsv.ConvertOptions(include_columns=columns, strings_can_be_null=False,
+                                                     null_values=null_values(config)),
+            )
+    except (pa.ArrowException, OSError):
         return None
     return {name: table.schema.field(name).type for name in columns}
 
@@ -145,20 +148,24 @@ def read_blocks(
         return "error"
 
     try:
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
-            # a quoted cell may span lines (a review, a description): without newlines_in_values, one that
-            # crosses a block's end is cut there ("CSV parser got out of sync with chunker", or a false column count)
-            parse_options=pacsv.ParseOptions(delimiter=config.delimiter, invalid_row_handler=on_invalid,
-                                             newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types={k: v for k, v in types.items() if k in columns},
-                                                 include_columns=columns, strings_can_be_null=False),
-        )
-        row = 0
-        for batch in reader:
-            yield path, row, _missing_as_null(batch, config.missing_tokens)
-            row += batch.num_rows
+        with open_text(path) as stream:  # decompressed by its suffix or, named otherwise, by its first bytes
+            reader = pacsv.open_csv(
+                stream,
+                read_options=pacsv.ReadOptions(block_size=config.block_bytes, use_threads=False),
+                # a quoted cell may span lines (a review, a description): without newlines_in_values, one that
+                # crosses a block's end is cut there ("CSV parser got out of sync with chunker", or a false column
+                # count)
+                parse_options=pacsv.ParseOptions(delimiter=config.delimiter, invalid_row_handler=on_invalid,
+                                                 newlines_in_values=True),
+                # a --missing-token (MySQL's and PostgreSQL's \N) is missing in numeric columns too
+                convert_options=pacsv.ConvertOptions(column_types={k: v for k, v in types.items() if k in columns},
+                                                     include_columns=columns, strings_can_be_null=False,
+                                                     null_values=null_values(config)),
+            )
+            row = 0
+            for batch in reader:
+                yield path, row, _missing_as_null(batch, config.missing_tokens)
+                row += batch.num_rows
     except OSError as error:  # decompression, not conversion (pyarrow's ArrowIOError is one)
         if error.errno is not None:
             raise
@@ -253,12 +260,19 @@ def _conversion_error(path: str, schema: DatasetSchema, config: TabularConfig, m
         return f"{where}: {value!r} is not {kind} like the column's first rows; expected {SPLIT_TYPES}"
     if column in schema.dense_feature_names:
         return (f"{where}: {value!r} is not a number; expected a number in every row of dense field {column!r} "
-                "(a missing value is an empty cell or NA, which --fill-missing-dense replaces)")
+                "(a missing value is an empty cell, NA or a --missing-token, which --fill-missing-dense replaces)")
     if column == schema.label:
         return (f"{where}: {value!r} is not a number; expected a 0/1 label (or a number to binarise with "
                 "--label-threshold)")
     return (f"{where}: {value!r} is not {kind} like the column's first rows; expected one type per column "
             f"(the CSV reader took {type_name} from the first rows)")
+
+
+def null_values(config: TabularConfig) -> List[str]:
+    """The cells a numeric CSV column reads as missing: pyarrow's usual markers (empty, ``NA``, ``NaN``, ``null``,
+    ``N/A``, ...) and ``config.missing_tokens``."""
+    usual = list(pacsv.ConvertOptions().null_values)
+    return usual + [token for token in config.missing_tokens if token not in usual]
 
 
 def null_where_in(strings: pa.Array, tokens: pa.Array) -> pa.Array:
