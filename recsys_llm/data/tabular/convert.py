@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import os
 import re
+import shlex
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -23,8 +25,8 @@ from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig
 from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types, first_line, is_parquet,
                                             read_blocks, repeated_columns, source_columns)
 from recsys_llm.data.tabular.splits import random_split, split_of_rows
-from recsys_llm.data.tabular.tokens import (ID_WAY_OF_PLAN, INTEGER_PATTERN, FieldPlan, field_tokens, plan_fields,
-                                            token_ids, without_unknown_tokens)
+from recsys_llm.data.tabular.tokens import (ID_WAY_OF_PLAN, INTEGER_PATTERN, NULL_MARKERS, FieldPlan, field_tokens,
+                                            plan_fields, token_ids, without_unknown_tokens)
 from recsys_llm.data.validation import (
     DataError,
     check_dense,
@@ -251,6 +253,9 @@ def _convert(
                 f"{user_schema.value_text_path(spec.name)}, keyed by the column's ids, which would describe no id; "
                 "expected integer ids (or drop value_text from the field)"
             )
+    for name, plan in plans.items():
+        if plan.mode == "vocab":
+            _warn_of_missing_markers(data_path, name, plan.vocabulary)
     total = len(split_values) if split_values is not None else rows
     split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
     schema = _output_schema(user_schema, plans, out_dir, user_texts)
@@ -312,6 +317,21 @@ def _user_value_text(user_schema: DatasetSchema, field: str) -> pa.Table:
     columns = {name: table.column(name) for name in table.column_names}
     columns.update(id=ids, text=text)
     return pa.table(columns)
+
+
+#: values that usually stand for a missing one: pyarrow's CSV markers, a database export's \\N, Python's None
+MISSING_LOOKING = sorted(NULL_MARKERS | {"\\N", "None", "none", "NONE", "Null"})
+
+
+def _warn_of_missing_markers(data_path: str, name: str, vocabulary: pa.Array) -> None:
+    """Warns where a field's vocabulary holds values such as ``NA``, ``NULL`` or ``\\N``: in a CSV they are words
+    unless ``--missing-token`` says otherwise, so they became categories (and texts the LLM reads) of their own."""
+    found = vocabulary.filter(pc.is_in(vocabulary, value_set=pa.array(MISSING_LOOKING))).to_pylist()
+    if found:
+        options = " ".join(f"--missing-token {shlex.quote(value)}" for value in found)
+        warnings.warn(f"{data_path}: column {name!r} holds {found}, taken as values of their own (categories with "
+                      f"ids and texts); if they mean a missing value, prepare again with {options} (id 0, as an "
+                      "empty cell)", stacklevel=3)
 
 
 def write_vocabulary(path: str, vocabulary: pa.Array) -> None:
