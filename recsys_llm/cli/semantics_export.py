@@ -273,7 +273,8 @@ def _export(args: argparse.Namespace) -> int:
 
         check_run_dir_shared(args.output_dir, setting="--output-dir",
                              use="Every rank writes its chunks into --output-dir, and rank 0 attaches them all")
-    model = load_ctr_llm(args.llm, trust_remote_code=args.trust_remote_code, device=device)
+    model = load_ctr_llm(args.llm, model_path=os.path.abspath(args.model) if args.model else None,
+                         trust_remote_code=args.trust_remote_code, device=device)
     encode = _CutTextCounter(model, args.output)
     written = export_schema_vectors(
         schema, splits, renderer, encode, args.output_dir, model.provenance(args.output), config,
@@ -504,6 +505,9 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     export = group_subparsers.add_parser("export", help="export CTR-adapted LLM vectors per row or entity (ELEC)")
     export.add_argument("--schema", required=True, help="schema.json (or its directory)")
     export.add_argument("--llm", required=True, help="directory written by 'semantics adapt'")
+    export.add_argument("--model", default=None,
+                        help="the base model directory --llm was adapted on, where it moved or was copied to (default: "
+                             "the one its config.json names); its files are checked against the adapted LLM's record")
     export.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     export.add_argument("--output-dir", required=True, help="chunked Parquet vectors + manifest (resumable)")
     export.add_argument("--splits", nargs="*", default=None,

@@ -137,8 +137,8 @@ def check_base_model(directory: str, model_path: str) -> None:
     if current != recorded:
         raise ValueError(
             f"{directory}: adapted on base model {base!r} whose config and weights have "
-            f"fingerprint {recorded}, but those at {model_path} have {current} (replaced, or another model); point "
-            "model_path in config.json at the model it was adapted on, or run `semantics adapt` again"
+            f"fingerprint {recorded}, but those at {model_path} have {current} (replaced, or another model); give the "
+            "model it was adapted on (semantics export --model), or run `semantics adapt` again"
         )
 
 
@@ -230,6 +230,12 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
     config = read_ctr_llm_config(directory)
     if model_path is not None:
         config.model_path = model_path
+    elif not os.path.isdir(config.model_path):
+        raise FileNotFoundError(
+            f"{directory}: the base model it was adapted on, {config.model_path} (config.json model_path), is not "
+            "there; if it moved (or the adapted LLM was copied to another machine), give its directory now "
+            "(semantics export --model; model_path= in Python): its files are checked against the adapted LLM's"
+        )
     check_base_model(directory, config.model_path)
     # both files are read before the base model loads: a damaged one is named at once
     tuned = _read_ctr_llm_tensors(directory, "llm_tuned.safetensors")

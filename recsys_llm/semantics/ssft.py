@@ -604,6 +604,10 @@ class SSFTTrainer:
     def save_adapter(self) -> str:
         """Writes the final adapter and ``ssft.json`` (base model, fields, templates, pooling)."""
         final = os.path.join(self._output_dir, "adapter")
+        # peft writes the base in adapter_config.json as --model was typed: a relative path would name
+        # another directory (or a Hub id) from any other working directory; the absolute one, as ssft.json has it
+        for peft_config in getattr(self._encoder.model, "peft_config", {}).values():
+            peft_config.base_model_name_or_path = os.path.abspath(self._model_path)
         with checkpoint_swap(final) as tmp:  # Ctrl-C or SIGTERM while writing: no half-written adapter.tmp is left
             self._encoder.model.save_pretrained(tmp)
             config_path = os.path.join(tmp, "adapter_config.json")  # peft's set of target modules, in hash order
