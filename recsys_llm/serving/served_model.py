@@ -4,6 +4,7 @@ import bisect
 import json
 import math
 import os
+import time
 import warnings
 import zipfile
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
@@ -22,6 +23,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.tabular.raw_values import raw_value_ids
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import IdRules
+from recsys_llm.atomic_dir import swapped_out_path
 from recsys_llm.paths import is_plain_file_name
 from recsys_llm.serving.artifact import (
     CONFIG_DIGEST_KEY,
@@ -69,6 +71,28 @@ CHECKPOINT_PREFIX = "ckpt-"
 CONFIG_KEYS = ("feature_names", "num_dense_features", "state", "tables", "dense_program")  # besides format_version
 FILE_KEYS = ("state", "tables", "semantic_tables", "dense_program")  # config.json keys that name artifact files
 OPTIONAL_FILE_KEYS = ("semantic_tables", "dense_program")  # null: no such file (no entity tables; no program)
+# loads of a directory that an export swapped meanwhile (a hot reload beside `recsys-llm export` into the same path)
+LOAD_ATTEMPTS = 5
+SWAP_WAIT_S = 0.05  # between the two renames of a swap the directory is missing for a moment
+
+
+def _directory_identity(directory: str) -> Optional[Tuple[int, int]]:
+    """(device, inode) of ``directory``; None while it is missing. An export swaps a new directory in under the
+    same name (``atomic_dir.replace_directory``), so another identity means another export."""
+    try:
+        found = os.stat(directory)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _swapped_meanwhile(directory: str, before: Optional[Tuple[int, int]]) -> bool:
+    """Whether an export swapped ``directory`` since its identity was ``before``, or is swapping it now (the
+    directory missing while the swap's previous copy, ``.<name>.old``, is beside it)."""
+    now = _directory_identity(directory)
+    if now is None:
+        return os.path.isdir(swapped_out_path(directory))
+    return now != before  # another directory under the name (or one that appeared: before None)
 
 
 def _raise_damaged(path: str, problem: str, error: Optional[BaseException] = None) -> NoReturn:
@@ -412,6 +436,11 @@ class ServedModel(nn.Module):
         writes; weights with NaN / inf; bytes other than the SHA-256 that ``config.json`` recorded
         at export) is one ValueError naming the file: export again.
 
+        A load that overlaps an export into the same directory (a hot reload while ``recsys-llm export
+        --output`` replaces the artifact) reads the files of one export: the export swaps the new directory in whole,
+        and a load that saw the swap (files of both exports, or the directory missing between the swap's two
+        renames) loads again, up to a few times, instead of calling the artifact damaged.
+
         Warns (UserWarning) when the artifact was exported with another torch, torchrec or
         fbgemm_gpu version (``config.json``: ``versions``).
 
@@ -421,6 +450,22 @@ class ServedModel(nn.Module):
             ValueError: another format version, a ``--state-only`` export, a training run or checkpoint
                 directory (export it first), no program was exported, or the artifact is damaged or incomplete.
         """
+        for _ in range(LOAD_ATTEMPTS - 1):
+            before = _directory_identity(directory)
+            try:
+                served = cls._load_once(directory, trust_program)
+            except (ValueError, OSError):  # a mix of two exports reads as damage; a missing directory as absent
+                if not _swapped_meanwhile(directory, before):
+                    raise
+            else:
+                if not _swapped_meanwhile(directory, before):
+                    return served
+            time.sleep(SWAP_WAIT_S)
+        return cls._load_once(directory, trust_program)  # swapped at every try: whatever this one reads
+
+    @classmethod
+    def _load_once(cls, directory: str, trust_program: bool) -> "ServedModel":
+        """One pass of :meth:`load` over ``directory``'s files."""
         if os.path.isfile(directory):
             raise NotADirectoryError(f"{directory}: a file; expected an export artifact's directory (`recsys-llm "
                                      f"export --output`), e.g. {os.path.dirname(directory) or '.'}")
