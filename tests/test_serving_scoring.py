@@ -210,6 +210,22 @@ def test_the_command_refuses_an_existing_output_before_loading_the_artifact(expo
     assert output.read_bytes() == b"yesterday's scores"
 
 
+def test_an_empty_output_is_refused_not_scored_into_nowhere(exported: Dict[str, str], tmp_path, capsys,
+                                                            monkeypatch) -> None:
+    """``--output ''`` names no file: it was taken as given, every row scored and the scores silently dropped
+    (on several ranks rank 0 then wrote to no writer)."""
+    schema = DatasetSchema.load(exported["data"])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"--output '': names no file"):
+        score_split(served, schema, "test", output="", progress=False)
+    arguments = ["score", "--artifact", exported["artifact"], "--data", exported["data"], "--output", "",
+                 "--trust-program", "--no-progress"]
+    assert cli_main(arguments) == 2
+    assert "names no file" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_scores_schema_has_a_row_key_only_where_the_schema_and_its_files_have_one(exported: Dict[str, str]) -> None:
     schema = DatasetSchema.load(exported["data"])
     assert score_columns(schema, True).names == ["row_id", "label", "logit", "probability"]

@@ -61,7 +61,11 @@ def score_columns(schema: DatasetSchema, with_row_key: bool, with_label: bool = 
 def check_scores_output(output: str) -> None:
     """Raises FileExistsError for an ``output`` that exists (scores are never written over), and
     FileNotFoundError for one whose directory does not. Under a process group (collective) rank 0, which writes
-    the file, checks, and every rank raises: the others a RuntimeError that says so."""
+    the file, checks, and every rank raises: the others a RuntimeError that says so. An empty ``output``
+    (``--output ''``) is a ValueError on every rank: it names no file, and the scores would be dropped."""
+    if not output:
+        raise ValueError(f"--output {output!r}: names no file; expected the path of a new Parquet file for the scores "
+                         "(e.g. scores.parquet), or leave --output out to compute the metrics only")
 
     def check_on_rank_0() -> None:
         if not is_main_process():
@@ -221,7 +225,7 @@ def score_split(
 
     # on an error the writer removes its temp file: nothing appears at ``output``; its temp file is its own and
     # linked into place, so scores another process wrote there meanwhile are left as they are
-    opened = SplitWriter(output, columns_out, replace=False) if output and rank == 0 else None
+    opened = SplitWriter(output, columns_out, replace=False) if output is not None and rank == 0 else None
     with opened if opened is not None else contextlib.nullcontext() as writer:
         rows, seconds = run_on_every_rank(score_own_rows, f"scoring {split}")
         if output is not None and world_size > 1:
