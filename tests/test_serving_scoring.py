@@ -447,3 +447,25 @@ def test_a_rank_without_rows_sends_none_and_the_file_holds_every_row(exported: D
     assert [result["rows"] for result in results] == [2, 2, 2]
     logits = torch.load(exported["task_logits"], weights_only=True)[:2]
     torch.testing.assert_close(torch.tensor(pq.read_table(output)["logit"].to_numpy()), logits)
+
+
+def test_the_cold_item_column_of_the_run_is_the_one_scored(exported: Dict[str, str], tmp_path, capsys) -> None:
+    """A run's data.cold_item_column other than is_cold_item: `evaluate` reported its cold/... metrics, `score`
+    silently none (it read the default name alone)."""
+    schema = DatasetSchema.load(exported["data"])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    expected = score_split(served, schema, "test", progress=False)
+    table = _split_table(schema, "test")
+    table = table.rename_columns(["is_new" if name == "is_cold_item" else name for name in table.column_names])
+    split = str(tmp_path / "renamed.parquet")
+    pq.write_table(table, split)
+    renamed = dataclasses.replace(schema, extra_columns=["is_new"])
+    report = score_split(served, renamed, split, progress=False, cold_item_column="is_new")
+    assert report["cold/num_samples"] == expected["cold/num_samples"] > 0
+    assert report["cold/auc"] == expected["cold/auc"]
+    assert "cold/auc" not in score_split(served, schema, "test", progress=False, cold_item_column="")
+    with pytest.raises(ValueError, match=r"cold item column 'is_nwe': the data has no such extra column"):
+        score_split(served, renamed, split, progress=False, cold_item_column="is_nwe")
+    assert cli_main(["score", "--artifact", exported["artifact"], "--data", exported["data"], "--split", "test",
+                     "--trust-program", "--no-progress", "--cold-item-column", ""]) == 0
+    assert "cold/auc" not in json.loads(capsys.readouterr().out)

@@ -157,6 +157,7 @@ def score_split(
     batch_size: int = 8192,
     output: Optional[str] = None,
     progress: bool = True,
+    cold_item_column: str = DEFAULT_COLD_ITEM_COLUMN,
 ) -> Dict[str, Any]:
     """Scores every row of ``split`` with ``served``, in the files' row order.
 
@@ -173,6 +174,9 @@ def score_split(
             schema's), label (when they have one), logit and probability (float32), written atomically (by rank 0);
             None: metrics only.
         progress (bool): a tqdm bar over the batches (rank 0's).
+        cold_item_column (str): the 0/1 extra column of cold items (the run's ``data.cold_item_column``): the
+            ``cold/...`` metrics when the schema has it; another name than the default that it lacks is an error;
+            ``""``: none.
 
     Returns:
         Dict[str, Any]: ``split``, ``rows``, ``ranks``, ``samples_per_s`` (``served.logits`` alone; summed over the
@@ -192,8 +196,12 @@ def score_split(
     check_artifact_fits(served, schema)
     first_file = first_file_columns(schema, split)
     labeled = schema.label in first_file  # else rows to score (a day's traffic before its clicks)
-    cold = labeled and DEFAULT_COLD_ITEM_COLUMN in schema.extra_columns
-    subsets = {"cold": DEFAULT_COLD_ITEM_COLUMN} if cold else {}
+    if cold_item_column and cold_item_column != DEFAULT_COLD_ITEM_COLUMN and \
+            cold_item_column not in schema.extra_columns:
+        raise ValueError(f"cold item column {cold_item_column!r}: the data has no such extra column (extra_columns: "
+                         f"{list(schema.extra_columns)})")
+    cold = labeled and bool(cold_item_column) and cold_item_column in schema.extra_columns
+    subsets = {"cold": cold_item_column} if cold else {}
     reader = ParquetBatchReader(schema, split, batch_size, extras=list(subsets.values()), equal_batches=False,
                                 labels=labeled, rank=rank, world_size=world_size)
     metrics = CTRMetrics(subsets)

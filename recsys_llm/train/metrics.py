@@ -5,7 +5,8 @@ may differ per rank), which computes the numbers from the full set and sends the
 
 * AUC: the Mann-Whitney statistic of the logits over all samples (exact, ties counted half;
   ranked by logit, as probabilities of logits beyond ~37 all round to 1.0 and would tie);
-* LogLoss: mean binary cross-entropy in nats, ``-mean(y log p + (1 - y) log(1 - p))``;
+* LogLoss: mean binary cross-entropy in nats, ``-mean(y log p + (1 - y) log(1 - p))``, computed from the
+  logits (``softplus(l) - y l``: exact for every logit, as the training loss's BCE-with-logits; no clamp);
 * NE (normalized entropy, He et al. 2014): cross-entropy divided by the entropy of the
   mean label, computed with ``torchrec.metrics.ne`` (the same definition as torchrec's NE);
   NaN when the labels hold one class (that entropy is 0).
@@ -30,8 +31,9 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torchmetrics.utilities.distributed import gather_all_tensors
-from torchrec.metrics.ne import compute_cross_entropy, compute_ne
+from torchrec.metrics.ne import compute_ne
 
 from recsys_llm.train.distributed import collective_device, host_group
 
@@ -55,16 +57,17 @@ def _gather_variable_to_rank_0(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def binary_metrics(
-    probabilities: torch.Tensor, labels: torch.Tensor, scores: Optional[torch.Tensor] = None
+    probabilities: torch.Tensor, labels: torch.Tensor, logits: Optional[torch.Tensor] = None,
 ) -> Dict[str, float]:
     """AUC, LogLoss, NE, sample count and mean label of one set.
 
     Args:
         probabilities (torch.Tensor): (N,) click probabilities.
         labels (torch.Tensor): (N,) 0/1 labels.
-        scores (Optional[torch.Tensor]): (N,) scores the AUC ranks by, in the order of the
-            probabilities (e.g. the logits, which keep apart probabilities that round to 1.0);
-            None: the probabilities.
+        logits (Optional[torch.Tensor]): (N,) the logits of the probabilities: the AUC ranks by them (they keep
+            apart probabilities that round to 1.0), and LogLoss and NE's cross-entropy come from them exactly,
+            ``softplus(l) - y l`` (the BCE-with-logits of the training loss) for every logit; None: from the
+            probabilities, clamped to [1e-12, 1 - 1e-12] (a row's cross-entropy capped at 27.6 nats).
 
     Returns:
         Dict[str, float]: ``auc`` and ``ne`` (both NaN when only one class is present: the
@@ -80,16 +83,22 @@ def binary_metrics(
     labels = labels.double()
     positives = labels.sum()
     one_class = positives.item() in (0.0, float(n))
-    auc = math.nan if one_class else _auc(probabilities if scores is None else scores, labels)
+    auc = math.nan if one_class else _auc(probabilities if logits is None else logits, labels)
     calibration = float(probabilities.sum() / positives) if positives > 0 else math.nan
-    # y log p + (1 - y) log(1 - p), its terms computed in place: a (N,) float64 copy less at a time
-    p = probabilities.clamp(_ETA, 1.0 - _ETA)
-    log_q = torch.sub(1.0, p).log_().mul_(torch.sub(1.0, labels))
-    logloss = float(-p.log().mul_(labels).add_(log_q).mean())
-    del log_q
-    ne = math.nan if one_class else _normalized_entropy(p, labels)
-    return {"auc": auc, "logloss": logloss, "ne": ne, "num_samples": float(n), "ctr": float(positives / n),
-            "calibration": calibration}
+    # the summed cross-entropy -(y log p + (1 - y) log(1 - p)) in nats, its terms computed in place: a (N,) float64
+    # copy less at a time
+    if logits is not None:
+        x = logits.double()
+        cross_entropy = F.softplus(x, threshold=40.0).sub_(x * labels).sum()  # softplus is x itself past 40
+    else:
+        p = probabilities.clamp(_ETA, 1.0 - _ETA)
+        log_q = torch.sub(1.0, p).log_().mul_(torch.sub(1.0, labels))
+        cross_entropy = -p.log_().mul_(labels).add_(log_q).sum()
+    # torchrec's NE, whose cross-entropy is in bits
+    ne = math.nan if one_class else float(compute_ne(cross_entropy / math.log(2.0), labels.new_tensor(float(n)),
+                                                     positives, n - positives, _ETA))
+    return {"auc": auc, "logloss": float(cross_entropy / n), "ne": ne, "num_samples": float(n),
+            "ctr": float(positives / n), "calibration": calibration}
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -109,23 +118,14 @@ def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives))
 
 
-def _normalized_entropy(clamped: torch.Tensor, labels: torch.Tensor) -> float:
-    """torchrec's NE of a set holding both classes (float64 (N,) labels and probabilities clamped to
-    [``_ETA``, 1 - ``_ETA``], which torchrec's in-place clamp then leaves as they are)."""
-    positives = labels.sum()
-    weight = labels.new_ones(())  # every row weighs 1: a scalar broadcast, not an (N,) tensor of ones
-    ce_sum = compute_cross_entropy(labels, clamped, weight, _ETA).sum()
-    return float(compute_ne(ce_sum, labels.new_tensor(float(labels.numel())), positives,
-                            labels.numel() - positives, _ETA))
-
-
 class CTRMetrics:
     """Accumulates (logit, label) pairs on each rank; ``compute`` reduces over all ranks.
 
     Args:
         subsets (Optional[Mapping[str, str]]): subset name -> ``Batch.extras`` key of a (B,)
             0/1 mask; metrics of the masked samples are reported as ``"{name}/{metric}"``.
-            A mask missing from a batch is an error (the data lacks that column).
+            A mask missing from a batch is an error (the data lacks that column), and so is, at ``compute``,
+            a mask value other than 0 and 1 (a -1 or 2 would otherwise count as in the subset).
     """
 
     def __init__(self, subsets: Optional[Mapping[str, str]] = None) -> None:
@@ -150,21 +150,30 @@ class CTRMetrics:
         for name, key in self._subsets.items():
             if extras is None or key not in extras:
                 raise KeyError(f"metric subset {name!r} needs batch extra {key!r}; extras present: {sorted(extras or {})}")
-            self._masks[name].append(extras[key].detach().reshape(-1).bool())
+            marker = extras[key].detach().reshape(-1)
+            # 1: in the subset, 0: not, 2: any other value (refused at compute, on every rank: no host sync here)
+            self._masks[name].append(torch.where((marker == 0) | (marker == 1), marker, 2).to(torch.uint8))
 
     def compute(self) -> Dict[str, float]:
         """Metrics over every sample seen by every rank (a collective: call on all ranks; rank 0 computes them)."""
         logits = _gather_variable_to_rank_0(torch.cat(self._logits) if self._logits else torch.zeros(0)).cpu()
         labels = _gather_variable_to_rank_0(torch.cat(self._labels) if self._labels else torch.zeros(0)).cpu()
-        masks = {name: _gather_variable_to_rank_0(torch.cat(parts).to(torch.uint8) if parts
-                                                  else torch.zeros(0, dtype=torch.uint8)).cpu().bool()
-                 for name, parts in self._masks.items()}
+        markers = {name: _gather_variable_to_rank_0(torch.cat(parts) if parts
+                                                    else torch.zeros(0, dtype=torch.uint8)).cpu()
+                   for name, parts in self._masks.items()}
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         out: List[Optional[Dict[str, float]]] = [None]
         if not distributed or dist.get_rank() == 0:
-            out[0] = _metrics_with_subsets(logits, labels, masks)
+            other = [self._subsets[name] for name, marker in markers.items() if bool((marker == 2).any())]
+            if other:  # told to every rank below, so that all of them raise (none waits in a collective)
+                out[0] = {"error": f"metric subset column(s) {other} hold values other than 0/1; a subset's column "
+                                   "marks its rows with 1 and the others with 0"}
+            else:
+                out[0] = _metrics_with_subsets(logits, labels, {name: marker == 1 for name, marker in markers.items()})
         if distributed:
             dist.broadcast_object_list(out, src=0, group=host_group())
+        if "error" in out[0]:
+            raise ValueError(out[0]["error"])
         return out[0]
 
 

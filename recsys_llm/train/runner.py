@@ -589,9 +589,13 @@ def warn_undefined_test_metrics(metrics: Dict[str, Any]) -> None:
     (every label 1, say) has none, and the results table would otherwise print ``nan`` without a word."""
     auc = metrics.get("auc")
     if auc is not None and math.isnan(auc):
-        warnings.warn("test AUC and NE are undefined (nan; null in results.json): the test split's "
+        clickless = metrics.get("ctr") == 0.0  # calibration divides by the clicks
+        stand = ("its LogLoss stands (calibration, predicted over actual clicks, is undefined without a click)"
+                 if clickless else "its LogLoss and calibration stand")
+        what = "AUC, NE and calibration are" if clickless else "AUC and NE are"
+        warnings.warn(f"test {what} undefined (nan; null in results.json): the test split's "
                       f"{metrics.get('num_samples', 0):.0f} row(s) hold one class only (click rate "
-                      f"{metrics.get('ctr', math.nan):.3f}); its LogLoss and calibration stand", stacklevel=2)
+                      f"{metrics.get('ctr', math.nan):.3f}); {stand}", stacklevel=2)
 
 
 def _resume_line(run_dir: str, checkpoint: str, state: TrainState) -> str:

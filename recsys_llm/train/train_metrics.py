@@ -127,7 +127,8 @@ class WindowedTrainMetrics:
 
         Returns:
             Optional[Dict[str, float]]: ``auc``, ``ne``, ``calibration`` and ``ctr`` (its click rate) of the window at
-            a computing step, else None; a window of one class (``ctr`` 0 or 1) has no AUC or NE (NaN).
+            a computing step, else None; a window of one class (``ctr`` 0 or 1) has no AUC or NE (NaN), and one without a click no
+            calibration (NaN).
         """
         predictions = torch.sigmoid(logits.detach().reshape(-1).float())  # (B,)
         labels = labels.detach().reshape(-1).float()  # (B,)
@@ -138,4 +139,7 @@ class WindowedTrainMetrics:
         if self.computed is not None and self.computed["ctr"] in (0.0, 1.0):
             # one class: torchrec gives AUC 0.5 and an NE of ~1e12 (its entropy term is 0), held-out metrics NaN
             self.computed.update(auc=math.nan, ne=math.nan)
+        if self.computed is not None and self.computed["ctr"] == 0.0:
+            # no click to divide by: torchrec gives 0.0 (as if nothing were predicted), held-out metrics NaN
+            self.computed["calibration"] = math.nan
         return self.computed

@@ -187,3 +187,51 @@ def test_one_row_has_its_logloss_and_calibration_and_no_auc() -> None:
     assert out["logloss"] == pytest.approx(math.log(4)) and out["calibration"] == pytest.approx(0.25)
     assert out["num_samples"] == 1.0 and out["ctr"] == 1.0
     assert math.isnan(out["auc"]) and math.isnan(out["ne"])
+
+
+@pytest.mark.parametrize("marker", [2.0, -1.0])
+def test_a_subset_marker_other_than_0_or_1_is_refused_not_counted_in_the_subset(marker: float) -> None:
+    """A -1 ("unknown") or 2 in a cold-item column counted as cold (the mask was ``!= 0``)."""
+    metrics = CTRMetrics({"cold": "is_cold_item"})
+    metrics.update(torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                   {"is_cold_item": torch.tensor([1, 0, 1, int(marker)])})
+    with pytest.raises(ValueError, match=r"\['is_cold_item'\] hold values other than 0/1"):
+        metrics.compute()
+    metrics.reset()
+    metrics.update(torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                   {"is_cold_item": torch.tensor([True, False, True, False])})
+    assert metrics.compute()["cold/num_samples"] == 2.0
+
+
+def _marker_refused_on_every_rank():
+    ctx = init_distributed("cpu")
+    metrics = CTRMetrics({"cold": "is_cold_item"})
+    marker = torch.tensor([1, 0, 2]) if ctx.rank == 1 else torch.tensor([1, 0, 0])  # only rank 1 holds the 2
+    metrics.update(torch.tensor([0.1, -0.2, 0.3]), torch.tensor([1.0, 0.0, 1.0]), {"is_cold_item": marker})
+    try:
+        metrics.compute()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.multiprocess
+def test_a_subset_marker_other_than_0_or_1_on_one_rank_is_refused_on_every_rank() -> None:
+    """Every rank raises (rank 0 tells them): none is left waiting in a collective."""
+    for message in run_multiprocess(_marker_refused_on_every_rank, world_size=2):
+        assert message is not None and "hold values other than 0/1" in message
+
+
+def test_the_logloss_of_logits_beyond_the_clamp_is_that_of_the_logits() -> None:
+    """Probabilities clamped to [1e-12, 1 - 1e-12] capped a row at 27.6 nats: a negative at logit 40 gave a LogLoss
+    of 14.16 for these two rows instead of the 20.35 of BCE-with-logits (the run's ``loss``)."""
+    logits = torch.tensor([40.0, 0.0, -45.0])
+    labels = torch.tensor([0.0, 1.0, 1.0])
+    metrics = CTRMetrics({"all": "every_row"})
+    metrics.update(logits, labels, {"every_row": torch.ones(3)})
+    out = metrics.compute()
+    expected = float(torch.nn.functional.binary_cross_entropy_with_logits(logits.double(), labels.double()))
+    assert out["logloss"] == pytest.approx(expected, rel=1e-12) == pytest.approx((40 + math.log(2) + 45) / 3)
+    ctr = 2 / 3
+    assert out["ne"] == pytest.approx(expected / -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)), rel=1e-9)
+    assert out["all/logloss"] == out["logloss"] and out["all/ne"] == out["ne"]

@@ -64,6 +64,16 @@ class TestWindowedTrainMetrics:
         values = metrics.update(torch.randn(4), torch.zeros(4))  # the window holds both classes now
         assert values["ctr"] == 0.5 and 0.0 <= values["auc"] <= 1.0 and 0.0 < values["ne"] < 100, values
 
+    def test_a_window_without_a_click_has_no_calibration(self) -> None:
+        """torchrec gives it 0.0 (as if the model predicted no click), which metrics.jsonl recorded; the held-out
+        calibration of a split without a click is NaN (null)."""
+        metrics = WindowedTrainMetrics(window=8, every=1, batch_size=4, world_size=1, rank=0,
+                                       device=torch.device("cpu"))
+        values = metrics.update(torch.randn(4), torch.zeros(4))
+        assert values["ctr"] == 0.0 and math.isnan(values["calibration"]), values
+        values = metrics.update(torch.randn(4), torch.ones(4))
+        assert values["ctr"] == 0.5 and values["calibration"] > 0, values
+
     def test_auc_keeps_exactly_the_window_when_it_is_no_whole_number_of_batches(self) -> None:
         stream = _stream(batches=5, batch_size=8, seed=1)
         metrics = WindowedTrainMetrics(window=20, every=5, batch_size=8, world_size=1, rank=0,

@@ -17,3 +17,15 @@ def test_a_defined_auc_says_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_undefined_test_metrics({"auc": 0.7, "ne": 0.9, "ctr": 0.3, "num_samples": 10.0})
+
+
+def test_a_test_split_without_a_click_says_its_calibration_is_undefined_too():
+    """It said "its LogLoss and calibration stand" while the table printed calibration nan (no click to divide by)."""
+    with pytest.warns(UserWarning, match=r"test AUC, NE and calibration are undefined .* \(click rate 0\.000\); "
+                                         r"its LogLoss stands \(calibration, predicted over actual clicks, is "
+                                         r"undefined without a click\)"):
+        warn_undefined_test_metrics({"auc": math.nan, "ne": math.nan, "ctr": 0.0, "calibration": math.nan,
+                                     "num_samples": 3.0})
+    with pytest.warns(UserWarning, match=r"test AUC and NE are undefined .*; its LogLoss and calibration stand"):
+        warn_undefined_test_metrics({"auc": math.nan, "ne": math.nan, "ctr": 1.0, "calibration": 0.8,
+                                     "num_samples": 3.0})
