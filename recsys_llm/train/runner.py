@@ -79,6 +79,7 @@ from recsys_llm.train.distributed import (
 from recsys_llm.train.eval_forwards import use_pipelined_eval
 from recsys_llm.train.init_from import INIT_FROM_KEY, check_init_source, load_init_source
 from recsys_llm.train.loss_sums import LossSums
+from recsys_llm.train.lr_schedule import ScheduledLearningRates
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.mixed_precision import autocast_dtype
 from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
@@ -125,7 +126,6 @@ from recsys_llm.train.plan_report import describe_plan, plan_line, weights_text
 from recsys_llm.train.planner_inputs import find_tables, table_weights
 from recsys_llm.train.pooling_factors import planned_without_pooling_factors, table_pooling_factors
 from recsys_llm.train.qcomms import comms_text
-from recsys_llm.train.lr_schedule import ScheduledLearningRates
 from recsys_llm.train.sharding import build_optimizer, dense_gradient_norm, shard_model
 from recsys_llm.train.task_builder import (
     BuiltTask,
@@ -670,36 +670,8 @@ def _validate(
     state.validated_step = state.global_step
     log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
     auc = valid["auc"]
-    warned = set() if warned is None else warned
-    if math.isnan(auc) and ctx.is_main and "one class" not in warned:
-        warned.add("one class")
-        warnings.warn(f"valid AUC at step {state.global_step} is undefined: the validation split holds rows of one "
-                      "class only (or none); no checkpoint of it can be the best, and train.patience counts it as "
-                      "an evaluation without a better AUC", stacklevel=2)
-    # far worse than the click rate alone (NE 1) and than 0.5 for every row (LogLoss ln 2), as a model that is only
-    # undertrained is not (NaN compares False)
-    if valid.get("ne", math.nan) > 1 and valid["logloss"] > DIVERGED_LOGLOSS and ctx.is_main:
-        # a training loss far below ln 2 at the same time: the model memorised its training rows, it did not diverge
-        # "far below": under half the click rate's own LogLoss (NE = LogLoss / that; ln 2 at a 50% click rate), not
-        # ln 2 / 2, which a model diverged on training rows too stays under at a click rate of a few percent
-        click_rate_logloss = valid["logloss"] / valid["ne"]
-        overfits = train_loss is not None and train_loss < click_rate_logloss / 2  # NaN compares False
-        kind = "overfits" if overfits else "diverged"
-        if kind not in warned:
-            warned.add(kind)
-            if overfits:
-                warnings.warn(f"valid LogLoss at step {state.global_step} is {valid['logloss']:.4f} (NE "
-                              f"{valid['ne']:.2f}), far worse than the click rate alone (NE 1), while the epoch's "
-                              f"training loss is {train_loss:.4f}: the model overfits its training split "
-                              "(train.patience stops a run after its best validation; fewer epochs, model.dropout); "
-                              "not repeated at this job's later validations", stacklevel=2)
-            else:
-                warnings.warn(f"valid LogLoss at step {state.global_step} is {valid['logloss']:.4f} (NE "
-                              f"{valid['ne']:.2f}), far worse than the click rate alone (NE 1) or 0.5 for every row "
-                              f"({math.log(2):.4f}): the model has diverged: lower optim.dense_lr / optim.sparse_lr "
-                              "or set optim.max_grad_norm; with an FM-family backbone (fm, fwfm, deepfm) on dense "
-                              "values that are not standardised, such as Criteo's log(1 + x) counts, set "
-                              "model.dense_as_fields=false", stacklevel=2)
+    if ctx.is_main:
+        _warn_of_bad_validation(valid, state.global_step, train_loss, set() if warned is None else warned)
     if not math.isnan(auc) and auc > state.best_metric:
         state.best_metric, state.best_step, state.bad_evals = auc, state.global_step, 0
         best.save(model, optimizer, state)
@@ -712,6 +684,38 @@ def _validate(
         log.write({"event": "early_stop", "global_step": state.global_step, "best_step": state.best_step})
         state.finished, state.stop_reason = True, STOP_PATIENCE
     return valid
+
+
+def _warn_of_bad_validation(valid: Dict[str, float], step: int, train_loss: Optional[float], warned: Set[str]) -> None:
+    """Warns of a validation without an AUC (one class) and of one far worse than the click rate alone, telling a
+    model that overfits (its training loss far below) from one that diverged; each kind once (``warned``, the kinds
+    this job gave: a 1,000-epoch run repeated one at every validation)."""
+    def once(kind: str, message: str) -> None:
+        if kind not in warned:
+            warned.add(kind)
+            warnings.warn(message, stacklevel=4)
+
+    if math.isnan(valid["auc"]):
+        once("one class", f"valid AUC at step {step} is undefined: the validation split holds rows of one class only "
+             "(or none); no checkpoint of it can be the best, and train.patience counts it as an evaluation without a "
+             "better AUC")
+    # far worse than the click rate alone (NE 1) and than 0.5 for every row (LogLoss ln 2), as a model that is only
+    # undertrained is not (NaN compares False)
+    if not (valid.get("ne", math.nan) > 1 and valid["logloss"] > DIVERGED_LOGLOSS):
+        return
+    worse = (f"valid LogLoss at step {step} is {valid['logloss']:.4f} (NE {valid['ne']:.2f}), far worse than the "
+             "click rate alone (NE 1)")
+    # "far below": under half the click rate's own LogLoss (LogLoss / NE; ln 2 at a 50% click rate), which a model
+    # diverged on its training rows too does not reach
+    if train_loss is not None and train_loss < valid["logloss"] / valid["ne"] / 2:  # NaN compares False
+        once("overfits", f"{worse}, while the epoch's training loss is {train_loss:.4f}: the model overfits its "
+             "training split (train.patience stops a run after its best validation; fewer epochs, model.dropout); "
+             "not repeated at this job's later validations")
+    else:
+        once("diverged", f"{worse} or 0.5 for every row ({math.log(2):.4f}): the model has diverged: lower "
+             "optim.dense_lr / optim.sparse_lr or set optim.max_grad_norm; with an FM-family backbone (fm, fwfm, "
+             "deepfm) on dense values that are not standardised, such as Criteo's log(1 + x) counts, set "
+             "model.dense_as_fields=false")
 
 
 def epoch_line(
