@@ -342,6 +342,22 @@ def test_a_missing_token_is_missing_in_numeric_columns_too(tmp_path):
     assert table["price"].to_pylist()[:4] == [1.5, -1.0, 2.5, 3.5] and table["city"].to_pylist()[2] == 0
 
 
+def test_a_missing_token_that_is_a_number_stays_a_number_in_numeric_columns(tmp_path):
+    """--missing-token -1 (a string column's code for unknown) made a dense column's -1 missing too: the command of
+    the day before failed, or with --fill-missing-dense turned every price of -1 into the fill value (another
+    preparation of the same rows than earlier days'); a token that is no number (\\N) is still missing there."""
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "city", "kind": "sparse", "cardinality": 10},
+                                                       {"name": "price", "kind": "dense"}]}
+    schema_path = _schema_file(tmp_path, raw)
+    data = _city_data(tmp_path, "d.csv", ["Paris", "-1", "Lyon", "Nice"] * 25, ["1.5", "-1", "\\N", "0"] * 25)
+    schema = prepare_tabular(data, schema_path, str(tmp_path / "out"),
+                             TabularConfig(fill_missing_dense=7.0, missing_tokens=("", "-1", "0", "\\N")))
+    table = pa.concat_tables([pq.read_table(schema.split_path(s)) for s in schema.splits]).sort_by("row_id")
+    assert table["price"].to_pylist()[:4] == [1.5, -1.0, 7.0, 0.0]  # -1 and 0 numbers as written, \\N filled
+    assert table["city"].to_pylist()[1] == 0  # the string column's -1: missing, as before
+    assert sorted(set(table["clicked"].to_pylist())) == [0, 1]  # a label of 0 is no missing label
+
+
 def test_a_latin1_header_is_named_not_utf8(tmp_path):
     """A header written in Windows-1252 ('cit\\xe9') was only listed as 'cit\\ufffd' beside the missing 'cité'."""
     raw = {"name": "t", "label": "clicked", "fields": [{"name": "cité", "kind": "sparse", "cardinality": 10},

@@ -31,8 +31,8 @@ class TabularConfig:
         missing_tokens (Tuple[str, ...]): CSV cells of string columns (sparse, sequence, extra)
             read as missing; by default only the empty cell, so words such as ``NA``
             (Namibia) or ``null`` stay values. Numeric columns (dense, label) read pyarrow's
-            usual missing markers (empty, ``NA``, ``NaN``, ``null``, ``N/A``, ...) and these
-            tokens (MySQL's ``\\N``).
+            usual missing markers (empty, ``NA``, ``NaN``, ``null``, ``N/A``, ...) and those of
+            these tokens that are no number (MySQL's ``\\N``; ``-1`` stays -1 there).
         vocabulary_fields (Tuple[str, ...]): categorical fields whose values are mapped through
             a vocabulary built from the data even when they are (mostly) integers, e.g. zip codes.
             Without it, a column of integer ids with a few other values is an error.

@@ -270,9 +270,20 @@ def _conversion_error(path: str, schema: DatasetSchema, config: TabularConfig, m
 
 def null_values(config: TabularConfig) -> List[str]:
     """The cells a numeric CSV column reads as missing: pyarrow's usual markers (empty, ``NA``, ``NaN``, ``null``,
-    ``N/A``, ...) and ``config.missing_tokens``."""
+    ``N/A``, ...) and the ``config.missing_tokens`` that are no number (MySQL's ``\\N``, ``unknown``). A token that
+    reads as a number (``-1``, ``0``: a string column's "unknown" code) stays that number in a number column, as
+    it always did: a price of -1 or a label of 0 is not made missing (or filled by ``--fill-missing-dense``)."""
     usual = list(pacsv.ConvertOptions().null_values)
-    return usual + [token for token in config.missing_tokens if token not in usual]
+    return usual + [token for token in config.missing_tokens if token not in usual and not _reads_as_number(token)]
+
+
+def _reads_as_number(token: str) -> bool:
+    """Whether a CSV cell ``token`` is a number to pyarrow's reader (an integer or a float, ``1e3``, ``inf``)."""
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def null_where_in(strings: pa.Array, tokens: pa.Array) -> pa.Array:
