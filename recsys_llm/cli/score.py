@@ -29,6 +29,7 @@ def _score(args: argparse.Namespace) -> int:
     check_versions()
     if started_by_torchrun_on_each_rank():  # each rank scores its share of the rows; rank 0 writes them all
         init_distributed("cpu")
+    args.output = args.output or None  # --output '' (an empty $VAR): none, metrics only
     if args.output is not None:
         check_scores_output(args.output)  # before the artifact is loaded
     schema = DatasetSchema.load(args.data)
@@ -60,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--split", default="test",
                        help="split name of the schema, or a Parquet file or directory of its columns")
     score.add_argument("--output", default=None,
-                       help="a new Parquet file for each row's row key, label, logit and probability (default: none, "
-                            "metrics only); files without the label column are scored without metrics")
+                       help="a new Parquet file for each row's row key, label, logit and probability (default, or '': "
+                            "none, metrics only); files without the label column are scored without metrics")
     score.add_argument("--batch-size", type=integer_at_least(1), default=8192, help="rows per call of the artifact")
     score.add_argument("--cold-item-column", default="is_cold_item",
                        help="the 0/1 extra column marking cold items, for the cold/... metrics (the run's "
