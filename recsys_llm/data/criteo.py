@@ -41,7 +41,7 @@ from recsys_llm.data.hashing import hash_strings
 from recsys_llm.data.parquet_writer import arrow_schema_for, open_split_writers, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
 from recsys_llm.data.tabular.splits import split_bounds
-from recsys_llm.data.validation import DataError, check_labels, check_number, check_split_fractions
+from recsys_llm.data.validation import DataError, check_labels, check_number, check_split_fractions, reads_as_number
 from recsys_llm.progress import bar_options
 
 NUM_DENSE = 13
@@ -192,16 +192,8 @@ def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
     has_id = columns == 2 + NUM_DENSE + NUM_SPARSE
     # a header names label and I1..I13 (no cell empty or a number); a data line with a bad label
     # (``x``) is not one: it is converted, and refused naming its line, not skipped unseen
-    header = all(cell.strip() and not _is_number(cell) for cell in first[int(has_id) : int(has_id) + 1 + NUM_DENSE])
+    header = all(cell.strip() and not reads_as_number(cell) for cell in first[int(has_id) : int(has_id) + 1 + NUM_DENSE])
     return header, has_id
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
 
 
 #: pyarrow's message for a cell it cannot convert; its column index counts every column of the

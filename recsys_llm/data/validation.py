@@ -414,6 +414,16 @@ def check_split_fractions(fractions: Sequence[float], option: str) -> None:
         )
 
 
+def reads_as_number(text: str) -> bool:
+    """Whether the CSV cell ``text`` is a number (an integer or a float: ``-1``, ``1e3``, ``inf``), as a CSV reader
+    takes it."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check_number(
     where: str,
     value: Any,

@@ -15,7 +15,7 @@ from recsys_llm.data.compressed import open_text
 from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.tabular.config import SPLIT_TYPES, TabularConfig
-from recsys_llm.data.validation import DataError, describe_row, open_parquet
+from recsys_llm.data.validation import DataError, describe_row, open_parquet, reads_as_number
 
 # pyarrow's message for a cell its CSV reader cannot convert to the column's type (Row # counts the header as 1)
 _CONVERSION = re.compile(r"In CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to (.+?): invalid value '(.*)'$",
@@ -274,16 +274,7 @@ def null_values(config: TabularConfig) -> List[str]:
     reads as a number (``-1``, ``0``: a string column's "unknown" code) stays that number in a number column, as
     it always did: a price of -1 or a label of 0 is not made missing (or filled by ``--fill-missing-dense``)."""
     usual = list(pacsv.ConvertOptions().null_values)
-    return usual + [token for token in config.missing_tokens if token not in usual and not _reads_as_number(token)]
-
-
-def _reads_as_number(token: str) -> bool:
-    """Whether a CSV cell ``token`` is a number to pyarrow's reader (an integer or a float, ``1e3``, ``inf``)."""
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
+    return usual + [token for token in config.missing_tokens if token not in usual and not reads_as_number(token)]
 
 
 def null_where_in(strings: pa.Array, tokens: pa.Array) -> pa.Array:
