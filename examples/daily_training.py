@@ -1,4 +1,4 @@
-"""Daily training: yesterday's model goes on with today's rows and scores tomorrow's.
+r"""Daily training: yesterday's model goes on with today's rows and scores tomorrow's.
 
 Three days of a shop's clicks are written as CSV files (users' and products' own appeal and the price decide
 the clicks, so what a model learns about a product on one day still holds the next; day 2 brings a new

@@ -109,9 +109,21 @@ installed="$VARIANT torch $TORCH_VERSION fbgemm-gpu $FBGEMM_VERSION torchrec $TO
 if [ "$VARIANT" = cuda ]; then installed="$installed from ${CUDA_INDEX:-none}"; fi
 stamp_key=$( (cat scripts/install.sh setup.py; echo "$installed") | sha256sum | cut -c1-16)-$VARIANT
 stamp="$VENV/.recsys_llm_installed"
+# PYTHON makes a new venv only: one already there keeps its Python, which a user who names another is told
+python_minor='import sys; print("%d.%d" % tuple(sys.version_info[:2]))'
+note_kept_python() {
+  local want have
+  want=$("$PYTHON" -c "$python_minor" 2>/dev/null) || return 0
+  have=$("$VENV/bin/python" -c "$python_minor" 2>/dev/null) || return 0
+  if [ -n "$want" ] && [ -n "$have" ] && [ "$want" != "$have" ]; then
+    echo "[install] note: $VENV is Python $have and stays so; PYTHON=$PYTHON (Python $want) makes a new" \
+         "venv only: remove $VENV, or pass another VENV, to install with it" >&2
+  fi
+}
 # skipped when the stamp matches and the venv's python still runs (its base Python may be gone since, e.g.
 # removed by a distribution upgrade)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ] && "$VENV/bin/python" -c '' >/dev/null 2>&1; then
+  note_kept_python
   echo "[install] $VENV is up to date ($VARIANT); skipping."
   exit 0
 fi
@@ -125,6 +137,8 @@ if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
   else
     "$PYTHON" -m venv "$VENV"
   fi
+else
+  note_kept_python
 fi
 # torch, fbgemm-gpu and torchrec have wheels for CPython 3.10-3.14 only; on another Python pip fails
 # below with "no matching distribution" or a resolution conflict that names no Python version
@@ -159,7 +173,11 @@ isolated_network_options() {
 }
 
 torch_cuda() { "$VENV/bin/python" -c "import torch; print(torch.version.cuda)" 2>/dev/null || echo missing; }
-torch_version() { "$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || echo missing; }
+# the version pip knows (the wheel's metadata), not torch.__version__: PyPI's CUDA build says 2.13.0+cu130
+# there while pip has it as 2.13.0, so a constraint or local-version check on __version__ matches no wheel
+torch_version() {
+  "$VENV/bin/python" -c "import torch, importlib.metadata as m; print(m.version('torch'))" 2>/dev/null || echo missing
+}
 
 echo "[install] variant: $VARIANT (torch $TORCH_VERSION, fbgemm-gpu $FBGEMM_VERSION, torchrec $TORCHREC_VERSION)"
 # fbgemm-gpu and fbgemm-gpu-cpu ship the same package directory: removing one of two installed
@@ -201,9 +219,13 @@ if [ "$VARIANT" = cuda ]; then
 else
   # the CPU build: from the configured sources when they have it, else PyTorch's CPU index;
   # PyPI's plain build (CUDA, several GB) also runs on CPU and is the last resort
+  cpu_index=${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}
   "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
-    || "${PIP[@]}" install --extra-index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}" "torch==$TORCH_VERSION+cpu" \
-    || "${PIP[@]}" install "torch==$TORCH_VERSION"
+    || { echo "[install] torch $TORCH_VERSION+cpu is not in the configured sources (pip's conflict above); trying $cpu_index"
+         "${PIP[@]}" install --extra-index-url "$cpu_index" "torch==$TORCH_VERSION+cpu"; } \
+    || { echo "[install] warning: no torch $TORCH_VERSION+cpu for this Python from $cpu_index either (TORCH_CPU_INDEX_URL" \
+              "names another); installing PyPI's torch $TORCH_VERSION, a CUDA build of several GB that also runs on CPU" >&2
+         "${PIP[@]}" install "torch==$TORCH_VERSION"; }
   "${PIP[@]}" install --no-deps "fbgemm-gpu-cpu==$FBGEMM_VERSION" "torchrec==$TORCHREC_VERSION"
 fi
 # the torch installed above stays: pip would otherwise replace it for a later dependency that asks

@@ -139,10 +139,14 @@ def test_a_second_run_with_another_cuda_index_installs_from_it(tmp_path: Path) -
     assert "--index-url https://download.pytorch.org/whl/cu128 fbgemm-gpu==" in (tmp_path / "python.log").read_text()
 
 
-def fake_torch(tmp_path: Path, version: str, cuda: Optional[str]) -> None:
-    """Puts a ``torch`` of that version and CUDA (None: a CPU build) into the fake venv of ``fake_install_env``."""
+def fake_torch(tmp_path: Path, version: str, cuda: Optional[str], dist_version: Optional[str] = None) -> None:
+    """Puts a ``torch`` of that version and CUDA (None: a CPU build) into the fake venv of ``fake_install_env``;
+    ``dist_version`` is the version of its wheel's metadata (what pip knows), ``version`` when None."""
     package = tmp_path / "site" / "torch"
     package.mkdir(parents=True)
+    dist_info = tmp_path / "site" / f"torch-{dist_version or version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {dist_version or version}\n")
     (package / "__init__.py").write_text(
         f"__version__ = {version!r}\n"
         f"class version:\n    cuda = {cuda!r}\n"
@@ -356,6 +360,37 @@ def test_the_dependencies_installed_after_torch_keep_it(tmp_path: Path) -> None:
     log = (tmp_path / "python.log").read_text()
     assert f"install -c {constraint} pyre-extensions tensordict" in log
     assert f"install -c {constraint} -e .[dev,bench]" in log
+
+
+def test_pypis_cuda_torch_is_kept_and_constrained_by_the_version_pip_knows(tmp_path: Path) -> None:
+    """PyPI's CUDA build says ``2.13.0+cu130`` in ``torch.__version__`` while its wheel is 2.13.0: the constraint
+    ``torch==2.13.0+cu130`` matched no wheel (ResolutionImpossible on tensordict), and the local-version check
+    took it for PyTorch's index's build and installed it again. The CPU install's last resort (PyPI's plain
+    build, e.g. on a Python whose +cpu wheel the configured sources lack) failed the same way."""
+    env = fake_install_env(tmp_path, driver_cuda="13.0")
+    fake_torch(tmp_path, "2.13.0+cu130", "13.0", dist_version="2.13.0")
+    result = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cuda", TORCH_VERSION="2.13.0")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "venv" / "torch-constraint.txt").read_text() == "torch==2.13.0\n"
+    log = (tmp_path / "python.log").read_text()
+    assert "uninstall --yes --quiet torch" not in log
+    assert "--index-url https://pypi.org/simple torch==" not in log
+
+
+def test_a_python_other_than_the_existing_venvs_is_named_not_silently_ignored(tmp_path: Path) -> None:
+    """``make install PYTHON=python3.13`` over a .venv of 3.12 said only "up to date; skipping"."""
+    env = fake_install_env(tmp_path, driver_cuda=None)
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.write_text('#!/bin/sh\ncase "$*" in *version_info*) echo 3.12 ;; esac\nexit 0\n')
+    other = tmp_path / "bin" / "python3.13"
+    other.write_text("#!/bin/sh\necho 3.13\n")
+    other.chmod(0o755)
+    assert run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu").returncode == 0
+    same = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu", PYTHON=str(venv_python))
+    assert same.returncode == 0 and "skipping" in same.stdout and "[install] note" not in same.stderr
+    again = run_install(tmp_path, env, RECSYS_LLM_VARIANT="cpu", PYTHON=str(other))
+    assert again.returncode == 0 and "skipping" in again.stdout
+    assert "is Python 3.12 and stays so; PYTHON=" in again.stderr and "(Python 3.13)" in again.stderr
 
 
 def test_a_venv_path_with_a_space_installs_into_it(tmp_path: Path) -> None:

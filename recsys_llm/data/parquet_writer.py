@@ -37,9 +37,15 @@ def arrow_schema_for(schema: DatasetSchema, extra_types: Optional[Dict[str, pa.D
     return pa.schema(columns, metadata=field_specs_metadata(schema.fields))
 
 
+def numpy_dtype(value_type: pa.DataType) -> np.dtype:
+    """The NumPy dtype of an Arrow primitive type, without pandas: ``DataType.to_pandas_dtype`` imports pandas
+    on pyarrow < 26 (what Python 3.10 gets), which the project does not install."""
+    return pa.array([], type=value_type).to_numpy(zero_copy_only=False).dtype
+
+
 def vector_array(rows: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa.FixedSizeListArray:
     """A fixed_size_list<``value_type``>[d] Arrow array of the vectors ``rows`` (N, d), one per row."""
-    flat = np.ascontiguousarray(rows, dtype=value_type.to_pandas_dtype()).reshape(-1)
+    flat = np.ascontiguousarray(rows, dtype=numpy_dtype(value_type)).reshape(-1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), rows.shape[1])
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import first_file_columns
-from recsys_llm.data.parquet_writer import SplitWriter
+from recsys_llm.data.parquet_writer import SplitWriter, numpy_dtype
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.progress import bar_options
@@ -124,7 +124,7 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
 
 
 def _numpy_dtype(field: pa.Field) -> np.dtype:
-    return np.dtype(field.type.to_pandas_dtype())
+    return numpy_dtype(field.type)
 
 
 def _send_scores(held: List[ScoreColumns], columns: pa.Schema, group: Optional[dist.ProcessGroup]) -> None:

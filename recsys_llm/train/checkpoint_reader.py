@@ -57,8 +57,11 @@ class MetadataUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_GLOBALS:
-            return super().find_class(module, name)
+        # Python 3.13 defines pathlib's classes in pathlib._local, and pickles them under that name; pathlib
+        # itself still has them, so a checkpoint written on 3.13+ also loads on 3.10-3.12
+        known = "pathlib" if module == "pathlib._local" else module
+        if (known, name) in _METADATA_GLOBALS:
+            return super().find_class(known, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(

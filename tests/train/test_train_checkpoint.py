@@ -492,9 +492,27 @@ def test_crafted_metadata_is_refused_without_running_code(tmp_path) -> None:
     with open(path / ".metadata", "wb") as handle:
         pickle.dump(_RunsCodeWhenUnpickled(str(marker)), handle)
     (path / "train_state.json").write_text(TrainState(global_step=1).to_json(), encoding="utf-8")
-    with pytest.raises(pickle.UnpicklingError, match=r"\.metadata: refers to (builtins|io)\.open"):
+    with pytest.raises(pickle.UnpicklingError, match=r"\.metadata: refers to (builtins|_?io)\.open"):
         load_checkpoint(str(path), nn.Linear(2, 2))
     assert not marker.exists()
+
+
+def test_metadata_written_on_python_3_13_loads_on_every_python() -> None:
+    """Python 3.13 pickles DCP's ``StorageMeta.checkpoint_id`` as ``pathlib._local.PosixPath``: every checkpoint
+    written there (each run's best one, reloaded at the end of ``train``) was refused as foreign code."""
+    import io
+    import pathlib
+    import pickle
+
+    from recsys_llm.train.checkpoint_reader import MetadataUnpickler
+
+    as_on_3_13 = b"cpathlib._local\nPosixPath\n(Vruns/x/ckpt-00000001\ntR."
+    assert MetadataUnpickler(io.BytesIO(as_on_3_13), "x").load() == pathlib.PosixPath("runs/x/ckpt-00000001")
+    # a round trip on this Python, whatever module it names the class by
+    written = pickle.dumps(pathlib.PurePosixPath("ckpt"))
+    assert MetadataUnpickler(io.BytesIO(written), "x").load() == pathlib.PurePosixPath("ckpt")
+    with pytest.raises(pickle.UnpicklingError, match=r"refers to pathlib\._local\.Path,"):
+        MetadataUnpickler(io.BytesIO(b"cpathlib._local\nPath\n(Vx\ntR."), "x").load()
 
 
 @pytest.mark.parametrize("where", ["absolute", "parent"])
