@@ -80,7 +80,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.api import CheckpointException
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
 
 from recsys_llm.atomic_dir import fsync_directory, write_text_atomically
 from recsys_llm.file_hash import file_sha256, files_sha256
@@ -291,14 +291,18 @@ def _dcp_state(model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]
 def _materialise_dense_optimizer_state(optimizer: CombinedOptimizer) -> List[KeyedOptimizerWrapper]:
     """Creates lazy dense optimizer state (Adam moments) so DCP can load into it in place.
 
-    Runs one zero-gradient step on the dense ``KeyedOptimizerWrapper`` parts only; whatever
-    it changes is overwritten by the load that follows.
+    Runs one zero-gradient step on the dense ``KeyedOptimizerWrapper`` parts only (also inside an
+    ``OptimizerWrapper``: ``optim.max_grad_norm``'s ``GradientClippingOptimizer``, whose state is its
+    inner optimizer's; skipped, the load found no state to fill and the dense optimizer restarted
+    fresh); whatever it changes is overwritten by the load that follows.
 
     Returns:
         List[KeyedOptimizerWrapper]: the parts whose state it created.
     """
     materialised = []
     for _, part in optimizer.optimizers:
+        while isinstance(part, OptimizerWrapper):
+            part = part._optimizer  # noqa: SLF001 (torchrec has no public accessor)
         if isinstance(part, KeyedOptimizerWrapper) and not part.state:
             part.init_state()
             part.zero_grad(set_to_none=True)

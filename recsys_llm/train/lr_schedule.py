@@ -3,8 +3,10 @@
 torchrec's DLRM example (``--lr_warmup_steps``, ``--lr_decay_start``, ``--lr_decay_steps``, its
 ``LRPolicyScheduler``) ramps every learning rate up linearly, holds it, then decays it polynomially (power 2):
 ``optim.lr_warmup_steps``, ``optim.lr_decay_start`` and ``optim.lr_decay_steps`` do the same to the table and
-the dense optimizers alike. The factor is a function of the global step alone, so a resumed job (any world size)
-and an uninterrupted one step with the same rates, and no scheduler state is saved.
+the dense optimizers alike (between warmup and decay at the configured rates, where the example holds the warmup's
+last, and from ``lr_decay_start`` itself, one step later than the example's, without its 1e-7 floor). The factor is
+a function of the global step alone, so a resumed job (any world size) and an uninterrupted one step with the same
+rates, and no scheduler state is saved.
 
 The fused table optimizers take the rate their param group holds at each ``zero_grad`` (torchrec's
 ``EmbeddingFusedOptimizer`` hands it to FBGEMM's kernel, which applies it in the backward); the dense optimizer at

@@ -1,5 +1,6 @@
 """DCP checkpoints: atomic directory protocol, exact continuation, resharding 2 -> 1 rank."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -60,11 +61,13 @@ SGD_SHARDING = ShardingConfig(sharding_types=["data_parallel", "table_wise"],
                               table_constraints={"t_user_id": {"sharding_types": ["data_parallel"]}})
 
 
-def _fresh(schema: DatasetSchema, seed: int, stateless: bool = False, sharding: Optional[ShardingConfig] = None):
+def _fresh(schema: DatasetSchema, seed: int, stateless: bool = False, sharding: Optional[ShardingConfig] = None,
+           optim: Optional[OptimizerConfig] = None):
     ctx = init_distributed("cpu")
     torch.manual_seed(seed)
     task = _DLRMTask(schema)
-    optim, default_sharding = (SGD_OPTIM, SGD_SHARDING) if stateless else (OPTIM, SHARDING)
+    default_optim, default_sharding = (SGD_OPTIM, SGD_SHARDING) if stateless else (OPTIM, SHARDING)
+    optim = optim or default_optim
     sharding = sharding or default_sharding
     model, _ = shard_model(task, ctx.device, ctx.world_size, sharding, optim, batch_size=64)
     return ctx, model, build_optimizer(model, optim)
@@ -82,9 +85,10 @@ def _losses(model, optimizer, reader, skip: int, stop: int) -> List[float]:
 
 
 def _save_continue_resume(schema_path: str, ckpt_dir: str, stateless: bool = False,
-                          sharding: Optional[ShardingConfig] = None) -> Dict[str, Any]:
+                          sharding: Optional[ShardingConfig] = None,
+                          optim: Optional[OptimizerConfig] = None) -> Dict[str, Any]:
     schema = DatasetSchema.load(schema_path)
-    ctx, model, optimizer = _fresh(schema, seed=0, stateless=stateless, sharding=sharding)
+    ctx, model, optimizer = _fresh(schema, seed=0, stateless=stateless, sharding=sharding, optim=optim)
     reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
     _losses(model, optimizer, reader, skip=0, stop=5)
     manager = CheckpointManager(ckpt_dir, keep=1)
@@ -94,11 +98,24 @@ def _save_continue_resume(schema_path: str, ckpt_dir: str, stateless: bool = Fal
     continued = _losses(model, optimizer, reader, skip=5, stop=12)
 
     # A new model with other initial weights and a perturbed RNG, then the checkpoint.
-    _, model2, optimizer2 = _fresh(schema, seed=123, stateless=stateless, sharding=sharding)
+    _, model2, optimizer2 = _fresh(schema, seed=123, stateless=stateless, sharding=sharding, optim=optim)
     torch.rand(7)
     state = load_checkpoint(manager.latest(), model2, optimizer2)
     resumed = _losses(model2, optimizer2, reader, skip=state.step_in_epoch, stop=12)
     return {"continued": continued, "resumed": resumed, "at_save": at_save, "state": state}
+
+
+@pytest.mark.multiprocess
+def test_resume_restores_the_dense_adam_state_inside_the_gradient_clipping_wrapper(synthetic_dir: str,
+                                                                                  tmp_path) -> None:
+    """With ``optim.max_grad_norm`` the dense Adam sits inside torchrec's ``GradientClippingOptimizer``: its
+    moments must be loaded too (they were left empty, so a resumed run restarted Adam: inexact)."""
+    clipped = dataclasses.replace(OPTIM, max_grad_norm=0.05)
+    results = run_multiprocess(_save_continue_resume, world_size=1, schema_path=synthetic_dir,
+                               ckpt_dir=str(tmp_path / "checkpoints"), optim=clipped)
+    for result in results:
+        assert len(result["continued"]) == 7
+        assert result["resumed"] == result["continued"]
 
 
 @pytest.mark.multiprocess
