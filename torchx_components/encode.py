@@ -84,7 +84,7 @@ def encode(
     if rdzv_backend not in RDZV_BACKENDS:
         raise ValueError(f"rdzv_backend={rdzv_backend!r}: expected one of {RDZV_BACKENDS} (dist.ddp points torchrun at "
                          "rank 0's host, where no etcd server runs)")
-    if nnodes > 1 and not 0 < rdzv_port < 65536:  # other hosts dialed rank 0 on port 0 (or no port at all) until timeout
+    if nnodes > 1 and not 0 < rdzv_port < 65536:  # the other hosts dialed rank 0 on no port until a timeout
         raise ValueError(f"rdzv_port={rdzv_port}: expected a TCP port in 1..65535 on rank 0's host (nnodes={nnodes})")
     # sized for the host's workers: fixed defaults gave --gpu 8 alone the CPUs and memory of one worker
     cpu = cpu or 4 * nproc_per_node

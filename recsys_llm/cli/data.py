@@ -251,8 +251,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tabular.add_argument("--delimiter", type=_delimiter, default=",", help="CSV delimiter (default: ',')")
     tabular.add_argument("--missing-token", action="append", default=[], metavar="TOKEN",
                          help="a CSV cell of a string column read as missing besides the empty cell, e.g. NA "
-                              "(repeatable; also missing in numeric columns, e.g. MySQL's \\N) (default: none: only the empty "
-                              "cell is missing, NA, null, N/A are values)")
+                              "(repeatable; also missing in numeric columns unless it reads as a number, e.g. "
+                              "MySQL's \\N) (default: none: only the empty cell is missing, NA, null, N/A are values)")
     tabular.add_argument("--vocabulary", action="append", default=None, metavar="FIELD",
                          help="map this sparse/sequence field through a vocabulary built from the data even when "
                               "its values are (mostly) integers, e.g. zip codes (repeatable) (default: none: "

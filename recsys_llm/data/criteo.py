@@ -192,7 +192,8 @@ def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
     has_id = columns == 2 + NUM_DENSE + NUM_SPARSE
     # a header names label and I1..I13 (no cell empty or a number); a data line with a bad label
     # (``x``) is not one: it is converted, and refused naming its line, not skipped unseen
-    header = all(cell.strip() and not reads_as_number(cell) for cell in first[int(has_id) : int(has_id) + 1 + NUM_DENSE])
+    first_numbers = first[int(has_id) : int(has_id) + 1 + NUM_DENSE]
+    header = all(cell.strip() and not reads_as_number(cell) for cell in first_numbers)
     return header, has_id
 
 

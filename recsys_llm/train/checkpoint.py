@@ -597,8 +597,8 @@ def verify_digests(path: str) -> None:
             shared = (f"; the file is hard-linked into {links - 1} other checkpoint(s) of the run (best/ and "
                       "checkpoints/ of one step share their files), which hold the same damaged bytes" if links > 1
                       else "")
-            raise damaged_checkpoint_error(os.path.join(path, name),
-                                           ValueError(f"its sha256 differs from the one {DIGESTS_FILE} recorded{shared}"))
+            differs = ValueError(f"its sha256 differs from the one {DIGESTS_FILE} recorded{shared}")
+            raise damaged_checkpoint_error(os.path.join(path, name), differs)
 
 
 def _link_count(path: str) -> int:

@@ -127,8 +127,8 @@ class WindowedTrainMetrics:
 
         Returns:
             Optional[Dict[str, float]]: ``auc``, ``ne``, ``calibration`` and ``ctr`` (its click rate) of the window at
-            a computing step, else None; a window of one class (``ctr`` 0 or 1) has no AUC or NE (NaN), and one without a click no
-            calibration (NaN).
+            a computing step, else None; a window of one class (``ctr`` 0 or 1) has no AUC or NE (NaN), and one
+            without a click no calibration (NaN).
         """
         predictions = torch.sigmoid(logits.detach().reshape(-1).float())  # (B,)
         labels = labels.detach().reshape(-1).float()  # (B,)
