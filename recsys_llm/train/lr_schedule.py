@@ -46,6 +46,9 @@ class LRSchedule:
         for name, value in (("lr_warmup_steps", self.warmup_steps), ("lr_decay_start", self.decay_start),
                             ("lr_decay_steps", self.decay_steps)):
             check_number(f"optim.{name}", value, integer=True, minimum=0)
+        if self.decay_start and not self.decay_steps:  # the example ignores it alike; a setting that does nothing
+            raise ValueError(f"optim.lr_decay_start={self.decay_start} without optim.lr_decay_steps: no decay would "
+                             "start; expected optim.lr_decay_steps > 0 beside it (or lr_decay_start left at 0)")
         if self.decay_steps and self.decay_start < self.warmup_steps:
             raise ValueError(f"optim.lr_decay_start={self.decay_start} is within the warmup (optim.lr_warmup_steps="
                              f"{self.warmup_steps}); expected the decay to start at or after it")

@@ -31,6 +31,7 @@ def test_the_factors_warm_up_hold_decay_and_keep_their_last_value() -> None:
 @pytest.mark.parametrize("settings, message", [
     ({"lr_warmup_steps": -1}, r"optim\.lr_warmup_steps must be an integer >= 0, got -1"),
     ({"lr_decay_steps": 1.5}, r"optim\.lr_decay_steps must be an integer"),
+    ({"lr_decay_start": 100}, r"optim\.lr_decay_start=100 without optim\.lr_decay_steps: no decay would start"),
     ({"lr_warmup_steps": 10, "lr_decay_start": 5, "lr_decay_steps": 5},
      r"optim\.lr_decay_start=5 is within the warmup \(optim\.lr_warmup_steps=10\)"),
 ])
