@@ -18,6 +18,7 @@ def _score(args: argparse.Namespace) -> int:
     from recsys_llm.env import check_versions
     from recsys_llm.serving import ServedModel
     from recsys_llm.serving.scoring import check_scores_output, score_split
+    from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN
     from recsys_llm.train.distributed import (
         init_distributed,
         is_main_process,
@@ -37,8 +38,9 @@ def _score(args: argparse.Namespace) -> int:
         served = ServedModel.load(args.artifact, trust_program=args.trust_program)
     except PermissionError as error:
         raise PermissionError(f"{error}; here: pass --trust-program") from None
+    cold_item_column = DEFAULT_COLD_ITEM_COLUMN if args.cold_item_column is None else args.cold_item_column
     report = score_split(served, schema, args.split, batch_size=args.batch_size, output=args.output,
-                         progress=args.progress, cold_item_column=args.cold_item_column)
+                         progress=args.progress, cold_item_column=cold_item_column)
     if is_main_process():
         # a split of one class has no AUC: null, as `evaluate` prints it (strict JSON has no NaN)
         print(json.dumps(strict_json({"artifact": args.artifact, **report}), indent=2))
@@ -64,9 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="a new Parquet file for each row's row key, label, logit and probability (default, or '': "
                             "none, metrics only); files without the label column are scored without metrics")
     score.add_argument("--batch-size", type=integer_at_least(1), default=8192, help="rows per call of the artifact")
-    score.add_argument("--cold-item-column", default="is_cold_item",
+    score.add_argument("--cold-item-column", default=None,
                        help="the 0/1 extra column marking cold items, for the cold/... metrics (the run's "
-                            "data.cold_item_column; '' for none)")
+                            "data.cold_item_column; default: is_cold_item where the data has it; '' for none)")
     score.add_argument("--trust-program", action="store_true",
                        help="load the artifact's dense_program.pt2, a torch.export program (code: torch.export.load "
                             "evaluates expressions stored in it); pass it for an artifact you exported or trust")

@@ -117,12 +117,6 @@ def criteo_schema(config: CriteoConfig) -> DatasetSchema:
     )
 
 
-def _open(path: str, opened: Optional[pa.NativeFile] = None) -> pa.NativeFile:
-    """The bytes of the file at ``path`` (read from ``opened``, that file opened, where given), decompressed
-    when its name ends in a compression suffix (in any case) or its first bytes are a compressed format's."""
-    return open_text(path, opened)
-
-
 def _read(handle: pa.NativeFile, size: int, path: str) -> bytes:
     """Up to ``size`` bytes of ``handle``; a decompression failure (pyarrow's bare ``OSError: Truncated
     compressed stream`` of a cut-short ``day_0.gz``) becomes a :class:`DataError` naming the file."""
@@ -155,7 +149,7 @@ def _count_data_lines(path: str, limit: Optional[int] = None, progress: bool = F
     bar = tqdm(total=os.path.getsize(path), desc="counting lines", unit="B", unit_scale=True, disable=not progress,
                **bar_options())
     try:
-        with raw, _open(path, raw) as handle:
+        with raw, open_text(path, raw) as handle:
             while limit is None or last < limit:
                 chunk = _read(handle, block, path)
                 if not chunk:
@@ -176,7 +170,7 @@ def _layout(path: str, delimiter: str) -> Tuple[bool, bool]:
     A UTF-8 byte order mark is dropped (``utf-8-sig``), as pyarrow's CSV reader drops it from the
     data: else a first row ``\ufeff0 ...`` would look like a header and be skipped."""
     head = b""
-    with _open(path) as handle:
+    with open_text(path) as handle:
         while b"\n" not in head and len(head) < (1 << 20):
             chunk = _read(handle, 1 << 16, path)
             if not chunk:
@@ -254,7 +248,7 @@ def _batches(path: str, config: CriteoConfig, delimiter: str, lines: int) -> Ite
                    f"(label, I1..I13, C1..C26): {row.text[:80]!r}")
         return "error"
 
-    with _open(path) as stream:
+    with open_text(path) as stream:
         try:
             reader = pacsv.open_csv(
                 _FirstLines(stream, lines, path),

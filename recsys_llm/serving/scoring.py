@@ -123,16 +123,12 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
                          "weights")
 
 
-def _numpy_dtype(field: pa.Field) -> np.dtype:
-    return numpy_dtype(field.type)
-
-
 def _send_scores(held: List[ScoreColumns], columns: pa.Schema, group: Optional[dist.ProcessGroup]) -> None:
     """Sends this rank's scores to rank 0: their row count, then each column whole."""
     count = sum(len(chunk[columns.names[0]]) for chunk in held)
     dist.send(torch.tensor([count], dtype=torch.int64), 0, group=group)
     for field in columns if count else ():
-        joined = np.concatenate([chunk[field.name] for chunk in held]).astype(_numpy_dtype(field), copy=False)
+        joined = np.concatenate([chunk[field.name] for chunk in held]).astype(numpy_dtype(field.type), copy=False)
         dist.send(torch.from_numpy(joined), 0, group=group)
 
 
@@ -142,7 +138,7 @@ def _receive_scores(source: int, columns: pa.Schema, group: Optional[dist.Proces
     dist.recv(count, source, group=group)
     received: ScoreColumns = {}
     for field in columns:
-        column = torch.from_numpy(np.empty(int(count), dtype=_numpy_dtype(field)))
+        column = torch.from_numpy(np.empty(int(count), dtype=numpy_dtype(field.type)))
         if count:
             dist.recv(column, source, group=group)
         received[field.name] = column.numpy()

@@ -19,11 +19,11 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys_llm.atomic_dir import swapped_out_path
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.tabular.raw_values import raw_value_ids
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import IdRules
-from recsys_llm.atomic_dir import swapped_out_path
 from recsys_llm.paths import is_plain_file_name
 from recsys_llm.serving.artifact import (
     CONFIG_DIGEST_KEY,

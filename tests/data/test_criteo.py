@@ -249,7 +249,7 @@ def test_max_rows_reads_only_the_start_of_the_file(tmp_path, monkeypatch):
     rows = _lines(400, seed=5)
     raw = _write(tmp_path / "day_0", rows)
     read = []
-    real_open = criteo._open
+    real_open = criteo.open_text
 
     class Counting:
         def __init__(self, path, opened=None):
@@ -266,7 +266,7 @@ def test_max_rows_reads_only_the_start_of_the_file(tmp_path, monkeypatch):
             read.append(len(chunk))
             return chunk
 
-    monkeypatch.setattr(criteo, "_open", Counting)
+    monkeypatch.setattr(criteo, "open_text", Counting)
     assert criteo._count_data_lines(raw, limit=20, block=512) == 20
     assert 0 < sum(read) < 20 * 512 < (tmp_path / "day_0").stat().st_size
     monkeypatch.undo()

@@ -20,13 +20,13 @@ from typing import Dict, List, Optional, Set
 import pyarrow as pa
 from tqdm import tqdm
 
+from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema, check_split_name
 from recsys_llm.data.tabular.config import TabularConfig
 from recsys_llm.data.tabular.convert import field_way, format_hint, near_names, write_splits, write_vocabulary
 from recsys_llm.data.tabular.growth import grow_vocabularies
 from recsys_llm.data.tabular.raw_values import prepared_plan
-from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types, is_parquet, repeated_columns,
                                             source_columns)
 from recsys_llm.data.tabular.tokens import FieldPlan
