@@ -1,13 +1,14 @@
 """The ``recsys-llm`` entry point itself (sub-commands have their own tests)."""
 
 import contextlib
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-from typing import Sequence
+from typing import List, Sequence
 
 import pytest
 from safetensors import SafetensorError
@@ -118,7 +119,8 @@ def test_the_projects_bars_take_the_interval_set_after_tqdm_was_imported(monkeyp
     assert bars >= 10
 
 
-def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir, extra: Sequence[str] = ()) -> int:
+def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir, extra: Sequence[str] = (),
+                                     more_fields: Sequence[object] = ()) -> int:
     """``teacher-outputs`` on a stand-in trained run whose model load fails with 'model loaded'."""
     import torch
 
@@ -134,7 +136,7 @@ def _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, output_dir, extra: S
     (data / "valid").mkdir(parents=True, exist_ok=True)
     for path in (data / "train.parquet", data / "valid" / "part-0.parquet"):
         pq.write_table(pa.table({"user_id": pa.array([1, 2], pa.int64()), "label": pa.array([0, 1], pa.int8())}), path)
-    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3)],
+    schema = DatasetSchema("t", [FieldSpec("user_id", "sparse", 3), *more_fields],
                            splits={"train": "train.parquet", "valid": "valid"}, root=str(data))
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     monkeypatch.setattr(teacher_outputs, "open_trained_run", lambda config, checkpoint: TrainedRun(checkpoint, ctx, schema))
@@ -154,6 +156,20 @@ def test_an_unknown_split_is_refused_before_teacher_json_is_written_and_the_teac
     assert capsys.readouterr().err.splitlines()[0] == (
         "recsys-llm teacher-outputs: error: --splits: ['test'] are no splits of schema 't'; expected "
         "names among ['train', 'valid']")
+    assert not out.exists()
+
+
+def test_a_field_named_like_a_teacher_column_is_refused_before_the_teacher_is_loaded(tmp_path, monkeypatch,
+                                                                                     capsys) -> None:
+    """Its copies had the field's values replaced by the teacher's logits, and a schema that did not load."""
+    from recsys_llm.data.schema import FieldSpec
+
+    out = tmp_path / "out"
+    assert _teacher_outputs_up_to_the_model(tmp_path, monkeypatch, out,
+                                            more_fields=[FieldSpec("teacher_logits", "dense")]) == 2
+    assert capsys.readouterr().err.splitlines()[0].startswith(
+        f"recsys-llm teacher-outputs: error: {tmp_path / 'data'}: schema 't' has a field, label or row key named "
+        "'teacher_logits'")
     assert not out.exists()
 
 
@@ -961,6 +977,24 @@ def test_a_message_that_names_its_command_is_not_prefixed_twice(capsys) -> None:
     formatted = project_warning_format("semantics encode", None)(
         "semantics encode: the text of field(s) ['a'] is longer", UserWarning, cli_init_file(), 1)
     assert formatted == "recsys-llm semantics encode: warning: the text of field(s) ['a'] is longer\n"
+
+
+def test_the_error_line_is_one_write_so_ranks_failing_together_keep_their_lines_apart(monkeypatch) -> None:
+    """Under torchrun every rank writes its error line to one unbuffered stderr: a line and its line end written
+    separately ran into another rank's line ("...on CPUrecsys-llm train: error: ...")."""
+    from recsys_llm.cli import _error_exit
+
+    writes: List[str] = []
+
+    class RecordingStream(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stderr", RecordingStream())
+    _error_exit("train", ValueError("sharding: row-wise types need CUDA"))
+    assert len(writes) == 1 and writes[0].startswith("recsys-llm train: error: sharding: row-wise types need CUDA\n")
+    assert writes[0].endswith("\n") and writes[0].count("\n") == 2
 
 
 def cli_init_file() -> str:

@@ -266,6 +266,12 @@ def _environment_error_line(error: BaseException, args: Optional[argparse.Namesp
             if candidate.filename is None and output is not None:
                 return f"{candidate} (writing {output})"
             return str(candidate)
+    # an output name near NAME_MAX: the hidden temp, lock and backup names beside it are longer
+    for candidate in candidates:
+        if isinstance(candidate, OSError) and candidate.errno == errno.ENAMETOOLONG:
+            return (f"{one_line(candidate)}: a file name is too long for the file system; the commands write hidden "
+                    "temporary, lock and backup files beside their outputs, named after them with up to 30 more "
+                    f"characters: choose a shorter name{f' than {output}' if output is not None else ''}")
     for candidate in _wrapped_failures(error) or [error]:  # not the wrapper's text: every rank's traceback
         rust_errno = RUST_OS_ERROR.search(str(candidate))
         if rust_errno and int(rust_errno.group(1)) in ENVIRONMENT_ERRNOS:
@@ -330,8 +336,9 @@ def _error_exit(command: str, message: object) -> int:
     (:func:`record_for_launcher`); returns exit code 2."""
     _close_progress_bars()
     line = f"recsys-llm{' ' + command if command else ''}: error: {without_command(message, command)}"
-    print(line, file=sys.stderr)
-    print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+    # one write: print's separate write of the line end let the lines of ranks failing together run into each other
+    sys.stderr.write(f"{line}\n(set {TRACEBACK_ENV}=1 for the traceback)\n")
+    sys.stderr.flush()
     record_for_launcher(line)
     return 2
 
@@ -440,11 +447,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     program calling ``main`` keeps its own environment."""
     added = _command_environment()
     os.environ.update(added)
+    restore_streams = _printable_streams()
     try:
         return _run_command(argv)
     finally:
+        restore_streams()
         for key in added:
             os.environ.pop(key, None)
+
+
+def _printable_streams() -> Callable[[], None]:
+    """Lets stdout and stderr print any text: a character their encoding lacks (``PYTHONIOENCODING=ascii``, a
+    Latin-1 locale) is written as a backslash escape rather than ending a command that did its work with a
+    UnicodeEncodeError at its summary (a field description, a path, a value in another script); returns what
+    puts the streams' own error handlers back, for a program calling ``main``."""
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        errors = getattr(stream, "errors", None)
+        if errors in ("strict", "surrogateescape") and callable(getattr(stream, "reconfigure", None)):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or detached stream: left as it is
+                continue
+            changed.append((stream, errors))
+
+    def restore() -> None:
+        for stream, errors in changed:
+            try:
+                stream.reconfigure(errors=errors)
+            except (ValueError, OSError):
+                pass
+    return restore
 
 
 def expand_home(args: argparse.Namespace) -> None:
@@ -457,6 +490,22 @@ def expand_home(args: argparse.Namespace) -> None:
 
     for name, value in vars(args).items():
         setattr(args, name, expanded(value))
+
+
+def _undecodable_argument(args: argparse.Namespace) -> Optional[str]:
+    """The first option value or override that holds bytes the locale's encoding could not decode (Python
+    kept them as lone surrogates, ``'\\udcc3'``, which no UTF-8 library call takes), as its escaped text;
+    else None."""
+    def values(value: Any) -> List[str]:
+        if isinstance(value, str):
+            return [value]
+        return [text for item in value for text in values(item)] if isinstance(value, (list, tuple)) else []
+
+    for name, value in vars(args).items():
+        for text in values(value):
+            if any("\udc80" <= char <= "\udcff" for char in text):
+                return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return None
 
 
 def _command_name(args: argparse.Namespace) -> str:
@@ -477,6 +526,12 @@ def _run_command(argv: Optional[List[str]]) -> int:
         getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     expand_home(args)
     command = _command_name(args)
+    undecodable = _undecodable_argument(args)
+    if undecodable is not None:  # pyarrow, safetensors and the JSON files take UTF-8 text: refused before any work
+        return _error_exit(command, f"argument {undecodable!r} holds bytes the locale's encoding "
+                                    f"({sys.getfilesystemencoding()}) cannot decode (a non-ASCII path or value under "
+                                    "LC_ALL=C or POSIX without Python's UTF-8 mode); run under a UTF-8 locale "
+                                    "(LC_ALL=C.UTF-8) or with PYTHONUTF8=1")
     try:  # the commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
         check_versions()
     except RuntimeError as error:

@@ -17,9 +17,11 @@ Example::
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Any, Dict
 
+import yaml
 from tqdm import tqdm
 
 from recsys_llm.cli.data import integer_at_least
@@ -188,8 +190,8 @@ def _teacher_outputs(args: argparse.Namespace) -> int:
                                    batch_size=args.batch_size, progress=config.train.progress)
     if is_main_process():
         print(json.dumps(report, indent=2))
-        print(f"offline student: data.schema={report['schema']} elec.task=distill elec.distill.mode=offline",
-              file=sys.stderr)
+        print(f"offline student: {override_text('data.schema', report['schema'])} elec.task=distill "
+              "elec.distill.mode=offline", file=sys.stderr)
     teardown_distributed()
     return 0
 
@@ -236,3 +238,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="config overrides section.key=value (value parsed as YAML), e.g. data.eval_batch_size=8192")
     outputs.set_defaults(func=_teacher_outputs)
     show_defaults(outputs)  # --batch-size
+
+
+def override_text(key: str, value: str) -> str:
+    """``key=value`` as a shell word that ``train`` reads back as ``value``: YAML-quoted where YAML would read the
+    text otherwise (a ``#`` after a space starts a comment, ``yes`` is a boolean), then shell-quoted (spaces)."""
+    try:
+        plain = yaml.safe_load(value) == value and " #" not in value and not value.startswith("#")
+    except yaml.YAMLError:
+        plain = False
+    written = value if plain else "'" + value.replace("'", "''") + "'"
+    return shlex.quote(f"{key}={written}")

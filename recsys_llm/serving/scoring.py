@@ -192,6 +192,12 @@ def score_split(
     check_artifact_fits(served, schema)
     first_file = first_file_columns(schema, split)
     labeled = schema.label in first_file  # else rows to score (a day's traffic before its clicks)
+    own_columns = [name for name in SCORE_COLUMNS if labeled or name != "label"]
+    if output is not None and schema.row_key in own_columns and schema.row_key in first_file:
+        raise ValueError(f"--output {output}: the data's row key column {schema.row_key!r} has the name of a column "
+                         f"the scores file writes ({', '.join(own_columns)}), so the file would hold two columns of "
+                         "that name; rename the row key column (row_key in the schema file) and prepare the data "
+                         "again, or leave --output out to compute the metrics only")
     if cold_item_column and cold_item_column != DEFAULT_COLD_ITEM_COLUMN and \
             cold_item_column not in schema.extra_columns:
         raise ValueError(f"cold item column {cold_item_column!r}: the data has no such extra column (extra_columns: "

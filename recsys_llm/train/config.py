@@ -289,6 +289,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _comment_of(text: str) -> Optional[str]:
+    """The comment YAML drops from an override's value text (a ``#`` at its start or after white space,
+    outside every token: ``runs/a #1`` -> ``#1``), or None where the text has none."""
+    spans = [(token.start_mark.index, token.end_mark.index) for token in yaml.scan(text)]
+    for match in re.finditer(r"(?:^|(?<=\s))#", text):
+        if not any(start <= match.start() < end for start, end in spans):
+            return text[match.start():].splitlines()[0]
+    return None
+
+
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
     """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping in place.
 
@@ -304,8 +314,12 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
             raise ConfigError(f"override {override!r}: empty key component")
         try:
             value = yaml.load(text, Loader=_ConfigLoader) if text.strip() else ""
+            dropped = _comment_of(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: value is not valid YAML: {one_line(error)}") from error
+        if dropped is not None:  # a path such as runs/a #1 would silently lose ' #1'
+            raise ConfigError(f"override {override!r}: YAML reads {dropped!r} as a comment and drops it; quote the "
+                              f"value to keep the '#' ({key.strip()}=\"'...'\" in the shell), or leave the comment out")
         if isinstance(value, dict) and any(isinstance(k, str) and ":" in k and v is None for k, v in value.items()):
             raise ConfigError(f"override {override!r}: YAML reads {{a:b}} as the key 'a:b' with no value; write a space "
                               f"after each colon ({{a: b}}), or one override per key ({key.strip()}.a=b)")

@@ -70,6 +70,24 @@ SCHEMA_FILE = "schema.json"
 TEACHER_FILE = "teacher.json"
 DATA_FINGERPRINTS_KEY = "data_fingerprints"
 
+
+def check_teacher_columns_free(schema: DatasetSchema) -> None:
+    """Refuses data whose field, label or row key has the name of a column the copies write
+    (``teacher_logits``, ``teacher_representation``): the copies would put the teacher's outputs in that column's
+    place (a field's values silently replaced) and their schema, listing it as an extra column, would not load.
+
+    Raises:
+        ValueError: naming the columns.
+    """
+    own = [spec.name for spec in schema.fields] + [schema.label] + ([schema.row_key] if schema.row_key else [])
+    taken = [name for name in (LOGITS_COLUMN, REPRESENTATION_COLUMN) if name in own]
+    if taken:
+        raise ValueError(f"{schema.root}: schema {schema.name!r} has a field, label or row key named "
+                         f"{', '.join(repr(name) for name in taken)}, a column teacher-outputs writes "
+                         f"({LOGITS_COLUMN}, {REPRESENTATION_COLUMN}) into its copies; rename that column in the data "
+                         "and prepare it again")
+
+
 def check_output_dir(output_dir: str, schema: DatasetSchema) -> None:
     """Raises unless ``output_dir`` is absent, empty or holds only teacher outputs of ``schema``'s
     splits (``<split>.parquet`` or ``<split>/``, their temp files, ``schema.json``): an unfinished
@@ -264,6 +282,7 @@ def write_teacher_outputs(
     if os.path.realpath(output_dir) == os.path.realpath(schema.root):
         raise ValueError(f"--output-dir {output_dir}: is the input data's own directory; "
                          "the copies with teacher columns need another directory")
+    check_teacher_columns_free(schema)  # before the teacher is loaded
     check_output_dir(output_dir, schema)  # before the teacher is loaded
     unknown = [split for split in splits or () if split not in schema.splits]  # before teacher.json and the teacher
     if unknown:

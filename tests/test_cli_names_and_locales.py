@@ -1,0 +1,58 @@
+"""The command line with non-ASCII text on a stream that cannot print it, arguments the locale could not decode,
+and output names near the file system's NAME_MAX."""
+
+import io
+import os
+import sys
+
+from recsys_llm.cli import main
+
+SCHEMA = """name: shop
+label: clicked
+fields:
+  - {name: city, kind: sparse, cardinality: 10, description: "ville où 日本"}
+"""
+
+
+def _inputs(tmp_path) -> "tuple[str, str]":
+    csv = tmp_path / "clicks.csv"
+    csv.write_text("city,clicked\n" + "".join(f"{city},{i % 2}\n" for i, city in
+                                                enumerate(["Paris", "東京", "Zürich"] * 20)), encoding="utf-8")
+    schema = tmp_path / "shop.yaml"
+    schema.write_text(SCHEMA, encoding="utf-8")
+    return str(csv), str(schema)
+
+
+def test_a_summary_with_text_an_ascii_stdout_cannot_print_is_escaped_not_an_error(tmp_path, monkeypatch) -> None:
+    """Under PYTHONIOENCODING=ascii `prepare tabular` wrote the data, then ended with exit code 2 and "'ascii'
+    codec can't encode characters" at the summary's field description."""
+    csv, schema = _inputs(tmp_path)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["prepare", "tabular", "--input", csv, "--schema", schema, "--out", str(tmp_path / "data")]) == 0
+    stdout.flush()
+    assert "ville o\\xf9 \\u65e5\\u672c" in stdout.buffer.getvalue().decode("ascii")
+    assert stdout.errors == "strict"  # the caller's stream is given back as it was
+
+
+def test_an_argument_the_locale_could_not_decode_is_refused_before_any_work(tmp_path, capsys) -> None:
+    """Under LC_ALL=C PYTHONUTF8=0 a non-ASCII --out reached pyarrow as lone surrogates: "'utf-8' codec can't
+    encode characters in position 16-23: surrogates not allowed", naming nothing."""
+    csv, schema = _inputs(tmp_path)
+    out = str(tmp_path / "data") + "/\udcc3\udca9"  # b"\xc3\xa9" ("é") decoded under an ASCII locale
+    assert main(["prepare", "tabular", "--input", csv, "--schema", schema, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "holds bytes the locale's encoding" in err and "PYTHONUTF8=1" in err and "/é'" in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_output_name_too_long_for_the_files_beside_it_is_one_line(tmp_path, capsys) -> None:
+    """A 250-character --out (NAME_MAX is 255) ended in a traceback: its hidden lock file's name is longer."""
+    name_max = os.pathconf(str(tmp_path), "PC_NAME_MAX")
+    csv, schema = _inputs(tmp_path)
+    out = str(tmp_path / ("n" * (name_max - 5)))
+    assert main(["prepare", "tabular", "--input", csv, "--schema", schema, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recsys-llm prepare tabular: error: [Errno 36] File name too long")
+    assert "choose a shorter name than" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["clicks.csv", "shop.yaml"]
