@@ -150,7 +150,8 @@ class FieldSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise SchemaError(f"field name {self.name!r}: expected a non-empty string, got {_a(self.name)}")
+            got = "an empty string" if isinstance(self.name, str) else _a(self.name)
+            raise SchemaError(f"field name {self.name!r}: expected a non-empty string, got {got}")
         where = f"field {self.name!r}"
         try:
             kind = FieldKind(self.kind)

@@ -66,8 +66,10 @@ class TestFieldValueTypes:
             DatasetSchema.load(str(path))
 
     def test_a_name_that_is_no_string_is_refused(self):
-        with pytest.raises(SchemaError, match=r"field name 3: expected a non-empty string"):
+        with pytest.raises(SchemaError, match=r"field name 3: expected a non-empty string, got an int"):
             FieldSpec(3)
+        with pytest.raises(SchemaError, match=r"field name '': expected a non-empty string, got an empty string$"):
+            FieldSpec("")  # was 'got a str'
 
     def test_a_dense_field_may_have_a_dot_in_its_name(self):
         assert FieldSpec("price.eur", "dense").name == "price.eur"  # no table: no module name
