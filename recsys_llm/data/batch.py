@@ -5,6 +5,7 @@ from typing import Dict
 
 import torch
 from torchrec.datasets.utils import Batch as TorchRecBatch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ class Batch(TorchRecBatch):
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
             dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
-            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            sparse_features=with_key_lengths(self.sparse_features).to(device=device, non_blocking=non_blocking),
             labels=self.labels.to(device=device, non_blocking=non_blocking),
             extras={k: v.to(device=device, non_blocking=non_blocking) for k, v in self.extras.items()},
         )
@@ -54,6 +55,19 @@ class Batch(TorchRecBatch):
             labels=self.labels.pin_memory(),
             extras={k: v.pin_memory() for k, v in self.extras.items()},
         )
+
+
+def with_key_lengths(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """``features`` with its ids per key (``length_per_key`` / ``offset_per_key``) computed, while on the CPU.
+
+    ``KeyedJaggedTensor.to`` carries them to the device; a KJT without them (``from_jt_dict``, a batch transform's)
+    has them computed from its lengths where torchrec first needs them, in the sharded input distribution's
+    ``permute`` / ``split``: on a GPU a device-to-host copy (``.tolist()``) that stalls the host every batch. On
+    the CPU they cost a sum over the lengths. A KJT already on a GPU is left as it is (computing them would sync).
+    """
+    if features.device().type == "cpu":
+        features.sync()  # caches both on the KJT itself
+    return features
 
 
 def batch_extras(batch: TorchRecBatch) -> Dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 the way, and cut, taken, concatenated and turned into a :class:`~recsys_llm.data.batch.Batch`."""
 
 import dataclasses
+import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -103,11 +104,16 @@ class RowChunk:
         n = self.num_rows
         lengths = [np.ones(n, dtype=np.int32) if off is None else np.diff(off).astype(np.int32) for off in self.offsets]
         values = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64)
+        # ids per key, known here for free: without them torchrec computes them from the lengths at the sharded
+        # input distribution, a device-to-host copy (.tolist()) per batch once the batch is on a GPU
+        length_per_key = [int(key_lengths.sum()) for key_lengths in lengths]
         kjt = KeyedJaggedTensor(
             keys=keys,
             values=torch.from_numpy(_writable(values, np.int64)),
             lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)),
             stride=n,
+            length_per_key=length_per_key,
+            offset_per_key=[0, *itertools.accumulate(length_per_key)],
         )
         return Batch(
             dense_features=torch.from_numpy(_writable(self.dense)),

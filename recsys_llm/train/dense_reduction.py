@@ -23,11 +23,18 @@ class CanonicalAllReduce:
     gradients and the resumed run drifted from the uninterrupted one. With one bucket
     (``ONE_BUCKET_MB``) holding every dense gradient, copying them into parameter order before
     the all-reduce makes every step reduce in the same layout.
+
+    A DDP of several buckets (the one torchrec wraps each ``data_parallel`` lookup in keeps DDP's default
+    caps: 1 MB for its first bucket, 25 MB for the others) may also regroup its gradients when it rebuilds
+    them, so which gradients share a bucket, and at what offsets, can change too: with ``per_parameter``
+    each gradient is all-reduced on its own (its elements always at the same offsets), one collective per
+    parameter, which for a lookup is one per group of tables.
     """
 
-    def __init__(self, ddp: nn.parallel.DistributedDataParallel) -> None:
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel, per_parameter: bool = False) -> None:
         self.group = ddp.process_group
         self.module = ddp.module
+        self.per_parameter = per_parameter
         # the bucket's parameters' storages -> their positions in parameter order; recomputed (a walk
         # over every parameter of the module) only when those storages change, not at every step
         self._layout: Optional[Tuple[Tuple[int, ...], List[int]]] = None
@@ -44,7 +51,12 @@ class CanonicalAllReduce:
     def __call__(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer, grads = bucket.buffer(), bucket.gradients()  # the gradients are views of the buffer
         order = self._order(bucket.parameters())
-        flat = torch.cat([grads[i].reshape(-1) for i in order]).div_(dist.get_world_size(self.group))
+        world_size = dist.get_world_size(self.group)
+        if self.per_parameter:  # in place: a gradient is a contiguous view of the buffer
+            reduced = [dist.all_reduce(grads[i].div_(world_size), group=self.group, async_op=True).get_future()
+                       for i in order]
+            return torch.futures.collect_all(reduced).then(lambda _: buffer)
+        flat = torch.cat([grads[i].reshape(-1) for i in order]).div_(world_size)
 
         def unpack(fut: torch.futures.Future[List[torch.Tensor]]) -> torch.Tensor:
             reduced, offset = fut.value()[0], 0
@@ -61,13 +73,13 @@ def _hook(state: CanonicalAllReduce, bucket: dist.GradBucket) -> torch.futures.F
 
 
 def reduce_in_parameter_order(model: nn.Module) -> None:
-    """Registers :class:`CanonicalAllReduce` on the DDP wrapper of ``model``'s dense part and on the
-    DDP torchrec wraps each sharded EBC's ``data_parallel`` lookup in (kept in the plain list
-    ``_lookups``, which ``modules()`` does not walk)."""
-    wrappers = {id(m): m for m in model.modules() if isinstance(m, nn.parallel.DistributedDataParallel)}
-    for module in model.modules():
-        for lookup in getattr(module, "_lookups", None) or []:
-            if isinstance(lookup, nn.parallel.DistributedDataParallel):
-                wrappers.setdefault(id(lookup), lookup)
-    for ddp in wrappers.values():
+    """Registers :class:`CanonicalAllReduce` on the DDP wrapper of ``model``'s dense part (one bucket) and, one
+    gradient at a time, on the DDP torchrec wraps each sharded EBC's ``data_parallel`` lookup in (kept in the
+    plain list ``_lookups``, which ``modules()`` does not walk)."""
+    own = {id(m): m for m in model.modules() if isinstance(m, nn.parallel.DistributedDataParallel)}
+    lookups = {id(lookup): lookup for module in model.modules() for lookup in getattr(module, "_lookups", None) or []
+               if isinstance(lookup, nn.parallel.DistributedDataParallel) and id(lookup) not in own}
+    for ddp in own.values():
         ddp.register_comm_hook(CanonicalAllReduce(ddp), _hook)
+    for ddp in lookups.values():  # built by torchrec with DDP's default bucket caps
+        ddp.register_comm_hook(CanonicalAllReduce(ddp, per_parameter=True), _hook)

@@ -224,7 +224,7 @@ class ShardingConfig:
         compute_device (str): ``auto`` | ``cpu`` | ``cuda`` for the planner's topology.
         exact_dense_reduction (bool): on three or more ranks, all-reduce the dense gradients in
             one bucket in parameter order (:class:`~recsys_llm.train.dense_reduction.CanonicalAllReduce`;
-            the gradients of replicated, ``data_parallel``, tables in parameter order too), so a resumed run goes on
+            the gradients of replicated, ``data_parallel``, tables each on its own), so a resumed run goes on
             bit for bit; False: DDP's own buckets, whose all-reduces overlap the backward but reduce
             in another order after DDP rebuilds them, so a resume drifts in the last bits.
         proposer_patience (int): torchrec's greedy proposers stop after this many proposals in a row

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 from typing import Any, Dict, List, Optional
+from unittest import mock
 
 import pytest
 import torch
@@ -940,6 +941,29 @@ def _dense_comm_hooks(schema_path: str) -> Dict[bool, int]:
     return hooks
 
 
+def _comm_hook_kinds_with_replicated_tables(schema_path: str) -> List[bool]:
+    """``per_parameter`` of every CanonicalAllReduce on a model whose tables are all ``data_parallel``."""
+    from recsys_llm.train.dense_reduction import CanonicalAllReduce
+
+    ctx = init_distributed("cpu")
+    sharding = ShardingConfig(sharding_types=["data_parallel"], exact_dense_reduction=True)
+    model, _ = shard_model(_DLRMTask(DatasetSchema.load(schema_path)), ctx.device, ctx.world_size, sharding, OPTIM,
+                           batch_size=64)
+    wrappers = {id(m): m for m in model.modules() if isinstance(m, nn.parallel.DistributedDataParallel)}
+    wrappers.update({id(lookup): lookup for m in model.modules() for lookup in getattr(m, "_lookups", None) or []
+                     if isinstance(lookup, nn.parallel.DistributedDataParallel)})
+    return sorted(state.per_parameter for ddp in wrappers.values() for _, state in ddp._comm_hooks
+                  if isinstance(state, CanonicalAllReduce))
+
+
+@pytest.mark.multiprocess
+def test_replicated_tables_ddps_reduce_each_gradient_on_its_own(synthetic_dir: str) -> None:
+    """The dense part's DDP (one bucket) reduces its bucket in parameter order; torchrec's DDP of the replicated
+    lookups, of DDP's default bucket caps, each gradient on its own."""
+    kinds = run_multiprocess(_comm_hook_kinds_with_replicated_tables, world_size=3, schema_path=synthetic_dir)
+    assert kinds == [[False, True]] * 3
+
+
 class _LayersLastFirst(nn.Module):
     """Layers run from the last registered to the first: their gradients become ready in parameter order, so DDP
     rebuilds its bucket (first laid out in reverse parameter order) in another order after the first step."""
@@ -954,29 +978,45 @@ class _LayersLastFirst(nn.Module):
         return x
 
 
-def _grads_with_and_without_canonical_all_reduce() -> List[bool]:
+def _grads_with_and_without_canonical_all_reduce(per_parameter: bool = False) -> List[bool]:
     """Each step's gradients under DDP's own all-reduce and under CanonicalAllReduce, of a module with a frozen
-    layer between trained ones (no gradient in the bucket), over steps in which DDP rebuilds its bucket."""
-    from recsys_llm.train.dense_reduction import ONE_BUCKET_MB, reduce_in_parameter_order
+    layer between trained ones (no gradient in the bucket), over steps in which DDP rebuilds its bucket(s).
+    ``per_parameter``: buckets of at most 10 floats (as torchrec's DDPs of ``data_parallel`` lookups, several
+    buckets, regrouped by the rebuild), each gradient reduced on its own; the last item then says that each
+    all-reduce of the last step took exactly one parameter's gradient."""
+    from recsys_llm.train.dense_reduction import ONE_BUCKET_MB, CanonicalAllReduce, _hook, reduce_in_parameter_order
 
     ctx = init_distributed("cpu")
     grads: Dict[bool, List[List[torch.Tensor]]] = {}
+    reduced_sizes: List[int] = []
+    real_all_reduce = torch.distributed.all_reduce
+
+    def recording_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        reduced_sizes.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
     for canonical in (False, True):
         torch.manual_seed(0)
         module = _LayersLastFirst(nn.Linear(4, 2), nn.Linear(5, 4), nn.Linear(3, 5))
         module.layers[1].requires_grad_(False)
-        ddp = nn.parallel.DistributedDataParallel(module, bucket_cap_mb=ONE_BUCKET_MB)
-        if canonical:
+        ddp = nn.parallel.DistributedDataParallel(module, bucket_cap_mb=40 / 2**20 if per_parameter else ONE_BUCKET_MB)
+        if canonical and per_parameter:
+            ddp.register_comm_hook(CanonicalAllReduce(ddp, per_parameter=True), _hook)
+        elif canonical:
             reduce_in_parameter_order(ddp)
         torch.manual_seed(1 + ctx.rank)  # each rank its own batches
         grads[canonical] = []
         for _ in range(3):
             ddp.zero_grad()
-            ddp(torch.randn(6, 3)).square().sum().backward()
+            with mock.patch.object(torch.distributed, "all_reduce", recording_all_reduce):
+                ddp(torch.randn(6, 3)).square().sum().backward()
             grads[canonical].append([p.grad.clone() for p in module.parameters() if p.requires_grad])
     hooked = len(ddp._comm_hooks) == 1
-    return [hooked, all(torch.equal(a, b) for plain, exact in zip(grads[False], grads[True])
-                        for a, b in zip(plain, exact))]
+    same = all(torch.equal(a, b) for plain, exact in zip(grads[False], grads[True]) for a, b in zip(plain, exact))
+    if not per_parameter:
+        return [hooked, same]
+    trained_sizes = sorted(p.numel() for p in module.parameters() if p.requires_grad)
+    return [hooked, same, sorted(reduced_sizes[-len(trained_sizes):]) == trained_sizes]
 
 
 @pytest.mark.multiprocess
@@ -984,6 +1024,14 @@ def test_canonical_all_reduce_gives_each_parameter_ddps_average_of_its_gradients
     """On two ranks a sum is exact whatever its order: CanonicalAllReduce must give every trained parameter the
     same mean gradient as DDP's own all-reduce, also once DDP rebuilt its bucket in another order."""
     assert run_multiprocess(_grads_with_and_without_canonical_all_reduce, world_size=2) == [[True, True]] * 2
+
+
+@pytest.mark.multiprocess
+def test_canonical_all_reduce_of_several_buckets_reduces_each_gradient_on_its_own() -> None:
+    """torchrec wraps each data_parallel lookup in a DDP of default bucket caps, whose rebuild may regroup the
+    gradients (another offset in another bucket: another order of the sum on 3+ ranks): each gradient alone."""
+    assert run_multiprocess(_grads_with_and_without_canonical_all_reduce, world_size=2,
+                            per_parameter=True) == [[True, True, True]] * 2
 
 
 @pytest.mark.multiprocess
