@@ -22,6 +22,14 @@ QUERY_VALUE_NAMES = (
 )
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """Whether LoRA can go on ``module``: an ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's ``c_attn``,
+    ``c_proj``, ``c_fc``: a linear layer with its weight transposed, which peft takes too)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
 def language_model_name(model: nn.Module) -> Optional[str]:
     """Qualified name of a multimodal model's language model (Gemma-3, LLaVA: ``language_model``; Idefics3,
     SmolVLM: ``text_model``), else None."""
@@ -60,7 +68,7 @@ def default_target_modules(model: nn.Module) -> Union[List[str], str]:
     found = next((list(c) for c in QUERY_VALUE_NAMES if all(n in names for n in c)), None)
     targets = found or _peft_target_modules(model, names)
     if targets is None:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in scope.named_modules() if isinstance(m, nn.Linear)})
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in scope.named_modules() if _is_linear(m)})
         raise ValueError(
             f"cannot find the attention query/value projections of {type(model).__name__} to put LoRA on; name "
             f"them with --target-modules (lora_target_modules); its Linear modules are {linear}"
@@ -98,7 +106,7 @@ def with_lora(
         if not re.search(r"target[ _]modules", str(error), re.IGNORECASE):
             raise
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, nn.Linear)})
+                         if _is_linear(module)})
         raise ValueError(
             f"{model_path}: --target-modules {targets} (lora_target_modules) name no module of "
             f"{type(model).__name__} to put LoRA on; its Linear modules are {linear}"

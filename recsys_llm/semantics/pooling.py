@@ -11,10 +11,11 @@ Example::
     vectors = pool(hidden, attention_mask, resolve_pooling("auto", model.config))  # (B, H)
 """
 
+import contextlib
 import os
 import re
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -190,13 +191,40 @@ def _is_base_model(model: nn.Module) -> bool:
     return not re.search(r"[a-z0-9]For[A-Z]", name) and not name.endswith("LMHeadModel")  # not RoFormerModel
 
 
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """The model's config (and its text config) with ``use_cache`` off within, put back after: a decoder's forward
+    otherwise keeps every layer's keys and values in a ``DynamicCache`` until it returns (Llama, GPT-2, Mistral,
+    Qwen: ``use_cache`` is true in their configs), memory that pooling never reads (2 x layers x B x L x the
+    key/value width: GBs for a 7B model's batch of 64 texts of 256 tokens). Set on the config rather than passed to
+    the forward, which not every model's forward takes."""
+    config = getattr(model, "config", None)
+    configs = [config] if config is not None else []
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text_config is not None and text_config is not config:
+        configs.append(text_config)
+    switched = [c for c in configs if getattr(c, "use_cache", None) is True]
+    for c in switched:
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in switched:
+            c.use_cache = True
+
+
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last-layer hidden states of a base model, a model with a head (``*ForCausalLM``, ``*ForSequenceClassification``,
-    ...) or a peft wrapper of either.
+    ...) or a peft wrapper of either; no key/value cache is kept (:func:`_no_kv_cache`).
 
     Returns:
         torch.Tensor: (B, L, H).
     """
+    with _no_kv_cache(model):
+        return _last_hidden_states(model, input_ids, attention_mask)
+
+
+def _last_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     if _is_base_model(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = getattr(out, "last_hidden_state", None)

@@ -53,3 +53,14 @@ def test_the_help_lists_every_default_target_family() -> None:
     from recsys_llm.semantics.lora_targets import QUERY_VALUE_NAMES
 
     assert LORA_TARGET_HELP.split(" / ") == [" ".join(family) for family in QUERY_VALUE_NAMES]
+
+
+def test_unknown_targets_of_gpt2_name_its_conv1d_layers() -> None:
+    """GPT-2's projections are transformers' Conv1D, not nn.Linear: the message lists them, not []."""
+    from transformers import GPT2Config, GPT2Model
+
+    from recsys_llm.semantics.lora_targets import with_lora
+
+    model = GPT2Model(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    with pytest.raises(ValueError, match=r"Linear modules are \['c_attn', 'c_fc', 'c_proj'\]"):
+        with_lora(model, "/models/gpt2", r=2, alpha=4, dropout=0.0, targets=["q_proj"])

@@ -214,3 +214,27 @@ def test_hidden_states_of_a_head_model_named_like_a_base_model() -> None:
     ids = torch.tensor([[1, 2, 3]])
     out = hidden_states(OwnCodeModel(), ids, torch.ones_like(ids))
     assert torch.equal(out, ids.float().unsqueeze(-1).expand(-1, -1, 3))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_hidden_states_of_a_decoder_keep_no_key_value_cache(tiny_llama_dir, lora) -> None:
+    """Llama's config has use_cache on: its forward would keep every layer's keys and values in a DynamicCache
+    until it returns (GBs for a 7B model's batch), which pooling never reads. The config is put back after."""
+    from recsys_llm.semantics.lora_targets import with_lora
+    from recsys_llm.semantics.model_loading import load_model
+    from recsys_llm.semantics.pooling import hidden_states
+
+    model = load_model(tiny_llama_dir, torch.device("cpu"), torch.float32)
+    if lora:
+        model = with_lora(model, tiny_llama_dir, r=2, alpha=4, dropout=0.0)
+    base = model.get_base_model() if lora else model
+    assert base.config.use_cache is True
+    caches = []
+    hook = base.register_forward_hook(lambda module, args, out: caches.append(out.past_key_values))
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    with torch.no_grad():
+        hidden = hidden_states(model, ids, torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    hook.remove()
+    assert hidden.shape == (2, 3, base.config.hidden_size)
+    assert caches == [None]
+    assert base.config.use_cache is True
