@@ -28,6 +28,9 @@ from typing import List, Optional
 GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
 TRUST_REMOTE_CODE_HELP = ("run the model directory's own Python code when its config.json asks for it (auto_map); "
                           "only for a model you trust (off: such a model is refused)")
+GRADIENT_CHECKPOINTING_HELP = ("recompute each LLM layer's activations in the backward instead of keeping them "
+                               "(transformers' activation checkpointing): less memory for large models and long "
+                               "texts, about a third more compute, the same gradients")
 GROUP_COMMANDS_WITH_DEFAULTS = ("tune", "encode", "adapt", "export")  # their --help shows every default
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # --dtype of tune and encode
 
@@ -113,7 +116,7 @@ def _tune(args: argparse.Namespace) -> int:
         lora_target_modules=args.target_modules, pooling=args.pooling, max_length=args.max_length,
         include_fields_without_description=args.include_fields_without_description, seed=args.seed,
         device=args.device, dtype=args.dtype, resume=not args.no_resume, templates=_templates(args),
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, gradient_checkpointing=args.gradient_checkpointing,
     )
     metrics = SSFTTrainer(config, DatasetSchema.load(args.schema), args.output_dir).run()
     from recsys_llm.train.run_records import strict_json
@@ -183,6 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
                            f"names them: {LORA_TARGET_HELP}; a model without them needs this option)")
     tune.add_argument("--seed", type=int, default=0, help="sampling, shuffling and LoRA initialisation")
     tune.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    tune.add_argument("--gradient-checkpointing", action="store_true", help=GRADIENT_CHECKPOINTING_HELP)
     tune.set_defaults(func=_tune)
 
     encode = commands.add_parser("encode", help="one vector per field (tuned or untuned model), with provenance")

@@ -29,7 +29,9 @@ import warnings
 from typing import Any, Dict, List
 
 from recsys_llm.cli.data import integer_at_least, number_above
-from recsys_llm.cli.semantics import LORA_TARGET_HELP, TRUST_REMOTE_CODE_HELP, refuse_several_ranks
+from recsys_llm.cli.semantics import (
+    GRADIENT_CHECKPOINTING_HELP, LORA_TARGET_HELP, TRUST_REMOTE_CODE_HELP, refuse_several_ranks,
+)
 
 ROW_TEXT_FILE = "row_text.json"
 ADAPTED_ON_FILE = "adapted_on.json"  # the schema, row-text fields and split a CTR-adapted LLM was tuned on
@@ -151,7 +153,8 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     tuned_config = dataclasses.replace(config, sample_rows=None)
     check_tune_checkpoint(checkpoint, texts, labels, tuned_config)  # before the LLM loads
     model = CTRAdaptedLLM.from_config(config, args.trust_remote_code, device)
-    losses = tune_ctr_llm(model, texts, labels, tuned_config, checkpoint=checkpoint)
+    losses = tune_ctr_llm(model, texts, labels, tuned_config, checkpoint=checkpoint,
+                          gradient_checkpointing=args.gradient_checkpointing)
     steps_per_epoch = len(losses) // tuned_config.epochs
     save_ctr_llm(model, args.output_dir,
                  extra_json={ROW_TEXT_FILE: row_text, ADAPTED_ON_FILE: adapted_on,
@@ -499,6 +502,7 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--no-resume", action="store_true",
                        help="ignore a checkpoint in <output-dir>.checkpoint and adapt from scratch (its first save "
                             "replaces it)")
+    adapt.add_argument("--gradient-checkpointing", action="store_true", help=GRADIENT_CHECKPOINTING_HELP)
     adapt.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     adapt.set_defaults(func=_adapt, llm=None)
 

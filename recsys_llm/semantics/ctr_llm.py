@@ -43,6 +43,7 @@ from recsys_llm.semantics.lora_targets import language_model_name, with_lora
 from recsys_llm.semantics.model_dir import model_dir_fingerprint
 from recsys_llm.semantics.model_loading import (
     check_max_length,
+    enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
     position_limited,
@@ -392,6 +393,7 @@ def tune_ctr_llm(
     config: CTRLLMConfig,
     progress: bool = True,
     checkpoint: Optional[TuneCheckpoint] = None,
+    gradient_checkpointing: bool = False,
 ) -> List[float]:
     """Fine-tunes the LLM part and both heads with BCE on clicks.
 
@@ -411,14 +413,23 @@ def tune_ctr_llm(
         config (CTRLLMConfig): sample size, batch size, learning rates, epochs.
         progress (bool): show a tqdm bar.
         checkpoint (Optional[TuneCheckpoint]): where to save and resume from; None: no checkpoint.
+        gradient_checkpointing (bool): recompute the LLM's layer activations in the backward instead of keeping
+            them (:func:`~recsys_llm.semantics.model_loading.enable_gradient_checkpointing`; ``lora`` and
+            ``last_k`` tuning): less memory, more compute, the same gradients; may change on a resume.
 
     Returns:
         List[float]: the loss of every step (those before a resume included).
 
     Raises:
         ValueError: a damaged checkpoint file (named, with the remedy), a checkpoint of other settings
-            (the differences named), or one past ``config.epochs``.
+            (the differences named), or one past ``config.epochs``; ``gradient_checkpointing`` with ``heads``
+            tuning (the LLM has no gradients) or a model class without it.
     """
+    if gradient_checkpointing:
+        if config.tuning == "heads":
+            raise ValueError("--gradient-checkpointing: --tuning heads trains no LLM weights (the LLM runs without "
+                             "gradients and keeps no activations); leave the option out or tune with lora or last_k")
+        enable_gradient_checkpointing(model.llm, config.model_path)
     index, sample_texts, sample_labels = _tuning_rows(texts, labels, config)
     limit = position_limited(model.llm, config.max_length)
     longer = count_longer_texts(model.tokenizer, sample_texts, limit)

@@ -281,6 +281,25 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def enable_gradient_checkpointing(model: nn.Module, model_path: str) -> None:
+    """Transformers' activation (gradient) checkpointing on ``model`` (a peft wrapper: its base model): in
+    training, each layer keeps its input only and is run again in the backward, non-reentrant (the LoRA weights
+    inside get their gradients; dropout masks are replayed: the same gradients as without).
+
+    Raises:
+        ValueError: the model class does not support it (named with ``model_path``).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{model_path}: --gradient-checkpointing: {type(base).__name__} does not support "
+                         "activation checkpointing; leave the option out")
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers 5's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def encoder_of(model: nn.Module) -> nn.Module:
     """The encoder stack of an encoder-decoder model (T5, BART: the part that reads the text),
     else ``model`` itself."""

@@ -69,7 +69,8 @@ from recsys_llm.semantics.encoder import (
 from recsys_llm.semantics.lora_targets import with_lora
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, module_fingerprint, read_json_file
 from recsys_llm.semantics.model_loading import (
-    load_model, load_tokenizer, position_limited, resolve_device, resolve_dtype, runs_own_code,
+    enable_gradient_checkpointing, load_model, load_tokenizer, position_limited, resolve_device, resolve_dtype,
+    runs_own_code,
 )
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
@@ -191,6 +192,9 @@ class SSFTConfig:
         eval_batch_size (int): prompts per forward pass in evaluation.
         resume (bool): continue from ``output_dir/checkpoint`` when it exists.
         templates (PromptTemplates): field and SSFT prompt templates.
+        gradient_checkpointing (bool): recompute each layer's activations in the backward instead of keeping them
+            (:func:`~recsys_llm.semantics.model_loading.enable_gradient_checkpointing`): less memory, more compute,
+            the same gradients; may change on a resume.
     """
 
     model_path: Optional[str] = None
@@ -217,6 +221,7 @@ class SSFTConfig:
     eval_batch_size: int = 64
     resume: bool = True
     templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_number_fields(self, _NUMBER_RULES, "semantics tune")
@@ -362,6 +367,8 @@ class SSFTTrainer:
         device = resolve_device(config.device)
         tokenizer = load_tokenizer(self._model_path, config.trust_remote_code)
         base = load_model(self._model_path, device, resolve_dtype(config.dtype, device), config.trust_remote_code)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(base, self._model_path)
         model = with_lora(base, self._model_path, config.lora_r, config.lora_alpha, config.lora_dropout,
                           config.lora_target_modules or None)
         return TextEncoder.from_model(
@@ -445,7 +452,8 @@ class SSFTTrainer:
         change of what ``auto`` picks); ``with_dtype``: the dtype ``--dtype`` resolved to on this device, in place
         of the option as typed (checkpoints of earlier versions recorded the option only)."""
         config = self._config.to_dict()
-        for key in ("epochs", "resume", "device", "eval_batch_size", "model_path"):  # the model: by base_hash
+        # the model: by base_hash; gradient checkpointing gives the same gradients
+        for key in ("epochs", "resume", "device", "eval_batch_size", "model_path", "gradient_checkpointing"):
             config.pop(key)
         signature = {"config": config, "base_hash": self._base_hash, "fields": self.fields,
                      DATA_DIGEST_KEY: self._data_digest}
