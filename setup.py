@@ -35,5 +35,5 @@ setup(
         "dev": ["pytest>=7", "pytest-timeout"],
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["recsys-llm=recsys_llm.cli:main"]},
+    entry_points={"console_scripts": ["recsys-llm=recsys_llm.cli:run"]},
 )

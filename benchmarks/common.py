@@ -69,7 +69,17 @@ def run_main(main: Callable[[], Any]) -> None:
         os.environ.setdefault(MININTERVAL_ENV, "30")
         os.environ.setdefault(MAXINTERVAL_ENV, os.environ[MININTERVAL_ENV])
         os.environ.setdefault(LINES_ENV, "1")
-    record(main)()
+    try:
+        record(main)()
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's 130, as the recsys-llm commands end, not a traceback
+        if os.environ.get("RECSYS_LLM_TRACEBACK", "0") not in ("", "0"):
+            raise
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # the line starts a line of its own, not after a bar's carriage return
+        print(f"{os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else 'benchmark'}: interrupted (Ctrl-C); "
+              "its --json and --plot are written at the end (the earlier ones stay as they were)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def build_parser(name: str, description: Optional[str]) -> argparse.ArgumentParser:

@@ -5,6 +5,8 @@ sub-command(s) and sets ``func`` on the parsed namespace.
 """
 
 import argparse
+import atexit
+import contextlib
 import errno
 import importlib
 import json
@@ -478,6 +480,58 @@ def _printable_streams() -> Callable[[], None]:
             except (ValueError, OSError):
                 pass
     return restore
+
+
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_exiting = False  # set by run() once the command is over: the interpreter's exit is all that is left
+
+
+def _ignore_signals_while_exiting() -> None:
+    """Registered when this module is imported, so it runs after the atexit hooks of what the commands import later
+    (torch's): then the interpreter frees its modules (a second or so with torch loaded) with its own handlers reset,
+    where a Ctrl-C ended the finished command by the signal, silently (no message; 130 instead of its code)."""
+    if _exiting and threading.current_thread() is threading.main_thread():
+        for number in EXIT_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+
+
+atexit.register(_ignore_signals_while_exiting)
+
+
+def _exit_at_next_signal(code: object) -> None:
+    """Makes a Ctrl-C or SIGTERM from now on end the process at once with ``code``, the command's exit code (the
+    command is over: what it wrote stays as it is). In the atexit hooks (torch's) such a signal printed a traceback of
+    the hook and the exit code stayed 0, or it ended the process by the signal with no message."""
+    global _exiting
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    for stream in (sys.stdout, sys.stderr):  # os._exit flushes nothing: the summary printed last stays
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+    def leave(signum: int, frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+    if threading.current_thread() is threading.main_thread():
+        for number in EXIT_SIGNALS:
+            signal.signal(number, leave)
+    _exiting = True
+
+
+def run() -> NoReturn:
+    """The program ``recsys-llm`` (``python -m recsys_llm``, ``python -m recsys_llm.cli``, torchrun's workers):
+    :func:`main`, then the interpreter's exit with its code, which a Ctrl-C or SIGTERM no longer interrupts with a
+    traceback or turns into another code (:func:`_exit_at_next_signal`). A program calling :func:`main` keeps its
+    own handlers."""
+    try:
+        code = main()
+    except SystemExit as ended:  # an interrupted command's 130 / 143, argparse's 2, --help's 0
+        _exit_at_next_signal(ended.code)
+        raise
+    _exit_at_next_signal(code)
+    sys.exit(code)
 
 
 def expand_home(args: argparse.Namespace) -> None:

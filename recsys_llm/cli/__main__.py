@@ -1,5 +1,3 @@
-import sys
+from recsys_llm.cli import run
 
-from recsys_llm.cli import main
-
-sys.exit(main())
+run()

@@ -141,16 +141,21 @@ class SplitWriter:
         self._pending_rows = rest.num_rows
 
     def close(self) -> None:
-        self._flush(final=True)
-        self._writer.close()
-        if self._replace:
-            os.replace(self._tmp, self._path)
-            return
         try:
-            if not link_into_place(self._tmp, self._path):
+            self._flush(final=True)
+            self._writer.close()
+            if self._replace:
+                os.replace(self._tmp, self._path)
+            elif not link_into_place(self._tmp, self._path):
                 raise FileExistsError(f"{self._path}: appeared while this file was written (another process's?); "
                                       "left as it is, and this one not written")
         finally:
+            # renamed: gone; linked: a second name of the output. Failed or interrupted while the last row group
+            # and the footer were written (Ctrl-C, a full disk): a half-written file no one reads, left beside the
+            # output (`recsys-llm score --output`) for the user to delete
+            if self._writer.is_open:
+                with contextlib.suppress(Exception):
+                    self._writer.close()
             with contextlib.suppress(OSError):
                 os.remove(self._tmp)
 
