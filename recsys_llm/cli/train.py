@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from typing import Any, Dict, List
 
 from recsys_llm import PACKAGED_CONFIGS
@@ -89,6 +90,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     config = load_config(args.config or trained_run_config(args.checkpoint), args.overrides)
     results = run_evaluation(config, args.checkpoint, args.split, student=args.student)
     if is_main_process():
+        from recsys_llm.train.runner import non_finite_logits_note
+
+        note = non_finite_logits_note(results, "evaluated")
+        if note is not None:  # null LogLoss / NE in the JSON, not without a word
+            warnings.warn(note, stacklevel=1)
         print(json.dumps(strict_json(results), indent=2, sort_keys=True, default=float))  # NaN AUC: null
     teardown_distributed()
     return 0

@@ -287,14 +287,16 @@ def _load_ebc(directory: str, config: Dict[str, Any], tables_file: str, state: D
 
 def _finite_logits(logits: torch.Tensor, dense_features: torch.Tensor) -> torch.Tensor:
     """``logits`` (B,) when all are finite; else a ValueError naming the first row: finite dense values far
-    beyond what training saw (1e20) overflow the model's float32 arithmetic into NaN / inf."""
+    beyond what training saw (1e20), or diverged weights, overflow the model's float32 arithmetic into NaN / inf."""
     finite = torch.isfinite(logits)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0, 0])
         largest = float(dense_features[row].abs().max()) if dense_features.numel() else 0.0
         raise ValueError(f"row {row}: the model's logit is {float(logits[row])} for finite inputs (its largest dense "
-                         f"value is {largest:.3g} in absolute value): values this far beyond the training data "
-                         "overflow the model's float32 arithmetic; scale the dense features as the training data was")
+                         f"value is {largest:.3g} in absolute value): values far beyond the training data "
+                         "overflow the model's float32 arithmetic (scale the dense features as the training data "
+                         "was), and so do weights that diverged in training (a learning rate too high), with "
+                         "ordinary values too")
     return logits
 
 

@@ -82,7 +82,7 @@ from recsys_llm.train.loss_sums import LossSums
 from recsys_llm.train.lr_schedule import ScheduledLearningRates
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.mixed_precision import autocast_dtype
-from recsys_llm.train.pipeline import EpochStats, check_finite_loss, evaluate, train_epoch
+from recsys_llm.train.pipeline import EpochStats, NonFiniteLossError, check_finite_loss, evaluate, train_epoch
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.resume import (
     budget_spent,
@@ -584,9 +584,27 @@ def _train_in_run_dir(
     return results
 
 
-def warn_undefined_test_metrics(metrics: Dict[str, Any]) -> None:
+def non_finite_logits_note(metrics: Dict[str, Any], split: str) -> Optional[str]:
+    """What to say when ``metrics`` (of rows scored) hold a NaN or infinite LogLoss: the model's logit was NaN or
+    inf for some row (the LogLoss of finite float32 logits is finite), so LogLoss, NE, calibration and AUC mean
+    nothing; None otherwise."""
+    logloss = metrics.get("logloss")
+    if not metrics.get("num_samples") or logloss is None or math.isfinite(logloss):
+        return None
+    return (f"{split} LogLoss is {logloss}: the model's logit is NaN or inf for some of the {split} split's "
+            f"{metrics['num_samples']:.0f} row(s), so its LogLoss, NE, calibration and AUC are meaningless: the "
+            "weights diverged (a learning rate too high) or dense values lie far beyond the training data's "
+            "(scale them as the training data was)")
+
+
+def warn_undefined_test_metrics(metrics: Dict[str, Any], split: str = "test") -> None:
     """Says why the test AUC (and NE) is NaN, as ``_validate`` does for the validation split: a split of one class
-    (every label 1, say) has none, and the results table would otherwise print ``nan`` without a word."""
+    (every label 1, say) has none, and the results table would otherwise print ``nan`` without a word; and why its
+    LogLoss is NaN or inf (:func:`non_finite_logits_note`)."""
+    note = non_finite_logits_note(metrics, split)
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
+        return
     auc = metrics.get("auc")
     if auc is not None and math.isnan(auc):
         clickless = metrics.get("ctr") == 0.0  # calibration divides by the clicks
@@ -670,6 +688,10 @@ def _validate(
     state.validated_step = state.global_step
     log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
     auc = valid["auc"]
+    note = non_finite_logits_note(valid, "valid")
+    if note is not None:  # every rank has the same metrics: all raise, before best/ or a checkpoint keeps the weights
+        raise NonFiniteLossError(f"step {state.global_step}: {note}; stopped before best/ or a checkpoint keeps "
+                                 "these weights (the earlier ones stand)")
     if ctx.is_main:
         _warn_of_bad_validation(valid, state.global_step, train_loss, set() if warned is None else warned)
     if not math.isnan(auc) and auc > state.best_metric:

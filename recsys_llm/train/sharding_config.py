@@ -26,6 +26,7 @@ from recsys_llm.train.lr_schedule import LRSchedule
 from recsys_llm.train.qcomms import QCommsSettings
 from recsys_llm.typed_config import ConfigError, build_dataclass, coerce_value
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the largest learning rate or eps FBGEMM's float32 takes
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "row_wise_adagrad": trec_optim.RowWiseAdagrad,
@@ -113,6 +114,9 @@ class OptimizerConfig:
             raise ValueError(f"optim.dense must be one of {sorted(DENSE_OPTIMIZERS)}, got {self.dense!r}")
         for name in ("sparse_lr", "dense_lr", "eps"):
             check_number(f"optim.{name}", getattr(self, name), above=0)
+            if getattr(self, name) > FLOAT32_MAX:  # overflowed in a traceback of FBGEMM's optimizer
+                raise ValueError(f"optim.{name}={getattr(self, name)} is beyond float32's range (at most 3.4e38), "
+                                 "in which FBGEMM's table optimizers take it")
         check_number("optim.weight_decay", self.weight_decay, minimum=0)
         check_number("optim.max_grad_norm", self.max_grad_norm, minimum=0)
         _ = self.lr_schedule  # raises naming a bad optim.lr_* setting

@@ -80,6 +80,8 @@ class TestLoadConfig:
             ("sharding.compute_device=gpu", "sharding.compute_device must be 'auto', 'cpu' or 'cuda', got 'gpu'"),
             ("optim.sparse_lr=-1", "optim.sparse_lr must be a finite number > 0, got -1.0"),
             ("optim.dense_lr=.nan", "optim.dense_lr must be a finite number > 0, got nan"),
+            # FBGEMM's float32 rate overflowed in a traceback of its rowwise_adagrad
+            ("optim.sparse_lr=1e39", "optim.sparse_lr=1e+39 is beyond float32's range (at most 3.4e38)"),
             ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number >= 0"),
             ("model.mlp_layer_sizes=[32,-1]", "model.mlp_layer_sizes[1] must be an integer >= 1, got -1"),
             ("model.dropout=1.5", "model.dropout must be a finite number >= 0 and < 1, got 1.5"),
