@@ -315,6 +315,11 @@ def load_vectors(
             f"{path}: the vector of {keys[row]!r} (row {row}) holds {value}, and {count} of {len(keys)} vectors hold "
             "NaN/inf; expected finite values: the file is damaged or its model gave NaN/inf, re-encode it"
         )
+    zeros = [keys[row] for row in vectors.eq(0).all(dim=1).nonzero().flatten().tolist()]
+    if zeros:  # no direction: FIE's cosine similarities with it are 0
+        warnings.warn(f"{path}: the vectors of {zeros[:5]}{' ...' if len(zeros) > 5 else ''} ({len(zeros)} of "
+                      f"{len(keys)}) are all zeros, which no encoder gives: they carry no meaning to the terms that "
+                      "read them; re-encode the file", stacklevel=2)
     if schema is not None:
         _check_schema(path, provenance, schema)
         unknown = [k for k in keys if k not in {f.name for f in schema.fields}]

@@ -282,6 +282,19 @@ class TestNonFiniteVectors:
         with pytest.raises(VectorProvenanceError, match=r"v\.safetensors: the vector of 'c' \(row 2\) holds -inf"):
             load_vectors(path)
 
+    def test_load_warns_of_all_zero_vectors_naming_them(self, tmp_path) -> None:
+        """An edited or damaged file of zero vectors trained LLaCTR without a word (FIE's similarities all 0)."""
+        path = str(tmp_path / "v.safetensors")
+        vectors = torch.randn(3, 4)
+        vectors[1] = 0.0
+        save_vectors(path, vectors, ["a", "b", "c"], _provenance())
+        with pytest.warns(UserWarning, match=r"v\.safetensors: the vectors of \['b'\] \(1 of 3\) are all zeros"):
+            assert torch.equal(load_vectors(path).vectors, vectors)
+        save_vectors(path, torch.randn(3, 4), ["a", "b", "c"], _provenance())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_vectors(path)
+
     def test_cached_encode_refuses_nan_before_caching(self, tmp_path, tiny_llama_dir: str, monkeypatch) -> None:
         encoder = TextEncoder(tiny_llama_dir)
 
