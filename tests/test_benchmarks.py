@@ -806,3 +806,15 @@ def test_mixed_precision_serves_a_bf16_program_against_a_float32_one(tmp_path) -
     served, _ = table_dtype.export_and_load(task, None, make_batch(4, 100), str(tmp_path),
                                             mixed_precision.SERVE_VARIANTS)
     assert {name: model.mixed_precision for name, model in served.items()} == {"fp32": "fp32", "bf16": "bf16"}
+
+
+def test_ratio_bars_name_a_dashed_goal_only_where_one_is_drawn() -> None:
+    """mixed_precision's ratios have no goal: its panel's label promised a dashed goal line it did not draw."""
+    from matplotlib.figure import Figure
+
+    from benchmarks.common import ratio_bars
+
+    for goals, label in (({}, "ratio (log scale)"), ({"train": 0.9}, "ratio (log scale; dashed: goal)")):
+        axis = Figure().subplots()
+        ratio_bars(axis, {"train": 0.8, "serve": 1.1}, goals, "ratios")
+        assert axis.get_ylabel() == label and len(axis.collections) == len(goals)

@@ -16,6 +16,7 @@ Example::
     path = plot_training_curves("runs/deepfm")  # None without matplotlib or without a record
 """
 
+import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -36,10 +37,16 @@ def training_curves(records: List[Dict[str, Any]]) -> Dict[str, Curve]:
     curves: Dict[str, Curve] = {}
     for name, (event, key) in wanted.items():
         points = [(r["global_step"], r[key]) for r in records
-                  if r.get("event") == event and isinstance(r.get(key), (int, float)) and "global_step" in r]
+                  if r.get("event") == event and _finite(r.get(key)) and "global_step" in r]
         if points:
             curves[name] = ([step for step, _ in points], [float(value) for _, value in points])
     return curves
+
+
+def _finite(value: Any) -> bool:
+    """A number to draw: not null, not NaN / inf (a file written before NaN became null, or edited by hand: a NaN
+    best AUC drew no star, labelled "best nan"), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 MAX_MARKERS = 40  # per curve: 200 epochs' markers would hide the 50-step loss line beneath them
@@ -63,12 +70,14 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
         return None
     try:  # a Figure of its own, not pyplot: the calling program's backend and figures are left alone
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     test_auc = next((r["auc"] for r in reversed(records)
-                     if r.get("event") == "test" and isinstance(r.get("auc"), (int, float))), None)
-    figure = Figure(figsize=(10, 3.8))
-    loss_axis, auc_axis = figure.subplots(1, 2)
+                     if r.get("event") == "test" and _finite(r.get("auc"))), None)
+    figure = Figure(figsize=(10, 4.6))
+    # one step axis for both panels: an AUC panel with no validation point spans the run's steps, not 0 to 1
+    loss_axis, auc_axis = figure.subplots(1, 2, sharex=True)
     if "loss" in curves:  # a line through one point draws nothing: a run of 50 to 99 steps has one
         loss_axis.plot(*curves["loss"], color="tab:blue", linewidth=1,
                        label="training loss, mean of 50 steps (BCE + loss terms)",
@@ -92,12 +101,25 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
         best = max(range(len(aucs)), key=aucs.__getitem__)
         auc_axis.plot(steps[best], aucs[best], "*", markersize=14, color="tab:red", label=f"best {aucs[best]:.4f}")
     if test_auc is not None:
-        auc_axis.axhline(test_auc, linestyle="--", color="gray", label=f"test AUC {test_auc:.4f} (best model)")
+        # the best validation AUC's model (best/); without a validation AUC the run tested its final model
+        tested = "best model" if "valid auc" in curves else "final model"
+        auc_axis.axhline(test_auc, linestyle="--", color="gray", label=f"test AUC {test_auc:.4f} ({tested})")
+    if "valid auc" not in curves:  # say why the panel has no curve rather than leave it blank
+        if test_auc is not None:  # the test line mid-panel, clear of the note above it
+            auc_axis.set_ylim(test_auc - 0.1, test_auc + 0.1)
+        auc_axis.text(0.5, 0.92, "no validation AUC\n(no validation split, or one with a single class)",
+                      transform=auc_axis.transAxes, ha="center", va="top", fontsize=9, color="dimgray")
     auc_axis.set(xlabel="global step", ylabel="AUC", title="AUC")
     for axis in (loss_axis, auc_axis):
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # beneath the panel: inside it, it hid the curves' last points
+            axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
         axis.grid(alpha=0.3)
+        # steps are whole: a one-step run drew ticks 0.96 .. 1.04
+        axis.xaxis.set_major_locator(MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True))
+    steps = {step for xs, _ in curves.values() for step in xs}
+    if len(steps) == 1:  # one step logged (train.max_steps=1): room either side of it, whole-step ticks
+        (step,) = steps
+        loss_axis.set_xlim(step - 1, step + 1)
     figure.suptitle(os.path.basename(os.path.abspath(run_dir)))
     figure.tight_layout()
     path = os.path.join(run_dir, CURVES_FILE)

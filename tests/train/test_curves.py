@@ -137,3 +137,52 @@ def test_a_short_run_marks_every_point(tmp_path, monkeypatch) -> None:
     plot_training_curves(str(tmp_path))
     epoch_line = next(line for line in drawn[0].axes[0].get_lines() if line.get_label() == "epoch mean loss")
     assert epoch_line.get_markevery() in (None, 1) and epoch_line.get_linestyle() == "None"
+
+
+def _drawn(tmp_path, monkeypatch, records):
+    from recsys_llm.train import curves
+
+    drawn = []
+    monkeypatch.setattr(curves, "save_figure_atomically", lambda figure, path, **kwargs: drawn.append(figure))
+    _write_metrics(str(tmp_path), records)
+    assert plot_training_curves(str(tmp_path))
+    return drawn[0].axes
+
+
+def test_a_nan_auc_is_left_out_not_starred_as_best(tmp_path, monkeypatch) -> None:
+    """A NaN (a file written before NaN became null) drew no star and labelled it "best nan"."""
+    records = [{"event": "valid", "global_step": 50, "auc": float("nan"), "logloss": float("nan")},
+               {"event": "valid", "global_step": 100, "auc": 0.6, "logloss": 0.64},
+               {"event": "train", "global_step": 100, "loss": float("inf")}]
+    assert training_curves(records) == {"valid logloss": ([100], [0.64]), "valid auc": ([100], [0.6])}
+    _, auc_axis = _drawn(tmp_path, monkeypatch, records)
+    (best,) = [line for line in auc_axis.get_lines() if line.get_label().startswith("best")]
+    assert best.get_label() == "best 0.6000" and list(best.get_xdata()) == [100]
+
+
+def test_a_run_without_validation_says_so_and_tests_its_final_model(tmp_path, monkeypatch) -> None:
+    """data.valid_split=: the AUC panel spanned 0 to 1 on its step axis, empty but for a test line labelled
+    "(best model)", though no best model was chosen (best_step -1: the final model is tested)."""
+    records = [{"event": "train", "global_step": 50, "loss": 0.69}, {"event": "train", "global_step": 100, "loss": 0.6},
+               {"event": "test", "global_step": 100, "auc": 0.58}]
+    loss_axis, auc_axis = _drawn(tmp_path, monkeypatch, records)
+    (test,) = [line for line in auc_axis.get_lines() if line.get_label().startswith("test AUC")]
+    assert test.get_label() == "test AUC 0.5800 (final model)"
+    assert any("no validation AUC" in text.get_text() for text in auc_axis.texts)
+    assert auc_axis.get_xlim() == loss_axis.get_xlim() and auc_axis.get_xlim()[1] > 90  # the run's steps
+    low, high = auc_axis.get_ylim()
+    assert low < 0.58 < high
+
+
+def test_step_ticks_are_whole_and_legends_sit_beneath_the_panels(tmp_path, monkeypatch) -> None:
+    """train.max_steps=1 drew ticks 0.96 .. 1.04; legends inside the panels hid the last validation points."""
+    records = [{"event": "epoch", "global_step": 1, "mean_loss": 0.9},
+               {"event": "valid", "global_step": 1, "auc": 0.55, "logloss": 0.79},
+               {"event": "test", "global_step": 1, "auc": 0.5}]
+    axes = _drawn(tmp_path, monkeypatch, records)
+    for axis in axes:
+        low, high = axis.get_xlim()
+        ticks = [tick for tick in axis.get_xticks() if low <= tick <= high]
+        assert 1 in ticks and all(float(tick).is_integer() for tick in ticks)
+        anchor = axis.get_legend().get_bbox_to_anchor().transformed(axis.transAxes.inverted())
+        assert anchor.y0 < 0  # below the axes
