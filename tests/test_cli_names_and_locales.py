@@ -46,6 +46,17 @@ def test_an_argument_the_locale_could_not_decode_is_refused_before_any_work(tmp_
     assert not (tmp_path / "data").exists()
 
 
+def test_an_argument_of_bytes_that_are_not_utf8_is_left_to_the_command() -> None:
+    """A name in Latin-1 (b"caf\\xe9", an old run's directory) is no locale's misreading: `evaluate` of such a run
+    worked before arguments were checked, and a UTF-8 locale, which the refusal advised, would not change it."""
+    import argparse
+
+    from recsys_llm.cli import _undecodable_argument
+
+    assert _undecodable_argument(argparse.Namespace(checkpoint="runs/caf\udce9", overrides=[])) is None
+    assert _undecodable_argument(argparse.Namespace(checkpoint="runs/x", overrides=["a.b=\udcc3\udca9"])) == "a.b=é"
+
+
 def test_an_output_name_too_long_for_the_files_beside_it_is_one_line(tmp_path, capsys) -> None:
     """A 250-character --out (NAME_MAX is 255) ended in a traceback: its hidden lock file's name is longer."""
     name_max = os.pathconf(str(tmp_path), "PC_NAME_MAX")

@@ -547,9 +547,11 @@ def expand_home(args: argparse.Namespace) -> None:
 
 
 def _undecodable_argument(args: argparse.Namespace) -> Optional[str]:
-    """The first option value or override that holds bytes the locale's encoding could not decode (Python
-    kept them as lone surrogates, ``'\\udcc3'``, which no UTF-8 library call takes), as its escaped text;
-    else None."""
+    """The first option value or override that holds UTF-8 bytes the locale's encoding could not decode (Python
+    kept them as lone surrogates, ``'\\udcc3'``, which no UTF-8 library call takes), as its text; else None.
+    Bytes that are not UTF-8 at all (a name in Latin-1) are left to the command, as under a UTF-8 locale: the
+    files such a name reaches through the operating system work (an old run's directory), and a UTF-8 locale
+    would not help them."""
     def values(value: Any) -> List[str]:
         if isinstance(value, str):
             return [value]
@@ -558,7 +560,10 @@ def _undecodable_argument(args: argparse.Namespace) -> Optional[str]:
     for name, value in vars(args).items():
         for text in values(value):
             if any("\udc80" <= char <= "\udcff" for char in text):
-                return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                try:
+                    return text.encode("utf-8", "surrogateescape").decode("utf-8")
+                except UnicodeDecodeError:  # not UTF-8 bytes
+                    continue
     return None
 
 
