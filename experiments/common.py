@@ -500,6 +500,7 @@ def plot_auc(out_path: str, tables: Dict[str, Dict[str, Dict]], title: str) -> N
         stds = [tables[b][variant]["auc"]["std"] for b in backbones]
         ax.bar([x + i * width for x in range(len(backbones))], means, width, yerr=stds, label=variant, capsize=2)
     spans = [(tables[b][v]["auc"]["mean"], tables[b][v]["auc"]["std"]) for b in backbones for v in variants]
+    spans = [(mean, std) for mean, std in spans if math.isfinite(mean) and math.isfinite(std)] or [(0.5, 0.0)]
     bottom = min(mean - std for mean, std in spans) - 0.01
     ax.set_ylim(bottom, max(mean + std for mean, std in spans) + 0.01)
     ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(backbones))])

@@ -5,8 +5,7 @@ sub-command(s) and sets ``func`` on the parsed namespace.
 """
 
 import argparse
-import atexit
-import contextlib
+import codecs
 import errno
 import importlib
 import json
@@ -19,7 +18,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, List, NoReturn, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple, Union
 
 from recsys_llm.error_text import one_line
 from recsys_llm.progress import LINES_ENV, MAXINTERVAL_ENV, MININTERVAL_ENV
@@ -458,17 +457,35 @@ def main(argv: Optional[List[str]] = None) -> int:
             os.environ.pop(key, None)
 
 
+PRINTABLE_ERRORS = "recsys_llm.printable"  # the streams' error handler while a command runs
+
+
+def _escape_unprintable(error: UnicodeError) -> Tuple[Union[str, bytes], int]:
+    """Error handler :data:`PRINTABLE_ERRORS`: the bytes of a name the operating system gave undecoded (lone
+    surrogates U+DC80..U+DCFF, a Latin-1 file name) written back as they were (``surrogateescape``, the stream's
+    own handler under a C / C.UTF-8 locale), any other character the encoding lacks as a backslash escape."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    if all("\udc80" <= char <= "\udcff" for char in error.object[error.start:error.end]):
+        return codecs.lookup_error("surrogateescape")(error)
+    return codecs.backslashreplace_errors(error)
+
+
+codecs.register_error(PRINTABLE_ERRORS, _escape_unprintable)
+
+
 def _printable_streams() -> Callable[[], None]:
     """Lets stdout and stderr print any text: a character their encoding lacks (``PYTHONIOENCODING=ascii``, a
     Latin-1 locale) is written as a backslash escape rather than ending a command that did its work with a
-    UnicodeEncodeError at its summary (a field description, a path, a value in another script); returns what
-    puts the streams' own error handlers back, for a program calling ``main``."""
+    UnicodeEncodeError at its summary (a field description, a path, a value in another script), while a file
+    name's undecoded bytes are written as they were (:func:`_escape_unprintable`); returns what puts the streams'
+    own error handlers back, for a program calling ``main``."""
     changed = []
     for stream in (sys.stdout, sys.stderr):
         errors = getattr(stream, "errors", None)
         if errors in ("strict", "surrogateescape") and callable(getattr(stream, "reconfigure", None)):
             try:
-                stream.reconfigure(errors="backslashreplace")
+                stream.reconfigure(errors=PRINTABLE_ERRORS)
             except (ValueError, OSError):  # a closed or detached stream: left as it is
                 continue
             changed.append((stream, errors))
@@ -482,55 +499,26 @@ def _printable_streams() -> Callable[[], None]:
     return restore
 
 
-EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_exiting = False  # set by run() once the command is over: the interpreter's exit is all that is left
-
-
-def _ignore_signals_while_exiting() -> None:
-    """Registered when this module is imported, so it runs after the atexit hooks of what the commands import later
-    (torch's): then the interpreter frees its modules (a second or so with torch loaded) with its own handlers reset,
-    where a Ctrl-C ended the finished command by the signal, silently (no message; 130 instead of its code)."""
-    if _exiting and threading.current_thread() is threading.main_thread():
-        for number in EXIT_SIGNALS:
-            signal.signal(number, signal.SIG_IGN)
-
-
-atexit.register(_ignore_signals_while_exiting)
-
-
-def _exit_at_next_signal(code: object) -> None:
-    """Makes a Ctrl-C or SIGTERM from now on end the process at once with ``code``, the command's exit code (the
-    command is over: what it wrote stays as it is). In the atexit hooks (torch's) such a signal printed a traceback of
-    the hook and the exit code stayed 0, or it ended the process by the signal with no message."""
-    global _exiting
-    status = code if isinstance(code, int) else (0 if code is None else 1)
-    for stream in (sys.stdout, sys.stderr):  # os._exit flushes nothing: the summary printed last stays
-        with contextlib.suppress(Exception):
-            stream.flush()
-
-    def leave(signum: int, frame: object) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(status)
-
+def _ignore_ctrl_c() -> None:
+    """Ctrl-C ignored from here on, in the main thread: the command is over, what it wrote stays as it is, and
+    the interpreter's exit (torch's atexit hooks, freeing its modules: a second or so) is all that is left, where
+    a Ctrl-C printed a traceback of the hook it landed in (exit code 0) or ended the process by the signal (130
+    for a command that had done its work). ``SIG_IGN`` outlasts the interpreter's reset of its Python handlers;
+    SIGTERM still ends the process."""
     if threading.current_thread() is threading.main_thread():
-        for number in EXIT_SIGNALS:
-            signal.signal(number, leave)
-    _exiting = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run() -> NoReturn:
     """The program ``recsys-llm`` (``python -m recsys_llm``, ``python -m recsys_llm.cli``, torchrun's workers):
-    :func:`main`, then the interpreter's exit with its code, which a Ctrl-C or SIGTERM no longer interrupts with a
-    traceback or turns into another code (:func:`_exit_at_next_signal`). A program calling :func:`main` keeps its
-    own handlers."""
+    :func:`main`, then the interpreter's exit with its code, which a Ctrl-C no longer interrupts
+    (:func:`_ignore_ctrl_c`). A program calling :func:`main` keeps its own handlers."""
     try:
         code = main()
-    except SystemExit as ended:  # an interrupted command's 130 / 143, argparse's 2, --help's 0
-        _exit_at_next_signal(ended.code)
+    except SystemExit:  # an interrupted command's 130 / 143, argparse's 2, --help's 0
+        _ignore_ctrl_c()
         raise
-    _exit_at_next_signal(code)
+    _ignore_ctrl_c()
     sys.exit(code)
 
 

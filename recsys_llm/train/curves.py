@@ -116,9 +116,9 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
         axis.grid(alpha=0.3)
         # steps are whole: a one-step run drew ticks 0.96 .. 1.04
         axis.xaxis.set_major_locator(MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True))
-    steps = {step for xs, _ in curves.values() for step in xs}
-    if len(steps) == 1:  # one step logged (train.max_steps=1): room either side of it, whole-step ticks
-        (step,) = steps
+    logged_steps = {step for xs, _ in curves.values() for step in xs}
+    if len(logged_steps) == 1:  # one step logged (train.max_steps=1): room either side of it, whole-step ticks
+        (step,) = logged_steps
         loss_axis.set_xlim(step - 1, step + 1)
     figure.suptitle(os.path.basename(os.path.abspath(run_dir)))
     figure.tight_layout()

@@ -53,9 +53,13 @@ class CanonicalAllReduce:
         order = self._order(bucket.parameters())
         world_size = dist.get_world_size(self.group)
         if self.per_parameter:  # in place: a gradient is a contiguous view of the buffer
-            reduced = [dist.all_reduce(grads[i].div_(world_size), group=self.group, async_op=True).get_future()
-                       for i in order]
-            return torch.futures.collect_all(reduced).then(lambda _: buffer)
+            works = [dist.all_reduce(grads[i].div_(world_size), group=self.group, async_op=True) for i in order]
+            for work in works:  # NCCL: the current stream waits for them (collect_all's future is a CPU one,
+                work.wait()     # which DDP's copy out of the buffer would not wait for); gloo: this thread waits
+            done: torch.futures.Future[torch.Tensor] = torch.futures.Future(
+                devices=[buffer.device] if buffer.is_cuda else None)
+            done.set_result(buffer)
+            return done
         flat = torch.cat([grads[i].reshape(-1) for i in order]).div_(world_size)
 
         def unpack(fut: torch.futures.Future[List[torch.Tensor]]) -> torch.Tensor:

@@ -62,6 +62,11 @@ class NonFiniteLossError(ValueError):
     diverged weights."""
 
 
+# what to do with checkpoints saved after the weights diverged, which a resume would go on from
+DIVERGED_REMEDY = ("resume from an earlier checkpoint by deleting the later ones, or start over in a new "
+                   "train.run_dir")
+
+
 def check_finite_loss(loss: torch.Tensor, where: str) -> None:
     """Raises :class:`NonFiniteLossError` on every rank unless ``loss`` (a step's loss, or a
     running sum of them) is finite on every rank (collective; reading it waits for the device).
@@ -74,8 +79,10 @@ def check_finite_loss(loss: torch.Tensor, where: str) -> None:
     if not all_ranks_true(math.isfinite(value), loss.device):
         shown = f"is {value}" if not math.isfinite(value) else "is NaN or inf on another rank"
         raise NonFiniteLossError(
-            f"{where}: training loss {shown}; stopped before a checkpoint keeps the diverged weights. Try a "
-            "lower learning rate, and check the input vectors and dense features for NaN/inf or huge values"
+            f"{where}: training loss {shown}; stopped before a checkpoint of this step keeps the diverged weights "
+            f"(a checkpoint saved at an earlier step, after the update that diverged, holds them: "
+            f"{DIVERGED_REMEDY}). Try a lower learning rate, and check the input vectors and dense features for "
+            "NaN/inf or huge values"
         )
 
 

@@ -82,7 +82,9 @@ from recsys_llm.train.loss_sums import LossSums
 from recsys_llm.train.lr_schedule import ScheduledLearningRates
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.mixed_precision import autocast_dtype
-from recsys_llm.train.pipeline import EpochStats, NonFiniteLossError, check_finite_loss, evaluate, train_epoch
+from recsys_llm.train.pipeline import (
+    DIVERGED_REMEDY, EpochStats, NonFiniteLossError, check_finite_loss, evaluate, train_epoch,
+)
 from recsys_llm.train.process import seed_everything, set_cpu_float_mode
 from recsys_llm.train.resume import (
     budget_spent,
@@ -586,12 +588,12 @@ def _train_in_run_dir(
 
 def non_finite_logits_note(metrics: Dict[str, Any], split: str) -> Optional[str]:
     """What to say when ``metrics`` (of rows scored) hold a NaN or infinite LogLoss: the model's logit was NaN or
-    inf for some row (the LogLoss of finite float32 logits is finite), so LogLoss, NE, calibration and AUC mean
-    nothing; None otherwise."""
+    inf for some row, or so large that the sum of the rows' cross-entropies overflowed, so LogLoss, NE,
+    calibration and AUC mean nothing; None otherwise."""
     logloss = metrics.get("logloss")
     if not metrics.get("num_samples") or logloss is None or math.isfinite(logloss):
         return None
-    return (f"{split} LogLoss is {logloss}: the model's logit is NaN or inf for some of the {split} split's "
+    return (f"{split} LogLoss is {logloss}: the model's logit is NaN, inf or huge for some of the {split} split's "
             f"{metrics['num_samples']:.0f} row(s), so its LogLoss, NE, calibration and AUC are meaningless: the "
             "weights diverged (a learning rate too high) or dense values lie far beyond the training data's "
             "(scale them as the training data was)")
@@ -690,8 +692,9 @@ def _validate(
     auc = valid["auc"]
     note = non_finite_logits_note(valid, "valid")
     if note is not None:  # every rank has the same metrics: all raise, before best/ or a checkpoint keeps the weights
-        raise NonFiniteLossError(f"step {state.global_step}: {note}; stopped before best/ or a checkpoint keeps "
-                                 "these weights (the earlier ones stand)")
+        raise NonFiniteLossError(f"step {state.global_step}: {note}; stopped before best/ keeps these weights "
+                                 "(best/ holds the last finite validation's model; checkpoints saved since it may "
+                                 f"hold the diverged weights: {DIVERGED_REMEDY})")
     if ctx.is_main:
         _warn_of_bad_validation(valid, state.global_step, train_loss, set() if warned is None else warned)
     if not math.isnan(auc) and auc > state.best_metric:

@@ -407,3 +407,6 @@ def test_the_auc_plot_holds_every_error_bar_and_says_where_its_axis_starts(tmp_p
     assert low <= 0.67 and high >= 0.77
     assert f"axis from {low:.3f}" in drawn["axes"].get_ylabel()
     assert isinstance(drawn["axes"].figure, Figure)
+    tables["fm"]["plain"]["auc"] = {"mean": math.nan, "std": math.nan}  # every seed of a variant failed
+    common.plot_auc(str(tmp_path / "auc.png"), tables, "title")
+    assert all(math.isfinite(limit) for limit in drawn["axes"].get_ylim())

@@ -42,7 +42,7 @@ def _validate(monkeypatch, valid, state: TrainState, best: _Best) -> None:
 @pytest.mark.parametrize("logloss", [math.nan, math.inf])
 def test_a_validation_of_non_finite_logits_stops_before_best_is_saved(monkeypatch, logloss) -> None:
     state, best = TrainState(), _Best()
-    with pytest.raises(NonFiniteLossError, match=r"step 7: valid LogLoss is .*NaN or inf .*291 row"):
+    with pytest.raises(NonFiniteLossError, match=r"step 7: valid LogLoss is .*NaN, inf or huge .*291 row"):
         _validate(monkeypatch, {"auc": 0.53, "logloss": logloss, "ne": math.nan, "num_samples": 291.0, "ctr": 0.55},
                   state, best)
     assert best.saved == 0
@@ -63,14 +63,14 @@ def test_a_run_whose_first_update_blows_the_weights_up_keeps_no_checkpoint(synth
     run_dir = tmp_path / "run"
     config = load_config(DEEPFM_CONFIG, _overrides(synthetic_dir, str(run_dir), 1024, [
         "train.max_steps=1", "optim.dense_lr=1e20", "optim.sparse_lr=1e20"]))
-    with pytest.raises(NonFiniteLossError, match=r"step 1: valid LogLoss is nan: the model's logit is NaN or inf"):
+    with pytest.raises(NonFiniteLossError, match=r"step 1: valid LogLoss is nan: the model's logit is NaN, inf or huge"):
         runner.run_training(config)
     assert not (run_dir / "best").exists() or not os.listdir(run_dir / "best")
     assert not (run_dir / "checkpoints").exists() or not os.listdir(run_dir / "checkpoints")
 
 
 def test_a_test_split_of_non_finite_logits_is_named():
-    with pytest.warns(UserWarning, match=r"test LogLoss is nan: the model's logit is NaN or inf .*304 row"):
+    with pytest.warns(UserWarning, match=r"test LogLoss is nan: the model's logit is NaN, inf or huge .*304 row"):
         runner.warn_undefined_test_metrics({"auc": 0.67, "logloss": math.nan, "ne": math.nan, "ctr": 0.5,
                                             "num_samples": 304.0})
     assert runner.non_finite_logits_note({"logloss": 0.6, "num_samples": 3.0}, "test") is None
