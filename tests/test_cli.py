@@ -1072,3 +1072,46 @@ def test_an_interruption_that_a_cleanup_failure_replaced_still_exits_as_the_inte
     err = capsys.readouterr().err
     assert "Traceback" not in err and "AssertionError" not in err
     assert ("stopped (SIGTERM)" if signal_error == "sigterm" else "interrupted (Ctrl-C)") in err
+
+
+def test_a_tqdm_variable_that_is_no_number_is_one_line_naming_it(tmp_path) -> None:
+    """tqdm converts its TQDM_* variables when first imported (the sub-commands' modules import it): a value that is
+    no number ended every command, ``--help`` too, with a traceback of its import."""
+    env = {**os.environ, "PYTHONPATH": REPO, "TQDM_MININTERVAL": "soon"}
+    env.pop("RECSYS_LLM_TRACEBACK", None)
+    done = subprocess.run([sys.executable, "-m", "recsys_llm", "prepare", "synthetic", "--out", str(tmp_path / "out"),
+                           "--rows", "10"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    # the user's variable, not the TQDM_MAXINTERVAL the command copies from it for a log
+    assert done.stderr.startswith("recsys-llm: error: tqdm cannot read its environment variables "
+                                  "(TQDM_MININTERVAL='soon')"), done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, value", [("LOCAL_WORLD_SIZE", "abc"), ("LOCAL_RANK", "x"), ("LOCAL_WORLD_SIZE", "0")])
+def test_a_torchrun_variable_that_is_no_integer_is_named(monkeypatch, capsys, tmp_path, name, value) -> None:
+    """LOCAL_RANK and LOCAL_WORLD_SIZE were read with a bare int() (torchmetrics, the host-memory check):
+    ``error: invalid literal for int() with base 10: 'abc'`` named no variable."""
+    monkeypatch.delenv("RECSYS_LLM_TRACEBACK", raising=False)
+    monkeypatch.setenv(name, value)
+    assert main(["prepare", "synthetic", "--out", str(tmp_path / "out"), "--rows", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"recsys-llm prepare synthetic: error: environment variable {name}={value!r}: expected an "
+                          "integer >= "), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_error_file_that_cannot_be_written_leaves_the_error_line(monkeypatch, capsys, tmp_path) -> None:
+    """A TORCHELASTIC_ERROR_FILE in a directory that is gone (left over from another job's environment) replaced
+    the one-line error, usage errors too, with the traceback of its open()."""
+    monkeypatch.delenv("RECSYS_LLM_TRACEBACK", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "gone" / "error.json"))
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "recsys-llm train: error: " in err and "Traceback" not in err
+    assert "warning: TORCHELASTIC_ERROR_FILE=" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "synthetic", "--rows", "10"])  # argparse's usage error: --out is missing
+    assert exit_.value.code == 2
+    assert "error: the following arguments are required: --out" in capsys.readouterr().err

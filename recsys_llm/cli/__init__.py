@@ -353,13 +353,17 @@ def record_for_launcher(line: Optional[str] = None) -> None:
     path = os.environ.get(ERROR_FILE_ENV)
     if not path:
         return
-    if line is None:
-        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+    try:  # a path that cannot be written (a variable left over from another job) must not replace the error
+        if line is None:
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
-        get_error_handler().record_exception(sys.exc_info()[1])
-        return
-    with open(path, "w") as file:  # torch.distributed.elastic's one-message form
-        json.dump({"message": line, "timestamp": int(time.time())}, file)
+            get_error_handler().record_exception(sys.exc_info()[1])
+            return
+        with open(path, "w") as file:  # torch.distributed.elastic's one-message form
+            json.dump({"message": line, "timestamp": int(time.time())}, file)
+    except OSError as error:
+        sys.stderr.write(f"recsys-llm: warning: {ERROR_FILE_ENV}={path!r} could not be written "
+                         f"({error.strerror or error}); the error is shown here only\n")
 
 
 def _flushes_subnormals() -> bool:
@@ -450,6 +454,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.update(added)
     restore_streams = _printable_streams()
     try:
+        tqdm_error = _tqdm_environment_error(set_here=added)
+        if tqdm_error is not None:  # before the parser: the sub-commands' modules import tqdm
+            return _error_exit("", tqdm_error)
         return _run_command(argv)
     finally:
         restore_streams()
@@ -561,6 +568,47 @@ def _command_name(args: argparse.Namespace) -> str:
     return args.command_parser.prog.split(" ", 1)[1]
 
 
+# torchrun's integer variables, with their least value: torchmetrics (imported with torchrec) and the host-memory
+# check read LOCAL_RANK and LOCAL_WORLD_SIZE with a bare int(), which named no variable ("invalid literal for int()")
+LAUNCH_INTEGERS = (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1))
+
+
+def _launch_variable_error() -> Optional[str]:
+    """The line for a torchrun variable (:data:`LAUNCH_INTEGERS`) that is set but no integer of its least value
+    or more, else None."""
+    for name, minimum in LAUNCH_INTEGERS:
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        try:
+            value: Optional[int] = int(raw)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            return (f"environment variable {name}={raw!r}: expected an integer >= {minimum} (torchrun sets RANK, "
+                    "WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE for each process; unset them to run as one process)")
+    return None
+
+
+def _tqdm_environment_error(set_here: Dict[str, str]) -> Optional[str]:
+    """The line for ``TQDM_*`` variables tqdm cannot read (``TQDM_MININTERVAL=soon``), naming those the user set
+    (not the ones in ``set_here``, :func:`_command_environment`'s), else None: tqdm converts them when it is first
+    imported, and the ``ValueError`` of that import was a traceback before any command ran."""
+    if "tqdm" in sys.modules:  # imported already, by the program calling main: it read them then
+        return None
+    try:
+        importlib.import_module("tqdm")
+    except (ValueError, TypeError) as error:
+        if _traceback_asked():
+            raise
+        names = ", ".join(f"{name}={os.environ[name]!r}" for name in sorted(os.environ)
+                          if name.startswith("TQDM_") and name not in set_here)
+        return (f"tqdm cannot read its environment variables ({names}): {one_line(error)}; give numbers where "
+                f"numbers are meant (seconds for {PROGRESS_INTERVAL_ENV} and {MAXINTERVAL_ENV}, such as 30), or "
+                "unset them")
+    return None
+
+
 def _run_command(argv: Optional[List[str]]) -> int:
     from recsys_llm.env import check_versions
 
@@ -579,6 +627,9 @@ def _run_command(argv: Optional[List[str]]) -> int:
                                     f"({sys.getfilesystemencoding()}) cannot decode (a non-ASCII path or value under "
                                     "LC_ALL=C or POSIX without Python's UTF-8 mode); run under a UTF-8 locale "
                                     "(LC_ALL=C.UTF-8) or with PYTHONUTF8=1")
+    launch_error = _launch_variable_error()
+    if launch_error is not None:
+        return _error_exit(command, launch_error)
     try:  # the commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
         check_versions()
     except RuntimeError as error:
