@@ -16,19 +16,7 @@ import torch
 import recsys_llm.train.runner as runner
 from recsys_llm.train.checkpoint import TrainState
 from recsys_llm.train.pipeline import NonFiniteLossError
-
-
-class _Best:
-    def __init__(self) -> None:
-        self.saved = 0
-
-    def save(self, *args, **kwargs) -> None:
-        self.saved += 1
-
-
-class _Log:
-    def write(self, record) -> None:
-        pass
+from tests.train.test_validate_warnings import _Best, _Log
 
 
 def _validate(monkeypatch, valid, state: TrainState, best: _Best) -> None:
