@@ -552,7 +552,7 @@ def _undecodable_argument(args: argparse.Namespace) -> Optional[str]:
             return [value]
         return [text for item in value for text in values(item)] if isinstance(value, (list, tuple)) else []
 
-    for name, value in vars(args).items():
+    for value in vars(args).values():
         for text in values(value):
             if any("\udc80" <= char <= "\udcff" for char in text):
                 try:

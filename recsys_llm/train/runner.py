@@ -691,7 +691,7 @@ def _validate(
     log.write({"event": "valid", "epoch": state.epoch, "global_step": state.global_step, **valid})
     auc = valid["auc"]
     note = non_finite_logits_note(valid, "valid")
-    if note is not None:  # every rank has the same metrics: all raise, before best/ or a checkpoint keeps the weights
+    if note is not None:  # every rank has the same metrics: all raise, before best/ keeps the weights
         raise NonFiniteLossError(f"step {state.global_step}: {note}; stopped before best/ keeps these weights "
                                  "(best/ holds the last finite validation's model; checkpoints saved since it may "
                                  f"hold the diverged weights: {DIVERGED_REMEDY})")
