@@ -3,7 +3,7 @@
 Drawn from the records of ``metrics.jsonl`` that stand (``run_records.read_metrics``: a resumed
 job's repeated steps replace the interrupted job's), so a run resumed any number of times gives
 one curve (an epoch resumed mid-way has the mean loss of its steps after the resume, as has the
-first 50-step record after the resume).
+first 50-step record after the resume); each resume is a dotted line on both panels.
 ``run_training`` writes it at the end of every run, beside ``results.json``::
 
     run_dir/training_curves.png   left: loss (the mean of every 50 steps, and each epoch's mean, over the ranks)
@@ -21,7 +21,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from recsys_llm.atomic_dir import save_figure_atomically
-from recsys_llm.train.run_records import TRAIN_WINDOW_EVENT, read_metrics
+from recsys_llm.train.run_records import RESUMED_EVENT, TRAIN_WINDOW_EVENT, read_metrics
 
 CURVES_FILE = "training_curves.png"
 
@@ -109,6 +109,11 @@ def plot_training_curves(run_dir: str) -> Optional[str]:
             auc_axis.set_ylim(test_auc - 0.1, test_auc + 0.1)
         auc_axis.text(0.5, 0.92, "no validation AUC\n(no validation split, or one with a single class)",
                       transform=auc_axis.transAxes, ha="center", va="top", fontsize=9, color="dimgray")
+    resumes = sorted({r["global_step"] for r in records if r.get("event") == RESUMED_EVENT and r.get("global_step")})
+    for index, step in enumerate(resumes):  # why a resumed epoch may show two validations or two epoch means
+        for axis in (loss_axis, auc_axis):
+            axis.axvline(step, linestyle=":", color="dimgray", linewidth=1,
+                         label="resumed" if index == 0 and axis is loss_axis else None)
     auc_axis.set(xlabel="global step", ylabel="AUC", title="AUC")
     for axis in (loss_axis, auc_axis):
         if axis.get_legend_handles_labels()[0]:  # beneath the panel: inside it, it hid the curves' last points

@@ -186,3 +186,26 @@ def test_step_ticks_are_whole_and_legends_sit_beneath_the_panels(tmp_path, monke
         assert 1 in ticks and all(float(tick).is_integer() for tick in ticks)
         anchor = axis.get_legend().get_bbox_to_anchor().transformed(axis.transAxes.inverted())
         assert anchor.y0 < 0  # below the axes
+
+
+def test_a_resume_is_marked_on_both_panels(tmp_path, monkeypatch) -> None:
+    """A run stopped mid-epoch and resumed showed two validations and two epoch means inside one epoch with nothing
+    to say why; a job that found no checkpoint (a resume at step 0) marks nothing."""
+    from recsys_llm.train import curves
+
+    drawn = []
+    monkeypatch.setattr(curves, "save_figure_atomically", lambda figure, path, **kwargs: drawn.append(figure))
+    records = [
+        {"event": "resumed", "global_step": 0},
+        {"event": "train", "global_step": 50, "loss": 0.7},
+        {"event": "valid", "global_step": 75, "epoch": 0, "auc": 0.6, "logloss": 0.66},
+        {"event": "resumed", "global_step": 75},
+        {"event": "train", "global_step": 100, "loss": 0.6},
+        {"event": "valid", "global_step": 100, "epoch": 1, "auc": 0.62, "logloss": 0.65},
+    ]
+    _write_metrics(str(tmp_path), records)
+    assert plot_training_curves(str(tmp_path))
+    for axis in drawn[0].axes:
+        marks = [line for line in axis.get_lines() if line.get_linestyle() == ":"]
+        assert [list(line.get_xdata()) for line in marks] == [[75, 75]]
+    assert "resumed" in drawn[0].axes[0].get_legend_handles_labels()[1]
