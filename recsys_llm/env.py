@@ -1,4 +1,5 @@
-"""Start-up check that torch, fbgemm-gpu and torchrec match each other.
+"""Start-up checks of the environment: that torch, fbgemm-gpu and torchrec match each other, and torchrun's
+integer variables (:func:`env_int`).
 
 A mismatch shows up as an undefined-symbol ``ImportError`` deep inside fbgemm; this
 module turns it into a message that names the installed versions and the fix.
@@ -20,6 +21,26 @@ KNOWN_GOOD: Dict[str, tuple] = {
 RAN_ON_A_GPU: Dict[str, tuple] = {
     "1.6.1": ("1.6.0", ("2.11",)),
 }
+
+
+def env_int(name: str, default: int, minimum: int) -> int:
+    """The integer in environment variable ``name`` (``default`` when unset), read without torch.
+
+    Raises:
+        ValueError: set but not an integer of at least ``minimum``, naming the variable.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {minimum} (torchrun sets "
+                         "RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE for each process; unset them to run as "
+                         "one process)")
+    return value
 
 
 def known_good_text() -> str:

@@ -576,17 +576,13 @@ LAUNCH_INTEGERS = (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WO
 def _launch_variable_error() -> Optional[str]:
     """The line for a torchrun variable (:data:`LAUNCH_INTEGERS`) that is set but no integer of its least value
     or more, else None."""
+    from recsys_llm.env import env_int
+
     for name, minimum in LAUNCH_INTEGERS:
-        raw = os.environ.get(name)
-        if raw is None:
-            continue
         try:
-            value: Optional[int] = int(raw)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            return (f"environment variable {name}={raw!r}: expected an integer >= {minimum} (torchrun sets RANK, "
-                    "WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE for each process; unset them to run as one process)")
+            env_int(name, minimum, minimum)
+        except ValueError as error:
+            return str(error)
     return None
 
 

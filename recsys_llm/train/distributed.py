@@ -26,6 +26,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 import torch
 import torch.distributed as dist
 
+from recsys_llm.env import env_int
+
 T = TypeVar("T")
 
 
@@ -145,25 +147,6 @@ def _rendezvous_store(rank: int, world_size: int) -> dist.Store:
     return dist.PrefixStore(f"recsys_llm/group{next(_GROUP_NUMBERS)}", store)
 
 
-def _env_int(name: str, default: int, minimum: int) -> int:
-    """The integer in environment variable ``name`` (``default`` when unset).
-
-    Raises:
-        ValueError: set but not an integer of at least ``minimum``, naming the variable.
-    """
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {minimum} (torchrun sets "
-                         "RANK, WORLD_SIZE and LOCAL_RANK for each process; unset them to run as one process)")
-    return value
-
-
 TORCHRUN_RUN_ID = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent (and so torchx) in each worker it starts
 
 
@@ -183,12 +166,12 @@ def launch_ranks() -> Tuple[int, int, int]:
             rank not below the world size, naming the variables (torch would fail on them deep in
             gloo, or wait for ranks that never come).
     """
-    world_size = _env_int("WORLD_SIZE", 1, minimum=1)
-    rank = _env_int("RANK", 0, minimum=0)
+    world_size = env_int("WORLD_SIZE", 1, minimum=1)
+    rank = env_int("RANK", 0, minimum=0)
     if rank >= world_size:
         raise ValueError(f"environment variables RANK={rank} and WORLD_SIZE={world_size}: the rank must be below the "
                          f"world size (ranks 0..{world_size - 1})")
-    return rank, world_size, _env_int("LOCAL_RANK", rank, minimum=0)
+    return rank, world_size, env_int("LOCAL_RANK", rank, minimum=0)
 
 
 # the variables other launchers give the ranks per host in (torchrec's get_local_size reads the first
