@@ -709,7 +709,8 @@ def ratio_bars(axis: Any, ratios: Mapping[str, float], goals: Mapping[str, float
     axis.set_xticklabels(labels, fontsize=8)
     axis.set_yscale("log")
     # "dashed: goal" only where a goal is drawn (mixed_precision's ratios have none)
-    axis.set_ylabel("ratio (log scale; dashed: goal)" if any(label in goals for label in labels) else "ratio (log scale)")
+    drawn_goals = any(label in goals for label in labels)
+    axis.set_ylabel("ratio (log scale; dashed: goal)" if drawn_goals else "ratio (log scale)")
     axis.set_title(title, fontsize=9)
 
 
