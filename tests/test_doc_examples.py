@@ -20,7 +20,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 import recsys_llm.models
 import recsys_llm.modules
-from recsys_llm.data.schema import DatasetSchema, FieldSpec
 
 SKETCHES = {
     "recsys_llm.models.once_differentiable": "a fragment: how to decorate a backward",
@@ -74,20 +73,13 @@ EXAMPLES = _examples()
 
 
 def _given() -> Dict[str, object]:
-    """What the examples take as given: a schema of three id fields and two dense ones, its tables, a batch of 3."""
-    from recsys_llm.models.embedding import build_embedding_bag_collection
+    """What the examples take as given: torch, torchrec's sparse types and the public names of models / modules.
 
-    schema = DatasetSchema(name="toy", fields=[
-        FieldSpec("user_id", cardinality=10, description="user"), FieldSpec("item_id", cardinality=10, description="item"),
-        FieldSpec("genre", cardinality=10, description="genre"), FieldSpec("x1", "dense"), FieldSpec("x2", "dense")])
-    kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "item_id", "genre"], torch.arange(1, 10),
-                                              torch.ones(9, dtype=torch.int32))
+    Tables, batches and schemas are not given: each example builds what it uses, as a reader would."""
     public = {name: getattr(package, name) for package in (recsys_llm.models, recsys_llm.modules)
               for name in package.__all__}
     return {**public, "torch": torch, "EmbeddingBagCollection": EmbeddingBagCollection,
-            "EmbeddingBagConfig": EmbeddingBagConfig, "KeyedJaggedTensor": KeyedJaggedTensor, "KeyedTensor": KeyedTensor,
-            "schema": schema, "ebc": build_embedding_bag_collection(schema, 16, device=torch.device("cpu")),
-            "dense": torch.rand(3, 2), "kjt": kjt}
+            "EmbeddingBagConfig": EmbeddingBagConfig, "KeyedJaggedTensor": KeyedJaggedTensor, "KeyedTensor": KeyedTensor}
 
 
 def test_the_plug_in_surface_has_examples() -> None:

@@ -5,7 +5,8 @@ import contextlib
 import json
 import os
 import uuid
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from types import TracebackType
+from typing import Callable, Dict, List, Optional, Sequence, Type, Union
 
 import numpy as np
 import pyarrow as pa
@@ -162,7 +163,8 @@ class SplitWriter:
     def __enter__(self) -> "SplitWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
         if exc_type is None:
             self.close()
         else:

@@ -126,7 +126,8 @@ class CTRBackbone(nn.Module, abc.ABC):
         if num_fields != self._num_extra_fields or widths != {embedding_dim}:
             if len(widths) > 1:
                 raise ValueError(
-                    f"{source} gives {num_fields} extra field(s) of dim {embedding_dim}; {type(self).__name__}'s tables "
+                    f"{source} gives {num_fields} extra field(s) of dim {embedding_dim}; "
+                    f"{type(self).__name__}'s tables "
                     f"differ in width ({self._embedding_dims}), so the default check_extra_fields cannot tell which "
                     "width its interact takes: override check_extra_fields to accept it"
                 )

@@ -23,7 +23,18 @@ class LinearCrossNet(CrossNet):
     with (B, K, 1) columns. The float32 logits are the same; what differs is the kernel: outside autograd, torch
     may run that matmul as a ``bmm`` over the kernel expanded to (B, K, K), which a ``torch.export`` program does,
     and in bfloat16 (``export --mixed-precision bf16``) that copy and ``bmm`` made DCNv2's program ~30x slower
-    than its float32 one at batch 4096; ``F.linear`` is one GEMM in either precision."""
+    than its float32 one at batch 4096; ``F.linear`` is one GEMM in either precision.
+
+    Args:
+        in_features (int): K, the width of the input x_0.
+        num_layers (int): L, the number of cross layers.
+
+    Example::
+
+        from recsys_llm.models.dcnv2 import LinearCrossNet
+        cross = LinearCrossNet(in_features=10, num_layers=2)
+        x_L = cross(torch.rand(3, 10))  # (3, 10)
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """(B, K) -> (B, K): :math:`x_{l+1} = x_0 \\odot (W_l x_l + b_l) + x_l`."""
@@ -85,8 +96,13 @@ class DCNv2(CTRBackbone):
 
     Example::
 
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t_{name}", embedding_dim=16, num_embeddings=100, feature_names=[name])
+            for name in ("user_id", "item_id")])
+        kjt = KeyedJaggedTensor.from_lengths_sync(  # a batch of B = 3 rows, one id per field
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 7, 8, 9]), torch.ones(6, dtype=torch.int32))
         model = DCNv2(ebc, num_dense_features=2, config=DCNv2Config(cross_layers=2, low_rank=8))
-        out = model(dense, kjt)  # logits (B,), representation (B, 128)
+        out = model(torch.rand(3, 2), kjt)  # logits (3,), representation (3, 128)
     """
 
     def __init__(

@@ -63,8 +63,13 @@ class DeepFM(PairWeightFolding, CTRBackbone):
 
     Example::
 
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t_{name}", embedding_dim=16, num_embeddings=100, feature_names=[name])
+            for name in ("user_id", "item_id")])
+        kjt = KeyedJaggedTensor.from_lengths_sync(  # a batch of B = 3 rows, one id per field
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 7, 8, 9]), torch.ones(6, dtype=torch.int32))
         model = DeepFM(ebc, num_dense_features=2, config=DeepFMConfig(mlp_layer_sizes=(64, 32)))
-        out = model(dense, kjt)  # logits (B,), representation (B, 32)
+        out = model(torch.rand(3, 2), kjt)  # logits (3,), representation (3, 32)
     """
 
     constant_own_pair_weights = True  # ones: r + c is formed once, when folded

@@ -57,9 +57,15 @@ class DLRMBackbone(CTRBackbone):
 
     Example::
 
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+        schema = DatasetSchema(name="toy", fields=[  # two id fields, two dense features
+            FieldSpec("user_id", cardinality=10), FieldSpec("item_id", cardinality=10),
+            FieldSpec("x1", "dense"), FieldSpec("x2", "dense")])
         dlrm = build_dlrm(schema, 16, [32, 16], [32, 16, 1], dcn=True, device=torch.device("cpu"))
         model = DLRMBackbone(dlrm, num_dense_features=len(schema.dense_fields))
-        out = model(dense, kjt)  # logits (B,), representation (B, 16)
+        kjt = KeyedJaggedTensor.from_lengths_sync(  # a batch of B = 3 rows, one id per field
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 7, 8, 9]), torch.ones(6, dtype=torch.int32))
+        out = model(torch.rand(3, 2), kjt)  # logits (3,), representation (3, 16)
     """
 
     # a subclass whose DLRM reads more than the data's dense features (an injected vector) checks the width itself

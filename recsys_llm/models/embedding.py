@@ -53,8 +53,10 @@ def embedding_bag_configs(
     for spec in fields:
         dim = spec.embedding_dim if spec.embedding_dim is not None else embedding_dim
         if dim <= 0 or dim % EMBEDDING_DIM_MULTIPLE != 0:
-            source = (f"schema {schema.name!r}, field {spec.name!r}: its embedding_dim" if spec.embedding_dim is not None
-                      else "model.embedding_dim")
+            source = (
+                f"schema {schema.name!r}, field {spec.name!r}: its embedding_dim" if spec.embedding_dim is not None
+                else "model.embedding_dim"
+            )
             raise ValueError(
                 f"{source} must be a positive multiple of {EMBEDDING_DIM_MULTIPLE} (FBGEMM kernels under "
                 f"DistributedModelParallel need it), got {dim}"
@@ -99,8 +101,14 @@ def build_embedding_bag_collection(
 
     Example::
 
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+        schema = DatasetSchema(name="toy", fields=[  # two id fields, two dense features
+            FieldSpec("user_id", cardinality=10), FieldSpec("item_id", cardinality=10),
+            FieldSpec("x1", "dense"), FieldSpec("x2", "dense")])
         ebc = build_embedding_bag_collection(schema, embedding_dim=16, device=torch.device("cpu"))
-        pooled = ebc(kjt)  # KeyedTensor, each key (B, 16)
+        kjt = KeyedJaggedTensor.from_lengths_sync(  # a batch of B = 3 rows, one id per field
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 7, 8, 9]), torch.ones(6, dtype=torch.int32))
+        pooled = ebc(kjt)  # KeyedTensor, each key (3, 16)
     """
     configs = embedding_bag_configs(schema, embedding_dim, table_prefix, init_scale, data_type)
     return EmbeddingBagCollection(tables=configs, device=device)

@@ -186,8 +186,13 @@ class FinalMLP(CTRBackbone):
 
     Example::
 
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t_{name}", embedding_dim=16, num_embeddings=100, feature_names=[name])
+            for name in ("user_id", "item_id")])
+        kjt = KeyedJaggedTensor.from_lengths_sync(  # a batch of B = 3 rows, one id per field
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 7, 8, 9]), torch.ones(6, dtype=torch.int32))
         model = FinalMLP(ebc, 2, FinalMLPConfig(num_heads=2, context1=("user_id",)))
-        out = model(dense, kjt)  # logits (B,), representation (B, 256)
+        out = model(torch.rand(3, 2), kjt)  # logits (3,), representation (3, 256)
     """
 
     def __init__(

@@ -108,9 +108,15 @@ class FM(PairWeightFolding, CTRBackbone):
 
     Example::
 
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+        schema = DatasetSchema(name="toy", fields=[  # two id fields, two dense features
+            FieldSpec("user_id", cardinality=10), FieldSpec("item_id", cardinality=10),
+            FieldSpec("x1", "dense"), FieldSpec("x2", "dense")])
         ebc = build_embedding_bag_collection(schema, 16, device=torch.device("cpu"))
+        kjt = KeyedJaggedTensor.from_lengths_sync(  # a batch of B = 3 rows, one id per field
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 7, 8, 9]), torch.ones(6, dtype=torch.int32))
         model = FM(ebc, num_dense_features=2)
-        out = model(dense, kjt)  # out.logits (B,), out.representation (B, 16)
+        out = model(torch.rand(3, 2), kjt)  # out.logits (3,), out.representation (3, 16)
     """
 
     constant_own_pair_weights = True  # ones: r + c is formed once, when folded

@@ -73,9 +73,14 @@ class FwFM(PairWeightFolding, CTRBackbone):
 
     Example::
 
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t_{name}", embedding_dim=16, num_embeddings=100, feature_names=[name])
+            for name in ("user_id", "item_id")])
+        kjt = KeyedJaggedTensor.from_lengths_sync(  # a batch of B = 3 rows, one id per field
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 7, 8, 9]), torch.ones(6, dtype=torch.int32))
         model = FwFM(ebc, num_dense_features=2)
-        out = model(dense, kjt)  # logits (B,), representation (B, D)
-        model.pair_weights()     # (N, N) strict upper triangle r_ij
+        out = model(torch.rand(3, 2), kjt)  # logits (3,), representation (3, 16)
+        model.pair_weights()  # (N, N) strict upper triangle r_ij
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class FwFM(PairWeightFolding, CTRBackbone):
         return self.embedding_dim
 
     def own_pair_weights(self, like: torch.Tensor) -> torch.Tensor:
+        """(N, N) learned r (``like`` is not read; the kernel uses the strict upper triangle)."""
         return self.pair_weight
 
     def pair_weights(self) -> torch.Tensor:

@@ -55,8 +55,15 @@ class ModelConfig:
 
     Example::
 
+        from recsys_llm.data.schema import DatasetSchema, FieldSpec
+        schema = DatasetSchema(name="toy", fields=[  # two id fields, two dense features
+            FieldSpec("user_id", cardinality=10), FieldSpec("item_id", cardinality=10),
+            FieldSpec("x1", "dense"), FieldSpec("x2", "dense")])
         config = ModelConfig.from_dict({"name": "deepfm", "embedding_dim": 16})
         model = build_backbone(config, schema, device=torch.device("cpu"))
+        kjt = KeyedJaggedTensor.from_lengths_sync(  # a batch of B = 3 rows, one id per field
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 7, 8, 9]), torch.ones(6, dtype=torch.int32))
+        out = model(torch.rand(3, 2), kjt)  # logits (3,), representation (3, 128): DeepFM's last hidden
     """
 
     name: str

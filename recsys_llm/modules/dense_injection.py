@@ -163,7 +163,9 @@ class DLRMDenseInjection(nn.Module):
         """Width of the original dense input the caller passes."""
         return self._num_dense
 
-    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor, vector: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor, vector: torch.Tensor
+    ) -> torch.Tensor:
         """
         Args:
             dense_features (torch.Tensor): (B, Dd).

@@ -128,7 +128,9 @@ class RepresentationDistillation(nn.Module):
             check_number(f"RepresentationDistillation: {name}", value, integer=True, minimum=1)
         self._kind = kind
         self._dims = (student_dim, teacher_dim)
-        self.projection: nn.Module = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()
+        self.projection: nn.Module = (
+            nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()
+        )
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """

@@ -254,7 +254,9 @@ class FieldInteractionEnhancement(nn.Module):
         if (self._frozen and not self.frozen_pair_weights.any()
                 and isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)):
             with torch.no_grad():
-                loaded = torch.addmv(bias.to(self.pair_similarity), weight.to(self.pair_similarity), self.pair_similarity)
+                loaded = torch.addmv(
+                    bias.to(self.pair_similarity), weight.to(self.pair_similarity), self.pair_similarity
+                )
                 self.frozen_pair_weights.copy_(loaded)
 
     @torch.no_grad()

@@ -28,7 +28,9 @@ def own_random_stream(name: str) -> Iterator[None]:
     """
     seed = int.from_bytes(hashlib.sha256(f"{torch.initial_seed()}:{name}".encode()).digest()[:8], "little") >> 1
     default = torch.get_default_device()
-    gpus = [default.index if default.index is not None else torch.cuda.current_device()] if default.type == "cuda" else []
+    gpus = []
+    if default.type == "cuda":
+        gpus = [default.index if default.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=gpus):
         seed_torch_streams(seed, default)
         yield

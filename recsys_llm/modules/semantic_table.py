@@ -183,6 +183,8 @@ class SemanticTableTask(CTRTask):
         self.semantic_table = semantic_table
 
     def predict(self, batch: Batch) -> CTROutput:
+        """Backbone output with the logit terms applied, the extra fields projected from the table's
+        vectors (B, K * d) rather than read from ``batch.extras``; ``logits`` (B,)."""
         vectors = self.semantic_table(batch.sparse_features)  # (B, K * d)
         extra_fields = self.field_injection(vectors)  # (B, E, D)
         return self.with_logit_terms(self.model(batch.dense_features, batch.sparse_features, extra_fields))

@@ -219,7 +219,9 @@ class TeacherStudentTask(nn.Module):
         if config.beta > 0:
             if teacher_dim <= 0:
                 raise ValueError("representation KD in offline mode needs config.teacher_representation_dim > 0")
-            self.repr_kd = RepresentationDistillation(int(student.model.representation_dim), teacher_dim, config.repr_kd)
+            self.repr_kd = RepresentationDistillation(
+                int(student.model.representation_dim), teacher_dim, config.repr_kd
+            )
 
     @property
     def config(self) -> TeacherStudentConfig:

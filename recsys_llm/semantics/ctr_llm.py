@@ -163,7 +163,7 @@ class CTRAdaptedLLM(nn.Module):
 
     Args:
         llm (nn.Module): a Hugging Face base model returning ``last_hidden_state``.
-        tokenizer: its tokenizer.
+        tokenizer (PreTrainedTokenizerBase): its tokenizer (from the same model directory).
         config (CTRLLMConfig): sizes and tuning mode.
 
     Example::

@@ -76,7 +76,7 @@ def _attached_vectors_record(path: str, column: str) -> Optional[Dict[str, str]]
     return record if isinstance(record, dict) and record.get("column") == column else None
 
 
-def iter_chunks(directory: str, expected: Optional[Dict[str, str]] = None):
+def iter_chunks(directory: str, expected: Optional[Dict[str, str]] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """Yields ``(keys (n,) int64 ndarray, vectors (n, d) ndarray)`` per chunk, provenance-checked."""
     manifest = read_manifest(directory, expected)
     for index in range(int(manifest["num_chunks"])):

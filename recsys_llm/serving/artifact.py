@@ -23,7 +23,8 @@ ID_RULES_KEY = "id_rules"  # config.json: per feature, hashed / max_length / sin
 EXPORT_ID_KEY = "export_id"  # ties an artifact's files together (absent from artifacts before 2026-12)
 VERSIONS_KEY = "versions"  # config.json: torch, torchrec, fbgemm_gpu, recsys_llm that exported (absent before 2026-12)
 VERSION_CHECKED = ("torch", "torchrec", "fbgemm_gpu")  # ServedModel.load warns when these differ
-WEIGHTED_KEY = "weighted"  # config.json: the tables (and entity tables) pool per-id weights (is_weighted EBCs; absent: False)
+# config.json: the tables (and entity tables) pool per-id weights (is_weighted EBCs; absent: False)
+WEIGHTED_KEY = "weighted"
 # config.json: the tables' serving dtype, `export --table-dtype` ("trained", "int8", "int4"; absent before 2026-12:
 # "trained")
 TABLE_DTYPE_KEY = "table_dtype"

@@ -280,7 +280,12 @@ class DenseHead(nn.Module):
 class AutocastHead(nn.Module):
     """A dense head whose forward runs under CPU ``torch.autocast`` (``export --mixed-precision bf16``): its
     matmuls and linears in ``dtype``, reductions and element-wise sums as autocast leaves them (float32); the
-    logits (B,) come out in float32. ``torch.export`` records the autocast region in the program."""
+    logits (B,) come out in float32. ``torch.export`` records the autocast region in the program.
+
+    Args:
+        head (nn.Module): a :class:`DenseHead`, ``(dense (B, Dd), pooled (B, sum of dims)[, vectors]) -> (B,)``.
+        dtype (torch.dtype): the autocast dtype (``torch.bfloat16``).
+    """
 
     def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
@@ -505,7 +510,9 @@ def _check_exportable(task: nn.Module, example_dense: torch.Tensor, example_spar
             f"{example_dense.size(0)}; pass the dense and sparse features of one batch"
         )
     if example_dense.dtype.is_complex:
-        raise ValueError(f"export: the example dense batch has dtype {example_dense.dtype}; expected real numbers (float32)")
+        raise ValueError(
+            f"export: the example dense batch has dtype {example_dense.dtype}; expected real numbers (float32)"
+        )
 
 
 def check_servable(task: nn.Module) -> None:

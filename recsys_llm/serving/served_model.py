@@ -310,6 +310,11 @@ class ServedModel(nn.Module):
         config (Dict[str, Any]): the artifact's ``config.json``.
         semantic_ebc (Optional[nn.Module]): a gain network's frozen entity-vector
             tables (their LLM vectors were computed offline, once per entity).
+
+    Example::
+
+        served = ServedModel.load("runs/elec/export", trust_program=True)  # a `recsys-llm export` directory
+        probabilities = served.predict(dense_features, sparse_kjt)  # dense (B, Dd), a KJT -> (B,)
     """
 
     def __init__(
@@ -472,7 +477,9 @@ class ServedModel(nn.Module):
             raise NotADirectoryError(f"{directory}: a file; expected an export artifact's directory (`recsys-llm "
                                      f"export --output`), e.g. {os.path.dirname(directory) or '.'}")
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"{directory}: no such directory; expected an export artifact (`recsys-llm export`)")
+            raise FileNotFoundError(
+                f"{directory}: no such directory; expected an export artifact (`recsys-llm export`)"
+            )
         config_path = os.path.join(directory, "config.json")
         if not os.path.lexists(config_path) and any(name in RUN_DIR_MARKERS or name.startswith(CHECKPOINT_PREFIX)
                                                     for name in os.listdir(directory)):
@@ -688,7 +695,9 @@ class ServedModel(nn.Module):
         request, sparse_features = sparse_features, self._id_rules(sparse_features)  # checks its structure first
         strides = set(sparse_features.stride_per_key())
         if len(strides) != 1:
-            raise ValueError(f"sparse features: batch sizes {sorted(strides)} differ per feature; expected one B for all")
+            raise ValueError(
+                f"sparse features: batch sizes {sorted(strides)} differ per feature; expected one B for all"
+            )
         batch_size = strides.pop()
         dense_features = self._checked_dense(dense_features, batch_size)  # (B, Dd) float32
         semantic = self.semantic_embedding_bag_collection

@@ -134,7 +134,8 @@ def sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Te
     """Keys under ``prefix`` with the prefix removed (e.g. ``student.`` of a TeacherStudentTask)."""
     picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not picked:
-        raise KeyError(f"no state under prefix {prefix!r}; prefixes present: {sorted({k.split('.')[0] for k in state})}")
+        prefixes = sorted({key.split(".")[0] for key in state})
+        raise KeyError(f"no state under prefix {prefix!r}; prefixes present: {prefixes}")
     return picked
 
 
