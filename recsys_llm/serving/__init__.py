@@ -43,20 +43,20 @@ Example (inference)::
 
 Modules: ``artifact`` (file names and format constants), ``state`` (gathering a sharded
 model's state dict; reading an artifact's weights safely), ``export`` (:func:`export_task`),
-``served_model`` (:class:`ServedModel`), ``quantized_tables`` (INT8 / INT4 tables, ``export --table-dtype
-int8 | int4``, torchrec's quantized EBC); the artifact's other file names and keys are in
-``recsys_llm.serving.artifact``.
+``inference_doc`` (the artifact's INFERENCE.md), ``served_model`` (:class:`ServedModel`),
+``quantized_tables`` (INT8 / INT4 tables, ``export --table-dtype int8 | int4``, torchrec's
+quantized EBC); the artifact's other file names and keys are in ``recsys_llm.serving.artifact``.
 """
 
 from recsys_llm.serving.artifact import EXPORT_MARKER_FILES, FORMAT_VERSION, STATE_FILE
 from recsys_llm.serving.export import (
-    INFERENCE_EXAMPLE,
     DenseHead,
     check_export_output,
     check_servable,
     export_task,
     serving_form,
 )
+from recsys_llm.serving.inference_doc import INFERENCE_EXAMPLE
 from recsys_llm.serving.served_model import ARTIFACT_READ_ERRORS, CONFIG_KEYS, ServedModel
 from recsys_llm.serving.state import (
     load_state_file,
