@@ -32,7 +32,7 @@ def export_small_deepfm(schema: DatasetSchema, artifact: str, batch_size: int, s
         optimizer.step()
     task.eval()
     example = next(iter(ParquetBatchReader(schema, "train", 8)))
-    export_task(task, artifact, example.dense_features, example.sparse_features, {}, schema)
+    export_task(task, artifact, example.dense_features, example.sparse_features, schema=schema)
     return task
 
 

@@ -125,8 +125,8 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
             "checkpoint_sha256": checkpoint_digests(checkpoint),  # which trained state (a retrained one differs)
             "world_size_at_export": ctx.world_size,
         }
-        written = export_task(served, output, example.dense_features, example.sparse_features, metadata, schema,
-                              table_dtype=table_dtype, mixed_precision=mixed_precision)
+        written = export_task(served, output, example.dense_features, example.sparse_features, metadata=metadata,
+                              schema=schema, table_dtype=table_dtype, mixed_precision=mixed_precision)
     barrier()
     return written
 

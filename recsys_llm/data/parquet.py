@@ -183,6 +183,7 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         schema: DatasetSchema,
         split_or_paths: Union[str, Sequence[str]],
         batch_size: int,
+        *,
         rank: int = 0,
         world_size: int = 1,
         extras: Sequence[str] = (),

@@ -51,6 +51,27 @@ class CTRBackbone(nn.Module, abc.ABC):
         embedding_bag_collection (EmbeddingBagCollection): one table per field (dims D_f).
         num_dense_features (int): Dd, width of the dense input.
         num_extra_fields (int): E, extra field embeddings the caller will pass to ``forward``.
+
+    Example::
+
+        from recsys_llm.models.base import CTRBackbone, stack_fields
+
+        class SumOfFields(CTRBackbone):  # logit: the sum of every pooled embedding's entries
+            @property
+            def representation_dim(self) -> int:
+                return self.embedding_dim
+
+            def interact(self, dense_features, embeddings, extra_fields):
+                fields = stack_fields(embeddings, self.feature_names, extra_fields)  # (B, F + E, D)
+                representation = fields.sum(dim=1)  # (B, D)
+                return representation.sum(dim=-1), representation
+
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t_{name}", embedding_dim=8, num_embeddings=100, feature_names=[name])
+            for name in ("user_id", "item_id")])
+        kjt = KeyedJaggedTensor.from_lengths_sync(  # a batch of B = 3 rows, one id per field
+            ["user_id", "item_id"], torch.tensor([1, 2, 3, 7, 8, 9]), torch.ones(6, dtype=torch.int32))
+        out = SumOfFields(ebc, num_dense_features=0)(torch.empty(3, 0), kjt)  # logits (3,), representation (3, 8)
     """
 
     def __init__(

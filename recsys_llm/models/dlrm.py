@@ -124,6 +124,7 @@ def build_dlrm(
     embedding_dim: int,
     dense_arch_layer_sizes: Sequence[int],
     over_arch_layer_sizes: Sequence[int],
+    *,
     dcn: bool = False,
     dcn_num_layers: int = 3,
     dcn_low_rank_dim: int = 16,

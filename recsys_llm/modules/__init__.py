@@ -17,8 +17,8 @@ ScoreDistillation                  distillation                    score-level K
 RepresentationDistillation         distillation                    representation-level KD (MSE / cosine)
 TeacherStudentTask(Config)         teacher_student                 teacher and student under one DMP
 load_full_state                    teacher_student                 a full state into a (sharded) model's shards
-write_teacher_columns              teacher_student                 a teacher's outputs for offline distillation
-attach_columns                     teacher_student                 those columns joined to a split's rows
+write_teacher_columns              teacher_columns                 a teacher's outputs for offline distillation
+attach_columns                     teacher_columns                 those columns joined to a split's rows
 load_semantic_vectors              semantic_table                  entity vectors into a semantic table's shards
 refresh_after_load                 field_interaction               FIE's frozen weights after an in-place load
 ELECConfig, build_elec_task        elec                            ELEC's gain network / student from a config
@@ -43,8 +43,8 @@ _MODULE_OF: Dict[str, str] = {
     "TeacherStudentConfig": "teacher_student",
     "TeacherStudentTask": "teacher_student",
     "load_full_state": "teacher_student",
-    "write_teacher_columns": "teacher_student",
-    "attach_columns": "teacher_student",
+    "write_teacher_columns": "teacher_columns",
+    "attach_columns": "teacher_columns",
     "load_semantic_vectors": "semantic_table",
     "refresh_after_load": "field_interaction",
     "ELECConfig": "elec",

@@ -24,31 +24,23 @@ Modes:
 * ``offline``: no teacher module; logits and representations come from
   ``batch.extras["teacher_logits"]`` (B,) and ``["teacher_representation"]`` (B, H_t),
   written beforehand by ``recsys-llm teacher-outputs`` (a trained run), or by
-  :func:`write_teacher_columns` + :func:`attach_columns` (one's own loop).
+  :func:`~recsys_llm.modules.teacher_columns.write_teacher_columns` +
+  :func:`~recsys_llm.modules.teacher_columns.attach_columns` (one's own loop).
 
 ``forward`` is torch.fx traceable (the mode is a Python constant, no data-dependent
 control flow), as ``TrainPipelineSparseDist`` requires.
 """
 
-import contextlib
 import dataclasses
-from typing import Any, Iterable, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from tqdm import tqdm
 
-from recsys_llm.atomic_dir import write_file_atomically
 from recsys_llm.data.batch import Batch, batch_extras
 from recsys_llm.data.pair_swap import LABEL_WEIGHT_KEY
-from recsys_llm.data.parquet_writer import vector_array
-from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.validation import check_number
 from recsys_llm.models.embedding import mark_filled_tables, require_allocated
 from recsys_llm.models.task import checked_term, required_extra
@@ -59,7 +51,6 @@ from recsys_llm.modules.distillation import (
     ScoreDistillation,
 )
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement, refresh_after_load
-from recsys_llm.progress import bar_options
 
 MODES = ("joint", "frozen", "offline")
 
@@ -369,155 +360,3 @@ def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = ""
         if isinstance(module, FieldInteractionEnhancement) and f"{strip_wrappers(name)}.".startswith(prefix):
             refresh_after_load(module)
     return copied
-
-
-@torch.no_grad()
-def write_teacher_columns(
-    teacher: nn.Module,
-    batches: Iterable[Batch],
-    output_path: str,
-    row_key: str = "row_id",
-    with_representation: bool = True,
-    progress: bool = True,
-    logits_column: str = TeacherStudentConfig.teacher_logits_key,
-    representation_column: str = TeacherStudentConfig.teacher_representation_key,
-) -> int:
-    """Runs a trained teacher over batches of one's own loop and writes its outputs by row key (offline mode).
-
-    For a run of ``recsys-llm train``, ``recsys-llm teacher-outputs``
-    (:func:`recsys_llm.train.teacher_outputs.write_teacher_outputs`) does this sharded, for whole splits.
-
-    Columns: ``row_key`` (int64), ``logits_column`` (float32) and, if asked,
-    ``representation_column`` (fixed_size_list<float32, H_t>). Join them into a copy of
-    the split with :func:`attach_columns` so the reader yields them as extras. The teacher
-    runs in eval mode and gets its own mode back afterwards; a failure leaves no file
-    (:func:`~recsys_llm.atomic_dir.write_file_atomically`).
-
-    Args:
-        teacher (nn.Module): ``predict(batch) -> CTROutput``.
-        batches (Iterable[Batch]): the split, with its row keys in ``extras[row_key]`` or, as
-            :class:`~recsys_llm.data.parquet.ParquetBatchReader` gives them for a row key of any
-            name, ``extras["row_id"]``.
-        output_path (str): Parquet file (written atomically).
-        row_key (str): column name of the row keys (the split's row key column, to join on).
-        with_representation (bool): also write the representations.
-        progress (bool): tqdm bar.
-        logits_column (str): column of the teacher's logits: the student's
-            ``TeacherStudentConfig.teacher_logits_key``.
-        representation_column (str): column of its representations: the student's
-            ``TeacherStudentConfig.teacher_representation_key``.
-
-    Returns:
-        int: rows written.
-    """
-    rows = 0
-
-    def write(handle: Any) -> None:
-        nonlocal rows
-        writer: Optional[pq.ParquetWriter] = None
-        try:
-            for batch in tqdm(batches, desc="teacher outputs", disable=not progress, **bar_options()):
-                keys = batch.extras.get(row_key, batch.extras.get(ROW_ID_EXTRA))
-                if keys is None:
-                    where = " or ".join(f"extras[{key!r}]" for key in dict.fromkeys([row_key, ROW_ID_EXTRA]))
-                    raise KeyError(f"write_teacher_columns: batch has no {where} (row keys); extras: "
-                                   f"{sorted(batch.extras)}")
-                output = teacher.predict(batch)
-                columns = {
-                    row_key: pa.array(keys.cpu().numpy().astype(np.int64)),
-                    logits_column: pa.array(output.logits.float().cpu().numpy()),
-                }
-                if with_representation:
-                    rep = output.representation.float().cpu().numpy()  # (B, H_t)
-                    columns[representation_column] = vector_array(rep)
-                table = pa.table(columns)
-                if writer is None:
-                    writer = pq.ParquetWriter(handle, table.schema)
-                writer.write_table(table)
-                rows += table.num_rows
-        except BaseException:
-            if writer is not None:  # closed here, not later by the garbage collector over the closed temp file
-                with contextlib.suppress(Exception):
-                    writer.close()
-            raise
-        if writer is None:
-            raise ValueError("write_teacher_columns: no batches")
-        writer.close()
-
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        write_file_atomically(output_path, write)
-    finally:
-        teacher.train(was_training)
-    return rows
-
-
-ATTACHED_ROWS_PER_GROUP = 65536  # row groups of the copy: the reader's unit, as the splits `prepare` writes
-
-
-def attach_columns(split_path: str, columns_path: str, key_column: str, output_path: str) -> int:
-    """Writes a copy of a split with the columns of ``columns_path`` joined on ``key_column``.
-
-    The split is copied a row group at a time (of ``ATTACHED_ROWS_PER_GROUP`` rows); besides its key
-    column, only the columns to attach are held whole (the teacher outputs: rows x (H + 2) x 4 bytes).
-
-    Raises:
-        ValueError: a row of the split has no match, a key occurs twice in ``columns_path``, or a
-            column already exists.
-
-    Returns:
-        int: rows written.
-    """
-    with pq.ParquetFile(split_path) as split:
-        return _attach_columns(split, split_path, columns_path, key_column, output_path)
-
-
-def _attach_columns(split: pq.ParquetFile, split_path: str, columns_path: str, key_column: str,
-                    output_path: str) -> int:
-    """:func:`attach_columns` of the open ``split``."""
-    extra = pq.read_table(columns_path)
-    for path, names in ((split_path, split.schema_arrow.names), (columns_path, extra.column_names)):
-        if key_column not in names:
-            raise ValueError(f"{path}: no key column {key_column!r}; columns {names}")
-    keys = extra.column(key_column)
-    if pc.count_distinct(keys).as_py() != len(keys):  # index_in would take each key's first row
-        counts = pc.value_counts(keys)
-        repeated = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-        raise ValueError(f"{columns_path}: key {repeated!r} of column {key_column!r} occurs more than once; expected "
-                         "one row per key")
-    index = pc.index_in(split.read(columns=[key_column]).column(key_column), value_set=keys)  # (N,)
-    if index.null_count:
-        raise ValueError(f"{split_path}: {index.null_count} rows have no {key_column!r} in {columns_path}")
-    attached = [name for name in extra.column_names if name != key_column]
-    for name in attached:
-        if name in split.schema_arrow.names:
-            raise ValueError(f"{split_path}: already has a column {name!r}")
-
-    def write(handle: Any) -> None:
-        start = 0
-        writer: Optional[pq.ParquetWriter] = None
-        try:
-            for batch in split.iter_batches(batch_size=ATTACHED_ROWS_PER_GROUP):
-                table = pa.Table.from_batches([batch])
-                rows = index.slice(start, batch.num_rows)
-                for name in attached:
-                    table = table.append_column(name, pc.take(extra.column(name), rows))
-                if writer is None:
-                    writer = pq.ParquetWriter(handle, table.schema)
-                writer.write_table(table, row_group_size=ATTACHED_ROWS_PER_GROUP)
-                start += batch.num_rows
-            if writer is None:  # a split without rows: its columns and the attached ones, no row
-                empty = pa.Table.from_batches([], split.schema_arrow)
-                for name in attached:
-                    empty = empty.append_column(extra.schema.field(name), extra.column(name).slice(0, 0))
-                writer = pq.ParquetWriter(handle, empty.schema)
-        except BaseException:
-            if writer is not None:  # closed here, not later by the garbage collector over the removed temp file
-                with contextlib.suppress(Exception):
-                    writer.close()
-            raise
-        writer.close()
-
-    write_file_atomically(output_path, write)
-    return split.metadata.num_rows

@@ -114,6 +114,7 @@ class TextEncoder:
     def __init__(
         self,
         model_path: Optional[str] = None,
+        *,
         pooling: str = "auto",
         batch_size: int = 64,
         max_length: int = 256,

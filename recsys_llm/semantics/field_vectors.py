@@ -100,8 +100,9 @@ def build_field_encoder(config: FieldVectorConfig) -> "tuple[TextEncoder, Prompt
         templates = config.templates if config.override_templates else PromptTemplates(**info["templates"])
         return encoder, templates, info
     max_length = DEFAULT_MAX_LENGTH if config.max_length is None else config.max_length
-    encoder = TextEncoder(config.model_path, config.pooling, config.batch_size, max_length, config.device,
-                          config.dtype, trust_remote_code=config.trust_remote_code)
+    encoder = TextEncoder(config.model_path, pooling=config.pooling, batch_size=config.batch_size,
+                          max_length=max_length, device=config.device, dtype=config.dtype,
+                          trust_remote_code=config.trust_remote_code)
     return encoder, config.templates, {}
 
 

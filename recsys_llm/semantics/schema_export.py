@@ -270,6 +270,7 @@ def export_schema_vectors(
     directory: str,
     provenance: Dict[str, str],
     config: VectorExportConfig,
+    *,
     granularity: str = "row",
     entity_field: Optional[str] = None,
     entity_fields: Optional[List[str]] = None,

@@ -464,6 +464,7 @@ def export_task(
     directory: str,
     example_dense: torch.Tensor,
     example_sparse: KeyedJaggedTensor,
+    *,
     metadata: Optional[Dict[str, Any]] = None,
     schema: Optional[Any] = None,
     table_dtype: str = TRAINED,

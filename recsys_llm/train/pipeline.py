@@ -160,6 +160,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Batch],
     device: torch.device,
+    *,
     skip_batches: int = 0,
     on_step: Optional[StepCallback] = None,
     total: Optional[int] = None,

@@ -25,8 +25,8 @@ def test_unknown_names_and_the_task_of_the_models_package() -> None:
 
 
 @pytest.mark.parametrize("name, module", [("load_full_state", "teacher_student"),
-                                          ("write_teacher_columns", "teacher_student"),
-                                          ("attach_columns", "teacher_student"),
+                                          ("write_teacher_columns", "teacher_columns"),
+                                          ("attach_columns", "teacher_columns"),
                                           ("load_semantic_vectors", "semantic_table"),
                                           ("refresh_after_load", "field_interaction")])
 def test_the_functions_the_plug_ins_need_import_from_the_package(name: str, module: str) -> None:

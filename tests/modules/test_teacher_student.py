@@ -13,13 +13,8 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS
 from recsys_llm.modules.elec import ELECConfig, ELECDistillConfig, build_elec_task, build_gain_network, load_elec_state
-from recsys_llm.modules.teacher_student import (
-    TeacherStudentConfig,
-    TeacherStudentTask,
-    attach_columns,
-    load_full_state,
-    write_teacher_columns,
-)
+from recsys_llm.modules.teacher_columns import attach_columns, write_teacher_columns
+from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask, load_full_state
 
 CPU = torch.device("cpu")
 SCHEMA = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("item_id", "sparse", 12),
@@ -508,12 +503,12 @@ class TestOfflineOutputs:
     def test_the_split_is_copied_a_row_group_at_a_time(self, tmp_path, monkeypatch):
         """Only its key column is read whole: the copy of a 3M-row split read it all (and the columns file,
         and wrote row groups of 1M rows, which the reader reads whole)."""
-        from recsys_llm.modules import teacher_student
+        from recsys_llm.modules import teacher_columns
 
         split, columns, copy = (str(tmp_path / name) for name in ("split.parquet", "cols.parquet", "copy.parquet"))
         pq.write_table(pa.table({"row_id": np.arange(10), "label": np.arange(10.0)}), split, row_group_size=3)
         pq.write_table(pa.table({"row_id": np.arange(10)[::-1].copy(), "t": np.arange(10.0)[::-1].copy()}), columns)
-        monkeypatch.setattr(teacher_student, "ATTACHED_ROWS_PER_GROUP", 4)
+        monkeypatch.setattr(teacher_columns, "ATTACHED_ROWS_PER_GROUP", 4)
         read = pq.ParquetFile.read
 
         def key_column_only(self, columns=None, **kwargs):
