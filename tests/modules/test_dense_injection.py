@@ -99,6 +99,20 @@ class TestDLRMDenseInjection:
         with pytest.raises(ValueError, match=r"DLRMDenseInjection: dense features are \(4, 2\), expected \(B, 3\)"):
             traced(dense[:, :2], kjt, vector)  # still checked when traced
 
+    def test_data_without_dense_features_feeds_the_vector_alone(self):
+        """A data set without dense features (ML-100K's ids only): the DLRM's dense arch reads the vector alone."""
+        torch.manual_seed(0)
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name="t_user", embedding_dim=8, num_embeddings=10, feature_names=["user_id"]),
+            EmbeddingBagConfig(name="t_item", embedding_dim=8, num_embeddings=12, feature_names=["item_id"]),
+        ])
+        dlrm = DLRM(ebc, dense_in_features=5, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
+        model = DLRMDenseInjection(dlrm, in_dim=6, projected_dim=5)
+        assert model.num_dense_features == 0
+        vector, kjt = torch.randn(4, 6), _kjt(4)
+        logits = model(torch.empty(4, 0), kjt, vector)  # (4,)
+        torch.testing.assert_close(logits, dlrm(model.projection(vector), kjt).squeeze(-1))
+
     def test_too_narrow_dlrm_rejected(self):
         ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=4,
                                                                 feature_names=["user_id"])])

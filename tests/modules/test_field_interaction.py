@@ -166,6 +166,58 @@ class TestFieldInteractionEnhancement:
         with pytest.raises(KeyError, match=r"FIE fields \['d'\] are not among"):
             fie.weighted_pair_matrix(["a", "b", "c"])
 
+    def test_pair_weights_train_when_the_embeddings_take_no_gradient(self) -> None:
+        """Frozen (or detached) embeddings: the pair-weight Linear still gets autograd's gradient."""
+        torch.manual_seed(0)
+        keys = ["a", "b", "c"]
+        fields = torch.randn(5, 3, 4, dtype=torch.double)  # no requires_grad
+        kt = KeyedTensor(keys=keys, length_per_key=[4] * 3, values=fields.view(5, 12))
+        fie = FieldInteractionEnhancement(torch.randn(3, 7), keys, weight=0.3).double()
+        pair_weights = fie.pair_weight(fie.pair_similarity)  # (P,) autograd reference
+        expected = 0.3 * sum(
+            pair_weights[p] * (fields[:, i] * fields[:, j]).sum(-1)
+            for p, (i, j) in enumerate(zip(fie.pair_rows.tolist(), fie.pair_cols.tolist()))
+        )
+        parameters = (fie.pair_weight.weight, fie.pair_weight.bias)
+        got = fie.logit(kt)
+        assert got.requires_grad
+        for a, b in zip(torch.autograd.grad(got.sum(), parameters), torch.autograd.grad(expected.sum(), parameters)):
+            torch.testing.assert_close(a, b)
+
+    def test_unfreezing_drops_the_serving_matrix(self) -> None:
+        """After unfreeze() the logits follow the trainable Linear again, also for embeddings in the key order a
+        serving matrix was set for (a stale frozen matrix would serve the old weights and train nothing)."""
+        torch.manual_seed(0)
+        kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
+        reordered = KeyedTensor.from_tensor_list(["d", "c", "b", "a"], [kt[k] for k in ["d", "c", "b", "a"]])
+        fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)
+        fie.freeze()
+        fie.set_serving_key_order(kt.keys())
+        fie.unfreeze()
+        assert fie.serving_key_order is None and fie.serving_pair_matrix is None
+        with torch.no_grad():
+            fie.pair_weight.weight.mul_(-2.0)
+        logits = fie.logit(kt)
+        assert logits.grad_fn is not None
+        torch.testing.assert_close(logits, fie.logit(reordered))
+
+    def test_the_serving_matrix_is_made_of_the_frozen_weights(self) -> None:
+        """Frozen, the Linear may still move (weight decay, momentum on zero gradients): the serving matrix (and a
+        fold) take the frozen copy, as the frozen logits do."""
+        torch.manual_seed(0)
+        kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
+        reordered = KeyedTensor.from_tensor_list(["d", "c", "b", "a"], [kt[k] for k in ["d", "c", "b", "a"]])
+        fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)
+        fie.freeze()
+        frozen = fie.frozen_pair_weights.clone()
+        with torch.no_grad():
+            fie.pair_weight.weight.mul_(0.5)  # a step after freezing
+            fie.pair_weight.bias.add_(1.0)
+        torch.testing.assert_close(fie.pair_weights(), frozen, rtol=0, atol=0)
+        fie.set_serving_key_order(kt.keys())
+        with torch.no_grad():
+            torch.testing.assert_close(fie.logit(kt), fie.logit(reordered))  # serving matrix vs frozen path
+
     def test_freezing_again_refreshes_the_serving_matrix(self) -> None:
         """freeze() stores the current weights: a serving matrix set before follows them, so the
         logits do not depend on whether the embeddings come in the serving key order."""

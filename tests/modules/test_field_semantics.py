@@ -4,7 +4,7 @@ import torch.nn.functional as F
 import torchrec.fx
 from torch import nn
 from torchrec.models.dlrm import DLRM
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_llm.modules.field_semantics import FieldRepresentationEnhancement
 from tests.modules.llactr_helpers import FEATURES, make_ebc, make_kjt
@@ -140,6 +140,25 @@ class TestFieldRepresentationEnhancement:
             FieldRepresentationEnhancement(torch.randn(3, 4), ["a", "b"], 8)
         with pytest.raises(ValueError, match="field_reduction: expected one of \\('sum', 'mean'\\), got 'max'"):
             FieldRepresentationEnhancement(torch.randn(2, 4), ["a", "b"], 8, field_reduction="max")
+
+    def test_rejects_no_fields_and_repeated_names(self) -> None:
+        """No field would give a NaN loss (0 / 0 fields); a repeated name would compare one key twice, with
+        two vectors scattered into one slot (which one wins is unspecified)."""
+        with pytest.raises(ValueError, match="len\\(feature_names\\)=0 > 0"):
+            FieldRepresentationEnhancement(torch.randn(0, 4), [], 8)
+        with pytest.raises(ValueError, match="FRE feature_names must be distinct, got \\['a', 'a'\\]"):
+            FieldRepresentationEnhancement(torch.randn(2, 4), ["a", "a"], 8)
+
+    def test_keeps_its_own_copy_of_the_field_vectors(self) -> None:
+        """The caller's tensor changed in place afterwards (e.g. a buffer reused for the next vector file) does not
+        move the term's targets."""
+        torch.manual_seed(0)
+        vectors = torch.randn(2, 6)
+        fre = FieldRepresentationEnhancement(vectors, ["a", "b"], 4)
+        kt = KeyedTensor.from_tensor_list(["a", "b"], [torch.randn(3, 4), torch.randn(3, 4)])
+        before = fre.loss(kt)
+        vectors.mul_(-3.0)
+        torch.testing.assert_close(fre.loss(kt), before, rtol=0, atol=0)
 
 
 def test_field_vectors_must_be_finite() -> None:

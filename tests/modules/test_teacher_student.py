@@ -14,7 +14,7 @@ from recsys_llm.data.schema import DatasetSchema, FieldSpec
 from recsys_llm.models.registry import SMOKE_CONFIGS
 from recsys_llm.modules.elec import ELECConfig, ELECDistillConfig, build_elec_task, build_gain_network, load_elec_state
 from recsys_llm.modules.teacher_columns import attach_columns, write_teacher_columns
-from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask, load_full_state
+from recsys_llm.modules.teacher_student import TeacherStudentConfig, TeacherStudentTask, labeled_bce, load_full_state
 
 CPU = torch.device("cpu")
 SCHEMA = DatasetSchema("t", [FieldSpec("user_id", "sparse", 10), FieldSpec("item_id", "sparse", 12),
@@ -36,7 +36,7 @@ def make_batch(batch_size: int = 16, seed: int = 0, vector_dim: int = 8) -> Batc
 
 def _elec(mode: str, **kwargs) -> TeacherStudentTask:
     torch.manual_seed(0)
-    distill = TeacherStudentConfig(mode=mode, alpha=1.0, beta=0.5, temperature=2.0, **kwargs)
+    distill = TeacherStudentConfig(**{"mode": mode, "alpha": 1.0, "beta": 0.5, "temperature": 2.0, **kwargs})
     checkpoint = kwargs.pop("checkpoint", None)
     return build_elec_task(ELECConfig(task="distill", vector_dim=8, distill=distill, teacher_checkpoint=checkpoint),
                            SCHEMA, MODEL, device=CPU)
@@ -89,12 +89,12 @@ class TestTeacherStudentTask:
         assert all(p.grad is None or not p.grad.any() for p in task.teacher.parameters())
 
     def test_loss_is_sum_of_terms(self):
-        task = _elec("joint", teacher_loss_weight=0.25)  # alpha 1, beta 0.5, gamma 0.25: each weight shows
+        task = _elec("joint", alpha=0.7, teacher_loss_weight=0.25)  # alpha 0.7, beta 0.5, gamma 0.25: each shows
         batch = make_batch()
         loss, _ = task(batch)
         t_out, s_out = task.teacher.predict(batch), task.student.predict(batch)
         bce = torch.nn.functional.binary_cross_entropy_with_logits
-        expected = (bce(s_out.logits, batch.labels) + 1.0 * task.score_kd(s_out.logits, t_out.logits)
+        expected = (bce(s_out.logits, batch.labels) + 0.7 * task.score_kd(s_out.logits, t_out.logits)
                     + 0.5 * task.repr_kd(s_out.representation, t_out.representation)
                     + 0.25 * bce(t_out.logits, batch.labels))
         torch.testing.assert_close(loss, expected)
@@ -371,6 +371,23 @@ class TestTeacherStudentTask:
                     + 1.0 * task.score_kd(s_out.logits, t_out.logits)  # KD over all 16 rows
                     + 0.5 * task.repr_kd(s_out.representation, t_out.representation))
         torch.testing.assert_close(loss, expected)
+
+    def test_labeled_bce_weighs_rows_and_is_zero_without_a_labeled_row(self):
+        """Mean BCE weighted by label_weight; a batch of label-free rows only (all weights 0) adds 0 with zero
+        gradients, not 0 / 0 = NaN (which would reach every parameter through the shared loss)."""
+        batch = make_batch(4)
+        logits = torch.tensor([0.5, -1.0, 2.0, 0.0], requires_grad=True)
+        weight = torch.tensor([1.0, 0.5, 0.0, 2.0])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.detach(), batch.labels, reduction="none")
+        weighted = Batch(batch.dense_features, batch.sparse_features, batch.labels,
+                         dict(batch.extras, label_weight=weight))
+        torch.testing.assert_close(labeled_bce(logits, weighted), (bce * weight).sum() / 3.5)
+        unlabeled = Batch(batch.dense_features, batch.sparse_features, batch.labels,
+                          dict(batch.extras, label_weight=torch.zeros(4)))
+        loss = labeled_bce(logits, unlabeled)
+        assert float(loss) == 0.0
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.equal(grad, torch.zeros(4))
 
     def test_swap_fields_need_a_teacher_and_entity_vectors(self):
         with pytest.raises(ValueError, match=r"^elec\.distill\.swap_fields needs .*'joint' or 'frozen', not 'offline'"):

@@ -39,6 +39,16 @@ class TestBinaryMetrics:
         assert out["ne"] == pytest.approx(logloss / entropy, rel=1e-6)
         assert out["num_samples"] == 500 and out["ctr"] == pytest.approx(ctr)
 
+    def test_logloss_from_confident_logits_is_exact(self) -> None:
+        """From logits, each row's cross-entropy is softplus(l) - y l exactly, also for confident logits (|l| of 6 to
+        35, where an early switch of softplus to l itself would be off by up to e^-6 per row)."""
+        logits = torch.tensor([6.0, -7.0, 9.0, -12.0, 20.0, 35.0, 6.5, -8.0], dtype=torch.float64)
+        labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+        out = binary_metrics(torch.sigmoid(logits), labels, logits)
+        reference = -(labels * torch.nn.functional.logsigmoid(logits)
+                      + (1 - labels) * torch.nn.functional.logsigmoid(-logits)).mean()
+        assert out["logloss"] == pytest.approx(float(reference), rel=1e-12)
+
     def test_calibration_is_predicted_over_actual_clicks_as_torchrec_computes_it(self) -> None:
         """The predicted clicks over the clicks: torchrec's CalibrationMetric, which a CTR model's users watch beside
         AUC and NE (a model can rank well and still predict twice the clicks)."""
