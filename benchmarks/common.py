@@ -69,6 +69,11 @@ def run_main(main: Callable[[], Any]) -> None:
         os.environ.setdefault(MININTERVAL_ENV, "30")
         os.environ.setdefault(MAXINTERVAL_ENV, os.environ[MININTERVAL_ENV])
         os.environ.setdefault(LINES_ENV, "1")
+    from recsys_llm.cli import quiet_upstream_notices
+
+    # as the commands do: the figures, not torchrec's advisories, fill the log; put back after the run (a program
+    # or a test calling a benchmark in its own process keeps its warning filters, logger levels and root filter)
+    restore_notices = quiet_upstream_notices()
     try:
         record(main)()
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's 130, as the recsys-llm commands end, not a traceback
@@ -80,6 +85,8 @@ def run_main(main: Callable[[], Any]) -> None:
               "its --json and --plot are written at the end (the earlier ones stay as they were)",
               file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    finally:
+        restore_notices()
 
 
 def build_parser(name: str, description: Optional[str]) -> argparse.ArgumentParser:
@@ -145,14 +152,13 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
                          f"a writable folder, e.g. /tmp/{name}{suffix}")
     import torch
 
-    from recsys_llm.cli import quiet_upstream_notices, record_for_launcher
+    from recsys_llm.cli import record_for_launcher
 
     if args.device == "cuda" and not torch.cuda.is_available():  # one line now, as the other arguments' errors
         message = ("--device cuda: no GPU is visible (torch.cuda.is_available() is False); pass --device cpu, or "
                    "auto (cuda when one is visible)")
         record_for_launcher(f"{parser.prog}: error: {message}")  # where torchrun's summary and torchx status read it
         parser.error(message)
-    quiet_upstream_notices()  # as the commands do: the figures, not torchrec's advisories, fill the log
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.name = name
     # before any multi-threaded op, so torch's worker threads inherit it (see train.flush_denormal);

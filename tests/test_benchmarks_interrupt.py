@@ -39,3 +39,19 @@ def test_the_traceback_stays_when_asked(monkeypatch):
     monkeypatch.setenv("RECSYS_LLM_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         common.run_main(_interrupted)
+
+
+def test_a_benchmark_quiets_upstream_notices_while_it_runs_and_puts_them_back():
+    """A program or test calling a benchmark's main in its own process keeps its logger levels and root filters:
+    parse_args left torchrec's advisory loggers at ERROR and a filter on the root logger for good."""
+    import logging
+
+    from recsys_llm.cli import UPSTREAM_ADVISORY_LOGGERS
+
+    loggers = [logging.getLogger(name) for name in UPSTREAM_ADVISORY_LOGGERS]
+    before = [logger.level for logger in loggers], list(logging.getLogger().filters)
+    seen = []
+    common.parse_args("quiet", None, ["--smoke"])
+    common.run_main(lambda: seen.append([logger.level for logger in loggers]))
+    assert seen == [[logging.ERROR] * len(loggers)]
+    assert ([logger.level for logger in loggers], list(logging.getLogger().filters)) == before

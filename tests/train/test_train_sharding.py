@@ -689,11 +689,10 @@ def test_build_topology_is_the_factory_s_and_matches_a_direct_one(
     assert topology.intra_host_bw == direct.intra_host_bw and topology.inter_host_bw == direct.inter_host_bw
 
 
-def _split_changes(schema_path: str) -> Dict[str, Any]:
+def _split_changes(schema_path: str, out_dir: str) -> Dict[str, Any]:
     """A table-wise plan's record against a column-wise plan of the same wide tables, as a resume compares them."""
     import json
     import os
-    import tempfile
 
     from recsys_llm.train.config import ConfigError
     from recsys_llm.train.resume import check_same_table_state_layout
@@ -710,7 +709,7 @@ def _split_changes(schema_path: str) -> Dict[str, Any]:
         return shard_model(task, ctx.device, ctx.world_size, sharding, OptimizerConfig(), batch_size=64)[1]
 
     table_wise, column_wise = plan_with("table_wise"), plan_with("column_wise")
-    saved = os.path.join(tempfile.mkdtemp(), "sharding_plan.json")
+    saved = os.path.join(out_dir, "sharding_plan.json")  # the test's tmp_path: nothing left in the system's /tmp
     with open(saved, "w", encoding="utf-8") as handle:
         handle.write(describe_plan(table_wise))
     outcome: Dict[str, Any] = {"same": None, "adagrad": None}
@@ -732,11 +731,12 @@ def _split_changes(schema_path: str) -> Dict[str, Any]:
 
 
 @pytest.mark.multiprocess
-def test_a_resume_whose_plan_splits_a_tables_columns_otherwise_is_refused_naming_the_table(synthetic_dir: str) -> None:
+def test_a_resume_whose_plan_splits_a_tables_columns_otherwise_is_refused_naming_the_table(synthetic_dir: str,
+                                                                                          tmp_path) -> None:
     """row_wise_adagrad keeps one value per row of each column shard: DCP failed to load it into another split with
     "a checkpoint of another model or code version (Size mismatch ...)", where only the plan had changed (another
     world size or device: on CUDA a table wider than FBGEMM's kernels take is always column-wise)."""
-    outcome, = run_multiprocess(_split_changes, world_size=1, schema_path=synthetic_dir)
+    outcome, = run_multiprocess(_split_changes, world_size=1, schema_path=synthetic_dir, out_dir=str(tmp_path))
     assert outcome["record"]["t_user_id"] == "column_wise"
     message = outcome["refused"]
     assert "'t_user_id' 1 (table_wise) -> 2 (column_wise) column shards" in message, message
