@@ -421,3 +421,62 @@ def test_the_gpu_tables_cpu_column_names_the_cpu_of_each_json() -> None:
             label, cpu)
         checked.add(label)
     assert checked == set(figures), sorted(set(figures) - checked)
+
+
+def _documented_commands() -> Iterator["tuple[str, str, list]"]:
+    """(where, command, its words after the program) of each ``recsys-llm ...`` (or ``torchrun ... -m
+    recsys_llm.cli ...``) line in a fenced code block of the README and the guides, ``\\`` continuations joined;
+    optional parts written ``[--flag value]`` count as given."""
+    import shlex
+
+    for name in ("README.md", "docs/usage.md", "docs/launch.md", "docs/design.md", "docs/results.md",
+                 "benchmarks/README.md"):
+        with open(os.path.join(REPO, name), encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        in_block, i = False, 0
+        while i < len(lines):
+            line, number = lines[i], i + 1
+            if line.strip().startswith("```"):
+                in_block = not in_block
+            elif in_block:
+                while line.rstrip().endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    line = line.rstrip()[:-1] + " " + lines[i].strip()
+                words = []
+                if line.lstrip().startswith(("recsys-llm ", "torchrun ")):
+                    words = [word.strip("[]") for word in shlex.split(line, comments=True) if word not in ("[", "]")]
+                if words[:1] == ["recsys-llm"]:
+                    yield f"{name}:{number}", line.strip(), words[1:]
+                elif words[:1] == ["torchrun"] and "recsys_llm.cli" in words:
+                    yield f"{name}:{number}", line.strip(), words[words.index("recsys_llm.cli") + 1:]
+            i += 1
+
+
+def test_every_command_line_of_the_guides_parses() -> None:
+    """A flag renamed or removed fails here, not in the shell of a reader who copied the line."""
+    import argparse
+    import contextlib
+    import io
+
+    from recsys_llm.cli import build_parser
+
+    def exact_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.allow_abbrev = False  # the guides spell each flag out: a flag renamed to a longer one fails too
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    exact_flags(sub)
+        return parser
+
+    refused = []
+    commands = list(_documented_commands())
+    for where, command, words in commands:
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+                exact_flags(build_parser()).parse_args(words)
+        except SystemExit as ended:
+            if ended.code:
+                refused.append(f"{where}: {command}\n    {errors.getvalue().strip().splitlines()[-1]}")
+    assert not refused, "\n".join(refused)
+    assert len(commands) >= 50  # the README's workflows and the guides' recipes
