@@ -267,3 +267,31 @@ def test_a_frozen_teacher_refuses_an_export_with_an_id_beyond_its_table(trained_
     with pytest.raises(ValueError, match=rf"more_users': holds vectors of ids 0..{NUM_USERS}, but the teacher's table "
                                          rf"'semantic_user_id' has rows 0..{NUM_USERS - 1}"):
         _load(_frozen(checkpoint, {**tables, "user_id": longer}))
+
+
+def test_a_gain_network_whose_entity_table_names_no_directory_is_refused_not_left_unfilled() -> None:
+    """Only a frozen teacher reads its entity tables from its checkpoint and may leave their directory out (null);
+    a gain network that names none would train on a table nothing filled."""
+    config = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_tables={"item_id": None})
+    gain = build_gain_network(config, SCHEMA, MODEL, device=CPU)
+    with pytest.raises(FileNotFoundError, match=r"elec.entity_tables.item_id=None: no such directory"):
+        load_elec_state(gain, config, SCHEMA.fingerprint())
+
+
+def test_the_run_record_of_entity_vectors_holds_their_keys_hash_and_nothing_for_an_offline_student(tmp_path) -> None:
+    """A re-export over other ids (as many, the same provenance) is told apart by its keys' hash; an offline
+    student reads no table, so its run records none."""
+    from recsys_llm.modules.elec import entity_vectors_record
+    from recsys_llm.semantics.vector_export import keys_sha256
+
+    out = str(tmp_path / "items")
+    keys = np.array([3, 1, 5], np.int64)
+    VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=2)).run(
+        pa.array(keys), lambda a, b: [str(k) for k in keys[a:b]], lambda texts: torch.ones(len(texts), DIM),
+        progress=False)
+    gain = ELECConfig(task="gain", vector_dim=DIM, vector_source="entity_table", entity_tables={"item_id": out})
+    record = entity_vectors_record(gain)["item_id"]
+    assert record["keys_sha256"] == keys_sha256(keys) and record["num_rows"] == 3
+    offline = ELECConfig(task="distill", vector_dim=DIM, vector_source="entity_table", entity_tables={"item_id": out},
+                         distill=ELECDistillConfig(mode="offline"))
+    assert entity_vectors_record(offline) == {}

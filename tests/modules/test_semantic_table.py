@@ -758,3 +758,19 @@ def test_an_export_wider_than_the_table_is_refused_not_cut_to_its_width(tmp_path
     module = SemanticTable({"item_id": NUM_ITEMS}, 4, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"wide/.*: vectors have dim 8, the table expects 4"):
         load_semantic_vectors(module, "semantic_item_id", out)
+
+
+def test_a_frozen_teachers_row_the_export_has_no_vector_for_must_be_zero(tmp_path):
+    """check_teacher_vectors compares the exported rows and also the others: a teacher's table with a vector on
+    an id the export holds none for (load_semantic_vectors leaves such rows zero) was trained with another export."""
+    from recsys_llm.modules.elec import check_teacher_vectors
+
+    out = str(tmp_path / "items")
+    _sparse_item_vectors(out, [9, 1, 6])
+    module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
+    load_semantic_vectors(module, "semantic_item_id", out)
+    assert check_teacher_vectors(module, "item_id", out) == NUM_ITEMS
+    with torch.no_grad():
+        module.embedding_bag_collection.embedding_bags["semantic_item_id"].weight[4, 0] = 0.5  # id 4: not exported
+    with pytest.raises(ValueError, match="holds other vectors than the teacher's table"):
+        check_teacher_vectors(module, "item_id", out)

@@ -131,3 +131,18 @@ def test_an_export_whose_chunks_hold_other_keys_than_its_manifest_is_not_reused(
     with pytest.raises(ProvenanceError, match=r"^--reuse .*v1: its chunks hold other keys than its manifest records"):
         _export(days["day2"], str(tmp_path / "v2"), _earlier_days_then_train(str(tmp_path)), _CountingEncoder(5.0),
                 str(tmp_path / "v1"))
+
+
+def test_a_chunk_of_several_kept_ids_and_new_ones_keeps_each_vector_on_its_own_id(tmp_path) -> None:
+    """In one chunk (chunk_rows above the ids' count) several kept vectors and the new ids' encoded ones are merged
+    back into the chunk's row order: each kept vector lands on its own id, not on another kept one's."""
+    days = grown_days(str(tmp_path))
+    day1 = _export(days["day1"], str(tmp_path / "v1"), list(days["day1"].splits), _CountingEncoder(0.0),
+                   chunk_rows=64)
+    encoder = _CountingEncoder(5.0)
+    day2 = _export(days["day2"], str(tmp_path / "v2"), _earlier_days_then_train(str(tmp_path)), encoder,
+                   reuse=str(tmp_path / "v1"), chunk_rows=64)
+    assert len(day1) >= 2 and len(encoder.texts) == len(set(day2) - set(day1)) >= 1
+    assert len({tuple(vector) for vector in day1.values()}) == len(day1)  # distinct: a swap would show
+    for key, vector in day1.items():
+        np.testing.assert_array_equal(day2[key], vector)

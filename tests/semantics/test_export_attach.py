@@ -423,3 +423,32 @@ def test_a_split_of_days_attached_with_the_base_model_moved_passes_and_one_witho
     with pytest.raises(ValueError) as refusal:
         attached_vectors_provenance([bare, day1], "llm_vector")
     assert str(refusal.value).startswith(f"{bare}: records no provenance of its 'llm_vector' vectors")
+
+
+def test_a_split_file_recording_a_setting_the_first_does_not_is_refused_and_other_columns_records_are_not_read(
+        tmp_path) -> None:
+    """A later file whose export records a setting the first file's does not (an adapter, a projection) is of another
+    export: every key of either record counts, not only the first file's. And a file's record of vectors attached as
+    another column says nothing of ``column``'s."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys_llm.semantics.vector_reader import ROW_VECTORS_METADATA_KEY, attached_vectors_provenance
+
+    record = {"column": "llm_vector", "model": "models/bert", "revision": "r1", "weights_sha256": "w"}
+
+    def write(name: str, provenance) -> str:
+        table = pa.table({"x": [1]}).replace_schema_metadata({ROW_VECTORS_METADATA_KEY: json.dumps(provenance).encode()})
+        path = str(tmp_path / name)
+        pq.write_table(table, path)
+        return path
+
+    day1 = write("day1.parquet", record)
+    adapted = write("day2.parquet", dict(record, adapter="a1"))
+    with pytest.raises(ValueError, match=r"adapter: stored .a1., expected None"):
+        attached_vectors_provenance([day1, adapted], "llm_vector")
+    assert attached_vectors_provenance([day1], "other_vector") is None
+    assert attached_vectors_provenance([write("day3.parquet", dict(record, column="other_vector"))],
+                                       "llm_vector") is None

@@ -94,6 +94,12 @@ class TestCachedEncode:
         assert CountingEncoder.calls == 4
         dtypes = {load_vectors(str(path)).provenance.extra["dtype"] for path in tmp_path.glob("*.safetensors")}
         assert dtypes == {"float32", "bfloat16"}
+        # both entries stay: the float32 one is still a hit (a key without the dtype would have the bf16 encode
+        # replace it, and the two dtypes evict each other's entry on every run)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cached_encode(encoder, texts, "t1", str(tmp_path), progress=False)
+        assert CountingEncoder.calls == 4
 
     def test_a_damaged_cache_file_is_encoded_again_and_replaced(self, tmp_path, tiny_llama_dir: str) -> None:
         encoder = CountingEncoder(tiny_llama_dir)
@@ -406,3 +412,12 @@ def test_repeated_keys_are_named_once_each_and_nothing_is_written(tmp_path) -> N
     with pytest.raises(ValueError, match=r"v\.safetensors: keys must be distinct, got duplicates \['a', 'c'\]"):
         save_vectors(path, torch.zeros(5, 2), ["c", "a", "b", "a", "c"], provenance)
     assert not os.path.exists(path)
+
+
+def test_a_vector_file_of_this_schema_keyed_by_names_that_are_no_field_is_refused(tmp_path, tiny_schema) -> None:
+    """The schema fingerprints match, but a key that names no field of the schema (a file written with other row
+    names) would give a field no vector and a vector no field: it is refused naming the keys."""
+    path = str(tmp_path / "v.safetensors")
+    save_vectors(path, torch.randn(2, 4), ["color", "colour"], _provenance().for_schema(tiny_schema))
+    with pytest.raises(VectorProvenanceError, match=r"keys \['colour'\] are not fields of schema"):
+        load_vectors(path, schema=tiny_schema)

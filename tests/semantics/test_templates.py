@@ -136,6 +136,8 @@ class TestPromptTemplateChecks:
         (dict(field_without_description="{description} {kind}"),
          r"PromptTemplates.field_without_description '\{description\} \{kind\}': needs the placeholder \{name\}"),
         (dict(number_format="{:d}"), r"PromptTemplates.number_format '\{:d\}': expected one positional field"),
+        # no field at all formats every dense value to the same text (and so the same vector)
+        (dict(number_format="value"), r"PromptTemplates.number_format 'value': expected one positional field"),
     ])
     def test_refused(self, settings, message) -> None:
         with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Any, Dict, List, Optional
 from unittest import mock
@@ -1247,3 +1248,27 @@ def test_a_flipped_byte_in_a_saved_file_is_refused_naming_it(tmp_path, monkeypat
     with pytest.raises(ValueError, match="sha256 differs from the one files.sha256.json recorded") as refused:
         load_checkpoint(path, nn.Linear(2, 1))
     assert str(refused.value).startswith(f"{target}: cannot be read back"), refused.value
+
+
+def test_a_checkpoint_missing_its_rng_file_is_refused_not_resumed_with_other_random_streams(tmp_path,
+                                                                                            monkeypatch) -> None:
+    """Every rank writes rank<N>.pt: a checkpoint without this rank's (a partial copy) would resume with the
+    random streams of the new process, not the saved ones: the resume is not exact, so it is refused, naming it."""
+    _state_only_dcp(monkeypatch)
+    path = CheckpointManager(str(tmp_path), keep=1).save(nn.Linear(2, 1), None, TrainState(global_step=1))
+    os.remove(os.path.join(path, "rank00000.pt"))
+    os.remove(os.path.join(path, DIGESTS_FILE))  # a copy without the file records no digest of it either
+    with pytest.raises(ValueError, match=re.escape(os.path.join(path, "rank00000.pt"))):
+        load_checkpoint(path, nn.Linear(2, 1))
+    load_checkpoint(path, nn.Linear(2, 1), restore_rng=False)  # asked not to restore them: loads
+
+
+def test_a_set_aside_copy_whose_step_was_saved_again_is_removed_by_the_next_start(tmp_path) -> None:
+    """Killed after the new ckpt-N's rename but before the removal of ckpt-N.prev: the copy set aside is superseded
+    (the whole ckpt-N is there) and goes, not left to hold a checkpoint's disk space for good."""
+    directory = str(tmp_path)
+    final = _write_fake(directory, "ckpt-00000010", complete=True)
+    _write_fake(directory, "ckpt-00000010.prev", complete=True)
+    CheckpointManager(directory).complete_interrupted_save()
+    assert sorted(os.listdir(directory)) == ["ckpt-00000010", "latest"]
+    assert CheckpointManager(directory).latest() == final
