@@ -22,7 +22,7 @@ Example::
 
 import collections
 import threading
-from typing import Callable, Deque, Dict, Iterator, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Collection, Deque, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -41,7 +41,8 @@ class EvalStep(NamedTuple):
         loss (torch.Tensor): 0-dim, the batch's mean loss.
         logits (torch.Tensor): (B,) logits.
         labels (torch.Tensor): (B,) 0/1 labels.
-        extras (Dict[str, torch.Tensor]): the batch's extras (each (B, ...)), on the device of ``labels``.
+        extras (Dict[str, torch.Tensor]): the batch's extras (each (B, ...)), on the device of ``labels``
+            (:func:`pipelined_forwards`: those it was asked for).
         real (bool): False for a repeat that only keeps this rank's collectives in step: not scored.
     """
 
@@ -74,9 +75,11 @@ class _Tagged(Iterator[TorchRecBatch]):
     input distribution failed first, naming none, or read other features' ids)."""
 
     def __init__(self, pairs: Iterator[Tuple[TorchRecBatch, bool]],
-                 check_features: Optional[Callable[[KeyedJaggedTensor], None]] = None) -> None:
+                 check_features: Optional[Callable[[KeyedJaggedTensor], None]] = None,
+                 extras: Optional[Collection[str]] = None) -> None:
         self._pairs = pairs
         self._check_features = check_features
+        self._extras = None if extras is None else frozenset(extras)  # the extras kept (None: all)
         self._lock = threading.Lock()
         self._closed = False
         self.tags: Deque[Tuple[bool, Dict[str, torch.Tensor]]] = collections.deque()  # appends are thread-safe
@@ -97,7 +100,10 @@ class _Tagged(Iterator[TorchRecBatch]):
             except Exception as error:  # noqa: BLE001 - raised again in the main thread
                 self.error = error
                 raise StopIteration from None
-            self.tags.append((real, batch_extras(batch)))
+            kept = batch_extras(batch)
+            if self._extras is not None:
+                kept = {key: value for key, value in kept.items() if key in self._extras}
+            self.tags.append((real, kept))
         return batch
 
     def close(self) -> None:
@@ -108,7 +114,7 @@ class _Tagged(Iterator[TorchRecBatch]):
 
 
 def pipelined_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bool]],
-                       device: torch.device) -> Iterator[EvalStep]:
+                       device: torch.device, extras: Optional[Collection[str]] = None) -> Iterator[EvalStep]:
     """The model's forwards of the pairs' batches through a fresh ``EvalPipelineSparseDist`` (call under
     ``torch.no_grad()``, the model in eval mode). Its end, an exception or closing the generator stops the
     pipeline's loading thread and waits out a read of ``pairs`` it may be doing (``pairs`` may be closed next),
@@ -117,10 +123,12 @@ def pipelined_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bo
     the plain loop raises it (torchrec's loading thread, left to catch it, would log it as an ERROR line too).
 
     The extras of an :class:`EvalStep` are the batch's CPU tensors copied to the device once more (the
-    pipeline's copy of the batch stays inside it). torchrec's loading thread never sees such an exception, so it
-    cannot skip the batch of one marked retryable (``is_retryable``), as it would: the plain loop's rows are
-    scored, or its error raised."""
-    tagged = _Tagged(pairs, BatchFeatureCheck(model))
+    pipeline's copy of the batch stays inside it): only those named in ``extras`` (None: every one), so that
+    wide extras the caller does not read (a gain network's ``llm_vector`` (B, d), an offline student's teacher
+    representations (B, H)) do not cross to the GPU a second time per batch. torchrec's loading thread never
+    sees such an exception, so it cannot skip the batch of one marked retryable (``is_retryable``), as it would:
+    the plain loop's rows are scored, or its error raised."""
+    tagged = _Tagged(pairs, BatchFeatureCheck(model), extras)
     # the optimizer is only stepped in training: EvalPipelineSparseDist.progress never reads it
     pipeline = EvalPipelineSparseDist(model, None, device)  # type: ignore[arg-type]
     try:

@@ -132,6 +132,13 @@ class CTRMetrics:
         self._subsets: Dict[str, str] = dict(subsets or {})
         self.reset()
 
+    @property
+    def extra_keys(self) -> List[str]:
+        """The ``Batch.extras`` keys :meth:`update` reads (the subsets' masks): the pipelined evaluation
+        (:func:`~recsys_llm.train.eval_forwards.pipelined_forwards`) copies only these to the device for it. A
+        subclass whose ``update`` reads other extras names them here too."""
+        return list(self._subsets.values())
+
     def reset(self) -> None:
         self._logits: List[torch.Tensor] = []
         self._labels: List[torch.Tensor] = []

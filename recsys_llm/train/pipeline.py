@@ -342,7 +342,9 @@ def evaluate(
         pairs, total = batches.padded(), batches.padded_len
     else:
         pairs = ((batch, True) for batch in batches)
-    steps = (pipelined_forwards if pipelined else plain_forwards)(model, pairs, device)
+    # the pipelined loop copies each batch's extras to the device a second time: only the metrics' masks
+    steps = (pipelined_forwards(model, pairs, device, metrics.extra_keys) if pipelined
+             else plain_forwards(model, pairs, device))
     with table_step_counters_kept(model):  # FBGEMM counts these forwards as optimizer steps otherwise
         try:
             for step in tqdm(steps, total=total, desc=description, disable=not (progress and is_main_process()),

@@ -395,6 +395,22 @@ class TestTaggedPairs:
             next(tagged)
         assert next(pairs)[0].labels.numel() == 3  # left unread
 
+    def test_only_the_extras_asked_for_are_kept_for_their_second_copy_to_the_device(self) -> None:
+        """The pipelined loop copies the tags' extras to the device beside the pipeline's own copy of the batch:
+        a wide extra the metrics never read (a gain network's llm_vector) crossed to the GPU twice per batch."""
+        from recsys_llm.data.batch import Batch
+        from recsys_llm.train.eval_forwards import _Tagged
+
+        plain = self._batch(2)
+        batch = Batch(plain.dense_features, plain.sparse_features, plain.labels,
+                      extras={"is_cold_item": torch.ones(2), "llm_vector": torch.zeros(2, 384)})
+        every, masks = _Tagged(iter([(batch, True)])), _Tagged(iter([(batch, True)]), extras=["is_cold_item"])
+        next(every), next(masks)
+        assert sorted(every.tags[0][1]) == ["is_cold_item", "llm_vector"]  # None: every extra, as before
+        assert sorted(masks.tags[0][1]) == ["is_cold_item"] and masks.tags[0][1]["is_cold_item"] is batch.extras[
+            "is_cold_item"]
+        assert CTRMetrics(SUBSETS).extra_keys == ["is_cold_item"] and CTRMetrics().extra_keys == []
+
     def test_close_waits_for_a_read_in_progress(self) -> None:
         """The pairs may be closed once ``close`` returns: a generator another thread is running cannot be."""
         from recsys_llm.train.eval_forwards import _Tagged
