@@ -705,8 +705,9 @@ def _convert(raw_dir: str, out_dir: str, config: MovieLensConfig, progress: bool
     }
     bounds = [0, *split_bounds(config.split_fractions, n), n]  # exact: not the floor of a float sum
     arrow_schema = arrow_schema_for(schema, {"timestamp": pa.int64()})
-    for (split, file_name), start, stop in zip(schema.splits.items(), bounds[:-1], bounds[1:]):
-        table = pa.Table.from_pydict(columns, schema=arrow_schema).slice(start, stop - start)
+    rows = pa.Table.from_pydict(columns, schema=arrow_schema)  # every split is a slice of it (no copy)
+    for file_name, start, stop in zip(schema.splits.values(), bounds[:-1], bounds[1:]):
+        table = rows.slice(start, stop - start)
         with SplitWriter(os.path.join(out_dir, file_name), arrow_schema, config.rows_per_group) as writer:
             writer.write({name: table[name] for name in arrow_schema.names})
     catalog_ids = np.unique(item_key)  # every movie of the .item file, rated or not

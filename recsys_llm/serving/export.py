@@ -459,6 +459,45 @@ def _with_vocabularies(metadata: Dict[str, Any], schema: Optional[Any]) -> Dict[
     return {"vocabularies": schema.vocabulary_records(), **metadata}
 
 
+def _capture_dense_program(task: nn.Module, folded: List[str], captured: nn.Module, inputs: Tuple[torch.Tensor, ...],
+                           export_id: str, directory: str, earlier_program: bool) -> Tuple[Optional[io.BytesIO], str]:
+    """``captured`` (the dense head) traced by ``torch.export`` on ``inputs`` and saved into memory, with ``""``;
+    ``(None, reason)`` when it cannot be captured, with a warning.
+
+    Raises:
+        FileExistsError: it cannot be captured and ``directory`` holds an earlier export with a dense program.
+    """
+    try:
+        batch = torch.export.Dim("batch", min=1)
+        # no_grad: the inference kernels (e.g. of weighted_pair_sum)
+        with torch.no_grad(), _tables_left_out(task), _training_parts_left_out(task, folded):
+            program = torch.export.export(
+                captured, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
+            )
+        _drop_metadata_asserts(program)
+        # drop what the logits do not need (e.g. a folded FM's representation)
+        program.graph_module.graph.eliminate_dead_code()
+        program.graph_module.recompile()
+        # into memory, written by the caller outside this ``except``: a full disk or a file-size limit is not a
+        # failed capture (torch's zip writer fails a short write as "unexpected pos" and, writing a file, may abort
+        # the process when that writer is destroyed)
+        program_bytes = io.BytesIO()
+        torch.export.save(program, program_bytes, extra_files={EXPORT_ID_KEY: export_id})
+    except Exception as error:  # torch.export could not capture this backbone
+        if earlier_program:  # a servable artifact is not swapped for one ServedModel cannot load
+            raise FileExistsError(
+                f"export: torch.export could not capture the dense part ({telling_line(error)}); {directory} "
+                f"holds an earlier export with a dense program, left as it was (the new one would hold the "
+                "weights and tables only, which ServedModel cannot load): choose another output directory for it"
+            ) from error
+        warnings.warn(f"export: torch.export could not capture the dense part ({telling_line(error)}); "
+                      f"{directory} holds the weights and tables but no dense program, so ServedModel cannot "
+                      f"load it: serve it eagerly by loading {STATE_FILE} (serving.load_state_file) into the "
+                      "task built by the model's own code (config.json: dense_program_error)", stacklevel=3)
+        return None, f"{type(error).__name__}: {error}"[:2000]
+    return program_bytes, ""
+
+
 def export_task(
     task: nn.Module,
     directory: str,
@@ -541,8 +580,6 @@ def export_task(
         if semantic_tables:
             with open(os.path.join(tmp, SEMANTIC_TABLES_FILE), "w", encoding="utf-8") as handle:
                 json.dump(semantic_tables, handle, indent=2)
-        program_status: Optional[str] = PROGRAM_FILE
-        reason = ""
         head = DenseHead(task, folded).eval()
         captured = head if dense_autocast is None else AutocastHead(head, dense_autocast)
         with torch.no_grad():
@@ -551,35 +588,11 @@ def export_task(
             inputs = (example_dense, pooled)
             if semantic is not None:
                 inputs = inputs + (semantic(weights_in_table_dtype(example_sparse, semantic)).values(),)  # (B, K * d)
-        try:
-            batch = torch.export.Dim("batch", min=1)
-            # no_grad: the inference kernels (e.g. of weighted_pair_sum)
-            with torch.no_grad(), _tables_left_out(task), _training_parts_left_out(task, folded):
-                program = torch.export.export(
-                    captured, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
-                )
-            _drop_metadata_asserts(program)
-            # drop what the logits do not need (e.g. a folded FM's representation)
-            program.graph_module.graph.eliminate_dead_code()
-            program.graph_module.recompile()
-            # into memory, written below outside this ``except``: a full disk or a file-size limit is not a failed
-            # capture (torch's zip writer fails a short write as "unexpected pos" and, writing a file, may abort
-            # the process when that writer is destroyed)
-            program_bytes = io.BytesIO()
-            torch.export.save(program, program_bytes, extra_files={EXPORT_ID_KEY: export_id})
-        except Exception as error:  # torch.export could not capture this backbone
-            if earlier_program:  # a servable artifact is not swapped for one ServedModel cannot load
-                raise FileExistsError(
-                    f"export: torch.export could not capture the dense part ({telling_line(error)}); {directory} "
-                    f"holds an earlier export with a dense program, left as it was (the new one would hold the "
-                    "weights and tables only, which ServedModel cannot load): choose another output directory for it"
-                ) from error
-            program_status, reason = None, f"{type(error).__name__}: {error}"[:2000]
-            warnings.warn(f"export: torch.export could not capture the dense part ({telling_line(error)}); "
-                          f"{directory} holds the weights and tables but no dense program, so ServedModel cannot "
-                          f"load it: serve it eagerly by loading {STATE_FILE} (serving.load_state_file) into the "
-                          "task built by the model's own code (config.json: dense_program_error)", stacklevel=2)
-        if program_status is not None:
+        program_bytes, reason = _capture_dense_program(task, folded, captured, inputs, export_id, directory,
+                                                       earlier_program)
+        program_status: Optional[str] = None
+        if program_bytes is not None:
+            program_status = PROGRAM_FILE
             with open(os.path.join(tmp, PROGRAM_FILE), "wb") as handle:
                 handle.write(program_bytes.getbuffer())
             del program_bytes

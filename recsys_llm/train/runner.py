@@ -35,7 +35,7 @@ import os
 import sys
 import time
 import warnings
-from typing import IO, Any, Callable, Dict, List, Optional, Set
+from typing import IO, Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -314,35 +314,9 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
     if earlier is not None and not train_cfg.resume:
         raise ValueError(f"{run_dir}: holds checkpoints of an earlier run ({earlier}); with train.resume=false "
                          "its checkpoints and the new run's would mix: use an empty train.run_dir")
-    if latest is not None and not os.path.isfile(saved_config):
-        raise ConfigError(f"{run_dir}: holds checkpoints ({latest}) but no config.yaml, so a resume cannot check "
-                          "that it trains the same model; restore config.yaml or use another train.run_dir")
     if latest is not None:
-        check_resumable(config, saved_config)
-        check_trained_on(schema, saved_config, run_dir)
-        check_resumable_position(read_train_state(latest), ctx, train_cfg, readers["train"], config.data.shuffle)
-        check_same_table_state_layout(os.path.join(run_dir, "sharding_plan.json"), plan, config.optim.sparse)
-        for saves in (checkpoints.directory, best.directory):  # found at the first save otherwise, after training
-            if os.path.isdir(saves) and not os.access(saves, os.W_OK | os.X_OK):
-                raise PermissionError(f"{saves}: not writable here (permissions, or a read-only mount), so the resumed "
-                                      "run would fail at its first checkpoint: make it writable, or use another "
-                                      "train.run_dir")
-        saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
-        if os.path.isfile(saved_plugins):
-            saved_record = read_run_record(saved_plugins)
-            init_record = saved_record.get(INIT_FROM_KEY)  # kept: the weights this run started from
-            check_plugin_history(saved_record, built.plugins, saved_plugins)
-            check_same_field_vectors(saved_record, built.plugins, saved_plugins)
-            check_same_entity_vectors(saved_record, built.plugins, saved_plugins)
-            check_same_row_vectors(saved_record, built.plugins, saved_plugins, "attach the vectors it started with "
-                                   "(semantics export --attach-dir with its adapted LLM), or train on these in another "
-                                   "train.run_dir")
-            # each rank reads the teacher export's config.json: one that sees another teacher stops them all
-            run_on_every_rank(lambda: check_same_frozen_teacher(saved_record, built.plugins, saved_plugins),
-                              "checking the frozen teacher (elec.teacher_checkpoint)", ctx.device)
-            check_same_data(saved_record, fingerprints, schema, saved_plugins)
-            # the checkpoint holds the teacher the run started with: plugins.json keeps its record
-            built = built._replace(plugins=resumed_frozen_teacher(saved_record, built.plugins))
+        built, init_record = _check_resume(config, ctx, schema, built, readers["train"], plan, checkpoints, best,
+                                           latest, saved_config, fingerprints)
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     # rank 0 holds the run directory while the job trains: a second job there would delete the
     # first one's checkpoint in writing and interleave its metrics
@@ -354,6 +328,47 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
     finally:
         if lock is not None:
             lock.close()  # closing the file releases its lock
+
+
+def _check_resume(
+    config: ExperimentConfig, ctx: DistContext, schema: DatasetSchema, built: BuiltTask,
+    train_reader: ParquetBatchReader, plan: Any, checkpoints: CheckpointManager, best: CheckpointManager,
+    latest: str, saved_config: str, fingerprints: Dict[str, str],
+) -> Tuple[BuiltTask, Optional[Dict[str, Any]]]:
+    """Raises unless the run of ``train.run_dir`` can go on from its checkpoint ``latest`` with ``config``, its
+    data and its plug-ins (every rank, before anything in run_dir changes). Returns ``built`` with the frozen
+    teacher the run started with, and the ``train.init_from`` record the run kept (None without one)."""
+    run_dir = config.train.run_dir
+    init_record: Optional[Dict[str, Any]] = None
+    if not os.path.isfile(saved_config):
+        raise ConfigError(f"{run_dir}: holds checkpoints ({latest}) but no config.yaml, so a resume cannot check "
+                          "that it trains the same model; restore config.yaml or use another train.run_dir")
+    check_resumable(config, saved_config)
+    check_trained_on(schema, saved_config, run_dir)
+    check_resumable_position(read_train_state(latest), ctx, config.train, train_reader, config.data.shuffle)
+    check_same_table_state_layout(os.path.join(run_dir, "sharding_plan.json"), plan, config.optim.sparse)
+    for saves in (checkpoints.directory, best.directory):  # found at the first save otherwise, after training
+        if os.path.isdir(saves) and not os.access(saves, os.W_OK | os.X_OK):
+            raise PermissionError(f"{saves}: not writable here (permissions, or a read-only mount), so the resumed "
+                                  "run would fail at its first checkpoint: make it writable, or use another "
+                                  "train.run_dir")
+    saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
+    if os.path.isfile(saved_plugins):
+        saved_record = read_run_record(saved_plugins)
+        init_record = saved_record.get(INIT_FROM_KEY)  # kept: the weights this run started from
+        check_plugin_history(saved_record, built.plugins, saved_plugins)
+        check_same_field_vectors(saved_record, built.plugins, saved_plugins)
+        check_same_entity_vectors(saved_record, built.plugins, saved_plugins)
+        check_same_row_vectors(saved_record, built.plugins, saved_plugins, "attach the vectors it started with "
+                               "(semantics export --attach-dir with its adapted LLM), or train on these in another "
+                               "train.run_dir")
+        # each rank reads the teacher export's config.json: one that sees another teacher stops them all
+        run_on_every_rank(lambda: check_same_frozen_teacher(saved_record, built.plugins, saved_plugins),
+                          "checking the frozen teacher (elec.teacher_checkpoint)", ctx.device)
+        check_same_data(saved_record, fingerprints, schema, saved_plugins)
+        # the checkpoint holds the teacher the run started with: plugins.json keeps its record
+        built = built._replace(plugins=resumed_frozen_teacher(saved_record, built.plugins))
+    return built, init_record
 
 
 def _ids_per_bag_to_plan_with(config: ExperimentConfig, schema: DatasetSchema) -> Optional[Dict[str, float]]:

@@ -107,6 +107,25 @@ def prepare_tabular(
                           "of its own holding a unique integer per row")
     if user_schema.row_key in user_schema.extra_columns:  # written once, as the row key
         user_schema.extra_columns = [c for c in user_schema.extra_columns if c != user_schema.row_key]
+    _check_field_options(config, user_schema, schema_path)
+    value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
+    # checked before any row is read, and written into the prepared directory as checked
+    user_texts = {spec.name: _user_value_text(user_schema, spec.name) for spec in user_schema.fields if spec.value_text}
+    plans: Dict[str, FieldPlan] = {}
+    schema = write_prepared(
+        out_dir, data_path, [data_path, schema_path] + value_texts,
+        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, user_texts, row_key_named,
+                             plans, label_named=isinstance(raw, dict) and "label" in raw),
+    )
+    if field_ways is not None:
+        field_ways.update({spec.name: field_way(spec, plans[spec.name], config)
+                           for spec in user_schema.categorical_fields})
+    return schema
+
+
+def _check_field_options(config: TabularConfig, user_schema: DatasetSchema, schema_path: str) -> None:
+    """Raises ValueError unless each field of ``--hash`` / ``--vocabulary`` (``TabularConfig.hash_fields``,
+    ``vocabulary_fields``) is a categorical field of ``user_schema`` that can take that way to its ids."""
     for name in config.hash_fields:
         spec = _option_field(f"--hash {name} (TabularConfig.hash_fields)", name, user_schema, schema_path)
         if not spec.hashed:
@@ -130,19 +149,6 @@ def prepare_tabular(
             raise ValueError(f"--vocabulary {name} (TabularConfig.vocabulary_fields): field {name!r} has its own "
                              f"value_text {user_schema.value_text_path(name)} in {schema_path}, keyed by the column's ids; "
                              "a vocabulary would renumber them and replace that text (drop one of the two)")
-    value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
-    # checked before any row is read, and written into the prepared directory as checked
-    user_texts = {spec.name: _user_value_text(user_schema, spec.name) for spec in user_schema.fields if spec.value_text}
-    plans: Dict[str, FieldPlan] = {}
-    schema = write_prepared(
-        out_dir, data_path, [data_path, schema_path] + value_texts,
-        lambda tmp: _convert(data_path, user_schema, schema_path, tmp, config, progress, user_texts, row_key_named,
-                             plans, label_named=isinstance(raw, dict) and "label" in raw),
-    )
-    if field_ways is not None:
-        field_ways.update({spec.name: field_way(spec, plans[spec.name], config)
-                           for spec in user_schema.categorical_fields})
-    return schema
 
 
 def _option_field(option: str, name: str, user_schema: DatasetSchema, schema_path: str) -> FieldSpec:
