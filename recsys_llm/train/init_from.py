@@ -33,6 +33,7 @@ from recsys_llm.train.checkpoint import (
 from recsys_llm.train.config import ConfigError, ExperimentConfig, check_same_model, load_config
 from recsys_llm.train.resume import check_same_table_state_layout
 from recsys_llm.train.run_records import (
+    PLAN_FILE,
     check_same_entity_vector_source,
     check_trained_on,
     check_trained_with_these_vectors,
@@ -101,7 +102,7 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
                                         f"run's vectors came from (semantics export --llm), or {fresh}")
     if train_cfg.init_optimizer:
         _check_optimizer_state_fits(config, load_config(saved_config), plan,
-                                    os.path.join(run_dir_of(checkpoint), "sharding_plan.json"))
+                                    os.path.join(run_dir_of(checkpoint), PLAN_FILE))
     return InitSource(checkpoint, train_cfg.init_optimizer)
 
 

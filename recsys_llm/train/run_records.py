@@ -26,6 +26,7 @@ from recsys_llm.train.distributed import host_group
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
+PLAN_FILE = "sharding_plan.json"  # the plan the run trained with (a resume checks its table layout)
 # metrics.jsonl: the first record of every job, started from scratch or resumed from a checkpoint
 STARTED_EVENT = "started"
 RESUMED_EVENT = "resumed"
@@ -33,7 +34,7 @@ TRAIN_WINDOW_EVENT = "train_window"  # windowed training metrics (train.metrics_
 REDONE_KEY = "redone"  # of a resumed record: events at its step that the killed job wrote after the checkpoint
 # what a run directory holds once its checks have passed (config.yaml and results.json are
 # common names, so they do not mark a directory as a run's)
-RUN_MARKERS = (METRICS_FILE, "sharding_plan.json", "checkpoints", "best")
+RUN_MARKERS = (METRICS_FILE, PLAN_FILE, "checkpoints", "best")
 RUN_LOCK_FILE = ".lock"  # rank 0 of a training job holds an exclusive lock on it
 # rank 0 writes a token into ".shared-check-<token>" that every rank must read back (a name of its own: two jobs
 # whose new run dirs share a parent check there at once)

@@ -98,6 +98,7 @@ from recsys_llm.train.run_data import build_readers, check_split_names, load_or_
 from recsys_llm.train.run_records import (
     DATA_FINGERPRINTS_KEY,
     METRICS_FILE,
+    PLAN_FILE,
     PLUGINS_FILE,
     REDONE_KEY,
     RESULTS_FILE,
@@ -346,7 +347,7 @@ def _check_resume(
     check_resumable(config, saved_config)
     check_trained_on(schema, saved_config, run_dir)
     check_resumable_position(read_train_state(latest), ctx, config.train, train_reader, config.data.shuffle)
-    check_same_table_state_layout(os.path.join(run_dir, "sharding_plan.json"), plan, config.optim.sparse)
+    check_same_table_state_layout(os.path.join(run_dir, PLAN_FILE), plan, config.optim.sparse)
     for saves in (checkpoints.directory, best.directory):  # found at the first save otherwise, after training
         if os.path.isdir(saves) and not os.access(saves, os.W_OK | os.X_OK):
             raise PermissionError(f"{saves}: not writable here (permissions, or a read-only mount), so the resumed "
@@ -378,7 +379,7 @@ def _ids_per_bag_to_plan_with(config: ExperimentConfig, schema: DatasetSchema) -
     sharding = config.sharding
     if not sharding.measure_pooling or sharding.plan_file:
         return None
-    saved_plan = os.path.join(config.train.run_dir, "sharding_plan.json")
+    saved_plan = os.path.join(config.train.run_dir, PLAN_FILE)
     if config.train.resume and planned_without_pooling_factors(saved_plan):
         return None
     return mean_ids_per_bag(schema, config.data.train_split)
@@ -452,9 +453,9 @@ def _train_in_run_dir(
     # the plan of the shards this job trains; a finished run run again (nothing to train, maybe on other ranks)
     # keeps the plan it trained with
     if ctx.is_main and (latest is None or not state.finished):
-        write_text_atomically(os.path.join(run_dir, "sharding_plan.json"), describe_plan(plan, pooling))
+        write_text_atomically(os.path.join(run_dir, PLAN_FILE), describe_plan(plan, pooling))
         if train_cfg.progress:
-            print(plan_line(plan, ctx.world_size, os.path.join(run_dir, "sharding_plan.json"),
+            print(plan_line(plan, ctx.world_size, os.path.join(run_dir, PLAN_FILE),
                             comms_text(config.sharding.qcomms, ctx.world_size)), file=sys.stderr,
                   flush=True)
 
