@@ -225,6 +225,30 @@ def test_a_weighted_gain_network_of_fp16_tables_serves_its_float32_entity_table(
     torch.testing.assert_close(served.logits(request.dense_features, request.sparse_features), expected)
 
 
+def test_a_weighted_gain_network_serves_float64_weights_to_its_entity_table_as_float32(tmp_path):
+    """Weights built from numpy (float64) are converted for the entity table as for the backbone's tables: each
+    EBC gets them in its own tables' dtype (left as sent, the entity table's ``embedding_bag`` met float64 weights)."""
+    from recsys_llm.serving import materialize_meta
+    from tests.modules.test_semantic_table import _weighted_batch, _weighted_gain_network
+
+    task = materialize_meta(_weighted_gain_network(True, torch.device("cpu")), torch.device("cpu")).eval()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, weight in task.named_parameters():
+            if "embedding_bags" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+    example = _weighted_batch(0)
+    export_task(task, str(tmp_path / "gain"), example.dense_features, example.sparse_features)
+    served = ServedModel.load(str(tmp_path / "gain"), trust_program=True)
+    request = _weighted_batch(1)
+    sparse = request.sparse_features
+    as_sent = KeyedJaggedTensor.from_lengths_sync(keys=sparse.keys(), values=sparse.values(), lengths=sparse.lengths(),
+                                                   weights=sparse.weights().double())
+    with torch.no_grad():
+        expected = task.predict(request).logits  # the float32 weights
+    torch.testing.assert_close(served.logits(request.dense_features, as_sent), expected)
+
+
 def test_a_nan_or_inf_weight_is_refused_naming_its_feature_and_position(tmp_path):
     """As a NaN dense feature is: not a NaN probability (nor inf from a float64 beyond float32's range)."""
     _, served = _exported_weighted_task(tmp_path)

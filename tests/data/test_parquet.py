@@ -192,6 +192,24 @@ def test_padded_passes_see_every_row_once_in_equal_steps(tmp_path, synthetic, ro
     assert pads == sum(readers[0].padded_len - n for n in readers[0].batches_per_rank) > 0
 
 
+def test_a_rank_without_rows_pads_with_the_first_row_as_its_transform_makes_it(tmp_path, synthetic):
+    """A rank whose range is empty repeats the split's first row, through the reader's transform like every other
+    batch (the model's forward, and its collectives, see the batch form the transform gives, e.g. swapped pairs)."""
+    path = str(tmp_path / "one.parquet")
+    pq.write_table(pq.read_table(synthetic.split_path("train")).slice(0, 1), path)
+
+    def marked(batch, epoch, index):
+        return dataclasses.replace(batch, extras={**batch.extras, "marked": torch.full_like(batch.labels, 7.0)})
+
+    readers = [ParquetBatchReader(synthetic, path, 4, rank=r, world_size=2, equal_batches=False, prefetch=0,
+                                  transform=marked) for r in range(2)]
+    (pad, pad_real), = list(readers[0].padded())  # rows [0, 0): none
+    (real, is_real), = list(readers[1].padded())
+    assert is_real and not pad_real
+    assert pad.extras["marked"].tolist() == real.extras["marked"].tolist() == [7.0]
+    assert pad.extras["row_id"].tolist() == real.extras["row_id"].tolist() == [0]
+
+
 def test_a_cap_of_no_batch_holds_on_a_rank_with_a_full_batch(tmp_path, synthetic):
     """9 rows on 2 ranks (4 and 5) in 5-row batches with drop_last: rank 0 makes no batch, so rank 1, which holds
     one full batch, makes none either (it would run a step's collectives alone)."""
@@ -252,6 +270,29 @@ def test_shuffle_is_seeded_per_epoch(synthetic):
     assert reader.shuffle_buffer_rows == 1000
     assert ParquetBatchReader(synthetic, "train", 256).shuffle_buffer_rows == 65536  # max(8 * batch, 65,536)
     assert ParquetBatchReader(synthetic, "train", 16384).shuffle_buffer_rows == 8 * 16384
+
+
+def test_a_shuffled_row_keeps_its_own_values_and_sequence_ids(synthetic):
+    """Shuffling moves whole rows: each batch row holds the dense values, label, ids and sequence bag of the file
+    row its row_id names (a gather that moved the bags' lengths but not their ids gave rows others' sequences)."""
+    reader = ParquetBatchReader(synthetic, "train", 256, shuffle=True, seed=2, shuffle_buffer_rows=1000, prefetch=0)
+    dense, sparse, labels, extras = _concat(list(reader))
+    table = pq.read_table(synthetic.split_path("train"))
+    order = extras["row_id"].numpy()
+    assert not np.array_equal(order, np.arange(3200))
+    by_id = np.argsort(table["row_id"].to_numpy())[order]  # the file row of each batch row
+    expected_dense = np.stack([table[n].to_numpy() for n in synthetic.dense_feature_names], axis=1)[by_id]
+    np.testing.assert_array_equal(dense.numpy(), expected_dense)
+    np.testing.assert_array_equal(labels.numpy(), table["label"].to_numpy().astype(np.float32)[by_id])
+    for spec in synthetic.categorical_fields:
+        values, lengths = sparse[spec.name]
+        rows = table[spec.name].to_pylist()
+        if spec.kind == FieldKind.SPARSE:
+            np.testing.assert_array_equal(values.numpy(), np.asarray(rows)[by_id])
+            continue
+        bags = [(rows[i] or [])[: spec.max_length] for i in by_id]
+        assert lengths.tolist() == [len(bag) for bag in bags]
+        assert values.tolist() == [v for bag in bags for v in bag]
 
 
 def test_shuffling_takes_the_row_groups_in_an_order_drawn_per_epoch(tmp_path, synthetic):

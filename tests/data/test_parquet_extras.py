@@ -149,6 +149,18 @@ class TestIntegerVectors:
         assert batch.extras["ids"].tolist() == [[1.0, 2.0], [3.0, 16777216.0]]
 
 
+    def test_the_first_positive_integer_float32_rounds_is_refused(self, tmp_path):
+        """2**24 + 1 is the first positive integer float32 cannot hold (it becomes 2**24): refused, as its
+        negative twin is, while 2**24 itself passes."""
+        path = str(tmp_path / "ids.parquet")
+        ids = [[2**24], [2**24 + 1]]
+        pq.write_table(pa.table({"item": pa.array([0, 1], pa.int64()), "x": pa.array(np.zeros(2, np.float32)),
+                                 "label": pa.array(np.zeros(2, np.int8)), "ids": pa.array(ids, pa.list_(pa.int64()))}),
+                       path)
+        with pytest.raises(DataError, match=r"ids\.parquet: column 'ids', row 1: value 16777217 of the integer list "
+                                            r"is not exact in float32"):
+            list(ParquetBatchReader(SCHEMA, path, 4, extras=["ids"], prefetch=0))
+
 def test_a_file_named_twice_is_refused_not_read_twice(tmp_path):
     """A directory and a file in it (or one file twice) read its rows twice, row keys and all."""
     (tmp_path / "split").mkdir()

@@ -153,6 +153,43 @@ def test_train_epoch_times_its_first_step(synthetic_dir: str) -> None:
     assert 0 < result["first_seconds"] < result["seconds"], result
 
 
+def _stats_of_an_epoch_stopped_at_step_3(schema_path: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    first = next(iter(ParquetBatchReader(schema, "train", 64, prefetch=0)))
+    batches = [first, *list(ParquetBatchReader(schema, "train", 48))[:5]]  # 64, then 48 rows a batch
+    stats = train_epoch(model, optimizer, batches, ctx.device, progress=False, on_step=lambda step, _: step >= 3)
+    return {"steps": stats.steps, "samples": stats.samples, "first_samples": stats.first_step_samples,
+            "stopped": stats.stopped_early}
+
+
+@pytest.mark.multiprocess
+def test_an_epoch_stopped_early_counts_the_samples_of_its_steps_only(synthetic_dir: str) -> None:
+    """The pipeline reads batches ahead of its steps: the samples counted are those of the 3 steps taken (not of
+    the batches it had read ahead when on_step stopped it), and the first step's are the first batch's."""
+    (result,) = run_multiprocess(_stats_of_an_epoch_stopped_at_step_3, world_size=1, schema_path=synthetic_dir)
+    assert (result["steps"], result["samples"], result["first_samples"], result["stopped"]) == \
+        (3, 64 + 48 + 48, 64, True), result
+
+
+def _steps_after_skipping_2(schema_path: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    batches = list(ParquetBatchReader(schema, "train", 64))[:6]
+    seen: List[int] = []
+    stats = train_epoch(model, optimizer, batches, ctx.device, progress=False, skip_batches=2,
+                        on_step=lambda step, _: seen.append(step) is not None)
+    return {"seen": seen, "steps": stats.steps, "samples": stats.samples}
+
+
+@pytest.mark.multiprocess
+def test_steps_after_skipped_batches_are_numbered_from_the_epochs_start(synthetic_dir: str) -> None:
+    """A resumed epoch skips the batches trained before: on_step numbers its steps within the whole epoch (the runner
+    saves that number as step_in_epoch, which the next resume skips), and only the steps taken count."""
+    (result,) = run_multiprocess(_steps_after_skipping_2, world_size=1, schema_path=synthetic_dir)
+    assert (result["seen"], result["steps"], result["samples"]) == ([3, 4, 5, 6], 4, 4 * 64), result
+
+
 def _train_on_torchrec_batches(schema_path: str) -> Dict[str, Any]:
     from torchrec.datasets.utils import Batch as TorchRecBatch
 

@@ -378,6 +378,23 @@ def test_a_run_killed_after_its_max_steps_checkpoint_on_an_epochs_last_step_resu
     assert (out["extended"]["global_step"], out["extended"]["epochs"], out["extended"]["stopped_early"]) == (20, 2, False)
 
 
+def _max_steps_on_an_epochs_last_step(schema_dir: str, root: str) -> Dict[str, Any]:
+    budget = ["train.epochs=2", "train.patience=1"]  # 10 steps an epoch
+    first = _run(schema_dir, root, budget + ["train.max_steps=10"])
+    return {"first": first, "events": _events(root), "extended": _run(schema_dir, root, budget + ["train.max_steps=0"])}
+
+
+@pytest.mark.multiprocess
+def test_a_run_whose_max_steps_end_an_epoch_counts_that_epoch_done(synthetic_dir: str, tmp_path) -> None:
+    """max_steps reached on an epoch's last step stops the epoch (on_step asks to) at its end: the epoch is done,
+    as one that ran out of batches is; its extension trains the next epoch, not an empty rest of this one."""
+    (out,) = run_multiprocess(_max_steps_on_an_epochs_last_step, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path / "run"))
+    assert (out["first"]["global_step"], out["first"]["epochs"]) == (10, 1)
+    assert [e["epoch"] for e in out["events"] if e["event"] == "valid"] == [1]
+    assert (out["extended"]["global_step"], out["extended"]["epochs"], out["extended"]["stopped_early"]) == (20, 2, False)
+
+
 def _extend_a_run_finished_mid_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
     budget = ["train.epochs=1"]
     out = {"first": _run(schema_dir, root, budget + ["train.max_steps=5"])}  # step 5 of the epoch: validated there
@@ -457,6 +474,19 @@ def test_a_resume_reopens_only_a_run_that_used_up_its_budget(state: TrainState, 
     assert reopened.stop_reason == ("" if not finished else state.stop_reason)
 
 
+@pytest.mark.parametrize("bad_evals, patience, stopped", [(2, 2, True), (3, 2, True), (1, 2, False), (5, 0, False)])
+def test_a_checkpoint_without_a_stop_reason_stopped_early_once_its_patience_was_used_up(
+        bad_evals: int, patience: int, stopped: bool) -> None:
+    """A run written before ``stop_reason`` was recorded stopped on patience when its evaluations without a better
+    AUC reached ``train.patience`` (the run stops at that evaluation: bad_evals == patience)."""
+    from recsys_llm.train.runner import _stopped_early
+
+    state = TrainState(epoch=3, finished=True, bad_evals=bad_evals)
+    assert _stopped_early(state, TrainConfig(patience=patience)) is stopped
+    assert _stopped_early(TrainState(bad_evals=bad_evals, stop_reason=STOP_BUDGET), TrainConfig(patience=patience)) \
+        is False
+
+
 def _train_without_improving(schema_dir: str, root: str) -> Dict[str, Any]:
     run_dir = os.path.join(root, "run")
     # steps too small to change a float32 weight: every validation gives exactly the first one's AUC
@@ -479,6 +509,25 @@ def test_a_run_whose_validation_auc_stops_improving_stops_early_after_patience_e
     assert results["global_step"] == 3 * steps_per_epoch and results["best_step"] == steps_per_epoch
     assert [(e["global_step"], e["best_step"]) for e in events if e["event"] == "early_stop"] == [
         (3 * steps_per_epoch, steps_per_epoch)]
+
+
+def _validated_every_second_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
+    run_dir = os.path.join(root, "run")
+    results = _run(schema_dir, run_dir, ["train.epochs=5", "train.eval_every=2", "data.batch_size=4096"])
+    return {"results": results, "events": _events(run_dir)}
+
+
+@pytest.mark.multiprocess
+def test_a_run_validates_every_eval_every_epochs_and_after_its_last(synthetic_dir: str, tmp_path) -> None:
+    """train.eval_every=2 over 5 epochs: validations after epochs 2 and 4, and after the last one (its best/ and
+    results need one), not after every epoch."""
+    (out,) = run_multiprocess(_validated_every_second_epoch, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    epochs = [e["epoch"] for e in out["events"] if e["event"] == "epoch"]
+    assert len(epochs) == 5
+    steps_per_epoch = out["results"]["global_step"] // 5
+    valid = [e for e in out["events"] if e["event"] == "valid"]
+    assert [e["global_step"] for e in valid] == [2 * steps_per_epoch, 4 * steps_per_epoch, 5 * steps_per_epoch]
 
 
 def _patience_used_up_at_the_last_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
