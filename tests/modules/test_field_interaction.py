@@ -10,6 +10,14 @@ from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from tests.modules.llactr_helpers import FEATURES, make_ebc, make_kjt
 
 
+
+def _pooled_in_two_orders_and_a_term() -> "tuple[KeyedTensor, KeyedTensor, FieldInteractionEnhancement]":
+    """Pooled fields a..d of 6 rows, the same in the reverse key order, and an FIE term over d, a, c (seeded)."""
+    torch.manual_seed(0)
+    kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
+    reordered = KeyedTensor.from_tensor_list(["d", "c", "b", "a"], [kt[k] for k in ["d", "c", "b", "a"]])
+    return kt, reordered, FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)
+
 class TestFieldInteractionEnhancement:
     def test_matches_explicit_pair_sum(self) -> None:
         torch.manual_seed(0)
@@ -187,10 +195,7 @@ class TestFieldInteractionEnhancement:
     def test_unfreezing_drops_the_serving_matrix(self) -> None:
         """After unfreeze() the logits follow the trainable Linear again, also for embeddings in the key order a
         serving matrix was set for (a stale frozen matrix would serve the old weights and train nothing)."""
-        torch.manual_seed(0)
-        kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
-        reordered = KeyedTensor.from_tensor_list(["d", "c", "b", "a"], [kt[k] for k in ["d", "c", "b", "a"]])
-        fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)
+        kt, reordered, fie = _pooled_in_two_orders_and_a_term()
         fie.freeze()
         fie.set_serving_key_order(kt.keys())
         fie.unfreeze()
@@ -204,10 +209,7 @@ class TestFieldInteractionEnhancement:
     def test_the_serving_matrix_is_made_of_the_frozen_weights(self) -> None:
         """Frozen, the Linear may still move (weight decay, momentum on zero gradients): the serving matrix (and a
         fold) take the frozen copy, as the frozen logits do."""
-        torch.manual_seed(0)
-        kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
-        reordered = KeyedTensor.from_tensor_list(["d", "c", "b", "a"], [kt[k] for k in ["d", "c", "b", "a"]])
-        fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)
+        kt, reordered, fie = _pooled_in_two_orders_and_a_term()
         fie.freeze()
         frozen = fie.frozen_pair_weights.clone()
         with torch.no_grad():
@@ -221,10 +223,7 @@ class TestFieldInteractionEnhancement:
     def test_freezing_again_refreshes_the_serving_matrix(self) -> None:
         """freeze() stores the current weights: a serving matrix set before follows them, so the
         logits do not depend on whether the embeddings come in the serving key order."""
-        torch.manual_seed(0)
-        kt = make_ebc(features=["a", "b", "c", "d"])(make_kjt(batch_size=6, features=["a", "b", "c", "d"]))
-        reordered = KeyedTensor.from_tensor_list(["d", "c", "b", "a"], [kt[k] for k in ["d", "c", "b", "a"]])
-        fie = FieldInteractionEnhancement(torch.randn(3, 7), ["d", "a", "c"], weight=0.3)
+        kt, reordered, fie = _pooled_in_two_orders_and_a_term()
         fie.freeze()
         fie.set_serving_key_order(kt.keys())
         torch.nn.init.normal_(fie.pair_weight.weight)
