@@ -307,71 +307,83 @@ class VectorExport:
         path = manifest_path(self._directory)
         # one made by an earlier export, or first by another rank or an export launched here at the same time
         if os.path.exists(path) or not _create_manifest(path, manifest):
-            existing = load_manifest(path)
-            if "vocabulary" in self._provenance and "vocabulary" not in existing["provenance"]:
-                # begun before exports recorded their vocabulary: resumed in that form (training checks it not)
-                self._provenance = {k: v for k, v in self._provenance.items() if k != "vocabulary"}
-                manifest["provenance"] = self._provenance
-            try:
-                check_provenance(existing["provenance"], self._provenance, path, complete=True)
-            except ProvenanceError as error:
-                theirs, ours = existing["provenance"].get("vocabulary"), self._provenance.get("vocabulary")
-                if theirs != ours and theirs is not None and ours is not None:
-                    raise ProvenanceError(
-                        f"{self._directory}: holds an export of data whose entity ids mean other values (its "
-                        f"vocabulary {theirs}, this data's {ours}: a later day's grown vocabulary, or data prepared "
-                        "again), which this one cannot resume or reuse: use another --output-dir (or delete this one "
-                        "to replace it)"
-                    ) from error
-                reused = existing["provenance"].get(REUSED_KEY)
-                if reused != self._provenance.get(REUSED_KEY):
-                    how = ("without --reuse: its finished chunks hold vectors encoded afresh; resume it without "
-                           "--reuse" if reused is None else
-                           f"with --reuse of an export {reused} that this run does not name: its finished chunks "
-                           "hold that export's vectors; resume it with the same --reuse")
-                    raise ProvenanceError(
-                        f"{self._directory}: holds an export begun {how}, or use another --output-dir") from error
-                raise ProvenanceError(
-                    f"{error}: it was exported with other settings than this run's; re-run with them to resume "
-                    "it, or use another --output-dir"
-                ) from error
-            settings = ("chunk_rows", "num_rows", "key_column", "vector_column")
-            differs = [k for k in settings if existing[k] != manifest[k]]
-            if not differs and existing.get("keys_sha256", manifest["keys_sha256"]) != manifest["keys_sha256"]:
-                # as many rows, other keys or in another order (other splits, splits in another order, other
-                # data): a finished chunk i would hold other rows than this run's chunk i
-                raise ValueError(
-                    f"{self._directory}: holds an export of other rows (keys in another order, or other keys: other "
-                    "splits, the splits in another order, or other data), as many as this run's; use another "
-                    "--output-dir, or re-run with the splits it was made from"
-                )
-            if not differs and "texts_sha256" in existing \
-                    and existing["texts_sha256"] != self._texts_sha256(texts, num_rows):
-                # an export made before the chunks recorded their texts' hash, of other texts for the same keys
-                # (the data or its value texts prepared again): a finished chunk holds the vectors of the old texts
-                raise ValueError(f"{self._directory}: {_OTHER_TEXTS}; {_OTHER_TEXTS_FIX}")
-            if differs:
-                theirs = ", ".join(f"{k}={existing[k]!r}" for k in differs)
-                ours = ", ".join(f"{k}={manifest[k]!r}" for k in differs)
-                done = all(os.path.exists(chunk_path(self._directory, i)) for i in range(int(existing["num_chunks"])))
-                if done and "num_rows" in differs:
-                    raise ValueError(
-                        f"{self._directory}: holds a finished export of num_rows={existing['num_rows']} rows or "
-                        f"entities; this run's data and --splits give num_rows={num_rows} (other data, e.g. a later "
-                        "day's, or other --splits): use another --output-dir (or delete this one to replace it)"
-                    )
-                if done:
-                    raise ValueError(
-                        f"{self._directory}: holds a finished export made with {theirs}; this run has {ours}. "
-                        "Re-run with its settings to use it (e.g. the same --chunk-rows for --attach-dir), "
-                        "or use another --output-dir (or delete this one to replace it)"
-                    )
-                raise ValueError(
-                    f"{self._directory}: holds an unfinished export made with {theirs}; this run has {ours}, so "
-                    "it cannot resume it. Re-run with its settings, or use another --output-dir"
-                )
-            return existing
+            return self._check_resumable(path, manifest, texts)
         return manifest
+
+    def _check_resumable(self, path: str, manifest: Dict[str, object],
+                         texts: Callable[[int, int], Sequence[str]]) -> Dict[str, object]:
+        """The manifest at ``path`` of an earlier export, checked to be one this run (``manifest``) can resume; one
+        begun before exports recorded their vocabulary drops this run's (provenance and ``manifest``).
+
+        Raises:
+            ProvenanceError: it was made with other provenance (vocabulary, --reuse or other settings).
+            ValueError: it holds other rows, other texts, or other chunking or columns.
+        """
+        num_rows = manifest["num_rows"]
+        existing = load_manifest(path)
+        if "vocabulary" in self._provenance and "vocabulary" not in existing["provenance"]:
+            # begun before exports recorded their vocabulary: resumed in that form (training checks it not)
+            self._provenance = {k: v for k, v in self._provenance.items() if k != "vocabulary"}
+            manifest["provenance"] = self._provenance
+        try:
+            check_provenance(existing["provenance"], self._provenance, path, complete=True)
+        except ProvenanceError as error:
+            theirs, ours = existing["provenance"].get("vocabulary"), self._provenance.get("vocabulary")
+            if theirs != ours and theirs is not None and ours is not None:
+                raise ProvenanceError(
+                    f"{self._directory}: holds an export of data whose entity ids mean other values (its "
+                    f"vocabulary {theirs}, this data's {ours}: a later day's grown vocabulary, or data prepared "
+                    "again), which this one cannot resume or reuse: use another --output-dir (or delete this one "
+                    "to replace it)"
+                ) from error
+            reused = existing["provenance"].get(REUSED_KEY)
+            if reused != self._provenance.get(REUSED_KEY):
+                how = ("without --reuse: its finished chunks hold vectors encoded afresh; resume it without "
+                       "--reuse" if reused is None else
+                       f"with --reuse of an export {reused} that this run does not name: its finished chunks "
+                       "hold that export's vectors; resume it with the same --reuse")
+                raise ProvenanceError(
+                    f"{self._directory}: holds an export begun {how}, or use another --output-dir") from error
+            raise ProvenanceError(
+                f"{error}: it was exported with other settings than this run's; re-run with them to resume "
+                "it, or use another --output-dir"
+            ) from error
+        settings = ("chunk_rows", "num_rows", "key_column", "vector_column")
+        differs = [k for k in settings if existing[k] != manifest[k]]
+        if not differs and existing.get("keys_sha256", manifest["keys_sha256"]) != manifest["keys_sha256"]:
+            # as many rows, other keys or in another order (other splits, splits in another order, other
+            # data): a finished chunk i would hold other rows than this run's chunk i
+            raise ValueError(
+                f"{self._directory}: holds an export of other rows (keys in another order, or other keys: other "
+                "splits, the splits in another order, or other data), as many as this run's; use another "
+                "--output-dir, or re-run with the splits it was made from"
+            )
+        if not differs and "texts_sha256" in existing \
+                and existing["texts_sha256"] != self._texts_sha256(texts, num_rows):
+            # an export made before the chunks recorded their texts' hash, of other texts for the same keys
+            # (the data or its value texts prepared again): a finished chunk holds the vectors of the old texts
+            raise ValueError(f"{self._directory}: {_OTHER_TEXTS}; {_OTHER_TEXTS_FIX}")
+        if differs:
+            theirs = ", ".join(f"{k}={existing[k]!r}" for k in differs)
+            ours = ", ".join(f"{k}={manifest[k]!r}" for k in differs)
+            done = all(os.path.exists(chunk_path(self._directory, i)) for i in range(int(existing["num_chunks"])))
+            if done and "num_rows" in differs:
+                raise ValueError(
+                    f"{self._directory}: holds a finished export of num_rows={existing['num_rows']} rows or "
+                    f"entities; this run's data and --splits give num_rows={num_rows} (other data, e.g. a later "
+                    "day's, or other --splits): use another --output-dir (or delete this one to replace it)"
+                )
+            if done:
+                raise ValueError(
+                    f"{self._directory}: holds a finished export made with {theirs}; this run has {ours}. "
+                    "Re-run with its settings to use it (e.g. the same --chunk-rows for --attach-dir), "
+                    "or use another --output-dir (or delete this one to replace it)"
+                )
+            raise ValueError(
+                f"{self._directory}: holds an unfinished export made with {theirs}; this run has {ours}, so "
+                "it cannot resume it. Re-run with its settings, or use another --output-dir"
+            )
+        return existing
 
     def _check_finished_chunks(self, keys: pa.Array, texts: Callable[[int, int], Sequence[str]], rank: int,
                                world_size: int) -> None:
@@ -493,6 +505,43 @@ class VectorExport:
         out[found], out[new] = kept, encoded
         return out
 
+    def _checked_keys(self, keys: pa.Array) -> Tuple[pa.Array, np.ndarray]:
+        """``keys`` as one int64 array and as numpy (N,), checked to be some, none null and none repeated."""
+        keys = pc.cast(keys, pa.int64())
+        if isinstance(keys, pa.ChunkedArray):
+            keys = keys.combine_chunks()
+        if not len(keys):
+            raise ValueError(
+                f"{self._directory}: no keys to export (splits without rows, or an entity field without an id); an "
+                "export of no vectors has no width, and an entity table loaded from it would be all zeros"
+            )
+        if keys.null_count:
+            first = int(np.argmax(~np.asarray(keys.is_valid())))
+            raise ValueError(
+                f"{self._directory}: {keys.null_count} of the {len(keys)} keys to export are null (first: position "
+                f"{first}); expected an int64 key for every row (a row export's keys are the schema's row_key column)"
+            )
+        key_values = keys.to_numpy(zero_copy_only=False)  # (N,) int64
+        require_unique_keys(key_values, f"{self._directory}: the keys to export")
+        return keys, key_values
+
+    def _write_chunk(self, path: str, table: pa.Table) -> None:
+        """Writes a chunk's ``table`` to ``path`` atomically, after removing the temp files a killed run left."""
+        for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
+            with contextlib.suppress(FileNotFoundError):  # or an export beside this one's, renamed meanwhile
+                os.remove(stale)
+        # a chunk file that exists is complete: Ctrl-C, SIGTERM or a full disk leave no half-written one
+        try:
+            write_file_atomically(path, lambda handle: pq.write_table(table, handle))
+        except FileNotFoundError:
+            if not os.path.isdir(self._directory):
+                raise
+            # another export of these settings (the manifest matched) into this --output-dir, started at
+            # the same time, removed this temp file as a killed run's above: its chunk of the same rows
+            # is whole once there, else this one is written again (removing no temp file this time)
+            if not os.path.exists(path):
+                write_file_atomically(path, lambda handle: pq.write_table(table, handle))
+
     def run(
         self,
         keys: pa.Array,
@@ -536,22 +585,7 @@ class VectorExport:
                 f"{self._directory}: rank {rank} of world size {world_size} (RANK, WORLD_SIZE); expected "
                 "0 <= RANK < WORLD_SIZE, as torchrun sets them: each rank writes the chunks i with i % WORLD_SIZE == RANK"
             )
-        keys = pc.cast(keys, pa.int64())
-        if isinstance(keys, pa.ChunkedArray):
-            keys = keys.combine_chunks()
-        if not len(keys):
-            raise ValueError(
-                f"{self._directory}: no keys to export (splits without rows, or an entity field without an id); an "
-                "export of no vectors has no width, and an entity table loaded from it would be all zeros"
-            )
-        if keys.null_count:
-            first = int(np.argmax(~np.asarray(keys.is_valid())))
-            raise ValueError(
-                f"{self._directory}: {keys.null_count} of the {len(keys)} keys to export are null (first: position "
-                f"{first}); expected an int64 key for every row (a row export's keys are the schema's row_key column)"
-            )
-        key_values = keys.to_numpy(zero_copy_only=False)  # (N,) int64
-        require_unique_keys(key_values, f"{self._directory}: the keys to export")
+        keys, key_values = self._checked_keys(keys)
         check_export_dir(self._directory)
         os.makedirs(self._directory, exist_ok=True)
         if self._write_manifest(key_values, texts).get("texts_check") == "chunk":
@@ -574,20 +608,7 @@ class VectorExport:
                 table = pa.table({self._config.key_column: chunk_keys, self._config.vector_column: column})
                 texts_sha256 = _hash_texts(hashlib.sha256(), chunk_texts).encode()
                 table = table.replace_schema_metadata({PROVENANCE_KEY: provenance, TEXTS_KEY: texts_sha256})
-                for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # left by a killed run of this rank
-                    with contextlib.suppress(FileNotFoundError):  # or an export beside this one's, renamed meanwhile
-                        os.remove(stale)
-                # a chunk file that exists is complete: Ctrl-C, SIGTERM or a full disk leave no half-written one
-                try:
-                    write_file_atomically(path, lambda handle: pq.write_table(table, handle))
-                except FileNotFoundError:
-                    if not os.path.isdir(self._directory):
-                        raise
-                    # another export of these settings (the manifest matched) into this --output-dir, started at
-                    # the same time, removed this temp file as a killed run's above: its chunk of the same rows
-                    # is whole once there, else this one is written again (removing no temp file this time)
-                    if not os.path.exists(path):
-                        write_file_atomically(path, lambda handle: pq.write_table(table, handle))
+                self._write_chunk(path, table)
                 written.append(index)
         return written
 

@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -601,6 +601,24 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def _superseded(record: Dict[str, Any], step: int, redone: Set[Any]) -> bool:
+    """Whether a ``resumed`` record at ``global_step`` ``step`` that redoes the events ``redone`` supersedes the
+    earlier ``record``."""
+    return record.get("global_step", 0) > step or (
+        record.get("global_step", 0) == step and record.get("event") in redone)
+
+
+def _drop_superseded_tail(kept: List[Dict[str, Any]], step: int, redone: Set[Any]) -> None:
+    """Drops in place the records of ``kept`` (whose steps never go down) superseded by a resume at ``step``: only
+    the last ones can be, so a run resumed 1,000s of times stays linear and the records before are not copied."""
+    cut = len(kept)
+    while cut and kept[cut - 1].get("global_step", 0) >= step:
+        cut -= 1
+    tail = kept[cut:]
+    del kept[cut:]
+    kept.extend(earlier for earlier in tail if not _superseded(earlier, step, redone))
+
+
 def current_records(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """``metrics.jsonl``'s records less those a later job superseded.
 
@@ -618,20 +636,10 @@ def current_records(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
             kept, in_order = [], True
         elif record.get("event") == RESUMED_EVENT:
             step, redone = record.get("global_step", 0), set(record.get(REDONE_KEY, ()))
-
-            def superseded(earlier: Dict[str, Any]) -> bool:
-                return earlier.get("global_step", 0) > step or (
-                    earlier.get("global_step", 0) == step and earlier.get("event") in redone)
-
-            if in_order:  # the superseded records are the last ones: a run resumed 1,000s of times stays linear
-                cut = len(kept)
-                while cut and kept[cut - 1].get("global_step", 0) >= step:
-                    cut -= 1
-                tail = kept[cut:]
-                del kept[cut:]  # in place: no copy of the records before the resume
-                kept.extend(earlier for earlier in tail if not superseded(earlier))
+            if in_order:
+                _drop_superseded_tail(kept, step, redone)
             else:
-                kept = [earlier for earlier in kept if not superseded(earlier)]
+                kept = [earlier for earlier in kept if not _superseded(earlier, step, redone)]
         if kept and record.get("global_step", 0) < kept[-1].get("global_step", 0):
             in_order = False
         kept.append(record)

@@ -406,6 +406,20 @@ def _lock_as_checked(run_dir: str, checkpoints: CheckpointManager, best: Checkpo
     return lock
 
 
+def _write_run_records(
+    config: ExperimentConfig, schema: DatasetSchema, built: BuiltTask, saved_config: str,
+    fingerprints: Dict[str, str], init_record: Optional[Dict[str, Any]],
+) -> None:
+    """Writes the run's ``config.yaml`` (to ``saved_config``) and ``plugins.json``: what it trains, on which data."""
+    save_config(config, saved_config)
+    write_text_atomically(os.path.join(config.train.run_dir, PLUGINS_FILE), json.dumps(
+        {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), SCHEMA_CONTENTS_KEY: schema.fingerprinted(),
+         DATA_FINGERPRINTS_KEY: fingerprints, VOCABULARIES_KEY: schema.vocabulary_records(),
+         **built.plugins,
+         **({INIT_FROM_KEY: init_record} if init_record is not None else {})},
+        indent=2, sort_keys=True, default=str))
+
+
 def _train_in_run_dir(
     config: ExperimentConfig, ctx: DistContext, schema: DatasetSchema, built: BuiltTask,
     readers: Dict[str, ParquetBatchReader], model: nn.Module, plan: Any, optimizer: Any, checkpoints: CheckpointManager,
@@ -421,13 +435,7 @@ def _train_in_run_dir(
     train_cfg = config.train
     run_dir = train_cfg.run_dir
     if ctx.is_main:
-        save_config(config, saved_config)
-        write_text_atomically(os.path.join(run_dir, PLUGINS_FILE), json.dumps(
-            {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), SCHEMA_CONTENTS_KEY: schema.fingerprinted(),
-             DATA_FINGERPRINTS_KEY: fingerprints, VOCABULARIES_KEY: schema.vocabulary_records(),
-             **built.plugins,
-             **({INIT_FROM_KEY: init_record} if init_record is not None else {})},
-            indent=2, sort_keys=True, default=str))
+        _write_run_records(config, schema, built, saved_config, fingerprints, init_record)
     log = _RunLog(os.path.join(run_dir, METRICS_FILE), ctx.is_main)
 
     state = TrainState(world_size=ctx.world_size, batch_size=config.data.batch_size)
@@ -562,6 +570,18 @@ def _train_in_run_dir(
             print(epoch_line(epoch, stats, ctx.world_size, valid, state, train_cfg), file=sys.stderr, flush=True)
     _complete_final_saves(model, optimizer, state, checkpoints, best)
 
+    return _finish_run(config, ctx, readers, model, best, state, throughput, subsets, log, data_unchanged)
+
+
+def _finish_run(
+    config: ExperimentConfig, ctx: DistContext, readers: Dict[str, ParquetBatchReader], model: nn.Module,
+    best: CheckpointManager, state: TrainState, throughput: List[float], subsets: Dict[str, str], log: _RunLog,
+    data_unchanged: Callable[[], None],
+) -> Dict[str, Any]:
+    """The end of :func:`_train_in_run_dir`: loads the best model, scores the test split, writes ``results.json`` and
+    the training curves, and returns the results; ``throughput``: this job's epochs' samples per second."""
+    train_cfg = config.train
+    run_dir = train_cfg.run_dir
     best_path = best.latest()
     if best_path is not None:
         load_checkpoint(best_path, model, None, restore_rng=False)
@@ -597,7 +617,7 @@ def _train_in_run_dir(
         try:  # a picture that cannot be drawn (a full disk) must not fail a finished run, nor leave the ranks waiting
             plot_training_curves(run_dir)
         except Exception as error:  # noqa: BLE001 - reported, and the run goes on
-            warnings.warn(f"{run_dir}: training_curves.png not written: {type(error).__name__}: {error}", stacklevel=2)
+            warnings.warn(f"{run_dir}: training_curves.png not written: {type(error).__name__}: {error}", stacklevel=3)
     barrier()
     return results
 
