@@ -424,9 +424,9 @@ def test_the_gpu_tables_cpu_column_names_the_cpu_of_each_json() -> None:
 
 
 def _documented_commands() -> Iterator["tuple[str, str, list]"]:
-    """(where, command, its words after the program) of each ``recsys-llm ...`` (or ``torchrun ... -m
-    recsys_llm.cli ...``) line in a fenced code block of the README and the guides, ``\\`` continuations joined;
-    optional parts written ``[--flag value]`` count as given."""
+    """(where, command, its words after the program) of each ``recsys-llm ...`` (or ``torchrun`` / ``python`` /
+    ``torchx run ... -m recsys_llm.cli [--] ...``) line in a fenced code block of the README and the guides,
+    ``\\`` continuations joined; optional parts written ``[--flag value]`` count as given."""
     import shlex
 
     for name in ("README.md", "docs/usage.md", "docs/launch.md", "docs/design.md", "docs/results.md",
@@ -443,12 +443,14 @@ def _documented_commands() -> Iterator["tuple[str, str, list]"]:
                     i += 1
                     line = line.rstrip()[:-1] + " " + lines[i].strip()
                 words = []
-                if line.lstrip().startswith(("recsys-llm ", "torchrun ")):
+                program = (line.split() or [""])[0]
+                if program in ("recsys-llm", "torchrun", "torchx") or program.endswith("python"):
                     words = [word.strip("[]") for word in shlex.split(line, comments=True) if word not in ("[", "]")]
                 if words[:1] == ["recsys-llm"]:
                     yield f"{name}:{number}", line.strip(), words[1:]
-                elif words[:1] == ["torchrun"] and "recsys_llm.cli" in words:
-                    yield f"{name}:{number}", line.strip(), words[words.index("recsys_llm.cli") + 1:]
+                elif "recsys_llm.cli" in words:  # torchrun / python / torchx (its arguments after --) -m recsys_llm.cli
+                    after = words[words.index("recsys_llm.cli") + 1:]
+                    yield f"{name}:{number}", line.strip(), after[1:] if after[:1] == ["--"] else after
             i += 1
 
 

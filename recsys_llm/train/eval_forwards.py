@@ -101,7 +101,9 @@ class _Tagged(Iterator[TorchRecBatch]):
                 self.error = error
                 raise StopIteration from None
             kept = batch_extras(batch)
-            if self._extras is not None:
+            # a batch without an extra asked for keeps them all: the metrics' KeyError then names the extras the
+            # batch has, as the plain loop's does, not an empty list
+            if self._extras is not None and self._extras.issubset(kept):
                 kept = {key: value for key, value in kept.items() if key in self._extras}
             self.tags.append((real, kept))
         return batch
@@ -123,7 +125,8 @@ def pipelined_forwards(model: nn.Module, pairs: Iterator[Tuple[TorchRecBatch, bo
     the plain loop raises it (torchrec's loading thread, left to catch it, would log it as an ERROR line too).
 
     The extras of an :class:`EvalStep` are the batch's CPU tensors copied to the device once more (the
-    pipeline's copy of the batch stays inside it): only those named in ``extras`` (None: every one), so that
+    pipeline's copy of the batch stays inside it): only those named in ``extras`` (None, or a batch lacking
+    one of them: every one, so that the metrics' KeyError names what the batch has), so that
     wide extras the caller does not read (a gain network's ``llm_vector`` (B, d), an offline student's teacher
     representations (B, H)) do not cross to the GPU a second time per batch. torchrec's loading thread never
     sees such an exception, so it cannot skip the batch of one marked retryable (``is_retryable``), as it would:

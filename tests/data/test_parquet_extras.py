@@ -148,7 +148,6 @@ class TestIntegerVectors:
         batch = next(iter(ParquetBatchReader(SCHEMA, ok, 4, extras=["ids"], prefetch=0)))
         assert batch.extras["ids"].tolist() == [[1.0, 2.0], [3.0, 16777216.0]]
 
-
     def test_the_first_positive_integer_float32_rounds_is_refused(self, tmp_path):
         """2**24 + 1 is the first positive integer float32 cannot hold (it becomes 2**24): refused, as its
         negative twin is, while 2**24 itself passes."""
@@ -160,6 +159,7 @@ class TestIntegerVectors:
         with pytest.raises(DataError, match=r"ids\.parquet: column 'ids', row 1: value 16777217 of the integer list "
                                             r"is not exact in float32"):
             list(ParquetBatchReader(SCHEMA, path, 4, extras=["ids"], prefetch=0))
+
 
 def test_a_file_named_twice_is_refused_not_read_twice(tmp_path):
     """A directory and a file in it (or one file twice) read its rows twice, row keys and all."""

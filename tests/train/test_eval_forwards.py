@@ -411,6 +411,19 @@ class TestTaggedPairs:
             "is_cold_item"]
         assert CTRMetrics(SUBSETS).extra_keys == ["is_cold_item"] and CTRMetrics().extra_keys == []
 
+    def test_a_batch_without_a_mask_asked_for_keeps_its_extras_for_the_metrics_error(self) -> None:
+        """The subset's KeyError names the extras the batch has, as in the plain loop, not an empty list."""
+        from recsys_llm.data.batch import Batch
+        from recsys_llm.train.eval_forwards import _Tagged
+
+        plain = self._batch(2)
+        batch = Batch(plain.dense_features, plain.sparse_features, plain.labels,
+                      extras={"llm_vector": torch.zeros(2, 4)})
+        tagged = _Tagged(iter([(batch, True)]), extras=CTRMetrics(SUBSETS).extra_keys)
+        next(tagged)
+        with pytest.raises(KeyError, match=r"needs batch extra 'is_cold_item'; extras present: \['llm_vector'\]"):
+            CTRMetrics(SUBSETS).update(torch.zeros(2), torch.zeros(2), tagged.tags[0][1])
+
     def test_close_waits_for_a_read_in_progress(self) -> None:
         """The pairs may be closed once ``close`` returns: a generator another thread is running cannot be."""
         from recsys_llm.train.eval_forwards import _Tagged
