@@ -139,9 +139,34 @@ def test_parquet_random_split_is_seeded(tmp_path):
                                                           for s in a.splits])), rows["impression"])
 
 
-def test_too_many_distinct_values_for_cardinality(tmp_path):
+def test_a_random_split_depends_on_its_seed(tmp_path):
+    """Each seed draws its own split of the rows (TabularConfig.seed); the same seed the same one."""
+    path, schema_path = _csv(tmp_path / "d.csv", _rows(300)), _schema_file(tmp_path)
+
+    def held_out(seed, out):
+        schema = prepare_tabular(path, schema_path, str(tmp_path / out), TabularConfig(seed=seed))
+        return set(pq.read_table(schema.split_path("test"))["impression"].to_pylist())
+
+    first = held_out(1, "a")
+    assert first == held_out(1, "b") and first != held_out(2, "c")
+
+
+def test_a_time_split_puts_the_floor_of_each_cumulative_share_before_its_bound(tmp_path):
+    """15 rows ranked by time at 0.8/0.1/0.1: valid starts at floor(12.0) = 12 and test at floor(13.5) = 13, so
+    valid gets 1 row and test the last 2 (rounding would give valid 2 and test 1)."""
+    rows = _rows(15)
+    schema = prepare_tabular(_csv(tmp_path / "d.csv", rows), _schema_file(tmp_path), str(tmp_path / "out"),
+                             TabularConfig(split_by="ts"))
+    by_time = rows["impression"][np.argsort(rows["ts"], kind="stable")]
+    got = {s: sorted(pq.read_table(schema.split_path(s))["impression"].to_pylist()) for s in ("train", "valid", "test")}
+    assert got == {"train": sorted(by_time[:12].tolist()), "valid": sorted(by_time[12:13].tolist()),
+                   "test": sorted(by_time[13:].tolist())}
+
+
+@pytest.mark.parametrize("cardinality", [3, 4])  # 4: as many ids as values, but id 0 is the missing value's
+def test_too_many_distinct_values_for_cardinality(tmp_path, cardinality):
     raw = json.loads(json.dumps(SCHEMA))
-    raw["fields"][1]["cardinality"] = 3
+    raw["fields"][1]["cardinality"] = cardinality
     with pytest.raises(DataError, match=r"d\.csv: column 'city' has 4 distinct values.*cardinality >= 5"):
         prepare_tabular(_csv(tmp_path / "d.csv", _rows()), _schema_file(tmp_path, raw), str(tmp_path / "out"))
 

@@ -545,3 +545,79 @@ def test_a_lora_adapted_llm_holds_a_peft_adapter_that_peft_and_transformers_load
     untuned = AutoModel.from_pretrained(config.model_path).eval()
     with torch.no_grad():
         assert not torch.allclose(untuned(**encoded).last_hidden_state, hidden, atol=1e-3)
+
+
+def test_encode_keeps_the_models_mode_and_tuning_leaves_it_in_eval_mode(tmp_path):
+    """encode runs in eval mode and gives the model back in the mode it found it in; tuning ends in eval mode, so a
+    forward after it has no dropout."""
+    model, config = _tiny_bert_ctr_llm(tmp_path)
+    texts, labels = _data()
+    for training in (False, True, False):
+        model.train(training)
+        model.encode(texts[:2])
+        assert model.training is training and model.transform.training is training
+    model.train()
+    tune_ctr_llm(model, texts[:8], labels[:8], dataclasses.replace(config, batch_size=4), progress=False)
+    assert not any(module.training for module in model.modules())
+
+
+def test_a_text_of_exactly_max_length_tokens_is_not_counted_as_cut(tmp_path):
+    from recsys_llm.semantics.ctr_llm import count_longer_texts
+
+    model, _ = _tiny_bert_ctr_llm(tmp_path)
+    text = "user id is 3. genre is comedy."
+    length = len(model.tokenizer(text)["input_ids"])  # [CLS] and [SEP] included
+    assert [count_longer_texts(model.tokenizer, [text] * 3, limit) for limit in (length - 1, length, length + 1)] \
+        == [3, 0, 0]
+
+
+def test_every_epoch_visits_each_sampled_row_once_in_an_order_of_its_own(tmp_path):
+    """One text per step with the heads all but still (lr 1e-12): each step's loss is one row's BCE, which names the
+    row. Every epoch takes each row once, shuffled, and not in the previous epoch's order."""
+    config = CTRLLMConfig(model_path=_tiny_model_dir(tmp_path, "bert"), tuning="heads", representation_dim=8,
+                          hidden_dim=16, batch_size=1, head_learning_rate=1e-12, epochs=2, max_length=32)
+    model = CTRAdaptedLLM.from_config(config)
+    texts, labels = _data()
+    texts, labels = texts[:12], labels[:12]
+    row_losses = []
+    with torch.no_grad():
+        model.predict.weight.mul_(30.0)  # logits far apart: each row's loss is its own
+        for text, label in zip(texts, labels):
+            logits, _ = model.eval()(**model.tokenize([text]))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([label]))
+            row_losses.append(float(loss))
+    gaps = sorted(abs(a - b) for i, a in enumerate(row_losses) for b in row_losses[i + 1:])
+    assert gaps[0] > 1e-4
+    losses = tune_ctr_llm(model, texts, labels, config, progress=False)
+    rows = [min(range(12), key=lambda i: abs(row_losses[i] - loss)) for loss in losses]
+    assert max(abs(row_losses[row] - loss) for row, loss in zip(rows, losses)) < 1e-5
+    first, second = rows[:12], rows[12:]
+    assert sorted(first) == sorted(second) == list(range(12))
+    assert first != list(range(12)) and second != first
+
+
+def test_pooled_output_pools_as_the_config_says(tmp_path):
+    """encode(output="pooled") with pooling cls: the first token's last hidden state of the (untuned) LLM."""
+    from transformers import AutoModel
+
+    path = _tiny_model_dir(tmp_path, "bert")
+    model = CTRAdaptedLLM.from_config(CTRLLMConfig(model_path=path, pooling="cls", tuning="heads", representation_dim=8,
+                                                   hidden_dim=16, max_length=32))
+    texts = _data()[0][:3]
+    encoded = model.tokenize(texts)
+    with torch.no_grad():
+        expected = AutoModel.from_pretrained(path).eval()(**encoded).last_hidden_state[:, 0]  # (3, H)
+    torch.testing.assert_close(model.encode(texts, output="pooled"), expected)
+
+
+def test_the_tuning_sample_is_sorted_distinct_rows_drawn_by_the_seed(tmp_path):
+    import numpy as np
+
+    from recsys_llm.semantics.ctr_llm import sample_indices
+
+    config = CTRLLMConfig(model_path=str(tmp_path), sample_rows=10)
+    index = sample_indices(100, config)
+    assert index.tolist() == sorted(set(index.tolist())) and len(index) == 10 and 0 <= index[0] and index[-1] < 100
+    np.testing.assert_array_equal(index, sample_indices(100, config))
+    assert sample_indices(100, dataclasses.replace(config, seed=1)).tolist() != index.tolist()
+    np.testing.assert_array_equal(sample_indices(10, config), np.arange(10))  # no more rows than asked: all of them

@@ -140,6 +140,28 @@ class TestFieldVectors:
         with pytest.raises(FileNotFoundError, match=r"adapter: a PEFT adapter directory \(adapter_config.json\), not "
                                                     r"a model; an SSFT adapter goes to `semantics encode --adapter`"):
             _run_cli(["semantics", "encode", "--schema", schema_path, "--model", adapter, "--output", str(tmp_path / "m.st")])
+        # the tuned encoder reads as the adapter's ssft.json says (its max length and pooling), not the untuned defaults
+        from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE
+
+        with open(os.path.join(adapter, SSFT_INFO_FILE), encoding="utf-8") as handle:
+            info = json.load(handle)
+        with open(os.path.join(adapter, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
+            json.dump({**info, "max_length": 48}, handle)
+        encoder = load_tuned_encoder(adapter, 4)[0]
+        assert (encoder.max_length, encoder.pooling) == (48, "last_token")
+        # an adapter tuned before 2026-12-05 recorded the hash over every subfolder of the model: still its model
+        from recsys_llm.semantics.model_dir import model_dir_fingerprint, model_dir_walk_fingerprint
+        from tests.tiny_models import copy_model_dir
+
+        model = copy_model_dir(tiny_llama_dir, tmp_path / "model_with_onnx")
+        os.makedirs(os.path.join(model, "onnx"))
+        with open(os.path.join(model, "onnx", "model.onnx_data.bin"), "w", encoding="utf-8") as handle:
+            handle.write("x")
+        assert model_dir_walk_fingerprint(model) != model_dir_fingerprint(model) == info["base_model_hash"]
+        with open(os.path.join(adapter, SSFT_INFO_FILE), "w", encoding="utf-8") as handle:
+            json.dump({**info, "base_model_hash": model_dir_walk_fingerprint(model)}, handle)
+        encoder = load_tuned_encoder(adapter, 4, base_model_path=model)[0]
+        assert encoder.model_hash.startswith(model_dir_fingerprint(model))
 
 
 def test_settings_are_checked_when_the_config_is_made() -> None:

@@ -29,6 +29,9 @@ def test_resolve_dtype() -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     with pytest.raises(ValueError, match="dtype must be"):
         resolve_dtype("int8", torch.device("cpu"))
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    assert {name: resolve_dtype(name, torch.device("cpu")) for name in names} == names  # each short name its dtype
 
 
 @pytest.mark.parametrize("capability, expected", [(7, torch.float32), (8, torch.bfloat16), (9, torch.bfloat16)])

@@ -34,10 +34,17 @@ def test_the_factors_warm_up_hold_decay_and_keep_their_last_value() -> None:
     ({"lr_decay_start": 100}, r"optim\.lr_decay_start=100 without optim\.lr_decay_steps: no decay would start"),
     ({"lr_warmup_steps": 10, "lr_decay_start": 5, "lr_decay_steps": 5},
      r"optim\.lr_decay_start=5 is within the warmup \(optim\.lr_warmup_steps=10\)"),
+    ({"lr_warmup_steps": 10, "lr_decay_start": 9, "lr_decay_steps": 5},  # the warmup's last step is within it
+     r"optim\.lr_decay_start=9 is within the warmup \(optim\.lr_warmup_steps=10\)"),
 ])
 def test_bad_settings_are_named(settings: Dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         OptimizerConfig(**settings)
+
+
+def test_a_decay_starting_right_after_the_warmup_is_allowed() -> None:
+    schedule = OptimizerConfig(lr_warmup_steps=10, lr_decay_start=10, lr_decay_steps=5).lr_schedule
+    assert [schedule.scale(step) for step in (8, 9, 10, 11)] == pytest.approx([0.9, 1.0, 1.0, 0.64])
 
 
 def _run(schema_dir: str, run_dir: str, extra: List[str], on_step=None) -> Dict[str, Any]:

@@ -206,6 +206,27 @@ def test_a_model_of_tables_only_gets_an_optimizer_and_trains(synthetic_dir: str)
     assert result == {"steps": 3, "moved": True}
 
 
+def _table_kernel_eps(schema_path: str) -> Dict[str, float]:
+    ctx = init_distributed("cpu")
+    schema = DatasetSchema.load(schema_path)
+    epsilons = {}
+    for sparse in ("row_wise_adagrad", "adagrad"):
+        torch.manual_seed(0)
+        task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], schema, device=torch.device("meta")))
+        optim = OptimizerConfig(sparse=sparse, sparse_lr=0.1, eps=0.25)
+        model, _ = shard_model(task, ctx.device, ctx.world_size, ShardingConfig(sharding_types=["table_wise"]), optim,
+                               batch_size=64)
+        epsilons[sparse] = sorted({kernel.emb_module.optimizer_args.eps for _, kernel in embedding_kernels(model)})
+    return epsilons
+
+
+@pytest.mark.multiprocess
+def test_the_fused_table_optimizers_take_optim_eps(synthetic_dir: str) -> None:
+    """optim.eps is the table optimizer's as well as the dense one's, row-wise Adagrad's included."""
+    (result,) = run_multiprocess(_table_kernel_eps, world_size=1, schema_path=synthetic_dir)
+    assert result == {"row_wise_adagrad": [0.25], "adagrad": [0.25]}
+
+
 def _one_step_with_weight_decay(schema_path: str) -> Dict[str, Any]:
     ctx = init_distributed("cpu")
     schema = DatasetSchema.load(schema_path)
