@@ -79,7 +79,8 @@ def _given() -> Dict[str, object]:
     public = {name: getattr(package, name) for package in (recsys_llm.models, recsys_llm.modules)
               for name in package.__all__}
     return {**public, "torch": torch, "EmbeddingBagCollection": EmbeddingBagCollection,
-            "EmbeddingBagConfig": EmbeddingBagConfig, "KeyedJaggedTensor": KeyedJaggedTensor, "KeyedTensor": KeyedTensor}
+            "EmbeddingBagConfig": EmbeddingBagConfig, "KeyedJaggedTensor": KeyedJaggedTensor,
+            "KeyedTensor": KeyedTensor}
 
 
 def test_the_plug_in_surface_has_examples() -> None:

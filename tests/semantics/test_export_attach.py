@@ -440,7 +440,8 @@ def test_a_split_file_recording_a_setting_the_first_does_not_is_refused_and_othe
     record = {"column": "llm_vector", "model": "models/bert", "revision": "r1", "weights_sha256": "w"}
 
     def write(name: str, provenance) -> str:
-        table = pa.table({"x": [1]}).replace_schema_metadata({ROW_VECTORS_METADATA_KEY: json.dumps(provenance).encode()})
+        metadata = {ROW_VECTORS_METADATA_KEY: json.dumps(provenance).encode()}
+        table = pa.table({"x": [1]}).replace_schema_metadata(metadata)
         path = str(tmp_path / name)
         pq.write_table(table, path)
         return path

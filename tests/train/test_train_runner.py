@@ -375,7 +375,8 @@ def test_a_run_killed_after_its_max_steps_checkpoint_on_an_epochs_last_step_resu
     (out,) = run_multiprocess(_kill_after_a_max_steps_checkpoint_on_an_epochs_last_step, world_size=1,
                               schema_dir=synthetic_dir, root=str(tmp_path / "run"))
     assert (out["resumed"]["global_step"], out["resumed"]["epochs"]) == (10, 1)
-    assert (out["extended"]["global_step"], out["extended"]["epochs"], out["extended"]["stopped_early"]) == (20, 2, False)
+    extended = out["extended"]
+    assert (extended["global_step"], extended["epochs"], extended["stopped_early"]) == (20, 2, False)
 
 
 def _max_steps_on_an_epochs_last_step(schema_dir: str, root: str) -> Dict[str, Any]:
@@ -392,7 +393,8 @@ def test_a_run_whose_max_steps_end_an_epoch_counts_that_epoch_done(synthetic_dir
                               root=str(tmp_path / "run"))
     assert (out["first"]["global_step"], out["first"]["epochs"]) == (10, 1)
     assert [e["epoch"] for e in out["events"] if e["event"] == "valid"] == [1]
-    assert (out["extended"]["global_step"], out["extended"]["epochs"], out["extended"]["stopped_early"]) == (20, 2, False)
+    extended = out["extended"]
+    assert (extended["global_step"], extended["epochs"], extended["stopped_early"]) == (20, 2, False)
 
 
 def _extend_a_run_finished_mid_epoch(schema_dir: str, root: str) -> Dict[str, Any]:
