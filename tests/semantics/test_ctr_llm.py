@@ -430,6 +430,18 @@ def test_last_k_of_a_one_block_t5_encoder_unfreezes_its_block_not_a_sublayer(tmp
         CTRAdaptedLLM.from_config(dataclasses.replace(config, last_k_layers=2))
 
 
+def test_the_transformer_layers_are_the_longest_list_not_inside_another():
+    """Of the top-level ModuleLists (an embedding stack beside the blocks, say), the longest: the blocks."""
+    from torch import nn
+
+    from recsys_llm.semantics.ctr_llm import _transformer_layers
+
+    model = nn.Module()
+    model.adapters = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+    model.layers = nn.ModuleList([nn.Sequential(nn.ModuleList([nn.Linear(2, 2)] * 5)) for _ in range(3)])
+    assert _transformer_layers(model) is model.layers
+
+
 def test_lora_target_modules_the_model_lacks_are_named_with_the_models_linear_modules(tiny_bert_dir):
     """peft's own error named neither the option nor the model, nor what the model calls its projections."""
     config = CTRLLMConfig(model_path=tiny_bert_dir, representation_dim=8, hidden_dim=16,
