@@ -461,9 +461,10 @@ def _train_in_run_dir(
     # the plan of the shards this job trains; a finished run run again (nothing to train, maybe on other ranks)
     # keeps the plan it trained with
     if ctx.is_main and (latest is None or not state.finished):
-        write_text_atomically(os.path.join(run_dir, PLAN_FILE), describe_plan(plan, pooling))
+        plan_path = os.path.join(run_dir, PLAN_FILE)
+        write_text_atomically(plan_path, describe_plan(plan, pooling))
         if train_cfg.progress:
-            print(plan_line(plan, ctx.world_size, os.path.join(run_dir, PLAN_FILE),
+            print(plan_line(plan, ctx.world_size, plan_path,
                             comms_text(config.sharding.qcomms, ctx.world_size)), file=sys.stderr,
                   flush=True)
 
@@ -635,11 +636,11 @@ def non_finite_logits_note(metrics: Dict[str, Any], split: str) -> Optional[str]
             "(scale them as the training data was)")
 
 
-def warn_undefined_test_metrics(metrics: Dict[str, Any], split: str = "test") -> None:
+def warn_undefined_test_metrics(metrics: Dict[str, Any]) -> None:
     """Says why the test AUC (and NE) is NaN, as ``_validate`` does for the validation split: a split of one class
     (every label 1, say) has none, and the results table would otherwise print ``nan`` without a word; and why its
     LogLoss is NaN or inf (:func:`non_finite_logits_note`)."""
-    note = non_finite_logits_note(metrics, split)
+    note = non_finite_logits_note(metrics, "test")
     if note is not None:
         warnings.warn(note, stacklevel=2)
         return
