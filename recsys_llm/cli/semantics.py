@@ -23,7 +23,10 @@ import importlib.util
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 GROUP_EXTENSIONS = ("recsys_llm.cli.semantics_export",)
 TRUST_REMOTE_CODE_HELP = ("run the model directory's own Python code when its config.json asks for it (auto_map); "
@@ -72,6 +75,25 @@ def refuse_several_ranks(command: str) -> None:
                          "export` is the LLM step that splits its rows over ranks)")
 
 
+def process_device(device: Optional[str]) -> "torch.device":
+    """``--device`` resolved (``semantics.model_loading.resolve_device``: under torchrun a bare ``cuda`` is
+    ``cuda:LOCAL_RANK``) and, a GPU, made this process's current CUDA device, as the trainer's set-up does: a
+    kernel or library call that uses the current device, not its tensors', would otherwise open a CUDA context
+    on GPU 0 beside this rank's own.
+
+    Raises:
+        ValueError: naming ``--device``: not a device this process sees.
+    """
+    import torch
+
+    from recsys_llm.semantics.model_loading import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    return resolved
+
+
 def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     """The options ``tune`` (``training``) and ``encode`` share; ``encode``'s max length defaults to None (256, or
     the adapter's)."""
@@ -108,6 +130,7 @@ def _tune(args: argparse.Namespace) -> int:
     from recsys_llm.semantics.ssft import SSFTConfig, SSFTTrainer
 
     refuse_several_ranks("semantics tune")
+    process_device(args.device)
     config = SSFTConfig(
         model_path=args.model, samples_train=args.samples_train, samples_valid=args.samples_valid,
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, lr_schedule=args.lr_schedule,
@@ -140,6 +163,7 @@ def _encode(args: argparse.Namespace) -> int:
     refuse_several_ranks("semantics encode")
     check_vector_output(args.output)  # before any work: only its own earlier vector file is replaced
     check_cache_dir(args.cache_dir)
+    process_device(args.device)
     config = FieldVectorConfig(
         model_path=args.model, adapter_dir=args.adapter, templates=_templates(args),
         override_templates=args.field_template is not None, pooling=args.pooling,

@@ -30,7 +30,7 @@ from typing import Any, Dict, List
 
 from recsys_llm.cli.data import integer_at_least, number_above
 from recsys_llm.cli.semantics import (
-    GRADIENT_CHECKPOINTING_HELP, LORA_TARGET_HELP, TRUST_REMOTE_CODE_HELP, refuse_several_ranks,
+    GRADIENT_CHECKPOINTING_HELP, LORA_TARGET_HELP, TRUST_REMOTE_CODE_HELP, process_device, refuse_several_ranks,
 )
 
 ROW_TEXT_FILE = "row_text.json"
@@ -105,7 +105,6 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     )
     from recsys_llm.semantics.encoder import default_model_path
     from recsys_llm.semantics.loss_figure import LOSS_FIGURE_FILE, plot_tuning_loss
-    from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
     from recsys_llm.semantics.schema_export import SplitRows
 
@@ -113,7 +112,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
     checkpoint = TuneCheckpoint(adapt_checkpoint_dir(args.output_dir), every_steps=args.checkpoint_every,
                                 resume=not args.no_resume)
     check_checkpoint_dir(checkpoint.directory)
-    device = resolve_device(args.device)  # before any work: a device this machine lacks is named at once
+    device = process_device(args.device)  # before any work: a device this machine lacks is named at once
     schema = DatasetSchema.load(args.schema)
     text_config = _row_text_config(args)
     config = CTRLLMConfig(
@@ -225,7 +224,6 @@ def _export(args: argparse.Namespace) -> int:
     from recsys_llm.data.schema import DatasetSchema
     from recsys_llm.semantics.ctr_llm_store import load_ctr_llm
     from recsys_llm.semantics.entity_reuse import reused_from_record
-    from recsys_llm.semantics.model_loading import resolve_device
     from recsys_llm.semantics.row_text import RowTextRenderer
     from recsys_llm.semantics.schema_export import export_rows, export_schema_vectors, splits_of_an_earlier_row_export
     from recsys_llm.semantics.vector_export import VectorExportConfig, check_export_dir, rank_and_world
@@ -243,7 +241,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.reuse is not None:
         reused_from_record(args.reuse)  # before the LLM loads: a wrong path or a row export is named
     rank, world = rank_and_world()
-    device = resolve_device(args.device)  # before the LLM loads
+    device = process_device(args.device)  # before the LLM loads
     check_export_dir(args.output_dir)  # before the LLM loads
     config = VectorExportConfig(chunk_rows=args.chunk_rows, batch_size=args.batch_size, dtype=args.dtype,
                                 projection=args.projection)  # before the LLM loads: --chunk-rows 0 is named

@@ -43,7 +43,9 @@ def _semantic_pair_matrix(
 ) -> torch.Tensor:
     """(K, K) in ``fields``' dtype: ``scale * (weight @ similarity + bias)`` at ``flat_pairs``, zeros elsewhere."""
     num_keys = fields.size(1)
-    pair_weights = torch.addmv(bias, weight, similarity).mul_(scale).to(fields.dtype)  # (P,)
+    # float32 under autocast too: CUDA's casts addmv to bf16 / fp16 (CPU's does not)
+    with torch.autocast(fields.device.type, enabled=False):
+        pair_weights = torch.addmv(bias, weight, similarity).mul_(scale).to(fields.dtype)  # (P,)
     pair_matrix = fields.new_zeros(num_keys * num_keys).index_copy_(0, flat_pairs, pair_weights)
     return pair_matrix.view(num_keys, num_keys)
 

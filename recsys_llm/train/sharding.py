@@ -72,6 +72,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from recsys_llm.models.embedding import FILLED_BEFORE_SHARDING
 from recsys_llm.modules.random_stream import give_rank_its_own_stream
 from recsys_llm.train.dense_reduction import ONE_BUCKET_MB, reduce_in_parameter_order
+from recsys_llm.train.distributed import host_group
 from recsys_llm.train.plan_file import read_plan_file, with_constraint_settings
 from recsys_llm.train.plan_report import table_placements
 from recsys_llm.train.planner_inputs import (
@@ -129,7 +130,7 @@ def _plan_on_rank_0(make_plan: Callable[[], ShardingPlan]) -> Tuple[Optional[Sha
             outcome = [("refused", (error.error_type.value, str(error)))]
         except (OSError, ValueError) as error:  # a plan file missing or refused
             outcome = [("error", str(error))]
-    dist.broadcast_object_list(outcome, src=0)
+    dist.broadcast_object_list(outcome, src=0, group=host_group())  # kept off the GPU under NCCL
     kind, value = outcome[0]
     if kind == "error":
         raise ValueError(value)

@@ -66,3 +66,36 @@ def trained_modes_on_cuda(tmp_path_factory: pytest.TempPathFactory) -> Dict[str,
 def test_a_method_run_killed_mid_epoch_resumes_exactly_on_the_gpu(trained_modes_on_cuda: Dict[str, Any],
                                                                   mode: str) -> None:
     check_resumed_like_straight(trained_modes_on_cuda[mode], mode)
+
+
+def test_fie_pair_weights_are_float32_under_cuda_autocast() -> None:
+    """CUDA's autocast casts addmv to bf16 (CPU's does not): FIE's pair weights are computed outside it, so a bf16
+    training forward weighs the field pairs as the float32 evaluation does."""
+    from recsys_llm.modules.field_interaction import _semantic_pair_matrix
+
+    torch.manual_seed(0)
+    num_keys, num_pairs = 9, 36
+    fields = torch.randn(4, num_keys, 16, device="cuda")  # (B, K, D)
+    similarity, bias = torch.rand(num_pairs, device="cuda"), torch.randn(num_pairs, device="cuda")
+    weight = torch.randn(num_pairs, num_pairs, device="cuda")
+    rows, cols = torch.triu_indices(num_keys, num_keys, offset=1, device="cuda")
+    flat_pairs = rows * num_keys + cols
+    expected = _semantic_pair_matrix(fields, similarity, weight, bias, flat_pairs, 0.1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        under_autocast = _semantic_pair_matrix(fields, similarity, weight, bias, flat_pairs, 0.1)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_semantics_command_makes_its_gpu_the_current_device() -> None:
+    """A kernel that uses the current device, not its tensors', would otherwise open a context on GPU 0 beside
+    each rank's own (semantics export under torchrun)."""
+    from recsys_llm.cli.semantics import process_device
+
+    previous = torch.cuda.current_device()
+    try:
+        assert process_device("cuda:1") == torch.device("cuda", 1)
+        assert torch.cuda.current_device() == 1
+    finally:
+        torch.cuda.set_device(previous)
