@@ -181,6 +181,15 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
     assert set(record["sha256"]) == {"train_state.json", ".metadata"}
     assert cli_main(["teacher-outputs", "--config", CONFIG, "--checkpoint", gain_dir, "--output-dir", teacher_data,
                      *gain_overrides]) == 0  # the same teacher: a resume with nothing left to write
+    data_before = {name: os.stat(os.path.join(attached, name)).st_mtime_ns for name in os.listdir(attached)}
+    into_the_data = io.StringIO()
+    link_to_the_data = os.path.join(work, "link_to_attached")
+    os.symlink(attached, link_to_the_data)
+    with contextlib.redirect_stderr(into_the_data):  # the input data's own directory, by another path
+        code = cli_main(["teacher-outputs", "--config", CONFIG, "--checkpoint", gain_dir, "--output-dir",
+                         link_to_the_data, *gain_overrides])
+    data_after = {name: os.stat(os.path.join(attached, name)).st_mtime_ns for name in os.listdir(attached)}
+    into_data = (code, into_the_data.getvalue(), data_after == data_before)
     other_teacher = {**record, "sha256": {**record["sha256"], "train_state.json": "0" * 64}}
     try:
         check_same_teacher(teacher_data, other_teacher)
@@ -233,7 +242,7 @@ def _elec_workflow(schema_path: str, work: str, llm: str) -> Dict[str, Any]:
                           "elec.task=distill", "elec.vector_dim=16", "elec.distill.mode=joint"]), joint_dir),
                       "gain": (gain_config, gain_dir)})
     return {"gain": gain, "offline": offline, "joint": joint, "frozen": frozen, "teacher_schema": teacher_schema,
-            "served": served, "teacher_check": teacher_check, "other_teacher_refusal": other_teacher_refusal,
+            "served": served, "teacher_check": teacher_check, "other_teacher_refusal": other_teacher_refusal, "into_data": into_data,
             "other_vectors": other_vectors}
 
 
@@ -313,6 +322,9 @@ def test_elec_workflow_from_llm_to_served_student(small_synthetic: str, tmp_path
     assert columns.schema.field("teacher_representation").type.list_size > 0
     predicted, written = out["teacher_check"]
     torch.testing.assert_close(written.float(), predicted.float(), rtol=1e-4, atol=1e-4)  # row by row
+    code, message, data_unchanged = out["into_data"]
+    assert code == 2 and "is the input data's own directory; the copies with teacher columns need another" in message
+    assert data_unchanged
     assert "holds teacher outputs of another teacher checkpoint" in out["other_teacher_refusal"]
     assert "(differing: train_state.json)" in out["other_teacher_refusal"]
 
