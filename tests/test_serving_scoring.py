@@ -414,6 +414,47 @@ def _score_as_a_rank(schema_path: str, artifact: str, split: str, output: str) -
         return {"error": f"{type(error).__name__}: {error}"}
 
 
+def _score_on_a_clock_of_a_second_per_call(schema_path: str, artifact: str, split: str) -> Dict[str, Any]:
+    """One rank scoring ``split`` with ``time.perf_counter`` a second further at each call (so each batch
+    takes the artifact one second): the report and this rank's own rows and batches."""
+    import itertools
+    import time
+
+    from recsys_llm.train.distributed import init_distributed
+
+    init_distributed("cpu")
+    served = ServedModel.load(artifact, trust_program=True)
+    own = {"rows": 0, "batches": 0}
+    score = served.logits
+
+    def counted(dense: torch.Tensor, sparse: Any) -> torch.Tensor:
+        logits = score(dense, sparse)
+        own["rows"] += logits.numel()
+        own["batches"] += 1
+        return logits
+
+    served.logits = counted  # type: ignore[method-assign]
+    clock = itertools.count()
+    time.perf_counter = lambda: float(next(clock))  # this spawned process's own clock
+    report = score_split(served, DatasetSchema.load(schema_path), split, batch_size=64, progress=False)
+    return {"report": report, **own}
+
+
+@pytest.mark.multiprocess
+def test_samples_per_second_of_several_ranks_are_their_rates_summed(exported: Dict[str, str], tmp_path) -> None:
+    """The ranks score their shares side by side: the throughput is the sum of each rank's rows per second of the
+    artifact's time, on every rank (not rank 0's rate, nor their mean)."""
+    split = str(tmp_path / "three_rows.parquet")  # one rank scores one row, the other two: a batch each
+    pq.write_table(_split_table(DatasetSchema.load(exported["data"]), "test").slice(0, 3), split)
+    results = run_multiprocess(_score_on_a_clock_of_a_second_per_call, world_size=2, schema_path=exported["data"],
+                               artifact=exported["artifact"], split=split)
+    rates = [result["rows"] / result["batches"] for result in results]
+    assert sorted(rates) == [1.0, 2.0]  # a mean or one rank's rate would not pass
+    for result in results:
+        assert result["report"]["samples_per_s"] == pytest.approx(sum(rates))
+        assert result["report"]["rows"] == sum(r["rows"] for r in results)
+
+
 @pytest.mark.multiprocess
 def test_a_batch_one_rank_refuses_fails_every_rank_and_leaves_no_scores_file(exported: Dict[str, str],
                                                                             tmp_path) -> None:
