@@ -63,6 +63,7 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``recsys-llm`` parser with every sub-command the CLI modules register."""
     parser = CommandParser(
         prog="recsys-llm", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )

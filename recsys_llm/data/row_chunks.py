@@ -50,6 +50,7 @@ class RowChunk:
         return self.labels.shape[0]
 
     def slice(self, start: int, stop: int) -> "RowChunk":
+        """Rows ``[start, stop)`` of this chunk (views of its arrays; bag offsets re-based to 0)."""
         ids, offsets = [], []
         for values, off in zip(self.ids, self.offsets):
             if off is None:
@@ -83,6 +84,7 @@ class RowChunk:
 
     @staticmethod
     def concat(chunks: List["RowChunk"]) -> "RowChunk":
+        """The rows of ``chunks`` one after another (the one chunk itself when given one)."""
         if len(chunks) == 1:
             return chunks[0]
         ids, offsets = [], []
@@ -101,6 +103,8 @@ class RowChunk:
         )
 
     def to_batch(self, keys: List[str]) -> Batch:
+        """The rows as one :class:`~recsys_llm.data.batch.Batch`: dense (B, num_dense), a KJT over ``keys`` (in
+        ``self.ids``' order), labels (B,) and the extras."""
         n = self.num_rows
         lengths = [np.ones(n, dtype=np.int32) if off is None else np.diff(off).astype(np.int32) for off in self.offsets]
         values = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64)
@@ -231,12 +235,15 @@ class ChunkConverter:
         self._widths: Dict[str, Tuple[int, str]] = {}  # vector extra -> (width, file it was first read from)
 
     def columns(self) -> List[str]:
+        """The Parquet columns :meth:`convert` reads: every field, the label, the row key, the extras."""
         names = [f.name for f in self._schema.fields] + [self._schema.label] * self._with_label
         if self._row_key:
             names.append(self._row_key)
         return names + [e for e in self._extras if e not in names]
 
     def convert(self, table: pa.Table, path: str, row_offset: int) -> RowChunk:
+        """``table`` (rows ``row_offset``... of ``path``, named in errors) as a :class:`RowChunk` in the schema's
+        dtypes (its values checked where the converter validates)."""
         n = table.num_rows
         dense_cols = []
         for spec in self._schema.dense_fields:

@@ -283,17 +283,21 @@ class DatasetSchema:
         return [f.name for f in self.dense_fields]
 
     def field(self, name: str) -> FieldSpec:
+        """The field named ``name``; a :class:`SchemaError` listing the fields if there is none."""
         for f in self.fields:
             if f.name == name:
                 return f
         raise SchemaError(f"schema {self.name!r} has no field {name!r}; fields: {[f.name for f in self.fields]}")
 
     def split_path(self, split: str) -> str:
+        """The file or directory of ``split`` under the schema's root; a :class:`SchemaError` listing the splits if
+        there is none."""
         if split not in self.splits:
             raise SchemaError(f"schema {self.name!r} has no split {split!r}; splits: {sorted(self.splits)}")
         return os.path.join(self.root, self.splits[split])
 
     def value_text_path(self, field_name: str) -> Optional[str]:
+        """The id -> text Parquet file of ``field_name``, or None when the schema gives it none."""
         spec = self.field(field_name)
         return os.path.join(self.root, spec.value_text) if spec.value_text else None
 

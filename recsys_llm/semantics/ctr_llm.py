@@ -330,6 +330,7 @@ class CTRAdaptedLLM(nn.Module):
 
 
 def heads_state(model: CTRAdaptedLLM) -> Dict[str, torch.Tensor]:
+    """The state of the transformation MLP and the prediction layer (``transform.*``, ``predict.*``), on the CPU."""
     return {
         **{f"transform.{k}": v.detach().cpu().contiguous() for k, v in model.transform.state_dict().items()},
         **{f"predict.{k}": v.detach().cpu().contiguous() for k, v in model.predict.state_dict().items()},

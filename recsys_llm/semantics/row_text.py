@@ -108,6 +108,7 @@ class RowTextConfig:
             check_row_template(template, f"row-text template for field {field_name!r}")
 
     def template_for(self, field_name: str) -> str:
+        """The row-text template of ``field_name``: its own, else the common one (checked either way)."""
         template = self.templates.get(field_name, self.template)
         check_row_template(template, f"row-text template for field {field_name!r}")
         return template

@@ -149,6 +149,7 @@ class PromptTemplates:
 
 
 def has_description(spec: FieldSpec) -> bool:
+    """Whether the schema describes the field (not only blank text)."""
     return bool(spec.description and spec.description.strip())
 
 

@@ -162,6 +162,7 @@ def rank_and_world() -> Tuple[int, int]:
 
 # ---- export ----------------------------------------------------------------------------
 def chunk_path(directory: str, index: int) -> str:
+    """The Parquet file of chunk ``index`` in an export directory."""
     return os.path.join(directory, f"chunk-{index:05d}.parquet")
 
 

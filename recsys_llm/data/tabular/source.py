@@ -300,6 +300,7 @@ def repeated_columns(available: List[str], wanted: List[str]) -> List[str]:
 
 
 def source_columns(path: str, config: TabularConfig) -> List[str]:
+    """The column names of a source file (a Parquet file's or directory's first file, or a CSV's header)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: data file not found")
     if is_parquet(path):
