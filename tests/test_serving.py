@@ -269,6 +269,11 @@ def test_export_keeps_a_frozen_fie_as_it_was_and_refuses_a_folded_backbone(tmp_p
     with pytest.raises(ValueError, match="already has pair weights folded in"):
         export_task(task, str(tmp_path / "b"), example.dense_features, example.sparse_features)
     assert not os.path.exists(str(tmp_path / "b"))
+    # the folded backbone without its FIE term is refused as well: the message names the one way (it offered this)
+    with pytest.raises(ValueError, match=r"undo the fold \(backbone\.fold_pair_weights\(None\)\) and export the task "
+                                         "with its FIE term") as refused:
+        export_task(CTRTask(backbone), str(tmp_path / "b"), example.dense_features, example.sparse_features)
+    assert "folded backbone without" not in str(refused.value) and not os.path.exists(str(tmp_path / "b"))
 
 
 def test_gain_network_and_pairs_are_refused(tmp_path):

@@ -52,6 +52,7 @@ class LLaCTRConfig:
     """
 
     vectors_path: str
+    _: dataclasses.KW_ONLY  # LLaCTRConfig(path, ["item_id"]) would have set use_fre to a truthy list
     use_fre: bool = True
     use_fie: bool = True
     lambda_fre: float = 0.1
@@ -70,6 +71,9 @@ class LLaCTRConfig:
             raise ValueError(
                 f"llactr.fre_field_reduction: expected one of {FIELD_REDUCTIONS}, got {self.fre_field_reduction!r}"
             )
+        for name in ("use_fre", "use_fie", "normalize_vectors"):  # "false" or a list would be truthy
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"llactr.{name}: expected true or false, got {getattr(self, name)!r}")
         if isinstance(self.fields, str):
             raise ValueError(f"llactr.fields: expected a list of field names, got the string {self.fields!r}")
 
@@ -178,8 +182,8 @@ def build_llactr_terms(
         config (LLaCTRConfig): vectors path, lambdas, switches.
         schema (DatasetSchema): the data's schema; the vectors must have been made for it.
         backbone (nn.Module): a CTRBackbone, a torchrec DLRM (or SimpleDeepFMNN), a CTRTask, or an EBC.
-        device (Optional[torch.device]): where the terms' weights go: the backbone's dense
-            device (on one rank DMP moves no dense module); None: torch's default device (CPU unless set).
+        device (Optional[torch.device]): where the terms' weights go (a device or its name, e.g. ``"cpu"``): the
+            backbone's dense device (on one rank DMP moves no dense module); None: torch's default device (CPU unless set).
 
     Returns:
         Tuple: ``(logit_terms {"fie": ...}, loss_terms {"fre": ...}, provenance)``; a term
@@ -216,7 +220,7 @@ def build_llactr_terms(
     # on the vectors' device: under an ambient torch.device("meta") a meta index selected uninitialised memory
     index = torch.tensor([stored.keys.index(k) for k in used], dtype=torch.long, device=stored.vectors.device)
     vectors = stored.vectors.index_select(0, index)  # (F, d_llm)
-    target = device if device is not None else torch.get_default_device()
+    target = torch.device(device) if device is not None else torch.get_default_device()  # "cpu" too
     # built on CPU from their own random streams, then moved; for meta (materialised later, e.g. by DMP) built
     # there, where the terms keep their constants (field vectors, pair indices) on CPU and their weights on meta
     build_on = torch.device("meta") if target.type == "meta" else torch.device("cpu")

@@ -49,11 +49,20 @@ def write_teacher_columns(
     runs in eval mode and gets its own mode back afterwards; a failure leaves no file
     (:func:`~recsys_llm.atomic_dir.write_file_atomically`).
 
+    A sharded teacher: pass its task (a DMP's ``model.module``), on every rank, each writing a file of its own
+    from a reader of its ``rank`` and ``world_size`` built ``equal_batches=False`` and iterated through
+    ``reader.padded()`` (the ranks run equally many lookups, and every row is written once: the default reader
+    caps the ranks at one batch count and skips rows of an uneven split); concatenate the files before
+    :func:`attach_columns`. After torchrec's ``TrainPipelineSparseDist`` call its ``detach()`` first: until then
+    the sharded modules' forwards belong to the pipeline.
+
     Args:
-        teacher (nn.Module): ``predict(batch) -> CTROutput``.
+        teacher (nn.Module): ``predict(batch) -> CTROutput`` (a ``CTRTask``; a
+            ``TeacherStudentTask``'s ``teacher``).
         batches (Iterable[Batch]): the split, with its row keys in ``extras[row_key]`` or, as
             :class:`~recsys_llm.data.parquet.ParquetBatchReader` gives them for a row key of any
-            name, ``extras["row_id"]``.
+            name, ``extras["row_id"]``; or ``(batch, real)`` pairs of ``ParquetBatchReader.padded()``,
+            whose ``real=False`` repeats run the teacher but write nothing.
         output_path (str): Parquet file (written atomically).
         row_key (str): column name of the row keys (the split's row key column, to join on).
         with_representation (bool): also write the representations.
@@ -72,8 +81,14 @@ def write_teacher_columns(
         nonlocal rows
         writer: Optional[pq.ParquetWriter] = None
         try:
-            for batch in tqdm(batches, desc="teacher outputs", disable=not progress, **bar_options()):
-                keys = batch.extras.get(row_key, batch.extras.get(ROW_ID_EXTRA))
+            for item in tqdm(batches, desc="teacher outputs", disable=not progress, **bar_options()):
+                batch, real = item if isinstance(item, tuple) else (item, True)  # padded(): (batch, real)
+                extras = getattr(batch, "extras", None)
+                if extras is None:
+                    raise TypeError(f"write_teacher_columns: a {type(batch).__name__} without extras (torchrec's own "
+                                    "Batch has none); the row keys come in recsys_llm.data.batch.Batch's "
+                                    f"extras[{row_key!r}], as ParquetBatchReader gives them")
+                keys = extras.get(row_key, extras.get(ROW_ID_EXTRA))
                 if keys is None:
                     where = " or ".join(f"extras[{key!r}]" for key in dict.fromkeys([row_key, ROW_ID_EXTRA]))
                     raise KeyError(f"write_teacher_columns: batch has no {where} (row keys); extras: "
@@ -87,6 +102,8 @@ def write_teacher_columns(
                     rep = output.representation.float().cpu().numpy()  # (B, H_t)
                     columns[representation_column] = vector_array(rep)
                 table = pa.table(columns)
+                if not real:  # a padded() repeat: run for the ranks' collectives, its rows written already (a
+                    table = table.slice(0, 0)  # rank of no rows of its own writes a file of no rows)
                 if writer is None:
                     writer = pq.ParquetWriter(handle, table.schema)
                 writer.write_table(table)

@@ -59,6 +59,21 @@ torch.fx.wrap("required_extra")
 torch.fx.wrap("checked_term")
 
 
+@torch.fx.wrap  # a leaf of the pipeline's trace: the shape is checked at run time
+def checked_teacher_extra(value: torch.Tensor, rows: torch.Tensor, width: int, key: str) -> torch.Tensor:
+    """An offline teacher column as it is when it has one value (``width`` 0) or ``width`` values per row of the
+    batch (``rows``: the labels); raises otherwise, naming the extras key and the setting to change (a wrong width
+    was reported as the width of a model's ``interact``, a wrong row count by BCE's "Target size")."""
+    expected = (rows.size(0),) if width == 0 else (rows.size(0), width)
+    if tuple(value.shape) != expected:
+        setting = "one logit per row" if width == 0 else f"TeacherStudentConfig.teacher_representation_dim={width}"
+        raise ValueError(
+            f"offline distillation: the batch's extras[{key!r}] is {tuple(value.shape)}, expected {expected} "
+            f"({setting}); write it with write_teacher_columns or `recsys-llm teacher-outputs` for these rows"
+        )
+    return value
+
+
 @dataclasses.dataclass
 class TeacherStudentConfig:
     """Distillation settings.
@@ -228,11 +243,15 @@ class TeacherStudentTask(nn.Module):
         """Teacher logits (B,), representation (B, H_t) and its own loss (scalar, joint only)."""
         if self._config.mode == "offline":
             extras = batch_extras(batch)
-            logits = required_extra(extras, self._config.teacher_logits_key, "offline distillation")  # (B,)
+            key = self._config.teacher_logits_key
+            logits = checked_teacher_extra(required_extra(extras, key, "offline distillation"), batch.labels, 0,
+                                           key)  # (B,)
             representation = logits
             if self.repr_kd is not None:
-                representation = required_extra(extras, self._config.teacher_representation_key,
-                                                "offline representation distillation")  # (B, H_t)
+                key = self._config.teacher_representation_key
+                representation = checked_teacher_extra(
+                    required_extra(extras, key, "offline representation distillation"), batch.labels,
+                    self._config.teacher_representation_dim, key)  # (B, H_t)
             return logits, representation, torch.zeros((), device=logits.device)
         if self._config.mode == "frozen":
             with torch.no_grad():

@@ -149,8 +149,8 @@ def serving_form(task: nn.Module, keys: Sequence[str]) -> Iterator[List[str]]:
     model = task.model
     if isinstance(model, PairWeightFolding) and model.folded_pair_weight is not None:
         raise ValueError(
-            "export: the backbone already has pair weights folded in; export the task with its FIE term "
-            "unfolded (export_task folds it), or the folded backbone without that term"
+            "export: the backbone already has pair weights folded in; undo the fold (backbone.fold_pair_weights(None)) "
+            "and export the task with its FIE term: export_task folds it into the artifact itself"
         )
     terms = {name: term for name, term in task.logit_terms.items() if isinstance(term, FieldInteractionEnhancement)}
     before = {name: (term.frozen, term.frozen_pair_weights.clone(), term.serving_key_order)

@@ -432,3 +432,29 @@ def test_a_feature_read_by_several_tables_of_a_dlrm_is_named(tmp_path) -> None:
                                          r"\['t_genre', 't_genre_hashed'\]\); torchrec then keys its pooled embeddings "
                                          r"'genre@t_genre', 'genre@t_genre_hashed'"):
         build_llactr_terms(LLaCTRConfig(_vectors(tmp_path, schema)), schema, dlrm)
+
+
+class TestConfigSwitches:
+    @pytest.mark.parametrize("second", [["item_id"], 0.05])
+    def test_a_value_given_in_a_switchs_place_is_refused(self, second) -> None:
+        """LLaCTRConfig(path, ["item_id"]) (meant for fields) or LLaCTRConfig(path, 0.05) (a lambda) set use_fre to a
+        truthy value that was accepted: every field, or the default lambda, trained without a word."""
+        with pytest.raises(TypeError, match="positional argument"):
+            LLaCTRConfig("fields.safetensors", second)
+
+    @pytest.mark.parametrize("name", ["use_fre", "use_fie", "normalize_vectors"])
+    def test_a_switch_takes_booleans_only(self, name) -> None:
+        with pytest.raises(ValueError, match=rf"llactr\.{name}: expected true or false, got 'false'"):
+            LLaCTRConfig("fields.safetensors", **{name: "false"})
+        config = LLaCTRConfig("fields.safetensors", **{name: False})
+        assert getattr(config, name) is False
+
+
+def test_the_device_may_be_named_as_a_string(tmp_path) -> None:
+    """As torch's own calls take it: build_llactr_terms(..., "cpu") failed with
+    "'str' object has no attribute 'type'"."""
+    schema = _schema()
+    logit_terms, loss_terms, _ = build_llactr_terms(LLaCTRConfig(_vectors(tmp_path, schema)), schema,
+                                                    LinearBackbone(make_ebc(dim=8), 1), "cpu")
+    assert logit_terms["fie"].pair_weight.weight.device.type == "cpu"
+    assert loss_terms["fre"].projection.weight.device.type == "cpu"

@@ -454,6 +454,47 @@ class TestOfflineOutputs:
         with pytest.raises(ValueError, match="1 rows have no 'row_id'"):
             attach_columns(split, out, "row_id", copy)
 
+    def test_padded_pairs_write_each_real_row_once(self, tmp_path):
+        """ParquetBatchReader.padded()'s (batch, real) pairs, which keep the ranks of a sharded teacher in step on an
+        uneven split: the repeats run the teacher and write nothing; a rank of repeats only writes no row."""
+        task = _elec("joint")
+        first, last = make_batch(8, seed=0), make_batch(5, seed=1)
+        out = str(tmp_path / "teacher.parquet")
+        assert write_teacher_columns(task.teacher, [(first, True), (last, True), (last, False)], out,
+                                     progress=False) == 13
+        keys = pq.read_table(out).column("row_id").to_pylist()
+        assert keys == first.extras["row_id"].tolist() + last.extras["row_id"].tolist()
+        only_repeats = str(tmp_path / "empty_rank.parquet")
+        assert write_teacher_columns(task.teacher, [(last, False)], only_repeats, progress=False) == 0
+        assert pq.read_table(only_repeats).column_names == ["row_id", "teacher_logits", "teacher_representation"]
+
+    def test_batches_without_extras_are_named(self, tmp_path):
+        """torchrec's own Batch has no extras: it failed with "'Batch' object has no attribute 'extras'"."""
+        from torchrec.datasets.utils import Batch as TorchrecBatch
+
+        batch = make_batch(4)
+        plain = TorchrecBatch(batch.dense_features, batch.sparse_features, batch.labels)
+        with pytest.raises(TypeError, match=r"a Batch without extras \(torchrec's own Batch has none\)"):
+            write_teacher_columns(_elec("joint").teacher, [plain], str(tmp_path / "t.parquet"), progress=False)
+        assert not os.path.exists(tmp_path / "t.parquet")
+
+    def test_offline_columns_of_another_shape_are_named_with_their_setting(self):
+        """A teacher_representation_dim other than the columns' width was reported as a model's ``interact`` width,
+        and teacher logits of another shape by BCE's "Target size"; both name the extras key now."""
+        batch = make_batch(6)
+        task = _elec("offline", teacher_representation_dim=16)
+        extras = {**batch.extras, "teacher_logits": torch.randn(6), "teacher_representation": torch.randn(6, 8)}
+        with pytest.raises(ValueError, match=r"extras\['teacher_representation'\] is \(6, 8\), expected \(6, 16\) "
+                                             r"\(TeacherStudentConfig.teacher_representation_dim=16\)"):
+            task(Batch(batch.dense_features, batch.sparse_features, batch.labels, extras))
+        task = _elec("offline", teacher_representation_dim=8)
+        for logits in (torch.randn(6, 1), torch.randn(5)):
+            bad = {**extras, "teacher_logits": logits}
+            with pytest.raises(ValueError, match=r"extras\['teacher_logits'\] is .*, expected \(6,\) \(one logit"):
+                task(Batch(batch.dense_features, batch.sparse_features, batch.labels, bad))
+        loss, _ = task(Batch(batch.dense_features, batch.sparse_features, batch.labels, extras))
+        assert torch.isfinite(loss)
+
     def test_columns_named_as_the_students_extras_keys(self, tmp_path):
         """A student configured with other extras keys reads columns of those names (they were always teacher_*)."""
         task = _elec("joint")
