@@ -8,7 +8,7 @@ representations) by row key; :func:`attach_columns` joins them into a copy of a 
 """
 
 import contextlib
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -52,8 +52,8 @@ def write_teacher_columns(
     A sharded teacher: pass its task (a DMP's ``model.module``), on every rank, each writing a file of its own
     from a reader of its ``rank`` and ``world_size`` built ``equal_batches=False`` and iterated through
     ``reader.padded()`` (the ranks run equally many lookups, and every row is written once: the default reader
-    caps the ranks at one batch count and skips rows of an uneven split); concatenate the files before
-    :func:`attach_columns`. After torchrec's ``TrainPipelineSparseDist`` call its ``detach()`` first: until then
+    caps the ranks at one batch count and skips rows of an uneven split); :func:`attach_columns` takes
+    the ranks' files together. After torchrec's ``TrainPipelineSparseDist`` call its ``detach()`` first: until then
     the sharded modules' forwards belong to the pipeline.
 
     Args:
@@ -129,11 +129,14 @@ def write_teacher_columns(
 ATTACHED_ROWS_PER_GROUP = 65536  # row groups of the copy: the reader's unit, as the splits `prepare` writes
 
 
-def attach_columns(split_path: str, columns_path: str, key_column: str, output_path: str) -> int:
+def attach_columns(split_path: str, columns_path: Union[str, Sequence[str]], key_column: str,
+                   output_path: str) -> int:
     """Writes a copy of a split with the columns of ``columns_path`` joined on ``key_column``.
 
     The split is copied a row group at a time (of ``ATTACHED_ROWS_PER_GROUP`` rows); besides its key
     column, only the columns to attach are held whole (the teacher outputs: rows x (H + 2) x 4 bytes).
+    ``columns_path`` may be several files with the same columns, e.g. the ranks' own files of
+    :func:`write_teacher_columns`: their rows are taken together.
 
     Raises:
         ValueError: a row of the split has no match, a key occurs twice in ``columns_path``, or a
@@ -149,7 +152,12 @@ def attach_columns(split_path: str, columns_path: str, key_column: str, output_p
 def _attach_columns(split: pq.ParquetFile, split_path: str, columns_path: str, key_column: str,
                     output_path: str) -> int:
     """:func:`attach_columns` of the open ``split``."""
-    extra = pq.read_table(columns_path)
+    paths = [columns_path] if isinstance(columns_path, str) else list(columns_path)
+    columns_path = ", ".join(paths)  # as errors name them
+    try:
+        extra = pa.concat_tables([pq.read_table(path) for path in paths])
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"{columns_path}: files of other columns; expected the same in each ({error})") from None
     for path, names in ((split_path, split.schema_arrow.names), (columns_path, extra.column_names)):
         if key_column not in names:
             raise ValueError(f"{path}: no key column {key_column!r}; columns {names}")

@@ -468,6 +468,25 @@ class TestOfflineOutputs:
         assert write_teacher_columns(task.teacher, [(last, False)], only_repeats, progress=False) == 0
         assert pq.read_table(only_repeats).column_names == ["row_id", "teacher_logits", "teacher_representation"]
 
+    def test_the_ranks_files_are_attached_together(self, tmp_path):
+        """Each rank of a sharded teacher writes a file of its own rows (one of none at all, say); the split's copy
+        takes its columns from all of them."""
+        task = _elec("joint")
+        batches = [make_batch(8, seed=0), make_batch(5, seed=1)]
+        files = [str(tmp_path / f"rank{rank}.parquet") for rank in range(3)]
+        for path, pairs in zip(files, [[(batches[0], True)], [(batches[1], True)], [(batches[1], False)]]):
+            write_teacher_columns(task.teacher, pairs, path, progress=False)
+        split, copy = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+        row_ids = np.concatenate([b.extras["row_id"].numpy() for b in batches])[::-1].copy()
+        pq.write_table(pa.table({"row_id": row_ids}), split)
+        assert attach_columns(split, files, "row_id", copy) == 13
+        with torch.no_grad():
+            expected = torch.cat([task.teacher.predict(b).logits for b in batches]).numpy()[::-1]
+        np.testing.assert_allclose(pq.read_table(copy).column("teacher_logits").to_numpy(), expected, rtol=1e-6)
+        pq.write_table(pa.table({"row_id": np.array([7])}), files[2])
+        with pytest.raises(ValueError, match=rf"^{files[0]}, {files[1]}, {files[2]}: files of other columns"):
+            attach_columns(split, files, "row_id", str(tmp_path / "copy2.parquet"))
+
     def test_batches_without_extras_are_named(self, tmp_path):
         """torchrec's own Batch has no extras: it failed with "'Batch' object has no attribute 'extras'"."""
         from torchrec.datasets.utils import Batch as TorchrecBatch
