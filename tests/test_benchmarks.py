@@ -137,13 +137,40 @@ def test_llactr_ratios_come_from_rounds_and_scaled_costs(tmp_path_factory: pytes
         assert result["train_ratio"] == pytest.approx(max(rounds["llactr"]) / max(rounds["plain"])), name
         expected = [a / b for a, b in zip(rounds["llactr"], rounds["plain"])]
         assert result["train_ratio_median_of_rounds"] == pytest.approx(common.median(expected)), name
+        for phase, key in (("serve", "serve_samples_per_second_rounds"),
+                           ("serve_ratio_dmp_eval", "serve_dmp_eval_samples_per_second_rounds")):
+            served = result[key]
+            ratio = "serve_ratio" if phase == "serve" else phase
+            assert result[ratio] == pytest.approx(max(served["llactr"]) / max(served["plain"])), (name, phase)
+            per_round = [a / b for a, b in zip(served["llactr"], served["plain"])]
+            assert result[f"{ratio}_rounds"] == pytest.approx(per_round), (name, phase)
+        serve = result["serve_samples_per_second_rounds"]
+        expected = [a / b for a, b in zip(serve["llactr"], serve["plain"])]
+        assert result["serve_ratio_median_of_rounds"] == pytest.approx(common.median(expected)), name
         assert result["pipelined_all_sharded_modules"], name
         assert set(result["serve_path"].values()) <= {"export", "eager"}
         if result["serve_path"]["llactr"] == "export":  # FIE folded into FM-family pairwise terms
             assert result["serve_folded_terms"] == (["fie"] if name in ("fm", "fwfm", "deepfm") else []), name
+    backbones = details["per_backbone"].values()
+    for figure, ratio in (("train_ratio_vs_backbone", "train_ratio"), ("serve_ratio_vs_backbone", "serve_ratio")):
+        assert payload[figure] == pytest.approx(common.geometric_mean([r[ratio] for r in backbones])), figure
     field, instance = details["field"], details["instance"]
     assert field["ssft_run_scale_to_default_s"] >= 1.0
+    phases = field["phase_seconds"]  # set-up and encode unscaled, the SSFT run scaled to the default S
+    assert field["seconds_at_default_s"] == pytest.approx(
+        phases["ssft_setup"] + field["ssft_run_scale_to_default_s"] * phases["ssft_run"] + phases["field_encode"])
     assert field["seconds_at_default_s"] >= field["seconds"] > 0
+    timed = instance["phase_seconds"]  # loading once, unscaled; rendering, tuning and encoding per row
+    assert instance["setup_seconds"] == timed["load"]
+    assert instance["per_row_seconds"] == pytest.approx(
+        (timed["render"] + timed["tune"] + timed["encode"]) / instance["timed_rows"])
+    rows, sample = details["instance_scaled_to_rows"], details["instance_with_tuning_sample"]
+    assert sample["tuning_rows"] < rows  # tuned on a sample, every row rendered and encoded
+    assert sample["seconds"] == pytest.approx(instance["setup_seconds"] + (
+        timed["tune"] * sample["tuning_rows"] + (timed["render"] + timed["encode"]) * rows) / instance["timed_rows"])
+    assert sample["llm_cost_ratio_instance_vs_field"] == pytest.approx(sample["seconds"] / field["seconds_at_default_s"])
+    assert details["crossover_rows"] == pytest.approx(
+        (field["seconds_at_default_s"] - instance["setup_seconds"]) / instance["per_row_seconds"])
     scaled = instance["setup_seconds"] + instance["per_row_seconds"] * details["instance_scaled_to_rows"]
     assert payload["llm_cost_ratio_instance_vs_field"] == pytest.approx(scaled / field["seconds_at_default_s"])
 
@@ -182,10 +209,23 @@ def test_elec_student_is_served_exported_and_ratios_come_from_rounds(tmp_path_fa
         assert result["kd_train_ratio"] == pytest.approx(max(train["joint_kd"]) / max(train["plain"])), name
         kd = [k / p for k, p in zip(train["joint_kd"], train["plain"])]
         assert result["median_of_round_ratios"]["kd_train"] == pytest.approx(common.median(kd)), name
+        for figure, numerator, denominator, rounds in (
+                ("student_serve", "student", "plain", serve), ("kd_train", "joint_kd", "plain", train),
+                ("student_speedup", "student_request", "gain_online_llm", serve)):
+            per_round = [a / b for a, b in zip(rounds[numerator], rounds[denominator])]
+            assert result[f"{figure}_rounds" if figure == "student_speedup" else f"{figure}_ratio_rounds"] == (
+                pytest.approx(per_round)), (name, figure)
+            assert result["median_of_round_ratios"][figure] == pytest.approx(common.median(per_round)), (name, figure)
         assert result["serve_path"]["student"] == "export" and result["serve_path"]["plain"] == "export"
         assert all(result["pipelined_all_sharded_modules"].values()), name
         # the student is the plain architecture; the gain network adds the vector injection
         assert result["parameters"]["student"] == result["parameters"]["plain"] < result["parameters"]["gain"]
+    backbones = payload["details"]["per_backbone"].values()
+    for figure, ratio in (("student_serve_ratio_vs_backbone", "student_serve_ratio"),
+                          ("student_speedup_vs_gain_online_llm", "student_speedup_vs_gain_online_llm"),
+                          ("kd_train_ratio_vs_backbone", "kd_train_ratio"),
+                          ("gain_entity_tables_serve_ratio_vs_backbone", "gain_entity_tables_serve_ratio")):
+        assert payload[figure] == pytest.approx(common.geometric_mean([r[ratio] for r in backbones])), figure
 
 
 @pytest.mark.slow
@@ -470,7 +510,7 @@ class TestCommon:
         assert common.best_of_rounds_ratio([14.5, 13.0, 12.0], [138.0, 9.6, 11.1]) == pytest.approx(14.5 / 138.0)
         assert "the machine was busy" in capsys.readouterr().err
         # the warning starts where the best round is more than 1.5 times the median one
-        common.best_of_rounds_ratio([10.0, 10.0, 14.0], [10.0, 10.0, 10.0])
+        common.best_of_rounds_ratio([10.0, 10.0, 15.0], [10.0, 10.0, 10.0])  # exactly 1.5 times: not yet
         assert capsys.readouterr().err == ""
         common.best_of_rounds_ratio([10.0, 10.0, 10.0], [10.0, 10.0, 16.0])
         assert "the machine was busy" in capsys.readouterr().err
@@ -498,6 +538,11 @@ class TestCommon:
         assert common.median([4.0, 1.0, 2.0, 10.0]) == 3.0  # even count: the mean of the two middle rounds
         with pytest.raises(ValueError, match="empty"):
             common.median([])
+
+    def test_the_bars_of_rounds_are_their_medians_spanning_min_to_max(self) -> None:
+        bars, spans = common.phase_round_bars({"serve": {"int8_tables": [3.0, 1.0, 10.0], "fp32_tables": [2.0]}})
+        assert bars == {"serve int8": 3.0, "serve fp32": 2.0}
+        assert spans == {"serve int8": (1.0, 10.0), "serve fp32": (2.0, 2.0)}
 
     def test_timed_steps_are_seconds_per_measured_step_and_samples_per_second_scale_by_the_batch(self) -> None:
         import time

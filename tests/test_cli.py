@@ -260,6 +260,7 @@ def test_help_shows_the_defaults_outside_the_semantics_group_too(capsys) -> None
                                                                                              capsys)
     assert ("--hash-size HASH_SIZE rows per categorical table: one size, or 26 comma- separated sizes for C1..C26 "
             "(default: 1000000)") in _help(["prepare", "criteo"], capsys)
+    assert "--batch-size BATCH_SIZE rows per call of the artifact (default: 8192)" in _help(["score"], capsys)
     tabular = _help(["prepare", "tabular"], capsys)
     assert "train,valid,test shares, divided by their sum, 8,1,1 as 0.8,0.1,0.1 (default: 0.8,0.1,0.1)" in tabular
     assert "CSV delimiter (default: ',')" in tabular

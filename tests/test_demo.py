@@ -510,3 +510,17 @@ def test_the_auc_standard_error_is_the_spread_of_aucs_of_samples_of_that_size() 
     spread = (sum((a - mean_auc) ** 2 for a in aucs) / (len(aucs) - 1)) ** 0.5
     assert auc_standard_error(mean_auc, 400, 0.3) == pytest.approx(spread, rel=0.15)
     assert math.isnan(auc_standard_error(0.7, 10, 0.0)) and math.isnan(auc_standard_error(float("nan"), 10, 0.5))
+
+
+def _demo_on_the_command_line(argv) -> int:
+    from recsys_llm.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+@pytest.mark.multiprocess
+def test_demo_no_llm_on_the_command_line_trains_the_plain_deepfm_alone(tmp_path) -> None:
+    run_root = str(tmp_path / "runs")
+    argv = ["demo", "--rows", "3000", "--data-dir", str(tmp_path / "data"), "--run-dir", run_root, "--no-llm", *SMALL]
+    assert run_multiprocess(_demo_on_the_command_line, world_size=1, argv=argv) == [0]
+    assert sorted(name for name in os.listdir(run_root) if os.path.isdir(os.path.join(run_root, name))) == ["plain"]

@@ -524,3 +524,37 @@ def test_loading_quantized_rows_names_each_kind_of_mismatch_in_the_stored_form()
     kjt = KeyedJaggedTensor.from_lengths_sync(["f0", "f1"], torch.tensor([0, 4, 2, 1, 3, 4]),
                                               torch.ones(6, dtype=torch.int32))
     assert torch.equal(load(state)(kjt).values(), quantized(kjt).values())
+
+
+def _train_and_export_on_the_command_line(data: str, run_dir: str, output: str) -> Dict[str, object]:
+    import contextlib
+    import io
+    import json
+
+    from recsys_llm.cli import main
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                          "synthetic_deepfm.yaml")
+    overrides = [f"data.schema={data}/schema.json", "data.batch_size=128", "data.synthetic_rows=0", "train.epochs=1",
+                 "train.progress=false", "train.device=cpu", f"train.run_dir={run_dir}", "model.embedding_dim=8",
+                 "model.mlp_layer_sizes=[16]"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "--config", config, *overrides]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", "--checkpoint", run_dir, "--output", output, "--table-dtype", "int8",
+                     "--mixed-precision", "bf16", *overrides]) == 0
+    return json.loads(printed.getvalue())
+
+
+@pytest.mark.multiprocess
+def test_export_on_the_command_line_passes_its_table_dtype_and_precision_on(tmp_path):
+    from recsys_llm.data.synthetic import generate_synthetic
+    from tests.multiprocess import run_multiprocess
+
+    generate_synthetic(str(tmp_path / "data"), 1_000, seed=0)
+    (written,) = run_multiprocess(_train_and_export_on_the_command_line, world_size=1, data=str(tmp_path / "data"),
+                                  run_dir=str(tmp_path / "run"), output=str(tmp_path / "served"))
+    assert (written["table_dtype"], written["mixed_precision"]) == ("int8", "bf16")
+    served = ServedModel.load(str(tmp_path / "served"), trust_program=True)
+    assert served.mixed_precision == "bf16"

@@ -713,3 +713,25 @@ def test_gpus_ask_for_cuda_in_the_llm_jobs_and_benchmarks() -> None:
     assert words[-3:] == ["--device", "cuda", "--quick"]
     assert command_of(load("bench")("llactr", "--device", "cpu", gpu=1)).count("--device") == 1
     assert "--device" not in command_of(load("bench")("llactr", "--quick"))
+
+
+def test_edge_values_of_the_launch_arguments_are_taken_or_refused_as_documented() -> None:
+    """nnodes=0 is refused like nproc_per_node=0; 65535 is a TCP port; a named resource with as many GPUs as the
+    benchmark's one worker runs it on that GPU; the benchmark host's memory defaults to 16 GiB."""
+    for name, args in (("train", ("c.yaml",)), ("trained", ("evaluate", "runs/r")), ("encode", ("export",)),
+                       ("bench", ("train_throughput",))):
+        with pytest.raises(ValueError, match="nnodes and nproc_per_node must be >= 1, got nnodes=0"):
+            load(name)(*args, nnodes=0)
+    words = command_of(load("train")("c.yaml", nnodes=2, rdzv_port=65535))
+    assert words[words.index("--rdzv_endpoint") + 1].endswith(":65535")
+    words = command_of(load("bench")("elec", named_resource="aws_p3.2xlarge"))  # 1 GPU for the 1 worker
+    assert words[words.index("benchmarks/elec.py") + 5:] == ["--device", "cuda"]
+    assert load("bench")("elec").roles[0].resource.memMB == 16384
+
+
+def test_a_component_option_given_with_an_equals_sign_among_the_job_arguments_is_refused() -> None:
+    for name, args in (("bench", ["--name", "elec", "--", "--quick", "--cpu=4"]),
+                       ("trained", ["--job", "export", "--checkpoint", "r", "--", "--output", "o", "--gpu=1"]),
+                       ("encode", ["--job", "export", "--", "--schema", "s.json", "--nnodes=2"])):
+        with pytest.raises(ValueError, match="never reach the component"):
+            from_cli(name, args)

@@ -160,6 +160,8 @@ def test_prepare_refuses_bad_numbers_naming_the_flag_before_any_work(tmp_path, c
         (["synthetic", "--cold-item-fraction", "1.5"], "argument --cold-item-fraction: expected a finite number >= 0 "
                                                        "and < 1, got '1.5'"),
         (["criteo", "--input", "x", "--hash-size", "1"], "argument --hash-size: expected an integer >= 2, or 26 of them separated by commas (C1..C26), got '1'"),
+        (["criteo", "--input", "x", "--hash-size", "5,6"], "argument --hash-size: expected an integer >= 2, or 26 of "
+                                                            "them separated by commas (C1..C26), got '5,6'"),
         (["criteo", "--input", "x", "--max-rows", "0"], "argument --max-rows: expected an integer >= 1, got '0'"),
         (["movielens", "--input", "x", "--zip-prefix-length", "0"], "argument --zip-prefix-length: expected an "
                                                                     "integer >= 1, got '0'"),
