@@ -194,6 +194,18 @@ def resolve_llm(sizes: Sizes, override: Optional[str], work_dir: str, seed: int)
 
 
 # ---- field level: SSFT + field encode -----------------------------------------------------------
+def ssft_run_scale(timed: Tuple[int, int, int], default: Tuple[int, int, int]) -> float:
+    """How many times longer than the timed SSFT run the run at the default S takes, at least 1: the larger growth
+    of its train prompts (a pass per epoch) and of its held-out prompts (scored before tuning and after each epoch:
+    epochs + 1 passes). ``timed``, ``default``: (train prompts, held-out prompts, epochs); a timed run without
+    held-out prompts scales by the train growth alone."""
+    (train, valid, epochs), (default_train, default_valid, default_epochs) = timed, default
+    growth = [default_train * default_epochs / (train * epochs)]
+    if valid:
+        growth.append(default_valid * (default_epochs + 1) / (valid * (epochs + 1)))
+    return max(1.0, *growth)
+
+
 def field_level_work(schema, llm_path: str, sizes: Sizes, work_dir: str, seed: int) -> Dict[str, Any]:
     """Runs the whole field-level LLM work of LLaCTR and times it.
 
@@ -230,10 +242,8 @@ def field_level_work(schema, llm_path: str, sizes: Sizes, work_dir: str, seed: i
         schema, [schema.field(n) for n in trainer.fields],
         dataclasses.replace(config, samples_train=default.samples_train, samples_valid=default.samples_valid),
     )
-    growth = [len(default_train) * default.epochs / (len(train) * config.epochs)]
-    if valid:
-        growth.append(len(default_valid) * (default.epochs + 2) / (len(valid) * (config.epochs + 2)))
-    scale = max(1.0, *growth)
+    scale = ssft_run_scale((len(train), len(valid), config.epochs),
+                           (len(default_train), len(default_valid), default.epochs))
     at_default = watch.seconds["ssft_setup"] + scale * watch.seconds["ssft_run"] + watch.seconds["field_encode"]
     return {
         "seconds": watch.total,

@@ -175,6 +175,16 @@ def test_llactr_ratios_come_from_rounds_and_scaled_costs(tmp_path_factory: pytes
     assert payload["llm_cost_ratio_instance_vs_field"] == pytest.approx(scaled / field["seconds_at_default_s"])
 
 
+def test_the_ssft_run_scales_by_the_larger_growth_of_train_and_held_out_prompts() -> None:
+    """Train prompts pass once per epoch; held-out ones are scored before tuning and after each epoch."""
+    from benchmarks import llactr
+
+    assert llactr.ssft_run_scale((80, 20, 1), (4919, 500, 2)) == pytest.approx(4919 * 2 / 80)  # train grows more
+    assert llactr.ssft_run_scale((80, 2, 1), (160, 100, 2)) == pytest.approx(100 * 3 / (2 * 2))  # held-out grows more
+    assert llactr.ssft_run_scale((80, 0, 1), (160, 100, 2)) == pytest.approx(4.0)  # none held out: train alone
+    assert llactr.ssft_run_scale((80, 20, 2), (40, 10, 2)) == 1.0  # never below the timed run
+
+
 def test_llactr_batch_size_and_backbones_override_the_mode(capsys: pytest.CaptureFixture, tmp_path) -> None:
     from benchmarks import llactr
 
