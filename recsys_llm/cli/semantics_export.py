@@ -151,7 +151,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
                            **{f"row_text.{key}": value for key, value in row_text.items()}}
     tuned_config = dataclasses.replace(config, sample_rows=None)
     check_tune_checkpoint(checkpoint, texts, labels, tuned_config)  # before the LLM loads
-    model = CTRAdaptedLLM.from_config(config, args.trust_remote_code, device)
+    model = CTRAdaptedLLM.from_config(config, trust_remote_code=args.trust_remote_code, device=device)
     losses = tune_ctr_llm(model, texts, labels, tuned_config, checkpoint=checkpoint,
                           gradient_checkpointing=args.gradient_checkpointing)
     steps_per_epoch = len(losses) // tuned_config.epochs

@@ -47,6 +47,7 @@ from recsys_llm.semantics.model_loading import (
     load_model,
     load_tokenizer,
     position_limited,
+    resolve_device,
     runs_own_code,
     tokenizer_fits_model,
 )
@@ -197,8 +198,8 @@ class CTRAdaptedLLM(nn.Module):
         return self
 
     @classmethod
-    def from_config(cls, config: CTRLLMConfig, trust_remote_code: bool = False,
-                    device: Optional[torch.device] = None) -> "CTRAdaptedLLM":
+    def from_config(cls, config: CTRLLMConfig, *, trust_remote_code: bool = False,
+                    device: Optional[Union[str, torch.device]] = None) -> "CTRAdaptedLLM":
         """Loads the base model and tokenizer from ``config.model_path`` (offline).
 
         Seeds torch's global random stream with ``config.seed`` first (``torch.manual_seed``): the
@@ -210,16 +211,19 @@ class CTRAdaptedLLM(nn.Module):
             config (CTRLLMConfig): the settings.
             trust_remote_code (bool): run the model directory's own code if its config asks
                 for it (off: such a model is refused); not saved with the adapted LLM, so
-                each load asks again.
-            device (Optional[torch.device]): where the base model's weights load, straight from
+                each load asks again. Keyword-only, as ``device``.
+            device (Optional[Union[str, torch.device]]): where the base model's weights load, straight from
                 their files (no copy in host memory first); None: the CPU. The heads and LoRA start
                 on the CPU's random stream whatever the device.
+
+        Raises:
+            ValueError: ``device`` is no device name torch knows, or a GPU this process does not see.
         """
         torch.manual_seed(config.seed)
         # checks the directory and its files, pads decoders
         tokenizer = load_tokenizer(config.model_path, trust_remote_code)
         dtype = LLM_DTYPES[config.llm_dtype]
-        device = torch.device("cpu") if device is None else torch.device(device)
+        device = torch.device("cpu") if device is None else resolve_device(device, "device")
         llm = load_model(config.model_path, device, dtype, trust_remote_code)  # its encoder if enc-dec
         return cls(llm, tokenizer, config).to(device)
 
@@ -293,13 +297,15 @@ class CTRAdaptedLLM(nn.Module):
             raise ValueError(f"encode output must be one of {ENCODE_OUTPUTS}, got {output!r}")
         was_training = self.training
         self.eval()
-        encoded = self.tokenize(texts)
-        if output == "pooled":
-            hidden = hidden_states(self.llm, encoded["input_ids"], encoded["attention_mask"])  # (N, T, H)
-            vectors = pool(hidden, encoded["attention_mask"], self.config.pooling)  # (N, H)
-        else:
-            _, vectors = self(**encoded)  # (N, R)
-        self.train(was_training)
+        try:  # a failed call (a text without tokens) leaves the model in the mode it was in
+            encoded = self.tokenize(texts)
+            if output == "pooled":
+                hidden = hidden_states(self.llm, encoded["input_ids"], encoded["attention_mask"])  # (N, T, H)
+                vectors = pool(hidden, encoded["attention_mask"], self.config.pooling)  # (N, H)
+            else:
+                _, vectors = self(**encoded)  # (N, R)
+        finally:
+            self.train(was_training)
         return vectors.float().cpu()
 
     def trainable_llm_state(self) -> Dict[str, torch.Tensor]:

@@ -240,7 +240,7 @@ def load_ctr_llm(directory: str, model_path: Optional[str] = None, trust_remote_
     # both files are read before the base model loads: a damaged one is named at once
     tuned = _read_ctr_llm_tensors(directory, "llm_tuned.safetensors")
     heads = _read_ctr_llm_tensors(directory, "heads.safetensors")
-    model = CTRAdaptedLLM.from_config(config, trust_remote_code, device)
+    model = CTRAdaptedLLM.from_config(config, trust_remote_code=trust_remote_code, device=device)
     check_base_code(directory, model)
     check_base_tokenizer(directory, model)
     named = dict(model.llm.named_parameters())

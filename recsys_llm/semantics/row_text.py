@@ -62,6 +62,9 @@ def check_entity_fields(fields: Optional[List[str]]) -> None:
     Raises:
         SchemaError: naming the fields, the option and the repeated names.
     """
+    if isinstance(fields, str):  # iterated, it would name the fields 'i', 't', 'e', ...
+        raise SchemaError(f"entity text fields must be a list of field names, got the single string {fields!r}; "
+                          f"pass [{fields!r}]")
     twice = sorted({name for name in fields or [] if fields.count(name) > 1})
     if twice:
         raise SchemaError(f"entity text fields {fields} (semantics export --entity-fields) name "
@@ -98,6 +101,9 @@ class RowTextConfig:
 
     def __post_init__(self) -> None:
         check_row_template(self.template, "row-text template")
+        if isinstance(self.fields, str):  # list("user_id") would name the fields 'u', 's', 'e', ...
+            raise SchemaError(f"row-text fields must be a list of field names, got the single string {self.fields!r}; "
+                              f"pass [{self.fields!r}]")
         twice = sorted({name for name in self.fields or [] if self.fields.count(name) > 1})
         if twice:
             raise SchemaError(f"row-text fields {self.fields} (semantics adapt / export --fields) name "

@@ -202,6 +202,7 @@ def export_rows(
         SplitRows: the key and text columns of ``splits``.
 
     Raises:
+        TypeError: ``splits`` is a single string.
         ValueError: an unknown granularity, a schema without a row key (``row``), a missing,
             non-sparse or hashed entity field or an entity text field the schema lacks or that is named
             twice (``entity``), a split that is neither a split of the schema nor a Parquet path, or a
@@ -209,6 +210,9 @@ def export_rows(
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if isinstance(splits, str):  # iterated, "valid" would be the splits 'v', 'a', 'l', ...
+        raise TypeError(f"splits must be a sequence of split names or Parquet paths, got the single string "
+                        f"{splits!r}; pass [{splits!r}]")
     for split in splits:
         if split not in schema.splits:
             _check_prepared_like(schema, split)

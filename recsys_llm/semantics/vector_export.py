@@ -446,13 +446,18 @@ class VectorExport:
 
         Raises:
             ValueError: a vector holds NaN/inf (before or after the cast to the storage
-                dtype), naming the chunk ``path`` and the first such row's key; or the
-                projection is of another width than the encoder's vectors.
+                dtype), naming the chunk ``path`` and the first such row's key; ``encode_fn`` gave other than
+                one vector per text; or the projection is of another width than the encoder's vectors.
         """
         parts = []
         for start in range(0, len(texts), self._config.batch_size):
-            vectors = encode_fn(list(texts[start : start + self._config.batch_size]))  # (b, d)
-            vectors = torch.as_tensor(vectors).float().cpu()
+            batch = list(texts[start : start + self._config.batch_size])
+            vectors = torch.as_tensor(encode_fn(batch)).float().cpu()  # (b, d)
+            if vectors.dim() != 2 or vectors.size(0) != len(batch):
+                raise ValueError(
+                    f"{path}: encode_fn gave vectors of shape {tuple(vectors.shape)} for {len(batch)} texts; expected "
+                    f"({len(batch)}, d): one vector per text, in the order of the texts"
+                )
             if self._projection is not None:
                 mean, components = self._projection
                 if vectors.dim() != 2 or vectors.size(1) != components.size(0):

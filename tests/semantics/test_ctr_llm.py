@@ -633,3 +633,23 @@ def test_the_tuning_sample_is_sorted_distinct_rows_drawn_by_the_seed(tmp_path):
     np.testing.assert_array_equal(index, sample_indices(100, config))
     assert sample_indices(100, dataclasses.replace(config, seed=1)).tolist() != index.tolist()
     np.testing.assert_array_equal(sample_indices(10, config), np.arange(10))  # no more rows than asked: all of them
+
+
+def test_from_config_takes_trust_remote_code_and_device_by_keyword_and_names_an_unseen_gpu(tmp_path):
+    config = CTRLLMConfig(model_path=_tiny_model_dir(tmp_path, "bert"), tuning="heads", representation_dim=4,
+                          hidden_dim=8, max_length=16)
+    with pytest.raises(TypeError):  # a device given in trust_remote_code's place would run a directory's own code
+        CTRAdaptedLLM.from_config(config, "cpu")
+    assert next(CTRAdaptedLLM.from_config(config, device="cpu").parameters()).device.type == "cpu"
+    unseen = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+    with pytest.raises(ValueError, match=r"device .*this process sees"):
+        CTRAdaptedLLM.from_config(config, device=unseen)
+
+
+def test_a_failed_encode_leaves_the_model_in_its_mode(tmp_path):
+    config = CTRLLMConfig(model_path=_tiny_model_dir(tmp_path, "bert"), representation_dim=4, hidden_dim=8,
+                          max_length=16, dropout=0.1)
+    model = CTRAdaptedLLM.from_config(config).train()
+    with pytest.raises(TypeError, match="single string"):
+        model.encode("user id is 3.")
+    assert model.training and model.transform[2].training

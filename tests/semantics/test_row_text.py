@@ -232,3 +232,12 @@ class TestRowTextConfig:
         with pytest.raises(SchemaError, match="needs exactly one '{value}'"):
             RowTextConfig(template="{value} and {value}")
         assert RowTextConfig(template="the {description}: {value}!").template == "the {description}: {value}!"
+
+
+def test_a_single_field_name_is_refused_not_read_letter_by_letter():
+    from recsys_llm.semantics.row_text import check_entity_fields
+
+    with pytest.raises(SchemaError, match=r"single string 'user_id'; pass \['user_id'\]"):
+        RowTextConfig(fields="user_id")
+    with pytest.raises(SchemaError, match=r"single string 'item_id'"):
+        check_entity_fields("item_id")

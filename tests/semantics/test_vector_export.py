@@ -1659,3 +1659,18 @@ def test_an_export_records_the_schema_fingerprint_it_was_read_with(tmp_path, gra
 
     stored = read_manifest(out)["provenance"]
     assert stored["schema"] == schema.fingerprint() and stored["granularity"] == granularity
+
+
+def test_an_encode_fn_giving_other_than_one_vector_per_text_is_named(tmp_path):
+    keys, texts = _keys_texts(5)
+    export = VectorExport(str(tmp_path / "out"), PROVENANCE, VectorExportConfig(chunk_rows=4, batch_size=2))
+    with pytest.raises(ValueError, match=r"encode_fn gave vectors of shape \(1, 3\) for 2 texts"):
+        export.run(keys, texts, lambda batch: torch.zeros(1, 3) + 1, progress=False)
+    assert not os.path.exists(chunk_path(str(tmp_path / "out"), 0))
+
+
+def test_a_single_split_name_is_refused_not_read_letter_by_letter(tmp_path):
+    schema = make_schema(str(tmp_path / "data"))
+    with pytest.raises(TypeError, match=r"single string 'valid'; pass \['valid'\]"):
+        export_schema_vectors(schema, "valid", RowTextRenderer(schema), CountingEncoder(), str(tmp_path / "out"),
+                              PROVENANCE, VectorExportConfig(), progress=False)
