@@ -487,7 +487,8 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
                        help="tokens per row text; a longer one is cut at its end (tuning warns how many are)")
     adapt.add_argument("--seed", type=int, default=0, help="sampling, initialisation and shuffling seed")
     adapt.add_argument("--device", default=None, help="e.g. cuda:0 (default: CUDA if available, else CPU)")
-    adapt.add_argument("--llm-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    adapt.add_argument("--llm-dtype", default="float32",
+                       choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
                        help="dtype of the LLM's weights, whatever the checkpoint's (bfloat16 halves a large "
                             "LLM's memory on a GPU; heads and vectors stay float32)")
     adapt.add_argument("--fields", nargs="+", default=None, help="fields written into the row text (default: all)")
@@ -530,7 +531,7 @@ def register(group_subparsers: argparse._SubParsersAction) -> None:
                              "its vectors, only the new ids of the grown vocabulary are encoded")
     export.add_argument("--chunk-rows", type=integer_at_least(1), default=4096, help="rows per chunk (unit of resumption)")
     export.add_argument("--batch-size", type=integer_at_least(1), default=64, help="texts per encoder call")
-    export.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16", "fp32", "fp16"],
                         help="dtype of the stored vectors")
     export.add_argument("--projection", default=None, help="PCA projection file (fit_projection + save_projection)")
     export.add_argument("--device", default=None,

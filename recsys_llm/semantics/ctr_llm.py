@@ -52,7 +52,7 @@ from recsys_llm.semantics.model_loading import (
     tokenizer_fits_model,
 )
 from recsys_llm.semantics.pooling import hidden_states, hidden_width, pool
-from recsys_llm.semantics.precision import LowPrecisionSteps
+from recsys_llm.semantics.precision import LowPrecisionSteps, long_dtype_name
 from recsys_llm.semantics.ctr_llm_checkpoint import TuneCheckpoint, TuneCheckpointer, resume_signature
 
 TUNING_MODES = ("lora", "last_k", "heads")
@@ -133,8 +133,10 @@ class CTRLLMConfig:
     llm_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.llm_dtype not in LLM_DTYPES:
-            raise ValueError(f"CTRLLMConfig.llm_dtype must be one of {sorted(LLM_DTYPES)}, got {self.llm_dtype!r}")
+        if long_dtype_name(self.llm_dtype) not in LLM_DTYPES:
+            raise ValueError(f"CTRLLMConfig.llm_dtype must be one of {sorted(LLM_DTYPES)} (or bf16, fp16, fp32), got "
+                             f"{self.llm_dtype!r}")
+        self.llm_dtype = long_dtype_name(self.llm_dtype)  # recorded as torch names it
         if self.tuning not in TUNING_MODES:
             raise ValueError(f"CTRLLMConfig.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
         if self.pooling not in ("mean", "last_token", "cls"):

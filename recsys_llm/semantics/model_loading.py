@@ -29,6 +29,7 @@ from recsys_llm.semantics.model_dir import (
     require_no_hub_kernel,
     require_weight_files,
 )
+from recsys_llm.semantics.precision import SHORT_DTYPE_NAMES, long_dtype_name
 from recsys_llm.train.distributed import select_device, started_by_torchrun_on_each_rank
 
 
@@ -42,16 +43,16 @@ def computes_in_bf16(device: torch.device) -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on a CUDA device that computes in it (:func:`computes_in_bf16`), else fp32; or a named dtype."""
+    """``auto`` -> bf16 on a CUDA device that computes in it (:func:`computes_in_bf16`), else fp32; or a named dtype
+    (``float32``, ``bfloat16``, ``float16``, or their short names)."""
     if dtype == "auto":
         if device.type == "cuda" and computes_in_bf16(device):
             return torch.bfloat16
         return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
-    return names[dtype]
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if long_dtype_name(dtype) not in names:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted([*names, *SHORT_DTYPE_NAMES])}, got {dtype!r}")
+    return names[long_dtype_name(dtype)]
 
 
 def _one_gpu_for_every_rank(index: int) -> bool:

@@ -14,6 +14,14 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+SHORT_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # as every dtype setting takes them
+
+
+def long_dtype_name(name: str) -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` as torch names them (``float32``, ...); any other name as it is."""
+    return SHORT_DTYPE_NAMES.get(name, name)
+
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 

@@ -63,6 +63,7 @@ from recsys_llm.atomic_dir import check_own_entries, link_into_place, write_file
 from recsys_llm.data.parquet_writer import vector_array
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.progress import bar_options
+from recsys_llm.semantics.precision import long_dtype_name
 from recsys_llm.semantics.vector_projection import load_projection
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
@@ -101,8 +102,10 @@ class VectorExportConfig:
     vector_column: str = "vector"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"VectorExportConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if long_dtype_name(self.dtype) not in DTYPES:
+            raise ValueError(f"VectorExportConfig.dtype must be one of {sorted(DTYPES)} (or fp32, fp16), got "
+                             f"{self.dtype!r}")
+        self.dtype = long_dtype_name(self.dtype)  # recorded as torch names it
         if self.chunk_rows <= 0 or self.batch_size <= 0:
             raise ValueError("VectorExportConfig.chunk_rows and batch_size must be positive")
 

@@ -164,7 +164,7 @@ def test_a_bf16_checkpoint_loads_in_the_configured_dtype_and_gives_float32_vecto
     assert len(tune_ctr_llm(bf16, texts, labels, config, progress=False)) == 2
     assert bf16.encode(texts[:4]).dtype == torch.float32
     assert bf16.provenance()["llm_dtype"] == "bfloat16" and "llm_dtype" not in float32.provenance()
-    with pytest.raises(ValueError, match=r"llm_dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'int8'"):
+    with pytest.raises(ValueError, match=r"llm_dtype must be one of \['bfloat16', 'float16', 'float32'\] \(or bf16, fp16, fp32\), got 'int8'"):
         CTRLLMConfig(model_path=path, llm_dtype="int8")
 
 
@@ -653,3 +653,11 @@ def test_a_failed_encode_leaves_the_model_in_its_mode(tmp_path):
     with pytest.raises(TypeError, match="single string"):
         model.encode("user id is 3.")
     assert model.training and model.transform[2].training
+
+
+@pytest.mark.parametrize("short, long", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")])
+def test_the_llm_dtype_takes_the_short_names_the_encoder_takes_and_records_torchs(short, long):
+    """TextEncoder and SSFT took bf16 where CTRLLMConfig refused it (and `semantics adapt --llm-dtype bf16`)."""
+    assert CTRLLMConfig(model_path="m", llm_dtype=short).llm_dtype == long
+    with pytest.raises(ValueError, match=r"llm_dtype must be one of .* \(or bf16, fp16, fp32\), got 'half'"):
+        CTRLLMConfig(model_path="m", llm_dtype="half")

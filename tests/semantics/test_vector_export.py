@@ -1674,3 +1674,9 @@ def test_a_single_split_name_is_refused_not_read_letter_by_letter(tmp_path):
     with pytest.raises(TypeError, match=r"single string 'valid'; pass \['valid'\]"):
         export_schema_vectors(schema, "valid", RowTextRenderer(schema), CountingEncoder(), str(tmp_path / "out"),
                               PROVENANCE, VectorExportConfig(), progress=False)
+
+
+def test_the_storage_dtype_takes_short_names_and_records_torchs():
+    assert VectorExportConfig(dtype="fp16").dtype == "float16" and VectorExportConfig(dtype="fp32").dtype == "float32"
+    with pytest.raises(ValueError, match=r"dtype must be one of \['float16', 'float32'\] \(or fp32, fp16\), got 'bf16'"):
+        VectorExportConfig(dtype="bf16")
