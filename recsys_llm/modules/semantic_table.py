@@ -35,6 +35,7 @@ from recsys_llm.data.batch import Batch
 from recsys_llm.models.base import CTRBackbone, CTROutput, check_sharded_key_order, check_weighted_tables
 from recsys_llm.models.embedding import mark_filled_tables, mark_tables_on_load, require_allocated
 from recsys_llm.models.task import CTRTask
+from recsys_llm.semantics.vector_export import read_manifest
 from recsys_llm.semantics.vector_reader import iter_vector_rows, key_range
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class SemanticTable(nn.Module):
         self,
         entities: Mapping[str, int],
         dim: int,
+        *,
         pooling: PoolingType = PoolingType.SUM,
         device: Optional[torch.device] = torch.device("meta"),
         is_weighted: bool = False,
@@ -139,6 +141,13 @@ class SemanticTable(nn.Module):
                 "build it with device=torch.device('cpu') and load the vectors (load_semantic_vectors) to use it "
                 "unsharded; on meta it would give vectors without values"
             )
+        if not isinstance(features, torch.fx.Proxy):
+            absent = [name for name in self._feature_names if name not in features.keys()]
+            if absent:
+                raise KeyError(
+                    f"SemanticTable {self._feature_names}: the batch's KeyedJaggedTensor has no feature {absent} "
+                    f"(its keys: {features.keys()}); every entity field must be a key of the batch"
+                )
         if not isinstance(tables, EmbeddingBagCollection) and not isinstance(features, torch.fx.Proxy):
             check_sharded_key_order(features, tables, "SemanticTable")  # eager (traced: the pipeline checks)
         pooled = tables(features).to_dict()
@@ -252,7 +261,16 @@ def load_semantic_vectors(
 
     weights = table_weights(model, table_name)
     if not weights:
-        raise KeyError(f"model has no embedding table {table_name!r} in its state dict")
+        suffix = ".weight"
+        semantic = sorted({k[: -len(suffix)].rsplit(".", 1)[-1] for k in model.state_dict()
+                           if k.endswith(suffix) and f"embedding_bags.{TABLE_PREFIX}" in k})
+        hint = (f"; the table of the entity field {table_name!r} is {semantic_table_name(table_name)!r}"
+                if semantic_table_name(table_name) in semantic else "")
+        raise KeyError(f"model has no embedding table {table_name!r} in its state dict (its entity tables: "
+                       f"{semantic}{hint})")
+    if table_name.startswith(TABLE_PREFIX) and "entity_field" in read_manifest(vector_dir)["provenance"]:
+        # another field's vectors (a user export in the item table) would fill it wherever their ids fit
+        expected = {**(expected or {}), "entity_field": table_name[len(TABLE_PREFIX):]}
     num_rows = weights[0][1].size(0)
     # checks row counts against the manifest and that no id repeats (two vectors for one row)
     low, high = key_range(vector_dir, expected)

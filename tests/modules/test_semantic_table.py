@@ -774,3 +774,34 @@ def test_a_frozen_teachers_row_the_export_has_no_vector_for_must_be_zero(tmp_pat
         module.embedding_bag_collection.embedding_bags["semantic_item_id"].weight[4, 0] = 0.5  # id 4: not exported
     with pytest.raises(ValueError, match="holds other vectors than the teacher's table"):
         check_teacher_vectors(module, "item_id", out)
+
+
+def test_optional_arguments_are_keyword_only_and_misnamed_tables_and_absent_fields_are_named(tmp_path):
+    """SemanticTable(entities, d, torch.device("cpu")) was taken as pooling (AttributeError 'value'); a feature name
+    given as the table name, or an entity field the KJT lacks, now names what to use."""
+    with pytest.raises(TypeError, match="positional"):
+        SemanticTable({"item_id": NUM_ITEMS}, DIM, torch.device("cpu"))
+    write_item_vectors(str(tmp_path / "items"))
+    module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
+    with pytest.raises(KeyError, match="its entity tables: \\['semantic_item_id'\\].*is 'semantic_item_id'"):
+        load_semantic_vectors(module, "item_id", str(tmp_path / "items"))
+    load_semantic_vectors(module, "semantic_item_id", str(tmp_path / "items"))
+    kjt = KeyedJaggedTensor.from_lengths_sync(["movie_id"], torch.tensor([1, 2]), torch.tensor([1, 1]))
+    with pytest.raises(KeyError, match=r"has no feature \['item_id'\] \(its keys: \['movie_id'\]\)"):
+        module(kjt)
+
+
+def test_another_entity_fields_export_is_refused_where_its_ids_fit(tmp_path):
+    """A user_id export loaded into the item table filled it without a word wherever the user ids fit its rows."""
+    users = str(tmp_path / "users")
+    VectorExport(users, {**PROVENANCE, "entity_field": "user_id"}, VectorExportConfig(chunk_rows=5)).run(
+        pa.array(np.arange(3), pa.int64()), lambda a, b: [str(i) for i in range(a, b)],
+        lambda texts: torch.ones(len(texts), DIM), progress=False)
+    module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
+    weight = module.embedding_bag_collection.embedding_bags["semantic_item_id"].weight
+    before = weight.detach().clone()
+    with pytest.raises(ProvenanceError, match="entity_field: stored 'user_id', expected 'item_id'"):
+        load_semantic_vectors(module, "semantic_item_id", users)
+    assert torch.equal(weight, before)  # nothing copied
+    user_table = SemanticTable({"user_id": 3}, DIM, device=torch.device("cpu"))
+    assert load_semantic_vectors(user_table, "semantic_user_id", users) == 3
