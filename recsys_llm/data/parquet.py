@@ -199,8 +199,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         labels: bool = True,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory=True needs CUDA (page-locked memory speeds up copies to a GPU); none is visible")
         if not 0 <= rank < world_size:
@@ -210,6 +210,8 @@ class ParquetBatchReader(torch.utils.data.IterableDataset):
         if shuffle_buffer_rows is not None and shuffle_buffer_rows <= 0:
             raise ValueError(f"shuffle_buffer_rows must be > 0 (rows mixed together; None: the default), got "
                              f"{shuffle_buffer_rows}")
+        if isinstance(extras, (str, bytes)):  # list('ts') would read columns 't' and 's'
+            raise TypeError(f"extras={extras!r}: expected a list of column names; pass [{extras!r}] for one column")
         self._schema = schema
         self._extras = list(extras)
         self._labels = labels

@@ -135,7 +135,7 @@ class FieldSpec:
             out-of-range ids with a modulo instead of rejecting them.
         description (str): human-readable meaning of the field, read by the LLM methods.
         value_text (Optional[str]): Parquet file (relative to the schema) mapping ids to text.
-        max_length (int): sequences are truncated to this many ids.
+        max_length (int): sequences are truncated to this many ids (their first ones); 0: not truncated.
         embedding_dim (Optional[int]): per-field override of the model's embedding dim.
     """
 

@@ -186,6 +186,13 @@ class CTRBackbone(nn.Module, abc.ABC):
             # sharded, FBGEMM's kernels take float32 weights for FP16 tables
             sparse_features = weights_in_table_dtype(sparse_features, self.embedding_bag_collection)
         embeddings = self.embedding_bag_collection(sparse_features)
+        if not isinstance(embeddings, torch.fx.Proxy) and embeddings.values().is_meta and not dense_features.is_meta:
+            # unsharded tables left on meta; torch failed later, in the interaction, naming devices only
+            raise RuntimeError(
+                f"{type(self).__name__}: its tables are on the meta device (build_backbone's default, for "
+                "DistributedModelParallel to allocate the shards): shard the model (train.sharding.shard_model), "
+                "or build it with device=torch.device('cpu') to train or run it unsharded"
+            )
         logits, representation = self.interact(dense_features, embeddings, extra_fields)
         return CTROutput(one_logit_per_row(logits, type(self).__name__), representation, embeddings)
 

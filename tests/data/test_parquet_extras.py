@@ -225,3 +225,23 @@ def test_reader_settings_out_of_range_are_refused(tmp_path, setting, message):
     _write(path, np.ones((4, 3), np.float32), np.ones(4, np.float32))
     with pytest.raises(ValueError, match=message):
         ParquetBatchReader(SCHEMA, path, 4, shuffle=True, **setting)
+
+
+def test_one_column_name_as_a_string_is_refused_naming_the_list_to_pass(tmp_path):
+    """A str is a Sequence[str] of its characters: extras="weight" asked for columns 'w', 'e', ..."""
+    path = str(tmp_path / "ok.parquet")
+    _write(path, np.ones((4, 3), np.float32), np.ones(4, np.float32))
+    with pytest.raises(TypeError, match=r"extras='weight': expected a list of column names; pass \['weight'\]"):
+        ParquetBatchReader(SCHEMA, path, 4, extras="weight", prefetch=0)
+    batch = next(iter(ParquetBatchReader(SCHEMA, path, 4, extras=["weight"], prefetch=0)))
+    assert list(batch.extras) == ["weight"]
+
+
+@pytest.mark.parametrize("batch_size", [4.0, 0, True])
+def test_a_batch_size_that_is_no_positive_integer_is_refused_when_the_reader_is_made(tmp_path, batch_size):
+    """4.0 was taken, then failed in numpy with "'float' object cannot be interpreted as an integer"."""
+    path = str(tmp_path / "ok.parquet")
+    _write(path, np.ones((4, 3), np.float32), np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, got {batch_size!r}"):
+        ParquetBatchReader(SCHEMA, path, batch_size, prefetch=0)
+    assert len(ParquetBatchReader(SCHEMA, path, np.int64(4), prefetch=0)) == 1

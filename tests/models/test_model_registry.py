@@ -135,3 +135,12 @@ def test_schema_without_dense_features(name: str, kjt) -> None:
     model = build_backbone(SMOKE_CONFIGS[name], DatasetSchema("sparse_only", fields), device=torch.device("cpu"))
     out = model(torch.empty(4, 0), kjt)
     assert out.logits.shape == (4,) and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_backbone_left_on_meta_is_refused_naming_the_device_to_build_on(schema, kjt, dense, name: str) -> None:
+    """build_backbone's default device is meta (for DMP); run unsharded, torch failed with "Tensor on device cpu is
+    not on the expected device meta!" somewhere in the interaction."""
+    model = build_backbone(SMOKE_CONFIGS[name], schema)
+    with pytest.raises(RuntimeError, match=r"tables are on the meta device .*device=torch.device\('cpu'\)"):
+        model(dense, kjt)
