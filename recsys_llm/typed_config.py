@@ -186,3 +186,19 @@ def build_dataclass(cls: Type[T], raw: Any, where: str, init_vars: Optional[Mapp
 def dotted_key(where: str, name: str) -> str:
     """The dotted key of ``name`` inside ``where`` ('' is the top level)."""
     return f"{where}.{name}" if where else name
+
+
+def check_bool_settings(config: Any, names: Tuple[str, ...], where: str) -> None:
+    """Raises ConfigError, naming ``<where>.<name>``, for a setting of ``names`` that is no bool: a config built in
+    Python is not converted as a config file's is, and ``"false"``, ``1`` or a list would count as on."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted_key(where, name)}: expected true or false, got {value!r}")
+
+
+def check_name_list(value: Any, where: str) -> None:
+    """Raises ConfigError, naming ``where``, for a single string where a list of names is expected (it would be
+    read letter by letter)."""
+    if isinstance(value, str):
+        raise ConfigError(f"{where}: expected a list of names, got the string {value!r} (for one name: [{value!r}])")

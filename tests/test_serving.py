@@ -1091,3 +1091,16 @@ def test_a_served_fie_term_loads_without_a_shared_storage_warning(tmp_path):
         warnings.simplefilter("always")
         ServedModel.load(str(tmp_path / "export"), trust_program=True)
     assert not [w for w in caught if "complete tensor" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_trust_program_and_gather_options_are_checked(tmp_path):
+    """ServedModel.load(dir, "false") loaded the program ("false" is truthy); unsharded_state_dict(model, "student.")
+    took the prefix as the rank dst and returned an empty dict."""
+    with pytest.raises(TypeError, match="ServedModel.load: trust_program must be True or False, got 'false'"):
+        ServedModel.load(str(tmp_path), "false")
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="positional"):
+        unsharded_state_dict(model, "0.")
+    with pytest.raises(ValueError, match="unsharded_state_dict: dst must be a rank"):
+        unsharded_state_dict(model, dst="0.")
+    assert sorted(unsharded_state_dict(model, prefix="0.")) == ["0.bias", "0.weight"]

@@ -142,7 +142,7 @@ def prepare_dataset(
             raise ValueError(f"prepare tabular --like {like_dir}: the schema is the earlier output's; expected no "
                              f"schema file (--schema {schema_path})")
         schema = prepare_tabular_like(input_path, like_dir, out_dir, _source_config(source, config, TabularConfig),
-                                      split_name or "test", progress=progress, field_ways=field_ways,
+                                      split_name=split_name or "test", progress=progress, field_ways=field_ways,
                                       grow_vocabulary=grow_vocabulary)
     elif source == "synthetic":
         c = _source_config(source, config, SyntheticConfig) or SyntheticConfig()

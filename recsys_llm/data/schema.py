@@ -233,6 +233,18 @@ class DatasetSchema:
     ids: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # a config built in Python: a string was iterated letter by letter ("train" as splits t, r, a, i, n)
+        for key in ("splits", "ids"):
+            if not isinstance(getattr(self, key), Mapping):
+                raise SchemaError(f"schema {self.name!r}: {key} must be a mapping, got {getattr(self, key)!r}")
+        for key in ("fields", "extra_columns"):
+            if isinstance(getattr(self, key), str):
+                raise SchemaError(f"schema {self.name!r}: {key} must be a list, got the string {getattr(self, key)!r}")
+        for key in ("label", "root"):
+            if not isinstance(getattr(self, key), str):
+                raise SchemaError(f"schema {self.name!r}: {key} must be a string, got {getattr(self, key)!r}")
+        if self.row_key is not None and not isinstance(self.row_key, str):
+            raise SchemaError(f"schema {self.name!r}: row_key must be a column name or None, got {self.row_key!r}")
         for split in self.splits:
             check_split_name(split, f"schema {self.name!r}")
         names = [f.name for f in self.fields]

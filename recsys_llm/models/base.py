@@ -18,6 +18,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from recsys_llm.data.validation import check_number
 from recsys_llm.models.embedding import mark_tables_on_load
 
 
@@ -81,6 +82,8 @@ class CTRBackbone(nn.Module, abc.ABC):
         num_extra_fields: int = 0,
     ) -> None:
         super().__init__()
+        # a device or a config given by position (FM(ebc, n, FMConfig(), device)) is named, True is no count
+        check_number(f"{type(self).__name__}: num_extra_fields", num_extra_fields, integer=True, minimum=0)
         self.embedding_bag_collection = embedding_bag_collection
         configs = embedding_bag_collection.embedding_bag_configs()
         check_one_table_per_feature(configs, type(self).__name__)

@@ -11,6 +11,7 @@ from recsys_llm.models.base import CTRBackbone, stack_fields
 from recsys_llm.models.fields import DenseFieldEmbedding, resolve_extra_fields
 from recsys_llm.models.first_order import FirstOrder
 from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
+from recsys_llm.typed_config import check_bool_settings
 
 # a leaf of the training pipeline's fx trace (it picks its kernel by whether gradients are needed)
 torch.fx.wrap("weighted_pair_sum")
@@ -80,6 +81,9 @@ class FMConfig:
     """
 
     dense_as_fields: bool = True
+
+    def __post_init__(self) -> None:
+        check_bool_settings(self, ("dense_as_fields",), "FMConfig")  # "false" would count as True
 
 
 class FM(PairWeightFolding, CTRBackbone):

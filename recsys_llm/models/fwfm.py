@@ -12,6 +12,7 @@ from recsys_llm.models.base import CTRBackbone, stack_fields
 from recsys_llm.models.fields import DenseFieldEmbedding, resolve_extra_fields
 from recsys_llm.models.first_order import FirstOrder
 from recsys_llm.models.pairwise import PairWeightFolding
+from recsys_llm.typed_config import check_bool_settings
 
 
 def fwfm_interaction(fields: torch.Tensor, pair_weight: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,9 @@ class FwFMConfig:
     """
 
     dense_as_fields: bool = True
+
+    def __post_init__(self) -> None:
+        check_bool_settings(self, ("dense_as_fields",), "FwFMConfig")  # "false" would count as True
 
 
 class FwFM(PairWeightFolding, CTRBackbone):

@@ -218,6 +218,7 @@ def build_backbone(
     config: ModelConfig,
     schema: DatasetSchema,
     num_extra_fields: int = 0,
+    *,
     device: Optional[torch.device] = torch.device("meta"),
     dense_device: Optional[torch.device] = None,
     table_prefix: str = "t_",
@@ -236,6 +237,7 @@ def build_backbone(
     Returns:
         CTRBackbone: the model; ``model.embedding_bag_collection`` is its EBC.
     """
+    check_number("build_backbone: num_extra_fields", num_extra_fields, integer=True, minimum=0)  # not a device
     return _BUILDERS[config.name](config, schema, num_extra_fields, device, dense_device, table_prefix)
 
 

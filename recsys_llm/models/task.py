@@ -5,7 +5,7 @@
 a LLaCTR-enhanced one, an ELEC gain network or a teacher-student pair.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,6 +73,7 @@ class CTRTask(nn.Module):
     def __init__(
         self,
         model: CTRBackbone,
+        *,
         field_injection: Optional[nn.Module] = None,
         injection_key: str = "llm_vector",
         logit_terms: Optional[Dict[str, nn.Module]] = None,
@@ -86,6 +87,15 @@ class CTRTask(nn.Module):
                 "recsys_llm.models.DLRMBackbone(dlrm, num_dense_features), or make your model a CTRBackbone "
                 "(docs/usage.md, 'Your own model as a backbone')"
             )
+        if field_injection is not None and not isinstance(field_injection, nn.Module):
+            raise TypeError(f"CTRTask: field_injection must be a module (e.g. VectorFieldInjection) or None, got "
+                            f"{type(field_injection).__name__}; logit and loss terms go in logit_terms= / loss_terms=")
+        if not isinstance(injection_key, str):
+            raise TypeError(f"CTRTask: injection_key must be the extras key (a string) of the injected vector, got "
+                            f"{injection_key!r}")
+        for name, terms in (("logit_terms", logit_terms), ("loss_terms", loss_terms)):
+            if terms is not None and not isinstance(terms, Mapping):
+                raise TypeError(f"CTRTask: {name} must be a mapping of name -> module, got {type(terms).__name__}")
         if field_injection is None and getattr(model, "num_extra_fields", 0) > 0:
             raise ValueError(
                 f"CTRTask: {type(model).__name__} was built for {model.num_extra_fields} extra field(s) "

@@ -53,6 +53,9 @@ class ScoreDistillation(nn.Module):
             raise ValueError(f"ScoreDistillation: kind must be one of {SCORE_KD_KINDS}, got {kind!r}")
         self._temperature = temperature
         self._kind = kind
+        if not isinstance(scale_by_temperature, bool):  # "false" would count as True
+            raise ValueError(f"ScoreDistillation: scale_by_temperature must be True or False, got "
+                             f"{scale_by_temperature!r}")
         self._scale = temperature * temperature if scale_by_temperature else 1.0
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

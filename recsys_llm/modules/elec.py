@@ -141,6 +141,9 @@ class ELECConfig:
         # caught here, not as a reshape or planner error deep in building or sharding the task
         check_number("elec.vector_dim", self.vector_dim, integer=True, minimum=1)
         check_number("elec.num_injected_fields", self.num_injected_fields, integer=True, minimum=1)
+        for name in ("entity_tables", "expected_provenance"):  # a string was kept, or failed in dict()
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValueError(f"elec.{name}: expected a mapping, got {getattr(self, name)!r}")
         self.entity_tables = dict(self.entity_tables)
         if self.entity_field:
             previous = self.entity_tables.get(self.entity_field, self.entity_vectors)

@@ -176,6 +176,7 @@ class SemanticTableTask(CTRTask):
         model: CTRBackbone,
         semantic_table: SemanticTable,
         field_injection: nn.Module,
+        *,
         logit_terms: Optional[Dict[str, nn.Module]] = None,
         loss_terms: Optional[Dict[str, nn.Module]] = None,
     ) -> None:

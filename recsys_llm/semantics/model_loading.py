@@ -232,6 +232,14 @@ def _no_remote_code_question(trust_remote_code: bool) -> Iterator[None]:
         dynamic_module_utils.TIME_OUT_REMOTE_CODE = timeout
 
 
+def check_trust_remote_code(trust_remote_code: Any) -> None:
+    """Raises TypeError for a ``trust_remote_code`` that is no bool: ``"false"``, a device or a path given by
+    position would count as True and run the model directory's own code."""
+    if not isinstance(trust_remote_code, bool):
+        raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r} (True runs the model "
+                        "directory's own code)")
+
+
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     """Loads a tokenizer offline and gives it a pad token if it has none (decoder LLMs); a text
     longer than ``max_length`` is cut at its end whatever the tokenizer's config says (some save
@@ -250,6 +258,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+    check_trust_remote_code(trust_remote_code)
     config = read_model_config(model_path)
     require_native_model(model_path, config, trust_remote_code)
     _require_tokenizer_files(model_path, config)
@@ -464,6 +473,7 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_
     """
     from safetensors import SafetensorError
 
+    check_trust_remote_code(trust_remote_code)
     config = read_model_config(model_path)
     require_native_model(model_path, config, trust_remote_code)
     require_no_hub_kernel(model_path, config, trust_remote_code)

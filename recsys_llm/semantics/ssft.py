@@ -103,6 +103,7 @@ from recsys_llm.semantics.train_checkpoint import (
     rng_state,
     setting_differences,
 )
+from recsys_llm.typed_config import check_bool_settings, check_name_list
 
 # checkpoint/ holds this beside train_checkpoint's state, optimizer and RNG files (the RNG file is
 # missing from those of older versions)
@@ -225,6 +226,9 @@ class SSFTConfig:
 
     def __post_init__(self) -> None:
         check_number_fields(self, _NUMBER_RULES, "semantics tune")
+        check_bool_settings(self, ("include_fields_without_description", "trust_remote_code", "resume",
+                                   "gradient_checkpointing"), "SSFTConfig")  # "false" would count as True
+        check_name_list(self.lora_target_modules, "SSFTConfig.lora_target_modules")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"SSFTConfig.lr_schedule (semantics tune --lr-schedule) must be one of {LR_SCHEDULES}, "
                              f"got {self.lr_schedule!r}")

@@ -456,7 +456,11 @@ class ServedModel(nn.Module):
             PermissionError: ``trust_program`` is False.
             ValueError: another format version, a ``--state-only`` export, a training run or checkpoint
                 directory (export it first), no program was exported, or the artifact is damaged or incomplete.
+            TypeError: ``trust_program`` is no bool (``"false"`` would count as True).
         """
+        if not isinstance(trust_program, bool):
+            raise TypeError(f"ServedModel.load: trust_program must be True or False, got {trust_program!r} (True loads "
+                            "the artifact's program, which runs code)")
         for _ in range(LOAD_ATTEMPTS - 1):
             before = _directory_identity(directory)
             try:

@@ -59,7 +59,7 @@ def _gather_shards_to_cpu(value: ShardedTensor, dst: int) -> Optional[torch.Tens
     return full
 
 
-def unsharded_state_dict(model: nn.Module, dst: int = 0, prefix: str = "") -> Dict[str, torch.Tensor]:
+def unsharded_state_dict(model: nn.Module, *, dst: int = 0, prefix: str = "") -> Dict[str, torch.Tensor]:
     """The full state dict of a (possibly DMP-sharded) model, gathered on rank ``dst``.
 
     Every rank must call it (the gather is collective). Sharded tables travel one shard at
@@ -73,6 +73,10 @@ def unsharded_state_dict(model: nn.Module, dst: int = 0, prefix: str = "") -> Di
     """
     import torch.distributed as dist
 
+    if isinstance(dst, bool) or not isinstance(dst, int) or dst < 0:
+        raise ValueError(f"unsharded_state_dict: dst must be a rank (an integer >= 0), got {dst!r}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"unsharded_state_dict: prefix must be a string of a name's start, got {prefix!r}")
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     out: Dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():

@@ -357,7 +357,13 @@ class CheckpointManager:
             before it is written (a note in the log: a large model's save takes minutes).
     """
 
-    def __init__(self, directory: str, keep: int = 2, before_save: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(self, directory: str, *, keep: int = 2, before_save: Optional[Callable[[str], None]] = None) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:  # True or "3" was kept as it was
+            raise ValueError(f"CheckpointManager: keep must be an integer >= 0 (0 keeps every checkpoint), got "
+                             f"{keep!r}")
+        if before_save is not None and not callable(before_save):
+            raise TypeError(f"CheckpointManager: before_save must be a callable of the checkpoint's path, got "
+                            f"{before_save!r}")
         self._directory = directory
         self._keep = keep
         self._before_save = before_save

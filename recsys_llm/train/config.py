@@ -39,7 +39,7 @@ from recsys_llm.error_text import one_line
 from recsys_llm.models.registry import ModelConfig
 from recsys_llm.train.mixed_precision import AUTOCAST_DTYPES
 from recsys_llm.train.sharding_config import FusedParamsConfig, OptimizerConfig, ShardingConfig
-from recsys_llm.typed_config import ConfigError, build_dataclass
+from recsys_llm.typed_config import ConfigError, build_dataclass, check_bool_settings
 
 if TYPE_CHECKING:  # the plug-in configs, imported where their sections are parsed
     from recsys_llm.modules.elec import ELECConfig
@@ -234,6 +234,9 @@ class TrainConfig:
     mixed_precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        # a config built in Python: "false" or 1 would count as on
+        check_bool_settings(self, ("resume", "progress", "reshard_mid_epoch", "flush_denormal", "init_optimizer"),
+                            "train")
         at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 0, "max_steps": 0, "patience": 0,
                     "checkpoint_every": 0, "metrics_window": 0, "metrics_every": 1}
         wrong = [f"train.{name}={getattr(self, name)} (must be >= {low})" for name, low in at_least.items()

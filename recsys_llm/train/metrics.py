@@ -129,6 +129,9 @@ class CTRMetrics:
     """
 
     def __init__(self, subsets: Optional[Mapping[str, str]] = None) -> None:
+        if subsets is not None and not isinstance(subsets, Mapping):  # a list of keys failed in dict()
+            raise TypeError(f"CTRMetrics: subsets must be a mapping of subset name -> extras key of its 0/1 mask "
+                            f"(e.g. {{'cold': 'is_cold_item'}}), got {subsets!r}")
         self._subsets: Dict[str, str] = dict(subsets or {})
         self.reset()
 

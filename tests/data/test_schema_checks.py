@@ -245,3 +245,19 @@ def test_a_schema_that_is_no_yaml_is_one_line(tmp_path) -> None:
     with pytest.raises(SchemaError, match=r"shop\.yaml: not valid YAML: while parsing a flow sequence") as caught:
         load_raw(str(path))
     assert "\n" not in str(caught.value)
+
+
+def test_schema_built_in_python_refuses_strings_for_lists_and_mappings():
+    """DatasetSchema("n", fields, "label", "row_id", "train") took "train" as splits t, r, a, i, n; extra_columns="ts"
+    was kept as letters."""
+    fields = [FieldSpec(name="item", kind="sparse", cardinality=4)]
+    with pytest.raises(SchemaError, match="splits must be a mapping, got 'train'"):
+        DatasetSchema("n", fields, "label", "row_id", "train")
+    with pytest.raises(SchemaError, match="ids must be a mapping"):
+        DatasetSchema("n", fields, ids=["item"])
+    with pytest.raises(SchemaError, match="extra_columns must be a list, got the string 'ts'"):
+        DatasetSchema("n", fields, extra_columns="ts")
+    with pytest.raises(SchemaError, match="fields must be a list, got the string"):
+        DatasetSchema("n", "item")
+    with pytest.raises(SchemaError, match="row_key must be a column name or None"):
+        DatasetSchema("n", fields, row_key=True)

@@ -754,3 +754,16 @@ def test_files_of_a_directory_with_other_columns_than_the_first_are_refused(earl
     with pytest.raises(DataError, match=message):
         prepare_tabular_like(str(new), earlier["data"], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_options_after_config_are_keyword_only(tmp_path):
+    """prepare_tabular_like(data, like, out, "valid") took the split name as the config ("'str' object has no
+    attribute 'split_by'"); prepare_tabular(data, schema, out, True) took the progress switch as it."""
+    with pytest.raises(TypeError, match="prepare_tabular_like: config must be a TabularConfig or None, got 'valid'"):
+        prepare_tabular_like(str(tmp_path / "d.csv"), str(tmp_path), str(tmp_path / "o"), "valid")
+    with pytest.raises(TypeError, match="positional"):
+        prepare_tabular_like(str(tmp_path / "d.csv"), str(tmp_path), str(tmp_path / "o"), None, "valid")
+    with pytest.raises(TypeError, match="prepare_tabular_like: grow_vocabulary must be True or False"):
+        prepare_tabular_like(str(tmp_path / "d.csv"), str(tmp_path), str(tmp_path / "o"), grow_vocabulary="false")
+    with pytest.raises(TypeError, match="prepare_tabular: config must be a TabularConfig or None, got True"):
+        prepare_tabular(str(tmp_path / "d.csv"), str(tmp_path / "s.yaml"), str(tmp_path / "o"), True)

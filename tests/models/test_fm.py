@@ -70,3 +70,24 @@ class TestFM:
         model = self._model(schema, extra=2)
         extra = torch.randn(4, 2, 4)
         assert not torch.allclose(model(dense, kjt, extra).logits, model(dense, kjt, extra * 2).logits)
+
+
+@pytest.mark.parametrize("config_name", ["FMConfig", "FwFMConfig", "DeepFMConfig"])
+@pytest.mark.parametrize("bad", ["false", 1, None])
+def test_dense_as_fields_is_a_bool(config_name, bad):
+    """A config built in Python: ``"false"`` or 1 was kept and counted as True."""
+    import recsys_llm.models as models
+
+    with pytest.raises(ValueError, match=rf"{config_name}\.dense_as_fields: expected true or false, got"):
+        getattr(models, config_name)(dense_as_fields=bad)
+
+
+def test_num_extra_fields_given_a_device_or_bool_is_named():
+    """FM(ebc, n, config, device) put the device in num_extra_fields (an int + device TypeError); True was one field."""
+    from recsys_llm.data.synthetic import SyntheticConfig, synthetic_schema
+    from recsys_llm.models import FM, FMConfig
+
+    ebc = build_embedding_bag_collection(synthetic_schema(SyntheticConfig()), 8, device=torch.device("cpu"))
+    for bad in (torch.device("cpu"), True, -1):
+        with pytest.raises(ValueError, match="FM: num_extra_fields must be an integer >= 0"):
+            FM(ebc, 3, FMConfig(), bad)

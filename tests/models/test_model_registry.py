@@ -144,3 +144,27 @@ def test_a_backbone_left_on_meta_is_refused_naming_the_device_to_build_on(schema
     model = build_backbone(SMOKE_CONFIGS[name], schema)
     with pytest.raises(RuntimeError, match=r"tables are on the meta device .*device=torch.device\('cpu'\)"):
         model(dense, kjt)
+
+
+def test_build_backbone_takes_its_options_by_keyword():
+    """build_backbone(config, schema, device) put the device in num_extra_fields; the options after it are
+    keyword-only, and a num_extra_fields that is no count is named."""
+    import torch
+
+    from recsys_llm.data.synthetic import SyntheticConfig, synthetic_schema
+    from recsys_llm.models import CTRTask, SMOKE_CONFIGS, build_backbone
+
+    schema = synthetic_schema(SyntheticConfig())
+    for bad in (torch.device("cpu"), "cpu", True):
+        with pytest.raises(ValueError, match="build_backbone: num_extra_fields must be an integer >= 0"):
+            build_backbone(SMOKE_CONFIGS["fm"], schema, bad)
+    with pytest.raises(TypeError, match="positional"):
+        build_backbone(SMOKE_CONFIGS["fm"], schema, 0, torch.device("cpu"))
+    backbone = build_backbone(SMOKE_CONFIGS["fm"], schema, 0, device=torch.device("cpu"))
+    # CTRTask: CTRTask(backbone, {"fie": fie}) took the logit terms as the field injection, silently
+    with pytest.raises(TypeError, match="positional"):
+        CTRTask(backbone, {"fie": torch.nn.Identity()})
+    with pytest.raises(TypeError, match="CTRTask: field_injection must be a module"):
+        CTRTask(backbone, field_injection={"fie": torch.nn.Identity()})
+    with pytest.raises(TypeError, match="CTRTask: logit_terms must be a mapping"):
+        CTRTask(backbone, logit_terms=[torch.nn.Identity()])

@@ -128,3 +128,10 @@ def test_score_kd_without_temperature_scaling_is_the_term_at_its_size_at_t() -> 
     assert config.elec["distill"]["temperature_scaling"] is False  # a config key; refused when mistyped
     with pytest.raises(ConfigError, match="temperature_scaling"):
         load_config(None, ["elec.task=distill", "elec.distill.temperature_scaling=maybe", "data.schema=x"])
+
+
+@pytest.mark.parametrize("bad", ["false", 0, None])
+def test_scale_by_temperature_is_a_bool(bad):
+    """ScoreDistillation(2.0, "kl", "false") scaled by T² ("false" is truthy)."""
+    with pytest.raises(ValueError, match="ScoreDistillation: scale_by_temperature must be True or False"):
+        ScoreDistillation(2.0, "kl", bad)

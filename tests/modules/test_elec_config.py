@@ -295,3 +295,14 @@ def test_the_run_record_of_entity_vectors_holds_their_keys_hash_and_nothing_for_
     offline = ELECConfig(task="distill", vector_dim=DIM, vector_source="entity_table", entity_tables={"item_id": out},
                          distill=ELECDistillConfig(mode="offline"))
     assert entity_vectors_record(offline) == {}
+
+
+@pytest.mark.parametrize("name", ["entity_tables", "expected_provenance"])
+@pytest.mark.parametrize("bad", ["item_id", ["item_id"]])
+def test_mapping_settings_refuse_a_string_or_list(name, bad):
+    """ELECConfig(expected_provenance="x") was kept (no provenance then checked); entity_tables="item_id" failed in
+    dict() ("dictionary update sequence element #0")."""
+    from recsys_llm.modules.elec import ELECConfig
+
+    with pytest.raises(ValueError, match=rf"elec\.{name}: expected a mapping"):
+        ELECConfig(**{name: bad})

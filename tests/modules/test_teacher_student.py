@@ -762,3 +762,14 @@ def test_temperature_scaling_reaches_the_tasks_score_kd() -> None:
     student, teacher = torch.randn(16, generator=torch.Generator().manual_seed(1)), torch.randn(16)
     terms = {scaling: _elec("joint", temperature_scaling=scaling).score_kd(student, teacher) for scaling in (True, False)}
     torch.testing.assert_close(terms[False], terms[True] / 4.0)  # T = 2
+
+
+@pytest.mark.parametrize("bad", ["false", 1])
+def test_temperature_scaling_is_a_bool(bad):
+    """TeacherStudentConfig(temperature_scaling="false") scaled by T² all the same; ELEC's distill section too."""
+    from recsys_llm.modules.elec import ELECDistillConfig
+    from recsys_llm.modules.teacher_student import TeacherStudentConfig
+
+    for cls in (TeacherStudentConfig, ELECDistillConfig):
+        with pytest.raises(ValueError, match="TeacherStudentConfig.temperature_scaling: expected true or false"):
+            cls(temperature_scaling=bad)

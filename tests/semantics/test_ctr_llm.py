@@ -661,3 +661,9 @@ def test_the_llm_dtype_takes_the_short_names_the_encoder_takes_and_records_torch
     assert CTRLLMConfig(model_path="m", llm_dtype=short).llm_dtype == long
     with pytest.raises(ValueError, match=r"llm_dtype must be one of .* \(or bf16, fp16, fp32\), got 'half'"):
         CTRLLMConfig(model_path="m", llm_dtype="half")
+
+
+def test_lora_target_modules_refuses_one_string():
+    """peft reads a string as one regular expression of the whole module name: "q_proj" matched no module."""
+    with pytest.raises(ValueError, match=r"CTRLLMConfig\.lora_target_modules: expected a list of names"):
+        CTRLLMConfig("model", lora_target_modules="q_proj")

@@ -388,3 +388,10 @@ def test_encoded_field_vectors_load_under_a_schema_whose_tables_grew(tmp_path, t
     with pytest.raises(VectorProvenanceError, match=r"\(city: description 'city of the user' -> 'town of the user'\)\. "
                                                     r"Re-encode them for this schema"):
         load_vectors(output, schema=described)
+
+
+@pytest.mark.parametrize("name", ["override_templates", "include_fields_without_description", "trust_remote_code"])
+def test_switches_are_bools(name):
+    """FieldVectorConfig(trust_remote_code="false") would have run the model directory's own code."""
+    with pytest.raises(ValueError, match=rf"FieldVectorConfig\.{name}: expected true or false, got 'false'"):
+        FieldVectorConfig(**{name: "false"})

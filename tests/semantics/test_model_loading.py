@@ -571,3 +571,17 @@ def test_a_causal_lm_loads_as_its_base_model_without_transformers_load_report(tm
     shown = capfd.readouterr().err + "".join(record.getMessage() for record in caplog.records)
     assert "LOAD REPORT" not in shown and "lm_head" not in dict(model.named_parameters())
     assert transformers_logging.get_verbosity() == verbosity  # put back
+
+
+@pytest.mark.parametrize("bad", ["false", "cpu", 1])
+def test_trust_remote_code_that_is_no_bool_is_refused(tmp_path, bad):
+    """"false" (or a device given by position) counted as True and ran the model directory's own code: refused before
+    the directory is read, for the tokenizer, the model and the text encoder built on them."""
+    from recsys_llm.semantics.encoder import TextEncoder
+
+    with pytest.raises(TypeError, match="trust_remote_code must be True or False"):
+        load_tokenizer(str(tmp_path), bad)
+    with pytest.raises(TypeError, match="trust_remote_code must be True or False"):
+        load_model(str(tmp_path), torch.device("cpu"), torch.float32, bad)
+    with pytest.raises(TypeError, match="trust_remote_code must be True or False"):
+        TextEncoder(str(tmp_path), device="cpu", trust_remote_code=bad)

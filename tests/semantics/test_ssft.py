@@ -516,3 +516,17 @@ def test_fields_whose_texts_are_alike_once_cut_to_max_length_are_refused(tmp_pat
     with pytest.warns(UserWarning, match=r"SSFT: the text of field\(s\) \['color', 'city'\] is longer than max_length "):
         with pytest.raises(ValueError, match=r"SSFT: fields 'color' and 'city' have texts that are the same 16 tokens"):
             SSFTTrainer(config, schema, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["include_fields_without_description", "trust_remote_code", "resume",
+                                  "gradient_checkpointing"])
+def test_switches_are_bools(name):
+    """SSFTConfig(resume="false") resumed, trust_remote_code="false" ran the model directory's own code."""
+    with pytest.raises(ValueError, match=rf"SSFTConfig\.{name}: expected true or false, got 'false'"):
+        SSFTConfig(**{name: "false"})
+
+
+def test_lora_target_modules_refuses_one_string():
+    """peft reads a string as one regular expression of the whole module name: "q_proj" matched no module."""
+    with pytest.raises(ValueError, match=r"SSFTConfig\.lora_target_modules: expected a list of names, got the string"):
+        SSFTConfig(lora_target_modules="q_proj")

@@ -1272,3 +1272,14 @@ def test_a_set_aside_copy_whose_step_was_saved_again_is_removed_by_the_next_star
     CheckpointManager(directory).complete_interrupted_save()
     assert sorted(os.listdir(directory)) == ["ckpt-00000010", "latest"]
     assert CheckpointManager(directory).latest() == final
+
+
+def test_checkpoint_manager_options_are_keyword_only_and_checked(tmp_path):
+    """CheckpointManager(dir, True) / (dir, "3") / (dir, print) kept any value as keep."""
+    with pytest.raises(TypeError, match="positional"):
+        CheckpointManager(str(tmp_path), 3)
+    for bad in (True, -1, "3"):
+        with pytest.raises(ValueError, match="CheckpointManager: keep must be an integer >= 0"):
+            CheckpointManager(str(tmp_path), keep=bad)
+    with pytest.raises(TypeError, match="CheckpointManager: before_save must be a callable"):
+        CheckpointManager(str(tmp_path), before_save="note")

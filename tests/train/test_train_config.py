@@ -799,3 +799,23 @@ def test_sharding_and_optimizer_settings_are_checked_against_their_own_bounds_an
     a dense optimizer torch has (row-wise Adagrad is a table optimizer only)."""
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("name", ["resume", "progress", "reshard_mid_epoch", "flush_denormal", "init_optimizer"])
+def test_train_switches_built_in_python_are_bools(name):
+    """TrainConfig(resume="false") resumed ("false" is truthy); a config file's value is converted, Python's was not."""
+    from recsys_llm.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=rf"train\.{name}: expected true or false, got 'false'"):
+        TrainConfig(**{name: "false"})
+
+
+def test_sharding_switches_and_frozen_tables_built_in_python():
+    """ShardingConfig(measure_pooling="false") measured; frozen_tables="t_item" was kept as a string of letters."""
+    from recsys_llm.train.sharding_config import ShardingConfig
+
+    for name in ("exact_dense_reduction", "measure_pooling"):
+        with pytest.raises(ValueError, match=rf"sharding\.{name}: expected true or false"):
+            ShardingConfig(**{name: "false"})
+    with pytest.raises(ValueError, match=r"sharding\.frozen_tables: expected a list of names, got the string"):
+        ShardingConfig(frozen_tables="t_item_id")

@@ -245,3 +245,12 @@ def test_the_logloss_of_logits_beyond_the_clamp_is_that_of_the_logits() -> None:
     ctr = 2 / 3
     assert out["ne"] == pytest.approx(expected / -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)), rel=1e-9)
     assert out["all/logloss"] == out["logloss"] and out["all/ne"] == out["ne"]
+
+
+@pytest.mark.parametrize("bad", [["is_cold_item"], "is_cold_item"])
+def test_subsets_must_be_a_mapping(bad):
+    """CTRMetrics(["is_cold_item"]) failed in dict(): "dictionary update sequence element #0 has length 12"."""
+    from recsys_llm.train.metrics import CTRMetrics
+
+    with pytest.raises(TypeError, match="CTRMetrics: subsets must be a mapping of subset name -> extras key"):
+        CTRMetrics(bad)

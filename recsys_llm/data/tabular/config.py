@@ -69,3 +69,11 @@ class TabularConfig:
             value = getattr(self, option)
             if isinstance(value, str) or not all(isinstance(t, str) for t in value):
                 raise ValueError(f"TabularConfig.{option}={value!r}: expected a tuple of strings, e.g. ('', 'NA')")
+
+
+def check_tabular_config(config: object, where: str) -> None:
+    """Raises TypeError, naming ``where``, unless ``config`` is a :class:`TabularConfig` or None (a split name or
+    a bool given by position failed later as "'str' object has no attribute 'split_by'")."""
+    if config is not None and not isinstance(config, TabularConfig):
+        raise TypeError(f"{where}: config must be a TabularConfig or None, got {config!r}; the settings after it "
+                        "(progress=, field_ways=, ...) are keyword-only")

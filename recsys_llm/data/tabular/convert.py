@@ -21,7 +21,7 @@ from recsys_llm.data.compressed import open_text
 from recsys_llm.data.parquet_writer import SplitWriter, arrow_schema_for, list_array, open_split_writers, write_prepared
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError, load_raw, schema_file
 from recsys_llm.data.synthetic import write_value_text
-from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig
+from recsys_llm.data.tabular.config import FILL_HINT, TabularConfig, check_tabular_config
 from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types, first_line, is_parquet,
                                             read_blocks, repeated_columns, source_columns)
 from recsys_llm.data.tabular.splits import random_split, split_of_rows
@@ -46,6 +46,7 @@ def prepare_tabular(
     schema_path: str,
     out_dir: str,
     config: Optional[TabularConfig] = None,
+    *,
     progress: bool = False,
     field_ways: Optional[Dict[str, str]] = None,
 ) -> DatasetSchema:
@@ -80,6 +81,7 @@ def prepare_tabular(
 
         schema = prepare_tabular("clicks.csv", "clicks.yaml", "data/clicks", TabularConfig(split_by="ts"))
     """
+    check_tabular_config(config, "prepare_tabular")
     config = config or TabularConfig()
     path = schema_file(schema_path)
     raw = load_raw(path)

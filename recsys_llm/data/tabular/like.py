@@ -23,7 +23,7 @@ from tqdm import tqdm
 from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.parquet_writer import write_prepared
 from recsys_llm.data.schema import DatasetSchema, check_split_name
-from recsys_llm.data.tabular.config import TabularConfig
+from recsys_llm.data.tabular.config import TabularConfig, check_tabular_config
 from recsys_llm.data.tabular.convert import field_way, format_hint, near_names, write_splits, write_vocabulary
 from recsys_llm.data.tabular.growth import grow_vocabularies
 from recsys_llm.data.tabular.raw_values import prepared_plan
@@ -43,6 +43,7 @@ def prepare_tabular_like(
     like_dir: str,
     out_dir: str,
     config: Optional[TabularConfig] = None,
+    *,
     split_name: str = "test",
     progress: bool = False,
     field_ways: Optional[Dict[str, str]] = None,
@@ -81,6 +82,9 @@ def prepare_tabular_like(
         DataError: rows that do not fit the earlier schema (a missing field column, an integer id outside its
             table, a label that is no 0/1), naming the file, the column, the row and what was expected.
     """
+    check_tabular_config(config, "prepare_tabular_like")
+    if not isinstance(grow_vocabulary, bool):  # "false" would count as True
+        raise TypeError(f"prepare_tabular_like: grow_vocabulary must be True or False, got {grow_vocabulary!r}")
     config = config or TabularConfig()
     defaults = TabularConfig()
     decided = [flag for option, flag in LIKE_DECIDED.items() if getattr(config, option) != getattr(defaults, option)]
