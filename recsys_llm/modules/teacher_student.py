@@ -318,7 +318,7 @@ class StateMismatchError(ValueError):
 
 
 @torch.no_grad()
-def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = "", source: str = "state") -> int:
+def load_full_state(model: nn.Module, state: Mapping[str, Any], prefix: str = "", *, source: str = "state") -> int:
     """Copies a full (unsharded) state dict into a possibly sharded model, shard by shard.
 
     Each ``ShardedTensor`` of ``model.state_dict()`` receives only its local shards'

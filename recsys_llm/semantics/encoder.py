@@ -135,6 +135,7 @@ class TextEncoder:
         cls,
         model: nn.Module,
         tokenizer: Any,
+        *,
         pooling: str = "auto",
         batch_size: int = 64,
         max_length: int = 256,

@@ -636,6 +636,7 @@ def load_checkpoint(
     path: str,
     model: nn.Module,
     optimizer: Optional[CombinedOptimizer] = None,
+    *,
     restore_rng: bool = True,
 ) -> TrainState:
     """Loads a checkpoint into a sharded model (and optimizer) in place (collective).

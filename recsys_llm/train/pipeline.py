@@ -307,6 +307,7 @@ def evaluate(
     batches: Iterable[Batch],
     device: torch.device,
     metrics: CTRMetrics,
+    *,
     total: Optional[int] = None,
     description: str = "eval",
     progress: bool = True,
