@@ -121,7 +121,7 @@ class TrainState:
         best_metric (float): best validation AUC so far (``-inf`` before the first eval).
         best_step (int): global step of the best evaluation.
         bad_evals (int): evaluations since the best one (early-stopping patience counter).
-        world_size (int): ranks that wrote the checkpoint.
+        world_size (int): ranks that wrote the checkpoint (set by :meth:`CheckpointManager.save`).
         batch_size (int): per-rank batch size when it was written.
         finished (bool): training ended (early stop, or the budget of epochs / max_steps used up).
         stop_reason (str): why it finished: ``STOP_PATIENCE``, ``STOP_BUDGET``, or ``""`` (not
@@ -435,7 +435,7 @@ class CheckpointManager:
         Args:
             model (nn.Module): the DMP model.
             optimizer (CombinedOptimizer): its table and dense optimizers.
-            state (TrainState): where training stands.
+            state (TrainState): where training stands (its ``world_size`` and ``table_optimizer_step`` are set here).
             same_state_as (Optional[str]): a complete checkpoint saved at this step with nothing trained since
                 (``best/``'s of the evaluation just made): where its ``train_state.json`` is the one this save
                 writes, its files are hard-linked here instead of the state being written again (a file system
@@ -449,7 +449,11 @@ class CheckpointManager:
         tmp = final + ".tmp"
         if self._before_save is not None:
             self._before_save(final)
-        saved = dataclasses.replace(state, table_optimizer_step=_table_optimizer_step(model))  # collective
+        # the ranks that write it, whatever the caller's TrainState says: TrainState() defaults to 1, and a 2-rank
+        # checkpoint recorded so would resume without its RNG states (load_checkpoint restores them per rank only
+        # when the world size matches)
+        saved = dataclasses.replace(state, table_optimizer_step=_table_optimizer_step(model),  # collective
+                                    world_size=_world_size())
         if _rank() == 0:
             os.makedirs(self._directory, exist_ok=True)
             self._remove_leftovers()

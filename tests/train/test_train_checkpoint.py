@@ -1283,3 +1283,27 @@ def test_checkpoint_manager_options_are_keyword_only_and_checked(tmp_path):
             CheckpointManager(str(tmp_path), keep=bad)
     with pytest.raises(TypeError, match="CheckpointManager: before_save must be a callable"):
         CheckpointManager(str(tmp_path), before_save="note")
+
+
+def _save_without_world_size_then_resume(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    """Saves ``TrainState(global_step=1)`` as usage.md's example builds it (no ``world_size``), then loads it into a
+    fresh model with its RNG moved on: the next draws must be those after the save."""
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _fresh(schema, seed=0)
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size)
+    _losses(model, optimizer, reader, skip=0, stop=1)
+    CheckpointManager(ckpt_dir, keep=1).save(model, optimizer, TrainState(step_in_epoch=1, global_step=1))
+    after_save = torch.rand(4)
+    _, model2, optimizer2 = _fresh(schema, seed=123)
+    state = load_checkpoint(CheckpointManager(ckpt_dir).latest(), model2, optimizer2)
+    return {"world_size": state.world_size, "same_draws": torch.equal(torch.rand(4), after_save)}
+
+
+@pytest.mark.multiprocess
+def test_a_save_records_the_ranks_that_wrote_it_so_a_resume_restores_their_rng(synthetic_dir: str,
+                                                                                tmp_path) -> None:
+    """A TrainState built without ``world_size`` (default 1) on 2 ranks was saved as a 1-rank checkpoint, and its
+    resume on the same 2 ranks silently skipped the RNG states: dropout drew otherwise than the uninterrupted run."""
+    results = run_multiprocess(_save_without_world_size_then_resume, world_size=2, schema_path=synthetic_dir,
+                               ckpt_dir=str(tmp_path / "checkpoints"))
+    assert [(r["world_size"], r["same_draws"]) for r in results] == [(2, True), (2, True)]
