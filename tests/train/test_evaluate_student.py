@@ -37,6 +37,19 @@ def _evaluate_student(overrides: List[str], run_dir: str) -> Dict[str, Any]:
     return run_evaluation(load_config(CONFIG, overrides), run_dir, student=True)
 
 
+def _evaluate_through_the_cli(overrides: List[str], run_dir: str, student: bool) -> Dict[str, Any]:
+    import contextlib
+    import io
+    import json
+
+    from recsys_llm.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["evaluate", "--checkpoint", run_dir, *(["--student"] if student else []), *overrides]) == 0
+    return json.loads(printed.getvalue())
+
+
 @pytest.mark.multiprocess
 def test_the_student_alone_is_evaluated_alike_on_any_number_of_ranks_and_as_served(tmp_path) -> None:
     from recsys_llm.cli.export import export_run
@@ -53,6 +66,10 @@ def test_the_student_alone_is_evaluated_alike_on_any_number_of_ranks_and_as_serv
     trained = run_multiprocess(_train, world_size=2, overrides=overrides)[0]
     on_two = run_multiprocess(_evaluate_student, world_size=2, overrides=overrides, run_dir=run_dir)
     (on_one,) = run_multiprocess(_evaluate_student, world_size=1, overrides=overrides, run_dir=run_dir)
+    (on_the_command_line,) = run_multiprocess(_evaluate_through_the_cli, world_size=1, overrides=overrides,
+                                              run_dir=run_dir, student=True)
+    (whole,) = run_multiprocess(_evaluate_through_the_cli, world_size=1, overrides=overrides, run_dir=run_dir,
+                                student=False)
     served = str(tmp_path / "served")
     export_run(load_config(CONFIG, overrides), run_dir, served)
     report = score_split(ServedModel.load(served, trust_program=True), schema, "test", progress=False)
@@ -65,34 +82,5 @@ def test_the_student_alone_is_evaluated_alike_on_any_number_of_ranks_and_as_serv
     assert on_one["loss"] == pytest.approx(on_one["logloss"], abs=1e-5)
     assert trained["test"]["auc"] == pytest.approx(on_one["auc"], abs=1e-6)  # the run reports its student's AUC
     assert trained["test"]["loss"] > on_one["loss"]
-
-
-def _evaluate_through_the_cli(overrides: List[str], run_dir: str, student: bool) -> Dict[str, Any]:
-    import contextlib
-    import io
-    import json
-
-    from recsys_llm.cli import main
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["evaluate", "--checkpoint", run_dir, *(["--student"] if student else []), *overrides]) == 0
-    return json.loads(printed.getvalue())
-
-
-@pytest.mark.multiprocess
-def test_evaluate_student_on_the_command_line_evaluates_the_student_alone(tmp_path) -> None:
-    data = str(tmp_path / "data")
-    generate_synthetic(data, 1_000, seed=1, rows_per_group=512)
-    schema = DatasetSchema.load(data)
-    items = str(tmp_path / "items")
-    export_entity_table(items, np.random.default_rng(0).normal(size=(schema.field("item_id").cardinality, 8)))
-    run_dir = str(tmp_path / "joint")
-    overrides = _overrides(os.path.join(data, "schema.json"), run_dir, items)
-    run_multiprocess(_train, world_size=1, overrides=overrides)
-    (alone,) = run_multiprocess(_evaluate_through_the_cli, world_size=1, overrides=overrides, run_dir=run_dir,
-                                student=True)
-    (whole,) = run_multiprocess(_evaluate_through_the_cli, world_size=1, overrides=overrides, run_dir=run_dir,
-                                student=False)
-    assert alone["model"] == "student" and whole.get("model") != "student"
-    assert alone["loss"] == pytest.approx(alone["logloss"], abs=1e-5) and whole["loss"] > alone["loss"]
+    assert on_the_command_line == on_one  # evaluate --student
+    assert whole.get("model") != "student" and whole["loss"] > on_one["loss"]
