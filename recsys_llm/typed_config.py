@@ -188,13 +188,28 @@ def dotted_key(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
+def _as_bool(value: Any) -> Optional[bool]:
+    """``value`` as a bool when it is one: a bool, or a numpy bool (``np.True_``, a cell of a pandas sweep grid),
+    which no bool subclasses; None for anything else."""
+    if isinstance(value, bool):
+        return value
+    dtype = getattr(value, "dtype", None)  # numpy's bool scalar or 0-d array (no import: a leaf module)
+    if getattr(dtype, "kind", None) == "b" and getattr(value, "shape", None) == ():
+        return bool(value)
+    return None
+
+
 def check_bool_settings(config: Any, names: Tuple[str, ...], where: str) -> None:
     """Raises ConfigError, naming ``<where>.<name>``, for a setting of ``names`` that is no bool: a config built in
-    Python is not converted as a config file's is, and ``"false"``, ``1`` or a list would count as on."""
+    Python is not converted as a config file's is, and ``"false"``, ``1`` or a list would count as on. A numpy bool
+    is taken, and stored as a bool."""
     for name in names:
         value = getattr(config, name)
-        if not isinstance(value, bool):
+        checked = _as_bool(value)
+        if checked is None:
             raise ConfigError(f"{dotted_key(where, name)}: expected true or false, got {value!r}")
+        if checked is not value:
+            object.__setattr__(config, name, checked)  # a frozen dataclass's too
 
 
 def check_name_list(value: Any, where: str) -> None:

@@ -240,6 +240,8 @@ class DatasetSchema:
         for key in ("fields", "extra_columns"):
             if isinstance(getattr(self, key), str):
                 raise SchemaError(f"schema {self.name!r}: {key} must be a list, got the string {getattr(self, key)!r}")
+        if isinstance(self.root, os.PathLike):  # a pathlib.Path, as os.path.join takes it
+            self.root = os.fspath(self.root)
         for key in ("label", "root"):
             if not isinstance(getattr(self, key), str):
                 raise SchemaError(f"schema {self.name!r}: {key} must be a string, got {getattr(self, key)!r}")

@@ -94,7 +94,7 @@ class CTRTask(nn.Module):
             raise TypeError(f"CTRTask: injection_key must be the extras key (a string) of the injected vector, got "
                             f"{injection_key!r}")
         for name, terms in (("logit_terms", logit_terms), ("loss_terms", loss_terms)):
-            if terms is not None and not isinstance(terms, Mapping):
+            if terms is not None and not isinstance(terms, (Mapping, nn.ModuleDict)):  # another task's ModuleDict
                 raise TypeError(f"CTRTask: {name} must be a mapping of name -> module, got {type(terms).__name__}")
         if field_injection is None and getattr(model, "num_extra_fields", 0) > 0:
             raise ValueError(

@@ -13,6 +13,7 @@ and :meth:`FieldInteractionEnhancement.freeze` turns them into a constant buffer
 evaluation and serving. Fields without a vector take no part.
 """
 
+import contextlib
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -43,8 +44,11 @@ def _semantic_pair_matrix(
 ) -> torch.Tensor:
     """(K, K) in ``fields``' dtype: ``scale * (weight @ similarity + bias)`` at ``flat_pairs``, zeros elsewhere."""
     num_keys = fields.size(1)
-    # float32 under autocast too: CUDA's casts addmv to bf16 / fp16 (CPU's does not)
-    with torch.autocast(fields.device.type, enabled=False):
+    # float32 under autocast too: CUDA's casts addmv to bf16 / fp16 (CPU's does not); a device without autocast
+    # (meta: a shape-only forward) has none to leave, and torch.autocast refuses it
+    device_type = fields.device.type
+    no_autocast = torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext()
+    with no_autocast:
         pair_weights = torch.addmv(bias, weight, similarity).mul_(scale).to(fields.dtype)  # (P,)
     pair_matrix = fields.new_zeros(num_keys * num_keys).index_copy_(0, flat_pairs, pair_weights)
     return pair_matrix.view(num_keys, num_keys)

@@ -8,6 +8,7 @@ representations) by row key; :func:`attach_columns` joins them into a copy of a 
 """
 
 import contextlib
+import os
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -129,7 +130,7 @@ def write_teacher_columns(
 ATTACHED_ROWS_PER_GROUP = 65536  # row groups of the copy: the reader's unit, as the splits `prepare` writes
 
 
-def attach_columns(split_path: str, columns_path: Union[str, Sequence[str]], key_column: str,
+def attach_columns(split_path: str, columns_path: Union[str, "os.PathLike[str]", Sequence[str]], key_column: str,
                    output_path: str) -> int:
     """Writes a copy of a split with the columns of ``columns_path`` joined on ``key_column``.
 
@@ -152,7 +153,11 @@ def attach_columns(split_path: str, columns_path: Union[str, Sequence[str]], key
 def _attach_columns(split: pq.ParquetFile, split_path: str, columns_path: str, key_column: str,
                     output_path: str) -> int:
     """:func:`attach_columns` of the open ``split``."""
-    paths = [columns_path] if isinstance(columns_path, str) else list(columns_path)
+    # a path (str or os.PathLike, as pq.read_table takes it), or several
+    one = isinstance(columns_path, (str, os.PathLike))
+    paths = [os.fspath(path) for path in ([columns_path] if one else columns_path)]
+    if not paths:
+        raise ValueError("attach_columns: no columns file given (an empty list); pass the teacher-column file(s)")
     columns_path = ", ".join(paths)  # as errors name them
     try:
         extra = pa.concat_tables([pq.read_table(path) for path in paths])

@@ -2,6 +2,7 @@
 weights file safely (``weights_only``, finite values, lazily per shard)."""
 
 import contextlib
+import numbers
 import os
 import pickle
 from typing import Any, Dict, Iterator, Mapping, Optional
@@ -73,8 +74,9 @@ def unsharded_state_dict(model: nn.Module, *, dst: int = 0, prefix: str = "") ->
     """
     import torch.distributed as dist
 
-    if isinstance(dst, bool) or not isinstance(dst, int) or dst < 0:
+    if isinstance(dst, bool) or not isinstance(dst, numbers.Integral) or dst < 0:  # a numpy integer is one
         raise ValueError(f"unsharded_state_dict: dst must be a rank (an integer >= 0), got {dst!r}")
+    dst = int(dst)
     if not isinstance(prefix, str):
         raise TypeError(f"unsharded_state_dict: prefix must be a string of a name's start, got {prefix!r}")
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import pickle
 import random
@@ -358,14 +359,15 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str, *, keep: int = 2, before_save: Optional[Callable[[str], None]] = None) -> None:
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:  # True or "3" was kept as it was
+        # True or "3" was kept as it was; a numpy integer is one
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 0:
             raise ValueError(f"CheckpointManager: keep must be an integer >= 0 (0 keeps every checkpoint), got "
                              f"{keep!r}")
         if before_save is not None and not callable(before_save):
             raise TypeError(f"CheckpointManager: before_save must be a callable of the checkpoint's path, got "
                             f"{before_save!r}")
         self._directory = directory
-        self._keep = keep
+        self._keep = int(keep)
         self._before_save = before_save
 
     @property
@@ -435,7 +437,8 @@ class CheckpointManager:
         Args:
             model (nn.Module): the DMP model.
             optimizer (CombinedOptimizer): its table and dense optimizers.
-            state (TrainState): where training stands (its ``world_size`` and ``table_optimizer_step`` are set here).
+            state (TrainState): where training stands; the copy written gets this job's ``world_size`` and the
+                tables' ``table_optimizer_step`` (``state`` itself is left as it is).
             same_state_as (Optional[str]): a complete checkpoint saved at this step with nothing trained since
                 (``best/``'s of the evaluation just made): where its ``train_state.json`` is the one this save
                 writes, its files are hard-linked here instead of the state being written again (a file system
