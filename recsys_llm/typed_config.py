@@ -188,7 +188,7 @@ def dotted_key(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
-def _as_bool(value: Any) -> Optional[bool]:
+def as_bool(value: Any) -> Optional[bool]:
     """``value`` as a bool when it is one: a bool, or a numpy bool (``np.True_``, a cell of a pandas sweep grid),
     which no bool subclasses; None for anything else."""
     if isinstance(value, bool):
@@ -205,7 +205,7 @@ def check_bool_settings(config: Any, names: Tuple[str, ...], where: str) -> None
     is taken, and stored as a bool."""
     for name in names:
         value = getattr(config, name)
-        checked = _as_bool(value)
+        checked = as_bool(value)
         if checked is None:
             raise ConfigError(f"{dotted_key(where, name)}: expected true or false, got {value!r}")
         if checked is not value:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys_llm.data.validation import check_number
+from recsys_llm.typed_config import as_bool
 
 SCORE_KD_KINDS = ("bce", "kl")
 # |teacher logit / T| beyond it the teacher's entropy is 0 in float32 and float64 alike; the KL term clamps to it
@@ -53,7 +54,7 @@ class ScoreDistillation(nn.Module):
             raise ValueError(f"ScoreDistillation: kind must be one of {SCORE_KD_KINDS}, got {kind!r}")
         self._temperature = temperature
         self._kind = kind
-        if not isinstance(scale_by_temperature, bool):  # "false" would count as True
+        if as_bool(scale_by_temperature) is None:  # "false" would count as True
             raise ValueError(f"ScoreDistillation: scale_by_temperature must be True or False, got "
                              f"{scale_by_temperature!r}")
         self._scale = temperature * temperature if scale_by_temperature else 1.0

@@ -67,7 +67,10 @@ def checked_teacher_extra(value: torch.Tensor, rows: torch.Tensor, width: int, k
     was reported as the width of a model's ``interact``, a wrong row count by BCE's "Target size")."""
     expected = (rows.size(0),) if width == 0 else (rows.size(0), width)
     if tuple(value.shape) != expected:
-        setting = "one logit per row" if width == 0 else f"TeacherStudentConfig.teacher_representation_dim={width}"
+        if width == 0 or value.dim() != 2 or value.size(1) == width:
+            setting = "one value per row of the batch"
+        else:
+            setting = f"TeacherStudentConfig.teacher_representation_dim={width}"
         raise ValueError(
             f"offline distillation: the batch's extras[{key!r}] is {tuple(value.shape)}, expected {expected} "
             f"({setting}); write it with write_teacher_columns or `recsys-llm teacher-outputs` for these rows"

@@ -509,8 +509,11 @@ class TestOfflineOutputs:
         task = _elec("offline", teacher_representation_dim=8)
         for logits in (torch.randn(6, 1), torch.randn(5)):
             bad = {**extras, "teacher_logits": logits}
-            with pytest.raises(ValueError, match=r"extras\['teacher_logits'\] is .*, expected \(6,\) \(one logit"):
+            with pytest.raises(ValueError, match=r"extras\['teacher_logits'\] is .*, expected \(6,\) \(one value per"):
                 task(Batch(batch.dense_features, batch.sparse_features, batch.labels, bad))
+        rows_short = {**extras, "teacher_representation": torch.randn(5, 8)}  # the width is right: no setting named
+        with pytest.raises(ValueError, match=r"is \(5, 8\), expected \(6, 8\) \(one value per row of the batch\)"):
+            task(Batch(batch.dense_features, batch.sparse_features, batch.labels, rows_short))
         loss, _ = task(Batch(batch.dense_features, batch.sparse_features, batch.labels, extras))
         assert torch.isfinite(loss)
 

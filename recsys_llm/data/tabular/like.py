@@ -32,6 +32,7 @@ from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types,
 from recsys_llm.data.tabular.tokens import FieldPlan
 from recsys_llm.data.validation import DataError, open_parquet
 from recsys_llm.progress import bar_options
+from recsys_llm.typed_config import as_bool
 
 #: the ``TabularConfig`` options the earlier preparation decided (its splits, its ids), refused with ``--like``
 LIKE_DECIDED = {"split_by": "--split-by", "split_fractions": "--split", "seed": "--seed",
@@ -83,7 +84,7 @@ def prepare_tabular_like(
             table, a label that is no 0/1), naming the file, the column, the row and what was expected.
     """
     check_tabular_config(config, "prepare_tabular_like")
-    if not isinstance(grow_vocabulary, bool):  # "false" would count as True
+    if as_bool(grow_vocabulary) is None:  # "false" would count as True
         raise TypeError(f"prepare_tabular_like: grow_vocabulary must be True or False, got {grow_vocabulary!r}")
     config = config or TabularConfig()
     defaults = TabularConfig()
