@@ -806,13 +806,3 @@ def test_another_entity_fields_export_is_refused_where_its_ids_fit(tmp_path):
     user_table = SemanticTable({"user_id": 3}, DIM, device=torch.device("cpu"))
     assert load_semantic_vectors(user_table, "semantic_user_id", users) == 3
 
-
-def test_semantic_table_task_terms_are_keyword_only():
-    """SemanticTableTask(model, table, injection, terms) would take the loss terms as logit terms."""
-    import inspect
-
-    from recsys_llm.modules import SemanticTableTask
-
-    params = inspect.signature(SemanticTableTask).parameters
-    assert params["logit_terms"].kind is inspect.Parameter.KEYWORD_ONLY
-    assert params["loss_terms"].kind is inspect.Parameter.KEYWORD_ONLY
