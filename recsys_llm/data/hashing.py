@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys_llm.data.validation import check_number
+
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
@@ -25,6 +27,7 @@ def fnv1a_64(array: pa.Array, salt: int = 0) -> np.ndarray:
     Returns:
         np.ndarray: (N,) uint64.
     """
+    check_number("fnv1a_64: salt", salt, integer=True)  # True hashed as 1; 2.5 failed as "unsupported operand"
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     array = pc.fill_null(array.cast(pa.large_string()), "")
@@ -34,7 +37,7 @@ def fnv1a_64(array: pa.Array, salt: int = 0) -> np.ndarray:
     starts, lengths = offsets[:-1], offsets[1:] - offsets[:-1]
     state = np.full(len(array), _FNV_OFFSET, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        state = (state ^ np.uint64(salt & 0xFFFFFFFFFFFFFFFF)) * _FNV_PRIME
+        state = (state ^ np.uint64(int(salt) & 0xFFFFFFFFFFFFFFFF)) * _FNV_PRIME
         longest = int(lengths.max()) if len(lengths) else 0
         for position in range(longest):
             rows = np.nonzero(lengths > position)[0]
@@ -49,6 +52,8 @@ def hash_strings(array: pa.Array, hash_size: int, salt: int = 0) -> np.ndarray:
 
         ids = hash_strings(pa.array(["68fd1e64", None, "80e26c9b"]), hash_size=100_000)  # (3,) int64
     """
+    check_number("hash_strings: salt", salt, integer=True)  # True hashed as 1
+    check_number("hash_strings: hash_size", hash_size, integer=True)  # 2.5 gave ids of hash_size 1.5
     if hash_size < 2:
         raise ValueError(f"hash_size must be at least 2 (id 0 is reserved for missing values), got {hash_size}")
     if isinstance(array, pa.ChunkedArray):

@@ -69,6 +69,7 @@ class DCNv2Config:
         check_number("DCNv2Config.cross_layers", self.cross_layers, integer=True, minimum=1)
         check_number("DCNv2Config.low_rank (0 = full rank)", self.low_rank, integer=True, minimum=0)
         check_layer_sizes("DCNv2Config.mlp_layer_sizes", self.mlp_layer_sizes)
+        check_number("DCNv2Config.dropout", self.dropout, minimum=0, below=1)  # as model.dropout
 
 
 class DCNv2(CTRBackbone):

@@ -14,6 +14,7 @@ from recsys_llm.models.first_order import FirstOrder
 from recsys_llm.models.fm import fm_interaction
 from recsys_llm.models.mlp import build_mlp, check_layer_sizes
 from recsys_llm.models.pairwise import PairWeightFolding, weighted_pair_sum
+from recsys_llm.data.validation import check_number
 from recsys_llm.typed_config import check_bool_settings
 
 # leaves of the training pipeline's fx trace (they pick their kernel by whether gradients are needed)
@@ -38,6 +39,7 @@ class DeepFMConfig:
         # named here: a float or string size failed in torch's Linear ("empty(): argument 'size' failed to unpack")
         check_layer_sizes("DeepFMConfig.mlp_layer_sizes", self.mlp_layer_sizes)
         check_bool_settings(self, ("dense_as_fields",), "DeepFMConfig")  # "false" would count as True
+        check_number("DeepFMConfig.dropout", self.dropout, minimum=0, below=1)  # as model.dropout
 
 
 class DeepFM(PairWeightFolding, CTRBackbone):

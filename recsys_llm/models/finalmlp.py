@@ -8,6 +8,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from recsys_llm.data.validation import check_number
 from recsys_llm.models.base import CTRBackbone, stack_fields
 from recsys_llm.models.fields import resolve_extra_fields
 from recsys_llm.models.mlp import build_mlp, check_layer_sizes
@@ -156,6 +157,8 @@ class FinalMLPConfig:
         check_layer_sizes("FinalMLPConfig.mlp1_layer_sizes", self.mlp1_layer_sizes)
         check_layer_sizes("FinalMLPConfig.mlp2_layer_sizes", self.mlp2_layer_sizes)
         check_layer_sizes("FinalMLPConfig.gate_hidden_sizes", self.gate_hidden_sizes, allow_empty=True)
+        check_number("FinalMLPConfig.dropout", self.dropout, minimum=0, below=1)  # as model.dropout
+        check_number("FinalMLPConfig.num_heads", self.num_heads, integer=True, minimum=1)
         for key in ("context1", "context2"):
             if isinstance(getattr(self, key), str):
                 raise ValueError(f"FinalMLPConfig.{key}: expected a tuple of field names, got the string "

@@ -47,7 +47,7 @@ from recsys_llm.modules.teacher_student import (
     TeacherStudentTask,
     load_full_state,
 )
-from recsys_llm.typed_config import build_dataclass
+from recsys_llm.typed_config import build_dataclass, check_str_settings
 
 TASKS = ("gain", "distill")
 VECTOR_SOURCES = ("extras", "entity_table")
@@ -134,6 +134,7 @@ class ELECConfig:
             self.distill = ELECDistillConfig(**self.distill)
         elif not isinstance(self.distill, ELECDistillConfig):
             self.distill = ELECDistillConfig(**dataclasses.asdict(self.distill))
+        check_str_settings(self, ("vector_key", "entity_field"), "elec", paths=("entity_vectors", "teacher_checkpoint"))
         if self.task not in TASKS:
             raise ValueError(f"elec.task must be one of {TASKS}, got {self.task!r}")
         if self.vector_source not in VECTOR_SOURCES:

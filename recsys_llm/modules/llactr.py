@@ -30,7 +30,7 @@ from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 from recsys_llm.modules.field_semantics import FIELD_REDUCTIONS, FieldRepresentationEnhancement
 from recsys_llm.modules.random_stream import own_random_stream
 from recsys_llm.semantics.store import load_vectors
-from recsys_llm.typed_config import ConfigError, build_dataclass, check_bool_settings
+from recsys_llm.typed_config import ConfigError, build_dataclass, check_bool_settings, check_str_settings
 
 
 @dataclasses.dataclass
@@ -72,6 +72,7 @@ class LLaCTRConfig:
                 f"llactr.fre_field_reduction: expected one of {FIELD_REDUCTIONS}, got {self.fre_field_reduction!r}"
             )
         check_bool_settings(self, ("use_fre", "use_fie", "normalize_vectors"), "llactr")  # "false" would count as on
+        check_str_settings(self, (), "llactr", paths=("vectors_path",))
         if isinstance(self.fields, str):
             raise ValueError(f"llactr.fields: expected a list of field names, got the string {self.fields!r}")
 

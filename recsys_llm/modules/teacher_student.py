@@ -51,7 +51,7 @@ from recsys_llm.modules.distillation import (
     ScoreDistillation,
 )
 from recsys_llm.modules.field_interaction import FieldInteractionEnhancement, refresh_after_load
-from recsys_llm.typed_config import check_bool_settings
+from recsys_llm.typed_config import check_bool_settings, check_str_settings
 
 MODES = ("joint", "frozen", "offline")
 
@@ -123,6 +123,7 @@ class TeacherStudentConfig:
         check_number("TeacherStudentConfig.teacher_representation_dim", self.teacher_representation_dim, integer=True,
                      minimum=0)
         check_bool_settings(self, ("temperature_scaling",), "TeacherStudentConfig")  # "false" would count as True
+        check_str_settings(self, ("teacher_logits_key", "teacher_representation_key"), "TeacherStudentConfig")
         if self.score_kd not in SCORE_KD_KINDS:
             raise ValueError(f"TeacherStudentConfig.score_kd must be one of {SCORE_KD_KINDS}, got {self.score_kd!r}")
         if self.repr_kd not in REPR_KD_KINDS:

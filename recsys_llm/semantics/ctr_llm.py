@@ -54,7 +54,7 @@ from recsys_llm.semantics.model_loading import (
 from recsys_llm.semantics.pooling import hidden_states, hidden_width, pool
 from recsys_llm.semantics.precision import LowPrecisionSteps, long_dtype_name
 from recsys_llm.semantics.ctr_llm_checkpoint import TuneCheckpoint, TuneCheckpointer, resume_signature
-from recsys_llm.typed_config import check_name_list
+from recsys_llm.typed_config import check_name_list, check_str_settings
 
 TUNING_MODES = ("lora", "last_k", "heads")
 LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,6 +135,7 @@ class CTRLLMConfig:
 
     def __post_init__(self) -> None:
         check_name_list(self.lora_target_modules, "CTRLLMConfig.lora_target_modules")  # peft: a regex, else
+        check_str_settings(self, (), "CTRLLMConfig", paths=("model_path",))
         if long_dtype_name(self.llm_dtype) not in LLM_DTYPES:
             raise ValueError(f"CTRLLMConfig.llm_dtype must be one of {sorted(LLM_DTYPES)} (or bf16, fp16, fp32), got "
                              f"{self.llm_dtype!r}")

@@ -27,6 +27,7 @@ from recsys_llm.atomic_dir import check_own_entries, remove_directory
 from recsys_llm.error_text import one_line
 from recsys_llm.semantics.model_dir import model_dir_fingerprint, read_json_file
 from recsys_llm.semantics.precision import LowPrecisionSteps
+from recsys_llm.typed_config import check_str_settings
 from recsys_llm.semantics.train_checkpoint import (
     CHECKPOINT_OPTIMIZER_FILE,
     CHECKPOINT_RNG_FILE,
@@ -100,6 +101,7 @@ class TuneCheckpoint:
     settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_str_settings(self, (), "TuneCheckpoint", paths=("directory",))
         if isinstance(self.every_steps, bool) or not isinstance(self.every_steps, int) or self.every_steps < 0:
             raise ValueError("TuneCheckpoint.every_steps (semantics adapt --checkpoint-every) must be an integer >= 0, "
                              f"got {self.every_steps!r}")

@@ -27,7 +27,7 @@ from recsys_llm.semantics.pooling import POOLINGS
 from recsys_llm.semantics.ssft_adapter import is_tuned_base, load_tuned_encoder, read_adapter_info
 from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_encode, load_vectors, save_vectors
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
-from recsys_llm.typed_config import check_bool_settings
+from recsys_llm.typed_config import check_bool_settings, check_str_settings
 
 
 DEFAULT_MAX_LENGTH = 256  # tokens per field text of an untuned model
@@ -81,6 +81,8 @@ class FieldVectorConfig:
 
     def __post_init__(self) -> None:
         check_number_fields(self, _NUMBER_RULES, "semantics encode", optional=("max_length",))
+        check_str_settings(self, ("device", "dtype"), "FieldVectorConfig",
+                           paths=("model_path", "adapter_dir", "cache_dir"))
         check_bool_settings(self, ("override_templates", "include_fields_without_description", "trust_remote_code"),
                             "FieldVectorConfig")  # "false" would count as True (and run a model directory's code)
         if self.pooling not in POOLINGS:

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec, SchemaError
-from recsys_llm.data.validation import offsets_from_lengths
+from recsys_llm.data.validation import check_number, offsets_from_lengths
+from recsys_llm.typed_config import check_str_settings
 
 
 ROW_TEMPLATE_PLACEHOLDERS = ("description", "value")
@@ -100,6 +101,9 @@ class RowTextConfig:
     empty_sequence_text: str = EMPTY_SEQUENCE_TEXT
 
     def __post_init__(self) -> None:
+        check_str_settings(self, ("template", "separator", "list_separator", "missing_value", "null_text",
+                                  "empty_sequence_text"), "RowTextConfig")  # True or 3 would be written as text
+        check_number("RowTextConfig.dense_decimals", self.dense_decimals, integer=True)  # pc.round: < 0 rounds to tens
         check_row_template(self.template, "row-text template")
         if isinstance(self.fields, str):  # list("user_id") would name the fields 'u', 's', 'e', ...
             raise SchemaError(f"row-text fields must be a list of field names, got the single string {self.fields!r}; "

@@ -103,7 +103,7 @@ from recsys_llm.semantics.train_checkpoint import (
     rng_state,
     setting_differences,
 )
-from recsys_llm.typed_config import check_bool_settings, check_name_list
+from recsys_llm.typed_config import check_bool_settings, check_name_list, check_str_settings
 
 # checkpoint/ holds this beside train_checkpoint's state, optimizer and RNG files (the RNG file is
 # missing from those of older versions)
@@ -229,6 +229,7 @@ class SSFTConfig:
         check_bool_settings(self, ("include_fields_without_description", "trust_remote_code", "resume",
                                    "gradient_checkpointing"), "SSFTConfig")  # "false" would count as True
         check_name_list(self.lora_target_modules, "SSFTConfig.lora_target_modules")
+        check_str_settings(self, ("device", "dtype"), "SSFTConfig", paths=("model_path",))
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"SSFTConfig.lr_schedule (semantics tune --lr-schedule) must be one of {LR_SCHEDULES}, "
                              f"got {self.lr_schedule!r}")

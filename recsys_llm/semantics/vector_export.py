@@ -61,10 +61,11 @@ from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_own_entries, link_into_place, write_file_atomically
 from recsys_llm.data.parquet_writer import vector_array
-from recsys_llm.data.validation import first_non_finite_row
+from recsys_llm.data.validation import check_number, first_non_finite_row
 from recsys_llm.progress import bar_options
 from recsys_llm.semantics.precision import long_dtype_name
 from recsys_llm.semantics.vector_projection import load_projection
+from recsys_llm.typed_config import check_str_settings
 
 PROVENANCE_KEY = b"recsys_llm.provenance"
 #: the provenance entry of an entity export that reused an earlier one's vectors (``semantics export --reuse``)
@@ -102,12 +103,13 @@ class VectorExportConfig:
     vector_column: str = "vector"
 
     def __post_init__(self) -> None:
+        check_str_settings(self, ("dtype", "key_column", "vector_column"), "VectorExportConfig", paths=("projection",))
+        check_number("VectorExportConfig.chunk_rows", self.chunk_rows, integer=True, minimum=1)
+        check_number("VectorExportConfig.batch_size", self.batch_size, integer=True, minimum=1)
         if long_dtype_name(self.dtype) not in DTYPES:
             raise ValueError(f"VectorExportConfig.dtype must be one of {sorted(DTYPES)} (or fp32, fp16), got "
                              f"{self.dtype!r}")
         self.dtype = long_dtype_name(self.dtype)  # recorded as torch names it
-        if self.chunk_rows <= 0 or self.batch_size <= 0:
-            raise ValueError("VectorExportConfig.chunk_rows and batch_size must be positive")
 
 
 # keys ``CTRAdaptedLLM.provenance`` leaves out at these values (so exports written before the

@@ -35,11 +35,12 @@ import yaml
 from recsys_llm import PACKAGED_CONFIGS
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.schema import UniqueKeyLoader, read_utf8_text, schema_file
+from recsys_llm.data.validation import check_number
 from recsys_llm.error_text import one_line
 from recsys_llm.models.registry import ModelConfig
 from recsys_llm.train.mixed_precision import AUTOCAST_DTYPES
 from recsys_llm.train.sharding_config import FusedParamsConfig, OptimizerConfig, ShardingConfig
-from recsys_llm.typed_config import ConfigError, build_dataclass, check_bool_settings
+from recsys_llm.typed_config import ConfigError, build_dataclass, check_bool_settings, check_str_settings
 
 if TYPE_CHECKING:  # the plug-in configs, imported where their sections are parsed
     from recsys_llm.modules.elec import ELECConfig
@@ -143,6 +144,11 @@ class DataConfig:
     synthetic_seed: int = 0
 
     def __post_init__(self) -> None:
+        # a config built in Python: True, 2.5 or NaN would pass the bounds below (NaN < 1 is False)
+        check_str_settings(self, ("train_split", "valid_split", "test_split", "cold_item_column"), "data",
+                           paths=("schema",))
+        for name in ("batch_size", "eval_batch_size", "prefetch", "synthetic_rows", "synthetic_seed"):
+            check_number(f"data.{name}", getattr(self, name), integer=True)
         wrong = []
         if self.batch_size < 1:
             wrong.append(f"data.batch_size={self.batch_size} (must be >= 1)")
@@ -237,6 +243,10 @@ class TrainConfig:
         # a config built in Python: "false" or 1 would count as on
         check_bool_settings(self, ("resume", "progress", "reshard_mid_epoch", "flush_denormal", "init_optimizer"),
                             "train")
+        check_str_settings(self, ("device", "mixed_precision"), "train", paths=("run_dir", "init_from"))
+        for name in ("epochs", "max_steps", "eval_every", "patience", "checkpoint_every", "keep_checkpoints", "seed",
+                     "metrics_window", "metrics_every"):  # True, 2.5 or NaN would pass the bounds below
+            check_number(f"train.{name}", getattr(self, name), integer=True)
         at_least = {"epochs": 1, "eval_every": 1, "keep_checkpoints": 0, "max_steps": 0, "patience": 0,
                     "checkpoint_every": 0, "metrics_window": 0, "metrics_every": 1}
         wrong = [f"train.{name}={getattr(self, name)} (must be >= {low})" for name, low in at_least.items()

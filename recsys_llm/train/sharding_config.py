@@ -24,7 +24,9 @@ from torchrec.distributed.types import CacheParams
 from recsys_llm.data.validation import check_number
 from recsys_llm.train.lr_schedule import LRSchedule
 from recsys_llm.train.qcomms import QCommsSettings
-from recsys_llm.typed_config import ConfigError, build_dataclass, check_bool_settings, check_name_list, coerce_value
+from recsys_llm.typed_config import (
+    ConfigError, build_dataclass, check_bool_settings, check_name_list, check_str_settings, coerce_value,
+)
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the largest learning rate or eps FBGEMM's float32 takes
 
@@ -274,6 +276,7 @@ class ShardingConfig:
         check_number("sharding.proposer_patience", self.proposer_patience, integer=True, minimum=0)
         check_bool_settings(self, ("exact_dense_reduction", "measure_pooling"), "sharding")  # "false": True
         check_name_list(self.frozen_tables, "sharding.frozen_tables")
+        check_str_settings(self, (), "sharding", paths=("plan_file",))
         check_number("sharding.storage_reservation", self.storage_reservation, minimum=0, below=1)
         if self.compute_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"sharding.compute_device must be 'auto', 'cpu' or 'cuda', got {self.compute_device!r}")

@@ -30,3 +30,14 @@ def test_criteo_ids_are_stable():
     np.testing.assert_array_equal(ids, [219757, 0, 0, 999628])
     assert hash_strings(pa.array(["68fd1e64"]), 1_000_000, salt=25)[0] == 795293
     assert hash_strings(pa.array(["68fd1e64"]), 1_000_000)[0] == _reference_fnv1a_64("68fd1e64", 0) % 999_999 + 1
+
+
+def test_hash_strings_refuses_a_bool_salt_and_takes_a_numpy_one():
+    import numpy as np
+    import pyarrow as pa
+    import pytest
+    from recsys_llm.data.hashing import hash_strings
+    with pytest.raises(ValueError, match=r"hash_strings: salt must be an integer, got True"):
+        hash_strings(pa.array(["a"]), 10, salt=True)
+    with_numpy_salt = hash_strings(pa.array(["a"]), 10, salt=np.int64(1))
+    assert with_numpy_salt.tolist() == hash_strings(pa.array(["a"]), 10, salt=1).tolist()

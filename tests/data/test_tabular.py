@@ -1412,3 +1412,10 @@ def test_the_plan_of_a_hashed_field_follows_from_its_tokens_whatever_their_numbe
     schema = prepare_tabular(_csv(tmp_path / "n.csv", numbers), _schema_file(tmp_path, raw), str(tmp_path / "n"),
                              TabularConfig())
     assert schema.ids["query"] == "integer"
+
+
+def test_tabular_config_refuses_a_non_string_split_by():
+    import pytest
+    from recsys_llm.data.tabular.config import TabularConfig
+    with pytest.raises(ValueError, match=r"TabularConfig.split_by: expected a string or None, got 1"):
+        TabularConfig(split_by=1)

@@ -51,3 +51,10 @@ class TestDeepFM:
         empty or non-positive one in build_mlp without the setting, as DCNv2Config's and FinalMLPConfig's no longer do."""
         with pytest.raises(ValueError, match=message):
             DeepFMConfig(mlp_layer_sizes=sizes)
+
+
+def test_deepfm_config_refuses_a_nan_dropout():
+    import pytest
+    from recsys_llm.models.deepfm import DeepFMConfig
+    with pytest.raises(ValueError, match=r"DeepFMConfig.dropout must be a finite number >= 0 and < 1, got nan"):
+        DeepFMConfig(dropout=float("nan"))

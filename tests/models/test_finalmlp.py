@@ -90,3 +90,15 @@ class TestFinalMLP:
             FinalMLP(ebc, 2, FinalMLPConfig(context1=("zip",)))
         with pytest.raises(ValueError, match=r"^model\.finalmlp_context2 \(FinalMLPConfig\.context2\)"):
             FinalMLP(ebc, 2, FinalMLPConfig(context2=("zip",)))
+
+
+def test_finalmlp_config_refuses_a_bool_fractional_or_negative_num_heads_and_a_nan_dropout():
+    import numpy as np
+    import pytest
+    from recsys_llm.models.finalmlp import FinalMLPConfig
+    for heads in (True, 2.5, -1):
+        with pytest.raises(ValueError, match=r"FinalMLPConfig.num_heads must be an integer >= 1"):
+            FinalMLPConfig(num_heads=heads)
+    with pytest.raises(ValueError, match=r"FinalMLPConfig.dropout must be a finite number"):
+        FinalMLPConfig(dropout=float("nan"))
+    assert FinalMLPConfig(num_heads=np.int64(2), dropout=np.float32(0.1)).num_heads == 2

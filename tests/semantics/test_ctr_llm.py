@@ -667,3 +667,10 @@ def test_lora_target_modules_refuses_one_string():
     """peft reads a string as one regular expression of the whole module name: "q_proj" matched no module."""
     with pytest.raises(ValueError, match=r"CTRLLMConfig\.lora_target_modules: expected a list of names"):
         CTRLLMConfig("model", lora_target_modules="q_proj")
+
+
+def test_ctr_llm_config_refuses_a_non_string_model_path():
+    import pytest
+    from recsys_llm.semantics.ctr_llm import CTRLLMConfig
+    with pytest.raises(ValueError, match=r"CTRLLMConfig.model_path: expected a string, got 3"):
+        CTRLLMConfig(3)

@@ -395,3 +395,12 @@ def test_switches_are_bools(name):
     """FieldVectorConfig(trust_remote_code="false") would have run the model directory's own code."""
     with pytest.raises(ValueError, match=rf"FieldVectorConfig\.{name}: expected true or false, got 'false'"):
         FieldVectorConfig(**{name: "false"})
+
+
+def test_field_vector_config_refuses_non_string_settings():
+    import pytest
+    from recsys_llm.semantics.field_vectors import FieldVectorConfig
+    with pytest.raises(ValueError, match=r"FieldVectorConfig.device: expected a string or None, got 0"):
+        FieldVectorConfig(device=0)
+    with pytest.raises(ValueError, match=r"FieldVectorConfig.adapter_dir: expected a string or None, got True"):
+        FieldVectorConfig(adapter_dir=True)

@@ -241,3 +241,14 @@ def test_a_single_field_name_is_refused_not_read_letter_by_letter():
         RowTextConfig(fields="user_id")
     with pytest.raises(SchemaError, match=r"single string 'item_id'"):
         check_entity_fields("item_id")
+
+
+def test_row_text_config_refuses_non_string_separators_and_a_fractional_dense_decimals():
+    import pytest
+    from recsys_llm.semantics.row_text import RowTextConfig
+    with pytest.raises(ValueError, match=r"RowTextConfig.separator: expected a string, got None"):
+        RowTextConfig(separator=None)
+    with pytest.raises(ValueError, match=r"RowTextConfig.list_separator: expected a string, got 3"):
+        RowTextConfig(list_separator=3)
+    with pytest.raises(ValueError, match=r"RowTextConfig.dense_decimals must be an integer, got 2.5"):
+        RowTextConfig(dense_decimals=2.5)

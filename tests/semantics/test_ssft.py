@@ -530,3 +530,10 @@ def test_lora_target_modules_refuses_one_string():
     """peft reads a string as one regular expression of the whole module name: "q_proj" matched no module."""
     with pytest.raises(ValueError, match=r"SSFTConfig\.lora_target_modules: expected a list of names, got the string"):
         SSFTConfig(lora_target_modules="q_proj")
+
+
+def test_ssft_config_refuses_a_non_string_device():
+    import pytest
+    from recsys_llm.semantics.ssft import SSFTConfig
+    with pytest.raises(ValueError, match=r"SSFTConfig.device: expected a string or None, got 0"):
+        SSFTConfig(device=0)

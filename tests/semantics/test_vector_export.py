@@ -1680,3 +1680,14 @@ def test_the_storage_dtype_takes_short_names_and_records_torchs():
     assert VectorExportConfig(dtype="fp16").dtype == "float16" and VectorExportConfig(dtype="fp32").dtype == "float32"
     with pytest.raises(ValueError, match=r"dtype must be one of \['float16', 'float32'\] \(or fp32, fp16\), got 'bf16'"):
         VectorExportConfig(dtype="bf16")
+
+
+def test_vector_export_config_refuses_non_string_columns_and_non_integer_sizes():
+    import pytest
+    from recsys_llm.semantics.vector_export import VectorExportConfig
+    with pytest.raises(ValueError, match=r"VectorExportConfig.key_column: expected a string, got 1"):
+        VectorExportConfig(key_column=1)
+    with pytest.raises(ValueError, match=r"VectorExportConfig.vector_column: expected a string, got True"):
+        VectorExportConfig(vector_column=True)
+    with pytest.raises(ValueError, match=r"VectorExportConfig.chunk_rows must be an integer >= 1, got 2.5"):
+        VectorExportConfig(chunk_rows=2.5)

@@ -819,3 +819,18 @@ def test_sharding_switches_and_frozen_tables_built_in_python():
             ShardingConfig(**{name: "false"})
     with pytest.raises(ValueError, match=r"sharding\.frozen_tables: expected a list of names, got the string"):
         ShardingConfig(frozen_tables="t_item_id")
+
+
+def test_data_and_train_configs_refuse_non_string_and_non_integer_settings():
+    import pathlib
+    import numpy as np
+    import pytest
+    from recsys_llm.train.config import DataConfig, TrainConfig
+    with pytest.raises(ValueError, match=r"data.train_split: expected a string, got 1"):
+        DataConfig(train_split=1)
+    with pytest.raises(ValueError, match=r"data.batch_size must be an integer, got nan"):
+        DataConfig(batch_size=float("nan"))
+    for name, value in (("epochs", True), ("patience", 2.5), ("seed", float("nan"))):
+        with pytest.raises(ValueError, match=rf"train.{name} must be an integer, got {value}"):
+            TrainConfig(**{name: value})
+    assert TrainConfig(run_dir=pathlib.Path("runs/x"), epochs=np.int64(2)).run_dir == "runs/x"

@@ -1333,3 +1333,10 @@ def test_the_storage_reservation_is_the_share_of_memory_the_planner_keeps_free(m
     task = CTRTask(build_backbone(SMOKE_CONFIGS["fm"], synthetic_schema, device=torch.device("meta")))
     shard_model(task, torch.device("cpu"), 1, ShardingConfig(storage_reservation=0.3), OptimizerConfig(), batch_size=8)
     assert asked == [0.3]
+
+
+def test_sharding_config_refuses_a_non_string_plan_file():
+    import pytest
+    from recsys_llm.train.sharding_config import ShardingConfig
+    with pytest.raises(ValueError, match=r"sharding.plan_file: expected a string, got True"):
+        ShardingConfig(plan_file=True)

@@ -4,6 +4,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 from recsys_llm.data.validation import check_number, check_split_fractions
+from recsys_llm.typed_config import check_str_settings
 
 # how to accept missing or non-finite dense values, from the command line and from Python
 FILL_HINT = "or pass --fill-missing-dense VALUE, TabularConfig.fill_missing_dense in Python, to replace missing and NaN/inf"
@@ -57,6 +58,7 @@ class TabularConfig:
     def __post_init__(self) -> None:
         check_split_fractions(self.split_fractions, "TabularConfig.split_fractions")
         check_number("TabularConfig.seed", self.seed, integer=True, minimum=0)
+        check_str_settings(self, ("split_by",), "TabularConfig")  # 1 would fail as a missing column
         check_number("TabularConfig.label_threshold", self.label_threshold, optional=True)
         check_number("TabularConfig.fill_missing_dense", self.fill_missing_dense, optional=True)
         check_number("TabularConfig.rows_per_group", self.rows_per_group, integer=True, minimum=1)
