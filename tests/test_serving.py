@@ -1104,3 +1104,14 @@ def test_trust_program_and_gather_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="unsharded_state_dict: dst must be a rank"):
         unsharded_state_dict(model, dst="0.")
     assert sorted(unsharded_state_dict(model, prefix="0.")) == ["0.bias", "0.weight"]
+
+
+def test_unsharded_state_dict_refuses_a_bool_or_negative_dst_and_a_prefix_that_is_no_string():
+    """True is no rank, -1 none of the ranks (every rank returned an empty dict); a tuple prefix is no name's start."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    for bad in (True, -1):
+        with pytest.raises(ValueError, match="unsharded_state_dict: dst must be a rank"):
+            unsharded_state_dict(model, dst=bad)
+    with pytest.raises(TypeError, match="unsharded_state_dict: prefix must be a string"):
+        unsharded_state_dict(model, prefix=("0.",))
+    assert sorted(unsharded_state_dict(model, dst=0)) == ["0.bias", "0.weight"]

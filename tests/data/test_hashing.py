@@ -37,6 +37,7 @@ def test_hash_strings_refuses_a_bool_salt_and_takes_a_numpy_one():
     import pyarrow as pa
     import pytest
     from recsys_llm.data.hashing import hash_strings
+
     with pytest.raises(ValueError, match=r"hash_strings: salt must be an integer, got True"):
         hash_strings(pa.array(["a"]), 10, salt=True)
     with_numpy_salt = hash_strings(pa.array(["a"]), 10, salt=np.int64(1))

@@ -245,3 +245,11 @@ def test_a_batch_size_that_is_no_positive_integer_is_refused_when_the_reader_is_
     with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, got {batch_size!r}"):
         ParquetBatchReader(SCHEMA, path, batch_size, prefetch=0)
     assert len(ParquetBatchReader(SCHEMA, path, np.int64(4), prefetch=0)) == 1
+
+
+def test_extras_as_bytes_are_refused_like_a_string(tmp_path):
+    """list(b"ts") is [116, 115]: bytes are refused as a single name is, not read as column numbers."""
+    path = str(tmp_path / "ok.parquet")
+    _write(path, np.ones((4, 3), np.float32), np.ones(4, np.float32))
+    with pytest.raises(TypeError, match=r"extras=b'weight': expected a list of column names"):
+        ParquetBatchReader(SCHEMA, path, 4, extras=b"weight", prefetch=0)

@@ -261,3 +261,15 @@ def test_schema_built_in_python_refuses_strings_for_lists_and_mappings():
         DatasetSchema("n", "item")
     with pytest.raises(SchemaError, match="row_key must be a column name or None"):
         DatasetSchema("n", fields, row_key=True)
+
+
+def test_schema_built_in_python_takes_a_path_root_and_refuses_a_label_or_root_of_another_type(tmp_path):
+    """A pathlib.Path root is kept as its string (os.path.join takes it); a label or root of another type is named."""
+    fields = [FieldSpec(name="item", kind="sparse", cardinality=4)]
+    schema = DatasetSchema("n", fields, splits={"train": "train.parquet"}, root=tmp_path)
+    assert schema.root == str(tmp_path) and isinstance(schema.root, str)
+    assert schema.split_path("train") == str(tmp_path / "train.parquet")
+    with pytest.raises(SchemaError, match="label must be a string, got 1"):
+        DatasetSchema("n", fields, label=1)
+    with pytest.raises(SchemaError, match="root must be a string, got 3"):
+        DatasetSchema("n", fields, root=3)

@@ -1415,7 +1415,7 @@ def test_the_plan_of_a_hashed_field_follows_from_its_tokens_whatever_their_numbe
 
 
 def test_tabular_config_refuses_a_non_string_split_by():
-    import pytest
     from recsys_llm.data.tabular.config import TabularConfig
+
     with pytest.raises(ValueError, match=r"TabularConfig.split_by: expected a string or None, got 1"):
         TabularConfig(split_by=1)

@@ -767,3 +767,11 @@ def test_options_after_config_are_keyword_only(tmp_path):
         prepare_tabular_like(str(tmp_path / "d.csv"), str(tmp_path), str(tmp_path / "o"), grow_vocabulary="false")
     with pytest.raises(TypeError, match="prepare_tabular: config must be a TabularConfig or None, got True"):
         prepare_tabular(str(tmp_path / "d.csv"), str(tmp_path / "s.yaml"), str(tmp_path / "o"), True)
+
+
+def test_grow_vocabulary_takes_a_numpy_bool(earlier: Dict[str, str], tmp_path) -> None:
+    """np.False_ (a cell of a pandas sweep grid) is a bool, as the config switches take it; only non-bools are refused."""
+    path = _csv(tmp_path / "new.csv", NEW)
+    out = str(tmp_path / "day2")
+    prepare_tabular_like(path, earlier["data"], out, grow_vocabulary=np.False_)
+    assert os.path.exists(os.path.join(out, "schema.json"))

@@ -73,7 +73,7 @@ def test_the_cross_net_starts_from_the_dense_devices_random_stream(name) -> None
 
 
 def test_dcnv2_config_refuses_a_nan_dropout():
-    import pytest
     from recsys_llm.models.dcnv2 import DCNv2Config
+
     with pytest.raises(ValueError, match=r"DCNv2Config.dropout must be a finite number >= 0 and < 1, got nan"):
         DCNv2Config(dropout=float("nan"))

@@ -54,7 +54,7 @@ class TestDeepFM:
 
 
 def test_deepfm_config_refuses_a_nan_dropout():
-    import pytest
     from recsys_llm.models.deepfm import DeepFMConfig
+
     with pytest.raises(ValueError, match=r"DeepFMConfig.dropout must be a finite number >= 0 and < 1, got nan"):
         DeepFMConfig(dropout=float("nan"))

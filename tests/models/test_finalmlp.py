@@ -94,8 +94,8 @@ class TestFinalMLP:
 
 def test_finalmlp_config_refuses_a_bool_fractional_or_negative_num_heads_and_a_nan_dropout():
     import numpy as np
-    import pytest
     from recsys_llm.models.finalmlp import FinalMLPConfig
+
     for heads in (True, 2.5, -1):
         with pytest.raises(ValueError, match=r"FinalMLPConfig.num_heads must be an integer >= 1"):
             FinalMLPConfig(num_heads=heads)

@@ -168,3 +168,12 @@ def test_build_backbone_takes_its_options_by_keyword():
         CTRTask(backbone, field_injection={"fie": torch.nn.Identity()})
     with pytest.raises(TypeError, match="CTRTask: logit_terms must be a mapping"):
         CTRTask(backbone, logit_terms=[torch.nn.Identity()])
+
+
+def test_ctr_task_refuses_an_injection_key_that_is_no_string():
+    """CTRTask(backbone, injection_key=["llm_vector"]) was kept and failed at the first batch's extras lookup."""
+    from recsys_llm.models.task import CTRTask
+
+    backbone = build_backbone(SMOKE_CONFIGS["fm"], tiny_schema(), 0, device=torch.device("cpu"))
+    with pytest.raises(TypeError, match=r"CTRTask: injection_key must be the extras key \(a string\)"):
+        CTRTask(backbone, injection_key=["llm_vector"])

@@ -310,8 +310,8 @@ def test_mapping_settings_refuse_a_string_or_list(name, bad):
 
 def test_elec_config_refuses_non_string_settings_and_takes_a_path():
     import pathlib
-    import pytest
     from recsys_llm.modules.elec import ELECConfig
+
     with pytest.raises(ValueError, match=r"elec.vector_key: expected a string, got True"):
         ELECConfig(vector_key=True)
     with pytest.raises(ValueError, match=r"elec.entity_field: expected a string or None, got 3"):

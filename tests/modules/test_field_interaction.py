@@ -314,3 +314,38 @@ def test_feature_names_given_as_one_string_and_a_dict_of_embeddings_are_refused_
     pooled = KeyedTensor.from_tensor_list(names, [torch.randn(2, 4) for _ in names])
     with pytest.raises(TypeError, match=r"got a dict of keys \['a', 'b', 'c'\]: pass the KeyedTensor itself"):
         fie.logit(pooled.to_dict())
+
+
+def _pair_inputs(device: str):
+    num_keys = 4
+    rows, cols = torch.triu_indices(num_keys, num_keys, offset=1)
+    num_pairs = rows.numel()
+    return (torch.randn(2, num_keys, 8, device=device), torch.rand(num_pairs, device=device),
+            torch.randn(num_pairs, num_pairs, device=device), torch.randn(num_pairs, device=device),
+            (rows * num_keys + cols).to(device))
+
+
+def test_fie_pair_weights_are_computed_with_autocast_off(monkeypatch):
+    """CUDA's autocast casts addmv to bf16: the pair weights leave autocast (seen here on the CPU, whose autocast
+    would not cast it, by what addmv is called under)."""
+    from recsys_llm.modules import field_interaction
+
+    seen = []
+    addmv = torch.addmv
+
+    def recording_addmv(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return addmv(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmv", recording_addmv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = field_interaction._semantic_pair_matrix(*_pair_inputs("cpu"), 0.1)
+    assert seen == [False] and out.dtype == torch.float32
+
+
+def test_fie_pair_matrix_runs_on_meta():
+    """A shape-only forward on meta: torch.autocast refuses the meta device, so none is entered there."""
+    from recsys_llm.modules.field_interaction import _semantic_pair_matrix
+
+    out = _semantic_pair_matrix(*_pair_inputs("meta"), 0.1)
+    assert out.is_meta and out.shape == (4, 4)

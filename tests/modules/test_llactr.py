@@ -462,8 +462,8 @@ def test_the_device_may_be_named_as_a_string(tmp_path) -> None:
 
 def test_llactr_config_refuses_a_non_string_vectors_path_and_takes_a_path():
     import pathlib
-    import pytest
     from recsys_llm.modules.llactr import LLaCTRConfig
+
     with pytest.raises(ValueError, match=r"llactr.vectors_path: expected a string, got True"):
         LLaCTRConfig(True)
     assert LLaCTRConfig(pathlib.Path("v/f.safetensors")).vectors_path == "v/f.safetensors"

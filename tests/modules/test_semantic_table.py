@@ -806,3 +806,27 @@ def test_another_entity_fields_export_is_refused_where_its_ids_fit(tmp_path):
     user_table = SemanticTable({"user_id": 3}, DIM, device=torch.device("cpu"))
     assert load_semantic_vectors(user_table, "semantic_user_id", users) == 3
 
+
+
+def test_an_entity_exports_own_field_check_keeps_the_callers_expected_provenance(tmp_path):
+    """The entity_field check added to ``expected`` must not replace what the caller asked for."""
+    items = str(tmp_path / "items")
+    _export_ones(items, {**PROVENANCE, "entity_field": "item_id"}, np.arange(NUM_ITEMS))
+    module = SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))
+    with pytest.raises(ProvenanceError, match="model: stored 'tiny', expected 'other'"):
+        load_semantic_vectors(module, "semantic_item_id", items, expected={"model": "other"})
+    assert load_semantic_vectors(module, "semantic_item_id", items, expected=PROVENANCE) == NUM_ITEMS
+
+
+def test_a_misnamed_table_lists_only_the_entity_tables_not_the_backbones(tmp_path):
+    """The hint lists the semantic tables beside the backbone's own (t_*), which load_semantic_vectors does not fill."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    backbone_tables = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        name="t_item_id", embedding_dim=4, num_embeddings=NUM_ITEMS, feature_names=["item_id"])],
+        device=torch.device("cpu"))
+    model = torch.nn.ModuleDict({"ebc": backbone_tables,
+                                 "semantic": SemanticTable({"item_id": NUM_ITEMS}, DIM, device=torch.device("cpu"))})
+    with pytest.raises(KeyError, match=r"its entity tables: \['semantic_item_id'\]; the table"):
+        load_semantic_vectors(model, "item_id", str(tmp_path / "items"))

@@ -779,7 +779,7 @@ def test_temperature_scaling_is_a_bool(bad):
 
 
 def test_teacher_student_config_refuses_a_non_string_key():
-    import pytest
     from recsys_llm.modules.teacher_student import TeacherStudentConfig
+
     with pytest.raises(ValueError, match=r"TeacherStudentConfig.teacher_logits_key: expected a string, got 3"):
         TeacherStudentConfig(teacher_logits_key=3)

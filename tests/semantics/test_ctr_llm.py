@@ -670,7 +670,7 @@ def test_lora_target_modules_refuses_one_string():
 
 
 def test_ctr_llm_config_refuses_a_non_string_model_path():
-    import pytest
     from recsys_llm.semantics.ctr_llm import CTRLLMConfig
+
     with pytest.raises(ValueError, match=r"CTRLLMConfig.model_path: expected a string, got 3"):
         CTRLLMConfig(3)

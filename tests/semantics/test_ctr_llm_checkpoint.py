@@ -333,7 +333,7 @@ def test_a_damaged_checkpoint_file_is_named_and_nothing_is_changed(tmp_path, kil
 
 
 def test_tune_checkpoint_refuses_a_non_string_directory():
-    import pytest
     from recsys_llm.semantics.ctr_llm_checkpoint import TuneCheckpoint
+
     with pytest.raises(ValueError, match=r"TuneCheckpoint.directory: expected a string, got True"):
         TuneCheckpoint(True)

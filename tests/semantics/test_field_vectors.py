@@ -398,8 +398,8 @@ def test_switches_are_bools(name):
 
 
 def test_field_vector_config_refuses_non_string_settings():
-    import pytest
     from recsys_llm.semantics.field_vectors import FieldVectorConfig
+
     with pytest.raises(ValueError, match=r"FieldVectorConfig.device: expected a string or None, got 0"):
         FieldVectorConfig(device=0)
     with pytest.raises(ValueError, match=r"FieldVectorConfig.adapter_dir: expected a string or None, got True"):

@@ -585,3 +585,8 @@ def test_trust_remote_code_that_is_no_bool_is_refused(tmp_path, bad):
         load_model(str(tmp_path), torch.device("cpu"), torch.float32, bad)
     with pytest.raises(TypeError, match="trust_remote_code must be True or False"):
         TextEncoder(str(tmp_path), device="cpu", trust_remote_code=bad)
+
+
+def test_resolve_dtype_names_the_short_names_when_refusing():
+    with pytest.raises(ValueError, match=r"'bf16', 'bfloat16', 'float16', 'float32', 'fp16', 'fp32'\], got 'int8'"):
+        resolve_dtype("int8", torch.device("cpu"))

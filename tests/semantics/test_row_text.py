@@ -244,8 +244,8 @@ def test_a_single_field_name_is_refused_not_read_letter_by_letter():
 
 
 def test_row_text_config_refuses_non_string_separators_and_a_fractional_dense_decimals():
-    import pytest
     from recsys_llm.semantics.row_text import RowTextConfig
+
     with pytest.raises(ValueError, match=r"RowTextConfig.separator: expected a string, got None"):
         RowTextConfig(separator=None)
     with pytest.raises(ValueError, match=r"RowTextConfig.list_separator: expected a string, got 3"):

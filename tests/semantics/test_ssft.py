@@ -533,7 +533,7 @@ def test_lora_target_modules_refuses_one_string():
 
 
 def test_ssft_config_refuses_a_non_string_device():
-    import pytest
     from recsys_llm.semantics.ssft import SSFTConfig
+
     with pytest.raises(ValueError, match=r"SSFTConfig.device: expected a string or None, got 0"):
         SSFTConfig(device=0)

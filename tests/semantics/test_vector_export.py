@@ -1683,11 +1683,20 @@ def test_the_storage_dtype_takes_short_names_and_records_torchs():
 
 
 def test_vector_export_config_refuses_non_string_columns_and_non_integer_sizes():
-    import pytest
     from recsys_llm.semantics.vector_export import VectorExportConfig
+
     with pytest.raises(ValueError, match=r"VectorExportConfig.key_column: expected a string, got 1"):
         VectorExportConfig(key_column=1)
     with pytest.raises(ValueError, match=r"VectorExportConfig.vector_column: expected a string, got True"):
         VectorExportConfig(vector_column=True)
     with pytest.raises(ValueError, match=r"VectorExportConfig.chunk_rows must be an integer >= 1, got 2.5"):
         VectorExportConfig(chunk_rows=2.5)
+
+
+def test_an_encode_fn_giving_one_number_per_text_is_named(tmp_path):
+    """(b,) has one entry per text but no vectors: refused as other than (b, d)."""
+    keys, texts = _keys_texts(5)
+    export = VectorExport(str(tmp_path / "out"), PROVENANCE, VectorExportConfig(chunk_rows=4, batch_size=2))
+    with pytest.raises(ValueError, match=r"encode_fn gave vectors of shape \(2,\) for 2 texts"):
+        export.run(keys, texts, lambda batch: torch.ones(len(batch)), progress=False)
+    assert not os.path.exists(chunk_path(str(tmp_path / "out"), 0))

@@ -1307,3 +1307,12 @@ def test_a_save_records_the_ranks_that_wrote_it_so_a_resume_restores_their_rng(s
     results = run_multiprocess(_save_without_world_size_then_resume, world_size=2, schema_path=synthetic_dir,
                                ckpt_dir=str(tmp_path / "checkpoints"))
     assert [(r["world_size"], r["same_draws"]) for r in results] == [(2, True), (2, True)]
+
+
+def test_checkpoint_manager_keeps_every_checkpoint_with_keep_zero(tmp_path):
+    """keep=0 is a setting of its own (every checkpoint kept), not refused; a numpy integer is stored as an int."""
+    import numpy as np
+
+    assert CheckpointManager(str(tmp_path), keep=0)._keep == 0
+    kept = CheckpointManager(str(tmp_path), keep=np.int64(2))._keep
+    assert kept == 2 and type(kept) is int

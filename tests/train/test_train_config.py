@@ -824,8 +824,8 @@ def test_sharding_switches_and_frozen_tables_built_in_python():
 def test_data_and_train_configs_refuse_non_string_and_non_integer_settings():
     import pathlib
     import numpy as np
-    import pytest
     from recsys_llm.train.config import DataConfig, TrainConfig
+
     with pytest.raises(ValueError, match=r"data.train_split: expected a string, got 1"):
         DataConfig(train_split=1)
     with pytest.raises(ValueError, match=r"data.batch_size must be an integer, got nan"):

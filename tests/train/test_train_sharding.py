@@ -1336,7 +1336,21 @@ def test_the_storage_reservation_is_the_share_of_memory_the_planner_keeps_free(m
 
 
 def test_sharding_config_refuses_a_non_string_plan_file():
-    import pytest
     from recsys_llm.train.sharding_config import ShardingConfig
+
     with pytest.raises(ValueError, match=r"sharding.plan_file: expected a string, got True"):
         ShardingConfig(plan_file=True)
+
+
+def test_the_plan_is_broadcast_on_the_host_group(monkeypatch):
+    """Under NCCL broadcast_object_list staged the pickled plan on the GPU: it goes over host_group()'s gloo group."""
+    from recsys_llm.train import sharding
+
+    host = object()
+    calls = []
+    monkeypatch.setattr(sharding, "host_group", lambda: host)
+    monkeypatch.setattr(sharding.dist, "get_rank", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(sharding.dist, "broadcast_object_list",
+                        lambda objects, src=0, group=None, **kwargs: calls.append((src, group)))
+    assert sharding._plan_on_rank_0(lambda: "the plan") == ("the plan", None)
+    assert calls == [(0, host)]
