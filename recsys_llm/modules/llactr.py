@@ -182,7 +182,8 @@ def build_llactr_terms(
         schema (DatasetSchema): the data's schema; the vectors must have been made for it.
         backbone (nn.Module): a CTRBackbone, a torchrec DLRM (or SimpleDeepFMNN), a CTRTask, or an EBC.
         device (Optional[torch.device]): where the terms' weights go (a device or its name, e.g. ``"cpu"``): the
-            backbone's dense device (on one rank DMP moves no dense module); None: torch's default device (CPU unless set).
+            backbone's dense device (on one rank DMP moves no dense module); None: torch's default device (CPU
+            unless set).
 
     Returns:
         Tuple: ``(logit_terms {"fie": ...}, loss_terms {"fre": ...}, provenance)``; a term
