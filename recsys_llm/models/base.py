@@ -192,9 +192,11 @@ class CTRBackbone(nn.Module, abc.ABC):
         if not isinstance(embeddings, torch.fx.Proxy) and embeddings.values().is_meta and not dense_features.is_meta:
             # unsharded tables left on meta; torch failed later, in the interaction, naming devices only
             raise RuntimeError(
-                f"{type(self).__name__}: its tables are on the meta device (build_backbone's default, for "
-                "DistributedModelParallel to allocate the shards): shard the model (train.sharding.shard_model), "
-                "or build it with device=torch.device('cpu') to train or run it unsharded"
+                f"{type(self).__name__}: its tables are on the meta device (build_backbone's default, and an "
+                "EmbeddingBagCollection built with device=torch.device('meta'), for DistributedModelParallel to "
+                "allocate the shards): shard the model (train.sharding.shard_model), or build it with "
+                "device=torch.device('cpu') (build_backbone, or the EmbeddingBagCollection handed to "
+                "CTRBackbone.__init__) to train or run it unsharded"
             )
         logits, representation = self.interact(dense_features, embeddings, extra_fields)
         return CTROutput(one_logit_per_row(logits, type(self).__name__), representation, embeddings)

@@ -117,6 +117,38 @@ class TestOwnBackbone:
 
 
 class TestMistakesAreNamed:
+    def test_own_tables_left_on_meta_are_named(self) -> None:
+        """An own model's EBC built on meta (as examples/plug_into_own_model.py builds it), run unsharded."""
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t_{name}", embedding_dim=dim, num_embeddings=10, feature_names=[name])
+            for name, dim in WIDTHS.items()], device=torch.device("meta"))
+        batch = _batch()
+        with pytest.raises(RuntimeError, match=r"Concatenating: its tables are on the meta device .*"
+                                               r"the EmbeddingBagCollection handed to CTRBackbone.__init__"):
+            Concatenating(ebc)(batch.dense_features, batch.sparse_features)
+
+    def test_fold_into_an_own_backbone_folds_nothing(self) -> None:
+        """fie.fold_into returns False for a backbone without a pairwise term: its logits stay without FIE, and
+        the task (backbone + FIE) is what serves (docs/usage.md, section 3)."""
+        from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+        backbone = Concatenating(_ebc())
+        names = ["item_id", "city"]  # the fields of one width
+        torch.manual_seed(1)
+        task = CTRTask(backbone, logit_terms={"fie": FieldInteractionEnhancement(torch.randn(2, 16), names, 0.5)})
+        fie = task.logit_terms["fie"]
+        fie.freeze()
+        batch = _batch()
+        with torch.no_grad():
+            before = backbone(batch.dense_features, batch.sparse_features).logits
+            assert not fie.fold_into(backbone)
+            after = backbone(batch.dense_features, batch.sparse_features).logits
+            served = task.predict(batch).logits
+            pooled = backbone(batch.dense_features, batch.sparse_features).embeddings.to_dict()
+        torch.testing.assert_close(after, before)
+        pair = (pooled["item_id"] * pooled["city"]).sum(-1)
+        torch.testing.assert_close(served - after, 0.5 * fie.frozen_pair_weights[0] * pair)
+
     def test_an_llm_vector_of_another_width(self) -> None:
         task = CTRTask(Concatenating(_ebc(), injected_width=4), field_injection=VectorFieldInjection(384, 4))
         with pytest.raises(ValueError, match=r"VectorFieldInjection: the LLM vector is \(6, 5\), expected \(B, 384\) "
