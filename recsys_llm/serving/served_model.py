@@ -21,7 +21,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.atomic_dir import swapped_out_path
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.data.tabular.raw_values import raw_value_ids
+from recsys_llm.data.tabular.raw_values import prepared_plan, raw_value_ids
+from recsys_llm.data.tabular.tokens import FieldPlan, with_lookup
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import IdRules
 from recsys_llm.paths import is_plain_file_name
@@ -334,8 +335,27 @@ class ServedModel(nn.Module):
         self._pooled_keys = table_order_keys(ebc)
         self._vector_keys = table_order_keys(semantic_ebc) if semantic_ebc is not None else []
         # the training data's way from raw values to ids, when the artifact holds it (ServedModel.load sets it)
-        self.raw_id_ways: Optional[DatasetSchema] = None
+        self.raw_id_ways = None
         self.train(False)
+
+    @property
+    def raw_id_ways(self) -> Optional[DatasetSchema]:
+        """The training data's id ways (the artifact's ``ids/schema.json``), or None for an artifact without them."""
+        return self._raw_id_ways
+
+    @raw_id_ways.setter
+    def raw_id_ways(self, schema: Optional[DatasetSchema]) -> None:
+        """Sets the id ways and reads every field's vocabulary into memory once, as a token -> id dict (about
+        150 bytes a value: 150 MB for 10^6 values):
+        :meth:`raw_value_ids` reads no file per request, costs what its values cost (not the vocabulary's size), and
+        keeps the vocabularies of the export it was loaded from when another export
+        replaces the artifact's directory (or the directory is deleted) while this model serves."""
+        self._raw_id_plans: Dict[str, FieldPlan] = {}
+        if schema is not None:
+            for spec in schema.fields:
+                if spec.is_categorical and spec.name in schema.ids:
+                    self._raw_id_plans[spec.name] = with_lookup(prepared_plan(schema, spec.name, "raw_value_ids"))
+        self._raw_id_ways = schema
 
     def raw_value_ids(self, field: str, values: Sequence[object],
                       sequence_separator: str = "|") -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -356,7 +376,7 @@ class ServedModel(nn.Module):
                              "training data was not prepared by `recsys-llm prepare tabular`, or it was exported "
                              "before artifacts held them; export the run again, or use recsys_llm.data.tabular."
                              "raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)")
-        return raw_value_ids(self.raw_id_ways, field, values, sequence_separator)
+        return raw_value_ids(self.raw_id_ways, field, values, sequence_separator, plan=self._raw_id_plans.get(field))
 
     def train(self, mode: bool = True) -> "ServedModel":
         """Inference only: it stays in eval mode (the dense program was exported in it, and a ``torch.export``
@@ -564,7 +584,11 @@ class ServedModel(nn.Module):
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(program_path, "cannot be read as a torch.export program", error)
         served = cls(ebc, program, config, semantic)
-        served.raw_id_ways = _load_raw_id_ways(directory, config_path, config)
+        raw_id_ways = _load_raw_id_ways(directory, config_path, config)  # its files checked against their digests
+        try:  # every vocabulary read into memory now: no file is read per request
+            served.raw_id_ways = raw_id_ways
+        except (OSError, ValueError) as error:
+            _raise_damaged(os.path.join(directory, RAW_IDS_DIR), "cannot be read as the data's id ways", error)
         return served
 
     def _checked_dense(self, dense_features: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ import pytest
 
 from recsys_llm.data.schema import DatasetSchema, SchemaError
 from recsys_llm.data.tabular import TabularConfig, prepare_tabular
-from recsys_llm.data.tabular.raw_values import raw_value_ids
+from recsys_llm.data.tabular.raw_values import prepared_plan, raw_value_ids
+from recsys_llm.data.tabular.tokens import with_lookup
 from recsys_llm.data.validation import DataError
 
 SCHEMA = """
@@ -120,6 +121,23 @@ def test_a_value_gets_its_id_whatever_the_other_values_of_the_call(prepared):
     assert big.tolist() == raw_value_ids(schema, "query", [str(10**20)])[0].tolist()
     with pytest.raises(DataError, match=r"raw values of field 'user', row 1: '18446744073709551615' is beyond int64"):
         raw_value_ids(schema, "user", [-1, 2**64 - 1])
+
+
+def test_a_plan_built_once_with_its_lookup_gives_the_same_ids(prepared):
+    """A served model builds each field's plan once, a vocabulary's with a token -> id dict (``with_lookup``): the
+    ids are those the plan built at each call gives, for every way, known, unknown, missing and mixed values."""
+    schema, raw, _ = prepared
+    for field, values in (("city", ["Paris", " Lyon ", None, "Berlin", "", 3.0, "NA"]), ("user", [3, "4", None]),
+                          ("query", ["red shoes", "zzz", None]), ("code", [5, "5"]),
+                          ("tags", [["b", " a"], None, ["d", "", "z"], ["z"]])):
+        plan = with_lookup(prepared_plan(schema, field))
+        assert (plan.lookup is not None) == (schema.ids[field] == "vocabulary"), field
+        for rows in (values, raw.column(field).to_pylist()):
+            once, lengths_once = raw_value_ids(schema, field, rows, plan=plan)
+            each, lengths_each = raw_value_ids(schema, field, rows)
+            np.testing.assert_array_equal(once, each)
+            assert once.dtype == np.int64
+            assert (lengths_once is None and lengths_each is None) or lengths_once.tolist() == lengths_each.tolist()
 
 
 def test_bad_values_and_fields_are_named(prepared):

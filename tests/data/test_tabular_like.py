@@ -463,6 +463,31 @@ def test_the_artifact_turns_raw_values_into_the_ids_its_model_was_trained_on(ear
         ServedModel.load(artifact, trust_program=True)
 
 
+def test_a_loaded_artifact_keeps_its_vocabularies_when_its_directory_changes(earlier: Dict[str, str],
+                                                                            tmp_path) -> None:
+    """``raw_value_ids`` of a loaded model reads its vocabularies from memory, not from the artifact's ``ids/`` at
+    every call: an export of another model swapped into the directory (ids meaning other values), or the directory
+    deleted, while the process serves left the model's ids wrong (or refused) without a word."""
+    from recsys_llm.serving import ServedModel
+
+    old = DatasetSchema.load(earlier["data"])
+    artifact = str(tmp_path / "artifact")
+    shutil.copytree(earlier["artifact"], artifact)
+    served = ServedModel.load(artifact, trust_program=True)
+    cities = ["Paris", "Lille", None, "Berlin"]
+    expected = raw_value_ids(old, "city", cities)[0].tolist()
+    texts = os.path.join(artifact, "ids", "text", "city.parquet")
+    table = pq.read_table(texts)  # the vocabulary of data prepared afresh: the same values under other ids
+    pq.write_table(table.set_column(1, "text", pa.array(["unknown", *reversed(table.column("text").to_pylist()[1:])])),
+                   texts)
+    assert served.raw_value_ids("city", cities)[0].tolist() == expected
+    shutil.rmtree(artifact)
+    assert served.raw_value_ids("city", cities)[0].tolist() == expected
+    flat, lengths = served.raw_value_ids("cats", ["shoes|boots", None])
+    expected_flat, expected_lengths = raw_value_ids(old, "cats", ["shoes|boots", None])
+    assert flat.tolist() == expected_flat.tolist() and lengths.tolist() == expected_lengths.tolist()
+
+
 def test_an_artifact_with_id_ways_is_exported_again_into_its_directory(earlier: Dict[str, str], tmp_path) -> None:
     """A model trained again, exported into the same place (the daily loop): the earlier export's ``ids/`` was
     taken for a file an export does not write, and every re-export of ``prepare tabular`` data was refused."""

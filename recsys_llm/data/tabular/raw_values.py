@@ -34,6 +34,8 @@ def raw_value_ids(
     field: str,
     values: Sequence[object],
     sequence_separator: str = "|",
+    *,
+    plan: Optional[FieldPlan] = None,
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """The ids ``prepare tabular`` gives the raw values of one sparse or sequence field.
 
@@ -48,6 +50,9 @@ def raw_value_ids(
         field (str): a sparse or sequence field of ``schema``.
         values (Sequence[object]): one raw value per row.
         sequence_separator (str): separator of a sequence's tokens in one string.
+        plan (Optional[FieldPlan]): the field's :func:`prepared_plan`, built once by a caller that converts many
+            requests (``ServedModel`` builds every field's at load); None: built here, reading the field's
+            value-text file.
 
     Returns:
         Tuple[np.ndarray, Optional[np.ndarray]]: ``(ids, None)`` for a sparse field, ids (N,) int64
@@ -66,7 +71,8 @@ def raw_value_ids(
     if not spec.is_categorical:
         raise ValueError(f"raw_value_ids: field {field!r} of schema {schema.name!r} is dense; its values are the "
                          "model's input as they are")
-    plan = prepared_plan(schema, field, "raw_value_ids")
+    if plan is None:
+        plan = prepared_plan(schema, field, "raw_value_ids")
     where = f"raw values of field {field!r}"
     array = _arrow_values(values, where, sequence=spec.kind == FieldKind.SEQUENCE)
     flat, lengths = field_tokens(array, spec, sequence_separator, where, 0, plan.missing)
