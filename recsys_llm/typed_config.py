@@ -18,7 +18,6 @@ Example::
 """
 
 import dataclasses
-import functools
 import os
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
@@ -217,26 +216,22 @@ def check_bool_settings(config: Any, names: Tuple[str, ...], where: str) -> None
 def check_str_settings(config: Any, names: Tuple[str, ...], where: str, *, paths: Tuple[str, ...] = ()) -> None:
     """Raises ConfigError, naming ``<where>.<name>``, for a setting of ``names`` or ``paths`` that is no string: a
     config built in Python is not converted as a config file's is, and ``True``, ``3`` or a list would be taken as
-    text (or fail far from the setting). None is taken where the field's annotation is ``Optional[str]``; a setting
-    of ``paths`` also takes an ``os.PathLike`` (a ``pathlib.Path``), stored as its ``os.fspath`` string."""
-    optional = _optional_fields(type(config))
+    text (or fail far from the setting). None is taken where the setting's default is None, or ``""`` (off, which
+    None then becomes); a setting of ``paths`` also takes an ``os.PathLike`` (a ``pathlib.Path``), stored as its
+    ``os.fspath`` string."""
+    defaults = {field.name: field.default for field in dataclasses.fields(config)}
     for name in names + paths:
         value = getattr(config, name)
         if name in paths and isinstance(value, os.PathLike):
             value = os.fspath(value)
             if isinstance(value, str):
                 object.__setattr__(config, name, value)  # a frozen dataclass's too
-        if not (isinstance(value, str) or (value is None and name in optional)):
-            expected = "a string or None" if name in optional else "a string"
-            raise ConfigError(f"{dotted_key(where, name)}: expected {expected}, got {value!r}")
-
-
-@functools.lru_cache(maxsize=None)
-def _optional_fields(cls: type) -> Tuple[str, ...]:
-    """The fields of dataclass ``cls`` that take None (an ``Optional[...]`` annotation)."""
-    hints = typing.get_type_hints(cls)
-    return tuple(f.name for f in dataclasses.fields(cls)
-                 if typing.get_origin(hints[f.name]) is typing.Union and type(None) in typing.get_args(hints[f.name]))
+        takes_none = defaults.get(name) in (None, "")
+        if value is None and takes_none:
+            object.__setattr__(config, name, defaults[name])
+        elif not isinstance(value, str):
+            raise ConfigError(f"{dotted_key(where, name)}: expected a string{' or None' if takes_none else ''}, got "
+                              f"{value!r}")
 
 
 def check_name_list(value: Any, where: str) -> None:

@@ -90,3 +90,34 @@ def test_fie_pair_weights_of_a_shape_only_forward():
                                    torch.empty(num_pairs, num_pairs, **meta), torch.empty(num_pairs, **meta),
                                    (rows * num_keys + cols).to("meta"), 0.1)
     assert matrix.shape == (num_keys, num_keys) and matrix.is_meta
+
+
+def test_a_config_subclass_with_an_annotation_for_type_checkers_only_is_built(tmp_path, monkeypatch):
+    """check_str_settings reads which fields take None from the annotations: a subclass annotating a field with a
+    name imported only under ``if TYPE_CHECKING:`` failed with NameError when built (it was built before); its
+    own ``Optional`` and ``X | None`` fields take None, and the inherited checks still refuse what they refused."""
+    (tmp_path / "own_llactr.py").write_text(
+        "from __future__ import annotations\n"
+        "import dataclasses\n"
+        "from typing import TYPE_CHECKING, Optional\n"
+        "from recsys_llm.modules.llactr import LLaCTRConfig\n"
+        "from recsys_llm.typed_config import check_str_settings\n"
+        "if TYPE_CHECKING:\n"
+        "    from somewhere_else import Thing\n"
+        "@dataclasses.dataclass\n"
+        "class OwnLLaCTR(LLaCTRConfig):\n"
+        "    thing: Optional[Thing] = None\n"
+        "    note: Optional[str] = None\n"
+        "    label: str | None = None\n"
+        "    def __post_init__(self) -> None:\n"
+        "        super().__post_init__()\n"
+        "        check_str_settings(self, ('note', 'label'), 'own')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from own_llactr import OwnLLaCTR
+
+    assert OwnLLaCTR(vectors_path=tmp_path / "v.parquet").vectors_path == str(tmp_path / "v.parquet")
+    with pytest.raises(ConfigError, match=r"llactr\.vectors_path: expected a string, got 3"):
+        OwnLLaCTR(vectors_path=3)
+    with pytest.raises(ConfigError, match=r"own\.note: expected a string or None, got 1"):
+        OwnLLaCTR(vectors_path="v", note=1)

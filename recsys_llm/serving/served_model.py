@@ -350,11 +350,14 @@ class ServedModel(nn.Module):
         :meth:`raw_value_ids` reads no file per request, costs what its values cost (not the vocabulary's size), and
         keeps the vocabularies of the export it was loaded from when another export
         replaces the artifact's directory (or the directory is deleted) while this model serves."""
-        self._raw_id_plans: Dict[str, FieldPlan] = {}
+        plans: Dict[str, FieldPlan] = {}
         if schema is not None:
             for spec in schema.fields:
                 if spec.is_categorical and spec.name in schema.ids:
-                    self._raw_id_plans[spec.name] = with_lookup(prepared_plan(schema, spec.name, "raw_value_ids"))
+                    plans[spec.name] = with_lookup(prepared_plan(schema, spec.name, "raw_value_ids"))
+        # both set once every plan is built: a vocabulary that cannot be read leaves the model's earlier id ways
+        # and their plans as they were (not the earlier ways beside the fields the new ones read before it)
+        self._raw_id_plans: Dict[str, FieldPlan] = plans
         self._raw_id_ways = schema
 
     def raw_value_ids(self, field: str, values: Sequence[object],

@@ -488,6 +488,29 @@ def test_a_loaded_artifact_keeps_its_vocabularies_when_its_directory_changes(ear
     assert flat.tolist() == expected_flat.tolist() and lengths.tolist() == expected_lengths.tolist()
 
 
+def test_id_ways_that_cannot_be_read_leave_the_loaded_ones_as_they_were(earlier: Dict[str, str], tmp_path) -> None:
+    """``served.raw_id_ways = schema`` reads every vocabulary of ``schema``: one that cannot be read (a missing
+    value-text file) raises and leaves the model's id ways whole, not the earlier ways beside the vocabularies of
+    the new schema read before the missing one (ids of other values, while raw_id_ways named the artifact's)."""
+    from recsys_llm.serving import ServedModel
+
+    served = ServedModel.load(earlier["artifact"], trust_program=True)
+    loaded = served.raw_id_ways
+    cities = ["Paris", "Lyon", None]
+    expected = served.raw_value_ids("city", cities)[0].tolist()
+    other = str(tmp_path / "other")
+    shutil.copytree(earlier["data"], other)
+    texts = os.path.join(other, "text", "city.parquet")
+    table = pq.read_table(texts)  # the same values under other ids
+    pq.write_table(table.set_column(1, "text", pa.array(["unknown", *reversed(table.column("text").to_pylist()[1:])])),
+                   texts)
+    os.remove(os.path.join(other, "text", "cats.parquet"))  # a field after city
+    with pytest.raises(ValueError, match=r"cats\.parquet"):
+        served.raw_id_ways = DatasetSchema.load(other)
+    assert served.raw_id_ways is loaded
+    assert served.raw_value_ids("city", cities)[0].tolist() == expected
+
+
 def test_an_artifact_with_id_ways_is_exported_again_into_its_directory(earlier: Dict[str, str], tmp_path) -> None:
     """A model trained again, exported into the same place (the daily loop): the earlier export's ``ids/`` was
     taken for a file an export does not write, and every re-export of ``prepare tabular`` data was refused."""

@@ -1338,8 +1338,9 @@ def test_the_storage_reservation_is_the_share_of_memory_the_planner_keeps_free(m
 def test_sharding_config_refuses_a_non_string_plan_file():
     from recsys_llm.train.sharding_config import ShardingConfig
 
-    with pytest.raises(ValueError, match=r"sharding.plan_file: expected a string, got True"):
+    with pytest.raises(ValueError, match=r"sharding.plan_file: expected a string or None, got True"):
         ShardingConfig(plan_file=True)
+    assert ShardingConfig(plan_file=None).plan_file == ""  # off, as its default
 
 
 def test_the_plan_is_broadcast_on_the_host_group(monkeypatch):

@@ -426,7 +426,9 @@ def token_ids(flat: pa.Array, plan: FieldPlan, spec: FieldSpec, salt: int) -> np
     if plan.mode == "vocab":
         if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
             flat = pc.cast(flat, pa.string())  # integer ids mapped through a vocabulary (vocabulary_fields)
-        if plan.lookup is not None:  # a token absent from the vocabulary (or missing) is id 0, as below
+        # the dict for a request; pc.index_in for more tokens than the vocabulary holds (it hashes the vocabulary
+        # once per call, then looks each token up in C); a token absent from the vocabulary (or missing) is id 0
+        if plan.lookup is not None and len(flat) <= len(plan.lookup):
             get = plan.lookup.get
             return np.fromiter((get(token, 0) for token in flat.to_pylist()), dtype=np.int64, count=len(flat))
         return pc.fill_null(pc.add(pc.index_in(flat, value_set=plan.vocabulary), 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
