@@ -65,7 +65,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import numbers
 import os
 import pickle
 import random
@@ -84,6 +83,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
 
 from recsys_llm.atomic_dir import fsync_directory, write_text_atomically
+from recsys_llm.data.validation import check_number
 from recsys_llm.file_hash import file_sha256, files_sha256
 from recsys_llm.paths import is_plain_file_name
 from recsys_llm.train.checkpoint_reader import (
@@ -359,10 +359,7 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str, *, keep: int = 2, before_save: Optional[Callable[[str], None]] = None) -> None:
-        # True or "3" was kept as it was; a numpy integer is one
-        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 0:
-            raise ValueError(f"CheckpointManager: keep must be an integer >= 0 (0 keeps every checkpoint), got "
-                             f"{keep!r}")
+        check_number("CheckpointManager: keep", keep, integer=True, minimum=0)  # True or "3" was kept as it was
         if before_save is not None and not callable(before_save):
             raise TypeError(f"CheckpointManager: before_save must be a callable of the checkpoint's path, got "
                             f"{before_save!r}")
