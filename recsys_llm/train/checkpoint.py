@@ -312,13 +312,18 @@ def _materialise_dense_optimizer_state(optimizer: CombinedOptimizer) -> List[Key
 
 
 def _never_stepped(
-    metadata: Metadata, optimizer: CombinedOptimizer, materialised: List[KeyedOptimizerWrapper]
+    path: str, metadata: Metadata, optimizer: CombinedOptimizer, materialised: List[KeyedOptimizerWrapper],
+    before_first_step: bool,
 ) -> Dict[str, Dict[str, Any]]:
     """The states :func:`_materialise_dense_optimizer_state` created for parameters that had none
     when the checkpoint was written (no gradient yet: unused by the loss so far), by optimizer key.
 
-    Only within a part whose other parameters' states the checkpoint holds: a part without any
-    saved state is another optimizer or another placement, which the load refuses.
+    Within a part whose other parameters' states the checkpoint holds, or in any part when the
+    checkpoint was written before the first optimizer step (``before_first_step``). Otherwise a part
+    without any saved state was another (stateless) optimizer, and the load refuses it.
+
+    Raises:
+        ValueError: an unfused optimizer part keeps state here and the checkpoint, written after steps, holds none.
     """
     key_of = {id(param): key for key, param in optimizer.params.items()}
     saved = sorted({key.rsplit(".", 1)[0] for key in metadata.state_dict_metadata if key.startswith("optim.")})
@@ -331,8 +336,17 @@ def _never_stepped(
     for part in materialised:
         keys = [key_of[id(param)] for param in part.params.values() if param in part.state]
         absent = [key for key in keys if not in_checkpoint(key)]
-        if len(absent) < len(keys):
-            missing.update({key: part.state[optimizer.params[key]] for key in absent})
+        if absent and len(absent) == len(keys) and not before_first_step:
+            others = f" nor for the {len(absent) - 1} other parameters" if len(absent) > 1 else ""
+            kind = type(part._optimizer).__name__  # noqa: SLF001 (torchrec has no public accessor)
+            raise ValueError(
+                f"{path}: holds no optimizer state for {absent[0]!r}{others} that this job's "
+                f"{kind} keeps state for, although it was written after optimizer steps: "
+                "it was trained with a stateless optimizer for them (another optim.dense or optim.sparse, such as "
+                "sgd), or with those tables sharded where this plan replicates them (data_parallel); load it with "
+                "the config it was trained with"
+            )
+        missing.update({key: part.state[optimizer.params[key]] for key in absent})
     return missing
 
 
@@ -692,7 +706,9 @@ def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[C
     metadata = reader.read_metadata()  # a refused .metadata raises here, not inside DCP's per-rank retry
     require_no_weights_beyond(path, metadata, target["model"])  # DCP would skip them silently
     # parameters no gradient had reached by the save have no state there, as in the run that wrote it
-    never_stepped = _never_stepped(metadata, optimizer, materialised) if optimizer is not None else {}
+    never_stepped: Dict[str, Dict[str, Any]] = {}
+    if optimizer is not None:
+        never_stepped = _never_stepped(path, metadata, optimizer, materialised, before_first_step=state.global_step == 0)
     for key in never_stepped:  # the states of the part's other parameters stay in target["optim"]
         del target["optim"][key]
     try:

@@ -1316,3 +1316,42 @@ def test_checkpoint_manager_keeps_every_checkpoint_with_keep_zero(tmp_path):
     assert CheckpointManager(str(tmp_path), keep=0)._keep == 0
     kept = CheckpointManager(str(tmp_path), keep=np.int64(2))._keep
     assert kept == 2 and type(kept) is int
+
+
+def _resume_from_a_checkpoint_before_the_first_step(schema_path: str, ckpt_dir: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _fresh(schema, seed=0)
+    reader = ParquetBatchReader(schema, "train", 64, rank=ctx.rank, world_size=ctx.world_size, shuffle=True, seed=3)
+    manager = CheckpointManager(ckpt_dir, keep=1)
+    manager.save(model, optimizer, TrainState(epoch=0, step_in_epoch=0, global_step=0, world_size=ctx.world_size,
+                                              batch_size=64))
+    continued = _losses(model, optimizer, reader, skip=0, stop=4)
+    _, model2, optimizer2 = _fresh(schema, seed=123)
+    state = load_checkpoint(manager.latest(), model2, optimizer2)
+    resumed = _losses(model2, optimizer2, reader, skip=state.step_in_epoch, stop=4)
+    sgd_manager = CheckpointManager(os.path.join(ckpt_dir, "sgd"), keep=1)
+    _, sgd_model, sgd_optimizer = _fresh(schema, seed=0, optim=dataclasses.replace(OPTIM, dense="sgd"))
+    _losses(sgd_model, sgd_optimizer, reader, skip=0, stop=2)
+    sgd_manager.save(sgd_model, sgd_optimizer, TrainState(epoch=0, step_in_epoch=2, global_step=2,
+                                                          world_size=ctx.world_size, batch_size=64))
+    _, model3, optimizer3 = _fresh(schema, seed=123)
+    try:
+        load_checkpoint(sgd_manager.latest(), model3, optimizer3)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    return {"continued": continued, "resumed": resumed, "refusal": refusal, "sgd_path": sgd_manager.latest()}
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_written_before_the_first_optimizer_step_resumes_exactly(synthetic_dir: str, tmp_path) -> None:
+    """Adam had no state at all before its first step: the load asked for it anyway and called the checkpoint one
+    of another model. After steps, a dense optimizer without any saved state is named as such."""
+    (result,) = run_multiprocess(_resume_from_a_checkpoint_before_the_first_step, world_size=1,
+                                 schema_path=synthetic_dir, ckpt_dir=str(tmp_path / "checkpoints"))
+    assert len(result["continued"]) == 4
+    assert result["resumed"] == result["continued"]
+    assert result["refusal"] is not None and result["refusal"].startswith(f"{result['sgd_path']}: holds no optimizer "
+                                                                          "state for 'dlrm.")
+    assert "that this job's Adam keeps state for, although it was written after optimizer steps" in result["refusal"]
+    assert "another optim.dense or optim.sparse, such as sgd" in result["refusal"]
