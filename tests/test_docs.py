@@ -326,7 +326,7 @@ def test_the_guides_serving_recipe_gives_the_students_probabilities(tmp_path, mo
                 schema=schema)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(_usage_block("ServedModel.load"), scope)
+    exec(_usage_block("ServedModel.load(\"exports/"), scope)
     batch = next(iter(ParquetBatchReader(schema, "test", 8)))
     with torch.no_grad():
         expected = torch.sigmoid(student.predict(batch).logits)
@@ -347,6 +347,7 @@ def test_the_guides_raw_tabular_recipe_gives_the_prepared_ids(tmp_path, monkeypa
 
     from recsys_llm.data.hashing import hash_strings
     from recsys_llm.data.tabular import prepare_tabular
+    from tests.small_artifact import export_small_deepfm
 
     schema_yaml = [b for b in re.findall(r"```yaml\n(.*?)```", _read("docs", "usage.md"), re.S) if "shop-clicks" in b]
     assert len(schema_yaml) == 1
@@ -378,12 +379,20 @@ def test_the_guides_raw_tabular_recipe_gives_the_prepared_ids(tmp_path, monkeypa
         assert raw_value_ids(schema, name, raw)[0].tolist() == prepared, name
     assert all((id_ > 0) == (value != "") for value, id_ in zip(*texts["query"]))  # hashed: in [1, cardinality)
 
+    # the guide's whole request of raw values runs on an artifact of that data (tests/data/test_tabular_like.py
+    # compares such requests with the same rows prepared)
+    export_small_deepfm(schema, "runs/shop_served", batch_size=16, steps=2)
+    exec(_usage_block("served.raw_request("), scope)
+    probabilities = scope["probabilities"]
+    assert probabilities.shape == (2,) and bool(((probabilities > 0) & (probabilities < 1)).all())
+
     numbers = prepare([str(int(rng.integers(0, 10**6))) for _ in range(200)])  # every value an integer: folded
     schema = scope["DatasetSchema"].load("data/shop/schema.json")
     assert schema.ids["query"] == "integer"
     raw, prepared = numbers["query"]
     assert raw_value_ids(schema, "query", raw)[0].tolist() == prepared == [int(value) % 1000 for value in raw]
     assert hash_strings(pa.array(raw), 1000, salt=4).tolist() != prepared  # the same data prepared as text differs
+
 
 
 def test_the_gpu_tables_cpu_column_names_the_cpu_of_each_json() -> None:

@@ -63,6 +63,9 @@ def test_a_weighted_model_serves_with_the_request_weights(tmp_path):
     torch.testing.assert_close(served.logits(request.dense_features, request.sparse_features), expected)
     with pytest.raises(ValueError, match="no weights; this model's tables pool per-id weights"):
         served.logits(request.dense_features, _request(16, 1, weighted=False).sparse_features)
+    with pytest.raises(ValueError, match=r"raw_request: this model's tables pool per-id weights \(config.json: "
+                                         r"weighted\), which raw values do not give"):
+        served.raw_request({})
     text = (tmp_path / "export" / "INFERENCE.md").read_text()
     assert "weights=torch.ones(len(features) * batch_size)" in re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert "is_weighted=True" in text

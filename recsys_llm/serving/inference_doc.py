@@ -48,7 +48,9 @@ float32.
 {id_rules} Raw values of data prepared by `recsys-llm prepare tabular` (strings, a
 field's own numbers) get their ids from the artifact itself, `ids, lengths = served.raw_value_ids(field, values)`
 (its `ids/` holds the training data's vocabularies and the way each field's values became ids; the same as
-`recsys_llm.data.tabular.raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)`); raw rows of
+`recsys_llm.data.tabular.raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)`), and a whole
+request from raw values by field name, `dense, kjt = served.raw_request({{"city": ["Paris", None], ...}})` (every
+feature and dense field, one value per row; a field's values as `raw_value_ids` takes them); raw rows of
 `recsys-llm prepare criteo` data get theirs from `recsys_llm.data.hashing.hash_strings` and their
 dense features as `log(1 + max(x, 0))` (the recipe: docs/usage.md, "prepare criteo turns a line
 into the model's inputs"). The EBC lookup runs

@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 import zipfile
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ from recsys_llm.serving.quantized_tables import (
     tables_device,
 )
 from recsys_llm.serving.raw_ids import RAW_IDS_DIR, RAW_IDS_KEY, load_raw_id_ways
+from recsys_llm.serving.raw_request import raw_request
 from recsys_llm.serving.state import require_finite, check_same_export
 
 
@@ -379,6 +380,17 @@ class ServedModel(nn.Module):
                              "before artifacts held them; export the run again, or use recsys_llm.data.tabular."
                              "raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)")
         return raw_value_ids(self.raw_id_ways, field, values, sequence_separator, plan=self._raw_id_plans.get(field))
+
+    def raw_request(self, columns: Mapping[str, Sequence[object]], *,
+                    sequence_separator: str = "|") -> Tuple[torch.Tensor, KeyedJaggedTensor]:
+        """A whole request from raw values by field name, for :meth:`predict` / :meth:`logits`:
+        :func:`~recsys_llm.serving.raw_request.raw_request` (every feature's ids through :meth:`raw_value_ids`,
+        the dense fields in column order).
+
+        Returns:
+            Tuple[torch.Tensor, KeyedJaggedTensor]: dense (B, num_dense_features) float32 and the features' ids.
+        """
+        return raw_request(self, columns, sequence_separator=sequence_separator)
 
     def train(self, mode: bool = True) -> "ServedModel":
         """Inference only: it stays in eval mode (the dense program was exported in it, and a ``torch.export``

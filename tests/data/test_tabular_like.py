@@ -21,7 +21,7 @@ from recsys_llm.data.tabular import TabularConfig, prepare_tabular, prepare_tabu
 from recsys_llm.data.tabular.raw_values import raw_value_ids
 from recsys_llm.data.validation import DataError
 from recsys_llm.file_hash import file_sha256
-from recsys_llm.serving.scoring import check_artifact_fits
+from recsys_llm.serving.scoring import check_artifact_fits, score_split
 from recsys_llm.serving.served_model import ServedModel
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, load_config, save_config
 from recsys_llm.train.run_records import (
@@ -823,3 +823,45 @@ def test_grow_vocabulary_takes_a_numpy_bool(earlier: Dict[str, str], tmp_path) -
     out = str(tmp_path / "day2")
     prepare_tabular_like(path, earlier["data"], out, grow_vocabulary=np.False_)
     assert os.path.exists(os.path.join(out, "schema.json"))
+
+
+def test_a_request_of_raw_values_scores_as_the_same_rows_prepared(earlier: Dict[str, str], tmp_path) -> None:
+    """``ServedModel.raw_request`` builds a whole request (every feature's ids, the dense fields in column order) from
+    raw values by field name; scored, it gives each row the logit ``score`` gives the same rows prepared."""
+    served = ServedModel.load(earlier["artifact"], trust_program=True)
+    day2 = str(tmp_path / "day2")
+    schema = prepare_tabular_like(_csv(tmp_path / "new.csv", NEW), earlier["data"], day2)
+    scores = str(tmp_path / "scores.parquet")
+    score_split(served, schema, "test", batch_size=4, output=scores, progress=False)  # one call, as below
+    raw = {name: [None if value == "" else value for value in values] for name, values in NEW.items()}
+    columns = {name: raw[name] for name in ("price", "cats", "query", "city", "user")}  # any order
+    dense, kjt = served.raw_request(dict(columns, impression=[5, 6, 7, 8]))  # columns the model lacks are ignored
+    assert dense.numpy().dtype == np.float32
+    assert dense.numpy().tolist() == np.asarray(NEW["price"], dtype=np.float32).reshape(4, 1).tolist()
+    assert kjt.keys() == served.feature_names
+    assert kjt["cats"].lengths().tolist() == [1, 0, 0, 3] and kjt["city"].lengths().tolist() == [1, 1, 1, 1]
+    logits = served.logits(dense, kjt)
+    assert logits.tolist() == pq.read_table(scores)["logit"].to_pylist()
+    with pytest.raises(ValueError, match=r"raw_request: no column for \['city'\]; expected one raw value per row for "
+                                         r"every feature of the model"):
+        served.raw_request({k: v for k, v in columns.items() if k != "city"})
+    with pytest.raises(ValueError, match=r"raw_request: column 'query' holds 3 rows, column 'user' 4"):
+        served.raw_request(dict(columns, query=["q1", "q2", "q3"]))
+    with pytest.raises(ValueError, match=r"raw_request: column 'city' is str 'Paris'; expected a sequence of one raw"):
+        served.raw_request(dict(columns, city="Paris"))
+    with pytest.raises(ValueError, match=r"raw_request: dense field 'price', row 2: None is not a number"):
+        served.raw_request(dict(columns, price=[1.0, 2.0, None, 3.0]))
+    with pytest.raises(ValueError, match=r"dense field 'price', row 0: True is not a number"):
+        served.raw_request(dict(columns, price=[True, 2.0, 1.0, 3.0]))
+
+
+def test_a_raw_request_needs_the_artifacts_dense_field_names(earlier: Dict[str, str], tmp_path) -> None:
+    artifact = str(tmp_path / "artifact")
+    shutil.copytree(earlier["artifact"], artifact)
+    with open(os.path.join(artifact, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    write_config_as_exported(os.path.join(artifact, "config.json"), dict(config, dense_feature_names=None))
+    served = ServedModel.load(artifact, trust_program=True)
+    with pytest.raises(ValueError, match=r"raw_request: this artifact does not record which fields its 1 dense "
+                                         r"features are \(config.json: dense_feature_names"):
+        served.raw_request(NEW)
