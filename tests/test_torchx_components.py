@@ -735,3 +735,19 @@ def test_a_component_option_given_with_an_equals_sign_among_the_job_arguments_is
                        ("encode", ["--job", "export", "--", "--schema", "s.json", "--nnodes=2"])):
         with pytest.raises(ValueError, match="never reach the component"):
             from_cli(name, args)
+
+
+def test_an_empty_config_or_checkpoint_is_refused_before_the_job_is_scheduled() -> None:
+    """Every worker stopped at its start with ``--config ''`` (``--checkpoint ''``), after the scheduler had run it."""
+    with pytest.raises(ValueError, match=r"config='': expected the path of the training config file \(YAML\)"):
+        from_cli("train", ["--config", "", "train.epochs=1"])
+    with pytest.raises(ValueError, match=r"config=' ': expected the path"):
+        load("train")(" ")
+    with pytest.raises(ValueError, match=r"checkpoint='': expected a checkpoint directory or a run directory"):
+        from_cli("trained", ["--job", "export", "--checkpoint", "", "--", "--output", "runs/served"])
+
+
+def test_an_empty_job_name_is_each_components_default() -> None:
+    assert from_cli("train", ["--config", "c.yaml", "--job_name", ""]).name == from_cli("train", ["--config",
+                                                                                               "c.yaml"]).name
+    assert load("train")("c.yaml", job_name="").name == "train"  # torchx keeps the {run} part as the app's name

@@ -64,8 +64,10 @@ def train(
         rdzv_backend: torchrun rendezvous backend (c10d, or static with one fixed rank-0 host)
         rdzv_port: port on rank 0's host for the c10d store (multi-host only)
         mounts: mounts in the container, e.g. type=bind,src=/data,dst=/data[,readonly]
-        job_name: job name as {experiment}/{run}
+        job_name: job name as {experiment}/{run}; "" is the default, recsys_llm/train
     """
+    if not config.strip():  # every worker stopped at its start with `--config ''`, after the job was scheduled
+        raise ValueError(f"config={config!r}: expected the path of the training config file (YAML)")
     host_gpus = specs.resource(h=named_resource).gpu if named_resource else gpu
     if nproc_per_node == 0:  # a worker per GPU: one would leave the host's other GPUs idle
         nproc_per_node = max(1, host_gpus)
@@ -121,7 +123,7 @@ def train(
         *overrides,
         m="recsys_llm.cli",
         image=image,
-        name=job_name,
+        name=job_name or "recsys_llm/train",
         h=named_resource,
         cpu=cpu,
         gpu=gpu,

@@ -77,6 +77,8 @@ def trained(
         mounts: mounts in the container, e.g. type=bind,src=/data,dst=/data
         job_name: job name as {experiment}/{run}; defaults to recsys_llm/JOB
     """
+    if not checkpoint.strip():  # every worker stopped at its start with `--checkpoint ''`, after scheduling
+        raise ValueError(f"checkpoint={checkpoint!r}: expected a checkpoint directory or a run directory")
     if job not in TRAINED_JOBS:
         raise ValueError(f"job must be one of {list(TRAINED_JOBS)}, got {job!r}")
     host_gpus = specs.resource(h=named_resource).gpu if named_resource else gpu
