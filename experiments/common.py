@@ -55,7 +55,8 @@ def experiment_args(description: str, default_out: str) -> argparse.ArgumentPars
     parser.add_argument("--out", default=default_out, help="results directory (JSON, Markdown, PNG, run dirs)")
     parser.add_argument("--tables-out", default=None,
                         help="where the JSON, Markdown and PNG go instead (default: --out); runs stay under --out, "
-                             "so a second pick over the same runs (--tune-on) reuses them without overwriting the first")
+                             "so a second table over the same runs (another --tune-on, where the script has it) "
+                             "reuses them without overwriting the first")
     parser.add_argument("--raw", default=ML100K_RAW, help="raw ML-100K (RecBole atomic files)")
     parser.add_argument("--data-dir", default="data", help="where prepared data sets live")
     parser.add_argument("--quick", action="store_true", help="fewer epochs, for a smoke run")
