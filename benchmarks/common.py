@@ -167,6 +167,25 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     return args
 
 
+def check_llm_option(parser: argparse.ArgumentParser, path: Optional[str], option: str = "--llm") -> None:
+    """Refuses (``parser.error``, exit 2, naming ``option``) a ``--llm`` that is not a local Hugging Face model
+    directory, now rather than after the synthetic data and the other LLM work; ``None`` (the default model) passes.
+
+    Args:
+        parser: the script's parser, whose ``error`` ends the run.
+        path: the ``--llm`` value, or None.
+        option: the option's name in the message.
+    """
+    if path is None:
+        return
+    from recsys_llm.semantics.model_dir import read_model_config
+
+    try:
+        read_model_config(path)  # a missing directory, a file, no config.json, a config without model_type
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(f"{option} {error}")
+
+
 def single_rank_context(args: argparse.Namespace) -> Any:
     """This process's ``DistContext`` on ``--device`` (``args.resolved_device`` is set too),
     for a benchmark that compares single-rank runs.
@@ -280,7 +299,9 @@ def result_payload(
     payload: Dict[str, Any] = {key: float(value) for key, value in figures.items()}
     payload["benchmark"] = args.name
     payload["mode"] = args.mode
-    payload["device"] = getattr(args, "resolved_device", args.device)
+    # the device that ran: ``single_rank_context`` sets ``resolved_device``; a benchmark that never calls it (one
+    # written on these helpers, as the module's example) records ``--device auto`` resolved, not "auto"
+    payload["device"] = getattr(args, "resolved_device", None) or resolve_device(args.device)
     payload["flush_denormal"] = getattr(args, "flush_denormal", False)
     payload["details"] = dict(details or {})
     if table is not None:

@@ -60,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
     best_of_rounds_ratio,
     TrainEpochLoop,
     build_parser,
+    check_llm_option,
     cycling_step,
     geometric_mean,
     interleaved_repeats,
@@ -367,6 +368,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         help="backbones to compare (default: per mode)")
     parser.add_argument("--llm", default=None, help="local Hugging Face model directory (default: offline MiniLM)")
     args = parse_args(NAME, __doc__, argv, parser=parser)
+    check_llm_option(parser, args.llm)  # before the data is made and the LLM loaded
     sizes = SIZES[args.mode]
     if args.backbones:
         sizes = dataclasses.replace(sizes, backbones=tuple(args.backbones))

@@ -69,6 +69,7 @@ from benchmarks.common import (  # noqa: E402
     best_of_rounds_ratio,
     TrainEpochLoop,
     build_parser,
+    check_llm_option,
     cycling_step,
     device_synchronize,
     geometric_mean,
@@ -492,6 +493,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(NAME, __doc__, argv, parser=parser)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    check_llm_option(parser, args.llm)  # before the data and the field-level LLM work
     sizes = mode_sizes(args)
     from recsys_llm.data.synthetic import split_sizes
 

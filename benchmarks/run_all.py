@@ -84,6 +84,8 @@ def run_one(name: str, mode: str, device: str, results_dir: Path, timeout_s: int
     command += ["--device", device, "--json", str(results_dir / f"{name}.json"),
                 "--plot", str(results_dir / f"{name}.png")]
     print(f"[run_all] {name}: {' '.join(command[1:])}", flush=True)
+    json_path = results_dir / f"{name}.json"
+    earlier_json = _file_identity(json_path)
     start = time.perf_counter()
     # a session of its own: a timeout stops the ranks and peer processes the script started too, which
     # would otherwise run on and slow down the benchmarks measured after it
@@ -97,12 +99,25 @@ def run_one(name: str, mode: str, device: str, results_dir: Path, timeout_s: int
         stdout, _ = process.communicate()
         status = f"timed out after {timeout_s} s"
     seconds = time.perf_counter() - start
+    if status == "ok" and _file_identity(json_path) in (None, earlier_json):
+        # exit 0 without its JSON: the README would show the earlier run's figures (or none) as this run's
+        status = f"failed (exit 0 but {json_path} not written)"
     # the one-line summary ends with "(mode=..., device=...)"; other "[name]" lines are progress or warnings
     summary = [line for line in stdout.splitlines() if line.startswith(f"[{name}]") and "(mode=" in line]
     print(summary[-1] if summary else f"[run_all] {name}: {status}", flush=True)
     if status not in ("ok", SKIPPED) and stdout.strip():  # its stderr is shown already
         print("\n".join(stdout.splitlines()[-30:]), file=sys.stderr, flush=True)
     return {"name": name, "status": status, "seconds": round(seconds, 1)}
+
+
+def _file_identity(path: Path) -> Optional[Tuple[int, int, int]]:
+    """(inode, size, mtime in ns) of ``path``, None when absent: a JSON written again (atomically: a new inode) or
+    in place differs from the one seen before the script ran."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 # ---- README generation ---------------------------------------------------------------------------

@@ -776,6 +776,7 @@ def test_run_all_passes_a_benchmarks_progress_on_while_it_runs(tmp_path: Path, c
         "print('measuring: 1/3', file=sys.stderr, flush=True)\n"
         f"deadline = time.time() + 30\nwhile not os.path.exists({str(go)!r}) and time.time() < deadline:\n"
         "    time.sleep(0.05)\n"
+        "open(sys.argv[sys.argv.index('--json') + 1], 'w').write('{}')\n"
         "print('[waits] ratio=1 (mode=quick, device=cpu)')\n")
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(
