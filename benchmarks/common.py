@@ -458,10 +458,10 @@ def interleaved_repeats(contenders: Mapping[str, Callable[[], float]], repeats: 
 
     The orders are the rows of a Williams design (a balanced Latin square), reversed after each
     full pass: every contender runs once in each position per ``len(contenders)`` rounds, so a
-    machine that speeds up or slows down within a round favours none of them, and its predecessor
-    changes from round to round (with an even count, each contender follows each other one once
-    per pass; with an odd count, per two passes), so none always runs after, say, the one that
-    evicts the caches. Two contenders: A B, B A, B A, A B; three: A B C, B C A, C A B, C B A,
+    machine that speeds up or slows down within a round favours none of them, and each contender
+    follows each other one equally often (with an even count, once per pass; with an odd count,
+    once per two passes, not in every pair of consecutive rounds), so none always runs after, say,
+    the one that evicts the caches. Two contenders: A B, B A, B A, A B; three: A B C, B C A, C A B, C B A,
     A C B, B A C.
 
     Args:
