@@ -12,6 +12,7 @@ Example::
     probabilities = served.predict(dense, kjt)  # (2,)
 """
 
+from collections.abc import Set
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,6 +36,9 @@ def _row_count(columns: Mapping[str, Sequence[object]], names: Sequence[str]) ->
         if isinstance(column, (str, bytes)) or not hasattr(column, "__len__"):
             raise ValueError(f"raw_request: column {name!r} is {type(column).__name__} {column!r}; expected a "
                              "sequence of one raw value per row (a list of one value for a single row)")
+        if isinstance(column, (Mapping, Set)):  # a dict's keys, or a set's values in no row order
+            raise ValueError(f"raw_request: column {name!r} is a {type(column).__name__}, which holds no rows in "
+                             "order; expected a sequence of one raw value per row (a list or array)")
         if rows is None:
             rows = len(column)
         elif len(column) != rows:
@@ -47,16 +51,25 @@ def _dense_column(name: str, values: Sequence[object]) -> np.ndarray:
     """(N,) float32 of one dense field's raw numbers (a NumPy array of numbers is taken as it is).
 
     Raises:
-        ValueError: a value that is no real number (None, a string, a bool), naming the field and row.
+        ValueError: a value that is no finite real number (None, a string, a bool, NaN, inf), naming the field and
+            row.
     """
-    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iuf":
-        return values.astype(np.float32)
-    for row, value in enumerate(values):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise ValueError(f"raw_request: dense field {name!r}, row {row}: {value!r} is not a number; expected a "
-                             "real number in every row (the preparation filled missing ones with its "
-                             "--fill-missing-dense value: send that value)")
-    return np.asarray(values, dtype=np.float32).reshape(len(values))
+    if not (isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iuf"):
+        values = list(values)  # by position (a pandas Series' labels may be other numbers)
+        for row, value in enumerate(values):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"raw_request: dense field {name!r}, row {row}: {value!r} is not a number; expected "
+                                 "a real number in every row (the preparation filled missing ones with its "
+                                 "--fill-missing-dense value: send that value)")
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused below naming the row
+        column = np.asarray(values, dtype=np.float32).reshape(len(values))
+    bad = np.flatnonzero(~np.isfinite(column))
+    if bad.size:  # NaN (a missing value to the preparation), inf, or beyond float32 (the model's input dtype)
+        row = int(bad[0])
+        raise ValueError(f"raw_request: dense field {name!r}, row {row}: {values[row]!r} is not a finite float32 "
+                         "number; expected a finite real number in every row (the preparation refuses a missing "
+                         "one unless --fill-missing-dense filled it: send that value)")
+    return column
 
 
 def raw_request(
@@ -87,6 +100,10 @@ def raw_request(
     if served.weighted:
         raise ValueError("raw_request: this model's tables pool per-id weights (config.json: weighted), which raw "
                          "values do not give; build its KeyedJaggedTensor with weights as INFERENCE.md shows")
+    if served.raw_id_ways is None and served.feature_names:
+        raise ValueError("raw_request: this artifact holds no way from raw values to ids (config.json: raw_ids null): "
+                         "its training data was not prepared by `recsys-llm prepare tabular`, or it was exported "
+                         "before artifacts held them; build the KeyedJaggedTensor of ids as INFERENCE.md shows")
     dense_names: Optional[List[str]] = served.dense_feature_names
     if dense_names is None:
         if served.num_dense_features:

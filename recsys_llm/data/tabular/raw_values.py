@@ -16,6 +16,7 @@ Example::
 import math
 import numbers
 import re
+from collections.abc import Mapping, Set
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -130,6 +131,9 @@ def _first_bad_integer(texts: Sequence[Optional[str]]) -> Tuple[int, str]:
         if text is not None and not re.match(INTEGER_PATTERN, text):
             return index, "is not an integer id"
     for index, text in enumerate(texts):
+        if text is not None and not -2**63 <= int(text) < 2**64:
+            return index, "is beyond 64 bits (expected an int64 id, or a uint64 one where no id is negative)"
+    for index, text in enumerate(texts):
         if text is not None and not -2**63 <= int(text) < 2**63:
             return index, "is beyond int64 (beside a negative id, so not read as uint64)"
     return 0, "cannot be read as int64 ids"
@@ -142,6 +146,9 @@ def _arrow_values(values: Sequence[object], where: str, sequence: bool) -> pa.Ar
     if isinstance(values, (str, bytes)):
         raise TypeError(f"{where}: expected one value per row (a list or array), got one {type(values).__name__} "
                         f"{values!r:.40}; pass [{values!r:.40}] for one row")
+    if isinstance(values, (Mapping, Set)):  # a dict's keys, or a set's values in no row order
+        raise TypeError(f"{where}: expected one value per row in row order (a list or array), got a "
+                        f"{type(values).__name__}, which holds no rows in order; pass list(...) of the rows' values")
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if isinstance(values, pa.Array):
@@ -154,7 +161,8 @@ def _arrow_values(values: Sequence[object], where: str, sequence: bool) -> pa.Ar
                 array = pa.array(values, pa.list_(pa.uint64()) if sequence else pa.uint64())
             except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
                 array = _texts(values, where, sequence)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # several Python types in one field
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            # several Python types in one field; NumPy arrays of several dtypes (a sequence's rows, an empty one float64)
             array = _texts(values, where, sequence)
     if pa.types.is_null(array.type):  # every value missing, or no value
         array = pa.array([None] * len(array), pa.list_(pa.string()) if sequence else pa.string())
@@ -165,9 +173,11 @@ def _arrow_values(values: Sequence[object], where: str, sequence: bool) -> pa.Ar
 
 def _texts(values: Sequence[object], where: str, sequence: bool) -> pa.Array:
     """Values of several Python types as the strings a CSV would hold (lists of them for a sequence given
-    as lists)."""
-    if sequence and any(isinstance(v, (list, tuple)) for v in values):
-        joined = [row for row, v in enumerate(values) if not isinstance(v, (list, tuple)) and v is not None]
+    as lists, tuples or NumPy arrays)."""
+    values = list(values)  # by position (a pandas Series' labels may be other numbers)
+    rows = (list, tuple, np.ndarray)  # a sequence's row of tokens: a list, a tuple or a NumPy array (pandas' cells)
+    if sequence and any(isinstance(v, rows) for v in values):
+        joined = [row for row, v in enumerate(values) if not isinstance(v, rows) and v is not None]
         if joined:
             raise DataError(f"{where}, {describe_row(joined[0])}: {values[joined[0]]!r} is not a list, and other rows "
                             "are; give a sequence field's rows all as lists or all as joined strings")

@@ -1,0 +1,126 @@
+"""Raw values a serving process receives in other shapes than lists of strings: rows of a sequence field as NumPy
+arrays (pandas' cells of a list column), columns that hold no rows in order (a dict, a set), dense values that are
+no finite number, ids beyond 64 bits, and a request to an artifact without id ways. Each is served as the same rows
+given as lists, or refused naming the field, the row and what was expected; none gives silently wrong ids."""
+
+import os
+from typing import Dict
+
+import numpy as np
+import pytest
+import yaml
+
+from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.data.tabular import prepare_tabular
+from recsys_llm.data.tabular.raw_values import raw_value_ids
+from recsys_llm.data.validation import DataError
+from recsys_llm.serving.served_model import ServedModel
+from tests.small_artifact import export_small_deepfm
+
+SCHEMA = {
+    "name": "shop",
+    "label": "clicked",
+    "fields": [
+        {"name": "user", "kind": "sparse", "cardinality": 100, "description": "shopper id"},
+        {"name": "city", "kind": "sparse", "cardinality": 10, "description": "city of the shopper"},
+        {"name": "cats", "kind": "sequence", "cardinality": 8, "max_length": 3, "description": "product categories"},
+        {"name": "price", "kind": "dense", "description": "price"},
+    ],
+}
+CITIES = ["Paris", "Lyon", "Nice", "Lille"]
+CATS = ["shoes", "bags", "hats", "coats", "socks"]
+REQUEST = {"user": [3, 7], "city": ["Paris", "Lyon"], "cats": ["shoes|bags", ""], "price": [1.5, 2.5]}
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
+    """A prepared tabular data set (integer-id, vocabulary, sequence and dense fields) and an artifact of a small
+    DeepFM trained a few steps on it."""
+    root = tmp_path_factory.mktemp("raw_edges")
+    rng = np.random.default_rng(0)
+    lines = ["user,city,cats,price,clicked"]
+    for _ in range(200):
+        cats = "|".join(CATS[j] for j in rng.choice(5, size=int(rng.integers(0, 4)), replace=False))
+        lines.append(f"{int(rng.integers(0, 100))},{CITIES[int(rng.integers(0, 4))]},{cats},"
+                     f"{rng.random():.3f},{int(rng.integers(0, 2))}")
+    (root / "shop.csv").write_text("\n".join(lines) + "\n")
+    with open(root / "shop.yaml", "w") as handle:
+        yaml.safe_dump(SCHEMA, handle)
+    data = str(root / "shop")
+    prepare_tabular(str(root / "shop.csv"), str(root / "shop.yaml"), data)
+    artifact = str(root / "artifact")
+    export_small_deepfm(DatasetSchema.load(data), artifact, batch_size=64, steps=2)
+    return {"data": data, "artifact": artifact}
+
+
+def test_rows_of_a_sequence_as_numpy_arrays_are_its_tokens(shop: Dict[str, str]) -> None:
+    """pa.array of NumPy arrays of several dtypes (an empty row is float64) raised pyarrow's own
+    ArrowNotImplementedError ("Unsupported numpy type float64"); a 2-d array of strings was refused as no string."""
+    schema = DatasetSchema.load(shop["data"])
+    as_lists = raw_value_ids(schema, "cats", [["shoes", "bags"], [], None])
+    as_arrays = raw_value_ids(schema, "cats", [np.array(["shoes", "bags"]), np.array([]), None])
+    assert [x.tolist() for x in as_arrays] == [x.tolist() for x in as_lists]
+    assert as_lists[1].tolist() == [2, 0, 0]
+    square = raw_value_ids(schema, "cats", np.array([["shoes", "bags"], ["hats", "socks"]]))
+    assert [x.tolist() for x in square] == [x.tolist() for x in raw_value_ids(schema, "cats", ["shoes|bags",
+                                                                                                "hats|socks"])]
+    with pytest.raises(DataError, match=r"field 'cats', row 1: 'bags' is not a list, and other rows are"):
+        raw_value_ids(schema, "cats", [np.array(["shoes"]), "bags"])
+
+
+@pytest.mark.parametrize("values", [{"Paris": 1, "Lyon": 2}, {"Paris", "Lyon"}], ids=["dict", "set"])
+def test_a_column_that_holds_no_rows_in_order_is_refused(shop: Dict[str, str], values) -> None:
+    """A dict gave its keys' ids, a set its values' in the set's own order: ids that silently belonged to no row."""
+    with pytest.raises(TypeError, match=rf"raw values of field 'city': expected one value per row in row order .*"
+                                        rf"got a {type(values).__name__}, which holds no rows in order"):
+        raw_value_ids(DatasetSchema.load(shop["data"]), "city", values)
+    served = ServedModel.load(shop["artifact"], trust_program=True)
+    with pytest.raises(ValueError, match=rf"raw_request: column 'price' is a {type(values).__name__}, which holds "
+                                         r"no rows in order; expected a sequence of one raw value per row"):
+        served.raw_request(dict(REQUEST, price={1.5, 2.5} if isinstance(values, set) else {1.5: 0, 2.5: 1}))
+
+
+def test_an_id_beyond_64_bits_is_named_as_such(shop: Dict[str, str]) -> None:
+    """2**64 alone was 'beyond int64 (beside a negative id, so not read as uint64)', beside no negative id."""
+    schema = DatasetSchema.load(shop["data"])
+    with pytest.raises(DataError, match=r"field 'user', row 1: '18446744073709551616' is beyond 64 bits \(expected "
+                                        r"an int64 id, or a uint64 one where no id is negative\)"):
+        raw_value_ids(schema, "user", [3, 2**64])
+    with pytest.raises(DataError, match=r"row 0: '9223372036854775809' is beyond int64 \(beside a negative id"):
+        raw_value_ids(schema, "user", [2**63 + 1, -1])
+
+
+@pytest.mark.parametrize("price, row, shown", [
+    ([1.5, float("nan")], 1, "nan"),
+    (np.array([np.inf, 2.5]), 0, r"np.float64\(inf\)"),
+    ([1e39, 2.5], 0, r"1e\+39"),  # beyond float32, the model's input dtype: inf
+], ids=["nan", "inf array", "beyond float32"])
+def test_a_dense_value_that_is_no_finite_number_is_named_by_field(shop: Dict[str, str], price, row, shown) -> None:
+    """NaN and inf passed raw_request; predict then named 'dense_features row R, column C', not the field."""
+    served = ServedModel.load(shop["artifact"], trust_program=True)
+    with pytest.raises(ValueError, match=rf"raw_request: dense field 'price', row {row}: {shown} is not a finite "
+                                         r"float32 number; expected a finite real number in every row"):
+        served.raw_request(dict(REQUEST, price=price))
+
+
+def test_a_request_to_an_artifact_without_id_ways_says_so_first(shop: Dict[str, str]) -> None:
+    """raw_request to an artifact of data not prepared by `prepare tabular` named the columns it lacked, as if
+    sending them would help; sent, raw_value_ids refused them anyway."""
+    served = ServedModel.load(shop["artifact"], trust_program=True)
+    served.raw_id_ways = None  # as an artifact of `prepare synthetic` / `criteo` / `movielens` data loads
+    with pytest.raises(ValueError, match=r"raw_request: this artifact holds no way from raw values to ids "
+                                         r"\(config\.json: raw_ids null\)"):
+        served.raw_request({"price": [1.5]})
+
+
+def test_the_rows_given_in_other_shapes_make_the_same_request(shop: Dict[str, str]) -> None:
+    served = ServedModel.load(shop["artifact"], trust_program=True)
+    dense, kjt = served.raw_request(REQUEST)
+    other = {"user": np.array(REQUEST["user"], dtype=np.int32), "city": np.array(REQUEST["city"]),
+             "cats": [np.array(["shoes", "bags"]), np.array([])], "price": np.array(REQUEST["price"])}
+    dense_other, kjt_other = served.raw_request(other)
+    assert dense_other.tolist() == dense.tolist() and dense.shape == (2, 1)
+    assert kjt_other.values().tolist() == kjt.values().tolist()
+    assert kjt_other.lengths().tolist() == kjt.lengths().tolist()
+    assert served.predict(dense_other, kjt_other).tolist() == served.predict(dense, kjt).tolist()
+    assert os.path.isdir(os.path.join(shop["artifact"], "ids"))
