@@ -558,3 +558,23 @@ def test_export_on_the_command_line_passes_its_table_dtype_and_precision_on(tmp_
     assert (written["table_dtype"], written["mixed_precision"]) == ("int8", "bf16")
     served = ServedModel.load(str(tmp_path / "served"), trust_program=True)
     assert served.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("model", ["sequence_first", "gain"])
+def test_the_float_tables_recipe_without_recsys_llm_gives_what_predict_gives(tmp_path, model):
+    """INFERENCE.md of an artifact with float tables: its second code block (torch, torchrec and safetensors alone)
+    runs as written in a namespace of its own and its ``predict_without_recsys_llm`` gives ``predict``'s
+    probabilities, for a student whose MEAN table sits between SUM ones and for a weighted gain network with entity
+    tables. The way was told in prose only."""
+    task, example, request = _gain_network() if model == "gain" else _sequence_first_student()
+    out = str(tmp_path / "out")
+    export_task(task, out, example.dense_features, example.sparse_features)
+    with open(os.path.join(out, "INFERENCE.md"), encoding="utf-8") as handle:
+        blocks = re.findall(r"```python\n(.*?)```", handle.read(), re.S)
+    assert len(blocks) == 2 and "from recsys_llm" not in blocks[1] and "import recsys_llm" not in blocks[1]
+    namespace: Dict[str, object] = {}
+    exec(blocks[1], namespace)
+    predict_without_recsys_llm = namespace["predict_without_recsys_llm"]
+    served = ServedModel.load(out, trust_program=True)
+    expected = served.predict(request.dense_features, request.sparse_features)
+    assert torch.equal(predict_without_recsys_llm(request.dense_features, request.sparse_features), expected)

@@ -158,6 +158,12 @@ def test_weights_are_served_in_the_dtype_of_half_precision_tables(tmp_path):
     with torch.no_grad():
         expected = task.predict(half(request)).logits
     assert torch.equal(served.logits(request.dense_features, request.sparse_features), expected)
+    # INFERENCE.md's way without recsys_llm, the weights in the tables' dtype as it says
+    blocks = re.findall(r"```python\n(.*?)```", (tmp_path / "export" / "INFERENCE.md").read_text(), re.S)
+    namespace: dict = {}
+    exec(blocks[1], namespace)
+    probabilities = namespace["predict_without_recsys_llm"](half(request).dense_features, half(request).sparse_features)
+    assert torch.equal(probabilities, torch.sigmoid(expected))
 
 
 def test_half_precision_tables_take_the_readers_float32_weights_unsharded(tmp_path):

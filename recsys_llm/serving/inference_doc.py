@@ -63,7 +63,7 @@ the versions in `config.json`, `versions`), torchrec's pure-Python dependencies 
 pyre-extensions, numpy, tqdm), safetensors, and recsys_llm for `ServedModel` (its request checks and id rules),
 which imports pyarrow and pyyaml but no LLM package (transformers, peft) and no torchx:
 `pip install --no-deps` it next to those. Without recsys_llm, torch and torchrec alone load the
-artifact: an `EmbeddingBagCollection` built from `tables.json` with the `model.embedding_bag_collection.*`
+artifact (the code is below): an `EmbeddingBagCollection` built from `tables.json` with the `model.embedding_bag_collection.*`
 weights of `model.safetensors` (`safetensors.torch.load_file`), then
 `torch.sigmoid(torch.export.load("dense_program.pt2").module()(dense, ebc(kjt).values()))` under
 `torch.no_grad()` (the program gives logits; their sigmoid is what `predict` returns; the KJT's keys
@@ -105,6 +105,11 @@ an unweighted EBC ignores the weights and serves other predictions.
 WEIGHTS_ARGUMENT = """
     # one weight per id, same order as values: this model's tables pool weighted sums
     weights=torch.ones(len(features) * batch_size),"""
+
+
+# the same for the example without recsys_llm: weights in the tables' dtype
+FLOAT_TABLES_WEIGHTS_ARGUMENT = """
+    weights=torch.ones(len(features) * 2, dtype=next(ebc.parameters()).dtype),  # in the tables' dtype"""
 
 
 MIXED_PRECISION_INFERENCE_NOTE = """
@@ -178,6 +183,69 @@ print(probabilities_without_recsys_llm)
 """
 
 
+FLOAT_TABLES_INFERENCE_NOTE = """
+The same predictions with torch, torchrec and safetensors alone (no recsys_llm; the id rules and request checks
+above are then the caller's: send ids as the training reader gave them, and per-id weights, for a weighted model,
+in the tables' dtype):
+
+```python
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+directory = {path!r}
+with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+    config = json.load(handle)
+state = load_file(os.path.join(directory, "model.safetensors"))
+
+
+def tables_of(tables_file, prefix):
+    # the EBC of `tables_file` with its weights (`prefix` stripped), and its pooled keys in table order
+    with open(os.path.join(directory, tables_file), encoding="utf-8") as handle:
+        tables = json.load(handle)
+    ebc = EmbeddingBagCollection(
+        [EmbeddingBagConfig(name=t["name"], embedding_dim=t["embedding_dim"], num_embeddings=t["num_embeddings"],
+                            feature_names=t["feature_names"], pooling=PoolingType[t["pooling"]],
+                            data_type=DataType[t["data_type"]]) for t in tables],
+        is_weighted=config["weighted"], device=torch.device("cpu"))
+    ebc.load_state_dict({{key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}})
+    return ebc.eval(), [name for t in tables for name in t["feature_names"]]
+
+
+ebc, keys = tables_of(config["tables"], "model.embedding_bag_collection.")
+entity_tables = None  # a gain network's frozen entity tables: their vectors are the program's third input
+if config["semantic_tables"]:
+    entity_tables = tables_of(config["semantic_tables"], "semantic_table.embedding_bag_collection.")
+program = torch.export.load(os.path.join(directory, config["dense_program"])).module()
+
+
+def predict_without_recsys_llm(dense, kjt):
+    # (B,) click probabilities of dense (B, {num_dense}) float32 and a KeyedJaggedTensor of the features' ids
+    with torch.no_grad():
+        pooled = ebc(kjt)  # a KeyedTensor
+        inputs = (dense, torch.cat([pooled[key] for key in keys], dim=1))  # (B, {pooled})
+        if entity_tables is not None:
+            entity_ebc, entity_keys = entity_tables
+            vectors = entity_ebc(kjt)
+            inputs += (torch.cat([vectors[key] for key in entity_keys], dim=1),)
+        return torch.sigmoid(program(*inputs))
+
+
+features = config["feature_names"]
+kjt = KeyedJaggedTensor.from_lengths_sync(
+    keys=features, values=torch.zeros(len(features) * 2, dtype=torch.int64),
+    lengths=torch.ones(len(features) * 2, dtype=torch.int32),{weights}
+)
+print(predict_without_recsys_llm(torch.zeros(2, {num_dense}), kjt))  # what the first example prints
+```
+"""
+
+
 SEMANTIC_INFERENCE_NOTE = """
 This is a gain network: its LLM vectors sit in frozen entity tables {tables}
 (`semantic_tables.json`; their weights are the `semantic_table.embedding_bag_collection.*`
@@ -211,7 +279,11 @@ def inference_text(
         parts.append(WEIGHTED_INFERENCE_NOTE)
     if AUTOCAST_DTYPES[config[MIXED_PRECISION_KEY]] is not None:  # the dense program runs under autocast
         parts.append(MIXED_PRECISION_INFERENCE_NOTE)
-    if config[TABLE_DTYPE_KEY] != TRAINED:
+    if config[TABLE_DTYPE_KEY] == TRAINED:
+        parts.append(FLOAT_TABLES_INFERENCE_NOTE.format(
+            path=directory, num_dense=config["num_dense_features"], pooled=config["pooled_dim"],
+            weights=FLOAT_TABLES_WEIGHTS_ARGUMENT if config[WEIGHTED_KEY] else ""))
+    else:
         parts.append(QUANTIZED_INFERENCE_NOTE.format(table_dtype=config[TABLE_DTYPE_KEY],
                                                      data_type=tables[0]["data_type"], path=directory,
                                                      pooled=config["pooled_dim"]))
