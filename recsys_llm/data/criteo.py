@@ -242,10 +242,11 @@ def _batches(path: str, config: CriteoConfig, delimiter: str, lines: int) -> Ite
     if has_id:
         types["Id"] = pa.string()
     bad: List[str] = []
+    layout = "Id, label, I1..I13, C1..C26" if has_id else "label, I1..I13, C1..C26"
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         bad.append(f"{path}, line {row.number}: {row.actual_columns} columns, expected {row.expected_columns} "
-                   f"(label, I1..I13, C1..C26): {row.text[:80]!r}")
+                   f"({layout}): {row.text[:80]!r}")
         return "error"
 
     with open_text(path) as stream:
@@ -336,8 +337,8 @@ def _write(path: str, out_dir: str, config: CriteoConfig, progress: bool) -> Dat
                 done += n
                 bar.update(n)
     except DataError as error:
-        if not has_id:
-            raise
+        if not has_id or header:
+            raise  # a header (Kaggle's Id,Label,I1,...) names its Id column: the columns are as the file says
         # else a line ending in a delimiter reads as a shifted line: "column I13: '68fd1e64' is not a number"
         raise DataError(f"{error} (line 1 has {2 + NUM_DENSE + NUM_SPARSE} {delimiter!r}-separated columns, so every "
                         "line is read as Id, label, I1..I13, C1..C26 and its first column dropped as an Id; a line "
@@ -367,8 +368,13 @@ def _convert(batch: pa.RecordBatch, path: str, line: int, config: CriteoConfig, 
         whole = np.isfinite(values) & (values == np.floor(values))  # "nan", "inf" and "3.5" parse as doubles
         if not whole.all():
             first = int(np.argmin(whole))
-            raise DataError(f"{path}, line {line + first}, column {name}: {values[first].item()!r} is not an integer "
-                            "count; expected an integer or an empty cell")
+            value = values[first].item()
+            # a cell of over 308 digits reads as inf: its text is not the word inf the message would show
+            sign = "-" if value < 0 else ""
+            shown = (f"'{sign}inf', or a number beyond {sign}1.8e308 (a float64's range)," if np.isinf(value)
+                     else repr(value))
+            raise DataError(f"{path}, line {line + first}, column {name}: {shown} is not an integer count; expected "
+                            "an integer or an empty cell")
         columns[name] = np.log1p(np.maximum(values, 0.0)).astype(np.float32)
     for index, (name, size) in enumerate(zip(SPARSE_NAMES, config.field_hash_sizes())):
         _check_hex(batch.column(name), path, line, name)

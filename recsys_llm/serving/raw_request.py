@@ -100,10 +100,6 @@ def raw_request(
     if served.weighted:
         raise ValueError("raw_request: this model's tables pool per-id weights (config.json: weighted), which raw "
                          "values do not give; build its KeyedJaggedTensor with weights as INFERENCE.md shows")
-    if served.raw_id_ways is None and served.feature_names:
-        raise ValueError("raw_request: this artifact holds no way from raw values to ids (config.json: raw_ids null): "
-                         "its training data was not prepared by `recsys-llm prepare tabular`, or it was exported "
-                         "before artifacts held them; build the KeyedJaggedTensor of ids as INFERENCE.md shows")
     dense_names: Optional[List[str]] = served.dense_feature_names
     if dense_names is None:
         if served.num_dense_features:

@@ -20,6 +20,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.atomic_dir import swapped_out_path
+from recsys_llm.data.criteo import DENSE_NAMES, SPARSE_NAMES
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.tabular.raw_values import prepared_plan, raw_value_ids
 from recsys_llm.data.tabular.tokens import FieldPlan, with_lookup
@@ -375,11 +376,29 @@ class ServedModel(nn.Module):
                 was exported before artifacts held them), or a field or value the preparation would refuse.
         """
         if self.raw_id_ways is None:
-            raise ValueError("this artifact holds no way from raw values to ids (config.json: raw_ids null): its "
-                             "training data was not prepared by `recsys-llm prepare tabular`, or it was exported "
-                             "before artifacts held them; export the run again, or use recsys_llm.data.tabular."
-                             "raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values)")
+            raise self._without_raw_id_ways(f"raw_value_ids({field!r})")
         return raw_value_ids(self.raw_id_ways, field, values, sequence_separator, plan=self._raw_id_plans.get(field))
+
+    def _without_raw_id_ways(self, caller: str) -> ValueError:
+        """The error for ``caller`` (a raw-value method) on an artifact without id ways (``config.json`` ``raw_ids``
+        null): for ``prepare criteo`` data (its export names the schema ``criteo``, or its features are Criteo's
+        ``C1..C26`` and ``I1..I13``), how that preparation made its ids, which no export holds."""
+        of_criteo = ((self._config.get("metadata") or {}).get("schema") == "criteo"
+                     or (self.feature_names == SPARSE_NAMES and self.dense_feature_names == DENSE_NAMES))
+        if of_criteo:
+            return ValueError(
+                f"{caller}: this artifact's training data was prepared by `recsys-llm prepare criteo`, whose ids "
+                "come from no vocabulary and are not held in the artifact (config.json: raw_ids null; exporting "
+                "again gives none either): build them as that preparation did, each C_k token lower-cased and "
+                "hashed by recsys_llm.data.hashing.hash_strings(tokens, <C_k's cardinality in the prepared "
+                "schema.json>, salt=k - 1), empty -> 0, and each dense I_k as log(1 + max(x, 0)), empty -> 0 "
+                "(docs/usage.md: \"`prepare criteo` turns a line into the model's inputs\"; the artifact's "
+                "INFERENCE.md)")
+        return ValueError(f"{caller}: this artifact holds no way from raw values to ids (config.json: raw_ids null): "
+                          "its training data was not prepared by `recsys-llm prepare tabular`, or it was exported "
+                          "before artifacts held them; export the run again, or use recsys_llm.data.tabular."
+                          "raw_values.raw_value_ids(DatasetSchema.load(<prepared data>), field, values) and build the "
+                          "KeyedJaggedTensor of ids as INFERENCE.md shows")
 
     def raw_request(self, columns: Mapping[str, Sequence[object]], *,
                     sequence_separator: str = "|") -> Tuple[torch.Tensor, KeyedJaggedTensor]:
@@ -390,6 +409,8 @@ class ServedModel(nn.Module):
         Returns:
             Tuple[torch.Tensor, KeyedJaggedTensor]: dense (B, num_dense_features) float32 and the features' ids.
         """
+        if self.raw_id_ways is None and self.feature_names:  # before the columns: sending them would not help
+            raise self._without_raw_id_ways("raw_request")
         return raw_request(self, columns, sequence_separator=sequence_separator)
 
     def train(self, mode: bool = True) -> "ServedModel":

@@ -10,7 +10,10 @@ import pytest
 from recsys_llm.data.criteo import DENSE_NAMES, SPARSE_NAMES, CriteoConfig, prepare_criteo
 from recsys_llm.data.hashing import hash_strings
 from recsys_llm.data.parquet import ParquetBatchReader
+from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.validation import DataError
+from recsys_llm.serving import ServedModel
+from tests.small_artifact import export_small_deepfm
 
 
 def _lines(n: int, seed: int = 0):
@@ -145,7 +148,8 @@ def test_dense_value_that_is_not_an_integer_names_line_and_column(tmp_path, valu
     rows = _lines(20)
     rows[12][5] = value
     raw = _write(tmp_path / "bad.tsv", rows)
-    with pytest.raises(DataError, match=r"bad\.tsv, line 13, column I5: -?(inf|3\.5|nan) is not an integer count"):
+    with pytest.raises(DataError, match=r"bad\.tsv, line 13, column I5: (3\.5|nan|'-?inf', or a number beyond "
+                                        r"-?1\.8e308 \(a float64's range\),) is not an integer count"):
         prepare_criteo(raw, str(tmp_path / "out"))
     rows[12][5] = "12.0"  # a whole number written as a float is a count
     prepare_criteo(_write(tmp_path / "ok.tsv", rows), str(tmp_path / "out"), CriteoConfig(hash_size=64))
@@ -420,3 +424,54 @@ def test_the_first_lines_end_at_the_last_newline_kept(size):
             break
         got += chunk
     assert got == b"a\nb\n"
+
+
+def test_errors_of_a_kaggle_file_with_a_header_do_not_blame_a_trailing_delimiter(tmp_path):
+    """Kaggle's train.csv names its Id column in its header: an error there is not explained as a line ending in
+    a delimiter read as an Id column, and a short line is counted against the Id column too."""
+    rows = [[str(i)] + r for i, r in enumerate(_lines(30, seed=2))]
+    rows[9][3] = "NA"  # I2 of the file's line 11 (line 1 is the header)
+    header = ["Id", "Label"] + DENSE_NAMES + SPARSE_NAMES
+    raw = _write(tmp_path / "train.csv", rows, ",", header)
+    with pytest.raises(DataError, match=r"train\.csv, line 11, column I2: 'NA' is not a number; expected an integer "
+                                        r"count or an empty cell$"):
+        prepare_criteo(raw, str(tmp_path / "out"))
+    rows[9][3] = "5"
+    rows[19] = rows[19][:-1]
+    raw = _write(tmp_path / "short.csv", rows, ",", header)
+    with pytest.raises(DataError, match=r"short\.csv, line 21: 40 columns, expected 41 \(Id, label, I1\.\.I13, "
+                                        r"C1\.\.C26\): '19,"):
+        prepare_criteo(raw, str(tmp_path / "out"))
+
+
+def test_raw_values_for_an_artifact_of_criteo_data_point_to_the_criteo_recipe(tmp_path):
+    """A Criteo artifact holds no id ways: ``raw_request`` says how ``prepare criteo`` made its ids (not "export the
+    run again", which gives none either), and the recipe it names gives the ids ``score`` reads."""
+    rows = _lines(200, seed=3)
+    schema = prepare_criteo(_write(tmp_path / "day_0", rows), str(tmp_path / "data"), CriteoConfig(hash_size=97))
+    artifact = str(tmp_path / "artifact")
+    export_small_deepfm(DatasetSchema.load(schema.root), artifact, batch_size=32, steps=1)
+    served = ServedModel.load(artifact, trust_program=True)
+    request = {name: [r[1 + i] for r in rows[:2]] for i, name in enumerate(DENSE_NAMES + SPARSE_NAMES)}
+    with pytest.raises(ValueError, match=r"raw_request: this artifact's training data was prepared by "
+                                         r"`recsys-llm prepare criteo`.*exporting again gives none either.*"
+                                         r"hash_strings\(tokens, <C_k's cardinality in the prepared schema\.json>, "
+                                         r"salt=k - 1\).*log\(1 \+ max\(x, 0\)\)"):
+        served.raw_request(request)
+    with pytest.raises(ValueError, match=r"raw_value_ids\('C1'\): this artifact's training data was prepared by "):
+        served.raw_value_ids("C1", ["68fd1e64"])
+    ids = hash_strings(pa.array([r[14 + 2].lower() for r in rows[:5]]), schema.field("C3").cardinality, salt=2)
+    np.testing.assert_array_equal(pq.read_table(schema.split_path("train"))["C3"].to_numpy()[:5], ids)
+
+
+@pytest.mark.parametrize("value", ["9" * 400, "-" + "9" * 400])
+def test_a_count_beyond_float_range_is_not_shown_as_inf(tmp_path, value):
+    """A cell of 400 digits reads as inf: the message says so rather than quote an inf the file does not hold."""
+    rows = _lines(20)
+    rows[3][2] = value
+    raw = _write(tmp_path / "bad.tsv", rows)
+    sign = "-" if value.startswith("-") else ""
+    with pytest.raises(DataError, match=rf"bad\.tsv, line 4, column I2: '{sign}inf', or a number beyond "
+                                        rf"{sign}1\.8e308 \(a float64's range\), is not an integer count; expected "
+                                        r"an integer or an empty cell$"):
+        prepare_criteo(raw, str(tmp_path / "out"))
