@@ -284,9 +284,18 @@ def replace_directory(tmp: str, final: str, old: Optional[str] = None) -> None:
         else:
             os.replace(old, final)
     with signals_deferred():
-        if os.path.exists(final):
+        swapped_out = os.path.exists(final)
+        if swapped_out:
             os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            # the new copy could not take its name (EIO, ENOSPC of a full directory): the previous one
+            # goes back to ``final``, not left under its hidden name until the next run puts it back
+            if swapped_out:
+                with contextlib.suppress(OSError):
+                    os.replace(old, final)
+            raise
     fsync_directory(os.path.dirname(os.path.abspath(final)))
     remove_directory(old, owner)
 

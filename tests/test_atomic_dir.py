@@ -458,3 +458,32 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fail_without_errno)
     with pytest.raises(OSError, match=r"^the device went away$"):  # a file name would replace the message
         write_text_atomically(str(tmp_path / "cache.bin"), "new")
+
+
+def test_a_failed_rename_of_the_new_copy_puts_the_previous_one_back(tmp_path, monkeypatch):
+    """EIO (or a full directory) on the rename of the finished copy after the previous one moved aside left
+    the output path empty: the user's earlier export was only under its hidden ``.out.old`` name until a rerun."""
+    import errno
+
+    from recsys_llm import atomic_dir
+
+    target = str(tmp_path / "out")
+    with atomic_directory(target, "output", ("a.txt",)) as tmp:
+        _write(tmp, "a.txt", "first")
+    real_replace = os.replace
+
+    def fail_the_new_copy(source: str, destination: str) -> None:
+        if os.path.normpath(destination) == target and not source.endswith(".old"):
+            raise OSError(errno.EIO, "Input/output error", source)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic_dir.os, "replace", fail_the_new_copy)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic_directory(target, "output", ("a.txt",)) as tmp:
+            _write(tmp, "a.txt", "second")
+    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "first"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # neither the new copy nor a hidden .out.old left
+    monkeypatch.undo()
+    with atomic_directory(target, "output", ("a.txt",)) as tmp:
+        _write(tmp, "a.txt", "third")
+    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "third"

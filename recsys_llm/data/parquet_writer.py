@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys_llm.atomic_dir import atomic_directory, holds_files, link_into_place, swapped_out_path
+from recsys_llm.atomic_dir import atomic_directory, holds_files, link_into_place, name_written_file, swapped_out_path
 from recsys_llm.data.parquet_files import read_schema_and_check, resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import DataError, field_specs_metadata, open_parquet
@@ -109,7 +109,15 @@ class SplitWriter:
         self._tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # its own: two writers of one path never share it
         self._schema = arrow_schema
         self._row_group_size = row_group_size
-        self._writer = pq.ParquetWriter(self._tmp, arrow_schema, compression=compression)
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, arrow_schema, compression=compression)
+        except BaseException as error:
+            # the temp file is made before its header is written: a full disk leaves it empty beside the output
+            with contextlib.suppress(OSError):
+                os.remove(self._tmp)
+            if isinstance(error, OSError):
+                name_written_file(error, path)
+            raise
         self._pending: List[pa.Table] = []
         self._pending_rows = 0
         self.num_rows = 0
@@ -168,9 +176,12 @@ class SplitWriter:
         if exc_type is None:
             self.close()
         else:
-            self._writer.close()
-            if os.path.exists(self._tmp):
-                os.remove(self._tmp)
+            try:  # the footer of rows no one reads: a full disk failing it again must not keep the temp file
+                with contextlib.suppress(Exception):
+                    self._writer.close()
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(self._tmp)
 
 
 def open_split_writers(

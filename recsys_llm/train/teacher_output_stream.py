@@ -4,6 +4,7 @@ the copy as they come and spills the other ranks' beside it (:class:`OutputSpill
 the copy reaches their rows (:func:`write_on_rank_0`, :class:`TeacherColumnsWriter`)."""
 
 import contextlib
+import errno
 import os
 import re
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import fsync_file
+from recsys_llm.atomic_dir import fsync_file, name_written_file
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_writer import vector_array
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
@@ -318,6 +319,8 @@ def write_on_rank_0(source: str, target: str, row_key: Optional[str], own: Itera
             try:
                 action()
             except Exception as caught:
+                if isinstance(caught, OSError) and caught.errno in (errno.ENOSPC, errno.EDQUOT):
+                    name_written_file(caught, target)  # the copy being written, not the whole --output-dir
                 error = caught
 
     def open_copy() -> None:

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from recsys_llm.data.parquet_writer import SplitWriter
@@ -38,3 +39,41 @@ def test_close_leaves_only_the_output(tmp_path, replace):
     with SplitWriter(path, pa.schema([("logit", pa.float32())]), row_group_size=64, replace=replace) as writer:
         writer.write({"logit": np.zeros(10, dtype=np.float32)})
     assert sorted(os.listdir(tmp_path)) == ["scores.parquet"]
+
+
+def test_a_full_disk_when_the_temp_file_is_made_leaves_nothing_and_names_the_output(tmp_path, monkeypatch):
+    """ENOSPC writing the header in ``ParquetWriter(...)`` left an empty ``<output>.<id>.tmp`` beside the output
+    (``recsys-llm score --output`` on a full disk), and the error named no file."""
+    path = str(tmp_path / "scores.parquet")
+    real_writer = pq.ParquetWriter
+
+    def full_disk(where, *args, **kwargs):
+        open(where, "wb").close()  # made, then the header's write fails
+        raise OSError(28, "Error writing bytes to file")
+
+    monkeypatch.setattr(pq, "ParquetWriter", full_disk)
+    with pytest.raises(OSError) as caught:
+        SplitWriter(path, pa.schema([("logit", pa.float32())]), row_group_size=64, replace=False)
+    assert caught.value.errno == 28 and caught.value.filename == path
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(pq, "ParquetWriter", real_writer)
+    with SplitWriter(path, pa.schema([("logit", pa.float32())]), row_group_size=64, replace=False) as writer:
+        writer.write({"logit": np.zeros(3, dtype=np.float32)})
+    assert os.listdir(tmp_path) == ["scores.parquet"]
+
+
+def test_a_failed_write_whose_footer_fails_too_leaves_no_temp_file(tmp_path):
+    """A full disk in a row group's write, then again in the footer's as the writer is left: the close error
+    escaped ``__exit__`` before the temp file was removed."""
+    path = str(tmp_path / "scores.parquet")
+    with pytest.raises(OSError, match="No space left"):
+        with SplitWriter(path, pa.schema([("logit", pa.float32())]), row_group_size=4) as writer:
+            real_close = writer._writer.close
+
+            def full_disk() -> None:
+                writer._writer.close = real_close  # pyarrow's own close when the writer is collected
+                raise OSError(28, "No space left on device")
+
+            writer._writer.close = full_disk
+            raise OSError(28, "No space left on device")
+    assert os.listdir(tmp_path) == []

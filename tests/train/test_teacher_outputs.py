@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.train import teacher_output_stream
 from recsys_llm.train.teacher_output_stream import (
     LOGITS_COLUMN,
     REPRESENTATION_COLUMN,
@@ -619,3 +620,20 @@ def test_each_step_carries_its_rows_keys_and_a_rank_with_a_batch_fewer_pads(tmp_
     assert [[real for _, real in share] for share in shares] == [[True, True, False], [True, True, True]]
     got = np.concatenate([keys for share in shares for keys, real in share if real])
     np.testing.assert_array_equal(got, row_ids)
+
+
+class FullDiskWriter:
+    """Stands for a TeacherColumnsWriter whose copy's write fails as pyarrow's does on a full disk (no file name)."""
+
+    def __init__(self, source: str, target: str, row_key: object) -> None:
+        raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+
+def test_a_full_disk_names_the_copy_not_the_output_directory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-line error said '(writing <--output-dir>)': which of the split copies ran out of space was not told."""
+    monkeypatch.setattr(teacher_output_stream, "TeacherColumnsWriter", FullDiskWriter)
+    target = str(tmp_path / "out" / "valid.parquet")
+    error = write_on_rank_0(str(tmp_path / "valid.parquet"), target, None, [], world_size=1, group=None)
+    assert isinstance(error, OSError) and error.errno == 28
+    assert error.filename == target
+    assert os.listdir(tmp_path / "out") == []
