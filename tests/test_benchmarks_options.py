@@ -19,7 +19,7 @@ def _no_work(*args: object, **kwargs: object) -> None:
 
 
 @pytest.mark.parametrize("module", [llactr, elec], ids=["llactr", "elec"])
-@pytest.mark.parametrize("kind", ["missing", "not_a_model", "a_file"])
+@pytest.mark.parametrize("kind", ["missing", "not_a_model", "a_file", "no_model_type"])
 def test_a_bad_llm_is_refused_naming_the_option_before_any_work(module, kind: str, tmp_path: Path, capsys,
                                                                  monkeypatch) -> None:
     """``--llm /no/such/dir`` (or a folder without config.json, or a file) ended in a ``[rank0]`` traceback that
@@ -33,6 +33,9 @@ def test_a_bad_llm_is_refused_naming_the_option_before_any_work(module, kind: st
         (llm / "readme.txt").write_text("not a model\n")
     elif kind == "a_file":
         llm.write_text("{}\n")
+    elif kind == "no_model_type":  # config.json without a model_type: read_model_config's ValueError
+        llm.mkdir()
+        (llm / "config.json").write_text('{"hidden_size": 8}\n')
     json_path = tmp_path / "out" / "bench.json"
     argv: List[str] = ["--smoke", "--device", "cpu", "--llm", str(llm), "--json", str(json_path)]
     with pytest.raises(SystemExit) as exited:

@@ -3,11 +3,14 @@ arrays (pandas' cells of a list column), columns that hold no rows in order (a d
 no finite number, ids beyond 64 bits, and a request to an artifact without id ways. Each is served as the same rows
 given as lists, or refused naming the field, the row and what was expected; none gives silently wrong ids."""
 
+import json
 import os
+import shutil
 from typing import Dict
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from recsys_llm.data.schema import DatasetSchema
@@ -15,7 +18,7 @@ from recsys_llm.data.tabular import prepare_tabular
 from recsys_llm.data.tabular.raw_values import raw_value_ids
 from recsys_llm.data.validation import DataError
 from recsys_llm.serving.served_model import ServedModel
-from tests.small_artifact import export_small_deepfm
+from tests.small_artifact import export_small_deepfm, write_config_as_exported
 
 SCHEMA = {
     "name": "shop",
@@ -94,7 +97,8 @@ def test_an_id_beyond_64_bits_is_named_as_such(shop: Dict[str, str]) -> None:
     ([1.5, float("nan")], 1, "nan"),
     (np.array([np.inf, 2.5]), 0, r"np.float64\(inf\)"),
     ([1e39, 2.5], 0, r"1e\+39"),  # beyond float32, the model's input dtype: inf
-], ids=["nan", "inf array", "beyond float32"])
+    ([2.5, 10**400], 1, "1" + "0" * 400),  # a Python int beyond float64: NumPy's OverflowError named no field
+], ids=["nan", "inf array", "beyond float32", "int beyond float64"])
 def test_a_dense_value_that_is_no_finite_number_is_named_by_field(shop: Dict[str, str], price, row, shown) -> None:
     """NaN and inf passed raw_request; predict then named 'dense_features row R, column C', not the field."""
     served = ServedModel.load(shop["artifact"], trust_program=True)
@@ -124,3 +128,65 @@ def test_the_rows_given_in_other_shapes_make_the_same_request(shop: Dict[str, st
     assert kjt_other.lengths().tolist() == kjt.lengths().tolist()
     assert served.predict(dense_other, kjt_other).tolist() == served.predict(dense, kjt).tolist()
     assert os.path.isdir(os.path.join(shop["artifact"], "ids"))
+
+
+@pytest.mark.parametrize("price, shown", [(1.5, "float 1.5"), (None, "NoneType None")], ids=["a number", "None"])
+def test_a_column_that_is_one_value_not_a_sequence_is_named(shop: Dict[str, str], price, shown: str) -> None:
+    """A single value where a column of rows belongs is named by its column, as a single string is; ``len`` of it
+    raised a TypeError that named no field."""
+    served = ServedModel.load(shop["artifact"], trust_program=True)
+    with pytest.raises(ValueError, match=rf"raw_request: column 'price' is {shown}; expected a sequence of one raw "
+                                         r"value per row"):
+        served.raw_request(dict(REQUEST, price=price))
+
+
+def test_a_raw_requests_lengths_are_int32_for_every_feature(shop: Dict[str, str]) -> None:
+    """A sequence's lengths come from ``raw_value_ids`` as int64; the KeyedJaggedTensor's lengths are int32 for every
+    feature alike, as the docstring and INFERENCE.md's request have them."""
+    served = ServedModel.load(shop["artifact"], trust_program=True)
+    _, kjt = served.raw_request(REQUEST)
+    assert kjt.lengths().dtype == torch.int32
+    assert kjt["cats"].lengths().tolist() == [2, 0]
+
+
+def test_an_id_beyond_64_bits_is_named_at_its_own_row_beside_the_lowest_int64(shop: Dict[str, str]) -> None:
+    """-2**63 is an int64 id: only the id beyond 64 bits beside it is refused, at its own row."""
+    with pytest.raises(DataError, match=r"field 'user', row 1: '18446744073709551616' is beyond 64 bits"):
+        raw_value_ids(DatasetSchema.load(shop["data"]), "user", [-2**63, 2**64])
+
+
+@pytest.fixture(scope="module")
+def no_dense(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An artifact of a small DeepFM on prepared tabular data without dense fields."""
+    root = tmp_path_factory.mktemp("raw_no_dense")
+    rng = np.random.default_rng(1)
+    lines = ["user,city,clicked"] + [f"{int(rng.integers(0, 100))},{CITIES[int(rng.integers(0, 4))]},"
+                                     f"{int(rng.integers(0, 2))}" for _ in range(200)]
+    (root / "shop.csv").write_text("\n".join(lines) + "\n")
+    schema = dict(SCHEMA, fields=[field for field in SCHEMA["fields"] if field["name"] in ("user", "city")])
+    with open(root / "shop.yaml", "w") as handle:
+        yaml.safe_dump(schema, handle)
+    data = str(root / "shop")
+    prepare_tabular(str(root / "shop.csv"), str(root / "shop.yaml"), data)
+    artifact = str(root / "artifact")
+    export_small_deepfm(DatasetSchema.load(data), artifact, batch_size=64, steps=2)
+    return artifact
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["names recorded", "exported before names were recorded"])
+def test_a_request_to_an_artifact_without_dense_fields_has_one_row_of_no_dense_values_per_row(
+        no_dense: str, recorded: bool, tmp_path) -> None:
+    """No dense field: (B, 0) dense features, one row per request row, served by ``predict``; an artifact that records
+    no dense field names needs none (it has no dense feature to name)."""
+    if not recorded:  # as an artifact exported before config.json held them
+        artifact = str(tmp_path / "artifact")
+        shutil.copytree(no_dense, artifact)
+        with open(os.path.join(artifact, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+        write_config_as_exported(os.path.join(artifact, "config.json"), dict(config, dense_feature_names=None))
+        no_dense = artifact
+    served = ServedModel.load(no_dense, trust_program=True)
+    assert (served.dense_feature_names is None) is not recorded
+    dense, kjt = served.raw_request({"user": [3, 7, 9], "city": ["Paris", None, "Nice"]})
+    assert dense.shape == (3, 0) and dense.dtype == torch.float32
+    assert served.predict(dense, kjt).shape == (3,)

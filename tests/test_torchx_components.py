@@ -745,6 +745,8 @@ def test_an_empty_config_or_checkpoint_is_refused_before_the_job_is_scheduled() 
         load("train")(" ")
     with pytest.raises(ValueError, match=r"checkpoint='': expected a checkpoint directory or a run directory"):
         from_cli("trained", ["--job", "export", "--checkpoint", "", "--", "--output", "runs/served"])
+    with pytest.raises(ValueError, match=r"checkpoint=' ': expected a checkpoint directory"):
+        from_cli("trained", ["--job", "export", "--checkpoint", " ", "--", "--output", "runs/served"])
 
 
 def test_an_empty_job_name_is_each_components_default() -> None:

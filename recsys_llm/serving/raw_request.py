@@ -12,6 +12,8 @@ Example::
     probabilities = served.predict(dense, kjt)  # (2,)
 """
 
+import math
+import sys
 from collections.abc import Set
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
@@ -54,6 +56,7 @@ def _dense_column(name: str, values: Sequence[object]) -> np.ndarray:
         ValueError: a value that is no finite real number (None, a string, a bool, NaN, inf), naming the field and
             row.
     """
+    numbers: Sequence[object] = values
     if not (isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iuf"):
         values = list(values)  # by position (a pandas Series' labels may be other numbers)
         for row, value in enumerate(values):
@@ -61,8 +64,11 @@ def _dense_column(name: str, values: Sequence[object]) -> np.ndarray:
                 raise ValueError(f"raw_request: dense field {name!r}, row {row}: {value!r} is not a number; expected "
                                  "a real number in every row (the preparation filled missing ones with its "
                                  "--fill-missing-dense value: send that value)")
+        # a Python int beyond float64 (NumPy's conversion raises OverflowError, naming no field): inf, refused below
+        numbers = [math.inf if isinstance(value, int) and abs(value) > sys.float_info.max else value
+                   for value in values]
     with np.errstate(over="ignore"):  # beyond float32: inf, refused below naming the row
-        column = np.asarray(values, dtype=np.float32).reshape(len(values))
+        column = np.asarray(numbers, dtype=np.float32).reshape(len(values))
     bad = np.flatnonzero(~np.isfinite(column))
     if bad.size:  # NaN (a missing value to the preparation), inf, or beyond float32 (the model's input dtype)
         row = int(bad[0])

@@ -320,7 +320,8 @@ def _never_stepped(
 
     Within a part whose other parameters' states the checkpoint holds, or in any part when the
     checkpoint was written before the first optimizer step (``before_first_step``). Otherwise a part
-    without any saved state was another (stateless) optimizer, and the load refuses it.
+    without any saved state was another (stateless) optimizer, or no gradient had reached any of its
+    parameters by the save (which the checkpoint cannot tell apart), and the load refuses it.
 
     Raises:
         ValueError: an unfused optimizer part keeps state here and the checkpoint, written after steps, holds none.
@@ -344,10 +345,19 @@ def _never_stepped(
                 f"{kind} keeps state for, although it was written after optimizer steps: "
                 "it was trained with a stateless optimizer for them (another optim.dense or optim.sparse, such as "
                 "sgd), or with those tables sharded where this plan replicates them (data_parallel); load it with "
-                "the config it was trained with"
+                "the config it was trained with (or, where no gradient had reached any of these parameters by the "
+                "save, e.g. an optimizer of your own loop for a module that joins the loss later, save after it does)"
             )
         missing.update({key: part.state[optimizer.params[key]] for key in absent})
     return missing
+
+
+def _written_before_first_step(state: TrainState) -> bool:
+    """Whether a checkpoint of ``state`` was written before any training step: no optimizer step, and no batch of
+    any epoch consumed. ``global_step`` alone is not enough: ``TrainState`` defaults it to 0, so a loop of one's own
+    that never sets it (``TrainState(epoch=e, step_in_epoch=s)``) would pass a checkpoint of another (stateless)
+    optimizer as one written before its first step."""
+    return state.global_step == 0 and state.epoch == 0 and state.step_in_epoch == 0
 
 
 def _checkpoint_name(global_step: int) -> str:
@@ -708,7 +718,8 @@ def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[C
     # parameters no gradient had reached by the save have no state there, as in the run that wrote it
     never_stepped: Dict[str, Dict[str, Any]] = {}
     if optimizer is not None:
-        never_stepped = _never_stepped(path, metadata, optimizer, materialised, before_first_step=state.global_step == 0)
+        never_stepped = _never_stepped(path, metadata, optimizer, materialised,
+                                       before_first_step=_written_before_first_step(state))
     for key in never_stepped:  # the states of the part's other parameters stay in target["optim"]
         del target["optim"][key]
     try:

@@ -1340,7 +1340,18 @@ def _resume_from_a_checkpoint_before_the_first_step(schema_path: str, ckpt_dir: 
         refusal = None
     except ValueError as error:
         refusal = str(error)
-    return {"continued": continued, "resumed": resumed, "refusal": refusal, "sgd_path": sgd_manager.latest()}
+    # a loop of one's own that never sets global_step (TrainState defaults it to 0), after steps
+    own_manager = CheckpointManager(os.path.join(ckpt_dir, "own"), keep=1)
+    own_manager.save(sgd_model, sgd_optimizer, TrainState(epoch=0, step_in_epoch=2, world_size=ctx.world_size,
+                                                          batch_size=64))
+    _, model4, optimizer4 = _fresh(schema, seed=123)
+    try:
+        load_checkpoint(own_manager.latest(), model4, optimizer4)
+        own_refusal = None
+    except ValueError as error:
+        own_refusal = str(error)
+    return {"continued": continued, "resumed": resumed, "refusal": refusal, "sgd_path": sgd_manager.latest(),
+            "own_refusal": own_refusal, "own_path": own_manager.latest()}
 
 
 @pytest.mark.multiprocess
@@ -1355,3 +1366,16 @@ def test_a_checkpoint_written_before_the_first_optimizer_step_resumes_exactly(sy
                                                                           "state for 'dlrm.")
     assert "that this job's Adam keeps state for, although it was written after optimizer steps" in result["refusal"]
     assert "another optim.dense or optim.sparse, such as sgd" in result["refusal"]
+    assert "no gradient had reached any of these parameters by the save" in result["refusal"]
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_without_global_step_after_steps_is_not_taken_for_one_before_the_first_step(
+        synthetic_dir: str, tmp_path) -> None:
+    """``TrainState(epoch=0, step_in_epoch=2)`` of a loop of one's own leaves ``global_step`` at its default 0: the
+    load took that for a checkpoint written before the first step and gave an SGD-trained checkpoint fresh Adam
+    state without a word."""
+    (result,) = run_multiprocess(_resume_from_a_checkpoint_before_the_first_step, world_size=1,
+                                 schema_path=synthetic_dir, ckpt_dir=str(tmp_path / "checkpoints"))
+    assert result["own_refusal"] is not None
+    assert result["own_refusal"].startswith(f"{result['own_path']}: holds no optimizer state for 'dlrm.")
