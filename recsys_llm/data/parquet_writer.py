@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys_llm.atomic_dir import atomic_directory, holds_files, link_into_place, name_written_file, swapped_out_path
+from recsys_llm.atomic_dir import (atomic_directory, fsync_directory, fsync_file, holds_files, link_into_place,
+                                   name_written_file, swapped_out_path)
 from recsys_llm.data.parquet_files import read_schema_and_check, resolve_paths
 from recsys_llm.data.schema import DatasetSchema, FieldKind
 from recsys_llm.data.validation import DataError, field_specs_metadata, open_parquet
@@ -153,11 +154,13 @@ class SplitWriter:
         try:
             self._flush(final=True)
             self._writer.close()
+            fsync_file(self._tmp)  # its content on disk before a name publishes it (a power loss: not an empty file)
             if self._replace:
                 os.replace(self._tmp, self._path)
             elif not link_into_place(self._tmp, self._path):
                 raise FileExistsError(f"{self._path}: appeared while this file was written (another process's?); "
                                       "left as it is, and this one not written")
+            fsync_directory(os.path.dirname(os.path.abspath(self._path)))
         finally:
             # renamed: gone; linked: a second name of the output. Failed or interrupted while the last row group
             # and the footer were written (Ctrl-C, a full disk): a half-written file no one reads, left beside the

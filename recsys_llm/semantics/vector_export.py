@@ -194,6 +194,8 @@ def _create_manifest(path: str, manifest: Dict[str, object]) -> bool:
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before its name: a power loss leaves no empty manifest
         return link_into_place(tmp, path)
     finally:
         with contextlib.suppress(OSError):

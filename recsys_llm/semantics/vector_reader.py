@@ -5,6 +5,7 @@ import collections
 import json
 import logging
 import os
+import uuid
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -13,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import name_written_file
+from recsys_llm.atomic_dir import fsync_directory, fsync_file, name_written_file
 from recsys_llm.data.parquet_files import parquet_files
 from recsys_llm.data.validation import first_non_finite_row
 from recsys_llm.progress import bar_options
@@ -556,7 +557,7 @@ def _write_copy(
     """Writes the rows of a split's ``files`` with their vectors (``out_schema``'s last column) to
     ``output_path``, atomically (see :func:`attach_vectors`); returns the rows written."""
     value_type = out_schema.field(len(out_schema) - 1).type
-    tmp = f"{output_path}.tmp"
+    tmp = f"{output_path}.{uuid.uuid4().hex[:8]}.tmp"  # its own: two writers of one output never share it
     rows = 0
     total = sum(pq.read_metadata(path).num_rows for path in files) if progress else None  # footers only
     bar = tqdm(total=total, unit="rows", desc=f"attaching vectors to {os.path.basename(output_path)}",
@@ -582,7 +583,9 @@ def _write_copy(
                     row_in_file += batch.num_rows
                     bar.update(batch.num_rows)
                 rows += row_in_file
+        fsync_file(tmp)  # its content on disk before the rename publishes it
         os.replace(tmp, output_path)
+        fsync_directory(os.path.dirname(os.path.abspath(output_path)))
     except OSError as error:
         name_written_file(error, output_path)
         raise

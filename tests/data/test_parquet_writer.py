@@ -77,3 +77,23 @@ def test_a_failed_write_whose_footer_fails_too_leaves_no_temp_file(tmp_path):
             writer._writer.close = full_disk
             raise OSError(28, "No space left on device")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_the_content_is_on_disk_before_a_name_publishes_it(tmp_path, replace, monkeypatch) -> None:
+    """``score --output`` linked its file into place unflushed: a power loss could leave an empty file under the
+    output's name, taken for complete by a later reader."""
+    from recsys_llm.data import parquet_writer
+
+    events = []
+    monkeypatch.setattr(parquet_writer, "fsync_file", lambda path: events.append(("fsync", os.path.basename(path))))
+    monkeypatch.setattr(parquet_writer, "fsync_directory", lambda path: events.append(("fsync dir", path)))
+    real_replace, real_link = os.replace, parquet_writer.link_into_place
+    monkeypatch.setattr(parquet_writer.os, "replace", lambda a, b: (events.append(("publish", b)), real_replace(a, b)))
+    monkeypatch.setattr(parquet_writer, "link_into_place",
+                        lambda a, b: (events.append(("publish", b)), real_link(a, b))[1])
+    path = str(tmp_path / "scores.parquet")
+    with SplitWriter(path, pa.schema([("logit", pa.float32())]), row_group_size=64, replace=replace) as writer:
+        writer.write({"logit": np.zeros(10, dtype=np.float32)})
+    assert [kind for kind, _ in events] == ["fsync", "publish", "fsync dir"]
+    assert events[0][1].startswith("scores.parquet.") and events[1][1] == path and events[2][1] == str(tmp_path)
