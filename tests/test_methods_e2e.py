@@ -523,7 +523,8 @@ def test_teacher_outputs_of_two_sharded_ranks_match_one_rank(tmp_path) -> None:
     # rank 0 fails to write the first copy: every rank stops there with the reason
     failed = run_multiprocess(_teacher_outputs_failing_on_rank_0, world_size=2, overrides=overrides,
                               checkpoint=str(tmp_path / "run"), output_dir=str(tmp_path / "failed"), batch_size=batch_size)
-    assert failed[0] == "OSError: [Errno 28] No space left on device", failed
+    copy = str(tmp_path / "failed" / "test.parquet")  # the copy being written is named
+    assert failed[0] == f"OSError: [Errno 28] No space left on device: {copy!r}", failed
     assert failed[1].startswith("RuntimeError: rank 0 failed to write") and "Errno 28" in failed[1], failed
     # finished copies of another trained teacher: rank 0 alone reads teacher.json, and every rank stops with its refusal
     from recsys_llm.train.teacher_outputs import TEACHER_FILE

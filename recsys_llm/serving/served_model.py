@@ -409,7 +409,8 @@ class ServedModel(nn.Module):
         Returns:
             Tuple[torch.Tensor, KeyedJaggedTensor]: dense (B, num_dense_features) float32 and the features' ids.
         """
-        if self.raw_id_ways is None and self.feature_names:  # before the columns: sending them would not help
+        # before the columns are checked: sending them would not help (weighted tables are named by raw_request)
+        if self.raw_id_ways is None and self.feature_names and not self.weighted:
             raise self._without_raw_id_ways("raw_request")
         return raw_request(self, columns, sequence_separator=sequence_separator)
 
