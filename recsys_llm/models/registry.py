@@ -18,6 +18,12 @@ from recsys_llm.models.fm import FM, FMConfig
 from recsys_llm.models.fwfm import FwFM, FwFMConfig
 
 MODEL_NAMES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm", "dlrm_dcn")
+# a config names one of MODEL_NAMES only: there is no registry to add a backbone of one's own to
+OWN_BACKBONE_NOTE = (
+    "A config (recsys-llm train, evaluate, export, teacher-outputs, an elec section) builds only these: a backbone "
+    "of your own (a CTRBackbone subclass) has no name to register there; train it through the Python API instead "
+    "(CTRTask, shard_model, train_epoch, export_task: docs/usage.md section 5, examples/plug_into_own_model.py)"
+)
 # the layer-size lists each model builds an MLP from: they need at least one layer
 _MLP_KEYS = {"deepfm": ("mlp_layer_sizes",), "dcnv2": ("mlp_layer_sizes",),
              "finalmlp": ("mlp_layer_sizes", "mlp2_layer_sizes"), "dlrm": ("mlp_layer_sizes",),
@@ -85,7 +91,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.name!r}; choose one of {list(MODEL_NAMES)}")
+            raise ValueError(f"unknown model {self.name!r}; choose one of {list(MODEL_NAMES)}. {OWN_BACKBONE_NOTE}")
         for key in ("mlp_layer_sizes", "mlp2_layer_sizes", "finalmlp_gate_hidden", "dense_arch_hidden",
                     "finalmlp_context1", "finalmlp_context2"):
             value = getattr(self, key)

@@ -27,10 +27,34 @@ def required_extra(extras: Dict[str, torch.Tensor], key: str, purpose: str) -> t
 
 
 @torch.fx.wrap  # a leaf of the pipeline's trace: the shape is checked at run time
-def checked_term(value: torch.Tensor, kind: str, name: str) -> torch.Tensor:
+def checked_term(value: torch.Tensor, kind: str, name: str, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``value`` as it is when a ``kind`` ("logit" or "loss") term gives its shape: (B,) for a
     logit term, a scalar for a loss term; raises otherwise, naming the term (a loss term in
-    ``logit_terms`` would add its scalar to every logit, silently)."""
+    ``logit_terms`` would add its scalar to every logit, silently).
+
+    Args:
+        value (torch.Tensor): what the term returned: (B,) or a scalar.
+        kind (str): ``"logit"`` or ``"loss"``.
+        name (str): the term's key in its dict, for the error.
+        logits (Optional[torch.Tensor]): (B,) the logits a logit term is added to; when given, a logit term of
+            another length is refused too (a (1,) value, e.g. a batch mean kept with ``keepdim``, would be added
+            to every row silently, and one of another length failed in torch's broadcast without the term's name).
+
+    Raises:
+        TypeError: the term returned no tensor (a Python number, a tuple).
+        ValueError: the term's shape is not (B,) (logit) or () (loss).
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{kind} term {name!r} returned a {type(value).__name__}, not a tensor; a logit term returns a tensor "
+            "(B,), one value per row, and a loss term a scalar tensor (e.g. output.logits.new_tensor(0.0))"
+        )
+    if kind == "logit" and logits is not None and value.dim() == 1 and value.shape != logits.shape:
+        raise ValueError(
+            f"logit term {name!r} returned shape {tuple(value.shape)} for logits of shape {tuple(logits.shape)}; a "
+            "logit term returns (B,), one value per row of the batch (expand a shared value, e.g. a bias, with "
+            ".expand_as(output.logits))"
+        )
     if value.dim() != (1 if kind == "logit" else 0):
         raise ValueError(
             f"{kind} term {name!r} returned shape {tuple(value.shape)}; a logit term returns (B,), one value per row, "
@@ -38,6 +62,20 @@ def checked_term(value: torch.Tensor, kind: str, name: str) -> torch.Tensor:
             "build_llactr_terms returns (logit_terms, loss_terms, provenance) in that order)"
         )
     return value
+
+
+def check_term_names(terms: Mapping[str, nn.Module], what: str) -> None:
+    """Raises naming ``what`` (``logit_terms`` / ``loss_terms``) and the key when a term's name cannot key an
+    ``nn.ModuleDict``: not a string, empty, holding a ``.``, or an attribute of the dict (``half``, ``train``,
+    ``to``, ...); torch's own KeyError named neither the task nor the dict."""
+    for key in terms:
+        if not isinstance(key, str):
+            raise TypeError(f"CTRTask: {what} names must be strings, got {key!r}")
+        reason = ("it is empty" if not key else "it holds a '.'" if "." in key
+                  else "an attribute of nn.ModuleDict" if hasattr(nn.ModuleDict, key) else None)
+        if reason is not None:
+            raise ValueError(f"CTRTask: {what} name {key!r} cannot be a module name ({reason}): name the term "
+                             "otherwise, e.g. 'my_l2'")
 
 
 class CTRTask(nn.Module):
@@ -96,6 +134,7 @@ class CTRTask(nn.Module):
         for name, terms in (("logit_terms", logit_terms), ("loss_terms", loss_terms)):
             if terms is not None and not isinstance(terms, (Mapping, nn.ModuleDict)):  # another task's ModuleDict
                 raise TypeError(f"CTRTask: {name} must be a mapping of name -> module, got {type(terms).__name__}")
+            check_term_names(terms or {}, name)
         if field_injection is None and getattr(model, "num_extra_fields", 0) > 0:
             raise ValueError(
                 f"CTRTask: {type(model).__name__} was built for {model.num_extra_fields} extra field(s) "
@@ -125,7 +164,7 @@ class CTRTask(nn.Module):
         """``output`` with every logit term (each (B,), checked) added to its ``logits`` (B,)."""
         logits = output.logits
         for name, term in self.logit_terms.items():
-            logits = logits + checked_term(term(output), "logit", name)
+            logits = logits + checked_term(term(output), "logit", name, output.logits)
         return CTROutput(logits, output.representation, output.embeddings)
 
     def with_loss_terms(self, loss: torch.Tensor, output: CTROutput, batch: Batch) -> torch.Tensor:

@@ -252,6 +252,53 @@ class TestMistakesAreNamed:
         loss, _ = CTRTask(Concatenating(_ebc()), logit_terms={"fie": fie}, loss_terms={"fre": fre})(batch)
         assert loss.dim() == 0
 
+    def test_a_logit_term_of_another_length_or_no_tensor_is_named(self) -> None:
+        """A (1,) term (a batch mean kept with keepdim) was added to every row silently, one of another length
+        failed in torch's broadcast without the term's name, and a Python number in ``value.dim()``."""
+
+        class BatchMean(nn.Module):
+            def forward(self, output: CTROutput) -> torch.Tensor:
+                return output.logits.mean(0, keepdim=True)  # (1,)
+
+        class AllButOne(nn.Module):
+            def forward(self, output: CTROutput) -> torch.Tensor:
+                return output.logits[:-1]  # (B - 1,)
+
+        class Number(nn.Module):
+            def forward(self, output: CTROutput, batch: Batch) -> float:
+                return 0.5
+
+        class Bias(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bias = nn.Parameter(torch.zeros(1))
+
+            def forward(self, output: CTROutput) -> torch.Tensor:
+                return self.bias.expand_as(output.logits)  # (B,)
+
+        batch = _batch()
+        with pytest.raises(ValueError, match=r"^logit term 'mean' returned shape \(1,\) for logits of shape \(6,\)"):
+            CTRTask(Concatenating(_ebc()), logit_terms={"mean": BatchMean()})(batch)
+        with pytest.raises(ValueError, match=r"^logit term 'cut' returned shape \(5,\) for logits of shape \(6,\)"):
+            CTRTask(Concatenating(_ebc()), logit_terms={"cut": AllButOne()})(batch)
+        with pytest.raises(TypeError, match=r"^loss term 'const' returned a float, not a tensor"):
+            CTRTask(Concatenating(_ebc()), loss_terms={"const": Number()})(batch)
+        _, (_, logits, _) = CTRTask(Concatenating(_ebc()), logit_terms={"bias": Bias()})(batch)
+        assert logits.shape == (6,)
+
+    def test_a_term_name_that_a_module_dict_refuses_is_named(self) -> None:
+        """torch's ModuleDict refused "half" (an nn.Module method) or "my.l2" with a bare KeyError naming neither
+        the task nor which dict."""
+        fre = FieldRepresentationEnhancement(torch.randn(2, 6), ["item_id", "city"], 4)
+        with pytest.raises(ValueError, match=r"^CTRTask: loss_terms name 'half' cannot be a module name \(an "
+                                             r"attribute of nn.ModuleDict\)"):
+            CTRTask(Concatenating(_ebc()), loss_terms={"half": fre})
+        with pytest.raises(ValueError, match=r"^CTRTask: logit_terms name 'my.l2' cannot be a module name "
+                                             r"\(it holds a '.'\)"):
+            CTRTask(Concatenating(_ebc()), logit_terms={"my.l2": fre})
+        with pytest.raises(TypeError, match=r"^CTRTask: loss_terms names must be strings, got 3"):
+            CTRTask(Concatenating(_ebc()), loss_terms={3: fre})
+
     def test_a_representation_other_than_declared(self) -> None:
         from recsys_llm.modules.distillation import RepresentationDistillation
 

@@ -97,6 +97,13 @@ class TestModelConfig:
         with pytest.raises(ValueError, match="unknown model 'wukong'"):
             ModelConfig(name="wukong")
 
+    def test_unknown_model_names_the_route_for_a_backbone_of_ones_own(self) -> None:
+        """A config cannot name a backbone of one's own (no registry takes one): the error says so and where to go."""
+        with pytest.raises(ValueError, match=r"unknown model 'mymodels:WideDeep'.*a backbone of your own .* has no "
+                                             r"name to register there; train it through the Python API.*"
+                                             r"examples/plug_into_own_model.py"):
+            ModelConfig(name="mymodels:WideDeep")
+
     def test_unknown_key_and_missing_name(self) -> None:
         with pytest.raises(ValueError, match=r"cfg.yaml: unknown model config keys \['layers'\]"):
             ModelConfig.from_dict({"name": "fm", "layers": 3}, source="cfg.yaml")
