@@ -52,7 +52,8 @@ not normal; the project averages the BCE over the batch, DeepCTR-Torch sums it (
 Adam are invariant to that scale, up to epsilon).
 
 Without the peer venv the script stops with exit status 75 (``MISSING_PEER_EXIT``) and says how to
-create it (no JSON is written: a missing peer is not a result); ``run_all.py`` reports it skipped. Pass ``--peer-python`` to use another interpreter.
+create it (no JSON is written: a missing peer is not a result); ``run_all.py`` reports it skipped. Pass ``--peer-python`` to use
+another interpreter (a path that does not exist is a usage error, exit 2: a typo is no missing peer).
 
 Usage::
 
@@ -494,6 +495,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         help="Python of the DeepCTR-Torch venv (default: $PEER_VENV/bin/python or .venv-peers/bin/python)")
     args = parse_args(NAME, __doc__, argv, parser=parser)
     sizes = SIZES[args.mode]
+    if args.peer_python is not None and not os.path.isfile(args.peer_python):  # a typo, not a peer not installed
+        parser.error(f"--peer-python {args.peer_python}: no such file; expected the Python of a venv with torch, "
+                     "numpy and deepctr-torch (scripts/peer_venv.sh makes .venv-peers)")
     try:
         python = peer_python(args.peer_python)
     except PeerMissing as error:

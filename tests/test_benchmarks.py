@@ -349,12 +349,26 @@ def test_a_failing_benchmark_leaves_its_error_where_torchrun_and_torchx_status_r
 
 def test_peers_without_peer_venv_stops_and_says_how_to_make_it(tmp_path: Path) -> None:
     process = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "peers.py"), "--smoke", "--peer-python",
-         str(tmp_path / "missing" / "python"), "--json", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")],
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "peers.py"), "--smoke",
+         "--json", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PEER_VENV": str(tmp_path / "missing")},
     )
     assert process.returncode == peers.MISSING_PEER_EXIT
-    assert "scripts/peer_venv.sh" in process.stderr and str(tmp_path / "missing" / "python") in process.stderr
+    assert "scripts/peer_venv.sh" in process.stderr and str(tmp_path / "missing" / "bin" / "python") in process.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_a_peer_python_given_that_does_not_exist_is_a_usage_error_not_a_skip(tmp_path: Path) -> None:
+    """An interpreter path typed with --peer-python exited 75, which run_all reports as skipped like a peer venv not
+    installed: a typo read as "no peer"."""
+    process = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "peers.py"), "--smoke", "--peer-python",
+         str(tmp_path / "missing" / "python"), "--json", str(tmp_path / "p.json")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 2
+    assert f"error: --peer-python {tmp_path / 'missing' / 'python'}: no such file" in process.stderr
     assert not (tmp_path / "p.json").exists()
 
 
