@@ -63,8 +63,8 @@ the versions in `config.json`, `versions`), torchrec's pure-Python dependencies 
 pyre-extensions, numpy, tqdm), safetensors, and recsys_llm for `ServedModel` (its request checks and id rules),
 which imports pyarrow and pyyaml but no LLM package (transformers, peft) and no torchx:
 `pip install --no-deps` it next to those. Without recsys_llm, torch and torchrec alone load the
-artifact (the code is below): an `EmbeddingBagCollection` built from `tables.json` with the `model.embedding_bag_collection.*`
-weights of `model.safetensors` (`safetensors.torch.load_file`), then
+artifact (the code is below): an `EmbeddingBagCollection` built from `tables.json` with the
+`model.embedding_bag_collection.*` weights of `model.safetensors` (`safetensors.torch.load_file`), then
 `torch.sigmoid(torch.export.load("dense_program.pt2").module()(dense, ebc(kjt).values()))` under
 `torch.no_grad()` (the program gives logits; their sigmoid is what `predict` returns; the KJT's keys
 in `feature_names` order); the dense program alone needs torch only; the id rules above

@@ -162,7 +162,8 @@ def _arrow_values(values: Sequence[object], where: str, sequence: bool) -> pa.Ar
             except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
                 array = _texts(values, where, sequence)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            # several Python types in one field; NumPy arrays of several dtypes (a sequence's rows, an empty one float64)
+            # several Python types in one field; NumPy arrays of several dtypes (a sequence's rows, an empty one
+            # float64)
             array = _texts(values, where, sequence)
     if pa.types.is_null(array.type):  # every value missing, or no value
         array = pa.array([None] * len(array), pa.list_(pa.string()) if sequence else pa.string())
