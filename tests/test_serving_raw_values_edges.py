@@ -6,7 +6,7 @@ given as lists, or refused naming the field, the row and what was expected; none
 import json
 import os
 import shutil
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -35,6 +35,19 @@ CATS = ["shoes", "bags", "hats", "coats", "socks"]
 REQUEST = {"user": [3, 7], "city": ["Paris", "Lyon"], "cats": ["shoes|bags", ""], "price": [1.5, 2.5]}
 
 
+def _prepared_and_exported(root, lines: List[str], schema: Dict[str, object]) -> Dict[str, str]:
+    """``lines`` of CSV prepared by ``prepare tabular`` with ``schema`` under ``root``, and an artifact of a small
+    DeepFM trained two steps on it: ``{"data": ..., "artifact": ...}``."""
+    (root / "shop.csv").write_text("\n".join(lines) + "\n")
+    with open(root / "shop.yaml", "w") as handle:
+        yaml.safe_dump(schema, handle)
+    data = str(root / "shop")
+    prepare_tabular(str(root / "shop.csv"), str(root / "shop.yaml"), data)
+    artifact = str(root / "artifact")
+    export_small_deepfm(DatasetSchema.load(data), artifact, batch_size=64, steps=2)
+    return {"data": data, "artifact": artifact}
+
+
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
     """A prepared tabular data set (integer-id, vocabulary, sequence and dense fields) and an artifact of a small
@@ -46,14 +59,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
         cats = "|".join(CATS[j] for j in rng.choice(5, size=int(rng.integers(0, 4)), replace=False))
         lines.append(f"{int(rng.integers(0, 100))},{CITIES[int(rng.integers(0, 4))]},{cats},"
                      f"{rng.random():.3f},{int(rng.integers(0, 2))}")
-    (root / "shop.csv").write_text("\n".join(lines) + "\n")
-    with open(root / "shop.yaml", "w") as handle:
-        yaml.safe_dump(SCHEMA, handle)
-    data = str(root / "shop")
-    prepare_tabular(str(root / "shop.csv"), str(root / "shop.yaml"), data)
-    artifact = str(root / "artifact")
-    export_small_deepfm(DatasetSchema.load(data), artifact, batch_size=64, steps=2)
-    return {"data": data, "artifact": artifact}
+    return _prepared_and_exported(root, lines, SCHEMA)
 
 
 def test_rows_of_a_sequence_as_numpy_arrays_are_its_tokens(shop: Dict[str, str]) -> None:
@@ -162,15 +168,8 @@ def no_dense(tmp_path_factory: pytest.TempPathFactory) -> str:
     rng = np.random.default_rng(1)
     lines = ["user,city,clicked"] + [f"{int(rng.integers(0, 100))},{CITIES[int(rng.integers(0, 4))]},"
                                      f"{int(rng.integers(0, 2))}" for _ in range(200)]
-    (root / "shop.csv").write_text("\n".join(lines) + "\n")
     schema = dict(SCHEMA, fields=[field for field in SCHEMA["fields"] if field["name"] in ("user", "city")])
-    with open(root / "shop.yaml", "w") as handle:
-        yaml.safe_dump(schema, handle)
-    data = str(root / "shop")
-    prepare_tabular(str(root / "shop.csv"), str(root / "shop.yaml"), data)
-    artifact = str(root / "artifact")
-    export_small_deepfm(DatasetSchema.load(data), artifact, batch_size=64, steps=2)
-    return artifact
+    return _prepared_and_exported(root, lines, schema)["artifact"]
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["names recorded", "exported before names were recorded"])
