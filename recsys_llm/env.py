@@ -6,9 +6,11 @@ module turns it into a message that names the installed versions and the fix.
 """
 
 import os
+import platform
 import subprocess
+import sys
 from importlib import metadata
-from typing import Dict, Sequence
+from typing import Any, Dict, Sequence
 
 # torchrec release -> (fbgemm-gpu release, torch minor versions known to work with it): the whole
 # test suite passed on each, with the CPU build (fbgemm-gpu-cpu). 1.8.0 is what scripts/install.sh installs.
@@ -133,3 +135,17 @@ def source_commit(ignore: Sequence[str] = ()) -> str:
         return head.stdout.strip() + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def job_provenance() -> Dict[str, Any]:
+    """What a training job ran: ``versions`` (recsys_llm's version and source commit, Python's, torch's,
+    torchrec's and fbgemm_gpu's) and ``command`` (the process's command line, overrides included), kept
+    in the ``started`` / ``resumed`` records of ``metrics.jsonl`` so a run's results can be traced to the
+    code and libraries that trained each part of it."""
+    from recsys_llm import __version__
+
+    installed = installed_versions()
+    versions = {"recsys_llm": __version__, "recsys_llm_commit": source_commit(), "python": platform.python_version(),
+                "torch": installed["torch"], "torchrec": installed["torchrec"],
+                "fbgemm_gpu": installed["fbgemm-gpu"] or installed["fbgemm-gpu-cpu"]}
+    return {"versions": versions, "command": list(sys.argv)}

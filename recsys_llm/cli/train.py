@@ -68,8 +68,13 @@ def _train(args: argparse.Namespace) -> int:
     from recsys_llm.train.distributed import is_main_process, teardown_distributed
     from recsys_llm.train.runner import run_training
 
-    check_versions()
     config = load_config(args.config, args.overrides)
+    if args.print_config:  # what config.yaml would hold; nothing is trained or written
+        from recsys_llm.train.config import config_text
+
+        print(config_text(config), end="")
+        return 0
+    check_versions()
     args.run_dir = config.train.run_dir  # named by an error of the disk it writes to (full, read-only)
     results = run_training(config)
     if is_main_process():
@@ -135,6 +140,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = subparsers.add_parser("train", help="train a model from a config file (torchrun-ready)")
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the effective config (overrides applied, every default filled in: what the run "
+                            "directory's config.yaml would hold) as YAML and exit without training")
     train.add_argument("overrides", nargs="*", help=overrides_help)
     train.set_defaults(func=_train)
 

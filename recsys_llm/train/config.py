@@ -313,7 +313,9 @@ def _comment_of(text: str) -> Optional[str]:
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping in place.
+    """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping in place, in order (a key given
+    twice takes the later value); a mapping value is merged into a mapping that is there (``train={epochs: 4}`` is
+    ``train.epochs=4``), any other value replaces what is there.
 
     Raises:
         ConfigError: an override without ``=`` or with an empty key.
@@ -344,8 +346,22 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
-        node[parts[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            _merge_into(node[parts[-1]], value)  # train={epochs: 4} keeps the file's other train keys
+        else:
+            node[parts[-1]] = value
     return raw
+
+
+def _merge_into(section: Dict[str, Any], value: Mapping[str, Any]) -> None:
+    """Sets ``value``'s keys in ``section``, merging a mapping into a mapping at every depth, as a key's own
+    override would (a section given whole kept none of the file's other keys: its ``run_dir`` went back to the
+    default)."""
+    for key, item in value.items():
+        if isinstance(item, dict) and isinstance(section.get(key), dict):
+            _merge_into(section[key], item)
+        else:
+            section[key] = item
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<config>") -> ExperimentConfig:
@@ -494,8 +510,16 @@ def schema_json_path(schema: str) -> str:
 
 
 def save_config(config: ExperimentConfig, path: str) -> None:
-    """Writes the config as YAML (atomically: :func:`~recsys_llm.atomic_dir.write_text_atomically`)."""
-    write_text_atomically(path, yaml.dump(config.to_dict(), Dumper=_ConfigDumper, sort_keys=False))
+    """Writes the config as YAML (atomically: :func:`~recsys_llm.atomic_dir.write_text_atomically`), every
+    setting at its effective value: the free-form ``llactr`` / ``elec`` sections with their defaults filled
+    in too (as the other sections are), so a run's ``config.yaml`` trains the same run under a version whose
+    defaults differ (``llactr.fre_field_reduction`` was once ``mean``)."""
+    write_text_atomically(path, config_text(config))
+
+
+def config_text(config: ExperimentConfig) -> str:
+    """The YAML text ``save_config`` writes: every setting at its effective value (``train --print-config``)."""
+    return yaml.dump(_with_plugin_defaults(config), Dumper=_ConfigDumper, sort_keys=False)
 
 
 # settings a resumed run may change: where and how it runs, its budget and its evaluation, not

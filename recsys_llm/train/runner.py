@@ -47,6 +47,7 @@ from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.data.ids_per_bag import mean_ids_per_bag
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.env import job_provenance
 from recsys_llm.modules.random_stream import give_rank_its_own_stream
 from recsys_llm.train.checkpoint import (
     STOP_BUDGET,
@@ -443,7 +444,8 @@ def _train_in_run_dir(
         give_rank_its_own_stream(ctx.rank, ctx.device)  # dropout masks; a resume restores each rank's from its checkpoint
         # records before it are a job's that was killed before its first checkpoint: superseded
         log.write({"event": STARTED_EVENT, "global_step": 0, "epoch": 0, "mixed_precision": train_cfg.mixed_precision,
-                   **({INIT_FROM_KEY: init_record["checkpoint"]} if init_record is not None else {})})
+                   **({INIT_FROM_KEY: init_record["checkpoint"]} if init_record is not None else {}),
+                   **(job_provenance() if ctx.is_main else {})})
         if ctx.is_main and init_record is not None:
             what = "weights and optimizer state" if init_record["optimizer"] else "weights"
             print(f"starting {run_dir} from the {what} of {init_record['checkpoint']} (its step "
@@ -455,7 +457,7 @@ def _train_in_run_dir(
         state = reopen_for_budget(state, train_cfg)
         redone = _redone_events(state, train_cfg, reopened=finished and not state.finished)
         log.write({"event": RESUMED_EVENT, "checkpoint": latest, "global_step": state.global_step,
-                   "epoch": state.epoch, REDONE_KEY: redone})
+                   "epoch": state.epoch, REDONE_KEY: redone, **(job_provenance() if ctx.is_main else {})})
         if ctx.is_main:
             print(_resume_line(run_dir, latest, state), file=sys.stderr, flush=True)  # a notice, beside the bars
     # the plan of the shards this job trains; a finished run run again (nothing to train, maybe on other ranks)

@@ -1,5 +1,6 @@
 """Config loading: YAML sections, typed ``key.sub=value`` overrides, clear errors."""
 
+import dataclasses
 import glob
 import os
 import re
@@ -235,8 +236,10 @@ class TestLoadConfig:
                                     "data.schema=x"])
         path = str(tmp_path / "config.yaml")
         save_config(config, path)
-        assert load_config(path) == config
-        assert isinstance(load_config(path), ExperimentConfig)
+        reread = load_config(path)
+        assert dataclasses.replace(reread, elec=config.elec) == config  # elec is saved with its defaults filled in
+        assert config_differences(config, reread) == []
+        assert isinstance(reread, ExperimentConfig)
 
     def test_saving_fsyncs_before_the_rename_and_a_failed_save_leaves_the_old_file_alone(self, tmp_path,
                                                                                            monkeypatch) -> None:
@@ -834,3 +837,18 @@ def test_data_and_train_configs_refuse_non_string_and_non_integer_settings():
         with pytest.raises(ValueError, match=rf"train.{name} must be an integer, got {value}"):
             TrainConfig(**{name: value})
     assert TrainConfig(run_dir=pathlib.Path("runs/x"), epochs=np.int64(2)).run_dir == "runs/x"
+
+
+def test_a_mapping_override_is_merged_into_the_section_it_names(tmp_path) -> None:
+    """``train={epochs: 4}`` replaced the file's whole train section: its run_dir (and every other key) went back to
+    the defaults silently. Keys given twice take the later value; ``train=null`` resets the section."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {run_dir: runs/mine, epochs: 2, progress: false}\n"
+                    "sharding: {table_constraints: {t_user_id: {sharding_types: [row_wise]}}}\n")
+    config = load_config(str(path), ["train={epochs: 4, seed: 9}"])
+    assert (config.train.run_dir, config.train.epochs, config.train.seed, config.train.progress) == \
+        ("runs/mine", 4, 9, False)
+    config = load_config(str(path), ["sharding={table_constraints: {t_item_id: {sharding_types: [table_wise]}}}"])
+    assert set(config.sharding.table_constraints) == {"t_user_id", "t_item_id"}
+    assert load_config(str(path), ["train.epochs=3", "train.epochs=5"]).train.epochs == 5
+    assert load_config(str(path), ["train=null"]).train.run_dir == load_config(None).train.run_dir
