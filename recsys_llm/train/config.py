@@ -370,8 +370,27 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<config>") -> Experi
         config = build_dataclass(ExperimentConfig, raw, "")
         parse_plugin_sections(config)
     except ValueError as error:  # ConfigError, and the plug-in configs' own checks
-        raise ConfigError(f"{source}: {error}") from error
+        hint = _misplaced_key_hint(raw) if "unknown keys" in str(error) else ""
+        raise ConfigError(f"{source}: {error}{hint}") from error
     return config
+
+
+def _misplaced_key_hint(raw: Mapping[str, Any]) -> str:
+    """`` (KEY is a key of SECTION: SECTION.KEY)`` for the first key of ``raw`` that its section (or the top level)
+    lacks and another section has (``data: {epochs: 3}``, ``epochs: 3``), else ``""``."""
+    if not isinstance(raw, Mapping):
+        return ""
+    defaults = ExperimentConfig()
+    sections = {spec.name: {f.name for f in dataclasses.fields(getattr(defaults, spec.name))}
+                for spec in dataclasses.fields(ExperimentConfig) if dataclasses.is_dataclass(getattr(defaults, spec.name))}
+    placed = [(None, key) for key in raw if key not in sections and key not in ("llactr", "elec")]
+    placed += [(section, key) for section, value in raw.items() if section in sections and isinstance(value, Mapping)
+               for key in value if key not in sections[section]]
+    for section, key in placed:
+        homes = [name for name, keys in sections.items() if name != section and key in keys]
+        if homes:
+            return f" ({key!r} is a key of {' and '.join(homes)}: {homes[0]}.{key})"
+    return ""
 
 
 def parse_plugin_sections(config: ExperimentConfig) -> "Tuple[Optional[LLaCTRConfig], Optional[ELECConfig]]":

@@ -852,3 +852,19 @@ def test_a_mapping_override_is_merged_into_the_section_it_names(tmp_path) -> Non
     assert set(config.sharding.table_constraints) == {"t_user_id", "t_item_id"}
     assert load_config(str(path), ["train.epochs=3", "train.epochs=5"]).train.epochs == 5
     assert load_config(str(path), ["train=null"]).train.run_dir == load_config(None).train.run_dir
+
+
+@pytest.mark.parametrize("text,hint", [
+    ("data: {epochs: 3}\n", "('epochs' is a key of train: train.epochs)"),
+    ("epochs: 3\n", "('epochs' is a key of train: train.epochs)"),
+    ("train: {batch_size: 64}\n", "('batch_size' is a key of data: data.batch_size)"),
+])
+def test_a_key_in_another_section_is_named_with_its_own_section(tmp_path, text: str, hint: str) -> None:
+    """``data: {epochs: 3}`` was refused listing data's keys only, not where ``epochs`` belongs."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(hint) + "$"):
+        load_config(str(path))
+    with pytest.raises(ConfigError) as refused:  # a key no section has: the list of allowed keys alone
+        load_config(None, ["train.epochz=3"])
+    assert str(refused.value).endswith("'seed']")
