@@ -381,8 +381,8 @@ def _misplaced_key_hint(raw: Mapping[str, Any]) -> str:
     if not isinstance(raw, Mapping):
         return ""
     defaults = ExperimentConfig()
-    sections = {spec.name: {f.name for f in dataclasses.fields(getattr(defaults, spec.name))}
-                for spec in dataclasses.fields(ExperimentConfig) if dataclasses.is_dataclass(getattr(defaults, spec.name))}
+    sections = {name: {f.name for f in dataclasses.fields(value)} for name, value in vars(defaults).items()
+                if dataclasses.is_dataclass(value)}
     placed = [(None, key) for key in raw if key not in sections and key not in ("llactr", "elec")]
     placed += [(section, key) for section, value in raw.items() if section in sections and isinstance(value, Mapping)
                for key in value if key not in sections[section]]
