@@ -18,6 +18,7 @@ Example::
 """
 
 import dataclasses
+import math
 import os
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
@@ -76,7 +77,7 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or (
                 isinstance(value, str) and not value.lstrip("-").isdigit()):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}{_in_digits(value)}")
         try:
             return int(value)
         except ValueError:  # digits str.isdigit takes but int() does not: '--3', '\u00b2'
@@ -98,6 +99,21 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         return build_dataclass(annotation, value, where)
     return value
+
+
+def _in_digits(value: Any) -> str:
+    """``; write it in digits: N`` for a whole number written otherwise (``1e3``, which YAML 1.1 reads as text, or
+    ``1000.0``), else ``""``."""
+    if isinstance(value, bool):
+        return ""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(number) or number != int(number):
+        return ""
+    text = " (YAML 1.1 reads an exponent without a '.' as text)" if isinstance(value, str) else ""
+    return f"; write it in digits: {int(number)}{text}"
 
 
 def _literal(value: Any, choices: Tuple[Any, ...], where: str) -> Any:

@@ -868,3 +868,17 @@ def test_a_key_in_another_section_is_named_with_its_own_section(tmp_path, text: 
     with pytest.raises(ConfigError) as refused:  # a key no section has: the list of allowed keys alone
         load_config(None, ["train.epochz=3"])
     assert str(refused.value).endswith("'seed']")
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.max_steps=1e3", "got '1e3'; write it in digits: 1000 (YAML 1.1 reads an exponent without a '.' as text)"),
+    ("train.max_steps=1000.0", "got 1000.0; write it in digits: 1000"),
+    ("train.max_steps=1.5", "got 1.5"),
+])
+def test_a_whole_number_written_otherwise_for_an_integer_setting_says_how_to_write_it(override: str,
+                                                                                      expected: str) -> None:
+    """``train.max_steps=1e3`` was refused as "expected an integer, got '1e3'" with no word that YAML 1.1 reads it
+    as text."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [override])
+    assert str(refused.value).endswith(f"train.max_steps: expected an integer, {expected}")
