@@ -62,8 +62,8 @@ def _dense_column(name: str, values: Sequence[object]) -> np.ndarray:
         for row, value in enumerate(values):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
                 raise ValueError(f"raw_request: dense field {name!r}, row {row}: {value!r} is not a number; expected "
-                                 "a real number in every row (the preparation filled missing ones with its "
-                                 "--fill-missing-dense value: send that value)")
+                                 "a real number in every row (the preparation refuses a missing one unless "
+                                 "--fill-missing-dense filled it: send that value)")
         # a Python int beyond float64 (NumPy's conversion raises OverflowError, naming no field): inf, refused below
         numbers = [math.inf if isinstance(value, int) and abs(value) > sys.float_info.max else value
                    for value in values]
