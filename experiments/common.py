@@ -355,7 +355,15 @@ def run_variant(
     if prepare is not None:
         prepare()
     started = time.perf_counter()
-    results = run_training(config)
+    # the upstream notices `recsys-llm train` hides (torchrec's planner, torch's checkpoint writer), which would
+    # otherwise print several lines around each run's one line
+    from recsys_llm.cli import quiet_upstream_notices
+
+    restore_notices = quiet_upstream_notices()
+    try:
+        results = run_training(config)
+    finally:
+        restore_notices()
     # one line per run: the drivers train with the progress bar off, and a table is up to hundreds of runs
     aucs = [results.get(split, {}).get("auc") for split in ("valid", "test")]
     valid, test = (f"{auc:.4f}" if isinstance(auc, float) else str(auc) for auc in aucs)  # None: never validated

@@ -10,7 +10,8 @@ from recsys_llm.data.pair_swap import SwappedPairs
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import resolve_paths
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.train.config import DEFAULT_COLD_ITEM_COLUMN, ConfigError, ExperimentConfig, schema_json_path
+from recsys_llm.train.config import (DEFAULT_COLD_ITEM_COLUMN, ConfigError, ExperimentConfig, parse_plugin_sections,
+                                     schema_json_path)
 from recsys_llm.train.distributed import DistContext, barrier
 from recsys_llm.train.task_builder import check_plugin_columns, plugin_extras
 
@@ -38,10 +39,7 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate
         )
     if config.data.synthetic_rows <= 0:
         if not os.path.exists(schema_file):
-            raise FileNotFoundError(
-                f"{schema_file}: schema not found; run `recsys-llm prepare` or set data.synthetic_rows>0 "
-                "to generate the embedded synthetic data there"
-            )
+            raise FileNotFoundError(f"{schema_file}: schema not found; {missing_schema_hint(config)}")
         return DatasetSchema.load(schema_file)
     # rank 0 alone decides whether to generate; every rank then meets at the barrier, also one
     # that already sees the schema (a slower rank, or a node-local path)
@@ -49,6 +47,32 @@ def load_or_generate_schema(config: ExperimentConfig, ctx: DistContext, generate
         _generate_once(schema_file, config.data.synthetic_rows, config.data.synthetic_seed)
     barrier()
     return DatasetSchema.load(schema_file)
+
+
+def missing_schema_hint(config: ExperimentConfig) -> str:
+    """Names the command that writes the data a run's missing ``data.schema`` should hold.
+
+    An ELEC run's data is often not ``prepare``'s: an offline student reads the split copies
+    ``teacher-outputs`` writes, and a gain network or a joint / frozen student with per-row vectors
+    (``elec.vector_source=extras``, the default) reads the copies ``semantics export --attach-dir`` writes.
+
+    Args:
+        config (ExperimentConfig): the run's settings (its free-form ``elec`` section is read).
+
+    Returns:
+        str: what to run first, for the error that reports the missing schema.
+    """
+    _, elec = parse_plugin_sections(config)
+    if elec is not None:
+        if elec.task == "distill" and elec.distill.mode == "offline":
+            return ("an offline student reads the teacher's outputs: run `recsys-llm teacher-outputs "
+                    "--checkpoint GAIN_RUN --output-dir DIR` first (its DIR/schema.json is data.schema)")
+        if elec.vector_source == "extras":
+            return ("ELEC's per-row LLM vectors are read from split copies with the vector column: run "
+                    "`recsys-llm semantics export --schema PREPARED --llm ADAPTED --output-dir VECTORS "
+                    "--attach-dir DIR` first (its DIR/schema.json is data.schema; `recsys-llm semantics adapt` "
+                    "before it), or read entity vectors with elec.vector_source=entity_table from the prepared data")
+    return "run `recsys-llm prepare` or set data.synthetic_rows>0 to generate the embedded synthetic data there"
 
 
 def _generate_once(schema_file: str, rows: int, seed: int) -> None:
