@@ -112,7 +112,8 @@ def _in_digits(value: Any) -> str:
         return ""
     if not math.isfinite(number) or number != int(number):
         return ""
-    text = " (YAML 1.1 reads an exponent without a '.' as text)" if isinstance(value, str) else ""
+    exponent = isinstance(value, str) and "e" in value.lower()  # not '1000.0' or '1_000', quoted
+    text = " (YAML 1.1 reads an exponent without a '.' as text)" if exponent else ""
     return f"; write it in digits: {int(number)}{text}"
 
 

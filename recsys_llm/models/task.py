@@ -67,12 +67,14 @@ def checked_term(value: torch.Tensor, kind: str, name: str, logits: Optional[tor
 def check_term_names(terms: Mapping[str, nn.Module], what: str) -> None:
     """Raises naming ``what`` (``logit_terms`` / ``loss_terms``) and the key when a term's name cannot key an
     ``nn.ModuleDict``: not a string, empty, holding a ``.``, or an attribute of the dict (``half``, ``train``,
-    ``to``, ...); torch's own KeyError named neither the task nor the dict."""
+    ``to``, ... and those each module sets in ``__init__``: ``training``, ``_modules``); torch's own KeyError named
+    neither the task nor the dict."""
+    taken = nn.ModuleDict()  # an instance: ``training`` and ``_parameters`` are no attributes of the class
     for key in terms:
         if not isinstance(key, str):
             raise TypeError(f"CTRTask: {what} names must be strings, got {key!r}")
         reason = ("it is empty" if not key else "it holds a '.'" if "." in key
-                  else "an attribute of nn.ModuleDict" if hasattr(nn.ModuleDict, key) else None)
+                  else "an attribute of nn.ModuleDict" if hasattr(taken, key) else None)
         if reason is not None:
             raise ValueError(f"CTRTask: {what} name {key!r} cannot be a module name ({reason}): name the term "
                              "otherwise, e.g. 'my_l2'")

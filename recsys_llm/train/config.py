@@ -315,7 +315,8 @@ def _comment_of(text: str) -> Optional[str]:
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
     """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping in place, in order (a key given
     twice takes the later value); a mapping value is merged into a mapping that is there (``train={epochs: 4}`` is
-    ``train.epochs=4``), any other value replaces what is there.
+    ``train.epochs=4``), any other value, an empty mapping too, replaces what is there (``llactr={}`` turns the
+    section off, ``sharding.table_constraints={}`` clears the file's constraints: merged, it changed nothing).
 
     Raises:
         ConfigError: an override without ``=`` or with an empty key.
@@ -346,7 +347,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        if isinstance(value, dict) and value and isinstance(node.get(parts[-1]), dict):
             _merge_into(node[parts[-1]], value)  # train={epochs: 4} keeps the file's other train keys
         else:
             node[parts[-1]] = value
@@ -356,9 +357,9 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
 def _merge_into(section: Dict[str, Any], value: Mapping[str, Any]) -> None:
     """Sets ``value``'s keys in ``section``, merging a mapping into a mapping at every depth, as a key's own
     override would (a section given whole kept none of the file's other keys: its ``run_dir`` went back to the
-    default)."""
+    default); an empty mapping replaces what is there, as at the top (``{llactr: {}}``)."""
     for key, item in value.items():
-        if isinstance(item, dict) and isinstance(section.get(key), dict):
+        if isinstance(item, dict) and item and isinstance(section.get(key), dict):
             _merge_into(section[key], item)
         else:
             section[key] = item
@@ -370,22 +371,28 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<config>") -> Experi
         config = build_dataclass(ExperimentConfig, raw, "")
         parse_plugin_sections(config)
     except ValueError as error:  # ConfigError, and the plug-in configs' own checks
-        hint = _misplaced_key_hint(raw) if "unknown keys" in str(error) else ""
+        hint = _misplaced_key_hint(raw, str(error))
         raise ConfigError(f"{source}: {error}{hint}") from error
     return config
 
 
-def _misplaced_key_hint(raw: Mapping[str, Any]) -> str:
-    """`` (KEY is a key of SECTION: SECTION.KEY)`` for the first key of ``raw`` that its section (or the top level)
-    lacks and another section has (``data: {epochs: 3}``, ``epochs: 3``), else ``""``."""
-    if not isinstance(raw, Mapping):
+def _misplaced_key_hint(raw: Mapping[str, Any], message: str) -> str:
+    """`` (KEY is a key of SECTION: SECTION.KEY)`` for the first key that the section ``message`` refuses
+    (``data: unknown keys [...]``, ``top level: unknown keys [...]``) lacks and another section has
+    (``data: {epochs: 3}``, ``epochs: 3``), else ``""``: a misplaced key of another section is not named beside
+    an error about this one."""
+    where = message.split(": unknown keys", 1)[0] if ": unknown keys" in message else None
+    if not isinstance(raw, Mapping) or where is None:
         return ""
     defaults = ExperimentConfig()
     sections = {name: {f.name for f in dataclasses.fields(value)} for name, value in vars(defaults).items()
                 if dataclasses.is_dataclass(value)}
-    placed = [(None, key) for key in raw if key not in sections and key not in ("llactr", "elec")]
-    placed += [(section, key) for section, value in raw.items() if section in sections and isinstance(value, Mapping)
-               for key in value if key not in sections[section]]
+    if where == "top level":
+        placed = [(None, key) for key in raw if key not in sections and key not in ("llactr", "elec")]
+    elif where in sections and isinstance(raw.get(where), Mapping):
+        placed = [(where, key) for key in raw[where] if key not in sections[where]]
+    else:  # a nested section (sharding.fused_params) or a plug-in's
+        return ""
     for section, key in placed:
         homes = [name for name, keys in sections.items() if name != section and key in keys]
         if homes:

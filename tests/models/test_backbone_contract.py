@@ -298,6 +298,12 @@ class TestMistakesAreNamed:
             CTRTask(Concatenating(_ebc()), logit_terms={"my.l2": fre})
         with pytest.raises(TypeError, match=r"^CTRTask: loss_terms names must be strings, got 3"):
             CTRTask(Concatenating(_ebc()), loss_terms={3: fre})
+        with pytest.raises(ValueError, match=r"^CTRTask: loss_terms name '' cannot be a module name \(it is empty\)"):
+            CTRTask(Concatenating(_ebc()), loss_terms={"": fre})
+        for name in ("training", "_modules"):  # set by nn.Module.__init__: no attributes of the class itself
+            with pytest.raises(ValueError, match=rf"^CTRTask: logit_terms name '{name}' cannot be a module name \(an "
+                                                 r"attribute of nn.ModuleDict\)"):
+                CTRTask(Concatenating(_ebc()), logit_terms={name: fre})
 
     def test_a_representation_other_than_declared(self) -> None:
         from recsys_llm.modules.distillation import RepresentationDistillation

@@ -337,6 +337,35 @@ VectorExport({out!r}, {PROVENANCE!r}, VectorExportConfig(chunk_rows=10, batch_si
         assert open(copy, "rb").read() == before
         assert sorted(os.listdir(tmp_path)) == ["copy.parquet", "split.parquet", "vec"]
 
+    def test_the_manifest_and_an_attached_copy_are_on_disk_before_their_names(self, tmp_path, monkeypatch):
+        """The export's manifest was linked and the attach copy renamed into place unflushed (a power loss could
+        leave an empty file under the name, taken for complete), the copy under a temp name two writers of one
+        output shared (``<copy>.tmp``)."""
+        from recsys_llm.semantics import vector_export, vector_reader
+
+        events = []
+        real_fsync, real_link, real_replace = os.fsync, vector_export.link_into_place, os.replace
+        monkeypatch.setattr(vector_export.os, "fsync",
+                            lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+        monkeypatch.setattr(vector_export, "link_into_place",
+                            lambda a, b: (events.append(("link", os.stat(a).st_ino)), real_link(a, b))[1])
+        out = str(tmp_path / "vec")
+        VectorExport(out, PROVENANCE, VectorExportConfig(chunk_rows=4)).run(
+            pa.array(np.arange(8, dtype=np.int64)), lambda a, b: ["t"] * (b - a), CountingEncoder(dim=2), progress=False)
+        link = events.index(next(event for event in events if event[0] == "link"))
+        assert ("fsync", events[link][1]) in events[:link]  # the manifest's own inode, flushed before its link
+        events.clear()
+        monkeypatch.setattr(vector_reader, "fsync_file", lambda path: events.append(("fsync", path)))
+        monkeypatch.setattr(vector_reader, "fsync_directory", lambda path: events.append(("fsync dir", path)))
+        monkeypatch.setattr(vector_reader.os, "replace", lambda a, b: (events.append(("publish", a, b)),
+                                                                        real_replace(a, b))[1])
+        split, copy = str(tmp_path / "split.parquet"), str(tmp_path / "copy.parquet")
+        pq.write_table(pa.table({"row_id": pa.array(np.arange(8, dtype=np.int64))}), split)
+        assert attach_vectors(split, out, "row_id", copy, batch_rows=4) == 8
+        events = [event for event in events if event[-1] in (copy, str(tmp_path)) or event[0] == "fsync"]
+        assert [event[0] for event in events] == ["fsync", "publish", "fsync dir"]
+        assert re.fullmatch(re.escape(copy) + r"\.[0-9a-f]{8}\.tmp", events[0][1]) and events[1][1] == events[0][1]
+
 
 class TestExportSchemaVectors:
     def test_row_and_entity_granularity(self, tmp_path):

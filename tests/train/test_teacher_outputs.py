@@ -7,6 +7,7 @@ The whole ``teacher-outputs`` command (sharded teacher, two ranks) runs in ``tes
 import contextlib
 import io
 import json
+import errno
 import os
 import re
 from typing import Any, Dict, Optional
@@ -625,15 +626,21 @@ def test_each_step_carries_its_rows_keys_and_a_rank_with_a_batch_fewer_pads(tmp_
 class FullDiskWriter:
     """Stands for a TeacherColumnsWriter whose copy's write fails as pyarrow's does on a full disk (no file name)."""
 
+    code = errno.ENOSPC
+
     def __init__(self, source: str, target: str, row_key: object) -> None:
-        raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        raise OSError(self.code, f"Error writing bytes to file. Detail: [errno {self.code}] {os.strerror(self.code)}")
 
 
-def test_a_full_disk_names_the_copy_not_the_output_directory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The one-line error said '(writing <--output-dir>)': which of the split copies ran out of space was not told."""
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["full_disk", "quota"])
+def test_a_full_disk_names_the_copy_not_the_output_directory(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                             code: int) -> None:
+    """The one-line error said '(writing <--output-dir>)': which of the split copies ran out of space (or of the
+    user's quota) was not told."""
+    monkeypatch.setattr(FullDiskWriter, "code", code)
     monkeypatch.setattr(teacher_output_stream, "TeacherColumnsWriter", FullDiskWriter)
     target = str(tmp_path / "out" / "valid.parquet")
     error = write_on_rank_0(str(tmp_path / "valid.parquet"), target, None, [], world_size=1, group=None)
-    assert isinstance(error, OSError) and error.errno == 28
+    assert isinstance(error, OSError) and error.errno == code
     assert error.filename == target
     assert os.listdir(tmp_path / "out") == []

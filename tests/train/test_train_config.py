@@ -854,6 +854,19 @@ def test_a_mapping_override_is_merged_into_the_section_it_names(tmp_path) -> Non
     assert load_config(str(path), ["train=null"]).train.run_dir == load_config(None).train.run_dir
 
 
+def test_an_empty_mapping_override_empties_what_is_there(tmp_path) -> None:
+    """Merged, ``sharding.table_constraints={}`` (or ``llactr={}``) changed nothing, silently: the file's
+    constraints and its llactr section stayed, as they had been cleared before overrides merged."""
+    path = tmp_path / "c.yaml"
+    path.write_text("sharding: {table_constraints: {t_user_id: {sharding_types: [row_wise]}}}\n"
+                    "llactr: {vectors_path: v.safetensors}\n")
+    assert load_config(str(path), ["sharding.table_constraints={}"]).sharding.table_constraints == {}
+    assert load_config(str(path), ["sharding={table_constraints: {}}"]).sharding.table_constraints == {}
+    assert load_config(str(path), ["llactr={}"]).llactr == {}
+    assert load_config(str(path), ["llactr={}", "llactr.vectors_path=w.safetensors"]).llactr == \
+        {"vectors_path": "w.safetensors"}
+
+
 @pytest.mark.parametrize("text,hint", [
     ("data: {epochs: 3}\n", "('epochs' is a key of train: train.epochs)"),
     ("epochs: 3\n", "('epochs' is a key of train: train.epochs)"),
@@ -870,10 +883,28 @@ def test_a_key_in_another_section_is_named_with_its_own_section(tmp_path, text: 
     assert str(refused.value).endswith("'seed']")
 
 
+@pytest.mark.parametrize("text", [
+    "data: {bogus: 1}\nmodel: {epochs: 3}\n",  # refused for data's key: model's misplaced one is not named beside it
+    "model: {name: deepfm, embedding_dim: many}\ndata: {epochs: 3}\n",
+])
+def test_a_misplaced_key_of_another_section_is_not_named_beside_an_error(tmp_path, text: str) -> None:
+    """The hint named the first misplaced key of the whole file: ``data: unknown keys ['bogus'] ... ('epochs' is a
+    key of train: train.epochs)`` read as if data held ``epochs``."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(path))
+    assert "is a key of" not in str(refused.value)
+
+
 @pytest.mark.parametrize("override,expected", [
     ("train.max_steps=1e3", "got '1e3'; write it in digits: 1000 (YAML 1.1 reads an exponent without a '.' as text)"),
     ("train.max_steps=1000.0", "got 1000.0; write it in digits: 1000"),
     ("train.max_steps=1.5", "got 1.5"),
+    ("train.max_steps='1000.0'", "got '1000.0'; write it in digits: 1000"),  # quoted: no exponent to blame
+    ("train.max_steps=true", "got True"),
+    ("train.max_steps=.inf", "got inf"),
+    ("train.max_steps=.nan", "got nan"),
 ])
 def test_a_whole_number_written_otherwise_for_an_integer_setting_says_how_to_write_it(override: str,
                                                                                       expected: str) -> None:
