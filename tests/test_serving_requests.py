@@ -10,17 +10,20 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_llm.data.schema import DatasetSchema, FieldSpec
+from recsys_llm.data.tabular import prepare_tabular
 from recsys_llm.models.registry import SMOKE_CONFIGS, build_backbone
 from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, load_elec_state
 from recsys_llm.modules.teacher_student import TeacherStudentConfig
 from recsys_llm.serving import ServedModel, export_task, load_state_file, open_state_file
-from tests.small_artifact import as_exported_before_config_digests, write_config_as_exported
+from tests.data.test_tabular_like import NEW, SCHEMA, _csv, _old_rows
+from tests.small_artifact import as_exported_before_config_digests, export_small_deepfm, write_config_as_exported
 
 CPU = torch.device("cpu")
 KEYS = ["user_id", "item_id", "genres"]
@@ -865,3 +868,19 @@ def test_an_artifact_with_metadata_keyed_by_integers_loads(artifact, tmp_path) -
                 schema=SCHEMA)
     served = ServedModel.load(directory, trust_program=True)
     assert torch.isfinite(served.logits(dense, sparse)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_raw_request_of_a_model_on_the_gpu_is_on_the_gpu(tmp_path):
+    """``served.predict(*served.raw_request(columns))`` of a model moved to the GPU: the request was built on the CPU
+    and refused as on another device."""
+    (tmp_path / "shop.yaml").write_text(yaml.safe_dump(SCHEMA))
+    prepare_tabular(_csv(tmp_path / "old.csv", _old_rows()), str(tmp_path / "shop.yaml"), str(tmp_path / "shop"))
+    export_small_deepfm(DatasetSchema.load(str(tmp_path / "shop")), str(tmp_path / "artifact"), batch_size=64, steps=2)
+    served = ServedModel.load(str(tmp_path / "artifact"), trust_program=True)
+    columns = {name: [None if value == "" else value for value in values] for name, values in NEW.items()}
+    expected = served.predict(*served.raw_request(columns))
+    served.to("cuda")
+    dense, kjt = served.raw_request(columns)
+    assert dense.device.type == "cuda" and kjt.values().device.type == "cuda"
+    torch.testing.assert_close(served.predict(dense, kjt).cpu(), expected, rtol=1e-5, atol=1e-6)

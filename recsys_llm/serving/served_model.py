@@ -407,12 +407,17 @@ class ServedModel(nn.Module):
         the dense fields in column order).
 
         Returns:
-            Tuple[torch.Tensor, KeyedJaggedTensor]: dense (B, num_dense_features) float32 and the features' ids.
+            Tuple[torch.Tensor, KeyedJaggedTensor]: dense (B, num_dense_features) float32 and the features' ids, on
+            the model's device (``served.to("cuda")``: on the GPU).
         """
         # before the columns are checked: sending them would not help (weighted tables are named by raw_request)
         if self.raw_id_ways is None and self.feature_names and not self.weighted:
             raise self._without_raw_id_ways("raw_request")
-        return raw_request(self, columns, sequence_separator=sequence_separator)
+        dense, kjt = raw_request(self, columns, sequence_separator=sequence_separator)
+        device = tables_device(self.embedding_bag_collection)
+        if device.type == "cpu":
+            return dense, kjt
+        return dense.to(device), kjt.to(device)
 
     def train(self, mode: bool = True) -> "ServedModel":
         """Inference only: it stays in eval mode (the dense program was exported in it, and a ``torch.export``
