@@ -22,7 +22,7 @@ from recsys_llm.models.task import CTRTask
 from recsys_llm.modules.elec import ELECConfig, build_elec_task, build_gain_network, load_elec_state
 from recsys_llm.modules.teacher_student import TeacherStudentConfig
 from recsys_llm.serving import ServedModel, export_task, load_state_file, open_state_file
-from tests.data.test_tabular_like import NEW, SCHEMA, _csv, _old_rows
+from tests.data.test_tabular_like import NEW, SCHEMA as SHOP_SCHEMA, _csv, _old_rows
 from tests.small_artifact import as_exported_before_config_digests, export_small_deepfm, write_config_as_exported
 
 CPU = torch.device("cpu")
@@ -874,7 +874,7 @@ def test_an_artifact_with_metadata_keyed_by_integers_loads(artifact, tmp_path) -
 def test_a_raw_request_of_a_model_on_the_gpu_is_on_the_gpu(tmp_path):
     """``served.predict(*served.raw_request(columns))`` of a model moved to the GPU: the request was built on the CPU
     and refused as on another device."""
-    (tmp_path / "shop.yaml").write_text(yaml.safe_dump(SCHEMA))
+    (tmp_path / "shop.yaml").write_text(yaml.safe_dump(SHOP_SCHEMA))
     prepare_tabular(_csv(tmp_path / "old.csv", _old_rows()), str(tmp_path / "shop.yaml"), str(tmp_path / "shop"))
     export_small_deepfm(DatasetSchema.load(str(tmp_path / "shop")), str(tmp_path / "artifact"), batch_size=64, steps=2)
     served = ServedModel.load(str(tmp_path / "artifact"), trust_program=True)
