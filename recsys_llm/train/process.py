@@ -1,6 +1,9 @@
-"""Process-wide settings of a run: the RNG seeds and how CPU float math treats subnormal numbers."""
+"""Process-wide settings of a run: the RNG seeds, how CPU float math treats subnormal numbers, and torch's default
+dtype while a run builds its model."""
 
+import contextlib
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,3 +35,21 @@ def set_cpu_float_mode(train_cfg: TrainConfig) -> bool:
         print("[recsys_llm] train.flush_denormal: this CPU cannot flush subnormal floats; training goes on without",
               flush=True)
     return flushing
+
+
+@contextlib.contextmanager
+def float32_default_dtype() -> Iterator[None]:
+    """Runs the block with float32 as torch's default dtype and puts the caller's back after it, failed or not.
+
+    The models, tables and data of a run are float32: a caller's float64 default (a scientific notebook's
+    ``torch.set_default_dtype(torch.float64)``) would build float64 dense layers beside float32 embeddings and fail
+    deep inside the first forward ("addmv input tensors must have the same dtype"). ``recsys_llm.cli.main`` does
+    the same for a command; this gives :func:`~recsys_llm.train.runner.run_training` and
+    :func:`~recsys_llm.train.trained_run.run_evaluation`, called directly, the same footing.
+    """
+    caller = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(caller)

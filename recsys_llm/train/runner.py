@@ -86,7 +86,7 @@ from recsys_llm.train.mixed_precision import autocast_dtype
 from recsys_llm.train.pipeline import (
     DIVERGED_REMEDY, EpochStats, NonFiniteLossError, check_finite_loss, evaluate, train_epoch,
 )
-from recsys_llm.train.process import seed_everything, set_cpu_float_mode
+from recsys_llm.train.process import float32_default_dtype, seed_everything, set_cpu_float_mode
 from recsys_llm.train.resume import (
     budget_spent,
     check_resumable_position,
@@ -237,11 +237,13 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
     It starts a process group when the process has none (ended by ``teardown_distributed``; a run that fails ends
     it, and leaves one that was there before it as it was), seeds the global random generators with
     ``train.seed`` and, with ``train.flush_denormal``, flushes subnormal floats process-wide:
-    ``recsys_llm.cli.main`` puts the caller's generators and float mode back.
+    ``recsys_llm.cli.main`` puts the caller's generators and float mode back. It runs with float32 as torch's
+    default dtype and puts the caller's (a notebook's float64) back when it returns or fails.
     """
     give_back_group = leave_existing_group_be()
     try:
-        return _run_training(config, on_step)
+        with float32_default_dtype():
+            return _run_training(config, on_step)
     except BaseException:
         leave_process_group()  # the one it started: a search loop's next trial starts as a new process would
         raise

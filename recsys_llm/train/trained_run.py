@@ -19,7 +19,7 @@ from recsys_llm.train.distributed import DistContext, init_distributed
 from recsys_llm.train.eval_forwards import use_pipelined_eval
 from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate
-from recsys_llm.train.process import seed_everything, set_cpu_float_mode
+from recsys_llm.train.process import float32_default_dtype, seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
 from recsys_llm.train.run_records import (check_trained_on, check_trained_with_these_vectors, split_row_vector_changes,
                                           trained_row_vectors, trained_vocabularies)
@@ -137,7 +137,15 @@ def run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[st
     Raises:
         ValueError: no ``split`` given and ``data.test_split`` is '' (a run without a test split), or
             ``student`` for a run that is no distillation.
+
+    It runs with float32 as torch's default dtype and puts the caller's (a notebook's float64) back after it.
     """
+    with float32_default_dtype():
+        return _run_evaluation(config, checkpoint, split, student)
+
+
+def _run_evaluation(config: ExperimentConfig, checkpoint: str, split: Optional[str], student: bool) -> Dict[str, Any]:
+    """:func:`run_evaluation` under float32 as torch's default dtype."""
     distillation = (config.elec or {}).get("task") == "distill"
     if student and not distillation:
         raise ValueError(f"--student: {checkpoint} is no ELEC distillation run (elec.task=distill), so it has no "

@@ -166,3 +166,32 @@ class TestTextEncoder:
         reference = SentenceTransformer(default_model_path(), device="cpu").encode(texts, convert_to_tensor=True)
         cosine = torch.nn.functional.cosine_similarity(vectors, reference.cpu(), dim=-1)
         assert bool((cosine > 0.9999).all()), cosine
+
+
+def test_an_encoders_fingerprint_follows_its_model_trained_in_place_between_encodes(tmp_path, tiny_bert_dir) -> None:
+    """A notebook wraps a model, encodes, fine-tunes it a few steps in place and encodes again: the fingerprint,
+    memoised at the first encode, stayed the old weights', and the encode cache served their vectors."""
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint
+    from recsys_llm.semantics.store import cached_encode
+
+    model, tokenizer = AutoModel.from_pretrained(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir)
+    wrapped = TextEncoder.from_model(model, tokenizer, pooling="mean")
+    loaded = TextEncoder(tiny_bert_dir, pooling="mean", device="cpu")
+    cache = str(tmp_path / "cache")
+    before = cached_encode(wrapped, SAMPLE_TEXTS, "t", cache, progress=False)
+    first, loaded_first = wrapped.model_hash, loaded.model_hash
+    assert loaded_first.startswith(model_dir_fingerprint(tiny_bert_dir))
+    assert torch.equal(cached_encode(wrapped, SAMPLE_TEXTS, "t", cache, progress=False), before)
+    assert wrapped.model_hash == first  # unchanged weights: the same fingerprint, a cache hit
+    with torch.no_grad():
+        for parameter in (*model.parameters(), *loaded.model.parameters()):
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    after = cached_encode(wrapped, SAMPLE_TEXTS, "t", cache, progress=False)
+    assert wrapped.model_hash != first
+    assert loaded.model_hash != loaded_first  # its files no longer hold its weights
+    torch.testing.assert_close(after, wrapped.encode(SAMPLE_TEXTS, progress=False))
+    assert not torch.allclose(after, before)
+    given = TextEncoder.from_model(model, tokenizer, pooling="mean", model_hash="mine")
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert given.model_hash == "mine"  # a caller's fingerprint is kept as given

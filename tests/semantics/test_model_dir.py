@@ -183,3 +183,36 @@ def test_one_bar_counts_every_byte_of_the_files_hashed_together(tmp_path, monkey
     file_hash.files_sha256(paths, description="hashing", chunk=16)
     file_hash.files_sha256(paths[:1], description="hashing", chunk=16)
     assert [(bar.total, bar.shown, bar.counted) for bar in bars] == [(180, True, 180), (60, False, 60)]
+
+
+def _copy_with_times(source: str, target: str, mtime_ns: int) -> None:
+    """``source``'s files copied to ``target`` with one fixed mtime (a tar archive's, ``cp -a`` of files written in
+    the same second)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    for name in os.listdir(target):
+        os.utime(os.path.join(target, name), ns=(mtime_ns, mtime_ns))
+
+
+def test_another_model_copied_to_the_same_path_with_the_same_sizes_and_times_gets_its_own_fingerprint(tmp_path) -> None:
+    """In one process (a notebook) a model put where another one was, by a copy that keeps times, has files of the
+    same sizes and mtimes: memoised on those alone, it got the first model's fingerprint, and an encode cache served
+    the first model's vectors for it."""
+    import shutil
+
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint
+
+    first, second, model = str(tmp_path / "first"), str(tmp_path / "second"), str(tmp_path / "model")
+    _write(os.path.join(first, "config.json"), "{}")
+    _write(os.path.join(first, "model.safetensors"), "a" * 64)
+    _write(os.path.join(second, "config.json"), "{}")
+    _write(os.path.join(second, "model.safetensors"), "b" * 64)  # other weights, the same size
+    fresh = {}
+    for name, source in (("first", first), ("second", second)):
+        _copy_with_times(source, model, 10**18)
+        fresh[name] = model_dir_fingerprint(model)
+        shutil.rmtree(model)
+    assert fresh["first"] != fresh["second"]
+    _copy_with_times(second, model, 10**18)
+    assert model_dir_fingerprint(model) == fresh["second"]  # memoised: the same files give it again
